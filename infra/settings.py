@@ -1,0 +1,111 @@
+"""The one settings object: built once from the environment (prefix ``CG_``), passed down.
+
+Nothing else in the project reads ``os.environ``. Nested groups use ``__``, e.g.
+``CG_KAFKA__BOOTSTRAP_SERVERS=broker:9092`` or ``CG_JOB__PARALLELISM=2``. Switching from the
+embedded stack to production (MSK, OpenSearch Service, ...) is a matter of these values only.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class KafkaSettings(BaseModel, frozen=True):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    controller_port: int = 9093
+    topic_prefix: str = ""
+    """Prefix for every topic name, so a backtest or a second environment can share a cluster."""
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+
+    def client_config(self) -> dict[str, str]:
+        """librdkafka / Java client properties common to producers and consumers."""
+        conf = {"bootstrap.servers": self.bootstrap_servers, "security.protocol": self.security_protocol}
+        if self.sasl_mechanism:
+            conf["sasl.mechanism"] = self.sasl_mechanism
+        if self.sasl_username:
+            conf["sasl.username"] = self.sasl_username
+        if self.sasl_password:
+            conf["sasl.password"] = self.sasl_password.get_secret_value()
+        return conf
+
+
+class OpenSearchSettings(BaseModel, frozen=True):
+    url: str = "http://127.0.0.1:9200"
+    username: str | None = None
+    password: SecretStr | None = None
+    index_prefix: str = "checkout-guard"
+    heap: str = "512m"
+    bulk_max_docs: int = 2000
+    verify_certs: bool = True
+
+
+class MqttSettings(BaseModel, frozen=True):
+    host: str = "127.0.0.1"
+    port: int = 1883
+
+
+class JobSettings(BaseModel, frozen=True):
+    parallelism: int = 1
+    checkpoint_interval_ms: int = 2000
+    checkpoint_dir: Path | None = None
+    """Durable checkpoint storage; defaults to ``<stack dir>/flink/checkpoints``."""
+    consumer_group: str = "checkout-guard-scoring"
+    python_execution_mode: str = "process"
+    bundle_size: int = 500
+    bundle_time_ms: int = 10
+    buffer_timeout_ms: int = 5
+    taskmanager_process_memory: str = "1600m"
+    starting_offsets: str = "earliest"
+    """Where a job without a checkpoint starts: ``earliest``, ``latest`` or an epoch-ms timestamp."""
+    max_message_bytes: int = 256 * 1024
+    """Input records larger than this are dead-lettered as oversized."""
+
+
+class RulesSettings(BaseModel, frozen=True):
+    """Thresholds of the built-in rule set (v1); a versioned YAML rule set replaces these later."""
+
+    version: str = "builtin-v1"
+    block_at: int = 85
+    review_at: int = 50
+    velocity_window_s: int = 600
+    velocity_limit: int = 5
+    high_value_amount: float = 1000.0
+    amount_zscore: float = 4.0
+    suspicious_timing_s: int = 3600
+    store_return_window_s: int = 3600
+    store_return_limit: int = 20
+
+
+class Settings(BaseSettings):
+    """Everything configurable. Frozen: build it once at the edge of a process and pass it down."""
+
+    model_config = SettingsConfigDict(env_prefix="CG_", env_nested_delimiter="__", frozen=True)
+
+    stack_dir: Path = REPO_ROOT / ".stack"
+    """Data, logs and downloaded artifacts of the embedded stack (git-ignored)."""
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    opensearch: OpenSearchSettings = Field(default_factory=OpenSearchSettings)
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    job: JobSettings = Field(default_factory=JobSettings)
+    rules: RulesSettings = Field(default_factory=RulesSettings)
+    java_home: Path | None = None
+    """JDK for Kafka, OpenSearch and Flink; found automatically when unset."""
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.job.checkpoint_dir or self.stack_dir / "flink" / "checkpoints"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings, read from the environment once."""
+    return Settings()

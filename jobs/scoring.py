@@ -1,0 +1,186 @@
+"""The scoring path as pure functions: bytes in, (topic, key, value) rows out.
+
+The Flink job (``jobs/scoring_job.py``) only routes records between these steps by key and keeps
+their state objects in Flink state; everything here runs and is tested without Flink.
+
+Steps, in order:
+1. :meth:`Scorer.parse` — bytes -> transaction, or a dead letter.
+2. :meth:`Scorer.by_receipt` — keyed by receipt: duplicate drop, sale/return matching.
+3. :meth:`Scorer.by_store` — keyed by store: return bursts.
+4. :meth:`Scorer.by_customer` — keyed by customer: velocity, habit, model, face, rules -> outputs.
+
+Between steps a transaction travels as an :data:`Envelope`: ``(tx, indicators, ingest_time_ms)``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from infra.settings import Settings
+from jobs.features import CustomerProfile, Receipt, StoreActivity, customer_key, transaction_indicators
+from jobs.rules import Decision, FaceResult, ModelResult, RuleSet, decide
+from jobs.validation import InvalidRecord, dead_letter, parse_transaction
+from schemas.codec import codec
+from schemas.topics import ALERTS, DEAD_LETTERS, SCORED_TRANSACTIONS
+
+Envelope = tuple[dict[str, Any], dict[str, float], int]
+OutRow = tuple[str, bytes, bytes]
+STAGE = "scoring-job"
+
+
+class Predictor:
+    """Seam for the fraud model (its own issue): score a transaction 0-1000 given its indicators."""
+
+    def predict(self, tx: dict[str, Any], indicators: dict[str, float]) -> ModelResult:
+        return ModelResult()
+
+
+class FaceLookup:
+    """Seam for the face join (its own issue): the face seen at this transaction's lane."""
+
+    def lookup(self, tx: dict[str, Any]) -> FaceResult:
+        return FaceResult()
+
+
+class Scorer:
+    def __init__(
+        self,
+        settings: Settings,
+        predictor: Predictor | None = None,
+        faces: FaceLookup | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.rules = settings.rules
+        self.rule_set = RuleSet.from_settings(settings.rules)
+        self.predictor = predictor or Predictor()
+        self.faces = faces or FaceLookup()
+        self.clock = clock
+        prefix = settings.kafka.topic_prefix
+        self.scored_topic = SCORED_TRANSACTIONS.full_name(prefix)
+        self.alerts_topic = ALERTS.full_name(prefix)
+        self.dlq_topic = DEAD_LETTERS.full_name(prefix)
+        self._scored = codec("ScoredTransaction")
+        self._alert = codec("Alert")
+
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    # 1 ---------------------------------------------------------------------------------------
+    def parse(
+        self, value: bytes | None, key: bytes | None, topic: str, partition: int, offset: int, ingest_ms: int
+    ) -> Envelope | OutRow:
+        """An envelope for a good record, or the dead-letter output row for a bad one."""
+        try:
+            tx = parse_transaction(value, ingest_ms, self.settings.job.max_message_bytes)
+        except InvalidRecord as err:
+            dl = dead_letter(
+                topic=topic, partition=partition, offset=offset, key=key, value=value, error=err,
+                stage=STAGE, failed_at=self._now_ms(),
+            )
+            return (self.dlq_topic, dl.dead_letter_id.encode(), dl.encode())
+        return (tx, transaction_indicators(tx, self.rules), ingest_ms)
+
+    # 2 ---------------------------------------------------------------------------------------
+    def by_receipt(self, state: Receipt | None, env: Envelope) -> tuple[Receipt, Envelope | None]:
+        """Match a return with its sale; ``None`` envelope when the transaction is a duplicate."""
+        state = state or Receipt()
+        tx, ind, ingest = env
+        found = state.observe(tx, customer_key(tx), self.rules)
+        if found is None:
+            return state, None
+        ind.update(found)
+        return state, (tx, ind, ingest)
+
+    # 3 ---------------------------------------------------------------------------------------
+    def by_store(self, state: StoreActivity | None, env: Envelope) -> tuple[StoreActivity, Envelope]:
+        state = state or StoreActivity()
+        env[1].update(state.observe(env[0], self.rules))
+        return state, env
+
+    # 4 ---------------------------------------------------------------------------------------
+    def by_customer(self, state: CustomerProfile | None, env: Envelope) -> tuple[CustomerProfile, list[OutRow]]:
+        """Final indicators, model, face and rules; returns the scored row and any alert row."""
+        state = state or CustomerProfile()
+        tx, ind, ingest = env
+        ind.update(state.observe(tx, self.rules))
+        before_model = self._now_ms()
+        model = self.predictor.predict(tx, ind)
+        face = self.faces.lookup(tx)
+        decision = decide(tx, ind, model, face, self.rule_set)
+        decided_at = self._now_ms()
+        scored = self.scored_record(tx, ind, model, face, decision, ingest, before_model, decided_at)
+        rows: list[OutRow] = [(self.scored_topic, tx["transaction_id"].encode(), self._scored.encode(scored))]
+        if decision.outcome == "BLOCK":
+            alert = self.blocked_alert(tx, decision)
+            rows.append((self.alerts_topic, alert["alert_id"].encode(), self._alert.encode(alert)))
+        return state, rows
+
+    def scored_record(
+        self, tx: dict[str, Any], ind: dict[str, float], model: ModelResult, face: FaceResult,
+        decision: Decision, ingest: int, before_model: int, decided_at: int,
+    ) -> dict[str, Any]:
+        event_time = tx["event_time"]
+        return {
+            "transaction_id": tx["transaction_id"],
+            "event_time": event_time,
+            "store_id": tx["store_id"],
+            "lane_id": tx["lane_id"],
+            "cashier_id": tx["cashier_id"],
+            "kind": tx["kind"],
+            "original_transaction_id": tx["original_transaction_id"],
+            "amount": tx["amount"],
+            "currency": tx["currency"],
+            "item_count": sum(i["quantity"] for i in tx["items"]),
+            "product_category": tx["product_category"] or (tx["items"][0]["category"] if tx["items"] else None),
+            "customer_id": tx["customer_id"],
+            "customer_key": customer_key(tx),
+            "card_bin": tx["card_bin"],
+            "billing_state": tx["billing_state"],
+            "billing_country": tx["billing_country"],
+            "outcome": decision.outcome,
+            "risk_score": decision.risk_score,
+            "reasons": list(decision.reasons),
+            "indicators": ind,
+            "model_score": model.score,
+            "model_version": model.version,
+            "rules_version": self.rule_set.version,
+            "face_status": face.status,
+            "face_subject_id": face.subject_id,
+            "face_category": face.category,
+            "face_similarity": face.similarity,
+            "label": tx["label"],
+            "ingest_time": ingest,
+            "decided_at": decided_at,
+            "proc_time_ms": max(0, before_model - event_time),
+            "model_time_ms": model.time_ms,
+            "ttdf_ms": max(0, decided_at - event_time),
+        }
+
+    @staticmethod
+    def blocked_alert(tx: dict[str, Any], decision: Decision) -> dict[str, Any]:
+        reasons = ", ".join(decision.reasons) or "risk"
+        return {
+            "alert_id": f"blocked:{tx['transaction_id']}",
+            "kind": "BLOCKED_TRANSACTION",
+            "severity": "high",
+            "event_time": tx["event_time"],
+            "store_id": tx["store_id"],
+            "lane_id": tx["lane_id"],
+            "transaction_id": tx["transaction_id"],
+            "amount": tx["amount"],
+            "currency": tx["currency"],
+            "outcome": decision.outcome,
+            "risk_score": decision.risk_score,
+            "reasons": list(decision.reasons),
+            "subject_id": None,
+            "category": None,
+            "similarity": None,
+            "snapshot_ref": None,
+            "summary": (
+                f"Blocked {tx['kind'].lower()} {tx['transaction_id']} of {tx['amount']:.2f} {tx['currency']} "
+                f"at {tx['store_id']} {tx['lane_id']}: risk {decision.risk_score} ({reasons})"
+            ),
+        }

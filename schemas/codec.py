@@ -1,0 +1,136 @@
+"""One codec for every topic: Avro single-object encoding, no registry needed.
+
+Why single-object encoding: each message carries its schema identity (``C3 01`` + the 8-byte
+CRC-64-AVRO fingerprint of the writer schema, little-endian) so any consumer can resolve old
+and new versions without a schema registry, which the embedded stack cannot get from our package
+registries. A production deployment with a registry can swap this module for the Confluent wire
+format behind the same ``encode``/``decode`` seam.
+
+Schemas live beside this file as ``avro/<snake_name>.v<N>.avsc``; the highest version of a record
+is what we write and the reader schema we resolve into.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass
+from functools import cache, lru_cache
+from pathlib import Path
+from typing import Any
+
+from fastavro import parse_schema, schemaless_reader, schemaless_writer
+from fastavro.schema import fingerprint, to_parsing_canonical_form
+
+AVRO_DIR = Path(__file__).resolve().parent / "avro"
+MAGIC = b"\xc3\x01"
+HEADER_LEN = 10
+_FILE_RE = re.compile(r"^(?P<stem>[a-z_]+)\.v(?P<version>\d+)\.avsc$")
+
+
+class DecodeError(ValueError):
+    """A message that cannot be decoded; ``kind`` names the failure for dead letters."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class SchemaVersion:
+    name: str
+    """Avro full name, e.g. ``checkoutguard.v1.PosTransaction``; the short name is the record type."""
+    short_name: str
+    version: int
+    fingerprint: bytes
+    parsed: dict
+    path: Path
+
+
+def _fingerprint(parsed: dict) -> bytes:
+    value = int(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"), 16)
+    return value.to_bytes(8, "little")
+
+
+@lru_cache(maxsize=1)
+def load_schemas(avro_dir: Path = AVRO_DIR) -> dict[bytes, SchemaVersion]:
+    """Every schema version on disk, by fingerprint."""
+    out: dict[bytes, SchemaVersion] = {}
+    for path in sorted(avro_dir.glob("*.avsc")):
+        m = _FILE_RE.match(path.name)
+        if not m:
+            raise ValueError(f"schema file name must be <name>.v<N>.avsc: {path.name}")
+        raw = json.loads(path.read_text())
+        parsed = parse_schema(raw)
+        sv = SchemaVersion(
+            name=f"{raw.get('namespace', '')}.{raw['name']}".lstrip("."),
+            short_name=raw["name"],
+            version=int(m["version"]),
+            fingerprint=_fingerprint(parsed),
+            parsed=parsed,
+            path=path,
+        )
+        out[sv.fingerprint] = sv
+    return out
+
+
+@lru_cache(maxsize=1)
+def latest_versions() -> dict[str, SchemaVersion]:
+    """Highest version of each record type, by short name (``PosTransaction``)."""
+    latest: dict[str, SchemaVersion] = {}
+    for sv in load_schemas().values():
+        cur = latest.get(sv.short_name)
+        if cur is None or sv.version > cur.version:
+            latest[sv.short_name] = sv
+    return latest
+
+
+class Codec:
+    """Encode/decode one record type (dicts in Avro shape) with its latest schema as reader."""
+
+    def __init__(self, record_type: str) -> None:
+        try:
+            self.schema = latest_versions()[record_type]
+        except KeyError:
+            raise ValueError(f"no schema for record type {record_type!r}") from None
+        self.record_type = record_type
+        self._header = MAGIC + self.schema.fingerprint
+        self._known = load_schemas()
+
+    def encode(self, record: dict[str, Any]) -> bytes:
+        buf = io.BytesIO()
+        buf.write(self._header)
+        schemaless_writer(buf, self.schema.parsed, record)
+        return buf.getvalue()
+
+    def decode(self, data: bytes | None) -> dict[str, Any]:
+        """Decode or raise :class:`DecodeError` with a kind fit for a dead letter."""
+        if not data:
+            raise DecodeError("empty", "empty message")
+        if len(data) < HEADER_LEN or data[:2] != MAGIC:
+            raise DecodeError("not_avro", "not an Avro single-object message (missing C3 01 header)")
+        writer = self._known.get(bytes(data[2:HEADER_LEN]))
+        if writer is None:
+            raise DecodeError("unknown_schema", f"unknown schema fingerprint {bytes(data[2:10]).hex()}")
+        if writer.short_name != self.record_type:
+            raise DecodeError("wrong_type", f"expected {self.record_type}, got {writer.short_name}")
+        buf = io.BytesIO(data)
+        buf.seek(HEADER_LEN)
+        try:
+            if writer is self.schema:
+                record = schemaless_reader(buf, writer.parsed, None)
+            else:
+                record = schemaless_reader(buf, writer.parsed, self.schema.parsed)
+        except Exception as exc:  # fastavro raises many types on corrupt bodies
+            raise DecodeError("corrupt", f"cannot decode {self.record_type} body: {exc}") from exc
+        if buf.tell() != len(data):
+            raise DecodeError("corrupt", f"{len(data) - buf.tell()} trailing bytes after {self.record_type}")
+        return record
+
+
+@cache
+def codec(record_type: str) -> Codec:
+    """The shared codec of a record type."""
+    return Codec(record_type)

@@ -1,0 +1,55 @@
+"""Every Kafka topic of the design, declared once: name, record type, key, layout and config.
+
+``infra`` creates them from this list; producers, the job and the sinks import the names from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DAY_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    record_type: str
+    key: str
+    """What the message key is; it decides ordering and, for compacted topics, identity."""
+    partitions: int = 3
+    config: dict[str, str] = field(default_factory=dict)
+
+    def full_name(self, prefix: str = "") -> str:
+        return f"{prefix}{self.name}"
+
+
+TRANSACTIONS = TopicSpec(
+    "transactions", "PosTransaction", key="store_id/lane_id (per-lane order)",
+    config={"retention.ms": str(7 * DAY_MS)},
+)
+CAMERA_EVENTS = TopicSpec(
+    "camera_events", "CameraEvent", key="camera serial", config={"retention.ms": str(1 * DAY_MS)},
+)
+FACE_OBSERVATIONS = TopicSpec(
+    "face_observations", "FaceObservation", key="camera serial",
+    config={"retention.ms": str(1 * DAY_MS)},
+)
+SCORED_TRANSACTIONS = TopicSpec(
+    "processed_transactions", "ScoredTransaction", key="transaction_id",
+    config={"retention.ms": str(30 * DAY_MS)},
+)
+ALERTS = TopicSpec("alerts", "Alert", key="alert_id", config={"retention.ms": str(30 * DAY_MS)})
+COMMANDS = TopicSpec("commands", "BotCommand", key="command_id", partitions=1)
+WATCHLIST = TopicSpec(
+    "watchlist", "WatchlistEntry", key="subject_id (null value = forgotten)", partitions=1,
+    config={"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "delete.retention.ms": str(DAY_MS)},
+)
+DEAD_LETTERS = TopicSpec(
+    "dead_letters", "DeadLetter", key="<topic>:<partition>:<offset> of the bad input",
+    config={"retention.ms": str(30 * DAY_MS)},
+)
+
+ALL_TOPICS: tuple[TopicSpec, ...] = (
+    TRANSACTIONS, CAMERA_EVENTS, FACE_OBSERVATIONS, SCORED_TRANSACTIONS, ALERTS, COMMANDS, WATCHLIST,
+    DEAD_LETTERS,
+)

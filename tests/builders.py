@@ -1,0 +1,28 @@
+"""Small builders shared by the test tiers: readable transactions with sensible defaults."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from schemas.records import LineItem, PosTransaction
+
+T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+
+
+def sale(tx_id: str, *, at_s: float = 0, store: str = "store-001", lane: str = "lane-01", amount: float = 25.0,
+         card: str | None = "card-A", category: str = "grocery", **extra: Any) -> PosTransaction:
+    return PosTransaction(
+        transaction_id=tx_id, event_time=T0 + int(at_s * 1000), store_id=store, lane_id=lane, kind="SALE",
+        amount=amount, currency="USD", card_token=card, cashier_id="cashier-1",
+        items=(LineItem(sku=f"sku-{category}", category=category, quantity=1, unit_price=amount),), **extra,
+    )
+
+
+def return_of(tx_id: str, original: str | None, **kw: Any) -> PosTransaction:
+    return replace(sale(tx_id, **kw), kind="RETURN", original_transaction_id=original)
+
+
+def java_bytes(value: Any) -> bytes:
+    """Bytes collected from a Flink job arrive as a list of signed Java bytes."""
+    return value if isinstance(value, bytes) else bytes(b & 0xFF for b in value)

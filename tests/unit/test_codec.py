@@ -1,0 +1,88 @@
+import json
+from dataclasses import fields
+
+import pytest
+from fastavro.utils import generate_many
+
+from schemas.codec import MAGIC, DecodeError, codec, latest_versions, load_schemas
+from schemas.records import TOP_LEVEL_RECORDS, PosTransaction
+from tests.builders import sale
+
+
+def test_every_message_carries_its_schema_fingerprint():
+    data = sale("t1").encode()
+    assert data[:2] == MAGIC
+    assert data[2:10] == latest_versions()["PosTransaction"].fingerprint
+
+
+def test_transaction_round_trips_through_avro():
+    tx = sale("t1", customer_email="a@example.com", billing_state="CA")
+    assert PosTransaction.decode(tx.encode()) == tx
+
+
+@pytest.mark.parametrize("data,kind", [
+    (b"", "empty"),
+    (b'{"transaction_id": "x"}', "not_avro"),
+    (MAGIC + b"\x00" * 8 + b"\x02", "unknown_schema"),
+])
+def test_undecodable_messages_say_why(data, kind):
+    with pytest.raises(DecodeError) as err:
+        codec("PosTransaction").decode(data)
+    assert err.value.kind == kind
+
+
+def test_truncated_body_is_reported_as_corrupt():
+    data = sale("t1").encode()
+    with pytest.raises(DecodeError) as err:
+        codec("PosTransaction").decode(data[:-5])
+    assert err.value.kind == "corrupt"
+
+
+def test_message_of_another_record_type_is_rejected():
+    with pytest.raises(DecodeError) as err:
+        codec("Alert").decode(sale("t1").encode())
+    assert err.value.kind == "wrong_type"
+
+
+def test_dataclasses_match_their_avro_schemas():
+    for record in TOP_LEVEL_RECORDS:
+        schema = latest_versions()[record.AVRO_NAME].parsed
+        avro_fields = {f["name"] for f in schema["fields"]}
+        assert avro_fields == {f.name for f in fields(record)}, record.__name__
+
+
+def _readable(writer: dict, reader: dict) -> bool:
+    """True if data written with ``writer`` resolves into ``reader`` (Avro schema resolution)."""
+    import io
+
+    from fastavro import schemaless_reader, schemaless_writer
+    for record in generate_many(writer, 5):
+        buf = io.BytesIO()
+        schemaless_writer(buf, writer, record)
+        buf.seek(0)
+        try:
+            schemaless_reader(buf, writer, reader)
+        except Exception:
+            return False
+    return True
+
+
+def test_all_versions_of_a_record_stay_mutually_compatible():
+    """Every schema version must read data of every other version (full compatibility)."""
+    by_type: dict[str, list] = {}
+    for sv in load_schemas().values():
+        by_type.setdefault(sv.short_name, []).append(sv)
+    for versions in by_type.values():
+        for a in versions:
+            for b in versions:
+                assert _readable(a.parsed, b.parsed), f"{a.path.name} -> {b.path.name}"
+
+
+def test_compatibility_check_catches_a_new_required_field():
+    from fastavro import parse_schema
+    v1 = latest_versions()["DeadLetter"].parsed
+    raw = json.loads(latest_versions()["DeadLetter"].path.read_text())
+    with_default = dict(raw, fields=raw["fields"] + [{"name": "note", "type": ["null", "string"], "default": None}])
+    required = dict(raw, fields=raw["fields"] + [{"name": "note", "type": "string"}])
+    assert _readable(v1, parse_schema(with_default))
+    assert not _readable(v1, parse_schema(required))

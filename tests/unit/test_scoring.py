@@ -1,0 +1,197 @@
+"""Pure scoring logic: validation, stateful indicators and decisions, without Kafka or Flink."""
+
+from dataclasses import replace
+
+import pytest
+
+from infra.settings import Settings
+from jobs.features import CustomerProfile, Receipt, StoreActivity, customer_key, receipt_key
+from jobs.rules import FaceResult, ModelResult, RuleSet, decide
+from jobs.scoring import Scorer
+from jobs.validation import InvalidRecord, parse_transaction
+from schemas.codec import codec
+from tests.builders import T0, return_of, sale
+
+SETTINGS = Settings()
+RULES = SETTINGS.rules
+
+
+class Pipeline:
+    """Runs the scorer's steps in order with dict-held state, like the job does with Flink state."""
+
+    def __init__(self, settings: Settings = SETTINGS) -> None:
+        self.scorer = Scorer(settings, clock=lambda: T0 / 1000 + 3600)
+        self.receipts: dict = {}
+        self.stores: dict = {}
+        self.customers: dict = {}
+        self.offset = 0
+
+    def feed(self, data: bytes) -> list[tuple[str, bytes, bytes]]:
+        self.offset += 1
+        env = self.scorer.parse(data, None, "transactions", 0, self.offset, T0 + 30 * 86_400_000)
+        if isinstance(env[0], str):
+            return [env]
+        rk = receipt_key(env[0])
+        self.receipts[rk], env = self.scorer.by_receipt(self.receipts.get(rk), env)
+        if env is None:
+            return []
+        sk = env[0]["store_id"]
+        self.stores[sk], env = self.scorer.by_store(self.stores.get(sk), env)
+        ck = customer_key(env[0])
+        self.customers[ck], rows = self.scorer.by_customer(self.customers.get(ck), env)
+        return rows
+
+    def decision(self, tx) -> dict:
+        rows = self.feed(tx.encode())
+        return codec("ScoredTransaction").decode(rows[0][2])
+
+
+def test_ordinary_sale_is_approved_with_latency_fields():
+    scored = Pipeline().decision(sale("t1"))
+    assert scored["outcome"] == "APPROVE"
+    assert scored["rules_version"] == RULES.version
+    assert scored["ttdf_ms"] == 3600 * 1000
+    assert scored["face_status"] == "UNAVAILABLE"
+
+
+def test_return_at_other_store_by_another_customer_is_blocked_with_reasons():
+    p = Pipeline()
+    p.decision(sale("t1", store="store-A", card="card-A", amount=300))
+    scored = p.decision(return_of("r1", "t1", at_s=600, store="store-B", card="card-Z", amount=300))
+    assert scored["outcome"] == "BLOCK"
+    assert {"customer_mismatch", "cross_store_return", "suspicious_timing"} <= set(scored["reasons"])
+
+
+def test_block_raises_one_alert_with_a_deterministic_id():
+    p = Pipeline()
+    p.feed(sale("t1", store="store-A", amount=300).encode())
+    rows = p.feed(return_of("r1", "t1", store="store-B", card="card-Z", amount=300).encode())
+    alerts = [r for r in rows if r[0] == "alerts"]
+    assert len(alerts) == 1 and alerts[0][1] == b"blocked:r1"
+    alert = codec("Alert").decode(alerts[0][2])
+    assert "store-B" in alert["summary"] and alert["risk_score"] >= RULES.block_at
+
+
+def test_return_of_a_never_seen_receipt_is_flagged():
+    scored = Pipeline().decision(return_of("r1", "ghost"))
+    assert "return_unknown_receipt" in scored["reasons"]
+    assert scored["outcome"] in ("REVIEW", "BLOCK")
+
+
+def test_return_without_receipt_needs_review():
+    scored = Pipeline().decision(return_of("r1", None))
+    assert scored["outcome"] == "REVIEW"
+    assert scored["reasons"][0] == "return_without_receipt"
+
+
+def test_same_store_return_by_the_buyer_is_approved():
+    p = Pipeline()
+    p.decision(sale("t1", amount=40))
+    scored = p.decision(return_of("r1", "t1", at_s=86400, amount=40))
+    assert scored["outcome"] == "APPROVE"
+
+
+def test_returning_more_than_was_bought_is_blocked():
+    p = Pipeline()
+    p.decision(sale("t1", amount=40))
+    p.decision(return_of("r1", "t1", at_s=100, amount=30))
+    scored = p.decision(return_of("r2", "t1", at_s=200, amount=30))
+    assert "return_exceeds_sale" in scored["reasons"]
+
+
+def test_card_velocity_burst_is_flagged():
+    p = Pipeline()
+    outcomes = [p.decision(sale(f"t{i}", at_s=i * 10, amount=2.0)) for i in range(RULES.velocity_limit + 2)]
+    assert "velocity_exceeded" not in outcomes[RULES.velocity_limit - 1]["reasons"]
+    assert "velocity_exceeded" in outcomes[-1]["reasons"]
+
+
+def test_velocity_window_forgets_old_transactions():
+    p = Pipeline()
+    for i in range(RULES.velocity_limit):
+        p.decision(sale(f"t{i}", at_s=i))
+    later = p.decision(sale("late", at_s=RULES.velocity_window_s + 100))
+    assert later["indicators"]["velocity"] == 1.0
+
+
+def test_amount_far_above_customer_habit_is_flagged():
+    p = Pipeline()
+    for i in range(8):
+        p.decision(sale(f"t{i}", at_s=i * 86400, amount=20 + i))
+    scored = p.decision(sale("big", at_s=9 * 86400, amount=900))
+    assert "amount_above_norm" in scored["reasons"]
+
+
+def test_duplicate_transaction_is_scored_once():
+    p = Pipeline()
+    assert p.feed(sale("t1").encode())
+    assert p.feed(sale("t1").encode()) == []
+
+
+def test_store_return_burst_is_flagged():
+    settings = Settings(rules={"store_return_limit": 3})
+    p = Pipeline(settings)
+    last = None
+    for i in range(5):
+        last = p.decision(return_of(f"r{i}", None, at_s=i, card=f"card-{i}"))
+    assert "store_return_burst" in last["reasons"]
+
+
+def test_high_value_item_is_an_indicator():
+    scored = Pipeline().decision(sale("t1", amount=1500, category="electronics"))
+    assert "high_value_item" in scored["reasons"]
+
+
+def test_anonymous_buyers_do_not_share_history():
+    a = sale("t1", card=None)
+    b = sale("t2", card=None)
+    assert customer_key(a.to_avro()) != customer_key(b.to_avro())
+
+
+@pytest.mark.parametrize("change,kind", [
+    ({"amount": -5.0}, "invalid_amount"),
+    ({"amount": float("nan")}, "invalid_amount"),
+    ({"currency": "usd"}, "invalid_currency"),
+    ({"transaction_id": ""}, "missing_field"),
+    ({"store_id": " "}, "missing_field"),
+    ({"event_time": 0}, "invalid_timestamp"),
+    ({"original_transaction_id": "x"}, "invalid_reference"),
+])
+def test_invalid_transactions_are_rejected_with_a_reason(change, kind):
+    data = replace(sale("t1"), **change).encode()
+    with pytest.raises(InvalidRecord) as err:
+        parse_transaction(data, T0, 1 << 20)
+    assert err.value.kind == kind and err.value.reason
+
+
+def test_oversized_message_is_rejected_before_decoding():
+    with pytest.raises(InvalidRecord) as err:
+        parse_transaction(b"x" * 2000, T0, 1000)
+    assert err.value.kind == "oversized"
+
+
+def test_bad_input_becomes_a_dead_letter_with_its_origin():
+    rows = Pipeline().feed(b"not avro at all")
+    topic, key, value = rows[0]
+    dl = codec("DeadLetter").decode(value)
+    assert topic == "dead_letters" and key == b"transactions:0:1"
+    assert dl["payload"] == b"not avro at all" and dl["error_kind"] == "not_avro"
+
+
+def test_model_score_and_suspect_face_raise_risk():
+    tx = sale("t1").to_avro()
+    rs = RuleSet.from_settings(RULES)
+    assert decide(tx, {}, ModelResult(score=960), FaceResult(), rs).outcome == "REVIEW"
+    face = FaceResult(status="MATCHED", category="SUSPECT", subject_id="s1", similarity=99.0)
+    assert decide(tx, {}, ModelResult(), face, rs).outcome == "BLOCK"
+
+
+def test_state_objects_survive_pickling():
+    import pickle
+
+    r, s, c = Receipt(), StoreActivity(), CustomerProfile()
+    tx = sale("t1").to_avro()
+    r.observe(tx, "card:A", RULES)
+    c.observe(tx, RULES)
+    for obj in (r, s, c):
+        assert pickle.loads(pickle.dumps(obj)) == obj
