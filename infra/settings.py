@@ -100,6 +100,20 @@ class Settings(BaseSettings):
     java_home: Path | None = None
     """JDK for Kafka, OpenSearch and Flink; found automatically when unset."""
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``CG_*`` variables, so a child process builds the very same object."""
+        out: dict[str, str] = {}
+
+        def walk(prefix: str, value: object) -> None:
+            if isinstance(value, BaseModel):
+                for name in type(value).model_fields:
+                    walk(f"{prefix}__{name.upper()}" if prefix else name.upper(), getattr(value, name))
+            elif value is not None:
+                out[f"CG_{prefix}"] = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+
+        walk("", self)
+        return out
+
     @property
     def checkpoint_dir(self) -> Path:
         return self.job.checkpoint_dir or self.stack_dir / "flink" / "checkpoints"

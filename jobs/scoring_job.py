@@ -47,7 +47,7 @@ SOURCE_ROW = Types.ROW_NAMED(
      Types.LONG(), Types.LONG()],
 )
 """One Kafka record as the job sees it: key, value, where it came from, broker timestamp (ms, or the
-Kafka table's TIMESTAMP_LTZ as a datetime)."""
+Kafka table's TIMESTAMP_LTZ as a pyflink ``Instant``)."""
 OUT_ROW = Types.ROW_NAMED(
     ["topic", "k", "v"], [Types.STRING(), Types.PRIMITIVE_ARRAY(Types.BYTE()), Types.PRIMITIVE_ARRAY(Types.BYTE())]
 )
@@ -78,7 +78,7 @@ class ParseStep(ProcessFunction):
 
     def process_element(self, row: Row, ctx: ProcessFunction.Context):
         ts = row[5]
-        ingest_ms = int(ts.timestamp() * 1000) if hasattr(ts, "timestamp") else int(ts or 0)
+        ingest_ms = ts.to_epoch_milli() if hasattr(ts, "to_epoch_milli") else int(ts or 0)
         out = self.scorer.parse(row[1], row[0], row[2], row[3], row[4], ingest_ms)
         if isinstance(out[0], str):
             yield DLQ_TAG, Row(*out)
@@ -171,12 +171,19 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     return best[1] if best else None
 
 
+def connector_jars(settings: Settings) -> list[Path]:
+    """The Kafka connector jar(s) that ``make setup`` put under the stack's lib folder."""
+    jars = sorted((settings.stack_dir / "lib" / "flink").glob("flink-sql-connector-kafka-*.jar"))
+    if not jars:
+        raise FileNotFoundError("flink-sql-connector-kafka jar missing: run `make setup` first")
+    return jars
+
+
 def flink_configuration(settings: Settings, restore_from: Path | None) -> Configuration:
     job = settings.job
     conf = Configuration()
-    jar = settings.stack_dir / "lib" / "flink" / "flink-sql-connector-kafka.jar"
     values = {
-        "pipeline.jars": jar.resolve().as_uri(),
+        "pipeline.jars": ";".join(jar.resolve().as_uri() for jar in connector_jars(settings)),
         "pipeline.name": "checkout-guard-scoring",
         "parallelism.default": str(job.parallelism),
         "python.executable": sys.executable,
