@@ -6,6 +6,7 @@ group, so killing it also ends the JVM and the Python workers PyFlink starts und
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -30,10 +31,8 @@ class Child:
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the whole process group (the job's JVM and Python workers too)."""
         if self.alive:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM, then SIGKILL if it does not go in time; returns the exit code."""
@@ -57,7 +56,9 @@ def spawn(module: str, settings: Settings, *args: str, name: str | None = None) 
     log_dir = settings.stack_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CG_")}
+    # Not our settings (they come from ``settings``), nor PyFlink's internal markers: a process that
+    # ran a job in-process (a test) has PYFLINK_GATEWAY_DISABLED set, which would stop the child.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CG_", "PYFLINK_", "_PYFLINK"))}
     env.update(settings.to_env())
     with log_path.open("ab") as log:
         proc = subprocess.Popen(

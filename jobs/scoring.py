@@ -1,7 +1,7 @@
 """The scoring path as pure functions: bytes in, (topic, key, value) rows out.
 
-The Flink job (``jobs/scoring_job.py``) only routes records between these steps by key and keeps
-their state objects in Flink state; everything here runs and is tested without Flink.
+The Flink job (``jobs/scoring_job.py``) feeds records through these steps and keeps their state
+objects in Flink state; everything here runs and is tested without Flink.
 
 Steps, in order:
 1. :meth:`Scorer.parse` — bytes -> transaction, or a dead letter.
@@ -9,17 +9,28 @@ Steps, in order:
 3. :meth:`Scorer.by_store` — keyed by store: return bursts.
 4. :meth:`Scorer.by_customer` — keyed by customer: velocity, habit, model, face, rules -> outputs.
 
-Between steps a transaction travels as an :data:`Envelope`: ``(tx, indicators, ingest_time_ms)``.
+:meth:`Scorer.score` runs 2-4 against a :class:`ScoringState` (the three keyed maps) and says which
+entries changed, so the job can persist exactly those. Between steps a transaction travels as an
+:data:`Envelope`: ``(tx, indicators, ingest_time_ms)``.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from infra.settings import Settings
-from jobs.features import CustomerProfile, Receipt, StoreActivity, customer_key, transaction_indicators
+from jobs.features import (
+    CustomerProfile,
+    Receipt,
+    StoreActivity,
+    customer_key,
+    receipt_key,
+    transaction_indicators,
+)
 from jobs.rules import Decision, FaceResult, ModelResult, RuleSet, decide
 from jobs.validation import InvalidRecord, dead_letter, parse_transaction
 from schemas.codec import codec
@@ -28,6 +39,37 @@ from schemas.topics import ALERTS, DEAD_LETTERS, SCORED_TRANSACTIONS
 Envelope = tuple[dict[str, Any], dict[str, float], int]
 OutRow = tuple[str, bytes, bytes]
 STAGE = "scoring-job"
+
+
+RECEIPTS, STORES, CUSTOMERS = "receipts", "stores", "customers"
+Write = tuple[str, str, Any]
+"""(map name, key, new value or ``None`` for a removal): one change to persist."""
+
+
+@dataclass
+class ScoringState:
+    """The job's keyed state as three maps, with receipts kept in event-time order for expiry."""
+
+    receipts: dict[str, Receipt] = field(default_factory=dict)
+    stores: dict[str, StoreActivity] = field(default_factory=dict)
+    customers: dict[str, CustomerProfile] = field(default_factory=dict)
+    receipt_order: deque[tuple[int, str]] = field(default_factory=deque)
+
+    @classmethod
+    def restore(cls, receipts: dict, stores: dict, customers: dict) -> ScoringState:
+        order = deque(sorted((r.event_time, k) for k, r in receipts.items()))
+        return cls(dict(receipts), dict(stores), dict(customers), order)
+
+    def expire_receipts(self, now_ms: int, retention_ms: int) -> list[Write]:
+        """Forget receipts older than the return window (bounded memory, like a state TTL)."""
+        removed: list[Write] = []
+        while self.receipt_order and self.receipt_order[0][0] < now_ms - retention_ms:
+            _, key = self.receipt_order.popleft()
+            receipt = self.receipts.get(key)
+            if receipt is not None and receipt.event_time < now_ms - retention_ms:
+                del self.receipts[key]
+                removed.append((RECEIPTS, key, None))
+        return removed
 
 
 class Predictor:
@@ -82,6 +124,31 @@ class Scorer:
             )
             return (self.dlq_topic, dl.dead_letter_id.encode(), dl.encode())
         return (tx, transaction_indicators(tx, self.rules), ingest_ms)
+
+    def score(self, env: Envelope, state: ScoringState) -> tuple[list[OutRow], list[Write]]:
+        """Steps 2-4 for one transaction: output rows, and the state entries to persist."""
+        tx = env[0]
+        rk = receipt_key(tx)
+        known = rk in state.receipts
+        receipt, out = self.by_receipt(state.receipts.get(rk), env)
+        if out is None:
+            return [], []
+        state.receipts[rk] = receipt
+        if not known:
+            state.receipt_order.append((receipt.event_time or tx["event_time"], rk))
+        writes: list[Write] = [(RECEIPTS, rk, receipt)]
+        sk = tx["store_id"]
+        new_store = sk not in state.stores
+        state.stores[sk], out = self.by_store(state.stores.get(sk), out)
+        if new_store or tx["kind"] == "RETURN":  # sales leave a known store's activity as it was
+            writes.append((STORES, sk, state.stores[sk]))
+        ck = customer_key(tx)
+        profile, rows = self.by_customer(state.customers.get(ck), out)
+        if not ck.startswith("anon:"):
+            state.customers[ck] = profile
+            writes.append((CUSTOMERS, ck, profile))
+        writes.extend(state.expire_receipts(tx["event_time"], self.rules.receipt_retention_days * 86_400_000))
+        return rows, writes
 
     # 2 ---------------------------------------------------------------------------------------
     def by_receipt(self, state: Receipt | None, env: Envelope) -> tuple[Receipt, Envelope | None]:

@@ -18,6 +18,7 @@ from confluent_kafka import Consumer, Producer
 from infra.settings import Settings
 from infra.stack import ensure_topics
 from jobs.launcher import start_scoring_job, wait_for
+from jobs.scoring_job import latest_checkpoint
 from producers.generator import PosGenerator
 from schemas.codec import MAGIC, codec
 from schemas.topics import DEAD_LETTERS, TRANSACTIONS
@@ -201,6 +202,8 @@ def test_nothing_is_lost_or_doubled_when_the_job_is_killed_mid_stream(pipeline):
         return client.count(index=index)["count"] >= 300
 
     wait_for(some_scored, timeout=120, interval=0.5, what="the job to score some transactions")
+    # Kill once a checkpoint holds some of that progress, so the restart really restores state.
+    wait_for(lambda: latest_checkpoint(settings.checkpoint_dir), timeout=60, what="a completed checkpoint")
     job.kill()  # SIGKILL, whole process group: client, JVM and Python workers
     job.proc.wait(30)
     producing.join()

@@ -5,9 +5,9 @@ from dataclasses import replace
 import pytest
 
 from infra.settings import Settings
-from jobs.features import CustomerProfile, Receipt, StoreActivity, customer_key, receipt_key
+from jobs.features import CustomerProfile, Receipt, StoreActivity, customer_key
 from jobs.rules import FaceResult, ModelResult, RuleSet, decide
-from jobs.scoring import Scorer
+from jobs.scoring import CUSTOMERS, RECEIPTS, STORES, Scorer, ScoringState
 from jobs.validation import InvalidRecord, parse_transaction
 from schemas.codec import codec
 from tests.builders import T0, return_of, sale
@@ -21,9 +21,8 @@ class Pipeline:
 
     def __init__(self, settings: Settings = SETTINGS) -> None:
         self.scorer = Scorer(settings, clock=lambda: T0 / 1000 + 3600)
-        self.receipts: dict = {}
-        self.stores: dict = {}
-        self.customers: dict = {}
+        self.state = ScoringState()
+        self.persisted: dict[tuple[str, str], object] = {}
         self.offset = 0
 
     def feed(self, data: bytes) -> list[tuple[str, bytes, bytes]]:
@@ -31,14 +30,12 @@ class Pipeline:
         env = self.scorer.parse(data, None, "transactions", 0, self.offset, T0 + 30 * 86_400_000)
         if isinstance(env[0], str):
             return [env]
-        rk = receipt_key(env[0])
-        self.receipts[rk], env = self.scorer.by_receipt(self.receipts.get(rk), env)
-        if env is None:
-            return []
-        sk = env[0]["store_id"]
-        self.stores[sk], env = self.scorer.by_store(self.stores.get(sk), env)
-        ck = customer_key(env[0])
-        self.customers[ck], rows = self.scorer.by_customer(self.customers.get(ck), env)
+        rows, writes = self.scorer.score(env, self.state)
+        for name, key, value in writes:
+            if value is None:
+                self.persisted.pop((name, key), None)
+            else:
+                self.persisted[(name, key)] = value
         return rows
 
     def decision(self, tx) -> dict:
@@ -195,3 +192,26 @@ def test_state_objects_survive_pickling():
     c.observe(tx, RULES)
     for obj in (r, s, c):
         assert pickle.loads(pickle.dumps(obj)) == obj
+
+
+def test_every_state_change_is_handed_over_for_persistence():
+    p = Pipeline()
+    p.decision(sale("t1", store="store-A", card="card-A"))
+    p.decision(return_of("r1", "t1", store="store-B", card="card-B"))
+    restored = ScoringState.restore(
+        {k: v for (m, k), v in p.persisted.items() if m == RECEIPTS},
+        {k: v for (m, k), v in p.persisted.items() if m == STORES},
+        {k: v for (m, k), v in p.persisted.items() if m == CUSTOMERS},
+    )
+    assert restored.receipts == p.state.receipts
+    assert restored.stores == p.state.stores
+    assert restored.customers == p.state.customers
+
+
+def test_old_receipts_expire_and_their_removal_is_persisted():
+    p = Pipeline(Settings(rules={"receipt_retention_days": 1}))
+    p.decision(sale("old", at_s=0))
+    later = 2 * 86400
+    p.decision(sale("new", at_s=later, card="card-B"))
+    assert "old" not in p.state.receipts and ("receipts", "old") not in p.persisted
+    assert "new" in p.state.receipts

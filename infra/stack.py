@@ -1,0 +1,820 @@
+"""The embedded local stack: Kafka (KRaft), OpenSearch and Mosquitto as plain background processes.
+
+CLI: ``python -m infra.stack up|down|status|topics|reset``. Tests and tools import ``up``, ``down``,
+``status`` and ``ensure_topics``; all take the one :class:`~infra.settings.Settings` object.
+
+Everything lives under ``settings.stack_dir`` (default ``.stack/`` in the repo root)::
+
+    lib/kafka/*.jar  lib/flink/*.jar  opensearch-<ver>/  downloads/   installed by infra/install.sh
+    conf/            generated configs (kafka-server.properties, mosquitto.conf, opensearch/)
+    data/<svc>/      service data          logs/<svc>.log   console output of each service
+    run/<svc>.pid    pid files             tmp/             JVM temp dirs
+
+Ports come from the settings (``CG_KAFKA__BOOTSTRAP_SERVERS``, ``CG_KAFKA__CONTROLLER_PORT``,
+``CG_OPENSEARCH__URL``, ``CG_MQTT__PORT``); ``CG_STACK_DIR`` moves everything.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import logging
+import os
+import pwd
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import psutil
+import typer
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
+
+from infra.settings import Settings, get_settings
+from schemas.topics import ALL_TOPICS
+
+# Pinned versions. infra/install.sh reads these three lines (keep the `NAME = "value"` form).
+OPENSEARCH_VERSION = "2.19.4"
+FLINK_KAFKA_CONNECTOR = "org.apache.flink:flink-sql-connector-kafka:5.0.0-2.2"
+MAVEN_DEPENDENCY_PLUGIN = "3.8.1"
+
+SERVICES = ("kafka", "opensearch", "mosquitto")
+KAFKA_JVM_OPTS = (
+    "-Xmx512m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-XX:InitiatingHeapOccupancyPercent=35",
+    "-XX:+ExplicitGCInvokesConcurrent", "-Djava.awt.headless=true",
+)
+START_TIMEOUT_S = 180.0
+"""Unloaded, Kafka is up in ~8 s and OpenSearch in ~10 s; on a busy 2-core machine it can take a minute."""
+STOP_TIMEOUT_S = 30.0
+UNPRIVILEGED_UID = 1000
+"""OpenSearch refuses to run as root: as root it runs in a user namespace mapped to this uid."""
+SERVICE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+LOG4J2_CONFIG = Path(__file__).resolve().with_name("log4j2.properties")
+
+log = logging.getLogger("infra.stack")
+
+
+class StackError(RuntimeError):
+    """The stack could not be brought to the requested state; the message says why and what to do."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Paths and endpoints
+
+
+@dataclass(frozen=True)
+class StackPaths:
+    root: Path
+
+    @classmethod
+    def of(cls, settings: Settings) -> StackPaths:
+        return cls(Path(settings.stack_dir).expanduser().resolve())
+
+    @property
+    def kafka_lib(self) -> Path:
+        return self.root / "lib" / "kafka"
+
+    @property
+    def flink_lib(self) -> Path:
+        return self.root / "lib" / "flink"
+
+    @property
+    def opensearch_home(self) -> Path:
+        return self.root / f"opensearch-{OPENSEARCH_VERSION}"
+
+    @property
+    def conf(self) -> Path:
+        return self.root / "conf"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def data(self, svc: str) -> Path:
+        return self.root / "data" / svc
+
+    def log(self, svc: str) -> Path:
+        return self.logs / f"{svc}.log"
+
+    def pid(self, svc: str) -> Path:
+        return self.run / f"{svc}.pid"
+
+    @property
+    def kafka_properties(self) -> Path:
+        return self.conf / "kafka-server.properties"
+
+    @property
+    def mosquitto_conf(self) -> Path:
+        return self.conf / "mosquitto.conf"
+
+    @property
+    def opensearch_conf(self) -> Path:
+        return self.conf / "opensearch"
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    kafka_host: str
+    kafka_port: int
+    controller_port: int
+    opensearch_host: str
+    opensearch_port: int
+    mqtt_host: str
+    mqtt_port: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> Endpoints:
+        first = settings.kafka.bootstrap_servers.split(",")[0].strip()
+        first = first.split("://", 1)[-1]
+        k_host, _, k_port = first.rpartition(":")
+        url = urlsplit(settings.opensearch.url)
+        return cls(
+            kafka_host=k_host or "127.0.0.1",
+            kafka_port=int(k_port),
+            controller_port=settings.kafka.controller_port,
+            opensearch_host=url.hostname or "127.0.0.1",
+            opensearch_port=url.port or (443 if url.scheme == "https" else 9200),
+            mqtt_host=settings.mqtt.host,
+            mqtt_port=settings.mqtt.port,
+        )
+
+    def ports(self, svc: str) -> list[tuple[str, int]]:
+        return {
+            "kafka": [(self.kafka_host, self.kafka_port), (self.kafka_host, self.controller_port)],
+            "opensearch": [(self.opensearch_host, self.opensearch_port)],
+            "mosquitto": [(self.mqtt_host, self.mqtt_port)],
+        }[svc]
+
+    def address(self, svc: str) -> str:
+        if svc == "kafka":
+            return f"{self.kafka_host}:{self.kafka_port} (controller :{self.controller_port})"
+        return ", ".join(f"{h}:{p}" for h, p in self.ports(svc))
+
+
+def flink_connector_jars(settings: Settings) -> list[Path]:
+    """The Flink Kafka connector jar(s) installed by infra/install.sh (for ``env.add_jars``)."""
+    jars = sorted(StackPaths.of(settings).flink_lib.glob("*.jar"))
+    if not jars:
+        raise StackError("Flink Kafka connector not installed: run `make setup`")
+    return jars
+
+
+def _java_major(home: Path) -> int | None:
+    try:
+        for line in (home / "release").read_text().splitlines():
+            if line.startswith("JAVA_VERSION="):
+                return int(line.split("=", 1)[1].strip('"').split(".")[0])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def find_java_home(settings: Settings) -> Path:
+    """``settings.java_home``, else the ``java`` on PATH, else a JDK under /usr/lib/jvm: the first of
+    Java 17..21 (OpenSearch 2.19 needs the security manager, gone in Java 24; Flink 2.2 runs 11-21)."""
+    if settings.java_home:
+        return Path(settings.java_home)
+    candidates: list[Path] = []
+    java = shutil.which("java")
+    if java:
+        candidates.append(Path(java).resolve().parent.parent)
+    candidates += sorted(Path("/usr/lib/jvm").glob("*"))
+    for home in candidates:
+        major = _java_major(home)
+        if major is not None and 17 <= major <= 21 and (home / "bin" / "java").exists():
+            return home
+    raise StackError("no JDK 17..21 found: install openjdk-17-jdk-headless or set CG_JAVA_HOME")
+
+
+# --------------------------------------------------------------------------------------------------
+# Health checks
+
+
+def _tcp_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _quiet_logger() -> logging.Logger:
+    lg = logging.getLogger("infra.stack.librdkafka")
+    if not lg.handlers:
+        lg.addHandler(logging.NullHandler())
+        lg.propagate = False
+    return lg
+
+
+def _admin(settings: Settings) -> AdminClient:
+    conf: dict[str, object] = dict(settings.kafka.client_config())
+    conf["logger"] = _quiet_logger()
+    conf["log.connection.close"] = False
+    return AdminClient(conf)
+
+
+def _kafka_healthy(settings: Settings, ep: Endpoints, timeout: float = 3.0) -> bool:
+    if not _tcp_open(ep.kafka_host, ep.kafka_port):
+        return False
+    try:
+        md = _admin(settings).list_topics(timeout=timeout)
+    except KafkaException:
+        return False
+    return bool(md.brokers)
+
+
+def _opensearch_status(settings: Settings, timeout: float = 2.0) -> str | None:
+    """Cluster health colour, or None when OpenSearch does not answer."""
+    auth = None
+    if settings.opensearch.username and settings.opensearch.password:
+        auth = (settings.opensearch.username, settings.opensearch.password.get_secret_value())
+    try:
+        r = httpx.get(
+            settings.opensearch.url.rstrip("/") + "/_cluster/health", timeout=timeout, auth=auth,
+            verify=settings.opensearch.verify_certs,
+        )
+        return r.json().get("status") if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def _configure_opensearch(settings: Settings) -> None:
+    """One node can never hold a replica: new indices without an explicit replica count get none, so
+    cluster health reads green. (A persistent cluster setting: the -E node option is not honoured.)"""
+    r = httpx.put(settings.opensearch.url.rstrip("/") + "/_cluster/settings", timeout=10,
+                  json={"persistent": {"cluster.default_number_of_replicas": 0}})
+    if r.status_code != 200:
+        log.warning("opensearch: could not set cluster.default_number_of_replicas: %s", r.text[:200])
+
+
+def _opensearch_healthy(settings: Settings, ep: Endpoints) -> bool:
+    if not _tcp_open(ep.opensearch_host, ep.opensearch_port):
+        return False
+    return _opensearch_status(settings) in ("yellow", "green")
+
+
+def _mqtt_healthy(ep: Endpoints, timeout: float = 2.0) -> bool:
+    """A real MQTT 3.1.1 CONNECT -> CONNACK(accepted) exchange, then DISCONNECT."""
+    client_id = b"cg-health"
+    variable = b"\x00\x04MQTT\x04\x02\x00\x0a"  # protocol name, level 4, clean session, keepalive 10s
+    payload = len(client_id).to_bytes(2, "big") + client_id
+    packet = bytes([0x10, len(variable) + len(payload)]) + variable + payload
+    try:
+        with socket.create_connection((ep.mqtt_host, ep.mqtt_port), timeout=timeout) as sock:
+            sock.sendall(packet)
+            reply = sock.recv(4)
+            sock.sendall(b"\xe0\x00")
+            return reply == b"\x20\x02\x00\x00"
+    except OSError:
+        return False
+
+
+def _healthy(svc: str, settings: Settings, ep: Endpoints) -> bool:
+    if svc == "kafka":
+        return _kafka_healthy(settings, ep)
+    if svc == "opensearch":
+        return _opensearch_healthy(settings, ep)
+    return _mqtt_healthy(ep)
+
+
+# --------------------------------------------------------------------------------------------------
+# Processes
+
+
+def _marker(svc: str, paths: StackPaths) -> str:
+    """A string in the command line of the service process started for this stack dir."""
+    return {
+        "kafka": str(paths.kafka_properties),
+        "opensearch": f"-Epath.data={paths.data('opensearch')}",
+        "mosquitto": str(paths.mosquitto_conf),
+    }[svc]
+
+
+def _our_process(svc: str, paths: StackPaths) -> psutil.Process | None:
+    """The live process recorded in the pid file, if it really is ours (pids get reused)."""
+    try:
+        pid = int(paths.pid(svc).read_text().strip())
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        if _marker(svc, paths) in " ".join(proc.cmdline()):
+            return proc
+    except (OSError, ValueError, psutil.Error):
+        pass
+    return None
+
+
+def _clean_stale_pid(svc: str, paths: StackPaths) -> None:
+    if paths.pid(svc).exists() and _our_process(svc, paths) is None:
+        paths.pid(svc).unlink(missing_ok=True)
+        log.info("%s: removed stale pid file", svc)
+
+
+@contextlib.contextmanager
+def _lock(paths: StackPaths) -> Iterator[None]:
+    """Serialises up/down/reset between processes (parallel test sessions, two terminals)."""
+    paths.run.mkdir(parents=True, exist_ok=True)
+    with open(paths.run / "stack.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _spawn(svc: str, paths: StackPaths, cmd: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    """Start a service detached from our session, console output to logs/<svc>.log (previous: .1)."""
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    logfile = paths.log(svc)
+    if logfile.exists() and logfile.stat().st_size:
+        logfile.replace(logfile.with_suffix(".log.1"))
+    with open(logfile, "ab") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True, close_fds=True,
+        )
+    paths.pid(svc).write_text(f"{proc.pid}\n")
+    return proc
+
+
+def _base_env(settings: Settings) -> dict[str, str]:
+    """Services get a small explicit environment, not whatever the caller's shell had."""
+    return {"PATH": SERVICE_PATH, "LANG": "C.UTF-8", "JAVA_HOME": str(find_java_home(settings))}
+
+
+# --- Kafka ----------------------------------------------------------------------------------------
+
+
+def _kafka_properties(settings: Settings, paths: StackPaths, ep: Endpoints) -> str:
+    h = ep.kafka_host
+    return f"""# Generated by infra/stack.py on every start -- edit the generator, not this file.
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@{h}:{ep.controller_port}
+listeners=PLAINTEXT://{h}:{ep.kafka_port},CONTROLLER://{h}:{ep.controller_port}
+advertised.listeners=PLAINTEXT://{h}:{ep.kafka_port}
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs={paths.data("kafka")}
+num.partitions=1
+default.replication.factor=1
+min.insync.replicas=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=8
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=8
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+# Flink's exactly-once Kafka sink uses 1 h transactions (broker default cap: 15 min).
+transaction.max.timeout.ms=3600000
+auto.create.topics.enable=false
+"""
+
+
+def _kafka_cluster_id() -> str:
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cid.startswith("-"):
+            return cid
+
+
+def _start_kafka(settings: Settings, paths: StackPaths, ep: Endpoints) -> subprocess.Popen:
+    if not any(paths.kafka_lib.glob("kafka_2.13-*.jar")):
+        raise StackError(f"Kafka is not installed in {paths.kafka_lib}: run `make setup`")
+    java = str(find_java_home(settings) / "bin" / "java")
+    classpath = f"{paths.kafka_lib}/*"
+    data = paths.data("kafka")
+    data.mkdir(parents=True, exist_ok=True)
+    paths.kafka_properties.write_text(_kafka_properties(settings, paths, ep))
+    env = _base_env(settings)
+    if not (data / "meta.properties").exists():
+        log.info("kafka: formatting storage in %s", data)
+        fmt = subprocess.run(
+            [java, "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC", f"-Dlog4j2.configurationFile={LOG4J2_CONFIG}",
+             "-cp", classpath,
+             "kafka.tools.StorageTool", "format", "-t", _kafka_cluster_id(), "-c", str(paths.kafka_properties)],
+            env=env, capture_output=True, text=True, check=False,
+        )
+        if fmt.returncode != 0:
+            raise StackError(f"kafka storage format failed:\n{fmt.stdout}\n{fmt.stderr}")
+    cmd = [java, *KAFKA_JVM_OPTS, f"-Dlog4j2.configurationFile={LOG4J2_CONFIG}", "-cp", classpath,
+           "kafka.Kafka", str(paths.kafka_properties)]
+    return _spawn("kafka", paths, cmd, env, cwd=data)
+
+
+# --- OpenSearch -----------------------------------------------------------------------------------
+
+
+def _write_opensearch_conf(settings: Settings, paths: StackPaths) -> Path:
+    """A config dir of our own: the distribution's, with JVM files (gc log, heap dumps) under .stack."""
+    home, conf = paths.opensearch_home, paths.opensearch_conf
+    logs, data = paths.logs / "opensearch", paths.data("opensearch")
+    if conf.exists():
+        shutil.rmtree(conf)
+    shutil.copytree(home / "config", conf)
+    jvm = (home / "config" / "jvm.options").read_text()
+    jvm = "\n".join(line for line in jvm.splitlines() if not line.startswith(("-Xms", "-Xmx")))
+    jvm = (
+        jvm.replace("file=logs/gc.log", f"file={logs}/gc.log")
+        .replace("filecount=32,filesize=64m", "filecount=2,filesize=16m")
+        .replace("HeapDumpPath=data", f"HeapDumpPath={data}")
+        .replace("ErrorFile=logs/", f"ErrorFile={logs}/")
+    )
+    (conf / "jvm.options").write_text(jvm + "\n")
+    (conf / "opensearch.yml").write_text(
+        "# Generated by infra/stack.py; the node settings are passed as -E options on the command line.\n"
+        "cluster.name: checkout-guard-local\nnode.name: local-1\n"
+    )
+    return conf
+
+
+def _raise_nofile_limit(wanted: int = 65535) -> None:
+    """OpenSearch wants 65535 open files; children inherit our limit, so raise ours (up to the hard one)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def _start_opensearch(settings: Settings, paths: StackPaths, ep: Endpoints) -> subprocess.Popen:
+    home = paths.opensearch_home
+    if not (home / "bin" / "opensearch").exists():
+        raise StackError(f"OpenSearch {OPENSEARCH_VERSION} is not installed in {home}: run `make setup`")
+    data, logs, tmp = paths.data("opensearch"), paths.logs / "opensearch", paths.tmp / "opensearch"
+    for d in (data, logs, tmp):
+        d.mkdir(parents=True, exist_ok=True)
+    conf = _write_opensearch_conf(settings, paths)
+    heap = settings.opensearch.heap
+    env = _base_env(settings) | {
+        "OPENSEARCH_JAVA_HOME": str(find_java_home(settings)),
+        "OPENSEARCH_PATH_CONF": str(conf),
+        "OPENSEARCH_JAVA_OPTS": f"-Xms{heap} -Xmx{heap}",
+        "OPENSEARCH_TMPDIR": str(tmp),
+    }
+    cmd = [
+        str(home / "bin" / "opensearch"),
+        "-Ediscovery.type=single-node",
+        f"-Enetwork.host={ep.opensearch_host}",
+        f"-Ehttp.port={ep.opensearch_port}",
+        f"-Epath.data={data}",
+        f"-Epath.logs={logs}",
+        "-Ecluster.routing.allocation.disk.threshold_enabled=false",
+    ]
+    if os.geteuid() == 0:
+        # OpenSearch refuses to start as root. A user namespace makes it an ordinary uid inside,
+        # while the files it writes stay owned by the invoking user outside.
+        unshare = shutil.which("unshare", path=SERVICE_PATH)
+        if not unshare:
+            raise StackError("running as root needs `unshare` (util-linux) to start OpenSearch")
+        cmd = [unshare, "--user", f"--map-user={UNPRIVILEGED_UID}", f"--map-group={UNPRIVILEGED_UID}", *cmd]
+    _raise_nofile_limit()
+    # bin/opensearch runs bin/opensearch-keystore relative to the working directory.
+    return _spawn("opensearch", paths, cmd, env, cwd=home)
+
+
+# --- Mosquitto ------------------------------------------------------------------------------------
+
+
+def _start_mosquitto(settings: Settings, paths: StackPaths, ep: Endpoints) -> subprocess.Popen:
+    binary = shutil.which("mosquitto") or shutil.which("mosquitto", path=SERVICE_PATH)
+    if not binary:
+        raise StackError("mosquitto is not installed: run `make setup`")
+    data = paths.data("mosquitto")
+    data.mkdir(parents=True, exist_ok=True)
+    paths.conf.mkdir(parents=True, exist_ok=True)
+    paths.mosquitto_conf.write_text(
+        "# Generated by infra/stack.py on every start.\n"
+        f"listener {ep.mqtt_port} {ep.mqtt_host}\n"
+        "allow_anonymous true\n"
+        # When started as root mosquitto switches to this user; keep it the invoking user.
+        f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
+        "persistence true\n"
+        f"persistence_location {data}/\n"
+        "autosave_interval 60\n"
+        "log_dest stdout\n"
+        "log_timestamp_format %Y-%m-%dT%H:%M:%S\n"
+    )
+    return _spawn("mosquitto", paths, [binary, "-c", str(paths.mosquitto_conf)], _base_env(settings),
+                  cwd=data)
+
+
+_STARTERS: dict[str, Callable[[Settings, StackPaths, Endpoints], subprocess.Popen]] = {
+    "kafka": _start_kafka,
+    "opensearch": _start_opensearch,
+    "mosquitto": _start_mosquitto,
+}
+
+
+def _wait_healthy(svc: str, settings: Settings, paths: StackPaths, ep: Endpoints,
+                  proc: subprocess.Popen | psutil.Process, timeout: float = START_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _healthy(svc, settings, ep):
+            return
+        alive = proc.poll() is None if isinstance(proc, subprocess.Popen) else proc.is_running()
+        if not alive:
+            paths.pid(svc).unlink(missing_ok=True)
+            raise StackError(f"{svc} exited during start-up; end of {paths.log(svc)}:\n{_tail(paths.log(svc))}")
+        time.sleep(0.3)
+    raise StackError(f"{svc} not healthy after {timeout:.0f}s; end of {paths.log(svc)}:\n"
+                     f"{_tail(paths.log(svc))}\n(try `make down` and `make up`)")
+
+
+def _ensure_service(svc: str, settings: Settings, paths: StackPaths, ep: Endpoints) -> str:
+    """Bring one service to healthy; returns what was done: running | started | external."""
+    proc = _our_process(svc, paths)
+    if proc is not None:
+        if not _healthy(svc, settings, ep):
+            log.info("%s: pid %d running, waiting until healthy", svc, proc.pid)
+            _wait_healthy(svc, settings, paths, ep, proc)
+        return "running"
+    _clean_stale_pid(svc, paths)
+    busy = [f"{h}:{p}" for h, p in ep.ports(svc) if _tcp_open(h, p)]
+    if busy:
+        if _healthy(svc, settings, ep):
+            log.warning("%s: already served at %s by a process this stack dir did not start; using it",
+                        svc, ep.address(svc))
+            return "external"
+        raise StackError(f"{svc}: port(s) {', '.join(busy)} taken by another process; free them or change "
+                         "the ports in the settings (CG_KAFKA__BOOTSTRAP_SERVERS, CG_KAFKA__CONTROLLER_PORT, "
+                         "CG_OPENSEARCH__URL, CG_MQTT__PORT)")
+    t0 = time.monotonic()
+    popen = _STARTERS[svc](settings, paths, ep)
+    log.info("%s: started pid %d, waiting until healthy", svc, popen.pid)
+    _wait_healthy(svc, settings, paths, ep, popen)
+    log.info("%s: healthy at %s after %.1fs", svc, ep.address(svc), time.monotonic() - t0)
+    if svc == "opensearch":
+        _configure_opensearch(settings)
+    return "started"
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+
+
+def ensure_topics(settings: Settings) -> list[str]:
+    """Create the topics of ``schemas.topics.ALL_TOPICS`` (with the settings' prefix) that are missing.
+
+    Existing topics are left alone (a partition count that differs from the spec is logged). Returns
+    the names created."""
+    admin = _admin(settings)
+    prefix = settings.kafka.topic_prefix
+    existing = admin.list_topics(timeout=10).topics
+    wanted = {spec.full_name(prefix): spec for spec in ALL_TOPICS}
+    for name, spec in wanted.items():
+        if name in existing and len(existing[name].partitions) != spec.partitions:
+            log.warning("topic %s has %d partitions, the spec says %d (left alone)",
+                        name, len(existing[name].partitions), spec.partitions)
+    missing = [
+        NewTopic(name, num_partitions=spec.partitions, replication_factor=1, config=dict(spec.config))
+        for name, spec in wanted.items() if name not in existing
+    ]
+    if not missing:
+        return []
+    created = []
+    for name, fut in admin.create_topics(missing, request_timeout=30).items():
+        try:
+            fut.result()
+            created.append(name)
+        except KafkaException as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc.args[0]):
+                raise StackError(f"creating topic {name} failed: {exc}") from exc
+    log.info("kafka: created topics %s", ", ".join(created))
+    return created
+
+
+def describe_topics(settings: Settings) -> dict[str, dict]:
+    """Partitions and (non-default) config of every topic of ALL_TOPICS that exists."""
+    admin = _admin(settings)
+    prefix = settings.kafka.topic_prefix
+    md = admin.list_topics(timeout=10).topics
+    names = [s.full_name(prefix) for s in ALL_TOPICS if s.full_name(prefix) in md]
+    out: dict[str, dict] = {n: {"partitions": len(md[n].partitions), "config": {}} for n in names}
+    if names:
+        futures = admin.describe_configs([ConfigResource(ResourceType.TOPIC, n) for n in names])
+        for res, fut in futures.items():
+            out[res.name]["config"] = {
+                k: v.value for k, v in fut.result().items() if not v.is_default and not v.is_sensitive
+            }
+    return out
+
+
+def up(settings: Settings) -> dict:
+    """Start whatever is not running (in parallel), wait until healthy, create missing topics.
+
+    Idempotent: services already running and healthy are left as they are. Returns :func:`status`."""
+    paths, ep = StackPaths.of(settings), Endpoints.of(settings)
+    t0 = time.monotonic()
+    with _lock(paths):
+        for d in (paths.conf, paths.run, paths.logs, paths.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(len(SERVICES)) as pool:
+            futures = {svc: pool.submit(_ensure_service, svc, settings, paths, ep) for svc in SERVICES}
+            errors = []
+            for fut in futures.values():
+                try:
+                    fut.result()
+                except StackError as exc:
+                    errors.append(str(exc))
+        if errors:
+            raise StackError("\n\n".join(errors))
+        ensure_topics(settings)
+    log.info("stack up in %.1fs (data and logs in %s)", time.monotonic() - t0, paths.root)
+    return status(settings)
+
+
+def down(settings: Settings) -> list[str]:
+    """Stop the services this stack dir started (SIGTERM, SIGKILL after a timeout); clean pid files.
+
+    Returns the names of the services stopped."""
+    paths = StackPaths.of(settings)
+    with _lock(paths):
+        procs: dict[str, psutil.Process] = {}
+        for svc in SERVICES:
+            proc = _our_process(svc, paths)
+            if proc is None:
+                _clean_stale_pid(svc, paths)
+                continue
+            procs[svc] = proc
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGTERM)
+            log.info("%s: SIGTERM to pid %d", svc, proc.pid)
+        _, alive = psutil.wait_procs(list(procs.values()), timeout=STOP_TIMEOUT_S)
+        for proc in alive:
+            log.warning("pid %d did not stop within %.0fs: SIGKILL", proc.pid, STOP_TIMEOUT_S)
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=10)
+        for svc in procs:
+            paths.pid(svc).unlink(missing_ok=True)
+    return list(procs)
+
+
+def reset(settings: Settings) -> None:
+    """``down``, then delete data, logs, generated config and Flink checkpoints (installs are kept)."""
+    down(settings)
+    paths = StackPaths.of(settings)
+    doomed = [paths.root / "data", paths.logs, paths.conf, paths.tmp, paths.run, paths.root / "flink"]
+    checkpoints = Path(settings.checkpoint_dir).resolve()
+    if checkpoints.is_relative_to(paths.root):  # never delete a checkpoint store outside the stack dir
+        doomed.append(checkpoints)
+    for d in doomed:
+        if d.exists():
+            shutil.rmtree(d)
+            log.info("removed %s", d)
+
+
+def status(settings: Settings) -> dict:
+    """Health of each service and of the topics::
+
+        {"services": {"kafka": {"pid": int | None, "managed": bool, "address": "127.0.0.1:9092, ...",
+                                "healthy": bool, "detail": str}, "opensearch": {...}, "mosquitto": {...}},
+         "topics": {"expected": 8, "present": 8 | None, "missing": [...]},
+         "healthy": bool}
+
+    ``managed`` says the process was started from this stack dir (has a live pid file)."""
+    paths, ep = StackPaths.of(settings), Endpoints.of(settings)
+    services: dict[str, dict] = {}
+    for svc in SERVICES:
+        proc = _our_process(svc, paths)
+        healthy = _healthy(svc, settings, ep)
+        detail = ""
+        if svc == "opensearch" and healthy:
+            detail = f"cluster {_opensearch_status(settings)}"
+        elif healthy and proc is None:
+            detail = "not started from this stack dir"
+        elif not healthy and proc is not None:
+            detail = f"process alive but not answering; see {paths.log(svc)}"
+        services[svc] = {"pid": proc.pid if proc else None, "managed": proc is not None,
+                         "address": ep.address(svc), "healthy": healthy, "detail": detail}
+    expected = [s.full_name(settings.kafka.topic_prefix) for s in ALL_TOPICS]
+    topics: dict = {"expected": len(expected), "present": None, "missing": expected}
+    if services["kafka"]["healthy"]:
+        with contextlib.suppress(KafkaException):
+            present = _admin(settings).list_topics(timeout=5).topics
+            topics["missing"] = [t for t in expected if t not in present]
+            topics["present"] = len(expected) - len(topics["missing"])
+    ok = all(s["healthy"] for s in services.values()) and not topics["missing"]
+    return {"services": services, "topics": topics, "healthy": ok}
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Local stack: Kafka (KRaft), OpenSearch, Mosquitto under the stack dir.")
+
+
+def _cli_settings() -> Settings:
+    logging.basicConfig(level=logging.INFO, format="[stack] %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    return get_settings()
+
+
+def _print_status(st: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="checkout-guard local stack")
+    for col in ("service", "pid", "address", "healthy", "detail"):
+        table.add_column(col)
+    for svc, s in st["services"].items():
+        table.add_row(svc, str(s["pid"] or "-"), s["address"],
+                      "[green]yes[/green]" if s["healthy"] else "[red]no[/red]", s["detail"])
+    t = st["topics"]
+    present = "?" if t["present"] is None else t["present"]
+    table.add_row("topics", "", "", "[green]yes[/green]" if not t["missing"] else "[red]no[/red]",
+                  f"{present}/{t['expected']} present" + (f"; missing {', '.join(t['missing'])}"
+                                                         if t["missing"] and t["present"] is not None else ""))
+    Console().print(table)
+
+
+def _fail(exc: StackError) -> None:
+    typer.echo(f"[stack] ERROR: {exc}", err=True)
+    raise typer.Exit(1)
+
+
+@app.command("up")
+def up_cmd() -> None:
+    """Start Kafka, OpenSearch and Mosquitto (those not running) and create the topics."""
+    try:
+        _print_status(up(_cli_settings()))
+    except StackError as exc:
+        _fail(exc)
+
+
+@app.command("down")
+def down_cmd() -> None:
+    """Stop the services started from this stack dir."""
+    stopped = down(_cli_settings())
+    typer.echo(f"[stack] stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+
+
+@app.command("status")
+def status_cmd() -> None:
+    """Show each service's health and the topics; exit 1 if anything is down."""
+    st = status(_cli_settings())
+    _print_status(st)
+    if not st["healthy"]:
+        raise typer.Exit(1)
+
+
+@app.command("topics")
+def topics_cmd() -> None:
+    """Create missing topics and list them with partitions and config."""
+    from rich.console import Console
+    from rich.table import Table
+
+    settings = _cli_settings()
+    try:
+        ensure_topics(settings)
+        topics = describe_topics(settings)
+    except (StackError, KafkaException) as exc:
+        _fail(StackError(str(exc)))
+    table = Table(title=f"topics at {settings.kafka.bootstrap_servers}")
+    for col in ("topic", "partitions", "config"):
+        table.add_column(col)
+    for name, t in topics.items():
+        table.add_row(name, str(t["partitions"]), ", ".join(f"{k}={v}" for k, v in sorted(t["config"].items())))
+    Console().print(table)
+
+
+@app.command("reset")
+def reset_cmd() -> None:
+    """Stop everything and delete data, logs and checkpoints (keeps the installed software)."""
+    reset(_cli_settings())
+    typer.echo("[stack] reset done; `make up` starts from empty")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,417 @@
+"""The OpenSearch sink against the real local Kafka and OpenSearch.
+
+Each test gets its own topic prefix (``t<hex>.``), index prefix and consumer group, and removes them
+afterwards, so it can share the stack with other work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import selectors
+import socket
+import socketserver
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+from opensearchpy import OpenSearch
+
+from infra.settings import Settings, get_settings
+from schemas.records import Alert, DeadLetter, Record, ScoredTransaction
+from schemas.topics import ALERTS, DEAD_LETTERS, SCORED_TRANSACTIONS
+from sinks.opensearch_sink import Backoff, OpenSearchSink, make_client
+
+pytestmark = pytest.mark.e2e
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- stack and isolation
+
+
+@pytest.fixture(scope="module")
+def base_settings() -> Settings:
+    """The stack's settings; skips the module when Kafka or OpenSearch cannot be reached."""
+    settings = get_settings()
+    try:
+        AdminClient(settings.kafka.client_config()).list_topics(timeout=5)
+    except Exception as exc:
+        pytest.skip(f"Kafka at {settings.kafka.bootstrap_servers} not reachable ({exc}); "
+                    "start the stack with `python -m infra.stack up`")
+    try:
+        make_client(settings.opensearch, timeout_s=5).info()
+    except Exception as exc:
+        pytest.skip(f"OpenSearch at {settings.opensearch.url} not reachable ({type(exc).__name__}); "
+                    "start the stack with `python -m infra.stack up`")
+    return settings
+
+
+@dataclass
+class Sandbox:
+    """One test's private topics, indices and consumer group on the shared stack."""
+
+    settings: Settings
+    index_prefix: str
+    group_id: str
+    opensearch: OpenSearch
+
+    @property
+    def topic_prefix(self) -> str:
+        return self.settings.kafka.topic_prefix
+
+    def topic(self, spec: object) -> str:
+        return spec.full_name(self.topic_prefix)  # type: ignore[attr-defined]
+
+    def count(self, kind: str) -> int:
+        index = f"{self.index_prefix}-{kind}"
+        self.opensearch.indices.refresh(index=index)
+        return self.opensearch.count(index=index)["count"]
+
+    def sink(self, settings: Settings | None = None) -> OpenSearchSink:
+        """A sink on this sandbox with a short backoff, so outage tests take seconds."""
+        return OpenSearchSink(settings or self.settings, index_prefix=self.index_prefix, group_id=self.group_id,
+                              backoff=Backoff(initial_s=0.05, maximum_s=0.5), summary_interval_s=5.0)
+
+
+@pytest.fixture
+def sandbox(base_settings: Settings) -> Iterator[Sandbox]:
+    tag = uuid.uuid4().hex[:10]
+    topic_prefix = f"t{tag}."
+    settings = base_settings.model_copy(
+        update={"kafka": base_settings.kafka.model_copy(update={"topic_prefix": topic_prefix})})
+    admin = AdminClient(settings.kafka.client_config())
+    topics = [spec.full_name(topic_prefix) for spec in (SCORED_TRANSACTIONS, ALERTS, DEAD_LETTERS)]
+    for future in admin.create_topics([NewTopic(t, num_partitions=3, replication_factor=1) for t in topics]).values():
+        future.result(timeout=30)
+    box = Sandbox(settings, index_prefix=f"t{tag}-cg", group_id=f"t{tag}-opensearch-sink",
+                  opensearch=make_client(base_settings.opensearch))
+    try:
+        yield box
+    finally:
+        cleanup: list[Callable[[], object]] = []
+        for kind in ("transactions", "alerts"):
+            name = f"{box.index_prefix}-{kind}"
+            cleanup.append(lambda n=name: box.opensearch.indices.delete(index=n, ignore_unavailable=True))
+            cleanup.append(lambda n=name: box.opensearch.indices.delete_index_template(name=n))
+        cleanup.append(lambda: admin.delete_consumer_groups([box.group_id])[box.group_id].result(timeout=30))
+        cleanup += [lambda f=f: f.result(timeout=30) for f in admin.delete_topics(topics).values()]
+        for step in cleanup:  # each step on its own, so one failure does not leave the rest behind
+            with contextlib.suppress(Exception):
+                step()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def produce(box: Sandbox, topic: str, records: list[tuple[bytes, bytes]]) -> None:
+    producer = Producer({**box.settings.kafka.client_config(), "enable.idempotence": True, "linger.ms": 5})
+    for key, value in records:
+        producer.produce(topic, key=key, value=value)
+        producer.poll(0)
+    assert producer.flush(30) == 0
+
+
+def encoded(records: list[Record], key_field: str) -> list[tuple[bytes, bytes]]:
+    return [(getattr(r, key_field).encode(), r.encode()) for r in records]
+
+
+def scored(n: int, start: int = 0) -> list[ScoredTransaction]:
+    return [
+        ScoredTransaction(
+            transaction_id=f"tx-{i:06d}", event_time=1_700_000_000_000 + i, store_id=f"S{i % 4}",
+            lane_id=f"L{i % 7}", kind="SALE", amount=10.0 + i, currency="USD", item_count=1 + i % 3,
+            customer_key=f"card:{i % 50}", outcome=("APPROVE", "REVIEW", "BLOCK")[i % 3], risk_score=i % 100,
+            reasons=("velocity",) if i % 2 else (), rules_version="builtin-v1",
+            ingest_time=1_700_000_000_010 + i, decided_at=1_700_000_000_030 + i, proc_time_ms=12,
+            model_time_ms=4, ttdf_ms=30, indicators={"velocity": float(i % 5), "amount_zscore": 0.5},
+            billing_state="CA", billing_country="US",
+        )
+        for i in range(start, start + n)
+    ]
+
+
+def alerts(n: int) -> list[Alert]:
+    return [
+        Alert(alert_id=f"alert-{i:05d}", kind="BLOCKED_TRANSACTION", severity="high",
+              event_time=1_700_000_000_000 + i, store_id=f"S{i % 4}", summary=f"transaction tx-{i:06d} blocked",
+              transaction_id=f"tx-{i:06d}", amount=99.5, currency="USD", outcome="BLOCK", risk_score=95,
+              reasons=("velocity",))
+        for i in range(n)
+    ]
+
+
+def committed_and_end(box: Sandbox) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], int]]:
+    """The group's committed offsets and the end offsets of the sink's input partitions."""
+    probe = Consumer({**box.settings.kafka.client_config(), "group.id": box.group_id,
+                      "enable.auto.commit": False})
+    try:
+        partitions = [TopicPartition(box.topic(spec), p) for spec in (SCORED_TRANSACTIONS, ALERTS) for p in range(3)]
+        committed = {(tp.topic, tp.partition): tp.offset for tp in probe.committed(partitions, timeout=10)}
+        end = {(tp.topic, tp.partition): probe.get_watermark_offsets(tp, timeout=10)[1] for tp in partitions}
+        return committed, end
+    finally:
+        probe.close()
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting until {what}")
+        time.sleep(0.2)
+
+
+def caught_up(box: Sandbox) -> bool:
+    committed, end = committed_and_end(box)
+    return all(committed[tp] == end[tp] or (end[tp] == 0 and committed[tp] < 0) for tp in end)
+
+
+@contextlib.contextmanager
+def running(sink: OpenSearchSink) -> Iterator[OpenSearchSink]:
+    """Run the sink in a thread; stop it and surface its exception, if any, on exit."""
+    stop, failure = threading.Event(), []
+
+    def target() -> None:
+        try:
+            sink.run(stop)
+        except BaseException as exc:  # surfaced in the test thread below
+            failure.append(exc)
+
+    thread = threading.Thread(target=target, name="opensearch-sink", daemon=True)
+    thread.start()
+    try:
+        yield sink
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "sink did not stop within 30s"
+    if failure:
+        raise failure[0]
+
+
+def dead_letters(box: Sandbox, expected: int) -> list[DeadLetter]:
+    consumer = Consumer({**box.settings.kafka.client_config(), "group.id": f"{box.group_id}-dlq-reader",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([box.topic(DEAD_LETTERS)])
+    found: list[DeadLetter] = []
+    deadline = time.monotonic() + 30
+    try:
+        while len(found) < expected and time.monotonic() < deadline:
+            for msg in consumer.consume(num_messages=100, timeout=0.5):
+                if msg.error() is None:
+                    found.append(DeadLetter.decode(msg.value()))
+    finally:
+        consumer.close()
+        with contextlib.suppress(Exception):
+            admin = AdminClient(box.settings.kafka.client_config())
+            admin.delete_consumer_groups([f"{box.group_id}-dlq-reader"])[f"{box.group_id}-dlq-reader"].result(10)
+    return found
+
+
+class SwitchableProxy(socketserver.ThreadingTCPServer):
+    """A TCP proxy to OpenSearch whose link can be cut: while cut it drops open connections and
+    closes new ones at once, which the client sees as OpenSearch being unreachable."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, target_url: str) -> None:
+        target = urlparse(target_url)
+        self.target = (target.hostname or "127.0.0.1", target.port or 9200)
+        self.scheme = target.scheme
+        self.link_up = threading.Event()
+        self.link_up.set()
+        self.accepted_while_cut = 0
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.server_address[1]}"
+
+    def cut(self) -> None:
+        self.link_up.clear()
+        with self._lock:
+            for sock in self._open:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def restore(self) -> None:
+        self.link_up.set()
+
+    def track(self, *socks: socket.socket) -> None:
+        with self._lock:
+            self._open.update(socks)
+
+    def untrack(self, *socks: socket.socket) -> None:
+        with self._lock:
+            self._open.difference_update(socks)
+
+
+class _ProxyHandler(socketserver.BaseRequestHandler):
+    server: SwitchableProxy
+
+    def handle(self) -> None:
+        client = self.request
+        if not self.server.link_up.is_set():
+            self.server.accepted_while_cut += 1
+            return  # closed on return: the client gets a dropped connection
+        upstream = socket.create_connection(self.server.target, timeout=10)
+        self.server.track(client, upstream)
+        try:
+            with selectors.DefaultSelector() as sel:
+                sel.register(client, selectors.EVENT_READ, upstream)
+                sel.register(upstream, selectors.EVENT_READ, client)
+                while self.server.link_up.is_set():
+                    for key, _ in sel.select(timeout=0.1):
+                        data = key.fileobj.recv(65536)  # type: ignore[union-attr]
+                        if not data:
+                            return
+                        key.data.sendall(data)
+        except OSError:
+            return
+        finally:
+            self.server.untrack(client, upstream)
+            upstream.close()
+
+
+@pytest.fixture
+def proxy(base_settings: Settings) -> Iterator[SwitchableProxy]:
+    server = SwitchableProxy(base_settings.opensearch.url)
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_every_record_becomes_exactly_one_document_even_when_replayed(sandbox: Sandbox) -> None:
+    transactions, alert_records = scored(400), alerts(60)
+    produce(sandbox, sandbox.topic(SCORED_TRANSACTIONS), encoded(transactions, "transaction_id"))
+    produce(sandbox, sandbox.topic(ALERTS), encoded(alert_records, "alert_id"))
+
+    with running(sandbox.sink()) as sink:
+        started = time.monotonic()
+        wait_until(lambda: caught_up(sandbox), "the sink committed every offset")
+        log.info("indexed %d docs in %.2fs", sink.stats.indexed, time.monotonic() - started)
+        assert sandbox.count("transactions") == 400
+        assert sandbox.count("alerts") == 60
+
+        produce(sandbox, sandbox.topic(SCORED_TRANSACTIONS), encoded(transactions, "transaction_id"))
+        wait_until(lambda: caught_up(sandbox), "the sink committed the replayed offsets")
+        assert sandbox.count("transactions") == 400
+        assert sandbox.count("alerts") == 60
+    assert sink.stats.indexed == 400 + 60 + 400
+    assert sink.stats.dead_lettered == 0
+
+
+def test_documents_are_searchable_by_their_mapped_types(sandbox: Sandbox) -> None:
+    produce(sandbox, sandbox.topic(SCORED_TRANSACTIONS), encoded(scored(30), "transaction_id"))
+    with running(sandbox.sink()):
+        wait_until(lambda: caught_up(sandbox), "the sink committed every offset")
+    index = f"{sandbox.index_prefix}-transactions"
+    sandbox.opensearch.indices.refresh(index=index)
+    answer = sandbox.opensearch.search(index=index, body={
+        "size": 0,
+        "track_total_hits": True,
+        "aggs": {
+            "late": {"filter": {"range": {"event_time": {"gte": 1_700_000_000_010}}}},
+            "by_outcome": {"terms": {"field": "outcome"}},
+            "revenue": {"sum": {"field": "amount"}},
+            "velocity": {"max": {"field": "indicators.velocity"}},
+            "per_minute": {"date_histogram": {"field": "decided_at", "fixed_interval": "1m"}},
+        },
+    })
+    assert answer["hits"]["total"]["value"] == 30
+    assert answer["aggregations"]["late"]["doc_count"] == 20
+    assert {b["key"]: b["doc_count"] for b in answer["aggregations"]["by_outcome"]["buckets"]} == {
+        "APPROVE": 10, "REVIEW": 10, "BLOCK": 10,
+    }
+    assert answer["aggregations"]["revenue"]["value"] == sum(10.0 + i for i in range(30))
+    assert answer["aggregations"]["velocity"]["value"] == 4.0
+    mapping = sandbox.opensearch.indices.get_mapping(index=index)[index]["mappings"]
+    assert mapping["properties"]["indicators"]["properties"]["velocity"]["type"] == "double"
+
+
+def test_bad_input_is_dead_lettered_and_the_rest_indexed(sandbox: Sandbox) -> None:
+    good = scored(20)
+    rejected_by_opensearch = scored(1, start=900)[0]
+    rejected_by_opensearch = ScoredTransaction(**{
+        **rejected_by_opensearch.to_avro(), "reasons": (), "indicators": {"": 1.0},  # empty field name: 400
+    })
+    produce(sandbox, sandbox.topic(SCORED_TRANSACTIONS),
+            encoded(good, "transaction_id") + [(b"junk", b"\x00not avro")]
+            + encoded([rejected_by_opensearch], "transaction_id"))
+
+    with running(sandbox.sink()) as sink:
+        wait_until(lambda: caught_up(sandbox), "the sink committed past the bad messages")
+    assert sandbox.count("transactions") == 20
+    assert sink.stats.dead_lettered == 2
+    letters = {d.error_kind: d for d in dead_letters(sandbox, expected=2)}
+    assert set(letters) == {"not_avro", "opensearch_rejected"}
+    assert letters["not_avro"].payload == b"\x00not avro"
+    assert letters["not_avro"].stage == "opensearch-sink"
+    assert letters["not_avro"].dead_letter_id.startswith(f"{sandbox.topic(SCORED_TRANSACTIONS)}:")
+    assert "mapper_parsing_exception" in letters["opensearch_rejected"].reason
+    assert letters["opensearch_rejected"].payload == rejected_by_opensearch.encode()
+
+
+def test_sink_rides_out_an_opensearch_outage_without_losing_or_committing(
+    sandbox: Sandbox, proxy: SwitchableProxy,
+) -> None:
+    # Small batches, so most of the records produced during the outage are still in Kafka when it
+    # ends and must be fetched after the paused partitions resume.
+    settings = sandbox.settings.model_copy(update={
+        "opensearch": sandbox.settings.opensearch.model_copy(update={"url": proxy.url, "bulk_max_docs": 64})})
+    sink = sandbox.sink(settings=settings)
+    before, during = scored(100), scored(250, start=100)
+    produce(sandbox, sandbox.topic(SCORED_TRANSACTIONS), encoded(before, "transaction_id"))
+
+    with running(sink):
+        wait_until(lambda: caught_up(sandbox), "the first records were committed")
+        assert sandbox.count("transactions") == 100
+        committed_before_outage, _ = committed_and_end(sandbox)
+        commits_before_outage = sink.stats.commits
+
+        proxy.cut()
+        produce(sandbox, sandbox.topic(SCORED_TRANSACTIONS), encoded(during, "transaction_id"))
+        wait_until(lambda: sink.stats.retries >= 5 and proxy.accepted_while_cut >= 3,
+                   "the sink retried against the unreachable OpenSearch")
+        time.sleep(1.0)
+        assert committed_and_end(sandbox)[0] == committed_before_outage
+        assert sink.stats.commits == commits_before_outage
+        assert sandbox.count("transactions") == 100
+
+        proxy.restore()
+        wait_until(lambda: caught_up(sandbox), "the sink caught up after the outage")
+        assert sandbox.count("transactions") == 350
+    assert sink.stats.dead_lettered == 0
+    ids = sandbox.opensearch.search(index=f"{sandbox.index_prefix}-transactions", body={
+        "size": 0, "aggs": {"ids": {"cardinality": {"field": "transaction_id", "precision_threshold": 1000}}}})
+    assert ids["aggregations"]["ids"]["value"] == 350
+
+
+def test_sink_started_while_opensearch_is_down_waits_and_then_indexes(
+    sandbox: Sandbox, proxy: SwitchableProxy,
+) -> None:
+    settings = sandbox.settings.model_copy(update={
+        "opensearch": sandbox.settings.opensearch.model_copy(update={"url": proxy.url})})
+    produce(sandbox, sandbox.topic(ALERTS), encoded(alerts(15), "alert_id"))
+    proxy.cut()
+    with running(sandbox.sink(settings=settings)) as sink:
+        wait_until(lambda: sink.stats.retries >= 3, "the sink retried installing its templates")
+        assert committed_and_end(sandbox)[0][(sandbox.topic(ALERTS), 0)] < 0
+        proxy.restore()
+        wait_until(lambda: caught_up(sandbox), "the sink indexed everything once OpenSearch was back")
+        assert sandbox.count("alerts") == 15

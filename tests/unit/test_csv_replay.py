@@ -1,0 +1,348 @@
+"""Fraud Detector CSV replay: row mapping, event-time order and resumable progress (fake producer)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from infra.settings import Settings
+from producers import pos
+from producers.csv_replay import (
+    AckWatermark,
+    CsvFormatError,
+    ReplayStateError,
+    load_state,
+    merchant_slug,
+    parse_label,
+    read_rows,
+    replay_order,
+    row_to_transaction,
+)
+from schemas.records import LineItem, PosTransaction
+
+SAMPLE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "fraud" / "afd_transactions_sample.csv"
+needs_sample = pytest.mark.skipif(
+    not SAMPLE.exists(), reason="shared fraud sample ../shared/data/fraud/afd_transactions_sample.csv is absent"
+)
+
+HEADER = ["EVENT_LABEL", "EVENT_TIMESTAMP", "LABEL_TIMESTAMP", "EVENT_ID", "ENTITY_TYPE", "ENTITY_ID",
+          "card_bin", "customer_name", "billing_street", "billing_city", "billing_state", "billing_zip",
+          "billing_latitude", "billing_longitude", "billing_country", "customer_job", "ip_address",
+          "customer_email", "billing_phone", "user_agent", "product_category", "order_price",
+          "payment_currency", "merchant"]
+
+
+def afd_row(event_id: str, timestamp: str = "2022-11-07T15:51:48Z", **overrides: str) -> dict[str, str]:
+    row = {
+        "EVENT_LABEL": "0", "EVENT_TIMESTAMP": timestamp, "LABEL_TIMESTAMP": "", "EVENT_ID": event_id,
+        "ENTITY_TYPE": "customer", "ENTITY_ID": "398-20-6447", "card_bin": "404409",
+        "customer_name": "Christina", "billing_street": "4410 Johnson Way", "billing_city": "Warner Robins",
+        "billing_state": "GA", "billing_zip": "31098", "billing_latitude": "32.6181",
+        "billing_longitude": "-83.5739", "billing_country": "US", "customer_job": "Conservator, museum/gallery",
+        "ip_address": "72.239.175.244", "customer_email": "lee@example.com", "billing_phone": "+1-099-994-5728",
+        "user_agent": "Opera/8.42.(X11; Linux i686; lg-UG) Presto/2.9.173 Version/12.00",
+        "product_category": "misc_net", "order_price": "810.3", "payment_currency": "USD",
+        "merchant": "fraud_Hamill-Daugherty",
+    }
+    row.update(overrides)
+    return row
+
+
+def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=HEADER)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+class FakeProducer:
+    """Stands in for confluent_kafka.Producer. ``ack(n)`` decides the fate of the n-th message sent:
+    True (acknowledged), False (failed) or None (never answered, as when the process dies)."""
+
+    def __init__(self, ack: Callable[[int], bool | None] = lambda n: True,
+                 on_produce: Callable[[int], None] | None = None) -> None:
+        self.ack, self.on_produce = ack, on_produce
+        self.values: list[bytes] = []
+        self._pending: list[tuple[int, Callable[[Any, Any], None]]] = []
+
+    def produce(self, topic: str, value: bytes, key: bytes, on_delivery: Callable[[Any, Any], None]) -> None:
+        if self.on_produce is not None:
+            self.on_produce(len(self.values))
+        self._pending.append((len(self.values), on_delivery))
+        self.values.append(value)
+
+    def poll(self, timeout: float = 0) -> int:
+        # Acknowledge in reverse order of sending, as several partitions may.
+        pending, self._pending = self._pending, []
+        answered = 0
+        for n, callback in reversed(pending):
+            outcome = self.ack(n)
+            if outcome is None:
+                continue
+            callback(None if outcome else "delivery failed", None)
+            answered += 1
+        return answered
+
+    def flush(self, timeout: float = 0) -> int:
+        self.poll()
+        return 0
+
+    @property
+    def ids(self) -> list[str]:
+        return [PosTransaction.decode(v).transaction_id for v in self.values]
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(stack_dir=tmp_path / "stack")
+
+
+def replay(settings: Settings, path: Path, producer: FakeProducer, **kwargs: Any) -> pos.ReplayResult:
+    return pos.replay_csv(settings, path, producer=producer, progress=False, **kwargs)
+
+
+# ---------------------------------------------------------------------------- mapping
+
+
+def test_row_maps_fraud_detector_fields_onto_a_transaction() -> None:
+    tx = row_to_transaction(afd_row("ev-1", EVENT_LABEL="1"))
+    assert tx == PosTransaction(
+        transaction_id="ev-1", event_time=1667836308000, store_id="hamill-daugherty", lane_id="online",
+        kind="SALE", amount=810.3, currency="USD",
+        items=(LineItem(sku="afd-misc_net", category="misc_net", quantity=1, unit_price=810.3),),
+        customer_id="398-20-6447", card_bin="404409", customer_email="lee@example.com",
+        customer_name="Christina", customer_job="Conservator, museum/gallery", billing_phone="+1-099-994-5728",
+        ip_address="72.239.175.244", user_agent="Opera/8.42.(X11; Linux i686; lg-UG) Presto/2.9.173 Version/12.00",
+        billing_street="4410 Johnson Way", billing_city="Warner Robins", billing_state="GA", billing_zip="31098",
+        billing_country="US", billing_latitude=32.6181, billing_longitude=-83.5739, product_category="misc_net",
+        label=1,
+    )
+    assert PosTransaction.decode(tx.encode()) == tx
+
+
+@pytest.mark.parametrize(("text", "label"), [("1", 1), ("0", 0), ("fraud", 1), ("Legit", 0), ("", None)])
+def test_label_is_read_from_1_0_fraud_legit_or_empty(text: str, label: int | None) -> None:
+    assert parse_label(text) == label
+    assert row_to_transaction(afd_row("ev", EVENT_LABEL=text)).label == label
+
+
+def test_store_id_is_a_stable_slug_of_the_merchant() -> None:
+    assert merchant_slug("fraud_Lowe, Dietrich and Erdman") == "lowe-dietrich-and-erdman"
+    assert merchant_slug("Café Zoë & Co.") == "cafe-zoe-co"
+    assert merchant_slug("fraud_Lowe, Dietrich and Erdman") == merchant_slug("Lowe Dietrich  and Erdman")
+
+
+def test_optional_fields_may_be_empty() -> None:
+    tx = row_to_transaction(afd_row("ev", ENTITY_ID="", billing_latitude="", product_category="", card_bin=""))
+    assert (tx.customer_id, tx.billing_latitude, tx.product_category, tx.card_bin) == (None, None, None, None)
+    assert tx.items[0].category == "unknown"
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"EVENT_TIMESTAMP": "07/11/2022 15:51"}, "EVENT_TIMESTAMP"),
+    ({"EVENT_TIMESTAMP": ""}, "EVENT_TIMESTAMP"),
+    ({"order_price": "12,50"}, "order_price"),
+    ({"order_price": "nan"}, "order_price"),
+    ({"order_price": "-3"}, "order_price"),
+    ({"payment_currency": "dollars"}, "payment_currency"),
+    ({"EVENT_ID": " "}, "EVENT_ID"),
+    ({"EVENT_LABEL": "maybe"}, "EVENT_LABEL"),
+    ({"billing_latitude": "north"}, "billing_latitude"),
+    ({"merchant": "???"}, "merchant"),
+])
+def test_unmappable_row_raises_a_value_error_naming_the_column(overrides: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        row_to_transaction(afd_row("ev", **overrides))
+
+
+def test_row_with_more_fields_than_the_header_is_unmappable(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "x.csv", [afd_row("ev-1")])
+    path.write_text(path.read_text().rstrip("\r\n") + ",surplus\r\n")
+    (row,) = read_rows(path)
+    with pytest.raises(ValueError, match="more field"):
+        row_to_transaction(row.data)
+
+
+def test_missing_required_column_is_rejected_up_front(tmp_path: Path, settings: Settings) -> None:
+    path = tmp_path / "x.csv"
+    path.write_text("EVENT_ID,EVENT_TIMESTAMP\nev-1,2022-11-07T15:51:48Z\n")
+    with pytest.raises(CsvFormatError, match="order_price"):
+        replay(settings, path, FakeProducer())
+
+
+# ---------------------------------------------------------------------------- order and errors
+
+
+def test_csv_rows_are_replayed_in_event_timestamp_order(tmp_path: Path, settings: Settings) -> None:
+    path = write_csv(tmp_path / "events.csv", [
+        afd_row("c", "2022-11-08T00:00:00Z"),
+        afd_row("a", "2022-11-07T00:00:00Z"),
+        afd_row("d1", "2022-11-09T00:00:00Z"),
+        afd_row("b", "2022-11-07T12:00:00+00:00"),
+        afd_row("d2", "2022-11-09T00:00:00.000Z"),  # same instant as d1: file order kept
+        afd_row("e", "2022-11-09T01:00:00+01:00"),  # = 00:00Z, after d2 by the stable sort
+    ])
+    fake = FakeProducer()
+    result = replay(settings, path, fake)
+    assert fake.ids == ["a", "b", "c", "d1", "d2", "e"]
+    assert result.complete and result.stats.acked == 6
+
+
+def test_unmappable_row_is_reported_not_fatal(tmp_path: Path, settings: Settings) -> None:
+    path = write_csv(tmp_path / "events.csv", [
+        afd_row("ok-1", "2022-11-07T00:00:00Z", user_agent="two\nlines"),  # lines 2-3
+        afd_row("bad-price", "2022-11-07T01:00:00Z", order_price="12,50"),  # line 4
+        afd_row("bad-time", "yesterday"),  # line 5
+        afd_row("ok-2", "2022-11-07T02:00:00Z"),  # line 6
+    ])
+    fake = FakeProducer()
+    result = replay(settings, path, fake)
+    assert fake.ids == ["ok-1", "ok-2"]
+    assert [line for line, _ in result.skipped] == [4, 5]
+    assert "order_price" in result.skipped[0][1] and "EVENT_TIMESTAMP" in result.skipped[1][1]
+    assert result.complete and result.stats.ok
+    assert load_state(result.state_file).last_acked_index == 3  # type: ignore[union-attr]
+
+
+def test_time_scale_keeps_the_original_spacing_compressed(tmp_path: Path, settings: Settings) -> None:
+    path = write_csv(tmp_path / "events.csv", [
+        afd_row("a", "2022-11-07T00:00:00Z"), afd_row("b", "2022-11-07T00:00:01Z"),
+        afd_row("c", "2022-11-07T00:00:03Z"),
+    ])
+    start = time.monotonic()
+    replay(settings, path, FakeProducer(), time_scale=10)
+    assert 0.28 <= time.monotonic() - start < 2.0  # 3 s of events at 10x
+
+
+# ---------------------------------------------------------------------------- resume
+
+
+def test_ack_watermark_advances_only_over_a_contiguous_prefix() -> None:
+    mark = AckWatermark(start=5)
+    assert mark.last == 4
+    for index in (7, 6, 9):
+        mark.settle(index)
+    assert mark.last == 4  # 5 still outstanding
+    mark.settle(5)
+    assert mark.last == 7  # 8 still outstanding
+    mark.settle(8)
+    assert mark.last == 9
+
+
+def ten_rows(tmp_path: Path) -> Path:
+    # File order differs from event order, so indices are positions in replay order.
+    rows = [afd_row(f"ev-{i}", f"2022-11-07T00:00:{i:02d}Z") for i in range(10)]
+    return write_csv(tmp_path / "ten.csv", rows[5:] + rows[:5])
+
+
+def test_replay_resumes_after_last_acknowledged_row(tmp_path: Path, settings: Settings) -> None:
+    path = ten_rows(tmp_path)
+    first = FakeProducer(ack=lambda n: n != 4)  # message 4 fails; 5.. are acknowledged anyway
+    result = replay(settings, path, first)
+    assert (result.stats.acked, result.stats.failed) == (9, 1)
+    assert result.last_acked_index == 3 and not result.complete
+    assert load_state(result.state_file).last_acked_index == 3  # type: ignore[union-attr]
+
+    second = FakeProducer()
+    result = replay(settings, path, second)
+    assert second.ids == [f"ev-{i}" for i in range(4, 10)]  # from the failed row on, nothing skipped
+    assert result.start_index == 4 and result.complete
+
+
+def test_killed_replay_restarts_with_no_row_skipped(tmp_path: Path, settings: Settings) -> None:
+    """Whatever instant the process dies, the state on disk claims only acknowledged rows."""
+    path = ten_rows(tmp_path)
+    state_file = settings.stack_dir / "replay" / "ten.state.json"
+    on_disk_at_kill: list[str] = []
+
+    class Killed(BaseException):
+        pass
+
+    def kill_at_7(n: int) -> None:
+        if n == 7:
+            on_disk_at_kill.append(state_file.read_text())
+            raise Killed
+
+    first = FakeProducer(ack=lambda n: None if n % 3 == 2 else True, on_produce=kill_at_7)  # 2, 5 unanswered
+    with pytest.raises(Killed):
+        replay(settings, path, first, checkpoint_interval_s=0)
+    state_file.write_text(on_disk_at_kill[0])  # the process died here: no final save
+    assert json.loads(on_disk_at_kill[0])["last_acked_index"] == 1  # 0 and 1 acked, 2 never was
+
+    second = FakeProducer()
+    replay(settings, path, second)
+    assert second.ids == [f"ev-{i}" for i in range(2, 10)]
+
+
+def test_from_start_ignores_saved_progress(tmp_path: Path, settings: Settings) -> None:
+    path = ten_rows(tmp_path)
+    replay(settings, path, FakeProducer())
+    again = FakeProducer()
+    assert replay(settings, path, again).stats.sent == 0  # already complete
+    result = replay(settings, path, again, from_start=True)
+    assert again.ids == [f"ev-{i}" for i in range(10)] and result.complete
+
+
+def test_state_of_a_changed_file_is_refused(tmp_path: Path, settings: Settings) -> None:
+    path = ten_rows(tmp_path)
+    replay(settings, path, FakeProducer(ack=lambda n: n < 5))
+    write_csv(path, [afd_row("other")])
+    with pytest.raises(ReplayStateError, match="--from-start"):
+        replay(settings, path, FakeProducer())
+
+
+def test_state_file_is_written_atomically_where_configured(tmp_path: Path, settings: Settings) -> None:
+    path = ten_rows(tmp_path)
+    state_file = tmp_path / "elsewhere" / "progress.json"
+    replay(settings, path, FakeProducer(), state_file=state_file)
+    assert [p.name for p in state_file.parent.iterdir()] == ["progress.json"]  # no temp file left over
+    state = json.loads(state_file.read_text())
+    assert state["csv"] == "ten.csv" and state["total_rows"] == 10 and state["last_acked_index"] == 9
+    assert len(state["sha256"]) == 64
+    assert not (settings.stack_dir / "replay").exists()
+
+
+def test_replay_csv_command_reports_progress_and_exit_code(
+    tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = ten_rows(tmp_path)
+    fake = FakeProducer()
+    monkeypatch.setattr(pos, "make_producer", lambda s: fake)
+    args = ["replay-csv", str(path), "--state-file", str(tmp_path / "s.json"), "--no-progress"]
+    result = CliRunner().invoke(pos.app, args)
+    assert result.exit_code == 0, result.output
+    assert len(fake.ids) == 10
+    path.write_text("EVENT_ID\nx\n")
+    assert CliRunner().invoke(pos.app, args).exit_code == 2
+
+
+# ---------------------------------------------------------------------------- the shared sample
+
+
+@needs_sample
+def test_every_sample_row_maps_and_labels_match_the_data_readme() -> None:
+    rows = read_rows(SAMPLE)
+    txs = [row_to_transaction(r.data) for r in rows]
+    assert len(txs) == 1287
+    assert Counter(tx.label for tx in txs) == {None: 801, 0: 429, 1: 57}
+    assert len({tx.transaction_id for tx in txs}) == len(txs)
+    assert not any(tx.store_id.startswith("fraud") for tx in txs)
+
+
+@needs_sample
+def test_sample_replays_in_event_time_order_once(settings: Settings) -> None:
+    fake = FakeProducer()
+    result = replay(settings, SAMPLE, fake)
+    times = [PosTransaction.decode(v).event_time for v in fake.values]
+    assert len(times) == 1287 and times == sorted(times)
+    assert result.complete and not result.skipped
+    assert [r.data["EVENT_ID"] for r in replay_order(read_rows(SAMPLE))] == fake.ids

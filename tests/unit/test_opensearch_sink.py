@@ -1,0 +1,239 @@
+"""The OpenSearch sink's pure pieces: actions, dead letters, offsets, backoff, templates, bulk answers."""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+import pytest
+from confluent_kafka import Message
+from opensearchpy.exceptions import ConnectionError as OpenSearchConnectionError
+from opensearchpy.serializer import JSONSerializer
+
+from schemas.codec import load_schemas
+from schemas.records import Alert, DeadLetter, ScoredTransaction
+from sinks.opensearch_sink import (
+    ROUTES,
+    Backoff,
+    IndexAction,
+    bulk_once,
+    default_group_id,
+    is_retriable,
+    load_template,
+    offsets_to_commit,
+    to_actions,
+)
+
+PREFIX = "bt."
+
+
+def scored(transaction_id: str = "tx-1", **overrides: Any) -> ScoredTransaction:
+    values: dict[str, Any] = dict(
+        transaction_id=transaction_id, event_time=1_700_000_000_000, store_id="S1", lane_id="L2",
+        kind="SALE", amount=12.5, currency="USD", item_count=2, customer_key="card:abc",
+        outcome="APPROVE", risk_score=10, reasons=("velocity",), rules_version="builtin-v1",
+        ingest_time=1_700_000_000_050, decided_at=1_700_000_000_080, proc_time_ms=20,
+        model_time_ms=5, ttdf_ms=80, indicators={"velocity": 1.0},
+    )
+    values.update(overrides)
+    return ScoredTransaction(**values)
+
+
+def alert(alert_id: str = "alert-1") -> Alert:
+    return Alert(alert_id=alert_id, kind="BLOCKED_TRANSACTION", severity="high", event_time=1_700_000_000_000,
+                 store_id="S1", summary="blocked", transaction_id="tx-1", reasons=("velocity",))
+
+
+def message(topic: str, value: bytes | None, partition: int = 0, offset: int = 0,
+            key: bytes | None = None) -> Message:
+    return Message(topic=topic, partition=partition, offset=offset, key=key, value=value)
+
+
+def tx_topic() -> str:
+    return f"{PREFIX}processed_transactions"
+
+
+def test_actions_use_the_business_key_as_id_and_the_prefixed_index() -> None:
+    batch = [
+        message(tx_topic(), scored("tx-42").encode(), offset=1),
+        message(f"{PREFIX}alerts", alert("alert-7").encode(), offset=2),
+    ]
+    actions, dead = to_actions(batch, index_prefix="backtest", topic_prefix=PREFIX)
+    assert dead == []
+    assert [(a.op["_op_type"], a.op["_index"], a.op["_id"]) for a in actions] == [
+        ("index", "backtest-transactions", "tx-42"),
+        ("index", "backtest-alerts", "alert-7"),
+    ]
+    assert actions[0].op["_source"]["reasons"] == ["velocity"]
+    assert actions[0].op["_source"]["indicators"] == {"velocity": 1.0}
+
+
+def test_undecodable_message_becomes_a_dead_letter_with_the_reason() -> None:
+    bad = message(tx_topic(), b"not avro at all", partition=1, offset=7, key=b"k1")
+    actions, dead = to_actions([bad], index_prefix="cg", topic_prefix=PREFIX, now_ms=123)
+    assert actions == []
+    assert dead == [DeadLetter(
+        dead_letter_id=f"{tx_topic()}:1:7", source_topic=tx_topic(), partition=1, offset=7,
+        payload=b"not avro at all", key=b"k1", error_kind="not_avro",
+        reason="not an Avro single-object message (missing C3 01 header)", stage="opensearch-sink", failed_at=123,
+    )]
+
+
+def test_record_of_the_wrong_type_and_empty_message_are_dead_lettered() -> None:
+    batch = [message(tx_topic(), alert().encode(), offset=0), message(tx_topic(), None, offset=1)]
+    _, dead = to_actions(batch, index_prefix="cg", topic_prefix=PREFIX)
+    assert [d.error_kind for d in dead] == ["wrong_type", "empty"]
+
+
+def test_empty_business_key_is_dead_lettered_instead_of_indexed() -> None:
+    _, dead = to_actions([message(tx_topic(), scored(" ").encode())], index_prefix="cg", topic_prefix=PREFIX)
+    assert [(d.error_kind, d.reason) for d in dead] == [("missing_field", "transaction_id is empty")]
+
+
+def test_replay_within_one_batch_keeps_one_action_with_the_latest_version() -> None:
+    batch = [
+        message(tx_topic(), scored("tx-1", risk_score=10).encode(), offset=0),
+        message(tx_topic(), scored("tx-2").encode(), offset=1),
+        message(tx_topic(), scored("tx-1", risk_score=90).encode(), offset=2),
+    ]
+    actions, _ = to_actions(batch, index_prefix="cg", topic_prefix=PREFIX)
+    assert [(a.doc_id, a.op["_source"]["risk_score"]) for a in actions] == [("tx-2", 10), ("tx-1", 90)]
+
+
+def test_non_finite_numbers_are_indexed_as_null_because_json_cannot_carry_them() -> None:
+    record = scored(amount=float("nan"), indicators={"zscore": float("inf"), "velocity": 2.0})
+    actions, _ = to_actions([message(tx_topic(), record.encode())], index_prefix="cg", topic_prefix=PREFIX)
+    source = actions[0].op["_source"]
+    assert source["amount"] is None
+    assert source["indicators"] == {"zscore": None, "velocity": 2.0}
+    json.dumps(source, allow_nan=False)
+
+
+def test_commit_offsets_are_the_last_offset_plus_one_per_partition() -> None:
+    batch = [
+        message("a", b"", partition=0, offset=5), message("a", b"", partition=1, offset=9),
+        message("a", b"", partition=0, offset=7), message("b", b"", partition=0, offset=0),
+        message("a", b"", partition=0, offset=6),
+    ]
+    assert [(tp.topic, tp.partition, tp.offset) for tp in offsets_to_commit(batch)] == [
+        ("a", 0, 8), ("a", 1, 10), ("b", 0, 1),
+    ]
+
+
+def test_sinks_of_different_topic_prefixes_get_different_consumer_groups() -> None:
+    assert default_group_id("") == "checkout-guard-opensearch"
+    assert default_group_id("backtest.") == "backtest.checkout-guard-opensearch"
+
+
+def test_backoff_doubles_and_stays_within_its_bound() -> None:
+    backoff, rng = Backoff(initial_s=0.5, maximum_s=30.0), random.Random(7)
+    for attempt in range(200):
+        cap = min(30.0, 0.5 * 2 ** min(attempt, 30))
+        delay = backoff.delay(attempt, rng)
+        assert cap / 2 <= delay <= cap
+    assert backoff.delay(10_000, rng) <= 30.0
+
+
+def test_backoff_is_jittered_so_sinks_do_not_retry_in_step() -> None:
+    delays = {round(Backoff(1.0, 60.0).delay(4, random.Random(seed)), 6) for seed in range(20)}
+    assert len(delays) > 10
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=lambda r: r.kind)
+def test_template_maps_every_schema_field_strictly(route: Any) -> None:
+    template = load_template(route.kind, "backtest")
+    assert template["index_patterns"] == [f"backtest-{route.kind}"]
+    settings = template["template"]["settings"]["index"]
+    assert (settings["number_of_shards"], settings["number_of_replicas"], settings["refresh_interval"]) == (1, 0, "1s")
+    mappings = template["template"]["mappings"]
+    assert mappings["dynamic"] == "strict"
+    schema = next(s for s in load_schemas().values() if s.short_name == route.topic.record_type)
+    avro_fields = {f["name"] for f in json.loads(schema.path.read_text())["fields"]}
+    assert set(mappings["properties"]) == avro_fields
+    assert mappings["properties"][route.id_field] == {"type": "keyword"}
+    for name in ("event_time", "decided_at", "ingest_time"):
+        if name in avro_fields:
+            assert mappings["properties"][name] == {"type": "date", "format": "epoch_millis"}
+
+
+def test_indicators_map_to_doubles_so_dashboards_can_aggregate_them() -> None:
+    mappings = load_template("transactions", "cg")["template"]["mappings"]
+    assert mappings["properties"]["indicators"] == {"type": "object", "dynamic": True}
+    dynamic = [next(iter(t.values())) for t in mappings["dynamic_templates"]]
+    assert {(t["path_match"], t["mapping"]["type"]) for t in dynamic} == {("indicators.*", "double")}
+
+
+@pytest.mark.parametrize(("status", "error_type", "retriable"), [
+    (429, "es_rejected_execution_exception", True),
+    (503, "unavailable_shards_exception", True),
+    (500, "internal_server_error", True),
+    (403, "cluster_block_exception", True),
+    (400, "mapper_parsing_exception", False),
+    (400, "strict_dynamic_mapping_exception", False),
+    ("N/A", None, True),
+])
+def test_only_cluster_trouble_is_retried(status: Any, error_type: str | None, retriable: bool) -> None:
+    assert is_retriable(status, error_type) is retriable
+
+
+class FakeBulkClient:
+    """Answers bulk requests from a script; enough of the client surface for ``streaming_bulk``."""
+
+    class _Transport:
+        serializer = JSONSerializer()
+
+    transport = _Transport()
+
+    def __init__(self, *answers: Any) -> None:
+        self.answers = list(answers)
+        self.requests: list[list[dict[str, Any]]] = []
+
+    def bulk(self, body: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        lines = [json.loads(line) for line in body.splitlines() if line]
+        self.requests.append(lines)
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        ids = [line["index"]["_id"] for line in lines[::2]]
+        return {"errors": True, "items": [{"index": {"_id": i, **answer.get(i, {"status": 201})}} for i in ids]}
+
+
+def actions_for(*ids: str) -> list[IndexAction]:
+    batch = [message(tx_topic(), scored(i).encode(), offset=n) for n, i in enumerate(ids)]
+    return to_actions(batch, index_prefix="cg", topic_prefix=PREFIX)[0]
+
+
+def test_bulk_round_retries_throttled_documents_and_dead_letters_rejected_ones() -> None:
+    client = FakeBulkClient({
+        "tx-2": {"status": 429, "error": {"type": "es_rejected_execution_exception", "reason": "queue full"}},
+        "tx-3": {"status": 400, "error": {"type": "mapper_parsing_exception", "reason": "bad field",
+                                          "caused_by": {"reason": "detail"}}},
+    })
+    pending = actions_for("tx-1", "tx-2", "tx-3")
+    result = bulk_once(client, pending)  # type: ignore[arg-type]
+    assert result.acknowledged == 1
+    assert [a.doc_id for a in result.retry] == ["tx-2"]
+    assert [(d.dead_letter_id, d.error_kind) for d in result.rejected] == [
+        (f"{tx_topic()}:0:2", "opensearch_rejected"),
+    ]
+    assert result.rejected[0].reason == "OpenSearch 400 mapper_parsing_exception: bad field (caused by: detail)"
+    assert result.problem == "429 es_rejected_execution_exception"
+
+
+def test_bulk_round_keeps_the_whole_batch_when_opensearch_is_unreachable() -> None:
+    client = FakeBulkClient(OpenSearchConnectionError("N/A", "connection refused", OSError("refused")))
+    pending = actions_for("tx-1", "tx-2")
+    result = bulk_once(client, pending)  # type: ignore[arg-type]
+    assert result.acknowledged == 0
+    assert result.retry == pending
+    assert result.rejected == []
+    assert result.problem is not None and "ConnectionError" in result.problem
+
+
+def test_bulk_round_keeps_only_unsent_chunks_when_a_later_chunk_fails() -> None:
+    client = FakeBulkClient({}, OpenSearchConnectionError("N/A", "reset", OSError("reset")))
+    pending = actions_for("tx-1", "tx-2", "tx-3")
+    result = bulk_once(client, pending, chunk_size=2)  # type: ignore[arg-type]
+    assert result.acknowledged == 2
+    assert [a.doc_id for a in result.retry] == ["tx-3"]
