@@ -266,16 +266,6 @@ def fixed_rate_latency(settings: Settings, rate: int, seconds: int) -> dict:
     }
 
 
-def _bench_settings(base: Settings, run: str) -> Settings:
-    return base.model_copy(update={
-        "kafka": base.kafka.model_copy(update={"topic_prefix": f"bench{run}."}),
-        "opensearch": base.opensearch.model_copy(update={"index_prefix": f"bench{run}"}),
-        "job": base.job.model_copy(update={
-            "checkpoint_dir": base.stack_dir / "bench" / run / "checkpoints", "consumer_group": f"bench{run}",
-        }),
-    })
-
-
 def _cleanup(settings: Settings) -> None:
     from confluent_kafka.admin import AdminClient
 
@@ -291,7 +281,7 @@ def run(records: int, rate: int, seconds: int, keep: bool, settings: Settings | 
     base = settings or get_settings()
     up(base)
     run_id = time.strftime("%H%M%S") + uuid.uuid4().hex[:4]
-    settings = _bench_settings(base, run_id)
+    settings = base.isolated(f"bench{run_id}", base.stack_dir / "bench" / run_id / "checkpoints")
     ensure_topics(settings)
     gen = PosGenerator(seed=7, stores=8, customers=50_000, fraud_share=0.03, tx_per_second=200)
     txs = [next(gen) for _ in range(records)]

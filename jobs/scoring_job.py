@@ -34,6 +34,7 @@ from pyflink.datastream.state import MapStateDescriptor
 from pyflink.table import StreamTableEnvironment
 
 from infra.settings import REPO_ROOT, Settings, get_settings
+from infra.stack import flink_connector_jars
 from jobs.scoring import CUSTOMERS, RECEIPTS, STORES, Scorer, ScoringState
 from schemas.topics import ALERTS, DEAD_LETTERS, SCORED_TRANSACTIONS, TRANSACTIONS
 
@@ -135,19 +136,11 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     return best[1] if best else None
 
 
-def connector_jars(settings: Settings) -> list[Path]:
-    """The Kafka connector jar(s) that ``make setup`` put under the stack's lib folder."""
-    jars = sorted((settings.stack_dir / "lib" / "flink").glob("flink-sql-connector-kafka-*.jar"))
-    if not jars:
-        raise FileNotFoundError("flink-sql-connector-kafka jar missing: run `make setup` first")
-    return jars
-
-
 def flink_configuration(settings: Settings, restore_from: Path | None) -> Configuration:
     job = settings.job
     conf = Configuration()
     values = {
-        "pipeline.jars": ";".join(jar.resolve().as_uri() for jar in connector_jars(settings)),
+        "pipeline.jars": ";".join(jar.resolve().as_uri() for jar in flink_connector_jars(settings)),
         "pipeline.name": "checkout-guard-scoring",
         "parallelism.default": str(job.parallelism),
         "python.executable": sys.executable,

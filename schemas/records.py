@@ -7,9 +7,16 @@ reverse. Timestamps are epoch milliseconds (UTC) everywhere.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from functools import cache
 from typing import Any, ClassVar, Self
 
 from schemas.codec import codec
+
+
+@cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    """Field names per record class, computed once (``dataclasses.fields`` is slow per call)."""
+    return tuple(f.name for f in fields(cls))
 
 
 class Record:
@@ -19,12 +26,9 @@ class Record:
     _NESTED: ClassVar[dict[str, type]] = {}
 
     def to_avro(self) -> dict[str, Any]:
-        out = {}
-        for f in fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            if f.name in self._NESTED:
-                value = [v.to_avro() for v in value]
-            out[f.name] = value
+        out = {name: getattr(self, name) for name in _field_names(type(self))}
+        for name in self._NESTED:
+            out[name] = [v.to_avro() for v in out[name]]
         return out
 
     @classmethod

@@ -50,15 +50,7 @@ class Traffic:
 
 
 def _settings(stack: Settings, tmp_path) -> Settings:
-    run = uuid.uuid4().hex[:8]
-    return stack.model_copy(update={
-        "kafka": stack.kafka.model_copy(update={"topic_prefix": f"e2e{run}."}),
-        "opensearch": stack.opensearch.model_copy(update={"index_prefix": f"e2e{run}"}),
-        "job": stack.job.model_copy(update={
-            "checkpoint_dir": tmp_path / "checkpoints", "checkpoint_interval_ms": 1000,
-            "consumer_group": f"e2e{run}-scoring",
-        }),
-    })
+    return stack.isolated(f"e2e{uuid.uuid4().hex[:8]}", tmp_path / "checkpoints", checkpoint_interval_ms=1000)
 
 
 def _produce(settings: Settings, traffic: Traffic, txs, bad_every: int, bad_kinds) -> None:
