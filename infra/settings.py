@@ -56,6 +56,8 @@ class MqttSettings(BaseModel, frozen=True):
 class JobSettings(BaseModel, frozen=True):
     parallelism: int = 1
     checkpoint_interval_ms: int = 2000
+    state_backend: str = "rocksdb"
+    """``rocksdb`` (incremental checkpoints: cost follows the changes, not the state size) or ``hashmap``."""
     checkpoint_dir: Path | None = None
     """Durable checkpoint storage; defaults to ``<stack dir>/flink/checkpoints``."""
     consumer_group: str = "checkout-guard-scoring"

@@ -5,8 +5,8 @@ dead-lettered with their topic/partition/offset and the reason).
 Outputs: one ``ScoredTransaction`` per transaction (key = transaction id), an ``Alert`` per block
 (key = alert id), ``DeadLetter`` records (key = ``topic:partition:offset``).
 
-Only wiring lives here; the logic is in :mod:`jobs.scoring` (pure). Delivery: checkpoints every
-``job.checkpoint_interval_ms`` (state + source offsets); the Kafka sink is at-least-once and every
+Only wiring lives here; the logic is in :mod:`jobs.scoring` (pure). Delivery: incremental RocksDB
+checkpoints every ``job.checkpoint_interval_ms`` (state + source offsets); the Kafka sink is at-least-once and every
 output carries a deterministic key, so consumers are idempotent by key (OpenSearch ``_id``, alert
 dedup key) and a crash doubles nothing downstream. On start the job resumes from the newest retained
 checkpoint, so its keyed state (receipts, store activity, customer history) survives ``SIGKILL``.
@@ -153,7 +153,8 @@ def flink_configuration(settings: Settings, restore_from: Path | None) -> Config
         "execution.checkpointing.dir": settings.checkpoint_dir.resolve().as_uri(),
         "execution.checkpointing.externalized-checkpoint-retention": "RETAIN_ON_CANCELLATION",
         "execution.checkpointing.num-retained": "3",
-        "state.backend.type": "hashmap",
+        "state.backend.type": job.state_backend,
+        "execution.checkpointing.incremental": "true",
         "restart-strategy.type": "exponential-delay",
         "taskmanager.memory.process.size": job.taskmanager_process_memory,
         "taskmanager.memory.managed.size": "256m",
