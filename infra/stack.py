@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 import httpx
 import psutil
 import typer
-from confluent_kafka import KafkaException
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
 from infra.settings import Settings, get_settings
@@ -629,6 +629,26 @@ def describe_topics(settings: Settings) -> dict[str, dict]:
     return out
 
 
+def _wait_group_coordinator(settings: Settings, timeout_s: float = START_TIMEOUT_S) -> None:
+    """Block until the broker serves consumer groups: on a fresh broker the first group request
+    creates ``__consumer_offsets`` and answers NOT_COORDINATOR until its partitions are loaded."""
+    probe = Consumer({**settings.kafka.client_config(), "group.id": "checkout-guard-stack-probe",
+                      "enable.auto.commit": False})
+    topic = ALL_TOPICS[0].full_name(settings.kafka.topic_prefix)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                probe.committed([TopicPartition(topic, 0)], timeout=10)
+                return
+            except KafkaException as exc:
+                if not exc.args[0].retriable() or time.monotonic() > deadline:
+                    raise StackError(f"Kafka does not serve consumer groups: {exc}") from exc
+                time.sleep(0.5)
+    finally:
+        probe.close()
+
+
 def up(settings: Settings) -> dict:
     """Start whatever is not running (in parallel), wait until healthy, create missing topics.
 
@@ -649,6 +669,7 @@ def up(settings: Settings) -> dict:
         if errors:
             raise StackError("\n\n".join(errors))
         ensure_topics(settings)
+        _wait_group_coordinator(settings)
     log.info("stack up in %.1fs (data and logs in %s)", time.monotonic() - t0, paths.root)
     return status(settings)
 

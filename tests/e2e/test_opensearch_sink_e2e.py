@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from opensearchpy import OpenSearch
 
@@ -146,13 +146,25 @@ def alerts(n: int) -> list[Alert]:
     ]
 
 
+def _committed(probe: Consumer, partitions: list[TopicPartition], attempts: int = 10) -> list[TopicPartition]:
+    """``committed()``, retried while a freshly started broker is still electing its coordinator."""
+    for attempt in range(attempts):
+        try:
+            return probe.committed(partitions, timeout=10)
+        except KafkaException as exc:
+            if attempt == attempts - 1 or not exc.args[0].retriable():
+                raise
+            time.sleep(0.5)
+    raise AssertionError("unreachable")
+
+
 def committed_and_end(box: Sandbox) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], int]]:
     """The group's committed offsets and the end offsets of the sink's input partitions."""
     probe = Consumer({**box.settings.kafka.client_config(), "group.id": box.group_id,
                       "enable.auto.commit": False})
     try:
         partitions = [TopicPartition(box.topic(spec), p) for spec in (SCORED_TRANSACTIONS, ALERTS) for p in range(3)]
-        committed = {(tp.topic, tp.partition): tp.offset for tp in probe.committed(partitions, timeout=10)}
+        committed = {(tp.topic, tp.partition): tp.offset for tp in _committed(probe, partitions)}
         end = {(tp.topic, tp.partition): probe.get_watermark_offsets(tp, timeout=10)[1] for tp in partitions}
         return committed, end
     finally:
