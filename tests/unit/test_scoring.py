@@ -215,3 +215,11 @@ def test_old_receipts_expire_and_their_removal_is_persisted():
     p.decision(sale("new", at_s=later, card="card-B"))
     assert "old" not in p.state.receipts and ("receipts", "old") not in p.persisted
     assert "new" in p.state.receipts
+
+
+def test_event_stamped_a_day_after_the_broker_received_it_is_rejected():
+    data = sale("t1", at_s=2 * 86400).encode()
+    with pytest.raises(InvalidRecord) as err:
+        parse_transaction(data, T0, 1 << 20)
+    assert err.value.kind == "invalid_timestamp"
+    assert parse_transaction(sale("t2", at_s=3600).encode(), T0, 1 << 20)["transaction_id"] == "t2"
