@@ -43,12 +43,6 @@ class Child:
             self.kill(signal.SIGKILL)
             return self.proc.wait(10)
 
-    def tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return ""
-
 
 def spawn(module: str, settings: Settings, *args: str, name: str | None = None) -> Child:
     """Run ``python -m <module> [args]`` with ``settings`` passed down as ``CG_*`` variables."""

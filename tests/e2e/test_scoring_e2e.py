@@ -87,23 +87,18 @@ def _dead_letters(settings: Settings, expected: int) -> dict[str, dict]:
     })
     consumer.subscribe([DEAD_LETTERS.full_name(settings.kafka.topic_prefix)])
     seen: dict[str, dict] = {}
-    copies = 0
-    try:
-        def enough():
-            nonlocal copies
-            for msg in consumer.consume(500, timeout=0.5):
-                if msg.error() is None:
-                    record = codec("DeadLetter").decode(msg.value())
-                    assert msg.key().decode() == record["dead_letter_id"]
-                    seen[record["dead_letter_id"]] = record
-                    copies += 1
-            return len(seen) >= expected
-        wait_for(enough, timeout=120, what=f"{expected} dead letters")
-        # Anything more that is still on its way must show up too.
-        for msg in consumer.consume(500, timeout=2.0):
+
+    def read(timeout: float) -> bool:
+        for msg in consumer.consume(500, timeout=timeout):
             if msg.error() is None:
                 record = codec("DeadLetter").decode(msg.value())
+                assert msg.key().decode() == record["dead_letter_id"]
                 seen[record["dead_letter_id"]] = record
+        return len(seen) >= expected
+
+    try:
+        wait_for(lambda: read(0.5), timeout=120, what=f"{expected} dead letters")
+        read(2.0)  # anything more still on its way must show up too
     finally:
         consumer.close()
     return seen
