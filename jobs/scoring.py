@@ -7,18 +7,19 @@ Steps, in order:
 1. :meth:`Scorer.parse` — bytes -> transaction, or a dead letter.
 2. :meth:`Scorer.by_receipt` — keyed by receipt: duplicate drop, sale/return matching.
 3. :meth:`Scorer.by_store` — keyed by store: return bursts.
-4. :meth:`Scorer.by_customer` — keyed by customer: velocity, habit, model, face, rules -> outputs.
+4. :meth:`Scorer.observe` — keyed by customer: velocity, habit; completes the indicators.
+5. :meth:`Scorer.decide_batch` — model (batched), face result and rules -> scored rows and alerts.
 
-:meth:`Scorer.score` runs 2-4 against a :class:`ScoringState` (the three keyed maps) and says which
-entries changed, so the job can persist exactly those. Between steps a transaction travels as an
-:data:`Envelope`: ``(tx, indicators, ingest_time_ms)``.
+:meth:`Scorer.observe` runs 2-4 against a :class:`ScoringState` (the three keyed maps) and says which
+entries changed, so the job can persist exactly those; :meth:`Scorer.score` is 2-5 for one record.
+Between steps a transaction travels as an :data:`Envelope`: ``(tx, indicators, ingest_time_ms)``.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,10 +74,14 @@ class ScoringState:
 
 
 class Predictor:
-    """Seam for the fraud model (its own issue): score a transaction 0-1000 given its indicators."""
+    """Seam for the fraud model: scores 0-1000 for a batch of (transaction, indicators).
 
-    def predict(self, tx: dict[str, Any], indicators: dict[str, float]) -> ModelResult:
-        return ModelResult()
+    Batched because a model call has a fixed cost (a vectorised tree walk, a network round trip)
+    that a per-record loop pays once per transaction. This base class means "no model".
+    """
+
+    def predict_batch(self, items: Sequence[tuple[dict[str, Any], dict[str, float]]]) -> list[ModelResult]:
+        return [ModelResult() for _ in items]
 
 
 class FaceLookup:
@@ -125,14 +130,18 @@ class Scorer:
             return (self.dlq_topic, dl.dead_letter_id.encode(), dl.encode())
         return (tx, transaction_indicators(tx, self.rules), ingest_ms)
 
-    def score(self, env: Envelope, state: ScoringState) -> tuple[list[OutRow], list[Write]]:
-        """Steps 2-4 for one transaction: output rows, and the state entries to persist."""
+    def observe(self, env: Envelope, state: ScoringState) -> tuple[Envelope | None, list[Write]]:
+        """Steps 2-4's state part for one transaction: update the keyed state, complete its indicators.
+
+        ``None`` for a duplicate. This is the one feature path: the job runs it on Flink state, the
+        ``train``/``backtest`` commands run it on a :class:`ScoringState` built from history.
+        """
         tx = env[0]
         rk = receipt_key(tx)
         known = rk in state.receipts
         receipt, out = self.by_receipt(state.receipts.get(rk), env)
         if out is None:
-            return [], []
+            return None, []
         state.receipts[rk] = receipt
         if not known:
             state.receipt_order.append((receipt.event_time or tx["event_time"], rk))
@@ -143,12 +152,43 @@ class Scorer:
         if new_store or tx["kind"] == "RETURN":  # sales leave a known store's activity as it was
             writes.append((STORES, sk, state.stores[sk]))
         ck = customer_key(tx)
-        profile, rows = self.by_customer(state.customers.get(ck), out)
+        profile = state.customers.get(ck) or CustomerProfile()
+        out[1].update(profile.observe(tx, self.rules))
         if not ck.startswith("anon:"):
             state.customers[ck] = profile
             writes.append((CUSTOMERS, ck, profile))
         writes.extend(state.expire_receipts(tx["event_time"], self.rules.receipt_retention_days * 86_400_000))
-        return rows, writes
+        return out, writes
+
+    def decide_batch(self, envs: Sequence[Envelope], faces: Sequence[FaceResult] | None = None) -> list[OutRow]:
+        """Model (one vectorised call for the batch), face result and rules -> scored rows and alerts."""
+        if not envs:
+            return []
+        faces = faces or [self.faces.lookup(env[0]) for env in envs]
+        before_model = self._now_ms()
+        models = self.predictor.predict_batch([(env[0], env[1]) for env in envs])
+        rows: list[OutRow] = []
+        for env, model, face in zip(envs, models, faces, strict=True):
+            rows.extend(self.decide(env, model, face, before_model))
+        return rows
+
+    def decide(self, env: Envelope, model: ModelResult, face: FaceResult, before_model: int) -> list[OutRow]:
+        tx, ind, ingest = env
+        decision = decide(tx, ind, model, face, self.rule_set)
+        decided_at = self._now_ms()
+        scored = self.scored_record(tx, ind, model, face, decision, ingest, before_model, decided_at)
+        rows: list[OutRow] = [(self.scored_topic, tx["transaction_id"].encode(), self._scored.encode(scored))]
+        if decision.outcome == "BLOCK":
+            alert = self.blocked_alert(tx, decision)
+            rows.append((self.alerts_topic, alert["alert_id"].encode(), self._alert.encode(alert)))
+        return rows
+
+    def score(self, env: Envelope, state: ScoringState) -> tuple[list[OutRow], list[Write]]:
+        """Steps 2-4 for one transaction: output rows, and the state entries to persist."""
+        out, writes = self.observe(env, state)
+        if out is None:
+            return [], []
+        return self.decide_batch([out]), writes
 
     # 2 ---------------------------------------------------------------------------------------
     def by_receipt(self, state: Receipt | None, env: Envelope) -> tuple[Receipt, Envelope | None]:
@@ -166,24 +206,6 @@ class Scorer:
         state = state or StoreActivity()
         env[1].update(state.observe(env[0], self.rules))
         return state, env
-
-    # 4 ---------------------------------------------------------------------------------------
-    def by_customer(self, state: CustomerProfile | None, env: Envelope) -> tuple[CustomerProfile, list[OutRow]]:
-        """Final indicators, model, face and rules; returns the scored row and any alert row."""
-        state = state or CustomerProfile()
-        tx, ind, ingest = env
-        ind.update(state.observe(tx, self.rules))
-        before_model = self._now_ms()
-        model = self.predictor.predict(tx, ind)
-        face = self.faces.lookup(tx)
-        decision = decide(tx, ind, model, face, self.rule_set)
-        decided_at = self._now_ms()
-        scored = self.scored_record(tx, ind, model, face, decision, ingest, before_model, decided_at)
-        rows: list[OutRow] = [(self.scored_topic, tx["transaction_id"].encode(), self._scored.encode(scored))]
-        if decision.outcome == "BLOCK":
-            alert = self.blocked_alert(tx, decision)
-            rows.append((self.alerts_topic, alert["alert_id"].encode(), self._alert.encode(alert)))
-        return state, rows
 
     def scored_record(
         self, tx: dict[str, Any], ind: dict[str, float], model: ModelResult, face: FaceResult,
