@@ -52,6 +52,8 @@ class Receipt:
     returned: float = 0.0
     seen: set[str] = field(default_factory=set)
     """Transaction ids already processed under this receipt, for de-duplication."""
+    sale_face: tuple[float, ...] | None = None
+    """The buyer's face embedding from the checkout snapshot (biometric: lives as long as the receipt)."""
 
     def observe(self, tx: Tx, cust_key: str, rules: RulesSettings) -> dict[str, float] | None:
         """Indicators for ``tx``; ``None`` if this exact transaction was already seen (a duplicate)."""

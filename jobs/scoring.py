@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from infra.settings import Settings
+from jobs.face_join import Seen
 from jobs.features import (
     CustomerProfile,
     Receipt,
@@ -160,35 +161,84 @@ class Scorer:
         writes.extend(state.expire_receipts(tx["event_time"], self.rules.receipt_retention_days * 86_400_000))
         return out, writes
 
-    def decide_batch(self, envs: Sequence[Envelope], faces: Sequence[FaceResult] | None = None) -> list[OutRow]:
-        """Model (one vectorised call for the batch), face result and rules -> scored rows and alerts."""
+    def decide_batch(
+        self, envs: Sequence[Envelope], faces: Sequence[FaceResult] | None = None,
+        seen: Sequence[Seen | None] | None = None, state: ScoringState | None = None,
+    ) -> tuple[list[OutRow], list[Write]]:
+        """Model (one vectorised call for the batch), face result and rules -> scored rows and alerts.
+
+        With ``seen`` (what the camera gave) and ``state``, a sale remembers its buyer's face and a
+        return is checked against it (seed 001's ``customer_mismatch`` by face).
+        """
         if not envs:
-            return []
-        faces = faces or [self.faces.lookup(env[0]) for env in envs]
+            return [], []
+        faces = faces or [s.face if s else self.faces.lookup(env[0]) for env, s in
+                          zip(envs, seen or [None] * len(envs), strict=True)]
+        seen = seen or [None] * len(envs)
         before_model = self._now_ms()
         models = self.predictor.predict_batch([(env[0], env[1]) for env in envs])
         rows: list[OutRow] = []
-        for env, model, face in zip(envs, models, faces, strict=True):
-            rows.extend(self.decide(env, model, face, before_model))
-        return rows
+        writes: list[Write] = []
+        for env, model, face, camera in zip(envs, models, faces, seen, strict=True):
+            if camera is not None and state is not None:
+                writes.extend(self.compare_faces(env, camera, state))
+            rows.extend(self.decide(env, model, face, before_model, camera))
+        return rows, writes
 
-    def decide(self, env: Envelope, model: ModelResult, face: FaceResult, before_model: int) -> list[OutRow]:
+    def compare_faces(self, env: Envelope, camera: Seen, state: ScoringState) -> list[Write]:
+        """Sale: keep the buyer's face on the receipt. Return: flag a returner who is not the buyer."""
+        tx, ind, _ = env
+        if camera.embedding is None:
+            return []
+        rk = receipt_key(tx)
+        receipt = state.receipts.get(rk)
+        if receipt is None:
+            return []
+        if tx["kind"] == "SALE" and receipt.sale_id == tx["transaction_id"]:
+            receipt.sale_face = camera.embedding
+            return [(RECEIPTS, rk, receipt)]
+        if tx["kind"] == "RETURN" and receipt.sale_face is not None:
+            from jobs.face_engine import similarity
+
+            sim = float(similarity(receipt.sale_face, camera.embedding))
+            ind["buyer_face_similarity"] = round(sim, 2)
+            if sim < self.settings.faces.match_threshold:
+                ind["customer_mismatch"] = 1.0
+        return []
+
+    def decide(
+        self, env: Envelope, model: ModelResult, face: FaceResult, before_model: int, camera: Seen | None = None,
+    ) -> list[OutRow]:
         tx, ind, ingest = env
         decision = decide(tx, ind, model, face, self.rule_set)
         decided_at = self._now_ms()
         scored = self.scored_record(tx, ind, model, face, decision, ingest, before_model, decided_at)
         rows: list[OutRow] = [(self.scored_topic, tx["transaction_id"].encode(), self._scored.encode(scored))]
+        snapshot = camera.image_ref if camera else None
         if decision.outcome == "BLOCK":
-            alert = self.blocked_alert(tx, decision)
+            alert = self.blocked_alert(tx, decision, face, snapshot)
+            rows.append((self.alerts_topic, alert["alert_id"].encode(), self._alert.encode(alert)))
+        if face.status == "MATCHED":
+            alert = self.watchlist_alert(tx["event_time"], tx["store_id"], tx["lane_id"], face, snapshot,
+                                         f"checkout:{tx['transaction_id']}", tx)
             rows.append((self.alerts_topic, alert["alert_id"].encode(), self._alert.encode(alert)))
         return rows
+
+    def entrance(self, obs: dict[str, Any], face: FaceResult) -> list[OutRow]:
+        """A watch-listed face at a store's entrance: "suspect entered store S" before any checkout."""
+        if face.status != "MATCHED":
+            return []
+        alert = self.watchlist_alert(obs["event_time"], obs["store_id"], obs.get("lane_id"), face,
+                                     obs.get("image_ref"), obs["observation_id"], None)
+        return [(self.alerts_topic, alert["alert_id"].encode(), self._alert.encode(alert))]
 
     def score(self, env: Envelope, state: ScoringState) -> tuple[list[OutRow], list[Write]]:
         """Steps 2-4 for one transaction: output rows, and the state entries to persist."""
         out, writes = self.observe(env, state)
         if out is None:
             return [], []
-        return self.decide_batch([out]), writes
+        rows, more = self.decide_batch([out], state=state)
+        return rows, writes + more
 
     # 2 ---------------------------------------------------------------------------------------
     def by_receipt(self, state: Receipt | None, env: Envelope) -> tuple[Receipt, Envelope | None]:
@@ -249,8 +299,11 @@ class Scorer:
         }
 
     @staticmethod
-    def blocked_alert(tx: dict[str, Any], decision: Decision) -> dict[str, Any]:
+    def blocked_alert(
+        tx: dict[str, Any], decision: Decision, face: FaceResult | None = None, snapshot_ref: str | None = None,
+    ) -> dict[str, Any]:
         reasons = ", ".join(decision.reasons) or "risk"
+        face = face or FaceResult()
         return {
             "alert_id": f"blocked:{tx['transaction_id']}",
             "kind": "BLOCKED_TRANSACTION",
@@ -264,12 +317,44 @@ class Scorer:
             "outcome": decision.outcome,
             "risk_score": decision.risk_score,
             "reasons": list(decision.reasons),
-            "subject_id": None,
-            "category": None,
-            "similarity": None,
-            "snapshot_ref": None,
+            "subject_id": face.subject_id,
+            "category": face.category,
+            "similarity": face.similarity,
+            "snapshot_ref": snapshot_ref,
             "summary": (
                 f"Blocked {tx['kind'].lower()} {tx['transaction_id']} of {tx['amount']:.2f} {tx['currency']} "
                 f"at {tx['store_id']} {tx['lane_id']}: risk {decision.risk_score} ({reasons})"
             ),
+        }
+
+    @staticmethod
+    def watchlist_alert(
+        event_time: int, store_id: str, lane_id: str | None, face: FaceResult, snapshot_ref: str | None,
+        seen_as: str, tx: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        """Suspect or VIP recognised at a checkout (``seen_as`` = ``checkout:<tx>``) or an entrance."""
+        suspect = face.category == "SUSPECT"
+        at_entrance = tx is None
+        kind = ("SUSPECT_ENTERED" if at_entrance else "WATCHLIST_MATCH") if suspect else "VIP_ARRIVED"
+        where = f"{store_id}" + (f" {lane_id}" if lane_id else "")
+        what = "Suspect" if suspect else "VIP"
+        how = "entered" if at_entrance else f"at checkout ({tx['transaction_id']})"
+        return {
+            "alert_id": f"watchlist:{seen_as}:{face.subject_id}",
+            "kind": kind,
+            "severity": "high" if suspect else "info",
+            "event_time": event_time,
+            "store_id": store_id,
+            "lane_id": lane_id,
+            "transaction_id": tx["transaction_id"] if tx else None,
+            "amount": tx["amount"] if tx else None,
+            "currency": tx["currency"] if tx else None,
+            "outcome": None,
+            "risk_score": None,
+            "reasons": [f"watchlist_{(face.category or '').lower()}"],
+            "subject_id": face.subject_id,
+            "category": face.category,
+            "similarity": face.similarity,
+            "snapshot_ref": snapshot_ref,
+            "summary": f"{what} {face.subject_id} {how} at {where}, similarity {face.similarity or 0:.1f}",
         }
