@@ -90,6 +90,54 @@ class RulesSettings(BaseModel, frozen=True):
     """How long a sale's receipt is remembered for matching returns."""
 
 
+class FaceSettings(BaseModel, frozen=True):
+    """Face engine, watchlist and image store (``CG_FACES__*``).
+
+    Similarity 0..100 maps from dlib's Euclidean descriptor distance ``d`` as
+    ``similarity = 100 * (1 - d / 1.2)`` clipped to 0..100: identical descriptors give 100 and
+    the published LFW operating point ``d = 0.6`` gives exactly 50; the default threshold is
+    stricter (measured on the shared face data, see the README "Faces CLI" section).
+    """
+
+    backend: str = "local"
+    """``local`` (dlib on this machine) or ``rekognition`` (AWS collections via boto3)."""
+    match_threshold: float = 55.0
+    """Similarity at or above which a face matches a watchlist subject (55 = dlib distance 0.54)."""
+    min_face_px: int = 40
+    """Shorter side of the detected box, in analysed-image pixels, below which a face is rejected."""
+    blur_threshold: float = 10.0
+    """Variance of the Laplacian of the aligned 150x150 grey face chip below which it is "blurry"
+    (sharp faces of the shared data: >= 14.6; blurred by 4 % of the face width: 90 % below 4.2)."""
+    max_pose_asymmetry: float = 0.5
+    """0 = frontal; |nose offset from the eye midpoint| / eye distance * 2 above this is "pose"."""
+    max_analysis_height: int = 480
+    max_analysis_width: int = 854
+    """Frames are downscaled to fit these before detection (HOG cost grows with pixels)."""
+    upsample_below_px: int = 520
+    """Images whose longer side is below this are upsampled once, so 40 px faces are found."""
+    pad_crops_below_px: int = 300
+    """Images (tight face crops) whose longer side is below this are padded before detection."""
+    max_image_bytes: int = 15 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    """Larger inputs are refused (decompression bombs, wrong content)."""
+    snapshot_retention_hours: float = 24.0
+    """Checkout/entrance snapshots that were not retained (no match, no alert) are purged after this."""
+    image_store: str = "local"
+    """``local`` (files under ``<stack dir>/images``) or ``s3``."""
+    aws_region: str = "us-east-1"
+    aws_endpoint_url: str | None = None
+    """S3 / Rekognition endpoint override (a local server in tests); ``None`` = AWS."""
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = None
+    checkout_bucket: str = "checkout-guard-checkout"
+    suspects_bucket: str = "checkout-guard-suspects"
+    rekognition_endpoint_url: str | None = None
+    """Rekognition endpoint override; defaults to ``aws_endpoint_url``."""
+    rekognition_collection: str = "checkout-guard-watchlist"
+    retention_purge_interval_s: float = 300.0
+    """How often the watchlist service runs the snapshot retention purge."""
+
+
 class Settings(BaseSettings):
     """Everything configurable. Frozen: build it once at the edge of a process and pass it down."""
 
@@ -102,6 +150,7 @@ class Settings(BaseSettings):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     job: JobSettings = Field(default_factory=JobSettings)
     rules: RulesSettings = Field(default_factory=RulesSettings)
+    faces: FaceSettings = Field(default_factory=FaceSettings)
     java_home: Path | None = None
     """JDK for Kafka, OpenSearch and Flink; found automatically when unset."""
 

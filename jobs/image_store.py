@@ -1,0 +1,226 @@
+"""Where snapshots and reference photos live: local files by default, S3 when configured.
+
+Refs are opaque strings (``file:<kind>/<key>`` or ``s3://<bucket>/<kind>/<key>``) that travel in
+records instead of image bytes. Checkout/entrance snapshots that matched nobody are biometric data
+we have no reason to keep: ``purge`` deletes them after the retention period unless ``retain`` was
+called (a match or an alert). Reference images (enrolled subjects) are never purged, only deleted
+by ``forget``. Nothing here logs image bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from infra.settings import Settings
+
+KINDS = ("checkout", "entrance", "reference")
+PURGEABLE = ("checkout", "entrance")
+_KEY_RE = re.compile(r"^[A-Za-z0-9_:@%-][A-Za-z0-9._:@%-]{0,254}$")
+
+
+def _check(kind: str, key: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown image kind {kind!r}")
+    if not _KEY_RE.match(key):
+        raise ValueError(f"bad image key {key!r}")
+
+
+def safe_key(key: str) -> str:
+    """Keys as file/object names: ids that are already safe stay readable, others are %-quoted."""
+    if _KEY_RE.match(key):
+        return key
+    quoted = quote(key, safe="").replace(".", "%2E")
+    if not quoted or len(quoted) > 255:
+        raise ValueError("image key empty or too long")
+    return quoted
+
+
+class ImageStore:
+    """Base: the ref scheme and the factory; subclasses hold the bytes."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ImageStore:
+        faces = settings.faces
+        if faces.image_store == "s3":
+            return S3ImageStore(settings)
+        if faces.image_store == "local":
+            return LocalImageStore(settings.stack_dir / "images")
+        raise ValueError(f"unknown image store {faces.image_store!r}: local | s3")
+
+    def put(self, kind: str, key: str, data: bytes) -> str:
+        raise NotImplementedError
+
+    def get(self, ref: str) -> bytes:
+        raise NotImplementedError
+
+    def find(self, kind: str, key: str) -> str | None:
+        raise NotImplementedError
+
+    def delete(self, ref: str) -> None:
+        raise NotImplementedError
+
+    def retain(self, ref: str, reason: str) -> None:
+        raise NotImplementedError
+
+    def purge(self, older_than_ms: int) -> int:
+        raise NotImplementedError
+
+
+class LocalImageStore(ImageStore):
+    """Files ``<root>/<kind>/<key>`` (mode 0600); a retained image gets a ``.<key>.retained`` marker."""
+
+    PREFIX = "file:"
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        for kind in KINDS:
+            (self.root / kind).mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def _path(self, ref: str) -> Path:
+        if not ref.startswith(self.PREFIX):
+            raise ValueError(f"not a local image ref: {ref!r}")
+        kind, _, key = ref[len(self.PREFIX):].partition("/")
+        _check(kind, key)
+        return self.root / kind / key
+
+    def put(self, kind: str, key: str, data: bytes) -> str:
+        """Write atomically (temp file + rename), so a reader never sees half an image."""
+        key = safe_key(key)
+        _check(kind, key)
+        path = self.root / kind / key
+        tmp = path.with_name(f".{key}.tmp{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+        return f"{self.PREFIX}{kind}/{key}"
+
+    def get(self, ref: str) -> bytes:
+        return self._path(ref).read_bytes()
+
+    def find(self, kind: str, key: str) -> str | None:
+        key = safe_key(key)
+        _check(kind, key)
+        return f"{self.PREFIX}{kind}/{key}" if (self.root / kind / key).is_file() else None
+
+    def delete(self, ref: str) -> None:
+        path = self._path(ref)
+        path.unlink(missing_ok=True)
+        path.with_name(f".{path.name}.retained").unlink(missing_ok=True)
+
+    def retain(self, ref: str, reason: str) -> None:
+        path = self._path(ref)
+        marker = path.with_name(f".{path.name}.retained")
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"reason": reason, "at": int(time.time() * 1000)}, fh)
+
+    def purge(self, older_than_ms: int) -> int:
+        """Delete un-retained checkout/entrance images written before ``older_than_ms`` (epoch ms)."""
+        n = 0
+        for kind in PURGEABLE:
+            for path in (self.root / kind).iterdir():
+                try:
+                    if path.name.startswith("."):
+                        if ".tmp" in path.name and path.stat().st_mtime * 1000 < older_than_ms:
+                            path.unlink(missing_ok=True)  # left by a crash mid-write
+                        continue
+                    if path.with_name(f".{path.name}.retained").exists():
+                        continue
+                    if path.stat().st_mtime * 1000 < older_than_ms:
+                        path.unlink()
+                        n += 1
+                except FileNotFoundError:
+                    continue
+        return n
+
+
+class S3ImageStore(ImageStore):
+    """Checkout/entrance snapshots in the checkout bucket, reference images in the suspects bucket.
+
+    Retention is an object tag ``retained=<reason>``; ``purge`` lists the purgeable prefixes and
+    deletes untagged objects older than the cut-off (an S3 lifecycle rule on the same tag is the
+    production equivalent, and can be added without code changes).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        import boto3
+
+        f = settings.faces
+        self.buckets = {"checkout": f.checkout_bucket, "entrance": f.checkout_bucket, "reference": f.suspects_bucket}
+        creds: dict[str, Any] = {}
+        if f.aws_access_key_id and f.aws_secret_access_key:
+            creds = {"aws_access_key_id": f.aws_access_key_id.get_secret_value(),
+                     "aws_secret_access_key": f.aws_secret_access_key.get_secret_value()}
+        self.s3 = boto3.client("s3", region_name=f.aws_region, endpoint_url=f.aws_endpoint_url, **creds)
+
+    def ensure_buckets(self) -> None:
+        """Create the buckets when missing (embedded/test setups; production provisions them)."""
+        existing = {b["Name"] for b in self.s3.list_buckets().get("Buckets", [])}
+        for bucket in set(self.buckets.values()) - existing:
+            self.s3.create_bucket(Bucket=bucket)
+
+    def _split(self, ref: str) -> tuple[str, str, str]:
+        if not ref.startswith("s3://"):
+            raise ValueError(f"not an S3 image ref: {ref!r}")
+        bucket, _, obj = ref[5:].partition("/")
+        kind, _, key = obj.partition("/")
+        _check(kind, key)
+        return bucket, obj, kind
+
+    def put(self, kind: str, key: str, data: bytes) -> str:
+        key = safe_key(key)
+        _check(kind, key)
+        bucket = self.buckets[kind]
+        self.s3.put_object(Bucket=bucket, Key=f"{kind}/{key}", Body=data, ServerSideEncryption="AES256")
+        return f"s3://{bucket}/{kind}/{key}"
+
+    def get(self, ref: str) -> bytes:
+        bucket, obj, _ = self._split(ref)
+        return self.s3.get_object(Bucket=bucket, Key=obj)["Body"].read()
+
+    def find(self, kind: str, key: str) -> str | None:
+        from botocore.exceptions import ClientError
+
+        key = safe_key(key)
+        _check(kind, key)
+        bucket = self.buckets[kind]
+        try:
+            self.s3.head_object(Bucket=bucket, Key=f"{kind}/{key}")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        return f"s3://{bucket}/{kind}/{key}"
+
+    def delete(self, ref: str) -> None:
+        bucket, obj, _ = self._split(ref)
+        self.s3.delete_object(Bucket=bucket, Key=obj)
+
+    def retain(self, ref: str, reason: str) -> None:
+        bucket, obj, _ = self._split(ref)
+        tag = re.sub(r"[^A-Za-z0-9 _.:/=+@-]", "_", reason)[:256] or "retained"
+        self.s3.put_object_tagging(Bucket=bucket, Key=obj, Tagging={"TagSet": [{"Key": "retained", "Value": tag}]})
+
+    def purge(self, older_than_ms: int) -> int:
+        cutoff = datetime.fromtimestamp(older_than_ms / 1000, tz=UTC)
+        n = 0
+        for kind in PURGEABLE:
+            bucket = self.buckets[kind]
+            for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{kind}/"):
+                for obj in page.get("Contents", []):
+                    if obj["LastModified"] >= cutoff:
+                        continue
+                    tags = self.s3.get_object_tagging(Bucket=bucket, Key=obj["Key"]).get("TagSet", [])
+                    if any(t["Key"] == "retained" for t in tags):
+                        continue
+                    self.s3.delete_object(Bucket=bucket, Key=obj["Key"])
+                    n += 1
+        return n
