@@ -138,6 +138,84 @@ class FaceSettings(BaseModel, frozen=True):
     """How often the watchlist service runs the snapshot retention purge."""
 
 
+class AlertSettings(BaseModel, frozen=True):
+    """The alert sender (sinks/alert_sender.py): channels, retries, the dedup ledger, message links."""
+
+    channels: str = "email,webex"
+    """Comma-separated channels every alert goes to: ``email``, ``webex``."""
+    email_transport: str = "smtp"
+    """``smtp`` (Settings.smtp) or ``ses`` (Amazon SES through boto3, region/endpoint below)."""
+    ses_region: str = "eu-west-1"
+    ses_endpoint_url: str | None = None
+    ledger_path: Path | None = None
+    """SQLite dedup ledger; defaults to ``<stack dir>/alerts/<topic prefix>ledger.sqlite3``."""
+    concurrency: int = 32
+    """Sends in flight per channel (50 ms per send x 32 ~ 600 alerts/s per channel)."""
+    max_pending_alerts: int = 5000
+    """Alerts fetched but not finished before the consumer stops fetching (bounds memory while a channel fails)."""
+    max_attempts: int = 8
+    """Failed tries (errors, 5xx, timeouts) before an alert's channel is dead-lettered; 429s do not count."""
+    deadline_s: float = 600.0
+    """An alert still undelivered on a channel this long after it was fetched is dead-lettered."""
+    retry_initial_s: float = 0.5
+    retry_max_s: float = 30.0
+    dashboard_link: str = "http://127.0.0.1:8050/alerts/{alert_id}"
+    """Link in every message; ``{alert_id}``, ``{transaction_id}``, ``{store_id}`` are filled in."""
+    timezone: str | None = None
+    """IANA zone for the times in messages (store local time); None = this machine's zone."""
+
+    def channel_list(self) -> tuple[str, ...]:
+        return tuple(c.strip().lower() for c in self.channels.split(",") if c.strip())
+
+
+class SmtpSettings(BaseModel, frozen=True):
+    """Outgoing mail. The default is the embedded stack's own SMTP server (mails kept under <stack dir>/mail)."""
+
+    host: str = "127.0.0.1"
+    port: int = 2525
+    starttls: bool = False
+    """Upgrade the connection with STARTTLS before authenticating (port 587 relays)."""
+    ssl: bool = False
+    """Implicit TLS from the first byte (port 465)."""
+    username: str | None = None
+    password: SecretStr | None = None
+    timeout_s: float = 10.0
+    from_address: str = "Checkout Guard <checkout-guard@localhost>"
+    to_addresses: str = "store-security@localhost"
+    """Comma-separated recipients (also used with SES)."""
+
+    def recipients(self) -> list[str]:
+        return [a.strip() for a in self.to_addresses.split(",") if a.strip()]
+
+
+class WebexSettings(BaseModel, frozen=True):
+    """Webex: the bot's token, the alert room, the webhook the bot receives (producers/webex_bot.py)."""
+
+    base_url: str = "https://webexapis.com/v1"
+    bot_token: SecretStr | None = None
+    room_id: str | None = None
+    """Room the alerts are posted to."""
+    webhook_secret: SecretStr | None = None
+    """Secret of the bot's webhook: every callback must carry X-Spark-Signature = HMAC-SHA1(body, secret)."""
+    public_url: str | None = None
+    """Where Webex reaches the bot (https://...); the bot registers its webhook there on start when set."""
+    allowed_rooms: str = ""
+    """Comma-separated room ids whose members may change the watchlist (fraud, vip, forget)."""
+    allowed_people: str = ""
+    """Comma-separated e-mails of people who may change the watchlist from any room."""
+    bot_host: str = "127.0.0.1"
+    bot_port: int = 8088
+    local_port: int = 8089
+    """Port of the local Webex API server (infra/local_webex.py) used by the demo and the tests."""
+    timeout_s: float = 10.0
+
+    def allowed_room_ids(self) -> frozenset[str]:
+        return frozenset(r.strip() for r in self.allowed_rooms.split(",") if r.strip())
+
+    def allowed_emails(self) -> frozenset[str]:
+        return frozenset(p.strip().lower() for p in self.allowed_people.split(",") if p.strip())
+
+
 class Settings(BaseSettings):
     """Everything configurable. Frozen: build it once at the edge of a process and pass it down."""
 
@@ -150,6 +228,9 @@ class Settings(BaseSettings):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     job: JobSettings = Field(default_factory=JobSettings)
     rules: RulesSettings = Field(default_factory=RulesSettings)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
+    smtp: SmtpSettings = Field(default_factory=SmtpSettings)
+    webex: WebexSettings = Field(default_factory=WebexSettings)
     faces: FaceSettings = Field(default_factory=FaceSettings)
     java_home: Path | None = None
     """JDK for Kafka, OpenSearch and Flink; found automatically when unset."""

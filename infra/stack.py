@@ -1,4 +1,4 @@
-"""The embedded local stack: Kafka (KRaft), OpenSearch and Mosquitto as plain background processes.
+"""The embedded local stack: Kafka (KRaft), OpenSearch, Mosquitto and a mail server as plain background processes.
 
 CLI: ``python -m infra.stack up|down|status|topics|reset``. Tests and tools import ``up``, ``down``,
 ``status`` and ``ensure_topics``; all take the one :class:`~infra.settings.Settings` object.
@@ -7,11 +7,12 @@ Everything lives under ``settings.stack_dir`` (default ``.stack/`` in the repo r
 
     lib/kafka/*.jar  lib/flink/*.jar  opensearch-<ver>/  downloads/   installed by infra/install.sh
     conf/            generated configs (kafka-server.properties, mosquitto.conf, opensearch/)
+    mail/            every mail the local SMTP server accepted, one .eml file each
     data/<svc>/      service data          logs/<svc>.log   console output of each service
     run/<svc>.pid    pid files             tmp/             JVM temp dirs
 
 Ports come from the settings (``CG_KAFKA__BOOTSTRAP_SERVERS``, ``CG_KAFKA__CONTROLLER_PORT``,
-``CG_OPENSEARCH__URL``, ``CG_MQTT__PORT``); ``CG_STACK_DIR`` moves everything.
+``CG_OPENSEARCH__URL``, ``CG_MQTT__PORT``, ``CG_SMTP__PORT``); ``CG_STACK_DIR`` moves everything.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -41,6 +43,7 @@ import typer
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
+from infra import local_smtp
 from infra.settings import Settings, get_settings
 from schemas.topics import ALL_TOPICS
 
@@ -49,7 +52,7 @@ OPENSEARCH_VERSION = "2.19.4"
 FLINK_KAFKA_CONNECTOR = "org.apache.flink:flink-sql-connector-kafka:5.0.0-2.2"
 MAVEN_DEPENDENCY_PLUGIN = "3.8.1"
 
-SERVICES = ("kafka", "opensearch", "mosquitto")
+SERVICES = ("kafka", "opensearch", "mosquitto", "smtp")
 KAFKA_JVM_OPTS = (
     "-Xmx512m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-XX:InitiatingHeapOccupancyPercent=35",
     "-XX:+ExplicitGCInvokesConcurrent", "-Djava.awt.headless=true",
@@ -140,6 +143,8 @@ class Endpoints:
     opensearch_port: int
     mqtt_host: str
     mqtt_port: int
+    smtp_host: str
+    smtp_port: int
 
     @classmethod
     def of(cls, settings: Settings) -> Endpoints:
@@ -155,6 +160,8 @@ class Endpoints:
             opensearch_port=url.port or (443 if url.scheme == "https" else 9200),
             mqtt_host=settings.mqtt.host,
             mqtt_port=settings.mqtt.port,
+            smtp_host=settings.smtp.host,
+            smtp_port=settings.smtp.port,
         )
 
     def ports(self, svc: str) -> list[tuple[str, int]]:
@@ -162,6 +169,7 @@ class Endpoints:
             "kafka": [(self.kafka_host, self.kafka_port), (self.kafka_host, self.controller_port)],
             "opensearch": [(self.opensearch_host, self.opensearch_port)],
             "mosquitto": [(self.mqtt_host, self.mqtt_port)],
+            "smtp": [(self.smtp_host, self.smtp_port)],
         }[svc]
 
     def address(self, svc: str) -> str:
@@ -293,6 +301,8 @@ def _healthy(svc: str, settings: Settings, ep: Endpoints) -> bool:
         return _kafka_healthy(settings, ep)
     if svc == "opensearch":
         return _opensearch_healthy(settings, ep)
+    if svc == "smtp":
+        return local_smtp.healthy(ep.smtp_host, ep.smtp_port)
     return _mqtt_healthy(ep)
 
 
@@ -306,6 +316,7 @@ def _marker(svc: str, paths: StackPaths) -> str:
         "kafka": str(paths.kafka_properties),
         "opensearch": f"-Epath.data={paths.data('opensearch')}",
         "mosquitto": str(paths.mosquitto_conf),
+        "smtp": f"--mail-dir={local_smtp.mail_dir(paths.root)}",
     }[svc]
 
 
@@ -528,10 +539,24 @@ def _start_mosquitto(settings: Settings, paths: StackPaths, ep: Endpoints) -> su
                   cwd=data)
 
 
+# --- Local mail (SMTP) ----------------------------------------------------------------------------
+
+
+def _start_smtp(settings: Settings, paths: StackPaths, ep: Endpoints) -> subprocess.Popen:
+    """aiosmtpd in its own Python process (infra/local_smtp.py): mails land in <stack dir>/mail/*.eml."""
+    mail = local_smtp.mail_dir(paths.root)
+    mail.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "infra.local_smtp", f"--mail-dir={mail}", "--host", ep.smtp_host,
+           "--port", str(ep.smtp_port)]
+    env = _base_env(settings) | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    return _spawn("smtp", paths, cmd, env, cwd=paths.root)
+
+
 _STARTERS: dict[str, Callable[[Settings, StackPaths, Endpoints], subprocess.Popen]] = {
     "kafka": _start_kafka,
     "opensearch": _start_opensearch,
     "mosquitto": _start_mosquitto,
+    "smtp": _start_smtp,
 }
 
 
@@ -567,7 +592,7 @@ def _ensure_service(svc: str, settings: Settings, paths: StackPaths, ep: Endpoin
             return "external"
         raise StackError(f"{svc}: port(s) {', '.join(busy)} taken by another process; free them or change "
                          "the ports in the settings (CG_KAFKA__BOOTSTRAP_SERVERS, CG_KAFKA__CONTROLLER_PORT, "
-                         "CG_OPENSEARCH__URL, CG_MQTT__PORT)")
+                         "CG_OPENSEARCH__URL, CG_MQTT__PORT, CG_SMTP__PORT)")
     t0 = time.monotonic()
     popen = _STARTERS[svc](settings, paths, ep)
     log.info("%s: started pid %d, waiting until healthy", svc, popen.pid)

@@ -1,0 +1,145 @@
+"""A small Webex REST client: the calls the alert sender and the bot make, nothing more.
+
+Webex facts it relies on (developer.webex.com): bearer-token auth; ``POST /messages`` with ``roomId`` and
+``markdown`` (at most 7,439 bytes) as JSON, or as multipart/form-data with one ``files`` part to attach
+an image; ``GET /messages/{id}`` for the text of a message a webhook announced; ``GET /people/me`` for
+the bot's own id; ``POST /webhooks``; ``429`` with ``Retry-After`` seconds when over the rate limit.
+
+Errors come back as :class:`WebexError` with ``retriable`` and ``retry_after`` set, so callers decide
+about backoff; the client itself never sleeps or retries (one request = one attempt).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from infra.settings import WebexSettings
+
+MAX_MARKDOWN_BYTES = 7439
+RETRIABLE_STATUS = frozenset({408, 409, 423, 425, 429})
+
+
+class WebexError(Exception):
+    """A failed Webex call: HTTP status (None for transport errors), whether retrying can help, and how
+    long Webex asked us to wait (``Retry-After``)."""
+
+    def __init__(self, reason: str, *, status: int | None = None, retriable: bool = True,
+                 retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason, self.status, self.retriable, self.retry_after = reason, status, retriable, retry_after
+
+
+def truncate_utf8(text: str, max_bytes: int = MAX_MARKDOWN_BYTES) -> str:
+    """``text`` cut to at most ``max_bytes`` UTF-8 bytes without splitting a character."""
+    raw = text.encode()
+    if len(raw) <= max_bytes:
+        return text
+    return raw[: max_bytes - 3].decode(errors="ignore") + "..."
+
+
+def parse_retry_after(value: str | None, default: float = 1.0) -> float:
+    """Seconds from a ``Retry-After`` header (Webex sends seconds); unparseable -> ``default``."""
+    try:
+        return max(0.0, float(value)) if value is not None else default
+    except ValueError:
+        return default
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str
+    data: bytes
+    content_type: str = "image/jpeg"
+
+
+class WebexClient:
+    """Thread-safe (one pooled ``httpx.Client``); pass ``transport`` to reach a local server in tests."""
+
+    def __init__(self, base_url: str, token: str, *, timeout_s: float = 10.0, max_connections: int = 32,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"), timeout=timeout_s, transport=transport,
+            headers={"Authorization": f"Bearer {token}"},
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        )
+
+    @classmethod
+    def from_settings(cls, settings: WebexSettings, *, max_connections: int = 32) -> WebexClient:
+        if settings.bot_token is None:
+            raise ValueError("Webex needs a bot token (CG_WEBEX__BOT_TOKEN)")
+        return cls(settings.base_url, settings.bot_token.get_secret_value(), timeout_s=settings.timeout_s,
+                   max_connections=max_connections)
+
+    def close(self) -> None:
+        self._http.close()
+
+    # ------------------------------------------------------------------ calls
+
+    def send_message(self, room_id: str, markdown: str, attachment: Attachment | None = None) -> dict[str, Any]:
+        """Post ``markdown`` (truncated to Webex's limit) to a room, with one file when given."""
+        fields = {"roomId": room_id, "markdown": truncate_utf8(markdown)}
+        if attachment is None:
+            return self._call("POST", "/messages", json=fields)
+        files = {"files": (attachment.filename, attachment.data, attachment.content_type)}
+        return self._call("POST", "/messages", data=fields, files=files)
+
+    def get_message(self, message_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/messages/{message_id}")
+
+    def list_messages(self, room_id: str, max_items: int = 100) -> list[dict[str, Any]]:
+        """The room's latest messages, newest first."""
+        return self._call("GET", "/messages", params={"roomId": room_id, "max": max_items}).get("items", [])
+
+    def me(self) -> dict[str, Any]:
+        return self._call("GET", "/people/me")
+
+    def list_webhooks(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/webhooks").get("items", [])
+
+    def create_webhook(self, name: str, target_url: str, secret: str, filter_: str | None = None) -> dict[str, Any]:
+        body = {"name": name, "targetUrl": target_url, "resource": "messages", "event": "created", "secret": secret}
+        if filter_:
+            body["filter"] = filter_
+        return self._call("POST", "/webhooks", json=body)
+
+    def delete_webhook(self, webhook_id: str) -> None:
+        self._call("DELETE", f"/webhooks/{webhook_id}")
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise WebexError(f"timeout: {type(exc).__name__}") from exc
+        except httpx.TransportError as exc:
+            raise WebexError(f"connection failed: {type(exc).__name__}") from exc
+        status = response.status_code
+        if status < 300:
+            if status == 204 or not response.content:
+                return {}
+            try:
+                return response.json()
+            except ValueError as exc:
+                raise WebexError(f"{status} with a body that is not JSON", status=status) from exc
+        detail = _error_text(response)
+        if status == 429:
+            raise WebexError(f"429 rate limited: {detail}", status=status,
+                             retry_after=parse_retry_after(response.headers.get("Retry-After")))
+        retriable = status >= 500 or status in RETRIABLE_STATUS
+        raise WebexError(f"{status} {detail}", status=status, retriable=retriable,
+                         retry_after=parse_retry_after(response.headers.get("Retry-After"), default=0.0) or None)
+
+
+def _error_text(response: httpx.Response) -> str:
+    """Webex's own error message when it sent one (never the request, which may hold personal data)."""
+    try:
+        body = response.json()
+        if isinstance(body, dict) and body.get("message"):
+            return str(body["message"])[:300]
+    except ValueError:
+        pass
+    return response.reason_phrase or "error"
