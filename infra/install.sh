@@ -59,6 +59,8 @@ apt_pkgs=()
 have mosquitto || apt_pkgs+=(mosquitto)
 have kcat || apt_pkgs+=(kcat)
 have unzip || apt_pkgs+=(unzip)
+# Headless browser for the live dashboard's browser test (tests/e2e/test_dashboard_browser_e2e.py).
+have chromium || apt_pkgs+=(chromium)
 # Kafka, Flink and OpenSearch 2.19 need a JDK 17..21 (not only "some java": 24+ lacks the security manager).
 jdk_ok() {
   local java_bin
@@ -87,7 +89,7 @@ if ((${#apt_pkgs[@]})); then
   quiet apt "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
     "${apt_pkgs[@]}"
 else
-  say "apt: mosquitto kcat unzip java mvn present"
+  say "apt: mosquitto kcat unzip chromium java mvn present"
 fi
 
 # --- 2. Python virtualenv -------------------------------------------------------------------------

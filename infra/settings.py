@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -216,6 +217,39 @@ class WebexSettings(BaseModel, frozen=True):
         return frozenset(p.strip().lower() for p in self.allowed_people.split(",") if p.strip())
 
 
+class IndicesSettings(BaseModel, frozen=True):
+    """OpenSearch index layout and retention (``CG_INDICES__*``); see sinks/retention.py.
+
+    Documents go to one index per period of their ``event_time`` (``<prefix>-<kind>-2026.11.22``),
+    read through the alias ``<prefix>-<kind>``; retention drops whole period indices (the integ-test
+    OpenSearch has no ISM plugin and no delete-by-query).
+    """
+
+    period: Literal["day", "month"] = "day"
+    """``day`` or ``month``: the event-time span of one index (month suits long historical replays)."""
+    transactions_retention_days: int = 400
+    alerts_retention_days: int = 400
+    face_observations_retention_days: int = 30
+    """0 keeps an index family forever. An index is dropped once its period ended and it was
+    created more than this many days ago (so a replay of old history is kept for this long)."""
+    retention_interval_s: float = 3600.0
+    """How often the OpenSearch sink applies retention (also at start)."""
+    include_face_embeddings: bool = False
+    """Index FaceObservation embeddings (biometric data) -- off unless explicitly wanted."""
+
+
+class DashboardSettings(BaseModel, frozen=True):
+    """The live dashboard (``python -m sinks.dashboard``, ``CG_DASHBOARD__*``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8050
+    refresh_ms: int = 3000
+    """How often the page polls its JSON endpoints."""
+    window_minutes: int = 60
+    """Default time window of the charts and rates."""
+    alerts_shown: int = 12
+
+
 class Settings(BaseSettings):
     """Everything configurable. Frozen: build it once at the edge of a process and pass it down."""
 
@@ -228,6 +262,8 @@ class Settings(BaseSettings):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     job: JobSettings = Field(default_factory=JobSettings)
     rules: RulesSettings = Field(default_factory=RulesSettings)
+    indices: IndicesSettings = Field(default_factory=IndicesSettings)
+    dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
     webex: WebexSettings = Field(default_factory=WebexSettings)

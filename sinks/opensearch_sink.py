@@ -1,12 +1,18 @@
-"""Scored transactions and alerts from Kafka into OpenSearch: one document per business key.
+"""Scored transactions, alerts and face observations from Kafka into OpenSearch: one document per business key.
 
-Inputs: ``processed_transactions`` (ScoredTransaction) and ``alerts`` (Alert), read_committed.
-Outputs: indices ``<index_prefix>-transactions`` and ``<index_prefix>-alerts`` (composable templates in
-``sinks/templates/``, installed on start), and ``dead_letters`` for messages that cannot be decoded or
-that OpenSearch rejects for good (stage ``opensearch-sink``).
+Inputs: ``processed_transactions`` (ScoredTransaction), ``alerts`` (Alert) and ``face_observations``
+(FaceObservation), read_committed.
+Outputs: one index per period (day or month, ``indices.period``) of each document's ``event_time``,
+e.g. ``<index_prefix>-transactions-2026.11.22``, read through the alias ``<index_prefix>-transactions``
+(likewise ``-alerts`` and ``-face_observations``; composable templates in ``sinks/templates/``, installed
+on start, carry the alias so every new period index joins it); and ``dead_letters`` for messages that
+cannot be decoded or that OpenSearch rejects for good (stage ``opensearch-sink``). Retention drops
+whole period indices (``sinks/retention.py``, applied at start and every ``indices.retention_interval_s``).
+Face embeddings are left out of the documents unless ``indices.include_face_embeddings`` is set.
 
 Why nothing is lost or doubled: the document ``_id`` is the business key (``transaction_id`` /
-``alert_id``) with op ``index``, so a replay overwrites the same document; offsets are committed
+``alert_id`` / ``observation_id``) with op ``index``, and the period index follows from the record's own
+``event_time``, so a replay overwrites the same document in the same index; offsets are committed
 (last offset + 1 per partition) only after OpenSearch acknowledged every document of the batch and
 its dead letters are flushed, so a crash replays from the last commit. While OpenSearch is down or
 overloaded (connection errors, 429, 5xx) the batch is kept and retried forever with bounded,
@@ -23,6 +29,7 @@ Run: ``python -m sinks.opensearch_sink [--index-prefix PREFIX] [--group-id GROUP
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -32,19 +39,20 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from opensearchpy import OpenSearch
-from opensearchpy.exceptions import RequestError, TransportError
-from opensearchpy.helpers import streaming_bulk
+from opensearchpy.exceptions import NotFoundError, RequestError, TransportError
+from opensearchpy.helpers import scan, streaming_bulk
 
-from infra.settings import OpenSearchSettings, Settings, get_settings
+from infra.settings import IndicesSettings, OpenSearchSettings, Settings, get_settings
 from schemas.codec import DecodeError, codec
 from schemas.records import DeadLetter
-from schemas.topics import ALERTS, DEAD_LETTERS, SCORED_TRANSACTIONS, TopicSpec
+from schemas.topics import ALERTS, DEAD_LETTERS, FACE_OBSERVATIONS, SCORED_TRANSACTIONS, TopicSpec
 
 log = logging.getLogger(__name__)
 
@@ -63,21 +71,30 @@ RETRIABLE_ERROR_TYPES = frozenset({
 # --------------------------------------------------------------------------- routes and templates
 
 
+PERIOD_FORMATS = {"day": "%Y.%m.%d", "month": "%Y.%m"}
+"""Suffix of a period index per ``indices.period``; dots keep the name apart from the kind's underscores."""
+
+
 @dataclass(frozen=True)
 class Route:
-    """Where one topic's records go: the index kind (also the template file name) and the business key."""
+    """Where one topic's records go: the index kind (also the template file name), the business key,
+    the field that picks the period index, and fields left out unless explicitly wanted."""
 
     topic: TopicSpec
     kind: str
     id_field: str
+    time_field: str = "event_time"
+    private_fields: tuple[str, ...] = ()
 
     def index(self, index_prefix: str) -> str:
+        """The read alias of this kind (all its period indices)."""
         return index_name(index_prefix, self.kind)
 
 
 ROUTES: tuple[Route, ...] = (
     Route(SCORED_TRANSACTIONS, "transactions", "transaction_id"),
     Route(ALERTS, "alerts", "alert_id"),
+    Route(FACE_OBSERVATIONS, "face_observations", "observation_id", private_fields=("embedding",)),
 )
 
 
@@ -87,41 +104,122 @@ def default_group_id(topic_prefix: str = "") -> str:
 
 
 def index_name(index_prefix: str, kind: str) -> str:
-    """``<prefix>-<kind>``: a backtest passes its own prefix and writes beside production."""
+    """``<prefix>-<kind>``, the alias to read (search, count, dashboards); a backtest passes its own prefix."""
     return f"{index_prefix}-{kind}"
 
 
-def load_template(kind: str, index_prefix: str) -> dict[str, Any]:
-    """The composable index template ``templates/<kind>.json``, bound to exactly ``<prefix>-<kind>``.
+def period_index_name(index_prefix: str, kind: str, event_time_ms: int, period: str = "day") -> str:
+    """``<prefix>-<kind>-2026.11.22`` (or ``-2026.11``): the index a document of that event time lives in.
 
-    An exact pattern (no wildcard) keeps templates of different prefixes from overlapping, which
-    OpenSearch refuses for templates of equal priority.
+    Derived from the record itself, never from the clock, so a replay lands on the same document.
+    Raises ``ValueError`` for a time outside years 1..9999 or an unknown period.
     """
+    if period not in PERIOD_FORMATS:
+        raise ValueError(f"unknown index period {period!r} (day or month)")
+    moment = datetime.fromtimestamp(event_time_ms / 1000, tz=UTC)
+    return f"{index_name(index_prefix, kind)}-{moment.strftime(PERIOD_FORMATS[period])}"
+
+
+def load_template(kind: str, index_prefix: str) -> dict[str, Any]:
+    """The composable index template ``templates/<kind>.json``, bound to ``<prefix>-<kind>-*`` with the
+    read alias ``<prefix>-<kind>``, so an index created by a bulk request joins the alias by itself."""
     body = json.loads((TEMPLATE_DIR / f"{kind}.json").read_text())
-    body["index_patterns"] = [index_name(index_prefix, kind)]
+    alias = index_name(index_prefix, kind)
+    body["index_patterns"] = [f"{alias}-*"]
+    body["template"]["aliases"] = {alias: {}}
     return body
 
 
-def install_templates(client: OpenSearch, index_prefix: str) -> list[str]:
-    """Install the templates and make sure each index exists with their mapping; safe to repeat.
+def install_templates(
+    client: OpenSearch, index_prefix: str, period: str = "day", now_ms: int | None = None,
+) -> list[str]:
+    """Install the templates and make sure each alias resolves with the current mapping; safe to repeat.
 
-    The index is created up front so counts and dashboards work before the first document, and an
-    existing index gets fields added since it was created (put_mapping accepts additive changes).
+    The current period's index is created up front so the alias, counts and dashboards work before
+    the first document; existing period indices get fields added since they were created (put_mapping
+    accepts additive changes). A concrete index left by the single-index layout under the alias's name
+    is first moved into period indices (:func:`migrate_legacy_index`).
     """
+    now = now_ms if now_ms is not None else int(time.time() * 1000)
     names = []
     for route in ROUTES:
-        name = route.index(index_prefix)
+        alias = route.index(index_prefix)
         body = load_template(route.kind, index_prefix)
-        client.indices.put_index_template(name=name, body=body)
-        if not client.indices.exists(index=name):
+        if client.indices.exists(index=alias) and not client.indices.exists_alias(name=alias):
+            # An index may not be created with an alias named like an existing index: copy first.
+            client.indices.put_index_template(name=alias, body={
+                **body, "template": {k: v for k, v in body["template"].items() if k != "aliases"}})
+            migrate_legacy_index(client, route, index_prefix, period)
+        client.indices.put_index_template(name=alias, body=body)
+        current = period_index_name(index_prefix, route.kind, now, period)
+        if not client.indices.exists(index=current):
             try:
-                client.indices.create(index=name)
+                client.indices.create(index=current)
             except RequestError as exc:
                 if exc.error != "resource_already_exists_exception":  # another sink created it meanwhile
                     raise
-        client.indices.put_mapping(index=name, body=body["template"]["mappings"])
-        names.append(name)
+        existing = ",".join(period_indices(client, index_prefix, route.kind))
+        if existing:
+            client.indices.put_alias(index=existing, name=alias)
+            client.indices.put_mapping(index=existing, body=body["template"]["mappings"])
+        names.append(alias)
     return names
+
+
+def period_of(index: str, index_prefix: str, kind: str) -> tuple[datetime, datetime] | None:
+    """``[start, end)`` of the period a period index covers, or ``None`` if ``index`` is not exactly
+    ``<prefix>-<kind>-<period>`` (e.g. an index of another prefix that merely starts like ours)."""
+    head = f"{index_name(index_prefix, kind)}-"
+    if not index.startswith(head):
+        return None
+    suffix = index[len(head):]
+    for period, fmt in PERIOD_FORMATS.items():
+        try:
+            start = datetime.strptime(suffix, fmt).replace(tzinfo=UTC)
+        except ValueError:
+            continue
+        if start.strftime(fmt) != suffix:  # strptime accepts "2026.1.2"; we never write that
+            continue
+        if period == "day":
+            return start, datetime.fromordinal(start.toordinal() + 1).replace(tzinfo=UTC)
+        year, month = (start.year + 1, 1) if start.month == 12 else (start.year, start.month + 1)
+        return start, start.replace(year=year, month=month)
+    return None
+
+
+def period_indices(client: OpenSearch, index_prefix: str, kind: str) -> dict[str, int]:
+    """The period indices of one kind and prefix with their creation time (epoch ms)."""
+    answer = client.indices.get_settings(
+        index=f"{index_name(index_prefix, kind)}-*", name="index.creation_date",
+        params={"allow_no_indices": "true", "expand_wildcards": "open,closed"})
+    return {
+        name: int(body["settings"]["index"]["creation_date"])
+        for name, body in answer.items() if period_of(name, index_prefix, kind) is not None
+    }
+
+
+def migrate_legacy_index(client: OpenSearch, route: Route, index_prefix: str, period: str) -> int:
+    """Copy a pre-alias concrete index ``<prefix>-<kind>`` into period indices, then delete it.
+
+    Client-side (scroll + bulk): the integ-test server has no reindex module. Same ids, so an
+    interrupted migration is simply repeated; the old index goes only after every copy is acknowledged.
+    """
+    legacy = route.index(index_prefix)
+
+    def actions() -> Iterable[dict[str, Any]]:
+        for hit in scan(client, index=legacy, query={"query": {"match_all": {}}}, size=1000):
+            source = hit["_source"]
+            yield {"_op_type": "index", "_id": hit["_id"], "_source": source, "_index": period_index_name(
+                index_prefix, route.kind, int(source.get(route.time_field) or 0), period)}
+
+    copied = 0
+    for ok, _ in streaming_bulk(client, actions(), chunk_size=1000, max_retries=3, raise_on_error=True):
+        copied += ok
+    client.indices.refresh(index=f"{legacy}-*")
+    with contextlib.suppress(NotFoundError):  # another sink finished the same migration first
+        client.indices.delete(index=legacy)
+    log.info("moved %d document(s) of the single index %s into its period indices", copied, legacy)
+    return copied
 
 
 def make_client(settings: OpenSearchSettings, timeout_s: float = 30.0) -> OpenSearch:
@@ -133,6 +231,57 @@ def make_client(settings: OpenSearchSettings, timeout_s: float = 30.0) -> OpenSe
         hosts=[settings.url], http_auth=auth, verify_certs=settings.verify_certs,
         timeout=timeout_s, max_retries=0, retry_on_timeout=False,
     )
+
+
+# --------------------------------------------------------------------------- retention
+
+DAY_MS = 24 * 3600 * 1000
+
+
+def retention_days(indices: IndicesSettings, kind: str) -> int:
+    """Days one index family is kept (``indices.<kind>_retention_days``); 0 = forever."""
+    return int(getattr(indices, f"{kind}_retention_days"))
+
+
+def expired_indices(
+    created: dict[str, int], index_prefix: str, kind: str, keep_days: int, now_ms: int,
+) -> list[str]:
+    """The period indices to drop: their period ended, and they were created, over ``keep_days`` ago.
+
+    Both, because the period alone would drop a replay of old history at once, and the creation time
+    alone would drop a month index while it still holds recent days. Names that are not exactly
+    ``<prefix>-<kind>-<period>`` are never returned.
+    """
+    if keep_days <= 0:
+        return []
+    cutoff = now_ms - keep_days * DAY_MS
+    out = []
+    for name, created_ms in sorted(created.items()):
+        span = period_of(name, index_prefix, kind)
+        if span is not None and span[1].timestamp() * 1000 <= cutoff and created_ms <= cutoff:
+            out.append(name)
+    return out
+
+
+def apply_retention(
+    client: OpenSearch, index_prefix: str, indices: IndicesSettings, now_ms: int | None = None,
+    dry_run: bool = False,
+) -> list[str]:
+    """Delete the expired period indices of every kind (the integ-test OpenSearch has no ISM plugin);
+    return their names. Never deletes the current period's index (its period has not ended)."""
+    now = now_ms if now_ms is not None else int(time.time() * 1000)
+    doomed: list[str] = []
+    for route in ROUTES:
+        keep = retention_days(indices, route.kind)
+        if keep > 0:
+            doomed += expired_indices(period_indices(client, index_prefix, route.kind), index_prefix,
+                                      route.kind, keep, now)
+    if doomed and not dry_run:
+        for chunk in range(0, len(doomed), 50):  # keep the URL short
+            with contextlib.suppress(NotFoundError):  # another sink deleted them first
+                client.indices.delete(index=",".join(doomed[chunk:chunk + 50]))
+        log.info("retention: deleted %d index(es): %s", len(doomed), ", ".join(doomed))
+    return doomed
 
 
 # --------------------------------------------------------------------------- pure pieces
@@ -183,8 +332,9 @@ def dead_letter_for(message: Message, error_kind: str, reason: str, failed_at: i
     )
 
 
-def to_document(record: dict[str, Any]) -> dict[str, Any]:
-    """The Avro dict as an OpenSearch document; NaN/inf become null because JSON cannot carry them."""
+def to_document(record: dict[str, Any], drop: Iterable[str] = ()) -> dict[str, Any]:
+    """The Avro dict as an OpenSearch document without the ``drop`` fields; NaN/inf become null
+    because JSON cannot carry them."""
 
     def clean(value: Any) -> Any:
         if isinstance(value, float) and not math.isfinite(value):
@@ -195,13 +345,18 @@ def to_document(record: dict[str, Any]) -> dict[str, Any]:
             return [clean(v) for v in value]
         return value
 
-    return {name: clean(value) for name, value in record.items()}
+    dropped = set(drop)
+    return {name: clean(value) for name, value in record.items() if name not in dropped}
 
 
 def to_actions(
     batch: Iterable[Message], *, index_prefix: str, topic_prefix: str = "", now_ms: int | None = None,
+    period: str = "day", include_private: bool = False,
 ) -> tuple[list[IndexAction], list[DeadLetter]]:
     """Decode a batch into bulk actions keyed by business id, and dead letters for what cannot be used.
+
+    Each document goes to the period index of its own time field; private fields (face embeddings)
+    are left out unless ``include_private``.
 
     A later message for the same document supersedes an earlier one in the batch: one bulk request
     applies them in order anyway, and keeping only the last means a partial retry can never write an
@@ -225,10 +380,15 @@ def to_actions(
         if not isinstance(doc_id, str) or not doc_id.strip():
             dead.append(dead_letter_for(message, "missing_field", f"{route.id_field} is empty", now))
             continue
-        index = route.index(index_prefix)
+        try:
+            index = period_index_name(index_prefix, route.kind, int(record[route.time_field]), period)
+        except (ValueError, OverflowError, OSError) as exc:
+            dead.append(dead_letter_for(message, "invalid_field", f"{route.time_field}: {exc}", now))
+            continue
+        drop = () if include_private else route.private_fields
         actions.pop((index, doc_id), None)  # re-insert so the order is that of the last occurrence
         actions[(index, doc_id)] = IndexAction(
-            op={"_op_type": "index", "_index": index, "_id": doc_id, "_source": to_document(record)},
+            op={"_op_type": "index", "_index": index, "_id": doc_id, "_source": to_document(record, drop)},
             message=message,
         )
     return list(actions.values()), dead
@@ -352,6 +512,7 @@ class OpenSearchSink:
         self.settings = settings
         self.index_prefix = index_prefix or settings.opensearch.index_prefix
         self.topic_prefix = settings.kafka.topic_prefix
+        self.indices = settings.indices
         self.group_id = group_id or default_group_id(self.topic_prefix)
         self.client = client or make_client(settings.opensearch)
         self.backoff = backoff or Backoff()
@@ -396,11 +557,16 @@ class OpenSearchSink:
             self._retry_until_done("install index templates", self._install_templates)
             self._consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
             last_summary, last_indexed = time.monotonic(), 0
+            self._apply_retention()
+            last_retention = time.monotonic()
             while not self._stop.is_set():
                 batch = self._next_batch()
                 if batch:
                     self._process(batch)
                 now = time.monotonic()
+                if now - last_retention >= self.indices.retention_interval_s:
+                    self._apply_retention()
+                    last_retention = now
                 if now - last_summary >= self.summary_interval_s:
                     rate = (self.stats.indexed - last_indexed) / (now - last_summary)
                     log.info("opensearch sink: %s (%.0f docs/s)", self.stats.line(), rate)
@@ -418,8 +584,15 @@ class OpenSearchSink:
         return self.stats
 
     def _install_templates(self) -> None:
-        names = install_templates(self.client, self.index_prefix)
+        names = install_templates(self.client, self.index_prefix, self.indices.period)
         log.info("index templates installed for %s", ", ".join(names))
+
+    def _apply_retention(self) -> None:
+        """Retention must never stop indexing: a failure is logged and tried again next interval."""
+        try:
+            apply_retention(self.client, self.index_prefix, self.indices)
+        except TransportError as exc:
+            log.warning("retention failed (%s); next try in %.0fs", _short(exc), self.indices.retention_interval_s)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Assign ourselves so the pause state can be set on the new partitions: librdkafka keeps a
@@ -459,7 +632,8 @@ class OpenSearchSink:
         return out
 
     def _process(self, batch: list[Message]) -> None:
-        actions, dead = to_actions(batch, index_prefix=self.index_prefix, topic_prefix=self.topic_prefix)
+        actions, dead = to_actions(batch, index_prefix=self.index_prefix, topic_prefix=self.topic_prefix,
+                                   period=self.indices.period, include_private=self.indices.include_face_embeddings)
         self.stats.superseded += len(batch) - len(actions) - len(dead)
         dead += self._index_until_acknowledged(actions)
         if dead:
@@ -617,7 +791,8 @@ def run_sink(
     return OpenSearchSink(settings, index_prefix=index_prefix, group_id=group_id).run(stop_event)
 
 
-app = typer.Typer(add_completion=False, help="Index scored transactions and alerts from Kafka into OpenSearch.")
+app = typer.Typer(add_completion=False,
+                  help="Index scored transactions, alerts and face observations from Kafka into OpenSearch.")
 
 
 @app.command()

@@ -7,6 +7,7 @@ afterwards, so it can share the stack with other work.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import selectors
 import socket
@@ -24,9 +25,16 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from opensearchpy import OpenSearch
 
 from infra.settings import Settings, get_settings
-from schemas.records import Alert, DeadLetter, Record, ScoredTransaction
-from schemas.topics import ALERTS, DEAD_LETTERS, SCORED_TRANSACTIONS
-from sinks.opensearch_sink import Backoff, OpenSearchSink, make_client
+from schemas.records import Alert, DeadLetter, FaceObservation, Record, ScoredTransaction
+from schemas.topics import ALERTS, DEAD_LETTERS, FACE_OBSERVATIONS, SCORED_TRANSACTIONS
+from sinks.opensearch_sink import (
+    TEMPLATE_DIR,
+    Backoff,
+    OpenSearchSink,
+    apply_retention,
+    install_templates,
+    make_client,
+)
 
 pytestmark = pytest.mark.e2e
 log = logging.getLogger(__name__)
@@ -86,7 +94,7 @@ def sandbox(base_settings: Settings) -> Iterator[Sandbox]:
     settings = base_settings.model_copy(
         update={"kafka": base_settings.kafka.model_copy(update={"topic_prefix": topic_prefix})})
     admin = AdminClient(settings.kafka.client_config())
-    topics = [spec.full_name(topic_prefix) for spec in (SCORED_TRANSACTIONS, ALERTS, DEAD_LETTERS)]
+    topics = [spec.full_name(topic_prefix) for spec in (SCORED_TRANSACTIONS, ALERTS, FACE_OBSERVATIONS, DEAD_LETTERS)]
     for future in admin.create_topics([NewTopic(t, num_partitions=3, replication_factor=1) for t in topics]).values():
         future.result(timeout=30)
     box = Sandbox(settings, index_prefix=f"t{tag}-cg", group_id=f"t{tag}-opensearch-sink",
@@ -95,9 +103,9 @@ def sandbox(base_settings: Settings) -> Iterator[Sandbox]:
         yield box
     finally:
         cleanup: list[Callable[[], object]] = []
-        for kind in ("transactions", "alerts"):
+        for kind in ("transactions", "alerts", "face_observations"):
             name = f"{box.index_prefix}-{kind}"
-            cleanup.append(lambda n=name: box.opensearch.indices.delete(index=n, ignore_unavailable=True))
+            cleanup.append(lambda n=name: box.opensearch.indices.delete(index=f"{n}-*,{n}", ignore_unavailable=True))
             cleanup.append(lambda n=name: box.opensearch.indices.delete_index_template(name=n))
         cleanup.append(lambda: admin.delete_consumer_groups([box.group_id])[box.group_id].result(timeout=30))
         cleanup += [lambda f=f: f.result(timeout=30) for f in admin.delete_topics(topics).values()]
@@ -352,7 +360,7 @@ def test_documents_are_searchable_by_their_mapped_types(sandbox: Sandbox) -> Non
     }
     assert answer["aggregations"]["revenue"]["value"] == sum(10.0 + i for i in range(30))
     assert answer["aggregations"]["velocity"]["value"] == 4.0
-    mapping = sandbox.opensearch.indices.get_mapping(index=index)[index]["mappings"]
+    mapping = sandbox.opensearch.indices.get_mapping(index=f"{index}-2023.11.14")[f"{index}-2023.11.14"]["mappings"]
     assert mapping["properties"]["indicators"]["properties"]["velocity"]["type"] == "double"
 
 
@@ -427,3 +435,66 @@ def test_sink_started_while_opensearch_is_down_waits_and_then_indexes(
         proxy.restore()
         wait_until(lambda: caught_up(sandbox), "the sink indexed everything once OpenSearch was back")
         assert sandbox.count("alerts") == 15
+
+
+def face_observations(n: int, event_time: int = 1_700_000_000_000, start: int = 0) -> list[FaceObservation]:
+    return [
+        FaceObservation(
+            observation_id=f"checkout:tx-{i:06d}", event_time=event_time + i, camera_serial=f"Q2MV-S{i % 2}-L1",
+            store_id=f"S{i % 2}", lane_id="L1", transaction_id=f"tx-{i:06d}", trigger="CHECKOUT",
+            status=("MATCHED", "NO_MATCH", "NO_FACE")[i % 3], subject_id="subj-tx-9" if i % 3 == 0 else None,
+            similarity=97.5 if i % 3 == 0 else None, quality=0.8, image_ref=f"checkout/tx-{i:06d}",
+            embedding=[0.25] * 128 if i % 3 != 2 else None,
+        )
+        for i in range(start, start + n)
+    ]
+
+
+def test_face_observations_are_indexed_once_each_without_their_embeddings(sandbox: Sandbox) -> None:
+    records = face_observations(30)
+    produce(sandbox, sandbox.topic(FACE_OBSERVATIONS), encoded(records, "camera_serial") * 2)  # and a replay
+    with running(sandbox.sink()) as sink:
+        wait_until(lambda: sink.stats.indexed + sink.stats.superseded >= 60, "the sink indexed the face observations")
+    assert sandbox.count("face_observations") == 30
+    alias = f"{sandbox.index_prefix}-face_observations"
+    hits = sandbox.opensearch.search(index=alias, body={"size": 100, "query": {"term": {"status": "MATCHED"}}})
+    assert hits["hits"]["total"]["value"] == 10
+    assert {hit["_id"] for hit in hits["hits"]["hits"]} == {f"checkout:tx-{i:06d}" for i in range(0, 30, 3)}
+    assert all("embedding" not in hit["_source"] for hit in hits["hits"]["hits"])
+    assert {hit["_index"] for hit in hits["hits"]["hits"]} == {f"{alias}-2023.11.14"}
+
+
+def test_retention_drops_expired_face_observations_before_transactions(sandbox: Sandbox) -> None:
+    old, now = 1_700_000_000_000, int(time.time() * 1000)
+    produce(sandbox, sandbox.topic(FACE_OBSERVATIONS), encoded(face_observations(6, old), "camera_serial")
+            + encoded(face_observations(3, now, start=100), "camera_serial"))
+    produce(sandbox, sandbox.topic(SCORED_TRANSACTIONS), encoded(scored(5), "transaction_id"))
+    with running(sandbox.sink()) as sink:
+        wait_until(lambda: sink.stats.indexed + sink.stats.superseded >= 9 + 5, "the sink indexed everything")
+    client, prefix, settings = sandbox.opensearch, sandbox.index_prefix, sandbox.settings.indices
+    assert sandbox.count("face_observations") == 9
+    assert apply_retention(client, prefix, settings) == []  # old history replayed just now is kept for now
+
+    created = max(int(body["settings"]["index"]["creation_date"]) for body in client.indices.get_settings(
+        index=f"{prefix}-*", name="index.creation_date").values())
+    later = created + settings.face_observations_retention_days * 24 * 3600 * 1000 + 1
+    assert apply_retention(client, prefix, settings, now_ms=later) == [f"{prefix}-face_observations-2023.11.14"]
+    assert sandbox.count("transactions") == 5
+    assert sandbox.count("face_observations") == 3  # today's index still holds the alias
+
+
+def test_single_index_of_the_previous_layout_moves_behind_the_alias(sandbox: Sandbox) -> None:
+    client, prefix = sandbox.opensearch, sandbox.index_prefix
+    legacy = f"{prefix}-transactions"
+    body = json.loads((TEMPLATE_DIR / "transactions.json").read_text())["template"]
+    client.indices.create(index=legacy, body=body)
+    docs = [record.to_avro() for record in scored(12)]
+    for doc in docs:
+        client.index(index=legacy, id=doc["transaction_id"], body=doc)
+    client.indices.refresh(index=legacy)
+
+    install_templates(client, prefix)
+    install_templates(client, prefix)  # repeating it changes nothing
+    assert client.indices.exists_alias(name=legacy)
+    assert sandbox.count("transactions") == 12
+    assert f"{legacy}-2023.11.14" in client.indices.get_alias(name=legacy)

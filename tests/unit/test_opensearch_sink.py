@@ -11,17 +11,23 @@ from confluent_kafka import Message
 from opensearchpy.exceptions import ConnectionError as OpenSearchConnectionError
 from opensearchpy.serializer import JSONSerializer
 
+from infra.settings import IndicesSettings
 from schemas.codec import load_schemas
-from schemas.records import Alert, DeadLetter, ScoredTransaction
+from schemas.records import Alert, DeadLetter, FaceObservation, ScoredTransaction
 from sinks.opensearch_sink import (
+    DAY_MS,
     ROUTES,
     Backoff,
     IndexAction,
     bulk_once,
     default_group_id,
+    expired_indices,
     is_retriable,
     load_template,
     offsets_to_commit,
+    period_index_name,
+    period_of,
+    retention_days,
     to_actions,
 )
 
@@ -62,8 +68,8 @@ def test_actions_use_the_business_key_as_id_and_the_prefixed_index() -> None:
     actions, dead = to_actions(batch, index_prefix="backtest", topic_prefix=PREFIX)
     assert dead == []
     assert [(a.op["_op_type"], a.op["_index"], a.op["_id"]) for a in actions] == [
-        ("index", "backtest-transactions", "tx-42"),
-        ("index", "backtest-alerts", "alert-7"),
+        ("index", "backtest-transactions-2023.11.14", "tx-42"),  # 1_700_000_000_000 ms = 2023-11-14T22:13Z
+        ("index", "backtest-alerts-2023.11.14", "alert-7"),
     ]
     assert actions[0].op["_source"]["reasons"] == ["velocity"]
     assert actions[0].op["_source"]["indicators"] == {"velocity": 1.0}
@@ -143,7 +149,8 @@ def test_backoff_is_jittered_so_sinks_do_not_retry_in_step() -> None:
 @pytest.mark.parametrize("route", ROUTES, ids=lambda r: r.kind)
 def test_template_maps_every_schema_field_strictly(route: Any) -> None:
     template = load_template(route.kind, "backtest")
-    assert template["index_patterns"] == [f"backtest-{route.kind}"]
+    assert template["index_patterns"] == [f"backtest-{route.kind}-*"]
+    assert template["template"]["aliases"] == {f"backtest-{route.kind}": {}}
     settings = template["template"]["settings"]["index"]
     assert (settings["number_of_shards"], settings["number_of_replicas"], settings["refresh_interval"]) == (1, 0, "1s")
     mappings = template["template"]["mappings"]
@@ -237,3 +244,84 @@ def test_bulk_round_keeps_only_unsent_chunks_when_a_later_chunk_fails() -> None:
     result = bulk_once(client, pending, chunk_size=2)  # type: ignore[arg-type]
     assert result.acknowledged == 2
     assert [a.doc_id for a in result.retry] == ["tx-3"]
+
+
+def face_observation(embedding: list[float] | None = None) -> FaceObservation:
+    return FaceObservation(
+        observation_id="checkout:tx-1", event_time=1_700_000_000_000, camera_serial="Q2MV-S1-L2", store_id="S1",
+        lane_id="L2", transaction_id="tx-1", trigger="CHECKOUT", status="NO_MATCH", quality=0.9,
+        image_ref="checkout/tx-1.jpg", embedding=[0.1, 0.2] if embedding is None else embedding,
+    )
+
+
+def test_face_observations_are_indexed_by_observation_id_without_the_embedding() -> None:
+    batch = [message(f"{PREFIX}face_observations", face_observation().encode())]
+    actions, dead = to_actions(batch, index_prefix="cg", topic_prefix=PREFIX)
+    assert dead == []
+    assert (actions[0].op["_index"], actions[0].doc_id) == ("cg-face_observations-2023.11.14", "checkout:tx-1")
+    assert "embedding" not in actions[0].op["_source"]
+    assert actions[0].op["_source"]["image_ref"] == "checkout/tx-1.jpg"
+
+
+def test_face_embedding_is_indexed_only_when_configured() -> None:
+    batch = [message(f"{PREFIX}face_observations", face_observation().encode())]
+    actions, _ = to_actions(batch, index_prefix="cg", topic_prefix=PREFIX, include_private=True)
+    assert actions[0].op["_source"]["embedding"] == pytest.approx([0.1, 0.2])
+    assert IndicesSettings().include_face_embeddings is False
+
+
+def test_period_index_follows_the_event_time_so_a_replay_hits_the_same_document() -> None:
+    late_evening = 1_700_006_399_999  # 2023-11-14T23:59:59.999Z
+    assert period_index_name("cg", "transactions", late_evening) == "cg-transactions-2023.11.14"
+    assert period_index_name("cg", "transactions", late_evening + 1) == "cg-transactions-2023.11.15"
+    assert period_index_name("cg", "alerts", late_evening, "month") == "cg-alerts-2023.11"
+    with pytest.raises(ValueError, match="period"):
+        period_index_name("cg", "alerts", late_evening, "week")
+    batch = [message(tx_topic(), scored("tx-1", event_time=late_evening).encode()),
+             message(tx_topic(), scored("tx-1", event_time=late_evening).encode(), offset=1)]
+    actions, _ = to_actions(batch, index_prefix="cg", topic_prefix=PREFIX)
+    assert [(a.op["_index"], a.doc_id) for a in actions] == [("cg-transactions-2023.11.14", "tx-1")]
+
+
+def test_event_time_outside_the_calendar_is_dead_lettered() -> None:
+    batch = [message(tx_topic(), scored("tx-1", event_time=2**62).encode(), offset=3)]
+    actions, dead = to_actions(batch, index_prefix="cg", topic_prefix=PREFIX)
+    assert actions == []
+    assert [d.error_kind for d in dead] == ["invalid_field"]
+    assert dead[0].reason.startswith("event_time:")
+
+
+def test_period_of_only_accepts_exact_period_indices_of_the_prefix_and_kind() -> None:
+    assert period_of("cg-transactions-2026.02.28", "cg", "transactions") is not None
+    start, end = period_of("cg-transactions-2026.12", "cg", "transactions")  # type: ignore[misc]
+    assert (start.isoformat(), end.isoformat()) == ("2026-12-01T00:00:00+00:00", "2027-01-01T00:00:00+00:00")
+    start, end = period_of("cg-alerts-2026.02.28", "cg", "alerts")  # type: ignore[misc]
+    assert end.isoformat() == "2026-03-01T00:00:00+00:00"
+    for other in ("cg-transactions", "cg-transactions-x-transactions-2026.02.28", "cg-transactions-2026.2.28",
+                  "cgx-transactions-2026.02.28", "cg-alerts-2026.02.28"):
+        assert period_of(other, "cg", "transactions") is None, other
+
+
+def test_retention_drops_indices_whose_period_ended_and_that_were_created_long_enough_ago() -> None:
+    now = 1_795_305_600_000  # 2026-11-22T00:00Z
+    old = now - 100 * DAY_MS
+    created = {
+        "cg-face_observations-2026.10.21": old,  # ended 31 days ago, created long ago: dropped
+        "cg-face_observations-2026.10.22": old,  # ended exactly 30 days ago: dropped
+        "cg-face_observations-2026.10.23": old,  # ended 29 days ago: kept
+        "cg-face_observations-2022.11.08": now - DAY_MS,  # a replay of old history indexed yesterday: kept
+        "cg-face_observations-2026.11": old,  # the current month: kept
+        "other-face_observations-2020.01.01": old,  # another prefix: never touched
+    }
+    assert expired_indices(created, "cg", "face_observations", 30, now) == [
+        "cg-face_observations-2026.10.21", "cg-face_observations-2026.10.22",
+    ]
+    assert expired_indices(created, "cg", "face_observations", 0, now) == []
+
+
+def test_face_observations_are_kept_shorter_than_transactions_by_default() -> None:
+    defaults = IndicesSettings()
+    assert 0 < retention_days(defaults, "face_observations") < retention_days(defaults, "transactions")
+    assert {route.kind for route in ROUTES} == {"transactions", "alerts", "face_observations"}
+    for route in ROUTES:
+        retention_days(defaults, route.kind)  # every kind has a setting
