@@ -154,5 +154,20 @@ else
   stamp_set opensearch "$os_key"
 fi
 
+# --- 6. Face photos for the local camera (the face_recognition 1.3.0 sdist's test images) ---------
+faces_key="face_recognition-1.3.0"
+faces_dir="$STACK_DIR/faces/face_recognition-1.3.0/tests/test_images"
+if compgen -G "$faces_dir/*.jpg" >/dev/null && stamp_ok faces "$faces_key"; then
+  say "face photos: up to date"
+else
+  say "face photos: fetching the face_recognition 1.3.0 source package"
+  mkdir -p "$STACK_DIR/downloads" "$STACK_DIR/faces"
+  quiet faces .venv/bin/python -m pip download face_recognition==1.3.0 --no-deps --no-binary :all: \
+    -d "$STACK_DIR/downloads"
+  tar -xzf "$STACK_DIR/downloads/face_recognition-1.3.0.tar.gz" -C "$STACK_DIR/faces" \
+    --wildcards 'face_recognition-1.3.0/tests/test_images/*.jpg'
+  stamp_set faces "$faces_key"
+fi
+
 elapsed_ms=$((($(date +%s%N) - START_NS) / 1000000))
 say "done in $((elapsed_ms / 1000)).$(printf '%03d' $((elapsed_ms % 1000)))s"

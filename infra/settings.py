@@ -250,6 +250,87 @@ class DashboardSettings(BaseModel, frozen=True):
     alerts_shown: int = 12
 
 
+class CameraSettings(BaseModel, frozen=True):
+    """Meraki cameras (``CG_CAMERAS__*``): the Dashboard API, the camera map, the local camera, the face stage.
+
+    Maps are plain ``key=value`` lists (comma separated) so they survive ``Settings.to_env``. Without an
+    entry a lane's camera is ``Q2MV-<store_id>-<lane_id>`` and a store's entrance ``Q2MV-<store_id>-ENTRANCE``.
+    """
+
+    base_url: str | None = None
+    """Dashboard API base, e.g. ``https://api.meraki.com/api/v1``; ``None`` = the local camera."""
+    api_key: SecretStr = SecretStr("local-camera-key")
+    lane_cameras: str = ""
+    """``store-001/lane-01=Q2AB-CDEF-0001,...``: explicit lane camera serials."""
+    entrance_cameras: str = ""
+    """``store-001=Q2AB-CDEF-0100,...``: explicit entrance camera serials."""
+    poll_interval_s: float = 1.0
+    """How often a snapshot URL is polled until the image is ready (Meraki: about once a second)."""
+    poll_max_tries: int = 30
+    no_video_backoff_s: float = 2.0
+    """Wait before asking again after ``400 No video for specified timestamp`` (doubles, capped at 8x)."""
+    no_video_max_tries: int = 6
+    fallback_to_now: bool = True
+    """After ``no_video_max_tries`` take a snapshot of "now" instead (flagged on the result)."""
+    deadline_s: float = 30.0
+    """Overall budget of one snapshot: every retry, poll and wait included."""
+    request_timeout_s: float = 5.0
+    max_image_bytes: int = 8 * 1024 * 1024
+    local_port: int = 8765
+    local_no_video_ms: int = 1500
+    """Local camera: footage for a timestamp exists only this long after it (Meraki: up to minutes)."""
+    local_not_ready_polls: int = 2
+    """Local camera: a snapshot URL answers 404 this many times before the JPEG."""
+    local_rate_limit_per_s: float = 10.0
+    local_photo_dirs: str = ""
+    """Extra face photo folders for the local camera (``os.pathsep`` separated); subfolder = person."""
+    local_publish_hz: float = 2.0
+    """Local camera: MV Sense messages per second per camera that sees someone."""
+    mqtt_topic_prefix: str = ""
+    """Put before ``/merakimv/...`` on the broker; lets test runs share one Mosquitto (cameras use none)."""
+    entrance_oid_window_s: float = 600.0
+    """An ``oid`` not seen on an entrance camera for this long is a new person."""
+    snapshot_workers: int = 8
+    """Face stage: concurrent snapshot downloads (I/O)."""
+    analysis_workers: int = 1
+    """Face stage: concurrent face analyses (CPU; one per core to spare)."""
+    max_in_flight: int = 64
+    """Face stage: pending snapshots before it pauses consuming."""
+
+
+class IndicesSettings(BaseModel, frozen=True):
+    """OpenSearch index layout and retention (``CG_INDICES__*``); see sinks/retention.py.
+
+    Documents go to one index per period of their ``event_time`` (``<prefix>-<kind>-2026.11.22``),
+    read through the alias ``<prefix>-<kind>``; retention drops whole period indices (the integ-test
+    OpenSearch has no ISM plugin and no delete-by-query).
+    """
+
+    period: Literal["day", "month"] = "day"
+    """``day`` or ``month``: the event-time span of one index (month suits long historical replays)."""
+    transactions_retention_days: int = 400
+    alerts_retention_days: int = 400
+    face_observations_retention_days: int = 30
+    """0 keeps an index family forever. An index is dropped once its period ended and it was
+    created more than this many days ago (so a replay of old history is kept for this long)."""
+    retention_interval_s: float = 3600.0
+    """How often the OpenSearch sink applies retention (also at start)."""
+    include_face_embeddings: bool = False
+    """Index FaceObservation embeddings (biometric data) -- off unless explicitly wanted."""
+
+
+class DashboardSettings(BaseModel, frozen=True):
+    """The live dashboard (``python -m sinks.dashboard``, ``CG_DASHBOARD__*``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8050
+    refresh_ms: int = 3000
+    """How often the page polls its JSON endpoints."""
+    window_minutes: int = 60
+    """Default time window of the charts and rates."""
+    alerts_shown: int = 12
+
+
 class Settings(BaseSettings):
     """Everything configurable. Frozen: build it once at the edge of a process and pass it down."""
 
@@ -268,6 +349,7 @@ class Settings(BaseSettings):
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
     webex: WebexSettings = Field(default_factory=WebexSettings)
     faces: FaceSettings = Field(default_factory=FaceSettings)
+    cameras: CameraSettings = Field(default_factory=CameraSettings)
     java_home: Path | None = None
     """JDK for Kafka, OpenSearch and Flink; found automatically when unset."""
 

@@ -1,0 +1,23 @@
+"""Where the tests find real face photos: the face_recognition sdist installed by `make setup`, and
+the shared labelled folders when present (read in place, never copied into the repo)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from infra.settings import Settings
+from producers.local_camera import SDIST_PHOTOS
+
+SHARED_FACES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "faces"
+SHARED_PERSON_DIRS = (
+    "face-api-js", "dlib/johns", "face_recognition/knn_examples/train", "face_recognition/test_images",
+)
+
+
+def shared_photo_dirs() -> list[Path]:
+    return [SHARED_FACES / d for d in SHARED_PERSON_DIRS if (SHARED_FACES / d).is_dir()]
+
+
+def sdist_or_shared_photo_dirs() -> list[Path]:
+    sdist = Path(Settings().stack_dir) / SDIST_PHOTOS
+    return ([sdist] if sdist.is_dir() else []) + shared_photo_dirs()
