@@ -102,8 +102,10 @@ class FaceSettings(BaseModel, frozen=True):
 
     backend: str = "local"
     """``local`` (dlib on this machine) or ``rekognition`` (AWS collections via boto3)."""
-    match_threshold: float = 55.0
-    """Similarity at or above which a face matches a watchlist subject (55 = dlib distance 0.54)."""
+    match_threshold: float = 52.0
+    """Similarity at or above which a face matches a watchlist subject (52 = dlib distance 0.576). On the
+    shared labelled faces (18 people, 355 same / 4898 different pairs) same-person pairs score >= 52.8 and
+    different-person pairs <= 51.3: TMR 1.0, FMR 0 here; at 50 (distance 0.6) FMR is 0.0006."""
     min_face_px: int = 40
     """Shorter side of the detected box, in analysed-image pixels, below which a face is rejected."""
     blur_threshold: float = 10.0
