@@ -1,0 +1,90 @@
+"""The camera bridge on a real Mosquitto and Kafka: MV Sense messages arrive as CameraEvents keyed by
+serial, garbage as dead letters, other topics nowhere; a broker restart is survived.
+
+The broker here is the test's own Mosquitto on a free port, so stopping it leaves the shared one alone.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from producers.camera_bridge import CameraBridge
+from schemas.records import CameraEvent, DeadLetter
+from schemas.topics import CAMERA_EVENTS, DEAD_LETTERS
+from tests.e2e.camera_helpers import PrivateMosquitto, TopicReader, isolated_camera_settings
+
+pytestmark = pytest.mark.e2e
+
+
+def _publish(port: int, messages: list[tuple[str, bytes]]) -> None:
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"pub-{time.monotonic_ns()}")
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        for topic, payload in messages:
+            client.publish(topic, payload, qos=1).wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _detections(oid: int) -> bytes:
+    return json.dumps({"ts": int(time.time() * 1000), "objects": [
+        {"frame": 1, "oid": oid, "type": "person", "x0": 0.2, "y0": 0.1, "x1": 0.6, "y1": 0.9}]}).encode()
+
+
+def test_bridge_forwards_detections_dead_letters_garbage_and_survives_a_broker_restart(stack, tmp_path) -> None:
+    broker = PrivateMosquitto(tmp_path).start()
+    settings = isolated_camera_settings(stack, tmp_path, mqtt_port=broker.port)
+    prefix = settings.cameras.mqtt_topic_prefix
+    topic_prefix = settings.kafka.topic_prefix
+    events, dlq = CAMERA_EVENTS.full_name(topic_prefix), DEAD_LETTERS.full_name(topic_prefix)
+    bridge = CameraBridge(settings)
+    stop = threading.Event()
+    runner = threading.Thread(target=bridge.run, args=(stop,), daemon=True)
+    runner.start()
+    reader = TopicReader(settings, events, dlq)
+    try:
+        assert bridge.connected.wait(15), "bridge did not connect"
+        _publish(broker.port, [
+            (f"{prefix}/merakimv/Q2MV-s1-ENTRANCE/raw_detections", _detections(1001)),
+            (f"{prefix}/merakimv/Q2MV-s1-ENTRANCE/0", json.dumps({"ts": 5, "counts": {"person": 1}}).encode()),
+            (f"{prefix}/merakimv/Q2MV-s1-ENTRANCE/light", b'{"lux": 300}'),
+            (f"{prefix}/merakimv/Q2MV-s1-ENTRANCE/raw_detections", b"this is not json"),
+        ])
+        seen = reader.until(lambda s: sum(t == events for t, _, _ in s) >= 2 and any(t == dlq for t, _, _ in s))
+        cam = [CameraEvent.decode(v) for t, _, v in seen if t == events]
+        assert {e.kind for e in cam} == {"RAW_DETECTIONS", "ZONE_COUNT"}
+        assert all(k == b"Q2MV-s1-ENTRANCE" for t, k, _ in seen if t == events)
+        assert cam[[e.kind for e in cam].index("RAW_DETECTIONS")].objects[0].oid == 1001
+        dead = [DeadLetter.decode(v) for t, _, v in seen if t == dlq]
+        assert len(dead) == 1 and dead[0].error_kind == "not_json" and dead[0].payload == b"this is not json"
+        assert bridge.stats.ignored["light"] == 1
+
+        broker.stop()
+        assert not bridge.connected.wait(0) or _wait_disconnect(bridge)
+        broker.start()
+        assert bridge.connected.wait(20), "bridge did not reconnect after the broker restart"
+        _publish(broker.port, [(f"{prefix}/merakimv/Q2MV-s1-ENTRANCE/raw_detections", _detections(2002))])
+        seen = reader.until(lambda s: any(t == events and CameraEvent.decode(v).objects
+                                          and CameraEvent.decode(v).objects[0].oid == 2002 for t, _, v in s))
+        assert bridge.stats.connects >= 2
+    finally:
+        stop.set()
+        runner.join(15)
+        reader.close()
+        broker.stop()
+
+
+def _wait_disconnect(bridge: CameraBridge, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while bridge.connected.is_set():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
