@@ -238,7 +238,23 @@ class DeadLetter(Record):
     key: bytes | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class AuditEvent(Record):
+    AVRO_NAME: ClassVar[str] = "AuditEvent"
+    audit_id: str
+    event_time: int
+    action: str
+    outcome: str
+    actor: str
+    subject_id: str | None = None
+    category: str | None = None
+    transaction_id: str | None = None
+    command_id: str | None = None
+    reason: str | None = None
+    details: dict[str, str] = field(default_factory=dict)
+
+
 TOP_LEVEL_RECORDS: tuple[type[Record], ...] = (
     PosTransaction, CameraEvent, FaceObservation, ScoredTransaction, Alert, BotCommand,
-    WatchlistEntry, DeadLetter,
+    WatchlistEntry, DeadLetter, AuditEvent,
 )

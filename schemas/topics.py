@@ -44,6 +44,10 @@ WATCHLIST = TopicSpec(
     "watchlist", "WatchlistEntry", key="subject_id (null value = forgotten)", partitions=1,
     config={"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "delete.retention.ms": str(DAY_MS)},
 )
+AUDIT = TopicSpec(
+    "audit", "AuditEvent", key="audit_id", partitions=1,
+    config={"retention.ms": str(365 * DAY_MS)},
+)
 DEAD_LETTERS = TopicSpec(
     "dead_letters", "DeadLetter", key="<topic>:<partition>:<offset> of the bad input",
     config={"retention.ms": str(30 * DAY_MS)},
@@ -51,5 +55,5 @@ DEAD_LETTERS = TopicSpec(
 
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     TRANSACTIONS, CAMERA_EVENTS, FACE_OBSERVATIONS, SCORED_TRANSACTIONS, ALERTS, COMMANDS, WATCHLIST,
-    DEAD_LETTERS,
+    DEAD_LETTERS, AUDIT,
 )
