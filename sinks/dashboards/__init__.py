@@ -1,0 +1,1 @@
+"""OpenSearch Dashboards saved objects (checkout-guard.ndjson) and the module that writes them."""
