@@ -75,7 +75,8 @@ class JobSettings(BaseModel, frozen=True):
 
 
 class RulesSettings(BaseModel, frozen=True):
-    """Thresholds of the built-in rule set (v1); a versioned YAML rule set replaces these later."""
+    """Thresholds of the stateful indicators. Weights, bands and block/review thresholds are in the
+    versioned YAML rule set (``ruleset_file``); the three fields below override it only when set."""
 
     version: str = "builtin-v1"
     block_at: int = 85
@@ -89,6 +90,42 @@ class RulesSettings(BaseModel, frozen=True):
     store_return_limit: int = 20
     receipt_retention_days: int = 120
     """How long a sale's receipt is remembered for matching returns."""
+    ruleset_file: Path | None = None
+    """Versioned YAML rule set (weights, bands, face rules); ``None`` = ``jobs/rulesets/default.yaml``.
+    ``version``/``block_at``/``review_at`` above override the file only when set explicitly."""
+
+
+class ModelSettings(BaseModel, frozen=True):
+    """Fraud model backends (``CG_MODEL__*``): the local LightGBM model, or AWS with it as fallback."""
+
+    backend: str = "local"
+    """``local`` (LightGBM artifact), ``frauddetector`` (GetEventPrediction), ``sagemaker``, or ``none``."""
+    artifact_dir: Path | None = None
+    """Where trained models live (one folder per version + ``CURRENT``); defaults to ``<stack dir>/models``."""
+    artifact: str | None = None
+    """Model version (folder name) to load; ``None`` = the one ``CURRENT`` names."""
+    auto_train: bool = True
+    """Train the default model from synthetic history when no artifact exists (fresh machine)."""
+    connect_timeout_s: float = 0.5
+    read_timeout_s: float = 1.0
+    retries: int = 1
+    """Extra attempts after a failed remote call (so ``retries + 1`` calls at most)."""
+    breaker_failures: int = 5
+    """Consecutive failed calls that open the circuit: every record then goes to the local model."""
+    breaker_cooldown_s: float = 30.0
+    """How long the circuit stays open before one trial call (half-open)."""
+    concurrency: int = 8
+    """Parallel per-record Fraud Detector calls within one batch."""
+    aws_region: str = "eu-west-1"
+    aws_endpoint_url: str | None = None
+    """Endpoint override (a local server or moto in tests); ``None`` = AWS."""
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = None
+    afd_detector_id: str = "transaction_event"
+    afd_detector_version: str | None = None
+    afd_event_type: str = "transaction"
+    afd_entity_type: str = "customer"
+    sagemaker_endpoint: str = "checkout-guard-fraud"
 
 
 class FaceSettings(BaseModel, frozen=True):
@@ -345,6 +382,7 @@ class Settings(BaseSettings):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     job: JobSettings = Field(default_factory=JobSettings)
     rules: RulesSettings = Field(default_factory=RulesSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
     indices: IndicesSettings = Field(default_factory=IndicesSettings)
     dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)

@@ -239,6 +239,15 @@ class DeadLetter(Record):
 
 
 @dataclass(frozen=True, slots=True)
+class RuleSetUpdate(Record):
+    AVRO_NAME: ClassVar[str] = "RuleSetUpdate"
+    version: str
+    yaml: str
+    published_at: int
+    published_by: str
+
+
+@dataclass(frozen=True, slots=True)
 class AuditEvent(Record):
     AVRO_NAME: ClassVar[str] = "AuditEvent"
     audit_id: str
@@ -256,5 +265,5 @@ class AuditEvent(Record):
 
 TOP_LEVEL_RECORDS: tuple[type[Record], ...] = (
     PosTransaction, CameraEvent, FaceObservation, ScoredTransaction, Alert, BotCommand,
-    WatchlistEntry, DeadLetter, AuditEvent,
+    WatchlistEntry, DeadLetter, AuditEvent, RuleSetUpdate,
 )

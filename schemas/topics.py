@@ -44,6 +44,10 @@ WATCHLIST = TopicSpec(
     "watchlist", "WatchlistEntry", key="subject_id (null value = forgotten)", partitions=1,
     config={"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "delete.retention.ms": str(DAY_MS)},
 )
+RULES = TopicSpec(
+    "rules", "RuleSetUpdate", key='"active" (the latest record is the rule set in force)', partitions=1,
+    config={"cleanup.policy": "compact", "min.compaction.lag.ms": "0"},
+)
 AUDIT = TopicSpec(
     "audit", "AuditEvent", key="audit_id", partitions=1,
     config={"retention.ms": str(365 * DAY_MS)},
@@ -55,5 +59,5 @@ DEAD_LETTERS = TopicSpec(
 
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     TRANSACTIONS, CAMERA_EVENTS, FACE_OBSERVATIONS, SCORED_TRANSACTIONS, ALERTS, COMMANDS, WATCHLIST,
-    DEAD_LETTERS, AUDIT,
+    DEAD_LETTERS, AUDIT, RULES,
 )
