@@ -174,6 +174,8 @@ class FaceSettings(BaseModel, frozen=True):
     rekognition_endpoint_url: str | None = None
     """Rekognition endpoint override; defaults to ``aws_endpoint_url``."""
     rekognition_collection: str = "checkout-guard-watchlist"
+    rekognition_match_threshold: float = 99.0
+    """Rekognition's own similarity scale; AWS advises >= 99 plus human review for public-safety uses."""
     retention_purge_interval_s: float = 300.0
     """How often the watchlist service runs the snapshot retention purge."""
 

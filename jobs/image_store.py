@@ -72,6 +72,10 @@ class ImageStore:
     def purge(self, older_than_ms: int) -> int:
         raise NotImplementedError
 
+    def retained(self) -> dict[str, str]:
+        """Every retained ref with its reason (``forget`` uses it to find a subject's alert snapshots)."""
+        raise NotImplementedError
+
 
 class LocalImageStore(ImageStore):
     """Files ``<root>/<kind>/<key>`` (mode 0600); a retained image gets a ``.<key>.retained`` marker."""
@@ -121,6 +125,17 @@ class LocalImageStore(ImageStore):
         fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             json.dump({"reason": reason, "at": int(time.time() * 1000)}, fh)
+
+    def retained(self) -> dict[str, str]:
+        out = {}
+        for kind in PURGEABLE:
+            for marker in (self.root / kind).glob(".*.retained"):
+                try:
+                    reason = json.loads(marker.read_text()).get("reason", "")
+                except (OSError, ValueError):
+                    continue
+                out[f"{self.PREFIX}{kind}/{marker.name[1:-len('.retained')]}"] = reason
+        return out
 
     def purge(self, older_than_ms: int) -> int:
         """Delete un-retained checkout/entrance images written before ``older_than_ms`` (epoch ms)."""
@@ -224,3 +239,15 @@ class S3ImageStore(ImageStore):
                     self.s3.delete_object(Bucket=bucket, Key=obj["Key"])
                     n += 1
         return n
+
+    def retained(self) -> dict[str, str]:
+        out = {}
+        for kind in PURGEABLE:
+            bucket = self.buckets[kind]
+            for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{kind}/"):
+                for obj in page.get("Contents", []):
+                    tags = self.s3.get_object_tagging(Bucket=bucket, Key=obj["Key"]).get("TagSet", [])
+                    reason = next((t["Value"] for t in tags if t["Key"] == "retained"), None)
+                    if reason is not None:
+                        out[f"s3://{bucket}/{obj['Key']}"] = reason
+        return out

@@ -1,0 +1,128 @@
+"""Rekognition backend and S3 image store against local servers: moto (server mode) for S3, and
+``tests/local_rekognition.py`` for the collection calls moto does not implement."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+from pydantic import SecretStr
+
+from infra.settings import FaceSettings, Settings
+from jobs.image_store import ImageStore, S3ImageStore
+from jobs.rekognition import RekognitionFaces
+from tests.local_rekognition import LocalRekognition
+
+FACES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "faces"
+IMAGES = FACES / "face_recognition" / "test_images"
+needs_faces = pytest.mark.skipif(not IMAGES.is_dir(), reason="shared face photos (../shared/data/faces) absent")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def moto_url():
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def settings(moto_url, tmp_path) -> Settings:
+    run = uuid.uuid4().hex[:12]
+    faces = FaceSettings(
+        image_store="s3", backend="rekognition", aws_endpoint_url=moto_url, aws_region="us-east-1",
+        aws_access_key_id=SecretStr("testing"), aws_secret_access_key=SecretStr("testing"),
+        checkout_bucket=f"checkout-{run}", suspects_bucket=f"suspects-{run}",
+    )
+    return Settings(stack_dir=tmp_path, faces=faces)
+
+
+@pytest.fixture
+def store(settings) -> S3ImageStore:
+    s = ImageStore.from_settings(settings)
+    assert isinstance(s, S3ImageStore)
+    s.ensure_buckets()
+    return s
+
+
+@pytest.fixture
+def rekognition(settings, moto_url):
+    s3 = boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    server = LocalRekognition(s3_client=s3)
+    url = server.start()
+    faces = RekognitionFaces(settings.faces.model_copy(update={"rekognition_endpoint_url": url}))
+    faces.ensure_collection()
+    yield faces, server
+    server.stop()
+
+
+def test_s3_store_round_trips_and_finds_by_kind_and_key(store):
+    ref = store.put("checkout", "tx-1", b"\xff\xd8jpeg")
+    assert ref.startswith("s3://") and store.get(ref) == b"\xff\xd8jpeg"
+    assert store.find("checkout", "tx-1") == ref
+    assert store.find("checkout", "tx-2") is None
+    assert store.put("reference", "subj-tx-1", b"r").startswith(f"s3://{store.buckets['reference']}/")
+
+
+def test_s3_purge_deletes_old_unretained_snapshots_but_keeps_retained_and_references(store):
+    old = store.put("checkout", "tx-old", b"a")
+    kept = store.put("checkout", "tx-alerted", b"b")
+    ref = store.put("reference", "subj-x", b"c")
+    store.retain(kept, "alert a-1 subject=subj-x")
+    assert store.purge(older_than_ms=0) == 0, "nothing is older than the epoch"
+    import time
+    assert store.purge(older_than_ms=int(time.time() * 1000) + 60_000) == 1
+    assert store.find("checkout", "tx-old") is None and old
+    assert store.get(kept) == b"b" and store.get(ref) == b"c"
+    assert store.retained() == {kept: "alert a-1 subject=subj-x"}
+
+
+def test_s3_delete_removes_the_object(store):
+    ref = store.put("entrance", "Q2MV-S1-ENTRANCE:7", b"x")
+    store.delete(ref)
+    assert store.find("entrance", "Q2MV-S1-ENTRANCE:7") is None
+
+
+@needs_faces
+def test_rekognition_indexes_from_s3_matches_the_same_person_and_forgets(store, rekognition):
+    faces, server = rekognition
+    ref = store.put("reference", "subj-tx-9", (IMAGES / "obama.jpg").read_bytes())
+    ids = faces.index("subj-tx-9", ref)
+    assert len(ids) == 1
+    assert faces.index("subj-tx-9", ref) == ids, "re-enrolling the same subject indexes nothing new"
+    match = faces.search((IMAGES / "obama2.jpg").read_bytes())
+    assert match is not None and match.subject_id == "subj-tx-9" and match.similarity >= 99.0
+    assert faces.search((IMAGES / "biden.jpg").read_bytes()) is None
+    assert faces.forget("subj-tx-9") == 1
+    assert faces.search((IMAGES / "obama2.jpg").read_bytes()) is None
+    assert faces.face_ids("subj-tx-9") == []
+    assert {"CreateCollection", "IndexFaces", "ListFaces", "SearchFacesByImage", "DeleteFaces"} <= set(server.calls)
+
+
+@needs_faces
+def test_rekognition_search_without_a_face_is_no_match_not_an_error(rekognition):
+    faces, _ = rekognition
+    assert faces.search((FACES / "no_face" / "dogs.jpg").read_bytes()) is None
+
+
+def test_rekognition_errors_carry_the_aws_code(settings, rekognition):
+    from jobs.rekognition import RekognitionError
+
+    faces, _ = rekognition
+    other = RekognitionFaces(faces.settings.model_copy(update={"rekognition_collection": "missing"}))
+    with pytest.raises(RekognitionError) as err:
+        other.face_ids("subj-1")
+    assert err.value.code == "ResourceNotFoundException"
