@@ -308,7 +308,7 @@ class CameraSettings(BaseModel, frozen=True):
     poll_interval_s: float = 1.0
     """How often a snapshot URL is polled until the image is ready (Meraki: about once a second)."""
     poll_max_tries: int = 30
-    no_video_backoff_s: float = 2.0
+    no_video_backoff_s: float = 1.0
     """Wait before asking again after ``400 No video for specified timestamp`` (doubles, capped at 8x)."""
     no_video_max_tries: int = 6
     fallback_to_now: bool = True
@@ -318,9 +318,9 @@ class CameraSettings(BaseModel, frozen=True):
     request_timeout_s: float = 5.0
     max_image_bytes: int = 8 * 1024 * 1024
     local_port: int = 8765
-    local_no_video_ms: int = 1500
+    local_no_video_ms: int = 1000
     """Local camera: footage for a timestamp exists only this long after it (Meraki: up to minutes)."""
-    local_not_ready_polls: int = 2
+    local_not_ready_polls: int = 1
     """Local camera: a snapshot URL answers 404 this many times before the JPEG."""
     local_rate_limit_per_s: float = 10.0
     local_photo_dirs: str = ""
@@ -337,6 +337,10 @@ class CameraSettings(BaseModel, frozen=True):
     """Face stage: concurrent face analyses (CPU; one per core to spare)."""
     max_in_flight: int = 64
     """Face stage: pending snapshots before it pauses consuming."""
+    max_lag_s: float = 600.0
+    """Face stage: a transaction older than this is not snapshotted (``UNAVAILABLE``): its decision is long made."""
+    face_stage_offset_reset: str = "latest"
+    """Where a new face stage consumer group starts: ``latest`` (a fresh deployment does not snapshot history)."""
 
 
 class IndicesSettings(BaseModel, frozen=True):

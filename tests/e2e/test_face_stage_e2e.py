@@ -1,0 +1,107 @@
+"""Cameras end to end on the real stack: local camera -> (MQTT -> bridge ->) Kafka -> face stage -> Kafka.
+
+A scheduled shopper pays at a lane: the face stage's observation of that transaction carries an
+embedding of *that* person's face (similar to another photo of them, not to someone else), checked
+against the local camera's ground truth. A new person at a store entrance (MV Sense over the shared
+Mosquitto, under this test's own topic prefix) gets an ENTRANCE observation.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+from confluent_kafka import Producer
+
+from jobs.face_stage import run_face_stage
+from producers.camera_bridge import CameraBridge
+from producers.local_camera import LocalCameraControl, LocalCameraServer, load_people
+from producers.meraki import camera_for_lane, entrance_camera
+from schemas.records import FaceObservation, PosTransaction
+from schemas.topics import FACE_OBSERVATIONS, TRANSACTIONS
+from tests.e2e.camera_helpers import TopicReader, free_port, isolated_camera_settings
+from tests.unit.faces_data import sdist_or_shared_photo_dirs
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def world(stack, tmp_path):
+    dirs = sdist_or_shared_photo_dirs()
+    if not dirs:
+        pytest.skip("no face photos: run `make setup` (face_recognition sdist) or provide ../shared/data/faces")
+    settings = isolated_camera_settings(stack, tmp_path, local_port=free_port(), face_stage_offset_reset="earliest",
+                                        poll_interval_s=0.25)
+    camera = LocalCameraServer(settings, people=load_people(dirs)).start()
+    stop = threading.Event()
+    threads = [threading.Thread(target=CameraBridge(settings).run, args=(stop,), daemon=True),
+               threading.Thread(target=run_face_stage, args=(settings, stop), daemon=True)]
+    for t in threads:
+        t.start()
+    reader = TopicReader(settings, FACE_OBSERVATIONS.full_name(settings.kafka.topic_prefix))
+    try:
+        yield settings, camera, reader
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        camera.stop()
+        reader.close()
+
+
+def _observations(reader: TopicReader, done, timeout_s: float = 90.0) -> list[FaceObservation]:
+    seen = reader.until(lambda s: done([FaceObservation.decode(v) for _, _, v in s]), timeout_s)
+    return [FaceObservation.decode(v) for _, _, v in seen]
+
+
+def _similarity(engine, embedding, photo) -> float:
+    from jobs.face_engine import similarity
+
+    return similarity(np.asarray(embedding, dtype=np.float32), engine.best_face(open(photo, "rb").read()).embedding)
+
+
+def test_the_face_at_a_checkout_is_the_person_who_stood_at_that_lane(world) -> None:
+    from jobs.face_engine import FaceEngine
+
+    settings, camera, reader = world
+    people = camera.camera.scene.people
+    person = next(n for n, photos in people.items() if len(photos) >= 2)
+    other = next(n for n in people if n != person)
+    control = LocalCameraControl(camera.base_url)
+    now = int(time.time() * 1000)
+    store = f"store-{uuid.uuid4().hex[:6]}"
+    control.add_visit(person, store, "lane-03", now - 20_000, now - 2_000, now + 20_000)
+    tx = PosTransaction(f"tx-{uuid.uuid4().hex[:10]}", now - 2_000, store, "lane-03", "SALE", 42.0, "USD")
+    producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True})
+    producer.produce(TRANSACTIONS.full_name(settings.kafka.topic_prefix), tx.encode(), key=f"{store}/lane-03".encode())
+    assert producer.flush(10) == 0
+
+    [obs] = [o for o in _observations(reader, lambda os: any(o.transaction_id == tx.transaction_id for o in os))
+             if o.transaction_id == tx.transaction_id]
+    assert (obs.observation_id, obs.trigger, obs.status) == (f"checkout:{tx.transaction_id}", "CHECKOUT", "NO_MATCH")
+    assert obs.camera_serial == camera_for_lane(settings, store, "lane-03") and obs.image_ref
+    truth = [p for p in control.ground_truth(obs.camera_serial)
+             if p["start_ms"] <= tx.event_time < p["end_ms"]]
+    assert [p["person"] for p in truth] == [person]
+    reference = next(p for p in people[person] if str(p) != truth[0]["photo"])  # another photo of them
+    engine = FaceEngine(settings.faces)
+    threshold = settings.faces.match_threshold
+    assert _similarity(engine, obs.embedding, reference) >= threshold
+    assert _similarity(engine, obs.embedding, people[other][0]) < threshold
+
+
+def test_a_new_person_at_the_entrance_gets_an_entrance_observation(world) -> None:
+    settings, camera, reader = world
+    person = next(iter(camera.camera.scene.people))
+    store = f"store-{uuid.uuid4().hex[:6]}"
+    now = int(time.time() * 1000)
+    LocalCameraControl(camera.base_url).add_visit(person, store, "lane-01", now + 300, now + 60_000, now + 70_000)
+    door = entrance_camera(settings, store)
+    observations = _observations(reader, lambda os: any(o.camera_serial == door for o in os), timeout_s=60)
+    obs = [o for o in observations if o.camera_serial == door]
+    assert len({o.observation_id for o in obs}) == 1  # one person, one oid: one observation
+    assert obs[0].trigger == "ENTRANCE" and obs[0].store_id == store and obs[0].lane_id is None
+    assert obs[0].status == "NO_MATCH" and obs[0].embedding and obs[0].image_ref

@@ -1,0 +1,181 @@
+"""The face stage's core: what it snapshots, and what it observes in real rendered camera frames.
+
+Frames come from the local camera's renderer (real face photos in a 640x480 scene) and are analysed
+by the real face engine; the snapshot function is the seam (the Meraki client has its own tests).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from infra.settings import CameraSettings, Settings
+from jobs.face_stage import CHECKOUT, ENTRANCE, EntranceTracker, FaceStage, OffsetTracker, Trigger
+from jobs.image_store import LocalImageStore
+from producers.local_camera import Presence, load_people, render
+from producers.meraki import Snapshot, SnapshotError
+from schemas.records import CameraEvent, DetectedObject, FaceObservation, PosTransaction
+from tests.unit.faces_data import sdist_or_shared_photo_dirs
+
+LANE = "Q2MV-store-001-lane-01"
+
+
+def test_entrance_tracker_reports_an_oid_once_per_window() -> None:
+    t = EntranceTracker(window_ms=10_000)
+    assert t.new_oids("cam", 1_000, [1, 2]) == [1, 2]
+    assert t.new_oids("cam", 2_000, [1, 2, 3]) == [3]
+    assert t.new_oids("other", 2_000, [1]) == [1]  # oids are per camera
+    assert t.new_oids("cam", 11_500, [1]) == []  # seen at 2_000: still within the window
+    assert t.new_oids("cam", 30_000, [1]) == [1]  # unseen for longer than the window: a new visit
+
+
+def test_offsets_commit_only_up_to_the_first_unfinished_record() -> None:
+    o = OffsetTracker()
+    tp = ("transactions", 0)
+    o.add(tp, 10, 1)
+    o.add(tp, 11, 2)
+    o.add(tp, 12, 0)  # nothing to do for this record (an invalid transaction)
+    o.add(tp, 13, 1)
+    assert o.to_commit() == {tp: 10}
+    o.done(tp, 11)
+    o.done(tp, 13)
+    assert o.to_commit() == {}  # 10 still pending
+    o.done(tp, 10)
+    assert o.to_commit() == {tp: 11}  # 11 waits for its second observation
+    o.done(tp, 11)
+    assert o.to_commit() == {tp: 14}
+    assert o.in_flight == 0
+
+
+@pytest.fixture(scope="module")
+def people() -> dict[str, tuple[Path, ...]]:
+    dirs = sdist_or_shared_photo_dirs()
+    if not dirs:
+        pytest.skip("no face photos: run `make setup` (face_recognition sdist) or provide ../shared/data/faces")
+    return load_people(dirs)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from jobs.face_engine import FaceEngine
+
+    return FaceEngine(Settings().faces)
+
+
+def _stage(tmp_path: Path, engine, snapshot) -> FaceStage:
+    settings = Settings(cameras=CameraSettings(entrance_oid_window_s=60))
+    return FaceStage(settings, snapshot, engine, LocalImageStore(tmp_path / "images"))
+
+
+def _frame_of(people: dict, person: str | None, photo_index: int = 0):
+    def snapshot(serial: str, at_ms: int | None) -> Snapshot:
+        t = at_ms or int(time.time() * 1000)
+        seen = [] if person is None else [Presence("v", person, str(people[person][photo_index]), serial, "store-001",
+                                                   "lane-01", 0, 1, 7)]
+        return Snapshot(serial, render(serial, t, seen), "image/jpeg", at_ms, False, 1, 2, 0.1)
+    return snapshot
+
+
+def _tx(event_time: int) -> bytes:
+    return PosTransaction("tx-face-1", event_time, "store-001", "lane-01", "SALE", 12.5, "USD").encode()
+
+
+def test_a_checkout_is_snapshotted_at_the_transaction_time_on_its_lane_camera(tmp_path, engine, people) -> None:
+    asked: list[tuple[str, int | None]] = []
+    snap = _frame_of(people, None)
+    stage = _stage(tmp_path, engine, lambda s, at: asked.append((s, at)) or snap(s, at))
+    now = int(time.time() * 1000)
+    [trigger] = stage.plan_transaction(_tx(now - 500), now)
+    assert (trigger.kind, trigger.serial, trigger.at_ms) == (CHECKOUT, LANE, now - 500)
+    assert trigger.observation_id == "checkout:tx-face-1"
+    assert stage.plan_transaction(b"not avro", now) == []  # the scoring job dead-letters bad transactions
+
+
+def test_the_person_at_the_lane_is_observed_with_an_embedding_of_their_face(tmp_path, engine, people) -> None:
+    from jobs.face_engine import similarity
+
+    person = next(n for n, photos in people.items() if len(photos) >= 2)
+    other = next(n for n in people if n != person)
+    stage = _stage(tmp_path, engine, _frame_of(people, person, 0))
+    now = int(time.time() * 1000)
+    [trigger] = stage.plan_transaction(_tx(now), now)
+    obs = stage.observe(trigger, now)
+    assert obs.status == "NO_MATCH" and obs.transaction_id == "tx-face-1" and obs.lane_id == "lane-01"
+    assert obs.quality and 0 < obs.quality <= 1 and len(obs.embedding) == 128
+    assert obs.image_ref and stage.store.get(obs.image_ref).startswith(b"\xff\xd8")
+    same = engine.best_face(people[person][1].read_bytes())
+    different = engine.best_face(people[other][0].read_bytes())
+    threshold = Settings().faces.match_threshold
+    emb = np.asarray(obs.embedding, dtype=np.float32)
+    assert similarity(emb, same.embedding) >= threshold > similarity(emb, different.embedding)
+    assert FaceObservation.decode(obs.encode()) == obs
+
+
+def test_an_empty_lane_is_no_face_with_the_reason(tmp_path, engine, people) -> None:
+    stage = _stage(tmp_path, engine, _frame_of(people, None))
+    now = int(time.time() * 1000)
+    obs = stage.observe(stage.plan_transaction(_tx(now), now)[0], now)
+    assert obs.status == "NO_FACE" and obs.reason == "no face in the snapshot" and obs.embedding is None
+
+
+@pytest.mark.parametrize(("failure", "words"), [
+    (SnapshotError("not_ready", "snapshot URL not ready after 30 polls"), "snapshot not_ready"),
+    (SnapshotError("deadline", "snapshot deadline passed"), "snapshot deadline"),
+    (ConnectionResetError("boom"), "snapshot failed: ConnectionResetError"),
+])
+def test_a_failed_snapshot_is_unavailable_with_the_reason(tmp_path, engine, failure, words) -> None:
+    def snapshot(serial: str, at_ms: int | None) -> Snapshot:
+        raise failure
+
+    stage = _stage(tmp_path, engine, snapshot)
+    now = int(time.time() * 1000)
+    obs = stage.observe(stage.plan_transaction(_tx(now), now)[0], now)
+    assert obs.status == "UNAVAILABLE" and words in obs.reason
+
+
+@pytest.mark.parametrize("body", [b"\xff\xd8\xff\xe0" + bytes(5000), b"\xff\xd8\xff" + b"garbage" * 10])
+def test_a_corrupt_image_is_unavailable_not_a_crash(tmp_path, engine, body: bytes) -> None:
+    stage = _stage(tmp_path, engine, lambda s, at: Snapshot(s, body, "image/jpeg", at, False, 1, 1, 0.1))
+    now = int(time.time() * 1000)
+    obs = stage.observe(stage.plan_transaction(_tx(now), now)[0], now)
+    assert obs.status == "UNAVAILABLE" and obs.reason.startswith("image unusable")
+
+
+def test_a_transaction_too_old_to_matter_is_not_snapshotted(tmp_path, engine) -> None:
+    stage = _stage(tmp_path, engine, lambda s, at: pytest.fail("must not snapshot"))
+    now = int(time.time() * 1000)
+    old = now - 3600_000
+    obs = stage.observe(stage.plan_transaction(_tx(old), now)[0], now)
+    assert obs.status == "UNAVAILABLE" and "late" in obs.reason
+
+
+def test_a_new_person_at_the_entrance_triggers_one_snapshot_of_now(tmp_path, engine, people) -> None:
+    person = next(iter(people))
+    stage = _stage(tmp_path, engine, _frame_of(people, person))
+    now = int(time.time() * 1000)
+
+    def event(serial: str, *oids: int, at: int = now) -> bytes:
+        objs = tuple(DetectedObject(o, "person", 0.1, 0.1, 0.5, 0.9) for o in oids)
+        return CameraEvent(serial, at, f"/merakimv/{serial}/raw_detections", "RAW_DETECTIONS", objects=objs).encode()
+
+    [trigger] = stage.plan_camera_event(event("Q2MV-store-001-ENTRANCE", 42))
+    assert (trigger.kind, trigger.at_ms, trigger.store_id, trigger.lane_id) == (ENTRANCE, None, "store-001", None)
+    assert trigger.observation_id == "entrance:Q2MV-store-001-ENTRANCE:42"
+    assert stage.plan_camera_event(event("Q2MV-store-001-ENTRANCE", 42, at=now + 500)) == []
+    assert stage.plan_camera_event(event(LANE, 43)) == []  # lane cameras are triggered by checkouts
+    obs = stage.observe(trigger, now)
+    assert obs.trigger == ENTRANCE and obs.status == "NO_MATCH" and obs.transaction_id is None
+    assert obs.image_ref and "entrance" in obs.image_ref
+
+
+def test_a_garbage_camera_event_is_invalid() -> None:
+    from jobs.validation import InvalidRecord
+
+    stage = FaceStage(Settings(), lambda s, at: None, None, None)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRecord) as err:
+        stage.plan_camera_event(b"\x00garbage")
+    assert err.value.kind == "not_avro"
+    assert Trigger(ENTRANCE, "c", "s", None, 1, None, oid=5).image_key == ("entrance", "c:5")
