@@ -235,14 +235,17 @@ class MerakiClient:
             raise SnapshotError("deadline", f"snapshot deadline passed (needed to wait {seconds:.1f} s more)")
         self._sleep(seconds)
 
-    def _request(self, method: str, url: str, budget: _Budget, doing: str, **kw: object) -> httpx.Response:
-        """One HTTP exchange with 429 (Retry-After) and 5xx retries inside the budget."""
+    def _request(self, method: str, url: str, budget: _Budget, doing: str, stream: bool = False,
+                 **kw: object) -> httpx.Response:
+        """One HTTP exchange with 429 (Retry-After) and 5xx retries inside the budget. ``stream``: the
+        body of the returned response is not read yet (the caller reads it and closes it)."""
         attempt = 0
         while True:
             left = budget.check(doing)
             timeout = min(self.cfg.request_timeout_s, left)
             try:
-                response = self._http.request(method, url, timeout=timeout, **kw)  # type: ignore[arg-type]
+                request = self._http.build_request(method, url, timeout=timeout, **kw)  # type: ignore[arg-type]
+                response = self._http.send(request, stream=stream)
             except httpx.TimeoutException as exc:
                 budget.check(doing)
                 raise SnapshotError("transport", f"timeout while {doing}: {type(exc).__name__}") from None
@@ -252,6 +255,8 @@ class MerakiClient:
                     raise SnapshotError("transport", f"{type(exc).__name__} while {doing}") from None
                 self._wait(0.2 * attempt, budget)
                 continue
+            if stream and (response.status_code == 429 or response.status_code >= 500):
+                response.close()
             if response.status_code == 429:
                 self._wait(retry_after_s(response.headers.get("Retry-After"), 1.0), budget)
                 continue
@@ -289,23 +294,41 @@ class MerakiClient:
     def _fetch(self, url: str, budget: _Budget, counts: dict[str, int]) -> tuple[bytes, str]:
         for _ in range(self.cfg.poll_max_tries):
             counts["polls"] += 1
-            response = self._request("GET", url, budget, "waiting for the snapshot image")
+            response = self._request("GET", url, budget, "waiting for the snapshot image", stream=True)
             if response.status_code == 200:
-                return self._image(response)
+                try:
+                    return self._image(response, budget)
+                finally:
+                    response.close()
+            response.close()
             if response.status_code not in _NOT_READY:
                 raise SnapshotError("http_error", f"snapshot URL HTTP {response.status_code}")
             self._wait(self.cfg.poll_interval_s, budget)
         raise SnapshotError("not_ready", f"snapshot URL not ready after {self.cfg.poll_max_tries} polls")
 
-    def _image(self, response: httpx.Response) -> tuple[bytes, str]:
+    def _image(self, response: httpx.Response, budget: _Budget) -> tuple[bytes, str]:
+        """The body, read in chunks: never more than ``max_image_bytes``, never past the deadline."""
         content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        data = response.content
-        if not data:
-            raise SnapshotError("empty", "snapshot image is empty")
-        if len(data) > self.cfg.max_image_bytes:
-            raise SnapshotError("too_large", f"snapshot image of {len(data)} bytes exceeds {self.cfg.max_image_bytes}")
         if not content_type.startswith("image/"):
             raise SnapshotError("wrong_type", f"snapshot URL answered {content_type or 'no content type'}, no image")
+        limit = self.cfg.max_image_bytes
+        if int(response.headers.get("Content-Length") or 0) > limit:
+            raise SnapshotError("too_large", f"snapshot image of {response.headers['Content-Length']} bytes "
+                                             f"exceeds {limit}")
+        chunks, size = [], 0
+        try:
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > limit:
+                    raise SnapshotError("too_large", f"snapshot image exceeds {limit} bytes")
+                budget.check("downloading the snapshot image")
+                chunks.append(chunk)
+        except httpx.HTTPError as exc:
+            budget.check("downloading the snapshot image")
+            raise SnapshotError("transport", f"{type(exc).__name__} while downloading the snapshot image") from None
+        data = b"".join(chunks)
+        if not data:
+            raise SnapshotError("empty", "snapshot image is empty")
         if content_type in ("image/jpeg", "image/jpg") and not data.startswith(_JPEG_MAGIC):
             raise SnapshotError("not_jpeg", "snapshot body is not a JPEG")
         return data, content_type
