@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
+import typer
 import yaml
 
 from infra.settings import RulesSettings
@@ -270,53 +271,50 @@ def from_update(value: bytes) -> RuleSet:
     return rules
 
 
-def _cli():
-    import typer
+app = typer.Typer(add_completion=False, help="Versioned rule sets: validate and publish to the rules topic.")
 
-    app = typer.Typer(add_completion=False, help="Versioned rule sets: validate and publish to the rules topic.")
 
-    @app.command()
-    def validate(file: Path) -> None:
-        """Check a rule set file and print it as the job will read it."""
-        try:
-            rules = RuleSet.load(file)
-        except RuleSetError as exc:
-            typer.echo(str(exc), err=True)
-            raise typer.Exit(2) from None
-        typer.echo(rules.to_yaml())
+@app.command()
+def validate(file: Path) -> None:
+    """Check a rule set file and print it as the job will read it."""
+    try:
+        rules = RuleSet.load(file)
+    except RuleSetError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    typer.echo(rules.to_yaml())
 
-    @app.command()
-    def publish(
-        file: Path,
-        by: Annotated[str | None, typer.Option(help="Who publishes (default: the OS user).")] = None,
-    ) -> None:
-        """Validate FILE and publish it to the compacted rules topic (key "active"): the job switches to it."""
-        from confluent_kafka import Producer
 
-        from infra.settings import get_settings
-        from infra.stack import ensure_topics
-        from schemas.topics import RULES
+@app.command()
+def publish(
+    file: Path,
+    by: Annotated[str | None, typer.Option(help="Who publishes (default: the OS user).")] = None,
+) -> None:
+    """Validate FILE and publish it to the compacted rules topic (key "active"): the job switches to it."""
+    from confluent_kafka import Producer
 
-        try:
-            text = file.read_text()
-            rules = RuleSet.from_yaml(text)
-        except (OSError, RuleSetError) as exc:
-            typer.echo(f"{file}: {exc}", err=True)
-            raise typer.Exit(2) from None
-        settings = get_settings()
-        ensure_topics(settings)
-        topic = RULES.full_name(settings.kafka.topic_prefix)
-        producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True})
-        failures: list[str] = []
-        producer.produce(topic, key=b"active", value=update_record(rules, text, by or getpass.getuser()).encode(),
-                         on_delivery=lambda err, _msg: failures.append(str(err)) if err else None)
-        if producer.flush(30) or failures:
-            typer.echo(f"publish failed: {failures or 'not acknowledged within 30 s'}", err=True)
-            raise typer.Exit(1)
-        typer.echo(f"published rule set {rules.version} to {topic}")
+    from infra.settings import get_settings
+    from infra.stack import ensure_topics
+    from schemas.topics import RULES
 
-    return app
+    try:
+        text = file.read_text()
+        rules = RuleSet.from_yaml(text)
+    except (OSError, RuleSetError) as exc:
+        typer.echo(f"{file}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    settings = get_settings()
+    ensure_topics(settings)
+    topic = RULES.full_name(settings.kafka.topic_prefix)
+    producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True})
+    failures: list[str] = []
+    producer.produce(topic, key=b"active", value=update_record(rules, text, by or getpass.getuser()).encode(),
+                     on_delivery=lambda err, _msg: failures.append(str(err)) if err else None)
+    if producer.flush(30) or failures:
+        typer.echo(f"publish failed: {failures or 'not acknowledged within 30 s'}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"published rule set {rules.version} to {topic}")
 
 
 if __name__ == "__main__":
-    _cli()()
+    app()

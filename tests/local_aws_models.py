@@ -1,0 +1,95 @@
+"""A local server speaking Amazon Fraud Detector's and SageMaker Runtime's wire protocols.
+
+Fraud Detector: ``POST /`` with ``X-Amz-Target: AWSHawksNestServiceFacade.GetEventPrediction`` and a
+JSON 1.1 body; answers ``modelScores`` / ``ruleResults`` as the service does. SageMaker Runtime:
+``POST /endpoints/<name>/invocations`` with the raw body; answers one probability per CSV line.
+Every request is recorded (path, headers, body) so tests can pin exactly what the client sent, and
+``delay_s`` makes the server slower than a client's timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+AFD_TARGET = "AWSHawksNestServiceFacade.GetEventPrediction"
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+
+@dataclass
+class LocalModelServer:
+    afd_score: float = 912.0
+    sagemaker_prob: float = 0.5
+    delay_s: float = 0.0
+    status: int = 200
+    requests: list[Recorded] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                server.requests.append(Recorded("POST", self.path, dict(self.headers.items()), body))
+                if server.delay_s:
+                    time.sleep(server.delay_s)
+                if server.status != 200:
+                    self._send(server.status, b'{"__type": "InternalServerException", "message": "boom"}',
+                               "application/x-amz-json-1.1")
+                elif self.path == "/" and self.headers.get("X-Amz-Target") == AFD_TARGET:
+                    answer = {
+                        "modelScores": [{
+                            "modelVersion": {"modelId": "tx_model", "modelType": "TRANSACTION_FRAUD_INSIGHTS",
+                                             "modelVersionNumber": "1.0"},
+                            "scores": {"tx_model_insightscore": server.afd_score},
+                        }],
+                        "ruleResults": [{"ruleId": "high_risk", "outcomes": ["block"]}],
+                    }
+                    self._send(200, json.dumps(answer).encode(), "application/x-amz-json-1.1")
+                elif self.path.startswith("/endpoints/") and self.path.endswith("/invocations"):
+                    rows = [line for line in body.decode().splitlines() if line]
+                    out = "\n".join(str(server.sagemaker_prob) for _ in rows) + "\n"
+                    self._send(200, out.encode(), "text/csv")
+                else:
+                    self._send(400, b'{"__type": "UnknownOperationException"}', "application/x-amz-json-1.1")
+
+            def _send(self, status: int, payload: bytes, ctype: str) -> None:
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", ctype)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout): nothing to answer
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()

@@ -1,0 +1,106 @@
+"""The versioned YAML rule set: loading, round trip, validation, decisions and rules-topic updates."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from infra.settings import RulesSettings
+from jobs.rules import (
+    DEFAULT_RULESET,
+    FaceResult,
+    ModelResult,
+    RuleSet,
+    RuleSetError,
+    decide,
+    from_update,
+    update_record,
+)
+from jobs.rules import app as rules_cli
+from schemas.records import RuleSetUpdate
+from tests.builders import return_of, sale
+
+
+def _default_dict() -> dict:
+    return yaml.safe_load(DEFAULT_RULESET.read_text())
+
+
+def test_default_rule_set_is_seed_001s_scheme():
+    rules = RuleSet.default()
+    assert (rules.block_at, rules.review_at) == (85, 50)
+    for name in ("no_photo_verification", "customer_mismatch", "suspicious_timing", "high_value_item",
+                 "return_without_receipt"):
+        assert rules.weights[name] > 0
+    assert rules.model_bands[0][0] > rules.model_bands[-1][0]
+    assert rules.version and rules.version != "builtin-v1"
+
+
+def test_rule_set_round_trips_through_yaml():
+    rules = RuleSet.default()
+    assert RuleSet.from_yaml(rules.to_yaml()) == rules
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: d.pop("version"), "version: required"),
+    (lambda d: d["thresholds"].update(block_at=150), "thresholds.block_at"),
+    (lambda d: d["thresholds"].update(review_at=90), "review_at (90) must be below block_at (85)"),
+    (lambda d: d["weights"].update(customer_missmatch=40), "weights.customer_missmatch: unknown indicator"),
+    (lambda d: d["weights"].update(high_value_item="a lot"), "weights.high_value_item"),
+    (lambda d: d["model_bands"].append({"score": 1200, "points": 5}), "model_bands[4].score"),
+    (lambda d: d["model_bands"].append({"score": 300, "points": 70}), "higher score must not give fewer points"),
+    (lambda d: d["face"].update(unavailable_statuses=["ASLEEP"]), "face.unavailable_statuses"),
+    (lambda d: d.update(weigths={}), "unknown key(s): weigths"),
+])
+def test_invalid_rule_sets_are_refused_with_the_offending_key(change, message):
+    data = _default_dict()
+    change(data)
+    with pytest.raises(RuleSetError) as err:
+        RuleSet.from_yaml(yaml.safe_dump(data))
+    assert message in str(err.value)
+
+
+def test_malformed_yaml_is_refused_clearly():
+    with pytest.raises(RuleSetError, match="not valid YAML"):
+        RuleSet.from_yaml("version: [unclosed")
+    with pytest.raises(RuleSetError, match="must be a mapping"):
+        RuleSet.from_yaml("- just\n- a list\n")
+
+
+def test_explicit_settings_override_the_file_and_defaults_do_not():
+    assert RuleSet.from_settings(RulesSettings()) == RuleSet.default()
+    tuned = RuleSet.from_settings(RulesSettings(block_at=90, version="store-trial"))
+    assert (tuned.block_at, tuned.version, tuned.weights) == (90, "store-trial", RuleSet.default().weights)
+
+
+def test_weights_bands_and_face_rules_come_from_the_rule_set():
+    rules = RuleSet.default()
+    tx = sale("t1").to_avro()
+    assert decide(tx, {}, ModelResult(score=960), FaceResult(), rules).reasons == ("model_score>=950",)
+    assert decide(tx, {}, ModelResult(score=599), FaceResult(), rules).reasons == ()
+    suspect = FaceResult(status="MATCHED", category="SUSPECT", subject_id="s1", similarity=99.0)
+    assert decide(tx, {}, ModelResult(), suspect, rules).outcome == "BLOCK"
+    ret = return_of("r1", None).to_avro()
+    assert "no_photo_verification" in decide(ret, {}, ModelResult(), FaceResult(status="NO_FACE"), rules).reasons
+    assert "no_photo_verification" not in decide(ret, {}, ModelResult(), FaceResult(status="UNKNOWN"), rules).reasons
+    strict = RuleSet.from_dict({**rules.to_dict(), "weights": {**rules.weights, "return_without_receipt": 90}})
+    assert decide(ret, {"return_without_receipt": 1.0}, ModelResult(), FaceResult(), strict).outcome == "BLOCK"
+
+
+def test_rules_topic_update_carries_the_validated_yaml():
+    text = DEFAULT_RULESET.read_text()
+    record = update_record(RuleSet.from_yaml(text), text, "analyst@example.com", published_at=123)
+    data = record.encode()
+    assert RuleSetUpdate.decode(data) == record
+    assert from_update(data) == RuleSet.default()
+    forged = RuleSetUpdate(version="other", yaml=text, published_at=1, published_by="x").encode()
+    with pytest.raises(RuleSetError, match="version"):
+        from_update(forged)
+
+
+def test_publish_refuses_an_invalid_file_before_touching_kafka(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(DEFAULT_RULESET.read_text().replace("block_at: 85", "block_at: 20"))
+    res = CliRunner().invoke(rules_cli, ["publish", str(bad)])
+    assert res.exit_code == 2
+    assert "review_at (50) must be below block_at (20)" in res.output
