@@ -1,0 +1,33 @@
+"""``python -m sinks.dashboard [--host H] [--port P]``: serve the live dashboard until Ctrl-C."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+import uvicorn
+
+from infra.settings import get_settings
+from sinks.dashboard.app import create_app
+
+cli = typer.Typer(add_completion=False, help="Serve the live Checkout Guard dashboard.")
+
+
+@cli.command()
+def main(
+    host: Annotated[str | None, typer.Option(help="Bind address; defaults to dashboard.host.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port; defaults to dashboard.port.")] = None,
+    log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO",
+) -> None:
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("opensearch").setLevel(logging.WARNING)  # one line per request otherwise
+    settings = get_settings()
+    bind_host, bind_port = host or settings.dashboard.host, port or settings.dashboard.port
+    typer.echo(f"Checkout Guard dashboard on http://{bind_host}:{bind_port}/ "
+               f"(indices {settings.opensearch.index_prefix}-*)")
+    uvicorn.run(create_app(settings), host=bind_host, port=bind_port, log_level="warning")
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,172 @@
+"""The live dashboard's web app: a static page plus JSON endpoints it polls, all read from OpenSearch.
+
+Endpoints (each takes ``minutes`` = window length, ``store`` = one store only, ``anchor`` = ``now`` or
+``latest``, which ends the window at the newest event so a replay of history shows up too):
+
+- ``GET /api/overview``  totals, current rates, outcomes, time series, latency percentiles, per-store rows
+- ``GET /api/alerts``    latest alerts, with a thumbnail URL where the alert has a snapshot
+- ``GET /api/faces``     face observations by status over time
+- ``GET /api/alerts/{alert_id}/snapshot``  a small JPEG of the alert's snapshot from the ImageStore
+- ``GET /api/config``    refresh period and default window for the page
+
+Snapshots are looked up by alert id (the page never sees or sends image refs) and served only for
+alerts, which are the images the face pipeline retains; nothing logs image bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+from opensearchpy import OpenSearch
+from opensearchpy.exceptions import TransportError
+from PIL import Image, UnidentifiedImageError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from infra.settings import Settings
+from jobs.image_store import ImageStore
+from sinks.dashboard.queries import (
+    Window,
+    alert_by_id_query,
+    alerts_query,
+    faces_query,
+    latest_event_query,
+    overview_query,
+    shape_alerts,
+    shape_faces,
+    shape_overview,
+)
+from sinks.opensearch_sink import index_name, make_client
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).resolve().parent / "static"
+THUMBNAIL_PX = 240
+MAX_WINDOW_MINUTES = 60 * 24 * 366
+SEARCH_PARAMS = {"ignore_unavailable": "true", "allow_no_indices": "true"}
+"""An index family that has no index yet (no face observations so far) answers empty, not 404."""
+
+
+class Dashboard:
+    """Queries behind the endpoints; holds the OpenSearch client and the image store."""
+
+    def __init__(self, settings: Settings, client: OpenSearch | None = None,
+                 images: ImageStore | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.client = client or make_client(settings.opensearch, timeout_s=10)
+        self._images = images
+        self.clock = clock
+        prefix = settings.opensearch.index_prefix
+        self.transactions = index_name(prefix, "transactions")
+        self.alerts = index_name(prefix, "alerts")
+        self.faces = index_name(prefix, "face_observations")
+
+    @property
+    def images(self) -> ImageStore:
+        if self._images is None:  # built on first use: S3 needs credentials only if thumbnails are asked for
+            self._images = ImageStore.from_settings(self.settings)
+        return self._images
+
+    def search(self, index: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self.client.search(index=index, body=body, params=SEARCH_PARAMS)
+
+    def window(self, minutes: int, store: str | None, anchor: str) -> Window:
+        end = int(self.clock() * 1000) + 1
+        if anchor == "latest":
+            answer = self.search(self.transactions, latest_event_query(store))
+            latest = (answer.get("aggregations", {}).get("latest") or {}).get("value")
+            if latest is not None:
+                end = int(latest) + 1
+        return Window(start_ms=end - minutes * 60_000, end_ms=end, store=store)
+
+    def overview(self, window: Window) -> dict[str, Any]:
+        return shape_overview(self.search(self.transactions, overview_query(window)), window)
+
+    def latest_alerts(self, window: Window) -> dict[str, Any]:
+        return shape_alerts(self.search(self.alerts, alerts_query(window, self.settings.dashboard.alerts_shown)))
+
+    def face_activity(self, window: Window) -> dict[str, Any]:
+        return shape_faces(self.search(self.faces, faces_query(window)))
+
+    def snapshot_ref(self, alert_id: str) -> str | None:
+        hits = self.search(self.alerts, alert_by_id_query(alert_id))["hits"]["hits"]
+        return hits[0]["_source"].get("snapshot_ref") if hits else None
+
+
+def thumbnail(image: bytes, size: int = THUMBNAIL_PX) -> bytes:
+    """A JPEG no larger than ``size`` px on its longer side (snapshots can be full HD)."""
+    with Image.open(io.BytesIO(image)) as img:
+        img = img.convert("RGB")
+        img.thumbnail((size, size))
+        out = io.BytesIO()
+        img.save(out, format="JPEG", quality=80)
+    return out.getvalue()
+
+
+def _window_args(request: Request, settings: Settings) -> tuple[int, str | None, str]:
+    try:
+        minutes = int(request.query_params.get("minutes", settings.dashboard.window_minutes))
+    except ValueError:
+        minutes = settings.dashboard.window_minutes
+    minutes = min(max(minutes, 1), MAX_WINDOW_MINUTES)
+    store = request.query_params.get("store") or None
+    anchor = "latest" if request.query_params.get("anchor") == "latest" else "now"
+    return minutes, store, anchor
+
+
+def create_app(settings: Settings, dashboard: Dashboard | None = None) -> Starlette:
+    """The ASGI app; ``dashboard`` is injectable so tests can point it at their own indices."""
+    board = dashboard or Dashboard(settings)
+
+    def json_endpoint(build: Callable[[Window], dict[str, Any]]) -> Callable[[Request], Response]:
+        def endpoint(request: Request) -> Response:  # sync: Starlette runs it in its thread pool
+            try:
+                window = board.window(*_window_args(request, settings))
+                return JSONResponse(build(window), headers={"Cache-Control": "no-store"})
+            except TransportError as exc:
+                log.warning("OpenSearch query failed: %s %s", type(exc).__name__, getattr(exc, "status_code", ""))
+                return JSONResponse({"error": f"OpenSearch unavailable ({type(exc).__name__})"}, status_code=503)
+        return endpoint
+
+    def snapshot(request: Request) -> Response:
+        alert_id = request.path_params["alert_id"]
+        try:
+            ref = board.snapshot_ref(alert_id)
+        except TransportError:
+            return Response(status_code=503)
+        if not ref:
+            return Response(status_code=404)
+        try:
+            body = thumbnail(board.images.get(ref))
+        except (OSError, ValueError, KeyError, UnidentifiedImageError, BotoCoreError, ClientError) as exc:
+            # purged, never stored, or S3 unreachable: a missing thumbnail must not break the page
+            log.info("no snapshot for alert %s (%s)", alert_id, type(exc).__name__)
+            return Response(status_code=404)
+        return Response(body, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"})
+
+    def config(_: Request) -> Response:
+        return JSONResponse({
+            "refresh_ms": settings.dashboard.refresh_ms, "window_minutes": settings.dashboard.window_minutes,
+            "index_prefix": settings.opensearch.index_prefix,
+        })
+
+    def index(_: Request) -> Response:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    return Starlette(routes=[
+        Route("/", index),
+        Route("/api/config", config),
+        Route("/api/overview", json_endpoint(board.overview)),
+        Route("/api/alerts", json_endpoint(board.latest_alerts)),
+        Route("/api/faces", json_endpoint(board.face_activity)),
+        Route("/api/alerts/{alert_id:str}/snapshot", snapshot),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ])

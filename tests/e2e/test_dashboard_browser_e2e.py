@@ -1,0 +1,260 @@
+"""The live dashboard against the real local OpenSearch, in headless Chromium.
+
+Scored transactions, alerts (one with a snapshot in an ImageStore) and face observations are indexed
+into a private index prefix through the sink's own code (templates, period indices, bulk actions);
+the app is served by uvicorn on a free port; Chromium loads the page, waits until the charts are
+drawn, and a screenshot is kept in ``.stack/screenshots/`` (git-ignored) for a human to look at.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import shutil
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from confluent_kafka import Message
+from opensearchpy import OpenSearch
+from PIL import Image, ImageDraw
+
+from infra.settings import Settings, get_settings
+from jobs.image_store import LocalImageStore
+from schemas.records import Alert, FaceObservation, Record, ScoredTransaction
+from schemas.topics import ALERTS, FACE_OBSERVATIONS, SCORED_TRANSACTIONS
+from sinks.dashboard.app import Dashboard, create_app
+from sinks.opensearch_sink import bulk_once, install_templates, make_client, to_actions
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+SCREENSHOTS = REPO / ".stack" / "screenshots"
+FACE_PHOTO = REPO / ".." / "shared" / "data" / "faces" / "face_recognition" / "test_images" / "obama.jpg"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+STORES = ("S01", "S02", "S03", "S04")
+
+
+@dataclass
+class Indexed:
+    """What was indexed, so the test can state what the page must show."""
+
+    transactions: list[ScoredTransaction]
+    alerts: list[Alert]
+    faces: list[FaceObservation]
+
+    def count(self, outcome: str, store: str | None = None) -> int:
+        return sum(1 for t in self.transactions if t.outcome == outcome and store in (None, t.store_id))
+
+    @property
+    def value_prevented(self) -> float:
+        return round(sum(t.amount for t in self.transactions if t.outcome == "BLOCK"), 2)
+
+
+def snapshot_jpeg() -> bytes:
+    """A real face photo when the shared data is there; otherwise a drawn stand-in (the page only shows it)."""
+    if FACE_PHOTO.exists():
+        return FACE_PHOTO.read_bytes()
+    img = Image.new("RGB", (640, 480), (90, 110, 140))
+    ImageDraw.Draw(img).ellipse((220, 120, 420, 360), fill=(225, 190, 160))
+    out = io.BytesIO()
+    img.save(out, format="JPEG")
+    return out.getvalue()
+
+
+def make_data(now_ms: int, images: LocalImageStore) -> Indexed:
+    rng = random.Random(7)
+    transactions = []
+    for i in range(240):
+        outcome = rng.choices(("APPROVE", "REVIEW", "BLOCK"), weights=(80, 12, 8))[0]
+        event_time = now_ms - rng.randint(30_000, 50 * 60_000)
+        ttdf = rng.randint(20, 120) + (400 if i % 37 == 0 else 0)
+        transactions.append(ScoredTransaction(
+            transaction_id=f"tx-{i:05d}", event_time=event_time, store_id=STORES[i % 4], lane_id=f"L{i % 5}",
+            kind="RETURN" if i % 19 == 0 else "SALE", amount=round(rng.uniform(5, 900), 2), currency="USD",
+            item_count=1 + i % 4, customer_key=f"card:{i % 60}", outcome=outcome,
+            risk_score={"APPROVE": 10, "REVIEW": 60, "BLOCK": 92}[outcome],
+            reasons=("high_value_item",) if outcome != "APPROVE" else (), rules_version="builtin-v1",
+            ingest_time=event_time + 5, decided_at=event_time + ttdf, proc_time_ms=ttdf - 8, model_time_ms=6,
+            ttdf_ms=ttdf, billing_state=("CA", "NY", "TX")[i % 3], billing_country="US",
+        ))
+    blocked = [t for t in transactions if t.outcome == "BLOCK"]
+    ref = images.put("checkout", blocked[0].transaction_id, snapshot_jpeg())
+    alerts = [
+        Alert(alert_id=f"alert-{t.transaction_id}", kind="BLOCKED_TRANSACTION", severity="high",
+              event_time=t.event_time, store_id=t.store_id, lane_id=t.lane_id, transaction_id=t.transaction_id,
+              amount=t.amount, currency=t.currency, outcome="BLOCK", risk_score=t.risk_score, reasons=t.reasons,
+              snapshot_ref=ref if n == 0 else None,
+              summary=f"Blocked {t.transaction_id} at {t.store_id}: {t.amount:.2f} {t.currency}")
+        for n, t in enumerate(sorted(blocked, key=lambda t: -t.event_time))
+    ]
+    faces = [
+        FaceObservation(
+            observation_id=f"checkout:{t.transaction_id}", event_time=t.event_time, camera_serial=f"Q2MV-{t.store_id}",
+            store_id=t.store_id, lane_id=t.lane_id, transaction_id=t.transaction_id, trigger="CHECKOUT",
+            status=("MATCHED" if n % 9 == 0 else "NO_MATCH" if n % 3 else "NO_FACE"),
+            category="SUSPECT" if n % 9 == 0 else None, similarity=91.0 if n % 9 == 0 else None, quality=0.8,
+        )
+        for n, t in enumerate(transactions[:120])
+    ]
+    return Indexed(transactions, alerts, faces)
+
+
+def index_all(client: OpenSearch, prefix: str, data: Indexed) -> None:
+    """Through the sink's own path: Avro bytes -> to_actions -> bulk into the period indices."""
+    batch: list[Message] = []
+    for spec, records in ((SCORED_TRANSACTIONS, data.transactions), (ALERTS, data.alerts),
+                          (FACE_OBSERVATIONS, data.faces)):
+        records_: list[Record] = list(records)
+        batch += [Message(topic=spec.full_name(""), partition=0, offset=n, value=r.encode())
+                  for n, r in enumerate(records_)]
+    actions, dead = to_actions(batch, index_prefix=prefix)
+    assert dead == []
+    result = bulk_once(client, actions)
+    assert (result.acknowledged, result.retry, result.rejected) == (len(actions), [], [])
+    client.indices.refresh(index=f"{prefix}-*")
+
+
+@dataclass
+class Served:
+    url: str
+    data: Indexed
+    settings: Settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    base = get_settings()
+    client = make_client(base.opensearch, timeout_s=30)
+    try:
+        client.info()
+    except Exception as exc:
+        pytest.skip(f"OpenSearch at {base.opensearch.url} not reachable ({type(exc).__name__})")
+    tmp = tmp_path_factory.mktemp("dashboard")
+    prefix = f"dash{uuid.uuid4().hex[:10]}"
+    settings = base.isolated(prefix, tmp / "checkpoints")
+    images = LocalImageStore(tmp / "images")
+    install_templates(client, prefix)
+    data = make_data(int(time.time() * 1000), images)
+    index_all(client, prefix, data)
+
+    port = free_port()
+    app = create_app(settings, Dashboard(settings, images=images))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="dashboard", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "dashboard did not start"
+        time.sleep(0.05)
+    try:
+        yield Served(f"http://127.0.0.1:{port}", data, settings)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        client.indices.delete(index=f"{prefix}-*", ignore_unavailable=True)
+        for kind in ("transactions", "alerts", "face_observations"):
+            client.indices.delete_index_template(name=f"{prefix}-{kind}", ignore=[404])
+
+
+def test_api_reports_what_was_indexed(served: Served) -> None:
+    data = served.data
+    overview = httpx.get(f"{served.url}/api/overview", params={"minutes": 60}, timeout=30).json()
+    assert overview["totals"]["transactions"] == len(data.transactions)
+    assert overview["outcomes"] == {o: data.count(o) for o in ("APPROVE", "REVIEW", "BLOCK")}
+    assert overview["totals"]["value_prevented"] == pytest.approx(data.value_prevented, abs=0.01)
+    assert [s["store_id"] for s in overview["stores"]] == list(STORES)
+    assert sum(p["count"] for p in overview["series"]) == len(data.transactions)
+    assert overview["latency"]["ttdf_ms"]["p99"] > overview["latency"]["ttdf_ms"]["p50"] > 0
+
+    one = httpx.get(f"{served.url}/api/overview", params={"minutes": 60, "store": "S02"}, timeout=30).json()
+    assert one["totals"]["transactions"] == sum(1 for t in data.transactions if t.store_id == "S02")
+    assert one["all_stores"] == list(STORES)
+
+    alerts = httpx.get(f"{served.url}/api/alerts", params={"minutes": 60}, timeout=30).json()
+    assert alerts["total"] == len(data.alerts)
+    assert alerts["alerts"][0]["alert_id"] == data.alerts[0].alert_id  # newest first
+    assert "snapshot_ref" not in alerts["alerts"][0]
+    with_snapshot = [a for a in alerts["alerts"] if a["thumbnail"]]
+    assert [a["alert_id"] for a in with_snapshot] == [data.alerts[0].alert_id]
+    thumb = httpx.get(served.url + with_snapshot[0]["thumbnail"], timeout=30)
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(thumb.content)).size) <= 240
+    assert httpx.get(f"{served.url}/api/alerts/{data.alerts[1].alert_id}/snapshot", timeout=30).status_code == 404
+
+    faces = httpx.get(f"{served.url}/api/faces", params={"minutes": 60}, timeout=30).json()
+    assert faces["statuses"]["MATCHED"] == sum(1 for f in data.faces if f.status == "MATCHED")
+    assert faces["matches_by_category"] == {"SUSPECT": faces["statuses"]["MATCHED"]}
+
+
+def test_window_anchored_at_the_latest_event_shows_replayed_history(served: Served) -> None:
+    # Five minutes ending now hold almost nothing; five minutes ending at the newest event hold data.
+    latest = max(t.event_time for t in served.data.transactions)
+    anchored = httpx.get(f"{served.url}/api/overview", params={"minutes": 5, "anchor": "latest"}, timeout=30).json()
+    assert anchored["window"]["end"] == latest + 1
+    assert anchored["totals"]["transactions"] == sum(
+        1 for t in served.data.transactions if t.event_time > latest - 5 * 60_000)
+
+
+def test_page_renders_charts_with_data_in_headless_chromium(served: Served) -> None:
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed (infra/install.sh installs it)")
+    from playwright.sync_api import sync_playwright
+
+    data = served.data
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                     args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1300})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"{served.url}/?minutes=60", wait_until="networkidle")
+            page.wait_for_function("Number(document.body.dataset.renders || 0) >= 1", timeout=30_000)
+            page.wait_for_function("[...document.querySelectorAll('img.thumb')].every(i => i.complete)",
+                                   timeout=30_000)
+            page.screenshot(path=str(SCREENSHOTS / "dashboard.png"), full_page=True)
+
+            assert errors == []
+            kpi = page.inner_text("#kpi-transactions .value").replace(",", "").replace("\u202f", "")
+            assert int(kpi) == len(data.transactions)
+            assert page.locator("#chart-outcomes rect.bar").count() >= 20
+            assert page.locator("#chart-donut path.slice").count() == 3
+            assert page.locator("#chart-sales path.line").count() == 2
+            assert page.locator("#chart-latency path.line").count() == 3
+            assert page.locator("#chart-stores rect.bar").count() >= len(STORES) * 2
+            assert page.locator("#store-table tbody tr").count() == len(STORES)
+            assert page.locator("#chart-faces rect.bar").count() >= 10
+            shown = min(len(data.alerts), served.settings.dashboard.alerts_shown)
+            assert page.locator("#alerts .alert").count() == shown
+            assert page.eval_on_selector("img.thumb", "img => img.naturalWidth") > 0
+            assert page.locator("#status.error").count() == 0
+
+            # Focusing on one store redraws every panel for that store only.
+            renders = int(page.evaluate("document.body.dataset.renders"))
+            page.click("#store-table tbody tr:nth-child(3)")
+            page.wait_for_function(f"Number(document.body.dataset.renders) > {renders}", timeout=30_000)
+            kpi = page.inner_text("#kpi-transactions .value").replace(",", "").replace("\u202f", "")
+            assert int(kpi) == sum(1 for t in data.transactions if t.store_id == STORES[2])
+            assert page.input_value("#store") == STORES[2]
+            page.wait_for_function(f"Number(document.body.dataset.renders) > {renders + 1}", timeout=30_000)
+            kpi = page.inner_text("#kpi-transactions .value").replace(",", "").replace("\u202f", "")
+            assert int(kpi) == sum(1 for t in data.transactions if t.store_id == STORES[2])  # and it stays so
+            assert page.locator("#chart-stores rect.bar").count() <= 3
+            page.screenshot(path=str(SCREENSHOTS / "dashboard-store.png"), full_page=True)
+        finally:
+            browser.close()

@@ -1,0 +1,118 @@
+"""The live dashboard's query bodies and answer shaping, without a cluster."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image
+
+from sinks.dashboard.app import thumbnail
+from sinks.dashboard.queries import (
+    Window,
+    alerts_query,
+    overview_query,
+    shape_alerts,
+    shape_faces,
+    shape_overview,
+)
+
+HOUR_MS = 3_600_000
+
+
+def test_bucket_width_keeps_charts_at_about_sixty_bars_whatever_the_window() -> None:
+    assert Window(0, 15 * 60_000).interval_s == 30
+    assert Window(0, HOUR_MS).interval_s == 60
+    assert Window(0, 24 * HOUR_MS).interval_s == 1800
+    assert Window(0, 30 * 24 * HOUR_MS).interval_s == 43200
+    for minutes in (1, 15, 60, 360, 1440, 10080, 43200):
+        window = Window(0, minutes * 60_000)
+        assert window.end_ms / 1000 / window.interval_s <= 60
+
+
+def test_store_focus_filters_every_query_on_the_store() -> None:
+    window = Window(1_000, 2_000, store="S7")
+    for body in (overview_query(window), alerts_query(window, 5)):
+        filters = body["query"]["bool"]["filter"]
+        assert {"term": {"store_id": "S7"}} in filters
+        assert filters[0]["range"]["event_time"]["gte"] == 1_000
+        assert filters[0]["range"]["event_time"]["lt"] == 2_000
+    assert all("store_id" not in str(f) for f in overview_query(Window(1_000, 2_000))["query"]["bool"]["filter"])
+
+
+def test_time_series_covers_the_whole_window_including_empty_buckets() -> None:
+    histogram = overview_query(Window(HOUR_MS + 30_000, 2 * HOUR_MS))["aggs"]["series"]["date_histogram"]
+    assert histogram["min_doc_count"] == 0
+    assert histogram["fixed_interval"] == "60s"
+    assert histogram["extended_bounds"] == {"min": HOUR_MS, "max": 2 * HOUR_MS - 1}
+
+
+def outcome_buckets(**counts: int) -> dict:
+    return {"buckets": [{"key": k, "doc_count": v} for k, v in counts.items()]}
+
+
+def test_overview_answer_becomes_totals_rates_series_and_store_rows() -> None:
+    window = Window(0, HOUR_MS)
+    answer = {
+        "hits": {"total": {"value": 100, "relation": "eq"}},
+        "aggregations": {
+            "outcomes": outcome_buckets(APPROVE=90, BLOCK=10),
+            "sales": {"doc_count": 80, "amount": {"value": 1234.567}},
+            "prevented": {"doc_count": 10, "amount": {"value": 500.0}},
+            "recent": {"doc_count": 20, "outcomes": outcome_buckets(APPROVE=15, REVIEW=3, BLOCK=2)},
+            "latency_ttdf_ms": {"values": {"50.0": 40.0, "95.0": 90.0, "99.0": 150.04}},
+            "latency_proc_time_ms": {"values": {"50.0": None, "95.0": None, "99.0": None}},
+            "latency_model_time_ms": {"values": {"50.0": 3.0, "95.0": 5.0, "99.0": 6.0}},
+            "series": {"buckets": [
+                {"key": 0, "doc_count": 0, "outcomes": outcome_buckets(), "sales": {"amount": {"value": 0}},
+                 "prevented": {"amount": {"value": 0}}, "ttdf": {"values": {"50.0": None}}},
+                {"key": 60_000, "doc_count": 3, "outcomes": outcome_buckets(APPROVE=2, BLOCK=1),
+                 "sales": {"amount": {"value": 20.0}}, "prevented": {"amount": {"value": 9.5}},
+                 "ttdf": {"values": {"50.0": 30.0, "95.0": 60.0, "99.0": 61.0}}},
+            ]},
+            "stores": {"buckets": [{"key": "S1", "doc_count": 3, "outcomes": outcome_buckets(APPROVE=3),
+                                    "sales": {"amount": {"value": 30.0}}, "prevented": {"amount": {"value": 0.0}},
+                                    "ttdf": {"values": {"99.0": 70.0}}}]},
+            "stores_all": {"doc_count": 100, "ids": outcome_buckets(S2=50, S1=50)},
+        },
+    }
+    page = shape_overview(answer, window)
+    assert page["totals"] == {"transactions": 100, "revenue": 1234.57, "value_prevented": 500.0,
+                              "approve": 90, "review": 0, "block": 10}
+    assert page["rates"] == {"per_minute": 4.0, "block_rate": 0.1, "review_rate": 0.15, "minutes": 5.0}
+    assert page["outcomes"] == {"APPROVE": 90, "REVIEW": 0, "BLOCK": 10}
+    assert page["latency"]["ttdf_ms"] == {"p50": 40.0, "p95": 90.0, "p99": 150.0}
+    assert page["latency"]["proc_time_ms"] == {"p50": None, "p95": None, "p99": None}
+    assert page["series"][0] == {"t": 0, "count": 0, "APPROVE": 0, "REVIEW": 0, "BLOCK": 0, "revenue": 0.0,
+                                 "prevented": 0.0, "p50": None, "p95": None, "p99": None}
+    assert page["series"][1]["BLOCK"] == 1 and page["series"][1]["prevented"] == 9.5
+    assert page["stores"] == [{"store_id": "S1", "count": 3, "APPROVE": 3, "REVIEW": 0, "BLOCK": 0,
+                               "revenue": 30.0, "prevented": 0.0, "ttdf_p99": 70.0}]
+    assert page["all_stores"] == ["S1", "S2"]
+
+
+def test_empty_indices_give_zeros_not_errors() -> None:
+    page = shape_overview({"hits": {"total": {"value": 0}}, "aggregations": {}}, Window(0, HOUR_MS))
+    assert page["totals"]["transactions"] == 0
+    assert page["rates"]["block_rate"] == 0.0
+    assert page["series"] == [] and page["stores"] == []
+    assert shape_faces({})["statuses"] == {"MATCHED": 0, "NO_MATCH": 0, "NO_FACE": 0, "UNAVAILABLE": 0}
+
+
+def test_alerts_carry_a_thumbnail_url_instead_of_the_image_ref() -> None:
+    answer = {"hits": {"total": {"value": 2}, "hits": [
+        {"_source": {"alert_id": "a-1", "kind": "WATCHLIST_MATCH", "snapshot_ref": "file:checkout/tx-1"}},
+        {"_source": {"alert_id": "a-2", "kind": "BLOCKED_TRANSACTION", "snapshot_ref": None}},
+    ]}, "aggregations": {"kinds": outcome_buckets(WATCHLIST_MATCH=1, BLOCKED_TRANSACTION=1)}}
+    page = shape_alerts(answer)
+    assert [(a["alert_id"], a["thumbnail"]) for a in page["alerts"]] == [
+        ("a-1", "/api/alerts/a-1/snapshot"), ("a-2", None)]
+    assert all("snapshot_ref" not in a for a in page["alerts"])
+    assert page["total"] == 2
+
+
+def test_thumbnail_is_a_small_jpeg() -> None:
+    out = io.BytesIO()
+    Image.new("RGB", (1920, 1080), (10, 20, 30)).save(out, format="PNG")
+    small = Image.open(io.BytesIO(thumbnail(out.getvalue())))
+    assert small.format == "JPEG"
+    assert small.size == (240, 135)
