@@ -91,8 +91,9 @@ def _models() -> tuple[object, object, object]:
     )
 
 
-def decode_image(data: bytes, settings: FaceSettings) -> Image.Image:
-    """RGB image from JPEG/PNG bytes, JPEGs decoded at reduced size when that suffices (draft mode)."""
+def decode_image(data: bytes, settings: FaceSettings) -> tuple[Image.Image, tuple[int, int]]:
+    """RGB image from JPEG/PNG bytes (JPEGs decoded at reduced size when that suffices: draft mode),
+    and the original size."""
     if not data:
         raise ImageError("empty", "no image bytes")
     if len(data) > settings.max_image_bytes:
@@ -103,13 +104,14 @@ def decode_image(data: bytes, settings: FaceSettings) -> Image.Image:
             img = Image.open(io.BytesIO(data))
             if img.format not in ("JPEG", "PNG"):
                 raise ImageError("wrong_type", f"{img.format} is not JPEG or PNG")
-            w, h = img.size
+            w, h = original = img.size
             if w * h > settings.max_image_pixels:
                 raise ImageError("too_large", f"{w}x{h} pixels > {settings.max_image_pixels}")
             if img.format == "JPEG":
                 img.draft("RGB", _fit(w, h, settings))
-            img = ImageOps.exif_transpose(img)
-            return img.convert("RGB")
+            if img.getexif().get(0x0112) in (5, 6, 7, 8):
+                original = (h, w)  # EXIF orientation rotates by 90 degrees: axes swap
+            return ImageOps.exif_transpose(img).convert("RGB"), original
     except ImageError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -155,10 +157,9 @@ class FaceEngine:
 
     def analyse(self, image: bytes) -> list[DetectedFace]:
         """All faces found in JPEG/PNG bytes, largest first. Raises ``ImageError`` on unusable bytes."""
-        img = decode_image(image, self.settings)
-        w0, h0 = img.size
+        img, (w0, h0) = decode_image(image, self.settings)
         aw, ah = _fit(w0, h0, self.settings)
-        if (aw, ah) != (w0, h0):
+        if (aw, ah) != img.size:
             img = img.resize((aw, ah), Image.Resampling.BILINEAR)
         scale = aw / w0
         return self.analyse_array(np.asarray(img), scale=scale)
