@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email
+import email.policy
 import hashlib
 import hmac
 import itertools
@@ -92,7 +94,7 @@ class WebexState:
     """Count of answers per status code, e.g. {"200": 10, "429": 3}."""
     fault: Fault | None = None
     latency_s: float = 0.0
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.RLock = field(default_factory=threading.RLock)
 
     def bot_messages(self, room_id: str | None = None) -> list[dict[str, Any]]:
         with self.lock:
@@ -156,14 +158,14 @@ def build_app(state: WebexState, public_base: str = "") -> Starlette:
         files: list[tuple[str, str, bytes]] = []
         try:
             if ctype.startswith("multipart/form-data"):
-                form = await request.form()
-                fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
-                for key, value in form.multi_items():
-                    if not isinstance(value, str):
-                        if key != "files":
-                            return _error(state, 400, f"unknown file field {key!r}")
-                        files.append((value.filename or "file", value.content_type or "application/octet-stream",
-                                      await value.read()))
+                fields = {}
+                for name, filename, part_type, value in parse_multipart(ctype, await request.body()):
+                    if filename is None:
+                        fields[name] = value.decode()
+                    elif name != "files":
+                        return _error(state, 400, f"unknown file field {name!r}")
+                    else:
+                        files.append((filename, part_type, value))
             else:
                 fields = json.loads(await request.body())
                 if not isinstance(fields, dict):
@@ -227,7 +229,8 @@ def build_app(state: WebexState, public_base: str = "") -> Starlette:
             return denied
         if request.method == "GET":
             with state.lock:
-                return ok({"items": [{k: v for k, v in w.items() if k != "secret"} for w in state.webhooks]})
+                items = [{k: v for k, v in w.items() if k != "secret"} for w in state.webhooks]
+            return ok({"items": items})
         try:
             body = json.loads(await request.body())
             missing = [k for k in ("name", "targetUrl", "resource", "event") if not body.get(k)]
@@ -289,6 +292,22 @@ def build_app(state: WebexState, public_base: str = "") -> Starlette:
         Route("/_local/fault", control_fault, methods=["POST"]),
         Route("/_local/say", control_say, methods=["POST"]),
     ])
+
+
+def parse_multipart(content_type: str, body: bytes) -> list[tuple[str, str | None, str, bytes]]:
+    """multipart/form-data -> (field name, file name or None, content type, bytes) per part (stdlib parser)."""
+    message = email.message_from_bytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body,
+                                       policy=email.policy.HTTP)
+    if not message.is_multipart() or message.defects:
+        raise ValueError("malformed multipart body")
+    parts = []
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not name:
+            raise ValueError("multipart part without a name")
+        payload = part.get_payload(decode=True) or b""
+        parts.append((str(name), part.get_filename(), part.get_content_type(), payload))
+    return parts
 
 
 def _plain(markdown: str | None) -> str:
@@ -366,35 +385,47 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-class LocalWebexServer:
-    """The server on a thread of this process: ``url`` is the API base (``.../v1``), ``state`` what it saw."""
+class BackgroundServer:
+    """Any ASGI app served by uvicorn on a thread of this process (tests, benchmarks)."""
 
-    def __init__(self, token: str, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0, lifespan: str = "off",
+                 name: str = "asgi") -> None:
         self.host, self.port = host, port or free_port(host)
-        self.state = WebexState(token=token)
         self.base = f"http://{host}:{self.port}"
-        self.app = build_app(self.state, self.base)
-        self._server = uvicorn.Server(uvicorn.Config(self.app, host=host, port=self.port, log_level="warning",
-                                                     access_log=False, lifespan="off"))
-        self._thread = threading.Thread(target=self._server.run, name="local-webex", daemon=True)
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning",
+                                                     access_log=False, lifespan=lifespan))
+        self._thread = threading.Thread(target=self._server.run, name=name, daemon=True)
 
-    @property
-    def url(self) -> str:
-        return f"{self.base}/v1"
-
-    def start(self) -> LocalWebexServer:
+    def start(self) -> BackgroundServer:
         self._thread.start()
         deadline = time.monotonic() + 15
         while not self._server.started:
             if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("local Webex server did not start")
+                raise RuntimeError(f"{self._thread.name} server did not start")
             time.sleep(0.02)
         return self
 
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join(10)
+
+
+class LocalWebexServer(BackgroundServer):
+    """The server on a thread of this process: ``url`` is the API base (``.../v1``), ``state`` what it saw."""
+
+    def __init__(self, token: str, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.state = WebexState(token=token)
+        port = port or free_port(host)
+        self.app = build_app(self.state, f"http://{host}:{port}")
+        super().__init__(self.app, host=host, port=port, name="local-webex")
+
+    @property
+    def url(self) -> str:
+        return f"{self.base}/v1"
+
+    def start(self) -> LocalWebexServer:
+        super().start()
+        return self
 
     def say(self, room_id: str, person_email: str, text: str, room_type: str = "group") -> list[dict[str, Any]]:
         """Play a person writing in a room (from any thread): webhooks are called, deliveries returned."""

@@ -219,6 +219,8 @@ class SmtpSettings(BaseModel, frozen=True):
     """Upgrade the connection with STARTTLS before authenticating (port 587 relays)."""
     ssl: bool = False
     """Implicit TLS from the first byte (port 465)."""
+    ca_file: Path | None = None
+    """CA bundle to trust for TLS besides the system's (a company relay with a private CA)."""
     username: str | None = None
     password: SecretStr | None = None
     timeout_s: float = 10.0

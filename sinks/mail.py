@@ -63,7 +63,7 @@ class SmtpMailer:
 
     def _connect(self) -> smtplib.SMTP:
         s = self.settings
-        context = ssl.create_default_context()
+        context = ssl.create_default_context(cafile=str(s.ca_file) if s.ca_file else None)
         conn: smtplib.SMTP
         if s.ssl:
             conn = smtplib.SMTP_SSL(s.host, s.port, timeout=s.timeout_s, context=context)

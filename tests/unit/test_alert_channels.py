@@ -1,0 +1,224 @@
+"""Alert channels against real local servers (Webex API server, aiosmtpd), no Kafka: what is sent,
+how failures are classified, how a channel worker retries, honours Retry-After and records the ledger."""
+
+from __future__ import annotations
+
+import io
+import queue
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+from PIL import Image
+from pydantic import SecretStr
+
+from infra.local_smtp import FileStore, read_mails
+from infra.local_webex import LocalWebexServer, free_port
+from infra.settings import AlertSettings, Settings, SmtpSettings, WebexSettings
+from sinks.alert_sender import ChannelWorker, DeliveryError, EmailChannel, Ledger, Outcome, Task, WebexChannel
+from sinks.mail import SmtpMailer
+from sinks.webex import WebexClient
+
+TOKEN, ROOM = "unit-token", "room-alerts"
+
+
+def jpeg() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def alert(alert_id: str = "blocked:tx-1", snapshot_ref: str | None = "checkout/tx-1.jpg") -> dict[str, Any]:
+    return dict(alert_id=alert_id, kind="BLOCKED_TRANSACTION", severity="high", event_time=1_767_261_303_000,
+                store_id="S001", lane_id="L02", transaction_id="tx-1", amount=99.0, currency="EUR", outcome="BLOCK",
+                risk_score=90, reasons=["return_exceeds_sale"], subject_id=None, category=None, similarity=None,
+                snapshot_ref=snapshot_ref, summary="x")
+
+
+@pytest.fixture
+def webex() -> Iterator[LocalWebexServer]:
+    with LocalWebexServer(TOKEN) as server:
+        yield server
+
+
+def settings_for(webex: LocalWebexServer, tmp_path: Path, token: str = TOKEN, **alerts: Any) -> Settings:
+    return Settings(
+        stack_dir=tmp_path,
+        webex=WebexSettings(base_url=webex.url, bot_token=SecretStr(token), room_id=ROOM),
+        alerts=AlertSettings(concurrency=4, retry_initial_s=0.05, retry_max_s=0.2, **alerts),
+    )
+
+
+def webex_channel(settings: Settings) -> WebexChannel:
+    return WebexChannel(settings, WebexClient.from_settings(settings.webex))
+
+
+def test_webex_message_carries_markdown_and_the_snapshot_as_a_file(webex: LocalWebexServer, tmp_path: Path) -> None:
+    image = jpeg()
+    channel = webex_channel(settings_for(webex, tmp_path))
+    message_id = channel.send(alert(), image, maybe_sent=False)
+    [posted] = webex.state.bot_messages(ROOM)
+    assert posted["id"] == message_id
+    assert "Transaction blocked" in posted["markdown"] and "blocked:tx-1" in posted["markdown"]
+    assert webex.state.file_bytes(posted["files"][0]) == image
+
+
+def test_webex_failures_are_classified_for_retry(webex: LocalWebexServer, tmp_path: Path) -> None:
+    channel = webex_channel(settings_for(webex, tmp_path))
+    webex.state.fail((429,), count=1, retry_after=3)
+    with pytest.raises(DeliveryError) as limited:
+        channel.send(alert(), None, maybe_sent=False)
+    assert limited.value.retriable and limited.value.retry_after == 3.0
+    webex.state.fail((500,), count=1)
+    with pytest.raises(DeliveryError) as broken:
+        channel.send(alert(), None, maybe_sent=False)
+    assert broken.value.retriable and broken.value.ambiguous
+    bad_token = webex_channel(settings_for(webex, tmp_path, token="wrong"))
+    with pytest.raises(DeliveryError) as refused:
+        bad_token.send(alert(), None, maybe_sent=False)
+    assert not refused.value.retriable
+    assert webex.state.bot_messages() == []
+
+
+def test_webex_resend_after_an_unknown_outcome_finds_the_posted_message(webex: LocalWebexServer,
+                                                                          tmp_path: Path) -> None:
+    channel = webex_channel(settings_for(webex, tmp_path))
+    first = channel.send(alert(), None, maybe_sent=False)
+    again = channel.send(alert(), None, maybe_sent=True)
+    assert again == first
+    assert len(webex.state.bot_messages(ROOM)) == 1
+    channel.send(alert("blocked:tx-2"), None, maybe_sent=True)  # not there yet: posted
+    assert len(webex.state.bot_messages(ROOM)) == 2
+
+
+def run_worker(channel: Any, settings: Settings, tasks: list[Task], timeout: float = 15.0,
+               images: dict[str, bytes] | None = None) -> tuple[list[Outcome], Ledger, ChannelWorker]:
+    done: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+    ledger = Ledger(settings.stack_dir / "ledger.sqlite3")
+    worker = ChannelWorker(channel, ledger, settings.alerts, done, lambda ref: (images or {})[ref])
+    for task in tasks:
+        worker.submit(task)
+    outcomes = [done.get(timeout=timeout) for _ in tasks]
+    worker.stop()
+    return outcomes, ledger, worker
+
+
+def test_worker_retries_5xx_and_delivers_exactly_once(webex: LocalWebexServer, tmp_path: Path) -> None:
+    settings = settings_for(webex, tmp_path)
+    webex.state.fail((500, 503), count=3)
+    [outcome], ledger, worker = run_worker(webex_channel(settings), settings,
+                                           [Task(alert(), "webex", time.monotonic() + 30)])
+    assert outcome.delivered
+    assert len(webex.state.bot_messages(ROOM)) == 1
+    assert ledger.state("blocked:tx-1", "webex") == "sent"
+    assert worker.failed_tries == 3
+
+
+def test_worker_pauses_the_channel_for_retry_after(webex: LocalWebexServer, tmp_path: Path) -> None:
+    settings = settings_for(webex, tmp_path)
+    webex.state.fail((429,), count=1, retry_after=1)
+    t0 = time.monotonic()
+    [outcome], _, worker = run_worker(webex_channel(settings), settings, [Task(alert(), "webex", t0 + 30)])
+    assert outcome.delivered
+    assert time.monotonic() - t0 >= 1.0
+    assert worker.rate_limited == 1 and worker.failed_tries == 0
+
+
+def test_worker_gives_up_with_a_reason_after_max_attempts(webex: LocalWebexServer, tmp_path: Path) -> None:
+    settings = settings_for(webex, tmp_path, max_attempts=3)
+    webex.state.fail((500,))
+    [outcome], ledger, _ = run_worker(webex_channel(settings), settings,
+                                      [Task(alert(), "webex", time.monotonic() + 30)])
+    assert not outcome.delivered
+    assert "failed 3 times" in outcome.reason and "500" in outcome.reason
+    assert ledger.state("blocked:tx-1", "webex") == "sending"  # tried, never confirmed
+
+
+def test_worker_attaches_no_image_when_the_snapshot_is_missing(webex: LocalWebexServer, tmp_path: Path) -> None:
+    settings = settings_for(webex, tmp_path)
+    tasks = [Task(alert("a-1", snapshot_ref=None), "webex", time.monotonic() + 30),
+             Task(alert("a-2", snapshot_ref="gone"), "webex", time.monotonic() + 30),
+             Task(alert("a-3", snapshot_ref="there"), "webex", time.monotonic() + 30)]
+    outcomes, _, _ = run_worker(webex_channel(settings), settings, tasks, images={"there": jpeg()})
+    assert all(o.delivered for o in outcomes)
+    files = {m["markdown"].rsplit("`", 2)[-2]: m.get("files") for m in webex.state.bot_messages(ROOM)}
+    assert files["a-1"] is None and files["a-2"] is None and files["a-3"]
+
+
+# --------------------------------------------------------------------------- e-mail
+
+
+@pytest.fixture
+def smtp_server(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    mail = tmp_path / "mail"
+    port = free_port()
+    controller = Controller(FileStore(mail), hostname="127.0.0.1", port=port)
+    controller.start()
+    yield port, mail
+    controller.stop()
+
+
+def test_email_goes_through_a_real_smtp_server_with_the_snapshot(smtp_server: tuple[int, Path],
+                                                                 tmp_path: Path) -> None:
+    port, mail = smtp_server
+    settings = Settings(stack_dir=tmp_path, smtp=SmtpSettings(port=port, to_addresses="a@x.test, b@x.test"))
+    channel = EmailChannel(settings, SmtpMailer(settings.smtp))
+    image = jpeg()
+    channel.send(alert(), image, maybe_sent=False)
+    channel.send(alert("blocked:tx-2"), None, maybe_sent=False)  # reuses the connection
+    channel.close()
+    first, second = read_mails(mail)
+    assert first["Subject"] == "[Checkout Guard] Transaction blocked - store S001, lane L02"
+    assert first.get_all("Delivered-To") == ["a@x.test", "b@x.test"]
+    assert [p.get_content() for p in first.iter_attachments()] == [image]
+    assert second["X-Checkout-Guard-Alert"] == "blocked:tx-2"
+
+
+def test_smtp_refusal_is_permanent_and_a_dead_server_is_retriable(tmp_path: Path) -> None:
+    settings = Settings(stack_dir=tmp_path, smtp=SmtpSettings(port=free_port()))
+    channel = EmailChannel(settings, SmtpMailer(settings.smtp))
+    with pytest.raises(DeliveryError) as down:
+        channel.send(alert(), None, maybe_sent=False)
+    assert down.value.retriable
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def test_smtp_starttls_and_login_as_a_company_relay_wants(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+
+    def authenticator(_server: Any, _session: Any, _envelope: Any, mechanism: str, auth_data: Any) -> AuthResult:
+        ok = isinstance(auth_data, LoginPassword) and auth_data.login == b"relay" and auth_data.password == b"s3cret"
+        return AuthResult(success=ok, handled=False)  # not handled: the server answers 535 itself
+
+    port, mail = free_port(), tmp_path / "mail"
+    controller = Controller(FileStore(mail), hostname="127.0.0.1", port=port, tls_context=tls, require_starttls=True,
+                            authenticator=authenticator, auth_required=True, auth_exclude_mechanism=["LOGIN"])
+    controller.start()
+    try:
+        good = SmtpSettings(port=port, starttls=True, ca_file=cert, username="relay", password=SecretStr("s3cret"))
+        EmailChannel(Settings(stack_dir=tmp_path, smtp=good), SmtpMailer(good)).send(alert(), None, False)
+        wrong = good.model_copy(update={"password": SecretStr("nope")})
+        with pytest.raises(DeliveryError) as refused:
+            EmailChannel(Settings(stack_dir=tmp_path, smtp=wrong), SmtpMailer(wrong)).send(alert("a-2"), None, False)
+        assert not refused.value.retriable  # 535: more tries will not help
+        plain = good.model_copy(update={"starttls": False})
+        with pytest.raises(DeliveryError):
+            EmailChannel(Settings(stack_dir=tmp_path, smtp=plain), SmtpMailer(plain)).send(alert("a-3"), None, False)
+    finally:
+        controller.stop()
+    assert [m["X-Checkout-Guard-Alert"] for m in read_mails(mail)] == ["blocked:tx-1"]

@@ -1,0 +1,123 @@
+"""Alert wording and e-mail building: what a store manager reads, within each channel's limits."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from infra.settings import AlertSettings
+from sinks.alert_message import describe, local_time, message_id, reason_text
+from sinks.alert_sender import Backoff, DeliveryError, Task, give_up_reason
+from sinks.mail import build_email
+from sinks.webex import MAX_MARKDOWN_BYTES, parse_retry_after, truncate_utf8
+
+T = 1_767_261_303_000  # 2026-01-01T09:55:03Z
+
+
+def alert(**overrides: Any) -> dict[str, Any]:
+    values: dict[str, Any] = dict(
+        alert_id="blocked:tx-9", kind="BLOCKED_TRANSACTION", severity="high", event_time=T, store_id="S001",
+        lane_id="L02", transaction_id="tx-9", amount=1234.5, currency="EUR", outcome="BLOCK", risk_score=92,
+        reasons=["return_exceeds_sale", "model_score>=900"], subject_id=None, category=None, similarity=None,
+        snapshot_ref=None, summary="Blocked return tx-9",
+    )
+    return values | overrides
+
+
+def test_blocked_transaction_reads_what_where_when_amount_outcome_and_reasons_in_words() -> None:
+    text = describe(alert(), AlertSettings(timezone="Europe/Berlin"))
+    plain = text.plain()
+    assert text.subject == "[Checkout Guard] Transaction blocked - store S001, lane L02"
+    assert "2026-01-01 10:55:03 CET" in plain  # store local time, not UTC
+    assert "1,234.50 EUR" in plain
+    assert "blocked (risk 92 of 100)" in plain
+    assert "refund is larger than the original sale" in plain
+    assert "fraud model rates it very risky" in plain
+    assert "return_exceeds_sale" not in plain
+    assert "http://127.0.0.1:8050/alerts/blocked:tx-9" in plain
+
+
+def test_face_match_shows_similarity_and_watchlist_category() -> None:
+    text = describe(alert(kind="WATCHLIST_MATCH", category="SUSPECT", subject_id="subj-tx-1", similarity=97.26,
+                          reasons=["watchlist_suspect"]), AlertSettings())
+    rows = dict(text.lines)
+    assert rows["Face match"] == "97.3% similar to suspect subj-tx-1"
+    assert rows["Why"] == "face matches a person on the suspect watchlist"
+    assert text.headline.startswith("Watchlist match at a checkout")
+
+
+def test_entrance_alert_without_lane_amount_or_outcome_still_reads_well() -> None:
+    text = describe(alert(kind="SUSPECT_ENTERED", lane_id=None, amount=None, outcome=None, risk_score=None,
+                          reasons=[], transaction_id=None, similarity=88.0, category="SUSPECT"), AlertSettings())
+    labels = [label for label, _ in text.lines]
+    assert text.headline == "Suspect entered the store - store S001"
+    assert "Amount" not in labels and "Outcome" not in labels
+    assert "Face match" in labels
+
+
+def test_unknown_reason_codes_are_shown_readably_rather_than_dropped() -> None:
+    assert reason_text("brand_new_rule") == "brand new rule"
+
+
+def test_dashboard_link_template_takes_alert_fields() -> None:
+    settings = AlertSettings(dashboard_link="https://dash.example/tx/{transaction_id}?store={store_id}")
+    assert describe(alert(), settings).link == "https://dash.example/tx/tx-9?store=S001"
+
+
+def test_unknown_time_zone_falls_back_to_the_machine_zone() -> None:
+    assert local_time(T, "Not/AZone")[:4] == "2026"
+
+
+def test_markdown_escapes_values_so_ids_do_not_turn_into_formatting() -> None:
+    md = describe(alert(transaction_id="tx_*9*"), AlertSettings()).markdown()
+    assert "tx\\_\\*9\\*" in md
+
+
+def test_message_id_is_stable_per_alert_so_a_resend_is_recognisably_the_same_mail() -> None:
+    assert message_id("blocked:tx-9") == message_id("blocked:tx-9")
+    assert message_id("blocked:tx-9") != message_id("blocked:tx-10")
+
+
+def test_email_with_snapshot_has_inline_html_image_and_attachment() -> None:
+    text = describe(alert(), AlertSettings())
+    jpeg = b"\xff\xd8\xff\xe0" + b"x" * 100
+    msg = build_email("blocked:tx-9", text, "cg@example.com", ["sec@example.com"], jpeg)
+    assert msg["Message-ID"] == message_id("blocked:tx-9")
+    assert msg.get_body(("plain",)).get_content().startswith("[Checkout Guard] Transaction blocked")
+    html = msg.get_body(("html",)).get_content()
+    assert "cid:" in html
+    attachments = [part for part in msg.iter_attachments() if part.get_content_type() == "image/jpeg"]
+    assert attachments and attachments[0].get_content() == jpeg
+
+
+def test_email_without_snapshot_has_no_image() -> None:
+    msg = build_email("a", describe(alert(), AlertSettings()), "cg@example.com", ["sec@example.com"], None)
+    assert not [p for p in msg.walk() if p.get_content_maintype() == "image"]
+
+
+def test_webex_markdown_is_cut_at_the_byte_limit_without_breaking_a_character() -> None:
+    cut = truncate_utf8("é" * 5000)
+    assert len(cut.encode()) <= MAX_MARKDOWN_BYTES
+    cut.encode().decode()  # still valid UTF-8
+    assert truncate_utf8("short") == "short"
+
+
+def test_retry_after_header_parsing() -> None:
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after(None) == 1.0
+    assert parse_retry_after("soon") == 1.0
+
+
+def test_backoff_grows_and_stays_bounded() -> None:
+    backoff, rng = Backoff(0.5, 30), random.Random(1)
+    assert 0.25 <= backoff.delay(0, rng) <= 0.5
+    assert 15 <= backoff.delay(20, rng) <= 30
+
+
+def test_give_up_on_permanent_refusal_after_max_attempts_or_past_the_deadline() -> None:
+    task = Task(alert(), "webex", deadline=100.0)
+    assert give_up_reason(task, DeliveryError("400 bad", retriable=False), 0, 1, 8).startswith("webex refused it")
+    task.failures = 3
+    assert give_up_reason(task, DeliveryError("500"), 0, 1, 8) is None
+    assert "failed 3 times" in give_up_reason(task, DeliveryError("500"), 0, 1, 3)
+    assert "deadline" in give_up_reason(task, DeliveryError("500"), 99.5, 1, 8)

@@ -1,0 +1,224 @@
+"""The Webex bot over HTTP, with the local Webex API server playing Webex: signatures, allow-lists,
+replies, its own messages, webhook registration and a flood of malformed bodies. Commands are collected
+by a plain function here; tests/e2e/test_alerts_e2e.py checks they reach Kafka."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from infra.local_webex import BackgroundServer, LocalWebexServer, person_id, sign
+from infra.settings import Settings, WebexSettings
+from jobs.launcher import wait_for
+from producers.webex_bot import WEBHOOK_PATH, WebexBot, parse_callback, parse_command, strip_mention, verify_signature
+from schemas.records import BotCommand
+
+TOKEN, SECRET = "bot-token", "hook-secret"
+SECURITY_ROOM, SHOP_FLOOR = "room-security", "room-shop-floor"
+
+
+def test_signature_is_hmac_sha1_of_the_exact_body() -> None:
+    body = b'{"id": "x"}'
+    assert verify_signature(body, sign(body, SECRET), SECRET)
+    assert verify_signature(body, sign(body, SECRET).upper(), SECRET)
+    assert not verify_signature(body + b" ", sign(body, SECRET), SECRET)
+    assert not verify_signature(body, sign(body, "other"), SECRET)
+    assert not verify_signature(body, None, SECRET)
+    assert not verify_signature(body, sign(body, ""), "")  # no secret configured: nothing verifies
+
+
+@pytest.mark.parametrize(("text", "verb", "argument"), [
+    ("Checkout Guard fraud tx-123", "FRAUD", "tx-123"),
+    ("Checkout vip tx-9", "VIP", "tx-9"),
+    ("@Checkout Guard: checkout `tx-1`", "CHECKOUT", "tx-1"),
+    ("forget subj-tx-1", "FORGET", "subj-tx-1"),
+    ("STATUS", "STATUS", None),
+    ("help me", "HELP", None),
+    ("what is this", None, None),
+    ("", None, None),
+])
+def test_commands_are_parsed_after_the_mention(text: str, verb: str | None, argument: str | None) -> None:
+    parsed = parse_command(text, ("Checkout Guard", "Checkout"))
+    assert (parsed.verb, parsed.argument, parsed.problem) == (verb, argument, None)
+
+
+def test_a_command_without_its_argument_says_what_is_missing() -> None:
+    assert parse_command("fraud").problem == "`fraud` needs a transaction id"
+    assert "does not look like" in parse_command("forget ../../etc").problem
+
+
+def test_mention_is_only_stripped_as_a_whole_word() -> None:
+    assert strip_mention("Checkoutstatus", ("Checkout",)) == "Checkoutstatus"
+
+
+def test_callback_parsing_rejects_what_is_not_a_message_webhook() -> None:
+    good = {"resource": "messages", "event": "created", "data": {"id": "m", "roomId": "r", "personId": "p"}}
+    assert parse_callback(json.dumps(good).encode())["id"] == "m"
+    for bad in (b"", b"[]", b"{", json.dumps({**good, "event": "deleted"}).encode(),
+                json.dumps({**good, "data": {"id": 5, "roomId": "r", "personId": "p"}}).encode()):
+        with pytest.raises(ValueError):
+            parse_callback(bad)
+
+
+# --------------------------------------------------------------------------- over HTTP
+
+
+class Harness:
+    def __init__(self, webex: LocalWebexServer, bot: WebexBot, server: BackgroundServer,
+                 published: list[BotCommand]) -> None:
+        self.webex, self.bot, self.server, self.published = webex, bot, server, published
+        self.url = server.base + WEBHOOK_PATH
+
+    def replies(self, room: str) -> list[str]:
+        return [m["markdown"] for m in self.webex.state.bot_messages(room)]
+
+    def say(self, room: str, email: str, text: str) -> list[dict[str, Any]]:
+        return self.webex.say(room, email, text)
+
+
+@pytest.fixture
+def harness() -> Iterator[Harness]:
+    with LocalWebexServer(TOKEN) as webex:
+        settings = Settings(webex=WebexSettings(
+            base_url=webex.url, bot_token=SecretStr(TOKEN), webhook_secret=SecretStr(SECRET),
+            public_url="http://127.0.0.1:1", allowed_rooms=SECURITY_ROOM, allowed_people="lead@store.test"))
+        published: list[BotCommand] = []
+        bot = WebexBot(settings, publish=published.append, inspect_checkout=lambda tx: f"face check of {tx}: no match",
+                       status_text=lambda: "all healthy")
+        server = BackgroundServer(bot.app, lifespan="on", name="bot").start()
+        try:
+            bot.register_webhook()
+            [hook] = webex.state.webhooks
+            webex.state.webhooks[0] = {**hook, "targetUrl": server.base + WEBHOOK_PATH}  # reachable in the test
+            yield Harness(webex, bot, server, published)
+        finally:
+            server.stop()
+
+
+def test_bot_registers_its_webhook_with_the_secret_on_start(harness: Harness) -> None:
+    hooks = harness.webex.state.webhooks
+    assert len(hooks) == 1  # start-up and the explicit call: re-registered, not duplicated
+    assert hooks[0]["secret"] == SECRET and hooks[0]["resource"] == "messages" and hooks[0]["event"] == "created"
+
+
+def test_fraud_from_the_security_room_becomes_one_command_and_a_reply(harness: Harness) -> None:
+    [delivery] = harness.say(SECURITY_ROOM, "guard@store.test", "Checkout Guard fraud tx-42")
+    assert delivery["status"] == 200
+    wait_for(lambda: harness.replies(SECURITY_ROOM), 10, what="the reply")
+    [command] = harness.published
+    assert (command.verb, command.argument, command.actor, command.room_id) == (
+        "FRAUD", "tx-42", "guard@store.test", SECURITY_ROOM)
+    assert command.command_id == delivery["message_id"]  # a redelivery is the same command
+    assert "subj-tx-42" in harness.replies(SECURITY_ROOM)[0]
+
+
+def test_watchlist_change_from_a_room_not_allowed_is_politely_refused(harness: Harness) -> None:
+    harness.say(SHOP_FLOOR, "cashier@store.test", "Checkout Guard vip tx-7")
+    [reply] = wait_for(lambda: harness.replies(SHOP_FLOOR), 10, what="the refusal")
+    assert reply.startswith("Sorry, changes to the watchlist can only be made")
+    assert harness.published == []
+
+
+def test_allow_listed_person_may_change_the_watchlist_from_any_room(harness: Harness) -> None:
+    harness.say(SHOP_FLOOR, "Lead@Store.test", "forget subj-tx-7")
+    wait_for(lambda: harness.published, 10, what="the command")
+    assert harness.published[0].verb == "FORGET"
+
+
+def test_checkout_and_status_answer_in_the_room_from_anyone(harness: Harness) -> None:
+    harness.say(SHOP_FLOOR, "cashier@store.test", "Checkout Guard checkout tx-5")
+    harness.say(SHOP_FLOOR, "cashier@store.test", "status")
+    replies = wait_for(lambda: len(harness.replies(SHOP_FLOOR)) == 2 and harness.replies(SHOP_FLOOR), 10,
+                       what="two replies")
+    assert set(replies) == {"face check of tx-5: no match", "all healthy"}
+    assert [c.verb for c in harness.published] == ["CHECKOUT", "STATUS"]
+
+
+def test_own_messages_are_ignored(harness: Harness) -> None:
+    harness.say(SECURITY_ROOM, "guard@store.test", "help")
+    wait_for(lambda: harness.replies(SECURITY_ROOM), 10, what="the help reply")
+    # Webex also announces the bot's own reply; handling it would loop.
+    [own] = harness.webex.state.bot_messages(SECURITY_ROOM)
+    body = json.dumps({"resource": "messages", "event": "created", "data": {
+        "id": own["id"], "roomId": SECURITY_ROOM, "personId": harness.webex.state.bot["id"]}}).encode()
+    r = httpx.post(harness.url, content=body, headers={"X-Spark-Signature": sign(body, SECRET)})
+    assert r.status_code == 200
+    time.sleep(0.5)
+    assert len(harness.webex.state.bot_messages(SECURITY_ROOM)) == 1
+    assert [c.verb for c in harness.published] == ["HELP"]
+
+
+def callback(message_id: str, room: str = SECURITY_ROOM, email: str = "guard@store.test") -> bytes:
+    return json.dumps({"id": "hook", "resource": "messages", "event": "created", "data": {
+        "id": message_id, "roomId": room, "personId": person_id(email), "personEmail": email}}).encode()
+
+
+def test_forged_or_unsigned_webhooks_are_refused_and_change_nothing(harness: Harness) -> None:
+    # A real message from the security room exists; only a correctly signed callback may act on it.
+    harness.webex.state.webhooks.clear()
+    harness.say(SECURITY_ROOM, "guard@store.test", "fraud tx-13")
+    [message] = [m for m in harness.webex.state.messages if m["text"] == "fraud tx-13"]
+    body = callback(message["id"])
+    unsigned = httpx.post(harness.url, content=body)
+    forged = httpx.post(harness.url, content=body, headers={"X-Spark-Signature": sign(body, "guessed")})
+    tampered = httpx.post(harness.url, content=body + b" ", headers={"X-Spark-Signature": sign(body, SECRET)})
+    assert (unsigned.status_code, forged.status_code, tampered.status_code) == (401, 403, 403)
+    time.sleep(0.5)
+    assert harness.published == [] and harness.replies(SECURITY_ROOM) == []
+    good = httpx.post(harness.url, content=body, headers={"X-Spark-Signature": sign(body, SECRET)})
+    assert good.status_code == 200
+    wait_for(lambda: harness.published, 10, what="the signed command")
+
+
+def malformed_bodies(rng: random.Random, n: int) -> Iterator[tuple[bytes, bool]]:
+    """(body, signed) pairs: garbage, wrong JSON shapes, wrong types, huge bodies; most signed so the
+    parser behind the signature check is exercised too."""
+    shapes: list[Any] = [[], 1, "x", None, {}, {"resource": "messages"}, {"resource": "rooms", "event": "created"},
+                         {"resource": "messages", "event": "created"},
+                         {"resource": "messages", "event": "created", "data": []},
+                         {"resource": "messages", "event": "created", "data": {"id": None}},
+                         {"resource": "messages", "event": "created",
+                          "data": {"id": "m", "roomId": 3, "personId": "p"}},
+                         {"resource": "messages", "event": "created",
+                          "data": {"id": "m", "roomId": "r", "personId": "p", "personEmail": ["x"]}},
+                         {"resource": "messages", "event": "created", "data": {"id": "x" * 600, "roomId": "r",
+                                                                                 "personId": "p"}}]
+    for i in range(n):
+        kind = i % 5
+        if kind == 0:
+            body = rng.randbytes(rng.randint(0, 300))
+        elif kind == 1:
+            body = json.dumps(rng.choice(shapes)).encode()
+        elif kind == 2:
+            body = json.dumps(rng.choice(shapes)).encode()[: rng.randint(0, 40)]
+        elif kind == 3:
+            body = ("{" * rng.randint(1, 5000)).encode()
+        else:
+            body = b'{"resource": "messages", "event": "created", "data": {"id": "' + b"\xff\xfe" * 10 + b'"}}'
+        yield body, i % 7 != 0
+
+
+def test_a_thousand_malformed_bodies_get_only_4xx_and_the_receiver_keeps_answering(harness: Harness) -> None:
+    rng = random.Random(5)
+    statuses: dict[int, int] = {}
+    with httpx.Client(timeout=10) as client:
+        for body, signed in malformed_bodies(rng, 1200):
+            headers = {"X-Spark-Signature": sign(body, SECRET)} if signed else {}
+            status = client.post(harness.url, content=body, headers=headers).status_code
+            statuses[status] = statuses.get(status, 0) + 1
+        huge = b"{" + b" " * (200 * 1024) + b"}"
+        big = client.post(harness.url, content=huge, headers={"X-Spark-Signature": sign(huge, SECRET)})
+        statuses[big.status_code] = statuses.get(big.status_code, 0) + 1
+        assert all(400 <= s < 500 for s in statuses), statuses
+        assert statuses.get(400, 0) > 800  # most passed the signature and were rejected by the parser
+        assert client.get(harness.server.base + "/health").status_code == 200
+    harness.say(SECURITY_ROOM, "guard@store.test", "vip tx-77")
+    wait_for(lambda: harness.published, 10, what="a real command after the flood")
+    assert harness.published[0].verb == "VIP"
