@@ -130,6 +130,8 @@ class Presence:
     start_ms: int
     end_ms: int
     oid: int
+    pay_ms: int | None = None
+    """At a lane: when they pay. The camera shows whoever is paying nearest to the frame's time in front."""
 
 
 class Scene:
@@ -158,24 +160,27 @@ class Scene:
             visit = Visit(visit_id or secrets.token_hex(8), person, store_id, lane_id, enter_ms, pay_ms, leave_ms,
                           self._next_oid)
             self._visits[visit.visit_id] = visit
-            lane_start = min(pay_ms, max(enter_ms + ENTRANCE_DWELL_MS, pay_ms - LANE_LEAD_MS))
-            entrance_end = max(enter_ms + 1, min(enter_ms + ENTRANCE_DWELL_MS, lane_start))
+            # A quick shopper is seen at the door and at the lane at once (the cameras overlap), so the
+            # entrance always sees them and the lane camera sees them from entering until leaving.
+            lane_start = max(enter_ms, pay_ms - LANE_LEAD_MS)
             door = entrance_camera(self.settings, store_id)
             lane = camera_for_lane(self.settings, store_id, lane_id)
-            self._presences.append(self._presence(visit, door, None, enter_ms, entrance_end, visit.oid))
-            self._presences.append(self._presence(visit, lane, lane_id, lane_start, leave_ms + 1, visit.oid + 1))
+            self._presences.append(self._presence(visit, door, None, enter_ms, enter_ms + ENTRANCE_DWELL_MS, visit.oid))
+            self._presences.append(self._presence(visit, lane, lane_id, lane_start, leave_ms + 1, visit.oid + 1,
+                                                  pay_ms))
         return visit
 
-    def _presence(self, v: Visit, serial: str, lane_id: str | None, start: int, end: int, oid: int) -> Presence:
+    def _presence(self, v: Visit, serial: str, lane_id: str | None, start: int, end: int, oid: int,
+                  pay_ms: int | None = None) -> Presence:
         photos = self.people[v.person]
         photo = photos[zlib.crc32(f"{v.visit_id}/{serial}".encode()) % len(photos)]
-        return Presence(v.visit_id, v.person, str(photo), serial, v.store_id, lane_id, start, end, oid)
+        return Presence(v.visit_id, v.person, str(photo), serial, v.store_id, lane_id, start, end, oid, pay_ms)
 
     def at(self, serial: str, t_ms: int) -> list[Presence]:
-        """Who ``serial`` sees at ``t_ms``; the one paying (latest to arrive at a lane) first."""
+        """Who ``serial`` sees at ``t_ms``; at a lane the one paying nearest to ``t_ms`` first (at the counter)."""
         with self._lock:
             found = [p for p in self._presences if p.serial == serial and p.start_ms <= t_ms < p.end_ms]
-        return sorted(found, key=lambda p: -p.start_ms)
+        return sorted(found, key=lambda p: (abs((p.pay_ms or p.start_ms) - t_ms), -p.start_ms))
 
     def visible_now(self, t_ms: int) -> dict[str, list[Presence]]:
         with self._lock:

@@ -105,3 +105,30 @@ def test_a_new_person_at_the_entrance_gets_an_entrance_observation(world) -> Non
     assert len({o.observation_id for o in obs}) == 1  # one person, one oid: one observation
     assert obs[0].trigger == "ENTRANCE" and obs[0].store_id == store and obs[0].lane_id is None
     assert obs[0].status == "NO_MATCH" and obs[0].embedding and obs[0].image_ref
+
+
+def test_shoppers_driver_pays_at_lanes_where_the_cameras_see_the_paying_customer(world) -> None:
+    from producers.generator import PosGenerator
+    from producers.shoppers import drive_shoppers, person_for
+
+    settings, camera, reader = world
+    control = LocalCameraControl(camera.base_url)
+    gen = PosGenerator(seed=int(time.time()), stores=2, lanes_per_store=2, diurnal=False)
+    sent: list[PosTransaction] = []
+    txs_topic = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
+    tx_reader = TopicReader(settings, txs_topic)
+    try:
+        stats = drive_shoppers(settings, gen, count=4, rate=4, shop_s=2.0, control=control)
+        assert stats.ok and stats.acked == 4
+        sent = [PosTransaction.decode(v) for _, _, v in tx_reader.until(lambda s: len(s) >= 4)]
+    finally:
+        tx_reader.close()
+    people = sorted(camera.camera.scene.people)
+    for tx in sent:
+        serial = camera_for_lane(settings, tx.store_id, tx.lane_id)
+        at_lane = [p["person"] for p in control.ground_truth(serial) if p["start_ms"] <= tx.event_time < p["end_ms"]]
+        assert person_for(tx, people) in at_lane  # the paying customer stands at the lane at the transaction time
+    ids = {tx.transaction_id for tx in sent}
+    observations = _observations(reader, lambda os: ids <= {o.transaction_id for o in os})
+    mine = {o.transaction_id: o for o in observations if o.transaction_id in ids}
+    assert {o.status for o in mine.values()} == {"NO_MATCH"}, [(o.status, o.reason) for o in mine.values()]

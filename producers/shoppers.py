@@ -1,0 +1,98 @@
+"""Shoppers: POS traffic whose customers are also *seen* by the local cameras.
+
+Each transaction of the POS generator (``producers.generator``) becomes a visit at the local camera:
+its customer (a stable identity: customer id, card or e-mail) is a person from the photo sets, who
+enters the store ``shop_s`` before paying (the entrance camera sees a new ``oid``, over MQTT), stands
+at the transaction's lane while paying, and leaves. The transaction is sent when they pay, with
+``event_time`` = the pay time, so the lane camera's snapshot at the transaction time shows them.
+
+Used by the demo and tests; run alone with ``python -m producers.shoppers --rate 2 --count 50``
+(needs ``python -m producers.local_camera`` running).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import zlib
+from collections import deque
+from collections.abc import Iterator
+from typing import Annotated
+
+import typer
+
+from infra.settings import Settings, get_settings
+from producers.generator import PosGenerator
+from producers.local_camera import LocalCameraControl
+from producers.pos import ProducerLike, ProduceStats, produce
+from schemas.records import PosTransaction
+
+LEAVE_S = 5.0
+"""How long a shopper stays at the lane after paying."""
+
+
+def customer_key(tx: PosTransaction) -> str:
+    return tx.customer_id or tx.card_token or tx.customer_email or tx.transaction_id
+
+
+def person_for(tx: PosTransaction, people: list[str]) -> str:
+    """The same customer is always the same person (a stable hash, not Python's salted ``hash``)."""
+    return people[zlib.crc32(customer_key(tx).encode()) % len(people)]
+
+
+def shopper_transactions(
+    generator: Iterator[PosTransaction], control: LocalCameraControl, people: list[str], *, count: int,
+    rate: float, shop_s: float, start_ms: int,
+) -> Iterator[PosTransaction]:
+    """Transactions stamped with their pay time (``start_ms + k / rate``), each visit registered about
+    ``shop_s`` before it is due, so the shopper is at the entrance now and pays later."""
+    if not people:
+        raise ValueError("the local camera has no people (face photos): run `make setup`")
+    if shop_s < 1:
+        raise ValueError("shop_s must be >= 1: snapshot timestamps have whole-second precision")
+    ahead = max(1, math.ceil(shop_s * rate))
+    pending: deque[PosTransaction] = deque()
+    registered = 0
+    for k in range(count):
+        while registered < count and registered <= k + ahead:
+            tx = next(generator)
+            pay_ms = start_ms + round(registered * 1000 / rate)
+            enter_ms = pay_ms - round(shop_s * 1000)  # the first few entered before we started: no MQTT for them
+            control.add_visit(person_for(tx, people), tx.store_id, tx.lane_id, enter_ms, pay_ms,
+                              pay_ms + round(LEAVE_S * 1000), visit_id=tx.transaction_id)
+            pending.append(dataclasses.replace(tx, event_time=pay_ms))
+            registered += 1
+        yield pending.popleft()
+
+
+def drive_shoppers(
+    settings: Settings, generator: PosGenerator, *, count: int, rate: float = 2.0, shop_s: float = 8.0,
+    control: LocalCameraControl | None = None, producer: ProducerLike | None = None, progress: bool = False,
+) -> ProduceStats:
+    """Send ``count`` transactions at ``rate``/s, each paid by a shopper the cameras saw come in."""
+    control = control or LocalCameraControl.from_settings(settings)
+    people = sorted(control.people())
+    start_ms = int(time.time() * 1000) + 500
+    txs = shopper_transactions(generator, control, people, count=count, rate=rate, shop_s=shop_s, start_ms=start_ms)
+    return produce(settings, txs, progress=progress, producer=producer, label="shoppers",
+                   due=lambda tx: (tx.event_time - start_ms) / 1000)
+
+
+def main(
+    rate: Annotated[float, typer.Option(help="transactions per second")] = 2.0,
+    count: Annotated[int, typer.Option(help="transactions to send")] = 100,
+    shop_s: Annotated[float, typer.Option(help="seconds from entering the store to paying")] = 8.0,
+    seed: Annotated[int, typer.Option()] = 0,
+    stores: Annotated[int, typer.Option()] = 2,
+    lanes: Annotated[int, typer.Option()] = 4,
+) -> None:
+    """POS transactions paid by shoppers the local cameras see (entrance, then the lane)."""
+    settings = get_settings()
+    gen = PosGenerator(seed=seed, stores=stores, lanes_per_store=lanes, fraud_share=0.03, diurnal=False)
+    stats = drive_shoppers(settings, gen, count=count, rate=rate, shop_s=shop_s, progress=True)
+    raise typer.Exit(0 if stats.ok else 1)
+
+
+if __name__ == "__main__":
+    typer.run(main)
