@@ -132,3 +132,25 @@ def test_shoppers_driver_pays_at_lanes_where_the_cameras_see_the_paying_customer
     observations = _observations(reader, lambda os: ids <= {o.transaction_id for o in os})
     mine = {o.transaction_id: o for o in observations if o.transaction_id in ids}
     assert {o.status for o in mine.values()} == {"NO_MATCH"}, [(o.status, o.reason) for o in mine.values()]
+
+
+def test_broken_snapshots_end_as_unavailable_with_a_reason_and_the_stage_goes_on(world) -> None:
+    settings, camera, reader = world
+    control = LocalCameraControl(camera.base_url)
+    store = f"store-{uuid.uuid4().hex[:6]}"
+    faults = {"lane-01": ("never_ready", "not_ready"), "lane-02": ("corrupt", "image unusable"),
+              "lane-03": ("empty", "empty"), "lane-04": ("huge", "too_large"), "lane-05": ("wrong_type", "wrong_type")}
+    producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True})
+    topic = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
+    now = int(time.time() * 1000)
+    expected = {}
+    for lane, (fault, words) in faults.items():
+        control.set_fault(camera_for_lane(settings, store, lane), fault)
+        tx = PosTransaction(f"tx-{uuid.uuid4().hex[:10]}", now - 2_000, store, lane, "SALE", 10.0, "USD")
+        producer.produce(topic, tx.encode(), key=f"{store}/{lane}".encode())
+        expected[tx.transaction_id] = words
+    assert producer.flush(10) == 0
+    seen = _observations(reader, lambda os: set(expected) <= {o.transaction_id for o in os})
+    got = {o.transaction_id: o for o in seen if o.transaction_id in expected}
+    for tx_id, words in expected.items():
+        assert got[tx_id].status == "UNAVAILABLE" and words in got[tx_id].reason, (got[tx_id].reason, words)
