@@ -178,6 +178,8 @@ class FaceSettings(BaseModel, frozen=True):
     """Rekognition's own similarity scale; AWS advises >= 99 plus human review for public-safety uses."""
     retention_purge_interval_s: float = 300.0
     """How often the watchlist service runs the snapshot retention purge."""
+    service_group: str = "checkout-guard-watchlist"
+    """Consumer group (and transactional id stem) of the watchlist service; the topic prefix is prepended."""
 
 
 class AlertSettings(BaseModel, frozen=True):

@@ -1,0 +1,120 @@
+"""Watchlist search: nearest embedding over all subjects, threshold decision, tombstones."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from infra.settings import FaceSettings
+from jobs.face_engine import FaceEngine
+from jobs.watchlist import Match, Watchlist
+
+FACES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "faces"
+needs_faces = pytest.mark.skipif(not FACES.is_dir(), reason="shared face photos (../shared/data/faces) absent")
+
+
+def entry(subject: str, embeddings, category: str = "SUSPECT") -> dict:
+    return {"subject_id": subject, "category": category, "embeddings": [list(map(float, e)) for e in embeddings],
+            "reason": "test", "flagged_by": "t@example.com", "flagged_at": 1}
+
+
+def unit(rng, n=1):
+    v = rng.normal(0, 1, (n, 128)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_empty_watchlist_matches_nobody():
+    assert Watchlist(FaceSettings()).search(np.zeros(128)) is None
+
+
+def test_search_returns_the_subject_of_the_nearest_embedding_across_several_per_subject():
+    rng = np.random.default_rng(0)
+    w = Watchlist(threshold=52)
+    a, b = unit(rng, 3), unit(rng, 2)
+    w.upsert(entry("subj-a", a))
+    w.upsert(entry("subj-b", b, "VIP"))
+    m = w.search(b[1] + 0.001)
+    assert m == Match("subj-b", "VIP", m.similarity) and m.similarity > 99
+    assert w.search(a[2]).subject_id == "subj-a"
+    assert w.search(unit(rng)[0]) is None, "an unrelated face is below the threshold"
+
+
+def test_threshold_is_inclusive_and_configurable():
+    base = np.zeros(128, np.float32)
+    probe = base.copy()
+    probe[0] = 0.576  # similarity exactly 52
+    w = Watchlist(threshold=52)
+    w.upsert(entry("s", [base]))
+    assert w.search(probe) is not None
+    assert Watchlist(threshold=52.1).search(probe) is None
+
+
+def test_upsert_replaces_and_remove_forgets():
+    rng = np.random.default_rng(1)
+    e1, e2 = unit(rng), unit(rng)
+    w = Watchlist(threshold=52)
+    w.upsert(entry("s", e1))
+    w.upsert(entry("s", e2, "VIP"))
+    assert len(w) == 1 and w.search(e1[0]) is None and w.search(e2[0]).category == "VIP"
+    w.remove("s")
+    w.remove("s")  # a replayed tombstone is harmless
+    assert w.search(e2[0]) is None and "s" not in w and w.get("s") is None
+
+
+def test_watchlist_survives_pickling_for_operator_state():
+    rng = np.random.default_rng(2)
+    e = unit(rng, 2)
+    w = Watchlist(threshold=52)
+    w.upsert(entry("s", e))
+    copy = pickle.loads(pickle.dumps(w))
+    assert copy.search(e[1]).subject_id == "s" and copy.get("s")["embeddings"][0] == pytest.approx(e[0].tolist())
+
+
+def test_concurrent_updates_and_searches_do_not_break_the_index():
+    rng = np.random.default_rng(3)
+    vecs = unit(rng, 200)
+    w = Watchlist(threshold=52)
+    errors = []
+
+    def writer():
+        for i, v in enumerate(vecs):
+            w.upsert(entry(f"s{i}", [v]))
+            if i % 3 == 0:
+                w.remove(f"s{i}")
+
+    def reader():
+        try:
+            for v in vecs:
+                m = w.search(v)
+                assert m is None or m.subject_id.startswith("s")
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(w) == 200 - 67
+    assert w.search(vecs[1]).subject_id == "s1" and w.search(vecs[3]) is None
+
+
+@needs_faces
+def test_real_faces_pick_the_right_subject_among_several():
+    """Enroll one photo of each of several people; another photo of each finds that person."""
+    engine = FaceEngine(FaceSettings())
+    w = Watchlist(FaceSettings())
+    people = sorted(p for p in (FACES / "dlib" / "johns").iterdir() if p.is_dir())
+    probes = {}
+    for person in people:
+        photos = sorted(person.glob("*.jpg"))
+        w.upsert(entry(f"subj-{person.name}", [engine.best_face(photos[0].read_bytes()).embedding]))
+        probes[person.name] = engine.best_face(photos[-1].read_bytes()).embedding
+    for name, probe in probes.items():
+        assert w.search(probe).subject_id == f"subj-{name}"
+    stranger = engine.best_face((FACES / "face_recognition" / "test_images" / "biden.jpg").read_bytes())
+    assert w.search(stranger.embedding) is None

@@ -1,0 +1,155 @@
+"""Watchlist service decisions (no Kafka): enroll, forget, retain, purge, failures -> audit + dead letter."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from infra.settings import Settings
+from jobs.face_engine import FaceEngine
+from jobs.image_store import LocalImageStore
+from jobs.watchlist_service import Source, WatchlistCore
+from schemas.records import Alert, AuditEvent, BotCommand, DeadLetter, WatchlistEntry
+from schemas.topics import AUDIT, DEAD_LETTERS, WATCHLIST
+
+FACES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "faces"
+needs_faces = pytest.mark.skipif(not FACES.is_dir(), reason="shared face photos (../shared/data/faces) absent")
+NOW = 1_800_000_000_000
+_ENGINE = None
+
+
+@pytest.fixture
+def core(tmp_path) -> WatchlistCore:
+    global _ENGINE
+    settings = Settings(stack_dir=tmp_path)
+    _ENGINE = _ENGINE or FaceEngine(settings.faces)
+    return WatchlistCore(settings, engine=_ENGINE)
+
+
+def command(verb: str, arg: str | None, cid: str = "c1", actor: str = "lp@example.com") -> Source:
+    value = BotCommand(command_id=cid, issued_at=NOW - 5000, verb=verb, actor=actor, argument=arg).encode()
+    return Source("commands", 0, int(cid.strip("c") or 0), cid.encode(), value)
+
+
+def by_topic(outs):
+    return {spec.name: [o for o in outs if o.topic == spec] for spec in (WATCHLIST, AUDIT, DEAD_LETTERS)}
+
+
+def audit_of(outs) -> AuditEvent:
+    (out,) = by_topic(outs)["audit"]
+    return AuditEvent.decode(out.value)
+
+
+def blank_jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (640, 480), (90, 90, 90)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+@needs_faces
+def test_fraud_command_enrolls_the_face_of_the_transaction_snapshot(core):
+    photo = (FACES / "face_recognition" / "test_images" / "obama.jpg").read_bytes()
+    core.store.put("checkout", "tx-1", photo)
+    outs = core.on_command(command("FRAUD", " tx-1 "), NOW)
+    topics = by_topic(outs)
+    (wl,) = topics["watchlist"]
+    entry = WatchlistEntry.decode(wl.value)
+    assert wl.key == b"subj-tx-1" and entry.subject_id == "subj-tx-1" and entry.category == "SUSPECT"
+    assert len(entry.embeddings) == 1 and len(entry.embeddings[0]) == 128
+    assert entry.flagged_by == "lp@example.com" and entry.flagged_at == NOW - 5000
+    assert entry.source_transaction_id == "tx-1" and core.store.get(entry.reference_image_ref) == photo
+    assert entry.reference_image_ref == core.store.find("reference", "subj-tx-1")
+    audit = audit_of(outs)
+    assert (audit.action, audit.outcome, audit.subject_id) == ("ENROLL", "DONE", "subj-tx-1")
+    assert audit.actor == "lp@example.com" and audit.command_id == "c1"
+    assert not topics["dead_letters"]
+    again = core.on_command(command("FRAUD", "tx-1", cid="c2"), NOW)
+    assert not by_topic(again)["watchlist"] and audit_of(again).outcome == "UNCHANGED"
+    vip = core.on_command(command("VIP", "tx-1", cid="c3"), NOW)
+    assert WatchlistEntry.decode(by_topic(vip)["watchlist"][0].value).category == "VIP"
+    assert audit_of(vip).details["previous_category"] == "SUSPECT"
+
+
+def test_fraud_on_an_unknown_transaction_is_audited_and_dead_lettered(core):
+    outs = core.on_command(command("FRAUD", "tx-missing"), NOW)
+    topics = by_topic(outs)
+    assert not topics["watchlist"]
+    audit = audit_of(outs)
+    assert audit.outcome == "FAILED" and audit.reason.startswith("unknown_transaction")
+    (dl,) = topics["dead_letters"]
+    letter = DeadLetter.decode(dl.value)
+    assert letter.error_kind == "unknown_transaction" and letter.dead_letter_id == "commands:0:1"
+    assert BotCommand.decode(letter.payload).argument == "tx-missing"
+
+
+def test_fraud_without_a_face_in_the_snapshot_fails_with_no_face(core):
+    core.store.put("checkout", "tx-2", blank_jpeg())
+    outs = core.on_command(command("VIP", "tx-2"), NOW)
+    assert audit_of(outs).outcome == "FAILED" and audit_of(outs).subject_id == "subj-tx-2"
+    assert DeadLetter.decode(by_topic(outs)["dead_letters"][0].value).error_kind == "no_face"
+    core.store.put("checkout", "tx-3", b"\xff\xd8 truncated")
+    outs = core.on_command(command("VIP", "tx-3"), NOW)
+    assert DeadLetter.decode(by_topic(outs)["dead_letters"][0].value).error_kind == "bad_image"
+
+
+def test_missing_argument_and_garbage_commands_are_dead_lettered(core):
+    assert audit_of(core.on_command(command("FORGET", "  "), NOW)).reason.startswith("missing_argument")
+    outs = core.on_command(Source("commands", 0, 9, None, b"garbage"), NOW)
+    assert [o.topic for o in outs] == [DEAD_LETTERS]
+    assert core.on_command(command("STATUS", None), NOW) == [], "other verbs are not ours"
+
+
+@needs_faces
+def test_forget_removes_entry_images_and_alert_snapshots_of_the_subject(core):
+    photo = (FACES / "face_recognition" / "test_images" / "obama.jpg").read_bytes()
+    core.store.put("checkout", "tx-1", photo)
+    core.on_command(command("FRAUD", "tx-1"), NOW)
+    later = core.store.put("checkout", "tx-9", photo)
+    other = core.store.put("checkout", "tx-10", photo)
+    alert = Alert(alert_id="a-1", kind="WATCHLIST_MATCH", severity="HIGH", event_time=NOW, store_id="S1",
+                  summary="suspect at lane", subject_id="subj-tx-1", snapshot_ref=later)
+    retained = core.on_alert(Source("alerts", 0, 0, b"a-1", alert.encode()), NOW)
+    assert audit_of(retained).action == "RETAIN" and core.store.retained() == {later: "alert=a-1 subject=subj-tx-1"}
+    outs = core.on_command(command("FORGET", "subj-tx-1", cid="c5", actor="dpo@example.com"), NOW)
+    (tomb,) = by_topic(outs)["watchlist"]
+    assert tomb.key == b"subj-tx-1" and tomb.value is None
+    audit = audit_of(outs)
+    assert (audit.action, audit.outcome, audit.details["images_deleted"]) == ("FORGET", "DONE", "3")
+    assert core.store.find("reference", "subj-tx-1") is None and core.store.find("checkout", "tx-1") is None
+    assert core.store.find("checkout", "tx-9") is None and core.store.get(other) == photo
+    again = core.on_command(command("FORGET", "subj-tx-1", cid="c6"), NOW)
+    assert audit_of(again).outcome == "UNCHANGED" and by_topic(again)["watchlist"][0].value is None
+
+
+def test_alerts_without_snapshot_change_nothing_and_bad_refs_are_reported(core):
+    plain = Alert(alert_id="a-2", kind="BLOCKED_TRANSACTION", severity="LOW", event_time=NOW, store_id="S1",
+                  summary="x")
+    assert core.on_alert(Source("alerts", 0, 1, None, plain.encode()), NOW) == []
+    bad = Alert(alert_id="a-3", kind="BLOCKED_TRANSACTION", severity="LOW", event_time=NOW, store_id="S1", summary="x",
+                snapshot_ref="s3://elsewhere/checkout/x")
+    outs = core.on_alert(Source("alerts", 0, 2, None, bad.encode()), NOW)
+    assert audit_of(outs).outcome == "FAILED" and by_topic(outs)["dead_letters"]
+
+
+def test_purge_is_audited_with_the_count(core):
+    assert isinstance(core.store, LocalImageStore)
+    ref = core.store.put("checkout", "tx-old", b"x")
+    t = time.time() - 3 * 24 * 3600
+    os.utime(core.store._path(ref), (t, t))
+    outs = core.purge(int(time.time() * 1000))
+    assert audit_of(outs).action == "PURGE" and audit_of(outs).details["deleted"] == "1"
+    assert core.purge(int(time.time() * 1000)) == []
+
+
+def test_startup_replay_rebuilds_the_known_subjects(core):
+    entry = WatchlistEntry(subject_id="subj-a", category="VIP", embeddings=[[0.0] * 128], reason="r",
+                           flagged_by="x", flagged_at=1, source_transaction_id="a")
+    core.load(b"subj-a", entry.encode())
+    assert core.entries["subj-a"]["category"] == "VIP"
+    core.load(b"subj-a", None)
+    assert "subj-a" not in core.entries
