@@ -1,0 +1,92 @@
+"""The local camera's scene: who is where when, which photos make a person, what MV Sense says."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from infra.settings import Settings
+from producers.camera_bridge import parse_message
+from producers.local_camera import ENTRANCE_DWELL_MS, Scene, load_people, raw_detections_payload, render
+from schemas.records import CameraEvent
+
+
+def _touch(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+def test_people_are_subfolders_or_file_stems_without_digits(tmp_path) -> None:
+    nested = tmp_path / "nested"
+    _touch(nested / "alice" / "a.jpg")
+    _touch(nested / "alice" / "b.png")
+    _touch(nested / "loose.jpg")  # ignored: this folder is organised by person
+    flat = tmp_path / "flat"
+    for name in ("obama.jpg", "obama2.jpg", "biden.jpg", "obama_partial_face.jpg", "32bit.png", "notes.txt"):
+        _touch(flat / name)
+    people = load_people([nested, flat])
+    assert sorted(people) == ["alice", "biden", "obama"]
+    assert [p.name for p in people["obama"]] == ["obama.jpg", "obama2.jpg"]
+
+
+def _scene() -> Scene:
+    return Scene(Settings(), {"ann": (Path("/a1.jpg"), Path("/a2.jpg")), "bob": (Path("/b1.jpg"),)})
+
+
+def test_a_visit_puts_the_person_at_the_entrance_then_at_the_lane_until_they_leave() -> None:
+    scene = _scene()
+    v = scene.add_visit("ann", "store-001", "lane-02", enter_ms=100_000, pay_ms=160_000, leave_ms=170_000)
+    door, lane = "Q2MV-store-001-ENTRANCE", "Q2MV-store-001-lane-02"
+    assert [p.person for p in scene.at(door, 100_000)] == ["ann"]
+    assert scene.at(door, 100_000 + ENTRANCE_DWELL_MS) == []
+    assert scene.at(lane, 140_000) == []  # still shopping
+    assert [p.person for p in scene.at(lane, 160_000)] == ["ann"]
+    assert scene.at(lane, 170_001) == []
+    truth = scene.ground_truth(lane)
+    assert len(truth) == 1 and truth[0].visit_id == v.visit_id and truth[0].photo in ("/a1.jpg", "/a2.jpg")
+    assert scene.ground_truth(door)[0].oid != truth[0].oid  # each camera tracks with its own oid
+
+
+def test_the_person_paying_is_in_front_of_the_lane_camera() -> None:
+    scene = _scene()
+    scene.add_visit("ann", "s", "lane-01", 0, 20_000, 40_000)
+    scene.add_visit("bob", "s", "lane-01", 10_000, 30_000, 50_000)
+    assert [p.person for p in scene.at("Q2MV-s-lane-01", 20_000)] == ["ann", "bob"]
+    assert [p.person for p in scene.at("Q2MV-s-lane-01", 30_000)] == ["bob", "ann"]
+
+
+def test_visits_are_validated_and_idempotent_by_id() -> None:
+    scene = _scene()
+    with pytest.raises(ValueError, match="unknown person"):
+        scene.add_visit("zed", "s", "lane-01", 0, 1, 2)
+    with pytest.raises(ValueError, match="enter_ms <= pay_ms"):
+        scene.add_visit("ann", "s", "lane-01", 5, 1, 2)
+    a = scene.add_visit("ann", "s", "lane-01", 0, 1, 2, visit_id="tx-1")
+    assert scene.add_visit("ann", "s", "lane-01", 0, 1, 2, visit_id="tx-1") == a
+    assert len(scene.ground_truth()) == 2
+
+
+def test_mv_sense_payload_is_what_the_bridge_reads() -> None:
+    scene = _scene()
+    scene.add_visit("ann", "s", "lane-01", 1_000, 20_000, 30_000)
+    payload = raw_detections_payload(1_500, scene.at("Q2MV-s-ENTRANCE", 1_500), frame=3)
+    event = parse_message("/merakimv/Q2MV-s-ENTRANCE/raw_detections", json.dumps(payload).encode())
+    assert isinstance(event, CameraEvent) and [o.oid for o in event.objects] == [scene.ground_truth()[0].oid]
+
+
+def test_frames_are_640x480_jpegs_with_or_without_people(tmp_path) -> None:
+    photo = tmp_path / "face.png"
+    Image.new("RGB", (150, 150), (200, 170, 150)).save(photo)
+    scene = Scene(Settings(), {"ann": (photo,)})
+    scene.add_visit("ann", "s", "lane-01", 0, 1_000, 2_000)
+    empty = render("Q2MV-s-lane-01", 1_000, [])
+    full = render("Q2MV-s-lane-01", 1_000, scene.at("Q2MV-s-lane-01", 1_000))
+    for data in (empty, full):
+        assert Image.open(io.BytesIO(data)).format == "JPEG"
+        assert Image.open(io.BytesIO(data)).size == (640, 480)
+    assert empty != full
