@@ -1,0 +1,128 @@
+"""Watchlist service on the real Kafka: fraud -> entry + audit, failures -> audit + dead letter,
+alert -> snapshot retained, forget -> tombstone + images gone + audit; a SIGKILL/restart adds nothing."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+from infra.settings import Settings
+from infra.stack import ensure_topics
+from jobs.image_store import ImageStore
+from jobs.launcher import spawn, wait_for
+from schemas.records import Alert, AuditEvent, BotCommand, DeadLetter, WatchlistEntry
+from schemas.topics import ALERTS, AUDIT, COMMANDS, DEAD_LETTERS, WATCHLIST
+
+pytestmark = pytest.mark.e2e
+
+FACES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "faces"
+PHOTO = FACES / "face_recognition" / "test_images" / "obama.jpg"
+
+
+class TopicReader:
+    """Reads a topic from the beginning (committed records only), accumulating across calls."""
+
+    def __init__(self, settings: Settings, spec) -> None:
+        self.topic = spec.full_name(settings.kafka.topic_prefix)
+        self.consumer = Consumer({**settings.kafka.client_config(), "group.id": f"reader-{uuid.uuid4().hex}",
+                                  "enable.auto.commit": False, "isolation.level": "read_committed"})
+        parts = self.consumer.list_topics(self.topic, timeout=10).topics[self.topic].partitions
+        self.consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in parts])
+        self.records: list[tuple[bytes | None, bytes | None]] = []
+
+    def poll(self, seconds: float = 0.5) -> list[tuple[bytes | None, bytes | None]]:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            msg = self.consumer.poll(0.1)
+            if msg is not None and not msg.error():
+                self.records.append((msg.key(), msg.value()))
+        return self.records
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+@pytest.fixture
+def settings(stack: Settings, tmp_path) -> Settings:
+    name = f"wl{uuid.uuid4().hex[:8]}"
+    s = stack.isolated(name, tmp_path / "checkpoints")
+    s = s.model_copy(update={"stack_dir": tmp_path})  # images and logs of this test only
+    ensure_topics(s)
+    return s
+
+
+def _produce(settings: Settings, spec, key: str, value: bytes) -> None:
+    producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True})
+    producer.produce(spec.full_name(settings.kafka.topic_prefix), key=key.encode(), value=value)
+    assert producer.flush(10) == 0
+
+
+def _command(settings: Settings, verb: str, arg: str, actor: str = "lp@example.com") -> str:
+    cid = uuid.uuid4().hex
+    cmd = BotCommand(command_id=cid, issued_at=int(time.time() * 1000), verb=verb, actor=actor, argument=arg)
+    _produce(settings, COMMANDS, cid, cmd.encode())
+    return cid
+
+
+def _audits(reader: TopicReader) -> dict[str, AuditEvent]:
+    return {e.audit_id: e for e in (AuditEvent.decode(v) for _, v in reader.poll())}
+
+
+@pytest.mark.skipif(not PHOTO.is_file(), reason="shared face photos (../shared/data/faces) absent")
+def test_fraud_then_forget_through_kafka(settings: Settings):
+    store = ImageStore.from_settings(settings)
+    tx, later_tx = f"tx-{uuid.uuid4().hex[:8]}", f"tx-{uuid.uuid4().hex[:8]}"
+    store.put("checkout", tx, PHOTO.read_bytes())
+    later = store.put("checkout", later_tx, PHOTO.read_bytes())
+    subject = f"subj-{tx}"
+    watch, audit, dead = (TopicReader(settings, s) for s in (WATCHLIST, AUDIT, DEAD_LETTERS))
+    service = spawn("jobs.watchlist_service", settings, name="watchlist-service-e2e")
+    try:
+        fraud = _command(settings, "FRAUD", tx)
+        missing = _command(settings, "FRAUD", "tx-never-seen")
+
+        def enrolled():
+            return [WatchlistEntry.decode(v) for k, v in watch.poll() if k == subject.encode() and v]
+
+        (entry,) = wait_for(enrolled, 60, what="watchlist entry")
+        assert entry.category == "SUSPECT" and entry.flagged_by == "lp@example.com"
+        assert len(entry.embeddings[0]) == 128 and store.get(entry.reference_image_ref) == PHOTO.read_bytes()
+        audits = wait_for(lambda: (a := _audits(audit)) and {f"command:{fraud}", f"command:{missing}"} <= a.keys()
+                          and a, 30, what="audit of both commands")
+        assert audits[f"command:{fraud}"].outcome == "DONE" and audits[f"command:{fraud}"].action == "ENROLL"
+        assert audits[f"command:{missing}"].outcome == "FAILED"
+        letters = wait_for(lambda: [DeadLetter.decode(v) for _, v in dead.poll()], 30, what="dead letter")
+        assert [d.error_kind for d in letters] == ["unknown_transaction"]
+
+        alert = Alert(alert_id=f"a-{later_tx}", kind="WATCHLIST_MATCH", severity="HIGH",
+                      event_time=int(time.time() * 1000), store_id="S1", summary="suspect at lane 2",
+                      subject_id=subject, snapshot_ref=later, transaction_id=later_tx)
+        _produce(settings, ALERTS, alert.alert_id, alert.encode())
+        wait_for(lambda: f"retain:{alert.alert_id}" in _audits(audit), 30, what="retain audit")
+        assert store.retained() == {later: f"alert={alert.alert_id} subject={subject}"}
+
+        forget = _command(settings, "FORGET", subject, actor="dpo@example.com")
+        wait_for(lambda: (subject.encode(), None) in watch.poll(), 30, what="tombstone")
+        forgot = wait_for(lambda: _audits(audit).get(f"command:{forget}"), 30, what="forget audit")
+        assert forgot.outcome == "DONE" and forgot.actor == "dpo@example.com"
+        assert store.find("reference", subject) is None and store.find("checkout", tx) is None
+        assert store.find("checkout", later_tx) is None, "the retained alert snapshot of the subject is gone too"
+
+        # crash and restart: committed offsets mean nothing is processed (or published) twice
+        n_audit, n_watch = len(audit.poll()), len(watch.poll())
+        service.kill()
+        service.proc.wait(10)
+        service = spawn("jobs.watchlist_service", settings, name="watchlist-service-e2e")
+        again = _command(settings, "FORGET", subject)
+        wait_for(lambda: f"command:{again}" in _audits(audit), 60, what="audit after restart")
+        assert _audits(audit)[f"command:{again}"].outcome == "UNCHANGED"
+        assert len(audit.poll(2)) == n_audit + 1, "only the new command was audited after the restart"
+        assert len(watch.poll()) == n_watch + 1, "only its (harmless) tombstone was added"
+    finally:
+        service.stop()
+        for r in (watch, audit, dead):
+            r.close()
