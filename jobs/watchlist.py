@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from infra.settings import FaceSettings
+from infra.settings import FaceSettings, Settings
 from jobs.face_engine import distance_to_similarity
 
 DIM = 128
@@ -34,8 +34,9 @@ class Watchlist:
     matrix-vector product: ``|e - p|^2 = |e|^2 - 2 e.p + |p|^2`` with ``|e|^2`` precomputed.
     """
 
-    def __init__(self, settings: FaceSettings | None = None, *, threshold: float | None = None) -> None:
-        self.threshold = threshold if threshold is not None else (settings or FaceSettings()).match_threshold
+    def __init__(self, settings: FaceSettings | Settings | None = None, *, threshold: float | None = None) -> None:
+        faces = getattr(settings, "faces", settings) or FaceSettings()  # the whole Settings or its faces group
+        self.threshold = threshold if threshold is not None else faces.match_threshold
         self._entries: dict[str, dict[str, Any]] = {}
         self._lock = threading.RLock()
         self._matrix = np.zeros((0, DIM), dtype=np.float32)

@@ -31,6 +31,14 @@ def test_empty_watchlist_matches_nobody():
     assert Watchlist(FaceSettings()).search(np.zeros(128)) is None
 
 
+def test_threshold_comes_from_the_faces_settings_whole_settings_or_an_override():
+    from infra.settings import Settings
+
+    assert Watchlist(Settings()).threshold == Settings().faces.match_threshold
+    assert Watchlist(FaceSettings(match_threshold=70)).threshold == 70
+    assert Watchlist(threshold=60).threshold == 60
+
+
 def test_search_returns_the_subject_of_the_nearest_embedding_across_several_per_subject():
     rng = np.random.default_rng(0)
     w = Watchlist(threshold=52)
