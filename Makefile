@@ -6,7 +6,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 LINT_DIRS := producers jobs sinks schemas infra tests
 
-.PHONY: help setup up down status topics reset lint run test bench
+.PHONY: help setup up down status topics reset lint run test bench train backtest train-default
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -33,7 +33,7 @@ reset: ## stop the stack and delete its data, logs and checkpoints
 lint: setup ## ruff check over the Python sources
 	@$(PY) -m ruff check $(LINT_DIRS)
 
-run: setup ## start the stack, the scoring job and the OpenSearch sink, drive live demo traffic (Ctrl-C stops)
+run: setup train-default ## start the stack, the scoring job and the OpenSearch sink, drive live demo traffic (Ctrl-C stops)
 	@$(PY) -m infra.demo
 
 test: setup ## run the test suite (e2e tests start the stack themselves)
@@ -41,3 +41,16 @@ test: setup ## run the test suite (e2e tests start the stack themselves)
 
 bench: setup ## measure raw Kafka vs end-to-end throughput, latency at a fixed rate and peak memory
 	@$(PY) -m infra.bench
+
+FRAUD_CSV ?= ../shared/data/fraud/afd_transactions_sample.csv
+FRAUD_MODELS ?= .stack/models-afd
+MODEL ?= $(FRAUD_MODELS)
+
+train: setup ## train a model on FRAUD_CSV (Fraud Detector format; 70/30 time split) into FRAUD_MODELS
+	@$(PY) -m jobs.train train $(FRAUD_CSV) --out $(FRAUD_MODELS)
+
+backtest: setup ## replay FRAUD_CSV through features, model (MODEL, default the last `make train`) and rules
+	@$(PY) -m jobs.train backtest $(FRAUD_CSV) --model $(MODEL) --output fraud-backtest.csv
+
+train-default: setup ## train the default model from seeded synthetic POS history if no model exists yet
+	@$(PY) -m jobs.train train-default

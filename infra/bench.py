@@ -31,6 +31,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from rich.console import Console
 from rich.table import Table
 
+from infra.model_bench import model_scoring, report_rows
 from infra.settings import REPO_ROOT, Settings, get_settings
 from infra.stack import ensure_topics, status, up
 from jobs.launcher import Child, spawn, start_scoring_job, wait_for
@@ -329,6 +330,8 @@ def report(results: dict) -> None:
               f"{lat['searchable_p50_ms']:.0f} / {lat['searchable_p95_ms']:.0f} / {lat['searchable_p99_ms']:.0f}", "")
     t.add_row("achieved rate (tx/s)", f"{lat['rate_achieved']:,.0f}", "")
     t.add_row("peak memory, whole stack (GiB)", f"{mem['peak_gib']:.2f}", "<= 6")
+    for row in report_rows(results["model_scoring"]) if "model_scoring" in results else ():
+        t.add_row(*row)
     console.print(t)
     console.print(f"peak memory by part (MiB): {mem['by_part_mib']}")
 
@@ -342,9 +345,13 @@ def main(
     rate: Annotated[int, typer.Option(help="Fixed rate for the latency stage (tx/s).")] = 1000,
     seconds: Annotated[int, typer.Option(help="Duration of the latency stage.")] = 30,
     keep: Annotated[bool, typer.Option(help="Keep the bench topics and indices.")] = False,
+    model_records: Annotated[int, typer.Option(help="Transactions for the model-scoring stage (0 = skip).")] = 20_000,
 ) -> None:
     """Measure raw Kafka, end-to-end throughput, latency at a fixed rate and peak memory."""
     results = run(records, rate, seconds, keep)
+    if model_records:
+        console.print("[bold]model scoring[/]: model + rules + state in-process, batched vs one call per record")
+        results["model_scoring"] = model_scoring(get_settings(), records=model_records)
     report(results)
     out = REPO_ROOT / "bench-results"
     out.mkdir(exist_ok=True)

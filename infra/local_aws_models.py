@@ -42,6 +42,7 @@ class LocalModelServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # answer in one go: no 40 ms delayed-ACK stalls per call
 
             def log_message(self, *args: object) -> None:
                 pass

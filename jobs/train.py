@@ -151,7 +151,7 @@ def train_default(settings: Settings, rows: int = DEFAULT_SYNTHETIC_ROWS, seed: 
     txs = synthetic_transactions(rows, seed)
     digest = hashlib.sha256(f"PosGenerator(seed={seed}, rows={rows})".encode()).hexdigest()
     history = observe_all(txs, settings)
-    return train_on(history, train_frac=0.7, seed=7, rounds=200, source=f"synthetic:PosGenerator(seed={seed})",
+    return train_on(history, train_frac=0.7, seed=7, rounds=None, source=f"synthetic:PosGenerator(seed={seed})",
                     sha256=digest)
 
 
@@ -225,7 +225,7 @@ def train(
     csv_path: Annotated[Path, typer.Argument(metavar="CSV", help="Fraud Detector-format training CSV.")],
     out: Annotated[Path | None, typer.Option(help="Models root (default <stack dir>/models).")] = None,
     train_frac: Annotated[float, typer.Option(help="Share of labelled rows (earliest first) to train on.")] = 0.7,
-    rounds: Annotated[int | None, typer.Option(help="Boosting rounds (default 100 if < 5,000 rows, else 200).")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Boosting rounds (default 100).")] = None,
     seed: Annotated[int, typer.Option()] = 7,
     current: Annotated[bool, typer.Option(help="Make it the model the job uses (CURRENT).")] = True,
 ) -> None:

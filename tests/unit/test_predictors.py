@@ -14,12 +14,12 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from infra.local_aws_models import AFD_TARGET, LocalModelServer
 from infra.settings import ModelSettings, Settings
 from jobs.model import feature_matrix
 from jobs.predictors import CircuitBreaker, FraudDetectorPredictor, SageMakerPredictor, make_predictor
 from tests.builders import T0, sale
 from tests.fraud_model import small_model
-from tests.local_aws_models import AFD_TARGET, LocalModelServer
 
 TX = sale(
     "tx-42", amount=810.3, card="tok_9", customer_id="398-20-6447", card_bin="404409", customer_email="c@example.com",
