@@ -332,6 +332,11 @@ def report(results: dict) -> None:
     t.add_row("peak memory, whole stack (GiB)", f"{mem['peak_gib']:.2f}", "<= 6")
     for row in report_rows(results["model_scoring"]) if "model_scoring" in results else ():
         t.add_row(*row)
+    if "faces" in results:
+        from jobs.faces import bench_report_rows
+
+        for row in bench_report_rows(results["faces"]):
+            t.add_row(*row)
     console.print(t)
     console.print(f"peak memory by part (MiB): {mem['by_part_mib']}")
 
@@ -349,6 +354,10 @@ def main(
 ) -> None:
     """Measure raw Kafka, end-to-end throughput, latency at a fixed rate and peak memory."""
     results = run(records, rate, seconds, keep)
+    from jobs.faces import bench_for_make
+
+    console.print("[bold]faces[/]: JPEG -> face -> watchlist match on a 640x480 frame; probe with 100k enrolled")
+    results["faces"] = bench_for_make(get_settings())
     if model_records:
         console.print("[bold]model scoring[/]: model + rules + state in-process, batched vs one call per record")
         results["model_scoring"] = model_scoring(get_settings(), records=model_records)
