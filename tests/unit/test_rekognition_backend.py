@@ -126,3 +126,28 @@ def test_rekognition_errors_carry_the_aws_code(settings, rekognition):
     with pytest.raises(RekognitionError) as err:
         other.face_ids("subj-1")
     assert err.value.code == "ResourceNotFoundException"
+
+
+@needs_faces
+def test_watchlist_service_with_rekognition_indexes_on_fraud_and_deletes_on_forget(settings, store, rekognition):
+    from jobs.watchlist_service import Source, WatchlistCore
+    from schemas.records import AuditEvent, BotCommand
+    from schemas.topics import AUDIT
+
+    faces, server = rekognition
+    core = WatchlistCore(settings, store=store, rekognition=faces)
+    store.put("checkout", "tx-77", (IMAGES / "obama.jpg").read_bytes())
+
+    def run(verb, arg, cid):
+        cmd = BotCommand(command_id=cid, issued_at=1, verb=verb, actor="lp@example.com", argument=arg)
+        outs = core.on_command(Source("commands", 0, 0, None, cmd.encode()), 2)
+        return next(AuditEvent.decode(o.value) for o in outs if o.topic == AUDIT)
+
+    enrolled = run("FRAUD", "tx-77", "c1")
+    assert enrolled.outcome == "DONE" and enrolled.details["rekognition_faces"] == "1"
+    assert enrolled.details["image_ref"].startswith("s3://")
+    assert faces.search((IMAGES / "obama2.jpg").read_bytes()).subject_id == "subj-tx-77"
+    forgot = run("FORGET", "subj-tx-77", "c2")
+    assert forgot.details["rekognition_faces_deleted"] == "1" and forgot.details["images_deleted"] == "2"
+    assert faces.face_ids("subj-tx-77") == [] and store.find("reference", "subj-tx-77") is None
+    assert "DeleteFaces" in server.calls
