@@ -95,5 +95,14 @@ class TopicReader:
                 self.seen.append((msg.topic(), msg.key(), msg.value()))
         return self.seen
 
+    def drain(self, seconds: float) -> list:
+        """Keep reading for ``seconds`` (to see that nothing more arrives)."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            msg = self.consumer.poll(0.2)
+            if msg is not None and not msg.error():
+                self.seen.append((msg.topic(), msg.key(), msg.value()))
+        return self.seen
+
     def close(self) -> None:
         self.consumer.close()
