@@ -156,3 +156,36 @@ def test_train_then_backtest_on_the_fraud_detector_sample(tmp_path):
     assert metrics["all_labelled"]["rows"] == 486
     assert metrics["held_out_later_part"]["rows"] == 146
     assert metrics["held_out_later_part"]["roc_auc_model_score"] == pytest.approx(val["roc_auc"], abs=0.02)
+
+
+def test_backtest_reports_unusable_rows_with_reasons_and_scores_the_rest(tmp_path):
+    header = "EVENT_LABEL,EVENT_TIMESTAMP,EVENT_ID,ENTITY_TYPE,ENTITY_ID,order_price,payment_currency,merchant," \
+             "product_category,customer_email\n"
+    rows = [
+        "0,2023-01-02T10:00:00Z,ok-late,customer,c1,25.5,USD,fraud_Shop A,grocery_pos,a@x.com",
+        "1,2023-01-01T10:00:00Z,ok-early,customer,c1,900.0,usd,fraud_Shop B,shopping_net,a@x.com",
+        ",2023-01-01T11:00:00Z,no-label,customer,c2,12.0,EUR,fraud_Shop A,travel,b@y.com",
+        "0,2023-01-01T12:00:00Z,bad-price,customer,c3,abc,USD,fraud_Shop A,travel,c@z.com",
+        "0,2023-01-01T13:00:00Z,no-price,customer,c3,,USD,fraud_Shop A,travel,c@z.com",
+        "0,2023-01-01T14:00:00Z,bad-currency,customer,c3,5.0,$$,fraud_Shop A,travel,c@z.com",
+        "0,yesterday,bad-time,customer,c3,5.0,USD,fraud_Shop A,travel,c@z.com",
+        "0,2023-01-01T15:00:00Z,zero-price,customer,c3,0,USD,fraud_Shop A,travel,c@z.com",
+    ]
+    data = tmp_path / "mixed.csv"
+    data.write_text(header + "\n".join(rows) + "\n")
+    model_dir = small_model().save(tmp_path / "models")
+    out = tmp_path / "decisions.csv"
+    res = CliRunner().invoke(app, ["backtest", str(data), "--model", str(model_dir), "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    with out.open() as f:
+        got = {r["EVENT_ID"]: r for r in csv.DictReader(f)}
+    assert list(got)[:3] == ["ok-early", "no-label", "ok-late"]  # event-time order, whatever the file order
+    assert {got[i]["outcome"] for i in ("ok-early", "no-label", "ok-late")} <= {"APPROVE", "REVIEW", "BLOCK"}
+    assert got["no-label"]["EVENT_LABEL"] == "" and got["no-label"]["score"] != ""
+    reasons = {i: got[i]["reasons"] for i in ("bad-price", "no-price", "bad-currency", "bad-time", "zero-price")}
+    assert all(got[i]["outcome"] == "REJECTED" for i in reasons)
+    assert "order_price 'abc' is not a number" in reasons["bad-price"]
+    assert "order_price is empty" in reasons["no-price"]
+    assert "payment_currency" in reasons["bad-currency"]
+    assert "EVENT_TIMESTAMP" in reasons["bad-time"]
+    assert "amount must be a positive number" in reasons["zero-price"]  # the job's own validation
