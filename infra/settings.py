@@ -347,39 +347,6 @@ class CameraSettings(BaseModel, frozen=True):
     """Where a new face stage consumer group starts: ``latest`` (a fresh deployment does not snapshot history)."""
 
 
-class IndicesSettings(BaseModel, frozen=True):
-    """OpenSearch index layout and retention (``CG_INDICES__*``); see sinks/retention.py.
-
-    Documents go to one index per period of their ``event_time`` (``<prefix>-<kind>-2026.11.22``),
-    read through the alias ``<prefix>-<kind>``; retention drops whole period indices (the integ-test
-    OpenSearch has no ISM plugin and no delete-by-query).
-    """
-
-    period: Literal["day", "month"] = "day"
-    """``day`` or ``month``: the event-time span of one index (month suits long historical replays)."""
-    transactions_retention_days: int = 400
-    alerts_retention_days: int = 400
-    face_observations_retention_days: int = 30
-    """0 keeps an index family forever. An index is dropped once its period ended and it was
-    created more than this many days ago (so a replay of old history is kept for this long)."""
-    retention_interval_s: float = 3600.0
-    """How often the OpenSearch sink applies retention (also at start)."""
-    include_face_embeddings: bool = False
-    """Index FaceObservation embeddings (biometric data) -- off unless explicitly wanted."""
-
-
-class DashboardSettings(BaseModel, frozen=True):
-    """The live dashboard (``python -m sinks.dashboard``, ``CG_DASHBOARD__*``)."""
-
-    host: str = "127.0.0.1"
-    port: int = 8050
-    refresh_ms: int = 3000
-    """How often the page polls its JSON endpoints."""
-    window_minutes: int = 60
-    """Default time window of the charts and rates."""
-    alerts_shown: int = 12
-
-
 class Settings(BaseSettings):
     """Everything configurable. Frozen: build it once at the edge of a process and pass it down."""
 
