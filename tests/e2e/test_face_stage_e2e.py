@@ -155,3 +155,50 @@ def test_broken_snapshots_end_as_unavailable_with_a_reason_and_the_stage_goes_on
     got = {o.transaction_id: o for o in seen if o.transaction_id in expected}
     for tx_id, words in expected.items():
         assert got[tx_id].status == "UNAVAILABLE" and words in got[tx_id].reason, (got[tx_id].reason, words)
+
+
+def test_a_restarted_face_stage_resumes_after_what_it_finished(stack, tmp_path) -> None:
+    """Offsets are committed for finished work only: after a stop, the next run observes exactly the
+    transactions sent meanwhile, none twice and none lost."""
+    dirs = sdist_or_shared_photo_dirs()
+    if not dirs:
+        pytest.skip("no face photos: run `make setup` (face_recognition sdist) or provide ../shared/data/faces")
+    settings = isolated_camera_settings(stack, tmp_path, local_port=free_port(), face_stage_offset_reset="earliest",
+                                        poll_interval_s=0.25)
+    camera = LocalCameraServer(settings, publish=False, people=load_people(dirs)).start()
+    reader = TopicReader(settings, FACE_OBSERVATIONS.full_name(settings.kafka.topic_prefix))
+    producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True})
+    topic = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
+
+    def send(n: int) -> set[str]:
+        now = int(time.time() * 1000)
+        ids = set()
+        for i in range(n):
+            tx = PosTransaction(f"tx-{uuid.uuid4().hex[:10]}", now - 2_000, "store-r", f"lane-0{i + 1}", "SALE", 5.0,
+                                "USD")
+            producer.produce(topic, tx.encode(), key=f"store-r/lane-0{i + 1}".encode())
+            ids.add(tx.transaction_id)
+        assert producer.flush(10) == 0
+        return ids
+
+    def run_stage_until(ids: set[str]) -> None:
+        stop = threading.Event()
+        worker = threading.Thread(target=run_face_stage, args=(settings, stop), daemon=True)
+        worker.start()
+        try:
+            _observations(reader, lambda os: ids <= {o.transaction_id for o in os})
+        finally:
+            stop.set()
+            worker.join(30)
+
+    try:
+        first = send(3)
+        run_stage_until(first)
+        second = send(3)
+        run_stage_until(second)
+        reader.drain(2)
+        seen = [FaceObservation.decode(v).transaction_id for _, _, v in reader.seen]
+        assert sorted(seen) == sorted(first | second)  # each exactly once
+    finally:
+        camera.stop()
+        reader.close()
