@@ -266,6 +266,9 @@ class FaceStageRunner:
             **settings.kafka.client_config(), "group.id": consumer_group(settings),
             "enable.auto.commit": False, "auto.offset.reset": settings.cameras.face_stage_offset_reset,
             "partition.assignment.strategy": "cooperative-sticky",
+            # A crashed stage's partitions move to its replacement after this, not the 45 s default:
+            # checkouts are waiting on their faces.
+            "session.timeout.ms": 10_000, "heartbeat.interval.ms": 2_000,
         })
 
     def _on_assign(self, _c: Consumer, partitions: list[TopicPartition]) -> None:

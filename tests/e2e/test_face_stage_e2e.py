@@ -202,3 +202,40 @@ def test_a_restarted_face_stage_resumes_after_what_it_finished(stack, tmp_path) 
     finally:
         camera.stop()
         reader.close()
+
+
+def test_a_killed_face_stage_loses_no_checkout(stack, tmp_path) -> None:
+    """SIGKILL mid-stream: the restarted process redoes whatever was not acknowledged, so every
+    transaction gets its observation (at least once; duplicates carry the same id)."""
+    from jobs.launcher import spawn
+
+    dirs = sdist_or_shared_photo_dirs()
+    if not dirs:
+        pytest.skip("no face photos: run `make setup` (face_recognition sdist) or provide ../shared/data/faces")
+    settings = isolated_camera_settings(stack, tmp_path, local_port=free_port(), face_stage_offset_reset="earliest",
+                                        poll_interval_s=0.25)
+    camera = LocalCameraServer(settings, publish=False, people=load_people(dirs)).start()
+    reader = TopicReader(settings, FACE_OBSERVATIONS.full_name(settings.kafka.topic_prefix))
+    producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True})
+    now = int(time.time() * 1000)
+    ids = set()
+    for i in range(24):
+        lane = f"lane-{i % 8 + 1:02d}"
+        tx = PosTransaction(f"tx-{uuid.uuid4().hex[:10]}", now - 2_000 + i, "store-k", lane, "SALE", 5.0, "USD")
+        producer.produce(TRANSACTIONS.full_name(settings.kafka.topic_prefix), tx.encode(),
+                         key=f"store-k/{lane}".encode())
+        ids.add(tx.transaction_id)
+    assert producer.flush(10) == 0
+    child = spawn("jobs.face_stage", settings, name=f"face-stage-{settings.kafka.topic_prefix.strip('.')}")
+    try:
+        _observations(reader, lambda os: len(os) >= 4)
+        child.kill()  # SIGKILL
+        child.proc.wait(10)
+        child = spawn("jobs.face_stage", settings, name=f"face-stage-{settings.kafka.topic_prefix.strip('.')}")
+        seen = _observations(reader, lambda os: ids <= {o.transaction_id for o in os}, timeout_s=120)
+        assert {o.transaction_id for o in seen} == ids
+        assert {o.observation_id for o in seen} == {f"checkout:{i}" for i in ids}
+    finally:
+        child.stop()
+        camera.stop()
+        reader.close()
