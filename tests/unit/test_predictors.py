@@ -32,9 +32,11 @@ IND = {"velocity": 1.0, "first_seen": 1.0}
 
 
 def settings_for(url: str, backend: str, **kw) -> Settings:
+    """Generous timeouts (a loaded CI machine must not turn a success into a fallback); the timeout
+    tests set a short read timeout against a server that sleeps longer."""
     values = dict(
         backend=backend, aws_endpoint_url=url, aws_region="us-east-1", aws_access_key_id=SecretStr("testing"),
-        aws_secret_access_key=SecretStr("testing"), connect_timeout_s=0.5, read_timeout_s=0.3, retries=1,
+        aws_secret_access_key=SecretStr("testing"), connect_timeout_s=2.0, read_timeout_s=3.0, retries=1,
         breaker_failures=3, breaker_cooldown_s=60, afd_detector_version="2")
     model = ModelSettings(**{**values, **kw})
     return Settings().model_copy(update={"model": model})
@@ -96,7 +98,7 @@ def test_fraud_detector_is_called_once_per_record_and_unknown_entities_say_so(se
 def test_slow_fraud_detector_falls_back_to_the_local_model_after_bounded_retries(server):
     server.delay_s = 1.0
     model = small_model()
-    predictor = FraudDetectorPredictor(settings_for(server.url, "frauddetector"), model)
+    predictor = FraudDetectorPredictor(settings_for(server.url, "frauddetector", read_timeout_s=0.3), model)
     [result] = predictor.predict_batch([(TX, IND)])
     assert result.version == f"local:{model.version} (fallback)"
     assert result.score == model.predict_batch([(TX, IND)])[0].score
@@ -184,7 +186,7 @@ def test_sagemaker_request_is_accepted_by_moto_server():
 def test_slow_sagemaker_endpoint_falls_back_for_the_whole_batch(server):
     server.delay_s = 1.0
     model = small_model()
-    predictor = SageMakerPredictor(settings_for(server.url, "sagemaker", retries=0), model)
+    predictor = SageMakerPredictor(settings_for(server.url, "sagemaker", retries=0, read_timeout_s=0.3), model)
     items = [(sale(f"t{i}").to_avro(), {}) for i in range(3)]
     results = predictor.predict_batch(items)
     assert len(server.requests) == 1
