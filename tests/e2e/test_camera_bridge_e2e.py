@@ -88,3 +88,34 @@ def _wait_disconnect(bridge: CameraBridge, timeout_s: float = 10.0) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def test_messages_published_while_the_bridge_is_down_arrive_when_it_is_back(stack, tmp_path) -> None:
+    """The persistent session (same client id, clean_session False, QoS 1) keeps them at the broker."""
+    broker = PrivateMosquitto(tmp_path).start()
+    settings = isolated_camera_settings(stack, tmp_path, mqtt_port=broker.port)
+    prefix = settings.cameras.mqtt_topic_prefix
+    events = CAMERA_EVENTS.full_name(settings.kafka.topic_prefix)
+    reader = TopicReader(settings, events)
+
+    def bridge_running() -> tuple[CameraBridge, threading.Event, threading.Thread]:
+        bridge, stop = CameraBridge(settings), threading.Event()
+        thread = threading.Thread(target=bridge.run, args=(stop,), daemon=True)
+        thread.start()
+        assert bridge.connected.wait(15)
+        return bridge, stop, thread
+
+    try:
+        _, stop, thread = bridge_running()  # first run: the broker learns the session and subscription
+        stop.set()
+        thread.join(15)
+        _publish(broker.port, [(f"{prefix}/merakimv/Q2MV-s2-ENTRANCE/raw_detections", _detections(oid))
+                               for oid in (31, 32, 33)])
+        _, stop, thread = bridge_running()
+        seen = reader.until(lambda s: len(s) >= 3)
+        assert sorted(CameraEvent.decode(v).objects[0].oid for _, _, v in seen) == [31, 32, 33]
+    finally:
+        stop.set()
+        thread.join(15)
+        reader.close()
+        broker.stop()
