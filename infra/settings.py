@@ -338,7 +338,8 @@ class CameraSettings(BaseModel, frozen=True):
     snapshot_workers: int = 8
     """Face stage: concurrent snapshot downloads (I/O)."""
     analysis_workers: int = 1
-    """Face stage: concurrent face analyses (CPU; one per core to spare)."""
+    """Face stage: concurrent face analyses. dlib runs one at a time per process: for more cores run more
+    face stage processes (same consumer group)."""
     max_in_flight: int = 64
     """Face stage: pending snapshots before it pauses consuming."""
     max_lag_s: float = 600.0
