@@ -282,7 +282,9 @@ def run(records: int, rate: int, seconds: int, keep: bool, settings: Settings | 
     base = settings or get_settings()
     up(base)
     run_id = time.strftime("%H%M%S") + uuid.uuid4().hex[:4]
-    settings = base.isolated(f"bench{run_id}", base.stack_dir / "bench" / run_id / "checkpoints")
+    # The scoring job alone (no face stage in this run): decide without waiting for faces.
+    settings = base.isolated(f"bench{run_id}", base.stack_dir / "bench" / run_id / "checkpoints",
+                             face_deadline_ms=0)
     ensure_topics(settings)
     gen = PosGenerator(seed=7, stores=8, customers=50_000, fraud_share=0.03, tx_per_second=200)
     txs = [next(gen) for _ in range(records)]

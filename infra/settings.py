@@ -72,15 +72,26 @@ class JobSettings(BaseModel, frozen=True):
     """Where a job without a checkpoint starts: ``earliest``, ``latest`` or an epoch-ms timestamp."""
     max_message_bytes: int = 256 * 1024
     """Input records larger than this are dead-lettered as oversized."""
+    face_deadline_ms: int = 4000
+    """How long a transaction waits for its checkout face observation before deciding with
+    ``face: UNAVAILABLE``; 0 = no face join (no face stage running)."""
+    early_face_ttl_ms: int = 600_000
+    """How long a face observation that arrived before its transaction is kept for it."""
+    batch_size: int = 512
+    """Most transactions per model call."""
+    batch_time_ms: int = 5
+    """Longest a decided-on transaction waits for its model batch to fill; 0 = score one by one."""
+    restore_from: Path | None = None
+    """Start from this savepoint/checkpoint instead of the newest one under the checkpoint dir."""
 
 
 class RulesSettings(BaseModel, frozen=True):
     """Thresholds of the stateful indicators. Weights, bands and block/review thresholds are in the
     versioned YAML rule set (``ruleset_file``); the three fields below override it only when set."""
 
-    version: str = "builtin-v1"
-    block_at: int = 85
-    review_at: int = 50
+    version: str | None = None
+    block_at: int | None = None
+    review_at: int | None = None
     velocity_window_s: int = 600
     velocity_limit: int = 5
     high_value_amount: float = 1000.0
@@ -262,39 +273,6 @@ class WebexSettings(BaseModel, frozen=True):
         return frozenset(p.strip().lower() for p in self.allowed_people.split(",") if p.strip())
 
 
-class IndicesSettings(BaseModel, frozen=True):
-    """OpenSearch index layout and retention (``CG_INDICES__*``); see sinks/retention.py.
-
-    Documents go to one index per period of their ``event_time`` (``<prefix>-<kind>-2026.11.22``),
-    read through the alias ``<prefix>-<kind>``; retention drops whole period indices (the integ-test
-    OpenSearch has no ISM plugin and no delete-by-query).
-    """
-
-    period: Literal["day", "month"] = "day"
-    """``day`` or ``month``: the event-time span of one index (month suits long historical replays)."""
-    transactions_retention_days: int = 400
-    alerts_retention_days: int = 400
-    face_observations_retention_days: int = 30
-    """0 keeps an index family forever. An index is dropped once its period ended and it was
-    created more than this many days ago (so a replay of old history is kept for this long)."""
-    retention_interval_s: float = 3600.0
-    """How often the OpenSearch sink applies retention (also at start)."""
-    include_face_embeddings: bool = False
-    """Index FaceObservation embeddings (biometric data) -- off unless explicitly wanted."""
-
-
-class DashboardSettings(BaseModel, frozen=True):
-    """The live dashboard (``python -m sinks.dashboard``, ``CG_DASHBOARD__*``)."""
-
-    host: str = "127.0.0.1"
-    port: int = 8050
-    refresh_ms: int = 3000
-    """How often the page polls its JSON endpoints."""
-    window_minutes: int = 60
-    """Default time window of the charts and rates."""
-    alerts_shown: int = 12
-
-
 class CameraSettings(BaseModel, frozen=True):
     """Meraki cameras (``CG_CAMERAS__*``): the Dashboard API, the camera map, the local camera, the face stage.
 
@@ -346,6 +324,39 @@ class CameraSettings(BaseModel, frozen=True):
     """Face stage: a transaction older than this is not snapshotted (``UNAVAILABLE``): its decision is long made."""
     face_stage_offset_reset: str = "latest"
     """Where a new face stage consumer group starts: ``latest`` (a fresh deployment does not snapshot history)."""
+
+
+class IndicesSettings(BaseModel, frozen=True):
+    """OpenSearch index layout and retention (``CG_INDICES__*``); see sinks/retention.py.
+
+    Documents go to one index per period of their ``event_time`` (``<prefix>-<kind>-2026.11.22``),
+    read through the alias ``<prefix>-<kind>``; retention drops whole period indices (the integ-test
+    OpenSearch has no ISM plugin and no delete-by-query).
+    """
+
+    period: Literal["day", "month"] = "day"
+    """``day`` or ``month``: the event-time span of one index (month suits long historical replays)."""
+    transactions_retention_days: int = 400
+    alerts_retention_days: int = 400
+    face_observations_retention_days: int = 30
+    """0 keeps an index family forever. An index is dropped once its period ended and it was
+    created more than this many days ago (so a replay of old history is kept for this long)."""
+    retention_interval_s: float = 3600.0
+    """How often the OpenSearch sink applies retention (also at start)."""
+    include_face_embeddings: bool = False
+    """Index FaceObservation embeddings (biometric data) -- off unless explicitly wanted."""
+
+
+class DashboardSettings(BaseModel, frozen=True):
+    """The live dashboard (``python -m sinks.dashboard``, ``CG_DASHBOARD__*``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8050
+    refresh_ms: int = 3000
+    """How often the page polls its JSON endpoints."""
+    window_minutes: int = 60
+    """Default time window of the charts and rates."""
+    alerts_shown: int = 12
 
 
 class Settings(BaseSettings):

@@ -54,6 +54,8 @@ def spawn(module: str, settings: Settings, *args: str, name: str | None = None) 
     # ran a job in-process (a test) has PYFLINK_GATEWAY_DISABLED set, which would stop the child.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CG_", "PYFLINK_", "_PYFLINK"))}
     env.update(settings.to_env())
+    # The Flink JVM's own log (task failures, restarts) beside the child's, not inside the venv.
+    env["FLINK_LOG_DIR"] = str(log_dir / f"{name}.flink")
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env, stdout=log,

@@ -21,7 +21,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 
-from infra.settings import RulesSettings
+from infra.settings import RulesSettings, Settings
 
 DEFAULT_RULESET = Path(__file__).resolve().parent / "rulesets" / "default.yaml"
 
@@ -88,9 +88,10 @@ class RuleSet:
     @classmethod
     def from_settings(cls, rules: RulesSettings) -> RuleSet:
         """The rule set file named in the settings (the bundled default otherwise); ``version``,
-        ``block_at`` and ``review_at`` in the settings win only when set explicitly (``CG_RULES__*``)."""
+        ``block_at`` and ``review_at`` in the settings win only when set (``CG_RULES__*``; unset = ``None``)."""
         base = cls.load(rules.ruleset_file or DEFAULT_RULESET)
-        overrides = {k: getattr(rules, k) for k in ("version", "block_at", "review_at") if k in rules.model_fields_set}
+        overrides = {k: getattr(rules, k) for k in ("version", "block_at", "review_at")
+                     if getattr(rules, k) is not None}
         if not overrides:
             return base
         data = base.to_dict()
@@ -291,11 +292,7 @@ def publish(
     by: Annotated[str | None, typer.Option(help="Who publishes (default: the OS user).")] = None,
 ) -> None:
     """Validate FILE and publish it to the compacted rules topic (key "active"): the job switches to it."""
-    from confluent_kafka import Producer
-
     from infra.settings import get_settings
-    from infra.stack import ensure_topics
-    from schemas.topics import RULES
 
     try:
         text = file.read_text()
@@ -303,17 +300,30 @@ def publish(
     except (OSError, RuleSetError) as exc:
         typer.echo(f"{file}: {exc}", err=True)
         raise typer.Exit(2) from None
-    settings = get_settings()
+    try:
+        topic = publish_rules(get_settings(), rules, text, by or getpass.getuser())
+    except RuntimeError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"published rule set {rules.version} to {topic}")
+
+
+def publish_rules(settings: Settings, rules: RuleSet, text: str, by: str, timeout_s: float = 30.0) -> str:
+    """Send a validated rule set to the rules topic (key ``active``) and wait for Kafka's ack."""
+    from confluent_kafka import Producer
+
+    from infra.stack import ensure_topics
+    from schemas.topics import RULES
+
     ensure_topics(settings)
     topic = RULES.full_name(settings.kafka.topic_prefix)
     producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True})
     failures: list[str] = []
-    producer.produce(topic, key=b"active", value=update_record(rules, text, by or getpass.getuser()).encode(),
+    producer.produce(topic, key=b"active", value=update_record(rules, text, by).encode(),
                      on_delivery=lambda err, _msg: failures.append(str(err)) if err else None)
-    if producer.flush(30) or failures:
-        typer.echo(f"publish failed: {failures or 'not acknowledged within 30 s'}", err=True)
-        raise typer.Exit(1)
-    typer.echo(f"published rule set {rules.version} to {topic}")
+    if producer.flush(timeout_s) or failures:
+        raise RuntimeError(f"publish failed: {failures or f'not acknowledged within {timeout_s:.0f} s'}")
+    return topic
 
 
 if __name__ == "__main__":

@@ -16,8 +16,12 @@ Run it: ``python -m jobs.scoring_job`` (needs the stack: ``make up``).
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +29,7 @@ from pyflink.common import Configuration, Row
 from pyflink.common.typeinfo import Types
 from pyflink.datastream import (
     DataStream,
-    KeyedProcessFunction,
-    OutputTag,
+    KeyedBroadcastProcessFunction,
     RuntimeContext,
     StreamExecutionEnvironment,
 )
@@ -35,8 +38,20 @@ from pyflink.table import StreamTableEnvironment
 
 from infra.settings import REPO_ROOT, Settings, get_settings
 from infra.stack import flink_connector_jars
+from jobs.face_join import EARLY_FACES, PENDING, FaceJoin, observation_result, seen_from
+from jobs.rules import RuleSet
 from jobs.scoring import CUSTOMERS, RECEIPTS, STORES, Scorer, ScoringState
-from schemas.topics import ALERTS, DEAD_LETTERS, SCORED_TRANSACTIONS, TRANSACTIONS
+from jobs.validation import InvalidRecord, dead_letter
+from schemas.codec import codec
+from schemas.topics import (
+    ALERTS,
+    DEAD_LETTERS,
+    FACE_OBSERVATIONS,
+    RULES,
+    SCORED_TRANSACTIONS,
+    TRANSACTIONS,
+    WATCHLIST,
+)
 
 log = logging.getLogger("checkout_guard.scoring_job")
 
@@ -51,10 +66,12 @@ OUT_ROW = Types.ROW_NAMED(
     ["topic", "k", "v"], [Types.STRING(), Types.PRIMITIVE_ARRAY(Types.BYTE()), Types.PRIMITIVE_ARRAY(Types.BYTE())]
 )
 """One output record: target topic, key, value."""
-DLQ_TAG = OutputTag("dead-letters", OUT_ROW)
-
 STATE_KEY = "all"
-"""Every transaction is scored under one key, see :class:`ScoreStep`."""
+"""Every transaction is scored under one key, see :class:`DecideStep`."""
+BROADCAST = MapStateDescriptor("broadcast", Types.STRING(), Types.PICKLED_BYTE_ARRAY())
+"""Rules (key ``rules``) and watchlist entries (key ``wl:<subject>``), the same in every instance."""
+BATCH = "batch"
+"""Transactions ready for a decision, waiting for the model batch (persisted: their offsets are done)."""
 
 
 def _epoch_ms(ts: Any) -> int:
@@ -66,74 +83,246 @@ def _epoch_ms(ts: Any) -> int:
     return int(ts or 0)
 
 
-class ScoreStep(KeyedProcessFunction):
-    """Parse, match receipts, track stores and customers, decide — in one operator.
+class DecideStep(KeyedBroadcastProcessFunction):
+    """Parse, match receipts, track stores and customers, join the face, decide — in one operator.
+
+    Keyed input: transactions and face observations (one Kafka source over both topics). Broadcast
+    input: the rule set and the watchlist, from their compacted topics, so a rules update or a
+    ``forget`` takes effect at once without a restart.
 
     Why one operator, with its state in Flink MapState read through a Python cache: in PyFlink
     every state read that misses the Python worker's cache is a round trip to the JVM (~2-3 ms on a
     2-core machine), and most reads are of new keys (every sale opens a receipt), so per-key state
-    in separate keyed steps capped the job at ~150 tx/s. Here the three maps are loaded from
-    MapState once, after start or restore, and are then authoritative; every change is written back
-    to MapState (buffered, no round trip), which Flink checkpoints with the source offsets.
-    Cross-key lookups (a return at store B against a sale at store A, by another card) need no
-    shuffle, and parsing here saves a hop between Python operators. The price: scoring runs in one
-    slot — enough for a store chain's POS traffic on this machine (``make bench``); sharding by
-    region is the way to scale out.
+    in separate keyed steps capped the job at ~150 tx/s. Here the maps are loaded from MapState once,
+    after start or restore, and are then authoritative; every change is written back to MapState
+    (buffered, no round trip), which Flink checkpoints with the source offsets. Cross-key lookups
+    (a return at store B against a sale at store A, by another card) need no shuffle. Transactions
+    waiting for their face (pending) or for the model batch are state too, so a crash between
+    reading a transaction and deciding it loses nothing. The price: scoring runs in one slot;
+    sharding by region is the way to scale out.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
     def open(self, runtime_context: RuntimeContext) -> None:
-        self.scorer = Scorer(self.settings)
+        job = self.settings.job
+        self.scorer = Scorer(self.settings, predictor=_predictor(self.settings))
+        self.join = FaceJoin(job.face_deadline_ms, job.early_face_ttl_ms)
         self.maps = {
             name: runtime_context.get_map_state(MapStateDescriptor(name, Types.STRING(), Types.PICKLED_BYTE_ARRAY()))
-            for name in (RECEIPTS, STORES, CUSTOMERS)
+            for name in (RECEIPTS, STORES, CUSTOMERS, PENDING, EARLY_FACES, BATCH)
         }
         self.state: ScoringState | None = None
+        self.watchlist = _watchlist(self.settings)
+        self.batch: dict[str, tuple[tuple, Any]] = {}
+        self.flush_at: int | None = None
+        self.deadline_at: int | None = None
+        prefix = self.settings.kafka.topic_prefix
+        self.tx_topic = TRANSACTIONS.full_name(prefix)
+        self.rules_topic = RULES.full_name(prefix)
+        self.face_codec = codec("FaceObservation")
+        self.watch_codec = codec("WatchlistEntry")
+        self.rules_codec = codec("RuleSetUpdate")
 
-    def process_element(self, row: Row, ctx: KeyedProcessFunction.Context):
-        env = self.scorer.parse(row[1], row[0], row[2], row[3], row[4], _epoch_ms(row[5]))
-        if isinstance(env[0], str):
-            yield DLQ_TAG, Row(*env)
-            return
+    # --- state ---------------------------------------------------------------------------------
+    def _load(self, ctx) -> ScoringState:
         if self.state is None:
-            self.state = ScoringState.restore(**{name: dict(m.items()) for name, m in self.maps.items()})
-        rows, writes = self.scorer.score(env, self.state)
+            self.state = ScoringState.restore(
+                **{name: dict(self.maps[name].items()) for name in (RECEIPTS, STORES, CUSTOMERS)}
+            )
+            self.join.restore(dict(self.maps[PENDING].items()), dict(self.maps[EARLY_FACES].items()))
+            self.batch = dict(self.maps[BATCH].items())
+            for key, value in ctx.get_broadcast_state(BROADCAST).items():
+                self._apply_broadcast(key, value)
+            self._arm(ctx, now=_now_ms())
+        return self.state
+
+    def _persist(self, writes) -> None:
         for name, key, value in writes:
             if value is None:
                 self.maps[name].remove(key)
             else:
                 self.maps[name].put(key, value)
+
+    def _arm(self, ctx, now: int) -> None:
+        """Keep one timer for the earliest face deadline and one for the model batch."""
+        deadline = self.join.next_deadline()
+        if deadline is not None and (self.deadline_at is None or deadline < self.deadline_at):
+            self.deadline_at = deadline
+            ctx.timer_service().register_processing_time_timer(deadline)
+        if self.batch and self.flush_at is None:
+            self.flush_at = now + self.settings.job.batch_time_ms
+            ctx.timer_service().register_processing_time_timer(self.flush_at)
+
+    # --- inputs --------------------------------------------------------------------------------
+    def process_element(self, row: Row, ctx: KeyedBroadcastProcessFunction.ReadOnlyContext):
+        state = self._load(ctx)
+        now = _now_ms()
+        if row[2] == self.tx_topic:
+            env = self.scorer.parse(row[1], row[0], row[2], row[3], row[4], _epoch_ms(row[5]))
+            if isinstance(env[0], str):
+                yield Row(*env)
+                return
+            env, writes = self.scorer.observe(env, state)
+            self._persist(writes)
+            if env is None:
+                return
+            ready, writes = self.join.on_transaction(env, now)
+        else:
+            try:
+                obs = self.face_codec.decode(bytes(row[1]) if row[1] is not None else b"")
+            except Exception as err:  # noqa: BLE001 - any undecodable observation is a dead letter
+                yield Row(*self._dead_letter(row, "not_avro", f"face observation: {err}"))
+                return
+            face = observation_result(obs, self.watchlist)
+            if obs["trigger"] == "ENTRANCE" or not obs.get("transaction_id"):
+                for out in self.scorer.entrance(obs, face):
+                    yield Row(*out)
+                return
+            ready, writes = self.join.on_observation(obs["transaction_id"], seen_from(obs, face, now))
+        self._persist(writes)
+        if ready is not None:
+            yield from self._ready([ready], ctx, now)
+        else:
+            self._arm(ctx, now)
+
+    def on_timer(self, timestamp: int, ctx: KeyedBroadcastProcessFunction.OnTimerContext):
+        self._load(ctx)
+        now = _now_ms()
+        if self.deadline_at is not None and timestamp >= self.deadline_at:
+            self.deadline_at = None
+        if self.flush_at is not None and timestamp >= self.flush_at:
+            self.flush_at = None
+        due, writes = self.join.due(now)
+        self._persist(writes)
+        yield from self._ready(due, ctx, now, flush=True)
+
+    def process_broadcast_element(self, row: Row, ctx: KeyedBroadcastProcessFunction.Context):
+        """Rules and watchlist changes: applied now, kept in broadcast state for restores."""
+        key = bytes(row[0]).decode() if row[0] is not None else ""
+        value = bytes(row[1]) if row[1] is not None else None
+        try:
+            if row[2] == self.rules_topic:
+                if value is None:
+                    return
+                update = self.rules_codec.decode(value)
+                state_key, state_value = "rules", update
+            else:
+                state_key = f"wl:{key}"
+                state_value = self.watch_codec.decode(value) if value is not None else None
+            self._apply_broadcast(state_key, state_value)
+        except Exception as err:  # noqa: BLE001 - a bad update must not stop scoring: dead-letter it
+            log.warning("rejected %s update at offset %s: %s", row[2], row[4], err)
+            yield Row(*self._dead_letter(row, "invalid_update", str(err)))
+            return
+        broadcast = ctx.get_broadcast_state(BROADCAST)
+        if state_value is None:
+            broadcast.remove(state_key)
+        else:
+            broadcast.put(state_key, state_value)
+
+    def _apply_broadcast(self, key: str, value: Any) -> None:
+        if key == "rules":
+            self.scorer.rule_set = RuleSet.from_yaml(value["yaml"])
+            log.info("rule set %s active", self.scorer.rule_set.version)
+        elif key.startswith("wl:") and self.watchlist is not None:
+            if value is None:
+                self.watchlist.remove(key[3:])
+            else:
+                self.watchlist.upsert(value)
+
+    # --- decisions -----------------------------------------------------------------------------
+    def _ready(self, ready, ctx, now: int, flush: bool = False):
+        job = self.settings.job
+        for item in ready:
+            tx_id = item.env[0]["transaction_id"]
+            self.batch[tx_id] = (item.env, item.seen)
+            if job.batch_time_ms > 0:
+                self.maps[BATCH].put(tx_id, (item.env, item.seen))
+        if flush or job.batch_time_ms <= 0 or len(self.batch) >= job.batch_size:
+            yield from self._flush()
+        self._arm(ctx, now)
+
+    def _flush(self):
+        if not self.batch:
+            return
+        items = list(self.batch.items())
+        self.batch = {}
+        rows, writes = self.scorer.decide_batch(
+            [env for _, (env, _) in items], seen=[seen for _, (_, seen) in items], state=self.state,
+        )
+        self._persist(writes)
+        if self.settings.job.batch_time_ms > 0:
+            for tx_id, _ in items:
+                self.maps[BATCH].remove(tx_id)
         for out in rows:
             yield Row(*out)
+
+    def _dead_letter(self, row: Row, kind: str, reason: str) -> tuple[str, bytes, bytes]:
+        value = bytes(row[1]) if row[1] is not None else None
+        key = bytes(row[0]) if row[0] is not None else None
+        dl = dead_letter(topic=row[2], partition=row[3], offset=row[4], key=key, value=value,
+                         error=InvalidRecord(kind, reason), stage="scoring-job", failed_at=_now_ms())
+        return (self.scorer.dlq_topic, dl.dead_letter_id.encode(), dl.encode())
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _predictor(settings: Settings):
+    """The configured fraud model (local by default); none when no model package is present yet."""
+    try:
+        from jobs.predictors import make_predictor
+    except ImportError:
+        return None
+    return make_predictor(settings)
+
+
+def _watchlist(settings: Settings):
+    try:
+        from jobs.watchlist import Watchlist
+    except ImportError:
+        return None
+    return Watchlist(settings)
 
 
 def _state_key(row: Row) -> str:
     return STATE_KEY
 
 
-def build_pipeline(source: DataStream, settings: Settings) -> DataStream:
-    """Source rows (``SOURCE_ROW``) -> output rows (``OUT_ROW``): decisions, alerts, dead letters."""
-    scored = (
+def build_pipeline(source: DataStream, settings: Settings, broadcast: DataStream | None = None) -> DataStream:
+    """Source rows (``SOURCE_ROW``: transactions, face observations) + broadcast rows (rules,
+    watchlist) -> output rows (``OUT_ROW``): decisions, alerts, dead letters."""
+    if broadcast is None:
+        env = source.get_execution_environment()
+        broadcast = env.from_collection([], type_info=SOURCE_ROW)
+    return (
         source.key_by(_state_key, key_type=Types.STRING())
-        .process(ScoreStep(settings), output_type=OUT_ROW)
-        .name("parse, match receipts, track stores and customers, decide")
+        .connect(broadcast.broadcast(BROADCAST))
+        .process(DecideStep(settings), output_type=OUT_ROW)
+        .name("parse, match receipts, track stores and customers, join faces, decide")
         .uid("score")
     )
-    return scored.union(scored.get_side_output(DLQ_TAG))
 
 
 # --- wiring to Kafka -------------------------------------------------------------------------
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The newest complete retained checkpoint (a ``chk-N`` folder with ``_metadata``)."""
+    """The newest complete retained checkpoint (``chk-N``) or savepoint, by the time it was written."""
     best: tuple[float, Path] | None = None
-    for meta in checkpoint_dir.glob("*/chk-*/_metadata"):
-        stamp = meta.stat().st_mtime
-        if best is None or stamp > best[0]:
-            best = (stamp, meta.parent)
+    for pattern in ("*/chk-*/_metadata", "savepoints/savepoint-*/_metadata"):
+        for meta in checkpoint_dir.glob(pattern):
+            stamp = meta.stat().st_mtime
+            if best is None or stamp > best[0]:
+                best = (stamp, meta.parent)
     return best[1] if best else None
+
+
+def control_file(settings: Settings) -> Path:
+    """Where the running job says who it is (pid, job id), for ``jobs.upgrade``."""
+    return settings.checkpoint_dir / "job.json"
 
 
 def flink_configuration(settings: Settings, restore_from: Path | None) -> Configuration:
@@ -190,25 +379,40 @@ def _startup(settings: Settings) -> str:
     return "'scan.startup.mode' = 'group-offsets', 'properties.auto.offset.reset' = 'earliest'"
 
 
-def kafka_source(t_env: StreamTableEnvironment, settings: Settings) -> DataStream:
-    prefix = settings.kafka.topic_prefix
+def _source_table(t_env: StreamTableEnvironment, name: str, topics: str, group: str, startup: str,
+                  settings: Settings) -> DataStream:
     t_env.execute_sql(f"""
-        CREATE TEMPORARY TABLE pos_in (
+        CREATE TEMPORARY TABLE {name} (
           k BYTES, v BYTES,
           `topic` STRING METADATA VIRTUAL,
           `partition` INT METADATA VIRTUAL,
           `offset` BIGINT METADATA VIRTUAL,
           `timestamp` TIMESTAMP_LTZ(3) METADATA VIRTUAL
         ) WITH (
-          'connector' = 'kafka', 'topic' = '{TRANSACTIONS.full_name(prefix)}',
-          'properties.group.id' = '{settings.job.consumer_group}',
+          'connector' = 'kafka', 'topic' = '{topics}',
+          'properties.group.id' = '{group}',
           'properties.isolation.level' = 'read_committed',
-          {_startup(settings)},
+          {startup},
           'key.format' = 'raw', 'key.fields' = 'k',
           'value.format' = 'raw', 'value.fields-include' = 'EXCEPT_KEY',
           {_kafka_options(settings)}
         )""")
-    return t_env.to_data_stream(t_env.from_path("pos_in"))
+    return t_env.to_data_stream(t_env.from_path(name))
+
+
+def kafka_source(t_env: StreamTableEnvironment, settings: Settings) -> DataStream:
+    """Transactions and face observations: the keyed input, from the configured start."""
+    prefix = settings.kafka.topic_prefix
+    topics = f"{TRANSACTIONS.full_name(prefix)};{FACE_OBSERVATIONS.full_name(prefix)}"
+    return _source_table(t_env, "pos_in", topics, settings.job.consumer_group, _startup(settings), settings)
+
+
+def broadcast_source(t_env: StreamTableEnvironment, settings: Settings) -> DataStream:
+    """Rules and watchlist: compacted topics read from their beginning (they are the source of truth)."""
+    prefix = settings.kafka.topic_prefix
+    topics = f"{RULES.full_name(prefix)};{WATCHLIST.full_name(prefix)}"
+    return _source_table(t_env, "control_in", topics, f"{settings.job.consumer_group}-control",
+                         "'scan.startup.mode' = 'earliest-offset'", settings)
 
 
 def kafka_sink(t_env: StreamTableEnvironment, out: DataStream, settings: Settings):
@@ -236,14 +440,48 @@ def main(settings: Settings | None = None) -> None:
     settings = settings or get_settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    restore = latest_checkpoint(settings.checkpoint_dir)
+    restore = settings.job.restore_from or latest_checkpoint(settings.checkpoint_dir)
     log.info("starting scoring job%s", f", restoring {restore.parent.name}/{restore.name}" if restore else "")
     env = StreamExecutionEnvironment.get_execution_environment(flink_configuration(settings, restore))
     env.set_buffer_timeout(settings.job.buffer_timeout_ms)
     t_env = StreamTableEnvironment.create(env)
-    out = build_pipeline(kafka_source(t_env, settings), settings)
+    out = build_pipeline(kafka_source(t_env, settings), settings, broadcast_source(t_env, settings))
     kafka_sink(t_env, out, settings)
-    env.execute("checkout-guard-scoring")
+    client = env.execute_async("checkout-guard-scoring")
+    run_until_done(client, settings)
+
+
+def run_until_done(client, settings: Settings) -> None:
+    """Wait for the job; on SIGUSR1 stop it with a savepoint (the upgrade path), on SIGTERM cancel it.
+
+    The savepoint lands under ``<checkpoints>/savepoints``, where the next start finds it as the
+    newest state, so "stop with savepoint, deploy the new code, start" keeps every keyed state.
+    """
+    requests: list[int] = []
+    signal.signal(signal.SIGUSR1, lambda sig, _: requests.append(sig))
+    signal.signal(signal.SIGTERM, lambda sig, _: requests.append(sig))
+    job_id = str(client.get_job_id())
+    control = control_file(settings)
+    control.write_text(json.dumps({"pid": os.getpid(), "job_id": job_id}))
+    log.info("job %s running (pid %s); SIGUSR1 = stop with savepoint", job_id, os.getpid())
+    try:
+        while True:
+            status = str(client.get_job_status().result())
+            if status in ("FINISHED", "FAILED", "CANCELED"):
+                log.info("job %s %s", job_id, status)
+                return
+            if signal.SIGUSR1 in requests:
+                target = (settings.checkpoint_dir / "savepoints").resolve().as_uri()
+                path = client.stop_with_savepoint(False, target).result()
+                log.info("stopped with savepoint %s", path)
+                return
+            if signal.SIGTERM in requests:
+                client.cancel().result()
+                log.info("job %s cancelled", job_id)
+                return
+            time.sleep(0.5)
+    finally:
+        control.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,9 @@ class Traffic:
 
 
 def _settings(stack: Settings, tmp_path) -> Settings:
-    return stack.isolated(f"e2e{uuid.uuid4().hex[:8]}", tmp_path / "checkpoints", checkpoint_interval_ms=1000)
+    # No face stage runs here: decide at once rather than wait for faces that never come.
+    return stack.isolated(f"e2e{uuid.uuid4().hex[:8]}", tmp_path / "checkpoints", checkpoint_interval_ms=1000,
+                          face_deadline_ms=0)
 
 
 def _produce(settings: Settings, traffic: Traffic, txs, bad_every: int, bad_kinds) -> None:

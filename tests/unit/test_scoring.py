@@ -14,6 +14,7 @@ from tests.builders import T0, return_of, sale
 
 SETTINGS = Settings()
 RULES = SETTINGS.rules
+RULE_SET = RuleSet.from_settings(RULES)
 
 
 class Pipeline:
@@ -46,7 +47,7 @@ class Pipeline:
 def test_ordinary_sale_is_approved_with_latency_fields():
     scored = Pipeline().decision(sale("t1"))
     assert scored["outcome"] == "APPROVE"
-    assert scored["rules_version"] == RULES.version
+    assert scored["rules_version"] == RULE_SET.version
     assert scored["ttdf_ms"] == 3600 * 1000
     assert scored["face_status"] == "UNAVAILABLE"
 
@@ -66,7 +67,7 @@ def test_block_raises_one_alert_with_a_deterministic_id():
     alerts = [r for r in rows if r[0] == "alerts"]
     assert len(alerts) == 1 and alerts[0][1] == b"blocked:r1"
     alert = codec("Alert").decode(alerts[0][2])
-    assert "store-B" in alert["summary"] and alert["risk_score"] >= RULES.block_at
+    assert "store-B" in alert["summary"] and alert["risk_score"] >= RULE_SET.block_at
 
 
 def test_return_of_a_never_seen_receipt_is_flagged():
