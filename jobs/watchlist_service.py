@@ -12,8 +12,9 @@ Exactly once on Kafka: each input's outputs and its consumer offset commit in on
 so offsets move only after the outputs are acknowledged, and a crash replays the input without
 doubling its records. Side effects outside Kafka (image store, Rekognition) are idempotent: same
 subject id, same keys, an indexed subject is not indexed twice. Re-issuing a command that is already
-in effect changes nothing (audited as ``UNCHANGED``). Logs carry ids and outcomes, never images or
-embeddings.
+in effect changes nothing (audited as ``UNCHANGED``); a command or alert already audited (e.g. replayed
+after a consumer-group offset reset; the audit topic is read at startup) is skipped. Logs carry ids and
+outcomes, never images or embeddings.
 
 Run: ``python -m jobs.watchlist_service`` (SIGTERM stops after the current record).
 """
@@ -86,6 +87,8 @@ class WatchlistCore:
         self.rekognition = rekognition
         self.entries: dict[str, dict[str, Any]] = {}
         """The watchlist as this service last wrote/read it (subject id -> entry without embeddings)."""
+        self.done: set[str] = set()
+        """Audit ids already published: an input replayed after an offset reset is skipped entirely."""
 
     # --- state -------------------------------------------------------------------------------------
     def load(self, key: bytes | None, value: bytes | None) -> None:
@@ -99,14 +102,19 @@ class WatchlistCore:
         self.entries[entry.subject_id] = {"category": entry.category,
                                           "source_transaction_id": entry.source_transaction_id}
 
+    def load_audit(self, key: bytes | None) -> None:
+        """Apply one record of the audit topic (startup replay): remember what was already done."""
+        if key is not None:
+            self.done.add(key.decode())
+
     # --- inputs ------------------------------------------------------------------------------------
     def on_command(self, src: Source, now_ms: int) -> list[Out]:
         try:
             cmd = BotCommand.decode(src.value or b"")
         except DecodeError as exc:
             return [self._dead_letter(src, exc.kind, exc.reason, now_ms)]
-        if cmd.verb not in ("FRAUD", "VIP", "FORGET"):
-            return []  # CHECKOUT / STATUS / HELP are the bot's business
+        if cmd.verb not in ("FRAUD", "VIP", "FORGET") or f"command:{cmd.command_id}" in self.done:
+            return []  # CHECKOUT / STATUS / HELP are the bot's business; a replayed command changes nothing
         action = "FORGET" if cmd.verb == "FORGET" else "ENROLL"
         audit = {"audit_id": f"command:{cmd.command_id}", "event_time": now_ms, "action": action,
                  "actor": cmd.actor, "command_id": cmd.command_id}
@@ -131,7 +139,7 @@ class WatchlistCore:
             alert = Alert.decode(src.value or b"")
         except DecodeError as exc:
             return [self._dead_letter(src, exc.kind, exc.reason, now_ms)]
-        if not alert.snapshot_ref:
+        if not alert.snapshot_ref or f"retain:{alert.alert_id}" in self.done:
             return []
         audit = {"audit_id": f"retain:{alert.alert_id}", "event_time": now_ms, "action": "RETAIN",
                  "actor": SERVICE_ACTOR, "subject_id": alert.subject_id, "category": alert.category,
@@ -218,9 +226,9 @@ class WatchlistCore:
         ]
 
     # --- records -----------------------------------------------------------------------------------
-    @staticmethod
-    def _audit(**fields: Any) -> Out:
+    def _audit(self, **fields: Any) -> Out:
         event = AuditEvent(**fields)
+        self.done.add(event.audit_id)
         return Out(AUDIT, event.audit_id.encode(), event.encode())
 
     @staticmethod
@@ -257,11 +265,11 @@ class WatchlistService:
     def stop(self, *_: object) -> None:
         self._stop = True
 
-    def replay_watchlist(self, timeout: float = 30.0) -> int:
-        """Read the compacted watchlist topic from the start to its end (committed records only)."""
+    def replay(self, spec: TopicSpec, apply, timeout: float = 30.0) -> int:
+        """Read a topic from its start to its end (committed records only) into ``apply(key, value)``."""
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-        topic = WATCHLIST.full_name(self.prefix)
+        topic = spec.full_name(self.prefix)
         reader = Consumer({**self.settings.kafka.client_config(), "group.id": f"{self.group}-replay",
                            "enable.auto.commit": False, "isolation.level": "read_committed"})
         try:
@@ -282,7 +290,7 @@ class WatchlistService:
                         if pos >= ends[p]:
                             pending.discard(p)
                     continue
-                self.core.load(msg.key(), msg.value())
+                apply(msg.key(), msg.value())
                 n += 1
                 if msg.offset() + 1 >= ends[msg.partition()]:
                     pending.discard(msg.partition())
@@ -293,8 +301,10 @@ class WatchlistService:
     def run(self) -> None:
         from confluent_kafka import TopicPartition
 
-        loaded = self.replay_watchlist()
+        loaded = self.replay(WATCHLIST, self.core.load)
         log.info("watchlist replayed: %d records, %d subjects", loaded, len(self.core.entries))
+        audited = self.replay(AUDIT, lambda key, _value: self.core.load_audit(key))
+        log.info("audit replayed: %d records", audited)
         self.producer.init_transactions(30)
         self.consumer.subscribe(list(self.topics))
         try:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from infra.settings import Settings
 from infra.stack import ensure_topics
@@ -122,6 +123,18 @@ def test_fraud_then_forget_through_kafka(settings: Settings):
         assert _audits(audit)[f"command:{again}"].outcome == "UNCHANGED"
         assert len(audit.poll(2)) == n_audit + 1, "only the new command was audited after the restart"
         assert len(watch.poll()) == n_watch + 1, "only its (harmless) tombstone was added"
+
+        # offsets reset (consumer group deleted): every command is read again, none is carried out twice
+        service.stop()
+        admin = AdminClient(settings.kafka.client_config())
+        group = f"{settings.kafka.topic_prefix}{settings.faces.service_group}"
+        admin.delete_consumer_groups([group])[group].result(30)
+        n_audit, n_watch, n_dead = len(audit.poll()), len(watch.poll()), len(dead.poll())
+        service = spawn("jobs.watchlist_service", settings, name="watchlist-service-e2e")
+        last = _command(settings, "FRAUD", "tx-still-unknown")
+        wait_for(lambda: f"command:{last}" in _audits(audit), 60, what="audit after the offset reset")
+        assert len(audit.poll(2)) == n_audit + 1 and len(watch.poll()) == n_watch
+        assert len(dead.poll()) == n_dead + 1, "only the new failing command was dead-lettered"
     finally:
         service.stop()
         for r in (watch, audit, dead):

@@ -93,7 +93,7 @@ def test_fraud_without_a_face_in_the_snapshot_fails_with_no_face(core):
     assert audit_of(outs).outcome == "FAILED" and audit_of(outs).subject_id == "subj-tx-2"
     assert DeadLetter.decode(by_topic(outs)["dead_letters"][0].value).error_kind == "no_face"
     core.store.put("checkout", "tx-3", b"\xff\xd8 truncated")
-    outs = core.on_command(command("VIP", "tx-3"), NOW)
+    outs = core.on_command(command("VIP", "tx-3", cid="c2"), NOW)
     assert DeadLetter.decode(by_topic(outs)["dead_letters"][0].value).error_kind == "bad_image"
 
 
@@ -144,6 +144,15 @@ def test_purge_is_audited_with_the_count(core):
     outs = core.purge(int(time.time() * 1000))
     assert audit_of(outs).action == "PURGE" and audit_of(outs).details["deleted"] == "1"
     assert core.purge(int(time.time() * 1000)) == []
+
+
+def test_an_input_already_audited_is_skipped_when_replayed(core):
+    first = core.on_command(command("FORGET", "subj-nobody", cid="c7"), NOW)
+    assert audit_of(first).outcome == "UNCHANGED"
+    assert core.on_command(command("FORGET", "subj-nobody", cid="c7"), NOW) == []
+    fresh = WatchlistCore(core.settings, engine=core.engine)
+    fresh.load_audit(b"command:c7")  # what the service reads back from the audit topic at startup
+    assert fresh.on_command(command("FORGET", "subj-nobody", cid="c7"), NOW) == []
 
 
 def test_startup_replay_rebuilds_the_known_subjects(core):
