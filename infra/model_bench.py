@@ -53,13 +53,20 @@ def _rate(fn: Callable[[], Any], count: int) -> float:
     return count / (time.perf_counter() - t0)
 
 
-def model_scoring(settings: Settings, records: int = 20_000, batch: int = 500, afd_records: int = 300) -> dict:
+def _best(fn: Callable[[], float], repeats: int) -> float:
+    """Best of ``repeats`` runs: on a shared 2-core machine the other load only ever slows a run down."""
+    return max(fn() for _ in range(repeats))
+
+
+def model_scoring(settings: Settings, records: int = 20_000, batch: int | None = None, afd_records: int = 300,
+                  repeats: int = 3) -> dict:
+    batch = batch or getattr(settings.job, "batch_size", 500)
     model = LocalModel.load(ensure_default_model(settings))
     gen = PosGenerator(seed=11, stores=8, customers=20_000, fraud_share=0.03, tx_per_second=200)
     data = [next(gen).encode() for _ in range(records)]
     local = LocalPredictor(model)
-    batched = _drive(settings, local, data, batch)
-    per_record = _drive(settings, local, data, 1)
+    batched = _best(lambda: _drive(settings, local, data, batch), repeats)
+    per_record = _best(lambda: _drive(settings, local, data, 1), repeats)
     # the model stage alone, on the indicators the job would hand it
     scorer, state = Scorer(settings), ScoringState()
     items = []
@@ -67,20 +74,21 @@ def model_scoring(settings: Settings, records: int = 20_000, batch: int = 500, a
         out, _ = scorer.observe(scorer.parse(value, None, "transactions", 0, n, 0), state)
         if out is not None:
             items.append((out[0], out[1]))
-    model_batched = _rate(lambda: [model.predict_batch(items[i:i + batch]) for i in range(0, len(items), batch)],
-                          len(items))
-    model_single = _rate(lambda: [model.predict_batch([it]) for it in items[:5000]], min(5000, len(items)))
+    model_batched = _best(lambda: _rate(
+        lambda: [model.predict_batch(items[i:i + batch]) for i in range(0, len(items), batch)], len(items)), repeats)
+    model_single = _best(lambda: _rate(
+        lambda: [model.predict_batch([it]) for it in items[:5000]], min(5000, len(items))), repeats)
     server = LocalModelServer()
     try:
         afd_settings = settings.model_copy(update={"model": settings.model.model_copy(update={
             "backend": "frauddetector", "aws_endpoint_url": server.url, "aws_region": "us-east-1",
             "aws_access_key_id": SecretStr("bench"), "aws_secret_access_key": SecretStr("bench")})})
         afd = FraudDetectorPredictor(afd_settings, model)
-        afd_per_record = _drive(settings, afd, data[:afd_records], 1)
+        afd_per_record = _best(lambda: _drive(settings, afd, data[:afd_records], 1), repeats)
     finally:
         server.close()
     return {
-        "records": records, "batch": batch, "model": model.version,
+        "records": records, "batch": batch, "model": model.version, "best_of": repeats,
         "scored_batched_per_s": batched, "scored_per_record_per_s": per_record,
         "ratio_batched_to_per_record": batched / per_record,
         "model_only_batched_per_s": model_batched, "model_only_per_record_per_s": model_single,
@@ -110,7 +118,8 @@ if __name__ == "__main__":
     from rich.table import Table
 
     result = model_scoring(get_settings())
-    table = Table(title=f"model scoring ({result['records']} transactions, model {result['model']})")
+    table = Table(title=f"model scoring ({result['records']} transactions, best of {result['best_of']}, "
+                        f"model {result['model']})")
     for col in ("measure", "value", "goal"):
         table.add_column(col)
     for row in report_rows(result):
