@@ -41,6 +41,7 @@ class Watchlist:
         self._lock = threading.RLock()
         self._matrix = np.zeros((0, DIM), dtype=np.float32)
         self._norms = np.zeros(0, dtype=np.float32)
+        self._buf = np.zeros(0, dtype=np.float32)
         self._owners: list[str] = []
         self._dirty = False
 
@@ -68,9 +69,12 @@ class Watchlist:
                 self._rebuild()
             if not self._owners:
                 return None
-            sq = self._norms - 2.0 * (self._matrix @ probe) + float(probe @ probe)
-            i = int(np.argmin(sq))
-            sim = float(distance_to_similarity(float(np.sqrt(max(0.0, float(sq[i]))))))
+            buf = self._buf  # in place: the matrix-vector product is the cost, temporaries add ~20 %
+            np.dot(self._matrix, probe, out=buf)
+            buf *= -2.0
+            buf += self._norms
+            i = int(np.argmin(buf))
+            sim = float(distance_to_similarity(float(np.sqrt(max(0.0, float(buf[i]) + float(probe @ probe))))))
             if sim < self.threshold:
                 return None
             subject = self._owners[i]
@@ -99,6 +103,7 @@ class Watchlist:
             blocks.append(item["embeddings"])
         self._matrix = np.ascontiguousarray(np.vstack(blocks)) if blocks else np.zeros((0, DIM), np.float32)
         self._norms = np.einsum("ij,ij->i", self._matrix, self._matrix)
+        self._buf = np.empty(len(owners), dtype=np.float32)
         self._owners = owners
         self._dirty = False
 
