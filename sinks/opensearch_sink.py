@@ -151,19 +151,25 @@ def install_templates(
                 **body, "template": {k: v for k, v in body["template"].items() if k != "aliases"}})
             migrate_legacy_index(client, route, index_prefix, period)
         client.indices.put_index_template(name=alias, body=body)
-        current = period_index_name(index_prefix, route.kind, now, period)
-        if not client.indices.exists(index=current):
-            try:
-                client.indices.create(index=current)
-            except RequestError as exc:
-                if exc.error != "resource_already_exists_exception":  # another sink created it meanwhile
-                    raise
+        create_indices(client, [period_index_name(index_prefix, route.kind, now, period)])
         existing = ",".join(period_indices(client, index_prefix, route.kind))
         if existing:
             client.indices.put_alias(index=existing, name=alias)
             client.indices.put_mapping(index=existing, body=body["template"]["mappings"])
         names.append(alias)
     return names
+
+
+def create_indices(client: OpenSearch, names: Iterable[str]) -> None:
+    """Create the indices that do not exist yet; their template supplies settings, mapping and alias."""
+    for name in names:
+        if client.indices.exists(index=name):
+            continue
+        try:
+            client.indices.create(index=name)
+        except RequestError as exc:
+            if exc.error != "resource_already_exists_exception":  # another sink created it meanwhile
+                raise
 
 
 def period_of(index: str, index_prefix: str, kind: str) -> tuple[datetime, datetime] | None:
@@ -666,6 +672,9 @@ class OpenSearchSink:
             if result.reinstall:
                 try:
                     self._install_templates()
+                    # Where the cluster does not auto-create indices, the period indices the batch
+                    # needs are created here (the templates give them mapping and alias).
+                    create_indices(self.client, sorted({action.op["_index"] for action in pending}))
                 except TransportError as exc:
                     log.warning("reinstalling index templates failed: %s", _short(exc))
         if attempt:

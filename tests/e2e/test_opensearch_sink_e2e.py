@@ -498,3 +498,18 @@ def test_single_index_of_the_previous_layout_moves_behind_the_alias(sandbox: San
     assert client.indices.exists_alias(name=legacy)
     assert sandbox.count("transactions") == 12
     assert f"{legacy}-2023.11.14" in client.indices.get_alias(name=legacy)
+
+
+def test_sink_creates_period_indices_itself_where_the_cluster_does_not_auto_create(sandbox: Sandbox) -> None:
+    # Only this sandbox's indices are refused auto-creation (transient, and reset afterwards).
+    client = sandbox.opensearch
+    client.cluster.put_settings(body={"transient": {"action.auto_create_index": f"-{sandbox.index_prefix}-*,+*"}})
+    try:
+        produce(sandbox, sandbox.topic(SCORED_TRANSACTIONS), encoded(scored(10), "transaction_id"))
+        with running(sandbox.sink()) as sink:
+            wait_until(lambda: caught_up(sandbox), "the sink created the 2023-11-14 index and indexed into it")
+        assert sink.stats.retries >= 1
+        assert sink.stats.dead_lettered == 0
+        assert sandbox.count("transactions") == 10
+    finally:
+        client.cluster.put_settings(body={"transient": {"action.auto_create_index": None}})
