@@ -16,6 +16,7 @@ from confluent_kafka import Consumer
 
 from infra.settings import MqttSettings, Settings
 from infra.stack import ensure_topics
+from schemas.topics import ALL_TOPICS
 
 
 def free_port() -> int:
@@ -74,6 +75,16 @@ def isolated_camera_settings(stack: Settings, tmp_path: Path, mqtt_port: int | N
     s = s.model_copy(update=update)
     ensure_topics(s)
     return s
+
+
+def delete_topics(settings: Settings) -> None:
+    """Remove exactly this run's topics (its own prefix) from the shared broker."""
+    from confluent_kafka.admin import AdminClient
+
+    futures = AdminClient(settings.kafka.client_config()).delete_topics(
+        [t.full_name(settings.kafka.topic_prefix) for t in ALL_TOPICS], operation_timeout=10)
+    for future in futures.values():
+        future.exception(30)  # wait (the request dies with the client otherwise); a missing topic is fine
 
 
 class TopicReader:

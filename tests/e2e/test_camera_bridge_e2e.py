@@ -16,7 +16,7 @@ import pytest
 from producers.camera_bridge import CameraBridge
 from schemas.records import CameraEvent, DeadLetter
 from schemas.topics import CAMERA_EVENTS, DEAD_LETTERS
-from tests.e2e.camera_helpers import PrivateMosquitto, TopicReader, isolated_camera_settings
+from tests.e2e.camera_helpers import PrivateMosquitto, TopicReader, delete_topics, isolated_camera_settings
 
 pytestmark = pytest.mark.e2e
 
@@ -79,6 +79,7 @@ def test_bridge_forwards_detections_dead_letters_garbage_and_survives_a_broker_r
         runner.join(15)
         reader.close()
         broker.stop()
+        delete_topics(settings)
 
 
 def _wait_disconnect(bridge: CameraBridge, timeout_s: float = 10.0) -> bool:
@@ -119,3 +120,4 @@ def test_messages_published_while_the_bridge_is_down_arrive_when_it_is_back(stac
         thread.join(15)
         reader.close()
         broker.stop()
+        delete_topics(settings)

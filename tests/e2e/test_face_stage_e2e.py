@@ -22,7 +22,7 @@ from producers.local_camera import ENTRANCE_DWELL_MS, LocalCameraControl, LocalC
 from producers.meraki import camera_for_lane, entrance_camera
 from schemas.records import FaceObservation, PosTransaction
 from schemas.topics import FACE_OBSERVATIONS, TRANSACTIONS
-from tests.e2e.camera_helpers import TopicReader, free_port, isolated_camera_settings
+from tests.e2e.camera_helpers import TopicReader, delete_topics, free_port, isolated_camera_settings
 from tests.unit.faces_data import sdist_or_shared_photo_dirs
 
 pytestmark = pytest.mark.e2e
@@ -50,6 +50,7 @@ def world(stack, tmp_path):
             t.join(30)
         camera.stop()
         reader.close()
+        delete_topics(settings)
 
 
 def _observations(reader: TopicReader, done, timeout_s: float = 90.0) -> list[FaceObservation]:
@@ -202,6 +203,7 @@ def test_a_restarted_face_stage_resumes_after_what_it_finished(stack, tmp_path) 
     finally:
         camera.stop()
         reader.close()
+        delete_topics(settings)
 
 
 def test_a_killed_face_stage_loses_no_checkout(stack, tmp_path) -> None:
@@ -239,3 +241,4 @@ def test_a_killed_face_stage_loses_no_checkout(stack, tmp_path) -> None:
         child.stop()
         camera.stop()
         reader.close()
+        delete_topics(settings)
