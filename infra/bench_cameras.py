@@ -156,7 +156,8 @@ def cameras(base: Settings | None = None, seconds: float = 10.0, workers: int = 
 
         from schemas.topics import ALL_TOPICS
 
-        futures = AdminClient(settings.kafka.client_config()).delete_topics(
+        admin = AdminClient(settings.kafka.client_config())  # kept alive until the deletes are done
+        futures = admin.delete_topics(
             [t.full_name(settings.kafka.topic_prefix) for t in ALL_TOPICS], operation_timeout=10)
         for future in futures.values():
             future.exception(30)  # wait: the request dies with the client otherwise

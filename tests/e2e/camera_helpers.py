@@ -81,7 +81,8 @@ def delete_topics(settings: Settings) -> None:
     """Remove exactly this run's topics (its own prefix) from the shared broker."""
     from confluent_kafka.admin import AdminClient
 
-    futures = AdminClient(settings.kafka.client_config()).delete_topics(
+    admin = AdminClient(settings.kafka.client_config())  # kept alive until the deletes are done
+    futures = admin.delete_topics(
         [t.full_name(settings.kafka.topic_prefix) for t in ALL_TOPICS], operation_timeout=10)
     for future in futures.values():
         future.exception(30)  # wait (the request dies with the client otherwise); a missing topic is fine
