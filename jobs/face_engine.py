@@ -15,7 +15,7 @@ import io
 import math
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -146,26 +146,51 @@ def pose_asymmetry(points: np.ndarray) -> float:
     return min(1.0, abs(t - 0.5) * 2.0)
 
 
+_MODEL_LOCK = threading.Lock()
+"""dlib's models are shared per process and not documented as thread-safe (nor do they release the GIL):
+one analysis at a time per process; scale out with processes."""
+
+
 class FaceEngine:
     """Analyses images; models load once per process and are shared by all engines."""
 
     def __init__(self, settings: FaceSettings) -> None:
         self.settings = settings
         self._detector, self._predictor, self._resnet = _models()
-        self._lock = threading.Lock()
-        """dlib objects are not documented as thread-safe; the Flink job may call from several threads."""
 
     def analyse(self, image: bytes) -> list[DetectedFace]:
         """All faces found in JPEG/PNG bytes, largest first. Raises ``ImageError`` on unusable bytes."""
+        return self._finish(self._candidates(*self._prepare(image)), only_best=False)
+
+    def best_face(self, image: bytes) -> DetectedFace | None:
+        """The largest face that passed the gate (the person standing at the lane); only it is embedded."""
+        faces = self._finish(self._candidates(*self._prepare(image)), only_best=True)
+        return next((f for f in faces if f.passed), None)
+
+    def analyse_array(self, rgb: np.ndarray, scale: float = 1.0) -> list[DetectedFace]:
+        """Faces in an RGB uint8 array already at analysis size."""
+        return self._finish(self._candidates(rgb, scale), only_best=False)
+
+    def _prepare(self, image: bytes) -> tuple[np.ndarray, float]:
         img, (w0, h0) = decode_image(image, self.settings)
         aw, ah = _fit(w0, h0, self.settings)
         if (aw, ah) != img.size:
             img = img.resize((aw, ah), Image.Resampling.BILINEAR)
-        scale = aw / w0
-        return self.analyse_array(np.asarray(img), scale=scale)
+        return np.asarray(img), aw / w0
 
-    def analyse_array(self, rgb: np.ndarray, scale: float = 1.0) -> list[DetectedFace]:
-        """Faces in an RGB uint8 array already at analysis size."""
+    def _finish(self, candidates: list[tuple[DetectedFace, np.ndarray]], only_best: bool) -> list[DetectedFace]:
+        """Embed the passing faces (or just the first passing one)."""
+        out = []
+        for face, chip in candidates:
+            if face.passed and not (only_best and any(f.passed for f in out)):
+                with _MODEL_LOCK:
+                    vec = np.asarray(self._resnet.compute_face_descriptor(chip), dtype=np.float32)
+                face = replace(face, embedding=vec)
+            out.append(face)
+        return out
+
+    def _candidates(self, rgb: np.ndarray, scale: float) -> list[tuple[DetectedFace, np.ndarray]]:
+        """Detected faces with their gate result and aligned chip (not yet embedded), largest first."""
         s = self.settings
         h, w = rgb.shape[:2]
         pad = 0
@@ -175,16 +200,13 @@ class FaceEngine:
             pad = max(h, w) // 2
             work = np.pad(rgb, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
         upsample = 1 if max(h, w) < s.upsample_below_px else 0
-        with self._lock:
+        with _MODEL_LOCK:
             rects = self._detector(np.ascontiguousarray(work), upsample)
-            faces = [self._one(work, r, pad, w, h, scale) for r in rects]
-        return sorted(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]), reverse=True)
+            found = [self._one(work, r, pad, w, h, scale) for r in rects]
+        return sorted(found, key=lambda fc: (fc[0].box[2] - fc[0].box[0]) * (fc[0].box[3] - fc[0].box[1]), reverse=True)
 
-    def best_face(self, image: bytes) -> DetectedFace | None:
-        """The largest face that passed the gate: the person standing at the lane."""
-        return next((f for f in self.analyse(image) if f.passed), None)
-
-    def _one(self, work: np.ndarray, rect: object, pad: int, w: int, h: int, scale: float) -> DetectedFace:
+    def _one(self, work: np.ndarray, rect: object, pad: int, w: int, h: int,
+             scale: float) -> tuple[DetectedFace, np.ndarray]:
         s = self.settings
         shape = self._predictor(work, rect)
         points = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)
@@ -208,10 +230,7 @@ class FaceEngine:
             reason = "blurry"
         elif asym > s.max_pose_asymmetry:
             reason = "pose"
-        embedding = None
-        if reason is None:
-            embedding = np.asarray(self._resnet.compute_face_descriptor(chip), dtype=np.float32)
         return DetectedFace(
-            box=box, quality=quality, passed=reason is None, reject_reason=reason, embedding=embedding,
+            box=box, quality=quality, passed=reason is None, reject_reason=reason, embedding=None,
             scale=scale, sharpness=round(sharp, 2), pose_asymmetry=round(asym, 4),
-        )
+        ), chip

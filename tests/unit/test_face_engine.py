@@ -159,6 +159,13 @@ def test_two_people_are_both_found_largest_first(engine):
 
 
 @needs_faces
+def test_best_face_is_the_largest_passing_face_with_the_same_embedding_as_analyse(engine):
+    data = (FACES / "face_recognition" / "two_people.jpg").read_bytes()
+    faces, best = engine.analyse(data), engine.best_face(data)
+    assert best.box == faces[0].box and np.array_equal(best.embedding, faces[0].embedding)
+
+
+@needs_faces
 def test_large_frames_are_downscaled_to_480p_and_give_the_same_face(engine):
     hd = engine.analyse((FACES / "face_recognition" / "obama-1080p.jpg").read_bytes())
     sd = engine.analyse((FACES / "face_recognition" / "obama-480p.jpg").read_bytes())
