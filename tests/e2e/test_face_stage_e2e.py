@@ -228,12 +228,12 @@ def test_a_killed_face_stage_loses_no_checkout(stack, tmp_path) -> None:
                          key=f"store-k/{lane}".encode())
         ids.add(tx.transaction_id)
     assert producer.flush(10) == 0
-    child = spawn("jobs.face_stage", settings, name=f"face-stage-{settings.kafka.topic_prefix.strip('.')}")
+    child = spawn("jobs.face_stage", settings, name="face-stage-e2e")
     try:
         _observations(reader, lambda os: len(os) >= 4)
         child.kill()  # SIGKILL
         child.proc.wait(10)
-        child = spawn("jobs.face_stage", settings, name=f"face-stage-{settings.kafka.topic_prefix.strip('.')}")
+        child = spawn("jobs.face_stage", settings, name="face-stage-e2e")
         seen = _observations(reader, lambda os: ids <= {o.transaction_id for o in os}, timeout_s=120)
         assert {o.transaction_id for o in seen} == ids
         assert {o.observation_id for o in seen} == {f"checkout:{i}" for i in ids}
