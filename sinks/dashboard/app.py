@@ -7,6 +7,8 @@ Endpoints (each takes ``minutes`` = window length, ``store`` = one store only, `
 - ``GET /api/alerts``    latest alerts, with a thumbnail URL where the alert has a snapshot
 - ``GET /api/faces``     face observations by status over time
 - ``GET /api/alerts/{alert_id}/snapshot``  a small JPEG of the alert's snapshot from the ImageStore
+- ``GET /api/alerts/{alert_id}``  one alert and the decision on its transaction
+- ``GET /alerts/{alert_id}``  the page alert messages (email, Webex) link to
 - ``GET /api/config``    refresh period and default window for the page
 
 Snapshots are looked up by alert id (the page never sees or sends image refs) and served only for
@@ -35,21 +37,26 @@ from starlette.staticfiles import StaticFiles
 from infra.settings import Settings
 from jobs.image_store import ImageStore
 from sinks.dashboard.queries import (
+    ALERT_FIELDS,
     Window,
     alert_by_id_query,
     alerts_query,
     faces_query,
     latest_event_query,
     overview_query,
+    public_alert,
     shape_alerts,
     shape_faces,
     shape_overview,
+    transaction_by_id_query,
 )
 from sinks.opensearch_sink import index_name, make_client
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
 THUMBNAIL_PX = 240
+LARGE_PX = 640
+"""``?size=large``: the alert page's picture; still a downscaled copy, never the stored original."""
 MAX_WINDOW_MINUTES = 60 * 24 * 366
 SEARCH_PARAMS = {"ignore_unavailable": "true", "allow_no_indices": "true"}
 """An index family that has no index yet (no face observations so far) answers empty, not 404."""
@@ -100,6 +107,18 @@ class Dashboard:
         hits = self.search(self.alerts, alert_by_id_query(alert_id))["hits"]["hits"]
         return hits[0]["_source"].get("snapshot_ref") if hits else None
 
+    def alert_detail(self, alert_id: str) -> dict[str, Any] | None:
+        """One alert and the decision on its transaction (if it has one), for the page alert messages link to."""
+        hits = self.search(self.alerts, alert_by_id_query(alert_id, ALERT_FIELDS))["hits"]["hits"]
+        if not hits:
+            return None
+        alert = public_alert(hits[0]["_source"])
+        transaction = None
+        if alert.get("transaction_id"):
+            found = self.search(self.transactions, transaction_by_id_query(alert["transaction_id"]))["hits"]["hits"]
+            transaction = found[0]["_source"] if found else None
+        return {"alert": alert, "transaction": transaction}
+
 
 def thumbnail(image: bytes, size: int = THUMBNAIL_PX) -> bytes:
     """A JPEG no larger than ``size`` px on its longer side (snapshots can be full HD)."""
@@ -145,12 +164,25 @@ def create_app(settings: Settings, dashboard: Dashboard | None = None) -> Starle
         if not ref:
             return Response(status_code=404)
         try:
-            body = thumbnail(board.images.get(ref))
+            size = LARGE_PX if request.query_params.get("size") == "large" else THUMBNAIL_PX
+            body = thumbnail(board.images.get(ref), size)
         except (OSError, ValueError, KeyError, UnidentifiedImageError, BotoCoreError, ClientError) as exc:
             # purged, never stored, or S3 unreachable: a missing thumbnail must not break the page
             log.info("no snapshot for alert %s (%s)", alert_id, type(exc).__name__)
             return Response(status_code=404)
         return Response(body, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"})
+
+    def alert_detail(request: Request) -> Response:
+        try:
+            detail = board.alert_detail(request.path_params["alert_id"])
+        except TransportError as exc:
+            return JSONResponse({"error": f"OpenSearch unavailable ({type(exc).__name__})"}, status_code=503)
+        if detail is None:
+            return JSONResponse({"error": "no such alert (yet)"}, status_code=404)
+        return JSONResponse(detail, headers={"Cache-Control": "no-store"})
+
+    def alert_page(_: Request) -> Response:
+        return FileResponse(STATIC / "alert.html", headers={"Cache-Control": "no-cache"})
 
     def config(_: Request) -> Response:
         return JSONResponse({
@@ -168,5 +200,7 @@ def create_app(settings: Settings, dashboard: Dashboard | None = None) -> Starle
         Route("/api/alerts", json_endpoint(board.latest_alerts)),
         Route("/api/faces", json_endpoint(board.face_activity)),
         Route("/api/alerts/{alert_id:str}/snapshot", snapshot),
+        Route("/api/alerts/{alert_id:str}", alert_detail),
+        Route("/alerts/{alert_id:str}", alert_page),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ])

@@ -115,8 +115,19 @@ def alerts_query(window: Window, size: int) -> dict[str, Any]:
     }
 
 
-def alert_by_id_query(alert_id: str) -> dict[str, Any]:
-    return {"size": 1, "_source": ["snapshot_ref"], "query": {"term": {"alert_id": alert_id}}}
+TRANSACTION_FIELDS = ("transaction_id", "event_time", "store_id", "lane_id", "cashier_id", "kind",
+                      "original_transaction_id", "amount", "currency", "item_count", "product_category", "outcome",
+                      "risk_score", "reasons", "indicators", "model_score", "model_version", "rules_version",
+                      "face_status", "face_subject_id", "face_category", "face_similarity", "ttdf_ms")
+"""What an alert's page shows of its transaction: the decision and its grounds, no card or customer keys."""
+
+
+def alert_by_id_query(alert_id: str, fields: tuple[str, ...] = ("snapshot_ref",)) -> dict[str, Any]:
+    return {"size": 1, "_source": list(fields), "query": {"term": {"alert_id": alert_id}}}
+
+
+def transaction_by_id_query(transaction_id: str) -> dict[str, Any]:
+    return {"size": 1, "_source": list(TRANSACTION_FIELDS), "query": {"term": {"transaction_id": transaction_id}}}
 
 
 def faces_query(window: Window) -> dict[str, Any]:
@@ -202,14 +213,20 @@ def shape_overview(answer: dict[str, Any], window: Window) -> dict[str, Any]:
     }
 
 
-def shape_alerts(answer: dict[str, Any], snapshot_url: str = "/api/alerts/{alert_id}/snapshot") -> dict[str, Any]:
-    """Latest alerts; a thumbnail URL only where the alert has a snapshot (never the ref itself)."""
-    rows = []
-    for hit in answer.get("hits", {}).get("hits", []):
-        source = dict(hit.get("_source", {}))
-        ref = source.pop("snapshot_ref", None)
-        source["thumbnail"] = snapshot_url.format(alert_id=source["alert_id"]) if ref else None
-        rows.append(source)
+SNAPSHOT_URL = "/api/alerts/{alert_id}/snapshot"
+
+
+def public_alert(source: dict[str, Any]) -> dict[str, Any]:
+    """An alert for the page: a thumbnail URL where it has a snapshot, never the image ref itself."""
+    out = dict(source)
+    ref = out.pop("snapshot_ref", None)
+    out["thumbnail"] = SNAPSHOT_URL.format(alert_id=out["alert_id"]) if ref else None
+    return out
+
+
+def shape_alerts(answer: dict[str, Any]) -> dict[str, Any]:
+    """Latest alerts, newest first."""
+    rows = [public_alert(hit.get("_source", {})) for hit in answer.get("hits", {}).get("hits", [])]
     return {"total": _total(answer), "kinds": _buckets(answer.get("aggregations", {}).get("kinds")),
             "alerts": rows}
 

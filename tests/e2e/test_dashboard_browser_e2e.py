@@ -258,3 +258,38 @@ def test_page_renders_charts_with_data_in_headless_chromium(served: Served) -> N
             page.screenshot(path=str(SCREENSHOTS / "dashboard-store.png"), full_page=True)
         finally:
             browser.close()
+
+
+def test_alert_page_that_messages_link_to_shows_the_alert_its_decision_and_snapshot(served: Served) -> None:
+    alert = served.data.alerts[0]
+    detail = httpx.get(f"{served.url}/api/alerts/{alert.alert_id}", timeout=30).json()
+    assert detail["alert"]["alert_id"] == alert.alert_id
+    assert detail["alert"]["thumbnail"] == f"/api/alerts/{alert.alert_id}/snapshot"
+    assert detail["transaction"]["transaction_id"] == alert.transaction_id
+    assert detail["transaction"]["outcome"] == "BLOCK"
+    assert not {"customer_key", "card_bin", "customer_id"} & set(detail["transaction"])
+    assert httpx.get(f"{served.url}/api/alerts/no-such-alert", timeout=30).status_code == 404
+    large = httpx.get(f"{served.url}/api/alerts/{alert.alert_id}/snapshot", params={"size": "large"}, timeout=30)
+    assert 240 < max(Image.open(io.BytesIO(large.content)).size) <= 640
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed (infra/install.sh installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                     args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(f"{served.url}/?minutes=60", wait_until="networkidle")
+            page.wait_for_function("Number(document.body.dataset.renders || 0) >= 1", timeout=30_000)
+            page.click("#alerts a.alert >> nth=0")  # the newest alert card leads to its page
+            page.wait_for_function("document.body.dataset.loaded === '1'", timeout=30_000)
+            assert page.url == f"{served.url}/alerts/{alert.alert_id}"
+            page.wait_for_function("document.querySelector('img.snapshot')?.complete", timeout=30_000)
+            assert page.eval_on_selector("img.snapshot", "img => img.naturalWidth") > 240
+            assert page.inner_text('#tx-facts td[data-field="outcome"]') == "BLOCK"
+            assert page.inner_text('#alert-facts td[data-field="transaction"]') == alert.transaction_id
+            page.screenshot(path=str(SCREENSHOTS / "alert.png"), full_page=True)
+        finally:
+            browser.close()

@@ -260,8 +260,9 @@ function renderAlerts(a) {
   const box = document.getElementById("alerts");
   box.innerHTML = a.alerts.length ? "" : '<p class="none">No alerts in this window.</p>';
   for (const x of a.alerts) {
-    const card = document.createElement("div");
+    const card = document.createElement("a");  // the same page alert messages link to
     card.className = `alert ${x.kind}`;
+    card.href = `/alerts/${encodeURIComponent(x.alert_id)}`;
     const when = new Date(x.event_time).toISOString().replace("T", " ").slice(0, 19);
     const amount = x.amount != null ? ` · ${money.format(x.amount)} ${escapeHtml(x.currency || "")}` : "";
     const img = x.thumbnail

@@ -1,0 +1,57 @@
+// The page alert messages link to: one alert, its snapshot and the decision on its transaction.
+"use strict";
+
+const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+const when = (ms) => (ms ? `${new Date(ms).toISOString().replace("T", " ").slice(0, 19)} UTC` : "");
+
+function rows(tbody, pairs) {
+  tbody.innerHTML = "";
+  for (const [label, value] of pairs) {
+    if (value === null || value === undefined || value === "") continue;
+    if (typeof value === "object" && !Object.keys(value).length) continue;  // [] and {}
+    const shown = Array.isArray(value) ? value.join(", ") : typeof value === "object"
+      ? Object.entries(value).map(([k, v]) => `${k} ${Math.round(v * 100) / 100}`).join(", ") : value;
+    tbody.insertAdjacentHTML("beforeend", `<tr><th>${esc(label)}</th><td data-field="${esc(label)}">${esc(shown)}</td></tr>`);
+  }
+}
+
+async function load() {
+  const id = decodeURIComponent(location.pathname.split("/").pop());
+  const status = document.getElementById("status");
+  const r = await fetch(`/api/alerts/${encodeURIComponent(id)}`, { cache: "no-store" });
+  const body = await r.json();
+  if (!r.ok) {
+    status.className = "status error";
+    status.textContent = `${id}: ${body.error}`;
+    if (r.status !== 404) setTimeout(load, 3000);
+    return;
+  }
+  const a = body.alert, t = body.transaction;
+  document.title = `Checkout Guard — ${a.kind} ${a.alert_id}`;
+  document.getElementById("alert-title").textContent = `${a.kind.replace(/_/g, " ")} · ${a.severity}`;
+  rows(document.querySelector("#alert-facts tbody"), [
+    ["alert", a.alert_id], ["time", when(a.event_time)], ["store", a.store_id], ["lane", a.lane_id],
+    ["transaction", a.transaction_id], ["amount", a.amount != null ? `${a.amount} ${a.currency || ""}` : null],
+    ["risk score", a.risk_score], ["reasons", a.reasons], ["subject", a.subject_id], ["category", a.category],
+    ["similarity", a.similarity], ["summary", a.summary],
+  ]);
+  rows(document.querySelector("#tx-facts tbody"), t ? [
+    ["outcome", t.outcome], ["risk score", t.risk_score], ["reasons", t.reasons], ["indicators", t.indicators],
+    ["model score", t.model_score], ["model", t.model_version], ["rules", t.rules_version],
+    ["face", t.face_status], ["face subject", t.face_subject_id], ["face category", t.face_category],
+    ["face similarity", t.face_similarity], ["kind", t.kind], ["original transaction", t.original_transaction_id],
+    ["items", t.item_count], ["category", t.product_category], ["cashier", t.cashier_id],
+    ["decided in (ms)", t.ttdf_ms],
+  ] : [["", "no decision stored for this alert's transaction"]]);
+  const snap = document.getElementById("snapshot");
+  snap.innerHTML = a.thumbnail
+    ? `<img class="snapshot" alt="checkout snapshot" src="${esc(a.thumbnail)}?size=large">`
+    : '<p class="none">No snapshot for this alert.</p>';
+  const img = snap.querySelector("img");
+  if (img) img.addEventListener("error", () => { snap.innerHTML = '<p class="none">Snapshot purged.</p>'; });
+  status.className = "status";
+  status.textContent = `loaded ${new Date().toLocaleTimeString()}`;
+  document.body.dataset.loaded = "1";
+}
+
+load();
