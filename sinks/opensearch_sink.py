@@ -152,10 +152,11 @@ def install_templates(
             migrate_legacy_index(client, route, index_prefix, period)
         client.indices.put_index_template(name=alias, body=body)
         create_indices(client, [period_index_name(index_prefix, route.kind, now, period)])
-        existing = ",".join(period_indices(client, index_prefix, route.kind))
+        existing = sorted(period_indices(client, index_prefix, route.kind))
         if existing:
-            client.indices.put_alias(index=existing, name=alias)
-            client.indices.put_mapping(index=existing, body=body["template"]["mappings"])
+            client.indices.update_aliases(body={"actions": [{"add": {"indices": existing, "alias": alias}}]})
+        for chunk in range(0, len(existing), 50):  # index names go in the URL: keep it short
+            client.indices.put_mapping(index=",".join(existing[chunk:chunk + 50]), body=body["template"]["mappings"])
         names.append(alias)
     return names
 
