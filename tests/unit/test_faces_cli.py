@@ -1,0 +1,47 @@
+"""Faces CLI: detect prints one JSON line per image, compare gives similarity and decision."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from jobs.faces import app
+
+FACES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "faces"
+IMAGES = FACES / "face_recognition" / "test_images"
+pytestmark = pytest.mark.skipif(not FACES.is_dir(), reason="shared face photos (../shared/data/faces) absent")
+runner = CliRunner()
+
+
+def test_detect_prints_a_json_line_per_image_with_boxes_quality_and_embeddings(tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"not a picture")
+    result = runner.invoke(app, ["detect", str(FACES / "face_recognition" / "two_people.jpg"),
+                                 str(FACES / "no_face" / "dogs.jpg"), str(bad)])
+    assert result.exit_code == 0, result.output
+    two, dogs, broken = (json.loads(line) for line in result.output.splitlines())
+    assert len(two["faces"]) == 2 and all(len(f["embedding"]) == 128 and f["passed"] for f in two["faces"])
+    assert set(two["faces"][0]) >= {"box", "quality", "passed", "reject_reason", "embedding"}
+    assert dogs["faces"] == [] and broken == {"image": str(bad), "error": "not_an_image", "faces": []}
+
+
+def test_compare_decides_at_the_configured_threshold():
+    same = json.loads(runner.invoke(app, ["compare", str(IMAGES / "obama.jpg"), str(IMAGES / "obama2.jpg")]).output)
+    other = json.loads(runner.invoke(app, ["compare", str(IMAGES / "obama.jpg"), str(IMAGES / "biden.jpg")]).output)
+    assert same["decision"] == "match" and same["similarity"] >= same["threshold"]
+    assert other["decision"] == "no_match" and other["similarity"] < other["threshold"]
+
+
+def test_compare_without_a_face_says_so_and_fails():
+    result = runner.invoke(app, ["compare", str(IMAGES / "obama.jpg"), str(FACES / "no_face" / "white.png")])
+    assert result.exit_code == 2 and json.loads(result.output)["decision"] == "no_face"
+
+
+def test_evaluate_reports_match_rates_over_labelled_folders():
+    result = runner.invoke(app, ["evaluate", str(FACES / "face_recognition" / "knn_examples" / "train")])
+    report = json.loads(result.output)
+    assert report["identities"] == 5 and report["genuine_pairs"] == 4 and report["impostor_pairs"] == 32
+    assert report["tmr"] == 1.0 and report["fmr"] == 0.0
