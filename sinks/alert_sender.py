@@ -32,7 +32,9 @@ import itertools
 import logging
 import queue
 import random
+import re
 import signal
+import socket
 import sqlite3
 import threading
 import time
@@ -160,8 +162,8 @@ class EmailChannel:
 
 class WebexChannel:
     name = "webex"
-    LOOKBACK = 100
-    """Messages of the room searched for an alert that may already have been posted."""
+    LOOKBACK = 1000
+    """Latest messages of the room searched for an alert that may already have been posted (Webex's page maximum)."""
 
     def __init__(self, settings: Settings, client: WebexClient) -> None:
         if not settings.webex.room_id:
@@ -172,12 +174,19 @@ class WebexChannel:
     def marker(alert_id: str) -> str:
         return f"alert `{alert_id}`"
 
+    @classmethod
+    def carries(cls, message: dict[str, Any], alert_id: str) -> bool:
+        """Whether a room message is this alert's (exactly this id: ``tx-1`` is not ``tx-10``)."""
+        if cls.marker(alert_id) in (message.get("markdown") or ""):
+            return True
+        return re.search(rf"(?<!\S){re.escape(alert_id)}(?!\S)", message.get("text") or "") is not None
+
     def send(self, alert: dict[str, Any], image: bytes | None, maybe_sent: bool) -> str | None:
         alert_id = alert["alert_id"]
         try:
             if maybe_sent:
                 for message in self.client.list_messages(self.room_id, self.LOOKBACK):
-                    if alert_id in (message.get("markdown") or "") or alert_id in (message.get("text") or ""):
+                    if self.carries(message, alert_id):
                         return message.get("id")
             markdown = describe(alert, self.settings.alerts).markdown() + f"\n\n_{self.marker(alert_id)}_"
             attachment = Attachment("snapshot.jpg", image) if image else None
@@ -445,6 +454,9 @@ class AlertSender:
         self._consumer = Consumer({
             **self.settings.kafka.client_config(), "group.id": self.group_id, "enable.auto.commit": False,
             "auto.offset.reset": "earliest", "isolation.level": "read_committed",
+            # Static membership: a sender restarted after a crash takes its partitions back at once
+            # instead of waiting out the dead member's session (45 s of undelivered alerts).
+            "group.instance.id": f"{self.group_id}@{socket.gethostname()}",
         })
         self._producer = Producer({**self.settings.kafka.client_config(), "enable.idempotence": True,
                                    "linger.ms": 5})

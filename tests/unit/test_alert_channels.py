@@ -95,6 +95,10 @@ def test_webex_resend_after_an_unknown_outcome_finds_the_posted_message(webex: L
     assert len(webex.state.bot_messages(ROOM)) == 1
     channel.send(alert("blocked:tx-2"), None, maybe_sent=True)  # not there yet: posted
     assert len(webex.state.bot_messages(ROOM)) == 2
+    channel.send(alert("blocked:tx"), None, maybe_sent=True)  # a prefix of posted ids is a different alert
+    assert len(webex.state.bot_messages(ROOM)) == 3
+    assert WebexChannel.carries({"text": "... alert blocked:tx-1"}, "blocked:tx-1")
+    assert not WebexChannel.carries({"text": "... alert blocked:tx-10"}, "blocked:tx-1")
 
 
 def run_worker(channel: Any, settings: Settings, tasks: list[Task], timeout: float = 15.0,

@@ -1,0 +1,255 @@
+"""Alerts end to end on the real local stack: Kafka -> the alert sender process -> the stack's SMTP server
+and the local Webex API server; and the Webex bot -> Kafka ``commands``.
+
+The sender is killed with SIGKILL halfway and restarted while Webex answers 429/500: afterwards every
+alert is in the Webex room exactly once with its snapshot, and in the mailbox once. (The only mail that
+may come twice is one the SMTP server accepted in the instant before the kill, before the ledger could
+record it -- SMTP cannot be asked -- and then both copies carry the same Message-ID; the test checks that
+this is the only way a second copy can appear.)
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import io
+import signal
+import sqlite3
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+from PIL import Image
+from pydantic import SecretStr
+
+from infra.local_smtp import mail_dir
+from infra.local_webex import BackgroundServer, LocalWebexServer
+from infra.settings import Settings
+from infra.stack import ensure_topics
+from jobs.image_store import ImageStore
+from jobs.launcher import spawn, wait_for
+from producers.webex_bot import WEBHOOK_PATH, KafkaCommandPublisher, WebexBot
+from schemas.records import Alert, BotCommand, DeadLetter
+from schemas.topics import ALERTS, COMMANDS, DEAD_LETTERS
+
+pytestmark = pytest.mark.e2e
+
+TOKEN, ROOM = "e2e-bot-token", "room-e2e-alerts"
+
+
+def jpeg(seed: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (96, 64), (seed % 256, 80, 160)).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def mails_to(directory: Path, address: str) -> list[email.message.EmailMessage]:
+    """Mails the stack's SMTP server kept for ``address`` (other tests share the directory)."""
+    found = []
+    needle = f"Delivered-To: {address}\r\n".encode()
+    for path in directory.glob("*.eml"):
+        with path.open("rb") as fh:
+            if needle not in fh.read(4096):
+                continue
+            fh.seek(0)
+            found.append(email.message_from_bytes(fh.read(), policy=email.policy.default))
+    return found
+
+
+def sent_count(settings: Settings, channel: str) -> int:
+    """Deliveries the sender's ledger has confirmed (a cheap progress probe while it runs)."""
+    try:
+        with sqlite3.connect(settings.alerts.ledger_path, timeout=5) as db:
+            query = "SELECT count(*) FROM deliveries WHERE channel=? AND state='sent'"
+            return db.execute(query, (channel,)).fetchone()[0]
+    except sqlite3.OperationalError:  # not created yet
+        return 0
+
+
+def read_topic(settings: Settings, topic: str, timeout: float = 10.0) -> list[tuple[bytes, bytes]]:
+    consumer = Consumer({**settings.kafka.client_config(), "group.id": f"e2e-read-{uuid.uuid4().hex[:6]}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([topic])
+    out, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            for msg in consumer.consume(500, timeout=0.5):
+                if msg.error() is None:
+                    out.append((msg.key(), msg.value()))
+    finally:
+        consumer.close()
+    return out
+
+
+@pytest.fixture
+def webex() -> Iterator[LocalWebexServer]:
+    with LocalWebexServer(TOKEN) as server:
+        yield server
+
+
+def isolated(stack: Settings, tmp_path: Path, name: str, webex: LocalWebexServer) -> Settings:
+    settings = stack.isolated(name, tmp_path / "checkpoints")
+    return settings.model_copy(update={
+        "webex": settings.webex.model_copy(update={"base_url": webex.url, "bot_token": SecretStr(TOKEN),
+                                                   "room_id": ROOM}),
+        "smtp": settings.smtp.model_copy(update={"to_addresses": f"{name}@checkout-guard.test"}),
+        "alerts": settings.alerts.model_copy(update={"retry_initial_s": 0.2, "retry_max_s": 1.0,
+                                                     "ledger_path": tmp_path / "ledger.sqlite3"}),
+    })
+
+
+def test_each_alert_is_one_mail_and_one_webex_message_with_its_snapshot_across_a_kill_and_a_webex_outage(
+        stack: Settings, tmp_path: Path, webex: LocalWebexServer) -> None:
+    name = f"e2ealerts{uuid.uuid4().hex[:6]}"
+    settings = isolated(stack, tmp_path, name, webex)
+    ensure_topics(settings)
+    store = ImageStore.from_settings(settings)
+    n = 1000
+    images: dict[str, bytes] = {}
+    producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True})
+    topic = ALERTS.full_name(settings.kafka.topic_prefix)
+    for i in range(n):
+        tx = f"{name}-tx-{i}"
+        ref = None
+        if i % 2 == 0:  # half with a snapshot, half without
+            images[f"blocked:{tx}"] = jpeg(i)
+            ref = store.put("checkout", tx, images[f"blocked:{tx}"])
+        alert = Alert(alert_id=f"blocked:{tx}", kind="BLOCKED_TRANSACTION", severity="high",
+                      event_time=int(time.time() * 1000), store_id="S001", lane_id=f"L{i % 8:02d}", transaction_id=tx,
+                      amount=100.0 + i, currency="EUR", outcome="BLOCK", risk_score=90,
+                      reasons=("return_exceeds_sale",), snapshot_ref=ref, summary=f"Blocked {tx}")
+        producer.produce(topic, key=alert.alert_id.encode(), value=alert.encode())
+        if i == n // 2:  # the same alert again (a replayed upstream): still one notification
+            producer.produce(topic, key=b"blocked:" + f"{name}-tx-0".encode(), value=Alert(
+                alert_id=f"blocked:{name}-tx-0", kind="BLOCKED_TRANSACTION", severity="high", event_time=0,
+                store_id="S001", summary="dup").encode())
+    producer.produce(topic, key=b"garbage", value=b"not an alert")
+    assert producer.flush(30) == 0
+
+    mailbox, address = mail_dir(settings.stack_dir), f"{name}@checkout-guard.test"
+    webex.state.latency_s = 0.01
+    webex.state.fail((429, 500, 503), seconds=6, retry_after=1)
+    sender = spawn("sinks.alert_sender", settings, name=f"{name}-sender-1")
+    try:
+        wait_for(lambda: sent_count(settings, "email") >= n // 4, 120, interval=0.02, what="a quarter of the mails")
+        sender.kill(signal.SIGKILL)
+        sender.proc.wait(10)
+        with sqlite3.connect(settings.alerts.ledger_path) as db:
+            unknown = {row[0] for row in db.execute(
+                "SELECT alert_id FROM deliveries WHERE channel='email' AND state='sending'")}
+        at_kill = (len(mails_to(mailbox, address)), len(webex.state.bot_messages(ROOM)))
+        assert at_kill[0] < n, "the kill came too late to test a restart midway"
+        sender = spawn("sinks.alert_sender", settings, name=f"{name}-sender-2")
+        try:
+            wait_for(lambda: len(webex.state.bot_messages(ROOM)) >= n and len(mails_to(mailbox, address)) >= n, 240,
+                     interval=0.2, what=f"{n} Webex messages and {n} mails")
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}: {len(webex.state.bot_messages(ROOM))} Webex messages, "
+                                 f"{len(mails_to(mailbox, address))} mails") from None
+        time.sleep(3)  # anything still arriving now would be a duplicate
+    finally:
+        sender.stop()
+
+    assert webex.state.requests.get("429", 0) > 0 and webex.state.requests.get("500", 0) > 0
+
+    posted = webex.state.bot_messages(ROOM)
+    by_alert = Counter(m["markdown"].rsplit("`", 2)[-2] for m in posted)
+    assert len(by_alert) == n and set(by_alert.values()) == {1}, by_alert.most_common(3)
+    for message in posted:
+        alert_id = message["markdown"].rsplit("`", 2)[-2]
+        if alert_id in images:
+            assert webex.state.file_bytes(message["files"][0]) == images[alert_id]
+        else:
+            assert "files" not in message
+
+    mails = mails_to(mailbox, address)
+    per_alert = Counter(m["X-Checkout-Guard-Alert"] for m in mails)
+    assert len(per_alert) == n
+    doubled = {a for a, c in per_alert.items() if c > 1}
+    assert doubled <= unknown, f"mails doubled outside the kill window: {sorted(doubled - unknown)[:5]}"
+    assert all(c <= 2 for c in per_alert.values())
+    for alert_id in doubled:
+        assert len({m["Message-ID"] for m in mails if m["X-Checkout-Guard-Alert"] == alert_id}) == 1
+    for mail in mails:
+        attached = [p.get_content() for p in mail.iter_attachments()]
+        assert attached == ([images[mail["X-Checkout-Guard-Alert"]]] if mail["X-Checkout-Guard-Alert"] in images
+                            else [])
+
+    dead_topic = DEAD_LETTERS.full_name(settings.kafka.topic_prefix)
+    letters = [DeadLetter.decode(v) for _, v in read_topic(settings, dead_topic)]
+    # Produced again if the kill came before its offset was committed: same key, so one dead letter by id.
+    assert {(d.dead_letter_id, d.stage, d.payload) for d in letters} == {
+        (f"{topic}:{letters[0].partition}:{letters[0].offset}", "alert-sender", b"not an alert")}
+
+    consumer = Consumer({**settings.kafka.client_config(), "group.id": f"{name}.checkout-guard-alert-sender"})
+    try:
+        parts = [TopicPartition(topic, p) for p in range(ALERTS.partitions)]
+        committed = {tp.partition: tp.offset for tp in consumer.committed(parts, timeout=10)}
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in committed}
+    finally:
+        consumer.close()
+    assert committed == ends, "every alert is done, so every offset is committed"
+    print(f"at the kill: {at_kill[0]} mails, {at_kill[1]} Webex messages; unknown-outcome mails {len(unknown)}, "
+          f"doubled {len(doubled)}; Webex answers {webex.state.requests}")
+
+
+def test_an_alert_a_channel_keeps_refusing_is_dead_lettered_while_the_other_channel_delivers(
+        stack: Settings, tmp_path: Path, webex: LocalWebexServer) -> None:
+    name = f"e2edead{uuid.uuid4().hex[:6]}"
+    settings = isolated(stack, tmp_path, name, webex)
+    settings = settings.model_copy(update={"alerts": settings.alerts.model_copy(update={"max_attempts": 2})})
+    ensure_topics(settings)
+    webex.state.fail((500,))
+    producer = Producer(settings.kafka.client_config())
+    alert = Alert(alert_id=f"blocked:{name}", kind="BLOCKED_TRANSACTION", severity="high", event_time=0,
+                  store_id="S002", summary="x")
+    producer.produce(ALERTS.full_name(settings.kafka.topic_prefix), key=alert.alert_id.encode(), value=alert.encode())
+    producer.flush(10)
+    sender = spawn("sinks.alert_sender", settings, name=f"{name}-sender")
+    try:
+        dead_topic = DEAD_LETTERS.full_name(settings.kafka.topic_prefix)
+        [(_, value)] = wait_for(lambda: read_topic(settings, dead_topic, 2), 60, what="the dead letter")
+    finally:
+        sender.stop()
+    letter = DeadLetter.decode(value)
+    assert letter.error_kind == "delivery_failed" and "webex failed 2 times" in letter.reason
+    assert Alert.decode(letter.payload).alert_id == alert.alert_id  # replayable as it was
+    assert len(mails_to(mail_dir(settings.stack_dir), f"{name}@checkout-guard.test")) == 1
+    assert webex.state.bot_messages(ROOM) == []
+
+
+def test_bot_commands_reach_kafka_once_and_forged_or_unallowed_ones_never(
+        stack: Settings, tmp_path: Path, webex: LocalWebexServer) -> None:
+    name = f"e2ebot{uuid.uuid4().hex[:6]}"
+    settings = isolated(stack, tmp_path, name, webex)
+    settings = settings.model_copy(update={"webex": settings.webex.model_copy(update={
+        "webhook_secret": SecretStr("e2e-secret"), "allowed_rooms": "room-security"})})
+    ensure_topics(settings)
+    bot = WebexBot(settings, publish=KafkaCommandPublisher(settings), inspect_checkout=lambda tx: f"checked {tx}")
+    server = BackgroundServer(bot.app, name="bot").start()
+    try:
+        webex.state.webhooks.append({"id": "hook-1", "name": "bot", "targetUrl": server.base + WEBHOOK_PATH,
+                                     "resource": "messages", "event": "created", "filter": None,
+                                     "secret": "e2e-secret", "created": "now"})
+        [ok] = webex.say("room-security", "guard@store.test", "Checkout Guard fraud tx-1")
+        webex.say("room-lobby", "visitor@store.test", "Checkout Guard fraud tx-2")
+        webex.state.webhooks[0]["secret"] = "an-attacker-guess"  # forged signatures from here on
+        [forged] = webex.say("room-security", "guard@store.test", "forget subj-tx-1")
+        assert (ok["status"], forged["status"]) == (200, 403)
+        webex.state.webhooks[0]["secret"] = "e2e-secret"
+        webex.say("room-lobby", "visitor@store.test", "status")
+        wait_for(lambda: len(webex.state.bot_messages()) >= 3, 30, what="three replies")
+    finally:
+        server.stop()
+    records = read_topic(settings, COMMANDS.full_name(settings.kafka.topic_prefix), timeout=5)
+    commands = [(k.decode(), BotCommand.decode(v)) for k, v in records]
+    assert [(c.verb, c.argument, c.room_id) for _, c in commands] == [
+        ("FRAUD", "tx-1", "room-security"), ("STATUS", None, "room-lobby")]
+    assert commands[0][0] == ok["message_id"] == commands[0][1].command_id
+    replies = [m["markdown"] for m in webex.state.bot_messages()]
+    assert any("Pipeline healthy" in r for r in replies), replies
+    assert any(r.startswith("Sorry, changes to the watchlist") for r in replies)
