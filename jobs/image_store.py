@@ -67,6 +67,7 @@ class ImageStore:
         raise NotImplementedError
 
     def retain(self, ref: str, reason: str) -> None:
+        """Exempt ``ref`` from the purge; ``FileNotFoundError`` when there is no such image."""
         raise NotImplementedError
 
     def purge(self, older_than_ms: int) -> int:
@@ -121,6 +122,8 @@ class LocalImageStore(ImageStore):
 
     def retain(self, ref: str, reason: str) -> None:
         path = self._path(ref)
+        if not path.is_file():
+            raise FileNotFoundError(f"no image at {ref}")
         marker = path.with_name(f".{path.name}.retained")
         fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
@@ -221,8 +224,16 @@ class S3ImageStore(ImageStore):
 
     def retain(self, ref: str, reason: str) -> None:
         bucket, obj, _ = self._split(ref)
+        from botocore.exceptions import ClientError
+
         tag = re.sub(r"[^A-Za-z0-9 _.:/=+@-]", "_", reason)[:256] or "retained"
-        self.s3.put_object_tagging(Bucket=bucket, Key=obj, Tagging={"TagSet": [{"Key": "retained", "Value": tag}]})
+        try:
+            self.s3.put_object_tagging(Bucket=bucket, Key=obj,
+                                       Tagging={"TagSet": [{"Key": "retained", "Value": tag}]})
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                raise FileNotFoundError(f"no image at {ref}") from None
+            raise
 
     def purge(self, older_than_ms: int) -> int:
         cutoff = datetime.fromtimestamp(older_than_ms / 1000, tz=UTC)

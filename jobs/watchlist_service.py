@@ -146,9 +146,10 @@ class WatchlistCore:
                  "transaction_id": alert.transaction_id}
         try:
             self.store.retain(alert.snapshot_ref, retain_reason(alert.alert_id, alert.subject_id))
-        except (ValueError, OSError) as exc:
-            return [self._audit(**audit, outcome="FAILED", reason=f"bad_ref: {type(exc).__name__}"),
-                    self._dead_letter(src, "bad_ref", f"cannot retain snapshot: {type(exc).__name__}", now_ms)]
+        except (ValueError, OSError) as exc:  # not a ref of this store, or the image is gone (purged, forgotten)
+            kind = "missing_image" if isinstance(exc, FileNotFoundError) else "bad_ref"
+            return [self._audit(**audit, outcome="FAILED", reason=f"{kind}: {type(exc).__name__}"),
+                    self._dead_letter(src, kind, f"cannot retain snapshot: {type(exc).__name__}", now_ms)]
         return [self._audit(**audit, outcome="DONE", reason=f"alert {alert.kind}",
                             details={"image_ref": alert.snapshot_ref})]
 

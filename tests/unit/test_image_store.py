@@ -59,6 +59,12 @@ def test_purge_deletes_old_unretained_snapshots_only(store):
     assert store.purge(cutoff) == 0, "purging again finds nothing"
 
 
+def test_retaining_a_missing_image_is_an_error(store):
+    with pytest.raises(FileNotFoundError):
+        store.retain("file:checkout/tx-gone", "alert=a9 subject=-")
+    assert store.retained() == {}
+
+
 def test_delete_removes_image_and_its_retention_marker(store):
     ref = store.put("checkout", "tx-2", b"a")
     store.retain(ref, "alert=a2 subject=-")

@@ -90,6 +90,11 @@ def test_s3_purge_deletes_old_unretained_snapshots_but_keeps_retained_and_refere
     assert store.retained() == {kept: "alert a-1 subject=subj-x"}
 
 
+def test_s3_retaining_a_missing_object_is_file_not_found(store):
+    with pytest.raises(FileNotFoundError):
+        store.retain(f"s3://{store.buckets['checkout']}/checkout/tx-gone", "alert=a9 subject=-")
+
+
 def test_s3_delete_removes_the_object(store):
     ref = store.put("entrance", "Q2MV-S1-ENTRANCE:7", b"x")
     store.delete(ref)

@@ -134,6 +134,10 @@ def test_alerts_without_snapshot_change_nothing_and_bad_refs_are_reported(core):
                 snapshot_ref="s3://elsewhere/checkout/x")
     outs = core.on_alert(Source("alerts", 0, 2, None, bad.encode()), NOW)
     assert audit_of(outs).outcome == "FAILED" and by_topic(outs)["dead_letters"]
+    gone = Alert(alert_id="a-4", kind="BLOCKED_TRANSACTION", severity="LOW", event_time=NOW, store_id="S1",
+                 summary="x", snapshot_ref="file:checkout/tx-purged")
+    outs = core.on_alert(Source("alerts", 0, 3, None, gone.encode()), NOW)
+    assert DeadLetter.decode(by_topic(outs)["dead_letters"][0].value).error_kind == "missing_image"
 
 
 def test_purge_is_audited_with_the_count(core):
