@@ -451,6 +451,16 @@ def main(settings: Settings | None = None) -> None:
     run_until_done(client, settings)
 
 
+def _stop_with_savepoint(client, target: str) -> str:
+    """Flink's stop-with-savepoint (canonical format). PyFlink 2.2's wrapper still calls the
+    two-argument Java method, which Flink 2 replaced by one taking the savepoint format."""
+    from pyflink.common.completable_future import CompletableFuture
+    from pyflink.java_gateway import get_gateway
+
+    fmt = get_gateway().jvm.org.apache.flink.core.execution.SavepointFormatType.CANONICAL
+    return CompletableFuture(client._j_job_client.stopWithSavepoint(False, target, fmt), str).result()
+
+
 def run_until_done(client, settings: Settings) -> None:
     """Wait for the job; on SIGUSR1 stop it with a savepoint (the upgrade path), on SIGTERM cancel it.
 
@@ -472,7 +482,7 @@ def run_until_done(client, settings: Settings) -> None:
                 return
             if signal.SIGUSR1 in requests:
                 target = (settings.checkpoint_dir / "savepoints").resolve().as_uri()
-                path = client.stop_with_savepoint(False, target).result()
+                path = _stop_with_savepoint(client, target)
                 log.info("stopped with savepoint %s", path)
                 return
             if signal.SIGTERM in requests:

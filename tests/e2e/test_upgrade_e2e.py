@@ -41,7 +41,7 @@ def test_velocity_counts_continue_across_a_savepoint_upgrade(stack: Settings, tm
             msg = consumer.poll(0.5)
             if msg is not None and not msg.error():
                 scored[msg.key().decode()] = codec("ScoredTransaction").decode(msg.value())
-            return f"u{n}" in scored
+            return all(f"u{i}" in scored for i in range(1, n + 1))
         return check
 
     v1 = start_scoring_job(settings, name=f"{settings.job.consumer_group}-v1")
