@@ -30,7 +30,7 @@ from typing import Any
 from infra.settings import Settings, get_settings
 from jobs.face_engine import FaceEngine, ImageError
 from jobs.image_store import ImageStore
-from jobs.rekognition import RekognitionFaces
+from jobs.rekognition import RekognitionError, RekognitionFaces
 from schemas.codec import DecodeError
 from schemas.records import Alert, AuditEvent, BotCommand, DeadLetter, WatchlistEntry
 from schemas.topics import ALERTS, AUDIT, COMMANDS, DEAD_LETTERS, WATCHLIST, TopicSpec
@@ -40,6 +40,9 @@ log = logging.getLogger("jobs.watchlist_service")
 STAGE = "watchlist_service"
 SERVICE_ACTOR = "watchlist-service"
 CATEGORY = {"FRAUD": "SUSPECT", "VIP": "VIP"}
+REKOGNITION_REFUSALS = {"NoFaceIndexed", "InvalidParameterException", "InvalidImageFormatException",
+                        "ImageTooLargeException", "InvalidS3ObjectException"}
+"""Rekognition answers that say "not this image" (the command fails) rather than "not now" (retry)."""
 
 
 @dataclass(frozen=True)
@@ -185,7 +188,14 @@ class WatchlistCore:
         details = {"image_ref": reference, "quality": f"{face.quality:.3f}"}
         if self.rekognition is not None:
             image: bytes | str = reference if reference.startswith("s3://") else data
-            details["rekognition_faces"] = str(len(self.rekognition.index(subject, image)))
+            try:
+                details["rekognition_faces"] = str(len(self.rekognition.index(subject, image)))
+            except RekognitionError as exc:
+                if exc.code not in REKOGNITION_REFUSALS:
+                    raise  # throttling, outage: crash and retry the command after restart
+                if not current:
+                    self.store.delete(reference)
+                raise Failed("rekognition_refused", exc.code) from None
         if current:
             details["previous_category"] = current["category"]
         entry = WatchlistEntry(
