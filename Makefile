@@ -6,7 +6,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 LINT_DIRS := producers jobs sinks schemas infra tests
 
-.PHONY: help setup up down status topics reset lint run test bench train backtest train-default
+.PHONY: help setup up down status topics reset lint run test bench train backtest train-default replay backtest-stream
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -54,3 +54,9 @@ backtest: setup ## replay FRAUD_CSV through features, model (MODEL, default the 
 
 train-default: setup ## train the default model from seeded synthetic POS history if no model exists yet
 	@$(PY) -m jobs.train train-default
+
+replay: setup ## re-publish a topic range by offsets or time, e.g. make replay ARGS="transactions --dry-run" (README)
+	@$(PY) -m producers.replay run $(ARGS)
+
+backtest-stream: setup ## run a job copy with another rule set / model over a replayed range and compare (README)
+	@$(PY) -m jobs.backtest_stream run $(ARGS)

@@ -260,6 +260,33 @@ def partition_count(client: Consumer | Producer, topic: str) -> int:
     return len(md.partitions)
 
 
+def high_watermarks(kafka: KafkaSettings, topic: str) -> dict[int, int]:
+    """Per partition, the offset the next record will get (empty when the topic does not exist)."""
+    consumer = _consumer(kafka)
+    try:
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1]
+                for p in range(partition_count(consumer, topic))}
+    finally:
+        consumer.close()
+
+
+def committed_offsets(kafka: KafkaSettings, group: str, topic: str) -> dict[int, int]:
+    """A consumer group's committed offsets on ``topic`` (negative = nothing committed yet)."""
+    consumer = Consumer({**kafka.client_config(), "group.id": group, "enable.auto.commit": False})
+    try:
+        parts = [TopicPartition(topic, p) for p in range(partition_count(consumer, topic))]
+        return {tp.partition: tp.offset for tp in consumer.committed(parts, timeout=10)}
+    finally:
+        consumer.close()
+
+
+def caught_up(kafka: KafkaSettings, group: str, topic: str) -> bool:
+    """Has ``group`` committed everything ``topic`` holds now? (Flink commits on each checkpoint.)"""
+    ends = high_watermarks(kafka, topic)
+    done = committed_offsets(kafka, group, topic)
+    return all(done.get(p, -1) >= end or end == 0 for p, end in ends.items())
+
+
 def plan(
     kafka: KafkaSettings, topic: str, start: Bound, end: Bound, partitions: Iterable[int] | None = None,
 ) -> list[PartitionRange]:

@@ -13,41 +13,17 @@ import time
 import uuid
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 
 from infra.settings import Settings
 from infra.stack import ensure_topics
 from jobs.launcher import start_scoring_job, wait_for
 from producers.generator import PosGenerator
 from producers.pos import produce
-from producers.replay import Bound, partition_count, plan, replay
+from producers.replay import Bound, caught_up, high_watermarks, plan, replay
 from schemas.topics import SCORED_TRANSACTIONS, TRANSACTIONS
 from sinks.opensearch_sink import default_group_id, index_name, make_client, run_sink
 
 pytestmark = pytest.mark.e2e
-
-
-def high_watermarks(settings: Settings, topic: str) -> dict[int, int]:
-    consumer = Consumer({**settings.kafka.client_config(), "group.id": f"hw-{uuid.uuid4().hex}"})
-    try:
-        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1]
-                for p in range(partition_count(consumer, topic))}
-    finally:
-        consumer.close()
-
-
-def committed(settings: Settings, group: str, topic: str) -> dict[int, int]:
-    """The group's committed offsets on ``topic`` (-1001 = nothing committed yet)."""
-    consumer = Consumer({**settings.kafka.client_config(), "group.id": group, "enable.auto.commit": False})
-    try:
-        parts = [TopicPartition(topic, p) for p in range(partition_count(consumer, topic))]
-        return {tp.partition: tp.offset for tp in consumer.committed(parts, timeout=10)}
-    finally:
-        consumer.close()
-
-
-def caught_up(settings: Settings, group: str, topic: str) -> bool:
-    return committed(settings, group, topic) == high_watermarks(settings, topic)
 
 
 def indexed(settings: Settings) -> dict[str, dict]:
@@ -85,7 +61,7 @@ def test_replaying_a_range_twice_changes_nothing_in_opensearch(pipeline):
     before = int(time.time() * 1000) - 1
     stats = produce(settings, txs, progress=False)
     assert stats.ok and stats.acked == n
-    original_end = high_watermarks(settings, tx_topic)
+    original_end = high_watermarks(settings.kafka, tx_topic)
 
     wait_for(lambda: len(indexed(settings)) >= n, timeout=240, interval=1.0, what=f"{n} documents")
     first = indexed(settings)
@@ -98,16 +74,16 @@ def test_replaying_a_range_twice_changes_nothing_in_opensearch(pipeline):
     for ranges in (by_offsets, by_time):
         replayed = replay(settings.kafka, tx_topic, settings.kafka, tx_topic, ranges, rate=3000, progress=False)
         assert replayed.ok and replayed.acked == n, replayed.errors
-    assert sum(high_watermarks(settings, tx_topic).values()) == 3 * n
+    assert sum(high_watermarks(settings.kafka, tx_topic).values()) == 3 * n
 
     # The job has read (and checkpointed) all three copies, and the sink everything the job wrote.
-    wait_for(lambda: caught_up(settings, settings.job.consumer_group, tx_topic), timeout=180, interval=1.0,
+    wait_for(lambda: caught_up(settings.kafka, settings.job.consumer_group, tx_topic), timeout=180, interval=1.0,
              what="the job to read the replays")
     time.sleep(3 * settings.job.checkpoint_interval_ms / 1000)  # anything still batched is written by now
-    wait_for(lambda: caught_up(settings, default_group_id(prefix), scored_topic), timeout=120, interval=1.0,
+    wait_for(lambda: caught_up(settings.kafka, default_group_id(prefix), scored_topic), timeout=120, interval=1.0,
              what="the sink to index what the job wrote")
 
-    assert sum(high_watermarks(settings, scored_topic).values()) == n, "the job scored no transaction twice"
+    assert sum(high_watermarks(settings.kafka, scored_topic).values()) == n, "the job scored no transaction twice"
     after = indexed(settings)
     assert set(after) == set(first), "still exactly one document per transaction"
     assert after == first, "same decisions, never even re-written (same _version)"

@@ -1,0 +1,96 @@
+"""The backtest comparison (jobs/backtest_stream.py): outcome changes, changed transactions, precision/recall."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from infra.settings import Settings
+from jobs.backtest_stream import FLAGS, Candidate, candidate_settings, compare, detection, report_markdown
+
+
+def _doc(tx: str, outcome: str, risk: int, label: int | None, indicators: dict | None = None,
+         rules: str = "r1", model: str = "m1") -> dict:
+    return {"transaction_id": tx, "kind": "SALE", "store_id": "store-001", "amount": 10.0, "currency": "USD",
+            "outcome": outcome, "risk_score": risk, "reasons": ["velocity_exceeded"] if risk else [],
+            "indicators": indicators or {"velocity_exceeded": 1.0}, "model_score": 100,
+            "model_version": model, "rules_version": rules, "label": label}
+
+
+BASELINE = [
+    _doc("t1", "APPROVE", 10, 0), _doc("t2", "REVIEW", 60, 1), _doc("t3", "BLOCK", 90, 1),
+    _doc("t4", "REVIEW", 55, 0), _doc("t5", "APPROVE", 20, 1), _doc("t6", "APPROVE", 0, None),
+    _doc("t7", "BLOCK", 95, 1),
+]
+CANDIDATE = [
+    _doc("t1", "APPROVE", 10, 0, rules="r2"), _doc("t2", "BLOCK", 60, 1, rules="r2"),
+    _doc("t3", "BLOCK", 90, 1, rules="r2"), _doc("t4", "BLOCK", 55, 0, rules="r2"),
+    _doc("t5", "BLOCK", 70, 1, indicators={"velocity_exceeded": 1.0, "amount_above_norm": 1.0}, rules="r2"),
+    _doc("t6", "APPROVE", 0, None, rules="r2"), _doc("t8", "APPROVE", 0, 0, rules="r2"),
+]
+
+
+def test_outcome_changes_are_counted_baseline_by_candidate():
+    report = compare(BASELINE, CANDIDATE)
+    assert report.compared == 6 and report.only_baseline == 1 and report.only_candidate == 1
+    assert report.confusion["APPROVE"] == {"APPROVE": 2, "REVIEW": 0, "BLOCK": 1}
+    assert report.confusion["REVIEW"] == {"APPROVE": 0, "REVIEW": 0, "BLOCK": 2}
+    assert report.confusion["BLOCK"] == {"APPROVE": 0, "REVIEW": 0, "BLOCK": 1}
+    assert sum(sum(row.values()) for row in report.confusion.values()) == report.compared
+    assert report.changed == 3 and report.risk_changed == 1
+    assert report.inputs_differ == 1 and report.changed_same_inputs == 2
+    assert report.input_changes == {"amount_above_norm": 1}
+    assert report.outcomes["baseline"] == {"APPROVE": 3, "BLOCK": 1, "REVIEW": 2}
+    assert report.outcomes["candidate"] == {"APPROVE": 2, "BLOCK": 4}
+    assert report.versions == {"baseline": {"rules": ["r1"], "model": ["m1"]},
+                               "candidate": {"rules": ["r2"], "model": ["m1"]}}
+
+
+def test_changed_transactions_are_listed_biggest_change_first():
+    report = compare(BASELINE, CANDIDATE, sample_size=2)
+    assert [s["transaction_id"] for s in report.samples] == ["t5", "t2"]
+    first = report.samples[0]
+    assert first["baseline"]["outcome"] == "APPROVE" and first["candidate"]["outcome"] == "BLOCK"
+    assert first["same_inputs"] is False and report.samples[1]["same_inputs"] is True
+
+
+def test_precision_and_recall_count_only_labelled_transactions():
+    report = compare(BASELINE, CANDIDATE)
+    base, cand = report.detection["baseline"], report.detection["candidate"]
+    # Labelled in both: t1..t5 (t6 has no label; t7 and t8 are not in both): fraud t2, t3, t5.
+    assert (base["BLOCK"].labelled, base["BLOCK"].positives) == (5, 3)
+    assert (base["BLOCK"].flagged, base["BLOCK"].true_positives) == (1, 1)
+    assert base["BLOCK"].precision == 1.0 and base["BLOCK"].recall == pytest.approx(1 / 3)
+    both = base["BLOCK+REVIEW"]
+    assert both.precision == pytest.approx(2 / 3) and both.recall == pytest.approx(2 / 3)
+    assert cand["BLOCK"].precision == pytest.approx(3 / 4) and cand["BLOCK"].recall == 1.0
+
+
+def test_precision_and_recall_are_undefined_rather_than_zero_without_flags_or_fraud():
+    nothing_flagged = detection([_doc("a", "APPROVE", 0, 1)], FLAGS["BLOCK"])
+    assert nothing_flagged.precision is None and nothing_flagged.recall == 0.0
+    no_fraud = detection([_doc("a", "BLOCK", 90, 0), _doc("b", "BLOCK", 90, None)], FLAGS["BLOCK"])
+    assert no_fraud.recall is None and no_fraud.precision == 0.0 and no_fraud.labelled == 1
+
+
+def test_the_report_renders_as_markdown_and_json():
+    report = compare(BASELINE, CANDIDATE)
+    text = report_markdown(report)
+    assert "| REVIEW | 0 | 0 | 2 | 2 |" in text
+    assert "| candidate | r2 / m1 | BLOCK | 5 | 3 | 4 | 75.0% | 100.0% |" in text
+    data = json.loads(report.to_json())
+    assert data["confusion"]["APPROVE"]["BLOCK"] == 1
+    assert data["detection"]["baseline"]["BLOCK"]["recall"] == pytest.approx(1 / 3)
+
+
+def test_the_copy_is_isolated_and_runs_the_candidate(tmp_path):
+    rules = tmp_path / "candidate.yaml"
+    live = Settings(stack_dir=tmp_path)
+    copy = candidate_settings(live, "bt-1", Candidate(rules_file=rules, model_version="gbm-x"))
+    assert copy.kafka.topic_prefix == "bt-1." and copy.opensearch.index_prefix == "bt-1"
+    assert copy.job.consumer_group == "bt-1" and copy.checkpoint_dir == tmp_path / "backtests" / "bt-1" / "checkpoints"
+    assert copy.rules.ruleset_file == rules and copy.model.artifact == "gbm-x"
+    assert copy.job.face_deadline_ms == 0
+    with pytest.raises(ValueError, match="backtest name"):
+        candidate_settings(live, "Has Spaces", Candidate(rules_file=rules))
