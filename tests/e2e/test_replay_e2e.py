@@ -3,7 +3,8 @@
 Transactions are scored and indexed, then the same range is replayed twice into the transactions
 topic (once chosen by offsets, once by a start time) while the job and the sink run: OpenSearch must
 still hold exactly one document per transaction with the very same decision, and the job must have
-scored nothing twice.
+scored nothing twice. And a new job started from a time (``CG_JOB__STARTING_OFFSETS=<epoch ms>``)
+scores what arrived after it and nothing before.
 """
 
 from __future__ import annotations
@@ -36,15 +37,17 @@ def indexed(settings: Settings) -> dict[str, dict]:
 
 @pytest.fixture
 def pipeline(stack: Settings, tmp_path):
+    """An isolated prefix with its OpenSearch sink running; the test starts the job (into ``jobs``)."""
     settings = stack.isolated(f"rp{uuid.uuid4().hex[:8]}", tmp_path / "checkpoints", checkpoint_interval_ms=1000,
                               face_deadline_ms=0)
     ensure_topics(settings)
     stop = threading.Event()
     sink = threading.Thread(target=run_sink, args=(settings, stop), daemon=True)
     sink.start()
-    job = start_scoring_job(settings, name=f"{settings.job.consumer_group}-job")
-    yield settings
-    job.stop()
+    jobs: list = []
+    yield settings, jobs
+    for job in jobs:
+        job.stop()
     stop.set()
     sink.join(30)
     make_client(settings.opensearch).indices.delete(index=f"{settings.opensearch.index_prefix}-*",
@@ -52,7 +55,8 @@ def pipeline(stack: Settings, tmp_path):
 
 
 def test_replaying_a_range_twice_changes_nothing_in_opensearch(pipeline):
-    settings = pipeline
+    settings, jobs = pipeline
+    jobs.append(start_scoring_job(settings, name=f"{settings.job.consumer_group}-job"))
     n = 1500
     prefix = settings.kafka.topic_prefix
     tx_topic, scored_topic = TRANSACTIONS.full_name(prefix), SCORED_TRANSACTIONS.full_name(prefix)
@@ -88,3 +92,26 @@ def test_replaying_a_range_twice_changes_nothing_in_opensearch(pipeline):
     assert set(after) == set(first), "still exactly one document per transaction"
     assert after == first, "same decisions, never even re-written (same _version)"
     assert {doc["outcome"] for doc in after.values()} >= {"APPROVE", "BLOCK"}
+
+
+def test_a_new_job_started_from_a_time_scores_only_what_came_after_it(pipeline):
+    settings, jobs = pipeline
+    prefix = settings.kafka.topic_prefix
+    gen = PosGenerator(seed=22, stores=3, customers=500, fraud_share=0.05, tx_per_second=50)
+    earlier, later = [next(gen) for _ in range(300)], [next(gen) for _ in range(300)]
+    assert produce(settings, earlier, progress=False).ok
+    time.sleep(0.05)
+    start_ms = int(time.time() * 1000)
+    time.sleep(0.05)
+    assert produce(settings, later, progress=False).ok
+
+    # What the README documents: CG_JOB__STARTING_OFFSETS=<epoch ms> for a job without a checkpoint.
+    from_time = settings.model_copy(update={"job": settings.job.model_copy(update={"starting_offsets": str(start_ms)})})
+    jobs.append(start_scoring_job(from_time, name=f"{settings.job.consumer_group}-from-time"))
+    wait_for(lambda: len(indexed(settings)) >= len(later), timeout=240, interval=1.0, what="the later documents")
+    wait_for(lambda: caught_up(settings.kafka, settings.job.consumer_group, TRANSACTIONS.full_name(prefix)),
+             timeout=120, interval=1.0, what="the job to commit its input")
+    time.sleep(3 * settings.job.checkpoint_interval_ms / 1000)
+    wait_for(lambda: caught_up(settings.kafka, default_group_id(prefix), SCORED_TRANSACTIONS.full_name(prefix)),
+             timeout=120, interval=1.0, what="the sink to index what the job wrote")
+    assert set(indexed(settings)) == {tx.transaction_id for tx in later}
