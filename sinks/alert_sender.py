@@ -70,9 +70,15 @@ ImageLoader = Callable[[str], bytes]
 class Ledger:
     """Durable ``(alert_id, channel) -> sending | sent``; WAL mode survives a killed process.
 
-    ``synchronous=NORMAL`` keeps every committed row across a process crash (SIGKILL); only an OS crash
-    can lose the last few milliseconds, which the intent rows and Webex look-up cover for Webex.
+    Writes are group-committed by one writer thread: a sending thread's ``mark_*`` returns only once
+    its row is committed, and every row waiting at that moment shares the commit (hundreds of sends
+    per second would otherwise queue on one commit each). ``synchronous=NORMAL`` keeps every committed
+    row across a process crash (SIGKILL); only an OS crash can lose the last milliseconds of rows.
     """
+
+    SENDING_SQL = "INSERT OR IGNORE INTO deliveries VALUES (?, ?, 'sending', ?, NULL)"
+    SENT_SQL = ("INSERT INTO deliveries VALUES (?, ?, 'sent', ?, ?) ON CONFLICT(alert_id, channel) "
+                "DO UPDATE SET state='sent', at_ms=excluded.at_ms, detail=excluded.detail")
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,6 +90,10 @@ class Ledger:
             "CREATE TABLE IF NOT EXISTS deliveries (alert_id TEXT NOT NULL, channel TEXT NOT NULL, "
             "state TEXT NOT NULL, at_ms INTEGER NOT NULL, detail TEXT, PRIMARY KEY (alert_id, channel))")
         self._lock = threading.Lock()
+        self._writes: queue.SimpleQueue[tuple[str, tuple, threading.Event, list[BaseException]] | None] = (
+            queue.SimpleQueue())
+        self._writer = threading.Thread(target=self._write_loop, name="ledger-writer", daemon=True)
+        self._writer.start()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Ledger:
@@ -97,15 +107,45 @@ class Ledger:
         return row[0] if row else None
 
     def mark_sending(self, alert_id: str, channel: str) -> None:
-        with self._lock:
-            self._db.execute("INSERT OR IGNORE INTO deliveries VALUES (?, ?, 'sending', ?, NULL)",
-                             (alert_id, channel, _now_ms()))
+        self._write(self.SENDING_SQL, (alert_id, channel, _now_ms()))
 
     def mark_sent(self, alert_id: str, channel: str, detail: str | None) -> None:
-        with self._lock:
-            self._db.execute("INSERT INTO deliveries VALUES (?, ?, 'sent', ?, ?) ON CONFLICT(alert_id, channel) "
-                             "DO UPDATE SET state='sent', at_ms=excluded.at_ms, detail=excluded.detail",
-                             (alert_id, channel, _now_ms(), detail))
+        self._write(self.SENT_SQL, (alert_id, channel, _now_ms(), detail))
+
+    def _write(self, sql: str, params: tuple) -> None:
+        done, errors = threading.Event(), []
+        self._writes.put((sql, params, done, errors))
+        done.wait()
+        if errors:
+            raise errors[0]
+
+    def _write_loop(self) -> None:
+        while (first := self._writes.get()) is not None:
+            batch = [first]
+            while len(batch) < 1000:
+                try:
+                    item = self._writes.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._writes.put(None)
+                    break
+                batch.append(item)
+            try:
+                with self._lock:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    try:
+                        for sql, params, _, _ in batch:
+                            self._db.execute(sql, params)
+                        self._db.execute("COMMIT")
+                    except BaseException:
+                        self._db.execute("ROLLBACK")
+                        raise
+            except Exception as exc:  # the waiting senders get it; their sends count as failed tries
+                for _, _, _, errors in batch:
+                    errors.append(exc)
+            for _, _, done, _ in batch:
+                done.set()
 
     def counts(self) -> dict[tuple[str, str], int]:
         with self._lock:
@@ -113,6 +153,8 @@ class Ledger:
             return {(c, s): n for c, s, n in rows}
 
     def close(self) -> None:
+        self._writes.put(None)
+        self._writer.join(10)
         with self._lock:
             self._db.close()
 

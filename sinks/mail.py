@@ -11,8 +11,12 @@ import contextlib
 import smtplib
 import ssl
 import threading
-from email.message import EmailMessage
-from email.utils import formatdate, make_msgid
+from email.header import Header
+from email.message import Message
+from email.mime.image import MIMEImage
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from email.utils import formatdate
 from typing import Any, Protocol
 
 from infra.settings import SmtpSettings
@@ -26,29 +30,41 @@ class MailError(Exception):
 
 
 class Mailer(Protocol):
-    def send(self, message: EmailMessage) -> None: ...
+    def send(self, message: Message) -> None: ...
 
     def close(self) -> None: ...
 
 
 def build_email(alert_id: str, text: AlertText, sender: str, recipients: list[str],
-                image: bytes | None = None) -> EmailMessage:
-    """Plain text for any client, HTML with the snapshot shown inline, the snapshot also attached."""
-    msg = EmailMessage()
-    msg["Subject"] = text.subject
+                image: bytes | None = None) -> Message:
+    """Plain text for any client, HTML with the snapshot shown inline (once: clients also offer the inline
+    part, named ``snapshot.jpg``, for saving).
+
+    Built with the ``email.mime`` classes (compat32): ~10x less CPU than ``EmailMessage`` with the
+    default policy, which matters at hundreds of alerts per second.
+    """
+    alternative = MIMEMultipart("alternative")
+    alternative.attach(MIMEText(text.plain(), "plain", "utf-8"))
+    msg: MIMEMultipart
+    if image is None:
+        alternative.attach(MIMEText(text.html(), "html", "utf-8"))
+        msg = alternative
+    else:
+        cid = f"snapshot-{message_id(alert_id)[7:23]}@checkout-guard"
+        related = MIMEMultipart("related")
+        related.attach(MIMEText(text.html(image_cid=cid), "html", "utf-8"))
+        inline = MIMEImage(image, "jpeg")
+        inline["Content-ID"] = f"<{cid}>"
+        inline.add_header("Content-Disposition", "inline", filename="snapshot.jpg")
+        related.attach(inline)
+        alternative.attach(related)
+        msg = alternative
+    msg["Subject"] = text.subject if text.subject.isascii() else Header(text.subject, "utf-8")
     msg["From"] = sender
     msg["To"] = ", ".join(recipients)
     msg["Date"] = formatdate(localtime=True)
     msg["Message-ID"] = message_id(alert_id)
     msg["X-Checkout-Guard-Alert"] = alert_id
-    msg.set_content(text.plain())
-    if image is None:
-        msg.add_alternative(text.html(), subtype="html")
-        return msg
-    cid = make_msgid(domain="checkout-guard")
-    msg.add_alternative(text.html(image_cid=cid[1:-1]), subtype="html")
-    msg.get_payload()[1].add_related(image, maintype="image", subtype="jpeg", cid=cid, filename="snapshot.jpg")
-    msg.add_attachment(image, maintype="image", subtype="jpeg", filename="snapshot.jpg")
     return msg
 
 
@@ -60,17 +76,25 @@ class SmtpMailer:
         self._local = threading.local()
         self._all: list[smtplib.SMTP] = []
         self._lock = threading.Lock()
+        self._context: ssl.SSLContext | None = None
+
+    def _tls(self) -> ssl.SSLContext:
+        """One TLS context for all connections (loading the CA store costs ~20 ms)."""
+        with self._lock:
+            if self._context is None:
+                ca = self.settings.ca_file
+                self._context = ssl.create_default_context(cafile=str(ca) if ca else None)
+            return self._context
 
     def _connect(self) -> smtplib.SMTP:
         s = self.settings
-        context = ssl.create_default_context(cafile=str(s.ca_file) if s.ca_file else None)
         conn: smtplib.SMTP
         if s.ssl:
-            conn = smtplib.SMTP_SSL(s.host, s.port, timeout=s.timeout_s, context=context)
+            conn = smtplib.SMTP_SSL(s.host, s.port, timeout=s.timeout_s, context=self._tls())
         else:
             conn = smtplib.SMTP(s.host, s.port, timeout=s.timeout_s)
             if s.starttls:
-                conn.starttls(context=context)
+                conn.starttls(context=self._tls())
         if s.username and s.password is not None:
             conn.login(s.username, s.password.get_secret_value())
         with self._lock:
@@ -87,7 +111,7 @@ class SmtpMailer:
                 if conn in self._all:
                     self._all.remove(conn)
 
-    def send(self, message: EmailMessage) -> None:
+    def send(self, message: Message) -> None:
         reused = getattr(self._local, "conn", None) is not None
         try:
             try:
@@ -108,7 +132,7 @@ class SmtpMailer:
             self._drop()
             raise MailError(f"SMTP {type(exc).__name__}: {exc}"[:300]) from exc
 
-    def _send_once(self, message: EmailMessage) -> None:
+    def _send_once(self, message: Message) -> None:
         if getattr(self._local, "conn", None) is None:
             self._local.conn = self._connect()
         self._local.conn.send_message(message, to_addrs=self.settings.recipients())
@@ -134,7 +158,7 @@ class SesMailer:
         self.settings = settings
         self.client = client or boto3.client("ses", region_name=region, endpoint_url=endpoint_url)
 
-    def send(self, message: EmailMessage) -> None:
+    def send(self, message: Message) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:

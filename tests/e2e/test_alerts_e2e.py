@@ -175,7 +175,7 @@ def test_each_alert_is_one_mail_and_one_webex_message_with_its_snapshot_across_a
     for alert_id in doubled:
         assert len({m["Message-ID"] for m in mails if m["X-Checkout-Guard-Alert"] == alert_id}) == 1
     for mail in mails:
-        attached = [p.get_content() for p in mail.iter_attachments()]
+        attached = [p.get_content() for p in mail.walk() if p.get_content_maintype() == "image"]
         assert attached == ([images[mail["X-Checkout-Guard-Alert"]]] if mail["X-Checkout-Guard-Alert"] in images
                             else [])
 

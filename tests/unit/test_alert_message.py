@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
 import random
+from email.message import EmailMessage, Message
 from typing import Any
 
 from infra.settings import AlertSettings
@@ -78,20 +81,34 @@ def test_message_id_is_stable_per_alert_so_a_resend_is_recognisably_the_same_mai
     assert message_id("blocked:tx-9") != message_id("blocked:tx-10")
 
 
-def test_email_with_snapshot_has_inline_html_image_and_attachment() -> None:
+def as_received(message: Message) -> EmailMessage:
+    parsed = email.message_from_bytes(message.as_bytes(), policy=email.policy.default)
+    assert isinstance(parsed, EmailMessage)
+    return parsed
+
+
+def test_email_with_snapshot_shows_it_inline_in_the_html_once() -> None:
     text = describe(alert(), AlertSettings())
     jpeg = b"\xff\xd8\xff\xe0" + b"x" * 100
-    msg = build_email("blocked:tx-9", text, "cg@example.com", ["sec@example.com"], jpeg)
+    msg = as_received(build_email("blocked:tx-9", text, "cg@example.com", ["sec@example.com"], jpeg))
     assert msg["Message-ID"] == message_id("blocked:tx-9")
     assert msg.get_body(("plain",)).get_content().startswith("[Checkout Guard] Transaction blocked")
     html = msg.get_body(("html",)).get_content()
-    assert "cid:" in html
-    attachments = [part for part in msg.iter_attachments() if part.get_content_type() == "image/jpeg"]
-    assert attachments and attachments[0].get_content() == jpeg
+    cid = html.split("cid:", 1)[1].split("'", 1)[0]
+    inline = [p for p in msg.walk() if p["Content-ID"] == f"<{cid}>"]
+    assert inline and inline[0].get_content() == jpeg
+    images = [part for part in msg.walk() if part.get_content_type() == "image/jpeg"]
+    assert len(images) == 1 and images[0].get_filename() == "snapshot.jpg"
+
+
+def test_non_ascii_subject_is_encoded_and_reads_back() -> None:
+    text = describe(alert(store_id="Köln-Süd"), AlertSettings())
+    msg = as_received(build_email("a", text, "cg@example.com", ["sec@example.com"], None))
+    assert msg["Subject"] == "[Checkout Guard] Transaction blocked - store Köln-Süd, lane L02"
 
 
 def test_email_without_snapshot_has_no_image() -> None:
-    msg = build_email("a", describe(alert(), AlertSettings()), "cg@example.com", ["sec@example.com"], None)
+    msg = as_received(build_email("a", describe(alert(), AlertSettings()), "cg@example.com", ["sec@example.com"], None))
     assert not [p for p in msg.walk() if p.get_content_maintype() == "image"]
 
 
