@@ -334,6 +334,11 @@ def report(results: dict) -> None:
     t.add_row("peak memory, whole stack (GiB)", f"{mem['peak_gib']:.2f}", "<= 6")
     for row in report_rows(results["model_scoring"]) if "model_scoring" in results else ():
         t.add_row(*row)
+    if "alerts" in results:
+        from infra.alert_bench import report_rows as alert_rows
+
+        for row in alert_rows(results["alerts"]):
+            t.add_row(*row)
     if "faces" in results:
         from jobs.faces import bench_report_rows
 
@@ -363,6 +368,10 @@ def main(
     if model_records:
         console.print("[bold]model scoring[/]: model + rules + state in-process, batched vs one call per record")
         results["model_scoring"] = model_scoring(get_settings(), records=model_records)
+    from infra.alert_bench import bench_for_make as alerts_bench
+
+    console.print("[bold]alerts[/]: delivery with both channels answering in 50 ms; transaction -> e-mail, live")
+    results["alerts"] = alerts_bench(get_settings())
     report(results)
     out = REPO_ROOT / "bench-results"
     out.mkdir(exist_ok=True)
