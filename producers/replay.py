@@ -330,10 +330,11 @@ def replay(
     todo = {r.partition: r for r in ranges if r.size > 0}
     if not todo:
         return stats
-    consumer, producer = _consumer(source), _producer(target)
+    producer = _producer(target)
     target_count = partition_count(producer, target_topic)
     if target_count == 0:
         raise RangeError(f"target topic {target_topic} does not exist (create it first, e.g. make topics)")
+    consumer = _consumer(source)
     source_count = partition_count(consumer, source_topic)
     bucket = TokenBucket(rate) if rate > 0 else None
     merge = TimestampMerge(open_partitions=set(todo))

@@ -4,7 +4,8 @@ Transactions are scored and indexed, then the same range is replayed twice into 
 topic (once chosen by offsets, once by a start time) while the job and the sink run: OpenSearch must
 still hold exactly one document per transaction with the very same decision, and the job must have
 scored nothing twice. And a new job started from a time (``CG_JOB__STARTING_OFFSETS=<epoch ms>``)
-scores what arrived after it and nothing before.
+scores what arrived after it and nothing before. The replay itself copies key, value, headers and
+timestamp, keeps partitions (or goes by key), merges partitions by timestamp and keeps to its rate.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import time
 import uuid
 
 import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from infra.settings import Settings
 from infra.stack import ensure_topics
@@ -115,3 +118,86 @@ def test_a_new_job_started_from_a_time_scores_only_what_came_after_it(pipeline):
     wait_for(lambda: caught_up(settings.kafka, default_group_id(prefix), SCORED_TRANSACTIONS.full_name(prefix)),
              timeout=120, interval=1.0, what="the sink to index what the job wrote")
     assert set(indexed(settings)) == {tx.transaction_id for tx in later}
+
+
+@pytest.fixture
+def raw_topics(stack: Settings):
+    """Plain topics under a fresh prefix: a 3-partition source and targets of 3, 2 and 1 partitions."""
+    prefix = f"rpm{uuid.uuid4().hex[:8]}."
+    admin = AdminClient(stack.kafka.client_config())
+    layout = {"src": 3, "same": 3, "two": 2, "one": 1, "restamped": 1}
+    names = {k: f"{prefix}{k}" for k in layout}
+    for fut in admin.create_topics([NewTopic(names[k], num_partitions=n, replication_factor=1)
+                                    for k, n in layout.items()]).values():
+        fut.result()
+    yield names
+    for fut in admin.delete_topics(list(names.values())).values():
+        fut.result()
+
+
+def _read(settings: Settings, topic: str) -> dict[int, list[tuple]]:
+    """Every record of ``topic`` per partition: (key, value, headers, timestamp)."""
+    ends = high_watermarks(settings.kafka, topic)
+    consumer = Consumer({**settings.kafka.client_config(), "group.id": f"rd-{uuid.uuid4().hex}",
+                         "enable.auto.commit": False})
+    consumer.assign([TopicPartition(topic, p, 0) for p in ends])
+    out: dict[int, list[tuple]] = {p: [] for p in ends}
+    try:
+        def more() -> bool:
+            for msg in consumer.consume(500, timeout=0.5):
+                if msg.error() is None:
+                    out[msg.partition()].append((msg.key(), msg.value(), msg.headers(), msg.timestamp()[1]))
+            return all(len(out[p]) >= end for p, end in ends.items())
+
+        wait_for(more, timeout=60, what=f"all of {topic}")
+    finally:
+        consumer.close()
+    return out
+
+
+def test_replay_keeps_keys_values_headers_timestamps_and_order_at_the_set_rate(stack: Settings, raw_topics):
+    settings, n, base_ts = stack, 600, int(time.time() * 1000) - 60_000
+    producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True})
+    for i in range(n):  # round robin over partitions, timestamps rising across all: merged order = i
+        producer.produce(raw_topics["src"], partition=i % 3, key=f"k{i % 7}".encode(), value=f"v{i}".encode(),
+                         headers=[("seq", str(i).encode()), ("origin", b"test")], timestamp=base_ts + 10 * i)
+    assert producer.flush(30) == 0
+    source = _read(settings, raw_topics["src"])
+    everything = plan(settings.kafka, raw_topics["src"], Bound(), Bound())
+
+    # Same partition count: the same partition, byte for byte, timestamps included.
+    assert replay(settings.kafka, raw_topics["src"], settings.kafka, raw_topics["same"], everything,
+                  progress=False).acked == n
+    assert _read(settings, raw_topics["same"]) == source
+
+    # One partition, rate-limited: merged by timestamp, i.e. the order the records were first written.
+    started = time.monotonic()
+    stats = replay(settings.kafka, raw_topics["src"], settings.kafka, raw_topics["one"], everything, rate=400,
+                   progress=False)
+    elapsed = time.monotonic() - started
+    assert stats.ok and stats.acked == n
+    assert elapsed >= (n - 40) / 400, f"{n} records at 400/s (a burst of 40) took only {elapsed:.2f}s"
+    merged = _read(settings, raw_topics["one"])[0]
+    assert [value for _, value, _, _ in merged] == [f"v{i}".encode() for i in range(n)]
+    assert [ts for *_, ts in merged] == [base_ts + 10 * i for i in range(n)]
+
+    # Another partition count: by key, so a key's records share a partition and keep their order.
+    replay(settings.kafka, raw_topics["src"], settings.kafka, raw_topics["two"], everything, progress=False)
+    by_key: dict[bytes, set[int]] = {}
+    for p, records in _read(settings, raw_topics["two"]).items():
+        for key, *_ in records:
+            by_key.setdefault(key, set()).add(p)
+        for key in {k for k, *_ in records}:
+            seqs = [int(v[1:]) for k, v, _, _ in records if k == key]
+            assert seqs == sorted(seqs), f"key {key!r} reordered"
+    assert all(len(parts) == 1 for parts in by_key.values()) and len(by_key) == 7
+
+    # Part of one partition by offsets, restamped with the replay time.
+    before = int(time.time() * 1000)
+    part = plan(settings.kafka, raw_topics["src"], Bound(offsets={0: 10}), Bound(offsets={0: 20}), partitions=[0])
+    assert [(r.partition, r.start, r.end) for r in part] == [(0, 10, 20)]
+    replay(settings.kafka, raw_topics["src"], settings.kafka, raw_topics["restamped"], part, restamp=True,
+           progress=False)
+    restamped = _read(settings, raw_topics["restamped"])[0]
+    assert [value for _, value, _, _ in restamped] == [value for _, value, _, _ in source[0][10:20]]
+    assert all(ts >= before for *_, ts in restamped)
