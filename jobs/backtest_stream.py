@@ -425,6 +425,11 @@ def run_backtest(
     out_dir = settings.stack_dir / "backtests" / name
     if copy.checkpoint_dir.exists():
         raise FileExistsError(f"a backtest named {name} already ran ({out_dir}); pick another name or clean it up")
+    model_version = None
+    if candidate.model_dir is not None or candidate.model_version is not None:
+        from jobs.model import LocalModel
+
+        model_version = LocalModel.from_settings(copy).version  # a missing artifact fails here, not in the job
     source = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
     target = TRANSACTIONS.full_name(copy.kafka.topic_prefix)
     ranges = plan(settings.kafka, source, start, end, partitions)
@@ -447,7 +452,7 @@ def run_backtest(
         "range": [asdict(r) for r in ranges], "replayed": stats.acked,
         "rules_file": str(candidate.rules_file) if candidate.rules_file else None,
         "rules_version": rules.version if rules else None,
-        "model_dir": str(candidate.model_dir) if candidate.model_dir else None, "model": candidate.model_version,
+        "model_dir": str(candidate.model_dir) if candidate.model_dir else None, "model": model_version,
         "seconds": round(time.monotonic() - started, 1),
     }
     write_report(report, out_dir)
@@ -487,7 +492,8 @@ def _print(report: Report, out_dir: Path | None = None) -> None:
 @app.command("run")
 def run_command(
     rules: Annotated[Path | None, typer.Option(help="Candidate rule set (YAML).", exists=True, dir_okay=False)] = None,
-    model_dir: Annotated[Path | None, typer.Option(help="Candidate model artifact folder (with CURRENT).")] = None,
+    model_dir: Annotated[Path | None, typer.Option(help="Candidate model artifact folder (with CURRENT).",
+                                                   exists=True, file_okay=False)] = None,
     model: Annotated[str | None, typer.Option(help="Candidate model version (folder under the artifact dir).")] = None,
     name: Annotated[str | None, typer.Option(help="Names the copy's topics/indices; default bt-<UTC time>.")] = None,
     from_offsets: Annotated[str | None, typer.Option(help="Start offset: N or P:N,P:N.")] = None,

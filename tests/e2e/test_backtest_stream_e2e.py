@@ -92,8 +92,10 @@ def test_backtest_of_a_stricter_rule_set_reports_its_changes_and_detection(basel
         client = make_client(settings.opensearch)
         cand = {d["transaction_id"]: d for d in candidate_documents(client, name)}
         base = {d["transaction_id"]: d for d in documents_by_id(client, settings.opensearch.index_prefix, list(cand))}
+        written, markdown = json.loads((out_dir / "report.json").read_text()), (out_dir / "report.md").read_text()
     finally:
         cleanup(settings, name)
+        shutil.rmtree(settings.stack_dir / "backtests" / name, ignore_errors=True)
     print(f"backtest of {N} transactions in {elapsed:.0f}s: {report.changed} changed, "
           f"{report.inputs_differ} on other inputs {report.input_changes}")
 
@@ -125,7 +127,6 @@ def test_backtest_of_a_stricter_rule_set_reports_its_changes_and_detection(basel
     b_block, c_block = report.detection["baseline"]["BLOCK"], report.detection["candidate"]["BLOCK"]
     assert c_block.flagged > b_block.flagged and c_block.recall >= b_block.recall
 
-    data = json.loads((out_dir / "report.json").read_text())
-    assert data["confusion"]["REVIEW"]["BLOCK"] == report.confusion["REVIEW"]["BLOCK"]
-    assert "## Outcomes" in (out_dir / "report.md").read_text()
-    shutil.rmtree(out_dir, ignore_errors=True)
+    assert written["confusion"]["REVIEW"]["BLOCK"] == report.confusion["REVIEW"]["BLOCK"]
+    assert written["meta"]["replayed"] == N and written["meta"]["rules_version"] == "candidate-block50"
+    assert "## Outcomes" in markdown and f"| {name} | candidate-block50 / " in markdown
