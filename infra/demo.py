@@ -9,21 +9,33 @@ the sink cleanly; the services keep running (``make down`` stops them) so the da
 from __future__ import annotations
 
 import contextlib
+import secrets
 import signal
 import time
 from typing import Annotated
 
+import httpx
 import typer
 from confluent_kafka import Consumer, TopicPartition
+from pydantic import SecretStr
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
 from infra.settings import Settings, get_settings
-from infra.stack import up
+from infra.stack import ensure_topics, up
 from jobs.launcher import Child, spawn, start_scoring_job
-from schemas.topics import ALERTS, DEAD_LETTERS, SCORED_TRANSACTIONS, TRANSACTIONS
+from schemas.topics import (
+    ALERTS,
+    CAMERA_EVENTS,
+    COMMANDS,
+    DEAD_LETTERS,
+    FACE_OBSERVATIONS,
+    SCORED_TRANSACTIONS,
+    TRANSACTIONS,
+    WATCHLIST,
+)
 from sinks.opensearch_sink import index_name, make_client
 
 console = Console()
@@ -47,7 +59,8 @@ def snapshot(settings: Settings, consumer: Consumer, client, children: list[Chil
     counts = Table(title="Kafka topics", show_edge=False)
     counts.add_column("topic")
     counts.add_column("messages", justify="right")
-    for spec in (TRANSACTIONS, SCORED_TRANSACTIONS, ALERTS, DEAD_LETTERS):
+    for spec in (TRANSACTIONS, CAMERA_EVENTS, FACE_OBSERVATIONS, SCORED_TRANSACTIONS, ALERTS, COMMANDS, WATCHLIST,
+                 DEAD_LETTERS):
         counts.add_row(spec.full_name(prefix), f"{topic_size(consumer, spec.full_name(prefix)):,}")
     outcomes = Table(title=f"OpenSearch {tx_index}", show_edge=False)
     outcomes.add_column("outcome")
@@ -75,30 +88,84 @@ def snapshot(settings: Settings, consumer: Consumer, client, children: list[Chil
     return Group(counts, outcomes, alerts, Panel(procs, title="processes (logs in .stack/logs/)"))
 
 
+DEMO_ROOM = "demo-security-room"
+DEMO_OFFICER = "officer@store.example"
+
+
+def demo_settings(settings: Settings) -> Settings:
+    """The embedded default: Webex is the local Webex API, the bot listens for its signed webhooks."""
+    webex = settings.webex
+    if webex.base_url.startswith("https://webexapis.com"):
+        webex = webex.model_copy(update={
+            "base_url": f"http://127.0.0.1:{webex.local_port}/v1",
+            "bot_token": webex.bot_token or SecretStr("local-bot-token"),
+            "room_id": webex.room_id or DEMO_ROOM,
+            "webhook_secret": webex.webhook_secret or SecretStr(secrets.token_hex(16)),
+            "public_url": webex.public_url or f"http://{webex.bot_host}:{webex.bot_port}",
+            "allowed_people": webex.allowed_people or DEMO_OFFICER,
+        })
+    return settings.model_copy(update={"webex": webex})
+
+
+def flag_a_blocked_transaction(settings: Settings, client, flagged: set[str]) -> str | None:
+    """Play the security officer: ``fraud <tx>`` in the room for the newest blocked, face-seen sale."""
+    idx = index_name(settings.opensearch.index_prefix, "transactions")
+    with contextlib.suppress(Exception):
+        res = client.search(index=idx, body={
+            "size": 5, "sort": [{"decided_at": "desc"}],
+            "query": {"bool": {"filter": [{"term": {"outcome": "BLOCK"}}, {"term": {"face_status": "NO_MATCH"}}]}},
+            "_source": ["transaction_id"]})
+        for hit in res["hits"]["hits"]:
+            tx = hit["_source"]["transaction_id"]
+            if tx not in flagged:
+                httpx.post(f"http://127.0.0.1:{settings.webex.local_port}/_local/say", timeout=10, json={
+                    "roomId": settings.webex.room_id, "personEmail": DEMO_OFFICER, "text": f"fraud {tx}"})
+                flagged.add(tx)
+                return tx
+    return None
+
+
 def main(
-    rate: Annotated[float, typer.Option(help="Demo transactions per second.")] = 20.0,
-    fraud_share: Annotated[float, typer.Option(help="Share of fraud patterns in the traffic.")] = 0.05,
+    rate: Annotated[float, typer.Option(help="Shoppers' transactions per second (each is a face analysis).")] = 1.0,
+    fraud_share: Annotated[float, typer.Option(help="Share of fraud patterns in the traffic.")] = 0.1,
+    flag_every_s: Annotated[float, typer.Option(help="How often the officer flags a blocked sale.")] = 90.0,
 ) -> None:
     """Start everything, drive live traffic and show what arrives, until Ctrl-C."""
-    settings = get_settings()
-    console.print("[bold]Starting the local stack[/] (Kafka, OpenSearch, Mosquitto)…")
+    settings = demo_settings(get_settings())
+    console.print("[bold]Starting the local stack[/] (Kafka, OpenSearch, Mosquitto, SMTP)…")
     up(settings)
+    ensure_topics(settings)
     children = [
+        spawn("infra.local_webex", settings, "--port", str(settings.webex.local_port), "--token",
+              settings.webex.bot_token.get_secret_value(), name="local-webex"),
+        spawn("producers.local_camera", settings, name="local-camera"),
+        spawn("producers.camera_bridge", settings, name="camera-bridge"),
+        spawn("jobs.face_stage", settings, name="face-stage"),
         start_scoring_job(settings),
         spawn("sinks.opensearch_sink", settings, name="opensearch-sink"),
-        spawn("producers.pos", settings, "generate", "--rate", str(rate), "--fraud-share", str(fraud_share),
-              "--realtime", "--no-progress", name="pos-generator"),
+        spawn("jobs.watchlist_service", settings, name="watchlist-service"),
+        spawn("sinks.alert_sender", settings, name="alert-sender"),
+        spawn("producers.webex_bot", settings, name="webex-bot"),
+        spawn("sinks.dashboard", settings, name="dashboard"),
     ]
+    time.sleep(3)  # the camera and the bot answer before shoppers arrive
+    children.append(spawn("producers.shoppers", settings, "--rate", str(rate), "--count", "100000000",
+                          "--fraud-share", str(fraud_share), "--no-progress", name="shoppers"))
     idx = settings.opensearch.index_prefix
+    dash = settings.dashboard
     console.print(
+        f"Live dashboard:      [cyan]http://{dash.host}:{dash.port}/[/]\n"
+        f"E-mails to security: [cyan]{settings.stack_dir / 'mail'}[/] (one .eml per alert)\n"
+        f"Webex room:          [cyan]http://127.0.0.1:{settings.webex.local_port}/_local/messages[/]\n"
         f"Scored transactions: [cyan]{settings.opensearch.url}/{index_name(idx, 'transactions')}/_search[/]\n"
-        f"Alerts:              [cyan]{settings.opensearch.url}/{index_name(idx, 'alerts')}/_search[/]\n"
         f"Kafka:               {settings.kafka.bootstrap_servers} (kcat -b {settings.kafka.bootstrap_servers} -L)\n"
-        "The job needs ~15 s to start. Ctrl-C stops the demo; `make down` stops the services."
+        "The job needs ~30 s to start. Ctrl-C stops the demo; `make down` stops the services."
     )
     consumer = Consumer({**settings.kafka.client_config(), "group.id": "checkout-guard-demo-view"})
     client = make_client(settings.opensearch)
     stopping = False
+    flagged: set[str] = set()
+    next_flag = time.monotonic() + flag_every_s
 
     def stop(*_: object) -> None:
         nonlocal stopping
@@ -108,12 +175,15 @@ def main(
     try:
         with Live(console=console, refresh_per_second=1) as live:
             while not stopping:
+                if time.monotonic() >= next_flag:
+                    next_flag = time.monotonic() + flag_every_s
+                    flag_a_blocked_transaction(settings, client, flagged)
                 live.update(snapshot(settings, consumer, client, children))
                 time.sleep(2)
     except KeyboardInterrupt:
         pass
     finally:
-        console.print("Stopping the generator, the job and the sink…")
+        console.print("Stopping the demo processes…")
         for child in children[::-1]:
             child.stop()
         consumer.close()

@@ -83,6 +83,8 @@ class JobSettings(BaseModel, frozen=True):
     """Longest a decided-on transaction waits for its model batch to fill; 0 = score one by one."""
     restore_from: Path | None = None
     """Start from this savepoint/checkpoint instead of the newest one under the checkpoint dir."""
+    ignore_unclaimed_state: bool = True
+    """On restore, drop the state of operators the new version no longer has instead of refusing to start."""
 
 
 class RulesSettings(BaseModel, frozen=True):

@@ -360,6 +360,9 @@ def flink_configuration(settings: Settings, restore_from: Path | None) -> Config
         values["env.java.home"] = str(settings.java_home)
     if restore_from is not None:
         values["execution.state-recovery.path"] = restore_from.resolve().as_uri()
+        # A new version may drop an operator (e.g. a source whose topic list changed: its new one
+        # resumes from the group's committed offsets); its old state is then left behind, by choice.
+        values["execution.state-recovery.ignore-unclaimed-state"] = str(job.ignore_unclaimed_state).lower()
     for key, value in values.items():
         conf.set_string(key, value)
     return conf

@@ -86,11 +86,13 @@ def main(
     seed: Annotated[int, typer.Option()] = 0,
     stores: Annotated[int, typer.Option()] = 2,
     lanes: Annotated[int, typer.Option()] = 4,
+    fraud_share: Annotated[float, typer.Option(help="share of the generator's fraud patterns")] = 0.03,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """POS transactions paid by shoppers the local cameras see (entrance, then the lane)."""
     settings = get_settings()
-    gen = PosGenerator(seed=seed, stores=stores, lanes_per_store=lanes, fraud_share=0.03, diurnal=False)
-    stats = drive_shoppers(settings, gen, count=count, rate=rate, shop_s=shop_s, progress=True)
+    gen = PosGenerator(seed=seed, stores=stores, lanes_per_store=lanes, fraud_share=fraud_share, diurnal=False)
+    stats = drive_shoppers(settings, gen, count=count, rate=rate, shop_s=shop_s, progress=progress)
     raise typer.Exit(0 if stats.ok else 1)
 
 
