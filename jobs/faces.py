@@ -159,14 +159,17 @@ def bench_faces(photo: Path | None = None, frames: int = 30, enrolled: int = 100
         watch.upsert({"subject_id": f"s{i}", "category": "SUSPECT", "embeddings": vectors[i:i + 1]})
     watch.search(vectors[0])  # builds the matrix once
     engine.analyse(frame)
-    times = []
+    times, cpu = [], []
     for _ in range(frames):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         face = engine.best_face(frame)
         if face is not None:
             watch.search(face.embedding)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     times.sort()
+    # CPU time is what a core spends per frame; wall time adds waiting when the machine is shared
+    out["snapshot_to_match_cpu_p50_ms"] = round(1000 * statistics.median(cpu), 1)
     out["snapshot_to_match_p50_ms"] = round(1000 * statistics.median(times), 1)
     out["snapshot_to_match_p95_ms"] = round(1000 * times[min(len(times) - 1, int(0.95 * len(times)))], 1)
     out["snapshots_per_s_per_core"] = round(len(times) / sum(times), 2)
@@ -202,6 +205,7 @@ def bench_report_rows(res: dict[str, float]) -> list[tuple[str, str, str]]:
     return [
         ("face JPEG->match p50/p95, 640x480, one thread (ms)",
          f"{res['snapshot_to_match_p50_ms']:.0f} / {res['snapshot_to_match_p95_ms']:.0f}", "p95 <= 150"),
+        ("face JPEG->match CPU time per frame, p50 (ms)", f"{res['snapshot_to_match_cpu_p50_ms']:.0f}", ""),
         ("face analyses/s per core", f"{res['snapshots_per_s_per_core']:.1f}", ""),
         ("watchlist probe, 100k enrolled faces (ms)", f"{res['watchlist_probe_ms_100k']:.2f}", "<= 5"),
     ]
