@@ -139,3 +139,61 @@ def test_fraud_then_forget_through_kafka(settings: Settings):
         service.stop()
         for r in (watch, audit, dead):
             r.close()
+
+
+@pytest.mark.skipif(not PHOTO.is_file(), reason="shared face photos (../shared/data/faces) absent")
+def test_fraud_and_forget_with_s3_images_and_the_rekognition_backend(settings: Settings):
+    """The service process configured for S3 (moto server) and Rekognition (local JSON-protocol server)."""
+    import socket
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+    from pydantic import SecretStr
+
+    from jobs.rekognition import RekognitionFaces
+    from tests.local_rekognition import LocalRekognition
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    moto.start()
+    s3_url = f"http://127.0.0.1:{port}"
+    rek = LocalRekognition(boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1",
+                                        aws_access_key_id="k", aws_secret_access_key="s"))
+    faces = settings.faces.model_copy(update={
+        "backend": "rekognition", "image_store": "s3", "aws_endpoint_url": s3_url,
+        "rekognition_endpoint_url": rek.start(), "aws_access_key_id": SecretStr("k"),
+        "aws_secret_access_key": SecretStr("s"),
+    })
+    settings = settings.model_copy(update={"faces": faces})
+    store = ImageStore.from_settings(settings)
+    store.ensure_buckets()
+    tx = f"tx-{uuid.uuid4().hex[:8]}"
+    store.put("checkout", tx, PHOTO.read_bytes())
+    subject = f"subj-{tx}"
+    collection = RekognitionFaces(faces)
+    watch, audit = TopicReader(settings, WATCHLIST), TopicReader(settings, AUDIT)
+    service = spawn("jobs.watchlist_service", settings, name="watchlist-service-rek-e2e")
+    try:
+        fraud = _command(settings, "FRAUD", tx)
+        done = wait_for(lambda: _audits(audit).get(f"command:{fraud}"), 90, what="enroll audit")
+        assert done.outcome == "DONE", done.reason
+        assert done.details["rekognition_faces"] == "1" and done.details["image_ref"].startswith("s3://")
+        assert len(collection.face_ids(subject)) == 1
+        (entry,) = [WatchlistEntry.decode(v) for k, v in watch.poll() if k == subject.encode() and v]
+        assert store.get(entry.reference_image_ref) == PHOTO.read_bytes()
+
+        forget = _command(settings, "FORGET", subject)
+        gone = wait_for(lambda: _audits(audit).get(f"command:{forget}"), 60, what="forget audit")
+        assert gone.details["rekognition_faces_deleted"] == "1"
+        assert (subject.encode(), None) in watch.poll()
+        assert collection.face_ids(subject) == []
+        assert store.find("reference", subject) is None and store.find("checkout", tx) is None
+        assert {"IndexFaces", "DeleteFaces"} <= set(rek.calls)
+    finally:
+        service.stop()
+        watch.close()
+        audit.close()
+        rek.stop()
+        moto.stop()
