@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import httpx
+import psutil
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 from PIL import Image
@@ -82,6 +83,15 @@ def _start_webex(settings: Settings, port: int, latency_ms: float) -> Child:
     return child
 
 
+def _cpu_s(child: Child) -> float:
+    """CPU seconds (user + system) a child has used so far."""
+    try:
+        times = psutil.Process(child.proc.pid).cpu_times()
+        return times.user + times.system
+    except psutil.Error:
+        return float("nan")
+
+
 def _cleanup(settings: Settings, children: list[Child]) -> None:
     for child in children:
         child.stop()
@@ -125,11 +135,13 @@ def alert_delivery(base: Settings, alerts: int = 3000, latency_ms: float = 50.0)
         for alert_id, _channel, at_ms in rows:
             done_at[alert_id] = max(done_at.get(alert_id, 0), at_ms)
         first, last = min(at for _, _, at in rows), max(done_at.values())
+        cpu_ms = {c.name: round(_cpu_s(c) * 1000 / alerts, 2) for c in children}
         webex_messages = len(httpx.get(f"http://127.0.0.1:{webex_port}/_local/messages", timeout=30).json()["items"])
         mails = len(list(mail.glob("*.eml")))
         return {"alerts": alerts, "channel_latency_ms": latency_ms, "alerts_per_s": alerts / ((last - first) / 1000),
                 "seconds": (last - first) / 1000, "webex_messages": webex_messages, "mails": mails,
-                "concurrency_per_channel": settings.alerts.concurrency}
+                "concurrency_per_channel": settings.alerts.concurrency, "cpu_ms_per_alert": cpu_ms,
+                "load_average_1m": psutil.getloadavg()[0], "cpus": psutil.cpu_count()}
     finally:
         _cleanup(settings, children)
 
@@ -189,6 +201,9 @@ def report_rows(results: dict) -> list[tuple[str, str, str]]:
         d = results["delivery"]
         rows.append((f"alerts delivered, both channels at {d['channel_latency_ms']:.0f} ms (alerts/s)",
                      f"{d['alerts_per_s']:,.0f}", ">= 200"))
+        sender_ms = d["cpu_ms_per_alert"].get("bench-alert-sender", float("nan"))
+        rows.append(("alert sender CPU per alert, both channels (ms) -> alerts/s per core",
+                     f"{sender_ms:.2f} -> {1000 / sender_ms:,.0f}", ""))
     if "to_email" in results:
         e = results["to_email"]
         rows.append((f"transaction -> e-mail p50/p95 ({e['emails']} mails, face wait {e['face_deadline_ms']} ms)",

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import email
-import email.policy
 import hashlib
 import hmac
 import itertools
 import json
+import re
 import socket
 import threading
 import time
@@ -294,19 +293,33 @@ def build_app(state: WebexState, public_base: str = "") -> Starlette:
     ])
 
 
+_DISPOSITION_PARAM = re.compile(rb';\s*(name|filename)="([^"]*)"')
+
+
 def parse_multipart(content_type: str, body: bytes) -> list[tuple[str, str | None, str, bytes]]:
-    """multipart/form-data -> (field name, file name or None, content type, bytes) per part (stdlib parser)."""
-    message = email.message_from_bytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body,
-                                       policy=email.policy.HTTP)
-    if not message.is_multipart() or message.defects:
+    """multipart/form-data (RFC 7578) -> (field name, file name or None, content type, bytes) per part."""
+    match = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not match:
+        raise ValueError("multipart body without a boundary")
+    delimiter = b"--" + match.group(1).encode()
+    chunks = body.split(delimiter)
+    if len(chunks) < 3 or not chunks[-1].startswith(b"--"):
         raise ValueError("malformed multipart body")
     parts = []
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if not name:
+    for chunk in chunks[1:-1]:
+        head, sep, payload = chunk.removeprefix(b"\r\n").partition(b"\r\n\r\n")
+        if not sep or not payload.endswith(b"\r\n"):
+            raise ValueError("malformed multipart part")
+        headers = {}
+        for line in head.split(b"\r\n"):
+            key, _, value = line.partition(b":")
+            headers[key.strip().lower()] = value.strip()
+        disposition = headers.get(b"content-disposition", b"")
+        params = {k.decode(): v.decode() for k, v in _DISPOSITION_PARAM.findall(disposition)}
+        if "name" not in params:
             raise ValueError("multipart part without a name")
-        payload = part.get_payload(decode=True) or b""
-        parts.append((str(name), part.get_filename(), part.get_content_type(), payload))
+        part_type = headers.get(b"content-type", b"text/plain").decode().split(";")[0].strip()
+        parts.append((params["name"], params.get("filename"), part_type, payload[:-2]))
     return parts
 
 

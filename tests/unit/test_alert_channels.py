@@ -3,6 +3,8 @@ how failures are classified, how a channel worker retries, honours Retry-After a
 
 from __future__ import annotations
 
+import email
+import email.policy
 import io
 import queue
 import ssl
@@ -12,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
@@ -21,8 +24,17 @@ from pydantic import SecretStr
 from infra.local_smtp import FileStore, read_mails
 from infra.local_webex import LocalWebexServer, free_port
 from infra.settings import AlertSettings, Settings, SmtpSettings, WebexSettings
-from sinks.alert_sender import ChannelWorker, DeliveryError, EmailChannel, Ledger, Outcome, Task, WebexChannel
-from sinks.mail import SmtpMailer
+from sinks.alert_sender import (
+    ChannelWorker,
+    DeliveryError,
+    EmailChannel,
+    Ledger,
+    Outcome,
+    Task,
+    WebexChannel,
+    channels_from_settings,
+)
+from sinks.mail import SesMailer, SmtpMailer
 from sinks.webex import WebexClient
 
 TOKEN, ROOM = "unit-token", "room-alerts"
@@ -226,3 +238,34 @@ def test_smtp_starttls_and_login_as_a_company_relay_wants(tmp_path: Path) -> Non
     finally:
         controller.stop()
     assert [m["X-Checkout-Guard-Alert"] for m in read_mails(mail)] == ["blocked:tx-1"]
+
+
+def test_email_through_amazon_ses_with_moto_in_server_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from moto.server import ThreadedMotoServer
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        smtp = SmtpSettings(from_address="cg@store.test", to_addresses="sec@x.test")
+        settings = Settings(stack_dir=tmp_path, smtp=smtp,
+                            alerts=AlertSettings(channels="email", email_transport="ses", ses_region="eu-west-1",
+                                                 ses_endpoint_url=endpoint))
+        [channel] = channels_from_settings(settings)
+        with pytest.raises(DeliveryError) as unverified:
+            channel.send(alert(), None, maybe_sent=False)
+        assert not unverified.value.retriable  # MessageRejected: sender identity not verified
+        assert isinstance(channel, EmailChannel) and isinstance(channel.mailer, SesMailer)
+        channel.mailer.client.verify_email_identity(EmailAddress="cg@store.test")
+        image = jpeg()
+        channel.send(alert(), image, maybe_sent=False)
+        [sent] = httpx.get(f"{endpoint}/moto-api/data.json").json()["ses"]["RawMessage"]
+    finally:
+        server.stop()
+    assert set(sent["destinations"]) == {"sec@x.test"} and sent["source"] == "cg@store.test"  # moto adds To: again
+    mail = email.message_from_string(sent["raw_data"], policy=email.policy.default)
+    assert mail["X-Checkout-Guard-Alert"] == "blocked:tx-1"
+    assert [p.get_content() for p in mail.walk() if p.get_content_maintype() == "image"] == [image]
