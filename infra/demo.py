@@ -9,6 +9,7 @@ the sink cleanly; the services keep running (``make down`` stops them) so the da
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import signal
 import time
@@ -23,7 +24,7 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
-from infra.settings import Settings, get_settings
+from infra.settings import REPO_ROOT, Settings, get_settings
 from infra.stack import ensure_topics, up
 from jobs.launcher import Child, spawn, start_scoring_job
 from schemas.topics import (
@@ -88,6 +89,7 @@ def snapshot(settings: Settings, consumer: Consumer, client, children: list[Chil
     return Group(counts, outcomes, alerts, Panel(procs, title="processes (logs in .stack/logs/)"))
 
 
+SHARED_FACES = REPO_ROOT.parent / "shared" / "data" / "faces"
 DEMO_ROOM = "demo-security-room"
 DEMO_OFFICER = "officer@store.example"
 
@@ -104,7 +106,13 @@ def demo_settings(settings: Settings) -> Settings:
             "public_url": webex.public_url or f"http://{webex.bot_host}:{webex.bot_port}",
             "allowed_people": webex.allowed_people or DEMO_OFFICER,
         })
-    return settings.model_copy(update={"webex": webex})
+    cameras = settings.cameras
+    if not cameras.local_photo_dirs and SHARED_FACES.is_dir():
+        # A checkout with real test photos beside it: more shoppers than the two people a fresh
+        # machine has (the photos of the face_recognition package), so a flagged face is one person.
+        dirs = [SHARED_FACES / d for d in ("face_recognition/knn_examples/train", "dlib/johns", "face-api-js")]
+        cameras = cameras.model_copy(update={"local_photo_dirs": os.pathsep.join(str(d) for d in dirs if d.is_dir())})
+    return settings.model_copy(update={"webex": webex, "cameras": cameras})
 
 
 def flag_a_blocked_transaction(settings: Settings, client, flagged: set[str]) -> str | None:
