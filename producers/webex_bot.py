@@ -49,6 +49,7 @@ from starlette.routing import Route
 from infra.settings import Settings, get_settings
 from schemas.records import BotCommand
 from schemas.topics import COMMANDS
+from sinks.alert_message import OUTCOME_WORDS
 from sinks.webex import WebexClient, WebexError
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,17 @@ def strip_mention(text: str, bot_names: tuple[str, ...]) -> str:
 
 
 def parse_command(text: str, bot_names: tuple[str, ...] = ()) -> ParsedCommand:
-    """``fraud tx-1`` -> ParsedCommand("FRAUD", "tx-1"); unknown words -> verb None."""
-    words = strip_mention(text, bot_names).split()
+    """``fraud tx-1`` -> ParsedCommand("FRAUD", "tx-1"); unknown words -> verb None.
+
+    The mention is stripped first; when that leaves no command the text is read as it is, because the
+    bot's short name can itself be a verb (``Checkout`` vs ``checkout tx-1``)."""
+    parsed = _parse_words(strip_mention(text, bot_names).split())
+    if parsed.verb is None:
+        parsed = _parse_words(text.strip().lstrip("@").split())
+    return parsed
+
+
+def _parse_words(words: list[str]) -> ParsedCommand:
     if not words:
         return ParsedCommand(None)
     verb = words[0].lower().rstrip(":").upper()
@@ -206,7 +216,7 @@ def opensearch_inspect_checkout(settings: Settings) -> Callable[[str], str]:
             face_text = {"NO_MATCH": "a face was seen, no watchlist match", "NO_FACE": "no usable face in the snapshot",
                          "UNAVAILABLE": "no snapshot was available"}.get(face, face.lower())
         return (f"Transaction `{tx_id}` at store {doc.get('store_id')} lane {doc.get('lane_id')}: "
-                f"{(doc.get('outcome') or '?').lower()} (risk {doc.get('risk_score')}); {face_text}. "
+                f"{OUTCOME_WORDS.get(doc.get('outcome') or '', '?')} (risk {doc.get('risk_score')}); {face_text}. "
                 "A new snapshot was requested.")
 
     return inspect

@@ -343,8 +343,12 @@ class ChannelWorker:
             t.start()
 
     def submit(self, task: Task, at: float | None = None) -> None:
+        """Queue ``task`` to run at ``at`` (monotonic; now by default). A task whose earlier attempt may
+        have been delivered goes first: the sooner the room is searched, the fewer newer messages hide it."""
+        if at is None:
+            at = 0.0 if task.maybe_sent else time.monotonic()
         with self._cv:
-            heapq.heappush(self._heap, (at or time.monotonic(), next(self._seq), task))
+            heapq.heappush(self._heap, (at, next(self._seq), task))
             self._cv.notify()
 
     def queued(self) -> int:

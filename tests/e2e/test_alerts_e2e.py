@@ -33,8 +33,9 @@ from infra.stack import ensure_topics
 from jobs.image_store import ImageStore
 from jobs.launcher import spawn, wait_for
 from producers.webex_bot import WEBHOOK_PATH, KafkaCommandPublisher, WebexBot
-from schemas.records import Alert, BotCommand, DeadLetter
+from schemas.records import Alert, BotCommand, DeadLetter, ScoredTransaction
 from schemas.topics import ALERTS, COMMANDS, DEAD_LETTERS
+from sinks.opensearch_sink import install_templates, make_client, period_index_name, to_document
 
 pytestmark = pytest.mark.e2e
 
@@ -229,7 +230,18 @@ def test_bot_commands_reach_kafka_once_and_forged_or_unallowed_ones_never(
     settings = settings.model_copy(update={"webex": settings.webex.model_copy(update={
         "webhook_secret": SecretStr("e2e-secret"), "allowed_rooms": "room-security"})})
     ensure_topics(settings)
-    bot = WebexBot(settings, publish=KafkaCommandPublisher(settings), inspect_checkout=lambda tx: f"checked {tx}")
+    # What `checkout` answers from by default: the transaction's decision and face result in OpenSearch.
+    client = make_client(settings.opensearch)
+    install_templates(client, settings.opensearch.index_prefix)
+    scored = ScoredTransaction(
+        transaction_id=f"{name}-tx-9", event_time=int(time.time() * 1000), store_id="S003", lane_id="L04",
+        kind="SALE", amount=250.0, currency="EUR", item_count=1, customer_key="card:x", outcome="BLOCK",
+        risk_score=95, reasons=("watchlist_suspect",), rules_version="v1", ingest_time=0, decided_at=0,
+        proc_time_ms=0, model_time_ms=0, ttdf_ms=0, face_status="MATCHED", face_subject_id="subj-tx-1",
+        face_category="SUSPECT", face_similarity=91.5)
+    client.index(index=period_index_name(settings.opensearch.index_prefix, "transactions", scored.event_time),
+                 id=scored.transaction_id, body=to_document(scored.to_avro()), refresh=True)
+    bot = WebexBot(settings, publish=KafkaCommandPublisher(settings))
     server = BackgroundServer(bot.app, name="bot").start()
     try:
         webex.state.webhooks.append({"id": "hook-1", "name": "bot", "targetUrl": server.base + WEBHOOK_PATH,
@@ -242,14 +254,18 @@ def test_bot_commands_reach_kafka_once_and_forged_or_unallowed_ones_never(
         assert (ok["status"], forged["status"]) == (200, 403)
         webex.state.webhooks[0]["secret"] = "e2e-secret"
         webex.say("room-lobby", "visitor@store.test", "status")
-        wait_for(lambda: len(webex.state.bot_messages()) >= 3, 30, what="three replies")
+        webex.say("room-lobby", "visitor@store.test", f"checkout {name}-tx-9")
+        wait_for(lambda: len(webex.state.bot_messages()) >= 4, 30, what="four replies")
     finally:
         server.stop()
     records = read_topic(settings, COMMANDS.full_name(settings.kafka.topic_prefix), timeout=5)
     commands = [(k.decode(), BotCommand.decode(v)) for k, v in records]
-    assert [(c.verb, c.argument, c.room_id) for _, c in commands] == [
-        ("FRAUD", "tx-1", "room-security"), ("STATUS", None, "room-lobby")]
+    assert sorted((c.verb, c.argument or "", c.room_id) for _, c in commands) == [
+        ("CHECKOUT", f"{name}-tx-9", "room-lobby"), ("FRAUD", "tx-1", "room-security"), ("STATUS", "", "room-lobby")]
+    commands.sort(key=lambda kc: kc[1].verb != "FRAUD")
     assert commands[0][0] == ok["message_id"] == commands[0][1].command_id
     replies = [m["markdown"] for m in webex.state.bot_messages()]
     assert any("Pipeline healthy" in r for r in replies), replies
     assert any(r.startswith("Sorry, changes to the watchlist") for r in replies)
+    assert any("blocked (risk 95)" in r and "face matches **suspect** `subj-tx-1` (91.5% similar)" in r
+               for r in replies), replies

@@ -37,6 +37,8 @@ def test_signature_is_hmac_sha1_of_the_exact_body() -> None:
 @pytest.mark.parametrize(("text", "verb", "argument"), [
     ("Checkout Guard fraud tx-123", "FRAUD", "tx-123"),
     ("Checkout vip tx-9", "VIP", "tx-9"),
+    ("checkout tx-9", "CHECKOUT", "tx-9"),  # the bot's short name is also a verb
+    ("Checkout checkout tx-9", "CHECKOUT", "tx-9"),
     ("@Checkout Guard: checkout `tx-1`", "CHECKOUT", "tx-1"),
     ("forget subj-tx-1", "FORGET", "subj-tx-1"),
     ("STATUS", "STATUS", None),
