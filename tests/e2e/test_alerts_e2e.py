@@ -269,3 +269,28 @@ def test_bot_commands_reach_kafka_once_and_forged_or_unallowed_ones_never(
     assert any(r.startswith("Sorry, changes to the watchlist") for r in replies)
     assert any("blocked (risk 95)" in r and "face matches **suspect** `subj-tx-1` (91.5% similar)" in r
                for r in replies), replies
+
+
+def test_a_rate_limited_webex_does_not_hold_up_email(stack: Settings, tmp_path: Path, webex: LocalWebexServer) -> None:
+    name = f"e2eslow{uuid.uuid4().hex[:6]}"
+    settings = isolated(stack, tmp_path, name, webex)
+    ensure_topics(settings)
+    webex.state.fail((429,), seconds=8, retry_after=4)
+    producer = Producer(settings.kafka.client_config())
+    n = 50
+    for i in range(n):
+        alert = Alert(alert_id=f"blocked:{name}-{i}", kind="BLOCKED_TRANSACTION", severity="high",
+                      event_time=int(time.time() * 1000), store_id="S004", summary="x")
+        producer.produce(ALERTS.full_name(settings.kafka.topic_prefix), key=alert.alert_id.encode(),
+                         value=alert.encode())
+    producer.flush(10)
+    address = f"{name}@checkout-guard.test"
+    sender = spawn("sinks.alert_sender", settings, name=f"{name}-sender")
+    try:
+        wait_for(lambda: len(mails_to(mail_dir(settings.stack_dir), address)) >= n, 60, what="every mail")
+        assert webex.state.bot_messages(ROOM) == [], "Webex is still rate limited, yet e-mail is all through"
+        wait_for(lambda: len(webex.state.bot_messages(ROOM)) >= n, 60, what="Webex after the rate limit")
+    finally:
+        sender.stop()
+    assert webex.state.requests["429"] >= 1
+    assert len(webex.state.bot_messages(ROOM)) == n
