@@ -28,21 +28,15 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import httpx
 import typer
 import uvicorn
-from pydantic import SecretStr
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-
-from infra.settings import Settings
-
-if TYPE_CHECKING:
-    from jobs.launcher import Child
 
 MAX_MARKDOWN_BYTES = 7439
 BOT_EMAIL = "checkout-guard@webex.bot"
@@ -456,40 +450,6 @@ class LocalWebexServer(BackgroundServer):
 
     def __exit__(self, *_: object) -> None:
         self.stop()
-
-
-LOCAL_TOKEN, LOCAL_ROOM, LOCAL_SECRET = "local-bot-token", "local-store-security", "local-webhook-secret"
-
-
-def for_local_webex(settings: Settings) -> Settings:
-    """The demo's settings: with no bot token configured (no cloud), Webex is this server on
-    ``webex.local_port`` with a fixed token, an alert room that is also allowed to change the watchlist,
-    and a webhook secret. Settings that name a real bot are returned unchanged."""
-    if settings.webex.bot_token is not None:
-        return settings
-    webex = settings.webex.model_copy(update={
-        "base_url": f"http://127.0.0.1:{settings.webex.local_port}/v1", "bot_token": SecretStr(LOCAL_TOKEN),
-        "room_id": settings.webex.room_id or LOCAL_ROOM, "webhook_secret": SecretStr(LOCAL_SECRET),
-        "allowed_rooms": settings.webex.allowed_rooms or LOCAL_ROOM})
-    return settings.model_copy(update={"webex": webex})
-
-
-def start_local_webex(settings: Settings) -> Child:
-    """``python -m infra.local_webex`` as a child process on ``webex.local_port`` (see :func:`for_local_webex`)."""
-    from jobs.launcher import spawn, wait_for
-
-    port = settings.webex.local_port
-    child = spawn("infra.local_webex", settings, "--port", str(port), "--token", LOCAL_TOKEN, name="local-webex")
-
-    def ready() -> bool:
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/v1/people/me", timeout=2,
-                             headers={"Authorization": f"Bearer {LOCAL_TOKEN}"}).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(ready, 30, what="the local Webex server")
-    return child
 
 
 def main(
