@@ -115,6 +115,7 @@ class DecideStep(KeyedBroadcastProcessFunction):
         }
         self.state: ScoringState | None = None
         self.watchlist = _watchlist(self.settings)
+        self.forgotten: list[str] = []
         self.batch: dict[str, tuple[tuple, Any]] = {}
         self.flush_at: int | None = None
         self.deadline_at: int | None = None
@@ -158,6 +159,8 @@ class DecideStep(KeyedBroadcastProcessFunction):
     # --- inputs --------------------------------------------------------------------------------
     def process_element(self, row: Row, ctx: KeyedBroadcastProcessFunction.ReadOnlyContext):
         state = self._load(ctx)
+        if self.forgotten:
+            self._forget_faces()
         now = _now_ms()
         if row[2] == self.tx_topic:
             env = self.scorer.parse(row[1], row[0], row[2], row[3], row[4], _epoch_ms(row[5]))
@@ -229,8 +232,20 @@ class DecideStep(KeyedBroadcastProcessFunction):
         elif key.startswith("wl:") and self.watchlist is not None:
             if value is None:
                 self.watchlist.remove(key[3:])
+                self.forgotten.append(key[3:])
             else:
                 self.watchlist.upsert(value)
+
+    def _forget_faces(self) -> None:
+        """``forget subj-<tx>`` also drops that transaction's buyer face from its receipt (keyed
+        state is only reachable here, on the keyed side, hence the queue)."""
+        while self.forgotten:
+            subject = self.forgotten.pop()
+            tx_id = subject.removeprefix("subj-")
+            receipt = self.state.receipts.get(tx_id) if self.state else None
+            if receipt is not None and receipt.sale_face is not None:
+                receipt.sale_face = None
+                self._persist([(RECEIPTS, tx_id, receipt)])
 
     # --- decisions -----------------------------------------------------------------------------
     def _ready(self, ready, ctx, now: int, flush: bool = False):
