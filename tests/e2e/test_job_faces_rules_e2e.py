@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -63,8 +64,7 @@ def _send(producer: Producer, topic: str, key: str, value: bytes | None) -> None
 
 
 def _now_sale(tx_id: str):
-    tx = sale(tx_id, store="store-A", amount=42)
-    return tx.__class__(**{**tx.__dict__, "event_time": int(time.time() * 1000)})
+    return replace(sale(tx_id, store="store-A", amount=42), event_time=int(time.time() * 1000))
 
 
 def test_faces_join_watchlist_matches_alert_and_rules_change_without_a_restart(job: Settings):
