@@ -106,6 +106,19 @@ class Ledger:
                                    (alert_id, channel)).fetchone()
         return row[0] if row else None
 
+    def states(self, alert_ids: list[str]) -> dict[tuple[str, str], str]:
+        """``(alert_id, channel) -> state`` of every row of these alerts, in few queries."""
+        out: dict[tuple[str, str], str] = {}
+        unique = list(dict.fromkeys(alert_ids))
+        for start in range(0, len(unique), 500):
+            chunk = unique[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT alert_id, channel, state FROM deliveries WHERE alert_id IN ({marks})", chunk).fetchall()
+            out.update({(a, c): st for a, c, st in rows})
+        return out
+
     def mark_sending(self, alert_id: str, channel: str) -> None:
         self._write(self.SENDING_SQL, (alert_id, channel, _now_ms()))
 
@@ -252,7 +265,7 @@ def channels_from_settings(settings: Settings) -> list[Channel]:
                 mailer = SmtpMailer(settings.smtp)
             out.append(EmailChannel(settings, mailer))
         elif name == "webex":
-            client = WebexClient.from_settings(settings.webex, max_connections=settings.alerts.concurrency)
+            client = WebexClient.from_settings(settings.webex)
             out.append(WebexChannel(settings, client))
         else:
             raise ValueError(f"unknown alert channel {name!r} (known: email, webex)")
@@ -460,6 +473,14 @@ class SenderStats:
                 f"dead_lettered={self.dead_lettered} commits={self.commits}")
 
 
+def default_group_id(settings: Settings, channels: list[str] | None = None) -> str:
+    """``<topic prefix>checkout-guard-alert-sender-<channels>``: one consumer group per channel set, so a
+    sender per channel (``CG_ALERTS__CHANNELS=webex``; a core each) never shares partitions with a sender
+    for another set -- sharing would leave each alert on only one process's channels."""
+    names = sorted(channels if channels is not None else settings.alerts.channel_list())
+    return f"{settings.kafka.topic_prefix}{DEFAULT_GROUP_ID}-{'+'.join(names)}"
+
+
 def dead_letter_for(message: Message, error_kind: str, reason: str) -> DeadLetter:
     topic, partition, offset = message.topic() or "", message.partition() or 0, message.offset() or 0
     return DeadLetter(dead_letter_id=f"{topic}:{partition}:{offset}", source_topic=topic, partition=partition,
@@ -476,9 +497,9 @@ class AlertSender:
         self.settings = settings
         self.topic = ALERTS.full_name(settings.kafka.topic_prefix)
         self.dead_topic = DEAD_LETTERS.full_name(settings.kafka.topic_prefix)
-        self.group_id = group_id or f"{settings.kafka.topic_prefix}{DEFAULT_GROUP_ID}"
-        self.ledger = ledger or Ledger.from_settings(settings)
         self.channels = channels if channels is not None else channels_from_settings(settings)
+        self.group_id = group_id or default_group_id(settings, [c.name for c in self.channels])
+        self.ledger = ledger or Ledger.from_settings(settings)
         self.image_loader = image_loader or image_loader_from_settings(settings)
         self.commit_interval_s, self.summary_interval_s = commit_interval_s, summary_interval_s
         self.stats = SenderStats()
@@ -513,8 +534,7 @@ class AlertSender:
         try:
             while not stop.is_set():
                 self._flow_control()
-                for message in self._consumer.consume(num_messages=500, timeout=0.05):
-                    self._accept(message)
+                self._accept_batch(self._consumer.consume(num_messages=500, timeout=0.05))
                 self._drain_outcomes()
                 self._producer.poll(0)
                 now = time.monotonic()
@@ -542,24 +562,38 @@ class AlertSender:
 
     # ------------------------------------------------------------------ intake
 
-    def _accept(self, message: Message) -> None:
-        error = message.error()
-        if error is not None:
-            if error.fatal():
-                raise KafkaException(error)
-            if error.code() != KafkaError._PARTITION_EOF:
-                log.warning("consumer error: %s", error.str())
+    def _accept_batch(self, messages: list[Message]) -> None:
+        """Decode a fetched batch, look its alerts up in the ledger in one query, hand them out."""
+        decoded: list[tuple[Message, dict[str, Any] | DecodeError]] = []
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.fatal():
+                    raise KafkaException(error)
+                if error.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consumer error: %s", error.str())
+                continue
+            try:
+                alert = self._codec.decode(message.value())
+                if not isinstance(alert.get("alert_id"), str) or not alert["alert_id"].strip():
+                    raise DecodeError("missing_field", "alert_id is empty")
+                decoded.append((message, alert))
+            except DecodeError as exc:
+                decoded.append((message, exc))
+        if not decoded:
             return
+        states = self.ledger.states([a["alert_id"] for _, a in decoded if isinstance(a, dict)])
+        for message, alert_or_error in decoded:
+            self._accept(message, alert_or_error, states)
+
+    def _accept(self, message: Message, alert: dict[str, Any] | DecodeError,
+                states: dict[tuple[str, str], str]) -> None:
         self.stats.consumed += 1
         pending = Pending(message, None)
         self._partitions.setdefault((message.topic(), message.partition()), deque()).append(pending)
         self._unfinished += 1
-        try:
-            alert = self._codec.decode(message.value())
-            if not isinstance(alert.get("alert_id"), str) or not alert["alert_id"].strip():
-                raise DecodeError("missing_field", "alert_id is empty")
-        except DecodeError as exc:
-            self._dead_letter(pending, dead_letter_for(message, exc.kind, exc.reason))
+        if isinstance(alert, DecodeError):
+            self._dead_letter(pending, dead_letter_for(message, alert.kind, alert.reason))
             return
         pending.alert = alert
         deadline = time.monotonic() + self.settings.alerts.deadline_s
@@ -569,7 +603,7 @@ class AlertSender:
                 self._inflight[key].append(pending)
                 pending.waiting.add(name)
                 continue
-            state = self.ledger.state(*key)
+            state = states.get(key)
             if state == "sent":
                 self.stats.skipped_channels += 1
                 continue
@@ -684,7 +718,7 @@ def _now_ms() -> int:
 
 
 def main(
-    group_id: str | None = typer.Option(None, help="Consumer group (default <prefix>checkout-guard-alert-sender)."),
+    group_id: str | None = typer.Option(None, help="Consumer group (default: per channel set)."),
 ) -> None:
     """Consume alerts and send them by e-mail and Webex until SIGTERM/Ctrl-C."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")

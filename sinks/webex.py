@@ -11,6 +11,7 @@ about backoff; the client itself never sleeps or retries (one request = one atte
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,25 +57,40 @@ class Attachment:
 
 
 class WebexClient:
-    """Thread-safe (one pooled ``httpx.Client``); pass ``transport`` to reach a local server in tests."""
+    """Thread-safe: each thread gets its own ``httpx.Client`` with one kept-alive connection (a shared
+    pool serialises dozens of sending threads on its lock); pass ``transport`` to reach a test server."""
 
-    def __init__(self, base_url: str, token: str, *, timeout_s: float = 10.0, max_connections: int = 32,
+    def __init__(self, base_url: str, token: str, *, timeout_s: float = 10.0,
                  transport: httpx.BaseTransport | None = None) -> None:
-        self._http = httpx.Client(
-            base_url=base_url.rstrip("/"), timeout=timeout_s, transport=transport,
-            headers={"Authorization": f"Bearer {token}"},
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-        )
+        self._base_url, self._token, self._timeout_s = base_url.rstrip("/"), token, timeout_s
+        self._transport = transport
+        self._local = threading.local()
+        self._clients: list[httpx.Client] = []
+        self._lock = threading.Lock()
+
+    @property
+    def _http(self) -> httpx.Client:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = httpx.Client(base_url=self._base_url, timeout=self._timeout_s, transport=self._transport,
+                                  headers={"Authorization": f"Bearer {self._token}"},
+                                  limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+            self._local.client = client
+            with self._lock:
+                self._clients.append(client)
+        return client
 
     @classmethod
-    def from_settings(cls, settings: WebexSettings, *, max_connections: int = 32) -> WebexClient:
+    def from_settings(cls, settings: WebexSettings) -> WebexClient:
         if settings.bot_token is None:
             raise ValueError("Webex needs a bot token (CG_WEBEX__BOT_TOKEN)")
-        return cls(settings.base_url, settings.bot_token.get_secret_value(), timeout_s=settings.timeout_s,
-                   max_connections=max_connections)
+        return cls(settings.base_url, settings.bot_token.get_secret_value(), timeout_s=settings.timeout_s)
 
     def close(self) -> None:
-        self._http.close()
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            client.close()
 
     # ------------------------------------------------------------------ calls
 

@@ -35,6 +35,7 @@ from jobs.launcher import spawn, wait_for
 from producers.webex_bot import WEBHOOK_PATH, KafkaCommandPublisher, WebexBot
 from schemas.records import Alert, BotCommand, DeadLetter, ScoredTransaction
 from schemas.topics import ALERTS, COMMANDS, DEAD_LETTERS
+from sinks.alert_sender import default_group_id
 from sinks.opensearch_sink import install_templates, make_client, period_index_name, to_document
 
 pytestmark = pytest.mark.e2e
@@ -186,7 +187,7 @@ def test_each_alert_is_one_mail_and_one_webex_message_with_its_snapshot_across_a
     assert {(d.dead_letter_id, d.stage, d.payload) for d in letters} == {
         (f"{topic}:{letters[0].partition}:{letters[0].offset}", "alert-sender", b"not an alert")}
 
-    consumer = Consumer({**settings.kafka.client_config(), "group.id": f"{name}.checkout-guard-alert-sender"})
+    consumer = Consumer({**settings.kafka.client_config(), "group.id": default_group_id(settings)})
     try:
         parts = [TopicPartition(topic, p) for p in range(ALERTS.partitions)]
         committed = {tp.partition: tp.offset for tp in consumer.committed(parts, timeout=10)}
