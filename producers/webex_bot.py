@@ -367,7 +367,11 @@ class WebexBot:
                     "people on the allow-list. Please ask your store security lead.")
         command = BotCommand(command_id=message_id, issued_at=int(time.time() * 1000), verb=parsed.verb,
                              argument=parsed.argument, actor=person or "unknown", room_id=room_id, source="webex")
-        self.publish(command)
+        try:
+            self.publish(command)
+        except Exception as exc:  # Kafka unreachable: tell the person instead of going quiet
+            log.error("command %s not published: %s", message_id, exc)
+            return "Sorry, I could not record that right now; please try again in a minute."
         arg = parsed.argument
         if parsed.verb == "HELP":
             return HELP_TEXT

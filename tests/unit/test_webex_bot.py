@@ -224,3 +224,13 @@ def test_a_thousand_malformed_bodies_get_only_4xx_and_the_receiver_keeps_answeri
     harness.say(SECURITY_ROOM, "guard@store.test", "vip tx-77")
     wait_for(lambda: harness.published, 10, what="a real command after the flood")
     assert harness.published[0].verb == "VIP"
+
+
+def test_a_command_that_cannot_be_recorded_gets_an_apology_not_silence(harness: Harness) -> None:
+    def broken(_: BotCommand) -> None:
+        raise RuntimeError("command not confirmed by Kafka within 10 s")
+
+    harness.bot.publish = broken
+    harness.say(SECURITY_ROOM, "guard@store.test", "fraud tx-8")
+    [reply] = wait_for(lambda: harness.replies(SECURITY_ROOM), 10, what="the apology")
+    assert reply.startswith("Sorry, I could not record that right now")
