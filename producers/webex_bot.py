@@ -50,7 +50,7 @@ from infra.settings import Settings, get_settings
 from schemas.records import BotCommand
 from schemas.topics import COMMANDS
 from sinks.alert_message import OUTCOME_WORDS
-from sinks.webex import WebexClient, WebexError
+from sinks.webex import WebexClient, WebexError, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +327,7 @@ class WebexBot:
 
     def me(self) -> dict[str, Any]:
         if self._me is None:
-            self._me = self.client.me()
+            self._me = with_retries(self.client.me)
         return self._me
 
     def _handle_safely(self, data: dict[str, Any]) -> None:
@@ -343,7 +343,7 @@ class WebexBot:
         me = self.me()
         if data["personId"] == me.get("id"):
             return None
-        message = self.client.get_message(data["id"])
+        message = with_retries(lambda: self.client.get_message(data["id"]))
         if message.get("personId") == me.get("id"):
             return None
         room_id = message.get("roomId") or data["roomId"]
@@ -352,7 +352,7 @@ class WebexBot:
         names = (display, display.split(" ")[0], str(me.get("nickName") or ""))
         parsed = parse_command(message.get("text") or "", names)
         reply = self._execute(parsed, data["id"], room_id, person)
-        self.client.send_message(room_id, reply)
+        with_retries(lambda: self.client.send_message(room_id, reply))
         self.handled += 1
         return reply
 

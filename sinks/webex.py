@@ -12,8 +12,10 @@ about backoff; the client itself never sleeps or retries (one request = one atte
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -21,6 +23,7 @@ from infra.settings import WebexSettings
 
 MAX_MARKDOWN_BYTES = 7439
 RETRIABLE_STATUS = frozenset({408, 409, 423, 425, 429})
+T = TypeVar("T")
 
 
 class WebexError(Exception):
@@ -47,6 +50,21 @@ def parse_retry_after(value: str | None, default: float = 1.0) -> float:
         return max(0.0, float(value)) if value is not None else default
     except ValueError:
         return default
+
+
+def with_retries(call: Callable[[], T], *, attempts: int = 4, initial_s: float = 0.5, maximum_s: float = 30.0,
+                 sleep: Callable[[float], None] = time.sleep) -> T:
+    """``call()`` again after 429 (waiting ``Retry-After``) and other retriable failures (exponential
+    backoff), up to ``attempts`` tries; for one-off calls such as a bot's reply. The alert sender has its
+    own per-channel scheduling instead."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except WebexError as exc:
+            if not exc.retriable or attempt == attempts - 1:
+                raise
+            sleep(min(maximum_s, exc.retry_after if exc.retry_after is not None else initial_s * 2 ** attempt))
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)

@@ -96,8 +96,7 @@ def harness() -> Iterator[Harness]:
                        status_text=lambda: "all healthy")
         server = BackgroundServer(bot.app, lifespan="on", name="bot").start()
         try:
-            bot.register_webhook()
-            [hook] = webex.state.webhooks
+            [hook] = wait_for(lambda: webex.state.webhooks, 10, what="the webhook registered on start")
             webex.state.webhooks[0] = {**hook, "targetUrl": server.base + WEBHOOK_PATH}  # reachable in the test
             yield Harness(webex, bot, server, published)
         finally:
@@ -105,9 +104,11 @@ def harness() -> Iterator[Harness]:
 
 
 def test_bot_registers_its_webhook_with_the_secret_on_start(harness: Harness) -> None:
-    hooks = harness.webex.state.webhooks
-    assert len(hooks) == 1  # start-up and the explicit call: re-registered, not duplicated
-    assert hooks[0]["secret"] == SECRET and hooks[0]["resource"] == "messages" and hooks[0]["event"] == "created"
+    [hook] = list(harness.webex.state.webhooks)
+    assert hook["secret"] == SECRET and hook["resource"] == "messages" and hook["event"] == "created"
+    harness.bot.register_webhook()  # a restart re-registers: still one webhook, now at the configured URL
+    [again] = harness.webex.state.webhooks
+    assert again["targetUrl"] == "http://127.0.0.1:1/webex/webhook" and again["id"] != hook["id"]
 
 
 def test_fraud_from_the_security_room_becomes_one_command_and_a_reply(harness: Harness) -> None:
@@ -234,3 +235,12 @@ def test_a_command_that_cannot_be_recorded_gets_an_apology_not_silence(harness: 
     harness.say(SECURITY_ROOM, "guard@store.test", "fraud tx-8")
     [reply] = wait_for(lambda: harness.replies(SECURITY_ROOM), 10, what="the apology")
     assert reply.startswith("Sorry, I could not record that right now")
+
+
+def test_replies_wait_out_a_rate_limit_and_a_server_error(harness: Harness) -> None:
+    harness.webex.state.fail((429, 500), count=2, retry_after=1)  # fetching the message meets both
+    t0 = time.monotonic()
+    harness.webex.say(SECURITY_ROOM, "guard@store.test", "help")
+    wait_for(lambda: harness.replies(SECURITY_ROOM), 15, what="the reply after the failures")
+    assert time.monotonic() - t0 >= 1.0  # Retry-After honoured
+    assert harness.webex.state.requests["429"] == 1 and harness.webex.state.requests["500"] == 1
