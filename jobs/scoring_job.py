@@ -125,6 +125,34 @@ class DecideStep(KeyedBroadcastProcessFunction):
         self.face_codec = codec("FaceObservation")
         self.watch_codec = codec("WatchlistEntry")
         self.rules_codec = codec("RuleSetUpdate")
+        self.bootstrapped = self._bootstrap()
+
+    def _bootstrap(self) -> dict[tuple[str, int], int] | None:
+        """Read the rule set and the watchlist from their compacted topics before the first decision.
+
+        The broadcast stream alone would race the transactions at a fresh start (a known suspect
+        could pass while the watchlist is still streaming in). Returns the last offset applied per
+        partition, so the broadcast stream skips what is already in force; ``None`` if Kafka could
+        not be read, and the broadcast state restored from the checkpoint is used instead.
+        """
+        if not self.settings.job.bootstrap_control:
+            return None
+        try:
+            return read_control_topics(self.settings, self._control_record)
+        except Exception as err:  # noqa: BLE001 - degrade to the broadcast stream, loudly
+            log.warning("could not read the rules/watchlist topics at start (%s); using broadcast state", err)
+            return None
+
+    def _control_record(self, topic: str, key: bytes | None, value: bytes | None) -> tuple[str, Any] | None:
+        """A rules or watchlist record as (broadcast state key, value or None for a tombstone); applied."""
+        if topic == self.rules_topic:
+            if value is None:
+                return None
+            update = ("rules", self.rules_codec.decode(value))
+        else:
+            update = (f"wl:{(key or b'').decode()}", self.watch_codec.decode(value) if value is not None else None)
+        self._apply_broadcast(*update)
+        return update
 
     # --- state ---------------------------------------------------------------------------------
     def _load(self, ctx) -> ScoringState:
@@ -134,8 +162,9 @@ class DecideStep(KeyedBroadcastProcessFunction):
             )
             self.join.restore(dict(self.maps[PENDING].items()), dict(self.maps[EARLY_FACES].items()))
             self.batch = dict(self.maps[BATCH].items())
-            for key, value in ctx.get_broadcast_state(BROADCAST).items():
-                self._apply_broadcast(key, value)
+            if self.bootstrapped is None:
+                for key, value in ctx.get_broadcast_state(BROADCAST).items():
+                    self._apply_broadcast(key, value)
             self._arm(ctx, now=_now_ms())
         return self.state
 
@@ -203,27 +232,25 @@ class DecideStep(KeyedBroadcastProcessFunction):
 
     def process_broadcast_element(self, row: Row, ctx: KeyedBroadcastProcessFunction.Context):
         """Rules and watchlist changes: applied now, kept in broadcast state for restores."""
-        key = bytes(row[0]).decode() if row[0] is not None else ""
+        key = bytes(row[0]) if row[0] is not None else None
         value = bytes(row[1]) if row[1] is not None else None
+        done = self.bootstrapped.get((row[2], row[3]), -1) if self.bootstrapped else -1
         try:
-            if row[2] == self.rules_topic:
-                if value is None:
-                    return
-                update = self.rules_codec.decode(value)
-                state_key, state_value = "rules", update
+            if row[4] <= done:  # read at start already: only keep the broadcast state complete
+                update = _decode_control(self, row[2], key, value)
             else:
-                state_key = f"wl:{key}"
-                state_value = self.watch_codec.decode(value) if value is not None else None
-            self._apply_broadcast(state_key, state_value)
+                update = self._control_record(row[2], key, value)
         except Exception as err:  # noqa: BLE001 - a bad update must not stop scoring: dead-letter it
             log.warning("rejected %s update at offset %s: %s", row[2], row[4], err)
             yield Row(*self._dead_letter(row, "invalid_update", str(err)))
             return
+        if update is None:
+            return
         broadcast = ctx.get_broadcast_state(BROADCAST)
-        if state_value is None:
-            broadcast.remove(state_key)
+        if update[1] is None:
+            broadcast.remove(update[0])
         else:
-            broadcast.put(state_key, state_value)
+            broadcast.put(*update)
 
     def _apply_broadcast(self, key: str, value: Any) -> None:
         if key == "rules":
@@ -280,6 +307,53 @@ class DecideStep(KeyedBroadcastProcessFunction):
         dl = dead_letter(topic=row[2], partition=row[3], offset=row[4], key=key, value=value,
                          error=InvalidRecord(kind, reason), stage="scoring-job", failed_at=_now_ms())
         return (self.scorer.dlq_topic, dl.dead_letter_id.encode(), dl.encode())
+
+
+def _decode_control(step: DecideStep, topic: str, key: bytes | None, value: bytes | None):
+    """Like ``DecideStep._control_record`` without applying it."""
+    if topic == step.rules_topic:
+        return None if value is None else ("rules", step.rules_codec.decode(value))
+    return (f"wl:{(key or b'').decode()}", step.watch_codec.decode(value) if value is not None else None)
+
+
+def read_control_topics(settings: Settings, apply, timeout_s: float = 20.0) -> dict[tuple[str, int], int]:
+    """Read the rules and watchlist topics (committed records) from their start to their current end,
+    calling ``apply(topic, key, value)`` in order; returns the last offset read per partition."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    prefix = settings.kafka.topic_prefix
+    topics = [RULES.full_name(prefix), WATCHLIST.full_name(prefix)]
+    reader = Consumer({**settings.kafka.client_config(), "group.id": f"{settings.job.consumer_group}-bootstrap",
+                       "enable.auto.commit": False, "isolation.level": "read_committed"})
+    try:
+        ends: dict[tuple[str, int], int] = {}
+        for topic in topics:
+            meta = reader.list_topics(topic, timeout=timeout_s).topics[topic]
+            if meta.error is not None:
+                raise RuntimeError(f"{topic}: {meta.error}")
+            for p in meta.partitions:
+                ends[(topic, p)] = reader.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)[1]
+        last = {tp: -1 for tp in ends}
+        pending = {tp for tp, end in ends.items() if end > 0}
+        reader.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t, p in pending])
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"control topics not read to their end in {timeout_s:.0f}s")
+            msg = reader.poll(0.2)
+            if msg is not None and not msg.error():
+                tp = (msg.topic(), msg.partition())
+                try:
+                    apply(msg.topic(), msg.key(), msg.value())
+                except Exception as err:  # noqa: BLE001 - the broadcast stream dead-letters it
+                    log.warning("skipping bad %s record at offset %s: %s", tp[0], msg.offset(), err)
+                last[tp] = msg.offset()
+            for tp in list(pending):  # read_committed: the end may be a transaction marker
+                if reader.position([TopicPartition(*tp)])[0].offset >= ends[tp]:
+                    pending.discard(tp)
+        return last
+    finally:
+        reader.close()
 
 
 def _now_ms() -> int:

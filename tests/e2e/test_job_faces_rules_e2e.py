@@ -27,9 +27,10 @@ SUSPECT = [float(x) for x in np.random.default_rng(3).normal(0, 0.1, 128)]
 def job(stack: Settings, tmp_path):
     settings = stack.isolated(f"e2ef{uuid.uuid4().hex[:8]}", tmp_path / "checkpoints", face_deadline_ms=2000)
     ensure_topics(settings)
-    child = start_scoring_job(settings)
-    yield settings
-    child.stop()
+    children = []
+    yield settings, lambda: children.append(start_scoring_job(settings))
+    for child in children:
+        child.stop()
 
 
 class Outputs:
@@ -68,7 +69,7 @@ def _now_sale(tx_id: str):
 
 
 def test_faces_join_watchlist_matches_alert_and_rules_change_without_a_restart(job: Settings):
-    settings = job
+    settings, start_job = job
     prefix = settings.kafka.topic_prefix
     producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True})
     out = Outputs(settings)
@@ -79,7 +80,9 @@ def test_faces_join_watchlist_matches_alert_and_rules_change_without_a_restart(j
         "reason": "e2e", "flagged_by": "tester", "flagged_at": int(time.time() * 1000),
         "source_transaction_id": None,
     }))
-    time.sleep(3)  # the broadcast side reads the watchlist before the keyed side's next transaction
+    # The job starts after the watchlist was written: its first decision must already know the
+    # suspect (it reads the compacted topics before deciding, not only as they stream in).
+    start_job()
     _send(producer, TRANSACTIONS.full_name(prefix), "store-A/lane-01", _now_sale("t-face").encode())
     _send(producer, FACE_OBSERVATIONS.full_name(prefix), "Q2MV-store-A-lane-01", codec("FaceObservation").encode({
         "observation_id": "checkout:t-face", "event_time": int(time.time() * 1000),

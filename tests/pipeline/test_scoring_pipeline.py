@@ -10,9 +10,11 @@ from tests.builders import T0, java_bytes, return_of, sale
 
 pytestmark = pytest.mark.pipeline
 
-NO_WAIT = Settings().model_copy(update={"job": Settings().job.model_copy(update={
-    "face_deadline_ms": 0, "batch_time_ms": 0})})
-"""No face stage and no model batching: every transaction is decided as it arrives."""
+NO_WAIT = Settings().model_copy(update={
+    "job": Settings().job.model_copy(update={"face_deadline_ms": 0, "batch_time_ms": 0, "bootstrap_control": False}),
+    "model": Settings().model.model_copy(update={"backend": "none"}),
+})
+"""No Kafka, no face stage, no model, no batching: every transaction is decided by the rules as it arrives."""
 
 
 @pytest.fixture(scope="module")
