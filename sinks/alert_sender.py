@@ -7,9 +7,9 @@ by SMTP or Amazon SES, ``webex`` to ``Settings.webex.room_id``) and ``dead_lette
 How nothing is lost or doubled:
 
 - **Ledger.** A SQLite file records ``(alert_id, channel)`` once the channel accepted the alert; a
-  replayed or re-sent alert skips the channels already done, across restarts. Before each send the
-  ledger also records the *intent*: after a crash between "the channel accepted" and "the ledger says
-  so", Webex is asked whether the room already has the alert (its id is in every message) before
+  replayed or re-sent alert skips the channels already done, across restarts. Before each Webex send
+  the ledger also records the *intent*: after a crash between "the channel accepted" and "the ledger
+  says so", Webex is asked whether the room already has the alert (its id is in every message) before
   posting again. SMTP has no such question, so that window resends the mail with the same Message-ID,
   which mail clients show once: at-least-once for mail, never lost.
 - **Independent channels.** Each channel has its own scheduler and ``concurrency`` sending threads: a
@@ -186,6 +186,8 @@ class DeliveryError(Exception):
 
 class Channel(Protocol):
     name: str
+    can_check_sent: bool
+    """Whether ``send(maybe_sent=True)`` can find an earlier delivery; only then is an intent row kept."""
 
     def send(self, alert: dict[str, Any], image: bytes | None, maybe_sent: bool) -> str | None:
         """Deliver one alert; return a detail for the ledger (e.g. the message id). ``maybe_sent``: an
@@ -197,6 +199,7 @@ class Channel(Protocol):
 
 class EmailChannel:
     name = "email"
+    can_check_sent = False  # SMTP cannot be asked what it accepted
 
     def __init__(self, settings: Settings, mailer: Mailer) -> None:
         self.settings, self.mailer = settings, mailer
@@ -217,6 +220,7 @@ class EmailChannel:
 
 class WebexChannel:
     name = "webex"
+    can_check_sent = True
     LOOKBACK = 1000
     """Latest messages of the room searched for an alert that may already have been posted (Webex's page maximum)."""
 
@@ -395,8 +399,8 @@ class ChannelWorker:
 
     def _attempt(self, task: Task) -> None:
         alert_id, name = task.key
-        if not task.maybe_sent:  # the intent row: a crash from here on leaves the outcome unknown
-            self.ledger.mark_sending(alert_id, name)
+        if self.channel.can_check_sent and not task.maybe_sent:
+            self.ledger.mark_sending(alert_id, name)  # the intent: after a crash from here on, check first
         try:
             detail = self.channel.send(task.alert, self._image(task.alert), task.maybe_sent)
         except DeliveryError as exc:
