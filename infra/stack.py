@@ -727,10 +727,12 @@ def down(settings: Settings) -> list[str]:
 
 
 def reset(settings: Settings) -> None:
-    """``down``, then delete data, logs, generated config and Flink checkpoints (installs are kept)."""
+    """``down``, then delete data, logs, generated config, Flink checkpoints, kept mails and the alert
+    sender's ledger (installs are kept): replayed ids must alert again on an empty stack."""
     down(settings)
     paths = StackPaths.of(settings)
-    doomed = [paths.root / "data", paths.logs, paths.conf, paths.tmp, paths.run, paths.root / "flink"]
+    doomed = [paths.root / "data", paths.logs, paths.conf, paths.tmp, paths.run, paths.root / "flink",
+              local_smtp.mail_dir(paths.root), paths.root / "alerts"]  # alerts: the sender's dedup ledger
     checkpoints = Path(settings.checkpoint_dir).resolve()
     if checkpoints.is_relative_to(paths.root):  # never delete a checkpoint store outside the stack dir
         doomed.append(checkpoints)
