@@ -206,13 +206,13 @@ class EmailChannel:
 
     def send(self, alert: dict[str, Any], image: bytes | None, maybe_sent: bool) -> str | None:
         text = describe(alert, self.settings.alerts)
-        message = build_email(alert["alert_id"], text, self.settings.smtp.from_address,
-                              self.settings.smtp.recipients(), image)
+        mail = build_email(alert["alert_id"], text, self.settings.smtp.from_address,
+                           self.settings.smtp.recipients(), image)
         try:
-            self.mailer.send(message)
+            self.mailer.send(mail)
         except MailError as exc:
             raise DeliveryError(exc.reason, retriable=exc.retriable) from exc
-        return message["Message-ID"]
+        return mail.message_id
 
     def close(self) -> None:
         self.mailer.close()

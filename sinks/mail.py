@@ -7,16 +7,15 @@ dropped connections, timeouts and SES throttling/5xx are worth another try; SMTP
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import smtplib
 import ssl
 import threading
+import uuid
+from dataclasses import dataclass
 from email.header import Header
-from email.message import Message
-from email.mime.image import MIMEImage
-from email.mime.multipart import MIMEMultipart
-from email.mime.text import MIMEText
-from email.utils import formatdate
+from email.utils import formataddr, formatdate, parseaddr
 from typing import Any, Protocol
 
 from infra.settings import SmtpSettings
@@ -30,42 +29,62 @@ class MailError(Exception):
 
 
 class Mailer(Protocol):
-    def send(self, message: Message) -> None: ...
+    def send(self, mail: OutgoingMail) -> None: ...
 
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class OutgoingMail:
+    """A finished MIME message (CRLF line ends) and its Message-ID."""
+
+    message_id: str
+    data: bytes
+
+
+def _base64_lines(data: bytes) -> bytes:
+    return base64.encodebytes(data).replace(b"\n", b"\r\n")
+
+
+def _part(content_type: str, data: bytes, *extra: str) -> bytes:
+    head = "".join(f"{h}\r\n" for h in (f"Content-Type: {content_type}", "Content-Transfer-Encoding: base64", *extra))
+    return head.encode() + b"\r\n" + _base64_lines(data)
+
+
+def _multipart(subtype: str, parts: list[bytes]) -> bytes:
+    """multipart/<subtype>; the boundary cannot occur in base64 bodies (``_`` is not in their alphabet)."""
+    boundary = f"=_cg_{uuid.uuid4().hex}"
+    body = b"".join(b"--" + boundary.encode() + b"\r\n" + part for part in parts) + f"--{boundary}--\r\n".encode()
+    return f'Content-Type: multipart/{subtype}; boundary="{boundary}"\r\n\r\n'.encode() + body
+
+
+def _header(value: str) -> str:
+    """RFC 2047 encoding for non-ASCII header values (store names), as is otherwise."""
+    return value if value.isascii() else Header(value, "utf-8").encode()
+
+
 def build_email(alert_id: str, text: AlertText, sender: str, recipients: list[str],
-                image: bytes | None = None) -> Message:
+                image: bytes | None = None) -> OutgoingMail:
     """Plain text for any client, HTML with the snapshot shown inline (once: clients also offer the inline
     part, named ``snapshot.jpg``, for saving).
 
-    Built with the ``email.mime`` classes (compat32): ~10x less CPU than ``EmailMessage`` with the
-    default policy, which matters at hundreds of alerts per second.
+    Written out directly (base64 bodies, fixed structure) rather than through the ``email`` package's
+    generator, which costs about a millisecond per message -- a third of the sender's CPU per alert.
     """
-    alternative = MIMEMultipart("alternative")
-    alternative.attach(MIMEText(text.plain(), "plain", "utf-8"))
-    msg: MIMEMultipart
+    plain = _part('text/plain; charset="utf-8"', text.plain().encode())
     if image is None:
-        alternative.attach(MIMEText(text.html(), "html", "utf-8"))
-        msg = alternative
+        body = _multipart("alternative", [plain, _part('text/html; charset="utf-8"', text.html().encode())])
     else:
         cid = f"snapshot-{message_id(alert_id)[7:23]}@checkout-guard"
-        related = MIMEMultipart("related")
-        related.attach(MIMEText(text.html(image_cid=cid), "html", "utf-8"))
-        inline = MIMEImage(image, "jpeg")
-        inline["Content-ID"] = f"<{cid}>"
-        inline.add_header("Content-Disposition", "inline", filename="snapshot.jpg")
-        related.attach(inline)
-        alternative.attach(related)
-        msg = alternative
-    msg["Subject"] = text.subject if text.subject.isascii() else Header(text.subject, "utf-8")
-    msg["From"] = sender
-    msg["To"] = ", ".join(recipients)
-    msg["Date"] = formatdate(localtime=True)
-    msg["Message-ID"] = message_id(alert_id)
-    msg["X-Checkout-Guard-Alert"] = alert_id
-    return msg
+        html = _part('text/html; charset="utf-8"', text.html(image_cid=cid).encode())
+        inline = _part("image/jpeg", image, f"Content-ID: <{cid}>",
+                       'Content-Disposition: inline; filename="snapshot.jpg"')
+        body = _multipart("alternative", [plain, _multipart("related", [html, inline])])
+    mid = message_id(alert_id)
+    headers = [f"Subject: {_header(text.subject)}", f"From: {formataddr(parseaddr(sender))}",
+               f"To: {', '.join(recipients)}", f"Date: {formatdate(localtime=True)}", f"Message-ID: {mid}",
+               f"X-Checkout-Guard-Alert: {alert_id}", "MIME-Version: 1.0"]
+    return OutgoingMail(mid, "".join(f"{h}\r\n" for h in headers).encode() + body)
 
 
 class SmtpMailer:
@@ -111,16 +130,16 @@ class SmtpMailer:
                 if conn in self._all:
                     self._all.remove(conn)
 
-    def send(self, message: Message) -> None:
+    def send(self, mail: OutgoingMail) -> None:
         reused = getattr(self._local, "conn", None) is not None
         try:
             try:
-                self._send_once(message)
+                self._send_once(mail)
             except smtplib.SMTPServerDisconnected:
                 if not reused:
                     raise
                 self._drop()  # an idle connection the server closed: one fresh try
-                self._send_once(message)
+                self._send_once(mail)
         except smtplib.SMTPResponseException as exc:
             self._drop()
             raise MailError(f"SMTP {exc.smtp_code} {_text(exc.smtp_error)}", retriable=exc.smtp_code < 500) from exc
@@ -132,10 +151,11 @@ class SmtpMailer:
             self._drop()
             raise MailError(f"SMTP {type(exc).__name__}: {exc}"[:300]) from exc
 
-    def _send_once(self, message: Message) -> None:
+    def _send_once(self, mail: OutgoingMail) -> None:
         if getattr(self._local, "conn", None) is None:
             self._local.conn = self._connect()
-        self._local.conn.send_message(message, to_addrs=self.settings.recipients())
+        envelope_from = parseaddr(self.settings.from_address)[1] or self.settings.from_address
+        self._local.conn.sendmail(envelope_from, self.settings.recipients(), mail.data)
 
     def close(self) -> None:
         with self._lock:
@@ -158,12 +178,12 @@ class SesMailer:
         self.settings = settings
         self.client = client or boto3.client("ses", region_name=region, endpoint_url=endpoint_url)
 
-    def send(self, message: Message) -> None:
+    def send(self, mail: OutgoingMail) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             self.client.send_raw_email(Source=self.settings.from_address, Destinations=self.settings.recipients(),
-                                       RawMessage={"Data": message.as_bytes()})
+                                       RawMessage={"Data": mail.data})
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import email
 import email.policy
 import random
-from email.message import EmailMessage, Message
+from email.message import EmailMessage
 from typing import Any
 
 from infra.settings import AlertSettings
 from sinks.alert_message import describe, local_time, message_id, reason_text
 from sinks.alert_sender import Backoff, DeliveryError, Task, give_up_reason
-from sinks.mail import build_email
+from sinks.mail import OutgoingMail, build_email
 from sinks.webex import MAX_MARKDOWN_BYTES, parse_retry_after, truncate_utf8
 
 T = 1_767_261_303_000  # 2026-01-01T09:55:03Z
@@ -81,8 +81,9 @@ def test_message_id_is_stable_per_alert_so_a_resend_is_recognisably_the_same_mai
     assert message_id("blocked:tx-9") != message_id("blocked:tx-10")
 
 
-def as_received(message: Message) -> EmailMessage:
-    parsed = email.message_from_bytes(message.as_bytes(), policy=email.policy.default)
+def as_received(mail: OutgoingMail) -> EmailMessage:
+    parsed = email.message_from_bytes(mail.data, policy=email.policy.default)
+    assert not parsed.defects and all(not part.defects for part in parsed.walk())
     assert isinstance(parsed, EmailMessage)
     return parsed
 
@@ -92,6 +93,7 @@ def test_email_with_snapshot_shows_it_inline_in_the_html_once() -> None:
     jpeg = b"\xff\xd8\xff\xe0" + b"x" * 100
     msg = as_received(build_email("blocked:tx-9", text, "cg@example.com", ["sec@example.com"], jpeg))
     assert msg["Message-ID"] == message_id("blocked:tx-9")
+    assert msg.get_body(("plain",)).get_content().replace("\r\n", "\n") == text.plain()
     assert msg.get_body(("plain",)).get_content().startswith("[Checkout Guard] Transaction blocked")
     html = msg.get_body(("html",)).get_content()
     cid = html.split("cid:", 1)[1].split("'", 1)[0]
@@ -103,8 +105,10 @@ def test_email_with_snapshot_shows_it_inline_in_the_html_once() -> None:
 
 def test_non_ascii_subject_is_encoded_and_reads_back() -> None:
     text = describe(alert(store_id="Köln-Süd"), AlertSettings())
-    msg = as_received(build_email("a", text, "cg@example.com", ["sec@example.com"], None))
+    msg = as_received(build_email("a", text, "Kassenwächter <cg@example.com>", ["sec@example.com"], None))
     assert msg["Subject"] == "[Checkout Guard] Transaction blocked - store Köln-Süd, lane L02"
+    assert msg["From"].addresses[0].display_name == "Kassenwächter"
+    assert msg["From"].addresses[0].addr_spec == "cg@example.com"
 
 
 def test_email_without_snapshot_has_no_image() -> None:
