@@ -14,6 +14,7 @@ Both run on isolated topics (``bench-alerts<run>.``) and clean them up afterward
 
 from __future__ import annotations
 
+import contextlib
 import io
 import sqlite3
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import httpx
 import psutil
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 from PIL import Image
 from pydantic import SecretStr
@@ -95,8 +96,10 @@ def _cpu_s(child: Child) -> float:
 def _cleanup(settings: Settings, children: list[Child]) -> None:
     for child in children:
         child.stop()
-    AdminClient(settings.kafka.client_config()).delete_topics(
-        [t.full_name(settings.kafka.topic_prefix) for t in ALL_TOPICS])
+    admin = AdminClient(settings.kafka.client_config())  # kept alive until the deletes are confirmed
+    for future in admin.delete_topics([t.full_name(settings.kafka.topic_prefix) for t in ALL_TOPICS]).values():
+        with contextlib.suppress(KafkaException):
+            future.result(30)
 
 
 def alert_delivery(base: Settings, alerts: int = 3000, latency_ms: float = 50.0, split: bool = False) -> dict:

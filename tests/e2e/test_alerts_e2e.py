@@ -10,6 +10,7 @@ no mail the ledger had recorded is sent again and that at most the sends in flig
 
 from __future__ import annotations
 
+import contextlib
 import email
 import email.policy
 import io
@@ -18,11 +19,13 @@ import sqlite3
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+from opensearchpy.exceptions import NotFoundError
 from PIL import Image
 from pydantic import SecretStr
 
@@ -34,7 +37,7 @@ from jobs.image_store import ImageStore
 from jobs.launcher import spawn, wait_for
 from producers.webex_bot import WEBHOOK_PATH, KafkaCommandPublisher, WebexBot
 from schemas.records import Alert, BotCommand, DeadLetter, ScoredTransaction
-from schemas.topics import ALERTS, COMMANDS, DEAD_LETTERS
+from schemas.topics import ALERTS, ALL_TOPICS, COMMANDS, DEAD_LETTERS
 from sinks.alert_sender import default_group_id
 from sinks.opensearch_sink import install_templates, make_client, period_index_name, to_document
 
@@ -93,22 +96,43 @@ def webex() -> Iterator[LocalWebexServer]:
         yield server
 
 
-def isolated(stack: Settings, tmp_path: Path, name: str, webex: LocalWebexServer) -> Settings:
-    settings = stack.isolated(name, tmp_path / "checkpoints")
-    return settings.model_copy(update={
-        "webex": settings.webex.model_copy(update={"base_url": webex.url, "bot_token": SecretStr(TOKEN),
-                                                   "room_id": ROOM}),
-        "smtp": settings.smtp.model_copy(update={"to_addresses": f"{name}@checkout-guard.test"}),
-        "alerts": settings.alerts.model_copy(update={"retry_initial_s": 0.2, "retry_max_s": 1.0,
-                                                     "ledger_path": tmp_path / "ledger.sqlite3"}),
-    })
+@pytest.fixture
+def isolated(stack: Settings, tmp_path: Path, webex: LocalWebexServer) -> Iterator[Callable[[str], Settings]]:
+    """Settings of the test's own: topics and indices under ``<name>.``/``<name>``, the local Webex server,
+    its own mail recipient and ledger; topics and indices are deleted afterwards."""
+    made: list[Settings] = []
+
+    def make(name: str) -> Settings:
+        settings = stack.isolated(name, tmp_path / "checkpoints")
+        settings = settings.model_copy(update={
+            "webex": settings.webex.model_copy(update={"base_url": webex.url, "bot_token": SecretStr(TOKEN),
+                                                       "room_id": ROOM}),
+            "smtp": settings.smtp.model_copy(update={"to_addresses": f"{name}@checkout-guard.test"}),
+            "alerts": settings.alerts.model_copy(update={"retry_initial_s": 0.2, "retry_max_s": 1.0,
+                                                         "ledger_path": tmp_path / f"{name}-ledger.sqlite3"}),
+        })
+        ensure_topics(settings)
+        made.append(settings)
+        return settings
+
+    yield make
+    for settings in made:
+        admin = AdminClient(settings.kafka.client_config())
+        for future in admin.delete_topics([t.full_name(settings.kafka.topic_prefix) for t in ALL_TOPICS]).values():
+            with contextlib.suppress(KafkaException):
+                future.result(30)
+        client = make_client(settings.opensearch)
+        prefix = settings.opensearch.index_prefix
+        client.indices.delete(index=f"{prefix}-*", ignore_unavailable=True)
+        with contextlib.suppress(NotFoundError):
+            for template in client.indices.get_index_template(name=f"{prefix}-*")["index_templates"]:
+                client.indices.delete_index_template(name=template["name"])
 
 
 def test_each_alert_is_one_mail_and_one_webex_message_with_its_snapshot_across_a_kill_and_a_webex_outage(
-        stack: Settings, tmp_path: Path, webex: LocalWebexServer) -> None:
+        isolated: Callable[[str], Settings], webex: LocalWebexServer) -> None:
     name = f"e2ealerts{uuid.uuid4().hex[:6]}"
-    settings = isolated(stack, tmp_path, name, webex)
-    ensure_topics(settings)
+    settings = isolated(name)
     store = ImageStore.from_settings(settings)
     n = 1000
     images: dict[str, bytes] = {}
@@ -201,11 +225,10 @@ def test_each_alert_is_one_mail_and_one_webex_message_with_its_snapshot_across_a
 
 
 def test_an_alert_a_channel_keeps_refusing_is_dead_lettered_while_the_other_channel_delivers(
-        stack: Settings, tmp_path: Path, webex: LocalWebexServer) -> None:
+        isolated: Callable[[str], Settings], webex: LocalWebexServer) -> None:
     name = f"e2edead{uuid.uuid4().hex[:6]}"
-    settings = isolated(stack, tmp_path, name, webex)
+    settings = isolated(name)
     settings = settings.model_copy(update={"alerts": settings.alerts.model_copy(update={"max_attempts": 2})})
-    ensure_topics(settings)
     webex.state.fail((500,))
     producer = Producer(settings.kafka.client_config())
     alert = Alert(alert_id=f"blocked:{name}", kind="BLOCKED_TRANSACTION", severity="high", event_time=0,
@@ -226,12 +249,11 @@ def test_an_alert_a_channel_keeps_refusing_is_dead_lettered_while_the_other_chan
 
 
 def test_bot_commands_reach_kafka_once_and_forged_or_unallowed_ones_never(
-        stack: Settings, tmp_path: Path, webex: LocalWebexServer) -> None:
+        isolated: Callable[[str], Settings], webex: LocalWebexServer) -> None:
     name = f"e2ebot{uuid.uuid4().hex[:6]}"
-    settings = isolated(stack, tmp_path, name, webex)
+    settings = isolated(name)
     settings = settings.model_copy(update={"webex": settings.webex.model_copy(update={
         "webhook_secret": SecretStr("e2e-secret"), "allowed_rooms": "room-security"})})
-    ensure_topics(settings)
     # What `checkout` answers from by default: the transaction's decision and face result in OpenSearch.
     client = make_client(settings.opensearch)
     install_templates(client, settings.opensearch.index_prefix)
@@ -273,10 +295,10 @@ def test_bot_commands_reach_kafka_once_and_forged_or_unallowed_ones_never(
                for r in replies), replies
 
 
-def test_a_rate_limited_webex_does_not_hold_up_email(stack: Settings, tmp_path: Path, webex: LocalWebexServer) -> None:
+def test_a_rate_limited_webex_does_not_hold_up_email(isolated: Callable[[str], Settings],
+                                                     webex: LocalWebexServer) -> None:
     name = f"e2eslow{uuid.uuid4().hex[:6]}"
-    settings = isolated(stack, tmp_path, name, webex)
-    ensure_topics(settings)
+    settings = isolated(name)
     webex.state.fail((429,), seconds=8, retry_after=4)
     producer = Producer(settings.kafka.client_config())
     n = 50
