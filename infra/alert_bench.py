@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import shutil
 import sqlite3
 import time
 import uuid
@@ -100,6 +101,7 @@ def _cleanup(settings: Settings, children: list[Child]) -> None:
     for future in admin.delete_topics([t.full_name(settings.kafka.topic_prefix) for t in ALL_TOPICS]).values():
         with contextlib.suppress(KafkaException):
             future.result(30)
+    shutil.rmtree(settings.alerts.ledger_path.parent, ignore_errors=True)  # the run's ledger, mails, checkpoints
 
 
 def alert_delivery(base: Settings, alerts: int = 3000, latency_ms: float = 50.0, split: bool = False) -> dict:

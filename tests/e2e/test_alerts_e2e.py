@@ -52,17 +52,20 @@ def jpeg(seed: int) -> bytes:
     return out.getvalue()
 
 
-def mails_to(directory: Path, address: str) -> list[email.message.EmailMessage]:
-    """Mails the stack's SMTP server kept for ``address`` (other tests share the directory)."""
-    found = []
+def mail_files(directory: Path, address: str) -> list[Path]:
+    """Files of the mails the stack's SMTP server kept for ``address`` (other tests share the directory)."""
     needle = f"Delivered-To: {address}\r\n".encode()
+    found = []
     for path in directory.glob("*.eml"):
         with path.open("rb") as fh:
-            if needle not in fh.read(4096):
-                continue
-            fh.seek(0)
-            found.append(email.message_from_bytes(fh.read(), policy=email.policy.default))
+            if needle in fh.read(4096):
+                found.append(path)
     return found
+
+
+def mails_to(directory: Path, address: str) -> list[email.message.EmailMessage]:
+    return [email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+            for path in mail_files(directory, address)]
 
 
 def sent_count(settings: Settings, channel: str) -> int:
@@ -117,6 +120,8 @@ def isolated(stack: Settings, tmp_path: Path, webex: LocalWebexServer) -> Iterat
 
     yield make
     for settings in made:
+        for path in mail_files(mail_dir(settings.stack_dir), settings.smtp.to_addresses):
+            path.unlink(missing_ok=True)  # the stack's mailbox is the demo's too
         admin = AdminClient(settings.kafka.client_config())
         for future in admin.delete_topics([t.full_name(settings.kafka.topic_prefix) for t in ALL_TOPICS]).values():
             with contextlib.suppress(KafkaException):
