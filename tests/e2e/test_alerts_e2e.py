@@ -135,10 +135,12 @@ def isolated(stack: Settings, tmp_path: Path, webex: LocalWebexServer) -> Iterat
 
 
 def test_each_alert_is_one_mail_and_one_webex_message_with_its_snapshot_across_a_kill_and_a_webex_outage(
-        isolated: Callable[[str], Settings], webex: LocalWebexServer) -> None:
+        isolated: Callable[[str], Settings], webex: LocalWebexServer, request: pytest.FixtureRequest) -> None:
     name = f"e2ealerts{uuid.uuid4().hex[:6]}"
     settings = isolated(name)
     store = ImageStore.from_settings(settings)
+    refs: list[str] = []
+    request.addfinalizer(lambda: [store.delete(r) for r in refs])  # the shared image store
     n = 1000
     images: dict[str, bytes] = {}
     producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True})
@@ -149,6 +151,7 @@ def test_each_alert_is_one_mail_and_one_webex_message_with_its_snapshot_across_a
         if i % 2 == 0:  # half with a snapshot, half without
             images[f"blocked:{tx}"] = jpeg(i)
             ref = store.put("checkout", tx, images[f"blocked:{tx}"])
+            refs.append(ref)
         alert = Alert(alert_id=f"blocked:{tx}", kind="BLOCKED_TRANSACTION", severity="high",
                       event_time=int(time.time() * 1000), store_id="S001", lane_id=f"L{i % 8:02d}", transaction_id=tx,
                       amount=100.0 + i, currency="EUR", outcome="BLOCK", risk_score=90,
