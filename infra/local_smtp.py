@@ -1,8 +1,14 @@
 """The embedded stack's mail server: a real SMTP server (aiosmtpd) that keeps every mail as a file.
 
-Each accepted message becomes ``<stack dir>/mail/<received>-<id>.eml`` (written to a temporary name and
-renamed, so a reader never sees half a mail), with ``X-Envelope-From`` / ``Delivered-To`` headers
+Each accepted message becomes one ``.eml`` file in ``<stack dir>/mail/`` (written to a temporary name
+and renamed, so a reader never sees half a mail), with ``X-Envelope-From`` / ``Delivered-To`` headers
 prepended from the SMTP envelope. Open the files with any mail client, or use :func:`read_mails`.
+
+The mailbox de-duplicates by ``Message-ID``, as Gmail, Exchange and Sieve's ``duplicate`` test do:
+SMTP cannot tell a sender whether a mail it sent just before crashing was accepted, so a restarted
+sender may send it again, and exactly-once delivery is the receiving mailbox's job. The alert sender
+derives the Message-ID from the alert id; a second copy is acknowledged, counted in ``duplicates.log``
+and not stored.
 
 It does not relay anywhere: it is the local stand-in for a company relay. ``infra.stack up`` starts it
 as ``python -m infra.local_smtp --host H --port P --mail-dir D`` (port from ``CG_SMTP__PORT``, default 2525).
@@ -14,6 +20,7 @@ import asyncio
 import contextlib
 import email
 import email.policy
+import hashlib
 import os
 import signal
 import smtplib
@@ -46,7 +53,15 @@ class FileStore:
         header = f"X-Envelope-From: {envelope.mail_from}\r\n" + "".join(
             f"Delivered-To: {rcpt}\r\n" for rcpt in envelope.rcpt_tos)
         content = envelope.original_content or b""
-        name = f"{time.time_ns()}-{uuid.uuid4().hex[:12]}.eml"
+        message_id = _message_id(content)
+        if message_id:
+            name = f"{hashlib.sha256(message_id.encode()).hexdigest()[:24]}.eml"
+            if (self.directory / name).exists():
+                with open(self.directory / "duplicates.log", "a") as log:
+                    log.write(f"{time.time_ns()} {message_id}\n")
+                return "250 Message accepted for delivery (duplicate Message-ID, kept once)"
+        else:
+            name = f"{time.time_ns()}-{uuid.uuid4().hex[:12]}.eml"
         tmp = self.directory / f".{name}.tmp"
         with open(tmp, "wb") as fh:
             fh.write(header.encode() + content)
@@ -56,10 +71,24 @@ class FileStore:
         return "250 Message accepted for delivery"
 
 
+def _message_id(content: bytes) -> str | None:
+    """The Message-ID header of a raw mail (headers only are parsed)."""
+    head = content.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+    parsed = email.message_from_bytes(head + b"\r\n\r\n", policy=email.policy.compat32)
+    value = parsed.get("Message-ID")
+    return str(value).strip() if value else None
+
+
+def duplicates(directory: Path) -> list[str]:
+    """Message-IDs whose second (third...) copy the mailbox acknowledged without storing it."""
+    log = directory / "duplicates.log"
+    return [line.split(" ", 1)[1] for line in log.read_text().splitlines()] if log.exists() else []
+
+
 def read_mails(directory: Path) -> list[EmailMessage]:
     """Every mail the server kept, oldest first."""
     out = []
-    for path in sorted(directory.glob("*.eml")):
+    for path in sorted(directory.glob("*.eml"), key=lambda p: (p.stat().st_mtime_ns, p.name)):
         msg = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
         assert isinstance(msg, EmailMessage)
         out.append(msg)
