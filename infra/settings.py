@@ -83,6 +83,8 @@ class JobSettings(BaseModel, frozen=True):
     """Longest a decided-on transaction waits for its model batch to fill; 0 = score one by one."""
     restore_from: Path | None = None
     """Start from this savepoint/checkpoint instead of the newest one under the checkpoint dir."""
+    fetch_max_wait_ms: int = 500
+    """Kafka source: longest a fetch waits for data on quiet partitions (Kafka's default: 500)."""
     bootstrap_control: bool = True
     """Read the rules and watchlist topics to their end before the first decision (off: only the
     broadcast stream, which may lag the transactions right after a fresh start)."""

@@ -38,6 +38,7 @@ from pyflink.table import StreamTableEnvironment
 
 from infra.settings import REPO_ROOT, Settings, get_settings
 from infra.stack import flink_connector_jars
+from jobs.control_topics import read_control_topics
 from jobs.face_join import EARLY_FACES, PENDING, FaceJoin, observation_result, seen_from
 from jobs.rules import RuleSet
 from jobs.scoring import CUSTOMERS, RECEIPTS, STORES, Scorer, ScoringState
@@ -316,46 +317,6 @@ def _decode_control(step: DecideStep, topic: str, key: bytes | None, value: byte
     return (f"wl:{(key or b'').decode()}", step.watch_codec.decode(value) if value is not None else None)
 
 
-def read_control_topics(settings: Settings, apply, timeout_s: float = 20.0) -> dict[tuple[str, int], int]:
-    """Read the rules and watchlist topics (committed records) from their start to their current end,
-    calling ``apply(topic, key, value)`` in order; returns the last offset read per partition."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
-    prefix = settings.kafka.topic_prefix
-    topics = [RULES.full_name(prefix), WATCHLIST.full_name(prefix)]
-    reader = Consumer({**settings.kafka.client_config(), "group.id": f"{settings.job.consumer_group}-bootstrap",
-                       "enable.auto.commit": False, "isolation.level": "read_committed"})
-    try:
-        ends: dict[tuple[str, int], int] = {}
-        for topic in topics:
-            meta = reader.list_topics(topic, timeout=timeout_s).topics[topic]
-            if meta.error is not None:
-                raise RuntimeError(f"{topic}: {meta.error}")
-            for p in meta.partitions:
-                ends[(topic, p)] = reader.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)[1]
-        last = {tp: -1 for tp in ends}
-        pending = {tp for tp, end in ends.items() if end > 0}
-        reader.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t, p in pending])
-        deadline = time.monotonic() + timeout_s
-        while pending:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"control topics not read to their end in {timeout_s:.0f}s")
-            msg = reader.poll(0.2)
-            if msg is not None and not msg.error():
-                tp = (msg.topic(), msg.partition())
-                try:
-                    apply(msg.topic(), msg.key(), msg.value())
-                except Exception as err:  # noqa: BLE001 - the broadcast stream dead-letters it
-                    log.warning("skipping bad %s record at offset %s: %s", tp[0], msg.offset(), err)
-                last[tp] = msg.offset()
-            for tp in list(pending):  # read_committed: the end may be a transaction marker
-                if reader.position([TopicPartition(*tp)])[0].offset >= ends[tp]:
-                    pending.discard(tp)
-        return last
-    finally:
-        reader.close()
-
-
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -484,6 +445,7 @@ def _source_table(t_env: StreamTableEnvironment, name: str, topics: str, group: 
           'connector' = 'kafka', 'topic' = '{topics}',
           'properties.group.id' = '{group}',
           'properties.isolation.level' = 'read_committed',
+          'properties.fetch.max.wait.ms' = '{settings.job.fetch_max_wait_ms}',
           {startup},
           'key.format' = 'raw', 'key.fields' = 'k',
           'value.format' = 'raw', 'value.fields-include' = 'EXCEPT_KEY',

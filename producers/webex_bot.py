@@ -15,8 +15,10 @@ Webex calls ``POST /webex/webhook`` for every new message in the bot's rooms. Th
 4. puts every accepted command on ``commands`` (BotCommand, key = command_id = the Webex message id, so
    a redelivered message is the same command) and replies in the room.
 
-``checkout`` answers through an injected ``inspect_checkout(tx_id) -> str``; the default reads the
-transaction's latest face result from OpenSearch (a live snapshot is wired in by the pipeline later).
+``checkout`` answers at once through ``inspect_checkout(tx_id) -> str`` (default: the recorded decision
+and face result from OpenSearch), then follows up with ``fresh_checkout`` (default:
+:class:`jobs.checkout_inspect.CheckoutInspector`: the lane camera's snapshot at the transaction time,
+analysed now and compared with the current watchlist).
 On start, when ``CG_WEBEX__PUBLIC_URL`` is set, the bot registers (or re-points) its webhook.
 
 Run: ``python -m producers.webex_bot`` (listens on ``CG_WEBEX__BOT_HOST``:``CG_WEBEX__BOT_PORT``).
@@ -203,10 +205,10 @@ def opensearch_inspect_checkout(settings: Settings) -> Callable[[str], str]:
         try:
             res = client.search(index=index, body={"query": {"ids": {"values": [tx_id]}}, "size": 1})
         except Exception as exc:  # OpenSearch down: say so instead of failing the reply
-            return f"I asked for a new snapshot of `{tx_id}`, but cannot read results now ({type(exc).__name__})."
+            return f"I cannot read the decision on `{tx_id}` now ({type(exc).__name__})."
         hits = res["hits"]["hits"]
         if not hits:
-            return f"I asked for a new snapshot of `{tx_id}`; no decision on that transaction is stored yet."
+            return f"No decision on `{tx_id}` is stored yet."
         doc = hits[0]["_source"]
         face = doc.get("face_status") or "UNAVAILABLE"
         if face == "MATCHED":
@@ -217,7 +219,7 @@ def opensearch_inspect_checkout(settings: Settings) -> Callable[[str], str]:
                          "UNAVAILABLE": "no snapshot was available"}.get(face, face.lower())
         return (f"Transaction `{tx_id}` at store {doc.get('store_id')} lane {doc.get('lane_id')}: "
                 f"{OUTCOME_WORDS.get(doc.get('outcome') or '', '?')} (risk {doc.get('risk_score')}); {face_text}. "
-                "A new snapshot was requested.")
+                "Taking a fresh snapshot of that lane's camera now...")
 
     return inspect
 
@@ -257,11 +259,19 @@ class WebexBot:
     def __init__(self, settings: Settings, *, client: WebexClient | None = None,
                  publish: Callable[[BotCommand], None] | None = None,
                  inspect_checkout: Callable[[str], str] | None = None,
+                 fresh_checkout: Callable[[str], str] | None = None,
                  status_text: Callable[[], str] | None = None) -> None:
         self.settings = settings
         self.client = client or WebexClient.from_settings(settings.webex)
         self.publish = publish or KafkaCommandPublisher(settings)
         self.inspect_checkout = inspect_checkout or opensearch_inspect_checkout(settings)
+        # ``checkout <tx>``: the recorded decision at once, then a follow-up from a fresh snapshot
+        # of that lane's camera at the transaction time (seconds: the camera API polls).
+        if fresh_checkout is None and inspect_checkout is None:
+            from jobs.checkout_inspect import CheckoutInspector
+
+            fresh_checkout = CheckoutInspector(settings)
+        self.fresh_checkout = fresh_checkout
         self.status_text = status_text or (lambda: pipeline_status_text(settings))
         secret = settings.webex.webhook_secret
         self.secret = secret.get_secret_value() if secret else ""
@@ -354,6 +364,9 @@ class WebexBot:
         reply = self._execute(parsed, data["id"], room_id, person)
         with_retries(lambda: self.client.send_message(room_id, reply))
         self.handled += 1
+        if parsed.verb == "CHECKOUT" and parsed.argument and self.fresh_checkout is not None:
+            follow_up = self.fresh_checkout(parsed.argument)
+            with_retries(lambda: self.client.send_message(room_id, follow_up))
         return reply
 
     def _execute(self, parsed: ParsedCommand, message_id: str, room_id: str, person: str) -> str:

@@ -1,0 +1,59 @@
+"""Read the compacted control topics (rules, watchlist) from their start to their current end.
+
+Used where a process needs the state those topics hold *before* it acts: the scoring job at start
+(so a known suspect cannot slip through while the broadcast stream catches up) and the Webex bot's
+``checkout`` inspection (the current watchlist).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from infra.settings import Settings
+from schemas.topics import RULES, WATCHLIST, TopicSpec
+
+log = logging.getLogger("checkout_guard.control_topics")
+
+
+def read_control_topics(settings: Settings, apply: Callable[[str, bytes | None, bytes | None], object],
+                        timeout_s: float = 20.0, specs: tuple[TopicSpec, ...] = (RULES, WATCHLIST),
+                        ) -> dict[tuple[str, int], int]:
+    """Call ``apply(topic, key, value)`` for every committed record, in order, up to the current end;
+    return the last offset read per partition (-1 where nothing was read)."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    prefix = settings.kafka.topic_prefix
+    topics = [spec.full_name(prefix) for spec in specs]
+    reader = Consumer({**settings.kafka.client_config(), "group.id": f"{settings.job.consumer_group}-control-read",
+                       "enable.auto.commit": False, "isolation.level": "read_committed"})
+    try:
+        ends: dict[tuple[str, int], int] = {}
+        for topic in topics:
+            meta = reader.list_topics(topic, timeout=timeout_s).topics[topic]
+            if meta.error is not None:
+                raise RuntimeError(f"{topic}: {meta.error}")
+            for p in meta.partitions:
+                ends[(topic, p)] = reader.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)[1]
+        last = {tp: -1 for tp in ends}
+        pending = {tp for tp, end in ends.items() if end > 0}
+        reader.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t, p in pending])
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"control topics not read to their end in {timeout_s:.0f}s")
+            msg = reader.poll(0.2)
+            if msg is not None and not msg.error():
+                tp = (msg.topic(), msg.partition())
+                try:
+                    apply(msg.topic(), msg.key(), msg.value())
+                except Exception as err:  # noqa: BLE001 - the broadcast stream dead-letters it
+                    log.warning("skipping bad %s record at offset %s: %s", tp[0], msg.offset(), err)
+                last[tp] = msg.offset()
+            for tp in list(pending):  # read_committed: the end may be a transaction marker
+                if reader.position([TopicPartition(*tp)])[0].offset >= ends[tp]:
+                    pending.discard(tp)
+        return last
+    finally:
+        reader.close()

@@ -1,0 +1,62 @@
+"""``checkout <tx>``: a fresh snapshot of the lane camera at the transaction time, compared now.
+
+Against the local camera (a real HTTP server speaking the Dashboard API, rendering real photos) and
+the real face engine; the transaction lookup and the watchlist are given directly.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from infra.settings import Settings
+from jobs.checkout_inspect import CheckoutInspector
+from jobs.face_engine import FaceEngine
+from jobs.image_store import ImageStore
+from jobs.watchlist import Watchlist
+from producers.local_camera import LocalCameraControl
+from producers.meraki import camera_for_lane
+from tests.unit.test_meraki_client import camera_settings, people, running  # noqa: F401 - fixture
+
+STORE = "store-inspect"
+
+
+@pytest.fixture
+def world(people, tmp_path):  # noqa: F811 - the fixture imported above
+    settings = camera_settings().model_copy(update={"stack_dir": tmp_path})
+    camera = running(settings, people)
+    yield settings, camera, people
+    camera.stop()
+
+
+def _enrolled(settings: Settings, engine: FaceEngine, person: str, photos) -> Watchlist:
+    watchlist = Watchlist(settings)
+    embedding = engine.best_face(photos[person][-1].read_bytes()).embedding
+    watchlist.upsert({"subject_id": f"subj-{person}", "category": "SUSPECT", "embeddings": [embedding.tolist()],
+                      "reference_image_ref": None, "reason": "t", "flagged_by": "t", "flagged_at": 0,
+                      "source_transaction_id": None})
+    return watchlist
+
+
+def test_checkout_compares_the_face_at_that_lane_and_time_with_the_watchlist(world) -> None:
+    settings, camera, photos = world
+    suspect, other = sorted(photos)[:2]
+    engine = FaceEngine(settings.faces)
+    watchlist = _enrolled(settings, engine, suspect, photos)
+    control = LocalCameraControl(camera.base_url)
+    now = int(time.time() * 1000)
+    control.add_visit(suspect, STORE, "lane-01", now - 30_000, now - 5_000, now + 30_000)
+    control.add_visit(other, STORE, "lane-02", now - 30_000, now - 5_000, now + 30_000)
+    docs = {"tx-s": {"store_id": STORE, "lane_id": "lane-01", "event_time": now - 5_000},
+            "tx-o": {"store_id": STORE, "lane_id": "lane-02", "event_time": now - 5_000},
+            "tx-late": {"store_id": STORE, "lane_id": "lane-03", "event_time": now - 5_000}}
+    inspect = CheckoutInspector(settings, lookup=docs.get, engine=engine, watchlist_loader=lambda: watchlist)
+
+    reply = inspect("tx-s")
+    assert f"matches **suspect** `subj-{suspect}`" in reply and f"store {STORE} lane lane-01" in reply
+    assert ImageStore.from_settings(settings).find("checkout", "tx-s-inspect"), "the fresh snapshot is kept"
+    assert "matches nobody" in inspect("tx-o")
+    assert "do not know" in inspect("tx-unknown")
+    control.set_fault(camera_for_lane(settings, STORE, "lane-03"), "never_ready")
+    assert "no snapshot from camera" in inspect("tx-late")
