@@ -17,7 +17,7 @@ from typing import Annotated
 
 import httpx
 import typer
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from pydantic import SecretStr
 from rich.console import Console, Group
 from rich.live import Live
@@ -49,7 +49,10 @@ def topic_size(consumer: Consumer, topic: str) -> int:
         return 0
     total = 0
     for p in md.partitions:
-        low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5, cached=False)
+        try:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5, cached=False)
+        except KafkaException:  # a topic just created has no leader for a moment: count it next time
+            continue
         total += high - low
     return total
 

@@ -17,6 +17,25 @@ from schemas.topics import RULES, WATCHLIST, TopicSpec
 log = logging.getLogger("checkout_guard.control_topics")
 
 
+def end_offset(consumer, topic: str, partition: int, timeout_s: float) -> int:
+    """The partition's high watermark, waiting out the transient errors of a just-created topic
+    (no leader elected yet) until ``timeout_s``."""
+    from confluent_kafka import KafkaException, TopicPartition
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)[1]
+        except KafkaException as exc:
+            err = exc.args[0]
+            if not err.retriable() and err.name() not in ("NOT_LEADER_FOR_PARTITION", "LEADER_NOT_AVAILABLE",
+                                                          "UNKNOWN_TOPIC_OR_PART"):
+                raise
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.25)
+
+
 def read_control_topics(settings: Settings, apply: Callable[[str, bytes | None, bytes | None], object],
                         timeout_s: float = 20.0, specs: tuple[TopicSpec, ...] = (RULES, WATCHLIST),
                         ) -> dict[tuple[str, int], int]:
@@ -35,7 +54,7 @@ def read_control_topics(settings: Settings, apply: Callable[[str, bytes | None, 
             if meta.error is not None:
                 raise RuntimeError(f"{topic}: {meta.error}")
             for p in meta.partitions:
-                ends[(topic, p)] = reader.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)[1]
+                ends[(topic, p)] = end_offset(reader, topic, p, timeout_s)
         last = {tp: -1 for tp in ends}
         pending = {tp for tp, end in ends.items() if end > 0}
         reader.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t, p in pending])

@@ -280,6 +280,8 @@ class WatchlistService:
         """Read a topic from its start to its end (committed records only) into ``apply(key, value)``."""
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+        from jobs.control_topics import end_offset
+
         topic = spec.full_name(self.prefix)
         reader = Consumer({**self.settings.kafka.client_config(), "group.id": f"{self.group}-replay",
                            "enable.auto.commit": False, "isolation.level": "read_committed"})
@@ -287,8 +289,7 @@ class WatchlistService:
             parts = reader.list_topics(topic, timeout=timeout).topics[topic].partitions
             ends = {}
             for p in parts:
-                _, high = reader.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
-                ends[p] = high
+                ends[p] = end_offset(reader, topic, p, timeout)
             reader.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
             n, deadline = 0, time.monotonic() + timeout
             pending = {p for p, high in ends.items() if high > 0}
