@@ -1,20 +1,17 @@
 """Read the compacted control topics (rules, watchlist) from their start to their current end.
 
 Used where a process needs the state those topics hold *before* it acts: the scoring job at start
-(so a known suspect cannot slip through while the broadcast stream catches up) and the Webex bot's
-``checkout`` inspection (the current watchlist).
+(so a known suspect cannot slip through while the broadcast stream catches up), the watchlist
+service at start (watchlist and audit), and the Webex bot's ``checkout`` inspection.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 
 from infra.settings import Settings
 from schemas.topics import RULES, WATCHLIST, TopicSpec
-
-log = logging.getLogger("checkout_guard.control_topics")
 
 
 def end_offset(consumer, topic: str, partition: int, timeout_s: float) -> int:
@@ -39,8 +36,9 @@ def end_offset(consumer, topic: str, partition: int, timeout_s: float) -> int:
 def read_control_topics(settings: Settings, apply: Callable[[str, bytes | None, bytes | None], object],
                         timeout_s: float = 20.0, specs: tuple[TopicSpec, ...] = (RULES, WATCHLIST),
                         ) -> dict[tuple[str, int], int]:
-    """Call ``apply(topic, key, value)`` for every committed record, in order, up to the current end;
-    return the last offset read per partition (-1 where nothing was read)."""
+    """Call ``apply(topic, key, value)`` for every committed record, in order, up to the current end
+    (an exception from ``apply`` stops the read); return the last offset read per partition (-1 where
+    nothing was read). ``TimeoutError`` if the end is not reached within ``timeout_s``."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
     prefix = settings.kafka.topic_prefix
@@ -64,12 +62,8 @@ def read_control_topics(settings: Settings, apply: Callable[[str, bytes | None, 
                 raise TimeoutError(f"control topics not read to their end in {timeout_s:.0f}s")
             msg = reader.poll(0.2)
             if msg is not None and not msg.error():
-                tp = (msg.topic(), msg.partition())
-                try:
-                    apply(msg.topic(), msg.key(), msg.value())
-                except Exception as err:  # noqa: BLE001 - the broadcast stream dead-letters it
-                    log.warning("skipping bad %s record at offset %s: %s", tp[0], msg.offset(), err)
-                last[tp] = msg.offset()
+                apply(msg.topic(), msg.key(), msg.value())
+                last[(msg.topic(), msg.partition())] = msg.offset()
             for tp in list(pending):  # read_committed: the end may be a transaction marker
                 if reader.position([TopicPartition(*tp)])[0].offset >= ends[tp]:
                     pending.discard(tp)

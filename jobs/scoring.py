@@ -85,26 +85,17 @@ class Predictor:
         return [ModelResult() for _ in items]
 
 
-class FaceLookup:
-    """Seam for the face join (its own issue): the face seen at this transaction's lane."""
-
-    def lookup(self, tx: dict[str, Any]) -> FaceResult:
-        return FaceResult()
-
-
 class Scorer:
     def __init__(
         self,
         settings: Settings,
         predictor: Predictor | None = None,
-        faces: FaceLookup | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.rules = settings.rules
         self.rule_set = RuleSet.from_settings(settings.rules)
         self.predictor = predictor or Predictor()
-        self.faces = faces or FaceLookup()
         self.clock = clock
         prefix = settings.kafka.topic_prefix
         self.scored_topic = SCORED_TRANSACTIONS.full_name(prefix)
@@ -172,9 +163,8 @@ class Scorer:
         """
         if not envs:
             return [], []
-        faces = faces or [s.face if s else self.faces.lookup(env[0]) for env, s in
-                          zip(envs, seen or [None] * len(envs), strict=True)]
         seen = seen or [None] * len(envs)
+        faces = faces or [camera.face if camera else FaceResult() for camera in seen]
         before_model = self._now_ms()
         models = self.predictor.predict_batch([(env[0], env[1]) for env in envs])
         rows: list[OutRow] = []

@@ -139,21 +139,30 @@ class DecideStep(KeyedBroadcastProcessFunction):
         if not self.settings.job.bootstrap_control:
             return None
         try:
-            return read_control_topics(self.settings, self._control_record)
+            return read_control_topics(self.settings, self._bootstrap_record)
         except Exception as err:  # noqa: BLE001 - degrade to the broadcast stream, loudly
             log.warning("could not read the rules/watchlist topics at start (%s); using broadcast state", err)
             return None
 
-    def _control_record(self, topic: str, key: bytes | None, value: bytes | None) -> tuple[str, Any] | None:
-        """A rules or watchlist record as (broadcast state key, value or None for a tombstone); applied."""
+    def _control_record(self, topic: str, key: bytes | None, value: bytes | None,
+                        apply: bool = True) -> tuple[str, Any] | None:
+        """A rules or watchlist record as (broadcast state key, value or None for a tombstone),
+        applied unless ``apply`` is false."""
         if topic == self.rules_topic:
             if value is None:
                 return None
             update = ("rules", self.rules_codec.decode(value))
         else:
             update = (f"wl:{(key or b'').decode()}", self.watch_codec.decode(value) if value is not None else None)
-        self._apply_broadcast(*update)
+        if apply:
+            self._apply_broadcast(*update)
         return update
+
+    def _bootstrap_record(self, topic: str, key: bytes | None, value: bytes | None) -> None:
+        try:
+            self._control_record(topic, key, value)
+        except Exception as err:  # noqa: BLE001 - the broadcast stream dead-letters it
+            log.warning("skipping a bad %s record at start: %s", topic, err)
 
     # --- state ---------------------------------------------------------------------------------
     def _load(self, ctx) -> ScoringState:
@@ -237,10 +246,8 @@ class DecideStep(KeyedBroadcastProcessFunction):
         value = bytes(row[1]) if row[1] is not None else None
         done = self.bootstrapped.get((row[2], row[3]), -1) if self.bootstrapped else -1
         try:
-            if row[4] <= done:  # read at start already: only keep the broadcast state complete
-                update = _decode_control(self, row[2], key, value)
-            else:
-                update = self._control_record(row[2], key, value)
+            # Read at start already: only keep the broadcast state complete.
+            update = self._control_record(row[2], key, value, apply=row[4] > done)
         except Exception as err:  # noqa: BLE001 - a bad update must not stop scoring: dead-letter it
             log.warning("rejected %s update at offset %s: %s", row[2], row[4], err)
             yield Row(*self._dead_letter(row, "invalid_update", str(err)))
@@ -308,13 +315,6 @@ class DecideStep(KeyedBroadcastProcessFunction):
         dl = dead_letter(topic=row[2], partition=row[3], offset=row[4], key=key, value=value,
                          error=InvalidRecord(kind, reason), stage="scoring-job", failed_at=_now_ms())
         return (self.scorer.dlq_topic, dl.dead_letter_id.encode(), dl.encode())
-
-
-def _decode_control(step: DecideStep, topic: str, key: bytes | None, value: bytes | None):
-    """Like ``DecideStep._control_record`` without applying it."""
-    if topic == step.rules_topic:
-        return None if value is None else ("rules", step.rules_codec.decode(value))
-    return (f"wl:{(key or b'').decode()}", step.watch_codec.decode(value) if value is not None else None)
 
 
 def _now_ms() -> int:

@@ -277,38 +277,19 @@ class WatchlistService:
         self._stop = True
 
     def replay(self, spec: TopicSpec, apply, timeout: float = 30.0) -> int:
-        """Read a topic from its start to its end (committed records only) into ``apply(key, value)``."""
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+        """Read a topic from its start to its end (committed records only) into ``apply(key, value)``;
+        how many records were read."""
+        from jobs.control_topics import read_control_topics
 
-        from jobs.control_topics import end_offset
+        count = 0
 
-        topic = spec.full_name(self.prefix)
-        reader = Consumer({**self.settings.kafka.client_config(), "group.id": f"{self.group}-replay",
-                           "enable.auto.commit": False, "isolation.level": "read_committed"})
-        try:
-            parts = reader.list_topics(topic, timeout=timeout).topics[topic].partitions
-            ends = {}
-            for p in parts:
-                ends[p] = end_offset(reader, topic, p, timeout)
-            reader.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
-            n, deadline = 0, time.monotonic() + timeout
-            pending = {p for p, high in ends.items() if high > 0}
-            while pending and time.monotonic() < deadline:
-                msg = reader.poll(0.5)
-                if msg is None or msg.error():
-                    # with read_committed the last offsets may be transaction markers: check position
-                    for p in list(pending):
-                        pos = reader.position([TopicPartition(topic, p)])[0].offset
-                        if pos >= ends[p]:
-                            pending.discard(p)
-                    continue
-                apply(msg.key(), msg.value())
-                n += 1
-                if msg.offset() + 1 >= ends[msg.partition()]:
-                    pending.discard(msg.partition())
-            return n
-        finally:
-            reader.close()
+        def one(_topic: str, key: bytes | None, value: bytes | None) -> None:
+            nonlocal count
+            apply(key, value)
+            count += 1
+
+        read_control_topics(self.settings, one, timeout_s=timeout, specs=(spec,))
+        return count
 
     def run(self) -> None:
         from confluent_kafka import TopicPartition
