@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 import httpx
 import psutil
 import typer
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
 from infra import local_smtp
@@ -654,6 +654,11 @@ def describe_topics(settings: Settings) -> dict[str, dict]:
     return out
 
 
+_COORDINATOR_LOADING = frozenset({KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_NOT_AVAILABLE,
+                                  KafkaError.COORDINATOR_LOAD_IN_PROGRESS})
+"""What a group request answers while ``__consumer_offsets`` is being created (not all flagged retriable)."""
+
+
 def _wait_group_coordinator(settings: Settings, timeout_s: float = START_TIMEOUT_S) -> None:
     """Block until the broker serves consumer groups: on a fresh broker the first group request
     creates ``__consumer_offsets`` and answers NOT_COORDINATOR until its partitions are loaded."""
@@ -667,7 +672,9 @@ def _wait_group_coordinator(settings: Settings, timeout_s: float = START_TIMEOUT
                 probe.committed([TopicPartition(topic, 0)], timeout=10)
                 return
             except KafkaException as exc:
-                if not exc.args[0].retriable() or time.monotonic() > deadline:
+                err = exc.args[0]
+                waiting = err.retriable() or err.code() in _COORDINATOR_LOADING
+                if not waiting or time.monotonic() > deadline:
                     raise StackError(f"Kafka does not serve consumer groups: {exc}") from exc
                 time.sleep(0.5)
     finally:
