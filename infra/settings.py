@@ -78,9 +78,9 @@ class JobSettings(BaseModel, frozen=True):
     early_face_ttl_ms: int = 600_000
     """How long a face observation that arrived before its transaction is kept for it."""
     batch_size: int = 512
-    """Most transactions per model call."""
+    """Most records per batch handed from the JVM to Python, and most transactions per model call."""
     batch_time_ms: int = 5
-    """Longest a decided-on transaction waits for its model batch to fill; 0 = score one by one."""
+    """Longest a record waits for its batch to fill before it goes to Python; 0 = one record per batch."""
     restore_from: Path | None = None
     """Start from this savepoint/checkpoint instead of the newest one under the checkpoint dir."""
     fetch_max_wait_ms: int = 500

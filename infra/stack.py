@@ -93,6 +93,11 @@ class StackPaths:
         return self.root / "lib" / "flink"
 
     @property
+    def flink_ext_jar(self) -> Path:
+        """The job's own Java operators (``jobs/java``), compiled by infra/install.sh."""
+        return self.root / "lib" / "flink-ext" / "checkout-guard-flink.jar"
+
+    @property
     def opensearch_home(self) -> Path:
         return self.root / f"opensearch-{OPENSEARCH_VERSION}"
 
@@ -184,6 +189,14 @@ def flink_connector_jars(settings: Settings) -> list[Path]:
     if not jars:
         raise StackError("Flink Kafka connector not installed: run `make setup`")
     return jars
+
+
+def flink_ext_jar(settings: Settings) -> Path:
+    """The job's own operators jar, built by infra/install.sh from ``jobs/java``."""
+    jar = StackPaths.of(settings).flink_ext_jar
+    if not jar.is_file():
+        raise StackError("the job's Java operators are not built: run `make setup`")
+    return jar
 
 
 def _java_major(home: Path) -> int | None:

@@ -37,9 +37,10 @@ from pyflink.datastream.state import MapStateDescriptor
 from pyflink.table import StreamTableEnvironment
 
 from infra.settings import REPO_ROOT, Settings, get_settings
-from infra.stack import flink_connector_jars
+from infra.stack import flink_connector_jars, flink_ext_jar
 from jobs.control_topics import read_control_topics
-from jobs.face_join import EARLY_FACES, PENDING, FaceJoin, observation_result, seen_from
+from jobs.face_join import EARLY_FACES, PENDING, FaceJoin, Ready, observation_result, seen_from
+from jobs.frames import OutputBatch, OutRecord, SourceRecord, unpack_records
 from jobs.rules import RuleSet
 from jobs.scoring import CUSTOMERS, RECEIPTS, STORES, Scorer, ScoringState
 from jobs.validation import InvalidRecord, dead_letter
@@ -62,45 +63,39 @@ SOURCE_ROW = Types.ROW_NAMED(
      Types.LONG(), Types.LONG()],
 )
 """One Kafka record as the job sees it: key, value, where it came from, broker timestamp (ms, or the
-Kafka table's TIMESTAMP_LTZ as a pyflink ``Instant``)."""
+Kafka table's TIMESTAMP_LTZ as an ``Instant``)."""
 OUT_ROW = Types.ROW_NAMED(
     ["topic", "k", "v"], [Types.STRING(), Types.PRIMITIVE_ARRAY(Types.BYTE()), Types.PRIMITIVE_ARRAY(Types.BYTE())]
 )
 """One output record: target topic, key, value."""
+BATCH_BYTES = Types.PRIMITIVE_ARRAY(Types.BYTE())
+"""A batch of records in or out of the scoring step (framing in :mod:`jobs.frames`)."""
 STATE_KEY = "all"
 """Every transaction is scored under one key, see :class:`DecideStep`."""
 BROADCAST = MapStateDescriptor("broadcast", Types.STRING(), Types.PICKLED_BYTE_ARRAY())
 """Rules (key ``rules``) and watchlist entries (key ``wl:<subject>``), the same in every instance."""
-BATCH = "batch"
-"""Transactions ready for a decision, waiting for the model batch (persisted: their offsets are done)."""
-
-
-def _epoch_ms(ts: Any) -> int:
-    """The Kafka timestamp: a pyflink Instant (process mode), a Java Instant (thread mode) or ms."""
-    if hasattr(ts, "to_epoch_milli"):
-        return ts.to_epoch_milli()
-    if hasattr(ts, "toEpochMilli"):
-        return int(ts.toEpochMilli())
-    return int(ts or 0)
+LEGACY_BATCH = "batch"
+"""Transactions a job before version 0.4 held for its model batch; decided at the first call after a restore."""
 
 
 class DecideStep(KeyedBroadcastProcessFunction):
     """Parse, match receipts, track stores and customers, join the face, decide — in one operator.
 
-    Keyed input: transactions and face observations (one Kafka source over both topics). Broadcast
-    input: the rule set and the watchlist, from their compacted topics, so a rules update or a
-    ``forget`` takes effect at once without a restart.
+    Keyed input: batches of transactions and face observations (one Kafka source over both topics,
+    packed by the Java ``RecordBatcher``: one Python call per batch instead of per record, which
+    costs more than the scoring). Broadcast input: the rule set and the watchlist, from their
+    compacted topics, so a rules update or a ``forget`` takes effect at once without a restart.
 
     Why one operator, with its state in Flink MapState read through a Python cache: in PyFlink
-    every state read that misses the Python worker's cache is a round trip to the JVM (~2-3 ms on a
-    2-core machine), and most reads are of new keys (every sale opens a receipt), so per-key state
-    in separate keyed steps capped the job at ~150 tx/s. Here the maps are loaded from MapState once,
-    after start or restore, and are then authoritative; every change is written back to MapState
-    (buffered, no round trip), which Flink checkpoints with the source offsets. Cross-key lookups
-    (a return at store B against a sale at store A, by another card) need no shuffle. Transactions
-    waiting for their face (pending) or for the model batch are state too, so a crash between
-    reading a transaction and deciding it loses nothing. The price: scoring runs in one slot;
-    sharding by region is the way to scale out.
+    every state read that misses the Python worker's cache is a round trip to the JVM, and most
+    reads are of new keys (every sale opens a receipt), so per-key state in separate keyed steps
+    capped the job at ~150 tx/s. Here the maps are loaded from MapState once, after start or
+    restore, and are then authoritative; the changes of a batch are written back to MapState at its
+    end (one ``put_all`` per map), which Flink checkpoints with the source offsets. Cross-key
+    lookups (a return at store B against a sale at store A, by another card) need no shuffle.
+    Transactions waiting for their face are state too, so a crash between reading a transaction and
+    deciding it loses nothing. Every transaction released by a batch is decided in one model call.
+    The price: scoring runs in one slot; sharding by region is the way to scale out.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -112,13 +107,13 @@ class DecideStep(KeyedBroadcastProcessFunction):
         self.join = FaceJoin(job.face_deadline_ms, job.early_face_ttl_ms)
         self.maps = {
             name: runtime_context.get_map_state(MapStateDescriptor(name, Types.STRING(), Types.PICKLED_BYTE_ARRAY()))
-            for name in (RECEIPTS, STORES, CUSTOMERS, PENDING, EARLY_FACES, BATCH)
+            for name in (RECEIPTS, STORES, CUSTOMERS, PENDING, EARLY_FACES, LEGACY_BATCH)
         }
+        self.changes: dict[str, dict[str, Any]] = {name: {} for name in self.maps}
         self.state: ScoringState | None = None
+        self.restored_ready: list[Ready] = []
         self.watchlist = _watchlist(self.settings)
         self.forgotten: list[str] = []
-        self.batch: dict[str, tuple[tuple, Any]] = {}
-        self.flush_at: int | None = None
         self.deadline_at: int | None = None
         prefix = self.settings.kafka.topic_prefix
         self.tx_topic = TRANSACTIONS.full_name(prefix)
@@ -171,74 +166,103 @@ class DecideStep(KeyedBroadcastProcessFunction):
                 **{name: dict(self.maps[name].items()) for name in (RECEIPTS, STORES, CUSTOMERS)}
             )
             self.join.restore(dict(self.maps[PENDING].items()), dict(self.maps[EARLY_FACES].items()))
-            self.batch = dict(self.maps[BATCH].items())
+            for tx_id, (env, seen) in self.maps[LEGACY_BATCH].items():
+                self.restored_ready.append(Ready(env, seen))
+                self.changes[LEGACY_BATCH][tx_id] = None
             if self.bootstrapped is None:
                 for key, value in ctx.get_broadcast_state(BROADCAST).items():
                     self._apply_broadcast(key, value)
-            self._arm(ctx, now=_now_ms())
+            self._arm(ctx)
         return self.state
 
     def _persist(self, writes) -> None:
+        """Note changes; :meth:`_commit` writes the last value of each key at the end of the call."""
         for name, key, value in writes:
-            if value is None:
-                self.maps[name].remove(key)
-            else:
-                self.maps[name].put(key, value)
+            self.changes[name][key] = value
 
-    def _arm(self, ctx, now: int) -> None:
-        """Keep one timer for the earliest face deadline and one for the model batch."""
+    def _commit(self) -> None:
+        for name, changes in self.changes.items():
+            if not changes:
+                continue
+            state = self.maps[name]
+            puts = _Entries()
+            for key, value in changes.items():
+                if value is None:
+                    state.remove(key)
+                else:
+                    puts[key] = value
+            if puts:
+                state.put_all(puts)
+            changes.clear()
+
+    def _arm(self, ctx) -> None:
+        """Keep one timer, for the earliest face deadline."""
         deadline = self.join.next_deadline()
         if deadline is not None and (self.deadline_at is None or deadline < self.deadline_at):
             self.deadline_at = deadline
             ctx.timer_service().register_processing_time_timer(deadline)
-        if self.batch and self.flush_at is None:
-            self.flush_at = now + self.settings.job.batch_time_ms
-            ctx.timer_service().register_processing_time_timer(self.flush_at)
 
     # --- inputs --------------------------------------------------------------------------------
-    def process_element(self, row: Row, ctx: KeyedBroadcastProcessFunction.ReadOnlyContext):
+    def process_element(self, batch: Any, ctx: KeyedBroadcastProcessFunction.ReadOnlyContext):
         state = self._load(ctx)
         if self.forgotten:
             self._forget_faces()
         now = _now_ms()
-        if row[2] == self.tx_topic:
-            env = self.scorer.parse(row[1], row[0], row[2], row[3], row[4], _epoch_ms(row[5]))
+        out = OutputBatch()
+        ready = self.restored_ready
+        self.restored_ready = []
+        for record in unpack_records(_as_bytes(batch)):
+            item = self._take(record, state, now, out)
+            if item is not None:
+                ready.append(item)
+        self._decide(ready, out)
+        self._commit()
+        self._arm(ctx)
+        if out.count:
+            yield out.to_bytes()
+
+    def _take(self, record: SourceRecord, state: ScoringState, now: int, out: OutputBatch) -> Ready | None:
+        """One transaction or face observation: state updated, outputs added; what is ready to decide."""
+        key, value, topic, partition, offset, ts = record
+        if topic == self.tx_topic:
+            env = self.scorer.parse(value, key, topic, partition, offset, ts)
             if isinstance(env[0], str):
-                yield Row(*env)
-                return
+                out.add(*env)
+                return None
             env, writes = self.scorer.observe(env, state)
             self._persist(writes)
             if env is None:
-                return
+                return None
             ready, writes = self.join.on_transaction(env, now)
         else:
             try:
-                obs = self.face_codec.decode(bytes(row[1]) if row[1] is not None else b"")
+                obs = self.face_codec.decode(value or b"")
             except Exception as err:  # noqa: BLE001 - any undecodable observation is a dead letter
-                yield Row(*self._dead_letter(row, "not_avro", f"face observation: {err}"))
-                return
+                out.add(*self._dead_letter(record, "not_avro", f"face observation: {err}"))
+                return None
             face = observation_result(obs, self.watchlist)
             if obs["trigger"] == "ENTRANCE" or not obs.get("transaction_id"):
-                for out in self.scorer.entrance(obs, face):
-                    yield Row(*out)
-                return
+                for alert in self.scorer.entrance(obs, face):
+                    out.add(*alert)
+                return None
             ready, writes = self.join.on_observation(obs["transaction_id"], seen_from(obs, face, now))
         self._persist(writes)
-        if ready is not None:
-            yield from self._ready([ready], ctx, now)
-        else:
-            self._arm(ctx, now)
+        return ready
 
     def on_timer(self, timestamp: int, ctx: KeyedBroadcastProcessFunction.OnTimerContext):
         self._load(ctx)
         now = _now_ms()
         if self.deadline_at is not None and timestamp >= self.deadline_at:
             self.deadline_at = None
-        if self.flush_at is not None and timestamp >= self.flush_at:
-            self.flush_at = None
         due, writes = self.join.due(now)
         self._persist(writes)
-        yield from self._ready(due, ctx, now, flush=True)
+        out = OutputBatch()
+        self._decide([*self.restored_ready, *due], out)
+        self.restored_ready = []
+        self._commit()
+        self._arm(ctx)
+        if out.count:
+            yield out.to_bytes()
 
     def process_broadcast_element(self, row: Row, ctx: KeyedBroadcastProcessFunction.Context):
         """Rules and watchlist changes: applied now, kept in broadcast state for restores."""
@@ -250,7 +274,9 @@ class DecideStep(KeyedBroadcastProcessFunction):
             update = self._control_record(row[2], key, value, apply=row[4] > done)
         except Exception as err:  # noqa: BLE001 - a bad update must not stop scoring: dead-letter it
             log.warning("rejected %s update at offset %s: %s", row[2], row[4], err)
-            yield Row(*self._dead_letter(row, "invalid_update", str(err)))
+            out = OutputBatch()
+            out.add(*self._dead_letter((key, value, row[2], row[3], row[4], 0), "invalid_update", str(err)))
+            yield out.to_bytes()
             return
         if update is None:
             return
@@ -283,42 +309,40 @@ class DecideStep(KeyedBroadcastProcessFunction):
                 self._persist([(RECEIPTS, tx_id, receipt)])
 
     # --- decisions -----------------------------------------------------------------------------
-    def _ready(self, ready, ctx, now: int, flush: bool = False):
-        job = self.settings.job
-        for item in ready:
-            tx_id = item.env[0]["transaction_id"]
-            self.batch[tx_id] = (item.env, item.seen)
-            if job.batch_time_ms > 0:
-                self.maps[BATCH].put(tx_id, (item.env, item.seen))
-        if flush or job.batch_time_ms <= 0 or len(self.batch) >= job.batch_size:
-            yield from self._flush()
-        self._arm(ctx, now)
+    def _decide(self, ready: list[Ready], out: OutputBatch) -> None:
+        """Model, rules and outputs for every released transaction, in model calls of ``batch_size``."""
+        size = max(1, self.settings.job.batch_size)
+        for start in range(0, len(ready), size):
+            chunk = ready[start:start + size]
+            rows, writes = self.scorer.decide_batch(
+                [item.env for item in chunk], seen=[item.seen for item in chunk], state=self.state,
+            )
+            self._persist(writes)
+            for row in rows:
+                out.add(*row)
 
-    def _flush(self):
-        if not self.batch:
-            return
-        items = list(self.batch.items())
-        self.batch = {}
-        rows, writes = self.scorer.decide_batch(
-            [env for _, (env, _) in items], seen=[seen for _, (_, seen) in items], state=self.state,
-        )
-        self._persist(writes)
-        if self.settings.job.batch_time_ms > 0:
-            for tx_id, _ in items:
-                self.maps[BATCH].remove(tx_id)
-        for out in rows:
-            yield Row(*out)
-
-    def _dead_letter(self, row: Row, kind: str, reason: str) -> tuple[str, bytes, bytes]:
-        value = bytes(row[1]) if row[1] is not None else None
-        key = bytes(row[0]) if row[0] is not None else None
-        dl = dead_letter(topic=row[2], partition=row[3], offset=row[4], key=key, value=value,
+    def _dead_letter(self, record: SourceRecord, kind: str, reason: str) -> OutRecord:
+        key, value, topic, partition, offset, _ = record
+        dl = dead_letter(topic=topic, partition=partition, offset=offset, key=key, value=value,
                          error=InvalidRecord(kind, reason), stage="scoring-job", failed_at=_now_ms())
         return (self.scorer.dlq_topic, dl.dead_letter_id.encode(), dl.encode())
 
 
+class _Entries(dict):
+    """A dict that iterates as (key, value) pairs: MapState.put_all takes a dict in thread mode but
+    iterates its argument as pairs in process mode (PyFlink 2.2), so this one serves both."""
+
+    def __iter__(self):
+        return iter(self.items())
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _as_bytes(data: Any) -> bytes:
+    """A byte[] from the JVM: ``bytes`` in thread mode; in process mode too, but be lenient."""
+    return data if isinstance(data, bytes) else bytes(b & 0xFF for b in data)
 
 
 def _predictor(settings: Settings):
@@ -338,23 +362,52 @@ def _watchlist(settings: Settings):
     return Watchlist(settings)
 
 
-def _state_key(row: Row) -> str:
+def _state_key(batch: Any) -> str:
     return STATE_KEY
+
+
+def _with_ext_jar(env, settings: Settings) -> None:
+    """Make the job's Java operators (``RecordBatcher``, ``OutputUnbatcher``) loadable, once."""
+    from pyflink.java_gateway import get_gateway
+    from pyflink.util.java_utils import add_jars_to_context_class_loader
+
+    uri = flink_ext_jar(settings).resolve().as_uri()
+    jvm = get_gateway().jvm
+    config = jvm.org.apache.flink.python.util.PythonConfigUtil.getEnvironmentConfig(env._j_stream_execution_environment)
+    if uri in (config.getString(jvm.org.apache.flink.configuration.PipelineOptions.JARS.key(), None) or ""):
+        add_jars_to_context_class_loader([uri])
+    else:
+        env.add_jars(uri)
 
 
 def build_pipeline(source: DataStream, settings: Settings, broadcast: DataStream | None = None) -> DataStream:
     """Source rows (``SOURCE_ROW``: transactions, face observations) + broadcast rows (rules,
-    watchlist) -> output rows (``OUT_ROW``): decisions, alerts, dead letters."""
+    watchlist) -> output rows (``OUT_ROW``): decisions, alerts, dead letters.
+
+    Java batches the rows for Python (at most ``job.batch_size`` records, ``job.batch_time_ms``
+    after the first, and before every checkpoint barrier) and unpacks Python's output batches."""
+    from pyflink.java_gateway import get_gateway
+
+    env = source.get_execution_environment()
+    _with_ext_jar(env, settings)
     if broadcast is None:
-        env = source.get_execution_environment()
         broadcast = env.from_collection([], type_info=SOURCE_ROW)
-    return (
-        source.key_by(_state_key, key_type=Types.STRING())
+    ops = get_gateway().jvm.checkoutguard.flink
+    job = settings.job
+    batches = DataStream(source._j_data_stream.transform(
+        "batch records for Python", BATCH_BYTES.get_java_type_info(),
+        ops.RecordBatcher(job.batch_size, job.batch_time_ms),
+    ).uid("batch-in"))
+    scored = (
+        batches.key_by(_state_key, key_type=Types.STRING())
         .connect(broadcast.broadcast(BROADCAST))
-        .process(DecideStep(settings), output_type=OUT_ROW)
+        .process(DecideStep(settings), output_type=BATCH_BYTES)
         .name("parse, match receipts, track stores and customers, join faces, decide")
         .uid("score")
     )
+    # A chain of its own: unpacking and the Kafka sink run on the other core, not in Python's thread.
+    return DataStream(scored._j_data_stream.flatMap(ops.OutputUnbatcher(), OUT_ROW.get_java_type_info())
+                      .name("unpack outputs").uid("batch-out").startNewChain())
 
 
 # --- wiring to Kafka -------------------------------------------------------------------------
