@@ -89,8 +89,9 @@ def _code(value: str) -> float:
     return float(zlib.crc32(value.strip().lower().encode("utf-8", "replace")) % _HASH_MOD)
 
 
-_INDICATOR_DEFAULTS: tuple[tuple[str, float], ...] = tuple(
-    (name, NAN if name in _NUMERIC_INDICATORS else 0.0) for name in INDICATOR_FEATURES)
+_INDICATOR_DEFAULTS: tuple[float, ...] = tuple(
+    NAN if name in _NUMERIC_INDICATORS else 0.0 for name in INDICATOR_FEATURES)
+_INDICATOR_COLUMN: dict[str, int] = {name: len(TX_FEATURES) + i for i, name in enumerate(INDICATOR_FEATURES)}
 
 
 def feature_row(tx: dict[str, Any], ind: dict[str, float]) -> list[float]:
@@ -126,8 +127,11 @@ def feature_row(tx: dict[str, Any], ind: dict[str, float]) -> list[float]:
         1.0 if email else 0.0,
         1.0 if get("customer_id") else 0.0,
     ]
-    iget = ind.get
-    row += [iget(name, default) for name, default in _INDICATOR_DEFAULTS]
+    row += _INDICATOR_DEFAULTS
+    for name, value in ind.items():  # a handful per transaction: cheaper than a pass over all columns
+        column = _INDICATOR_COLUMN.get(name)
+        if column is not None:
+            row[column] = value
     row += [
         _cat(get("product_category") or (items[0]["category"] if items else None)),
         _cat(get("currency")),

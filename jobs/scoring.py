@@ -130,8 +130,9 @@ class Scorer:
         """
         tx = env[0]
         rk = receipt_key(tx)
+        ck = customer_key(tx)
         known = rk in state.receipts
-        receipt, out = self.by_receipt(state.receipts.get(rk), env)
+        receipt, out = self.by_receipt(state.receipts.get(rk), env, ck)
         if out is None:
             return None, []
         state.receipts[rk] = receipt
@@ -143,7 +144,6 @@ class Scorer:
         state.stores[sk], out = self.by_store(state.stores.get(sk), out)
         if new_store or tx["kind"] == "RETURN":  # sales leave a known store's activity as it was
             writes.append((STORES, sk, state.stores[sk]))
-        ck = customer_key(tx)
         profile = state.customers.get(ck) or CustomerProfile()
         out[1].update(profile.observe(tx, self.rules))
         if not ck.startswith("anon:"):
@@ -231,11 +231,11 @@ class Scorer:
         return rows, writes + more
 
     # 2 ---------------------------------------------------------------------------------------
-    def by_receipt(self, state: Receipt | None, env: Envelope) -> tuple[Receipt, Envelope | None]:
+    def by_receipt(self, state: Receipt | None, env: Envelope, cust_key: str) -> tuple[Receipt, Envelope | None]:
         """Match a return with its sale; ``None`` envelope when the transaction is a duplicate."""
         state = state or Receipt()
         tx, ind, ingest = env
-        found = state.observe(tx, customer_key(tx), self.rules)
+        found = state.observe(tx, cust_key, self.rules)
         if found is None:
             return state, None
         ind.update(found)

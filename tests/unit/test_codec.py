@@ -1,3 +1,4 @@
+import io
 import json
 from dataclasses import fields
 
@@ -36,6 +37,27 @@ def test_truncated_body_is_reported_as_corrupt():
     with pytest.raises(DecodeError) as err:
         codec("PosTransaction").decode(data[:-5])
     assert err.value.kind == "corrupt"
+
+
+def test_a_message_from_an_older_schema_version_decodes_into_the_latest_with_defaults():
+    from dataclasses import replace
+
+    from fastavro import parse_schema, schemaless_writer
+
+    from schemas.codec import Codec, _fingerprint
+
+    current = Codec("PosTransaction")
+    raw = json.loads(current.schema.text)
+    raw["fields"] = [f for f in raw["fields"] if f["name"] != "label"]
+    parsed = parse_schema(raw)
+    older = replace(current.schema, version=0, fingerprint=_fingerprint(parsed), parsed=parsed, text=json.dumps(raw))
+    current._known = {**current._known, older.fingerprint: older}
+    record = {k: v for k, v in current.decode(sale("t1", label=1).encode()).items() if k != "label"}
+    buf = io.BytesIO()
+    schemaless_writer(buf, parsed, record)  # written by the other library, as an old producer might
+
+    decoded = current.decode(MAGIC + older.fingerprint + buf.getvalue())
+    assert decoded["transaction_id"] == "t1" and decoded["label"] is None
 
 
 def test_message_of_another_record_type_is_rejected():
