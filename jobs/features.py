@@ -17,7 +17,7 @@ command (offline history) and the job (Flink state), so features cannot drift be
 from __future__ import annotations
 
 import math
-from bisect import insort
+from bisect import bisect_left, bisect_right, insort
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,10 +125,13 @@ class CustomerProfile:
     def observe(self, tx: Tx, rules: RulesSettings) -> dict[str, float]:
         now = tx["event_time"]
         ind: dict[str, float] = {}
-        insort(self.recent, now)
+        recent = self.recent
+        insort(recent, now)
         horizon = now - rules.velocity_window_s * 1000
-        self.recent = [t for t in self.recent if t >= horizon][-(rules.velocity_limit * 4):]
-        in_window = sum(1 for t in self.recent if t <= now)
+        keep_from = max(bisect_left(recent, horizon), len(recent) - rules.velocity_limit * 4)
+        if keep_from > 0:
+            del recent[:keep_from]
+        in_window = bisect_right(recent, now)
         ind["velocity"] = float(in_window)
         if in_window > rules.velocity_limit:
             ind["velocity_exceeded"] = 1.0
