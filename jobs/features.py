@@ -21,9 +21,15 @@ from bisect import bisect_left, bisect_right, insort
 from dataclasses import dataclass, field
 from typing import Any
 
+import pycountry
+
 from infra.settings import RulesSettings
 
 Tx = dict[str, Any]
+ISO_4217: frozenset[str] = frozenset(c.alpha_3 for c in pycountry.currencies)
+"""Current ISO 4217 currency codes. Another well-formed code (a withdrawn one such as ``HRK``, a
+local token such as ``JEP``) is usable but raises ``unknown_currency``: its amount cannot be
+converted or compared with other stores'."""
 
 
 def customer_key(tx: Tx) -> str:
@@ -162,4 +168,6 @@ def transaction_indicators(tx: Tx, rules: RulesSettings) -> dict[str, float]:
     top_price = max((i["unit_price"] for i in tx["items"]), default=tx["amount"])
     if top_price >= rules.high_value_amount:
         ind["high_value_item"] = 1.0
+    if tx["currency"] not in ISO_4217:
+        ind["unknown_currency"] = 1.0
     return ind

@@ -30,7 +30,7 @@ KNOWN_INDICATORS: frozenset[str] = frozenset({
     "no_photo_verification", "customer_mismatch", "suspicious_timing", "high_value_item", "return_without_receipt",
     # jobs/features.py
     "return_exceeds_sale", "return_unknown_receipt", "velocity_exceeded", "amount_above_norm",
-    "cross_store_return", "store_return_burst", "new_store_for_customer", "first_seen",
+    "cross_store_return", "store_return_burst", "new_store_for_customer", "first_seen", "unknown_currency",
 })
 """Indicators a weight may name: a typo in a rule file must fail validation, not silently score 0."""
 FACE_STATUSES = frozenset({"UNAVAILABLE", "NO_FACE", "UNKNOWN", "MATCHED", "REJECTED"})

@@ -56,11 +56,14 @@ class ScoringState:
     stores: dict[str, StoreActivity] = field(default_factory=dict)
     customers: dict[str, CustomerProfile] = field(default_factory=dict)
     receipt_order: deque[tuple[int, str]] = field(default_factory=deque)
+    newest_event_ms: int = 0
+    """The latest event time seen: the job's event-time "now" for the lateness check."""
 
     @classmethod
     def restore(cls, receipts: dict, stores: dict, customers: dict) -> ScoringState:
         order = deque(sorted((r.event_time, k) for k, r in receipts.items()))
-        return cls(dict(receipts), dict(stores), dict(customers), order)
+        # The newest receipt is a lower bound of the newest event: a restore never rejects more.
+        return cls(dict(receipts), dict(stores), dict(customers), order, order[-1][0] if order else 0)
 
     def expire_receipts(self, now_ms: int, retention_ms: int) -> list[Write]:
         """Forget receipts older than the return window (bounded memory, like a state TTL)."""
@@ -127,8 +130,19 @@ class Scorer:
 
         ``None`` for a duplicate. This is the one feature path: the job runs it on Flink state, the
         ``train``/``backtest`` commands run it on a :class:`ScoringState` built from history.
+        Raises :class:`InvalidRecord` (``too_late``) for an event older than the state keeps: its
+        sale is forgotten and its history expired, so its indicators would be wrong. Events that are
+        merely out of order, within that horizon, are placed where they belong in time.
         """
         tx = env[0]
+        event_time = tx["event_time"]
+        horizon_ms = self.rules.receipt_retention_days * 86_400_000
+        if event_time < state.newest_event_ms - horizon_ms:
+            behind_days = (state.newest_event_ms - event_time) / 86_400_000
+            raise InvalidRecord("too_late", f"event_time is {behind_days:.0f} days behind the newest event seen, "
+                                f"beyond the {self.rules.receipt_retention_days}-day state horizon")
+        if event_time > state.newest_event_ms:
+            state.newest_event_ms = event_time
         rk = receipt_key(tx)
         ck = customer_key(tx)
         known = rk in state.receipts

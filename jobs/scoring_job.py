@@ -229,7 +229,11 @@ class DecideStep(KeyedBroadcastProcessFunction):
             if isinstance(env[0], str):
                 out.add(*env)
                 return None
-            env, writes = self.scorer.observe(env, state)
+            try:
+                env, writes = self.scorer.observe(env, state)
+            except InvalidRecord as err:
+                out.add(*self._dead_letter(record, err.kind, err.reason))
+                return None
             self._persist(writes)
             if env is None:
                 return None

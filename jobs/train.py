@@ -43,6 +43,7 @@ from jobs.model import (
 )
 from jobs.predictors import LocalPredictor
 from jobs.scoring import Scorer, ScoringState
+from jobs.validation import InvalidRecord
 from producers.csv_replay import file_sha256, read_rows, replay_order, row_to_transaction
 from producers.generator import PosGenerator
 from schemas.codec import codec
@@ -79,7 +80,11 @@ def observe_all(records: Iterable[PosTransaction | tuple[str, str]], settings: S
         if isinstance(env[0], str):  # a dead letter row: (topic, key, value)
             out.rejected.append((rec.transaction_id, dead_letter.decode(env[2])["reason"]))
             continue
-        observed, _ = scorer.observe(env, state)
+        try:
+            observed, _ = scorer.observe(env, state)
+        except InvalidRecord as err:
+            out.rejected.append((rec.transaction_id, err.reason))
+            continue
         if observed is None:
             out.duplicates += 1
             continue

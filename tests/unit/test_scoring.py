@@ -224,3 +224,31 @@ def test_event_stamped_a_day_after_the_broker_received_it_is_rejected():
         parse_transaction(data, T0, 1 << 20)
     assert err.value.kind == "invalid_timestamp"
     assert parse_transaction(sale("t2", at_s=3600).encode(), T0, 1 << 20)["transaction_id"] == "t2"
+
+
+SHORT_MEMORY = SETTINGS.model_copy(update={"rules": RULES.model_copy(update={"receipt_retention_days": 10})})
+
+
+def test_an_event_older_than_the_state_horizon_is_rejected_as_too_late_but_out_of_order_ones_count():
+    pipeline, horizon_s = Pipeline(SHORT_MEMORY), 10 * 86_400
+    pipeline.decision(sale("t-new", at_s=horizon_s + 7200))
+    late = pipeline.decision(sale("t-late", at_s=7200 + 3600))  # out of order, inside the horizon
+    assert late["transaction_id"] == "t-late"
+    with pytest.raises(InvalidRecord) as err:
+        pipeline.feed(sale("t-old", at_s=3600).encode())
+    assert err.value.kind == "too_late" and "day state horizon" in err.value.reason
+
+
+def test_a_restored_state_keeps_rejecting_what_is_too_late():
+    pipeline = Pipeline(SHORT_MEMORY)
+    pipeline.decision(sale("t1", at_s=10 * 86_400 + 7200))
+    receipts = {key: value for (name, key), value in pipeline.persisted.items() if name == RECEIPTS}
+    restored = ScoringState.restore(receipts, {}, {})
+    env = pipeline.scorer.parse(sale("t-old", at_s=60).encode(), None, "transactions", 0, 9, T0)
+    with pytest.raises(InvalidRecord):
+        pipeline.scorer.observe(env, restored)
+
+
+def test_a_currency_outside_iso_4217_is_scored_with_a_reason():
+    assert "unknown_currency" in Pipeline().decision(replace(sale("t1"), currency="JEP"))["reasons"]
+    assert "unknown_currency" not in Pipeline().decision(replace(sale("t2"), currency="EUR"))["reasons"]
