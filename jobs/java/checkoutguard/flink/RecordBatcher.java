@@ -17,7 +17,7 @@ import org.apache.flink.types.Row;
  * Python scoring step is entered once per batch instead of once per record.
  *
  * <p>Why: crossing from the JVM into Python costs more per record than our scoring itself. A batch
- * is sent when it holds {@code maxRecords} records, {@code maxDelayMs} after its first record, and
+ * is sent when it holds {@code maxRecords} records or 4 MiB, {@code maxDelayMs} after its first record, and
  * before every checkpoint barrier, so no record is ever held across a checkpoint: the operator needs
  * no state, and the source offsets in a checkpoint cover exactly what Python has received.
  *
@@ -26,6 +26,8 @@ import org.apache.flink.types.Row;
  */
 public class RecordBatcher extends AbstractStreamOperator<byte[]> implements OneInputStreamOperator<Row, byte[]> {
     private static final long serialVersionUID = 1L;
+    /** A batch is also sent once it holds this many bytes, so a run of large records stays bounded. */
+    static final int MAX_BATCH_BYTES = 4 << 20;
 
     private final int maxRecords;
     private final long maxDelayMs;
@@ -60,7 +62,7 @@ public class RecordBatcher extends AbstractStreamOperator<byte[]> implements One
         out.writeLong(offset == null ? -1L : ((Number) offset).longValue());
         out.writeLong(epochMillis(row.getField(5)));
         count++;
-        if (count >= maxRecords || maxDelayMs == 0) {
+        if (count >= maxRecords || bytes.size() >= MAX_BATCH_BYTES || maxDelayMs == 0) {
             flush();
         } else if (!timerArmed) {
             timerArmed = true;
