@@ -103,13 +103,14 @@ def report_rows(r: dict) -> list[tuple[str, str, str]]:
     return [
         (f"model+rules+state, batches of {r['batch']} (tx/s, in-process)", f"{r['scored_batched_per_s']:,.0f}",
          ">= 20,000"),
-        ("same, one model call per record (tx/s)", f"{r['scored_per_record_per_s']:,.0f}", ""),
-        ("  ratio batched / per record", f"{r['ratio_batched_to_per_record']:.1f}x", ">= 20x"),
+        ("same, one local model call per record (tx/s)", f"{r['scored_per_record_per_s']:,.0f}", ""),
+        ("  ratio batched / per record, local model", f"{r['ratio_batched_to_per_record']:.1f}x", ""),
         ("model stage alone: batched / per-record call", f"{r['model_only_batched_per_s']:,.0f} / "
          f"{r['model_only_per_record_per_s']:,.0f} tx/s = {r['ratio_model_only']:.1f}x", ""),
         ("seed 004 loop: per-record GetEventPrediction, local server (tx/s)",
          f"{r['afd_local_server_per_record_per_s']:,.0f}", ""),
-        ("  ratio batched local model / seed 004 loop", f"{r['ratio_batched_to_afd_per_record']:.0f}x", ">= 20x"),
+        ("  ratio batched local model / seed 004 loop (the issue's ratio)",
+         f"{r['ratio_batched_to_afd_per_record']:.0f}x", ">= 20x"),
     ]
 
 
