@@ -16,6 +16,7 @@ Run it: ``python -m jobs.scoring_job`` (needs the stack: ``make up``).
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -115,6 +116,7 @@ class DecideStep(KeyedBroadcastProcessFunction):
         self.watchlist = _watchlist(self.settings)
         self.forgotten: list[str] = []
         self.deadline_at: int | None = None
+        self.heap = FrozenState()
         prefix = self.settings.kafka.topic_prefix
         self.tx_topic = TRANSACTIONS.full_name(prefix)
         self.rules_topic = RULES.full_name(prefix)
@@ -218,6 +220,7 @@ class DecideStep(KeyedBroadcastProcessFunction):
         self._decide(ready, out)
         self._commit()
         self._arm(ctx)
+        self.heap.settle()
         if out.count:
             yield out.to_bytes()
 
@@ -338,6 +341,29 @@ class _Entries(dict):
 
     def __iter__(self):
         return iter(self.items())
+
+
+class FrozenState:
+    """Keeps Python's cycle collector off the job's long-lived state.
+
+    Why: the state (receipts, customers, ... : hundreds of thousands of objects, growing with the
+    retention window) is what the collector's full passes would walk, over and over, while the
+    thread holds every record: we measured 80-220 ms pauses at 0.2-0.5 M objects, the whole
+    event->decision tail. Once a second the objects that survived are collected over (only those
+    made since the last time: frozen ones are skipped) and frozen. State objects hold no reference
+    cycles and are freed by reference counting when the job drops them, so freezing them leaks nothing.
+    """
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.interval_s = interval_s
+        self.next_at = 0.0
+
+    def settle(self) -> None:
+        now = time.monotonic()
+        if now >= self.next_at:
+            gc.collect()
+            gc.freeze()
+            self.next_at = now + self.interval_s
 
 
 def _now_ms() -> int:
