@@ -189,3 +189,17 @@ def test_backtest_reports_unusable_rows_with_reasons_and_scores_the_rest(tmp_pat
     assert "payment_currency" in reasons["bad-currency"]
     assert "EVENT_TIMESTAMP" in reasons["bad-time"]
     assert "amount must be a positive number" in reasons["zero-price"]  # the job's own validation
+
+
+def test_rolling_origin_validation_scores_each_fold_on_rows_after_its_training_rows():
+    from jobs.train import rolling_origin_auc
+
+    rng = np.random.default_rng(3)
+    y = (rng.random(600) < 0.2).astype(np.int64)
+    x = np.full((600, len(FEATURE_NAMES)), np.nan)
+    amount = FEATURE_NAMES.index("amount_log")
+    x[:, amount] = y * 2.0 + rng.normal(0, 0.5, 600)  # fraud spends more: learnable
+    aucs = rolling_origin_auc(x, y, rounds=30, folds=4)
+    assert len(aucs) == 4 and min(aucs) > 0.9
+    blind = rolling_origin_auc(x, y, rounds=30, folds=4, drop=["amount_log"])  # nothing left to learn from
+    assert max(blind) == 0.5
