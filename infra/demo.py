@@ -160,8 +160,11 @@ def main(
         spawn("sinks.dashboard", settings, name="dashboard"),
     ]
     time.sleep(3)  # the camera and the bot answer before shoppers arrive
+    # A seed per run: transaction ids are tx-<seed>-<n>, and the job (its state restored from the last
+    # run's checkpoint) rightly drops ids it has already decided as duplicates.
     children.append(spawn("producers.shoppers", settings, "--rate", str(rate), "--count", "100000000",
-                          "--fraud-share", str(fraud_share), "--no-progress", name="shoppers"))
+                          "--fraud-share", str(fraud_share), "--seed", str(int(time.time())), "--no-progress",
+                          name="shoppers"))
     idx = settings.opensearch.index_prefix
     dash = settings.dashboard
     console.print(
