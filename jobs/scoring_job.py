@@ -76,7 +76,8 @@ STATE_KEY = "all"
 BROADCAST = MapStateDescriptor("broadcast", Types.STRING(), Types.PICKLED_BYTE_ARRAY())
 """Rules (key ``rules``) and watchlist entries (key ``wl:<subject>``), the same in every instance."""
 LEGACY_BATCH = "batch"
-"""Transactions a job before version 0.4 held for its model batch; decided at the first call after a restore."""
+"""Where the job kept transactions waiting for a model batch before batching moved into the JVM: what a
+restored checkpoint still holds there is decided at the first call."""
 
 
 class DecideStep(KeyedBroadcastProcessFunction):
