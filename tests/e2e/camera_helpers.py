@@ -77,6 +77,13 @@ def isolated_camera_settings(stack: Settings, tmp_path: Path, mqtt_port: int | N
     return s
 
 
+def face_camera_settings(stack: Settings, tmp_path: Path) -> Settings:
+    """Isolated settings for a face-stage test: a local camera on a free port, the face stage
+    reading its topic from the start, fast polling."""
+    return isolated_camera_settings(stack, tmp_path, local_port=free_port(), face_stage_offset_reset="earliest",
+                                    poll_interval_s=0.25)
+
+
 def delete_topics(settings: Settings) -> None:
     """Remove exactly this run's topics (its own prefix) from the shared broker."""
     from confluent_kafka.admin import AdminClient

@@ -18,24 +18,21 @@ from confluent_kafka import Producer
 
 from jobs.face_stage import run_face_stage
 from producers.camera_bridge import CameraBridge
-from producers.local_camera import ENTRANCE_DWELL_MS, LocalCameraControl, LocalCameraServer, load_people
+from producers.local_camera import ENTRANCE_DWELL_MS, LocalCameraControl, LocalCameraServer
 from producers.meraki import camera_for_lane, entrance_camera
 from schemas.records import FaceObservation, PosTransaction
 from schemas.topics import FACE_OBSERVATIONS, TRANSACTIONS
-from tests.e2e.camera_helpers import TopicReader, delete_topics, free_port, isolated_camera_settings
-from tests.unit.faces_data import sdist_or_shared_photo_dirs
+from tests.e2e.camera_helpers import TopicReader, delete_topics, face_camera_settings
+from tests.unit.faces_data import people_or_skip
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
 def world(stack, tmp_path):
-    dirs = sdist_or_shared_photo_dirs()
-    if not dirs:
-        pytest.skip("no face photos: run `make setup` (face_recognition sdist) or provide ../shared/data/faces")
-    settings = isolated_camera_settings(stack, tmp_path, local_port=free_port(), face_stage_offset_reset="earliest",
-                                        poll_interval_s=0.25)
-    camera = LocalCameraServer(settings, people=load_people(dirs)).start()
+    people = people_or_skip()
+    settings = face_camera_settings(stack, tmp_path)
+    camera = LocalCameraServer(settings, people=people).start()
     stop = threading.Event()
     threads = [threading.Thread(target=CameraBridge(settings).run, args=(stop,), daemon=True),
                threading.Thread(target=run_face_stage, args=(settings, stop), daemon=True)]
@@ -161,12 +158,9 @@ def test_broken_snapshots_end_as_unavailable_with_a_reason_and_the_stage_goes_on
 def test_a_restarted_face_stage_resumes_after_what_it_finished(stack, tmp_path) -> None:
     """Offsets are committed for finished work only: after a stop, the next run observes exactly the
     transactions sent meanwhile, none twice and none lost."""
-    dirs = sdist_or_shared_photo_dirs()
-    if not dirs:
-        pytest.skip("no face photos: run `make setup` (face_recognition sdist) or provide ../shared/data/faces")
-    settings = isolated_camera_settings(stack, tmp_path, local_port=free_port(), face_stage_offset_reset="earliest",
-                                        poll_interval_s=0.25)
-    camera = LocalCameraServer(settings, publish=False, people=load_people(dirs)).start()
+    people = people_or_skip()
+    settings = face_camera_settings(stack, tmp_path)
+    camera = LocalCameraServer(settings, publish=False, people=people).start()
     reader = TopicReader(settings, FACE_OBSERVATIONS.full_name(settings.kafka.topic_prefix))
     producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True})
     topic = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
@@ -211,12 +205,9 @@ def test_a_killed_face_stage_loses_no_checkout(stack, tmp_path) -> None:
     transaction gets its observation (at least once; duplicates carry the same id)."""
     from jobs.launcher import spawn
 
-    dirs = sdist_or_shared_photo_dirs()
-    if not dirs:
-        pytest.skip("no face photos: run `make setup` (face_recognition sdist) or provide ../shared/data/faces")
-    settings = isolated_camera_settings(stack, tmp_path, local_port=free_port(), face_stage_offset_reset="earliest",
-                                        poll_interval_s=0.25)
-    camera = LocalCameraServer(settings, publish=False, people=load_people(dirs)).start()
+    people = people_or_skip()
+    settings = face_camera_settings(stack, tmp_path)
+    camera = LocalCameraServer(settings, publish=False, people=people).start()
     reader = TopicReader(settings, FACE_OBSERVATIONS.full_name(settings.kafka.topic_prefix))
     producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True})
     now = int(time.time() * 1000)

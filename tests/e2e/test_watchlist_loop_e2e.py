@@ -21,13 +21,13 @@ from jobs.image_store import ImageStore
 from jobs.launcher import start_scoring_job
 from jobs.watchlist_service import WatchlistService
 from producers.camera_bridge import CameraBridge
-from producers.local_camera import LocalCameraControl, LocalCameraServer, load_people
+from producers.local_camera import LocalCameraControl, LocalCameraServer
 from producers.meraki import camera_for_lane
 from schemas.records import Alert, BotCommand, PosTransaction, ScoredTransaction, WatchlistEntry
 from schemas.topics import ALERTS, COMMANDS, SCORED_TRANSACTIONS, TRANSACTIONS, WATCHLIST
 from sinks.opensearch_sink import index_name, make_client, run_sink
-from tests.e2e.camera_helpers import TopicReader, delete_topics, free_port, isolated_camera_settings
-from tests.unit.faces_data import sdist_or_shared_photo_dirs
+from tests.e2e.camera_helpers import TopicReader, delete_topics, face_camera_settings
+from tests.unit.faces_data import people_or_skip
 
 pytestmark = pytest.mark.e2e
 
@@ -84,13 +84,10 @@ class Store:
 
 @pytest.fixture
 def store(stack, tmp_path):
-    dirs = sdist_or_shared_photo_dirs()
-    if not dirs:
-        pytest.skip("no face photos: run `make setup` (face_recognition sdist) or provide ../shared/data/faces")
-    settings = isolated_camera_settings(stack, tmp_path, local_port=free_port(), face_stage_offset_reset="earliest",
-                                        poll_interval_s=0.25)
+    people = people_or_skip()
+    settings = face_camera_settings(stack, tmp_path)
     settings = settings.model_copy(update={"job": settings.job.model_copy(update={"face_deadline_ms": DEADLINE_MS})})
-    camera = LocalCameraServer(settings, people=load_people(dirs)).start()
+    camera = LocalCameraServer(settings, people=people).start()
     stop = threading.Event()
     service = WatchlistService(settings)
     threads = [threading.Thread(target=CameraBridge(settings).run, args=(stop,), daemon=True),

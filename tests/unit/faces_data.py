@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from infra.settings import Settings
-from producers.local_camera import SDIST_PHOTOS
+from producers.local_camera import SDIST_PHOTOS, load_people
 
 SHARED_FACES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "faces"
 SHARED_PERSON_DIRS = (
@@ -21,3 +23,11 @@ def shared_photo_dirs() -> list[Path]:
 def sdist_or_shared_photo_dirs() -> list[Path]:
     sdist = Path(Settings().stack_dir) / SDIST_PHOTOS
     return ([sdist] if sdist.is_dir() else []) + shared_photo_dirs()
+
+
+def people_or_skip() -> dict[str, tuple[Path, ...]]:
+    """The local camera's people from those photos; the calling test skips, saying why, when there are none."""
+    dirs = sdist_or_shared_photo_dirs()
+    if not dirs:
+        pytest.skip("no face photos: run `make setup` (face_recognition sdist) or provide ../shared/data/faces")
+    return load_people(dirs)

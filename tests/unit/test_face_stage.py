@@ -15,10 +15,10 @@ import pytest
 from infra.settings import CameraSettings, Settings
 from jobs.face_stage import CHECKOUT, ENTRANCE, EntranceTracker, FaceStage, OffsetTracker, Trigger
 from jobs.image_store import LocalImageStore
-from producers.local_camera import Presence, load_people, render
+from producers.local_camera import Presence, render
 from producers.meraki import Snapshot, SnapshotError
 from schemas.records import CameraEvent, DetectedObject, FaceObservation, PosTransaction
-from tests.unit.faces_data import sdist_or_shared_photo_dirs
+from tests.unit.faces_data import people_or_skip
 
 LANE = "Q2MV-store-001-lane-01"
 
@@ -52,10 +52,7 @@ def test_offsets_commit_only_up_to_the_first_unfinished_record() -> None:
 
 @pytest.fixture(scope="module")
 def people() -> dict[str, tuple[Path, ...]]:
-    dirs = sdist_or_shared_photo_dirs()
-    if not dirs:
-        pytest.skip("no face photos: run `make setup` (face_recognition sdist) or provide ../shared/data/faces")
-    return load_people(dirs)
+    return people_or_skip()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from PIL import Image
 from pydantic import SecretStr
 
 from infra.settings import CameraSettings, Settings
-from producers.local_camera import LocalCameraControl, LocalCameraServer, load_people
+from producers.local_camera import LocalCameraControl, LocalCameraServer
 from producers.meraki import (
     MerakiClient,
     SnapshotError,
@@ -27,7 +27,7 @@ from producers.meraki import (
     iso_timestamp,
     retry_after_s,
 )
-from tests.unit.faces_data import sdist_or_shared_photo_dirs
+from tests.unit.faces_data import people_or_skip
 
 
 def free_port() -> int:
@@ -44,10 +44,7 @@ def camera_settings(**cameras: object) -> Settings:
 
 @pytest.fixture
 def people() -> dict:
-    dirs = sdist_or_shared_photo_dirs()
-    if not dirs:
-        pytest.skip("no face photos: run `make setup` (face_recognition sdist) or provide ../shared/data/faces")
-    return load_people(dirs)
+    return people_or_skip()
 
 
 def running(settings: Settings, people: dict) -> LocalCameraServer:
