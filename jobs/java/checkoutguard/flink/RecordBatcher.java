@@ -34,7 +34,6 @@ public class RecordBatcher extends AbstractStreamOperator<byte[]> implements One
     private transient ByteArrayOutputStream bytes;
     private transient DataOutputStream out;
     private transient int count;
-    private transient long generation;
     private transient boolean timerArmed;
 
     public RecordBatcher(int maxRecords, long maxDelayMs) {
@@ -65,14 +64,13 @@ public class RecordBatcher extends AbstractStreamOperator<byte[]> implements One
         if (count >= maxRecords || bytes.size() >= MAX_BATCH_BYTES || maxDelayMs == 0) {
             flush();
         } else if (!timerArmed) {
+            // One timer at a time, armed by the first record of a batch. If that batch left early
+            // (full, or at a checkpoint), the timer sends whatever came since: early, never late.
             timerArmed = true;
-            final long armedFor = generation;
             long due = getProcessingTimeService().getCurrentProcessingTime() + maxDelayMs;
             getProcessingTimeService().registerTimer(due, ts -> {
                 timerArmed = false;
-                if (armedFor == generation) {
-                    flush();
-                }
+                flush();
             });
         }
     }
@@ -96,7 +94,6 @@ public class RecordBatcher extends AbstractStreamOperator<byte[]> implements One
         byte[] batch = bytes.toByteArray();
         bytes.reset();
         count = 0;
-        generation++;
         output.collect(new StreamRecord<>(batch));
     }
 
