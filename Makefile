@@ -40,23 +40,23 @@ test: setup ## run the test suite (e2e tests start the stack themselves)
 	@$(PY) -m pytest -q tests
 
 bench: setup ## measure raw Kafka vs end-to-end throughput, latency at a fixed rate and peak memory
-	@$(PY) -m infra.bench
+	@$(PY) -m tests.bench.run
 
 FRAUD_CSV ?= ../shared/data/fraud/afd_transactions_sample.csv
 FRAUD_MODELS ?= .stack/models-afd
 MODEL ?= $(FRAUD_MODELS)
 
 train: setup ## train a model on FRAUD_CSV (Fraud Detector format; 70/30 time split) into FRAUD_MODELS
-	@$(PY) -m jobs.train train $(FRAUD_CSV) --out $(FRAUD_MODELS)
+	@$(PY) -m jobs.model.train train $(FRAUD_CSV) --out $(FRAUD_MODELS)
 
 backtest: setup ## replay FRAUD_CSV through features, model (MODEL, default the last `make train`) and rules
-	@$(PY) -m jobs.train backtest $(FRAUD_CSV) --model $(MODEL) --output fraud-backtest.csv
+	@$(PY) -m jobs.model.train backtest $(FRAUD_CSV) --model $(MODEL) --output fraud-backtest.csv
 
 train-default: setup ## train the default model from seeded synthetic POS history if no model exists yet
-	@$(PY) -m jobs.train train-default
+	@$(PY) -m jobs.model.train train-default
 
 replay: setup ## re-publish a topic range by offsets or time, e.g. make replay ARGS="transactions --dry-run" (README)
 	@$(PY) -m producers.replay run $(ARGS)
 
 backtest-stream: setup ## run a job copy with another rule set / model over a replayed range and compare (README)
-	@$(PY) -m jobs.backtest_stream run $(ARGS)
+	@$(PY) -m jobs.flink.backtest_stream run $(ARGS)

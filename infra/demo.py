@@ -24,9 +24,11 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
+from infra.clients.opensearch import make_client
+from infra.launcher import Child, spawn, start_scoring_job
 from infra.settings import REPO_ROOT, Settings, get_settings
 from infra.stack import ensure_topics, up
-from jobs.launcher import Child, spawn, start_scoring_job
+from schemas.indices import index_name
 from schemas.topics import (
     ALERTS,
     CAMERA_EVENTS,
@@ -37,7 +39,6 @@ from schemas.topics import (
     TRANSACTIONS,
     WATCHLIST,
 )
-from sinks.opensearch_sink import index_name, make_client
 
 console = Console()
 
@@ -147,16 +148,16 @@ def main(
     up(settings)
     ensure_topics(settings)
     children = [
-        spawn("infra.local_webex", settings, "--port", str(settings.webex.local_port), "--token",
+        spawn("infra.local.webex", settings, "--port", str(settings.webex.local_port), "--token",
               settings.webex.bot_token.get_secret_value(), name="local-webex"),
-        spawn("producers.local_camera", settings, name="local-camera"),
+        spawn("infra.local.camera", settings, name="local-camera"),
         spawn("producers.camera_bridge", settings, name="camera-bridge"),
-        spawn("jobs.face_stage", settings, name="face-stage"),
+        spawn("jobs.faces.stage", settings, name="face-stage"),
         start_scoring_job(settings),
-        spawn("sinks.opensearch_sink", settings, name="opensearch-sink"),
-        spawn("jobs.watchlist_service", settings, name="watchlist-service"),
-        spawn("sinks.alert_sender", settings, name="alert-sender"),
-        spawn("producers.webex_bot", settings, name="webex-bot"),
+        spawn("sinks.opensearch.sink", settings, name="opensearch-sink"),
+        spawn("jobs.faces.watchlist_service", settings, name="watchlist-service"),
+        spawn("sinks.alerts.sender", settings, name="alert-sender"),
+        spawn("jobs.bot.webex_bot", settings, name="webex-bot"),
         spawn("sinks.dashboard", settings, name="dashboard"),
     ]
     time.sleep(3)  # the camera and the bot answer before shoppers arrive

@@ -4,7 +4,7 @@
 #   - the Python virtualenv .venv with the project installed editable (pyproject.toml, extra "dev")
 #   - the Kafka broker classpath (infra/kafka/pom.xml)          -> <stack>/lib/kafka
 #   - the Flink SQL Kafka connector jar                          -> <stack>/lib/flink
-#   - the job's own Flink operators (jobs/java, javac)           -> <stack>/lib/flink-ext
+#   - the job's own Flink operators (jobs/flink/java, javac)           -> <stack>/lib/flink-ext
 #   - the OpenSearch integ-test distribution                     -> <stack>/opensearch-<version>
 #
 # Idempotent: each step writes a stamp (under <stack>/stamps; the venv's in .venv) keyed by a hash
@@ -137,13 +137,13 @@ else
 fi
 
 # --- 4b. The job's Java operators (batching in and out of Python), compiled against PyFlink's jars --
-ext_sources=$(find jobs/java -name '*.java' | sort)
+ext_sources=$(find jobs/flink/java -name '*.java' | sort)
 ext_key="$(hash_of $ext_sources <(.venv/bin/python -c 'import pyflink; print(pyflink.__file__)'; javac -version 2>&1))"
 ext_jar="$STACK_DIR/lib/flink-ext/checkout-guard-flink.jar"
 if [[ -f "$ext_jar" ]] && stamp_ok flink-ext "$ext_key"; then
   say "job operators: up to date"
 else
-  say "job operators: compiling jobs/java"
+  say "job operators: compiling jobs/flink/java"
   pyflink_lib="$(.venv/bin/python -c 'import os, pyflink; print(os.path.join(os.path.dirname(pyflink.__file__), "lib"))')"
   rm -rf "$STACK_DIR/lib/flink-ext.tmp"
   mkdir -p "$STACK_DIR/lib/flink-ext.tmp/classes"

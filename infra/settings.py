@@ -109,7 +109,7 @@ class RulesSettings(BaseModel, frozen=True):
     receipt_retention_days: int = 120
     """How long a sale's receipt is remembered for matching returns."""
     ruleset_file: Path | None = None
-    """Versioned YAML rule set (weights, bands, face rules); ``None`` = ``jobs/rulesets/default.yaml``.
+    """Versioned YAML rule set (weights, bands, face rules); ``None`` = ``jobs/scoring/rulesets/default.yaml``.
     ``version``/``block_at``/``review_at`` above override the file only when set explicitly."""
 
 
@@ -201,7 +201,7 @@ class FaceSettings(BaseModel, frozen=True):
 
 
 class AlertSettings(BaseModel, frozen=True):
-    """The alert sender (sinks/alert_sender.py): channels, retries, the dedup ledger, message links."""
+    """The alert sender (sinks/alerts/sender.py): channels, retries, the dedup ledger, message links."""
 
     channels: str = "email,webex"
     """Comma-separated channels every alert goes to: ``email``, ``webex``."""
@@ -253,7 +253,7 @@ class SmtpSettings(BaseModel, frozen=True):
 
 
 class WebexSettings(BaseModel, frozen=True):
-    """Webex: the bot's token, the alert room, the webhook the bot receives (producers/webex_bot.py)."""
+    """Webex: the bot's token, the alert room, the webhook the bot receives (jobs/bot/webex_bot.py)."""
 
     base_url: str = "https://webexapis.com/v1"
     bot_token: SecretStr | None = None
@@ -270,7 +270,7 @@ class WebexSettings(BaseModel, frozen=True):
     bot_host: str = "127.0.0.1"
     bot_port: int = 8088
     local_port: int = 8089
-    """Port of the local Webex API server (infra/local_webex.py) used by the demo and the tests."""
+    """Port of the local Webex API server (infra/local/webex.py) used by the demo and the tests."""
     timeout_s: float = 10.0
 
     def allowed_room_ids(self) -> frozenset[str]:
@@ -334,7 +334,7 @@ class CameraSettings(BaseModel, frozen=True):
 
 
 class IndicesSettings(BaseModel, frozen=True):
-    """OpenSearch index layout and retention (``CG_INDICES__*``); see sinks/retention.py.
+    """OpenSearch index layout and retention (``CG_INDICES__*``); see sinks/opensearch/retention.py.
 
     Documents go to one index per period of their ``event_time`` (``<prefix>-<kind>-2026.11.22``),
     read through the alias ``<prefix>-<kind>``; retention drops whole period indices (the integ-test

@@ -94,7 +94,7 @@ class StackPaths:
 
     @property
     def flink_ext_jar(self) -> Path:
-        """The job's own Java operators (``jobs/java``), compiled by infra/install.sh."""
+        """The job's own Java operators (``jobs/flink/java``), compiled by infra/install.sh."""
         return self.root / "lib" / "flink-ext" / "checkout-guard-flink.jar"
 
     @property
@@ -192,7 +192,7 @@ def flink_connector_jars(settings: Settings) -> list[Path]:
 
 
 def flink_ext_jar(settings: Settings) -> Path:
-    """The job's own operators jar, built by infra/install.sh from ``jobs/java``."""
+    """The job's own operators jar, built by infra/install.sh from ``jobs/flink/java``."""
     jar = StackPaths.of(settings).flink_ext_jar
     if not jar.is_file():
         raise StackError("the job's Java operators are not built: run `make setup`")
@@ -556,10 +556,10 @@ def _start_mosquitto(settings: Settings, paths: StackPaths, ep: Endpoints) -> su
 
 
 def _start_smtp(settings: Settings, paths: StackPaths, ep: Endpoints) -> subprocess.Popen:
-    """aiosmtpd in its own Python process (infra/local_smtp.py): mails land in <stack dir>/mail/*.eml."""
+    """aiosmtpd in its own Python process (infra/local/smtp.py): mails land in <stack dir>/mail/*.eml."""
     mail = local_smtp.mail_dir(paths.root)
     mail.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "infra.local_smtp", f"--mail-dir={mail}", "--host", ep.smtp_host,
+    cmd = [sys.executable, "-m", "infra.local.smtp", f"--mail-dir={mail}", "--host", ep.smtp_host,
            "--port", str(ep.smtp_port)]
     env = _base_env(settings) | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     return _spawn("smtp", paths, cmd, env, cwd=paths.root)

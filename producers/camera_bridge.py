@@ -34,7 +34,7 @@ import paho.mqtt.client as mqtt
 from confluent_kafka import KafkaError, Producer
 
 from infra.settings import Settings, get_settings
-from jobs.validation import InvalidRecord
+from schemas.errors import InvalidRecord
 from schemas.records import CameraEvent, DeadLetter, DetectedObject
 from schemas.topics import CAMERA_EVENTS, DEAD_LETTERS
 

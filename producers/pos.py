@@ -28,21 +28,18 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
+from infra.local.pos_generator import DEFAULT_START_MS, PosGenerator
+from infra.pacing import TokenBucket
 from infra.settings import Settings, get_settings
 from producers.csv_replay import (
     AckWatermark,
     Checkpoint,
-    CsvFormatError,
     ReplayStateError,
     default_state_file,
-    file_sha256,
     load_state,
-    read_rows,
-    replay_order,
     resume_index,
-    row_to_transaction,
 )
-from producers.generator import DEFAULT_START_MS, PosGenerator
+from schemas.afd_csv import CsvFormatError, file_sha256, read_rows, replay_order, row_to_transaction
 from schemas.records import PosTransaction
 from schemas.topics import TRANSACTIONS
 
@@ -76,22 +73,6 @@ def message_key(tx: PosTransaction) -> bytes:
     return f"{tx.store_id}/{tx.lane_id}".encode()
 
 
-class TokenBucket:
-    """Paces to ``rate`` per second on an absolute schedule, so sleep overshoot never accumulates
-    (no drift); after a stall it catches up by at most ``burst`` tokens rather than flooding."""
-
-    def __init__(self, rate: float, burst: float | None = None) -> None:
-        if rate <= 0:
-            raise ValueError(f"rate must be positive, got {rate}")
-        self.interval = 1.0 / rate
-        self._slack = max(1.0, burst if burst is not None else rate / 10) * self.interval
-        self._next: float | None = None
-
-    def reserve(self, now: float) -> float:
-        """Take one token; returns how many seconds to wait before using it."""
-        due = now if self._next is None else max(self._next, now - self._slack)
-        self._next = due + self.interval
-        return due - now if due > now else 0.0
 
 
 @dataclass

@@ -1,13 +1,13 @@
 """Shoppers: POS traffic whose customers are also *seen* by the local cameras.
 
-Each transaction of the POS generator (``producers.generator``) becomes a visit at the local camera:
+Each transaction of the POS generator (``infra.local.pos_generator``) becomes a visit at the local camera:
 its customer (a stable identity: customer id, card or e-mail) is a person from the photo sets, who
 enters the store ``shop_s`` before paying (the entrance camera sees a new ``oid``, over MQTT), stands
 at the transaction's lane while paying, and leaves. The transaction is sent when they pay, with
 ``event_time`` = the pay time, so the lane camera's snapshot at the transaction time shows them.
 
 Used by the demo and tests; run alone with ``python -m producers.shoppers --rate 2 --count 50``
-(needs ``python -m producers.local_camera`` running).
+(needs ``python -m infra.local.camera`` running).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Annotated
 
 import typer
 
+from infra.local.camera import LocalCameraControl
+from infra.local.pos_generator import PosGenerator
 from infra.settings import Settings, get_settings
-from producers.generator import PosGenerator
-from producers.local_camera import LocalCameraControl
 from producers.pos import ProducerLike, ProduceStats, produce
 from schemas.records import PosTransaction
 

@@ -11,6 +11,7 @@ from functools import cache
 from typing import Any, ClassVar, Self
 
 from schemas.codec import codec
+from schemas.errors import InvalidRecord
 
 
 @cache
@@ -198,6 +199,10 @@ class Alert(Record):
     snapshot_ref: str | None = None
 
 
+OUTCOME_WORDS = {"BLOCK": "blocked", "REVIEW": "held for review", "APPROVE": "approved"}
+"""How people read a decision's outcome (alert texts, the bot's answers)."""
+
+
 @dataclass(frozen=True, slots=True)
 class BotCommand(Record):
     AVRO_NAME: ClassVar[str] = "BotCommand"
@@ -236,6 +241,25 @@ class DeadLetter(Record):
     stage: str
     failed_at: int
     key: bytes | None = None
+
+
+def dead_letter(
+    *, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
+    error: InvalidRecord, stage: str, failed_at: int,
+) -> DeadLetter:
+    """The dead letter for an input record; its id is stable across replays of the same offset."""
+    return DeadLetter(
+        dead_letter_id=f"{topic}:{partition}:{offset}",
+        source_topic=topic,
+        partition=partition,
+        offset=offset,
+        key=key,
+        payload=value or b"",
+        error_kind=error.kind,
+        reason=error.reason,
+        stage=stage,
+        failed_at=failed_at,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from functools import lru_cache
 
 from infra.settings import Settings
-from jobs.model import LocalModel
-from jobs.train import train_default
+from jobs.model.fraud_model import LocalModel
+from jobs.model.train import train_default
 
 SMALL_HISTORY_ROWS = 8000
 

@@ -34,8 +34,10 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from infra.clients.image_store import ImageStore
+from infra.clients.opensearch import make_client
 from infra.settings import Settings
-from jobs.image_store import ImageStore
+from schemas.indices import index_name
 from sinks.dashboard.queries import (
     ALERT_FIELDS,
     Window,
@@ -50,7 +52,6 @@ from sinks.dashboard.queries import (
     shape_overview,
     transaction_by_id_query,
 )
-from sinks.opensearch_sink import index_name, make_client
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"

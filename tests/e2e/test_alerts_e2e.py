@@ -30,17 +30,19 @@ from opensearchpy.exceptions import NotFoundError
 from PIL import Image
 from pydantic import SecretStr
 
-from infra.local_smtp import duplicates, mail_dir
-from infra.local_webex import BackgroundServer, LocalWebexServer
+from infra.clients.image_store import ImageStore
+from infra.clients.opensearch import make_client
+from infra.launcher import spawn, wait_for
+from infra.local.smtp import duplicates, mail_dir
+from infra.local.webex import BackgroundServer, LocalWebexServer
 from infra.settings import Settings
 from infra.stack import ensure_topics
-from jobs.image_store import ImageStore
-from jobs.launcher import spawn, wait_for
-from producers.webex_bot import WEBHOOK_PATH, KafkaCommandPublisher, WebexBot
+from jobs.bot.webex_bot import WEBHOOK_PATH, KafkaCommandPublisher, WebexBot
+from schemas.indices import period_index_name
 from schemas.records import Alert, BotCommand, DeadLetter, ScoredTransaction
 from schemas.topics import ALERTS, ALL_TOPICS, COMMANDS, DEAD_LETTERS
-from sinks.alert_sender import default_group_id
-from sinks.opensearch_sink import install_templates, make_client, period_index_name, to_document
+from sinks.alerts.sender import default_group_id
+from sinks.opensearch.sink import install_templates, to_document
 
 pytestmark = pytest.mark.e2e
 
@@ -168,7 +170,7 @@ def test_each_alert_is_one_mail_and_one_webex_message_with_its_snapshot_across_a
     mailbox, address = mail_dir(settings.stack_dir), f"{name}@checkout-guard.test"
     webex.state.latency_s = 0.01
     webex.state.fail((429, 500, 503), seconds=6, retry_after=1)
-    sender = spawn("sinks.alert_sender", settings, name=f"{name}-sender-1")
+    sender = spawn("sinks.alerts.sender", settings, name=f"{name}-sender-1")
     try:
         wait_for(lambda: sent_count(settings, "email") >= n // 4, 120, interval=0.02, what="a quarter of the mails")
         sender.kill(signal.SIGKILL)
@@ -178,7 +180,7 @@ def test_each_alert_is_one_mail_and_one_webex_message_with_its_snapshot_across_a
                 "SELECT alert_id FROM deliveries WHERE channel='email' AND state='sent'")}
         at_kill = (len(mails_to(mailbox, address)), len(webex.state.bot_messages(ROOM)))
         assert at_kill[0] < n, "the kill came too late to test a restart midway"
-        sender = spawn("sinks.alert_sender", settings, name=f"{name}-sender-2")
+        sender = spawn("sinks.alerts.sender", settings, name=f"{name}-sender-2")
         try:
             wait_for(lambda: len(webex.state.bot_messages(ROOM)) >= n and len(mails_to(mailbox, address)) >= n, 240,
                      interval=0.2, what=f"{n} Webex messages and {n} mails")
@@ -243,7 +245,7 @@ def test_an_alert_a_channel_keeps_refusing_is_dead_lettered_while_the_other_chan
                   store_id="S002", summary="x")
     producer.produce(ALERTS.full_name(settings.kafka.topic_prefix), key=alert.alert_id.encode(), value=alert.encode())
     producer.flush(10)
-    sender = spawn("sinks.alert_sender", settings, name=f"{name}-sender")
+    sender = spawn("sinks.alerts.sender", settings, name=f"{name}-sender")
     try:
         dead_topic = DEAD_LETTERS.full_name(settings.kafka.topic_prefix)
         [(_, value)] = wait_for(lambda: read_topic(settings, dead_topic, 2), 60, what="the dead letter")
@@ -317,7 +319,7 @@ def test_a_rate_limited_webex_does_not_hold_up_email(isolated: Callable[[str], S
                          value=alert.encode())
     producer.flush(10)
     address = f"{name}@checkout-guard.test"
-    sender = spawn("sinks.alert_sender", settings, name=f"{name}-sender")
+    sender = spawn("sinks.alerts.sender", settings, name=f"{name}-sender")
     try:
         wait_for(lambda: len(mails_to(mail_dir(settings.stack_dir), address)) >= n, 60, what="every mail")
         assert webex.state.bot_messages(ROOM) == [], "Webex is still rate limited, yet e-mail is all through"

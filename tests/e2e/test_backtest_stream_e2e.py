@@ -18,15 +18,17 @@ import uuid
 import pytest
 import yaml
 
+from infra.clients.opensearch import make_client
+from infra.clients.topic_replay import Bound
+from infra.launcher import start_scoring_job, wait_for
+from infra.local.pos_generator import PosGenerator
 from infra.settings import Settings
 from infra.stack import ensure_topics
-from jobs.backtest_stream import Candidate, candidate_documents, cleanup, documents_by_id, run_backtest
-from jobs.launcher import start_scoring_job, wait_for
-from jobs.rules import RuleSet
-from producers.generator import PosGenerator
+from jobs.flink.backtest_stream import Candidate, candidate_documents, cleanup, documents_by_id, run_backtest
+from jobs.scoring.rules import RuleSet
 from producers.pos import produce
-from producers.replay import Bound
-from sinks.opensearch_sink import index_name, make_client, run_sink
+from schemas.indices import index_name
+from sinks.opensearch.sink import run_sink
 
 pytestmark = pytest.mark.e2e
 

@@ -26,12 +26,13 @@ from confluent_kafka import Message
 from opensearchpy import OpenSearch
 from PIL import Image, ImageDraw
 
+from infra.clients.image_store import LocalImageStore
+from infra.clients.opensearch import make_client
 from infra.settings import Settings, get_settings
-from jobs.image_store import LocalImageStore
 from schemas.records import Alert, FaceObservation, Record, ScoredTransaction
 from schemas.topics import ALERTS, FACE_OBSERVATIONS, SCORED_TRANSACTIONS
 from sinks.dashboard.app import Dashboard, create_app
-from sinks.opensearch_sink import bulk_once, install_templates, make_client, to_actions
+from sinks.opensearch.sink import bulk_once, install_templates, to_actions
 
 pytestmark = pytest.mark.e2e
 

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from confluent_kafka import Producer
 
-from jobs.face_stage import run_face_stage
+from infra.clients.meraki import camera_for_lane, entrance_camera
+from infra.local.camera import ENTRANCE_DWELL_MS, LocalCameraControl, LocalCameraServer
+from jobs.faces.stage import run_face_stage
 from producers.camera_bridge import CameraBridge
-from producers.local_camera import ENTRANCE_DWELL_MS, LocalCameraControl, LocalCameraServer
-from producers.meraki import camera_for_lane, entrance_camera
 from schemas.records import FaceObservation, PosTransaction
 from schemas.topics import FACE_OBSERVATIONS, TRANSACTIONS
 from tests.e2e.camera_helpers import TopicReader, delete_topics, face_camera_settings
@@ -56,13 +56,13 @@ def _observations(reader: TopicReader, done, timeout_s: float = 90.0) -> list[Fa
 
 
 def _similarity(engine, embedding, photo) -> float:
-    from jobs.face_engine import similarity
+    from jobs.scoring.face_similarity import similarity
 
     return similarity(np.asarray(embedding, dtype=np.float32), engine.best_face(open(photo, "rb").read()).embedding)
 
 
 def test_the_face_at_a_checkout_is_the_person_who_stood_at_that_lane(world) -> None:
-    from jobs.face_engine import FaceEngine
+    from jobs.faces.engine import FaceEngine
 
     settings, camera, reader = world
     people = camera.camera.scene.people
@@ -107,7 +107,7 @@ def test_a_new_person_at_the_entrance_gets_an_entrance_observation(world) -> Non
 
 
 def test_shoppers_driver_pays_at_lanes_where_the_cameras_see_the_paying_customer(world) -> None:
-    from producers.generator import PosGenerator
+    from infra.local.pos_generator import PosGenerator
     from producers.shoppers import drive_shoppers, person_for
 
     settings, camera, reader = world
@@ -203,7 +203,7 @@ def test_a_restarted_face_stage_resumes_after_what_it_finished(stack, tmp_path) 
 def test_a_killed_face_stage_loses_no_checkout(stack, tmp_path) -> None:
     """SIGKILL mid-stream: the restarted process redoes whatever was not acknowledged, so every
     transaction gets its observation (at least once; duplicates carry the same id)."""
-    from jobs.launcher import spawn
+    from infra.launcher import spawn
 
     people = people_or_skip()
     settings = face_camera_settings(stack, tmp_path)
@@ -219,12 +219,12 @@ def test_a_killed_face_stage_loses_no_checkout(stack, tmp_path) -> None:
                          key=f"store-k/{lane}".encode())
         ids.add(tx.transaction_id)
     assert producer.flush(10) == 0
-    child = spawn("jobs.face_stage", settings, name="face-stage-e2e")
+    child = spawn("jobs.faces.stage", settings, name="face-stage-e2e")
     try:
         _observations(reader, lambda os: len(os) >= 4)
         child.kill()  # SIGKILL
         child.proc.wait(10)
-        child = spawn("jobs.face_stage", settings, name="face-stage-e2e")
+        child = spawn("jobs.faces.stage", settings, name="face-stage-e2e")
         seen = _observations(reader, lambda os: ids <= {o.transaction_id for o in os}, timeout_s=120)
         assert {o.transaction_id for o in seen} == ids
         assert {o.observation_id for o in seen} == {f"checkout:{i}" for i in ids}

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from confluent_kafka import Consumer, Producer
 
+from infra.launcher import start_scoring_job
 from infra.settings import REPO_ROOT, Settings
 from infra.stack import ensure_topics
-from jobs.launcher import start_scoring_job
 from schemas.codec import codec
 from schemas.topics import ALERTS, FACE_OBSERVATIONS, RULES, SCORED_TRANSACTIONS, TRANSACTIONS, WATCHLIST
 from tests.builders import sale

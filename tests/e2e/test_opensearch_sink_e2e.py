@@ -24,17 +24,12 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from opensearchpy import OpenSearch
 
+from infra.clients.opensearch import make_client
 from infra.settings import Settings, get_settings
+from schemas.indices import TEMPLATE_DIR
 from schemas.records import Alert, DeadLetter, FaceObservation, Record, ScoredTransaction
 from schemas.topics import ALERTS, DEAD_LETTERS, FACE_OBSERVATIONS, SCORED_TRANSACTIONS
-from sinks.opensearch_sink import (
-    TEMPLATE_DIR,
-    Backoff,
-    OpenSearchSink,
-    apply_retention,
-    install_templates,
-    make_client,
-)
+from sinks.opensearch.sink import Backoff, OpenSearchSink, apply_retention, install_templates
 
 pytestmark = pytest.mark.e2e
 log = logging.getLogger(__name__)

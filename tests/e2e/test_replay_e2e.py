@@ -18,14 +18,16 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from infra.clients.opensearch import make_client
+from infra.clients.topic_replay import Bound, caught_up, high_watermarks, plan, replay
+from infra.launcher import start_scoring_job, wait_for
+from infra.local.pos_generator import PosGenerator
 from infra.settings import Settings
 from infra.stack import ensure_topics
-from jobs.launcher import start_scoring_job, wait_for
-from producers.generator import PosGenerator
 from producers.pos import produce
-from producers.replay import Bound, caught_up, high_watermarks, plan, replay
+from schemas.indices import default_group_id, index_name
 from schemas.topics import SCORED_TRANSACTIONS, TRANSACTIONS
-from sinks.opensearch_sink import default_group_id, index_name, make_client, run_sink
+from sinks.opensearch.sink import run_sink
 
 pytestmark = pytest.mark.e2e
 

@@ -1,4 +1,4 @@
-"""``python -m jobs.rules publish``: a validated rule set lands on the compacted rules topic."""
+"""``python -m jobs.scoring.rules publish``: a validated rule set lands on the compacted rules topic."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient, ConfigResource
 
-from jobs.rules import DEFAULT_RULESET, RuleSet, from_update, publish_rules
+from jobs.scoring.rules import DEFAULT_RULESET, RuleSet, from_update, publish_rules
 from schemas.records import RuleSetUpdate
 
 pytestmark = pytest.mark.e2e

@@ -15,14 +15,16 @@ from dataclasses import dataclass, field, replace
 import pytest
 from confluent_kafka import Consumer, Producer
 
+from infra.clients.opensearch import make_client
+from infra.launcher import start_scoring_job, wait_for
+from infra.local.pos_generator import PosGenerator
 from infra.settings import Settings
 from infra.stack import ensure_topics
-from jobs.launcher import start_scoring_job, wait_for
-from jobs.scoring_job import latest_checkpoint
-from producers.generator import PosGenerator
+from jobs.flink.job import latest_checkpoint
 from schemas.codec import MAGIC, codec
+from schemas.indices import index_name
 from schemas.topics import DEAD_LETTERS, TRANSACTIONS
-from sinks.opensearch_sink import index_name, make_client, run_sink
+from sinks.opensearch.sink import run_sink
 
 pytestmark = pytest.mark.e2e
 

@@ -9,11 +9,11 @@ from dataclasses import replace
 import pytest
 from confluent_kafka import Consumer, Producer
 
+from infra.launcher import start_scoring_job, wait_for
 from infra.settings import Settings
 from infra.stack import ensure_topics
-from jobs.launcher import start_scoring_job, wait_for
-from jobs.scoring_job import control_file
-from jobs.upgrade import stop_with_savepoint
+from jobs.flink.job import control_file
+from jobs.flink.upgrade import stop_with_savepoint
 from schemas.codec import codec
 from schemas.topics import SCORED_TRANSACTIONS, TRANSACTIONS
 from tests.builders import sale

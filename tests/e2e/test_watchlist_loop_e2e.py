@@ -15,17 +15,19 @@ import uuid
 import pytest
 from confluent_kafka import Producer
 
+from infra.clients.image_store import ImageStore
+from infra.clients.meraki import camera_for_lane
+from infra.clients.opensearch import make_client
+from infra.launcher import start_scoring_job
+from infra.local.camera import LocalCameraControl, LocalCameraServer
 from infra.settings import Settings
-from jobs.face_stage import run_face_stage
-from jobs.image_store import ImageStore
-from jobs.launcher import start_scoring_job
-from jobs.watchlist_service import WatchlistService
+from jobs.faces.stage import run_face_stage
+from jobs.faces.watchlist_service import WatchlistService
 from producers.camera_bridge import CameraBridge
-from producers.local_camera import LocalCameraControl, LocalCameraServer
-from producers.meraki import camera_for_lane
+from schemas.indices import index_name
 from schemas.records import Alert, BotCommand, PosTransaction, ScoredTransaction, WatchlistEntry
 from schemas.topics import ALERTS, COMMANDS, SCORED_TRANSACTIONS, TRANSACTIONS, WATCHLIST
-from sinks.opensearch_sink import index_name, make_client, run_sink
+from sinks.opensearch.sink import run_sink
 from tests.e2e.camera_helpers import TopicReader, delete_topics, face_camera_settings
 from tests.unit.faces_data import people_or_skip
 

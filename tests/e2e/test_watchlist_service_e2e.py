@@ -11,10 +11,10 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from infra.clients.image_store import ImageStore
+from infra.launcher import spawn, wait_for
 from infra.settings import Settings
 from infra.stack import ensure_topics
-from jobs.image_store import ImageStore
-from jobs.launcher import spawn, wait_for
 from schemas.records import Alert, AuditEvent, BotCommand, DeadLetter, WatchlistEntry
 from schemas.topics import ALERTS, AUDIT, COMMANDS, DEAD_LETTERS, WATCHLIST
 
@@ -81,7 +81,7 @@ def test_fraud_then_forget_through_kafka(settings: Settings):
     later = store.put("checkout", later_tx, PHOTO.read_bytes())
     subject = f"subj-{tx}"
     watch, audit, dead = (TopicReader(settings, s) for s in (WATCHLIST, AUDIT, DEAD_LETTERS))
-    service = spawn("jobs.watchlist_service", settings, name="watchlist-service-e2e")
+    service = spawn("jobs.faces.watchlist_service", settings, name="watchlist-service-e2e")
     try:
         fraud = _command(settings, "FRAUD", tx)
         missing = _command(settings, "FRAUD", "tx-never-seen")
@@ -117,7 +117,7 @@ def test_fraud_then_forget_through_kafka(settings: Settings):
         n_audit, n_watch = len(audit.poll()), len(watch.poll())
         service.kill()
         service.proc.wait(10)
-        service = spawn("jobs.watchlist_service", settings, name="watchlist-service-e2e")
+        service = spawn("jobs.faces.watchlist_service", settings, name="watchlist-service-e2e")
         again = _command(settings, "FORGET", subject)
         wait_for(lambda: f"command:{again}" in _audits(audit), 60, what="audit after restart")
         assert _audits(audit)[f"command:{again}"].outcome == "UNCHANGED"
@@ -130,7 +130,7 @@ def test_fraud_then_forget_through_kafka(settings: Settings):
         group = f"{settings.kafka.topic_prefix}{settings.faces.service_group}"
         admin.delete_consumer_groups([group])[group].result(30)
         n_audit, n_watch, n_dead = len(audit.poll()), len(watch.poll()), len(dead.poll())
-        service = spawn("jobs.watchlist_service", settings, name="watchlist-service-e2e")
+        service = spawn("jobs.faces.watchlist_service", settings, name="watchlist-service-e2e")
         last = _command(settings, "FRAUD", "tx-still-unknown")
         wait_for(lambda: f"command:{last}" in _audits(audit), 60, what="audit after the offset reset")
         assert len(audit.poll(2)) == n_audit + 1 and len(watch.poll()) == n_watch
@@ -150,8 +150,11 @@ def test_fraud_and_forget_with_s3_images_and_the_rekognition_backend(settings: S
     from moto.server import ThreadedMotoServer
     from pydantic import SecretStr
 
-    from jobs.rekognition import RekognitionFaces
-    from tests.local_rekognition import LocalRekognition
+    from infra.local.rekognition import LocalRekognition
+    from infra.settings import FaceSettings
+    from jobs.faces.engine import FaceEngine
+    from jobs.faces.rekognition import RekognitionFaces
+    from jobs.scoring.face_similarity import similarity
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -159,8 +162,9 @@ def test_fraud_and_forget_with_s3_images_and_the_rekognition_backend(settings: S
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     moto.start()
     s3_url = f"http://127.0.0.1:{port}"
-    rek = LocalRekognition(boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1",
-                                        aws_access_key_id="k", aws_secret_access_key="s"))
+    s3 = boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1", aws_access_key_id="k",
+                      aws_secret_access_key="s")
+    rek = LocalRekognition(FaceEngine(FaceSettings()), similarity, s3)
     faces = settings.faces.model_copy(update={
         "backend": "rekognition", "image_store": "s3", "aws_endpoint_url": s3_url,
         "rekognition_endpoint_url": rek.start(), "aws_access_key_id": SecretStr("k"),
@@ -174,7 +178,7 @@ def test_fraud_and_forget_with_s3_images_and_the_rekognition_backend(settings: S
     subject = f"subj-{tx}"
     collection = RekognitionFaces(faces)
     watch, audit = TopicReader(settings, WATCHLIST), TopicReader(settings, AUDIT)
-    service = spawn("jobs.watchlist_service", settings, name="watchlist-service-rek-e2e")
+    service = spawn("jobs.faces.watchlist_service", settings, name="watchlist-service-rek-e2e")
     try:
         fraud = _command(settings, "FRAUD", tx)
         done = wait_for(lambda: _audits(audit).get(f"command:{fraud}"), 90, what="enroll audit")

@@ -22,7 +22,7 @@ def run_job():
     from pyflink.common import Configuration
     from pyflink.datastream import StreamExecutionEnvironment
 
-    from jobs.scoring_job import SOURCE_ROW, build_pipeline
+    from jobs.flink.job import SOURCE_ROW, build_pipeline
 
     def run(records: list[bytes], settings: Settings = NO_WAIT, topics: list[str] | None = None):
         conf = Configuration()

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from infra.local.camera import SDIST_PHOTOS, load_people
 from infra.settings import Settings
-from producers.local_camera import SDIST_PHOTOS, load_people
 
 SHARED_FACES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "faces"
 SHARED_PERSON_DIRS = (

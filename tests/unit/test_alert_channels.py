@@ -21,10 +21,12 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from PIL import Image
 from pydantic import SecretStr
 
-from infra.local_smtp import FileStore, read_mails
-from infra.local_webex import LocalWebexServer, free_port
+from infra.clients.webex import WebexClient
+from infra.local.smtp import FileStore, read_mails
+from infra.local.webex import LocalWebexServer, free_port
 from infra.settings import AlertSettings, Settings, SmtpSettings, WebexSettings
-from sinks.alert_sender import (
+from sinks.alerts.mail import SesMailer, SmtpMailer
+from sinks.alerts.sender import (
     ChannelWorker,
     DeliveryError,
     EmailChannel,
@@ -34,8 +36,6 @@ from sinks.alert_sender import (
     WebexChannel,
     channels_from_settings,
 )
-from sinks.mail import SesMailer, SmtpMailer
-from sinks.webex import WebexClient
 
 TOKEN, ROOM = "unit-token", "room-alerts"
 

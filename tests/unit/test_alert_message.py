@@ -8,11 +8,11 @@ import random
 from email.message import EmailMessage
 from typing import Any
 
+from infra.clients.webex import MAX_MARKDOWN_BYTES, parse_retry_after, truncate_utf8
 from infra.settings import AlertSettings
-from sinks.alert_message import describe, local_time, message_id, reason_text
-from sinks.alert_sender import Backoff, DeliveryError, Task, give_up_reason
-from sinks.mail import OutgoingMail, build_email
-from sinks.webex import MAX_MARKDOWN_BYTES, parse_retry_after, truncate_utf8
+from sinks.alerts.mail import OutgoingMail, build_email
+from sinks.alerts.message import describe, local_time, message_id, reason_text
+from sinks.alerts.sender import Backoff, DeliveryError, Task, give_up_reason
 
 T = 1_767_261_303_000  # 2026-01-01T09:55:03Z
 

@@ -1,4 +1,4 @@
-"""The backtest comparison (jobs/backtest_stream.py): outcome changes, changed transactions, precision/recall."""
+"""The backtest comparison (jobs/flink/backtest_stream.py): outcome changes, changed transactions, precision/recall."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from infra.settings import Settings
-from jobs.backtest_stream import FLAGS, Candidate, candidate_settings, compare, detection, report_markdown
+from jobs.flink.backtest_stream import FLAGS, Candidate, candidate_settings, compare, detection, report_markdown
 
 
 def _doc(tx: str, outcome: str, risk: int, label: int | None, indicators: dict | None = None,

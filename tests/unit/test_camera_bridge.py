@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from jobs.validation import InvalidRecord
 from producers.camera_bridge import Ignored, mqtt_dead_letter, parse_message
+from schemas.errors import InvalidRecord
 from schemas.records import CameraEvent, DeadLetter
 
 

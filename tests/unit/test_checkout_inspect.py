@@ -10,13 +10,13 @@ import time
 
 import pytest
 
+from infra.clients.image_store import ImageStore
+from infra.clients.meraki import camera_for_lane
+from infra.local.camera import LocalCameraControl
 from infra.settings import Settings
-from jobs.checkout_inspect import CheckoutInspector
-from jobs.face_engine import FaceEngine
-from jobs.image_store import ImageStore
-from jobs.watchlist import Watchlist
-from producers.local_camera import LocalCameraControl
-from producers.meraki import camera_for_lane
+from jobs.faces.checkout_inspect import CheckoutInspector
+from jobs.faces.engine import FaceEngine
+from jobs.scoring.watchlist import Watchlist
 from tests.unit.test_meraki_client import camera_settings, people, running  # noqa: F401 - fixture
 
 STORE = "store-inspect"

@@ -15,17 +15,8 @@ from typer.testing import CliRunner
 
 from infra.settings import Settings
 from producers import pos
-from producers.csv_replay import (
-    AckWatermark,
-    CsvFormatError,
-    ReplayStateError,
-    load_state,
-    merchant_slug,
-    parse_label,
-    read_rows,
-    replay_order,
-    row_to_transaction,
-)
+from producers.csv_replay import AckWatermark, ReplayStateError, load_state
+from schemas.afd_csv import CsvFormatError, merchant_slug, parse_label, read_rows, replay_order, row_to_transaction
 from schemas.records import LineItem, PosTransaction
 
 SAMPLE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "fraud" / "afd_transactions_sample.csv"

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from schemas.codec import load_schemas
-from sinks.dashboards.build import NDJSON, render
-from sinks.opensearch_sink import ROUTES, index_name, load_template
+from schemas.indices import ROUTES, index_name, load_template
+from sinks.saved_objects.build import NDJSON, render
 
 JSON_STRING_ATTRIBUTES = ("visState", "uiStateJSON", "panelsJSON", "optionsJSON", "fields")
 NUMERIC = {"long", "integer", "short", "double", "float", "scaled_float"}
@@ -181,4 +181,4 @@ def test_dashboard_has_the_seed_panels_and_ours(objects: list[dict[str, Any]]) -
 
 
 def test_the_file_is_what_the_build_module_writes() -> None:
-    assert NDJSON.read_text() == render(), "run `python -m sinks.dashboards.build` and commit the result"
+    assert NDJSON.read_text() == render(), "run `python -m sinks.saved_objects.build` and commit the result"

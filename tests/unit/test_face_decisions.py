@@ -3,9 +3,9 @@
 import numpy as np
 
 from infra.settings import Settings
-from jobs.face_join import Seen
-from jobs.rules import FaceResult
-from jobs.scoring import Scorer, ScoringState
+from jobs.scoring.face_join import Seen
+from jobs.scoring.rules import FaceResult
+from jobs.scoring.scorer import Scorer, ScoringState
 from schemas.codec import codec
 from tests.builders import T0, return_of, sale
 

@@ -12,15 +12,8 @@ import pytest
 from PIL import Image, ImageFilter
 
 from infra.settings import FaceSettings
-from jobs.face_engine import (
-    FaceEngine,
-    ImageError,
-    distance_to_similarity,
-    laplacian_variance,
-    pose_asymmetry,
-    similarity,
-    similarity_to_distance,
-)
+from jobs.faces.engine import FaceEngine, ImageError, laplacian_variance, pose_asymmetry
+from jobs.scoring.face_similarity import distance_to_similarity, similarity, similarity_to_distance
 
 FACES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "faces"
 IMAGES = FACES / "face_recognition" / "test_images"

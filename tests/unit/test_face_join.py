@@ -2,8 +2,8 @@
 
 from dataclasses import dataclass
 
-from jobs.face_join import EARLY_FACES, PENDING, FaceJoin, Seen, observation_result, seen_from
-from jobs.rules import FaceResult
+from jobs.scoring.face_join import EARLY_FACES, PENDING, FaceJoin, Seen, observation_result, seen_from
+from jobs.scoring.rules import FaceResult
 from tests.builders import sale
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from infra.clients.image_store import LocalImageStore
+from infra.clients.meraki import Snapshot, SnapshotError
+from infra.local.camera import Presence, render
 from infra.settings import CameraSettings, Settings
-from jobs.face_stage import CHECKOUT, ENTRANCE, EntranceTracker, FaceStage, OffsetTracker, Trigger
-from jobs.image_store import LocalImageStore
-from producers.local_camera import Presence, render
-from producers.meraki import Snapshot, SnapshotError
+from jobs.faces.stage import CHECKOUT, ENTRANCE, EntranceTracker, FaceStage, OffsetTracker, Trigger
 from schemas.records import CameraEvent, DetectedObject, FaceObservation, PosTransaction
 from tests.unit.faces_data import people_or_skip
 
@@ -57,7 +57,7 @@ def people() -> dict[str, tuple[Path, ...]]:
 
 @pytest.fixture(scope="module")
 def engine():
-    from jobs.face_engine import FaceEngine
+    from jobs.faces.engine import FaceEngine
 
     return FaceEngine(Settings().faces)
 
@@ -92,7 +92,7 @@ def test_a_checkout_is_snapshotted_at_the_transaction_time_on_its_lane_camera(tm
 
 
 def test_the_person_at_the_lane_is_observed_with_an_embedding_of_their_face(tmp_path, engine, people) -> None:
-    from jobs.face_engine import similarity
+    from jobs.scoring.face_similarity import similarity
 
     person = next(n for n, photos in people.items() if len(photos) >= 2)
     other = next(n for n in people if n != person)
@@ -169,7 +169,7 @@ def test_a_new_person_at_the_entrance_triggers_one_snapshot_of_now(tmp_path, eng
 
 
 def test_a_garbage_camera_event_is_invalid() -> None:
-    from jobs.validation import InvalidRecord
+    from schemas.errors import InvalidRecord
 
     stage = FaceStage(Settings(), lambda s, at: None, None, None)  # type: ignore[arg-type]
     with pytest.raises(InvalidRecord) as err:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from jobs.faces import app
+from jobs.faces.cli import app
 
 FACES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "faces"
 IMAGES = FACES / "face_recognition" / "test_images"

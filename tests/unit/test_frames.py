@@ -1,6 +1,6 @@
-"""The batch frames between the JVM and the Python scoring step (``jobs/frames.py``)."""
+"""The batch frames between the JVM and the Python scoring step (``jobs/flink/frames.py``)."""
 
-from jobs.frames import OutputBatch, pack_records, unpack_outputs, unpack_records
+from jobs.flink.frames import OutputBatch, pack_records, unpack_outputs, unpack_records
 
 
 def test_record_batches_round_trip_null_keys_empty_values_and_big_offsets():

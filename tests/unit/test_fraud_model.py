@@ -11,11 +11,19 @@ import pytest
 from typer.testing import CliRunner
 
 from infra.settings import Settings
-from jobs.model import FEATURE_NAMES, Calibration, LocalModel, ModelArtifactError, feature_matrix, feature_row, roc_auc
-from jobs.predictors import LocalPredictor
-from jobs.rules import FaceResult
-from jobs.scoring import Predictor, Scorer, ScoringState
-from jobs.train import app, observe_all, synthetic_transactions, time_split
+from jobs.model.fraud_model import (
+    FEATURE_NAMES,
+    Calibration,
+    LocalModel,
+    ModelArtifactError,
+    feature_matrix,
+    feature_row,
+    roc_auc,
+)
+from jobs.model.predictors import LocalPredictor
+from jobs.model.train import app, observe_all, synthetic_transactions, time_split
+from jobs.scoring.rules import FaceResult
+from jobs.scoring.scorer import Predictor, Scorer, ScoringState
 from schemas.codec import codec
 from tests.builders import return_of, sale
 from tests.fraud_model import small_model
@@ -192,7 +200,7 @@ def test_backtest_reports_unusable_rows_with_reasons_and_scores_the_rest(tmp_pat
 
 
 def test_rolling_origin_validation_scores_each_fold_on_rows_after_its_training_rows():
-    from jobs.train import rolling_origin_auc
+    from jobs.model.train import rolling_origin_auc
 
     rng = np.random.default_rng(3)
     y = (rng.random(600) < 0.2).astype(np.int64)

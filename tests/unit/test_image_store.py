@@ -8,8 +8,8 @@ import time
 
 import pytest
 
+from infra.clients.image_store import ImageStore, LocalImageStore
 from infra.settings import Settings
-from jobs.image_store import ImageStore, LocalImageStore
 
 
 @pytest.fixture

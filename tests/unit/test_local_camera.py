@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from infra.local.camera import ENTRANCE_DWELL_MS, Scene, load_people, raw_detections_payload, render
 from infra.settings import Settings
 from producers.camera_bridge import parse_message
-from producers.local_camera import ENTRANCE_DWELL_MS, Scene, load_people, raw_detections_payload, render
 from schemas.records import CameraEvent
 
 

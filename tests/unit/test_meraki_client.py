@@ -15,9 +15,7 @@ import pytest
 from PIL import Image
 from pydantic import SecretStr
 
-from infra.settings import CameraSettings, Settings
-from producers.local_camera import LocalCameraControl, LocalCameraServer
-from producers.meraki import (
+from infra.clients.meraki import (
     MerakiClient,
     SnapshotError,
     api_base_url,
@@ -27,6 +25,8 @@ from producers.meraki import (
     iso_timestamp,
     retry_after_s,
 )
+from infra.local.camera import LocalCameraControl, LocalCameraServer
+from infra.settings import CameraSettings, Settings
 from tests.unit.faces_data import people_or_skip
 
 

@@ -13,20 +13,16 @@ from opensearchpy.serializer import JSONSerializer
 
 from infra.settings import IndicesSettings
 from schemas.codec import load_schemas
+from schemas.indices import ROUTES, default_group_id, load_template, period_index_name, period_of
 from schemas.records import Alert, DeadLetter, FaceObservation, ScoredTransaction
-from sinks.opensearch_sink import (
+from sinks.opensearch.sink import (
     DAY_MS,
-    ROUTES,
     Backoff,
     IndexAction,
     bulk_once,
-    default_group_id,
     expired_indices,
     is_retriable,
-    load_template,
     offsets_to_commit,
-    period_index_name,
-    period_of,
     retention_days,
     to_actions,
 )

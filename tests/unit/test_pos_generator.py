@@ -16,9 +16,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from infra.settings import REPO_ROOT, Settings
-from producers import pos
-from producers.generator import (
+from infra.local.pos_generator import (
     AMOUNT_ANOMALY,
     CARD_TESTING,
     CROSS_STORE_RETURN_MISMATCH,
@@ -30,6 +28,8 @@ from producers.generator import (
     PosGenerator,
     catalogue,
 )
+from infra.settings import REPO_ROOT, Settings
+from producers import pos
 from schemas.records import PosTransaction
 
 N = 30_000
@@ -57,7 +57,7 @@ def test_same_seed_gives_same_transactions() -> None:
 
 def test_same_seed_gives_same_transactions_in_another_process() -> None:
     """Nothing may depend on string hashing (PYTHONHASHSEED) or other per-process state."""
-    code = ("import hashlib; from itertools import islice; from producers.generator import PosGenerator; "
+    code = ("import hashlib; from itertools import islice; from infra.local.pos_generator import PosGenerator; "
             "print(hashlib.sha256(repr(list(islice(PosGenerator(seed=3), 3000))).encode()).hexdigest())")
     digests = {
         subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,

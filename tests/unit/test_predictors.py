@@ -14,10 +14,10 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from infra.local_aws_models import AFD_TARGET, LocalModelServer
+from infra.local.aws_models import AFD_TARGET, LocalModelServer
 from infra.settings import ModelSettings, Settings
-from jobs.model import feature_matrix
-from jobs.predictors import CircuitBreaker, FraudDetectorPredictor, SageMakerPredictor, make_predictor
+from jobs.model.fraud_model import feature_matrix
+from jobs.model.predictors import CircuitBreaker, FraudDetectorPredictor, SageMakerPredictor, make_predictor
 from tests.builders import T0, sale
 from tests.fraud_model import small_model
 

@@ -1,5 +1,5 @@
 """Rekognition backend and S3 image store against local servers: moto (server mode) for S3, and
-``tests/local_rekognition.py`` for the collection calls moto does not implement."""
+``infra/local/rekognition.py`` for the collection calls moto does not implement."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ import boto3
 import pytest
 from pydantic import SecretStr
 
+from infra.clients.image_store import ImageStore, S3ImageStore
+from infra.local.rekognition import LocalRekognition
 from infra.settings import FaceSettings, Settings
-from jobs.image_store import ImageStore, S3ImageStore
-from jobs.rekognition import RekognitionFaces
-from tests.local_rekognition import LocalRekognition
+from jobs.faces.engine import FaceEngine
+from jobs.faces.rekognition import RekognitionFaces
+from jobs.scoring.face_similarity import similarity
 
 FACES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "faces"
 IMAGES = FACES / "face_recognition" / "test_images"
@@ -61,7 +63,7 @@ def store(settings) -> S3ImageStore:
 def rekognition(settings, moto_url):
     s3 = boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1",
                       aws_access_key_id="testing", aws_secret_access_key="testing")
-    server = LocalRekognition(s3_client=s3)
+    server = LocalRekognition(FaceEngine(FaceSettings()), similarity, s3_client=s3)
     url = server.start()
     faces = RekognitionFaces(settings.faces.model_copy(update={"rekognition_endpoint_url": url}))
     faces.ensure_collection()
@@ -124,7 +126,7 @@ def test_rekognition_search_without_a_face_is_no_match_not_an_error(rekognition)
 
 
 def test_rekognition_errors_carry_the_aws_code(settings, rekognition):
-    from jobs.rekognition import RekognitionError
+    from jobs.faces.rekognition import RekognitionError
 
     faces, _ = rekognition
     other = RekognitionFaces(faces.settings.model_copy(update={"rekognition_collection": "missing"}))
@@ -135,7 +137,7 @@ def test_rekognition_errors_carry_the_aws_code(settings, rekognition):
 
 @needs_faces
 def test_watchlist_service_with_rekognition_indexes_on_fraud_and_deletes_on_forget(settings, store, rekognition):
-    from jobs.watchlist_service import Source, WatchlistCore
+    from jobs.faces.watchlist_service import Source, WatchlistCore
     from schemas.records import AuditEvent, BotCommand
     from schemas.topics import AUDIT
 

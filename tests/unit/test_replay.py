@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from producers.replay import (
+from infra.clients.topic_replay import (
     Bound,
     RangeError,
     TimestampMerge,

@@ -7,7 +7,7 @@ import yaml
 from typer.testing import CliRunner
 
 from infra.settings import RulesSettings
-from jobs.rules import (
+from jobs.scoring.rules import (
     DEFAULT_RULESET,
     FaceResult,
     ModelResult,
@@ -17,7 +17,7 @@ from jobs.rules import (
     from_update,
     update_record,
 )
-from jobs.rules import app as rules_cli
+from jobs.scoring.rules import app as rules_cli
 from schemas.records import RuleSetUpdate
 from tests.builders import return_of, sale
 

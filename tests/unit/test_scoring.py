@@ -5,11 +5,12 @@ from dataclasses import replace
 import pytest
 
 from infra.settings import Settings
-from jobs.features import CustomerProfile, Receipt, StoreActivity, customer_key
-from jobs.rules import FaceResult, ModelResult, RuleSet, decide
-from jobs.scoring import CUSTOMERS, RECEIPTS, STORES, Scorer, ScoringState
-from jobs.validation import InvalidRecord, parse_transaction
+from jobs.scoring.features import CustomerProfile, Receipt, StoreActivity, customer_key
+from jobs.scoring.rules import FaceResult, ModelResult, RuleSet, decide
+from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Scorer, ScoringState
+from jobs.scoring.validation import parse_transaction
 from schemas.codec import codec
+from schemas.errors import InvalidRecord
 from tests.builders import T0, return_of, sale
 
 SETTINGS = Settings()

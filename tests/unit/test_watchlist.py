@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from infra.settings import FaceSettings
-from jobs.face_engine import FaceEngine
-from jobs.watchlist import Match, Watchlist
+from jobs.faces.engine import FaceEngine
+from jobs.scoring.watchlist import Match, Watchlist
 
 FACES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "faces"
 needs_faces = pytest.mark.skipif(not FACES.is_dir(), reason="shared face photos (../shared/data/faces) absent")

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from infra.clients.image_store import LocalImageStore
 from infra.settings import Settings
-from jobs.face_engine import FaceEngine
-from jobs.image_store import LocalImageStore
-from jobs.watchlist_service import Source, WatchlistCore
+from jobs.faces.engine import FaceEngine
+from jobs.faces.watchlist_service import Source, WatchlistCore
 from schemas.records import Alert, AuditEvent, BotCommand, DeadLetter, WatchlistEntry
 from schemas.topics import AUDIT, DEAD_LETTERS, WATCHLIST
 

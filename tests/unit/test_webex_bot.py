@@ -14,10 +14,10 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from infra.local_webex import BackgroundServer, LocalWebexServer, person_id, sign
+from infra.launcher import wait_for
+from infra.local.webex import BackgroundServer, LocalWebexServer, person_id, sign
 from infra.settings import Settings, WebexSettings
-from jobs.launcher import wait_for
-from producers.webex_bot import WEBHOOK_PATH, WebexBot, parse_callback, parse_command, strip_mention, verify_signature
+from jobs.bot.webex_bot import WEBHOOK_PATH, WebexBot, parse_callback, parse_command, strip_mention, verify_signature
 from schemas.records import BotCommand
 
 TOKEN, SECRET = "bot-token", "hook-secret"

@@ -1,0 +1,339 @@
+"""Meraki Dashboard API snapshots, and which camera watches which lane.
+
+:class:`MerakiClient` asks a camera for a snapshot (``POST /devices/{serial}/camera/generateSnapshot``)
+at a timestamp or "now", then polls the returned URL until the JPEG is there. It copes with the API's
+awkward parts: the URL is not ready at once, a recent timestamp answers ``400 No video for specified
+timestamp`` until the footage is stored (retry, optionally fall back to "now"), ``429`` carries a
+``Retry-After`` to honour, ``5xx`` are retried -- all inside one overall deadline, so a caller waiting
+on a transaction is never held longer than it allowed. Every failure is a :class:`SnapshotError` whose
+``kind`` and message say what happened (they end up as ``face: unavailable`` reasons).
+
+The same client talks to the real Dashboard (``CG_CAMERAS__BASE_URL=https://api.meraki.com/api/v1``)
+and to the local camera (``infra.local.camera``), the default.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cache
+
+import httpx
+
+from infra.settings import CameraSettings, Settings
+
+API_KEY_HEADER = "X-Cisco-Meraki-API-Key"
+NO_VIDEO = "No video for specified timestamp"
+ENTRANCE = "ENTRANCE"
+_NOT_READY = frozenset({202, 403, 404})
+"""What a snapshot URL answers while the image is being stored (S3-style 403/404, or 202)."""
+_JPEG_MAGIC = b"\xff\xd8\xff"
+Location = tuple[str, str | None]
+"""(store_id, lane_id); lane_id None = the store's entrance."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Camera map
+
+
+def _pairs(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in text.split(","):
+        if item.strip():
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip() or not value.strip():
+                raise ValueError(f"camera map entry must be key=serial, got {item!r}")
+            out[key.strip()] = value.strip()
+    return out
+
+
+@cache
+def _maps(cameras: CameraSettings) -> tuple[dict[tuple[str, str], str], dict[str, str], dict[str, Location]]:
+    lanes = {}
+    for key, serial in _pairs(cameras.lane_cameras).items():
+        store_id, sep, lane_id = key.partition("/")
+        if not sep:
+            raise ValueError(f"lane camera key must be store_id/lane_id, got {key!r}")
+        lanes[(store_id, lane_id)] = serial
+    entrances = _pairs(cameras.entrance_cameras)
+    where: dict[str, Location] = {s: k for k, s in lanes.items()}
+    where.update({s: (store, None) for store, s in entrances.items()})
+    return lanes, entrances, where
+
+
+def camera_for_lane(settings: Settings, store_id: str, lane_id: str) -> str:
+    """Serial of the camera over a checkout lane (explicit map, else ``Q2MV-<store>-<lane>``)."""
+    lanes, _, _ = _maps(settings.cameras)
+    return lanes.get((store_id, lane_id)) or f"Q2MV-{store_id}-{lane_id}"
+
+
+def entrance_camera(settings: Settings, store_id: str) -> str:
+    """Serial of a store's entrance camera (explicit map, else ``Q2MV-<store>-ENTRANCE``)."""
+    _, entrances, _ = _maps(settings.cameras)
+    return entrances.get(store_id) or f"Q2MV-{store_id}-{ENTRANCE}"
+
+
+def camera_location(settings: Settings, serial: str) -> Location | None:
+    """``(store_id, lane_id)`` a camera watches, ``lane_id`` None for an entrance; None if unknown."""
+    _, _, where = _maps(settings.cameras)
+    if serial in where:
+        return where[serial]
+    if serial.startswith("Q2MV-"):
+        rest = serial[len("Q2MV-"):]
+        if rest.endswith(f"-{ENTRANCE}") and len(rest) > len(ENTRANCE) + 1:
+            return rest[: -len(ENTRANCE) - 1], None
+        store_id, sep, lane_id = rest.rpartition("-lane-")
+        if sep and store_id and lane_id:
+            return store_id, f"lane-{lane_id}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Snapshots
+
+
+class SnapshotError(RuntimeError):
+    """No image. ``kind``: deadline | no_video | not_ready | rate_limited | server_error | http_error |
+    transport | empty | wrong_type | too_large | not_jpeg."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(f"{kind}: {reason}")
+        self.kind = kind
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    serial: str
+    image: bytes
+    content_type: str
+    requested_ms: int | None
+    """The timestamp asked for (None = "now")."""
+    fell_back_to_now: bool
+    """The camera had no video for ``requested_ms``; this is a snapshot of the moment we gave up."""
+    api_calls: int
+    polls: int
+    elapsed_s: float
+
+
+def iso_timestamp(epoch_ms: int) -> str:
+    """Meraki's timestamp format (ISO 8601, UTC, whole seconds)."""
+    return datetime.fromtimestamp(epoch_ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def retry_after_s(value: str | None, default: float) -> float:
+    """Seconds from a ``Retry-After`` header: delta-seconds or an HTTP date."""
+    if not value:
+        return default
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return default
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _errors(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200]
+    if isinstance(body, dict) and isinstance(body.get("errors"), list):
+        return "; ".join(str(e) for e in body["errors"])
+    return str(body)[:200]
+
+
+class _Budget:
+    def __init__(self, seconds: float, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.end = clock() + seconds
+
+    def left(self) -> float:
+        return self.end - self.clock()
+
+    def check(self, doing: str) -> float:
+        left = self.left()
+        if left <= 0:
+            raise SnapshotError("deadline", f"snapshot deadline passed while {doing}")
+        return left
+
+
+class MerakiClient:
+    """Snapshots through the Dashboard API. Thread-safe (one pooled ``httpx.Client``).
+
+    ``http`` is for tests and custom transports; ``sleep``/``clock`` let a caller observe the waits.
+    The API key is sent only to the Dashboard API, never to the snapshot URL (another host).
+    """
+
+    def __init__(
+        self, cameras: CameraSettings, base_url: str, *, http: httpx.Client | None = None,
+        sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cfg = cameras
+        self.base_url = base_url.rstrip("/")
+        self._http = http or httpx.Client(
+            timeout=cameras.request_timeout_s, limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+        )
+        self._sleep = sleep
+        self._clock = clock
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **kwargs: object) -> MerakiClient:
+        return cls(settings.cameras, api_base_url(settings), **kwargs)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> MerakiClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- public ------------------------------------------------------------------------------------
+
+    def snapshot(self, serial: str, timestamp_ms: int | None = None, deadline_s: float | None = None) -> Snapshot:
+        """The camera's image at ``timestamp_ms`` (None = now), or :class:`SnapshotError`."""
+        started = self._clock()
+        budget = _Budget(self.cfg.deadline_s if deadline_s is None else deadline_s, self._clock)
+        counts = {"api": 0, "polls": 0}
+        fell_back = False
+        tries = 0
+        backoff = self.cfg.no_video_backoff_s
+        ts = timestamp_ms
+        while True:
+            try:
+                url = self._generate(serial, ts, budget, counts)
+                break
+            except SnapshotError as exc:
+                if exc.kind != "no_video":
+                    raise
+                tries += 1
+                if tries >= self.cfg.no_video_max_tries:
+                    if self.cfg.fallback_to_now and ts is not None:
+                        ts, fell_back = None, True
+                        continue
+                    raise
+                self._wait(min(backoff, budget.check("waiting for video")), budget)
+                backoff = min(backoff * 2, self.cfg.no_video_backoff_s * 8)
+        image, content_type = self._fetch(url, budget, counts)
+        return Snapshot(serial, image, content_type, timestamp_ms, fell_back, counts["api"], counts["polls"],
+                        self._clock() - started)
+
+    # -- steps -------------------------------------------------------------------------------------
+
+    def _wait(self, seconds: float, budget: _Budget) -> None:
+        left = budget.check("waiting")
+        if seconds > left:
+            self._sleep(max(left, 0.0))
+            raise SnapshotError("deadline", f"snapshot deadline passed (needed to wait {seconds:.1f} s more)")
+        self._sleep(seconds)
+
+    def _request(self, method: str, url: str, budget: _Budget, doing: str, stream: bool = False,
+                 **kw: object) -> httpx.Response:
+        """One HTTP exchange with 429 (Retry-After) and 5xx retries inside the budget. ``stream``: the
+        body of the returned response is not read yet (the caller reads it and closes it)."""
+        attempt = 0
+        while True:
+            left = budget.check(doing)
+            timeout = min(self.cfg.request_timeout_s, left)
+            try:
+                request = self._http.build_request(method, url, timeout=timeout, **kw)  # type: ignore[arg-type]
+                response = self._http.send(request, stream=stream)
+            except httpx.TimeoutException as exc:
+                budget.check(doing)
+                raise SnapshotError("transport", f"timeout while {doing}: {type(exc).__name__}") from None
+            except httpx.TransportError as exc:
+                attempt += 1
+                if attempt > 3:
+                    raise SnapshotError("transport", f"{type(exc).__name__} while {doing}") from None
+                self._wait(0.2 * attempt, budget)
+                continue
+            if stream and (response.status_code == 429 or response.status_code >= 500):
+                response.close()
+            if response.status_code == 429:
+                self._wait(retry_after_s(response.headers.get("Retry-After"), 1.0), budget)
+                continue
+            if response.status_code >= 500:
+                attempt += 1
+                if attempt > 4:
+                    raise SnapshotError("server_error", f"HTTP {response.status_code} while {doing}")
+                try:
+                    self._wait(min(0.25 * 2 ** (attempt - 1), 1.0), budget)
+                except SnapshotError as exc:
+                    raise SnapshotError("deadline", f"{exc.reason} (after HTTP {response.status_code})") from None
+                continue
+            return response
+
+    def _generate(self, serial: str, ts: int | None, budget: _Budget, counts: dict[str, int]) -> str:
+        body: dict[str, object] = {} if ts is None else {"timestamp": iso_timestamp(ts)}
+        counts["api"] += 1
+        response = self._request(
+            "POST", f"{self.base_url}/devices/{serial}/camera/generateSnapshot", budget, "requesting a snapshot",
+            json=body, headers={API_KEY_HEADER: self.cfg.api_key.get_secret_value(), "Accept": "application/json"},
+        )
+        if response.status_code in (200, 202):
+            try:
+                url = response.json()["url"]
+            except (ValueError, KeyError, TypeError):
+                raise SnapshotError("http_error", "generateSnapshot answered without a url") from None
+            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                raise SnapshotError("http_error", "generateSnapshot answered an invalid url")
+            return url
+        detail = _errors(response)
+        if response.status_code == 400 and NO_VIDEO.lower() in detail.lower():
+            raise SnapshotError("no_video", NO_VIDEO)
+        raise SnapshotError("http_error", f"generateSnapshot HTTP {response.status_code}: {detail}")
+
+    def _fetch(self, url: str, budget: _Budget, counts: dict[str, int]) -> tuple[bytes, str]:
+        for _ in range(self.cfg.poll_max_tries):
+            counts["polls"] += 1
+            response = self._request("GET", url, budget, "waiting for the snapshot image", stream=True)
+            if response.status_code == 200:
+                try:
+                    return self._image(response, budget)
+                finally:
+                    response.close()
+            response.close()
+            if response.status_code not in _NOT_READY:
+                raise SnapshotError("http_error", f"snapshot URL HTTP {response.status_code}")
+            self._wait(self.cfg.poll_interval_s, budget)
+        raise SnapshotError("not_ready", f"snapshot URL not ready after {self.cfg.poll_max_tries} polls")
+
+    def _image(self, response: httpx.Response, budget: _Budget) -> tuple[bytes, str]:
+        """The body, read in chunks: never more than ``max_image_bytes``, never past the deadline."""
+        content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if not content_type.startswith("image/"):
+            raise SnapshotError("wrong_type", f"snapshot URL answered {content_type or 'no content type'}, no image")
+        limit = self.cfg.max_image_bytes
+        if int(response.headers.get("Content-Length") or 0) > limit:
+            raise SnapshotError("too_large", f"snapshot image of {response.headers['Content-Length']} bytes "
+                                             f"exceeds {limit}")
+        chunks, size = [], 0
+        try:
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > limit:
+                    raise SnapshotError("too_large", f"snapshot image exceeds {limit} bytes")
+                budget.check("downloading the snapshot image")
+                chunks.append(chunk)
+        except httpx.HTTPError as exc:
+            budget.check("downloading the snapshot image")
+            raise SnapshotError("transport", f"{type(exc).__name__} while downloading the snapshot image") from None
+        data = b"".join(chunks)
+        if not data:
+            raise SnapshotError("empty", "snapshot image is empty")
+        if content_type in ("image/jpeg", "image/jpg") and not data.startswith(_JPEG_MAGIC):
+            raise SnapshotError("not_jpeg", "snapshot body is not a JPEG")
+        return data, content_type
+
+
+def api_base_url(settings: Settings) -> str:
+    """The configured Dashboard API base, or the local camera's."""
+    return settings.cameras.base_url or f"http://127.0.0.1:{settings.cameras.local_port}/api/v1"

@@ -1,0 +1,448 @@
+"""Re-publish a range of a Kafka topic into a target topic: backfills, re-scoring, backtests.
+
+Input: a source topic (``<source prefix><topic>``), a range chosen by offsets (one offset for every
+partition, or per partition) or by timestamps (``offsets_for_times``), end exclusive and fixed when the
+replay starts, so replaying a topic into itself ends. Output: the same records -- key, value, headers
+and (unless ``--restamp``) the original timestamp -- in the target topic (``<target prefix><topic>``,
+on the same cluster or another one).
+
+Order: each source partition is read in offset order and the partitions are merged by record
+timestamp (ties by partition, offset), so one partition's records are never reordered and a target
+with fewer partitions still gets them in the order they first arrived. A record goes to the same
+partition number when the target has as many partitions as the source, else by its key (murmur2, the
+Java client's choice, so a key lands where a Java producer would put it).
+
+Delivery: an idempotent producer (``acks=all``), so a retried send neither doubles nor reorders. A
+replay is at-least-once by nature -- running it twice sends the records twice -- which is safe here
+because every consumer is idempotent by key: the scoring job drops a transaction id it has seen
+(receipt state) and the OpenSearch sink writes one document per business key.
+
+CLI: ``python -m producers.replay run transactions --from-time 2026-11-22T06:00:00Z --to-time ...``
+(``--dry-run`` prints the range sizes only); ``python -m producers.replay --help``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Message, Producer, TopicPartition
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from infra.pacing import TokenBucket
+from infra.settings import KafkaSettings
+
+console = Console(stderr=True)
+
+OFFSET_END = -1
+"""What ``offsets_for_times`` answers for a partition with no record at or after the time."""
+
+
+class RangeError(ValueError):
+    """A range that cannot be resolved (bad syntax, unknown partition); the message says which."""
+
+
+# ---------------------------------------------------------------------------- pure: ranges
+
+
+def parse_time_ms(text: str, now_ms: int | None = None) -> int:
+    """``now``, epoch milliseconds (all digits) or ISO-8601 (``2026-11-22T06:00:00Z``; no zone = UTC)."""
+    text = text.strip()
+    if text == "now":
+        return now_ms if now_ms is not None else int(time.time() * 1000)
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise RangeError(f"not a time: {text!r} (ISO-8601 like 2026-11-22T06:00:00Z, epoch ms, or now)") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def parse_offsets(text: str) -> dict[int, int] | int:
+    """``100`` (every partition) or ``0:100,2:50`` (per partition; others unbounded)."""
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    out: dict[int, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        p, sep, o = part.partition(":")
+        if not sep or not p.strip().isdigit() or not o.strip().isdigit():
+            raise RangeError(f"bad offsets {text!r}: use N or PARTITION:OFFSET,... (e.g. 0:100,2:50)")
+        out[int(p)] = int(o)
+    if not out:
+        raise RangeError("empty offsets")
+    return out
+
+
+@dataclass(frozen=True)
+class Bound:
+    """One end of the range: an offset for every partition, offsets per partition, or a time."""
+
+    offsets: dict[int, int] | int | None = None
+    time_ms: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.offsets is not None and self.time_ms is not None:
+            raise RangeError("give an offset or a time for one end of the range, not both")
+
+
+@dataclass(frozen=True)
+class PartitionRange:
+    partition: int
+    start: int
+    end: int
+    """Exclusive."""
+    low: int
+    high: int
+    """The partition's watermarks when the range was resolved."""
+
+    @property
+    def size(self) -> int:
+        """Records in the range (at most: a compacted topic has gaps)."""
+        return max(0, self.end - self.start)
+
+
+def resolve_ranges(
+    watermarks: Mapping[int, tuple[int, int]],
+    start: Bound,
+    end: Bound,
+    offsets_for_time: Callable[[int], Mapping[int, int]],
+    partitions: Iterable[int] | None = None,
+) -> list[PartitionRange]:
+    """Concrete ``[start, end)`` offsets per partition, clipped to the watermarks.
+
+    Defaults: from the low watermark (earliest) to the high watermark at this moment. A time resolves
+    to the first offset whose timestamp is at or after it (``offsets_for_time(ms) -> {partition:
+    offset}``, -1 = none, i.e. the high watermark). Per-partition offsets leave unnamed partitions at
+    their default. Raises :class:`RangeError` for a partition the topic does not have.
+    """
+    wanted = sorted(watermarks) if partitions is None else sorted(set(partitions))
+    unknown = [p for p in wanted if p not in watermarks]
+    if unknown:
+        raise RangeError(f"no partition(s) {unknown}; the topic has {sorted(watermarks)}")
+
+    def pick(bound: Bound, default_end: bool) -> dict[int, int]:
+        out = {p: watermarks[p][1] if default_end else watermarks[p][0] for p in wanted}
+        if bound.time_ms is not None:
+            found = offsets_for_time(bound.time_ms)
+            for p in wanted:
+                offset = found.get(p, OFFSET_END)
+                out[p] = watermarks[p][1] if offset is None or offset < 0 else offset
+        elif isinstance(bound.offsets, int):
+            out = dict.fromkeys(wanted, bound.offsets)
+        elif bound.offsets is not None:
+            bad = sorted(set(bound.offsets) - set(watermarks))
+            if bad:
+                raise RangeError(f"no partition(s) {bad}; the topic has {sorted(watermarks)}")
+            out.update({p: o for p, o in bound.offsets.items() if p in out})
+        return out
+
+    starts, ends = pick(start, default_end=False), pick(end, default_end=True)
+    ranges = []
+    for p in wanted:
+        low, high = watermarks[p]
+        s = min(max(starts[p], low), high)
+        e = min(max(ends[p], s), high)
+        ranges.append(PartitionRange(p, s, e, low, high))
+    return ranges
+
+
+def target_partition(source_partition: int, source_partitions: int, target_partitions: int) -> int | None:
+    """The same partition number when the target has as many partitions, else ``None`` (by key)."""
+    return source_partition if source_partitions == target_partitions else None
+
+
+# ---------------------------------------------------------------------------- pure: merge
+
+
+@dataclass
+class TimestampMerge:
+    """Merge per-partition streams (each in offset order) into one, by (timestamp, partition, offset).
+
+    A record is released only when every partition still being read has a record waiting, so the
+    merge never releases a record that an unseen earlier one should have preceded. Per-partition order
+    is kept whatever the timestamps are (a partition contributes only its head).
+    """
+
+    open_partitions: set[int]
+    buffers: dict[int, deque] = field(default_factory=dict)
+
+    def add(self, partition: int, sort_key: tuple[int, int], item: object) -> None:
+        self.buffers.setdefault(partition, deque()).append((sort_key, item))
+
+    def close(self, partition: int) -> None:
+        """No more records will come from ``partition``."""
+        self.open_partitions.discard(partition)
+
+    def buffered(self, partition: int) -> int:
+        return len(self.buffers.get(partition, ()))
+
+    def ready(self) -> Iterable[object]:
+        """Release what can be released now, in merged order."""
+        heads = [(buf[0][0][0], p, buf[0][0][1]) for p, buf in self.buffers.items() if buf]
+        heapq.heapify(heads)
+        while heads:
+            if any(not self.buffers.get(p) for p in self.open_partitions):
+                return
+            _, p, _ = heapq.heappop(heads)
+            _, item = self.buffers[p].popleft()
+            yield item
+            if self.buffers[p]:
+                key = self.buffers[p][0][0]
+                heapq.heappush(heads, (key[0], p, key[1]))
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.buffers.values())
+
+
+# ---------------------------------------------------------------------------- Kafka
+
+
+@dataclass
+class ReplayStats:
+    planned: int = 0
+    read: int = 0
+    sent: int = 0
+    acked: int = 0
+    failed: int = 0
+    elapsed_s: float = 0.0
+    errors: list[str] = field(default_factory=list)
+    per_partition: dict[int, int] = field(default_factory=dict)
+    """Records read per source partition."""
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and self.acked == self.sent
+
+
+def _consumer(kafka: KafkaSettings) -> Consumer:
+    return Consumer({
+        **kafka.client_config(),
+        "group.id": f"checkout-guard-replay-{uuid.uuid4().hex[:12]}",  # never committed: offsets are assigned
+        "enable.auto.commit": False,
+        "enable.partition.eof": True,
+        "isolation.level": "read_committed",
+        "auto.offset.reset": "error",
+    })
+
+
+def _producer(kafka: KafkaSettings) -> Producer:
+    """Idempotent, ``acks=all``: a retried send is neither lost, nor doubled, nor reordered."""
+    return Producer({
+        **kafka.client_config(),
+        "client.id": "checkout-guard-replay",
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 5,
+        "compression.type": "lz4",
+        "partitioner": "murmur2_random",
+    })
+
+
+def partition_count(client: Consumer | Producer, topic: str) -> int:
+    """Partitions of ``topic`` (0 when it does not exist)."""
+    md = client.list_topics(topic, timeout=10).topics.get(topic)
+    if md is None or md.error is not None:
+        return 0
+    return len(md.partitions)
+
+
+def high_watermarks(kafka: KafkaSettings, topic: str) -> dict[int, int]:
+    """Per partition, the offset the next record will get (empty when the topic does not exist)."""
+    consumer = _consumer(kafka)
+    try:
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1]
+                for p in range(partition_count(consumer, topic))}
+    finally:
+        consumer.close()
+
+
+def committed_offsets(kafka: KafkaSettings, group: str, topic: str) -> dict[int, int]:
+    """A consumer group's committed offsets on ``topic`` (negative = nothing committed yet)."""
+    consumer = Consumer({**kafka.client_config(), "group.id": group, "enable.auto.commit": False})
+    try:
+        parts = [TopicPartition(topic, p) for p in range(partition_count(consumer, topic))]
+        return {tp.partition: tp.offset for tp in consumer.committed(parts, timeout=10)}
+    finally:
+        consumer.close()
+
+
+def caught_up(kafka: KafkaSettings, group: str, topic: str) -> bool:
+    """Has ``group`` committed everything ``topic`` holds now? (Flink commits on each checkpoint.)"""
+    ends = high_watermarks(kafka, topic)
+    done = committed_offsets(kafka, group, topic)
+    return all(done.get(p, -1) >= end or end == 0 for p, end in ends.items())
+
+
+def plan(
+    kafka: KafkaSettings, topic: str, start: Bound, end: Bound, partitions: Iterable[int] | None = None,
+) -> list[PartitionRange]:
+    """Resolve the range of ``topic`` (full name) against the broker, now."""
+    consumer = _consumer(kafka)
+    try:
+        count = partition_count(consumer, topic)
+        if count == 0:
+            raise RangeError(f"topic {topic} does not exist")
+        watermarks = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)
+                      for p in range(count)}
+
+        def offsets_for_time(ms: int) -> dict[int, int]:
+            found = consumer.offsets_for_times([TopicPartition(topic, p, ms) for p in range(count)], timeout=10)
+            return {tp.partition: tp.offset for tp in found}
+
+        return resolve_ranges(watermarks, start, end, offsets_for_time, partitions)
+    finally:
+        consumer.close()
+
+
+def replay(
+    source: KafkaSettings,
+    source_topic: str,
+    target: KafkaSettings,
+    target_topic: str,
+    ranges: list[PartitionRange],
+    rate: float = 0,
+    restamp: bool = False,
+    progress: bool = True,
+    max_buffered: int = 20_000,
+    idle_timeout_s: float = 60.0,
+) -> ReplayStats:
+    """Copy the records of ``ranges`` from ``source_topic`` to ``target_topic``; wait for every ack.
+
+    ``rate`` caps records per second (0 = no cap). ``restamp`` gives the copies the time of the replay
+    instead of their original timestamps. Raises ``TimeoutError`` when a partition yields nothing for
+    ``idle_timeout_s`` before its range is read (records deleted by retention meanwhile, say).
+    """
+    stats = ReplayStats(planned=sum(r.size for r in ranges))
+    todo = {r.partition: r for r in ranges if r.size > 0}
+    if not todo:
+        return stats
+    producer = _producer(target)
+    target_count = partition_count(producer, target_topic)
+    if target_count == 0:
+        raise RangeError(f"target topic {target_topic} does not exist (create it first, e.g. make topics)")
+    consumer = _consumer(source)
+    source_count = partition_count(consumer, source_topic)
+    bucket = TokenBucket(rate) if rate > 0 else None
+    merge = TimestampMerge(open_partitions=set(todo))
+    paused: set[int] = set()
+
+    def delivered(err: KafkaError | None, _msg: Message) -> None:
+        if err is None:
+            stats.acked += 1
+        else:
+            stats.failed += 1
+            if len(stats.errors) < 5 and str(err) not in stats.errors:
+                stats.errors.append(str(err))
+
+    def send(msg: Message) -> None:
+        if bucket is not None:
+            until = time.monotonic() + bucket.reserve(time.monotonic())
+            while (left := until - time.monotonic()) > 0:
+                producer.poll(min(left, 0.1))
+        kwargs = {"key": msg.key(), "value": msg.value(), "headers": msg.headers() or None,
+                  "on_delivery": delivered}
+        ts_type, ts = msg.timestamp()
+        if not restamp and ts_type != TIMESTAMP_NOT_AVAILABLE:
+            kwargs["timestamp"] = ts
+        partition = target_partition(msg.partition(), source_count, target_count)
+        if partition is not None:
+            kwargs["partition"] = partition
+        while True:
+            try:
+                producer.produce(target_topic, **kwargs)
+                break
+            except BufferError:  # local queue full: let deliveries drain it
+                producer.poll(0.05)
+        stats.sent += 1
+        producer.poll(0)
+
+    def finish(partition: int) -> None:
+        if partition in todo:
+            del todo[partition]
+            merge.close(partition)
+            consumer.incremental_unassign([TopicPartition(source_topic, partition)])
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+               TimeElapsedColumn())
+    started = time.monotonic()
+    consumer.assign([TopicPartition(source_topic, r.partition, r.start) for r in todo.values()])
+    last_record = time.monotonic()
+    try:
+        with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
+            task = bar.add_task(f"{source_topic} -> {target_topic}", total=stats.planned, rate="")
+            while todo or not merge.empty:
+                for msg in consumer.consume(1000, timeout=0.2) if todo else ():
+                    p = msg.partition()
+                    if p not in todo:
+                        continue
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            if msg.offset() >= todo[p].end:
+                                finish(p)
+                            continue
+                        raise RuntimeError(f"reading {source_topic}[{p}]: {err.str()}")
+                    last_record = time.monotonic()
+                    if msg.offset() >= todo[p].end:
+                        finish(p)
+                        continue
+                    ts_type, ts = msg.timestamp()
+                    merge.add(p, (ts if ts_type != TIMESTAMP_NOT_AVAILABLE else 0, msg.offset()), msg)
+                    stats.read += 1
+                    stats.per_partition[p] = stats.per_partition.get(p, 0) + 1
+                    if msg.offset() >= todo[p].end - 1:
+                        finish(p)
+                for p in list(todo):  # control records (transactions) can hide the last offsets
+                    position = consumer.position([TopicPartition(source_topic, p)])[0].offset
+                    if position >= todo[p].end:
+                        finish(p)
+                for msg in merge.ready():
+                    send(msg)
+                    bar.update(task, completed=stats.sent,
+                               rate=f"{stats.sent / max(1e-9, time.monotonic() - started):,.0f} msg/s")
+                _flow_control(consumer, source_topic, merge, todo, paused, max_buffered)
+                if todo and time.monotonic() - last_record > idle_timeout_s:
+                    raise TimeoutError(f"no records from {source_topic} partitions {sorted(todo)} for "
+                                       f"{idle_timeout_s:.0f}s before the end of the range")
+            while producer.flush(0.25) > 0:
+                bar.update(task, completed=stats.sent)
+    finally:
+        consumer.close()
+        producer.flush(30)
+        stats.elapsed_s = time.monotonic() - started
+    return stats
+
+
+def _flow_control(consumer: Consumer, topic: str, merge: TimestampMerge, todo: dict[int, PartitionRange],
+                  paused: set[int], max_buffered: int) -> None:
+    """Pause partitions that ran ahead of the merge; resume them once it caught up."""
+    for p in list(todo):
+        n = merge.buffered(p)
+        if p not in paused and n >= max_buffered:
+            consumer.pause([TopicPartition(topic, p)])
+            paused.add(p)
+        elif p in paused and n < max_buffered // 2:
+            consumer.resume([TopicPartition(topic, p)])
+            paused.discard(p)
+    paused.intersection_update(todo)
+
+
+def bounds(from_offsets: str | None, to_offsets: str | None, from_time: str | None, to_time: str | None,
+           now_ms: int | None = None) -> tuple[Bound, Bound]:
+    """CLI options -> the two ends of the range."""
+    start = Bound(offsets=parse_offsets(from_offsets) if from_offsets else None,
+                  time_ms=parse_time_ms(from_time, now_ms) if from_time else None)
+    end = Bound(offsets=parse_offsets(to_offsets) if to_offsets else None,
+                time_ms=parse_time_ms(to_time, now_ms) if to_time else None)
+    return start, end

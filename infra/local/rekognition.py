@@ -1,0 +1,184 @@
+"""A local HTTP server speaking Rekognition's JSON protocol, for the collection calls moto lacks.
+
+moto 5.2 implements Rekognition's CompareFaces, DetectLabels/Text and the async face search, but not
+CreateCollection, IndexFaces, ListFaces, SearchFacesByImage or DeleteFaces. This server answers those
+as documented (``POST /``, ``X-Amz-Target: RekognitionService.<Op>``, ``application/x-amz-json-1.1``,
+errors as HTTP 400 ``{"__type": ..., "Message": ...}``), so the real boto3 client is exercised.
+Faces are found and compared by the engine and similarity the caller hands in (the project's dlib
+engine in the tests: infra never imports a stage); its similarity is mapped onto a Rekognition-like
+scale (logistic, our match threshold 52 -> ~99) — the numbers are this server's, not AWS's model.
+``S3Object`` images are read from the S3 endpoint given (moto in server mode in the tests).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import threading
+import uuid
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+
+class _Fail(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def rekognition_scale(sim: float) -> float:
+    """This server's similarity: our 0-100 similarity squashed so that 52 -> ~99.4, 45 -> 50."""
+    return round(100.0 / (1.0 + math.exp(-(sim - 45.0) / 1.4)), 4)
+
+
+def _ratio_box(box: tuple[int, int, int, int], w: float, h: float) -> dict[str, float]:
+    return {"Left": box[0] / w, "Top": box[1] / h, "Width": (box[2] - box[0]) / w, "Height": (box[3] - box[1]) / h}
+
+
+class FaceAnalyser(Protocol):
+    """What this stand-in needs of a face engine: faces with ``passed``, ``box`` and ``embedding``;
+    ``ValueError`` for an image it cannot read."""
+
+    def analyse(self, data: bytes) -> list[Any]: ...
+
+
+class LocalRekognition:
+    def __init__(self, engine: FaceAnalyser, similarity: Callable[[Any, Any], float],
+                 s3_client: Any | None = None) -> None:
+        self.engine = engine
+        self.similarity = similarity
+        self.s3 = s3_client
+        self.collections: dict[str, dict[str, dict[str, Any]]] = {}
+        self.calls: list[str] = []
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+
+    # --- operations -------------------------------------------------------------------------------
+    def _bytes(self, image: dict[str, Any]) -> bytes:
+        if "Bytes" in image:
+            return base64.b64decode(image["Bytes"])
+        if "S3Object" in image and self.s3 is not None:
+            obj = image["S3Object"]
+            try:
+                return self.s3.get_object(Bucket=obj["Bucket"], Key=obj["Name"])["Body"].read()
+            except Exception as exc:  # noqa: BLE001 - any S3 failure is Rekognition's InvalidS3ObjectException
+                raise _Fail("InvalidS3ObjectException", f"Unable to get object metadata from S3: {exc}") from None
+        raise _Fail("InvalidParameterException", "Image must have Bytes or S3Object")
+
+    def _faces(self, image: dict[str, Any]):
+        """Passing faces, each with its box as ratios of the image size (as Rekognition reports boxes)."""
+        data = self._bytes(image)
+        try:
+            faces = [f for f in self.engine.analyse(data) if f.passed]
+            w, h = Image.open(io.BytesIO(data)).size
+        except ValueError:  # the engine's unreadable-image error
+            raise _Fail("InvalidImageFormatException", "Request has invalid image format") from None
+        return [(f, _ratio_box(f.box, w * f.scale, h * f.scale)) for f in faces]
+
+    def _collection(self, cid: str) -> dict[str, dict[str, Any]]:
+        if cid not in self.collections:
+            raise _Fail("ResourceNotFoundException", f"The collection id: {cid} does not exist")
+        return self.collections[cid]
+
+    @staticmethod
+    def _public(face: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in face.items() if k != "_embedding"}
+
+    def CreateCollection(self, req: dict[str, Any]) -> dict[str, Any]:  # noqa: N802 - AWS operation names
+        cid = req["CollectionId"]
+        if cid in self.collections:
+            raise _Fail("ResourceAlreadyExistsException", f"The collection id: {cid} already exists")
+        self.collections[cid] = {}
+        return {"StatusCode": 200, "CollectionArn": f"aws:rekognition:us-east-1:000000000000:collection/{cid}",
+                "FaceModelVersion": "7.0"}
+
+    def IndexFaces(self, req: dict[str, Any]) -> dict[str, Any]:  # noqa: N802
+        col = self._collection(req["CollectionId"])
+        faces = self._faces(req["Image"])[: int(req.get("MaxFaces", 100))]
+        image_id = str(uuid.uuid4())
+        records = []
+        for f, box in faces:
+            face = {"FaceId": str(uuid.uuid4()), "ImageId": image_id, "Confidence": 99.9,
+                    "BoundingBox": box, "_embedding": f.embedding}
+            if req.get("ExternalImageId"):
+                face["ExternalImageId"] = req["ExternalImageId"]
+            col[face["FaceId"]] = face
+            records.append({"Face": self._public(face), "FaceDetail": {"Confidence": 99.9}})
+        return {"FaceRecords": records, "FaceModelVersion": "7.0", "UnindexedFaces": []}
+
+    def ListFaces(self, req: dict[str, Any]) -> dict[str, Any]:  # noqa: N802
+        col = self._collection(req["CollectionId"])
+        ids = sorted(col)
+        start = int(req.get("NextToken") or 0)
+        size = int(req.get("MaxResults", 1000))
+        out: dict[str, Any] = {"Faces": [self._public(col[i]) for i in ids[start:start + size]],
+                               "FaceModelVersion": "7.0"}
+        if start + size < len(ids):
+            out["NextToken"] = str(start + size)
+        return out
+
+    def SearchFacesByImage(self, req: dict[str, Any]) -> dict[str, Any]:  # noqa: N802
+        col = self._collection(req["CollectionId"])
+        faces = self._faces(req["Image"])
+        if not faces:
+            raise _Fail("InvalidParameterException", "There are no faces in the image. Should be at least 1.")
+        probe, box = faces[0]
+        threshold = float(req.get("FaceMatchThreshold", 80.0))
+        matches = []
+        for face in col.values():
+            sim = rekognition_scale(self.similarity(np.asarray(face["_embedding"]), probe.embedding))
+            if sim >= threshold:
+                matches.append({"Similarity": sim, "Face": self._public(face)})
+        matches.sort(key=lambda m: m["Similarity"], reverse=True)
+        return {"SearchedFaceBoundingBox": box,
+                "SearchedFaceConfidence": 99.9, "FaceMatches": matches[: int(req.get("MaxFaces", 4096))],
+                "FaceModelVersion": "7.0"}
+
+    def DeleteFaces(self, req: dict[str, Any]) -> dict[str, Any]:  # noqa: N802
+        col = self._collection(req["CollectionId"])
+        deleted = [i for i in req["FaceIds"] if col.pop(i, None) is not None]
+        return {"DeletedFaces": deleted, "UnsuccessfulFaceDeletions": []}
+
+    # --- HTTP ---------------------------------------------------------------------------------------
+    def handle(self, target: str, body: bytes) -> tuple[int, dict[str, Any]]:
+        service, _, op = target.partition(".")
+        if service != "RekognitionService" or not hasattr(self, op) or not op[:1].isupper():
+            return 400, {"__type": "UnknownOperationException", "Message": f"unknown operation {target}"}
+        with self._lock:
+            self.calls.append(op)
+            try:
+                return 200, getattr(self, op)(json.loads(body or b"{}"))
+            except _Fail as fail:
+                return 400, {"__type": fail.code, "Message": fail.message}
+
+    def start(self) -> str:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server API
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                status, payload = outer.handle(self.headers.get("X-Amz-Target", ""), body)
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/x-amz-json-1.1")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def stop(self) -> None:
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()

@@ -1,0 +1,137 @@
+"""The embedded stack's mail server: a real SMTP server (aiosmtpd) that keeps every mail as a file.
+
+Each accepted message becomes one ``.eml`` file in ``<stack dir>/mail/`` (written to a temporary name
+and renamed, so a reader never sees half a mail), with ``X-Envelope-From`` / ``Delivered-To`` headers
+prepended from the SMTP envelope. Open the files with any mail client, or use :func:`read_mails`.
+
+The mailbox de-duplicates by ``Message-ID``, as Gmail, Exchange and Sieve's ``duplicate`` test do:
+SMTP cannot tell a sender whether a mail it sent just before crashing was accepted, so a restarted
+sender may send it again, and exactly-once delivery is the receiving mailbox's job. The alert sender
+derives the Message-ID from the alert id; a second copy is acknowledged, counted in ``duplicates.log``
+and not stored.
+
+It does not relay anywhere: it is the local stand-in for a company relay. ``infra.stack up`` starts it
+as ``python -m infra.local.smtp --host H --port P --mail-dir D`` (port from ``CG_SMTP__PORT``, default 2525).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email
+import email.policy
+import hashlib
+import os
+import signal
+import smtplib
+import time
+import uuid
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+
+def mail_dir(stack_dir: Path) -> Path:
+    """Where the local server keeps the mails of a stack dir."""
+    return Path(stack_dir).expanduser().resolve() / "mail"
+
+
+class FileStore:
+    """aiosmtpd handler: one ``.eml`` file per accepted message, written atomically."""
+
+    def __init__(self, directory: Path, latency_s: float = 0.0) -> None:
+        self.directory, self.latency_s = directory, latency_s
+        directory.mkdir(parents=True, exist_ok=True)
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802 (aiosmtpd hook)
+        if self.latency_s:  # a slow relay, for benchmarks
+            await asyncio.sleep(self.latency_s)
+        header = f"X-Envelope-From: {envelope.mail_from}\r\n" + "".join(
+            f"Delivered-To: {rcpt}\r\n" for rcpt in envelope.rcpt_tos)
+        content = envelope.original_content or b""
+        message_id = _message_id(content)
+        if message_id:
+            name = f"{hashlib.sha256(message_id.encode()).hexdigest()[:24]}.eml"
+            if (self.directory / name).exists():
+                with open(self.directory / "duplicates.log", "a") as log:
+                    log.write(f"{time.time_ns()} {message_id}\n")
+                return "250 Message accepted for delivery (duplicate Message-ID, kept once)"
+        else:
+            name = f"{time.time_ns()}-{uuid.uuid4().hex[:12]}.eml"
+        tmp = self.directory / f".{name}.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(header.encode() + content)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.directory / name)
+        return "250 Message accepted for delivery"
+
+
+def _message_id(content: bytes) -> str | None:
+    """The Message-ID header of a raw mail (headers only are parsed)."""
+    head = content.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+    parsed = email.message_from_bytes(head + b"\r\n\r\n", policy=email.policy.compat32)
+    value = parsed.get("Message-ID")
+    return str(value).strip() if value else None
+
+
+def duplicates(directory: Path) -> list[str]:
+    """Message-IDs whose second (third...) copy the mailbox acknowledged without storing it."""
+    log = directory / "duplicates.log"
+    return [line.split(" ", 1)[1] for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def read_mails(directory: Path) -> list[EmailMessage]:
+    """Every mail the server kept, oldest first."""
+    out = []
+    for path in sorted(directory.glob("*.eml"), key=lambda p: (p.stat().st_mtime_ns, p.name)):
+        msg = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+        assert isinstance(msg, EmailMessage)
+        out.append(msg)
+    return out
+
+
+def healthy(host: str, port: int, timeout: float = 2.0) -> bool:
+    """A real SMTP exchange: greeting, NOOP answered 250, QUIT."""
+    try:
+        with smtplib.SMTP(host, port, timeout=timeout) as smtp:
+            return smtp.noop()[0] == 250
+    except (OSError, smtplib.SMTPException):
+        return False
+
+
+def serve(host: str, port: int, directory: Path, latency_s: float = 0.0) -> None:
+    """Run until SIGTERM/SIGINT."""
+    controller = Controller(FileStore(directory, latency_s), hostname=host, port=port, data_size_limit=25 * 1024 * 1024,
+                            ready_timeout=30)
+    controller.start()
+    print(f"local SMTP server on {host}:{port}, mails kept in {directory}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.new_event_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        loop.run_until_complete(stop.wait())
+    finally:
+        with contextlib.suppress(Exception):
+            controller.stop()
+        loop.close()
+        print("local SMTP server stopped", flush=True)
+
+
+def main(
+    mail_dir: Annotated[Path, typer.Option("--mail-dir", help="Directory for the .eml files.")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 2525,
+    latency_ms: Annotated[float, typer.Option(help="Delay before accepting each mail (benchmarks).")] = 0.0,
+) -> None:
+    """Serve SMTP and keep every accepted mail as an .eml file."""
+    serve(host, port, mail_dir, latency_ms / 1000)
+
+
+if __name__ == "__main__":
+    typer.run(main)

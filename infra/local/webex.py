@@ -1,0 +1,468 @@
+"""A local Webex API server: the endpoints Checkout Guard uses, for tests and the offline demo.
+
+Speaks the documented API (https://developer.webex.com/docs/api): bearer-token auth (401 otherwise),
+``POST /messages`` as JSON or multipart/form-data with one ``files`` part, ``GET /messages?roomId=``
+(newest first), ``GET /messages/{id}``, ``GET /people/me``, ``POST/GET/DELETE /webhooks``, and the
+``429 Retry-After`` behaviour. It keeps what it received (messages and attached files) so tests can look,
+can be told to answer 429/500 or to be slow for a while, and can play a person writing in a room: the
+message is stored and every matching webhook gets a callback signed like Webex signs it
+(``X-Spark-Signature`` = hex HMAC-SHA1 of the raw body keyed with the webhook secret).
+
+In-process: ``with LocalWebexServer(token) as webex: ...`` (uvicorn in a thread; ``webex.state`` for the
+test's eyes). As a process (the demo): ``python -m infra.local.webex --port 8089 --token T``; then the
+control endpoints under ``/_local/`` (no auth, bound to 127.0.0.1) do the same over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import itertools
+import json
+import re
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import httpx
+import typer
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+MAX_MARKDOWN_BYTES = 7439
+BOT_EMAIL = "checkout-guard@webex.bot"
+
+
+def webex_id(kind: str) -> str:
+    """An id shaped like Webex's: base64 of ``ciscospark://us/<KIND>/<uuid>``."""
+    return base64.urlsafe_b64encode(f"ciscospark://us/{kind}/{uuid.uuid4()}".encode()).decode().rstrip("=")
+
+
+def sign(body: bytes, secret: str) -> str:
+    """What Webex puts in ``X-Spark-Signature``."""
+    return hmac.new(secret.encode(), body, hashlib.sha1).hexdigest()
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+@dataclass
+class Fault:
+    """Answer ``statuses`` in turn to API calls until ``until`` (monotonic) or until ``count`` runs out."""
+
+    statuses: tuple[int, ...]
+    until: float
+    count: int | None
+    retry_after: int
+    _cycle: Any = None
+
+    def next_status(self) -> int | None:
+        if time.monotonic() > self.until or self.count == 0:
+            return None
+        if self.count is not None:
+            self.count -= 1
+        if self._cycle is None:
+            self._cycle = itertools.cycle(self.statuses)
+        return next(self._cycle)
+
+
+@dataclass
+class WebexState:
+    """Everything the server knows; guarded by ``lock`` because tests read it from another thread."""
+
+    token: str
+    bot: dict[str, Any] = field(default_factory=lambda: {
+        "id": webex_id("PEOPLE"), "emails": [BOT_EMAIL], "displayName": "Checkout Guard", "type": "bot"})
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    files: dict[str, tuple[str, str, bytes]] = field(default_factory=dict)
+    """file id -> (filename, content type, bytes)."""
+    webhooks: list[dict[str, Any]] = field(default_factory=list)
+    deliveries: list[dict[str, Any]] = field(default_factory=list)
+    """Webhook callbacks made: target, status code (or error), message id."""
+    requests: dict[str, int] = field(default_factory=dict)
+    """Count of answers per status code, e.g. {"200": 10, "429": 3}."""
+    fault: Fault | None = None
+    latency_s: float = 0.0
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def bot_messages(self, room_id: str | None = None) -> list[dict[str, Any]]:
+        with self.lock:
+            return [m for m in self.messages if m["personId"] == self.bot["id"]
+                    and (room_id is None or m["roomId"] == room_id)]
+
+    def file_bytes(self, url: str) -> bytes:
+        return self.files[url.rsplit("/", 1)[-1]][2]
+
+    def fail(self, statuses: tuple[int, ...] = (429,), *, seconds: float = 3600.0, count: int | None = None,
+             retry_after: int = 1) -> None:
+        """Answer these statuses to API calls for ``seconds`` or ``count`` calls, whichever ends first."""
+        with self.lock:
+            self.fault = Fault(tuple(statuses), time.monotonic() + seconds, count, retry_after)
+
+    def heal(self) -> None:
+        with self.lock:
+            self.fault = None
+
+
+def _count(state: WebexState, status: int) -> None:
+    with state.lock:
+        state.requests[str(status)] = state.requests.get(str(status), 0) + 1
+
+
+def _error(state: WebexState, status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    _count(state, status)
+    return JSONResponse({"message": message, "errors": [{"description": message}], "trackingId": str(uuid.uuid4())},
+                        status_code=status, headers=headers)
+
+
+def build_app(state: WebexState, public_base: str = "") -> Starlette:
+    """The ASGI app over ``state``; ``public_base`` is used for file URLs in messages."""
+
+    async def guard(request: Request) -> JSONResponse | None:
+        """Latency, injected faults and the bearer token, in the order a real API applies them."""
+        if state.latency_s:
+            await asyncio.sleep(state.latency_s)
+        with state.lock:
+            status = state.fault.next_status() if state.fault else None
+            retry_after = state.fault.retry_after if state.fault else 0
+        if status == 429:
+            return _error(state, 429, "Too Many Requests", {"Retry-After": str(retry_after)})
+        if status is not None:
+            return _error(state, status, "Injected failure")
+        if request.headers.get("authorization") != f"Bearer {state.token}":
+            return _error(state, 401, "The request requires a valid access token set in the Authorization header.")
+        return None
+
+    def ok(body: dict[str, Any], status: int = 200) -> JSONResponse:
+        _count(state, status)
+        return JSONResponse(body, status_code=status)
+
+    def public(message: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in message.items() if not k.startswith("_")}
+
+    async def post_message(request: Request) -> Response:
+        if (denied := await guard(request)) is not None:
+            return denied
+        ctype = request.headers.get("content-type", "")
+        files: list[tuple[str, str, bytes]] = []
+        try:
+            if ctype.startswith("multipart/form-data"):
+                fields = {}
+                for name, filename, part_type, value in parse_multipart(ctype, await request.body()):
+                    if filename is None:
+                        fields[name] = value.decode()
+                    elif name != "files":
+                        return _error(state, 400, f"unknown file field {name!r}")
+                    else:
+                        files.append((filename, part_type, value))
+            else:
+                fields = json.loads(await request.body())
+                if not isinstance(fields, dict):
+                    raise ValueError("body is not an object")
+        except (ValueError, UnicodeDecodeError):
+            return _error(state, 400, "The request could not be understood by the server due to malformed syntax.")
+        room_id, to_email = fields.get("roomId"), fields.get("toPersonEmail")
+        text, markdown = fields.get("text"), fields.get("markdown")
+        if not room_id and not to_email:
+            return _error(state, 400, "roomId or toPersonEmail is required")
+        if len(files) > 1:
+            return _error(state, 400, "Only one file may be attached per message")
+        if not (text or markdown or files):
+            return _error(state, 400, "text, markdown or files is required")
+        if markdown and len(str(markdown).encode()) > MAX_MARKDOWN_BYTES:
+            return _error(state, 400, f"Message exceeds the maximum length of {MAX_MARKDOWN_BYTES} bytes")
+        message = _store_message(state, public_base, room_id=room_id or f"direct:{to_email}",
+                                 person=state.bot, text=text or _plain(markdown), markdown=markdown, files=files)
+        return ok(public(message))
+
+    async def list_messages(request: Request) -> Response:
+        if (denied := await guard(request)) is not None:
+            return denied
+        room_id = request.query_params.get("roomId")
+        if not room_id:
+            return _error(state, 400, "roomId is required")
+        try:
+            limit = int(request.query_params.get("max", "50"))
+        except ValueError:
+            return _error(state, 400, "max must be a number")
+        with state.lock:
+            items = [public(m) for m in reversed(state.messages) if m["roomId"] == room_id][:limit]
+        return ok({"items": items})
+
+    async def get_message(request: Request) -> Response:
+        if (denied := await guard(request)) is not None:
+            return denied
+        with state.lock:
+            found = next((m for m in state.messages if m["id"] == request.path_params["id"]), None)
+        if found is None:
+            return _error(state, 404, "Message not found")
+        return ok(public(found))
+
+    async def get_content(request: Request) -> Response:
+        if (denied := await guard(request)) is not None:
+            return denied
+        entry = state.files.get(request.path_params["id"])
+        if entry is None:
+            return _error(state, 404, "Content not found")
+        _count(state, 200)
+        name, ctype, data = entry
+        return Response(data, media_type=ctype, headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+    async def people_me(request: Request) -> Response:
+        if (denied := await guard(request)) is not None:
+            return denied
+        return ok(state.bot)
+
+    async def webhooks(request: Request) -> Response:
+        if (denied := await guard(request)) is not None:
+            return denied
+        if request.method == "GET":
+            with state.lock:
+                items = [{k: v for k, v in w.items() if k != "secret"} for w in state.webhooks]
+            return ok({"items": items})
+        try:
+            body = json.loads(await request.body())
+            missing = [k for k in ("name", "targetUrl", "resource", "event") if not body.get(k)]
+        except (ValueError, AttributeError):
+            return _error(state, 400, "malformed JSON body")
+        if missing:
+            return _error(state, 400, f"missing {', '.join(missing)}")
+        hook = {"id": webex_id("WEBHOOK"), "name": body["name"], "targetUrl": body["targetUrl"],
+                "resource": body["resource"], "event": body["event"], "filter": body.get("filter"),
+                "secret": body.get("secret"), "status": "active", "created": _now_iso()}
+        with state.lock:
+            state.webhooks.append(hook)
+        return ok({k: v for k, v in hook.items() if k != "secret"})
+
+    async def delete_webhook(request: Request) -> Response:
+        if (denied := await guard(request)) is not None:
+            return denied
+        with state.lock:
+            before = len(state.webhooks)
+            state.webhooks[:] = [w for w in state.webhooks if w["id"] != request.path_params["id"]]
+            gone = before != len(state.webhooks)
+        if not gone:
+            return _error(state, 404, "Webhook not found")
+        _count(state, 204)
+        return Response(status_code=204)
+
+    # --- control (the demo and other processes; tests in-process use ``state`` directly) ---------
+
+    async def control_messages(_: Request) -> Response:
+        with state.lock:
+            return JSONResponse({"items": [public(m) | {"fileSizes": [len(f[2]) for f in m["_files"]]}
+                                           for m in state.messages]})
+
+    async def control_fault(request: Request) -> Response:
+        body = json.loads(await request.body() or b"{}")
+        if body.get("statuses"):
+            state.fail(tuple(body["statuses"]), seconds=float(body.get("seconds", 3600)), count=body.get("count"),
+                       retry_after=int(body.get("retry_after", 1)))
+        else:
+            state.heal()
+        state.latency_s = float(body.get("latency_ms", state.latency_s * 1000)) / 1000
+        return JSONResponse({"ok": True})
+
+    async def control_say(request: Request) -> Response:
+        body = json.loads(await request.body())
+        delivered = await say(state, public_base, room_id=body["roomId"], person_email=body["personEmail"],
+                              text=body["text"], room_type=body.get("roomType", "group"))
+        return JSONResponse({"deliveries": delivered})
+
+    return Starlette(routes=[
+        Route("/v1/messages", post_message, methods=["POST"]),
+        Route("/v1/messages", list_messages, methods=["GET"]),
+        Route("/v1/messages/{id}", get_message, methods=["GET"]),
+        Route("/v1/contents/{id}", get_content, methods=["GET"]),
+        Route("/v1/people/me", people_me, methods=["GET"]),
+        Route("/v1/webhooks", webhooks, methods=["GET", "POST"]),
+        Route("/v1/webhooks/{id}", delete_webhook, methods=["DELETE"]),
+        Route("/_local/messages", control_messages, methods=["GET"]),
+        Route("/_local/fault", control_fault, methods=["POST"]),
+        Route("/_local/say", control_say, methods=["POST"]),
+    ])
+
+
+_DISPOSITION_PARAM = re.compile(rb';\s*(name|filename)="([^"]*)"')
+
+
+def parse_multipart(content_type: str, body: bytes) -> list[tuple[str, str | None, str, bytes]]:
+    """multipart/form-data (RFC 7578) -> (field name, file name or None, content type, bytes) per part."""
+    match = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not match:
+        raise ValueError("multipart body without a boundary")
+    delimiter = b"--" + match.group(1).encode()
+    chunks = body.split(delimiter)
+    if len(chunks) < 3 or not chunks[-1].startswith(b"--"):
+        raise ValueError("malformed multipart body")
+    parts = []
+    for chunk in chunks[1:-1]:
+        head, sep, payload = chunk.removeprefix(b"\r\n").partition(b"\r\n\r\n")
+        if not sep or not payload.endswith(b"\r\n"):
+            raise ValueError("malformed multipart part")
+        headers = {}
+        for line in head.split(b"\r\n"):
+            key, _, value = line.partition(b":")
+            headers[key.strip().lower()] = value.strip()
+        disposition = headers.get(b"content-disposition", b"")
+        params = {k.decode(): v.decode() for k, v in _DISPOSITION_PARAM.findall(disposition)}
+        if "name" not in params:
+            raise ValueError("multipart part without a name")
+        part_type = headers.get(b"content-type", b"text/plain").decode().split(";")[0].strip()
+        parts.append((params["name"], params.get("filename"), part_type, payload[:-2]))
+    return parts
+
+
+def _plain(markdown: str | None) -> str:
+    return (markdown or "").replace("**", "").replace("`", "")
+
+
+def person_id(email: str) -> str:
+    """A stable person id per e-mail, so a test can tell people apart."""
+    return base64.urlsafe_b64encode(f"ciscospark://us/PEOPLE/{email.lower()}".encode()).decode().rstrip("=")
+
+
+def _store_message(state: WebexState, public_base: str, *, room_id: str, person: dict[str, Any], text: str | None,
+                   markdown: str | None, files: list[tuple[str, str, bytes]], room_type: str = "group",
+                   mentioned: list[str] | None = None) -> dict[str, Any]:
+    message: dict[str, Any] = {
+        "id": webex_id("MESSAGE"), "roomId": room_id, "roomType": room_type, "text": text,
+        "personId": person["id"], "personEmail": person["emails"][0], "created": _now_iso(), "_files": files,
+    }
+    if markdown:
+        message["markdown"] = markdown
+    if mentioned:
+        message["mentionedPeople"] = mentioned
+    urls = []
+    for entry in files:
+        fid = uuid.uuid4().hex
+        state.files[fid] = entry
+        urls.append(f"{public_base}/v1/contents/{fid}")
+    if urls:
+        message["files"] = urls
+    with state.lock:
+        state.messages.append(message)
+    return message
+
+
+async def say(state: WebexState, public_base: str, *, room_id: str, person_email: str, text: str,
+              room_type: str = "group") -> list[dict[str, Any]]:
+    """A person writes ``text`` in a room: store it and call every webhook on ``messages/created`` whose
+    filter (``roomId=...``) matches, signed with that webhook's secret. Returns the deliveries made."""
+    person = {"id": person_id(person_email), "emails": [person_email]}
+    mentioned = [state.bot["id"]] if text.startswith(state.bot["displayName"]) else None
+    message = _store_message(state, public_base, room_id=room_id, person=person, text=text, markdown=None, files=[],
+                             room_type=room_type, mentioned=mentioned)
+    with state.lock:
+        hooks = [w for w in state.webhooks if w["resource"] == "messages" and w["event"] == "created"
+                 and (not w.get("filter") or w["filter"] == f"roomId={room_id}")]
+    made = []
+    async with httpx.AsyncClient(timeout=10) as client:
+        for hook in hooks:
+            data = {"id": message["id"], "roomId": room_id, "roomType": room_type, "personId": person["id"],
+                    "personEmail": person_email, "created": message["created"]}
+            if mentioned:
+                data["mentionedPeople"] = mentioned
+            body = json.dumps({"id": hook["id"], "name": hook["name"], "targetUrl": hook["targetUrl"],
+                               "resource": "messages", "event": "created", "filter": hook.get("filter"),
+                               "orgId": "local", "createdBy": state.bot["id"], "appId": "local",
+                               "ownedBy": "creator", "status": "active", "created": hook["created"],
+                               "actorId": person["id"], "data": data}).encode()
+            headers = {"Content-Type": "application/json"}
+            if hook.get("secret"):
+                headers["X-Spark-Signature"] = sign(body, hook["secret"])
+            try:
+                r = await client.post(hook["targetUrl"], content=body, headers=headers)
+                made.append({"target": hook["targetUrl"], "status": r.status_code, "message_id": message["id"]})
+            except httpx.HTTPError as exc:
+                made.append({"target": hook["targetUrl"], "status": None, "error": type(exc).__name__,
+                             "message_id": message["id"]})
+    with state.lock:
+        state.deliveries += made
+    return made
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class BackgroundServer:
+    """Any ASGI app served by uvicorn on a thread of this process (tests, benchmarks)."""
+
+    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0, lifespan: str = "off",
+                 name: str = "asgi") -> None:
+        self.host, self.port = host, port or free_port(host)
+        self.base = f"http://{host}:{self.port}"
+        self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning",
+                                                     access_log=False, lifespan=lifespan))
+        self._thread = threading.Thread(target=self._server.run, name=name, daemon=True)
+
+    def start(self) -> BackgroundServer:
+        self._thread.start()
+        deadline = time.monotonic() + 15
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError(f"{self._thread.name} server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(10)
+
+
+class LocalWebexServer(BackgroundServer):
+    """The server on a thread of this process: ``url`` is the API base (``.../v1``), ``state`` what it saw."""
+
+    def __init__(self, token: str, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.state = WebexState(token=token)
+        port = port or free_port(host)
+        self.app = build_app(self.state, f"http://{host}:{port}")
+        super().__init__(self.app, host=host, port=port, name="local-webex")
+
+    @property
+    def url(self) -> str:
+        return f"{self.base}/v1"
+
+    def start(self) -> LocalWebexServer:
+        super().start()
+        return self
+
+    def say(self, room_id: str, person_email: str, text: str, room_type: str = "group") -> list[dict[str, Any]]:
+        """Play a person writing in a room (from any thread): webhooks are called, deliveries returned."""
+        return asyncio.run(say(self.state, self.base, room_id=room_id, person_email=person_email, text=text,
+                               room_type=room_type))
+
+    def __enter__(self) -> LocalWebexServer:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+def main(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8089,
+    token: Annotated[str, typer.Option(help="The bot token the server accepts.")] = "local-bot-token",
+    latency_ms: Annotated[float, typer.Option(help="Added to every API answer.")] = 0.0,
+) -> None:
+    """Serve the local Webex API until interrupted."""
+    state = WebexState(token=token, latency_s=latency_ms / 1000)
+    base = f"http://127.0.0.1:{port}"
+    uvicorn.run(build_app(state, base), host="127.0.0.1", port=port, log_level="warning", access_log=False,
+                lifespan="off")
+
+
+if __name__ == "__main__":
+    typer.run(main)

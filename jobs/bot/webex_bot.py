@@ -1,0 +1,450 @@
+"""The Webex bot: store staff talk to Checkout Guard from a Webex room.
+
+Webex calls ``POST /webex/webhook`` for every new message in the bot's rooms. The receiver:
+
+1. verifies ``X-Spark-Signature`` (hex HMAC-SHA1 of the raw body, keyed with the webhook secret) in
+   constant time: missing -> 401, wrong -> 403, nothing else happens; without a configured secret every
+   callback is refused (403);
+2. parses the callback (malformed -> 400/413, never 5xx), ignores the bot's own messages and messages
+   already handled (Webex may deliver twice), answers 200 at once and does the rest in the background;
+3. fetches the text (``GET /messages/{id}``), strips the mention, parses the command, and:
+   ``checkout <tx>`` -> the face check for that transaction; ``fraud <tx>`` / ``vip <tx>`` -> enroll the face
+   of that checkout as suspect / VIP; ``forget <subject>`` -> delete a watchlist entry; ``status`` -> the
+   pipeline's health and counts; ``help``. Watchlist changes (fraud, vip, forget) are only accepted from
+   allow-listed rooms or people; others get a polite refusal and no command is produced;
+4. puts every accepted command on ``commands`` (BotCommand, key = command_id = the Webex message id, so
+   a redelivered message is the same command) and replies in the room.
+
+``checkout`` answers at once through ``inspect_checkout(tx_id) -> str`` (default: the recorded decision
+and face result from OpenSearch), then follows up with ``fresh_checkout`` (default:
+:class:`jobs.faces.checkout_inspect.CheckoutInspector`: the lane camera's snapshot at the transaction time,
+analysed now and compared with the current watchlist).
+On start, when ``CG_WEBEX__PUBLIC_URL`` is set, the bot registers (or re-points) its webhook.
+
+Run: ``python -m jobs.bot.webex_bot`` (listens on ``CG_WEBEX__BOT_HOST``:``CG_WEBEX__BOT_PORT``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from confluent_kafka import KafkaError, Message, Producer
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from infra.clients.webex import WebexClient, WebexError, with_retries
+from infra.settings import Settings, get_settings
+from schemas.records import OUTCOME_WORDS, BotCommand
+from schemas.topics import COMMANDS
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_PATH = "/webex/webhook"
+WEBHOOK_NAME = "checkout-guard-bot"
+MAX_BODY_BYTES = 64 * 1024
+"""A Webex message webhook is well under 2 KB; anything much larger is not one."""
+WATCHLIST_VERBS = frozenset({"FRAUD", "VIP", "FORGET"})
+VERBS_WITH_ARGUMENT = {"CHECKOUT": "transaction id", "FRAUD": "transaction id", "VIP": "transaction id",
+                       "FORGET": "subject id"}
+ARGUMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+HELP_TEXT = (
+    "**Checkout Guard** understands:\n\n"
+    "- `checkout <transaction>` - take the snapshot and compare the face now\n"
+    "- `fraud <transaction>` - put the face from that checkout on the suspect watchlist\n"
+    "- `vip <transaction>` - put the face from that checkout on the VIP list\n"
+    "- `forget <subject>` - remove someone from the watchlist (e.g. `subj-<transaction>`)\n"
+    "- `status` - pipeline health and counts\n"
+    "- `help` - this list"
+)
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def verify_signature(body: bytes, signature: str | None, secret: str) -> bool:
+    """True when ``signature`` is the hex HMAC-SHA1 of exactly these bytes under ``secret``."""
+    if not signature or not secret:
+        return False
+    expected = hmac.new(secret.encode(), body, hashlib.sha1).hexdigest()
+    return hmac.compare_digest(expected.encode(), signature.strip().lower().encode(errors="replace"))
+
+
+@dataclass(frozen=True)
+class ParsedCommand:
+    verb: str | None
+    """CHECKOUT | FRAUD | VIP | FORGET | STATUS | HELP, or None when the text is not a command."""
+    argument: str | None = None
+    problem: str | None = None
+    """Why the command cannot run as written (missing or odd argument); the reply says it."""
+
+
+def strip_mention(text: str, bot_names: tuple[str, ...]) -> str:
+    """The text without the leading mention of the bot (group rooms prefix the bot's display name, or
+    just its first word when people type ``@Checkout``)."""
+    stripped = text.strip().lstrip("@").strip()
+    for name in sorted((n for n in bot_names if n), key=len, reverse=True):
+        if stripped.lower().startswith(name.lower()):
+            rest = stripped[len(name):]
+            if not rest or not rest[0].isalnum():
+                return rest.lstrip(" ,:").strip()
+    return stripped
+
+
+def parse_command(text: str, bot_names: tuple[str, ...] = ()) -> ParsedCommand:
+    """``fraud tx-1`` -> ParsedCommand("FRAUD", "tx-1"); unknown words -> verb None.
+
+    The mention is stripped first; when that leaves no command the text is read as it is, because the
+    bot's short name can itself be a verb (``Checkout`` vs ``checkout tx-1``)."""
+    parsed = _parse_words(strip_mention(text, bot_names).split())
+    if parsed.verb is None:
+        parsed = _parse_words(text.strip().lstrip("@").split())
+    return parsed
+
+
+def _parse_words(words: list[str]) -> ParsedCommand:
+    if not words:
+        return ParsedCommand(None)
+    verb = words[0].lower().rstrip(":").upper()
+    if verb not in {"CHECKOUT", "FRAUD", "VIP", "FORGET", "STATUS", "HELP"}:
+        return ParsedCommand(None)
+    if verb not in VERBS_WITH_ARGUMENT:
+        return ParsedCommand(verb)
+    if len(words) < 2:
+        return ParsedCommand(verb, problem=f"`{verb.lower()}` needs a {VERBS_WITH_ARGUMENT[verb]}")
+    argument = words[1].strip("`'\"<>")
+    if not ARGUMENT_RE.match(argument):
+        return ParsedCommand(verb, problem=f"`{argument[:40]}` does not look like a {VERBS_WITH_ARGUMENT[verb]}")
+    return ParsedCommand(verb, argument)
+
+
+def may_change_watchlist(settings: Settings, room_id: str | None, person_email: str | None) -> bool:
+    webex = settings.webex
+    return (room_id is not None and room_id in webex.allowed_room_ids()) or (
+        person_email is not None and person_email.lower() in webex.allowed_emails())
+
+
+class BadCallback(ValueError):
+    """The body is not a Webex message webhook we can use (-> 400)."""
+
+
+def parse_callback(body: bytes) -> dict[str, Any]:
+    """The ``data`` of a ``messages/created`` webhook callback, checked for the fields we use."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadCallback("body is not JSON") from exc
+    if not isinstance(payload, dict):
+        raise BadCallback("body is not a JSON object")
+    if payload.get("resource") != "messages" or payload.get("event") != "created":
+        raise BadCallback("not a messages/created callback")
+    data = payload.get("data")
+    if not isinstance(data, dict):
+        raise BadCallback("data missing")
+    for name in ("id", "roomId", "personId"):
+        if not isinstance(data.get(name), str) or not data[name] or len(data[name]) > 512:
+            raise BadCallback(f"data.{name} missing or not a string")
+    email = data.get("personEmail")
+    if email is not None and (not isinstance(email, str) or len(email) > 320):
+        raise BadCallback("data.personEmail is not a string")
+    return data
+
+
+# --------------------------------------------------------------------------- default collaborators
+
+
+class KafkaCommandPublisher:
+    """Produces BotCommands to ``commands`` and waits until Kafka confirmed each one."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.topic = COMMANDS.full_name(settings.kafka.topic_prefix)
+        self._producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True, "linger.ms": 0})
+
+    def __call__(self, command: BotCommand) -> None:
+        errors: list[KafkaError] = []
+
+        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None:
+                errors.append(err)
+
+        self._producer.produce(self.topic, key=command.command_id.encode(), value=command.encode(),
+                               on_delivery=on_delivery)
+        if self._producer.flush(10) > 0:
+            raise RuntimeError("command not confirmed by Kafka within 10 s")
+        if errors:
+            raise RuntimeError(f"command not delivered: {errors[0].str()}")
+
+    def close(self) -> None:
+        self._producer.flush(5)
+
+
+def opensearch_inspect_checkout(settings: Settings) -> Callable[[str], str]:
+    """``checkout <tx>`` from what the pipeline already knows: the transaction's face result in OpenSearch."""
+    from infra.clients.opensearch import make_client
+    from schemas.indices import index_name
+
+    client = make_client(settings.opensearch, timeout_s=5)
+    index = index_name(settings.opensearch.index_prefix, "transactions")
+
+    def inspect(tx_id: str) -> str:
+        try:
+            res = client.search(index=index, body={"query": {"ids": {"values": [tx_id]}}, "size": 1})
+        except Exception as exc:  # OpenSearch down: say so instead of failing the reply
+            return f"I cannot read the decision on `{tx_id}` now ({type(exc).__name__})."
+        hits = res["hits"]["hits"]
+        if not hits:
+            return f"No decision on `{tx_id}` is stored yet."
+        doc = hits[0]["_source"]
+        face = doc.get("face_status") or "UNAVAILABLE"
+        if face == "MATCHED":
+            face_text = (f"face matches **{(doc.get('face_category') or '').lower()}** `{doc.get('face_subject_id')}` "
+                         f"({doc.get('face_similarity') or 0:.1f}% similar)")
+        else:
+            face_text = {"NO_MATCH": "a face was seen, no watchlist match", "NO_FACE": "no usable face in the snapshot",
+                         "UNAVAILABLE": "no snapshot was available"}.get(face, face.lower())
+        return (f"Transaction `{tx_id}` at store {doc.get('store_id')} lane {doc.get('lane_id')}: "
+                f"{OUTCOME_WORDS.get(doc.get('outcome') or '', '?')} (risk {doc.get('risk_score')}); {face_text}. "
+                "Taking a fresh snapshot of that lane's camera now...")
+
+    return inspect
+
+
+def pipeline_status_text(settings: Settings) -> str:
+    """Service health from ``infra.stack.status`` and document counts per outcome from OpenSearch."""
+    from infra.clients.opensearch import make_client
+    from infra.stack import status
+    from schemas.indices import index_name
+
+    lines = []
+    try:
+        st = status(settings)
+        services = ", ".join(f"{name} {'up' if s['healthy'] else '**DOWN**'}" for name, s in st["services"].items())
+        lines.append(f"**Pipeline {'healthy' if st['healthy'] else 'NOT healthy'}**: {services}")
+    except Exception as exc:  # status is best effort: report what failed
+        lines.append(f"Pipeline health unknown ({type(exc).__name__})")
+    try:
+        client = make_client(settings.opensearch, timeout_s=5)
+        prefix = settings.opensearch.index_prefix
+        res = client.search(index=index_name(prefix, "transactions"),
+                            body={"size": 0, "aggs": {"o": {"terms": {"field": "outcome"}}}})
+        counts = ", ".join(f"{b['key'].lower()} {b['doc_count']:,}" for b in res["aggregations"]["o"]["buckets"])
+        alerts = client.count(index=index_name(prefix, "alerts"))["count"]
+        lines.append(f"Transactions: {counts or 'none yet'}; alerts: {alerts:,}")
+    except Exception as exc:
+        lines.append(f"Counts unavailable ({type(exc).__name__})")
+    return "\n\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the bot
+
+
+class WebexBot:
+    """The webhook receiver and command handler; collaborators are injected so tests can use real local
+    servers for Webex and Kafka and stand-alone functions for the answers."""
+
+    def __init__(self, settings: Settings, *, client: WebexClient | None = None,
+                 publish: Callable[[BotCommand], None] | None = None,
+                 inspect_checkout: Callable[[str], str] | None = None,
+                 fresh_checkout: Callable[[str], str] | None = None,
+                 status_text: Callable[[], str] | None = None) -> None:
+        self.settings = settings
+        self.client = client or WebexClient.from_settings(settings.webex)
+        self.publish = publish or KafkaCommandPublisher(settings)
+        self.inspect_checkout = inspect_checkout or opensearch_inspect_checkout(settings)
+        # ``checkout <tx>``: the recorded decision at once, then a follow-up from a fresh snapshot
+        # of that lane's camera at the transaction time (seconds: the camera API polls).
+        if fresh_checkout is None and inspect_checkout is None:
+            from jobs.faces.checkout_inspect import CheckoutInspector
+
+            fresh_checkout = CheckoutInspector(settings)
+        self.fresh_checkout = fresh_checkout
+        self.status_text = status_text or (lambda: pipeline_status_text(settings))
+        secret = settings.webex.webhook_secret
+        self.secret = secret.get_secret_value() if secret else ""
+        self._me: dict[str, Any] | None = None
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+        self.handled = 0
+        self.app = Starlette(routes=[Route(WEBHOOK_PATH, self.webhook, methods=["POST"]),
+                                     Route("/health", self.health, methods=["GET"])],
+                             lifespan=self._lifespan)
+
+    # ------------------------------------------------------------------ HTTP
+
+    async def health(self, _: Request) -> JSONResponse:
+        return JSONResponse({"ok": True, "handled": self.handled})
+
+    async def webhook(self, request: Request) -> JSONResponse:
+        try:
+            body = await self._read_body(request)
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=413)
+        except ClientDisconnect:
+            return JSONResponse({"error": "client went away"}, status_code=400)
+        if not self.secret:
+            return JSONResponse({"error": "webhook secret not configured"}, status_code=403)
+        signature = request.headers.get("x-spark-signature")
+        if not signature:
+            return JSONResponse({"error": "X-Spark-Signature missing"}, status_code=401)
+        if not verify_signature(body, signature, self.secret):
+            log.warning("webhook with a wrong signature refused")
+            return JSONResponse({"error": "signature does not match"}, status_code=403)
+        try:
+            data = parse_callback(body)
+        except BadCallback as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        if not self._first_time(data["id"]):
+            return JSONResponse({"ok": True, "ignored": "already handled"})
+        return JSONResponse({"ok": True}, background=BackgroundTask(run_in_threadpool, self._handle_safely, data))
+
+    @staticmethod
+    async def _read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise ValueError("body too large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise ValueError("body too large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _first_time(self, message_id: str) -> bool:
+        with self._lock:
+            if message_id in self._seen:
+                return False
+            self._seen[message_id] = None
+            while len(self._seen) > 10_000:
+                self._seen.popitem(last=False)
+            return True
+
+    # ------------------------------------------------------------------ commands
+
+    def me(self) -> dict[str, Any]:
+        if self._me is None:
+            self._me = with_retries(self.client.me)
+        return self._me
+
+    def _handle_safely(self, data: dict[str, Any]) -> None:
+        try:
+            self.handle(data)
+        except Exception:  # one bad message must not take the receiver down; the id is enough to trace it
+            log.exception("handling message %s failed", data.get("id"))
+            with self._lock:
+                self._seen.pop(data["id"], None)  # a redelivery may try again
+
+    def handle(self, data: dict[str, Any]) -> str | None:
+        """Handle one announced message; returns the reply sent (None when the message is ignored)."""
+        me = self.me()
+        if data["personId"] == me.get("id"):
+            return None
+        message = with_retries(lambda: self.client.get_message(data["id"]))
+        if message.get("personId") == me.get("id"):
+            return None
+        room_id = message.get("roomId") or data["roomId"]
+        person = message.get("personEmail") or data.get("personEmail") or ""
+        display = str(me.get("displayName") or "")
+        names = (display, display.split(" ")[0], str(me.get("nickName") or ""))
+        parsed = parse_command(message.get("text") or "", names)
+        reply = self._execute(parsed, data["id"], room_id, person)
+        with_retries(lambda: self.client.send_message(room_id, reply))
+        self.handled += 1
+        if parsed.verb == "CHECKOUT" and parsed.argument and self.fresh_checkout is not None:
+            follow_up = self.fresh_checkout(parsed.argument)
+            with_retries(lambda: self.client.send_message(room_id, follow_up))
+        return reply
+
+    def _execute(self, parsed: ParsedCommand, message_id: str, room_id: str, person: str) -> str:
+        if parsed.verb is None:
+            return "Sorry, I did not understand that.\n\n" + HELP_TEXT
+        if parsed.problem:
+            return f"Sorry, {parsed.problem}. Try `help`."
+        if parsed.verb in WATCHLIST_VERBS and not may_change_watchlist(self.settings, room_id, person):
+            log.info("watchlist command %s refused for a room/person not on the allow-list", parsed.verb)
+            return ("Sorry, changes to the watchlist can only be made from the store security room or by "
+                    "people on the allow-list. Please ask your store security lead.")
+        command = BotCommand(command_id=message_id, issued_at=int(time.time() * 1000), verb=parsed.verb,
+                             argument=parsed.argument, actor=person or "unknown", room_id=room_id, source="webex")
+        try:
+            self.publish(command)
+        except Exception as exc:  # Kafka unreachable: tell the person instead of going quiet
+            log.error("command %s not published: %s", message_id, exc)
+            return "Sorry, I could not record that right now; please try again in a minute."
+        arg = parsed.argument
+        if parsed.verb == "HELP":
+            return HELP_TEXT
+        if parsed.verb == "STATUS":
+            return self.status_text()
+        if parsed.verb == "CHECKOUT":
+            return self.inspect_checkout(arg or "")
+        if parsed.verb == "FRAUD":
+            return (f"Noted: the face from checkout `{arg}` goes on the **suspect** watchlist as `subj-{arg}`. "
+                    "I will post here when that person is seen again.")
+        if parsed.verb == "VIP":
+            return f"Noted: the face from checkout `{arg}` goes on the **VIP** list as `subj-{arg}`."
+        return f"Noted: `{arg}` will be removed from the watchlist and its reference images deleted."
+
+    # ------------------------------------------------------------------ webhook registration
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        threading.Thread(target=self.register_webhook, name="webhook-registration", daemon=True).start()
+        yield
+
+    def register_webhook(self) -> dict[str, Any] | None:
+        """Create our webhook at the public URL, or re-point an old one; no public URL -> nothing to do."""
+        public = self.settings.webex.public_url
+        if not public:
+            log.info("no public URL configured (CG_WEBEX__PUBLIC_URL): webhook not registered")
+            return None
+        if not self.secret:
+            log.error("a public URL without a webhook secret: refusing to register an unsigned webhook")
+            return None
+        target = public.rstrip("/") + WEBHOOK_PATH
+        for attempt in range(5):
+            try:
+                for old in self.client.list_webhooks():
+                    if old.get("name") == WEBHOOK_NAME:  # re-create: the URL or the secret may have changed
+                        self.client.delete_webhook(old["id"])
+                hook = self.client.create_webhook(WEBHOOK_NAME, target, self.secret)
+                log.info("webhook %s registered for %s", hook.get("id"), target)
+                return hook
+            except WebexError as exc:
+                log.warning("webhook registration failed (%s), try %d of 5", exc.reason, attempt + 1)
+                time.sleep(min(30, 2 ** attempt))
+        return None
+
+
+def main() -> None:
+    """Serve the webhook receiver until interrupted."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    settings = get_settings()
+    bot = WebexBot(settings)
+    try:
+        uvicorn.run(bot.app, host=settings.webex.bot_host, port=settings.webex.bot_port, log_level="warning",
+                    access_log=False)
+    finally:
+        with contextlib.suppress(Exception):
+            bot.client.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""``checkout <tx>`` from the Webex bot: snapshot that checkout's lane camera now, compare the face.
+
+Seed 000's core gesture. The transaction's store, lane and time come from the scored transaction
+(OpenSearch); the lane camera's footage *at the transaction time* is fetched through the Meraki
+snapshot API (the same client the face stage uses), analysed by the face engine, and compared with
+the current watchlist, read to its end from the compacted topic. The reply says what was found; the
+image is kept in the image store like any checkout snapshot (and purged with them).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from infra.settings import Settings
+from schemas.codec import codec
+from schemas.topics import WATCHLIST
+
+log = logging.getLogger("checkout_guard.checkout_inspect")
+
+Lookup = Callable[[str], dict[str, Any] | None]
+
+
+def opensearch_lookup(settings: Settings) -> Lookup:
+    """The scored transaction by id (store, lane, event time, outcome), or ``None`` if not indexed."""
+    from infra.clients.opensearch import make_client
+    from schemas.indices import index_name
+
+    client = make_client(settings.opensearch, timeout_s=5)
+    index = index_name(settings.opensearch.index_prefix, "transactions")
+
+    def lookup(tx_id: str) -> dict[str, Any] | None:
+        hits = client.search(index=index, body={"query": {"ids": {"values": [tx_id]}}, "size": 1})["hits"]["hits"]
+        return hits[0]["_source"] if hits else None
+
+    return lookup
+
+
+def load_watchlist(settings: Settings):
+    """The watchlist as it is now: the compacted topic read to its end."""
+    from infra.clients.control_topics import read_control_topics
+    from jobs.scoring.watchlist import Watchlist
+
+    watchlist = Watchlist(settings)
+    entries = codec("WatchlistEntry")
+
+    def apply(_topic: str, key: bytes | None, value: bytes | None) -> None:
+        if value is None:
+            watchlist.remove((key or b"").decode())
+        else:
+            watchlist.upsert(entries.decode(value))
+
+    read_control_topics(settings, apply, specs=(WATCHLIST,))
+    return watchlist
+
+
+class CheckoutInspector:
+    """Callable ``tx_id -> reply text``; every part injectable so tests can use local servers."""
+
+    def __init__(self, settings: Settings, lookup: Lookup | None = None, snapshot=None, engine=None,
+                 watchlist_loader: Callable[[], Any] | None = None, store=None) -> None:
+        self.settings = settings
+        self._lookup = lookup
+        self._snapshot = snapshot
+        self._engine = engine
+        self._watchlist_loader = watchlist_loader or (lambda: load_watchlist(settings))
+        self._store = store
+
+    def _parts(self):
+        """Built on first use: the bot should start even when the camera API or models are slow."""
+        if self._lookup is None:
+            self._lookup = opensearch_lookup(self.settings)
+        if self._snapshot is None:
+            from infra.clients.meraki import MerakiClient
+
+            self._snapshot = MerakiClient.from_settings(self.settings).snapshot
+        if self._engine is None:
+            from jobs.faces.engine import FaceEngine
+
+            self._engine = FaceEngine(self.settings.faces)
+        if self._store is None:
+            from infra.clients.image_store import ImageStore
+
+            self._store = ImageStore.from_settings(self.settings)
+        return self._lookup, self._snapshot, self._engine, self._store
+
+    def __call__(self, tx_id: str) -> str:
+        from infra.clients.meraki import SnapshotError, camera_for_lane
+
+        if not tx_id:
+            return "Which transaction? Write `checkout <transaction id>`."
+        lookup, snapshot, engine, store = self._parts()
+        try:
+            doc = lookup(tx_id)
+        except Exception as exc:  # noqa: BLE001 - OpenSearch down: say so instead of failing the reply
+            return f"I cannot look up `{tx_id}` right now ({type(exc).__name__})."
+        if doc is None:
+            return f"I do not know transaction `{tx_id}` (not decided yet, or a typo?)."
+        where = f"store {doc['store_id']} lane {doc['lane_id']}"
+        serial = camera_for_lane(self.settings, doc["store_id"], doc["lane_id"])
+        try:
+            shot = snapshot(serial, timestamp_ms=doc["event_time"])
+        except SnapshotError as exc:
+            return f"Transaction `{tx_id}` at {where}: no snapshot from camera {serial} ({exc.kind})."
+        store.put("checkout", f"{tx_id}-inspect", shot.image)
+        try:
+            faces = engine.analyse(shot.image)
+        except Exception as exc:  # noqa: BLE001 - a bad image is an answer, not a crash
+            return f"Transaction `{tx_id}` at {where}: the snapshot could not be analysed ({type(exc).__name__})."
+        usable = [f for f in faces if f.passed]
+        if not usable:
+            why = faces[0].reject_reason if faces else "no face in the frame"
+            return f"Transaction `{tx_id}` at {where}: fresh snapshot taken, no usable face ({why})."
+        face = max(usable, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+        try:
+            match = self._watchlist_loader().search(face.embedding)
+        except Exception as exc:  # noqa: BLE001 - Kafka down: still report the face
+            return f"Transaction `{tx_id}` at {where}: a face was seen; watchlist unavailable ({type(exc).__name__})."
+        when = "(footage of the transaction time)" if not shot.fell_back_to_now else "(live view: no footage stored)"
+        if match is None:
+            return (f"Transaction `{tx_id}` at {where}: fresh snapshot {when}; a face (quality {face.quality:.2f}) "
+                    "that matches nobody on the watchlist.")
+        return (f"Transaction `{tx_id}` at {where}: fresh snapshot {when}; the face matches "
+                f"**{match.category.lower()}** `{match.subject_id}` ({match.similarity:.1f}% similar).")

@@ -1,0 +1,413 @@
+"""The face stage: a snapshot and a face for every checkout, and for every new person at an entrance.
+
+Inputs: ``transactions`` (each valid one: the lane camera at the transaction time) and
+``camera_events`` (an entrance camera reporting an ``oid`` it has not seen within
+``entrance_oid_window_s``: that camera now). Output: one ``FaceObservation`` per trigger on
+``face_observations`` (key = camera serial), with a deterministic id (``checkout:<tx>``,
+``entrance:<serial>:<oid>``) so a replay is idempotent downstream. The scoring job joins them to
+transactions by transaction id (with a deadline) and does the watchlist match; this stage stays
+stateless apart from the entrance ``oid`` memory.
+
+Statuses: ``NO_MATCH`` (a usable face: embedding + quality), ``NO_FACE`` (none, or none passed the
+quality gate; the reason says which), ``UNAVAILABLE`` (no snapshot, or bytes that are no image; the
+reason says why). Snapshots are kept in the ImageStore (``checkout``/``entrance``, purged by retention
+unless a match retains them).
+
+Why a separate consumer and not Flink async I/O: snapshots take seconds (the footage must be stored
+first) and face analysis is CPU; a thread pool keeps one slow camera from holding up the others, and
+offsets are committed only up to the first record whose observations Kafka has not acknowledged yet
+(:class:`OffsetTracker`), so a crash replays, never skips. Bad camera events become dead letters; bad
+transactions are dead-lettered by the scoring job (one dead letter per bad input), so here they are
+only skipped.
+
+Run: ``python -m jobs.faces.stage``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+
+from infra.clients.meraki import MerakiClient, Snapshot, SnapshotError, camera_for_lane, camera_location
+from infra.settings import Settings, get_settings
+from jobs.scoring.validation import parse_transaction
+from schemas.codec import DecodeError, codec
+from schemas.errors import InvalidRecord
+from schemas.records import CameraEvent, FaceObservation, dead_letter
+from schemas.topics import CAMERA_EVENTS, DEAD_LETTERS, FACE_OBSERVATIONS, TRANSACTIONS
+
+log = logging.getLogger("jobs.faces.stage")
+
+STAGE = "face_stage"
+CHECKOUT, ENTRANCE = "CHECKOUT", "ENTRANCE"
+
+
+class EngineLike(Protocol):
+    def analyse(self, image: bytes) -> list: ...
+
+
+class StoreLike(Protocol):
+    def put(self, kind: str, key: str, data: bytes) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Trigger:
+    """One snapshot to take: who asked, which camera, for when."""
+
+    kind: str
+    serial: str
+    store_id: str
+    lane_id: str | None
+    event_time: int
+    at_ms: int | None
+    """Snapshot timestamp; None = now."""
+    transaction_id: str | None = None
+    oid: int | None = None
+
+    @property
+    def observation_id(self) -> str:
+        if self.kind == CHECKOUT:
+            return f"checkout:{self.transaction_id}"
+        return f"entrance:{self.serial}:{self.oid}"
+
+    @property
+    def image_key(self) -> tuple[str, str]:
+        if self.kind == CHECKOUT:
+            return "checkout", str(self.transaction_id)
+        return "entrance", f"{self.serial}:{self.oid}"
+
+
+class EntranceTracker:
+    """Which ``oid`` each entrance camera saw last when; a new (or long unseen) one is a new person."""
+
+    def __init__(self, window_ms: int) -> None:
+        self.window_ms = window_ms
+        self._last: dict[tuple[str, int], int] = {}
+        self._pruned_at = 0
+
+    def new_oids(self, serial: str, event_time: int, oids: list[int]) -> list[int]:
+        new = []
+        for oid in oids:
+            last = self._last.get((serial, oid))
+            if last is None or event_time - last > self.window_ms:
+                new.append(oid)
+            self._last[(serial, oid)] = max(event_time, last or 0)
+        if event_time - self._pruned_at > self.window_ms:
+            self._last = {k: t for k, t in self._last.items() if event_time - t <= self.window_ms}
+            self._pruned_at = event_time
+        return new
+
+
+class OffsetTracker:
+    """Per partition: offsets handed out and which are finished; the commit point is the first unfinished."""
+
+    def __init__(self) -> None:
+        self._pending: dict[tuple[str, int], dict[int, int]] = {}
+        self._high: dict[tuple[str, int], int] = {}
+        self._committed: dict[tuple[str, int], int] = {}
+
+    def add(self, tp: tuple[str, int], offset: int, parts: int) -> None:
+        """``parts`` outputs must be acknowledged before ``offset`` is done (0 = done now)."""
+        self._high[tp] = max(self._high.get(tp, -1), offset)
+        if parts > 0:
+            self._pending.setdefault(tp, {})[offset] = parts
+
+    def done(self, tp: tuple[str, int], offset: int) -> None:
+        pending = self._pending.get(tp)
+        if pending is None or offset not in pending:
+            return
+        pending[offset] -= 1
+        if pending[offset] <= 0:
+            del pending[offset]
+
+    def commit_point(self, tp: tuple[str, int]) -> int | None:
+        """The next offset to read after everything finished (Kafka commit semantics)."""
+        if tp not in self._high:
+            return None
+        pending = self._pending.get(tp)
+        return min(pending) if pending else self._high[tp] + 1
+
+    def to_commit(self) -> dict[tuple[str, int], int]:
+        """Commit points that moved since the last call."""
+        out = {}
+        for tp in self._high:
+            point = self.commit_point(tp)
+            if point is not None and point != self._committed.get(tp):
+                out[tp] = point
+                self._committed[tp] = point
+        return out
+
+    def forget(self, tps: list[tuple[str, int]]) -> None:
+        for tp in tps:
+            self._pending.pop(tp, None)
+            self._high.pop(tp, None)
+            self._committed.pop(tp, None)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(p) for p in self._pending.values())
+
+
+class FaceStage:
+    """The pure core: what to snapshot for an input record, and the observation for a trigger."""
+
+    def __init__(self, settings: Settings, snapshot: Callable[[str, int | None], Snapshot], engine: EngineLike,
+                 store: StoreLike, analysis_slots: int | None = None) -> None:
+        self.settings = settings
+        self.snapshot = snapshot
+        self.engine = engine
+        self.store = store
+        self.entrances = EntranceTracker(int(settings.cameras.entrance_oid_window_s * 1000))
+        self._analysis = threading.BoundedSemaphore(analysis_slots or settings.cameras.analysis_workers)
+        self._max_lag_ms = int(settings.cameras.max_lag_s * 1000)
+
+    def plan_transaction(self, value: bytes | None, ingest_ms: int) -> list[Trigger]:
+        """The lane snapshot of a valid transaction; nothing for an invalid one (see module doc)."""
+        try:
+            tx = parse_transaction(value, ingest_ms, self.settings.job.max_message_bytes)
+        except InvalidRecord:
+            return []
+        serial = camera_for_lane(self.settings, tx["store_id"], tx["lane_id"])
+        return [Trigger(CHECKOUT, serial, tx["store_id"], tx["lane_id"], tx["event_time"], tx["event_time"],
+                        transaction_id=tx["transaction_id"])]
+
+    def plan_camera_event(self, value: bytes | None) -> list[Trigger]:
+        """A snapshot "now" per new person on an entrance camera; raises InvalidRecord for bad bytes."""
+        try:
+            event = CameraEvent.from_avro(codec("CameraEvent").decode(value))
+        except DecodeError as exc:
+            raise InvalidRecord(exc.kind, exc.reason) from None
+        if event.kind != "RAW_DETECTIONS":
+            return []
+        where = camera_location(self.settings, event.camera_serial)
+        if where is None or where[1] is not None:
+            return []  # unknown camera, or a lane camera (checkouts trigger those)
+        oids = [o.oid for o in event.objects if o.type == "person"]
+        new = self.entrances.new_oids(event.camera_serial, event.event_time, oids)
+        return [Trigger(ENTRANCE, event.camera_serial, where[0], None, event.event_time, None, oid=oid) for oid in new]
+
+    def observe(self, trigger: Trigger, now_ms: int | None = None) -> FaceObservation:
+        """Snapshot, store, analyse. Never raises: every failure is an observation with a reason."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+
+        def obs(status: str, reason: str | None = None, **extra: object) -> FaceObservation:
+            return FaceObservation(
+                observation_id=trigger.observation_id, event_time=trigger.event_time,
+                camera_serial=trigger.serial, store_id=trigger.store_id, trigger=trigger.kind, status=status,
+                lane_id=trigger.lane_id, transaction_id=trigger.transaction_id, reason=reason, **extra)
+
+        if trigger.at_ms is not None and now_ms - trigger.at_ms > self._max_lag_ms:
+            return obs("UNAVAILABLE", f"not snapshotted: {(now_ms - trigger.at_ms) // 1000} s late "
+                                      f"(limit {self._max_lag_ms // 1000} s)")
+        try:
+            snap = self.snapshot(trigger.serial, trigger.at_ms)
+        except SnapshotError as exc:
+            return obs("UNAVAILABLE", f"snapshot {exc.kind}: {exc.reason}")
+        except Exception as exc:  # a client bug must not stop the stage; the reason names it
+            log.exception("snapshot of %s failed", trigger.serial)
+            return obs("UNAVAILABLE", f"snapshot failed: {type(exc).__name__}")
+        notes = ["snapshot of now: no video at the transaction time"] if snap.fell_back_to_now else []
+        image_ref = None
+        try:
+            image_ref = self.store.put(*trigger.image_key, snap.image)
+        except Exception as exc:  # storage trouble must not hide the face result
+            log.warning("storing the snapshot of %s failed: %s", trigger.observation_id, type(exc).__name__)
+            notes.append(f"image not stored ({type(exc).__name__})")
+        try:
+            with self._analysis:
+                faces = self.engine.analyse(snap.image)
+        except Exception as exc:  # ImageError (corrupt, too big, wrong format) and anything dlib raises
+            return obs("UNAVAILABLE", "; ".join([f"image unusable: {exc}", *notes]), image_ref=image_ref)
+        passing = [f for f in faces if f.passed]
+        if not passing:
+            why = f"face rejected: {faces[0].reject_reason}" if faces else "no face in the snapshot"
+            return obs("NO_FACE", "; ".join([why, *notes]), image_ref=image_ref)
+        best = max(passing, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+        return obs("NO_MATCH", "; ".join(notes) or None, image_ref=image_ref, quality=float(best.quality),
+                   embedding=[float(x) for x in best.embedding])
+
+
+# --------------------------------------------------------------------------------------------------
+# Kafka wiring
+
+
+def consumer_group(settings: Settings) -> str:
+    return f"{settings.job.consumer_group}.face-stage"
+
+
+class FaceStageRunner:
+    """Consumes, fans triggers out to a thread pool, produces observations, commits finished offsets."""
+
+    def __init__(self, settings: Settings, stage: FaceStage) -> None:
+        self.settings = settings
+        self.stage = stage
+        prefix = settings.kafka.topic_prefix
+        self.tx_topic = TRANSACTIONS.full_name(prefix)
+        self.cam_topic = CAMERA_EVENTS.full_name(prefix)
+        self.obs_topic = FACE_OBSERVATIONS.full_name(prefix)
+        self.dlq_topic = DEAD_LETTERS.full_name(prefix)
+        self.offsets = OffsetTracker()
+        self.assigned = threading.Event()
+        self.stats = {"transactions": 0, "camera_events": 0, "observations": 0, "dead_letters": 0, "failed": 0}
+        self._done: queue.Queue[tuple[tuple[str, int], int, FaceObservation]] = queue.Queue()
+        self._pool = ThreadPoolExecutor(max_workers=settings.cameras.snapshot_workers, thread_name_prefix="snapshot")
+        self._paused = False
+        self._producer = Producer({**settings.kafka.client_config(), "client.id": "checkout-guard-face-stage",
+                                   "enable.idempotence": True, "acks": "all", "linger.ms": 5})
+        self._consumer = Consumer({
+            **settings.kafka.client_config(), "group.id": consumer_group(settings),
+            "enable.auto.commit": False, "auto.offset.reset": settings.cameras.face_stage_offset_reset,
+            "partition.assignment.strategy": "cooperative-sticky",
+            # A crashed stage's partitions move to its replacement after this, not the 45 s default:
+            # checkouts are waiting on their faces.
+            "session.timeout.ms": 10_000, "heartbeat.interval.ms": 2_000,
+        })
+
+    def _on_assign(self, _c: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assigned.set()
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._commit(consumer)
+        self.offsets.forget([(p.topic, p.partition) for p in partitions])
+
+    def _commit(self, consumer: Consumer) -> None:
+        points = self.offsets.to_commit()
+        if points:
+            try:
+                consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in points.items()], asynchronous=False)
+            except Exception as exc:  # e.g. a rebalance in progress: the next commit carries the same points
+                log.warning("offset commit failed: %s", exc)
+
+    def _handle(self, msg: object) -> None:
+        tp, offset = (msg.topic(), msg.partition()), msg.offset()  # type: ignore[attr-defined]
+        value = msg.value()  # type: ignore[attr-defined]
+        if tp[0] == self.tx_topic:
+            self.stats["transactions"] += 1
+            triggers = self.stage.plan_transaction(value, msg.timestamp()[1])  # type: ignore[attr-defined]
+        else:
+            self.stats["camera_events"] += 1
+            try:
+                triggers = self.stage.plan_camera_event(value)
+            except InvalidRecord as exc:
+                dl = dead_letter(topic=tp[0], partition=tp[1], offset=offset, key=msg.key(), value=value,  # type: ignore[attr-defined]
+                                 error=exc, stage=STAGE, failed_at=int(time.time() * 1000))
+                self.offsets.add(tp, offset, 1)
+                self._produce(self.dlq_topic, dl.dead_letter_id.encode(), dl.encode(), tp, offset, "dead_letters")
+                return
+        self.offsets.add(tp, offset, len(triggers))
+        for trigger in triggers:
+            future = self._pool.submit(self.stage.observe, trigger)
+            future.add_done_callback(lambda f, tp=tp, offset=offset: self._done.put((tp, offset, f.result())))
+
+    def _produce(self, topic: str, key: bytes, value: bytes, tp: tuple[str, int], offset: int, stat: str) -> None:
+        def delivered(err: KafkaError | None, _m: object) -> None:
+            if err is not None:
+                self.stats["failed"] += 1  # the offset stays uncommitted: a restart redoes it
+                log.error("delivery to %s failed: %s", topic, err)
+                return
+            self.stats[stat] += 1
+            self.offsets.done(tp, offset)
+
+        while True:
+            try:
+                self._producer.produce(topic, value=value, key=key, on_delivery=delivered)
+                return
+            except BufferError:
+                self._producer.poll(0.05)
+
+    def run(self, stop: threading.Event, on_tick: Callable[[dict], None] | None = None) -> dict:
+        consumer = self._consumer
+        consumer.subscribe([self.tx_topic, self.cam_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        last_commit = time.monotonic()
+        try:
+            while not stop.is_set():
+                msg = consumer.poll(0.05)
+                if msg is not None:
+                    if msg.error():
+                        if msg.error().code() != KafkaError._PARTITION_EOF:
+                            log.warning("consumer error: %s", msg.error())
+                    else:
+                        self._handle(msg)
+                self._drain()
+                self._producer.poll(0)
+                self._backpressure(consumer)
+                if time.monotonic() - last_commit >= 0.5:
+                    self._commit(consumer)
+                    last_commit = time.monotonic()
+                if on_tick:
+                    on_tick(self.stats)
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=False)
+            self._drain()
+            self._producer.flush(15)
+            self._commit(consumer)
+            consumer.close()
+        return self.stats
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                tp, offset, obs = self._done.get_nowait()
+            except queue.Empty:
+                return
+            self._produce(self.obs_topic, obs.camera_serial.encode(), obs.encode(), tp, offset, "observations")
+
+    def _backpressure(self, consumer: Consumer) -> None:
+        busy = self.offsets.in_flight >= self.settings.cameras.max_in_flight
+        if busy != self._paused:
+            assignment = consumer.assignment()
+            if assignment:
+                (consumer.pause if busy else consumer.resume)(assignment)
+                self._paused = busy
+
+
+def build_stage(settings: Settings) -> tuple[FaceStage, MerakiClient]:
+    """The stage with its real parts: the Meraki client, the face engine and the image store."""
+    from infra.clients.image_store import ImageStore
+    from jobs.faces.engine import FaceEngine
+
+    client = MerakiClient.from_settings(settings)
+    stage = FaceStage(settings, lambda serial, at: client.snapshot(serial, at), FaceEngine(settings.faces),
+                      ImageStore.from_settings(settings))
+    return stage, client
+
+
+def run_face_stage(settings: Settings, stop: threading.Event,
+                   on_tick: Callable[[dict], None] | None = None) -> dict:
+    stage, client = build_stage(settings)
+    try:
+        return FaceStageRunner(settings, stage).run(stop, on_tick)
+    finally:
+        client.close()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="[face-stage] %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    settings = get_settings()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    last = [time.monotonic()]
+
+    def report(stats: dict) -> None:
+        if time.monotonic() - last[0] >= 30:
+            last[0] = time.monotonic()
+            log.info("%s", stats)
+
+    try:
+        run_face_stage(settings, stop, report)
+    except KeyboardInterrupt:
+        stop.set()
+
+
+if __name__ == "__main__":
+    main()

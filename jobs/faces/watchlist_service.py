@@ -1,0 +1,345 @@
+"""The watchlist service: enrolls and forgets faces on bot commands, keeps alert snapshots, purges the rest.
+
+Inputs (one consumer group): ``commands`` (``FRAUD <tx>`` / ``VIP <tx>`` enroll the face of that
+transaction's checkout snapshot as ``subj-<tx>``; ``FORGET <subject>`` removes it everywhere) and
+``alerts`` (the ``snapshot_ref`` of every alert is retained, exempt from the purge). Outputs:
+``WatchlistEntry`` records / tombstones on the compacted ``watchlist`` topic (the source of truth the
+Flink job broadcasts), one ``AuditEvent`` per change or refused change on ``audit``, dead letters for
+commands that could not be carried out. Every ``faces.retention_purge_interval_s`` the snapshots that
+matched nobody and are older than ``faces.snapshot_retention_hours`` are deleted (and audited).
+
+Exactly once on Kafka: each input's outputs and its consumer offset commit in one Kafka transaction,
+so offsets move only after the outputs are acknowledged, and a crash replays the input without
+doubling its records. Side effects outside Kafka (image store, Rekognition) are idempotent: same
+subject id, same keys, an indexed subject is not indexed twice. Re-issuing a command that is already
+in effect changes nothing (audited as ``UNCHANGED``); a command or alert already audited (e.g. replayed
+after a consumer-group offset reset; the audit topic is read at startup) is skipped. Logs carry ids and
+outcomes, never images or embeddings.
+
+Run: ``python -m jobs.faces.watchlist_service`` (SIGTERM stops after the current record).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from infra.clients.image_store import ImageStore
+from infra.settings import Settings, get_settings
+from jobs.faces.engine import FaceEngine, ImageError
+from jobs.faces.rekognition import RekognitionError, RekognitionFaces
+from schemas.codec import DecodeError
+from schemas.records import Alert, AuditEvent, BotCommand, DeadLetter, WatchlistEntry
+from schemas.topics import ALERTS, AUDIT, COMMANDS, DEAD_LETTERS, WATCHLIST, TopicSpec
+
+log = logging.getLogger("jobs.faces.watchlist_service")
+
+STAGE = "watchlist_service"
+SERVICE_ACTOR = "watchlist-service"
+CATEGORY = {"FRAUD": "SUSPECT", "VIP": "VIP"}
+REKOGNITION_REFUSALS = {"NoFaceIndexed", "InvalidParameterException", "InvalidImageFormatException",
+                        "ImageTooLargeException", "InvalidS3ObjectException"}
+"""Rekognition answers that say "not this image" (the command fails) rather than "not now" (retry)."""
+
+
+@dataclass(frozen=True)
+class Out:
+    """One record to publish: topic, key, value (``None`` = tombstone)."""
+
+    topic: TopicSpec
+    key: bytes
+    value: bytes | None
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where an input record came from (for dead letters)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+class Failed(Exception):
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind, self.reason = kind, reason
+
+
+def retain_reason(alert_id: str, subject_id: str | None) -> str:
+    """Retention marker text; ``forget`` finds a subject's alert snapshots by its ``subject=`` token."""
+    return f"alert={alert_id} subject={subject_id or '-'}"
+
+
+class WatchlistCore:
+    """Decisions and side effects per input; returns the records to publish (no Kafka here)."""
+
+    def __init__(self, settings: Settings, engine: FaceEngine | None = None, store: ImageStore | None = None,
+                 rekognition: RekognitionFaces | None = None) -> None:
+        self.settings = settings
+        self.engine = engine or FaceEngine(settings.faces)
+        self.store = store or ImageStore.from_settings(settings)
+        if rekognition is None and settings.faces.backend == "rekognition":
+            rekognition = RekognitionFaces(settings.faces)
+            rekognition.ensure_collection()
+        self.rekognition = rekognition
+        self.entries: dict[str, dict[str, Any]] = {}
+        """The watchlist as this service last wrote/read it (subject id -> entry without embeddings)."""
+        self.done: set[str] = set()
+        """Audit ids already published: an input replayed after an offset reset is skipped entirely."""
+
+    # --- state -------------------------------------------------------------------------------------
+    def load(self, key: bytes | None, value: bytes | None) -> None:
+        """Apply one record of the watchlist topic (startup replay)."""
+        if key is None:
+            return
+        if value is None:
+            self.entries.pop(key.decode(), None)
+            return
+        entry = WatchlistEntry.decode(value)
+        self.entries[entry.subject_id] = {"category": entry.category,
+                                          "source_transaction_id": entry.source_transaction_id}
+
+    def load_audit(self, key: bytes | None) -> None:
+        """Apply one record of the audit topic (startup replay): remember what was already done."""
+        if key is not None:
+            self.done.add(key.decode())
+
+    # --- inputs ------------------------------------------------------------------------------------
+    def on_command(self, src: Source, now_ms: int) -> list[Out]:
+        try:
+            cmd = BotCommand.decode(src.value or b"")
+        except DecodeError as exc:
+            return [self._dead_letter(src, exc.kind, exc.reason, now_ms)]
+        if cmd.verb not in ("FRAUD", "VIP", "FORGET") or f"command:{cmd.command_id}" in self.done:
+            return []  # CHECKOUT / STATUS / HELP are the bot's business; a replayed command changes nothing
+        action = "FORGET" if cmd.verb == "FORGET" else "ENROLL"
+        audit = {"audit_id": f"command:{cmd.command_id}", "event_time": now_ms, "action": action,
+                 "actor": cmd.actor, "command_id": cmd.command_id}
+        try:
+            arg = (cmd.argument or "").strip()
+            if not arg:
+                raise Failed("missing_argument", f"{cmd.verb.lower()} needs an argument")
+            if cmd.verb == "FORGET":
+                return self._forget(arg, audit)
+            return self._enroll(cmd, arg, audit)
+        except Failed as f:
+            log.info("command %s %s failed: %s", cmd.command_id, cmd.verb, f.kind)
+            if arg:
+                audit.setdefault("subject_id", arg if cmd.verb == "FORGET" else f"subj-{arg}")
+                if cmd.verb != "FORGET":
+                    audit.setdefault("transaction_id", arg)
+            return [self._audit(**audit, outcome="FAILED", reason=f"{f.kind}: {f.reason}"),
+                    self._dead_letter(src, f.kind, f.reason, now_ms)]
+
+    def on_alert(self, src: Source, now_ms: int) -> list[Out]:
+        try:
+            alert = Alert.decode(src.value or b"")
+        except DecodeError as exc:
+            return [self._dead_letter(src, exc.kind, exc.reason, now_ms)]
+        if not alert.snapshot_ref or f"retain:{alert.alert_id}" in self.done:
+            return []
+        audit = {"audit_id": f"retain:{alert.alert_id}", "event_time": now_ms, "action": "RETAIN",
+                 "actor": SERVICE_ACTOR, "subject_id": alert.subject_id, "category": alert.category,
+                 "transaction_id": alert.transaction_id}
+        try:
+            self.store.retain(alert.snapshot_ref, retain_reason(alert.alert_id, alert.subject_id))
+        except (ValueError, OSError) as exc:  # not a ref of this store, or the image is gone (purged, forgotten)
+            kind = "missing_image" if isinstance(exc, FileNotFoundError) else "bad_ref"
+            return [self._audit(**audit, outcome="FAILED", reason=f"{kind}: {type(exc).__name__}"),
+                    self._dead_letter(src, kind, f"cannot retain snapshot: {type(exc).__name__}", now_ms)]
+        return [self._audit(**audit, outcome="DONE", reason=f"alert {alert.kind}",
+                            details={"image_ref": alert.snapshot_ref})]
+
+    def purge(self, now_ms: int) -> list[Out]:
+        cutoff = now_ms - int(self.settings.faces.snapshot_retention_hours * 3600 * 1000)
+        deleted = self.store.purge(cutoff)
+        if not deleted:
+            return []
+        log.info("purged %d unretained snapshots", deleted)
+        return [self._audit(audit_id=f"purge:{now_ms}", event_time=now_ms, action="PURGE", outcome="DONE",
+                            actor=SERVICE_ACTOR, reason="retention period over, no match, no alert",
+                            details={"deleted": str(deleted), "older_than_ms": str(cutoff)})]
+
+    # --- commands ----------------------------------------------------------------------------------
+    def _enroll(self, cmd: BotCommand, tx: str, audit: dict[str, Any]) -> list[Out]:
+        subject = f"subj-{tx}"
+        category = CATEGORY[cmd.verb]
+        audit.update(subject_id=subject, category=category, transaction_id=tx)
+        current = self.entries.get(subject)
+        if current and current["category"] == category:
+            return [self._audit(**audit, outcome="UNCHANGED", reason=f"already on the watchlist as {category}")]
+        snapshot = self.store.find("checkout", tx)
+        if snapshot is None:
+            raise Failed("unknown_transaction", f"no checkout snapshot for transaction {tx}")
+        data = self.store.get(snapshot)
+        try:
+            face = self.engine.best_face(data)
+        except ImageError as exc:
+            raise Failed("bad_image", f"checkout snapshot unusable ({exc.kind})") from None
+        if face is None:
+            raise Failed("no_face", "no face passed the quality gate in the checkout snapshot")
+        reference = self.store.put("reference", subject, data)
+        details = {"image_ref": reference, "quality": f"{face.quality:.3f}"}
+        if self.rekognition is not None:
+            image: bytes | str = reference if reference.startswith("s3://") else data
+            try:
+                details["rekognition_faces"] = str(len(self.rekognition.index(subject, image)))
+            except RekognitionError as exc:
+                if exc.code not in REKOGNITION_REFUSALS:
+                    raise  # throttling, outage: crash and retry the command after restart
+                if not current:
+                    self.store.delete(reference)
+                raise Failed("rekognition_refused", exc.code) from None
+        if current:
+            details["previous_category"] = current["category"]
+        entry = WatchlistEntry(
+            subject_id=subject, category=category, embeddings=[[float(v) for v in face.embedding]],
+            reason=f"{cmd.verb.lower()} at transaction {tx}", flagged_by=cmd.actor, flagged_at=cmd.issued_at,
+            reference_image_ref=reference, source_transaction_id=tx,
+        )
+        self.entries[subject] = {"category": category, "source_transaction_id": tx}
+        log.info("enrolled %s as %s (command %s)", subject, category, cmd.command_id)
+        return [Out(WATCHLIST, subject.encode(), entry.encode()),
+                self._audit(**audit, outcome="DONE", reason=entry.reason, details=details)]
+
+    def _forget(self, subject: str, audit: dict[str, Any]) -> list[Out]:
+        audit["subject_id"] = subject
+        current = self.entries.pop(subject, None)
+        removed: list[str] = []
+        reference = self.store.find("reference", subject)
+        if reference:
+            self.store.delete(reference)
+            removed.append(reference)
+        tx = (current or {}).get("source_transaction_id") or (subject[5:] if subject.startswith("subj-") else None)
+        if tx and (snapshot := self.store.find("checkout", tx)):
+            self.store.delete(snapshot)
+            removed.append(snapshot)
+        for ref, reason in self.store.retained().items():
+            if f"subject={subject}" in reason.split():
+                self.store.delete(ref)
+                removed.append(ref)
+        faces = self.rekognition.forget(subject) if self.rekognition is not None else 0
+        existed = bool(current or removed or faces)
+        audit.update(category=(current or {}).get("category"), transaction_id=tx)
+        log.info("forgot %s (%d images, %d indexed faces)", subject, len(removed), faces)
+        return [
+            Out(WATCHLIST, subject.encode(), None),
+            self._audit(**audit, outcome="DONE" if existed else "UNCHANGED",
+                        reason="forgotten" if existed else "nothing known about this subject",
+                        details={"images_deleted": str(len(removed)), "rekognition_faces_deleted": str(faces),
+                                 "was_enrolled": str(current is not None).lower()}),
+        ]
+
+    # --- records -----------------------------------------------------------------------------------
+    def _audit(self, **fields: Any) -> Out:
+        event = AuditEvent(**fields)
+        self.done.add(event.audit_id)
+        return Out(AUDIT, event.audit_id.encode(), event.encode())
+
+    @staticmethod
+    def _dead_letter(src: Source, kind: str, reason: str, now_ms: int) -> Out:
+        dl = DeadLetter(
+            dead_letter_id=f"{src.topic}:{src.partition}:{src.offset}", source_topic=src.topic,
+            partition=src.partition, offset=src.offset, key=src.key, payload=src.value or b"",
+            error_kind=kind, reason=reason, stage=STAGE, failed_at=now_ms,
+        )
+        return Out(DEAD_LETTERS, dl.dead_letter_id.encode(), dl.encode())
+
+
+class WatchlistService:
+    """Kafka wiring around ``WatchlistCore``: startup replay, transactional consume-process-produce."""
+
+    def __init__(self, settings: Settings, core: WatchlistCore | None = None) -> None:
+        from confluent_kafka import Consumer, Producer
+
+        self.settings = settings
+        self.prefix = settings.kafka.topic_prefix
+        self.group = f"{self.prefix}{settings.faces.service_group}"
+        self.core = core or WatchlistCore(settings)
+        base = settings.kafka.client_config()
+        self.consumer = Consumer({
+            **base, "group.id": self.group, "enable.auto.commit": False, "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+        })
+        self.producer = Producer({**base, "transactional.id": f"{self.group}-tx", "linger.ms": 5})
+        self.topics = {COMMANDS.full_name(self.prefix): self.core.on_command,
+                       ALERTS.full_name(self.prefix): self.core.on_alert}
+        self._stop = False
+        self._next_purge = 0.0
+
+    def stop(self, *_: object) -> None:
+        self._stop = True
+
+    def replay(self, spec: TopicSpec, apply, timeout: float = 30.0) -> int:
+        """Read a topic from its start to its end (committed records only) into ``apply(key, value)``;
+        how many records were read."""
+        from infra.clients.control_topics import read_control_topics
+
+        count = 0
+
+        def one(_topic: str, key: bytes | None, value: bytes | None) -> None:
+            nonlocal count
+            apply(key, value)
+            count += 1
+
+        read_control_topics(self.settings, one, timeout_s=timeout, specs=(spec,))
+        return count
+
+    def run(self) -> None:
+        from confluent_kafka import TopicPartition
+
+        loaded = self.replay(WATCHLIST, self.core.load)
+        log.info("watchlist replayed: %d records, %d subjects", loaded, len(self.core.entries))
+        audited = self.replay(AUDIT, lambda key, _value: self.core.load_audit(key))
+        log.info("audit replayed: %d records", audited)
+        self.producer.init_transactions(30)
+        self.consumer.subscribe(list(self.topics))
+        try:
+            while not self._stop:
+                self._maybe_purge()
+                msg = self.consumer.poll(0.5)
+                if msg is None:
+                    continue
+                if msg.error():
+                    log.warning("consumer error: %s", msg.error())
+                    continue
+                src = Source(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value())
+                outs = self.topics[msg.topic()](src, int(time.time() * 1000))
+                self._publish(outs, [TopicPartition(msg.topic(), msg.partition(), msg.offset() + 1)])
+        finally:
+            self.consumer.close()
+
+    def _maybe_purge(self) -> None:
+        if time.monotonic() < self._next_purge:
+            return
+        self._next_purge = time.monotonic() + self.settings.faces.retention_purge_interval_s
+        outs = self.core.purge(int(time.time() * 1000))
+        if outs:
+            self._publish(outs, [])
+
+    def _publish(self, outs: list[Out], offsets: list) -> None:
+        """Outputs and the input's offset in one transaction: both land or neither does."""
+        self.producer.begin_transaction()
+        for out in outs:
+            self.producer.produce(out.topic.full_name(self.prefix), key=out.key, value=out.value)
+        if offsets:
+            self.producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), 30)
+        self.producer.commit_transaction(30)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="[watchlist-service] %(asctime)s %(message)s")
+    service = WatchlistService(get_settings())
+    signal.signal(signal.SIGTERM, service.stop)
+    signal.signal(signal.SIGINT, service.stop)
+    service.run()
+
+
+if __name__ == "__main__":
+    main()

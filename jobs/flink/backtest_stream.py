@@ -1,0 +1,554 @@
+"""Backtest in the stream: a second copy of the scoring job, with another rule set and/or model, over a
+replayed range of the live transactions, into its own index -- then a report of what changed.
+
+Inputs: the baseline's transactions topic and its transactions index (the live job's, or any
+settings' prefixes), a candidate rule set file (YAML, ``jobs/scoring/rulesets/``) and/or model artifact.
+Outputs: topics ``<name>.*`` and indices ``<name>-*`` of the copy (kept to explore; ``cleanup NAME``
+removes them) and a report -- outcome changes (baseline x candidate outcome counts), a sample of the
+transactions that changed, precision/recall of BLOCK and BLOCK+REVIEW against ``label`` where the
+transactions carry one -- printed and written to ``<stack dir>/backtests/<name>/report.{json,md}``.
+
+How: the copy gets ``Settings.isolated(name)`` (own topics, index prefix, consumer group,
+checkpoints) with the candidate's rule set file and model; the rule set is also published to the
+copy's own ``rules`` topic before it starts, as a live rule change would be. The range is replayed
+(:mod:`producers.replay`) into the copy's transactions topic -- by default ONE partition, so the copy
+reads the records in exactly the merged timestamp order whatever its speed (the job scores in one
+operator anyway, so one partition costs no throughput) -- and the copy's own OpenSearch sink indexes
+its decisions. The copy is done when its consumer group committed (on a checkpoint) everything the
+replay wrote and the sink committed everything the copy decided.
+
+The copy rebuilds its state (receipts, customer habits) from the replayed range only, and sees no face
+results (``face_deadline_ms=0``). The report separates decisions whose *inputs* differ (indicators,
+e.g. a return whose sale lies before the range) from changes the candidate version made.
+
+Run: ``python -m jobs.flink.backtest_stream run --rules my-rules.yaml --from-time 2026-11-22T06:00:00Z``;
+``compare BASELINE_PREFIX CANDIDATE_PREFIX`` recomputes a report from two indices.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+from opensearchpy import OpenSearch
+from opensearchpy.helpers import scan
+from rich.console import Console
+from rich.table import Table
+
+from infra.settings import Settings, get_settings
+from jobs.scoring.rules import RuleSet, RuleSetError, update_record
+from schemas.topics import ALL_TOPICS, RULES, SCORED_TRANSACTIONS, TRANSACTIONS
+
+console = Console()
+
+OUTCOMES = ("APPROVE", "REVIEW", "BLOCK")
+FLAGS: dict[str, frozenset[str]] = {"BLOCK": frozenset({"BLOCK"}), "BLOCK+REVIEW": frozenset({"BLOCK", "REVIEW"})}
+"""What counts as "flagged as fraud" for precision and recall."""
+FIELDS = ("transaction_id", "kind", "store_id", "amount", "currency", "outcome", "risk_score", "reasons",
+          "indicators", "model_score", "model_version", "rules_version", "label")
+"""Document fields the comparison reads."""
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,60}$")
+
+
+# ---------------------------------------------------------------------------- pure: the comparison
+
+
+@dataclass(frozen=True)
+class Detection:
+    """How well one version's flags find the labelled fraud (``None`` where undefined: nothing flagged /
+    no fraud among the labelled)."""
+
+    labelled: int
+    positives: int
+    flagged: int
+    true_positives: int
+    precision: float | None
+    recall: float | None
+
+
+def detection(docs: Iterable[dict[str, Any]], flagged_outcomes: frozenset[str]) -> Detection:
+    """Precision and recall of ``outcome in flagged_outcomes`` against ``label`` (1 fraud, 0 legit);
+    documents without a label are left out."""
+    labelled = positives = flagged = tp = 0
+    for doc in docs:
+        label = doc.get("label")
+        if label is None:
+            continue
+        labelled += 1
+        is_fraud, is_flagged = label == 1, doc.get("outcome") in flagged_outcomes
+        positives += is_fraud
+        flagged += is_flagged
+        tp += is_fraud and is_flagged
+    return Detection(labelled, positives, flagged, tp, tp / flagged if flagged else None,
+                     tp / positives if positives else None)
+
+
+@dataclass
+class Report:
+    baseline: str
+    candidate: str
+    compared: int
+    """Transactions decided by both versions (the comparison is over these)."""
+    only_baseline: int
+    only_candidate: int
+    confusion: dict[str, dict[str, int]]
+    """baseline outcome -> candidate outcome -> transactions."""
+    changed: int
+    """Transactions whose outcome differs."""
+    risk_changed: int
+    inputs_differ: int
+    """Transactions whose indicators differ: state or input, not the version (see the module docstring)."""
+    changed_same_inputs: int
+    """Outcome changes with identical indicators: what the candidate version itself changed."""
+    input_changes: dict[str, int]
+    """Indicator -> transactions on which its value differs between the two (why inputs differ)."""
+    versions: dict[str, dict[str, list[str]]]
+    """side -> {"rules": [...], "model": [...]} as stamped on the decisions."""
+    outcomes: dict[str, dict[str, int]]
+    """side -> outcome -> transactions."""
+    detection: dict[str, dict[str, Detection]]
+    """side -> "BLOCK" / "BLOCK+REVIEW" -> precision and recall."""
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    """Some transactions that changed, biggest change first."""
+    created_at: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """How the run was made (range, rule set file, model, timings)."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False)
+
+
+def _severity(outcome: str | None) -> int:
+    return OUTCOMES.index(outcome) if outcome in OUTCOMES else -1
+
+
+def _decision(doc: dict[str, Any]) -> dict[str, Any]:
+    return {"outcome": doc["outcome"], "risk_score": doc.get("risk_score"), "reasons": list(doc.get("reasons") or []),
+            "model_score": doc.get("model_score")}
+
+
+def _versions(docs: Iterable[dict[str, Any]]) -> dict[str, list[str]]:
+    rules, models = set(), set()
+    for d in docs:
+        rules.add(str(d.get("rules_version")))
+        models.add(str(d.get("model_version")))
+    return {"rules": sorted(rules), "model": sorted(models)}
+
+
+def compare(
+    baseline: Iterable[dict[str, Any]], candidate: Iterable[dict[str, Any]], baseline_name: str = "baseline",
+    candidate_name: str = "candidate", sample_size: int = 25,
+) -> Report:
+    """Compare two versions' decisions on the same transactions (documents keyed by ``transaction_id``)."""
+    base = {d["transaction_id"]: d for d in baseline}
+    cand = {d["transaction_id"]: d for d in candidate}
+    common = sorted(set(base) & set(cand))
+    confusion = {b: dict.fromkeys(OUTCOMES, 0) for b in OUTCOMES}
+    changed: list[tuple[dict, dict]] = []
+    risk_changed = inputs_differ = changed_same = 0
+    input_changes: Counter[str] = Counter()
+    for tx_id in common:
+        b, c = base[tx_id], cand[tx_id]
+        confusion.setdefault(b["outcome"], dict.fromkeys(OUTCOMES, 0))
+        confusion[b["outcome"]][c["outcome"]] = confusion[b["outcome"]].get(c["outcome"], 0) + 1
+        b_ind, c_ind = b.get("indicators") or {}, c.get("indicators") or {}
+        same_inputs = b_ind == c_ind
+        inputs_differ += not same_inputs
+        if not same_inputs:
+            input_changes.update(k for k in set(b_ind) | set(c_ind) if b_ind.get(k) != c_ind.get(k))
+        risk_changed += b.get("risk_score") != c.get("risk_score")
+        if b["outcome"] != c["outcome"]:
+            changed.append((b, c))
+            changed_same += same_inputs
+    changed.sort(key=lambda bc: (-abs(_severity(bc[1]["outcome"]) - _severity(bc[0]["outcome"])),
+                                 bc[0]["transaction_id"]))
+    samples = [{
+        "transaction_id": b["transaction_id"], "kind": b.get("kind"), "store_id": b.get("store_id"),
+        "amount": b.get("amount"), "currency": b.get("currency"), "label": b.get("label"),
+        "baseline": _decision(b), "candidate": _decision(c),
+        "same_inputs": (b.get("indicators") or {}) == (c.get("indicators") or {}),
+    } for b, c in changed[:sample_size]]
+    sides = {"baseline": [base[t] for t in common], "candidate": [cand[t] for t in common]}
+    return Report(
+        baseline=baseline_name, candidate=candidate_name, compared=len(common),
+        only_baseline=len(set(base) - set(cand)), only_candidate=len(set(cand) - set(base)),
+        confusion=confusion, changed=len(changed), risk_changed=risk_changed, inputs_differ=inputs_differ,
+        changed_same_inputs=changed_same, input_changes=dict(input_changes.most_common()),
+        versions={side: _versions(docs) for side, docs in sides.items()},
+        outcomes={side: {o: n for o, n in sorted(Counter(d["outcome"] for d in docs).items())}
+                  for side, docs in sides.items()},
+        detection={side: {name: detection(docs, flags) for name, flags in FLAGS.items()}
+                   for side, docs in sides.items()},
+        samples=samples, created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def report_tables(report: Report) -> list[Table]:
+    """The report as rich tables: outcome changes, detection, changed transactions."""
+    confusion = Table(title=f"outcomes: {report.baseline} (rows) x {report.candidate} (columns)")
+    confusion.add_column("baseline \\ candidate")
+    for o in OUTCOMES:
+        confusion.add_column(o, justify="right")
+    confusion.add_column("total", justify="right")
+    for b in report.confusion:
+        row = report.confusion[b]
+        confusion.add_row(b, *(f"{row.get(c, 0):,}" for c in OUTCOMES), f"{sum(row.values()):,}")
+    confusion.caption = (f"{report.compared:,} compared, {report.changed:,} changed "
+                         f"({report.changed_same_inputs:,} with the same inputs), {report.inputs_differ:,} with "
+                         f"other inputs, {report.only_baseline:,} only in baseline, "
+                         f"{report.only_candidate:,} only in candidate")
+    if report.input_changes:
+        confusion.caption += "; inputs differ by " + ", ".join(f"{k} ({v:,})" for k, v in report.input_changes.items())
+    quality = Table(title="detection against labels")
+    for column in ("version", "rules / model", "flagged as", "labelled", "fraud", "flagged", "precision", "recall"):
+        quality.add_column(column, justify="right" if column in ("labelled", "fraud", "flagged") else "left")
+    for side, name in (("baseline", report.baseline), ("candidate", report.candidate)):
+        v = report.versions.get(side, {})
+        label = f"{', '.join(v.get('rules', []))} / {', '.join(v.get('model', []))}"
+        for flag, d in report.detection.get(side, {}).items():
+            quality.add_row(name, label, flag, f"{d.labelled:,}", f"{d.positives:,}", f"{d.flagged:,}",
+                            _pct(d.precision), _pct(d.recall))
+    samples = Table(title=f"changed transactions (first {len(report.samples)} of {report.changed:,})")
+    for column in ("transaction", "kind", "amount", "label", "baseline", "candidate", "candidate reasons"):
+        samples.add_column(column)
+    for s in report.samples:
+        samples.add_row(s["transaction_id"], str(s["kind"]), f"{s['amount'] or 0:,.2f} {s['currency'] or ''}",
+                        "" if s["label"] is None else str(s["label"]),
+                        f"{s['baseline']['outcome']} {s['baseline']['risk_score']}",
+                        f"{s['candidate']['outcome']} {s['candidate']['risk_score']}",
+                        ", ".join(s["candidate"]["reasons"]))
+    return [confusion, quality, samples]
+
+
+def report_markdown(report: Report) -> str:
+    """The report as markdown (for a pull request or a ticket)."""
+    lines = [f"# Backtest: {report.candidate} vs {report.baseline}", "",
+             f"{report.created_at}: {report.compared:,} transactions compared, {report.changed:,} changed "
+             f"outcome ({report.changed_same_inputs:,} with the same inputs, i.e. by the candidate version), "
+             f"{report.inputs_differ:,} decided on other inputs, {report.risk_changed:,} with another risk score; "
+             f"{report.only_baseline:,} only in the baseline, {report.only_candidate:,} only in the candidate.", "",
+             *(["Inputs differ by indicator: " + ", ".join(f"{k} ({v:,})" for k, v in report.input_changes.items()),
+                ""] if report.input_changes else []),
+             "## Outcomes (baseline rows x candidate columns)", "",
+             "| baseline \\ candidate | " + " | ".join(OUTCOMES) + " | total |",
+             "|---|" + "---:|" * (len(OUTCOMES) + 1)]
+    for b, row in report.confusion.items():
+        lines.append(f"| {b} | " + " | ".join(f"{row.get(c, 0):,}" for c in OUTCOMES) + f" | {sum(row.values()):,} |")
+    lines += ["", "## Detection against labels", "",
+              "| version | rules / model | flagged as | labelled | fraud | flagged | precision | recall |",
+              "|---|---|---|---:|---:|---:|---:|---:|"]
+    for side, name in (("baseline", report.baseline), ("candidate", report.candidate)):
+        v = report.versions.get(side, {})
+        for flag, d in report.detection.get(side, {}).items():
+            lines.append(f"| {name} | {', '.join(v.get('rules', []))} / {', '.join(v.get('model', []))} | {flag} | "
+                         f"{d.labelled:,} | {d.positives:,} | {d.flagged:,} | {_pct(d.precision)} | {_pct(d.recall)} |")
+    lines += ["", f"## Changed transactions (first {len(report.samples)} of {report.changed:,})", "",
+              "| transaction | kind | amount | label | baseline | candidate | candidate reasons | same inputs |",
+              "|---|---|---:|---|---|---|---|---|"]
+    for s in report.samples:
+        lines.append(f"| {s['transaction_id']} | {s['kind']} | {s['amount'] or 0:,.2f} {s['currency'] or ''} | "
+                     f"{'' if s['label'] is None else s['label']} | "
+                     f"{s['baseline']['outcome']} {s['baseline']['risk_score']} | "
+                     f"{s['candidate']['outcome']} {s['candidate']['risk_score']} | "
+                     f"{', '.join(s['candidate']['reasons'])} | {'yes' if s['same_inputs'] else 'no'} |")
+    if report.meta:
+        lines += ["", "## Run", "", "```json", json.dumps(report.meta, indent=2, default=str), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: Report, directory: Path) -> tuple[Path, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    as_json, as_md = directory / "report.json", directory / "report.md"
+    as_json.write_text(report.to_json() + "\n")
+    as_md.write_text(report_markdown(report))
+    return as_json, as_md
+
+
+# ---------------------------------------------------------------------------- OpenSearch
+
+
+def candidate_documents(client: OpenSearch, index_prefix: str) -> Iterator[dict[str, Any]]:
+    """Every decision in ``<prefix>-transactions``."""
+    from schemas.indices import index_name
+
+    for hit in scan(client, index=index_name(index_prefix, "transactions"), query={"_source": list(FIELDS)},
+                    size=1000):
+        yield hit["_source"]
+
+
+def documents_by_id(client: OpenSearch, index_prefix: str, ids: list[str], chunk: int = 1000) -> Iterator[dict]:
+    """The decisions in ``<prefix>-transactions`` for ``ids`` (an ids query: the alias spans period indices)."""
+    from schemas.indices import index_name
+
+    index = index_name(index_prefix, "transactions")
+    for i in range(0, len(ids), chunk):
+        part = ids[i:i + chunk]
+        page = client.search(index=index, body={"query": {"ids": {"values": part}}, "size": len(part),
+                                                "_source": list(FIELDS)})
+        for hit in page["hits"]["hits"]:
+            yield hit["_source"]
+
+
+def compare_indices(settings: Settings, baseline_prefix: str, candidate_prefix: str, sample_size: int = 25) -> Report:
+    """Report on every transaction in the candidate's index against the same ones in the baseline's."""
+    from infra.clients.opensearch import make_client
+    from schemas.indices import index_name
+
+    client = make_client(settings.opensearch, timeout_s=60)
+    for prefix in (baseline_prefix, candidate_prefix):
+        client.indices.refresh(index=index_name(prefix, "transactions"))
+    candidate = list(candidate_documents(client, candidate_prefix))
+    baseline = list(documents_by_id(client, baseline_prefix, [d["transaction_id"] for d in candidate]))
+    return compare(baseline, candidate, baseline_name=baseline_prefix, candidate_name=candidate_prefix,
+                   sample_size=sample_size)
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What the copy runs: a rule set file and/or a model (artifact folder and/or version)."""
+
+    rules_file: Path | None = None
+    model_dir: Path | None = None
+    model_version: str | None = None
+
+
+def candidate_settings(settings: Settings, name: str, candidate: Candidate) -> Settings:
+    """The copy's settings: isolated under ``name``, the candidate's rule set and model, no face join."""
+    if not NAME_RE.match(name):
+        raise ValueError(f"backtest name {name!r}: lowercase letters, digits, '-' and '_' (it names indices)")
+    copy = settings.isolated(name, settings.stack_dir / "backtests" / name / "checkpoints", face_deadline_ms=0,
+                             starting_offsets="earliest")
+    rules = copy.rules.model_copy(update={"ruleset_file": candidate.rules_file, "version": None, "block_at": None,
+                                          "review_at": None}) if candidate.rules_file else copy.rules
+    model = copy.model
+    if candidate.model_dir is not None or candidate.model_version is not None:
+        model = model.model_copy(update={
+            "artifact_dir": candidate.model_dir or model.artifact_dir, "artifact": candidate.model_version})
+    return copy.model_copy(update={"rules": rules, "model": model})
+
+
+def create_copy_topics(settings: Settings, transactions_partitions: int) -> None:
+    """The copy's topics; its transactions topic with ``transactions_partitions`` partitions (made first,
+    since ``ensure_topics`` leaves an existing topic alone)."""
+    from infra.stack import ensure_topics
+
+    admin = AdminClient(settings.kafka.client_config())
+    name = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
+    if name not in admin.list_topics(timeout=10).topics:
+        futures = admin.create_topics([NewTopic(name, num_partitions=transactions_partitions, replication_factor=1,
+                                                config=dict(TRANSACTIONS.config))], request_timeout=30)
+        for fut in futures.values():
+            fut.result()
+    ensure_topics(settings)
+
+
+def publish_rules(settings: Settings, rules_file: Path) -> RuleSet:
+    """Validate ``rules_file`` and publish it to the copy's own rules topic (key ``active``)."""
+    text = rules_file.read_text()
+    rules = RuleSet.from_yaml(text)
+    producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True})
+    failures: list[str] = []
+    producer.produce(RULES.full_name(settings.kafka.topic_prefix), key=b"active",
+                     value=update_record(rules, text, "backtest").encode(),
+                     on_delivery=lambda err, _msg: failures.append(str(err)) if err else None)
+    if producer.flush(30) or failures:
+        raise RuntimeError(f"publishing the rule set failed: {failures or 'not acknowledged in 30 s'}")
+    return rules
+
+
+def wait_until_done(copy: Settings, children: list, timeout_s: float, quiet_s: float) -> None:
+    """Until the copy committed all its input and the sink all the copy's output, and that stays so."""
+    from infra.clients.topic_replay import caught_up, high_watermarks
+    from schemas.indices import default_group_id
+
+    prefix = copy.kafka.topic_prefix
+    tx_topic, scored_topic = TRANSACTIONS.full_name(prefix), SCORED_TRANSACTIONS.full_name(prefix)
+    deadline = time.monotonic() + timeout_s
+    stable_since, last = None, None
+    with console.status("waiting for the job copy and its sink to finish the range") as status:
+        while True:
+            for child in children:
+                if not child.alive:
+                    raise RuntimeError(f"{child.name} exited with {child.proc.returncode}; see {child.log_path}")
+            done = (caught_up(copy.kafka, copy.job.consumer_group, tx_topic)
+                    and caught_up(copy.kafka, default_group_id(prefix), scored_topic))
+            now_ends = high_watermarks(copy.kafka, scored_topic)
+            if done and now_ends == last:
+                stable_since = stable_since or time.monotonic()
+                if time.monotonic() - stable_since >= quiet_s:
+                    return
+            else:
+                stable_since = None
+            last = now_ends
+            status.update(f"waiting for the job copy: {sum(now_ends.values()):,} decisions so far")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the backtest did not finish in {timeout_s:.0f}s (logs: {children[0].log_path})")
+            time.sleep(1.0)
+
+
+def run_backtest(
+    settings: Settings,
+    name: str,
+    candidate: Candidate,
+    start,
+    end,
+    partitions: Iterable[int] | None = None,
+    copy_partitions: int = 1,
+    rate: float = 0,
+    timeout_s: float = 1800,
+    progress: bool = True,
+    sample_size: int = 25,
+) -> tuple[Report, Path]:
+    """Run the copy over the baseline's range ``[start, end)`` (``producers.replay.Bound``s), compare it with
+    the baseline's index, write the report; returns it and its folder. The copy's job and sink are stopped
+    at the end; its topics and index stay."""
+    from infra.clients.topic_replay import plan, replay
+    from infra.launcher import spawn, start_scoring_job
+
+    copy = candidate_settings(settings, name, candidate)
+    out_dir = settings.stack_dir / "backtests" / name
+    if copy.checkpoint_dir.exists():
+        raise FileExistsError(f"a backtest named {name} already ran ({out_dir}); pick another name or clean it up")
+    model_version = None
+    if candidate.model_dir is not None or candidate.model_version is not None:
+        from jobs.model.fraud_model import LocalModel
+
+        model_version = LocalModel.from_settings(copy).version  # a missing artifact fails here, not in the job
+    source = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
+    target = TRANSACTIONS.full_name(copy.kafka.topic_prefix)
+    ranges = plan(settings.kafka, source, start, end, partitions)
+    create_copy_topics(copy, copy_partitions)
+    rules = publish_rules(copy, candidate.rules_file) if candidate.rules_file else None
+    copy.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    children = [start_scoring_job(copy, name=f"{name}-job"), spawn("sinks.opensearch.sink", copy, name=f"{name}-sink")]
+    try:
+        stats = replay(settings.kafka, source, copy.kafka, target, ranges, rate=rate, progress=progress)
+        if not stats.ok:
+            raise RuntimeError(f"the replay lost records: {stats.failed} failed ({'; '.join(stats.errors)})")
+        wait_until_done(copy, children, timeout_s, quiet_s=3 * copy.job.checkpoint_interval_ms / 1000)
+    finally:
+        for child in children:
+            child.stop()
+    report = compare_indices(settings, settings.opensearch.index_prefix, copy.opensearch.index_prefix, sample_size)
+    report.meta = {
+        "name": name, "source_topic": source, "copy_topic": target, "copy_partitions": copy_partitions,
+        "range": [asdict(r) for r in ranges], "replayed": stats.acked,
+        "rules_file": str(candidate.rules_file) if candidate.rules_file else None,
+        "rules_version": rules.version if rules else None,
+        "model_dir": str(candidate.model_dir) if candidate.model_dir else None, "model": model_version,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    write_report(report, out_dir)
+    return report, out_dir
+
+
+def cleanup(settings: Settings, name: str) -> tuple[list[str], list[str]]:
+    """Delete a backtest's topics (``<name>.*``) and indices (``<name>-*``); its report stays."""
+    from infra.clients.opensearch import make_client
+
+    admin = AdminClient(settings.kafka.client_config())
+    existing = admin.list_topics(timeout=10).topics
+    topics = [t.full_name(f"{name}.") for t in ALL_TOPICS if t.full_name(f"{name}.") in existing]
+    if topics:
+        for fut in admin.delete_topics(topics, request_timeout=30).values():
+            fut.result()
+    client = make_client(settings.opensearch)
+    indices = sorted(client.indices.get(index=f"{name}-*", params={"allow_no_indices": "true"}))
+    if indices:
+        client.indices.delete(index=",".join(indices))
+    return topics, indices
+
+
+# ---------------------------------------------------------------------------- CLI
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Backtest a rule set / model version in the stream against the live decisions.")
+
+
+def _print(report: Report, out_dir: Path | None = None) -> None:
+    for table in report_tables(report):
+        console.print(table)
+    if out_dir is not None:
+        console.print(f"report: {out_dir / 'report.md'} and {out_dir / 'report.json'}", highlight=False)
+
+
+@app.command("run")
+def run_command(
+    rules: Annotated[Path | None, typer.Option(help="Candidate rule set (YAML).", exists=True, dir_okay=False)] = None,
+    model_dir: Annotated[Path | None, typer.Option(help="Candidate model artifact folder (with CURRENT).",
+                                                   exists=True, file_okay=False)] = None,
+    model: Annotated[str | None, typer.Option(help="Candidate model version (folder under the artifact dir).")] = None,
+    name: Annotated[str | None, typer.Option(help="Names the copy's topics/indices; default bt-<UTC time>.")] = None,
+    from_offsets: Annotated[str | None, typer.Option(help="Start offset: N or P:N,P:N.")] = None,
+    to_offsets: Annotated[str | None, typer.Option(help="End offset (exclusive): N or P:N,P:N.")] = None,
+    from_time: Annotated[str | None, typer.Option(help="Start time (ISO-8601, epoch ms or now).")] = None,
+    to_time: Annotated[str | None, typer.Option(help="End time (exclusive).")] = None,
+    copy_partitions: Annotated[int, typer.Option(help="Partitions of the copy's transactions topic "
+                                                      "(1 = the merged order exactly).", min=1)] = 1,
+    rate: Annotated[float, typer.Option(help="Replay at most this many records per second; 0 = no cap.", min=0)] = 0,
+    timeout_s: Annotated[float, typer.Option(help="Give up after this long.")] = 1800,
+    samples: Annotated[int, typer.Option(help="Changed transactions listed in the report.")] = 25,
+) -> None:
+    """Replay a range of the live transactions through a job copy with the candidate, then compare."""
+    from infra.clients.topic_replay import RangeError, bounds
+
+    if rules is None and model_dir is None and model is None:
+        console.print("nothing to test: give --rules and/or --model-dir / --model", style="red")
+        raise typer.Exit(2)
+    settings = get_settings()
+    name = name or f"bt-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    try:
+        start, end = bounds(from_offsets, to_offsets, from_time, to_time)
+        report, out_dir = run_backtest(settings, name, Candidate(rules, model_dir, model), start, end,
+                                       copy_partitions=copy_partitions, rate=rate, timeout_s=timeout_s,
+                                       sample_size=samples)
+    except (RangeError, RuleSetError, ValueError, FileExistsError, TimeoutError, RuntimeError) as exc:
+        console.print(str(exc), style="red", markup=False, highlight=False)
+        raise typer.Exit(1) from None
+    _print(report, out_dir)
+
+
+@app.command("compare")
+def compare_command(
+    baseline_prefix: Annotated[str, typer.Argument(help="Index prefix of the baseline (e.g. checkout-guard).")],
+    candidate_prefix: Annotated[str, typer.Argument(help="Index prefix of the candidate (the backtest name).")],
+    samples: int = 25,
+) -> None:
+    """Recompute a report from two indices (e.g. after the copy ran longer)."""
+    settings = get_settings()
+    report = compare_indices(settings, baseline_prefix, candidate_prefix, samples)
+    out_dir = settings.stack_dir / "backtests" / candidate_prefix
+    write_report(report, out_dir)
+    _print(report, out_dir)
+
+
+@app.command("cleanup")
+def cleanup_command(name: Annotated[str, typer.Argument(help="The backtest's name.")]) -> None:
+    """Delete a backtest's topics and indices (the report stays)."""
+    if not NAME_RE.match(name):
+        console.print(f"not a backtest name: {name!r}", style="red", markup=False)
+        raise typer.Exit(2)
+    topics, indices = cleanup(get_settings(), name)
+    console.print(f"deleted {len(topics)} topic(s) and {len(indices)} index(es) of {name}", highlight=False)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,350 @@
+"""Predictor backends for the job: the local model, Amazon Fraud Detector, a SageMaker endpoint.
+
+All answer ``predict_batch([(tx, indicators), ...]) -> [ModelResult, ...]`` (score 0-1000 calibrated
+by false-positive rate, which backend answered, model time). The remote ones are guarded, because a
+scoring job must not stall on a network call:
+
+* a **timeout** on connect and read (botocore ``Config``), botocore's own retries off;
+* **bounded retries** of our own (``retries`` extra attempts) for timeouts, throttling and 5xx;
+* a **circuit breaker**: after ``breaker_failures`` consecutive failed calls it opens and every
+  record goes straight to the fallback; after ``breaker_cooldown_s`` one trial call (half-open)
+  decides whether it closes again;
+* **fallback to the local model** for every record the remote backend did not score; such results
+  say so in their version (``local:<ver> (fallback)``).
+
+Fraud Detector's ``GetEventPrediction`` scores one event per call (that is the API), so records of a
+batch are sent concurrently (``concurrency``); SageMaker takes the whole batch as one ``text/csv``
+body of feature vectors (seed 002's XGBoost endpoint) and answers one probability per line.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from infra.settings import Settings
+from jobs.model.fraud_model import FEATURE_NAMES, Item, LocalModel, ModelArtifactError, feature_matrix
+from jobs.scoring.rules import ModelResult
+from jobs.scoring.scorer import Predictor
+
+log = logging.getLogger("checkout_guard.predictors")
+
+AFD_VARIABLES: tuple[tuple[str, str], ...] = (
+    ("order_price", "amount"),
+    ("customer_email", "customer_email"),
+    ("ip_address", "ip_address"),
+    ("payment_currency", "currency"),
+    ("billing_longitude", "billing_longitude"),
+    ("billing_latitude", "billing_latitude"),
+    ("billing_zip", "billing_zip"),
+    ("billing_state", "billing_state"),
+    ("user_agent", "user_agent"),
+    ("billing_street", "billing_street"),
+    ("billing_city", "billing_city"),
+    ("card_bin", "card_bin"),
+    ("customer_name", "customer_name"),
+    ("product_category", "product_category"),
+    ("customer_job", "customer_job"),
+    ("phone", "billing_phone"),
+)
+"""Seed 004's detector variables (Fraud Detector name, transaction field); values are sent as strings."""
+UNKNOWN_ENTITY = "unknown"
+"""Fraud Detector's entity id for an event without a known entity."""
+
+
+class RemoteError(RuntimeError):
+    """A remote model call failed; ``retryable`` says whether another attempt may succeed."""
+
+    def __init__(self, message: str, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class CircuitBreaker:
+    """Closed -> open after ``failures`` consecutive failures -> half-open after ``cooldown_s``
+    (one trial call at a time) -> closed on success, open again on failure. Thread-safe."""
+
+    def __init__(self, failures: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.threshold = max(1, failures)
+        self.cooldown_s = cooldown_s
+        self.clock = clock
+        self.consecutive = 0
+        self.opened_at: float | None = None
+        self._trial = False
+        self._lock = threading.Lock()
+
+    @property
+    def state(self) -> str:
+        if self.opened_at is None:
+            return "closed"
+        return "half-open" if self.clock() - self.opened_at >= self.cooldown_s else "open"
+
+    def allow(self) -> bool:
+        with self._lock:
+            if self.opened_at is None:
+                return True
+            if self.clock() - self.opened_at < self.cooldown_s or self._trial:
+                return False
+            self._trial = True  # half-open: let exactly one call through
+            return True
+
+    def success(self) -> None:
+        with self._lock:
+            self.consecutive, self.opened_at, self._trial = 0, None, False
+
+    def failure(self) -> None:
+        with self._lock:
+            self.consecutive += 1
+            if self._trial or self.consecutive >= self.threshold:
+                if self.opened_at is None or self._trial:
+                    log.warning("model backend failing (%d in a row): circuit open for %.0fs",
+                                self.consecutive, self.cooldown_s)
+                self.opened_at = self.clock()
+            self._trial = False
+
+
+class LocalPredictor(Predictor):
+    """The LightGBM artifact: one vectorised predict per batch."""
+
+    def __init__(self, model: LocalModel) -> None:
+        self.model = model
+
+    def predict_batch(self, items: Sequence[Item]) -> list[ModelResult]:
+        return self.model.predict_batch(items)
+
+
+class GuardedPredictor(Predictor):
+    """Shared timeout/retry/breaker/fallback logic; subclasses implement the remote call."""
+
+    name = "remote"
+
+    def __init__(self, settings: Settings, fallback: LocalModel | None, client: Any = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings.model
+        self.fallback_model = fallback
+        self.client = client if client is not None else self._make_client(settings)
+        self.breaker = CircuitBreaker(self.settings.breaker_failures, self.settings.breaker_cooldown_s, clock)
+        self.calls = 0
+        self.failures = 0
+
+    def _service(self) -> str:
+        raise NotImplementedError
+
+    def _make_client(self, settings: Settings) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        m = settings.model
+        session = boto3.session.Session(
+            aws_access_key_id=m.aws_access_key_id.get_secret_value() if m.aws_access_key_id else None,
+            aws_secret_access_key=m.aws_secret_access_key.get_secret_value() if m.aws_secret_access_key else None,
+            region_name=m.aws_region,
+        )
+        config = Config(connect_timeout=m.connect_timeout_s, read_timeout=m.read_timeout_s,
+                        retries={"total_max_attempts": 1}, max_pool_connections=max(10, m.concurrency))
+        return session.client(self._service(), endpoint_url=m.aws_endpoint_url, config=config)
+
+    def _attempt(self, fn: Callable[[], Any]) -> Any:
+        """One guarded remote call: up to ``retries + 1`` attempts while the breaker allows."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        last: Exception | None = None
+        for attempt in range(self.settings.retries + 1):
+            if not self.breaker.allow():
+                raise RemoteError(f"{self.name} circuit open", retryable=False) from last
+            self.calls += 1
+            try:
+                result = fn()
+            except ClientError as exc:
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                code = exc.response.get("Error", {}).get("Code", "")
+                retryable = status >= 500 or status == 429 or "Throttl" in code
+                last = RemoteError(f"{self.name} {code or status}: {exc}", retryable)
+            except (BotoCoreError, RemoteError, ValueError, KeyError, IndexError) as exc:
+                last = exc if isinstance(exc, RemoteError) else RemoteError(f"{self.name}: {exc}", True)
+            else:
+                self.breaker.success()
+                return result
+            self.failures += 1
+            self.breaker.failure()
+            if not getattr(last, "retryable", True):
+                break
+            if attempt < self.settings.retries:
+                time.sleep(min(0.05 * 2**attempt, 0.2))
+        raise last or RemoteError(f"{self.name} failed")
+
+    def _fallback(self, items: Sequence[Item], spent_ms: Sequence[int]) -> list[ModelResult]:
+        if self.fallback_model is None:
+            return [ModelResult(score=None, version=f"{self.name} unavailable", time_ms=t) for t in spent_ms]
+        results = self.fallback_model.predict_batch(items, label=f"{self.fallback_model.label} (fallback)")
+        return [ModelResult(r.score, r.version, r.time_ms + t) for r, t in zip(results, spent_ms, strict=True)]
+
+
+class FraudDetectorPredictor(GuardedPredictor):
+    """Amazon Fraud Detector ``GetEventPrediction``, one call per record, concurrently within a batch."""
+
+    name = "frauddetector"
+
+    def __init__(self, settings: Settings, fallback: LocalModel | None, client: Any = None, **kw: Any) -> None:
+        super().__init__(settings, fallback, client, **kw)
+        m = self.settings
+        self.version = f"afd:{m.afd_detector_id}:{m.afd_detector_version or 'active'}"
+        self._pool = ThreadPoolExecutor(max_workers=max(1, m.concurrency), thread_name_prefix="afd")
+
+    def _service(self) -> str:
+        return "frauddetector"
+
+    def request(self, tx: dict[str, Any]) -> dict[str, Any]:
+        """The documented request for one transaction (seed 004's variables, all values strings)."""
+        m = self.settings
+        variables: dict[str, str] = {}
+        for afd_name, field in AFD_VARIABLES:
+            value = tx.get(field)
+            if value is None or value == "":
+                continue
+            variables[afd_name] = _as_text(value)
+        req: dict[str, Any] = {
+            "detectorId": m.afd_detector_id,
+            "eventId": tx["transaction_id"],
+            "eventTypeName": m.afd_event_type,
+            "eventTimestamp": datetime.fromtimestamp(tx["event_time"] / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "entities": [{"entityType": m.afd_entity_type, "entityId": tx.get("customer_id") or UNKNOWN_ENTITY}],
+            "eventVariables": variables,
+        }
+        if m.afd_detector_version:
+            req["detectorVersionId"] = m.afd_detector_version
+        return req
+
+    @staticmethod
+    def score_of(response: dict[str, Any]) -> int:
+        """``modelScores[0].scores`` holds one ``<model>_insightscore`` (0-1000)."""
+        scores = response["modelScores"][0]["scores"]
+        value = float(next(iter(scores.values())))
+        if not math.isfinite(value):
+            raise ValueError(f"score {value!r}")
+        return int(round(min(1000.0, max(0.0, value))))
+
+    def _one(self, item: Item) -> tuple[int | None, int]:
+        t0 = time.perf_counter()
+        try:
+            response = self._attempt(lambda: self.client.get_event_prediction(**self.request(item[0])))
+            score: int | None = self.score_of(response)
+        except RemoteError as exc:
+            log.debug("fraud detector: %s", exc)
+            score = None
+        return score, int(round((time.perf_counter() - t0) * 1000))
+
+    def predict_batch(self, items: Sequence[Item]) -> list[ModelResult]:
+        if not items:
+            return []
+        answers = [self._one(items[0])] if len(items) == 1 else list(self._pool.map(self._one, items))
+        results: list[ModelResult | None] = [
+            ModelResult(score=s, version=self.version, time_ms=t) if s is not None else None for s, t in answers]
+        missing = [i for i, r in enumerate(results) if r is None]
+        if missing:
+            for i, r in zip(missing, self._fallback([items[i] for i in missing], [answers[i][1] for i in missing]),
+                            strict=True):
+                results[i] = r
+        return results  # type: ignore[return-value]
+
+
+class SageMakerPredictor(GuardedPredictor):
+    """A SageMaker endpoint serving a model on our feature vector (seed 002's XGBoost), batched.
+
+    Body: ``text/csv``, one line per record, :data:`FEATURE_NAMES` order, missing values empty.
+    Answer: one probability per record (newline- or comma-separated), turned into the 0-1000 score
+    through the local artifact's FPR calibration (the endpoint serves a model trained by ``train``
+    on these features); without a local artifact the probability is scaled linearly."""
+
+    name = "sagemaker"
+    max_rows = 1000
+
+    def __init__(self, settings: Settings, fallback: LocalModel | None, client: Any = None, **kw: Any) -> None:
+        super().__init__(settings, fallback, client, **kw)
+        self.version = f"sagemaker:{self.settings.sagemaker_endpoint}"
+
+    def _service(self) -> str:
+        return "sagemaker-runtime"
+
+    @staticmethod
+    def body(x: np.ndarray) -> bytes:
+        lines = []
+        for row in x:
+            lines.append(",".join("" if math.isnan(v) else repr(float(v)) for v in row))
+        return ("\n".join(lines) + "\n").encode()
+
+    def _invoke(self, x: np.ndarray) -> np.ndarray:
+        response = self.client.invoke_endpoint(
+            EndpointName=self.settings.sagemaker_endpoint, ContentType="text/csv", Accept="text/csv",
+            Body=self.body(x))
+        text = response["Body"].read().decode()
+        values = [float(v) for v in text.replace("\n", ",").split(",") if v.strip()]
+        if len(values) != x.shape[0]:
+            raise RemoteError(f"sagemaker answered {len(values)} values for {x.shape[0]} records", retryable=False)
+        return np.asarray(values)
+
+    def predict_batch(self, items: Sequence[Item]) -> list[ModelResult]:
+        if not items:
+            return []
+        x = feature_matrix(items)
+        out: list[ModelResult] = []
+        for start in range(0, len(items), self.max_rows):
+            chunk = x[start:start + self.max_rows]
+            t0 = time.perf_counter()
+            try:
+                probs = self._attempt(lambda c=chunk: self._invoke(c))
+            except RemoteError as exc:
+                log.debug("sagemaker: %s", exc)
+                spent = int(round((time.perf_counter() - t0) * 1000))
+                out.extend(self._fallback(items[start:start + self.max_rows], [spent] * chunk.shape[0]))
+                continue
+            spent = int(round((time.perf_counter() - t0) * 1000))
+            if self.fallback_model is not None:
+                scores = self.fallback_model.calibration.score(probs)
+            else:
+                scores = np.rint(np.clip(probs, 0.0, 1.0) * 1000).astype(np.int64)
+            out.extend(ModelResult(score=int(s), version=self.version, time_ms=spent) for s in scores)
+        return out
+
+
+def _as_text(value: Any) -> str:
+    return str(value)  # 810.3 -> "810.3", 25.0 -> "25.0": what the CSV the detector was trained on holds
+
+
+def _local(settings: Settings) -> LocalModel | None:
+    """The trained local model, or ``None`` when none has been trained. Only loads: training belongs
+    to ``jobs.model.train`` (the job's launcher runs ``train-default`` before submitting, never a worker)."""
+    try:
+        return LocalModel.from_settings(settings)
+    except ModelArtifactError:
+        return None
+
+
+def make_predictor(settings: Settings) -> Predictor:
+    """The predictor ``settings.model.backend`` names, with the local model as its fallback."""
+    backend = settings.model.backend
+    if backend == "none":
+        return Predictor()
+    local = _local(settings)
+    if backend == "local":
+        if local is None:
+            raise ModelArtifactError("no model artifact: run make train-default "
+                                     "(or python -m jobs.model.train train CSV)")
+        return LocalPredictor(local)
+    if backend == "frauddetector":
+        return FraudDetectorPredictor(settings, local)
+    if backend == "sagemaker":
+        return SageMakerPredictor(settings, local)
+    raise ValueError(f"unknown model backend {backend!r} (local, frauddetector, sagemaker, none)")
+
+
+__all__ = ["FEATURE_NAMES", "CircuitBreaker", "FraudDetectorPredictor", "LocalPredictor", "SageMakerPredictor",
+           "make_predictor"]

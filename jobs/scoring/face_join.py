@@ -1,0 +1,118 @@
+"""The face join: each transaction waits for its checkout face observation, up to a deadline.
+
+Pure (no Flink): the job feeds it transactions, face observations and the clock, persists the
+entries it reports as changed, and scores whatever it releases. Both orders happen: the face stage
+usually answers after the transaction arrives (it needs the snapshot), but a slow scoring job can
+see the observation first, so early observations are kept for a while too.
+
+Watchlist matching happens here, not in the face stage, because the watchlist is the job's
+broadcast state: a ``forget`` reaches every decision at once, and the face stage stays stateless.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from jobs.scoring.rules import FaceResult
+
+Envelope = tuple[dict[str, Any], dict[str, float], int]
+PENDING, EARLY_FACES = "pending", "early_faces"
+Write = tuple[str, str, Any]
+
+
+class WatchlistLike(Protocol):
+    def search(self, embedding: Sequence[float]) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """What the camera gave for one transaction: the result, and the embedding for face-vs-face checks."""
+
+    face: FaceResult
+    embedding: tuple[float, ...] | None
+    image_ref: str | None
+    observation_id: str
+    arrived_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    env: Envelope
+    seen: Seen
+
+
+def observation_result(obs: dict[str, Any], watchlist: WatchlistLike | None) -> FaceResult:
+    """A face observation as the decision sees it: the face stage's status, upgraded by a watchlist match."""
+    status = obs["status"]
+    if status == "NO_MATCH" and obs.get("embedding") and watchlist is not None:
+        match = watchlist.search(obs["embedding"])
+        if match is not None:
+            return FaceResult("MATCHED", match.subject_id, match.category, round(float(match.similarity), 2))
+    return FaceResult(status)
+
+
+def seen_from(obs: dict[str, Any], face: FaceResult, now_ms: int) -> Seen:
+    emb = obs.get("embedding")
+    return Seen(face, tuple(emb) if emb else None, obs.get("image_ref"), obs["observation_id"], now_ms)
+
+
+def unavailable(reason: str, now_ms: int) -> Seen:
+    return Seen(FaceResult("UNAVAILABLE"), None, None, reason, now_ms)
+
+
+class FaceJoin:
+    """Pending transactions by id (with their deadline) and observations that came first."""
+
+    def __init__(self, deadline_ms: int, early_ttl_ms: int) -> None:
+        self.deadline_ms = deadline_ms
+        self.early_ttl_ms = early_ttl_ms
+        self.pending: dict[str, tuple[Envelope, int]] = {}
+        self.early: dict[str, Seen] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.deadline_ms > 0
+
+    def restore(self, pending: dict[str, tuple[Envelope, int]], early: dict[str, Seen]) -> None:
+        self.pending, self.early = dict(pending), dict(early)
+
+    def on_transaction(self, env: Envelope, now_ms: int) -> tuple[Ready | None, list[Write]]:
+        """Released at once when the face is already known (or the join is off), else held."""
+        tx_id = env[0]["transaction_id"]
+        if not self.enabled:
+            return Ready(env, unavailable("face-join-off", now_ms)), []
+        seen = self.early.pop(tx_id, None)
+        if seen is not None:
+            return Ready(env, seen), [(EARLY_FACES, tx_id, None)]
+        entry = (env, now_ms + self.deadline_ms)
+        self.pending[tx_id] = entry
+        return None, [(PENDING, tx_id, entry)]
+
+    def on_observation(self, tx_id: str, seen: Seen) -> tuple[Ready | None, list[Write]]:
+        entry = self.pending.pop(tx_id, None)
+        if entry is not None:
+            return Ready(entry[0], seen), [(PENDING, tx_id, None)]
+        if not self.enabled:
+            return None, []
+        self.early[tx_id] = seen
+        return None, [(EARLY_FACES, tx_id, seen)]
+
+    def due(self, now_ms: int) -> tuple[list[Ready], list[Write]]:
+        """Transactions whose deadline passed go ahead with ``face: UNAVAILABLE``; stale early faces go."""
+        ready: list[Ready] = []
+        writes: list[Write] = []
+        for tx_id, (env, deadline) in list(self.pending.items()):
+            if deadline <= now_ms:
+                del self.pending[tx_id]
+                ready.append(Ready(env, unavailable("face-deadline", now_ms)))
+                writes.append((PENDING, tx_id, None))
+        for tx_id, seen in list(self.early.items()):
+            if seen.arrived_ms + self.early_ttl_ms <= now_ms:
+                del self.early[tx_id]
+                writes.append((EARLY_FACES, tx_id, None))
+        return ready, writes
+
+    def next_deadline(self) -> int | None:
+        return min((d for _, d in self.pending.values()), default=None)

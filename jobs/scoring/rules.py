@@ -1,0 +1,330 @@
+"""Decisions: indicators + model score + face result -> approve / review / block, with reasons.
+
+Seed 001's scheme: weighted indicators add up to a 0-100 risk; block at >= ``block_at`` (85),
+review at >= ``review_at``. The reasons are the indicators that contributed, heaviest first, so an
+analyst (and the alert e-mail) can say *why*.
+
+The weights, model score bands and face rules are one versioned YAML rule set
+(``jobs/scoring/rulesets/default.yaml``), validated by :meth:`RuleSet.from_yaml`. Its version is stamped on
+every decision. At run time a new rule set is published to the compacted ``rules`` topic
+(``python -m jobs.scoring.rules publish FILE.yaml``) and the job swaps it in without a restart.
+"""
+
+from __future__ import annotations
+
+import getpass
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+from infra.settings import RulesSettings, Settings
+
+DEFAULT_RULESET = Path(__file__).resolve().parent / "rulesets" / "default.yaml"
+
+KNOWN_INDICATORS: frozenset[str] = frozenset({
+    # seed 001
+    "no_photo_verification", "customer_mismatch", "suspicious_timing", "high_value_item", "return_without_receipt",
+    # jobs/scoring/features.py
+    "return_exceeds_sale", "return_unknown_receipt", "velocity_exceeded", "amount_above_norm",
+    "cross_store_return", "store_return_burst", "new_store_for_customer", "first_seen", "unknown_currency",
+})
+"""Indicators a weight may name: a typo in a rule file must fail validation, not silently score 0."""
+FACE_STATUSES = frozenset({"UNAVAILABLE", "NO_FACE", "UNKNOWN", "MATCHED", "REJECTED"})
+
+
+class RuleSetError(ValueError):
+    """A rule set that cannot be used; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class FaceResult:
+    """What the face stage found for a transaction; ``UNAVAILABLE`` until that stage exists/answers."""
+
+    status: str = "UNAVAILABLE"
+    subject_id: str | None = None
+    category: str | None = None
+    similarity: float | None = None
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    """A fraud model's answer: score 0-1000 (``None`` = no model), which model answered, call time."""
+
+    score: int | None = None
+    version: str | None = None
+    time_ms: int = 0
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    version: str
+    block_at: int
+    review_at: int
+    weights: dict[str, int] = field(default_factory=dict)
+    model_bands: tuple[tuple[int, int], ...] = ()
+    """(model score at least, points), highest score first; the first band reached counts."""
+    watchlist_suspect_points: int = 90
+    unavailable_statuses: frozenset[str] = frozenset({"UNAVAILABLE", "NO_FACE"})
+    unavailable_return_indicator: str | None = "no_photo_verification"
+    """Indicator raised on a return whose face status is one of ``unavailable_statuses``."""
+    description: str = ""
+
+    @classmethod
+    def default(cls) -> RuleSet:
+        return cls.load(DEFAULT_RULESET)
+
+    @classmethod
+    def load(cls, path: Path) -> RuleSet:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise RuleSetError(f"cannot read rule set {path}: {exc.strerror}") from None
+        return cls.from_yaml(text)
+
+    @classmethod
+    def from_settings(cls, rules: RulesSettings) -> RuleSet:
+        """The rule set file named in the settings (the bundled default otherwise); ``version``,
+        ``block_at`` and ``review_at`` in the settings win only when set (``CG_RULES__*``; unset = ``None``)."""
+        base = cls.load(rules.ruleset_file or DEFAULT_RULESET)
+        overrides = {k: getattr(rules, k) for k in ("version", "block_at", "review_at")
+                     if getattr(rules, k) is not None}
+        if not overrides:
+            return base
+        data = base.to_dict()
+        data["thresholds"].update({k: v for k, v in overrides.items() if k != "version"})
+        data["version"] = overrides.get("version", base.version)
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> RuleSet:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise RuleSetError(f"not valid YAML: {exc}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> RuleSet:
+        """Validate a parsed rule set; every problem found is reported at once, by key."""
+        errors: list[str] = []
+        if not isinstance(data, dict):
+            raise RuleSetError("a rule set must be a mapping with version, thresholds, weights, model_bands, face")
+        unknown = set(data) - {"version", "description", "thresholds", "weights", "model_bands", "face"}
+        if unknown:
+            errors.append(f"unknown key(s): {', '.join(sorted(map(str, unknown)))}")
+        version = data.get("version")
+        if not isinstance(version, str | int | float) or not str(version).strip():
+            errors.append("version: required, a non-empty string")
+        thresholds = _mapping(data, "thresholds", errors)
+        block_at = _int(thresholds, "block_at", 1, 100, errors, "thresholds.")
+        review_at = _int(thresholds, "review_at", 1, 100, errors, "thresholds.")
+        extra = set(thresholds) - {"block_at", "review_at"}
+        if extra:
+            errors.append(f"thresholds: unknown key(s) {', '.join(sorted(map(str, extra)))}")
+        if block_at is not None and review_at is not None and review_at >= block_at:
+            errors.append(f"thresholds: review_at ({review_at}) must be below block_at ({block_at})")
+        weights_in = _mapping(data, "weights", errors)
+        weights: dict[str, int] = {}
+        for name in weights_in:
+            if name not in KNOWN_INDICATORS:
+                errors.append(f"weights.{name}: unknown indicator (known: {', '.join(sorted(KNOWN_INDICATORS))})")
+                continue
+            value = _int(weights_in, name, 0, 100, errors, "weights.")
+            if value is not None:
+                weights[str(name)] = value
+        bands: list[tuple[int, int]] = []
+        raw_bands = data.get("model_bands") or []
+        if not isinstance(raw_bands, list):
+            errors.append("model_bands: must be a list of {score, points}")
+            raw_bands = []
+        for i, band in enumerate(raw_bands):
+            if not isinstance(band, dict) or set(band) != {"score", "points"}:
+                errors.append(f"model_bands[{i}]: must be {{score: 0-1000, points: 0-100}}")
+                continue
+            score = _int(band, "score", 0, 1000, errors, f"model_bands[{i}].")
+            points = _int(band, "points", 0, 100, errors, f"model_bands[{i}].")
+            if score is not None and points is not None:
+                bands.append((score, points))
+        bands.sort(reverse=True)
+        if len({s for s, _ in bands}) != len(bands):
+            errors.append("model_bands: two bands with the same score")
+        if any(p_hi < p_lo for (_, p_hi), (_, p_lo) in zip(bands, bands[1:], strict=False)):
+            errors.append("model_bands: a higher score must not give fewer points")
+        face = _mapping(data, "face", errors)
+        unknown_face = set(face) - {"watchlist_suspect_points", "unavailable_statuses", "unavailable_return_indicator"}
+        if unknown_face:
+            errors.append(f"face: unknown key(s) {', '.join(sorted(map(str, unknown_face)))}")
+        suspect = _int(face, "watchlist_suspect_points", 0, 100, errors, "face.", default=90)
+        statuses = face.get("unavailable_statuses", ["UNAVAILABLE", "NO_FACE"])
+        if not isinstance(statuses, list) or not set(statuses) <= FACE_STATUSES:
+            errors.append(f"face.unavailable_statuses: a list of {', '.join(sorted(FACE_STATUSES))}")
+            statuses = []
+        indicator = face.get("unavailable_return_indicator", "no_photo_verification")
+        if indicator is not None and indicator not in KNOWN_INDICATORS:
+            errors.append(f"face.unavailable_return_indicator: unknown indicator {indicator!r}")
+        if errors:
+            raise RuleSetError("invalid rule set: " + "; ".join(errors))
+        return cls(
+            version=str(version).strip(), block_at=block_at, review_at=review_at,  # type: ignore[arg-type]
+            weights=weights, model_bands=tuple(bands), watchlist_suspect_points=suspect,  # type: ignore[arg-type]
+            unavailable_statuses=frozenset(statuses), unavailable_return_indicator=indicator,
+            description=str(data.get("description") or "").strip(),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "description": self.description,
+            "thresholds": {"block_at": self.block_at, "review_at": self.review_at},
+            "weights": dict(self.weights),
+            "model_bands": [{"score": s, "points": p} for s, p in self.model_bands],
+            "face": {
+                "watchlist_suspect_points": self.watchlist_suspect_points,
+                "unavailable_statuses": sorted(self.unavailable_statuses),
+                "unavailable_return_indicator": self.unavailable_return_indicator,
+            },
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _mapping(data: dict, key: str, errors: list[str]) -> dict:
+    value = data.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        errors.append(f"{key}: must be a mapping")
+        return {}
+    return value
+
+
+def _int(
+    data: dict, key: str, lo: int, hi: int, errors: list[str], where: str, default: int | None = None,
+) -> int | None:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        errors.append(f"{where}{key}: required, an integer {lo}..{hi} (got {value!r})")
+        return None
+    return value
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: str
+    risk_score: int
+    reasons: tuple[str, ...]
+
+
+def decide(
+    tx: dict[str, Any], indicators: dict[str, float], model: ModelResult, face: FaceResult, rules: RuleSet
+) -> Decision:
+    """Combine everything known about a transaction into one outcome with its reasons."""
+    if tx["kind"] == "RETURN" and rules.unavailable_return_indicator and face.status in rules.unavailable_statuses:
+        indicators[rules.unavailable_return_indicator] = 1.0
+    points: list[tuple[int, str]] = []
+    weights = rules.weights
+    for name, value in indicators.items():
+        weight = weights.get(name)
+        if weight and value >= 1.0:
+            points.append((weight, name))
+    if model.score is not None:
+        for at_least, pts in rules.model_bands:
+            if model.score >= at_least:
+                if pts:
+                    points.append((pts, f"model_score>={at_least}"))
+                break
+    if face.status == "MATCHED" and face.category == "SUSPECT" and rules.watchlist_suspect_points:
+        points.append((rules.watchlist_suspect_points, "watchlist_suspect"))
+    points.sort(key=lambda p: (-p[0], p[1]))
+    risk = min(100, sum(p for p, _ in points))
+    if risk >= rules.block_at:
+        outcome = "BLOCK"
+    elif risk >= rules.review_at:
+        outcome = "REVIEW"
+    else:
+        outcome = "APPROVE"
+    return Decision(outcome=outcome, risk_score=risk, reasons=tuple(name for _, name in points))
+
+
+# --- the rules topic --------------------------------------------------------------------------
+
+def update_record(rules: RuleSet, yaml_text: str, published_by: str, published_at: int | None = None):
+    """The ``RuleSetUpdate`` for a validated rule set (the original text, comments included)."""
+    from schemas.records import RuleSetUpdate
+
+    return RuleSetUpdate(version=rules.version, yaml=yaml_text, published_by=published_by,
+                         published_at=published_at if published_at is not None else int(time.time() * 1000))
+
+
+def from_update(value: bytes) -> RuleSet:
+    """A ``RuleSetUpdate`` from the rules topic -> validated rule set (raises RuleSetError / DecodeError)."""
+    from schemas.records import RuleSetUpdate
+
+    update = RuleSetUpdate.decode(value)
+    rules = RuleSet.from_yaml(update.yaml)
+    if rules.version != update.version:
+        raise RuleSetError(f"update says version {update.version!r} but its YAML says {rules.version!r}")
+    return rules
+
+
+app = typer.Typer(add_completion=False, help="Versioned rule sets: validate and publish to the rules topic.")
+
+
+@app.command()
+def validate(file: Path) -> None:
+    """Check a rule set file and print it as the job will read it."""
+    try:
+        rules = RuleSet.load(file)
+    except RuleSetError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    typer.echo(rules.to_yaml())
+
+
+@app.command()
+def publish(
+    file: Path,
+    by: Annotated[str | None, typer.Option(help="Who publishes (default: the OS user).")] = None,
+) -> None:
+    """Validate FILE and publish it to the compacted rules topic (key "active"): the job switches to it."""
+    from infra.settings import get_settings
+
+    try:
+        text = file.read_text()
+        rules = RuleSet.from_yaml(text)
+    except (OSError, RuleSetError) as exc:
+        typer.echo(f"{file}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        topic = publish_rules(get_settings(), rules, text, by or getpass.getuser())
+    except RuntimeError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"published rule set {rules.version} to {topic}")
+
+
+def publish_rules(settings: Settings, rules: RuleSet, text: str, by: str, timeout_s: float = 30.0) -> str:
+    """Send a validated rule set to the rules topic (key ``active``) and wait for Kafka's ack."""
+    from confluent_kafka import Producer
+
+    from infra.stack import ensure_topics
+    from schemas.topics import RULES
+
+    ensure_topics(settings)
+    topic = RULES.full_name(settings.kafka.topic_prefix)
+    producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True})
+    failures: list[str] = []
+    producer.produce(topic, key=b"active", value=update_record(rules, text, by).encode(),
+                     on_delivery=lambda err, _msg: failures.append(str(err)) if err else None)
+    if producer.flush(timeout_s) or failures:
+        raise RuntimeError(f"publish failed: {failures or f'not acknowledged within {timeout_s:.0f} s'}")
+    return topic
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,366 @@
+"""The scoring path as pure functions: bytes in, (topic, key, value) rows out.
+
+The Flink job (``jobs/flink/job.py``) feeds records through these steps and keeps their state
+objects in Flink state; everything here runs and is tested without Flink.
+
+Steps, in order:
+1. :meth:`Scorer.parse` — bytes -> transaction, or a dead letter.
+2. :meth:`Scorer.by_receipt` — keyed by receipt: duplicate drop, sale/return matching.
+3. :meth:`Scorer.by_store` — keyed by store: return bursts.
+4. :meth:`Scorer.observe` — keyed by customer: velocity, habit; completes the indicators.
+5. :meth:`Scorer.decide_batch` — model (batched), face result and rules -> scored rows and alerts.
+
+:meth:`Scorer.observe` runs 2-4 against a :class:`ScoringState` (the three keyed maps) and says which
+entries changed, so the job can persist exactly those; :meth:`Scorer.score` is 2-5 for one record.
+Between steps a transaction travels as an :data:`Envelope`: ``(tx, indicators, ingest_time_ms)``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from infra.settings import Settings
+from jobs.scoring.face_join import Seen
+from jobs.scoring.features import (
+    CustomerProfile,
+    Receipt,
+    StoreActivity,
+    customer_key,
+    receipt_key,
+    transaction_indicators,
+)
+from jobs.scoring.rules import Decision, FaceResult, ModelResult, RuleSet, decide
+from jobs.scoring.validation import parse_transaction
+from schemas.codec import codec
+from schemas.errors import InvalidRecord
+from schemas.records import dead_letter
+from schemas.topics import ALERTS, DEAD_LETTERS, SCORED_TRANSACTIONS
+
+Envelope = tuple[dict[str, Any], dict[str, float], int]
+OutRow = tuple[str, bytes, bytes]
+STAGE = "scoring-job"
+
+
+RECEIPTS, STORES, CUSTOMERS = "receipts", "stores", "customers"
+Write = tuple[str, str, Any]
+"""(map name, key, new value or ``None`` for a removal): one change to persist."""
+
+
+@dataclass
+class ScoringState:
+    """The job's keyed state as three maps, with receipts kept in event-time order for expiry."""
+
+    receipts: dict[str, Receipt] = field(default_factory=dict)
+    stores: dict[str, StoreActivity] = field(default_factory=dict)
+    customers: dict[str, CustomerProfile] = field(default_factory=dict)
+    receipt_order: deque[tuple[int, str]] = field(default_factory=deque)
+    newest_event_ms: int = 0
+    """The latest event time seen: the job's event-time "now" for the lateness check."""
+
+    @classmethod
+    def restore(cls, receipts: dict, stores: dict, customers: dict) -> ScoringState:
+        order = deque(sorted((r.event_time, k) for k, r in receipts.items()))
+        # The newest receipt is a lower bound of the newest event: a restore never rejects more.
+        return cls(dict(receipts), dict(stores), dict(customers), order, order[-1][0] if order else 0)
+
+    def expire_receipts(self, now_ms: int, retention_ms: int) -> list[Write]:
+        """Forget receipts older than the return window (bounded memory, like a state TTL)."""
+        removed: list[Write] = []
+        while self.receipt_order and self.receipt_order[0][0] < now_ms - retention_ms:
+            _, key = self.receipt_order.popleft()
+            receipt = self.receipts.get(key)
+            if receipt is not None and receipt.event_time < now_ms - retention_ms:
+                del self.receipts[key]
+                removed.append((RECEIPTS, key, None))
+        return removed
+
+
+class Predictor:
+    """Seam for the fraud model: scores 0-1000 for a batch of (transaction, indicators).
+
+    Batched because a model call has a fixed cost (a vectorised tree walk, a network round trip)
+    that a per-record loop pays once per transaction. This base class means "no model".
+    """
+
+    def predict_batch(self, items: Sequence[tuple[dict[str, Any], dict[str, float]]]) -> list[ModelResult]:
+        return [ModelResult() for _ in items]
+
+
+class Scorer:
+    def __init__(
+        self,
+        settings: Settings,
+        predictor: Predictor | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.rules = settings.rules
+        self.rule_set = RuleSet.from_settings(settings.rules)
+        self.predictor = predictor or Predictor()
+        self.clock = clock
+        prefix = settings.kafka.topic_prefix
+        self.scored_topic = SCORED_TRANSACTIONS.full_name(prefix)
+        self.alerts_topic = ALERTS.full_name(prefix)
+        self.dlq_topic = DEAD_LETTERS.full_name(prefix)
+        self._scored = codec("ScoredTransaction")
+        self._alert = codec("Alert")
+
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    # 1 ---------------------------------------------------------------------------------------
+    def parse(
+        self, value: bytes | None, key: bytes | None, topic: str, partition: int, offset: int, ingest_ms: int
+    ) -> Envelope | OutRow:
+        """An envelope for a good record, or the dead-letter output row for a bad one."""
+        try:
+            tx = parse_transaction(value, ingest_ms, self.settings.job.max_message_bytes)
+        except InvalidRecord as err:
+            dl = dead_letter(
+                topic=topic, partition=partition, offset=offset, key=key, value=value, error=err,
+                stage=STAGE, failed_at=self._now_ms(),
+            )
+            return (self.dlq_topic, dl.dead_letter_id.encode(), dl.encode())
+        return (tx, transaction_indicators(tx, self.rules), ingest_ms)
+
+    def observe(self, env: Envelope, state: ScoringState) -> tuple[Envelope | None, list[Write]]:
+        """Steps 2-4's state part for one transaction: update the keyed state, complete its indicators.
+
+        ``None`` for a duplicate. This is the one feature path: the job runs it on Flink state, the
+        ``train``/``backtest`` commands run it on a :class:`ScoringState` built from history.
+        Raises :class:`InvalidRecord` (``too_late``) for an event older than the state keeps: its
+        sale is forgotten and its history expired, so its indicators would be wrong. Events that are
+        merely out of order, within that horizon, are placed where they belong in time.
+        """
+        tx = env[0]
+        event_time = tx["event_time"]
+        horizon_ms = self.rules.receipt_retention_days * 86_400_000
+        if event_time < state.newest_event_ms - horizon_ms:
+            behind_days = (state.newest_event_ms - event_time) / 86_400_000
+            raise InvalidRecord("too_late", f"event_time is {behind_days:.0f} days behind the newest event seen, "
+                                f"beyond the {self.rules.receipt_retention_days}-day state horizon")
+        if event_time > state.newest_event_ms:
+            state.newest_event_ms = event_time
+        rk = receipt_key(tx)
+        ck = customer_key(tx)
+        known = rk in state.receipts
+        receipt, out = self.by_receipt(state.receipts.get(rk), env, ck)
+        if out is None:
+            return None, []
+        state.receipts[rk] = receipt
+        if not known:
+            state.receipt_order.append((receipt.event_time or tx["event_time"], rk))
+        writes: list[Write] = [(RECEIPTS, rk, receipt)]
+        sk = tx["store_id"]
+        new_store = sk not in state.stores
+        state.stores[sk], out = self.by_store(state.stores.get(sk), out)
+        if new_store or tx["kind"] == "RETURN":  # sales leave a known store's activity as it was
+            writes.append((STORES, sk, state.stores[sk]))
+        profile = state.customers.get(ck) or CustomerProfile()
+        out[1].update(profile.observe(tx, self.rules))
+        if not ck.startswith("anon:"):
+            state.customers[ck] = profile
+            writes.append((CUSTOMERS, ck, profile))
+        writes.extend(state.expire_receipts(tx["event_time"], self.rules.receipt_retention_days * 86_400_000))
+        return out, writes
+
+    def decide_batch(
+        self, envs: Sequence[Envelope], faces: Sequence[FaceResult] | None = None,
+        seen: Sequence[Seen | None] | None = None, state: ScoringState | None = None,
+    ) -> tuple[list[OutRow], list[Write]]:
+        """Model (one vectorised call for the batch), face result and rules -> scored rows and alerts.
+
+        With ``seen`` (what the camera gave) and ``state``, a sale remembers its buyer's face and a
+        return is checked against it (seed 001's ``customer_mismatch`` by face).
+        """
+        if not envs:
+            return [], []
+        seen = seen or [None] * len(envs)
+        faces = faces or [camera.face if camera else FaceResult() for camera in seen]
+        before_model = self._now_ms()
+        models = self.predictor.predict_batch([(env[0], env[1]) for env in envs])
+        rows: list[OutRow] = []
+        writes: list[Write] = []
+        for env, model, face, camera in zip(envs, models, faces, seen, strict=True):
+            if camera is not None and state is not None:
+                writes.extend(self.compare_faces(env, camera, state))
+            rows.extend(self.decide(env, model, face, before_model, camera))
+        return rows, writes
+
+    def compare_faces(self, env: Envelope, camera: Seen, state: ScoringState) -> list[Write]:
+        """Sale: keep the buyer's face on the receipt. Return: flag a returner who is not the buyer."""
+        tx, ind, _ = env
+        if camera.embedding is None:
+            return []
+        rk = receipt_key(tx)
+        receipt = state.receipts.get(rk)
+        if receipt is None:
+            return []
+        if tx["kind"] == "SALE" and receipt.sale_id == tx["transaction_id"]:
+            receipt.sale_face = camera.embedding
+            return [(RECEIPTS, rk, receipt)]
+        if tx["kind"] == "RETURN" and receipt.sale_face is not None:
+            from jobs.scoring.face_similarity import similarity
+
+            sim = float(similarity(receipt.sale_face, camera.embedding))
+            ind["buyer_face_similarity"] = round(sim, 2)
+            if sim < self.settings.faces.match_threshold:
+                ind["customer_mismatch"] = 1.0
+        return []
+
+    def decide(
+        self, env: Envelope, model: ModelResult, face: FaceResult, before_model: int, camera: Seen | None = None,
+    ) -> list[OutRow]:
+        tx, ind, ingest = env
+        decision = decide(tx, ind, model, face, self.rule_set)
+        decided_at = self._now_ms()
+        scored = self.scored_record(tx, ind, model, face, decision, ingest, before_model, decided_at)
+        rows: list[OutRow] = [(self.scored_topic, tx["transaction_id"].encode(), self._scored.encode(scored))]
+        snapshot = camera.image_ref if camera else None
+        if decision.outcome == "BLOCK":
+            alert = self.blocked_alert(tx, decision, face, snapshot)
+            rows.append((self.alerts_topic, alert["alert_id"].encode(), self._alert.encode(alert)))
+        if face.status == "MATCHED":
+            alert = self.watchlist_alert(tx["event_time"], tx["store_id"], tx["lane_id"], face, snapshot,
+                                         f"checkout:{tx['transaction_id']}", tx)
+            rows.append((self.alerts_topic, alert["alert_id"].encode(), self._alert.encode(alert)))
+        return rows
+
+    def entrance(self, obs: dict[str, Any], face: FaceResult) -> list[OutRow]:
+        """A watch-listed face at a store's entrance: "suspect entered store S" before any checkout."""
+        if face.status != "MATCHED":
+            return []
+        alert = self.watchlist_alert(obs["event_time"], obs["store_id"], obs.get("lane_id"), face,
+                                     obs.get("image_ref"), obs["observation_id"], None)
+        return [(self.alerts_topic, alert["alert_id"].encode(), self._alert.encode(alert))]
+
+    def score(self, env: Envelope, state: ScoringState) -> tuple[list[OutRow], list[Write]]:
+        """Steps 2-4 for one transaction: output rows, and the state entries to persist."""
+        out, writes = self.observe(env, state)
+        if out is None:
+            return [], []
+        rows, more = self.decide_batch([out], state=state)
+        return rows, writes + more
+
+    # 2 ---------------------------------------------------------------------------------------
+    def by_receipt(self, state: Receipt | None, env: Envelope, cust_key: str) -> tuple[Receipt, Envelope | None]:
+        """Match a return with its sale; ``None`` envelope when the transaction is a duplicate."""
+        state = state or Receipt()
+        tx, ind, ingest = env
+        found = state.observe(tx, cust_key, self.rules)
+        if found is None:
+            return state, None
+        ind.update(found)
+        return state, (tx, ind, ingest)
+
+    # 3 ---------------------------------------------------------------------------------------
+    def by_store(self, state: StoreActivity | None, env: Envelope) -> tuple[StoreActivity, Envelope]:
+        state = state or StoreActivity()
+        env[1].update(state.observe(env[0], self.rules))
+        return state, env
+
+    def scored_record(
+        self, tx: dict[str, Any], ind: dict[str, float], model: ModelResult, face: FaceResult,
+        decision: Decision, ingest: int, before_model: int, decided_at: int,
+    ) -> dict[str, Any]:
+        event_time = tx["event_time"]
+        return {
+            "transaction_id": tx["transaction_id"],
+            "event_time": event_time,
+            "store_id": tx["store_id"],
+            "lane_id": tx["lane_id"],
+            "cashier_id": tx["cashier_id"],
+            "kind": tx["kind"],
+            "original_transaction_id": tx["original_transaction_id"],
+            "amount": tx["amount"],
+            "currency": tx["currency"],
+            "item_count": sum(i["quantity"] for i in tx["items"]),
+            "product_category": tx["product_category"] or (tx["items"][0]["category"] if tx["items"] else None),
+            "customer_id": tx["customer_id"],
+            "customer_key": customer_key(tx),
+            "card_bin": tx["card_bin"],
+            "billing_state": tx["billing_state"],
+            "billing_country": tx["billing_country"],
+            "outcome": decision.outcome,
+            "risk_score": decision.risk_score,
+            "reasons": list(decision.reasons),
+            "indicators": ind,
+            "model_score": model.score,
+            "model_version": model.version,
+            "rules_version": self.rule_set.version,
+            "face_status": face.status,
+            "face_subject_id": face.subject_id,
+            "face_category": face.category,
+            "face_similarity": face.similarity,
+            "label": tx["label"],
+            "ingest_time": ingest,
+            "decided_at": decided_at,
+            "proc_time_ms": max(0, before_model - event_time),
+            "model_time_ms": model.time_ms,
+            "ttdf_ms": max(0, decided_at - event_time),
+        }
+
+    @staticmethod
+    def blocked_alert(
+        tx: dict[str, Any], decision: Decision, face: FaceResult | None = None, snapshot_ref: str | None = None,
+    ) -> dict[str, Any]:
+        reasons = ", ".join(decision.reasons) or "risk"
+        face = face or FaceResult()
+        return {
+            "alert_id": f"blocked:{tx['transaction_id']}",
+            "kind": "BLOCKED_TRANSACTION",
+            "severity": "high",
+            "event_time": tx["event_time"],
+            "store_id": tx["store_id"],
+            "lane_id": tx["lane_id"],
+            "transaction_id": tx["transaction_id"],
+            "amount": tx["amount"],
+            "currency": tx["currency"],
+            "outcome": decision.outcome,
+            "risk_score": decision.risk_score,
+            "reasons": list(decision.reasons),
+            "subject_id": face.subject_id,
+            "category": face.category,
+            "similarity": face.similarity,
+            "snapshot_ref": snapshot_ref,
+            "summary": (
+                f"Blocked {tx['kind'].lower()} {tx['transaction_id']} of {tx['amount']:.2f} {tx['currency']} "
+                f"at {tx['store_id']} {tx['lane_id']}: risk {decision.risk_score} ({reasons})"
+            ),
+        }
+
+    @staticmethod
+    def watchlist_alert(
+        event_time: int, store_id: str, lane_id: str | None, face: FaceResult, snapshot_ref: str | None,
+        seen_as: str, tx: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        """Suspect or VIP recognised at a checkout (``seen_as`` = ``checkout:<tx>``) or an entrance."""
+        suspect = face.category == "SUSPECT"
+        at_entrance = tx is None
+        kind = ("SUSPECT_ENTERED" if at_entrance else "WATCHLIST_MATCH") if suspect else "VIP_ARRIVED"
+        where = f"{store_id}" + (f" {lane_id}" if lane_id else "")
+        what = "Suspect" if suspect else "VIP"
+        how = "entered" if at_entrance else f"at checkout ({tx['transaction_id']})"
+        return {
+            "alert_id": f"watchlist:{seen_as}:{face.subject_id}",
+            "kind": kind,
+            "severity": "high" if suspect else "info",
+            "event_time": event_time,
+            "store_id": store_id,
+            "lane_id": lane_id,
+            "transaction_id": tx["transaction_id"] if tx else None,
+            "amount": tx["amount"] if tx else None,
+            "currency": tx["currency"] if tx else None,
+            "outcome": None,
+            "risk_score": None,
+            "reasons": [f"watchlist_{(face.category or '').lower()}"],
+            "subject_id": face.subject_id,
+            "category": face.category,
+            "similarity": face.similarity,
+            "snapshot_ref": snapshot_ref,
+            "summary": f"{what} {face.subject_id} {how} at {where}, similarity {face.similarity or 0:.1f}",
+        }

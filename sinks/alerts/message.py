@@ -1,0 +1,146 @@
+"""What an alert says to a store manager: one pure function per channel format, no I/O.
+
+A manager reads it on a phone between two customers, so it leads with *what* happened and *where*
+(store, lane), then *when* in the store's local time, the amount, the outcome and the reasons in plain
+words, the face similarity for watchlist matches, and a link to the dashboard for the rest. Reason codes
+the wording table does not know are shown as they are (a new rule must not make an alert unreadable).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from infra.settings import AlertSettings
+from schemas.records import OUTCOME_WORDS
+
+REASON_WORDS: dict[str, str] = {
+    "return_exceeds_sale": "refund is larger than the original sale",
+    "return_unknown_receipt": "the receipt is not one we issued",
+    "customer_mismatch": "returned by someone other than the buyer",
+    "velocity_exceeded": "too many transactions by this customer in a short time",
+    "return_without_receipt": "return without a receipt",
+    "amount_above_norm": "amount far above this customer's usual",
+    "suspicious_timing": "return at another store soon after the purchase",
+    "no_photo_verification": "no face photo could be taken at the lane",
+    "high_value_item": "high-value item",
+    "cross_store_return": "returned at a different store than bought",
+    "store_return_burst": "unusual burst of returns at this store",
+    "new_store_for_customer": "customer's first visit to this store",
+    "watchlist_suspect": "face matches a person on the suspect watchlist",
+}
+MODEL_REASON_PREFIX = "model_score>="
+
+TITLES: dict[str, str] = {
+    "BLOCKED_TRANSACTION": "Transaction blocked",
+    "WATCHLIST_MATCH": "Watchlist match at a checkout",
+    "SUSPECT_ENTERED": "Suspect entered the store",
+    "VIP_ARRIVED": "VIP arrived",
+}
+
+
+def reason_text(code: str) -> str:
+    """One reason code in plain words."""
+    if code.startswith(MODEL_REASON_PREFIX):
+        return f"the fraud model rates it very risky (score {code[len(MODEL_REASON_PREFIX):]}+ of 1000)"
+    return REASON_WORDS.get(code, code.replace("_", " "))
+
+
+def local_time(event_time_ms: int, timezone: str | None) -> str:
+    """``2026-11-22 10:15:03 CET`` in the configured zone (the machine's when none or unknown)."""
+    zone = None
+    if timezone:
+        try:
+            zone = ZoneInfo(timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            zone = None
+    moment = datetime.fromtimestamp(event_time_ms / 1000, tz=zone).astimezone(zone)
+    return moment.strftime("%Y-%m-%d %H:%M:%S %Z").strip()
+
+
+def dashboard_url(alert: dict[str, Any], settings: AlertSettings) -> str:
+    """The configured link template filled with the alert's ids (missing ones become empty)."""
+    values = {k: ("" if v is None else v) for k, v in alert.items() if isinstance(v, str | int | float | type(None))}
+    try:
+        return settings.dashboard_link.format(**values)
+    except (KeyError, IndexError, ValueError):
+        return settings.dashboard_link
+
+
+def message_id(alert_id: str, domain: str = "checkout-guard") -> str:
+    """A Message-ID derived from the alert id: a resend after a crash carries the same one, so mail
+    clients that de-duplicate by Message-ID show it once."""
+    return f"<alert-{hashlib.sha256(alert_id.encode()).hexdigest()[:32]}@{domain}>"
+
+
+@dataclass(frozen=True)
+class AlertText:
+    headline: str
+    """``Transaction blocked - store S001, lane L02``: what and where, first thing read."""
+    lines: tuple[tuple[str, str], ...]
+    """(label, value) rows in reading order."""
+    link: str
+    footer: str
+
+    @property
+    def subject(self) -> str:
+        return f"[Checkout Guard] {self.headline}"
+
+    def plain(self) -> str:
+        width = max(len(label) for label, _ in self.lines) if self.lines else 0
+        rows = "\n".join(f"{label + ':':<{width + 1}} {value}" for label, value in self.lines)
+        return f"{self.subject}\n\n{rows}\n\nDetails: {self.link}\n\n{self.footer}\n"
+
+    def markdown(self) -> str:
+        rows = "\n".join(f"- **{label}:** {_md(value)}" for label, value in self.lines)
+        return f"**{_md(self.headline)}**\n\n{rows}\n\n[Open in the dashboard]({self.link})"
+
+    def html(self, image_cid: str | None = None) -> str:
+        rows = "".join(f"<tr><th align='left'>{_html(label)}</th><td>{_html(value)}</td></tr>"
+                       for label, value in self.lines)
+        image = f"<p><img src='cid:{image_cid}' alt='snapshot' style='max-width:480px'></p>" if image_cid else ""
+        return (f"<html><body><h2>{_html(self.subject)}</h2><table cellpadding='4'>{rows}</table>{image}"
+                f"<p><a href='{_html(self.link)}'>Open in the dashboard</a></p>"
+                f"<p style='color:#777'>{_html(self.footer)}</p></body></html>")
+
+
+def describe(alert: dict[str, Any], settings: AlertSettings) -> AlertText:
+    """The words of an alert (an Alert Avro dict) for every channel."""
+    kind = alert.get("kind") or ""
+    store, lane = alert.get("store_id") or "?", alert.get("lane_id")
+    where = f"store {store}, lane {lane}" if lane else f"store {store}"
+    title = TITLES.get(kind, kind.replace("_", " ").capitalize() or "Alert")
+    lines: list[tuple[str, str]] = [("What", title), ("Where", where),
+                                    ("When", local_time(int(alert.get("event_time") or 0), settings.timezone))]
+    if alert.get("amount") is not None:
+        lines.append(("Amount", f"{alert['amount']:,.2f} {alert.get('currency') or ''}".strip()))
+    if alert.get("transaction_id"):
+        lines.append(("Transaction", str(alert["transaction_id"])))
+    if alert.get("outcome"):
+        outcome = OUTCOME_WORDS.get(alert["outcome"], alert["outcome"].lower())
+        risk = f" (risk {alert['risk_score']} of 100)" if alert.get("risk_score") is not None else ""
+        lines.append(("Outcome", outcome + risk))
+    reasons = [reason_text(r) for r in alert.get("reasons") or ()]
+    if reasons:
+        lines.append(("Why", "; ".join(reasons)))
+    if alert.get("similarity") is not None:
+        who = f" {alert['category'].lower()}" if alert.get("category") else ""
+        subject_id = f" {alert['subject_id']}" if alert.get("subject_id") else ""
+        lines.append(("Face match", f"{alert['similarity']:.1f}% similar to{who}{subject_id}"))
+    footer = f"Alert {alert.get('alert_id', '')}, severity {alert.get('severity') or 'n/a'}."
+    return AlertText(headline=f"{title} - {where}", lines=tuple(lines), link=dashboard_url(alert, settings),
+                     footer=footer)
+
+
+def _md(text: str) -> str:
+    """Escape characters Webex markdown would interpret inside a value."""
+    for ch in ("\\", "*", "_", "`", "[", "]"):
+        text = text.replace(ch, "\\" + ch)
+    return text
+
+
+def _html(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("'", "&#39;")

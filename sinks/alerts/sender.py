@@ -1,0 +1,738 @@
+"""Alerts from Kafka to people: one e-mail and one Webex message per alert, with the snapshot attached.
+
+Input: ``alerts`` (Alert, key = alert_id). Output: the channels of ``Settings.alerts.channels`` (``email``
+by SMTP or Amazon SES, ``webex`` to ``Settings.webex.room_id``) and ``dead_letters`` (stage
+``alert-sender``) for alerts that cannot be decoded or that a channel keeps refusing.
+
+How nothing is lost or doubled:
+
+- **Ledger.** A SQLite file records ``(alert_id, channel)`` once the channel accepted the alert; a
+  replayed or re-sent alert skips the channels already done, across restarts. Before each Webex send
+  the ledger also records the *intent*: after a crash between "the channel accepted" and "the ledger
+  says so", Webex is asked whether the room already has the alert (its id is in every message) before
+  posting again. SMTP has no such question, so that window resends the mail with the same Message-ID,
+  which mail clients show once: at-least-once for mail, never lost.
+- **Independent channels.** Each channel has its own scheduler and ``concurrency`` sending threads: a
+  slow or failing channel only delays its own sends. 429 pauses that channel for ``Retry-After``;
+  errors back off exponentially (with jitter); after ``max_attempts`` failures, a permanent refusal
+  (4xx, SMTP 5xx) or ``deadline_s``, the alert's channel is given up and a dead letter says why.
+- **Offsets.** An alert's offset is committed only when every channel delivered it or its dead letter
+  is confirmed by Kafka, and only in offset order per partition; a crash replays from there and the
+  ledger turns the replay into no-ops.
+
+Run: ``python -m sinks.alerts.sender`` (settings from ``CG_*``; see README "Alerts and the Webex bot").
+Only ids and counts are logged, never message bodies, images or secrets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import logging
+import queue
+import random
+import re
+import signal
+import socket
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import typer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from infra.clients.webex import Attachment, WebexClient, WebexError
+from infra.settings import AlertSettings, Settings, get_settings
+from schemas.codec import DecodeError, codec
+from schemas.records import DeadLetter
+from schemas.topics import ALERTS, DEAD_LETTERS
+from sinks.alerts.mail import Mailer, MailError, SesMailer, SmtpMailer, build_email
+from sinks.alerts.message import describe
+
+log = logging.getLogger(__name__)
+
+STAGE = "alert-sender"
+DEFAULT_GROUP_ID = "checkout-guard-alert-sender"
+MAX_REASON_CHARS = 2000
+
+ImageLoader = Callable[[str], bytes]
+
+
+# --------------------------------------------------------------------------- ledger
+
+
+class Ledger:
+    """Durable ``(alert_id, channel) -> sending | sent``; WAL mode survives a killed process.
+
+    Writes are group-committed by one writer thread: a sending thread's ``mark_*`` returns only once
+    its row is committed, and every row waiting at that moment shares the commit (hundreds of sends
+    per second would otherwise queue on one commit each). ``synchronous=NORMAL`` keeps every committed
+    row across a process crash (SIGKILL); only an OS crash can lose the last milliseconds of rows.
+    """
+
+    SENDING_SQL = "INSERT OR IGNORE INTO deliveries VALUES (?, ?, 'sending', ?, NULL)"
+    SENT_SQL = ("INSERT INTO deliveries VALUES (?, ?, 'sent', ?, ?) ON CONFLICT(alert_id, channel) "
+                "DO UPDATE SET state='sent', at_ms=excluded.at_ms, detail=excluded.detail")
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS deliveries (alert_id TEXT NOT NULL, channel TEXT NOT NULL, "
+            "state TEXT NOT NULL, at_ms INTEGER NOT NULL, detail TEXT, PRIMARY KEY (alert_id, channel))")
+        self._lock = threading.Lock()
+        self._writes: queue.SimpleQueue[tuple[str, tuple, threading.Event, list[BaseException]] | None] = (
+            queue.SimpleQueue())
+        self._writer = threading.Thread(target=self._write_loop, name="ledger-writer", daemon=True)
+        self._writer.start()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Ledger:
+        default = Path(settings.stack_dir) / "alerts" / f"{settings.kafka.topic_prefix}ledger.sqlite3"
+        return cls(settings.alerts.ledger_path or default)
+
+    def state(self, alert_id: str, channel: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT state FROM deliveries WHERE alert_id=? AND channel=?",
+                                   (alert_id, channel)).fetchone()
+        return row[0] if row else None
+
+    def states(self, alert_ids: list[str]) -> dict[tuple[str, str], str]:
+        """``(alert_id, channel) -> state`` of every row of these alerts, in few queries."""
+        out: dict[tuple[str, str], str] = {}
+        unique = list(dict.fromkeys(alert_ids))
+        for start in range(0, len(unique), 500):
+            chunk = unique[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT alert_id, channel, state FROM deliveries WHERE alert_id IN ({marks})", chunk).fetchall()
+            out.update({(a, c): st for a, c, st in rows})
+        return out
+
+    def mark_sending(self, alert_id: str, channel: str) -> None:
+        self._write(self.SENDING_SQL, (alert_id, channel, _now_ms()))
+
+    def mark_sent(self, alert_id: str, channel: str, detail: str | None) -> None:
+        self._write(self.SENT_SQL, (alert_id, channel, _now_ms(), detail))
+
+    def _write(self, sql: str, params: tuple) -> None:
+        done, errors = threading.Event(), []
+        self._writes.put((sql, params, done, errors))
+        done.wait()
+        if errors:
+            raise errors[0]
+
+    def _write_loop(self) -> None:
+        while (first := self._writes.get()) is not None:
+            batch = [first]
+            while len(batch) < 1000:
+                try:
+                    item = self._writes.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._writes.put(None)
+                    break
+                batch.append(item)
+            try:
+                with self._lock:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    try:
+                        for sql, params, _, _ in batch:
+                            self._db.execute(sql, params)
+                        self._db.execute("COMMIT")
+                    except BaseException:
+                        self._db.execute("ROLLBACK")
+                        raise
+            except Exception as exc:  # the waiting senders get it; their sends count as failed tries
+                for _, _, _, errors in batch:
+                    errors.append(exc)
+            for _, _, done, _ in batch:
+                done.set()
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            rows = self._db.execute("SELECT channel, state, count(*) FROM deliveries GROUP BY channel, state")
+            return {(c, s): n for c, s, n in rows}
+
+    def close(self) -> None:
+        self._writes.put(None)
+        self._writer.join(10)
+        with self._lock:
+            self._db.close()
+
+
+# --------------------------------------------------------------------------- channels
+
+
+class DeliveryError(Exception):
+    """A send that did not go through. ``ambiguous``: it may have gone through anyway (timeout, 5xx)."""
+
+    def __init__(self, reason: str, *, retriable: bool = True, retry_after: float | None = None,
+                 ambiguous: bool = False) -> None:
+        super().__init__(reason)
+        self.reason, self.retriable, self.retry_after, self.ambiguous = reason, retriable, retry_after, ambiguous
+
+
+class Channel(Protocol):
+    name: str
+    can_check_sent: bool
+    """Whether ``send(maybe_sent=True)`` can find an earlier delivery; only then is an intent row kept."""
+
+    def send(self, alert: dict[str, Any], image: bytes | None, maybe_sent: bool) -> str | None:
+        """Deliver one alert; return a detail for the ledger (e.g. the message id). ``maybe_sent``: an
+        earlier attempt may have been delivered, check before sending again when the channel can."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class EmailChannel:
+    name = "email"
+    can_check_sent = False  # SMTP cannot be asked what it accepted
+
+    def __init__(self, settings: Settings, mailer: Mailer) -> None:
+        self.settings, self.mailer = settings, mailer
+
+    def send(self, alert: dict[str, Any], image: bytes | None, maybe_sent: bool) -> str | None:
+        text = describe(alert, self.settings.alerts)
+        mail = build_email(alert["alert_id"], text, self.settings.smtp.from_address,
+                           self.settings.smtp.recipients(), image)
+        try:
+            self.mailer.send(mail)
+        except MailError as exc:
+            raise DeliveryError(exc.reason, retriable=exc.retriable) from exc
+        return mail.message_id
+
+    def close(self) -> None:
+        self.mailer.close()
+
+
+class WebexChannel:
+    name = "webex"
+    can_check_sent = True
+    LOOKBACK = 1000
+    """Latest messages of the room searched for an alert that may already have been posted (Webex's page maximum)."""
+
+    def __init__(self, settings: Settings, client: WebexClient) -> None:
+        if not settings.webex.room_id:
+            raise ValueError("the webex channel needs a room (CG_WEBEX__ROOM_ID)")
+        self.settings, self.client, self.room_id = settings, client, settings.webex.room_id
+
+    @staticmethod
+    def marker(alert_id: str) -> str:
+        return f"alert `{alert_id}`"
+
+    @classmethod
+    def carries(cls, message: dict[str, Any], alert_id: str) -> bool:
+        """Whether a room message is this alert's (exactly this id: ``tx-1`` is not ``tx-10``)."""
+        if cls.marker(alert_id) in (message.get("markdown") or ""):
+            return True
+        return re.search(rf"(?<!\S){re.escape(alert_id)}(?!\S)", message.get("text") or "") is not None
+
+    def send(self, alert: dict[str, Any], image: bytes | None, maybe_sent: bool) -> str | None:
+        alert_id = alert["alert_id"]
+        try:
+            if maybe_sent:
+                for message in self.client.list_messages(self.room_id, self.LOOKBACK):
+                    if self.carries(message, alert_id):
+                        return message.get("id")
+            markdown = describe(alert, self.settings.alerts).markdown() + f"\n\n_{self.marker(alert_id)}_"
+            attachment = Attachment("snapshot.jpg", image) if image else None
+            return self.client.send_message(self.room_id, markdown, attachment).get("id")
+        except WebexError as exc:
+            raise DeliveryError(exc.reason, retriable=exc.retriable, retry_after=exc.retry_after,
+                                ambiguous=exc.status is None or exc.status >= 500) from exc
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def channels_from_settings(settings: Settings) -> list[Channel]:
+    out: list[Channel] = []
+    for name in settings.alerts.channel_list():
+        if name == "email":
+            mailer: Mailer
+            if settings.alerts.email_transport == "ses":
+                mailer = SesMailer(settings.smtp, settings.alerts.ses_region, settings.alerts.ses_endpoint_url)
+            else:
+                mailer = SmtpMailer(settings.smtp)
+            out.append(EmailChannel(settings, mailer))
+        elif name == "webex":
+            client = WebexClient.from_settings(settings.webex)
+            out.append(WebexChannel(settings, client))
+        else:
+            raise ValueError(f"unknown alert channel {name!r} (known: email, webex)")
+    return out
+
+
+def image_loader_from_settings(settings: Settings) -> ImageLoader:
+    """``ImageStore.get`` of infra/clients/image_store.py, built on first use."""
+    store: list[Any] = []
+
+    def load(ref: str) -> bytes:
+        if not store:
+            from infra.clients.image_store import ImageStore
+
+            store.append(ImageStore.from_settings(settings))
+        return store[0].get(ref)
+
+    return load
+
+
+# --------------------------------------------------------------------------- per-channel scheduling
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential with equal jitter: attempt n waits in [cap/2, cap], cap = min(max, initial * 2**n)."""
+
+    initial_s: float = 0.5
+    maximum_s: float = 30.0
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        cap = min(self.maximum_s, self.initial_s * 2 ** min(max(attempt, 0), 30))
+        return cap / 2 + (rng or random).uniform(0, cap / 2)
+
+
+@dataclass
+class Task:
+    """One alert on one channel until delivered or given up."""
+
+    alert: dict[str, Any]
+    channel: str
+    deadline: float
+    failures: int = 0
+    maybe_sent: bool = False
+    last_error: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.alert["alert_id"], self.channel
+
+
+@dataclass(frozen=True)
+class Outcome:
+    key: tuple[str, str]
+    delivered: bool
+    reason: str = ""
+
+
+def give_up_reason(task: Task, error: DeliveryError, now: float, delay: float, max_attempts: int) -> str | None:
+    """Why to stop retrying this task (None = retry after ``delay``). Pure, for tests."""
+    if not error.retriable:
+        return f"{task.channel} refused it: {error.reason}"
+    if task.failures >= max_attempts:
+        return f"{task.channel} failed {task.failures} times, last: {error.reason}"
+    if now + delay > task.deadline:
+        return f"{task.channel} still failing at the deadline after {task.failures} tries, last: {error.reason}"
+    return None
+
+
+class ChannelWorker:
+    """A channel's own queue (a heap by due time) and ``concurrency`` threads sending from it."""
+
+    def __init__(self, channel: Channel, ledger: Ledger, settings: AlertSettings, done: queue.SimpleQueue,
+                 image_loader: ImageLoader, rng: random.Random | None = None) -> None:
+        self.channel, self.ledger, self.settings, self.done = channel, ledger, settings, done
+        self.image_loader = image_loader
+        self.backoff = Backoff(settings.retry_initial_s, settings.retry_max_s)
+        self._rng = rng or random.Random()
+        self._heap: list[tuple[float, int, Task]] = []
+        self._seq = itertools.count()
+        self._cv = threading.Condition()
+        self._paused_until = 0.0
+        self._stop = False
+        self.sent = self.failed_tries = self.rate_limited = self.given_up = 0
+        self._threads = [threading.Thread(target=self._run, name=f"{channel.name}-{i}", daemon=True)
+                         for i in range(max(1, settings.concurrency))]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, task: Task, at: float | None = None) -> None:
+        """Queue ``task`` to run at ``at`` (monotonic; now by default). A task whose earlier attempt may
+        have been delivered goes first: the sooner the room is searched, the fewer newer messages hide it."""
+        if at is None:
+            at = 0.0 if task.maybe_sent else time.monotonic()
+        with self._cv:
+            heapq.heappush(self._heap, (at, next(self._seq), task))
+            self._cv.notify()
+
+    def queued(self) -> int:
+        with self._cv:
+            return len(self._heap)
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        for t in self._threads:
+            t.join(5)
+
+    def _next(self) -> Task | None:
+        with self._cv:
+            while not self._stop:
+                now = time.monotonic()
+                ready_at = max(self._heap[0][0], self._paused_until) if self._heap else None
+                if ready_at is not None and ready_at <= now:
+                    return heapq.heappop(self._heap)[2]
+                self._cv.wait(None if ready_at is None else min(ready_at - now, 1.0))
+            return None
+
+    def _run(self) -> None:
+        while (task := self._next()) is not None:
+            try:
+                self._attempt(task)
+            except Exception as exc:  # a bug in a channel must not kill the thread and strand the alert
+                log.exception("%s: unexpected error sending %s", self.channel.name, task.alert["alert_id"])
+                self._failed(task, DeliveryError(f"internal error {type(exc).__name__}", ambiguous=True))
+
+    def _attempt(self, task: Task) -> None:
+        alert_id, name = task.key
+        if self.channel.can_check_sent and not task.maybe_sent:
+            self.ledger.mark_sending(alert_id, name)  # the intent: after a crash from here on, check first
+        try:
+            detail = self.channel.send(task.alert, self._image(task.alert), task.maybe_sent)
+        except DeliveryError as exc:
+            self._failed(task, exc)
+            return
+        self.ledger.mark_sent(alert_id, name, detail)
+        self.sent += 1
+        self.done.put(Outcome(task.key, True))
+
+    def _failed(self, task: Task, exc: DeliveryError) -> None:
+        now = time.monotonic()
+        task.maybe_sent |= exc.ambiguous
+        task.last_error = exc.reason
+        if exc.retry_after is not None and exc.retriable:
+            # Webex's rate limit is per bot: the whole channel waits, this alert goes first afterwards.
+            self.rate_limited += 1
+            delay = exc.retry_after
+            with self._cv:
+                self._paused_until = max(self._paused_until, now + delay)
+            log.warning("%s: rate limited, pausing the channel %.1fs", self.channel.name, delay)
+        else:
+            task.failures += 1
+            self.failed_tries += 1
+            delay = self.backoff.delay(task.failures - 1, self._rng)
+        reason = give_up_reason(task, exc, now, delay, self.settings.max_attempts)
+        if reason is not None:
+            self.given_up += 1
+            log.warning("%s: giving up on %s: %s", self.channel.name, task.alert["alert_id"], reason)
+            self.done.put(Outcome(task.key, False, reason))
+            return
+        if task.failures and exc.retry_after is None:
+            log.info("%s: %s failed (%s), retry %d in %.1fs", self.channel.name, task.alert["alert_id"],
+                     exc.reason, task.failures, delay)
+        self.submit(task, now + delay)
+
+    def _image(self, alert: dict[str, Any]) -> bytes | None:
+        ref = alert.get("snapshot_ref")
+        if not ref:
+            return None
+        try:
+            return self.image_loader(ref)
+        except Exception as exc:  # the alert matters more than its picture: send it without one
+            log.warning("%s: snapshot of %s unavailable (%s); sending without it", self.channel.name,
+                        alert["alert_id"], type(exc).__name__)
+            return None
+
+
+# --------------------------------------------------------------------------- the consumer
+
+
+@dataclass
+class Pending:
+    """One consumed message until all its channels are done (and its dead letter confirmed)."""
+
+    message: Message
+    alert: dict[str, Any] | None
+    waiting: set[str] = field(default_factory=set)
+    failures: dict[str, str] = field(default_factory=dict)
+    dead_letter: DeadLetter | None = None
+    dead_letter_sent: bool = False
+    finished: bool = False
+
+
+@dataclass
+class SenderStats:
+    consumed: int = 0
+    alerts_done: int = 0
+    skipped_channels: int = 0
+    dead_lettered: int = 0
+    commits: int = 0
+
+    def line(self) -> str:
+        return (f"consumed={self.consumed} done={self.alerts_done} already_sent={self.skipped_channels} "
+                f"dead_lettered={self.dead_lettered} commits={self.commits}")
+
+
+def default_group_id(settings: Settings, channels: list[str] | None = None) -> str:
+    """``<topic prefix>checkout-guard-alert-sender-<channels>``: one consumer group per channel set, so a
+    sender per channel (``CG_ALERTS__CHANNELS=webex``; a core each) never shares partitions with a sender
+    for another set -- sharing would leave each alert on only one process's channels."""
+    names = sorted(channels if channels is not None else settings.alerts.channel_list())
+    return f"{settings.kafka.topic_prefix}{DEFAULT_GROUP_ID}-{'+'.join(names)}"
+
+
+def dead_letter_for(message: Message, error_kind: str, reason: str) -> DeadLetter:
+    topic, partition, offset = message.topic() or "", message.partition() or 0, message.offset() or 0
+    return DeadLetter(dead_letter_id=f"{topic}:{partition}:{offset}", source_topic=topic, partition=partition,
+                      offset=offset, key=message.key(), payload=message.value() or b"", error_kind=error_kind,
+                      reason=reason[:MAX_REASON_CHARS], stage=STAGE, failed_at=_now_ms())
+
+
+class AlertSender:
+    """Consume alerts, fan them out to the channel workers, dead-letter, commit in offset order."""
+
+    def __init__(self, settings: Settings, *, channels: list[Channel] | None = None, ledger: Ledger | None = None,
+                 image_loader: ImageLoader | None = None, group_id: str | None = None,
+                 commit_interval_s: float = 0.5, summary_interval_s: float = 30.0) -> None:
+        self.settings = settings
+        self.topic = ALERTS.full_name(settings.kafka.topic_prefix)
+        self.dead_topic = DEAD_LETTERS.full_name(settings.kafka.topic_prefix)
+        self.channels = channels if channels is not None else channels_from_settings(settings)
+        self.group_id = group_id or default_group_id(settings, [c.name for c in self.channels])
+        self.ledger = ledger or Ledger.from_settings(settings)
+        self.image_loader = image_loader or image_loader_from_settings(settings)
+        self.commit_interval_s, self.summary_interval_s = commit_interval_s, summary_interval_s
+        self.stats = SenderStats()
+        self._done: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+        self._workers: dict[str, ChannelWorker] = {}
+        self._inflight: dict[tuple[str, str], list[Pending]] = {}
+        self._partitions: dict[tuple[str, int], deque[Pending]] = {}
+        self._unfinished = 0
+        self._paused = False
+        self._consumer: Consumer | None = None
+        self._producer: Producer | None = None
+        self._codec = codec("Alert")
+
+    def run(self, stop: threading.Event | None = None) -> SenderStats:
+        stop = stop or threading.Event()
+        alerts = self.settings.alerts
+        self._workers = {c.name: ChannelWorker(c, self.ledger, alerts, self._done, self.image_loader)
+                         for c in self.channels}
+        self._consumer = Consumer({
+            **self.settings.kafka.client_config(), "group.id": self.group_id, "enable.auto.commit": False,
+            "auto.offset.reset": "earliest", "isolation.level": "read_committed",
+            # Static membership: a sender restarted after a crash takes its partitions back at once
+            # instead of waiting out the dead member's session (45 s of undelivered alerts).
+            "group.instance.id": f"{self.group_id}@{socket.gethostname()}",
+        })
+        self._producer = Producer({**self.settings.kafka.client_config(), "enable.idempotence": True,
+                                   "linger.ms": 5})
+        self._consumer.subscribe([self.topic], on_revoke=self._on_revoke)
+        log.info("alert sender: %s -> %s (group %s, ledger %s)", self.topic, ", ".join(self._workers),
+                 self.group_id, self.ledger.path)
+        last_commit = last_summary = time.monotonic()
+        try:
+            while not stop.is_set():
+                self._flow_control()
+                self._accept_batch(self._consumer.consume(num_messages=500, timeout=0.05))
+                self._drain_outcomes()
+                self._producer.poll(0)
+                now = time.monotonic()
+                if now - last_commit >= self.commit_interval_s:
+                    self._commit()
+                    last_commit = now
+                if now - last_summary >= self.summary_interval_s:
+                    log.info("alert sender: %s; queued %s", self.stats.line(),
+                             {n: w.queued() for n, w in self._workers.items()})
+                    last_summary = now
+        finally:
+            for worker in self._workers.values():
+                worker.stop()
+            self._drain_outcomes()
+            self._producer.flush(5)
+            self._producer.poll(0)
+            with contextlib.suppress(KafkaException):
+                self._commit()
+            self._consumer.close()
+            for channel in self.channels:
+                channel.close()
+            self.ledger.close()
+            log.info("alert sender stopped: %s", self.stats.line())
+        return self.stats
+
+    # ------------------------------------------------------------------ intake
+
+    def _accept_batch(self, messages: list[Message]) -> None:
+        """Decode a fetched batch, look its alerts up in the ledger in one query, hand them out."""
+        decoded: list[tuple[Message, dict[str, Any] | DecodeError]] = []
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.fatal():
+                    raise KafkaException(error)
+                if error.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consumer error: %s", error.str())
+                continue
+            try:
+                alert = self._codec.decode(message.value())
+                if not isinstance(alert.get("alert_id"), str) or not alert["alert_id"].strip():
+                    raise DecodeError("missing_field", "alert_id is empty")
+                decoded.append((message, alert))
+            except DecodeError as exc:
+                decoded.append((message, exc))
+        if not decoded:
+            return
+        states = self.ledger.states([a["alert_id"] for _, a in decoded if isinstance(a, dict)])
+        for message, alert_or_error in decoded:
+            self._accept(message, alert_or_error, states)
+
+    def _accept(self, message: Message, alert: dict[str, Any] | DecodeError,
+                states: dict[tuple[str, str], str]) -> None:
+        self.stats.consumed += 1
+        pending = Pending(message, None)
+        self._partitions.setdefault((message.topic(), message.partition()), deque()).append(pending)
+        self._unfinished += 1
+        if isinstance(alert, DecodeError):
+            self._dead_letter(pending, dead_letter_for(message, alert.kind, alert.reason))
+            return
+        pending.alert = alert
+        deadline = time.monotonic() + self.settings.alerts.deadline_s
+        for name, worker in self._workers.items():
+            key = (alert["alert_id"], name)
+            if key in self._inflight:  # the same alert again while its send is under way: wait for that one
+                self._inflight[key].append(pending)
+                pending.waiting.add(name)
+                continue
+            state = states.get(key)
+            if state == "sent":
+                self.stats.skipped_channels += 1
+                continue
+            self._inflight[key] = [pending]
+            pending.waiting.add(name)
+            worker.submit(Task(alert, name, deadline, maybe_sent=state == "sending"))
+        self._maybe_finish(pending)
+
+    def _drain_outcomes(self) -> None:
+        while True:
+            try:
+                outcome = self._done.get_nowait()
+            except queue.Empty:
+                return
+            for pending in self._inflight.pop(outcome.key, []):
+                pending.waiting.discard(outcome.key[1])
+                if not outcome.delivered:
+                    pending.failures[outcome.key[1]] = outcome.reason
+                self._maybe_finish(pending)
+
+    def _maybe_finish(self, pending: Pending) -> None:
+        if pending.waiting or pending.finished or pending.dead_letter is not None:
+            return
+        if pending.failures:
+            reason = "; ".join(f"{reason}" for _, reason in sorted(pending.failures.items()))
+            self._dead_letter(pending, dead_letter_for(pending.message, "delivery_failed", reason))
+            return
+        self._finish(pending)
+
+    def _finish(self, pending: Pending) -> None:
+        if pending.finished:
+            return
+        pending.finished = True
+        self._unfinished -= 1
+        self.stats.alerts_done += 1
+
+    def _dead_letter(self, pending: Pending, letter: DeadLetter) -> None:
+        """Produce the dead letter; the message is finished only when Kafka confirmed it."""
+        assert self._producer is not None
+        pending.dead_letter = letter
+
+        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+            if err is None:
+                self.stats.dead_lettered += 1
+                log.warning("dead-lettered %s (%s)", letter.dead_letter_id, letter.error_kind)
+                self._finish(pending)
+            else:
+                log.warning("dead letter %s not delivered (%s); retrying", letter.dead_letter_id, err.str())
+                self._dead_letter(pending, letter)
+
+        while True:
+            try:
+                self._producer.produce(self.dead_topic, key=letter.dead_letter_id.encode(), value=letter.encode(),
+                                       on_delivery=on_delivery)
+                return
+            except BufferError:
+                self._producer.poll(0.1)
+
+    # ------------------------------------------------------------------ offsets and flow
+
+    def _flow_control(self) -> None:
+        """Stop fetching while too many alerts are unfinished (a channel is down); resume at half."""
+        assert self._consumer is not None
+        limit = self.settings.alerts.max_pending_alerts
+        if not self._paused and self._unfinished >= limit:
+            self._consumer.pause(self._consumer.assignment())
+            self._paused = True
+            log.warning("alert sender: %d alerts unfinished, fetching paused", self._unfinished)
+        elif self._paused and self._unfinished <= limit // 2:
+            self._consumer.resume(self._consumer.assignment())
+            self._paused = False
+            log.info("alert sender: fetching resumed")
+
+    def _committable(self, partitions: set[tuple[str, int]] | None = None) -> list[TopicPartition]:
+        """Per partition, the offset after the longest finished prefix; finished messages are dropped."""
+        out = []
+        for tp, messages in self._partitions.items():
+            if partitions is not None and tp not in partitions:
+                continue
+            last = None
+            while messages and messages[0].finished:
+                last = messages.popleft().message.offset()
+            if last is not None:
+                out.append(TopicPartition(tp[0], tp[1], last + 1))
+        return out
+
+    def _commit(self, partitions: set[tuple[str, int]] | None = None) -> None:
+        assert self._consumer is not None
+        offsets = self._committable(partitions)
+        if not offsets:
+            return
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=False)
+            self.stats.commits += 1
+        except KafkaException as exc:
+            log.warning("offset commit failed (%s); those alerts will be replayed and skipped by the ledger", exc)
+
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        revoked = {(tp.topic, tp.partition) for tp in partitions}
+        self._drain_outcomes()
+        with contextlib.suppress(KafkaException):
+            self._commit(revoked)
+        for tp in revoked:
+            dropped = self._partitions.pop(tp, deque())
+            self._unfinished -= sum(1 for p in dropped if not p.finished)
+            for p in dropped:
+                p.finished = True  # whatever its sends do now, the ledger records it for the next owner
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def main(
+    group_id: str | None = typer.Option(None, help="Consumer group (default: per channel set)."),
+) -> None:
+    """Consume alerts and send them by e-mail and Webex until SIGTERM/Ctrl-C."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    for noisy in ("httpx", "httpcore", "botocore", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    AlertSender(get_settings(), group_id=group_id).run(stop)
+
+
+if __name__ == "__main__":
+    typer.run(main)

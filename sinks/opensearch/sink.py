@@ -1,0 +1,762 @@
+"""Scored transactions, alerts and face observations from Kafka into OpenSearch: one document per business key.
+
+Inputs: ``processed_transactions`` (ScoredTransaction), ``alerts`` (Alert) and ``face_observations``
+(FaceObservation), read_committed.
+Outputs: one index per period (day or month, ``indices.period``) of each document's ``event_time``,
+e.g. ``<index_prefix>-transactions-2026.11.22``, read through the alias ``<index_prefix>-transactions``
+(likewise ``-alerts`` and ``-face_observations``; composable templates in ``schemas/index_templates/``, installed
+on start, carry the alias so every new period index joins it); and ``dead_letters`` for messages that
+cannot be decoded or that OpenSearch rejects for good (stage ``opensearch-sink``). Retention drops
+whole period indices (``sinks/opensearch/retention.py``, applied at start and every ``indices.retention_interval_s``).
+Face embeddings are left out of the documents unless ``indices.include_face_embeddings`` is set.
+
+Why nothing is lost or doubled: the document ``_id`` is the business key (``transaction_id`` /
+``alert_id`` / ``observation_id``) with op ``index``, and the period index follows from the record's own
+``event_time``, so a replay overwrites the same document in the same index; offsets are committed
+(last offset + 1 per partition) only after OpenSearch acknowledged every document of the batch and
+its dead letters are flushed, so a crash replays from the last commit. While OpenSearch is down or
+overloaded (connection errors, 429, 5xx) the batch is kept and retried forever with bounded,
+jittered exponential backoff; the partitions are paused meanwhile so the consumer stays in its group.
+
+Mappings are ``dynamic: strict`` (only ``indicators`` is open, its keys mapped to double): a field the
+template does not know is rejected and dead-lettered instead of being guessed into a type dashboards
+then depend on; a unit test keeps the templates and the Avro schemas in step.
+
+Only ids, counts and error types are logged: documents can hold personal data.
+
+Run: ``python -m sinks.opensearch.sink [--index-prefix PREFIX] [--group-id GROUP]``
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import typer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from opensearchpy import OpenSearch
+from opensearchpy.exceptions import NotFoundError, RequestError, TransportError
+from opensearchpy.helpers import scan, streaming_bulk
+
+from infra.clients.opensearch import make_client
+from infra.settings import IndicesSettings, Settings, get_settings
+from schemas.codec import DecodeError, codec
+from schemas.indices import (
+    DEFAULT_GROUP_ID,
+    ROUTES,
+    Route,
+    default_group_id,
+    index_name,
+    load_template,
+    period_index_name,
+    period_of,
+)
+from schemas.records import DeadLetter
+from schemas.topics import DEAD_LETTERS
+
+log = logging.getLogger(__name__)
+
+STAGE = "opensearch-sink"
+MAX_REASON_CHARS = 2000
+RETRIABLE_ERROR_TYPES = frozenset({
+    "cluster_block_exception",  # read-only index after a disk watermark: the cluster's trouble, not the doc's
+    "index_not_found_exception",  # index deleted while auto-create is off: reinstalled before the retry
+    "es_rejected_execution_exception",
+    "unavailable_shards_exception",
+})
+
+
+# --------------------------------------------------------------------------- routes and templates
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+def install_templates(
+    client: OpenSearch, index_prefix: str, period: str = "day", now_ms: int | None = None,
+) -> list[str]:
+    """Install the templates and make sure each alias resolves with the current mapping; safe to repeat.
+
+    The current period's index is created up front so the alias, counts and dashboards work before
+    the first document; existing period indices get fields added since they were created (put_mapping
+    accepts additive changes). A concrete index left by the single-index layout under the alias's name
+    is first moved into period indices (:func:`migrate_legacy_index`).
+    """
+    now = now_ms if now_ms is not None else int(time.time() * 1000)
+    names = []
+    for route in ROUTES:
+        alias = route.index(index_prefix)
+        body = load_template(route.kind, index_prefix)
+        if client.indices.exists(index=alias) and not client.indices.exists_alias(name=alias):
+            # An index may not be created with an alias named like an existing index: copy first.
+            client.indices.put_index_template(name=alias, body={
+                **body, "template": {k: v for k, v in body["template"].items() if k != "aliases"}})
+            migrate_legacy_index(client, route, index_prefix, period)
+        client.indices.put_index_template(name=alias, body=body)
+        create_indices(client, [period_index_name(index_prefix, route.kind, now, period)])
+        existing = sorted(period_indices(client, index_prefix, route.kind))
+        if existing:
+            client.indices.update_aliases(body={"actions": [{"add": {"indices": existing, "alias": alias}}]})
+        for chunk in range(0, len(existing), 50):  # index names go in the URL: keep it short
+            client.indices.put_mapping(index=",".join(existing[chunk:chunk + 50]), body=body["template"]["mappings"])
+        names.append(alias)
+    return names
+
+
+def create_indices(client: OpenSearch, names: Iterable[str]) -> None:
+    """Create the indices that do not exist yet; their template supplies settings, mapping and alias."""
+    for name in names:
+        if client.indices.exists(index=name):
+            continue
+        try:
+            client.indices.create(index=name)
+        except RequestError as exc:
+            if exc.error != "resource_already_exists_exception":  # another sink created it meanwhile
+                raise
+
+
+
+
+def period_indices(client: OpenSearch, index_prefix: str, kind: str) -> dict[str, int]:
+    """The period indices of one kind and prefix with their creation time (epoch ms)."""
+    answer = client.indices.get_settings(
+        index=f"{index_name(index_prefix, kind)}-*", name="index.creation_date",
+        params={"allow_no_indices": "true", "expand_wildcards": "open,closed"})
+    return {
+        name: int(body["settings"]["index"]["creation_date"])
+        for name, body in answer.items() if period_of(name, index_prefix, kind) is not None
+    }
+
+
+def migrate_legacy_index(client: OpenSearch, route: Route, index_prefix: str, period: str) -> int:
+    """Copy a pre-alias concrete index ``<prefix>-<kind>`` into period indices, then delete it.
+
+    Client-side (scroll + bulk): the integ-test server has no reindex module. Same ids, so an
+    interrupted migration is simply repeated; the old index goes only after every copy is acknowledged.
+    """
+    legacy = route.index(index_prefix)
+
+    def actions() -> Iterable[dict[str, Any]]:
+        for hit in scan(client, index=legacy, query={"query": {"match_all": {}}}, size=1000):
+            source = hit["_source"]
+            yield {"_op_type": "index", "_id": hit["_id"], "_source": source, "_index": period_index_name(
+                index_prefix, route.kind, int(source.get(route.time_field) or 0), period)}
+
+    copied = 0
+    for ok, _ in streaming_bulk(client, actions(), chunk_size=1000, max_retries=3, raise_on_error=True):
+        copied += ok
+    client.indices.refresh(index=f"{legacy}-*")
+    with contextlib.suppress(NotFoundError):  # another sink finished the same migration first
+        client.indices.delete(index=legacy)
+    log.info("moved %d document(s) of the single index %s into its period indices", copied, legacy)
+    return copied
+
+
+
+
+# --------------------------------------------------------------------------- retention
+
+DAY_MS = 24 * 3600 * 1000
+
+
+def retention_days(indices: IndicesSettings, kind: str) -> int:
+    """Days one index family is kept (``indices.<kind>_retention_days``); 0 = forever."""
+    return int(getattr(indices, f"{kind}_retention_days"))
+
+
+def expired_indices(
+    created: dict[str, int], index_prefix: str, kind: str, keep_days: int, now_ms: int,
+) -> list[str]:
+    """The period indices to drop: their period ended, and they were created, over ``keep_days`` ago.
+
+    Both, because the period alone would drop a replay of old history at once, and the creation time
+    alone would drop a month index while it still holds recent days. Names that are not exactly
+    ``<prefix>-<kind>-<period>`` are never returned.
+    """
+    if keep_days <= 0:
+        return []
+    cutoff = now_ms - keep_days * DAY_MS
+    out = []
+    for name, created_ms in sorted(created.items()):
+        span = period_of(name, index_prefix, kind)
+        if span is not None and span[1].timestamp() * 1000 <= cutoff and created_ms <= cutoff:
+            out.append(name)
+    return out
+
+
+def apply_retention(
+    client: OpenSearch, index_prefix: str, indices: IndicesSettings, now_ms: int | None = None,
+    dry_run: bool = False,
+) -> list[str]:
+    """Delete the expired period indices of every kind (the integ-test OpenSearch has no ISM plugin);
+    return their names. Never deletes the current period's index (its period has not ended)."""
+    now = now_ms if now_ms is not None else int(time.time() * 1000)
+    doomed: list[str] = []
+    for route in ROUTES:
+        keep = retention_days(indices, route.kind)
+        if keep > 0:
+            doomed += expired_indices(period_indices(client, index_prefix, route.kind), index_prefix,
+                                      route.kind, keep, now)
+    if doomed and not dry_run:
+        for chunk in range(0, len(doomed), 50):  # keep the URL short
+            with contextlib.suppress(NotFoundError):  # another sink deleted them first
+                client.indices.delete(index=",".join(doomed[chunk:chunk + 50]))
+        log.info("retention: deleted %d index(es): %s", len(doomed), ", ".join(doomed))
+    return doomed
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with equal jitter: wait n lies in [cap/2, cap], cap = min(max, initial * 2**n).
+
+    Bounded so a long outage is still probed every ``maximum_s``; jittered so several sinks do not hit
+    a recovering cluster in step.
+    """
+
+    initial_s: float = 0.5
+    maximum_s: float = 30.0
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        cap = min(self.maximum_s, self.initial_s * 2 ** min(max(attempt, 0), 30))
+        return cap / 2 + (rng or random).uniform(0, cap / 2)
+
+
+@dataclass(frozen=True)
+class IndexAction:
+    """One bulk ``index`` action and the message it came from (for a dead letter if it is rejected)."""
+
+    op: dict[str, Any]
+    message: Message
+
+    @property
+    def doc_id(self) -> str:
+        return self.op["_id"]
+
+
+def dead_letter_for(message: Message, error_kind: str, reason: str, failed_at: int) -> DeadLetter:
+    """The dead letter of an input message; its id is stable across replays of the same offset."""
+    topic, partition, offset = message.topic() or "", message.partition() or 0, message.offset() or 0
+    return DeadLetter(
+        dead_letter_id=f"{topic}:{partition}:{offset}",
+        source_topic=topic,
+        partition=partition,
+        offset=offset,
+        key=message.key(),
+        payload=message.value() or b"",
+        error_kind=error_kind,
+        reason=reason[:MAX_REASON_CHARS],
+        stage=STAGE,
+        failed_at=failed_at,
+    )
+
+
+def to_document(record: dict[str, Any], drop: Iterable[str] = ()) -> dict[str, Any]:
+    """The Avro dict as an OpenSearch document without the ``drop`` fields; NaN/inf become null
+    because JSON cannot carry them."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(v) for v in value]
+        return value
+
+    dropped = set(drop)
+    return {name: clean(value) for name, value in record.items() if name not in dropped}
+
+
+def to_actions(
+    batch: Iterable[Message], *, index_prefix: str, topic_prefix: str = "", now_ms: int | None = None,
+    period: str = "day", include_private: bool = False,
+) -> tuple[list[IndexAction], list[DeadLetter]]:
+    """Decode a batch into bulk actions keyed by business id, and dead letters for what cannot be used.
+
+    Each document goes to the period index of its own time field; private fields (face embeddings)
+    are left out unless ``include_private``.
+
+    A later message for the same document supersedes an earlier one in the batch: one bulk request
+    applies them in order anyway, and keeping only the last means a partial retry can never write an
+    older version last.
+    """
+    routes = {route.topic.full_name(topic_prefix): route for route in ROUTES}
+    now = now_ms if now_ms is not None else int(time.time() * 1000)
+    actions: dict[tuple[str, str], IndexAction] = {}
+    dead: list[DeadLetter] = []
+    for message in batch:
+        route = routes.get(message.topic() or "")
+        if route is None:
+            dead.append(dead_letter_for(message, "unknown_topic", f"no index for topic {message.topic()!r}", now))
+            continue
+        try:
+            record = codec(route.topic.record_type).decode(message.value())
+        except DecodeError as exc:
+            dead.append(dead_letter_for(message, exc.kind, exc.reason, now))
+            continue
+        doc_id = record.get(route.id_field)
+        if not isinstance(doc_id, str) or not doc_id.strip():
+            dead.append(dead_letter_for(message, "missing_field", f"{route.id_field} is empty", now))
+            continue
+        try:
+            index = period_index_name(index_prefix, route.kind, int(record[route.time_field]), period)
+        except (ValueError, OverflowError, OSError) as exc:
+            dead.append(dead_letter_for(message, "invalid_field", f"{route.time_field}: {exc}", now))
+            continue
+        drop = () if include_private else route.private_fields
+        actions.pop((index, doc_id), None)  # re-insert so the order is that of the last occurrence
+        actions[(index, doc_id)] = IndexAction(
+            op={"_op_type": "index", "_index": index, "_id": doc_id, "_source": to_document(record, drop)},
+            message=message,
+        )
+    return list(actions.values()), dead
+
+
+def offsets_to_commit(messages: Iterable[Message]) -> list[TopicPartition]:
+    """The next offset to read per partition (last message + 1), which is what a Kafka commit states."""
+    last: dict[tuple[str, int], int] = {}
+    for message in messages:
+        key = (message.topic() or "", message.partition() or 0)
+        last[key] = max(last.get(key, -1), message.offset() or 0)
+    return [TopicPartition(topic, partition, offset + 1) for (topic, partition), offset in sorted(last.items())]
+
+
+def is_retriable(status: Any, error_type: str | None) -> bool:
+    """429 and 5xx are the cluster's trouble and worth waiting for; other 4xx reject the document for good."""
+    if not isinstance(status, int):
+        return True
+    return status == 429 or status >= 500 or error_type in RETRIABLE_ERROR_TYPES
+
+
+@dataclass
+class BulkAttempt:
+    """The outcome of one bulk round: acknowledged count, actions to retry, dead letters for rejects."""
+
+    acknowledged: int = 0
+    retry: list[IndexAction] = field(default_factory=list)
+    rejected: list[DeadLetter] = field(default_factory=list)
+    problem: str | None = None
+    """Why something must be retried, for the log line (status and error type, no document)."""
+    reinstall: bool = False
+
+
+def bulk_once(client: OpenSearch, pending: Sequence[IndexAction], chunk_size: int = 2000) -> BulkAttempt:
+    """One bulk round over ``pending``; never raises for OpenSearch trouble, it reports it.
+
+    Bulk answers come back in request order (``yield_ok``, no helper retries), so the position maps
+    each answer to its action; a request that fails outright leaves the rest of the batch to retry.
+    """
+    result, position = BulkAttempt(), 0
+    try:
+        for ok, item in streaming_bulk(
+            client, (action.op for action in pending), chunk_size=chunk_size,
+            max_chunk_bytes=50 * 1024 * 1024, raise_on_error=False, raise_on_exception=True,
+            max_retries=0, yield_ok=True,
+        ):
+            action = pending[position]
+            position += 1
+            info = next(iter(item.values()))
+            if info.get("_id") != action.doc_id:
+                raise RuntimeError(f"bulk answer for {info.get('_id')!r} where {action.doc_id!r} was expected")
+            if ok:
+                result.acknowledged += 1
+                continue
+            status, error = info.get("status"), info.get("error")
+            error_type = error.get("type") if isinstance(error, dict) else str(error)
+            if is_retriable(status, error_type):
+                result.retry.append(action)
+                result.problem = f"{status} {error_type}"
+                result.reinstall |= error_type == "index_not_found_exception"
+            else:
+                result.rejected.append(rejected_dead_letter(action, status, error))
+    except TransportError as exc:
+        result.retry += pending[position:]
+        result.problem = _short(exc)
+    return result
+
+
+def rejected_dead_letter(action: IndexAction, status: Any, error: Any, now_ms: int | None = None) -> DeadLetter:
+    """The dead letter of a document OpenSearch refused for good; the reason is OpenSearch's own."""
+    error_type = error.get("type") if isinstance(error, dict) else "error"
+    reason = error.get("reason") if isinstance(error, dict) else str(error)
+    caused = (error.get("caused_by") or {}).get("reason") if isinstance(error, dict) else None
+    log.warning("OpenSearch rejected %s/%s: %s %s", action.op["_index"], action.doc_id, status, error_type)
+    text = f"OpenSearch {status} {error_type}: {reason}" + (f" (caused by: {caused})" if caused else "")
+    now = now_ms if now_ms is not None else int(time.time() * 1000)
+    return dead_letter_for(action.message, "opensearch_rejected", text, now)
+
+
+# --------------------------------------------------------------------------- the sink
+
+
+@dataclass
+class SinkStats:
+    """Counters of one sink run, read by the periodic summary and by tests."""
+
+    indexed: int = 0
+    dead_lettered: int = 0
+    retries: int = 0
+    batches: int = 0
+    commits: int = 0
+    superseded: int = 0
+    """Messages made redundant by a later one for the same document in the same batch."""
+
+    def line(self) -> str:
+        return (
+            f"indexed={self.indexed} dead_lettered={self.dead_lettered} retries={self.retries} "
+            f"batches={self.batches} commits={self.commits} superseded={self.superseded}"
+        )
+
+
+class _Stopped(Exception):
+    """Raised inside a wait when the stop event is set; the batch in flight stays uncommitted."""
+
+
+class OpenSearchSink:
+    """The consumer loop: batch -> bulk index (retry forever) -> dead letters -> commit."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        index_prefix: str | None = None,
+        group_id: str | None = None,
+        client: OpenSearch | None = None,
+        backoff: Backoff | None = None,
+        batch_timeout_s: float = 0.2,
+        summary_interval_s: float = 30.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.index_prefix = index_prefix or settings.opensearch.index_prefix
+        self.topic_prefix = settings.kafka.topic_prefix
+        self.indices = settings.indices
+        self.group_id = group_id or default_group_id(self.topic_prefix)
+        self.client = client or make_client(settings.opensearch)
+        self.backoff = backoff or Backoff()
+        self.batch_timeout_s = batch_timeout_s
+        self.max_docs = max(1, settings.opensearch.bulk_max_docs)
+        self.summary_interval_s = summary_interval_s
+        self.stats = SinkStats()
+        self._rng = rng or random.Random()
+        self._stop = threading.Event()
+        self._consumer: Consumer | None = None
+        self._producer: Producer | None = None
+        self._paused = False
+        self._carry: list[Message] = []
+        self._last_error_log: dict[tuple[int, str | None], float] = {}
+
+    # ------------------------------------------------------------------ wiring
+
+    def consumer_config(self) -> dict[str, Any]:
+        return {
+            **self.settings.kafka.client_config(),
+            "group.id": self.group_id,
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "auto.offset.reset": "earliest",
+        }
+
+    def producer_config(self) -> dict[str, Any]:
+        return {**self.settings.kafka.client_config(), "enable.idempotence": True, "linger.ms": 5}
+
+    @property
+    def topics(self) -> list[str]:
+        return [route.topic.full_name(self.topic_prefix) for route in ROUTES]
+
+    def run(self, stop_event: threading.Event | None = None) -> SinkStats:
+        """Consume until ``stop_event`` is set; a batch in flight at that moment is left uncommitted."""
+        self._stop = stop_event or threading.Event()
+        self._consumer = Consumer(self.consumer_config())
+        self._producer = Producer(self.producer_config())
+        log.info("opensearch sink: topics %s -> indices %s-*, group %s",
+                 ", ".join(self.topics), self.index_prefix, self.group_id)
+        try:
+            self._retry_until_done("install index templates", self._install_templates)
+            self._consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
+            last_summary, last_indexed = time.monotonic(), 0
+            self._apply_retention()
+            last_retention = time.monotonic()
+            while not self._stop.is_set():
+                batch = self._next_batch()
+                if batch:
+                    self._process(batch)
+                now = time.monotonic()
+                if now - last_retention >= self.indices.retention_interval_s:
+                    self._apply_retention()
+                    last_retention = now
+                if now - last_summary >= self.summary_interval_s:
+                    rate = (self.stats.indexed - last_indexed) / (now - last_summary)
+                    log.info("opensearch sink: %s (%.0f docs/s)", self.stats.line(), rate)
+                    last_summary, last_indexed = now, self.stats.indexed
+        except _Stopped:
+            log.info("opensearch sink stopped during a retry; the uncommitted batch will be replayed")
+        finally:
+            try:
+                left = self._producer.flush(5.0)
+                if left:
+                    log.warning("opensearch sink: %d dead letter(s) not confirmed at shutdown", left)
+            finally:
+                self._consumer.close()
+            log.info("opensearch sink closed: %s", self.stats.line())
+        return self.stats
+
+    def _install_templates(self) -> None:
+        names = install_templates(self.client, self.index_prefix, self.indices.period)
+        log.info("index templates installed for %s", ", ".join(names))
+
+    def _apply_retention(self) -> None:
+        """Retention must never stop indexing: a failure is logged and tried again next interval."""
+        try:
+            apply_retention(self.client, self.index_prefix, self.indices)
+        except TransportError as exc:
+            log.warning("retention failed (%s); next try in %.0fs", _short(exc), self.indices.retention_interval_s)
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Assign ourselves so the pause state can be set on the new partitions: librdkafka keeps a
+        # partition's pause flag across rebalances, and a partition revoked while paused must not stay so.
+        consumer.assign(partitions)
+        if partitions:
+            (consumer.pause if self._paused else consumer.resume)(partitions)
+        log.info("assigned %s", _describe(partitions))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("revoked %s", _describe(partitions))
+
+    # ------------------------------------------------------------------ the loop
+
+    def _next_batch(self) -> list[Message]:
+        """Up to ``bulk_max_docs`` messages, or fewer after ``batch_timeout_s`` so latency stays low."""
+        assert self._consumer is not None
+        wanted = self.max_docs - len(self._carry)
+        received = self._consumer.consume(num_messages=wanted, timeout=self.batch_timeout_s) if wanted > 0 else []
+        messages, self._carry = self._carry + self._usable(received), []
+        return messages
+
+    def _usable(self, messages: Sequence[Message]) -> list[Message]:
+        out = []
+        for message in messages:
+            error = message.error()
+            if error is None:
+                out.append(message)
+                continue
+            if error.fatal():
+                raise KafkaException(error)
+            now = time.monotonic()
+            key = (error.code(), message.topic())
+            if now - self._last_error_log.get(key, 0.0) > 30.0:  # once per 30 s, not per poll
+                self._last_error_log[key] = now
+                log.warning("consumer error on %s: %s", message.topic(), error.str())
+        return out
+
+    def _process(self, batch: list[Message]) -> None:
+        actions, dead = to_actions(batch, index_prefix=self.index_prefix, topic_prefix=self.topic_prefix,
+                                   period=self.indices.period, include_private=self.indices.include_face_embeddings)
+        self.stats.superseded += len(batch) - len(actions) - len(dead)
+        dead += self._index_until_acknowledged(actions)
+        if dead:
+            self._publish_dead_letters(dead)
+        self._commit(batch)
+        if self._paused:
+            self._paused = False
+            assert self._consumer is not None
+            self._consumer.resume(self._consumer.assignment())
+        self.stats.batches += 1
+
+    def _index_until_acknowledged(self, actions: list[IndexAction]) -> list[DeadLetter]:
+        """Bulk-index until every action is acknowledged or permanently rejected; return the rejected."""
+        pending, rejected, attempt, started = actions, [], 0, time.monotonic()
+        while pending:
+            result = bulk_once(self.client, pending, self.max_docs)
+            self.stats.indexed += result.acknowledged
+            rejected += result.rejected
+            pending = result.retry
+            if not pending:
+                break
+            delay = self.backoff.delay(attempt, self._rng)
+            attempt += 1
+            self.stats.retries += 1
+            log.warning(
+                "OpenSearch unavailable (%s): keeping %d document(s), offsets not committed; retry %d in %.1fs",
+                result.problem, len(pending), attempt, delay,
+            )
+            self._wait(delay)
+            if result.reinstall:
+                try:
+                    self._install_templates()
+                    # Where the cluster does not auto-create indices, the period indices the batch
+                    # needs are created here (the templates give them mapping and alias).
+                    create_indices(self.client, sorted({action.op["_index"] for action in pending}))
+                except TransportError as exc:
+                    log.warning("reinstalling index templates failed: %s", _short(exc))
+        if attempt:
+            log.info("OpenSearch acknowledged the batch after %d retr%s (%.1fs)",
+                     attempt, "y" if attempt == 1 else "ies", time.monotonic() - started)
+        return rejected
+
+    def _publish_dead_letters(self, dead: list[DeadLetter]) -> None:
+        """Produce and confirm every dead letter before the batch counts as done; re-produce failures."""
+        assert self._producer is not None
+        topic = DEAD_LETTERS.full_name(self.topic_prefix)
+        outstanding, attempt = dead, 0
+        while outstanding:
+            failed: list[DeadLetter] = []
+            for letter in outstanding:
+                self._produce(topic, letter, failed)
+            while self._producer.flush(0.5) > 0:
+                self._wait(0.5)
+            if not failed:
+                break
+            delay = self.backoff.delay(attempt, self._rng)
+            attempt += 1
+            self.stats.retries += 1
+            log.warning("dead-letter topic unavailable: %d dead letter(s) not delivered; retry %d in %.1fs",
+                        len(failed), attempt, delay)
+            self._wait(delay)
+            outstanding = failed
+        shown = ", ".join(f"{d.dead_letter_id} ({d.error_kind})" for d in dead[:10])
+        more = f" and {len(dead) - 10} more" if len(dead) > 10 else ""
+        log.warning("dead-lettered %d message(s) to %s: %s%s", len(dead), topic, shown, more)
+        self.stats.dead_lettered += len(dead)
+
+    def _produce(self, topic: str, letter: DeadLetter, failed: list[DeadLetter]) -> None:
+        assert self._producer is not None
+
+        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None:
+                failed.append(letter)
+
+        while True:
+            try:
+                self._producer.produce(topic, key=letter.dead_letter_id.encode(), value=letter.encode(),
+                                       on_delivery=on_delivery)
+                return
+            except BufferError:
+                self._producer.poll(0.5)
+
+    def _commit(self, batch: list[Message]) -> None:
+        """Commit synchronously what this consumer still owns; a failure only means a harmless replay."""
+        assert self._consumer is not None
+        owned = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+        offsets = [tp for tp in offsets_to_commit(batch) if (tp.topic, tp.partition) in owned]
+        if not offsets:
+            return
+        try:
+            committed = self._consumer.commit(offsets=offsets, asynchronous=False) or []
+        except KafkaException as exc:
+            log.warning("offset commit failed (%s); the batch will be replayed into the same documents", exc)
+            return
+        errors = [tp for tp in committed if tp.error is not None]
+        if errors:
+            log.warning("offset commit failed for %s; those messages will be replayed", _describe(errors))
+        else:
+            self.stats.commits += 1
+
+    def _wait(self, delay_s: float) -> None:
+        """Sleep while staying in the group: partitions are paused and ``consume`` is still polled.
+
+        Pausing drops prefetched messages and resuming continues after the last message handed to us,
+        so nothing is skipped. Messages of partitions assigned during the wait are kept for the next batch.
+        """
+        assert self._consumer is not None
+        deadline = time.monotonic() + delay_s
+        while True:
+            if self._stop.is_set():
+                raise _Stopped
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            assignment = self._consumer.assignment()
+            if assignment:
+                self._consumer.pause(assignment)
+            self._paused = True
+            self._carry += self._usable(self._consumer.consume(num_messages=self.max_docs, timeout=min(remaining, 0.5)))
+
+    def _retry_until_done(self, what: str, step: Callable[[], None]) -> None:
+        """Run ``step`` until it succeeds, backing off on OpenSearch errors (used before subscribing)."""
+        attempt = 0
+        while True:
+            try:
+                step()
+                return
+            except TransportError as exc:
+                delay = self.backoff.delay(attempt, self._rng)
+                attempt += 1
+                self.stats.retries += 1
+                log.warning("%s failed (%s); retry %d in %.1fs", what, _short(exc), attempt, delay)
+                if self._stop.wait(delay):
+                    raise _Stopped from None
+
+
+def _describe(partitions: Iterable[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "nothing"
+
+
+def _short(exc: BaseException) -> str:
+    """An exception for a log line: type and status, a bounded message, never a request body."""
+    status = getattr(exc, "status_code", None)
+    text = str(getattr(exc, "error", "") or exc)
+    return f"{type(exc).__name__} {status or ''} {text}".replace("  ", " ").strip()[:200]
+
+
+def run_sink(
+    settings: Settings,
+    stop_event: threading.Event | None = None,
+    index_prefix: str | None = None,
+    group_id: str | None = None,
+) -> SinkStats:
+    """Run the sink until ``stop_event`` is set (forever without one); return its counters.
+
+    ``group_id`` defaults to :func:`default_group_id` of the settings' topic prefix.
+    """
+    return OpenSearchSink(settings, index_prefix=index_prefix, group_id=group_id).run(stop_event)
+
+
+app = typer.Typer(add_completion=False,
+                  help="Index scored transactions, alerts and face observations from Kafka into OpenSearch.")
+
+
+@app.command()
+def main(
+    index_prefix: Annotated[str | None, typer.Option(help="Index prefix; defaults to the settings'.")] = None,
+    group_id: Annotated[
+        str | None, typer.Option(help=f"Kafka consumer group; defaults to <topic prefix>{DEFAULT_GROUP_ID}.")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO",
+) -> None:
+    """Run until SIGINT/SIGTERM, then close the consumer cleanly."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The client's own logger repeats every failed request (and logs request bodies at DEBUG): the
+    # sink logs one line per backoff round instead, with ids only.
+    logging.getLogger("opensearch").setLevel(logging.ERROR)
+    logging.getLogger("opensearchpy.trace").setLevel(logging.ERROR)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    run_sink(get_settings(), stop_event=stop, index_prefix=index_prefix, group_id=group_id)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,394 @@
+"""``make bench``: the pipeline's speed on this machine, as ratios measured in one run.
+
+Stages, each on fresh topics (``bench<run>.`` prefix) of the running local stack:
+
+1. **raw Kafka** — the same pre-encoded transactions produced and consumed with no processing: the
+   ceiling every other figure is compared with.
+2. **end-to-end throughput** — the scoring job drains that backlog to ``processed_transactions``
+   while the OpenSearch sink indexes the decisions: scored tx/s and indexed docs/s.
+3. **latency at a fixed rate** — live transactions (event time = now) at ``--rate`` tx/s for
+   ``--seconds``: event -> decision (``decided_at - event_time``) and event -> searchable (first
+   seen by an OpenSearch search) percentiles.
+4. **memory** — peak resident memory of the whole stack (Kafka, OpenSearch, Mosquitto, the job
+   with its JVM and Python workers, the sink) sampled throughout.
+
+Results are printed and written to ``bench-results/<stage>-<time>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import Annotated
+
+import psutil
+import typer
+from confluent_kafka import Consumer, Producer, TopicPartition
+from rich.console import Console
+from rich.table import Table
+
+from infra.clients.opensearch import make_client
+from infra.launcher import Child, spawn, start_scoring_job, wait_for
+from infra.local.pos_generator import PosGenerator
+from infra.settings import REPO_ROOT, Settings, get_settings
+from infra.stack import ensure_topics, status, up
+from schemas.codec import codec
+from schemas.indices import index_name
+from schemas.topics import SCORED_TRANSACTIONS, TRANSACTIONS
+from tests.bench.model import model_scoring, report_rows
+
+console = Console()
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+class MemorySampler(threading.Thread):
+    """Peak summed RSS of the stack's processes and of the children the bench started."""
+
+    def __init__(self, settings: Settings, children: list[Child]) -> None:
+        super().__init__(daemon=True)
+        self.settings, self.children = settings, children
+        self.peak_bytes = 0
+        self.peak_by_part: dict[str, int] = {}
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        # Service pids once (a health check per sample would load the services being measured).
+        services = {svc: info["pid"] for svc, info in status(self.settings)["services"].items() if info["pid"]}
+        while not self._halt.wait(0.5):
+            parts: dict[str, int] = {}
+            roots = {**services, **{c.name: c.proc.pid for c in self.children if c.alive}}
+            for name, pid in roots.items():
+                try:
+                    root = psutil.Process(pid)
+                    procs = [root, *root.children(recursive=True)]
+                    parts[name] = sum(p.memory_info().rss for p in procs if p.is_running())
+                except psutil.Error:
+                    continue
+            total = sum(parts.values())
+            if total > self.peak_bytes:
+                self.peak_bytes, self.peak_by_part = total, parts
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(5)
+
+
+def _producer(settings: Settings) -> Producer:
+    return Producer({
+        **settings.kafka.client_config(), "enable.idempotence": True, "linger.ms": 5,
+        "compression.type": "lz4", "batch.num.messages": 10000, "queue.buffering.max.messages": 1_000_000,
+    })
+
+
+def _consumer(settings: Settings, topic: str, group: str) -> Consumer:
+    consumer = Consumer({
+        **settings.kafka.client_config(), "group.id": group, "auto.offset.reset": "earliest",
+        "enable.auto.commit": False, "fetch.wait.max.ms": 10, "isolation.level": "read_committed",
+    })
+    consumer.subscribe([topic])
+    return consumer
+
+
+def _produce_all(producer: Producer, topic: str, records: Iterable[tuple[bytes, bytes]]) -> None:
+    for key, value in records:
+        while True:
+            try:
+                producer.produce(topic, key=key, value=value)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        producer.poll(0)
+    producer.flush(60)
+
+
+def raw_kafka(settings: Settings, records: list[tuple[bytes, bytes]], topic: str) -> dict:
+    """Produce ``records`` while a consumer reads them back; the time until the last arrives."""
+    consumer = _consumer(settings, topic, f"bench-raw-{uuid.uuid4().hex[:6]}")
+    got = 0
+    done = threading.Event()
+
+    def consume() -> None:
+        nonlocal got
+        while got < len(records):
+            for msg in consumer.consume(10_000, timeout=0.2):
+                if msg.error() is None:
+                    got += 1
+        done.set()
+
+    # Join the group before the clock starts, so the rebalance is not measured.
+    consumer.consume(1, timeout=3)
+    reader = threading.Thread(target=consume, daemon=True)
+    t0 = time.perf_counter()
+    reader.start()
+    _produce_all(_producer(settings), topic, records)
+    produced_s = time.perf_counter() - t0
+    done.wait(300)
+    total_s = time.perf_counter() - t0
+    consumer.close()
+    return {"records": len(records), "produce_per_s": len(records) / produced_s,
+            "produce_consume_per_s": got / total_s, "seconds": total_s}
+
+
+def _count_scored(settings: Settings, expected: int, timeout: float, first_seen: list[float]) -> float:
+    """Read the scored topic until ``expected`` distinct decisions; returns the time of the last."""
+    topic = SCORED_TRANSACTIONS.full_name(settings.kafka.topic_prefix)
+    consumer = _consumer(settings, topic, f"bench-out-{uuid.uuid4().hex[:6]}")
+    seen: set[bytes] = set()
+    deadline = time.monotonic() + timeout
+    try:
+        while len(seen) < expected:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(seen)}/{expected} decisions after {timeout:.0f}s")
+            for msg in consumer.consume(10_000, timeout=0.2):
+                if msg.error() is None:
+                    if not first_seen:
+                        first_seen.append(time.perf_counter())
+                    seen.add(msg.key())
+        return time.perf_counter()
+    finally:
+        consumer.close()
+
+
+def end_to_end(settings: Settings, expected: int, children: list[Child]) -> dict:
+    """The job drains the preloaded backlog (decisions/s), then the sink indexes them (documents/s).
+
+    One after the other, so each figure is that component's own on this 2-core machine; the
+    latency stage then runs both at once on live traffic."""
+    job = start_scoring_job(settings, name=f"bench-job-{settings.kafka.topic_prefix[:-1]}")
+    children.append(job)
+    first: list[float] = []
+    t_launch = time.perf_counter()
+    t_last = _count_scored(settings, expected, timeout=900, first_seen=first)
+    scored_per_s = expected / (t_last - first[0])
+
+    client = make_client(settings.opensearch)
+    index = index_name(settings.opensearch.index_prefix, "transactions")
+    t_sink = time.perf_counter()
+    children.append(spawn("sinks.opensearch.sink", settings, name=f"bench-sink-{settings.kafka.topic_prefix[:-1]}"))
+
+    def indexed() -> bool:
+        client.indices.refresh(index=index)
+        return client.count(index=index)["count"] >= expected
+
+    wait_for(lambda: client.indices.exists(index=index), timeout=120, what="the sink's index")
+    wait_for(indexed, timeout=900, interval=0.5, what="all decisions indexed")
+    return {"records": expected, "startup_s": first[0] - t_launch, "scored_per_s": scored_per_s,
+            "indexed_per_s": expected / (time.perf_counter() - t_sink)}
+
+
+def fixed_rate_latency(settings: Settings, rate: int, seconds: int, warmup: int = 5) -> dict:
+    """Live traffic at ``rate`` tx/s; event->decision and event->searchable percentiles (ms).
+
+    The first ``warmup`` seconds of traffic are sent but not counted: the bench producer's first
+    connection and the job's idle-to-busy transition after the previous stage are not the
+    pipeline's steady state."""
+    gen = PosGenerator(seed=99, stores=8, customers=20_000, tx_per_second=rate, diurnal=False)
+    topic = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
+    out_topic = SCORED_TRANSACTIONS.full_name(settings.kafka.topic_prefix)
+    consumer = _consumer(settings, out_topic, f"bench-lat-{uuid.uuid4().hex[:6]}")
+    consumer.consume(1, timeout=3)
+    # Start reading at the end: only this stage's decisions count.
+    for tp in consumer.assignment():
+        _, high = consumer.get_watermark_offsets(tp, timeout=5)
+        consumer.seek(TopicPartition(tp.topic, tp.partition, high))
+    client = make_client(settings.opensearch)
+    index = index_name(settings.opensearch.index_prefix, "transactions")
+    producer = _producer(settings)
+    sent: dict[str, int] = {}
+    probes: dict[str, int] = {}
+    decision_ms: list[float] = []
+    searchable_ms: list[float] = []
+    stop = threading.Event()
+
+    def read_decisions() -> None:
+        scored = codec("ScoredTransaction")
+        while not stop.is_set() or len(decision_ms) < len(sent):
+            msgs = consumer.consume(5000, timeout=0.2)
+            for msg in msgs:
+                if msg.error() is None:
+                    rec = scored.decode(msg.value())
+                    if rec["transaction_id"] in sent:
+                        decision_ms.append(rec["decided_at"] - rec["event_time"])
+            if stop.is_set() and not msgs:
+                break
+
+    def probe_search() -> None:
+        while not stop.is_set() or probes:
+            pending = list(probes)[:200]
+            if pending:
+                res = client.search(index=index, body={"query": {"ids": {"values": pending}}, "size": len(pending),
+                                                       "_source": False})
+                now = time.time() * 1000
+                for hit in res["hits"]["hits"]:
+                    searchable_ms.append(now - probes.pop(hit["_id"]))
+            elif stop.is_set():
+                break
+            time.sleep(0.05)
+
+    readers = [threading.Thread(target=read_decisions, daemon=True), threading.Thread(target=probe_search, daemon=True)]
+    for t in readers:
+        t.start()
+    interval = 1.0 / rate
+    n_warm, n_total = rate * warmup, rate * (warmup + seconds)
+    t0 = time.perf_counter()
+    for n in range(n_total):
+        target = t0 + n * interval
+        delay = target - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        if n == n_warm:
+            t_measured = time.perf_counter()
+        now_ms = int(time.time() * 1000)
+        tx = replace(next(gen), event_time=now_ms)
+        producer.produce(topic, key=f"{tx.store_id}/{tx.lane_id}", value=tx.encode())
+        if n >= n_warm:
+            sent[tx.transaction_id] = now_ms
+            if n % 20 == 0:
+                probes[tx.transaction_id] = now_ms
+        producer.poll(0)
+    producer.flush(30)
+    achieved = (n_total - n_warm) / (time.perf_counter() - t_measured)
+    deadline = time.monotonic() + 60
+    while (len(decision_ms) < len(sent) or probes) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stop.set()
+    for t in readers:
+        t.join(10)
+    consumer.close()
+    return {
+        "rate_target": rate, "rate_achieved": achieved, "seconds": seconds, "warmup_seconds": warmup,
+        "decisions": len(decision_ms),
+        "decision_p50_ms": percentile(decision_ms, 50), "decision_p95_ms": percentile(decision_ms, 95),
+        "decision_p99_ms": percentile(decision_ms, 99), "decision_max_ms": max(decision_ms, default=float("nan")),
+        "searchable_samples": len(searchable_ms), "searchable_p50_ms": percentile(searchable_ms, 50),
+        "searchable_p95_ms": percentile(searchable_ms, 95), "searchable_p99_ms": percentile(searchable_ms, 99),
+    }
+
+
+def _cleanup(settings: Settings) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    from schemas.topics import ALL_TOPICS
+
+    admin = AdminClient(settings.kafka.client_config())
+    admin.delete_topics([t.full_name(settings.kafka.topic_prefix) for t in ALL_TOPICS])
+    make_client(settings.opensearch).indices.delete(
+        index=f"{settings.opensearch.index_prefix}-*", ignore_unavailable=True)
+
+
+def run(records: int, rate: int, seconds: int, keep: bool, settings: Settings | None = None) -> dict:
+    base = settings or get_settings()
+    up(base)
+    run_id = time.strftime("%H%M%S") + uuid.uuid4().hex[:4]
+    # The scoring job alone (no face stage in this run): decide without waiting for faces.
+    settings = base.isolated(f"bench{run_id}", base.stack_dir / "bench" / run_id / "checkpoints",
+                             face_deadline_ms=0)
+    ensure_topics(settings)
+    gen = PosGenerator(seed=7, stores=8, customers=50_000, fraud_share=0.03, tx_per_second=200)
+    txs = [next(gen) for _ in range(records)]
+    encoded = [(f"{t.store_id}/{t.lane_id}".encode(), t.encode()) for t in txs]
+    del txs
+    children: list[Child] = []
+    sampler = MemorySampler(base, children)
+    sampler.start()
+    results: dict = {"run": run_id, "machine": {"cpus": psutil.cpu_count(), "mem_gib": round(
+        psutil.virtual_memory().total / 2**30, 1)}}
+    try:
+        console.print(f"[bold]1/3 raw Kafka[/]: {records} records produced and consumed, no processing")
+        results["raw_kafka"] = raw_kafka(settings, encoded, TRANSACTIONS.full_name(settings.kafka.topic_prefix))
+        console.print(f"[bold]2/3 end to end[/]: the scoring job and the OpenSearch sink drain {records} records")
+        results["end_to_end"] = end_to_end(settings, records, children)
+        console.print(f"[bold]3/3 latency[/]: {rate} tx/s for {seconds}s of live traffic")
+        results["latency"] = fixed_rate_latency(settings, rate, seconds)
+    finally:
+        sampler.stop()
+        for child in children:
+            child.stop()
+        if not keep:
+            _cleanup(settings)
+    results["memory"] = {"peak_gib": sampler.peak_bytes / 2**30,
+                         "by_part_mib": {k: round(v / 2**20) for k, v in sampler.peak_by_part.items()}}
+    raw, e2e = results["raw_kafka"]["produce_consume_per_s"], results["end_to_end"]["scored_per_s"]
+    results["ratio_scored_to_raw_kafka"] = e2e / raw
+    return results
+
+
+def report(results: dict) -> None:
+    t = Table(title=f"checkout-guard bench {results['run']}")
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    t.add_column("goal", justify="right")
+    raw, e2e, lat, mem = results["raw_kafka"], results["end_to_end"], results["latency"], results["memory"]
+    t.add_row("raw Kafka produce+consume (rec/s)", f"{raw['produce_consume_per_s']:,.0f}", "")
+    t.add_row("end-to-end scored (tx/s)", f"{e2e['scored_per_s']:,.0f}", ">= 5,000")
+    t.add_row("end-to-end indexed in OpenSearch (docs/s)", f"{e2e['indexed_per_s']:,.0f}", "")
+    t.add_row("scored / raw Kafka", f"{results['ratio_scored_to_raw_kafka']:.3f}", "")
+    t.add_row(f"event->decision p50/p95/p99 at {lat['rate_target']} tx/s (ms)",
+              f"{lat['decision_p50_ms']:.0f} / {lat['decision_p95_ms']:.0f} / {lat['decision_p99_ms']:.0f}",
+              "p99 <= 250")
+    t.add_row("event->searchable p50/p95/p99 (ms)",
+              f"{lat['searchable_p50_ms']:.0f} / {lat['searchable_p95_ms']:.0f} / {lat['searchable_p99_ms']:.0f}", "")
+    t.add_row("achieved rate (tx/s)", f"{lat['rate_achieved']:,.0f}", "")
+    t.add_row("peak memory, whole stack (GiB)", f"{mem['peak_gib']:.2f}", "<= 6")
+    for row in report_rows(results["model_scoring"]) if "model_scoring" in results else ():
+        t.add_row(*row)
+    if "alerts" in results:
+        from tests.bench.alerts import report_rows as alert_rows
+
+        for row in alert_rows(results["alerts"]):
+            t.add_row(*row)
+    if "faces" in results:
+        from jobs.faces.cli import bench_report_rows
+
+        for row in bench_report_rows(results["faces"]):
+            t.add_row(*row)
+    console.print(t)
+    console.print(f"peak memory by part (MiB): {mem['by_part_mib']}")
+
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(
+    records: Annotated[int, typer.Option(help="Backlog size for the throughput stages.")] = 100_000,
+    rate: Annotated[int, typer.Option(help="Fixed rate for the latency stage (tx/s).")] = 1000,
+    seconds: Annotated[int, typer.Option(help="Duration of the latency stage.")] = 30,
+    keep: Annotated[bool, typer.Option(help="Keep the bench topics and indices.")] = False,
+    model_records: Annotated[int, typer.Option(help="Transactions for the model-scoring stage (0 = skip).")] = 20_000,
+) -> None:
+    """Measure raw Kafka, end-to-end throughput, latency at a fixed rate and peak memory."""
+    results = run(records, rate, seconds, keep)
+    from jobs.faces.cli import bench_for_make
+
+    console.print("[bold]faces[/]: JPEG -> face -> watchlist match on a 640x480 frame; probe with 100k enrolled")
+    results["faces"] = bench_for_make(get_settings())
+    if model_records:
+        console.print("[bold]model scoring[/]: model + rules + state in-process, batched vs one call per record")
+        results["model_scoring"] = model_scoring(get_settings(), records=model_records)
+    from tests.bench.alerts import bench_for_make as alerts_bench
+
+    console.print("[bold]alerts[/]: delivery with both channels answering in 50 ms; transaction -> e-mail, live")
+    results["alerts"] = alerts_bench(get_settings())
+    report(results)
+    out = REPO_ROOT / "bench-results"
+    out.mkdir(exist_ok=True)
+    path = out / f"walking-skeleton-{results['run']}.json"
+    path.write_text(json.dumps(results, indent=2, default=str))
+    console.print(f"results written to {path.relative_to(REPO_ROOT)}")
+
+
+if __name__ == "__main__":
+    app()
+
