@@ -6,7 +6,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 LINT_DIRS := producers jobs sinks schemas infra tests
 
-.PHONY: help setup up down status topics reset lint run test bench train backtest train-default replay backtest-stream
+.PHONY: help setup up down status topics reset lint check run test bench train backtest train-default replay backtest-stream
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -32,6 +32,12 @@ reset: ## stop the stack and delete its data, logs and checkpoints
 
 lint: setup ## ruff check over the Python sources
 	@$(PY) -m ruff check $(LINT_DIRS)
+
+check: setup ## format check, lint (bugbear, complexity, length caps), type check, unit tests with warnings as errors
+	@$(PY) -m ruff format --check $(LINT_DIRS)
+	@$(PY) -m ruff check $(LINT_DIRS)
+	@$(PY) -m mypy
+	@$(PY) -m pytest -q -W error tests/unit
 
 run: setup train-default ## start the stack, the scoring job and the OpenSearch sink, drive live demo traffic (Ctrl-C stops)
 	@$(PY) -m infra.demo

@@ -24,6 +24,7 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
+from infra.clients import kafka as kafka_clients
 from infra.clients.opensearch import make_client
 from infra.launcher import Child, spawn, start_scoring_job
 from infra.settings import REPO_ROOT, Settings, get_settings
@@ -64,18 +65,32 @@ def snapshot(settings: Settings, consumer: Consumer, client, children: list[Chil
     counts = Table(title="Kafka topics", show_edge=False)
     counts.add_column("topic")
     counts.add_column("messages", justify="right")
-    for spec in (TRANSACTIONS, CAMERA_EVENTS, FACE_OBSERVATIONS, SCORED_TRANSACTIONS, ALERTS, COMMANDS, WATCHLIST,
-                 DEAD_LETTERS):
+    for spec in (
+        TRANSACTIONS,
+        CAMERA_EVENTS,
+        FACE_OBSERVATIONS,
+        SCORED_TRANSACTIONS,
+        ALERTS,
+        COMMANDS,
+        WATCHLIST,
+        DEAD_LETTERS,
+    ):
         counts.add_row(spec.full_name(prefix), f"{topic_size(consumer, spec.full_name(prefix)):,}")
     outcomes = Table(title=f"OpenSearch {tx_index}", show_edge=False)
     outcomes.add_column("outcome")
     outcomes.add_column("documents", justify="right")
     outcomes.add_column("amount", justify="right")
     with contextlib.suppress(Exception):
-        res = client.search(index=tx_index, body={
-            "size": 0, "aggs": {"o": {"terms": {"field": "outcome"}, "aggs": {"a": {"sum": {"field": "amount"}}}},
-                                "lat": {"percentiles": {"field": "ttdf_ms", "percents": [50, 99]}}},
-        })
+        res = client.search(
+            index=tx_index,
+            body={
+                "size": 0,
+                "aggs": {
+                    "o": {"terms": {"field": "outcome"}, "aggs": {"a": {"sum": {"field": "amount"}}}},
+                    "lat": {"percentiles": {"field": "ttdf_ms", "percents": [50, 99]}},
+                },
+            },
+        )
         for b in res["aggregations"]["o"]["buckets"]:
             outcomes.add_row(b["key"], f"{b['doc_count']:,}", f"{b['a']['value']:,.2f}")
         lat = res["aggregations"]["lat"]["values"]
@@ -84,8 +99,10 @@ def snapshot(settings: Settings, consumer: Consumer, client, children: list[Chil
     alerts.add_column("when")
     alerts.add_column("summary")
     with contextlib.suppress(Exception):
-        res = client.search(index=index_name(idx, "alerts"), body={
-            "size": 5, "sort": [{"event_time": "desc"}], "_source": ["event_time", "summary"]})
+        res = client.search(
+            index=index_name(idx, "alerts"),
+            body={"size": 5, "sort": [{"event_time": "desc"}], "_source": ["event_time", "summary"]},
+        )
         for hit in res["hits"]["hits"]:
             src = hit["_source"]
             alerts.add_row(time.strftime("%H:%M:%S", time.localtime(src["event_time"] / 1000)), src["summary"])
@@ -102,14 +119,16 @@ def demo_settings(settings: Settings) -> Settings:
     """The embedded default: Webex is the local Webex API, the bot listens for its signed webhooks."""
     webex = settings.webex
     if webex.base_url.startswith("https://webexapis.com"):
-        webex = webex.model_copy(update={
-            "base_url": f"http://127.0.0.1:{webex.local_port}/v1",
-            "bot_token": webex.bot_token or SecretStr("local-bot-token"),
-            "room_id": webex.room_id or DEMO_ROOM,
-            "webhook_secret": webex.webhook_secret or SecretStr(secrets.token_hex(16)),
-            "public_url": webex.public_url or f"http://{webex.bot_host}:{webex.bot_port}",
-            "allowed_people": webex.allowed_people or DEMO_OFFICER,
-        })
+        webex = webex.model_copy(
+            update={
+                "base_url": f"http://127.0.0.1:{webex.local_port}/v1",
+                "bot_token": webex.bot_token or SecretStr("local-bot-token"),
+                "room_id": webex.room_id or DEMO_ROOM,
+                "webhook_secret": webex.webhook_secret or SecretStr(secrets.token_hex(16)),
+                "public_url": webex.public_url or f"http://{webex.bot_host}:{webex.bot_port}",
+                "allowed_people": webex.allowed_people or DEMO_OFFICER,
+            }
+        )
     cameras = settings.cameras
     if not cameras.local_photo_dirs and SHARED_FACES.is_dir():
         # A checkout with real test photos beside it: more shoppers than the two people a fresh
@@ -123,15 +142,23 @@ def flag_a_blocked_transaction(settings: Settings, client, flagged: set[str]) ->
     """Play the security officer: ``fraud <tx>`` in the room for the newest blocked, face-seen sale."""
     idx = index_name(settings.opensearch.index_prefix, "transactions")
     with contextlib.suppress(Exception):
-        res = client.search(index=idx, body={
-            "size": 5, "sort": [{"decided_at": "desc"}],
-            "query": {"bool": {"filter": [{"term": {"outcome": "BLOCK"}}, {"term": {"face_status": "NO_MATCH"}}]}},
-            "_source": ["transaction_id"]})
+        res = client.search(
+            index=idx,
+            body={
+                "size": 5,
+                "sort": [{"decided_at": "desc"}],
+                "query": {"bool": {"filter": [{"term": {"outcome": "BLOCK"}}, {"term": {"face_status": "NO_MATCH"}}]}},
+                "_source": ["transaction_id"],
+            },
+        )
         for hit in res["hits"]["hits"]:
             tx = hit["_source"]["transaction_id"]
             if tx not in flagged:
-                httpx.post(f"http://127.0.0.1:{settings.webex.local_port}/_local/say", timeout=10, json={
-                    "roomId": settings.webex.room_id, "personEmail": DEMO_OFFICER, "text": f"fraud {tx}"})
+                httpx.post(
+                    f"http://127.0.0.1:{settings.webex.local_port}/_local/say",
+                    timeout=10,
+                    json={"roomId": settings.webex.room_id, "personEmail": DEMO_OFFICER, "text": f"fraud {tx}"},
+                )
                 flagged.add(tx)
                 return tx
     return None
@@ -148,8 +175,15 @@ def main(
     up(settings)
     ensure_topics(settings)
     children = [
-        spawn("infra.local.webex", settings, "--port", str(settings.webex.local_port), "--token",
-              settings.webex.bot_token.get_secret_value(), name="local-webex"),
+        spawn(
+            "infra.local.webex",
+            settings,
+            "--port",
+            str(settings.webex.local_port),
+            "--token",
+            settings.webex.bot_token.get_secret_value(),
+            name="local-webex",
+        ),
         spawn("infra.local.camera", settings, name="local-camera"),
         spawn("producers.camera_bridge", settings, name="camera-bridge"),
         spawn("jobs.faces.stage", settings, name="face-stage"),
@@ -163,9 +197,22 @@ def main(
     time.sleep(3)  # the camera and the bot answer before shoppers arrive
     # A seed per run: transaction ids are tx-<seed>-<n>, and the job (its state restored from the last
     # run's checkpoint) rightly drops ids it has already decided as duplicates.
-    children.append(spawn("producers.shoppers", settings, "--rate", str(rate), "--count", "100000000",
-                          "--fraud-share", str(fraud_share), "--seed", str(int(time.time())), "--no-progress",
-                          name="shoppers"))
+    children.append(
+        spawn(
+            "producers.shoppers",
+            settings,
+            "--rate",
+            str(rate),
+            "--count",
+            "100000000",
+            "--fraud-share",
+            str(fraud_share),
+            "--seed",
+            str(int(time.time())),
+            "--no-progress",
+            name="shoppers",
+        )
+    )
     idx = settings.opensearch.index_prefix
     dash = settings.dashboard
     console.print(
@@ -176,7 +223,7 @@ def main(
         f"Kafka:               {settings.kafka.bootstrap_servers} (kcat -b {settings.kafka.bootstrap_servers} -L)\n"
         "The job needs ~30 s to start. Ctrl-C stops the demo; `make down` stops the services."
     )
-    consumer = Consumer({**settings.kafka.client_config(), "group.id": "checkout-guard-demo-view"})
+    consumer = kafka_clients.consumer(settings, "checkout-guard-demo-view")
     client = make_client(settings.opensearch)
     stopping = False
     flagged: set[str] = set()

@@ -58,8 +58,13 @@ def spawn(module: str, settings: Settings, *args: str, name: str | None = None) 
     env["FLINK_LOG_DIR"] = str(log_dir / f"{name}.flink")
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env, stdout=log,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            [sys.executable, "-m", module, *args],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
     return Child(name, proc, log_path)
 

@@ -392,11 +392,13 @@ class Settings(BaseSettings):
     def isolated(self, name: str, checkpoint_dir: Path, **job: object) -> Settings:
         """A copy whose topics, indices, consumer group and checkpoints are all ``name``'s own: a test,
         benchmark or backtest run beside others on the same cluster without touching their data."""
-        return self.model_copy(update={
-            "kafka": self.kafka.model_copy(update={"topic_prefix": f"{name}."}),
-            "opensearch": self.opensearch.model_copy(update={"index_prefix": name}),
-            "job": self.job.model_copy(update={"checkpoint_dir": checkpoint_dir, "consumer_group": name, **job}),
-        })
+        return self.model_copy(
+            update={
+                "kafka": self.kafka.model_copy(update={"topic_prefix": f"{name}."}),
+                "opensearch": self.opensearch.model_copy(update={"index_prefix": name}),
+                "job": self.job.model_copy(update={"checkpoint_dir": checkpoint_dir, "consumer_group": name, **job}),
+            }
+        )
 
     def to_env(self) -> dict[str, str]:
         """These settings as ``CG_*`` variables, so a child process builds the very same object."""

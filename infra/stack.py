@@ -40,11 +40,14 @@ from urllib.parse import urlsplit
 import httpx
 import psutil
 import typer
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
-from infra import local_smtp
+from infra.clients import kafka as kafka_clients
+from infra.local import smtp as local_smtp
+from infra.retry import call_with_retries
 from infra.settings import Settings, get_settings
+from schemas.errors import CheckoutGuardError
 from schemas.topics import ALL_TOPICS
 
 # Pinned versions. infra/install.sh reads these three lines (keep the `NAME = "value"` form).
@@ -54,8 +57,12 @@ MAVEN_DEPENDENCY_PLUGIN = "3.8.1"
 
 SERVICES = ("kafka", "opensearch", "mosquitto", "smtp")
 KAFKA_JVM_OPTS = (
-    "-Xmx512m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-XX:InitiatingHeapOccupancyPercent=35",
-    "-XX:+ExplicitGCInvokesConcurrent", "-Djava.awt.headless=true",
+    "-Xmx512m",
+    "-XX:+UseG1GC",
+    "-XX:MaxGCPauseMillis=20",
+    "-XX:InitiatingHeapOccupancyPercent=35",
+    "-XX:+ExplicitGCInvokesConcurrent",
+    "-Djava.awt.headless=true",
 )
 START_TIMEOUT_S = 180.0
 """Unloaded, Kafka is up in ~8 s and OpenSearch in ~10 s; on a busy 2-core machine it can take a minute."""
@@ -68,7 +75,7 @@ LOG4J2_CONFIG = Path(__file__).resolve().with_name("log4j2.properties")
 log = logging.getLogger("infra.stack")
 
 
-class StackError(RuntimeError):
+class StackError(CheckoutGuardError, RuntimeError):
     """The stack could not be brought to the requested state; the message says why and what to do."""
 
 
@@ -247,10 +254,7 @@ def _quiet_logger() -> logging.Logger:
 
 
 def _admin(settings: Settings) -> AdminClient:
-    conf: dict[str, object] = dict(settings.kafka.client_config())
-    conf["logger"] = _quiet_logger()
-    conf["log.connection.close"] = False
-    return AdminClient(conf)
+    return kafka_clients.admin(settings, logger=_quiet_logger(), log_connection_close=False)
 
 
 def _kafka_healthy(settings: Settings, ep: Endpoints, timeout: float = 3.0) -> bool:
@@ -270,7 +274,9 @@ def _opensearch_status(settings: Settings, timeout: float = 2.0) -> str | None:
         auth = (settings.opensearch.username, settings.opensearch.password.get_secret_value())
     try:
         r = httpx.get(
-            settings.opensearch.url.rstrip("/") + "/_cluster/health", timeout=timeout, auth=auth,
+            settings.opensearch.url.rstrip("/") + "/_cluster/health",
+            timeout=timeout,
+            auth=auth,
             verify=settings.opensearch.verify_certs,
         )
         return r.json().get("status") if r.status_code == 200 else None
@@ -281,8 +287,11 @@ def _opensearch_status(settings: Settings, timeout: float = 2.0) -> str | None:
 def _configure_opensearch(settings: Settings) -> None:
     """One node can never hold a replica: new indices without an explicit replica count get none, so
     cluster health reads green. (A persistent cluster setting: the -E node option is not honoured.)"""
-    r = httpx.put(settings.opensearch.url.rstrip("/") + "/_cluster/settings", timeout=10,
-                  json={"persistent": {"cluster.default_number_of_replicas": 0}})
+    r = httpx.put(
+        settings.opensearch.url.rstrip("/") + "/_cluster/settings",
+        timeout=10,
+        json={"persistent": {"cluster.default_number_of_replicas": 0}},
+    )
     if r.status_code != 200:
         log.warning("opensearch: could not set cluster.default_number_of_replicas: %s", r.text[:200])
 
@@ -380,8 +389,14 @@ def _spawn(svc: str, paths: StackPaths, cmd: list[str], env: dict[str, str], cwd
         logfile.replace(logfile.with_suffix(".log.1"))
     with open(logfile, "ab") as out:
         proc = subprocess.Popen(
-            cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, close_fds=True,
+            cmd,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
         )
     paths.pid(svc).write_text(f"{proc.pid}\n")
     return proc
@@ -443,15 +458,36 @@ def _start_kafka(settings: Settings, paths: StackPaths, ep: Endpoints) -> subpro
     if not (data / "meta.properties").exists():
         log.info("kafka: formatting storage in %s", data)
         fmt = subprocess.run(
-            [java, "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC", f"-Dlog4j2.configurationFile={LOG4J2_CONFIG}",
-             "-cp", classpath,
-             "kafka.tools.StorageTool", "format", "-t", _kafka_cluster_id(), "-c", str(paths.kafka_properties)],
-            env=env, capture_output=True, text=True, check=False,
+            [
+                java,
+                "-XX:TieredStopAtLevel=1",
+                "-XX:+UseSerialGC",
+                f"-Dlog4j2.configurationFile={LOG4J2_CONFIG}",
+                "-cp",
+                classpath,
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                _kafka_cluster_id(),
+                "-c",
+                str(paths.kafka_properties),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if fmt.returncode != 0:
             raise StackError(f"kafka storage format failed:\n{fmt.stdout}\n{fmt.stderr}")
-    cmd = [java, *KAFKA_JVM_OPTS, f"-Dlog4j2.configurationFile={LOG4J2_CONFIG}", "-cp", classpath,
-           "kafka.Kafka", str(paths.kafka_properties)]
+    cmd = [
+        java,
+        *KAFKA_JVM_OPTS,
+        f"-Dlog4j2.configurationFile={LOG4J2_CONFIG}",
+        "-cp",
+        classpath,
+        "kafka.Kafka",
+        str(paths.kafka_properties),
+    ]
     return _spawn("kafka", paths, cmd, env, cwd=data)
 
 
@@ -548,8 +584,7 @@ def _start_mosquitto(settings: Settings, paths: StackPaths, ep: Endpoints) -> su
         "log_dest stdout\n"
         "log_timestamp_format %Y-%m-%dT%H:%M:%S\n"
     )
-    return _spawn("mosquitto", paths, [binary, "-c", str(paths.mosquitto_conf)], _base_env(settings),
-                  cwd=data)
+    return _spawn("mosquitto", paths, [binary, "-c", str(paths.mosquitto_conf)], _base_env(settings), cwd=data)
 
 
 # --- Local mail (SMTP) ----------------------------------------------------------------------------
@@ -559,8 +594,16 @@ def _start_smtp(settings: Settings, paths: StackPaths, ep: Endpoints) -> subproc
     """aiosmtpd in its own Python process (infra/local/smtp.py): mails land in <stack dir>/mail/*.eml."""
     mail = local_smtp.mail_dir(paths.root)
     mail.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "infra.local.smtp", f"--mail-dir={mail}", "--host", ep.smtp_host,
-           "--port", str(ep.smtp_port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "infra.local.smtp",
+        f"--mail-dir={mail}",
+        "--host",
+        ep.smtp_host,
+        "--port",
+        str(ep.smtp_port),
+    ]
     env = _base_env(settings) | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     return _spawn("smtp", paths, cmd, env, cwd=paths.root)
 
@@ -573,8 +616,14 @@ _STARTERS: dict[str, Callable[[Settings, StackPaths, Endpoints], subprocess.Pope
 }
 
 
-def _wait_healthy(svc: str, settings: Settings, paths: StackPaths, ep: Endpoints,
-                  proc: subprocess.Popen | psutil.Process, timeout: float = START_TIMEOUT_S) -> None:
+def _wait_healthy(
+    svc: str,
+    settings: Settings,
+    paths: StackPaths,
+    ep: Endpoints,
+    proc: subprocess.Popen | psutil.Process,
+    timeout: float = START_TIMEOUT_S,
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if _healthy(svc, settings, ep):
@@ -584,8 +633,10 @@ def _wait_healthy(svc: str, settings: Settings, paths: StackPaths, ep: Endpoints
             paths.pid(svc).unlink(missing_ok=True)
             raise StackError(f"{svc} exited during start-up; end of {paths.log(svc)}:\n{_tail(paths.log(svc))}")
         time.sleep(0.3)
-    raise StackError(f"{svc} not healthy after {timeout:.0f}s; end of {paths.log(svc)}:\n"
-                     f"{_tail(paths.log(svc))}\n(try `make down` and `make up`)")
+    raise StackError(
+        f"{svc} not healthy after {timeout:.0f}s; end of {paths.log(svc)}:\n"
+        f"{_tail(paths.log(svc))}\n(try `make down` and `make up`)"
+    )
 
 
 def _ensure_service(svc: str, settings: Settings, paths: StackPaths, ep: Endpoints) -> str:
@@ -600,12 +651,15 @@ def _ensure_service(svc: str, settings: Settings, paths: StackPaths, ep: Endpoin
     busy = [f"{h}:{p}" for h, p in ep.ports(svc) if _tcp_open(h, p)]
     if busy:
         if _healthy(svc, settings, ep):
-            log.warning("%s: already served at %s by a process this stack dir did not start; using it",
-                        svc, ep.address(svc))
+            log.warning(
+                "%s: already served at %s by a process this stack dir did not start; using it", svc, ep.address(svc)
+            )
             return "external"
-        raise StackError(f"{svc}: port(s) {', '.join(busy)} taken by another process; free them or change "
-                         "the ports in the settings (CG_KAFKA__BOOTSTRAP_SERVERS, CG_KAFKA__CONTROLLER_PORT, "
-                         "CG_OPENSEARCH__URL, CG_MQTT__PORT, CG_SMTP__PORT)")
+        raise StackError(
+            f"{svc}: port(s) {', '.join(busy)} taken by another process; free them or change "
+            "the ports in the settings (CG_KAFKA__BOOTSTRAP_SERVERS, CG_KAFKA__CONTROLLER_PORT, "
+            "CG_OPENSEARCH__URL, CG_MQTT__PORT, CG_SMTP__PORT)"
+        )
     t0 = time.monotonic()
     popen = _STARTERS[svc](settings, paths, ep)
     log.info("%s: started pid %d, waiting until healthy", svc, popen.pid)
@@ -631,11 +685,16 @@ def ensure_topics(settings: Settings) -> list[str]:
     wanted = {spec.full_name(prefix): spec for spec in ALL_TOPICS}
     for name, spec in wanted.items():
         if name in existing and len(existing[name].partitions) != spec.partitions:
-            log.warning("topic %s has %d partitions, the spec says %d (left alone)",
-                        name, len(existing[name].partitions), spec.partitions)
+            log.warning(
+                "topic %s has %d partitions, the spec says %d (left alone)",
+                name,
+                len(existing[name].partitions),
+                spec.partitions,
+            )
     missing = [
         NewTopic(name, num_partitions=spec.partitions, replication_factor=1, config=dict(spec.config))
-        for name, spec in wanted.items() if name not in existing
+        for name, spec in wanted.items()
+        if name not in existing
     ]
     if not missing:
         return []
@@ -667,29 +726,33 @@ def describe_topics(settings: Settings) -> dict[str, dict]:
     return out
 
 
-_COORDINATOR_LOADING = frozenset({KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_NOT_AVAILABLE,
-                                  KafkaError.COORDINATOR_LOAD_IN_PROGRESS})
+_COORDINATOR_LOADING = frozenset(
+    {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.COORDINATOR_LOAD_IN_PROGRESS}
+)
 """What a group request answers while ``__consumer_offsets`` is being created (not all flagged retriable)."""
 
 
 def _wait_group_coordinator(settings: Settings, timeout_s: float = START_TIMEOUT_S) -> None:
     """Block until the broker serves consumer groups: on a fresh broker the first group request
     creates ``__consumer_offsets`` and answers NOT_COORDINATOR until its partitions are loaded."""
-    probe = Consumer({**settings.kafka.client_config(), "group.id": "checkout-guard-stack-probe",
-                      "enable.auto.commit": False})
+    probe = kafka_clients.consumer(settings, "checkout-guard-stack-probe", kafka_clients.MANUAL_COMMIT)
     topic = ALL_TOPICS[0].full_name(settings.kafka.topic_prefix)
-    deadline = time.monotonic() + timeout_s
+
+    def loading(exc: BaseException) -> bool:
+        if not isinstance(exc, KafkaException):
+            return False
+        err = exc.args[0]
+        return err.retriable() or err.code() in _COORDINATOR_LOADING
+
     try:
-        while True:
-            try:
-                probe.committed([TopicPartition(topic, 0)], timeout=10)
-                return
-            except KafkaException as exc:
-                err = exc.args[0]
-                waiting = err.retriable() or err.code() in _COORDINATOR_LOADING
-                if not waiting or time.monotonic() > deadline:
-                    raise StackError(f"Kafka does not serve consumer groups: {exc}") from exc
-                time.sleep(0.5)
+        call_with_retries(
+            lambda: probe.committed([TopicPartition(topic, 0)], timeout=10),
+            retriable=loading,
+            wait=lambda _n: 0.5,
+            deadline_s=timeout_s,
+        )
+    except KafkaException as exc:
+        raise StackError(f"Kafka does not serve consumer groups: {exc}") from exc
     finally:
         probe.close()
 
@@ -751,8 +814,16 @@ def reset(settings: Settings) -> None:
     sender's ledger (installs are kept): replayed ids must alert again on an empty stack."""
     down(settings)
     paths = StackPaths.of(settings)
-    doomed = [paths.root / "data", paths.logs, paths.conf, paths.tmp, paths.run, paths.root / "flink",
-              local_smtp.mail_dir(paths.root), paths.root / "alerts"]  # alerts: the sender's dedup ledger
+    doomed = [
+        paths.root / "data",
+        paths.logs,
+        paths.conf,
+        paths.tmp,
+        paths.run,
+        paths.root / "flink",
+        local_smtp.mail_dir(paths.root),
+        paths.root / "alerts",
+    ]  # alerts: the sender's dedup ledger
     checkpoints = Path(settings.checkpoint_dir).resolve()
     if checkpoints.is_relative_to(paths.root):  # never delete a checkpoint store outside the stack dir
         doomed.append(checkpoints)
@@ -783,8 +854,13 @@ def status(settings: Settings) -> dict:
             detail = "not started from this stack dir"
         elif not healthy and proc is not None:
             detail = f"process alive but not answering; see {paths.log(svc)}"
-        services[svc] = {"pid": proc.pid if proc else None, "managed": proc is not None,
-                         "address": ep.address(svc), "healthy": healthy, "detail": detail}
+        services[svc] = {
+            "pid": proc.pid if proc else None,
+            "managed": proc is not None,
+            "address": ep.address(svc),
+            "healthy": healthy,
+            "detail": detail,
+        }
     expected = [s.full_name(settings.kafka.topic_prefix) for s in ALL_TOPICS]
     topics: dict = {"expected": len(expected), "present": None, "missing": expected}
     if services["kafka"]["healthy"]:
@@ -799,8 +875,11 @@ def status(settings: Settings) -> dict:
 # --------------------------------------------------------------------------------------------------
 # CLI
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Local stack: Kafka (KRaft), OpenSearch, Mosquitto under the stack dir.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Local stack: Kafka (KRaft), OpenSearch, Mosquitto under the stack dir.",
+)
 
 
 def _cli_settings() -> Settings:
@@ -817,13 +896,23 @@ def _print_status(st: dict) -> None:
     for col in ("service", "pid", "address", "healthy", "detail"):
         table.add_column(col)
     for svc, s in st["services"].items():
-        table.add_row(svc, str(s["pid"] or "-"), s["address"],
-                      "[green]yes[/green]" if s["healthy"] else "[red]no[/red]", s["detail"])
+        table.add_row(
+            svc,
+            str(s["pid"] or "-"),
+            s["address"],
+            "[green]yes[/green]" if s["healthy"] else "[red]no[/red]",
+            s["detail"],
+        )
     t = st["topics"]
     present = "?" if t["present"] is None else t["present"]
-    table.add_row("topics", "", "", "[green]yes[/green]" if not t["missing"] else "[red]no[/red]",
-                  f"{present}/{t['expected']} present" + (f"; missing {', '.join(t['missing'])}"
-                                                         if t["missing"] and t["present"] is not None else ""))
+    table.add_row(
+        "topics",
+        "",
+        "",
+        "[green]yes[/green]" if not t["missing"] else "[red]no[/red]",
+        f"{present}/{t['expected']} present"
+        + (f"; missing {', '.join(t['missing'])}" if t["missing"] and t["present"] is not None else ""),
+    )
     Console().print(table)
 
 

@@ -33,9 +33,11 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from confluent_kafka import KafkaError, Producer
 
+from infra.clients import kafka as kafka_clients
+from infra.clock import now_ms
 from infra.settings import Settings, get_settings
 from schemas.errors import InvalidRecord
-from schemas.records import CameraEvent, DeadLetter, DetectedObject
+from schemas.records import CameraEvent, DeadLetter, DetectedObject, dead_letter
 from schemas.topics import CAMERA_EVENTS, DEAD_LETTERS
 
 log = logging.getLogger("producers.camera_bridge")
@@ -74,14 +76,34 @@ def _int(obj: dict, name: str, where: str) -> int:
 
 def parse_message(topic: str, payload: bytes, prefix: str = "", max_bytes: int = 256 * 1024) -> CameraEvent | Ignored:
     """One MQTT message as a :class:`CameraEvent`, :class:`Ignored`, or :class:`InvalidRecord` raised."""
+    route = _route(topic, prefix)
+    if isinstance(route, Ignored):
+        return route
+    serial, sub = route
+    body = _body(payload, max_bytes)
+    ts = _int(body, "ts", "message")
+    if ts <= 0:
+        raise InvalidRecord("invalid", f"ts must be epoch milliseconds, got {ts}")
+    if sub == "raw_detections":
+        return CameraEvent(serial, ts, topic, "RAW_DETECTIONS", None, _detections(body), {})
+    return CameraEvent(serial, ts, topic, "ZONE_COUNT", sub, (), _zone_counts(body))
+
+
+def _route(topic: str, prefix: str) -> tuple[str, str] | Ignored:
+    """``(serial, subtopic)`` of a camera topic we forward, else what to count it as."""
     if prefix and not topic.startswith(prefix):
         return Ignored("foreign_topic")
-    parts = topic[len(prefix):].split("/")
+    parts = topic[len(prefix) :].split("/")
     if len(parts) != 4 or parts[0] or parts[1] != "merakimv" or not parts[2]:
         return Ignored("foreign_topic")
     serial, sub = parts[2], parts[3]
     if sub != "raw_detections" and not _ZONE_RE.match(sub):
         return Ignored(sub or "empty_subtopic")
+    return serial, sub
+
+
+def _body(payload: bytes, max_bytes: int) -> dict:
+    """The payload as a JSON object (``oversized``, ``not_json`` or ``invalid`` raised)."""
     if len(payload) > max_bytes:
         raise InvalidRecord("oversized", f"payload of {len(payload)} bytes exceeds the {max_bytes}-byte limit")
     try:
@@ -90,25 +112,31 @@ def parse_message(topic: str, payload: bytes, prefix: str = "", max_bytes: int =
         raise InvalidRecord("not_json", f"payload is not JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidRecord("invalid", f"payload must be a JSON object, got {type(body).__name__}")
-    ts = _int(body, "ts", "message")
-    if ts <= 0:
-        raise InvalidRecord("invalid", f"ts must be epoch milliseconds, got {ts}")
-    if sub == "raw_detections":
-        objects = body.get("objects")
-        if not isinstance(objects, list):
-            raise InvalidRecord("invalid", "raw_detections: 'objects' must be a list")
-        parsed = []
-        for i, obj in enumerate(objects):
-            where = f"objects[{i}]"
-            if not isinstance(obj, dict):
-                raise InvalidRecord("invalid", f"{where} must be an object")
-            kind = obj.get("type")
-            if not isinstance(kind, str) or not kind:
-                raise InvalidRecord("invalid", f"{where}: 'type' must be a non-empty string")
-            frame = _int(obj, "frame", where) if obj.get("frame") is not None else None
-            parsed.append(DetectedObject(_int(obj, "oid", where), kind, *(_number(obj, b, where) for b in _BOX),
-                                         frame=frame))
-        return CameraEvent(serial, ts, topic, "RAW_DETECTIONS", None, tuple(parsed), {})
+    return body
+
+
+def _detections(body: dict) -> tuple[DetectedObject, ...]:
+    """A ``raw_detections`` message's ``objects``."""
+    objects = body.get("objects")
+    if not isinstance(objects, list):
+        raise InvalidRecord("invalid", "raw_detections: 'objects' must be a list")
+    parsed = []
+    for i, obj in enumerate(objects):
+        where = f"objects[{i}]"
+        if not isinstance(obj, dict):
+            raise InvalidRecord("invalid", f"{where} must be an object")
+        kind = obj.get("type")
+        if not isinstance(kind, str) or not kind:
+            raise InvalidRecord("invalid", f"{where}: 'type' must be a non-empty string")
+        frame = _int(obj, "frame", where) if obj.get("frame") is not None else None
+        parsed.append(
+            DetectedObject(_int(obj, "oid", where), kind, *(_number(obj, b, where) for b in _BOX), frame=frame)
+        )
+    return tuple(parsed)
+
+
+def _zone_counts(body: dict) -> dict[str, int]:
+    """A zone message's ``counts`` (object name -> non-negative count)."""
     counts = body.get("counts")
     if not isinstance(counts, dict):
         raise InvalidRecord("invalid", "zone message: 'counts' must be an object")
@@ -117,16 +145,23 @@ def parse_message(topic: str, payload: bytes, prefix: str = "", max_bytes: int =
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise InvalidRecord("invalid", f"zone message: count of {name!r} must be a non-negative integer")
         clean[str(name)] = value
-    return CameraEvent(serial, ts, topic, "ZONE_COUNT", sub, (), clean)
+    return clean
 
 
 def mqtt_dead_letter(topic: str, payload: bytes, error: InvalidRecord, failed_at: int) -> DeadLetter:
     """A bad MQTT message; MQTT has no offsets, so the id is the topic + a hash of the payload
     (a redelivered duplicate gets the same id)."""
     digest = hashlib.sha256(payload).hexdigest()[:16]
-    return DeadLetter(
-        dead_letter_id=f"mqtt:{topic}:{digest}", source_topic=topic, partition=-1, offset=-1, key=None,
-        payload=payload, error_kind=error.kind, reason=error.reason, stage=STAGE, failed_at=failed_at,
+    return dead_letter(
+        topic=topic,
+        partition=-1,
+        offset=-1,
+        key=None,
+        value=payload,
+        error=error,
+        stage=STAGE,
+        failed_at=failed_at,
+        dead_letter_id=f"mqtt:{topic}:{digest}",
     )
 
 
@@ -145,10 +180,7 @@ class BridgeStats:
 
 
 def make_producer(settings: Settings) -> Producer:
-    return Producer({
-        **settings.kafka.client_config(), "client.id": "checkout-guard-camera-bridge",
-        "enable.idempotence": True, "acks": "all", "linger.ms": 5,
-    })
+    return kafka_clients.producer(settings, kafka_clients.RELIABLE, client_id="checkout-guard-camera-bridge")
 
 
 def client_id(settings: Settings) -> str:
@@ -168,8 +200,9 @@ class CameraBridge:
         self._producer = producer or make_producer(settings)
         self._events_topic = CAMERA_EVENTS.full_name(settings.kafka.topic_prefix)
         self._dlq_topic = DEAD_LETTERS.full_name(settings.kafka.topic_prefix)
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id(settings),
-                                   clean_session=False, manual_ack=True)
+        self._client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id(settings), clean_session=False, manual_ack=True
+        )
         self._client.reconnect_delay_set(min_delay=0.2, max_delay=5)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
@@ -185,8 +218,12 @@ class CameraBridge:
         client.subscribe(f"{self.prefix}/merakimv/#", qos=1)
         self.stats.connects += 1
         self.connected.set()
-        log.info("connected to mqtt %s:%s (session present: %s)", self.settings.mqtt.host, self.settings.mqtt.port,
-                 _f.session_present)
+        log.info(
+            "connected to mqtt %s:%s (session present: %s)",
+            self.settings.mqtt.host,
+            self.settings.mqtt.port,
+            _f.session_present,
+        )
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self.connected.clear()
@@ -194,7 +231,7 @@ class CameraBridge:
 
     def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         self.stats.received += 1
-        now = int(time.time() * 1000)
+        now = now_ms()
         try:
             result = parse_message(msg.topic, msg.payload, self.prefix, self.settings.job.max_message_bytes)
         except InvalidRecord as exc:
@@ -221,12 +258,8 @@ class CameraBridge:
                 self.stats.published += 1
             self._ack(msg)
 
-        while True:
-            try:
-                self._producer.produce(topic, value=value, key=key, on_delivery=delivered)
-                return
-            except BufferError:
-                time.sleep(0.05)  # local queue full: the run loop's poll() drains it
+        # A full local queue is drained by the run loop's poll(), not by this (paho) thread: sleep, not poll.
+        kafka_clients.produce(self._producer, topic, key, value, delivered, wait=time.sleep)
 
     def _ack(self, msg: mqtt.MQTTMessage) -> None:
         if msg.qos > 0:
@@ -259,8 +292,14 @@ def main() -> None:
     def report(stats: BridgeStats) -> None:
         if time.monotonic() - last[0] >= 30:
             last[0] = time.monotonic()
-            log.info("received %d, published %d, dead-lettered %d, ignored %s, delivery failures %d",
-                     stats.received, stats.published, stats.dead_lettered, dict(stats.ignored), stats.delivery_failed)
+            log.info(
+                "received %d, published %d, dead-lettered %d, ignored %s, delivery failures %d",
+                stats.received,
+                stats.published,
+                stats.dead_lettered,
+                dict(stats.ignored),
+                stats.delivery_failed,
+            )
 
     try:
         CameraBridge(settings).run(stop, report)

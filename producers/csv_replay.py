@@ -24,35 +24,17 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from schemas.errors import CheckoutGuardError
 
-class ReplayStateError(ValueError):
+
+class ReplayStateError(CheckoutGuardError, ValueError):
     """The state file does not belong to this CSV (content changed) or cannot be read."""
 
 
 # ---------------------------------------------------------------------------- mapping
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 # ---------------------------------------------------------------------------- reading and ordering
-
-
-
-
-
-
-
-
 
 
 # ---------------------------------------------------------------------------- resume bookkeeping
@@ -131,8 +113,16 @@ class AckWatermark:
 class Checkpoint:
     """Saves the watermark to the state file, at most every ``interval_s`` (plus a final save)."""
 
-    def __init__(self, path: Path, csv_name: str, sha256: str, total_rows: int, watermark: AckWatermark,
-                 interval_s: float = 0.5, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        path: Path,
+        csv_name: str,
+        sha256: str,
+        total_rows: int,
+        watermark: AckWatermark,
+        interval_s: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.path = path
         self.watermark = watermark
         self._meta = (csv_name, sha256, total_rows)
@@ -146,8 +136,9 @@ class Checkpoint:
         if last == self._saved:
             return
         csv_name, sha256, total = self._meta
-        save_state(self.path, ReplayState(csv_name, sha256, total, last,
-                                          datetime.now(UTC).isoformat(timespec="milliseconds")))
+        save_state(
+            self.path, ReplayState(csv_name, sha256, total, last, datetime.now(UTC).isoformat(timespec="milliseconds"))
+        )
         self._saved, self._saved_at = last, self._clock()
 
     def maybe_save(self) -> None:

@@ -28,6 +28,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
+from infra.clients import kafka as kafka_clients
+from infra.clock import now_ms
 from infra.local.pos_generator import DEFAULT_START_MS, PosGenerator
 from infra.pacing import TokenBucket
 from infra.settings import Settings, get_settings
@@ -58,21 +60,14 @@ class ProducerLike(Protocol):
 
 def make_producer(settings: Settings) -> Producer:
     """Idempotent, ``acks=all``: a retried send can neither be lost nor duplicated nor reordered."""
-    return Producer({
-        **settings.kafka.client_config(),
-        "client.id": "checkout-guard-pos",
-        "enable.idempotence": True,
-        "acks": "all",
-        "linger.ms": 5,
-        "compression.type": "lz4",
-    })
+    return kafka_clients.producer(
+        settings, kafka_clients.RELIABLE, client_id="checkout-guard-pos", compression_type="lz4"
+    )
 
 
 def message_key(tx: PosTransaction) -> bytes:
     """Per-lane key: one lane's transactions land in one partition, in order."""
     return f"{tx.store_id}/{tx.lane_id}".encode()
-
-
 
 
 @dataclass
@@ -137,8 +132,10 @@ class _Progress:
         s = self.stats
         line = Text(f"{self.label}  sent {s.sent:,}  acked {s.acked:,}  ")
         line.append(f"failed {s.failed:,}", style="bold red" if s.failed else "")
-        line.append(f"  in flight {s.unconfirmed:,}  rate {self._rate:,.0f} tx/s"
-                    f"  elapsed {time.monotonic() - self._start:,.1f} s")
+        line.append(
+            f"  in flight {s.unconfirmed:,}  rate {self._rate:,.0f} tx/s"
+            f"  elapsed {time.monotonic() - self._start:,.1f} s"
+        )
         return line
 
 
@@ -194,15 +191,10 @@ def produce(
                 if wait > 0.0005:
                     _wait(kafka, now + wait, bar)
                 if realtime:
-                    tx = dataclasses.replace(tx, event_time=time.time_ns() // 1_000_000)
+                    tx = dataclasses.replace(tx, event_time=now_ms())
                 value, key = tx.encode(), message_key(tx)
                 callback = counted if on_delivery is None else partial(delivered, seq)
-                while True:
-                    try:
-                        kafka.produce(topic, value=value, key=key, on_delivery=callback)
-                        break
-                    except BufferError:  # local queue full: let deliveries drain it
-                        kafka.poll(0.05)
+                kafka_clients.produce(kafka, topic, key, value, callback)
                 stats.sent += 1
                 kafka.poll(0)
                 if progress:
@@ -292,8 +284,7 @@ def replay_csv(
             except ValueError as exc:
                 skipped.append((row.line, str(exc)))
                 if len(skipped) <= _MAX_REPORTED_ERRORS:
-                    console.print(f"line {row.line}: skipped, {exc}", style="yellow", markup=False,
-                                  highlight=False)
+                    console.print(f"line {row.line}: skipped, {exc}", style="yellow", markup=False, highlight=False)
                 watermark.settle(index)
                 continue
             row_of_seq[seq] = index
@@ -315,9 +306,16 @@ def replay_csv(
         return (tx.event_time - first_event[0]) / 1000.0 / time_scale
 
     try:
-        stats = produce(settings, transactions(), rate, progress, producer=producer,
-                        on_delivery=on_delivery, due=event_time_due if time_scale > 0 else None,
-                        label=path.name)
+        stats = produce(
+            settings,
+            transactions(),
+            rate,
+            progress,
+            producer=producer,
+            on_delivery=on_delivery,
+            due=event_time_due if time_scale > 0 else None,
+            label=path.name,
+        )
     finally:
         checkpoint.save()
     if len(skipped) > _MAX_REPORTED_ERRORS:
@@ -327,8 +325,11 @@ def replay_csv(
 
 # ---------------------------------------------------------------------------- CLI
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="POS transactions into Kafka: live synthetic traffic or a Fraud Detector CSV replay.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="POS transactions into Kafka: live synthetic traffic or a Fraud Detector CSV replay.",
+)
 
 
 @contextlib.contextmanager
@@ -347,9 +348,13 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 def _finish(stats: ProduceStats, what: str) -> None:
     colour = "green" if stats.ok and not stats.interrupted else "yellow" if stats.ok else "red"
-    console.print(f"{what}: sent {stats.sent:,}, acked {stats.acked:,}, failed {stats.failed:,}, "
-                  f"unconfirmed {stats.unconfirmed:,} in {stats.elapsed_s:,.1f} s ({stats.rate:,.0f} tx/s)",
-                  style=colour, markup=False, highlight=False)
+    console.print(
+        f"{what}: sent {stats.sent:,}, acked {stats.acked:,}, failed {stats.failed:,}, "
+        f"unconfirmed {stats.unconfirmed:,} in {stats.elapsed_s:,.1f} s ({stats.rate:,.0f} tx/s)",
+        style=colour,
+        markup=False,
+        highlight=False,
+    )
     for err in stats.errors:
         console.print(f"delivery error: {err}", style="red", markup=False, highlight=False)
 
@@ -364,31 +369,45 @@ def _exit_code(stats: ProduceStats) -> int:
 def generate(
     rate: Annotated[float, typer.Option(help="Target tx/s; 0 = as fast as possible.", min=0)] = 50.0,
     count: Annotated[int, typer.Option(help="Transactions to send; 0 = until stopped.", min=0)] = 0,
-    seed: Annotated[int | None, typer.Option(help="Seed; same seed, same transactions and ids. "
-                                                  "Default: a new one, printed.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed; same seed, same transactions and ids. Default: a new one, printed.")
+    ] = None,
     stores: Annotated[int, typer.Option(help="Number of stores.", min=1)] = 8,
     lanes: Annotated[int, typer.Option(help="Lanes per store.", min=1)] = 6,
     customers: Annotated[int, typer.Option(help="Size of the customer population.", min=2)] = 20_000,
-    fraud_share: Annotated[float, typer.Option(help="Share of fraudulent transactions (label 1).",
-                                               min=0.0, max=1.0)] = 0.03,
-    event_rate: Annotated[float | None, typer.Option(
-        help="Arrivals per second of generator event time; default --rate (20 when --rate is 0).")] = None,
-    realtime: Annotated[bool, typer.Option(
-        help="Stamp event_time with the wall clock when sent, instead of generator time.")] = True,
+    fraud_share: Annotated[
+        float, typer.Option(help="Share of fraudulent transactions (label 1).", min=0.0, max=1.0)
+    ] = 0.03,
+    event_rate: Annotated[
+        float | None,
+        typer.Option(help="Arrivals per second of generator event time; default --rate (20 when --rate is 0)."),
+    ] = None,
+    realtime: Annotated[
+        bool, typer.Option(help="Stamp event_time with the wall clock when sent, instead of generator time.")
+    ] = True,
     progress: Annotated[bool, typer.Option(help="Show the live status line.")] = True,
 ) -> None:
     """Send realistic synthetic POS traffic (sales, returns, labelled fraud patterns)."""
     settings = get_settings()
     if seed is None:
         seed = random.SystemRandom().randrange(1, 1_000_000)
-    gen = PosGenerator(seed=seed, stores=stores, lanes_per_store=lanes, customers=customers,
-                       fraud_share=fraud_share, tx_per_second=event_rate or rate or 20.0,
-                       start_time_ms=time.time_ns() // 1_000_000 if realtime else DEFAULT_START_MS)
+    gen = PosGenerator(
+        seed=seed,
+        stores=stores,
+        lanes_per_store=lanes,
+        customers=customers,
+        fraud_share=fraud_share,
+        tx_per_second=event_rate or rate or 20.0,
+        start_time_ms=now_ms() if realtime else DEFAULT_START_MS,
+    )
     txs: Iterator[PosTransaction] = islice(gen, count) if count else gen
     topic = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
-    console.print(f"generating into [bold]{topic}[/] at {settings.kafka.bootstrap_servers}: seed {seed}, "
-                  f"{stores} stores x {lanes} lanes, {customers:,} customers, fraud share {fraud_share:.1%}, "
-                  f"rate {'max' if not rate else f'{rate:g}/s'}", highlight=False)
+    console.print(
+        f"generating into [bold]{topic}[/] at {settings.kafka.bootstrap_servers}: seed {seed}, "
+        f"{stores} stores x {lanes} lanes, {customers:,} customers, fraud share {fraud_share:.1%}, "
+        f"rate {'max' if not rate else f'{rate:g}/s'}",
+        highlight=False,
+    )
     with _sigterm_as_interrupt():
         stats = produce(settings, txs, rate, progress, realtime=realtime, label=f"seed {seed}")
     _finish(stats, "generate")
@@ -398,34 +417,49 @@ def generate(
 @app.command("replay-csv")
 def replay_csv_command(
     path: Annotated[Path, typer.Argument(help="Fraud Detector training CSV.", exists=True, dir_okay=False)],
-    state_file: Annotated[Path | None, typer.Option(
-        help="Resume checkpoint; default <stack_dir>/replay/<csv-stem>.state.json.")] = None,
+    state_file: Annotated[
+        Path | None, typer.Option(help="Resume checkpoint; default <stack_dir>/replay/<csv-stem>.state.json.")
+    ] = None,
     from_start: Annotated[bool, typer.Option("--from-start", help="Ignore (and reset) saved progress.")] = False,
     rate: Annotated[float, typer.Option(help="Max tx/s; 0 = no cap.", min=0)] = 0.0,
-    time_scale: Annotated[float, typer.Option(
-        help="Replay N times faster than the original event spacing; 0 = no pacing.", min=0)] = 0.0,
+    time_scale: Annotated[
+        float, typer.Option(help="Replay N times faster than the original event spacing; 0 = no pacing.", min=0)
+    ] = 0.0,
     progress: Annotated[bool, typer.Option(help="Show the live status line.")] = True,
 ) -> None:
     """Replay a Fraud Detector CSV in EVENT_TIMESTAMP order; rerun to resume after a stop."""
     settings = get_settings()
     with _sigterm_as_interrupt():
         try:
-            result = replay_csv(settings, path, state_file=state_file, from_start=from_start, rate=rate,
-                                time_scale=time_scale, progress=progress)
+            result = replay_csv(
+                settings,
+                path,
+                state_file=state_file,
+                from_start=from_start,
+                rate=rate,
+                time_scale=time_scale,
+                progress=progress,
+            )
         except (CsvFormatError, ReplayStateError) as exc:
             console.print(str(exc), style="red", markup=False, highlight=False)
             raise typer.Exit(2) from None
     _finish(result.stats, f"replay {path.name}")
     done = result.last_acked_index + 1
     if result.start_index >= result.total_rows:
-        console.print(f"nothing to do: all {result.total_rows:,} rows were already replayed "
-                      f"(--from-start to replay again; state in {result.state_file})", markup=False,
-                      highlight=False)
+        console.print(
+            f"nothing to do: all {result.total_rows:,} rows were already replayed "
+            f"(--from-start to replay again; state in {result.state_file})",
+            markup=False,
+            highlight=False,
+        )
     else:
-        console.print(f"{done:,} of {result.total_rows:,} rows done (this run started at row "
-                      f"{result.start_index:,}; {len(result.skipped):,} unmappable skipped); state in "
-                      f"{result.state_file}" + ("" if result.complete else "; run again to resume"),
-                      markup=False, highlight=False)
+        console.print(
+            f"{done:,} of {result.total_rows:,} rows done (this run started at row "
+            f"{result.start_index:,}; {len(result.skipped):,} unmappable skipped); state in "
+            f"{result.state_file}" + ("" if result.complete else "; run again to resume"),
+            markup=False,
+            highlight=False,
+        )
     raise typer.Exit(_exit_code(result.stats))
 
 
@@ -442,8 +476,9 @@ def bench(
             if encode:
                 tx.encode()
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        console.print(f"{what:16} {count:,} tx: {count / wall:,.0f} tx/s wall, {count / cpu:,.0f} tx/s cpu",
-                      highlight=False)
+        console.print(
+            f"{what:16} {count:,} tx: {count / wall:,.0f} tx/s wall, {count / cpu:,.0f} tx/s cpu", highlight=False
+        )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,11 @@ console = Console(stderr=True)
 
 # ---------------------------------------------------------------------------- CLI
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Re-publish a topic range (by offsets or timestamps) into a target topic.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Re-publish a topic range (by offsets or timestamps) into a target topic.",
+)
 
 
 def ranges_table(title: str, ranges: list[PartitionRange]) -> Table:
@@ -33,26 +36,29 @@ def ranges_table(title: str, ranges: list[PartitionRange]) -> Table:
     return table
 
 
-
-
 @app.command("run")
 def run_command(
     topic: Annotated[str, typer.Argument(help="Logical topic name, e.g. transactions (prefixes are added).")],
     from_offsets: Annotated[str | None, typer.Option(help="Start offset: N for every partition or P:N,P:N.")] = None,
     to_offsets: Annotated[str | None, typer.Option(help="End offset (exclusive): N or P:N,P:N.")] = None,
-    from_time: Annotated[str | None, typer.Option(help="Start at the first record at/after this time "
-                                                       "(ISO-8601, epoch ms or now).")] = None,
+    from_time: Annotated[
+        str | None, typer.Option(help="Start at the first record at/after this time (ISO-8601, epoch ms or now).")
+    ] = None,
     to_time: Annotated[str | None, typer.Option(help="End before the first record at/after this time.")] = None,
     partitions: Annotated[str | None, typer.Option(help="Only these source partitions, e.g. 0,2.")] = None,
-    source_prefix: Annotated[str | None, typer.Option(help="Topic prefix of the source; default the "
-                                                           "settings' (CG_KAFKA__TOPIC_PREFIX).")] = None,
+    source_prefix: Annotated[
+        str | None, typer.Option(help="Topic prefix of the source; default the settings' (CG_KAFKA__TOPIC_PREFIX).")
+    ] = None,
     target_prefix: Annotated[str | None, typer.Option(help="Topic prefix of the target; default the source's.")] = None,
     target_topic: Annotated[str | None, typer.Option(help="Logical target topic; default the same as TOPIC.")] = None,
-    target_bootstrap: Annotated[str | None, typer.Option(
-        help="Bootstrap servers of another cluster (same security settings); default the same cluster.")] = None,
+    target_bootstrap: Annotated[
+        str | None,
+        typer.Option(help="Bootstrap servers of another cluster (same security settings); default the same cluster."),
+    ] = None,
     rate: Annotated[float, typer.Option(help="Max records per second; 0 = no cap.", min=0)] = 0.0,
-    restamp: Annotated[bool, typer.Option("--restamp", help="Stamp copies with the replay time "
-                                                            "instead of their original timestamps.")] = False,
+    restamp: Annotated[
+        bool, typer.Option("--restamp", help="Stamp copies with the replay time instead of their original timestamps.")
+    ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the range sizes and stop.")] = False,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
@@ -61,8 +67,11 @@ def run_command(
     src_prefix = settings.kafka.topic_prefix if source_prefix is None else source_prefix
     dst_prefix = src_prefix if target_prefix is None else target_prefix
     source_name, target_name = f"{src_prefix}{topic}", f"{dst_prefix}{target_topic or topic}"
-    target_kafka = settings.kafka if target_bootstrap is None else settings.kafka.model_copy(
-        update={"bootstrap_servers": target_bootstrap})
+    target_kafka = (
+        settings.kafka
+        if target_bootstrap is None
+        else settings.kafka.model_copy(update={"bootstrap_servers": target_bootstrap})
+    )
     try:
         start, end = bounds(from_offsets, to_offsets, from_time, to_time)
         only = [int(p) for p in partitions.split(",") if p.strip()] if partitions else None
@@ -74,15 +83,27 @@ def run_command(
     if dry_run:
         raise typer.Exit(0)
     try:
-        stats = replay(settings.kafka, source_name, target_kafka, target_name, ranges, rate=rate, restamp=restamp,
-                       progress=progress)
+        stats = replay(
+            settings.kafka,
+            source_name,
+            target_kafka,
+            target_name,
+            ranges,
+            rate=rate,
+            restamp=restamp,
+            progress=progress,
+        )
     except (RangeError, TimeoutError, RuntimeError) as exc:
         console.print(str(exc), style="red", markup=False, highlight=False)
         raise typer.Exit(1) from None
     colour = "green" if stats.ok else "red"
-    console.print(f"replayed {stats.acked:,} of {stats.planned:,} planned record(s) ({stats.read:,} read, "
-                  f"{stats.failed:,} failed) in {stats.elapsed_s:,.1f} s", style=colour, markup=False,
-                  highlight=False)
+    console.print(
+        f"replayed {stats.acked:,} of {stats.planned:,} planned record(s) ({stats.read:,} read, "
+        f"{stats.failed:,} failed) in {stats.elapsed_s:,.1f} s",
+        style=colour,
+        markup=False,
+        highlight=False,
+    )
     for err in stats.errors:
         console.print(f"delivery error: {err}", style="red", markup=False, highlight=False)
     raise typer.Exit(0 if stats.ok else 1)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 import zlib
 from collections import deque
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from typing import Annotated
 
 import typer
 
+from infra.clock import now_ms
 from infra.local.camera import LocalCameraControl
 from infra.local.pos_generator import PosGenerator
 from infra.settings import Settings, get_settings
@@ -42,8 +42,14 @@ def person_for(tx: PosTransaction, people: list[str]) -> str:
 
 
 def shopper_transactions(
-    generator: Iterator[PosTransaction], control: LocalCameraControl, people: list[str], *, count: int,
-    rate: float, shop_s: float, start_ms: int,
+    generator: Iterator[PosTransaction],
+    control: LocalCameraControl,
+    people: list[str],
+    *,
+    count: int,
+    rate: float,
+    shop_s: float,
+    start_ms: int,
 ) -> Iterator[PosTransaction]:
     """Transactions stamped with their pay time (``start_ms + k / rate``), each visit registered about
     ``shop_s`` before it is due, so the shopper is at the entrance now and pays later."""
@@ -59,24 +65,44 @@ def shopper_transactions(
             tx = next(generator)
             pay_ms = start_ms + round(registered * 1000 / rate)
             enter_ms = pay_ms - round(shop_s * 1000)  # the first few entered before we started: no MQTT for them
-            control.add_visit(person_for(tx, people), tx.store_id, tx.lane_id, enter_ms, pay_ms,
-                              pay_ms + round(LEAVE_S * 1000), visit_id=tx.transaction_id)
+            control.add_visit(
+                person_for(tx, people),
+                tx.store_id,
+                tx.lane_id,
+                enter_ms,
+                pay_ms,
+                pay_ms + round(LEAVE_S * 1000),
+                visit_id=tx.transaction_id,
+            )
             pending.append(dataclasses.replace(tx, event_time=pay_ms))
             registered += 1
         yield pending.popleft()
 
 
 def drive_shoppers(
-    settings: Settings, generator: PosGenerator, *, count: int, rate: float = 2.0, shop_s: float = 8.0,
-    control: LocalCameraControl | None = None, producer: ProducerLike | None = None, progress: bool = False,
+    settings: Settings,
+    generator: PosGenerator,
+    *,
+    count: int,
+    rate: float = 2.0,
+    shop_s: float = 8.0,
+    control: LocalCameraControl | None = None,
+    producer: ProducerLike | None = None,
+    progress: bool = False,
 ) -> ProduceStats:
     """Send ``count`` transactions at ``rate``/s, each paid by a shopper the cameras saw come in."""
     control = control or LocalCameraControl.from_settings(settings)
     people = sorted(control.people())
-    start_ms = int(time.time() * 1000) + 500
+    start_ms = now_ms() + 500
     txs = shopper_transactions(generator, control, people, count=count, rate=rate, shop_s=shop_s, start_ms=start_ms)
-    return produce(settings, txs, progress=progress, producer=producer, label="shoppers",
-                   due=lambda tx: (tx.event_time - start_ms) / 1000)
+    return produce(
+        settings,
+        txs,
+        progress=progress,
+        producer=producer,
+        label="shoppers",
+        due=lambda tx: (tx.event_time - start_ms) / 1000,
+    )
 
 
 def main(

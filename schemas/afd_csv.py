@@ -43,9 +43,19 @@ _NOISE_PREFIX = re.compile(r"^fraud_", re.IGNORECASE)
 _LABELS = {"1": 1, "fraud": 1, "0": 0, "legit": 0, "": None}
 
 
-_TEXT_FIELDS = ("customer_email", "customer_name", "customer_job", "billing_phone", "ip_address",
-                "user_agent", "billing_street", "billing_city", "billing_state", "billing_zip",
-                "billing_country")
+_TEXT_FIELDS = (
+    "customer_email",
+    "customer_name",
+    "customer_job",
+    "billing_phone",
+    "ip_address",
+    "user_agent",
+    "billing_street",
+    "billing_city",
+    "billing_state",
+    "billing_zip",
+    "billing_country",
+)
 
 
 class CsvFormatError(CheckoutGuardError, ValueError):
@@ -140,8 +150,9 @@ def row_to_transaction(row: Mapping[str | None, object]) -> PosTransaction:
         kind="SALE",
         amount=price,
         currency=currency,
-        items=(LineItem(sku=f"afd-{category or 'unknown'}", category=category or "unknown", quantity=1,
-                        unit_price=price),),
+        items=(
+            LineItem(sku=f"afd-{category or 'unknown'}", category=category or "unknown", quantity=1, unit_price=price),
+        ),
         customer_id=_text(row, "ENTITY_ID"),
         card_bin=card_bin,
         billing_latitude=_float(row, "billing_latitude"),
@@ -181,7 +192,7 @@ def read_rows(path: Path) -> list[CsvRow]:
             if values:
                 data: dict[str | None, object] = dict(zip(header, values, strict=False))
                 if len(values) < width:
-                    data.update(dict.fromkeys(header[len(values):]))
+                    data.update(dict.fromkeys(header[len(values) :]))
                 elif len(values) > width:
                     data[None] = values[width:]
                 rows.append(CsvRow(line, data))
@@ -207,4 +218,3 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-

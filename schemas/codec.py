@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
@@ -29,19 +30,16 @@ import cavro
 from fastavro import parse_schema
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
+from schemas.errors import InvalidRecord
+
 AVRO_DIR = Path(__file__).resolve().parent / "avro"
 MAGIC = b"\xc3\x01"
 HEADER_LEN = 10
 _FILE_RE = re.compile(r"^(?P<stem>[a-z_]+)\.v(?P<version>\d+)\.avsc$")
 
 
-class DecodeError(ValueError):
-    """A message that cannot be decoded; ``kind`` names the failure for dead letters."""
-
-    def __init__(self, kind: str, reason: str) -> None:
-        super().__init__(reason)
-        self.kind = kind
-        self.reason = reason
+class DecodeError(InvalidRecord):
+    """A message that cannot be decoded: an :class:`InvalidRecord` whose ``kind`` names the failure."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +69,7 @@ def load_schemas(avro_dir: Path = AVRO_DIR) -> dict[bytes, SchemaVersion]:
             raise ValueError(f"schema file name must be <name>.v<N>.avsc: {path.name}")
         raw = json.loads(path.read_text())
         parsed = parse_schema(raw)
+        assert isinstance(parsed, dict), f"{path.name}: a record schema parses to a dict"
         sv = SchemaVersion(
             name=f"{raw.get('namespace', '')}.{raw['name']}".lstrip("."),
             short_name=raw["name"],
@@ -112,7 +111,7 @@ class Codec:
         self._writer = cavro.Schema(self.schema.text, options=_CAVRO_OPTIONS)
         self._readers: dict[bytes, cavro.Schema] = {self.schema.fingerprint: self._writer}
 
-    def encode(self, record: dict[str, Any]) -> bytes:
+    def encode(self, record: Mapping[str, Any]) -> bytes:
         return self._header + self._writer.binary_encode(record)
 
     def decode(self, data: bytes | None) -> dict[str, Any]:
@@ -138,7 +137,8 @@ class Codec:
         if writer.short_name != self.record_type:
             raise DecodeError("wrong_type", f"expected {self.record_type}, got {writer.short_name}")
         reader = self._readers[fingerprint] = self._writer.reader_for_writer(
-            cavro.Schema(writer.text, options=_CAVRO_OPTIONS))
+            cavro.Schema(writer.text, options=_CAVRO_OPTIONS)
+        )
         return reader
 
 

@@ -20,4 +20,3 @@ class InvalidRecord(CheckoutGuardError, ValueError):
         super().__init__(reason)
         self.kind = kind
         self.reason = reason
-

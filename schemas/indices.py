@@ -85,7 +85,7 @@ def period_of(index: str, index_prefix: str, kind: str) -> tuple[datetime, datet
     head = f"{index_name(index_prefix, kind)}-"
     if not index.startswith(head):
         return None
-    suffix = index[len(head):]
+    suffix = index[len(head) :]
     for period, fmt in PERIOD_FORMATS.items():
         try:
             start = datetime.strptime(suffix, fmt).replace(tzinfo=UTC)
@@ -98,4 +98,3 @@ def period_of(index: str, index_prefix: str, kind: str) -> tuple[datetime, datet
         year, month = (start.year + 1, 1) if start.month == 12 else (start.year, start.month + 1)
         return start, start.replace(year=year, month=month)
     return None
-

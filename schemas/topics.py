@@ -24,40 +24,68 @@ class TopicSpec:
 
 
 TRANSACTIONS = TopicSpec(
-    "transactions", "PosTransaction", key="store_id/lane_id (per-lane order)",
+    "transactions",
+    "PosTransaction",
+    key="store_id/lane_id (per-lane order)",
     config={"retention.ms": str(7 * DAY_MS)},
 )
 CAMERA_EVENTS = TopicSpec(
-    "camera_events", "CameraEvent", key="camera serial", config={"retention.ms": str(1 * DAY_MS)},
+    "camera_events",
+    "CameraEvent",
+    key="camera serial",
+    config={"retention.ms": str(1 * DAY_MS)},
 )
 FACE_OBSERVATIONS = TopicSpec(
-    "face_observations", "FaceObservation", key="camera serial",
+    "face_observations",
+    "FaceObservation",
+    key="camera serial",
     config={"retention.ms": str(1 * DAY_MS)},
 )
 SCORED_TRANSACTIONS = TopicSpec(
-    "processed_transactions", "ScoredTransaction", key="transaction_id",
+    "processed_transactions",
+    "ScoredTransaction",
+    key="transaction_id",
     config={"retention.ms": str(30 * DAY_MS)},
 )
 ALERTS = TopicSpec("alerts", "Alert", key="alert_id", config={"retention.ms": str(30 * DAY_MS)})
 COMMANDS = TopicSpec("commands", "BotCommand", key="command_id", partitions=1)
 WATCHLIST = TopicSpec(
-    "watchlist", "WatchlistEntry", key="subject_id (null value = forgotten)", partitions=1,
+    "watchlist",
+    "WatchlistEntry",
+    key="subject_id (null value = forgotten)",
+    partitions=1,
     config={"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "delete.retention.ms": str(DAY_MS)},
 )
 RULES = TopicSpec(
-    "rules", "RuleSetUpdate", key='"active" (the latest record is the rule set in force)', partitions=1,
+    "rules",
+    "RuleSetUpdate",
+    key='"active" (the latest record is the rule set in force)',
+    partitions=1,
     config={"cleanup.policy": "compact", "min.compaction.lag.ms": "0"},
 )
 AUDIT = TopicSpec(
-    "audit", "AuditEvent", key="audit_id", partitions=1,
+    "audit",
+    "AuditEvent",
+    key="audit_id",
+    partitions=1,
     config={"retention.ms": str(365 * DAY_MS)},
 )
 DEAD_LETTERS = TopicSpec(
-    "dead_letters", "DeadLetter", key="<topic>:<partition>:<offset> of the bad input",
+    "dead_letters",
+    "DeadLetter",
+    key="<topic>:<partition>:<offset> of the bad input",
     config={"retention.ms": str(30 * DAY_MS)},
 )
 
 ALL_TOPICS: tuple[TopicSpec, ...] = (
-    TRANSACTIONS, CAMERA_EVENTS, FACE_OBSERVATIONS, SCORED_TRANSACTIONS, ALERTS, COMMANDS, WATCHLIST,
-    DEAD_LETTERS, AUDIT, RULES,
+    TRANSACTIONS,
+    CAMERA_EVENTS,
+    FACE_OBSERVATIONS,
+    SCORED_TRANSACTIONS,
+    ALERTS,
+    COMMANDS,
+    WATCHLIST,
+    DEAD_LETTERS,
+    AUDIT,
+    RULES,
 )

@@ -10,12 +10,29 @@ from schemas.records import LineItem, PosTransaction
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 
 
-def sale(tx_id: str, *, at_s: float = 0, store: str = "store-001", lane: str = "lane-01", amount: float = 25.0,
-         card: str | None = "card-A", category: str = "grocery", **extra: Any) -> PosTransaction:
+def sale(
+    tx_id: str,
+    *,
+    at_s: float = 0,
+    store: str = "store-001",
+    lane: str = "lane-01",
+    amount: float = 25.0,
+    card: str | None = "card-A",
+    category: str = "grocery",
+    **extra: Any,
+) -> PosTransaction:
     return PosTransaction(
-        transaction_id=tx_id, event_time=T0 + int(at_s * 1000), store_id=store, lane_id=lane, kind="SALE",
-        amount=amount, currency="USD", card_token=card, cashier_id="cashier-1",
-        items=(LineItem(sku=f"sku-{category}", category=category, quantity=1, unit_price=amount),), **extra,
+        transaction_id=tx_id,
+        event_time=T0 + int(at_s * 1000),
+        store_id=store,
+        lane_id=lane,
+        kind="SALE",
+        amount=amount,
+        currency="USD",
+        card_token=card,
+        cashier_id="cashier-1",
+        items=(LineItem(sku=f"sku-{category}", category=category, quantity=1, unit_price=amount),),
+        **extra,
     )
 
 

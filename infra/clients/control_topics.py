@@ -19,32 +19,44 @@ def end_offset(consumer, topic: str, partition: int, timeout_s: float) -> int:
     (no leader elected yet) until ``timeout_s``."""
     from confluent_kafka import KafkaException, TopicPartition
 
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)[1]
-        except KafkaException as exc:
-            err = exc.args[0]
-            if not err.retriable() and err.name() not in ("NOT_LEADER_FOR_PARTITION", "LEADER_NOT_AVAILABLE",
-                                                          "UNKNOWN_TOPIC_OR_PART"):
-                raise
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.25)
+    from infra.retry import call_with_retries
+
+    def transient(exc: BaseException) -> bool:
+        if not isinstance(exc, KafkaException):
+            return False
+        err = exc.args[0]
+        return err.retriable() or err.name() in (
+            "NOT_LEADER_FOR_PARTITION",
+            "LEADER_NOT_AVAILABLE",
+            "UNKNOWN_TOPIC_OR_PART",
+        )
+
+    return call_with_retries(
+        lambda: consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)[1],
+        retriable=transient,
+        wait=lambda _n: 0.25,
+        deadline_s=timeout_s,
+    )
 
 
-def read_control_topics(settings: Settings, apply: Callable[[str, bytes | None, bytes | None], object],
-                        timeout_s: float = 20.0, specs: tuple[TopicSpec, ...] = (RULES, WATCHLIST),
-                        ) -> dict[tuple[str, int], int]:
+def read_control_topics(
+    settings: Settings,
+    apply: Callable[[str, bytes | None, bytes | None], object],
+    timeout_s: float = 20.0,
+    specs: tuple[TopicSpec, ...] = (RULES, WATCHLIST),
+) -> dict[tuple[str, int], int]:
     """Call ``apply(topic, key, value)`` for every committed record, in order, up to the current end
     (an exception from ``apply`` stops the read); return the last offset read per partition (-1 where
     nothing was read). ``TimeoutError`` if the end is not reached within ``timeout_s``."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+    from infra.clients import kafka as kafka_clients
 
     prefix = settings.kafka.topic_prefix
     topics = [spec.full_name(prefix) for spec in specs]
-    reader = Consumer({**settings.kafka.client_config(), "group.id": f"{settings.job.consumer_group}-control-read",
-                       "enable.auto.commit": False, "isolation.level": "read_committed"})
+    reader = kafka_clients.consumer(
+        settings, f"{settings.job.consumer_group}-control-read", kafka_clients.READ_COMMITTED
+    )
     try:
         ends: dict[tuple[str, int], int] = {}
         for topic in topics:

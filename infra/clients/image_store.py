@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from infra.clock import now_ms
 from infra.settings import Settings
 
 KINDS = ("checkout", "entrance", "reference")
@@ -91,7 +91,7 @@ class LocalImageStore(ImageStore):
     def _path(self, ref: str) -> Path:
         if not ref.startswith(self.PREFIX):
             raise ValueError(f"not a local image ref: {ref!r}")
-        kind, _, key = ref[len(self.PREFIX):].partition("/")
+        kind, _, key = ref[len(self.PREFIX) :].partition("/")
         _check(kind, key)
         return self.root / kind / key
 
@@ -127,7 +127,7 @@ class LocalImageStore(ImageStore):
         marker = path.with_name(f".{path.name}.retained")
         fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
-            json.dump({"reason": reason, "at": int(time.time() * 1000)}, fh)
+            json.dump({"reason": reason, "at": now_ms()}, fh)
 
     def retained(self) -> dict[str, str]:
         out = {}
@@ -137,7 +137,7 @@ class LocalImageStore(ImageStore):
                     reason = json.loads(marker.read_text()).get("reason", "")
                 except (OSError, ValueError):
                     continue
-                out[f"{self.PREFIX}{kind}/{marker.name[1:-len('.retained')]}"] = reason
+                out[f"{self.PREFIX}{kind}/{marker.name[1 : -len('.retained')]}"] = reason
         return out
 
     def purge(self, older_than_ms: int) -> int:
@@ -175,8 +175,10 @@ class S3ImageStore(ImageStore):
         self.buckets = {"checkout": f.checkout_bucket, "entrance": f.checkout_bucket, "reference": f.suspects_bucket}
         creds: dict[str, Any] = {}
         if f.aws_access_key_id and f.aws_secret_access_key:
-            creds = {"aws_access_key_id": f.aws_access_key_id.get_secret_value(),
-                     "aws_secret_access_key": f.aws_secret_access_key.get_secret_value()}
+            creds = {
+                "aws_access_key_id": f.aws_access_key_id.get_secret_value(),
+                "aws_secret_access_key": f.aws_secret_access_key.get_secret_value(),
+            }
         self.s3 = boto3.client("s3", region_name=f.aws_region, endpoint_url=f.aws_endpoint_url, **creds)
 
     def ensure_buckets(self) -> None:
@@ -228,8 +230,7 @@ class S3ImageStore(ImageStore):
 
         tag = re.sub(r"[^A-Za-z0-9 _.:/=+@-]", "_", reason)[:256] or "retained"
         try:
-            self.s3.put_object_tagging(Bucket=bucket, Key=obj,
-                                       Tagging={"TagSet": [{"Key": "retained", "Value": tag}]})
+            self.s3.put_object_tagging(Bucket=bucket, Key=obj, Tagging={"TagSet": [{"Key": "retained", "Value": tag}]})
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 raise FileNotFoundError(f"no image at {ref}") from None

@@ -14,7 +14,6 @@ and to the local camera (``infra.local.camera``), the default.
 
 from __future__ import annotations
 
-import email.utils
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +22,9 @@ from functools import cache
 
 import httpx
 
+from infra.retry import parse_retry_after
 from infra.settings import CameraSettings, Settings
+from schemas.errors import CheckoutGuardError
 
 API_KEY_HEADER = "X-Cisco-Meraki-API-Key"
 NO_VIDEO = "No video for specified timestamp"
@@ -82,7 +83,7 @@ def camera_location(settings: Settings, serial: str) -> Location | None:
     if serial in where:
         return where[serial]
     if serial.startswith("Q2MV-"):
-        rest = serial[len("Q2MV-"):]
+        rest = serial[len("Q2MV-") :]
         if rest.endswith(f"-{ENTRANCE}") and len(rest) > len(ENTRANCE) + 1:
             return rest[: -len(ENTRANCE) - 1], None
         store_id, sep, lane_id = rest.rpartition("-lane-")
@@ -95,7 +96,7 @@ def camera_location(settings: Settings, serial: str) -> Location | None:
 # Snapshots
 
 
-class SnapshotError(RuntimeError):
+class SnapshotError(CheckoutGuardError, RuntimeError):
     """No image. ``kind``: deadline | no_video | not_ready | rate_limited | server_error | http_error |
     transport | empty | wrong_type | too_large | not_jpeg."""
 
@@ -122,21 +123,6 @@ class Snapshot:
 def iso_timestamp(epoch_ms: int) -> str:
     """Meraki's timestamp format (ISO 8601, UTC, whole seconds)."""
     return datetime.fromtimestamp(epoch_ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def retry_after_s(value: str | None, default: float) -> float:
-    """Seconds from a ``Retry-After`` header: delta-seconds or an HTTP date."""
-    if not value:
-        return default
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return default
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _errors(response: httpx.Response) -> str:
@@ -172,13 +158,19 @@ class MerakiClient:
     """
 
     def __init__(
-        self, cameras: CameraSettings, base_url: str, *, http: httpx.Client | None = None,
-        sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
+        self,
+        cameras: CameraSettings,
+        base_url: str,
+        *,
+        http: httpx.Client | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = cameras
         self.base_url = base_url.rstrip("/")
         self._http = http or httpx.Client(
-            timeout=cameras.request_timeout_s, limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+            timeout=cameras.request_timeout_s,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
         )
         self._sleep = sleep
         self._clock = clock
@@ -223,8 +215,16 @@ class MerakiClient:
                 self._wait(min(backoff, budget.check("waiting for video")), budget)
                 backoff = min(backoff * 2, self.cfg.no_video_backoff_s * 8)
         image, content_type = self._fetch(url, budget, counts)
-        return Snapshot(serial, image, content_type, timestamp_ms, fell_back, counts["api"], counts["polls"],
-                        self._clock() - started)
+        return Snapshot(
+            serial,
+            image,
+            content_type,
+            timestamp_ms,
+            fell_back,
+            counts["api"],
+            counts["polls"],
+            self._clock() - started,
+        )
 
     # -- steps -------------------------------------------------------------------------------------
 
@@ -235,8 +235,9 @@ class MerakiClient:
             raise SnapshotError("deadline", f"snapshot deadline passed (needed to wait {seconds:.1f} s more)")
         self._sleep(seconds)
 
-    def _request(self, method: str, url: str, budget: _Budget, doing: str, stream: bool = False,
-                 **kw: object) -> httpx.Response:
+    def _request(
+        self, method: str, url: str, budget: _Budget, doing: str, stream: bool = False, **kw: object
+    ) -> httpx.Response:
         """One HTTP exchange with 429 (Retry-After) and 5xx retries inside the budget. ``stream``: the
         body of the returned response is not read yet (the caller reads it and closes it)."""
         attempt = 0
@@ -258,7 +259,7 @@ class MerakiClient:
             if stream and (response.status_code == 429 or response.status_code >= 500):
                 response.close()
             if response.status_code == 429:
-                self._wait(retry_after_s(response.headers.get("Retry-After"), 1.0), budget)
+                self._wait(parse_retry_after(response.headers.get("Retry-After"), 1.0), budget)
                 continue
             if response.status_code >= 500:
                 attempt += 1
@@ -275,8 +276,12 @@ class MerakiClient:
         body: dict[str, object] = {} if ts is None else {"timestamp": iso_timestamp(ts)}
         counts["api"] += 1
         response = self._request(
-            "POST", f"{self.base_url}/devices/{serial}/camera/generateSnapshot", budget, "requesting a snapshot",
-            json=body, headers={API_KEY_HEADER: self.cfg.api_key.get_secret_value(), "Accept": "application/json"},
+            "POST",
+            f"{self.base_url}/devices/{serial}/camera/generateSnapshot",
+            budget,
+            "requesting a snapshot",
+            json=body,
+            headers={API_KEY_HEADER: self.cfg.api_key.get_secret_value(), "Accept": "application/json"},
         )
         if response.status_code in (200, 202):
             try:
@@ -313,8 +318,9 @@ class MerakiClient:
             raise SnapshotError("wrong_type", f"snapshot URL answered {content_type or 'no content type'}, no image")
         limit = self.cfg.max_image_bytes
         if int(response.headers.get("Content-Length") or 0) > limit:
-            raise SnapshotError("too_large", f"snapshot image of {response.headers['Content-Length']} bytes "
-                                             f"exceeds {limit}")
+            raise SnapshotError(
+                "too_large", f"snapshot image of {response.headers['Content-Length']} bytes exceeds {limit}"
+            )
         chunks, size = [], 0
         try:
             for chunk in response.iter_bytes():

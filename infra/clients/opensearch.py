@@ -13,7 +13,10 @@ def make_client(settings: OpenSearchSettings, timeout_s: float = 30.0) -> OpenSe
     if settings.username and settings.password:
         auth = (settings.username, settings.password.get_secret_value())
     return OpenSearch(
-        hosts=[settings.url], http_auth=auth, verify_certs=settings.verify_certs,
-        timeout=timeout_s, max_retries=0, retry_on_timeout=False,
+        hosts=[settings.url],
+        http_auth=auth,
+        verify_certs=settings.verify_certs,
+        timeout=timeout_s,
+        max_retries=0,
+        retry_on_timeout=False,
     )
-

@@ -33,10 +33,13 @@ from datetime import UTC, datetime
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Message, Producer, TopicPartition
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from infra import clock
+from infra.clients import kafka as kafka_clients
 from infra.pacing import TokenBucket
 from infra.settings import KafkaSettings
+from schemas.errors import CheckoutGuardError
 
 console = Console(stderr=True)
 
@@ -44,7 +47,7 @@ OFFSET_END = -1
 """What ``offsets_for_times`` answers for a partition with no record at or after the time."""
 
 
-class RangeError(ValueError):
+class RangeError(CheckoutGuardError, ValueError):
     """A range that cannot be resolved (bad syntax, unknown partition); the message says which."""
 
 
@@ -55,7 +58,7 @@ def parse_time_ms(text: str, now_ms: int | None = None) -> int:
     """``now``, epoch milliseconds (all digits) or ISO-8601 (``2026-11-22T06:00:00Z``; no zone = UTC)."""
     text = text.strip()
     if text == "now":
-        return now_ms if now_ms is not None else int(time.time() * 1000)
+        return now_ms if now_ms is not None else clock.now_ms()
     if text.isdigit():
         return int(text)
     try:
@@ -226,27 +229,24 @@ class ReplayStats:
 
 
 def _consumer(kafka: KafkaSettings) -> Consumer:
-    return Consumer({
-        **kafka.client_config(),
-        "group.id": f"checkout-guard-replay-{uuid.uuid4().hex[:12]}",  # never committed: offsets are assigned
-        "enable.auto.commit": False,
-        "enable.partition.eof": True,
-        "isolation.level": "read_committed",
-        "auto.offset.reset": "error",
-    })
+    return kafka_clients.consumer(
+        kafka,
+        f"checkout-guard-replay-{uuid.uuid4().hex[:12]}",  # never committed: offsets are assigned
+        kafka_clients.READ_COMMITTED,
+        enable_partition_eof=True,
+        auto_offset_reset="error",
+    )
 
 
 def _producer(kafka: KafkaSettings) -> Producer:
     """Idempotent, ``acks=all``: a retried send is neither lost, nor doubled, nor reordered."""
-    return Producer({
-        **kafka.client_config(),
-        "client.id": "checkout-guard-replay",
-        "enable.idempotence": True,
-        "acks": "all",
-        "linger.ms": 5,
-        "compression.type": "lz4",
-        "partitioner": "murmur2_random",
-    })
+    return kafka_clients.producer(
+        kafka,
+        kafka_clients.RELIABLE,
+        client_id="checkout-guard-replay",
+        compression_type="lz4",
+        partitioner="murmur2_random",
+    )
 
 
 def partition_count(client: Consumer | Producer, topic: str) -> int:
@@ -261,15 +261,17 @@ def high_watermarks(kafka: KafkaSettings, topic: str) -> dict[int, int]:
     """Per partition, the offset the next record will get (empty when the topic does not exist)."""
     consumer = _consumer(kafka)
     try:
-        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1]
-                for p in range(partition_count(consumer, topic))}
+        return {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1]
+            for p in range(partition_count(consumer, topic))
+        }
     finally:
         consumer.close()
 
 
 def committed_offsets(kafka: KafkaSettings, group: str, topic: str) -> dict[int, int]:
     """A consumer group's committed offsets on ``topic`` (negative = nothing committed yet)."""
-    consumer = Consumer({**kafka.client_config(), "group.id": group, "enable.auto.commit": False})
+    consumer = kafka_clients.consumer(kafka, group, kafka_clients.MANUAL_COMMIT)
     try:
         parts = [TopicPartition(topic, p) for p in range(partition_count(consumer, topic))]
         return {tp.partition: tp.offset for tp in consumer.committed(parts, timeout=10)}
@@ -285,7 +287,11 @@ def caught_up(kafka: KafkaSettings, group: str, topic: str) -> bool:
 
 
 def plan(
-    kafka: KafkaSettings, topic: str, start: Bound, end: Bound, partitions: Iterable[int] | None = None,
+    kafka: KafkaSettings,
+    topic: str,
+    start: Bound,
+    end: Bound,
+    partitions: Iterable[int] | None = None,
 ) -> list[PartitionRange]:
     """Resolve the range of ``topic`` (full name) against the broker, now."""
     consumer = _consumer(kafka)
@@ -293,8 +299,9 @@ def plan(
         count = partition_count(consumer, topic)
         if count == 0:
             raise RangeError(f"topic {topic} does not exist")
-        watermarks = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)
-                      for p in range(count)}
+        watermarks = {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False) for p in range(count)
+        }
 
         def offsets_for_time(ms: int) -> dict[int, int]:
             found = consumer.offsets_for_times([TopicPartition(topic, p, ms) for p in range(count)], timeout=10)
@@ -333,11 +340,174 @@ def replay(
         raise RangeError(f"target topic {target_topic} does not exist (create it first, e.g. make topics)")
     consumer = _consumer(source)
     source_count = partition_count(consumer, source_topic)
-    bucket = TokenBucket(rate) if rate > 0 else None
-    merge = TimestampMerge(open_partitions=set(todo))
-    paused: set[int] = set()
+    copy = _Replay(
+        stats,
+        todo,
+        consumer,
+        source_topic,
+        source_count,
+        producer,
+        target_topic,
+        target_count,
+        rate=rate,
+        restamp=restamp,
+        max_buffered=max_buffered,
+        idle_timeout_s=idle_timeout_s,
+    )
+    return copy.run(progress)
 
-    def delivered(err: KafkaError | None, _msg: Message) -> None:
+
+class _Replay:
+    """One :func:`replay` under way: reads the source partitions into the merge, sends what the merge
+    releases (paced by ``rate``), pauses the partitions that ran ahead, then waits for the acks."""
+
+    def __init__(
+        self,
+        stats: ReplayStats,
+        todo: dict[int, PartitionRange],
+        consumer: Consumer,
+        source_topic: str,
+        source_count: int,
+        producer: Producer,
+        target_topic: str,
+        target_count: int,
+        *,
+        rate: float,
+        restamp: bool,
+        max_buffered: int,
+        idle_timeout_s: float,
+    ) -> None:
+        self.stats = stats
+        self.todo = todo
+        """The partitions still being read (their range not read to the end yet)."""
+        self.consumer = consumer
+        self.source_topic = source_topic
+        self.source_count = source_count
+        self.producer = producer
+        self.target_topic = target_topic
+        self.target_count = target_count
+        self.restamp = restamp
+        self.max_buffered = max_buffered
+        self.idle_timeout_s = idle_timeout_s
+        self.bucket = TokenBucket(rate) if rate > 0 else None
+        self.merge = TimestampMerge(open_partitions=set(todo))
+        self.paused: set[int] = set()
+        self.started = 0.0
+        self.last_record = 0.0
+
+    def run(self, progress: bool) -> ReplayStats:
+        stats = self.stats
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+        )
+        self.started = time.monotonic()
+        self.consumer.assign([TopicPartition(self.source_topic, r.partition, r.start) for r in self.todo.values()])
+        self.last_record = time.monotonic()
+        try:
+            with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
+                task = bar.add_task(f"{self.source_topic} -> {self.target_topic}", total=stats.planned, rate="")
+                while self.todo or not self.merge.empty:
+                    self._read()
+                    self._send_ready(bar, task)
+                    _flow_control(
+                        self.consumer, self.source_topic, self.merge, self.todo, self.paused, self.max_buffered
+                    )
+                    self._check_idle()
+                self._wait_for_acks(bar, task)
+        finally:
+            self.consumer.close()
+            self.producer.flush(30)
+            stats.elapsed_s = time.monotonic() - self.started
+        return stats
+
+    # reading and merging
+
+    def _read(self) -> None:
+        """One batch from the source into the merge; closes the partitions whose range is read."""
+        for msg in self.consumer.consume(1000, timeout=0.2) if self.todo else ():
+            self._take(msg)
+        for p in list(self.todo):  # control records (transactions) can hide the last offsets
+            position = self.consumer.position([TopicPartition(self.source_topic, p)])[0].offset
+            if position >= self.todo[p].end:
+                self._finish(p)
+
+    def _take(self, msg: Message) -> None:
+        """One consumed message: into the merge when in range; an end-of-partition or the range's end closes
+        the partition; any other error raises."""
+        todo, stats = self.todo, self.stats
+        p = msg.partition()
+        if p not in todo:
+            return
+        err = msg.error()
+        if err is not None:
+            if err.code() == KafkaError._PARTITION_EOF:
+                if msg.offset() >= todo[p].end:
+                    self._finish(p)
+                return
+            raise RuntimeError(f"reading {self.source_topic}[{p}]: {err.str()}")
+        self.last_record = time.monotonic()
+        if msg.offset() >= todo[p].end:
+            self._finish(p)
+            return
+        ts_type, ts = msg.timestamp()
+        self.merge.add(p, (ts if ts_type != TIMESTAMP_NOT_AVAILABLE else 0, msg.offset()), msg)
+        stats.read += 1
+        stats.per_partition[p] = stats.per_partition.get(p, 0) + 1
+        if msg.offset() >= todo[p].end - 1:
+            self._finish(p)
+
+    def _finish(self, partition: int) -> None:
+        if partition in self.todo:
+            del self.todo[partition]
+            self.merge.close(partition)
+            self.consumer.incremental_unassign([TopicPartition(self.source_topic, partition)])
+
+    def _check_idle(self) -> None:
+        if self.todo and time.monotonic() - self.last_record > self.idle_timeout_s:
+            raise TimeoutError(
+                f"no records from {self.source_topic} partitions {sorted(self.todo)} for "
+                f"{self.idle_timeout_s:.0f}s before the end of the range"
+            )
+
+    # sending
+
+    def _send_ready(self, bar: Progress, task: TaskID) -> None:
+        """Send what the merge releases now, in merged order."""
+        stats = self.stats
+        for msg in self.merge.ready():
+            self._send(msg)
+            bar.update(
+                task, completed=stats.sent, rate=f"{stats.sent / max(1e-9, time.monotonic() - self.started):,.0f} msg/s"
+            )
+
+    def _send(self, msg: Message) -> None:
+        producer = self.producer
+        if self.bucket is not None:
+            until = time.monotonic() + self.bucket.reserve(time.monotonic())
+            while (left := until - time.monotonic()) > 0:
+                producer.poll(min(left, 0.1))
+        ts_type, ts = msg.timestamp()
+        kafka_clients.produce(
+            producer,
+            self.target_topic,
+            msg.key(),
+            msg.value(),
+            self._delivered,
+            headers=msg.headers() or None,
+            partition=target_partition(msg.partition(), self.source_count, self.target_count),
+            timestamp=ts if not self.restamp and ts_type != TIMESTAMP_NOT_AVAILABLE else None,
+        )
+        self.stats.sent += 1
+        producer.poll(0)
+
+    # waiting for acks
+
+    def _delivered(self, err: KafkaError | None, _msg: Message) -> None:
+        stats = self.stats
         if err is None:
             stats.acked += 1
         else:
@@ -345,87 +515,19 @@ def replay(
             if len(stats.errors) < 5 and str(err) not in stats.errors:
                 stats.errors.append(str(err))
 
-    def send(msg: Message) -> None:
-        if bucket is not None:
-            until = time.monotonic() + bucket.reserve(time.monotonic())
-            while (left := until - time.monotonic()) > 0:
-                producer.poll(min(left, 0.1))
-        kwargs = {"key": msg.key(), "value": msg.value(), "headers": msg.headers() or None,
-                  "on_delivery": delivered}
-        ts_type, ts = msg.timestamp()
-        if not restamp and ts_type != TIMESTAMP_NOT_AVAILABLE:
-            kwargs["timestamp"] = ts
-        partition = target_partition(msg.partition(), source_count, target_count)
-        if partition is not None:
-            kwargs["partition"] = partition
-        while True:
-            try:
-                producer.produce(target_topic, **kwargs)
-                break
-            except BufferError:  # local queue full: let deliveries drain it
-                producer.poll(0.05)
-        stats.sent += 1
-        producer.poll(0)
-
-    def finish(partition: int) -> None:
-        if partition in todo:
-            del todo[partition]
-            merge.close(partition)
-            consumer.incremental_unassign([TopicPartition(source_topic, partition)])
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-               TimeElapsedColumn())
-    started = time.monotonic()
-    consumer.assign([TopicPartition(source_topic, r.partition, r.start) for r in todo.values()])
-    last_record = time.monotonic()
-    try:
-        with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
-            task = bar.add_task(f"{source_topic} -> {target_topic}", total=stats.planned, rate="")
-            while todo or not merge.empty:
-                for msg in consumer.consume(1000, timeout=0.2) if todo else ():
-                    p = msg.partition()
-                    if p not in todo:
-                        continue
-                    err = msg.error()
-                    if err is not None:
-                        if err.code() == KafkaError._PARTITION_EOF:
-                            if msg.offset() >= todo[p].end:
-                                finish(p)
-                            continue
-                        raise RuntimeError(f"reading {source_topic}[{p}]: {err.str()}")
-                    last_record = time.monotonic()
-                    if msg.offset() >= todo[p].end:
-                        finish(p)
-                        continue
-                    ts_type, ts = msg.timestamp()
-                    merge.add(p, (ts if ts_type != TIMESTAMP_NOT_AVAILABLE else 0, msg.offset()), msg)
-                    stats.read += 1
-                    stats.per_partition[p] = stats.per_partition.get(p, 0) + 1
-                    if msg.offset() >= todo[p].end - 1:
-                        finish(p)
-                for p in list(todo):  # control records (transactions) can hide the last offsets
-                    position = consumer.position([TopicPartition(source_topic, p)])[0].offset
-                    if position >= todo[p].end:
-                        finish(p)
-                for msg in merge.ready():
-                    send(msg)
-                    bar.update(task, completed=stats.sent,
-                               rate=f"{stats.sent / max(1e-9, time.monotonic() - started):,.0f} msg/s")
-                _flow_control(consumer, source_topic, merge, todo, paused, max_buffered)
-                if todo and time.monotonic() - last_record > idle_timeout_s:
-                    raise TimeoutError(f"no records from {source_topic} partitions {sorted(todo)} for "
-                                       f"{idle_timeout_s:.0f}s before the end of the range")
-            while producer.flush(0.25) > 0:
-                bar.update(task, completed=stats.sent)
-    finally:
-        consumer.close()
-        producer.flush(30)
-        stats.elapsed_s = time.monotonic() - started
-    return stats
+    def _wait_for_acks(self, bar: Progress, task: TaskID) -> None:
+        while self.producer.flush(0.25) > 0:
+            bar.update(task, completed=self.stats.sent)
 
 
-def _flow_control(consumer: Consumer, topic: str, merge: TimestampMerge, todo: dict[int, PartitionRange],
-                  paused: set[int], max_buffered: int) -> None:
+def _flow_control(
+    consumer: Consumer,
+    topic: str,
+    merge: TimestampMerge,
+    todo: dict[int, PartitionRange],
+    paused: set[int],
+    max_buffered: int,
+) -> None:
     """Pause partitions that ran ahead of the merge; resume them once it caught up."""
     for p in list(todo):
         n = merge.buffered(p)
@@ -438,11 +540,20 @@ def _flow_control(consumer: Consumer, topic: str, merge: TimestampMerge, todo: d
     paused.intersection_update(todo)
 
 
-def bounds(from_offsets: str | None, to_offsets: str | None, from_time: str | None, to_time: str | None,
-           now_ms: int | None = None) -> tuple[Bound, Bound]:
+def bounds(
+    from_offsets: str | None,
+    to_offsets: str | None,
+    from_time: str | None,
+    to_time: str | None,
+    now_ms: int | None = None,
+) -> tuple[Bound, Bound]:
     """CLI options -> the two ends of the range."""
-    start = Bound(offsets=parse_offsets(from_offsets) if from_offsets else None,
-                  time_ms=parse_time_ms(from_time, now_ms) if from_time else None)
-    end = Bound(offsets=parse_offsets(to_offsets) if to_offsets else None,
-                time_ms=parse_time_ms(to_time, now_ms) if to_time else None)
+    start = Bound(
+        offsets=parse_offsets(from_offsets) if from_offsets else None,
+        time_ms=parse_time_ms(from_time, now_ms) if from_time else None,
+    )
+    end = Bound(
+        offsets=parse_offsets(to_offsets) if to_offsets else None,
+        time_ms=parse_time_ms(to_time, now_ms) if to_time else None,
+    )
     return start, end

@@ -19,19 +19,22 @@ from typing import Any, TypeVar
 
 import httpx
 
+from infra.retry import call_with_retries, parse_retry_after
 from infra.settings import WebexSettings
+from schemas.errors import CheckoutGuardError
 
 MAX_MARKDOWN_BYTES = 7439
 RETRIABLE_STATUS = frozenset({408, 409, 423, 425, 429})
 T = TypeVar("T")
 
 
-class WebexError(Exception):
+class WebexError(CheckoutGuardError):
     """A failed Webex call: HTTP status (None for transport errors), whether retrying can help, and how
     long Webex asked us to wait (``Retry-After``)."""
 
-    def __init__(self, reason: str, *, status: int | None = None, retriable: bool = True,
-                 retry_after: float | None = None) -> None:
+    def __init__(
+        self, reason: str, *, status: int | None = None, retriable: bool = True, retry_after: float | None = None
+    ) -> None:
         super().__init__(reason)
         self.reason, self.status, self.retriable, self.retry_after = reason, status, retriable, retry_after
 
@@ -44,27 +47,26 @@ def truncate_utf8(text: str, max_bytes: int = MAX_MARKDOWN_BYTES) -> str:
     return raw[: max_bytes - 3].decode(errors="ignore") + "..."
 
 
-def parse_retry_after(value: str | None, default: float = 1.0) -> float:
-    """Seconds from a ``Retry-After`` header (Webex sends seconds); unparseable -> ``default``."""
-    try:
-        return max(0.0, float(value)) if value is not None else default
-    except ValueError:
-        return default
-
-
-def with_retries(call: Callable[[], T], *, attempts: int = 4, initial_s: float = 0.5, maximum_s: float = 30.0,
-                 sleep: Callable[[float], None] = time.sleep) -> T:
+def with_retries(
+    call: Callable[[], T],
+    *,
+    attempts: int = 4,
+    initial_s: float = 0.5,
+    maximum_s: float = 30.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
     """``call()`` again after 429 (waiting ``Retry-After``) and other retriable failures (exponential
     backoff), up to ``attempts`` tries; for one-off calls such as a bot's reply. The alert sender has its
     own per-channel scheduling instead."""
-    for attempt in range(attempts):
-        try:
-            return call()
-        except WebexError as exc:
-            if not exc.retriable or attempt == attempts - 1:
-                raise
-            sleep(min(maximum_s, exc.retry_after if exc.retry_after is not None else initial_s * 2 ** attempt))
-    raise AssertionError("unreachable")
+    return call_with_retries(
+        call,
+        retriable=lambda exc: isinstance(exc, WebexError) and exc.retriable,
+        attempts=attempts,
+        retry_after=lambda exc: getattr(exc, "retry_after", None),
+        wait=lambda n: initial_s * 2**n,
+        maximum_s=maximum_s,
+        sleep=sleep,
+    )
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,9 @@ class WebexClient:
     """Thread-safe: each thread gets its own ``httpx.Client`` with one kept-alive connection (a shared
     pool serialises dozens of sending threads on its lock); pass ``transport`` to reach a test server."""
 
-    def __init__(self, base_url: str, token: str, *, timeout_s: float = 10.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self, base_url: str, token: str, *, timeout_s: float = 10.0, transport: httpx.BaseTransport | None = None
+    ) -> None:
         self._base_url, self._token, self._timeout_s = base_url.rstrip("/"), token, timeout_s
         self._transport = transport
         self._local = threading.local()
@@ -90,9 +93,13 @@ class WebexClient:
     def _http(self) -> httpx.Client:
         client = getattr(self._local, "client", None)
         if client is None:
-            client = httpx.Client(base_url=self._base_url, timeout=self._timeout_s, transport=self._transport,
-                                  headers={"Authorization": f"Bearer {self._token}"},
-                                  limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+            client = httpx.Client(
+                base_url=self._base_url,
+                timeout=self._timeout_s,
+                transport=self._transport,
+                headers={"Authorization": f"Bearer {self._token}"},
+                limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+            )
             self._local.client = client
             with self._lock:
                 self._clients.append(client)
@@ -105,10 +112,17 @@ class WebexClient:
         return cls(settings.base_url, settings.bot_token.get_secret_value(), timeout_s=settings.timeout_s)
 
     def close(self) -> None:
+        """Close every thread's ``httpx.Client`` (each thread opened its own), from any thread."""
         with self._lock:
             clients, self._clients = self._clients, []
         for client in clients:
             client.close()
+
+    def __enter__(self) -> WebexClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ calls
 
@@ -161,11 +175,18 @@ class WebexClient:
                 raise WebexError(f"{status} with a body that is not JSON", status=status) from exc
         detail = _error_text(response)
         if status == 429:
-            raise WebexError(f"429 rate limited: {detail}", status=status,
-                             retry_after=parse_retry_after(response.headers.get("Retry-After")))
+            raise WebexError(
+                f"429 rate limited: {detail}",
+                status=status,
+                retry_after=parse_retry_after(response.headers.get("Retry-After"), 1.0),
+            )
         retriable = status >= 500 or status in RETRIABLE_STATUS
-        raise WebexError(f"{status} {detail}", status=status, retriable=retriable,
-                         retry_after=parse_retry_after(response.headers.get("Retry-After"), default=0.0) or None)
+        raise WebexError(
+            f"{status} {detail}",
+            status=status,
+            retriable=retriable,
+            retry_after=parse_retry_after(response.headers.get("Retry-After"), default=0.0) or None,
+        )
 
 
 def _error_text(response: httpx.Response) -> str:

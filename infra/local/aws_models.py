@@ -53,15 +53,23 @@ class LocalModelServer:
                 if server.delay_s:
                     time.sleep(server.delay_s)
                 if server.status != 200:
-                    self._send(server.status, b'{"__type": "InternalServerException", "message": "boom"}',
-                               "application/x-amz-json-1.1")
+                    self._send(
+                        server.status,
+                        b'{"__type": "InternalServerException", "message": "boom"}',
+                        "application/x-amz-json-1.1",
+                    )
                 elif self.path == "/" and self.headers.get("X-Amz-Target") == AFD_TARGET:
                     answer = {
-                        "modelScores": [{
-                            "modelVersion": {"modelId": "tx_model", "modelType": "TRANSACTION_FRAUD_INSIGHTS",
-                                             "modelVersionNumber": "1.0"},
-                            "scores": {"tx_model_insightscore": server.afd_score},
-                        }],
+                        "modelScores": [
+                            {
+                                "modelVersion": {
+                                    "modelId": "tx_model",
+                                    "modelType": "TRANSACTION_FRAUD_INSIGHTS",
+                                    "modelVersionNumber": "1.0",
+                                },
+                                "scores": {"tx_model_insightscore": server.afd_score},
+                            }
+                        ],
                         "ruleResults": [{"ruleId": "high_risk", "outcomes": ["block"]}],
                     }
                     self._send(200, json.dumps(answer).encode(), "application/x-amz-json-1.1")

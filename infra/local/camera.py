@@ -48,6 +48,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from infra import clock
 from infra.clients.meraki import API_KEY_HEADER, NO_VIDEO, camera_for_lane, camera_location, entrance_camera
 from infra.settings import Settings, get_settings
 
@@ -143,10 +144,18 @@ class Scene:
         self._lock = threading.Lock()
         self._visits: dict[str, Visit] = {}
         self._presences: list[Presence] = []
-        self._next_oid = int(time.time() * 1000) % 1_000_000_000 * 1000
+        self._next_oid = clock.now_ms() % 1_000_000_000 * 1000
 
-    def add_visit(self, person: str, store_id: str, lane_id: str, enter_ms: int, pay_ms: int,
-                  leave_ms: int, visit_id: str | None = None) -> Visit:
+    def add_visit(
+        self,
+        person: str,
+        store_id: str,
+        lane_id: str,
+        enter_ms: int,
+        pay_ms: int,
+        leave_ms: int,
+        visit_id: str | None = None,
+    ) -> Visit:
         if person not in self.people:
             raise ValueError(f"unknown person {person!r}")
         if not store_id or not lane_id:
@@ -157,8 +166,9 @@ class Scene:
             if visit_id and visit_id in self._visits:
                 return self._visits[visit_id]  # idempotent re-registration
             self._next_oid += 2
-            visit = Visit(visit_id or secrets.token_hex(8), person, store_id, lane_id, enter_ms, pay_ms, leave_ms,
-                          self._next_oid)
+            visit = Visit(
+                visit_id or secrets.token_hex(8), person, store_id, lane_id, enter_ms, pay_ms, leave_ms, self._next_oid
+            )
             self._visits[visit.visit_id] = visit
             # A quick shopper is seen at the door and at the lane at once (the cameras overlap), so the
             # entrance always sees them and the lane camera sees them from entering until leaving.
@@ -166,12 +176,14 @@ class Scene:
             door = entrance_camera(self.settings, store_id)
             lane = camera_for_lane(self.settings, store_id, lane_id)
             self._presences.append(self._presence(visit, door, None, enter_ms, enter_ms + ENTRANCE_DWELL_MS, visit.oid))
-            self._presences.append(self._presence(visit, lane, lane_id, lane_start, leave_ms + 1, visit.oid + 1,
-                                                  pay_ms))
+            self._presences.append(
+                self._presence(visit, lane, lane_id, lane_start, leave_ms + 1, visit.oid + 1, pay_ms)
+            )
         return visit
 
-    def _presence(self, v: Visit, serial: str, lane_id: str | None, start: int, end: int, oid: int,
-                  pay_ms: int | None = None) -> Presence:
+    def _presence(
+        self, v: Visit, serial: str, lane_id: str | None, start: int, end: int, oid: int, pay_ms: int | None = None
+    ) -> Presence:
         photos = self.people[v.person]
         photo = photos[zlib.crc32(f"{v.visit_id}/{serial}".encode()) % len(photos)]
         return Presence(v.visit_id, v.person, str(photo), serial, v.store_id, lane_id, start, end, oid, pay_ms)
@@ -222,15 +234,19 @@ def _photo(path: str, cache: dict[str, Image.Image]) -> Image.Image:
             img = ImageOps.exif_transpose(raw).convert("RGB")
         if img.height > 1.4 * img.width:  # a full-length photo: the lane camera frames head and shoulders
             img = img.crop((0, 0, img.width, round(img.width * 1.1)))
-        scale = CROP_PX / max(img.size) if max(img.size) <= 200 else min(PHOTO_BOX[0] / img.width,
-                                                                          PHOTO_BOX[1] / img.height)
+        scale = (
+            CROP_PX / max(img.size)
+            if max(img.size) <= 200
+            else min(PHOTO_BOX[0] / img.width, PHOTO_BOX[1] / img.height)
+        )
         img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.LANCZOS)
         cache[path] = img
     return img
 
 
-def render(serial: str, t_ms: int, presences: list[Presence], cache: dict[str, Image.Image] | None = None,
-           quality: int = 85) -> bytes:
+def render(
+    serial: str, t_ms: int, presences: list[Presence], cache: dict[str, Image.Image] | None = None, quality: int = 85
+) -> bytes:
     """A 640x480 JPEG of ``serial`` at ``t_ms``: the first presence large and central, others behind."""
     cache = {} if cache is None else cache
     img = _background(serial)
@@ -261,8 +277,17 @@ def raw_detections_payload(t_ms: int, presences: list[Presence], frame: int) -> 
     objects = []
     for i, p in enumerate(presences):
         x0 = 0.3 + 0.05 * i
-        objects.append({"frame": frame, "oid": p.oid, "type": "person",
-                        "x0": round(x0, 3), "y0": 0.1, "x1": round(x0 + 0.4, 3), "y1": 0.95})
+        objects.append(
+            {
+                "frame": frame,
+                "oid": p.oid,
+                "type": "person",
+                "x0": round(x0, 3),
+                "y0": 0.1,
+                "x1": round(x0 + 0.4, 3),
+                "y1": 0.95,
+            }
+        )
     return {"ts": t_ms, "objects": objects}
 
 
@@ -297,7 +322,7 @@ class MvSensePublisher:
         period = 1.0 / max(self.settings.cameras.local_publish_hz, 0.1)
         while not self._stop.wait(period):
             try:
-                self.tick(int(time.time() * 1000))
+                self.tick(clock.now_ms())
             except Exception:  # keep publishing whatever one tick did
                 log.exception("mv sense tick failed")
 
@@ -378,15 +403,17 @@ class LocalCameraApp:
         self._limit = _RateLimit(self.cfg.local_rate_limit_per_s)
         self._photos: dict[str, Image.Image] = {}
         self._render_lock = threading.Lock()
-        self.app = Starlette(routes=[
-            Route("/api/v1/devices/{serial}/camera/generateSnapshot", self.generate, methods=["POST"]),
-            Route("/snapshots/{token}.jpg", self.image, methods=["GET"]),
-            Route("/local/visits", self.visits, methods=["POST"]),
-            Route("/local/ground-truth", self.truth, methods=["GET"]),
-            Route("/local/people", self.list_people, methods=["GET"]),
-            Route("/local/faults", self.set_fault, methods=["POST", "DELETE"]),
-            Route("/local/health", lambda _r: JSONResponse({"ok": True}), methods=["GET"]),
-        ])
+        self.app = Starlette(
+            routes=[
+                Route("/api/v1/devices/{serial}/camera/generateSnapshot", self.generate, methods=["POST"]),
+                Route("/snapshots/{token}.jpg", self.image, methods=["GET"]),
+                Route("/local/visits", self.visits, methods=["POST"]),
+                Route("/local/ground-truth", self.truth, methods=["GET"]),
+                Route("/local/people", self.list_people, methods=["GET"]),
+                Route("/local/faults", self.set_fault, methods=["POST", "DELETE"]),
+                Route("/local/health", lambda _r: JSONResponse({"ok": True}), methods=["GET"]),
+            ]
+        )
 
     # -- Dashboard API -----------------------------------------------------------------------------
 
@@ -404,7 +431,7 @@ class LocalCameraApp:
             body = await request.json() if await request.body() else {}
         except ValueError:
             return _err(400, "Invalid JSON body")
-        now_ms = int(time.time() * 1000)
+        now_ms = clock.now_ms()
         t_ms = now_ms
         if body.get("timestamp"):
             if body.get("fullframe"):
@@ -455,8 +482,9 @@ class LocalCameraApp:
         if fault == "wrong_type":
             return Response(b"<html>Access denied</html>", 200, media_type="text/html")
         if fault == "huge":
-            return Response(b"\xff\xd8\xff\xe0" + b"\0" * (self.cfg.max_image_bytes + 1024), 200,
-                            media_type="image/jpeg")
+            return Response(
+                b"\xff\xd8\xff\xe0" + b"\0" * (self.cfg.max_image_bytes + 1024), 200, media_type="image/jpeg"
+            )
         if pending.image is None:
             people = self.scene.at(pending.serial, pending.t_ms)
             pending.image = await asyncio.to_thread(self._render, pending.serial, pending.t_ms, people)
@@ -476,8 +504,13 @@ class LocalCameraApp:
         try:
             body = await request.json()
             visit = self.scene.add_visit(
-                str(body["person"]), str(body["store_id"]), str(body["lane_id"]), int(body["enter_ms"]),
-                int(body["pay_ms"]), int(body["leave_ms"]), body.get("visit_id"),
+                str(body["person"]),
+                str(body["store_id"]),
+                str(body["lane_id"]),
+                int(body["enter_ms"]),
+                int(body["pay_ms"]),
+                int(body["leave_ms"]),
+                body.get("visit_id"),
             )
         except (ValueError, KeyError, TypeError) as exc:
             return _err(400, f"bad visit: {exc}")
@@ -509,16 +542,22 @@ class LocalCameraApp:
 class LocalCameraServer:
     """The app under uvicorn in a background thread (tests, the demo); ``publish`` adds MV Sense MQTT."""
 
-    def __init__(self, settings: Settings, port: int | None = None, publish: bool = True,
-                 people: dict[str, tuple[Path, ...]] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        port: int | None = None,
+        publish: bool = True,
+        people: dict[str, tuple[Path, ...]] | None = None,
+    ) -> None:
         import uvicorn
 
         self.settings = settings
         self.port = port if port is not None else settings.cameras.local_port
         self.camera = LocalCameraApp(settings, people)
         self.publisher = MvSensePublisher(settings, self.camera.scene) if publish else None
-        config = uvicorn.Config(self.camera.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                access_log=False, lifespan="off")
+        config = uvicorn.Config(
+            self.camera.app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False, lifespan="off"
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="local-camera", daemon=True)
 
@@ -566,10 +605,25 @@ class LocalCameraControl:
     def people(self) -> dict[str, list[str]]:
         return self._ok(self._http.get(f"{self.base_url}/local/people")).json()
 
-    def add_visit(self, person: str, store_id: str, lane_id: str, enter_ms: int, pay_ms: int, leave_ms: int,
-                  visit_id: str | None = None) -> dict:
-        body = {"person": person, "store_id": store_id, "lane_id": lane_id, "enter_ms": enter_ms,
-                "pay_ms": pay_ms, "leave_ms": leave_ms, "visit_id": visit_id}
+    def add_visit(
+        self,
+        person: str,
+        store_id: str,
+        lane_id: str,
+        enter_ms: int,
+        pay_ms: int,
+        leave_ms: int,
+        visit_id: str | None = None,
+    ) -> dict:
+        body = {
+            "person": person,
+            "store_id": store_id,
+            "lane_id": lane_id,
+            "enter_ms": enter_ms,
+            "pay_ms": pay_ms,
+            "leave_ms": leave_ms,
+            "visit_id": visit_id,
+        }
         return self._ok(self._http.post(f"{self.base_url}/local/visits", json=body)).json()
 
     def ground_truth(self, serial: str | None = None, since_ms: int = 0) -> list[dict]:
@@ -601,8 +655,12 @@ def main() -> None:
     if not server.camera.scene.people:
         log.warning("no face photos found (run `make setup`, or set CG_CAMERAS__LOCAL_PHOTO_DIRS)")
     server.start()
-    log.info("serving %d people on %s (Dashboard API at %s/api/v1)", len(server.camera.scene.people),
-             server.base_url, server.base_url)
+    log.info(
+        "serving %d people on %s (Dashboard API at %s/api/v1)",
+        len(server.camera.scene.people),
+        server.base_url,
+        server.base_url,
+    )
     try:
         while True:
             time.sleep(3600)

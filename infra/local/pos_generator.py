@@ -61,26 +61,62 @@ FX = {"USD": 1.0, "EUR": 0.92, "GBP": 0.79}
 """Fixed price conversion for customers paying in another currency (all prices are USD in the catalogue)."""
 
 # Relative traffic by local (US Eastern) hour of day; normalised to mean 1 below.
-_HOURLY = (0.05, 0.03, 0.02, 0.02, 0.03, 0.08, 0.2, 0.45, 0.7, 0.95, 1.05, 1.15,
-           1.4, 1.35, 1.1, 1.05, 1.2, 1.5, 1.55, 1.3, 1.0, 0.7, 0.35, 0.12)
+_HOURLY = (
+    0.05,
+    0.03,
+    0.02,
+    0.02,
+    0.03,
+    0.08,
+    0.2,
+    0.45,
+    0.7,
+    0.95,
+    1.05,
+    1.15,
+    1.4,
+    1.35,
+    1.1,
+    1.05,
+    1.2,
+    1.5,
+    1.55,
+    1.3,
+    1.0,
+    0.7,
+    0.35,
+    0.12,
+)
 _HOURLY_NORM = tuple(h * 24 / sum(_HOURLY) for h in _HOURLY)
 _HOUR_MS = 3_600_000
 _SHIFT_MS = 8 * _HOUR_MS
 _LOCAL_OFFSET_H = -5
 
 _US_PLACES = (  # city, state, zip prefix, latitude, longitude
-    ("New York", "NY", "100", 40.7128, -74.0060), ("Chicago", "IL", "606", 41.8781, -87.6298),
-    ("Houston", "TX", "770", 29.7604, -95.3698), ("Phoenix", "AZ", "850", 33.4484, -112.0740),
-    ("Philadelphia", "PA", "191", 39.9526, -75.1652), ("San Antonio", "TX", "782", 29.4241, -98.4936),
-    ("San Diego", "CA", "921", 32.7157, -117.1611), ("Dallas", "TX", "752", 32.7767, -96.7970),
-    ("Seattle", "WA", "981", 47.6062, -122.3321), ("Denver", "CO", "802", 39.7392, -104.9903),
-    ("Boston", "MA", "021", 42.3601, -71.0589), ("Atlanta", "GA", "303", 33.7490, -84.3880),
-    ("Miami", "FL", "331", 25.7617, -80.1918), ("Portland", "OR", "972", 45.5152, -122.6784),
-    ("Minneapolis", "MN", "554", 44.9778, -93.2650), ("Nashville", "TN", "372", 36.1627, -86.7816),
-    ("Columbus", "OH", "432", 39.9612, -82.9988), ("Charlotte", "NC", "282", 35.2271, -80.8431),
-    ("Detroit", "MI", "482", 42.3314, -83.0458), ("Las Vegas", "NV", "891", 36.1699, -115.1398),
-    ("Kansas City", "MO", "641", 39.0997, -94.5786), ("Raleigh", "NC", "276", 35.7796, -78.6382),
-    ("Salt Lake City", "UT", "841", 40.7608, -111.8910), ("Newark", "NJ", "071", 40.7357, -74.1724),
+    ("New York", "NY", "100", 40.7128, -74.0060),
+    ("Chicago", "IL", "606", 41.8781, -87.6298),
+    ("Houston", "TX", "770", 29.7604, -95.3698),
+    ("Phoenix", "AZ", "850", 33.4484, -112.0740),
+    ("Philadelphia", "PA", "191", 39.9526, -75.1652),
+    ("San Antonio", "TX", "782", 29.4241, -98.4936),
+    ("San Diego", "CA", "921", 32.7157, -117.1611),
+    ("Dallas", "TX", "752", 32.7767, -96.7970),
+    ("Seattle", "WA", "981", 47.6062, -122.3321),
+    ("Denver", "CO", "802", 39.7392, -104.9903),
+    ("Boston", "MA", "021", 42.3601, -71.0589),
+    ("Atlanta", "GA", "303", 33.7490, -84.3880),
+    ("Miami", "FL", "331", 25.7617, -80.1918),
+    ("Portland", "OR", "972", 45.5152, -122.6784),
+    ("Minneapolis", "MN", "554", 44.9778, -93.2650),
+    ("Nashville", "TN", "372", 36.1627, -86.7816),
+    ("Columbus", "OH", "432", 39.9612, -82.9988),
+    ("Charlotte", "NC", "282", 35.2271, -80.8431),
+    ("Detroit", "MI", "482", 42.3314, -83.0458),
+    ("Las Vegas", "NV", "891", 36.1699, -115.1398),
+    ("Kansas City", "MO", "641", 39.0997, -94.5786),
+    ("Raleigh", "NC", "276", 35.7796, -78.6382),
+    ("Salt Lake City", "UT", "841", 40.7608, -111.8910),
+    ("Newark", "NJ", "071", 40.7357, -74.1724),
 )
 _FOREIGN_PLACES = (  # city, region, country, currency, postcode, latitude, longitude
     ("London", "ENG", "GB", "GBP", "SW1A 1AA", 51.5074, -0.1278),
@@ -94,19 +130,126 @@ _FOREIGN_PLACES = (  # city, region, country, currency, postcode, latitude, long
 )
 _FOREIGN_SHARE = 0.07
 _DIAL = {"GB": 44, "FR": 33, "DE": 49, "ES": 34, "IE": 353, "NL": 31}
-_FIRST = ("James", "Mary", "Robert", "Patricia", "John", "Jennifer", "Michael", "Linda", "David",
-          "Elizabeth", "William", "Barbara", "Richard", "Susan", "Joseph", "Jessica", "Thomas", "Sarah",
-          "Carlos", "Karen", "Daniel", "Lisa", "Matthew", "Nancy", "Anthony", "Sandra", "Mark", "Ashley",
-          "Wei", "Emily", "Omar", "Sofia", "Kevin", "Aisha", "Brian", "Olga", "Luis", "Hannah", "Raj", "Mia")
-_LAST = ("Smith", "Johnson", "Williams", "Brown", "Jones", "Garcia", "Miller", "Davis", "Rodriguez",
-         "Martinez", "Hernandez", "Lopez", "Gonzalez", "Wilson", "Anderson", "Thomas", "Taylor", "Moore",
-         "Jackson", "Martin", "Lee", "Perez", "Thompson", "White", "Harris", "Sanchez", "Clark", "Ramirez",
-         "Lewis", "Robinson", "Walker", "Young", "Allen", "King", "Wright", "Scott", "Nguyen", "Hill")
-_JOBS = ("Nurse", "Software engineer", "Teacher", "Accountant", "Electrician", "Chef", "Pharmacist",
-         "Sales manager", "Graphic designer", "Mechanic", "Lawyer", "Student", "Retired", "Architect",
-         "Police officer", "Dentist", "Data analyst", "Carpenter", "Journalist", "Physiotherapist")
-_STREETS = ("Main St", "Oak Ave", "Maple Dr", "Cedar Ln", "Pine St", "Elm St", "Washington Ave",
-            "Lake Rd", "Hill St", "Park Ave", "Sunset Blvd", "River Rd", "Church St", "Highland Ave")
+_FIRST = (
+    "James",
+    "Mary",
+    "Robert",
+    "Patricia",
+    "John",
+    "Jennifer",
+    "Michael",
+    "Linda",
+    "David",
+    "Elizabeth",
+    "William",
+    "Barbara",
+    "Richard",
+    "Susan",
+    "Joseph",
+    "Jessica",
+    "Thomas",
+    "Sarah",
+    "Carlos",
+    "Karen",
+    "Daniel",
+    "Lisa",
+    "Matthew",
+    "Nancy",
+    "Anthony",
+    "Sandra",
+    "Mark",
+    "Ashley",
+    "Wei",
+    "Emily",
+    "Omar",
+    "Sofia",
+    "Kevin",
+    "Aisha",
+    "Brian",
+    "Olga",
+    "Luis",
+    "Hannah",
+    "Raj",
+    "Mia",
+)
+_LAST = (
+    "Smith",
+    "Johnson",
+    "Williams",
+    "Brown",
+    "Jones",
+    "Garcia",
+    "Miller",
+    "Davis",
+    "Rodriguez",
+    "Martinez",
+    "Hernandez",
+    "Lopez",
+    "Gonzalez",
+    "Wilson",
+    "Anderson",
+    "Thomas",
+    "Taylor",
+    "Moore",
+    "Jackson",
+    "Martin",
+    "Lee",
+    "Perez",
+    "Thompson",
+    "White",
+    "Harris",
+    "Sanchez",
+    "Clark",
+    "Ramirez",
+    "Lewis",
+    "Robinson",
+    "Walker",
+    "Young",
+    "Allen",
+    "King",
+    "Wright",
+    "Scott",
+    "Nguyen",
+    "Hill",
+)
+_JOBS = (
+    "Nurse",
+    "Software engineer",
+    "Teacher",
+    "Accountant",
+    "Electrician",
+    "Chef",
+    "Pharmacist",
+    "Sales manager",
+    "Graphic designer",
+    "Mechanic",
+    "Lawyer",
+    "Student",
+    "Retired",
+    "Architect",
+    "Police officer",
+    "Dentist",
+    "Data analyst",
+    "Carpenter",
+    "Journalist",
+    "Physiotherapist",
+)
+_STREETS = (
+    "Main St",
+    "Oak Ave",
+    "Maple Dr",
+    "Cedar Ln",
+    "Pine St",
+    "Elm St",
+    "Washington Ave",
+    "Lake Rd",
+    "Hill St",
+    "Park Ave",
+    "Sunset Blvd",
+    "River Rd",
+    "Church St",
+    "Highland Ave",
+)
 _MAIL = ("gmail.com", "yahoo.com", "hotmail.com", "outlook.com", "icloud.com", "aol.com", "proton.me")
 _USER_AGENTS = (
     "CheckoutGuardPOS/3.4 (Android 13; SM-T500)",
@@ -170,8 +313,7 @@ def catalogue() -> Catalogue:
             products.append(LineItem(f"sku-{code}-{len(products):04d}", name, 1, max(price, 0.29)))
     for name, code, count, lo, hi in _HIGH_VALUE_SKUS:
         for _ in range(count):
-            products.append(LineItem(f"sku-{code}-{len(products):04d}", name, 1,
-                                     round(rng.uniform(lo, hi), 0) - 0.01))
+            products.append(LineItem(f"sku-{code}-{len(products):04d}", name, 1, round(rng.uniform(lo, hi), 0) - 0.01))
     for value in _GIFT_CARDS:
         products.append(LineItem(f"sku-gif-{len(products):04d}", "gift_cards", 1, value))
 
@@ -184,26 +326,54 @@ def catalogue() -> Catalogue:
         products=tuple(products),
         everyday=everyday,
         everyday_prices=tuple(products[i].unit_price for i in everyday),
-        high_value_electronics=tuple(i for i, p in enumerate(products)
-                                     if p.category == "electronics" and p.unit_price >= HIGH_VALUE),
+        high_value_electronics=tuple(
+            i for i, p in enumerate(products) if p.category == "electronics" and p.unit_price >= HIGH_VALUE
+        ),
         high_value=tuple(i for i, p in enumerate(products) if p.unit_price >= HIGH_VALUE),
         by_price=by_price,
         by_price_prices=tuple(products[i].unit_price for i in by_price),
         small=tuple(i for i, p in enumerate(products) if p.unit_price <= 5.0),
-        returnable=tuple(i for i, p in enumerate(products) if p.unit_price >= 60
-                         and p.category in ("apparel", "electronics", "jewelry", "home_garden")),
+        returnable=tuple(
+            i
+            for i, p in enumerate(products)
+            if p.unit_price >= 60 and p.category in ("apparel", "electronics", "jewelry", "home_garden")
+        ),
     )
 
 
 IDENTITY_FIELDS = (
-    "customer_id", "card_bin", "card_token", "customer_email", "customer_name", "customer_job",
-    "billing_phone", "ip_address", "user_agent", "billing_street", "billing_city", "billing_state",
-    "billing_zip", "billing_country", "billing_latitude", "billing_longitude",
+    "customer_id",
+    "card_bin",
+    "card_token",
+    "customer_email",
+    "customer_name",
+    "customer_job",
+    "billing_phone",
+    "ip_address",
+    "user_agent",
+    "billing_street",
+    "billing_city",
+    "billing_state",
+    "billing_zip",
+    "billing_country",
+    "billing_latitude",
+    "billing_longitude",
 )
 """The customer-identity fields of a PosTransaction, in record order; identities are tuples of these."""
 _BIN, _TOKEN = 1, 2
-_HEAD_FIELDS = ("transaction_id", "event_time", "store_id", "lane_id", "kind", "amount", "currency",
-                "cashier_id", "original_transaction_id", "items", "payment_method")
+_HEAD_FIELDS = (
+    "transaction_id",
+    "event_time",
+    "store_id",
+    "lane_id",
+    "kind",
+    "amount",
+    "currency",
+    "cashier_id",
+    "original_transaction_id",
+    "items",
+    "payment_method",
+)
 _TAIL_FIELDS = ("product_category", "label")
 _POSITIONAL = tuple(f.name for f in fields(PosTransaction)) == _HEAD_FIELDS + IDENTITY_FIELDS + _TAIL_FIELDS
 """Building records positionally is ~30 % faster; fall back to keywords if the record's fields move."""
@@ -351,7 +521,10 @@ class PosGenerator(Iterator[PosTransaction]):
     def _make_store(self, i: int, lanes: int) -> Store:
         city, state, *_ = _US_PLACES[i % len(_US_PLACES)]
         return Store(
-            index=i, store_id=f"store-{i + 1:03d}", city=city, state=state,
+            index=i,
+            store_id=f"store-{i + 1:03d}",
+            city=city,
+            state=state,
             lanes=tuple(f"lane-{j + 1:02d}" for j in range(lanes)),
             cashiers=tuple(f"cashier-{i + 1:03d}-{j + 1:02d}" for j in range(lanes + 2)),
         )
@@ -373,13 +546,28 @@ class PosGenerator(Iterator[PosTransaction]):
             zipcode = f"{zip3}{rng.randrange(0, 100):02d}"
             phone = f"+1-{rng.randrange(200, 999)}-{rng.randrange(200, 999)}-{rng.randrange(0, 10000):04d}"
         card_bin = rng.choice(_RISKY_BINS) if rng.random() < 0.02 else self._random_bin()
-        ip = (f"{rng.choice((24, 50, 67, 73, 98, 108, 172, 184, 203))}.{rng.randrange(0, 256)}."
-              f"{rng.randrange(0, 256)}.{rng.randrange(1, 255)}")
+        ip = (
+            f"{rng.choice((24, 50, 67, 73, 98, 108, 172, 184, 203))}.{rng.randrange(0, 256)}."
+            f"{rng.randrange(0, 256)}.{rng.randrange(1, 255)}"
+        )
         email = f"{first}.{last}{rng.randrange(1, 100)}@{rng.choice(_MAIL)}".lower()
         identity = (
-            customer_id, card_bin, self._card_token(), email, f"{first} {last}", rng.choice(_JOBS),
-            phone, ip, rng.choice(_USER_AGENTS), street, city, state, zipcode, country,
-            round(lat + rng.uniform(-0.15, 0.15), 4), round(lon + rng.uniform(-0.15, 0.15), 4),
+            customer_id,
+            card_bin,
+            self._card_token(),
+            email,
+            f"{first} {last}",
+            rng.choice(_JOBS),
+            phone,
+            ip,
+            rng.choice(_USER_AGENTS),
+            street,
+            city,
+            state,
+            zipcode,
+            country,
+            round(lat + rng.uniform(-0.15, 0.15), 4),
+            round(lon + rng.uniform(-0.15, 0.15), 4),
         )
         return identity, currency
 
@@ -402,8 +590,7 @@ class PosGenerator(Iterator[PosTransaction]):
         home = rng.randrange(len(self.stores))
         card, currency = self._identity(f"cust-{i + 1:06d}", None if rng.random() < 0.5 else home)
         spend = min(400.0, max(5.0, rng.lognormvariate(0.0, 0.6) * 40.0))
-        return Customer(i, str(card[0]), home, round(spend, 2), currency, card,
-                        _replace_card(card, None, None))
+        return Customer(i, str(card[0]), home, round(spend, 2), currency, card, _replace_card(card, None, None))
 
     def _new_identity(self) -> tuple[Identity, str]:
         """A person outside the population (a walk-in with a card never seen before)."""
@@ -466,9 +653,19 @@ class PosGenerator(Iterator[PosTransaction]):
         i = bisect_left(prices, budget) + int((self._random() - 0.5) * (2 * spread))
         return pool[0 if i < 0 else min(i, len(pool) - 1)]
 
-    def _tx(self, t: int, store: Store, lane: int, kind: str, items: tuple[LineItem, ...],
-            identity: Identity, currency: str, label: int, payment: str = "card",
-            original: str | None = None) -> PosTransaction:
+    def _tx(
+        self,
+        t: int,
+        store: Store,
+        lane: int,
+        kind: str,
+        items: tuple[LineItem, ...],
+        identity: Identity,
+        currency: str,
+        label: int,
+        payment: str = "card",
+        original: str | None = None,
+    ) -> PosTransaction:
         amount = 0.0
         top, top_value = items[0], -1.0
         for it in items:
@@ -478,13 +675,27 @@ class PosGenerator(Iterator[PosTransaction]):
                 top, top_value = it, value
         self._counter += 1
         cashiers = store.cashiers
-        head = (self._id_prefix + str(self._counter), t, store.store_id, store.lanes[lane], kind,
-                round(amount, 2), currency, cashiers[(lane + t // _SHIFT_MS) % len(cashiers)], original,
-                items, payment)
+        head = (
+            self._id_prefix + str(self._counter),
+            t,
+            store.store_id,
+            store.lanes[lane],
+            kind,
+            round(amount, 2),
+            currency,
+            cashiers[(lane + t // _SHIFT_MS) % len(cashiers)],
+            original,
+            items,
+            payment,
+        )
         if _POSITIONAL:
             return PosTransaction(*head, *identity, top.category, label)
-        return PosTransaction(**dict(zip(_HEAD_FIELDS, head, strict=True)), **identity_dict(identity),
-                              product_category=top.category, label=label)
+        return PosTransaction(
+            **dict(zip(_HEAD_FIELDS, head, strict=True)),
+            **identity_dict(identity),
+            product_category=top.category,
+            label=label,
+        )
 
     def _lane(self, store: Store) -> int:
         return int(self._random() * len(store.lanes))
@@ -521,8 +732,17 @@ class PosGenerator(Iterator[PosTransaction]):
         cash = pay < 0.08
         payment = "cash" if cash else "mobile_wallet" if pay < 0.15 else "card"
         basket = tuple(items)
-        tx = self._tx(t, store, int(rnd() * len(store.lanes)), "SALE", basket,
-                      cust.cash if cash else cust.card, currency, 0, payment)
+        tx = self._tx(
+            t,
+            store,
+            int(rnd() * len(store.lanes)),
+            "SALE",
+            basket,
+            cust.cash if cash else cust.card,
+            currency,
+            0,
+            payment,
+        )
         sale = _Sale(tx.transaction_id, t, store.index, cust.index, basket, currency, cash)
         self._young.append(sale)
         self._recent_sales.append(sale)
@@ -553,8 +773,18 @@ class PosGenerator(Iterator[PosTransaction]):
         if len(self.stores) > 1 and rng.random() < 0.15:
             store_idx = self._other_store(sale.store)
         store = self.stores[store_idx]
-        return self._tx(t, store, self._lane(store), "RETURN", items, cust.cash if sale.cash else cust.card,
-                        sale.currency, 0, "cash" if sale.cash else "card", original=sale.transaction_id)
+        return self._tx(
+            t,
+            store,
+            self._lane(store),
+            "RETURN",
+            items,
+            cust.cash if sale.cash else cust.card,
+            sale.currency,
+            0,
+            "cash" if sale.cash else "card",
+            original=sale.transaction_id,
+        )
 
     # ------------------------------------------------------------------ fraud patterns
 
@@ -588,8 +818,9 @@ class PosGenerator(Iterator[PosTransaction]):
         n = 1 + int(rng.random() * 3)
         budget = max(400.0, cust.typical_spend * rng.uniform(10.0, 25.0)) / n
         cat = self._cat
-        items = tuple(self._item(self._near(cat.by_price, cat.by_price_prices, budget, 3), 1, cust.currency)
-                      for _ in range(n))
+        items = tuple(
+            self._item(self._near(cat.by_price, cat.by_price_prices, budget, 3), 1, cust.currency) for _ in range(n)
+        )
         return self._tx(t, store, self._lane(store), "SALE", items, cust.card, cust.currency, 1)
 
     def _new_card_high_value(self, t: int) -> PosTransaction:
@@ -621,8 +852,17 @@ class PosGenerator(Iterator[PosTransaction]):
             cash = _replace_card(card, None, None)
         in_cash = rng.random() < 0.5
         store = self._pick_store()
-        return self._tx(t, store, self._lane(store), "RETURN", self._returned_goods(currency),
-                        cash if in_cash else card, currency, 1, "cash" if in_cash else "card")
+        return self._tx(
+            t,
+            store,
+            self._lane(store),
+            "RETURN",
+            self._returned_goods(currency),
+            cash if in_cash else card,
+            currency,
+            1,
+            "cash" if in_cash else "card",
+        )
 
     def _cross_store_return_mismatch(self, t: int) -> PosTransaction:
         """Someone else's receipt (a sale at store A) used to "return" its goods at store B."""
@@ -637,8 +877,9 @@ class PosGenerator(Iterator[PosTransaction]):
         by_value = sorted(sale.items, key=lambda i: -i.quantity * i.unit_price)
         items = tuple(by_value[: 1 + int(rng.random() * 2)])
         store = self.stores[self._other_store(sale.store)]
-        return self._tx(t, store, self._lane(store), "RETURN", items, cust.card, sale.currency, 1,
-                        original=sale.transaction_id)
+        return self._tx(
+            t, store, self._lane(store), "RETURN", items, cust.card, sale.currency, 1, original=sale.transaction_id
+        )
 
     def _unknown_receipt_return(self, t: int) -> PosTransaction:
         """A return quoting a receipt number that was never issued (forged or made up)."""
@@ -646,5 +887,14 @@ class PosGenerator(Iterator[PosTransaction]):
         forged = self._id_prefix + str(self._counter)
         cust = self._pick_customer()
         store = self._pick_store()
-        return self._tx(t, store, self._lane(store), "RETURN", self._returned_goods(cust.currency),
-                        cust.card, cust.currency, 1, original=forged)
+        return self._tx(
+            t,
+            store,
+            self._lane(store),
+            "RETURN",
+            self._returned_goods(cust.currency),
+            cust.card,
+            cust.currency,
+            1,
+            original=forged,
+        )

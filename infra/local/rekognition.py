@@ -25,8 +25,10 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from schemas.errors import CheckoutGuardError
 
-class _Fail(Exception):
+
+class _Fail(CheckoutGuardError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code, self.message = code, message
@@ -49,8 +51,9 @@ class FaceAnalyser(Protocol):
 
 
 class LocalRekognition:
-    def __init__(self, engine: FaceAnalyser, similarity: Callable[[Any, Any], float],
-                 s3_client: Any | None = None) -> None:
+    def __init__(
+        self, engine: FaceAnalyser, similarity: Callable[[Any, Any], float], s3_client: Any | None = None
+    ) -> None:
         self.engine = engine
         self.similarity = similarity
         self.s3 = s3_client
@@ -95,8 +98,11 @@ class LocalRekognition:
         if cid in self.collections:
             raise _Fail("ResourceAlreadyExistsException", f"The collection id: {cid} already exists")
         self.collections[cid] = {}
-        return {"StatusCode": 200, "CollectionArn": f"aws:rekognition:us-east-1:000000000000:collection/{cid}",
-                "FaceModelVersion": "7.0"}
+        return {
+            "StatusCode": 200,
+            "CollectionArn": f"aws:rekognition:us-east-1:000000000000:collection/{cid}",
+            "FaceModelVersion": "7.0",
+        }
 
     def IndexFaces(self, req: dict[str, Any]) -> dict[str, Any]:  # noqa: N802
         col = self._collection(req["CollectionId"])
@@ -104,8 +110,13 @@ class LocalRekognition:
         image_id = str(uuid.uuid4())
         records = []
         for f, box in faces:
-            face = {"FaceId": str(uuid.uuid4()), "ImageId": image_id, "Confidence": 99.9,
-                    "BoundingBox": box, "_embedding": f.embedding}
+            face = {
+                "FaceId": str(uuid.uuid4()),
+                "ImageId": image_id,
+                "Confidence": 99.9,
+                "BoundingBox": box,
+                "_embedding": f.embedding,
+            }
             if req.get("ExternalImageId"):
                 face["ExternalImageId"] = req["ExternalImageId"]
             col[face["FaceId"]] = face
@@ -117,8 +128,10 @@ class LocalRekognition:
         ids = sorted(col)
         start = int(req.get("NextToken") or 0)
         size = int(req.get("MaxResults", 1000))
-        out: dict[str, Any] = {"Faces": [self._public(col[i]) for i in ids[start:start + size]],
-                               "FaceModelVersion": "7.0"}
+        out: dict[str, Any] = {
+            "Faces": [self._public(col[i]) for i in ids[start : start + size]],
+            "FaceModelVersion": "7.0",
+        }
         if start + size < len(ids):
             out["NextToken"] = str(start + size)
         return out
@@ -136,9 +149,12 @@ class LocalRekognition:
             if sim >= threshold:
                 matches.append({"Similarity": sim, "Face": self._public(face)})
         matches.sort(key=lambda m: m["Similarity"], reverse=True)
-        return {"SearchedFaceBoundingBox": box,
-                "SearchedFaceConfidence": 99.9, "FaceMatches": matches[: int(req.get("MaxFaces", 4096))],
-                "FaceModelVersion": "7.0"}
+        return {
+            "SearchedFaceBoundingBox": box,
+            "SearchedFaceConfidence": 99.9,
+            "FaceMatches": matches[: int(req.get("MaxFaces", 4096))],
+            "FaceModelVersion": "7.0",
+        }
 
     def DeleteFaces(self, req: dict[str, Any]) -> dict[str, Any]:  # noqa: N802
         col = self._collection(req["CollectionId"])

@@ -51,7 +51,8 @@ class FileStore:
         if self.latency_s:  # a slow relay, for benchmarks
             await asyncio.sleep(self.latency_s)
         header = f"X-Envelope-From: {envelope.mail_from}\r\n" + "".join(
-            f"Delivered-To: {rcpt}\r\n" for rcpt in envelope.rcpt_tos)
+            f"Delivered-To: {rcpt}\r\n" for rcpt in envelope.rcpt_tos
+        )
         content = envelope.original_content or b""
         message_id = _message_id(content)
         if message_id:
@@ -106,8 +107,9 @@ def healthy(host: str, port: int, timeout: float = 2.0) -> bool:
 
 def serve(host: str, port: int, directory: Path, latency_s: float = 0.0) -> None:
     """Run until SIGTERM/SIGINT."""
-    controller = Controller(FileStore(directory, latency_s), hostname=host, port=port, data_size_limit=25 * 1024 * 1024,
-                            ready_timeout=30)
+    controller = Controller(
+        FileStore(directory, latency_s), hostname=host, port=port, data_size_limit=25 * 1024 * 1024, ready_timeout=30
+    )
     controller.start()
     print(f"local SMTP server on {host}:{port}, mails kept in {directory}", flush=True)
     stop = asyncio.Event()

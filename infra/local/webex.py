@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import hmac
 import itertools
@@ -26,6 +27,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -81,8 +83,14 @@ class WebexState:
     """Everything the server knows; guarded by ``lock`` because tests read it from another thread."""
 
     token: str
-    bot: dict[str, Any] = field(default_factory=lambda: {
-        "id": webex_id("PEOPLE"), "emails": [BOT_EMAIL], "displayName": "Checkout Guard", "type": "bot"})
+    bot: dict[str, Any] = field(
+        default_factory=lambda: {
+            "id": webex_id("PEOPLE"),
+            "emails": [BOT_EMAIL],
+            "displayName": "Checkout Guard",
+            "type": "bot",
+        }
+    )
     messages: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, tuple[str, str, bytes]] = field(default_factory=dict)
     """file id -> (filename, content type, bytes)."""
@@ -97,14 +105,23 @@ class WebexState:
 
     def bot_messages(self, room_id: str | None = None) -> list[dict[str, Any]]:
         with self.lock:
-            return [m for m in self.messages if m["personId"] == self.bot["id"]
-                    and (room_id is None or m["roomId"] == room_id)]
+            return [
+                m
+                for m in self.messages
+                if m["personId"] == self.bot["id"] and (room_id is None or m["roomId"] == room_id)
+            ]
 
     def file_bytes(self, url: str) -> bytes:
         return self.files[url.rsplit("/", 1)[-1]][2]
 
-    def fail(self, statuses: tuple[int, ...] = (429,), *, seconds: float = 3600.0, count: int | None = None,
-             retry_after: int = 1) -> None:
+    def fail(
+        self,
+        statuses: tuple[int, ...] = (429,),
+        *,
+        seconds: float = 3600.0,
+        count: int | None = None,
+        retry_after: int = 1,
+    ) -> None:
         """Answer these statuses to API calls for ``seconds`` or ``count`` calls, whichever ends first."""
         with self.lock:
             self.fault = Fault(tuple(statuses), time.monotonic() + seconds, count, retry_after)
@@ -121,15 +138,77 @@ def _count(state: WebexState, status: int) -> None:
 
 def _error(state: WebexState, status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     _count(state, status)
-    return JSONResponse({"message": message, "errors": [{"description": message}], "trackingId": str(uuid.uuid4())},
-                        status_code=status, headers=headers)
+    return JSONResponse(
+        {"message": message, "errors": [{"description": message}], "trackingId": str(uuid.uuid4())},
+        status_code=status,
+        headers=headers,
+    )
 
 
-def build_app(state: WebexState, public_base: str = "") -> Starlette:
-    """The ASGI app over ``state``; ``public_base`` is used for file URLs in messages."""
+def _public(message: dict[str, Any]) -> dict[str, Any]:
+    """A stored message as the API shows it: without the ``_``-prefixed bookkeeping (raw file bytes)."""
+    return {k: v for k, v in message.items() if not k.startswith("_")}
 
-    async def guard(request: Request) -> JSONResponse | None:
+
+def _without_secret(hook: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in hook.items() if k != "secret"}
+
+
+def _message_problem(fields: dict[str, Any], files: list[tuple[str, str, bytes]]) -> str | None:
+    """Why Webex would refuse this message (400), checked in the API's order; ``None`` if it is fine."""
+    text, markdown = fields.get("text"), fields.get("markdown")
+    if not fields.get("roomId") and not fields.get("toPersonEmail"):
+        return "roomId or toPersonEmail is required"
+    if len(files) > 1:
+        return "Only one file may be attached per message"
+    if not (text or markdown or files):
+        return "text, markdown or files is required"
+    if markdown and len(str(markdown).encode()) > MAX_MARKDOWN_BYTES:
+        return f"Message exceeds the maximum length of {MAX_MARKDOWN_BYTES} bytes"
+    return None
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+MessageBody = tuple[dict[str, Any], list[tuple[str, str, bytes]]]
+"""A posted message's fields and its attached files (filename, content type, bytes)."""
+
+
+class _WebexApi:
+    """The endpoints over one ``WebexState``; a class so each handler stays small and shares the state."""
+
+    def __init__(self, state: WebexState, public_base: str) -> None:
+        self.state = state
+        self.public_base = public_base
+
+    def routes(self) -> list[Route]:
+        api = self._guarded
+        return [
+            Route("/v1/messages", api(self.post_message), methods=["POST"]),
+            Route("/v1/messages", api(self.list_messages), methods=["GET"]),
+            Route("/v1/messages/{id}", api(self.get_message), methods=["GET"]),
+            Route("/v1/contents/{id}", api(self.get_content), methods=["GET"]),
+            Route("/v1/people/me", api(self.people_me), methods=["GET"]),
+            Route("/v1/webhooks", api(self.webhooks), methods=["GET", "POST"]),
+            Route("/v1/webhooks/{id}", api(self.delete_webhook), methods=["DELETE"]),
+            Route("/_local/messages", self.control_messages, methods=["GET"]),
+            Route("/_local/fault", self.control_fault, methods=["POST"]),
+            Route("/_local/say", self.control_say, methods=["POST"]),
+        ]
+
+    def _guarded(self, handler: Handler) -> Handler:
+        """Every API endpoint answers the guard's refusal first, as the real API does."""
+
+        @functools.wraps(handler)
+        async def endpoint(request: Request) -> Response:
+            if (denied := await self.guard(request)) is not None:
+                return denied
+            return await handler(request)
+
+        return endpoint
+
+    async def guard(self, request: Request) -> JSONResponse | None:
         """Latency, injected faults and the bearer token, in the order a real API applies them."""
+        state = self.state
         if state.latency_s:
             await asyncio.sleep(state.latency_s)
         with state.lock:
@@ -143,110 +222,120 @@ def build_app(state: WebexState, public_base: str = "") -> Starlette:
             return _error(state, 401, "The request requires a valid access token set in the Authorization header.")
         return None
 
-    def ok(body: dict[str, Any], status: int = 200) -> JSONResponse:
-        _count(state, status)
+    def ok(self, body: dict[str, Any], status: int = 200) -> JSONResponse:
+        _count(self.state, status)
         return JSONResponse(body, status_code=status)
 
-    def public(message: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in message.items() if not k.startswith("_")}
+    # --- the API ----------------------------------------------------------------------------
 
-    async def post_message(request: Request) -> Response:
-        if (denied := await guard(request)) is not None:
-            return denied
-        ctype = request.headers.get("content-type", "")
-        files: list[tuple[str, str, bytes]] = []
-        try:
-            if ctype.startswith("multipart/form-data"):
-                fields = {}
-                for name, filename, part_type, value in parse_multipart(ctype, await request.body()):
-                    if filename is None:
-                        fields[name] = value.decode()
-                    elif name != "files":
-                        return _error(state, 400, f"unknown file field {name!r}")
-                    else:
-                        files.append((filename, part_type, value))
-            else:
-                fields = json.loads(await request.body())
-                if not isinstance(fields, dict):
-                    raise ValueError("body is not an object")
-        except (ValueError, UnicodeDecodeError):
-            return _error(state, 400, "The request could not be understood by the server due to malformed syntax.")
+    async def post_message(self, request: Request) -> Response:
+        parsed = await self._message_body(request)
+        if isinstance(parsed, Response):
+            return parsed
+        fields, files = parsed
+        if (problem := _message_problem(fields, files)) is not None:
+            return _error(self.state, 400, problem)
         room_id, to_email = fields.get("roomId"), fields.get("toPersonEmail")
         text, markdown = fields.get("text"), fields.get("markdown")
-        if not room_id and not to_email:
-            return _error(state, 400, "roomId or toPersonEmail is required")
-        if len(files) > 1:
-            return _error(state, 400, "Only one file may be attached per message")
-        if not (text or markdown or files):
-            return _error(state, 400, "text, markdown or files is required")
-        if markdown and len(str(markdown).encode()) > MAX_MARKDOWN_BYTES:
-            return _error(state, 400, f"Message exceeds the maximum length of {MAX_MARKDOWN_BYTES} bytes")
-        message = _store_message(state, public_base, room_id=room_id or f"direct:{to_email}",
-                                 person=state.bot, text=text or _plain(markdown), markdown=markdown, files=files)
-        return ok(public(message))
+        message = _store_message(
+            self.state,
+            self.public_base,
+            room_id=room_id or f"direct:{to_email}",
+            person=self.state.bot,
+            text=text or _plain(markdown),
+            markdown=markdown,
+            files=files,
+        )
+        return self.ok(_public(message))
 
-    async def list_messages(request: Request) -> Response:
-        if (denied := await guard(request)) is not None:
-            return denied
+    async def _message_body(self, request: Request) -> MessageBody | Response:
+        """The fields and files of ``POST /messages``, JSON or multipart; a 400 answer if unreadable."""
+        ctype = request.headers.get("content-type", "")
+        try:
+            if ctype.startswith("multipart/form-data"):
+                return self._multipart_message(ctype, await request.body())
+            fields = json.loads(await request.body())
+            if not isinstance(fields, dict):
+                raise ValueError("body is not an object")
+            return fields, []
+        except (ValueError, UnicodeDecodeError):
+            return _error(self.state, 400, "The request could not be understood by the server due to malformed syntax.")
+
+    def _multipart_message(self, ctype: str, body: bytes) -> MessageBody | Response:
+        """Text parts are fields; file parts must be named ``files`` (raises ValueError if malformed)."""
+        fields: dict[str, Any] = {}
+        files: list[tuple[str, str, bytes]] = []
+        for name, filename, part_type, value in parse_multipart(ctype, body):
+            if filename is None:
+                fields[name] = value.decode()
+            elif name != "files":
+                return _error(self.state, 400, f"unknown file field {name!r}")
+            else:
+                files.append((filename, part_type, value))
+        return fields, files
+
+    async def list_messages(self, request: Request) -> Response:
         room_id = request.query_params.get("roomId")
         if not room_id:
-            return _error(state, 400, "roomId is required")
+            return _error(self.state, 400, "roomId is required")
         try:
             limit = int(request.query_params.get("max", "50"))
         except ValueError:
-            return _error(state, 400, "max must be a number")
-        with state.lock:
-            items = [public(m) for m in reversed(state.messages) if m["roomId"] == room_id][:limit]
-        return ok({"items": items})
+            return _error(self.state, 400, "max must be a number")
+        with self.state.lock:
+            items = [_public(m) for m in reversed(self.state.messages) if m["roomId"] == room_id][:limit]
+        return self.ok({"items": items})
 
-    async def get_message(request: Request) -> Response:
-        if (denied := await guard(request)) is not None:
-            return denied
-        with state.lock:
-            found = next((m for m in state.messages if m["id"] == request.path_params["id"]), None)
+    async def get_message(self, request: Request) -> Response:
+        with self.state.lock:
+            found = next((m for m in self.state.messages if m["id"] == request.path_params["id"]), None)
         if found is None:
-            return _error(state, 404, "Message not found")
-        return ok(public(found))
+            return _error(self.state, 404, "Message not found")
+        return self.ok(_public(found))
 
-    async def get_content(request: Request) -> Response:
-        if (denied := await guard(request)) is not None:
-            return denied
-        entry = state.files.get(request.path_params["id"])
+    async def get_content(self, request: Request) -> Response:
+        entry = self.state.files.get(request.path_params["id"])
         if entry is None:
-            return _error(state, 404, "Content not found")
-        _count(state, 200)
+            return _error(self.state, 404, "Content not found")
+        _count(self.state, 200)
         name, ctype, data = entry
         return Response(data, media_type=ctype, headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
-    async def people_me(request: Request) -> Response:
-        if (denied := await guard(request)) is not None:
-            return denied
-        return ok(state.bot)
+    async def people_me(self, _: Request) -> Response:
+        return self.ok(self.state.bot)
 
-    async def webhooks(request: Request) -> Response:
-        if (denied := await guard(request)) is not None:
-            return denied
+    async def webhooks(self, request: Request) -> Response:
         if request.method == "GET":
-            with state.lock:
-                items = [{k: v for k, v in w.items() if k != "secret"} for w in state.webhooks]
-            return ok({"items": items})
+            with self.state.lock:
+                items = [_without_secret(w) for w in self.state.webhooks]
+            return self.ok({"items": items})
+        return await self.create_webhook(request)
+
+    async def create_webhook(self, request: Request) -> Response:
         try:
             body = json.loads(await request.body())
             missing = [k for k in ("name", "targetUrl", "resource", "event") if not body.get(k)]
         except (ValueError, AttributeError):
-            return _error(state, 400, "malformed JSON body")
+            return _error(self.state, 400, "malformed JSON body")
         if missing:
-            return _error(state, 400, f"missing {', '.join(missing)}")
-        hook = {"id": webex_id("WEBHOOK"), "name": body["name"], "targetUrl": body["targetUrl"],
-                "resource": body["resource"], "event": body["event"], "filter": body.get("filter"),
-                "secret": body.get("secret"), "status": "active", "created": _now_iso()}
-        with state.lock:
-            state.webhooks.append(hook)
-        return ok({k: v for k, v in hook.items() if k != "secret"})
+            return _error(self.state, 400, f"missing {', '.join(missing)}")
+        hook = {
+            "id": webex_id("WEBHOOK"),
+            "name": body["name"],
+            "targetUrl": body["targetUrl"],
+            "resource": body["resource"],
+            "event": body["event"],
+            "filter": body.get("filter"),
+            "secret": body.get("secret"),
+            "status": "active",
+            "created": _now_iso(),
+        }
+        with self.state.lock:
+            self.state.webhooks.append(hook)
+        return self.ok(_without_secret(hook))
 
-    async def delete_webhook(request: Request) -> Response:
-        if (denied := await guard(request)) is not None:
-            return denied
+    async def delete_webhook(self, request: Request) -> Response:
+        state = self.state
         with state.lock:
             before = len(state.webhooks)
             state.webhooks[:] = [w for w in state.webhooks if w["id"] != request.path_params["id"]]
@@ -258,39 +347,43 @@ def build_app(state: WebexState, public_base: str = "") -> Starlette:
 
     # --- control (the demo and other processes; tests in-process use ``state`` directly) ---------
 
-    async def control_messages(_: Request) -> Response:
-        with state.lock:
-            return JSONResponse({"items": [public(m) | {"fileSizes": [len(f[2]) for f in m["_files"]]}
-                                           for m in state.messages]})
+    async def control_messages(self, _: Request) -> Response:
+        with self.state.lock:
+            return JSONResponse(
+                {"items": [_public(m) | {"fileSizes": [len(f[2]) for f in m["_files"]]} for m in self.state.messages]}
+            )
 
-    async def control_fault(request: Request) -> Response:
+    async def control_fault(self, request: Request) -> Response:
+        state = self.state
         body = json.loads(await request.body() or b"{}")
         if body.get("statuses"):
-            state.fail(tuple(body["statuses"]), seconds=float(body.get("seconds", 3600)), count=body.get("count"),
-                       retry_after=int(body.get("retry_after", 1)))
+            state.fail(
+                tuple(body["statuses"]),
+                seconds=float(body.get("seconds", 3600)),
+                count=body.get("count"),
+                retry_after=int(body.get("retry_after", 1)),
+            )
         else:
             state.heal()
         state.latency_s = float(body.get("latency_ms", state.latency_s * 1000)) / 1000
         return JSONResponse({"ok": True})
 
-    async def control_say(request: Request) -> Response:
+    async def control_say(self, request: Request) -> Response:
         body = json.loads(await request.body())
-        delivered = await say(state, public_base, room_id=body["roomId"], person_email=body["personEmail"],
-                              text=body["text"], room_type=body.get("roomType", "group"))
+        delivered = await say(
+            self.state,
+            self.public_base,
+            room_id=body["roomId"],
+            person_email=body["personEmail"],
+            text=body["text"],
+            room_type=body.get("roomType", "group"),
+        )
         return JSONResponse({"deliveries": delivered})
 
-    return Starlette(routes=[
-        Route("/v1/messages", post_message, methods=["POST"]),
-        Route("/v1/messages", list_messages, methods=["GET"]),
-        Route("/v1/messages/{id}", get_message, methods=["GET"]),
-        Route("/v1/contents/{id}", get_content, methods=["GET"]),
-        Route("/v1/people/me", people_me, methods=["GET"]),
-        Route("/v1/webhooks", webhooks, methods=["GET", "POST"]),
-        Route("/v1/webhooks/{id}", delete_webhook, methods=["DELETE"]),
-        Route("/_local/messages", control_messages, methods=["GET"]),
-        Route("/_local/fault", control_fault, methods=["POST"]),
-        Route("/_local/say", control_say, methods=["POST"]),
-    ])
+
+def build_app(state: WebexState, public_base: str = "") -> Starlette:
+    """The ASGI app over ``state``; ``public_base`` is used for file URLs in messages."""
+    return Starlette(routes=_WebexApi(state, public_base).routes())
 
 
 _DISPOSITION_PARAM = re.compile(rb';\s*(name|filename)="([^"]*)"')
@@ -332,12 +425,27 @@ def person_id(email: str) -> str:
     return base64.urlsafe_b64encode(f"ciscospark://us/PEOPLE/{email.lower()}".encode()).decode().rstrip("=")
 
 
-def _store_message(state: WebexState, public_base: str, *, room_id: str, person: dict[str, Any], text: str | None,
-                   markdown: str | None, files: list[tuple[str, str, bytes]], room_type: str = "group",
-                   mentioned: list[str] | None = None) -> dict[str, Any]:
+def _store_message(
+    state: WebexState,
+    public_base: str,
+    *,
+    room_id: str,
+    person: dict[str, Any],
+    text: str | None,
+    markdown: str | None,
+    files: list[tuple[str, str, bytes]],
+    room_type: str = "group",
+    mentioned: list[str] | None = None,
+) -> dict[str, Any]:
     message: dict[str, Any] = {
-        "id": webex_id("MESSAGE"), "roomId": room_id, "roomType": room_type, "text": text,
-        "personId": person["id"], "personEmail": person["emails"][0], "created": _now_iso(), "_files": files,
+        "id": webex_id("MESSAGE"),
+        "roomId": room_id,
+        "roomType": room_type,
+        "text": text,
+        "personId": person["id"],
+        "personEmail": person["emails"][0],
+        "created": _now_iso(),
+        "_files": files,
     }
     if markdown:
         message["markdown"] = markdown
@@ -355,29 +463,63 @@ def _store_message(state: WebexState, public_base: str, *, room_id: str, person:
     return message
 
 
-async def say(state: WebexState, public_base: str, *, room_id: str, person_email: str, text: str,
-              room_type: str = "group") -> list[dict[str, Any]]:
+async def say(
+    state: WebexState, public_base: str, *, room_id: str, person_email: str, text: str, room_type: str = "group"
+) -> list[dict[str, Any]]:
     """A person writes ``text`` in a room: store it and call every webhook on ``messages/created`` whose
     filter (``roomId=...``) matches, signed with that webhook's secret. Returns the deliveries made."""
     person = {"id": person_id(person_email), "emails": [person_email]}
     mentioned = [state.bot["id"]] if text.startswith(state.bot["displayName"]) else None
-    message = _store_message(state, public_base, room_id=room_id, person=person, text=text, markdown=None, files=[],
-                             room_type=room_type, mentioned=mentioned)
+    message = _store_message(
+        state,
+        public_base,
+        room_id=room_id,
+        person=person,
+        text=text,
+        markdown=None,
+        files=[],
+        room_type=room_type,
+        mentioned=mentioned,
+    )
     with state.lock:
-        hooks = [w for w in state.webhooks if w["resource"] == "messages" and w["event"] == "created"
-                 and (not w.get("filter") or w["filter"] == f"roomId={room_id}")]
+        hooks = [
+            w
+            for w in state.webhooks
+            if w["resource"] == "messages"
+            and w["event"] == "created"
+            and (not w.get("filter") or w["filter"] == f"roomId={room_id}")
+        ]
     made = []
     async with httpx.AsyncClient(timeout=10) as client:
         for hook in hooks:
-            data = {"id": message["id"], "roomId": room_id, "roomType": room_type, "personId": person["id"],
-                    "personEmail": person_email, "created": message["created"]}
+            data = {
+                "id": message["id"],
+                "roomId": room_id,
+                "roomType": room_type,
+                "personId": person["id"],
+                "personEmail": person_email,
+                "created": message["created"],
+            }
             if mentioned:
                 data["mentionedPeople"] = mentioned
-            body = json.dumps({"id": hook["id"], "name": hook["name"], "targetUrl": hook["targetUrl"],
-                               "resource": "messages", "event": "created", "filter": hook.get("filter"),
-                               "orgId": "local", "createdBy": state.bot["id"], "appId": "local",
-                               "ownedBy": "creator", "status": "active", "created": hook["created"],
-                               "actorId": person["id"], "data": data}).encode()
+            body = json.dumps(
+                {
+                    "id": hook["id"],
+                    "name": hook["name"],
+                    "targetUrl": hook["targetUrl"],
+                    "resource": "messages",
+                    "event": "created",
+                    "filter": hook.get("filter"),
+                    "orgId": "local",
+                    "createdBy": state.bot["id"],
+                    "appId": "local",
+                    "ownedBy": "creator",
+                    "status": "active",
+                    "created": hook["created"],
+                    "actorId": person["id"],
+                    "data": data,
+                }
+            ).encode()
             headers = {"Content-Type": "application/json"}
             if hook.get("secret"):
                 headers["X-Spark-Signature"] = sign(body, hook["secret"])
@@ -385,8 +527,14 @@ async def say(state: WebexState, public_base: str, *, room_id: str, person_email
                 r = await client.post(hook["targetUrl"], content=body, headers=headers)
                 made.append({"target": hook["targetUrl"], "status": r.status_code, "message_id": message["id"]})
             except httpx.HTTPError as exc:
-                made.append({"target": hook["targetUrl"], "status": None, "error": type(exc).__name__,
-                             "message_id": message["id"]})
+                made.append(
+                    {
+                        "target": hook["targetUrl"],
+                        "status": None,
+                        "error": type(exc).__name__,
+                        "message_id": message["id"],
+                    }
+                )
     with state.lock:
         state.deliveries += made
     return made
@@ -401,12 +549,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 class BackgroundServer:
     """Any ASGI app served by uvicorn on a thread of this process (tests, benchmarks)."""
 
-    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0, lifespan: str = "off",
-                 name: str = "asgi") -> None:
+    def __init__(
+        self, app: Any, *, host: str = "127.0.0.1", port: int = 0, lifespan: str = "off", name: str = "asgi"
+    ) -> None:
         self.host, self.port = host, port or free_port(host)
         self.base = f"http://{host}:{self.port}"
-        self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning",
-                                                     access_log=False, lifespan=lifespan))
+        self._server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=self.port, log_level="warning", access_log=False, lifespan=lifespan)
+        )
         self._thread = threading.Thread(target=self._server.run, name=name, daemon=True)
 
     def start(self) -> BackgroundServer:
@@ -442,8 +592,9 @@ class LocalWebexServer(BackgroundServer):
 
     def say(self, room_id: str, person_email: str, text: str, room_type: str = "group") -> list[dict[str, Any]]:
         """Play a person writing in a room (from any thread): webhooks are called, deliveries returned."""
-        return asyncio.run(say(self.state, self.base, room_id=room_id, person_email=person_email, text=text,
-                               room_type=room_type))
+        return asyncio.run(
+            say(self.state, self.base, room_id=room_id, person_email=person_email, text=text, room_type=room_type)
+        )
 
     def __enter__(self) -> LocalWebexServer:
         return self.start()
@@ -460,8 +611,9 @@ def main(
     """Serve the local Webex API until interrupted."""
     state = WebexState(token=token, latency_s=latency_ms / 1000)
     base = f"http://127.0.0.1:{port}"
-    uvicorn.run(build_app(state, base), host="127.0.0.1", port=port, log_level="warning", access_log=False,
-                lifespan="off")
+    uvicorn.run(
+        build_app(state, base), host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="off"
+    )
 
 
 if __name__ == "__main__":

@@ -33,14 +33,13 @@ import json
 import logging
 import re
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, Message
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -48,8 +47,12 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from infra.clients import kafka as kafka_clients
 from infra.clients.webex import WebexClient, WebexError, with_retries
+from infra.clock import now_ms
+from infra.retry import call_with_retries
 from infra.settings import Settings, get_settings
+from schemas.errors import CheckoutGuardError
 from schemas.records import OUTCOME_WORDS, BotCommand
 from schemas.topics import COMMANDS
 
@@ -60,8 +63,12 @@ WEBHOOK_NAME = "checkout-guard-bot"
 MAX_BODY_BYTES = 64 * 1024
 """A Webex message webhook is well under 2 KB; anything much larger is not one."""
 WATCHLIST_VERBS = frozenset({"FRAUD", "VIP", "FORGET"})
-VERBS_WITH_ARGUMENT = {"CHECKOUT": "transaction id", "FRAUD": "transaction id", "VIP": "transaction id",
-                       "FORGET": "subject id"}
+VERBS_WITH_ARGUMENT = {
+    "CHECKOUT": "transaction id",
+    "FRAUD": "transaction id",
+    "VIP": "transaction id",
+    "FORGET": "subject id",
+}
 ARGUMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 HELP_TEXT = (
     "**Checkout Guard** understands:\n\n"
@@ -100,7 +107,7 @@ def strip_mention(text: str, bot_names: tuple[str, ...]) -> str:
     stripped = text.strip().lstrip("@").strip()
     for name in sorted((n for n in bot_names if n), key=len, reverse=True):
         if stripped.lower().startswith(name.lower()):
-            rest = stripped[len(name):]
+            rest = stripped[len(name) :]
             if not rest or not rest[0].isalnum():
                 return rest.lstrip(" ,:").strip()
     return stripped
@@ -136,10 +143,11 @@ def _parse_words(words: list[str]) -> ParsedCommand:
 def may_change_watchlist(settings: Settings, room_id: str | None, person_email: str | None) -> bool:
     webex = settings.webex
     return (room_id is not None and room_id in webex.allowed_room_ids()) or (
-        person_email is not None and person_email.lower() in webex.allowed_emails())
+        person_email is not None and person_email.lower() in webex.allowed_emails()
+    )
 
 
-class BadCallback(ValueError):
+class BadCallback(CheckoutGuardError, ValueError):
     """The body is not a Webex message webhook we can use (-> 400)."""
 
 
@@ -173,7 +181,7 @@ class KafkaCommandPublisher:
 
     def __init__(self, settings: Settings) -> None:
         self.topic = COMMANDS.full_name(settings.kafka.topic_prefix)
-        self._producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True, "linger.ms": 0})
+        self._producer = kafka_clients.producer(settings, kafka_clients.IDEMPOTENT, linger_ms=0)
 
     def __call__(self, command: BotCommand) -> None:
         errors: list[KafkaError] = []
@@ -182,8 +190,9 @@ class KafkaCommandPublisher:
             if err is not None:
                 errors.append(err)
 
-        self._producer.produce(self.topic, key=command.command_id.encode(), value=command.encode(),
-                               on_delivery=on_delivery)
+        self._producer.produce(
+            self.topic, key=command.command_id.encode(), value=command.encode(), on_delivery=on_delivery
+        )
         if self._producer.flush(10) > 0:
             raise RuntimeError("command not confirmed by Kafka within 10 s")
         if errors:
@@ -193,12 +202,13 @@ class KafkaCommandPublisher:
         self._producer.flush(5)
 
 
-def opensearch_inspect_checkout(settings: Settings) -> Callable[[str], str]:
-    """``checkout <tx>`` from what the pipeline already knows: the transaction's face result in OpenSearch."""
+def opensearch_inspect_checkout(settings: Settings, client: Any | None = None) -> Callable[[str], str]:
+    """``checkout <tx>`` from what the pipeline already knows: the transaction's face result in OpenSearch.
+    ``client``: the OpenSearch client to use (its owner closes it); by default one of its own."""
     from infra.clients.opensearch import make_client
     from schemas.indices import index_name
 
-    client = make_client(settings.opensearch, timeout_s=5)
+    client = client or make_client(settings.opensearch, timeout_s=5)
     index = index_name(settings.opensearch.index_prefix, "transactions")
 
     def inspect(tx_id: str) -> str:
@@ -212,14 +222,21 @@ def opensearch_inspect_checkout(settings: Settings) -> Callable[[str], str]:
         doc = hits[0]["_source"]
         face = doc.get("face_status") or "UNAVAILABLE"
         if face == "MATCHED":
-            face_text = (f"face matches **{(doc.get('face_category') or '').lower()}** `{doc.get('face_subject_id')}` "
-                         f"({doc.get('face_similarity') or 0:.1f}% similar)")
+            face_text = (
+                f"face matches **{(doc.get('face_category') or '').lower()}** `{doc.get('face_subject_id')}` "
+                f"({doc.get('face_similarity') or 0:.1f}% similar)"
+            )
         else:
-            face_text = {"NO_MATCH": "a face was seen, no watchlist match", "NO_FACE": "no usable face in the snapshot",
-                         "UNAVAILABLE": "no snapshot was available"}.get(face, face.lower())
-        return (f"Transaction `{tx_id}` at store {doc.get('store_id')} lane {doc.get('lane_id')}: "
-                f"{OUTCOME_WORDS.get(doc.get('outcome') or '', '?')} (risk {doc.get('risk_score')}); {face_text}. "
-                "Taking a fresh snapshot of that lane's camera now...")
+            face_text = {
+                "NO_MATCH": "a face was seen, no watchlist match",
+                "NO_FACE": "no usable face in the snapshot",
+                "UNAVAILABLE": "no snapshot was available",
+            }.get(face, face.lower())
+        return (
+            f"Transaction `{tx_id}` at store {doc.get('store_id')} lane {doc.get('lane_id')}: "
+            f"{OUTCOME_WORDS.get(doc.get('outcome') or '', '?')} (risk {doc.get('risk_score')}); {face_text}. "
+            "Taking a fresh snapshot of that lane's camera now..."
+        )
 
     return inspect
 
@@ -238,12 +255,14 @@ def pipeline_status_text(settings: Settings) -> str:
     except Exception as exc:  # status is best effort: report what failed
         lines.append(f"Pipeline health unknown ({type(exc).__name__})")
     try:
-        client = make_client(settings.opensearch, timeout_s=5)
-        prefix = settings.opensearch.index_prefix
-        res = client.search(index=index_name(prefix, "transactions"),
-                            body={"size": 0, "aggs": {"o": {"terms": {"field": "outcome"}}}})
-        counts = ", ".join(f"{b['key'].lower()} {b['doc_count']:,}" for b in res["aggregations"]["o"]["buckets"])
-        alerts = client.count(index=index_name(prefix, "alerts"))["count"]
+        with contextlib.closing(make_client(settings.opensearch, timeout_s=5)) as client:
+            prefix = settings.opensearch.index_prefix
+            res = client.search(
+                index=index_name(prefix, "transactions"),
+                body={"size": 0, "aggs": {"o": {"terms": {"field": "outcome"}}}},
+            )
+            counts = ", ".join(f"{b['key'].lower()} {b['doc_count']:,}" for b in res["aggregations"]["o"]["buckets"])
+            alerts = client.count(index=index_name(prefix, "alerts"))["count"]
         lines.append(f"Transactions: {counts or 'none yet'}; alerts: {alerts:,}")
     except Exception as exc:
         lines.append(f"Counts unavailable ({type(exc).__name__})")
@@ -255,23 +274,47 @@ def pipeline_status_text(settings: Settings) -> str:
 
 class WebexBot:
     """The webhook receiver and command handler; collaborators are injected so tests can use real local
-    servers for Webex and Kafka and stand-alone functions for the answers."""
+    servers for Webex and Kafka and stand-alone functions for the answers.
 
-    def __init__(self, settings: Settings, *, client: WebexClient | None = None,
-                 publish: Callable[[BotCommand], None] | None = None,
-                 inspect_checkout: Callable[[str], str] | None = None,
-                 fresh_checkout: Callable[[str], str] | None = None,
-                 status_text: Callable[[], str] | None = None) -> None:
+    :meth:`close` (or ``with``) closes what the bot built itself (Webex client, Kafka publisher, OpenSearch
+    client, checkout inspector); injected collaborators stay their owner's to close."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        client: WebexClient | None = None,
+        publish: Callable[[BotCommand], None] | None = None,
+        inspect_checkout: Callable[[str], str] | None = None,
+        fresh_checkout: Callable[[str], str] | None = None,
+        status_text: Callable[[], str] | None = None,
+    ) -> None:
         self.settings = settings
-        self.client = client or WebexClient.from_settings(settings.webex)
-        self.publish = publish or KafkaCommandPublisher(settings)
-        self.inspect_checkout = inspect_checkout or opensearch_inspect_checkout(settings)
-        # ``checkout <tx>``: the recorded decision at once, then a follow-up from a fresh snapshot
-        # of that lane's camera at the transaction time (seconds: the camera API polls).
-        if fresh_checkout is None and inspect_checkout is None:
-            from jobs.faces.checkout_inspect import CheckoutInspector
+        self._owned: list[Any] = []
+        """What the bot built itself and closes in :meth:`close`, in the order built."""
+        if client is None:
+            client = WebexClient.from_settings(settings.webex)
+            self._owned.append(client)
+        self.client = client
+        if publish is None:
+            publish = KafkaCommandPublisher(settings)
+            self._owned.append(publish)
+        self.publish = publish
+        if inspect_checkout is None:
+            from infra.clients.opensearch import make_client
 
-            fresh_checkout = CheckoutInspector(settings)
+            opensearch = make_client(settings.opensearch, timeout_s=5)
+            self._owned.append(opensearch)
+            self.inspect_checkout = opensearch_inspect_checkout(settings, opensearch)
+            # ``checkout <tx>``: the recorded decision at once, then a follow-up from a fresh snapshot
+            # of that lane's camera at the transaction time (seconds: the camera API polls).
+            if fresh_checkout is None:
+                from jobs.faces.checkout_inspect import CheckoutInspector
+
+                fresh_checkout = CheckoutInspector(settings)
+                self._owned.append(fresh_checkout)
+        else:
+            self.inspect_checkout = inspect_checkout
         self.fresh_checkout = fresh_checkout
         self.status_text = status_text or (lambda: pipeline_status_text(settings))
         secret = settings.webex.webhook_secret
@@ -280,9 +323,26 @@ class WebexBot:
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
         self.handled = 0
-        self.app = Starlette(routes=[Route(WEBHOOK_PATH, self.webhook, methods=["POST"]),
-                                     Route("/health", self.health, methods=["GET"])],
-                             lifespan=self._lifespan)
+        self.app = Starlette(
+            routes=[
+                Route(WEBHOOK_PATH, self.webhook, methods=["POST"]),
+                Route("/health", self.health, methods=["GET"]),
+            ],
+            lifespan=self._lifespan,
+        )
+
+    def close(self) -> None:
+        """Close what the bot built (newest first); one failing to close does not keep the others open."""
+        owned, self._owned = self._owned, []
+        with contextlib.ExitStack() as closing:
+            for part in owned:
+                closing.callback(part.close)
+
+    def __enter__(self) -> WebexBot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ HTTP
 
@@ -377,10 +437,19 @@ class WebexBot:
             return f"Sorry, {parsed.problem}. Try `help`."
         if parsed.verb in WATCHLIST_VERBS and not may_change_watchlist(self.settings, room_id, person):
             log.info("watchlist command %s refused for a room/person not on the allow-list", parsed.verb)
-            return ("Sorry, changes to the watchlist can only be made from the store security room or by "
-                    "people on the allow-list. Please ask your store security lead.")
-        command = BotCommand(command_id=message_id, issued_at=int(time.time() * 1000), verb=parsed.verb,
-                             argument=parsed.argument, actor=person or "unknown", room_id=room_id, source="webex")
+            return (
+                "Sorry, changes to the watchlist can only be made from the store security room or by "
+                "people on the allow-list. Please ask your store security lead."
+            )
+        command = BotCommand(
+            command_id=message_id,
+            issued_at=now_ms(),
+            verb=parsed.verb,
+            argument=parsed.argument,
+            actor=person or "unknown",
+            room_id=room_id,
+            source="webex",
+        )
         try:
             self.publish(command)
         except Exception as exc:  # Kafka unreachable: tell the person instead of going quiet
@@ -394,8 +463,10 @@ class WebexBot:
         if parsed.verb == "CHECKOUT":
             return self.inspect_checkout(arg or "")
         if parsed.verb == "FRAUD":
-            return (f"Noted: the face from checkout `{arg}` goes on the **suspect** watchlist as `subj-{arg}`. "
-                    "I will post here when that person is seen again.")
+            return (
+                f"Noted: the face from checkout `{arg}` goes on the **suspect** watchlist as `subj-{arg}`. "
+                "I will post here when that person is seen again."
+            )
         if parsed.verb == "VIP":
             return f"Noted: the face from checkout `{arg}` goes on the **VIP** list as `subj-{arg}`."
         return f"Noted: `{arg}` will be removed from the watchlist and its reference images deleted."
@@ -417,18 +488,31 @@ class WebexBot:
             log.error("a public URL without a webhook secret: refusing to register an unsigned webhook")
             return None
         target = public.rstrip("/") + WEBHOOK_PATH
-        for attempt in range(5):
-            try:
-                for old in self.client.list_webhooks():
-                    if old.get("name") == WEBHOOK_NAME:  # re-create: the URL or the secret may have changed
-                        self.client.delete_webhook(old["id"])
-                hook = self.client.create_webhook(WEBHOOK_NAME, target, self.secret)
-                log.info("webhook %s registered for %s", hook.get("id"), target)
-                return hook
-            except WebexError as exc:
-                log.warning("webhook registration failed (%s), try %d of 5", exc.reason, attempt + 1)
-                time.sleep(min(30, 2 ** attempt))
-        return None
+        tries = 5
+
+        def register() -> dict[str, Any]:
+            for old in self.client.list_webhooks():
+                if old.get("name") == WEBHOOK_NAME:  # re-create: the URL or the secret may have changed
+                    self.client.delete_webhook(old["id"])
+            return self.client.create_webhook(WEBHOOK_NAME, target, self.secret)
+
+        def failed(exc: BaseException, attempt: int, _delay: float = 0.0) -> None:
+            log.warning("webhook registration failed (%s), try %d of %d", getattr(exc, "reason", exc), attempt, tries)
+
+        try:  # every Webex error is worth another try here (the bot cannot work without its webhook)
+            hook = call_with_retries(
+                register,
+                retriable=lambda exc: isinstance(exc, WebexError),
+                attempts=tries,
+                wait=lambda n: 2.0**n,
+                maximum_s=30.0,
+                before_sleep=failed,
+            )
+        except WebexError as exc:
+            failed(exc, tries)
+            return None
+        log.info("webhook %s registered for %s", hook.get("id"), target)
+        return hook
 
 
 def main() -> None:
@@ -437,13 +521,10 @@ def main() -> None:
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     settings = get_settings()
-    bot = WebexBot(settings)
-    try:
-        uvicorn.run(bot.app, host=settings.webex.bot_host, port=settings.webex.bot_port, log_level="warning",
-                    access_log=False)
-    finally:
-        with contextlib.suppress(Exception):
-            bot.client.close()
+    with WebexBot(settings) as bot:  # closes its Webex, Kafka, OpenSearch and camera clients on the way out
+        uvicorn.run(
+            bot.app, host=settings.webex.bot_host, port=settings.webex.bot_port, log_level="warning", access_log=False
+        )
 
 
 if __name__ == "__main__":

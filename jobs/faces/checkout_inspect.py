@@ -22,12 +22,13 @@ log = logging.getLogger("checkout_guard.checkout_inspect")
 Lookup = Callable[[str], dict[str, Any] | None]
 
 
-def opensearch_lookup(settings: Settings) -> Lookup:
-    """The scored transaction by id (store, lane, event time, outcome), or ``None`` if not indexed."""
+def opensearch_lookup(settings: Settings, client: Any | None = None) -> Lookup:
+    """The scored transaction by id (store, lane, event time, outcome), or ``None`` if not indexed.
+    ``client``: the OpenSearch client to use (its owner closes it); by default one of its own."""
     from infra.clients.opensearch import make_client
     from schemas.indices import index_name
 
-    client = make_client(settings.opensearch, timeout_s=5)
+    client = client or make_client(settings.opensearch, timeout_s=5)
     index = index_name(settings.opensearch.index_prefix, "transactions")
 
     def lookup(tx_id: str) -> dict[str, Any] | None:
@@ -56,25 +57,51 @@ def load_watchlist(settings: Settings):
 
 
 class CheckoutInspector:
-    """Callable ``tx_id -> reply text``; every part injectable so tests can use local servers."""
+    """Callable ``tx_id -> reply text``; every part injectable so tests can use local servers.
+    :meth:`close` closes the clients it built itself (camera API, OpenSearch); injected parts stay the caller's."""
 
-    def __init__(self, settings: Settings, lookup: Lookup | None = None, snapshot=None, engine=None,
-                 watchlist_loader: Callable[[], Any] | None = None, store=None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        lookup: Lookup | None = None,
+        snapshot=None,
+        engine=None,
+        watchlist_loader: Callable[[], Any] | None = None,
+        store=None,
+    ) -> None:
         self.settings = settings
         self._lookup = lookup
         self._snapshot = snapshot
         self._engine = engine
         self._watchlist_loader = watchlist_loader or (lambda: load_watchlist(settings))
         self._store = store
+        self._owned: list[Any] = []
+
+    def close(self) -> None:
+        owned, self._owned = self._owned, []
+        for client in owned:
+            client.close()
+
+    def __enter__(self) -> CheckoutInspector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _parts(self):
         """Built on first use: the bot should start even when the camera API or models are slow."""
         if self._lookup is None:
-            self._lookup = opensearch_lookup(self.settings)
+            from infra.clients.opensearch import make_client
+
+            opensearch = make_client(self.settings.opensearch, timeout_s=5)
+            self._owned.append(opensearch)
+            self._lookup = opensearch_lookup(self.settings, opensearch)
         if self._snapshot is None:
             from infra.clients.meraki import MerakiClient
 
-            self._snapshot = MerakiClient.from_settings(self.settings).snapshot
+            camera = MerakiClient.from_settings(self.settings)
+            self._owned.append(camera)
+            self._snapshot = camera.snapshot
         if self._engine is None:
             from jobs.faces.engine import FaceEngine
 
@@ -119,7 +146,11 @@ class CheckoutInspector:
             return f"Transaction `{tx_id}` at {where}: a face was seen; watchlist unavailable ({type(exc).__name__})."
         when = "(footage of the transaction time)" if not shot.fell_back_to_now else "(live view: no footage stored)"
         if match is None:
-            return (f"Transaction `{tx_id}` at {where}: fresh snapshot {when}; a face (quality {face.quality:.2f}) "
-                    "that matches nobody on the watchlist.")
-        return (f"Transaction `{tx_id}` at {where}: fresh snapshot {when}; the face matches "
-                f"**{match.category.lower()}** `{match.subject_id}` ({match.similarity:.1f}% similar).")
+            return (
+                f"Transaction `{tx_id}` at {where}: fresh snapshot {when}; a face (quality {face.quality:.2f}) "
+                "that matches nobody on the watchlist."
+            )
+        return (
+            f"Transaction `{tx_id}` at {where}: fresh snapshot {when}; the face matches "
+            f"**{match.category.lower()}** `{match.subject_id}` ({match.similarity:.1f}% similar)."
+        )

@@ -33,8 +33,12 @@ def _settings() -> FaceSettings:
 
 def face_json(face: DetectedFace, with_embedding: bool = True) -> dict:
     out = {
-        "box": list(face.box), "quality": face.quality, "passed": face.passed,
-        "reject_reason": face.reject_reason, "sharpness": face.sharpness, "pose_asymmetry": face.pose_asymmetry,
+        "box": list(face.box),
+        "quality": face.quality,
+        "passed": face.passed,
+        "reject_reason": face.reject_reason,
+        "sharpness": face.sharpness,
+        "pose_asymmetry": face.pose_asymmetry,
     }
     if with_embedding:
         out["embedding"] = None if face.embedding is None else [round(float(v), 6) for v in face.embedding]
@@ -113,14 +117,22 @@ def evaluate(
     genuine, impostor = pair_scores(labels, vectors)
     pct = [0, 1, 5, 50, 95, 99, 100]
     report = {
-        "images": len(labels) + len(missed), "identities": len(set(labels)), "no_usable_face": missed,
-        "genuine_pairs": int(genuine.size), "impostor_pairs": int(impostor.size), "threshold": thr,
-        "tmr": round(float((genuine >= thr).mean()), 4), "fmr": round(float((impostor >= thr).mean()), 5),
+        "images": len(labels) + len(missed),
+        "identities": len(set(labels)),
+        "no_usable_face": missed,
+        "genuine_pairs": int(genuine.size),
+        "impostor_pairs": int(impostor.size),
+        "threshold": thr,
+        "tmr": round(float((genuine >= thr).mean()), 4),
+        "fmr": round(float((impostor >= thr).mean()), 5),
         "genuine_similarity_pct": dict(zip(pct, np.percentile(genuine, pct).round(1).tolist(), strict=True)),
         "impostor_similarity_pct": dict(zip(pct, np.percentile(impostor, pct).round(1).tolist(), strict=True)),
         "sweep": [
-            {"threshold": t, "tmr": round(float((genuine >= t).mean()), 4),
-             "fmr": round(float((impostor >= t).mean()), 5)}
+            {
+                "threshold": t,
+                "tmr": round(float((genuine >= t).mean()), 4),
+                "fmr": round(float((impostor >= t).mean()), 5),
+            }
             for t in (45, 50, 52, 55, 58, 60, 62, 65)
         ],
     }
@@ -166,7 +178,7 @@ def bench_faces(photo: Path | None = None, frames: int = 30, enrolled: int = 100
     watch = Watchlist(settings)
     vectors = rng.normal(0.0, 0.09, (enrolled, 128)).astype(np.float32)
     for i in range(enrolled):
-        watch.upsert({"subject_id": f"s{i}", "category": "SUSPECT", "embeddings": vectors[i:i + 1]})
+        watch.upsert({"subject_id": f"s{i}", "category": "SUSPECT", "embeddings": vectors[i : i + 1]})
     watch.search(vectors[0])  # builds the matrix once
     engine.analyse(frame)
     times, cpu = [], []
@@ -220,8 +232,11 @@ def bench_for_make(settings) -> dict[str, float]:
 def bench_report_rows(res: dict[str, float]) -> list[tuple[str, str, str]]:
     """Rows (measure, value, goal) for the ``make bench`` table."""
     return [
-        ("face JPEG->match p50/p95, 640x480, one thread (ms)",
-         f"{res['snapshot_to_match_p50_ms']:.0f} / {res['snapshot_to_match_p95_ms']:.0f}", "p95 <= 150"),
+        (
+            "face JPEG->match p50/p95, 640x480, one thread (ms)",
+            f"{res['snapshot_to_match_p50_ms']:.0f} / {res['snapshot_to_match_p95_ms']:.0f}",
+            "p95 <= 150",
+        ),
         ("face JPEG->match CPU time per frame, p50 (ms)", f"{res['snapshot_to_match_cpu_p50_ms']:.0f}", ""),
         ("face analyses/s per core", f"{res['snapshots_per_s_per_core']:.1f}", ""),
         ("watchlist probe, 100k enrolled faces (ms)", f"{res['watchlist_probe_ms_100k']:.2f}", "<= 5"),

@@ -25,12 +25,13 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from infra.settings import FaceSettings
+from schemas.errors import CheckoutGuardError
 
 CHIP_SIZE = 150
 CHIP_PADDING = 0.25
 
 
-class ImageError(ValueError):
+class ImageError(CheckoutGuardError, ValueError):
     """Bytes that cannot be analysed; ``kind`` is a short reason for ``face: unavailable``."""
 
     def __init__(self, kind: str, detail: str) -> None:
@@ -53,12 +54,6 @@ class DetectedFace:
     """Analysed pixels per original pixel (box / scale = box in the original image)."""
     sharpness: float = 0.0
     pose_asymmetry: float = 0.0
-
-
-
-
-
-
 
 
 def model_path(name: str) -> Path:
@@ -194,14 +189,17 @@ class FaceEngine:
             found = [self._one(work, r, pad, w, h, scale) for r in rects]
         return sorted(found, key=lambda fc: (fc[0].box[2] - fc[0].box[0]) * (fc[0].box[3] - fc[0].box[1]), reverse=True)
 
-    def _one(self, work: np.ndarray, rect: object, pad: int, w: int, h: int,
-             scale: float) -> tuple[DetectedFace, np.ndarray]:
+    def _one(
+        self, work: np.ndarray, rect: object, pad: int, w: int, h: int, scale: float
+    ) -> tuple[DetectedFace, np.ndarray]:
         s = self.settings
         shape = self._predictor(work, rect)
         points = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)
         box = (
-            max(0, rect.left() - pad), max(0, rect.top() - pad),
-            min(w, rect.right() - pad), min(h, rect.bottom() - pad),
+            max(0, rect.left() - pad),
+            max(0, rect.top() - pad),
+            min(w, rect.right() - pad),
+            min(h, rect.bottom() - pad),
         )
         chip = dlib.get_face_chip(work, shape, size=CHIP_SIZE, padding=CHIP_PADDING)
         gray = chip.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -220,6 +218,12 @@ class FaceEngine:
         elif asym > s.max_pose_asymmetry:
             reason = "pose"
         return DetectedFace(
-            box=box, quality=quality, passed=reason is None, reject_reason=reason, embedding=None,
-            scale=scale, sharpness=round(sharp, 2), pose_asymmetry=round(asym, 4),
+            box=box,
+            quality=quality,
+            passed=reason is None,
+            reject_reason=reason,
+            embedding=None,
+            scale=scale,
+            sharpness=round(sharp, 2),
+            pose_asymmetry=round(asym, 4),
         ), chip

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from infra.settings import FaceSettings
+from schemas.errors import CheckoutGuardError
 
 MAX_BYTES = 5 * 1024 * 1024
 
@@ -24,7 +25,7 @@ class CollectionMatch:
     face_id: str
 
 
-class RekognitionError(RuntimeError):
+class RekognitionError(CheckoutGuardError, RuntimeError):
     """A Rekognition call failed; ``code`` is the AWS error code (e.g. ``InvalidParameterException``)."""
 
     def __init__(self, code: str, message: str) -> None:
@@ -54,11 +55,15 @@ class RekognitionFaces:
 
             creds: dict[str, Any] = {}
             if settings.aws_access_key_id and settings.aws_secret_access_key:
-                creds = {"aws_access_key_id": settings.aws_access_key_id.get_secret_value(),
-                         "aws_secret_access_key": settings.aws_secret_access_key.get_secret_value()}
+                creds = {
+                    "aws_access_key_id": settings.aws_access_key_id.get_secret_value(),
+                    "aws_secret_access_key": settings.aws_secret_access_key.get_secret_value(),
+                }
             client = boto3.client(
-                "rekognition", region_name=settings.aws_region,
-                endpoint_url=settings.rekognition_endpoint_url or settings.aws_endpoint_url, **creds,
+                "rekognition",
+                region_name=settings.aws_region,
+                endpoint_url=settings.rekognition_endpoint_url or settings.aws_endpoint_url,
+                **creds,
             )
         self.client = client
 
@@ -98,8 +103,13 @@ class RekognitionFaces:
         if existing:
             return existing
         resp = self._call(
-            "index_faces", CollectionId=self.collection, Image=_image(image), ExternalImageId=subject_id,
-            MaxFaces=1, QualityFilter="AUTO", DetectionAttributes=[],
+            "index_faces",
+            CollectionId=self.collection,
+            Image=_image(image),
+            ExternalImageId=subject_id,
+            MaxFaces=1,
+            QualityFilter="AUTO",
+            DetectionAttributes=[],
         )
         faces = [r["Face"]["FaceId"] for r in resp.get("FaceRecords", [])]
         if not faces:
@@ -110,8 +120,12 @@ class RekognitionFaces:
         """Best match of the largest face in ``image`` at or above the Rekognition threshold."""
         try:
             resp = self._call(
-                "search_faces_by_image", CollectionId=self.collection, Image=_image(image), MaxFaces=1,
-                FaceMatchThreshold=self.settings.rekognition_match_threshold, QualityFilter="AUTO",
+                "search_faces_by_image",
+                CollectionId=self.collection,
+                Image=_image(image),
+                MaxFaces=1,
+                FaceMatchThreshold=self.settings.rekognition_match_threshold,
+                QualityFilter="AUTO",
             )
         except RekognitionError as exc:
             if exc.code == "InvalidParameterException":  # Rekognition's answer to "no face in the image"
@@ -121,12 +135,13 @@ class RekognitionFaces:
         if not matches:
             return None
         best = max(matches, key=lambda m: m["Similarity"])
-        return CollectionMatch(best["Face"].get("ExternalImageId", ""), float(best["Similarity"]),
-                               best["Face"]["FaceId"])
+        return CollectionMatch(
+            best["Face"].get("ExternalImageId", ""), float(best["Similarity"]), best["Face"]["FaceId"]
+        )
 
     def forget(self, subject_id: str) -> int:
         """Delete every face of ``subject_id``; returns how many were deleted."""
         ids = self.face_ids(subject_id)
         for i in range(0, len(ids), 4096):
-            self._call("delete_faces", CollectionId=self.collection, FaceIds=ids[i:i + 4096])
+            self._call("delete_faces", CollectionId=self.collection, FaceIds=ids[i : i + 4096])
         return len(ids)

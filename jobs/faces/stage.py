@@ -35,12 +35,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, TopicPartition
 
+from infra import clock
+from infra.clients import kafka as kafka_clients
 from infra.clients.meraki import MerakiClient, Snapshot, SnapshotError, camera_for_lane, camera_location
 from infra.settings import Settings, get_settings
 from jobs.scoring.validation import parse_transaction
-from schemas.codec import DecodeError, codec
+from schemas.codec import codec
 from schemas.errors import InvalidRecord
 from schemas.records import CameraEvent, FaceObservation, dead_letter
 from schemas.topics import CAMERA_EVENTS, DEAD_LETTERS, FACE_OBSERVATIONS, TRANSACTIONS
@@ -160,8 +162,14 @@ class OffsetTracker:
 class FaceStage:
     """The pure core: what to snapshot for an input record, and the observation for a trigger."""
 
-    def __init__(self, settings: Settings, snapshot: Callable[[str, int | None], Snapshot], engine: EngineLike,
-                 store: StoreLike, analysis_slots: int | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        snapshot: Callable[[str, int | None], Snapshot],
+        engine: EngineLike,
+        store: StoreLike,
+        analysis_slots: int | None = None,
+    ) -> None:
         self.settings = settings
         self.snapshot = snapshot
         self.engine = engine
@@ -177,15 +185,21 @@ class FaceStage:
         except InvalidRecord:
             return []
         serial = camera_for_lane(self.settings, tx["store_id"], tx["lane_id"])
-        return [Trigger(CHECKOUT, serial, tx["store_id"], tx["lane_id"], tx["event_time"], tx["event_time"],
-                        transaction_id=tx["transaction_id"])]
+        return [
+            Trigger(
+                CHECKOUT,
+                serial,
+                tx["store_id"],
+                tx["lane_id"],
+                tx["event_time"],
+                tx["event_time"],
+                transaction_id=tx["transaction_id"],
+            )
+        ]
 
     def plan_camera_event(self, value: bytes | None) -> list[Trigger]:
         """A snapshot "now" per new person on an entrance camera; raises InvalidRecord for bad bytes."""
-        try:
-            event = CameraEvent.from_avro(codec("CameraEvent").decode(value))
-        except DecodeError as exc:
-            raise InvalidRecord(exc.kind, exc.reason) from None
+        event = CameraEvent.from_avro(codec("CameraEvent").decode(value))  # DecodeError is an InvalidRecord
         if event.kind != "RAW_DETECTIONS":
             return []
         where = camera_location(self.settings, event.camera_serial)
@@ -197,17 +211,27 @@ class FaceStage:
 
     def observe(self, trigger: Trigger, now_ms: int | None = None) -> FaceObservation:
         """Snapshot, store, analyse. Never raises: every failure is an observation with a reason."""
-        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        now_ms = clock.now_ms() if now_ms is None else now_ms
 
         def obs(status: str, reason: str | None = None, **extra: object) -> FaceObservation:
             return FaceObservation(
-                observation_id=trigger.observation_id, event_time=trigger.event_time,
-                camera_serial=trigger.serial, store_id=trigger.store_id, trigger=trigger.kind, status=status,
-                lane_id=trigger.lane_id, transaction_id=trigger.transaction_id, reason=reason, **extra)
+                observation_id=trigger.observation_id,
+                event_time=trigger.event_time,
+                camera_serial=trigger.serial,
+                store_id=trigger.store_id,
+                trigger=trigger.kind,
+                status=status,
+                lane_id=trigger.lane_id,
+                transaction_id=trigger.transaction_id,
+                reason=reason,
+                **extra,
+            )
 
         if trigger.at_ms is not None and now_ms - trigger.at_ms > self._max_lag_ms:
-            return obs("UNAVAILABLE", f"not snapshotted: {(now_ms - trigger.at_ms) // 1000} s late "
-                                      f"(limit {self._max_lag_ms // 1000} s)")
+            return obs(
+                "UNAVAILABLE",
+                f"not snapshotted: {(now_ms - trigger.at_ms) // 1000} s late (limit {self._max_lag_ms // 1000} s)",
+            )
         try:
             snap = self.snapshot(trigger.serial, trigger.at_ms)
         except SnapshotError as exc:
@@ -232,8 +256,13 @@ class FaceStage:
             why = f"face rejected: {faces[0].reject_reason}" if faces else "no face in the snapshot"
             return obs("NO_FACE", "; ".join([why, *notes]), image_ref=image_ref)
         best = max(passing, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
-        return obs("NO_MATCH", "; ".join(notes) or None, image_ref=image_ref, quality=float(best.quality),
-                   embedding=[float(x) for x in best.embedding])
+        return obs(
+            "NO_MATCH",
+            "; ".join(notes) or None,
+            image_ref=image_ref,
+            quality=float(best.quality),
+            embedding=[float(x) for x in best.embedding],
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,16 +290,18 @@ class FaceStageRunner:
         self._done: queue.Queue[tuple[tuple[str, int], int, FaceObservation]] = queue.Queue()
         self._pool = ThreadPoolExecutor(max_workers=settings.cameras.snapshot_workers, thread_name_prefix="snapshot")
         self._paused = False
-        self._producer = Producer({**settings.kafka.client_config(), "client.id": "checkout-guard-face-stage",
-                                   "enable.idempotence": True, "acks": "all", "linger.ms": 5})
-        self._consumer = Consumer({
-            **settings.kafka.client_config(), "group.id": consumer_group(settings),
-            "enable.auto.commit": False, "auto.offset.reset": settings.cameras.face_stage_offset_reset,
-            "partition.assignment.strategy": "cooperative-sticky",
+        self._producer = kafka_clients.producer(settings, kafka_clients.RELIABLE, client_id="checkout-guard-face-stage")
+        self._consumer = kafka_clients.consumer(
+            settings,
+            consumer_group(settings),
+            kafka_clients.MANUAL_COMMIT,
+            auto_offset_reset=settings.cameras.face_stage_offset_reset,
+            partition_assignment_strategy="cooperative-sticky",
             # A crashed stage's partitions move to its replacement after this, not the 45 s default:
             # checkouts are waiting on their faces.
-            "session.timeout.ms": 10_000, "heartbeat.interval.ms": 2_000,
-        })
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=2_000,
+        )
 
     def _on_assign(self, _c: Consumer, partitions: list[TopicPartition]) -> None:
         self.assigned.set()
@@ -298,8 +329,16 @@ class FaceStageRunner:
             try:
                 triggers = self.stage.plan_camera_event(value)
             except InvalidRecord as exc:
-                dl = dead_letter(topic=tp[0], partition=tp[1], offset=offset, key=msg.key(), value=value,  # type: ignore[attr-defined]
-                                 error=exc, stage=STAGE, failed_at=int(time.time() * 1000))
+                dl = dead_letter(
+                    topic=tp[0],
+                    partition=tp[1],
+                    offset=offset,
+                    key=msg.key(),
+                    value=value,  # type: ignore[attr-defined]
+                    error=exc,
+                    stage=STAGE,
+                    failed_at=clock.now_ms(),
+                )
                 self.offsets.add(tp, offset, 1)
                 self._produce(self.dlq_topic, dl.dead_letter_id.encode(), dl.encode(), tp, offset, "dead_letters")
                 return
@@ -317,12 +356,7 @@ class FaceStageRunner:
             self.stats[stat] += 1
             self.offsets.done(tp, offset)
 
-        while True:
-            try:
-                self._producer.produce(topic, value=value, key=key, on_delivery=delivered)
-                return
-            except BufferError:
-                self._producer.poll(0.05)
+        kafka_clients.produce(self._producer, topic, key, value, delivered)
 
     def run(self, stop: threading.Event, on_tick: Callable[[dict], None] | None = None) -> dict:
         consumer = self._consumer
@@ -376,13 +410,16 @@ def build_stage(settings: Settings) -> tuple[FaceStage, MerakiClient]:
     from jobs.faces.engine import FaceEngine
 
     client = MerakiClient.from_settings(settings)
-    stage = FaceStage(settings, lambda serial, at: client.snapshot(serial, at), FaceEngine(settings.faces),
-                      ImageStore.from_settings(settings))
+    stage = FaceStage(
+        settings,
+        lambda serial, at: client.snapshot(serial, at),
+        FaceEngine(settings.faces),
+        ImageStore.from_settings(settings),
+    )
     return stage, client
 
 
-def run_face_stage(settings: Settings, stop: threading.Event,
-                   on_tick: Callable[[dict], None] | None = None) -> dict:
+def run_face_stage(settings: Settings, stop: threading.Event, on_tick: Callable[[dict], None] | None = None) -> dict:
     stage, client = build_stage(settings)
     try:
         return FaceStageRunner(settings, stage).run(stop, on_tick)

@@ -27,12 +27,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from infra import clock
 from infra.clients.image_store import ImageStore
 from infra.settings import Settings, get_settings
 from jobs.faces.engine import FaceEngine, ImageError
 from jobs.faces.rekognition import RekognitionError, RekognitionFaces
 from schemas.codec import DecodeError
-from schemas.records import Alert, AuditEvent, BotCommand, DeadLetter, WatchlistEntry
+from schemas.errors import InvalidRecord
+from schemas.records import Alert, AuditEvent, BotCommand, WatchlistEntry, dead_letter
 from schemas.topics import ALERTS, AUDIT, COMMANDS, DEAD_LETTERS, WATCHLIST, TopicSpec
 
 log = logging.getLogger("jobs.faces.watchlist_service")
@@ -40,8 +42,13 @@ log = logging.getLogger("jobs.faces.watchlist_service")
 STAGE = "watchlist_service"
 SERVICE_ACTOR = "watchlist-service"
 CATEGORY = {"FRAUD": "SUSPECT", "VIP": "VIP"}
-REKOGNITION_REFUSALS = {"NoFaceIndexed", "InvalidParameterException", "InvalidImageFormatException",
-                        "ImageTooLargeException", "InvalidS3ObjectException"}
+REKOGNITION_REFUSALS = {
+    "NoFaceIndexed",
+    "InvalidParameterException",
+    "InvalidImageFormatException",
+    "ImageTooLargeException",
+    "InvalidS3ObjectException",
+}
 """Rekognition answers that say "not this image" (the command fails) rather than "not now" (retry)."""
 
 
@@ -65,10 +72,8 @@ class Source:
     value: bytes | None
 
 
-class Failed(Exception):
-    def __init__(self, kind: str, reason: str) -> None:
-        super().__init__(reason)
-        self.kind, self.reason = kind, reason
+class Failed(InvalidRecord):
+    """A command that cannot be carried out (audited as ``FAILED`` and dead-lettered); ``kind`` says why."""
 
 
 def retain_reason(alert_id: str, subject_id: str | None) -> str:
@@ -79,8 +84,13 @@ def retain_reason(alert_id: str, subject_id: str | None) -> str:
 class WatchlistCore:
     """Decisions and side effects per input; returns the records to publish (no Kafka here)."""
 
-    def __init__(self, settings: Settings, engine: FaceEngine | None = None, store: ImageStore | None = None,
-                 rekognition: RekognitionFaces | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: FaceEngine | None = None,
+        store: ImageStore | None = None,
+        rekognition: RekognitionFaces | None = None,
+    ) -> None:
         self.settings = settings
         self.engine = engine or FaceEngine(settings.faces)
         self.store = store or ImageStore.from_settings(settings)
@@ -102,8 +112,10 @@ class WatchlistCore:
             self.entries.pop(key.decode(), None)
             return
         entry = WatchlistEntry.decode(value)
-        self.entries[entry.subject_id] = {"category": entry.category,
-                                          "source_transaction_id": entry.source_transaction_id}
+        self.entries[entry.subject_id] = {
+            "category": entry.category,
+            "source_transaction_id": entry.source_transaction_id,
+        }
 
     def load_audit(self, key: bytes | None) -> None:
         """Apply one record of the audit topic (startup replay): remember what was already done."""
@@ -115,12 +127,17 @@ class WatchlistCore:
         try:
             cmd = BotCommand.decode(src.value or b"")
         except DecodeError as exc:
-            return [self._dead_letter(src, exc.kind, exc.reason, now_ms)]
+            return [self._dead_letter(src, exc, now_ms)]
         if cmd.verb not in ("FRAUD", "VIP", "FORGET") or f"command:{cmd.command_id}" in self.done:
             return []  # CHECKOUT / STATUS / HELP are the bot's business; a replayed command changes nothing
         action = "FORGET" if cmd.verb == "FORGET" else "ENROLL"
-        audit = {"audit_id": f"command:{cmd.command_id}", "event_time": now_ms, "action": action,
-                 "actor": cmd.actor, "command_id": cmd.command_id}
+        audit = {
+            "audit_id": f"command:{cmd.command_id}",
+            "event_time": now_ms,
+            "action": action,
+            "actor": cmd.actor,
+            "command_id": cmd.command_id,
+        }
         try:
             arg = (cmd.argument or "").strip()
             if not arg:
@@ -134,27 +151,40 @@ class WatchlistCore:
                 audit.setdefault("subject_id", arg if cmd.verb == "FORGET" else f"subj-{arg}")
                 if cmd.verb != "FORGET":
                     audit.setdefault("transaction_id", arg)
-            return [self._audit(**audit, outcome="FAILED", reason=f"{f.kind}: {f.reason}"),
-                    self._dead_letter(src, f.kind, f.reason, now_ms)]
+            return [
+                self._audit(**audit, outcome="FAILED", reason=f"{f.kind}: {f.reason}"),
+                self._dead_letter(src, f, now_ms),
+            ]
 
     def on_alert(self, src: Source, now_ms: int) -> list[Out]:
         try:
             alert = Alert.decode(src.value or b"")
         except DecodeError as exc:
-            return [self._dead_letter(src, exc.kind, exc.reason, now_ms)]
+            return [self._dead_letter(src, exc, now_ms)]
         if not alert.snapshot_ref or f"retain:{alert.alert_id}" in self.done:
             return []
-        audit = {"audit_id": f"retain:{alert.alert_id}", "event_time": now_ms, "action": "RETAIN",
-                 "actor": SERVICE_ACTOR, "subject_id": alert.subject_id, "category": alert.category,
-                 "transaction_id": alert.transaction_id}
+        audit = {
+            "audit_id": f"retain:{alert.alert_id}",
+            "event_time": now_ms,
+            "action": "RETAIN",
+            "actor": SERVICE_ACTOR,
+            "subject_id": alert.subject_id,
+            "category": alert.category,
+            "transaction_id": alert.transaction_id,
+        }
         try:
             self.store.retain(alert.snapshot_ref, retain_reason(alert.alert_id, alert.subject_id))
         except (ValueError, OSError) as exc:  # not a ref of this store, or the image is gone (purged, forgotten)
             kind = "missing_image" if isinstance(exc, FileNotFoundError) else "bad_ref"
-            return [self._audit(**audit, outcome="FAILED", reason=f"{kind}: {type(exc).__name__}"),
-                    self._dead_letter(src, kind, f"cannot retain snapshot: {type(exc).__name__}", now_ms)]
-        return [self._audit(**audit, outcome="DONE", reason=f"alert {alert.kind}",
-                            details={"image_ref": alert.snapshot_ref})]
+            return [
+                self._audit(**audit, outcome="FAILED", reason=f"{kind}: {type(exc).__name__}"),
+                self._dead_letter(src, InvalidRecord(kind, f"cannot retain snapshot: {type(exc).__name__}"), now_ms),
+            ]
+        return [
+            self._audit(
+                **audit, outcome="DONE", reason=f"alert {alert.kind}", details={"image_ref": alert.snapshot_ref}
+            )
+        ]
 
     def purge(self, now_ms: int) -> list[Out]:
         cutoff = now_ms - int(self.settings.faces.snapshot_retention_hours * 3600 * 1000)
@@ -162,9 +192,17 @@ class WatchlistCore:
         if not deleted:
             return []
         log.info("purged %d unretained snapshots", deleted)
-        return [self._audit(audit_id=f"purge:{now_ms}", event_time=now_ms, action="PURGE", outcome="DONE",
-                            actor=SERVICE_ACTOR, reason="retention period over, no match, no alert",
-                            details={"deleted": str(deleted), "older_than_ms": str(cutoff)})]
+        return [
+            self._audit(
+                audit_id=f"purge:{now_ms}",
+                event_time=now_ms,
+                action="PURGE",
+                outcome="DONE",
+                actor=SERVICE_ACTOR,
+                reason="retention period over, no match, no alert",
+                details={"deleted": str(deleted), "older_than_ms": str(cutoff)},
+            )
+        ]
 
     # --- commands ----------------------------------------------------------------------------------
     def _enroll(self, cmd: BotCommand, tx: str, audit: dict[str, Any]) -> list[Out]:
@@ -199,14 +237,21 @@ class WatchlistCore:
         if current:
             details["previous_category"] = current["category"]
         entry = WatchlistEntry(
-            subject_id=subject, category=category, embeddings=[[float(v) for v in face.embedding]],
-            reason=f"{cmd.verb.lower()} at transaction {tx}", flagged_by=cmd.actor, flagged_at=cmd.issued_at,
-            reference_image_ref=reference, source_transaction_id=tx,
+            subject_id=subject,
+            category=category,
+            embeddings=[[float(v) for v in face.embedding]],
+            reason=f"{cmd.verb.lower()} at transaction {tx}",
+            flagged_by=cmd.actor,
+            flagged_at=cmd.issued_at,
+            reference_image_ref=reference,
+            source_transaction_id=tx,
         )
         self.entries[subject] = {"category": category, "source_transaction_id": tx}
         log.info("enrolled %s as %s (command %s)", subject, category, cmd.command_id)
-        return [Out(WATCHLIST, subject.encode(), entry.encode()),
-                self._audit(**audit, outcome="DONE", reason=entry.reason, details=details)]
+        return [
+            Out(WATCHLIST, subject.encode(), entry.encode()),
+            self._audit(**audit, outcome="DONE", reason=entry.reason, details=details),
+        ]
 
     def _forget(self, subject: str, audit: dict[str, Any]) -> list[Out]:
         audit["subject_id"] = subject
@@ -230,10 +275,16 @@ class WatchlistCore:
         log.info("forgot %s (%d images, %d indexed faces)", subject, len(removed), faces)
         return [
             Out(WATCHLIST, subject.encode(), None),
-            self._audit(**audit, outcome="DONE" if existed else "UNCHANGED",
-                        reason="forgotten" if existed else "nothing known about this subject",
-                        details={"images_deleted": str(len(removed)), "rekognition_faces_deleted": str(faces),
-                                 "was_enrolled": str(current is not None).lower()}),
+            self._audit(
+                **audit,
+                outcome="DONE" if existed else "UNCHANGED",
+                reason="forgotten" if existed else "nothing known about this subject",
+                details={
+                    "images_deleted": str(len(removed)),
+                    "rekognition_faces_deleted": str(faces),
+                    "was_enrolled": str(current is not None).lower(),
+                },
+            ),
         ]
 
     # --- records -----------------------------------------------------------------------------------
@@ -243,11 +294,16 @@ class WatchlistCore:
         return Out(AUDIT, event.audit_id.encode(), event.encode())
 
     @staticmethod
-    def _dead_letter(src: Source, kind: str, reason: str, now_ms: int) -> Out:
-        dl = DeadLetter(
-            dead_letter_id=f"{src.topic}:{src.partition}:{src.offset}", source_topic=src.topic,
-            partition=src.partition, offset=src.offset, key=src.key, payload=src.value or b"",
-            error_kind=kind, reason=reason, stage=STAGE, failed_at=now_ms,
+    def _dead_letter(src: Source, error: InvalidRecord, now_ms: int) -> Out:
+        dl = dead_letter(
+            topic=src.topic,
+            partition=src.partition,
+            offset=src.offset,
+            key=src.key,
+            value=src.value,
+            error=error,
+            stage=STAGE,
+            failed_at=now_ms,
         )
         return Out(DEAD_LETTERS, dl.dead_letter_id.encode(), dl.encode())
 
@@ -256,20 +312,20 @@ class WatchlistService:
     """Kafka wiring around ``WatchlistCore``: startup replay, transactional consume-process-produce."""
 
     def __init__(self, settings: Settings, core: WatchlistCore | None = None) -> None:
-        from confluent_kafka import Consumer, Producer
+        from infra.clients import kafka as kafka_clients
 
         self.settings = settings
         self.prefix = settings.kafka.topic_prefix
         self.group = f"{self.prefix}{settings.faces.service_group}"
         self.core = core or WatchlistCore(settings)
-        base = settings.kafka.client_config()
-        self.consumer = Consumer({
-            **base, "group.id": self.group, "enable.auto.commit": False, "auto.offset.reset": "earliest",
-            "isolation.level": "read_committed",
-        })
-        self.producer = Producer({**base, "transactional.id": f"{self.group}-tx", "linger.ms": 5})
-        self.topics = {COMMANDS.full_name(self.prefix): self.core.on_command,
-                       ALERTS.full_name(self.prefix): self.core.on_alert}
+        self.consumer = kafka_clients.consumer(
+            settings, self.group, kafka_clients.READ_COMMITTED, auto_offset_reset="earliest"
+        )
+        self.producer = kafka_clients.producer(settings, transactional_id=f"{self.group}-tx", linger_ms=5)
+        self.topics = {
+            COMMANDS.full_name(self.prefix): self.core.on_command,
+            ALERTS.full_name(self.prefix): self.core.on_alert,
+        }
         self._stop = False
         self._next_purge = 0.0
 
@@ -310,7 +366,7 @@ class WatchlistService:
                     log.warning("consumer error: %s", msg.error())
                     continue
                 src = Source(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value())
-                outs = self.topics[msg.topic()](src, int(time.time() * 1000))
+                outs = self.topics[msg.topic()](src, clock.now_ms())
                 self._publish(outs, [TopicPartition(msg.topic(), msg.partition(), msg.offset() + 1)])
         finally:
             self.consumer.close()
@@ -319,7 +375,7 @@ class WatchlistService:
         if time.monotonic() < self._next_purge:
             return
         self._next_purge = time.monotonic() + self.settings.faces.retention_purge_interval_s
-        outs = self.core.purge(int(time.time() * 1000))
+        outs = self.core.purge(clock.now_ms())
         if outs:
             self._publish(outs, [])
 

@@ -38,13 +38,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import NewTopic
 from opensearchpy import OpenSearch
 from opensearchpy.helpers import scan
 from rich.console import Console
 from rich.table import Table
 
+from infra.clients import kafka as kafka_clients
 from infra.settings import Settings, get_settings
 from jobs.scoring.rules import RuleSet, RuleSetError, update_record
 from schemas.topics import ALL_TOPICS, RULES, SCORED_TRANSACTIONS, TRANSACTIONS
@@ -54,8 +54,21 @@ console = Console()
 OUTCOMES = ("APPROVE", "REVIEW", "BLOCK")
 FLAGS: dict[str, frozenset[str]] = {"BLOCK": frozenset({"BLOCK"}), "BLOCK+REVIEW": frozenset({"BLOCK", "REVIEW"})}
 """What counts as "flagged as fraud" for precision and recall."""
-FIELDS = ("transaction_id", "kind", "store_id", "amount", "currency", "outcome", "risk_score", "reasons",
-          "indicators", "model_score", "model_version", "rules_version", "label")
+FIELDS = (
+    "transaction_id",
+    "kind",
+    "store_id",
+    "amount",
+    "currency",
+    "outcome",
+    "risk_score",
+    "reasons",
+    "indicators",
+    "model_score",
+    "model_version",
+    "rules_version",
+    "label",
+)
 """Document fields the comparison reads."""
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,60}$")
 
@@ -89,8 +102,9 @@ def detection(docs: Iterable[dict[str, Any]], flagged_outcomes: frozenset[str]) 
         positives += is_fraud
         flagged += is_flagged
         tp += is_fraud and is_flagged
-    return Detection(labelled, positives, flagged, tp, tp / flagged if flagged else None,
-                     tp / positives if positives else None)
+    return Detection(
+        labelled, positives, flagged, tp, tp / flagged if flagged else None, tp / positives if positives else None
+    )
 
 
 @dataclass
@@ -133,8 +147,12 @@ def _severity(outcome: str | None) -> int:
 
 
 def _decision(doc: dict[str, Any]) -> dict[str, Any]:
-    return {"outcome": doc["outcome"], "risk_score": doc.get("risk_score"), "reasons": list(doc.get("reasons") or []),
-            "model_score": doc.get("model_score")}
+    return {
+        "outcome": doc["outcome"],
+        "risk_score": doc.get("risk_score"),
+        "reasons": list(doc.get("reasons") or []),
+        "model_score": doc.get("model_score"),
+    }
 
 
 def _versions(docs: Iterable[dict[str, Any]]) -> dict[str, list[str]]:
@@ -146,8 +164,11 @@ def _versions(docs: Iterable[dict[str, Any]]) -> dict[str, list[str]]:
 
 
 def compare(
-    baseline: Iterable[dict[str, Any]], candidate: Iterable[dict[str, Any]], baseline_name: str = "baseline",
-    candidate_name: str = "candidate", sample_size: int = 25,
+    baseline: Iterable[dict[str, Any]],
+    candidate: Iterable[dict[str, Any]],
+    baseline_name: str = "baseline",
+    candidate_name: str = "candidate",
+    sample_size: int = 25,
 ) -> Report:
     """Compare two versions' decisions on the same transactions (documents keyed by ``transaction_id``)."""
     base = {d["transaction_id"]: d for d in baseline}
@@ -170,26 +191,45 @@ def compare(
         if b["outcome"] != c["outcome"]:
             changed.append((b, c))
             changed_same += same_inputs
-    changed.sort(key=lambda bc: (-abs(_severity(bc[1]["outcome"]) - _severity(bc[0]["outcome"])),
-                                 bc[0]["transaction_id"]))
-    samples = [{
-        "transaction_id": b["transaction_id"], "kind": b.get("kind"), "store_id": b.get("store_id"),
-        "amount": b.get("amount"), "currency": b.get("currency"), "label": b.get("label"),
-        "baseline": _decision(b), "candidate": _decision(c),
-        "same_inputs": (b.get("indicators") or {}) == (c.get("indicators") or {}),
-    } for b, c in changed[:sample_size]]
+    changed.sort(
+        key=lambda bc: (-abs(_severity(bc[1]["outcome"]) - _severity(bc[0]["outcome"])), bc[0]["transaction_id"])
+    )
+    samples = [
+        {
+            "transaction_id": b["transaction_id"],
+            "kind": b.get("kind"),
+            "store_id": b.get("store_id"),
+            "amount": b.get("amount"),
+            "currency": b.get("currency"),
+            "label": b.get("label"),
+            "baseline": _decision(b),
+            "candidate": _decision(c),
+            "same_inputs": (b.get("indicators") or {}) == (c.get("indicators") or {}),
+        }
+        for b, c in changed[:sample_size]
+    ]
     sides = {"baseline": [base[t] for t in common], "candidate": [cand[t] for t in common]}
     return Report(
-        baseline=baseline_name, candidate=candidate_name, compared=len(common),
-        only_baseline=len(set(base) - set(cand)), only_candidate=len(set(cand) - set(base)),
-        confusion=confusion, changed=len(changed), risk_changed=risk_changed, inputs_differ=inputs_differ,
-        changed_same_inputs=changed_same, input_changes=dict(input_changes.most_common()),
+        baseline=baseline_name,
+        candidate=candidate_name,
+        compared=len(common),
+        only_baseline=len(set(base) - set(cand)),
+        only_candidate=len(set(cand) - set(base)),
+        confusion=confusion,
+        changed=len(changed),
+        risk_changed=risk_changed,
+        inputs_differ=inputs_differ,
+        changed_same_inputs=changed_same,
+        input_changes=dict(input_changes.most_common()),
         versions={side: _versions(docs) for side, docs in sides.items()},
-        outcomes={side: {o: n for o, n in sorted(Counter(d["outcome"] for d in docs).items())}
-                  for side, docs in sides.items()},
-        detection={side: {name: detection(docs, flags) for name, flags in FLAGS.items()}
-                   for side, docs in sides.items()},
-        samples=samples, created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        outcomes={
+            side: {o: n for o, n in sorted(Counter(d["outcome"] for d in docs).items())} for side, docs in sides.items()
+        },
+        detection={
+            side: {name: detection(docs, flags) for name, flags in FLAGS.items()} for side, docs in sides.items()
+        },
+        samples=samples,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
 
 
@@ -207,10 +247,12 @@ def report_tables(report: Report) -> list[Table]:
     for b in report.confusion:
         row = report.confusion[b]
         confusion.add_row(b, *(f"{row.get(c, 0):,}" for c in OUTCOMES), f"{sum(row.values()):,}")
-    confusion.caption = (f"{report.compared:,} compared, {report.changed:,} changed "
-                         f"({report.changed_same_inputs:,} with the same inputs), {report.inputs_differ:,} with "
-                         f"other inputs, {report.only_baseline:,} only in baseline, "
-                         f"{report.only_candidate:,} only in candidate")
+    confusion.caption = (
+        f"{report.compared:,} compared, {report.changed:,} changed "
+        f"({report.changed_same_inputs:,} with the same inputs), {report.inputs_differ:,} with "
+        f"other inputs, {report.only_baseline:,} only in baseline, "
+        f"{report.only_candidate:,} only in candidate"
+    )
     if report.input_changes:
         confusion.caption += "; inputs differ by " + ", ".join(f"{k} ({v:,})" for k, v in report.input_changes.items())
     quality = Table(title="detection against labels")
@@ -220,51 +262,83 @@ def report_tables(report: Report) -> list[Table]:
         v = report.versions.get(side, {})
         label = f"{', '.join(v.get('rules', []))} / {', '.join(v.get('model', []))}"
         for flag, d in report.detection.get(side, {}).items():
-            quality.add_row(name, label, flag, f"{d.labelled:,}", f"{d.positives:,}", f"{d.flagged:,}",
-                            _pct(d.precision), _pct(d.recall))
+            quality.add_row(
+                name,
+                label,
+                flag,
+                f"{d.labelled:,}",
+                f"{d.positives:,}",
+                f"{d.flagged:,}",
+                _pct(d.precision),
+                _pct(d.recall),
+            )
     samples = Table(title=f"changed transactions (first {len(report.samples)} of {report.changed:,})")
     for column in ("transaction", "kind", "amount", "label", "baseline", "candidate", "candidate reasons"):
         samples.add_column(column)
     for s in report.samples:
-        samples.add_row(s["transaction_id"], str(s["kind"]), f"{s['amount'] or 0:,.2f} {s['currency'] or ''}",
-                        "" if s["label"] is None else str(s["label"]),
-                        f"{s['baseline']['outcome']} {s['baseline']['risk_score']}",
-                        f"{s['candidate']['outcome']} {s['candidate']['risk_score']}",
-                        ", ".join(s["candidate"]["reasons"]))
+        samples.add_row(
+            s["transaction_id"],
+            str(s["kind"]),
+            f"{s['amount'] or 0:,.2f} {s['currency'] or ''}",
+            "" if s["label"] is None else str(s["label"]),
+            f"{s['baseline']['outcome']} {s['baseline']['risk_score']}",
+            f"{s['candidate']['outcome']} {s['candidate']['risk_score']}",
+            ", ".join(s["candidate"]["reasons"]),
+        )
     return [confusion, quality, samples]
 
 
 def report_markdown(report: Report) -> str:
     """The report as markdown (for a pull request or a ticket)."""
-    lines = [f"# Backtest: {report.candidate} vs {report.baseline}", "",
-             f"{report.created_at}: {report.compared:,} transactions compared, {report.changed:,} changed "
-             f"outcome ({report.changed_same_inputs:,} with the same inputs, i.e. by the candidate version), "
-             f"{report.inputs_differ:,} decided on other inputs, {report.risk_changed:,} with another risk score; "
-             f"{report.only_baseline:,} only in the baseline, {report.only_candidate:,} only in the candidate.", "",
-             *(["Inputs differ by indicator: " + ", ".join(f"{k} ({v:,})" for k, v in report.input_changes.items()),
-                ""] if report.input_changes else []),
-             "## Outcomes (baseline rows x candidate columns)", "",
-             "| baseline \\ candidate | " + " | ".join(OUTCOMES) + " | total |",
-             "|---|" + "---:|" * (len(OUTCOMES) + 1)]
+    lines = [
+        f"# Backtest: {report.candidate} vs {report.baseline}",
+        "",
+        f"{report.created_at}: {report.compared:,} transactions compared, {report.changed:,} changed "
+        f"outcome ({report.changed_same_inputs:,} with the same inputs, i.e. by the candidate version), "
+        f"{report.inputs_differ:,} decided on other inputs, {report.risk_changed:,} with another risk score; "
+        f"{report.only_baseline:,} only in the baseline, {report.only_candidate:,} only in the candidate.",
+        "",
+        *(
+            ["Inputs differ by indicator: " + ", ".join(f"{k} ({v:,})" for k, v in report.input_changes.items()), ""]
+            if report.input_changes
+            else []
+        ),
+        "## Outcomes (baseline rows x candidate columns)",
+        "",
+        "| baseline \\ candidate | " + " | ".join(OUTCOMES) + " | total |",
+        "|---|" + "---:|" * (len(OUTCOMES) + 1),
+    ]
     for b, row in report.confusion.items():
         lines.append(f"| {b} | " + " | ".join(f"{row.get(c, 0):,}" for c in OUTCOMES) + f" | {sum(row.values()):,} |")
-    lines += ["", "## Detection against labels", "",
-              "| version | rules / model | flagged as | labelled | fraud | flagged | precision | recall |",
-              "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "## Detection against labels",
+        "",
+        "| version | rules / model | flagged as | labelled | fraud | flagged | precision | recall |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
     for side, name in (("baseline", report.baseline), ("candidate", report.candidate)):
         v = report.versions.get(side, {})
         for flag, d in report.detection.get(side, {}).items():
-            lines.append(f"| {name} | {', '.join(v.get('rules', []))} / {', '.join(v.get('model', []))} | {flag} | "
-                         f"{d.labelled:,} | {d.positives:,} | {d.flagged:,} | {_pct(d.precision)} | {_pct(d.recall)} |")
-    lines += ["", f"## Changed transactions (first {len(report.samples)} of {report.changed:,})", "",
-              "| transaction | kind | amount | label | baseline | candidate | candidate reasons | same inputs |",
-              "|---|---|---:|---|---|---|---|---|"]
+            lines.append(
+                f"| {name} | {', '.join(v.get('rules', []))} / {', '.join(v.get('model', []))} | {flag} | "
+                f"{d.labelled:,} | {d.positives:,} | {d.flagged:,} | {_pct(d.precision)} | {_pct(d.recall)} |"
+            )
+    lines += [
+        "",
+        f"## Changed transactions (first {len(report.samples)} of {report.changed:,})",
+        "",
+        "| transaction | kind | amount | label | baseline | candidate | candidate reasons | same inputs |",
+        "|---|---|---:|---|---|---|---|---|",
+    ]
     for s in report.samples:
-        lines.append(f"| {s['transaction_id']} | {s['kind']} | {s['amount'] or 0:,.2f} {s['currency'] or ''} | "
-                     f"{'' if s['label'] is None else s['label']} | "
-                     f"{s['baseline']['outcome']} {s['baseline']['risk_score']} | "
-                     f"{s['candidate']['outcome']} {s['candidate']['risk_score']} | "
-                     f"{', '.join(s['candidate']['reasons'])} | {'yes' if s['same_inputs'] else 'no'} |")
+        lines.append(
+            f"| {s['transaction_id']} | {s['kind']} | {s['amount'] or 0:,.2f} {s['currency'] or ''} | "
+            f"{'' if s['label'] is None else s['label']} | "
+            f"{s['baseline']['outcome']} {s['baseline']['risk_score']} | "
+            f"{s['candidate']['outcome']} {s['candidate']['risk_score']} | "
+            f"{', '.join(s['candidate']['reasons'])} | {'yes' if s['same_inputs'] else 'no'} |"
+        )
     if report.meta:
         lines += ["", "## Run", "", "```json", json.dumps(report.meta, indent=2, default=str), "```"]
     return "\n".join(lines) + "\n"
@@ -285,8 +359,7 @@ def candidate_documents(client: OpenSearch, index_prefix: str) -> Iterator[dict[
     """Every decision in ``<prefix>-transactions``."""
     from schemas.indices import index_name
 
-    for hit in scan(client, index=index_name(index_prefix, "transactions"), query={"_source": list(FIELDS)},
-                    size=1000):
+    for hit in scan(client, index=index_name(index_prefix, "transactions"), query={"_source": list(FIELDS)}, size=1000):
         yield hit["_source"]
 
 
@@ -296,9 +369,10 @@ def documents_by_id(client: OpenSearch, index_prefix: str, ids: list[str], chunk
 
     index = index_name(index_prefix, "transactions")
     for i in range(0, len(ids), chunk):
-        part = ids[i:i + chunk]
-        page = client.search(index=index, body={"query": {"ids": {"values": part}}, "size": len(part),
-                                                "_source": list(FIELDS)})
+        part = ids[i : i + chunk]
+        page = client.search(
+            index=index, body={"query": {"ids": {"values": part}}, "size": len(part), "_source": list(FIELDS)}
+        )
         for hit in page["hits"]["hits"]:
             yield hit["_source"]
 
@@ -313,8 +387,9 @@ def compare_indices(settings: Settings, baseline_prefix: str, candidate_prefix: 
         client.indices.refresh(index=index_name(prefix, "transactions"))
     candidate = list(candidate_documents(client, candidate_prefix))
     baseline = list(documents_by_id(client, baseline_prefix, [d["transaction_id"] for d in candidate]))
-    return compare(baseline, candidate, baseline_name=baseline_prefix, candidate_name=candidate_prefix,
-                   sample_size=sample_size)
+    return compare(
+        baseline, candidate, baseline_name=baseline_prefix, candidate_name=candidate_prefix, sample_size=sample_size
+    )
 
 
 # ---------------------------------------------------------------------------- the run
@@ -333,14 +408,21 @@ def candidate_settings(settings: Settings, name: str, candidate: Candidate) -> S
     """The copy's settings: isolated under ``name``, the candidate's rule set and model, no face join."""
     if not NAME_RE.match(name):
         raise ValueError(f"backtest name {name!r}: lowercase letters, digits, '-' and '_' (it names indices)")
-    copy = settings.isolated(name, settings.stack_dir / "backtests" / name / "checkpoints", face_deadline_ms=0,
-                             starting_offsets="earliest")
-    rules = copy.rules.model_copy(update={"ruleset_file": candidate.rules_file, "version": None, "block_at": None,
-                                          "review_at": None}) if candidate.rules_file else copy.rules
+    copy = settings.isolated(
+        name, settings.stack_dir / "backtests" / name / "checkpoints", face_deadline_ms=0, starting_offsets="earliest"
+    )
+    rules = (
+        copy.rules.model_copy(
+            update={"ruleset_file": candidate.rules_file, "version": None, "block_at": None, "review_at": None}
+        )
+        if candidate.rules_file
+        else copy.rules
+    )
     model = copy.model
     if candidate.model_dir is not None or candidate.model_version is not None:
-        model = model.model_copy(update={
-            "artifact_dir": candidate.model_dir or model.artifact_dir, "artifact": candidate.model_version})
+        model = model.model_copy(
+            update={"artifact_dir": candidate.model_dir or model.artifact_dir, "artifact": candidate.model_version}
+        )
     return copy.model_copy(update={"rules": rules, "model": model})
 
 
@@ -349,11 +431,17 @@ def create_copy_topics(settings: Settings, transactions_partitions: int) -> None
     since ``ensure_topics`` leaves an existing topic alone)."""
     from infra.stack import ensure_topics
 
-    admin = AdminClient(settings.kafka.client_config())
+    admin = kafka_clients.admin(settings)
     name = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
     if name not in admin.list_topics(timeout=10).topics:
-        futures = admin.create_topics([NewTopic(name, num_partitions=transactions_partitions, replication_factor=1,
-                                                config=dict(TRANSACTIONS.config))], request_timeout=30)
+        futures = admin.create_topics(
+            [
+                NewTopic(
+                    name, num_partitions=transactions_partitions, replication_factor=1, config=dict(TRANSACTIONS.config)
+                )
+            ],
+            request_timeout=30,
+        )
         for fut in futures.values():
             fut.result()
     ensure_topics(settings)
@@ -363,11 +451,14 @@ def publish_rules(settings: Settings, rules_file: Path) -> RuleSet:
     """Validate ``rules_file`` and publish it to the copy's own rules topic (key ``active``)."""
     text = rules_file.read_text()
     rules = RuleSet.from_yaml(text)
-    producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True})
+    producer = kafka_clients.producer(settings, kafka_clients.IDEMPOTENT)
     failures: list[str] = []
-    producer.produce(RULES.full_name(settings.kafka.topic_prefix), key=b"active",
-                     value=update_record(rules, text, "backtest").encode(),
-                     on_delivery=lambda err, _msg: failures.append(str(err)) if err else None)
+    producer.produce(
+        RULES.full_name(settings.kafka.topic_prefix),
+        key=b"active",
+        value=update_record(rules, text, "backtest").encode(),
+        on_delivery=lambda err, _msg: failures.append(str(err)) if err else None,
+    )
     if producer.flush(30) or failures:
         raise RuntimeError(f"publishing the rule set failed: {failures or 'not acknowledged in 30 s'}")
     return rules
@@ -387,8 +478,9 @@ def wait_until_done(copy: Settings, children: list, timeout_s: float, quiet_s: f
             for child in children:
                 if not child.alive:
                     raise RuntimeError(f"{child.name} exited with {child.proc.returncode}; see {child.log_path}")
-            done = (caught_up(copy.kafka, copy.job.consumer_group, tx_topic)
-                    and caught_up(copy.kafka, default_group_id(prefix), scored_topic))
+            done = caught_up(copy.kafka, copy.job.consumer_group, tx_topic) and caught_up(
+                copy.kafka, default_group_id(prefix), scored_topic
+            )
             now_ends = high_watermarks(copy.kafka, scored_topic)
             if done and now_ends == last:
                 stable_since = stable_since or time.monotonic()
@@ -449,11 +541,16 @@ def run_backtest(
             child.stop()
     report = compare_indices(settings, settings.opensearch.index_prefix, copy.opensearch.index_prefix, sample_size)
     report.meta = {
-        "name": name, "source_topic": source, "copy_topic": target, "copy_partitions": copy_partitions,
-        "range": [asdict(r) for r in ranges], "replayed": stats.acked,
+        "name": name,
+        "source_topic": source,
+        "copy_topic": target,
+        "copy_partitions": copy_partitions,
+        "range": [asdict(r) for r in ranges],
+        "replayed": stats.acked,
         "rules_file": str(candidate.rules_file) if candidate.rules_file else None,
         "rules_version": rules.version if rules else None,
-        "model_dir": str(candidate.model_dir) if candidate.model_dir else None, "model": model_version,
+        "model_dir": str(candidate.model_dir) if candidate.model_dir else None,
+        "model": model_version,
         "seconds": round(time.monotonic() - started, 1),
     }
     write_report(report, out_dir)
@@ -464,7 +561,7 @@ def cleanup(settings: Settings, name: str) -> tuple[list[str], list[str]]:
     """Delete a backtest's topics (``<name>.*``) and indices (``<name>-*``); its report stays."""
     from infra.clients.opensearch import make_client
 
-    admin = AdminClient(settings.kafka.client_config())
+    admin = kafka_clients.admin(settings)
     existing = admin.list_topics(timeout=10).topics
     topics = [t.full_name(f"{name}.") for t in ALL_TOPICS if t.full_name(f"{name}.") in existing]
     if topics:
@@ -479,8 +576,11 @@ def cleanup(settings: Settings, name: str) -> tuple[list[str], list[str]]:
 
 # ---------------------------------------------------------------------------- CLI
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Backtest a rule set / model version in the stream against the live decisions.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Backtest a rule set / model version in the stream against the live decisions.",
+)
 
 
 def _print(report: Report, out_dir: Path | None = None) -> None:
@@ -493,16 +593,18 @@ def _print(report: Report, out_dir: Path | None = None) -> None:
 @app.command("run")
 def run_command(
     rules: Annotated[Path | None, typer.Option(help="Candidate rule set (YAML).", exists=True, dir_okay=False)] = None,
-    model_dir: Annotated[Path | None, typer.Option(help="Candidate model artifact folder (with CURRENT).",
-                                                   exists=True, file_okay=False)] = None,
+    model_dir: Annotated[
+        Path | None, typer.Option(help="Candidate model artifact folder (with CURRENT).", exists=True, file_okay=False)
+    ] = None,
     model: Annotated[str | None, typer.Option(help="Candidate model version (folder under the artifact dir).")] = None,
     name: Annotated[str | None, typer.Option(help="Names the copy's topics/indices; default bt-<UTC time>.")] = None,
     from_offsets: Annotated[str | None, typer.Option(help="Start offset: N or P:N,P:N.")] = None,
     to_offsets: Annotated[str | None, typer.Option(help="End offset (exclusive): N or P:N,P:N.")] = None,
     from_time: Annotated[str | None, typer.Option(help="Start time (ISO-8601, epoch ms or now).")] = None,
     to_time: Annotated[str | None, typer.Option(help="End time (exclusive).")] = None,
-    copy_partitions: Annotated[int, typer.Option(help="Partitions of the copy's transactions topic "
-                                                      "(1 = the merged order exactly).", min=1)] = 1,
+    copy_partitions: Annotated[
+        int, typer.Option(help="Partitions of the copy's transactions topic (1 = the merged order exactly).", min=1)
+    ] = 1,
     rate: Annotated[float, typer.Option(help="Replay at most this many records per second; 0 = no cap.", min=0)] = 0,
     timeout_s: Annotated[float, typer.Option(help="Give up after this long.")] = 1800,
     samples: Annotated[int, typer.Option(help="Changed transactions listed in the report.")] = 25,
@@ -517,9 +619,17 @@ def run_command(
     name = name or f"bt-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     try:
         start, end = bounds(from_offsets, to_offsets, from_time, to_time)
-        report, out_dir = run_backtest(settings, name, Candidate(rules, model_dir, model), start, end,
-                                       copy_partitions=copy_partitions, rate=rate, timeout_s=timeout_s,
-                                       sample_size=samples)
+        report, out_dir = run_backtest(
+            settings,
+            name,
+            Candidate(rules, model_dir, model),
+            start,
+            end,
+            copy_partitions=copy_partitions,
+            rate=rate,
+            timeout_s=timeout_s,
+            sample_size=samples,
+        )
     except (RangeError, RuleSetError, ValueError, FileExistsError, TimeoutError, RuntimeError) as exc:
         console.print(str(exc), style="red", markup=False, highlight=False)
         raise typer.Exit(1) from None

@@ -15,11 +15,24 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
-SourceRecord = tuple[bytes | None, bytes | None, str, int, int, int]
-"""(key, value, topic, partition, offset, timestamp ms): one Kafka record as the job sees it."""
-OutRecord = tuple[str, bytes | None, bytes | None]
-"""(topic, key, value): one record for the Kafka sink."""
+from jobs.scoring.core import SourceRecord
+
+__all__ = ["OutRecord", "OutputBatch", "SourceRecord", "pack_records", "unpack_outputs", "unpack_records"]
+
+
+class OutRecord(NamedTuple):
+    """One record for the Kafka sink."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+
+
+_new = tuple.__new__
+"""``_new(SourceRecord, (...))`` builds the named tuple from a tuple without the keyword-handling
+``__new__``: the hot path makes one per Kafka record."""
 
 _LEN = struct.Struct(">i")
 _TOPIC_LEN = struct.Struct(">H")
@@ -33,21 +46,21 @@ def unpack_records(batch: bytes) -> Iterator[SourceRecord]:
     while pos < end:
         (n,) = _LEN.unpack_from(batch, pos)
         pos += 4
-        key = None if n < 0 else batch[pos:pos + n]
+        key = None if n < 0 else batch[pos : pos + n]
         pos += max(n, 0)
         (n,) = _LEN.unpack_from(batch, pos)
         pos += 4
-        value = None if n < 0 else batch[pos:pos + n]
+        value = None if n < 0 else batch[pos : pos + n]
         pos += max(n, 0)
         (n,) = _TOPIC_LEN.unpack_from(batch, pos)
-        raw = batch[pos + 2:pos + 2 + n]
+        raw = batch[pos + 2 : pos + 2 + n]
         pos += 2 + n
         topic = topics.get(raw)
         if topic is None:
             topic = topics[raw] = raw.decode()
         partition, offset, ts = _POSITION.unpack_from(batch, pos)
         pos += 20
-        yield key, value, topic, partition, offset, ts
+        yield _new(SourceRecord, (key, value, topic, partition, offset, ts))
 
 
 def pack_records(records: Iterable[SourceRecord]) -> bytes:
@@ -90,15 +103,15 @@ def unpack_outputs(batch: bytes) -> Iterator[OutRecord]:
     pos, end = 0, len(batch)
     while pos < end:
         (n,) = _TOPIC_LEN.unpack_from(batch, pos)
-        topic = batch[pos + 2:pos + 2 + n].decode()
+        topic = batch[pos + 2 : pos + 2 + n].decode()
         pos += 2 + n
         fields: list[bytes | None] = []
         for _ in range(2):
             (n,) = _LEN.unpack_from(batch, pos)
             pos += 4
-            fields.append(None if n < 0 else batch[pos:pos + n])
+            fields.append(None if n < 0 else batch[pos : pos + n])
             pos += max(n, 0)
-        yield topic, fields[0], fields[1]
+        yield OutRecord(topic, fields[0], fields[1])
 
 
 def _put_bytes(parts: list[bytes], data: bytes | None) -> None:

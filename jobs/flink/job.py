@@ -5,7 +5,8 @@ dead-lettered with their topic/partition/offset and the reason).
 Outputs: one ``ScoredTransaction`` per transaction (key = transaction id), an ``Alert`` per block
 (key = alert id), ``DeadLetter`` records (key = ``topic:partition:offset``).
 
-Only wiring lives here; the logic is in :mod:`jobs.scoring.scorer` (pure). Delivery: incremental RocksDB
+Only wiring lives here: the operator is :mod:`jobs.flink.operator`, every decision it makes is
+:mod:`jobs.scoring.core`'s (pure, over :mod:`jobs.scoring.scorer`). Delivery: incremental RocksDB
 checkpoints every ``job.checkpoint_interval_ms`` (state + source offsets); the Kafka sink is at-least-once and every
 output carries a deterministic key, so consumers are idempotent by key (OpenSearch ``_id``, alert
 dedup key) and a crash doubles nothing downstream. On start the job resumes from the newest retained
@@ -16,7 +17,6 @@ Run it: ``python -m jobs.flink.job`` (needs the stack: ``make up``).
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -26,27 +26,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pyflink.common import Configuration, Row
+from pyflink.common import Configuration
 from pyflink.common.typeinfo import Types
-from pyflink.datastream import (
-    DataStream,
-    KeyedBroadcastProcessFunction,
-    RuntimeContext,
-    StreamExecutionEnvironment,
-)
-from pyflink.datastream.state import MapStateDescriptor
+from pyflink.datastream import DataStream, StreamExecutionEnvironment
 from pyflink.table import StreamTableEnvironment
 
-from infra.clients.control_topics import read_control_topics
 from infra.settings import REPO_ROOT, Settings, get_settings
 from infra.stack import flink_connector_jars, flink_ext_jar
-from jobs.flink.frames import OutputBatch, OutRecord, SourceRecord, unpack_records
-from jobs.scoring.face_join import EARLY_FACES, PENDING, FaceJoin, Ready, observation_result, seen_from
-from jobs.scoring.rules import RuleSet
-from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Scorer, ScoringState
-from schemas.codec import codec
-from schemas.errors import InvalidRecord
-from schemas.records import dead_letter
+from jobs.flink.operator import BROADCAST, DecideStep
 from schemas.topics import (
     ALERTS,
     DEAD_LETTERS,
@@ -61,8 +48,14 @@ log = logging.getLogger("checkout_guard.scoring_job")
 
 SOURCE_ROW = Types.ROW_NAMED(
     ["k", "v", "topic", "partition", "offset", "ts"],
-    [Types.PRIMITIVE_ARRAY(Types.BYTE()), Types.PRIMITIVE_ARRAY(Types.BYTE()), Types.STRING(), Types.INT(),
-     Types.LONG(), Types.LONG()],
+    [
+        Types.PRIMITIVE_ARRAY(Types.BYTE()),
+        Types.PRIMITIVE_ARRAY(Types.BYTE()),
+        Types.STRING(),
+        Types.INT(),
+        Types.LONG(),
+        Types.LONG(),
+    ],
 )
 """One Kafka record as the job sees it: key, value, where it came from, broker timestamp (ms, or the
 Kafka table's TIMESTAMP_LTZ as an ``Instant``)."""
@@ -74,321 +67,6 @@ BATCH_BYTES = Types.PRIMITIVE_ARRAY(Types.BYTE())
 """A batch of records in or out of the scoring step (framing in :mod:`jobs.flink.frames`)."""
 STATE_KEY = "all"
 """Every transaction is scored under one key, see :class:`DecideStep`."""
-BROADCAST = MapStateDescriptor("broadcast", Types.STRING(), Types.PICKLED_BYTE_ARRAY())
-"""Rules (key ``rules``) and watchlist entries (key ``wl:<subject>``), the same in every instance."""
-LEGACY_BATCH = "batch"
-"""Where the job kept transactions waiting for a model batch before batching moved into the JVM: what a
-restored checkpoint still holds there is decided at the first call."""
-
-
-class DecideStep(KeyedBroadcastProcessFunction):
-    """Parse, match receipts, track stores and customers, join the face, decide — in one operator.
-
-    Keyed input: batches of transactions and face observations (one Kafka source over both topics,
-    packed by the Java ``RecordBatcher``: one Python call per batch instead of per record, which
-    costs more than the scoring). Broadcast input: the rule set and the watchlist, from their
-    compacted topics, so a rules update or a ``forget`` takes effect at once without a restart.
-
-    Why one operator, with its state in Flink MapState read through a Python cache: in PyFlink
-    every state read that misses the Python worker's cache is a round trip to the JVM, and most
-    reads are of new keys (every sale opens a receipt), so per-key state in separate keyed steps
-    capped the job at ~150 tx/s. Here the maps are loaded from MapState once, after start or
-    restore, and are then authoritative; the changes of a batch are written back to MapState at its
-    end (one ``put_all`` per map), which Flink checkpoints with the source offsets. Cross-key
-    lookups (a return at store B against a sale at store A, by another card) need no shuffle.
-    Transactions waiting for their face are state too, so a crash between reading a transaction and
-    deciding it loses nothing. Every transaction released by a batch is decided in one model call.
-    The price: scoring runs in one slot; sharding by region is the way to scale out.
-    """
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-
-    def open(self, runtime_context: RuntimeContext) -> None:
-        job = self.settings.job
-        self.scorer = Scorer(self.settings, predictor=_predictor(self.settings))
-        self.join = FaceJoin(job.face_deadline_ms, job.early_face_ttl_ms)
-        self.maps = {
-            name: runtime_context.get_map_state(MapStateDescriptor(name, Types.STRING(), Types.PICKLED_BYTE_ARRAY()))
-            for name in (RECEIPTS, STORES, CUSTOMERS, PENDING, EARLY_FACES, LEGACY_BATCH)
-        }
-        self.changes: dict[str, dict[str, Any]] = {name: {} for name in self.maps}
-        self.state: ScoringState | None = None
-        self.restored_ready: list[Ready] = []
-        self.watchlist = _watchlist(self.settings)
-        self.forgotten: list[str] = []
-        self.deadline_at: int | None = None
-        self.heap = FrozenState()
-        prefix = self.settings.kafka.topic_prefix
-        self.tx_topic = TRANSACTIONS.full_name(prefix)
-        self.rules_topic = RULES.full_name(prefix)
-        self.face_codec = codec("FaceObservation")
-        self.watch_codec = codec("WatchlistEntry")
-        self.rules_codec = codec("RuleSetUpdate")
-        self.bootstrapped = self._bootstrap()
-
-    def _bootstrap(self) -> dict[tuple[str, int], int] | None:
-        """Read the rule set and the watchlist from their compacted topics before the first decision.
-
-        The broadcast stream alone would race the transactions at a fresh start (a known suspect
-        could pass while the watchlist is still streaming in). Returns the last offset applied per
-        partition, so the broadcast stream skips what is already in force; ``None`` if Kafka could
-        not be read, and the broadcast state restored from the checkpoint is used instead.
-        """
-        if not self.settings.job.bootstrap_control:
-            return None
-        try:
-            return read_control_topics(self.settings, self._bootstrap_record)
-        except Exception as err:  # noqa: BLE001 - degrade to the broadcast stream, loudly
-            log.warning("could not read the rules/watchlist topics at start (%s); using broadcast state", err)
-            return None
-
-    def _control_record(self, topic: str, key: bytes | None, value: bytes | None,
-                        apply: bool = True) -> tuple[str, Any] | None:
-        """A rules or watchlist record as (broadcast state key, value or None for a tombstone),
-        applied unless ``apply`` is false."""
-        if topic == self.rules_topic:
-            if value is None:
-                return None
-            update = ("rules", self.rules_codec.decode(value))
-        else:
-            update = (f"wl:{(key or b'').decode()}", self.watch_codec.decode(value) if value is not None else None)
-        if apply:
-            self._apply_broadcast(*update)
-        return update
-
-    def _bootstrap_record(self, topic: str, key: bytes | None, value: bytes | None) -> None:
-        try:
-            self._control_record(topic, key, value)
-        except Exception as err:  # noqa: BLE001 - the broadcast stream dead-letters it
-            log.warning("skipping a bad %s record at start: %s", topic, err)
-
-    # --- state ---------------------------------------------------------------------------------
-    def _load(self, ctx) -> ScoringState:
-        if self.state is None:
-            self.state = ScoringState.restore(
-                **{name: dict(self.maps[name].items()) for name in (RECEIPTS, STORES, CUSTOMERS)}
-            )
-            self.join.restore(dict(self.maps[PENDING].items()), dict(self.maps[EARLY_FACES].items()))
-            for tx_id, (env, seen) in self.maps[LEGACY_BATCH].items():
-                self.restored_ready.append(Ready(env, seen))
-                self.changes[LEGACY_BATCH][tx_id] = None
-            if self.bootstrapped is None:
-                for key, value in ctx.get_broadcast_state(BROADCAST).items():
-                    self._apply_broadcast(key, value)
-            self._arm(ctx)
-        return self.state
-
-    def _persist(self, writes) -> None:
-        """Note changes; :meth:`_commit` writes the last value of each key at the end of the call."""
-        for name, key, value in writes:
-            self.changes[name][key] = value
-
-    def _commit(self) -> None:
-        for name, changes in self.changes.items():
-            if not changes:
-                continue
-            state = self.maps[name]
-            puts = _Entries()
-            for key, value in changes.items():
-                if value is None:
-                    state.remove(key)
-                else:
-                    puts[key] = value
-            if puts:
-                state.put_all(puts)
-            changes.clear()
-
-    def _arm(self, ctx) -> None:
-        """Keep one timer, for the earliest face deadline."""
-        deadline = self.join.next_deadline()
-        if deadline is not None and (self.deadline_at is None or deadline < self.deadline_at):
-            self.deadline_at = deadline
-            ctx.timer_service().register_processing_time_timer(deadline)
-
-    # --- inputs --------------------------------------------------------------------------------
-    def process_element(self, batch: Any, ctx: KeyedBroadcastProcessFunction.ReadOnlyContext):
-        state = self._load(ctx)
-        if self.forgotten:
-            self._forget_faces()
-        now = _now_ms()
-        out = OutputBatch()
-        ready = self.restored_ready
-        self.restored_ready = []
-        for record in unpack_records(_as_bytes(batch)):
-            item = self._take(record, state, now, out)
-            if item is not None:
-                ready.append(item)
-        self._decide(ready, out)
-        self._commit()
-        self._arm(ctx)
-        self.heap.settle()
-        if out.count:
-            yield out.to_bytes()
-
-    def _take(self, record: SourceRecord, state: ScoringState, now: int, out: OutputBatch) -> Ready | None:
-        """One transaction or face observation: state updated, outputs added; what is ready to decide."""
-        key, value, topic, partition, offset, ts = record
-        if topic == self.tx_topic:
-            env = self.scorer.parse(value, key, topic, partition, offset, ts)
-            if isinstance(env[0], str):
-                out.add(*env)
-                return None
-            try:
-                env, writes = self.scorer.observe(env, state)
-            except InvalidRecord as err:
-                out.add(*self._dead_letter(record, err.kind, err.reason))
-                return None
-            self._persist(writes)
-            if env is None:
-                return None
-            ready, writes = self.join.on_transaction(env, now)
-        else:
-            try:
-                obs = self.face_codec.decode(value or b"")
-            except Exception as err:  # noqa: BLE001 - any undecodable observation is a dead letter
-                out.add(*self._dead_letter(record, "not_avro", f"face observation: {err}"))
-                return None
-            face = observation_result(obs, self.watchlist)
-            if obs["trigger"] == "ENTRANCE" or not obs.get("transaction_id"):
-                for alert in self.scorer.entrance(obs, face):
-                    out.add(*alert)
-                return None
-            ready, writes = self.join.on_observation(obs["transaction_id"], seen_from(obs, face, now))
-        self._persist(writes)
-        return ready
-
-    def on_timer(self, timestamp: int, ctx: KeyedBroadcastProcessFunction.OnTimerContext):
-        self._load(ctx)
-        now = _now_ms()
-        if self.deadline_at is not None and timestamp >= self.deadline_at:
-            self.deadline_at = None
-        due, writes = self.join.due(now)
-        self._persist(writes)
-        out = OutputBatch()
-        self._decide([*self.restored_ready, *due], out)
-        self.restored_ready = []
-        self._commit()
-        self._arm(ctx)
-        if out.count:
-            yield out.to_bytes()
-
-    def process_broadcast_element(self, row: Row, ctx: KeyedBroadcastProcessFunction.Context):
-        """Rules and watchlist changes: applied now, kept in broadcast state for restores."""
-        key = bytes(row[0]) if row[0] is not None else None
-        value = bytes(row[1]) if row[1] is not None else None
-        done = self.bootstrapped.get((row[2], row[3]), -1) if self.bootstrapped else -1
-        try:
-            # Read at start already: only keep the broadcast state complete.
-            update = self._control_record(row[2], key, value, apply=row[4] > done)
-        except Exception as err:  # noqa: BLE001 - a bad update must not stop scoring: dead-letter it
-            log.warning("rejected %s update at offset %s: %s", row[2], row[4], err)
-            out = OutputBatch()
-            out.add(*self._dead_letter((key, value, row[2], row[3], row[4], 0), "invalid_update", str(err)))
-            yield out.to_bytes()
-            return
-        if update is None:
-            return
-        broadcast = ctx.get_broadcast_state(BROADCAST)
-        if update[1] is None:
-            broadcast.remove(update[0])
-        else:
-            broadcast.put(*update)
-
-    def _apply_broadcast(self, key: str, value: Any) -> None:
-        if key == "rules":
-            self.scorer.rule_set = RuleSet.from_yaml(value["yaml"])
-            log.info("rule set %s active", self.scorer.rule_set.version)
-        elif key.startswith("wl:") and self.watchlist is not None:
-            if value is None:
-                self.watchlist.remove(key[3:])
-                self.forgotten.append(key[3:])
-            else:
-                self.watchlist.upsert(value)
-
-    def _forget_faces(self) -> None:
-        """``forget subj-<tx>`` also drops that transaction's buyer face from its receipt (keyed
-        state is only reachable here, on the keyed side, hence the queue)."""
-        while self.forgotten:
-            subject = self.forgotten.pop()
-            tx_id = subject.removeprefix("subj-")
-            receipt = self.state.receipts.get(tx_id) if self.state else None
-            if receipt is not None and receipt.sale_face is not None:
-                receipt.sale_face = None
-                self._persist([(RECEIPTS, tx_id, receipt)])
-
-    # --- decisions -----------------------------------------------------------------------------
-    def _decide(self, ready: list[Ready], out: OutputBatch) -> None:
-        """Model, rules and outputs for every released transaction, in model calls of ``batch_size``."""
-        size = max(1, self.settings.job.batch_size)
-        for start in range(0, len(ready), size):
-            chunk = ready[start:start + size]
-            rows, writes = self.scorer.decide_batch(
-                [item.env for item in chunk], seen=[item.seen for item in chunk], state=self.state,
-            )
-            self._persist(writes)
-            for row in rows:
-                out.add(*row)
-
-    def _dead_letter(self, record: SourceRecord, kind: str, reason: str) -> OutRecord:
-        key, value, topic, partition, offset, _ = record
-        dl = dead_letter(topic=topic, partition=partition, offset=offset, key=key, value=value,
-                         error=InvalidRecord(kind, reason), stage="scoring-job", failed_at=_now_ms())
-        return (self.scorer.dlq_topic, dl.dead_letter_id.encode(), dl.encode())
-
-
-class _Entries(dict):
-    """A dict that iterates as (key, value) pairs: MapState.put_all takes a dict in thread mode but
-    iterates its argument as pairs in process mode (PyFlink 2.2), so this one serves both."""
-
-    def __iter__(self):
-        return iter(self.items())
-
-
-class FrozenState:
-    """Keeps Python's cycle collector off the job's long-lived state.
-
-    Why: the state (receipts, customers, ... : hundreds of thousands of objects, growing with the
-    retention window) is what the collector's full passes would walk, over and over, while the
-    thread holds every record: we measured 80-220 ms pauses at 0.2-0.5 M objects, the whole
-    event->decision tail. Once a second the objects that survived are collected over (only those
-    made since the last time: frozen ones are skipped) and frozen. State objects hold no reference
-    cycles and are freed by reference counting when the job drops them, so freezing them leaks nothing.
-    """
-
-    def __init__(self, interval_s: float = 1.0) -> None:
-        self.interval_s = interval_s
-        self.next_at = 0.0
-
-    def settle(self) -> None:
-        now = time.monotonic()
-        if now >= self.next_at:
-            gc.collect()
-            gc.freeze()
-            self.next_at = now + self.interval_s
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def _as_bytes(data: Any) -> bytes:
-    """A byte[] from the JVM: ``bytes`` in thread mode; in process mode too, but be lenient."""
-    return data if isinstance(data, bytes) else bytes(b & 0xFF for b in data)
-
-
-def _predictor(settings: Settings):
-    """The configured fraud model. Imported here, not at the top, so the client process that only
-    builds the job graph does not load LightGBM; a broken install fails the job at start, loudly."""
-    from jobs.model.predictors import make_predictor
-
-    return make_predictor(settings)
-
-
-def _watchlist(settings: Settings):
-    from jobs.scoring.watchlist import Watchlist
-
-    return Watchlist(settings)
 
 
 def _state_key(batch: Any) -> str:
@@ -423,10 +101,13 @@ def build_pipeline(source: DataStream, settings: Settings, broadcast: DataStream
         broadcast = env.from_collection([], type_info=SOURCE_ROW)
     ops = get_gateway().jvm.checkoutguard.flink
     job = settings.job
-    batches = DataStream(source._j_data_stream.transform(
-        "batch records for Python", BATCH_BYTES.get_java_type_info(),
-        ops.RecordBatcher(job.batch_size, job.batch_time_ms),
-    ).uid("batch-in"))
+    batches = DataStream(
+        source._j_data_stream.transform(
+            "batch records for Python",
+            BATCH_BYTES.get_java_type_info(),
+            ops.RecordBatcher(job.batch_size, job.batch_time_ms),
+        ).uid("batch-in")
+    )
     scored = (
         batches.key_by(_state_key, key_type=Types.STRING())
         .connect(broadcast.broadcast(BROADCAST))
@@ -435,11 +116,16 @@ def build_pipeline(source: DataStream, settings: Settings, broadcast: DataStream
         .uid("score")
     )
     # A chain of its own: unpacking and the Kafka sink run on the other core, not in Python's thread.
-    return DataStream(scored._j_data_stream.flatMap(ops.OutputUnbatcher(), OUT_ROW.get_java_type_info())
-                      .name("unpack outputs").uid("batch-out").startNewChain())
+    return DataStream(
+        scored._j_data_stream.flatMap(ops.OutputUnbatcher(), OUT_ROW.get_java_type_info())
+        .name("unpack outputs")
+        .uid("batch-out")
+        .startNewChain()
+    )
 
 
 # --- wiring to Kafka -------------------------------------------------------------------------
+
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     """The newest complete retained checkpoint (``chk-N``) or savepoint, by the time it was written."""
@@ -514,8 +200,9 @@ def _startup(settings: Settings) -> str:
     return "'scan.startup.mode' = 'group-offsets', 'properties.auto.offset.reset' = 'earliest'"
 
 
-def _source_table(t_env: StreamTableEnvironment, name: str, topics: str, group: str, startup: str,
-                  settings: Settings) -> DataStream:
+def _source_table(
+    t_env: StreamTableEnvironment, name: str, topics: str, group: str, startup: str, settings: Settings
+) -> DataStream:
     t_env.execute_sql(f"""
         CREATE TEMPORARY TABLE {name} (
           k BYTES, v BYTES,
@@ -547,8 +234,14 @@ def broadcast_source(t_env: StreamTableEnvironment, settings: Settings) -> DataS
     """Rules and watchlist: compacted topics read from their beginning (they are the source of truth)."""
     prefix = settings.kafka.topic_prefix
     topics = f"{RULES.full_name(prefix)};{WATCHLIST.full_name(prefix)}"
-    return _source_table(t_env, "control_in", topics, f"{settings.job.consumer_group}-control",
-                         "'scan.startup.mode' = 'earliest-offset'", settings)
+    return _source_table(
+        t_env,
+        "control_in",
+        topics,
+        f"{settings.job.consumer_group}-control",
+        "'scan.startup.mode' = 'earliest-offset'",
+        settings,
+    )
 
 
 def kafka_sink(t_env: StreamTableEnvironment, out: DataStream, settings: Settings):

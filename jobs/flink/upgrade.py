@@ -37,8 +37,12 @@ def stop_with_savepoint(control: Path, checkpoint_dir: Path, timeout: float = 12
     while time.monotonic() < deadline:
         newest = latest_checkpoint(checkpoint_dir)
         done = not control.exists()
-        if done and newest is not None and newest.name.startswith("savepoint-") \
-                and (newest / "_metadata").stat().st_mtime >= before:
+        if (
+            done
+            and newest is not None
+            and newest.name.startswith("savepoint-")
+            and (newest / "_metadata").stat().st_mtime >= before
+        ):
             return newest
         if done:
             raise RuntimeError("the job stopped without writing a savepoint (see its log)")

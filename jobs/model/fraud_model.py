@@ -39,28 +39,57 @@ import numpy as np
 
 from infra.settings import Settings
 from jobs.scoring.rules import ModelResult
+from schemas.errors import CheckoutGuardError
 
 Item = tuple[dict[str, Any], dict[str, float]]
 NAN = float("nan")
 
 INDICATOR_FEATURES: tuple[str, ...] = (
-    "velocity", "velocity_exceeded", "amount_zscore", "amount_above_norm", "first_seen", "new_store_for_customer",
-    "seconds_since_sale", "cross_store_return", "customer_mismatch", "suspicious_timing", "return_without_receipt",
-    "return_unknown_receipt", "return_exceeds_sale", "store_returns_in_window", "store_return_burst",
+    "velocity",
+    "velocity_exceeded",
+    "amount_zscore",
+    "amount_above_norm",
+    "first_seen",
+    "new_store_for_customer",
+    "seconds_since_sale",
+    "cross_store_return",
+    "customer_mismatch",
+    "suspicious_timing",
+    "return_without_receipt",
+    "return_unknown_receipt",
+    "return_exceeds_sale",
+    "store_returns_in_window",
+    "store_return_burst",
     "high_value_item",
 )
 """Indicators from the job's state, as model inputs (missing = NaN for numeric ones, else 0)."""
 _NUMERIC_INDICATORS = frozenset({"velocity", "amount_zscore", "seconds_since_sale", "store_returns_in_window"})
 
 CATEGORICAL_FEATURES: tuple[str, ...] = (
-    "product_category", "currency", "payment_method", "billing_state", "billing_country", "card_bin_prefix",
-    "email_domain", "ip_prefix", "user_agent_family",
+    "product_category",
+    "currency",
+    "payment_method",
+    "billing_state",
+    "billing_country",
+    "card_bin_prefix",
+    "email_domain",
+    "ip_prefix",
+    "user_agent_family",
 )
 """Categoricals, hashed to stable integer codes (crc32) and handled by LightGBM's categorical splits."""
 
 TX_FEATURES: tuple[str, ...] = (
-    "amount_log", "item_count", "line_count", "max_unit_price_log", "is_return", "has_receipt_ref", "hour_utc",
-    "day_of_week", "has_card", "has_email", "has_customer_id",
+    "amount_log",
+    "item_count",
+    "line_count",
+    "max_unit_price_log",
+    "is_return",
+    "has_receipt_ref",
+    "hour_utc",
+    "day_of_week",
+    "has_card",
+    "has_email",
+    "has_customer_id",
 )
 
 FEATURE_NAMES: tuple[str, ...] = TX_FEATURES + INDICATOR_FEATURES + CATEGORICAL_FEATURES
@@ -68,8 +97,17 @@ FEATURE_NAMES: tuple[str, ...] = TX_FEATURES + INDICATOR_FEATURES + CATEGORICAL_
 CATEGORICAL_INDEX: tuple[int, ...] = tuple(FEATURE_NAMES.index(c) for c in CATEGORICAL_FEATURES)
 
 FPR_ANCHORS: tuple[tuple[int, float], ...] = (
-    (0, 1.0), (200, 0.6), (400, 0.3), (500, 0.2), (600, 0.10), (700, 0.06), (800, 0.04), (850, 0.03),
-    (900, 0.02), (950, 0.01), (980, 0.005),
+    (0, 1.0),
+    (200, 0.6),
+    (400, 0.3),
+    (500, 0.2),
+    (600, 0.10),
+    (700, 0.06),
+    (800, 0.04),
+    (850, 0.03),
+    (900, 0.02),
+    (950, 0.01),
+    (980, 0.005),
 )
 """(score, false-positive rate on legitimate transactions at or above that score), Fraud Detector's
 scale: 600 ~ 10 %, 900 ~ 2 %. Score 1000 is pinned to probability 1."""
@@ -90,7 +128,8 @@ def _code(value: str) -> float:
 
 
 _INDICATOR_DEFAULTS: tuple[float, ...] = tuple(
-    NAN if name in _NUMERIC_INDICATORS else 0.0 for name in INDICATOR_FEATURES)
+    NAN if name in _NUMERIC_INDICATORS else 0.0 for name in INDICATOR_FEATURES
+)
 _INDICATOR_COLUMN: dict[str, int] = {name: len(TX_FEATURES) + i for i, name in enumerate(INDICATOR_FEATURES)}
 
 
@@ -155,6 +194,7 @@ def feature_matrix(items: Sequence[Item]) -> np.ndarray:
 
 # --- calibration --------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Calibration:
     """Monotone piecewise-linear map raw probability -> score 0-1000 through FPR anchor points."""
@@ -188,8 +228,12 @@ class Calibration:
         return np.rint(np.interp(probs, self.probs, self.scores)).astype(np.int64)
 
     def to_json(self) -> dict[str, Any]:
-        return {"probs": list(self.probs), "scores": list(self.scores), "legit_rows": self.legit_rows,
-                "anchors": [list(a) for a in FPR_ANCHORS]}
+        return {
+            "probs": list(self.probs),
+            "scores": list(self.scores),
+            "legit_rows": self.legit_rows,
+            "anchors": [list(a) for a in FPR_ANCHORS],
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Calibration:
@@ -197,6 +241,7 @@ class Calibration:
 
 
 # --- metrics ------------------------------------------------------------------------------------
+
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Mann-Whitney ROC-AUC with tied scores counted half; NaN when one class is absent."""
@@ -228,16 +273,24 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, calibration: C
     y = np.asarray(labels, dtype=np.int64)
     p = np.asarray(probs, dtype=np.float64)
     legit, fraud = np.sort(p[y == 0])[::-1], p[y == 1]
-    out: dict[str, Any] = {"rows": int(len(y)), "fraud": int(y.sum()), "legit": int(len(y) - y.sum()),
-                           "roc_auc": roc_auc(y, p), "roc_auc_ci95": bootstrap_auc_ci(y, p)}
+    out: dict[str, Any] = {
+        "rows": int(len(y)),
+        "fraud": int(y.sum()),
+        "legit": int(len(y) - y.sum()),
+        "roc_auc": roc_auc(y, p),
+        "roc_auc_ci95": bootstrap_auc_ci(y, p),
+    }
     at_fpr = {}
     for fpr in (0.01, 0.02, 0.05):
         if legit.size == 0 or fraud.size == 0:
             continue
         k = int(math.floor(fpr * legit.size))  # at most k legitimate rows strictly above the threshold
         threshold = legit[k] if k < legit.size else -math.inf
-        entry = {"tpr": float(np.mean(fraud > threshold)), "fpr": float(np.mean(legit > threshold)),
-                 "prob_threshold": float(threshold)}
+        entry = {
+            "tpr": float(np.mean(fraud > threshold)),
+            "fpr": float(np.mean(legit > threshold)),
+            "prob_threshold": float(threshold),
+        }
         if calibration is not None and math.isfinite(threshold):
             entry["score_above"] = int(calibration.score(np.array([threshold]))[0])
         at_fpr[f"{fpr:.0%}"] = entry
@@ -253,15 +306,29 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, calibration: C
 
 # --- training and the artifact --------------------------------------------------------------
 
+
 def lgb_params(rows: int, seed: int) -> dict[str, Any]:
     """Small trees for small data (a few hundred labelled rows overfit anything bigger)."""
     small = rows < 5000
     return {
-        "objective": "binary", "learning_rate": 0.05 if small else 0.1, "num_leaves": 7 if small else 15,
-        "min_data_in_leaf": 8 if small else 20, "feature_fraction": 0.8, "bagging_fraction": 0.8,
-        "bagging_freq": 1, "lambda_l2": 1.0, "max_cat_to_onehot": 8, "min_data_per_group": 5 if small else 50,
-        "cat_smooth": 10.0, "cat_l2": 10.0, "max_bin": 63 if small else 255, "verbose": -1, "seed": seed,
-        "deterministic": True, "force_row_wise": True, "num_threads": 1,
+        "objective": "binary",
+        "learning_rate": 0.05 if small else 0.1,
+        "num_leaves": 7 if small else 15,
+        "min_data_in_leaf": 8 if small else 20,
+        "feature_fraction": 0.8,
+        "bagging_fraction": 0.8,
+        "bagging_freq": 1,
+        "lambda_l2": 1.0,
+        "max_cat_to_onehot": 8,
+        "min_data_per_group": 5 if small else 50,
+        "cat_smooth": 10.0,
+        "cat_l2": 10.0,
+        "max_bin": 63 if small else 255,
+        "verbose": -1,
+        "seed": seed,
+        "deterministic": True,
+        "force_row_wise": True,
+        "num_threads": 1,
     }
 
 
@@ -272,8 +339,14 @@ class TrainResult:
 
 
 def fit(
-    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *, seed: int = 7,
-    rounds: int | None = None, info: dict[str, Any] | None = None,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    seed: int = 7,
+    rounds: int | None = None,
+    info: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train on the earlier part, calibrate and measure on the later (validation) part.
 
@@ -282,8 +355,13 @@ def fit(
     job scores every transaction with it, and tree count is what a prediction costs."""
     params = lgb_params(len(y_train), seed)
     rounds = rounds or 100
-    data = lgb.Dataset(x_train, label=y_train, feature_name=list(FEATURE_NAMES),
-                       categorical_feature=list(CATEGORICAL_FEATURES), free_raw_data=False)
+    data = lgb.Dataset(
+        x_train,
+        label=y_train,
+        feature_name=list(FEATURE_NAMES),
+        categorical_feature=list(CATEGORICAL_FEATURES),
+        free_raw_data=False,
+    )
     booster = lgb.train(params, data, num_boost_round=rounds)
     val_probs = booster.predict(x_val, num_threads=1)
     calibration = Calibration.fit(val_probs[np.asarray(y_val) == 0])
@@ -291,9 +369,15 @@ def fit(
         "validation": classification_metrics(y_val, val_probs, calibration),
         "train": classification_metrics(y_train, booster.predict(x_train, num_threads=1), calibration),
     }
-    meta = {"feature_names": list(FEATURE_NAMES), "categorical": list(CATEGORICAL_FEATURES),
-            "calibration": calibration.to_json(), "metrics": metrics, "params": params, "rounds": rounds,
-            **(info or {})}
+    meta = {
+        "feature_names": list(FEATURE_NAMES),
+        "categorical": list(CATEGORICAL_FEATURES),
+        "calibration": calibration.to_json(),
+        "metrics": metrics,
+        "params": params,
+        "rounds": rounds,
+        **(info or {}),
+    }
     model_text = booster.model_to_string()
     digest = hashlib.sha256(model_text.encode() + json.dumps(meta.get("data", {}), sort_keys=True).encode())
     meta["version"] = f"gbm-{datetime.now(UTC):%Y%m%d}-{digest.hexdigest()[:8]}"
@@ -301,7 +385,7 @@ def fit(
     return TrainResult(LocalModel(booster, meta), metrics)
 
 
-class ModelArtifactError(RuntimeError):
+class ModelArtifactError(CheckoutGuardError, RuntimeError):
     """No usable model artifact where one was expected."""
 
 
@@ -315,7 +399,8 @@ class LocalModel:
     def __init__(self, booster: lgb.Booster, meta: dict[str, Any], path: Path | None = None) -> None:
         if list(meta.get("feature_names", [])) != list(FEATURE_NAMES):
             raise ModelArtifactError(
-                f"model {meta.get('version')} was trained on other features than this code computes; retrain it")
+                f"model {meta.get('version')} was trained on other features than this code computes; retrain it"
+            )
         self.booster = booster
         self.meta = meta
         self.path = path
@@ -393,19 +478,26 @@ def format_metrics(meta: dict[str, Any]) -> str:
     lines = [f"model {meta.get('version')}  created {meta.get('created_at')}"]
     data = meta.get("data") or {}
     if data:
-        lines.append(f"data: {data.get('source')}  sha256 {str(data.get('sha256'))[:16]}  rows {data.get('rows')}"
-                     f"  labelled {data.get('labelled')}")
+        lines.append(
+            f"data: {data.get('source')}  sha256 {str(data.get('sha256'))[:16]}  rows {data.get('rows')}"
+            f"  labelled {data.get('labelled')}"
+        )
         lines.append(f"split: {data.get('split')}")
     for part in ("validation", "train"):
         m = (meta.get("metrics") or {}).get(part)
         if not m:
             continue
         lo, hi = m.get("roc_auc_ci95") or (float("nan"), float("nan"))
-        lines.append(f"{part}: {m['rows']} rows ({m['fraud']} fraud)  ROC-AUC {m['roc_auc']:.3f}"
-                     f"  (95 % bootstrap CI {lo:.2f}-{hi:.2f})")
+        lines.append(
+            f"{part}: {m['rows']} rows ({m['fraud']} fraud)  ROC-AUC {m['roc_auc']:.3f}"
+            f"  (95 % bootstrap CI {lo:.2f}-{hi:.2f})"
+        )
         for fpr, e in m.get("at_fpr", {}).items():
-            lines.append(f"  TPR at {fpr:>3} FPR: {e['tpr']:.3f}  (prob > {e['prob_threshold']:.4f}"
-                         + (f", score > {e['score_above']}" if "score_above" in e else "") + ")")
+            lines.append(
+                f"  TPR at {fpr:>3} FPR: {e['tpr']:.3f}  (prob > {e['prob_threshold']:.4f}"
+                + (f", score > {e['score_above']}" if "score_above" in e else "")
+                + ")"
+            )
         if part == "validation" and m.get("by_score"):
             lines.append("  score >= s   FPR     TPR")
             for s, e in m["by_score"].items():

@@ -30,10 +30,12 @@ from typing import Any
 
 import numpy as np
 
+from infra.retry import call_with_retries
 from infra.settings import Settings
 from jobs.model.fraud_model import FEATURE_NAMES, Item, LocalModel, ModelArtifactError, feature_matrix
 from jobs.scoring.rules import ModelResult
 from jobs.scoring.scorer import Predictor
+from schemas.errors import CheckoutGuardError
 
 log = logging.getLogger("checkout_guard.predictors")
 
@@ -60,7 +62,7 @@ UNKNOWN_ENTITY = "unknown"
 """Fraud Detector's entity id for an event without a known entity."""
 
 
-class RemoteError(RuntimeError):
+class RemoteError(CheckoutGuardError, RuntimeError):
     """A remote model call failed; ``retryable`` says whether another attempt may succeed."""
 
     def __init__(self, message: str, retryable: bool = True) -> None:
@@ -105,8 +107,9 @@ class CircuitBreaker:
             self.consecutive += 1
             if self._trial or self.consecutive >= self.threshold:
                 if self.opened_at is None or self._trial:
-                    log.warning("model backend failing (%d in a row): circuit open for %.0fs",
-                                self.consecutive, self.cooldown_s)
+                    log.warning(
+                        "model backend failing (%d in a row): circuit open for %.0fs", self.consecutive, self.cooldown_s
+                    )
                 self.opened_at = self.clock()
             self._trial = False
 
@@ -126,8 +129,13 @@ class GuardedPredictor(Predictor):
 
     name = "remote"
 
-    def __init__(self, settings: Settings, fallback: LocalModel | None, client: Any = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        fallback: LocalModel | None,
+        client: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings = settings.model
         self.fallback_model = fallback
         self.client = client if client is not None else self._make_client(settings)
@@ -148,16 +156,22 @@ class GuardedPredictor(Predictor):
             aws_secret_access_key=m.aws_secret_access_key.get_secret_value() if m.aws_secret_access_key else None,
             region_name=m.aws_region,
         )
-        config = Config(connect_timeout=m.connect_timeout_s, read_timeout=m.read_timeout_s,
-                        retries={"total_max_attempts": 1}, max_pool_connections=max(10, m.concurrency))
+        config = Config(
+            connect_timeout=m.connect_timeout_s,
+            read_timeout=m.read_timeout_s,
+            retries={"total_max_attempts": 1},
+            max_pool_connections=max(10, m.concurrency),
+        )
         return session.client(self._service(), endpoint_url=m.aws_endpoint_url, config=config)
 
     def _attempt(self, fn: Callable[[], Any]) -> Any:
         """One guarded remote call: up to ``retries + 1`` attempts while the breaker allows."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        last: Exception | None = None
-        for attempt in range(self.settings.retries + 1):
+        last: RemoteError | None = None
+
+        def once() -> Any:
+            nonlocal last
             if not self.breaker.allow():
                 raise RemoteError(f"{self.name} circuit open", retryable=False) from last
             self.calls += 1
@@ -175,11 +189,15 @@ class GuardedPredictor(Predictor):
                 return result
             self.failures += 1
             self.breaker.failure()
-            if not getattr(last, "retryable", True):
-                break
-            if attempt < self.settings.retries:
-                time.sleep(min(0.05 * 2**attempt, 0.2))
-        raise last or RemoteError(f"{self.name} failed")
+            raise last
+
+        return call_with_retries(
+            once,
+            retriable=lambda exc: isinstance(exc, RemoteError) and exc.retryable,
+            attempts=self.settings.retries + 1,
+            wait=lambda n: 0.05 * 2**n,
+            maximum_s=0.2,
+        )
 
     def _fallback(self, items: Sequence[Item], spent_ms: Sequence[int]) -> list[ModelResult]:
         if self.fallback_model is None:
@@ -247,11 +265,13 @@ class FraudDetectorPredictor(GuardedPredictor):
             return []
         answers = [self._one(items[0])] if len(items) == 1 else list(self._pool.map(self._one, items))
         results: list[ModelResult | None] = [
-            ModelResult(score=s, version=self.version, time_ms=t) if s is not None else None for s, t in answers]
+            ModelResult(score=s, version=self.version, time_ms=t) if s is not None else None for s, t in answers
+        ]
         missing = [i for i, r in enumerate(results) if r is None]
         if missing:
-            for i, r in zip(missing, self._fallback([items[i] for i in missing], [answers[i][1] for i in missing]),
-                            strict=True):
+            for i, r in zip(
+                missing, self._fallback([items[i] for i in missing], [answers[i][1] for i in missing]), strict=True
+            ):
                 results[i] = r
         return results  # type: ignore[return-value]
 
@@ -283,8 +303,8 @@ class SageMakerPredictor(GuardedPredictor):
 
     def _invoke(self, x: np.ndarray) -> np.ndarray:
         response = self.client.invoke_endpoint(
-            EndpointName=self.settings.sagemaker_endpoint, ContentType="text/csv", Accept="text/csv",
-            Body=self.body(x))
+            EndpointName=self.settings.sagemaker_endpoint, ContentType="text/csv", Accept="text/csv", Body=self.body(x)
+        )
         text = response["Body"].read().decode()
         values = [float(v) for v in text.replace("\n", ",").split(",") if v.strip()]
         if len(values) != x.shape[0]:
@@ -297,14 +317,14 @@ class SageMakerPredictor(GuardedPredictor):
         x = feature_matrix(items)
         out: list[ModelResult] = []
         for start in range(0, len(items), self.max_rows):
-            chunk = x[start:start + self.max_rows]
+            chunk = x[start : start + self.max_rows]
             t0 = time.perf_counter()
             try:
                 probs = self._attempt(lambda c=chunk: self._invoke(c))
             except RemoteError as exc:
                 log.debug("sagemaker: %s", exc)
                 spent = int(round((time.perf_counter() - t0) * 1000))
-                out.extend(self._fallback(items[start:start + self.max_rows], [spent] * chunk.shape[0]))
+                out.extend(self._fallback(items[start : start + self.max_rows], [spent] * chunk.shape[0]))
                 continue
             spent = int(round((time.perf_counter() - t0) * 1000))
             if self.fallback_model is not None:
@@ -336,8 +356,9 @@ def make_predictor(settings: Settings) -> Predictor:
     local = _local(settings)
     if backend == "local":
         if local is None:
-            raise ModelArtifactError("no model artifact: run make train-default "
-                                     "(or python -m jobs.model.train train CSV)")
+            raise ModelArtifactError(
+                "no model artifact: run make train-default (or python -m jobs.model.train train CSV)"
+            )
         return LocalPredictor(local)
     if backend == "frauddetector":
         return FraudDetectorPredictor(settings, local)
@@ -346,5 +367,11 @@ def make_predictor(settings: Settings) -> Predictor:
     raise ValueError(f"unknown model backend {backend!r} (local, frauddetector, sagemaker, none)")
 
 
-__all__ = ["FEATURE_NAMES", "CircuitBreaker", "FraudDetectorPredictor", "LocalPredictor", "SageMakerPredictor",
-           "make_predictor"]
+__all__ = [
+    "FEATURE_NAMES",
+    "CircuitBreaker",
+    "FraudDetectorPredictor",
+    "LocalPredictor",
+    "SageMakerPredictor",
+    "make_predictor",
+]

@@ -66,8 +66,12 @@ class History:
     duplicates: int = 0
 
 
-def observe_all(records: Iterable[PosTransaction | tuple[str, str]], settings: Settings,
-                state: ScoringState | None = None, scorer: Scorer | None = None) -> History:
+def observe_all(
+    records: Iterable[PosTransaction | tuple[str, str]],
+    settings: Settings,
+    state: ScoringState | None = None,
+    scorer: Scorer | None = None,
+) -> History:
     """Run records (event-time order) through the job's parse + observe; rejects are kept with reasons.
 
     A ``(id, reason)`` tuple in ``records`` is input that failed before it became a transaction."""
@@ -122,7 +126,13 @@ def time_split(history: History, train_frac: float) -> tuple[list[int], list[int
 
 
 def train_on(
-    history: History, *, train_frac: float, seed: int, rounds: int | None, source: str, sha256: str,
+    history: History,
+    *,
+    train_frac: float,
+    seed: int,
+    rounds: int | None,
+    source: str,
+    sha256: str,
 ) -> LocalModel:
     train_idx, val_idx = time_split(history, train_frac)
     if not train_idx or not val_idx:
@@ -133,14 +143,22 @@ def train_on(
         if len(set(y[idx].tolist())) < 2:
             raise typer.BadParameter(f"the {name} part has only one class")
     t_train, t_val = (history.items[train_idx[-1]][0]["event_time"], history.items[val_idx[0]][0]["event_time"])
-    info = {"data": {
-        "source": source, "sha256": sha256, "rows": len(history.items) + len(history.rejected) + history.duplicates,
-        "used": len(history.items), "labelled": len(train_idx) + len(val_idx), "rejected": len(history.rejected),
-        "duplicates": history.duplicates,
-        "split": (f"labelled rows by event time: first {train_frac:.0%} train ({len(train_idx)} rows, up to "
-                  f"{_iso(t_train)}), last {1 - train_frac:.0%} validate ({len(val_idx)} rows, from {_iso(t_val)})"),
-        "validation_from_ms": t_val,
-    }}
+    info = {
+        "data": {
+            "source": source,
+            "sha256": sha256,
+            "rows": len(history.items) + len(history.rejected) + history.duplicates,
+            "used": len(history.items),
+            "labelled": len(train_idx) + len(val_idx),
+            "rejected": len(history.rejected),
+            "duplicates": history.duplicates,
+            "split": (
+                f"labelled rows by event time: first {train_frac:.0%} train ({len(train_idx)} rows, up to "
+                f"{_iso(t_train)}), last {1 - train_frac:.0%} validate ({len(val_idx)} rows, from {_iso(t_val)})"
+            ),
+            "validation_from_ms": t_val,
+        }
+    }
     result = fit(x[train_idx], y[train_idx], x[val_idx], y[val_idx], seed=seed, rounds=rounds, info=info)
     return result.model
 
@@ -159,8 +177,9 @@ def train_default(settings: Settings, rows: int = DEFAULT_SYNTHETIC_ROWS, seed: 
     txs = synthetic_transactions(rows, seed)
     digest = hashlib.sha256(f"PosGenerator(seed={seed}, rows={rows})".encode()).hexdigest()
     history = observe_all(txs, settings)
-    return train_on(history, train_frac=0.7, seed=7, rounds=None, source=f"synthetic:PosGenerator(seed={seed})",
-                    sha256=digest)
+    return train_on(
+        history, train_frac=0.7, seed=7, rounds=None, source=f"synthetic:PosGenerator(seed={seed})", sha256=digest
+    )
 
 
 def ensure_default_model(settings: Settings, force: bool = False) -> Path:
@@ -182,12 +201,13 @@ def ensure_default_model(settings: Settings, force: bool = False) -> Path:
 
 # --- backtest ---------------------------------------------------------------------------------
 
+
 def backtest_rows(history: History, scorer: Scorer, batch: int = 500) -> list[dict[str, Any]]:
     """Decisions for every observed transaction, through ``Scorer.decide_batch`` (model + rules)."""
     scored = codec("ScoredTransaction")
     out: list[dict[str, Any]] = []
     for start in range(0, len(history.items), batch):
-        envs = [(tx, dict(ind), tx["event_time"]) for tx, ind in history.items[start:start + batch]]
+        envs = [(tx, dict(ind), tx["event_time"]) for tx, ind in history.items[start : start + batch]]
         result = scorer.decide_batch(envs)
         rows = result[0] if isinstance(result, tuple) else result
         out.extend(scored.decode(v) for topic, _, v in rows if topic == scorer.scored_topic)
@@ -196,6 +216,7 @@ def backtest_rows(history: History, scorer: Scorer, batch: int = 500) -> list[di
 
 def backtest_metrics(decisions: Sequence[dict[str, Any]], validation_from_ms: int | None) -> dict[str, Any]:
     """Model and rule metrics over the labelled decisions (and the held-out later part alone)."""
+
     def part(rows: list[dict[str, Any]]) -> dict[str, Any]:
         rows = [r for r in rows if r["label"] is not None and r["model_score"] is not None]
         if not rows:
@@ -206,9 +227,13 @@ def backtest_metrics(decisions: Sequence[dict[str, Any]], validation_from_ms: in
         blocked = np.array([r["outcome"] == "BLOCK" for r in rows])
         legit, fraud = y == 0, y == 1
         return {
-            "rows": len(rows), "fraud": int(fraud.sum()), "roc_auc_model_score": roc_auc(y, s),
-            "outcomes": {f"{o}/{'fraud' if lab else 'legit'}": c for (o, lab), c in
-                         sorted(Counter((r["outcome"], r["label"]) for r in rows).items())},
+            "rows": len(rows),
+            "fraud": int(fraud.sum()),
+            "roc_auc_model_score": roc_auc(y, s),
+            "outcomes": {
+                f"{o}/{'fraud' if lab else 'legit'}": c
+                for (o, lab), c in sorted(Counter((r["outcome"], r["label"]) for r in rows).items())
+            },
             "review_or_block": {"tpr": _mean(flagged[fraud]), "fpr": _mean(flagged[legit])},
             "block": {"tpr": _mean(blocked[fraud]), "fpr": _mean(blocked[legit])},
         }
@@ -240,8 +265,9 @@ def train(
     """Train on a CSV; write the versioned artifact and its metrics report beside it."""
     settings = get_settings()
     history = observe_all(csv_transactions(csv_path), settings)
-    model = train_on(history, train_frac=train_frac, seed=seed, rounds=rounds, source=csv_path.name,
-                     sha256=file_sha256(csv_path))
+    model = train_on(
+        history, train_frac=train_frac, seed=seed, rounds=rounds, source=csv_path.name, sha256=file_sha256(csv_path)
+    )
     path = model.save(out or artifact_root(settings), make_current=current)
     typer.echo(format_metrics(model.meta))
     for ident, reason in history.rejected[:10]:
@@ -250,12 +276,18 @@ def train(
 
 
 HIGH_CARDINALITY: tuple[str, ...] = (
-    "ip_prefix", "email_domain", "user_agent_family", "card_bin_prefix", "billing_state")
+    "ip_prefix",
+    "email_domain",
+    "user_agent_family",
+    "card_bin_prefix",
+    "billing_state",
+)
 """Hashed categoricals with many values: few rows per value in a small labelled set."""
 
 
-def rolling_origin_auc(x: np.ndarray, y: np.ndarray, *, rounds: int, drop: Sequence[str] = (), folds: int = 4,
-                       seed: int = 7) -> list[float]:
+def rolling_origin_auc(
+    x: np.ndarray, y: np.ndarray, *, rounds: int, drop: Sequence[str] = (), folds: int = 4, seed: int = 7
+) -> list[float]:
     """ROC-AUC of each fold of rolling-origin validation over time-ordered rows: fold k trains on
     everything before its window and validates on the window, so no fold sees its own future."""
     import lightgbm as lgb
@@ -270,8 +302,12 @@ def rolling_origin_auc(x: np.ndarray, y: np.ndarray, *, rounds: int, drop: Seque
         train_rows, val_rows = slice(0, cut), slice(cut, cut + window)
         if len(set(y[val_rows].tolist())) < 2:
             continue
-        data = lgb.Dataset(x[train_rows], label=y[train_rows], feature_name=list(FEATURE_NAMES),
-                           categorical_feature=list(CATEGORICAL_FEATURES))
+        data = lgb.Dataset(
+            x[train_rows],
+            label=y[train_rows],
+            feature_name=list(FEATURE_NAMES),
+            categorical_feature=list(CATEGORICAL_FEATURES),
+        )
         booster = lgb.train(lgb_params(cut, seed), data, num_boost_round=rounds)
         out.append(roc_auc(y[val_rows], booster.predict(x[val_rows], num_threads=1)))
     return out
@@ -295,8 +331,10 @@ def select(
     for features, drop in (("all", ()), ("without high-cardinality", HIGH_CARDINALITY)):
         for rounds in (50, 100, 200):
             aucs = rolling_origin_auc(x, y, rounds=rounds, drop=drop, folds=folds)
-            typer.echo(f"  {features:24s} rounds {rounds:3d}: mean ROC-AUC {_mean(np.array(aucs)):.3f}  "
-                       f"folds {' '.join(f'{a:.3f}' for a in aucs)}")
+            typer.echo(
+                f"  {features:24s} rounds {rounds:3d}: mean ROC-AUC {_mean(np.array(aucs)):.3f}  "
+                f"folds {' '.join(f'{a:.3f}' for a in aucs)}"
+            )
 
 
 @app.command("train-default")
@@ -323,19 +361,42 @@ def backtest(
     output = output or Path(f"{csv_path.stem}.backtest.csv")
     with output.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["EVENT_ID", "EVENT_TIMESTAMP", "EVENT_LABEL", "score", "outcome", "risk_score", "reasons",
-                    "model_version", "rules_version"])
+        w.writerow(
+            [
+                "EVENT_ID",
+                "EVENT_TIMESTAMP",
+                "EVENT_LABEL",
+                "score",
+                "outcome",
+                "risk_score",
+                "reasons",
+                "model_version",
+                "rules_version",
+            ]
+        )
         for d in decisions:
-            w.writerow([d["transaction_id"], _iso(d["event_time"]), "" if d["label"] is None else d["label"],
-                        d["model_score"], d["outcome"], d["risk_score"], "|".join(d["reasons"]),
-                        d["model_version"], d["rules_version"]])
+            w.writerow(
+                [
+                    d["transaction_id"],
+                    _iso(d["event_time"]),
+                    "" if d["label"] is None else d["label"],
+                    d["model_score"],
+                    d["outcome"],
+                    d["risk_score"],
+                    "|".join(d["reasons"]),
+                    d["model_version"],
+                    d["rules_version"],
+                ]
+            )
         for ident, reason in history.rejected:
             w.writerow([ident, "", "", "", "REJECTED", "", reason, "", ""])
     cut = (local.meta.get("data") or {}).get("validation_from_ms")
     same_data = (local.meta.get("data") or {}).get("sha256") == file_sha256(csv_path)
     metrics = backtest_metrics(decisions, cut if same_data else None)
-    typer.echo(f"model {local.version}, rules {scorer.rule_set.version}: {len(decisions)} decisions, "
-               f"{len(history.rejected)} rejected, {history.duplicates} duplicates -> {output}")
+    typer.echo(
+        f"model {local.version}, rules {scorer.rule_set.version}: {len(decisions)} decisions, "
+        f"{len(history.rejected)} rejected, {history.duplicates} duplicates -> {output}"
+    )
     typer.echo(json.dumps(metrics, indent=2))
     if not same_data:
         typer.echo("note: this CSV is not the model's training data, so every labelled row is out of sample")

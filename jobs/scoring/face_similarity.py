@@ -7,6 +7,7 @@ job, the buyer-face check, the local Rekognition stand-in -- needs no detector t
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 DISTANCE_AT_ZERO = 1.2
 """dlib distance that maps to similarity 0; 0.6 (LFW operating point) maps to 50."""
@@ -21,8 +22,7 @@ def similarity_to_distance(similarity: float) -> float:
     return DISTANCE_AT_ZERO * (1.0 - similarity / 100.0)
 
 
-def similarity(a: np.ndarray, b: np.ndarray) -> float:
+def similarity(a: ArrayLike, b: ArrayLike) -> float:
     """0..100, higher = more alike (see ``distance_to_similarity``)."""
     d = float(np.linalg.norm(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)))
     return float(distance_to_similarity(d))
-

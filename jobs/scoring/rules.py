@@ -13,7 +13,6 @@ every decision. At run time a new rule set is published to the compacted ``rules
 from __future__ import annotations
 
 import getpass
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,22 +20,37 @@ from typing import Annotated, Any
 import typer
 import yaml
 
+from infra.clock import now_ms
 from infra.settings import RulesSettings, Settings
+from schemas.errors import CheckoutGuardError
 
 DEFAULT_RULESET = Path(__file__).resolve().parent / "rulesets" / "default.yaml"
 
-KNOWN_INDICATORS: frozenset[str] = frozenset({
-    # seed 001
-    "no_photo_verification", "customer_mismatch", "suspicious_timing", "high_value_item", "return_without_receipt",
-    # jobs/scoring/features.py
-    "return_exceeds_sale", "return_unknown_receipt", "velocity_exceeded", "amount_above_norm",
-    "cross_store_return", "store_return_burst", "new_store_for_customer", "first_seen", "unknown_currency",
-})
+KNOWN_INDICATORS: frozenset[str] = frozenset(
+    {
+        # seed 001
+        "no_photo_verification",
+        "customer_mismatch",
+        "suspicious_timing",
+        "high_value_item",
+        "return_without_receipt",
+        # jobs/scoring/features.py
+        "return_exceeds_sale",
+        "return_unknown_receipt",
+        "velocity_exceeded",
+        "amount_above_norm",
+        "cross_store_return",
+        "store_return_burst",
+        "new_store_for_customer",
+        "first_seen",
+        "unknown_currency",
+    }
+)
 """Indicators a weight may name: a typo in a rule file must fail validation, not silently score 0."""
 FACE_STATUSES = frozenset({"UNAVAILABLE", "NO_FACE", "UNKNOWN", "MATCHED", "REJECTED"})
 
 
-class RuleSetError(ValueError):
+class RuleSetError(CheckoutGuardError, ValueError):
     """A rule set that cannot be used; the message names the offending key."""
 
 
@@ -90,8 +104,9 @@ class RuleSet:
         """The rule set file named in the settings (the bundled default otherwise); ``version``,
         ``block_at`` and ``review_at`` in the settings win only when set (``CG_RULES__*``; unset = ``None``)."""
         base = cls.load(rules.ruleset_file or DEFAULT_RULESET)
-        overrides = {k: getattr(rules, k) for k in ("version", "block_at", "review_at")
-                     if getattr(rules, k) is not None}
+        overrides = {
+            k: getattr(rules, k) for k in ("version", "block_at", "review_at") if getattr(rules, k) is not None
+        }
         if not overrides:
             return base
         data = base.to_dict()
@@ -119,59 +134,22 @@ class RuleSet:
         version = data.get("version")
         if not isinstance(version, str | int | float) or not str(version).strip():
             errors.append("version: required, a non-empty string")
-        thresholds = _mapping(data, "thresholds", errors)
-        block_at = _int(thresholds, "block_at", 1, 100, errors, "thresholds.")
-        review_at = _int(thresholds, "review_at", 1, 100, errors, "thresholds.")
-        extra = set(thresholds) - {"block_at", "review_at"}
-        if extra:
-            errors.append(f"thresholds: unknown key(s) {', '.join(sorted(map(str, extra)))}")
-        if block_at is not None and review_at is not None and review_at >= block_at:
-            errors.append(f"thresholds: review_at ({review_at}) must be below block_at ({block_at})")
-        weights_in = _mapping(data, "weights", errors)
-        weights: dict[str, int] = {}
-        for name in weights_in:
-            if name not in KNOWN_INDICATORS:
-                errors.append(f"weights.{name}: unknown indicator (known: {', '.join(sorted(KNOWN_INDICATORS))})")
-                continue
-            value = _int(weights_in, name, 0, 100, errors, "weights.")
-            if value is not None:
-                weights[str(name)] = value
-        bands: list[tuple[int, int]] = []
-        raw_bands = data.get("model_bands") or []
-        if not isinstance(raw_bands, list):
-            errors.append("model_bands: must be a list of {score, points}")
-            raw_bands = []
-        for i, band in enumerate(raw_bands):
-            if not isinstance(band, dict) or set(band) != {"score", "points"}:
-                errors.append(f"model_bands[{i}]: must be {{score: 0-1000, points: 0-100}}")
-                continue
-            score = _int(band, "score", 0, 1000, errors, f"model_bands[{i}].")
-            points = _int(band, "points", 0, 100, errors, f"model_bands[{i}].")
-            if score is not None and points is not None:
-                bands.append((score, points))
-        bands.sort(reverse=True)
-        if len({s for s, _ in bands}) != len(bands):
-            errors.append("model_bands: two bands with the same score")
-        if any(p_hi < p_lo for (_, p_hi), (_, p_lo) in zip(bands, bands[1:], strict=False)):
-            errors.append("model_bands: a higher score must not give fewer points")
-        face = _mapping(data, "face", errors)
-        unknown_face = set(face) - {"watchlist_suspect_points", "unavailable_statuses", "unavailable_return_indicator"}
-        if unknown_face:
-            errors.append(f"face: unknown key(s) {', '.join(sorted(map(str, unknown_face)))}")
-        suspect = _int(face, "watchlist_suspect_points", 0, 100, errors, "face.", default=90)
-        statuses = face.get("unavailable_statuses", ["UNAVAILABLE", "NO_FACE"])
-        if not isinstance(statuses, list) or not set(statuses) <= FACE_STATUSES:
-            errors.append(f"face.unavailable_statuses: a list of {', '.join(sorted(FACE_STATUSES))}")
-            statuses = []
-        indicator = face.get("unavailable_return_indicator", "no_photo_verification")
-        if indicator is not None and indicator not in KNOWN_INDICATORS:
-            errors.append(f"face.unavailable_return_indicator: unknown indicator {indicator!r}")
+        block_at, review_at = _thresholds(data, errors)
+        weights = _weights(data, errors)
+        bands = _model_bands(data, errors)
+        suspect, statuses, indicator = _face(data, errors)
         if errors:
             raise RuleSetError("invalid rule set: " + "; ".join(errors))
+        assert block_at is not None and review_at is not None and suspect is not None  # no errors: all set
         return cls(
-            version=str(version).strip(), block_at=block_at, review_at=review_at,  # type: ignore[arg-type]
-            weights=weights, model_bands=tuple(bands), watchlist_suspect_points=suspect,  # type: ignore[arg-type]
-            unavailable_statuses=frozenset(statuses), unavailable_return_indicator=indicator,
+            version=str(version).strip(),
+            block_at=block_at,
+            review_at=review_at,
+            weights=weights,
+            model_bands=tuple(bands),
+            watchlist_suspect_points=suspect,
+            unavailable_statuses=frozenset(statuses),
+            unavailable_return_indicator=indicator,
             description=str(data.get("description") or "").strip(),
         )
 
@@ -204,13 +182,89 @@ def _mapping(data: dict, key: str, errors: list[str]) -> dict:
 
 
 def _int(
-    data: dict, key: str, lo: int, hi: int, errors: list[str], where: str, default: int | None = None,
+    data: dict,
+    key: str,
+    lo: int,
+    hi: int,
+    errors: list[str],
+    where: str,
+    default: int | None = None,
 ) -> int | None:
     value = data.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         errors.append(f"{where}{key}: required, an integer {lo}..{hi} (got {value!r})")
         return None
     return value
+
+
+# --- rule set sections: each checks its part of the parsed YAML and appends what is wrong to ``errors`` ----------
+
+
+def _thresholds(data: dict, errors: list[str]) -> tuple[int | None, int | None]:
+    """``thresholds``: block_at and review_at (``None`` where invalid); review must be below block."""
+    thresholds = _mapping(data, "thresholds", errors)
+    block_at = _int(thresholds, "block_at", 1, 100, errors, "thresholds.")
+    review_at = _int(thresholds, "review_at", 1, 100, errors, "thresholds.")
+    extra = set(thresholds) - {"block_at", "review_at"}
+    if extra:
+        errors.append(f"thresholds: unknown key(s) {', '.join(sorted(map(str, extra)))}")
+    if block_at is not None and review_at is not None and review_at >= block_at:
+        errors.append(f"thresholds: review_at ({review_at}) must be below block_at ({block_at})")
+    return block_at, review_at
+
+
+def _weights(data: dict, errors: list[str]) -> dict[str, int]:
+    """``weights``: points per known indicator; the valid ones only."""
+    weights_in = _mapping(data, "weights", errors)
+    weights: dict[str, int] = {}
+    for name in weights_in:
+        if name not in KNOWN_INDICATORS:
+            errors.append(f"weights.{name}: unknown indicator (known: {', '.join(sorted(KNOWN_INDICATORS))})")
+            continue
+        value = _int(weights_in, name, 0, 100, errors, "weights.")
+        if value is not None:
+            weights[str(name)] = value
+    return weights
+
+
+def _model_bands(data: dict, errors: list[str]) -> list[tuple[int, int]]:
+    """``model_bands``: (score, points), highest score first; scores distinct, points not falling as scores rise."""
+    bands: list[tuple[int, int]] = []
+    raw_bands = data.get("model_bands") or []
+    if not isinstance(raw_bands, list):
+        errors.append("model_bands: must be a list of {score, points}")
+        raw_bands = []
+    for i, band in enumerate(raw_bands):
+        if not isinstance(band, dict) or set(band) != {"score", "points"}:
+            errors.append(f"model_bands[{i}]: must be {{score: 0-1000, points: 0-100}}")
+            continue
+        score = _int(band, "score", 0, 1000, errors, f"model_bands[{i}].")
+        points = _int(band, "points", 0, 100, errors, f"model_bands[{i}].")
+        if score is not None and points is not None:
+            bands.append((score, points))
+    bands.sort(reverse=True)
+    if len({s for s, _ in bands}) != len(bands):
+        errors.append("model_bands: two bands with the same score")
+    if any(p_hi < p_lo for (_, p_hi), (_, p_lo) in zip(bands, bands[1:], strict=False)):
+        errors.append("model_bands: a higher score must not give fewer points")
+    return bands
+
+
+def _face(data: dict, errors: list[str]) -> tuple[int | None, list[str], str | None]:
+    """``face``: watchlist suspect points, the statuses that count as "no face", and the indicator they raise."""
+    face = _mapping(data, "face", errors)
+    unknown_face = set(face) - {"watchlist_suspect_points", "unavailable_statuses", "unavailable_return_indicator"}
+    if unknown_face:
+        errors.append(f"face: unknown key(s) {', '.join(sorted(map(str, unknown_face)))}")
+    suspect = _int(face, "watchlist_suspect_points", 0, 100, errors, "face.", default=90)
+    statuses = face.get("unavailable_statuses", ["UNAVAILABLE", "NO_FACE"])
+    if not isinstance(statuses, list) or not set(statuses) <= FACE_STATUSES:
+        errors.append(f"face.unavailable_statuses: a list of {', '.join(sorted(FACE_STATUSES))}")
+        statuses = []
+    indicator = face.get("unavailable_return_indicator", "no_photo_verification")
+    if indicator is not None and indicator not in KNOWN_INDICATORS:
+        errors.append(f"face.unavailable_return_indicator: unknown indicator {indicator!r}")
+    return suspect, statuses, indicator
 
 
 @dataclass(frozen=True)
@@ -253,12 +307,17 @@ def decide(
 
 # --- the rules topic --------------------------------------------------------------------------
 
+
 def update_record(rules: RuleSet, yaml_text: str, published_by: str, published_at: int | None = None):
     """The ``RuleSetUpdate`` for a validated rule set (the original text, comments included)."""
     from schemas.records import RuleSetUpdate
 
-    return RuleSetUpdate(version=rules.version, yaml=yaml_text, published_by=published_by,
-                         published_at=published_at if published_at is not None else int(time.time() * 1000))
+    return RuleSetUpdate(
+        version=rules.version,
+        yaml=yaml_text,
+        published_by=published_by,
+        published_at=published_at if published_at is not None else now_ms(),
+    )
 
 
 def from_update(value: bytes) -> RuleSet:
@@ -310,17 +369,20 @@ def publish(
 
 def publish_rules(settings: Settings, rules: RuleSet, text: str, by: str, timeout_s: float = 30.0) -> str:
     """Send a validated rule set to the rules topic (key ``active``) and wait for Kafka's ack."""
-    from confluent_kafka import Producer
-
+    from infra.clients import kafka as kafka_clients
     from infra.stack import ensure_topics
     from schemas.topics import RULES
 
     ensure_topics(settings)
     topic = RULES.full_name(settings.kafka.topic_prefix)
-    producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True})
+    producer = kafka_clients.producer(settings, kafka_clients.IDEMPOTENT)
     failures: list[str] = []
-    producer.produce(topic, key=b"active", value=update_record(rules, text, by).encode(),
-                     on_delivery=lambda err, _msg: failures.append(str(err)) if err else None)
+    producer.produce(
+        topic,
+        key=b"active",
+        value=update_record(rules, text, by).encode(),
+        on_delivery=lambda err, _msg: failures.append(str(err)) if err else None,
+    )
     if producer.flush(timeout_s) or failures:
         raise RuntimeError(f"publish failed: {failures or f'not acknowledged within {timeout_s:.0f} s'}")
     return topic

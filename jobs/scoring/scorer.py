@@ -1,7 +1,8 @@
 """The scoring path as pure functions: bytes in, (topic, key, value) rows out.
 
-The Flink job (``jobs/flink/job.py``) feeds records through these steps and keeps their state
-objects in Flink state; everything here runs and is tested without Flink.
+:class:`jobs.scoring.core.DecisionCore` feeds records through these steps (the Flink operator in
+``jobs/flink/operator.py`` keeps their state objects in Flink state); everything here runs and is
+tested without Flink.
 
 Steps, in order:
 1. :meth:`Scorer.parse` — bytes -> transaction, or a dead letter.
@@ -25,6 +26,7 @@ from typing import Any
 
 from infra.settings import Settings
 from jobs.scoring.face_join import Seen
+from jobs.scoring.face_similarity import similarity
 from jobs.scoring.features import (
     CustomerProfile,
     Receipt,
@@ -37,7 +39,7 @@ from jobs.scoring.rules import Decision, FaceResult, ModelResult, RuleSet, decid
 from jobs.scoring.validation import parse_transaction
 from schemas.codec import codec
 from schemas.errors import InvalidRecord
-from schemas.records import dead_letter
+from schemas.records import AlertAvro, ScoredTransactionAvro, dead_letter
 from schemas.topics import ALERTS, DEAD_LETTERS, SCORED_TRANSACTIONS
 
 Envelope = tuple[dict[str, Any], dict[str, float], int]
@@ -121,8 +123,14 @@ class Scorer:
             tx = parse_transaction(value, ingest_ms, self.settings.job.max_message_bytes)
         except InvalidRecord as err:
             dl = dead_letter(
-                topic=topic, partition=partition, offset=offset, key=key, value=value, error=err,
-                stage=STAGE, failed_at=self._now_ms(),
+                topic=topic,
+                partition=partition,
+                offset=offset,
+                key=key,
+                value=value,
+                error=err,
+                stage=STAGE,
+                failed_at=self._now_ms(),
             )
             return (self.dlq_topic, dl.dead_letter_id.encode(), dl.encode())
         return (tx, transaction_indicators(tx, self.rules), ingest_ms)
@@ -141,8 +149,11 @@ class Scorer:
         horizon_ms = self.rules.receipt_retention_days * 86_400_000
         if event_time < state.newest_event_ms - horizon_ms:
             behind_days = (state.newest_event_ms - event_time) / 86_400_000
-            raise InvalidRecord("too_late", f"event_time is {behind_days:.0f} days behind the newest event seen, "
-                                f"beyond the {self.rules.receipt_retention_days}-day state horizon")
+            raise InvalidRecord(
+                "too_late",
+                f"event_time is {behind_days:.0f} days behind the newest event seen, "
+                f"beyond the {self.rules.receipt_retention_days}-day state horizon",
+            )
         if event_time > state.newest_event_ms:
             state.newest_event_ms = event_time
         rk = receipt_key(tx)
@@ -169,8 +180,11 @@ class Scorer:
         return out, writes
 
     def decide_batch(
-        self, envs: Sequence[Envelope], faces: Sequence[FaceResult] | None = None,
-        seen: Sequence[Seen | None] | None = None, state: ScoringState | None = None,
+        self,
+        envs: Sequence[Envelope],
+        faces: Sequence[FaceResult] | None = None,
+        seen: Sequence[Seen | None] | None = None,
+        state: ScoringState | None = None,
     ) -> tuple[list[OutRow], list[Write]]:
         """Model (one vectorised call for the batch), face result and rules -> scored rows and alerts.
 
@@ -204,8 +218,6 @@ class Scorer:
             receipt.sale_face = camera.embedding
             return [(RECEIPTS, rk, receipt)]
         if tx["kind"] == "RETURN" and receipt.sale_face is not None:
-            from jobs.scoring.face_similarity import similarity
-
             sim = float(similarity(receipt.sale_face, camera.embedding))
             ind["buyer_face_similarity"] = round(sim, 2)
             if sim < self.settings.faces.match_threshold:
@@ -213,7 +225,12 @@ class Scorer:
         return []
 
     def decide(
-        self, env: Envelope, model: ModelResult, face: FaceResult, before_model: int, camera: Seen | None = None,
+        self,
+        env: Envelope,
+        model: ModelResult,
+        face: FaceResult,
+        before_model: int,
+        camera: Seen | None = None,
     ) -> list[OutRow]:
         tx, ind, ingest = env
         decision = decide(tx, ind, model, face, self.rule_set)
@@ -225,8 +242,9 @@ class Scorer:
             alert = self.blocked_alert(tx, decision, face, snapshot)
             rows.append((self.alerts_topic, alert["alert_id"].encode(), self._alert.encode(alert)))
         if face.status == "MATCHED":
-            alert = self.watchlist_alert(tx["event_time"], tx["store_id"], tx["lane_id"], face, snapshot,
-                                         f"checkout:{tx['transaction_id']}", tx)
+            alert = self.watchlist_alert(
+                tx["event_time"], tx["store_id"], tx["lane_id"], face, snapshot, f"checkout:{tx['transaction_id']}", tx
+            )
             rows.append((self.alerts_topic, alert["alert_id"].encode(), self._alert.encode(alert)))
         return rows
 
@@ -234,8 +252,15 @@ class Scorer:
         """A watch-listed face at a store's entrance: "suspect entered store S" before any checkout."""
         if face.status != "MATCHED":
             return []
-        alert = self.watchlist_alert(obs["event_time"], obs["store_id"], obs.get("lane_id"), face,
-                                     obs.get("image_ref"), obs["observation_id"], None)
+        alert = self.watchlist_alert(
+            obs["event_time"],
+            obs["store_id"],
+            obs.get("lane_id"),
+            face,
+            obs.get("image_ref"),
+            obs["observation_id"],
+            None,
+        )
         return [(self.alerts_topic, alert["alert_id"].encode(), self._alert.encode(alert))]
 
     def score(self, env: Envelope, state: ScoringState) -> tuple[list[OutRow], list[Write]]:
@@ -264,9 +289,17 @@ class Scorer:
         return state, env
 
     def scored_record(
-        self, tx: dict[str, Any], ind: dict[str, float], model: ModelResult, face: FaceResult,
-        decision: Decision, ingest: int, before_model: int, decided_at: int,
-    ) -> dict[str, Any]:
+        self,
+        tx: dict[str, Any],
+        ind: dict[str, float],
+        model: ModelResult,
+        face: FaceResult,
+        decision: Decision,
+        ingest: int,
+        before_model: int,
+        decided_at: int,
+    ) -> ScoredTransactionAvro:
+        """The decision as the ``ScoredTransaction`` dict the codec writes (a literal: the hot path)."""
         event_time = tx["event_time"]
         return {
             "transaction_id": tx["transaction_id"],
@@ -306,8 +339,11 @@ class Scorer:
 
     @staticmethod
     def blocked_alert(
-        tx: dict[str, Any], decision: Decision, face: FaceResult | None = None, snapshot_ref: str | None = None,
-    ) -> dict[str, Any]:
+        tx: dict[str, Any],
+        decision: Decision,
+        face: FaceResult | None = None,
+        snapshot_ref: str | None = None,
+    ) -> AlertAvro:
         reasons = ", ".join(decision.reasons) or "risk"
         face = face or FaceResult()
         return {
@@ -335,16 +371,21 @@ class Scorer:
 
     @staticmethod
     def watchlist_alert(
-        event_time: int, store_id: str, lane_id: str | None, face: FaceResult, snapshot_ref: str | None,
-        seen_as: str, tx: dict[str, Any] | None,
-    ) -> dict[str, Any]:
+        event_time: int,
+        store_id: str,
+        lane_id: str | None,
+        face: FaceResult,
+        snapshot_ref: str | None,
+        seen_as: str,
+        tx: dict[str, Any] | None,
+    ) -> AlertAvro:
         """Suspect or VIP recognised at a checkout (``seen_as`` = ``checkout:<tx>``) or an entrance."""
         suspect = face.category == "SUSPECT"
         at_entrance = tx is None
         kind = ("SUSPECT_ENTERED" if at_entrance else "WATCHLIST_MATCH") if suspect else "VIP_ARRIVED"
         where = f"{store_id}" + (f" {lane_id}" if lane_id else "")
         what = "Suspect" if suspect else "VIP"
-        how = "entered" if at_entrance else f"at checkout ({tx['transaction_id']})"
+        how = "entered" if tx is None else f"at checkout ({tx['transaction_id']})"
         return {
             "alert_id": f"watchlist:{seen_as}:{face.subject_id}",
             "kind": kind,

@@ -35,8 +35,11 @@ class Watchlist:
     """
 
     def __init__(self, settings: FaceSettings | Settings | None = None, *, threshold: float | None = None) -> None:
-        faces = getattr(settings, "faces", settings) or FaceSettings()  # the whole Settings or its faces group
+        faces = settings.faces if isinstance(settings, Settings) else settings or FaceSettings()
         self.threshold = threshold if threshold is not None else faces.match_threshold
+        self._reset()
+
+    def _reset(self) -> None:
         self._entries: dict[str, dict[str, Any]] = {}
         self._lock = threading.RLock()
         self._matrix = np.zeros((0, DIM), dtype=np.float32)
@@ -50,7 +53,8 @@ class Watchlist:
         embeddings = np.asarray(entry["embeddings"], dtype=np.float32).reshape(-1, DIM)
         with self._lock:
             self._entries[entry["subject_id"]] = {
-                "category": entry["category"], "embeddings": embeddings,
+                "category": entry["category"],
+                "embeddings": embeddings,
                 "entry": {k: v for k, v in entry.items() if k != "embeddings"},
             }
             self._dirty = True
@@ -114,6 +118,7 @@ class Watchlist:
         return {"threshold": self.threshold, "entries": entries}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(threshold=state["threshold"])
+        self.threshold = state["threshold"]
+        self._reset()
         for entry in state["entries"]:
             self.upsert(entry)

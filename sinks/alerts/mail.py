@@ -19,10 +19,11 @@ from email.utils import formataddr, formatdate, parseaddr
 from typing import Any, Protocol
 
 from infra.settings import SmtpSettings
+from schemas.errors import CheckoutGuardError
 from sinks.alerts.message import AlertText, message_id
 
 
-class MailError(Exception):
+class MailError(CheckoutGuardError):
     def __init__(self, reason: str, *, retriable: bool = True) -> None:
         super().__init__(reason)
         self.reason, self.retriable = reason, retriable
@@ -63,8 +64,9 @@ def _header(value: str) -> str:
     return value if value.isascii() else Header(value, "utf-8").encode()
 
 
-def build_email(alert_id: str, text: AlertText, sender: str, recipients: list[str],
-                image: bytes | None = None) -> OutgoingMail:
+def build_email(
+    alert_id: str, text: AlertText, sender: str, recipients: list[str], image: bytes | None = None
+) -> OutgoingMail:
     """Plain text for any client, HTML with the snapshot shown inline (once: clients also offer the inline
     part, named ``snapshot.jpg``, for saving).
 
@@ -77,13 +79,20 @@ def build_email(alert_id: str, text: AlertText, sender: str, recipients: list[st
     else:
         cid = f"snapshot-{message_id(alert_id)[7:23]}@checkout-guard"
         html = _part('text/html; charset="utf-8"', text.html(image_cid=cid).encode())
-        inline = _part("image/jpeg", image, f"Content-ID: <{cid}>",
-                       'Content-Disposition: inline; filename="snapshot.jpg"')
+        inline = _part(
+            "image/jpeg", image, f"Content-ID: <{cid}>", 'Content-Disposition: inline; filename="snapshot.jpg"'
+        )
         body = _multipart("alternative", [plain, _multipart("related", [html, inline])])
     mid = message_id(alert_id)
-    headers = [f"Subject: {_header(text.subject)}", f"From: {formataddr(parseaddr(sender))}",
-               f"To: {', '.join(recipients)}", f"Date: {formatdate(localtime=True)}", f"Message-ID: {mid}",
-               f"X-Checkout-Guard-Alert: {alert_id}", "MIME-Version: 1.0"]
+    headers = [
+        f"Subject: {_header(text.subject)}",
+        f"From: {formataddr(parseaddr(sender))}",
+        f"To: {', '.join(recipients)}",
+        f"Date: {formatdate(localtime=True)}",
+        f"Message-ID: {mid}",
+        f"X-Checkout-Guard-Alert: {alert_id}",
+        "MIME-Version: 1.0",
+    ]
     return OutgoingMail(mid, "".join(f"{h}\r\n" for h in headers).encode() + body)
 
 
@@ -112,10 +121,14 @@ class SmtpMailer:
             conn = smtplib.SMTP_SSL(s.host, s.port, timeout=s.timeout_s, context=self._tls())
         else:
             conn = smtplib.SMTP(s.host, s.port, timeout=s.timeout_s)
-            if s.starttls:
+        try:
+            if s.starttls and not s.ssl:
                 conn.starttls(context=self._tls())
-        if s.username and s.password is not None:
-            conn.login(s.username, s.password.get_secret_value())
+            if s.username and s.password is not None:
+                conn.login(s.username, s.password.get_secret_value())
+        except BaseException:  # refused STARTTLS or login: the connected socket is nobody's, close it
+            conn.close()
+            raise
         with self._lock:
             self._all.append(conn)
         return conn
@@ -161,29 +174,45 @@ class SmtpMailer:
         with self._lock:
             conns, self._all = self._all, []
         for conn in conns:
-            with contextlib.suppress(smtplib.SMTPException, OSError):
-                conn.quit()
+            try:
+                with contextlib.suppress(smtplib.SMTPException, OSError):
+                    conn.quit()  # polite; closes the socket only when the server answers
+            finally:
+                conn.close()
 
 
 class SesMailer:
     """Amazon SES ``SendRawEmail`` (raw MIME keeps the inline snapshot); the boto3 client is thread-safe."""
 
-    RETRIABLE_CODES = frozenset({"Throttling", "ThrottlingException", "ServiceUnavailable", "InternalFailure",
-                                 "RequestTimeout", "TooManyRequestsException"})
+    RETRIABLE_CODES = frozenset(
+        {
+            "Throttling",
+            "ThrottlingException",
+            "ServiceUnavailable",
+            "InternalFailure",
+            "RequestTimeout",
+            "TooManyRequestsException",
+        }
+    )
 
-    def __init__(self, settings: SmtpSettings, region: str, endpoint_url: str | None = None,
-                 client: Any | None = None) -> None:
+    def __init__(
+        self, settings: SmtpSettings, region: str, endpoint_url: str | None = None, client: Any | None = None
+    ) -> None:
         import boto3
 
         self.settings = settings
+        self._owns_client = client is None
         self.client = client or boto3.client("ses", region_name=region, endpoint_url=endpoint_url)
 
     def send(self, mail: OutgoingMail) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            self.client.send_raw_email(Source=self.settings.from_address, Destinations=self.settings.recipients(),
-                                       RawMessage={"Data": mail.data})
+            self.client.send_raw_email(
+                Source=self.settings.from_address,
+                Destinations=self.settings.recipients(),
+                RawMessage={"Data": mail.data},
+            )
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
@@ -192,7 +221,9 @@ class SesMailer:
             raise MailError(f"SES {type(exc).__name__}") from exc
 
     def close(self) -> None:
-        return None
+        """Close the client's connection pool (a client passed in stays the caller's)."""
+        if self._owns_client:
+            self.client.close()
 
 
 def _text(value: bytes | str) -> str:

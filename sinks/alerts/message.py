@@ -45,7 +45,7 @@ TITLES: dict[str, str] = {
 def reason_text(code: str) -> str:
     """One reason code in plain words."""
     if code.startswith(MODEL_REASON_PREFIX):
-        return f"the fraud model rates it very risky (score {code[len(MODEL_REASON_PREFIX):]}+ of 1000)"
+        return f"the fraud model rates it very risky (score {code[len(MODEL_REASON_PREFIX) :]}+ of 1000)"
     return REASON_WORDS.get(code, code.replace("_", " "))
 
 
@@ -99,12 +99,15 @@ class AlertText:
         return f"**{_md(self.headline)}**\n\n{rows}\n\n[Open in the dashboard]({self.link})"
 
     def html(self, image_cid: str | None = None) -> str:
-        rows = "".join(f"<tr><th align='left'>{_html(label)}</th><td>{_html(value)}</td></tr>"
-                       for label, value in self.lines)
+        rows = "".join(
+            f"<tr><th align='left'>{_html(label)}</th><td>{_html(value)}</td></tr>" for label, value in self.lines
+        )
         image = f"<p><img src='cid:{image_cid}' alt='snapshot' style='max-width:480px'></p>" if image_cid else ""
-        return (f"<html><body><h2>{_html(self.subject)}</h2><table cellpadding='4'>{rows}</table>{image}"
-                f"<p><a href='{_html(self.link)}'>Open in the dashboard</a></p>"
-                f"<p style='color:#777'>{_html(self.footer)}</p></body></html>")
+        return (
+            f"<html><body><h2>{_html(self.subject)}</h2><table cellpadding='4'>{rows}</table>{image}"
+            f"<p><a href='{_html(self.link)}'>Open in the dashboard</a></p>"
+            f"<p style='color:#777'>{_html(self.footer)}</p></body></html>"
+        )
 
 
 def describe(alert: dict[str, Any], settings: AlertSettings) -> AlertText:
@@ -113,8 +116,11 @@ def describe(alert: dict[str, Any], settings: AlertSettings) -> AlertText:
     store, lane = alert.get("store_id") or "?", alert.get("lane_id")
     where = f"store {store}, lane {lane}" if lane else f"store {store}"
     title = TITLES.get(kind, kind.replace("_", " ").capitalize() or "Alert")
-    lines: list[tuple[str, str]] = [("What", title), ("Where", where),
-                                    ("When", local_time(int(alert.get("event_time") or 0), settings.timezone))]
+    lines: list[tuple[str, str]] = [
+        ("What", title),
+        ("Where", where),
+        ("When", local_time(int(alert.get("event_time") or 0), settings.timezone)),
+    ]
     if alert.get("amount") is not None:
         lines.append(("Amount", f"{alert['amount']:,.2f} {alert.get('currency') or ''}".strip()))
     if alert.get("transaction_id"):
@@ -131,8 +137,9 @@ def describe(alert: dict[str, Any], settings: AlertSettings) -> AlertText:
         subject_id = f" {alert['subject_id']}" if alert.get("subject_id") else ""
         lines.append(("Face match", f"{alert['similarity']:.1f}% similar to{who}{subject_id}"))
     footer = f"Alert {alert.get('alert_id', '')}, severity {alert.get('severity') or 'n/a'}."
-    return AlertText(headline=f"{title} - {where}", lines=tuple(lines), link=dashboard_url(alert, settings),
-                     footer=footer)
+    return AlertText(
+        headline=f"{title} - {where}", lines=tuple(lines), link=dashboard_url(alert, settings), footer=footer
+    )
 
 
 def _md(text: str) -> str:

@@ -47,10 +47,14 @@ from typing import Any, Protocol
 import typer
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from infra.clients import kafka as kafka_clients
 from infra.clients.webex import Attachment, WebexClient, WebexError
+from infra.clock import now_ms
+from infra.retry import Backoff
 from infra.settings import AlertSettings, Settings, get_settings
-from schemas.codec import DecodeError, codec
-from schemas.records import DeadLetter
+from schemas.codec import codec
+from schemas.errors import CheckoutGuardError, InvalidRecord
+from schemas.records import DeadLetter, dead_letter
 from schemas.topics import ALERTS, DEAD_LETTERS
 from sinks.alerts.mail import Mailer, MailError, SesMailer, SmtpMailer, build_email
 from sinks.alerts.message import describe
@@ -77,8 +81,10 @@ class Ledger:
     """
 
     SENDING_SQL = "INSERT OR IGNORE INTO deliveries VALUES (?, ?, 'sending', ?, NULL)"
-    SENT_SQL = ("INSERT INTO deliveries VALUES (?, ?, 'sent', ?, ?) ON CONFLICT(alert_id, channel) "
-                "DO UPDATE SET state='sent', at_ms=excluded.at_ms, detail=excluded.detail")
+    SENT_SQL = (
+        "INSERT INTO deliveries VALUES (?, ?, 'sent', ?, ?) ON CONFLICT(alert_id, channel) "
+        "DO UPDATE SET state='sent', at_ms=excluded.at_ms, detail=excluded.detail"
+    )
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,10 +94,12 @@ class Ledger:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS deliveries (alert_id TEXT NOT NULL, channel TEXT NOT NULL, "
-            "state TEXT NOT NULL, at_ms INTEGER NOT NULL, detail TEXT, PRIMARY KEY (alert_id, channel))")
+            "state TEXT NOT NULL, at_ms INTEGER NOT NULL, detail TEXT, PRIMARY KEY (alert_id, channel))"
+        )
         self._lock = threading.Lock()
         self._writes: queue.SimpleQueue[tuple[str, tuple, threading.Event, list[BaseException]] | None] = (
-            queue.SimpleQueue())
+            queue.SimpleQueue()
+        )
         self._writer = threading.Thread(target=self._write_loop, name="ledger-writer", daemon=True)
         self._writer.start()
 
@@ -102,8 +110,9 @@ class Ledger:
 
     def state(self, alert_id: str, channel: str) -> str | None:
         with self._lock:
-            row = self._db.execute("SELECT state FROM deliveries WHERE alert_id=? AND channel=?",
-                                   (alert_id, channel)).fetchone()
+            row = self._db.execute(
+                "SELECT state FROM deliveries WHERE alert_id=? AND channel=?", (alert_id, channel)
+            ).fetchone()
         return row[0] if row else None
 
     def states(self, alert_ids: list[str]) -> dict[tuple[str, str], str]:
@@ -111,19 +120,20 @@ class Ledger:
         out: dict[tuple[str, str], str] = {}
         unique = list(dict.fromkeys(alert_ids))
         for start in range(0, len(unique), 500):
-            chunk = unique[start:start + 500]
+            chunk = unique[start : start + 500]
             marks = ",".join("?" * len(chunk))
             with self._lock:
                 rows = self._db.execute(
-                    f"SELECT alert_id, channel, state FROM deliveries WHERE alert_id IN ({marks})", chunk).fetchall()
+                    f"SELECT alert_id, channel, state FROM deliveries WHERE alert_id IN ({marks})", chunk
+                ).fetchall()
             out.update({(a, c): st for a, c, st in rows})
         return out
 
     def mark_sending(self, alert_id: str, channel: str) -> None:
-        self._write(self.SENDING_SQL, (alert_id, channel, _now_ms()))
+        self._write(self.SENDING_SQL, (alert_id, channel, now_ms()))
 
     def mark_sent(self, alert_id: str, channel: str, detail: str | None) -> None:
-        self._write(self.SENT_SQL, (alert_id, channel, _now_ms(), detail))
+        self._write(self.SENT_SQL, (alert_id, channel, now_ms(), detail))
 
     def _write(self, sql: str, params: tuple) -> None:
         done, errors = threading.Event(), []
@@ -175,11 +185,12 @@ class Ledger:
 # --------------------------------------------------------------------------- channels
 
 
-class DeliveryError(Exception):
+class DeliveryError(CheckoutGuardError):
     """A send that did not go through. ``ambiguous``: it may have gone through anyway (timeout, 5xx)."""
 
-    def __init__(self, reason: str, *, retriable: bool = True, retry_after: float | None = None,
-                 ambiguous: bool = False) -> None:
+    def __init__(
+        self, reason: str, *, retriable: bool = True, retry_after: float | None = None, ambiguous: bool = False
+    ) -> None:
         super().__init__(reason)
         self.reason, self.retriable, self.retry_after, self.ambiguous = reason, retriable, retry_after, ambiguous
 
@@ -206,8 +217,9 @@ class EmailChannel:
 
     def send(self, alert: dict[str, Any], image: bytes | None, maybe_sent: bool) -> str | None:
         text = describe(alert, self.settings.alerts)
-        mail = build_email(alert["alert_id"], text, self.settings.smtp.from_address,
-                           self.settings.smtp.recipients(), image)
+        mail = build_email(
+            alert["alert_id"], text, self.settings.smtp.from_address, self.settings.smtp.recipients(), image
+        )
         try:
             self.mailer.send(mail)
         except MailError as exc:
@@ -251,8 +263,12 @@ class WebexChannel:
             attachment = Attachment("snapshot.jpg", image) if image else None
             return self.client.send_message(self.room_id, markdown, attachment).get("id")
         except WebexError as exc:
-            raise DeliveryError(exc.reason, retriable=exc.retriable, retry_after=exc.retry_after,
-                                ambiguous=exc.status is None or exc.status >= 500) from exc
+            raise DeliveryError(
+                exc.reason,
+                retriable=exc.retriable,
+                retry_after=exc.retry_after,
+                ambiguous=exc.status is None or exc.status >= 500,
+            ) from exc
 
     def close(self) -> None:
         self.client.close()
@@ -293,18 +309,6 @@ def image_loader_from_settings(settings: Settings) -> ImageLoader:
 # --------------------------------------------------------------------------- per-channel scheduling
 
 
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential with equal jitter: attempt n waits in [cap/2, cap], cap = min(max, initial * 2**n)."""
-
-    initial_s: float = 0.5
-    maximum_s: float = 30.0
-
-    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
-        cap = min(self.maximum_s, self.initial_s * 2 ** min(max(attempt, 0), 30))
-        return cap / 2 + (rng or random).uniform(0, cap / 2)
-
-
 @dataclass
 class Task:
     """One alert on one channel until delivered or given up."""
@@ -342,8 +346,15 @@ def give_up_reason(task: Task, error: DeliveryError, now: float, delay: float, m
 class ChannelWorker:
     """A channel's own queue (a heap by due time) and ``concurrency`` threads sending from it."""
 
-    def __init__(self, channel: Channel, ledger: Ledger, settings: AlertSettings, done: queue.SimpleQueue,
-                 image_loader: ImageLoader, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        channel: Channel,
+        ledger: Ledger,
+        settings: AlertSettings,
+        done: queue.SimpleQueue,
+        image_loader: ImageLoader,
+        rng: random.Random | None = None,
+    ) -> None:
         self.channel, self.ledger, self.settings, self.done = channel, ledger, settings, done
         self.image_loader = image_loader
         self.backoff = Backoff(settings.retry_initial_s, settings.retry_max_s)
@@ -354,8 +365,10 @@ class ChannelWorker:
         self._paused_until = 0.0
         self._stop = False
         self.sent = self.failed_tries = self.rate_limited = self.given_up = 0
-        self._threads = [threading.Thread(target=self._run, name=f"{channel.name}-{i}", daemon=True)
-                         for i in range(max(1, settings.concurrency))]
+        self._threads = [
+            threading.Thread(target=self._run, name=f"{channel.name}-{i}", daemon=True)
+            for i in range(max(1, settings.concurrency))
+        ]
         for t in self._threads:
             t.start()
 
@@ -432,8 +445,14 @@ class ChannelWorker:
             self.done.put(Outcome(task.key, False, reason))
             return
         if task.failures and exc.retry_after is None:
-            log.info("%s: %s failed (%s), retry %d in %.1fs", self.channel.name, task.alert["alert_id"],
-                     exc.reason, task.failures, delay)
+            log.info(
+                "%s: %s failed (%s), retry %d in %.1fs",
+                self.channel.name,
+                task.alert["alert_id"],
+                exc.reason,
+                task.failures,
+                delay,
+            )
         self.submit(task, now + delay)
 
     def _image(self, alert: dict[str, Any]) -> bytes | None:
@@ -443,8 +462,12 @@ class ChannelWorker:
         try:
             return self.image_loader(ref)
         except Exception as exc:  # the alert matters more than its picture: send it without one
-            log.warning("%s: snapshot of %s unavailable (%s); sending without it", self.channel.name,
-                        alert["alert_id"], type(exc).__name__)
+            log.warning(
+                "%s: snapshot of %s unavailable (%s); sending without it",
+                self.channel.name,
+                alert["alert_id"],
+                type(exc).__name__,
+            )
             return None
 
 
@@ -473,8 +496,10 @@ class SenderStats:
     commits: int = 0
 
     def line(self) -> str:
-        return (f"consumed={self.consumed} done={self.alerts_done} already_sent={self.skipped_channels} "
-                f"dead_lettered={self.dead_lettered} commits={self.commits}")
+        return (
+            f"consumed={self.consumed} done={self.alerts_done} already_sent={self.skipped_channels} "
+            f"dead_lettered={self.dead_lettered} commits={self.commits}"
+        )
 
 
 def default_group_id(settings: Settings, channels: list[str] | None = None) -> str:
@@ -486,18 +511,33 @@ def default_group_id(settings: Settings, channels: list[str] | None = None) -> s
 
 
 def dead_letter_for(message: Message, error_kind: str, reason: str) -> DeadLetter:
-    topic, partition, offset = message.topic() or "", message.partition() or 0, message.offset() or 0
-    return DeadLetter(dead_letter_id=f"{topic}:{partition}:{offset}", source_topic=topic, partition=partition,
-                      offset=offset, key=message.key(), payload=message.value() or b"", error_kind=error_kind,
-                      reason=reason[:MAX_REASON_CHARS], stage=STAGE, failed_at=_now_ms())
+    error = InvalidRecord(error_kind, reason[:MAX_REASON_CHARS])
+    return dead_letter(
+        topic=message.topic() or "",
+        partition=message.partition() or 0,
+        offset=message.offset() or 0,
+        key=message.key(),
+        value=message.value(),
+        error=error,
+        stage=STAGE,
+        failed_at=now_ms(),
+    )
 
 
 class AlertSender:
     """Consume alerts, fan them out to the channel workers, dead-letter, commit in offset order."""
 
-    def __init__(self, settings: Settings, *, channels: list[Channel] | None = None, ledger: Ledger | None = None,
-                 image_loader: ImageLoader | None = None, group_id: str | None = None,
-                 commit_interval_s: float = 0.5, summary_interval_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        channels: list[Channel] | None = None,
+        ledger: Ledger | None = None,
+        image_loader: ImageLoader | None = None,
+        group_id: str | None = None,
+        commit_interval_s: float = 0.5,
+        summary_interval_s: float = 30.0,
+    ) -> None:
         self.settings = settings
         self.topic = ALERTS.full_name(settings.kafka.topic_prefix)
         self.dead_topic = DEAD_LETTERS.full_name(settings.kafka.topic_prefix)
@@ -518,22 +558,46 @@ class AlertSender:
         self._codec = codec("Alert")
 
     def run(self, stop: threading.Event | None = None) -> SenderStats:
-        stop = stop or threading.Event()
+        """Send until ``stop`` is set; then the channels (their connections) and the ledger are closed,
+        however the run ended."""
+        try:
+            return self._run(stop or threading.Event())
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the channel workers, close every channel and then the ledger (callbacks run last-registered
+        first); one failing to close does not keep the others open."""
+        with contextlib.ExitStack() as closing:
+            closing.callback(self.ledger.close)
+            for channel in self.channels:
+                closing.callback(channel.close)
+            for worker in self._workers.values():  # idempotent; no send is under way when its channel closes
+                closing.callback(worker.stop)
+
+    def _run(self, stop: threading.Event) -> SenderStats:
         alerts = self.settings.alerts
-        self._workers = {c.name: ChannelWorker(c, self.ledger, alerts, self._done, self.image_loader)
-                         for c in self.channels}
-        self._consumer = Consumer({
-            **self.settings.kafka.client_config(), "group.id": self.group_id, "enable.auto.commit": False,
-            "auto.offset.reset": "earliest", "isolation.level": "read_committed",
+        self._workers = {
+            c.name: ChannelWorker(c, self.ledger, alerts, self._done, self.image_loader) for c in self.channels
+        }
+        self._consumer = kafka_clients.consumer(
+            self.settings,
+            self.group_id,
+            kafka_clients.READ_COMMITTED,
+            auto_offset_reset="earliest",
             # Static membership: a sender restarted after a crash takes its partitions back at once
             # instead of waiting out the dead member's session (45 s of undelivered alerts).
-            "group.instance.id": f"{self.group_id}@{socket.gethostname()}",
-        })
-        self._producer = Producer({**self.settings.kafka.client_config(), "enable.idempotence": True,
-                                   "linger.ms": 5})
+            group_instance_id=f"{self.group_id}@{socket.gethostname()}",
+        )
+        self._producer = kafka_clients.producer(self.settings, kafka_clients.IDEMPOTENT, linger_ms=5)
         self._consumer.subscribe([self.topic], on_revoke=self._on_revoke)
-        log.info("alert sender: %s -> %s (group %s, ledger %s)", self.topic, ", ".join(self._workers),
-                 self.group_id, self.ledger.path)
+        log.info(
+            "alert sender: %s -> %s (group %s, ledger %s)",
+            self.topic,
+            ", ".join(self._workers),
+            self.group_id,
+            self.ledger.path,
+        )
         last_commit = last_summary = time.monotonic()
         try:
             while not stop.is_set():
@@ -546,8 +610,11 @@ class AlertSender:
                     self._commit()
                     last_commit = now
                 if now - last_summary >= self.summary_interval_s:
-                    log.info("alert sender: %s; queued %s", self.stats.line(),
-                             {n: w.queued() for n, w in self._workers.items()})
+                    log.info(
+                        "alert sender: %s; queued %s",
+                        self.stats.line(),
+                        {n: w.queued() for n, w in self._workers.items()},
+                    )
                     last_summary = now
         finally:
             for worker in self._workers.values():
@@ -558,9 +625,6 @@ class AlertSender:
             with contextlib.suppress(KafkaException):
                 self._commit()
             self._consumer.close()
-            for channel in self.channels:
-                channel.close()
-            self.ledger.close()
             log.info("alert sender stopped: %s", self.stats.line())
         return self.stats
 
@@ -568,7 +632,7 @@ class AlertSender:
 
     def _accept_batch(self, messages: list[Message]) -> None:
         """Decode a fetched batch, look its alerts up in the ledger in one query, hand them out."""
-        decoded: list[tuple[Message, dict[str, Any] | DecodeError]] = []
+        decoded: list[tuple[Message, dict[str, Any] | InvalidRecord]] = []
         for message in messages:
             error = message.error()
             if error is not None:
@@ -580,9 +644,9 @@ class AlertSender:
             try:
                 alert = self._codec.decode(message.value())
                 if not isinstance(alert.get("alert_id"), str) or not alert["alert_id"].strip():
-                    raise DecodeError("missing_field", "alert_id is empty")
+                    raise InvalidRecord("missing_field", "alert_id is empty")
                 decoded.append((message, alert))
-            except DecodeError as exc:
+            except InvalidRecord as exc:  # a DecodeError too
                 decoded.append((message, exc))
         if not decoded:
             return
@@ -590,13 +654,14 @@ class AlertSender:
         for message, alert_or_error in decoded:
             self._accept(message, alert_or_error, states)
 
-    def _accept(self, message: Message, alert: dict[str, Any] | DecodeError,
-                states: dict[tuple[str, str], str]) -> None:
+    def _accept(
+        self, message: Message, alert: dict[str, Any] | InvalidRecord, states: dict[tuple[str, str], str]
+    ) -> None:
         self.stats.consumed += 1
         pending = Pending(message, None)
         self._partitions.setdefault((message.topic(), message.partition()), deque()).append(pending)
         self._unfinished += 1
-        if isinstance(alert, DecodeError):
+        if isinstance(alert, InvalidRecord):
             self._dead_letter(pending, dead_letter_for(message, alert.kind, alert.reason))
             return
         pending.alert = alert
@@ -658,13 +723,9 @@ class AlertSender:
                 log.warning("dead letter %s not delivered (%s); retrying", letter.dead_letter_id, err.str())
                 self._dead_letter(pending, letter)
 
-        while True:
-            try:
-                self._producer.produce(self.dead_topic, key=letter.dead_letter_id.encode(), value=letter.encode(),
-                                       on_delivery=on_delivery)
-                return
-            except BufferError:
-                self._producer.poll(0.1)
+        kafka_clients.produce(
+            self._producer, self.dead_topic, letter.dead_letter_id.encode(), letter.encode(), on_delivery, poll_s=0.1
+        )
 
     # ------------------------------------------------------------------ offsets and flow
 
@@ -715,10 +776,6 @@ class AlertSender:
             self._unfinished -= sum(1 for p in dropped if not p.finished)
             for p in dropped:
                 p.finished = True  # whatever its sends do now, the ledger records it for the next owner
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def main(

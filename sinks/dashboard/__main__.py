@@ -24,8 +24,9 @@ def main(
     logging.getLogger("opensearch").setLevel(logging.WARNING)  # one line per request otherwise
     settings = get_settings()
     bind_host, bind_port = host or settings.dashboard.host, port or settings.dashboard.port
-    typer.echo(f"Checkout Guard dashboard on http://{bind_host}:{bind_port}/ "
-               f"(indices {settings.opensearch.index_prefix}-*)")
+    typer.echo(
+        f"Checkout Guard dashboard on http://{bind_host}:{bind_port}/ (indices {settings.opensearch.index_prefix}-*)"
+    )
     uvicorn.run(create_app(settings), host=bind_host, port=bind_port, log_level="warning")
 
 

@@ -31,7 +31,7 @@ from PIL import Image, UnidentifiedImageError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from infra.clients.image_store import ImageStore
@@ -66,8 +66,13 @@ SEARCH_PARAMS = {"ignore_unavailable": "true", "allow_no_indices": "true"}
 class Dashboard:
     """Queries behind the endpoints; holds the OpenSearch client and the image store."""
 
-    def __init__(self, settings: Settings, client: OpenSearch | None = None,
-                 images: ImageStore | None = None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        client: OpenSearch | None = None,
+        images: ImageStore | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.settings = settings
         self.client = client or make_client(settings.opensearch, timeout_s=10)
         self._images = images
@@ -142,66 +147,92 @@ def _window_args(request: Request, settings: Settings) -> tuple[int, str | None,
     return minutes, store, anchor
 
 
-def create_app(settings: Settings, dashboard: Dashboard | None = None) -> Starlette:
-    """The ASGI app; ``dashboard`` is injectable so tests can point it at their own indices."""
-    board = dashboard or Dashboard(settings)
+def _index(_: Request) -> Response:
+    return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
-    def json_endpoint(build: Callable[[Window], dict[str, Any]]) -> Callable[[Request], Response]:
-        def endpoint(request: Request) -> Response:  # sync: Starlette runs it in its thread pool
+
+def _alert_page(_: Request) -> Response:
+    return FileResponse(STATIC / "alert.html", headers={"Cache-Control": "no-cache"})
+
+
+class _DashboardApi:
+    """The endpoints over one ``Dashboard``; a class so each handler stays small. Handlers are sync on
+    purpose: Starlette runs them in its thread pool, so a slow OpenSearch does not block the event loop."""
+
+    def __init__(self, settings: Settings, board: Dashboard) -> None:
+        self.settings = settings
+        self.board = board
+
+    def routes(self) -> list[BaseRoute]:
+        board = self.board
+        return [
+            Route("/", _index),
+            Route("/api/config", self.config),
+            Route("/api/overview", self.json_endpoint(board.overview)),
+            Route("/api/alerts", self.json_endpoint(board.latest_alerts)),
+            Route("/api/faces", self.json_endpoint(board.face_activity)),
+            Route("/api/alerts/{alert_id:str}/snapshot", self.snapshot),
+            Route("/api/alerts/{alert_id:str}", self.alert_detail),
+            Route("/alerts/{alert_id:str}", _alert_page),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        ]
+
+    def json_endpoint(self, build: Callable[[Window], dict[str, Any]]) -> Callable[[Request], Response]:
+        """An endpoint answering ``build`` over the request's window; 503 with the reason if OpenSearch fails."""
+
+        def endpoint(request: Request) -> Response:
             try:
-                window = board.window(*_window_args(request, settings))
+                window = self.board.window(*_window_args(request, self.settings))
                 return JSONResponse(build(window), headers={"Cache-Control": "no-store"})
             except TransportError as exc:
                 log.warning("OpenSearch query failed: %s %s", type(exc).__name__, getattr(exc, "status_code", ""))
                 return JSONResponse({"error": f"OpenSearch unavailable ({type(exc).__name__})"}, status_code=503)
+
         return endpoint
 
-    def snapshot(request: Request) -> Response:
+    def snapshot(self, request: Request) -> Response:
         alert_id = request.path_params["alert_id"]
         try:
-            ref = board.snapshot_ref(alert_id)
+            ref = self.board.snapshot_ref(alert_id)
         except TransportError:
             return Response(status_code=503)
         if not ref:
             return Response(status_code=404)
-        try:
-            size = LARGE_PX if request.query_params.get("size") == "large" else THUMBNAIL_PX
-            body = thumbnail(board.images.get(ref), size)
-        except (OSError, ValueError, KeyError, UnidentifiedImageError, BotoCoreError, ClientError) as exc:
-            # purged, never stored, or S3 unreachable: a missing thumbnail must not break the page
-            log.info("no snapshot for alert %s (%s)", alert_id, type(exc).__name__)
+        size = LARGE_PX if request.query_params.get("size") == "large" else THUMBNAIL_PX
+        body = self._downscaled(alert_id, ref, size)
+        if body is None:
             return Response(status_code=404)
         return Response(body, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"})
 
-    def alert_detail(request: Request) -> Response:
+    def _downscaled(self, alert_id: str, ref: str, size: int) -> bytes | None:
+        """The snapshot as a small JPEG, or ``None`` when there is none to show."""
         try:
-            detail = board.alert_detail(request.path_params["alert_id"])
+            return thumbnail(self.board.images.get(ref), size)
+        except (OSError, ValueError, KeyError, UnidentifiedImageError, BotoCoreError, ClientError) as exc:
+            # purged, never stored, or S3 unreachable: a missing thumbnail must not break the page
+            log.info("no snapshot for alert %s (%s)", alert_id, type(exc).__name__)
+            return None
+
+    def alert_detail(self, request: Request) -> Response:
+        try:
+            detail = self.board.alert_detail(request.path_params["alert_id"])
         except TransportError as exc:
             return JSONResponse({"error": f"OpenSearch unavailable ({type(exc).__name__})"}, status_code=503)
         if detail is None:
             return JSONResponse({"error": "no such alert (yet)"}, status_code=404)
         return JSONResponse(detail, headers={"Cache-Control": "no-store"})
 
-    def alert_page(_: Request) -> Response:
-        return FileResponse(STATIC / "alert.html", headers={"Cache-Control": "no-cache"})
+    def config(self, _: Request) -> Response:
+        dashboard = self.settings.dashboard
+        return JSONResponse(
+            {
+                "refresh_ms": dashboard.refresh_ms,
+                "window_minutes": dashboard.window_minutes,
+                "index_prefix": self.settings.opensearch.index_prefix,
+            }
+        )
 
-    def config(_: Request) -> Response:
-        return JSONResponse({
-            "refresh_ms": settings.dashboard.refresh_ms, "window_minutes": settings.dashboard.window_minutes,
-            "index_prefix": settings.opensearch.index_prefix,
-        })
 
-    def index(_: Request) -> Response:
-        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
-
-    return Starlette(routes=[
-        Route("/", index),
-        Route("/api/config", config),
-        Route("/api/overview", json_endpoint(board.overview)),
-        Route("/api/alerts", json_endpoint(board.latest_alerts)),
-        Route("/api/faces", json_endpoint(board.face_activity)),
-        Route("/api/alerts/{alert_id:str}/snapshot", snapshot),
-        Route("/api/alerts/{alert_id:str}", alert_detail),
-        Route("/alerts/{alert_id:str}", alert_page),
-        Mount("/static", StaticFiles(directory=STATIC), name="static"),
-    ])
+def create_app(settings: Settings, dashboard: Dashboard | None = None) -> Starlette:
+    """The ASGI app; ``dashboard`` is injectable so tests can point it at their own indices."""
+    return Starlette(routes=_DashboardApi(settings, dashboard or Dashboard(settings)).routes())

@@ -18,8 +18,24 @@ RATE_WINDOW_MS = 5 * 60 * 1000
 """Current rates are measured over the last five minutes of the window."""
 INTERVALS_S = (1, 5, 10, 30, 60, 300, 600, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 7 * 86400)
 TARGET_BUCKETS = 60
-ALERT_FIELDS = ("alert_id", "kind", "severity", "event_time", "store_id", "lane_id", "transaction_id", "amount",
-                "currency", "outcome", "risk_score", "reasons", "category", "similarity", "snapshot_ref", "summary")
+ALERT_FIELDS = (
+    "alert_id",
+    "kind",
+    "severity",
+    "event_time",
+    "store_id",
+    "lane_id",
+    "transaction_id",
+    "amount",
+    "currency",
+    "outcome",
+    "risk_score",
+    "reasons",
+    "category",
+    "similarity",
+    "snapshot_ref",
+    "summary",
+)
 
 
 @dataclass(frozen=True)
@@ -37,8 +53,17 @@ class Window:
         return next((i for i in INTERVALS_S if span_s / i <= TARGET_BUCKETS), INTERVALS_S[-1])
 
     def filters(self, start_ms: int | None = None) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = [{"range": {"event_time": {
-            "gte": self.start_ms if start_ms is None else start_ms, "lt": self.end_ms, "format": "epoch_millis"}}}]
+        out: list[dict[str, Any]] = [
+            {
+                "range": {
+                    "event_time": {
+                        "gte": self.start_ms if start_ms is None else start_ms,
+                        "lt": self.end_ms,
+                        "format": "epoch_millis",
+                    }
+                }
+            }
+        ]
         if self.store:
             out.append({"term": {"store_id": self.store}})
         return out
@@ -49,7 +74,9 @@ class Window:
         first = self.start_ms - self.start_ms % interval_ms
         return {
             "date_histogram": {
-                "field": "event_time", "fixed_interval": f"{self.interval_s}s", "min_doc_count": 0,
+                "field": "event_time",
+                "fixed_interval": f"{self.interval_s}s",
+                "min_doc_count": 0,
                 "extended_bounds": {"min": first, "max": self.end_ms - 1},
             },
             **({"aggs": sub_aggs} if sub_aggs else {}),
@@ -66,9 +93,10 @@ def _outcomes() -> dict[str, Any]:
 
 def _sales() -> dict[str, Any]:
     """Revenue = sales that were not blocked (as the saved "Revenue" panel)."""
-    return {"filter": {"bool": {"filter": [{"term": {"kind": "SALE"}}],
-                                "must_not": [{"term": {"outcome": "BLOCK"}}]}},
-            "aggs": {"amount": {"sum": {"field": "amount"}}}}
+    return {
+        "filter": {"bool": {"filter": [{"term": {"kind": "SALE"}}], "must_not": [{"term": {"outcome": "BLOCK"}}]}},
+        "aggs": {"amount": {"sum": {"field": "amount"}}},
+    }
 
 
 def _prevented() -> dict[str, Any]:
@@ -91,14 +119,23 @@ def overview_query(window: Window) -> dict[str, Any]:
             "outcomes": _outcomes(),
             "sales": _sales(),
             "prevented": _prevented(),
-            "recent": {"filter": {"range": {"event_time": {"gte": window.end_ms - RATE_WINDOW_MS}}},
-                       "aggs": {"outcomes": _outcomes()}},
+            "recent": {
+                "filter": {"range": {"event_time": {"gte": window.end_ms - RATE_WINDOW_MS}}},
+                "aggs": {"outcomes": _outcomes()},
+            },
             **{f"latency_{field}": _percentiles(field) for field in LATENCY_FIELDS},
-            "series": window.histogram(outcomes=_outcomes(), sales=_sales(), prevented=_prevented(),
-                                       ttdf=_percentiles("ttdf_ms")),
-            "stores": {"terms": {"field": "store_id", "size": 100, "order": {"_key": "asc"}},
-                       "aggs": {"outcomes": _outcomes(), "sales": _sales(), "prevented": _prevented(),
-                                "ttdf": _percentiles("ttdf_ms")}},
+            "series": window.histogram(
+                outcomes=_outcomes(), sales=_sales(), prevented=_prevented(), ttdf=_percentiles("ttdf_ms")
+            ),
+            "stores": {
+                "terms": {"field": "store_id", "size": 100, "order": {"_key": "asc"}},
+                "aggs": {
+                    "outcomes": _outcomes(),
+                    "sales": _sales(),
+                    "prevented": _prevented(),
+                    "ttdf": _percentiles("ttdf_ms"),
+                },
+            },
             "stores_all": {"global": {}, "aggs": {"ids": {"terms": {"field": "store_id", "size": 100}}}},
         },
     }
@@ -115,10 +152,31 @@ def alerts_query(window: Window, size: int) -> dict[str, Any]:
     }
 
 
-TRANSACTION_FIELDS = ("transaction_id", "event_time", "store_id", "lane_id", "cashier_id", "kind",
-                      "original_transaction_id", "amount", "currency", "item_count", "product_category", "outcome",
-                      "risk_score", "reasons", "indicators", "model_score", "model_version", "rules_version",
-                      "face_status", "face_subject_id", "face_category", "face_similarity", "ttdf_ms")
+TRANSACTION_FIELDS = (
+    "transaction_id",
+    "event_time",
+    "store_id",
+    "lane_id",
+    "cashier_id",
+    "kind",
+    "original_transaction_id",
+    "amount",
+    "currency",
+    "item_count",
+    "product_category",
+    "outcome",
+    "risk_score",
+    "reasons",
+    "indicators",
+    "model_score",
+    "model_version",
+    "rules_version",
+    "face_status",
+    "face_subject_id",
+    "face_category",
+    "face_similarity",
+    "ttdf_ms",
+)
 """What an alert's page shows of its transaction: the decision and its grounds, no card or customer keys."""
 
 
@@ -137,8 +195,10 @@ def faces_query(window: Window) -> dict[str, Any]:
         "query": {"bool": {"filter": window.filters()}},
         "aggs": {
             "statuses": {"terms": {"field": "status", "size": len(FACE_STATUSES)}},
-            "categories": {"filter": {"term": {"status": "MATCHED"}},
-                           "aggs": {"by": {"terms": {"field": "category", "size": 5}}}},
+            "categories": {
+                "filter": {"term": {"status": "MATCHED"}},
+                "aggs": {"by": {"terms": {"field": "category", "size": 5}}},
+            },
             "series": window.histogram(statuses={"terms": {"field": "status", "size": len(FACE_STATUSES)}}),
         },
     }
@@ -182,8 +242,12 @@ def shape_overview(answer: dict[str, Any], window: Window) -> dict[str, Any]:
     recent_total = sum(recent.values())
     rate_minutes = min(RATE_WINDOW_MS, window.end_ms - window.start_ms) / 60_000
     return {
-        "window": {"start": window.start_ms, "end": window.end_ms, "interval_s": window.interval_s,
-                   "store": window.store},
+        "window": {
+            "start": window.start_ms,
+            "end": window.end_ms,
+            "interval_s": window.interval_s,
+            "store": window.store,
+        },
         "totals": {
             "transactions": total,
             "revenue": _sum(aggs.get("sales")),
@@ -199,14 +263,25 @@ def shape_overview(answer: dict[str, Any], window: Window) -> dict[str, Any]:
         "outcomes": outcomes,
         "latency": {field: _pcts(aggs.get(f"latency_{field}")) for field in LATENCY_FIELDS},
         "series": [
-            {"t": int(b["key"]), "count": int(b["doc_count"]), **_counts(b.get("outcomes"), OUTCOMES),
-             "revenue": _sum(b.get("sales")), "prevented": _sum(b.get("prevented")), **_pcts(b.get("ttdf"))}
+            {
+                "t": int(b["key"]),
+                "count": int(b["doc_count"]),
+                **_counts(b.get("outcomes"), OUTCOMES),
+                "revenue": _sum(b.get("sales")),
+                "prevented": _sum(b.get("prevented")),
+                **_pcts(b.get("ttdf")),
+            }
             for b in (aggs.get("series") or {}).get("buckets", [])
         ],
         "stores": [
-            {"store_id": str(b["key"]), "count": int(b["doc_count"]), **_counts(b.get("outcomes"), OUTCOMES),
-             "revenue": _sum(b.get("sales")), "prevented": _sum(b.get("prevented")),
-             "ttdf_p99": _pcts(b.get("ttdf"))["p99"]}
+            {
+                "store_id": str(b["key"]),
+                "count": int(b["doc_count"]),
+                **_counts(b.get("outcomes"), OUTCOMES),
+                "revenue": _sum(b.get("sales")),
+                "prevented": _sum(b.get("prevented")),
+                "ttdf_p99": _pcts(b.get("ttdf"))["p99"],
+            }
             for b in (aggs.get("stores") or {}).get("buckets", [])
         ],
         "all_stores": sorted(_buckets((aggs.get("stores_all") or {}).get("ids"))),
@@ -227,8 +302,7 @@ def public_alert(source: dict[str, Any]) -> dict[str, Any]:
 def shape_alerts(answer: dict[str, Any]) -> dict[str, Any]:
     """Latest alerts, newest first."""
     rows = [public_alert(hit.get("_source", {})) for hit in answer.get("hits", {}).get("hits", [])]
-    return {"total": _total(answer), "kinds": _buckets(answer.get("aggregations", {}).get("kinds")),
-            "alerts": rows}
+    return {"total": _total(answer), "kinds": _buckets(answer.get("aggregations", {}).get("kinds")), "alerts": rows}
 
 
 def shape_faces(answer: dict[str, Any]) -> dict[str, Any]:
@@ -237,6 +311,8 @@ def shape_faces(answer: dict[str, Any]) -> dict[str, Any]:
         "total": _total(answer),
         "statuses": _counts(aggs.get("statuses"), FACE_STATUSES),
         "matches_by_category": _buckets((aggs.get("categories") or {}).get("by")),
-        "series": [{"t": int(b["key"]), **_counts(b.get("statuses"), FACE_STATUSES)}
-                   for b in (aggs.get("series") or {}).get("buckets", [])],
+        "series": [
+            {"t": int(b["key"]), **_counts(b.get("statuses"), FACE_STATUSES)}
+            for b in (aggs.get("series") or {}).get("buckets", [])
+        ],
     }

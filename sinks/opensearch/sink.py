@@ -46,9 +46,13 @@ from opensearchpy import OpenSearch
 from opensearchpy.exceptions import NotFoundError, RequestError, TransportError
 from opensearchpy.helpers import scan, streaming_bulk
 
+from infra import clock
+from infra.clients import kafka as kafka_clients
 from infra.clients.opensearch import make_client
+from infra.retry import Backoff, call_with_retries
 from infra.settings import IndicesSettings, Settings, get_settings
 from schemas.codec import DecodeError, codec
+from schemas.errors import CheckoutGuardError, InvalidRecord
 from schemas.indices import (
     DEFAULT_GROUP_ID,
     ROUTES,
@@ -59,40 +63,31 @@ from schemas.indices import (
     period_index_name,
     period_of,
 )
-from schemas.records import DeadLetter
+from schemas.records import DeadLetter, dead_letter
 from schemas.topics import DEAD_LETTERS
 
 log = logging.getLogger(__name__)
 
 STAGE = "opensearch-sink"
 MAX_REASON_CHARS = 2000
-RETRIABLE_ERROR_TYPES = frozenset({
-    "cluster_block_exception",  # read-only index after a disk watermark: the cluster's trouble, not the doc's
-    "index_not_found_exception",  # index deleted while auto-create is off: reinstalled before the retry
-    "es_rejected_execution_exception",
-    "unavailable_shards_exception",
-})
+RETRIABLE_ERROR_TYPES = frozenset(
+    {
+        "cluster_block_exception",  # read-only index after a disk watermark: the cluster's trouble, not the doc's
+        "index_not_found_exception",  # index deleted while auto-create is off: reinstalled before the retry
+        "es_rejected_execution_exception",
+        "unavailable_shards_exception",
+    }
+)
 
 
 # --------------------------------------------------------------------------- routes and templates
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def install_templates(
-    client: OpenSearch, index_prefix: str, period: str = "day", now_ms: int | None = None,
+    client: OpenSearch,
+    index_prefix: str,
+    period: str = "day",
+    now_ms: int | None = None,
 ) -> list[str]:
     """Install the templates and make sure each alias resolves with the current mapping; safe to repeat.
 
@@ -101,15 +96,16 @@ def install_templates(
     accepts additive changes). A concrete index left by the single-index layout under the alias's name
     is first moved into period indices (:func:`migrate_legacy_index`).
     """
-    now = now_ms if now_ms is not None else int(time.time() * 1000)
+    now = now_ms if now_ms is not None else clock.now_ms()
     names = []
     for route in ROUTES:
         alias = route.index(index_prefix)
         body = load_template(route.kind, index_prefix)
         if client.indices.exists(index=alias) and not client.indices.exists_alias(name=alias):
             # An index may not be created with an alias named like an existing index: copy first.
-            client.indices.put_index_template(name=alias, body={
-                **body, "template": {k: v for k, v in body["template"].items() if k != "aliases"}})
+            client.indices.put_index_template(
+                name=alias, body={**body, "template": {k: v for k, v in body["template"].items() if k != "aliases"}}
+            )
             migrate_legacy_index(client, route, index_prefix, period)
         client.indices.put_index_template(name=alias, body=body)
         create_indices(client, [period_index_name(index_prefix, route.kind, now, period)])
@@ -117,7 +113,7 @@ def install_templates(
         if existing:
             client.indices.update_aliases(body={"actions": [{"add": {"indices": existing, "alias": alias}}]})
         for chunk in range(0, len(existing), 50):  # index names go in the URL: keep it short
-            client.indices.put_mapping(index=",".join(existing[chunk:chunk + 50]), body=body["template"]["mappings"])
+            client.indices.put_mapping(index=",".join(existing[chunk : chunk + 50]), body=body["template"]["mappings"])
         names.append(alias)
     return names
 
@@ -134,16 +130,17 @@ def create_indices(client: OpenSearch, names: Iterable[str]) -> None:
                 raise
 
 
-
-
 def period_indices(client: OpenSearch, index_prefix: str, kind: str) -> dict[str, int]:
     """The period indices of one kind and prefix with their creation time (epoch ms)."""
     answer = client.indices.get_settings(
-        index=f"{index_name(index_prefix, kind)}-*", name="index.creation_date",
-        params={"allow_no_indices": "true", "expand_wildcards": "open,closed"})
+        index=f"{index_name(index_prefix, kind)}-*",
+        name="index.creation_date",
+        params={"allow_no_indices": "true", "expand_wildcards": "open,closed"},
+    )
     return {
         name: int(body["settings"]["index"]["creation_date"])
-        for name, body in answer.items() if period_of(name, index_prefix, kind) is not None
+        for name, body in answer.items()
+        if period_of(name, index_prefix, kind) is not None
     }
 
 
@@ -158,8 +155,12 @@ def migrate_legacy_index(client: OpenSearch, route: Route, index_prefix: str, pe
     def actions() -> Iterable[dict[str, Any]]:
         for hit in scan(client, index=legacy, query={"query": {"match_all": {}}}, size=1000):
             source = hit["_source"]
-            yield {"_op_type": "index", "_id": hit["_id"], "_source": source, "_index": period_index_name(
-                index_prefix, route.kind, int(source.get(route.time_field) or 0), period)}
+            yield {
+                "_op_type": "index",
+                "_id": hit["_id"],
+                "_source": source,
+                "_index": period_index_name(index_prefix, route.kind, int(source.get(route.time_field) or 0), period),
+            }
 
     copied = 0
     for ok, _ in streaming_bulk(client, actions(), chunk_size=1000, max_retries=3, raise_on_error=True):
@@ -169,8 +170,6 @@ def migrate_legacy_index(client: OpenSearch, route: Route, index_prefix: str, pe
         client.indices.delete(index=legacy)
     log.info("moved %d document(s) of the single index %s into its period indices", copied, legacy)
     return copied
-
-
 
 
 # --------------------------------------------------------------------------- retention
@@ -184,7 +183,11 @@ def retention_days(indices: IndicesSettings, kind: str) -> int:
 
 
 def expired_indices(
-    created: dict[str, int], index_prefix: str, kind: str, keep_days: int, now_ms: int,
+    created: dict[str, int],
+    index_prefix: str,
+    kind: str,
+    keep_days: int,
+    now_ms: int,
 ) -> list[str]:
     """The period indices to drop: their period ended, and they were created, over ``keep_days`` ago.
 
@@ -204,43 +207,31 @@ def expired_indices(
 
 
 def apply_retention(
-    client: OpenSearch, index_prefix: str, indices: IndicesSettings, now_ms: int | None = None,
+    client: OpenSearch,
+    index_prefix: str,
+    indices: IndicesSettings,
+    now_ms: int | None = None,
     dry_run: bool = False,
 ) -> list[str]:
     """Delete the expired period indices of every kind (the integ-test OpenSearch has no ISM plugin);
     return their names. Never deletes the current period's index (its period has not ended)."""
-    now = now_ms if now_ms is not None else int(time.time() * 1000)
+    now = now_ms if now_ms is not None else clock.now_ms()
     doomed: list[str] = []
     for route in ROUTES:
         keep = retention_days(indices, route.kind)
         if keep > 0:
-            doomed += expired_indices(period_indices(client, index_prefix, route.kind), index_prefix,
-                                      route.kind, keep, now)
+            doomed += expired_indices(
+                period_indices(client, index_prefix, route.kind), index_prefix, route.kind, keep, now
+            )
     if doomed and not dry_run:
         for chunk in range(0, len(doomed), 50):  # keep the URL short
             with contextlib.suppress(NotFoundError):  # another sink deleted them first
-                client.indices.delete(index=",".join(doomed[chunk:chunk + 50]))
+                client.indices.delete(index=",".join(doomed[chunk : chunk + 50]))
         log.info("retention: deleted %d index(es): %s", len(doomed), ", ".join(doomed))
     return doomed
 
 
 # --------------------------------------------------------------------------- pure pieces
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff with equal jitter: wait n lies in [cap/2, cap], cap = min(max, initial * 2**n).
-
-    Bounded so a long outage is still probed every ``maximum_s``; jittered so several sinks do not hit
-    a recovering cluster in step.
-    """
-
-    initial_s: float = 0.5
-    maximum_s: float = 30.0
-
-    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
-        cap = min(self.maximum_s, self.initial_s * 2 ** min(max(attempt, 0), 30))
-        return cap / 2 + (rng or random).uniform(0, cap / 2)
 
 
 @dataclass(frozen=True)
@@ -257,16 +248,14 @@ class IndexAction:
 
 def dead_letter_for(message: Message, error_kind: str, reason: str, failed_at: int) -> DeadLetter:
     """The dead letter of an input message; its id is stable across replays of the same offset."""
-    topic, partition, offset = message.topic() or "", message.partition() or 0, message.offset() or 0
-    return DeadLetter(
-        dead_letter_id=f"{topic}:{partition}:{offset}",
-        source_topic=topic,
-        partition=partition,
-        offset=offset,
+    error = InvalidRecord(error_kind, reason[:MAX_REASON_CHARS])
+    return dead_letter(
+        topic=message.topic() or "",
+        partition=message.partition() or 0,
+        offset=message.offset() or 0,
         key=message.key(),
-        payload=message.value() or b"",
-        error_kind=error_kind,
-        reason=reason[:MAX_REASON_CHARS],
+        value=message.value(),
+        error=error,
         stage=STAGE,
         failed_at=failed_at,
     )
@@ -290,8 +279,13 @@ def to_document(record: dict[str, Any], drop: Iterable[str] = ()) -> dict[str, A
 
 
 def to_actions(
-    batch: Iterable[Message], *, index_prefix: str, topic_prefix: str = "", now_ms: int | None = None,
-    period: str = "day", include_private: bool = False,
+    batch: Iterable[Message],
+    *,
+    index_prefix: str,
+    topic_prefix: str = "",
+    now_ms: int | None = None,
+    period: str = "day",
+    include_private: bool = False,
 ) -> tuple[list[IndexAction], list[DeadLetter]]:
     """Decode a batch into bulk actions keyed by business id, and dead letters for what cannot be used.
 
@@ -303,7 +297,7 @@ def to_actions(
     older version last.
     """
     routes = {route.topic.full_name(topic_prefix): route for route in ROUTES}
-    now = now_ms if now_ms is not None else int(time.time() * 1000)
+    now = now_ms if now_ms is not None else clock.now_ms()
     actions: dict[tuple[str, str], IndexAction] = {}
     dead: list[DeadLetter] = []
     for message in batch:
@@ -371,9 +365,14 @@ def bulk_once(client: OpenSearch, pending: Sequence[IndexAction], chunk_size: in
     result, position = BulkAttempt(), 0
     try:
         for ok, item in streaming_bulk(
-            client, (action.op for action in pending), chunk_size=chunk_size,
-            max_chunk_bytes=50 * 1024 * 1024, raise_on_error=False, raise_on_exception=True,
-            max_retries=0, yield_ok=True,
+            client,
+            (action.op for action in pending),
+            chunk_size=chunk_size,
+            max_chunk_bytes=50 * 1024 * 1024,
+            raise_on_error=False,
+            raise_on_exception=True,
+            max_retries=0,
+            yield_ok=True,
         ):
             action = pending[position]
             position += 1
@@ -404,7 +403,7 @@ def rejected_dead_letter(action: IndexAction, status: Any, error: Any, now_ms: i
     caused = (error.get("caused_by") or {}).get("reason") if isinstance(error, dict) else None
     log.warning("OpenSearch rejected %s/%s: %s %s", action.op["_index"], action.doc_id, status, error_type)
     text = f"OpenSearch {status} {error_type}: {reason}" + (f" (caused by: {caused})" if caused else "")
-    now = now_ms if now_ms is not None else int(time.time() * 1000)
+    now = now_ms if now_ms is not None else clock.now_ms()
     return dead_letter_for(action.message, "opensearch_rejected", text, now)
 
 
@@ -430,7 +429,7 @@ class SinkStats:
         )
 
 
-class _Stopped(Exception):
+class _Stopped(CheckoutGuardError):
     """Raised inside a wait when the stop event is set; the batch in flight stays uncommitted."""
 
 
@@ -470,18 +469,6 @@ class OpenSearchSink:
 
     # ------------------------------------------------------------------ wiring
 
-    def consumer_config(self) -> dict[str, Any]:
-        return {
-            **self.settings.kafka.client_config(),
-            "group.id": self.group_id,
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            "auto.offset.reset": "earliest",
-        }
-
-    def producer_config(self) -> dict[str, Any]:
-        return {**self.settings.kafka.client_config(), "enable.idempotence": True, "linger.ms": 5}
-
     @property
     def topics(self) -> list[str]:
         return [route.topic.full_name(self.topic_prefix) for route in ROUTES]
@@ -489,10 +476,16 @@ class OpenSearchSink:
     def run(self, stop_event: threading.Event | None = None) -> SinkStats:
         """Consume until ``stop_event`` is set; a batch in flight at that moment is left uncommitted."""
         self._stop = stop_event or threading.Event()
-        self._consumer = Consumer(self.consumer_config())
-        self._producer = Producer(self.producer_config())
-        log.info("opensearch sink: topics %s -> indices %s-*, group %s",
-                 ", ".join(self.topics), self.index_prefix, self.group_id)
+        self._consumer = kafka_clients.consumer(
+            self.settings, self.group_id, kafka_clients.READ_COMMITTED, auto_offset_reset="earliest"
+        )
+        self._producer = kafka_clients.producer(self.settings, kafka_clients.IDEMPOTENT, linger_ms=5)
+        log.info(
+            "opensearch sink: topics %s -> indices %s-*, group %s",
+            ", ".join(self.topics),
+            self.index_prefix,
+            self.group_id,
+        )
         try:
             self._retry_until_done("install index templates", self._install_templates)
             self._consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
@@ -572,8 +565,13 @@ class OpenSearchSink:
         return out
 
     def _process(self, batch: list[Message]) -> None:
-        actions, dead = to_actions(batch, index_prefix=self.index_prefix, topic_prefix=self.topic_prefix,
-                                   period=self.indices.period, include_private=self.indices.include_face_embeddings)
+        actions, dead = to_actions(
+            batch,
+            index_prefix=self.index_prefix,
+            topic_prefix=self.topic_prefix,
+            period=self.indices.period,
+            include_private=self.indices.include_face_embeddings,
+        )
         self.stats.superseded += len(batch) - len(actions) - len(dead)
         dead += self._index_until_acknowledged(actions)
         if dead:
@@ -600,7 +598,10 @@ class OpenSearchSink:
             self.stats.retries += 1
             log.warning(
                 "OpenSearch unavailable (%s): keeping %d document(s), offsets not committed; retry %d in %.1fs",
-                result.problem, len(pending), attempt, delay,
+                result.problem,
+                len(pending),
+                attempt,
+                delay,
             )
             self._wait(delay)
             if result.reinstall:
@@ -612,8 +613,12 @@ class OpenSearchSink:
                 except TransportError as exc:
                     log.warning("reinstalling index templates failed: %s", _short(exc))
         if attempt:
-            log.info("OpenSearch acknowledged the batch after %d retr%s (%.1fs)",
-                     attempt, "y" if attempt == 1 else "ies", time.monotonic() - started)
+            log.info(
+                "OpenSearch acknowledged the batch after %d retr%s (%.1fs)",
+                attempt,
+                "y" if attempt == 1 else "ies",
+                time.monotonic() - started,
+            )
         return rejected
 
     def _publish_dead_letters(self, dead: list[DeadLetter]) -> None:
@@ -632,8 +637,12 @@ class OpenSearchSink:
             delay = self.backoff.delay(attempt, self._rng)
             attempt += 1
             self.stats.retries += 1
-            log.warning("dead-letter topic unavailable: %d dead letter(s) not delivered; retry %d in %.1fs",
-                        len(failed), attempt, delay)
+            log.warning(
+                "dead-letter topic unavailable: %d dead letter(s) not delivered; retry %d in %.1fs",
+                len(failed),
+                attempt,
+                delay,
+            )
             self._wait(delay)
             outstanding = failed
         shown = ", ".join(f"{d.dead_letter_id} ({d.error_kind})" for d in dead[:10])
@@ -648,13 +657,9 @@ class OpenSearchSink:
             if err is not None:
                 failed.append(letter)
 
-        while True:
-            try:
-                self._producer.produce(topic, key=letter.dead_letter_id.encode(), value=letter.encode(),
-                                       on_delivery=on_delivery)
-                return
-            except BufferError:
-                self._producer.poll(0.5)
+        kafka_clients.produce(
+            self._producer, topic, letter.dead_letter_id.encode(), letter.encode(), on_delivery, poll_s=0.5
+        )
 
     def _commit(self, batch: list[Message]) -> None:
         """Commit synchronously what this consumer still owns; a failure only means a harmless replay."""
@@ -696,18 +701,22 @@ class OpenSearchSink:
 
     def _retry_until_done(self, what: str, step: Callable[[], None]) -> None:
         """Run ``step`` until it succeeds, backing off on OpenSearch errors (used before subscribing)."""
-        attempt = 0
-        while True:
-            try:
-                step()
-                return
-            except TransportError as exc:
-                delay = self.backoff.delay(attempt, self._rng)
-                attempt += 1
-                self.stats.retries += 1
-                log.warning("%s failed (%s); retry %d in %.1fs", what, _short(exc), attempt, delay)
-                if self._stop.wait(delay):
-                    raise _Stopped from None
+
+        def failed(exc: BaseException, attempt: int, delay: float) -> None:
+            self.stats.retries += 1
+            log.warning("%s failed (%s); retry %d in %.1fs", what, _short(exc), attempt, delay)
+
+        def wait(delay: float) -> None:
+            if self._stop.wait(delay):
+                raise _Stopped from None
+
+        call_with_retries(
+            step,
+            retriable=lambda exc: isinstance(exc, TransportError),
+            wait=lambda n: self.backoff.delay(n, self._rng),
+            sleep=wait,
+            before_sleep=failed,
+        )
 
 
 def _describe(partitions: Iterable[TopicPartition]) -> str:
@@ -734,8 +743,9 @@ def run_sink(
     return OpenSearchSink(settings, index_prefix=index_prefix, group_id=group_id).run(stop_event)
 
 
-app = typer.Typer(add_completion=False,
-                  help="Index scored transactions, alerts and face observations from Kafka into OpenSearch.")
+app = typer.Typer(
+    add_completion=False, help="Index scored transactions, alerts and face observations from Kafka into OpenSearch."
+)
 
 
 @app.command()

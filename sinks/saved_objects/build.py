@@ -34,8 +34,16 @@ def _field_list(kind: str, index_prefix: str) -> list[dict[str, Any]]:
     """The index pattern's cached field list, derived from the template mapping."""
     props = load_template(kind, index_prefix)["template"]["mappings"]["properties"]
     fields = [
-        {"name": name, "type": "string", "esTypes": ["_id"], "searchable": True, "aggregatable": True,
-         "readFromDocValues": False, "count": 0, "scripted": False}
+        {
+            "name": name,
+            "type": "string",
+            "esTypes": ["_id"],
+            "searchable": True,
+            "aggregatable": True,
+            "readFromDocValues": False,
+            "count": 0,
+            "scripted": False,
+        }
         for name in ("_id",)
     ]
     for name, spec in sorted(props.items()):
@@ -44,28 +52,46 @@ def _field_list(kind: str, index_prefix: str) -> list[dict[str, Any]]:
             continue
         indexed = spec.get("index", True)
         kind_ = {"keyword": "string", "text": "string", "date": "date"}.get(es_type) or NUMERIC[es_type]
-        fields.append({
-            "name": name, "type": kind_, "esTypes": [es_type], "searchable": indexed,
-            "aggregatable": es_type != "text" and spec.get("doc_values", True), "readFromDocValues": es_type != "text",
-            "count": 0, "scripted": False,
-        })
+        fields.append(
+            {
+                "name": name,
+                "type": kind_,
+                "esTypes": [es_type],
+                "searchable": indexed,
+                "aggregatable": es_type != "text" and spec.get("doc_values", True),
+                "readFromDocValues": es_type != "text",
+                "count": 0,
+                "scripted": False,
+            }
+        )
         for sub, sub_spec in spec.get("fields", {}).items():
-            fields.append({
-                "name": f"{name}.{sub}", "type": "string", "esTypes": [sub_spec["type"]], "searchable": True,
-                "aggregatable": True, "readFromDocValues": True, "count": 0, "scripted": False,
-                "subType": {"multi": {"parent": name}},
-            })
+            fields.append(
+                {
+                    "name": f"{name}.{sub}",
+                    "type": "string",
+                    "esTypes": [sub_spec["type"]],
+                    "searchable": True,
+                    "aggregatable": True,
+                    "readFromDocValues": True,
+                    "count": 0,
+                    "scripted": False,
+                    "subType": {"multi": {"parent": name}},
+                }
+            )
     return fields
 
 
 def index_pattern(kind: str, index_prefix: str) -> dict[str, Any]:
     return {
-        "type": "index-pattern", "id": pattern_id(kind),
+        "type": "index-pattern",
+        "id": pattern_id(kind),
         "attributes": {
-            "title": index_name(index_prefix, kind), "timeFieldName": "event_time",
+            "title": index_name(index_prefix, kind),
+            "timeFieldName": "event_time",
             "fields": json.dumps(_field_list(kind, index_prefix), separators=(",", ":")),
         },
-        "references": [], "migrationVersion": {"index-pattern": "7.6.0"},
+        "references": [],
+        "migrationVersion": {"index-pattern": "7.6.0"},
     }
 
 
@@ -73,25 +99,58 @@ def index_pattern(kind: str, index_prefix: str) -> dict[str, Any]:
 
 
 def count(agg_id: str = "1", label: str | None = None) -> dict[str, Any]:
-    return {"id": agg_id, "enabled": True, "type": "count", "schema": "metric",
-            "params": {"customLabel": label} if label else {}}
+    return {
+        "id": agg_id,
+        "enabled": True,
+        "type": "count",
+        "schema": "metric",
+        "params": {"customLabel": label} if label else {},
+    }
 
 
 def metric(kind: str, field: str, label: str, agg_id: str = "1", **params: Any) -> dict[str, Any]:
-    return {"id": agg_id, "enabled": True, "type": kind, "schema": "metric",
-            "params": {"field": field, "customLabel": label, **params}}
+    return {
+        "id": agg_id,
+        "enabled": True,
+        "type": kind,
+        "schema": "metric",
+        "params": {"field": field, "customLabel": label, **params},
+    }
 
 
 def terms(field: str, schema: str, agg_id: str, size: int = 10, label: str | None = None) -> dict[str, Any]:
-    return {"id": agg_id, "enabled": True, "type": "terms", "schema": schema, "params": {
-        "field": field, "size": size, "order": "desc", "orderBy": "1", "otherBucket": False,
-        "missingBucket": False, **({"customLabel": label} if label else {})}}
+    return {
+        "id": agg_id,
+        "enabled": True,
+        "type": "terms",
+        "schema": schema,
+        "params": {
+            "field": field,
+            "size": size,
+            "order": "desc",
+            "orderBy": "1",
+            "otherBucket": False,
+            "missingBucket": False,
+            **({"customLabel": label} if label else {}),
+        },
+    }
 
 
 def over_time(agg_id: str = "2") -> dict[str, Any]:
-    return {"id": agg_id, "enabled": True, "type": "date_histogram", "schema": "segment", "params": {
-        "field": "event_time", "useNormalizedOpenSearchInterval": True, "interval": "auto",
-        "drop_partials": False, "min_doc_count": 1, "extended_bounds": {}}}
+    return {
+        "id": agg_id,
+        "enabled": True,
+        "type": "date_histogram",
+        "schema": "segment",
+        "params": {
+            "field": "event_time",
+            "useNormalizedOpenSearchInterval": True,
+            "interval": "auto",
+            "drop_partials": False,
+            "min_doc_count": 1,
+            "extended_bounds": {},
+        },
+    }
 
 
 # ----------------------------------------------------------------------------- visualizations
@@ -99,47 +158,107 @@ def over_time(agg_id: str = "2") -> dict[str, Any]:
 
 def _xy_params(chart: str, mode: str = "normal", horizontal: bool = False) -> dict[str, Any]:
     return {
-        "type": chart, "addTooltip": True, "addLegend": True, "legendPosition": "right", "times": [],
-        "addTimeMarker": False, "labels": {"show": False},
+        "type": chart,
+        "addTooltip": True,
+        "addLegend": True,
+        "legendPosition": "right",
+        "times": [],
+        "addTimeMarker": False,
+        "labels": {"show": False},
         "grid": {"categoryLines": False},
-        "categoryAxes": [{"id": "CategoryAxis-1", "type": "category", "position": "left" if horizontal else "bottom",
-                          "show": True, "style": {}, "scale": {"type": "linear"},
-                          "labels": {"show": True, "filter": True, "truncate": 100}, "title": {}}],
-        "valueAxes": [{"id": "ValueAxis-1", "name": "LeftAxis-1", "type": "value",
-                       "position": "bottom" if horizontal else "left", "show": True, "style": {},
-                       "scale": {"type": "linear", "mode": "normal"},
-                       "labels": {"show": True, "rotate": 0, "filter": False, "truncate": 100}, "title": {}}],
-        "seriesParams": [{"show": True, "type": "line" if chart == "line" else "histogram", "mode": mode,
-                          "data": {"label": "Value", "id": "1"}, "valueAxis": "ValueAxis-1",
-                          "drawLinesBetweenPoints": True, "lineWidth": 2, "showCircles": True}],
+        "categoryAxes": [
+            {
+                "id": "CategoryAxis-1",
+                "type": "category",
+                "position": "left" if horizontal else "bottom",
+                "show": True,
+                "style": {},
+                "scale": {"type": "linear"},
+                "labels": {"show": True, "filter": True, "truncate": 100},
+                "title": {},
+            }
+        ],
+        "valueAxes": [
+            {
+                "id": "ValueAxis-1",
+                "name": "LeftAxis-1",
+                "type": "value",
+                "position": "bottom" if horizontal else "left",
+                "show": True,
+                "style": {},
+                "scale": {"type": "linear", "mode": "normal"},
+                "labels": {"show": True, "rotate": 0, "filter": False, "truncate": 100},
+                "title": {},
+            }
+        ],
+        "seriesParams": [
+            {
+                "show": True,
+                "type": "line" if chart == "line" else "histogram",
+                "mode": mode,
+                "data": {"label": "Value", "id": "1"},
+                "valueAxis": "ValueAxis-1",
+                "drawLinesBetweenPoints": True,
+                "lineWidth": 2,
+                "showCircles": True,
+            }
+        ],
         "thresholdLine": {"show": False, "value": 10, "width": 1, "style": "full", "color": "#E7664C"},
     }
 
 
 def _metric_params() -> dict[str, Any]:
-    return {"addTooltip": True, "addLegend": False, "type": "metric", "metric": {
-        "percentageMode": False, "useRanges": False, "colorSchema": "Green to Red", "metricColorMode": "None",
-        "colorsRange": [{"from": 0, "to": 10000}], "labels": {"show": True}, "invertColors": False,
-        "style": {"bgFill": "#000", "bgColor": False, "labelColor": False, "subText": "", "fontSize": 48}}}
+    return {
+        "addTooltip": True,
+        "addLegend": False,
+        "type": "metric",
+        "metric": {
+            "percentageMode": False,
+            "useRanges": False,
+            "colorSchema": "Green to Red",
+            "metricColorMode": "None",
+            "colorsRange": [{"from": 0, "to": 10000}],
+            "labels": {"show": True},
+            "invertColors": False,
+            "style": {"bgFill": "#000", "bgColor": False, "labelColor": False, "subText": "", "fontSize": 48},
+        },
+    }
 
 
-def visualization(vis_id: str, title: str, kind: str, vis_type: str, aggs: list[dict[str, Any]],
-                  description: str, query: str = "", params: dict[str, Any] | None = None) -> dict[str, Any]:
+def visualization(
+    vis_id: str,
+    title: str,
+    kind: str,
+    vis_type: str,
+    aggs: list[dict[str, Any]],
+    description: str,
+    query: str = "",
+    params: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     if params is None:
         params = {
             "metric": _metric_params,
-            "pie": lambda: {"type": "pie", "addTooltip": True, "addLegend": True, "legendPosition": "right",
-                            "isDonut": True, "labels": {"show": True, "values": True, "last_level": True,
-                                                        "truncate": 100}},
+            "pie": lambda: {
+                "type": "pie",
+                "addTooltip": True,
+                "addLegend": True,
+                "legendPosition": "right",
+                "isDonut": True,
+                "labels": {"show": True, "values": True, "last_level": True, "truncate": 100},
+            },
             "line": lambda: _xy_params("line"),
             "histogram": lambda: _xy_params("histogram", mode="stacked"),
             "horizontal_bar": lambda: _xy_params("histogram", mode="stacked", horizontal=True),
         }[vis_type]()
     search_source = {"query": {"query": query, "language": "kuery"}, "filter": [], "indexRefName": INDEX_REF}
     return {
-        "type": "visualization", "id": vis_id,
+        "type": "visualization",
+        "id": vis_id,
         "attributes": {
-            "title": title, "description": description, "uiStateJSON": "{}", "version": 1,
+            "title": title,
+            "description": description,
+            "uiStateJSON": "{}",
+            "version": 1,
             "visState": json.dumps({"title": title, "type": vis_type, "aggs": aggs, "params": params}),
             "kibanaSavedObjectMeta": {"searchSourceJSON": json.dumps(search_source)},
         },
@@ -149,13 +268,23 @@ def visualization(vis_id: str, title: str, kind: str, vis_type: str, aggs: list[
 
 
 def saved_search(search_id: str, title: str, kind: str, columns: list[str], description: str) -> dict[str, Any]:
-    search_source = {"query": {"query": "", "language": "kuery"}, "filter": [], "highlightAll": True,
-                     "version": True, "indexRefName": INDEX_REF}
+    search_source = {
+        "query": {"query": "", "language": "kuery"},
+        "filter": [],
+        "highlightAll": True,
+        "version": True,
+        "indexRefName": INDEX_REF,
+    }
     return {
-        "type": "search", "id": search_id,
+        "type": "search",
+        "id": search_id,
         "attributes": {
-            "title": title, "description": description, "hits": 0, "columns": columns,
-            "sort": [["event_time", "desc"]], "version": 1,
+            "title": title,
+            "description": description,
+            "hits": 0,
+            "columns": columns,
+            "sort": [["event_time", "desc"]],
+            "version": 1,
             "kibanaSavedObjectMeta": {"searchSourceJSON": json.dumps(search_source)},
         },
         "references": [{"name": INDEX_REF, "type": "index-pattern", "id": pattern_id(kind)}],
@@ -165,54 +294,185 @@ def saved_search(search_id: str, title: str, kind: str, columns: list[str], desc
 
 PANELS: list[tuple[dict[str, Any], int, int]] = [
     # (saved object, width, height) on a 48-column grid, laid out left to right
-    (visualization("cg-transactions-count", "Transactions", "transactions", "metric", [count(label="Transactions")],
-                   "Scored transactions in the time range (seed 004: count)."), 12, 8),
-    (visualization("cg-revenue", "Revenue", "transactions", "metric",
-                   [metric("sum", "amount", "Revenue")],
-                   "Sum of sale amounts that were not blocked (seed 004: revenue).",
-                   query="kind:SALE and not outcome:BLOCK"), 12, 8),
-    (visualization("cg-value-prevented", "Value prevented", "transactions", "metric",
-                   [metric("sum", "amount", "Value prevented")],
-                   "Sum of the amounts of blocked transactions (seed 001: fraud value prevented).",
-                   query="outcome:BLOCK"), 12, 8),
-    (visualization("cg-latency-p99", "Decision latency p99 (ms)", "transactions", "metric",
-                   [metric("percentiles", "ttdf_ms", "ttdf p99 (ms)", percents=[99])],
-                   "99th percentile of event time -> decision (ttdf_ms)."), 12, 8),
-    (visualization("cg-outcome-pie", "Outcomes", "transactions", "pie",
-                   [count(), terms("outcome", "segment", "2", size=3)],
-                   "Share of APPROVE / REVIEW / BLOCK decisions (seed 004: outcome pie)."), 16, 14),
-    (visualization("cg-fraud-by-currency", "Fraud by currency", "transactions", "histogram",
-                   [count(), terms("currency", "segment", "2", size=15), terms("outcome", "group", "3", size=2)],
-                   "Blocked and review transactions per payment currency (seed 004).",
-                   query="outcome:BLOCK or outcome:REVIEW"), 16, 14),
-    (visualization("cg-fraud-by-state", "Fraud by billing state", "transactions", "histogram",
-                   [count(), terms("billing_state", "segment", "2", size=20), terms("outcome", "group", "3", size=2)],
-                   "Blocked and review transactions per billing state (seed 004).",
-                   query="outcome:BLOCK or outcome:REVIEW"), 16, 14),
-    (visualization("cg-sales-over-time", "Sales over time", "transactions", "line",
-                   [metric("sum", "amount", "Sales"), over_time()],
-                   "Sum of sale amounts per interval (seed 004: sales over time).", query="kind:SALE"), 24, 14),
-    (visualization("cg-detection-latency", "Detection latency", "transactions", "line",
-                   [metric("avg", "ttdf_ms", "event -> decision (ttdf)"),
-                    metric("avg", "proc_time_ms", "event -> model call (proc)", agg_id="3"),
-                    metric("avg", "model_time_ms", "model call", agg_id="4"), over_time()],
-                   "Average latencies per interval in ms (seed 004: proc_time, frauddetector_time, ttdf)."), 24, 14),
-    (visualization("cg-outcomes-per-store", "Outcomes per store", "transactions", "histogram",
-                   [count(), terms("store_id", "segment", "2", size=30), terms("outcome", "group", "3", size=3)],
-                   "Decisions per store, stacked by outcome."), 24, 14),
-    (visualization("cg-top-reasons", "Top decision reasons", "transactions", "horizontal_bar",
-                   [count(), terms("reasons", "segment", "2", size=10)],
-                   "Indicators behind review and block decisions.", query="not outcome:APPROVE"), 24, 14),
-    (visualization("cg-face-matches-over-time", "Face matches over time", "face_observations", "histogram",
-                   [count(), over_time(), terms("category", "group", "3", size=2)],
-                   "Watch-list matches per interval (checkout and entrance cameras), by SUSPECT / VIP.",
-                   query="status:MATCHED"), 24, 14),
-    (visualization("cg-alerts-by-kind", "Alerts by kind", "alerts", "pie",
-                   [count(), terms("kind", "segment", "2", size=4)],
-                   "Blocked transactions, watch-list matches, suspects entering, VIPs arriving."), 24, 14),
-    (saved_search("cg-alerts-table", "Latest alerts", "alerts",
-                  ["kind", "severity", "store_id", "lane_id", "transaction_id", "amount", "summary"],
-                  "Every alert, newest first."), 48, 16),
+    (
+        visualization(
+            "cg-transactions-count",
+            "Transactions",
+            "transactions",
+            "metric",
+            [count(label="Transactions")],
+            "Scored transactions in the time range (seed 004: count).",
+        ),
+        12,
+        8,
+    ),
+    (
+        visualization(
+            "cg-revenue",
+            "Revenue",
+            "transactions",
+            "metric",
+            [metric("sum", "amount", "Revenue")],
+            "Sum of sale amounts that were not blocked (seed 004: revenue).",
+            query="kind:SALE and not outcome:BLOCK",
+        ),
+        12,
+        8,
+    ),
+    (
+        visualization(
+            "cg-value-prevented",
+            "Value prevented",
+            "transactions",
+            "metric",
+            [metric("sum", "amount", "Value prevented")],
+            "Sum of the amounts of blocked transactions (seed 001: fraud value prevented).",
+            query="outcome:BLOCK",
+        ),
+        12,
+        8,
+    ),
+    (
+        visualization(
+            "cg-latency-p99",
+            "Decision latency p99 (ms)",
+            "transactions",
+            "metric",
+            [metric("percentiles", "ttdf_ms", "ttdf p99 (ms)", percents=[99])],
+            "99th percentile of event time -> decision (ttdf_ms).",
+        ),
+        12,
+        8,
+    ),
+    (
+        visualization(
+            "cg-outcome-pie",
+            "Outcomes",
+            "transactions",
+            "pie",
+            [count(), terms("outcome", "segment", "2", size=3)],
+            "Share of APPROVE / REVIEW / BLOCK decisions (seed 004: outcome pie).",
+        ),
+        16,
+        14,
+    ),
+    (
+        visualization(
+            "cg-fraud-by-currency",
+            "Fraud by currency",
+            "transactions",
+            "histogram",
+            [count(), terms("currency", "segment", "2", size=15), terms("outcome", "group", "3", size=2)],
+            "Blocked and review transactions per payment currency (seed 004).",
+            query="outcome:BLOCK or outcome:REVIEW",
+        ),
+        16,
+        14,
+    ),
+    (
+        visualization(
+            "cg-fraud-by-state",
+            "Fraud by billing state",
+            "transactions",
+            "histogram",
+            [count(), terms("billing_state", "segment", "2", size=20), terms("outcome", "group", "3", size=2)],
+            "Blocked and review transactions per billing state (seed 004).",
+            query="outcome:BLOCK or outcome:REVIEW",
+        ),
+        16,
+        14,
+    ),
+    (
+        visualization(
+            "cg-sales-over-time",
+            "Sales over time",
+            "transactions",
+            "line",
+            [metric("sum", "amount", "Sales"), over_time()],
+            "Sum of sale amounts per interval (seed 004: sales over time).",
+            query="kind:SALE",
+        ),
+        24,
+        14,
+    ),
+    (
+        visualization(
+            "cg-detection-latency",
+            "Detection latency",
+            "transactions",
+            "line",
+            [
+                metric("avg", "ttdf_ms", "event -> decision (ttdf)"),
+                metric("avg", "proc_time_ms", "event -> model call (proc)", agg_id="3"),
+                metric("avg", "model_time_ms", "model call", agg_id="4"),
+                over_time(),
+            ],
+            "Average latencies per interval in ms (seed 004: proc_time, frauddetector_time, ttdf).",
+        ),
+        24,
+        14,
+    ),
+    (
+        visualization(
+            "cg-outcomes-per-store",
+            "Outcomes per store",
+            "transactions",
+            "histogram",
+            [count(), terms("store_id", "segment", "2", size=30), terms("outcome", "group", "3", size=3)],
+            "Decisions per store, stacked by outcome.",
+        ),
+        24,
+        14,
+    ),
+    (
+        visualization(
+            "cg-top-reasons",
+            "Top decision reasons",
+            "transactions",
+            "horizontal_bar",
+            [count(), terms("reasons", "segment", "2", size=10)],
+            "Indicators behind review and block decisions.",
+            query="not outcome:APPROVE",
+        ),
+        24,
+        14,
+    ),
+    (
+        visualization(
+            "cg-face-matches-over-time",
+            "Face matches over time",
+            "face_observations",
+            "histogram",
+            [count(), over_time(), terms("category", "group", "3", size=2)],
+            "Watch-list matches per interval (checkout and entrance cameras), by SUSPECT / VIP.",
+            query="status:MATCHED",
+        ),
+        24,
+        14,
+    ),
+    (
+        visualization(
+            "cg-alerts-by-kind",
+            "Alerts by kind",
+            "alerts",
+            "pie",
+            [count(), terms("kind", "segment", "2", size=4)],
+            "Blocked transactions, watch-list matches, suspects entering, VIPs arriving.",
+        ),
+        24,
+        14,
+    ),
+    (
+        saved_search(
+            "cg-alerts-table",
+            "Latest alerts",
+            "alerts",
+            ["kind", "severity", "store_id", "lane_id", "transaction_id", "amount", "summary"],
+            "Every alert, newest first.",
+        ),
+        48,
+        16,
+    ),
 ]
 
 
@@ -221,21 +481,37 @@ def dashboard() -> dict[str, Any]:
     for n, (obj, w, h) in enumerate(PANELS):
         if x + w > 48:
             x, y, row_h = 0, y + row_h, 0
-        panels.append({"version": OSD_VERSION, "gridData": {"x": x, "y": y, "w": w, "h": h, "i": str(n + 1)},
-                       "panelIndex": str(n + 1), "embeddableConfig": {}, "panelRefName": f"panel_{n}"})
+        panels.append(
+            {
+                "version": OSD_VERSION,
+                "gridData": {"x": x, "y": y, "w": w, "h": h, "i": str(n + 1)},
+                "panelIndex": str(n + 1),
+                "embeddableConfig": {},
+                "panelRefName": f"panel_{n}",
+            }
+        )
         refs.append({"name": f"panel_{n}", "type": obj["type"], "id": obj["id"]})
         x, row_h = x + w, max(row_h, h)
     return {
-        "type": "dashboard", "id": DASHBOARD_ID,
+        "type": "dashboard",
+        "id": DASHBOARD_ID,
         "attributes": {
-            "title": "Checkout Guard", "hits": 0, "version": 1, "timeRestore": True,
+            "title": "Checkout Guard",
+            "hits": 0,
+            "version": 1,
+            "timeRestore": True,
             "description": "Scored transactions, outcomes, fraud, latency, face matches and alerts.",
-            "timeFrom": "now-24h", "timeTo": "now", "refreshInterval": {"pause": False, "value": 10000},
-            "panelsJSON": json.dumps(panels), "optionsJSON": json.dumps({"useMargins": True, "hidePanelTitles": False}),
-            "kibanaSavedObjectMeta": {"searchSourceJSON": json.dumps(
-                {"query": {"query": "", "language": "kuery"}, "filter": []})},
+            "timeFrom": "now-24h",
+            "timeTo": "now",
+            "refreshInterval": {"pause": False, "value": 10000},
+            "panelsJSON": json.dumps(panels),
+            "optionsJSON": json.dumps({"useMargins": True, "hidePanelTitles": False}),
+            "kibanaSavedObjectMeta": {
+                "searchSourceJSON": json.dumps({"query": {"query": "", "language": "kuery"}, "filter": []})
+            },
         },
-        "references": refs, "migrationVersion": {"dashboard": "7.9.3"},
+        "references": refs,
+        "migrationVersion": {"dashboard": "7.9.3"},
     }
 
 

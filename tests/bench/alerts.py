@@ -25,13 +25,14 @@ from pathlib import Path
 
 import httpx
 import psutil
-from confluent_kafka import KafkaException, Producer
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import KafkaException
 from PIL import Image
 from pydantic import SecretStr
 
-from infra import local_smtp
+from infra import clock
+from infra.clients import kafka as kafka_clients
 from infra.launcher import Child, spawn, start_scoring_job, wait_for
+from infra.local import smtp as local_smtp
 from infra.local.webex import free_port
 from infra.settings import Settings
 from infra.stack import ensure_topics
@@ -60,24 +61,41 @@ def _bench_settings(base: Settings, tag: str, webex_port: int, smtp_port: int | 
     run = f"bench-alerts{tag}{time.strftime('%H%M%S')}{uuid.uuid4().hex[:4]}"
     settings = base.isolated(run, base.stack_dir / "bench" / run / "checkpoints")
     work = base.stack_dir / "bench" / run
-    smtp = settings.smtp.model_copy(update={"to_addresses": f"{run}@checkout-guard.test"}
-                                    | ({"port": smtp_port} if smtp_port else {}))
-    return settings.model_copy(update={
-        "smtp": smtp,
-        "webex": settings.webex.model_copy(update={"base_url": f"http://127.0.0.1:{webex_port}/v1",
-                                                   "bot_token": SecretStr(TOKEN), "room_id": ROOM}),
-        "alerts": settings.alerts.model_copy(update={"ledger_path": work / "ledger.sqlite3"}),
-    })
+    smtp = settings.smtp.model_copy(
+        update={"to_addresses": f"{run}@checkout-guard.test"} | ({"port": smtp_port} if smtp_port else {})
+    )
+    return settings.model_copy(
+        update={
+            "smtp": smtp,
+            "webex": settings.webex.model_copy(
+                update={"base_url": f"http://127.0.0.1:{webex_port}/v1", "bot_token": SecretStr(TOKEN), "room_id": ROOM}
+            ),
+            "alerts": settings.alerts.model_copy(update={"ledger_path": work / "ledger.sqlite3"}),
+        }
+    )
 
 
 def _start_webex(settings: Settings, port: int, latency_ms: float) -> Child:
-    child = spawn("infra.local.webex", settings, "--port", str(port), "--token", TOKEN, "--latency-ms",
-                  str(latency_ms), name="bench-local-webex")
+    child = spawn(
+        "infra.local.webex",
+        settings,
+        "--port",
+        str(port),
+        "--token",
+        TOKEN,
+        "--latency-ms",
+        str(latency_ms),
+        name="bench-local-webex",
+    )
 
     def ready() -> bool:
         try:
-            return httpx.get(f"http://127.0.0.1:{port}/v1/people/me", timeout=2,
-                             headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+            return (
+                httpx.get(
+                    f"http://127.0.0.1:{port}/v1/people/me", timeout=2, headers={"Authorization": f"Bearer {TOKEN}"}
+                ).status_code
+                == 200
+            )
         except httpx.HTTPError:
             return False
 
@@ -97,7 +115,7 @@ def _cpu_s(child: Child) -> float:
 def _cleanup(settings: Settings, children: list[Child]) -> None:
     for child in children:
         child.stop()
-    admin = AdminClient(settings.kafka.client_config())  # kept alive until the deletes are confirmed
+    admin = kafka_clients.admin(settings)  # kept alive until the deletes are confirmed
     for future in admin.delete_topics([t.full_name(settings.kafka.topic_prefix) for t in ALL_TOPICS]).values():
         with contextlib.suppress(KafkaException):
             future.result(30)
@@ -111,9 +129,19 @@ def alert_delivery(base: Settings, alerts: int = 3000, latency_ms: float = 50.0,
     settings = _bench_settings(base, "d", webex_port, smtp_port)
     ensure_topics(settings)
     mail = settings.stack_dir / "bench" / settings.kafka.topic_prefix.rstrip(".") / "mail"
-    children = [_start_webex(settings, webex_port, latency_ms),
-                spawn("infra.local.smtp", settings, f"--mail-dir={mail}", "--port", str(smtp_port), "--latency-ms",
-                      str(latency_ms), name="bench-local-smtp")]
+    children = [
+        _start_webex(settings, webex_port, latency_ms),
+        spawn(
+            "infra.local.smtp",
+            settings,
+            f"--mail-dir={mail}",
+            "--port",
+            str(smtp_port),
+            "--latency-ms",
+            str(latency_ms),
+            name="bench-local-smtp",
+        ),
+    ]
     try:
         wait_for(lambda: local_smtp.healthy("127.0.0.1", smtp_port), 30, what="the local SMTP server")
         out = io.BytesIO()
@@ -121,14 +149,26 @@ def alert_delivery(base: Settings, alerts: int = 3000, latency_ms: float = 50.0,
         from infra.clients.image_store import ImageStore
 
         ref = ImageStore.from_settings(settings).put("checkout", "bench-snapshot", out.getvalue())
-        producer = Producer({**settings.kafka.client_config(), "linger.ms": 5})
+        producer = kafka_clients.producer(settings, linger_ms=5)
         topic = ALERTS.full_name(settings.kafka.topic_prefix)
-        now = int(time.time() * 1000)
+        now = clock.now_ms()
         for i in range(alerts):
-            alert = Alert(alert_id=f"blocked:bench-{i}", kind="BLOCKED_TRANSACTION", severity="high", event_time=now,
-                          store_id=f"S{i % 8:03d}", lane_id=f"L{i % 6:02d}", transaction_id=f"bench-{i}",
-                          amount=100.0 + i, currency="EUR", outcome="BLOCK", risk_score=90,
-                          reasons=("return_exceeds_sale", "model_score>=900"), snapshot_ref=ref, summary="bench")
+            alert = Alert(
+                alert_id=f"blocked:bench-{i}",
+                kind="BLOCKED_TRANSACTION",
+                severity="high",
+                event_time=now,
+                store_id=f"S{i % 8:03d}",
+                lane_id=f"L{i % 6:02d}",
+                transaction_id=f"bench-{i}",
+                amount=100.0 + i,
+                currency="EUR",
+                outcome="BLOCK",
+                risk_score=90,
+                reasons=("return_exceeds_sale", "model_score>=900"),
+                snapshot_ref=ref,
+                summary="bench",
+            )
             producer.produce(topic, key=alert.alert_id.encode(), value=alert.encode())
             producer.poll(0)
         producer.flush(30)
@@ -149,10 +189,19 @@ def alert_delivery(base: Settings, alerts: int = 3000, latency_ms: float = 50.0,
         cpu_ms = {c.name: round(_cpu_s(c) * 1000 / alerts, 2) for c in children}
         webex_messages = len(httpx.get(f"http://127.0.0.1:{webex_port}/_local/messages", timeout=30).json()["items"])
         mails = len(list(mail.glob("*.eml")))
-        return {"alerts": alerts, "channel_latency_ms": latency_ms, "alerts_per_s": alerts / ((last - first) / 1000),
-                "seconds": (last - first) / 1000, "webex_messages": webex_messages, "mails": mails,
-                "concurrency_per_channel": settings.alerts.concurrency, "cpu_ms_per_alert": cpu_ms, "split": split,
-                "load_average_1m": psutil.getloadavg()[0], "cpus": psutil.cpu_count()}
+        return {
+            "alerts": alerts,
+            "channel_latency_ms": latency_ms,
+            "alerts_per_s": alerts / ((last - first) / 1000),
+            "seconds": (last - first) / 1000,
+            "webex_messages": webex_messages,
+            "mails": mails,
+            "concurrency_per_channel": settings.alerts.concurrency,
+            "cpu_ms_per_alert": cpu_ms,
+            "split": split,
+            "load_average_1m": psutil.getloadavg()[0],
+            "cpus": psutil.cpu_count(),
+        }
     finally:
         _cleanup(settings, children)
 
@@ -165,13 +214,15 @@ def transaction_to_email(base: Settings, rate: float = 20.0, seconds: int = 30, 
     settings = _bench_settings(base, "l", webex_port, None)
     settings = settings.model_copy(update={"job": settings.job.model_copy(update={"starting_offsets": "latest"})})
     ensure_topics(settings)
-    children = [_start_webex(settings, webex_port, 0.0), start_scoring_job(settings, name="bench-alerts-job"),
-                spawn("sinks.alerts.sender", settings, name="bench-alert-sender-live")]
+    children = [
+        _start_webex(settings, webex_port, 0.0),
+        start_scoring_job(settings, name="bench-alerts-job"),
+        spawn("sinks.alerts.sender", settings, name="bench-alert-sender-live"),
+    ]
     try:
-        producer = Producer({**settings.kafka.client_config(), "linger.ms": 0})
+        producer = kafka_clients.producer(settings, linger_ms=0)
         topic = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
-        gen = PosGenerator(seed=11, stores=4, customers=300, fraud_share=fraud_share, tx_per_second=rate,
-                           diurnal=False)
+        gen = PosGenerator(seed=11, stores=4, customers=300, fraud_share=fraud_share, tx_per_second=rate, diurnal=False)
         ledger = settings.alerts.ledger_path
 
         def send(count: int, sent: dict[str, int]) -> None:
@@ -180,7 +231,7 @@ def transaction_to_email(base: Settings, rate: float = 20.0, seconds: int = 30, 
                 delay = t0 + n / rate - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
-                tx = replace(next(gen), event_time=int(time.time() * 1000))
+                tx = replace(next(gen), event_time=clock.now_ms())
                 producer.produce(topic, key=f"{tx.store_id}/{tx.lane_id}", value=tx.encode())
                 producer.poll(0)
                 sent[tx.transaction_id] = tx.event_time
@@ -199,9 +250,16 @@ def transaction_to_email(base: Settings, rate: float = 20.0, seconds: int = 30, 
             tx_id = alert_id.removeprefix("blocked:")
             if channel == "email" and tx_id in sent:
                 latencies.append(at_ms - sent[tx_id])
-        return {"rate": rate, "seconds": seconds, "transactions": len(sent), "emails": len(latencies),
-                "face_deadline_ms": settings.job.face_deadline_ms, "p50_ms": _percentile(latencies, 50),
-                "p95_ms": _percentile(latencies, 95), "max_ms": max(latencies, default=float("nan"))}
+        return {
+            "rate": rate,
+            "seconds": seconds,
+            "transactions": len(sent),
+            "emails": len(latencies),
+            "face_deadline_ms": settings.job.face_deadline_ms,
+            "p50_ms": _percentile(latencies, 50),
+            "p95_ms": _percentile(latencies, 95),
+            "max_ms": max(latencies, default=float("nan")),
+        }
     finally:
         _cleanup(settings, children)
 
@@ -210,25 +268,44 @@ def report_rows(results: dict) -> list[tuple[str, str, str]]:
     rows = []
     if "delivery" in results:
         d = results["delivery"]
-        rows.append((f"alerts delivered, both channels at {d['channel_latency_ms']:.0f} ms, one sender (alerts/s)",
-                     f"{d['alerts_per_s']:,.0f}", ">= 200"))
+        rows.append(
+            (
+                f"alerts delivered, both channels at {d['channel_latency_ms']:.0f} ms, one sender (alerts/s)",
+                f"{d['alerts_per_s']:,.0f}",
+                ">= 200",
+            )
+        )
         sender_ms = d["cpu_ms_per_alert"].get("bench-alert-sender", float("nan"))
-        rows.append(("alert sender CPU per alert, both channels (ms) -> alerts/s per core",
-                     f"{sender_ms:.2f} -> {1000 / sender_ms:,.0f}", ""))
+        rows.append(
+            (
+                "alert sender CPU per alert, both channels (ms) -> alerts/s per core",
+                f"{sender_ms:.2f} -> {1000 / sender_ms:,.0f}",
+                "",
+            )
+        )
     if "delivery_split" in results:
         d = results["delivery_split"]
-        rows.append(("alerts delivered, one sender process per channel (alerts/s)", f"{d['alerts_per_s']:,.0f}",
-                     ">= 200"))
+        rows.append(
+            ("alerts delivered, one sender process per channel (alerts/s)", f"{d['alerts_per_s']:,.0f}", ">= 200")
+        )
     if "to_email" in results:
         e = results["to_email"]
-        rows.append((f"transaction -> e-mail p50/p95 ({e['emails']} mails, face wait {e['face_deadline_ms']} ms)",
-                     f"{e['p50_ms']:.0f} / {e['p95_ms']:.0f}", f"p95 <= {2000 + e['face_deadline_ms']}"))
+        rows.append(
+            (
+                f"transaction -> e-mail p50/p95 ({e['emails']} mails, face wait {e['face_deadline_ms']} ms)",
+                f"{e['p50_ms']:.0f} / {e['p95_ms']:.0f}",
+                f"p95 <= {2000 + e['face_deadline_ms']}",
+            )
+        )
     return rows
 
 
 def bench_for_make(base: Settings) -> dict:
-    return {"delivery": alert_delivery(base), "delivery_split": alert_delivery(base, split=True),
-            "to_email": transaction_to_email(base)}
+    return {
+        "delivery": alert_delivery(base),
+        "delivery_split": alert_delivery(base, split=True),
+        "to_email": transaction_to_email(base),
+    }
 
 
 if __name__ == "__main__":
@@ -239,9 +316,11 @@ if __name__ == "__main__":
 
     stage = sys.argv[1] if len(sys.argv) > 1 else "all"
     s = get_settings()
-    stages = {"delivery": lambda: {"delivery": alert_delivery(s)},
-              "split": lambda: {"delivery_split": alert_delivery(s, split=True)},
-              "email": lambda: {"to_email": transaction_to_email(s)}}
+    stages = {
+        "delivery": lambda: {"delivery": alert_delivery(s)},
+        "split": lambda: {"delivery_split": alert_delivery(s, split=True)},
+        "email": lambda: {"to_email": transaction_to_email(s)},
+    }
     result = stages[stage]() if stage in stages else bench_for_make(s)
     print(json.dumps(result, indent=2))
     for row in report_rows(result):

@@ -20,9 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
 import typer
-from confluent_kafka import Consumer, Producer
 from rich.console import Console
 
+from infra import clock
+from infra.clients import kafka as kafka_clients
 from infra.clients.meraki import MerakiClient, camera_for_lane
 from infra.local.camera import LocalCameraServer, load_people
 from infra.settings import REPO_ROOT, Settings, get_settings
@@ -63,8 +64,12 @@ def snapshot_round_trips(settings: Settings, seconds: float, workers: int) -> di
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(loop, range(workers)))
     client.close()
-    return {"snapshots_per_s": len(latencies) / (time.monotonic() - started), "workers": workers,
-            "p50_ms": _pct(latencies, 0.5), "p95_ms": _pct(latencies, 0.95)}
+    return {
+        "snapshots_per_s": len(latencies) / (time.monotonic() - started),
+        "workers": workers,
+        "p50_ms": _pct(latencies, 0.5),
+        "p95_ms": _pct(latencies, 0.95),
+    }
 
 
 def face_analysis(settings: Settings, camera: LocalCameraServer, frames: int) -> dict:
@@ -72,7 +77,7 @@ def face_analysis(settings: Settings, camera: LocalCameraServer, frames: int) ->
 
     engine = FaceEngine(settings.faces)
     scene = camera.camera.scene
-    now = int(time.time() * 1000)
+    now = clock.now_ms()
     person = sorted(scene.people)[0]
     scene.add_visit(person, "store-bench", "lane-01", now - 60_000, now - 30_000, now + 600_000)
     client = MerakiClient.from_settings(settings)
@@ -83,16 +88,15 @@ def face_analysis(settings: Settings, camera: LocalCameraServer, frames: int) ->
         t0 = time.perf_counter()
         faces = engine.analyse(image)
         times.append((time.perf_counter() - t0) * 1000)
-    return {"frames": frames, "p50_ms": _pct(times, 0.5), "p95_ms": _pct(times, 0.95),
-            "faces_found": len(faces)}
+    return {"frames": frames, "p50_ms": _pct(times, 0.5), "p95_ms": _pct(times, 0.95), "faces_found": len(faces)}
 
 
 def face_stage_throughput(settings: Settings, camera: LocalCameraServer, count: int) -> dict:
     """A backlog of ``count`` transactions (each with a shopper at its lane) through the running stage."""
     scene = camera.camera.scene
     people = sorted(scene.people)
-    now = int(time.time() * 1000)
-    producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True, "linger.ms": 5})
+    now = clock.now_ms()
+    producer = kafka_clients.producer(settings, kafka_clients.IDEMPOTENT, linger_ms=5)
     topic = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
     for i in range(count):
         lane = f"lane-{i % 8 + 1:02d}"
@@ -101,8 +105,7 @@ def face_stage_throughput(settings: Settings, camera: LocalCameraServer, count: 
         tx = PosTransaction(f"bench-{uuid.uuid4().hex[:8]}-{i}", pay, "store-bench", lane, "SALE", 9.99, "USD")
         producer.produce(topic, tx.encode(), key=f"store-bench/{lane}".encode())
     producer.flush(30)
-    consumer = Consumer({**settings.kafka.client_config(), "group.id": f"bench-{uuid.uuid4().hex}",
-                         "auto.offset.reset": "earliest"})
+    consumer = kafka_clients.consumer(settings, f"bench-{uuid.uuid4().hex}", auto_offset_reset="earliest")
     consumer.subscribe([FACE_OBSERVATIONS.full_name(settings.kafka.topic_prefix)])
     stage, client = build_stage(settings)
     runner = FaceStageRunner(settings, stage)
@@ -124,21 +127,36 @@ def face_stage_throughput(settings: Settings, camera: LocalCameraServer, count: 
         thread.join(60)
         consumer.close()
         client.close()
-    return {"observations": sum(statuses.values()), "observations_per_s": sum(statuses.values()) / elapsed,
-            "statuses": statuses, "snapshot_workers": settings.cameras.snapshot_workers,
-            "analysis_workers": settings.cameras.analysis_workers}
+    return {
+        "observations": sum(statuses.values()),
+        "observations_per_s": sum(statuses.values()) / elapsed,
+        "statuses": statuses,
+        "snapshot_workers": settings.cameras.snapshot_workers,
+        "analysis_workers": settings.cameras.analysis_workers,
+    }
 
 
-def cameras(base: Settings | None = None, seconds: float = 10.0, workers: int = 8, frames: int = 30,
-            backlog: int = 200) -> dict:
+def cameras(
+    base: Settings | None = None, seconds: float = 10.0, workers: int = 8, frames: int = 30, backlog: int = 200
+) -> dict:
     """All camera measurements in one run (own topics, own local camera on a free port)."""
     base = base or get_settings()
     up(base)
     run_id = time.strftime("%H%M%S") + uuid.uuid4().hex[:4]
     settings = base.isolated(f"benchcam{run_id}", base.stack_dir / "bench" / run_id / "checkpoints")
-    settings = settings.model_copy(update={"cameras": settings.cameras.model_copy(update={
-        "local_port": _free_port(), "local_rate_limit_per_s": 1e6, "poll_interval_s": 0.05,
-        "face_stage_offset_reset": "earliest", "mqtt_topic_prefix": f"benchcam{run_id}"})})
+    settings = settings.model_copy(
+        update={
+            "cameras": settings.cameras.model_copy(
+                update={
+                    "local_port": _free_port(),
+                    "local_rate_limit_per_s": 1e6,
+                    "poll_interval_s": 0.05,
+                    "face_stage_offset_reset": "earliest",
+                    "mqtt_topic_prefix": f"benchcam{run_id}",
+                }
+            )
+        }
+    )
     ensure_topics(settings)
     from infra.local.camera import default_photo_dirs
 
@@ -152,13 +170,12 @@ def cameras(base: Settings | None = None, seconds: float = 10.0, workers: int = 
         stage = face_stage_throughput(settings, camera, backlog)
     finally:
         camera.stop()
-        from confluent_kafka.admin import AdminClient
-
         from schemas.topics import ALL_TOPICS
 
-        admin = AdminClient(settings.kafka.client_config())  # kept alive until the deletes are done
+        admin = kafka_clients.admin(settings)  # kept alive until the deletes are done
         futures = admin.delete_topics(
-            [t.full_name(settings.kafka.topic_prefix) for t in ALL_TOPICS], operation_timeout=10)
+            [t.full_name(settings.kafka.topic_prefix) for t in ALL_TOPICS], operation_timeout=10
+        )
         for future in futures.values():
             future.exception(30)  # wait: the request dies with the client otherwise
     return {"run": run_id, "snapshots": snaps, "face_analysis": analysis, "face_stage": stage}
@@ -172,8 +189,10 @@ def main(
     """Snapshot round trips/s against the local camera, face analysis time, face stage observations/s."""
     results = cameras(seconds=seconds, workers=workers, backlog=backlog)
     s, a, f = results["snapshots"], results["face_analysis"], results["face_stage"]
-    console.print(f"snapshot round trips: {s['snapshots_per_s']:.1f}/s with {s['workers']} clients "
-                  f"(p50 {s['p50_ms']:.0f} ms, p95 {s['p95_ms']:.0f} ms)")
+    console.print(
+        f"snapshot round trips: {s['snapshots_per_s']:.1f}/s with {s['workers']} clients "
+        f"(p50 {s['p50_ms']:.0f} ms, p95 {s['p95_ms']:.0f} ms)"
+    )
     console.print(f"face analysis of a 640x480 frame: p50 {a['p50_ms']:.0f} ms, p95 {a['p95_ms']:.0f} ms")
     console.print(f"face stage: {f['observations_per_s']:.1f} observations/s ({f['statuses']})")
     out = REPO_ROOT / "bench-results"

@@ -58,8 +58,9 @@ def _best(fn: Callable[[], float], repeats: int) -> float:
     return max(fn() for _ in range(repeats))
 
 
-def model_scoring(settings: Settings, records: int = 20_000, batch: int | None = None, afd_records: int = 300,
-                  repeats: int = 3) -> dict:
+def model_scoring(
+    settings: Settings, records: int = 20_000, batch: int | None = None, afd_records: int = 300, repeats: int = 3
+) -> dict:
     batch = batch or getattr(settings.job, "batch_size", 500)
     model = LocalModel.load(ensure_default_model(settings))
     gen = PosGenerator(seed=11, stores=8, customers=20_000, fraud_share=0.03, tx_per_second=200)
@@ -74,24 +75,44 @@ def model_scoring(settings: Settings, records: int = 20_000, batch: int | None =
         out, _ = scorer.observe(scorer.parse(value, None, "transactions", 0, n, 0), state)
         if out is not None:
             items.append((out[0], out[1]))
-    model_batched = _best(lambda: _rate(
-        lambda: [model.predict_batch(items[i:i + batch]) for i in range(0, len(items), batch)], len(items)), repeats)
-    model_single = _best(lambda: _rate(
-        lambda: [model.predict_batch([it]) for it in items[:5000]], min(5000, len(items))), repeats)
+    model_batched = _best(
+        lambda: _rate(
+            lambda: [model.predict_batch(items[i : i + batch]) for i in range(0, len(items), batch)], len(items)
+        ),
+        repeats,
+    )
+    model_single = _best(
+        lambda: _rate(lambda: [model.predict_batch([it]) for it in items[:5000]], min(5000, len(items))), repeats
+    )
     server = LocalModelServer()
     try:
-        afd_settings = settings.model_copy(update={"model": settings.model.model_copy(update={
-            "backend": "frauddetector", "aws_endpoint_url": server.url, "aws_region": "us-east-1",
-            "aws_access_key_id": SecretStr("bench"), "aws_secret_access_key": SecretStr("bench")})})
+        afd_settings = settings.model_copy(
+            update={
+                "model": settings.model.model_copy(
+                    update={
+                        "backend": "frauddetector",
+                        "aws_endpoint_url": server.url,
+                        "aws_region": "us-east-1",
+                        "aws_access_key_id": SecretStr("bench"),
+                        "aws_secret_access_key": SecretStr("bench"),
+                    }
+                )
+            }
+        )
         afd = FraudDetectorPredictor(afd_settings, model)
         afd_per_record = _best(lambda: _drive(settings, afd, data[:afd_records], 1), repeats)
     finally:
         server.close()
     return {
-        "records": records, "batch": batch, "model": model.version, "best_of": repeats,
-        "scored_batched_per_s": batched, "scored_per_record_per_s": per_record,
+        "records": records,
+        "batch": batch,
+        "model": model.version,
+        "best_of": repeats,
+        "scored_batched_per_s": batched,
+        "scored_per_record_per_s": per_record,
         "ratio_batched_to_per_record": batched / per_record,
-        "model_only_batched_per_s": model_batched, "model_only_per_record_per_s": model_single,
+        "model_only_batched_per_s": model_batched,
+        "model_only_per_record_per_s": model_single,
         "ratio_model_only": model_batched / model_single,
         "afd_local_server_per_record_per_s": afd_per_record,
         "ratio_batched_to_afd_per_record": batched / afd_per_record,
@@ -101,16 +122,29 @@ def model_scoring(settings: Settings, records: int = 20_000, batch: int | None =
 def report_rows(r: dict) -> list[tuple[str, str, str]]:
     """(measure, value, goal) rows for the bench table."""
     return [
-        (f"model+rules+state, batches of {r['batch']} (tx/s, in-process)", f"{r['scored_batched_per_s']:,.0f}",
-         ">= 20,000"),
+        (
+            f"model+rules+state, batches of {r['batch']} (tx/s, in-process)",
+            f"{r['scored_batched_per_s']:,.0f}",
+            ">= 20,000",
+        ),
         ("same, one local model call per record (tx/s)", f"{r['scored_per_record_per_s']:,.0f}", ""),
         ("  ratio batched / per record, local model", f"{r['ratio_batched_to_per_record']:.1f}x", ""),
-        ("model stage alone: batched / per-record call", f"{r['model_only_batched_per_s']:,.0f} / "
-         f"{r['model_only_per_record_per_s']:,.0f} tx/s = {r['ratio_model_only']:.1f}x", ""),
-        ("seed 004 loop: per-record GetEventPrediction, local server (tx/s)",
-         f"{r['afd_local_server_per_record_per_s']:,.0f}", ""),
-        ("  ratio batched local model / seed 004 loop (the issue's ratio)",
-         f"{r['ratio_batched_to_afd_per_record']:.0f}x", ">= 20x"),
+        (
+            "model stage alone: batched / per-record call",
+            f"{r['model_only_batched_per_s']:,.0f} / "
+            f"{r['model_only_per_record_per_s']:,.0f} tx/s = {r['ratio_model_only']:.1f}x",
+            "",
+        ),
+        (
+            "seed 004 loop: per-record GetEventPrediction, local server (tx/s)",
+            f"{r['afd_local_server_per_record_per_s']:,.0f}",
+            "",
+        ),
+        (
+            "  ratio batched local model / seed 004 loop (the issue's ratio)",
+            f"{r['ratio_batched_to_afd_per_record']:.0f}x",
+            ">= 20x",
+        ),
     ]
 
 
@@ -119,8 +153,9 @@ if __name__ == "__main__":
     from rich.table import Table
 
     result = model_scoring(get_settings())
-    table = Table(title=f"model scoring ({result['records']} transactions, best of {result['best_of']}, "
-                        f"model {result['model']})")
+    table = Table(
+        title=f"model scoring ({result['records']} transactions, best of {result['best_of']}, model {result['model']})"
+    )
     for col in ("measure", "value", "goal"):
         table.add_column(col)
     for row in report_rows(result):

@@ -22,15 +22,18 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Annotated
 
 import psutil
 import typer
 from confluent_kafka import Consumer, Producer, TopicPartition
+from opensearchpy import OpenSearch
 from rich.console import Console
 from rich.table import Table
 
+from infra import clock
+from infra.clients import kafka as kafka_clients
 from infra.clients.opensearch import make_client
 from infra.launcher import Child, spawn, start_scoring_job, wait_for
 from infra.local.pos_generator import PosGenerator
@@ -85,29 +88,27 @@ class MemorySampler(threading.Thread):
 
 
 def _producer(settings: Settings) -> Producer:
-    return Producer({
-        **settings.kafka.client_config(), "enable.idempotence": True, "linger.ms": 5,
-        "compression.type": "lz4", "batch.num.messages": 10000, "queue.buffering.max.messages": 1_000_000,
-    })
+    return kafka_clients.producer(
+        settings,
+        kafka_clients.IDEMPOTENT,
+        linger_ms=5,
+        compression_type="lz4",
+        batch_num_messages=10000,
+        queue_buffering_max_messages=1_000_000,
+    )
 
 
 def _consumer(settings: Settings, topic: str, group: str) -> Consumer:
-    consumer = Consumer({
-        **settings.kafka.client_config(), "group.id": group, "auto.offset.reset": "earliest",
-        "enable.auto.commit": False, "fetch.wait.max.ms": 10, "isolation.level": "read_committed",
-    })
+    consumer = kafka_clients.consumer(
+        settings, group, kafka_clients.READ_COMMITTED, auto_offset_reset="earliest", fetch_wait_max_ms=10
+    )
     consumer.subscribe([topic])
     return consumer
 
 
 def _produce_all(producer: Producer, topic: str, records: Iterable[tuple[bytes, bytes]]) -> None:
     for key, value in records:
-        while True:
-            try:
-                producer.produce(topic, key=key, value=value)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        kafka_clients.produce(producer, topic, key, value)
         producer.poll(0)
     producer.flush(60)
 
@@ -136,8 +137,12 @@ def raw_kafka(settings: Settings, records: list[tuple[bytes, bytes]], topic: str
     done.wait(300)
     total_s = time.perf_counter() - t0
     consumer.close()
-    return {"records": len(records), "produce_per_s": len(records) / produced_s,
-            "produce_consume_per_s": got / total_s, "seconds": total_s}
+    return {
+        "records": len(records),
+        "produce_per_s": len(records) / produced_s,
+        "produce_consume_per_s": got / total_s,
+        "seconds": total_s,
+    }
 
 
 def _count_scored(settings: Settings, expected: int, timeout: float, first_seen: list[float]) -> float:
@@ -183,8 +188,25 @@ def end_to_end(settings: Settings, expected: int, children: list[Child]) -> dict
 
     wait_for(lambda: client.indices.exists(index=index), timeout=120, what="the sink's index")
     wait_for(indexed, timeout=900, interval=0.5, what="all decisions indexed")
-    return {"records": expected, "startup_s": first[0] - t_launch, "scored_per_s": scored_per_s,
-            "indexed_per_s": expected / (time.perf_counter() - t_sink)}
+    return {
+        "records": expected,
+        "startup_s": first[0] - t_launch,
+        "scored_per_s": scored_per_s,
+        "indexed_per_s": expected / (time.perf_counter() - t_sink),
+    }
+
+
+@dataclass
+class _LiveTraffic:
+    """What the fixed-rate stage's sender and its two reader threads share."""
+
+    sent: dict[str, int] = field(default_factory=dict)
+    """Counted transactions (after the warm-up): id -> event time (ms)."""
+    probes: dict[str, int] = field(default_factory=dict)
+    """Every 20th counted transaction, until a search finds it: id -> event time (ms)."""
+    decision_ms: list[float] = field(default_factory=list)
+    searchable_ms: list[float] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
 
 
 def fixed_rate_latency(settings: Settings, rate: int, seconds: int, warmup: int = 5) -> dict:
@@ -197,48 +219,47 @@ def fixed_rate_latency(settings: Settings, rate: int, seconds: int, warmup: int 
     topic = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
     out_topic = SCORED_TRANSACTIONS.full_name(settings.kafka.topic_prefix)
     consumer = _consumer(settings, out_topic, f"bench-lat-{uuid.uuid4().hex[:6]}")
-    consumer.consume(1, timeout=3)
-    # Start reading at the end: only this stage's decisions count.
-    for tp in consumer.assignment():
-        _, high = consumer.get_watermark_offsets(tp, timeout=5)
-        consumer.seek(TopicPartition(tp.topic, tp.partition, high))
+    _seek_to_end(consumer)
     client = make_client(settings.opensearch)
     index = index_name(settings.opensearch.index_prefix, "transactions")
     producer = _producer(settings)
-    sent: dict[str, int] = {}
-    probes: dict[str, int] = {}
-    decision_ms: list[float] = []
-    searchable_ms: list[float] = []
-    stop = threading.Event()
-
-    def read_decisions() -> None:
-        scored = codec("ScoredTransaction")
-        while not stop.is_set() or len(decision_ms) < len(sent):
-            msgs = consumer.consume(5000, timeout=0.2)
-            for msg in msgs:
-                if msg.error() is None:
-                    rec = scored.decode(msg.value())
-                    if rec["transaction_id"] in sent:
-                        decision_ms.append(rec["decided_at"] - rec["event_time"])
-            if stop.is_set() and not msgs:
-                break
-
-    def probe_search() -> None:
-        while not stop.is_set() or probes:
-            pending = list(probes)[:200]
-            if pending:
-                res = client.search(index=index, body={"query": {"ids": {"values": pending}}, "size": len(pending),
-                                                       "_source": False})
-                now = time.time() * 1000
-                for hit in res["hits"]["hits"]:
-                    searchable_ms.append(now - probes.pop(hit["_id"]))
-            elif stop.is_set():
-                break
-            time.sleep(0.05)
-
-    readers = [threading.Thread(target=read_decisions, daemon=True), threading.Thread(target=probe_search, daemon=True)]
+    traffic = _LiveTraffic()
+    readers = [
+        threading.Thread(target=_read_decisions, args=(consumer, traffic), daemon=True),
+        threading.Thread(target=_probe_search, args=(client, index, traffic), daemon=True),
+    ]
     for t in readers:
         t.start()
+    achieved = _send_at_rate(producer, topic, gen, rate, seconds, warmup, traffic)
+    deadline = time.monotonic() + 60
+    while (len(traffic.decision_ms) < len(traffic.sent) or traffic.probes) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    traffic.stop.set()
+    for t in readers:
+        t.join(10)
+    consumer.close()
+    return {
+        "rate_target": rate,
+        "rate_achieved": achieved,
+        "seconds": seconds,
+        "warmup_seconds": warmup,
+        **_latency_report(traffic.decision_ms, traffic.searchable_ms),
+    }
+
+
+def _seek_to_end(consumer: Consumer) -> None:
+    """Join the group, then start reading at the end: only this stage's decisions count."""
+    consumer.consume(1, timeout=3)
+    for tp in consumer.assignment():
+        _, high = consumer.get_watermark_offsets(tp, timeout=5)
+        consumer.seek(TopicPartition(tp.topic, tp.partition, high))
+
+
+def _send_at_rate(
+    producer: Producer, topic: str, gen: PosGenerator, rate: int, seconds: int, warmup: int, traffic: _LiveTraffic
+) -> float:
+    """Send ``rate`` tx/s (event time = now) for ``warmup`` + ``seconds``; returns the rate achieved after
+    the warm-up."""
     interval = 1.0 / rate
     n_warm, n_total = rate * warmup, rate * (warmup + seconds)
     t0 = time.perf_counter()
@@ -249,42 +270,72 @@ def fixed_rate_latency(settings: Settings, rate: int, seconds: int, warmup: int 
             time.sleep(delay)
         if n == n_warm:
             t_measured = time.perf_counter()
-        now_ms = int(time.time() * 1000)
+        now_ms = clock.now_ms()
         tx = replace(next(gen), event_time=now_ms)
         producer.produce(topic, key=f"{tx.store_id}/{tx.lane_id}", value=tx.encode())
         if n >= n_warm:
-            sent[tx.transaction_id] = now_ms
+            traffic.sent[tx.transaction_id] = now_ms
             if n % 20 == 0:
-                probes[tx.transaction_id] = now_ms
+                traffic.probes[tx.transaction_id] = now_ms
         producer.poll(0)
     producer.flush(30)
-    achieved = (n_total - n_warm) / (time.perf_counter() - t_measured)
-    deadline = time.monotonic() + 60
-    while (len(decision_ms) < len(sent) or probes) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    stop.set()
-    for t in readers:
-        t.join(10)
-    consumer.close()
+    return (n_total - n_warm) / (time.perf_counter() - t_measured)
+
+
+def _read_decisions(consumer: Consumer, traffic: _LiveTraffic) -> None:
+    """Event -> decision of each counted transaction, until stopped and drained."""
+    scored = codec("ScoredTransaction")
+    while not traffic.stop.is_set() or len(traffic.decision_ms) < len(traffic.sent):
+        msgs = consumer.consume(5000, timeout=0.2)
+        for msg in msgs:
+            if msg.error() is None:
+                rec = scored.decode(msg.value())
+                if rec["transaction_id"] in traffic.sent:
+                    traffic.decision_ms.append(rec["decided_at"] - rec["event_time"])
+        if traffic.stop.is_set() and not msgs:
+            break
+
+
+def _probe_search(client: OpenSearch, index: str, traffic: _LiveTraffic) -> None:
+    """Event -> searchable of each probe: searched by id until found, or until stopped."""
+    probes = traffic.probes
+    while not traffic.stop.is_set() or probes:
+        pending = list(probes)[:200]
+        if pending:
+            res = client.search(
+                index=index, body={"query": {"ids": {"values": pending}}, "size": len(pending), "_source": False}
+            )
+            now = time.time() * 1000
+            for hit in res["hits"]["hits"]:
+                traffic.searchable_ms.append(now - probes.pop(hit["_id"]))
+        elif traffic.stop.is_set():
+            break
+        time.sleep(0.05)
+
+
+def _latency_report(decision_ms: list[float], searchable_ms: list[float]) -> dict:
+    """Counts and percentiles (ms) of the two latencies."""
     return {
-        "rate_target": rate, "rate_achieved": achieved, "seconds": seconds, "warmup_seconds": warmup,
         "decisions": len(decision_ms),
-        "decision_p50_ms": percentile(decision_ms, 50), "decision_p95_ms": percentile(decision_ms, 95),
-        "decision_p99_ms": percentile(decision_ms, 99), "decision_max_ms": max(decision_ms, default=float("nan")),
-        "searchable_samples": len(searchable_ms), "searchable_p50_ms": percentile(searchable_ms, 50),
-        "searchable_p95_ms": percentile(searchable_ms, 95), "searchable_p99_ms": percentile(searchable_ms, 99),
+        "decision_p50_ms": percentile(decision_ms, 50),
+        "decision_p95_ms": percentile(decision_ms, 95),
+        "decision_p99_ms": percentile(decision_ms, 99),
+        "decision_max_ms": max(decision_ms, default=float("nan")),
+        "searchable_samples": len(searchable_ms),
+        "searchable_p50_ms": percentile(searchable_ms, 50),
+        "searchable_p95_ms": percentile(searchable_ms, 95),
+        "searchable_p99_ms": percentile(searchable_ms, 99),
     }
 
 
 def _cleanup(settings: Settings) -> None:
-    from confluent_kafka.admin import AdminClient
-
     from schemas.topics import ALL_TOPICS
 
-    admin = AdminClient(settings.kafka.client_config())
+    admin = kafka_clients.admin(settings)
     admin.delete_topics([t.full_name(settings.kafka.topic_prefix) for t in ALL_TOPICS])
     make_client(settings.opensearch).indices.delete(
-        index=f"{settings.opensearch.index_prefix}-*", ignore_unavailable=True)
+        index=f"{settings.opensearch.index_prefix}-*", ignore_unavailable=True
+    )
 
 
 def run(records: int, rate: int, seconds: int, keep: bool, settings: Settings | None = None) -> dict:
@@ -292,8 +343,7 @@ def run(records: int, rate: int, seconds: int, keep: bool, settings: Settings | 
     up(base)
     run_id = time.strftime("%H%M%S") + uuid.uuid4().hex[:4]
     # The scoring job alone (no face stage in this run): decide without waiting for faces.
-    settings = base.isolated(f"bench{run_id}", base.stack_dir / "bench" / run_id / "checkpoints",
-                             face_deadline_ms=0)
+    settings = base.isolated(f"bench{run_id}", base.stack_dir / "bench" / run_id / "checkpoints", face_deadline_ms=0)
     ensure_topics(settings)
     gen = PosGenerator(seed=7, stores=8, customers=50_000, fraud_share=0.03, tx_per_second=200)
     txs = [next(gen) for _ in range(records)]
@@ -302,8 +352,10 @@ def run(records: int, rate: int, seconds: int, keep: bool, settings: Settings | 
     children: list[Child] = []
     sampler = MemorySampler(base, children)
     sampler.start()
-    results: dict = {"run": run_id, "machine": {"cpus": psutil.cpu_count(), "mem_gib": round(
-        psutil.virtual_memory().total / 2**30, 1)}}
+    results: dict = {
+        "run": run_id,
+        "machine": {"cpus": psutil.cpu_count(), "mem_gib": round(psutil.virtual_memory().total / 2**30, 1)},
+    }
     try:
         console.print(f"[bold]1/3 raw Kafka[/]: {records} records produced and consumed, no processing")
         results["raw_kafka"] = raw_kafka(settings, encoded, TRANSACTIONS.full_name(settings.kafka.topic_prefix))
@@ -317,8 +369,10 @@ def run(records: int, rate: int, seconds: int, keep: bool, settings: Settings | 
             child.stop()
         if not keep:
             _cleanup(settings)
-    results["memory"] = {"peak_gib": sampler.peak_bytes / 2**30,
-                         "by_part_mib": {k: round(v / 2**20) for k, v in sampler.peak_by_part.items()}}
+    results["memory"] = {
+        "peak_gib": sampler.peak_bytes / 2**30,
+        "by_part_mib": {k: round(v / 2**20) for k, v in sampler.peak_by_part.items()},
+    }
     raw, e2e = results["raw_kafka"]["produce_consume_per_s"], results["end_to_end"]["scored_per_s"]
     results["ratio_scored_to_raw_kafka"] = e2e / raw
     return results
@@ -334,11 +388,16 @@ def report(results: dict) -> None:
     t.add_row("end-to-end scored (tx/s)", f"{e2e['scored_per_s']:,.0f}", ">= 5,000")
     t.add_row("end-to-end indexed in OpenSearch (docs/s)", f"{e2e['indexed_per_s']:,.0f}", "")
     t.add_row("scored / raw Kafka", f"{results['ratio_scored_to_raw_kafka']:.3f}", "")
-    t.add_row(f"event->decision p50/p95/p99 at {lat['rate_target']} tx/s (ms)",
-              f"{lat['decision_p50_ms']:.0f} / {lat['decision_p95_ms']:.0f} / {lat['decision_p99_ms']:.0f}",
-              "p99 <= 250")
-    t.add_row("event->searchable p50/p95/p99 (ms)",
-              f"{lat['searchable_p50_ms']:.0f} / {lat['searchable_p95_ms']:.0f} / {lat['searchable_p99_ms']:.0f}", "")
+    t.add_row(
+        f"event->decision p50/p95/p99 at {lat['rate_target']} tx/s (ms)",
+        f"{lat['decision_p50_ms']:.0f} / {lat['decision_p95_ms']:.0f} / {lat['decision_p99_ms']:.0f}",
+        "p99 <= 250",
+    )
+    t.add_row(
+        "event->searchable p50/p95/p99 (ms)",
+        f"{lat['searchable_p50_ms']:.0f} / {lat['searchable_p95_ms']:.0f} / {lat['searchable_p99_ms']:.0f}",
+        "",
+    )
     t.add_row("achieved rate (tx/s)", f"{lat['rate_achieved']:,.0f}", "")
     t.add_row("peak memory, whole stack (GiB)", f"{mem['peak_gib']:.2f}", "<= 6")
     for row in report_rows(results["model_scoring"]) if "model_scoring" in results else ():
@@ -391,4 +450,3 @@ def main(
 
 if __name__ == "__main__":
     app()
-

@@ -53,8 +53,9 @@ class PrivateMosquitto:
 
     def start(self) -> PrivateMosquitto:
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.proc = subprocess.Popen([binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         wait_port(self.port)
         return self
 
@@ -64,8 +65,9 @@ class PrivateMosquitto:
             self.proc.wait(10)
 
 
-def isolated_camera_settings(stack: Settings, tmp_path: Path, mqtt_port: int | None = None,
-                             **cameras: object) -> Settings:
+def isolated_camera_settings(
+    stack: Settings, tmp_path: Path, mqtt_port: int | None = None, **cameras: object
+) -> Settings:
     """Own topics, consumer group, MQTT topic prefix (and broker port when given)."""
     name = f"cam{uuid.uuid4().hex[:8]}"
     s = stack.isolated(name, tmp_path / "checkpoints")
@@ -80,8 +82,9 @@ def isolated_camera_settings(stack: Settings, tmp_path: Path, mqtt_port: int | N
 def face_camera_settings(stack: Settings, tmp_path: Path) -> Settings:
     """Isolated settings for a face-stage test: a local camera on a free port, the face stage
     reading its topic from the start, fast polling."""
-    return isolated_camera_settings(stack, tmp_path, local_port=free_port(), face_stage_offset_reset="earliest",
-                                    poll_interval_s=0.25)
+    return isolated_camera_settings(
+        stack, tmp_path, local_port=free_port(), face_stage_offset_reset="earliest", poll_interval_s=0.25
+    )
 
 
 def delete_topics(settings: Settings) -> None:
@@ -89,8 +92,7 @@ def delete_topics(settings: Settings) -> None:
     from confluent_kafka.admin import AdminClient
 
     admin = AdminClient(settings.kafka.client_config())  # kept alive until the deletes are done
-    futures = admin.delete_topics(
-        [t.full_name(settings.kafka.topic_prefix) for t in ALL_TOPICS], operation_timeout=10)
+    futures = admin.delete_topics([t.full_name(settings.kafka.topic_prefix) for t in ALL_TOPICS], operation_timeout=10)
     for future in futures.values():
         future.exception(30)  # wait (the request dies with the client otherwise); a missing topic is fine
 
@@ -99,8 +101,14 @@ class TopicReader:
     """Reads topics from the beginning, keeps everything seen, waits for a condition."""
 
     def __init__(self, settings: Settings, *topics: str) -> None:
-        self.consumer = Consumer({**settings.kafka.client_config(), "group.id": f"reader-{uuid.uuid4().hex}",
-                                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+        self.consumer = Consumer(
+            {
+                **settings.kafka.client_config(),
+                "group.id": f"reader-{uuid.uuid4().hex}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            }
+        )
         self.consumer.subscribe(list(topics))
         self.seen: list[tuple[str, bytes | None, bytes]] = []
 

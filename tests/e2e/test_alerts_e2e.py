@@ -67,8 +67,10 @@ def mail_files(directory: Path, address: str) -> list[Path]:
 
 
 def mails_to(directory: Path, address: str) -> list[email.message.EmailMessage]:
-    return [email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
-            for path in mail_files(directory, address)]
+    return [
+        email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+        for path in mail_files(directory, address)
+    ]
 
 
 def sent_count(settings: Settings, channel: str) -> int:
@@ -82,8 +84,14 @@ def sent_count(settings: Settings, channel: str) -> int:
 
 
 def read_topic(settings: Settings, topic: str, timeout: float = 10.0) -> list[tuple[bytes, bytes]]:
-    consumer = Consumer({**settings.kafka.client_config(), "group.id": f"e2e-read-{uuid.uuid4().hex[:6]}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer = Consumer(
+        {
+            **settings.kafka.client_config(),
+            "group.id": f"e2e-read-{uuid.uuid4().hex[:6]}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
     consumer.subscribe([topic])
     out, deadline = [], time.monotonic() + timeout
     try:
@@ -110,13 +118,21 @@ def isolated(stack: Settings, tmp_path: Path, webex: LocalWebexServer) -> Iterat
 
     def make(name: str) -> Settings:
         settings = stack.isolated(name, tmp_path / "checkpoints")
-        settings = settings.model_copy(update={
-            "webex": settings.webex.model_copy(update={"base_url": webex.url, "bot_token": SecretStr(TOKEN),
-                                                       "room_id": ROOM}),
-            "smtp": settings.smtp.model_copy(update={"to_addresses": f"{name}@checkout-guard.test"}),
-            "alerts": settings.alerts.model_copy(update={"retry_initial_s": 0.2, "retry_max_s": 1.0,
-                                                         "ledger_path": tmp_path / f"{name}-ledger.sqlite3"}),
-        })
+        settings = settings.model_copy(
+            update={
+                "webex": settings.webex.model_copy(
+                    update={"base_url": webex.url, "bot_token": SecretStr(TOKEN), "room_id": ROOM}
+                ),
+                "smtp": settings.smtp.model_copy(update={"to_addresses": f"{name}@checkout-guard.test"}),
+                "alerts": settings.alerts.model_copy(
+                    update={
+                        "retry_initial_s": 0.2,
+                        "retry_max_s": 1.0,
+                        "ledger_path": tmp_path / f"{name}-ledger.sqlite3",
+                    }
+                ),
+            }
+        )
         ensure_topics(settings)
         made.append(settings)
         return settings
@@ -138,7 +154,8 @@ def isolated(stack: Settings, tmp_path: Path, webex: LocalWebexServer) -> Iterat
 
 
 def test_each_alert_is_one_mail_and_one_webex_message_with_its_snapshot_across_a_kill_and_a_webex_outage(
-        isolated: Callable[[str], Settings], webex: LocalWebexServer, request: pytest.FixtureRequest) -> None:
+    isolated: Callable[[str], Settings], webex: LocalWebexServer, request: pytest.FixtureRequest
+) -> None:
     name = f"e2ealerts{uuid.uuid4().hex[:6]}"
     settings = isolated(name)
     store = ImageStore.from_settings(settings)
@@ -155,15 +172,36 @@ def test_each_alert_is_one_mail_and_one_webex_message_with_its_snapshot_across_a
             images[f"blocked:{tx}"] = jpeg(i)
             ref = store.put("checkout", tx, images[f"blocked:{tx}"])
             refs.append(ref)
-        alert = Alert(alert_id=f"blocked:{tx}", kind="BLOCKED_TRANSACTION", severity="high",
-                      event_time=int(time.time() * 1000), store_id="S001", lane_id=f"L{i % 8:02d}", transaction_id=tx,
-                      amount=100.0 + i, currency="EUR", outcome="BLOCK", risk_score=90,
-                      reasons=("return_exceeds_sale",), snapshot_ref=ref, summary=f"Blocked {tx}")
+        alert = Alert(
+            alert_id=f"blocked:{tx}",
+            kind="BLOCKED_TRANSACTION",
+            severity="high",
+            event_time=int(time.time() * 1000),
+            store_id="S001",
+            lane_id=f"L{i % 8:02d}",
+            transaction_id=tx,
+            amount=100.0 + i,
+            currency="EUR",
+            outcome="BLOCK",
+            risk_score=90,
+            reasons=("return_exceeds_sale",),
+            snapshot_ref=ref,
+            summary=f"Blocked {tx}",
+        )
         producer.produce(topic, key=alert.alert_id.encode(), value=alert.encode())
         if i == n // 2:  # the same alert again (a replayed upstream): still one notification
-            producer.produce(topic, key=b"blocked:" + f"{name}-tx-0".encode(), value=Alert(
-                alert_id=f"blocked:{name}-tx-0", kind="BLOCKED_TRANSACTION", severity="high", event_time=0,
-                store_id="S001", summary="dup").encode())
+            producer.produce(
+                topic,
+                key=b"blocked:" + f"{name}-tx-0".encode(),
+                value=Alert(
+                    alert_id=f"blocked:{name}-tx-0",
+                    kind="BLOCKED_TRANSACTION",
+                    severity="high",
+                    event_time=0,
+                    store_id="S001",
+                    summary="dup",
+                ).encode(),
+            )
     producer.produce(topic, key=b"garbage", value=b"not an alert")
     assert producer.flush(30) == 0
 
@@ -176,17 +214,23 @@ def test_each_alert_is_one_mail_and_one_webex_message_with_its_snapshot_across_a
         sender.kill(signal.SIGKILL)
         sender.proc.wait(10)
         with sqlite3.connect(settings.alerts.ledger_path) as db:
-            mailed = {row[0] for row in db.execute(
-                "SELECT alert_id FROM deliveries WHERE channel='email' AND state='sent'")}
+            mailed = {
+                row[0] for row in db.execute("SELECT alert_id FROM deliveries WHERE channel='email' AND state='sent'")
+            }
         at_kill = (len(mails_to(mailbox, address)), len(webex.state.bot_messages(ROOM)))
         assert at_kill[0] < n, "the kill came too late to test a restart midway"
         sender = spawn("sinks.alerts.sender", settings, name=f"{name}-sender-2")
         try:
-            wait_for(lambda: len(webex.state.bot_messages(ROOM)) >= n and len(mails_to(mailbox, address)) >= n, 240,
-                     interval=0.2, what=f"{n} Webex messages and {n} mails")
+            wait_for(
+                lambda: len(webex.state.bot_messages(ROOM)) >= n and len(mails_to(mailbox, address)) >= n,
+                240,
+                interval=0.2,
+                what=f"{n} Webex messages and {n} mails",
+            )
         except TimeoutError as exc:
-            raise AssertionError(f"{exc}: {len(webex.state.bot_messages(ROOM))} Webex messages, "
-                                 f"{len(mails_to(mailbox, address))} mails") from None
+            raise AssertionError(
+                f"{exc}: {len(webex.state.bot_messages(ROOM))} Webex messages, {len(mails_to(mailbox, address))} mails"
+            ) from None
         time.sleep(3)  # anything still arriving now would be a duplicate
     finally:
         sender.stop()
@@ -213,14 +257,16 @@ def test_each_alert_is_one_mail_and_one_webex_message_with_its_snapshot_across_a
     assert len(doubled) <= settings.alerts.concurrency, "more doubles than sends that can be in flight at a kill"
     for mail in mails:
         attached = [p.get_content() for p in mail.walk() if p.get_content_maintype() == "image"]
-        assert attached == ([images[mail["X-Checkout-Guard-Alert"]]] if mail["X-Checkout-Guard-Alert"] in images
-                            else [])
+        assert attached == (
+            [images[mail["X-Checkout-Guard-Alert"]]] if mail["X-Checkout-Guard-Alert"] in images else []
+        )
 
     dead_topic = DEAD_LETTERS.full_name(settings.kafka.topic_prefix)
     letters = [DeadLetter.decode(v) for _, v in read_topic(settings, dead_topic)]
     # Produced again if the kill came before its offset was committed: same key, so one dead letter by id.
     assert {(d.dead_letter_id, d.stage, d.payload) for d in letters} == {
-        (f"{topic}:{letters[0].partition}:{letters[0].offset}", "alert-sender", b"not an alert")}
+        (f"{topic}:{letters[0].partition}:{letters[0].offset}", "alert-sender", b"not an alert")
+    }
 
     consumer = Consumer({**settings.kafka.client_config(), "group.id": default_group_id(settings)})
     try:
@@ -230,19 +276,28 @@ def test_each_alert_is_one_mail_and_one_webex_message_with_its_snapshot_across_a
     finally:
         consumer.close()
     assert committed == ends, "every alert is done, so every offset is committed"
-    print(f"at the kill: {at_kill[0]} mails ({len(mailed)} in the ledger), {at_kill[1]} Webex messages; "
-          f"doubled mails {len(doubled)}; Webex answers {webex.state.requests}")
+    print(
+        f"at the kill: {at_kill[0]} mails ({len(mailed)} in the ledger), {at_kill[1]} Webex messages; "
+        f"doubled mails {len(doubled)}; Webex answers {webex.state.requests}"
+    )
 
 
 def test_an_alert_a_channel_keeps_refusing_is_dead_lettered_while_the_other_channel_delivers(
-        isolated: Callable[[str], Settings], webex: LocalWebexServer) -> None:
+    isolated: Callable[[str], Settings], webex: LocalWebexServer
+) -> None:
     name = f"e2edead{uuid.uuid4().hex[:6]}"
     settings = isolated(name)
     settings = settings.model_copy(update={"alerts": settings.alerts.model_copy(update={"max_attempts": 2})})
     webex.state.fail((500,))
     producer = Producer(settings.kafka.client_config())
-    alert = Alert(alert_id=f"blocked:{name}", kind="BLOCKED_TRANSACTION", severity="high", event_time=0,
-                  store_id="S002", summary="x")
+    alert = Alert(
+        alert_id=f"blocked:{name}",
+        kind="BLOCKED_TRANSACTION",
+        severity="high",
+        event_time=0,
+        store_id="S002",
+        summary="x",
+    )
     producer.produce(ALERTS.full_name(settings.kafka.topic_prefix), key=alert.alert_id.encode(), value=alert.encode())
     producer.flush(10)
     sender = spawn("sinks.alerts.sender", settings, name=f"{name}-sender")
@@ -259,28 +314,65 @@ def test_an_alert_a_channel_keeps_refusing_is_dead_lettered_while_the_other_chan
 
 
 def test_bot_commands_reach_kafka_once_and_forged_or_unallowed_ones_never(
-        isolated: Callable[[str], Settings], webex: LocalWebexServer) -> None:
+    isolated: Callable[[str], Settings], webex: LocalWebexServer
+) -> None:
     name = f"e2ebot{uuid.uuid4().hex[:6]}"
     settings = isolated(name)
-    settings = settings.model_copy(update={"webex": settings.webex.model_copy(update={
-        "webhook_secret": SecretStr("e2e-secret"), "allowed_rooms": "room-security"})})
+    settings = settings.model_copy(
+        update={
+            "webex": settings.webex.model_copy(
+                update={"webhook_secret": SecretStr("e2e-secret"), "allowed_rooms": "room-security"}
+            )
+        }
+    )
     # What `checkout` answers from by default: the transaction's decision and face result in OpenSearch.
     client = make_client(settings.opensearch)
     install_templates(client, settings.opensearch.index_prefix)
     scored = ScoredTransaction(
-        transaction_id=f"{name}-tx-9", event_time=int(time.time() * 1000), store_id="S003", lane_id="L04",
-        kind="SALE", amount=250.0, currency="EUR", item_count=1, customer_key="card:x", outcome="BLOCK",
-        risk_score=95, reasons=("watchlist_suspect",), rules_version="v1", ingest_time=0, decided_at=0,
-        proc_time_ms=0, model_time_ms=0, ttdf_ms=0, face_status="MATCHED", face_subject_id="subj-tx-1",
-        face_category="SUSPECT", face_similarity=91.5)
-    client.index(index=period_index_name(settings.opensearch.index_prefix, "transactions", scored.event_time),
-                 id=scored.transaction_id, body=to_document(scored.to_avro()), refresh=True)
+        transaction_id=f"{name}-tx-9",
+        event_time=int(time.time() * 1000),
+        store_id="S003",
+        lane_id="L04",
+        kind="SALE",
+        amount=250.0,
+        currency="EUR",
+        item_count=1,
+        customer_key="card:x",
+        outcome="BLOCK",
+        risk_score=95,
+        reasons=("watchlist_suspect",),
+        rules_version="v1",
+        ingest_time=0,
+        decided_at=0,
+        proc_time_ms=0,
+        model_time_ms=0,
+        ttdf_ms=0,
+        face_status="MATCHED",
+        face_subject_id="subj-tx-1",
+        face_category="SUSPECT",
+        face_similarity=91.5,
+    )
+    client.index(
+        index=period_index_name(settings.opensearch.index_prefix, "transactions", scored.event_time),
+        id=scored.transaction_id,
+        body=to_document(scored.to_avro()),
+        refresh=True,
+    )
     bot = WebexBot(settings, publish=KafkaCommandPublisher(settings))
     server = BackgroundServer(bot.app, name="bot").start()
     try:
-        webex.state.webhooks.append({"id": "hook-1", "name": "bot", "targetUrl": server.base + WEBHOOK_PATH,
-                                     "resource": "messages", "event": "created", "filter": None,
-                                     "secret": "e2e-secret", "created": "now"})
+        webex.state.webhooks.append(
+            {
+                "id": "hook-1",
+                "name": "bot",
+                "targetUrl": server.base + WEBHOOK_PATH,
+                "resource": "messages",
+                "event": "created",
+                "filter": None,
+                "secret": "e2e-secret",
+                "created": "now",
+            }
+        )
         [ok] = webex.say("room-security", "guard@store.test", "Checkout Guard fraud tx-1")
         webex.say("room-lobby", "visitor@store.test", "Checkout Guard fraud tx-2")
         webex.state.webhooks[0]["secret"] = "an-attacker-guess"  # forged signatures from here on
@@ -295,28 +387,40 @@ def test_bot_commands_reach_kafka_once_and_forged_or_unallowed_ones_never(
     records = read_topic(settings, COMMANDS.full_name(settings.kafka.topic_prefix), timeout=5)
     commands = [(k.decode(), BotCommand.decode(v)) for k, v in records]
     assert sorted((c.verb, c.argument or "", c.room_id) for _, c in commands) == [
-        ("CHECKOUT", f"{name}-tx-9", "room-lobby"), ("FRAUD", "tx-1", "room-security"), ("STATUS", "", "room-lobby")]
+        ("CHECKOUT", f"{name}-tx-9", "room-lobby"),
+        ("FRAUD", "tx-1", "room-security"),
+        ("STATUS", "", "room-lobby"),
+    ]
     commands.sort(key=lambda kc: kc[1].verb != "FRAUD")
     assert commands[0][0] == ok["message_id"] == commands[0][1].command_id
     replies = [m["markdown"] for m in webex.state.bot_messages()]
     assert any("Pipeline healthy" in r for r in replies), replies
     assert any(r.startswith("Sorry, changes to the watchlist") for r in replies)
-    assert any("blocked (risk 95)" in r and "face matches **suspect** `subj-tx-1` (91.5% similar)" in r
-               for r in replies), replies
+    assert any(
+        "blocked (risk 95)" in r and "face matches **suspect** `subj-tx-1` (91.5% similar)" in r for r in replies
+    ), replies
 
 
-def test_a_rate_limited_webex_does_not_hold_up_email(isolated: Callable[[str], Settings],
-                                                     webex: LocalWebexServer) -> None:
+def test_a_rate_limited_webex_does_not_hold_up_email(
+    isolated: Callable[[str], Settings], webex: LocalWebexServer
+) -> None:
     name = f"e2eslow{uuid.uuid4().hex[:6]}"
     settings = isolated(name)
     webex.state.fail((429,), seconds=8, retry_after=4)
     producer = Producer(settings.kafka.client_config())
     n = 50
     for i in range(n):
-        alert = Alert(alert_id=f"blocked:{name}-{i}", kind="BLOCKED_TRANSACTION", severity="high",
-                      event_time=int(time.time() * 1000), store_id="S004", summary="x")
-        producer.produce(ALERTS.full_name(settings.kafka.topic_prefix), key=alert.alert_id.encode(),
-                         value=alert.encode())
+        alert = Alert(
+            alert_id=f"blocked:{name}-{i}",
+            kind="BLOCKED_TRANSACTION",
+            severity="high",
+            event_time=int(time.time() * 1000),
+            store_id="S004",
+            summary="x",
+        )
+        producer.produce(
+            ALERTS.full_name(settings.kafka.topic_prefix), key=alert.alert_id.encode(), value=alert.encode()
+        )
     producer.flush(10)
     address = f"{name}@checkout-guard.test"
     sender = spawn("sinks.alerts.sender", settings, name=f"{name}-sender")

@@ -46,8 +46,9 @@ def _count(settings: Settings) -> int:
 
 @pytest.fixture
 def baseline(stack: Settings, tmp_path):
-    settings = stack.isolated(f"btb{uuid.uuid4().hex[:8]}", tmp_path / "checkpoints", checkpoint_interval_ms=1000,
-                              face_deadline_ms=0)
+    settings = stack.isolated(
+        f"btb{uuid.uuid4().hex[:8]}", tmp_path / "checkpoints", checkpoint_interval_ms=1000, face_deadline_ms=0
+    )
     ensure_topics(settings)
     stop = threading.Event()
     sink = threading.Thread(target=run_sink, args=(settings, stop), daemon=True)
@@ -57,8 +58,9 @@ def baseline(stack: Settings, tmp_path):
     job.stop()
     stop.set()
     sink.join(30)
-    make_client(settings.opensearch).indices.delete(index=f"{settings.opensearch.index_prefix}-*",
-                                                    ignore_unavailable=True)
+    make_client(settings.opensearch).indices.delete(
+        index=f"{settings.opensearch.index_prefix}-*", ignore_unavailable=True
+    )
 
 
 def _candidate_rules(path) -> RuleSet:
@@ -88,8 +90,16 @@ def test_backtest_of_a_stricter_rule_set_reports_its_changes_and_detection(basel
     name = f"btc{uuid.uuid4().hex[:8]}"
     started = time.monotonic()
     try:
-        report, out_dir = run_backtest(settings, name, Candidate(rules_file=rules_file), Bound(), Bound(),
-                                       timeout_s=300, progress=False, sample_size=50)
+        report, out_dir = run_backtest(
+            settings,
+            name,
+            Candidate(rules_file=rules_file),
+            Bound(),
+            Bound(),
+            timeout_s=300,
+            progress=False,
+            sample_size=50,
+        )
         elapsed = time.monotonic() - started
         client = make_client(settings.opensearch)
         cand = {d["transaction_id"]: d for d in candidate_documents(client, name)}
@@ -98,8 +108,10 @@ def test_backtest_of_a_stricter_rule_set_reports_its_changes_and_detection(basel
     finally:
         cleanup(settings, name)
         shutil.rmtree(settings.stack_dir / "backtests" / name, ignore_errors=True)
-    print(f"backtest of {N} transactions in {elapsed:.0f}s: {report.changed} changed, "
-          f"{report.inputs_differ} on other inputs {report.input_changes}")
+    print(
+        f"backtest of {N} transactions in {elapsed:.0f}s: {report.changed} changed, "
+        f"{report.inputs_differ} on other inputs {report.input_changes}"
+    )
 
     assert report.compared == N and report.only_baseline == 0 and report.only_candidate == 0
     assert report.versions["baseline"]["rules"] == [RuleSet.default().version]

@@ -34,8 +34,12 @@ def _publish(port: int, messages: list[tuple[str, bytes]]) -> None:
 
 
 def _detections(oid: int) -> bytes:
-    return json.dumps({"ts": int(time.time() * 1000), "objects": [
-        {"frame": 1, "oid": oid, "type": "person", "x0": 0.2, "y0": 0.1, "x1": 0.6, "y1": 0.9}]}).encode()
+    return json.dumps(
+        {
+            "ts": int(time.time() * 1000),
+            "objects": [{"frame": 1, "oid": oid, "type": "person", "x0": 0.2, "y0": 0.1, "x1": 0.6, "y1": 0.9}],
+        }
+    ).encode()
 
 
 def test_bridge_forwards_detections_dead_letters_garbage_and_survives_a_broker_restart(stack, tmp_path) -> None:
@@ -51,12 +55,15 @@ def test_bridge_forwards_detections_dead_letters_garbage_and_survives_a_broker_r
     reader = TopicReader(settings, events, dlq)
     try:
         assert bridge.connected.wait(15), "bridge did not connect"
-        _publish(broker.port, [
-            (f"{prefix}/merakimv/Q2MV-s1-ENTRANCE/raw_detections", _detections(1001)),
-            (f"{prefix}/merakimv/Q2MV-s1-ENTRANCE/0", json.dumps({"ts": 5, "counts": {"person": 1}}).encode()),
-            (f"{prefix}/merakimv/Q2MV-s1-ENTRANCE/light", b'{"lux": 300}'),
-            (f"{prefix}/merakimv/Q2MV-s1-ENTRANCE/raw_detections", b"this is not json"),
-        ])
+        _publish(
+            broker.port,
+            [
+                (f"{prefix}/merakimv/Q2MV-s1-ENTRANCE/raw_detections", _detections(1001)),
+                (f"{prefix}/merakimv/Q2MV-s1-ENTRANCE/0", json.dumps({"ts": 5, "counts": {"person": 1}}).encode()),
+                (f"{prefix}/merakimv/Q2MV-s1-ENTRANCE/light", b'{"lux": 300}'),
+                (f"{prefix}/merakimv/Q2MV-s1-ENTRANCE/raw_detections", b"this is not json"),
+            ],
+        )
         seen = reader.until(lambda s: sum(t == events for t, _, _ in s) >= 2 and any(t == dlq for t, _, _ in s))
         cam = [CameraEvent.decode(v) for t, _, v in seen if t == events]
         assert {e.kind for e in cam} == {"RAW_DETECTIONS", "ZONE_COUNT"}
@@ -71,8 +78,12 @@ def test_bridge_forwards_detections_dead_letters_garbage_and_survives_a_broker_r
         broker.start()
         assert bridge.connected.wait(20), "bridge did not reconnect after the broker restart"
         _publish(broker.port, [(f"{prefix}/merakimv/Q2MV-s1-ENTRANCE/raw_detections", _detections(2002))])
-        seen = reader.until(lambda s: any(t == events and CameraEvent.decode(v).objects
-                                          and CameraEvent.decode(v).objects[0].oid == 2002 for t, _, v in s))
+        seen = reader.until(
+            lambda s: any(
+                t == events and CameraEvent.decode(v).objects and CameraEvent.decode(v).objects[0].oid == 2002
+                for t, _, v in s
+            )
+        )
         assert bridge.stats.connects >= 2
     finally:
         stop.set()
@@ -110,8 +121,10 @@ def test_messages_published_while_the_bridge_is_down_arrive_when_it_is_back(stac
         _, stop, thread = bridge_running()  # first run: the broker learns the session and subscription
         stop.set()
         thread.join(15)
-        _publish(broker.port, [(f"{prefix}/merakimv/Q2MV-s2-ENTRANCE/raw_detections", _detections(oid))
-                               for oid in (31, 32, 33)])
+        _publish(
+            broker.port,
+            [(f"{prefix}/merakimv/Q2MV-s2-ENTRANCE/raw_detections", _detections(oid)) for oid in (31, 32, 33)],
+        )
         _, stop, thread = bridge_running()
         seen = reader.until(lambda s: len(s) >= 3)
         assert sorted(CameraEvent.decode(v).objects[0].oid for _, _, v in seen) == [31, 32, 33]

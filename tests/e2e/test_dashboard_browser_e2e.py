@@ -77,31 +77,64 @@ def make_data(now_ms: int, images: LocalImageStore) -> Indexed:
         outcome = rng.choices(("APPROVE", "REVIEW", "BLOCK"), weights=(80, 12, 8))[0]
         event_time = now_ms - rng.randint(30_000, 50 * 60_000)
         ttdf = rng.randint(20, 120) + (400 if i % 37 == 0 else 0)
-        transactions.append(ScoredTransaction(
-            transaction_id=f"tx-{i:05d}", event_time=event_time, store_id=STORES[i % 4], lane_id=f"L{i % 5}",
-            kind="RETURN" if i % 19 == 0 else "SALE", amount=round(rng.uniform(5, 900), 2), currency="USD",
-            item_count=1 + i % 4, customer_key=f"card:{i % 60}", outcome=outcome,
-            risk_score={"APPROVE": 10, "REVIEW": 60, "BLOCK": 92}[outcome],
-            reasons=("high_value_item",) if outcome != "APPROVE" else (), rules_version="builtin-v1",
-            ingest_time=event_time + 5, decided_at=event_time + ttdf, proc_time_ms=ttdf - 8, model_time_ms=6,
-            ttdf_ms=ttdf, billing_state=("CA", "NY", "TX")[i % 3], billing_country="US",
-        ))
+        transactions.append(
+            ScoredTransaction(
+                transaction_id=f"tx-{i:05d}",
+                event_time=event_time,
+                store_id=STORES[i % 4],
+                lane_id=f"L{i % 5}",
+                kind="RETURN" if i % 19 == 0 else "SALE",
+                amount=round(rng.uniform(5, 900), 2),
+                currency="USD",
+                item_count=1 + i % 4,
+                customer_key=f"card:{i % 60}",
+                outcome=outcome,
+                risk_score={"APPROVE": 10, "REVIEW": 60, "BLOCK": 92}[outcome],
+                reasons=("high_value_item",) if outcome != "APPROVE" else (),
+                rules_version="builtin-v1",
+                ingest_time=event_time + 5,
+                decided_at=event_time + ttdf,
+                proc_time_ms=ttdf - 8,
+                model_time_ms=6,
+                ttdf_ms=ttdf,
+                billing_state=("CA", "NY", "TX")[i % 3],
+                billing_country="US",
+            )
+        )
     blocked = [t for t in transactions if t.outcome == "BLOCK"]
     ref = images.put("checkout", blocked[0].transaction_id, snapshot_jpeg())
     alerts = [
-        Alert(alert_id=f"alert-{t.transaction_id}", kind="BLOCKED_TRANSACTION", severity="high",
-              event_time=t.event_time, store_id=t.store_id, lane_id=t.lane_id, transaction_id=t.transaction_id,
-              amount=t.amount, currency=t.currency, outcome="BLOCK", risk_score=t.risk_score, reasons=t.reasons,
-              snapshot_ref=ref if n == 0 else None,
-              summary=f"Blocked {t.transaction_id} at {t.store_id}: {t.amount:.2f} {t.currency}")
+        Alert(
+            alert_id=f"alert-{t.transaction_id}",
+            kind="BLOCKED_TRANSACTION",
+            severity="high",
+            event_time=t.event_time,
+            store_id=t.store_id,
+            lane_id=t.lane_id,
+            transaction_id=t.transaction_id,
+            amount=t.amount,
+            currency=t.currency,
+            outcome="BLOCK",
+            risk_score=t.risk_score,
+            reasons=t.reasons,
+            snapshot_ref=ref if n == 0 else None,
+            summary=f"Blocked {t.transaction_id} at {t.store_id}: {t.amount:.2f} {t.currency}",
+        )
         for n, t in enumerate(sorted(blocked, key=lambda t: -t.event_time))
     ]
     faces = [
         FaceObservation(
-            observation_id=f"checkout:{t.transaction_id}", event_time=t.event_time, camera_serial=f"Q2MV-{t.store_id}",
-            store_id=t.store_id, lane_id=t.lane_id, transaction_id=t.transaction_id, trigger="CHECKOUT",
+            observation_id=f"checkout:{t.transaction_id}",
+            event_time=t.event_time,
+            camera_serial=f"Q2MV-{t.store_id}",
+            store_id=t.store_id,
+            lane_id=t.lane_id,
+            transaction_id=t.transaction_id,
+            trigger="CHECKOUT",
             status=("MATCHED" if n % 9 == 0 else "NO_MATCH" if n % 3 else "NO_FACE"),
-            category="SUSPECT" if n % 9 == 0 else None, similarity=91.0 if n % 9 == 0 else None, quality=0.8,
+            category="SUSPECT" if n % 9 == 0 else None,
+            similarity=91.0 if n % 9 == 0 else None,
+            quality=0.8,
         )
         for n, t in enumerate(transactions[:120])
     ]
@@ -111,11 +144,15 @@ def make_data(now_ms: int, images: LocalImageStore) -> Indexed:
 def index_all(client: OpenSearch, prefix: str, data: Indexed) -> None:
     """Through the sink's own path: Avro bytes -> to_actions -> bulk into the period indices."""
     batch: list[Message] = []
-    for spec, records in ((SCORED_TRANSACTIONS, data.transactions), (ALERTS, data.alerts),
-                          (FACE_OBSERVATIONS, data.faces)):
+    for spec, records in (
+        (SCORED_TRANSACTIONS, data.transactions),
+        (ALERTS, data.alerts),
+        (FACE_OBSERVATIONS, data.faces),
+    ):
         records_: list[Record] = list(records)
-        batch += [Message(topic=spec.full_name(""), partition=0, offset=n, value=r.encode())
-                  for n, r in enumerate(records_)]
+        batch += [
+            Message(topic=spec.full_name(""), partition=0, offset=n, value=r.encode()) for n, r in enumerate(records_)
+        ]
     actions, dead = to_actions(batch, index_prefix=prefix)
     assert dead == []
     result = bulk_once(client, actions)
@@ -207,7 +244,8 @@ def test_window_anchored_at_the_latest_event_shows_replayed_history(served: Serv
     anchored = httpx.get(f"{served.url}/api/overview", params={"minutes": 5, "anchor": "latest"}, timeout=30).json()
     assert anchored["window"]["end"] == latest + 1
     assert anchored["totals"]["transactions"] == sum(
-        1 for t in served.data.transactions if t.event_time > latest - 5 * 60_000)
+        1 for t in served.data.transactions if t.event_time > latest - 5 * 60_000
+    )
 
 
 def test_page_renders_charts_with_data_in_headless_chromium(served: Served) -> None:
@@ -218,16 +256,16 @@ def test_page_renders_charts_with_data_in_headless_chromium(served: Served) -> N
     data = served.data
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                     args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+        )
         try:
             page = browser.new_page(viewport={"width": 1440, "height": 1300})
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(f"{served.url}/?minutes=60", wait_until="networkidle")
             page.wait_for_function("Number(document.body.dataset.renders || 0) >= 1", timeout=30_000)
-            page.wait_for_function("[...document.querySelectorAll('img.thumb')].every(i => i.complete)",
-                                   timeout=30_000)
+            page.wait_for_function("[...document.querySelectorAll('img.thumb')].every(i => i.complete)", timeout=30_000)
             page.screenshot(path=str(SCREENSHOTS / "dashboard.png"), full_page=True)
 
             assert errors == []
@@ -278,8 +316,9 @@ def test_alert_page_that_messages_link_to_shows_the_alert_its_decision_and_snaps
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                     args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+        )
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 800})
             page.goto(f"{served.url}/?minutes=60", wait_until="networkidle")

@@ -34,8 +34,10 @@ def world(stack, tmp_path):
     settings = face_camera_settings(stack, tmp_path)
     camera = LocalCameraServer(settings, people=people).start()
     stop = threading.Event()
-    threads = [threading.Thread(target=CameraBridge(settings).run, args=(stop,), daemon=True),
-               threading.Thread(target=run_face_stage, args=(settings, stop), daemon=True)]
+    threads = [
+        threading.Thread(target=CameraBridge(settings).run, args=(stop,), daemon=True),
+        threading.Thread(target=run_face_stage, args=(settings, stop), daemon=True),
+    ]
     for t in threads:
         t.start()
     reader = TopicReader(settings, FACE_OBSERVATIONS.full_name(settings.kafka.topic_prefix))
@@ -77,12 +79,14 @@ def test_the_face_at_a_checkout_is_the_person_who_stood_at_that_lane(world) -> N
     producer.produce(TRANSACTIONS.full_name(settings.kafka.topic_prefix), tx.encode(), key=f"{store}/lane-03".encode())
     assert producer.flush(10) == 0
 
-    [obs] = [o for o in _observations(reader, lambda os: any(o.transaction_id == tx.transaction_id for o in os))
-             if o.transaction_id == tx.transaction_id]
+    [obs] = [
+        o
+        for o in _observations(reader, lambda os: any(o.transaction_id == tx.transaction_id for o in os))
+        if o.transaction_id == tx.transaction_id
+    ]
     assert (obs.observation_id, obs.trigger, obs.status) == (f"checkout:{tx.transaction_id}", "CHECKOUT", "NO_MATCH")
     assert obs.camera_serial == camera_for_lane(settings, store, "lane-03") and obs.image_ref
-    truth = [p for p in control.ground_truth(obs.camera_serial)
-             if p["start_ms"] <= tx.event_time < p["end_ms"]]
+    truth = [p for p in control.ground_truth(obs.camera_serial) if p["start_ms"] <= tx.event_time < p["end_ms"]]
     assert [p["person"] for p in truth] == [person]
     reference = next(p for p in people[person] if str(p) != truth[0]["photo"])  # another photo of them
     engine = FaceEngine(settings.faces)
@@ -137,8 +141,13 @@ def test_broken_snapshots_end_as_unavailable_with_a_reason_and_the_stage_goes_on
     settings, camera, reader = world
     control = LocalCameraControl(camera.base_url)
     store = f"store-{uuid.uuid4().hex[:6]}"
-    faults = {"lane-01": ("never_ready", "not_ready"), "lane-02": ("corrupt", "image unusable"),
-              "lane-03": ("empty", "empty"), "lane-04": ("huge", "too_large"), "lane-05": ("wrong_type", "wrong_type")}
+    faults = {
+        "lane-01": ("never_ready", "not_ready"),
+        "lane-02": ("corrupt", "image unusable"),
+        "lane-03": ("empty", "empty"),
+        "lane-04": ("huge", "too_large"),
+        "lane-05": ("wrong_type", "wrong_type"),
+    }
     producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True})
     topic = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
     now = int(time.time() * 1000)
@@ -169,8 +178,9 @@ def test_a_restarted_face_stage_resumes_after_what_it_finished(stack, tmp_path) 
         now = int(time.time() * 1000)
         ids = set()
         for i in range(n):
-            tx = PosTransaction(f"tx-{uuid.uuid4().hex[:10]}", now - 2_000, "store-r", f"lane-0{i + 1}", "SALE", 5.0,
-                                "USD")
+            tx = PosTransaction(
+                f"tx-{uuid.uuid4().hex[:10]}", now - 2_000, "store-r", f"lane-0{i + 1}", "SALE", 5.0, "USD"
+            )
             producer.produce(topic, tx.encode(), key=f"store-r/lane-0{i + 1}".encode())
             ids.add(tx.transaction_id)
         assert producer.flush(10) == 0
@@ -215,8 +225,9 @@ def test_a_killed_face_stage_loses_no_checkout(stack, tmp_path) -> None:
     for i in range(24):
         lane = f"lane-{i % 8 + 1:02d}"
         tx = PosTransaction(f"tx-{uuid.uuid4().hex[:10]}", now - 2_000 + i, "store-k", lane, "SALE", 5.0, "USD")
-        producer.produce(TRANSACTIONS.full_name(settings.kafka.topic_prefix), tx.encode(),
-                         key=f"store-k/{lane}".encode())
+        producer.produce(
+            TRANSACTIONS.full_name(settings.kafka.topic_prefix), tx.encode(), key=f"store-k/{lane}".encode()
+        )
         ids.add(tx.transaction_id)
     assert producer.flush(10) == 0
     child = spawn("jobs.faces.stage", settings, name="face-stage-e2e")

@@ -39,8 +39,14 @@ class Outputs:
     def __init__(self, settings: Settings) -> None:
         prefix = settings.kafka.topic_prefix
         self.scored_topic = SCORED_TRANSACTIONS.full_name(prefix)
-        self.consumer = Consumer({**settings.kafka.client_config(), "group.id": f"t{uuid.uuid4().hex}",
-                                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+        self.consumer = Consumer(
+            {
+                **settings.kafka.client_config(),
+                "group.id": f"t{uuid.uuid4().hex}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            }
+        )
         self.consumer.subscribe([self.scored_topic, ALERTS.full_name(prefix)])
         self.scored: dict[str, dict] = {}
         self.alerts: dict[str, dict] = {}
@@ -75,21 +81,47 @@ def test_faces_join_watchlist_matches_alert_and_rules_change_without_a_restart(j
     out = Outputs(settings)
 
     # The watchlist (compacted topic) says who the suspect is; the face stage saw them at t-face.
-    _send(producer, WATCHLIST.full_name(prefix), "subj-e2e", codec("WatchlistEntry").encode({
-        "subject_id": "subj-e2e", "category": "SUSPECT", "embeddings": [SUSPECT], "reference_image_ref": None,
-        "reason": "e2e", "flagged_by": "tester", "flagged_at": int(time.time() * 1000),
-        "source_transaction_id": None,
-    }))
+    _send(
+        producer,
+        WATCHLIST.full_name(prefix),
+        "subj-e2e",
+        codec("WatchlistEntry").encode(
+            {
+                "subject_id": "subj-e2e",
+                "category": "SUSPECT",
+                "embeddings": [SUSPECT],
+                "reference_image_ref": None,
+                "reason": "e2e",
+                "flagged_by": "tester",
+                "flagged_at": int(time.time() * 1000),
+                "source_transaction_id": None,
+            }
+        ),
+    )
     # The job starts after the watchlist was written: its first decision must already know the
     # suspect (it reads the compacted topics before deciding, not only as they stream in).
     start_job()
     _send(producer, TRANSACTIONS.full_name(prefix), "store-A/lane-01", _now_sale("t-face").encode())
-    _send(producer, FACE_OBSERVATIONS.full_name(prefix), "Q2MV-store-A-lane-01", codec("FaceObservation").encode({
-        "observation_id": "checkout:t-face", "event_time": int(time.time() * 1000),
-        "camera_serial": "Q2MV-store-A-lane-01", "store_id": "store-A", "lane_id": "lane-01",
-        "transaction_id": "t-face", "trigger": "CHECKOUT", "status": "NO_MATCH", "quality": 0.9,
-        "image_ref": "checkout/t-face.jpg", "embedding": SUSPECT,
-    }))
+    _send(
+        producer,
+        FACE_OBSERVATIONS.full_name(prefix),
+        "Q2MV-store-A-lane-01",
+        codec("FaceObservation").encode(
+            {
+                "observation_id": "checkout:t-face",
+                "event_time": int(time.time() * 1000),
+                "camera_serial": "Q2MV-store-A-lane-01",
+                "store_id": "store-A",
+                "lane_id": "lane-01",
+                "transaction_id": "t-face",
+                "trigger": "CHECKOUT",
+                "status": "NO_MATCH",
+                "quality": 0.9,
+                "image_ref": "checkout/t-face.jpg",
+                "embedding": SUSPECT,
+            }
+        ),
+    )
     # A transaction whose face never comes goes ahead after the deadline.
     _send(producer, TRANSACTIONS.full_name(prefix), "store-A/lane-02", _now_sale("t-noface").encode())
 
@@ -106,12 +138,23 @@ def test_faces_join_watchlist_matches_alert_and_rules_change_without_a_restart(j
     # Forgetting the subject (tombstone) stops the matching at once.
     _send(producer, WATCHLIST.full_name(prefix), "subj-e2e", None)
     # A new rule set, published while the job runs: takes effect without a restart.
-    rules = (REPO_ROOT / "jobs" / "rulesets" / "default.yaml").read_text().replace(
-        'version: "', 'version: "e2e-live-', 1)
+    rules = (
+        (REPO_ROOT / "jobs" / "rulesets" / "default.yaml").read_text().replace('version: "', 'version: "e2e-live-', 1)
+    )
     version = next(line.split('"')[1] for line in rules.splitlines() if line.startswith("version:"))
-    _send(producer, RULES.full_name(prefix), "active", codec("RuleSetUpdate").encode({
-        "version": version, "yaml": rules, "published_at": int(time.time() * 1000), "published_by": "tester",
-    }))
+    _send(
+        producer,
+        RULES.full_name(prefix),
+        "active",
+        codec("RuleSetUpdate").encode(
+            {
+                "version": version,
+                "yaml": rules,
+                "published_at": int(time.time() * 1000),
+                "published_by": "tester",
+            }
+        ),
+    )
     probes: list[str] = []
 
     def new_rules_in_force() -> bool:
@@ -124,12 +167,25 @@ def test_faces_join_watchlist_matches_alert_and_rules_change_without_a_restart(j
         assert time.monotonic() < deadline, "the new rule set (or the forget) never took effect"
         probes.append(f"probe-{len(probes)}")
         _send(producer, TRANSACTIONS.full_name(prefix), "store-A/lane-03", _now_sale(probes[-1]).encode())
-        _send(producer, FACE_OBSERVATIONS.full_name(prefix), "Q2MV-store-A-lane-03",
-              codec("FaceObservation").encode({
-                  "observation_id": f"checkout:{probes[-1]}", "event_time": int(time.time() * 1000),
-                  "camera_serial": "Q2MV-store-A-lane-03", "store_id": "store-A", "lane_id": "lane-03",
-                  "transaction_id": probes[-1], "trigger": "CHECKOUT", "status": "NO_MATCH", "quality": 0.9,
-                  "image_ref": None, "embedding": SUSPECT,
-              }))
+        _send(
+            producer,
+            FACE_OBSERVATIONS.full_name(prefix),
+            "Q2MV-store-A-lane-03",
+            codec("FaceObservation").encode(
+                {
+                    "observation_id": f"checkout:{probes[-1]}",
+                    "event_time": int(time.time() * 1000),
+                    "camera_serial": "Q2MV-store-A-lane-03",
+                    "store_id": "store-A",
+                    "lane_id": "lane-03",
+                    "transaction_id": probes[-1],
+                    "trigger": "CHECKOUT",
+                    "status": "NO_MATCH",
+                    "quality": 0.9,
+                    "image_ref": None,
+                    "embedding": SUSPECT,
+                }
+            ),
+        )
         out.wait(lambda: probes[-1] in out.scored, 60, "a probe transaction scored")
     assert len(probes) < 60

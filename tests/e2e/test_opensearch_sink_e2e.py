@@ -25,11 +25,12 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from opensearchpy import OpenSearch
 
 from infra.clients.opensearch import make_client
+from infra.retry import Backoff
 from infra.settings import Settings, get_settings
 from schemas.indices import TEMPLATE_DIR
 from schemas.records import Alert, DeadLetter, FaceObservation, Record, ScoredTransaction
 from schemas.topics import ALERTS, DEAD_LETTERS, FACE_OBSERVATIONS, SCORED_TRANSACTIONS
-from sinks.opensearch.sink import Backoff, OpenSearchSink, apply_retention, install_templates
+from sinks.opensearch.sink import OpenSearchSink, apply_retention, install_templates
 
 pytestmark = pytest.mark.e2e
 log = logging.getLogger(__name__)
@@ -45,13 +46,17 @@ def base_settings() -> Settings:
     try:
         AdminClient(settings.kafka.client_config()).list_topics(timeout=5)
     except Exception as exc:
-        pytest.skip(f"Kafka at {settings.kafka.bootstrap_servers} not reachable ({exc}); "
-                    "start the stack with `python -m infra.stack up`")
+        pytest.skip(
+            f"Kafka at {settings.kafka.bootstrap_servers} not reachable ({exc}); "
+            "start the stack with `python -m infra.stack up`"
+        )
     try:
         make_client(settings.opensearch, timeout_s=5).info()
     except Exception as exc:
-        pytest.skip(f"OpenSearch at {settings.opensearch.url} not reachable ({type(exc).__name__}); "
-                    "start the stack with `python -m infra.stack up`")
+        pytest.skip(
+            f"OpenSearch at {settings.opensearch.url} not reachable ({type(exc).__name__}); "
+            "start the stack with `python -m infra.stack up`"
+        )
     return settings
 
 
@@ -78,8 +83,13 @@ class Sandbox:
 
     def sink(self, settings: Settings | None = None) -> OpenSearchSink:
         """A sink on this sandbox with a short backoff, so outage tests take seconds."""
-        return OpenSearchSink(settings or self.settings, index_prefix=self.index_prefix, group_id=self.group_id,
-                              backoff=Backoff(initial_s=0.05, maximum_s=0.5), summary_interval_s=5.0)
+        return OpenSearchSink(
+            settings or self.settings,
+            index_prefix=self.index_prefix,
+            group_id=self.group_id,
+            backoff=Backoff(initial_s=0.05, maximum_s=0.5),
+            summary_interval_s=5.0,
+        )
 
 
 @pytest.fixture
@@ -87,13 +97,18 @@ def sandbox(base_settings: Settings) -> Iterator[Sandbox]:
     tag = uuid.uuid4().hex[:10]
     topic_prefix = f"t{tag}."
     settings = base_settings.model_copy(
-        update={"kafka": base_settings.kafka.model_copy(update={"topic_prefix": topic_prefix})})
+        update={"kafka": base_settings.kafka.model_copy(update={"topic_prefix": topic_prefix})}
+    )
     admin = AdminClient(settings.kafka.client_config())
     topics = [spec.full_name(topic_prefix) for spec in (SCORED_TRANSACTIONS, ALERTS, FACE_OBSERVATIONS, DEAD_LETTERS)]
     for future in admin.create_topics([NewTopic(t, num_partitions=3, replication_factor=1) for t in topics]).values():
         future.result(timeout=30)
-    box = Sandbox(settings, index_prefix=f"t{tag}-cg", group_id=f"t{tag}-opensearch-sink",
-                  opensearch=make_client(base_settings.opensearch))
+    box = Sandbox(
+        settings,
+        index_prefix=f"t{tag}-cg",
+        group_id=f"t{tag}-opensearch-sink",
+        opensearch=make_client(base_settings.opensearch),
+    )
     try:
         yield box
     finally:
@@ -127,13 +142,27 @@ def encoded(records: list[Record], key_field: str) -> list[tuple[bytes, bytes]]:
 def scored(n: int, start: int = 0) -> list[ScoredTransaction]:
     return [
         ScoredTransaction(
-            transaction_id=f"tx-{i:06d}", event_time=1_700_000_000_000 + i, store_id=f"S{i % 4}",
-            lane_id=f"L{i % 7}", kind="SALE", amount=10.0 + i, currency="USD", item_count=1 + i % 3,
-            customer_key=f"card:{i % 50}", outcome=("APPROVE", "REVIEW", "BLOCK")[i % 3], risk_score=i % 100,
-            reasons=("velocity",) if i % 2 else (), rules_version="builtin-v1",
-            ingest_time=1_700_000_000_010 + i, decided_at=1_700_000_000_030 + i, proc_time_ms=12,
-            model_time_ms=4, ttdf_ms=30, indicators={"velocity": float(i % 5), "amount_zscore": 0.5},
-            billing_state="CA", billing_country="US",
+            transaction_id=f"tx-{i:06d}",
+            event_time=1_700_000_000_000 + i,
+            store_id=f"S{i % 4}",
+            lane_id=f"L{i % 7}",
+            kind="SALE",
+            amount=10.0 + i,
+            currency="USD",
+            item_count=1 + i % 3,
+            customer_key=f"card:{i % 50}",
+            outcome=("APPROVE", "REVIEW", "BLOCK")[i % 3],
+            risk_score=i % 100,
+            reasons=("velocity",) if i % 2 else (),
+            rules_version="builtin-v1",
+            ingest_time=1_700_000_000_010 + i,
+            decided_at=1_700_000_000_030 + i,
+            proc_time_ms=12,
+            model_time_ms=4,
+            ttdf_ms=30,
+            indicators={"velocity": float(i % 5), "amount_zscore": 0.5},
+            billing_state="CA",
+            billing_country="US",
         )
         for i in range(start, start + n)
     ]
@@ -141,10 +170,20 @@ def scored(n: int, start: int = 0) -> list[ScoredTransaction]:
 
 def alerts(n: int) -> list[Alert]:
     return [
-        Alert(alert_id=f"alert-{i:05d}", kind="BLOCKED_TRANSACTION", severity="high",
-              event_time=1_700_000_000_000 + i, store_id=f"S{i % 4}", summary=f"transaction tx-{i:06d} blocked",
-              transaction_id=f"tx-{i:06d}", amount=99.5, currency="USD", outcome="BLOCK", risk_score=95,
-              reasons=("velocity",))
+        Alert(
+            alert_id=f"alert-{i:05d}",
+            kind="BLOCKED_TRANSACTION",
+            severity="high",
+            event_time=1_700_000_000_000 + i,
+            store_id=f"S{i % 4}",
+            summary=f"transaction tx-{i:06d} blocked",
+            transaction_id=f"tx-{i:06d}",
+            amount=99.5,
+            currency="USD",
+            outcome="BLOCK",
+            risk_score=95,
+            reasons=("velocity",),
+        )
         for i in range(n)
     ]
 
@@ -163,8 +202,7 @@ def _committed(probe: Consumer, partitions: list[TopicPartition], attempts: int 
 
 def committed_and_end(box: Sandbox) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], int]]:
     """The group's committed offsets and the end offsets of the sink's input partitions."""
-    probe = Consumer({**box.settings.kafka.client_config(), "group.id": box.group_id,
-                      "enable.auto.commit": False})
+    probe = Consumer({**box.settings.kafka.client_config(), "group.id": box.group_id, "enable.auto.commit": False})
     try:
         partitions = [TopicPartition(box.topic(spec), p) for spec in (SCORED_TRANSACTIONS, ALERTS) for p in range(3)]
         committed = {(tp.topic, tp.partition): tp.offset for tp in _committed(probe, partitions)}
@@ -211,8 +249,14 @@ def running(sink: OpenSearchSink) -> Iterator[OpenSearchSink]:
 
 
 def dead_letters(box: Sandbox, expected: int) -> list[DeadLetter]:
-    consumer = Consumer({**box.settings.kafka.client_config(), "group.id": f"{box.group_id}-dlq-reader",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer = Consumer(
+        {
+            **box.settings.kafka.client_config(),
+            "group.id": f"{box.group_id}-dlq-reader",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
     consumer.subscribe([box.topic(DEAD_LETTERS)])
     found: list[DeadLetter] = []
     deadline = time.monotonic() + 30
@@ -337,21 +381,26 @@ def test_documents_are_searchable_by_their_mapped_types(sandbox: Sandbox) -> Non
         wait_until(lambda: caught_up(sandbox), "the sink committed every offset")
     index = f"{sandbox.index_prefix}-transactions"
     sandbox.opensearch.indices.refresh(index=index)
-    answer = sandbox.opensearch.search(index=index, body={
-        "size": 0,
-        "track_total_hits": True,
-        "aggs": {
-            "late": {"filter": {"range": {"event_time": {"gte": 1_700_000_000_010}}}},
-            "by_outcome": {"terms": {"field": "outcome"}},
-            "revenue": {"sum": {"field": "amount"}},
-            "velocity": {"max": {"field": "indicators.velocity"}},
-            "per_minute": {"date_histogram": {"field": "decided_at", "fixed_interval": "1m"}},
+    answer = sandbox.opensearch.search(
+        index=index,
+        body={
+            "size": 0,
+            "track_total_hits": True,
+            "aggs": {
+                "late": {"filter": {"range": {"event_time": {"gte": 1_700_000_000_010}}}},
+                "by_outcome": {"terms": {"field": "outcome"}},
+                "revenue": {"sum": {"field": "amount"}},
+                "velocity": {"max": {"field": "indicators.velocity"}},
+                "per_minute": {"date_histogram": {"field": "decided_at", "fixed_interval": "1m"}},
+            },
         },
-    })
+    )
     assert answer["hits"]["total"]["value"] == 30
     assert answer["aggregations"]["late"]["doc_count"] == 20
     assert {b["key"]: b["doc_count"] for b in answer["aggregations"]["by_outcome"]["buckets"]} == {
-        "APPROVE": 10, "REVIEW": 10, "BLOCK": 10,
+        "APPROVE": 10,
+        "REVIEW": 10,
+        "BLOCK": 10,
     }
     assert answer["aggregations"]["revenue"]["value"] == sum(10.0 + i for i in range(30))
     assert answer["aggregations"]["velocity"]["value"] == 4.0
@@ -362,12 +411,20 @@ def test_documents_are_searchable_by_their_mapped_types(sandbox: Sandbox) -> Non
 def test_bad_input_is_dead_lettered_and_the_rest_indexed(sandbox: Sandbox) -> None:
     good = scored(20)
     rejected_by_opensearch = scored(1, start=900)[0]
-    rejected_by_opensearch = ScoredTransaction(**{
-        **rejected_by_opensearch.to_avro(), "reasons": (), "indicators": {"": 1.0},  # empty field name: 400
-    })
-    produce(sandbox, sandbox.topic(SCORED_TRANSACTIONS),
-            encoded(good, "transaction_id") + [(b"junk", b"\x00not avro")]
-            + encoded([rejected_by_opensearch], "transaction_id"))
+    rejected_by_opensearch = ScoredTransaction(
+        **{
+            **rejected_by_opensearch.to_avro(),
+            "reasons": (),
+            "indicators": {"": 1.0},  # empty field name: 400
+        }
+    )
+    produce(
+        sandbox,
+        sandbox.topic(SCORED_TRANSACTIONS),
+        encoded(good, "transaction_id")
+        + [(b"junk", b"\x00not avro")]
+        + encoded([rejected_by_opensearch], "transaction_id"),
+    )
 
     with running(sandbox.sink()) as sink:
         wait_until(lambda: caught_up(sandbox), "the sink committed past the bad messages")
@@ -383,12 +440,14 @@ def test_bad_input_is_dead_lettered_and_the_rest_indexed(sandbox: Sandbox) -> No
 
 
 def test_sink_rides_out_an_opensearch_outage_without_losing_or_committing(
-    sandbox: Sandbox, proxy: SwitchableProxy,
+    sandbox: Sandbox,
+    proxy: SwitchableProxy,
 ) -> None:
     # Small batches, so most of the records produced during the outage are still in Kafka when it
     # ends and must be fetched after the paused partitions resume.
-    settings = sandbox.settings.model_copy(update={
-        "opensearch": sandbox.settings.opensearch.model_copy(update={"url": proxy.url, "bulk_max_docs": 64})})
+    settings = sandbox.settings.model_copy(
+        update={"opensearch": sandbox.settings.opensearch.model_copy(update={"url": proxy.url, "bulk_max_docs": 64})}
+    )
     sink = sandbox.sink(settings=settings)
     before, during = scored(100), scored(250, start=100)
     produce(sandbox, sandbox.topic(SCORED_TRANSACTIONS), encoded(before, "transaction_id"))
@@ -401,8 +460,10 @@ def test_sink_rides_out_an_opensearch_outage_without_losing_or_committing(
 
         proxy.cut()
         produce(sandbox, sandbox.topic(SCORED_TRANSACTIONS), encoded(during, "transaction_id"))
-        wait_until(lambda: sink.stats.retries >= 5 and proxy.accepted_while_cut >= 3,
-                   "the sink retried against the unreachable OpenSearch")
+        wait_until(
+            lambda: sink.stats.retries >= 5 and proxy.accepted_while_cut >= 3,
+            "the sink retried against the unreachable OpenSearch",
+        )
         time.sleep(1.0)
         assert committed_and_end(sandbox)[0] == committed_before_outage
         assert sink.stats.commits == commits_before_outage
@@ -412,16 +473,20 @@ def test_sink_rides_out_an_opensearch_outage_without_losing_or_committing(
         wait_until(lambda: caught_up(sandbox), "the sink caught up after the outage")
         assert sandbox.count("transactions") == 350
     assert sink.stats.dead_lettered == 0
-    ids = sandbox.opensearch.search(index=f"{sandbox.index_prefix}-transactions", body={
-        "size": 0, "aggs": {"ids": {"cardinality": {"field": "transaction_id", "precision_threshold": 1000}}}})
+    ids = sandbox.opensearch.search(
+        index=f"{sandbox.index_prefix}-transactions",
+        body={"size": 0, "aggs": {"ids": {"cardinality": {"field": "transaction_id", "precision_threshold": 1000}}}},
+    )
     assert ids["aggregations"]["ids"]["value"] == 350
 
 
 def test_sink_started_while_opensearch_is_down_waits_and_then_indexes(
-    sandbox: Sandbox, proxy: SwitchableProxy,
+    sandbox: Sandbox,
+    proxy: SwitchableProxy,
 ) -> None:
-    settings = sandbox.settings.model_copy(update={
-        "opensearch": sandbox.settings.opensearch.model_copy(update={"url": proxy.url})})
+    settings = sandbox.settings.model_copy(
+        update={"opensearch": sandbox.settings.opensearch.model_copy(update={"url": proxy.url})}
+    )
     produce(sandbox, sandbox.topic(ALERTS), encoded(alerts(15), "alert_id"))
     proxy.cut()
     with running(sandbox.sink(settings=settings)) as sink:
@@ -435,10 +500,18 @@ def test_sink_started_while_opensearch_is_down_waits_and_then_indexes(
 def face_observations(n: int, event_time: int = 1_700_000_000_000, start: int = 0) -> list[FaceObservation]:
     return [
         FaceObservation(
-            observation_id=f"checkout:tx-{i:06d}", event_time=event_time + i, camera_serial=f"Q2MV-S{i % 2}-L1",
-            store_id=f"S{i % 2}", lane_id="L1", transaction_id=f"tx-{i:06d}", trigger="CHECKOUT",
-            status=("MATCHED", "NO_MATCH", "NO_FACE")[i % 3], subject_id="subj-tx-9" if i % 3 == 0 else None,
-            similarity=97.5 if i % 3 == 0 else None, quality=0.8, image_ref=f"checkout/tx-{i:06d}",
+            observation_id=f"checkout:tx-{i:06d}",
+            event_time=event_time + i,
+            camera_serial=f"Q2MV-S{i % 2}-L1",
+            store_id=f"S{i % 2}",
+            lane_id="L1",
+            transaction_id=f"tx-{i:06d}",
+            trigger="CHECKOUT",
+            status=("MATCHED", "NO_MATCH", "NO_FACE")[i % 3],
+            subject_id="subj-tx-9" if i % 3 == 0 else None,
+            similarity=97.5 if i % 3 == 0 else None,
+            quality=0.8,
+            image_ref=f"checkout/tx-{i:06d}",
             embedding=[0.25] * 128 if i % 3 != 2 else None,
         )
         for i in range(start, start + n)
@@ -461,8 +534,12 @@ def test_face_observations_are_indexed_once_each_without_their_embeddings(sandbo
 
 def test_retention_drops_expired_face_observations_before_transactions(sandbox: Sandbox) -> None:
     old, now = 1_700_000_000_000, int(time.time() * 1000)
-    produce(sandbox, sandbox.topic(FACE_OBSERVATIONS), encoded(face_observations(6, old), "camera_serial")
-            + encoded(face_observations(3, now, start=100), "camera_serial"))
+    produce(
+        sandbox,
+        sandbox.topic(FACE_OBSERVATIONS),
+        encoded(face_observations(6, old), "camera_serial")
+        + encoded(face_observations(3, now, start=100), "camera_serial"),
+    )
     produce(sandbox, sandbox.topic(SCORED_TRANSACTIONS), encoded(scored(5), "transaction_id"))
     with running(sandbox.sink()) as sink:
         wait_until(lambda: sink.stats.indexed + sink.stats.superseded >= 9 + 5, "the sink indexed everything")
@@ -470,8 +547,10 @@ def test_retention_drops_expired_face_observations_before_transactions(sandbox: 
     assert sandbox.count("face_observations") == 9
     assert apply_retention(client, prefix, settings) == []  # old history replayed just now is kept for now
 
-    created = max(int(body["settings"]["index"]["creation_date"]) for body in client.indices.get_settings(
-        index=f"{prefix}-*", name="index.creation_date").values())
+    created = max(
+        int(body["settings"]["index"]["creation_date"])
+        for body in client.indices.get_settings(index=f"{prefix}-*", name="index.creation_date").values()
+    )
     later = created + settings.face_observations_retention_days * 24 * 3600 * 1000 + 1
     assert apply_retention(client, prefix, settings, now_ms=later) == [f"{prefix}-face_observations-2023.11.14"]
     assert sandbox.count("transactions") == 5

@@ -43,8 +43,9 @@ def indexed(settings: Settings) -> dict[str, dict]:
 @pytest.fixture
 def pipeline(stack: Settings, tmp_path):
     """An isolated prefix with its OpenSearch sink running; the test starts the job (into ``jobs``)."""
-    settings = stack.isolated(f"rp{uuid.uuid4().hex[:8]}", tmp_path / "checkpoints", checkpoint_interval_ms=1000,
-                              face_deadline_ms=0)
+    settings = stack.isolated(
+        f"rp{uuid.uuid4().hex[:8]}", tmp_path / "checkpoints", checkpoint_interval_ms=1000, face_deadline_ms=0
+    )
     ensure_topics(settings)
     stop = threading.Event()
     sink = threading.Thread(target=run_sink, args=(settings, stop), daemon=True)
@@ -55,8 +56,9 @@ def pipeline(stack: Settings, tmp_path):
         job.stop()
     stop.set()
     sink.join(30)
-    make_client(settings.opensearch).indices.delete(index=f"{settings.opensearch.index_prefix}-*",
-                                                    ignore_unavailable=True)
+    make_client(settings.opensearch).indices.delete(
+        index=f"{settings.opensearch.index_prefix}-*", ignore_unavailable=True
+    )
 
 
 def test_replaying_a_range_twice_changes_nothing_in_opensearch(pipeline):
@@ -86,11 +88,19 @@ def test_replaying_a_range_twice_changes_nothing_in_opensearch(pipeline):
     assert sum(high_watermarks(settings.kafka, tx_topic).values()) == 3 * n
 
     # The job has read (and checkpointed) all three copies, and the sink everything the job wrote.
-    wait_for(lambda: caught_up(settings.kafka, settings.job.consumer_group, tx_topic), timeout=180, interval=1.0,
-             what="the job to read the replays")
+    wait_for(
+        lambda: caught_up(settings.kafka, settings.job.consumer_group, tx_topic),
+        timeout=180,
+        interval=1.0,
+        what="the job to read the replays",
+    )
     time.sleep(3 * settings.job.checkpoint_interval_ms / 1000)  # anything still batched is written by now
-    wait_for(lambda: caught_up(settings.kafka, default_group_id(prefix), scored_topic), timeout=120, interval=1.0,
-             what="the sink to index what the job wrote")
+    wait_for(
+        lambda: caught_up(settings.kafka, default_group_id(prefix), scored_topic),
+        timeout=120,
+        interval=1.0,
+        what="the sink to index what the job wrote",
+    )
 
     assert sum(high_watermarks(settings.kafka, scored_topic).values()) == n, "the job scored no transaction twice"
     after = indexed(settings)
@@ -114,11 +124,19 @@ def test_a_new_job_started_from_a_time_scores_only_what_came_after_it(pipeline):
     from_time = settings.model_copy(update={"job": settings.job.model_copy(update={"starting_offsets": str(start_ms)})})
     jobs.append(start_scoring_job(from_time, name=f"{settings.job.consumer_group}-from-time"))
     wait_for(lambda: len(indexed(settings)) >= len(later), timeout=240, interval=1.0, what="the later documents")
-    wait_for(lambda: caught_up(settings.kafka, settings.job.consumer_group, TRANSACTIONS.full_name(prefix)),
-             timeout=120, interval=1.0, what="the job to commit its input")
+    wait_for(
+        lambda: caught_up(settings.kafka, settings.job.consumer_group, TRANSACTIONS.full_name(prefix)),
+        timeout=120,
+        interval=1.0,
+        what="the job to commit its input",
+    )
     time.sleep(3 * settings.job.checkpoint_interval_ms / 1000)
-    wait_for(lambda: caught_up(settings.kafka, default_group_id(prefix), SCORED_TRANSACTIONS.full_name(prefix)),
-             timeout=120, interval=1.0, what="the sink to index what the job wrote")
+    wait_for(
+        lambda: caught_up(settings.kafka, default_group_id(prefix), SCORED_TRANSACTIONS.full_name(prefix)),
+        timeout=120,
+        interval=1.0,
+        what="the sink to index what the job wrote",
+    )
     assert set(indexed(settings)) == {tx.transaction_id for tx in later}
 
 
@@ -129,8 +147,9 @@ def raw_topics(stack: Settings):
     admin = AdminClient(stack.kafka.client_config())
     layout = {"src": 3, "same": 3, "two": 2, "one": 1, "restamped": 1}
     names = {k: f"{prefix}{k}" for k in layout}
-    for fut in admin.create_topics([NewTopic(names[k], num_partitions=n, replication_factor=1)
-                                    for k, n in layout.items()]).values():
+    for fut in admin.create_topics(
+        [NewTopic(names[k], num_partitions=n, replication_factor=1) for k, n in layout.items()]
+    ).values():
         fut.result()
     yield names
     for fut in admin.delete_topics(list(names.values())).values():
@@ -140,11 +159,13 @@ def raw_topics(stack: Settings):
 def _read(settings: Settings, topic: str) -> dict[int, list[tuple]]:
     """Every record of ``topic`` per partition: (key, value, headers, timestamp)."""
     ends = high_watermarks(settings.kafka, topic)
-    consumer = Consumer({**settings.kafka.client_config(), "group.id": f"rd-{uuid.uuid4().hex}",
-                         "enable.auto.commit": False})
+    consumer = Consumer(
+        {**settings.kafka.client_config(), "group.id": f"rd-{uuid.uuid4().hex}", "enable.auto.commit": False}
+    )
     consumer.assign([TopicPartition(topic, p, 0) for p in ends])
     out: dict[int, list[tuple]] = {p: [] for p in ends}
     try:
+
         def more() -> bool:
             for msg in consumer.consume(500, timeout=0.5):
                 if msg.error() is None:
@@ -161,21 +182,30 @@ def test_replay_keeps_keys_values_headers_timestamps_and_order_at_the_set_rate(s
     settings, n, base_ts = stack, 600, int(time.time() * 1000) - 60_000
     producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True})
     for i in range(n):  # round robin over partitions, timestamps rising across all: merged order = i
-        producer.produce(raw_topics["src"], partition=i % 3, key=f"k{i % 7}".encode(), value=f"v{i}".encode(),
-                         headers=[("seq", str(i).encode()), ("origin", b"test")], timestamp=base_ts + 10 * i)
+        producer.produce(
+            raw_topics["src"],
+            partition=i % 3,
+            key=f"k{i % 7}".encode(),
+            value=f"v{i}".encode(),
+            headers=[("seq", str(i).encode()), ("origin", b"test")],
+            timestamp=base_ts + 10 * i,
+        )
     assert producer.flush(30) == 0
     source = _read(settings, raw_topics["src"])
     everything = plan(settings.kafka, raw_topics["src"], Bound(), Bound())
 
     # Same partition count: the same partition, byte for byte, timestamps included.
-    assert replay(settings.kafka, raw_topics["src"], settings.kafka, raw_topics["same"], everything,
-                  progress=False).acked == n
+    assert (
+        replay(settings.kafka, raw_topics["src"], settings.kafka, raw_topics["same"], everything, progress=False).acked
+        == n
+    )
     assert _read(settings, raw_topics["same"]) == source
 
     # One partition, rate-limited: merged by timestamp, i.e. the order the records were first written.
     started = time.monotonic()
-    stats = replay(settings.kafka, raw_topics["src"], settings.kafka, raw_topics["one"], everything, rate=400,
-                   progress=False)
+    stats = replay(
+        settings.kafka, raw_topics["src"], settings.kafka, raw_topics["one"], everything, rate=400, progress=False
+    )
     elapsed = time.monotonic() - started
     assert stats.ok and stats.acked == n
     assert elapsed >= (n - 40) / 400, f"{n} records at 400/s (a burst of 40) took only {elapsed:.2f}s"
@@ -198,8 +228,9 @@ def test_replay_keeps_keys_values_headers_timestamps_and_order_at_the_set_rate(s
     before = int(time.time() * 1000)
     part = plan(settings.kafka, raw_topics["src"], Bound(offsets={0: 10}), Bound(offsets={0: 20}), partitions=[0])
     assert [(r.partition, r.start, r.end) for r in part] == [(0, 10, 20)]
-    replay(settings.kafka, raw_topics["src"], settings.kafka, raw_topics["restamped"], part, restamp=True,
-           progress=False)
+    replay(
+        settings.kafka, raw_topics["src"], settings.kafka, raw_topics["restamped"], part, restamp=True, progress=False
+    )
     restamped = _read(settings, raw_topics["restamped"])[0]
     assert [value for _, value, _, _ in restamped] == [value for _, value, _, _ in source[0][10:20]]
     assert all(ts >= before for *_, ts in restamped)

@@ -18,8 +18,9 @@ def test_published_rule_set_is_the_latest_record_under_key_active(stack, tmp_pat
     settings = stack.isolated(f"rulespub{uuid.uuid4().hex[:6]}", tmp_path / "checkpoints")
     text = DEFAULT_RULESET.read_text()
     first = RuleSet.from_yaml(text)
-    second_text = text.replace(f'version: "{first.version}"', 'version: "e2e-2"').replace("block_at: 85",
-                                                                                          "block_at: 80")
+    second_text = text.replace(f'version: "{first.version}"', 'version: "e2e-2"').replace(
+        "block_at: 85", "block_at: 80"
+    )
     topic = publish_rules(settings, first, text, "tester")
     publish_rules(settings, RuleSet.from_yaml(second_text), second_text, "tester")
 
@@ -28,8 +29,14 @@ def test_published_rule_set_is_the_latest_record_under_key_active(stack, tmp_pat
     [cfg] = [f.result() for f in config.values()]
     assert cfg["cleanup.policy"].value == "compact"
 
-    consumer = Consumer({**settings.kafka.client_config(), "group.id": "rulespub-check",
-                        "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer = Consumer(
+        {
+            **settings.kafka.client_config(),
+            "group.id": "rulespub-check",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
     consumer.subscribe([topic])
     got = []
     try:

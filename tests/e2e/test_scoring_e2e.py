@@ -53,8 +53,9 @@ class Traffic:
 
 def _settings(stack: Settings, tmp_path) -> Settings:
     # No face stage runs here: decide at once rather than wait for faces that never come.
-    return stack.isolated(f"e2e{uuid.uuid4().hex[:8]}", tmp_path / "checkpoints", checkpoint_interval_ms=1000,
-                          face_deadline_ms=0)
+    return stack.isolated(
+        f"e2e{uuid.uuid4().hex[:8]}", tmp_path / "checkpoints", checkpoint_interval_ms=1000, face_deadline_ms=0
+    )
 
 
 def _produce(settings: Settings, traffic: Traffic, txs, bad_every: int, bad_kinds) -> None:
@@ -69,6 +70,7 @@ def _produce(settings: Settings, traffic: Traffic, txs, bad_every: int, bad_kind
             elif expected_kind is not None:
                 with traffic.lock:
                     traffic.bad[f"{msg.topic()}:{msg.partition()}:{msg.offset()}"] = expected_kind
+
         return callback
 
     bad = iter(bad_kinds)
@@ -85,10 +87,14 @@ def _produce(settings: Settings, traffic: Traffic, txs, bad_every: int, bad_kind
 
 
 def _dead_letters(settings: Settings, expected: int) -> dict[str, dict]:
-    consumer = Consumer({
-        **settings.kafka.client_config(), "group.id": f"check-{uuid.uuid4().hex}",
-        "auto.offset.reset": "earliest", "enable.auto.commit": False,
-    })
+    consumer = Consumer(
+        {
+            **settings.kafka.client_config(),
+            "group.id": f"check-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
     consumer.subscribe([DEAD_LETTERS.full_name(settings.kafka.topic_prefix)])
     seen: dict[str, dict] = {}
 
@@ -149,8 +155,11 @@ def pipeline(stack: Settings, tmp_path):
     sink = threading.Thread(target=run_sink, args=(settings, stop), daemon=True)
     sink.start()
     client = make_client(settings.opensearch)
-    wait_for(lambda: client.indices.exists(index=index_name(settings.opensearch.index_prefix, "transactions")),
-             timeout=30, what="the sink to create its index")
+    wait_for(
+        lambda: client.indices.exists(index=index_name(settings.opensearch.index_prefix, "transactions")),
+        timeout=30,
+        what="the sink to create its index",
+    )
     children = []
     yield settings, children
     for child in children:

@@ -66,11 +66,14 @@ def test_kafka_produce_consume_round_trip(stack: Settings) -> None:
         producer.produce(topic, key=key, value=value)
         assert producer.flush(15) == 0, "message not delivered"
 
-        consumer = Consumer(stack.kafka.client_config() | {
-            "group.id": f"e2e-{uuid.uuid4().hex[:8]}",
-            "auto.offset.reset": "earliest",
-            "isolation.level": "read_committed",
-        })
+        consumer = Consumer(
+            stack.kafka.client_config()
+            | {
+                "group.id": f"e2e-{uuid.uuid4().hex[:8]}",
+                "auto.offset.reset": "earliest",
+                "isolation.level": "read_committed",
+            }
+        )
         consumer.subscribe([topic])
         try:
             deadline = time.monotonic() + 30

@@ -26,8 +26,9 @@ def test_velocity_counts_continue_across_a_savepoint_upgrade(stack: Settings, tm
     ensure_topics(settings)
     prefix = settings.kafka.topic_prefix
     producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True})
-    consumer = Consumer({**settings.kafka.client_config(), "group.id": f"t{uuid.uuid4().hex}",
-                         "auto.offset.reset": "earliest"})
+    consumer = Consumer(
+        {**settings.kafka.client_config(), "group.id": f"t{uuid.uuid4().hex}", "auto.offset.reset": "earliest"}
+    )
     consumer.subscribe([SCORED_TRANSACTIONS.full_name(prefix)])
     scored: dict[str, dict] = {}
 
@@ -42,6 +43,7 @@ def test_velocity_counts_continue_across_a_savepoint_upgrade(stack: Settings, tm
             if msg is not None and not msg.error():
                 scored[msg.key().decode()] = codec("ScoredTransaction").decode(msg.value())
             return all(f"u{i}" in scored for i in range(1, n + 1))
+
         return check
 
     v1 = start_scoring_job(settings, name=f"{settings.job.consumer_group}-v1")

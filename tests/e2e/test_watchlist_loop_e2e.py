@@ -44,8 +44,9 @@ class Store:
         self.prefix = settings.kafka.topic_prefix
         self.control = LocalCameraControl(camera.base_url)
         self.producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True})
-        self.reader = TopicReader(settings, *(t.full_name(self.prefix) for t in (SCORED_TRANSACTIONS, ALERTS,
-                                                                               WATCHLIST)))
+        self.reader = TopicReader(
+            settings, *(t.full_name(self.prefix) for t in (SCORED_TRANSACTIONS, ALERTS, WATCHLIST))
+        )
         self.store_id = f"store-{uuid.uuid4().hex[:6]}"
 
     def pay(self, person: str, lane: str, enter_in_s: float = -20.0, pay_in_s: float = -2.0) -> str:
@@ -54,15 +55,15 @@ class Store:
         pay_ms = now + int(pay_in_s * 1000)
         self.control.add_visit(person, self.store_id, lane, now + int(enter_in_s * 1000), pay_ms, pay_ms + 20_000)
         time.sleep(max(0.0, pay_ms / 1000 - time.time()))
-        tx = PosTransaction(f"tx-{uuid.uuid4().hex[:10]}", pay_ms, self.store_id, lane, "SALE", 30.0, "USD",
-                            card_token=f"card-{person}")
+        tx = PosTransaction(
+            f"tx-{uuid.uuid4().hex[:10]}", pay_ms, self.store_id, lane, "SALE", 30.0, "USD", card_token=f"card-{person}"
+        )
         self.producer.produce(TRANSACTIONS.full_name(self.prefix), tx.encode(), key=f"{self.store_id}/{lane}".encode())
         assert self.producer.flush(10) == 0
         return tx.transaction_id
 
     def command(self, verb: str, argument: str) -> None:
-        cmd = BotCommand(f"cmd-{uuid.uuid4().hex}", int(time.time() * 1000), verb, "security@store.example",
-                         argument)
+        cmd = BotCommand(f"cmd-{uuid.uuid4().hex}", int(time.time() * 1000), verb, "security@store.example", argument)
         self.producer.produce(COMMANDS.full_name(self.prefix), cmd.encode(), key=cmd.command_id.encode())
         assert self.producer.flush(10) == 0
 
@@ -92,10 +93,12 @@ def store(stack, tmp_path):
     camera = LocalCameraServer(settings, people=people).start()
     stop = threading.Event()
     service = WatchlistService(settings)
-    threads = [threading.Thread(target=CameraBridge(settings).run, args=(stop,), daemon=True),
-               threading.Thread(target=run_face_stage, args=(settings, stop), daemon=True),
-               threading.Thread(target=service.run, daemon=True),
-               threading.Thread(target=run_sink, args=(settings, stop), daemon=True)]
+    threads = [
+        threading.Thread(target=CameraBridge(settings).run, args=(stop,), daemon=True),
+        threading.Thread(target=run_face_stage, args=(settings, stop), daemon=True),
+        threading.Thread(target=service.run, daemon=True),
+        threading.Thread(target=run_sink, args=(settings, stop), daemon=True),
+    ]
     for t in threads:
         t.start()
     job = start_scoring_job(settings, name=f"{settings.job.consumer_group}-job")
@@ -110,8 +113,9 @@ def store(stack, tmp_path):
             t.join(30)
         camera.stop()
         shop.reader.close()
-        make_client(settings.opensearch).indices.delete(index=f"{settings.opensearch.index_prefix}-*",
-                                                        ignore_unavailable=True)
+        make_client(settings.opensearch).indices.delete(
+            index=f"{settings.opensearch.index_prefix}-*", ignore_unavailable=True
+        )
         delete_topics(settings)
 
 
@@ -142,8 +146,13 @@ def test_flagged_shopper_is_recognised_vip_announced_others_left_alone_and_forge
     other = shop.pay(stranger, "lane-05", enter_in_s=0.5, pay_in_s=6.0) if stranger else None
     wanted = {back, vip_back} | ({other} if other else set())
     scored, alerts, _ = shop.wait(
-        lambda s, a, w: wanted <= set(s) and any(x.kind == "SUSPECT_ENTERED" for x in a.values())
-        and any(x.kind == "VIP_ARRIVED" for x in a.values()), timeout_s=180)
+        lambda s, a, w: (
+            wanted <= set(s)
+            and any(x.kind == "SUSPECT_ENTERED" for x in a.values())
+            and any(x.kind == "VIP_ARRIVED" for x in a.values())
+        ),
+        timeout_s=180,
+    )
     assert (scored[back].face_status, scored[back].face_subject_id) == ("MATCHED", subject)
     assert scored[back].outcome == "BLOCK" and "watchlist_suspect" in scored[back].reasons
     assert f"watchlist:checkout:{back}:{subject}" in alerts

@@ -29,8 +29,14 @@ class TopicReader:
 
     def __init__(self, settings: Settings, spec) -> None:
         self.topic = spec.full_name(settings.kafka.topic_prefix)
-        self.consumer = Consumer({**settings.kafka.client_config(), "group.id": f"reader-{uuid.uuid4().hex}",
-                                  "enable.auto.commit": False, "isolation.level": "read_committed"})
+        self.consumer = Consumer(
+            {
+                **settings.kafka.client_config(),
+                "group.id": f"reader-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+            }
+        )
         parts = self.consumer.list_topics(self.topic, timeout=10).topics[self.topic].partitions
         self.consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in parts])
         self.records: list[tuple[bytes | None, bytes | None]] = []
@@ -92,16 +98,27 @@ def test_fraud_then_forget_through_kafka(settings: Settings):
         (entry,) = wait_for(enrolled, 60, what="watchlist entry")
         assert entry.category == "SUSPECT" and entry.flagged_by == "lp@example.com"
         assert len(entry.embeddings[0]) == 128 and store.get(entry.reference_image_ref) == PHOTO.read_bytes()
-        audits = wait_for(lambda: (a := _audits(audit)) and {f"command:{fraud}", f"command:{missing}"} <= a.keys()
-                          and a, 30, what="audit of both commands")
+        audits = wait_for(
+            lambda: (a := _audits(audit)) and {f"command:{fraud}", f"command:{missing}"} <= a.keys() and a,
+            30,
+            what="audit of both commands",
+        )
         assert audits[f"command:{fraud}"].outcome == "DONE" and audits[f"command:{fraud}"].action == "ENROLL"
         assert audits[f"command:{missing}"].outcome == "FAILED"
         letters = wait_for(lambda: [DeadLetter.decode(v) for _, v in dead.poll()], 30, what="dead letter")
         assert [d.error_kind for d in letters] == ["unknown_transaction"]
 
-        alert = Alert(alert_id=f"a-{later_tx}", kind="WATCHLIST_MATCH", severity="HIGH",
-                      event_time=int(time.time() * 1000), store_id="S1", summary="suspect at lane 2",
-                      subject_id=subject, snapshot_ref=later, transaction_id=later_tx)
+        alert = Alert(
+            alert_id=f"a-{later_tx}",
+            kind="WATCHLIST_MATCH",
+            severity="HIGH",
+            event_time=int(time.time() * 1000),
+            store_id="S1",
+            summary="suspect at lane 2",
+            subject_id=subject,
+            snapshot_ref=later,
+            transaction_id=later_tx,
+        )
         _produce(settings, ALERTS, alert.alert_id, alert.encode())
         wait_for(lambda: f"retain:{alert.alert_id}" in _audits(audit), 30, what="retain audit")
         assert store.retained() == {later: f"alert={alert.alert_id} subject={subject}"}
@@ -162,14 +179,20 @@ def test_fraud_and_forget_with_s3_images_and_the_rekognition_backend(settings: S
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     moto.start()
     s3_url = f"http://127.0.0.1:{port}"
-    s3 = boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1", aws_access_key_id="k",
-                      aws_secret_access_key="s")
+    s3 = boto3.client(
+        "s3", endpoint_url=s3_url, region_name="us-east-1", aws_access_key_id="k", aws_secret_access_key="s"
+    )
     rek = LocalRekognition(FaceEngine(FaceSettings()), similarity, s3)
-    faces = settings.faces.model_copy(update={
-        "backend": "rekognition", "image_store": "s3", "aws_endpoint_url": s3_url,
-        "rekognition_endpoint_url": rek.start(), "aws_access_key_id": SecretStr("k"),
-        "aws_secret_access_key": SecretStr("s"),
-    })
+    faces = settings.faces.model_copy(
+        update={
+            "backend": "rekognition",
+            "image_store": "s3",
+            "aws_endpoint_url": s3_url,
+            "rekognition_endpoint_url": rek.start(),
+            "aws_access_key_id": SecretStr("k"),
+            "aws_secret_access_key": SecretStr("s"),
+        }
+    )
     settings = settings.model_copy(update={"faces": faces})
     store = ImageStore.from_settings(settings)
     store.ensure_buckets()

@@ -10,10 +10,14 @@ from tests.builders import T0, java_bytes, return_of, sale
 
 pytestmark = pytest.mark.pipeline
 
-NO_WAIT = Settings().model_copy(update={
-    "job": Settings().job.model_copy(update={"face_deadline_ms": 0, "batch_time_ms": 0, "bootstrap_control": False}),
-    "model": Settings().model.model_copy(update={"backend": "none"}),
-})
+NO_WAIT = Settings().model_copy(
+    update={
+        "job": Settings().job.model_copy(
+            update={"face_deadline_ms": 0, "batch_time_ms": 0, "bootstrap_control": False}
+        ),
+        "model": Settings().model.model_copy(update={"backend": "none"}),
+    }
+)
 """No Kafka, no face stage, no model, no batching: every transaction is decided by the rules as it arrives."""
 
 
@@ -31,8 +35,10 @@ def run_job():
         env = StreamExecutionEnvironment.get_execution_environment(conf)
         env.set_parallelism(1)
         topics = topics or ["transactions"] * len(records)
-        rows = [(None, data, topic, 0, i, T0 + 3_600_000)
-                for i, (data, topic) in enumerate(zip(records, topics, strict=True))]
+        rows = [
+            (None, data, topic, 0, i, T0 + 3_600_000)
+            for i, (data, topic) in enumerate(zip(records, topics, strict=True))
+        ]
         out = build_pipeline(env.from_collection(rows, type_info=SOURCE_ROW), settings)
         with out.execute_and_collect() as results:
             return [(r[0], java_bytes(r[1]), java_bytes(r[2])) for r in results]
@@ -70,13 +76,24 @@ def test_job_scores_valid_transactions_dead_letters_bad_ones_and_alerts_on_block
 
 def test_job_joins_the_checkout_face_to_its_transaction(run_job):
     settings = NO_WAIT.model_copy(update={"job": NO_WAIT.job.model_copy(update={"face_deadline_ms": 60_000})})
-    observation = codec("FaceObservation").encode({
-        "observation_id": "checkout:t1", "event_time": T0, "camera_serial": "Q2MV-store-A-lane-01",
-        "store_id": "store-A", "lane_id": "lane-01", "transaction_id": "t1", "trigger": "CHECKOUT",
-        "status": "NO_FACE", "reason": "no face in frame",
-    })
-    out = run_job([observation, b"junk", sale("t1", store="store-A").encode()], settings,
-                  ["face_observations", "face_observations", "transactions"])
+    observation = codec("FaceObservation").encode(
+        {
+            "observation_id": "checkout:t1",
+            "event_time": T0,
+            "camera_serial": "Q2MV-store-A-lane-01",
+            "store_id": "store-A",
+            "lane_id": "lane-01",
+            "transaction_id": "t1",
+            "trigger": "CHECKOUT",
+            "status": "NO_FACE",
+            "reason": "no face in frame",
+        }
+    )
+    out = run_job(
+        [observation, b"junk", sale("t1", store="store-A").encode()],
+        settings,
+        ["face_observations", "face_observations", "transactions"],
+    )
     [scored] = [codec("ScoredTransaction").decode(v) for t, _, v in out if t == "processed_transactions"]
     assert scored["face_status"] == "NO_FACE"
     [dead] = [codec("DeadLetter").decode(v) for t, _, v in out if t == "dead_letters"]

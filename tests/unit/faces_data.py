@@ -12,7 +12,10 @@ from infra.settings import Settings
 
 SHARED_FACES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "faces"
 SHARED_PERSON_DIRS = (
-    "face-api-js", "dlib/johns", "face_recognition/knn_examples/train", "face_recognition/test_images",
+    "face-api-js",
+    "dlib/johns",
+    "face_recognition/knn_examples/train",
+    "face_recognition/test_images",
 )
 
 

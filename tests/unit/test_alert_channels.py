@@ -11,6 +11,7 @@ import ssl
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack, closing
 from pathlib import Path
 from typing import Any
 
@@ -47,16 +48,38 @@ def jpeg() -> bytes:
 
 
 def alert(alert_id: str = "blocked:tx-1", snapshot_ref: str | None = "checkout/tx-1.jpg") -> dict[str, Any]:
-    return dict(alert_id=alert_id, kind="BLOCKED_TRANSACTION", severity="high", event_time=1_767_261_303_000,
-                store_id="S001", lane_id="L02", transaction_id="tx-1", amount=99.0, currency="EUR", outcome="BLOCK",
-                risk_score=90, reasons=["return_exceeds_sale"], subject_id=None, category=None, similarity=None,
-                snapshot_ref=snapshot_ref, summary="x")
+    return dict(
+        alert_id=alert_id,
+        kind="BLOCKED_TRANSACTION",
+        severity="high",
+        event_time=1_767_261_303_000,
+        store_id="S001",
+        lane_id="L02",
+        transaction_id="tx-1",
+        amount=99.0,
+        currency="EUR",
+        outcome="BLOCK",
+        risk_score=90,
+        reasons=["return_exceeds_sale"],
+        subject_id=None,
+        category=None,
+        similarity=None,
+        snapshot_ref=snapshot_ref,
+        summary="x",
+    )
 
 
 @pytest.fixture
 def webex() -> Iterator[LocalWebexServer]:
     with LocalWebexServer(TOKEN) as server:
         yield server
+
+
+@pytest.fixture
+def closer() -> Iterator[ExitStack]:
+    """Closes what a test opened (channels and their connections, ledgers) when it ends, pass or fail."""
+    with ExitStack() as stack:
+        yield stack
 
 
 def settings_for(webex: LocalWebexServer, tmp_path: Path, token: str = TOKEN, **alerts: Any) -> Settings:
@@ -67,13 +90,16 @@ def settings_for(webex: LocalWebexServer, tmp_path: Path, token: str = TOKEN, **
     )
 
 
-def webex_channel(settings: Settings) -> WebexChannel:
-    return WebexChannel(settings, WebexClient.from_settings(settings.webex))
+def webex_channel(closer: ExitStack, settings: Settings) -> WebexChannel:
+    """A Webex channel closed with the test (its client holds one connection per sending thread)."""
+    return closer.enter_context(closing(WebexChannel(settings, WebexClient.from_settings(settings.webex))))
 
 
-def test_webex_message_carries_markdown_and_the_snapshot_as_a_file(webex: LocalWebexServer, tmp_path: Path) -> None:
+def test_webex_message_carries_markdown_and_the_snapshot_as_a_file(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
+) -> None:
     image = jpeg()
-    channel = webex_channel(settings_for(webex, tmp_path))
+    channel = webex_channel(closer, settings_for(webex, tmp_path))
     message_id = channel.send(alert(), image, maybe_sent=False)
     [posted] = webex.state.bot_messages(ROOM)
     assert posted["id"] == message_id
@@ -81,8 +107,8 @@ def test_webex_message_carries_markdown_and_the_snapshot_as_a_file(webex: LocalW
     assert webex.state.file_bytes(posted["files"][0]) == image
 
 
-def test_webex_failures_are_classified_for_retry(webex: LocalWebexServer, tmp_path: Path) -> None:
-    channel = webex_channel(settings_for(webex, tmp_path))
+def test_webex_failures_are_classified_for_retry(webex: LocalWebexServer, tmp_path: Path, closer: ExitStack) -> None:
+    channel = webex_channel(closer, settings_for(webex, tmp_path))
     webex.state.fail((429,), count=1, retry_after=3)
     with pytest.raises(DeliveryError) as limited:
         channel.send(alert(), None, maybe_sent=False)
@@ -91,16 +117,17 @@ def test_webex_failures_are_classified_for_retry(webex: LocalWebexServer, tmp_pa
     with pytest.raises(DeliveryError) as broken:
         channel.send(alert(), None, maybe_sent=False)
     assert broken.value.retriable and broken.value.ambiguous
-    bad_token = webex_channel(settings_for(webex, tmp_path, token="wrong"))
+    bad_token = webex_channel(closer, settings_for(webex, tmp_path, token="wrong"))
     with pytest.raises(DeliveryError) as refused:
         bad_token.send(alert(), None, maybe_sent=False)
     assert not refused.value.retriable
     assert webex.state.bot_messages() == []
 
 
-def test_webex_resend_after_an_unknown_outcome_finds_the_posted_message(webex: LocalWebexServer,
-                                                                          tmp_path: Path) -> None:
-    channel = webex_channel(settings_for(webex, tmp_path))
+def test_webex_resend_after_an_unknown_outcome_finds_the_posted_message(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
+) -> None:
+    channel = webex_channel(closer, settings_for(webex, tmp_path))
     first = channel.send(alert(), None, maybe_sent=False)
     again = channel.send(alert(), None, maybe_sent=True)
     assert again == first
@@ -113,55 +140,77 @@ def test_webex_resend_after_an_unknown_outcome_finds_the_posted_message(webex: L
     assert not WebexChannel.carries({"text": "... alert blocked:tx-10"}, "blocked:tx-1")
 
 
-def run_worker(channel: Any, settings: Settings, tasks: list[Task], timeout: float = 15.0,
-               images: dict[str, bytes] | None = None) -> tuple[list[Outcome], Ledger, ChannelWorker]:
+def run_worker(
+    closer: ExitStack,
+    channel: Any,
+    settings: Settings,
+    tasks: list[Task],
+    timeout: float = 15.0,
+    images: dict[str, bytes] | None = None,
+) -> tuple[list[Outcome], Ledger, ChannelWorker]:
+    """The outcomes of ``tasks`` through a worker, which is stopped before this returns; the ledger
+    stays open for the test to read and is closed with it (before the channel: last in, first out)."""
     done: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
-    ledger = Ledger(settings.stack_dir / "ledger.sqlite3")
+    ledger = closer.enter_context(closing(Ledger(settings.stack_dir / "ledger.sqlite3")))
     worker = ChannelWorker(channel, ledger, settings.alerts, done, lambda ref: (images or {})[ref])
-    for task in tasks:
-        worker.submit(task)
-    outcomes = [done.get(timeout=timeout) for _ in tasks]
-    worker.stop()
+    try:
+        for task in tasks:
+            worker.submit(task)
+        outcomes = [done.get(timeout=timeout) for _ in tasks]
+    finally:
+        worker.stop()
     return outcomes, ledger, worker
 
 
-def test_worker_retries_5xx_and_delivers_exactly_once(webex: LocalWebexServer, tmp_path: Path) -> None:
+def test_worker_retries_5xx_and_delivers_exactly_once(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
+) -> None:
     settings = settings_for(webex, tmp_path)
     webex.state.fail((500, 503), count=3)
-    [outcome], ledger, worker = run_worker(webex_channel(settings), settings,
-                                           [Task(alert(), "webex", time.monotonic() + 30)])
+    [outcome], ledger, worker = run_worker(
+        closer, webex_channel(closer, settings), settings, [Task(alert(), "webex", time.monotonic() + 30)]
+    )
     assert outcome.delivered
     assert len(webex.state.bot_messages(ROOM)) == 1
     assert ledger.state("blocked:tx-1", "webex") == "sent"
     assert worker.failed_tries == 3
 
 
-def test_worker_pauses_the_channel_for_retry_after(webex: LocalWebexServer, tmp_path: Path) -> None:
+def test_worker_pauses_the_channel_for_retry_after(webex: LocalWebexServer, tmp_path: Path, closer: ExitStack) -> None:
     settings = settings_for(webex, tmp_path)
     webex.state.fail((429,), count=1, retry_after=1)
     t0 = time.monotonic()
-    [outcome], _, worker = run_worker(webex_channel(settings), settings, [Task(alert(), "webex", t0 + 30)])
+    [outcome], _, worker = run_worker(
+        closer, webex_channel(closer, settings), settings, [Task(alert(), "webex", t0 + 30)]
+    )
     assert outcome.delivered
     assert time.monotonic() - t0 >= 1.0
     assert worker.rate_limited == 1 and worker.failed_tries == 0
 
 
-def test_worker_gives_up_with_a_reason_after_max_attempts(webex: LocalWebexServer, tmp_path: Path) -> None:
+def test_worker_gives_up_with_a_reason_after_max_attempts(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
+) -> None:
     settings = settings_for(webex, tmp_path, max_attempts=3)
     webex.state.fail((500,))
-    [outcome], ledger, _ = run_worker(webex_channel(settings), settings,
-                                      [Task(alert(), "webex", time.monotonic() + 30)])
+    [outcome], ledger, _ = run_worker(
+        closer, webex_channel(closer, settings), settings, [Task(alert(), "webex", time.monotonic() + 30)]
+    )
     assert not outcome.delivered
     assert "failed 3 times" in outcome.reason and "500" in outcome.reason
     assert ledger.state("blocked:tx-1", "webex") == "sending"  # tried, never confirmed
 
 
-def test_worker_attaches_no_image_when_the_snapshot_is_missing(webex: LocalWebexServer, tmp_path: Path) -> None:
+def test_worker_attaches_no_image_when_the_snapshot_is_missing(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
+) -> None:
     settings = settings_for(webex, tmp_path)
-    tasks = [Task(alert("a-1", snapshot_ref=None), "webex", time.monotonic() + 30),
-             Task(alert("a-2", snapshot_ref="gone"), "webex", time.monotonic() + 30),
-             Task(alert("a-3", snapshot_ref="there"), "webex", time.monotonic() + 30)]
-    outcomes, _, _ = run_worker(webex_channel(settings), settings, tasks, images={"there": jpeg()})
+    tasks = [
+        Task(alert("a-1", snapshot_ref=None), "webex", time.monotonic() + 30),
+        Task(alert("a-2", snapshot_ref="gone"), "webex", time.monotonic() + 30),
+        Task(alert("a-3", snapshot_ref="there"), "webex", time.monotonic() + 30),
+    ]
+    outcomes, _, _ = run_worker(closer, webex_channel(closer, settings), settings, tasks, images={"there": jpeg()})
     assert all(o.delivered for o in outcomes)
     files = {m["markdown"].rsplit("`", 2)[-2]: m.get("files") for m in webex.state.bot_messages(ROOM)}
     assert files["a-1"] is None and files["a-2"] is None and files["a-3"]
@@ -180,15 +229,13 @@ def smtp_server(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     controller.stop()
 
 
-def test_email_goes_through_a_real_smtp_server_with_the_snapshot(smtp_server: tuple[int, Path],
-                                                                 tmp_path: Path) -> None:
+def test_email_goes_through_a_real_smtp_server_with_the_snapshot(smtp_server: tuple[int, Path], tmp_path: Path) -> None:
     port, mail = smtp_server
     settings = Settings(stack_dir=tmp_path, smtp=SmtpSettings(port=port, to_addresses="a@x.test, b@x.test"))
-    channel = EmailChannel(settings, SmtpMailer(settings.smtp))
     image = jpeg()
-    channel.send(alert(), image, maybe_sent=False)
-    channel.send(alert("blocked:tx-2"), None, maybe_sent=False)  # reuses the connection
-    channel.close()
+    with closing(EmailChannel(settings, SmtpMailer(settings.smtp))) as channel:
+        channel.send(alert(), image, maybe_sent=False)
+        channel.send(alert("blocked:tx-2"), None, maybe_sent=False)  # reuses the connection
     first, second = read_mails(mail)
     assert first["Subject"] == "[Checkout Guard] Transaction blocked - store S001, lane L02"
     assert first.get_all("Delivered-To") == ["a@x.test", "b@x.test"]
@@ -198,17 +245,35 @@ def test_email_goes_through_a_real_smtp_server_with_the_snapshot(smtp_server: tu
 
 def test_smtp_refusal_is_permanent_and_a_dead_server_is_retriable(tmp_path: Path) -> None:
     settings = Settings(stack_dir=tmp_path, smtp=SmtpSettings(port=free_port()))
-    channel = EmailChannel(settings, SmtpMailer(settings.smtp))
-    with pytest.raises(DeliveryError) as down:
+    with closing(EmailChannel(settings, SmtpMailer(settings.smtp))) as channel, pytest.raises(DeliveryError) as down:
         channel.send(alert(), None, maybe_sent=False)
     assert down.value.retriable
 
 
 def self_signed(tmp_path: Path) -> tuple[Path, Path]:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key
 
 
@@ -222,19 +287,34 @@ def test_smtp_starttls_and_login_as_a_company_relay_wants(tmp_path: Path) -> Non
         return AuthResult(success=ok, handled=False)  # not handled: the server answers 535 itself
 
     port, mail = free_port(), tmp_path / "mail"
-    controller = Controller(FileStore(mail), hostname="127.0.0.1", port=port, tls_context=tls, require_starttls=True,
-                            authenticator=authenticator, auth_required=True, auth_exclude_mechanism=["LOGIN"])
+    controller = Controller(
+        FileStore(mail),
+        hostname="127.0.0.1",
+        port=port,
+        tls_context=tls,
+        require_starttls=True,
+        authenticator=authenticator,
+        auth_required=True,
+        auth_exclude_mechanism=["LOGIN"],
+    )
     controller.start()
     try:
-        good = SmtpSettings(port=port, starttls=True, ca_file=cert, username="relay", password=SecretStr("s3cret"))
-        EmailChannel(Settings(stack_dir=tmp_path, smtp=good), SmtpMailer(good)).send(alert(), None, False)
-        wrong = good.model_copy(update={"password": SecretStr("nope")})
-        with pytest.raises(DeliveryError) as refused:
-            EmailChannel(Settings(stack_dir=tmp_path, smtp=wrong), SmtpMailer(wrong)).send(alert("a-2"), None, False)
-        assert not refused.value.retriable  # 535: more tries will not help
-        plain = good.model_copy(update={"starttls": False})
-        with pytest.raises(DeliveryError):
-            EmailChannel(Settings(stack_dir=tmp_path, smtp=plain), SmtpMailer(plain)).send(alert("a-3"), None, False)
+        with ExitStack() as channels:  # each channel keeps its connection until closed
+
+            def channel(smtp: SmtpSettings) -> EmailChannel:
+                return channels.enter_context(
+                    closing(EmailChannel(Settings(stack_dir=tmp_path, smtp=smtp), SmtpMailer(smtp)))
+                )
+
+            good = SmtpSettings(port=port, starttls=True, ca_file=cert, username="relay", password=SecretStr("s3cret"))
+            channel(good).send(alert(), None, False)
+            wrong = good.model_copy(update={"password": SecretStr("nope")})
+            with pytest.raises(DeliveryError) as refused:
+                channel(wrong).send(alert("a-2"), None, False)
+            assert not refused.value.retriable  # 535: more tries will not help
+            plain = good.model_copy(update={"starttls": False})
+            with pytest.raises(DeliveryError):
+                channel(plain).send(alert("a-3"), None, False)
     finally:
         controller.stop()
     assert [m["X-Checkout-Guard-Alert"] for m in read_mails(mail)] == ["blocked:tx-1"]
@@ -251,17 +331,22 @@ def test_email_through_amazon_ses_with_moto_in_server_mode(tmp_path: Path, monke
     try:
         endpoint = f"http://127.0.0.1:{port}"
         smtp = SmtpSettings(from_address="cg@store.test", to_addresses="sec@x.test")
-        settings = Settings(stack_dir=tmp_path, smtp=smtp,
-                            alerts=AlertSettings(channels="email", email_transport="ses", ses_region="eu-west-1",
-                                                 ses_endpoint_url=endpoint))
-        [channel] = channels_from_settings(settings)
-        with pytest.raises(DeliveryError) as unverified:
-            channel.send(alert(), None, maybe_sent=False)
-        assert not unverified.value.retriable  # MessageRejected: sender identity not verified
-        assert isinstance(channel, EmailChannel) and isinstance(channel.mailer, SesMailer)
-        channel.mailer.client.verify_email_identity(EmailAddress="cg@store.test")
-        image = jpeg()
-        channel.send(alert(), image, maybe_sent=False)
+        settings = Settings(
+            stack_dir=tmp_path,
+            smtp=smtp,
+            alerts=AlertSettings(
+                channels="email", email_transport="ses", ses_region="eu-west-1", ses_endpoint_url=endpoint
+            ),
+        )
+        [built] = channels_from_settings(settings)
+        with closing(built) as channel:  # the SES client's connection pool
+            with pytest.raises(DeliveryError) as unverified:
+                channel.send(alert(), None, maybe_sent=False)
+            assert not unverified.value.retriable  # MessageRejected: sender identity not verified
+            assert isinstance(channel, EmailChannel) and isinstance(channel.mailer, SesMailer)
+            channel.mailer.client.verify_email_identity(EmailAddress="cg@store.test")
+            image = jpeg()
+            channel.send(alert(), image, maybe_sent=False)
         [sent] = httpx.get(f"{endpoint}/moto-api/data.json").json()["ses"]["RawMessage"]
     finally:
         server.stop()

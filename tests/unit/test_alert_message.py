@@ -8,21 +8,35 @@ import random
 from email.message import EmailMessage
 from typing import Any
 
-from infra.clients.webex import MAX_MARKDOWN_BYTES, parse_retry_after, truncate_utf8
+from infra.clients.webex import MAX_MARKDOWN_BYTES, truncate_utf8
+from infra.retry import Backoff, parse_retry_after
 from infra.settings import AlertSettings
 from sinks.alerts.mail import OutgoingMail, build_email
 from sinks.alerts.message import describe, local_time, message_id, reason_text
-from sinks.alerts.sender import Backoff, DeliveryError, Task, give_up_reason
+from sinks.alerts.sender import DeliveryError, Task, give_up_reason
 
 T = 1_767_261_303_000  # 2026-01-01T09:55:03Z
 
 
 def alert(**overrides: Any) -> dict[str, Any]:
     values: dict[str, Any] = dict(
-        alert_id="blocked:tx-9", kind="BLOCKED_TRANSACTION", severity="high", event_time=T, store_id="S001",
-        lane_id="L02", transaction_id="tx-9", amount=1234.5, currency="EUR", outcome="BLOCK", risk_score=92,
-        reasons=["return_exceeds_sale", "model_score>=900"], subject_id=None, category=None, similarity=None,
-        snapshot_ref=None, summary="Blocked return tx-9",
+        alert_id="blocked:tx-9",
+        kind="BLOCKED_TRANSACTION",
+        severity="high",
+        event_time=T,
+        store_id="S001",
+        lane_id="L02",
+        transaction_id="tx-9",
+        amount=1234.5,
+        currency="EUR",
+        outcome="BLOCK",
+        risk_score=92,
+        reasons=["return_exceeds_sale", "model_score>=900"],
+        subject_id=None,
+        category=None,
+        similarity=None,
+        snapshot_ref=None,
+        summary="Blocked return tx-9",
     )
     return values | overrides
 
@@ -41,8 +55,16 @@ def test_blocked_transaction_reads_what_where_when_amount_outcome_and_reasons_in
 
 
 def test_face_match_shows_similarity_and_watchlist_category() -> None:
-    text = describe(alert(kind="WATCHLIST_MATCH", category="SUSPECT", subject_id="subj-tx-1", similarity=97.26,
-                          reasons=["watchlist_suspect"]), AlertSettings())
+    text = describe(
+        alert(
+            kind="WATCHLIST_MATCH",
+            category="SUSPECT",
+            subject_id="subj-tx-1",
+            similarity=97.26,
+            reasons=["watchlist_suspect"],
+        ),
+        AlertSettings(),
+    )
     rows = dict(text.lines)
     assert rows["Face match"] == "97.3% similar to suspect subj-tx-1"
     assert rows["Why"] == "face matches a person on the suspect watchlist"
@@ -50,8 +72,20 @@ def test_face_match_shows_similarity_and_watchlist_category() -> None:
 
 
 def test_entrance_alert_without_lane_amount_or_outcome_still_reads_well() -> None:
-    text = describe(alert(kind="SUSPECT_ENTERED", lane_id=None, amount=None, outcome=None, risk_score=None,
-                          reasons=[], transaction_id=None, similarity=88.0, category="SUSPECT"), AlertSettings())
+    text = describe(
+        alert(
+            kind="SUSPECT_ENTERED",
+            lane_id=None,
+            amount=None,
+            outcome=None,
+            risk_score=None,
+            reasons=[],
+            transaction_id=None,
+            similarity=88.0,
+            category="SUSPECT",
+        ),
+        AlertSettings(),
+    )
     labels = [label for label, _ in text.lines]
     assert text.headline == "Suspect entered the store - store S001"
     assert "Amount" not in labels and "Outcome" not in labels
@@ -124,9 +158,9 @@ def test_webex_markdown_is_cut_at_the_byte_limit_without_breaking_a_character() 
 
 
 def test_retry_after_header_parsing() -> None:
-    assert parse_retry_after("7") == 7.0
-    assert parse_retry_after(None) == 1.0
-    assert parse_retry_after("soon") == 1.0
+    assert parse_retry_after("7", 1.0) == 7.0
+    assert parse_retry_after(None, 1.0) == 1.0
+    assert parse_retry_after("soon", 1.0) == 1.0
 
 
 def test_backoff_grows_and_stays_bounded() -> None:

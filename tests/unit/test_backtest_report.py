@@ -10,24 +10,49 @@ from infra.settings import Settings
 from jobs.flink.backtest_stream import FLAGS, Candidate, candidate_settings, compare, detection, report_markdown
 
 
-def _doc(tx: str, outcome: str, risk: int, label: int | None, indicators: dict | None = None,
-         rules: str = "r1", model: str = "m1") -> dict:
-    return {"transaction_id": tx, "kind": "SALE", "store_id": "store-001", "amount": 10.0, "currency": "USD",
-            "outcome": outcome, "risk_score": risk, "reasons": ["velocity_exceeded"] if risk else [],
-            "indicators": indicators or {"velocity_exceeded": 1.0}, "model_score": 100,
-            "model_version": model, "rules_version": rules, "label": label}
+def _doc(
+    tx: str,
+    outcome: str,
+    risk: int,
+    label: int | None,
+    indicators: dict | None = None,
+    rules: str = "r1",
+    model: str = "m1",
+) -> dict:
+    return {
+        "transaction_id": tx,
+        "kind": "SALE",
+        "store_id": "store-001",
+        "amount": 10.0,
+        "currency": "USD",
+        "outcome": outcome,
+        "risk_score": risk,
+        "reasons": ["velocity_exceeded"] if risk else [],
+        "indicators": indicators or {"velocity_exceeded": 1.0},
+        "model_score": 100,
+        "model_version": model,
+        "rules_version": rules,
+        "label": label,
+    }
 
 
 BASELINE = [
-    _doc("t1", "APPROVE", 10, 0), _doc("t2", "REVIEW", 60, 1), _doc("t3", "BLOCK", 90, 1),
-    _doc("t4", "REVIEW", 55, 0), _doc("t5", "APPROVE", 20, 1), _doc("t6", "APPROVE", 0, None),
+    _doc("t1", "APPROVE", 10, 0),
+    _doc("t2", "REVIEW", 60, 1),
+    _doc("t3", "BLOCK", 90, 1),
+    _doc("t4", "REVIEW", 55, 0),
+    _doc("t5", "APPROVE", 20, 1),
+    _doc("t6", "APPROVE", 0, None),
     _doc("t7", "BLOCK", 95, 1),
 ]
 CANDIDATE = [
-    _doc("t1", "APPROVE", 10, 0, rules="r2"), _doc("t2", "BLOCK", 60, 1, rules="r2"),
-    _doc("t3", "BLOCK", 90, 1, rules="r2"), _doc("t4", "BLOCK", 55, 0, rules="r2"),
+    _doc("t1", "APPROVE", 10, 0, rules="r2"),
+    _doc("t2", "BLOCK", 60, 1, rules="r2"),
+    _doc("t3", "BLOCK", 90, 1, rules="r2"),
+    _doc("t4", "BLOCK", 55, 0, rules="r2"),
     _doc("t5", "BLOCK", 70, 1, indicators={"velocity_exceeded": 1.0, "amount_above_norm": 1.0}, rules="r2"),
-    _doc("t6", "APPROVE", 0, None, rules="r2"), _doc("t8", "APPROVE", 0, 0, rules="r2"),
+    _doc("t6", "APPROVE", 0, None, rules="r2"),
+    _doc("t8", "APPROVE", 0, 0, rules="r2"),
 ]
 
 
@@ -43,8 +68,10 @@ def test_outcome_changes_are_counted_baseline_by_candidate():
     assert report.input_changes == {"amount_above_norm": 1}
     assert report.outcomes["baseline"] == {"APPROVE": 3, "BLOCK": 1, "REVIEW": 2}
     assert report.outcomes["candidate"] == {"APPROVE": 2, "BLOCK": 4}
-    assert report.versions == {"baseline": {"rules": ["r1"], "model": ["m1"]},
-                               "candidate": {"rules": ["r2"], "model": ["m1"]}}
+    assert report.versions == {
+        "baseline": {"rules": ["r1"], "model": ["m1"]},
+        "candidate": {"rules": ["r2"], "model": ["m1"]},
+    }
 
 
 def test_changed_transactions_are_listed_biggest_change_first():

@@ -19,8 +19,11 @@ def _raw(**body: object) -> bytes:
 def test_raw_detections_become_a_camera_event_keyed_by_the_serial_in_the_topic() -> None:
     event = parse_message("/merakimv/Q2MV-store-001-ENTRANCE/raw_detections", _raw())
     assert isinstance(event, CameraEvent)
-    assert (event.camera_serial, event.kind, event.event_time) == ("Q2MV-store-001-ENTRANCE", "RAW_DETECTIONS",
-                                                                    1_795_000_000_000)
+    assert (event.camera_serial, event.kind, event.event_time) == (
+        "Q2MV-store-001-ENTRANCE",
+        "RAW_DETECTIONS",
+        1_795_000_000_000,
+    )
     assert event.objects[0].oid == 123456789012 and event.objects[0].frame == 7
     assert CameraEvent.decode(event.encode()) == event
 
@@ -32,8 +35,16 @@ def test_zone_counts_keep_the_zone_id() -> None:
     assert event.zone_id == "0" and event.counts == {"person": 2, "vehicle": 0}
 
 
-@pytest.mark.parametrize("topic", ["/merakimv/Q2MV-A/light", "/merakimv/Q2MV-A/audio_detections",
-                                   "/merakimv/Q2MV-A/custom_analytics", "/other/thing", "/merakimv/Q2MV-A"])
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "/merakimv/Q2MV-A/light",
+        "/merakimv/Q2MV-A/audio_detections",
+        "/merakimv/Q2MV-A/custom_analytics",
+        "/other/thing",
+        "/merakimv/Q2MV-A",
+    ],
+)
 def test_other_topics_are_ignored_not_dead_lettered(topic: str) -> None:
     assert isinstance(parse_message(topic, b"whatever, not even json"), Ignored)
 
@@ -43,15 +54,18 @@ def test_a_topic_prefix_isolates_a_test_run_on_a_shared_broker() -> None:
     assert isinstance(parse_message("/merakimv/Q2MV-A/raw_detections", _raw(), prefix="run1"), Ignored)
 
 
-@pytest.mark.parametrize(("payload", "kind", "words"), [
-    (b"\xff\xfe not json", "not_json", "not JSON"),
-    (b"[1, 2]", "invalid", "JSON object"),
-    (json.dumps({"objects": []}).encode(), "invalid", "'ts'"),
-    (json.dumps({"ts": 1, "objects": "x"}).encode(), "invalid", "'objects'"),
-    (json.dumps({"ts": 1, "objects": [{"oid": "a", "type": "person"}]}).encode(), "invalid", "'oid'"),
-    (json.dumps({"ts": 1, "objects": [{"oid": 1, "type": "person", "x0": "left"}]}).encode(), "invalid", "'x0'"),
-    (b"{" + b" " * 300_000 + b"}", "oversized", "exceeds"),
-])
+@pytest.mark.parametrize(
+    ("payload", "kind", "words"),
+    [
+        (b"\xff\xfe not json", "not_json", "not JSON"),
+        (b"[1, 2]", "invalid", "JSON object"),
+        (json.dumps({"objects": []}).encode(), "invalid", "'ts'"),
+        (json.dumps({"ts": 1, "objects": "x"}).encode(), "invalid", "'objects'"),
+        (json.dumps({"ts": 1, "objects": [{"oid": "a", "type": "person"}]}).encode(), "invalid", "'oid'"),
+        (json.dumps({"ts": 1, "objects": [{"oid": 1, "type": "person", "x0": "left"}]}).encode(), "invalid", "'x0'"),
+        (b"{" + b" " * 300_000 + b"}", "oversized", "exceeds"),
+    ],
+)
 def test_malformed_payloads_raise_with_a_reason(payload: bytes, kind: str, words: str) -> None:
     with pytest.raises(InvalidRecord) as err:
         parse_message("/merakimv/Q2MV-A/raw_detections", payload)

@@ -7,6 +7,8 @@ the real face engine; the transaction lookup and the watchlist are given directl
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, closing
 
 import pytest
 
@@ -26,32 +28,53 @@ STORE = "store-inspect"
 def world(people, tmp_path):  # noqa: F811 - the fixture imported above
     settings = camera_settings().model_copy(update={"stack_dir": tmp_path})
     camera = running(settings, people)
-    yield settings, camera, people
-    camera.stop()
+    try:
+        yield settings, camera, people
+    finally:
+        camera.stop()
+
+
+@pytest.fixture
+def closer() -> Iterator[ExitStack]:
+    """Closes what a test opened (the camera control client, the inspector's camera client) when it ends."""
+    with ExitStack() as stack:
+        yield stack
 
 
 def _enrolled(settings: Settings, engine: FaceEngine, person: str, photos) -> Watchlist:
     watchlist = Watchlist(settings)
     embedding = engine.best_face(photos[person][-1].read_bytes()).embedding
-    watchlist.upsert({"subject_id": f"subj-{person}", "category": "SUSPECT", "embeddings": [embedding.tolist()],
-                      "reference_image_ref": None, "reason": "t", "flagged_by": "t", "flagged_at": 0,
-                      "source_transaction_id": None})
+    watchlist.upsert(
+        {
+            "subject_id": f"subj-{person}",
+            "category": "SUSPECT",
+            "embeddings": [embedding.tolist()],
+            "reference_image_ref": None,
+            "reason": "t",
+            "flagged_by": "t",
+            "flagged_at": 0,
+            "source_transaction_id": None,
+        }
+    )
     return watchlist
 
 
-def test_checkout_compares_the_face_at_that_lane_and_time_with_the_watchlist(world) -> None:
+def test_checkout_compares_the_face_at_that_lane_and_time_with_the_watchlist(world, closer: ExitStack) -> None:
     settings, camera, photos = world
     suspect, other = sorted(photos)[:2]
     engine = FaceEngine(settings.faces)
     watchlist = _enrolled(settings, engine, suspect, photos)
-    control = LocalCameraControl(camera.base_url)
+    control = closer.enter_context(closing(LocalCameraControl(camera.base_url)))
     now = int(time.time() * 1000)
     control.add_visit(suspect, STORE, "lane-01", now - 30_000, now - 5_000, now + 30_000)
     control.add_visit(other, STORE, "lane-02", now - 30_000, now - 5_000, now + 30_000)
-    docs = {"tx-s": {"store_id": STORE, "lane_id": "lane-01", "event_time": now - 5_000},
-            "tx-o": {"store_id": STORE, "lane_id": "lane-02", "event_time": now - 5_000},
-            "tx-late": {"store_id": STORE, "lane_id": "lane-03", "event_time": now - 5_000}}
-    inspect = CheckoutInspector(settings, lookup=docs.get, engine=engine, watchlist_loader=lambda: watchlist)
+    docs = {
+        "tx-s": {"store_id": STORE, "lane_id": "lane-01", "event_time": now - 5_000},
+        "tx-o": {"store_id": STORE, "lane_id": "lane-02", "event_time": now - 5_000},
+        "tx-late": {"store_id": STORE, "lane_id": "lane-03", "event_time": now - 5_000},
+    }
+    inspect = closer.enter_context(
+        CheckoutInspector(settings, lookup=docs.get, engine=engine, watchlist_loader=lambda: watchlist))
 
     reply = inspect("tx-s")
     assert f"matches **suspect** `subj-{suspect}`" in reply and f"store {STORE} lane lane-01" in reply

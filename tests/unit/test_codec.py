@@ -21,11 +21,14 @@ def test_transaction_round_trips_through_avro():
     assert PosTransaction.decode(tx.encode()) == tx
 
 
-@pytest.mark.parametrize("data,kind", [
-    (b"", "empty"),
-    (b'{"transaction_id": "x"}', "not_avro"),
-    (MAGIC + b"\x00" * 8 + b"\x02", "unknown_schema"),
-])
+@pytest.mark.parametrize(
+    "data,kind",
+    [
+        (b"", "empty"),
+        (b'{"transaction_id": "x"}', "not_avro"),
+        (MAGIC + b"\x00" * 8 + b"\x02", "unknown_schema"),
+    ],
+)
 def test_undecodable_messages_say_why(data, kind):
     with pytest.raises(DecodeError) as err:
         codec("PosTransaction").decode(data)
@@ -78,6 +81,7 @@ def _readable(writer: dict, reader: dict) -> bool:
     import io
 
     from fastavro import schemaless_reader, schemaless_writer
+
     for record in generate_many(writer, 5):
         buf = io.BytesIO()
         schemaless_writer(buf, writer, record)
@@ -102,6 +106,7 @@ def test_all_versions_of_a_record_stay_mutually_compatible():
 
 def test_compatibility_check_catches_a_new_required_field():
     from fastavro import parse_schema
+
     v1 = latest_versions()["DeadLetter"].parsed
     raw = json.loads(latest_versions()["DeadLetter"].path.read_text())
     with_default = dict(raw, fields=raw["fields"] + [{"name": "note", "type": ["null", "string"], "default": None}])

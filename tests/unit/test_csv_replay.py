@@ -24,23 +24,59 @@ needs_sample = pytest.mark.skipif(
     not SAMPLE.exists(), reason="shared fraud sample ../shared/data/fraud/afd_transactions_sample.csv is absent"
 )
 
-HEADER = ["EVENT_LABEL", "EVENT_TIMESTAMP", "LABEL_TIMESTAMP", "EVENT_ID", "ENTITY_TYPE", "ENTITY_ID",
-          "card_bin", "customer_name", "billing_street", "billing_city", "billing_state", "billing_zip",
-          "billing_latitude", "billing_longitude", "billing_country", "customer_job", "ip_address",
-          "customer_email", "billing_phone", "user_agent", "product_category", "order_price",
-          "payment_currency", "merchant"]
+HEADER = [
+    "EVENT_LABEL",
+    "EVENT_TIMESTAMP",
+    "LABEL_TIMESTAMP",
+    "EVENT_ID",
+    "ENTITY_TYPE",
+    "ENTITY_ID",
+    "card_bin",
+    "customer_name",
+    "billing_street",
+    "billing_city",
+    "billing_state",
+    "billing_zip",
+    "billing_latitude",
+    "billing_longitude",
+    "billing_country",
+    "customer_job",
+    "ip_address",
+    "customer_email",
+    "billing_phone",
+    "user_agent",
+    "product_category",
+    "order_price",
+    "payment_currency",
+    "merchant",
+]
 
 
 def afd_row(event_id: str, timestamp: str = "2022-11-07T15:51:48Z", **overrides: str) -> dict[str, str]:
     row = {
-        "EVENT_LABEL": "0", "EVENT_TIMESTAMP": timestamp, "LABEL_TIMESTAMP": "", "EVENT_ID": event_id,
-        "ENTITY_TYPE": "customer", "ENTITY_ID": "398-20-6447", "card_bin": "404409",
-        "customer_name": "Christina", "billing_street": "4410 Johnson Way", "billing_city": "Warner Robins",
-        "billing_state": "GA", "billing_zip": "31098", "billing_latitude": "32.6181",
-        "billing_longitude": "-83.5739", "billing_country": "US", "customer_job": "Conservator, museum/gallery",
-        "ip_address": "72.239.175.244", "customer_email": "lee@example.com", "billing_phone": "+1-099-994-5728",
+        "EVENT_LABEL": "0",
+        "EVENT_TIMESTAMP": timestamp,
+        "LABEL_TIMESTAMP": "",
+        "EVENT_ID": event_id,
+        "ENTITY_TYPE": "customer",
+        "ENTITY_ID": "398-20-6447",
+        "card_bin": "404409",
+        "customer_name": "Christina",
+        "billing_street": "4410 Johnson Way",
+        "billing_city": "Warner Robins",
+        "billing_state": "GA",
+        "billing_zip": "31098",
+        "billing_latitude": "32.6181",
+        "billing_longitude": "-83.5739",
+        "billing_country": "US",
+        "customer_job": "Conservator, museum/gallery",
+        "ip_address": "72.239.175.244",
+        "customer_email": "lee@example.com",
+        "billing_phone": "+1-099-994-5728",
         "user_agent": "Opera/8.42.(X11; Linux i686; lg-UG) Presto/2.9.173 Version/12.00",
-        "product_category": "misc_net", "order_price": "810.3", "payment_currency": "USD",
+        "product_category": "misc_net",
+        "order_price": "810.3",
+        "payment_currency": "USD",
         "merchant": "fraud_Hamill-Daugherty",
     }
     row.update(overrides)
@@ -59,8 +95,9 @@ class FakeProducer:
     """Stands in for confluent_kafka.Producer. ``ack(n)`` decides the fate of the n-th message sent:
     True (acknowledged), False (failed) or None (never answered, as when the process dies)."""
 
-    def __init__(self, ack: Callable[[int], bool | None] = lambda n: True,
-                 on_produce: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self, ack: Callable[[int], bool | None] = lambda n: True, on_produce: Callable[[int], None] | None = None
+    ) -> None:
         self.ack, self.on_produce = ack, on_produce
         self.values: list[bytes] = []
         self._pending: list[tuple[int, Callable[[Any, Any], None]]] = []
@@ -107,14 +144,30 @@ def replay(settings: Settings, path: Path, producer: FakeProducer, **kwargs: Any
 def test_row_maps_fraud_detector_fields_onto_a_transaction() -> None:
     tx = row_to_transaction(afd_row("ev-1", EVENT_LABEL="1"))
     assert tx == PosTransaction(
-        transaction_id="ev-1", event_time=1667836308000, store_id="hamill-daugherty", lane_id="online",
-        kind="SALE", amount=810.3, currency="USD",
+        transaction_id="ev-1",
+        event_time=1667836308000,
+        store_id="hamill-daugherty",
+        lane_id="online",
+        kind="SALE",
+        amount=810.3,
+        currency="USD",
         items=(LineItem(sku="afd-misc_net", category="misc_net", quantity=1, unit_price=810.3),),
-        customer_id="398-20-6447", card_bin="404409", customer_email="lee@example.com",
-        customer_name="Christina", customer_job="Conservator, museum/gallery", billing_phone="+1-099-994-5728",
-        ip_address="72.239.175.244", user_agent="Opera/8.42.(X11; Linux i686; lg-UG) Presto/2.9.173 Version/12.00",
-        billing_street="4410 Johnson Way", billing_city="Warner Robins", billing_state="GA", billing_zip="31098",
-        billing_country="US", billing_latitude=32.6181, billing_longitude=-83.5739, product_category="misc_net",
+        customer_id="398-20-6447",
+        card_bin="404409",
+        customer_email="lee@example.com",
+        customer_name="Christina",
+        customer_job="Conservator, museum/gallery",
+        billing_phone="+1-099-994-5728",
+        ip_address="72.239.175.244",
+        user_agent="Opera/8.42.(X11; Linux i686; lg-UG) Presto/2.9.173 Version/12.00",
+        billing_street="4410 Johnson Way",
+        billing_city="Warner Robins",
+        billing_state="GA",
+        billing_zip="31098",
+        billing_country="US",
+        billing_latitude=32.6181,
+        billing_longitude=-83.5739,
+        product_category="misc_net",
         label=1,
     )
     assert PosTransaction.decode(tx.encode()) == tx
@@ -138,18 +191,21 @@ def test_optional_fields_may_be_empty() -> None:
     assert tx.items[0].category == "unknown"
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    ({"EVENT_TIMESTAMP": "07/11/2022 15:51"}, "EVENT_TIMESTAMP"),
-    ({"EVENT_TIMESTAMP": ""}, "EVENT_TIMESTAMP"),
-    ({"order_price": "12,50"}, "order_price"),
-    ({"order_price": "nan"}, "order_price"),
-    ({"order_price": "-3"}, "order_price"),
-    ({"payment_currency": "dollars"}, "payment_currency"),
-    ({"EVENT_ID": " "}, "EVENT_ID"),
-    ({"EVENT_LABEL": "maybe"}, "EVENT_LABEL"),
-    ({"billing_latitude": "north"}, "billing_latitude"),
-    ({"merchant": "???"}, "merchant"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"EVENT_TIMESTAMP": "07/11/2022 15:51"}, "EVENT_TIMESTAMP"),
+        ({"EVENT_TIMESTAMP": ""}, "EVENT_TIMESTAMP"),
+        ({"order_price": "12,50"}, "order_price"),
+        ({"order_price": "nan"}, "order_price"),
+        ({"order_price": "-3"}, "order_price"),
+        ({"payment_currency": "dollars"}, "payment_currency"),
+        ({"EVENT_ID": " "}, "EVENT_ID"),
+        ({"EVENT_LABEL": "maybe"}, "EVENT_LABEL"),
+        ({"billing_latitude": "north"}, "billing_latitude"),
+        ({"merchant": "???"}, "merchant"),
+    ],
+)
 def test_unmappable_row_raises_a_value_error_naming_the_column(overrides: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         row_to_transaction(afd_row("ev", **overrides))
@@ -174,14 +230,17 @@ def test_missing_required_column_is_rejected_up_front(tmp_path: Path, settings: 
 
 
 def test_csv_rows_are_replayed_in_event_timestamp_order(tmp_path: Path, settings: Settings) -> None:
-    path = write_csv(tmp_path / "events.csv", [
-        afd_row("c", "2022-11-08T00:00:00Z"),
-        afd_row("a", "2022-11-07T00:00:00Z"),
-        afd_row("d1", "2022-11-09T00:00:00Z"),
-        afd_row("b", "2022-11-07T12:00:00+00:00"),
-        afd_row("d2", "2022-11-09T00:00:00.000Z"),  # same instant as d1: file order kept
-        afd_row("e", "2022-11-09T01:00:00+01:00"),  # = 00:00Z, after d2 by the stable sort
-    ])
+    path = write_csv(
+        tmp_path / "events.csv",
+        [
+            afd_row("c", "2022-11-08T00:00:00Z"),
+            afd_row("a", "2022-11-07T00:00:00Z"),
+            afd_row("d1", "2022-11-09T00:00:00Z"),
+            afd_row("b", "2022-11-07T12:00:00+00:00"),
+            afd_row("d2", "2022-11-09T00:00:00.000Z"),  # same instant as d1: file order kept
+            afd_row("e", "2022-11-09T01:00:00+01:00"),  # = 00:00Z, after d2 by the stable sort
+        ],
+    )
     fake = FakeProducer()
     result = replay(settings, path, fake)
     assert fake.ids == ["a", "b", "c", "d1", "d2", "e"]
@@ -189,12 +248,15 @@ def test_csv_rows_are_replayed_in_event_timestamp_order(tmp_path: Path, settings
 
 
 def test_unmappable_row_is_reported_not_fatal(tmp_path: Path, settings: Settings) -> None:
-    path = write_csv(tmp_path / "events.csv", [
-        afd_row("ok-1", "2022-11-07T00:00:00Z", user_agent="two\nlines"),  # lines 2-3
-        afd_row("bad-price", "2022-11-07T01:00:00Z", order_price="12,50"),  # line 4
-        afd_row("bad-time", "yesterday"),  # line 5
-        afd_row("ok-2", "2022-11-07T02:00:00Z"),  # line 6
-    ])
+    path = write_csv(
+        tmp_path / "events.csv",
+        [
+            afd_row("ok-1", "2022-11-07T00:00:00Z", user_agent="two\nlines"),  # lines 2-3
+            afd_row("bad-price", "2022-11-07T01:00:00Z", order_price="12,50"),  # line 4
+            afd_row("bad-time", "yesterday"),  # line 5
+            afd_row("ok-2", "2022-11-07T02:00:00Z"),  # line 6
+        ],
+    )
     fake = FakeProducer()
     result = replay(settings, path, fake)
     assert fake.ids == ["ok-1", "ok-2"]
@@ -205,10 +267,14 @@ def test_unmappable_row_is_reported_not_fatal(tmp_path: Path, settings: Settings
 
 
 def test_time_scale_keeps_the_original_spacing_compressed(tmp_path: Path, settings: Settings) -> None:
-    path = write_csv(tmp_path / "events.csv", [
-        afd_row("a", "2022-11-07T00:00:00Z"), afd_row("b", "2022-11-07T00:00:01Z"),
-        afd_row("c", "2022-11-07T00:00:03Z"),
-    ])
+    path = write_csv(
+        tmp_path / "events.csv",
+        [
+            afd_row("a", "2022-11-07T00:00:00Z"),
+            afd_row("b", "2022-11-07T00:00:01Z"),
+            afd_row("c", "2022-11-07T00:00:03Z"),
+        ],
+    )
     start = time.monotonic()
     replay(settings, path, FakeProducer(), time_scale=10)
     assert 0.28 <= time.monotonic() - start < 2.0  # 3 s of events at 10x
@@ -303,7 +369,9 @@ def test_state_file_is_written_atomically_where_configured(tmp_path: Path, setti
 
 
 def test_replay_csv_command_reports_progress_and_exit_code(
-    tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     path = ten_rows(tmp_path)
     fake = FakeProducer()

@@ -18,8 +18,9 @@ def closed_port() -> int:
 
 
 def app_without_opensearch() -> TestClient:
-    settings = Settings().model_copy(update={"opensearch": Settings().opensearch.model_copy(
-        update={"url": f"http://127.0.0.1:{closed_port()}"})})
+    settings = Settings().model_copy(
+        update={"opensearch": Settings().opensearch.model_copy(update={"url": f"http://127.0.0.1:{closed_port()}"})}
+    )
     return TestClient(create_app(settings))
 
 
@@ -47,5 +48,7 @@ def test_unreachable_opensearch_is_a_503_with_a_reason_the_page_shows() -> None:
 def test_config_tells_the_page_how_often_to_poll() -> None:
     settings = Settings()
     assert app_without_opensearch().get("/api/config").json() == {
-        "refresh_ms": settings.dashboard.refresh_ms, "window_minutes": settings.dashboard.window_minutes,
-        "index_prefix": settings.opensearch.index_prefix}
+        "refresh_ms": settings.dashboard.refresh_ms,
+        "window_minutes": settings.dashboard.window_minutes,
+        "index_prefix": settings.opensearch.index_prefix,
+    }

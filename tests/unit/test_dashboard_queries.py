@@ -62,31 +62,79 @@ def test_overview_answer_becomes_totals_rates_series_and_store_rows() -> None:
             "latency_ttdf_ms": {"values": {"50.0": 40.0, "95.0": 90.0, "99.0": 150.04}},
             "latency_proc_time_ms": {"values": {"50.0": None, "95.0": None, "99.0": None}},
             "latency_model_time_ms": {"values": {"50.0": 3.0, "95.0": 5.0, "99.0": 6.0}},
-            "series": {"buckets": [
-                {"key": 0, "doc_count": 0, "outcomes": outcome_buckets(), "sales": {"amount": {"value": 0}},
-                 "prevented": {"amount": {"value": 0}}, "ttdf": {"values": {"50.0": None}}},
-                {"key": 60_000, "doc_count": 3, "outcomes": outcome_buckets(APPROVE=2, BLOCK=1),
-                 "sales": {"amount": {"value": 20.0}}, "prevented": {"amount": {"value": 9.5}},
-                 "ttdf": {"values": {"50.0": 30.0, "95.0": 60.0, "99.0": 61.0}}},
-            ]},
-            "stores": {"buckets": [{"key": "S1", "doc_count": 3, "outcomes": outcome_buckets(APPROVE=3),
-                                    "sales": {"amount": {"value": 30.0}}, "prevented": {"amount": {"value": 0.0}},
-                                    "ttdf": {"values": {"99.0": 70.0}}}]},
+            "series": {
+                "buckets": [
+                    {
+                        "key": 0,
+                        "doc_count": 0,
+                        "outcomes": outcome_buckets(),
+                        "sales": {"amount": {"value": 0}},
+                        "prevented": {"amount": {"value": 0}},
+                        "ttdf": {"values": {"50.0": None}},
+                    },
+                    {
+                        "key": 60_000,
+                        "doc_count": 3,
+                        "outcomes": outcome_buckets(APPROVE=2, BLOCK=1),
+                        "sales": {"amount": {"value": 20.0}},
+                        "prevented": {"amount": {"value": 9.5}},
+                        "ttdf": {"values": {"50.0": 30.0, "95.0": 60.0, "99.0": 61.0}},
+                    },
+                ]
+            },
+            "stores": {
+                "buckets": [
+                    {
+                        "key": "S1",
+                        "doc_count": 3,
+                        "outcomes": outcome_buckets(APPROVE=3),
+                        "sales": {"amount": {"value": 30.0}},
+                        "prevented": {"amount": {"value": 0.0}},
+                        "ttdf": {"values": {"99.0": 70.0}},
+                    }
+                ]
+            },
             "stores_all": {"doc_count": 100, "ids": outcome_buckets(S2=50, S1=50)},
         },
     }
     page = shape_overview(answer, window)
-    assert page["totals"] == {"transactions": 100, "revenue": 1234.57, "value_prevented": 500.0,
-                              "approve": 90, "review": 0, "block": 10}
+    assert page["totals"] == {
+        "transactions": 100,
+        "revenue": 1234.57,
+        "value_prevented": 500.0,
+        "approve": 90,
+        "review": 0,
+        "block": 10,
+    }
     assert page["rates"] == {"per_minute": 4.0, "block_rate": 0.1, "review_rate": 0.15, "minutes": 5.0}
     assert page["outcomes"] == {"APPROVE": 90, "REVIEW": 0, "BLOCK": 10}
     assert page["latency"]["ttdf_ms"] == {"p50": 40.0, "p95": 90.0, "p99": 150.0}
     assert page["latency"]["proc_time_ms"] == {"p50": None, "p95": None, "p99": None}
-    assert page["series"][0] == {"t": 0, "count": 0, "APPROVE": 0, "REVIEW": 0, "BLOCK": 0, "revenue": 0.0,
-                                 "prevented": 0.0, "p50": None, "p95": None, "p99": None}
+    assert page["series"][0] == {
+        "t": 0,
+        "count": 0,
+        "APPROVE": 0,
+        "REVIEW": 0,
+        "BLOCK": 0,
+        "revenue": 0.0,
+        "prevented": 0.0,
+        "p50": None,
+        "p95": None,
+        "p99": None,
+    }
     assert page["series"][1]["BLOCK"] == 1 and page["series"][1]["prevented"] == 9.5
-    assert page["stores"] == [{"store_id": "S1", "count": 3, "APPROVE": 3, "REVIEW": 0, "BLOCK": 0,
-                               "revenue": 30.0, "prevented": 0.0, "ttdf_p99": 70.0}]
+    assert page["stores"] == [
+        {
+            "store_id": "S1",
+            "count": 3,
+            "APPROVE": 3,
+            "REVIEW": 0,
+            "BLOCK": 0,
+            "revenue": 30.0,
+            "prevented": 0.0,
+            "ttdf_p99": 70.0,
+        }
+    ]
     assert page["all_stores"] == ["S1", "S2"]
 
 
@@ -99,13 +147,21 @@ def test_empty_indices_give_zeros_not_errors() -> None:
 
 
 def test_alerts_carry_a_thumbnail_url_instead_of_the_image_ref() -> None:
-    answer = {"hits": {"total": {"value": 2}, "hits": [
-        {"_source": {"alert_id": "a-1", "kind": "WATCHLIST_MATCH", "snapshot_ref": "file:checkout/tx-1"}},
-        {"_source": {"alert_id": "a-2", "kind": "BLOCKED_TRANSACTION", "snapshot_ref": None}},
-    ]}, "aggregations": {"kinds": outcome_buckets(WATCHLIST_MATCH=1, BLOCKED_TRANSACTION=1)}}
+    answer = {
+        "hits": {
+            "total": {"value": 2},
+            "hits": [
+                {"_source": {"alert_id": "a-1", "kind": "WATCHLIST_MATCH", "snapshot_ref": "file:checkout/tx-1"}},
+                {"_source": {"alert_id": "a-2", "kind": "BLOCKED_TRANSACTION", "snapshot_ref": None}},
+            ],
+        },
+        "aggregations": {"kinds": outcome_buckets(WATCHLIST_MATCH=1, BLOCKED_TRANSACTION=1)},
+    }
     page = shape_alerts(answer)
     assert [(a["alert_id"], a["thumbnail"]) for a in page["alerts"]] == [
-        ("a-1", "/api/alerts/a-1/snapshot"), ("a-2", None)]
+        ("a-1", "/api/alerts/a-1/snapshot"),
+        ("a-2", None),
+    ]
     assert all("snapshot_ref" not in a for a in page["alerts"])
     assert page["total"] == 2
 

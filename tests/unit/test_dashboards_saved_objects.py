@@ -20,7 +20,12 @@ JSON_STRING_ATTRIBUTES = ("visState", "uiStateJSON", "panelsJSON", "optionsJSON"
 NUMERIC = {"long", "integer", "short", "double", "float", "scaled_float"}
 FITTING = {  # aggregation type -> mapping types it can run on
     "terms": {"keyword"},
-    "sum": NUMERIC, "avg": NUMERIC, "min": NUMERIC, "max": NUMERIC, "median": NUMERIC, "percentiles": NUMERIC,
+    "sum": NUMERIC,
+    "avg": NUMERIC,
+    "min": NUMERIC,
+    "max": NUMERIC,
+    "median": NUMERIC,
+    "percentiles": NUMERIC,
     "date_histogram": {"date"},
     "cardinality": {"keyword"} | NUMERIC,
 }
@@ -56,7 +61,8 @@ def enum_symbols(record_type: str) -> dict[str, set[str]]:
     """Avro enum field name -> its symbols, for one record type."""
     schema = next(s for s in load_schemas().values() if s.short_name == record_type)
     return {
-        field["name"]: set(field["type"]["symbols"]) for field in json.loads(schema.path.read_text())["fields"]
+        field["name"]: set(field["type"]["symbols"])
+        for field in json.loads(schema.path.read_text())["fields"]
         if isinstance(field["type"], dict) and field["type"].get("type") == "enum"
     }
 
@@ -165,9 +171,9 @@ def test_the_field_check_catches_a_wrong_field_and_a_wrong_type(objects: list[di
     source = json.loads(value["attributes"]["kibanaSavedObjectMeta"]["searchSourceJSON"])
     source["query"]["query"] = "outcome:BLOCKED"
     meta = {"searchSourceJSON": json.dumps(source)}
-    assert field_problems({**value, "attributes": {**value["attributes"], "kibanaSavedObjectMeta": meta}},
-                          objects) == ["cg-value-prevented: query value 'BLOCKED' is not one of outcome's "
-                                        "['APPROVE', 'BLOCK', 'REVIEW']"]
+    assert field_problems({**value, "attributes": {**value["attributes"], "kibanaSavedObjectMeta": meta}}, objects) == [
+        "cg-value-prevented: query value 'BLOCKED' is not one of outcome's ['APPROVE', 'BLOCK', 'REVIEW']"
+    ]
 
 
 def test_dashboard_has_the_seed_panels_and_ours(objects: list[dict[str, Any]]) -> None:
@@ -175,8 +181,17 @@ def test_dashboard_has_the_seed_panels_and_ours(objects: list[dict[str, Any]]) -
     titles = {o["id"]: o["attributes"]["title"] for o in objects}
     on_board = {titles[r["id"]] for r in dashboard["references"]}
     assert {
-        "Transactions", "Revenue", "Outcomes", "Fraud by currency", "Fraud by billing state", "Detection latency",
-        "Sales over time", "Outcomes per store", "Face matches over time", "Latest alerts", "Value prevented",
+        "Transactions",
+        "Revenue",
+        "Outcomes",
+        "Fraud by currency",
+        "Fraud by billing state",
+        "Detection latency",
+        "Sales over time",
+        "Outcomes per store",
+        "Face matches over time",
+        "Latest alerts",
+        "Value prevented",
     } <= on_board
 
 

@@ -36,8 +36,7 @@ def alerts(rows) -> list[dict]:
 def test_return_by_someone_other_than_the_buyer_is_blocked_even_with_the_same_card():
     scorer, state = Scorer(Settings()), ScoringState()
     decide(scorer, state, sale("t1", store="store-A", amount=300), camera(BUYER, "t1"))
-    rows = decide(scorer, state, return_of("r1", "t1", at_s=900, store="store-B", amount=300),
-                  camera(STRANGER, "r1"))
+    rows = decide(scorer, state, return_of("r1", "t1", at_s=900, store="store-B", amount=300), camera(STRANGER, "r1"))
     out = scored(rows)
     assert out["outcome"] == "BLOCK"
     assert "customer_mismatch" in out["reasons"] and "cross_store_return" in out["reasons"]
@@ -49,8 +48,9 @@ def test_return_by_someone_other_than_the_buyer_is_blocked_even_with_the_same_ca
 def test_return_by_the_buyer_themself_is_not_flagged_as_a_mismatch():
     scorer, state = Scorer(Settings()), ScoringState()
     decide(scorer, state, sale("t1", store="store-A", amount=300), camera(BUYER, "t1"))
-    out = scored(decide(scorer, state, return_of("r1", "t1", at_s=86_400 * 3, store="store-A", amount=300),
-                        camera(BUYER, "r1")))
+    out = scored(
+        decide(scorer, state, return_of("r1", "t1", at_s=86_400 * 3, store="store-A", amount=300), camera(BUYER, "r1"))
+    )
     assert "customer_mismatch" not in out["reasons"]
     assert out["indicators"]["buyer_face_similarity"] == 100.0
 
@@ -69,8 +69,13 @@ def test_suspect_at_checkout_raises_a_watchlist_alert_with_the_snapshot():
 
 def test_suspect_at_the_entrance_raises_suspect_entered_and_a_vip_a_notification():
     scorer = Scorer(Settings())
-    obs = {"observation_id": "entrance:Q2MV-store-A-ENTRANCE:42", "event_time": T0, "store_id": "store-A",
-           "lane_id": None, "image_ref": "entrance/x.jpg"}
+    obs = {
+        "observation_id": "entrance:Q2MV-store-A-ENTRANCE:42",
+        "event_time": T0,
+        "store_id": "store-A",
+        "lane_id": None,
+        "image_ref": "entrance/x.jpg",
+    }
     [(_, key, value)] = scorer.entrance(obs, FaceResult("MATCHED", "subj-1", "SUSPECT", 88.0))
     alert = codec("Alert").decode(value)
     assert key == b"watchlist:entrance:Q2MV-store-A-ENTRANCE:42:subj-1"

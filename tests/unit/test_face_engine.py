@@ -40,6 +40,7 @@ def _embedding(engine: FaceEngine, path: Path) -> np.ndarray:
 
 # --- pure parts ------------------------------------------------------------------------------------
 
+
 def test_similarity_mapping_puts_the_lfw_operating_point_at_50():
     assert distance_to_similarity(0.0) == 100.0
     assert distance_to_similarity(0.6) == pytest.approx(50.0)
@@ -65,12 +66,18 @@ def test_laplacian_variance_drops_when_an_image_is_blurred():
     assert laplacian_variance(blurred) < laplacian_variance(sharp) / 10
 
 
-@pytest.mark.parametrize("data,kind", [
-    (b"", "empty"),
-    (b"not an image at all", "not_an_image"),
-    (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00!\xf9\x04\x00\x00\x00\x00\x00,\x00\x00\x00\x00"
-     b"\x01\x00\x01\x00\x00\x02\x02D\x01\x00;", "wrong_type"),
-])
+@pytest.mark.parametrize(
+    "data,kind",
+    [
+        (b"", "empty"),
+        (b"not an image at all", "not_an_image"),
+        (
+            b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00!\xf9\x04\x00\x00\x00\x00\x00,\x00\x00\x00\x00"
+            b"\x01\x00\x01\x00\x00\x02\x02D\x01\x00;",
+            "wrong_type",
+        ),
+    ],
+)
 def test_unusable_bytes_raise_an_image_error_naming_the_problem(engine, data, kind):
     with pytest.raises(ImageError) as err:
         engine.analyse(data)
@@ -104,6 +111,7 @@ def test_blank_and_noise_frames_have_no_faces(engine):
 
 
 # --- real photos -----------------------------------------------------------------------------------
+
 
 @needs_faces
 def test_same_person_scores_above_threshold_and_different_people_below(engine):

@@ -70,9 +70,13 @@ def _stage(tmp_path: Path, engine, snapshot) -> FaceStage:
 def _frame_of(people: dict, person: str | None, photo_index: int = 0):
     def snapshot(serial: str, at_ms: int | None) -> Snapshot:
         t = at_ms or int(time.time() * 1000)
-        seen = [] if person is None else [Presence("v", person, str(people[person][photo_index]), serial, "store-001",
-                                                   "lane-01", 0, 1, 7)]
+        seen = (
+            []
+            if person is None
+            else [Presence("v", person, str(people[person][photo_index]), serial, "store-001", "lane-01", 0, 1, 7)]
+        )
         return Snapshot(serial, render(serial, t, seen), "image/jpeg", at_ms, False, 1, 2, 0.1)
+
     return snapshot
 
 
@@ -118,11 +122,14 @@ def test_an_empty_lane_is_no_face_with_the_reason(tmp_path, engine, people) -> N
     assert obs.status == "NO_FACE" and obs.reason == "no face in the snapshot" and obs.embedding is None
 
 
-@pytest.mark.parametrize(("failure", "words"), [
-    (SnapshotError("not_ready", "snapshot URL not ready after 30 polls"), "snapshot not_ready"),
-    (SnapshotError("deadline", "snapshot deadline passed"), "snapshot deadline"),
-    (ConnectionResetError("boom"), "snapshot failed: ConnectionResetError"),
-])
+@pytest.mark.parametrize(
+    ("failure", "words"),
+    [
+        (SnapshotError("not_ready", "snapshot URL not ready after 30 polls"), "snapshot not_ready"),
+        (SnapshotError("deadline", "snapshot deadline passed"), "snapshot deadline"),
+        (ConnectionResetError("boom"), "snapshot failed: ConnectionResetError"),
+    ],
+)
 def test_a_failed_snapshot_is_unavailable_with_the_reason(tmp_path, engine, failure, words) -> None:
     def snapshot(serial: str, at_ms: int | None) -> Snapshot:
         raise failure

@@ -19,8 +19,10 @@ runner = CliRunner()
 def test_detect_prints_a_json_line_per_image_with_boxes_quality_and_embeddings(tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_bytes(b"not a picture")
-    result = runner.invoke(app, ["detect", str(FACES / "face_recognition" / "two_people.jpg"),
-                                 str(FACES / "no_face" / "dogs.jpg"), str(bad)])
+    result = runner.invoke(
+        app,
+        ["detect", str(FACES / "face_recognition" / "two_people.jpg"), str(FACES / "no_face" / "dogs.jpg"), str(bad)],
+    )
     assert result.exit_code == 0, result.output
     two, dogs, broken = (json.loads(line) for line in result.output.splitlines())
     assert len(two["faces"]) == 2 and all(len(f["embedding"]) == 128 and f["passed"] for f in two["faces"])

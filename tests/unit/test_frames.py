@@ -24,5 +24,7 @@ def test_output_batches_keep_order_topic_key_and_value():
     out.add("alerts", None, b"")
     assert out.count == 3
     assert list(unpack_outputs(out.to_bytes())) == [
-        ("processed_transactions", b"t1", b"v1"), ("dead_letters", b"transactions:0:1", None), ("alerts", None, b""),
+        ("processed_transactions", b"t1", b"v1"),
+        ("dead_letters", b"transactions:0:1", None),
+        ("alerts", None, b""),
     ]

@@ -126,17 +126,20 @@ def test_batch_scores_equal_one_by_one_scores():
 def test_return_at_another_store_by_another_customer_is_blocked_with_reasons():
     scorer = Scorer(SETTINGS, predictor=LocalPredictor(small_model()))
     state = ScoringState()
-    scorer.score(scorer.parse(sale("s1", store="store-A", card="card-A", amount=450).encode(), None, "t", 0, 1, 0),
-                 state)
-    env = scorer.parse(return_of("r1", "s1", at_s=900, store="store-B", card="card-Z", amount=450).encode(),
-                       None, "t", 0, 2, 0)
+    scorer.score(
+        scorer.parse(sale("s1", store="store-A", card="card-A", amount=450).encode(), None, "t", 0, 1, 0), state
+    )
+    env = scorer.parse(
+        return_of("r1", "s1", at_s=900, store="store-B", card="card-Z", amount=450).encode(), None, "t", 0, 2, 0
+    )
     out, _ = scorer.observe(env, state)
     result = scorer.decide_batch([out], [FaceResult(status="NO_FACE")])
     rows = result[0] if isinstance(result, tuple) else result
     scored = codec("ScoredTransaction").decode(next(v for t, _, v in rows if t == scorer.scored_topic))
     assert scored["outcome"] == "BLOCK" and scored["risk_score"] >= 85
     assert {"customer_mismatch", "cross_store_return", "suspicious_timing", "no_photo_verification"} <= set(
-        scored["reasons"])
+        scored["reasons"]
+    )
     assert scored["model_score"] is not None and scored["model_version"].startswith("local:gbm-")
     assert scored["rules_version"] == scorer.rule_set.version
     assert any(t == scorer.alerts_topic for t, _, _ in rows)
@@ -160,15 +163,17 @@ def test_train_then_backtest_on_the_fraud_detector_sample(tmp_path):
     assert len(rows) == 1287 and len({r["EVENT_ID"] for r in rows}) == 1287
     assert {r["outcome"] for r in rows} <= {"APPROVE", "REVIEW", "BLOCK"}
     assert sum(1 for r in rows if r["EVENT_LABEL"] == "") == 801  # unlabelled rows are scored too
-    metrics = json.loads(res.output[res.output.index("{"):res.output.rindex("}") + 1])
+    metrics = json.loads(res.output[res.output.index("{") : res.output.rindex("}") + 1])
     assert metrics["all_labelled"]["rows"] == 486
     assert metrics["held_out_later_part"]["rows"] == 146
     assert metrics["held_out_later_part"]["roc_auc_model_score"] == pytest.approx(val["roc_auc"], abs=0.02)
 
 
 def test_backtest_reports_unusable_rows_with_reasons_and_scores_the_rest(tmp_path):
-    header = "EVENT_LABEL,EVENT_TIMESTAMP,EVENT_ID,ENTITY_TYPE,ENTITY_ID,order_price,payment_currency,merchant," \
-             "product_category,customer_email\n"
+    header = (
+        "EVENT_LABEL,EVENT_TIMESTAMP,EVENT_ID,ENTITY_TYPE,ENTITY_ID,order_price,payment_currency,merchant,"
+        "product_category,customer_email\n"
+    )
     rows = [
         "0,2023-01-02T10:00:00Z,ok-late,customer,c1,25.5,USD,fraud_Shop A,grocery_pos,a@x.com",
         "1,2023-01-01T10:00:00Z,ok-early,customer,c1,900.0,usd,fraud_Shop B,shopping_net,a@x.com",

@@ -80,13 +80,11 @@ def _violation(source: str, target: str) -> str | None:
         return "imports upward"
     if top in STAGES and target_top in STAGES and top != target_top:
         return "imports another stage"
-    if top == target_top == "jobs":
-        mine, theirs = source.split(".")[1:2], target.split(".")[1:2]
-        if mine and theirs and mine[0] in JOBS_LAYER and theirs[0] in JOBS_LAYER:
-            if JOBS_LAYER[theirs[0]] > JOBS_LAYER[mine[0]] or (
-                JOBS_LAYER[theirs[0]] == JOBS_LAYER[mine[0]] and mine != theirs
-            ):
-                return f"jobs.{mine[0]} imports jobs.{theirs[0]} (sideways or upward)"
+    mine, theirs = source.split(".")[1:2], target.split(".")[1:2]
+    if top == target_top == "jobs" and mine and theirs and {mine[0], theirs[0]} <= JOBS_LAYER.keys():
+        high, low = JOBS_LAYER[theirs[0]], JOBS_LAYER[mine[0]]
+        if high > low or (high == low and mine != theirs):
+            return f"jobs.{mine[0]} imports jobs.{theirs[0]} (sideways or upward)"
     return None
 
 
@@ -120,7 +118,7 @@ def test_no_import_cycles() -> None:
         state[node] = 1
         for nxt in sorted(project[node]):
             if state.get(nxt) == 1:
-                cycles.append([*trail[trail.index(nxt):], nxt])
+                cycles.append([*trail[trail.index(nxt) :], nxt])
             elif nxt not in state:
                 visit(nxt, [*trail, nxt])
         state[node] = 2

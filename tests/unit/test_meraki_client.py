@@ -10,6 +10,7 @@ import io
 import socket
 import time
 from collections.abc import Iterator
+from contextlib import closing
 
 import pytest
 from PIL import Image
@@ -23,9 +24,9 @@ from infra.clients.meraki import (
     camera_location,
     entrance_camera,
     iso_timestamp,
-    retry_after_s,
 )
 from infra.local.camera import LocalCameraControl, LocalCameraServer
+from infra.retry import parse_retry_after
 from infra.settings import CameraSettings, Settings
 from tests.unit.faces_data import people_or_skip
 
@@ -37,8 +38,15 @@ def free_port() -> int:
 
 
 def camera_settings(**cameras: object) -> Settings:
-    base = {"local_port": free_port(), "poll_interval_s": 0.02, "no_video_backoff_s": 0.05, "local_no_video_ms": 0,
-            "local_not_ready_polls": 2, "local_rate_limit_per_s": 1000.0, "deadline_s": 5.0}
+    base = {
+        "local_port": free_port(),
+        "poll_interval_s": 0.02,
+        "no_video_backoff_s": 0.05,
+        "local_no_video_ms": 0,
+        "local_not_ready_polls": 2,
+        "local_rate_limit_per_s": 1000.0,
+        "deadline_s": 5.0,
+    }
     return Settings(cameras=CameraSettings(**{**base, **cameras}))
 
 
@@ -83,12 +91,12 @@ def test_snapshot_polls_the_url_until_the_image_is_ready(cam) -> None:
 
 def test_snapshot_at_a_timestamp_shows_who_stood_at_the_lane_then(cam) -> None:
     settings, server = cam
-    control = LocalCameraControl(server.base_url)
     person = sorted(server.camera.scene.people)[0]
     now = int(time.time() * 1000)
-    control.add_visit(person, "store-001", "lane-02", now - 60_000, now - 30_000, now - 20_000)
     serial = camera_for_lane(settings, "store-001", "lane-02")
-    truth = [p for p in control.ground_truth(serial) if p["person"] == person]
+    with closing(LocalCameraControl(server.base_url)) as control:
+        control.add_visit(person, "store-001", "lane-02", now - 60_000, now - 30_000, now - 20_000)
+        truth = [p for p in control.ground_truth(serial) if p["person"] == person]
     assert truth and truth[0]["start_ms"] <= now - 30_000 < truth[0]["end_ms"]
     with MerakiClient.from_settings(settings) as client:
         during = client.snapshot(serial, now - 30_000).image
@@ -116,8 +124,7 @@ def test_no_video_falls_back_to_now_after_the_configured_tries_and_says_so(peopl
 
 def test_no_video_without_fallback_is_an_error(people) -> None:
     settings = camera_settings(local_no_video_ms=60_000, no_video_max_tries=2, fallback_to_now=False)
-    with running(settings, people), MerakiClient.from_settings(settings) as client, \
-            pytest.raises(SnapshotError) as err:
+    with running(settings, people), MerakiClient.from_settings(settings) as client, pytest.raises(SnapshotError) as err:
         client.snapshot("Q2MV-store-001-lane-01", int(time.time() * 1000))
     assert err.value.kind == "no_video"
 
@@ -136,7 +143,8 @@ def test_429_retry_after_is_honoured(people) -> None:
 
 def test_server_errors_are_retried(cam) -> None:
     settings, server = cam
-    LocalCameraControl(server.base_url).set_fault("Q2MV-store-001-lane-01", "server_error", count=2)
+    with closing(LocalCameraControl(server.base_url)) as control:
+        control.set_fault("Q2MV-store-001-lane-01", "server_error", count=2)
     with MerakiClient.from_settings(settings) as client:
         snap = client.snapshot("Q2MV-store-001-lane-01")
     assert snap.image.startswith(b"\xff\xd8")
@@ -144,7 +152,8 @@ def test_server_errors_are_retried(cam) -> None:
 
 def test_persistent_server_errors_end_as_server_error(cam) -> None:
     settings, server = cam
-    LocalCameraControl(server.base_url).set_fault("Q2MV-store-001-lane-01", "server_error")
+    with closing(LocalCameraControl(server.base_url)) as control:
+        control.set_fault("Q2MV-store-001-lane-01", "server_error")
     with MerakiClient.from_settings(settings) as client, pytest.raises(SnapshotError) as err:
         client.snapshot("Q2MV-store-001-lane-01")
     assert err.value.kind == "server_error"
@@ -152,7 +161,8 @@ def test_persistent_server_errors_end_as_server_error(cam) -> None:
 
 def test_a_url_that_never_becomes_ready_ends_at_the_deadline(cam) -> None:
     settings, server = cam
-    LocalCameraControl(server.base_url).set_fault("Q2MV-store-001-lane-01", "never_ready")
+    with closing(LocalCameraControl(server.base_url)) as control:
+        control.set_fault("Q2MV-store-001-lane-01", "never_ready")
     with MerakiClient.from_settings(settings) as client:
         started = time.monotonic()
         with pytest.raises(SnapshotError) as err:
@@ -163,7 +173,8 @@ def test_a_url_that_never_becomes_ready_ends_at_the_deadline(cam) -> None:
 
 def test_a_slow_image_ends_at_the_deadline_not_later(cam) -> None:
     settings, server = cam
-    LocalCameraControl(server.base_url).set_fault("Q2MV-store-001-lane-01", "slow", delay_s=3)
+    with closing(LocalCameraControl(server.base_url)) as control:
+        control.set_fault("Q2MV-store-001-lane-01", "slow", delay_s=3)
     with MerakiClient.from_settings(settings) as client:
         started = time.monotonic()
         with pytest.raises(SnapshotError) as err:
@@ -175,7 +186,8 @@ def test_a_slow_image_ends_at_the_deadline_not_later(cam) -> None:
 @pytest.mark.parametrize(("fault", "kind"), [("empty", "empty"), ("wrong_type", "wrong_type"), ("huge", "too_large")])
 def test_bad_images_are_refused_with_a_reason(cam, fault: str, kind: str) -> None:
     settings, server = cam
-    LocalCameraControl(server.base_url).set_fault("Q2MV-store-001-lane-01", fault)
+    with closing(LocalCameraControl(server.base_url)) as control:
+        control.set_fault("Q2MV-store-001-lane-01", fault)
     with MerakiClient.from_settings(settings) as client, pytest.raises(SnapshotError) as err:
         client.snapshot("Q2MV-store-001-lane-01")
     assert err.value.kind == kind
@@ -196,8 +208,11 @@ def test_camera_map_defaults_and_explicit_entries() -> None:
     assert camera_location(s, "Q2MV-store-001-lane-03") == ("store-001", "lane-03")
     assert camera_location(s, entrance_camera(s, "store-007")) == ("store-007", None)
     assert camera_location(s, "Q2XX-0000-0000") is None
-    explicit = Settings(cameras=CameraSettings(lane_cameras="store-001/lane-01=Q2AB-0001-0001",
-                                               entrance_cameras="store-001=Q2AB-0001-0100"))
+    explicit = Settings(
+        cameras=CameraSettings(
+            lane_cameras="store-001/lane-01=Q2AB-0001-0001", entrance_cameras="store-001=Q2AB-0001-0100"
+        )
+    )
     assert camera_for_lane(explicit, "store-001", "lane-01") == "Q2AB-0001-0001"
     assert camera_location(explicit, "Q2AB-0001-0001") == ("store-001", "lane-01")
     assert camera_location(explicit, "Q2AB-0001-0100") == ("store-001", None)
@@ -206,6 +221,6 @@ def test_camera_map_defaults_and_explicit_entries() -> None:
 
 def test_timestamps_and_retry_after_parse_as_meraki_sends_them() -> None:
     assert iso_timestamp(1_795_000_000_123) == "2026-11-18T11:06:40Z"
-    assert retry_after_s("3", 1.0) == 3.0
-    assert retry_after_s(None, 1.0) == 1.0
-    assert retry_after_s("not a date", 2.0) == 2.0
+    assert parse_retry_after("3", 1.0) == 3.0
+    assert parse_retry_after(None, 1.0) == 1.0
+    assert parse_retry_after("not a date", 2.0) == 2.0

@@ -11,13 +11,13 @@ from confluent_kafka import Message
 from opensearchpy.exceptions import ConnectionError as OpenSearchConnectionError
 from opensearchpy.serializer import JSONSerializer
 
+from infra.retry import Backoff
 from infra.settings import IndicesSettings
 from schemas.codec import load_schemas
 from schemas.indices import ROUTES, default_group_id, load_template, period_index_name, period_of
 from schemas.records import Alert, DeadLetter, FaceObservation, ScoredTransaction
 from sinks.opensearch.sink import (
     DAY_MS,
-    Backoff,
     IndexAction,
     bulk_once,
     expired_indices,
@@ -32,23 +32,44 @@ PREFIX = "bt."
 
 def scored(transaction_id: str = "tx-1", **overrides: Any) -> ScoredTransaction:
     values: dict[str, Any] = dict(
-        transaction_id=transaction_id, event_time=1_700_000_000_000, store_id="S1", lane_id="L2",
-        kind="SALE", amount=12.5, currency="USD", item_count=2, customer_key="card:abc",
-        outcome="APPROVE", risk_score=10, reasons=("velocity",), rules_version="builtin-v1",
-        ingest_time=1_700_000_000_050, decided_at=1_700_000_000_080, proc_time_ms=20,
-        model_time_ms=5, ttdf_ms=80, indicators={"velocity": 1.0},
+        transaction_id=transaction_id,
+        event_time=1_700_000_000_000,
+        store_id="S1",
+        lane_id="L2",
+        kind="SALE",
+        amount=12.5,
+        currency="USD",
+        item_count=2,
+        customer_key="card:abc",
+        outcome="APPROVE",
+        risk_score=10,
+        reasons=("velocity",),
+        rules_version="builtin-v1",
+        ingest_time=1_700_000_000_050,
+        decided_at=1_700_000_000_080,
+        proc_time_ms=20,
+        model_time_ms=5,
+        ttdf_ms=80,
+        indicators={"velocity": 1.0},
     )
     values.update(overrides)
     return ScoredTransaction(**values)
 
 
 def alert(alert_id: str = "alert-1") -> Alert:
-    return Alert(alert_id=alert_id, kind="BLOCKED_TRANSACTION", severity="high", event_time=1_700_000_000_000,
-                 store_id="S1", summary="blocked", transaction_id="tx-1", reasons=("velocity",))
+    return Alert(
+        alert_id=alert_id,
+        kind="BLOCKED_TRANSACTION",
+        severity="high",
+        event_time=1_700_000_000_000,
+        store_id="S1",
+        summary="blocked",
+        transaction_id="tx-1",
+        reasons=("velocity",),
+    )
 
 
-def message(topic: str, value: bytes | None, partition: int = 0, offset: int = 0,
-            key: bytes | None = None) -> Message:
+def message(topic: str, value: bytes | None, partition: int = 0, offset: int = 0, key: bytes | None = None) -> Message:
     return Message(topic=topic, partition=partition, offset=offset, key=key, value=value)
 
 
@@ -75,11 +96,20 @@ def test_undecodable_message_becomes_a_dead_letter_with_the_reason() -> None:
     bad = message(tx_topic(), b"not avro at all", partition=1, offset=7, key=b"k1")
     actions, dead = to_actions([bad], index_prefix="cg", topic_prefix=PREFIX, now_ms=123)
     assert actions == []
-    assert dead == [DeadLetter(
-        dead_letter_id=f"{tx_topic()}:1:7", source_topic=tx_topic(), partition=1, offset=7,
-        payload=b"not avro at all", key=b"k1", error_kind="not_avro",
-        reason="not an Avro single-object message (missing C3 01 header)", stage="opensearch-sink", failed_at=123,
-    )]
+    assert dead == [
+        DeadLetter(
+            dead_letter_id=f"{tx_topic()}:1:7",
+            source_topic=tx_topic(),
+            partition=1,
+            offset=7,
+            payload=b"not avro at all",
+            key=b"k1",
+            error_kind="not_avro",
+            reason="not an Avro single-object message (missing C3 01 header)",
+            stage="opensearch-sink",
+            failed_at=123,
+        )
+    ]
 
 
 def test_record_of_the_wrong_type_and_empty_message_are_dead_lettered() -> None:
@@ -114,12 +144,16 @@ def test_non_finite_numbers_are_indexed_as_null_because_json_cannot_carry_them()
 
 def test_commit_offsets_are_the_last_offset_plus_one_per_partition() -> None:
     batch = [
-        message("a", b"", partition=0, offset=5), message("a", b"", partition=1, offset=9),
-        message("a", b"", partition=0, offset=7), message("b", b"", partition=0, offset=0),
+        message("a", b"", partition=0, offset=5),
+        message("a", b"", partition=1, offset=9),
+        message("a", b"", partition=0, offset=7),
+        message("b", b"", partition=0, offset=0),
         message("a", b"", partition=0, offset=6),
     ]
     assert [(tp.topic, tp.partition, tp.offset) for tp in offsets_to_commit(batch)] == [
-        ("a", 0, 8), ("a", 1, 10), ("b", 0, 1),
+        ("a", 0, 8),
+        ("a", 1, 10),
+        ("b", 0, 1),
     ]
 
 
@@ -167,15 +201,18 @@ def test_indicators_map_to_doubles_so_dashboards_can_aggregate_them() -> None:
     assert {(t["path_match"], t["mapping"]["type"]) for t in dynamic} == {("indicators.*", "double")}
 
 
-@pytest.mark.parametrize(("status", "error_type", "retriable"), [
-    (429, "es_rejected_execution_exception", True),
-    (503, "unavailable_shards_exception", True),
-    (500, "internal_server_error", True),
-    (403, "cluster_block_exception", True),
-    (400, "mapper_parsing_exception", False),
-    (400, "strict_dynamic_mapping_exception", False),
-    ("N/A", None, True),
-])
+@pytest.mark.parametrize(
+    ("status", "error_type", "retriable"),
+    [
+        (429, "es_rejected_execution_exception", True),
+        (503, "unavailable_shards_exception", True),
+        (500, "internal_server_error", True),
+        (403, "cluster_block_exception", True),
+        (400, "mapper_parsing_exception", False),
+        (400, "strict_dynamic_mapping_exception", False),
+        ("N/A", None, True),
+    ],
+)
 def test_only_cluster_trouble_is_retried(status: Any, error_type: str | None, retriable: bool) -> None:
     assert is_retriable(status, error_type) is retriable
 
@@ -208,11 +245,15 @@ def actions_for(*ids: str) -> list[IndexAction]:
 
 
 def test_bulk_round_retries_throttled_documents_and_dead_letters_rejected_ones() -> None:
-    client = FakeBulkClient({
-        "tx-2": {"status": 429, "error": {"type": "es_rejected_execution_exception", "reason": "queue full"}},
-        "tx-3": {"status": 400, "error": {"type": "mapper_parsing_exception", "reason": "bad field",
-                                          "caused_by": {"reason": "detail"}}},
-    })
+    client = FakeBulkClient(
+        {
+            "tx-2": {"status": 429, "error": {"type": "es_rejected_execution_exception", "reason": "queue full"}},
+            "tx-3": {
+                "status": 400,
+                "error": {"type": "mapper_parsing_exception", "reason": "bad field", "caused_by": {"reason": "detail"}},
+            },
+        }
+    )
     pending = actions_for("tx-1", "tx-2", "tx-3")
     result = bulk_once(client, pending)  # type: ignore[arg-type]
     assert result.acknowledged == 1
@@ -244,9 +285,17 @@ def test_bulk_round_keeps_only_unsent_chunks_when_a_later_chunk_fails() -> None:
 
 def face_observation(embedding: list[float] | None = None) -> FaceObservation:
     return FaceObservation(
-        observation_id="checkout:tx-1", event_time=1_700_000_000_000, camera_serial="Q2MV-S1-L2", store_id="S1",
-        lane_id="L2", transaction_id="tx-1", trigger="CHECKOUT", status="NO_MATCH", quality=0.9,
-        image_ref="checkout/tx-1.jpg", embedding=[0.1, 0.2] if embedding is None else embedding,
+        observation_id="checkout:tx-1",
+        event_time=1_700_000_000_000,
+        camera_serial="Q2MV-S1-L2",
+        store_id="S1",
+        lane_id="L2",
+        transaction_id="tx-1",
+        trigger="CHECKOUT",
+        status="NO_MATCH",
+        quality=0.9,
+        image_ref="checkout/tx-1.jpg",
+        embedding=[0.1, 0.2] if embedding is None else embedding,
     )
 
 
@@ -273,8 +322,10 @@ def test_period_index_follows_the_event_time_so_a_replay_hits_the_same_document(
     assert period_index_name("cg", "alerts", late_evening, "month") == "cg-alerts-2023.11"
     with pytest.raises(ValueError, match="period"):
         period_index_name("cg", "alerts", late_evening, "week")
-    batch = [message(tx_topic(), scored("tx-1", event_time=late_evening).encode()),
-             message(tx_topic(), scored("tx-1", event_time=late_evening).encode(), offset=1)]
+    batch = [
+        message(tx_topic(), scored("tx-1", event_time=late_evening).encode()),
+        message(tx_topic(), scored("tx-1", event_time=late_evening).encode(), offset=1),
+    ]
     actions, _ = to_actions(batch, index_prefix="cg", topic_prefix=PREFIX)
     assert [(a.op["_index"], a.doc_id) for a in actions] == [("cg-transactions-2023.11.14", "tx-1")]
 
@@ -293,8 +344,13 @@ def test_period_of_only_accepts_exact_period_indices_of_the_prefix_and_kind() ->
     assert (start.isoformat(), end.isoformat()) == ("2026-12-01T00:00:00+00:00", "2027-01-01T00:00:00+00:00")
     start, end = period_of("cg-alerts-2026.02.28", "cg", "alerts")  # type: ignore[misc]
     assert end.isoformat() == "2026-03-01T00:00:00+00:00"
-    for other in ("cg-transactions", "cg-transactions-x-transactions-2026.02.28", "cg-transactions-2026.2.28",
-                  "cgx-transactions-2026.02.28", "cg-alerts-2026.02.28"):
+    for other in (
+        "cg-transactions",
+        "cg-transactions-x-transactions-2026.02.28",
+        "cg-transactions-2026.2.28",
+        "cgx-transactions-2026.02.28",
+        "cg-alerts-2026.02.28",
+    ):
         assert period_of(other, "cg", "transactions") is None, other
 
 
@@ -310,7 +366,8 @@ def test_retention_drops_indices_whose_period_ended_and_that_were_created_long_e
         "other-face_observations-2020.01.01": old,  # another prefix: never touched
     }
     assert expired_indices(created, "cg", "face_observations", 30, now) == [
-        "cg-face_observations-2026.10.21", "cg-face_observations-2026.10.22",
+        "cg-face_observations-2026.10.21",
+        "cg-face_observations-2026.10.22",
     ]
     assert expired_indices(created, "cg", "face_observations", 0, now) == []
 

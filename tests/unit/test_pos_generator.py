@@ -57,18 +57,27 @@ def test_same_seed_gives_same_transactions() -> None:
 
 def test_same_seed_gives_same_transactions_in_another_process() -> None:
     """Nothing may depend on string hashing (PYTHONHASHSEED) or other per-process state."""
-    code = ("import hashlib; from itertools import islice; from infra.local.pos_generator import PosGenerator; "
-            "print(hashlib.sha256(repr(list(islice(PosGenerator(seed=3), 3000))).encode()).hexdigest())")
+    code = (
+        "import hashlib; from itertools import islice; from infra.local.pos_generator import PosGenerator; "
+        "print(hashlib.sha256(repr(list(islice(PosGenerator(seed=3), 3000))).encode()).hexdigest())"
+    )
     digests = {
-        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
-                       env={**os.environ, "PYTHONHASHSEED": str(h)}, cwd=REPO_ROOT).stdout
+        subprocess.run(
+            [sys.executable, "-c", code],
+            check=True,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONHASHSEED": str(h)},
+            cwd=REPO_ROOT,
+        ).stdout
         for h in (1, 2)
     }
     assert len(digests) == 1
 
 
-@pytest.mark.parametrize("kwargs", [{"stores": 0}, {"customers": 1}, {"fraud_share": 1.5},
-                                    {"tx_per_second": 0}, {"return_share": -0.1}])
+@pytest.mark.parametrize(
+    "kwargs", [{"stores": 0}, {"customers": 1}, {"fraud_share": 1.5}, {"tx_per_second": 0}, {"return_share": -0.1}]
+)
 def test_invalid_parameters_are_rejected(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         PosGenerator(**kwargs)
@@ -128,8 +137,18 @@ def test_customer_identity_is_stable(stream: list[tuple[PosTransaction, str]]) -
     for tx in by_pattern(stream, LEGIT):
         if tx.payment_method == "cash":
             continue
-        identity = (tx.card_token, tx.card_bin, tx.customer_email, tx.customer_name, tx.billing_street,
-                    tx.billing_state, tx.billing_country, tx.billing_latitude, tx.ip_address, tx.user_agent)
+        identity = (
+            tx.card_token,
+            tx.card_bin,
+            tx.customer_email,
+            tx.customer_name,
+            tx.billing_street,
+            tx.billing_state,
+            tx.billing_country,
+            tx.billing_latitude,
+            tx.ip_address,
+            tx.user_agent,
+        )
         assert all(v is not None for v in identity)
         assert seen.setdefault(tx.customer_id, identity) == identity  # type: ignore[arg-type]
 
@@ -287,8 +306,12 @@ class FakeProducer:
     """Stands in for confluent_kafka.Producer: queues messages and reports them on poll (if
     ``deliver_on_poll`` says so for that timeout) and always on flush."""
 
-    def __init__(self, fail: Callable[[int], bool] = lambda n: False, queue_limit: int | None = None,
-                 deliver_on_poll: Callable[[float], bool] = lambda timeout: True) -> None:
+    def __init__(
+        self,
+        fail: Callable[[int], bool] = lambda n: False,
+        queue_limit: int | None = None,
+        deliver_on_poll: Callable[[float], bool] = lambda timeout: True,
+    ) -> None:
         self.fail, self.queue_limit, self.deliver_on_poll = fail, queue_limit, deliver_on_poll
         self.sent: list[tuple[str, bytes, bytes]] = []
         self._pending: list[tuple[int, Callable[[Any, Any], None]]] = []
@@ -329,8 +352,9 @@ def test_produce_keys_by_store_and_lane_and_counts_acks() -> None:
 def test_failed_deliveries_are_counted_and_reported_to_the_caller() -> None:
     outcomes: dict[int, bool] = {}
     fake = FakeProducer(fail=lambda n: n % 10 == 3)
-    stats = pos.produce(Settings(), islice(PosGenerator(seed=5), 100), progress=False, producer=fake,
-                        on_delivery=outcomes.__setitem__)
+    stats = pos.produce(
+        Settings(), islice(PosGenerator(seed=5), 100), progress=False, producer=fake, on_delivery=outcomes.__setitem__
+    )
     assert (stats.acked, stats.failed) == (90, 10) and not stats.ok
     assert stats.errors == ["broker down"]
     assert [n for n, ok in sorted(outcomes.items()) if not ok] == list(range(3, 100, 10))
@@ -375,8 +399,7 @@ def test_token_bucket_catches_up_only_a_small_burst_after_a_stall() -> None:
 
 def test_produce_paces_to_the_rate() -> None:
     start = time.monotonic()
-    stats = pos.produce(Settings(), islice(PosGenerator(seed=5), 30), rate=100, progress=False,
-                        producer=FakeProducer())
+    stats = pos.produce(Settings(), islice(PosGenerator(seed=5), 30), rate=100, progress=False, producer=FakeProducer())
     assert stats.acked == 30
     assert 0.25 <= time.monotonic() - start < 1.5
 
@@ -384,8 +407,22 @@ def test_produce_paces_to_the_rate() -> None:
 def test_generate_command_sends_count_transactions(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeProducer()
     monkeypatch.setattr(pos, "make_producer", lambda settings: fake)
-    result = CliRunner().invoke(pos.app, ["generate", "--count", "300", "--rate", "0", "--seed", "9",
-                                          "--customers", "500", "--no-progress", "--no-realtime"])
+    result = CliRunner().invoke(
+        pos.app,
+        [
+            "generate",
+            "--count",
+            "300",
+            "--rate",
+            "0",
+            "--seed",
+            "9",
+            "--customers",
+            "500",
+            "--no-progress",
+            "--no-realtime",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert len(fake.sent) == 300
     first = PosTransaction.decode(fake.sent[0][2])
@@ -403,4 +440,5 @@ def test_realtime_stamps_event_time_with_the_wall_clock_at_send() -> None:
     assert before <= stamps[0] and stamps[-1] <= after and stamps == sorted(stamps)
     assert stamps[-1] - stamps[0] >= 80  # paced at 200/s: the stamps follow the pacing
     assert [dataclasses.replace(tx, event_time=0) for tx in sent] == [
-        dataclasses.replace(tx, event_time=0) for tx in txs]
+        dataclasses.replace(tx, event_time=0) for tx in txs
+    ]

@@ -22,10 +22,24 @@ from tests.builders import T0, sale
 from tests.fraud_model import small_model
 
 TX = sale(
-    "tx-42", amount=810.3, card="tok_9", customer_id="398-20-6447", card_bin="404409", customer_email="c@example.com",
-    customer_name="Christina", customer_job="Conservator", billing_phone="+1-099-994-5728", ip_address="72.239.175.244",
-    user_agent="Opera/8.42", billing_street="4410 Johnson Way", billing_city="Warner Robins", billing_state="GA",
-    billing_zip="31098", billing_country="US", billing_latitude=32.6181, billing_longitude=-83.5739,
+    "tx-42",
+    amount=810.3,
+    card="tok_9",
+    customer_id="398-20-6447",
+    card_bin="404409",
+    customer_email="c@example.com",
+    customer_name="Christina",
+    customer_job="Conservator",
+    billing_phone="+1-099-994-5728",
+    ip_address="72.239.175.244",
+    user_agent="Opera/8.42",
+    billing_street="4410 Johnson Way",
+    billing_city="Warner Robins",
+    billing_state="GA",
+    billing_zip="31098",
+    billing_country="US",
+    billing_latitude=32.6181,
+    billing_longitude=-83.5739,
     product_category="misc_net",
 ).to_avro()
 IND = {"velocity": 1.0, "first_seen": 1.0}
@@ -35,9 +49,18 @@ def settings_for(url: str, backend: str, **kw) -> Settings:
     """Generous timeouts (a loaded CI machine must not turn a success into a fallback); the timeout
     tests set a short read timeout against a server that sleeps longer."""
     values = dict(
-        backend=backend, aws_endpoint_url=url, aws_region="us-east-1", aws_access_key_id=SecretStr("testing"),
-        aws_secret_access_key=SecretStr("testing"), connect_timeout_s=2.0, read_timeout_s=3.0, retries=1,
-        breaker_failures=3, breaker_cooldown_s=60, afd_detector_version="2")
+        backend=backend,
+        aws_endpoint_url=url,
+        aws_region="us-east-1",
+        aws_access_key_id=SecretStr("testing"),
+        aws_secret_access_key=SecretStr("testing"),
+        connect_timeout_s=2.0,
+        read_timeout_s=3.0,
+        retries=1,
+        breaker_failures=3,
+        breaker_cooldown_s=60,
+        afd_detector_version="2",
+    )
     model = ModelSettings(**{**values, **kw})
     return Settings().model_copy(update={"model": model})
 
@@ -73,11 +96,21 @@ def test_fraud_detector_gets_seed_004s_request_with_string_values(server):
         "eventTimestamp": "2026-01-01T00:00:00Z",
         "entities": [{"entityType": "customer", "entityId": "398-20-6447"}],
         "eventVariables": {
-            "order_price": "810.3", "customer_email": "c@example.com", "ip_address": "72.239.175.244",
-            "payment_currency": "USD", "billing_longitude": "-83.5739", "billing_latitude": "32.6181",
-            "billing_zip": "31098", "billing_state": "GA", "user_agent": "Opera/8.42",
-            "billing_street": "4410 Johnson Way", "billing_city": "Warner Robins", "card_bin": "404409",
-            "customer_name": "Christina", "product_category": "misc_net", "customer_job": "Conservator",
+            "order_price": "810.3",
+            "customer_email": "c@example.com",
+            "ip_address": "72.239.175.244",
+            "payment_currency": "USD",
+            "billing_longitude": "-83.5739",
+            "billing_latitude": "32.6181",
+            "billing_zip": "31098",
+            "billing_state": "GA",
+            "user_agent": "Opera/8.42",
+            "billing_street": "4410 Johnson Way",
+            "billing_city": "Warner Robins",
+            "card_bin": "404409",
+            "customer_name": "Christina",
+            "product_category": "misc_net",
+            "customer_job": "Conservator",
             "phone": "+1-099-994-5728",
         },
     }
@@ -110,8 +143,9 @@ def test_open_circuit_skips_the_backend_until_its_cool_down(server):
     server.status = 500
     clock = Clock()
     model = small_model()
-    predictor = FraudDetectorPredictor(settings_for(server.url, "frauddetector", breaker_failures=2), model,
-                                       clock=clock)
+    predictor = FraudDetectorPredictor(
+        settings_for(server.url, "frauddetector", breaker_failures=2), model, clock=clock
+    )
     first = predictor.predict_batch([(TX, IND)])
     assert len(server.requests) == 2 and predictor.breaker.state == "open"
     assert first[0].version.endswith("(fallback)")
@@ -161,11 +195,20 @@ def test_sagemaker_request_is_accepted_by_moto_server():
     try:
         host, port = moto.get_host_and_port()
         url = f"http://{host}:{port}"
-        httpx.post(f"{url}/moto-api/static/sagemaker/endpoint-results", json={
-            "region": "us-east-1",
-            "results": [{"Body": "0.9\n0.01\n", "ContentType": "text/csv", "InvokedProductionVariant": "AllTraffic",
-                         "CustomAttributes": ""}],
-        }).raise_for_status()
+        httpx.post(
+            f"{url}/moto-api/static/sagemaker/endpoint-results",
+            json={
+                "region": "us-east-1",
+                "results": [
+                    {
+                        "Body": "0.9\n0.01\n",
+                        "ContentType": "text/csv",
+                        "InvokedProductionVariant": "AllTraffic",
+                        "CustomAttributes": "",
+                    }
+                ],
+            },
+        ).raise_for_status()
         model = small_model()
         predictor = SageMakerPredictor(settings_for(url, "sagemaker"), model)
         items = [(TX, IND), (sale("t2").to_avro(), {})]

@@ -44,9 +44,14 @@ def moto_url():
 def settings(moto_url, tmp_path) -> Settings:
     run = uuid.uuid4().hex[:12]
     faces = FaceSettings(
-        image_store="s3", backend="rekognition", aws_endpoint_url=moto_url, aws_region="us-east-1",
-        aws_access_key_id=SecretStr("testing"), aws_secret_access_key=SecretStr("testing"),
-        checkout_bucket=f"checkout-{run}", suspects_bucket=f"suspects-{run}",
+        image_store="s3",
+        backend="rekognition",
+        aws_endpoint_url=moto_url,
+        aws_region="us-east-1",
+        aws_access_key_id=SecretStr("testing"),
+        aws_secret_access_key=SecretStr("testing"),
+        checkout_bucket=f"checkout-{run}",
+        suspects_bucket=f"suspects-{run}",
     )
     return Settings(stack_dir=tmp_path, faces=faces)
 
@@ -61,8 +66,13 @@ def store(settings) -> S3ImageStore:
 
 @pytest.fixture
 def rekognition(settings, moto_url):
-    s3 = boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1",
-                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=moto_url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     server = LocalRekognition(FaceEngine(FaceSettings()), similarity, s3_client=s3)
     url = server.start()
     faces = RekognitionFaces(settings.faces.model_copy(update={"rekognition_endpoint_url": url}))
@@ -86,6 +96,7 @@ def test_s3_purge_deletes_old_unretained_snapshots_but_keeps_retained_and_refere
     store.retain(kept, "alert a-1 subject=subj-x")
     assert store.purge(older_than_ms=0) == 0, "nothing is older than the epoch"
     import time
+
     assert store.purge(older_than_ms=int(time.time() * 1000) + 60_000) == 1
     assert store.find("checkout", "tx-old") is None and old
     assert store.get(kept) == b"b" and store.get(ref) == b"c"

@@ -105,7 +105,7 @@ def test_merge_orders_by_timestamp_and_never_reorders_a_partition():
     cursors = dict.fromkeys(streams, 0)
     while any(cursors[p] < len(streams[p]) for p in streams):  # feed in uneven chunks, like fetches
         p = rng.randrange(3)
-        for t, off in streams[p][cursors[p]:cursors[p] + rng.randrange(1, 40)]:
+        for t, off in streams[p][cursors[p] : cursors[p] + rng.randrange(1, 40)]:
             merge.add(p, (t, off), (p, off, t))
             cursors[p] += 1
         if cursors[p] >= len(streams[p]):

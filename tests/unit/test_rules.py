@@ -29,8 +29,13 @@ def _default_dict() -> dict:
 def test_default_rule_set_is_seed_001s_scheme():
     rules = RuleSet.default()
     assert (rules.block_at, rules.review_at) == (85, 50)
-    for name in ("no_photo_verification", "customer_mismatch", "suspicious_timing", "high_value_item",
-                 "return_without_receipt"):
+    for name in (
+        "no_photo_verification",
+        "customer_mismatch",
+        "suspicious_timing",
+        "high_value_item",
+        "return_without_receipt",
+    ):
         assert rules.weights[name] > 0
     assert rules.model_bands[0][0] > rules.model_bands[-1][0]
     assert rules.version and rules.version != "builtin-v1"
@@ -41,17 +46,20 @@ def test_rule_set_round_trips_through_yaml():
     assert RuleSet.from_yaml(rules.to_yaml()) == rules
 
 
-@pytest.mark.parametrize("change,message", [
-    (lambda d: d.pop("version"), "version: required"),
-    (lambda d: d["thresholds"].update(block_at=150), "thresholds.block_at"),
-    (lambda d: d["thresholds"].update(review_at=90), "review_at (90) must be below block_at (85)"),
-    (lambda d: d["weights"].update(customer_missmatch=40), "weights.customer_missmatch: unknown indicator"),
-    (lambda d: d["weights"].update(high_value_item="a lot"), "weights.high_value_item"),
-    (lambda d: d["model_bands"].append({"score": 1200, "points": 5}), "model_bands[4].score"),
-    (lambda d: d["model_bands"].append({"score": 300, "points": 70}), "higher score must not give fewer points"),
-    (lambda d: d["face"].update(unavailable_statuses=["ASLEEP"]), "face.unavailable_statuses"),
-    (lambda d: d.update(weigths={}), "unknown key(s): weigths"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda d: d.pop("version"), "version: required"),
+        (lambda d: d["thresholds"].update(block_at=150), "thresholds.block_at"),
+        (lambda d: d["thresholds"].update(review_at=90), "review_at (90) must be below block_at (85)"),
+        (lambda d: d["weights"].update(customer_missmatch=40), "weights.customer_missmatch: unknown indicator"),
+        (lambda d: d["weights"].update(high_value_item="a lot"), "weights.high_value_item"),
+        (lambda d: d["model_bands"].append({"score": 1200, "points": 5}), "model_bands[4].score"),
+        (lambda d: d["model_bands"].append({"score": 300, "points": 70}), "higher score must not give fewer points"),
+        (lambda d: d["face"].update(unavailable_statuses=["ASLEEP"]), "face.unavailable_statuses"),
+        (lambda d: d.update(weigths={}), "unknown key(s): weigths"),
+    ],
+)
 def test_invalid_rule_sets_are_refused_with_the_offending_key(change, message):
     data = _default_dict()
     change(data)

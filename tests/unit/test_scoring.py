@@ -147,15 +147,18 @@ def test_anonymous_buyers_do_not_share_history():
     assert customer_key(a.to_avro()) != customer_key(b.to_avro())
 
 
-@pytest.mark.parametrize("change,kind", [
-    ({"amount": -5.0}, "invalid_amount"),
-    ({"amount": float("nan")}, "invalid_amount"),
-    ({"currency": "usd"}, "invalid_currency"),
-    ({"transaction_id": ""}, "missing_field"),
-    ({"store_id": " "}, "missing_field"),
-    ({"event_time": 0}, "invalid_timestamp"),
-    ({"original_transaction_id": "x"}, "invalid_reference"),
-])
+@pytest.mark.parametrize(
+    "change,kind",
+    [
+        ({"amount": -5.0}, "invalid_amount"),
+        ({"amount": float("nan")}, "invalid_amount"),
+        ({"currency": "usd"}, "invalid_currency"),
+        ({"transaction_id": ""}, "missing_field"),
+        ({"store_id": " "}, "missing_field"),
+        ({"event_time": 0}, "invalid_timestamp"),
+        ({"original_transaction_id": "x"}, "invalid_reference"),
+    ],
+)
 def test_invalid_transactions_are_rejected_with_a_reason(change, kind):
     data = replace(sale("t1"), **change).encode()
     with pytest.raises(InvalidRecord) as err:

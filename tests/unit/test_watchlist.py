@@ -18,8 +18,14 @@ needs_faces = pytest.mark.skipif(not FACES.is_dir(), reason="shared face photos 
 
 
 def entry(subject: str, embeddings, category: str = "SUSPECT") -> dict:
-    return {"subject_id": subject, "category": category, "embeddings": [list(map(float, e)) for e in embeddings],
-            "reason": "test", "flagged_by": "t@example.com", "flagged_at": 1}
+    return {
+        "subject_id": subject,
+        "category": category,
+        "embeddings": [list(map(float, e)) for e in embeddings],
+        "reason": "test",
+        "flagged_by": "t@example.com",
+        "flagged_at": 1,
+    }
 
 
 def unit(rng, n=1):

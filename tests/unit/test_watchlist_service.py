@@ -111,8 +111,16 @@ def test_forget_removes_entry_images_and_alert_snapshots_of_the_subject(core):
     core.on_command(command("FRAUD", "tx-1"), NOW)
     later = core.store.put("checkout", "tx-9", photo)
     other = core.store.put("checkout", "tx-10", photo)
-    alert = Alert(alert_id="a-1", kind="WATCHLIST_MATCH", severity="HIGH", event_time=NOW, store_id="S1",
-                  summary="suspect at lane", subject_id="subj-tx-1", snapshot_ref=later)
+    alert = Alert(
+        alert_id="a-1",
+        kind="WATCHLIST_MATCH",
+        severity="HIGH",
+        event_time=NOW,
+        store_id="S1",
+        summary="suspect at lane",
+        subject_id="subj-tx-1",
+        snapshot_ref=later,
+    )
     retained = core.on_alert(Source("alerts", 0, 0, b"a-1", alert.encode()), NOW)
     assert audit_of(retained).action == "RETAIN" and core.store.retained() == {later: "alert=a-1 subject=subj-tx-1"}
     outs = core.on_command(command("FORGET", "subj-tx-1", cid="c5", actor="dpo@example.com"), NOW)
@@ -127,15 +135,30 @@ def test_forget_removes_entry_images_and_alert_snapshots_of_the_subject(core):
 
 
 def test_alerts_without_snapshot_change_nothing_and_bad_refs_are_reported(core):
-    plain = Alert(alert_id="a-2", kind="BLOCKED_TRANSACTION", severity="LOW", event_time=NOW, store_id="S1",
-                  summary="x")
+    plain = Alert(
+        alert_id="a-2", kind="BLOCKED_TRANSACTION", severity="LOW", event_time=NOW, store_id="S1", summary="x"
+    )
     assert core.on_alert(Source("alerts", 0, 1, None, plain.encode()), NOW) == []
-    bad = Alert(alert_id="a-3", kind="BLOCKED_TRANSACTION", severity="LOW", event_time=NOW, store_id="S1", summary="x",
-                snapshot_ref="s3://elsewhere/checkout/x")
+    bad = Alert(
+        alert_id="a-3",
+        kind="BLOCKED_TRANSACTION",
+        severity="LOW",
+        event_time=NOW,
+        store_id="S1",
+        summary="x",
+        snapshot_ref="s3://elsewhere/checkout/x",
+    )
     outs = core.on_alert(Source("alerts", 0, 2, None, bad.encode()), NOW)
     assert audit_of(outs).outcome == "FAILED" and by_topic(outs)["dead_letters"]
-    gone = Alert(alert_id="a-4", kind="BLOCKED_TRANSACTION", severity="LOW", event_time=NOW, store_id="S1",
-                 summary="x", snapshot_ref="file:checkout/tx-purged")
+    gone = Alert(
+        alert_id="a-4",
+        kind="BLOCKED_TRANSACTION",
+        severity="LOW",
+        event_time=NOW,
+        store_id="S1",
+        summary="x",
+        snapshot_ref="file:checkout/tx-purged",
+    )
     outs = core.on_alert(Source("alerts", 0, 3, None, gone.encode()), NOW)
     assert DeadLetter.decode(by_topic(outs)["dead_letters"][0].value).error_kind == "missing_image"
 
@@ -160,8 +183,15 @@ def test_an_input_already_audited_is_skipped_when_replayed(core):
 
 
 def test_startup_replay_rebuilds_the_known_subjects(core):
-    entry = WatchlistEntry(subject_id="subj-a", category="VIP", embeddings=[[0.0] * 128], reason="r",
-                           flagged_by="x", flagged_at=1, source_transaction_id="a")
+    entry = WatchlistEntry(
+        subject_id="subj-a",
+        category="VIP",
+        embeddings=[[0.0] * 128],
+        reason="r",
+        flagged_by="x",
+        flagged_at=1,
+        source_transaction_id="a",
+    )
     core.load(b"subj-a", entry.encode())
     assert core.entries["subj-a"]["category"] == "VIP"
     core.load(b"subj-a", None)

@@ -34,18 +34,21 @@ def test_signature_is_hmac_sha1_of_the_exact_body() -> None:
     assert not verify_signature(body, sign(body, ""), "")  # no secret configured: nothing verifies
 
 
-@pytest.mark.parametrize(("text", "verb", "argument"), [
-    ("Checkout Guard fraud tx-123", "FRAUD", "tx-123"),
-    ("Checkout vip tx-9", "VIP", "tx-9"),
-    ("checkout tx-9", "CHECKOUT", "tx-9"),  # the bot's short name is also a verb
-    ("Checkout checkout tx-9", "CHECKOUT", "tx-9"),
-    ("@Checkout Guard: checkout `tx-1`", "CHECKOUT", "tx-1"),
-    ("forget subj-tx-1", "FORGET", "subj-tx-1"),
-    ("STATUS", "STATUS", None),
-    ("help me", "HELP", None),
-    ("what is this", None, None),
-    ("", None, None),
-])
+@pytest.mark.parametrize(
+    ("text", "verb", "argument"),
+    [
+        ("Checkout Guard fraud tx-123", "FRAUD", "tx-123"),
+        ("Checkout vip tx-9", "VIP", "tx-9"),
+        ("checkout tx-9", "CHECKOUT", "tx-9"),  # the bot's short name is also a verb
+        ("Checkout checkout tx-9", "CHECKOUT", "tx-9"),
+        ("@Checkout Guard: checkout `tx-1`", "CHECKOUT", "tx-1"),
+        ("forget subj-tx-1", "FORGET", "subj-tx-1"),
+        ("STATUS", "STATUS", None),
+        ("help me", "HELP", None),
+        ("what is this", None, None),
+        ("", None, None),
+    ],
+)
 def test_commands_are_parsed_after_the_mention(text: str, verb: str | None, argument: str | None) -> None:
     parsed = parse_command(text, ("Checkout Guard", "Checkout"))
     assert (parsed.verb, parsed.argument, parsed.problem) == (verb, argument, None)
@@ -63,8 +66,13 @@ def test_mention_is_only_stripped_as_a_whole_word() -> None:
 def test_callback_parsing_rejects_what_is_not_a_message_webhook() -> None:
     good = {"resource": "messages", "event": "created", "data": {"id": "m", "roomId": "r", "personId": "p"}}
     assert parse_callback(json.dumps(good).encode())["id"] == "m"
-    for bad in (b"", b"[]", b"{", json.dumps({**good, "event": "deleted"}).encode(),
-                json.dumps({**good, "data": {"id": 5, "roomId": "r", "personId": "p"}}).encode()):
+    for bad in (
+        b"",
+        b"[]",
+        b"{",
+        json.dumps({**good, "event": "deleted"}).encode(),
+        json.dumps({**good, "data": {"id": 5, "roomId": "r", "personId": "p"}}).encode(),
+    ):
         with pytest.raises(ValueError):
             parse_callback(bad)
 
@@ -73,8 +81,9 @@ def test_callback_parsing_rejects_what_is_not_a_message_webhook() -> None:
 
 
 class Harness:
-    def __init__(self, webex: LocalWebexServer, bot: WebexBot, server: BackgroundServer,
-                 published: list[BotCommand]) -> None:
+    def __init__(
+        self, webex: LocalWebexServer, bot: WebexBot, server: BackgroundServer, published: list[BotCommand]
+    ) -> None:
         self.webex, self.bot, self.server, self.published = webex, bot, server, published
         self.url = server.base + WEBHOOK_PATH
 
@@ -88,19 +97,31 @@ class Harness:
 @pytest.fixture
 def harness() -> Iterator[Harness]:
     with LocalWebexServer(TOKEN) as webex:
-        settings = Settings(webex=WebexSettings(
-            base_url=webex.url, bot_token=SecretStr(TOKEN), webhook_secret=SecretStr(SECRET),
-            public_url="http://127.0.0.1:1", allowed_rooms=SECURITY_ROOM, allowed_people="lead@store.test"))
+        settings = Settings(
+            webex=WebexSettings(
+                base_url=webex.url,
+                bot_token=SecretStr(TOKEN),
+                webhook_secret=SecretStr(SECRET),
+                public_url="http://127.0.0.1:1",
+                allowed_rooms=SECURITY_ROOM,
+                allowed_people="lead@store.test",
+            )
+        )
         published: list[BotCommand] = []
-        bot = WebexBot(settings, publish=published.append, inspect_checkout=lambda tx: f"face check of {tx}: no match",
-                       status_text=lambda: "all healthy")
-        server = BackgroundServer(bot.app, lifespan="on", name="bot").start()
-        try:
-            [hook] = wait_for(lambda: webex.state.webhooks, 10, what="the webhook registered on start")
-            webex.state.webhooks[0] = {**hook, "targetUrl": server.base + WEBHOOK_PATH}  # reachable in the test
-            yield Harness(webex, bot, server, published)
-        finally:
-            server.stop()
+        # The bot's Webex client holds a connection per handler thread: closed once the receiver stopped.
+        with WebexBot(
+            settings,
+            publish=published.append,
+            status_text=lambda: "all healthy",
+            inspect_checkout=lambda tx: f"face check of {tx}: no match",
+        ) as bot:
+            server = BackgroundServer(bot.app, lifespan="on", name="bot").start()
+            try:
+                [hook] = wait_for(lambda: webex.state.webhooks, 10, what="the webhook registered on start")
+                webex.state.webhooks[0] = {**hook, "targetUrl": server.base + WEBHOOK_PATH}  # reachable in the test
+                yield Harness(webex, bot, server, published)
+            finally:
+                server.stop()
 
 
 def test_bot_registers_its_webhook_with_the_secret_on_start(harness: Harness) -> None:
@@ -117,7 +138,11 @@ def test_fraud_from_the_security_room_becomes_one_command_and_a_reply(harness: H
     wait_for(lambda: harness.replies(SECURITY_ROOM), 10, what="the reply")
     [command] = harness.published
     assert (command.verb, command.argument, command.actor, command.room_id) == (
-        "FRAUD", "tx-42", "guard@store.test", SECURITY_ROOM)
+        "FRAUD",
+        "tx-42",
+        "guard@store.test",
+        SECURITY_ROOM,
+    )
     assert command.command_id == delivery["message_id"]  # a redelivery is the same command
     assert "subj-tx-42" in harness.replies(SECURITY_ROOM)[0]
 
@@ -138,8 +163,9 @@ def test_allow_listed_person_may_change_the_watchlist_from_any_room(harness: Har
 def test_checkout_and_status_answer_in_the_room_from_anyone(harness: Harness) -> None:
     harness.say(SHOP_FLOOR, "cashier@store.test", "Checkout Guard checkout tx-5")
     harness.say(SHOP_FLOOR, "cashier@store.test", "status")
-    replies = wait_for(lambda: len(harness.replies(SHOP_FLOOR)) == 2 and harness.replies(SHOP_FLOOR), 10,
-                       what="two replies")
+    replies = wait_for(
+        lambda: len(harness.replies(SHOP_FLOOR)) == 2 and harness.replies(SHOP_FLOOR), 10, what="two replies"
+    )
     assert set(replies) == {"face check of tx-5: no match", "all healthy"}
     assert [c.verb for c in harness.published] == ["CHECKOUT", "STATUS"]
 
@@ -149,8 +175,13 @@ def test_own_messages_are_ignored(harness: Harness) -> None:
     wait_for(lambda: harness.replies(SECURITY_ROOM), 10, what="the help reply")
     # Webex also announces the bot's own reply; handling it would loop.
     [own] = harness.webex.state.bot_messages(SECURITY_ROOM)
-    body = json.dumps({"resource": "messages", "event": "created", "data": {
-        "id": own["id"], "roomId": SECURITY_ROOM, "personId": harness.webex.state.bot["id"]}}).encode()
+    body = json.dumps(
+        {
+            "resource": "messages",
+            "event": "created",
+            "data": {"id": own["id"], "roomId": SECURITY_ROOM, "personId": harness.webex.state.bot["id"]},
+        }
+    ).encode()
     r = httpx.post(harness.url, content=body, headers={"X-Spark-Signature": sign(body, SECRET)})
     assert r.status_code == 200
     time.sleep(0.5)
@@ -159,8 +190,14 @@ def test_own_messages_are_ignored(harness: Harness) -> None:
 
 
 def callback(message_id: str, room: str = SECURITY_ROOM, email: str = "guard@store.test") -> bytes:
-    return json.dumps({"id": "hook", "resource": "messages", "event": "created", "data": {
-        "id": message_id, "roomId": room, "personId": person_id(email), "personEmail": email}}).encode()
+    return json.dumps(
+        {
+            "id": "hook",
+            "resource": "messages",
+            "event": "created",
+            "data": {"id": message_id, "roomId": room, "personId": person_id(email), "personEmail": email},
+        }
+    ).encode()
 
 
 def test_forged_or_unsigned_webhooks_are_refused_and_change_nothing(harness: Harness) -> None:
@@ -183,16 +220,25 @@ def test_forged_or_unsigned_webhooks_are_refused_and_change_nothing(harness: Har
 def malformed_bodies(rng: random.Random, n: int) -> Iterator[tuple[bytes, bool]]:
     """(body, signed) pairs: garbage, wrong JSON shapes, wrong types, huge bodies; most signed so the
     parser behind the signature check is exercised too."""
-    shapes: list[Any] = [[], 1, "x", None, {}, {"resource": "messages"}, {"resource": "rooms", "event": "created"},
-                         {"resource": "messages", "event": "created"},
-                         {"resource": "messages", "event": "created", "data": []},
-                         {"resource": "messages", "event": "created", "data": {"id": None}},
-                         {"resource": "messages", "event": "created",
-                          "data": {"id": "m", "roomId": 3, "personId": "p"}},
-                         {"resource": "messages", "event": "created",
-                          "data": {"id": "m", "roomId": "r", "personId": "p", "personEmail": ["x"]}},
-                         {"resource": "messages", "event": "created", "data": {"id": "x" * 600, "roomId": "r",
-                                                                                 "personId": "p"}}]
+    shapes: list[Any] = [
+        [],
+        1,
+        "x",
+        None,
+        {},
+        {"resource": "messages"},
+        {"resource": "rooms", "event": "created"},
+        {"resource": "messages", "event": "created"},
+        {"resource": "messages", "event": "created", "data": []},
+        {"resource": "messages", "event": "created", "data": {"id": None}},
+        {"resource": "messages", "event": "created", "data": {"id": "m", "roomId": 3, "personId": "p"}},
+        {
+            "resource": "messages",
+            "event": "created",
+            "data": {"id": "m", "roomId": "r", "personId": "p", "personEmail": ["x"]},
+        },
+        {"resource": "messages", "event": "created", "data": {"id": "x" * 600, "roomId": "r", "personId": "p"}},
+    ]
     for i in range(n):
         kind = i % 5
         if kind == 0:

@@ -1,0 +1,106 @@
+"""Kafka clients, built in one place: ``KafkaSettings.client_config()`` (brokers, security) + presets + overrides.
+
+``producer(settings, RELIABLE, client_id="checkout-guard-pos", compression_type="lz4")`` builds a
+``confluent_kafka.Producer`` from the settings' connection properties, then each preset (a mapping of
+librdkafka properties) in order, then the keyword overrides, whose ``_`` stand for ``.``
+(``linger_ms=5`` is ``linger.ms``; the Python client's own keys such as ``error_cb`` or ``logger`` are
+passed as they are). :func:`config` gives the same dict without a client.
+
+:func:`produce` is the one send loop that copes with a full local queue (``BufferError``): it lets
+deliveries drain the queue (``poll``) and tries again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient
+
+from infra.settings import KafkaSettings, Settings
+
+IDEMPOTENT: Mapping[str, Any] = {"enable.idempotence": True}
+"""A producer whose retries neither duplicate nor reorder."""
+RELIABLE: Mapping[str, Any] = {"enable.idempotence": True, "acks": "all", "linger.ms": 5}
+"""Idempotent, ``acks=all``, small batches: what the pipeline's own producers use."""
+MANUAL_COMMIT: Mapping[str, Any] = {"enable.auto.commit": False}
+"""A consumer that commits (or never commits) offsets itself."""
+READ_COMMITTED: Mapping[str, Any] = {"enable.auto.commit": False, "isolation.level": "read_committed"}
+"""Manual commits, and only records of committed transactions."""
+
+PYTHON_KEYS = frozenset({"error_cb", "throttle_cb", "stats_cb", "oauth_cb", "logger", "on_delivery", "on_commit"})
+"""confluent-kafka's own keys, which keep their underscores."""
+
+
+class _Produces(Protocol):
+    def produce(self, topic: str, *args: Any, **kwargs: Any) -> None: ...
+    def poll(self, timeout: float) -> int: ...
+
+
+def _kafka(source: Settings | KafkaSettings) -> KafkaSettings:
+    return source.kafka if isinstance(source, Settings) else source
+
+
+def _key(name: str) -> str:
+    return name if name in PYTHON_KEYS else name.replace("_", ".")
+
+
+def config(source: Settings | KafkaSettings, *presets: Mapping[str, Any], **overrides: Any) -> dict[str, Any]:
+    """Connection properties of ``source``, then ``presets`` in order, then ``overrides`` (``_`` = ``.``)."""
+    conf: dict[str, Any] = dict(_kafka(source).client_config())
+    for preset in presets:
+        conf.update(preset)
+    conf.update({_key(name): value for name, value in overrides.items()})
+    return conf
+
+
+def producer(source: Settings | KafkaSettings, *presets: Mapping[str, Any], **overrides: Any) -> Producer:
+    return Producer(config(source, *presets, **overrides))
+
+
+def consumer(
+    source: Settings | KafkaSettings, group_id: str, *presets: Mapping[str, Any], **overrides: Any
+) -> Consumer:
+    return Consumer(config(source, *presets, group_id=group_id, **overrides))
+
+
+def admin(source: Settings | KafkaSettings, *presets: Mapping[str, Any], **overrides: Any) -> AdminClient:
+    return AdminClient(config(source, *presets, **overrides))
+
+
+def produce(
+    producer: _Produces,
+    topic: str,
+    key: bytes | str | None,
+    value: bytes | str | None,
+    on_delivery: Callable[[Any, Any], None] | None = None,
+    *,
+    headers: Any = None,
+    partition: int | None = None,
+    timestamp: int | None = None,
+    poll_s: float = 0.05,
+    wait: Callable[[float], object] | None = None,
+) -> None:
+    """``producer.produce(...)``, tried again while the local queue is full (``BufferError``): in between,
+    ``producer.poll(poll_s)`` serves delivery callbacks, which empties the queue. ``wait``: called with
+    ``poll_s`` instead of polling, where another thread polls this producer (e.g. ``time.sleep``).
+    ``headers``, ``partition`` and ``timestamp`` are passed only when given."""
+    kwargs: dict[str, Any] = {"key": key, "value": value}
+    if on_delivery is not None:
+        kwargs["on_delivery"] = on_delivery
+    if headers is not None:
+        kwargs["headers"] = headers
+    if partition is not None:
+        kwargs["partition"] = partition
+    if timestamp is not None:
+        kwargs["timestamp"] = timestamp
+    while True:
+        try:
+            producer.produce(topic, **kwargs)
+            return
+        except BufferError:
+            if wait is not None:
+                wait(poll_s)
+            else:
+                producer.poll(poll_s)

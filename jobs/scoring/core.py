@@ -1,0 +1,358 @@
+"""Every decision of the scoring job, without Flink: records and the clock in, outputs and state writes out.
+
+The Flink operator (:class:`jobs.flink.operator.DecideStep`) only moves data: it loads the state maps
+once and hands them to :meth:`DecisionCore.restore`, passes each batch of records to
+:meth:`DecisionCore.on_records`, each timer to :meth:`DecisionCore.on_timer` and each rules/watchlist
+record to :meth:`DecisionCore.on_control`; it writes the returned :attr:`Step.writes` to MapState,
+registers :attr:`Step.timer` and sends :attr:`Step.outputs` to Kafka. Everything in between —
+parsing, dead letters, receipts/stores/customers, the face join and its deadline, the watchlist,
+``forget``, rule-set updates, the model and the rules — happens here and is tested with plain pytest.
+
+The state lives in this object (the maps are authoritative once restored); a :class:`Step` says which
+entries changed, so the operator persists exactly those, once per call.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple, Protocol
+
+from infra.settings import Settings
+from jobs.scoring.face_join import EARLY_FACES, PENDING, FaceJoin, Ready, observation_result, seen_from
+from jobs.scoring.rules import RuleSet
+from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STAGE, STORES, Predictor, Scorer, ScoringState, Write
+from schemas.codec import codec
+from schemas.errors import InvalidRecord
+from schemas.records import dead_letter
+from schemas.topics import RULES, TRANSACTIONS
+
+log = logging.getLogger("checkout_guard.scoring_job")
+
+LEGACY_BATCH = "batch"
+"""Where the job kept transactions waiting for a model batch before batching moved into the JVM: what a
+restored checkpoint still holds there is decided at the first call."""
+MAPS = (RECEIPTS, STORES, CUSTOMERS, PENDING, EARLY_FACES, LEGACY_BATCH)
+"""The keyed state maps, in the order their writes are committed (also their MapState names)."""
+RULES_KEY = "rules"
+"""Broadcast state key of the rule set in force; watchlist entries are under ``wl:<subject>``."""
+
+OutRow = tuple[str, bytes | None, bytes | None]
+"""(topic, key, value): one output record (the scorer's rows are plain tuples, dead letters too)."""
+Writes = dict[str, dict[str, Any]]
+"""Map name -> key -> new value, or ``None`` for a removal: the last write of each key, in the order
+the keys were first written; maps in :data:`MAPS` order, only those that changed."""
+ControlReader = Callable[[Settings, Callable[[str, bytes | None, bytes | None], object]], dict[tuple[str, int], int]]
+"""``read_control_topics``'s shape: call ``apply(topic, key, value)`` per record, return the last
+offset read per (topic, partition)."""
+
+
+class SourceRecord(NamedTuple):
+    """One Kafka record as the job sees it (a tuple: unpacking it costs what a plain one does).
+
+    What :func:`jobs.flink.frames.unpack_records` yields for each record of a batch from the JVM."""
+
+    key: bytes | None
+    value: bytes | None
+    topic: str
+    partition: int
+    offset: int
+    ts: int
+    """Broker timestamp, ms."""
+
+
+class Step(NamedTuple):
+    """What one call produced."""
+
+    outputs: list[OutRow]
+    """Records for Kafka, in order."""
+    writes: Writes
+    """State changes to persist (see :data:`Writes`)."""
+    timer: int | None
+    """A processing-time timer to register (ms), or ``None``: one is already due no later."""
+
+
+class ControlUpdate(NamedTuple):
+    """A change of broadcast state: ``value`` ``None`` removes ``key`` (a watchlist tombstone)."""
+
+    key: str
+    value: Any
+
+
+class ControlStep(NamedTuple):
+    """What one rules/watchlist record produced."""
+
+    outputs: list[OutRow]
+    """A dead letter for a bad update, else nothing."""
+    update: ControlUpdate | None
+    """The broadcast state change to keep for restores, or ``None`` (nothing to keep)."""
+
+
+class WatchlistLike(Protocol):
+    def search(self, embedding: Any) -> Any: ...
+
+    def upsert(self, entry: dict[str, Any]) -> None: ...
+
+    def remove(self, subject_id: str) -> None: ...
+
+
+class DecisionCore:
+    """Parse, match receipts, track stores and customers, join the face, decide: the job's logic.
+
+    ``predictor`` is the fraud model (``jobs.model.predictors.make_predictor``; ``None``: no model),
+    ``watchlist`` the suspect/VIP watchlist (``jobs.scoring.watchlist.Watchlist``; ``None``: no
+    matching). ``clock`` (seconds, like ``time.time``) stamps dead letters and the decisions' latency
+    fields; the face join's "now" is the ``now_ms`` each call is given.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        predictor: Predictor | None = None,
+        watchlist: WatchlistLike | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        job = settings.job
+        self.scorer = Scorer(settings, predictor=predictor, clock=clock)
+        self.join = FaceJoin(job.face_deadline_ms, job.early_face_ttl_ms)
+        self.watchlist = watchlist
+        self.state: ScoringState | None = None
+        self.restored_ready: list[Ready] = []
+        self.forgotten: list[str] = []
+        self.deadline_at: int | None = None
+        """The earliest timer registered and not yet fired."""
+        self.bootstrapped: dict[tuple[str, int], int] | None = None
+        """Last control-topic offset applied at start per (topic, partition); ``None``: not read."""
+        self._changes: dict[str, dict[str, Any]] = {name: {} for name in MAPS}
+        prefix = settings.kafka.topic_prefix
+        self.tx_topic = TRANSACTIONS.full_name(prefix)
+        self.rules_topic = RULES.full_name(prefix)
+        self.face_codec = codec("FaceObservation")
+        self.watch_codec = codec("WatchlistEntry")
+        self.rules_codec = codec("RuleSetUpdate")
+
+    @property
+    def rule_set(self) -> RuleSet:
+        return self.scorer.rule_set
+
+    # --- start-up --------------------------------------------------------------------------------
+    def bootstrap(self, read: ControlReader | None = None) -> dict[tuple[str, int], int] | None:
+        """Read the rule set and the watchlist from their compacted topics before the first decision.
+
+        The broadcast stream alone would race the transactions at a fresh start (a known suspect
+        could pass while the watchlist is still streaming in). Returns (and keeps) the last offset
+        applied per partition, so :meth:`on_control` skips what is already in force; ``None`` if
+        Kafka could not be read, and the broadcast state given to :meth:`restore` is used instead.
+        ``read`` defaults to :func:`infra.clients.control_topics.read_control_topics`.
+        """
+        self.bootstrapped = None
+        if not self.settings.job.bootstrap_control:
+            return None
+        if read is None:
+            from infra.clients.control_topics import read_control_topics
+
+            read = read_control_topics
+        try:
+            self.bootstrapped = read(self.settings, self.apply_control)
+        except Exception as err:  # noqa: BLE001 - degrade to the broadcast stream, loudly
+            log.warning("could not read the rules/watchlist topics at start (%s); using broadcast state", err)
+        return self.bootstrapped
+
+    def apply_control(self, topic: str, key: bytes | None, value: bytes | None) -> None:
+        """One record of the start-up read: applied; a bad one is skipped (the broadcast stream dead-letters it)."""
+        try:
+            self._control_record(topic, key, value)
+        except Exception as err:  # noqa: BLE001 - the broadcast stream dead-letters it
+            log.warning("skipping a bad %s record at start: %s", topic, err)
+
+    def restore(self, maps: dict[str, dict[str, Any]], broadcast: dict[str, Any] | None = None) -> int | None:
+        """Load the state maps (by name, see :data:`MAPS`; missing ones are empty) and, unless the
+        control topics were read at start, the broadcast state. Returns the timer to register.
+
+        Transactions a checkpoint still holds in the legacy batch map are decided at the next call,
+        and their entries removed with that call's writes.
+        """
+        self.state = ScoringState.restore(
+            **{name: dict(maps.get(name) or {}) for name in (RECEIPTS, STORES, CUSTOMERS)}
+        )
+        self.join.restore(dict(maps.get(PENDING) or {}), dict(maps.get(EARLY_FACES) or {}))
+        for tx_id, (env, seen) in (maps.get(LEGACY_BATCH) or {}).items():
+            self.restored_ready.append(Ready(env, seen))
+            self._changes[LEGACY_BATCH][tx_id] = None
+        if self.bootstrapped is None and broadcast:
+            for key, value in broadcast.items():
+                self._apply_broadcast(key, value)
+        return self._arm()
+
+    def _loaded(self) -> ScoringState:
+        if self.state is None:
+            self.restore({})
+        return self.state  # type: ignore[return-value]
+
+    # --- inputs ----------------------------------------------------------------------------------
+    def on_records(self, records: Iterable[SourceRecord], now_ms: int) -> Step:
+        """A batch of transactions and face observations (any bytes): outputs, writes, timer."""
+        state = self._loaded()
+        if self.forgotten:
+            self._forget_faces()
+        outputs: list[OutRow] = []
+        ready = self.restored_ready
+        self.restored_ready = []
+        for record in records:
+            item = self._take(record, state, now_ms, outputs)
+            if item is not None:
+                ready.append(item)
+        self._decide(ready, outputs)
+        return Step(outputs, self._flush(), self._arm())
+
+    def on_timer(self, fired_at: int, now_ms: int) -> Step:
+        """The timer registered for ``fired_at`` fired: transactions past their face deadline go
+        ahead with ``face: UNAVAILABLE``, stale early faces are dropped."""
+        self._loaded()
+        if self.deadline_at is not None and fired_at >= self.deadline_at:
+            self.deadline_at = None
+        due, writes = self.join.due(now_ms)
+        self._persist(writes)
+        outputs: list[OutRow] = []
+        self._decide([*self.restored_ready, *due], outputs)
+        self.restored_ready = []
+        return Step(outputs, self._flush(), self._arm())
+
+    def on_control(
+        self, topic: str, key: bytes | None, value: bytes | None, partition: int, offset: int
+    ) -> ControlStep:
+        """A rules or watchlist record from the broadcast stream: applied now (unless the start-up
+        read applied it already), and the broadcast state change to keep; a bad one is dead-lettered."""
+        done = self.bootstrapped.get((topic, partition), -1) if self.bootstrapped else -1
+        try:
+            update = self._control_record(topic, key, value, apply=offset > done)
+        except Exception as err:  # noqa: BLE001 - a bad update must not stop scoring: dead-letter it
+            log.warning("rejected %s update at offset %s: %s", topic, offset, err)
+            record = SourceRecord(key, value, topic, partition, offset, 0)
+            return ControlStep([self._dead_letter(record, "invalid_update", str(err))], None)
+        return ControlStep([], update)
+
+    def _take(self, record: SourceRecord, state: ScoringState, now: int, out: list[OutRow]) -> Ready | None:
+        """One transaction or face observation: state updated, outputs added; what is ready to decide."""
+        key, value, topic, partition, offset, ts = record
+        if topic == self.tx_topic:
+            parsed = self.scorer.parse(value, key, topic, partition, offset, ts)
+            if isinstance(parsed[0], str):  # the dead letter's row
+                out.append(parsed)
+                return None
+            try:
+                env, writes = self.scorer.observe(parsed, state)
+            except InvalidRecord as err:
+                out.append(self._dead_letter(record, err.kind, err.reason))
+                return None
+            self._persist(writes)
+            if env is None:
+                return None
+            ready, writes = self.join.on_transaction(env, now)
+        else:
+            try:
+                obs = self.face_codec.decode(value or b"")
+            except Exception as err:  # noqa: BLE001 - any undecodable observation is a dead letter
+                out.append(self._dead_letter(record, "not_avro", f"face observation: {err}"))
+                return None
+            face = observation_result(obs, self.watchlist)
+            if obs["trigger"] == "ENTRANCE" or not obs.get("transaction_id"):
+                out.extend(self.scorer.entrance(obs, face))
+                return None
+            ready, writes = self.join.on_observation(obs["transaction_id"], seen_from(obs, face, now))
+        self._persist(writes)
+        return ready
+
+    # --- rules and watchlist ---------------------------------------------------------------------
+    def _control_record(
+        self, topic: str, key: bytes | None, value: bytes | None, apply: bool = True
+    ) -> ControlUpdate | None:
+        """A rules or watchlist record as a broadcast state change, applied unless ``apply`` is false;
+        ``None`` for a rules tombstone (ignored)."""
+        if topic == self.rules_topic:
+            if value is None:
+                return None
+            update = ControlUpdate(RULES_KEY, self.rules_codec.decode(value))
+        else:
+            update = ControlUpdate(
+                f"wl:{(key or b'').decode()}", self.watch_codec.decode(value) if value is not None else None
+            )
+        if apply:
+            self._apply_broadcast(*update)
+        return update
+
+    def _apply_broadcast(self, key: str, value: Any) -> None:
+        if key == RULES_KEY:
+            self.scorer.rule_set = RuleSet.from_yaml(value["yaml"])
+            log.info("rule set %s active", self.scorer.rule_set.version)
+        elif key.startswith("wl:") and self.watchlist is not None:
+            if value is None:
+                self.watchlist.remove(key[3:])
+                self.forgotten.append(key[3:])
+            else:
+                self.watchlist.upsert(value)
+
+    def _forget_faces(self) -> None:
+        """``forget subj-<tx>`` also drops that transaction's buyer face from its receipt (keyed
+        state is only reachable on the keyed side, hence the queue)."""
+        while self.forgotten:
+            subject = self.forgotten.pop()
+            tx_id = subject.removeprefix("subj-")
+            receipt = self.state.receipts.get(tx_id) if self.state else None
+            if receipt is not None and receipt.sale_face is not None:
+                receipt.sale_face = None
+                self._persist([(RECEIPTS, tx_id, receipt)])
+
+    # --- decisions -------------------------------------------------------------------------------
+    def _decide(self, ready: list[Ready], out: list[OutRow]) -> None:
+        """Model, rules and outputs for every released transaction, in model calls of ``batch_size``."""
+        size = max(1, self.settings.job.batch_size)
+        for start in range(0, len(ready), size):
+            chunk = ready[start : start + size]
+            rows, writes = self.scorer.decide_batch(
+                [item.env for item in chunk],
+                seen=[item.seen for item in chunk],
+                state=self.state,
+            )
+            self._persist(writes)
+            out.extend(rows)
+
+    def _dead_letter(self, record: SourceRecord, kind: str, reason: str) -> OutRow:
+        key, value, topic, partition, offset, _ = record
+        dl = dead_letter(
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            key=key,
+            value=value,
+            error=InvalidRecord(kind, reason),
+            stage=STAGE,
+            failed_at=int(self.clock() * 1000),
+        )
+        return (self.scorer.dlq_topic, dl.dead_letter_id.encode(), dl.encode())
+
+    # --- state and timer -------------------------------------------------------------------------
+    def _persist(self, writes: Iterable[Write]) -> None:
+        """Note changes; the call's :class:`Step` carries the last value of each key."""
+        changes = self._changes
+        for name, key, value in writes:
+            changes[name][key] = value
+
+    def _flush(self) -> Writes:
+        out: Writes = {}
+        for name, changes in self._changes.items():
+            if changes:
+                out[name] = changes
+                self._changes[name] = {}
+        return out
+
+    def _arm(self) -> int | None:
+        """Keep one timer, for the earliest face deadline: the one to register, if it is earlier."""
+        deadline = self.join.next_deadline()
+        if deadline is not None and (self.deadline_at is None or deadline < self.deadline_at):
+            self.deadline_at = deadline
+            return deadline
+        return None

@@ -1,0 +1,558 @@
+"""Every decision of the scoring job, through :class:`DecisionCore`, without Flink.
+
+The Flink operator (``jobs/flink/operator.py``) only moves what these calls return: outputs to
+Kafka, state writes to MapState, the timer to Flink's timer service.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from infra.settings import Settings
+from jobs.scoring.core import LEGACY_BATCH, ControlUpdate, DecisionCore, SourceRecord, Step
+from jobs.scoring.face_join import EARLY_FACES, PENDING, unavailable
+from jobs.scoring.rules import ModelResult, RuleSet, update_record
+from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Scorer
+from jobs.scoring.watchlist import Watchlist
+from schemas.codec import codec
+from schemas.records import FaceObservation, WatchlistEntry
+from schemas.topics import ALERTS, DEAD_LETTERS, FACE_OBSERVATIONS, RULES, SCORED_TRANSACTIONS, TRANSACTIONS, WATCHLIST
+from tests.builders import T0, return_of, sale
+
+PREFIX = "cg."
+TX, FACES = TRANSACTIONS.full_name(PREFIX), FACE_OBSERVATIONS.full_name(PREFIX)
+RULES_TOPIC, WATCH_TOPIC = RULES.full_name(PREFIX), WATCHLIST.full_name(PREFIX)
+SCORED, ALERT_TOPIC, DLQ = (t.full_name(PREFIX) for t in (SCORED_TRANSACTIONS, ALERTS, DEAD_LETTERS))
+NOW = T0 + 3_600_000
+"""Processing time of the tests: an hour after the transactions' event time."""
+DEADLINE = 4000
+RULESET_FILE = Path(__file__).resolve().parents[2] / "jobs" / "scoring" / "rulesets" / "default.yaml"
+
+rng = np.random.default_rng(11)
+SUSPECT_FACE = [float(x) for x in rng.normal(0, 0.1, 128).astype(np.float32)]  # exact in Avro floats
+BUYER_FACE = [float(x) for x in rng.normal(0, 0.1, 128).astype(np.float32)]
+
+
+def settings(**job) -> Settings:
+    base = Settings()
+    return base.model_copy(
+        update={
+            "kafka": base.kafka.model_copy(update={"topic_prefix": PREFIX}),
+            "job": base.job.model_copy(update={"bootstrap_control": False, "face_deadline_ms": DEADLINE, **job}),
+        }
+    )
+
+
+def clock() -> float:
+    return NOW / 1000
+
+
+def make_core(watchlist: Watchlist | None = None, predictor=None, **job) -> DecisionCore:
+    s = settings(**job)
+    return DecisionCore(
+        s, predictor=predictor, watchlist=watchlist if watchlist is not None else Watchlist(s), clock=clock
+    )
+
+
+def tx_record(tx, offset: int = 0, ingest_ms: int = NOW) -> SourceRecord:
+    return SourceRecord(tx.transaction_id.encode(), tx.encode(), TX, 0, offset, ingest_ms)
+
+
+def face_record(
+    tx_id: str | None,
+    status: str = "NO_MATCH",
+    embedding=None,
+    trigger: str = "CHECKOUT",
+    offset: int = 0,
+    observation_id: str | None = None,
+) -> SourceRecord:
+    obs = FaceObservation(
+        observation_id=observation_id or f"checkout:{tx_id}",
+        event_time=T0,
+        camera_serial="Q2MV-store-001-lane-01",
+        store_id="store-001",
+        lane_id="lane-01",
+        transaction_id=tx_id,
+        trigger=trigger,
+        status=status,
+        embedding=embedding,
+        image_ref=f"checkout/{tx_id}.jpg",
+    )
+    return SourceRecord(b"Q2MV-store-001-lane-01", obs.encode(), FACES, 1, offset, NOW)
+
+
+def watch_entry(subject: str, embedding, category: str = "SUSPECT") -> bytes:
+    return WatchlistEntry(
+        subject_id=subject,
+        category=category,
+        embeddings=[embedding],
+        reason="test",
+        flagged_by="lp@example.com",
+        flagged_at=T0,
+    ).encode()
+
+
+def rules_update(version: str) -> bytes:
+    text = re.sub(r"^version: .*$", f'version: "{version}"', RULESET_FILE.read_text(), count=1, flags=re.M)
+    return update_record(RuleSet.from_yaml(text), text, "tester", published_at=T0).encode()
+
+
+def scored(step: Step) -> dict[str, dict]:
+    return {k.decode(): codec("ScoredTransaction").decode(v) for t, k, v in step.outputs if t == SCORED}
+
+
+def alerts(step: Step) -> list[dict]:
+    return [codec("Alert").decode(v) for t, _, v in step.outputs if t == ALERT_TOPIC]
+
+
+def dead_letters(step_outputs) -> list[dict]:
+    return [codec("DeadLetter").decode(v) for t, _, v in step_outputs if t == DLQ]
+
+
+class FakePredictor:
+    """Scores every transaction 100 and records the size of each model call."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def predict_batch(self, items):
+        self.calls.append([tx["transaction_id"] for tx, _ in items])
+        return [ModelResult(score=100, version="fake-1") for _ in items]
+
+
+# --- transactions and faces ----------------------------------------------------------------------
+
+
+def test_sale_is_approved_at_once_when_the_face_stage_is_off():
+    core = make_core(face_deadline_ms=0)
+    step = core.on_records([tx_record(sale("t1"))], NOW)
+    [(topic, key, _)] = step.outputs
+    assert (topic, key) == (SCORED, b"t1")
+    out = scored(step)["t1"]
+    assert out["outcome"] == "APPROVE" and out["face_status"] == "UNAVAILABLE"
+    assert out["decided_at"] == NOW and out["rules_version"] == core.rule_set.version
+    assert step.timer is None
+    assert PENDING not in step.writes and set(step.writes) == {RECEIPTS, STORES, CUSTOMERS}
+
+
+def test_sale_waits_for_its_face_and_is_approved_when_the_observation_arrives():
+    core = make_core()
+    step = core.on_records([tx_record(sale("t1"))], NOW)
+    assert step.outputs == []
+    assert step.timer == NOW + DEADLINE
+    [(key, (env, deadline))] = step.writes[PENDING].items()
+    assert key == "t1" and env[0]["transaction_id"] == "t1" and deadline == NOW + DEADLINE
+
+    step = core.on_records([face_record("t1", "NO_MATCH", BUYER_FACE)], NOW + 500)
+    out = scored(step)["t1"]
+    assert out["outcome"] == "APPROVE" and out["face_status"] == "NO_MATCH"
+    assert step.writes[PENDING] == {"t1": None}
+    assert step.writes[RECEIPTS]["t1"].sale_face == tuple(BUYER_FACE)  # the buyer's face, for returns
+    assert step.timer is None
+
+
+def test_sale_without_its_face_goes_ahead_with_face_unavailable_at_the_deadline():
+    core = make_core()
+    step = core.on_records([tx_record(sale("t1"))], NOW)
+    assert core.on_timer(NOW + 1000, NOW + 1000) == Step([], {}, None)  # a stale timer: nothing due
+    step = core.on_timer(step.timer, NOW + DEADLINE)
+    out = scored(step)["t1"]
+    assert out["face_status"] == "UNAVAILABLE" and out["outcome"] == "APPROVE"
+    assert step.writes == {PENDING: {"t1": None}}
+    assert step.timer is None
+    assert core.join.pending == {}
+
+
+def test_only_an_earlier_deadline_asks_for_a_new_timer():
+    core = make_core()
+    assert core.on_records([tx_record(sale("t1"))], NOW).timer == NOW + DEADLINE
+    assert core.on_records([tx_record(sale("t2", card="card-B"))], NOW + 100).timer is None  # t1's timer comes first
+    step = core.on_timer(NOW + DEADLINE, NOW + DEADLINE)
+    assert list(scored(step)) == ["t1"]
+    assert step.timer == NOW + 100 + DEADLINE  # t2's deadline, now the earliest
+
+
+def test_observation_before_its_transaction_is_kept_and_joined_when_the_transaction_comes():
+    core = make_core()
+    step = core.on_records([face_record("t1", "NO_FACE")], NOW)
+    assert step.outputs == [] and step.timer is None
+    [(key, seen)] = step.writes[EARLY_FACES].items()
+    assert key == "t1" and seen.face.status == "NO_FACE" and seen.arrived_ms == NOW
+
+    step = core.on_records([tx_record(sale("t1"))], NOW + 10)
+    assert scored(step)["t1"]["face_status"] == "NO_FACE"
+    assert step.writes[EARLY_FACES] == {"t1": None}
+    assert PENDING not in step.writes and step.timer is None
+
+
+def test_early_face_without_its_transaction_expires_at_a_timer():
+    core = make_core(early_face_ttl_ms=60_000)
+    core.on_records([face_record("t1")], NOW)
+    core.on_records([tx_record(sale("t2"))], NOW)
+    step = core.on_timer(NOW + DEADLINE, NOW + 60_000)
+    assert list(scored(step)) == ["t2"]
+    assert step.writes == {PENDING: {"t2": None}, EARLY_FACES: {"t1": None}}
+
+
+def test_duplicate_transaction_is_dropped():
+    core = make_core(face_deadline_ms=0)
+    first = core.on_records([tx_record(sale("t1"), 1)], NOW)
+    again = core.on_records([tx_record(sale("t1"), 2)], NOW)
+    assert list(scored(first)) == ["t1"]
+    assert again == Step([], {}, None)
+
+
+def test_transactions_released_together_are_decided_in_model_calls_of_batch_size():
+    predictor = FakePredictor()
+    core = make_core(predictor=predictor, face_deadline_ms=0, batch_size=2)
+    step = core.on_records([tx_record(sale(f"t{i}", card=f"card-{i}"), i) for i in range(3)], NOW)
+    assert predictor.calls == [["t0", "t1"], ["t2"]]
+    assert [k for _, k, _ in step.outputs] == [b"t0", b"t1", b"t2"]
+    assert {out["model_version"] for out in scored(step).values()} == {"fake-1"}
+
+
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        (b"\x00garbage", "not_avro"),
+        (b"x" * (Settings().job.max_message_bytes + 1), "oversized"),
+        (sale("t1").encode().replace(b"USD", b"usd"), "invalid_currency"),
+    ],
+)
+def test_unusable_transaction_becomes_a_dead_letter_with_its_kind_and_stage(data, kind):
+    core = make_core()
+    step = core.on_records([SourceRecord(b"k", data, TX, 2, 17, NOW)], NOW)
+    [(topic, key, _)] = step.outputs
+    assert (topic, key) == (DLQ, b"cg.transactions:2:17")
+    [dl] = dead_letters(step.outputs)
+    assert dl["error_kind"] == kind and dl["stage"] == "scoring-job"
+    assert dl["payload"] == data and dl["key"] == b"k" and dl["failed_at"] == NOW
+    assert step.writes == {} and step.timer is None
+
+
+def test_transaction_older_than_the_state_keeps_is_dead_lettered_too_late():
+    core = make_core(face_deadline_ms=0)
+    later = T0 + 201 * 86_400_000
+    assert core.on_records([tx_record(sale("new", at_s=200 * 86_400), 1, later)], later).outputs[0][0] == SCORED
+    step = core.on_records([tx_record(sale("old", card="card-B"), 2, later)], later)
+    [dl] = dead_letters(step.outputs)
+    assert len(step.outputs) == 1
+    assert (dl["dead_letter_id"], dl["error_kind"], dl["stage"]) == ("cg.transactions:0:2", "too_late", "scoring-job")
+    assert "state horizon" in dl["reason"]
+    assert step.writes == {}
+
+
+def test_undecodable_face_observation_is_dead_lettered():
+    core = make_core()
+    step = core.on_records([SourceRecord(b"cam", b"junk", FACES, 1, 5, NOW)], NOW)
+    [dl] = dead_letters(step.outputs)
+    assert (dl["dead_letter_id"], dl["source_topic"]) == ("cg.face_observations:1:5", FACES)
+    assert dl["error_kind"] == "not_avro"
+    assert dl["reason"].startswith("face observation: ") and dl["stage"] == "scoring-job"
+    assert dl["payload"] == b"junk"
+
+
+def test_bad_record_does_not_stop_the_rest_of_its_batch():
+    core = make_core(face_deadline_ms=0)
+    step = core.on_records([SourceRecord(None, b"bad", TX, 0, 1, NOW), tx_record(sale("t1"), 2)], NOW)
+    assert [(t, k) for t, k, _ in step.outputs] == [(DLQ, b"cg.transactions:0:1"), (SCORED, b"t1")]
+
+
+# --- watchlist -------------------------------------------------------------------------------------
+
+
+def test_suspect_at_the_entrance_raises_suspect_entered():
+    watchlist = Watchlist(settings())
+    core = make_core(watchlist)
+    assert core.on_control(WATCH_TOPIC, b"subj-9", watch_entry("subj-9", SUSPECT_FACE), 0, 0).outputs == []
+    step = core.on_records(
+        [
+            face_record(
+                None, embedding=SUSPECT_FACE, trigger="ENTRANCE", observation_id="entrance:Q2MV-store-001-ENTRANCE:7"
+            )
+        ],
+        NOW,
+    )
+    [alert] = alerts(step)
+    assert alert["kind"] == "SUSPECT_ENTERED" and alert["subject_id"] == "subj-9"
+    assert alert["alert_id"] == "watchlist:entrance:Q2MV-store-001-ENTRANCE:7:subj-9"
+    assert step.writes == {} and step.timer is None
+
+
+def test_entrance_observation_is_never_joined_to_a_transaction():
+    core = make_core()
+    core.on_records([tx_record(sale("t1"))], NOW)
+    step = core.on_records(
+        [face_record("t1", embedding=SUSPECT_FACE, trigger="ENTRANCE", observation_id="entrance:x:2")], NOW + 10
+    )
+    assert step == Step([], {}, None)
+    assert set(core.join.pending) == {"t1"} and core.join.early == {}
+
+
+def test_entrance_face_of_nobody_on_the_watchlist_raises_nothing():
+    core = make_core()
+    step = core.on_records(
+        [face_record(None, embedding=SUSPECT_FACE, trigger="ENTRANCE", observation_id="entrance:x:1")], NOW
+    )
+    assert step == Step([], {}, None)
+
+
+def test_suspect_at_checkout_is_matched_and_blocked_with_a_watchlist_alert():
+    core = make_core()
+    core.on_control(WATCH_TOPIC, b"subj-9", watch_entry("subj-9", SUSPECT_FACE), 0, 0)
+    step = core.on_records([tx_record(sale("t1")), face_record("t1", embedding=SUSPECT_FACE)], NOW)
+    out = scored(step)["t1"]
+    assert (out["face_status"], out["face_subject_id"], out["outcome"]) == ("MATCHED", "subj-9", "BLOCK")
+    assert {a["kind"] for a in alerts(step)} == {"BLOCKED_TRANSACTION", "WATCHLIST_MATCH"}
+
+
+def test_watchlist_tombstone_forgets_the_subject_and_the_buyer_face_on_that_receipt():
+    watchlist = Watchlist(settings())
+    core = make_core(watchlist)
+    core.on_records([tx_record(sale("t1")), face_record("t1", embedding=BUYER_FACE)], NOW)
+    assert core.state.receipts["t1"].sale_face == tuple(BUYER_FACE)
+    core.on_control(WATCH_TOPIC, b"subj-t1", watch_entry("subj-t1", BUYER_FACE), 0, 1)
+    assert "subj-t1" in watchlist
+
+    control = core.on_control(WATCH_TOPIC, b"subj-t1", None, 0, 2)
+    assert control == ([], ControlUpdate("wl:subj-t1", None))
+    assert "subj-t1" not in watchlist
+    step = core.on_records([], NOW + 1000)  # keyed state changes at the next keyed call
+    [(key, receipt)] = step.writes[RECEIPTS].items()
+    assert key == "t1" and receipt.sale_face is None
+    assert core.state.receipts["t1"].sale_face is None
+
+
+def test_watchlist_entry_is_kept_in_broadcast_state_for_restores():
+    core = make_core()
+    control = core.on_control(WATCH_TOPIC, b"subj-9", watch_entry("subj-9", SUSPECT_FACE), 0, 0)
+    assert control.outputs == []
+    assert control.update.key == "wl:subj-9" and control.update.value["subject_id"] == "subj-9"
+
+
+# --- rules -------------------------------------------------------------------------------------------
+
+
+def test_rules_update_applies_to_the_next_decision():
+    core = make_core(face_deadline_ms=0)
+    started_with = core.rule_set.version
+    before = scored(core.on_records([tx_record(sale("t1"))], NOW))["t1"]["rules_version"]
+    control = core.on_control(RULES_TOPIC, b"active", rules_update("2099.1"), 0, 3)
+    assert control.outputs == [] and control.update.key == "rules" and control.update.value["version"] == "2099.1"
+    after = scored(core.on_records([tx_record(sale("t2", card="card-B"))], NOW))["t2"]["rules_version"]
+    assert before == started_with != "2099.1"
+    assert after == "2099.1"
+
+
+def test_bad_rules_update_is_dead_lettered_as_invalid_update_and_the_old_rules_stay():
+    core = make_core()
+    version = core.rule_set.version
+    bad = rules_update("2099.1").replace(b"block_at: 85", b"block_at: lots")
+    control = core.on_control(RULES_TOPIC, b"active", bad, 0, 4)
+    assert control.update is None
+    [dl] = dead_letters(control.outputs)
+    assert (dl["dead_letter_id"], dl["error_kind"], dl["stage"]) == ("cg.rules:0:4", "invalid_update", "scoring-job")
+    assert dl["payload"] == bad and dl["key"] == b"active"
+    assert core.rule_set.version == version
+
+
+def test_rules_tombstone_is_ignored():
+    core = make_core()
+    assert core.on_control(RULES_TOPIC, b"active", None, 0, 5) == ([], None)
+
+
+# --- start-up -------------------------------------------------------------------------------------
+
+
+def test_control_topics_read_at_start_apply_before_the_first_decision_and_are_not_applied_twice():
+    core = DecisionCore(settings(bootstrap_control=True, face_deadline_ms=0), watchlist=Watchlist(), clock=clock)
+
+    def read(s, apply):
+        apply(RULES_TOPIC, b"active", rules_update("2099.1"))
+        apply(WATCH_TOPIC, b"subj-x", b"not avro")  # skipped here; the broadcast stream dead-letters it
+        apply(RULES_TOPIC, b"active", rules_update("2099.2"))
+        return {(RULES_TOPIC, 0): 1, (WATCH_TOPIC, 0): 0}
+
+    assert core.bootstrap(read) == {(RULES_TOPIC, 0): 1, (WATCH_TOPIC, 0): 0}
+    assert core.rule_set.version == "2099.2"
+    # The broadcast stream replays the topic: what the start-up read applied is only kept.
+    replay = core.on_control(RULES_TOPIC, b"active", rules_update("2099.1"), 0, 0)
+    assert replay.update.value["version"] == "2099.1" and core.rule_set.version == "2099.2"
+    assert (
+        dead_letters(core.on_control(WATCH_TOPIC, b"subj-x", b"not avro", 0, 0).outputs)[0]["error_kind"]
+        == "invalid_update"
+    )
+    core.on_control(RULES_TOPIC, b"active", rules_update("2099.3"), 0, 2)
+    assert core.rule_set.version == "2099.3"
+    # Read at start: the restored broadcast state is not applied over it.
+    core.restore({}, {"rules": {"yaml": RULESET_FILE.read_text()}})
+    assert scored(core.on_records([tx_record(sale("t1"))], NOW))["t1"]["rules_version"] == "2099.3"
+
+
+def test_unreadable_control_topics_fall_back_to_the_restored_broadcast_state():
+    core = DecisionCore(settings(bootstrap_control=True, face_deadline_ms=0), watchlist=Watchlist(), clock=clock)
+
+    def read(s, apply):
+        raise TimeoutError("no broker")
+
+    assert core.bootstrap(read) is None
+    update = core.on_control(RULES_TOPIC, b"active", rules_update("2099.5"), 0, 0).update
+    fresh = DecisionCore(settings(bootstrap_control=True), watchlist=Watchlist(), clock=clock)
+    fresh.bootstrap(read)
+    fresh.restore(
+        {}, {update.key: update.value, "wl:subj-9": codec("WatchlistEntry").decode(watch_entry("subj-9", SUSPECT_FACE))}
+    )
+    assert fresh.rule_set.version == "2099.5"
+    assert "subj-9" in fresh.watchlist
+
+
+def test_control_topics_are_not_read_when_bootstrap_is_off():
+    core = make_core()
+
+    def read(s, apply):
+        raise AssertionError("read")
+
+    assert core.bootstrap(read) is None
+
+
+# --- restore and persisted state -------------------------------------------------------------------
+
+
+def persist(maps: dict[str, dict], step: Step) -> None:
+    """What the operator does with a step's writes (MapState put_all/remove), on dicts."""
+    for name, changes in step.writes.items():
+        for key, value in changes.items():
+            if value is None:
+                maps.setdefault(name, {}).pop(key, None)
+            else:
+                maps.setdefault(name, {})[key] = pickle.loads(pickle.dumps(value))  # as MapState keeps it
+
+
+def test_restored_pending_transaction_is_decided_by_the_next_timer():
+    maps: dict[str, dict] = {}
+    first = make_core()
+    persist(maps, first.on_records([tx_record(sale("t1"))], NOW))
+    assert set(maps[PENDING]) == {"t1"}
+
+    restarted = make_core()
+    assert restarted.restore(maps, None) == NOW + DEADLINE  # the timer to register again
+    step = restarted.on_timer(NOW + DEADLINE, NOW + DEADLINE)
+    assert scored(step)["t1"]["face_status"] == "UNAVAILABLE"
+    assert step.writes == {PENDING: {"t1": None}}
+
+
+def test_restored_receipts_still_match_returns_and_drop_duplicates():
+    maps: dict[str, dict] = {}
+    first = make_core(face_deadline_ms=0)
+    persist(maps, first.on_records([tx_record(sale("t1", store="store-A", amount=300))], NOW))
+
+    restarted = make_core(face_deadline_ms=0)
+    assert restarted.restore(maps) is None
+    assert restarted.on_records([tx_record(sale("t1", store="store-A", amount=300))], NOW).outputs == []
+    step = restarted.on_records(
+        [tx_record(return_of("r1", "t1", at_s=600, store="store-B", card="card-Z", amount=300))], NOW
+    )
+    out = scored(step)["r1"]
+    assert out["outcome"] == "BLOCK" and "cross_store_return" in out["reasons"]
+
+
+def test_legacy_batch_entries_are_decided_at_the_first_call():
+    env = Scorer(settings()).parse(sale("legacy-1").encode(), None, TX, 0, 9, NOW)
+    core = make_core()
+    assert core.restore({LEGACY_BATCH: {"legacy-1": (env, unavailable("restored", NOW))}}) is None
+    step = core.on_records([], NOW)
+    assert scored(step)["legacy-1"]["face_status"] == "UNAVAILABLE"
+    assert step.writes == {LEGACY_BATCH: {"legacy-1": None}}
+    assert core.on_records([], NOW) == Step([], {}, None)
+
+
+def test_legacy_batch_entries_are_decided_by_a_timer_that_comes_first():
+    env = Scorer(settings()).parse(sale("legacy-1").encode(), None, TX, 0, 9, NOW)
+    core = make_core()
+    core.restore({LEGACY_BATCH: {"legacy-1": (env, unavailable("restored", NOW))}})
+    step = core.on_timer(NOW, NOW)
+    assert list(scored(step)) == ["legacy-1"] and step.writes == {LEGACY_BATCH: {"legacy-1": None}}
+
+
+def test_state_writes_returned_are_exactly_the_state_to_persist():
+    watchlist = Watchlist(settings())
+    core = make_core(watchlist, early_face_ttl_ms=60_000)
+    maps: dict[str, dict] = {}
+    steps = [
+        core.on_records(
+            [
+                tx_record(sale("t1", store="store-A", amount=300), 1),
+                face_record("t2", "NO_FACE", offset=1),
+                tx_record(sale("t3", card="card-C"), 2),
+                tx_record(sale("anon", card=None), 3),
+            ],
+            NOW,
+        ),
+        core.on_records(
+            [
+                face_record("t1", embedding=BUYER_FACE, offset=2),
+                tx_record(sale("t2", card="card-B"), 4),
+                tx_record(return_of("r1", "t1", at_s=60, store="store-B", card="card-Z", amount=300), 5),
+            ],
+            NOW + 100,
+        ),
+        core.on_timer(NOW + DEADLINE, NOW + DEADLINE + 1),
+    ]
+    core.on_control(WATCH_TOPIC, b"subj-t1", None, 0, 0)
+    steps.append(core.on_records([], NOW + 70_000))
+    steps.append(core.on_timer(NOW + 70_000, NOW + 70_000))
+    for step in steps:
+        persist(maps, step)
+
+    def dump(d):
+        return {k: pickle.dumps(v) for k, v in d.items()}
+
+    state = core.state
+    assert dump(maps.get(RECEIPTS, {})) == dump(state.receipts)
+    assert dump(maps.get(STORES, {})) == dump(state.stores)
+    assert dump(maps.get(CUSTOMERS, {})) == dump(state.customers)
+    assert dump(maps.get(PENDING, {})) == dump(core.join.pending) == {}
+    assert dump(maps.get(EARLY_FACES, {})) == dump(core.join.early) == {}
+    assert set(maps[RECEIPTS]) == {"t1", "t2", "t3", "anon"} and maps[RECEIPTS]["t1"].sale_face is None
+    assert "anon:" not in "".join(maps[CUSTOMERS])  # anonymous buyers keep no history
+
+    # A core restored from what was persisted decides the next record as the running one does.
+    restarted = make_core(Watchlist(settings()), early_face_ttl_ms=60_000)
+    restarted.restore(maps)
+    nxt = [tx_record(return_of("r2", "t3", at_s=120, card="card-C"), 6)]
+    a, b = core.on_records(nxt, NOW + 80_000), restarted.on_records(nxt, NOW + 80_000)
+    assert a.timer == b.timer == NOW + 80_000 + DEADLINE
+    assert {k: dump(v) for k, v in a.writes.items()} == {k: dump(v) for k, v in b.writes.items()}
+
+
+def test_decision_core_imports_no_flink():
+    code = "import sys, jobs.scoring.core; sys.exit(any(m.split('.')[0] == 'pyflink' for m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2]).returncode == 0
+
+
+def test_operator_writes_each_change_once_removals_first_then_one_put_all():
+    pytest.importorskip("pyflink")
+    from jobs.flink.operator import commit
+
+    class FakeMapState:
+        def __init__(self) -> None:
+            self.calls: list = []
+
+        def remove(self, key):
+            self.calls.append(("remove", key))
+
+        def put_all(self, entries):
+            self.calls.append(("put_all", list(entries)))  # iterated as pairs (process mode)
+
+    maps = {RECEIPTS: FakeMapState(), PENDING: FakeMapState(), STORES: FakeMapState()}
+    commit(maps, {RECEIPTS: {"a": 1, "b": None, "c": 3}, PENDING: {"t1": None}})
+    assert maps[RECEIPTS].calls == [("remove", "b"), ("put_all", [("a", 1), ("c", 3)])]
+    assert maps[PENDING].calls == [("remove", "t1")]
+    assert maps[STORES].calls == []

@@ -1,0 +1,123 @@
+"""infra.clients.kafka: client configs from the settings + presets + overrides, and the one BufferError loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaException
+
+from infra.clients import kafka as kafka_clients
+from infra.settings import KafkaSettings, Settings
+
+KAFKA = KafkaSettings(
+    bootstrap_servers="127.0.0.1:1",
+    security_protocol="SASL_SSL",
+    sasl_mechanism="PLAIN",
+    sasl_username="u",
+    sasl_password="p",
+)  # type: ignore[arg-type]
+BASE = KAFKA.client_config()
+
+
+def test_settings_then_presets_then_overrides_with_dots_for_underscores() -> None:
+    conf = kafka_clients.config(KAFKA, kafka_clients.RELIABLE, client_id="checkout-guard-pos", compression_type="lz4")
+    assert conf == {
+        **BASE,
+        "client.id": "checkout-guard-pos",
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 5,
+        "compression.type": "lz4",
+    }
+    assert kafka_clients.config(KAFKA, kafka_clients.IDEMPOTENT, linger_ms=0)["linger.ms"] == 0  # override wins
+
+
+def test_settings_object_or_its_kafka_part() -> None:
+    settings = Settings(kafka={"bootstrap_servers": "broker:9092"})
+    assert kafka_clients.config(settings) == kafka_clients.config(settings.kafka) == settings.kafka.client_config()
+
+
+def test_python_client_keys_keep_their_underscores() -> None:
+    def on_error(_err: object) -> None: ...
+
+    conf = kafka_clients.config(KAFKA, error_cb=on_error, log_connection_close=False)
+    assert conf["error_cb"] is on_error and conf["log.connection.close"] is False
+
+
+def test_read_committed_consumer_preset() -> None:
+    conf = kafka_clients.config(
+        KAFKA, kafka_clients.READ_COMMITTED, group_id="g", auto_offset_reset="earliest", group_instance_id="g@host"
+    )
+    assert conf == {
+        **BASE,
+        "group.id": "g",
+        "enable.auto.commit": False,
+        "isolation.level": "read_committed",
+        "auto.offset.reset": "earliest",
+        "group.instance.id": "g@host",
+    }
+
+
+def test_librdkafka_accepts_the_properties_the_call_sites_use() -> None:
+    """The ``_`` -> ``.`` spelling yields real property names (librdkafka refuses unknown ones)."""
+    kafka_clients.producer(
+        KAFKA,
+        kafka_clients.RELIABLE,
+        client_id="x",
+        compression_type="lz4",
+        partitioner="murmur2_random",
+        batch_num_messages=10,
+        queue_buffering_max_messages=100,
+    )
+    kafka_clients.producer(KAFKA, transactional_id="tx", linger_ms=5)
+    kafka_clients.admin(KAFKA, log_connection_close=False)
+    consumer = kafka_clients.consumer(
+        KAFKA,
+        "g",
+        kafka_clients.READ_COMMITTED,
+        auto_offset_reset="error",
+        enable_partition_eof=True,
+        group_instance_id="g@h",
+        partition_assignment_strategy="cooperative-sticky",
+        session_timeout_ms=10_000,
+        heartbeat_interval_ms=2_000,
+        fetch_wait_max_ms=10,
+    )
+    consumer.close()
+    with pytest.raises(KafkaException, match="No such configuration property"):
+        kafka_clients.producer(KAFKA, linger_mss=5)
+
+
+class FullQueue:
+    """A producer whose local queue is full for the first ``full`` sends."""
+
+    def __init__(self, full: int) -> None:
+        self.full, self.sent, self.polls = full, [], []
+
+    def produce(self, topic: str, **kwargs: Any) -> None:
+        if self.full:
+            self.full -= 1
+            raise BufferError("Local: Queue full")
+        self.sent.append((topic, kwargs))
+
+    def poll(self, timeout: float) -> int:
+        self.polls.append(timeout)
+        return 0
+
+
+def test_produce_polls_while_the_queue_is_full() -> None:
+    producer = FullQueue(full=2)
+    callback = print
+    kafka_clients.produce(producer, "t", b"k", b"v", callback, poll_s=0.5)
+    assert producer.polls == [0.5, 0.5]
+    assert producer.sent == [("t", {"key": b"k", "value": b"v", "on_delivery": callback})]
+
+
+def test_produce_passes_optional_fields_only_when_given_and_can_wait_instead_of_polling() -> None:
+    producer, waits = FullQueue(full=1), []
+    kafka_clients.produce(producer, "t", None, b"v", headers=[("h", b"1")], partition=0, timestamp=5, wait=waits.append)
+    assert waits == [0.05] and producer.polls == []
+    assert producer.sent == [
+        ("t", {"key": None, "value": b"v", "headers": [("h", b"1")], "partition": 0, "timestamp": 5})
+    ]
