@@ -15,10 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Message, Producer
 from confluent_kafka.admin import AdminClient
 
 from infra.settings import KafkaSettings, Settings
+from schemas.errors import InvalidRecord
+from schemas.records import DeadLetter, dead_letter
 
 IDEMPOTENT: Mapping[str, Any] = {"enable.idempotence": True}
 """A producer whose retries neither duplicate nor reorder."""
@@ -104,3 +106,21 @@ def produce(
                 wait(poll_s)
             else:
                 producer.poll(poll_s)
+
+
+MAX_REASON_CHARS = 2000
+"""Longest dead-letter reason kept from a consumed message's failure (an OpenSearch error can be long)."""
+
+
+def message_dead_letter(message: Message, error_kind: str, reason: str, *, stage: str, failed_at: int) -> DeadLetter:
+    """The dead letter of a consumed message; its id is stable across replays of the same offset."""
+    return dead_letter(
+        topic=message.topic() or "",
+        partition=message.partition() or 0,
+        offset=message.offset() or 0,
+        key=message.key(),
+        value=message.value(),
+        error=InvalidRecord(error_kind, reason[:MAX_REASON_CHARS]),
+        stage=stage,
+        failed_at=failed_at,
+    )

@@ -54,7 +54,7 @@ from infra.retry import Backoff
 from infra.settings import AlertSettings, Settings, get_settings
 from schemas.codec import codec
 from schemas.errors import CheckoutGuardError, InvalidRecord
-from schemas.records import DeadLetter, dead_letter
+from schemas.records import DeadLetter
 from schemas.topics import ALERTS, DEAD_LETTERS
 from sinks.alerts.mail import Mailer, MailError, SesMailer, SmtpMailer, build_email
 from sinks.alerts.message import describe
@@ -63,7 +63,6 @@ log = logging.getLogger(__name__)
 
 STAGE = "alert-sender"
 DEFAULT_GROUP_ID = "checkout-guard-alert-sender"
-MAX_REASON_CHARS = 2000
 
 ImageLoader = Callable[[str], bytes]
 
@@ -511,17 +510,7 @@ def default_group_id(settings: Settings, channels: list[str] | None = None) -> s
 
 
 def dead_letter_for(message: Message, error_kind: str, reason: str) -> DeadLetter:
-    error = InvalidRecord(error_kind, reason[:MAX_REASON_CHARS])
-    return dead_letter(
-        topic=message.topic() or "",
-        partition=message.partition() or 0,
-        offset=message.offset() or 0,
-        key=message.key(),
-        value=message.value(),
-        error=error,
-        stage=STAGE,
-        failed_at=now_ms(),
-    )
+    return kafka_clients.message_dead_letter(message, error_kind, reason, stage=STAGE, failed_at=now_ms())
 
 
 class AlertSender:

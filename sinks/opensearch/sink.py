@@ -52,7 +52,7 @@ from infra.clients.opensearch import make_client
 from infra.retry import Backoff, call_with_retries
 from infra.settings import IndicesSettings, Settings, get_settings
 from schemas.codec import DecodeError, codec
-from schemas.errors import CheckoutGuardError, InvalidRecord
+from schemas.errors import CheckoutGuardError
 from schemas.indices import (
     DEFAULT_GROUP_ID,
     ROUTES,
@@ -63,13 +63,12 @@ from schemas.indices import (
     period_index_name,
     period_of,
 )
-from schemas.records import DeadLetter, dead_letter
+from schemas.records import DeadLetter
 from schemas.topics import DEAD_LETTERS
 
 log = logging.getLogger(__name__)
 
 STAGE = "opensearch-sink"
-MAX_REASON_CHARS = 2000
 RETRIABLE_ERROR_TYPES = frozenset(
     {
         "cluster_block_exception",  # read-only index after a disk watermark: the cluster's trouble, not the doc's
@@ -247,18 +246,7 @@ class IndexAction:
 
 
 def dead_letter_for(message: Message, error_kind: str, reason: str, failed_at: int) -> DeadLetter:
-    """The dead letter of an input message; its id is stable across replays of the same offset."""
-    error = InvalidRecord(error_kind, reason[:MAX_REASON_CHARS])
-    return dead_letter(
-        topic=message.topic() or "",
-        partition=message.partition() or 0,
-        offset=message.offset() or 0,
-        key=message.key(),
-        value=message.value(),
-        error=error,
-        stage=STAGE,
-        failed_at=failed_at,
-    )
+    return kafka_clients.message_dead_letter(message, error_kind, reason, stage=STAGE, failed_at=failed_at)
 
 
 def to_document(record: dict[str, Any], drop: Iterable[str] = ()) -> dict[str, Any]:
