@@ -74,7 +74,8 @@ def test_checkout_compares_the_face_at_that_lane_and_time_with_the_watchlist(wor
         "tx-late": {"store_id": STORE, "lane_id": "lane-03", "event_time": now - 5_000},
     }
     inspect = closer.enter_context(
-        CheckoutInspector(settings, lookup=docs.get, engine=engine, watchlist_loader=lambda: watchlist))
+        CheckoutInspector(settings, lookup=docs.get, engine=engine, watchlist_loader=lambda: watchlist)
+    )
 
     reply = inspect("tx-s")
     assert f"matches **suspect** `subj-{suspect}`" in reply and f"store {STORE} lane lane-01" in reply
