@@ -358,7 +358,8 @@ def test_bot_commands_reach_kafka_once_and_forged_or_unallowed_ones_never(
         body=to_document(scored.to_avro()),
         refresh=True,
     )
-    bot = WebexBot(settings, publish=KafkaCommandPublisher(settings))
+    publisher = KafkaCommandPublisher(settings)
+    bot = WebexBot(settings, publish=publisher)
     server = BackgroundServer(bot.app, name="bot").start()
     try:
         webex.state.webhooks.append(
@@ -384,6 +385,8 @@ def test_bot_commands_reach_kafka_once_and_forged_or_unallowed_ones_never(
         wait_for(lambda: len(webex.state.bot_messages()) >= 4, 30, what="four replies")
     finally:
         server.stop()
+        bot.close()
+        publisher.close()
     records = read_topic(settings, COMMANDS.full_name(settings.kafka.topic_prefix), timeout=5)
     commands = [(k.decode(), BotCommand.decode(v)) for k, v in records]
     assert sorted((c.verb, c.argument or "", c.room_id) for _, c in commands) == [

@@ -11,6 +11,8 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, closing
 
 import numpy as np
 import pytest
@@ -63,14 +65,21 @@ def _similarity(engine, embedding, photo) -> float:
     return similarity(np.asarray(embedding, dtype=np.float32), engine.best_face(open(photo, "rb").read()).embedding)
 
 
-def test_the_face_at_a_checkout_is_the_person_who_stood_at_that_lane(world) -> None:
+@pytest.fixture
+def closer() -> Iterator[ExitStack]:
+    """Closes what a test opened (camera control clients), however the test ends."""
+    with ExitStack() as stack:
+        yield stack
+
+
+def test_the_face_at_a_checkout_is_the_person_who_stood_at_that_lane(world, closer: ExitStack) -> None:
     from jobs.faces.engine import FaceEngine
 
     settings, camera, reader = world
     people = camera.camera.scene.people
     person = next(n for n, photos in people.items() if len(photos) >= 2)
     other = next(n for n in people if n != person)
-    control = LocalCameraControl(camera.base_url)
+    control = closer.enter_context(closing(LocalCameraControl(camera.base_url)))
     now = int(time.time() * 1000)
     store = f"store-{uuid.uuid4().hex[:6]}"
     control.add_visit(person, store, "lane-03", now - 20_000, now - 2_000, now + 20_000)
@@ -100,7 +109,8 @@ def test_a_new_person_at_the_entrance_gets_an_entrance_observation(world) -> Non
     person = next(iter(camera.camera.scene.people))
     store = f"store-{uuid.uuid4().hex[:6]}"
     now = int(time.time() * 1000)
-    LocalCameraControl(camera.base_url).add_visit(person, store, "lane-01", now + 300, now + 60_000, now + 70_000)
+    with closing(LocalCameraControl(camera.base_url)) as control:
+        control.add_visit(person, store, "lane-01", now + 300, now + 60_000, now + 70_000)
     door = entrance_camera(settings, store)
     _observations(reader, lambda os: any(o.camera_serial == door for o in os), timeout_s=60)
     time.sleep(0.5 * ENTRANCE_DWELL_MS / 1000)  # they are still in view: more detections of the same oid
@@ -110,12 +120,12 @@ def test_a_new_person_at_the_entrance_gets_an_entrance_observation(world) -> Non
     assert obs[0].status == "NO_MATCH" and obs[0].embedding and obs[0].image_ref
 
 
-def test_shoppers_driver_pays_at_lanes_where_the_cameras_see_the_paying_customer(world) -> None:
+def test_shoppers_driver_pays_at_lanes_where_the_cameras_see_the_paying_customer(world, closer: ExitStack) -> None:
     from infra.local.pos_generator import PosGenerator
     from producers.shoppers import drive_shoppers, person_for
 
     settings, camera, reader = world
-    control = LocalCameraControl(camera.base_url)
+    control = closer.enter_context(closing(LocalCameraControl(camera.base_url)))
     gen = PosGenerator(seed=int(time.time()), stores=2, lanes_per_store=2, diurnal=False)
     sent: list[PosTransaction] = []
     txs_topic = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
@@ -137,9 +147,9 @@ def test_shoppers_driver_pays_at_lanes_where_the_cameras_see_the_paying_customer
     assert {o.status for o in mine.values()} == {"NO_MATCH"}, [(o.status, o.reason) for o in mine.values()]
 
 
-def test_broken_snapshots_end_as_unavailable_with_a_reason_and_the_stage_goes_on(world) -> None:
+def test_broken_snapshots_end_as_unavailable_with_a_reason_and_the_stage_goes_on(world, closer: ExitStack) -> None:
     settings, camera, reader = world
-    control = LocalCameraControl(camera.base_url)
+    control = closer.enter_context(closing(LocalCameraControl(camera.base_url)))
     store = f"store-{uuid.uuid4().hex[:6]}"
     faults = {
         "lane-01": ("never_ready", "not_ready"),

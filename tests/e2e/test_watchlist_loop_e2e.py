@@ -113,6 +113,7 @@ def store(stack, tmp_path):
             t.join(30)
         camera.stop()
         shop.reader.close()
+        shop.control.close()
         make_client(settings.opensearch).indices.delete(
             index=f"{settings.opensearch.index_prefix}-*", ignore_unavailable=True
         )
