@@ -52,6 +52,7 @@ from infra.clients.webex import WebexClient, WebexError, with_retries
 from infra.clock import now_ms
 from infra.retry import call_with_retries
 from infra.settings import Settings, get_settings
+from jobs.faces.checkout_inspect import Lookup
 from schemas.errors import CheckoutGuardError
 from schemas.records import OUTCOME_WORDS, BotCommand
 from schemas.topics import COMMANDS
@@ -202,24 +203,17 @@ class KafkaCommandPublisher:
         self._producer.flush(5)
 
 
-def opensearch_inspect_checkout(settings: Settings, client: Any | None = None) -> Callable[[str], str]:
-    """``checkout <tx>`` from what the pipeline already knows: the transaction's face result in OpenSearch.
-    ``client``: the OpenSearch client to use (its owner closes it); by default one of its own."""
-    from infra.clients.opensearch import make_client
-    from schemas.indices import index_name
-
-    client = client or make_client(settings.opensearch, timeout_s=5)
-    index = index_name(settings.opensearch.index_prefix, "transactions")
+def recorded_checkout(lookup: Lookup) -> Callable[[str], str]:
+    """``checkout <tx>`` from what the pipeline already knows: the transaction's face result, as
+    ``lookup`` (the scored transaction by id, :func:`jobs.faces.checkout_inspect.opensearch_lookup`) finds it."""
 
     def inspect(tx_id: str) -> str:
         try:
-            res = client.search(index=index, body={"query": {"ids": {"values": [tx_id]}}, "size": 1})
+            doc = lookup(tx_id)
         except Exception as exc:  # OpenSearch down: say so instead of failing the reply
             return f"I cannot read the decision on `{tx_id}` now ({type(exc).__name__})."
-        hits = res["hits"]["hits"]
-        if not hits:
+        if doc is None:
             return f"No decision on `{tx_id}` is stored yet."
-        doc = hits[0]["_source"]
         face = doc.get("face_status") or "UNAVAILABLE"
         if face == "MATCHED":
             face_text = (
@@ -302,16 +296,17 @@ class WebexBot:
         self.publish = publish
         if inspect_checkout is None:
             from infra.clients.opensearch import make_client
+            from jobs.faces.checkout_inspect import CheckoutInspector, opensearch_lookup
 
             opensearch = make_client(settings.opensearch, timeout_s=5)
             self._owned.append(opensearch)
-            self.inspect_checkout = opensearch_inspect_checkout(settings, opensearch)
+            lookup = opensearch_lookup(settings, opensearch)
+            self.inspect_checkout = recorded_checkout(lookup)
             # ``checkout <tx>``: the recorded decision at once, then a follow-up from a fresh snapshot
-            # of that lane's camera at the transaction time (seconds: the camera API polls).
+            # of that lane's camera at the transaction time (seconds: the camera API polls); both read
+            # the transaction through the same lookup.
             if fresh_checkout is None:
-                from jobs.faces.checkout_inspect import CheckoutInspector
-
-                fresh_checkout = CheckoutInspector(settings)
+                fresh_checkout = CheckoutInspector(settings, lookup=lookup)
                 self._owned.append(fresh_checkout)
         else:
             self.inspect_checkout = inspect_checkout

@@ -22,13 +22,11 @@ log = logging.getLogger("checkout_guard.checkout_inspect")
 Lookup = Callable[[str], dict[str, Any] | None]
 
 
-def opensearch_lookup(settings: Settings, client: Any | None = None) -> Lookup:
-    """The scored transaction by id (store, lane, event time, outcome), or ``None`` if not indexed.
-    ``client``: the OpenSearch client to use (its owner closes it); by default one of its own."""
-    from infra.clients.opensearch import make_client
+def opensearch_lookup(settings: Settings, client: Any) -> Lookup:
+    """The scored transaction by id (store, lane, event time, outcome, face result), or ``None`` if not
+    indexed; read with ``client`` (an OpenSearch client; its owner closes it). Errors propagate."""
     from schemas.indices import index_name
 
-    client = client or make_client(settings.opensearch, timeout_s=5)
     index = index_name(settings.opensearch.index_prefix, "transactions")
 
     def lookup(tx_id: str) -> dict[str, Any] | None:
