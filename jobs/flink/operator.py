@@ -21,7 +21,7 @@ from pyflink.datastream.state import MapStateDescriptor
 from infra.clock import now_ms
 from infra.settings import Settings
 from jobs.flink.frames import OutputBatch, unpack_records
-from jobs.scoring.core import LEGACY_BATCH, MAPS, DecisionCore, Step, Writes
+from jobs.scoring.core import LEGACY_BATCH, MAPS, DecisionCore, OutRow, Step, Writes
 
 __all__ = ["BROADCAST", "LEGACY_BATCH", "DecideStep", "FrozenState", "commit"]
 
@@ -84,12 +84,7 @@ class DecideStep(KeyedBroadcastProcessFunction):
         """Write the step's state changes, register its timer; its outputs as one batch, if any."""
         commit(self.maps, step.writes)
         self._register(ctx, step.timer)
-        if not step.outputs:
-            return None
-        out = OutputBatch()
-        for topic, key, value in step.outputs:
-            out.add(topic, key, value)
-        return out.to_bytes()
+        return _pack(step.outputs)
 
     # --- inputs --------------------------------------------------------------------------------
     def process_element(self, batch: Any, ctx: KeyedBroadcastProcessFunction.ReadOnlyContext):
@@ -111,11 +106,9 @@ class DecideStep(KeyedBroadcastProcessFunction):
         key = bytes(row[0]) if row[0] is not None else None
         value = bytes(row[1]) if row[1] is not None else None
         outputs, update = self.core.on_control(row[2], key, value, row[3], row[4])
-        if outputs:
-            out = OutputBatch()
-            for topic, k, v in outputs:
-                out.add(topic, k, v)
-            yield out.to_bytes()
+        out = _pack(outputs)
+        if out is not None:
+            yield out
         if update is None:
             return
         broadcast = ctx.get_broadcast_state(BROADCAST)
@@ -168,6 +161,16 @@ class FrozenState:
             gc.collect()
             gc.freeze()
             self.next_at = now + self.interval_s
+
+
+def _pack(outputs: list[OutRow]) -> bytes | None:
+    """The core's output rows as one batch for the Java ``OutputUnbatcher``; ``None`` when there are none."""
+    if not outputs:
+        return None
+    out = OutputBatch()
+    for topic, key, value in outputs:
+        out.add(topic, key, value)
+    return out.to_bytes()
 
 
 def _as_bytes(data: Any) -> bytes:

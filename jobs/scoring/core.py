@@ -22,10 +22,9 @@ from typing import Any, NamedTuple, Protocol
 from infra.settings import Settings
 from jobs.scoring.face_join import EARLY_FACES, PENDING, FaceJoin, Ready, observation_result, seen_from
 from jobs.scoring.rules import RuleSet
-from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STAGE, STORES, Predictor, Scorer, ScoringState, Write
+from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Predictor, Scorer, ScoringState, Write
 from schemas.codec import codec
 from schemas.errors import InvalidRecord
-from schemas.records import dead_letter
 from schemas.topics import RULES, TRANSACTIONS
 
 log = logging.getLogger("checkout_guard.scoring_job")
@@ -114,7 +113,6 @@ class DecisionCore:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
-        self.clock = clock
         job = settings.job
         self.scorer = Scorer(settings, predictor=predictor, clock=clock)
         self.join = FaceJoin(job.face_deadline_ms, job.early_face_ttl_ms)
@@ -322,17 +320,7 @@ class DecisionCore:
 
     def _dead_letter(self, record: SourceRecord, kind: str, reason: str) -> OutRow:
         key, value, topic, partition, offset, _ = record
-        dl = dead_letter(
-            topic=topic,
-            partition=partition,
-            offset=offset,
-            key=key,
-            value=value,
-            error=InvalidRecord(kind, reason),
-            stage=STAGE,
-            failed_at=int(self.clock() * 1000),
-        )
-        return (self.scorer.dlq_topic, dl.dead_letter_id.encode(), dl.encode())
+        return self.scorer.dead_letter_row(topic, partition, offset, key, value, InvalidRecord(kind, reason))
 
     # --- state and timer -------------------------------------------------------------------------
     def _persist(self, writes: Iterable[Write]) -> None:

@@ -122,18 +122,24 @@ class Scorer:
         try:
             tx = parse_transaction(value, ingest_ms, self.settings.job.max_message_bytes)
         except InvalidRecord as err:
-            dl = dead_letter(
-                topic=topic,
-                partition=partition,
-                offset=offset,
-                key=key,
-                value=value,
-                error=err,
-                stage=STAGE,
-                failed_at=self._now_ms(),
-            )
-            return (self.dlq_topic, dl.dead_letter_id.encode(), dl.encode())
+            return self.dead_letter_row(topic, partition, offset, key, value, err)
         return (tx, transaction_indicators(tx, self.rules), ingest_ms)
+
+    def dead_letter_row(
+        self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None, error: InvalidRecord
+    ) -> OutRow:
+        """The dead-letter output row for an input record the job cannot use, stamped by this scorer's clock."""
+        dl = dead_letter(
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            key=key,
+            value=value,
+            error=error,
+            stage=STAGE,
+            failed_at=self._now_ms(),
+        )
+        return (self.dlq_topic, dl.dead_letter_id.encode(), dl.encode())
 
     def observe(self, env: Envelope, state: ScoringState) -> tuple[Envelope | None, list[Write]]:
         """Steps 2-4's state part for one transaction: update the keyed state, complete its indicators.
