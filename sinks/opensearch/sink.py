@@ -79,7 +79,7 @@ RETRIABLE_ERROR_TYPES = frozenset(
 )
 
 
-# --------------------------------------------------------------------------- routes and templates
+# --------------------------------------------------------------------------- templates and period indices
 
 
 def install_templates(
