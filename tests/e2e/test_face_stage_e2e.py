@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, closing
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,7 +63,7 @@ def _observations(reader: TopicReader, done, timeout_s: float = 90.0) -> list[Fa
 def _similarity(engine, embedding, photo) -> float:
     from jobs.scoring.face_similarity import similarity
 
-    return similarity(np.asarray(embedding, dtype=np.float32), engine.best_face(open(photo, "rb").read()).embedding)
+    return similarity(np.asarray(embedding, dtype=np.float32), engine.best_face(Path(photo).read_bytes()).embedding)
 
 
 @pytest.fixture

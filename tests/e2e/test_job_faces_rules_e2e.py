@@ -12,8 +12,9 @@ import pytest
 from confluent_kafka import Consumer, Producer
 
 from infra.launcher import start_scoring_job
-from infra.settings import REPO_ROOT, Settings
+from infra.settings import Settings
 from infra.stack import ensure_topics
+from jobs.scoring.rules import DEFAULT_RULESET
 from schemas.codec import codec
 from schemas.topics import ALERTS, FACE_OBSERVATIONS, RULES, SCORED_TRANSACTIONS, TRANSACTIONS, WATCHLIST
 from tests.builders import sale
@@ -138,9 +139,7 @@ def test_faces_join_watchlist_matches_alert_and_rules_change_without_a_restart(j
     # Forgetting the subject (tombstone) stops the matching at once.
     _send(producer, WATCHLIST.full_name(prefix), "subj-e2e", None)
     # A new rule set, published while the job runs: takes effect without a restart.
-    rules = (
-        (REPO_ROOT / "jobs" / "rulesets" / "default.yaml").read_text().replace('version: "', 'version: "e2e-live-', 1)
-    )
+    rules = DEFAULT_RULESET.read_text().replace('version: "', 'version: "e2e-live-', 1)
     version = next(line.split('"')[1] for line in rules.splitlines() if line.startswith("version:"))
     _send(
         producer,

@@ -18,7 +18,7 @@ import pytest
 from infra.settings import Settings
 from jobs.scoring.core import LEGACY_BATCH, ControlUpdate, DecisionCore, SourceRecord, Step
 from jobs.scoring.face_join import EARLY_FACES, PENDING, unavailable
-from jobs.scoring.rules import ModelResult, RuleSet, update_record
+from jobs.scoring.rules import DEFAULT_RULESET, ModelResult, RuleSet, update_record
 from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Scorer
 from jobs.scoring.watchlist import Watchlist
 from schemas.codec import codec
@@ -33,7 +33,7 @@ SCORED, ALERT_TOPIC, DLQ = (t.full_name(PREFIX) for t in (SCORED_TRANSACTIONS, A
 NOW = T0 + 3_600_000
 """Processing time of the tests: an hour after the transactions' event time."""
 DEADLINE = 4000
-RULESET_FILE = Path(__file__).resolve().parents[2] / "jobs" / "scoring" / "rulesets" / "default.yaml"
+RULESET_FILE = DEFAULT_RULESET
 
 rng = np.random.default_rng(11)
 SUSPECT_FACE = [float(x) for x in rng.normal(0, 0.1, 128).astype(np.float32)]  # exact in Avro floats
