@@ -52,6 +52,9 @@ class OpenSearchSettings(BaseModel, frozen=True):
 class MqttSettings(BaseModel, frozen=True):
     host: str = "127.0.0.1"
     port: int = 1883
+    username: str | None = None
+    """Set both to log in (the local Mosquitto then refuses anonymous clients)."""
+    password: SecretStr | None = None
 
 
 class JobSettings(BaseModel, frozen=True):
