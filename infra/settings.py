@@ -38,6 +38,41 @@ class KafkaSettings(BaseModel, frozen=True):
             conf["sasl.password"] = self.sasl_password.get_secret_value()
         return conf
 
+    def java_client_config(self, class_prefix: str = "") -> dict[str, str]:
+        """The same connection as Java Kafka client properties: Java has no ``sasl.username``/``sasl.password``
+        and logs in through ``sasl.jaas.config``. ``class_prefix``: where a shaded client relocated
+        ``org.apache.kafka`` (Flink's SQL connector jar: ``org.apache.flink.kafka.shaded.``)."""
+        conf = {"bootstrap.servers": self.bootstrap_servers, "security.protocol": self.security_protocol}
+        if not self.sasl_mechanism:
+            return conf
+        conf["sasl.mechanism"] = self.sasl_mechanism
+        modules = {
+            "SCRAM-SHA-256": "scram.ScramLoginModule",
+            "SCRAM-SHA-512": "scram.ScramLoginModule",
+            "PLAIN": "plain.PlainLoginModule",
+        }
+        module = modules.get(self.sasl_mechanism.upper())
+        if module is None or not self.sasl_username or self.sasl_password is None:
+            raise ValueError(
+                f"sasl.mechanism {self.sasl_mechanism}: the Java client login is derived only for "
+                f"{', '.join(modules)} with sasl_username and sasl_password"
+            )
+
+        def quoted(value: str) -> str:  # a JAAS string literal: backslash and double quote escaped
+            return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+        password = self.sasl_password.get_secret_value()
+        conf["sasl.jaas.config"] = (
+            f"{class_prefix}org.apache.kafka.common.security.{module} required "
+            f"username={quoted(self.sasl_username)} password={quoted(password)};"
+        )
+        return conf
+
+    @property
+    def sasl_enabled(self) -> bool:
+        """Clients log in (SASL_PLAINTEXT / SASL_SSL); the local stack then serves SASL too."""
+        return self.security_protocol.upper().startswith("SASL_")
+
 
 class OpenSearchSettings(BaseModel, frozen=True):
     url: str = "http://127.0.0.1:9200"
@@ -75,6 +110,10 @@ class JobSettings(BaseModel, frozen=True):
     """Where a job without a checkpoint starts: ``earliest``, ``latest`` or an epoch-ms timestamp."""
     max_message_bytes: int = 256 * 1024
     """Input records larger than this are dead-lettered as oversized."""
+    max_future_skew_ms: int = 300_000
+    """A transaction stamped more than this after the job's wall clock is dead-lettered (``invalid_timestamp``):
+    event time is the producer's clock, and one record far in the future would otherwise move the job's
+    "newest event" ahead and make every later transaction ``too_late``. Covers ordinary clock drift."""
     face_deadline_ms: int = 4000
     """How long a transaction waits for its checkout face observation before deciding with
     ``face: UNAVAILABLE``; 0 = no face join (no face stage running)."""
@@ -111,6 +150,12 @@ class RulesSettings(BaseModel, frozen=True):
     store_return_limit: int = 20
     receipt_retention_days: int = 120
     """How long a sale's receipt is remembered for matching returns."""
+    receipt_face_retention_hours: float = 72.0
+    """How long a receipt keeps its buyer's face embedding (biometric) for the face check at a return
+    (``customer_mismatch`` by face); the receipt itself stays ``receipt_retention_days``. Event time."""
+    customer_retention_days: int = 180
+    """A customer's profile (velocity, spending habit, stores) is forgotten after this long without a
+    transaction (event time); the customer is then ``first_seen`` again."""
     ruleset_file: Path | None = None
     """Versioned YAML rule set (weights, bands, face rules); ``None`` = ``jobs/scoring/rulesets/default.yaml``.
     ``version``/``block_at``/``review_at`` above override the file only when set explicitly."""
@@ -192,6 +237,9 @@ class FaceSettings(BaseModel, frozen=True):
     aws_secret_access_key: SecretStr | None = None
     checkout_bucket: str = "checkout-guard-checkout"
     suspects_bucket: str = "checkout-guard-suspects"
+    extra_image_buckets: str = ""
+    """More S3 buckets image refs may name (comma separated), e.g. the buckets of an earlier setup whose
+    refs are still in alerts; a ref in any other bucket is refused before a request."""
     rekognition_endpoint_url: str | None = None
     """Rekognition endpoint override; defaults to ``aws_endpoint_url``."""
     rekognition_collection: str = "checkout-guard-watchlist"
@@ -219,9 +267,11 @@ class AlertSettings(BaseModel, frozen=True):
     max_pending_alerts: int = 5000
     """Alerts fetched but not finished before the consumer stops fetching (bounds memory while a channel fails)."""
     max_attempts: int = 8
-    """Failed tries (errors, 5xx, timeouts) before an alert's channel is dead-lettered; 429s do not count."""
+    """Failed tries before an alert's channel is dead-lettered. Neither 429s nor a channel that is down
+    (refused connections, timeouts, DNS, HTTP 5xx, SMTP 4xx) count: those pause the channel instead."""
     deadline_s: float = 600.0
-    """An alert still undelivered on a channel this long after it was fetched is dead-lettered."""
+    """An alert still undelivered on a channel this long after it was fetched is dead-lettered; also how
+    long a channel that is down is waited for (10 minutes: an SMTP outage of minutes loses no alert)."""
     retry_initial_s: float = 0.5
     retry_max_s: float = 30.0
     dashboard_link: str = "http://127.0.0.1:8050/alerts/{alert_id}"
@@ -267,9 +317,14 @@ class WebexSettings(BaseModel, frozen=True):
     public_url: str | None = None
     """Where Webex reaches the bot (https://...); the bot registers its webhook there on start when set."""
     allowed_rooms: str = ""
-    """Comma-separated room ids whose members may change the watchlist (fraud, vip, forget)."""
+    """Comma-separated room ids whose members may use the watchlist (checkout, status, fraud, vip, forget)."""
     allowed_people: str = ""
-    """Comma-separated e-mails of people who may change the watchlist from any room."""
+    """Comma-separated e-mails of people who may use the watchlist from any room."""
+    command_signing_key: SecretStr | None = None
+    """Shared by the bot and the watchlist service: every BotCommand is signed (HMAC-SHA256) with it, and
+    without it the bot refuses watchlist changes and the service applies none (the demo generates one)."""
+    command_max_age_s: float = 900.0
+    """The watchlist service refuses a signed command older than this (bounds the replay of a copied one)."""
     bot_host: str = "127.0.0.1"
     bot_port: int = 8088
     local_port: int = 8089
@@ -282,6 +337,12 @@ class WebexSettings(BaseModel, frozen=True):
     def allowed_emails(self) -> frozenset[str]:
         return frozenset(p.strip().lower() for p in self.allowed_people.split(",") if p.strip())
 
+    def is_allowed(self, room_id: str | None, person_email: str | None) -> bool:
+        """The allow-list, one rule for the bot and the watchlist service: an allowed room or person."""
+        return (room_id is not None and room_id in self.allowed_room_ids()) or (
+            person_email is not None and person_email.lower() in self.allowed_emails()
+        )
+
 
 class CameraSettings(BaseModel, frozen=True):
     """Meraki cameras (``CG_CAMERAS__*``): the Dashboard API, the camera map, the local camera, the face stage.
@@ -293,6 +354,10 @@ class CameraSettings(BaseModel, frozen=True):
     base_url: str | None = None
     """Dashboard API base, e.g. ``https://api.meraki.com/api/v1``; ``None`` = the local camera."""
     api_key: SecretStr = SecretStr("local-camera-key")
+    snapshot_hosts: str = ""
+    """Hosts the snapshot URLs from ``generateSnapshot`` may point at, comma separated: ``host`` exactly or
+    ``*.domain`` for its subdomains (no ports). Empty = the API base URL's host, plus ``*.meraki.com``
+    when that is on meraki.com. Other hosts, userinfo or a non-https scheme are refused unfetched."""
     lane_cameras: str = ""
     """``store-001/lane-01=Q2AB-CDEF-0001,...``: explicit lane camera serials."""
     entrance_cameras: str = ""
@@ -367,6 +432,12 @@ class DashboardSettings(BaseModel, frozen=True):
     window_minutes: int = 60
     """Default time window of the charts and rates."""
     alerts_shown: int = 12
+    username: str | None = None
+    password: SecretStr | None = None
+    """HTTP Basic login (both or neither) for every page, JSON and image endpoint."""
+    token: SecretStr | None = None
+    """Bearer token accepted instead of the login (scripts, monitoring). With no login and no token the
+    dashboard starts only on a loopback host: it serves face snapshots."""
 
 
 class Settings(BaseSettings):
@@ -376,6 +447,9 @@ class Settings(BaseSettings):
 
     stack_dir: Path = REPO_ROOT / ".stack"
     """Data, logs and downloaded artifacts of the embedded stack (git-ignored)."""
+    bind_host: str = "127.0.0.1"
+    """The one interface every local listener binds to: the stack's services and the job's Flink and
+    Python servers. Clients still connect to the hosts of their own settings (bootstrap servers, URLs)."""
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     opensearch: OpenSearchSettings = Field(default_factory=OpenSearchSettings)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)

@@ -5,15 +5,20 @@ Webex calls ``POST /webex/webhook`` for every new message in the bot's rooms. Th
 1. verifies ``X-Spark-Signature`` (hex HMAC-SHA1 of the raw body, keyed with the webhook secret) in
    constant time: missing -> 401, wrong -> 403, nothing else happens; without a configured secret every
    callback is refused (403);
-2. parses the callback (malformed -> 400/413, never 5xx), ignores the bot's own messages and messages
-   already handled (Webex may deliver twice), answers 200 at once and does the rest in the background;
+2. parses the callback (malformed, too deeply nested or over :data:`MAX_BODY_BYTES` -> 400/413, never
+   5xx), ignores the bot's own messages and messages already handled (Webex may deliver twice), answers
+   200 at once and does the rest in the background;
 3. fetches the text (``GET /messages/{id}``), strips the mention, parses the command, and:
    ``checkout <tx>`` -> the face check for that transaction; ``fraud <tx>`` / ``vip <tx>`` -> enroll the face
    of that checkout as suspect / VIP; ``forget <subject>`` -> delete a watchlist entry; ``status`` -> the
-   pipeline's health and counts; ``help``. Watchlist changes (fraud, vip, forget) are only accepted from
-   allow-listed rooms or people; others get a polite refusal and no command is produced;
+   pipeline's health and counts; ``help``. Every command that reveals or changes watchlist data (all but
+   ``help``, see :data:`RESTRICTED_VERBS`) is only accepted from allow-listed rooms or people; others get
+   a short refusal (logged) and no command is produced;
 4. puts every accepted command on ``commands`` (BotCommand, key = command_id = the Webex message id, so
-   a redelivered message is the same command) and replies in the room.
+   a redelivered message is the same command), signed with ``CG_WEBEX__COMMAND_SIGNING_KEY`` in the
+   :data:`~infra.command_auth.SIGNATURE_HEADER` header (the watchlist service applies only
+   signed, fresh commands from allow-listed issuers; without a key the bot refuses watchlist changes),
+   and replies in the room.
 
 ``checkout`` answers at once through ``inspect_checkout(tx_id) -> str`` (default: the recorded decision
 and face result from OpenSearch), then follows up with ``fresh_checkout`` (default:
@@ -31,7 +36,6 @@ import hashlib
 import hmac
 import json
 import logging
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -50,10 +54,12 @@ from starlette.routing import Route
 from infra.clients import kafka as kafka_clients
 from infra.clients.webex import WebexClient, WebexError, with_retries
 from infra.clock import now_ms
+from infra.command_auth import SIGNATURE_HEADER, sign_command
 from infra.retry import call_with_retries
 from infra.settings import Settings, get_settings
 from jobs.faces.checkout_inspect import Lookup
 from schemas.errors import CheckoutGuardError
+from schemas.identifiers import ID_RE
 from schemas.records import OUTCOME_WORDS, BotCommand
 from schemas.topics import COMMANDS
 
@@ -64,13 +70,23 @@ WEBHOOK_NAME = "checkout-guard-bot"
 MAX_BODY_BYTES = 64 * 1024
 """A Webex message webhook is well under 2 KB; anything much larger is not one."""
 WATCHLIST_VERBS = frozenset({"FRAUD", "VIP", "FORGET"})
+RESTRICTED_VERBS = WATCHLIST_VERBS | {"CHECKOUT", "STATUS"}
+"""Only for allow-listed rooms and people: the watchlist changes, ``checkout`` (subject ids, similarities
+and a fresh camera snapshot on demand) and ``status`` (the loss-prevention system's health and volumes).
+Anyone on Webex can write to a bot, so only ``help`` answers everyone."""
+WATCHLIST_REFUSAL = (
+    "Sorry, changes to the watchlist can only be made from the store security room or by "
+    "people on the allow-list. Please ask your store security lead."
+)
+UNSIGNED_REFUSAL = "Sorry, watchlist changes are switched off here: no command signing key is configured."
+Headers = list[tuple[str, bytes]]
+"""Kafka headers of a command (its signature)."""
 VERBS_WITH_ARGUMENT = {
     "CHECKOUT": "transaction id",
     "FRAUD": "transaction id",
     "VIP": "transaction id",
     "FORGET": "subject id",
 }
-ARGUMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 HELP_TEXT = (
     "**Checkout Guard** understands:\n\n"
     "- `checkout <transaction>` - take the snapshot and compare the face now\n"
@@ -78,7 +94,8 @@ HELP_TEXT = (
     "- `vip <transaction>` - put the face from that checkout on the VIP list\n"
     "- `forget <subject>` - remove someone from the watchlist (e.g. `subj-<transaction>`)\n"
     "- `status` - pipeline health and counts\n"
-    "- `help` - this list"
+    "- `help` - this list\n\n"
+    "All but `help` answer only in the store security room or to people on the allow-list."
 )
 
 
@@ -136,16 +153,12 @@ def _parse_words(words: list[str]) -> ParsedCommand:
     if len(words) < 2:
         return ParsedCommand(verb, problem=f"`{verb.lower()}` needs a {VERBS_WITH_ARGUMENT[verb]}")
     argument = words[1].strip("`'\"<>")
-    if not ARGUMENT_RE.match(argument):
+    # The ids the watchlist service accepts (schemas.identifiers), the subject ``subj-<tx>`` included:
+    # a path or an over-long id is answered here instead of becoming a dead letter there.
+    subject = f"subj-{argument}" if verb in {"FRAUD", "VIP"} else argument
+    if ID_RE.fullmatch(argument) is None or ID_RE.fullmatch(subject) is None:
         return ParsedCommand(verb, problem=f"`{argument[:40]}` does not look like a {VERBS_WITH_ARGUMENT[verb]}")
     return ParsedCommand(verb, argument)
-
-
-def may_change_watchlist(settings: Settings, room_id: str | None, person_email: str | None) -> bool:
-    webex = settings.webex
-    return (room_id is not None and room_id in webex.allowed_room_ids()) or (
-        person_email is not None and person_email.lower() in webex.allowed_emails()
-    )
 
 
 class BadCallback(CheckoutGuardError, ValueError):
@@ -156,7 +169,9 @@ def parse_callback(body: bytes) -> dict[str, Any]:
     """The ``data`` of a ``messages/created`` webhook callback, checked for the fields we use."""
     try:
         payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except RecursionError as exc:  # deeply nested arrays/objects: the parser's recursion limit, not a 500
+        raise BadCallback("body is nested too deeply") from exc
+    except ValueError as exc:  # UnicodeDecodeError included
         raise BadCallback("body is not JSON") from exc
     if not isinstance(payload, dict):
         raise BadCallback("body is not a JSON object")
@@ -184,7 +199,7 @@ class KafkaCommandPublisher:
         self.topic = COMMANDS.full_name(settings.kafka.topic_prefix)
         self._producer = kafka_clients.producer(settings, kafka_clients.IDEMPOTENT, linger_ms=0)
 
-    def __call__(self, command: BotCommand) -> None:
+    def __call__(self, command: BotCommand, headers: Headers | None = None) -> None:
         errors: list[KafkaError] = []
 
         def on_delivery(err: KafkaError | None, _msg: Message) -> None:
@@ -192,7 +207,11 @@ class KafkaCommandPublisher:
                 errors.append(err)
 
         self._producer.produce(
-            self.topic, key=command.command_id.encode(), value=command.encode(), on_delivery=on_delivery
+            self.topic,
+            key=command.command_id.encode(),
+            value=command.encode(),
+            headers=list(headers or []),
+            on_delivery=on_delivery,
         )
         if self._producer.flush(10) > 0:
             raise RuntimeError("command not confirmed by Kafka within 10 s")
@@ -278,7 +297,7 @@ class WebexBot:
         settings: Settings,
         *,
         client: WebexClient | None = None,
-        publish: Callable[[BotCommand], None] | None = None,
+        publish: Callable[[BotCommand, Headers], None] | None = None,
         inspect_checkout: Callable[[str], str] | None = None,
         fresh_checkout: Callable[[str], str] | None = None,
         status_text: Callable[[], str] | None = None,
@@ -314,6 +333,10 @@ class WebexBot:
         self.status_text = status_text or (lambda: pipeline_status_text(settings))
         secret = settings.webex.webhook_secret
         self.secret = secret.get_secret_value() if secret else ""
+        key = settings.webex.command_signing_key
+        self.signing_key = key.get_secret_value() if key else ""
+        if not self.signing_key:
+            log.error("CG_WEBEX__COMMAND_SIGNING_KEY is not set: fraud, vip and forget will be refused")
         self._me: dict[str, Any] | None = None
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
@@ -370,7 +393,7 @@ class WebexBot:
     @staticmethod
     async def _read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        if declared and declared.isascii() and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             raise ValueError("body too large")
         chunks, size = [], 0
         async for chunk in request.stream():
@@ -417,25 +440,23 @@ class WebexBot:
         display = str(me.get("displayName") or "")
         names = (display, display.split(" ")[0], str(me.get("nickName") or ""))
         parsed = parse_command(message.get("text") or "", names)
-        reply = self._execute(parsed, data["id"], room_id, person)
+        reply, accepted = self._execute(parsed, data["id"], room_id, person)
         with_retries(lambda: self.client.send_message(room_id, reply))
         self.handled += 1
-        if parsed.verb == "CHECKOUT" and parsed.argument and self.fresh_checkout is not None:
+        if accepted and parsed.verb == "CHECKOUT" and parsed.argument and self.fresh_checkout is not None:
             follow_up = self.fresh_checkout(parsed.argument)
             with_retries(lambda: self.client.send_message(room_id, follow_up))
         return reply
 
-    def _execute(self, parsed: ParsedCommand, message_id: str, room_id: str, person: str) -> str:
+    def _execute(self, parsed: ParsedCommand, message_id: str, room_id: str, person: str) -> tuple[str, bool]:
+        """The reply, and whether the command was accepted (recorded on ``commands``)."""
         if parsed.verb is None:
-            return "Sorry, I did not understand that.\n\n" + HELP_TEXT
+            return "Sorry, I did not understand that.\n\n" + HELP_TEXT, False
         if parsed.problem:
-            return f"Sorry, {parsed.problem}. Try `help`."
-        if parsed.verb in WATCHLIST_VERBS and not may_change_watchlist(self.settings, room_id, person):
-            log.info("watchlist command %s refused for a room/person not on the allow-list", parsed.verb)
-            return (
-                "Sorry, changes to the watchlist can only be made from the store security room or by "
-                "people on the allow-list. Please ask your store security lead."
-            )
+            return f"Sorry, {parsed.problem}. Try `help`.", False
+        refusal = self._refusal(parsed.verb, message_id, room_id, person)
+        if refusal:
+            return refusal, False
         command = BotCommand(
             command_id=message_id,
             issued_at=now_ms(),
@@ -445,11 +466,33 @@ class WebexBot:
             room_id=room_id,
             source="webex",
         )
+        headers = [(SIGNATURE_HEADER, sign_command(command, self.signing_key))] if self.signing_key else []
         try:
-            self.publish(command)
+            self.publish(command, headers)
         except Exception as exc:  # Kafka unreachable: tell the person instead of going quiet
             log.error("command %s not published: %s", message_id, exc)
-            return "Sorry, I could not record that right now; please try again in a minute."
+            return "Sorry, I could not record that right now; please try again in a minute.", False
+        return self._answer(parsed), True
+
+    def _refusal(self, verb: str, message_id: str, room_id: str, person: str) -> str | None:
+        """Why this sender may not run ``verb`` here (the reply), or None when they may.
+
+        The bot writes no audit events (the watchlist service audits changes); a refusal is logged with
+        the message id, so it can be traced in Webex, and nothing is published."""
+        if verb not in RESTRICTED_VERBS:
+            return None
+        if not self.settings.webex.is_allowed(room_id, person):
+            log.warning("%s refused: room or sender not on the allow-list (message %s)", verb, message_id)
+            if verb in WATCHLIST_VERBS:
+                return WATCHLIST_REFUSAL
+            return f"Sorry, `{verb.lower()}` answers only in the store security room or to people on the allow-list."
+        if verb in WATCHLIST_VERBS and not self.signing_key:
+            log.error("%s refused: no command signing key configured (message %s)", verb, message_id)
+            return UNSIGNED_REFUSAL
+        return None
+
+    def _answer(self, parsed: ParsedCommand) -> str:
+        """The reply to an accepted command."""
         arg = parsed.argument
         if parsed.verb == "HELP":
             return HELP_TEXT

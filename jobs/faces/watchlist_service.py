@@ -8,6 +8,14 @@ Flink job broadcasts), one ``AuditEvent`` per change or refused change on ``audi
 commands that could not be carried out. Every ``faces.retention_purge_interval_s`` the snapshots that
 matched nobody and are older than ``faces.snapshot_retention_hours`` are deleted (and audited).
 
+Only authenticated commands change anything: each must carry the bot's HMAC-SHA256 signature
+(:func:`infra.command_auth.sign_command`, key ``CG_WEBEX__COMMAND_SIGNING_KEY``) in the :data:`SIGNATURE_HEADER` Kafka
+header, be issued within ``webex.command_max_age_s`` and come from a room or person on the same
+allow-list the bot applies (``CG_WEBEX__ALLOWED_ROOMS`` / ``…_PEOPLE``: configure both processes alike).
+Anything else -- unsigned, badly signed, stale, not allowed, or no key configured here -- is audited as
+``FAILED`` and dead-lettered as ``unauthorized``, never applied: ``commands`` may be writable by more
+than the bot. Transaction and subject ids are checked (``schemas.identifiers``; ``invalid_id``).
+
 Exactly once on Kafka: each input's outputs and its consumer offset commit in one Kafka transaction,
 so offsets move only after the outputs are acknowledged, and a crash replays the input without
 doubling its records. Side effects outside Kafka (image store, Rekognition) are idempotent: same
@@ -29,11 +37,13 @@ from typing import Any
 
 from infra import clock
 from infra.clients.image_store import ImageStore
+from infra.command_auth import authenticate_command
 from infra.settings import Settings, get_settings
 from jobs.faces.engine import FaceEngine, ImageError
 from jobs.faces.rekognition import RekognitionError, RekognitionFaces
 from schemas.codec import DecodeError
 from schemas.errors import InvalidRecord
+from schemas.identifiers import check
 from schemas.records import Alert, AuditEvent, BotCommand, WatchlistEntry, dead_letter
 from schemas.topics import ALERTS, AUDIT, COMMANDS, DEAD_LETTERS, WATCHLIST, TopicSpec
 
@@ -50,6 +60,8 @@ REKOGNITION_REFUSALS = {
     "InvalidS3ObjectException",
 }
 """Rekognition answers that say "not this image" (the command fails) rather than "not now" (retry)."""
+UNVERIFIED_ACTOR = "unverified"
+"""The audit actor of a refused command: who it claims to come from is only in its details."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,8 @@ class Source:
     offset: int
     key: bytes | None
     value: bytes | None
+    headers: tuple[tuple[str, Any], ...] = ()
+    """Kafka headers (the command signature); confluent-kafka gives ``(name, bytes | None)`` pairs."""
 
 
 class Failed(InvalidRecord):
@@ -131,6 +145,10 @@ class WatchlistCore:
         if cmd.verb not in ("FRAUD", "VIP", "FORGET") or f"command:{cmd.command_id}" in self.done:
             return []  # CHECKOUT / STATUS / HELP are the bot's business; a replayed command changes nothing
         action = "FORGET" if cmd.verb == "FORGET" else "ENROLL"
+        try:
+            authenticate_command(cmd, src.headers, self.settings.webex, now_ms)
+        except InvalidRecord as refused:
+            return self._refuse(src, cmd, action, refused, now_ms)
         audit = {
             "audit_id": f"command:{cmd.command_id}",
             "event_time": now_ms,
@@ -143,18 +161,36 @@ class WatchlistCore:
             if not arg:
                 raise Failed("missing_argument", f"{cmd.verb.lower()} needs an argument")
             if cmd.verb == "FORGET":
-                return self._forget(arg, audit)
+                return self._forget(check(arg, "subject id"), audit)
+            check(f"subj-{check(arg, 'transaction id')}", "subject id")  # the id it would be enrolled as
             return self._enroll(cmd, arg, audit)
-        except Failed as f:
+        except InvalidRecord as f:  # Failed, or an invalid id (never copied into the audit event)
             log.info("command %s %s failed: %s", cmd.command_id, cmd.verb, f.kind)
-            if arg:
-                audit.setdefault("subject_id", arg if cmd.verb == "FORGET" else f"subj-{arg}")
-                if cmd.verb != "FORGET":
-                    audit.setdefault("transaction_id", arg)
             return [
                 self._audit(**audit, outcome="FAILED", reason=f"{f.kind}: {f.reason}"),
                 self._dead_letter(src, f, now_ms),
             ]
+
+    def _refuse(self, src: Source, cmd: BotCommand, action: str, error: InvalidRecord, now_ms: int) -> list[Out]:
+        """An unauthenticated or unauthorised command: audited under its offset (its command id is only a
+        claim, and must not mark a real command with that id as done) and dead-lettered."""
+        audit_id = f"refused:{src.topic}:{src.partition}:{src.offset}"
+        if audit_id in self.done:
+            return []
+        log.warning("command at %s:%d:%d refused: %s", src.topic, src.partition, src.offset, error.reason)
+        claims = {"claimed_actor": cmd.actor, "claimed_command_id": cmd.command_id, "claimed_room_id": cmd.room_id}
+        return [
+            self._audit(
+                audit_id=audit_id,
+                event_time=now_ms,
+                action=action,
+                outcome="FAILED",
+                actor=UNVERIFIED_ACTOR,
+                reason=f"{error.kind}: {error.reason}",
+                details={name: value[:256] for name, value in claims.items() if value},
+            ),
+            self._dead_letter(src, error, now_ms),
+        ]
 
     def on_alert(self, src: Source, now_ms: int) -> list[Out]:
         try:
@@ -318,6 +354,9 @@ class WatchlistService:
         self.prefix = settings.kafka.topic_prefix
         self.group = f"{self.prefix}{settings.faces.service_group}"
         self.core = core or WatchlistCore(settings)
+        key = settings.webex.command_signing_key
+        if not (key and key.get_secret_value()):
+            log.error("CG_WEBEX__COMMAND_SIGNING_KEY is not set: every watchlist command is refused")
         self.consumer = kafka_clients.consumer(
             settings, self.group, kafka_clients.READ_COMMITTED, auto_offset_reset="earliest"
         )
@@ -365,7 +404,9 @@ class WatchlistService:
                 if msg.error():
                     log.warning("consumer error: %s", msg.error())
                     continue
-                src = Source(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value())
+                src = Source(
+                    msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), tuple(msg.headers() or ())
+                )
                 outs = self.topics[msg.topic()](src, clock.now_ms())
                 self._publish(outs, [TopicPartition(msg.topic(), msg.partition(), msg.offset() + 1)])
         finally:

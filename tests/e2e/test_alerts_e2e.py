@@ -321,7 +321,11 @@ def test_bot_commands_reach_kafka_once_and_forged_or_unallowed_ones_never(
     settings = settings.model_copy(
         update={
             "webex": settings.webex.model_copy(
-                update={"webhook_secret": SecretStr("e2e-secret"), "allowed_rooms": "room-security"}
+                update={
+                    "webhook_secret": SecretStr("e2e-secret"),
+                    "allowed_rooms": "room-security",
+                    "command_signing_key": SecretStr("e2e-signing-key"),
+                }
             )
         }
     )
@@ -380,9 +384,10 @@ def test_bot_commands_reach_kafka_once_and_forged_or_unallowed_ones_never(
         [forged] = webex.say("room-security", "guard@store.test", "forget subj-tx-1")
         assert (ok["status"], forged["status"]) == (200, 403)
         webex.state.webhooks[0]["secret"] = "e2e-secret"
-        webex.say("room-lobby", "visitor@store.test", "status")
-        webex.say("room-lobby", "visitor@store.test", f"checkout {name}-tx-9")
-        wait_for(lambda: len(webex.state.bot_messages()) >= 4, 30, what="four replies")
+        webex.say("room-lobby", "visitor@store.test", "status")  # reveals watchlist data: allow-list only
+        webex.say("room-security", "guard@store.test", "status")
+        webex.say("room-security", "guard@store.test", f"checkout {name}-tx-9")
+        wait_for(lambda: len(webex.state.bot_messages()) >= 5, 30, what="five replies")
     finally:
         server.stop()
         bot.close()
@@ -390,15 +395,16 @@ def test_bot_commands_reach_kafka_once_and_forged_or_unallowed_ones_never(
     records = read_topic(settings, COMMANDS.full_name(settings.kafka.topic_prefix), timeout=5)
     commands = [(k.decode(), BotCommand.decode(v)) for k, v in records]
     assert sorted((c.verb, c.argument or "", c.room_id) for _, c in commands) == [
-        ("CHECKOUT", f"{name}-tx-9", "room-lobby"),
+        ("CHECKOUT", f"{name}-tx-9", "room-security"),
         ("FRAUD", "tx-1", "room-security"),
-        ("STATUS", "", "room-lobby"),
+        ("STATUS", "", "room-security"),
     ]
     commands.sort(key=lambda kc: kc[1].verb != "FRAUD")
     assert commands[0][0] == ok["message_id"] == commands[0][1].command_id
     replies = [m["markdown"] for m in webex.state.bot_messages()]
     assert any("Pipeline healthy" in r for r in replies), replies
     assert any(r.startswith("Sorry, changes to the watchlist") for r in replies)
+    assert any(r.startswith("Sorry, `status` answers only") for r in replies), replies
     assert any(
         "blocked (risk 95)" in r and "face matches **suspect** `subj-tx-1` (91.5% similar)" in r for r in replies
     ), replies

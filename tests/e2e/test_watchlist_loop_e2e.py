@@ -14,10 +14,12 @@ import uuid
 
 import pytest
 from confluent_kafka import Producer
+from pydantic import SecretStr
 
 from infra.clients.image_store import ImageStore
 from infra.clients.meraki import camera_for_lane
 from infra.clients.opensearch import make_client
+from infra.command_auth import SIGNATURE_HEADER, sign_command
 from infra.launcher import start_scoring_job
 from infra.local.camera import LocalCameraControl, LocalCameraServer
 from infra.settings import Settings
@@ -34,6 +36,8 @@ from tests.unit.faces_data import people_or_skip
 pytestmark = pytest.mark.e2e
 
 DEADLINE_MS = 8000
+SIGNING_KEY = "e2e-command-signing-key"
+OFFICER = "security@store.example"
 
 
 class Store:
@@ -63,8 +67,14 @@ class Store:
         return tx.transaction_id
 
     def command(self, verb: str, argument: str) -> None:
-        cmd = BotCommand(f"cmd-{uuid.uuid4().hex}", int(time.time() * 1000), verb, "security@store.example", argument)
-        self.producer.produce(COMMANDS.full_name(self.prefix), cmd.encode(), key=cmd.command_id.encode())
+        """What the bot publishes for an allow-listed officer: the command, signed."""
+        cmd = BotCommand(f"cmd-{uuid.uuid4().hex}", int(time.time() * 1000), verb, OFFICER, argument)
+        self.producer.produce(
+            COMMANDS.full_name(self.prefix),
+            cmd.encode(),
+            key=cmd.command_id.encode(),
+            headers=[(SIGNATURE_HEADER, sign_command(cmd, SIGNING_KEY))],
+        )
         assert self.producer.flush(10) == 0
 
     def _decoded(self):
@@ -89,7 +99,10 @@ class Store:
 def store(stack, tmp_path):
     people = people_or_skip()
     settings = face_camera_settings(stack, tmp_path)
-    settings = settings.model_copy(update={"job": settings.job.model_copy(update={"face_deadline_ms": DEADLINE_MS})})
+    webex = settings.webex.model_copy(update={"command_signing_key": SecretStr(SIGNING_KEY), "allowed_people": OFFICER})
+    settings = settings.model_copy(
+        update={"job": settings.job.model_copy(update={"face_deadline_ms": DEADLINE_MS}), "webex": webex}
+    )
     camera = LocalCameraServer(settings, people=people).start()
     stop = threading.Event()
     service = WatchlistService(settings)

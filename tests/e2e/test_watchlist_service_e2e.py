@@ -1,5 +1,6 @@
 """Watchlist service on the real Kafka: fraud -> entry + audit, failures -> audit + dead letter,
-alert -> snapshot retained, forget -> tombstone + images gone + audit; a SIGKILL/restart adds nothing."""
+alert -> snapshot retained, an unsigned forget -> refused (dead letter ``unauthorized``), forget ->
+tombstone + images gone + audit; a SIGKILL/restart adds nothing."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from pathlib import Path
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
+from pydantic import SecretStr
 
 from infra.clients.image_store import ImageStore
+from infra.command_auth import SIGNATURE_HEADER, sign_command
 from infra.launcher import spawn, wait_for
 from infra.settings import Settings
 from infra.stack import ensure_topics
@@ -22,6 +25,7 @@ pytestmark = pytest.mark.e2e
 
 FACES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "faces"
 PHOTO = FACES / "face_recognition" / "test_images" / "obama.jpg"
+SIGNING_KEY = "e2e-command-signing-key"
 
 
 class TopicReader:
@@ -57,21 +61,28 @@ class TopicReader:
 def settings(stack: Settings, tmp_path) -> Settings:
     name = f"wl{uuid.uuid4().hex[:8]}"
     s = stack.isolated(name, tmp_path / "checkpoints")
-    s = s.model_copy(update={"stack_dir": tmp_path})  # images and logs of this test only
+    webex = s.webex.model_copy(
+        update={"command_signing_key": SecretStr(SIGNING_KEY), "allowed_people": "lp@example.com,dpo@example.com"}
+    )
+    s = s.model_copy(update={"stack_dir": tmp_path, "webex": webex})  # images and logs of this test only
     ensure_topics(s)
     return s
 
 
-def _produce(settings: Settings, spec, key: str, value: bytes) -> None:
+def _produce(settings: Settings, spec, key: str, value: bytes, headers: list | None = None) -> None:
     producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True})
-    producer.produce(spec.full_name(settings.kafka.topic_prefix), key=key.encode(), value=value)
+    producer.produce(spec.full_name(settings.kafka.topic_prefix), key=key.encode(), value=value, headers=headers or [])
     assert producer.flush(10) == 0
 
 
-def _command(settings: Settings, verb: str, arg: str, actor: str = "lp@example.com") -> str:
+def _command(
+    settings: Settings, verb: str, arg: str, actor: str = "lp@example.com", key: str | None = SIGNING_KEY
+) -> str:
+    """A command as the bot publishes it (signed with ``key``; ``None``: unsigned, as any other writer)."""
     cid = uuid.uuid4().hex
     cmd = BotCommand(command_id=cid, issued_at=int(time.time() * 1000), verb=verb, actor=actor, argument=arg)
-    _produce(settings, COMMANDS, cid, cmd.encode())
+    headers = [(SIGNATURE_HEADER, sign_command(cmd, key))] if key is not None else []
+    _produce(settings, COMMANDS, cid, cmd.encode(), headers)
     return cid
 
 
@@ -122,6 +133,21 @@ def test_fraud_then_forget_through_kafka(settings: Settings):
         _produce(settings, ALERTS, alert.alert_id, alert.encode())
         wait_for(lambda: f"retain:{alert.alert_id}" in _audits(audit), 30, what="retain audit")
         assert store.retained() == {later: f"alert={alert.alert_id} subject={subject}"}
+
+        # anyone may write to `commands`: an unsigned or wrongly signed forget is refused, never applied
+        _command(settings, "FORGET", subject, key=None)
+        _command(settings, "FORGET", subject, key="guessed")
+        refused = wait_for(
+            lambda: (
+                (r := [d for _, v in dead.poll() if (d := DeadLetter.decode(v)).error_kind == "unauthorized"])
+                and len(r) == 2
+                and r
+            ),
+            30,
+            what="two unauthorized dead letters",
+        )
+        assert {BotCommand.decode(d.payload).verb for d in refused} == {"FORGET"}
+        assert store.find("reference", subject) is not None and (subject.encode(), None) not in watch.poll()
 
         forget = _command(settings, "FORGET", subject, actor="dpo@example.com")
         wait_for(lambda: (subject.encode(), None) in watch.poll(), 30, what="tombstone")

@@ -148,17 +148,21 @@ def test_rekognition_errors_carry_the_aws_code(settings, rekognition):
 
 @needs_faces
 def test_watchlist_service_with_rekognition_indexes_on_fraud_and_deletes_on_forget(settings, store, rekognition):
+    from infra.command_auth import SIGNATURE_HEADER, sign_command
+    from infra.settings import WebexSettings
     from jobs.faces.watchlist_service import Source, WatchlistCore
     from schemas.records import AuditEvent, BotCommand
     from schemas.topics import AUDIT
 
     faces, server = rekognition
-    core = WatchlistCore(settings, store=store, rekognition=faces)
+    webex = WebexSettings(command_signing_key=SecretStr("test-key"), allowed_people="lp@example.com")
+    core = WatchlistCore(settings.model_copy(update={"webex": webex}), store=store, rekognition=faces)
     store.put("checkout", "tx-77", (IMAGES / "obama.jpg").read_bytes())
 
     def run(verb, arg, cid):
         cmd = BotCommand(command_id=cid, issued_at=1, verb=verb, actor="lp@example.com", argument=arg)
-        outs = core.on_command(Source("commands", 0, 0, None, cmd.encode()), 2)
+        signature = ((SIGNATURE_HEADER, sign_command(cmd, "test-key")),)
+        outs = core.on_command(Source("commands", 0, 0, None, cmd.encode(), signature), 2)
         return next(AuditEvent.decode(o.value) for o in outs if o.topic == AUDIT)
 
     enrolled = run("FRAUD", "tx-77", "c1")

@@ -1,4 +1,5 @@
-"""Watchlist service decisions (no Kafka): enroll, forget, retain, purge, failures -> audit + dead letter."""
+"""Watchlist service decisions (no Kafka): enroll, forget, retain, purge, failures -> audit + dead letter.
+Commands are signed as the bot signs them; tests/unit/test_watchlist_auth.py covers the refusals."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from pydantic import SecretStr
 
 from infra.clients.image_store import LocalImageStore
-from infra.settings import Settings
+from infra.command_auth import SIGNATURE_HEADER, sign_command
+from infra.settings import Settings, WebexSettings
 from jobs.faces.engine import FaceEngine
 from jobs.faces.watchlist_service import Source, WatchlistCore
 from schemas.records import Alert, AuditEvent, BotCommand, DeadLetter, WatchlistEntry
@@ -20,20 +23,25 @@ from schemas.topics import AUDIT, DEAD_LETTERS, WATCHLIST
 FACES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "faces"
 needs_faces = pytest.mark.skipif(not FACES.is_dir(), reason="shared face photos (../shared/data/faces) absent")
 NOW = 1_800_000_000_000
+KEY = "unit-test-command-signing-key"
+ALLOWED = "lp@example.com,dpo@example.com"
 _ENGINE = None
 
 
 @pytest.fixture
 def core(tmp_path) -> WatchlistCore:
     global _ENGINE
-    settings = Settings(stack_dir=tmp_path)
+    webex = WebexSettings(command_signing_key=SecretStr(KEY), allowed_people=ALLOWED)
+    settings = Settings(stack_dir=tmp_path, webex=webex)
     _ENGINE = _ENGINE or FaceEngine(settings.faces)
     return WatchlistCore(settings, engine=_ENGINE)
 
 
 def command(verb: str, arg: str | None, cid: str = "c1", actor: str = "lp@example.com") -> Source:
-    value = BotCommand(command_id=cid, issued_at=NOW - 5000, verb=verb, actor=actor, argument=arg).encode()
-    return Source("commands", 0, int(cid.strip("c") or 0), cid.encode(), value)
+    """The command as the bot publishes it: signed with the shared key."""
+    cmd = BotCommand(command_id=cid, issued_at=NOW - 5000, verb=verb, actor=actor, argument=arg)
+    headers = ((SIGNATURE_HEADER, sign_command(cmd, KEY)),)
+    return Source("commands", 0, int(cid.strip("c") or 0), cid.encode(), cmd.encode(), headers)
 
 
 def by_topic(outs):

@@ -8,19 +8,30 @@ import json
 import random
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import httpx
 import pytest
 from pydantic import SecretStr
 
+from infra.command_auth import authenticate_command
 from infra.launcher import wait_for
 from infra.local.webex import BackgroundServer, LocalWebexServer, person_id, sign
 from infra.settings import Settings, WebexSettings
-from jobs.bot.webex_bot import WEBHOOK_PATH, WebexBot, parse_callback, parse_command, strip_mention, verify_signature
+from jobs.bot.webex_bot import (
+    MAX_BODY_BYTES,
+    WEBHOOK_PATH,
+    Headers,
+    WebexBot,
+    parse_callback,
+    parse_command,
+    strip_mention,
+    verify_signature,
+)
 from schemas.records import BotCommand
 
-TOKEN, SECRET = "bot-token", "hook-secret"
+TOKEN, SECRET, SIGNING_KEY = "bot-token", "hook-secret", "command-signing-key"
 SECURITY_ROOM, SHOP_FLOOR = "room-security", "room-shop-floor"
 
 
@@ -59,6 +70,14 @@ def test_a_command_without_its_argument_says_what_is_missing() -> None:
     assert "does not look like" in parse_command("forget ../../etc").problem
 
 
+@pytest.mark.parametrize(
+    "text", ["checkout a/b", "forget subj-1/../../x", "fraud tx?reboot", "vip " + "t" * 124, "checkout " + "t" * 129]
+)
+def test_arguments_that_are_not_valid_ids_are_answered_not_published(text: str) -> None:
+    """The bot applies schemas.identifiers (also to the subject ``subj-<tx>`` that fraud/vip would create)."""
+    assert "does not look like" in (parse_command(text).problem or "")
+
+
 def test_mention_is_only_stripped_as_a_whole_word() -> None:
     assert strip_mention("Checkoutstatus", ("Checkout",)) == "Checkoutstatus"
 
@@ -82,9 +101,14 @@ def test_callback_parsing_rejects_what_is_not_a_message_webhook() -> None:
 
 class Harness:
     def __init__(
-        self, webex: LocalWebexServer, bot: WebexBot, server: BackgroundServer, published: list[BotCommand]
+        self,
+        webex: LocalWebexServer,
+        bot: WebexBot,
+        server: BackgroundServer,
+        published: list[BotCommand],
+        headers: list[Headers],
     ) -> None:
-        self.webex, self.bot, self.server, self.published = webex, bot, server, published
+        self.webex, self.bot, self.server, self.published, self.headers = webex, bot, server, published, headers
         self.url = server.base + WEBHOOK_PATH
 
     def replies(self, room: str) -> list[str]:
@@ -105,13 +129,20 @@ def harness() -> Iterator[Harness]:
                 public_url="http://127.0.0.1:1",
                 allowed_rooms=SECURITY_ROOM,
                 allowed_people="lead@store.test",
+                command_signing_key=SecretStr(SIGNING_KEY),
             )
         )
         published: list[BotCommand] = []
+        headers: list[Headers] = []
+
+        def publish(command: BotCommand, signature: Headers) -> None:
+            published.append(command)
+            headers.append(signature)
+
         # The bot's Webex client holds a connection per handler thread: closed once the receiver stopped.
         with WebexBot(
             settings,
-            publish=published.append,
+            publish=publish,
             status_text=lambda: "all healthy",
             inspect_checkout=lambda tx: f"face check of {tx}: no match",
         ) as bot:
@@ -119,7 +150,7 @@ def harness() -> Iterator[Harness]:
             try:
                 [hook] = wait_for(lambda: webex.state.webhooks, 10, what="the webhook registered on start")
                 webex.state.webhooks[0] = {**hook, "targetUrl": server.base + WEBHOOK_PATH}  # reachable in the test
-                yield Harness(webex, bot, server, published)
+                yield Harness(webex, bot, server, published, headers)
             finally:
                 server.stop()
 
@@ -160,14 +191,55 @@ def test_allow_listed_person_may_change_the_watchlist_from_any_room(harness: Har
     assert harness.published[0].verb == "FORGET"
 
 
-def test_checkout_and_status_answer_in_the_room_from_anyone(harness: Harness) -> None:
+def test_checkout_and_status_answer_only_allow_listed_rooms_and_people(harness: Harness) -> None:
+    """Both reveal watchlist data (subject ids, similarities, a fresh snapshot on demand, volumes)."""
+    fresh: list[str] = []
+    harness.bot.fresh_checkout = lambda tx: fresh.append(tx) or f"fresh snapshot of {tx}: no match"
     harness.say(SHOP_FLOOR, "cashier@store.test", "Checkout Guard checkout tx-5")
     harness.say(SHOP_FLOOR, "cashier@store.test", "status")
-    replies = wait_for(
-        lambda: len(harness.replies(SHOP_FLOOR)) == 2 and harness.replies(SHOP_FLOOR), 10, what="two replies"
+    refusals = wait_for(
+        lambda: len(harness.replies(SHOP_FLOOR)) == 2 and harness.replies(SHOP_FLOOR), 10, what="two refusals"
     )
-    assert set(replies) == {"face check of tx-5: no match", "all healthy"}
-    assert [c.verb for c in harness.published] == ["CHECKOUT", "STATUS"]
+    assert sorted(refusals) == [
+        "Sorry, `checkout` answers only in the store security room or to people on the allow-list.",
+        "Sorry, `status` answers only in the store security room or to people on the allow-list.",
+    ]
+    assert harness.published == [] and fresh == [], "a refused checkout still took a snapshot"
+    harness.say(SECURITY_ROOM, "guard@store.test", "Checkout Guard checkout tx-5")
+    harness.say(SHOP_FLOOR, "Lead@Store.test", "status")
+    replies = wait_for(
+        lambda: len(harness.replies(SECURITY_ROOM)) == 2 and harness.replies(SECURITY_ROOM), 10, what="the answers"
+    )
+    assert replies == ["face check of tx-5: no match", "fresh snapshot of tx-5: no match"]
+    wait_for(lambda: len(harness.replies(SHOP_FLOOR)) == 3, 10, what="the status for the lead")
+    assert harness.replies(SHOP_FLOOR)[-1] == "all healthy"
+    assert sorted(c.verb for c in harness.published) == ["CHECKOUT", "STATUS"] and fresh == ["tx-5"]
+
+
+def test_help_answers_anyone(harness: Harness) -> None:
+    harness.say(SHOP_FLOOR, "cashier@store.test", "help")
+    [reply] = wait_for(lambda: harness.replies(SHOP_FLOOR), 10, what="the help")
+    assert reply.startswith("**Checkout Guard** understands")
+
+
+def test_every_published_command_is_signed_so_the_watchlist_service_accepts_it(harness: Harness) -> None:
+    harness.say(SECURITY_ROOM, "guard@store.test", "fraud tx-42")
+    wait_for(lambda: harness.published, 10, what="the command")
+    [command], [headers] = harness.published, harness.headers
+    settings = harness.bot.settings.webex
+    authenticate_command(command, headers, settings, command.issued_at + 1000)  # raises when not accepted
+    with pytest.raises(ValueError, match="does not match"):
+        authenticate_command(replace(command, argument="tx-43"), headers, settings, command.issued_at + 1000)
+
+
+def test_without_a_signing_key_watchlist_changes_are_refused_and_nothing_is_published(harness: Harness) -> None:
+    harness.bot.signing_key = ""
+    harness.say(SECURITY_ROOM, "guard@store.test", "fraud tx-42")
+    [reply] = wait_for(lambda: harness.replies(SECURITY_ROOM), 10, what="the refusal")
+    assert reply.startswith("Sorry, watchlist changes are switched off") and harness.published == []
+    harness.say(SECURITY_ROOM, "guard@store.test", "status")  # what changes nothing still works, unsigned
+    wait_for(lambda: harness.published, 10, what="the status command")
+    assert harness.headers == [[]]
 
 
 def test_own_messages_are_ignored(harness: Harness) -> None:
@@ -274,7 +346,7 @@ def test_a_thousand_malformed_bodies_get_only_4xx_and_the_receiver_keeps_answeri
 
 
 def test_a_command_that_cannot_be_recorded_gets_an_apology_not_silence(harness: Harness) -> None:
-    def broken(_: BotCommand) -> None:
+    def broken(_: BotCommand, _headers: Headers) -> None:
         raise RuntimeError("command not confirmed by Kafka within 10 s")
 
     harness.bot.publish = broken
@@ -290,3 +362,21 @@ def test_replies_wait_out_a_rate_limit_and_a_server_error(harness: Harness) -> N
     wait_for(lambda: harness.replies(SECURITY_ROOM), 15, what="the reply after the failures")
     assert time.monotonic() - t0 >= 1.0  # Retry-After honoured
     assert harness.webex.state.requests["429"] == 1 and harness.webex.state.requests["500"] == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b"[" * 30_000 + b"]" * 30_000, 400),  # under the size cap: the parser's recursion limit
+        (b'{"a":' * 10_000 + b"1" + b"}" * 10_000, 400),
+        (b"[" * 100_000 + b"]" * 100_000, 413),  # 100,000 levels cannot fit under the cap
+    ],
+)
+def test_a_correctly_signed_deeply_nested_body_gets_a_4xx_never_a_500(
+    harness: Harness, body: bytes, status: int
+) -> None:
+    assert (len(body) <= MAX_BODY_BYTES) == (status == 400)
+    with httpx.Client(timeout=10) as client:
+        r = client.post(harness.url, content=body, headers={"X-Spark-Signature": sign(body, SECRET)})
+        assert r.status_code == status, r.text
+        assert client.get(harness.server.base + "/health").status_code == 200

@@ -1,0 +1,58 @@
+"""Signed bot commands: the Webex bot signs every ``BotCommand`` it publishes, the watchlist service
+applies only commands that verify.
+
+``commands`` may be writable by more than the bot (any producer with topic access), so the signature,
+not the topic, is what makes a command the bot's. Both sides share ``CG_WEBEX__COMMAND_SIGNING_KEY``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from infra.settings import WebexSettings
+from schemas.errors import InvalidRecord
+from schemas.records import BotCommand
+
+SIGNATURE_HEADER = "cg-signature"
+"""Kafka header of a signed BotCommand. A header, not a record field: the schema (and its fingerprint)
+stays as it is, and the signature covers the command's fields rather than one encoding of them."""
+SIGNATURE_DOMAIN = b"checkout-guard.bot-command.v1\n"
+"""Prefix of the signed bytes, so a signature made for anything else never verifies a command."""
+MAX_CLOCK_SKEW_MS = 60_000
+"""How far in the future ``issued_at`` may be (the bot's and this service's clocks differ a little)."""
+
+
+def command_signing_input(cmd: BotCommand) -> bytes:
+    """The bytes signed: every field in a fixed order as a JSON array, so no field can run into the next
+    and ``issued_at`` is covered (a copied command goes stale)."""
+    fields = [cmd.command_id, cmd.issued_at, cmd.verb, cmd.argument, cmd.actor, cmd.room_id, cmd.source]
+    return SIGNATURE_DOMAIN + json.dumps(fields, ensure_ascii=True, separators=(",", ":")).encode()
+
+
+def sign_command(cmd: BotCommand, key: str) -> bytes:
+    """The :data:`SIGNATURE_HEADER` value for ``cmd``: ``v1=`` + hex HMAC-SHA256 under ``key``."""
+    return b"v1=" + hmac.new(key.encode(), command_signing_input(cmd), hashlib.sha256).hexdigest().encode()
+
+
+def authenticate_command(
+    cmd: BotCommand, headers: Sequence[tuple[str, Any]], webex: WebexSettings, now_ms: int
+) -> None:
+    """Return when ``cmd`` is signed with the configured key, fresh, and from an allow-listed issuer;
+    else raise :class:`InvalidRecord` ``unauthorized`` (the reason says which check failed)."""
+    key = webex.command_signing_key.get_secret_value() if webex.command_signing_key else ""
+    if not key:
+        raise InvalidRecord("unauthorized", "no command signing key configured (CG_WEBEX__COMMAND_SIGNING_KEY)")
+    signatures = [value for name, value in headers if name == SIGNATURE_HEADER]
+    if len(signatures) != 1 or not isinstance(signatures[0], bytes):
+        raise InvalidRecord("unauthorized", f"command carries {len(signatures)} signatures, not one")
+    if not hmac.compare_digest(sign_command(cmd, key), signatures[0]):
+        raise InvalidRecord("unauthorized", "signature does not match")
+    age_ms = now_ms - cmd.issued_at
+    if age_ms > webex.command_max_age_s * 1000 or age_ms < -MAX_CLOCK_SKEW_MS:
+        raise InvalidRecord("unauthorized", f"issued {age_ms // 1000} s ago, outside the accepted window")
+    if not webex.is_allowed(cmd.room_id, cmd.actor):
+        raise InvalidRecord("unauthorized", "issuer is not on the allow-list")
