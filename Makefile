@@ -6,7 +6,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 LINT_DIRS := producers jobs sinks schemas infra tests
 
-.PHONY: help setup up down status topics reset lint check run test bench train backtest train-default replay backtest-stream
+.PHONY: help setup up down status topics reset lint check run test bench train backtest train-default replay backtest-stream redrive
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -66,3 +66,6 @@ replay: setup ## re-publish a topic range by offsets or time, e.g. make replay A
 
 backtest-stream: setup ## run a job copy with another rule set / model over a replayed range and compare (README)
 	@$(PY) -m jobs.flink.backtest_stream run $(ARGS)
+
+redrive: setup ## re-drive dead letters to their source topic, e.g. make redrive ARGS="--stage alert-sender --kind delivery_failed --dry-run"
+	@$(PY) -m producers.redrive $(ARGS)

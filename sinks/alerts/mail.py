@@ -2,7 +2,10 @@
 
 Both senders raise :class:`MailError` with ``retriable`` set from what the server said: SMTP 4xx,
 dropped connections, timeouts and SES throttling/5xx are worth another try; SMTP 5xx and SES
-``MessageRejected`` are not. Neither logs the message (it can carry a face snapshot).
+``MessageRejected`` are not. Those that say the *service* is unavailable rather than anything about
+the message (no connection, DNS, timeouts, SMTP 4xx, SES throttling/5xx) also set ``down``: the sender
+then waits for the server instead of spending the alert's attempts. Neither logs the message (it can
+carry a face snapshot).
 """
 
 from __future__ import annotations
@@ -24,9 +27,22 @@ from sinks.alerts.message import AlertText, message_id
 
 
 class MailError(CheckoutGuardError):
-    def __init__(self, reason: str, *, retriable: bool = True) -> None:
+    """A mail not sent. ``down``: the mail service is unavailable (try later, whatever the mail)."""
+
+    def __init__(self, reason: str, *, retriable: bool = True, down: bool = False) -> None:
         super().__init__(reason)
-        self.reason, self.retriable = reason, retriable
+        self.reason, self.retriable, self.down = reason, retriable, down and retriable
+
+
+def smtp_unavailable(exc: BaseException) -> bool:
+    """Whether an SMTP failure means the server cannot be reached or talked to now: refused, reset or
+    dropped connections, timeouts, DNS failures. Not the other ``SMTPException`` (an ``OSError`` too:
+    e.g. STARTTLS not offered) nor TLS errors (an untrusted certificate): waiting does not fix those."""
+    if isinstance(exc, smtplib.SMTPServerDisconnected):
+        return True
+    if isinstance(exc, smtplib.SMTPException | ssl.SSLError):
+        return False
+    return isinstance(exc, OSError)
 
 
 class Mailer(Protocol):
@@ -155,14 +171,18 @@ class SmtpMailer:
                 self._send_once(mail)
         except smtplib.SMTPResponseException as exc:
             self._drop()
-            raise MailError(f"SMTP {exc.smtp_code} {_text(exc.smtp_error)}", retriable=exc.smtp_code < 500) from exc
+            transient = exc.smtp_code < 500  # 4xx (421 service not available, 451, 452): try again later
+            raise MailError(
+                f"SMTP {exc.smtp_code} {_text(exc.smtp_error)}", retriable=transient, down=transient
+            ) from exc
         except smtplib.SMTPRecipientsRefused as exc:
             self._drop()
             codes = [code for code, _ in exc.recipients.values()]
-            raise MailError(f"SMTP recipients refused ({codes})", retriable=all(c < 500 for c in codes)) from exc
+            transient = all(c < 500 for c in codes)
+            raise MailError(f"SMTP recipients refused ({codes})", retriable=transient, down=transient) from exc
         except (smtplib.SMTPException, OSError) as exc:
             self._drop()
-            raise MailError(f"SMTP {type(exc).__name__}: {exc}"[:300]) from exc
+            raise MailError(f"SMTP {type(exc).__name__}: {exc}"[:300], down=smtp_unavailable(exc)) from exc
 
     def _send_once(self, mail: OutgoingMail) -> None:
         if getattr(self._local, "conn", None) is None:
@@ -205,7 +225,8 @@ class SesMailer:
         self.client = client or boto3.client("ses", region_name=region, endpoint_url=endpoint_url)
 
     def send(self, mail: OutgoingMail) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+        from botocore.exceptions import ConnectionError as EndpointUnreachable
 
         try:
             self.client.send_raw_email(
@@ -216,9 +237,11 @@ class SesMailer:
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            raise MailError(f"SES {code or status}", retriable=code in self.RETRIABLE_CODES or status >= 500) from exc
-        except BotoCoreError as exc:
-            raise MailError(f"SES {type(exc).__name__}") from exc
+            transient = code in self.RETRIABLE_CODES or status >= 500
+            raise MailError(f"SES {code or status}", retriable=transient, down=transient) from exc
+        except BotoCoreError as exc:  # unreachable or timing out: down; missing credentials and such: a failed try
+            down = isinstance(exc, EndpointUnreachable | HTTPClientError)
+            raise MailError(f"SES {type(exc).__name__}", down=down) from exc
 
     def close(self) -> None:
         """Close the client's connection pool (a client passed in stays the caller's)."""

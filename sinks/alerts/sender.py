@@ -13,9 +13,14 @@ How nothing is lost or doubled:
   posting again. SMTP has no such question, so that window resends the mail with the same Message-ID,
   which mail clients show once: at-least-once for mail, never lost.
 - **Independent channels.** Each channel has its own scheduler and ``concurrency`` sending threads: a
-  slow or failing channel only delays its own sends. 429 pauses that channel for ``Retry-After``;
-  errors back off exponentially (with jitter); after ``max_attempts`` failures, a permanent refusal
-  (4xx, SMTP 5xx) or ``deadline_s``, the alert's channel is given up and a dead letter says why.
+  slow or failing channel only delays its own sends. 429 pauses that channel for ``Retry-After``.
+  A channel that is *down* (refused or dropped connections, timeouts, DNS failures, SMTP 4xx, HTTP
+  5xx) says nothing about the alert, so it spends none of the alert's attempts: the whole channel
+  pauses, then one probe at a time tries again with capped exponential backoff until it answers, for
+  as long as each alert's ``deadline_s`` allows (an outage of minutes delays mail, it loses none).
+  Other errors back off exponentially (with jitter); after ``max_attempts`` of those, a permanent
+  refusal (HTTP 4xx, SMTP 5xx) or ``deadline_s``, the alert's channel is given up and a dead letter
+  says why (``python -m producers.redrive --stage alert-sender`` sends dead-lettered alerts again).
 - **Offsets.** An alert's offset is committed only when every channel delivered it or its dead letter
   is confirmed by Kafka, and only in offset order per partition; a crash replays from there and the
   ledger turns the replay into no-ops.
@@ -185,13 +190,22 @@ class Ledger:
 
 
 class DeliveryError(CheckoutGuardError):
-    """A send that did not go through. ``ambiguous``: it may have gone through anyway (timeout, 5xx)."""
+    """A send that did not go through. ``ambiguous``: it may have gone through anyway (timeout, 5xx).
+    ``down``: the channel itself is unavailable (unreachable, timing out, 5xx, SMTP 4xx) -- a fact about
+    the channel, not this alert, so it pauses the channel instead of spending the alert's attempts."""
 
     def __init__(
-        self, reason: str, *, retriable: bool = True, retry_after: float | None = None, ambiguous: bool = False
+        self,
+        reason: str,
+        *,
+        retriable: bool = True,
+        retry_after: float | None = None,
+        ambiguous: bool = False,
+        down: bool = False,
     ) -> None:
         super().__init__(reason)
         self.reason, self.retriable, self.retry_after, self.ambiguous = reason, retriable, retry_after, ambiguous
+        self.down = down and retriable
 
 
 class Channel(Protocol):
@@ -222,7 +236,7 @@ class EmailChannel:
         try:
             self.mailer.send(mail)
         except MailError as exc:
-            raise DeliveryError(exc.reason, retriable=exc.retriable) from exc
+            raise DeliveryError(exc.reason, retriable=exc.retriable, down=exc.down) from exc
         return mail.message_id
 
     def close(self) -> None:
@@ -262,11 +276,13 @@ class WebexChannel:
             attachment = Attachment("snapshot.jpg", image) if image else None
             return self.client.send_message(self.room_id, markdown, attachment).get("id")
         except WebexError as exc:
+            unavailable = exc.status is None or exc.status >= 500  # no answer, or the service failing
             raise DeliveryError(
                 exc.reason,
                 retriable=exc.retriable,
                 retry_after=exc.retry_after,
-                ambiguous=exc.status is None or exc.status >= 500,
+                ambiguous=unavailable,
+                down=unavailable,
             ) from exc
 
     def close(self) -> None:
@@ -338,12 +354,41 @@ def give_up_reason(task: Task, error: DeliveryError, now: float, delay: float, m
     if task.failures >= max_attempts:
         return f"{task.channel} failed {task.failures} times, last: {error.reason}"
     if now + delay > task.deadline:
+        if error.down:
+            return down_at_deadline(task.channel, error.reason)
         return f"{task.channel} still failing at the deadline after {task.failures} tries, last: {error.reason}"
     return None
 
 
+def down_at_deadline(channel: str, last_error: str) -> str:
+    return f"{channel} still unavailable at the deadline, last: {last_error}"
+
+
+class Clock:
+    """Monotonic seconds and waiting on a condition for some of them: what the channel scheduling reads
+    time through, so a test can run a minutes-long outage in milliseconds with a faster clock."""
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def wait(self, condition: threading.Condition, seconds: float | None) -> None:
+        condition.wait(seconds)
+
+
+MONOTONIC = Clock()
+
+
 class ChannelWorker:
-    """A channel's own queue (a heap by due time) and ``concurrency`` threads sending from it."""
+    """A channel's own queue (a heap by due time) and ``concurrency`` threads sending from it.
+
+    While the channel is down (a :class:`DeliveryError` with ``down``) it is paused and only one task
+    at a time goes out, as a probe; each failed probe doubles the pause (up to ``retry_max_s``), tasks
+    that cannot be tried before their deadline are given up, and the first answer from the channel
+    lets every thread send again.
+    """
+
+    MAX_WAIT_S = 1.0
+    """Longest a thread waits before looking at the queue again (a missed wake-up costs no more)."""
 
     def __init__(
         self,
@@ -353,17 +398,25 @@ class ChannelWorker:
         done: queue.SimpleQueue,
         image_loader: ImageLoader,
         rng: random.Random | None = None,
+        clock: Clock = MONOTONIC,
     ) -> None:
         self.channel, self.ledger, self.settings, self.done = channel, ledger, settings, done
         self.image_loader = image_loader
         self.backoff = Backoff(settings.retry_initial_s, settings.retry_max_s)
+        self.clock = clock
         self._rng = rng or random.Random()
         self._heap: list[tuple[float, int, Task]] = []
         self._seq = itertools.count()
         self._cv = threading.Condition()
         self._paused_until = 0.0
+        self._down_since: float | None = None
+        """When the channel was found down (None = up); while down, sends go out one probe at a time."""
+        self._probe: Task | None = None
+        self._probes_failed = 0
         self._stop = False
         self.sent = self.failed_tries = self.rate_limited = self.given_up = 0
+        self.unavailable = 0
+        """Sends that found the channel down (they spend no attempts)."""
         self._threads = [
             threading.Thread(target=self._run, name=f"{channel.name}-{i}", daemon=True)
             for i in range(max(1, settings.concurrency))
@@ -375,7 +428,7 @@ class ChannelWorker:
         """Queue ``task`` to run at ``at`` (monotonic; now by default). A task whose earlier attempt may
         have been delivered goes first: the sooner the room is searched, the fewer newer messages hide it."""
         if at is None:
-            at = 0.0 if task.maybe_sent else time.monotonic()
+            at = 0.0 if task.maybe_sent else self.clock.now()
         with self._cv:
             heapq.heappush(self._heap, (at, next(self._seq), task))
             self._cv.notify()
@@ -394,11 +447,16 @@ class ChannelWorker:
     def _next(self) -> Task | None:
         with self._cv:
             while not self._stop:
-                now = time.monotonic()
+                now = self.clock.now()
                 ready_at = max(self._heap[0][0], self._paused_until) if self._heap else None
-                if ready_at is not None and ready_at <= now:
-                    return heapq.heappop(self._heap)[2]
-                self._cv.wait(None if ready_at is None else min(ready_at - now, 1.0))
+                probing = self._down_since is not None and self._probe is not None
+                if ready_at is not None and ready_at <= now and not probing:
+                    task = heapq.heappop(self._heap)[2]
+                    if self._down_since is not None:
+                        self._probe = task
+                    return task
+                wait = None if ready_at is None else self.MAX_WAIT_S if probing else ready_at - now
+                self.clock.wait(self._cv, None if wait is None else min(wait, self.MAX_WAIT_S))
             return None
 
     def _run(self) -> None:
@@ -418,12 +476,29 @@ class ChannelWorker:
         except DeliveryError as exc:
             self._failed(task, exc)
             return
+        self._answered(task)
         self.ledger.mark_sent(alert_id, name, detail)
         self.sent += 1
         self.done.put(Outcome(task.key, True))
 
+    def _answered(self, task: Task) -> None:
+        """The channel answered ``task`` (accepted it or refused it for a reason of its own): it is up."""
+        with self._cv:
+            if self._probe is task:
+                self._probe = None
+            if self._down_since is None:
+                return
+            down_for = self.clock.now() - self._down_since
+            self._down_since, self._probes_failed = None, 0
+            self._cv.notify_all()
+        log.warning("%s: channel answers again after %.1fs down", self.channel.name, down_for)
+
     def _failed(self, task: Task, exc: DeliveryError) -> None:
-        now = time.monotonic()
+        if exc.down:
+            self._unavailable(task, exc)
+            return
+        self._answered(task)
+        now = self.clock.now()
         task.maybe_sent |= exc.ambiguous
         task.last_error = exc.reason
         if exc.retry_after is not None and exc.retriable:
@@ -439,9 +514,7 @@ class ChannelWorker:
             delay = self.backoff.delay(task.failures - 1, self._rng)
         reason = give_up_reason(task, exc, now, delay, self.settings.max_attempts)
         if reason is not None:
-            self.given_up += 1
-            log.warning("%s: giving up on %s: %s", self.channel.name, task.alert["alert_id"], reason)
-            self.done.put(Outcome(task.key, False, reason))
+            self._give_up(task, reason)
             return
         if task.failures and exc.retry_after is None:
             log.info(
@@ -453,6 +526,54 @@ class ChannelWorker:
                 delay,
             )
         self.submit(task, now + delay)
+
+    def _unavailable(self, task: Task, exc: DeliveryError) -> None:
+        """The channel is down: pause it (longer after each failed probe) and put ``task`` back, unless
+        the pause outlasts its deadline; no attempt is spent. Tasks whose deadline falls inside the pause
+        are given up now rather than after the outage."""
+        task.maybe_sent |= exc.ambiguous
+        task.last_error = exc.reason
+        self.unavailable += 1
+        expired: list[Task] = []
+        with self._cv:
+            now = self.clock.now()
+            first, probe = self._down_since is None, self._probe is task
+            if first or probe:  # the first failure, or a probe's: (longer) pause
+                if first:
+                    self._down_since = now
+                else:
+                    self._probes_failed += 1
+                self._probe = None
+                backoff = self.backoff.delay(self._probes_failed, self._rng)
+                pause = exc.retry_after if exc.retry_after is not None else backoff
+                self._paused_until = max(self._paused_until, now + pause)
+                expired = self._expire(self._paused_until)
+                self._cv.notify_all()
+            delay = max(0.0, self._paused_until - now)
+        if first:
+            log.warning("%s: channel down (%s); pausing it, probing until it answers", self.channel.name, exc.reason)
+        elif probe:
+            log.info("%s: still down (%s), next probe in %.1fs", self.channel.name, exc.reason, delay)
+        for gone in expired:
+            self._give_up(gone, down_at_deadline(self.channel.name, gone.last_error or exc.reason))
+        reason = give_up_reason(task, exc, now, delay, self.settings.max_attempts)
+        if reason is not None:
+            self._give_up(task, reason)
+            return
+        self.submit(task, now)
+
+    def _expire(self, until: float) -> list[Task]:
+        """Take the queued tasks whose deadline comes before ``until`` off the queue (lock held)."""
+        expired = [entry[2] for entry in self._heap if entry[2].deadline < until]
+        if expired:
+            self._heap = [entry for entry in self._heap if entry[2].deadline >= until]
+            heapq.heapify(self._heap)
+        return expired
+
+    def _give_up(self, task: Task, reason: str) -> None:
+        self.given_up += 1
+        log.warning("%s: giving up on %s: %s", self.channel.name, task.alert["alert_id"], reason)
+        self.done.put(Outcome(task.key, False, reason))
 
     def _image(self, alert: dict[str, Any]) -> bytes | None:
         ref = alert.get("snapshot_ref")
@@ -526,8 +647,10 @@ class AlertSender:
         group_id: str | None = None,
         commit_interval_s: float = 0.5,
         summary_interval_s: float = 30.0,
+        clock: Clock = MONOTONIC,
     ) -> None:
         self.settings = settings
+        self.clock = clock
         self.topic = ALERTS.full_name(settings.kafka.topic_prefix)
         self.dead_topic = DEAD_LETTERS.full_name(settings.kafka.topic_prefix)
         self.channels = channels if channels is not None else channels_from_settings(settings)
@@ -564,11 +687,15 @@ class AlertSender:
             for worker in self._workers.values():  # idempotent; no send is under way when its channel closes
                 closing.callback(worker.stop)
 
-    def _run(self, stop: threading.Event) -> SenderStats:
-        alerts = self.settings.alerts
+    def start_workers(self) -> None:
+        """One :class:`ChannelWorker` per channel (``run`` does this; tests that feed messages themselves too)."""
         self._workers = {
-            c.name: ChannelWorker(c, self.ledger, alerts, self._done, self.image_loader) for c in self.channels
+            c.name: ChannelWorker(c, self.ledger, self.settings.alerts, self._done, self.image_loader, clock=self.clock)
+            for c in self.channels
         }
+
+    def _run(self, stop: threading.Event) -> SenderStats:
+        self.start_workers()
         self._consumer = kafka_clients.consumer(
             self.settings,
             self.group_id,
@@ -654,7 +781,7 @@ class AlertSender:
             self._dead_letter(pending, dead_letter_for(message, alert.kind, alert.reason))
             return
         pending.alert = alert
-        deadline = time.monotonic() + self.settings.alerts.deadline_s
+        deadline = self.clock.now() + self.settings.alerts.deadline_s
         for name, worker in self._workers.items():
             key = (alert["alert_id"], name)
             if key in self._inflight:  # the same alert again while its send is under way: wait for that one

@@ -9,7 +9,7 @@ import typer
 import uvicorn
 
 from infra.settings import get_settings
-from sinks.dashboard.app import create_app
+from sinks.dashboard.app import DashboardConfigError, create_app
 
 cli = typer.Typer(add_completion=False, help="Serve the live Checkout Guard dashboard.")
 
@@ -24,10 +24,17 @@ def main(
     logging.getLogger("opensearch").setLevel(logging.WARNING)  # one line per request otherwise
     settings = get_settings()
     bind_host, bind_port = host or settings.dashboard.host, port or settings.dashboard.port
+    try:
+        app = create_app(settings, host=bind_host)
+    except DashboardConfigError as exc:
+        typer.echo(f"dashboard not started: {exc}", err=True)
+        raise typer.Exit(2) from None
+    login = "login required" if settings.dashboard.username or settings.dashboard.token else "no login: loopback only"
     typer.echo(
-        f"Checkout Guard dashboard on http://{bind_host}:{bind_port}/ (indices {settings.opensearch.index_prefix}-*)"
+        f"Checkout Guard dashboard on http://{bind_host}:{bind_port}/ "
+        f"(indices {settings.opensearch.index_prefix}-*, {login})"
     )
-    uvicorn.run(create_app(settings), host=bind_host, port=bind_port, log_level="warning")
+    uvicorn.run(app, host=bind_host, port=bind_port, log_level="warning")
 
 
 if __name__ == "__main__":

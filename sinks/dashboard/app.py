@@ -13,12 +13,23 @@ Endpoints (each takes ``minutes`` = window length, ``store`` = one store only, `
 
 Snapshots are looked up by alert id (the page never sees or sends image refs) and served only for
 alerts, which are the images the face pipeline retains; nothing logs image bytes.
+
+Login: alert ids are guessable and the snapshots are faces, so with ``dashboard.username``/``password``
+or ``dashboard.token`` set every request (pages, JSON, images, static files) needs HTTP Basic or
+``Authorization: Bearer <token>`` (401 with ``WWW-Authenticate`` otherwise; browsers ask for the login
+once and send it with the page's own requests). Without either, the app refuses to serve anywhere but
+a loopback address (``127.0.0.1``, ``localhost``, ``::1``).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import io
+import ipaddress
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,14 +40,18 @@ from opensearchpy import OpenSearch
 from opensearchpy.exceptions import TransportError
 from PIL import Image, UnidentifiedImageError
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, SimpleUser
+from starlette.middleware import Middleware
+from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from infra.clients.image_store import ImageStore
 from infra.clients.opensearch import make_client
-from infra.settings import Settings
+from infra.settings import DashboardSettings, Settings
+from schemas.errors import CheckoutGuardError
 from schemas.indices import index_name
 from sinks.dashboard.queries import (
     ALERT_FIELDS,
@@ -233,6 +248,91 @@ class _DashboardApi:
         )
 
 
-def create_app(settings: Settings, dashboard: Dashboard | None = None) -> Starlette:
-    """The ASGI app; ``dashboard`` is injectable so tests can point it at their own indices."""
-    return Starlette(routes=_DashboardApi(settings, dashboard or Dashboard(settings)).routes())
+# --------------------------------------------------------------------------- login
+
+REALM = "Checkout Guard"
+
+
+class DashboardConfigError(CheckoutGuardError, ValueError):
+    """A dashboard configuration that must not be served (no login off loopback, half a login)."""
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (``127.0.0.0/8``, ``::1``); anything else is reachable from outside."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _secret(value: Any) -> str | None:
+    """A ``SecretStr``'s value; empty counts as unset."""
+    return (value.get_secret_value() if value is not None else None) or None
+
+
+def check_exposure(dashboard: DashboardSettings, host: str) -> None:
+    """Raise :class:`DashboardConfigError` unless the dashboard may serve on ``host`` as configured."""
+    if bool(dashboard.username) != bool(_secret(dashboard.password)):
+        raise DashboardConfigError(
+            "dashboard login needs both CG_DASHBOARD__USERNAME and CG_DASHBOARD__PASSWORD (or neither)"
+        )
+    if dashboard.username or _secret(dashboard.token) or is_loopback(host):
+        return
+    raise DashboardConfigError(
+        f"the dashboard serves face snapshots and will not listen on {host!r} without a login: set "
+        "CG_DASHBOARD__USERNAME and CG_DASHBOARD__PASSWORD and/or CG_DASHBOARD__TOKEN, or bind it to 127.0.0.1"
+    )
+
+
+def _digest(value: str) -> bytes:
+    """Equal-length values to compare, so the comparison reveals neither content nor length."""
+    return hashlib.sha256(value.encode()).digest()
+
+
+class LoginBackend(AuthenticationBackend):
+    """HTTP Basic against the configured login, ``Bearer`` against the token; constant-time comparisons.
+    Any request without a valid one is an :class:`AuthenticationError` (a 401), whatever its path."""
+
+    def __init__(self, dashboard: DashboardSettings) -> None:
+        password, token = _secret(dashboard.password), _secret(dashboard.token)
+        self.login = (_digest(dashboard.username), _digest(password)) if dashboard.username and password else None
+        self.token = _digest(token) if token else None
+
+    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, SimpleUser]:
+        scheme, _, value = conn.headers.get("authorization", "").partition(" ")
+        scheme, value = scheme.lower(), value.strip()
+        if scheme == "bearer" and self.token is not None and secrets.compare_digest(_digest(value), self.token):
+            return AuthCredentials(["authenticated"]), SimpleUser("token")
+        if scheme == "basic" and self.login is not None:
+            try:
+                user, sep, password = base64.b64decode(value, validate=True).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                raise AuthenticationError("malformed Basic credentials") from None
+            user_ok = secrets.compare_digest(_digest(user), self.login[0])
+            password_ok = secrets.compare_digest(_digest(password), self.login[1])
+            if sep and user_ok and password_ok:
+                return AuthCredentials(["authenticated"]), SimpleUser(user)
+        raise AuthenticationError("login required")
+
+    def challenge(self, _conn: HTTPConnection, exc: AuthenticationError) -> Response:
+        """The 401: one ``WWW-Authenticate`` challenge per accepted scheme (Basic first, for browsers)."""
+        response = PlainTextResponse(f"{exc}\n", status_code=401, headers={"Cache-Control": "no-store"})
+        if self.login is not None:
+            response.headers.append("WWW-Authenticate", f'Basic realm="{REALM}", charset="UTF-8"')
+        if self.token is not None:
+            response.headers.append("WWW-Authenticate", f'Bearer realm="{REALM}"')
+        return response
+
+
+def create_app(settings: Settings, dashboard: Dashboard | None = None, *, host: str | None = None) -> Starlette:
+    """The ASGI app, behind the login when one is configured; ``dashboard`` is injectable so tests can
+    point it at their own indices. ``host``: the address it will listen on (default ``dashboard.host``);
+    raises :class:`DashboardConfigError` where it must not be served without a login."""
+    check_exposure(settings.dashboard, host or settings.dashboard.host)
+    backend = LoginBackend(settings.dashboard)
+    middleware = []
+    if backend.login is not None or backend.token is not None:
+        middleware.append(Middleware(AuthenticationMiddleware, backend=backend, on_error=backend.challenge))
+    return Starlette(routes=_DashboardApi(settings, dashboard or Dashboard(settings)).routes(), middleware=middleware)

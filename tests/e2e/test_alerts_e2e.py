@@ -288,7 +288,7 @@ def test_an_alert_a_channel_keeps_refusing_is_dead_lettered_while_the_other_chan
     name = f"e2edead{uuid.uuid4().hex[:6]}"
     settings = isolated(name)
     settings = settings.model_copy(update={"alerts": settings.alerts.model_copy(update={"max_attempts": 2})})
-    webex.state.fail((500,))
+    webex.state.fail((409,))  # a refusal spends attempts (a 5xx means "down": it waits)
     producer = Producer(settings.kafka.client_config())
     alert = Alert(
         alert_id=f"blocked:{name}",
@@ -311,6 +311,21 @@ def test_an_alert_a_channel_keeps_refusing_is_dead_lettered_while_the_other_chan
     assert Alert.decode(letter.payload).alert_id == alert.alert_id  # replayable as it was
     assert len(mails_to(mail_dir(settings.stack_dir), f"{name}@checkout-guard.test")) == 1
     assert webex.state.bot_messages(ROOM) == []
+
+    # Webex is back: re-driving the dead letter delivers the alert to Webex only; the ledger keeps the
+    # mail from going out twice, also when the re-drive is run a second time.
+    webex.state.heal()
+    sender = spawn("sinks.alerts.sender", settings, name=f"{name}-sender-2")
+    try:
+        for run in range(2):
+            redrive = spawn("producers.redrive", settings, "--stage", "alert-sender", name=f"{name}-redrive-{run}")
+            assert redrive.proc.wait(60) == 0, redrive.log_path.read_text()[-2000:]
+        wait_for(lambda: webex.state.bot_messages(ROOM), 60, what="the re-driven alert in the Webex room")
+        time.sleep(3)
+    finally:
+        sender.stop()
+    assert len(webex.state.bot_messages(ROOM)) == 1
+    assert len(mails_to(mail_dir(settings.stack_dir), f"{name}@checkout-guard.test")) == 1
 
 
 def test_bot_commands_reach_kafka_once_and_forged_or_unallowed_ones_never(

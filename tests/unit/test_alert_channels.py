@@ -162,10 +162,10 @@ def run_worker(
     return outcomes, ledger, worker
 
 
-def test_worker_retries_5xx_and_delivers_exactly_once(
+def test_worker_waits_out_5xx_without_spending_attempts_and_delivers_exactly_once(
     webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
 ) -> None:
-    settings = settings_for(webex, tmp_path)
+    settings = settings_for(webex, tmp_path, max_attempts=2)  # more 5xx than attempts: they must not count
     webex.state.fail((500, 503), count=3)
     [outcome], ledger, worker = run_worker(
         closer, webex_channel(closer, settings), settings, [Task(alert(), "webex", time.monotonic() + 30)]
@@ -173,7 +173,7 @@ def test_worker_retries_5xx_and_delivers_exactly_once(
     assert outcome.delivered
     assert len(webex.state.bot_messages(ROOM)) == 1
     assert ledger.state("blocked:tx-1", "webex") == "sent"
-    assert worker.failed_tries == 3
+    assert worker.unavailable == 3 and worker.failed_tries == 0
 
 
 def test_worker_pauses_the_channel_for_retry_after(webex: LocalWebexServer, tmp_path: Path, closer: ExitStack) -> None:
@@ -192,12 +192,12 @@ def test_worker_gives_up_with_a_reason_after_max_attempts(
     webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
 ) -> None:
     settings = settings_for(webex, tmp_path, max_attempts=3)
-    webex.state.fail((500,))
+    webex.state.fail((409,))  # retriable, but about this request: the channel is up, attempts count
     [outcome], ledger, _ = run_worker(
         closer, webex_channel(closer, settings), settings, [Task(alert(), "webex", time.monotonic() + 30)]
     )
     assert not outcome.delivered
-    assert "failed 3 times" in outcome.reason and "500" in outcome.reason
+    assert "failed 3 times" in outcome.reason and "409" in outcome.reason
     assert ledger.state("blocked:tx-1", "webex") == "sending"  # tried, never confirmed
 
 

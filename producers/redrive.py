@@ -1,0 +1,389 @@
+"""``python -m producers.redrive``: send dead letters back to the Kafka topic they came from.
+
+A dead letter keeps its input's bytes, key and source (``<topic>:<partition>:<offset>``), so once the
+cause is gone -- an SMTP server back after an outage, a fixed rule, a mapping that now exists -- the
+input can simply be consumed again. This command reads ``<prefix>dead_letters`` from its beginning up to
+its end at the moment it starts, keeps the letters of the chosen stage(s) (and kinds, time range of
+``failed_at``, source topics), and produces each payload with its key back to its source topic, to the
+partition it came from, with an idempotent producer (``acks=all``: a retried send is not doubled). Each
+copy carries a ``checkout-guard-redriven-from`` header naming its dead letter.
+
+Skipped and counted: letters whose payload was cut to fit (``payload_truncated``: the bytes are not
+the input any more), letters whose source is not a Kafka topic (the MQTT bridge's ``mqtt:`` ids, CSV
+rows' ``file:`` ids) or a topic the cluster does not have, and copies of an input already planned in
+this run (the same source record dead-lettered twice by a replay).
+
+Re-driving is at-least-once, like any replay: running it twice sends the records twice. That is safe
+because every consumer is idempotent by key -- for alerts, the sender's ledger records each ``(alert_id,
+channel)`` once it was delivered and skips it on every later copy, so a re-driven alert reaches only
+the channels that did not have it yet, and Webex is searched for the alert before posting when an
+earlier attempt may have got through.
+
+Run: ``python -m producers.redrive --stage alert-sender --kind delivery_failed [--since ISO] [--until
+ISO] [--source-topic alerts] [--limit N] [--dry-run]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import typer
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from rich.console import Console
+from rich.table import Table
+
+from infra.clients import kafka as kafka_clients
+from infra.clients.topic_replay import Bound, RangeError, parse_time_ms
+from infra.clients.topic_replay import plan as plan_ranges
+from infra.settings import Settings, get_settings
+from schemas.errors import InvalidRecord
+from schemas.records import DeadLetter
+from schemas.topics import ALL_TOPICS, DEAD_LETTERS
+
+console = Console()
+errors = Console(stderr=True)
+
+REDRIVEN_HEADER = "checkout-guard-redriven-from"
+KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+"""What Kafka accepts as a topic name; an MQTT topic (``/``) or a file path never matches."""
+NOT_KAFKA_PREFIXES = ("mqtt:", "file:")
+"""Dead-letter ids of inputs that did not come from a Kafka topic (the bridge's MQTT messages, CSV rows)."""
+
+REDRIVE = "re-driven"
+TRUNCATED = "skipped: payload truncated"
+NOT_KAFKA = "skipped: not from a Kafka topic"
+NO_TOPIC = "skipped: no such topic"
+DUPLICATE = "skipped: duplicate"
+OVER_LIMIT = "skipped: over --limit"
+OUTCOMES = (REDRIVE, TRUNCATED, NOT_KAFKA, NO_TOPIC, DUPLICATE, OVER_LIMIT)
+
+
+# ---------------------------------------------------------------------------- pure: choosing and planning
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which dead letters to re-drive: stage(s), and optionally kinds, ``failed_at`` in [since, until)
+    (epoch ms) and source topics (full names)."""
+
+    stages: frozenset[str]
+    kinds: frozenset[str] = frozenset()
+    since_ms: int | None = None
+    until_ms: int | None = None
+    source_topics: frozenset[str] = frozenset()
+
+    def matches(self, letter: DeadLetter) -> bool:
+        return (
+            letter.stage in self.stages
+            and (not self.kinds or letter.error_kind in self.kinds)
+            and (self.since_ms is None or letter.failed_at >= self.since_ms)
+            and (self.until_ms is None or letter.failed_at < self.until_ms)
+            and (not self.source_topics or letter.source_topic in self.source_topics)
+        )
+
+
+def source_is_kafka(letter: DeadLetter) -> bool:
+    """Whether the letter's input was a Kafka record (it has a topic, a partition and an offset)."""
+    return (
+        not letter.dead_letter_id.startswith(NOT_KAFKA_PREFIXES)
+        and letter.partition >= 0
+        and letter.offset >= 0
+        and KAFKA_TOPIC.fullmatch(letter.source_topic) is not None
+    )
+
+
+def is_truncated(letter: DeadLetter) -> bool:
+    """Whether the payload was cut to fit the dead-letters topic: ``payload_truncated``, or a recorded
+    whole size (``payload_size``, -1 = unknown) other than the bytes kept. Letters written before those
+    fields existed carry whole payloads."""
+    size = getattr(letter, "payload_size", -1)
+    cut = isinstance(size, int) and size >= 0 and size != len(letter.payload)
+    return bool(getattr(letter, "payload_truncated", False)) or cut
+
+
+@dataclass(frozen=True)
+class Send:
+    """One payload to produce again."""
+
+    dead_letter_id: str
+    topic: str
+    partition: int | None
+    """The partition it came from; None (by key) when the topic no longer has it."""
+    key: bytes | None
+    payload: bytes
+    failed_at: int
+    stage: str
+    kind: str
+
+
+@dataclass
+class RedrivePlan:
+    sends: list[Send] = field(default_factory=list)
+    counts: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    """``(stage, kind, outcome) -> letters``; outcome one of :data:`OUTCOMES`."""
+    read: int = 0
+    undecodable: int = 0
+
+
+def plan_redrive(
+    letters: Iterable[DeadLetter | InvalidRecord],
+    selection: Selection,
+    topics: Mapping[str, int],
+    limit: int | None = None,
+) -> RedrivePlan:
+    """The sends for the selected letters, oldest (``failed_at``) first, at most ``limit``; every selected
+    letter counted by stage, kind and outcome. ``topics``: the cluster's topics and their partition counts."""
+    plan = RedrivePlan()
+    planned: dict[tuple[str, bytes | None, str], Send] = {}
+    for letter in letters:
+        plan.read += 1
+        if isinstance(letter, InvalidRecord):
+            plan.undecodable += 1
+            continue
+        if not selection.matches(letter):
+            continue
+        outcome = _outcome(letter, topics)
+        if outcome == REDRIVE:
+            content = (letter.source_topic, letter.key, hashlib.sha256(letter.payload).hexdigest())
+            if content in planned:
+                outcome = DUPLICATE
+            else:
+                planned[content] = _send(letter, topics[letter.source_topic])
+        plan.counts[(letter.stage, letter.error_kind, outcome)] += 1
+    ordered = sorted(planned.values(), key=lambda s: (s.failed_at, s.dead_letter_id))
+    plan.sends = ordered if limit is None else ordered[: max(0, limit)]
+    for send in ordered[len(plan.sends) :]:
+        plan.counts[(send.stage, send.kind, REDRIVE)] -= 1
+        plan.counts[(send.stage, send.kind, OVER_LIMIT)] += 1
+    return plan
+
+
+def _outcome(letter: DeadLetter, topics: Mapping[str, int]) -> str:
+    if is_truncated(letter):
+        return TRUNCATED
+    if not source_is_kafka(letter):
+        return NOT_KAFKA
+    if letter.source_topic not in topics:
+        return NO_TOPIC
+    return REDRIVE
+
+
+def _send(letter: DeadLetter, partitions: int) -> Send:
+    return Send(
+        dead_letter_id=letter.dead_letter_id,
+        topic=letter.source_topic,
+        partition=letter.partition if letter.partition < partitions else None,
+        key=letter.key,
+        payload=letter.payload,
+        failed_at=letter.failed_at,
+        stage=letter.stage,
+        kind=letter.error_kind,
+    )
+
+
+def selection_from_options(
+    stages: list[str],
+    kinds: list[str] | None,
+    since: str | None,
+    until: str | None,
+    source_topics: list[str] | None,
+    topic_prefix: str,
+) -> Selection:
+    """CLI options -> a :class:`Selection`; a logical topic name (``alerts``) gets the topic prefix."""
+    logical = {spec.name for spec in ALL_TOPICS}
+    return Selection(
+        stages=frozenset(stages),
+        kinds=frozenset(kinds or ()),
+        since_ms=parse_time_ms(since) if since else None,
+        until_ms=parse_time_ms(until) if until else None,
+        source_topics=frozenset(f"{topic_prefix}{t}" if t in logical else t for t in source_topics or ()),
+    )
+
+
+def counts_table(plan: RedrivePlan, dry_run: bool) -> Table:
+    """One row per stage and kind, one column per outcome that occurred."""
+    outcomes = [o for o in OUTCOMES if any(n for (_, _, out), n in plan.counts.items() if out == o)]
+    rows = sorted({(stage, kind) for stage, kind, _ in plan.counts})
+    table = Table(title="dead letters selected" + (" (dry run: nothing sent)" if dry_run else ""), show_edge=False)
+    table.add_column("stage")
+    table.add_column("kind")
+    for outcome in outcomes:
+        table.add_column("would re-drive" if dry_run and outcome == REDRIVE else outcome, justify="right")
+    for stage, kind in rows:
+        table.add_row(stage, kind, *(f"{plan.counts[(stage, kind, o)]:,}" for o in outcomes))
+    return table
+
+
+# ---------------------------------------------------------------------------- Kafka
+
+
+def read_dead_letters(
+    settings: Settings, topic: str, idle_timeout_s: float = 30.0
+) -> Iterator[DeadLetter | InvalidRecord]:
+    """Every dead letter in ``topic`` from the beginning to its end when called (committed records only),
+    decoded; one that cannot be decoded comes as its :class:`InvalidRecord`."""
+    ranges = [r for r in plan_ranges(settings.kafka, topic, Bound(), Bound()) if r.size > 0]
+    ends = {r.partition: r.end for r in ranges}
+    if not ends:
+        return
+    consumer = kafka_clients.consumer(
+        settings,
+        f"checkout-guard-redrive-{uuid.uuid4().hex[:12]}",  # never committed: offsets are assigned
+        kafka_clients.READ_COMMITTED,
+        enable_partition_eof=True,
+        auto_offset_reset="earliest",
+    )
+    try:
+        consumer.assign([TopicPartition(topic, r.partition, r.start) for r in ranges])
+        last = time.monotonic()
+        while ends:
+            for message in consumer.consume(500, timeout=0.5):
+                if (letter := _take(message, ends)) is not None:
+                    last = time.monotonic()
+                    yield letter
+            _close_finished(consumer, topic, ends)
+            if ends and time.monotonic() - last > idle_timeout_s:
+                raise TimeoutError(f"no records from {topic} partitions {sorted(ends)} for {idle_timeout_s:.0f}s")
+    finally:
+        consumer.close()
+
+
+def _take(message: Message, ends: dict[int, int]) -> DeadLetter | InvalidRecord | None:
+    """The letter of one consumed message when it is in range; an end of partition closes the partition."""
+    partition = message.partition()
+    if partition not in ends:
+        return None
+    error = message.error()
+    if error is not None:
+        if error.code() == KafkaError._PARTITION_EOF:  # everything committed so far is read
+            del ends[partition]
+            return None
+        raise RuntimeError(f"reading dead letters [{partition}]: {error.str()}")
+    if (message.offset() or 0) >= ends[partition]:
+        del ends[partition]
+        return None
+    try:
+        return DeadLetter.decode(message.value() or b"")
+    except InvalidRecord as exc:  # a DecodeError too
+        return exc
+
+
+def _close_finished(consumer: Consumer, topic: str, ends: dict[int, int]) -> None:
+    """Close partitions read to their end (transaction markers can hide the last offsets from ``consume``)."""
+    for partition in list(ends):
+        if consumer.position([TopicPartition(topic, partition)])[0].offset >= ends[partition]:
+            del ends[partition]
+
+
+def cluster_topics(settings: Settings) -> dict[str, int]:
+    """The cluster's topics and their partition counts."""
+    admin = kafka_clients.admin(settings)
+    metadata = admin.list_topics(timeout=10)
+    return {name: len(t.partitions) for name, t in metadata.topics.items() if t.error is None}
+
+
+@dataclass
+class SendStats:
+    acked: int = 0
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def send_all(settings: Settings, sends: list[Send], timeout_s: float = 60.0) -> SendStats:
+    """Produce every planned send with an idempotent producer and wait for the acknowledgements."""
+    stats = SendStats()
+
+    def delivered(err: KafkaError | None, _message: Any) -> None:
+        if err is None:
+            stats.acked += 1
+            return
+        stats.failed += 1
+        if len(stats.errors) < 5 and err.str() not in stats.errors:
+            stats.errors.append(err.str())
+
+    producer = kafka_clients.producer(
+        settings, kafka_clients.RELIABLE, client_id="checkout-guard-redrive", partitioner="murmur2_random"
+    )
+    for send in sends:
+        kafka_clients.produce(
+            producer,
+            send.topic,
+            send.key,
+            send.payload,
+            delivered,
+            headers=[(REDRIVEN_HEADER, send.dead_letter_id.encode())],
+            partition=send.partition,
+        )
+        producer.poll(0)
+    unacked = producer.flush(timeout_s)
+    stats.failed += unacked
+    if unacked:
+        stats.errors.append(f"{unacked} not acknowledged within {timeout_s:.0f}s")
+    return stats
+
+
+# ---------------------------------------------------------------------------- CLI
+
+cli = typer.Typer(add_completion=False, help="Re-drive dead letters back to the Kafka topic they came from.")
+
+
+@cli.command()
+def main(
+    stage: Annotated[
+        list[str], typer.Option(help="Stage whose dead letters to re-drive (repeatable), e.g. alert-sender.")
+    ],
+    kind: Annotated[
+        list[str] | None, typer.Option(help="Only these error kinds (repeatable), e.g. delivery_failed.")
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Only letters dead-lettered at/after this time (ISO-8601, epoch ms, now).")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="Only letters dead-lettered before this time.")] = None,
+    source_topic: Annotated[
+        list[str] | None, typer.Option(help="Only letters from these topics (repeatable; logical or full names).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Re-drive at most this many (the oldest first).", min=0)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would be re-driven; send nothing.")] = False,
+) -> None:
+    """Read the dead letters up to now, choose, and produce the chosen payloads back to their source topics."""
+    settings = get_settings()
+    prefix = settings.kafka.topic_prefix
+    dead_topic = DEAD_LETTERS.full_name(prefix)
+    try:
+        selection = selection_from_options(stage, kind, since, until, source_topic, prefix)
+        topics = cluster_topics(settings)
+        plan = plan_redrive(read_dead_letters(settings, dead_topic), selection, topics, limit)
+    except (RangeError, TimeoutError, RuntimeError) as exc:
+        errors.print(str(exc), style="red", markup=False, highlight=False)
+        raise typer.Exit(2 if isinstance(exc, RangeError) else 1) from None
+    console.print(counts_table(plan, dry_run))
+    console.print(
+        f"{plan.read:,} dead letter(s) read from {dead_topic}"
+        + (f", {plan.undecodable:,} undecodable" if plan.undecodable else "")
+        + f"; {len(plan.sends):,} to re-drive",
+        markup=False,
+        highlight=False,
+    )
+    if dry_run or not plan.sends:
+        raise typer.Exit(0)
+    stats = send_all(settings, plan.sends)
+    console.print(
+        f"re-driven {stats.acked:,} of {len(plan.sends):,} ({stats.failed:,} failed)",
+        style="green" if stats.failed == 0 else "red",
+        markup=False,
+        highlight=False,
+    )
+    for error in stats.errors:
+        errors.print(f"delivery error: {error}", style="red", markup=False, highlight=False)
+    raise typer.Exit(0 if stats.failed == 0 else 1)
+
+
+if __name__ == "__main__":
+    cli()

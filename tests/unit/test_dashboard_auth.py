@@ -1,0 +1,144 @@
+"""The dashboard behind a login: with a user/password or a token configured, every page, JSON, image and
+static endpoint answers 401 with a challenge to anyone without them; with neither, it refuses to serve
+anywhere but loopback (its snapshots are faces, found by guessable alert ids)."""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+import pytest
+from PIL import Image
+from pydantic import SecretStr
+from starlette.testclient import TestClient
+from typer.testing import CliRunner
+
+import sinks.dashboard.__main__ as dashboard_main
+from infra.settings import DashboardSettings, Settings
+from sinks.dashboard.app import Dashboard, DashboardConfigError, check_exposure, create_app, is_loopback
+
+PATHS = (
+    "/",
+    "/alerts/blocked:tx-1",
+    "/static/app.js",
+    "/api/config",
+    "/api/overview",
+    "/api/alerts",
+    "/api/faces",
+    "/api/alerts/blocked:tx-1",
+    "/api/alerts/blocked:tx-1/snapshot",
+)
+
+
+def jpeg() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(out, format="JPEG")
+    return out.getvalue()
+
+
+class FakeSearch:
+    """Answers every search with one alert that has a snapshot, and empty aggregations."""
+
+    def search(self, index: str, body: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
+        source = {"alert_id": "blocked:tx-1", "snapshot_ref": "checkout/tx-1.jpg", "store_id": "S1"}
+        return {"hits": {"total": {"value": 1}, "hits": [{"_source": source}]}, "aggregations": {}}
+
+
+class Images:
+    def get(self, ref: str) -> bytes:
+        return jpeg()
+
+
+def served(host: str = "127.0.0.1", **login: Any) -> TestClient:
+    settings = Settings().model_copy(update={"dashboard": DashboardSettings(host=host, **login)})
+    board = Dashboard(settings, client=FakeSearch(), images=Images())  # type: ignore[arg-type]
+    return TestClient(create_app(settings, board), raise_server_exceptions=False)
+
+
+LOGIN = {"username": "manager", "password": SecretStr("s3cret pass"), "token": SecretStr("tok-123")}
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_anonymous_requests_get_a_401_with_a_challenge_on_every_endpoint(path: str) -> None:
+    client = served(**LOGIN)
+    answer = client.get(path)
+    assert answer.status_code == 401
+    challenges = answer.headers.get_list("www-authenticate")
+    assert challenges == ['Basic realm="Checkout Guard", charset="UTF-8"', 'Bearer realm="Checkout Guard"']
+    assert "image" not in answer.headers.get("content-type", "")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        basic("manager", "wrong"),
+        basic("someone", "s3cret pass"),
+        basic("manager", "s3cret pas"),
+        {"Authorization": "Bearer tok-1234"},
+        {"Authorization": "Bearer "},
+        {"Authorization": "Basic not-base64!"},
+        {"Authorization": "Digest manager"},
+    ],
+)
+def test_wrong_credentials_get_a_401(headers: dict[str, str]) -> None:
+    client = served(**LOGIN)
+    assert client.get("/api/alerts/blocked:tx-1/snapshot", headers=headers).status_code == 401
+
+
+def test_the_login_or_the_token_opens_pages_json_and_snapshots() -> None:
+    client = served(**LOGIN)
+    for headers in (basic("manager", "s3cret pass"), {"Authorization": "Bearer tok-123"}):
+        assert client.get("/", headers=headers).status_code == 200
+        assert client.get("/api/config", headers=headers).status_code == 200
+        assert client.get("/api/alerts/blocked:tx-1", headers=headers).status_code == 200
+        snapshot = client.get("/api/alerts/blocked:tx-1/snapshot", headers=headers)
+        assert snapshot.status_code == 200 and snapshot.headers["content-type"] == "image/jpeg"
+
+
+def test_a_token_alone_is_enough_and_then_basic_is_not_offered() -> None:
+    client = served(host="0.0.0.0", token=SecretStr("tok-123"))
+    answer = client.get("/api/overview")
+    assert answer.status_code == 401 and answer.headers.get_list("www-authenticate") == [
+        'Bearer realm="Checkout Guard"'
+    ]
+    assert client.get("/api/config", headers={"Authorization": "Bearer tok-123"}).status_code == 200
+    assert client.get("/api/config", headers=basic("x", "tok-123")).status_code == 401
+
+
+def test_without_a_login_the_dashboard_serves_on_loopback_only() -> None:
+    for host in ("0.0.0.0", "::", "192.168.1.20", "dashboard.example.com"):
+        with pytest.raises(DashboardConfigError, match="without a login"):
+            served(host=host)
+    for host in ("127.0.0.1", "localhost", "::1"):
+        assert served(host=host).get("/api/config").status_code == 200  # open, as before, on loopback
+    assert is_loopback("[::1]") and not is_loopback("0.0.0.0")
+    with pytest.raises(DashboardConfigError, match="both"):
+        check_exposure(DashboardSettings(username="manager"), "127.0.0.1")  # half a login is a mistake
+    with pytest.raises(DashboardConfigError):
+        check_exposure(DashboardSettings(token=SecretStr("")), "0.0.0.0")  # an empty token is no token
+
+
+def test_the_command_refuses_to_start_on_all_interfaces_without_a_login(monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[Any] = []
+    monkeypatch.setattr(dashboard_main.uvicorn, "run", lambda *a, **k: started.append((a, k)))
+    monkeypatch.delenv("CG_DASHBOARD__USERNAME", raising=False)
+    monkeypatch.delenv("CG_DASHBOARD__PASSWORD", raising=False)
+    monkeypatch.delenv("CG_DASHBOARD__TOKEN", raising=False)
+    dashboard_main.get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(dashboard_main.cli, ["--host", "0.0.0.0"])
+        assert result.exit_code == 2 and "without a login" in result.output
+        assert started == []
+        monkeypatch.setenv("CG_DASHBOARD__TOKEN", "tok-123")
+        dashboard_main.get_settings.cache_clear()
+        result = CliRunner().invoke(dashboard_main.cli, ["--host", "0.0.0.0"])
+        assert result.exit_code == 0, result.output
+        [(_, kwargs)] = started
+        assert kwargs["host"] == "0.0.0.0"
+    finally:
+        dashboard_main.get_settings.cache_clear()

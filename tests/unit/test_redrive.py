@@ -1,0 +1,340 @@
+"""Re-driving dead letters: which letters are chosen and where each payload goes (pure), the thin Kafka
+edges with stand-ins, and that re-driving an alert twice still delivers it once per channel."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import threading
+import time
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, Message, TopicPartition
+
+import producers.redrive as redrive
+from infra.clients.topic_replay import PartitionRange
+from infra.settings import AlertSettings, Settings
+from producers.redrive import (
+    DUPLICATE,
+    NO_TOPIC,
+    NOT_KAFKA,
+    OVER_LIMIT,
+    REDRIVE,
+    REDRIVEN_HEADER,
+    TRUNCATED,
+    Selection,
+    Send,
+    plan_redrive,
+    selection_from_options,
+    source_is_kafka,
+)
+from schemas.errors import InvalidRecord
+from schemas.records import Alert, DeadLetter, dead_letter
+from sinks.alerts.sender import AlertSender, Ledger, dead_letter_for
+
+TOPICS = {"alerts": 3, "transactions": 3, "processed_transactions": 1}
+
+
+def letter(
+    offset: int,
+    *,
+    topic: str = "alerts",
+    partition: int = 1,
+    stage: str = "alert-sender",
+    kind: str = "delivery_failed",
+    failed_at: int = 1_000,
+    payload: bytes | None = None,
+    dead_letter_id: str | None = None,
+) -> DeadLetter:
+    return dead_letter(
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        key=f"key-{offset}".encode(),
+        value=payload if payload is not None else f"payload-{offset}".encode(),
+        error=InvalidRecord(kind, "email failed 8 times"),
+        stage=stage,
+        failed_at=failed_at,
+        dead_letter_id=dead_letter_id,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CutLetter(DeadLetter):
+    """A letter whose payload was cut to fit (the fields newer dead letters carry)."""
+
+    payload_truncated: bool = True
+    payload_size: int | None = 2_000_000
+
+
+ALERT_SENDER = Selection(stages=frozenset({"alert-sender"}))
+
+
+def outcomes(plan: redrive.RedrivePlan) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for (_, _, outcome), n in plan.counts.items():
+        if n:
+            out[outcome] = out.get(outcome, 0) + n
+    return out
+
+
+def test_only_letters_of_the_chosen_stage_kind_time_and_topic_are_re_driven() -> None:
+    letters = [
+        letter(1, failed_at=1_000),
+        letter(2, failed_at=2_000),
+        letter(3, failed_at=3_000),
+        letter(4, kind="not_avro", failed_at=2_000),
+        letter(5, stage="opensearch-sink", topic="processed_transactions", partition=0, failed_at=2_000),
+        letter(6, topic="transactions", failed_at=2_000),
+    ]
+    selection = Selection(
+        stages=frozenset({"alert-sender"}),
+        kinds=frozenset({"delivery_failed"}),
+        since_ms=2_000,
+        until_ms=3_000,
+        source_topics=frozenset({"alerts"}),
+    )
+    plan = plan_redrive(letters, selection, TOPICS)
+    assert [s.dead_letter_id for s in plan.sends] == ["alerts:1:2"]
+    assert plan.read == 6 and dict(plan.counts) == {("alert-sender", "delivery_failed", REDRIVE): 1}
+    every_stage = Selection(stages=frozenset({"alert-sender", "opensearch-sink"}))
+    assert len(plan_redrive(letters, every_stage, TOPICS).sends) == 6
+
+
+def test_each_payload_goes_back_with_its_key_to_the_partition_it_came_from() -> None:
+    plan = plan_redrive(
+        [letter(7, partition=2), letter(8, topic="processed_transactions", partition=2, stage="alert-sender")],
+        ALERT_SENDER,
+        TOPICS,
+    )
+    first, second = plan.sends
+    assert (first.topic, first.partition, first.key, first.payload) == ("alerts", 2, b"key-7", b"payload-7")
+    assert (second.topic, second.partition) == ("processed_transactions", None)  # fewer partitions now: by key
+
+
+def test_truncated_payloads_and_inputs_that_were_not_kafka_records_are_skipped_and_counted() -> None:
+    mqtt = dead_letter(
+        topic="checkout-guard/cameras/Q2MV-S001-L01/zone",
+        partition=-1,
+        offset=-1,
+        key=None,
+        value=b"{}",
+        error=InvalidRecord("invalid", "bad"),
+        stage="alert-sender",
+        failed_at=1_000,
+        dead_letter_id="mqtt:checkout-guard/cameras/Q2MV-S001-L01/zone:abcdef",
+    )
+    csv_row = letter(9, topic="transactions", dead_letter_id="file:data/afd.csv:9")
+    base = letter(10)
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(DeadLetter)}
+    fields.pop("payload_truncated", None)
+    fields.pop("payload_size", None)
+    cut = CutLetter(**fields)
+    resized = CutLetter(**fields, payload_truncated=False)  # only its recorded size differs from the bytes
+    gone = letter(11, topic="deleted_topic")
+    plan = plan_redrive([mqtt, csv_row, cut, resized, gone, letter(12)], ALERT_SENDER, TOPICS)
+    assert [s.dead_letter_id for s in plan.sends] == ["alerts:1:12"]
+    assert outcomes(plan) == {NOT_KAFKA: 2, TRUNCATED: 2, NO_TOPIC: 1, REDRIVE: 1}
+    assert not source_is_kafka(mqtt) and not source_is_kafka(csv_row) and source_is_kafka(base)
+
+
+@pytest.mark.skipif(
+    "max_payload_bytes" not in inspect.signature(dead_letter).parameters, reason="dead letters are never cut yet"
+)
+def test_a_letter_the_builder_cut_to_fit_is_not_re_driven() -> None:
+    cut = dead_letter(
+        topic="alerts",
+        partition=0,
+        offset=1,
+        key=b"k",
+        value=b"x" * 100,
+        error=InvalidRecord("oversized", "too big"),
+        stage="alert-sender",
+        failed_at=1,
+        max_payload_bytes=10,  # type: ignore[call-arg]
+    )
+    plan = plan_redrive([DeadLetter.decode(cut.encode())], ALERT_SENDER, TOPICS)
+    assert plan.sends == [] and outcomes(plan) == {TRUNCATED: 1}
+
+
+def test_the_same_input_dead_lettered_twice_is_re_driven_once() -> None:
+    again = letter(1, failed_at=5_000)  # a replay of the sender dead-lettered the same offset again
+    copy = dead_letter(  # ... or the same alert (key and bytes) at another offset
+        topic="alerts",
+        partition=1,
+        offset=2,
+        key=b"key-1",
+        value=b"payload-1",
+        error=InvalidRecord("delivery_failed", "x"),
+        stage="alert-sender",
+        failed_at=6_000,
+    )
+    plan = plan_redrive([letter(1), again, copy], ALERT_SENDER, TOPICS)
+    assert [s.dead_letter_id for s in plan.sends] == ["alerts:1:1"]
+    assert outcomes(plan) == {REDRIVE: 1, DUPLICATE: 2}
+
+
+def test_limit_re_drives_the_oldest_and_counts_the_rest() -> None:
+    letters = [letter(i, failed_at=10_000 - i) for i in range(5)]
+    plan = plan_redrive(letters, ALERT_SENDER, TOPICS, limit=2)
+    assert [s.dead_letter_id for s in plan.sends] == ["alerts:1:4", "alerts:1:3"]
+    assert outcomes(plan) == {REDRIVE: 2, OVER_LIMIT: 3}
+
+
+def test_undecodable_dead_letters_are_counted_not_fatal() -> None:
+    plan = plan_redrive([InvalidRecord("not_avro", "x"), letter(1)], ALERT_SENDER, TOPICS)
+    assert plan.undecodable == 1 and len(plan.sends) == 1
+
+
+def test_options_become_a_selection_with_prefixed_topics_and_times() -> None:
+    selection = selection_from_options(
+        ["alert-sender"], ["delivery_failed"], "2026-01-01T00:00:00Z", "1767225601000", ["alerts", "x.y"], "t1-"
+    )
+    assert selection.source_topics == {"t1-alerts", "x.y"}
+    assert (selection.since_ms, selection.until_ms) == (1_767_225_600_000, 1_767_225_601_000)
+    assert selection_from_options(["s"], None, None, None, None, "").kinds == frozenset()
+
+
+def test_reading_stops_at_each_partitions_end_and_keeps_undecodable_letters() -> None:
+    ends = {0: 10, 1: 10}
+    good = letter(3)
+    assert redrive._take(Message(topic="dl", partition=0, offset=3, value=good.encode()), ends) == good
+    assert isinstance(redrive._take(Message(topic="dl", partition=0, offset=4, value=b"junk"), ends), InvalidRecord)
+    assert redrive._take(Message(topic="dl", partition=0, offset=10, value=good.encode()), ends) is None
+    eof = Message(topic="dl", partition=1, offset=7, error=KafkaError(KafkaError._PARTITION_EOF))
+    assert redrive._take(eof, ends) is None
+    assert ends == {}
+
+
+class RecordingProducer:
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.callbacks: list[Any] = []
+
+    def produce(self, topic: str, **kwargs: Any) -> None:
+        self.sent.append({"topic": topic, **kwargs})
+        self.callbacks.append(kwargs["on_delivery"])
+
+    def poll(self, _timeout: float) -> int:
+        return 0
+
+    def flush(self, _timeout: float) -> int:
+        for callback in self.callbacks:
+            callback(None, None)
+        self.callbacks.clear()
+        return 0
+
+
+def test_sends_carry_key_partition_and_the_dead_letter_id_through_an_idempotent_producer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    producer, presets = RecordingProducer(), []
+
+    def make(_settings: Any, *given: Any, **_overrides: Any) -> RecordingProducer:
+        presets.extend(given)
+        return producer
+
+    monkeypatch.setattr(redrive.kafka_clients, "producer", make)
+    sends = [Send("alerts:1:5", "alerts", 1, b"k", b"v", 1, "alert-sender", "delivery_failed")]
+    stats = redrive.send_all(Settings(), sends)
+    assert stats.acked == 1 and stats.failed == 0
+    assert any(p.get("enable.idempotence") for p in presets)
+    [sent] = producer.sent
+    assert (sent["topic"], sent["key"], sent["value"], sent["partition"]) == ("alerts", b"k", b"v", 1)
+    assert sent["headers"] == [(REDRIVEN_HEADER, b"alerts:1:5")]
+
+
+# --------------------------------------------------------------------------- re-driving twice
+
+
+class CountingChannel:
+    name, can_check_sent = "email", False
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.lock = threading.Lock()
+
+    def send(self, alert: dict[str, Any], image: bytes | None, maybe_sent: bool) -> str | None:
+        with self.lock:
+            self.sent.append(alert["alert_id"])
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def test_an_alert_re_driven_twice_is_delivered_once_per_channel_by_the_senders_ledger(tmp_path: Path) -> None:
+    channel = CountingChannel()
+    settings = Settings(stack_dir=tmp_path, alerts=AlertSettings(concurrency=2))
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    sender = AlertSender(settings, channels=[channel], ledger=ledger, image_loader=lambda ref: b"")
+    alert = Alert(
+        alert_id="blocked:tx-1", kind="BLOCKED_TRANSACTION", severity="high", event_time=0, store_id="S1", summary="x"
+    )
+    with closing(sender):
+        sender.start_workers()
+        for offset in (5, 9, 14):  # the original, then two re-driven copies at later offsets
+            sender._accept_batch([Message(topic="alerts", partition=0, offset=offset, value=alert.encode())])
+            deadline = time.monotonic() + 10
+            while ledger.state(alert.alert_id, "email") != "sent" and time.monotonic() < deadline:
+                time.sleep(0.01)
+            sender._drain_outcomes()
+        assert channel.sent == ["blocked:tx-1"]
+        assert sender.stats.skipped_channels == 2 and sender.stats.alerts_done == 3
+
+
+def test_the_alert_senders_dead_letter_of_a_delivery_failure_is_re_drivable() -> None:
+    alert = Alert(
+        alert_id="blocked:tx-1", kind="BLOCKED_TRANSACTION", severity="high", event_time=0, store_id="S1", summary="x"
+    )
+    message = Message(topic="alerts", partition=2, offset=40, key=b"blocked:tx-1", value=alert.encode())
+    letter_ = dead_letter_for(message, "delivery_failed", "email still unavailable at the deadline")
+    [send] = plan_redrive([DeadLetter.decode(letter_.encode())], ALERT_SENDER, TOPICS).sends
+    assert (send.topic, send.partition, send.key) == ("alerts", 2, b"blocked:tx-1")
+    assert Alert.decode(send.payload) == alert
+
+
+class ScriptedConsumer:
+    """Hands out the given messages in one batch, then nothing; position = the offset after the last one."""
+
+    def __init__(self, messages: list[Message]) -> None:
+        self.messages, self.assigned, self.closed = messages, [], False
+        self.read: dict[int, int] = {}
+
+    def assign(self, partitions: list[Any]) -> None:
+        self.assigned = [(tp.partition, tp.offset) for tp in partitions]
+
+    def consume(self, _n: int, timeout: float) -> list[Message]:
+        batch, self.messages = self.messages, []
+        for m in batch:
+            if m.error() is None:
+                self.read[m.partition()] = m.offset() + 1
+        return batch
+
+    def position(self, partitions: list[Any]) -> list[Any]:
+        return [TopicPartition(tp.topic, tp.partition, self.read.get(tp.partition, -1001)) for tp in partitions]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_dead_letters_are_read_from_the_start_to_the_end_at_the_time_of_the_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ranges = [PartitionRange(0, 2, 4, 2, 4), PartitionRange(1, 0, 0, 0, 0), PartitionRange(2, 0, 1, 0, 1)]
+    monkeypatch.setattr(redrive, "plan_ranges", lambda *_args: ranges)
+    consumer = ScriptedConsumer(
+        [
+            Message(topic="dl", partition=0, offset=2, value=letter(2).encode()),
+            Message(topic="dl", partition=2, offset=0, value=letter(0).encode()),
+            Message(topic="dl", partition=0, offset=3, value=letter(3).encode()),
+        ]
+    )
+    monkeypatch.setattr(redrive.kafka_clients, "consumer", lambda *_a, **_k: consumer)
+    read = list(redrive.read_dead_letters(Settings(), "dl", idle_timeout_s=5))
+    assert read == [letter(2), letter(0), letter(3)]
+    assert consumer.assigned == [(0, 2), (2, 0)] and consumer.closed  # the empty partition is not read
