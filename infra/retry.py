@@ -1,7 +1,8 @@
 """Retrying, in one place: the ``Retry-After`` parser, the jittered backoff, and a tenacity-based
 "call again on a retriable error, honour Retry-After, within a deadline" helper.
 
-- :func:`parse_retry_after` reads an HTTP ``Retry-After`` header (delta-seconds or an HTTP date).
+- :func:`parse_retry_after` reads an HTTP ``Retry-After`` header (delta-seconds or an HTTP date), never
+  more than a cap: a server (or anyone in between) must not be able to park a client for hours.
 - :class:`Backoff` is exponential with equal jitter, for loops that schedule their own retries (the
   OpenSearch sink's bulk retries, the alert sender's per-channel queue, ...).
 - :func:`call_with_retries` runs a call until it succeeds, the error is not retriable, the attempts are
@@ -24,10 +25,29 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_at
 T = TypeVar("T")
 
 
-def parse_retry_after(value: str | None, default: float, *, now: Callable[[], float] = time.time) -> float:
+RETRY_AFTER_MAX_S = 60.0
+"""Default cap of a ``Retry-After`` wait: long enough for any rate limit we meet (Meraki, Webex: seconds),
+short enough that a hostile or broken header ("86400", a date next year) cannot stop a channel."""
+
+
+def parse_retry_after(
+    value: str | None,
+    default: float,
+    *,
+    maximum_s: float = RETRY_AFTER_MAX_S,
+    now: Callable[[], float] = time.time,
+) -> float:
     """Seconds to wait from a ``Retry-After`` header: delta-seconds (``"7"``; fractions are accepted) or
     an HTTP date (``"Wed, 21 Oct 2026 07:28:00 GMT"``; one already past = 0). Missing, empty, negative,
-    non-finite or unparseable -> ``default``. ``now``: wall clock (epoch seconds) for the date form."""
+    non-finite or unparseable -> ``default``. The result is never more than ``maximum_s`` (pass the
+    caller's remaining deadline to wait no longer than it allows) and never negative. ``now``: wall
+    clock (epoch seconds) for the date form."""
+    seconds = _retry_after(value, default, now)
+    cap = maximum_s if maximum_s >= 0 else 0.0  # NaN or negative: no wait at all
+    return min(seconds, cap) if seconds >= 0 else 0.0  # a NaN or negative default: 0
+
+
+def _retry_after(value: str | None, default: float, now: Callable[[], float]) -> float:
     if value is None or not value.strip():
         return default
     try:
@@ -38,11 +58,14 @@ def parse_retry_after(value: str | None, default: float, *, now: Callable[[], fl
         return seconds if math.isfinite(seconds) and seconds >= 0 else default
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return default
     if when.tzinfo is None:  # "-0000" or an asctime date: HTTP dates are always GMT
         when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - now())
+    try:
+        return max(0.0, when.timestamp() - now())
+    except (OverflowError, ValueError, OSError):
+        return default
 
 
 @dataclass(frozen=True)

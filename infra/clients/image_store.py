@@ -5,6 +5,11 @@ records instead of image bytes. Checkout/entrance snapshots that matched nobody 
 we have no reason to keep: ``purge`` deletes them after the retention period unless ``retain`` was
 called (a match or an alert). Reference images (enrolled subjects) are never purged, only deleted
 by ``forget``. Nothing here logs image bytes.
+
+Refs arrive in records (alerts, commands), so a ref is checked before it is used: a local ref names a
+known kind and a plain file name in it (no ``..``, no ``/``, nothing absolute: never a path outside the
+image folder), an S3 ref one of the configured buckets (``checkout_bucket``, ``suspects_bucket``,
+``extra_image_buckets``). Anything else is :class:`InvalidRecord` (``invalid_image_ref``, a ValueError).
 """
 
 from __future__ import annotations
@@ -19,22 +24,27 @@ from urllib.parse import quote
 
 from infra.clock import now_ms
 from infra.settings import Settings
+from schemas.errors import InvalidRecord
 
 KINDS = ("checkout", "entrance", "reference")
 PURGEABLE = ("checkout", "entrance")
-_KEY_RE = re.compile(r"^[A-Za-z0-9_:@%-][A-Za-z0-9._:@%-]{0,254}$")
+_KEY_RE = re.compile(r"[A-Za-z0-9_:@%-][A-Za-z0-9._:@%-]{0,254}")
+"""A file/object name: never ``.``/``..`` or hidden (first character), no ``/``, ``\\``, NUL or newline."""
+INVALID_REF = "invalid_image_ref"
 
 
 def _check(kind: str, key: str) -> None:
+    """``InvalidRecord`` unless ``kind`` is known and ``key`` one plain name (the reason never quotes a key:
+    it may be a hostile payload, and it is logged)."""
     if kind not in KINDS:
-        raise ValueError(f"unknown image kind {kind!r}")
-    if not _KEY_RE.match(key):
-        raise ValueError(f"bad image key {key!r}")
+        raise InvalidRecord(INVALID_REF, f"unknown image kind (allowed: {', '.join(KINDS)})")
+    if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
+        raise InvalidRecord(INVALID_REF, f"image key is not a plain name (allowed: {_KEY_RE.pattern})")
 
 
 def safe_key(key: str) -> str:
     """Keys as file/object names: ids that are already safe stay readable, others are %-quoted."""
-    if _KEY_RE.match(key):
+    if _KEY_RE.fullmatch(key):
         return key
     quoted = quote(key, safe="").replace(".", "%2E")
     if not quoted or len(quoted) > 255:
@@ -89,11 +99,15 @@ class LocalImageStore(ImageStore):
             (self.root / kind).mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def _path(self, ref: str) -> Path:
-        if not ref.startswith(self.PREFIX):
-            raise ValueError(f"not a local image ref: {ref!r}")
+        """The file of ``ref``; ``InvalidRecord`` for anything but ``file:<kind>/<one name>``."""
+        if not isinstance(ref, str) or not ref.startswith(self.PREFIX):
+            raise InvalidRecord(INVALID_REF, "not a local image ref (file:<kind>/<key>)")
         kind, _, key = ref[len(self.PREFIX) :].partition("/")
         _check(kind, key)
-        return self.root / kind / key
+        path = self.root / kind / key
+        if path.parent != self.root / kind:  # _check already ensures it; a second lock on the same door
+            raise InvalidRecord(INVALID_REF, "image ref leaves its folder")
+        return path
 
     def put(self, kind: str, key: str, data: bytes) -> str:
         """Write atomically (temp file + rename), so a reader never sees half an image."""
@@ -173,6 +187,9 @@ class S3ImageStore(ImageStore):
 
         f = settings.faces
         self.buckets = {"checkout": f.checkout_bucket, "entrance": f.checkout_bucket, "reference": f.suspects_bucket}
+        self.allowed_buckets = frozenset(
+            [*self.buckets.values(), *(b.strip() for b in f.extra_image_buckets.split(",") if b.strip())]
+        )
         creds: dict[str, Any] = {}
         if f.aws_access_key_id and f.aws_secret_access_key:
             creds = {
@@ -188,9 +205,13 @@ class S3ImageStore(ImageStore):
             self.s3.create_bucket(Bucket=bucket)
 
     def _split(self, ref: str) -> tuple[str, str, str]:
-        if not ref.startswith("s3://"):
-            raise ValueError(f"not an S3 image ref: {ref!r}")
+        """``(bucket, object key, kind)`` of ``s3://<bucket>/<kind>/<key>``; ``InvalidRecord`` for a bucket
+        that is not configured (the store's credentials must not read or delete anyone else's objects)."""
+        if not isinstance(ref, str) or not ref.startswith("s3://"):
+            raise InvalidRecord(INVALID_REF, "not an S3 image ref (s3://<bucket>/<kind>/<key>)")
         bucket, _, obj = ref[5:].partition("/")
+        if bucket not in self.allowed_buckets:
+            raise InvalidRecord(INVALID_REF, "image ref names a bucket that is not configured")
         kind, _, key = obj.partition("/")
         _check(kind, key)
         return bucket, obj, kind

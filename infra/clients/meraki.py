@@ -8,6 +8,11 @@ timestamp`` until the footage is stored (retry, optionally fall back to "now"), 
 on a transaction is never held longer than it allowed. Every failure is a :class:`SnapshotError` whose
 ``kind`` and message say what happened (they end up as ``face: unavailable`` reasons).
 
+The API key can do far more than take snapshots (reboot a device, change a network), so nothing from a
+record reaches a URL unchecked: serials must match :data:`schemas.identifiers.SERIAL_RE` and are
+escaped as one path segment anyway, the camera map refuses store/lane ids that are not names, and the
+snapshot URL the API answers is fetched only from an allow-listed host (``CG_CAMERAS__SNAPSHOT_HOSTS``).
+
 The same client talks to the real Dashboard (``CG_CAMERAS__BASE_URL=https://api.meraki.com/api/v1``)
 and to the local camera (``infra.local.camera``), the default.
 """
@@ -15,20 +20,25 @@ and to the local camera (``infra.local.camera``), the default.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
 
 import httpx
 
+from infra.clients.urls import path_segment
 from infra.retry import parse_retry_after
 from infra.settings import CameraSettings, Settings
-from schemas.errors import CheckoutGuardError
+from schemas.errors import CheckoutGuardError, InvalidRecord
+from schemas.identifiers import NAME_RE, SERIAL_RE, check_name, check_serial
 
 API_KEY_HEADER = "X-Cisco-Meraki-API-Key"
 NO_VIDEO = "No video for specified timestamp"
 ENTRANCE = "ENTRANCE"
+MERAKI_DOMAIN = "meraki.com"
+"""Snapshot URLs of the real Dashboard live on other hosts of this domain (the API reference's example
+answer is on ``spn4.meraki.com``), so an API base on it allows ``*.meraki.com`` by default."""
 _NOT_READY = frozenset({202, 403, 404})
 """What a snapshot URL answers while the image is being stored (S3-style 403/404, or 202)."""
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -66,30 +76,71 @@ def _maps(cameras: CameraSettings) -> tuple[dict[tuple[str, str], str], dict[str
 
 
 def camera_for_lane(settings: Settings, store_id: str, lane_id: str) -> str:
-    """Serial of the camera over a checkout lane (explicit map, else ``Q2MV-<store>-<lane>``)."""
+    """Serial of the camera over a checkout lane (explicit map, else ``Q2MV-<store>-<lane>``).
+
+    Ids that are not names (:data:`schemas.identifiers.NAME_RE`) raise ``InvalidRecord`` (``invalid_id``):
+    a serial built from ``x/../Q2XX-VICTIM-0001/reboot?`` must never exist.
+    """
+    check_name(store_id, "store_id")
+    check_name(lane_id, "lane_id")
     lanes, _, _ = _maps(settings.cameras)
     return lanes.get((store_id, lane_id)) or f"Q2MV-{store_id}-{lane_id}"
 
 
 def entrance_camera(settings: Settings, store_id: str) -> str:
-    """Serial of a store's entrance camera (explicit map, else ``Q2MV-<store>-ENTRANCE``)."""
+    """Serial of a store's entrance camera (explicit map, else ``Q2MV-<store>-ENTRANCE``); ``InvalidRecord``
+    for a store id that is not a name."""
+    check_name(store_id, "store_id")
     _, entrances, _ = _maps(settings.cameras)
     return entrances.get(store_id) or f"Q2MV-{store_id}-{ENTRANCE}"
 
 
 def camera_location(settings: Settings, serial: str) -> Location | None:
-    """``(store_id, lane_id)`` a camera watches, ``lane_id`` None for an entrance; None if unknown."""
+    """``(store_id, lane_id)`` a camera watches, ``lane_id`` None for an entrance; None if unknown (which
+    includes a serial that is no valid serial, or one whose store/lane part is no valid name)."""
+    if not isinstance(serial, str) or SERIAL_RE.fullmatch(serial) is None:
+        return None
     _, _, where = _maps(settings.cameras)
     if serial in where:
         return where[serial]
     if serial.startswith("Q2MV-"):
         rest = serial[len("Q2MV-") :]
         if rest.endswith(f"-{ENTRANCE}") and len(rest) > len(ENTRANCE) + 1:
-            return rest[: -len(ENTRANCE) - 1], None
+            return _named(rest[: -len(ENTRANCE) - 1], None)
         store_id, sep, lane_id = rest.rpartition("-lane-")
         if sep and store_id and lane_id:
-            return store_id, f"lane-{lane_id}"
+            return _named(store_id, f"lane-{lane_id}")
     return None
+
+
+def _named(store_id: str, lane_id: str | None) -> Location | None:
+    names = [store_id] if lane_id is None else [store_id, lane_id]
+    return (store_id, lane_id) if all(NAME_RE.fullmatch(n) for n in names) else None
+
+
+def _host_allowed(host: str, patterns: Iterable[str]) -> bool:
+    """``host`` equals a pattern, or is a subdomain of a ``*.domain`` pattern (case-insensitive)."""
+    host = host.lower().rstrip(".")
+    for pattern in patterns:
+        if pattern.startswith("*."):
+            if host.endswith(pattern[1:]) and len(host) > len(pattern) - 1:
+                return True
+        elif host == pattern:
+            return True
+    return False
+
+
+def snapshot_hosts(cameras: CameraSettings, base_url: str) -> tuple[str, ...]:
+    """The hosts a snapshot URL may point at: ``snapshot_hosts`` when set, else the API base URL's host
+    (the local camera serves both from one address) plus ``*.meraki.com`` for a Dashboard on meraki.com."""
+    configured = [p.strip().lower().rstrip(".") for p in cameras.snapshot_hosts.split(",") if p.strip()]
+    if configured:
+        return tuple(configured)
+    host = (httpx.URL(base_url).host or "").lower().rstrip(".")
+    hosts = [host] if host else []
+    if host == MERAKI_DOMAIN or host.endswith(f".{MERAKI_DOMAIN}"):
+        hosts.append(f"*.{MERAKI_DOMAIN}")
+    return tuple(hosts)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,8 +148,8 @@ def camera_location(settings: Settings, serial: str) -> Location | None:
 
 
 class SnapshotError(CheckoutGuardError, RuntimeError):
-    """No image. ``kind``: deadline | no_video | not_ready | rate_limited | server_error | http_error |
-    transport | empty | wrong_type | too_large | not_jpeg."""
+    """No image. ``kind``: invalid_serial | untrusted_url | deadline | no_video | not_ready | rate_limited |
+    server_error | http_error | transport | empty | wrong_type | too_large | not_jpeg."""
 
     def __init__(self, kind: str, reason: str) -> None:
         super().__init__(f"{kind}: {reason}")
@@ -154,7 +205,8 @@ class MerakiClient:
     """Snapshots through the Dashboard API. Thread-safe (one pooled ``httpx.Client``).
 
     ``http`` is for tests and custom transports; ``sleep``/``clock`` let a caller observe the waits.
-    The API key is sent only to the Dashboard API, never to the snapshot URL (another host).
+    The API key is sent only to the Dashboard API, never to the snapshot URL (another host), and that URL
+    is fetched only from an allowed host (:func:`snapshot_hosts`).
     """
 
     def __init__(
@@ -174,6 +226,9 @@ class MerakiClient:
         )
         self._sleep = sleep
         self._clock = clock
+        self._snapshot_hosts = snapshot_hosts(cameras, self.base_url)
+        self._snapshot_schemes = {"https", httpx.URL(self.base_url).scheme}
+        """https always; plain http only where the API itself is (the local camera)."""
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: object) -> MerakiClient:
@@ -191,7 +246,12 @@ class MerakiClient:
     # -- public ------------------------------------------------------------------------------------
 
     def snapshot(self, serial: str, timestamp_ms: int | None = None, deadline_s: float | None = None) -> Snapshot:
-        """The camera's image at ``timestamp_ms`` (None = now), or :class:`SnapshotError`."""
+        """The camera's image at ``timestamp_ms`` (None = now), or :class:`SnapshotError`; a serial that is
+        no valid serial is ``invalid_serial`` before any request."""
+        try:
+            check_serial(serial)
+        except InvalidRecord as exc:
+            raise SnapshotError("invalid_serial", exc.reason) from None
         started = self._clock()
         budget = _Budget(self.cfg.deadline_s if deadline_s is None else deadline_s, self._clock)
         counts = {"api": 0, "polls": 0}
@@ -259,7 +319,7 @@ class MerakiClient:
             if stream and (response.status_code == 429 or response.status_code >= 500):
                 response.close()
             if response.status_code == 429:
-                self._wait(parse_retry_after(response.headers.get("Retry-After"), 1.0), budget)
+                self._rate_limited(response, budget)
                 continue
             if response.status_code >= 500:
                 attempt += 1
@@ -272,12 +332,20 @@ class MerakiClient:
                 continue
             return response
 
+    def _rate_limited(self, response: httpx.Response, budget: _Budget) -> None:
+        """Wait ``Retry-After`` (capped); a wait longer than the deadline allows fails now, not at the end."""
+        left = budget.check("rate limited")
+        wait = parse_retry_after(response.headers.get("Retry-After"), 1.0)
+        if wait > left:
+            raise SnapshotError("rate_limited", f"Retry-After {wait:.1f} s is past the deadline ({left:.1f} s left)")
+        self._wait(wait, budget)
+
     def _generate(self, serial: str, ts: int | None, budget: _Budget, counts: dict[str, int]) -> str:
         body: dict[str, object] = {} if ts is None else {"timestamp": iso_timestamp(ts)}
         counts["api"] += 1
         response = self._request(
             "POST",
-            f"{self.base_url}/devices/{serial}/camera/generateSnapshot",
+            f"{self.base_url}/devices/{path_segment(serial)}/camera/generateSnapshot",
             budget,
             "requesting a snapshot",
             json=body,
@@ -290,11 +358,29 @@ class MerakiClient:
                 raise SnapshotError("http_error", "generateSnapshot answered without a url") from None
             if not isinstance(url, str) or not url.startswith(("http://", "https://")):
                 raise SnapshotError("http_error", "generateSnapshot answered an invalid url")
+            self._check_snapshot_url(url)
             return url
         detail = _errors(response)
         if response.status_code == 400 and NO_VIDEO.lower() in detail.lower():
             raise SnapshotError("no_video", NO_VIDEO)
         raise SnapshotError("http_error", f"generateSnapshot HTTP {response.status_code}: {detail}")
+
+    def _check_snapshot_url(self, url: str) -> None:
+        """Refuse a snapshot URL we would not fetch: another scheme, credentials in it, another host. The
+        reason names the host (not the URL, whose path is a bearer token for the image)."""
+        try:
+            parsed = httpx.URL(url)
+        except (httpx.InvalidURL, ValueError):
+            raise SnapshotError("untrusted_url", "generateSnapshot answered a URL that does not parse") from None
+        if parsed.scheme not in self._snapshot_schemes:
+            raise SnapshotError("untrusted_url", f"snapshot URL scheme {parsed.scheme!r} is not allowed")
+        if parsed.userinfo:
+            raise SnapshotError("untrusted_url", "snapshot URL carries credentials")
+        if not parsed.host or not _host_allowed(parsed.host, self._snapshot_hosts):
+            raise SnapshotError(
+                "untrusted_url",
+                f"snapshot URL host {parsed.host[:100]!r} is not allowed (CG_CAMERAS__SNAPSHOT_HOSTS)",
+            )
 
     def _fetch(self, url: str, budget: _Budget, counts: dict[str, int]) -> tuple[bytes, str]:
         for _ in range(self.cfg.poll_max_tries):

@@ -7,6 +7,10 @@ the bot's own id; ``POST /webhooks``; ``429`` with ``Retry-After`` seconds when 
 
 Errors come back as :class:`WebexError` with ``retriable`` and ``retry_after`` set, so callers decide
 about backoff; the client itself never sleeps or retries (one request = one attempt).
+
+Ids that go into a path (message and webhook ids; they reach us in webhook bodies) are escaped as one
+path segment each: an id such as ``../webhooks/<id>`` must not turn a read into a call on another route
+with the bot's token.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+from infra.clients import urls
 from infra.retry import call_with_retries, parse_retry_after
 from infra.settings import WebexSettings
 from schemas.errors import CheckoutGuardError
@@ -45,6 +50,15 @@ def truncate_utf8(text: str, max_bytes: int = MAX_MARKDOWN_BYTES) -> str:
     if len(raw) <= max_bytes:
         return text
     return raw[: max_bytes - 3].decode(errors="ignore") + "..."
+
+
+def path_segment(value: str) -> str:
+    """``value`` as exactly one URL path segment (:func:`infra.clients.urls.path_segment`); an empty or
+    non-string id is a :class:`WebexError` that retrying cannot help, raised before any request."""
+    try:
+        return urls.path_segment(value)
+    except ValueError as exc:
+        raise WebexError(str(exc), retriable=False) from None
 
 
 def with_retries(
@@ -135,7 +149,7 @@ class WebexClient:
         return self._call("POST", "/messages", data=fields, files=files)
 
     def get_message(self, message_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/messages/{message_id}")
+        return self._call("GET", f"/messages/{path_segment(message_id)}")
 
     def list_messages(self, room_id: str, max_items: int = 100) -> list[dict[str, Any]]:
         """The room's latest messages, newest first."""
@@ -154,7 +168,7 @@ class WebexClient:
         return self._call("POST", "/webhooks", json=body)
 
     def delete_webhook(self, webhook_id: str) -> None:
-        self._call("DELETE", f"/webhooks/{webhook_id}")
+        self._call("DELETE", f"/webhooks/{path_segment(webhook_id)}")
 
     # ------------------------------------------------------------------ plumbing
 

@@ -162,6 +162,9 @@ class Scene:
             raise ValueError("store_id and lane_id are required")
         if not enter_ms <= pay_ms <= leave_ms:
             raise ValueError("need enter_ms <= pay_ms <= leave_ms")
+        # Before anything is registered: ids that are no names are refused (InvalidRecord, a ValueError).
+        door = entrance_camera(self.settings, store_id)
+        lane = camera_for_lane(self.settings, store_id, lane_id)
         with self._lock:
             if visit_id and visit_id in self._visits:
                 return self._visits[visit_id]  # idempotent re-registration
@@ -173,8 +176,6 @@ class Scene:
             # A quick shopper is seen at the door and at the lane at once (the cameras overlap), so the
             # entrance always sees them and the lane camera sees them from entering until leaving.
             lane_start = max(enter_ms, pay_ms - LANE_LEAD_MS)
-            door = entrance_camera(self.settings, store_id)
-            lane = camera_for_lane(self.settings, store_id, lane_id)
             self._presences.append(self._presence(visit, door, None, enter_ms, enter_ms + ENTRANCE_DWELL_MS, visit.oid))
             self._presences.append(
                 self._presence(visit, lane, lane_id, lane_start, leave_ms + 1, visit.oid + 1, pay_ms)

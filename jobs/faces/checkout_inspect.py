@@ -15,6 +15,7 @@ from typing import Any
 
 from infra.settings import Settings
 from schemas.codec import codec
+from schemas.errors import InvalidRecord
 from schemas.topics import WATCHLIST
 
 log = logging.getLogger("checkout_guard.checkout_inspect")
@@ -122,8 +123,11 @@ class CheckoutInspector:
             return f"I cannot look up `{tx_id}` right now ({type(exc).__name__})."
         if doc is None:
             return f"I do not know transaction `{tx_id}` (not decided yet, or a typo?)."
+        try:
+            serial = camera_for_lane(self.settings, doc["store_id"], doc["lane_id"])
+        except InvalidRecord as exc:  # a document from before ids were checked at the edge
+            return f"Transaction `{tx_id}` has no camera I may ask: {exc.reason}."
         where = f"store {doc['store_id']} lane {doc['lane_id']}"
-        serial = camera_for_lane(self.settings, doc["store_id"], doc["lane_id"])
         try:
             shot = snapshot(serial, timestamp_ms=doc["event_time"])
         except SnapshotError as exc:

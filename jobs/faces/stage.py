@@ -18,32 +18,44 @@ first) and face analysis is CPU; a thread pool keeps one slow camera from holdin
 offsets are committed only up to the first record whose observations Kafka has not acknowledged yet
 (:class:`OffsetTracker`), so a crash replays, never skips. Bad camera events become dead letters; bad
 transactions are dead-lettered by the scoring job (one dead letter per bad input), so here they are
-only skipped.
+only skipped -- that includes ids that are no names (a store id like ``x/../Q2XX-VICTIM-0001/reboot?``
+never becomes a camera serial, let alone a request).
+
+No single record stops the stage: any other exception while planning or observing a record becomes a
+dead letter (kind ``face_stage_error``; for a transaction its id is prefixed with the stage, so it never
+replaces the scoring job's own dead letter of that record), and a failed Kafka delivery -- a broker down
+longer than the producer's ``message.timeout.ms`` -- is produced again with backoff until it is
+acknowledged, so the record's offset is committed only after its output is durable and reading resumes
+once the broker is back (a retried observation may land twice; every consumer is idempotent by its id).
 
 Run: ``python -m jobs.faces.stage``.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import queue
 import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from infra import clock
 from infra.clients import kafka as kafka_clients
 from infra.clients.meraki import MerakiClient, Snapshot, SnapshotError, camera_for_lane, camera_location
+from infra.retry import Backoff
 from infra.settings import Settings, get_settings
 from jobs.scoring.validation import parse_transaction
 from schemas.codec import codec
 from schemas.errors import InvalidRecord
+from schemas.identifiers import check_serial
 from schemas.records import CameraEvent, FaceObservation, dead_letter
 from schemas.topics import CAMERA_EVENTS, DEAD_LETTERS, FACE_OBSERVATIONS, TRANSACTIONS
 
@@ -51,6 +63,8 @@ log = logging.getLogger("jobs.faces.stage")
 
 STAGE = "face_stage"
 CHECKOUT, ENTRANCE = "CHECKOUT", "ENTRANCE"
+STAGE_ERROR = "face_stage_error"
+"""Dead-letter kind of a record the stage failed on for a reason other than the record being invalid."""
 
 
 class EngineLike(Protocol):
@@ -179,12 +193,13 @@ class FaceStage:
         self._max_lag_ms = int(settings.cameras.max_lag_s * 1000)
 
     def plan_transaction(self, value: bytes | None, ingest_ms: int) -> list[Trigger]:
-        """The lane snapshot of a valid transaction; nothing for an invalid one (see module doc)."""
+        """The lane snapshot of a valid transaction; nothing for an invalid one (see module doc), including
+        one whose store or lane id is no name (``camera_for_lane`` refuses to build a serial from it)."""
         try:
             tx = parse_transaction(value, ingest_ms, self.settings.job.max_message_bytes)
+            serial = camera_for_lane(self.settings, tx["store_id"], tx["lane_id"])
         except InvalidRecord:
             return []
-        serial = camera_for_lane(self.settings, tx["store_id"], tx["lane_id"])
         return [
             Trigger(
                 CHECKOUT,
@@ -198,8 +213,10 @@ class FaceStage:
         ]
 
     def plan_camera_event(self, value: bytes | None) -> list[Trigger]:
-        """A snapshot "now" per new person on an entrance camera; raises InvalidRecord for bad bytes."""
+        """A snapshot "now" per new person on an entrance camera; raises InvalidRecord for bad bytes or a
+        camera serial that is no valid serial (it would go into the Dashboard API's path)."""
         event = CameraEvent.from_avro(codec("CameraEvent").decode(value))  # DecodeError is an InvalidRecord
+        check_serial(event.camera_serial, "camera_serial")
         if event.kind != "RAW_DETECTIONS":
             return []
         where = camera_location(self.settings, event.camera_serial)
@@ -210,22 +227,17 @@ class FaceStage:
         return [Trigger(ENTRANCE, event.camera_serial, where[0], None, event.event_time, None, oid=oid) for oid in new]
 
     def observe(self, trigger: Trigger, now_ms: int | None = None) -> FaceObservation:
-        """Snapshot, store, analyse. Never raises: every failure is an observation with a reason."""
-        now_ms = clock.now_ms() if now_ms is None else now_ms
+        """Snapshot, store, analyse. Never raises for a failure of those: every one is an observation with a
+        reason, an unexpected one (a bug in the engine, a malformed face) ``UNAVAILABLE`` naming its type."""
+        try:
+            return self._observe(trigger, clock.now_ms() if now_ms is None else now_ms)
+        except Exception as exc:
+            log.exception("observing %s failed", trigger.observation_id)
+            return _observation(trigger, "UNAVAILABLE", f"face analysis failed: {type(exc).__name__}")
 
+    def _observe(self, trigger: Trigger, now_ms: int) -> FaceObservation:
         def obs(status: str, reason: str | None = None, **extra: object) -> FaceObservation:
-            return FaceObservation(
-                observation_id=trigger.observation_id,
-                event_time=trigger.event_time,
-                camera_serial=trigger.serial,
-                store_id=trigger.store_id,
-                trigger=trigger.kind,
-                status=status,
-                lane_id=trigger.lane_id,
-                transaction_id=trigger.transaction_id,
-                reason=reason,
-                **extra,
-            )
+            return _observation(trigger, status, reason, **extra)
 
         if trigger.at_ms is not None and now_ms - trigger.at_ms > self._max_lag_ms:
             return obs(
@@ -265,6 +277,21 @@ class FaceStage:
         )
 
 
+def _observation(trigger: Trigger, status: str, reason: str | None = None, **extra: Any) -> FaceObservation:
+    return FaceObservation(
+        observation_id=trigger.observation_id,
+        event_time=trigger.event_time,
+        camera_serial=trigger.serial,
+        store_id=trigger.store_id,
+        trigger=trigger.kind,
+        status=status,
+        lane_id=trigger.lane_id,
+        transaction_id=trigger.transaction_id,
+        reason=reason,
+        **extra,
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # Kafka wiring
 
@@ -273,10 +300,35 @@ def consumer_group(settings: Settings) -> str:
     return f"{settings.job.consumer_group}.face-stage"
 
 
-class FaceStageRunner:
-    """Consumes, fans triggers out to a thread pool, produces observations, commits finished offsets."""
+@dataclass(slots=True)
+class Outgoing:
+    """One record to produce for input ``tp``/``offset``; kept until Kafka acknowledged it."""
 
-    def __init__(self, settings: Settings, stage: FaceStage) -> None:
+    topic: str
+    key: bytes
+    value: bytes
+    tp: tuple[str, int]
+    offset: int
+    stat: str
+    attempt: int = 0
+
+
+class FaceStageRunner:
+    """Consumes, fans triggers out to a thread pool, produces observations, commits finished offsets.
+
+    ``producer``/``consumer`` default to the configured Kafka clients (tests pass their own);
+    ``backoff`` spaces the re-sends of a failed delivery.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        stage: FaceStage,
+        *,
+        producer: Any = None,
+        consumer: Any = None,
+        backoff: Backoff | None = None,
+    ) -> None:
         self.settings = settings
         self.stage = stage
         prefix = settings.kafka.topic_prefix
@@ -286,29 +338,49 @@ class FaceStageRunner:
         self.dlq_topic = DEAD_LETTERS.full_name(prefix)
         self.offsets = OffsetTracker()
         self.assigned = threading.Event()
-        self.stats = {"transactions": 0, "camera_events": 0, "observations": 0, "dead_letters": 0, "failed": 0}
-        self._done: queue.Queue[tuple[tuple[str, int], int, FaceObservation]] = queue.Queue()
+        self.stats = {
+            "transactions": 0,
+            "camera_events": 0,
+            "observations": 0,
+            "dead_letters": 0,
+            "failed": 0,
+            "retried": 0,
+            "errors": 0,
+        }
+        self._done: queue.Queue[tuple[Message, object]] = queue.Queue()
         self._pool = ThreadPoolExecutor(max_workers=settings.cameras.snapshot_workers, thread_name_prefix="snapshot")
         self._paused = False
-        self._producer = kafka_clients.producer(settings, kafka_clients.RELIABLE, client_id="checkout-guard-face-stage")
-        self._consumer = kafka_clients.consumer(
-            settings,
-            consumer_group(settings),
-            kafka_clients.MANUAL_COMMIT,
-            auto_offset_reset=settings.cameras.face_stage_offset_reset,
-            partition_assignment_strategy="cooperative-sticky",
-            # A crashed stage's partitions move to its replacement after this, not the 45 s default:
-            # checkouts are waiting on their faces.
-            session_timeout_ms=10_000,
-            heartbeat_interval_ms=2_000,
-        )
+        self._backoff = backoff or Backoff(0.5, 30.0)
+        self._retries: list[tuple[float, int, Outgoing]] = []
+        """Failed deliveries by when to send them again; touched only by the polling thread."""
+        self._seq = itertools.count()
+        self._fatal: KafkaError | None = None
+        if producer is None:  # not ``or``: a Producer with an empty queue is falsy (``len``)
+            producer = kafka_clients.producer(settings, kafka_clients.RELIABLE, client_id="checkout-guard-face-stage")
+        if consumer is None:
+            consumer = kafka_clients.consumer(
+                settings,
+                consumer_group(settings),
+                kafka_clients.MANUAL_COMMIT,
+                auto_offset_reset=settings.cameras.face_stage_offset_reset,
+                partition_assignment_strategy="cooperative-sticky",
+                # A crashed stage's partitions move to its replacement after this, not the 45 s default:
+                # checkouts are waiting on their faces.
+                session_timeout_ms=10_000,
+                heartbeat_interval_ms=2_000,
+            )
+        self._producer, self._consumer = producer, consumer
 
     def _on_assign(self, _c: Consumer, partitions: list[TopicPartition]) -> None:
         self.assigned.set()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._commit(consumer)
-        self.offsets.forget([(p.topic, p.partition) for p in partitions])
+        gone = {(p.topic, p.partition) for p in partitions}
+        self.offsets.forget(list(gone))
+        # Their new owner reads them again from the committed offset; no need to keep re-sending here.
+        self._retries = [r for r in self._retries if r[2].tp not in gone]
+        heapq.heapify(self._retries)
 
     def _commit(self, consumer: Consumer) -> None:
         points = self.offsets.to_commit()
@@ -318,45 +390,76 @@ class FaceStageRunner:
             except Exception as exc:  # e.g. a rebalance in progress: the next commit carries the same points
                 log.warning("offset commit failed: %s", exc)
 
-    def _handle(self, msg: object) -> None:
-        tp, offset = (msg.topic(), msg.partition()), msg.offset()  # type: ignore[attr-defined]
-        value = msg.value()  # type: ignore[attr-defined]
-        if tp[0] == self.tx_topic:
-            self.stats["transactions"] += 1
-            triggers = self.stage.plan_transaction(value, msg.timestamp()[1])  # type: ignore[attr-defined]
-        else:
-            self.stats["camera_events"] += 1
-            try:
+    def _handle(self, msg: Message) -> None:
+        tp, offset = (msg.topic(), msg.partition()), msg.offset()
+        value = msg.value()
+        try:
+            if tp[0] == self.tx_topic:
+                self.stats["transactions"] += 1
+                triggers = self.stage.plan_transaction(value, msg.timestamp()[1])
+            else:
+                self.stats["camera_events"] += 1
                 triggers = self.stage.plan_camera_event(value)
-            except InvalidRecord as exc:
-                dl = dead_letter(
-                    topic=tp[0],
-                    partition=tp[1],
-                    offset=offset,
-                    key=msg.key(),
-                    value=value,  # type: ignore[attr-defined]
-                    error=exc,
-                    stage=STAGE,
-                    failed_at=clock.now_ms(),
-                )
-                self.offsets.add(tp, offset, 1)
-                self._produce(self.dlq_topic, dl.dead_letter_id.encode(), dl.encode(), tp, offset, "dead_letters")
-                return
+        except InvalidRecord as exc:
+            self.offsets.add(tp, offset, 1)
+            self._dead_letter(msg, exc)
+            return
+        except Exception as exc:  # a bug must cost one record, not the stage
+            log.exception("planning %s:%s:%s failed", tp[0], tp[1], offset)
+            self.offsets.add(tp, offset, 1)
+            self._dead_letter(msg, InvalidRecord(STAGE_ERROR, f"planning failed: {type(exc).__name__}"))
+            return
         self.offsets.add(tp, offset, len(triggers))
         for trigger in triggers:
             future = self._pool.submit(self.stage.observe, trigger)
-            future.add_done_callback(lambda f, tp=tp, offset=offset: self._done.put((tp, offset, f.result())))
+            future.add_done_callback(lambda f, msg=msg: self._done.put((msg, _outcome(f))))
 
-    def _produce(self, topic: str, key: bytes, value: bytes, tp: tuple[str, int], offset: int, stat: str) -> None:
+    def _dead_letter(self, msg: Message, error: InvalidRecord) -> None:
+        """Dead-letter the input ``msg`` (one of its pending parts). A transaction's dead letter gets the
+        stage in its id: the scoring job owns ``topic:partition:offset`` of every transaction."""
+        if error.kind == STAGE_ERROR:
+            self.stats["errors"] += 1
+        topic, partition, offset = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
+        dl = dead_letter(
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            key=msg.key(),
+            value=msg.value(),
+            error=error,
+            stage=STAGE,
+            failed_at=clock.now_ms(),
+            dead_letter_id=f"{STAGE}:{topic}:{partition}:{offset}" if topic == self.tx_topic else None,
+        )
+        self._send(
+            Outgoing(
+                self.dlq_topic, dl.dead_letter_id.encode(), dl.encode(), (topic, partition), offset, "dead_letters"
+            )
+        )
+
+    def _send(self, out: Outgoing) -> None:
         def delivered(err: KafkaError | None, _m: object) -> None:
-            if err is not None:
-                self.stats["failed"] += 1  # the offset stays uncommitted: a restart redoes it
-                log.error("delivery to %s failed: %s", topic, err)
+            if err is None:
+                self.stats[out.stat] += 1
+                self.offsets.done(out.tp, out.offset)
                 return
-            self.stats[stat] += 1
-            self.offsets.done(tp, offset)
+            self.stats["failed"] += 1
+            if err.fatal():  # the producer is unusable: stop, a restart redoes the uncommitted records
+                self._fatal = err
+                return
+            delay = self._backoff.delay(out.attempt)
+            out.attempt += 1
+            log.warning("delivery to %s failed (%s), sending again in %.1f s", out.topic, err, delay)
+            heapq.heappush(self._retries, (time.monotonic() + delay, next(self._seq), out))
 
-        kafka_clients.produce(self._producer, topic, key, value, delivered)
+        kafka_clients.produce(self._producer, out.topic, out.key, out.value, delivered)
+
+    def _resend_due(self) -> None:
+        now = time.monotonic()
+        while self._retries and self._retries[0][0] <= now:
+            _, _, out = heapq.heappop(self._retries)
+            self.stats["retried"] += 1
+            self._send(out)
 
     def run(self, stop: threading.Event, on_tick: Callable[[dict], None] | None = None) -> dict:
         consumer = self._consumer
@@ -372,7 +475,10 @@ class FaceStageRunner:
                     else:
                         self._handle(msg)
                 self._drain()
+                self._resend_due()
                 self._producer.poll(0)
+                if self._fatal is not None:
+                    raise RuntimeError(f"Kafka producer failed for good: {self._fatal}")
                 self._backpressure(consumer)
                 if time.monotonic() - last_commit >= 0.5:
                     self._commit(consumer)
@@ -390,10 +496,22 @@ class FaceStageRunner:
     def _drain(self) -> None:
         while True:
             try:
-                tp, offset, obs = self._done.get_nowait()
+                msg, result = self._done.get_nowait()
             except queue.Empty:
                 return
-            self._produce(self.obs_topic, obs.camera_serial.encode(), obs.encode(), tp, offset, "observations")
+            if isinstance(result, FaceObservation):
+                try:
+                    key, value = result.camera_serial.encode(), result.encode()
+                except Exception as exc:  # noqa: BLE001 - an observation Avro refuses: dead-letter its input
+                    result = exc
+                else:
+                    tp = (msg.topic() or "", msg.partition() or 0)
+                    self._send(Outgoing(self.obs_topic, key, value, tp, msg.offset() or 0, "observations"))
+                    continue
+            log.error(
+                "observing %s:%s:%s failed: %s", msg.topic(), msg.partition(), msg.offset(), type(result).__name__
+            )
+            self._dead_letter(msg, InvalidRecord(STAGE_ERROR, f"observation failed: {type(result).__name__}"))
 
     def _backpressure(self, consumer: Consumer) -> None:
         busy = self.offsets.in_flight >= self.settings.cameras.max_in_flight
@@ -402,6 +520,15 @@ class FaceStageRunner:
             if assignment:
                 (consumer.pause if busy else consumer.resume)(assignment)
                 self._paused = busy
+
+
+def _outcome(future: Future) -> object:
+    """The observation, or the exception that took its place (never raised in the pool's callback, where
+    it would vanish and leave its record pending for good)."""
+    try:
+        return future.result()
+    except BaseException as exc:  # noqa: BLE001 - handed to the polling thread, which dead-letters it
+        return exc
 
 
 def build_stage(settings: Settings) -> tuple[FaceStage, MerakiClient]:

@@ -84,3 +84,19 @@ def test_checkout_compares_the_face_at_that_lane_and_time_with_the_watchlist(wor
     assert "do not know" in inspect("tx-unknown")
     control.set_fault(camera_for_lane(settings, STORE, "lane-03"), "never_ready")
     assert "no snapshot from camera" in inspect("tx-late")
+
+
+def test_a_document_whose_ids_are_no_names_is_answered_without_asking_any_camera(tmp_path) -> None:
+    asked: list[str] = []
+
+    def snapshot(serial: str, **_: object) -> object:
+        asked.append(serial)
+        raise AssertionError("no camera may be asked")
+
+    settings = Settings(stack_dir=tmp_path)
+    docs = {"tx-x": {"store_id": "x/../Q2XX-VICTIM-0001/reboot?", "lane_id": "lane-01", "event_time": 1}}
+    with CheckoutInspector(
+        settings, lookup=docs.get, snapshot=snapshot, engine=object(), store=object(), watchlist_loader=lambda: None
+    ) as inspect:
+        reply = inspect("tx-x")
+    assert "no camera I may ask" in reply and not asked

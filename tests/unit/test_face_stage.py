@@ -9,11 +9,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
 from infra.clients.image_store import LocalImageStore
-from infra.clients.meraki import Snapshot, SnapshotError
+from infra.clients.meraki import MerakiClient, Snapshot, SnapshotError
 from infra.local.camera import Presence, render
 from infra.settings import CameraSettings, Settings
 from jobs.faces.stage import CHECKOUT, ENTRANCE, EntranceTracker, FaceStage, OffsetTracker, Trigger
@@ -183,3 +184,61 @@ def test_a_garbage_camera_event_is_invalid() -> None:
         stage.plan_camera_event(b"\x00garbage")
     assert err.value.kind == "not_avro"
     assert Trigger(ENTRANCE, "c", "s", None, 1, None, oid=5).image_key == ("entrance", "c:5")
+
+
+HOSTILE_STORE = "x/../Q2XX-VICTIM-0001/reboot?"
+
+
+def test_a_transaction_with_path_characters_in_its_ids_is_skipped_and_reaches_no_camera(tmp_path) -> None:
+    """The real Meraki client behind the stage; MockTransport records every request it makes."""
+    requests: list[httpx.Request] = []
+
+    def dashboard(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        return httpx.Response(404, json={"errors": ["Device not found"]})
+
+    settings = Settings(cameras=CameraSettings(deadline_s=2.0))
+    client = MerakiClient(
+        settings.cameras, "http://cam.test/api/v1", http=httpx.Client(transport=httpx.MockTransport(dashboard))
+    )
+    stage = FaceStage(settings, client.snapshot, None, LocalImageStore(tmp_path / "images"))  # type: ignore[arg-type]
+    now = int(time.time() * 1000)
+    for store, lane in [(HOSTILE_STORE, "lane-01"), ("store-001", "../../organizations/1/admins"), ("store-001", "")]:
+        tx = PosTransaction("tx-hostile", now, store, lane, "SALE", 12.5, "USD").encode()
+        assert stage.plan_transaction(tx, now) == []  # the scoring job dead-letters it
+    hostile = Trigger(CHECKOUT, f"Q2MV-{HOSTILE_STORE}-lane-01", "s", "l", now, now, transaction_id="tx-hostile")
+    obs = stage.observe(hostile, now)  # a serial that slipped past planning still never becomes a request
+    assert obs.status == "UNAVAILABLE" and obs.reason.startswith("snapshot invalid_serial")
+    assert requests == []
+    stage.observe(stage.plan_transaction(_tx(now), now)[0], now)
+    assert [r.url.raw_path for r in requests] == [b"/api/v1/devices/Q2MV-store-001-lane-01/camera/generateSnapshot"]
+
+
+def test_a_camera_event_from_a_serial_that_is_no_serial_is_invalid() -> None:
+    from schemas.errors import InvalidRecord
+
+    stage = FaceStage(Settings(), lambda s, at: pytest.fail("must not snapshot"), None, None)  # type: ignore[arg-type]
+    serial = f"Q2MV-{HOSTILE_STORE}-ENTRANCE"
+    event = CameraEvent(
+        serial, 1, "/merakimv/x/raw_detections", "RAW_DETECTIONS", objects=(DetectedObject(1, "person", 0, 0, 1, 1),)
+    )
+    with pytest.raises(InvalidRecord) as err:
+        stage.plan_camera_event(event.encode())
+    assert err.value.kind == "invalid_id"
+
+
+def test_an_engine_failure_of_any_kind_is_unavailable_not_an_exception(tmp_path) -> None:
+    class Broken:
+        """An engine returning a malformed face (no box): a bug, not an image problem."""
+
+        def analyse(self, image: bytes) -> list:
+            return [type("Face", (), {"passed": True, "box": None, "quality": 0.9, "embedding": [0.0] * 128})()]
+
+    def snapshot(serial: str, at_ms: int | None) -> Snapshot:
+        return Snapshot(serial, b"\xff\xd8\xff\xe0" + bytes(64), "image/jpeg", at_ms, False, 1, 1, 0.1)
+
+    stage = FaceStage(Settings(), snapshot, Broken(), LocalImageStore(tmp_path / "images"))
+    now = int(time.time() * 1000)
+    obs = stage.observe(stage.plan_transaction(_tx(now), now)[0], now)
+    assert obs.status == "UNAVAILABLE" and obs.reason == "face analysis failed: TypeError"
+    assert obs.observation_id == "checkout:tx-face-1"

@@ -1,15 +1,20 @@
-"""Local image store: refs, private files, retention purge that keeps retained and reference images."""
+"""Image stores: refs, private files, retention purge that keeps retained and reference images, and refs
+from records that must not reach outside the image folder or the configured buckets (S3 on moto)."""
 
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import time
+import uuid
 
 import pytest
+from pydantic import SecretStr
 
-from infra.clients.image_store import ImageStore, LocalImageStore
-from infra.settings import Settings
+from infra.clients.image_store import ImageStore, LocalImageStore, S3ImageStore
+from infra.settings import FaceSettings, Settings
+from schemas.errors import InvalidRecord
 
 
 @pytest.fixture
@@ -78,3 +83,83 @@ def test_unknown_store_kind_is_a_configuration_error(tmp_path):
     bad = settings.model_copy(update={"faces": settings.faces.model_copy(update={"image_store": "ftp"})})
     with pytest.raises(ValueError):
         ImageStore.from_settings(bad)
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "file:checkout/../secret",
+        "file:checkout/..",
+        "file:/etc/passwd",
+        "file:checkout//etc/passwd",
+        "file:reference/x/../../../etc/passwd",
+        "file:checkout/.hidden",
+        "file:checkout/tx-1\n",  # ``$`` would accept a trailing newline
+        "file:checkout/a\\..\\..\\b",
+        "file:checkout/a\x00b",
+        "file:checkout/",
+        "file:../images/checkout/tx-1",
+        "/etc/passwd",
+        "s3://checkout-guard-checkout/checkout/tx-1",
+    ],
+)
+def test_a_local_ref_that_leaves_the_image_folder_is_an_invalid_record(store, ref: str) -> None:
+    store.put("checkout", "tx-1", b"x")
+    for use in (store.get, store.delete, lambda r: store.retain(r, "alert=a1")):
+        with pytest.raises(InvalidRecord) as err:
+            use(ref)
+        assert err.value.kind == "invalid_image_ref" and ref not in err.value.reason
+    assert store.get("file:checkout/tx-1") == b"x", "nothing was deleted"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def moto_url():
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def _s3_settings(moto_url: str, tmp_path, **faces: object) -> Settings:
+    run = uuid.uuid4().hex[:12]
+    return Settings(
+        stack_dir=tmp_path,
+        faces=FaceSettings(
+            image_store="s3",
+            aws_endpoint_url=moto_url,
+            aws_access_key_id=SecretStr("testing"),
+            aws_secret_access_key=SecretStr("testing"),
+            checkout_bucket=f"checkout-{run}",
+            suspects_bucket=f"suspects-{run}",
+            **faces,  # type: ignore[arg-type]
+        ),
+    )
+
+
+def test_an_s3_ref_in_a_bucket_that_is_not_configured_is_refused_before_any_request(moto_url, tmp_path) -> None:
+    store = ImageStore.from_settings(_s3_settings(moto_url, tmp_path))
+    assert isinstance(store, S3ImageStore)
+    store.ensure_buckets()
+    victim = f"victim-{uuid.uuid4().hex[:12]}"
+    store.s3.create_bucket(Bucket=victim)
+    store.s3.put_object(Bucket=victim, Key="checkout/tx-1", Body=b"someone else's")
+    ref = store.put("checkout", "tx-1", b"ours")
+    assert store.get(ref) == b"ours"
+    for use in (store.get, store.delete, lambda r: store.retain(r, "alert=a1")):
+        with pytest.raises(InvalidRecord) as err:
+            use(f"s3://{victim}/checkout/tx-1")
+        assert err.value.kind == "invalid_image_ref"
+    assert store.s3.get_object(Bucket=victim, Key="checkout/tx-1")["Body"].read() == b"someone else's"
+    with pytest.raises(InvalidRecord):
+        store.get(ref.replace("/checkout/tx-1", "/checkout/../reference/x"))
+    older = ImageStore.from_settings(_s3_settings(moto_url, tmp_path, extra_image_buckets=f" {victim} ,other"))
+    assert older.get(f"s3://{victim}/checkout/tx-1") == b"someone else's", "an extra bucket is allowed"

@@ -12,11 +12,13 @@ import time
 from collections.abc import Iterator
 from contextlib import closing
 
+import httpx
 import pytest
 from PIL import Image
 from pydantic import SecretStr
 
 from infra.clients.meraki import (
+    API_KEY_HEADER,
     MerakiClient,
     SnapshotError,
     api_base_url,
@@ -24,10 +26,13 @@ from infra.clients.meraki import (
     camera_location,
     entrance_camera,
     iso_timestamp,
+    path_segment,
+    snapshot_hosts,
 )
 from infra.local.camera import LocalCameraControl, LocalCameraServer
 from infra.retry import parse_retry_after
 from infra.settings import CameraSettings, Settings
+from schemas.errors import InvalidRecord
 from tests.unit.faces_data import people_or_skip
 
 
@@ -224,3 +229,127 @@ def test_timestamps_and_retry_after_parse_as_meraki_sends_them() -> None:
     assert parse_retry_after("3", 1.0) == 3.0
     assert parse_retry_after(None, 1.0) == 1.0
     assert parse_retry_after("not a date", 2.0) == 2.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Edges: what reaches the Dashboard API, and which snapshot URLs are fetched. httpx's MockTransport
+# records every request the client really makes (path as sent, host, headers).
+
+HOSTILE_STORE = "x/../Q2XX-VICTIM-0001/reboot?"
+JPEG = b"\xff\xd8\xff\xe0" + bytes(64)
+
+
+class Dashboard:
+    """A Dashboard API answering generateSnapshot with ``snapshot_url``; the image from any other path."""
+
+    def __init__(self, snapshot_url: str = "http://cam.test/snapshots/t1.jpg", retry_after: str | None = None) -> None:
+        self.snapshot_url, self.retry_after = snapshot_url, retry_after
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if self.retry_after is not None:
+            return httpx.Response(429, headers={"Retry-After": self.retry_after}, json={"errors": ["rate"]})
+        if request.url.raw_path.endswith(b"/generateSnapshot"):
+            return httpx.Response(202, json={"url": self.snapshot_url, "expiry": "later"})
+        return httpx.Response(200, headers={"Content-Type": "image/jpeg"}, content=JPEG)
+
+    @property
+    def seen(self) -> list[tuple[str, str, bytes]]:
+        return [(r.method, r.url.host, r.url.raw_path) for r in self.requests]
+
+
+def dashboard_client(api: Dashboard, base_url: str = "http://cam.test/api/v1", **cameras: object) -> MerakiClient:
+    sleeps: list[float] = []
+    client = MerakiClient(
+        CameraSettings(**cameras),  # type: ignore[arg-type]
+        base_url,
+        http=httpx.Client(transport=httpx.MockTransport(api)),
+        sleep=sleeps.append,
+    )
+    client.sleeps = sleeps  # type: ignore[attr-defined]
+    return client
+
+
+def test_a_store_id_that_is_no_name_never_becomes_a_camera_serial() -> None:
+    s = Settings()
+    with pytest.raises(InvalidRecord) as err:
+        camera_for_lane(s, HOSTILE_STORE, "lane-01")
+    assert err.value.kind == "invalid_id" and HOSTILE_STORE not in err.value.reason
+    for store, lane in [("store-001", "lane-01/../../x"), ("store 1", "lane-01"), ("", "lane-01"), ("..", "lane")]:
+        with pytest.raises(InvalidRecord):
+            camera_for_lane(s, store, lane)
+    with pytest.raises(InvalidRecord):
+        entrance_camera(s, HOSTILE_STORE)
+    assert camera_location(s, f"Q2MV-{HOSTILE_STORE}-ENTRANCE") is None
+    assert camera_location(s, f"Q2MV-{HOSTILE_STORE}-lane-01") is None
+
+
+@pytest.mark.parametrize(
+    "serial",
+    [f"Q2MV-{HOSTILE_STORE}-lane-01", "Q2XX-VICTIM-0001/reboot", "..", "Q2MV-a%2F..", "Q2MV-a b", "", "Q2MV-é"],
+)
+def test_an_invalid_serial_is_refused_before_any_request(serial: str) -> None:
+    api = Dashboard()
+    with dashboard_client(api) as client, pytest.raises(SnapshotError) as err:
+        client.snapshot(serial)
+    assert err.value.kind == "invalid_serial"
+    assert api.requests == []
+
+
+def test_the_serial_is_sent_as_one_escaped_path_segment_and_the_key_only_to_the_api() -> None:
+    api = Dashboard()
+    with dashboard_client(api) as client:
+        snap = client.snapshot("Q2MV-store-001-lane-01")
+    assert snap.image == JPEG
+    assert api.seen == [
+        ("POST", "cam.test", b"/api/v1/devices/Q2MV-store-001-lane-01/camera/generateSnapshot"),
+        ("GET", "cam.test", b"/snapshots/t1.jpg"),
+    ]
+    assert API_KEY_HEADER in api.requests[0].headers and API_KEY_HEADER not in api.requests[1].headers
+    assert path_segment("x/../Q2XX?a#b c") == "x%2F%2E%2E%2FQ2XX%3Fa%23b%20c"
+    assert path_segment("..") == "%2E%2E"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://evil.test/snapshots/t1.jpg",  # another host
+        "http://cam.test.evil.test/snapshots/t1.jpg",  # the allowed host as a prefix
+        "http://user:pw@cam.test/snapshots/t1.jpg",  # credentials in the URL
+        "http://169.254.169.254/latest/meta-data/",  # the cloud metadata service
+    ],
+)
+def test_a_snapshot_url_on_a_host_not_allowed_is_never_fetched(url: str) -> None:
+    api = Dashboard(snapshot_url=url)
+    with dashboard_client(api) as client, pytest.raises(SnapshotError) as err:
+        client.snapshot("Q2MV-store-001-lane-01")
+    assert err.value.kind == "untrusted_url"
+    assert [m for m, _, _ in api.seen] == ["POST"], "only generateSnapshot, the URL is not fetched"
+
+
+def test_the_real_dashboard_allows_meraki_snapshot_hosts_over_https_only() -> None:
+    base = "https://api.meraki.com/api/v1"
+    api = Dashboard(snapshot_url="https://spn4.meraki.com/stream/jpeg/snapshot/b2d1")
+    with dashboard_client(api, base) as client:
+        assert client.snapshot("Q2GV-ABCD-1234").image == JPEG
+    assert api.seen[-1] == ("GET", "spn4.meraki.com", b"/stream/jpeg/snapshot/b2d1")
+    for url in ("http://spn4.meraki.com/x.jpg", "https://meraki.com.evil.test/x.jpg", "https://evilmeraki.com/x"):
+        with dashboard_client(Dashboard(snapshot_url=url), base) as client, pytest.raises(SnapshotError) as err:
+            client.snapshot("Q2GV-ABCD-1234")
+        assert err.value.kind == "untrusted_url", url
+    configured = CameraSettings(snapshot_hosts="*.cdn.example, images.example")
+    assert snapshot_hosts(configured, base) == ("*.cdn.example", "images.example")
+    assert snapshot_hosts(CameraSettings(), base) == ("api.meraki.com", "*.meraki.com")
+    assert snapshot_hosts(CameraSettings(), "http://127.0.0.1:8765/api/v1") == ("127.0.0.1",)
+    api = Dashboard(snapshot_url="https://a.cdn.example/x.jpg")
+    with dashboard_client(api, base, snapshot_hosts="*.cdn.example") as client:
+        assert client.snapshot("Q2GV-ABCD-1234").image == JPEG
+
+
+def test_a_retry_after_beyond_the_deadline_fails_at_once_instead_of_sleeping() -> None:
+    api = Dashboard(retry_after="86400")
+    with dashboard_client(api, deadline_s=5.0) as client, pytest.raises(SnapshotError) as err:
+        client.snapshot("Q2MV-store-001-lane-01")
+    assert err.value.kind == "rate_limited"
+    assert client.sleeps == [] and len(api.requests) == 1  # type: ignore[attr-defined]

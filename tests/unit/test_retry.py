@@ -7,7 +7,7 @@ from email.utils import formatdate
 
 import pytest
 
-from infra.retry import Backoff, call_with_retries, parse_retry_after
+from infra.retry import RETRY_AFTER_MAX_S, Backoff, call_with_retries, parse_retry_after
 
 NOW = 1_800_000_000.0
 
@@ -123,3 +123,26 @@ def test_before_sleep_sees_each_retry_and_sleep_may_abandon() -> None:
     with pytest.raises(Stop):
         run(script, sleep=sleep, before_sleep=lambda e, n, s: seen.append((str(e), n, s)))
     assert seen == [("flaky", 1, 0.5), ("flaky", 2, 1.0)]
+
+
+@pytest.mark.parametrize(
+    ("value", "kwargs", "expected"),
+    [
+        ("86400", {}, RETRY_AFTER_MAX_S),  # a day: capped at the default
+        ("1e308", {}, RETRY_AFTER_MAX_S),
+        ("7", {"maximum_s": 5.0}, 5.0),  # the caller's remaining deadline
+        ("7", {"maximum_s": float("nan")}, 0.0),
+        ("7", {"maximum_s": -1.0}, 0.0),
+        ("7", {"maximum_s": float("inf")}, 7.0),
+        (None, {"maximum_s": 0.5}, 0.5),  # the default is capped too
+        ("Fri, 31 Dec 9999 23:59:59 GMT", {}, RETRY_AFTER_MAX_S),  # a date far away
+    ],
+)
+def test_retry_after_is_capped(value: str | None, kwargs: dict, expected: float) -> None:
+    assert parse_retry_after(value, 1.0, now=lambda: NOW, **kwargs) == expected
+
+
+@pytest.mark.parametrize("default", [float("nan"), -5.0])
+def test_retry_after_never_waits_a_negative_or_nan_time(default: float) -> None:
+    assert parse_retry_after(None, default) == 0.0
+    assert parse_retry_after("Mon, 99 Foo 2026", default) == 0.0

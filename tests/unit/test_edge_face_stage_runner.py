@@ -1,0 +1,164 @@
+"""The face stage's Kafka loop: failed deliveries are sent again, bad records are dead letters, and
+neither stops the reading for good.
+
+The stage core is real (real transactions parsed, real observations encoded); at the Kafka client
+boundary there are two small stand-ins: a consumer handing out ``confluent_kafka.Message``s and a
+producer that acknowledges on ``poll`` as librdkafka does, failing the first deliveries with a
+message timeout (what a broker down longer than ``message.timeout.ms`` looks like to the stage).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import KafkaError, Message, TopicPartition
+
+from infra.clients.meraki import Snapshot, SnapshotError
+from infra.retry import Backoff
+from infra.settings import CameraSettings, Settings
+from jobs.faces.stage import STAGE, STAGE_ERROR, FaceStage, FaceStageRunner
+from schemas.records import DeadLetter, FaceObservation, PosTransaction
+from schemas.topics import DEAD_LETTERS, FACE_OBSERVATIONS, TRANSACTIONS
+
+TX_TOPIC = TRANSACTIONS.full_name("")
+
+
+class Consumer:
+    """Hands out the given messages in order (none while paused); records pauses and commits."""
+
+    def __init__(self, messages: list[Message]) -> None:
+        self.messages, self.paused, self.pauses, self.commits = list(messages), False, 0, {}
+
+    def subscribe(self, topics: list[str], on_assign: Callable, on_revoke: Callable) -> None:
+        on_assign(self, self.assignment())
+
+    def assignment(self) -> list[TopicPartition]:
+        return [TopicPartition(TX_TOPIC, 0)]
+
+    def poll(self, timeout: float) -> Message | None:
+        if self.paused or not self.messages:
+            time.sleep(timeout / 10)
+            return None
+        return self.messages.pop(0)
+
+    def pause(self, _partitions: list) -> None:
+        self.paused, self.pauses = True, self.pauses + 1
+
+    def resume(self, _partitions: list) -> None:
+        self.paused = False
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> None:
+        self.commits.update({(tp.topic, tp.partition): tp.offset for tp in offsets})
+
+    def close(self) -> None:
+        pass
+
+
+class Producer:
+    """Acknowledges on ``poll``; the first ``failures`` deliveries fail with ``_MSG_TIMED_OUT``."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.queued, self.delivered = failures, [], []
+
+    def produce(self, topic: str, key: bytes, value: bytes, on_delivery: Callable) -> None:
+        self.queued.append((topic, value, on_delivery))
+
+    def poll(self, _timeout: float) -> int:
+        queued, self.queued = self.queued, []
+        for topic, value, on_delivery in queued:
+            if self.failures > 0:
+                self.failures -= 1
+                on_delivery(KafkaError(KafkaError._MSG_TIMED_OUT), None)
+            else:
+                self.delivered.append((topic, value))
+                on_delivery(None, None)
+        return len(queued)
+
+    def flush(self, _timeout: float) -> int:
+        self.poll(0)
+        return 0
+
+
+def tx_message(offset: int, tx_id: str, store_id: str = "store-001") -> Message:
+    now = int(time.time() * 1000)
+    value = PosTransaction(tx_id, now, store_id, "lane-01", "SALE", 12.5, "USD").encode()
+    return Message(topic=TX_TOPIC, partition=0, offset=offset, key=b"k", value=value, timestamp=(1, now))
+
+
+def no_video(asked: list[str]) -> Callable[[str, int | None], Snapshot]:
+    def snapshot(serial: str, at_ms: int | None) -> Snapshot:
+        asked.append(serial)
+        raise SnapshotError("no_video", "No video for specified timestamp")
+
+    return snapshot
+
+
+def run_until(runner: FaceStageRunner, done: Callable[[], bool], limit_s: float = 15.0) -> dict[str, Any]:
+    stop, started = threading.Event(), time.monotonic()
+
+    def tick(_stats: dict) -> None:
+        if done() or time.monotonic() - started > limit_s:
+            stop.set()
+
+    return runner.run(stop, tick)
+
+
+def settings() -> Settings:
+    return Settings(cameras=CameraSettings(max_in_flight=3, snapshot_workers=2))
+
+
+def delivered(producer: Producer, topic: str, record: type) -> list:
+    return [record.decode(value) for t, value in producer.delivered if t == topic.full_name("")]
+
+
+def test_failed_deliveries_are_sent_again_until_acknowledged_and_reading_resumes() -> None:
+    asked: list[str] = []
+    stage = FaceStage(settings(), no_video(asked), None, None)  # type: ignore[arg-type]
+    consumer, producer = Consumer([tx_message(i, f"tx-{i}") for i in range(10)]), Producer(failures=7)
+    runner = FaceStageRunner(
+        settings(), stage, producer=producer, consumer=consumer, backoff=Backoff(initial_s=0.01, maximum_s=0.05)
+    )
+    stats = run_until(runner, lambda: consumer.commits.get((TX_TOPIC, 0)) == 10)
+
+    observations = delivered(producer, FACE_OBSERVATIONS, FaceObservation)
+    assert sorted(o.observation_id for o in observations) == sorted(f"checkout:tx-{i}" for i in range(10))
+    assert consumer.commits == {(TX_TOPIC, 0): 10}, "committed once every observation was acknowledged"
+    assert consumer.messages == [] and consumer.pauses >= 1 and not consumer.paused, "paused, then read on"
+    assert stats["failed"] == 7 and stats["retried"] == 7 and stats["observations"] == 10
+    assert len(asked) == 10, "a failed delivery is sent again, not snapshotted again"
+
+
+def test_a_record_the_stage_fails_on_is_a_dead_letter_and_the_rest_goes_on() -> None:
+    class Buggy(FaceStage):
+        """A planning bug for one transaction: the kind of exception no validation foresees."""
+
+        def plan_transaction(self, value: bytes | None, ingest_ms: int) -> list:
+            if PosTransaction.decode(value).transaction_id == "tx-bug":  # type: ignore[arg-type]
+                raise KeyError("lane map")
+            return super().plan_transaction(value, ingest_ms)
+
+    asked: list[str] = []
+    stage = Buggy(settings(), no_video(asked), None, None)  # type: ignore[arg-type]
+    messages = [
+        tx_message(0, "tx-a"),
+        tx_message(1, "tx-bug"),
+        tx_message(2, "tx-hostile", store_id="x/../Q2XX-VICTIM-0001/reboot?"),
+        tx_message(3, "tx-b"),
+    ]
+    consumer, producer = Consumer(messages), Producer(failures=0)
+    stats = run_until(
+        FaceStageRunner(settings(), stage, producer=producer, consumer=consumer),
+        lambda: consumer.commits.get((TX_TOPIC, 0)) == 4,
+    )
+
+    [dl] = delivered(producer, DEAD_LETTERS, DeadLetter)
+    assert (dl.error_kind, dl.reason, dl.stage) == (STAGE_ERROR, "planning failed: KeyError", STAGE)
+    assert dl.dead_letter_id == f"{STAGE}:{TX_TOPIC}:0:1", "never the scoring job's own dead-letter id"
+    assert dl.payload == messages[1].value()
+    observed = [o.transaction_id for o in delivered(producer, FACE_OBSERVATIONS, FaceObservation)]
+    assert sorted(observed) == ["tx-a", "tx-b"], "the hostile transaction is skipped (the job dead-letters it)"
+    assert asked == ["Q2MV-store-001-lane-01"] * 2
+    assert consumer.commits == {(TX_TOPIC, 0): 4} and stats["errors"] == 1

@@ -1,0 +1,55 @@
+"""The Webex client's paths against the local Webex API (infra/local/webex.py, a real HTTP server).
+
+Message and webhook ids reach the client from webhook bodies; each must stay one path segment, so an
+id can never turn "read this message" into another call made with the bot's token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from infra.clients.webex import WebexClient, WebexError, path_segment
+from infra.local.webex import LocalWebexServer
+
+TOKEN = "edge-token"
+
+
+@pytest.fixture
+def webex() -> Iterator[tuple[LocalWebexServer, WebexClient]]:
+    with LocalWebexServer(TOKEN) as server, WebexClient(server.url, TOKEN) as client:
+        yield server, client
+
+
+def test_a_message_id_cannot_reach_another_endpoint(webex) -> None:
+    _, client = webex
+    client.create_webhook("hook", "https://bot.example/webex/webhook", "s3cret")
+    for hostile in ("../people/me", "../webhooks", "..", "%2E%2E/webhooks"):
+        with pytest.raises(WebexError) as err:
+            client.get_message(hostile)  # unescaped, these read the bot's profile or the webhooks
+        assert err.value.status == 404, hostile
+    sent = client.send_message("room-1", "hello")
+    assert client.get_message(sent["id"])["id"] == sent["id"], "a real id still works"
+
+
+def test_a_webhook_id_cannot_delete_another_webhook(webex) -> None:
+    _, client = webex
+    hook = client.create_webhook("hook", "https://bot.example/webex/webhook", "s3cret")
+    with pytest.raises(WebexError) as err:
+        client.delete_webhook(f"x/../{hook['id']}")  # unescaped: DELETE /webhooks/<the real id>
+    assert err.value.status == 404
+    assert [w["id"] for w in client.list_webhooks()] == [hook["id"]]
+    client.delete_webhook(hook["id"])
+    assert client.list_webhooks() == []
+
+
+def test_an_empty_id_is_refused_before_any_request(webex) -> None:
+    server, client = webex
+    client.send_message("room-1", "hello")
+    before = dict(server.state.requests)
+    with pytest.raises(WebexError) as err:
+        client.get_message("")  # unescaped: GET /messages/, a listing instead of one message
+    assert not err.value.retriable and err.value.status is None
+    assert server.state.requests == before, "no request reached the server"
+    assert path_segment("a/b?c#d.e") == "a%2Fb%3Fc%23d%2Ee"
