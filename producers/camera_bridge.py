@@ -2,15 +2,29 @@
 
 Input: ``/merakimv/<serial>/raw_detections`` (tracked objects with their ``oid``) and
 ``/merakimv/<serial>/<zoneId>`` (zone counts; zone ``0`` = the whole frame) from the broker in
-``settings.mqtt``. Other camera topics (``light``, ``audio_detections``, ``custom_analytics``, ...)
-are ignored and counted; a payload we cannot read becomes a ``DeadLetter`` naming the MQTT topic and why.
+``settings.mqtt`` (logging in with ``settings.mqtt.username``/``password`` when set). Other camera
+topics (``light``, ``audio_detections``, ``custom_analytics``, ...) are ignored and counted.
+
+No message stops the bridge: whatever cannot be turned into a record -- not JSON, nested deeper
+than :data:`MAX_JSON_DEPTH`, oversized, a number out of range (``ts`` outside
+[:data:`MIN_TS_MS`, :data:`MAX_TS_MS`], negative or huge counts and ids), a serial in the topic that
+is not an identifier, or any exception at all while converting it -- becomes a ``DeadLetter`` naming
+the MQTT topic and why. An exception in paho's callback would end paho's network thread while the
+process looked alive, and the persistent session would hand the same message to the next run.
 
 Delivery: QoS 1 subscription on a persistent session (``clean_session=False``, a stable client id),
 and each MQTT message is acknowledged (PUBACK) only after Kafka acknowledged the record made from it
-(``manual_ack``): a crash or a broker restart loses nothing; a redelivery makes an identical record
-(same key, same content). paho reconnects by itself and we resubscribe on every connect, so a
-Mosquitto restart without persistence is survived too. Output: ``camera_events`` / ``dead_letters``
-through an idempotent producer with delivery callbacks.
+(``manual_ack``, ``acks=all``): a crash or a broker restart loses nothing; a redelivery makes an
+identical record (same key, same content). A failed Kafka delivery (a broker down longer than
+``message.timeout.ms`` included) is produced again with jittered backoff until it is delivered; the
+unacknowledged MQTT messages meanwhile hold the broker's in-flight window, which is the backpressure.
+paho reconnects by itself and we resubscribe on every connect, so a Mosquitto restart without
+persistence is survived too. Output: ``camera_events`` / ``dead_letters``.
+
+Health: :meth:`CameraBridge.healthy` is false once paho's network thread has ended, the Kafka producer
+failed fatally, the MQTT broker refused our login, or a message could not even be dead-lettered;
+``run`` then raises :class:`BridgeFailed` and the process logs why and exits with status 1, so a
+supervisor restarts it instead of it idling while looking alive.
 
 Run: ``python -m producers.camera_bridge`` (Ctrl-C / SIGTERM stops after flushing).
 """
@@ -31,20 +45,43 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from infra.clients import kafka as kafka_clients
 from infra.clock import now_ms
+from infra.retry import Backoff
 from infra.settings import Settings, get_settings
-from schemas.errors import InvalidRecord
+from schemas.errors import CheckoutGuardError, InvalidRecord
+from schemas.identifiers import check_serial
 from schemas.records import CameraEvent, DeadLetter, DetectedObject, dead_letter
 from schemas.topics import CAMERA_EVENTS, DEAD_LETTERS
 
 log = logging.getLogger("producers.camera_bridge")
 
 STAGE = "camera_bridge"
-_ZONE_RE = re.compile(r"^\d+$")
+_ZONE_RE = re.compile(r"[0-9]{1,20}")
 _BOX = ("x0", "y0", "x1", "y1")
+
+MIN_TS_MS = 1
+"""``ts`` is positive epoch milliseconds; a camera whose clock is years behind is the job's ``too_late``."""
+MAX_TS_MS = 4_102_444_800_000
+"""2100-01-01T00:00:00Z: a far-future ``ts`` would stall event time downstream (and 1e20 overflows Avro long)."""
+MAX_LONG = 2**63 - 1
+"""Avro ``long``: object ids and frame numbers."""
+MAX_COUNT = 100_000
+"""A zone count above this is no camera frame's (and Avro ``int`` ends at 2**31 - 1)."""
+MAX_NAME_CHARS = 64
+"""Object types and count names (``person``, ``vehicle``)."""
+MAX_JSON_DEPTH = 16
+"""MV Sense payloads nest three levels; deeper ones are refused before ``json.loads`` recurses."""
+OTHER_SUBTOPIC = "other_subtopic"
+"""What an ignored subtopic is counted as when it is no identifier, or when :data:`MAX_IGNORED_KINDS`
+are counted already: a publisher of random topics cannot grow the counter without bound."""
+MAX_IGNORED_KINDS = 64
+AUTH_REFUSED = ("Bad user name or password", "Not authorized")
+"""CONNACK reasons that retrying cannot fix: the bridge exits instead of looking connected-ish forever."""
+_TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD})
+"""Delivery errors that no retry fixes for that record: it is dead-lettered instead."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,23 +91,48 @@ class Ignored:
     what: str
 
 
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """The Kafka record one MQTT message becomes: its camera event, or its dead letter (``dead``)."""
+
+    dead: bool
+    key: bytes
+    value: bytes
+
+
 # --------------------------------------------------------------------------------------------------
 # Pure parsing
 
 
-def _number(obj: dict, name: str, where: str) -> float:
+def _shown(value: object) -> str:
+    """``value`` for a reason: short, since it may be a hostile payload and reasons are logged."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
+def _int(obj: dict, name: str, where: str, low: int, high: int, kind: str = "invalid") -> int:
+    """An integer in ``[low, high]`` (else ``kind``); an integral float (``5.0``) counts, a bool does not."""
     value = obj.get(name)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidRecord("invalid", f"{where}: {name!r} must be a number, got {value!r}")
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRecord("invalid", f"{where}: {name!r} must be an integer, got {_shown(value)}")
+    if not low <= value <= high:
+        raise InvalidRecord(kind, f"{where}: {name!r} = {_shown(value)} is outside [{low}, {high}]")
+    return value
+
+
+def _fraction(obj: dict, name: str, where: str) -> float:
+    """A box coordinate: a fraction of the frame, 0 to 1."""
+    value = obj.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+        raise InvalidRecord("invalid", f"{where}: {name!r} must be a number from 0 to 1, got {_shown(value)}")
     return float(value)
 
 
-def _int(obj: dict, name: str, where: str) -> int:
-    value = obj.get(name)
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise InvalidRecord("invalid", f"{where}: {name!r} must be an integer, got {value!r}")
+def _name(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_NAME_CHARS:
+        raise InvalidRecord("invalid", f"{what} must be a string of 1 to {MAX_NAME_CHARS} characters")
     return value
 
 
@@ -81,35 +143,82 @@ def parse_message(topic: str, payload: bytes, prefix: str = "", max_bytes: int =
         return route
     serial, sub = route
     body = _body(payload, max_bytes)
-    ts = _int(body, "ts", "message")
-    if ts <= 0:
-        raise InvalidRecord("invalid", f"ts must be epoch milliseconds, got {ts}")
+    ts = _int(body, "ts", "message", MIN_TS_MS, MAX_TS_MS, kind="invalid_timestamp")
     if sub == "raw_detections":
         return CameraEvent(serial, ts, topic, "RAW_DETECTIONS", None, _detections(body), {})
     return CameraEvent(serial, ts, topic, "ZONE_COUNT", sub, (), _zone_counts(body))
 
 
 def _route(topic: str, prefix: str) -> tuple[str, str] | Ignored:
-    """``(serial, subtopic)`` of a camera topic we forward, else what to count it as."""
+    """``(serial, subtopic)`` of a camera topic we forward, else what to count it as.
+
+    The serial becomes the record key and, downstream, part of Meraki API paths: one that is not an
+    identifier is ``invalid_id`` (a dead letter), not a topic to ignore.
+    """
     if prefix and not topic.startswith(prefix):
         return Ignored("foreign_topic")
     parts = topic[len(prefix) :].split("/")
     if len(parts) != 4 or parts[0] or parts[1] != "merakimv" or not parts[2]:
         return Ignored("foreign_topic")
     serial, sub = parts[2], parts[3]
-    if sub != "raw_detections" and not _ZONE_RE.match(sub):
-        return Ignored(sub or "empty_subtopic")
-    return serial, sub
+    if sub != "raw_detections" and not _ZONE_RE.fullmatch(sub):
+        return Ignored(sub if sub.isidentifier() and len(sub) <= MAX_NAME_CHARS else OTHER_SUBTOPIC)
+    return check_serial(serial), sub
+
+
+_JSON_TOKEN = re.compile(r'["\[\]{}]')
+_STRING_REST = re.compile(r'[^"\\]*+(?:\\.[^"\\]*+)*+"', re.DOTALL)
+
+
+def json_too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``text`` nests arrays/objects deeper than ``limit`` (brackets in strings do not count).
+
+    Linear: one regex step per string or bracket, and it stops at the first level past ``limit``; a
+    payload with no more than ``limit`` opening brackets is not scanned at all.
+    """
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth, pos = 0, 0
+    while (token := _JSON_TOKEN.search(text, pos)) is not None:
+        char, pos = token.group(), token.end()
+        if char == '"':
+            end = _STRING_REST.match(text, pos)
+            if end is None:
+                return False  # an unterminated string: json.loads says what is wrong
+            pos = end.end()
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _body(payload: bytes, max_bytes: int) -> dict:
-    """The payload as a JSON object (``oversized``, ``not_json`` or ``invalid`` raised)."""
+    """The payload as a JSON object (``oversized``, ``not_json`` or ``invalid`` raised).
+
+    Size and depth are checked before ``json.loads``: its recursion ends in a RecursionError (caught
+    too, as a last resort), not a ValueError. ``NaN``/``Infinity`` are not JSON and are refused.
+    """
     if len(payload) > max_bytes:
         raise InvalidRecord("oversized", f"payload of {len(payload)} bytes exceeds the {max_bytes}-byte limit")
     try:
-        body = json.loads(payload)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise InvalidRecord("not_json", f"payload is not JSON: {exc}") from None
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRecord("not_json", f"payload is not JSON: not UTF-8 at byte {exc.start}") from None
+    if json_too_deep(text):
+        raise InvalidRecord("not_json", f"payload is not JSON we accept: nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        body = json.loads(text, parse_constant=_no_constant)
+    except ValueError as exc:
+        raise InvalidRecord("not_json", f"payload is not JSON: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise InvalidRecord("not_json", "payload is not JSON we accept: nested too deeply") from None
     if not isinstance(body, dict):
         raise InvalidRecord("invalid", f"payload must be a JSON object, got {type(body).__name__}")
     return body
@@ -125,33 +234,34 @@ def _detections(body: dict) -> tuple[DetectedObject, ...]:
         where = f"objects[{i}]"
         if not isinstance(obj, dict):
             raise InvalidRecord("invalid", f"{where} must be an object")
-        kind = obj.get("type")
-        if not isinstance(kind, str) or not kind:
-            raise InvalidRecord("invalid", f"{where}: 'type' must be a non-empty string")
-        frame = _int(obj, "frame", where) if obj.get("frame") is not None else None
-        parsed.append(
-            DetectedObject(_int(obj, "oid", where), kind, *(_number(obj, b, where) for b in _BOX), frame=frame)
-        )
+        kind = _name(obj.get("type"), f"{where}: 'type'")
+        frame = _int(obj, "frame", where, 0, MAX_LONG) if obj.get("frame") is not None else None
+        oid = _int(obj, "oid", where, 0, MAX_LONG)
+        x0, y0, x1, y1 = (_fraction(obj, b, where) for b in _BOX)
+        parsed.append(DetectedObject(oid, kind, x0, y0, x1, y1, frame=frame))
     return tuple(parsed)
 
 
 def _zone_counts(body: dict) -> dict[str, int]:
-    """A zone message's ``counts`` (object name -> non-negative count)."""
+    """A zone message's ``counts`` (object name -> count from 0 to :data:`MAX_COUNT`)."""
     counts = body.get("counts")
     if not isinstance(counts, dict):
         raise InvalidRecord("invalid", "zone message: 'counts' must be an object")
     clean = {}
     for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise InvalidRecord("invalid", f"zone message: count of {name!r} must be a non-negative integer")
-        clean[str(name)] = value
+        _name(name, "zone message: a count's name")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+            raise InvalidRecord(
+                "invalid", f"zone message: count of {_shown(name)} must be a non-negative integer up to {MAX_COUNT}"
+            )
+        clean[name] = value
     return clean
 
 
 def mqtt_dead_letter(topic: str, payload: bytes, error: InvalidRecord, failed_at: int) -> DeadLetter:
-    """A bad MQTT message; MQTT has no offsets, so the id is the topic + a hash of the payload
-    (a redelivered duplicate gets the same id)."""
-    digest = hashlib.sha256(payload).hexdigest()[:16]
+    """A bad MQTT message; MQTT has no offsets, so the id is the topic + a hash of topic and payload
+    (a redelivered duplicate gets the same id; a long hostile topic is cut in the id, not in the hash)."""
+    digest = hashlib.sha256(topic.encode("utf-8", "replace") + b"\0" + payload).hexdigest()[:16]
     return dead_letter(
         topic=topic,
         partition=-1,
@@ -161,8 +271,24 @@ def mqtt_dead_letter(topic: str, payload: bytes, error: InvalidRecord, failed_at
         error=error,
         stage=STAGE,
         failed_at=failed_at,
-        dead_letter_id=f"mqtt:{topic}:{digest}",
+        dead_letter_id=f"mqtt:{topic[:200]}:{digest}",
     )
+
+
+def convert(topic: str, payload: bytes, prefix: str, max_bytes: int, failed_at: int) -> Outgoing | Ignored:
+    """What one MQTT message becomes: its event, :class:`Ignored`, or -- whatever goes wrong, even an
+    exception no parser anticipated -- its dead letter. Never raises for a message's content."""
+    try:
+        result = parse_message(topic, payload, prefix, max_bytes)
+        if isinstance(result, Ignored):
+            return result
+        return Outgoing(False, result.camera_serial.encode(), result.encode())
+    except InvalidRecord as exc:
+        error = exc
+    except Exception as exc:  # the bridge must outlive any message; the dead letter says what happened
+        error = InvalidRecord("invalid", f"cannot convert the message: {type(exc).__name__}: {str(exc)[:200]}")
+    dl = mqtt_dead_letter(topic, payload, error, failed_at)
+    return Outgoing(True, dl.dead_letter_id.encode(), dl.encode())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,8 +301,25 @@ class BridgeStats:
     published: int = 0
     dead_lettered: int = 0
     delivery_failed: int = 0
+    """Failed Kafka deliveries, each of which was produced again (or dead-lettered, if too large)."""
     connects: int = 0
     ignored: Counter = field(default_factory=Counter)
+
+
+class BridgeFailed(CheckoutGuardError, RuntimeError):
+    """The bridge can no longer make progress (see :meth:`CameraBridge.failure`); the process should exit."""
+
+
+DELIVERY_BACKOFF = Backoff(initial_s=0.5, maximum_s=30.0)
+"""Between Kafka delivery attempts of one record: a long outage is still probed twice a minute."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Retry:
+    at: float
+    out: Outgoing
+    msg: mqtt.MQTTMessage
+    attempt: int
 
 
 def make_producer(settings: Settings) -> Producer:
@@ -189,97 +332,232 @@ def client_id(settings: Settings) -> str:
     return f"checkout-guard-camera-bridge-{name}"
 
 
-class CameraBridge:
-    """Wires :func:`parse_message` between paho (loop thread) and a Kafka producer (``run`` thread)."""
+def _topic_of(msg: mqtt.MQTTMessage) -> str:
+    """The message's topic; paho's ``topic`` raises on bytes that are not UTF-8."""
+    try:
+        return msg.topic
+    except UnicodeDecodeError:
+        return bytes(msg._topic).decode("utf-8", "replace")
 
-    def __init__(self, settings: Settings, producer: Producer | None = None) -> None:
+
+def _fatal(err: KafkaError) -> bool:
+    return bool(getattr(err, "fatal", lambda: False)())
+
+
+def _refusal_kind(err: object) -> str:
+    """``oversized`` when Kafka refused a record for its size, else ``refused``."""
+    if isinstance(err, KafkaException) and err.args:
+        err = err.args[0]
+    code = getattr(err, "code", None)
+    return "oversized" if callable(code) and code() in _TOO_LARGE else "refused"
+
+
+class CameraBridge:
+    """Wires :func:`convert` between paho (network thread) and a Kafka producer (``run`` thread)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        producer: Producer | None = None,
+        *,
+        backoff: Backoff = DELIVERY_BACKOFF,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings = settings
         self.prefix = settings.cameras.mqtt_topic_prefix
         self.stats = BridgeStats()
         self.connected = threading.Event()
-        self._producer = producer or make_producer(settings)
+        self._producer = producer if producer is not None else make_producer(settings)
         self._events_topic = CAMERA_EVENTS.full_name(settings.kafka.topic_prefix)
         self._dlq_topic = DEAD_LETTERS.full_name(settings.kafka.topic_prefix)
-        self._client = mqtt.Client(
+        self._backoff, self._clock = backoff, clock
+        self._lock = threading.Lock()
+        self._retries: list[_Retry] = []
+        self._failed: str | None = None
+        self._running = self._stopping = False
+        self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2, client_id=client_id(settings), clean_session=False, manual_ack=True
         )
-        self._client.reconnect_delay_set(min_delay=0.2, max_delay=5)
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_message = self._on_message
-        self._lock = threading.Lock()
+        mq = settings.mqtt
+        if mq.username:
+            self.client.username_pw_set(mq.username, mq.password.get_secret_value() if mq.password else None)
+        self.client.reconnect_delay_set(min_delay=0.2, max_delay=5)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
 
-    # paho callbacks (loop thread)
+    # health
 
-    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+    def failure(self) -> str | None:
+        """Why the bridge cannot go on (None while it can)."""
+        if self._failed is not None:
+            return self._failed
+        if self._running and not self._stopping:
+            network = self.client._thread  # paho's network thread; it sets this to None as it ends
+            if network is None or not network.is_alive():
+                return "the mqtt network thread has ended: no message would be received or acknowledged"
+        return None
+
+    def healthy(self) -> bool:
+        return self.failure() is None
+
+    @property
+    def awaiting_retry(self) -> int:
+        """Records whose Kafka delivery failed and that wait for their next attempt."""
+        with self._lock:
+            return len(self._retries)
+
+    def _fail(self, reason: str) -> None:
+        if self._failed is None:
+            self._failed = reason
+            log.error("camera bridge failing: %s", reason)
+
+    # paho callbacks (network thread)
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
-            log.warning("mqtt connect refused: %s", reason)
+            if reason in AUTH_REFUSED:
+                self._fail(f"mqtt broker refused our login ({reason}); check CG_MQTT__USERNAME / CG_MQTT__PASSWORD")
+            else:
+                log.warning("mqtt connect refused: %s", reason)
             return
         client.subscribe(f"{self.prefix}/merakimv/#", qos=1)
         self.stats.connects += 1
         self.connected.set()
         log.info(
-            "connected to mqtt %s:%s (session present: %s)",
+            "connected to mqtt %s:%s as %s (session present: %s)",
             self.settings.mqtt.host,
             self.settings.mqtt.port,
-            _f.session_present,
+            self.settings.mqtt.username or "anonymous",
+            flags.session_present,
         )
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self.connected.clear()
         log.warning("mqtt disconnected (%s); reconnecting", reason)
 
-    def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        self.stats.received += 1
-        now = now_ms()
+    def _on_message(self, _client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        """Never raises: an exception here would end paho's network thread."""
         try:
-            result = parse_message(msg.topic, msg.payload, self.prefix, self.settings.job.max_message_bytes)
-        except InvalidRecord as exc:
-            dl = mqtt_dead_letter(msg.topic, msg.payload, exc, now)
-            self._send(self._dlq_topic, dl.dead_letter_id.encode(), dl.encode(), msg, dead=True)
-            return
-        if isinstance(result, Ignored):
-            self.stats.ignored[result.what] += 1
+            self._forward(msg)
+        except Exception as exc:
+            self._fail(f"a message on {_topic_of(msg)[:200]!r} could not be forwarded nor dead-lettered: {exc!r}")
+
+    def _forward(self, msg: mqtt.MQTTMessage) -> None:
+        self.stats.received += 1
+        topic, payload = _topic_of(msg), bytes(msg.payload)
+        out = convert(topic, payload, self.prefix, self.settings.job.max_message_bytes, now_ms())
+        if isinstance(out, Ignored):
+            ignored = self.stats.ignored
+            ignored[out.what if out.what in ignored or len(ignored) < MAX_IGNORED_KINDS else OTHER_SUBTOPIC] += 1
             self._ack(msg)
             return
-        self._send(self._events_topic, result.camera_serial.encode(), result.encode(), msg, dead=False)
+        # A full local queue is drained by the run loop's poll(), not by this thread: sleep, not poll.
+        try:
+            self._produce(out, msg, 0, wait=time.sleep)
+        except Exception as exc:
+            if out.dead:
+                raise
+            self._produce(self._refused(msg, exc), msg, 0, wait=time.sleep)
 
     # Kafka side
 
-    def _send(self, topic: str, key: bytes, value: bytes, msg: mqtt.MQTTMessage, dead: bool) -> None:
+    def _refused(self, msg: mqtt.MQTTMessage, why: object) -> Outgoing:
+        """The dead letter of a message whose event Kafka will never take (e.g. too large)."""
+        error = InvalidRecord(_refusal_kind(why), f"kafka refused the camera event: {str(why)[:200]}")
+        dl = mqtt_dead_letter(_topic_of(msg), bytes(msg.payload), error, now_ms())
+        return Outgoing(True, dl.dead_letter_id.encode(), dl.encode())
+
+    def _produce(
+        self, out: Outgoing, msg: mqtt.MQTTMessage, attempt: int, wait: Callable[[float], object] | None
+    ) -> None:
         def delivered(err: KafkaError | None, _m: object) -> None:
-            if err is not None:
-                self.stats.delivery_failed += 1
-                log.error("kafka delivery failed (%s); the mqtt message stays unacknowledged", err)
-                return
-            if dead:
+            self._delivered(out, msg, attempt, err)
+
+        topic = self._dlq_topic if out.dead else self._events_topic
+        kafka_clients.produce(self._producer, topic, out.key, out.value, delivered, wait=wait)
+
+    def _delivered(self, out: Outgoing, msg: mqtt.MQTTMessage, attempt: int, err: KafkaError | None) -> None:
+        """Delivery callback (``run`` thread): ack the MQTT message only now; otherwise try again later."""
+        if err is None:
+            if out.dead:
                 self.stats.dead_lettered += 1
             else:
                 self.stats.published += 1
             self._ack(msg)
+            return
+        self.stats.delivery_failed += 1
+        if _fatal(err):
+            self._fail(f"the kafka producer failed fatally: {err}")
+            return
+        if not out.dead and _refusal_kind(err) == "oversized":
+            self._produce(self._refused(msg, err), msg, 0, wait=None)
+            return
+        delay = self._backoff.delay(attempt)
+        log.warning(
+            "kafka delivery of the record from %s failed (%s); attempt %d in %.1f s, the mqtt message stays unacked",
+            _topic_of(msg)[:200],
+            err,
+            attempt + 2,
+            delay,
+        )
+        with self._lock:
+            self._retries.append(_Retry(self._clock() + delay, out, msg, attempt + 1))
 
-        # A full local queue is drained by the run loop's poll(), not by this (paho) thread: sleep, not poll.
-        kafka_clients.produce(self._producer, topic, key, value, delivered, wait=time.sleep)
+    def _resend_due(self) -> None:
+        now = self._clock()
+        with self._lock:
+            due = [r for r in self._retries if r.at <= now]
+            self._retries = [r for r in self._retries if r.at > now]
+        for retry in due:
+            try:
+                self._produce(retry.out, retry.msg, retry.attempt, wait=None)
+            except Exception as exc:
+                self._fail(f"producing a record again failed: {exc!r}")
 
     def _ack(self, msg: mqtt.MQTTMessage) -> None:
         if msg.qos > 0:
             with self._lock:
-                self._client.ack(msg.mid, msg.qos)
+                self.client.ack(msg.mid, msg.qos)
+
+    def service(self, timeout: float = 0.1) -> None:
+        """One turn of the run loop: serve delivery callbacks, produce again what is due."""
+        self._producer.poll(timeout)
+        self._resend_due()
 
     def run(self, stop: threading.Event, on_tick: Callable[[BridgeStats], None] | None = None) -> BridgeStats:
-        """Connect (retrying until the broker answers), forward until ``stop`` is set, then flush."""
-        self._client.connect_async(self.settings.mqtt.host, self.settings.mqtt.port, keepalive=15)
-        self._client.loop_start()
+        """Connect (retrying until the broker answers), forward until ``stop`` is set, then flush.
+
+        Raises :class:`BridgeFailed` (after the same cleanup) as soon as :meth:`failure` names a reason.
+        """
+        self._stopping = False
+        self.client.connect_async(self.settings.mqtt.host, self.settings.mqtt.port, keepalive=15)
+        self.client.loop_start()
+        self._running = True  # from now on paho's network thread is watched: it would end silently
         try:
             while not stop.is_set():
-                self._producer.poll(0.1)
+                self.service(0.1)
+                reason = self.failure()
+                if reason is not None:
+                    raise BridgeFailed(reason)
                 if on_tick:
                     on_tick(self.stats)
         finally:
-            self._client.disconnect()
-            self._client.loop_stop()
+            self._stopping = True
+            self.client.disconnect()
+            self.client.loop_stop()
             self._producer.flush(10)
         return self.stats
+
+
+def serve(bridge: CameraBridge, stop: threading.Event, on_tick: Callable[[BridgeStats], None] | None = None) -> int:
+    """Run ``bridge`` until ``stop``; the process exit status: 0, or 1 with the reason logged when it failed."""
+    try:
+        bridge.run(stop, on_tick)
+    except BridgeFailed as exc:
+        log.error("camera bridge exiting with status 1: %s", exc)
+        return 1
+    return 0
 
 
 def main() -> None:
@@ -288,23 +566,26 @@ def main() -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     last = [time.monotonic()]
+    bridge = CameraBridge(settings)
 
     def report(stats: BridgeStats) -> None:
         if time.monotonic() - last[0] >= 30:
             last[0] = time.monotonic()
             log.info(
-                "received %d, published %d, dead-lettered %d, ignored %s, delivery failures %d",
+                "received %d, published %d, dead-lettered %d, ignored %s, delivery failures %d, awaiting retry %d",
                 stats.received,
                 stats.published,
                 stats.dead_lettered,
                 dict(stats.ignored),
                 stats.delivery_failed,
+                bridge.awaiting_retry,
             )
 
     try:
-        CameraBridge(settings).run(stop, report)
+        status = serve(bridge, stop, report)
     except KeyboardInterrupt:
-        stop.set()
+        status = 0
+    raise SystemExit(status)
 
 
 if __name__ == "__main__":

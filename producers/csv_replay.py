@@ -2,6 +2,11 @@
 
 Pure functions and small classes, no Kafka: ``producers.pos replay-csv`` wires them to a producer.
 
+Bad rows: a row that cannot be read (not UTF-8, oversized, refused by ``csv``) or mapped (wrong
+types, NaN or infinite amounts, ids with path characters) costs that row only: :func:`transaction_of`
+raises its :class:`InvalidRecord`, whatever went wrong, and :func:`row_dead_letter` is its dead letter,
+with the row's bytes and the id ``<file name>:<line>``; the rest of the file is replayed.
+
 Row order: rows are replayed in ``EVENT_TIMESTAMP`` order (a stable sort, so rows with equal
 timestamps keep their file order; rows whose timestamp cannot be parsed sort last and are then
 reported as unmappable). A row's *index* is its position in that order.
@@ -23,8 +28,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from schemas.errors import CheckoutGuardError
+from infra.clock import now_ms
+from schemas.afd_csv import CsvRow, row_to_transaction, source_bytes
+from schemas.errors import CheckoutGuardError, InvalidRecord
+from schemas.records import DeadLetter, PosTransaction, dead_letter
+
+STAGE = "csv_replay"
 
 
 class ReplayStateError(CheckoutGuardError, ValueError):
@@ -32,6 +43,35 @@ class ReplayStateError(CheckoutGuardError, ValueError):
 
 
 # ---------------------------------------------------------------------------- mapping
+
+
+def transaction_of(row: CsvRow) -> PosTransaction:
+    """The row's transaction; :class:`InvalidRecord` for any row that has none -- even an exception the
+    mapping did not anticipate, which must cost that row and not the file."""
+    try:
+        return row_to_transaction(row.data)
+    except InvalidRecord:
+        raise
+    except Exception as exc:
+        raise InvalidRecord("invalid", f"cannot map the row: {type(exc).__name__}: {str(exc)[:300]}") from exc
+
+
+def row_dead_letter(csv_name: str, row: CsvRow, error: InvalidRecord, failed_at: int) -> DeadLetter:
+    """The dead letter of a row that cannot be replayed. Its id ``<file name>:<line>`` is stable across
+    reruns, so a resumed replay that sends it again replaces it downstream; the key is the row's
+    ``EVENT_ID`` when it has one."""
+    event_id = row.data.get("EVENT_ID")
+    return dead_letter(
+        topic=csv_name,
+        partition=-1,
+        offset=row.line,
+        key=event_id.encode("utf-8", "surrogateescape") if isinstance(event_id, str) and event_id else None,
+        value=source_bytes(row),
+        error=error,
+        stage=STAGE,
+        failed_at=failed_at,
+        dead_letter_id=f"{csv_name}:{row.line}",
+    )
 
 
 # ---------------------------------------------------------------------------- reading and ordering
@@ -144,3 +184,38 @@ class Checkpoint:
     def maybe_save(self) -> None:
         if self.watermark.last != self._saved and self._clock() - self._saved_at >= self._interval:
             self.save()
+
+
+Send = Callable[[bytes, bytes, Callable[[Any, Any], None]], None]
+"""``send(key, value, on_delivery)``: produce one record to the dead-letter topic."""
+
+
+class DeadLetterRows:
+    """Sends each bad row's dead letter; the row counts as done (settles the watermark) only once Kafka
+    has its dead letter, so one whose dead letter failed is sent again on resume."""
+
+    def __init__(
+        self,
+        csv_name: str,
+        watermark: AckWatermark,
+        checkpoint: Checkpoint,
+        send: Send,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        self._name, self._send, self._clock = csv_name, send, clock
+        self._watermark, self._checkpoint = watermark, checkpoint
+        self.sent = self.failed = 0
+
+    def send(self, index: int, row: CsvRow, error: InvalidRecord) -> None:
+        """Dead-letter row ``index`` (its position in replay order)."""
+        dl = row_dead_letter(self._name, row, error, self._clock())
+
+        def delivered(err: object, _msg: object) -> None:
+            if err is None:
+                self._watermark.settle(index)
+                self._checkpoint.maybe_save()
+            else:
+                self.failed += 1
+
+        self._send(dl.dead_letter_id.encode(), dl.encode(), delivered)
+        self.sent += 1

@@ -36,14 +36,17 @@ from infra.settings import Settings, get_settings
 from producers.csv_replay import (
     AckWatermark,
     Checkpoint,
+    DeadLetterRows,
     ReplayStateError,
     default_state_file,
     load_state,
     resume_index,
+    transaction_of,
 )
-from schemas.afd_csv import CsvFormatError, file_sha256, read_rows, replay_order, row_to_transaction
+from schemas.afd_csv import CsvFormatError, file_sha256, read_rows, replay_order
+from schemas.errors import InvalidRecord
 from schemas.records import PosTransaction
-from schemas.topics import TRANSACTIONS
+from schemas.topics import DEAD_LETTERS, TRANSACTIONS
 
 console = Console(stderr=True)
 _REFRESH_S = 0.25
@@ -236,7 +239,7 @@ class ReplayResult:
     last_acked_index: int
     """Replay-order index of the last row of the acknowledged (or skipped) prefix; what was saved."""
     skipped: list[tuple[int, str]]
-    """Unmappable rows: (line number, reason)."""
+    """Rows that could not be read or mapped, each sent to the dead letters: (line number, reason)."""
     state_file: Path
 
     @property
@@ -261,7 +264,8 @@ def replay_csv(
     Progress is checkpointed in ``state_file`` (default ``<stack_dir>/replay/<stem>.state.json``)
     only up to the last row acknowledged with all before it; a rerun continues after it, so no row is
     ever skipped. Rows acknowledged after the last checkpoint are sent again after a crash -- at
-    least once, which is fine because downstream is idempotent by transaction id.
+    least once, which is fine because downstream is idempotent by transaction id. A row that cannot
+    be read or mapped becomes a dead letter (id ``<file>:<line>``) and is done once Kafka has that.
     ``time_scale`` N replays N times faster than the original spacing of events (0 = no pacing).
     Raises :class:`CsvFormatError` / :class:`ReplayStateError` for a bad file or a foreign state.
     """
@@ -274,18 +278,22 @@ def replay_csv(
     checkpoint.save()  # records the fresh start (and resets an old state on --from-start)
     skipped: list[tuple[int, str]] = []
     row_of_seq: dict[int, int] = {}  # produce()'s sequence number -> row index, until delivered
+    kafka: ProducerLike = producer if producer is not None else make_producer(settings)
+    dead_topic = DEAD_LETTERS.full_name(settings.kafka.topic_prefix)
+    bad_rows = DeadLetterRows(path.name, watermark, checkpoint, partial(kafka_clients.produce, kafka, dead_topic))
 
     def transactions() -> Iterator[PosTransaction]:
         seq = 0
         for index in range(start, len(rows)):
             row = rows[index]
             try:
-                tx = row_to_transaction(row.data)
-            except ValueError as exc:
-                skipped.append((row.line, str(exc)))
+                tx = transaction_of(row)
+            except InvalidRecord as exc:
+                skipped.append((row.line, exc.reason))
                 if len(skipped) <= _MAX_REPORTED_ERRORS:
-                    console.print(f"line {row.line}: skipped, {exc}", style="yellow", markup=False, highlight=False)
-                watermark.settle(index)
+                    text = f"line {row.line}: dead-lettered ({exc.kind}), {exc.reason}"
+                    console.print(text, style="yellow", markup=False, highlight=False)
+                bad_rows.send(index, row, exc)
                 continue
             row_of_seq[seq] = index
             seq += 1
@@ -311,7 +319,7 @@ def replay_csv(
             transactions(),
             rate,
             progress,
-            producer=producer,
+            producer=kafka,
             on_delivery=on_delivery,
             due=event_time_due if time_scale > 0 else None,
             label=path.name,
@@ -319,7 +327,7 @@ def replay_csv(
     finally:
         checkpoint.save()
     if len(skipped) > _MAX_REPORTED_ERRORS:
-        console.print(f"... and {len(skipped) - _MAX_REPORTED_ERRORS} more unmappable rows", style="yellow")
+        console.print(f"... and {len(skipped) - _MAX_REPORTED_ERRORS} more dead-lettered rows", style="yellow")
     return ReplayResult(stats, len(rows), start, watermark.last, skipped, state_path)
 
 
@@ -455,7 +463,7 @@ def replay_csv_command(
     else:
         console.print(
             f"{done:,} of {result.total_rows:,} rows done (this run started at row "
-            f"{result.start_index:,}; {len(result.skipped):,} unmappable skipped); state in "
+            f"{result.start_index:,}; {len(result.skipped):,} dead-lettered); state in "
             f"{result.state_file}" + ("" if result.complete else "; run again to resume"),
             markup=False,
             highlight=False,

@@ -4,21 +4,30 @@ The format contract, pure: the CSV replay producer publishes these rows, the mod
 ``evaluate`` and ``backtest`` read them. Rows are taken in ``EVENT_TIMESTAMP`` order (a stable sort,
 so rows with equal timestamps keep their file order; rows whose timestamp cannot be parsed sort last
 and are then reported as unmappable).
+
+One bad row never stops a file: a row that cannot even be read (bytes that are not UTF-8, more than
+:data:`MAX_ROW_CHARS`, a field longer than :data:`MAX_FIELD_CHARS`, anything ``csv`` refuses) is kept
+in its place as an :class:`UnreadableRow`, and :func:`row_to_transaction` raises its
+:class:`InvalidRecord` like that of any unmappable row (a wrong number, NaN or infinite amounts, an id
+with path characters: ``invalid_id``), so each caller dead-letters or reports that row and goes on.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import math
 import re
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TextIO
 
-from schemas.errors import CheckoutGuardError
+from schemas.errors import CheckoutGuardError, InvalidRecord
+from schemas.identifiers import check, check_name
 from schemas.records import LineItem, PosTransaction
 
 REQUIRED_COLUMNS = ("EVENT_TIMESTAMP", "EVENT_ID", "order_price", "payment_currency", "merchant")
@@ -34,7 +43,27 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
 
 
+MAX_EVENT_TIME_MS = 4_102_444_800_000
+"""2100-01-01T00:00:00Z: a later ``EVENT_TIMESTAMP`` is a typo or an attack on event time."""
+
+
+MAX_ROW_CHARS = 64 * 1024
+"""A longer row (all its physical lines) is dead-lettered as ``oversized``; Fraud Detector rows are ~500."""
+
+
+MAX_ROW_LINES = 8
+"""A row may span this many physical lines (inside quoted fields); past that it is an unclosed quote."""
+
+
+MAX_FIELD_CHARS = 4096
+"""A longer field is ``oversized`` (the longest in the AWS sample is 146)."""
+
+
 _CURRENCY = re.compile(r"[A-Z]{3}")
+
+
+_MAX_SLUG = 64
+"""A store id is a name (``schemas.identifiers.NAME_RE``): at most 64 characters."""
 
 
 _NOISE_PREFIX = re.compile(r"^fraud_", re.IGNORECASE)
@@ -62,18 +91,28 @@ class CsvFormatError(CheckoutGuardError, ValueError):
     """The file as a whole cannot be replayed (e.g. a required column is missing)."""
 
 
+def _shown(value: object) -> str:
+    """``value`` for a reason: short (a row may be hostile, and reasons are printed and stored)."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
 def parse_event_timestamp(value: str) -> int:
-    """ISO 8601 -> epoch milliseconds; a timestamp without offset is taken as UTC (Fraud Detector's)."""
+    """ISO 8601 -> epoch milliseconds from 1970 to 2100; a timestamp without offset is taken as UTC
+    (Fraud Detector's). ``invalid_timestamp`` raised otherwise."""
     text = value.strip()
     if not text:
-        raise ValueError("EVENT_TIMESTAMP is empty")
+        raise InvalidRecord("invalid_timestamp", "EVENT_TIMESTAMP is empty")
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:
-        raise ValueError(f"EVENT_TIMESTAMP {value!r} is not ISO 8601") from None
+        raise InvalidRecord("invalid_timestamp", f"EVENT_TIMESTAMP {_shown(value)} is not ISO 8601") from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
-    return (parsed - _EPOCH) // _MS
+    millis = (parsed - _EPOCH) // _MS
+    if not 0 <= millis < MAX_EVENT_TIME_MS:
+        raise InvalidRecord("invalid_timestamp", f"EVENT_TIMESTAMP {_shown(value)} is not between 1970 and 2100")
+    return millis
 
 
 def merchant_slug(merchant: str) -> str:
@@ -83,8 +122,10 @@ def merchant_slug(merchant: str) -> str:
     ascii_name = unicodedata.normalize("NFKD", _NOISE_PREFIX.sub("", merchant.strip()))
     slug = re.sub(r"[^a-z0-9]+", "-", ascii_name.encode("ascii", "ignore").decode().lower()).strip("-")
     if not slug:
-        raise ValueError(f"merchant {merchant!r} gives no usable store id")
-    return slug
+        raise InvalidRecord("invalid_id", f"merchant {_shown(merchant)} gives no usable store id")
+    if len(slug) > _MAX_SLUG:  # still a valid store name, still distinct: a cut plus a hash of the whole
+        slug = f"{slug[: _MAX_SLUG - 9].rstrip('-')}-{hashlib.sha256(slug.encode()).hexdigest()[:8]}"
+    return check_name(slug, "merchant")
 
 
 def parse_label(value: str) -> int | None:
@@ -92,19 +133,22 @@ def parse_label(value: str) -> int | None:
     try:
         return _LABELS[value.strip().lower()]
     except KeyError:
-        raise ValueError(f"EVENT_LABEL {value!r} is not 1/0/fraud/legit/empty") from None
+        raise InvalidRecord("invalid", f"EVENT_LABEL {_shown(value)} is not 1/0/fraud/legit/empty") from None
 
 
-def _float(row: Mapping[str | None, object], name: str) -> float | None:
+def _float(row: Mapping[str | None, object], name: str, bound: float = math.inf, kind: str = "invalid") -> float | None:
+    """A finite number within ``[-bound, bound]`` (else ``kind``), or None when empty."""
     text = _text(row, name)
     if text is None:
         return None
     try:
         value = float(text)
     except ValueError:
-        raise ValueError(f"{name} {text!r} is not a number") from None
+        raise InvalidRecord(kind, f"{name} {_shown(text)} is not a number") from None
     if not math.isfinite(value):
-        raise ValueError(f"{name} {text!r} is not a finite number")
+        raise InvalidRecord(kind, f"{name} {_shown(text)} is not a finite number")
+    if abs(value) > bound:
+        raise InvalidRecord(kind, f"{name} {_shown(text)} is outside [-{bound:g}, {bound:g}]")
     return value
 
 
@@ -117,26 +161,35 @@ def _text(row: Mapping[str | None, object], name: str) -> str | None:
 
 
 def row_to_transaction(row: Mapping[str | None, object]) -> PosTransaction:
-    """One Fraud Detector CSV row (as from :class:`csv.DictReader`) as an online SALE.
+    """One Fraud Detector CSV row (as from :class:`csv.DictReader` or :func:`read_rows`) as an online SALE.
 
-    Raises ValueError naming the offending column when the row cannot be mapped.
+    Raises :class:`InvalidRecord` (a ValueError) naming the offending column when the row cannot be
+    mapped, and an :class:`UnreadableRow`'s own error.
     """
+    if isinstance(row, UnreadableRow):
+        raise row.error
     extra = row.get(None)
     if extra:
-        raise ValueError(f"{len(extra)} more field(s) than the header")  # type: ignore[arg-type]
+        raise InvalidRecord("invalid", f"{len(extra)} more field(s) than the header")  # type: ignore[arg-type]
     event_id = _text(row, "EVENT_ID")
     if event_id is None:
-        raise ValueError("EVENT_ID is empty")
+        raise InvalidRecord("missing_field", "EVENT_ID is empty")
+    check(event_id, "EVENT_ID")
     event_time = parse_event_timestamp(_text(row, "EVENT_TIMESTAMP") or "")
-    price = _float(row, "order_price")
+    price = _float(row, "order_price", kind="invalid_amount")
     if price is None:
-        raise ValueError("order_price is empty")
-    if price < 0:
-        raise ValueError(f"order_price {price} is negative")
+        raise InvalidRecord("missing_field", "order_price is empty")
+    if price < 0:  # zero passes: the job rejects a non-positive amount with its own reason
+        raise InvalidRecord("invalid_amount", f"order_price {price} is negative")
     currency = (_text(row, "payment_currency") or "").upper()
     if not _CURRENCY.fullmatch(currency):
-        raise ValueError(f"payment_currency {row.get('payment_currency')!r} is not an ISO 4217 code")
+        raise InvalidRecord(
+            "invalid_currency", f"payment_currency {_shown(row.get('payment_currency'))} is not an ISO 4217 code"
+        )
     store_id = merchant_slug(_text(row, "merchant") or "")
+    customer_id = _text(row, "ENTITY_ID")
+    if customer_id is not None:
+        check(customer_id, "ENTITY_ID")
     category = _text(row, "product_category")
     card_bin = _text(row, "card_bin")
     if card_bin and card_bin.endswith(".0") and card_bin[:-2].isdigit():
@@ -153,14 +206,22 @@ def row_to_transaction(row: Mapping[str | None, object]) -> PosTransaction:
         items=(
             LineItem(sku=f"afd-{category or 'unknown'}", category=category or "unknown", quantity=1, unit_price=price),
         ),
-        customer_id=_text(row, "ENTITY_ID"),
+        customer_id=customer_id,
         card_bin=card_bin,
-        billing_latitude=_float(row, "billing_latitude"),
-        billing_longitude=_float(row, "billing_longitude"),
+        billing_latitude=_float(row, "billing_latitude", 90.0),
+        billing_longitude=_float(row, "billing_longitude", 180.0),
         product_category=category,
         label=parse_label(_text(row, "EVENT_LABEL") or ""),
         **text,  # type: ignore[arg-type]
     )
+
+
+class UnreadableRow(dict[str | None, object]):
+    """A row's data when the row could not be read at all: no fields, and the reason."""
+
+    def __init__(self, error: InvalidRecord) -> None:
+        super().__init__()
+        self.error = error
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,36 +229,194 @@ class CsvRow:
     line: int
     """Physical line (1-based) where the row starts, for error reports."""
     data: dict[str | None, object]
+    raw: bytes = b""
+    """The row's bytes as in the file, kept only for an :class:`UnreadableRow` (whose fields are gone);
+    :func:`source_bytes` gives any row's."""
+
+    @property
+    def error(self) -> InvalidRecord | None:
+        """Why the row could not be read (None when it was)."""
+        return self.data.error if isinstance(self.data, UnreadableRow) else None
 
 
-def read_rows(path: Path) -> list[CsvRow]:
+def _ends_line(text: str) -> bool:
+    return text.endswith(("\n", "\r"))
+
+
+def _undecodable(line: str) -> bool:
+    """Whether the line held bytes that are not UTF-8 (read as lone surrogates by ``surrogateescape``)."""
+    if line.isascii():
+        return False
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+class _Lines:
+    """The file's physical lines for :func:`csv.reader`, remembering the current row's text and what is
+    wrong with it (not UTF-8, too long, an unclosed quote).
+
+    A row can span lines only inside a quoted field. One that runs on past :data:`MAX_ROW_LINES` lines
+    or :data:`MAX_ROW_CHARS` characters is ended at once (the end of a quoted field and of a record are
+    handed to ``csv`` instead of the line), the row is its first line, and the lines after it are read
+    again as rows of their own (:meth:`hand_back`): an unclosed quote costs its row, not the rest of the
+    file. A single line longer than the limit is skipped to its end and is part of the row it ends.
+    """
+
+    def __init__(self, f: TextIO, max_chars: int) -> None:
+        self._f, self._max = f, max_chars
+        self.count = 0
+        """Physical lines handed out so far (less those handed back)."""
+        self._parts: list[str] = []
+        self._size = 0
+        self._error: InvalidRecord | None = None
+        self._again: list[str] = []
+        """Lines handed back, to be read again (last first)."""
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        if self._again:
+            line = self._again.pop()
+            size = len(line)
+        else:
+            line = self._f.readline(self._max + 1)
+            if not line:
+                raise StopIteration
+            size = len(line)
+            if size > self._max and not _ends_line(line):
+                size += self._rest_of_line()
+        self.count += 1
+        if size > self._max:  # this line alone is too long: the row ends with it
+            self.fail("oversized", f"line {self.count} has more than {self._max:,} characters")
+            ended = '"\n' if self._parts else "\n"
+            self._parts.append(line[: self._max])
+            return ended
+        if self._parts and (self._size + size > self._max or len(self._parts) >= MAX_ROW_LINES):
+            self._parts.append(line)
+            self.hand_back()
+            return '"\n'
+        self._size += size
+        self._parts.append(line)
+        if _undecodable(line):
+            self.fail("not_utf8", f"line {self.count} is not UTF-8")
+        return line
+
+    def _rest_of_line(self) -> int:
+        skipped = 0
+        while chunk := self._f.readline(1 << 16):
+            skipped += len(chunk)
+            if _ends_line(chunk):
+                break
+        return skipped
+
+    @property
+    def spanned(self) -> int:
+        """Physical lines of the current row so far."""
+        return len(self._parts)
+
+    def hand_back(self) -> None:
+        """The current row opened a quote it did not close: it is its first line, unreadable, and the
+        lines after it are handed out again."""
+        self._error = InvalidRecord(
+            "invalid", f"an unclosed quote in the row of line {self.count - len(self._parts) + 1}"
+        )
+        self._again.extend(reversed(self._parts[1:]))
+        self.count -= len(self._parts) - 1
+        del self._parts[1:]
+
+    def fail(self, kind: str, reason: str) -> None:
+        """The current row is unreadable (the first reason found is kept)."""
+        if self._error is None:
+            self._error = InvalidRecord(kind, reason)
+
+    def take(self) -> tuple[InvalidRecord | None, str]:
+        """The finished row's error and text; the next row starts afresh."""
+        taken = self._error, "".join(self._parts)
+        self._parts, self._size, self._error = [], 0, None
+        return taken
+
+
+def _header(reader: Iterator[list[str]], lines: _Lines, name: str) -> list[str]:
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise CsvFormatError(f"{name} is empty") from None
+    except csv.Error as exc:
+        raise CsvFormatError(f"{name}: the header cannot be read: {exc}") from None
+    error, _ = lines.take()
+    if error is not None:
+        raise CsvFormatError(f"{name}: the header cannot be read: {error.reason}")
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise CsvFormatError(f"{name} lacks required column(s) {', '.join(missing)}")
+    return header
+
+
+def _row(header: list[str], values: list[str], line: int, error: InvalidRecord | None, text: str) -> CsvRow | None:
+    """One record as a row (None for a blank line)."""
+    if error is None:
+        if not values:
+            return None
+        if max(map(len, values)) <= MAX_FIELD_CHARS:
+            width = len(header)
+            data: dict[str | None, object] = dict(zip(header, values, strict=False))
+            if len(values) < width:
+                data.update(dict.fromkeys(header[len(values) :]))
+            elif len(values) > width:
+                data[None] = values[width:]
+            return CsvRow(line, data)
+        long = next(i for i, v in enumerate(values) if len(v) > MAX_FIELD_CHARS)
+        column = header[long] if long < len(header) else f"field {long + 1}"
+        error = InvalidRecord(
+            "oversized", f"{column} has {len(values[long]):,} characters, more than {MAX_FIELD_CHARS:,}"
+        )
+    return CsvRow(line, UnreadableRow(error), text.encode("utf-8", "surrogateescape"))
+
+
+def read_rows(path: Path, max_row_chars: int = MAX_ROW_CHARS) -> list[CsvRow]:
     """All data rows in file order, with their line numbers; blank lines are ignored.
 
     Missing trailing fields read as None and surplus ones land under the ``None`` key, as with
-    :class:`csv.DictReader`, so that :func:`row_to_transaction` can report them.
+    :class:`csv.DictReader`, so that :func:`row_to_transaction` can report them. A row that cannot be
+    read is an :class:`UnreadableRow` in its place; only a file without a readable header (or without
+    the :data:`REQUIRED_COLUMNS`) raises :class:`CsvFormatError`.
     """
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise CsvFormatError(f"{path.name} is empty") from None
-        missing = [c for c in REQUIRED_COLUMNS if c not in header]
-        if missing:
-            raise CsvFormatError(f"{path.name} lacks required column(s) {', '.join(missing)}")
-        width = len(header)
+    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        lines = _Lines(f, max_row_chars)
+        reader = csv.reader(lines)
+        header = _header(reader, lines, path.name)
         rows: list[CsvRow] = []
-        line = reader.line_num + 1
-        for values in reader:
-            if values:
-                data: dict[str | None, object] = dict(zip(header, values, strict=False))
-                if len(values) < width:
-                    data.update(dict.fromkeys(header[len(values) :]))
-                elif len(values) > width:
-                    data[None] = values[width:]
-                rows.append(CsvRow(line, data))
-            line = reader.line_num + 1
+        while True:
+            start = lines.count + 1
+            try:
+                values = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:  # e.g. a field past csv's own field_size_limit
+                lines.fail("oversized" if "field limit" in str(exc) else "invalid", f"line {lines.count}: {exc}")
+                values = []
+            if values and len(values) != len(header) and lines.spanned > 1:
+                lines.hand_back()  # a quote opened in this row was closed in a later one: the row ends at its line
+            row = _row(header, values, start, *lines.take())
+            if row is not None:
+                rows.append(row)
     return rows
+
+
+def source_bytes(row: CsvRow) -> bytes:
+    """The row's bytes for its dead letter: as read for an unreadable row, else its fields written back
+    as one CSV line (the same values; quoting may differ from the file's)."""
+    if row.raw or isinstance(row.data, UnreadableRow):
+        return row.raw
+    values = ["" if v is None else str(v) for k, v in row.data.items() if k is not None]
+    extra = row.data.get(None)
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerow([*values, *(extra if isinstance(extra, list) else [])])
+    return out.getvalue().encode("utf-8", "surrogateescape")
 
 
 def replay_order(rows: Sequence[CsvRow]) -> list[CsvRow]:

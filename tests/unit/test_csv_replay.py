@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 from collections import Counter
@@ -14,15 +15,27 @@ import pytest
 from typer.testing import CliRunner
 
 from infra.settings import Settings
-from producers import pos
-from producers.csv_replay import AckWatermark, ReplayStateError, load_state
-from schemas.afd_csv import CsvFormatError, merchant_slug, parse_label, read_rows, replay_order, row_to_transaction
-from schemas.records import LineItem, PosTransaction
+from producers import csv_replay, pos
+from producers.csv_replay import AckWatermark, ReplayStateError, load_state, row_dead_letter, transaction_of
+from schemas.afd_csv import (
+    CsvFormatError,
+    CsvRow,
+    merchant_slug,
+    parse_label,
+    read_rows,
+    replay_order,
+    row_to_transaction,
+)
+from schemas.errors import InvalidRecord
+from schemas.identifiers import NAME_RE
+from schemas.records import DeadLetter, LineItem, PosTransaction
+from schemas.topics import DEAD_LETTERS, TRANSACTIONS
 
 SAMPLE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "fraud" / "afd_transactions_sample.csv"
 needs_sample = pytest.mark.skipif(
     not SAMPLE.exists(), reason="shared fraud sample ../shared/data/fraud/afd_transactions_sample.csv is absent"
 )
+
 
 HEADER = [
     "EVENT_LABEL",
@@ -100,6 +113,7 @@ class FakeProducer:
     ) -> None:
         self.ack, self.on_produce = ack, on_produce
         self.values: list[bytes] = []
+        self.topics: list[str] = []
         self._pending: list[tuple[int, Callable[[Any, Any], None]]] = []
 
     def produce(self, topic: str, value: bytes, key: bytes, on_delivery: Callable[[Any, Any], None]) -> None:
@@ -107,6 +121,7 @@ class FakeProducer:
             self.on_produce(len(self.values))
         self._pending.append((len(self.values), on_delivery))
         self.values.append(value)
+        self.topics.append(topic)
 
     def poll(self, timeout: float = 0) -> int:
         # Acknowledge in reverse order of sending, as several partitions may.
@@ -126,7 +141,17 @@ class FakeProducer:
 
     @property
     def ids(self) -> list[str]:
-        return [PosTransaction.decode(v).transaction_id for v in self.values]
+        """Transaction ids sent, in order (dead letters left out)."""
+        return [
+            PosTransaction.decode(v).transaction_id
+            for t, v in zip(self.topics, self.values, strict=True)
+            if t.endswith(TRANSACTIONS.name)
+        ]
+
+    def dead_letters(self) -> list[DeadLetter]:
+        return [
+            DeadLetter.decode(v) for t, v in zip(self.topics, self.values, strict=True) if t.endswith(DEAD_LETTERS.name)
+        ]
 
 
 @pytest.fixture
@@ -405,3 +430,219 @@ def test_sample_replays_in_event_time_order_once(settings: Settings) -> None:
     assert len(times) == 1287 and times == sorted(times)
     assert result.complete and not result.skipped
     assert [r.data["EVENT_ID"] for r in replay_order(read_rows(SAMPLE))] == fake.ids
+
+
+# ---------------------------------------------------------------------------- bad rows (issue 12, defect 11)
+
+
+def _with_bytes(path: Path, marker: str, replacement: bytes) -> Path:
+    path.write_bytes(path.read_bytes().replace(marker.encode(), replacement))
+    return path
+
+
+def test_a_non_utf8_row_is_unreadable_and_the_rows_around_it_are_read(tmp_path: Path) -> None:
+    path = write_csv(
+        tmp_path / "x.csv",
+        [afd_row("ok-1"), afd_row("bad", customer_name="MARK"), afd_row("ok-2")],
+    )
+    _with_bytes(path, "MARK", b"\xff\xfeBob")
+    rows = read_rows(path)
+    assert [r.line for r in rows] == [2, 3, 4]
+    bad = rows[1]
+    assert bad.error is not None and bad.error.kind == "not_utf8" and b"\xff\xfeBob" in bad.raw
+    with pytest.raises(InvalidRecord) as err:
+        row_to_transaction(bad.data)
+    assert err.value.kind == "not_utf8"
+    assert [row_to_transaction(r.data).transaction_id for r in (rows[0], rows[2])] == ["ok-1", "ok-2"]
+
+
+def test_replay_goes_on_past_a_non_utf8_row(tmp_path: Path, settings: Settings) -> None:
+    path = write_csv(tmp_path / "x.csv", [afd_row("ok-1"), afd_row("bad", customer_name="MARK"), afd_row("ok-2")])
+    _with_bytes(path, "MARK", b"Caf\xe9")  # Latin-1
+    fake = FakeProducer()
+    result = replay(settings, path, fake)
+    assert fake.ids == ["ok-1", "ok-2"] and result.complete
+    assert [line for line, _ in result.skipped] == [3] and "UTF-8" in result.skipped[0][1]
+
+
+@pytest.mark.parametrize(
+    ("field", "size", "words"),
+    [
+        ("user_agent", 200_000, "more than"),  # past csv's own field limit (131,072): it aborted the file
+        ("user_agent", 5_000, "user_agent has 5,000 characters"),
+        ("customer_name", 70_000, "more than"),
+    ],
+)
+def test_an_oversized_field_or_row_costs_only_that_row(
+    tmp_path: Path, settings: Settings, field: str, size: int, words: str
+) -> None:
+    path = write_csv(tmp_path / "x.csv", [afd_row("ok-1"), afd_row("big", **{field: "x" * size}), afd_row("ok-2")])
+    fake = FakeProducer()
+    result = replay(settings, path, fake)
+    assert fake.ids == ["ok-1", "ok-2"] and result.complete
+    ((line, reason),) = result.skipped
+    assert line == 3 and words in reason
+
+
+def test_a_field_past_the_csv_modules_limit_is_an_oversized_row(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "x.csv", [afd_row("big", user_agent="y" * 140_000), afd_row("ok")])
+    rows = read_rows(path, max_row_chars=1_000_000)  # let the row through to csv, which refuses the field
+    assert rows[0].error is not None and rows[0].error.kind == "oversized" and "field limit" in rows[0].error.reason
+    assert row_to_transaction(rows[1].data).transaction_id == "ok"
+
+
+@pytest.mark.parametrize("closed_at", [None, 4, 12])
+def test_an_unclosed_quote_costs_its_row_not_the_rest_of_the_file(
+    tmp_path: Path, settings: Settings, closed_at: int | None
+) -> None:
+    """A field opens a quote that no later line closes, or one a later row's quoted field closes."""
+    good = [
+        afd_row(f"ok-{i}", f"2022-11-07T00:00:{i:02d}Z", customer_job="Conservator", user_agent="Opera/8.42")
+        for i in range(20)
+    ]
+    if closed_at is not None:
+        good[closed_at]["user_agent"] = "Mozilla/5.0 (X11, Linux)"  # written quoted: its quote closes ours
+    path = write_csv(tmp_path / "x.csv", [good[0], afd_row("open", customer_name="MARK", customer_job="C"), *good[1:]])
+    _with_bytes(path, "MARK", b'"Bob')
+    fake = FakeProducer()
+    result = replay(settings, path, fake)
+    assert fake.ids == [f"ok-{i}" for i in range(20)] and result.complete
+    ((line, reason),) = result.skipped
+    assert line == 3 and "unclosed quote" in reason
+    assert [r.line for r in read_rows(path)] == list(range(2, 23))
+
+
+def test_a_quoted_field_over_a_few_lines_is_still_one_row(tmp_path: Path) -> None:
+    path = write_csv(
+        tmp_path / "x.csv", [afd_row("ok-1", billing_street="1 Main St\nFlat 2\nBack door"), afd_row("ok-2")]
+    )
+    rows = read_rows(path)
+    assert [r.line for r in rows] == [2, 5] and all(r.error is None for r in rows)
+    assert row_to_transaction(rows[0].data).billing_street == "1 Main St\nFlat 2\nBack door"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "column"),
+    [
+        ({"EVENT_ID": "x/../Q2XX-VICTIM-0001/reboot?"}, "EVENT_ID"),
+        ({"EVENT_ID": "ev 1"}, "EVENT_ID"),
+        ({"EVENT_ID": "../etc"}, "EVENT_ID"),
+        ({"ENTITY_ID": "c/../../admin"}, "ENTITY_ID"),
+        ({"ENTITY_ID": "c%2F1"}, "ENTITY_ID"),
+    ],
+)
+def test_ids_with_path_characters_are_invalid_id(overrides: dict[str, str], column: str) -> None:
+    with pytest.raises(InvalidRecord) as err:
+        row_to_transaction(afd_row("ev", **overrides))
+    assert err.value.kind == "invalid_id" and column in err.value.reason and "../" not in err.value.reason
+
+
+@pytest.mark.parametrize("price", ["nan", "NaN", "inf", "-Infinity", "1e400", "-3"])
+def test_nan_infinite_and_negative_amounts_are_invalid_amount(price: str) -> None:
+    with pytest.raises(InvalidRecord) as err:
+        row_to_transaction(afd_row("ev", order_price=price))
+    assert err.value.kind == "invalid_amount" and "order_price" in err.value.reason
+
+
+@pytest.mark.parametrize(
+    ("overrides", "kind"),
+    [
+        ({"billing_latitude": "91"}, "invalid"),
+        ({"billing_longitude": "-180.5"}, "invalid"),
+        ({"billing_latitude": "inf"}, "invalid"),
+        ({"EVENT_TIMESTAMP": "9999-12-31T00:00:00Z"}, "invalid_timestamp"),
+        ({"EVENT_TIMESTAMP": "0001-01-01T00:00:00Z"}, "invalid_timestamp"),
+        ({"payment_currency": "US"}, "invalid_currency"),
+        ({"EVENT_ID": ""}, "missing_field"),
+    ],
+)
+def test_out_of_range_values_are_dead_letter_kinds(overrides: dict[str, str], kind: str) -> None:
+    with pytest.raises(InvalidRecord) as err:
+        row_to_transaction(afd_row("ev", **overrides))
+    assert err.value.kind == kind
+
+
+def test_a_long_merchant_name_still_maps_to_a_valid_distinct_store_id() -> None:
+    a = merchant_slug("fraud_" + "Very Long Merchant Name " * 10 + "A")
+    b = merchant_slug("fraud_" + "Very Long Merchant Name " * 10 + "B")
+    assert len(a) <= 64 and NAME_RE.fullmatch(a) and a != b
+    assert a == merchant_slug("fraud_" + "Very Long Merchant Name " * 10 + "A")
+
+
+def test_a_header_that_is_not_utf8_rejects_the_file(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "x.csv", [afd_row("ok")])
+    _with_bytes(path, "merchant", b"merch\xffant")
+    with pytest.raises(CsvFormatError, match="header"):
+        read_rows(path)
+
+
+def test_dead_letter_of_a_row_is_named_by_file_and_line_and_carries_its_bytes(tmp_path: Path) -> None:
+    path = write_csv(
+        tmp_path / "x.csv", [afd_row("bad-utf8", customer_name="MARK"), afd_row("bad-price", order_price="nan")]
+    )
+    _with_bytes(path, "MARK", b"\xff")
+    unreadable, unmappable = read_rows(path)
+    assert unreadable.error is not None
+    dl = row_dead_letter("x.csv", unreadable, unreadable.error, failed_at=5)
+    assert (dl.dead_letter_id, dl.source_topic, dl.offset, dl.stage) == ("x.csv:2", "x.csv", 2, "csv_replay")
+    assert dl.error_kind == "not_utf8" and dl.payload == unreadable.raw and b"\xff" in dl.payload
+    with pytest.raises(InvalidRecord) as err:
+        transaction_of(unmappable)
+    dl = row_dead_letter("x.csv", unmappable, err.value, failed_at=5)
+    assert dl.dead_letter_id == "x.csv:3" and dl.key == b"bad-price" and dl.error_kind == "invalid_amount"
+    (values,) = csv.reader(io.StringIO(dl.payload.decode()))
+    assert values == list(afd_row("bad-price", order_price="nan").values())
+    assert DeadLetter.decode(dl.encode()) == dl
+
+
+def test_an_exception_the_mapping_did_not_anticipate_costs_only_the_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(_row: object) -> PosTransaction:
+        raise TypeError("unexpected")
+
+    monkeypatch.setattr(csv_replay, "row_to_transaction", broken)
+    with pytest.raises(InvalidRecord) as err:
+        transaction_of(CsvRow(2, dict(afd_row("ev"))))
+    assert err.value.kind == "invalid" and "TypeError" in err.value.reason
+
+
+def test_each_bad_row_is_a_dead_letter_with_its_reason_and_the_rest_is_replayed(
+    tmp_path: Path, settings: Settings
+) -> None:
+    path = write_csv(
+        tmp_path / "x.csv",
+        [
+            afd_row("ok-1", "2022-11-07T00:00:01Z"),
+            afd_row("latin1", "2022-11-07T00:00:02Z", customer_name="MARK"),  # line 3
+            afd_row("huge", "2022-11-07T00:00:03Z", user_agent="x" * 200_000),  # line 4
+            afd_row("x/../reboot", "2022-11-07T00:00:04Z"),  # line 5
+            afd_row("nan", "2022-11-07T00:00:05Z", order_price="nan"),  # line 6
+            afd_row("ok-2", "2022-11-07T00:00:06Z"),
+        ],
+    )
+    _with_bytes(path, "MARK", b"Caf\xe9")
+    fake = FakeProducer()
+    result = replay(settings, path, fake)
+    assert fake.ids == ["ok-1", "ok-2"] and result.complete
+    dead = {dl.dead_letter_id: dl for dl in fake.dead_letters()}
+    assert {k: dl.error_kind for k, dl in dead.items()} == {
+        "x.csv:3": "not_utf8",
+        "x.csv:4": "oversized",
+        "x.csv:5": "invalid_id",
+        "x.csv:6": "invalid_amount",
+    }
+    assert b"Caf\xe9" in dead["x.csv:3"].payload and all(dl.stage == "csv_replay" for dl in dead.values())
+    assert sorted(line for line, _ in result.skipped) == [3, 4, 5, 6]  # unreadable rows come last
+
+
+def test_a_bad_row_is_done_only_once_its_dead_letter_is_delivered(tmp_path: Path, settings: Settings) -> None:
+    path = write_csv(
+        tmp_path / "x.csv",
+        [afd_row("ok-1", "2022-11-07T00:00:01Z"), afd_row("bad", "2022-11-07T00:00:02Z", order_price="nan")],
+    )
+    first = FakeProducer(ack=lambda n: n != 1)  # the dead letter (message 1) fails
+    result = replay(settings, path, first)
+    assert result.last_acked_index == 0 and not result.complete
+    second = FakeProducer()
+    result = replay(settings, path, second)
+    assert second.ids == [] and [dl.dead_letter_id for dl in second.dead_letters()] == ["x.csv:3"]
+    assert result.complete

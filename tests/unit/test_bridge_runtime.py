@@ -1,0 +1,241 @@
+"""The camera bridge's wiring without brokers: Kafka retries and acks, health, exit status, MQTT login.
+
+A fake producer stands in at the Kafka client boundary (``produce``/``poll``/``flush`` with delivery
+callbacks); paho's client is real but never connects, and its ``ack`` is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from confluent_kafka import KafkaError
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
+
+from infra.retry import Backoff
+from infra.settings import MqttSettings, Settings
+from producers import camera_bridge
+from producers.camera_bridge import CameraBridge, serve
+from schemas.records import CameraEvent, DeadLetter
+
+EVENTS, DLQ = "camera_events", "dead_letters"
+GOOD = json.dumps(
+    {"ts": 1_795_000_000_000, "objects": [{"oid": 7, "type": "person", "x0": 0, "y0": 0, "x1": 1, "y1": 1}]}
+).encode()
+TIMED_OUT = KafkaError(KafkaError._MSG_TIMED_OUT)
+
+
+class FakeKafka:
+    """confluent_kafka.Producer at its boundary. ``outcome(n)`` is the delivery error of the n-th produce
+    (None = delivered); callbacks run on ``poll``/``flush``, as librdkafka's do."""
+
+    def __init__(self, outcome: Callable[[int], KafkaError | None] = lambda n: None) -> None:
+        self.outcome = outcome
+        self.sent: list[tuple[str, bytes, bytes]] = []
+        self._pending: list[tuple[int, Callable[[Any, Any], None]]] = []
+
+    def produce(self, topic: str, *, key: bytes, value: bytes, on_delivery: Callable[[Any, Any], None]) -> None:
+        self._pending.append((len(self.sent), on_delivery))
+        self.sent.append((topic, key, value))
+
+    def poll(self, timeout: float = 0) -> int:
+        pending, self._pending = self._pending, []
+        for n, callback in pending:
+            callback(self.outcome(n), None)
+        return len(pending)
+
+    def flush(self, timeout: float = 0) -> int:
+        self.poll()
+        return 0
+
+    def topics(self) -> list[str]:
+        return [t.rsplit(".", 1)[-1] for t, _, _ in self.sent]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _message(payload: bytes, mid: int = 1, topic: str = "/merakimv/Q2MV-A/raw_detections") -> mqtt.MQTTMessage:
+    msg = mqtt.MQTTMessage(mid=mid, topic=topic.encode())
+    msg.payload, msg.qos = payload, 1
+    return msg
+
+
+def _bridge(
+    monkeypatch: pytest.MonkeyPatch, kafka: FakeKafka, clock: Clock | None = None, **mqtt_settings: Any
+) -> tuple[CameraBridge, list[int]]:
+    settings = Settings(mqtt=MqttSettings(**mqtt_settings))
+    bridge = CameraBridge(settings, kafka, backoff=Backoff(initial_s=1.0, maximum_s=8.0), clock=clock or Clock())
+    acks: list[int] = []
+    monkeypatch.setattr(bridge.client, "ack", lambda mid, qos: acks.append(mid))
+    return bridge, acks
+
+
+def test_a_failed_kafka_delivery_is_produced_again_with_backoff_and_acked_only_once_delivered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kafka, clock = FakeKafka(lambda n: TIMED_OUT if n < 3 else None), Clock()
+    bridge, acks = _bridge(monkeypatch, kafka, clock)
+    bridge._on_message(bridge.client, None, _message(GOOD, mid=41))
+    waits = []
+    for _ in range(3):
+        bridge.service(0)  # the delivery fails
+        assert acks == [] and bridge.awaiting_retry == 1
+        sent = len(kafka.sent)
+        start = clock.now
+        while len(kafka.sent) == sent:  # not produced again before its backoff is over
+            clock.now += 0.25
+            bridge.service(0)
+        waits.append(clock.now - start)
+    bridge.service(0)
+    assert acks == [41] and bridge.awaiting_retry == 0
+    assert len(kafka.sent) == 4 and len({v for _, _, v in kafka.sent}) == 1 and set(kafka.topics()) == {EVENTS}
+    assert all(0.5 <= w <= 8.25 for w in waits) and waits[2] >= 2.0  # jittered, growing, capped
+    assert (bridge.stats.delivery_failed, bridge.stats.published) == (3, 1)
+    assert bridge.healthy()
+
+
+def test_kafka_down_longer_than_the_message_timeout_does_not_wedge_the_bridge(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every delivery times out for a while; messages keep arriving; once Kafka is back each MQTT
+    message is acknowledged exactly once, and none before its record was delivered."""
+    down = [True]
+    kafka, clock = FakeKafka(lambda n: TIMED_OUT if down[0] else None), Clock()
+    bridge, acks = _bridge(monkeypatch, kafka, clock)
+    for mid in range(1, 6):
+        bridge._on_message(bridge.client, None, _message(GOOD, mid=mid))
+        for _ in range(20):
+            clock.now += 3.0
+            bridge.service(0)
+    bridge._on_message(bridge.client, None, _message(b"not json", mid=6))
+    bridge.service(0)
+    assert acks == [] and bridge.healthy() and len(kafka.sent) > 30  # retried all along, nothing acked
+    down[0] = False
+    for _ in range(10):
+        clock.now += 10.0
+        bridge.service(0)
+    assert sorted(acks) == [1, 2, 3, 4, 5, 6]
+    assert bridge.awaiting_retry == 0 and bridge.stats.published == 5 and bridge.stats.dead_lettered == 1
+
+
+def test_an_event_kafka_refuses_as_too_large_is_dead_lettered_then_acked(monkeypatch: pytest.MonkeyPatch) -> None:
+    kafka = FakeKafka(lambda n: KafkaError(KafkaError.MSG_SIZE_TOO_LARGE) if n == 0 else None)
+    bridge, acks = _bridge(monkeypatch, kafka)
+    bridge._on_message(bridge.client, None, _message(GOOD, mid=9))
+    bridge.service(0)
+    bridge.service(0)
+    assert kafka.topics() == [EVENTS, DLQ] and acks == [9]
+    dl = DeadLetter.decode(kafka.sent[1][2])
+    assert dl.error_kind == "oversized" and dl.payload == GOOD
+
+
+def test_no_message_content_raises_out_of_the_paho_callback(monkeypatch: pytest.MonkeyPatch) -> None:
+    kafka = FakeKafka()
+    bridge, acks = _bridge(monkeypatch, kafka)
+    hostile = [
+        json.dumps({"ts": 1e20, "objects": []}).encode(),
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"ts": NaN}',
+    ]
+    for mid, payload in enumerate(hostile, start=1):
+        bridge._on_message(bridge.client, None, _message(payload, mid=mid))
+    bridge._on_message(bridge.client, None, _message(GOOD, mid=4, topic="/merakimv/../raw_detections"))
+    bridge.service(0)
+    assert kafka.topics() == [DLQ] * 4 and acks == [1, 2, 3, 4] and bridge.healthy()
+    kinds = [DeadLetter.decode(v).error_kind for _, _, v in kafka.sent]
+    assert kinds == ["invalid_timestamp", "not_json", "not_json", "invalid_id"]
+
+
+def test_an_unexpected_exception_while_converting_is_a_dead_letter(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_a: object, **_k: object) -> CameraEvent:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(camera_bridge, "parse_message", broken)
+    kafka = FakeKafka()
+    bridge, acks = _bridge(monkeypatch, kafka)
+    bridge._on_message(bridge.client, None, _message(GOOD, mid=3))
+    bridge.service(0)
+    assert kafka.topics() == [DLQ] and acks == [3] and bridge.healthy()
+    assert "RecursionError" in DeadLetter.decode(kafka.sent[0][2]).reason
+
+
+def test_a_message_that_cannot_even_be_dead_lettered_makes_the_bridge_unhealthy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Broken(FakeKafka):
+        def produce(self, topic: str, **kwargs: Any) -> None:
+            raise RuntimeError("producer is gone")
+
+    bridge, acks = _bridge(monkeypatch, Broken())
+    bridge._on_message(bridge.client, None, _message(GOOD))  # must not raise into paho
+    assert not bridge.healthy() and "could not be forwarded" in (bridge.failure() or "") and acks == []
+
+
+def test_a_fatal_producer_error_makes_the_bridge_unhealthy_and_leaves_the_message_unacked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kafka = FakeKafka(lambda n: KafkaError(KafkaError._FATAL, "fenced", fatal=True))
+    bridge, acks = _bridge(monkeypatch, kafka)
+    bridge._on_message(bridge.client, None, _message(GOOD))
+    bridge.service(0)
+    assert acks == [] and not bridge.healthy() and "fatally" in (bridge.failure() or "")
+
+
+def test_a_dead_mqtt_network_thread_ends_the_process_with_status_1(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """paho's thread ending (here its loop returns at once) is noticed; the bridge does not idle on."""
+    bridge, _ = _bridge(monkeypatch, FakeKafka(), port=1)
+    monkeypatch.setattr(bridge.client, "loop_forever", lambda *a, **k: mqtt.MQTTErrorCode.MQTT_ERR_CONN_LOST)
+    status: list[int] = []
+    caplog.set_level(logging.ERROR, logger="producers.camera_bridge")
+    runner = threading.Thread(target=lambda: status.append(serve(bridge, threading.Event())), daemon=True)
+    runner.start()
+    runner.join(10)
+    assert not runner.is_alive() and status == [1]
+    assert "exiting with status 1" in caplog.text and "network thread" in caplog.text
+
+
+def test_a_stopped_bridge_exits_0(monkeypatch: pytest.MonkeyPatch) -> None:
+    bridge, _ = _bridge(monkeypatch, FakeKafka(), port=1)
+    stop = threading.Event()
+    stop.set()
+    assert serve(bridge, stop) == 0
+
+
+def test_the_bridge_logs_in_with_the_configured_user_and_never_logs_the_password(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    logins: list[tuple[str | None, str | None]] = []
+    monkeypatch.setattr(
+        mqtt.Client, "username_pw_set", lambda self, user, password=None: logins.append((user, password))
+    )
+    caplog.set_level(logging.DEBUG)
+    bridge, _ = _bridge(monkeypatch, FakeKafka(), username="camera-bridge", password="s3cret-pw")
+    assert logins == [("camera-bridge", "s3cret-pw")]
+    bridge._on_connect(bridge.client, None, mqtt.ConnectFlags(False), ReasonCode(PacketTypes.CONNACK, "Success"), None)
+    refused = ReasonCode(PacketTypes.CONNACK, "Bad user name or password")
+    bridge._on_connect(bridge.client, None, mqtt.ConnectFlags(False), refused, None)
+    assert "as camera-bridge" in caplog.text and "s3cret-pw" not in caplog.text
+    assert not bridge.healthy() and "CG_MQTT__PASSWORD" in (bridge.failure() or "")
+    assert "s3cret-pw" not in repr(bridge.settings)
+
+
+def test_without_a_user_the_bridge_connects_anonymously(monkeypatch: pytest.MonkeyPatch) -> None:
+    logins: list[object] = []
+    monkeypatch.setattr(mqtt.Client, "username_pw_set", lambda self, *a, **k: logins.append(a))
+    bridge, _ = _bridge(monkeypatch, FakeKafka())
+    assert logins == [] and bridge.healthy()
+    busy = ReasonCode(PacketTypes.CONNACK, "Server unavailable")
+    bridge._on_connect(bridge.client, None, mqtt.ConnectFlags(False), busy, None)
+    assert bridge.healthy()  # a busy broker is retried, not fatal
