@@ -6,6 +6,7 @@ reverse. Timestamps are epoch milliseconds (UTC) everywhere.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Self, TypedDict
 
@@ -309,6 +310,29 @@ class DeadLetter(Record):
     stage: str
     failed_at: int
     key: bytes | None = None
+    payload_size: int = -1
+    """Bytes in the whole input (``payload`` may hold only the first ones); filled in from the payload
+    for a dead letter written before this field (``-1``), whose payload is always whole."""
+    payload_sha256: str = ""
+    """Hex SHA-256 of the whole input; filled in like ``payload_size``."""
+    payload_truncated: bool = False
+
+    def __post_init__(self) -> None:
+        if self.payload_size < 0 and not self.payload_truncated:
+            object.__setattr__(self, "payload_size", len(self.payload))
+            object.__setattr__(self, "payload_sha256", hashlib.sha256(self.payload).hexdigest())
+
+
+MAX_DEAD_LETTER_PAYLOAD = 64 * 1024
+"""Most payload bytes a dead letter carries: every dead letter must fit the producers' 1 MiB
+``max.request.size``, whatever it carries (a 1,048,500-byte input is accepted by the broker, and its
+dead letter with the whole payload was not: the job restarted on it forever)."""
+MAX_DEAD_LETTER_KEY = 1024
+"""Most key bytes a dead letter carries."""
+MAX_DEAD_LETTER_REASON = 2048
+"""Most UTF-8 bytes of a dead letter's reason."""
+MAX_DEAD_LETTER_NAME = 1024
+"""Most UTF-8 bytes of its id, source topic, error kind and stage (ids are cut with a hash kept: still unique)."""
 
 
 def dead_letter(
@@ -322,24 +346,50 @@ def dead_letter(
     stage: str,
     failed_at: int,
     dead_letter_id: str | None = None,
+    max_payload_bytes: int = MAX_DEAD_LETTER_PAYLOAD,
 ) -> DeadLetter:
     """The dead letter for an input record: ``error``'s kind and reason, the record's bytes as payload.
 
     Its id is ``topic:partition:offset``, stable across replays of the same offset; a source without
-    offsets (MQTT) passes its own stable ``dead_letter_id``.
+    offsets (MQTT) passes its own stable ``dead_letter_id``. It always fits a Kafka record: the payload
+    is cut to ``max_payload_bytes`` (its whole size and SHA-256 are kept), the key, reason and names to
+    the caps above; ``payload_truncated`` says the payload or the key was cut (not re-drivable as it was).
     """
+    payload = value or b""
     return DeadLetter(
-        dead_letter_id=dead_letter_id if dead_letter_id is not None else f"{topic}:{partition}:{offset}",
-        source_topic=topic,
+        dead_letter_id=_cap_name(dead_letter_id if dead_letter_id is not None else f"{topic}:{partition}:{offset}"),
+        source_topic=_cap_name(topic),
         partition=partition,
         offset=offset,
-        key=key,
-        payload=value or b"",
-        error_kind=error.kind,
-        reason=error.reason,
-        stage=stage,
+        key=key[:MAX_DEAD_LETTER_KEY] if key is not None else None,
+        payload=payload[: max(0, max_payload_bytes)],
+        error_kind=_cap_name(error.kind),
+        reason=_cap_text(error.reason, MAX_DEAD_LETTER_REASON),
+        stage=_cap_name(stage),
         failed_at=failed_at,
+        payload_size=len(payload),
+        payload_sha256=hashlib.sha256(payload).hexdigest(),
+        payload_truncated=len(payload) > max_payload_bytes or (key is not None and len(key) > MAX_DEAD_LETTER_KEY),
     )
+
+
+def _cap_text(text: str, limit: int) -> str:
+    """``text`` in at most ``limit`` UTF-8 bytes: cut at a character boundary, saying how much went."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return text
+    note = f"... [{len(data)} bytes, cut]"
+    return data[: max(0, limit - len(note))].decode("utf-8", "ignore") + note
+
+
+def _cap_name(text: str) -> str:
+    """An id or name in at most :data:`MAX_DEAD_LETTER_NAME` bytes; a long one keeps a hash of the whole,
+    so two ids that differ only past the cut stay apart and a replay gives the same id."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= MAX_DEAD_LETTER_NAME:
+        return text
+    suffix = f"...sha256:{hashlib.sha256(data).hexdigest()[:32]}"
+    return data[: MAX_DEAD_LETTER_NAME - len(suffix)].decode("utf-8", "ignore") + suffix
 
 
 @dataclass(frozen=True, slots=True)

@@ -192,11 +192,12 @@ class FaceStage:
         self._analysis = threading.BoundedSemaphore(analysis_slots or settings.cameras.analysis_workers)
         self._max_lag_ms = int(settings.cameras.max_lag_s * 1000)
 
-    def plan_transaction(self, value: bytes | None, ingest_ms: int) -> list[Trigger]:
+    def plan_transaction(self, value: bytes | None, now_ms: int) -> list[Trigger]:
         """The lane snapshot of a valid transaction; nothing for an invalid one (see module doc), including
         one whose store or lane id is no name (``camera_for_lane`` refuses to build a serial from it)."""
         try:
-            tx = parse_transaction(value, ingest_ms, self.settings.job.max_message_bytes)
+            job = self.settings.job
+            tx = parse_transaction(value, now_ms, job.max_message_bytes, job.max_future_skew_ms)
             serial = camera_for_lane(self.settings, tx["store_id"], tx["lane_id"])
         except InvalidRecord:
             return []
@@ -396,7 +397,7 @@ class FaceStageRunner:
         try:
             if tp[0] == self.tx_topic:
                 self.stats["transactions"] += 1
-                triggers = self.stage.plan_transaction(value, msg.timestamp()[1])
+                triggers = self.stage.plan_transaction(value, clock.now_ms())
             else:
                 self.stats["camera_events"] += 1
                 triggers = self.stage.plan_camera_event(value)

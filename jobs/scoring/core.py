@@ -10,19 +10,36 @@ parsing, dead letters, receipts/stores/customers, the face join and its deadline
 
 The state lives in this object (the maps are authoritative once restored); a :class:`Step` says which
 entries changed, so the operator persists exactly those, once per call.
+
+No single record may stop the job: an exception the job replays after every restore is an endless
+restart with nothing scored. So whatever one record raises becomes its dead letter (``internal_error``
+with the exception's type and message for anything that is not an :class:`InvalidRecord`), a batch of
+decisions that raises is decided again one by one so only the failing transactions are dead-lettered,
+and after a failure the state entries the record touched are written as they now are, so MapState
+never differs from what this object holds.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple, Protocol
 
 from infra.settings import Settings
-from jobs.scoring.face_join import EARLY_FACES, PENDING, FaceJoin, Ready, observation_result, seen_from
+from jobs.scoring.face_join import (
+    EARLY_FACES,
+    PENDING,
+    FaceJoin,
+    Ready,
+    check_observation,
+    observation_result,
+    seen_from,
+)
+from jobs.scoring.features import customer_key, receipt_key
 from jobs.scoring.rules import RuleSet
 from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Predictor, Scorer, ScoringState, Write
+from jobs.scoring.watchlist import check_entry
 from schemas.codec import codec
 from schemas.errors import InvalidRecord
 from schemas.topics import RULES, TRANSACTIONS
@@ -36,6 +53,12 @@ MAPS = (RECEIPTS, STORES, CUSTOMERS, PENDING, EARLY_FACES, LEGACY_BATCH)
 """The keyed state maps, in the order their writes are committed (also their MapState names)."""
 RULES_KEY = "rules"
 """Broadcast state key of the rule set in force; watchlist entries are under ``wl:<subject>``."""
+INTERNAL_ERROR = "internal_error"
+"""Dead-letter kind of a record on which the job itself raised (a bug, or input no check foresaw)."""
+MAX_ERROR_TEXT = 500
+"""Most characters of an exception's type and message in an ``internal_error`` reason."""
+LOGGED_TRACEBACKS = 20
+"""Internal errors logged with their traceback per process; later ones in one line (no log flood)."""
 
 OutRow = tuple[str, bytes | None, bytes | None]
 """(topic, key, value): one output record (the scorer's rows are plain tuples, dead letters too)."""
@@ -125,9 +148,11 @@ class DecisionCore:
         self.bootstrapped: dict[tuple[str, int], int] | None = None
         """Last control-topic offset applied at start per (topic, partition); ``None``: not read."""
         self._changes: dict[str, dict[str, Any]] = {name: {} for name in MAPS}
+        self._tracebacks = LOGGED_TRACEBACKS
         prefix = settings.kafka.topic_prefix
         self.tx_topic = TRANSACTIONS.full_name(prefix)
         self.rules_topic = RULES.full_name(prefix)
+        self.tx_codec = codec("PosTransaction")
         self.face_codec = codec("FaceObservation")
         self.watch_codec = codec("WatchlistEntry")
         self.rules_codec = codec("RuleSetUpdate")
@@ -182,7 +207,11 @@ class DecisionCore:
             self._changes[LEGACY_BATCH][tx_id] = None
         if self.bootstrapped is None and broadcast:
             for key, value in broadcast.items():
-                self._apply_broadcast(key, value)
+                try:
+                    self._check_broadcast(key, value)
+                    self._apply_broadcast(key, value)
+                except Exception as err:  # noqa: BLE001 - kept before it was checked: leave it out, start
+                    log.warning("leaving out broadcast state %s on restore: %s", key[:80], _describe(err))
         return self._arm()
 
     def _loaded(self) -> ScoringState:
@@ -204,6 +233,8 @@ class DecisionCore:
             if item is not None:
                 ready.append(item)
         self._decide(ready, outputs)
+        state.bound_newest(now_ms)  # the sweep's "now" too, even in a call without transactions
+        self._persist(state.expire_customers(self.settings.rules.customer_retention_days * 86_400_000))
         return Step(outputs, self._flush(), self._arm())
 
     def on_timer(self, fired_at: int, now_ms: int) -> Step:
@@ -234,33 +265,53 @@ class DecisionCore:
         return ControlStep([], update)
 
     def _take(self, record: SourceRecord, state: ScoringState, now: int, out: list[OutRow]) -> Ready | None:
-        """One transaction or face observation: state updated, outputs added; what is ready to decide."""
+        """One transaction or face observation: state updated, outputs added; what is ready to decide.
+
+        Whatever the record raises is its dead letter (see the module doc); outputs are added only
+        when it went through, so a failure leaves none of its own behind.
+        """
+        parsed: list[dict[str, Any]] = []  # the transaction, once decoded: its state is resynced on failure
+        try:
+            if record.topic == self.tx_topic:
+                return self._take_transaction(record, state, now, out, parsed)
+            return self._take_observation(record, now, out)
+        except InvalidRecord as err:
+            out.append(self._dead_letter(record, err.kind, err.reason))
+        except Exception as err:  # noqa: BLE001 - one record must not stop the job: dead-letter it
+            self._log_internal(err, f"{record.topic}:{record.partition}:{record.offset}")
+            if parsed:
+                self._resync(parsed[0])
+            out.append(self._dead_letter(record, INTERNAL_ERROR, _describe(err)))
+        return None
+
+    def _take_transaction(
+        self, record: SourceRecord, state: ScoringState, now: int, out: list[OutRow], parsed: list[dict[str, Any]]
+    ) -> Ready | None:
         key, value, topic, partition, offset, ts = record
-        if topic == self.tx_topic:
-            parsed = self.scorer.parse(value, key, topic, partition, offset, ts)
-            if isinstance(parsed[0], str):  # the dead letter's row
-                out.append(parsed)
-                return None
-            try:
-                env, writes = self.scorer.observe(parsed, state)
-            except InvalidRecord as err:
-                out.append(self._dead_letter(record, err.kind, err.reason))
-                return None
-            self._persist(writes)
-            if env is None:
-                return None
-            ready, writes = self.join.on_transaction(env, now)
-        else:
-            try:
-                obs = self.face_codec.decode(value or b"")
-            except Exception as err:  # noqa: BLE001 - any undecodable observation is a dead letter
-                out.append(self._dead_letter(record, "not_avro", f"face observation: {err}"))
-                return None
-            face = observation_result(obs, self.watchlist)
-            if obs["trigger"] == "ENTRANCE" or not obs.get("transaction_id"):
-                out.extend(self.scorer.entrance(obs, face))
-                return None
-            ready, writes = self.join.on_observation(obs["transaction_id"], seen_from(obs, face, now))
+        env = self.scorer.parse(value, key, topic, partition, offset, ts, now_ms=now)
+        if isinstance(env[0], str):  # the dead letter's row
+            out.append(env)
+            return None
+        parsed.append(env[0])
+        observed, writes = self.scorer.observe(env, state, now_ms=now)
+        self._persist(writes)
+        if observed is None:
+            return None
+        ready, writes = self.join.on_transaction(observed, now)
+        self._persist(writes)
+        return ready
+
+    def _take_observation(self, record: SourceRecord, now: int, out: list[OutRow]) -> Ready | None:
+        try:
+            obs = self.face_codec.decode(record.value or b"")
+        except InvalidRecord as err:  # any undecodable observation is a dead letter
+            raise InvalidRecord("not_avro", f"face observation: {err}") from None
+        check_observation(obs)
+        face = observation_result(obs, self.watchlist)
+        if obs["trigger"] == "ENTRANCE" or not obs.get("transaction_id"):
+            out.extend(self.scorer.entrance(obs, face))
+            return None
+        ready, writes = self.join.on_observation(obs["transaction_id"], seen_from(obs, face, now))
         self._persist(writes)
         return ready
 
@@ -275,12 +326,23 @@ class DecisionCore:
                 return None
             update = ControlUpdate(RULES_KEY, self.rules_codec.decode(value))
         else:
-            update = ControlUpdate(
-                f"wl:{(key or b'').decode()}", self.watch_codec.decode(value) if value is not None else None
-            )
+            subject = (key or b"").decode()
+            entry = self.watch_codec.decode(value) if value is not None else None
+            update = ControlUpdate(f"wl:{subject}", entry)
+            self._check_broadcast(*update)
         if apply:
             self._apply_broadcast(*update)
         return update
+
+    @staticmethod
+    def _check_broadcast(key: str, value: Any) -> None:
+        """A watchlist entry the job can use under its key (see :func:`check_entry`), or :class:`InvalidRecord`:
+        checked even where it is not applied, so no unusable entry enters the broadcast state."""
+        if not key.startswith("wl:") or value is None:
+            return
+        check_entry(value)
+        if value["subject_id"] != key[3:]:
+            raise InvalidRecord("invalid_entry", "the record key differs from the entry's subject_id")
 
     def _apply_broadcast(self, key: str, value: Any) -> None:
         if key == RULES_KEY:
@@ -306,17 +368,83 @@ class DecisionCore:
 
     # --- decisions -------------------------------------------------------------------------------
     def _decide(self, ready: list[Ready], out: list[OutRow]) -> None:
-        """Model, rules and outputs for every released transaction, in model calls of ``batch_size``."""
+        """Model, rules and outputs for every released transaction, in model calls of ``batch_size``.
+
+        A call that raises is made again per transaction: the others are decided, the failing ones
+        dead-lettered (deciding again is safe: it only sets what the first try set).
+        """
         size = max(1, self.settings.job.batch_size)
         for start in range(0, len(ready), size):
             chunk = ready[start : start + size]
-            rows, writes = self.scorer.decide_batch(
-                [item.env for item in chunk],
-                seen=[item.seen for item in chunk],
-                state=self.state,
-            )
+            try:
+                rows, writes = self._decide_chunk(chunk)
+            except Exception as err:  # noqa: BLE001 - find the transaction(s) that fail, decide the rest
+                log.warning("a decision batch of %d failed (%s); deciding one by one", len(chunk), _describe(err))
+                rows, writes = self._decide_each(chunk)
             self._persist(writes)
             out.extend(rows)
+
+    def _decide_chunk(self, chunk: list[Ready]) -> tuple[Sequence[OutRow], list[Write]]:
+        return self.scorer.decide_batch(
+            [item.env for item in chunk], seen=[item.seen for item in chunk], state=self.state
+        )
+
+    def _decide_each(self, chunk: list[Ready]) -> tuple[Sequence[OutRow], list[Write]]:
+        rows: list[OutRow] = []
+        writes: list[Write] = []
+        for item in chunk:
+            tx = item.env[0]
+            try:
+                more_rows, more_writes = self._decide_chunk([item])
+            except Exception as err:  # noqa: BLE001 - this one fails: its dead letter, and on
+                tx_id = str(tx.get("transaction_id"))
+                self._log_internal(err, f"decision of {tx_id[:128]}")
+                self._resync(tx)
+                rows.append(self._decision_dead_letter(tx, err))
+                continue
+            rows.extend(more_rows)
+            writes.extend(more_writes)
+        return rows, writes
+
+    def _decision_dead_letter(self, tx: dict[str, Any], err: Exception) -> OutRow:
+        """A transaction whose decision raised: no source offset is known any more (it may have waited for
+        its face across calls, or a restore), so its id is ``<topic>:decision:<transaction id>``."""
+        tx_id = str(tx.get("transaction_id"))
+        try:
+            value: bytes | None = self.tx_codec.encode(tx)
+        except Exception:  # noqa: BLE001 - the reason still names the transaction
+            value = None
+        return self.scorer.dead_letter_row(
+            self.tx_topic,
+            -1,
+            -1,
+            tx_id.encode(),
+            value,
+            InvalidRecord(INTERNAL_ERROR, _describe(err)),
+            dead_letter_id=f"{self.tx_topic}:decision:{tx_id}",
+        )
+
+    def _resync(self, tx: dict[str, Any]) -> None:
+        """After a failure part-way: write the transaction's state entries as they now are in memory,
+        so MapState holds what this object holds (whatever the failed step had changed)."""
+        state = self.state
+        if state is None:
+            return
+        try:
+            keys = ((RECEIPTS, receipt_key(tx), state.receipts), (STORES, tx["store_id"], state.stores))
+            ck = customer_key(tx)
+        except Exception:  # noqa: BLE001 - a transaction without its keys changed no state
+            return
+        self._persist((name, key, entries.get(key)) for name, key, entries in keys)
+        if not ck.startswith("anon:"):
+            self._persist([(CUSTOMERS, ck, state.customers.get(ck))])
+
+    def _log_internal(self, err: Exception, where: str) -> None:
+        if self._tracebacks > 0:
+            self._tracebacks -= 1
+            log.warning("dead-lettering %s after an internal error", where, exc_info=err)
+        else:
+            log.warning("dead-lettering %s after an internal error: %s", where, _describe(err))
 
     def _dead_letter(self, record: SourceRecord, kind: str, reason: str) -> OutRow:
         key, value, topic, partition, offset, _ = record
@@ -344,3 +472,9 @@ class DecisionCore:
             self.deadline_at = deadline
             return deadline
         return None
+
+
+def _describe(err: BaseException) -> str:
+    """An exception as a dead letter's reason: its type and message, at most :data:`MAX_ERROR_TEXT` characters."""
+    text = f"{type(err).__name__}: {err}"
+    return text if len(text) <= MAX_ERROR_TEXT else text[: MAX_ERROR_TEXT - 3] + "..."

@@ -15,7 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from jobs.scoring.face_similarity import check_embedding
 from jobs.scoring.rules import FaceResult
+from schemas.identifiers import check
 
 Envelope = tuple[dict[str, Any], dict[str, float], int]
 PENDING, EARLY_FACES = "pending", "early_faces"
@@ -41,6 +43,17 @@ class Seen:
 class Ready:
     env: Envelope
     seen: Seen
+
+
+def check_observation(obs: dict[str, Any]) -> dict[str, Any]:
+    """A decoded FaceObservation the job can use, or :class:`InvalidRecord`: its embedding, when it has
+    one, is a usable descriptor (``invalid_embedding``) and its transaction id, a state key, is an id
+    (``invalid_id``). An empty embedding means none, as ``null`` does."""
+    if obs.get("embedding"):
+        check_embedding(obs["embedding"], "embedding")
+    if obs.get("transaction_id"):
+        check(obs["transaction_id"], "transaction_id")
+    return obs
 
 
 def observation_result(obs: dict[str, Any], watchlist: WatchlistLike | None) -> FaceResult:

@@ -59,7 +59,8 @@ class Receipt:
     seen: set[str] = field(default_factory=set)
     """Transaction ids already processed under this receipt, for de-duplication."""
     sale_face: tuple[float, ...] | None = None
-    """The buyer's face embedding from the checkout snapshot (biometric: lives as long as the receipt)."""
+    """The buyer's face embedding from the checkout snapshot (biometric: dropped after
+    ``rules.receipt_face_retention_hours``, or by ``forget``)."""
 
     def observe(self, tx: Tx, cust_key: str, rules: RulesSettings) -> dict[str, float] | None:
         """Indicators for ``tx``; ``None`` if this exact transaction was already seen (a duplicate)."""
@@ -128,13 +129,18 @@ class CustomerProfile:
     m2: float = 0.0
     stores: set[str] = field(default_factory=set)
 
+    def idle_since(self, cutoff_ms: int) -> bool:
+        """No transaction at or after ``cutoff_ms`` (event time): the profile is past its retention."""
+        return not self.recent or self.recent[-1] < cutoff_ms
+
     def observe(self, tx: Tx, rules: RulesSettings) -> dict[str, float]:
         now = tx["event_time"]
         ind: dict[str, float] = {}
         recent = self.recent
         insort(recent, now)
         horizon = now - rules.velocity_window_s * 1000
-        keep_from = max(bisect_left(recent, horizon), len(recent) - rules.velocity_limit * 4)
+        # The newest time always stays: it dates the profile for its expiry (see ``idle_since``).
+        keep_from = max(bisect_left(recent, horizon), len(recent) - max(1, rules.velocity_limit * 4))
         if keep_from > 0:
             del recent[:keep_from]
         in_window = bisect_right(recent, now)

@@ -26,7 +26,7 @@ from typing import Any
 
 from infra.settings import Settings
 from jobs.scoring.face_join import Seen
-from jobs.scoring.face_similarity import similarity
+from jobs.scoring.face_similarity import embedding_problem, similarity
 from jobs.scoring.features import (
     CustomerProfile,
     Receipt,
@@ -52,22 +52,42 @@ Write = tuple[str, str, Any]
 """(map name, key, new value or ``None`` for a removal): one change to persist."""
 
 
+CUSTOMER_SWEEP_BUDGET = 1024
+"""Most customer profiles :meth:`ScoringState.expire_customers` looks at per call: bounded work per batch."""
+
+
 @dataclass
 class ScoringState:
-    """The job's keyed state as three maps, with receipts kept in event-time order for expiry."""
+    """The job's keyed state as three maps, with receipts kept in event-time order for expiry.
+
+    What is kept is bounded by settings, in event time: receipts ``receipt_retention_days``, their buyer
+    faces ``receipt_face_retention_hours`` (biometric data: shorter), customer profiles
+    ``customer_retention_days`` after their last transaction.
+    """
 
     receipts: dict[str, Receipt] = field(default_factory=dict)
     stores: dict[str, StoreActivity] = field(default_factory=dict)
     customers: dict[str, CustomerProfile] = field(default_factory=dict)
     receipt_order: deque[tuple[int, str]] = field(default_factory=deque)
     newest_event_ms: int = 0
-    """The latest event time seen: the job's event-time "now" for the lateness check."""
+    """The latest event time seen (never past the wall clock): the job's event-time "now"."""
+    face_order: deque[tuple[int, str]] = field(default_factory=deque)
+    """(sale event time, receipt key) of receipts given a buyer face, oldest first, for the face expiry."""
+    customer_sweep: list[str] = field(default_factory=list)
+    """Customer keys still to look at in the current expiry pass (see :meth:`expire_customers`)."""
 
     @classmethod
     def restore(cls, receipts: dict, stores: dict, customers: dict) -> ScoringState:
         order = deque(sorted((r.event_time, k) for k, r in receipts.items()))
+        faces = deque((t, k) for t, k in order if receipts[k].sale_face is not None)
         # The newest receipt is a lower bound of the newest event: a restore never rejects more.
-        return cls(dict(receipts), dict(stores), dict(customers), order, order[-1][0] if order else 0)
+        return cls(dict(receipts), dict(stores), dict(customers), order, order[-1][0] if order else 0, faces)
+
+    def bound_newest(self, now_ms: int) -> None:
+        """Never let the newest event time be past the wall clock: it is the producers' clock, and a
+        state restored from before this bound may hold a receipt stamped far in the future."""
+        if self.newest_event_ms > now_ms:
+            self.newest_event_ms = now_ms
 
     def expire_receipts(self, now_ms: int, retention_ms: int) -> list[Write]:
         """Forget receipts older than the return window (bounded memory, like a state TTL)."""
@@ -78,6 +98,38 @@ class ScoringState:
             if receipt is not None and receipt.event_time < now_ms - retention_ms:
                 del self.receipts[key]
                 removed.append((RECEIPTS, key, None))
+        return removed
+
+    def expire_faces(self, now_ms: int, retention_ms: int) -> list[Write]:
+        """Drop buyer faces from receipts whose sale is older than ``retention_ms``; the receipts stay."""
+        changed: list[Write] = []
+        while self.face_order and self.face_order[0][0] < now_ms - retention_ms:
+            _, key = self.face_order.popleft()
+            receipt = self.receipts.get(key)
+            if receipt is not None and receipt.sale_face is not None and receipt.event_time < now_ms - retention_ms:
+                receipt.sale_face = None
+                changed.append((RECEIPTS, key, receipt))
+        return changed
+
+    def expire_customers(self, retention_ms: int, budget: int = CUSTOMER_SWEEP_BUDGET) -> list[Write]:
+        """Forget profiles idle for ``retention_ms`` before the newest event, looking at ``budget`` of them.
+
+        A pass walks a snapshot of the keys, ``budget`` per call, then starts over: bounded work per
+        batch and no index to keep. :meth:`Scorer.observe` applies the same rule when it meets an idle
+        profile, so features never depend on how far a pass has got.
+        """
+        if not self.customer_sweep:
+            if not self.customers:
+                return []
+            self.customer_sweep = list(self.customers)
+        cutoff = self.newest_event_ms - retention_ms
+        removed: list[Write] = []
+        for _ in range(min(budget, len(self.customer_sweep))):
+            key = self.customer_sweep.pop()
+            profile = self.customers.get(key)
+            if profile is not None and profile.idle_since(cutoff):
+                del self.customers[key]
+                removed.append((CUSTOMERS, key, None))
         return removed
 
 
@@ -116,20 +168,40 @@ class Scorer:
 
     # 1 ---------------------------------------------------------------------------------------
     def parse(
-        self, value: bytes | None, key: bytes | None, topic: str, partition: int, offset: int, ingest_ms: int
+        self,
+        value: bytes | None,
+        key: bytes | None,
+        topic: str,
+        partition: int,
+        offset: int,
+        ingest_ms: int,
+        now_ms: int = 0,
     ) -> Envelope | OutRow:
-        """An envelope for a good record, or the dead-letter output row for a bad one."""
+        """An envelope for a good record, or the dead-letter output row for a bad one.
+
+        ``now_ms`` is the wall clock that bounds event time (``job.max_future_skew_ms``); 0 = none, for
+        offline history (``train``/``backtest``), where "now" is the history's own time.
+        """
+        job = self.settings.job
         try:
-            tx = parse_transaction(value, ingest_ms, self.settings.job.max_message_bytes)
+            tx = parse_transaction(value, now_ms, job.max_message_bytes, job.max_future_skew_ms)
         except InvalidRecord as err:
             return self.dead_letter_row(topic, partition, offset, key, value, err)
         return (tx, transaction_indicators(tx, self.rules), ingest_ms)
 
     def dead_letter_row(
-        self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None, error: InvalidRecord
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        error: InvalidRecord,
+        dead_letter_id: str | None = None,
     ) -> OutRow:
         """The dead-letter output row for an input record the job cannot use, stamped by this scorer's clock."""
         dl = dead_letter(
+            dead_letter_id=dead_letter_id,
             topic=topic,
             partition=partition,
             offset=offset,
@@ -141,7 +213,9 @@ class Scorer:
         )
         return (self.dlq_topic, dl.dead_letter_id.encode(), dl.encode())
 
-    def observe(self, env: Envelope, state: ScoringState) -> tuple[Envelope | None, list[Write]]:
+    def observe(
+        self, env: Envelope, state: ScoringState, now_ms: int | None = None
+    ) -> tuple[Envelope | None, list[Write]]:
         """Steps 2-4's state part for one transaction: update the keyed state, complete its indicators.
 
         ``None`` for a duplicate. This is the one feature path: the job runs it on Flink state, the
@@ -149,9 +223,14 @@ class Scorer:
         Raises :class:`InvalidRecord` (``too_late``) for an event older than the state keeps: its
         sale is forgotten and its history expired, so its indicators would be wrong. Events that are
         merely out of order, within that horizon, are placed where they belong in time.
+
+        ``now_ms`` (the job's wall clock) caps the newest event time: a record stamped ahead of it
+        (within the allowed skew) cannot make later transactions too late; ``None``: offline history.
         """
         tx = env[0]
         event_time = tx["event_time"]
+        if now_ms is not None:
+            state.bound_newest(now_ms)
         horizon_ms = self.rules.receipt_retention_days * 86_400_000
         if event_time < state.newest_event_ms - horizon_ms:
             behind_days = (state.newest_event_ms - event_time) / 86_400_000
@@ -161,7 +240,7 @@ class Scorer:
                 f"beyond the {self.rules.receipt_retention_days}-day state horizon",
             )
         if event_time > state.newest_event_ms:
-            state.newest_event_ms = event_time
+            state.newest_event_ms = event_time if now_ms is None else min(event_time, now_ms)
         rk = receipt_key(tx)
         ck = customer_key(tx)
         known = rk in state.receipts
@@ -177,13 +256,22 @@ class Scorer:
         state.stores[sk], out = self.by_store(state.stores.get(sk), out)
         if new_store or tx["kind"] == "RETURN":  # sales leave a known store's activity as it was
             writes.append((STORES, sk, state.stores[sk]))
-        profile = state.customers.get(ck) or CustomerProfile()
+        profile = state.customers.get(ck)
+        if profile is None or profile.idle_since(
+            state.newest_event_ms - self.rules.customer_retention_days * 86_400_000
+        ):
+            profile = CustomerProfile()  # unknown, or idle past its retention: a new customer
         out[1].update(profile.observe(tx, self.rules))
         if not ck.startswith("anon:"):
             state.customers[ck] = profile
             writes.append((CUSTOMERS, ck, profile))
         writes.extend(state.expire_receipts(tx["event_time"], self.rules.receipt_retention_days * 86_400_000))
+        writes.extend(state.expire_faces(state.newest_event_ms, self.face_retention_ms))
         return out, writes
+
+    @property
+    def face_retention_ms(self) -> int:
+        return int(self.rules.receipt_face_retention_hours * 3_600_000)
 
     def decide_batch(
         self,
@@ -220,11 +308,19 @@ class Scorer:
         receipt = state.receipts.get(rk)
         if receipt is None:
             return []
+        kept_since = state.newest_event_ms - self.face_retention_ms
         if tx["kind"] == "SALE" and receipt.sale_id == tx["transaction_id"]:
+            if receipt.event_time < kept_since:  # decided after its face's retention: keep none
+                return []
+            if receipt.sale_face is None:
+                state.face_order.append((receipt.event_time, rk))
             receipt.sale_face = camera.embedding
             return [(RECEIPTS, rk, receipt)]
-        if tx["kind"] == "RETURN" and receipt.sale_face is not None:
-            sim = float(similarity(receipt.sale_face, camera.embedding))
+        face = receipt.sale_face
+        if tx["kind"] == "RETURN" and face is not None and receipt.event_time >= kept_since:
+            if embedding_problem(face) is not None or embedding_problem(camera.embedding) is not None:
+                return []  # kept before faces were checked: no evidence either way
+            sim = float(similarity(face, camera.embedding))
             ind["buyer_face_similarity"] = round(sim, 2)
             if sim < self.settings.faces.match_threshold:
                 ind["customer_mismatch"] = 1.0

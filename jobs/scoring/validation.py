@@ -2,6 +2,11 @@
 
 Pure: no Kafka, no Flink. The job calls :func:`parse_transaction` on every input record; anything it
 raises becomes a ``DeadLetter`` on the dead-letter topic and the pipeline goes on.
+
+Identifiers are checked here, at the edge, with the strict patterns of :mod:`schemas.identifiers`:
+store and lane ids become camera serials in Meraki API paths, so a hostile one must be a dead letter
+before any stage uses it. Event time is bounded by the reader's wall clock, one rule for every
+reader (see :func:`parse_transaction`).
 """
 
 from __future__ import annotations
@@ -10,35 +15,67 @@ import math
 import re
 from typing import Any
 
+from infra.settings import JobSettings
 from schemas.codec import codec
 from schemas.errors import InvalidRecord
+from schemas.identifiers import check, check_name
 
 CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
-MAX_FUTURE_SKEW_MS = 24 * 3600 * 1000
-"""An event stamped more than this after the broker received it is a clock or data error."""
+MAX_FUTURE_SKEW_MS = JobSettings().max_future_skew_ms
+"""Default of ``max_future_skew_ms``: see ``JobSettings.max_future_skew_ms``."""
 REQUIRED_TEXT = ("transaction_id", "store_id", "lane_id")
+NAMES = ("store_id", "lane_id", "cashier_id")
+"""Name-shaped fields (:data:`schemas.identifiers.NAME_RE`); ``cashier_id`` only when set (non-empty)."""
+IDS = ("transaction_id", "original_transaction_id", "customer_id")
+"""Id-shaped fields (:data:`schemas.identifiers.ID_RE`); the optional ones only when set (non-empty)."""
 
 
-def parse_transaction(value: bytes | None, ingest_time_ms: int, max_bytes: int) -> dict[str, Any]:
-    """Decode and check one ``PosTransaction``; raise :class:`InvalidRecord` when unusable."""
+def parse_transaction(
+    value: bytes | None, now_ms: int, max_bytes: int, max_future_skew_ms: int = MAX_FUTURE_SKEW_MS
+) -> dict[str, Any]:
+    """Decode and check one ``PosTransaction``; raise :class:`InvalidRecord` when unusable.
+
+    ``now_ms`` is the reader's wall clock: an ``event_time`` more than ``max_future_skew_ms`` after it
+    is ``invalid_timestamp`` (the producer's clock cannot be trusted, and neither can the broker
+    timestamp, which the producer sets too). ``0`` checks no bound: offline history has no "now".
+    """
     if value is not None and len(value) > max_bytes:
         raise InvalidRecord("oversized", f"message of {len(value)} bytes exceeds the {max_bytes}-byte limit")
     tx = codec("PosTransaction").decode(value)  # raises DecodeError, an InvalidRecord
     missing = [name for name in REQUIRED_TEXT if not tx[name] or not tx[name].strip()]
     if missing:
         raise InvalidRecord("missing_field", f"required field(s) empty: {', '.join(missing)}")
+    _check_ids(tx)
     amount = tx["amount"]
     if not math.isfinite(amount) or amount <= 0:
         raise InvalidRecord("invalid_amount", f"amount must be a positive number, got {amount!r}")
     if not CURRENCY_RE.match(tx["currency"]):
-        raise InvalidRecord("invalid_currency", f"currency must be an ISO 4217 code, got {tx['currency']!r}")
-    if tx["event_time"] <= 0:
-        raise InvalidRecord("invalid_timestamp", f"event_time must be epoch milliseconds, got {tx['event_time']}")
-    if ingest_time_ms and tx["event_time"] - ingest_time_ms > MAX_FUTURE_SKEW_MS:
-        raise InvalidRecord("invalid_timestamp", "event_time is more than a day after the broker received it")
+        raise InvalidRecord("invalid_currency", f"currency must be an ISO 4217 code, got {tx['currency'][:16]!r}")
+    _check_event_time(tx["event_time"], now_ms, max_future_skew_ms)
     for item in tx["items"]:
         if item["quantity"] <= 0 or not math.isfinite(item["unit_price"]) or item["unit_price"] < 0:
-            raise InvalidRecord("invalid_item", f"line item {item['sku']!r} has a bad quantity or price")
+            raise InvalidRecord("invalid_item", f"line item {item['sku'][:64]!r} has a bad quantity or price")
     if tx["kind"] == "SALE" and tx["original_transaction_id"]:
         raise InvalidRecord("invalid_reference", "a sale cannot refer to an original transaction")
     return tx
+
+
+def _check_ids(tx: dict[str, Any]) -> None:
+    """Every identifier a stage may put in a path, a key or a message: strict patterns, or ``invalid_id``."""
+    for name in NAMES:
+        if name in REQUIRED_TEXT or tx[name]:  # an empty optional id means none, as everywhere downstream
+            check_name(tx[name], name)
+    for name in IDS:
+        if name in REQUIRED_TEXT or tx[name]:
+            check(tx[name], name)
+
+
+def _check_event_time(event_time: int, now_ms: int, max_future_skew_ms: int) -> None:
+    if event_time <= 0:
+        raise InvalidRecord("invalid_timestamp", f"event_time must be epoch milliseconds, got {event_time}")
+    if now_ms and event_time - now_ms > max_future_skew_ms:
+        ahead_s = (event_time - now_ms) / 1000
+        raise InvalidRecord(
+            "invalid_timestamp",
+            f"event_time is {ahead_s:.0f} s after the wall clock (at most {max_future_skew_ms / 1000:.0f} s allowed)",
+        )

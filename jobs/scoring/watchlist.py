@@ -3,10 +3,16 @@
 Pure (no Kafka): the Flink job keeps one as broadcast state fed from the compacted WATCHLIST topic
 (``upsert`` per entry, ``remove`` per tombstone); the watchlist service and the CLI use it too.
 A subject may have several embeddings; a probe matches the subject of its nearest embedding.
+
+Entries and probes are checked (:func:`check_entry`, :func:`jobs.scoring.face_similarity.check_embedding`):
+a NaN in one enrolled embedding made every probe "match" it. An entry with no embeddings is valid and
+matches nothing here (a subject known only to another backend, e.g. a Rekognition collection).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,9 +21,30 @@ from typing import Any
 import numpy as np
 
 from infra.settings import FaceSettings, Settings
-from jobs.scoring.face_similarity import distance_to_similarity
+from jobs.scoring.face_similarity import DESCRIPTOR_LEN, check_embedding, distance_to_similarity
+from schemas.errors import InvalidRecord
+from schemas.identifiers import check
 
-DIM = 128
+log = logging.getLogger("checkout_guard.watchlist")
+
+DIM = DESCRIPTOR_LEN
+CATEGORIES = frozenset({"SUSPECT", "VIP"})
+
+
+def check_entry(entry: Any) -> dict[str, Any]:
+    """``entry`` if it is a usable WatchlistEntry dict: a valid subject id, a known category and only
+    usable embeddings (possibly none); else :class:`InvalidRecord` (``invalid_id``/``invalid_embedding``/...)."""
+    if not isinstance(entry, dict):
+        raise InvalidRecord("invalid_entry", f"a watchlist entry must be a record, got {type(entry).__name__}")
+    check(entry.get("subject_id"), "subject_id")
+    if entry.get("category") not in CATEGORIES:
+        raise InvalidRecord("invalid_entry", f"category must be one of {sorted(CATEGORIES)}")
+    embeddings = entry.get("embeddings")
+    if not isinstance(embeddings, list | tuple | np.ndarray):
+        raise InvalidRecord("invalid_embedding", "embeddings must be a list of embeddings")
+    for i, embedding in enumerate(embeddings):
+        check_embedding(embedding, f"embeddings[{i}]")
+    return entry
 
 
 @dataclass(frozen=True)
@@ -49,7 +76,9 @@ class Watchlist:
         self._dirty = False
 
     def upsert(self, entry: dict[str, Any]) -> None:
-        """Add or replace a subject from a WatchlistEntry dict (Avro shape)."""
+        """Add or replace a subject from a WatchlistEntry dict (Avro shape); an unusable one raises
+        :class:`InvalidRecord` and changes nothing (see :func:`check_entry`)."""
+        check_entry(entry)
         embeddings = np.asarray(entry["embeddings"], dtype=np.float32).reshape(-1, DIM)
         with self._lock:
             self._entries[entry["subject_id"]] = {
@@ -66,8 +95,9 @@ class Watchlist:
                 self._dirty = True
 
     def search(self, embedding: Sequence[float]) -> Match | None:
-        """Best-matching subject at or above the threshold, else ``None``."""
-        probe = np.asarray(embedding, dtype=np.float32).reshape(DIM)
+        """Best-matching subject at or above the threshold, else ``None``; a probe that is not a usable
+        descriptor raises :class:`InvalidRecord` ``invalid_embedding``."""
+        probe = np.asarray(check_embedding(embedding, "probe"), dtype=np.float32).reshape(DIM)
         with self._lock:
             if self._dirty:
                 self._rebuild()
@@ -78,7 +108,10 @@ class Watchlist:
             buf *= -2.0
             buf += self._norms
             i = int(np.argmin(buf))
-            sim = float(distance_to_similarity(float(np.sqrt(max(0.0, float(buf[i]) + float(probe @ probe))))))
+            squared = float(buf[i]) + float(probe @ probe)
+            if not math.isfinite(squared):  # never a match from arithmetic gone wrong (checked input cannot)
+                return None
+            sim = float(distance_to_similarity(float(np.sqrt(max(0.0, squared)))))
             if sim < self.threshold:
                 return None
             subject = self._owners[i]
@@ -121,4 +154,7 @@ class Watchlist:
         self.threshold = state["threshold"]
         self._reset()
         for entry in state["entries"]:
-            self.upsert(entry)
+            try:
+                self.upsert(entry)
+            except InvalidRecord as err:  # pickled before entries were checked: leave it out, go on
+                log.warning("dropping unusable watchlist entry on load: %s", err.reason)

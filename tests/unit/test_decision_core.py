@@ -22,7 +22,7 @@ from jobs.scoring.rules import DEFAULT_RULESET, ModelResult, RuleSet, update_rec
 from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Scorer
 from jobs.scoring.watchlist import Watchlist
 from schemas.codec import codec
-from schemas.records import FaceObservation, WatchlistEntry
+from schemas.records import MAX_DEAD_LETTER_PAYLOAD, FaceObservation, WatchlistEntry
 from schemas.topics import ALERTS, DEAD_LETTERS, FACE_OBSERVATIONS, RULES, SCORED_TRANSACTIONS, TRANSACTIONS, WATCHLIST
 from tests.builders import T0, return_of, sale
 
@@ -233,7 +233,9 @@ def test_unusable_transaction_becomes_a_dead_letter_with_its_kind_and_stage(data
     assert (topic, key) == (DLQ, b"cg.transactions:2:17")
     [dl] = dead_letters(step.outputs)
     assert dl["error_kind"] == kind and dl["stage"] == "scoring-job"
-    assert dl["payload"] == data and dl["key"] == b"k" and dl["failed_at"] == NOW
+    assert dl["payload"] == data[:MAX_DEAD_LETTER_PAYLOAD] and dl["payload_size"] == len(data)
+    assert dl["payload_truncated"] == (len(data) > MAX_DEAD_LETTER_PAYLOAD)
+    assert dl["key"] == b"k" and dl["failed_at"] == NOW
     assert step.writes == {} and step.timer is None
 
 

@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import pytest
 
+from infra.local.pos_generator import PosGenerator
 from infra.settings import Settings
 from jobs.scoring.features import CustomerProfile, Receipt, StoreActivity, customer_key
 from jobs.scoring.rules import FaceResult, ModelResult, RuleSet, decide
@@ -222,12 +223,15 @@ def test_old_receipts_expire_and_their_removal_is_persisted():
     assert "new" in p.state.receipts
 
 
-def test_event_stamped_a_day_after_the_broker_received_it_is_rejected():
-    data = sale("t1", at_s=2 * 86400).encode()
-    with pytest.raises(InvalidRecord) as err:
-        parse_transaction(data, T0, 1 << 20)
-    assert err.value.kind == "invalid_timestamp"
-    assert parse_transaction(sale("t2", at_s=3600).encode(), T0, 1 << 20)["transaction_id"] == "t2"
+def test_event_stamped_further_ahead_of_the_wall_clock_than_the_allowed_skew_is_rejected():
+    skew = SETTINGS.job.max_future_skew_ms
+    for ahead_ms in (skew + 1, 3_600_000, 2 * 86_400_000):
+        with pytest.raises(InvalidRecord) as err:
+            parse_transaction(sale("t1", at_s=ahead_ms / 1000).encode(), T0, 1 << 20)
+        assert err.value.kind == "invalid_timestamp" and "after the wall clock" in err.value.reason
+    assert parse_transaction(sale("t2", at_s=skew / 1000).encode(), T0, 1 << 20)["transaction_id"] == "t2"
+    assert parse_transaction(sale("t3", at_s=3600).encode(), T0, 1 << 20, max_future_skew_ms=3_600_000)
+    assert parse_transaction(sale("t4", at_s=10 * 86400).encode(), 0, 1 << 20), "no clock (offline history): no bound"
 
 
 SHORT_MEMORY = SETTINGS.model_copy(update={"rules": RULES.model_copy(update={"receipt_retention_days": 10})})
@@ -256,3 +260,65 @@ def test_a_restored_state_keeps_rejecting_what_is_too_late():
 def test_a_currency_outside_iso_4217_is_scored_with_a_reason():
     assert "unknown_currency" in Pipeline().decision(replace(sale("t1"), currency="JEP"))["reasons"]
     assert "unknown_currency" not in Pipeline().decision(replace(sale("t2"), currency="EUR"))["reasons"]
+
+
+# --- identifiers at the edge -------------------------------------------------------------------------
+
+HOSTILE_IDS = (
+    "x/../Q2XX-VICTIM-0001/reboot?",
+    "../../etc/passwd",
+    "a b",
+    "id#frag",
+    "%2e%2e",
+    "\x00ctl",
+    "é",
+    "s" * 200,
+)
+
+
+@pytest.mark.parametrize("value", HOSTILE_IDS)
+@pytest.mark.parametrize(
+    ("field", "kind"),
+    [
+        ("store_id", "SALE"),
+        ("lane_id", "SALE"),
+        ("cashier_id", "SALE"),
+        ("transaction_id", "SALE"),
+        ("customer_id", "SALE"),
+        ("original_transaction_id", "RETURN"),
+    ],
+)
+def test_an_identifier_that_is_not_a_plain_name_or_id_is_rejected_as_invalid_id(field, kind, value):
+    tx = replace(return_of("r1", "t1") if kind == "RETURN" else sale("t1"), **{field: value})
+    with pytest.raises(InvalidRecord) as err:
+        parse_transaction(tx.encode(), T0, 1 << 20)
+    assert err.value.kind == "invalid_id" and field in err.value.reason
+    assert value not in err.value.reason, "the reason never echoes a hostile value (it is logged)"
+
+
+def test_an_empty_optional_identifier_means_none_and_an_empty_required_one_is_missing():
+    assert parse_transaction(replace(sale("t1"), cashier_id="", customer_id="").encode(), T0, 1 << 20)
+    with pytest.raises(InvalidRecord) as err:
+        parse_transaction(replace(sale("t1"), store_id="").encode(), T0, 1 << 20)
+    assert err.value.kind == "missing_field"
+
+
+def test_every_identifier_the_pos_generator_and_the_fraud_detector_csv_make_is_accepted():
+    from schemas.afd_csv import row_to_transaction
+
+    gen = PosGenerator(seed=3, stores=12, lanes_per_store=12, customers=300, fraud_share=0.3, start_time_ms=T0)
+    txs = [next(gen) for _ in range(3000)]
+    assert {tx.kind for tx in txs} == {"SALE", "RETURN"} and any(tx.customer_id for tx in txs)
+    row = {
+        "EVENT_ID": "1cd3831a737ea11d295bd8410a0bc67f1",
+        "EVENT_TIMESTAMP": "2023-03-06T15:02:05Z",
+        "ENTITY_ID": "108-24-9997",
+        "order_price": "33.16",
+        "payment_currency": "usd",
+        "merchant": "fraud_Lesch, D'Amore and Brown",
+        "EVENT_LABEL": "0",
+    }
+    txs.append(row_to_transaction(row))
+    txs.append(replace(sale("t.1:a@b+c"), customer_id="olsenmia@gmail.com", store_id="S_001", lane_id="L04"))
+    for tx in txs:
+        assert parse_transaction(tx.encode(), 0, 1 << 20)["transaction_id"] == tx.transaction_id

@@ -11,7 +11,9 @@ import pytest
 
 from infra.settings import FaceSettings
 from jobs.faces.engine import FaceEngine
+from jobs.scoring.face_similarity import check_embedding, similarity
 from jobs.scoring.watchlist import Match, Watchlist
+from schemas.errors import InvalidRecord
 
 FACES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "faces"
 needs_faces = pytest.mark.skipif(not FACES.is_dir(), reason="shared face photos (../shared/data/faces) absent")
@@ -132,3 +134,78 @@ def test_real_faces_pick_the_right_subject_among_several():
         assert w.search(probe).subject_id == f"subj-{name}"
     stranger = engine.best_face((FACES / "face_recognition" / "test_images" / "biden.jpg").read_bytes())
     assert w.search(stranger.embedding) is None
+
+
+# --- unusable embeddings ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        [float("nan")] * 128,
+        [float("inf")] + [0.0] * 127,
+        [0.1, 0.2, 0.3],
+        [0.0] * 256,  # reshaped into two "embeddings" before
+        [1e30] * 128,  # finite, but its squared norm overflows float32
+    ],
+    ids=["nan", "inf", "3_values", "256_values", "huge"],
+)
+def test_an_entry_with_an_unusable_embedding_is_refused_and_changes_nothing(bad):
+    rng = np.random.default_rng(4)
+    good = unit(rng)
+    w = Watchlist(threshold=52)
+    w.upsert(entry("s", good))
+    with pytest.raises(InvalidRecord) as err:
+        w.upsert(entry("s", [good[0], bad]))
+    assert err.value.kind == "invalid_embedding" and "embeddings[1]" in err.value.reason
+    assert w.search(good[0]).subject_id == "s", "the subject as it was"
+    assert w.search(unit(rng)[0]) is None, "nobody else matches"
+
+
+def test_a_nan_entry_cannot_make_everyone_match_even_if_it_got_in():
+    w = Watchlist(threshold=52)
+    w.upsert(entry("s", unit(np.random.default_rng(5))))
+    w._entries["s"]["embeddings"][0, 0] = np.nan  # as if accepted before embeddings were checked
+    w._dirty = True
+    assert w.search(unit(np.random.default_rng(6))[0]) is None
+
+
+@pytest.mark.parametrize("probe", [[float("nan")] * 128, [0.1, 0.2, 0.3], [float("-inf")] * 128])
+def test_a_probe_that_is_not_a_face_descriptor_is_refused_not_matched(probe):
+    w = Watchlist(threshold=0)  # threshold 0: anything that returned would be a match
+    w.upsert(entry("s", unit(np.random.default_rng(7))))
+    with pytest.raises(InvalidRecord) as err:
+        w.search(probe)
+    assert err.value.kind == "invalid_embedding"
+
+
+def test_an_entry_without_embeddings_is_kept_and_matches_nobody():
+    """A subject only another backend (a Rekognition collection) can match."""
+    w = Watchlist(threshold=0)
+    w.upsert({**entry("subj-r", []), "embeddings": []})
+    assert "subj-r" in w and w.search(unit(np.random.default_rng(8))[0]) is None
+
+
+@pytest.mark.parametrize("changes", [{"subject_id": "../../x"}, {"subject_id": ""}, {"category": "BOSS"}])
+def test_an_entry_with_a_bad_subject_id_or_category_is_refused(changes):
+    w = Watchlist(threshold=52)
+    with pytest.raises(InvalidRecord):
+        w.upsert({**entry("s", unit(np.random.default_rng(9))), **changes})
+    assert len(w) == 0
+
+
+def test_similarity_of_non_finite_embeddings_is_zero_and_different_lengths_raise():
+    a = [0.1] * 128
+    assert similarity(a, a) == 100.0
+    assert similarity([float("nan")] * 128, a) == 0.0
+    assert similarity(a, [float("inf")] + [0.1] * 127) == 0.0
+    with pytest.raises(ValueError, match="different lengths"):
+        similarity(a, [0.1])  # numpy would broadcast it
+
+
+def test_check_embedding_names_the_problem():
+    assert check_embedding([0.0] * 128) == [0.0] * 128
+    for bad, words in (([0.0] * 3, "128 values, got 3"), ("x" * 128, "list of numbers"), ([None] * 128, "NaN")):
+        with pytest.raises(InvalidRecord) as err:
+            check_embedding(bad, "embedding")
+        assert err.value.kind == "invalid_embedding" and words in err.value.reason

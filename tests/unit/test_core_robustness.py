@@ -1,0 +1,310 @@
+"""No single record stops the scoring job (issue 12): bad embeddings, exceptions, huge inputs, clocks.
+
+Each test feeds :class:`DecisionCore` what once stopped the job, or made it wrong for everyone after it,
+and checks that the record ends as a dead letter with its reason while the rest is still decided.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from dataclasses import replace
+
+from jobs.scoring.core import MAX_ERROR_TEXT, DecisionCore, SourceRecord
+from jobs.scoring.face_join import PENDING
+from jobs.scoring.rules import ModelResult
+from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES
+from jobs.scoring.watchlist import Watchlist
+from schemas.codec import codec
+from schemas.records import MAX_DEAD_LETTER_PAYLOAD, WatchlistEntry
+from tests.builders import T0, return_of, sale
+from tests.unit.test_decision_core import (
+    BUYER_FACE,
+    DEADLINE,
+    DLQ,
+    NOW,
+    SUSPECT_FACE,
+    TX,
+    WATCH_TOPIC,
+    alerts,
+    clock,
+    dead_letters,
+    face_record,
+    make_core,
+    persist,
+    scored,
+    settings,
+    tx_record,
+    watch_entry,
+)
+
+NAN_FACE = [math.nan] * 128
+
+
+def kinds(outputs) -> list[str]:
+    return [dl["error_kind"] for dl in dead_letters(outputs)]
+
+
+def assert_persisted_equals_memory(maps: dict[str, dict], core: DecisionCore) -> None:
+    def dump(d):
+        return {k: pickle.dumps(v) for k, v in d.items()}
+
+    state = core.state
+    assert state is not None
+    assert dump(maps.get(RECEIPTS, {})) == dump(state.receipts)
+    assert dump(maps.get(STORES, {})) == dump(state.stores)
+    assert dump(maps.get(CUSTOMERS, {})) == dump(state.customers)
+    assert dump(maps.get(PENDING, {})) == dump(core.join.pending)
+
+
+# --- identifiers ----------------------------------------------------------------------------------------
+
+
+def test_a_store_id_that_is_a_url_path_is_dead_lettered_as_invalid_id_and_never_waits_for_a_face():
+    core = make_core()
+    hostile = replace(sale("t-evil"), store_id="x/../Q2XX-VICTIM-0001/reboot?")
+    step = core.on_records([tx_record(hostile, 1), tx_record(sale("t-ok", card="card-B"), 2)], NOW)
+    [dl] = dead_letters(step.outputs)
+    assert (dl["dead_letter_id"], dl["error_kind"]) == ("cg.transactions:0:1", "invalid_id")
+    assert "store_id" in dl["reason"] and "VICTIM" not in dl["reason"]
+    assert set(core.join.pending) == {"t-ok"}
+
+
+def test_a_face_observation_whose_transaction_id_is_a_path_is_dead_lettered():
+    core = make_core()
+    step = core.on_records([face_record("../../etc/passwd", offset=3)], NOW)
+    assert kinds(step.outputs) == ["invalid_id"] and core.join.early == {}
+
+
+# --- embeddings -----------------------------------------------------------------------------------------
+
+
+def test_an_observation_with_a_3_value_embedding_is_dead_lettered_and_the_batch_is_still_scored():
+    core = make_core(face_deadline_ms=DEADLINE)
+    core.on_control(WATCH_TOPIC, b"subj-9", watch_entry("subj-9", SUSPECT_FACE), 0, 0)
+    step = core.on_records(
+        [
+            tx_record(sale("t1"), 1),
+            face_record("t1", embedding=[0.1, 0.2, 0.3], offset=7),
+            tx_record(sale("t2", card="card-B"), 2),
+            face_record("t2", embedding=BUYER_FACE, offset=8),
+        ],
+        NOW,
+    )
+    [dl] = dead_letters(step.outputs)
+    assert (dl["dead_letter_id"], dl["error_kind"]) == ("cg.face_observations:1:7", "invalid_embedding")
+    assert "128 values, got 3" in dl["reason"]
+    assert list(scored(step)) == ["t2"] and set(core.join.pending) == {"t1"}  # t1 waits for a usable face
+
+
+def test_an_observation_with_a_nan_embedding_matches_nobody_and_is_dead_lettered():
+    core = make_core()
+    core.on_control(WATCH_TOPIC, b"subj-9", watch_entry("subj-9", SUSPECT_FACE), 0, 0)
+    step = core.on_records([tx_record(sale("t1")), face_record("t1", embedding=NAN_FACE)], NOW)
+    assert kinds(step.outputs) == ["invalid_embedding"] and alerts(step) == []
+    entrance = face_record(None, embedding=NAN_FACE, trigger="ENTRANCE", observation_id="entrance:x:1")
+    step = core.on_records([entrance], NOW)
+    assert kinds(step.outputs) == ["invalid_embedding"] and alerts(step) == []
+
+
+def test_a_watchlist_entry_with_a_nan_embedding_is_dead_lettered_and_matches_nobody():
+    core = make_core()
+    control = core.on_control(WATCH_TOPIC, b"subj-nan", watch_entry("subj-nan", NAN_FACE), 0, 4)
+    assert control.update is None, "nothing unusable is kept in broadcast state"
+    [dl] = dead_letters(control.outputs)
+    assert (dl["error_kind"], dl["dead_letter_id"]) == ("invalid_update", "cg.watchlist:0:4")
+    assert "NaN" in dl["reason"]
+    step = core.on_records([tx_record(sale("t1")), face_record("t1", embedding=BUYER_FACE)], NOW)
+    assert scored(step)["t1"]["face_status"] == "NO_MATCH" and alerts(step) == []
+
+
+def test_a_bad_watchlist_entry_is_not_kept_even_when_the_start_up_read_already_passed_its_offset():
+    core = DecisionCore(settings(bootstrap_control=True), watchlist=Watchlist(), clock=clock)
+
+    def read(s, apply):
+        apply(WATCH_TOPIC, b"subj-nan", watch_entry("subj-nan", NAN_FACE))  # skipped at start
+        return {(WATCH_TOPIC, 0): 0}
+
+    core.bootstrap(read)
+    replay = core.on_control(WATCH_TOPIC, b"subj-nan", watch_entry("subj-nan", NAN_FACE), 0, 0)
+    assert replay.update is None and kinds(replay.outputs) == ["invalid_update"]
+    assert "subj-nan" not in core.watchlist
+
+
+def test_a_watchlist_entry_with_a_path_subject_or_another_key_is_dead_lettered():
+    core = make_core()
+    path = core.on_control(WATCH_TOPIC, b"../../x", watch_entry("../../x", SUSPECT_FACE), 0, 1)
+    other = core.on_control(WATCH_TOPIC, b"subj-a", watch_entry("subj-b", SUSPECT_FACE), 0, 2)
+    assert path.update is None and other.update is None
+    assert kinds(path.outputs + other.outputs) == ["invalid_update", "invalid_update"]
+
+
+def test_a_watchlist_entry_without_embeddings_is_kept_for_other_backends():
+    core = make_core()
+    empty = WatchlistEntry(
+        subject_id="subj-r", category="SUSPECT", embeddings=[], reason="r", flagged_by="lp", flagged_at=T0
+    )
+    control = core.on_control(WATCH_TOPIC, b"subj-r", empty.encode(), 0, 3)
+    assert control.outputs == [] and control.update.key == "wl:subj-r" and "subj-r" in core.watchlist
+
+
+def test_a_nan_entry_restored_from_broadcast_state_is_left_out_and_the_job_starts():
+    entry = codec("WatchlistEntry").decode(watch_entry("subj-9", SUSPECT_FACE))
+    bad = {**entry, "subject_id": "subj-nan", "embeddings": [NAN_FACE]}
+    core = make_core()
+    core.restore({}, {"wl:subj-nan": bad, "wl:subj-9": entry})
+    assert "subj-9" in core.watchlist and "subj-nan" not in core.watchlist
+    step = core.on_records([tx_record(sale("t1")), face_record("t1", embedding=BUYER_FACE)], NOW)
+    assert scored(step)["t1"]["face_status"] == "NO_MATCH"
+
+
+def test_a_buyer_face_kept_before_faces_were_checked_is_no_evidence_at_a_return():
+    core = make_core()
+    core.on_records([tx_record(sale("t1", amount=40)), face_record("t1", embedding=BUYER_FACE)], NOW)
+    core.state.receipts["t1"].sale_face = tuple(NAN_FACE)  # as a checkpoint from before may hold it
+    step = core.on_records(
+        [tx_record(return_of("r1", "t1", at_s=60, amount=40), 1), face_record("r1", embedding=BUYER_FACE)], NOW
+    )
+    out = scored(step)["r1"]
+    assert "buyer_face_similarity" not in out["indicators"] and "customer_mismatch" not in out["reasons"]
+
+
+# --- any exception is the record's dead letter ----------------------------------------------------------
+
+
+class FailsFor:
+    """A model that raises whenever a batch holds one given transaction."""
+
+    def __init__(self, bad_tx: str, error: Exception | None = None) -> None:
+        self.bad_tx = bad_tx
+        self.error = error or RuntimeError("model exploded on " + bad_tx)
+        self.calls: list[list[str]] = []
+
+    def predict_batch(self, items):
+        ids = [tx["transaction_id"] for tx, _ in items]
+        self.calls.append(ids)
+        if self.bad_tx in ids:
+            raise self.error
+        return [ModelResult(score=100, version="fake-1") for _ in items]
+
+
+def test_a_model_that_raises_for_one_transaction_dead_letters_only_that_one():
+    predictor = FailsFor("t1")
+    core = make_core(predictor=predictor, face_deadline_ms=0)
+    maps: dict[str, dict] = {}
+    step = core.on_records([tx_record(sale(f"t{i}", card=f"card-{i}"), i) for i in range(4)], NOW)
+    persist(maps, step)
+    assert sorted(scored(step)) == ["t0", "t2", "t3"]
+    [dl] = dead_letters(step.outputs)
+    assert (dl["error_kind"], dl["dead_letter_id"]) == ("internal_error", "cg.transactions:decision:t1")
+    assert dl["reason"] == "RuntimeError: model exploded on t1" and dl["key"] == b"t1"
+    assert codec("PosTransaction").decode(dl["payload"])["transaction_id"] == "t1"
+    assert predictor.calls[0] == ["t0", "t1", "t2", "t3"]  # one batch call first, then one by one
+    assert_persisted_equals_memory(maps, core)
+    nxt = core.on_records([tx_record(sale("t9", card="card-9"), 9)], NOW)
+    assert list(scored(nxt)) == ["t9"], "the job goes on"
+
+
+def test_a_model_that_raises_at_the_face_deadline_dead_letters_only_that_transaction():
+    core = make_core(predictor=FailsFor("t1"))
+    maps: dict[str, dict] = {}
+    persist(maps, core.on_records([tx_record(sale("t0"), 0), tx_record(sale("t1", card="card-B"), 1)], NOW))
+    step = core.on_timer(NOW + DEADLINE, NOW + DEADLINE)
+    persist(maps, step)
+    assert list(scored(step)) == ["t0"] and kinds(step.outputs) == ["internal_error"]
+    assert core.join.pending == {} and maps.get(PENDING, {}) == {}  # decided or dead-lettered: not waiting
+    assert_persisted_equals_memory(maps, core)
+
+
+def test_an_observation_that_makes_the_watchlist_raise_is_dead_lettered_and_the_rest_is_scored():
+    class Broken(Watchlist):
+        def search(self, embedding):
+            raise KeyError("index out of step")
+
+    core = make_core(Broken(settings()))
+    step = core.on_records(
+        [
+            tx_record(sale("t1"), 1),
+            face_record("t1", embedding=BUYER_FACE, offset=5),
+            tx_record(sale("t2", card="card-B"), 2),
+            face_record("t2", "NO_FACE", offset=6),
+        ],
+        NOW,
+    )
+    [dl] = dead_letters(step.outputs)
+    assert (dl["dead_letter_id"], dl["error_kind"]) == ("cg.face_observations:1:5", "internal_error")
+    assert dl["reason"] == "KeyError: 'index out of step'"
+    assert list(scored(step)) == ["t2"]
+
+
+def test_an_internal_error_reason_is_capped():
+    core = make_core(predictor=FailsFor("t1", ValueError("x" * 100_000)), face_deadline_ms=0)
+    [dl] = dead_letters(core.on_records([tx_record(sale("t1"))], NOW).outputs)
+    assert len(dl["reason"]) == MAX_ERROR_TEXT and dl["reason"].startswith("ValueError: xxx")
+
+
+def test_a_failure_part_way_through_the_state_update_leaves_memory_and_persisted_state_equal():
+    core = make_core(face_deadline_ms=0)
+    maps: dict[str, dict] = {}
+    persist(maps, core.on_records([tx_record(sale("t1", amount=30), 1)], NOW))
+    real = core.scorer.by_store
+
+    def by_store(state, env):  # fails after the receipt was updated in memory
+        if env[0]["transaction_id"] == "r1":
+            raise ZeroDivisionError("division by zero")
+        return real(state, env)
+
+    core.scorer.by_store = by_store  # type: ignore[method-assign]
+    step = core.on_records(
+        [tx_record(return_of("r1", "t1", at_s=60, amount=30), 2), tx_record(sale("t2", card="card-B"), 3)], NOW
+    )
+    persist(maps, step)
+    assert kinds(step.outputs) == ["internal_error"] and list(scored(step)) == ["t2"]
+    assert "r1" in core.state.receipts["t1"].seen  # what the failed step did in memory ...
+    assert_persisted_equals_memory(maps, core)  # ... is what is persisted
+
+
+# --- dead letters always fit ----------------------------------------------------------------------------
+
+
+def test_a_transaction_near_the_broker_size_limit_gives_a_dead_letter_far_under_1_mib():
+    data = b"\xc3\x01" + bytes(1_048_500 - 2)
+    core = make_core()
+    step = core.on_records([SourceRecord(b"k", data, TX, 0, 1, NOW), tx_record(sale("t1"), 2)], NOW)
+    [(topic, _, value)] = [row for row in step.outputs if row[0] == DLQ]
+    assert len(value) < 2 * MAX_DEAD_LETTER_PAYLOAD < (1 << 20)
+    [dl] = dead_letters(step.outputs)
+    assert (dl["error_kind"], dl["payload_size"], dl["payload_truncated"]) == ("oversized", 1_048_500, True)
+
+
+# --- event time is bounded by the wall clock ------------------------------------------------------------
+
+
+def test_a_transaction_stamped_far_in_the_future_is_dead_lettered_and_later_ones_are_still_scored():
+    core = make_core(face_deadline_ms=0)
+    future = T0 + 10 * 365 * 86_400_000
+    # The broker timestamp is the producer's clock too (CreateTime): it says the same far future.
+    step = core.on_records([tx_record(sale("t-future", at_s=(future - T0) / 1000), 1, ingest_ms=future)], NOW)
+    [dl] = dead_letters(step.outputs)
+    assert dl["error_kind"] == "invalid_timestamp" and "after the wall clock" in dl["reason"]
+    step = core.on_records([tx_record(sale("t-now", card="card-B"), 2)], NOW)
+    assert list(scored(step)) == ["t-now"], "not too_late"
+
+
+def test_the_newest_event_time_never_moves_past_the_wall_clock():
+    core = make_core(face_deadline_ms=0)
+    ahead = NOW + core.settings.job.max_future_skew_ms  # allowed: clock drift
+    step = core.on_records([tx_record(sale("t-ahead", at_s=(ahead - T0) / 1000), 1)], NOW)
+    assert list(scored(step)) == ["t-ahead"]
+    assert core.state.newest_event_ms == NOW
+
+
+def test_a_restored_receipt_from_the_far_future_does_not_make_every_transaction_too_late():
+    maps: dict[str, dict] = {}
+    first = make_core(face_deadline_ms=0)
+    persist(maps, first.on_records([tx_record(sale("t0"), 0)], NOW))
+    maps[RECEIPTS]["t0"].event_time = T0 + 10 * 365 * 86_400_000  # kept by a job before the bound
+    restarted = make_core(face_deadline_ms=0)
+    restarted.restore(maps)
+    step = restarted.on_records([tx_record(sale("t1", card="card-B"), 1)], NOW)
+    assert list(scored(step)) == ["t1"] and restarted.state.newest_event_ms <= NOW
