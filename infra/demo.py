@@ -4,11 +4,15 @@ Brings up the local stack (Kafka, OpenSearch, Mosquitto), starts the PyFlink sco
 OpenSearch sink and the POS generator (real-time event stamps, a share of fraud patterns), then
 shows a live view of what lands in OpenSearch until Ctrl-C. Ctrl-C stops the generator, the job and
 the sink cleanly; the services keep running (``make down`` stops them) so the data stays to explore.
+Supervised (the default): a process that dies is started again with backoff, a bounded number of
+times per window; restarts are logged to ``<stack dir>/logs/supervisor.log`` and shown in the view.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
 import secrets
 import signal
@@ -26,7 +30,7 @@ from rich.table import Table
 
 from infra.clients import kafka as kafka_clients
 from infra.clients.opensearch import make_client
-from infra.launcher import Child, spawn, start_scoring_job
+from infra.launcher import Child, Supervisor, spawn, start_scoring_job
 from infra.settings import REPO_ROOT, Settings, get_settings
 from infra.stack import ensure_topics, up
 from schemas.indices import index_name
@@ -59,7 +63,7 @@ def topic_size(consumer: Consumer, topic: str) -> int:
     return total
 
 
-def snapshot(settings: Settings, consumer: Consumer, client, children: list[Child]) -> Group:
+def snapshot(settings: Settings, consumer: Consumer, client, supervisor: Supervisor) -> Group:
     prefix, idx = settings.kafka.topic_prefix, settings.opensearch.index_prefix
     tx_index = index_name(idx, "transactions")
     counts = Table(title="Kafka topics", show_edge=False)
@@ -106,8 +110,7 @@ def snapshot(settings: Settings, consumer: Consumer, client, children: list[Chil
         for hit in res["hits"]["hits"]:
             src = hit["_source"]
             alerts.add_row(time.strftime("%H:%M:%S", time.localtime(src["event_time"] / 1000)), src["summary"])
-    procs = ", ".join(f"{c.name} {'running' if c.alive else f'EXITED {c.proc.returncode}'}" for c in children)
-    return Group(counts, outcomes, alerts, Panel(procs, title="processes (logs in .stack/logs/)"))
+    return Group(counts, outcomes, alerts, Panel(supervisor.describe(), title="processes (logs in .stack/logs/)"))
 
 
 SHARED_FACES = REPO_ROOT.parent / "shared" / "data" / "faces"
@@ -129,6 +132,8 @@ def demo_settings(settings: Settings) -> Settings:
                 "allowed_people": webex.allowed_people or DEMO_OFFICER,
             }
         )
+    if webex.command_signing_key is None:  # the bot signs watchlist commands, the watchlist service checks them
+        webex = webex.model_copy(update={"command_signing_key": SecretStr(secrets.token_hex(32))})
     cameras = settings.cameras
     if not cameras.local_photo_dirs and SHARED_FACES.is_dir():
         # A checkout with real test photos beside it: more shoppers than the two people a fresh
@@ -164,41 +169,29 @@ def flag_a_blocked_transaction(settings: Settings, client, flagged: set[str]) ->
     return None
 
 
-def main(
-    rate: Annotated[float, typer.Option(help="Shoppers' transactions per second (each is a face analysis).")] = 1.0,
-    fraud_share: Annotated[float, typer.Option(help="Share of fraud patterns in the traffic.")] = 0.1,
-    flag_every_s: Annotated[float, typer.Option(help="How often the officer flags a blocked sale.")] = 90.0,
-) -> None:
-    """Start everything, drive live traffic and show what arrives, until Ctrl-C."""
-    settings = demo_settings(get_settings())
-    console.print("[bold]Starting the local stack[/] (Kafka, OpenSearch, Mosquitto, SMTP)…")
-    up(settings)
-    ensure_topics(settings)
-    children = [
-        spawn(
-            "infra.local.webex",
-            settings,
-            "--port",
-            str(settings.webex.local_port),
-            "--token",
-            settings.webex.bot_token.get_secret_value(),
-            name="local-webex",
-        ),
-        spawn("infra.local.camera", settings, name="local-camera"),
-        spawn("producers.camera_bridge", settings, name="camera-bridge"),
-        spawn("jobs.faces.stage", settings, name="face-stage"),
-        start_scoring_job(settings),
-        spawn("sinks.opensearch.sink", settings, name="opensearch-sink"),
-        spawn("jobs.faces.watchlist_service", settings, name="watchlist-service"),
-        spawn("sinks.alerts.sender", settings, name="alert-sender"),
-        spawn("jobs.bot.webex_bot", settings, name="webex-bot"),
-        spawn("sinks.dashboard", settings, name="dashboard"),
-    ]
+def _start_pipeline(settings: Settings, supervisor: Supervisor, rate: float, fraud_share: float) -> None:
+    """Every demo process under the supervisor, each with the function that (re)starts it."""
+    token = settings.webex.bot_token.get_secret_value() if settings.webex.bot_token else ""
+
+    def module(name: str, module: str, *args: str) -> None:
+        supervisor.add(name, functools.partial(spawn, module, settings, *args, name=name))
+
+    module("local-webex", "infra.local.webex", "--port", str(settings.webex.local_port), "--token", token)
+    module("local-camera", "infra.local.camera")
+    module("camera-bridge", "producers.camera_bridge")
+    module("face-stage", "jobs.faces.stage")
+    supervisor.add("scoring-job", functools.partial(start_scoring_job, settings))
+    module("opensearch-sink", "sinks.opensearch.sink")
+    module("watchlist-service", "jobs.faces.watchlist_service")
+    module("alert-sender", "sinks.alerts.sender")
+    module("webex-bot", "jobs.bot.webex_bot")
+    module("dashboard", "sinks.dashboard")
     time.sleep(3)  # the camera and the bot answer before shoppers arrive
-    # A seed per run: transaction ids are tx-<seed>-<n>, and the job (its state restored from the last
-    # run's checkpoint) rightly drops ids it has already decided as duplicates.
-    children.append(
-        spawn(
+
+    def shoppers() -> Child:
+        # A seed per start: transaction ids are tx-<seed>-<n>, and the job (its state restored from the
+        # last run's checkpoint) rightly drops ids it has already decided as duplicates.
+        return spawn(
             "producers.shoppers",
             settings,
             "--rate",
@@ -208,11 +201,42 @@ def main(
             "--fraud-share",
             str(fraud_share),
             "--seed",
-            str(int(time.time())),
+            str(time.time_ns() // 1_000_000),
             "--no-progress",
             name="shoppers",
         )
-    )
+
+    supervisor.add("shoppers", shoppers)
+
+
+def _supervisor(settings: Settings, supervise: bool) -> Supervisor:
+    """Restarts are logged to a file: the console belongs to the live view."""
+    logger = logging.getLogger("infra.supervisor")
+    log_file = settings.stack_dir / "logs" / "supervisor.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return Supervisor(restart=supervise, logger=logger)
+
+
+def main(
+    rate: Annotated[float, typer.Option(help="Shoppers' transactions per second (each is a face analysis).")] = 1.0,
+    fraud_share: Annotated[float, typer.Option(help="Share of fraud patterns in the traffic.")] = 0.1,
+    flag_every_s: Annotated[float, typer.Option(help="How often the officer flags a blocked sale.")] = 90.0,
+    supervise: Annotated[
+        bool, typer.Option(help="Start a process that dies again (with backoff, at most 5 times in 10 minutes).")
+    ] = True,
+) -> None:
+    """Start everything, drive live traffic and show what arrives, until Ctrl-C."""
+    settings = demo_settings(get_settings())
+    console.print("[bold]Starting the local stack[/] (Kafka, OpenSearch, Mosquitto, SMTP)…")
+    up(settings)
+    ensure_topics(settings)
+    supervisor = _supervisor(settings, supervise)
+    _start_pipeline(settings, supervisor, rate, fraud_share)
     idx = settings.opensearch.index_prefix
     dash = settings.dashboard
     console.print(
@@ -221,7 +245,12 @@ def main(
         f"Webex room:          [cyan]http://127.0.0.1:{settings.webex.local_port}/_local/messages[/]\n"
         f"Scored transactions: [cyan]{settings.opensearch.url}/{index_name(idx, 'transactions')}/_search[/]\n"
         f"Kafka:               {settings.kafka.bootstrap_servers} (kcat -b {settings.kafka.bootstrap_servers} -L)\n"
-        "The job needs ~30 s to start. Ctrl-C stops the demo; `make down` stops the services."
+        "The job needs ~30 s to start. Ctrl-C stops the demo; `make down` stops the services.\n"
+        + (
+            f"Supervised: processes that die are restarted ({settings.stack_dir / 'logs' / 'supervisor.log'})."
+            if supervise
+            else "Not supervised: a process that dies stays down."
+        )
     )
     consumer = kafka_clients.consumer(settings, "checkout-guard-demo-view")
     client = make_client(settings.opensearch)
@@ -240,14 +269,14 @@ def main(
                 if time.monotonic() >= next_flag:
                     next_flag = time.monotonic() + flag_every_s
                     flag_a_blocked_transaction(settings, client, flagged)
-                live.update(snapshot(settings, consumer, client, children))
+                supervisor.check()
+                live.update(snapshot(settings, consumer, client, supervisor))
                 time.sleep(2)
     except KeyboardInterrupt:
         pass
     finally:
         console.print("Stopping the demo processes…")
-        for child in children[::-1]:
-            child.stop()
+        supervisor.stop()
         consumer.close()
         console.print("Stopped. The services still run: `make status`, `make down`.")
 

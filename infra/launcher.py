@@ -1,18 +1,22 @@
 """Start the pipeline's Python processes (the Flink job, the sinks) as children with given settings.
 
 Used by ``make run``, the end-to-end tests and the benchmark. Each child runs in its own process
-group, so killing it also ends the JVM and the Python workers PyFlink starts underneath.
+group, so killing it also ends the JVM and the Python workers PyFlink starts underneath. A
+:class:`Supervisor` starts a child that exits unexpectedly again, with backoff and a bound per window.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.settings import REPO_ROOT, Settings
@@ -83,3 +87,116 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "cond
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
+
+
+@dataclass
+class _Supervised:
+    name: str
+    start: Callable[[], Child]
+    child: Child
+    restarts: deque[float] = field(default_factory=deque)
+    """When it was restarted, within the window."""
+    due: float | None = None
+    """When a dead child is started again; None while it runs (or once given up)."""
+    given_up: bool = False
+
+
+class Supervisor:
+    """Keeps children running (``make run``): one that exits while not being stopped is started again
+    after ``backoff_s``, doubling with each restart in the last ``window_s`` up to ``max_backoff_s``;
+    after ``max_restarts`` within the window it stays down, so a child that cannot start does not
+    spin. Every exit, restart and give-up is logged. :meth:`check` does one pass; call it in a loop."""
+
+    def __init__(
+        self,
+        *,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 60.0,
+        max_restarts: int = 5,
+        window_s: float = 600.0,
+        restart: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.max_restarts, self.window_s, self.restart = max_restarts, window_s, restart
+        self.clock = clock
+        self.log = logger or logging.getLogger("infra.supervisor")
+        self._members: list[_Supervised] = []
+        self._stopping = False
+
+    def add(self, name: str, start: Callable[[], Child]) -> Child:
+        """Start a child with ``start`` (called again for each restart) and watch it."""
+        child = start()
+        self._members.append(_Supervised(name, start, child))
+        self.log.info("%s: started (pid %d)", name, child.proc.pid)
+        return child
+
+    @property
+    def children(self) -> list[Child]:
+        return [m.child for m in self._members]
+
+    def check(self) -> None:
+        """Notice children that exited and start those whose backoff is over."""
+        if self._stopping:
+            return
+        now = self.clock()
+        for member in self._members:
+            if member.given_up:
+                continue
+            if member.due is None and not member.child.alive:
+                self._exited(member, now)
+            if member.due is not None and now >= member.due:
+                member.due = None
+                member.restarts.append(now)
+                member.child = member.start()
+                self.log.warning(
+                    "%s: restarted (pid %d), restart %d within %.0f s",
+                    member.name,
+                    member.child.proc.pid,
+                    len(member.restarts),
+                    self.window_s,
+                )
+
+    def _exited(self, member: _Supervised, now: float) -> None:
+        while member.restarts and member.restarts[0] <= now - self.window_s:
+            member.restarts.popleft()
+        code = member.child.proc.returncode
+        if not self.restart:
+            member.given_up = True
+            self.log.error("%s: exited with code %s (not supervised: stays down)", member.name, code)
+            return
+        if len(member.restarts) >= self.max_restarts:
+            member.given_up = True
+            self.log.error(
+                "%s: exited with code %s after %d restarts within %.0f s: giving up, see %s",
+                member.name,
+                code,
+                len(member.restarts),
+                self.window_s,
+                member.child.log_path,
+            )
+            return
+        wait = min(self.max_backoff_s, self.backoff_s * 2 ** len(member.restarts))
+        member.due = now + wait
+        self.log.warning("%s: exited with code %s; restarting in %.1f s", member.name, code, wait)
+
+    def describe(self) -> str:
+        """One line per child: running / restarting / down, with its restarts in the window."""
+        lines = []
+        for m in self._members:
+            if m.child.alive:
+                state = "running"
+            elif m.given_up:
+                state = f"DOWN (exit {m.child.proc.returncode})"
+            else:
+                state = f"restarting (exit {m.child.proc.returncode})"
+            lines.append(f"{m.name} {state}" + (f", {len(m.restarts)} restarts" if m.restarts else ""))
+        return ", ".join(lines)
+
+    def stop(self) -> None:
+        """Stop every child, the last started first; none is restarted from now on."""
+        self._stopping = True
+        for member in self._members[::-1]:
+            member.child.stop()
+            self.log.info("%s: stopped", member.name)

@@ -12,7 +12,13 @@ Everything lives under ``settings.stack_dir`` (default ``.stack/`` in the repo r
     run/<svc>.pid    pid files             tmp/             JVM temp dirs
 
 Ports come from the settings (``CG_KAFKA__BOOTSTRAP_SERVERS``, ``CG_KAFKA__CONTROLLER_PORT``,
-``CG_OPENSEARCH__URL``, ``CG_MQTT__PORT``, ``CG_SMTP__PORT``); ``CG_STACK_DIR`` moves everything.
+``CG_OPENSEARCH__URL``, ``CG_MQTT__PORT``, ``CG_SMTP__PORT``); ``CG_STACK_DIR`` moves everything. Every
+service listens on ``CG_BIND_HOST`` (127.0.0.1) only.
+
+Logins (off by default): Kafka serves SASL/SCRAM on its client listener when the clients' own settings
+log in (``CG_KAFKA__SECURITY_PROTOCOL=SASL_PLAINTEXT``, ``…__SASL_MECHANISM=SCRAM-SHA-512``,
+``…__SASL_USERNAME``/``…__SASL_PASSWORD``: that user is created or updated at every broker start), and
+Mosquitto refuses anonymous clients when ``CG_MQTT__USERNAME``/``…__PASSWORD`` are set.
 """
 
 from __future__ import annotations
@@ -20,10 +26,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import pwd
 import resource
+import secrets
 import shutil
 import signal
 import socket
@@ -41,12 +49,21 @@ import httpx
 import psutil
 import typer
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
+from confluent_kafka.admin import (
+    AdminClient,
+    ConfigResource,
+    NewTopic,
+    ResourceType,
+    ScramCredentialInfo,
+    ScramMechanism,
+    UserScramCredentialUpsertion,
+)
+from pydantic import SecretStr
 
 from infra.clients import kafka as kafka_clients
 from infra.local import smtp as local_smtp
 from infra.retry import call_with_retries
-from infra.settings import Settings, get_settings
+from infra.settings import KafkaSettings, Settings, get_settings
 from schemas.errors import CheckoutGuardError
 from schemas.topics import ALL_TOPICS
 
@@ -70,6 +87,14 @@ STOP_TIMEOUT_S = 30.0
 UNPRIVILEGED_UID = 1000
 """OpenSearch refuses to run as root: as root it runs in a user namespace mapped to this uid."""
 SERVICE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+OPENSEARCH_DISK_WATERMARKS = {"low": "3gb", "high": "2gb", "flood_stage": "1gb"}
+"""Free space (not a share: a share of a big, busy dev disk blocks writes with tens of GB left) below which
+OpenSearch stops placing replicas / new shards, and below ``flood_stage`` makes its indices read-only until
+space is freed: the last margin before the disk runs full under Kafka and OpenSearch alike."""
+SCRAM_ITERATIONS = 8192
+STACK_ADMIN = "cg_stack"
+"""The stack's own Kafka login when SASL is on (PLAIN, checked against the broker's JAAS config, not the
+metadata log: it works before any SCRAM user exists). Its password is new at every broker start."""
 LOG4J2_CONFIG = Path(__file__).resolve().with_name("log4j2.properties")
 
 log = logging.getLogger("infra.stack")
@@ -142,12 +167,24 @@ class StackPaths:
         return self.conf / "mosquitto.conf"
 
     @property
+    def mosquitto_passwords(self) -> Path:
+        return self.conf / "mosquitto.passwd"
+
+    @property
+    def kafka_admin_secret(self) -> Path:
+        """The stack's own Kafka login of the running broker (SASL only), mode 0600."""
+        return self.run / "kafka-admin.json"
+
+    @property
     def opensearch_conf(self) -> Path:
         return self.conf / "opensearch"
 
 
 @dataclass(frozen=True)
 class Endpoints:
+    """Where clients reach each service (``*_host``, from the client settings) and where it listens."""
+
+    bind_host: str
     kafka_host: str
     kafka_port: int
     controller_port: int
@@ -165,6 +202,7 @@ class Endpoints:
         k_host, _, k_port = first.rpartition(":")
         url = urlsplit(settings.opensearch.url)
         return cls(
+            bind_host=settings.bind_host,
             kafka_host=k_host or "127.0.0.1",
             kafka_port=int(k_port),
             controller_port=settings.kafka.controller_port,
@@ -302,12 +340,36 @@ def _opensearch_healthy(settings: Settings, ep: Endpoints) -> bool:
     return _opensearch_status(settings) in ("yellow", "green")
 
 
-def _mqtt_healthy(ep: Endpoints, timeout: float = 2.0) -> bool:
-    """A real MQTT 3.1.1 CONNECT -> CONNACK(accepted) exchange, then DISCONNECT."""
-    client_id = b"cg-health"
-    variable = b"\x00\x04MQTT\x04\x02\x00\x0a"  # protocol name, level 4, clean session, keepalive 10s
-    payload = len(client_id).to_bytes(2, "big") + client_id
-    packet = bytes([0x10, len(variable) + len(payload)]) + variable + payload
+def _mqtt_login(settings: Settings) -> tuple[str, str] | None:
+    """The MQTT login of the settings: both set, or none (then the local broker allows anonymous clients)."""
+    mqtt = settings.mqtt
+    if mqtt.username and mqtt.password is not None:
+        return mqtt.username, mqtt.password.get_secret_value()
+    return None
+
+
+def _mqtt_connect_packet(client_id: str, login: tuple[str, str] | None) -> bytes:
+    """MQTT 3.1.1 CONNECT: clean session, keepalive 10 s, with username and password when given."""
+
+    def field(text: str) -> bytes:
+        data = text.encode()
+        return len(data).to_bytes(2, "big") + data
+
+    flags = 0x02 | (0xC0 if login else 0)
+    variable = field("MQTT") + bytes([0x04, flags, 0x00, 0x0A])
+    payload = field(client_id) + (field(login[0]) + field(login[1]) if login else b"")
+    remaining, length = len(variable) + len(payload), bytearray()
+    while True:  # the remaining length as a variable-length integer, 7 bits a byte
+        remaining, digit = divmod(remaining, 128)
+        length.append(digit | (0x80 if remaining else 0))
+        if not remaining:
+            break
+    return bytes([0x10]) + bytes(length) + variable + payload
+
+
+def _mqtt_healthy(ep: Endpoints, login: tuple[str, str] | None = None, timeout: float = 2.0) -> bool:
+    """A real MQTT 3.1.1 CONNECT -> CONNACK(accepted) exchange (logged in when ``login``), then DISCONNECT."""
+    packet = _mqtt_connect_packet("cg-health", login)
     try:
         with socket.create_connection((ep.mqtt_host, ep.mqtt_port), timeout=timeout) as sock:
             sock.sendall(packet)
@@ -325,7 +387,7 @@ def _healthy(svc: str, settings: Settings, ep: Endpoints) -> bool:
         return _opensearch_healthy(settings, ep)
     if svc == "smtp":
         return local_smtp.healthy(ep.smtp_host, ep.smtp_port)
-    return _mqtt_healthy(ep)
+    return _mqtt_healthy(ep, _mqtt_login(settings))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -354,6 +416,11 @@ def _our_process(svc: str, paths: StackPaths) -> psutil.Process | None:
     except (OSError, ValueError, psutil.Error):
         pass
     return None
+
+
+def service_process(svc: str, paths: StackPaths) -> psutil.Process | None:
+    """The running process of ``svc`` started from this stack dir, or None (tests list its sockets)."""
+    return _our_process(svc, paths)
 
 
 def _clean_stale_pid(svc: str, paths: StackPaths) -> None:
@@ -407,20 +474,99 @@ def _base_env(settings: Settings) -> dict[str, str]:
     return {"PATH": SERVICE_PATH, "LANG": "C.UTF-8", "JAVA_HOME": str(find_java_home(settings))}
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (it holds a password), whatever the umask."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
+
+def _security_line(svc: str, settings: Settings) -> str:
+    """The first line of a generated config: which logins it asks for (no secrets), to spot a running
+    service started with other security settings than the current ones."""
+    if svc == "kafka":
+        kafka = settings.kafka
+        wanted = f"sasl {kafka.sasl_mechanism} user {kafka.sasl_username}" if kafka.sasl_enabled else "anonymous"
+    else:
+        login = _mqtt_login(settings)
+        wanted = f"password user {login[0]}" if login else "anonymous"
+    return f"# security: {wanted}"
+
+
+def _security_drift(svc: str, settings: Settings, paths: StackPaths) -> str | None:
+    """Why the running ``svc`` does not serve the logins the settings ask for, or None."""
+    conf = {"kafka": paths.kafka_properties, "mosquitto": paths.mosquitto_conf}.get(svc)
+    if conf is None:
+        return None
+    try:
+        running = conf.read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    if not running.startswith("# security: "):
+        running = "# security: anonymous"  # written before logins were an option
+    wanted = _security_line(svc, settings)
+    if running == wanted:
+        return None
+    return f"{svc} runs with '{running[2:]}' but the settings ask for '{wanted[2:]}': `make down` then `make up`"
+
+
 # --- Kafka ----------------------------------------------------------------------------------------
 
 
-def _kafka_properties(settings: Settings, paths: StackPaths, ep: Endpoints) -> str:
-    h = ep.kafka_host
-    return f"""# Generated by infra/stack.py on every start -- edit the generator, not this file.
+SCRAM_MECHANISMS = {"SCRAM-SHA-256": ScramMechanism.SCRAM_SHA_256, "SCRAM-SHA-512": ScramMechanism.SCRAM_SHA_512}
+
+
+def _jaas(module: str, **options: str) -> str:
+    quoted = "".join(f' {k}="{v}"' for k, v in options.items())  # values: our own, quote-free tokens
+    return f"org.apache.kafka.common.security.{module} required{quoted};"
+
+
+def _kafka_listeners(settings: Settings, ep: Endpoints, admin_password: str | None) -> str:
+    """Listener lines: PLAINTEXT, or with ``admin_password`` SASL on both listeners -- the clients' SCRAM
+    mechanism on the client listener, PLAIN for the stack's own login (broker to itself, controller)."""
+    b, h = ep.bind_host, ep.kafka_host
+    if admin_password is None:
+        return f"""listeners=PLAINTEXT://{b}:{ep.kafka_port},CONTROLLER://{b}:{ep.controller_port}
+advertised.listeners=PLAINTEXT://{h}:{ep.kafka_port}
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"""
+    mechanism = (settings.kafka.sasl_mechanism or "").upper()
+    if settings.kafka.security_protocol.upper() != "SASL_PLAINTEXT" or mechanism not in SCRAM_MECHANISMS:
+        raise StackError(
+            "the local Kafka serves SASL_PLAINTEXT with SCRAM-SHA-256 or SCRAM-SHA-512, not "
+            f"{settings.kafka.security_protocol} with {settings.kafka.sasl_mechanism}"
+        )
+    if not settings.kafka.sasl_username or settings.kafka.sasl_password is None:
+        raise StackError("SASL on the local Kafka needs CG_KAFKA__SASL_USERNAME and CG_KAFKA__SASL_PASSWORD")
+    plain = _jaas(
+        "plain.PlainLoginModule",
+        username=STACK_ADMIN,
+        password=admin_password,
+        **{f"user_{STACK_ADMIN}": admin_password},
+    )
+    return f"""listeners=SASL_PLAINTEXT://{b}:{ep.kafka_port},CONTROLLER://{b}:{ep.controller_port}
+advertised.listeners=SASL_PLAINTEXT://{h}:{ep.kafka_port}
+inter.broker.listener.name=SASL_PLAINTEXT
+listener.security.protocol.map=CONTROLLER:SASL_PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT
+sasl.enabled.mechanisms={mechanism},PLAIN
+sasl.mechanism.inter.broker.protocol=PLAIN
+sasl.mechanism.controller.protocol=PLAIN
+listener.name.sasl_plaintext.{mechanism.lower()}.sasl.jaas.config={_jaas("scram.ScramLoginModule")}
+listener.name.sasl_plaintext.plain.sasl.jaas.config={plain}
+listener.name.controller.sasl.enabled.mechanisms=PLAIN
+listener.name.controller.plain.sasl.jaas.config={plain}"""
+
+
+def _kafka_properties(settings: Settings, paths: StackPaths, ep: Endpoints, admin_password: str | None = None) -> str:
+    return f"""{_security_line("kafka", settings)}
+# Generated by infra/stack.py on every start -- edit the generator, not this file.
 process.roles=broker,controller
 node.id=1
-controller.quorum.voters=1@{h}:{ep.controller_port}
-listeners=PLAINTEXT://{h}:{ep.kafka_port},CONTROLLER://{h}:{ep.controller_port}
-advertised.listeners=PLAINTEXT://{h}:{ep.kafka_port}
+controller.quorum.voters=1@{ep.kafka_host}:{ep.controller_port}
 controller.listener.names=CONTROLLER
-inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+{_kafka_listeners(settings, ep, admin_password)}
 log.dirs={paths.data("kafka")}
 num.partitions=1
 default.replication.factor=1
@@ -453,7 +599,12 @@ def _start_kafka(settings: Settings, paths: StackPaths, ep: Endpoints) -> subpro
     classpath = f"{paths.kafka_lib}/*"
     data = paths.data("kafka")
     data.mkdir(parents=True, exist_ok=True)
-    paths.kafka_properties.write_text(_kafka_properties(settings, paths, ep))
+    admin_password = secrets.token_urlsafe(24) if settings.kafka.sasl_enabled else None
+    _write_private(paths.kafka_properties, _kafka_properties(settings, paths, ep, admin_password))
+    if admin_password is None:
+        paths.kafka_admin_secret.unlink(missing_ok=True)
+    else:
+        _write_private(paths.kafka_admin_secret, json.dumps({"username": STACK_ADMIN, "password": admin_password}))
     env = _base_env(settings)
     if not (data / "meta.properties").exists():
         log.info("kafka: formatting storage in %s", data)
@@ -491,6 +642,40 @@ def _start_kafka(settings: Settings, paths: StackPaths, ep: Endpoints) -> subpro
     return _spawn("kafka", paths, cmd, env, cwd=data)
 
 
+def _stack_admin(settings: Settings, paths: StackPaths) -> Settings:
+    """``settings`` logged in as the stack's own Kafka user of the running broker (SASL only)."""
+    login = json.loads(paths.kafka_admin_secret.read_text())
+    kafka = settings.kafka.model_copy(
+        update={
+            "security_protocol": "SASL_PLAINTEXT",
+            "sasl_mechanism": "PLAIN",
+            "sasl_username": login["username"],
+            "sasl_password": SecretStr(login["password"]),
+        }
+    )
+    return settings.model_copy(update={"kafka": kafka})
+
+
+def _ensure_scram_user(admin_settings: Settings, user: KafkaSettings) -> None:
+    """Create the clients' SCRAM user, or set its password to the configured one (what kafka-configs
+    ``--alter --add-config SCRAM-SHA-512=[password=...]`` does), through the stack's own login."""
+    if not user.sasl_username or user.sasl_password is None or not user.sasl_mechanism:
+        raise StackError("SASL on the local Kafka needs CG_KAFKA__SASL_USERNAME and CG_KAFKA__SASL_PASSWORD")
+    mechanism = SCRAM_MECHANISMS[user.sasl_mechanism.upper()]
+    upsert = UserScramCredentialUpsertion(
+        user.sasl_username,
+        ScramCredentialInfo(mechanism, SCRAM_ITERATIONS),
+        user.sasl_password.get_secret_value().encode(),
+    )
+    admin = kafka_clients.admin(admin_settings, logger=_quiet_logger(), log_connection_close=False)
+    try:
+        for fut in admin.alter_user_scram_credentials([upsert]).values():
+            fut.result()
+    except KafkaException as exc:
+        raise StackError(f"kafka: could not create SCRAM user {user.sasl_username}: {exc}") from exc
+    log.info("kafka: SCRAM user %s (%s) in place", user.sasl_username, user.sasl_mechanism)
+
+
 # --- OpenSearch -----------------------------------------------------------------------------------
 
 
@@ -526,6 +711,20 @@ def _raise_nofile_limit(wanted: int = 65535) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
+def _opensearch_command(paths: StackPaths, ep: Endpoints) -> list[str]:
+    """bin/opensearch with the node settings: one node on the bind host, its disk watermarks on."""
+    return [
+        str(paths.opensearch_home / "bin" / "opensearch"),
+        "-Ediscovery.type=single-node",
+        f"-Enetwork.host={ep.bind_host}",  # HTTP and the transport port (9300..) alike
+        f"-Ehttp.port={ep.opensearch_port}",
+        f"-Epath.data={paths.data('opensearch')}",
+        f"-Epath.logs={paths.logs / 'opensearch'}",
+        "-Ecluster.routing.allocation.disk.threshold_enabled=true",
+        *(f"-Ecluster.routing.allocation.disk.watermark.{k}={v}" for k, v in OPENSEARCH_DISK_WATERMARKS.items()),
+    ]
+
+
 def _start_opensearch(settings: Settings, paths: StackPaths, ep: Endpoints) -> subprocess.Popen:
     home = paths.opensearch_home
     if not (home / "bin" / "opensearch").exists():
@@ -541,15 +740,7 @@ def _start_opensearch(settings: Settings, paths: StackPaths, ep: Endpoints) -> s
         "OPENSEARCH_JAVA_OPTS": f"-Xms{heap} -Xmx{heap}",
         "OPENSEARCH_TMPDIR": str(tmp),
     }
-    cmd = [
-        str(home / "bin" / "opensearch"),
-        "-Ediscovery.type=single-node",
-        f"-Enetwork.host={ep.opensearch_host}",
-        f"-Ehttp.port={ep.opensearch_port}",
-        f"-Epath.data={data}",
-        f"-Epath.logs={logs}",
-        "-Ecluster.routing.allocation.disk.threshold_enabled=false",
-    ]
+    cmd = _opensearch_command(paths, ep)
     if os.geteuid() == 0:
         # OpenSearch refuses to start as root. A user namespace makes it an ordinary uid inside,
         # while the files it writes stay owned by the invoking user outside.
@@ -565,6 +756,26 @@ def _start_opensearch(settings: Settings, paths: StackPaths, ep: Endpoints) -> s
 # --- Mosquitto ------------------------------------------------------------------------------------
 
 
+def _mosquitto_access(settings: Settings, paths: StackPaths) -> str:
+    """Anonymous clients, or with a login in the settings only that user: a password file hashed by
+    ``mosquitto_passwd -U`` (the password never on a command line)."""
+    login = _mqtt_login(settings)
+    if login is None:
+        paths.mosquitto_passwords.unlink(missing_ok=True)
+        return "allow_anonymous true\n"
+    username, password = login
+    if ":" in username or "\n" in username + password:
+        raise StackError("the MQTT username may not contain ':', nor the username or password a line break")
+    tool = shutil.which("mosquitto_passwd") or shutil.which("mosquitto_passwd", path=SERVICE_PATH)
+    if not tool:
+        raise StackError("mosquitto_passwd is not installed (Debian package mosquitto): run `make setup`")
+    _write_private(paths.mosquitto_passwords, f"{username}:{password}\n")
+    hashed = subprocess.run([tool, "-U", str(paths.mosquitto_passwords)], capture_output=True, text=True, check=False)
+    if hashed.returncode != 0:
+        raise StackError(f"mosquitto_passwd failed: {hashed.stderr.strip()}")
+    return f"allow_anonymous false\npassword_file {paths.mosquitto_passwords}\n"
+
+
 def _start_mosquitto(settings: Settings, paths: StackPaths, ep: Endpoints) -> subprocess.Popen:
     binary = shutil.which("mosquitto") or shutil.which("mosquitto", path=SERVICE_PATH)
     if not binary:
@@ -573,9 +784,10 @@ def _start_mosquitto(settings: Settings, paths: StackPaths, ep: Endpoints) -> su
     data.mkdir(parents=True, exist_ok=True)
     paths.conf.mkdir(parents=True, exist_ok=True)
     paths.mosquitto_conf.write_text(
+        f"{_security_line('mosquitto', settings)}\n"
         "# Generated by infra/stack.py on every start.\n"
-        f"listener {ep.mqtt_port} {ep.mqtt_host}\n"
-        "allow_anonymous true\n"
+        f"listener {ep.mqtt_port} {ep.bind_host}\n"
+        f"{_mosquitto_access(settings, paths)}"
         # When started as root mosquitto switches to this user; keep it the invoking user.
         f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
         "persistence true\n"
@@ -600,7 +812,7 @@ def _start_smtp(settings: Settings, paths: StackPaths, ep: Endpoints) -> subproc
         "infra.local.smtp",
         f"--mail-dir={mail}",
         "--host",
-        ep.smtp_host,
+        ep.bind_host,
         "--port",
         str(ep.smtp_port),
     ]
@@ -643,6 +855,9 @@ def _ensure_service(svc: str, settings: Settings, paths: StackPaths, ep: Endpoin
     """Bring one service to healthy; returns what was done: running | started | external."""
     proc = _our_process(svc, paths)
     if proc is not None:
+        drift = _security_drift(svc, settings, paths)
+        if drift:
+            raise StackError(drift)
         if not _healthy(svc, settings, ep):
             log.info("%s: pid %d running, waiting until healthy", svc, proc.pid)
             _wait_healthy(svc, settings, paths, ep, proc)
@@ -663,6 +878,12 @@ def _ensure_service(svc: str, settings: Settings, paths: StackPaths, ep: Endpoin
     t0 = time.monotonic()
     popen = _STARTERS[svc](settings, paths, ep)
     log.info("%s: started pid %d, waiting until healthy", svc, popen.pid)
+    if svc == "kafka" and settings.kafka.sasl_enabled:
+        # The clients' user may not exist yet (a fresh broker) or have another password: the stack's
+        # own login puts it in place before the broker counts as healthy for the clients.
+        admin = _stack_admin(settings, paths)
+        _wait_healthy(svc, admin, paths, ep, popen)
+        _ensure_scram_user(admin, settings.kafka)
     _wait_healthy(svc, settings, paths, ep, popen)
     log.info("%s: healthy at %s after %.1fs", svc, ep.address(svc), time.monotonic() - t0)
     if svc == "opensearch":
@@ -757,8 +978,9 @@ def _wait_group_coordinator(settings: Settings, timeout_s: float = START_TIMEOUT
         probe.close()
 
 
-def up(settings: Settings) -> dict:
-    """Start whatever is not running (in parallel), wait until healthy, create missing topics.
+def up(settings: Settings, services: tuple[str, ...] = SERVICES) -> dict:
+    """Start whatever of ``services`` is not running (in parallel), wait until healthy, create missing
+    topics (when Kafka is among them).
 
     Idempotent: services already running and healthy are left as they are. Returns :func:`status`."""
     paths, ep = StackPaths.of(settings), Endpoints.of(settings)
@@ -766,8 +988,8 @@ def up(settings: Settings) -> dict:
     with _lock(paths):
         for d in (paths.conf, paths.run, paths.logs, paths.tmp):
             d.mkdir(parents=True, exist_ok=True)
-        with ThreadPoolExecutor(len(SERVICES)) as pool:
-            futures = {svc: pool.submit(_ensure_service, svc, settings, paths, ep) for svc in SERVICES}
+        with ThreadPoolExecutor(len(services)) as pool:
+            futures = {svc: pool.submit(_ensure_service, svc, settings, paths, ep) for svc in services}
             errors = []
             for fut in futures.values():
                 try:
@@ -776,8 +998,9 @@ def up(settings: Settings) -> dict:
                     errors.append(str(exc))
         if errors:
             raise StackError("\n\n".join(errors))
-        ensure_topics(settings)
-        _wait_group_coordinator(settings)
+        if "kafka" in services:
+            ensure_topics(settings)
+            _wait_group_coordinator(settings)
     log.info("stack up in %.1fs (data and logs in %s)", time.monotonic() - t0, paths.root)
     return status(settings)
 
@@ -806,6 +1029,8 @@ def down(settings: Settings) -> list[str]:
         psutil.wait_procs(alive, timeout=10)
         for svc in procs:
             paths.pid(svc).unlink(missing_ok=True)
+        if "kafka" in procs:
+            paths.kafka_admin_secret.unlink(missing_ok=True)
     return list(procs)
 
 

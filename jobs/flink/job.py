@@ -26,10 +26,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 from pyflink.common import Configuration
 from pyflink.common.typeinfo import Types
 from pyflink.datastream import DataStream, StreamExecutionEnvironment
-from pyflink.table import StreamTableEnvironment
+from pyflink.table import DataTypes, Schema, StreamTableEnvironment, TableDescriptor
 
 from infra.settings import REPO_ROOT, Settings, get_settings
 from infra.stack import flink_connector_jars, flink_ext_jar
@@ -139,13 +140,73 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
 
 
 def control_file(settings: Settings) -> Path:
-    """Where the running job says who it is (pid, job id), for ``jobs.flink.upgrade``."""
+    """Where the running job says who it is (pid, its start time, job id), for ``jobs.flink.upgrade``."""
     return settings.checkpoint_dir / "job.json"
 
 
-def flink_configuration(settings: Settings, restore_from: Path | None) -> Configuration:
+START_TIME_TOLERANCE_S = 0.05
+"""A process's start time read twice differs by rounding only; another process with the same pid differs more."""
+
+
+def write_control(control: Path, job_id: str) -> None:
+    """Name this process by pid *and* start time: after a SIGKILL the file stays, and its pid may be reused."""
+    me = psutil.Process()
+    control.write_text(json.dumps({"pid": me.pid, "started": me.create_time(), "job_id": job_id}))
+
+
+def running_job(control: Path) -> dict[str, Any] | None:
+    """What ``control`` says, if the process it names still runs; None for a missing or stale file (the
+    pid gone, or now another process: a different start time, or a file without one)."""
+    try:
+        info = json.loads(control.read_text())
+        proc = psutil.Process(int(info["pid"]))
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        if abs(proc.create_time() - float(info["started"])) > START_TIME_TOLERANCE_S:
+            return None
+    except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+        return None
+    return info
+
+
+NO_WORKER_POOL = {"_python_worker_execution_mode": "process"}
+"""PyFlink starts its Beam worker-pool gRPC server (loopback mode) on ``[::]``, every interface, whenever a
+job runs on a local mini-cluster and this variable is unset -- whatever ``python.execution-mode`` says, and
+a new one each time an environment opens (the singleton's ``__init__`` forgets the last): four here. Its
+``StartWorker`` call writes the caller's values into ``os.environ`` and ``sys.path``. ``process`` turns that
+server off: ``thread`` mode never needs it, and ``process`` mode then starts its Beam workers as child
+processes instead (see :func:`_check_execution_mode` for that mode's own listeners)."""
+
+
+def _without_worker_pool_server() -> None:
+    os.environ.update(NO_WORKER_POOL)
+
+
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def _client_host(bind_host: str) -> str:
+    """Where this process reaches a server bound to ``bind_host`` (a wildcard is reached on loopback)."""
+    return "127.0.0.1" if bind_host in WILDCARD_HOSTS else bind_host
+
+
+def _check_execution_mode(settings: Settings) -> None:
+    """``process`` mode cannot keep to ``bind_host``: Beam's Java fn-API servers, which its Python workers
+    connect to (control, data, and the state API that reads and writes keyed state), bind every interface
+    (``NettyServerBuilder.forPort``, in Beam, whatever Flink is told). Refused unless that is accepted
+    explicitly with a wildcard ``bind_host``; ``thread`` mode (the default) starts none of them."""
+    mode = settings.job.python_execution_mode
+    if mode == "process" and settings.bind_host not in WILDCARD_HOSTS:
+        raise ValueError(
+            "CG_JOB__PYTHON_EXECUTION_MODE=process opens Beam's gRPC servers on every interface, not only "
+            f"{settings.bind_host}: use thread mode, or accept that with CG_BIND_HOST=0.0.0.0"
+        )
+
+
+def flink_options(settings: Settings, restore_from: Path | None) -> dict[str, str]:
+    """The mini-cluster's configuration; every server it starts (REST, BLOB, RPC) binds to ``bind_host``."""
+    _check_execution_mode(settings)
     job = settings.job
-    conf = Configuration()
     values = {
         "pipeline.jars": ";".join(jar.resolve().as_uri() for jar in flink_connector_jars(settings)),
         "pipeline.name": "checkout-guard-scoring",
@@ -166,8 +227,11 @@ def flink_configuration(settings: Settings, restore_from: Path | None) -> Config
         "taskmanager.memory.process.size": job.taskmanager_process_memory,
         "taskmanager.memory.managed.size": "256m",
         "taskmanager.numberOfTaskSlots": str(max(1, job.parallelism)),
-        "rest.bind-address": "127.0.0.1",
-        "rest.address": "127.0.0.1",
+        "rest.bind-address": settings.bind_host,
+        "rest.address": _client_host(settings.bind_host),
+        "jobmanager.bind-host": settings.bind_host,  # the BLOB server (0.0.0.0 without it) and RPC
+        "taskmanager.bind-host": settings.bind_host,
+        "taskmanager.host": _client_host(settings.bind_host),
     }
     if job.python_execution_mode == "thread":
         # The embedded (PEMJA) interpreter does not start from our venv: give it its packages.
@@ -181,45 +245,90 @@ def flink_configuration(settings: Settings, restore_from: Path | None) -> Config
         # A new version may drop an operator (e.g. a source whose topic list changed: its new one
         # resumes from the group's committed offsets); its old state is then left behind, by choice.
         values["execution.state-recovery.ignore-unclaimed-state"] = str(job.ignore_unclaimed_state).lower()
-    for key, value in values.items():
+    return values
+
+
+def flink_configuration(settings: Settings, restore_from: Path | None) -> Configuration:
+    conf = Configuration()
+    for key, value in flink_options(settings, restore_from).items():
         conf.set_string(key, value)
     return conf
 
 
-def _kafka_options(settings: Settings) -> str:
-    opts = {"properties." + k: v for k, v in settings.kafka.client_config().items()}
-    return ", ".join(f"'{k}' = '{v}'" for k, v in opts.items())
+SHADED_KAFKA = "org.apache.flink.kafka.shaded."
+"""Where flink-sql-connector-kafka relocated the Kafka client: its JAAS login modules are named under it."""
 
 
-def _startup(settings: Settings) -> str:
+def kafka_properties(settings: Settings) -> dict[str, str]:
+    """The connector's ``properties.*``: Java client properties (a SASL login is ``sasl.jaas.config``; the
+    librdkafka ``sasl.username``/``sasl.password`` mean nothing to Java)."""
+    return {f"properties.{k}": v for k, v in settings.kafka.java_client_config(SHADED_KAFKA).items()}
+
+
+def _startup(settings: Settings) -> dict[str, str]:
     start = settings.job.starting_offsets
     if start.isdigit():
-        return f"'scan.startup.mode' = 'timestamp', 'scan.startup.timestamp-millis' = '{start}'"
+        return {"scan.startup.mode": "timestamp", "scan.startup.timestamp-millis": start}
     if start == "latest":
-        return "'scan.startup.mode' = 'latest-offset'"
-    return "'scan.startup.mode' = 'group-offsets', 'properties.auto.offset.reset' = 'earliest'"
+        return {"scan.startup.mode": "latest-offset"}
+    return {"scan.startup.mode": "group-offsets", "properties.auto.offset.reset": "earliest"}
+
+
+RAW_KEY_VALUE = {"key.format": "raw", "key.fields": "k", "value.format": "raw", "value.fields-include": "EXCEPT_KEY"}
+
+
+def source_options(settings: Settings, topics: str, group: str, startup: dict[str, str]) -> dict[str, str]:
+    """Table options of a Kafka source (the credentials among them)."""
+    return {
+        "topic": topics,
+        "properties.group.id": group,
+        "properties.isolation.level": "read_committed",
+        "properties.fetch.max.wait.ms": str(settings.job.fetch_max_wait_ms),
+        **startup,
+        **RAW_KEY_VALUE,
+        **kafka_properties(settings),
+    }
+
+
+def sink_options(settings: Settings, topics: str) -> dict[str, str]:
+    """Table options of the Kafka sink (the credentials among them)."""
+    return {
+        "topic": topics,
+        "sink.delivery-guarantee": "at-least-once",
+        **RAW_KEY_VALUE,
+        "properties.linger.ms": "2",
+        "properties.compression.type": "lz4",
+        **kafka_properties(settings),
+    }
+
+
+def _kafka_table(t_env: StreamTableEnvironment, name: str, schema: Schema, options: dict[str, str]) -> None:
+    """A Kafka table from a descriptor, not DDL text: the credentials never become SQL, which Flink
+    echoes in errors (options it shows from a catalog table are masked: ``password``, ``jaas.config``).
+    The table and so the plan, and the uids of the source and sink operators, are those of the DDL."""
+    descriptor = TableDescriptor.for_connector("kafka").schema(schema)
+    for key, value in options.items():
+        descriptor = descriptor.option(key, value)
+    t_env.create_temporary_table(name, descriptor.build())
+
+
+def _source_schema() -> Schema:
+    return (
+        Schema.new_builder()
+        .column("k", DataTypes.BYTES())
+        .column("v", DataTypes.BYTES())
+        .column_by_metadata("topic", DataTypes.STRING(), None, True)
+        .column_by_metadata("partition", DataTypes.INT(), None, True)
+        .column_by_metadata("offset", DataTypes.BIGINT(), None, True)
+        .column_by_metadata("timestamp", DataTypes.TIMESTAMP_LTZ(3), None, True)
+        .build()
+    )
 
 
 def _source_table(
-    t_env: StreamTableEnvironment, name: str, topics: str, group: str, startup: str, settings: Settings
+    t_env: StreamTableEnvironment, name: str, topics: str, group: str, startup: dict[str, str], settings: Settings
 ) -> DataStream:
-    t_env.execute_sql(f"""
-        CREATE TEMPORARY TABLE {name} (
-          k BYTES, v BYTES,
-          `topic` STRING METADATA VIRTUAL,
-          `partition` INT METADATA VIRTUAL,
-          `offset` BIGINT METADATA VIRTUAL,
-          `timestamp` TIMESTAMP_LTZ(3) METADATA VIRTUAL
-        ) WITH (
-          'connector' = 'kafka', 'topic' = '{topics}',
-          'properties.group.id' = '{group}',
-          'properties.isolation.level' = 'read_committed',
-          'properties.fetch.max.wait.ms' = '{settings.job.fetch_max_wait_ms}',
-          {startup},
-          'key.format' = 'raw', 'key.fields' = 'k',
-          'value.format' = 'raw', 'value.fields-include' = 'EXCEPT_KEY',
-          {_kafka_options(settings)}
-        )""")
+    _kafka_table(t_env, name, _source_schema(), source_options(settings, topics, group, startup))
     return t_env.to_data_stream(t_env.from_path(name))
 
 
@@ -239,7 +348,7 @@ def broadcast_source(t_env: StreamTableEnvironment, settings: Settings) -> DataS
         "control_in",
         topics,
         f"{settings.job.consumer_group}-control",
-        "'scan.startup.mode' = 'earliest-offset'",
+        {"scan.startup.mode": "earliest-offset"},
         settings,
     )
 
@@ -247,18 +356,14 @@ def broadcast_source(t_env: StreamTableEnvironment, settings: Settings) -> DataS
 def kafka_sink(t_env: StreamTableEnvironment, out: DataStream, settings: Settings):
     prefix = settings.kafka.topic_prefix
     topics = ";".join(t.full_name(prefix) for t in (SCORED_TRANSACTIONS, ALERTS, DEAD_LETTERS))
-    t_env.execute_sql(f"""
-        CREATE TEMPORARY TABLE outputs (
-          `topic` STRING METADATA,
-          k BYTES, v BYTES
-        ) WITH (
-          'connector' = 'kafka', 'topic' = '{topics}',
-          'sink.delivery-guarantee' = 'at-least-once',
-          'key.format' = 'raw', 'key.fields' = 'k',
-          'value.format' = 'raw', 'value.fields-include' = 'EXCEPT_KEY',
-          'properties.linger.ms' = '2', 'properties.compression.type' = 'lz4',
-          {_kafka_options(settings)}
-        )""")
+    schema = (
+        Schema.new_builder()
+        .column_by_metadata("topic", DataTypes.STRING())
+        .column("k", DataTypes.BYTES())
+        .column("v", DataTypes.BYTES())
+        .build()
+    )
+    _kafka_table(t_env, "outputs", schema, sink_options(settings, topics))
     table = t_env.from_data_stream(out)
     statements = t_env.create_statement_set()
     statements.add_insert("outputs", table)
@@ -276,6 +381,7 @@ def main(settings: Settings | None = None) -> None:
         ensure_default_model(settings)
     restore = settings.job.restore_from or latest_checkpoint(settings.checkpoint_dir)
     log.info("starting scoring job%s", f", restoring {restore.parent.name}/{restore.name}" if restore else "")
+    _without_worker_pool_server()
     env = StreamExecutionEnvironment.get_execution_environment(flink_configuration(settings, restore))
     env.set_buffer_timeout(settings.job.buffer_timeout_ms)
     t_env = StreamTableEnvironment.create(env)
@@ -306,7 +412,7 @@ def run_until_done(client, settings: Settings) -> None:
     signal.signal(signal.SIGTERM, lambda sig, _: requests.append(sig))
     job_id = str(client.get_job_id())
     control = control_file(settings)
-    control.write_text(json.dumps({"pid": os.getpid(), "job_id": job_id}))
+    write_control(control, job_id)
     log.info("job %s running (pid %s); SIGUSR1 = stop with savepoint", job_id, os.getpid())
     try:
         while True:

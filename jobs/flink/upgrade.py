@@ -11,7 +11,6 @@ cluster the same is ``flink stop --savepointPath <dir> <job id>`` then ``flink r
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -21,22 +20,26 @@ from typing import Annotated
 import typer
 
 from infra.settings import get_settings
-from jobs.flink.job import control_file, latest_checkpoint
+from jobs.flink.job import control_file, latest_checkpoint, running_job
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
 def stop_with_savepoint(control: Path, checkpoint_dir: Path, timeout: float = 120.0) -> Path:
-    """Ask the job named in ``control`` to stop with a savepoint; wait until it has and return it."""
-    if not control.exists():
-        raise RuntimeError(f"no running scoring job found ({control.name} missing in the checkpoint dir)")
-    pid = json.loads(control.read_text())["pid"]
+    """Ask the job named in ``control`` to stop with a savepoint; wait until it has and return it.
+
+    Only the very process that wrote ``control`` (same pid, same start time) is signalled: a killed job
+    leaves its file behind, and SIGUSR1 would end whatever process has its pid now."""
+    job = running_job(control)
+    if job is None:
+        state = "stale: its process is gone" if control.exists() else "missing"
+        raise RuntimeError(f"no running scoring job found ({control.name} in the checkpoint dir is {state})")
     before = time.time()
-    os.kill(pid, signal.SIGUSR1)
+    os.kill(int(job["pid"]), signal.SIGUSR1)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         newest = latest_checkpoint(checkpoint_dir)
-        done = not control.exists()
+        done = running_job(control) is None
         if (
             done
             and newest is not None
@@ -63,7 +66,9 @@ def status() -> None:
     """Which job runs, and the state a (re)start would resume from."""
     settings = get_settings()
     control = control_file(settings)
-    typer.echo(f"running: {control.read_text() if control.exists() else 'no'}")
+    job = running_job(control)
+    stale = " (a stale control file of a killed job is left)" if job is None and control.exists() else ""
+    typer.echo(f"running: {job or 'no'}{stale}")
     typer.echo(f"resumes from: {latest_checkpoint(settings.checkpoint_dir) or 'nothing (fresh start)'}")
 
 

@@ -1,20 +1,33 @@
-"""The local stack is up, healthy and laid out as the design says, and messages go through it."""
+"""The local stack is up, healthy and laid out as the design says, and messages go through it; with
+logins switched on, Kafka and Mosquitto admit the configured users only."""
 
 from __future__ import annotations
 
+import json
+import logging
 import queue
+import secrets
+import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 
+import httpx
 import paho.mqtt.client as mqtt
 import pytest
-from confluent_kafka import Consumer, KafkaError, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
+from pydantic import SecretStr
 
+from infra.launcher import start_scoring_job, wait_for
 from infra.settings import Settings
-from infra.stack import status, up
-from schemas.topics import ALL_TOPICS, WATCHLIST
+from infra.stack import OPENSEARCH_DISK_WATERMARKS, StackPaths, down, ensure_topics, status, up
+from schemas.codec import codec
+from schemas.topics import ALL_TOPICS, SCORED_TRANSACTIONS, TRANSACTIONS, WATCHLIST
+from tests.builders import sale
 
 pytestmark = pytest.mark.e2e
 
@@ -100,13 +113,13 @@ def test_mqtt_publish_subscribe_round_trip(stack: Settings) -> None:
     received: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
     connected, subscribed = threading.Event(), threading.Event()
 
-    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"e2e-sub-{uuid.uuid4().hex[:8]}")
+    sub = _mqtt_client(stack, f"e2e-sub-{uuid.uuid4().hex[:8]}")
     sub.on_connect = lambda *_: connected.set()
     sub.on_subscribe = lambda *_: subscribed.set()
     sub.on_message = lambda _c, _u, msg: received.put(msg)
     sub.connect(stack.mqtt.host, stack.mqtt.port)
     sub.loop_start()
-    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"e2e-pub-{uuid.uuid4().hex[:8]}")
+    pub = _mqtt_client(stack, f"e2e-pub-{uuid.uuid4().hex[:8]}")
     try:
         assert connected.wait(10), "subscriber did not connect"
         sub.subscribe(topic, qos=1)
@@ -121,3 +134,172 @@ def test_mqtt_publish_subscribe_round_trip(stack: Settings) -> None:
         pub.disconnect()
         sub.loop_stop()
         sub.disconnect()
+
+
+def _mqtt_client(settings: Settings, client_id: str) -> mqtt.Client:
+    """A paho client that logs in as the settings' MQTT user when one is set."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+    if settings.mqtt.username and settings.mqtt.password is not None:
+        client.username_pw_set(settings.mqtt.username, settings.mqtt.password.get_secret_value())
+    return client
+
+
+def test_opensearch_keeps_its_flood_stage_disk_watermark_on(stack: Settings) -> None:
+    r = httpx.get(
+        f"{stack.opensearch.url.rstrip('/')}/_cluster/settings",
+        params={"include_defaults": "true", "flat_settings": "true"},
+        timeout=10,
+    )
+    merged = {**r.json()["defaults"], **r.json()["persistent"], **r.json()["transient"]}
+    assert merged["cluster.routing.allocation.disk.threshold_enabled"] == "true"
+    for level, value in OPENSEARCH_DISK_WATERMARKS.items():
+        assert merged[f"cluster.routing.allocation.disk.watermark.{level}"] == value, level
+
+
+# --- with logins ------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def secured(stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """A second Kafka and Mosquitto (own stack dir and ports) that ask for a login: SCRAM-SHA-512 and a
+    Mosquitto password file, from the same settings the clients use."""
+    root = tmp_path_factory.mktemp("secured-stack")
+    (root / "lib").symlink_to(StackPaths.of(stack).root / "lib")  # the installed jars, not a second copy
+    settings = stack.model_copy(
+        update={
+            "stack_dir": root,
+            "kafka": stack.kafka.model_copy(
+                update={
+                    "bootstrap_servers": f"127.0.0.1:{_free_port()}",
+                    "controller_port": _free_port(),
+                    "security_protocol": "SASL_PLAINTEXT",
+                    "sasl_mechanism": "SCRAM-SHA-512",
+                    "sasl_username": "checkout-guard",
+                    "sasl_password": SecretStr(secrets.token_urlsafe(16)),
+                }
+            ),
+            "mqtt": stack.mqtt.model_copy(
+                update={"port": _free_port(), "username": "camera", "password": SecretStr(secrets.token_urlsafe(16))}
+            ),
+            "model": stack.model.model_copy(
+                update={"artifact_dir": stack.model.artifact_dir or stack.stack_dir / "models"}
+            ),
+        }
+    )
+    try:
+        up(settings, services=("kafka", "mosquitto"))
+        yield settings
+    finally:
+        down(settings)
+
+
+def _kafka_admits(settings: Settings, **login: object) -> bool:
+    quiet = logging.getLogger("e2e.refused-kafka-clients")
+    quiet.addHandler(logging.NullHandler())
+    quiet.propagate = False  # librdkafka retries a refused login a few times a second
+    conf = {**settings.kafka.client_config(), **login, "socket.timeout.ms": 3000, "logger": quiet}
+    try:
+        return bool(AdminClient(conf).list_topics(timeout=4).brokers)
+    except KafkaException:
+        return False
+
+
+def test_secured_kafka_admits_the_configured_user_only(stack: Settings, secured: Settings) -> None:
+    assert _kafka_admits(secured)
+    assert not _kafka_admits(secured, **{"sasl.password": "wrong"}), "a wrong password got in"
+    anonymous = {"security.protocol": "PLAINTEXT"}
+    assert not _kafka_admits(secured, **anonymous), "an anonymous client got in"
+
+    # The controller listener: a plaintext one answers DescribeCluster (KIP-919), a SASL one hangs up.
+    assert _controller_answers_anonymously(_kafka_host(stack), stack.kafka.controller_port), "probe broken"
+    assert not _controller_answers_anonymously(_kafka_host(secured), secured.kafka.controller_port)
+
+
+def _kafka_host(settings: Settings) -> str:
+    return settings.kafka.bootstrap_servers.split(",")[0].rsplit(":", 1)[0]
+
+
+def _controller_answers_anonymously(host: str, port: int) -> bool:
+    """Send DescribeCluster v0 without logging in; whether any response comes back."""
+    client_id = b"e2e"
+    request = (
+        (60).to_bytes(2, "big")  # DescribeCluster
+        + (0).to_bytes(2, "big")  # v0, a flexible version: request header v2
+        + (1).to_bytes(4, "big")  # correlation id
+        + len(client_id).to_bytes(2, "big")
+        + client_id
+        + b"\x00"  # header tagged fields
+        + b"\x00\x00"  # include_cluster_authorized_operations=false, body tagged fields
+    )
+    with socket.create_connection((host, port), timeout=5) as sock:
+        sock.sendall(len(request).to_bytes(4, "big") + request)
+        try:
+            return len(sock.recv(4)) == 4
+        except OSError:
+            return False
+
+
+def _mqtt_connack(settings: Settings, login: tuple[str, str] | None) -> bool:
+    """Whether the broker accepts a CONNECT with this login (None: anonymous)."""
+    accepted: queue.Queue[bool] = queue.Queue()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"e2e-auth-{uuid.uuid4().hex[:8]}")
+    if login is not None:
+        client.username_pw_set(*login)
+    client.on_connect = lambda _c, _u, _f, reason, _p: accepted.put(not reason.is_failure)
+    client.connect(settings.mqtt.host, settings.mqtt.port)
+    client.loop_start()
+    try:
+        return accepted.get(timeout=10)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def test_secured_mosquitto_admits_the_configured_user_only(secured: Settings) -> None:
+    assert secured.mqtt.username and secured.mqtt.password is not None
+    login = (secured.mqtt.username, secured.mqtt.password.get_secret_value())
+    assert _mqtt_connack(secured, login), "the configured user was refused"
+    assert not _mqtt_connack(secured, (login[0], "wrong")), "a wrong password got in"
+    assert not _mqtt_connack(secured, None), "an anonymous client got in"
+
+
+def test_the_job_and_a_python_client_both_log_in_to_secured_kafka(secured: Settings, tmp_path: Path) -> None:
+    settings = secured.isolated(f"e2es{uuid.uuid4().hex[:8]}", tmp_path / "checkpoints", face_deadline_ms=0)
+    ensure_topics(settings)
+    prefix = settings.kafka.topic_prefix
+    producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True})
+    tx = replace(sale(f"sasl-{uuid.uuid4().hex[:8]}"), event_time=int(time.time() * 1000))
+    producer.produce(TRANSACTIONS.full_name(prefix), key=b"store-001/lane-01", value=tx.encode())
+    assert producer.flush(15) == 0
+    consumer = Consumer(
+        {**settings.kafka.client_config(), "group.id": f"t{uuid.uuid4().hex}", "auto.offset.reset": "earliest"}
+    )
+    consumer.subscribe([SCORED_TRANSACTIONS.full_name(prefix)])
+    job = start_scoring_job(settings, name=f"{settings.job.consumer_group}-job")
+    scored: list[dict] = []
+
+    def decided() -> bool:
+        msg = consumer.poll(0.5)
+        if msg is not None and not msg.error() and msg.key().decode() == tx.transaction_id:
+            scored.append(codec("ScoredTransaction").decode(msg.value()))
+        return bool(scored) or not job.alive
+
+    try:
+        wait_for(decided, timeout=180, what="the job to read, score and write through SASL")
+    finally:
+        job.stop()
+        consumer.close()
+    assert scored, f"the job ended without scoring; end of its log:\n{job.log_path.read_text()[-3000:]}"
+    assert scored[0]["transaction_id"] == tx.transaction_id
+    client_password = settings.kafka.sasl_password.get_secret_value()  # type: ignore[union-attr]
+    stack_password = json.loads(StackPaths.of(settings).kafka_admin_secret.read_text())["password"]
+    logs = [p for p in (settings.stack_dir / "logs").rglob("*") if p.is_file()]
+    for password in (client_password, stack_password):
+        leaked = [str(p) for p in logs if password in p.read_text(errors="replace")]
+        assert not leaked, f"a Kafka password is in {leaked}"

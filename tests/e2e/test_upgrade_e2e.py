@@ -12,7 +12,7 @@ from confluent_kafka import Consumer, Producer
 from infra.launcher import start_scoring_job, wait_for
 from infra.settings import Settings
 from infra.stack import ensure_topics
-from jobs.flink.job import control_file
+from jobs.flink.job import control_file, running_job
 from jobs.flink.upgrade import stop_with_savepoint
 from schemas.codec import codec
 from schemas.topics import SCORED_TRANSACTIONS, TRANSACTIONS
@@ -52,7 +52,7 @@ def test_velocity_counts_continue_across_a_savepoint_upgrade(stack: Settings, tm
             buy(n)
         wait_for(scored_up_to(3), timeout=180, what="v1 to score three sales")
         assert scored["u3"]["indicators"]["velocity"] == 3.0
-        wait_for(control_file(settings).exists, timeout=30, what="the job's control file")
+        wait_for(lambda: running_job(control_file(settings)), timeout=30, what="the job's control file")
         savepoint = stop_with_savepoint(control_file(settings), settings.checkpoint_dir)
         assert (savepoint / "_metadata").exists()
         assert v1.proc.wait(60) == 0, "the job ends cleanly after its savepoint"

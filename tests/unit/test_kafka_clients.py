@@ -121,3 +121,50 @@ def test_produce_passes_optional_fields_only_when_given_and_can_wait_instead_of_
     assert producer.sent == [
         ("t", {"key": None, "value": b"v", "headers": [("h", b"1")], "partition": 0, "timestamp": 5})
     ]
+
+
+SCRAM = KafkaSettings(
+    bootstrap_servers="b-1.msk.example:9096",
+    security_protocol="SASL_SSL",
+    sasl_mechanism="SCRAM-SHA-512",
+    sasl_username="checkout-guard",
+    sasl_password='pa"ss\\word',
+)  # type: ignore[arg-type]
+
+
+def test_java_clients_log_in_through_jaas_not_librdkafka_keys() -> None:
+    conf = SCRAM.java_client_config()
+    assert conf == {
+        "bootstrap.servers": "b-1.msk.example:9096",
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.jaas.config": "org.apache.kafka.common.security.scram.ScramLoginModule required "
+        'username="checkout-guard" password="pa\\"ss\\\\word";',
+    }
+    assert "sasl.username" not in conf and "sasl.password" not in conf
+
+
+def test_java_login_module_under_a_shaded_client_and_for_plain() -> None:
+    shaded = SCRAM.java_client_config("org.apache.flink.kafka.shaded.")
+    assert shaded["sasl.jaas.config"].startswith(
+        "org.apache.flink.kafka.shaded.org.apache.kafka.common.security.scram.ScramLoginModule required "
+    )
+    plain = KAFKA.java_client_config()
+    assert (
+        plain["sasl.jaas.config"]
+        == 'org.apache.kafka.common.security.plain.PlainLoginModule required username="u" password="p";'
+    )
+
+
+def test_java_config_without_sasl_is_the_connection_only() -> None:
+    assert KafkaSettings().java_client_config() == {
+        "bootstrap.servers": "127.0.0.1:9092",
+        "security.protocol": "PLAINTEXT",
+    }
+
+
+def test_a_mechanism_without_a_derivable_java_login_is_refused() -> None:
+    with pytest.raises(ValueError, match="GSSAPI"):
+        KafkaSettings(security_protocol="SASL_SSL", sasl_mechanism="GSSAPI").java_client_config()
+    with pytest.raises(ValueError, match="sasl_username"):
+        KafkaSettings(security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-256").java_client_config()

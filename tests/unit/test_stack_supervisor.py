@@ -1,0 +1,154 @@
+"""``make run``'s supervisor: a child that dies is started again with backoff, a bounded number of
+times per window; stopping ends every child and restarts none."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from infra.launcher import Child, Supervisor
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeProc:
+    pids = iter(range(100, 10_000))
+
+    def __init__(self) -> None:
+        self.pid, self.returncode = next(self.pids), None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+
+class FakeChild(Child):
+    """A child whose death the test decides; ``stop`` is recorded instead of signalling anything."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, FakeProc(), Path(f"/nonexistent/{name}.log"))  # type: ignore[arg-type]
+        self.stopped = False
+
+    def die(self, code: int = 1) -> None:
+        self.proc.returncode = code
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        self.stopped = True
+        self.die(-15)
+        return -15
+
+
+class Starter:
+    def __init__(self, name: str) -> None:
+        self.name, self.started = name, []
+
+    def __call__(self) -> FakeChild:
+        self.started.append(FakeChild(self.name))
+        return self.started[-1]
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def test_a_child_that_dies_is_restarted_after_a_doubling_backoff(clock: Clock) -> None:
+    sup = Supervisor(backoff_s=1.0, max_backoff_s=60.0, clock=clock)
+    sink = Starter("sink")
+    sup.add("sink", sink)
+    sink.started[-1].die(1)
+    sup.check()
+    assert len(sink.started) == 1, "not at once: after the backoff"
+    clock.now += 1.0
+    sup.check()
+    assert len(sink.started) == 2 and sup.children[0].alive
+    sink.started[-1].die(-9)  # SIGKILL
+    sup.check()
+    clock.now += 1.5
+    sup.check()
+    assert len(sink.started) == 2, "the second wait is twice the first"
+    clock.now += 0.5
+    sup.check()
+    assert len(sink.started) == 3
+    assert "sink running, 2 restarts" in sup.describe()
+
+
+def test_restarts_are_bounded_per_window_and_the_give_up_is_logged(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    sup = Supervisor(backoff_s=1.0, max_backoff_s=4.0, max_restarts=3, window_s=600.0, clock=clock)
+    job = Starter("job")
+    sup.add("job", job)
+    caplog.set_level(logging.INFO, logger="infra.supervisor")
+    for _ in range(10):
+        job.started[-1].die(2)
+        sup.check()
+        clock.now += 10
+        sup.check()
+    assert len(job.started) == 4, "the first start and three restarts"
+    assert "DOWN (exit 2)" in sup.describe()
+    assert any("giving up" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
+    assert sum("restarting in" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_the_window_forgets_old_restarts(clock: Clock) -> None:
+    sup = Supervisor(backoff_s=1.0, max_restarts=2, window_s=60.0, clock=clock)
+    bridge = Starter("bridge")
+    sup.add("bridge", bridge)
+    for _ in range(5):  # one death every two minutes: never two within the window
+        bridge.started[-1].die(1)
+        sup.check()
+        clock.now += 1
+        sup.check()
+        clock.now += 120
+    assert len(bridge.started) == 6 and sup.children[0].alive
+
+
+def test_stop_ends_every_child_and_restarts_none(clock: Clock) -> None:
+    sup = Supervisor(clock=clock)
+    starters = [Starter(n) for n in ("a", "b")]
+    for s in starters:
+        sup.add(s.name, s)
+    sup.stop()
+    assert all(s.started[0].stopped for s in starters)
+    clock.now += 3600
+    sup.check()
+    assert [len(s.started) for s in starters] == [1, 1]
+
+
+def test_unsupervised_a_dead_child_stays_down(clock: Clock) -> None:
+    sup = Supervisor(restart=False, clock=clock)
+    stage = Starter("stage")
+    sup.add("stage", stage)
+    stage.started[-1].die(3)
+    clock.now += 3600
+    sup.check()
+    assert len(stage.started) == 1 and "stage DOWN (exit 3)" in sup.describe()
+
+
+def test_a_real_process_that_exits_is_started_again(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+
+    def start() -> Child:
+        script = f"open({str(runs)!r}, 'a').write('x'); raise SystemExit(7)"
+        proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+        return Child("crasher", proc, tmp_path / "crasher.log")
+
+    sup = Supervisor(backoff_s=0.05, max_restarts=2, window_s=60.0)
+    sup.add("crasher", start)
+    deadline = time.monotonic() + 30
+    while "DOWN" not in sup.describe() and time.monotonic() < deadline:
+        sup.check()
+        time.sleep(0.02)
+    assert runs.read_text() == "xxx", "the first run and two restarts, then it stays down"
+    assert "crasher DOWN (exit 7), 2 restarts" in sup.describe()
