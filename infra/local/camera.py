@@ -302,6 +302,9 @@ class MvSensePublisher:
         self._thread: threading.Thread | None = None
         self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"local-camera-{secrets.token_hex(4)}")
         self._client.reconnect_delay_set(0.5, 5)
+        mq = settings.mqtt
+        if mq.username:  # a broker that refuses anonymous clients (CG_MQTT__USERNAME/PASSWORD)
+            self._client.username_pw_set(mq.username, mq.password.get_secret_value() if mq.password else None)
         self._counts: dict[str, int] = {}
         self._frame = 0
         self.published = 0
