@@ -39,10 +39,11 @@ def sign_command(cmd: BotCommand, key: str) -> bytes:
 
 
 def authenticate_command(
-    cmd: BotCommand, headers: Sequence[tuple[str, Any]], webex: WebexSettings, now_ms: int
+    cmd: BotCommand, headers: Sequence[tuple[str, Any]], webex: WebexSettings, now_ms: int, fresh: bool = True
 ) -> None:
-    """Return when ``cmd`` is signed with the configured key, fresh, and from an allow-listed issuer;
-    else raise :class:`InvalidRecord` ``unauthorized`` (the reason says which check failed)."""
+    """Return when ``cmd`` is signed with the configured key, fresh (unless ``fresh`` is false: a record
+    of a question already answered may be old), and from an allow-listed issuer; else raise
+    :class:`InvalidRecord` ``unauthorized`` (the reason says which check failed)."""
     key = webex.command_signing_key.get_secret_value() if webex.command_signing_key else ""
     if not key:
         raise InvalidRecord("unauthorized", "no command signing key configured (CG_WEBEX__COMMAND_SIGNING_KEY)")
@@ -52,7 +53,7 @@ def authenticate_command(
     if not hmac.compare_digest(sign_command(cmd, key), signatures[0]):
         raise InvalidRecord("unauthorized", "signature does not match")
     age_ms = now_ms - cmd.issued_at
-    if age_ms > webex.command_max_age_s * 1000 or age_ms < -MAX_CLOCK_SKEW_MS:
+    if fresh and (age_ms > webex.command_max_age_s * 1000 or age_ms < -MAX_CLOCK_SKEW_MS):
         raise InvalidRecord("unauthorized", f"issued {age_ms // 1000} s ago, outside the accepted window")
     if not webex.is_allowed(cmd.room_id, cmd.actor):
         raise InvalidRecord("unauthorized", "issuer is not on the allow-list")

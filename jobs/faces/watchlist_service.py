@@ -142,8 +142,10 @@ class WatchlistCore:
             cmd = BotCommand.decode(src.value or b"")
         except DecodeError as exc:
             return [self._dead_letter(src, exc, now_ms)]
-        if cmd.verb not in ("FRAUD", "VIP", "FORGET") or f"command:{cmd.command_id}" in self.done:
-            return []  # CHECKOUT / STATUS / HELP are the bot's business; a replayed command changes nothing
+        if cmd.verb not in ("FRAUD", "VIP", "FORGET"):
+            return self._not_ours(src, cmd, now_ms)
+        if f"command:{cmd.command_id}" in self.done:
+            return []  # a replayed command changes nothing
         action = "FORGET" if cmd.verb == "FORGET" else "ENROLL"
         try:
             authenticate_command(cmd, src.headers, self.settings.webex, now_ms)
@@ -170,6 +172,18 @@ class WatchlistCore:
                 self._audit(**audit, outcome="FAILED", reason=f"{f.kind}: {f.reason}"),
                 self._dead_letter(src, f, now_ms),
             ]
+
+    def _not_ours(self, src: Source, cmd: BotCommand, now_ms: int) -> list[Out]:
+        """CHECKOUT / STATUS / HELP are the bot's business, recorded on ``commands`` for the record: nothing
+        to do, but one that is not the bot's (unsigned, forged, malformed) is a dead letter. Without a key
+        there is nothing to check them against."""
+        if self.settings.webex.command_signing_key is None:
+            return []
+        try:
+            authenticate_command(cmd, src.headers, self.settings.webex, now_ms, fresh=False)
+        except InvalidRecord as refused:
+            return [self._dead_letter(src, refused, now_ms)]
+        return []
 
     def _refuse(self, src: Source, cmd: BotCommand, action: str, error: InvalidRecord, now_ms: int) -> list[Out]:
         """An unauthenticated or unauthorised command: audited under its offset (its command id is only a

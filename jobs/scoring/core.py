@@ -302,6 +302,9 @@ class DecisionCore:
         return ready
 
     def _take_observation(self, record: SourceRecord, now: int, out: list[OutRow]) -> Ready | None:
+        limit = self.settings.job.max_message_bytes
+        if record.value is not None and len(record.value) > limit:
+            raise InvalidRecord("oversized", f"message of {len(record.value)} bytes exceeds the {limit}-byte limit")
         try:
             obs = self.face_codec.decode(record.value or b"")
         except InvalidRecord as err:  # any undecodable observation is a dead letter

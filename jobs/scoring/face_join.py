@@ -17,7 +17,8 @@ from typing import Any, Protocol
 
 from jobs.scoring.face_similarity import check_embedding
 from jobs.scoring.rules import FaceResult
-from schemas.identifiers import check
+from schemas.errors import InvalidRecord
+from schemas.identifiers import check, check_name, check_serial
 
 Envelope = tuple[dict[str, Any], dict[str, float], int]
 PENDING, EARLY_FACES = "pending", "early_faces"
@@ -45,14 +46,25 @@ class Ready:
     seen: Seen
 
 
+TRIGGERS = ("CHECKOUT", "ENTRANCE", "COMMAND")
+"""What made the face stage look (the schema's ``trigger``)."""
+
+
 def check_observation(obs: dict[str, Any]) -> dict[str, Any]:
     """A decoded FaceObservation the job can use, or :class:`InvalidRecord`: its embedding, when it has
-    one, is a usable descriptor (``invalid_embedding``) and its transaction id, a state key, is an id
-    (``invalid_id``). An empty embedding means none, as ``null`` does."""
+    one, is a usable descriptor (``invalid_embedding``), its ids are ids (``invalid_id``: the transaction
+    id is a state key, the rest go into alerts and links) and its trigger is known. An empty embedding
+    means none, as ``null`` does."""
     if obs.get("embedding"):
         check_embedding(obs["embedding"], "embedding")
-    if obs.get("transaction_id"):
-        check(obs["transaction_id"], "transaction_id")
+    check(obs["observation_id"], "observation_id")
+    check_serial(obs["camera_serial"], "camera_serial")
+    check_name(obs["store_id"], "store_id")
+    for field in ("transaction_id", "subject_id"):
+        if obs.get(field):
+            check(obs[field], field)
+    if obs["trigger"] not in TRIGGERS:
+        raise InvalidRecord("invalid_field", f"trigger must be one of {', '.join(TRIGGERS)}")
     return obs
 
 

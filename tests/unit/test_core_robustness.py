@@ -76,6 +76,17 @@ def test_a_face_observation_whose_transaction_id_is_a_path_is_dead_lettered():
     assert kinds(step.outputs) == ["invalid_id"] and core.join.early == {}
 
 
+def test_an_observation_of_zeros_an_unknown_trigger_or_over_the_size_limit_is_dead_lettered():
+    """A body of zero bytes decodes as an observation with empty ids: it must not pass as an entrance."""
+    core = make_core()
+    zeros = face_record("t1", offset=4)
+    zeros = zeros._replace(value=zeros.value[:10] + b"\x00" * 200)
+    huge = face_record("t2", offset=5)
+    huge = huge._replace(value=huge.value + b"\x00" * settings().job.max_message_bytes)
+    step = core.on_records([zeros, face_record("t3", trigger="SOMETHING", offset=6), huge], NOW)
+    assert kinds(step.outputs) == ["invalid_id", "invalid_field", "oversized"]
+
+
 # --- embeddings -----------------------------------------------------------------------------------------
 
 

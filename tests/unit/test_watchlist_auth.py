@@ -164,3 +164,15 @@ def test_signed_commands_with_invalid_ids_are_dead_lettered_invalid_id(core: Wat
     event = AuditEvent.decode(audit.value)
     assert event.outcome == "FAILED" and event.reason.startswith("invalid_id")
     assert event.subject_id is None and event.transaction_id is None, "a hostile id was copied into the audit"
+
+
+def test_a_checkout_or_status_record_not_signed_by_the_bot_is_dead_lettered_and_an_old_signed_one_ignored(
+    core: WatchlistCore,
+) -> None:
+    forged = cmd("CHECKOUT", "tx-1")
+    by = topics(core.on_command(source(forged), NOW))
+    [letter] = by["dead_letters"]
+    assert DeadLetter.decode(letter.value).error_kind == "unauthorized"
+    assert by["watchlist"] == [] and by["audit"] == []
+    old = cmd("STATUS", None, issued_at=NOW - 10 * 86_400_000)  # replayed after an offset reset
+    assert core.on_command(source(old, signed(old), offset=8), NOW) == []
