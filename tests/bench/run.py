@@ -12,6 +12,11 @@ Stages, each on fresh topics (``bench<run>.`` prefix) of the running local stack
 4. **memory** — peak resident memory of the whole stack (Kafka, OpenSearch, Mosquitto, the job
    with its JVM and Python workers, the sink) sampled throughout.
 
+Then, in-process: faces, model scoring, alerts, and the scoring job's **state** at N transactions of
+history (``tests/bench/state.py``: entries, pickled size with and without retention, restore time and
+memory; ``--state-transactions`` / ``CG_BENCH_STATE_TRANSACTIONS``, default 10 M, or the largest N that
+fits ``--state-budget-s`` / ``CG_BENCH_STATE_BUDGET_S`` here, with the reason printed).
+
 Results are printed and written to ``bench-results/<stage>-<time>.json``.
 """
 
@@ -407,6 +412,11 @@ def report(results: dict) -> None:
 
         for row in alert_rows(results["alerts"]):
             t.add_row(*row)
+    if "state" in results:
+        from tests.bench.state import report_rows as state_rows
+
+        for row in state_rows(results["state"]):
+            t.add_row(*row)
     if "faces" in results:
         from jobs.faces.cli import bench_report_rows
 
@@ -426,6 +436,20 @@ def main(
     seconds: Annotated[int, typer.Option(help="Duration of the latency stage.")] = 30,
     keep: Annotated[bool, typer.Option(help="Keep the bench topics and indices.")] = False,
     model_records: Annotated[int, typer.Option(help="Transactions for the model-scoring stage (0 = skip).")] = 20_000,
+    state_transactions: Annotated[
+        int,
+        typer.Option(
+            envvar="CG_BENCH_STATE_TRANSACTIONS",
+            help="Transactions of history for the state stage: state size and restore (0 = skip).",
+        ),
+    ] = 10_000_000,
+    state_budget_s: Annotated[
+        float,
+        typer.Option(
+            envvar="CG_BENCH_STATE_BUDGET_S",
+            help="The state stage measures the largest N that fits this many seconds here (0 = the N asked for).",
+        ),
+    ] = 180.0,
 ) -> None:
     """Measure raw Kafka, end-to-end throughput, latency at a fixed rate and peak memory."""
     results = run(records, rate, seconds, keep)
@@ -440,6 +464,14 @@ def main(
 
     console.print("[bold]alerts[/]: delivery with both channels answering in 50 ms; transaction -> e-mail, live")
     results["alerts"] = alerts_bench(get_settings())
+    if state_transactions:
+        from tests.bench.state import bench_for_make as state_bench
+
+        console.print(
+            f"[bold]state[/]: the scoring job's keyed state at {state_transactions:,} transactions of history: "
+            "entries, pickled size with and without retention, restore time and memory"
+        )
+        results["state"] = state_bench(state_transactions, budget_s=state_budget_s)
     report(results)
     out = REPO_ROOT / "bench-results"
     out.mkdir(exist_ok=True)

@@ -266,7 +266,19 @@ def _wait_documents(p: Pipeline, timeout: float) -> Counter[str]:
         with p.lock:
             return p.valid <= set(docs)
 
-    wait_for(arrived, timeout=timeout, interval=2.0, what="every valid transaction in OpenSearch")
+    try:
+        wait_for(arrived, timeout=timeout, interval=2.0, what="every valid transaction in OpenSearch")
+    except TimeoutError:
+        with p.lock:
+            missing = sorted(p.valid - set(docs))
+        why = {}
+        for dl in _dead_letters(p):
+            for tx in missing:
+                if tx.encode() in dl["payload"]:
+                    why[tx] = f"{dl['stage']}:{dl['error_kind']}: {dl['reason'][:200]}"
+        raise AssertionError(
+            f"{len(missing)} valid transactions missing, e.g. {missing[:5]}; dead letters: {why}"
+        ) from None
     return docs
 
 
@@ -408,21 +420,8 @@ def _csv_rows(p: Pipeline) -> tuple[Path, set[str], int]:
     run = p.prefix.rstrip(".")
 
     def row(event_id: str, entity: str = "123-45-6789", price: str = "42.10") -> list[str]:
-        return [
-            "",
-            stamp,
-            "",
-            event_id,
-            "customer",
-            entity,
-            "411111",
-            "Ann",
-            "GA",
-            "10.0.0.1",
-            "a@b.test",
-            "food",
-            price,
-        ]
+        fixed = ("", stamp, "", event_id, "customer", entity, "411111", "Ann", "GA", "10.0.0.1", "a@b.test")
+        return [*fixed, "food", price, "USD", "fraud_Hamill-Daugherty"]
 
     valid = {f"{run}-csv-{i}" for i in range(5)}
     out = io.StringIO()
