@@ -22,6 +22,9 @@ class KafkaSettings(BaseModel, frozen=True):
     controller_port: int = 9093
     topic_prefix: str = ""
     """Prefix for every topic name, so a backtest or a second environment can share a cluster."""
+    dead_letter_retention_days: float = 7.0
+    """How long ``dead_letters`` keeps the bad inputs' bytes (names, e-mails, addresses of a transaction);
+    applied to the topic by ``make up`` / ``infra.stack topics``."""
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
@@ -132,6 +135,10 @@ class JobSettings(BaseModel, frozen=True):
     broadcast stream, which may lag the transactions right after a fresh start)."""
     ignore_unclaimed_state: bool = True
     """On restore, drop the state of operators the new version no longer has instead of refusing to start."""
+    stale_state_retention_hours: float = 72.0
+    """Checkpoints of earlier runs of the job and savepoints older than this are deleted when the job
+    starts (never the one it restores from): they hold buyers' faces that ``forget`` cannot reach. 0 keeps
+    them forever."""
 
 
 class RulesSettings(BaseModel, frozen=True):

@@ -51,6 +51,8 @@ import typer
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import (
     AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
     ConfigResource,
     NewTopic,
     ResourceType,
@@ -65,7 +67,7 @@ from infra.local import smtp as local_smtp
 from infra.retry import call_with_retries
 from infra.settings import KafkaSettings, Settings, get_settings
 from schemas.errors import CheckoutGuardError
-from schemas.topics import ALL_TOPICS
+from schemas.topics import ALL_TOPICS, DEAD_LETTERS
 
 # Pinned versions. infra/install.sh reads these three lines (keep the `NAME = "value"` form).
 OPENSEARCH_VERSION = "2.19.4"
@@ -895,6 +897,17 @@ def _ensure_service(svc: str, settings: Settings, paths: StackPaths, ep: Endpoin
 # Public API
 
 
+def _set_topic_config(admin: AdminClient, topic: str, config: dict[str, str]) -> None:
+    """Set these keys on an existing topic (the others stay): a retention setting changed since creation."""
+    entries = [ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in config.items()]
+    resource = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=entries)
+    for fut in admin.incremental_alter_configs([resource]).values():
+        try:
+            fut.result(30)
+        except KafkaException as exc:
+            log.warning("could not set %s on topic %s: %s", ", ".join(config), topic, exc)
+
+
 def ensure_topics(settings: Settings) -> list[str]:
     """Create the topics of ``schemas.topics.ALL_TOPICS`` (with the settings' prefix) that are missing.
 
@@ -912,11 +925,20 @@ def ensure_topics(settings: Settings) -> list[str]:
                 len(existing[name].partitions),
                 spec.partitions,
             )
+    dead_letters = DEAD_LETTERS.full_name(prefix)
+    retention = {"retention.ms": str(int(settings.kafka.dead_letter_retention_days * 86_400_000))}
     missing = [
-        NewTopic(name, num_partitions=spec.partitions, replication_factor=1, config=dict(spec.config))
+        NewTopic(
+            name,
+            num_partitions=spec.partitions,
+            replication_factor=1,
+            config={**spec.config, **(retention if name == dead_letters else {})},
+        )
         for name, spec in wanted.items()
         if name not in existing
     ]
+    if dead_letters in existing:
+        _set_topic_config(admin, dead_letters, retention)
     if not missing:
         return []
     created = []

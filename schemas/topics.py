@@ -74,8 +74,9 @@ DEAD_LETTERS = TopicSpec(
     "dead_letters",
     "DeadLetter",
     key="<topic>:<partition>:<offset> of the bad input",
-    config={"retention.ms": str(30 * DAY_MS)},
 )
+"""Its retention is a setting (``KafkaSettings.dead_letter_retention_days``): the bad inputs' bytes hold
+names, e-mails and addresses."""
 
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     TRANSACTIONS,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -137,6 +138,26 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
             if best is None or stamp > best[0]:
                 best = (stamp, meta.parent)
     return best[1] if best else None
+
+
+def purge_stale_state(checkpoint_dir: Path, keep: Path | None, older_than_s: float, now: float) -> list[Path]:
+    """Delete the checkpoint folders of earlier runs (``<job id>/``) and the savepoints whose newest file is
+    older than ``older_than_s``, except the one holding ``keep`` (what this run restores from); returns
+    what went. Flink retains checkpoints of a killed job for good, with every buyer's face in them."""
+    if older_than_s <= 0 or not checkpoint_dir.is_dir():
+        return []
+    keep_dirs = {keep.resolve(), keep.resolve().parent} if keep is not None else set()
+    candidates = [d for d in checkpoint_dir.iterdir() if d.is_dir() and d.name != "savepoints"]
+    candidates += [d for d in (checkpoint_dir / "savepoints").glob("savepoint-*") if d.is_dir()]
+    gone = []
+    for folder in candidates:
+        if folder.resolve() in keep_dirs:
+            continue
+        newest = max((f.stat().st_mtime for f in folder.rglob("*") if f.is_file()), default=folder.stat().st_mtime)
+        if now - newest > older_than_s:
+            shutil.rmtree(folder, ignore_errors=True)
+            gone.append(folder)
+    return gone
 
 
 def control_file(settings: Settings) -> Path:
@@ -381,6 +402,9 @@ def main(settings: Settings | None = None) -> None:
         ensure_default_model(settings)
     restore = settings.job.restore_from or latest_checkpoint(settings.checkpoint_dir)
     log.info("starting scoring job%s", f", restoring {restore.parent.name}/{restore.name}" if restore else "")
+    hours = settings.job.stale_state_retention_hours
+    for gone in purge_stale_state(settings.checkpoint_dir, restore, hours * 3600, time.time()):
+        log.info("deleted %s: older than %.0f h (CG_JOB__STALE_STATE_RETENTION_HOURS)", gone.name, hours)
     _without_worker_pool_server()
     env = StreamExecutionEnvironment.get_execution_environment(flink_configuration(settings, restore))
     env.set_buffer_timeout(settings.job.buffer_timeout_ms)

@@ -44,7 +44,7 @@ from infra.launcher import Child, spawn, start_scoring_job, wait_for
 from infra.local.pos_generator import PosGenerator
 from infra.local.smtp import mail_dir
 from infra.settings import Settings
-from infra.stack import StackPaths, ensure_topics, up
+from infra.stack import SERVICES, StackPaths, ensure_topics, service_process, up
 from jobs.bot.webex_bot import WEBHOOK_PATH
 from schemas.codec import codec
 from schemas.indices import index_name
@@ -62,6 +62,7 @@ from schemas.topics import (
 )
 from tests.e2e import hostile
 from tests.e2e.camera_helpers import delete_topics, free_port
+from tests.e2e.test_bound_addresses_e2e import MAPPED_V4, _listeners, _tree
 
 pytestmark = pytest.mark.e2e
 
@@ -114,6 +115,7 @@ def _settings(stack: Settings, tmp_path: Path, name: str, secret: str) -> Settin
             "alerts": s.alerts.model_copy(
                 update={"retry_initial_s": 0.5, "retry_max_s": 5.0, "ledger_path": tmp_path / "ledger.sqlite3"}
             ),
+            "dashboard": s.dashboard.model_copy(update={"port": free_port()}),
             "cameras": s.cameras.model_copy(
                 update={"local_port": free_port(), "mqtt_topic_prefix": name, "poll_interval_s": 0.25}
             ),
@@ -135,6 +137,7 @@ def _start(settings: Settings) -> dict[str, Child]:
         "watchlist-service": spawn("jobs.faces.watchlist_service", settings, name="chaos-watchlist-service"),
         "alert-sender": spawn("sinks.alerts.sender", settings, name="chaos-alert-sender"),
         "webex-bot": spawn("jobs.bot.webex_bot", settings, name="chaos-webex-bot"),
+        "dashboard": spawn("sinks.dashboard", settings, name="chaos-dashboard"),
     }
     return children
 
@@ -378,6 +381,7 @@ def _post_webhooks(p: Pipeline) -> dict[str, int]:
     nested = b"[" * hostile.NESTING + b"]" * hostile.NESTING
     bodies = {
         "nested_signed": (nested, sign(nested)),
+        "nested_under_size_cap_signed": (b"[" * 30_000 + b"]" * 30_000, None),
         "nested_object_signed": (b'{"data": ' + b'{"a": ' * 20_000 + b"1" + b"}" * 20_000 + b"}", None),
         "huge_signed": (b'{"data": "' + b"x" * 3_000_000 + b'"}', None),
         "not_json_signed": (b"\xff\xfe", None),
@@ -518,6 +522,20 @@ def test_every_hostile_record_is_dead_lettered_with_its_reason_and_every_valid_o
     assert set(docs) == p.valid, f"unexpected documents: {sorted(set(docs) - p.valid)[:10]}"
     print(f"valid transactions: {len(p.valid)}, documents: {sum(docs.values())}")
     _assert_alive(p)
+
+
+def test_every_process_of_the_running_pipeline_listens_only_on_the_configured_host(pipeline: Pipeline) -> None:
+    p = pipeline
+    paths = StackPaths.of(p.stack)
+    procs = {svc: _tree(service_process(svc, paths)) for svc in SERVICES}
+    procs.update({name: _tree(psutil.Process(child.proc.pid)) for name, child in p.children.items()})
+    listeners = _listeners(procs)
+    table = "\n".join(f"  {owner:<18} pid {pid:<7} {name:<16} {ip}:{port}" for owner, pid, name, ip, port in listeners)
+    print(f"\nlistening TCP sockets of the stack and every pipeline process ({p.settings.bind_host}):\n{table}")
+    owners = {owner for owner, *_ in listeners}
+    assert owners >= {*SERVICES, "scoring-job", "webex-bot", "dashboard", "local-camera", "local-webex"}, table
+    wrong = [row for row in listeners if row[3].removeprefix(MAPPED_V4) != p.settings.bind_host]
+    assert not wrong, f"listening beyond {p.settings.bind_host}:\n{table}"
 
 
 def _service_pid(p: Pipeline, svc: str) -> int:

@@ -26,7 +26,7 @@ from infra.launcher import start_scoring_job, wait_for
 from infra.settings import Settings
 from infra.stack import OPENSEARCH_DISK_WATERMARKS, StackPaths, down, ensure_topics, status, up
 from schemas.codec import codec
-from schemas.topics import ALL_TOPICS, SCORED_TRANSACTIONS, TRANSACTIONS, WATCHLIST
+from schemas.topics import ALL_TOPICS, DEAD_LETTERS, SCORED_TRANSACTIONS, TRANSACTIONS, WATCHLIST
 from tests.builders import sale
 
 pytestmark = pytest.mark.e2e
@@ -62,6 +62,26 @@ def test_topics_match_the_spec(stack: Settings) -> None:
             assert actual.get(key) == value, f"{resource.name}: {key}={actual.get(key)}, spec says {value}"
     watchlist = WATCHLIST.full_name(stack.kafka.topic_prefix)
     assert actual_config(admin, watchlist)["cleanup.policy"] == "compact"
+
+
+def test_dead_letters_are_kept_as_long_as_the_setting_says_also_when_it_changes(stack: Settings) -> None:
+    settings = stack.model_copy(
+        update={"kafka": stack.kafka.model_copy(update={"topic_prefix": f"e2edl{uuid.uuid4().hex[:6]}."})}
+    )
+    admin = AdminClient(settings.kafka.client_config())
+    topic = DEAD_LETTERS.full_name(settings.kafka.topic_prefix)
+    try:
+        for days in (2, 0.5):
+            ensure_topics(
+                settings.model_copy(
+                    update={"kafka": settings.kafka.model_copy(update={"dead_letter_retention_days": days})}
+                )
+            )
+            assert actual_config(admin, topic)["retention.ms"] == str(int(days * 86_400_000))
+    finally:
+        names = [spec.full_name(settings.kafka.topic_prefix) for spec in ALL_TOPICS]
+        for fut in admin.delete_topics(names, operation_timeout=10).values():
+            fut.exception(30)
 
 
 def actual_config(admin: AdminClient, topic: str) -> dict[str, str]:

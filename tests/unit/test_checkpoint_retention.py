@@ -1,0 +1,42 @@
+"""Checkpoints of earlier runs and old savepoints are purged at start; what the job restores from never is."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from jobs.flink.job import purge_stale_state
+
+HOUR = 3600.0
+NOW = 1_800_000_000.0
+
+
+def _checkpoint(root: Path, name: str, age_h: float) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    meta = folder / "_metadata"
+    meta.write_bytes(b"state with buyers' faces")
+    os.utime(meta, (NOW - age_h * HOUR, NOW - age_h * HOUR))
+    return folder
+
+
+def test_old_checkpoints_of_earlier_runs_and_old_savepoints_go_and_the_restored_one_stays(tmp_path: Path) -> None:
+    killed = _checkpoint(tmp_path, "job-a/chk-7", age_h=100)
+    restored = _checkpoint(tmp_path, "job-b/chk-3", age_h=200)  # old, but this run starts from it
+    recent = _checkpoint(tmp_path, "job-c/chk-9", age_h=1)
+    old_savepoint = _checkpoint(tmp_path, "savepoints/savepoint-1", age_h=80)
+    new_savepoint = _checkpoint(tmp_path, "savepoints/savepoint-2", age_h=2)
+
+    gone = purge_stale_state(tmp_path, restored, older_than_s=72 * HOUR, now=NOW)
+
+    assert sorted(p.name for p in gone) == ["job-a", "savepoint-1"]
+    assert not killed.exists() and not old_savepoint.exists()
+    assert restored.exists() and recent.exists() and new_savepoint.exists()
+
+
+def test_a_restored_savepoint_stays_and_zero_keeps_everything(tmp_path: Path) -> None:
+    savepoint = _checkpoint(tmp_path, "savepoints/savepoint-9", age_h=500)
+    old = _checkpoint(tmp_path, "job-a/chk-1", age_h=500)
+    assert purge_stale_state(tmp_path, savepoint, older_than_s=0, now=NOW) == []
+    assert [p.name for p in purge_stale_state(tmp_path, savepoint, older_than_s=HOUR, now=NOW)] == ["job-a"]
+    assert savepoint.exists() and not old.exists()
