@@ -6,7 +6,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 LINT_DIRS := producers jobs sinks schemas infra tests
 
-.PHONY: help setup up down status topics reset lint check run test bench train backtest train-default replay backtest-stream redrive
+.PHONY: help setup up down status topics reset lint check run test bench train backtest train-default replay backtest-stream redrive chaos
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -44,6 +44,9 @@ run: setup train-default ## start the stack, the scoring job and the OpenSearch 
 
 test: setup ## run the test suite (e2e tests start the stack themselves)
 	@$(PY) -m pytest -q tests
+
+chaos: setup ## the fault-injection suite alone (hostile records on every input, broker kill, OpenSearch stop, SMTP outage; also part of make test)
+	@$(PY) -m pytest -q -s tests/e2e/test_chaos_e2e.py
 
 bench: setup ## measure raw Kafka vs end-to-end throughput, latency at a fixed rate and peak memory
 	@$(PY) -m tests.bench.run
