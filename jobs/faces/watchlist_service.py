@@ -29,15 +29,19 @@ Run: ``python -m jobs.faces.watchlist_service`` (SIGTERM stops after the current
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from confluent_kafka import KafkaException
+
 from infra import clock
 from infra.clients.image_store import ImageStore
 from infra.command_auth import authenticate_command
+from infra.retry import Backoff
 from infra.settings import Settings, get_settings
 from jobs.faces.engine import FaceEngine, ImageError
 from jobs.faces.rekognition import RekognitionError, RekognitionFaces
@@ -358,6 +362,10 @@ class WatchlistCore:
         return Out(DEAD_LETTERS, dl.dead_letter_id.encode(), dl.encode())
 
 
+PUBLISH_RETRY_S = 240.0
+"""How long a transaction is retried while Kafka is away (the consumer's max.poll.interval.ms is 300 s)."""
+
+
 class WatchlistService:
     """Kafka wiring around ``WatchlistCore``: startup replay, transactional consume-process-produce."""
 
@@ -435,13 +443,43 @@ class WatchlistService:
             self._publish(outs, [])
 
     def _publish(self, outs: list[Out], offsets: list) -> None:
-        """Outputs and the input's offset in one transaction: both land or neither does."""
+        """Outputs and the input's offset in one transaction: both land or neither does.
+
+        A broker that is away (restarting, a leader moving) fails the transaction with a retriable or
+        abortable error: it is aborted and tried again with backoff, for up to ``PUBLISH_RETRY_S`` (less
+        than the consumer's poll interval, after which the group has moved on). Past that, or on a fatal
+        error, the error propagates: the process exits non-zero and resumes from the last commit.
+        """
+        backoff = Backoff(initial_s=0.5, maximum_s=10.0)
+        give_up_at = time.monotonic() + PUBLISH_RETRY_S
+        attempt = 0
+        while True:
+            try:
+                self._transaction(outs, offsets)
+                return
+            except KafkaException as exc:
+                err = exc.args[0]
+                if err.fatal() or self._stop or time.monotonic() > give_up_at:
+                    raise
+                log.warning("publishing failed (%s); aborting and trying again", err.str())
+                with contextlib.suppress(KafkaException):  # nothing to abort is fine too
+                    self.producer.abort_transaction(30)
+                time.sleep(backoff.delay(attempt))
+                attempt += 1
+
+    def _transaction(self, outs: list[Out], offsets: list) -> None:
         self.producer.begin_transaction()
         for out in outs:
             self.producer.produce(out.topic.full_name(self.prefix), key=out.key, value=out.value)
         if offsets:
             self.producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), 30)
-        self.producer.commit_transaction(30)
+        while True:
+            try:
+                self.producer.commit_transaction(30)
+                return
+            except KafkaException as exc:
+                if not exc.args[0].retriable() or self._stop:
+                    raise  # abortable: the caller aborts and redoes the whole transaction
 
 
 def main() -> None:

@@ -557,9 +557,11 @@ def _mails(p: Pipeline) -> Counter[str]:
 
 
 def _alert_ids(p: Pipeline) -> set[str]:
+    """The alerts that must be mailed: every one on the topic but the hostile ones the sender refused."""
+    refused = {dl["dead_letter_id"] for dl in _dead_letters(p) if dl["stage"] == "alert-sender"}
     out = set()
     for msg in _read_all(p, p.topic(ALERTS)):
-        with contextlib.suppress(Exception):
+        if f"{msg.topic()}:{msg.partition()}:{msg.offset()}" not in refused:
             out.add(Alert.decode(msg.value()).alert_id)
     return out
 

@@ -1,0 +1,69 @@
+"""The watchlist service rides out a broker that is away: a failed transaction is aborted and redone."""
+
+from __future__ import annotations
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from jobs.faces import watchlist_service
+from jobs.faces.watchlist_service import Out, WatchlistService
+from schemas.topics import AUDIT
+
+
+class FlakyTransactions:
+    """A transactional producer whose first transactions fail as a restarting broker makes them fail."""
+
+    def __init__(self, failures: list[KafkaError]) -> None:
+        self.failures = failures
+        self.calls: list[str] = []
+        self.committed: list[list[bytes]] = []
+        self._open: list[bytes] = []
+
+    def begin_transaction(self) -> None:
+        self.calls.append("begin")
+        self._open = []
+
+    def produce(self, topic: str, key: bytes, value: bytes | None) -> None:
+        self._open.append(key)
+
+    def send_offsets_to_transaction(self, offsets, metadata, timeout: float) -> None:
+        self.calls.append("offsets")
+        if self.failures:
+            raise KafkaException(self.failures.pop(0))
+
+    def commit_transaction(self, timeout: float) -> None:
+        self.calls.append("commit")
+        self.committed.append(self._open)
+
+    def abort_transaction(self, timeout: float) -> None:
+        self.calls.append("abort")
+        self._open = []
+
+
+class Group:
+    def consumer_group_metadata(self) -> object:
+        return object()
+
+
+def service(producer: FlakyTransactions) -> WatchlistService:
+    svc = WatchlistService.__new__(WatchlistService)
+    svc.producer, svc.consumer, svc.prefix, svc._stop = producer, Group(), "", False
+    return svc
+
+
+def test_a_transaction_failing_while_the_broker_restarts_is_aborted_and_redone_once(monkeypatch) -> None:
+    monkeypatch.setattr(watchlist_service.time, "sleep", lambda _s: None)
+    timed_out = KafkaError(KafkaError._TIMED_OUT, "coordinator away", retriable=True)
+    abortable = KafkaError(KafkaError._STATE, "needs abort", txn_requires_abort=True)
+    producer = FlakyTransactions([timed_out, abortable])
+    service(producer)._publish([Out(AUDIT, b"a-1", b"v")], ["offset"])
+    assert producer.committed == [[b"a-1"]], "the outputs landed once"
+    assert producer.calls.count("abort") == 2 and producer.calls[-1] == "commit"
+
+
+def test_a_fatal_error_is_not_retried(monkeypatch) -> None:
+    monkeypatch.setattr(watchlist_service.time, "sleep", lambda _s: None)
+    producer = FlakyTransactions([KafkaError(KafkaError._FENCED, "fenced", fatal=True)])
+    with pytest.raises(KafkaException):
+        service(producer)._publish([Out(AUDIT, b"a-1", b"v")], ["offset"])
+    assert producer.committed == []
