@@ -34,6 +34,7 @@ from sinks.alerts.sender import (
     Task,
     give_up_reason,
 )
+from tests.unit.test_alert_channels import alert as channel_alert
 
 OUTAGE_S = 180.0
 """Three minutes: longer than 8 attempts' worth of backoff (at most 0.5+1+...+30+30 = 91.5 s)."""
@@ -53,25 +54,7 @@ class FastClock(Clock):
 
 
 def alert(alert_id: str) -> dict[str, Any]:
-    return dict(
-        alert_id=alert_id,
-        kind="BLOCKED_TRANSACTION",
-        severity="high",
-        event_time=1_767_261_303_000,
-        store_id="S001",
-        lane_id="L02",
-        transaction_id="tx-1",
-        amount=99.0,
-        currency="EUR",
-        outcome="BLOCK",
-        risk_score=90,
-        reasons=["return_exceeds_sale"],
-        subject_id=None,
-        category=None,
-        similarity=None,
-        snapshot_ref=None,
-        summary="x",
-    )
+    return channel_alert(alert_id, snapshot_ref=None)
 
 
 @pytest.fixture
