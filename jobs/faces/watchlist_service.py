@@ -16,9 +16,12 @@ Anything else -- unsigned, badly signed, stale, not allowed, or no key configure
 ``FAILED`` and dead-lettered as ``unauthorized``, never applied: ``commands`` may be writable by more
 than the bot. Transaction and subject ids are checked (``schemas.identifiers``; ``invalid_id``).
 
-Exactly once on Kafka: each input's outputs and its consumer offset commit in one Kafka transaction,
-so offsets move only after the outputs are acknowledged, and a crash replays the input without
-doubling its records. Side effects outside Kafka (image store, Rekognition) are idempotent: same
+Once on Kafka: each input's outputs commit in one Kafka transaction (all of them or none), and its
+consumer offset is committed after that transaction; a crash in between replays the input, which the
+audit ledger below makes a no-op. (The offset is not sent inside the transaction: librdkafka's
+``send_offsets_to_transaction`` ignores its timeout and can block for good when the group coordinator
+restarts, librdkafka issues 5456 and 5511; a broker SIGKILL froze the service that way.)
+Side effects outside Kafka (image store, Rekognition) are idempotent: same
 subject id, same keys, an indexed subject is not indexed twice. Re-issuing a command that is already
 in effect changes nothing (audited as ``UNCHANGED``); a command or alert already audited (e.g. replayed
 after a consumer-group offset reset; the audit topic is read at startup) is skipped. Logs carry ids and
@@ -443,7 +446,7 @@ class WatchlistService:
             self._publish(outs, [])
 
     def _publish(self, outs: list[Out], offsets: list) -> None:
-        """Outputs and the input's offset in one transaction: both land or neither does.
+        """The outputs in one transaction (all land or none), then the input's offset (see the module doc).
 
         A broker that is away (restarting, a leader moving) fails the transaction with a retriable or
         abortable error: it is aborted and tried again with backoff, for up to ``PUBLISH_RETRY_S`` (less
@@ -453,10 +456,10 @@ class WatchlistService:
         backoff = Backoff(initial_s=0.5, maximum_s=10.0)
         give_up_at = time.monotonic() + PUBLISH_RETRY_S
         attempt = 0
-        while True:
+        while outs:
             try:
-                self._transaction(outs, offsets)
-                return
+                self._transaction(outs)
+                break
             except KafkaException as exc:
                 err = exc.args[0]
                 if err.fatal() or self._stop or time.monotonic() > give_up_at:
@@ -466,13 +469,13 @@ class WatchlistService:
                     self.producer.abort_transaction(30)
                 time.sleep(backoff.delay(attempt))
                 attempt += 1
+        if offsets:  # never blocks; one that fails is covered by the next one, or replayed as a no-op
+            self.consumer.commit(offsets=offsets, asynchronous=True)
 
-    def _transaction(self, outs: list[Out], offsets: list) -> None:
+    def _transaction(self, outs: list[Out]) -> None:
         self.producer.begin_transaction()
         for out in outs:
             self.producer.produce(out.topic.full_name(self.prefix), key=out.key, value=out.value)
-        if offsets:
-            self.producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), 30)
         while True:
             try:
                 self.producer.commit_transaction(30)
