@@ -22,7 +22,12 @@ SASL = {
 }
 
 
+PORTS = {"bootstrap_servers": "127.0.0.1:9092", "controller_port": 9093}
+"""The default ports, spelled out: CI runs with others in CG_KAFKA__* and Settings() would read them."""
+
+
 def _settings(tmp_path: Path, **update: object) -> Settings:
+    update["kafka"] = {**PORTS, **dict(update.get("kafka") or {})}
     return Settings(stack_dir=tmp_path, bind_host="127.0.0.2", **update)
 
 
