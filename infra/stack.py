@@ -937,19 +937,18 @@ def ensure_topics(settings: Settings) -> list[str]:
         for name, spec in wanted.items()
         if name not in existing
     ]
-    if dead_letters in existing:
-        _set_topic_config(admin, dead_letters, retention)
-    if not missing:
-        return []
     created = []
-    for name, fut in admin.create_topics(missing, request_timeout=30).items():
+    for name, fut in (admin.create_topics(missing, request_timeout=30) if missing else {}).items():
         try:
             fut.result()
             created.append(name)
         except KafkaException as exc:
             if "TOPIC_ALREADY_EXISTS" not in str(exc.args[0]):
                 raise StackError(f"creating topic {name} failed: {exc}") from exc
-    log.info("kafka: created topics %s", ", ".join(created))
+    if dead_letters not in created:  # it was there already (maybe made by a racing call): the setting wins
+        _set_topic_config(admin, dead_letters, retention)
+    if created:
+        log.info("kafka: created topics %s", ", ".join(created))
     return created
 
 

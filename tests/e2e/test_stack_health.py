@@ -77,7 +77,13 @@ def test_dead_letters_are_kept_as_long_as_the_setting_says_also_when_it_changes(
                     update={"kafka": settings.kafka.model_copy(update={"dead_letter_retention_days": days})}
                 )
             )
-            assert actual_config(admin, topic)["retention.ms"] == str(int(days * 86_400_000))
+            wanted = str(int(days * 86_400_000))
+            # The broker applies a config change from the metadata log a moment after the controller took it.
+            wait_for(
+                lambda wanted=wanted: actual_config(admin, topic)["retention.ms"] == wanted,
+                15,
+                what=f"retention {wanted}",
+            )
     finally:
         names = [spec.full_name(settings.kafka.topic_prefix) for spec in ALL_TOPICS]
         for fut in admin.delete_topics(names, operation_timeout=10).values():
