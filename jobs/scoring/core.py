@@ -39,6 +39,7 @@ from jobs.scoring.face_join import (
 from jobs.scoring.features import customer_key, receipt_key
 from jobs.scoring.rules import RuleSet
 from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Predictor, Scorer, ScoringState, Write
+from jobs.scoring.validation import check_size
 from jobs.scoring.watchlist import check_entry
 from schemas.codec import codec
 from schemas.errors import InvalidRecord
@@ -302,9 +303,7 @@ class DecisionCore:
         return ready
 
     def _take_observation(self, record: SourceRecord, now: int, out: list[OutRow]) -> Ready | None:
-        limit = self.settings.job.max_message_bytes
-        if record.value is not None and len(record.value) > limit:
-            raise InvalidRecord("oversized", f"message of {len(record.value)} bytes exceeds the {limit}-byte limit")
+        check_size(record.value, self.settings.job.max_message_bytes)
         try:
             obs = self.face_codec.decode(record.value or b"")
         except InvalidRecord as err:  # any undecodable observation is a dead letter

@@ -30,6 +30,12 @@ IDS = ("transaction_id", "original_transaction_id", "customer_id")
 """Id-shaped fields (:data:`schemas.identifiers.ID_RE`); the optional ones only when set (non-empty)."""
 
 
+def check_size(value: bytes | None, max_bytes: int) -> None:
+    """``oversized`` for an input record over ``max_bytes`` (``JobSettings.max_message_bytes``)."""
+    if value is not None and len(value) > max_bytes:
+        raise InvalidRecord("oversized", f"message of {len(value)} bytes exceeds the {max_bytes}-byte limit")
+
+
 def parse_transaction(
     value: bytes | None, now_ms: int, max_bytes: int, max_future_skew_ms: int = MAX_FUTURE_SKEW_MS
 ) -> dict[str, Any]:
@@ -39,8 +45,7 @@ def parse_transaction(
     is ``invalid_timestamp`` (the producer's clock cannot be trusted, and neither can the broker
     timestamp, which the producer sets too). ``0`` checks no bound: offline history has no "now".
     """
-    if value is not None and len(value) > max_bytes:
-        raise InvalidRecord("oversized", f"message of {len(value)} bytes exceeds the {max_bytes}-byte limit")
+    check_size(value, max_bytes)
     tx = codec("PosTransaction").decode(value)  # raises DecodeError, an InvalidRecord
     missing = [name for name in REQUIRED_TEXT if not tx[name] or not tx[name].strip()]
     if missing:

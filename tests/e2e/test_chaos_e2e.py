@@ -539,7 +539,9 @@ def test_every_process_of_the_running_pipeline_listens_only_on_the_configured_ho
 
 
 def _service_pid(p: Pipeline, svc: str) -> int:
-    return int(StackPaths.of(p.stack).pid(svc).read_text().strip())
+    proc = service_process(svc, StackPaths.of(p.stack))
+    assert proc is not None, f"{svc} is not running"
+    return proc.pid
 
 
 def _mails(p: Pipeline) -> Counter[str]:
