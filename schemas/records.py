@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Self, TypedDict
 
 from schemas.codec import codec
 from schemas.errors import InvalidRecord
+from schemas.identifiers import check
 
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
@@ -174,6 +175,8 @@ class ScoredTransaction(Record):
     indicators: dict[str, float] = field(default_factory=dict)
     model_score: int | None = None
     model_version: str | None = None
+    challenger_score: int | None = None
+    challenger_version: str | None = None
     face_status: str = "UNAVAILABLE"
     face_subject_id: str | None = None
     face_category: str | None = None
@@ -216,6 +219,8 @@ class ScoredTransactionAvro(TypedDict):
     indicators: dict[str, float]
     model_score: int | None
     model_version: str | None
+    challenger_score: int | None
+    challenger_version: str | None
     face_status: str
     face_subject_id: str | None
     face_category: str | None
@@ -417,6 +422,113 @@ class AuditEvent(Record):
     details: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class ModelDrift(Record):
+    """One event-time hour of the fraud model's inputs and scores against its training data (PSI);
+    made by ``jobs.model.drift.DriftMonitor``."""
+
+    AVRO_NAME: ClassVar[str] = "ModelDrift"
+    report_id: str
+    model_version: str
+    hour_start: int
+    rows: int
+    late_rows: int
+    score_psi: float
+    feature_psi: dict[str, float]
+    worst_psi: float
+    alert: bool
+    reference_rows: int
+    created_at: int
+    worst_feature: str | None = None
+
+
+class ModelDriftAvro(TypedDict):
+    """:class:`ModelDrift` as the dict the codec writes; built directly by the drift monitor, kept equal
+    to the dataclass and the Avro schema by a unit test."""
+
+    report_id: str
+    model_version: str
+    hour_start: int
+    rows: int
+    late_rows: int
+    score_psi: float
+    feature_psi: dict[str, float]
+    worst_feature: str | None
+    worst_psi: float
+    alert: bool
+    reference_rows: int
+    created_at: int
+
+
+LABEL_SOURCES: tuple[str, ...] = ("case", "chargeback", "cli")
+"""Where a field label comes from: the human-verification case workflow, a chargeback file, the CLI."""
+FRAUD, LEGITIMATE = 1, 0
+"""The two verdicts a :class:`Label` carries (as ``PosTransaction.label``)."""
+MAX_LABEL_TEXT = 1024
+"""Most UTF-8 bytes of a label's ``decided_by`` and ``reason`` (longer text is cut, saying so)."""
+_MAX_DECIDED_AT = 4_102_444_800_000
+"""2100-01-01T00:00:00Z: a later verdict time is a typo."""
+
+
+@dataclass(frozen=True, slots=True)
+class Label(Record):
+    """A confirmed fraud / legitimate verdict on one transaction; build one with :func:`make_label`."""
+
+    AVRO_NAME: ClassVar[str] = "Label"
+    label_id: str
+    transaction_id: str
+    label: int
+    source: str
+    decided_at: int
+    decided_by: str | None = None
+    reason: str | None = None
+    case_id: str | None = None
+
+
+def label_id(transaction_id: str, source: str, decided_at: int) -> str:
+    """A verdict's id: the same transaction, source and time give the same id (re-publishing repeats)."""
+    return f"{source}:{decided_at}:{transaction_id}"
+
+
+def make_label(
+    *,
+    transaction_id: object,
+    label: object,
+    source: str,
+    decided_at: int,
+    decided_by: str | None = None,
+    reason: str | None = None,
+    case_id: object = None,
+) -> Label:
+    """A validated :class:`Label` with its deterministic id; :class:`InvalidRecord` says what is wrong.
+
+    Transaction and case ids must be plain ids (``invalid_id``), the label 1 or 0, the source one of
+    :data:`LABEL_SOURCES` and ``decided_at`` between 1970 and 2100 (``invalid``); empty text is None
+    and long text is cut to :data:`MAX_LABEL_TEXT` bytes."""
+    tx = check(transaction_id, "transaction_id")
+    if isinstance(label, bool) or not isinstance(label, int) or label not in (FRAUD, LEGITIMATE):
+        raise InvalidRecord("invalid", "label must be 1 (fraud) or 0 (legitimate)")
+    if source not in LABEL_SOURCES:
+        raise InvalidRecord("invalid", f"source must be one of {', '.join(LABEL_SOURCES)}")
+    if isinstance(decided_at, bool) or not isinstance(decided_at, int) or not 0 <= decided_at < _MAX_DECIDED_AT:
+        raise InvalidRecord("invalid", "decided_at must be epoch milliseconds between 1970 and 2100")
+    return Label(
+        label_id=label_id(tx, source, decided_at),
+        transaction_id=tx,
+        label=label,
+        source=source,
+        decided_at=decided_at,
+        decided_by=_label_text(decided_by),
+        reason=_label_text(reason),
+        case_id=None if case_id is None or case_id == "" else check(case_id, "case_id"),
+    )
+
+
+def _label_text(text: str | None) -> str | None:
+    text = (text or "").strip()
+    return _cap_text(text, MAX_LABEL_TEXT) if text else None
+
+
 TOP_LEVEL_RECORDS: tuple[type[Record], ...] = (
     PosTransaction,
     CameraEvent,
@@ -428,4 +540,6 @@ TOP_LEVEL_RECORDS: tuple[type[Record], ...] = (
     DeadLetter,
     AuditEvent,
     RuleSetUpdate,
+    Label,
+    ModelDrift,
 )

@@ -78,6 +78,29 @@ DEAD_LETTERS = TopicSpec(
 """Its retention is a setting (``KafkaSettings.dead_letter_retention_days``): the bad inputs' bytes hold
 names, e-mails and addresses."""
 
+LABELS = TopicSpec(
+    "labels",
+    "Label",
+    key="transaction_id (the last verdict published for a transaction is in force; null value = withdrawn)",
+    config={
+        "cleanup.policy": "compact",
+        "min.compaction.lag.ms": "0",
+        "delete.retention.ms": str(30 * DAY_MS),
+    },
+)
+"""Confirmed fraud / legitimate verdicts from the field (``producers.labels``), read by the model's ``train``.
+Compacted, never deleted by age: a verdict stays until a later one for the same transaction replaces it; a
+withdrawal (tombstone) is kept 30 days so that a reader that was away meanwhile still sees it."""
+
+MODEL_DRIFT = TopicSpec(
+    "model_drift",
+    "ModelDrift",
+    key="report_id (drift:<model_version>:<hour_start>; a re-emitted report overwrites)",
+    partitions=1,
+    config={"retention.ms": str(90 * DAY_MS)},
+)
+"""Hourly population stability of the fraud model's features and score against its training data."""
+
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     TRANSACTIONS,
     CAMERA_EVENTS,
@@ -89,4 +112,6 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     DEAD_LETTERS,
     AUDIT,
     RULES,
+    LABELS,
+    MODEL_DRIFT,
 )

@@ -39,6 +39,7 @@ TITLES: dict[str, str] = {
     "WATCHLIST_MATCH": "Watchlist match at a checkout",
     "SUSPECT_ENTERED": "Suspect entered the store",
     "VIP_ARRIVED": "VIP arrived",
+    "MODEL_DRIFT": "Fraud model drift",
 }
 
 

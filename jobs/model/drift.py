@@ -1,0 +1,461 @@
+"""Model drift: how far each event-time hour of the model's inputs and scores is from its training data.
+
+The figure is the **population stability index** (PSI) of a distribution binned as in training:
+``PSI = sum over bins of (a - e) * ln(a / e)``, with ``e`` the training proportion of a bin and ``a``
+the hour's. The usual reading: **< 0.1** stable, **0.1-0.25** a moderate shift worth a look, **> 0.25**
+a significant shift (the model now sees data unlike what it learnt from; its scores, and the
+false-positive rates the 0-1000 calibration promises, no longer hold). For small differences PSI is
+about chi-square / rows, so an hour of ``n`` rows and ``k`` bins shows ~``(k - 1) / n`` from sampling
+alone: hours below a minimum of rows never alert.
+
+Pieces, pure numpy (the job wires them; no Kafka, no Flink):
+
+* :func:`reference_profile` — at training time, per feature: bin edges at the training rows'
+  quantiles (numeric) or the most frequent codes (categorical, plus "other"), missing values (NaN)
+  in a bin of their own, and the expected proportion of every bin; the same for the 0-1000 score.
+  JSON-able: ``train`` stores it in the artifact's ``model.json``.
+* :class:`DriftMonitor` — in the scoring job: bins every scored batch into counters of its event-time
+  hour (vectorised: one comparison per bin edge across all columns, one ``bincount`` per batch), closes
+  an hour once the event time has moved past it, and returns one ``ModelDrift`` report per closed hour.
+* :func:`drift_alert` — the ``MODEL_DRIFT`` alert of a report whose PSI crossed the setting.
+
+Features that are functions of the event time itself (:data:`TIME_FEATURES`: hour of day, weekday)
+are left out: within one hour they are constant, so their hourly PSI is large by construction.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from infra.clock import now_ms as wall_now_ms
+from schemas.records import AlertAvro, ModelDriftAvro
+
+ModelDriftRecord = ModelDriftAvro
+"""A drift report as the dict the ``ModelDrift`` codec writes (topic ``model_drift``, key ``report_id``)."""
+
+HOUR_MS = 3_600_000
+PROFILE_VERSION = 1
+SCORE = "score"
+"""The name the score goes by in a report's reasons and an alert's summary."""
+TIME_FEATURES: tuple[str, ...] = ("hour_utc", "day_of_week", "hour", "hour_local", "weekday")
+"""Features left out of a profile by default: constant within an hour, so hourly PSI means nothing."""
+MISSING, OTHER = 0, 1
+"""Bin 0 of every column holds missing values (NaN); bin 1 of a categorical one its rare codes."""
+
+_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._:@+-]")
+
+
+# --------------------------------------------------------------------------------------------------
+# PSI and the training reference
+
+
+def psi(expected: Sequence[float] | np.ndarray, actual_counts: Sequence[int] | np.ndarray, eps: float = 1e-4) -> float:
+    """Population stability index of observed bin counts against the expected bin proportions.
+
+    ``sum((a - e) * ln(a / e))`` with ``a`` the observed proportions; both sides are floored at ``eps``
+    so an empty bin on either side gives a large but finite term. 0 for identical distributions and
+    for no observations; < 0.1 stable, 0.1-0.25 moderate, > 0.25 significant.
+    """
+    e = np.asarray(expected, dtype=np.float64)
+    counts = np.asarray(actual_counts, dtype=np.float64)
+    if e.shape != counts.shape:
+        raise ValueError(f"expected {e.shape[0]} bins, got {counts.shape[0]} counts")
+    total = counts.sum()
+    if total <= 0:
+        return 0.0
+    a = np.maximum(counts / total, eps)
+    e = np.maximum(e, eps)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def _proportions(counts: np.ndarray, rows: int) -> list[float]:
+    return [float(c) / rows for c in counts] if rows else [0.0] * len(counts)
+
+
+def _numeric_column(values: np.ndarray, bins: int) -> dict[str, Any]:
+    finite = values[np.isfinite(values)]
+    quantiles = np.linspace(0.0, 1.0, bins + 1)[1:-1]
+    edges = np.unique(np.quantile(finite, quantiles)) if finite.size else np.empty(0)
+    column: dict[str, Any] = {"kind": "numeric", "edges": [float(v) for v in edges]}
+    counts = np.bincount(_bin_numeric(values, edges), minlength=len(edges) + 2)
+    column["expected"] = _proportions(counts, len(values))
+    return column
+
+
+def _categorical_column(values: np.ndarray, bins: int) -> dict[str, Any]:
+    present = values[~np.isnan(values)]
+    codes, counts = np.unique(present, return_counts=True)
+    top = np.sort(codes[np.lexsort((codes, -counts))][:bins])  # most frequent first, ties by code
+    column: dict[str, Any] = {"kind": "categorical", "values": [float(v) for v in top]}
+    binned = np.bincount(_bin_categorical(values, top), minlength=len(top) + 2)
+    column["expected"] = _proportions(binned, len(values))
+    return column
+
+
+def _bin_numeric(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Bin of each value: 0 = NaN, then 1 + the interval of ``edges`` (``v < edges[0]`` is 1)."""
+    idx = np.searchsorted(edges, values, side="right") + 1
+    idx[np.isnan(values)] = MISSING
+    return idx
+
+
+def _bin_categorical(values: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Bin of each value: 0 = NaN, 1 = a code not among ``codes`` (sorted), 2 + its position otherwise."""
+    if codes.size == 0:
+        return np.where(np.isnan(values), MISSING, OTHER)
+    pos = np.minimum(np.searchsorted(codes, values), codes.size - 1)
+    idx = np.where(codes[pos] == values, pos + 2, OTHER)
+    idx[np.isnan(values)] = MISSING
+    return idx
+
+
+def reference_profile(
+    feature_names: Sequence[str],
+    x: np.ndarray,
+    scores: Sequence[float] | np.ndarray,
+    bins: int = 10,
+    *,
+    categorical: Sequence[str] = (),
+    skip: Sequence[str] = TIME_FEATURES,
+) -> dict[str, Any]:
+    """The training data's distributions, for :class:`DriftMonitor` (JSON-able, for ``model.json``).
+
+    ``x`` holds the training rows in ``feature_names`` order and ``scores`` their 0-1000 scores (best
+    out-of-fold ones: a boosted model's scores on its own training rows are sharper than on new data).
+    A numeric feature gets up to ``bins`` quantile bins (fewer where values repeat); one named in
+    ``categorical`` (hashed codes) gets its ``bins`` most frequent codes plus "other"; both get a bin
+    for NaN. Features named in ``skip`` are left out.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    names = list(feature_names)
+    if x.ndim != 2 or x.shape[1] != len(names):
+        raise ValueError(f"x must be rows x {len(names)} features, got shape {x.shape}")
+    if x.shape[0] == 0:
+        raise ValueError("a reference profile needs training rows")
+    if bins < 1:
+        raise ValueError("bins must be >= 1")
+    score_values = np.asarray(scores, dtype=np.float64)
+    if score_values.shape != (x.shape[0],):
+        raise ValueError(f"one score per row: {x.shape[0]} rows, {score_values.shape} scores")
+    cats, skipped = set(categorical), set(skip)
+    features: dict[str, dict[str, Any]] = {}
+    for j, name in enumerate(names):
+        if name in skipped:
+            continue
+        column = _categorical_column(x[:, j], bins) if name in cats else _numeric_column(x[:, j], bins)
+        features[name] = column
+    return {
+        "version": PROFILE_VERSION,
+        "bins": bins,
+        "rows": int(x.shape[0]),
+        "feature_names": names,
+        "features": features,
+        SCORE: _numeric_column(score_values, bins),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# The monitor
+
+
+class _Hour:
+    """Counters of one open event-time hour: every column's bins side by side, then the score's."""
+
+    __slots__ = ("counts", "rows", "start")
+
+    def __init__(self, start: int, size: int) -> None:
+        self.start = start
+        self.rows = 0
+        self.counts = np.zeros(size, dtype=np.int64)
+
+
+class _Column:
+    __slots__ = ("categorical", "cuts", "expected", "index", "name", "offset", "size")
+
+    def __init__(self, name: str, index: int, spec: dict[str, Any], offset: int) -> None:
+        self.name, self.index, self.offset = name, index, offset
+        self.categorical = spec.get("kind") == "categorical"
+        self.cuts = np.asarray(spec["values"] if self.categorical else spec["edges"], dtype=np.float64)
+        self.expected = np.asarray(spec["expected"], dtype=np.float64)
+        self.size = len(self.cuts) + 2
+        if len(self.expected) != self.size:
+            raise ValueError(f"reference of {name}: {len(self.expected)} proportions for {self.size} bins")
+
+
+class _Binner:
+    """Bins of every column of a batch at once: one comparison per edge (or code) across all numeric
+    (categorical) columns, instead of a ``searchsorted`` per strided column (3x slower on ~250-row batches).
+
+    Numeric: ``1 + #(edges <= v)`` (``searchsorted(side="right")``), edges padded with +inf; categorical:
+    ``2 +`` the position of the matching code, else 1, codes padded with NaN (equal to nothing); NaN: 0.
+    Each bin comes out shifted by its column's offset in the hour's counters."""
+
+    def __init__(self, columns: Sequence[_Column]) -> None:
+        numeric = [c for c in columns if not c.categorical]
+        categorical = [c for c in columns if c.categorical]
+        self.num_index = np.array([c.index for c in numeric], dtype=np.intp)
+        self.num_edges = self._padded([c.cuts for c in numeric], math.inf)
+        self.num_top = np.array([len(c.cuts) for c in numeric], dtype=np.int64)
+        self.num_offset = np.array([c.offset + 1 for c in numeric], dtype=np.int64)
+        self.cat_index = np.array([c.index for c in categorical], dtype=np.intp)
+        self.cat_codes = self._padded([c.cuts for c in categorical], math.nan)
+        self.cat_offset = np.array([c.offset for c in categorical], dtype=np.int64)
+
+    @staticmethod
+    def _padded(rows: list[np.ndarray], fill: float) -> np.ndarray:
+        """One row per column, one column per edge/code position: ``edges[k]`` of every column at once."""
+        width = max((len(r) for r in rows), default=0)
+        out = np.full((width, len(rows)), fill)
+        for j, r in enumerate(rows):
+            out[: len(r), j] = r
+        return out
+
+    def bins(self, x: np.ndarray) -> list[np.ndarray]:
+        parts = []
+        if self.num_index.size:
+            values = x[:, self.num_index]
+            above = np.count_nonzero(values >= self.num_edges[:, None, :], axis=0)
+            idx = np.minimum(above, self.num_top) + self.num_offset  # +inf also passes the padding
+            np.putmask(idx, np.isnan(values), self.num_offset - 1)
+            parts.append(idx)
+        if self.cat_index.size:
+            values = x[:, self.cat_index]
+            idx = np.full(values.shape, OTHER, dtype=np.int64)
+            for k, codes in enumerate(self.cat_codes):
+                np.putmask(idx, values == codes, k + 2)
+            idx[np.isnan(values)] = MISSING
+            parts.append(idx + self.cat_offset)
+        return parts
+
+
+class DriftMonitor:
+    """Hourly feature and score distributions of the scored transactions, and their PSI reports.
+
+    Each row counts in the hour of its event time (``floor(event_time / 1 h)``). An hour is closed, and
+    its report returned, once the newest event time seen is ``grace_ms`` past its end (0: as soon as a
+    row of a later hour arrives); so at most two hours are open. A row for an hour already closed is
+    not counted in any distribution: it is added to the ``late_rows`` of the next report.
+
+    Not thread-safe; one per scoring operator. Parallel scoring subtasks each see only their keys:
+    with job parallelism above 1, give each its own ``model_version`` label or merge the reports.
+    """
+
+    def __init__(
+        self,
+        reference: dict[str, Any],
+        model_version: str,
+        *,
+        psi_alert: float,
+        min_rows: int,
+        grace_ms: int = 0,
+        now_ms: Callable[[], int] = wall_now_ms,
+    ) -> None:
+        if not 0 <= grace_ms < HOUR_MS:
+            raise ValueError("grace_ms must be at least 0 and under an hour")
+        self.model_version = model_version
+        self.psi_alert, self.min_rows, self.grace_ms = psi_alert, min_rows, grace_ms
+        self.reference_rows = int(reference.get("rows", 0))
+        self._now_ms = now_ms
+        names = list(reference.get("feature_names") or reference["features"])
+        position = {name: j for j, name in enumerate(names)}
+        self.width = len(names)
+        self._columns: list[_Column] = []
+        offset = 0
+        for name, spec in reference["features"].items():
+            column = _Column(name, position[name], spec, offset)
+            self._columns.append(column)
+            offset += column.size
+        self._score = _Column(SCORE, -1, reference[SCORE], offset)
+        self._size = offset + self._score.size
+        self._binner = _Binner(self._columns)
+        self._open: dict[int, _Hour] = {}
+        self._watermark: int | None = None
+        """Newest event time seen less the grace: every hour ending at or before it is closed."""
+        self._late = 0
+
+    @property
+    def open_hours(self) -> list[int]:
+        """Start (epoch ms) of each open hour, oldest first."""
+        return sorted(h * HOUR_MS for h in self._open)
+
+    def observe(
+        self, event_times_ms: Sequence[int] | np.ndarray, x: np.ndarray, scores: Sequence[int | None] | np.ndarray
+    ) -> list[ModelDriftRecord]:
+        """Count a scored batch (rows of ``x`` in the reference's feature order, ``None`` = no score);
+        the reports of the hours it closes, oldest first."""
+        times = np.asarray(event_times_ms, dtype=np.int64)
+        n = times.shape[0]
+        if n == 0:
+            return []
+        x = np.asarray(x, dtype=np.float64)
+        score_values = np.asarray(scores, dtype=np.float64)
+        if x.shape != (n, self.width) or score_values.shape != (n,):
+            raise ValueError(f"{n} event times need {n} x {self.width} features and {n} scores")
+        hours = times // HOUR_MS
+        if self._watermark is not None:
+            late = (hours + 1) * HOUR_MS <= self._watermark
+            n_late = int(np.count_nonzero(late))
+            if n_late:
+                self._late += n_late
+                if n_late == n:
+                    return []
+                keep = ~late
+                times, hours, x, score_values = times[keep], hours[keep], x[keep], score_values[keep]
+        self._count(hours, x, score_values)
+        newest = int(times.max()) - self.grace_ms
+        watermark = self._watermark = newest if self._watermark is None else max(self._watermark, newest)
+        return self._close(lambda hour: (hour + 1) * HOUR_MS <= watermark)
+
+    def flush(self) -> list[ModelDriftRecord]:
+        """Close every open hour (shutdown, tests); later rows for them count as late."""
+        if self._open:
+            last_end = (max(self._open) + 1) * HOUR_MS
+            self._watermark = last_end if self._watermark is None else max(self._watermark, last_end)
+        return self._close(lambda hour: True)
+
+    def _count(self, hours: np.ndarray, x: np.ndarray, scores: np.ndarray) -> None:
+        score_bins = _bin_numeric(scores, self._score.cuts) + self._score.offset
+        bins = np.column_stack([*self._binner.bins(x), score_bins])
+        first, last = int(hours.min()), int(hours.max())
+        if first == last:  # the usual batch: one hour
+            self._hour(first).counts += np.bincount(bins.ravel(), minlength=self._size)
+            self._hour(first).rows += x.shape[0]
+            return
+        distinct, slot = np.unique(hours, return_inverse=True)
+        flat = (slot.reshape(-1, 1) * self._size + bins).ravel()
+        per_hour = np.bincount(flat, minlength=len(distinct) * self._size).reshape(len(distinct), self._size)
+        rows = np.bincount(slot, minlength=len(distinct))
+        for k, hour in enumerate(distinct.tolist()):
+            opened = self._hour(hour)
+            opened.counts += per_hour[k]
+            opened.rows += int(rows[k])
+
+    def _hour(self, hour: int) -> _Hour:
+        opened = self._open.get(hour)
+        if opened is None:
+            opened = self._open[hour] = _Hour(hour * HOUR_MS, self._size)
+        return opened
+
+    def _close(self, due: Callable[[int], bool]) -> list[ModelDriftRecord]:
+        reports = []
+        for hour in sorted(self._open):
+            if due(hour):
+                reports.append(self._report(self._open.pop(hour)))
+        return reports
+
+    def _report(self, hour: _Hour) -> ModelDriftRecord:
+        counts = hour.counts
+        feature_psi = {c.name: round(psi(c.expected, counts[c.offset : c.offset + c.size]), 6) for c in self._columns}
+        score_psi = round(psi(self._score.expected, counts[self._score.offset :]), 6)
+        worst = max(feature_psi, key=lambda name: feature_psi[name], default=None)
+        worst_psi = feature_psi[worst] if worst is not None else 0.0
+        late, self._late = self._late, 0
+        return {
+            "report_id": drift_id(self.model_version, hour.start),
+            "model_version": self.model_version,
+            "hour_start": hour.start,
+            "rows": hour.rows,
+            "late_rows": late,
+            "score_psi": score_psi,
+            "feature_psi": feature_psi,
+            "worst_feature": worst,
+            "worst_psi": worst_psi,
+            "alert": hour.rows >= self.min_rows and max(score_psi, worst_psi) >= self.psi_alert,
+            "reference_rows": self.reference_rows,
+            "created_at": self._now_ms(),
+        }
+
+
+def drift_id(model_version: str, hour_start: int) -> str:
+    """``drift:<model_version>:<hour_start ms>``: the report's key and its alert's id (a valid id, at most
+    128 characters, the same for the same hour however often it is made)."""
+    return f"drift:{_ID_UNSAFE.sub('_', model_version)[:100]}:{hour_start}"
+
+
+# --------------------------------------------------------------------------------------------------
+# The alert
+
+
+def drifting(report: ModelDriftRecord, threshold: float, limit: int = 5) -> list[tuple[str, float]]:
+    """``(name, PSI)`` of the score and the features at or above ``threshold``, highest first."""
+    found = [(name, value) for name, value in report["feature_psi"].items() if value >= threshold]
+    if report["score_psi"] >= threshold:
+        found.append((SCORE, report["score_psi"]))
+    found.sort(key=lambda item: (-item[1], item[0]))
+    return found[:limit]
+
+
+def drift_alert(report: ModelDriftRecord, psi_alert: float = 0.25) -> AlertAvro:
+    """The ``MODEL_DRIFT`` alert of a report (``alert`` true): id ``drift:<model_version>:<hour_start>``,
+    severity ``warning``, store ``all``, event time the hour's start; its reasons are the names (``score``
+    and features) whose PSI reached ``psi_alert`` (the setting), highest first, and its summary gives the
+    score's PSI and the worst features'."""
+    names = drifting(report, psi_alert) or drifting(report, 0.0, limit=3)
+    features = [(name, value) for name, value in names if name != SCORE]
+    if not features and report["worst_feature"] is not None:
+        features = [(report["worst_feature"], report["worst_psi"])]
+    worst = ", ".join(f"{name} {value:.2f}" for name, value in features) or "none"
+    hour = datetime.fromtimestamp(report["hour_start"] / 1000, tz=UTC).strftime("%Y-%m-%d %H:00 UTC")
+    return {
+        "alert_id": drift_id(report["model_version"], report["hour_start"]),
+        "kind": "MODEL_DRIFT",
+        "severity": "warning",
+        "event_time": report["hour_start"],
+        "store_id": "all",
+        "lane_id": None,
+        "transaction_id": None,
+        "amount": None,
+        "currency": None,
+        "outcome": None,
+        "risk_score": None,
+        "reasons": [name for name, _ in names],
+        "subject_id": None,
+        "category": None,
+        "similarity": None,
+        "snapshot_ref": None,
+        "summary": (
+            f"Fraud model {report['model_version']} drifts from its training data in the hour from {hour} "
+            f"({report['rows']} transactions): score PSI {report['score_psi']:.2f}; worst features {worst} "
+            f"(PSI > 0.25 is a significant shift)"
+        ),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Micro-benchmark (``make bench`` calls it)
+
+
+def bench_observe(rows: int = 100_000, batch: int = 250, features: int = 40, seed: int = 0) -> float:
+    """Rows per second :meth:`DriftMonitor.observe` takes in batches of ``batch`` rows of ``features``
+    columns (a quarter of them categorical, 5 % NaN), event times 0.1 s apart (so it closes hours too)."""
+    rng = np.random.default_rng(seed)
+    names = [f"f{j}" for j in range(features)]
+    categorical = names[: features // 4]
+
+    def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.normal(size=(n, features))
+        x[:, : features // 4] = rng.integers(0, 50, size=(n, features // 4))
+        x[rng.random(size=x.shape) < 0.05] = math.nan
+        return x, rng.integers(0, 1001, size=n).astype(np.float64)
+
+    reference = reference_profile(names, *sample(20_000), categorical=categorical)
+    monitor = DriftMonitor(reference, "bench", psi_alert=0.25, min_rows=200, now_ms=lambda: 0)
+    x, scores = sample(rows)
+    times = 1_700_000_000_000 + np.arange(rows, dtype=np.int64) * 100
+    batches = [(times[i : i + batch], x[i : i + batch], scores[i : i + batch]) for i in range(0, rows, batch)]
+    start = time.perf_counter()
+    for t, xb, sb in batches:
+        monitor.observe(t, xb, sb)
+    monitor.flush()
+    return rows / (time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    print(f"DriftMonitor.observe: {bench_observe():,.0f} rows/s")

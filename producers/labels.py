@@ -1,0 +1,465 @@
+"""``python -m producers.labels``: publish confirmed fraud / legitimate verdicts to the ``labels`` topic.
+
+A verdict from the field -- an analyst closing a case, a chargeback from the card issuer, a person at the
+command line -- becomes a :class:`~schemas.records.Label` keyed by its transaction id on the compacted
+``labels`` topic, where the last verdict published for a transaction is the one in force (a ``withdraw``
+tombstone removes it). The model's ``train`` reads the topic (``jobs.model.labels``) and joins the
+verdicts to the transaction history, so the next model learns from what people confirmed.
+
+``import`` takes a CSV of chargebacks in one of two shapes (the header decides):
+
+- simple: ``transaction_id,label`` and optionally ``reason``, ``decided_at`` (ISO-8601 or epoch ms),
+  ``decided_by``, ``case_id``; ``label`` is fraud / legit (legitimate) / 1 / 0;
+- Amazon Fraud Detector's: ``EVENT_ID`` is the transaction, ``EVENT_LABEL`` the verdict; rows without a
+  label are skipped (other columns are ignored).
+
+Every row is checked first; a bad row (an id that is not a plain id, no verdict, a time in the future,
+two different verdicts for one transaction in the file) is reported with its line and reason and not
+published, the others are (``--strict``: nothing is published when any row is bad; ``--dry-run``:
+nothing at all). Rows repeating an earlier row's verdict are counted once.
+
+Delivery: an idempotent producer (``acks=all``), keys partitioned like the Java client (murmur2), so every
+producer of the topic -- this CLI, the case workflow -- puts one transaction's verdicts in one partition
+and compaction keeps its latest. Each verdict's ``label_id`` is ``<source>:<decided_at>:<transaction>``,
+so publishing the same verdict again repeats it rather than adding one; give ``--decided-at`` to make a
+re-import of a file without a ``decided_at`` column produce the very same records.
+
+Run: ``python -m producers.labels publish TX fraud|legit [--by NAME] [--reason TEXT] [--case ID]``,
+``python -m producers.labels import CHARGEBACKS.csv [--source chargeback] [--dry-run] [--strict]``,
+``python -m producers.labels withdraw TX`` (``make labels ARGS="..."``).
+"""
+
+from __future__ import annotations
+
+import csv
+import getpass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Protocol, TextIO
+
+import typer
+from confluent_kafka import KafkaError
+from rich.console import Console
+
+from infra import clock
+from infra.clients import kafka as kafka_clients
+from infra.clients.topic_replay import RangeError, parse_time_ms
+from infra.settings import Settings, get_settings
+from schemas.errors import CheckoutGuardError, InvalidRecord
+from schemas.identifiers import check
+from schemas.records import FRAUD, LABEL_SOURCES, LEGITIMATE, Label, make_label
+from schemas.topics import LABELS
+
+console = Console()
+errors = Console(stderr=True)
+
+VERDICTS = {"fraud": FRAUD, "1": FRAUD, "legit": LEGITIMATE, "legitimate": LEGITIMATE, "0": LEGITIMATE}
+"""What a verdict may be written as (any case)."""
+MAX_FUTURE_MS = 5 * 60 * 1000
+"""A verdict time further ahead of now than this is a typo (it would look newer than any real one)."""
+SIMPLE = "simple"
+FRAUD_DETECTOR = "fraud-detector"
+SHOWN_BAD_ROWS = 50
+"""Bad rows listed one by one; the rest are counted."""
+
+
+class LabelFileError(CheckoutGuardError, ValueError):
+    """The file as a whole cannot be imported (empty, no usable header)."""
+
+
+# ---------------------------------------------------------------------------- pure: verdicts from rows
+
+
+def parse_verdict(text: object) -> int:
+    """``fraud`` / ``1`` -> 1, ``legit`` / ``legitimate`` / ``0`` -> 0 (any case); else ``InvalidRecord``."""
+    verdict = VERDICTS.get(str(text).strip().lower()) if text is not None else None
+    if verdict is None:
+        raise InvalidRecord("invalid", "the verdict is not fraud, legit, legitimate, 1 or 0")
+    return verdict
+
+
+def parse_decided_at(text: str, now_ms: int) -> int:
+    """A verdict time (ISO-8601, epoch ms or ``now``) that is not in the future; else ``InvalidRecord``."""
+    try:
+        moment = parse_time_ms(text, now_ms)
+    except RangeError:
+        raise InvalidRecord("invalid_timestamp", "decided_at is not ISO-8601 or epoch milliseconds") from None
+    if moment > now_ms + MAX_FUTURE_MS:
+        raise InvalidRecord("invalid_timestamp", "decided_at is in the future")
+    return moment
+
+
+@dataclass(frozen=True)
+class BadRow:
+    line: int
+    """Physical line (1-based) where the row starts."""
+    reason: str
+
+
+@dataclass
+class LabelImport:
+    """What a label file holds: the verdicts to publish and what was left out, and why."""
+
+    format: str
+    labels: list[Label] = field(default_factory=list)
+    bad: list[BadRow] = field(default_factory=list)
+    unlabelled: int = 0
+    """Fraud Detector rows without an ``EVENT_LABEL`` (not verdicts, skipped)."""
+    duplicates: int = 0
+    """Rows repeating an earlier row's verdict for the same transaction (published once)."""
+    rows: int = 0
+
+    @property
+    def fraud(self) -> int:
+        return sum(1 for label in self.labels if label.label == FRAUD)
+
+    @property
+    def legit(self) -> int:
+        return len(self.labels) - self.fraud
+
+
+def detect_format(header: Sequence[str]) -> str:
+    """:data:`SIMPLE` (``transaction_id``, ``label``) or :data:`FRAUD_DETECTOR` (``EVENT_ID``, ``EVENT_LABEL``)."""
+    names = {name.strip().lower() for name in header}
+    if {"transaction_id", "label"} <= names:
+        return SIMPLE
+    if {"event_id", "event_label"} <= names:
+        return FRAUD_DETECTOR
+    raise LabelFileError(
+        "the header needs the columns transaction_id,label (optionally reason, decided_at, decided_by, case_id) "
+        "or Fraud Detector's EVENT_ID,EVENT_LABEL"
+    )
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What a row does not say: the source, the verdict time and who decided, a reason."""
+
+    source: str
+    decided_at: int
+    now_ms: int
+    decided_by: str | None = None
+    reason: str | None = None
+
+
+def labels_from_rows(
+    header: Sequence[str], rows: Iterable[tuple[int, Sequence[str] | InvalidRecord]], defaults: Defaults
+) -> LabelImport:
+    """The verdicts of a label file's rows (``(line, values)``; an unreadable row as its ``InvalidRecord``).
+
+    Raises :class:`LabelFileError` for a header of neither format; every row problem is a :class:`BadRow`.
+    A transaction given two different verdicts in the file is bad on each of its lines."""
+    fmt = detect_format(header)
+    columns = {name.strip().lower(): i for i, name in reversed(list(enumerate(header)))}
+    out = LabelImport(format=fmt)
+    seen: dict[str, list[tuple[int, Label]]] = {}
+    for line, values in rows:
+        out.rows += 1
+        try:
+            label = _row_label(fmt, columns, len(header), values, defaults)
+        except InvalidRecord as exc:
+            out.bad.append(BadRow(line, exc.reason))
+            continue
+        if label is None:
+            out.unlabelled += 1
+            continue
+        seen.setdefault(label.transaction_id, []).append((line, label))
+    for entries in seen.values():
+        if len({label.label for _, label in entries}) > 1:
+            lines = ", ".join(str(line) for line, _ in entries)
+            out.bad.extend(
+                BadRow(line, f"conflicting verdicts for this transaction on lines {lines}") for line, _ in entries
+            )
+            continue
+        out.labels.append(entries[0][1])
+        out.duplicates += len(entries) - 1
+    out.bad.sort(key=lambda bad: bad.line)
+    return out
+
+
+def _row_label(
+    fmt: str, columns: dict[str, int], width: int, values: Sequence[str] | InvalidRecord, defaults: Defaults
+) -> Label | None:
+    """One row's verdict (None: a Fraud Detector row without a label); ``InvalidRecord`` when it is bad."""
+    if isinstance(values, InvalidRecord):
+        raise values
+    if len(values) > width:
+        raise InvalidRecord("invalid", f"{len(values) - width} more field(s) than the header")
+
+    def cell(name: str) -> str | None:
+        i = columns.get(name)
+        text = values[i].strip() if i is not None and i < len(values) else ""
+        return text or None
+
+    tx_column, label_column = ("transaction_id", "label") if fmt == SIMPLE else ("event_id", "event_label")
+    transaction_id = cell(tx_column)
+    if transaction_id is None:
+        raise InvalidRecord("missing_field", f"{header_name(fmt, tx_column)} is empty")
+    check(transaction_id, header_name(fmt, tx_column))
+    verdict = cell(label_column)
+    if verdict is None:
+        if fmt == FRAUD_DETECTOR:
+            return None
+        raise InvalidRecord("missing_field", "label is empty")
+    decided_at_text = cell("decided_at") if fmt == SIMPLE else None
+    return make_label(
+        transaction_id=transaction_id,
+        label=parse_verdict(verdict),
+        source=defaults.source,
+        decided_at=defaults.decided_at
+        if decided_at_text is None
+        else parse_decided_at(decided_at_text, defaults.now_ms),
+        decided_by=(cell("decided_by") if fmt == SIMPLE else None) or defaults.decided_by,
+        reason=(cell("reason") if fmt == SIMPLE else None) or defaults.reason,
+        case_id=cell("case_id") if fmt == SIMPLE else None,
+    )
+
+
+def header_name(fmt: str, column: str) -> str:
+    """A column as the file's format spells it (Fraud Detector's are upper case)."""
+    return column.upper() if fmt == FRAUD_DETECTOR else column
+
+
+def read_label_csv(f: TextIO) -> tuple[list[str], list[tuple[int, list[str] | InvalidRecord]]]:
+    """The header and the data rows (``(line, values)``) of a CSV; blank lines are skipped and a row that
+    ``csv`` refuses is kept as its ``InvalidRecord``. :class:`LabelFileError` when there is no header."""
+    reader = csv.reader(f)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise LabelFileError("the file is empty") from None
+    except csv.Error as exc:
+        raise LabelFileError(f"the header cannot be read: {exc}") from None
+    rows: list[tuple[int, list[str] | InvalidRecord]] = []
+    while True:
+        start = reader.line_num + 1
+        try:
+            values = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            rows.append((start, InvalidRecord("invalid", f"the row cannot be read: {exc}")))
+            continue
+        if any(value.strip() for value in values):
+            rows.append((start, values))
+    return header, rows
+
+
+def labels_from_csv(f: TextIO, defaults: Defaults) -> LabelImport:
+    """:func:`read_label_csv` then :func:`labels_from_rows`."""
+    header, rows = read_label_csv(f)
+    return labels_from_rows(header, rows, defaults)
+
+
+# ---------------------------------------------------------------------------- Kafka
+
+
+class _Producer(Protocol):
+    def produce(self, topic: str, *args: Any, **kwargs: Any) -> None: ...
+    def poll(self, timeout: float) -> int: ...
+    def flush(self, timeout: float) -> int: ...
+
+
+@dataclass
+class PublishStats:
+    sent: int = 0
+    acked: int = 0
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and self.acked == self.sent
+
+
+def make_producer(settings: Settings) -> Any:
+    """Idempotent, ``acks=all``, keys partitioned as the Java client does (one transaction, one partition,
+    whichever client published)."""
+    return kafka_clients.producer(
+        settings, kafka_clients.RELIABLE, client_id="checkout-guard-labels", partitioner="murmur2_random"
+    )
+
+
+def publish_labels(
+    settings: Settings,
+    labels: Sequence[Label],
+    *,
+    withdraw: Sequence[str] = (),
+    producer: _Producer | None = None,
+    timeout_s: float = 60.0,
+) -> PublishStats:
+    """Produce each label keyed by its transaction id (and a tombstone for each id in ``withdraw``) to the
+    labels topic; wait for every acknowledgement."""
+    stats = PublishStats()
+
+    def delivered(err: KafkaError | None, _message: Any) -> None:
+        if err is None:
+            stats.acked += 1
+            return
+        stats.failed += 1
+        if len(stats.errors) < 5 and err.str() not in stats.errors:
+            stats.errors.append(err.str())
+
+    topic = LABELS.full_name(settings.kafka.topic_prefix)
+    producer = producer if producer is not None else make_producer(settings)
+    records: list[tuple[str, bytes | None]] = [(label.transaction_id, label.encode()) for label in labels]
+    records += [(check(tx, "transaction_id"), None) for tx in withdraw]
+    for key, value in records:
+        kafka_clients.produce(producer, topic, key.encode(), value, delivered)
+        stats.sent += 1
+        producer.poll(0)
+    unacked = producer.flush(timeout_s)
+    if unacked:
+        stats.failed += unacked
+        stats.errors.append(f"{unacked} not acknowledged within {timeout_s:.0f}s")
+    return stats
+
+
+# ---------------------------------------------------------------------------- CLI
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Publish confirmed fraud / legitimate verdicts for transactions to the labels topic.",
+)
+
+SourceOption = Annotated[str, typer.Option(help=f"Where the verdict comes from: {', '.join(LABEL_SOURCES)}.")]
+DecidedAtOption = Annotated[
+    str | None, typer.Option(help="When the verdict was reached (ISO-8601, epoch ms or now; default now).")
+]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    errors.print(message, style="red", markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _source(source: str) -> str:
+    if source not in LABEL_SOURCES:
+        raise _fail(f"--source must be one of {', '.join(LABEL_SOURCES)}")
+    return source
+
+
+def _decided_at(text: str | None, now_ms: int) -> int:
+    try:
+        return now_ms if text is None else parse_decided_at(text, now_ms)
+    except InvalidRecord as exc:
+        raise _fail(f"--decided-at: {exc.reason}") from None
+
+
+def cli_user() -> str | None:
+    """Who runs the command (the login name), as ``decided_by`` of a CLI verdict."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return None
+
+
+def _report(stats: PublishStats, topic: str) -> None:
+    console.print(
+        f"published {stats.acked:,} of {stats.sent:,} to {topic} ({stats.failed:,} failed)",
+        style="green" if stats.ok else "red",
+        markup=False,
+        highlight=False,
+    )
+    for error in stats.errors:
+        errors.print(f"delivery error: {error}", style="red", markup=False, highlight=False)
+
+
+@app.command("publish")
+def publish_command(
+    transaction_id: Annotated[str, typer.Argument(metavar="TX_ID", help="The transaction the verdict is about.")],
+    verdict: Annotated[str, typer.Argument(metavar="fraud|legit", help="fraud, legit (legitimate), 1 or 0.")],
+    by: Annotated[str | None, typer.Option(help="Who decided (default: your login name).")] = None,
+    reason: Annotated[str | None, typer.Option(help="Why, in a few words.")] = None,
+    case: Annotated[str | None, typer.Option(help="The case id the verdict closes.")] = None,
+    source: SourceOption = "cli",
+    decided_at: DecidedAtOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check and show the verdict; send nothing.")] = False,
+) -> None:
+    """Publish one verdict for one transaction."""
+    settings = get_settings()
+    now = clock.now_ms()
+    try:
+        label = make_label(
+            transaction_id=transaction_id,
+            label=parse_verdict(verdict),
+            source=_source(source),
+            decided_at=_decided_at(decided_at, now),
+            decided_by=by if by is not None else cli_user(),
+            reason=reason,
+            case_id=case,
+        )
+    except InvalidRecord as exc:
+        raise _fail(exc.reason) from None
+    word = "fraud" if label.label == FRAUD else "legitimate"
+    console.print(f"{label.transaction_id}: {word} ({label.label_id})", markup=False, highlight=False)
+    if dry_run:
+        raise typer.Exit(0)
+    stats = publish_labels(settings, [label])
+    _report(stats, LABELS.full_name(settings.kafka.topic_prefix))
+    raise typer.Exit(0 if stats.ok else 1)
+
+
+@app.command("withdraw")
+def withdraw_command(
+    transaction_ids: Annotated[list[str], typer.Argument(metavar="TX_ID...", help="Transactions to un-label.")],
+) -> None:
+    """Withdraw the verdicts on transactions (a tombstone each): training treats them as unlabelled again."""
+    settings = get_settings()
+    try:
+        ids = [check(tx, "transaction_id") for tx in transaction_ids]
+    except InvalidRecord as exc:
+        raise _fail(exc.reason) from None
+    stats = publish_labels(settings, [], withdraw=ids)
+    _report(stats, LABELS.full_name(settings.kafka.topic_prefix))
+    raise typer.Exit(0 if stats.ok else 1)
+
+
+@app.command("import")
+def import_command(
+    csv_path: Annotated[Path, typer.Argument(metavar="CSV", help="transaction_id,label[,...] or Fraud Detector CSV.")],
+    source: SourceOption = "chargeback",
+    by: Annotated[str | None, typer.Option(help="Who decided, for rows that do not say (e.g. the issuer).")] = None,
+    reason: Annotated[str | None, typer.Option(help="Reason for rows that do not give one.")] = None,
+    decided_at: DecidedAtOption = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Publish nothing when any row is bad.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the file and count; send nothing.")] = False,
+) -> None:
+    """Check every row of a chargeback / verdict CSV, report the bad ones, publish the others."""
+    settings = get_settings()
+    now = clock.now_ms()
+    defaults = Defaults(
+        source=_source(source), decided_at=_decided_at(decided_at, now), now_ms=now, decided_by=by, reason=reason
+    )
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig", errors="replace") as f:
+            found = labels_from_csv(f, defaults)
+    except OSError as exc:
+        raise _fail(f"{csv_path}: {exc.strerror or exc}") from None
+    except LabelFileError as exc:
+        raise _fail(f"{csv_path}: {exc}") from None
+    for bad in found.bad[:SHOWN_BAD_ROWS]:
+        errors.print(f"line {bad.line}: {bad.reason}", style="red", markup=False, highlight=False, soft_wrap=True)
+    if len(found.bad) > SHOWN_BAD_ROWS:
+        errors.print(f"... and {len(found.bad) - SHOWN_BAD_ROWS:,} more bad row(s)", style="red")
+    console.print(
+        f"{found.rows:,} row(s) in {csv_path.name} ({found.format}): {len(found.labels):,} verdict(s) "
+        f"({found.fraud:,} fraud, {found.legit:,} legit), {len(found.bad):,} bad, "
+        f"{found.unlabelled:,} unlabelled, {found.duplicates:,} duplicate(s)",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    if strict and found.bad:
+        raise _fail("--strict: bad rows, nothing published")
+    if dry_run or not found.labels:
+        raise typer.Exit(0)
+    stats = publish_labels(settings, found.labels)
+    _report(stats, LABELS.full_name(settings.kafka.topic_prefix))
+    raise typer.Exit(0 if stats.ok else 1)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,382 @@
+"""Model drift: PSI, the training reference, the hourly monitor, its reports and alerts, their schemas."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import fields
+from typing import Any
+
+import numpy as np
+import pytest
+from fastavro import schemaless_reader, schemaless_writer
+
+from infra.settings import AlertSettings, ModelSettings
+from jobs.model.drift import (
+    HOUR_MS,
+    DriftMonitor,
+    _bin_categorical,
+    _bin_numeric,
+    bench_observe,
+    drift_alert,
+    drift_id,
+    psi,
+    reference_profile,
+)
+from schemas.codec import MAGIC, codec, latest_versions, load_schemas
+from schemas.identifiers import check
+from schemas.records import Alert, AlertAvro, ModelDrift, ModelDriftAvro
+from schemas.topics import ALL_TOPICS, MODEL_DRIFT
+from sinks.alerts.message import describe
+
+NAMES = ["amount_log", "velocity", "hour_utc", "email_domain"]
+T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z, an hour start
+CREATED = 1_767_300_000_000
+
+
+def _rows(n: int, rng: np.random.Generator, shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Rows in NAMES order: a continuous amount, a count with 20 % missing, the hour, a hashed category."""
+    x = np.empty((n, len(NAMES)))
+    x[:, 0] = rng.normal(3.0 + shift, 1.0, n)
+    x[:, 1] = rng.poisson(2.0 + 4 * shift, n).astype(float)
+    x[rng.random(n) < 0.2, 1] = math.nan
+    x[:, 2] = rng.integers(0, 24, n)
+    x[:, 3] = rng.choice([101.0, 202.0, 303.0, math.nan], size=n, p=[0.5, 0.3, 0.1, 0.1])
+    scores = np.clip(rng.normal(300 + 300 * shift, 150, n), 0, 1000).round()
+    return x, scores
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, Any]:
+    x, scores = _rows(20_000, np.random.default_rng(1))
+    return reference_profile(NAMES, x, scores, bins=10, categorical=["email_domain"])
+
+
+def _monitor(reference: dict[str, Any], **kw: Any) -> DriftMonitor:
+    args: dict[str, Any] = {"psi_alert": 0.25, "min_rows": 200, "now_ms": lambda: CREATED}
+    return DriftMonitor(reference, "gbm-20260101-abcd1234", **{**args, **kw})
+
+
+def _times(n: int, hour: int = 0, within_ms: int = HOUR_MS) -> np.ndarray:
+    return T0 + hour * HOUR_MS + np.linspace(0, within_ms - 1, n).astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------------
+# PSI
+
+
+def test_psi_of_identical_distributions_is_zero_and_of_a_shifted_one_large() -> None:
+    expected = [0.1] * 10
+    assert psi(expected, [100] * 10) == pytest.approx(0.0, abs=1e-12)
+    assert psi(expected, [0] * 10) == 0.0  # nothing observed: nothing to say
+    moved = [0, 0, 0, 0, 0, 100, 200, 300, 200, 200]
+    assert psi(expected, moved) > 1.0
+    slight = [90, 110, 100, 100, 100, 100, 100, 100, 95, 105]
+    assert 0 < psi(expected, slight) < 0.01
+
+
+def test_psi_is_finite_for_empty_bins_on_either_side_and_checks_the_bin_count() -> None:
+    assert math.isfinite(psi([0.5, 0.5, 0.0], [0, 10, 10]))
+    assert psi([0.5, 0.5, 0.0], [0, 10, 10]) > psi([0.5, 0.5, 0.0], [5, 10, 5]) > 0.25
+    with pytest.raises(ValueError):
+        psi([0.5, 0.5], [1, 2, 3])
+
+
+# --------------------------------------------------------------------------------------------------
+# The training reference
+
+
+def test_reference_profile_is_json_and_a_monitor_from_its_round_trip_reports_the_same(
+    reference: dict[str, Any],
+) -> None:
+    text = json.dumps(reference, allow_nan=False)  # plain JSON: no NaN or infinity anywhere
+    again = json.loads(text)
+    assert again == reference and again["rows"] == 20_000 and again["bins"] == 10
+    x, scores = _rows(500, np.random.default_rng(2), shift=0.5)
+    times = _times(500)
+    first = _monitor(reference).observe(times, x, scores) + _monitor(reference).flush()
+    a, b = _monitor(reference), _monitor(again)
+    a.observe(times, x, scores)
+    b.observe(times, x, scores)
+    assert a.flush() == b.flush()
+    assert first == []  # nothing closed before the flush
+
+
+def test_reference_bins_quantiles_keep_nan_apart_and_leave_time_features_out(reference: dict[str, Any]) -> None:
+    assert set(reference["features"]) == {"amount_log", "velocity", "email_domain"}  # hour_utc: time feature
+    amount = reference["features"]["amount_log"]
+    assert amount["kind"] == "numeric" and len(amount["edges"]) == 9
+    assert amount["expected"][0] == 0.0  # no NaN amounts
+    assert all(p == pytest.approx(0.1, abs=0.01) for p in amount["expected"][1:-1])  # deciles
+    velocity = reference["features"]["velocity"]
+    assert velocity["expected"][0] == pytest.approx(0.2, abs=0.01)  # its own bin for missing values
+    assert sum(velocity["expected"]) == pytest.approx(1.0)
+    email = reference["features"]["email_domain"]
+    assert email["kind"] == "categorical" and email["values"] == [101.0, 202.0, 303.0]
+    # [missing, other, 101, 202, 303]
+    assert email["expected"] == pytest.approx([0.1, 0.0, 0.5, 0.3, 0.1], abs=0.01)
+    assert reference["score"]["kind"] == "numeric" and reference["score"]["expected"][0] == 0.0
+
+
+def test_a_feature_never_seen_in_training_and_bad_shapes() -> None:
+    x = np.full((50, 2), math.nan)
+    x[:, 0] = np.arange(50)
+    profile = reference_profile(["a", "never"], x, np.arange(50), bins=5)
+    assert profile["features"]["never"] == {"kind": "numeric", "edges": [], "expected": [1.0, 0.0]}
+    with pytest.raises(ValueError):
+        reference_profile(["a"], x, np.arange(50))
+    with pytest.raises(ValueError):
+        reference_profile(["a", "never"], x[:0], [])
+    with pytest.raises(ValueError):
+        reference_profile(["a", "never"], x, np.arange(10))
+
+
+# --------------------------------------------------------------------------------------------------
+# The monitor
+
+
+def test_the_same_distribution_is_stable_and_a_shifted_one_alerts(reference: dict[str, Any]) -> None:
+    rng = np.random.default_rng(3)
+    monitor = _monitor(reference)
+    x, scores = _rows(2000, rng)
+    assert monitor.observe(_times(2000, 0), x, scores) == []
+    x, scores = _rows(2000, rng, shift=1.0)
+    (steady,) = monitor.observe(_times(2000, 1), x, scores)
+    assert steady["rows"] == 2000 and steady["hour_start"] == T0 and not steady["alert"]
+    assert steady["score_psi"] < 0.05 and steady["worst_psi"] < 0.05
+    assert set(steady["feature_psi"]) == {"amount_log", "velocity", "email_domain"}
+    (shifted,) = monitor.flush()
+    assert shifted["hour_start"] == T0 + HOUR_MS and shifted["alert"]
+    assert shifted["score_psi"] > 0.25 and shifted["worst_psi"] > 0.25
+    assert shifted["worst_feature"] in {"amount_log", "velocity"}
+    assert shifted["feature_psi"]["email_domain"] < 0.05  # the category mix did not move
+    assert shifted["report_id"] == f"drift:gbm-20260101-abcd1234:{T0 + HOUR_MS}"
+    assert (shifted["reference_rows"], shifted["created_at"], shifted["late_rows"]) == (20_000, CREATED, 0)
+
+
+def test_no_alert_below_the_minimum_of_rows_or_below_the_threshold(reference: dict[str, Any]) -> None:
+    rng = np.random.default_rng(4)
+    x, scores = _rows(150, rng, shift=1.0)
+    few = _monitor(reference)
+    few.observe(_times(150), x, scores)
+    (report,) = few.flush()
+    assert report["score_psi"] > 0.25 and not report["alert"]  # 150 < min_rows
+    lax = _monitor(reference, min_rows=100, psi_alert=50.0)
+    lax.observe(_times(150), x, scores)
+    assert not lax.flush()[0]["alert"]  # enough rows, PSI under a (silly) threshold
+    strict = _monitor(reference, min_rows=100)
+    strict.observe(_times(150), x, scores)
+    assert strict.flush()[0]["alert"]
+
+
+def test_hours_close_in_order_when_a_later_hour_arrives(reference: dict[str, Any]) -> None:
+    rng = np.random.default_rng(5)
+    monitor = _monitor(reference)
+    x, s = _rows(40, rng)
+    # one batch spanning hours 0, 1 and 2 (out of order within it): 0 and 1 close, 2 stays open
+    times = np.concatenate([_times(10, 2), _times(20, 0), _times(10, 1)])
+    reports = monitor.observe(times, x, s)
+    assert [(r["hour_start"], r["rows"]) for r in reports] == [(T0, 20), (T0 + HOUR_MS, 10)]
+    assert monitor.open_hours == [T0 + 2 * HOUR_MS]
+    assert monitor.observe(_times(5, 2), x[:5], s[:5]) == []  # the same hour: nothing closes
+    (third,) = monitor.observe(_times(1, 5), x[:1], s[:1])  # a gap of hours: only what was open closes
+    assert (third["hour_start"], third["rows"]) == (T0 + 2 * HOUR_MS, 15)
+    assert [r["hour_start"] for r in monitor.flush()] == [T0 + 5 * HOUR_MS]
+    assert monitor.open_hours == [] and monitor.flush() == []
+
+
+def test_late_rows_are_counted_in_the_next_report_and_never_reopen_an_hour(reference: dict[str, Any]) -> None:
+    rng = np.random.default_rng(6)
+    monitor = _monitor(reference)
+    x, s = _rows(30, rng)
+    monitor.observe(_times(10, 0), x[:10], s[:10])
+    (first,) = monitor.observe(_times(10, 1), x[10:20], s[10:20])
+    assert first["late_rows"] == 0
+    assert monitor.observe(_times(7, 0), x[:7], s[:7]) == []  # hour 0 is closed: late, all of them
+    assert monitor.open_hours == [T0 + HOUR_MS]
+    mixed = np.concatenate([_times(3, 0), _times(4, 1)])  # 3 late, 4 in the open hour
+    assert monitor.observe(mixed, x[:7], s[:7]) == []
+    (second,) = monitor.flush()
+    assert (second["hour_start"], second["rows"], second["late_rows"]) == (T0 + HOUR_MS, 14, 10)
+    monitor.observe(_times(2, 1), x[:2], s[:2])  # after a flush, too
+    monitor.observe(_times(1, 3), x[:1], s[:1])
+    (third,) = monitor.flush()
+    assert (third["hour_start"], third["rows"], third["late_rows"]) == (T0 + 3 * HOUR_MS, 1, 2)
+
+
+def test_grace_keeps_an_hour_open_for_stragglers_and_open_hours_stay_bounded(reference: dict[str, Any]) -> None:
+    rng = np.random.default_rng(7)
+    monitor = _monitor(reference, grace_ms=300_000)
+    x, s = _rows(200, rng)
+    assert monitor.observe(_times(10, 0), x[:10], s[:10]) == []
+    assert monitor.observe(_times(5, 1, within_ms=60_000), x[:5], s[:5]) == []  # 1 min into hour 1: in grace
+    assert monitor.observe(_times(3, 0), x[:3], s[:3]) == []  # a straggler of hour 0, still counted
+    (closed,) = monitor.observe(np.array([T0 + HOUR_MS + 300_000]), x[:1], s[:1])  # grace over
+    assert (closed["rows"], closed["late_rows"]) == (13, 0)
+    # a long disordered stream (events up to 4 min behind): never more than two hours open
+    times = T0 + np.arange(20_000) * 1_000 - rng.integers(0, 240_000, 20_000)
+    most_open, reports = 0, []
+    for i in range(0, len(times), 100):
+        batch = times[i : i + 100]
+        reports += monitor.observe(batch, x[: len(batch)], s[: len(batch)])
+        most_open = max(most_open, len(monitor.open_hours))
+    reports += monitor.flush()
+    assert most_open <= 2
+    starts = [r["hour_start"] for r in reports]
+    assert starts == sorted(starts) and len(set(starts)) == len(starts)
+    with pytest.raises(ValueError):
+        _monitor(reference, grace_ms=HOUR_MS)
+
+
+def test_nan_features_and_missing_scores_have_their_own_bin(reference: dict[str, Any]) -> None:
+    rng = np.random.default_rng(8)
+    x, _ = _rows(400, rng)
+    x[:, 1] = math.nan  # velocity unknown for every row (20 % in training)
+    scores: list[int | None] = [None] * 400  # no model score at all
+    monitor = _monitor(reference)
+    monitor.observe(_times(400), x, scores)
+    (report,) = monitor.flush()
+    assert report["feature_psi"]["velocity"] > 1.0 and report["worst_feature"] == "velocity"
+    assert report["score_psi"] > 1.0 and report["alert"]
+    assert report["feature_psi"]["amount_log"] < 0.1
+    assert all(math.isfinite(v) for v in report["feature_psi"].values())
+
+
+def test_the_batch_binning_equals_searchsorted_per_column_on_edges_infinities_and_nan() -> None:
+    rng = np.random.default_rng(10)
+    x = np.column_stack(
+        [
+            rng.integers(0, 4, 300).astype(float),  # discrete: values equal to edges
+            rng.normal(size=300),
+            np.full(300, math.nan),  # never seen in training: no edges
+            rng.choice([5.0, 7.0, 9.0, math.nan], 300),  # categorical
+            rng.choice([1.0, 2.0], 300),  # categorical, never seen: no codes
+        ]
+    )
+    names = ["d", "n", "empty", "c", "c_empty"]
+    training = x.copy()
+    training[:, 4] = math.nan
+    profile = reference_profile(names, training, rng.integers(0, 1000, 300), bins=4, categorical=["c", "c_empty"])
+    x[:5, 1] = [math.inf, -math.inf, math.nan, profile["features"]["n"]["edges"][0], 1e300]
+    monitor = _monitor(profile)
+    got = np.column_stack(monitor._binner.bins(x))
+    expected = []
+    for column in monitor._columns:  # numeric first, then categorical, as the binner lays them out
+        values = x[:, column.index]
+        if column.categorical:
+            expected.append((_bin_categorical(values, column.cuts) + column.offset, column.categorical))
+        else:
+            expected.append((_bin_numeric(values, column.cuts) + column.offset, column.categorical))
+    want = np.column_stack([b for b, cat in expected if not cat] + [b for b, cat in expected if cat])
+    assert np.array_equal(got, want)
+    assert set(np.unique(want[:, 2] - monitor._columns[2].offset).tolist()) == {0}  # NaN everywhere
+
+
+def test_observe_checks_the_batch_shape_and_takes_an_empty_batch(reference: dict[str, Any]) -> None:
+    monitor = _monitor(reference)
+    assert monitor.observe([], np.empty((0, len(NAMES))), []) == []
+    with pytest.raises(ValueError):
+        monitor.observe([T0], np.zeros((1, 3)), [1])
+    with pytest.raises(ValueError):
+        monitor.observe([T0, T0], np.zeros((2, len(NAMES))), [1])
+
+
+def test_bench_observe_reports_a_rate() -> None:
+    assert bench_observe(rows=2_000, batch=250) > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Records, schemas, topic, settings
+
+
+def _report(reference: dict[str, Any], shift: float = 1.0) -> ModelDriftAvro:
+    x, scores = _rows(400, np.random.default_rng(9), shift=shift)
+    monitor = _monitor(reference)
+    monitor.observe(_times(400), x, scores)
+    (report,) = monitor.flush()
+    return report
+
+
+def test_a_report_is_exactly_the_typed_dict_and_round_trips_through_the_model_drift_codec(
+    reference: dict[str, Any],
+) -> None:
+    report = _report(reference)
+    avro = [f["name"] for f in latest_versions()["ModelDrift"].parsed["fields"]]
+    assert set(report) == set(ModelDriftAvro.__annotations__) == {f.name for f in fields(ModelDrift)} == set(avro)
+    assert ModelDriftAvro.__required_keys__ == frozenset(avro)
+    data = codec("ModelDrift").encode(report)
+    assert data[:2] == MAGIC and codec("ModelDrift").decode(data) == report
+    record = ModelDrift.decode(data)
+    assert record.report_id == report["report_id"] and record.feature_psi == report["feature_psi"]
+    assert ModelDrift.decode(record.encode()) == record
+
+
+def test_the_model_drift_topic() -> None:
+    assert MODEL_DRIFT in ALL_TOPICS and MODEL_DRIFT.name == "model_drift"
+    assert MODEL_DRIFT.record_type == "ModelDrift" and MODEL_DRIFT.record_type in latest_versions()
+    assert MODEL_DRIFT.config["retention.ms"] == str(90 * 24 * 3600 * 1000)
+
+
+def test_the_drift_settings_defaults() -> None:
+    model = ModelSettings()
+    assert (model.drift_psi_alert, model.drift_min_rows, model.drift_bins) == (0.25, 200, 10)
+    assert 0 <= model.drift_grace_ms < HOUR_MS
+
+
+def test_the_drift_alert_is_a_valid_model_drift_alert(reference: dict[str, Any]) -> None:
+    report = _report(reference)
+    alert = drift_alert(report)
+    assert set(alert) == set(AlertAvro.__annotations__)
+    assert alert["alert_id"] == report["report_id"] == drift_id(report["model_version"], report["hour_start"])
+    assert check(alert["alert_id"], "alert_id")  # the sender accepts it
+    assert (alert["kind"], alert["severity"], alert["event_time"]) == ("MODEL_DRIFT", "warning", T0)
+    assert "score" in alert["reasons"] and report["worst_feature"] in alert["reasons"]
+    assert f"score PSI {report['score_psi']:.2f}" in alert["summary"]
+    assert report["worst_feature"] in alert["summary"] and "2026-01-01 00:00 UTC" in alert["summary"]
+    data = codec("Alert").encode(alert)
+    assert codec("Alert").decode(data) == alert
+    assert Alert.decode(data).kind == "MODEL_DRIFT"
+    text = describe(dict(alert), AlertSettings(timezone="UTC"))
+    assert text.headline == "Fraud model drift - store all"
+
+
+def test_a_drift_id_is_a_valid_id_whatever_the_model_version() -> None:
+    assert check(drift_id("frauddetector/transaction v2", T0), "id") == f"drift:frauddetector_transaction_v2:{T0}"
+    assert len(drift_id("x" * 500, T0)) <= 128
+
+
+def _schema(record: str, version: int) -> Any:
+    (sv,) = [s for s in load_schemas().values() if s.short_name == record and s.version == version]
+    return sv
+
+
+def test_an_alert_written_with_v1_still_decodes_and_v1_keeps_its_fingerprint() -> None:
+    v1 = _schema("Alert", 1)
+    assert v1.fingerprint.hex() == "85259d94da4b16c9"  # the enum default added to v1 is not part of it
+    assert latest_versions()["Alert"].version >= 2
+    record = {
+        "alert_id": "blocked:tx-1",
+        "kind": "WATCHLIST_MATCH",
+        "severity": "high",
+        "event_time": T0,
+        "store_id": "S1",
+        "summary": "x",
+        "reasons": ["watchlist_suspect"],
+    }
+    buf = io.BytesIO()
+    schemaless_writer(buf, v1.parsed, record)
+    decoded = codec("Alert").decode(MAGIC + v1.fingerprint + buf.getvalue())
+    assert decoded["kind"] == "WATCHLIST_MATCH" and decoded["alert_id"] == "blocked:tx-1"
+    assert decoded["lane_id"] is None and decoded["reasons"] == ["watchlist_suspect"]
+
+
+def test_a_v1_reader_resolves_a_new_kind_to_its_enum_default() -> None:
+    """Formal full compatibility (the codec itself always reads into the newest version)."""
+    v1, v2 = _schema("Alert", 1), _schema("Alert", 2)
+    buf = io.BytesIO()
+    record = {"alert_id": "a", "kind": "MODEL_DRIFT", "severity": "w", "event_time": 0, "store_id": "", "summary": ""}
+    schemaless_writer(buf, v2.parsed, record)
+    buf.seek(0)
+    decoded: Any = schemaless_reader(buf, v2.parsed, v1.parsed)
+    assert decoded["kind"] == "BLOCKED_TRANSACTION"

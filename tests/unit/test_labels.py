@@ -1,0 +1,474 @@
+"""Labels from the field: the record and its deterministic id, chargeback files in both shapes (bad rows
+with their lines), publishing with a stand-in producer, the verdict in force per transaction (last
+published wins, tombstones withdraw), and the join to the transaction history."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, TopicPartition
+from typer.testing import CliRunner
+
+import jobs.model.labels as reader
+import producers.labels as labels_cli
+from infra.clients.topic_replay import PartitionRange
+from infra.settings import KafkaSettings, Settings
+from jobs.model.labels import FieldLabels, apply_labels, decode_transactions, latest_labels
+from producers.labels import (
+    FRAUD_DETECTOR,
+    SIMPLE,
+    Defaults,
+    LabelFileError,
+    labels_from_csv,
+    parse_verdict,
+    publish_labels,
+)
+from schemas.codec import MAGIC
+from schemas.errors import InvalidRecord
+from schemas.records import MAX_LABEL_TEXT, Label, make_label
+from schemas.topics import ALL_TOPICS, LABELS
+from tests.builders import T0, sale
+
+NOW = T0 + 30 * 86_400_000
+DEFAULTS = Defaults(source="chargeback", decided_at=NOW - 1000, now_ms=NOW, decided_by="issuer", reason="chargeback")
+
+
+def verdict(tx: str, label: int = 1, *, at: int = NOW, source: str = "cli", **kw: Any) -> Label:
+    return make_label(transaction_id=tx, label=label, source=source, decided_at=at, **kw)
+
+
+def csv_labels(text: str, defaults: Defaults = DEFAULTS):
+    return labels_from_csv(io.StringIO(text), defaults)
+
+
+# ---------------------------------------------------------------------------- the record
+
+
+def test_a_label_round_trips_and_its_id_is_deterministic() -> None:
+    first = verdict("tx-1", 1, reason="card reported stolen", case_id="case-7", decided_by="ana@store.test")
+    again = verdict("tx-1", 1, reason="card reported stolen", case_id="case-7", decided_by="ana@store.test")
+    assert first.label_id == again.label_id == f"cli:{NOW}:tx-1"
+    assert first.encode() == again.encode(), "publishing the same verdict again writes the very same record"
+    assert Label.decode(first.encode()) == first
+    assert verdict("tx-1", at=NOW + 1).label_id != first.label_id
+    assert verdict("tx-1", source="case").label_id != first.label_id
+
+
+@pytest.mark.parametrize(
+    "kw,kind",
+    [
+        ({"transaction_id": "a/../b"}, "invalid_id"),
+        ({"transaction_id": ""}, "invalid_id"),
+        ({"label": 2}, "invalid"),
+        ({"label": True}, "invalid"),
+        ({"label": "1"}, "invalid"),
+        ({"source": "rumour"}, "invalid"),
+        ({"decided_at": -1}, "invalid"),
+        ({"decided_at": 4_102_444_800_000}, "invalid"),
+        ({"case_id": "case 7?"}, "invalid_id"),
+    ],
+)
+def test_an_invalid_label_is_refused_with_a_kind(kw: dict[str, Any], kind: str) -> None:
+    args: dict[str, Any] = {"transaction_id": "tx-1", "label": 1, "source": "cli", "decided_at": NOW, **kw}
+    with pytest.raises(InvalidRecord) as err:
+        make_label(**args)
+    assert err.value.kind == kind
+
+
+def test_label_text_is_trimmed_and_capped() -> None:
+    label = verdict("tx-1", decided_by="  ", reason="x" * 5000)
+    assert label.decided_by is None
+    assert label.reason is not None and len(label.reason.encode()) <= MAX_LABEL_TEXT and "cut" in label.reason
+
+
+def test_the_labels_topic_is_declared_compacted_and_keyed_by_transaction() -> None:
+    assert LABELS in ALL_TOPICS and LABELS.record_type == "Label" and LABELS.partitions == 3
+    assert LABELS.config["cleanup.policy"] == "compact" and "retention.ms" not in LABELS.config
+    assert LABELS.key.startswith("transaction_id")
+
+
+@pytest.mark.parametrize(
+    "text,value", [("fraud", 1), ("FRAUD", 1), ("1", 1), (" legit ", 0), ("Legitimate", 0), ("0", 0)]
+)
+def test_verdict_words(text: str, value: int) -> None:
+    assert parse_verdict(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "maybe", "2", None, "yes"])
+def test_a_verdict_that_is_no_verdict(text: object) -> None:
+    with pytest.raises(InvalidRecord):
+        parse_verdict(text)
+
+
+# ---------------------------------------------------------------------------- files
+
+
+SIMPLE_CSV = """transaction_id,label,reason,decided_at
+tx-1,fraud,stolen card,2026-01-20T10:00:00Z
+tx-2,legit,,
+tx-3,1,,1768903200000
+
+tx-4,0,friendly fraud refuted,
+"""
+
+
+def test_a_simple_file_gives_a_verdict_per_row_with_the_defaults_where_a_row_says_nothing() -> None:
+    found = csv_labels(SIMPLE_CSV)
+    assert found.format == SIMPLE and not found.bad and found.rows == 4
+    by_tx = {label.transaction_id: label for label in found.labels}
+    assert [by_tx[t].label for t in ("tx-1", "tx-2", "tx-3", "tx-4")] == [1, 0, 1, 0]
+    assert by_tx["tx-1"].decided_at == 1_768_903_200_000 == by_tx["tx-3"].decided_at
+    assert by_tx["tx-1"].reason == "stolen card" and by_tx["tx-2"].reason == "chargeback"
+    assert by_tx["tx-2"].decided_at == DEFAULTS.decided_at and by_tx["tx-2"].decided_by == "issuer"
+    assert {label.source for label in found.labels} == {"chargeback"}
+    assert (found.fraud, found.legit) == (2, 2)
+
+
+def test_importing_the_same_file_twice_gives_the_same_records() -> None:
+    first, again = csv_labels(SIMPLE_CSV), csv_labels(SIMPLE_CSV)
+    assert [label.encode() for label in first.labels] == [label.encode() for label in again.labels]
+
+
+def test_bad_rows_are_reported_with_their_line_and_reason_and_left_out() -> None:
+    text = (
+        "transaction_id,label,decided_at\n"  # line 1
+        "tx-ok,fraud,\n"  # 2
+        "tx/../etc,fraud,\n"  # 3: not a plain id
+        ",legit,\n"  # 4: no id
+        "tx-5,maybe,\n"  # 5: no verdict
+        "tx-6,,\n"  # 6: empty verdict
+        "tx-7,fraud,2099-01-01T00:00:00Z\n"  # 7: in the future
+        "tx-8,fraud,yesterday\n"  # 8: not a time
+        "tx-9,fraud,,surplus\n"  # 9: more fields than the header
+        '"tx-10\nstill the id",fraud,\n'  # 10-11: a quoted id over two lines
+        "tx-12,legit,\n"  # 12
+    )
+    found = csv_labels(text)
+    assert [label.transaction_id for label in found.labels] == ["tx-ok", "tx-12"]
+    bad = {b.line: b.reason for b in found.bad}
+    assert sorted(bad) == [3, 4, 5, 6, 7, 8, 9, 10]
+    assert "transaction_id is not a valid identifier" in bad[3] and "tx/" not in bad[3]
+    assert bad[4] == "transaction_id is empty" and "verdict" in bad[5] and bad[6] == "label is empty"
+    assert "future" in bad[7] and "ISO-8601" in bad[8] and "more field" in bad[9]
+    assert found.rows == 10
+
+
+def test_conflicting_verdicts_for_one_transaction_are_bad_on_every_line_and_repeats_count_once() -> None:
+    text = "transaction_id,label\ntx-1,fraud\ntx-2,legit\ntx-1,legit\ntx-2,0\ntx-2,legit\n"
+    found = csv_labels(text)
+    assert [label.transaction_id for label in found.labels] == ["tx-2"]
+    assert found.duplicates == 2
+    assert [(b.line, b.reason) for b in found.bad] == [
+        (2, "conflicting verdicts for this transaction on lines 2, 4"),
+        (4, "conflicting verdicts for this transaction on lines 2, 4"),
+    ]
+
+
+def test_a_fraud_detector_file_takes_event_id_and_label_and_skips_unlabelled_rows() -> None:
+    text = (
+        "EVENT_TIMESTAMP,EVENT_ID,ENTITY_ID,order_price,EVENT_LABEL\n"
+        "2026-01-01T00:00:00Z,ev-1,c1,10.0,1\n"
+        "2026-01-01T00:01:00Z,ev-2,c1,11.0,\n"
+        "2026-01-01T00:02:00Z,ev-3,c2,12.0,legit\n"
+        "2026-01-01T00:03:00Z,ev 4,c2,12.0,fraud\n"
+    )
+    found = csv_labels(text)
+    assert found.format == FRAUD_DETECTOR
+    assert [(label.transaction_id, label.label) for label in found.labels] == [("ev-1", 1), ("ev-3", 0)]
+    assert found.unlabelled == 1
+    assert [b.line for b in found.bad] == [5] and "EVENT_ID" in found.bad[0].reason
+    assert all(label.decided_at == DEFAULTS.decided_at for label in found.labels), "EVENT_TIMESTAMP is not the verdict"
+
+
+@pytest.mark.parametrize("text", ["", "id,verdict\ntx-1,fraud\n", "EVENT_ID,order_price\nev-1,1\n"])
+def test_a_file_without_a_usable_header_is_refused_whole(text: str) -> None:
+    with pytest.raises(LabelFileError):
+        csv_labels(text)
+
+
+# ---------------------------------------------------------------------------- publishing
+
+
+class FakeProducer:
+    def __init__(self, fail: set[bytes] | None = None) -> None:
+        self.sent: list[tuple[str, bytes | None, bytes | None]] = []
+        self.pending: list[tuple[Any, bytes | None]] = []
+        self.fail = fail or set()
+
+    def produce(self, topic: str, key: bytes | None = None, value: bytes | None = None, on_delivery: Any = None):
+        self.sent.append((topic, key, value))
+        self.pending.append((on_delivery, key))
+
+    def poll(self, timeout: float) -> int:
+        return 0
+
+    def flush(self, timeout: float) -> int:
+        for callback, key in self.pending:
+            error = _Error() if key in self.fail else None
+            callback(error, None)
+        self.pending.clear()
+        return 0
+
+
+class _Error:
+    def str(self) -> str:
+        return "broker says no"
+
+
+SETTINGS = Settings(kafka=KafkaSettings(topic_prefix="unit."))
+
+
+def test_labels_are_published_keyed_by_transaction_and_withdrawals_are_tombstones() -> None:
+    producer = FakeProducer()
+    labels = [verdict("tx-1", 1), verdict("tx-2", 0)]
+    stats = publish_labels(SETTINGS, labels, withdraw=["tx-3"], producer=producer)
+    assert stats.ok and (stats.sent, stats.acked) == (3, 3)
+    assert [(t, k) for t, k, _ in producer.sent] == [
+        ("unit.labels", b"tx-1"),
+        ("unit.labels", b"tx-2"),
+        ("unit.labels", b"tx-3"),
+    ]
+    assert Label.decode(producer.sent[0][2] or b"") == labels[0] and producer.sent[2][2] is None
+
+
+def test_a_failed_delivery_is_counted() -> None:
+    stats = publish_labels(SETTINGS, [verdict("tx-1"), verdict("tx-2")], producer=FakeProducer(fail={b"tx-2"}))
+    assert not stats.ok and (stats.acked, stats.failed) == (1, 1) and stats.errors == ["broker says no"]
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch) -> FakeProducer:
+    producer = FakeProducer()
+    monkeypatch.setattr(labels_cli, "get_settings", lambda: SETTINGS)
+    monkeypatch.setattr(labels_cli, "make_producer", lambda _settings: producer)
+    monkeypatch.setattr(labels_cli, "cli_user", lambda: "tester")
+    return producer
+
+
+def test_cli_publish_one_verdict(cli: FakeProducer) -> None:
+    result = CliRunner().invoke(
+        labels_cli.app, ["publish", "tx-9", "fraud", "--reason", "caught on camera", "--case", "case-1"]
+    )
+    assert result.exit_code == 0, result.output
+    [(topic, key, value)] = cli.sent
+    label = Label.decode(value or b"")
+    assert (topic, key) == ("unit.labels", b"tx-9")
+    assert (label.label, label.source, label.decided_by, label.case_id) == (1, "cli", "tester", "case-1")
+
+
+def test_cli_publish_refuses_a_bad_id_or_verdict(cli: FakeProducer) -> None:
+    for args in (
+        ["publish", "tx/9", "fraud"],
+        ["publish", "tx-9", "perhaps"],
+        ["publish", "tx-9", "1", "--source", "x"],
+    ):
+        result = CliRunner().invoke(labels_cli.app, args)
+        assert result.exit_code == 2, (args, result.output)
+    assert not cli.sent
+
+
+def test_cli_import_publishes_the_good_rows_and_lists_the_bad(cli: FakeProducer, tmp_path) -> None:
+    path = tmp_path / "chargebacks.csv"
+    path.write_text("\ufefftransaction_id,label\ntx-1,fraud\ntx 2,fraud\ntx-3,legit\n", encoding="utf-8")
+    dry = CliRunner().invoke(labels_cli.app, ["import", str(path), "--dry-run"])
+    assert dry.exit_code == 0 and not cli.sent
+    strict = CliRunner().invoke(labels_cli.app, ["import", str(path), "--strict"])
+    assert strict.exit_code == 2 and not cli.sent
+    result = CliRunner().invoke(labels_cli.app, ["import", str(path), "--decided-at", "2026-01-20T00:00:00Z"])
+    assert result.exit_code == 0, result.output
+    assert "line 3:" in result.output and "2 verdict(s)" in result.output
+    assert [key for _, key, _ in cli.sent] == [b"tx-1", b"tx-3"]
+    assert {Label.decode(v or b"").source for _, _, v in cli.sent} == {"chargeback"}
+
+
+def test_cli_withdraw(cli: FakeProducer) -> None:
+    result = CliRunner().invoke(labels_cli.app, ["withdraw", "tx-1", "tx-2"])
+    assert result.exit_code == 0, result.output
+    assert [(key, value) for _, key, value in cli.sent] == [(b"tx-1", None), (b"tx-2", None)]
+
+
+# ---------------------------------------------------------------------------- the verdict in force
+
+
+def message(label: Label, key: bytes | None = None) -> tuple[bytes | None, bytes | None]:
+    return (label.transaction_id.encode() if key is None else key), label.encode()
+
+
+def test_the_last_published_verdict_wins_even_with_an_earlier_decided_at() -> None:
+    """The rule compaction applies (latest record per key), so the answer does not change once it ran."""
+    found = latest_labels(
+        [
+            message(verdict("tx-1", 1, at=NOW)),
+            message(verdict("tx-2", 0, at=NOW)),
+            message(verdict("tx-1", 0, at=NOW + 5000, source="case")),
+            message(verdict("tx-1", 1, at=NOW - 5000, source="chargeback")),
+        ]
+    )
+    assert {tx: label.label for tx, label in found.by_transaction.items()} == {"tx-1": 1, "tx-2": 0}
+    assert found.by_transaction["tx-1"].source == "chargeback"
+    assert (found.read, found.replaced) == (4, 2)
+
+
+def test_a_tombstone_withdraws_and_a_later_verdict_restores() -> None:
+    found = latest_labels([message(verdict("tx-1")), (b"tx-1", None), message(verdict("tx-2")), (b"tx-2", None)])
+    assert found.by_transaction == {} and found.withdrawn == {"tx-1", "tx-2"}
+    again = latest_labels([message(verdict("tx-1")), (b"tx-1", None), message(verdict("tx-1", 0))])
+    assert again.by_transaction["tx-1"].label == 0 and not again.withdrawn
+
+
+def test_unusable_records_are_counted_not_used() -> None:
+    good = verdict("tx-1")
+    bad_label = replace(good, label=7)
+    bad_id = replace(good, transaction_id="a/b")
+    found = latest_labels(
+        [
+            (b"tx-1", b"not avro"),
+            (b"tx-1", MAGIC + b"\x00" * 8),
+            (b"tx-1", sale("tx-1").encode()),  # another record type
+            (b"tx-1", bad_label.encode()),
+            (b"a/b", bad_id.encode()),
+            message(good, key=b"store-1/lane-1"),  # not keyed by its transaction
+            (None, None),
+        ]
+    )
+    assert found.by_transaction == {} and found.undecodable == 5 and found.wrong_key == 2
+    assert "7 record(s) read" in found.summary()
+
+
+# ---------------------------------------------------------------------------- transactions and the join
+
+
+def test_transactions_from_the_topic_come_in_event_time_order_and_undecodable_ones_are_counted() -> None:
+    late, early, same = sale("tx-late", at_s=60), sale("tx-early", at_s=0), sale("tx-same", at_s=0)
+    found = decode_transactions(
+        [
+            ("t", 0, 5, late.encode()),
+            ("t", 1, 3, same.encode()),
+            ("t", 0, 6, b"garbage"),
+            ("t", 0, 7, early.encode()),
+            ("t", 2, 1, None),
+        ]
+    )
+    assert [tx.transaction_id for tx in found.transactions] == ["tx-early", "tx-same", "tx-late"]
+    assert found.transactions[2] == late
+    assert (found.read, found.undecodable) == (5, 2)
+    assert found.reasons == {"not_avro": 1, "empty": 1}
+    assert [where for where, _ in found.rejected] == ["t:0:6", "t:2:1"]
+
+
+def test_apply_labels_sets_field_verdicts_and_counts_the_join() -> None:
+    records: list[Any] = [
+        sale("tx-1"),  # unlabelled -> fraud
+        sale("tx-2", label=0),  # the data said legit -> fraud (overturned)
+        ("ev-9", "order_price is empty"),  # a reject passes through
+        {"transaction_id": "tx-3", "label": 1},  # a History dict, already fraud -> fraud
+        sale("tx-4", label=1),  # no field label: unchanged
+        sale("tx-1", at_s=5),  # a replayed copy of tx-1: labelled too, counted once
+    ]
+    field_labels = {t: verdict(t, 1) for t in ("tx-1", "tx-2", "tx-3")} | {"tx-missing": verdict("tx-missing", 0)}
+    out, stats = apply_labels(records, field_labels)
+    assert out[0].label == 1 and out[1].label == 1 and out[2] == records[2]
+    assert out[3] == {"transaction_id": "tx-3", "label": 1} and out[4] is records[4] and out[5].label == 1
+    assert records[0].label is None, "the input is not modified"
+    assert (stats.labels, stats.joined, stats.fraud, stats.legit) == (4, 3, 3, 0)
+    assert (stats.newly_labelled, stats.changed) == (1, 1)
+    assert stats.unmatched == ["tx-missing"]
+    assert "3 joined" in stats.summary()
+
+
+def test_the_digest_names_the_verdicts_in_force_not_how_they_got_there() -> None:
+    direct = latest_labels([message(verdict("tx-1", 1)), message(verdict("tx-2", 0))])
+    corrected = latest_labels([message(verdict("tx-2", 1)), message(verdict("tx-1", 1)), message(verdict("tx-2", 0))])
+    assert direct.digest() == corrected.digest()
+    assert latest_labels([message(verdict("tx-1", 0)), message(verdict("tx-2", 0))]).digest() != direct.digest()
+
+
+def test_apply_labels_takes_what_read_labels_returns() -> None:
+    found = FieldLabels(by_transaction={"tx-1": verdict("tx-1", 0)})
+    out, stats = apply_labels([sale("tx-1", label=1)], found)
+    assert out[0].label == 0 and stats.changed == 1 and not stats.unmatched
+
+
+# ---------------------------------------------------------------------------- the Kafka read, with stand-ins
+
+
+class FakeMessage:
+    def __init__(self, partition: int, offset: int, key: bytes | None, value: bytes | None, eof: bool = False) -> None:
+        self._p, self._o, self._k, self._v, self._eof = partition, offset, key, value, eof
+
+    def partition(self) -> int:
+        return self._p
+
+    def offset(self) -> int:
+        return self._o
+
+    def key(self) -> bytes | None:
+        return self._k
+
+    def value(self) -> bytes | None:
+        return self._v
+
+    def topic(self) -> str:
+        return "unit.labels"
+
+    def error(self) -> Any:
+        return _Eof() if self._eof else None
+
+
+class _Eof:
+    def code(self) -> int:
+        return KafkaError._PARTITION_EOF
+
+
+class FakeConsumer:
+    def __init__(self, messages: list[FakeMessage]) -> None:
+        self.messages, self.assigned, self.closed = messages, [], False
+        self.positions: dict[int, int] = {}
+
+    def assign(self, partitions: list[Any]) -> None:
+        self.assigned = [(tp.partition, tp.offset) for tp in partitions]
+
+    def consume(self, n: int, timeout: float) -> list[FakeMessage]:
+        batch, self.messages = self.messages[:n], self.messages[n:]
+        for m in batch:
+            if not m._eof:
+                self.positions[m.partition()] = m.offset() + 1
+        return batch
+
+    def position(self, partitions: list[Any]) -> list[Any]:
+        return [TopicPartition(tp.topic, tp.partition, self.positions.get(tp.partition, -1001)) for tp in partitions]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_read_labels_reads_each_partition_to_the_end_it_found_and_no_further(monkeypatch: pytest.MonkeyPatch) -> None:
+    ranges = [PartitionRange(0, 0, 2, 0, 2), PartitionRange(1, 4, 6, 4, 6), PartitionRange(2, 0, 0, 0, 0)]
+    first, second, third = verdict("tx-1", 1), verdict("tx-1", 0), verdict("tx-2", 1)
+    consumer = FakeConsumer(
+        [
+            FakeMessage(0, 0, b"tx-1", first.encode()),
+            FakeMessage(1, 4, b"tx-2", third.encode()),
+            FakeMessage(0, 1, b"tx-1", second.encode()),
+            FakeMessage(0, 2, b"tx-9", verdict("tx-9").encode()),  # published after the read began: not read
+            FakeMessage(1, 5, None, None, eof=True),  # partition 1 ends early (a compaction gap)
+        ]
+    )
+    monkeypatch.setattr(reader, "plan", lambda *_a, **_k: ranges)
+    monkeypatch.setattr(reader.kafka_clients, "consumer", lambda *_a, **_k: consumer)
+    found = reader.read_labels(SETTINGS, timeout_s=1)
+    assert consumer.assigned == [(0, 0), (1, 4)] and consumer.closed
+    assert {tx: label.label for tx, label in found.by_transaction.items()} == {"tx-1": 0, "tx-2": 1}
+    assert found.end_offsets == {0: 2, 1: 6, 2: 0} and found.read == 3
+
+
+def test_a_read_that_stalls_before_the_end_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    consumer = FakeConsumer([])
+    monkeypatch.setattr(reader, "plan", lambda *_a, **_k: [PartitionRange(0, 0, 3, 0, 3)])
+    monkeypatch.setattr(reader.kafka_clients, "consumer", lambda *_a, **_k: consumer)
+    with pytest.raises(TimeoutError):
+        reader.read_labels(SETTINGS, timeout_s=0.2)
+    assert consumer.closed
