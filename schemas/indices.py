@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from schemas.topics import ALERTS, FACE_OBSERVATIONS, SCORED_TRANSACTIONS, TopicSpec
+from schemas.topics import ALERTS, FACE_OBSERVATIONS, LABELS, MODEL_DRIFT, SCORED_TRANSACTIONS, TopicSpec
 
 DEFAULT_GROUP_ID = "checkout-guard-opensearch"
 
@@ -22,6 +22,8 @@ TEMPLATE_DIR = Path(__file__).resolve().parent / "index_templates"
 
 PERIOD_FORMATS = {"day": "%Y.%m.%d", "month": "%Y.%m"}
 """Suffix of a period index per ``indices.period``; dots keep the name apart from the kind's underscores."""
+SINGLE_SUFFIX = "all"
+"""Suffix of the one index of a family kept whole (:attr:`Route.single_index`): ``<prefix>-labels-all``."""
 
 
 @dataclass(frozen=True)
@@ -33,17 +35,45 @@ class Route:
     kind: str
     id_field: str
     time_field: str = "event_time"
+    """The record's time: it picks the period index (and is the index pattern's time field)."""
     private_fields: tuple[str, ...] = ()
+    single_index: bool = False
+    """One index for all time (``<prefix>-<kind>-all``) instead of one per period: for records whose
+    identity outlives any time field of theirs (a transaction's verdict may be decided, and corrected,
+    on any day, and must stay one document). Retention never drops it."""
+    keyed: bool = False
+    """The message key is the document id, as on a compacted topic: a record keyed otherwise is
+    refused (it is not ordered with that id's other records), a null value (tombstone) deletes the
+    document, and every write carries the message's offset as an external version, so the record
+    published last for a key wins even over an older write that reaches OpenSearch later (the key's
+    records share one partition, whose offsets only grow)."""
+    retention_days: int = 400
+    """Days a period index is kept where ``IndicesSettings`` has no ``<kind>_retention_days``."""
 
     def index(self, index_prefix: str) -> str:
         """The read alias of this kind (all its period indices)."""
         return index_name(index_prefix, self.kind)
 
+    def write_index(self, index_prefix: str, time_ms: int, period: str = "day") -> str:
+        """The concrete index a record of this time goes to: its period's, or the family's one index."""
+        if self.single_index:
+            return single_index_name(index_prefix, self.kind)
+        return period_index_name(index_prefix, self.kind, time_ms, period)
+
+
+SCORED_ROUTE = Route(SCORED_TRANSACTIONS, "transactions", "transaction_id")
+LABELS_ROUTE = Route(LABELS, "labels", "transaction_id", time_field="decided_at", single_index=True, keyed=True)
+"""Field verdicts, one document per transaction: the verdict in force (the last published, as the
+compacted topic keeps it and ``train`` reads it), gone when withdrawn."""
+DRIFT_ROUTE = Route(MODEL_DRIFT, "model_drift", "report_id", time_field="hour_start")
+"""Hourly drift reports of the fraud model, one document per model version and hour."""
 
 ROUTES: tuple[Route, ...] = (
-    Route(SCORED_TRANSACTIONS, "transactions", "transaction_id"),
+    SCORED_ROUTE,
     Route(ALERTS, "alerts", "alert_id"),
     Route(FACE_OBSERVATIONS, "face_observations", "observation_id", private_fields=("embedding",)),
+    LABELS_ROUTE,
+    DRIFT_ROUTE,
 )
 
 
@@ -67,6 +97,11 @@ def period_index_name(index_prefix: str, kind: str, event_time_ms: int, period: 
         raise ValueError(f"unknown index period {period!r} (day or month)")
     moment = datetime.fromtimestamp(event_time_ms / 1000, tz=UTC)
     return f"{index_name(index_prefix, kind)}-{moment.strftime(PERIOD_FORMATS[period])}"
+
+
+def single_index_name(index_prefix: str, kind: str) -> str:
+    """``<prefix>-<kind>-all``: the one index of a family kept whole (never a period index name)."""
+    return f"{index_name(index_prefix, kind)}-{SINGLE_SUFFIX}"
 
 
 def load_template(kind: str, index_prefix: str) -> dict[str, Any]:

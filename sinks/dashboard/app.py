@@ -10,6 +10,11 @@ Endpoints (each takes ``minutes`` = window length, ``store`` = one store only, `
 - ``GET /api/alerts/{alert_id}``  one alert and the decision on its transaction
 - ``GET /alerts/{alert_id}``  the page alert messages (email, Webex) link to
 - ``GET /api/config``    refresh period and default window for the page
+- ``GET /api/models``    champion and challenger: score distributions (20 bins over 0-1000, versions),
+  and ROC-AUC of both over the labelled scored transactions of the window (field verdicts from the
+  labels index joined by transaction id), with the numbers of labelled and fraud rows
+- ``GET /api/drift``     latest drift report per model version (score PSI, worst features, alert, rows, hour)
+- ``GET /models``        the Models page over those two
 
 Snapshots are looked up by alert id (the page never sees or sends image refs) and served only for
 alerts, which are the images the face pipeline retains; nothing logs image bytes.
@@ -55,15 +60,29 @@ from schemas.errors import CheckoutGuardError
 from schemas.indices import index_name
 from sinks.dashboard.queries import (
     ALERT_FIELDS,
+    ID_CHUNK,
+    LABEL_PAGE,
+    MAX_LABELS,
+    LabelledRow,
     Window,
     alert_by_id_query,
     alerts_query,
+    drift_query,
+    evaluate_models,
     faces_query,
+    labelled_rows,
+    labels_page_query,
+    labels_summary_query,
     latest_event_query,
+    models_query,
     overview_query,
     public_alert,
+    scored_by_ids_query,
     shape_alerts,
+    shape_distributions,
+    shape_drift,
     shape_faces,
+    shape_labels_summary,
     shape_overview,
     transaction_by_id_query,
 )
@@ -96,6 +115,9 @@ class Dashboard:
         self.transactions = index_name(prefix, "transactions")
         self.alerts = index_name(prefix, "alerts")
         self.faces = index_name(prefix, "face_observations")
+        self.labels = index_name(prefix, "labels")
+        self.drift = index_name(prefix, "model_drift")
+        self.max_labels = MAX_LABELS
 
     @property
     def images(self) -> ImageStore:
@@ -124,6 +146,49 @@ class Dashboard:
     def face_activity(self, window: Window) -> dict[str, Any]:
         return shape_faces(self.search(self.faces, faces_query(window)))
 
+    def models(self, window: Window) -> dict[str, Any]:
+        """Both models' score distributions in the window and their ROC-AUC on its labelled transactions."""
+        distributions = shape_distributions(self.search(self.transactions, models_query(window)))
+        labels, truncated = self.field_labels()
+        evaluation = evaluate_models(self.labelled_scored(window, labels))
+        summary = shape_labels_summary(self.search(self.labels, labels_summary_query()))
+        return {
+            "window": {"start": window.start_ms, "end": window.end_ms, "store": window.store},
+            "distributions": distributions,
+            "evaluation": evaluation,
+            "labels": {**summary, "read": len(labels), "truncated": truncated},
+        }
+
+    def field_labels(self) -> tuple[dict[str, int], bool]:
+        """Transaction id -> verdict in force (1 fraud, 0 legitimate), the most recently decided first, at
+        most ``max_labels``; and whether there were more."""
+        labels: dict[str, int] = {}
+        after: list[Any] | None = None
+        while len(labels) < self.max_labels:
+            size = min(LABEL_PAGE, self.max_labels - len(labels))
+            hits = self.search(self.labels, labels_page_query(size, after)).get("hits", {}).get("hits", [])
+            for hit in hits:
+                source = hit.get("_source") or {}
+                tx, label = source.get("transaction_id"), source.get("label")
+                if isinstance(tx, str) and label in (0, 1):
+                    labels[tx] = int(label)
+            if len(hits) < size or not hits[-1].get("sort"):
+                return labels, False
+            after = hits[-1]["sort"]
+        probe = self.search(self.labels, labels_page_query(1, after)).get("hits", {}).get("hits", [])
+        return labels, bool(probe)
+
+    def labelled_scored(self, window: Window, labels: dict[str, int]) -> list[LabelledRow]:
+        """The window's scored documents of the labelled transactions, looked up by id in chunks."""
+        ids, rows = sorted(labels), []
+        for start in range(0, len(ids), ID_CHUNK):
+            answer = self.search(self.transactions, scored_by_ids_query(window, ids[start : start + ID_CHUNK]))
+            rows += labelled_rows(answer.get("hits", {}).get("hits", []), labels)
+        return rows
+
+    def model_drift(self, window: Window) -> dict[str, Any]:
+        return shape_drift(self.search(self.drift, drift_query(window)))
+
     def snapshot_ref(self, alert_id: str) -> str | None:
         hits = self.search(self.alerts, alert_by_id_query(alert_id))["hits"]["hits"]
         return hits[0]["_source"].get("snapshot_ref") if hits else None
@@ -143,8 +208,8 @@ class Dashboard:
 
 def thumbnail(image: bytes, size: int = THUMBNAIL_PX) -> bytes:
     """A JPEG no larger than ``size`` px on its longer side (snapshots can be full HD)."""
-    with Image.open(io.BytesIO(image)) as img:
-        img = img.convert("RGB")
+    with Image.open(io.BytesIO(image)) as original:
+        img = original.convert("RGB")
         img.thumbnail((size, size))
         out = io.BytesIO()
         img.save(out, format="JPEG", quality=80)
@@ -170,6 +235,10 @@ def _alert_page(_: Request) -> Response:
     return FileResponse(STATIC / "alert.html", headers={"Cache-Control": "no-cache"})
 
 
+def _models_page(_: Request) -> Response:
+    return FileResponse(STATIC / "models.html", headers={"Cache-Control": "no-cache"})
+
+
 class _DashboardApi:
     """The endpoints over one ``Dashboard``; a class so each handler stays small. Handlers are sync on
     purpose: Starlette runs them in its thread pool, so a slow OpenSearch does not block the event loop."""
@@ -186,6 +255,9 @@ class _DashboardApi:
             Route("/api/overview", self.json_endpoint(board.overview)),
             Route("/api/alerts", self.json_endpoint(board.latest_alerts)),
             Route("/api/faces", self.json_endpoint(board.face_activity)),
+            Route("/api/models", self.json_endpoint(board.models)),
+            Route("/api/drift", self.json_endpoint(board.model_drift)),
+            Route("/models", _models_page),
             Route("/api/alerts/{alert_id:str}/snapshot", self.snapshot),
             Route("/api/alerts/{alert_id:str}", self.alert_detail),
             Route("/alerts/{alert_id:str}", _alert_page),

@@ -2,11 +2,16 @@
 
 Pure functions (no client): the request bodies are built from a :class:`Window` and the answers are
 reshaped into small, chart-ready structures, so both are unit-tested without a cluster. Everything is
-an aggregation over the sink's read aliases; only the latest alerts are fetched as documents.
+an aggregation over the sink's read aliases, except the latest alerts and the Models view's label
+join: the verdicts in force are read from the labels index (the most recently decided first, at most
+:data:`MAX_LABELS`), the window's scored documents of those transactions are looked up by id, and
+ROC-AUC is computed here (:func:`roc_auc`, the Mann-Whitney statistic; sinks do not import the
+model code in ``jobs``) for the champion and the challenger side by side.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,6 +175,8 @@ TRANSACTION_FIELDS = (
     "indicators",
     "model_score",
     "model_version",
+    "challenger_score",
+    "challenger_version",
     "rules_version",
     "face_status",
     "face_subject_id",
@@ -316,3 +323,320 @@ def shape_faces(answer: dict[str, Any]) -> dict[str, Any]:
             for b in (aggs.get("series") or {}).get("buckets", [])
         ],
     }
+
+
+# ----------------------------------------------------------------------------- models: champion and challenger
+
+SCORE_MAX = 1000
+SCORE_BIN = 50
+"""Score histograms: 20 bins of 50 over 0-1000 (a score of 1000 counts in the last bin)."""
+MODEL_ROLES: dict[str, tuple[str, str]] = {
+    "champion": ("model_score", "model_version"),
+    "challenger": ("challenger_score", "challenger_version"),
+}
+"""Role -> (score field, version field) on a scored transaction. Only the champion decides."""
+VERSIONS_SHOWN = 10
+LABEL_PAGE = 5_000
+MAX_LABELS = 20_000
+"""Labels joined per request, the most recently decided first; more is reported as ``truncated``."""
+ID_CHUNK = 5_000
+"""Transaction ids per ``terms`` lookup of scored documents (below ``index.max_result_window``)."""
+Z95 = 1.959964
+
+
+def models_query(window: Window) -> dict[str, Any]:
+    """Both models' score distributions over the window (and store): a fixed-width histogram each,
+    empty bins included, the versions that scored, and count/mean."""
+    aggs: dict[str, Any] = {}
+    for role, (score, version) in MODEL_ROLES.items():
+        aggs[f"{role}_histogram"] = {
+            "histogram": {
+                "field": score,
+                "interval": SCORE_BIN,
+                "min_doc_count": 0,
+                "extended_bounds": {"min": 0, "max": SCORE_MAX - SCORE_BIN},
+            }
+        }
+        aggs[f"{role}_stats"] = {"stats": {"field": score}}
+        aggs[f"{role}_versions"] = {"terms": {"field": version, "size": VERSIONS_SHOWN}}
+    aggs["stores_all"] = {"global": {}, "aggs": {"ids": {"terms": {"field": "store_id", "size": 100}}}}
+    return {"size": 0, "track_total_hits": True, "query": {"bool": {"filter": window.filters()}}, "aggs": aggs}
+
+
+def labels_page_query(size: int, search_after: list[Any] | None = None) -> dict[str, Any]:
+    """One page of the verdicts in force (transaction id and label), the most recently decided first."""
+    body: dict[str, Any] = {
+        "size": size,
+        "_source": ["transaction_id", "label"],
+        "query": {"bool": {"filter": [{"terms": {"label": [0, 1]}}]}},
+        "sort": [{"decided_at": {"order": "desc"}}, {"transaction_id": {"order": "asc"}}],
+        "track_total_hits": False,
+    }
+    if search_after is not None:
+        body["search_after"] = search_after
+    return body
+
+
+def labels_summary_query() -> dict[str, Any]:
+    """All verdicts in force: how many, how many fraud, per source."""
+    return {
+        "size": 0,
+        "track_total_hits": True,
+        "query": {"bool": {"filter": [{"terms": {"label": [0, 1]}}]}},
+        "aggs": {
+            "fraud": {"filter": {"term": {"label": 1}}},
+            "sources": {
+                "terms": {"field": "source", "size": 10},
+                "aggs": {"fraud": {"filter": {"term": {"label": 1}}}},
+            },
+        },
+    }
+
+
+def scored_by_ids_query(window: Window, transaction_ids: list[str]) -> dict[str, Any]:
+    """The scored documents of these transactions inside the window (and store), scores and versions only."""
+    fields = ["transaction_id", *(field for pair in MODEL_ROLES.values() for field in pair)]
+    return {
+        "size": len(transaction_ids),
+        "_source": fields,
+        "query": {"bool": {"filter": [*window.filters(), {"terms": {"transaction_id": transaction_ids}}]}},
+    }
+
+
+def shape_distributions(answer: dict[str, Any]) -> dict[str, Any]:
+    """Per role: rows scored, mean score, versions (by rows) and the count in each of the 20 bins."""
+    aggs = answer.get("aggregations", {})
+    bins = SCORE_MAX // SCORE_BIN
+    out: dict[str, Any] = {
+        "scored": _total(answer),
+        "bin_width": SCORE_BIN,
+        "bins": [n * SCORE_BIN for n in range(bins)],
+        "all_stores": sorted(_buckets((aggs.get("stores_all") or {}).get("ids"))),
+    }
+    for role in MODEL_ROLES:
+        counts = [0] * bins
+        for bucket in (aggs.get(f"{role}_histogram") or {}).get("buckets", []):
+            slot = min(max(int(float(bucket["key"]) // SCORE_BIN), 0), bins - 1)  # 1000 joins the last bin
+            counts[slot] += int(bucket["doc_count"])
+        stats = aggs.get(f"{role}_stats") or {}
+        mean = stats.get("avg")
+        out[role] = {
+            "rows": int(stats.get("count") or 0),
+            "mean": None if mean is None else round(float(mean), 1),
+            "versions": _buckets(aggs.get(f"{role}_versions")),
+            "counts": counts,
+        }
+    return out
+
+
+def roc_auc(scores: list[float], labels: list[int]) -> float | None:
+    """ROC-AUC by the Mann-Whitney U statistic (ties count half): the chance that a random fraud row scores
+    above a random legitimate one. ``None`` unless both classes are present."""
+    positives = sum(1 for y in labels if y == 1)
+    negatives = len(labels) - positives
+    if positives == 0 or negatives == 0:
+        return None
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    rank_sum, start = 0.0, 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and scores[order[end + 1]] == scores[order[start]]:
+            end += 1
+        average_rank = (start + end) / 2 + 1  # ranks start+1 .. end+1 share their mean
+        rank_sum += average_rank * sum(1 for i in order[start : end + 1] if labels[i] == 1)
+        start = end + 1
+    return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+
+
+def auc_interval(auc: float, positives: int, negatives: int) -> tuple[float, float]:
+    """A 95 % interval for an AUC from Hanley & McNeil's (1982) standard error: wide when either class is
+    small, which is the point of showing it."""
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    variance = (auc * (1 - auc) + (positives - 1) * (q1 - auc * auc) + (negatives - 1) * (q2 - auc * auc)) / (
+        positives * negatives
+    )
+    half = Z95 * math.sqrt(max(variance, 0.0))
+    return max(0.0, auc - half), min(1.0, auc + half)
+
+
+@dataclass(frozen=True)
+class LabelledRow:
+    """One labelled scored transaction: the field verdict and what each model said."""
+
+    transaction_id: str
+    label: int
+    scores: dict[str, int | None]
+    versions: dict[str, str | None]
+
+
+def labelled_rows(hits: list[dict[str, Any]], labels: dict[str, int]) -> list[LabelledRow]:
+    """Scored documents joined to their verdicts (documents without a verdict are left out)."""
+    rows = []
+    for hit in hits:
+        source = hit.get("_source") or {}
+        tx = source.get("transaction_id")
+        if tx not in labels:
+            continue
+        rows.append(
+            LabelledRow(
+                transaction_id=tx,
+                label=labels[tx],
+                scores={role: _score(source.get(score)) for role, (score, _) in MODEL_ROLES.items()},
+                versions={role: source.get(version) for role, (_, version) in MODEL_ROLES.items()},
+            )
+        )
+    return rows
+
+
+def _score(value: Any) -> int | None:
+    return int(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def _evaluate_role(rows: list[LabelledRow], role: str) -> dict[str, Any]:
+    scored = [row for row in rows if row.scores[role] is not None]
+    labels = [row.label for row in scored]
+    auc = roc_auc([float(row.scores[role]) for row in scored], labels)  # type: ignore[arg-type]
+    fraud = sum(labels)
+    low, high = auc_interval(auc, fraud, len(labels) - fraud) if auc is not None else (None, None)
+    versions: dict[str, int] = {}
+    for row in scored:
+        version = row.versions[role] or "unknown"
+        versions[version] = versions.get(version, 0) + 1
+    return {
+        "rows": len(scored),
+        "fraud": fraud,
+        "auc": _rounded(auc),
+        "auc_low": _rounded(low),
+        "auc_high": _rounded(high),
+        "versions": dict(sorted(versions.items(), key=lambda item: -item[1])),
+    }
+
+
+def evaluate_models(rows: list[LabelledRow]) -> dict[str, Any]:
+    """ROC-AUC of champion and challenger over the labelled rows each scored, and both over the rows
+    that both scored (``paired``): only that comparison is like for like when the challenger came
+    later or went away within the window."""
+    out: dict[str, Any] = {
+        "labelled": len(rows),
+        "fraud": sum(row.label for row in rows),
+        **{role: _evaluate_role(rows, role) for role in MODEL_ROLES},
+    }
+    both = [row for row in rows if all(row.scores[role] is not None for role in MODEL_ROLES)]
+    labels = [row.label for row in both]
+    out["paired"] = {
+        "rows": len(both),
+        "fraud": sum(labels),
+        **{
+            f"{role}_auc": _rounded(roc_auc([float(row.scores[role]) for row in both], labels))  # type: ignore[arg-type]
+            for role in MODEL_ROLES
+        },
+    }
+    return out
+
+
+def shape_labels_summary(answer: dict[str, Any]) -> dict[str, Any]:
+    aggs = answer.get("aggregations", {})
+    return {
+        "total": _total(answer),
+        "fraud": int((aggs.get("fraud") or {}).get("doc_count") or 0),
+        "sources": {
+            str(b["key"]): {"total": int(b["doc_count"]), "fraud": int((b.get("fraud") or {}).get("doc_count") or 0)}
+            for b in (aggs.get("sources") or {}).get("buckets", [])
+        },
+    }
+
+
+# ----------------------------------------------------------------------------- models: drift
+
+DRIFT_MODELS = 10
+WORST_FEATURES = 5
+PSI_MODERATE, PSI_SIGNIFICANT = 0.1, 0.25
+"""The usual reading of a population stability index: < 0.1 stable, 0.1-0.25 moderate, > 0.25 significant."""
+DRIFT_FIELDS = (
+    "report_id",
+    "model_version",
+    "hour_start",
+    "rows",
+    "late_rows",
+    "score_psi",
+    "feature_psi",
+    "worst_feature",
+    "worst_psi",
+    "alert",
+    "reference_rows",
+    "created_at",
+)
+HOUR_MS = 3_600_000
+
+
+def drift_query(window: Window) -> dict[str, Any]:
+    """Per model version (newest report first): its latest report up to the window's end, and how many
+    hourly reports overlapping the window there are and how many of them alerted. Drift is measured over
+    all stores, so the store filter does not apply."""
+    in_window = {"range": {"hour_start": {"gte": window.start_ms - HOUR_MS + 1, "lt": window.end_ms}}}
+    return {
+        "size": 0,
+        "query": {"range": {"hour_start": {"lt": window.end_ms, "format": "epoch_millis"}}},
+        "aggs": {
+            "models": {
+                "terms": {"field": "model_version", "size": DRIFT_MODELS, "order": {"newest": "desc"}},
+                "aggs": {
+                    "newest": {"max": {"field": "hour_start"}},
+                    "latest": {
+                        "top_hits": {
+                            "size": 1,
+                            "sort": [{"hour_start": {"order": "desc"}}],
+                            "_source": list(DRIFT_FIELDS),
+                        }
+                    },
+                    "in_window": {"filter": in_window, "aggs": {"alerts": {"filter": {"term": {"alert": True}}}}},
+                },
+            }
+        },
+    }
+
+
+def psi_band(value: float | None) -> str:
+    if value is None:
+        return "unknown"
+    return "significant" if value > PSI_SIGNIFICANT else "moderate" if value >= PSI_MODERATE else "stable"
+
+
+def shape_drift(answer: dict[str, Any]) -> dict[str, Any]:
+    """One row per model version: its latest report with the worst features (highest PSI first)."""
+    rows = []
+    for bucket in ((answer.get("aggregations") or {}).get("models") or {}).get("buckets", []):
+        hits = ((bucket.get("latest") or {}).get("hits") or {}).get("hits") or []
+        if not hits:
+            continue
+        report = hits[0].get("_source") or {}
+        features = {name: float(v) for name, v in (report.get("feature_psi") or {}).items() if _finite(v)}
+        worst = sorted(features.items(), key=lambda item: (-item[1], item[0]))[:WORST_FEATURES]
+        in_window = bucket.get("in_window") or {}
+        score_psi = float(report["score_psi"]) if _finite(report.get("score_psi")) else None
+        rows.append(
+            {
+                "model_version": str(bucket["key"]),
+                "report_id": report.get("report_id"),
+                "hour_start": report.get("hour_start"),
+                "rows": report.get("rows"),
+                "late_rows": report.get("late_rows"),
+                "reference_rows": report.get("reference_rows"),
+                "score_psi": score_psi,
+                "score_band": psi_band(score_psi),
+                "worst": [{"feature": name, "psi": round(value, 4), "band": psi_band(value)} for name, value in worst],
+                "alert": bool(report.get("alert")),
+                "created_at": report.get("created_at"),
+                "hours_in_window": int(in_window.get("doc_count") or 0),
+                "alerts_in_window": int((in_window.get("alerts") or {}).get("doc_count") or 0),
+            }
+        )
+    return {"models": rows, "thresholds": {"moderate": PSI_MODERATE, "significant": PSI_SIGNIFICANT}}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -4,7 +4,9 @@ The OpenSearch sink applies this at start and every ``indices.retention_interval
 runs it once, e.g. from cron where no sink runs, or with ``--dry-run`` to see what would go.
 
 An index ``<prefix>-<kind>-<period>`` is deleted when its period ended more than
-``indices.<kind>_retention_days`` days ago and it was created that long ago too (0 = keep forever).
+``indices.<kind>_retention_days`` days ago and it was created that long ago too (0 = keep forever; a
+kind without such a setting, e.g. ``model_drift``, keeps its route's default, 400 days). The labels
+index is one index for all time and is never dropped: its topic is compacted, verdicts stay until replaced.
 
 Run: ``python -m sinks.opensearch.retention [--index-prefix PREFIX] [--dry-run]``
 """

@@ -1,13 +1,18 @@
-"""Scored transactions, alerts and face observations from Kafka into OpenSearch: one document per business key.
+"""Scored transactions, alerts, face observations, field labels and model drift from Kafka into
+OpenSearch: one document per business key.
 
-Inputs: ``processed_transactions`` (ScoredTransaction), ``alerts`` (Alert) and ``face_observations``
-(FaceObservation), read_committed.
-Outputs: one index per period (day or month, ``indices.period``) of each document's ``event_time``,
-e.g. ``<index_prefix>-transactions-2026.11.22``, read through the alias ``<index_prefix>-transactions``
-(likewise ``-alerts`` and ``-face_observations``; composable templates in ``schemas/index_templates/``, installed
-on start, carry the alias so every new period index joins it); and ``dead_letters`` for messages that
-cannot be decoded or that OpenSearch rejects for good (stage ``opensearch-sink``). Retention drops
-whole period indices (``sinks/opensearch/retention.py``, applied at start and every ``indices.retention_interval_s``).
+Inputs (``schemas.indices.ROUTES``): ``processed_transactions`` (ScoredTransaction, with the challenger
+model's score beside the champion's), ``alerts`` (Alert), ``face_observations`` (FaceObservation),
+``labels`` (Label, compacted, keyed by transaction id) and ``model_drift`` (ModelDrift), read_committed.
+Outputs: one index per period (day or month, ``indices.period``) of each document's time field
+(``event_time``; a drift report's ``hour_start``), e.g. ``<index_prefix>-transactions-2026.11.22``, read
+through the alias ``<index_prefix>-transactions`` (likewise ``-alerts``, ``-face_observations`` and
+``-model_drift``; composable templates in ``schemas/index_templates/``, installed on start, carry the alias
+so every new period index joins it); labels go to the one index ``<index_prefix>-labels-all`` (alias
+``<index_prefix>-labels``), one document per transaction whatever day its verdict was decided; and
+``dead_letters`` for messages that cannot be decoded or that OpenSearch rejects for good (stage
+``opensearch-sink``). Retention drops whole period indices (``sinks/opensearch/retention.py``, applied
+at start and every ``indices.retention_interval_s``); the labels index is kept, like its compacted topic.
 Face embeddings are left out of the documents unless ``indices.include_face_embeddings`` is set.
 
 Why nothing is lost or doubled: the document ``_id`` is the business key (``transaction_id`` /
@@ -17,6 +22,15 @@ Why nothing is lost or doubled: the document ``_id`` is the business key (``tran
 its dead letters are flushed, so a crash replays from the last commit. While OpenSearch is down or
 overloaded (connection errors, 429, 5xx) the batch is kept and retried forever with bounded,
 jittered exponential backoff; the partitions are paused meanwhile so the consumer stays in its group.
+
+Labels follow the topic's own rule, the one ``train`` reads them by: the verdict published last for a
+transaction is in force, and a tombstone withdraws it (the document is deleted). Each label write
+carries the message's Kafka offset as an external version (``external_gte``), so a write older than the
+document -- a replay, a consumer that lost its partition finishing its batch late -- is refused by
+OpenSearch (409, counted as ``stale``, nothing to retry); a label keyed by anything but its transaction
+id is dead-lettered (``invalid_key``), as is a verdict other than 1 or 0 (``invalid_field``). The
+latest ``decided_at`` does not decide: a chargeback dated before an analyst's verdict but published after
+it is the correction (``jobs.model.labels`` explains why compaction forces that rule).
 
 Mappings are ``dynamic: strict`` (only ``indicators`` is open, its keys mapped to double): a field the
 template does not know is rejected and dead-lettered instead of being guessed into a type dashboards
@@ -60,10 +74,10 @@ from schemas.indices import (
     default_group_id,
     index_name,
     load_template,
-    period_index_name,
     period_of,
+    single_index_name,
 )
-from schemas.records import DeadLetter
+from schemas.records import FRAUD, LEGITIMATE, DeadLetter
 from schemas.topics import DEAD_LETTERS
 
 log = logging.getLogger(__name__)
@@ -107,8 +121,8 @@ def install_templates(
             )
             migrate_legacy_index(client, route, index_prefix, period)
         client.indices.put_index_template(name=alias, body=body)
-        create_indices(client, [period_index_name(index_prefix, route.kind, now, period)])
-        existing = sorted(period_indices(client, index_prefix, route.kind))
+        create_indices(client, [route.write_index(index_prefix, now, period)])
+        existing = sorted(family_indices(client, index_prefix, route))
         if existing:
             client.indices.update_aliases(body={"actions": [{"add": {"indices": existing, "alias": alias}}]})
         for chunk in range(0, len(existing), 50):  # index names go in the URL: keep it short
@@ -143,6 +157,14 @@ def period_indices(client: OpenSearch, index_prefix: str, kind: str) -> dict[str
     }
 
 
+def family_indices(client: OpenSearch, index_prefix: str, route: Route) -> list[str]:
+    """Every concrete index of one route: its period indices, or its single index where it exists."""
+    if route.single_index:
+        name = single_index_name(index_prefix, route.kind)
+        return [name] if client.indices.exists(index=name) else []
+    return list(period_indices(client, index_prefix, route.kind))
+
+
 def migrate_legacy_index(client: OpenSearch, route: Route, index_prefix: str, period: str) -> int:
     """Copy a pre-alias concrete index ``<prefix>-<kind>`` into period indices, then delete it.
 
@@ -158,7 +180,7 @@ def migrate_legacy_index(client: OpenSearch, route: Route, index_prefix: str, pe
                 "_op_type": "index",
                 "_id": hit["_id"],
                 "_source": source,
-                "_index": period_index_name(index_prefix, route.kind, int(source.get(route.time_field) or 0), period),
+                "_index": route.write_index(index_prefix, int(source.get(route.time_field) or 0), period),
             }
 
     copied = 0
@@ -177,8 +199,15 @@ DAY_MS = 24 * 3600 * 1000
 
 
 def retention_days(indices: IndicesSettings, kind: str) -> int:
-    """Days one index family is kept (``indices.<kind>_retention_days``); 0 = forever."""
-    return int(getattr(indices, f"{kind}_retention_days"))
+    """Days one index family is kept (``indices.<kind>_retention_days``, else the route's default); 0 = forever.
+    A family kept in one index (labels) is never dropped."""
+    route = next((r for r in ROUTES if r.kind == kind), None)
+    if route is not None and route.single_index:
+        return 0
+    setting = getattr(indices, f"{kind}_retention_days", None)
+    if setting is None and route is None:
+        raise ValueError(f"no retention for index kind {kind!r}")
+    return int(setting if setting is not None else route.retention_days)  # type: ignore[union-attr]
 
 
 def expired_indices(
@@ -277,8 +306,10 @@ def to_actions(
 ) -> tuple[list[IndexAction], list[DeadLetter]]:
     """Decode a batch into bulk actions keyed by business id, and dead letters for what cannot be used.
 
-    Each document goes to the period index of its own time field; private fields (face embeddings)
-    are left out unless ``include_private``.
+    Each document goes to the index of its own time field (:meth:`Route.write_index`); private fields
+    (face embeddings) are left out unless ``include_private``. On a keyed route (labels) a tombstone
+    becomes a ``delete`` of the key's document and every action carries the message offset as its
+    external version.
 
     A later message for the same document supersedes an earlier one in the batch: one bulk request
     applies them in order anyway, and keeping only the last means a partial retry can never write an
@@ -294,26 +325,68 @@ def to_actions(
             dead.append(dead_letter_for(message, "unknown_topic", f"no index for topic {message.topic()!r}", now))
             continue
         try:
-            record = codec(route.topic.record_type).decode(message.value())
-        except DecodeError as exc:
+            op = _operation(message, route, index_prefix, period, include_private)
+        except _Unusable as exc:
             dead.append(dead_letter_for(message, exc.kind, exc.reason, now))
             continue
-        doc_id = record.get(route.id_field)
-        if not isinstance(doc_id, str) or not doc_id.strip():
-            dead.append(dead_letter_for(message, "missing_field", f"{route.id_field} is empty", now))
-            continue
-        try:
-            index = period_index_name(index_prefix, route.kind, int(record[route.time_field]), period)
-        except (ValueError, OverflowError, OSError) as exc:
-            dead.append(dead_letter_for(message, "invalid_field", f"{route.time_field}: {exc}", now))
-            continue
-        drop = () if include_private else route.private_fields
-        actions.pop((index, doc_id), None)  # re-insert so the order is that of the last occurrence
-        actions[(index, doc_id)] = IndexAction(
-            op={"_op_type": "index", "_index": index, "_id": doc_id, "_source": to_document(record, drop)},
-            message=message,
-        )
+        key = (op["_index"], op["_id"])
+        actions.pop(key, None)  # re-insert so the order is that of the last occurrence
+        actions[key] = IndexAction(op=op, message=message)
     return list(actions.values()), dead
+
+
+class _Unusable(CheckoutGuardError):
+    """A message that cannot become a document; ``kind`` and ``reason`` go into its dead letter."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(f"{kind}: {reason}")
+        self.kind, self.reason = kind, reason
+
+
+def _operation(message: Message, route: Route, index_prefix: str, period: str, include_private: bool) -> dict[str, Any]:
+    """The bulk operation for one message of ``route``; raises :class:`_Unusable` with the dead letter's reason."""
+    versioned = {"version": message.offset() or 0, "version_type": "external_gte"} if route.keyed else {}
+    if route.keyed and message.value() is None:  # a tombstone: the key's document goes
+        index = route.write_index(index_prefix, 0, period)
+        return {"_op_type": "delete", "_index": index, "_id": _key_text(message), **versioned}
+    try:
+        record = codec(route.topic.record_type).decode(message.value())
+    except DecodeError as exc:
+        raise _Unusable(exc.kind, exc.reason) from None
+    doc_id = record.get(route.id_field)
+    if not isinstance(doc_id, str) or not doc_id.strip():
+        raise _Unusable("missing_field", f"{route.id_field} is empty")
+    if route.keyed and _key_text(message) != doc_id:
+        raise _Unusable("invalid_key", f"the message key is not the record's {route.id_field}")
+    check = RECORD_CHECKS.get(route.kind)
+    if check is not None:
+        check(record)
+    try:
+        index = route.write_index(index_prefix, int(record[route.time_field]), period)
+    except (ValueError, OverflowError, OSError) as exc:
+        raise _Unusable("invalid_field", f"{route.time_field}: {exc}") from None
+    drop = () if include_private else route.private_fields
+    return {"_op_type": "index", "_index": index, "_id": doc_id, "_source": to_document(record, drop), **versioned}
+
+
+def _key_text(message: Message) -> str:
+    key = message.key()
+    if not key:
+        raise _Unusable("invalid_key", "no message key (the document id of this topic)")
+    try:
+        return key.decode("utf-8") if isinstance(key, bytes) else str(key)
+    except UnicodeDecodeError:
+        raise _Unusable("invalid_key", "the message key is not UTF-8") from None
+
+
+def _check_label(record: dict[str, Any]) -> None:
+    if record.get("label") not in (FRAUD, LEGITIMATE):
+        raise _Unusable("invalid_field", "label must be 1 (fraud) or 0 (legitimate)")
+
+
+RECORD_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {"labels": _check_label}
+"""What a kind's records must satisfy beyond their schema before they are indexed (what ``train``
+would refuse must not be counted on the dashboard either)."""
 
 
 def offsets_to_commit(messages: Iterable[Message]) -> list[TopicPartition]:
@@ -337,6 +410,8 @@ class BulkAttempt:
     """The outcome of one bulk round: acknowledged count, actions to retry, dead letters for rejects."""
 
     acknowledged: int = 0
+    stale: int = 0
+    """Of ``acknowledged``: versioned writes OpenSearch refused because the document is newer (409)."""
     retry: list[IndexAction] = field(default_factory=list)
     rejected: list[DeadLetter] = field(default_factory=list)
     problem: str | None = None
@@ -367,12 +442,15 @@ def bulk_once(client: OpenSearch, pending: Sequence[IndexAction], chunk_size: in
             info = next(iter(item.values()))
             if info.get("_id") != action.doc_id:
                 raise RuntimeError(f"bulk answer for {info.get('_id')!r} where {action.doc_id!r} was expected")
-            if ok:
+            if ok or _nothing_to_delete(action, info):
                 result.acknowledged += 1
                 continue
             status, error = info.get("status"), info.get("error")
             error_type = error.get("type") if isinstance(error, dict) else str(error)
-            if is_retriable(status, error_type):
+            if status == 409 and error_type == "version_conflict_engine_exception" and "version" in action.op:
+                result.acknowledged += 1  # the document already holds a later message: this one is done
+                result.stale += 1
+            elif is_retriable(status, error_type):
                 result.retry.append(action)
                 result.problem = f"{status} {error_type}"
                 result.reinstall |= error_type == "index_not_found_exception"
@@ -382,6 +460,11 @@ def bulk_once(client: OpenSearch, pending: Sequence[IndexAction], chunk_size: in
         result.retry += pending[position:]
         result.problem = _short(exc)
     return result
+
+
+def _nothing_to_delete(action: IndexAction, info: dict[str, Any]) -> bool:
+    """A delete of a document that is not there (a tombstone for a verdict never indexed, or a replay)."""
+    return action.op["_op_type"] == "delete" and info.get("status") == 404 and info.get("result") == "not_found"
 
 
 def rejected_dead_letter(action: IndexAction, status: Any, error: Any, now_ms: int | None = None) -> DeadLetter:
@@ -409,11 +492,13 @@ class SinkStats:
     commits: int = 0
     superseded: int = 0
     """Messages made redundant by a later one for the same document in the same batch."""
+    stale: int = 0
+    """Versioned writes (labels) OpenSearch refused because the document already holds a later message."""
 
     def line(self) -> str:
         return (
             f"indexed={self.indexed} dead_lettered={self.dead_lettered} retries={self.retries} "
-            f"batches={self.batches} commits={self.commits} superseded={self.superseded}"
+            f"batches={self.batches} commits={self.commits} superseded={self.superseded} stale={self.stale}"
         )
 
 
@@ -576,7 +661,8 @@ class OpenSearchSink:
         pending, rejected, attempt, started = actions, [], 0, time.monotonic()
         while pending:
             result = bulk_once(self.client, pending, self.max_docs)
-            self.stats.indexed += result.acknowledged
+            self.stats.indexed += result.acknowledged - result.stale
+            self.stats.stale += result.stale
             rejected += result.rejected
             pending = result.retry
             if not pending:
@@ -732,7 +818,8 @@ def run_sink(
 
 
 app = typer.Typer(
-    add_completion=False, help="Index scored transactions, alerts and face observations from Kafka into OpenSearch."
+    add_completion=False,
+    help="Index scored transactions, alerts, face observations, labels and model drift from Kafka into OpenSearch.",
 )
 
 

@@ -51,7 +51,9 @@ def _field_list(kind: str, index_prefix: str) -> list[dict[str, Any]]:
         if es_type == "object":
             continue
         indexed = spec.get("index", True)
-        kind_ = {"keyword": "string", "text": "string", "date": "date"}.get(es_type) or NUMERIC[es_type]
+        kind_ = {"keyword": "string", "text": "string", "date": "date", "boolean": "boolean"}.get(es_type) or NUMERIC[
+            es_type
+        ]
         fields.append(
             {
                 "name": name,
@@ -81,13 +83,13 @@ def _field_list(kind: str, index_prefix: str) -> list[dict[str, Any]]:
     return fields
 
 
-def index_pattern(kind: str, index_prefix: str) -> dict[str, Any]:
+def index_pattern(kind: str, index_prefix: str, time_field: str = "event_time") -> dict[str, Any]:
     return {
         "type": "index-pattern",
         "id": pattern_id(kind),
         "attributes": {
             "title": index_name(index_prefix, kind),
-            "timeFieldName": "event_time",
+            "timeFieldName": time_field,
             "fields": json.dumps(_field_list(kind, index_prefix), separators=(",", ":")),
         },
         "references": [],
@@ -136,14 +138,14 @@ def terms(field: str, schema: str, agg_id: str, size: int = 10, label: str | Non
     }
 
 
-def over_time(agg_id: str = "2") -> dict[str, Any]:
+def over_time(agg_id: str = "2", field: str = "event_time") -> dict[str, Any]:
     return {
         "id": agg_id,
         "enabled": True,
         "type": "date_histogram",
         "schema": "segment",
         "params": {
-            "field": "event_time",
+            "field": field,
             "useNormalizedOpenSearchInterval": True,
             "interval": "auto",
             "drop_partials": False,
@@ -456,8 +458,56 @@ PANELS: list[tuple[dict[str, Any], int, int]] = [
             "Alerts by kind",
             "alerts",
             "pie",
-            [count(), terms("kind", "segment", "2", size=4)],
-            "Blocked transactions, watch-list matches, suspects entering, VIPs arriving.",
+            [count(), terms("kind", "segment", "2", size=5)],
+            "Blocked transactions, watch-list matches, suspects entering, VIPs arriving, fraud model drift.",
+        ),
+        24,
+        14,
+    ),
+    (
+        visualization(
+            "cg-champion-challenger",
+            "Champion and challenger scores",
+            "transactions",
+            "line",
+            [
+                metric("avg", "model_score", "champion (decides)"),
+                metric("avg", "challenger_score", "challenger (recorded)", agg_id="3"),
+                over_time(),
+            ],
+            "Average 0-1000 score of the champion model, which decides, and of the challenger, which is only "
+            "recorded, per interval. The live dashboard's Models page compares their distributions and ROC-AUC.",
+        ),
+        24,
+        14,
+    ),
+    (
+        visualization(
+            "cg-model-drift",
+            "Model drift (score PSI)",
+            "model_drift",
+            "line",
+            [
+                metric("max", "score_psi", "score PSI"),
+                metric("max", "worst_psi", "worst feature PSI", agg_id="4"),
+                over_time(field="hour_start"),
+                terms("model_version", "group", "3", size=3),
+            ],
+            "Population stability of the model's score and its worst feature against the training data, per "
+            "hour and model version: < 0.1 stable, 0.1-0.25 moderate, > 0.25 significant.",
+        ),
+        24,
+        14,
+    ),
+    (
+        visualization(
+            "cg-field-labels",
+            "Field labels by source",
+            "labels",
+            "histogram",
+            [count(label="verdicts"), metric("sum", "label", "fraud", agg_id="3"), terms("source", "segment", "2")],
+            "Confirmed verdicts in force per source (case, chargeback, cli): all of them, and the fraud ones "
+            "(label 1; 0 is legitimate). Time field: when the verdict was reached.",
         ),
         24,
         14,
@@ -517,7 +567,8 @@ def dashboard() -> dict[str, Any]:
 
 def saved_objects(index_prefix: str = "checkout-guard") -> list[dict[str, Any]]:
     """Index patterns first, then the panels, then the dashboard: the order an import resolves them in."""
-    return [index_pattern(route.kind, index_prefix) for route in ROUTES] + [o for o, _, _ in PANELS] + [dashboard()]
+    patterns = [index_pattern(route.kind, index_prefix, route.time_field) for route in ROUTES]
+    return patterns + [o for o, _, _ in PANELS] + [dashboard()]
 
 
 def render(index_prefix: str = "checkout-guard") -> str:

@@ -1,9 +1,10 @@
 """The live dashboard against the real local OpenSearch, in headless Chromium.
 
-Scored transactions, alerts (one with a snapshot in an ImageStore) and face observations are indexed
-into a private index prefix through the sink's own code (templates, period indices, bulk actions);
-the app is served by uvicorn on a free port; Chromium loads the page, waits until the charts are
-drawn, and a screenshot is kept in ``.stack/screenshots/`` (git-ignored) for a human to look at.
+Scored transactions (champion and challenger scores), alerts (one with a snapshot in an ImageStore),
+face observations, field labels and model drift reports are indexed into a private index prefix
+through the sink's own code (templates, period indices, bulk actions); the app is served by uvicorn
+on a free port; Chromium loads the live page and the Models page, waits until the charts are drawn,
+and screenshots are kept in ``.stack/screenshots/`` (git-ignored) for a human to look at.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -29,8 +31,8 @@ from PIL import Image, ImageDraw
 from infra.clients.image_store import LocalImageStore
 from infra.clients.opensearch import make_client
 from infra.settings import Settings, get_settings
-from schemas.records import Alert, FaceObservation, Record, ScoredTransaction
-from schemas.topics import ALERTS, FACE_OBSERVATIONS, SCORED_TRANSACTIONS
+from schemas.records import Alert, FaceObservation, Label, ModelDrift, Record, ScoredTransaction, make_label
+from schemas.topics import ALERTS, FACE_OBSERVATIONS, LABELS, MODEL_DRIFT, SCORED_TRANSACTIONS
 from sinks.dashboard.app import Dashboard, create_app
 from sinks.opensearch.sink import bulk_once, install_templates, to_actions
 
@@ -41,6 +43,8 @@ SCREENSHOTS = REPO / ".stack" / "screenshots"
 FACE_PHOTO = REPO / ".." / "shared" / "data" / "faces" / "face_recognition" / "test_images" / "obama.jpg"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 STORES = ("S01", "S02", "S03", "S04")
+CHAMPION, CHALLENGER = "gbm-20261101-aaaa1111", "gbm-20261120-bbbb2222"
+HOUR_MS = 3_600_000
 
 
 @dataclass
@@ -50,6 +54,8 @@ class Indexed:
     transactions: list[ScoredTransaction]
     alerts: list[Alert]
     faces: list[FaceObservation]
+    labels: list[Label]
+    drift: list[ModelDrift]
 
     def count(self, outcome: str, store: str | None = None) -> int:
         return sum(1 for t in self.transactions if t.outcome == outcome and store in (None, t.store_id))
@@ -70,13 +76,76 @@ def snapshot_jpeg() -> bytes:
     return out.getvalue()
 
 
+def is_fraud(t: ScoredTransaction) -> bool:
+    """The ground truth the seeded field labels tell: blocked sales, and every other review."""
+    return t.outcome == "BLOCK" or (t.outcome == "REVIEW" and int(t.transaction_id[-1]) % 2 == 0)
+
+
+def model_scores(rng: random.Random, fraud: bool, i: int) -> dict[str, Any]:
+    """Champion and challenger scores; the challenger separates better and was loaded after 1 in 6 rows."""
+    champion = min(1000, max(0, round(rng.gauss(650 if fraud else 320, 190))))
+    challenger = min(1000, max(0, round(rng.gauss(820 if fraud else 240, 150))))
+    with_challenger = i % 6 != 0
+    return {
+        "model_score": champion,
+        "model_version": CHAMPION,
+        "challenger_score": challenger if with_challenger else None,
+        "challenger_version": CHALLENGER if with_challenger else None,
+    }
+
+
+def make_labels(transactions: list[ScoredTransaction], now_ms: int) -> list[Label]:
+    """A verdict for every third transaction, and one for a transaction the window does not hold."""
+    labels = [
+        make_label(
+            transaction_id=t.transaction_id,
+            label=int(is_fraud(t)),
+            source=("case", "chargeback", "cli")[n % 3],
+            decided_at=now_ms - n * 1000,
+            decided_by="analyst@store.example",
+        )
+        for n, t in enumerate(transactions[::3])
+    ]
+    return [*labels, make_label(transaction_id="tx-from-last-year", label=1, source="chargeback", decided_at=now_ms)]
+
+
+def make_drift(now_ms: int) -> list[ModelDrift]:
+    """Three hourly reports per model: the champion stable, the challenger drifting in the latest hour."""
+    hour = now_ms - now_ms % HOUR_MS - HOUR_MS
+    out = []
+    for version, psis in ((CHAMPION, (0.03, 0.05, 0.04)), (CHALLENGER, (0.06, 0.12, 0.32))):
+        for back, score_psi in zip((2, 1, 0), psis, strict=True):
+            start = hour - back * HOUR_MS
+            features = {"amount": score_psi * 1.3, "velocity_24h": score_psi * 0.8, "items": 0.01, "card_bin": 0.002}
+            worst = max(features, key=lambda name: features[name])
+            out.append(
+                ModelDrift(
+                    report_id=f"drift:{version}:{start}",
+                    model_version=version,
+                    hour_start=start,
+                    rows=780 + back,
+                    late_rows=3 if back == 0 else 0,
+                    score_psi=score_psi,
+                    feature_psi=features,
+                    worst_feature=worst,
+                    worst_psi=features[worst],
+                    alert=max(score_psi, features[worst]) >= 0.25,
+                    reference_rows=340,
+                    created_at=start + HOUR_MS + 300_000,
+                )
+            )
+    return out
+
+
 def make_data(now_ms: int, images: LocalImageStore) -> Indexed:
     rng = random.Random(7)
+    score_rng = random.Random(11)
     transactions = []
     for i in range(240):
         outcome = rng.choices(("APPROVE", "REVIEW", "BLOCK"), weights=(80, 12, 8))[0]
         event_time = now_ms - rng.randint(30_000, 50 * 60_000)
         ttdf = rng.randint(20, 120) + (400 if i % 37 == 0 else 0)
+        fraud = outcome == "BLOCK" or (outcome == "REVIEW" and i % 2 == 0)
         transactions.append(
             ScoredTransaction(
                 transaction_id=f"tx-{i:05d}",
@@ -99,6 +168,7 @@ def make_data(now_ms: int, images: LocalImageStore) -> Indexed:
                 ttdf_ms=ttdf,
                 billing_state=("CA", "NY", "TX")[i % 3],
                 billing_country="US",
+                **model_scores(score_rng, fraud, i),
             )
         )
     blocked = [t for t in transactions if t.outcome == "BLOCK"]
@@ -138,7 +208,7 @@ def make_data(now_ms: int, images: LocalImageStore) -> Indexed:
         )
         for n, t in enumerate(transactions[:120])
     ]
-    return Indexed(transactions, alerts, faces)
+    return Indexed(transactions, alerts, faces, make_labels(transactions, now_ms), make_drift(now_ms))
 
 
 def index_all(client: OpenSearch, prefix: str, data: Indexed) -> None:
@@ -153,6 +223,16 @@ def index_all(client: OpenSearch, prefix: str, data: Indexed) -> None:
         batch += [
             Message(topic=spec.full_name(""), partition=0, offset=n, value=r.encode()) for n, r in enumerate(records_)
         ]
+    batch += [
+        Message(
+            topic=LABELS.full_name(""), partition=0, offset=n, key=label.transaction_id.encode(), value=label.encode()
+        )
+        for n, label in enumerate(data.labels)
+    ]
+    batch += [
+        Message(topic=MODEL_DRIFT.full_name(""), partition=0, offset=n, key=r.report_id.encode(), value=r.encode())
+        for n, r in enumerate(data.drift)
+    ]
     actions, dead = to_actions(batch, index_prefix=prefix)
     assert dead == []
     result = bulk_once(client, actions)
@@ -204,7 +284,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         server.should_exit = True
         thread.join(timeout=10)
         client.indices.delete(index=f"{prefix}-*", ignore_unavailable=True)
-        for kind in ("transactions", "alerts", "face_observations"):
+        for kind in ("transactions", "alerts", "face_observations", "labels", "model_drift"):
             client.indices.delete_index_template(name=f"{prefix}-{kind}", ignore=[404])
 
 
@@ -335,5 +415,120 @@ def test_alert_page_that_messages_link_to_shows_the_alert_its_decision_and_snaps
             assert page.inner_text('#tx-facts td[data-field="outcome"]') == "BLOCK"
             assert page.inner_text('#alert-facts td[data-field="transaction"]') == alert.transaction_id
             page.screenshot(path=str(SCREENSHOTS / "alert.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+def pairwise_auc(scores: list[int], labels: list[int]) -> float:
+    """ROC-AUC by its definition (every fraud/legit pair, ties half), to check the dashboard's figure."""
+    pos = [x for x, y in zip(scores, labels, strict=True) if y]
+    neg = [x for x, y in zip(scores, labels, strict=True) if not y]
+    return sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg) / (len(pos) * len(neg))
+
+
+def expected_evaluation(data: Indexed) -> dict[str, Any]:
+    by_id = {t.transaction_id: t for t in data.transactions}
+    joined = [(by_id[label.transaction_id], label.label) for label in data.labels if label.transaction_id in by_id]
+    challenged = [(t, y) for t, y in joined if t.challenger_score is not None]
+    return {
+        "labelled": len(joined),
+        "fraud": sum(y for _, y in joined),
+        "champion_rows": len(joined),
+        "champion_auc": pairwise_auc([t.model_score or 0 for t, _ in joined], [y for _, y in joined]),
+        "challenger_rows": len(challenged),
+        "challenger_auc": pairwise_auc([t.challenger_score or 0 for t, _ in challenged], [y for _, y in challenged]),
+    }
+
+
+def test_models_api_compares_champion_and_challenger_on_the_labelled_transactions(served: Served) -> None:
+    data, want = served.data, expected_evaluation(served.data)
+    models = httpx.get(f"{served.url}/api/models", params={"minutes": 60}, timeout=30).json()
+    dist = models["distributions"]
+    assert dist["scored"] == len(data.transactions)
+    assert dist["champion"]["versions"] == {CHAMPION: len(data.transactions)}
+    challenged = sum(1 for t in data.transactions if t.challenger_score is not None)
+    assert dist["challenger"]["versions"] == {CHALLENGER: challenged}
+    assert sum(dist["champion"]["counts"]) == len(data.transactions)
+    assert sum(dist["challenger"]["counts"]) == challenged
+    for n, start in enumerate(dist["bins"]):  # each bin holds exactly the scores in [start, start + 50)
+        inside = sum(
+            1
+            for t in data.transactions
+            if start <= (t.model_score or 0) < start + 50 or (n == 19 and t.model_score == 1000)
+        )
+        assert dist["champion"]["counts"][n] == inside
+
+    ev = models["evaluation"]
+    assert (ev["labelled"], ev["fraud"]) == (want["labelled"], want["fraud"])
+    assert ev["champion"]["rows"] == want["champion_rows"] and ev["challenger"]["rows"] == want["challenger_rows"]
+    assert ev["champion"]["auc"] == pytest.approx(want["champion_auc"], abs=1e-4)
+    assert ev["challenger"]["auc"] == pytest.approx(want["challenger_auc"], abs=1e-4)
+    assert ev["challenger"]["auc"] > ev["champion"]["auc"]  # the seeded challenger separates better
+    assert models["labels"] == {
+        "total": len(data.labels),
+        "fraud": sum(label.label for label in data.labels),
+        "sources": models["labels"]["sources"],
+        "read": len(data.labels),
+        "truncated": False,
+    }
+
+    one = httpx.get(f"{served.url}/api/models", params={"minutes": 60, "store": "S02"}, timeout=30).json()
+    in_store = {t.transaction_id for t in data.transactions if t.store_id == "S02"}
+    assert one["distributions"]["scored"] == len(in_store)
+    assert one["evaluation"]["labelled"] == sum(1 for label in data.labels if label.transaction_id in in_store)
+
+    drift = httpx.get(f"{served.url}/api/drift", params={"minutes": 60}, timeout=30).json()
+    rows = {m["model_version"]: m for m in drift["models"]}
+    assert set(rows) == {CHAMPION, CHALLENGER}
+    latest = max(r.hour_start for r in data.drift)
+    assert rows[CHALLENGER]["hour_start"] == latest and rows[CHALLENGER]["alert"] is True
+    assert rows[CHALLENGER]["score_psi"] == pytest.approx(0.32) and rows[CHALLENGER]["score_band"] == "significant"
+    assert rows[CHALLENGER]["worst"][0]["feature"] == "amount"
+    assert rows[CHAMPION]["alert"] is False and rows[CHAMPION]["score_band"] == "stable"
+
+
+def test_models_page_renders_distributions_auc_and_drift_in_headless_chromium(served: Served, tmp_path: Path) -> None:
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed (infra/install.sh installs it)")
+    from playwright.sync_api import sync_playwright
+
+    want = expected_evaluation(served.data)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"{served.url}/?minutes=60", wait_until="networkidle")
+            page.wait_for_function("Number(document.body.dataset.renders || 0) >= 1", timeout=30_000)
+            page.click("#nav-models")  # the live page links to the Models page, window kept
+            page.wait_for_url("**/models?*", timeout=30_000)
+            assert "minutes=60" in page.url
+            page.wait_for_function("Number(document.body.dataset.renders || 0) >= 1", timeout=30_000)
+            shot = tmp_path / "models.png"
+            page.screenshot(path=str(shot), full_page=True)
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(shot, SCREENSHOTS / "models.png")
+
+            assert errors == []
+            assert page.locator("#status.error").count() == 0
+            assert page.inner_text("#kpi-champion .value") == CHAMPION
+            assert page.inner_text("#kpi-challenger .value") == CHALLENGER
+            assert page.locator("#chart-scores rect.bar[data-series=champion]").count() >= 8
+            assert page.locator("#chart-scores rect.bar[data-series=challenger]").count() >= 8
+            assert page.locator("#score-table tbody tr").count() == 2
+            assert page.locator("#chart-auc rect.bar").count() == 2
+            auc = page.locator('#auc-table tr[data-row="ROC-AUC"]')
+            assert auc.locator("td[data-role=champion]").inner_text() == f"{want['champion_auc']:.3f}"
+            assert auc.locator("td[data-role=challenger]").inner_text() == f"{want['challenger_auc']:.3f}"
+            rows = page.locator('#auc-table tr[data-row="labelled rows"]')
+            assert rows.locator("td[data-role=champion]").inner_text() == str(want["champion_rows"])
+            assert page.locator("#drift-table tbody tr").count() == 2
+            assert page.locator("#drift-table tbody tr.alerting").count() == 1
+            assert page.inner_text("#drift-table tbody tr.alerting td:first-child") == CHALLENGER
+            assert page.locator("#drift-table tr.alerting .psi.significant").count() >= 2
+            assert page.is_hidden("#drift-none")
         finally:
             browser.close()

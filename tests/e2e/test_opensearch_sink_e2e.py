@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import pytest
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from opensearchpy import OpenSearch
 
@@ -28,9 +28,9 @@ from infra.clients.opensearch import make_client
 from infra.retry import Backoff
 from infra.settings import Settings, get_settings
 from schemas.indices import TEMPLATE_DIR
-from schemas.records import Alert, DeadLetter, FaceObservation, Record, ScoredTransaction
-from schemas.topics import ALERTS, DEAD_LETTERS, FACE_OBSERVATIONS, SCORED_TRANSACTIONS
-from sinks.opensearch.sink import OpenSearchSink, apply_retention, install_templates
+from schemas.records import Alert, DeadLetter, FaceObservation, Label, ModelDrift, Record, ScoredTransaction, make_label
+from schemas.topics import ALERTS, DEAD_LETTERS, FACE_OBSERVATIONS, LABELS, MODEL_DRIFT, SCORED_TRANSACTIONS, TopicSpec
+from sinks.opensearch.sink import OpenSearchSink, apply_retention, bulk_once, install_templates, to_actions
 
 pytestmark = pytest.mark.e2e
 log = logging.getLogger(__name__)
@@ -100,8 +100,12 @@ def sandbox(base_settings: Settings) -> Iterator[Sandbox]:
         update={"kafka": base_settings.kafka.model_copy(update={"topic_prefix": topic_prefix})}
     )
     admin = AdminClient(settings.kafka.client_config())
-    topics = [spec.full_name(topic_prefix) for spec in (SCORED_TRANSACTIONS, ALERTS, FACE_OBSERVATIONS, DEAD_LETTERS)]
-    for future in admin.create_topics([NewTopic(t, num_partitions=3, replication_factor=1) for t in topics]).values():
+    specs = (SCORED_TRANSACTIONS, ALERTS, FACE_OBSERVATIONS, DEAD_LETTERS, LABELS, MODEL_DRIFT)
+    topics = [spec.full_name(topic_prefix) for spec in specs]
+    new = [
+        NewTopic(spec.full_name(topic_prefix), num_partitions=spec.partitions, replication_factor=1) for spec in specs
+    ]
+    for future in admin.create_topics(new).values():
         future.result(timeout=30)
     box = Sandbox(
         settings,
@@ -113,7 +117,7 @@ def sandbox(base_settings: Settings) -> Iterator[Sandbox]:
         yield box
     finally:
         cleanup: list[Callable[[], object]] = []
-        for kind in ("transactions", "alerts", "face_observations"):
+        for kind in ("transactions", "alerts", "face_observations", "labels", "model_drift"):
             name = f"{box.index_prefix}-{kind}"
             cleanup.append(lambda n=name: box.opensearch.indices.delete(index=f"{n}-*,{n}", ignore_unavailable=True))
             cleanup.append(lambda n=name: box.opensearch.indices.delete_index_template(name=n))
@@ -200,11 +204,13 @@ def _committed(probe: Consumer, partitions: list[TopicPartition], attempts: int 
     raise AssertionError("unreachable")
 
 
-def committed_and_end(box: Sandbox) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], int]]:
+def committed_and_end(
+    box: Sandbox, specs: tuple[TopicSpec, ...] = (SCORED_TRANSACTIONS, ALERTS)
+) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], int]]:
     """The group's committed offsets and the end offsets of the sink's input partitions."""
     probe = Consumer({**box.settings.kafka.client_config(), "group.id": box.group_id, "enable.auto.commit": False})
     try:
-        partitions = [TopicPartition(box.topic(spec), p) for spec in (SCORED_TRANSACTIONS, ALERTS) for p in range(3)]
+        partitions = [TopicPartition(box.topic(spec), p) for spec in specs for p in range(spec.partitions)]
         committed = {(tp.topic, tp.partition): tp.offset for tp in _committed(probe, partitions)}
         end = {(tp.topic, tp.partition): probe.get_watermark_offsets(tp, timeout=10)[1] for tp in partitions}
         return committed, end
@@ -220,8 +226,8 @@ def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 60.0
         time.sleep(0.2)
 
 
-def caught_up(box: Sandbox) -> bool:
-    committed, end = committed_and_end(box)
+def caught_up(box: Sandbox, specs: tuple[TopicSpec, ...] = (SCORED_TRANSACTIONS, ALERTS)) -> bool:
+    committed, end = committed_and_end(box, specs)
     return all(committed[tp] == end[tp] or (end[tp] == 0 and committed[tp] < 0) for tp in end)
 
 
@@ -587,3 +593,155 @@ def test_sink_creates_period_indices_itself_where_the_cluster_does_not_auto_crea
         assert sandbox.count("transactions") == 10
     finally:
         client.cluster.put_settings(body={"transient": {"action.auto_create_index": None}})
+
+
+# --------------------------------------------------------------------------- champion/challenger, labels, drift
+
+HOUR = 3_600_000
+MODEL_TOPICS = (SCORED_TRANSACTIONS, LABELS, MODEL_DRIFT)
+
+
+def verdict(tx: str, label: int, decided_at: int, source: str = "case") -> Label:
+    return make_label(transaction_id=tx, label=label, source=source, decided_at=decided_at, decided_by="analyst@x")
+
+
+def keyed(records: list[Label]) -> list[tuple[bytes, bytes]]:
+    return [(r.transaction_id.encode(), r.encode()) for r in records]
+
+
+def produce_tombstone(box: Sandbox, key: str) -> None:
+    producer = Producer({**box.settings.kafka.client_config(), "enable.idempotence": True})
+    producer.produce(box.topic(LABELS), key=key.encode(), value=None)
+    assert producer.flush(30) == 0
+
+
+def drift_report(version: str, hour_start: int, score_psi: float, rows: int = 500) -> ModelDrift:
+    return ModelDrift(
+        report_id=f"drift:{version}:{hour_start}",
+        model_version=version,
+        hour_start=hour_start,
+        rows=rows,
+        late_rows=0,
+        score_psi=score_psi,
+        feature_psi={"amount": 0.31, "items": 0.02},
+        worst_feature="amount",
+        worst_psi=0.31,
+        alert=score_psi >= 0.25,
+        reference_rows=340,
+        created_at=hour_start + HOUR + 60_000,
+    )
+
+
+def docs(box: Sandbox, kind: str) -> dict[str, dict]:
+    index = f"{box.index_prefix}-{kind}"
+    box.opensearch.indices.refresh(index=index)
+    hits = box.opensearch.search(index=index, body={"size": 1000, "version": True})["hits"]["hits"]
+    return {hit["_id"]: {**hit["_source"], "_version": hit["_version"]} for hit in hits}
+
+
+def test_challenger_scores_labels_and_drift_reports_reach_their_indices(sandbox: Sandbox) -> None:
+    transactions = [
+        ScoredTransaction(
+            **{**t.to_avro(), "model_score": 100 * i, "model_version": "gbm-a", "challenger_score": 999 - 100 * i}
+            | ({"challenger_version": "gbm-b"} if i % 2 == 0 else {"challenger_score": None})
+        )
+        for i, t in enumerate(scored(6))
+    ]
+    produce(sandbox, sandbox.topic(SCORED_TRANSACTIONS), encoded(transactions, "transaction_id"))
+    t0 = 1_700_000_000_000
+    produce(
+        sandbox,
+        sandbox.topic(LABELS),
+        keyed(
+            [
+                verdict("tx-000001", 0, t0 + 5 * HOUR),  # an analyst says legit ...
+                verdict("tx-000002", 1, t0),
+                verdict("tx-000003", 1, t0),
+                verdict(
+                    "tx-000001", 1, t0 + HOUR, source="chargeback"
+                ),  # ... the chargeback, dated earlier, published later
+            ]
+        )
+        + [(b"tx-000004", verdict("tx-000005", 1, t0).encode())],  # keyed by another transaction: refused
+    )
+    produce_tombstone(sandbox, "tx-000003")  # withdrawn
+    produce_tombstone(sandbox, "tx-never-labelled")  # nothing to delete
+    hour = t0 - t0 % HOUR
+    reports = [
+        drift_report("gbm-a", hour, 0.05),
+        drift_report("gbm-b", hour, 0.4),
+        drift_report("gbm-a", hour + HOUR, 0.3),
+    ]
+    reemitted = drift_report("gbm-a", hour, 0.06, rows=520)  # the same hour again, with late rows counted
+    produce(sandbox, sandbox.topic(MODEL_DRIFT), encoded([*reports, reemitted], "report_id"))
+
+    with running(sandbox.sink()) as sink:
+        wait_until(lambda: caught_up(sandbox, MODEL_TOPICS), "the sink committed every offset of the three topics")
+    assert sink.stats.dead_lettered == 1
+    assert [d.error_kind for d in dead_letters(sandbox, expected=1)] == ["invalid_key"]
+
+    scored_docs = docs(sandbox, "transactions")
+    assert (
+        scored_docs["tx-000002"]["challenger_score"] == 799
+        and scored_docs["tx-000002"]["challenger_version"] == "gbm-b"
+    )
+    assert scored_docs["tx-000001"]["challenger_score"] is None
+    index = f"{sandbox.index_prefix}-transactions"
+    answer = sandbox.opensearch.search(
+        index=index,
+        body={
+            "size": 0,
+            "aggs": {"c": {"histogram": {"field": "challenger_score", "interval": 100, "min_doc_count": 1}}},
+        },
+    )
+    assert {b["key"]: b["doc_count"] for b in answer["aggregations"]["c"]["buckets"]} == {500.0: 1, 700.0: 1, 900.0: 1}
+
+    labels = docs(sandbox, "labels")
+    assert set(labels) == {"tx-000001", "tx-000002"}  # tx-000003 withdrawn, the mis-keyed one refused
+    assert (labels["tx-000001"]["label"], labels["tx-000001"]["source"]) == (1, "chargeback")  # published last wins
+    assert labels["tx-000001"]["decided_at"] == t0 + HOUR
+    assert sandbox.opensearch.indices.get_alias(name=f"{sandbox.index_prefix}-labels") == {
+        f"{sandbox.index_prefix}-labels-all": {"aliases": {f"{sandbox.index_prefix}-labels": {}}}
+    }
+
+    drift = docs(sandbox, "model_drift")
+    assert set(drift) == {r.report_id for r in reports}
+    assert drift[reemitted.report_id]["rows"] == 520
+    assert drift[f"drift:gbm-b:{hour}"]["alert"] is True
+    assert drift[f"drift:gbm-b:{hour}"]["feature_psi"] == {"amount": 0.31, "items": 0.02}
+    mapping = sandbox.opensearch.indices.get_mapping(index=f"{sandbox.index_prefix}-model_drift-2023.11.14")
+    props = next(iter(mapping.values()))["mappings"]["properties"]
+    assert props["feature_psi"]["properties"]["amount"]["type"] == "double"
+
+    # An older write that reaches OpenSearch late (a consumer that lost the partition, a replay) changes nothing.
+    first = Message(
+        topic=sandbox.topic(LABELS),
+        partition=0,
+        offset=0,
+        key=b"tx-000001",
+        value=verdict("tx-000001", 0, t0 + 5 * HOUR).encode(),
+    )
+    actions, dead = to_actions([first], index_prefix=sandbox.index_prefix, topic_prefix=sandbox.topic_prefix)
+    assert dead == []
+    result = bulk_once(sandbox.opensearch, actions)
+    assert (result.acknowledged, result.stale, result.retry, result.rejected) == (1, 1, [], [])
+    assert docs(sandbox, "labels")["tx-000001"]["label"] == 1
+
+    # A sink of a fresh group replays every topic from the start: the same documents.
+    before = {kind: sources(docs(sandbox, kind)) for kind in ("labels", "model_drift")}
+    first_group, sandbox.group_id = sandbox.group_id, f"{sandbox.group_id}-replay"
+    try:
+        with running(sandbox.sink()) as replay:
+            wait_until(lambda: caught_up(sandbox, MODEL_TOPICS), "the replaying sink committed every offset")
+    finally:
+        admin = AdminClient(sandbox.settings.kafka.client_config())
+        with contextlib.suppress(Exception):
+            admin.delete_consumer_groups([first_group])[first_group].result(timeout=30)
+    # the analyst's older verdict came again: dropped within the batch or refused by OpenSearch, never written
+    assert replay.stats.superseded + replay.stats.stale >= 1
+    assert {kind: sources(docs(sandbox, kind)) for kind in ("labels", "model_drift")} == before
+
+
+def sources(found: dict[str, dict]) -> dict[str, dict]:
+    """Documents without their version (a replay may rewrite a document with the same content)."""
+    return {doc_id: {k: v for k, v in doc.items() if k != "_version"} for doc_id, doc in found.items()}

@@ -26,19 +26,23 @@ def app_without_opensearch() -> TestClient:
 
 def test_page_and_its_assets_come_from_the_app_not_a_cdn() -> None:
     client = app_without_opensearch()
-    page = client.get("/")
-    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
-    sources = re.findall(r'(?:src|href)="([^"]+)"', page.text)
-    assert sources and all(s.startswith("/static/") for s in sources)
-    for source in sources:
-        assert client.get(source).status_code == 200
-    script = client.get("/static/app.js").text
-    assert "http://" not in script.replace("http://www.w3.org/2000/svg", "") and "https://" not in script
+    for path in ("/", "/models"):
+        page = client.get(path)
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+        sources = re.findall(r'(?:src|<link[^>]*href)="([^"]+)"', page.text)
+        assert sources and all(s.startswith("/static/") for s in sources)
+        for source in sources:
+            assert client.get(source).status_code == 200
+        links = re.findall(r'<a [^>]*href="([^"]+)"', page.text)
+        assert set(links) == {"/", "/models"}  # the pages link each other, nothing outside
+    for script in ("common.js", "app.js", "models.js", "alert.js"):
+        text = client.get(f"/static/{script}").text
+        assert "http://" not in text.replace("http://www.w3.org/2000/svg", "") and "https://" not in text
 
 
 def test_unreachable_opensearch_is_a_503_with_a_reason_the_page_shows() -> None:
     client = app_without_opensearch()
-    for path in ("/api/overview", "/api/alerts", "/api/faces"):
+    for path in ("/api/overview", "/api/alerts", "/api/faces", "/api/models", "/api/drift"):
         answer = client.get(path, params={"minutes": 15})
         assert answer.status_code == 503
         assert answer.json()["error"].startswith("OpenSearch unavailable")

@@ -22,10 +22,15 @@ PATHS = (
     "/",
     "/alerts/blocked:tx-1",
     "/static/app.js",
+    "/static/common.js",
+    "/static/models.js",
+    "/models",
     "/api/config",
     "/api/overview",
     "/api/alerts",
     "/api/faces",
+    "/api/models",
+    "/api/drift",
     "/api/alerts/blocked:tx-1",
     "/api/alerts/blocked:tx-1/snapshot",
 )
@@ -96,6 +101,8 @@ def test_the_login_or_the_token_opens_pages_json_and_snapshots() -> None:
         assert client.get("/", headers=headers).status_code == 200
         assert client.get("/api/config", headers=headers).status_code == 200
         assert client.get("/api/alerts/blocked:tx-1", headers=headers).status_code == 200
+        for path in ("/models", "/api/models", "/api/drift"):
+            assert client.get(path, headers=headers).status_code == 200, path
         snapshot = client.get("/api/alerts/blocked:tx-1/snapshot", headers=headers)
         assert snapshot.status_code == 200 and snapshot.headers["content-type"] == "image/jpeg"
 

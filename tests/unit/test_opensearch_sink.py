@@ -13,9 +13,9 @@ from opensearchpy.serializer import JSONSerializer
 
 from infra.retry import Backoff
 from infra.settings import IndicesSettings
-from schemas.codec import load_schemas
+from schemas.codec import latest_versions
 from schemas.indices import ROUTES, default_group_id, load_template, period_index_name, period_of
-from schemas.records import Alert, DeadLetter, FaceObservation, ScoredTransaction
+from schemas.records import Alert, DeadLetter, FaceObservation, Label, ModelDrift, ScoredTransaction, make_label
 from sinks.opensearch.sink import (
     DAY_MS,
     IndexAction,
@@ -185,11 +185,11 @@ def test_template_maps_every_schema_field_strictly(route: Any) -> None:
     assert (settings["number_of_shards"], settings["number_of_replicas"], settings["refresh_interval"]) == (1, 0, "1s")
     mappings = template["template"]["mappings"]
     assert mappings["dynamic"] == "strict"
-    schema = next(s for s in load_schemas().values() if s.short_name == route.topic.record_type)
+    schema = latest_versions()[route.topic.record_type]
     avro_fields = {f["name"] for f in json.loads(schema.path.read_text())["fields"]}
     assert set(mappings["properties"]) == avro_fields
     assert mappings["properties"][route.id_field] == {"type": "keyword"}
-    for name in ("event_time", "decided_at", "ingest_time"):
+    for name in ("event_time", "decided_at", "ingest_time", "hour_start", "created_at", route.time_field):
         if name in avro_fields:
             assert mappings["properties"][name] == {"type": "date", "format": "epoch_millis"}
 
@@ -235,8 +235,16 @@ class FakeBulkClient:
         answer = self.answers.pop(0)
         if isinstance(answer, Exception):
             raise answer
-        ids = [line["index"]["_id"] for line in lines[::2]]
-        return {"errors": True, "items": [{"index": {"_id": i, **answer.get(i, {"status": 201})}} for i in ids]}
+        ops, lines = [], list(lines)  # (op type, id): an index op is followed by its source line, a delete is not
+        while lines:
+            op_type, meta = next(iter(lines.pop(0).items()))
+            ops.append((op_type, meta["_id"]))
+            if op_type != "delete":
+                lines.pop(0)
+        return {
+            "errors": True,
+            "items": [{op: {"_id": i, **answer.get(i, {"status": 201})}} for op, i in ops],
+        }
 
 
 def actions_for(*ids: str) -> list[IndexAction]:
@@ -375,6 +383,173 @@ def test_retention_drops_indices_whose_period_ended_and_that_were_created_long_e
 def test_face_observations_are_kept_shorter_than_transactions_by_default() -> None:
     defaults = IndicesSettings()
     assert 0 < retention_days(defaults, "face_observations") < retention_days(defaults, "transactions")
-    assert {route.kind for route in ROUTES} == {"transactions", "alerts", "face_observations"}
+    assert {route.kind for route in ROUTES} == {"transactions", "alerts", "face_observations", "labels", "model_drift"}
     for route in ROUTES:
-        retention_days(defaults, route.kind)  # every kind has a setting
+        retention_days(defaults, route.kind)  # every kind has a setting or a default
+
+
+# --------------------------------------------------------------------------- champion/challenger, labels, drift
+
+
+def test_challenger_score_and_version_are_indexed_beside_the_champion() -> None:
+    record = scored(model_score=640, model_version="gbm-a", challenger_score=910, challenger_version="gbm-b")
+    actions, dead = to_actions([message(tx_topic(), record.encode())], index_prefix="cg", topic_prefix=PREFIX)
+    assert dead == []
+    source = actions[0].op["_source"]
+    assert (source["model_score"], source["model_version"]) == (640, "gbm-a")
+    assert (source["challenger_score"], source["challenger_version"]) == (910, "gbm-b")
+    props = load_template("transactions", "cg")["template"]["mappings"]["properties"]
+    assert props["challenger_score"] == {"type": "integer"}
+    assert props["challenger_version"] == {"type": "keyword"}
+    alone, _ = to_actions([message(tx_topic(), scored().encode())], index_prefix="cg", topic_prefix=PREFIX)
+    assert alone[0].op["_source"]["challenger_score"] is None  # no challenger loaded
+
+
+def labels_topic() -> str:
+    return f"{PREFIX}labels"
+
+
+def verdict(tx: str = "tx-1", label: int = 1, decided_at: int = 1_700_000_000_000, **more: Any) -> Label:
+    return make_label(transaction_id=tx, label=label, source="case", decided_at=decided_at, **more)
+
+
+def label_message(record: Label | None, offset: int, key: str | None = None, partition: int = 0) -> Message:
+    key_ = key if key is not None else (record.transaction_id if record else "tx-1")
+    return message(
+        labels_topic(), record.encode() if record else None, partition=partition, offset=offset, key=key_.encode()
+    )
+
+
+def test_label_is_one_document_per_transaction_in_one_index_versioned_by_its_offset() -> None:
+    batch = [label_message(verdict("tx-1", decided_at=1_600_000_000_000, reason="chargeback 4837"), offset=41)]
+    actions, dead = to_actions(batch, index_prefix="cg", topic_prefix=PREFIX)
+    assert dead == []
+    op = actions[0].op
+    assert (op["_op_type"], op["_index"], op["_id"]) == ("index", "cg-labels-all", "tx-1")
+    assert (op["version"], op["version_type"]) == (41, "external_gte")
+    assert op["_source"]["label"] == 1 and op["_source"]["reason"] == "chargeback 4837"
+    assert op["_source"]["decided_at"] == 1_600_000_000_000
+    # whatever day it was decided: the same index, so a correction overwrites the same document
+    other_day, _ = to_actions(
+        [label_message(verdict("tx-1", label=0, decided_at=1_700_000_000_000), offset=42)],
+        index_prefix="cg",
+        topic_prefix=PREFIX,
+    )
+    assert (other_day[0].op["_index"], other_day[0].doc_id) == ("cg-labels-all", "tx-1")
+
+
+def test_the_verdict_published_last_wins_within_a_batch_even_with_an_earlier_decided_at() -> None:
+    batch = [
+        label_message(verdict("tx-1", label=0, decided_at=1_700_000_900_000), offset=5),
+        label_message(verdict("tx-2", label=1), offset=6),
+        label_message(verdict("tx-1", label=1, decided_at=1_700_000_000_000), offset=7),  # the correction
+    ]
+    actions, _ = to_actions(batch, index_prefix="cg", topic_prefix=PREFIX)
+    assert [(a.doc_id, a.op["_source"]["label"], a.op["version"]) for a in actions] == [("tx-2", 1, 6), ("tx-1", 1, 7)]
+
+
+def test_a_label_tombstone_deletes_the_verdict_with_its_offset_as_version() -> None:
+    batch = [label_message(verdict("tx-9"), offset=3), label_message(None, offset=4, key="tx-9")]
+    actions, dead = to_actions(batch, index_prefix="cg", topic_prefix=PREFIX)
+    assert dead == []
+    assert [a.op for a in actions] == [
+        {"_op_type": "delete", "_index": "cg-labels-all", "_id": "tx-9", "version": 4, "version_type": "external_gte"}
+    ]
+
+
+def test_labels_keyed_otherwise_or_with_another_verdict_are_dead_lettered() -> None:
+    bad_label = Label(label_id="cli:1:tx-3", transaction_id="tx-3", label=7, source="cli", decided_at=1)
+    batch = [
+        label_message(verdict("tx-1"), offset=0, key="tx-other"),
+        label_message(None, offset=1, key=""),
+        label_message(bad_label, offset=2),
+        message(labels_topic(), b"\xc3\x01garbage", offset=3, key=b"tx-4"),
+    ]
+    actions, dead = to_actions(batch, index_prefix="cg", topic_prefix=PREFIX)
+    assert actions == []
+    assert [(d.offset, d.error_kind) for d in dead] == [
+        (0, "invalid_key"),
+        (1, "invalid_key"),
+        (2, "invalid_field"),
+        (3, dead[3].error_kind),
+    ]
+    assert dead[3].error_kind != "invalid_key" and dead[3].stage == "opensearch-sink"
+
+
+def test_a_tombstone_on_another_topic_is_still_an_empty_message() -> None:
+    _, dead = to_actions([message(f"{PREFIX}alerts", None, key=b"alert-1")], index_prefix="cg", topic_prefix=PREFIX)
+    assert [d.error_kind for d in dead] == ["empty"]
+
+
+def drift_report(model_version: str = "gbm-a", hour_start: int = 1_700_000_000_000 - 1_700_000_000_000 % 3_600_000):
+    return ModelDrift(
+        report_id=f"drift:{model_version}:{hour_start}",
+        model_version=model_version,
+        hour_start=hour_start,
+        rows=812,
+        late_rows=3,
+        score_psi=0.31,
+        feature_psi={"amount": 0.42, "items": 0.02, "velocity_1h": 0.11},
+        worst_feature="amount",
+        worst_psi=0.42,
+        alert=True,
+        reference_rows=340,
+        created_at=hour_start + 3_900_000,
+    )
+
+
+def test_drift_reports_go_to_the_period_index_of_their_hour_by_report_id() -> None:
+    report = drift_report()
+    batch = [message(f"{PREFIX}model_drift", report.encode(), key=report.report_id.encode())]
+    actions, dead = to_actions(batch, index_prefix="cg", topic_prefix=PREFIX)
+    assert dead == []
+    op = actions[0].op
+    assert (op["_op_type"], op["_index"], op["_id"]) == ("index", "cg-model_drift-2023.11.14", report.report_id)
+    assert "version" not in op  # a re-emitted report of the same hour simply overwrites
+    assert op["_source"]["feature_psi"] == {"amount": 0.42, "items": 0.02, "velocity_1h": 0.11}
+    assert op["_source"]["alert"] is True
+    mappings = load_template("model_drift", "cg")["template"]["mappings"]
+    dynamic = [next(iter(t.values())) for t in mappings["dynamic_templates"]]
+    assert {(t["path_match"], t["mapping"]["type"]) for t in dynamic} == {("feature_psi.*", "double")}
+    json.dumps(op["_source"], allow_nan=False)
+
+
+def test_labels_are_kept_forever_and_drift_reports_by_default_as_long_as_transactions() -> None:
+    defaults = IndicesSettings()
+    assert retention_days(defaults, "labels") == 0
+    assert retention_days(defaults, "model_drift") == 400
+    with pytest.raises(ValueError, match="no retention"):
+        retention_days(defaults, "nonsense")
+    # the labels index is not a period index, so no age ever makes it expire
+    assert period_of("cg-labels-all", "cg", "labels") is None
+    assert expired_indices({"cg-labels-all": 0}, "cg", "labels", 1, 10**13) == []
+
+
+def test_bulk_round_counts_a_refused_older_label_as_done_and_a_delete_of_nothing_as_done() -> None:
+    batch = [
+        label_message(verdict("tx-1"), offset=10),
+        label_message(None, offset=11, key="tx-2"),
+        label_message(verdict("tx-3"), offset=12),
+    ]
+    pending, _ = to_actions(batch, index_prefix="cg", topic_prefix=PREFIX)
+    client = FakeBulkClient(
+        {
+            "tx-1": {"status": 409, "error": {"type": "version_conflict_engine_exception", "reason": "current [12]"}},
+            "tx-2": {"status": 404, "result": "not_found"},
+        }
+    )
+    result = bulk_once(client, pending)  # type: ignore[arg-type]
+    assert (result.acknowledged, result.stale, result.retry, result.rejected) == (3, 1, [], [])
+    sent = client.requests[0]
+    assert sent[0] == {
+        "index": {"_index": "cg-labels-all", "_id": "tx-1", "version": 10, "version_type": "external_gte"}
+    }
+    assert sent[2] == {
+        "delete": {"_index": "cg-labels-all", "_id": "tx-2", "version": 11, "version_type": "external_gte"}
+    }
+
+
+def test_a_version_conflict_on_an_unversioned_document_is_not_swallowed() -> None:
+    client = FakeBulkClient({"tx-1": {"status": 409, "error": {"type": "version_conflict_engine_exception"}}})
+    result = bulk_once(client, actions_for("tx-1"))  # type: ignore[arg-type]
+    assert (result.acknowledged, result.stale, len(result.rejected)) == (0, 0, 1)

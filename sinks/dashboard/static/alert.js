@@ -37,7 +37,8 @@ async function load() {
   ]);
   rows(document.querySelector("#tx-facts tbody"), t ? [
     ["outcome", t.outcome], ["risk score", t.risk_score], ["reasons", t.reasons], ["indicators", t.indicators],
-    ["model score", t.model_score], ["model", t.model_version], ["rules", t.rules_version],
+    ["model score", t.model_score], ["model", t.model_version],
+    ["challenger score", t.challenger_score], ["challenger", t.challenger_version], ["rules", t.rules_version],
     ["face", t.face_status], ["face subject", t.face_subject_id], ["face category", t.face_category],
     ["face similarity", t.face_similarity], ["kind", t.kind], ["original transaction", t.original_transaction_id],
     ["items", t.item_count], ["category", t.product_category], ["cashier", t.cashier_id],

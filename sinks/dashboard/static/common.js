@@ -1,0 +1,268 @@
+// Shared by the dashboard's pages: colours, formatting, a tiny SVG chart toolkit (no libraries, no CDN),
+// and the window / store / "follow latest event" controls every page has.
+"use strict";
+
+const COLORS = {
+  champion: "#2f6fde", challenger: "#e07b26", stable: "#2e9e6b", moderate: "#e0a526", significant: "#d64541",
+  APPROVE: "#2e9e6b", REVIEW: "#e0a526", BLOCK: "#d64541",
+  MATCHED: "#7b5cd6", NO_MATCH: "#9fb4c8", NO_FACE: "#d5dde6", UNAVAILABLE: "#f0c7c5",
+  revenue: "#2f6fde", prevented: "#d64541", p50: "#2e9e6b", p95: "#e0a526", p99: "#d64541",
+};
+const SVG_NS = "http://www.w3.org/2000/svg";
+
+// ------------------------------------------------------------------ formatting
+
+const num = new Intl.NumberFormat(undefined, { maximumFractionDigits: 0 });
+const money = new Intl.NumberFormat(undefined, { maximumFractionDigits: 0 });
+const fmtPct = (x) => `${(100 * (x || 0)).toFixed(1)} %`;
+const fmtMs = (x) => (x === null || x === undefined ? "–" : num.format(x));
+function fmtTime(t, intervalS) {
+  const d = new Date(t);
+  if (intervalS >= 86400) return d.toISOString().slice(5, 10);
+  if (intervalS >= 3600) return `${d.toISOString().slice(5, 10)} ${d.toISOString().slice(11, 13)}h`;
+  return d.toISOString().slice(11, intervalS < 60 ? 19 : 16);
+}
+function compact(v) {
+  const a = Math.abs(v);
+  if (a >= 1e6) return `${(v / 1e6).toFixed(1)}M`;
+  if (a >= 1e3) return `${(v / 1e3).toFixed(a >= 1e4 ? 0 : 1)}k`;
+  return `${Math.round(v * 10) / 10}`;
+}
+
+// ------------------------------------------------------------------ tiny SVG toolkit
+
+function el(tag, attrs = {}, text) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+function titled(node, text) { node.appendChild(el("title", {}, text)); return node; }
+
+function frame(container, minHeight = 160) {
+  container.innerHTML = "";
+  const w = Math.max(container.clientWidth, 240), h = Math.max(container.clientHeight, minHeight);
+  const svg = el("svg", { viewBox: `0 0 ${w} ${h}`, preserveAspectRatio: "none", role: "img" });
+  container.appendChild(svg);
+  return { svg, w, h, m: { l: 44, r: 8, t: 8, b: 22 } };
+}
+
+function niceMax(v) {
+  if (v <= 0) return 1;
+  const p = 10 ** Math.floor(Math.log10(v)), f = v / p;
+  return (f <= 1 ? 1 : f <= 2 ? 2 : f <= 5 ? 5 : 10) * p;
+}
+
+function axes(f, maxY, labels) {
+  const { svg, w, h, m } = f;
+  for (let i = 0; i <= 4; i++) {
+    const y = m.t + (h - m.t - m.b) * (1 - i / 4);
+    svg.appendChild(el("line", { class: "axis", x1: m.l, x2: w - m.r, y1: y, y2: y }));
+    svg.appendChild(el("text", { class: "tick", x: m.l - 4, y: y + 3, "text-anchor": "end" }, compact(maxY * i / 4)));
+  }
+  const step = Math.max(1, Math.ceil(labels.length / 6));
+  labels.forEach((label, i) => {
+    if (i % step) return;
+    const x = m.l + (w - m.l - m.r) * (i + 0.5) / labels.length;
+    svg.appendChild(el("text", { class: "tick", x, y: h - 6, "text-anchor": "middle" }, label));
+  });
+}
+
+function empty(f, text = "no data in this window") {
+  f.svg.appendChild(el("text", { class: "empty", x: f.w / 2, y: f.h / 2, "text-anchor": "middle" }, text));
+}
+
+function legend(container, keys) {
+  const div = document.createElement("div");
+  div.className = "legend";
+  for (const k of keys) {
+    const span = document.createElement("span");
+    span.innerHTML = `<i style="background:${COLORS[k] || "#999"}"></i>${k.replace("_", " ").toLowerCase()}`;
+    div.appendChild(span);
+  }
+  container.appendChild(div);
+}
+
+// Stacked bars over time: one <rect class="bar"> per non-zero segment.
+function stackedBars(container, series, keys, intervalS) {
+  const f = frame(container);
+  const totals = series.map((p) => keys.reduce((s, k) => s + (p[k] || 0), 0));
+  const max = niceMax(Math.max(0, ...totals));
+  axes(f, max, series.map((p) => fmtTime(p.t, intervalS)));
+  if (!totals.some((t) => t > 0)) empty(f);
+  const { svg, w, h, m } = f;
+  const bw = (w - m.l - m.r) / Math.max(series.length, 1);
+  const plotH = h - m.t - m.b;
+  series.forEach((p, i) => {
+    let y = h - m.b;
+    for (const k of keys) {
+      const v = p[k] || 0;
+      if (!v) continue;
+      const bh = plotH * v / max;
+      y -= bh;
+      svg.appendChild(titled(el("rect", {
+        class: "bar", x: m.l + i * bw + bw * 0.1, y, width: Math.max(bw * 0.8, 1), height: bh, fill: COLORS[k],
+      }), `${fmtTime(p.t, intervalS)} ${k}: ${num.format(v)}`));
+    }
+  });
+  legend(container, keys);
+  return totals.filter((t) => t > 0).length;
+}
+
+// Lines over time: one <path class="line"> per key that has at least one value.
+function lines(container, series, keys, intervalS, unit = "") {
+  const f = frame(container);
+  const values = series.flatMap((p) => keys.map((k) => p[k]).filter((v) => v !== null && v !== undefined));
+  const max = niceMax(Math.max(0, ...values));
+  axes(f, max, series.map((p) => fmtTime(p.t, intervalS)));
+  if (!values.some((v) => v > 0)) empty(f);
+  const { svg, w, h, m } = f;
+  const x = (i) => m.l + (w - m.l - m.r) * (i + 0.5) / Math.max(series.length, 1);
+  const y = (v) => h - m.b - (h - m.t - m.b) * v / max;
+  let drawn = 0;
+  for (const k of keys) {
+    let d = "", pen = "M";
+    series.forEach((p, i) => {
+      const v = p[k];
+      if (v === null || v === undefined) { pen = "M"; return; }
+      d += `${pen}${x(i).toFixed(1)},${y(v).toFixed(1)} `;
+      pen = "L";
+    });
+    if (!d) continue;
+    svg.appendChild(titled(el("path", { class: "line", d, fill: "none", stroke: COLORS[k], "stroke-width": 2 }), k));
+    series.forEach((p, i) => {
+      if (p[k] === null || p[k] === undefined) return;
+      svg.appendChild(titled(el("circle", { class: "dot", cx: x(i), cy: y(p[k]), r: 2.2, fill: COLORS[k] }),
+        `${fmtTime(p.t, intervalS)} ${k}: ${compact(p[k])}${unit}`));
+    });
+    drawn += 1;
+  }
+  legend(container, keys);
+  return drawn;
+}
+
+// Donut of counts: one <path class="slice"> per non-zero key.
+function donut(container, counts, keys) {
+  const f = frame(container);
+  const total = keys.reduce((s, k) => s + (counts[k] || 0), 0);
+  const { svg, w, h } = f;
+  const cx = w / 2, cy = h / 2, r = Math.min(w, h) / 2 - 8, r0 = r * 0.58;
+  if (!total) { empty(f); return 0; }
+  let a0 = -Math.PI / 2, slices = 0;
+  for (const k of keys) {
+    const v = counts[k] || 0;
+    if (!v) continue;
+    const a1 = a0 + 2 * Math.PI * v / total - (v === total ? 1e-6 : 0);
+    const big = a1 - a0 > Math.PI ? 1 : 0;
+    const p = (rad, a) => `${(cx + rad * Math.cos(a)).toFixed(2)},${(cy + rad * Math.sin(a)).toFixed(2)}`;
+    const d = `M${p(r, a0)} A${r},${r} 0 ${big} 1 ${p(r, a1)} L${p(r0, a1)} A${r0},${r0} 0 ${big} 0 ${p(r0, a0)} Z`;
+    svg.appendChild(titled(el("path", { class: "slice", d, fill: COLORS[k] }),
+      `${k}: ${num.format(v)} (${(100 * v / total).toFixed(1)} %)`));
+    a0 = a1;
+    slices += 1;
+  }
+  svg.appendChild(el("text", { x: cx, y: cy - 2, "text-anchor": "middle", "font-size": 20, "font-weight": 600 },
+    num.format(total)));
+  svg.appendChild(el("text", { class: "tick", x: cx, y: cy + 14, "text-anchor": "middle" }, "decisions"));
+  legend(container, keys);
+  return slices;
+}
+
+
+// Grouped bars over categories: for every label, one <rect class="bar"> per series with a non-zero value.
+// series: [{ key, name, values }]; values are plotted as given (e.g. shares), tips say what they are.
+function groupedBars(container, labels, series, { tip = (s, i) => `${s.name} ${labels[i]}: ${series[0].values[i]}`, yFormat = compact } = {}) {
+  const f = frame(container);
+  const all = series.flatMap((s) => s.values);
+  const max = niceMax(Math.max(0, ...all));
+  axes(f, max, labels);
+  if (yFormat !== compact) {
+    f.svg.querySelectorAll("text.tick[text-anchor='end']").forEach((t, i) => { t.textContent = yFormat(max * i / 4); });
+  }
+  if (!all.some((v) => v > 0)) empty(f);
+  const { svg, w, h, m } = f;
+  const slot = (w - m.l - m.r) / Math.max(labels.length, 1);
+  const bw = slot * 0.8 / Math.max(series.length, 1);
+  const plotH = h - m.t - m.b;
+  let drawn = 0;
+  series.forEach((s, k) => {
+    s.values.forEach((v, i) => {
+      if (!v) return;
+      const bh = plotH * v / max;
+      svg.appendChild(titled(el("rect", {
+        class: "bar", "data-series": s.key, x: m.l + i * slot + slot * 0.1 + k * bw, y: h - m.b - bh,
+        width: Math.max(bw - 1, 1), height: bh, fill: COLORS[s.key] || "#999",
+      }), tip(s, i)));
+      drawn += 1;
+    });
+  });
+  const div = document.createElement("div");
+  div.className = "legend";
+  for (const s of series) {
+    const span = document.createElement("span");
+    span.innerHTML = `<i style="background:${COLORS[s.key] || "#999"}"></i>${escapeHtml(s.name)}`;
+    div.appendChild(span);
+  }
+  container.appendChild(div);
+  return drawn;
+}
+
+function escapeHtml(s) {
+  return String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+}
+
+// ------------------------------------------------------------------ controls shared by the pages
+
+function setKpi(id, text) { document.querySelector(`#${id} .value`).textContent = text; }
+
+function pageQuery(state) {
+  const q = new URLSearchParams({ minutes: state.minutes, anchor: state.anchor ? "latest" : "now" });
+  if (state.store) q.set("store", state.store);
+  return q;
+}
+
+async function getJson(state, path) {
+  const r = await fetch(`${path}?${pageQuery(state)}`, { cache: "no-store" });
+  const body = await r.json();
+  if (!r.ok) throw new Error(body.error || `${path}: HTTP ${r.status}`);
+  return body;
+}
+
+// The links between the pages carry the window, store and anchor along.
+function syncNav(state) {
+  document.querySelectorAll("nav.pages a").forEach((a) => {
+    a.href = `${a.getAttribute("data-path")}?${pageQuery(state)}`;
+  });
+}
+
+// Reads ?minutes=&store=&anchor= and the config, wires the controls; refresh() redraws the page.
+async function initControls(state, refresh) {
+  const params = new URLSearchParams(location.search);
+  try {
+    const cfg = await (await fetch("/api/config")).json();
+    state.refreshMs = Math.max(cfg.refresh_ms, state.minRefreshMs || 0);
+    state.minutes = cfg.window_minutes;
+  } catch (err) { /* defaults */ }
+  state.minutes = Number(params.get("minutes") || state.minutes);
+  state.store = params.get("store") || "";
+  state.anchor = params.get("anchor") === "latest";
+  const win = document.getElementById("window");
+  if (![...win.options].some((o) => Number(o.value) === state.minutes)) win.add(new Option(`${state.minutes} min`, state.minutes));
+  win.value = String(state.minutes);
+  document.getElementById("anchor").checked = state.anchor;
+  win.addEventListener("change", () => { state.minutes = Number(win.value); refresh(); });
+  document.getElementById("store").addEventListener("change", (e) => { state.store = e.target.value; refresh(); });
+  document.getElementById("anchor").addEventListener("change", (e) => { state.anchor = e.target.checked; refresh(); });
+  let resizeTimer;
+  window.addEventListener("resize", () => { clearTimeout(resizeTimer); resizeTimer = setTimeout(refresh, 200); });
+}
+
+// Adds stores to the store picker as they appear, and shows the one chosen.
+function fillStores(state, ids) {
+  const select = document.getElementById("store");
+  const known = new Set([...select.options].map((opt) => opt.value));
+  for (const id of ids) {
+    if (!known.has(id)) select.add(new Option(id, id));
+  }
+  select.value = state.store;
+}

@@ -1,0 +1,158 @@
+// Checkout Guard models page: champion vs challenger score distributions, their ROC-AUC on field labels,
+// and the latest drift report per model. Polls /api/models and /api/drift; charts come from common.js.
+"use strict";
+
+const ROLES = ["champion", "challenger"];
+const state = { minutes: 60, store: "", anchor: false, refreshMs: 3000, minRefreshMs: 10000, timer: null, renders: 0, seq: 0 };
+const fmtAuc = (x) => (x === null || x === undefined ? "–" : x.toFixed(3));
+const fmtPsi = (x) => (x === null || x === undefined ? "–" : x.toFixed(3));
+const hourUtc = (ms) => (ms ? `${new Date(ms).toISOString().slice(0, 13).replace("T", " ")}:00` : "–");
+
+// "gbm-a" for one version, "gbm-a +1" when the role changed hands within the window (e.g. a promotion).
+function versionText(versions) {
+  const names = Object.keys(versions || {});
+  if (!names.length) return "none";
+  return names.length > 1 ? `${names[0]} +${names.length - 1}` : names[0];
+}
+
+function renderDistributions(d) {
+  setKpi("kpi-champion", versionText(d.champion.versions));
+  setKpi("kpi-challenger", versionText(d.challenger.versions));
+  setKpi("kpi-scored", num.format(d.scored));
+  setKpi("kpi-challenged", num.format(d.challenger.rows));
+  document.querySelector("#kpi-champion .value").title = Object.keys(d.champion.versions).join(", ");
+  document.querySelector("#kpi-challenger .value").title = Object.keys(d.challenger.versions).join(", ");
+  const labels = d.bins.map((b) => String(b));
+  const series = ROLES.map((role) => {
+    const r = d[role], total = r.counts.reduce((a, b) => a + b, 0);
+    return { key: role, name: `${role} ${versionText(r.versions)}`, counts: r.counts, values: r.counts.map((c) => (total ? c / total : 0)) };
+  });
+  groupedBars(document.getElementById("chart-scores"), labels, series, {
+    tip: (s, i) => `${s.name}, scores ${d.bins[i]}–${d.bins[i] + d.bin_width - 1}: ${num.format(s.counts[i])} (${fmtPct(s.values[i])})`,
+    yFormat: (v) => `${Math.round(v * 100)}%`,
+  });
+  const body = document.querySelector("#score-table tbody");
+  body.innerHTML = "";
+  for (const role of ROLES) {
+    const r = d[role];
+    const versions = Object.entries(r.versions).map(([v, n]) => `${escapeHtml(v)} (${num.format(n)})`).join(", ") || "–";
+    body.insertAdjacentHTML("beforeend", `<tr data-role="${role}"><td><i class="swatch" style="background:${COLORS[role]}"></i>${role}</td>` +
+      `<td class="versions">${versions}</td><td>${num.format(r.rows)}</td><td>${r.mean === null ? "–" : r.mean.toFixed(1)}</td></tr>`);
+  }
+}
+
+// One horizontal bar per model from 0 to its AUC, the 95 % interval as a whisker, chance (0.5) dashed.
+function aucBars(container, ev) {
+  const f = frame(container, 110);
+  const { svg, w, h } = f;
+  const left = 78, right = w - 46, top = 10, rowH = (h - 30) / ROLES.length;
+  const x = (v) => left + (right - left) * v;
+  for (const v of [0, 0.5, 1]) {
+    svg.appendChild(el("line", { class: v === 0.5 ? "chance" : "axis", x1: x(v), x2: x(v), y1: top - 4, y2: h - 18 }));
+    svg.appendChild(el("text", { class: "tick", x: x(v), y: h - 6, "text-anchor": "middle" }, v === 0.5 ? "0.5 chance" : String(v)));
+  }
+  let drawn = 0;
+  ROLES.forEach((role, i) => {
+    const r = ev[role], y = top + i * rowH, bh = Math.min(22, rowH * 0.55);
+    svg.appendChild(el("text", { class: "tick", x: left - 6, y: y + bh * 0.7, "text-anchor": "end" }, role));
+    if (r.auc === null) {
+      svg.appendChild(el("text", { class: "empty", x: left + 4, y: y + bh * 0.7 },
+        r.rows ? "needs fraud and legitimate rows" : "no labelled rows"));
+      return;
+    }
+    svg.appendChild(titled(el("rect", { class: "bar", "data-role": role, x: left, y, width: x(r.auc) - left, height: bh, fill: COLORS[role] }),
+      `${role}: ROC-AUC ${fmtAuc(r.auc)} (95 % ${fmtAuc(r.auc_low)}–${fmtAuc(r.auc_high)}) on ${r.rows} rows, ${r.fraud} fraud`));
+    const cy = y + bh / 2;
+    svg.appendChild(el("line", { class: "whisker", x1: x(r.auc_low), x2: x(r.auc_high), y1: cy, y2: cy }));
+    for (const v of [r.auc_low, r.auc_high]) svg.appendChild(el("line", { class: "whisker", x1: x(v), x2: x(v), y1: cy - 5, y2: cy + 5 }));
+    svg.appendChild(el("text", { class: "value", x: right + 4, y: y + bh * 0.7 }, fmtAuc(r.auc)));
+    drawn += 1;
+  });
+  return drawn;
+}
+
+function renderEvaluation(ev, labels) {
+  setKpi("kpi-labelled", `${num.format(ev.labelled)} (${num.format(ev.fraud)})`);
+  setKpi("kpi-labels", `${num.format(labels.total)} (${num.format(labels.fraud)})`);
+  aucBars(document.getElementById("chart-auc"), ev);
+  const c = ev.champion, k = ev.challenger;
+  const interval = (r) => (r.auc === null ? "–" : `${fmtAuc(r.auc_low)}–${fmtAuc(r.auc_high)}`);
+  const rows = [
+    ["version", versionText(c.versions), versionText(k.versions)],
+    ["labelled rows", num.format(c.rows), num.format(k.rows)],
+    ["fraud rows", num.format(c.fraud), num.format(k.fraud)],
+    ["ROC-AUC", fmtAuc(c.auc), fmtAuc(k.auc)],
+    ["95 % interval", interval(c), interval(k)],
+  ];
+  const body = document.querySelector("#auc-table tbody");
+  body.innerHTML = "";
+  for (const [name, a, b] of rows) {
+    body.insertAdjacentHTML("beforeend", `<tr data-row="${escapeHtml(name)}"><td>${escapeHtml(name)}</td><td data-role="champion">${escapeHtml(a)}</td><td data-role="challenger">${escapeHtml(b)}</td></tr>`);
+  }
+  const notes = [];
+  const p = ev.paired;
+  if (p.rows && (p.rows !== c.rows || p.rows !== k.rows)) {
+    notes.push(`On the ${num.format(p.rows)} labelled rows both scored (${num.format(p.fraud)} fraud): champion ${fmtAuc(p.champion_auc)}, challenger ${fmtAuc(p.challenger_auc)}.`);
+  }
+  const sources = Object.entries(labels.sources).map(([s, n]) => `${s} ${num.format(n.total)}`).join(", ");
+  if (labels.total) notes.push(`Field labels in force: ${num.format(labels.total)} (${sources}).`);
+  else notes.push("No field labels yet: ROC-AUC appears once verdicts arrive on the labels topic.");
+  if (labels.truncated) notes.push(`Only the ${num.format(labels.read)} most recently decided labels are joined.`);
+  if (c.fraud && c.fraud < 10) notes.push("Few fraud rows: the interval is wide, read the figures as a hint.");
+  document.getElementById("auc-note").textContent = notes.join(" ");
+}
+
+function renderDrift(dr) {
+  const body = document.querySelector("#drift-table tbody");
+  body.innerHTML = "";
+  document.getElementById("drift-none").hidden = dr.models.length > 0;
+  let alerts = 0;
+  for (const m of dr.models) {
+    alerts += m.alerts_in_window;
+    const worst = m.worst.map((f) => `<span class="psi ${f.band}" title="${escapeHtml(f.band)}">${escapeHtml(f.feature)} ${fmtPsi(f.psi)}</span>`).join(" ") || "–";
+    const late = m.late_rows ? ` <span class="hint">(+${num.format(m.late_rows)} late)</span>` : "";
+    const tr = document.createElement("tr");
+    tr.dataset.model = m.model_version;
+    if (m.alert) tr.className = "alerting";
+    tr.innerHTML = `<td>${escapeHtml(m.model_version)}</td><td>${hourUtc(m.hour_start)}</td><td>${num.format(m.rows || 0)}${late}</td>` +
+      `<td><span class="psi ${m.score_band}">${fmtPsi(m.score_psi)}</span></td><td class="worst">${worst}</td>` +
+      `<td class="flag">${m.alert ? '<span class="badge">ALERT</span>' : "no"}</td>` +
+      `<td>${num.format(m.alerts_in_window)} / ${num.format(m.hours_in_window)}</td><td>${num.format(m.reference_rows || 0)}</td>`;
+    body.appendChild(tr);
+  }
+  setKpi("kpi-drift", num.format(alerts));
+}
+
+async function refresh() {
+  clearTimeout(state.timer);
+  const seq = ++state.seq;
+  const status = document.getElementById("status");
+  try {
+    const [models, drift] = await Promise.all([getJson(state, "/api/models"), getJson(state, "/api/drift")]);
+    if (seq !== state.seq) return;
+    renderDistributions(models.distributions);
+    fillStores(state, models.distributions.all_stores);
+    renderEvaluation(models.evaluation, models.labels);
+    renderDrift(drift);
+    syncNav(state);
+    state.renders += 1;
+    document.body.dataset.renders = String(state.renders);
+    status.className = "status";
+    const end = new Date(models.window.end).toISOString().slice(11, 19);
+    status.textContent = `${models.window.store ? `store ${models.window.store} · ` : ""}window ends ${end} UTC · updated ${new Date().toLocaleTimeString()}`;
+  } catch (err) {
+    if (seq !== state.seq) return;
+    status.className = "status error";
+    status.textContent = `${err.message} — retrying`;
+  } finally {
+    if (seq === state.seq) state.timer = setTimeout(refresh, state.refreshMs);
+  }
+}
+
+async function start() {
+  await initControls(state, refresh);
+  syncNav(state);
+  refresh();
+}
+
+start();

@@ -1,0 +1,333 @@
+"""The dashboard's Models view without a cluster: score histograms, the label join, ROC-AUC and drift rows."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from infra.settings import Settings
+from sinks.dashboard.app import Dashboard, create_app
+from sinks.dashboard.queries import (
+    LabelledRow,
+    Window,
+    auc_interval,
+    drift_query,
+    evaluate_models,
+    labelled_rows,
+    labels_page_query,
+    models_query,
+    roc_auc,
+    scored_by_ids_query,
+    shape_distributions,
+    shape_drift,
+)
+
+HOUR_MS = 3_600_000
+
+
+def pairwise_auc(scores: list[float], labels: list[int]) -> float:
+    """The definition: the share of (fraud, legit) pairs the fraud row wins, ties counting half."""
+    pos = [s for s, y in zip(scores, labels, strict=True) if y == 1]
+    neg = [s for s, y in zip(scores, labels, strict=True) if y == 0]
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+# --------------------------------------------------------------------------- ROC-AUC
+
+
+def test_auc_is_the_mann_whitney_statistic_ties_counting_half() -> None:
+    rng = random.Random(3)
+    for _ in range(50):
+        n = rng.randint(2, 60)
+        labels = [rng.random() < 0.3 for _ in range(n)]
+        labels[0], labels[1] = True, False
+        scores = [float(rng.choice(range(0, 1001, 50))) for _ in range(n)]  # coarse: many ties
+        ints = [int(y) for y in labels]
+        assert roc_auc(scores, ints) == pytest.approx(pairwise_auc(scores, ints))
+
+
+def test_auc_extremes_and_undefined_cases() -> None:
+    assert roc_auc([900, 800, 100, 50], [1, 1, 0, 0]) == 1.0
+    assert roc_auc([100, 50, 900, 800], [1, 1, 0, 0]) == 0.0
+    assert roc_auc([500, 500, 500], [1, 0, 0]) == 0.5
+    assert roc_auc([900, 100], [1, 1]) is None  # no legitimate row
+    assert roc_auc([900, 100], [0, 0]) is None
+    assert roc_auc([], []) is None
+
+
+def test_auc_interval_narrows_with_more_rows_and_stays_within_0_and_1() -> None:
+    small = auc_interval(0.8, 6, 140)
+    large = auc_interval(0.8, 600, 14_000)
+    assert small[0] < large[0] < 0.8 < large[1] < small[1]
+    assert auc_interval(1.0, 3, 3) == (1.0, 1.0)
+    low, high = auc_interval(0.97, 2, 5)
+    assert 0.0 <= low < 0.97 and high == 1.0
+
+
+# --------------------------------------------------------------------------- distributions
+
+
+def test_models_query_histograms_both_scores_over_the_window_and_store() -> None:
+    body = models_query(Window(1_000, 2_000, store="S3"))
+    assert {"term": {"store_id": "S3"}} in body["query"]["bool"]["filter"]
+    for role, field in (("champion", "model_score"), ("challenger", "challenger_score")):
+        histogram = body["aggs"][f"{role}_histogram"]["histogram"]
+        assert histogram == {
+            "field": field,
+            "interval": 50,
+            "min_doc_count": 0,
+            "extended_bounds": {"min": 0, "max": 950},
+        }
+        assert body["aggs"][f"{role}_stats"] == {"stats": {"field": field}}
+    assert body["aggs"]["champion_versions"]["terms"]["field"] == "model_version"
+    assert body["aggs"]["challenger_versions"]["terms"]["field"] == "challenger_version"
+
+
+def histogram(**counts: int) -> dict[str, Any]:
+    return {"buckets": [{"key": float(k.lstrip("b")), "doc_count": v} for k, v in counts.items()]}
+
+
+def test_distributions_have_twenty_bins_and_a_score_of_1000_counts_in_the_last() -> None:
+    answer = {
+        "hits": {"total": {"value": 120}},
+        "aggregations": {
+            "champion_histogram": histogram(b0=70, b50=10, b900=5, b950=3, b1000=2),
+            "champion_stats": {"count": 90, "avg": 212.345},
+            "champion_versions": {"buckets": [{"key": "gbm-b", "doc_count": 60}, {"key": "gbm-a", "doc_count": 30}]},
+            "challenger_histogram": histogram(b0=20, b500=20),
+            "challenger_stats": {"count": 40, "avg": 250.0},
+            "challenger_versions": {"buckets": [{"key": "gbm-c", "doc_count": 40}]},
+            "stores_all": {"ids": {"buckets": [{"key": "S2", "doc_count": 1}, {"key": "S1", "doc_count": 1}]}},
+        },
+    }
+    page = shape_distributions(answer)
+    assert page["scored"] == 120 and page["bin_width"] == 50
+    assert page["bins"] == list(range(0, 1000, 50))
+    champion = page["champion"]
+    assert len(champion["counts"]) == 20 and sum(champion["counts"]) == 90
+    assert (champion["counts"][0], champion["counts"][18], champion["counts"][19]) == (70, 5, 5)
+    assert champion["mean"] == 212.3 and champion["versions"] == {"gbm-b": 60, "gbm-a": 30}
+    assert page["challenger"]["counts"][10] == 20 and page["challenger"]["rows"] == 40
+    assert page["all_stores"] == ["S1", "S2"]
+
+
+def test_no_challenger_and_no_data_give_zeros_not_errors() -> None:
+    page = shape_distributions({"hits": {"total": {"value": 0}}, "aggregations": {}})
+    for role in ("champion", "challenger"):
+        assert page[role] == {"rows": 0, "mean": None, "versions": {}, "counts": [0] * 20}
+
+
+# --------------------------------------------------------------------------- the label join
+
+
+def test_label_pages_go_newest_verdict_first_and_continue_after_the_last_sort_key() -> None:
+    first = labels_page_query(500)
+    assert first["size"] == 500 and "search_after" not in first
+    assert first["sort"] == [{"decided_at": {"order": "desc"}}, {"transaction_id": {"order": "asc"}}]
+    assert first["query"]["bool"]["filter"] == [{"terms": {"label": [0, 1]}}]
+    assert labels_page_query(500, [1_700_000_000_000, "tx-9"])["search_after"] == [1_700_000_000_000, "tx-9"]
+
+
+def test_scored_lookup_is_by_id_inside_the_window_and_store() -> None:
+    body = scored_by_ids_query(Window(5, 10, store="S1"), ["tx-1", "tx-2"])
+    filters = body["query"]["bool"]["filter"]
+    assert {"terms": {"transaction_id": ["tx-1", "tx-2"]}} in filters
+    assert {"term": {"store_id": "S1"}} in filters
+    assert filters[0]["range"]["event_time"]["gte"] == 5
+    assert body["size"] == 2
+    assert set(body["_source"]) == {
+        "transaction_id",
+        "model_score",
+        "model_version",
+        "challenger_score",
+        "challenger_version",
+    }
+
+
+def hit(tx: str, champion: int | None, challenger: int | None = None) -> dict[str, Any]:
+    return {
+        "_source": {
+            "transaction_id": tx,
+            "model_score": champion,
+            "model_version": "gbm-a" if champion is not None else None,
+            "challenger_score": challenger,
+            "challenger_version": "gbm-b" if challenger is not None else None,
+        }
+    }
+
+
+def test_evaluation_puts_champion_and_challenger_side_by_side_and_pairs_the_common_rows() -> None:
+    labels = {"tx-1": 1, "tx-2": 1, "tx-3": 0, "tx-4": 0, "tx-5": 0, "tx-6": 1}
+    hits = [
+        hit("tx-1", 900, 950),
+        hit("tx-2", 300, 800),  # the challenger ranks this fraud higher
+        hit("tx-3", 400, 100),
+        hit("tx-4", 100, 200),
+        hit("tx-5", 50),  # scored before the challenger was loaded
+        hit("tx-6", 700),
+        hit("tx-unlabelled", 990, 990),  # no verdict: not joined
+    ]
+    rows = labelled_rows(hits, labels)
+    assert [row.transaction_id for row in rows] == ["tx-1", "tx-2", "tx-3", "tx-4", "tx-5", "tx-6"]
+    ev = evaluate_models(rows)
+    assert (ev["labelled"], ev["fraud"]) == (6, 3)
+    champion, challenger = ev["champion"], ev["challenger"]
+    assert (champion["rows"], champion["fraud"], challenger["rows"], challenger["fraud"]) == (6, 3, 4, 2)
+    assert champion["auc"] == pytest.approx(pairwise_auc([900, 300, 400, 100, 50, 700], [1, 1, 0, 0, 0, 1]), abs=1e-4)
+    assert challenger["auc"] == 1.0
+    assert champion["versions"] == {"gbm-a": 6} and challenger["versions"] == {"gbm-b": 4}
+    assert champion["auc_low"] <= champion["auc"] <= champion["auc_high"]
+    assert ev["paired"] == {"rows": 4, "fraud": 2, "champion_auc": 0.75, "challenger_auc": 1.0}
+
+
+def test_evaluation_without_labels_or_without_one_class_has_no_auc() -> None:
+    empty = evaluate_models([])
+    assert empty["champion"] == {
+        "rows": 0,
+        "fraud": 0,
+        "auc": None,
+        "auc_low": None,
+        "auc_high": None,
+        "versions": {},
+    }
+    only_fraud = [
+        LabelledRow(f"tx-{i}", 1, {"champion": 900, "challenger": None}, {"champion": "a", "challenger": None})
+        for i in range(3)
+    ]
+    assert evaluate_models(only_fraud)["champion"]["auc"] is None
+
+
+class FakeCluster:
+    """Answers the Models view's searches from in-memory labels and scored documents, like OpenSearch:
+    label pages by ``search_after``, scored documents by ``terms`` on the id (the window is ignored)."""
+
+    def __init__(self, labels: dict[str, int], scores: dict[str, tuple[int | None, int | None]]) -> None:
+        self.labels = sorted(labels.items())  # sort key: decided_at is the same for all, then the id
+        self.scores = scores
+        self.requests: list[tuple[str, dict[str, Any]]] = []
+
+    def search(self, index: str, body: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
+        self.requests.append((index, body))
+        if index.endswith("-labels") and "sort" in body:
+            after = (body.get("search_after") or [0, ""])[1]
+            page = [(tx, y) for tx, y in self.labels if tx > after][: body["size"]]
+            hits = [{"_source": {"transaction_id": tx, "label": y}, "sort": [0, tx]} for tx, y in page]
+            return {"hits": {"hits": hits}}
+        if index.endswith("-labels"):
+            fraud = sum(y for _, y in self.labels)
+            return {"hits": {"total": {"value": len(self.labels)}}, "aggregations": {"fraud": {"doc_count": fraud}}}
+        if index.endswith("-model_drift"):
+            return {"aggregations": {"models": {"buckets": []}}}
+        terms = next((f["terms"]["transaction_id"] for f in body["query"]["bool"]["filter"] if "terms" in f), None)
+        if terms is not None:
+            return {"hits": {"hits": [hit(tx, *self.scores[tx]) for tx in terms if tx in self.scores]}}
+        return {"hits": {"total": {"value": len(self.scores)}}, "aggregations": {}}
+
+
+def test_the_view_joins_labels_page_by_page_and_reports_when_it_stopped_early() -> None:
+    labels = {f"tx-{i:03d}": int(i % 4 == 0) for i in range(25)}
+    scores: dict[str, tuple[int | None, int | None]] = {tx: (900 if y else 100, None) for tx, y in labels.items()}
+    cluster = FakeCluster(labels, scores)
+    board = Dashboard(Settings(), client=cluster)  # type: ignore[arg-type]
+    board.max_labels = 10
+    page = board.models(Window(0, HOUR_MS))
+    assert page["labels"]["read"] == 10 and page["labels"]["truncated"] is True
+    assert page["labels"]["total"] == 25
+    assert page["evaluation"]["champion"]["rows"] == 10 and page["evaluation"]["champion"]["auc"] == 1.0
+    assert page["evaluation"]["challenger"]["rows"] == 0
+
+    board.max_labels = 100
+    page = board.models(Window(0, HOUR_MS))
+    assert page["labels"]["read"] == 25 and page["labels"]["truncated"] is False
+    assert (page["evaluation"]["labelled"], page["evaluation"]["fraud"]) == (25, 7)
+
+
+# --------------------------------------------------------------------------- drift
+
+
+def test_drift_query_takes_the_latest_report_per_model_up_to_the_window_end_over_all_stores() -> None:
+    window = Window(10 * HOUR_MS, 12 * HOUR_MS, store="S1")
+    body = drift_query(window)
+    assert body["query"] == {"range": {"hour_start": {"lt": 12 * HOUR_MS, "format": "epoch_millis"}}}
+    assert "store_id" not in str(body)  # drift is measured over all stores
+    models = body["aggs"]["models"]
+    assert models["terms"]["field"] == "model_version"
+    assert models["terms"]["order"] == {"newest": "desc"}
+    assert models["aggs"]["latest"]["top_hits"]["sort"] == [{"hour_start": {"order": "desc"}}]
+    overlap = models["aggs"]["in_window"]["filter"]["range"]["hour_start"]
+    assert overlap == {"gte": 9 * HOUR_MS + 1, "lt": 12 * HOUR_MS}  # the hour that began before the window counts
+
+
+def drift_bucket(version: str, hour: int, **report: Any) -> dict[str, Any]:
+    source = {
+        "report_id": f"drift:{version}:{hour}",
+        "model_version": version,
+        "hour_start": hour,
+        "rows": 812,
+        "late_rows": 0,
+        "reference_rows": 340,
+        "created_at": hour + 4_000_000,
+        **report,
+    }
+    return {
+        "key": version,
+        "doc_count": 5,
+        "latest": {"hits": {"hits": [{"_source": source}]}},
+        "in_window": {"doc_count": 2, "alerts": {"doc_count": 1}},
+    }
+
+
+def test_drift_rows_show_score_psi_the_worst_features_and_the_alert() -> None:
+    answer = {
+        "aggregations": {
+            "models": {
+                "buckets": [
+                    drift_bucket(
+                        "gbm-b",
+                        5 * HOUR_MS,
+                        score_psi=0.31,
+                        feature_psi={f"f{i}": i / 100 for i in range(12)} | {"amount": 0.42, "nan": float("nan")},
+                        alert=True,
+                    ),
+                    drift_bucket("gbm-a", 4 * HOUR_MS, score_psi=0.05, feature_psi={}, alert=False),
+                    {"key": "gbm-empty", "latest": {"hits": {"hits": []}}},
+                ]
+            }
+        }
+    }
+    page = shape_drift(answer)
+    assert [m["model_version"] for m in page["models"]] == ["gbm-b", "gbm-a"]
+    b = page["models"][0]
+    assert (b["score_psi"], b["score_band"], b["alert"], b["hour_start"]) == (0.31, "significant", True, 5 * HOUR_MS)
+    assert [(w["feature"], w["psi"], w["band"]) for w in b["worst"]] == [
+        ("amount", 0.42, "significant"),
+        ("f11", 0.11, "moderate"),
+        ("f10", 0.1, "moderate"),
+        ("f9", 0.09, "stable"),
+        ("f8", 0.08, "stable"),
+    ]
+    assert (b["hours_in_window"], b["alerts_in_window"], b["rows"], b["reference_rows"]) == (2, 1, 812, 340)
+    a = page["models"][1]
+    assert (a["score_band"], a["worst"], a["alert"]) == ("stable", [], False)
+    assert page["thresholds"] == {"moderate": 0.1, "significant": 0.25}
+    assert shape_drift({}) == {"models": [], "thresholds": {"moderate": 0.1, "significant": 0.25}}
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def test_models_page_is_served_with_its_scripts_and_links_back_to_the_live_page() -> None:
+    client = TestClient(create_app(Settings(), Dashboard(Settings(), client=FakeCluster({}, {}))))  # type: ignore[arg-type]
+    page = client.get("/models")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert '<script src="/static/common.js"></script>' in page.text
+    assert '<script src="/static/models.js"></script>' in page.text
+    assert 'data-path="/"' in page.text and 'data-path="/models"' in page.text
+    assert 'data-path="/models"' in client.get("/").text
+    empty = client.get("/api/models", params={"minutes": 60}).json()
+    assert empty["evaluation"]["labelled"] == 0 and empty["labels"]["total"] == 0
+    assert client.get("/api/drift", params={"minutes": 60}).json()["models"] == []
