@@ -6,7 +6,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 LINT_DIRS := producers jobs sinks schemas infra tests
 
-.PHONY: help setup up down status topics reset lint check run test bench train backtest train-default replay backtest-stream redrive chaos
+.PHONY: help setup up down status topics reset lint check run test bench train backtest models train-default replay backtest-stream redrive labels chaos
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -61,6 +61,9 @@ train: setup ## train a model on FRAUD_CSV (Fraud Detector format; 70/30 time sp
 backtest: setup ## replay FRAUD_CSV through features, model (MODEL, default the last `make train`) and rules
 	@$(PY) -m jobs.model.train backtest $(FRAUD_CSV) --model $(MODEL) --output fraud-backtest.csv
 
+models: setup ## champion/challenger: make models ARGS="status" | ARGS="challenger VERSION" | ARGS="promote" (README)
+	@$(PY) -m jobs.model.registry $(ARGS)
+
 train-default: setup ## train the default model from seeded synthetic POS history if no model exists yet
 	@$(PY) -m jobs.model.train train-default
 
@@ -72,3 +75,6 @@ backtest-stream: setup ## run a job copy with another rule set / model over a re
 
 redrive: setup ## re-drive dead letters to their source topic, e.g. make redrive ARGS="--stage alert-sender --kind delivery_failed --dry-run"
 	@$(PY) -m producers.redrive $(ARGS)
+
+labels: setup ## publish fraud / legit verdicts to the labels topic, e.g. make labels ARGS="publish TX fraud --reason ..." or ARGS="import chargebacks.csv --dry-run"
+	@$(PY) -m producers.labels $(ARGS)

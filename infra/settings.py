@@ -176,7 +176,13 @@ class ModelSettings(BaseModel, frozen=True):
     artifact_dir: Path | None = None
     """Where trained models live (one folder per version + ``CURRENT``); defaults to ``<stack dir>/models``."""
     artifact: str | None = None
-    """Model version (folder name) to load; ``None`` = the one ``CURRENT`` names."""
+    """Champion version (folder name) to load; ``None`` = the one ``CURRENT`` names (and follow it)."""
+    challenger: str | None = None
+    """Challenger version, scored beside the champion and recorded, never deciding; ``None`` = the one
+    ``CHALLENGER`` names, if any (``python -m jobs.model.registry challenger VERSION``)."""
+    reload_interval_s: float = 2.0
+    """How often the job re-reads the ``CURRENT``/``CHALLENGER`` pointers: ``promote`` takes effect
+    in a running job within this time, without a restart."""
     auto_train: bool = True
     """Train the default model from synthetic history when no artifact exists (fresh machine)."""
     connect_timeout_s: float = 0.5
@@ -199,6 +205,15 @@ class ModelSettings(BaseModel, frozen=True):
     afd_event_type: str = "transaction"
     afd_entity_type: str = "customer"
     sagemaker_endpoint: str = "checkout-guard-fraud"
+    drift_psi_alert: float = 0.25
+    """Population stability index (an event-time hour's score or any feature against the training data)
+    at or above which a ``MODEL_DRIFT`` alert fires: < 0.1 stable, 0.1-0.25 moderate, > 0.25 significant."""
+    drift_min_rows: int = 200
+    """Transactions an hour needs before its PSI may alert (a few rows give a large PSI by chance alone)."""
+    drift_bins: int = 10
+    """Quantile bins per numeric feature (most frequent codes per categorical) in the training reference."""
+    drift_grace_ms: int = 300_000
+    """How long past an hour's end (in event time) its distributions stay open for late transactions."""
 
 
 class FaceSettings(BaseModel, frozen=True):

@@ -40,6 +40,7 @@ from schemas.topics import (
     ALERTS,
     DEAD_LETTERS,
     FACE_OBSERVATIONS,
+    MODEL_DRIFT,
     RULES,
     SCORED_TRANSACTIONS,
     TRANSACTIONS,
@@ -376,7 +377,7 @@ def broadcast_source(t_env: StreamTableEnvironment, settings: Settings) -> DataS
 
 def kafka_sink(t_env: StreamTableEnvironment, out: DataStream, settings: Settings):
     prefix = settings.kafka.topic_prefix
-    topics = ";".join(t.full_name(prefix) for t in (SCORED_TRANSACTIONS, ALERTS, DEAD_LETTERS))
+    topics = ";".join(t.full_name(prefix) for t in (SCORED_TRANSACTIONS, ALERTS, DEAD_LETTERS, MODEL_DRIFT))
     schema = (
         Schema.new_builder()
         .column_by_metadata("topic", DataTypes.STRING())

@@ -19,6 +19,7 @@ body of feature vectors (seed 002's XGBoost endpoint) and answers one probabilit
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -33,9 +34,11 @@ import numpy as np
 from infra.retry import call_with_retries
 from infra.settings import Settings
 from jobs.model.fraud_model import FEATURE_NAMES, Item, LocalModel, ModelArtifactError, feature_matrix
+from jobs.model.registry import ModelRegistry
 from jobs.scoring.rules import ModelResult
 from jobs.scoring.scorer import Predictor
 from schemas.errors import CheckoutGuardError
+from schemas.records import AlertAvro, ModelDriftAvro
 
 log = logging.getLogger("checkout_guard.predictors")
 
@@ -114,14 +117,89 @@ class CircuitBreaker:
             self._trial = False
 
 
-class LocalPredictor(Predictor):
-    """The LightGBM artifact: one vectorised predict per batch."""
+class ScoringModels(Predictor):
+    """The champion (the local model, or a remote backend with it as fallback) and the challenger.
 
-    def __init__(self, model: LocalModel) -> None:
-        self.model = model
+    Per batch: follow the registry's pointers (a promotion applies between batches), build the
+    feature matrix once for the local champion, the challenger and the drift monitor, and give each
+    result the challenger's score beside the champion's. Only the champion's score decides.
+    ``drift`` (a :class:`jobs.model.drift.DriftMonitor` factory) watches the local champion's inputs
+    and scores per event-time hour; its finished hourly reports wait in :meth:`drain_reports`.
+    """
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        remote: Predictor | None = None,
+        drift: Callable[[LocalModel], Any] | None = None,
+        psi_alert: float = 0.25,
+    ) -> None:
+        self.registry = registry
+        self.psi_alert = psi_alert
+        self.remote = remote
+        self._drift_factory = drift
+        self._drift: tuple[str, Any] | None = None
+        self._reports: list[Any] = []
+
+    @property
+    def model(self) -> LocalModel | None:
+        return self.registry.champion
+
+    def _monitor(self, champion: LocalModel | None) -> Any:
+        if self._drift_factory is None or champion is None or self.remote is not None:
+            return None
+        if self._drift is None or self._drift[0] != champion.version:
+            if self._drift is not None and self._drift[1] is not None:
+                self._reports.extend(self._drift[1].flush())
+            self._drift = (champion.version, self._drift_factory(champion))
+        return self._drift[1]
 
     def predict_batch(self, items: Sequence[Item]) -> list[ModelResult]:
-        return self.model.predict_batch(items)
+        if not items:
+            return []
+        self.registry.refresh()
+        champion, challenger = self.registry.champion, self.registry.challenger
+        monitor = self._monitor(champion)
+        t0 = time.perf_counter()
+        local = self.remote is None and champion is not None
+        x = feature_matrix(items) if local or challenger is not None or monitor is not None else None
+        if local:
+            assert champion is not None and x is not None
+            scores = champion.scores(x).tolist()
+            elapsed = int(round((time.perf_counter() - t0) * 1000))
+            base: list[ModelResult] = []
+            shared: dict[int, ModelResult] = {}  # results are immutable: one object per distinct score
+            for s in scores:
+                r = shared.get(s)
+                if r is None:
+                    r = shared[s] = ModelResult(score=s, version=champion.label, time_ms=elapsed)
+                base.append(r)
+        else:
+            base = (self.remote or Predictor()).predict_batch(items)
+            scores = [r.score for r in base]
+        if monitor is not None and x is not None:
+            self._reports.extend(monitor.observe([tx["event_time"] for tx, _ in items], x, scores))
+        if challenger is None:
+            return base
+        assert x is not None
+        version = challenger.label
+        return [
+            dataclasses.replace(r, challenger_score=c, challenger_version=version)
+            for r, c in zip(base, challenger.scores(x).tolist(), strict=True)
+        ]
+
+    def drain_reports(self) -> list[tuple[ModelDriftAvro, AlertAvro | None]]:
+        from jobs.model.drift import drift_alert
+
+        reports, self._reports = self._reports, []
+        return [(r, drift_alert(r, self.psi_alert) if r["alert"] else None) for r in reports]
+
+
+class LocalPredictor(ScoringModels):
+    """One fixed local model (backtests, benches): no pointers followed, no challenger, no drift."""
+
+    def __init__(self, model: LocalModel, challenger: LocalModel | None = None) -> None:
+        super().__init__(ModelRegistry.fixed(model, challenger))
 
 
 class GuardedPredictor(Predictor):
@@ -339,32 +417,48 @@ def _as_text(value: Any) -> str:
     return str(value)  # 810.3 -> "810.3", 25.0 -> "25.0": what the CSV the detector was trained on holds
 
 
-def _local(settings: Settings) -> LocalModel | None:
-    """The trained local model, or ``None`` when none has been trained. Only loads: training belongs
-    to ``jobs.model.train`` (the job's launcher runs ``train-default`` before submitting, never a worker)."""
-    try:
-        return LocalModel.from_settings(settings)
-    except ModelArtifactError:
+def _drift_monitor(settings: Settings) -> Callable[[LocalModel], Any] | None:
+    """A drift monitor per champion version, from the reference distributions ``train`` stored in it."""
+    m = settings.model
+    if m.drift_psi_alert <= 0:
         return None
+
+    def make(model: LocalModel) -> Any:
+        from jobs.model.drift import DriftMonitor
+
+        reference = model.meta.get("reference")
+        if not reference:
+            return None
+        return DriftMonitor(
+            reference, model.version, psi_alert=m.drift_psi_alert, min_rows=m.drift_min_rows, grace_ms=m.drift_grace_ms
+        )
+
+    return make
 
 
 def make_predictor(settings: Settings) -> Predictor:
-    """The predictor ``settings.model.backend`` names, with the local model as its fallback."""
+    """The predictor ``settings.model.backend`` names: champion and challenger from the models root
+    (local), or a remote backend with the local champion as its fallback and the challenger beside it."""
     backend = settings.model.backend
     if backend == "none":
         return Predictor()
-    local = _local(settings)
     if backend == "local":
-        if local is None:
-            raise ModelArtifactError(
-                "no model artifact: run make train-default (or python -m jobs.model.train train CSV)"
-            )
-        return LocalPredictor(local)
+        return ScoringModels(
+            ModelRegistry(settings), drift=_drift_monitor(settings), psi_alert=settings.model.drift_psi_alert
+        )
+    try:
+        registry = ModelRegistry(settings)
+    except ModelArtifactError:
+        registry = ModelRegistry(None)  # no local model: the remote answers alone, no fallback
+    local = registry.champion
+    remote: Predictor
     if backend == "frauddetector":
-        return FraudDetectorPredictor(settings, local)
-    if backend == "sagemaker":
-        return SageMakerPredictor(settings, local)
-    raise ValueError(f"unknown model backend {backend!r} (local, frauddetector, sagemaker, none)")
+        remote = FraudDetectorPredictor(settings, local)
+    elif backend == "sagemaker":
+        remote = SageMakerPredictor(settings, local)
+    else:
+        raise ValueError(f"unknown model backend {backend!r} (local, frauddetector, sagemaker, none)")
+    return ScoringModels(registry, remote=remote)
 
 
 __all__ = [
@@ -373,5 +467,6 @@ __all__ = [
     "FraudDetectorPredictor",
     "LocalPredictor",
     "SageMakerPredictor",
+    "ScoringModels",
     "make_predictor",
 ]

@@ -1,17 +1,23 @@
-"""``train``, ``backtest`` and ``train-default``: the fraud model offline, through the job's own code.
+"""``evaluate``, ``train``, ``backtest`` and ``train-default``: the fraud model offline, through the job's own code.
 
 Every transaction — from a Fraud Detector-format CSV or from the POS generator — goes through the
 steps the streaming job runs: Avro bytes -> :meth:`Scorer.parse` (validation, dead letters) ->
 :meth:`Scorer.observe` on a :class:`ScoringState` in event-time order (receipts, stores, customer
-history). The model's features are computed from what ``observe`` returns, exactly as the job hands
-them to the predictor, so training and serving share one feature path.
+and linked-identity profiles). The model's features are computed from what ``observe`` returns,
+exactly as the job hands them to the predictor, so training and serving share one feature path.
 
-Split: the *labelled* rows in event-time order; the first ``--train-frac`` (70 %) train the model,
-the later rest validates it (metrics) and calibrates the 0-1000 score by false-positive rate.
-Unlabelled rows are not trained on but still pass through ``observe``, so they build history.
+Evaluation: rolling-origin cross-validation over *all* labelled rows in event-time order
+(:func:`jobs.model.fraud_model.cross_validate`, 5 folds by default): each fold trains only on
+labelled rows strictly before its window, and every figure is shown beside that of ``order_price``
+alone. Settings (features, regularisation, rounds) are chosen by it (``evaluate --grid``); nothing is
+tuned on a hold-out. ``train`` runs the same cross-validation, then fits on every labelled row and
+calibrates the 0-1000 score on the legitimate rows' out-of-fold probabilities; the report goes into
+the artifact. Unlabelled rows are never trained on but still pass through ``observe``: they build
+history.
 
-Run: ``python -m jobs.model.train train CSV``, ``python -m jobs.model.train backtest CSV --model DIR``,
-``python -m jobs.model.train train-default`` (``make train``, ``make backtest``, ``make train-default``).
+Run: ``python -m jobs.model.train evaluate CSV``, ``python -m jobs.model.train train CSV``,
+``python -m jobs.model.train backtest CSV --model DIR``, ``python -m jobs.model.train train-default``
+(``make train``, ``make backtest``, ``make train-default``).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import csv
 import fcntl
 import hashlib
 import json
+import math
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -33,16 +40,22 @@ import typer
 
 from infra.local.pos_generator import PosGenerator
 from infra.settings import Settings, get_settings
+from jobs.model.drift import reference_profile
 from jobs.model.fraud_model import (
     CATEGORICAL_FEATURES,
+    FEATURE_GROUPS,
     FEATURE_NAMES,
+    Calibration,
+    CrossValidation,
     LocalModel,
     ModelArtifactError,
     artifact_root,
+    classification_metrics,
+    cross_validate,
     feature_matrix,
     fit,
+    format_evaluation,
     format_metrics,
-    lgb_params,
     roc_auc,
 )
 from jobs.model.predictors import LocalPredictor
@@ -53,6 +66,7 @@ from schemas.errors import InvalidRecord
 from schemas.records import PosTransaction
 
 HISTORY_TOPIC = "history"
+DEFAULT_FOLDS = 5
 
 
 @dataclass
@@ -118,49 +132,91 @@ def synthetic_transactions(n: int, seed: int) -> list[PosTransaction]:
     return [next(gen) for _ in range(n)]
 
 
-def time_split(history: History, train_frac: float) -> tuple[list[int], list[int]]:
-    """Indexes of labelled rows: the first ``train_frac`` of them (event-time order) and the rest."""
-    labelled = [i for i, (tx, _) in enumerate(history.items) if tx.get("label") is not None]
-    cut = int(round(len(labelled) * train_frac))
-    return labelled[:cut], labelled[cut:]
+@dataclass
+class Labelled:
+    """The labelled rows of a history in event-time order: features, labels, times and amounts."""
+
+    rows: list[int]
+    """Indexes into ``History.items``."""
+    x: np.ndarray
+    y: np.ndarray
+    times: np.ndarray
+    amounts: np.ndarray
+
+
+def labelled(history: History) -> Labelled:
+    """The labelled rows (event-time order, stable for equal times); unlabelled rows only built history."""
+    rows = [i for i, (tx, _) in enumerate(history.items) if tx.get("label") is not None]
+    rows.sort(key=lambda i: history.items[i][0]["event_time"])
+    items = [history.items[i] for i in rows]
+    return Labelled(
+        rows,
+        feature_matrix(items),
+        np.array([tx["label"] for tx, _ in items], dtype=np.int64),
+        np.array([tx["event_time"] for tx, _ in items], dtype=np.int64),
+        np.array([tx["amount"] for tx, _ in items], dtype=np.float64),
+    )
+
+
+def evaluate_history(
+    history: History,
+    *,
+    folds: int = DEFAULT_FOLDS,
+    seed: int = 7,
+    rounds: int | None = None,
+    params: dict[str, Any] | None = None,
+    drop: Sequence[str] = (),
+) -> tuple[Labelled, CrossValidation]:
+    """Rolling-origin cross-validation of the model over the history's labelled rows."""
+    data = labelled(history)
+    if len(set(data.y.tolist())) < 2:
+        raise typer.BadParameter("need labelled fraud and legitimate rows")
+    if len(data.y) < 2 * (folds + 1):
+        raise typer.BadParameter(f"{len(data.y)} labelled rows are too few for {folds} folds")
+    cv = cross_validate(
+        data.x, data.y, data.times, data.amounts, folds=folds, seed=seed, rounds=rounds, params=params, drop=drop
+    )
+    return data, cv
 
 
 def train_on(
     history: History,
     *,
-    train_frac: float,
-    seed: int,
-    rounds: int | None,
+    folds: int = DEFAULT_FOLDS,
+    seed: int = 7,
+    rounds: int | None = None,
     source: str,
     sha256: str,
+    labels: dict[str, Any] | None = None,
 ) -> LocalModel:
-    train_idx, val_idx = time_split(history, train_frac)
-    if not train_idx or not val_idx:
-        raise typer.BadParameter("need labelled rows on both sides of the split")
-    x = feature_matrix(history.items)
-    y = np.array([history.items[i][0].get("label") or 0 for i in range(len(history.items))], dtype=np.int64)
-    for name, idx in (("training", train_idx), ("validation", val_idx)):
-        if len(set(y[idx].tolist())) < 2:
-            raise typer.BadParameter(f"the {name} part has only one class")
-    t_train, t_val = (history.items[train_idx[-1]][0]["event_time"], history.items[val_idx[0]][0]["event_time"])
+    """Cross-validate, then fit on every labelled row; calibrate on the out-of-fold legitimate rows."""
+    data, cv = evaluate_history(history, folds=folds, seed=seed, rounds=rounds)
+    rows = cv.calibration_rows(data.y)
+    legit_oof = cv.oof[rows][data.y[rows] == 0]
+    if legit_oof.size == 0:
+        raise typer.BadParameter("no legitimate row was scored out of fold: nothing to calibrate on")
+    calibration = Calibration.fit(legit_oof)
+    scored = ~np.isnan(cv.oof)
     info = {
         "data": {
             "source": source,
             "sha256": sha256,
             "rows": len(history.items) + len(history.rejected) + history.duplicates,
             "used": len(history.items),
-            "labelled": len(train_idx) + len(val_idx),
+            "labelled": len(data.rows),
             "rejected": len(history.rejected),
             "duplicates": history.duplicates,
-            "split": (
-                f"labelled rows by event time: first {train_frac:.0%} train ({len(train_idx)} rows, up to "
-                f"{_iso(t_train)}), last {1 - train_frac:.0%} validate ({len(val_idx)} rows, from {_iso(t_val)})"
-            ),
-            "validation_from_ms": t_val,
-        }
+            "from": _iso(int(data.times[0])),
+            "to": _iso(int(data.times[-1])),
+            **({"field_labels": labels} if labels else {}),
+        },
+        "evaluation": cv.report,
+        "metrics": {"latest_folds_out_of_fold": classification_metrics(data.y[rows], cv.oof[rows], calibration)},
+        "reference": reference_profile(
+            FEATURE_NAMES, data.x[scored], calibration.score(cv.oof[scored]), categorical=CATEGORICAL_FEATURES
+        ),
     }
-    result = fit(x[train_idx], y[train_idx], x[val_idx], y[val_idx], seed=seed, rounds=rounds, info=info)
-    return result.model
+    return fit(data.x, data.y, calibration, seed=seed, rounds=rounds, info=info).model
 
 
 def _iso(ms: int) -> str:
@@ -171,15 +227,21 @@ def _iso(ms: int) -> str:
 
 DEFAULT_SYNTHETIC_ROWS = 60_000
 DEFAULT_SEED = 20251122
+DEFAULT_SYNTHETIC_FOLDS = 3
+"""Fewer folds for the synthetic default model: it trains on every fresh machine, and 60k rows give
+each fold thousands of rows to judge by."""
 
 
-def train_default(settings: Settings, rows: int = DEFAULT_SYNTHETIC_ROWS, seed: int = DEFAULT_SEED) -> LocalModel:
+def train_default(
+    settings: Settings,
+    rows: int = DEFAULT_SYNTHETIC_ROWS,
+    seed: int = DEFAULT_SEED,
+    folds: int = DEFAULT_SYNTHETIC_FOLDS,
+) -> LocalModel:
     txs = synthetic_transactions(rows, seed)
     digest = hashlib.sha256(f"PosGenerator(seed={seed}, rows={rows})".encode()).hexdigest()
     history = observe_all(txs, settings)
-    return train_on(
-        history, train_frac=0.7, seed=7, rounds=None, source=f"synthetic:PosGenerator(seed={seed})", sha256=digest
-    )
+    return train_on(history, folds=folds, seed=7, source=f"synthetic:PosGenerator(seed={seed})", sha256=digest)
 
 
 def ensure_default_model(settings: Settings, force: bool = False) -> Path:
@@ -214,8 +276,8 @@ def backtest_rows(history: History, scorer: Scorer, batch: int = 500) -> list[di
     return out
 
 
-def backtest_metrics(decisions: Sequence[dict[str, Any]], validation_from_ms: int | None) -> dict[str, Any]:
-    """Model and rule metrics over the labelled decisions (and the held-out later part alone)."""
+def backtest_metrics(decisions: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Model and rule metrics over the labelled decisions."""
 
     def part(rows: list[dict[str, Any]]) -> dict[str, Any]:
         rows = [r for r in rows if r["label"] is not None and r["model_score"] is not None]
@@ -238,10 +300,7 @@ def backtest_metrics(decisions: Sequence[dict[str, Any]], validation_from_ms: in
             "block": {"tpr": _mean(blocked[fraud]), "fpr": _mean(blocked[legit])},
         }
 
-    out = {"all_labelled": part(list(decisions))}
-    if validation_from_ms is not None:
-        out["held_out_later_part"] = part([d for d in decisions if d["event_time"] >= validation_from_ms])
-    return out
+    return {"all_labelled": part(list(decisions))}
 
 
 def _mean(a: np.ndarray) -> float:
@@ -250,91 +309,160 @@ def _mean(a: np.ndarray) -> float:
 
 # --- CLI --------------------------------------------------------------------------------------
 
-app = typer.Typer(add_completion=False, help="Train and backtest the fraud model through the job's feature path.")
+app = typer.Typer(
+    add_completion=False, help="Evaluate, train and backtest the fraud model through the job's feature path."
+)
+
+GRID: tuple[tuple[str, dict[str, Any], int | None, tuple[str, ...]], ...] = (
+    ("chosen settings", {}, None, ()),
+    ("100 rounds", {}, 100, ()),
+    ("400 rounds", {}, 400, ()),
+    ("looser trees (7 leaves, 5 per leaf, L2 1)", {"num_leaves": 7, "min_data_in_leaf": 5, "lambda_l2": 1.0}, None, ()),
+    ("stricter trees (3 leaves, 20 per leaf)", {"num_leaves": 3, "min_data_in_leaf": 20}, None, ()),
+    ("no monotone constraints", {"monotone_constraints": [0] * len(FEATURE_NAMES)}, None, ()),
+    *((f"without {group}", {}, None, (group,)) for group in FEATURE_GROUPS),
+    ("without customer-profile and linked-identities", {}, None, ("customer-profile", "linked-identities")),
+)
+"""The settings ``evaluate --grid`` compares: (label, LightGBM parameter overrides, rounds, groups of
+:data:`FEATURE_GROUPS` left out). The first is what ``train`` uses."""
+
+
+@dataclass
+class Source:
+    """Where a training or evaluation history came from: its records, name, digest and label join."""
+
+    history: History
+    name: str
+    sha256: str
+    labels: dict[str, Any] | None = None
+    """The field labels joined in (``--labels-from-topic``): counts, and the digest of the verdicts."""
+
+
+def _source(csv_path: Path | None, settings: Settings, from_topic: bool = False, field_labels: bool = False) -> Source:
+    """The records of a CSV or of the ``transactions`` topic, with the ``labels`` topic's verdicts joined
+    in when asked (they override the data's own labels: what analysts confirmed is what the model learns)."""
+    from jobs.model.labels import apply_labels, read_labels, transactions_from_topic
+    from schemas.topics import TRANSACTIONS
+
+    records: list[PosTransaction | tuple[str, str]]
+    if from_topic == (csv_path is not None):
+        raise typer.BadParameter("give a CSV or --from-topic (one of them)")
+    if csv_path is not None:
+        if not csv_path.exists():
+            raise typer.BadParameter(f"{csv_path} does not exist")
+        records, name, sha = csv_transactions(csv_path), csv_path.name, file_sha256(csv_path)
+    else:
+        stream = transactions_from_topic(settings)
+        typer.echo(stream.summary())
+        records = [*stream.rejected, *stream.transactions]
+        name = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
+        sha = hashlib.sha256(json.dumps(sorted(stream.end_offsets.items())).encode()).hexdigest()
+    joined = None
+    if field_labels:
+        verdicts = read_labels(settings)
+        records, stats = apply_labels(records, verdicts)
+        typer.echo(verdicts.summary())
+        typer.echo(stats.summary())
+        name += "+labels"
+        sha = hashlib.sha256(f"{sha}:{verdicts.digest()}".encode()).hexdigest()
+        joined = {
+            "digest": verdicts.digest(),
+            "in_force": len(verdicts.by_transaction),
+            "joined": stats.joined,
+            "fraud": stats.fraud,
+            "legit": stats.legit,
+            "newly_labelled": stats.newly_labelled,
+            "changed": stats.changed,
+            "unmatched": len(stats.unmatched),
+        }
+    return Source(observe_all(records, settings), name, sha, joined)
+
+
+CsvArg = Annotated[
+    Path | None,
+    typer.Argument(metavar="[CSV]", help="Fraud Detector-format CSV (or --from-topic).", show_default=False),
+]
+FromTopic = Annotated[bool, typer.Option("--from-topic", help="Read the transactions topic instead of a CSV.")]
+LabelsFromTopic = Annotated[
+    bool,
+    typer.Option("--labels-from-topic", help="Join the labels topic's verdicts (they override the data's labels)."),
+]
+
+
+@app.command()
+def evaluate(
+    csv_path: CsvArg = None,
+    from_topic: FromTopic = False,
+    labels_from_topic: LabelsFromTopic = False,
+    folds: Annotated[int, typer.Option(help="Rolling-origin folds (the labelled rows make folds + 1 blocks).")] = (
+        DEFAULT_FOLDS
+    ),
+    rounds: Annotated[int | None, typer.Option(help="Boosting rounds (default: the model's own).")] = None,
+    seed: Annotated[int, typer.Option()] = 7,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
+    grid: Annotated[bool, typer.Option(help="Compare the candidate settings (GRID) instead.")] = False,
+) -> None:
+    """Rolling-origin cross-validation over all labelled rows: per fold and pooled, beside order_price alone."""
+    source = _source(csv_path, get_settings(), from_topic, labels_from_topic)
+    history = source.history
+    if grid:
+        _grid(history, folds, seed, json_path)
+        return
+    data, cv = evaluate_history(history, folds=folds, seed=seed, rounds=rounds)
+    fraud = int(data.y.sum())
+    typer.echo(f"{source.name}: {len(history.items)} transactions, {len(data.rows)} labelled ({fraud} fraud)")
+    typer.echo(format_evaluation(cv.report))
+    if json_path:
+        json_path.write_text(json.dumps(cv.report, indent=2, default=str))
+        typer.echo(f"report: {json_path}")
+
+
+def _grid(history: History, folds: int, seed: int, json_path: Path | None) -> None:
+    results = []
+    typer.echo(f"{'settings':48s} pooled ROC-AUC (95% CI)  PR-AUC  mean fold  worst fold - floor  folds")
+    for label, params, rounds, groups in GRID:
+        drop = tuple(name for group in groups for name in FEATURE_GROUPS[group])
+        _, cv = evaluate_history(history, folds=folds, seed=seed, rounds=rounds, params=params, drop=drop)
+        r = cv.report
+        pooled = r["pooled"]["model"]
+        margins = [e["model"]["roc_auc"] - e["floor"]["roc_auc"] for e in r["folds"] if "model" in e]
+        lo, hi = pooled["roc_auc_ci95"]
+        typer.echo(
+            f"{label:48s} {pooled['roc_auc']:.3f} ({lo:.2f}-{hi:.2f})       {pooled['pr_auc']:.3f}   "
+            f"{r['mean_fold_roc_auc']:.3f}      {min(margins, default=math.nan):+.3f}            "
+            + " ".join(f"{e['model']['roc_auc']:.2f}" for e in r["folds"] if "model" in e)
+        )
+        results.append({"settings": label, "report": r})
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2, default=str))
+        typer.echo(f"report: {json_path}")
 
 
 @app.command()
 def train(
-    csv_path: Annotated[Path, typer.Argument(metavar="CSV", help="Fraud Detector-format training CSV.")],
+    csv_path: CsvArg = None,
+    from_topic: FromTopic = False,
+    labels_from_topic: LabelsFromTopic = False,
     out: Annotated[Path | None, typer.Option(help="Models root (default <stack dir>/models).")] = None,
-    train_frac: Annotated[float, typer.Option(help="Share of labelled rows (earliest first) to train on.")] = 0.7,
-    rounds: Annotated[int | None, typer.Option(help="Boosting rounds (default 100).")] = None,
+    folds: Annotated[int, typer.Option(help="Rolling-origin folds of the evaluation and calibration.")] = (
+        DEFAULT_FOLDS
+    ),
+    rounds: Annotated[int | None, typer.Option(help="Boosting rounds (default: the model's own).")] = None,
     seed: Annotated[int, typer.Option()] = 7,
     current: Annotated[bool, typer.Option(help="Make it the model the job uses (CURRENT).")] = True,
 ) -> None:
-    """Train on a CSV; write the versioned artifact and its metrics report beside it."""
+    """Evaluate by cross-validation, train on every labelled row; write the artifact and its report."""
     settings = get_settings()
-    history = observe_all(csv_transactions(csv_path), settings)
+    source = _source(csv_path, settings, from_topic, labels_from_topic)
+    history = source.history
     model = train_on(
-        history, train_frac=train_frac, seed=seed, rounds=rounds, source=csv_path.name, sha256=file_sha256(csv_path)
+        history, folds=folds, seed=seed, rounds=rounds, source=source.name, sha256=source.sha256, labels=source.labels
     )
     path = model.save(out or artifact_root(settings), make_current=current)
     typer.echo(format_metrics(model.meta))
     for ident, reason in history.rejected[:10]:
         typer.echo(f"rejected {ident}: {reason}")
     typer.echo(f"artifact: {path}")
-
-
-HIGH_CARDINALITY: tuple[str, ...] = (
-    "ip_prefix",
-    "email_domain",
-    "user_agent_family",
-    "card_bin_prefix",
-    "billing_state",
-)
-"""Hashed categoricals with many values: few rows per value in a small labelled set."""
-
-
-def rolling_origin_auc(
-    x: np.ndarray, y: np.ndarray, *, rounds: int, drop: Sequence[str] = (), folds: int = 4, seed: int = 7
-) -> list[float]:
-    """ROC-AUC of each fold of rolling-origin validation over time-ordered rows: fold k trains on
-    everything before its window and validates on the window, so no fold sees its own future."""
-    import lightgbm as lgb
-
-    x = x.copy()
-    for name in drop:  # a column of NaN is never split on: the same as dropping it
-        x[:, FEATURE_NAMES.index(name)] = np.nan
-    n, window = len(y), len(y) // (folds + 2)
-    out = []
-    for k in range(folds):
-        cut = n - (folds - k) * window
-        train_rows, val_rows = slice(0, cut), slice(cut, cut + window)
-        if len(set(y[val_rows].tolist())) < 2:
-            continue
-        data = lgb.Dataset(
-            x[train_rows],
-            label=y[train_rows],
-            feature_name=list(FEATURE_NAMES),
-            categorical_feature=list(CATEGORICAL_FEATURES),
-        )
-        booster = lgb.train(lgb_params(cut, seed), data, num_boost_round=rounds)
-        out.append(roc_auc(y[val_rows], booster.predict(x[val_rows], num_threads=1)))
-    return out
-
-
-@app.command()
-def select(
-    csv_path: Annotated[Path, typer.Argument(metavar="CSV", help="Fraud Detector-format training CSV.")],
-    train_frac: Annotated[float, typer.Option(help="Share of labelled rows (earliest first) `train` trains on.")] = 0.7,
-    folds: Annotated[int, typer.Option(help="Rolling-origin folds inside that share.")] = 4,
-) -> None:
-    """Compare model settings by rolling-origin validation inside the training part only.
-
-    The held-out later part is never read here, so choosing by these figures does not fit the
-    model to the rows its reported ROC-AUC comes from."""
-    history = observe_all(csv_transactions(csv_path), get_settings())
-    train_idx, _ = time_split(history, train_frac)
-    x = feature_matrix([history.items[i] for i in train_idx])
-    y = np.array([history.items[i][0]["label"] for i in train_idx], dtype=np.int64)
-    typer.echo(f"{len(train_idx)} training rows ({int(y.sum())} fraud), {folds} rolling-origin folds")
-    for features, drop in (("all", ()), ("without high-cardinality", HIGH_CARDINALITY)):
-        for rounds in (50, 100, 200):
-            aucs = rolling_origin_auc(x, y, rounds=rounds, drop=drop, folds=folds)
-            typer.echo(
-                f"  {features:24s} rounds {rounds:3d}: mean ROC-AUC {_mean(np.array(aucs)):.3f}  "
-                f"folds {' '.join(f'{a:.3f}' for a in aucs)}"
-            )
 
 
 @app.command("train-default")
@@ -390,15 +518,19 @@ def backtest(
             )
         for ident, reason in history.rejected:
             w.writerow([ident, "", "", "", "REJECTED", "", reason, "", ""])
-    cut = (local.meta.get("data") or {}).get("validation_from_ms")
     same_data = (local.meta.get("data") or {}).get("sha256") == file_sha256(csv_path)
-    metrics = backtest_metrics(decisions, cut if same_data else None)
+    metrics = backtest_metrics(decisions)
     typer.echo(
         f"model {local.version}, rules {scorer.rule_set.version}: {len(decisions)} decisions, "
         f"{len(history.rejected)} rejected, {history.duplicates} duplicates -> {output}"
     )
     typer.echo(json.dumps(metrics, indent=2))
-    if not same_data:
+    if same_data:
+        typer.echo(
+            "note: this CSV is the model's training data, so its labelled rows are in sample; "
+            "the out-of-fold figures are in the model's evaluation report (metrics.txt)"
+        )
+    else:
         typer.echo("note: this CSV is not the model's training data, so every labelled row is out of sample")
 
 

@@ -36,7 +36,7 @@ from jobs.scoring.face_join import (
     observation_result,
     seen_from,
 )
-from jobs.scoring.features import customer_key, receipt_key
+from jobs.scoring.features import customer_key, linked_keys, receipt_key
 from jobs.scoring.rules import RuleSet
 from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Predictor, Scorer, ScoringState, Write
 from jobs.scoring.validation import check_size
@@ -435,11 +435,11 @@ class DecisionCore:
         try:
             keys = ((RECEIPTS, receipt_key(tx), state.receipts), (STORES, tx["store_id"], state.stores))
             ck = customer_key(tx)
+            profiles = ([] if ck.startswith("anon:") else [ck]) + linked_keys(tx)
         except Exception:  # noqa: BLE001 - a transaction without its keys changed no state
             return
         self._persist((name, key, entries.get(key)) for name, key, entries in keys)
-        if not ck.startswith("anon:"):
-            self._persist([(CUSTOMERS, ck, state.customers.get(ck))])
+        self._persist([(CUSTOMERS, key, state.customers.get(key)) for key in profiles])
 
     def _log_internal(self, err: Exception, where: str) -> None:
         if self._tracebacks > 0:

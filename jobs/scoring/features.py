@@ -7,7 +7,15 @@ Three keys, three kinds of memory:
   stores, and de-duplicates transactions delivered twice.
 * :class:`StoreActivity` — keyed by store: recent returns, for bursts of refunds at one store.
 * :class:`CustomerProfile` — keyed by customer (card token, loyalty id or e-mail, across stores):
-  velocity in a time window and the customer's usual amount.
+  velocity in a time window and the customer's usual amount; plus, for the fraud model, the
+  customer's activity over several windows (:data:`WINDOWS`). The other identities a transaction
+  carries (card, loyalty id, e-mail, IP, device: :data:`LINKED_IDENTITIES`) get a profile of the same
+  class under ``ent:<kind>:<value>`` keys in the same state map (:func:`observe_linked`), so one
+  expiry covers them all.
+
+The model's profile features (:data:`PROFILE_FEATURES`) travel with the transaction dict under
+:data:`PROFILE_KEY` (a tuple, not indicators: they are model inputs, not reasons, and are not written
+on the scored record).
 
 Each ``observe`` method is deterministic in (state, transaction): replaying the same input after a
 restore from a checkpoint yields the same indicators. The very same classes serve the ``train``
@@ -18,7 +26,9 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, bisect_right, insort
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
+from math import exp
 from typing import Any
 
 import pycountry
@@ -32,9 +42,13 @@ local token such as ``JEP``) is usable but raises ``unknown_currency``: its amou
 converted or compared with other stores'."""
 
 
+CUSTOMER_FIELDS: tuple[str, ...] = ("card_token", "customer_id", "customer_email")
+"""Where a customer's identity is taken from, first present wins."""
+
+
 def customer_key(tx: Tx) -> str:
     """The identity a customer's history is kept under; anonymous cash buyers get no history."""
-    for name in ("card_token", "customer_id", "customer_email"):
+    for name in CUSTOMER_FIELDS:
         value = tx.get(name)
         if value:
             return f"{name.split('_')[-1]}:{value}"
@@ -118,9 +132,80 @@ class StoreActivity:
         return ind
 
 
+WINDOWS: tuple[tuple[str, int], ...] = (("1h", 3_600_000), ("24h", 86_400_000), ("7d", 604_800_000))
+"""Activity windows (name, ms) of every profile. Counts and sums are *exponentially decayed* over the
+window: a transaction ``w`` ago counts ``exp(-1) = 0.37``, one ``w/10`` ago ``0.9``. Fixed memory
+(two numbers per window) whatever an identity's traffic (a device string shared by thousands of
+shoppers costs what a loyal customer costs), O(1) per transaction, and deterministic in the order
+processed (out-of-order events: :meth:`CustomerProfile.activity`)."""
+_W1, _W24, _W7 = (float(ms) for _, ms in WINDOWS)
+
+PROFILE_KEY = "_profile"
+"""Key of the transaction dict under which :meth:`Scorer.observe` leaves the profile features (a tuple
+in :data:`PROFILE_FEATURES` order, ``None`` for "unknown": the model reads it as NaN) for the model.
+``None`` rather than NaN because the transaction is kept in state while it waits for its face, and
+state is compared by value (NaN equals nothing, itself included)."""
+
+ENTITY_PREFIX = "ent:"
+"""Prefix of the linked identities' profile keys in the customers map (``ent:ip:10.1.2.3``)."""
+
+LINKED_IDENTITIES: tuple[tuple[str, str], ...] = (
+    ("card", "card_token"),
+    ("id", "customer_id"),
+    ("email", "customer_email"),
+    ("ip", "ip_address"),
+    ("device", "user_agent"),
+)
+"""(kind, transaction field) of the identities profiled besides the customer key. A card is its token:
+a BIN alone names a bank, not a card. The field the customer key was taken from is left out (its
+profile is the customer's)."""
+
+CUSTOMER_FEATURES: tuple[str, ...] = (
+    "cust_tx_before",
+    "cust_age_days",
+    "cust_since_prev_s",
+    "cust_amount_ratio",
+    "cust_count_1h",
+    "cust_count_24h",
+    "cust_count_7d",
+    "cust_sum_1h",
+    "cust_sum_24h",
+    "cust_sum_7d",
+)
+"""The customer's profile before this transaction: earlier sales, days since first seen (within the
+profile's retention), seconds since the previous transaction, amount / the customer's mean sale, and
+the decayed count and sum of its transactions per window (:data:`WINDOWS`)."""
+
+LINKED_FEATURES: tuple[str, ...] = (
+    "link_identities",
+    "link_new",
+    "link_tx_before_max",
+    "link_since_prev_s_min",
+    "link_count_1h_max",
+    "link_count_24h_max",
+    "link_count_7d_max",
+    "link_sum_24h_max",
+)
+"""Over the transaction's linked identities: how many it carries, how many are seen for the first time,
+and the busiest one's history (the most earlier sales, the shortest gap, the highest counts and sum)."""
+
+PROFILE_FEATURES: tuple[str, ...] = CUSTOMER_FEATURES + LINKED_FEATURES
+Feature = float | None
+"""A profile feature; ``None``: unknown (no earlier transaction, no linked identity)."""
+_NO_LINKS: tuple[Feature, ...] = (0.0, 0.0) + (None,) * (len(LINKED_FEATURES) - 2)
+
+Activity = tuple[float, float, Feature, float, float, float, float, float, float]
+"""A profile before a transaction: (earlier transactions, age in days, seconds since the previous
+transaction or ``None``, decayed count 1h, 24h, 7d, decayed sum 1h, 24h, 7d)."""
+
+
 @dataclass(slots=True)
 class CustomerProfile:
-    """A customer's recent activity and spending habit (Welford running mean/variance of sales)."""
+    """A customer's recent activity and spending habit (Welford running mean/variance of sales).
+
+    The same class profiles a linked identity (``ent:`` keys, :func:`observe_linked`): those use only
+    ``count`` (every transaction) and the activity fields, never ``recent``, ``stores`` or the
+    running mean."""
 
     recent: list[int] = field(default_factory=list)
     """Event times (ms, sorted) of the customer's transactions inside the velocity window."""
@@ -128,13 +213,73 @@ class CustomerProfile:
     mean: float = 0.0
     m2: float = 0.0
     stores: set[str] = field(default_factory=set)
+    first: int = 0
+    """Event time (ms) of the first transaction seen; 0 = none yet."""
+    last: int = 0
+    """The newest event time (ms) seen: the time the decayed window sums below refer to."""
+    c1h: float = 0.0
+    s1h: float = 0.0
+    c24h: float = 0.0
+    s24h: float = 0.0
+    c7d: float = 0.0
+    s7d: float = 0.0
+
+    def __setstate__(self, state: Any) -> None:
+        """Restore a pickle, also one written before the activity fields existed (a savepoint of an
+        older job): missing fields take their defaults, the first and newest times come from
+        ``recent``, the window sums start at zero (an under-count for at most a week)."""
+        values = dict(state[1] if isinstance(state, tuple) else state)  # (None, slots) or a plain dict
+        recent = values.get("recent") or []
+        values.setdefault("first", recent[0] if recent else 0)
+        values.setdefault("last", recent[-1] if recent else 0)
+        fresh = CustomerProfile()
+        for name in CustomerProfile.__slots__:
+            object.__setattr__(self, name, values[name] if name in values else getattr(fresh, name))
 
     def idle_since(self, cutoff_ms: int) -> bool:
         """No transaction at or after ``cutoff_ms`` (event time): the profile is past its retention."""
-        return not self.recent or self.recent[-1] < cutoff_ms
+        recent = self.recent
+        return max(self.last, recent[-1] if recent else 0) < cutoff_ms
+
+    def activity(self, now: int, amount: float) -> Activity:
+        """The profile's activity before a transaction at ``now`` (ms) of ``amount``; then counts it in.
+
+        An event older than the newest one seen (out of order) reads the windows as of the newest
+        one, and is added decayed to that time: deterministic in the order processed."""
+        last = self.last
+        if not last and not self.first:  # a new profile
+            self.first = self.last = now
+            self.c1h = self.c24h = self.c7d = 1.0
+            self.s1h = self.s24h = self.s7d = amount
+            return (0.0, 0.0, None, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        dt = now - last
+        if dt >= 0:
+            f1, f24, f7 = exp(-dt / _W1), exp(-dt / _W24), exp(-dt / _W7)
+            c1, c24, c7 = self.c1h * f1, self.c24h * f24, self.c7d * f7
+            s1, s24, s7 = self.s1h * f1, self.s24h * f24, self.s7d * f7
+            self.c1h, self.c24h, self.c7d = c1 + 1.0, c24 + 1.0, c7 + 1.0
+            self.s1h, self.s24h, self.s7d = s1 + amount, s24 + amount, s7 + amount
+            self.last = now
+            return (float(self.count), (now - self.first) / 86_400_000, dt / 1000.0, c1, c24, c7, s1, s24, s7)
+        if now < self.first:  # out of order, and older than the first transaction seen
+            self.first = now
+        c1, c24, c7 = self.c1h, self.c24h, self.c7d
+        s1, s24, s7 = self.s1h, self.s24h, self.s7d
+        f1, f24, f7 = exp(dt / _W1), exp(dt / _W24), exp(dt / _W7)
+        self.c1h, self.c24h, self.c7d = c1 + f1, c24 + f24, c7 + f7
+        self.s1h, self.s24h, self.s7d = s1 + amount * f1, s24 + amount * f24, s7 + amount * f7
+        return (float(self.count), (now - self.first) / 86_400_000, 0.0, c1, c24, c7, s1, s24, s7)
 
     def observe(self, tx: Tx, rules: RulesSettings) -> dict[str, float]:
+        """The customer's indicators for ``tx`` (and the profile updated with it)."""
+        return self.observe_profile(tx, rules)[0]
+
+    def observe_profile(self, tx: Tx, rules: RulesSettings) -> tuple[dict[str, float], tuple[Feature, ...]]:
+        """:meth:`observe`, and the :data:`CUSTOMER_FEATURES` of ``tx``."""
         now = tx["event_time"]
+        amount = tx["amount"]
+        tx_before, age, since, c1, c24, c7, s1, s24, s7 = self.activity(now, amount)
+        ratio = amount / self.mean if self.count and self.mean > 0 else None
         ind: dict[str, float] = {}
         recent = self.recent
         insort(recent, now)
@@ -151,7 +296,6 @@ class CustomerProfile:
             ind["new_store_for_customer"] = 1.0
         if len(self.stores) < 16:
             self.stores.add(tx["store_id"])
-        amount = tx["amount"]
         if self.count >= 5:
             std = math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 0.0
             z = (amount - self.mean) / max(std, 0.25 * self.mean, 1.0)
@@ -165,7 +309,74 @@ class CustomerProfile:
             delta = amount - self.mean
             self.mean += delta / self.count
             self.m2 += delta * (amount - self.mean)
-        return ind
+        return ind, (tx_before, age, since, ratio, c1, c24, c7, s1, s24, s7)
+
+    def observe_identity(self, now: int, amount: float) -> Activity:
+        """A linked identity's activity before a transaction; then counts it in (``count``: transactions)."""
+        out = self.activity(now, amount)
+        self.count += 1
+        return out
+
+
+_LINKED_PREFIXES: tuple[tuple[str, str], ...] = tuple(
+    (name, f"{ENTITY_PREFIX}{kind}:") for kind, name in LINKED_IDENTITIES
+)
+
+
+def linked_keys(tx: Tx) -> list[str]:
+    """Profile keys (``ent:<kind>:<value>``) of the identities on ``tx`` other than the one its customer
+    key is (:func:`customer_key`)."""
+    get = tx.get
+    own = None
+    for name in CUSTOMER_FIELDS:
+        if get(name):
+            own = name
+            break
+    keys = []
+    for name, prefix in _LINKED_PREFIXES:
+        value = get(name)
+        if value and name != own:
+            keys.append(prefix + value)
+    return keys
+
+
+def observe_linked(
+    tx: Tx, profiles: MutableMapping[str, CustomerProfile], idle_before_ms: int, map_name: str
+) -> tuple[tuple[Feature, ...], list[tuple[str, str, CustomerProfile]]]:
+    """The :data:`LINKED_FEATURES` of ``tx``, and the profiles it changed as ``(map_name, key, profile)``
+    writes to persist.
+
+    ``profiles`` is the customers map; a profile idle since before ``idle_before_ms`` is started over,
+    as a customer's is. Runs for every transaction: written for speed."""
+    now, amount = tx["event_time"], tx["amount"]
+    writes: list[tuple[str, str, CustomerProfile]] = []
+    new = 0
+    tx_before = c1 = c24 = c7 = s24 = -1.0
+    since = math.inf
+    for key in linked_keys(tx):
+        profile = profiles.get(key)
+        if profile is None or (profile.last < idle_before_ms and profile.idle_since(idle_before_ms)):
+            profile = profiles[key] = CustomerProfile()
+        a = profile.observe_identity(now, amount)
+        writes.append((map_name, key, profile))
+        gap = a[2]
+        if gap is None:  # no earlier transaction
+            new += 1
+        elif gap < since:
+            since = gap
+        if a[0] > tx_before:
+            tx_before = a[0]
+        if a[3] > c1:
+            c1 = a[3]
+        if a[4] > c24:
+            c24 = a[4]
+        if a[5] > c7:
+            c7 = a[5]
+        if a[7] > s24:
+            s24 = a[7]
+    if not writes:
+        return _NO_LINKS, writes
+    return (float(len(writes)), float(new), tx_before, since if since != math.inf else None, c1, c24, c7, s24), writes
 
 
 def transaction_indicators(tx: Tx, rules: RulesSettings) -> dict[str, float]:

@@ -66,11 +66,16 @@ class FaceResult:
 
 @dataclass(frozen=True)
 class ModelResult:
-    """A fraud model's answer: score 0-1000 (``None`` = no model), which model answered, call time."""
+    """A fraud model's answer: score 0-1000 (``None`` = no model), which model answered, call time.
+
+    ``challenger_*`` is the second model's answer for the same transaction: recorded beside the
+    decision so the two can be compared on live traffic, never read by the rules."""
 
     score: int | None = None
     version: str | None = None
     time_ms: int = 0
+    challenger_score: int | None = None
+    challenger_version: str | None = None
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,12 @@ from infra.settings import Settings
 from jobs.scoring.face_join import Seen
 from jobs.scoring.face_similarity import embedding_problem, similarity
 from jobs.scoring.features import (
+    PROFILE_KEY,
     CustomerProfile,
     Receipt,
     StoreActivity,
     customer_key,
+    observe_linked,
     receipt_key,
     transaction_indicators,
 )
@@ -39,8 +41,8 @@ from jobs.scoring.rules import Decision, FaceResult, ModelResult, RuleSet, decid
 from jobs.scoring.validation import parse_transaction
 from schemas.codec import codec
 from schemas.errors import InvalidRecord
-from schemas.records import AlertAvro, ScoredTransactionAvro, dead_letter
-from schemas.topics import ALERTS, DEAD_LETTERS, SCORED_TRANSACTIONS
+from schemas.records import AlertAvro, ModelDriftAvro, ScoredTransactionAvro, dead_letter
+from schemas.topics import ALERTS, DEAD_LETTERS, MODEL_DRIFT, SCORED_TRANSACTIONS
 
 Envelope = tuple[dict[str, Any], dict[str, float], int]
 OutRow = tuple[str, bytes, bytes]
@@ -143,6 +145,11 @@ class Predictor:
     def predict_batch(self, items: Sequence[tuple[dict[str, Any], dict[str, float]]]) -> list[ModelResult]:
         return [ModelResult() for _ in items]
 
+    def drain_reports(self) -> list[tuple[ModelDriftAvro, AlertAvro | None]]:
+        """Model-drift reports finished since the last call, each with its alert when it crossed the
+        setting: the scorer publishes them with the batch's decisions."""
+        return []
+
 
 class Scorer:
     def __init__(
@@ -160,8 +167,10 @@ class Scorer:
         self.scored_topic = SCORED_TRANSACTIONS.full_name(prefix)
         self.alerts_topic = ALERTS.full_name(prefix)
         self.dlq_topic = DEAD_LETTERS.full_name(prefix)
+        self.drift_topic = MODEL_DRIFT.full_name(prefix)
         self._scored = codec("ScoredTransaction")
         self._alert = codec("Alert")
+        self._drift = codec("ModelDrift")
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -256,15 +265,19 @@ class Scorer:
         state.stores[sk], out = self.by_store(state.stores.get(sk), out)
         if new_store or tx["kind"] == "RETURN":  # sales leave a known store's activity as it was
             writes.append((STORES, sk, state.stores[sk]))
+        idle_before = state.newest_event_ms - self.rules.customer_retention_days * 86_400_000
         profile = state.customers.get(ck)
-        if profile is None or profile.idle_since(
-            state.newest_event_ms - self.rules.customer_retention_days * 86_400_000
-        ):
+        if profile is None or profile.idle_since(idle_before):
             profile = CustomerProfile()  # unknown, or idle past its retention: a new customer
-        out[1].update(profile.observe(tx, self.rules))
+        found, customer = profile.observe_profile(tx, self.rules)
+        out[1].update(found)
         if not ck.startswith("anon:"):
             state.customers[ck] = profile
             writes.append((CUSTOMERS, ck, profile))
+        # The other identities on the transaction (card, id, e-mail, IP, device), in the same map.
+        linked, changed = observe_linked(tx, state.customers, idle_before, CUSTOMERS)
+        writes += changed
+        tx[PROFILE_KEY] = customer + linked  # the model's profile features (not written on the record)
         writes.extend(state.expire_receipts(tx["event_time"], self.rules.receipt_retention_days * 86_400_000))
         writes.extend(state.expire_faces(state.newest_event_ms, self.face_retention_ms))
         return out, writes
@@ -291,13 +304,22 @@ class Scorer:
         faces = faces or [camera.face if camera else FaceResult() for camera in seen]
         before_model = self._now_ms()
         models = self.predictor.predict_batch([(env[0], env[1]) for env in envs])
-        rows: list[OutRow] = []
+        rows: list[OutRow] = self.drift_rows(self.predictor.drain_reports())
         writes: list[Write] = []
         for env, model, face, camera in zip(envs, models, faces, seen, strict=True):
             if camera is not None and state is not None:
                 writes.extend(self.compare_faces(env, camera, state))
             rows.extend(self.decide(env, model, face, before_model, camera))
         return rows, writes
+
+    def drift_rows(self, reports: Sequence[tuple[ModelDriftAvro, AlertAvro | None]]) -> list[OutRow]:
+        """Each finished hour's drift report, and its alert where it crossed ``model.drift_psi_alert``."""
+        rows: list[OutRow] = []
+        for report, alert in reports:
+            rows.append((self.drift_topic, report["report_id"].encode(), self._drift.encode(report)))
+            if alert is not None:
+                rows.append((self.alerts_topic, alert["alert_id"].encode(), self._alert.encode(alert)))
+        return rows
 
     def compare_faces(self, env: Envelope, camera: Seen, state: ScoringState) -> list[Write]:
         """Sale: keep the buyer's face on the receipt. Return: flag a returner who is not the buyer."""
@@ -426,6 +448,8 @@ class Scorer:
             "indicators": ind,
             "model_score": model.score,
             "model_version": model.version,
+            "challenger_score": model.challenger_score,
+            "challenger_version": model.challenger_version,
             "rules_version": self.rule_set.version,
             "face_status": face.status,
             "face_subject_id": face.subject_id,

@@ -376,10 +376,24 @@ def _build_stores(hist: History, rules: RulesSettings, emit: Emit) -> None:
 
 
 def _build_customers(hist: History, rules: RulesSettings, emit: Emit, counts: dict[str, int]) -> None:
-    """One profile per non-anonymous key, over its transactions since it last started over."""
+    """One profile per non-anonymous key, over its transactions since it last started over; and one per
+    linked identity the same way (here the loyalty id a card payer also gives: ``ent:id:<id>``)."""
+    _build_profiles(hist, rules, emit, counts, hist.key_codes(), hist.key_name, customer=True)
+    card_payers = np.where(hist.pay == CARD, hist.person, -1).astype(np.int64)
+    _build_profiles(hist, rules, emit, counts, card_payers, lambda c: f"ent:id:cust-{c + 1:07d}", customer=False)
+
+
+def _build_profiles(
+    hist: History,
+    rules: RulesSettings,
+    emit: Emit,
+    counts: dict[str, int],
+    codes: np.ndarray,
+    name: Callable[[int], str],
+    customer: bool,
+) -> None:
     from jobs.scoring.features import CustomerProfile
 
-    codes = hist.key_codes()
     rows = np.flatnonzero(codes >= 0)
     rows = rows[np.argsort(codes[rows], kind="stable")]  # by key, then event time
     if not len(rows):
@@ -396,19 +410,25 @@ def _build_customers(hist: History, rules: RulesSettings, emit: Emit, counts: di
     names = [store_name(s) for s in range(hist.spec.stores)]
     for a, b in zip(seg_start[key_end - 1].tolist(), key_end.tolist(), strict=True):
         seg = times[a:b]
-        profile = CustomerProfile(seg[max(bisect_left(seg, seg[-1] - window), len(seg) - cap) :])
-        for j in range(a, b):
-            if len(profile.stores) < 16:
-                profile.stores.add(names[stores[j]])
-            if sale[j]:
-                x = amounts[j]
-                profile.count += 1
-                delta = x - profile.mean
-                profile.mean += delta / profile.count
-                profile.m2 += delta * (x - profile.mean)
+        if not customer:  # a linked identity: its activity and transaction count only
+            profile = CustomerProfile()
+            for j in range(a, b):
+                profile.observe_identity(times[j], amounts[j])
+        else:
+            profile = CustomerProfile(seg[max(bisect_left(seg, seg[-1] - window), len(seg) - cap) :])
+            for j in range(a, b):
+                profile.activity(times[j], amounts[j])  # the activity windows, as the job keeps them
+                if len(profile.stores) < 16:
+                    profile.stores.add(names[stores[j]])
+                if sale[j]:
+                    x = amounts[j]
+                    profile.count += 1
+                    delta = x - profile.mean
+                    profile.mean += delta / profile.count
+                    profile.m2 += delta * (x - profile.mean)
         kept = seg[-1] >= cutoff
         counts["customers_dropped"] += not kept
-        emit(CUSTOMERS, hist.key_name(int(kc[a])), profile, kept)
+        emit(CUSTOMERS, name(int(kc[a])), profile, kept)
 
 
 # --- the job's own state, for the check ------------------------------------------------------------------

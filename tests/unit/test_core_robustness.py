@@ -12,7 +12,7 @@ from dataclasses import replace
 from jobs.scoring.core import MAX_ERROR_TEXT, DecisionCore, SourceRecord
 from jobs.scoring.face_join import PENDING
 from jobs.scoring.rules import ModelResult
-from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES
+from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Predictor
 from jobs.scoring.watchlist import Watchlist
 from schemas.codec import codec
 from schemas.records import MAX_DEAD_LETTER_PAYLOAD, WatchlistEntry
@@ -184,7 +184,7 @@ def test_a_buyer_face_kept_before_faces_were_checked_is_no_evidence_at_a_return(
 # --- any exception is the record's dead letter ----------------------------------------------------------
 
 
-class FailsFor:
+class FailsFor(Predictor):
     """A model that raises whenever a batch holds one given transaction."""
 
     def __init__(self, bad_tx: str, error: Exception | None = None) -> None:

@@ -19,7 +19,7 @@ from infra.settings import Settings
 from jobs.scoring.core import LEGACY_BATCH, ControlUpdate, DecisionCore, SourceRecord, Step
 from jobs.scoring.face_join import EARLY_FACES, PENDING, unavailable
 from jobs.scoring.rules import DEFAULT_RULESET, ModelResult, RuleSet, update_record
-from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Scorer
+from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Predictor, Scorer
 from jobs.scoring.watchlist import Watchlist
 from schemas.codec import codec
 from schemas.records import MAX_DEAD_LETTER_PAYLOAD, FaceObservation, WatchlistEntry
@@ -116,7 +116,7 @@ def dead_letters(step_outputs) -> list[dict]:
     return [codec("DeadLetter").decode(v) for t, _, v in step_outputs if t == DLQ]
 
 
-class FakePredictor:
+class FakePredictor(Predictor):
     """Scores every transaction 100 and records the size of each model call."""
 
     def __init__(self) -> None:

@@ -17,7 +17,13 @@ from pydantic import SecretStr
 from infra.local.aws_models import AFD_TARGET, LocalModelServer
 from infra.settings import ModelSettings, Settings
 from jobs.model.fraud_model import feature_matrix
-from jobs.model.predictors import CircuitBreaker, FraudDetectorPredictor, SageMakerPredictor, make_predictor
+from jobs.model.predictors import (
+    CircuitBreaker,
+    FraudDetectorPredictor,
+    SageMakerPredictor,
+    ScoringModels,
+    make_predictor,
+)
 from tests.builders import T0, sale
 from tests.fraud_model import small_model
 
@@ -241,7 +247,8 @@ def test_factory_builds_the_configured_backend_with_local_fallback(tmp_path, ser
     small_model().save(tmp_path)
     base = settings_for(server.url, "frauddetector", artifact_dir=tmp_path)
     afd = make_predictor(base)
-    assert isinstance(afd, FraudDetectorPredictor) and afd.fallback_model.version == small_model().version
+    assert isinstance(afd, ScoringModels) and isinstance(afd.remote, FraudDetectorPredictor)
+    assert afd.remote.fallback_model.version == small_model().version
     local = make_predictor(base.model_copy(update={"model": base.model.model_copy(update={"backend": "local"})}))
     assert local.predict_batch([(TX, IND)])[0].version == f"local:{small_model().version}"
     with pytest.raises(ValueError, match="unknown model backend"):

@@ -1,0 +1,248 @@
+"""Champion and challenger: which trained models the job scores with, and promotion without a restart.
+
+The models root holds one folder per version plus two pointer files: ``CURRENT`` names the champion
+(its score decides) and ``CHALLENGER`` names an optional second model, scored on every transaction
+and recorded beside the decision but never deciding. The job's :class:`ModelRegistry` re-reads the
+pointers at most every ``model.reload_interval_s`` and swaps models between batches, so ``promote``
+takes effect in a running job without a restart. Each pointer is replaced atomically (temp file,
+rename): a reader never sees half a name. A pointer naming a missing or incompatible artifact is
+logged and ignored -- the models in use stay -- so a bad promotion never stops scoring.
+
+Commands (``python -m jobs.model.registry ...``, ``make models ARGS=...``): ``status``, ``challenger
+VERSION`` (or ``--clear``), ``promote`` (the challenger becomes champion; the old champion becomes the
+challenger unless ``--retire``). ``promote`` prints the new champion's evaluation report and records
+the change on the ``audit`` topic before it moves a pointer.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from infra.settings import Settings, get_settings
+from jobs.model.fraud_model import LocalModel, ModelArtifactError, artifact_root, format_metrics
+
+log = logging.getLogger("checkout_guard.models")
+
+CURRENT, CHALLENGER = "CURRENT", "CHALLENGER"
+
+
+def read_pointer(root: Path, name: str) -> str | None:
+    """The version a pointer file names, or ``None`` when there is none (or it is empty)."""
+    try:
+        value = (root / name).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return value or None
+
+
+def write_pointer(root: Path, name: str, version: str | None) -> None:
+    """Point ``name`` at ``version`` atomically; ``None`` removes the pointer."""
+    if version is None:
+        (root / name).unlink(missing_ok=True)
+        return
+    tmp = root / f".{name}.tmp-{os.getpid()}"
+    tmp.write_text(version + "\n")
+    os.replace(tmp, root / name)
+
+
+class ModelRegistry:
+    """The champion and challenger models, following the pointer files (or fixed ones, for tests/backtests)."""
+
+    def __init__(
+        self,
+        settings: Settings | None,
+        *,
+        champion: LocalModel | None = None,
+        challenger: LocalModel | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.clock = clock
+        self.champion = champion
+        self.challenger = challenger
+        self.swaps = 0
+        self._next_check = 0.0
+        self._failed: tuple[str | None, str | None] | None = None
+        if settings is None:  # fixed models: never re-read anything
+            self.root: Path | None = None
+            self.pinned: tuple[str | None, str | None] = (None, None)
+            self.interval = float("inf")
+            self._seen = (self._version(champion), self._version(challenger))
+            return
+        self.root = artifact_root(settings)
+        self.pinned = (settings.model.artifact, settings.model.challenger)
+        self.interval = settings.model.reload_interval_s
+        self._seen = (None, None)
+        self.refresh(force=True, strict=True)
+
+    @classmethod
+    def fixed(cls, champion: LocalModel, challenger: LocalModel | None = None) -> ModelRegistry:
+        return cls(None, champion=champion, challenger=challenger)
+
+    @staticmethod
+    def _version(model: LocalModel | None) -> str | None:
+        return model.version if model is not None else None
+
+    def wanted(self) -> tuple[str | None, str | None]:
+        """(champion, challenger) versions the settings pin or the pointers name now."""
+        assert self.root is not None
+        return (
+            self.pinned[0] or read_pointer(self.root, CURRENT),
+            self.pinned[1] or read_pointer(self.root, CHALLENGER),
+        )
+
+    def refresh(self, *, force: bool = False, strict: bool = False) -> bool:
+        """Follow the pointers if ``reload_interval_s`` has passed; ``True`` when a model changed.
+
+        ``strict`` (at start): a missing champion raises :class:`ModelArtifactError`. Later, a pointer
+        naming something unloadable is logged once and the models in use stay."""
+        if self.root is None:
+            return False
+        now = self.clock()
+        if not force and now < self._next_check:
+            return False
+        self._next_check = now + self.interval
+        wanted = self.wanted()
+        if not force and wanted in (self._seen, self._failed):
+            return False
+        try:
+            champion = self._load(wanted[0], self.champion)
+            if champion is None:
+                raise ModelArtifactError(
+                    f"no champion model in {self.root} (make train-default, or jobs.model.train train CSV)"
+                )
+            challenger = self._load(wanted[1], self.challenger, champion) if wanted[1] != wanted[0] else None
+        except (ModelArtifactError, OSError, ValueError) as exc:
+            if strict:
+                raise ModelArtifactError(str(exc)) from exc
+            self._failed = wanted
+            log.warning(
+                "model pointers name %s / %s, which cannot be loaded (%s): keeping %s / %s", *wanted, exc, *self._seen
+            )
+            return False
+        changed = (champion.version, self._version(challenger)) != self._seen
+        self.champion, self.challenger = champion, challenger
+        self._seen, self._failed = wanted, None
+        if changed and not force:
+            self.swaps += 1
+            log.info("models now: champion %s, challenger %s", champion.version, self._version(challenger))
+        return changed
+
+    def _load(self, version: str | None, *have: LocalModel | None) -> LocalModel | None:
+        """The model ``version`` names, reusing a loaded one of the same version."""
+        if version is None:
+            return None
+        for model in have:
+            if model is not None and model.version == version:
+                return model
+        assert self.root is not None
+        return LocalModel.load(self.root / version)
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+app = typer.Typer(add_completion=False, help="Champion and challenger models: status, set a challenger, promote.")
+
+
+def _root(models: Path | None) -> Path:
+    return models or artifact_root(get_settings())
+
+
+def _versions(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "model.json").exists()) if root.exists() else []
+
+
+@app.command()
+def status(models: Annotated[Path | None, typer.Option(help="Models root (default: settings).")] = None) -> None:
+    """Which model is champion, which is challenger, and the versions on disk."""
+    root = _root(models)
+    champion, challenger = read_pointer(root, CURRENT), read_pointer(root, CHALLENGER)
+    typer.echo(f"models root: {root}")
+    typer.echo(f"champion:   {champion or '-'}")
+    typer.echo(f"challenger: {challenger or '-'}")
+    for version in _versions(root):
+        typer.echo(f"  {version}")
+
+
+@app.command()
+def challenger(
+    version: Annotated[str | None, typer.Argument(help="Model version folder to score beside the champion.")] = None,
+    clear: Annotated[bool, typer.Option(help="Stop scoring with a challenger.")] = False,
+    models: Annotated[Path | None, typer.Option(help="Models root (default: settings).")] = None,
+) -> None:
+    """Set (or clear) the challenger; a running job picks it up within ``model.reload_interval_s``."""
+    root = _root(models)
+    if clear:
+        write_pointer(root, CHALLENGER, None)
+        typer.echo("challenger cleared")
+        return
+    if not version:
+        raise typer.BadParameter("name a version, or --clear")
+    LocalModel.load(root / version)  # refuse an artifact the job could not load
+    write_pointer(root, CHALLENGER, version)
+    typer.echo(f"challenger: {version}")
+
+
+def _audit(settings: Settings, old: str | None, new: str, actor: str, reason: str | None, timeout_s: float) -> None:
+    """One ``MODEL_PROMOTE`` audit event, delivered before any pointer moves (raises if it is not)."""
+    from infra.clients.kafka import IDEMPOTENT, produce, producer
+    from schemas.records import AuditEvent
+    from schemas.topics import AUDIT
+
+    now = int(time.time() * 1000)
+    audit_id = "model-promote:" + hashlib.sha256(f"{old}>{new}@{now}".encode()).hexdigest()[:16]
+    event = AuditEvent(
+        audit_id=audit_id,
+        event_time=now,
+        action="MODEL_PROMOTE",
+        outcome="DONE",
+        actor=actor,
+        reason=reason,
+        details={"champion": new, "previous": old or ""},
+    )
+    errors: list[str] = []
+    p = producer(settings, IDEMPOTENT)
+    produce(
+        p,
+        AUDIT.full_name(settings.kafka.topic_prefix),
+        audit_id,
+        event.encode(),
+        lambda err, _msg: errors.append(str(err)) if err else None,
+    )
+    if p.flush(timeout_s) or errors:
+        raise RuntimeError(f"audit event not delivered ({'; '.join(errors) or 'timed out'})")
+
+
+@app.command()
+def promote(
+    retire: Annotated[bool, typer.Option(help="Drop the old champion instead of keeping it as challenger.")] = False,
+    reason: Annotated[str | None, typer.Option(help="Why (recorded in the audit event).")] = None,
+    audit: Annotated[bool, typer.Option(help="Record the promotion on the audit topic first.")] = True,
+    models: Annotated[Path | None, typer.Option(help="Models root (default: settings).")] = None,
+    timeout_s: Annotated[float, typer.Option(help="How long to wait for the audit event's delivery.")] = 15.0,
+) -> None:
+    """Make the challenger the champion; a running job switches within ``model.reload_interval_s``."""
+    settings = get_settings()
+    root = models or artifact_root(settings)
+    old, new = read_pointer(root, CURRENT), read_pointer(root, CHALLENGER)
+    if not new:
+        raise typer.BadParameter("no challenger to promote (set one: challenger VERSION)")
+    model = LocalModel.load(root / new)
+    typer.echo(format_metrics(model.meta))
+    if audit:
+        _audit(settings, old, new, getpass.getuser(), reason, timeout_s)
+    write_pointer(root, CURRENT, new)
+    write_pointer(root, CHALLENGER, None if retire or old == new else old)
+    typer.echo(f"champion: {new} (was {old or '-'}); challenger: {read_pointer(root, CHALLENGER) or '-'}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,313 @@
+"""Evaluation and the per-entity features (issue 13): rolling-origin folds, metrics, profiles in state."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import jobs.model.train as train_module
+from infra.settings import Settings, get_settings
+from jobs.model.fraud_model import (
+    FEATURE_NAMES,
+    FPR_ANCHORS,
+    Calibration,
+    LocalModel,
+    cross_validate,
+    pr_auc,
+    rolling_origin_folds,
+    tpr_at_fpr,
+)
+from jobs.model.train import app, ensure_default_model, observe_all, synthetic_transactions
+from jobs.scoring.features import (
+    LINKED_FEATURES,
+    PROFILE_FEATURES,
+    PROFILE_KEY,
+    CustomerProfile,
+    linked_keys,
+)
+from jobs.scoring.scorer import CUSTOMERS, Scorer, ScoringState
+from tests.builders import T0, sale
+from tests.fraud_model import clean_settings, small_model
+
+AFD_CSV = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "fraud" / "afd_transactions_sample.csv"
+needs_afd_csv = pytest.mark.skipif(not AFD_CSV.exists(), reason=f"shared fraud data absent ({AFD_CSV})")
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+
+
+@pytest.fixture(autouse=True)
+def no_cg_environment(monkeypatch):
+    """The commands read ``get_settings()``: give them the defaults, not CI's ``CG_*`` variables."""
+    for name in [n for n in os.environ if n.startswith("CG_")]:
+        monkeypatch.delenv(name)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+# --- rolling-origin folds -----------------------------------------------------------------------
+
+
+def test_rolling_origin_folds_never_train_on_their_own_window_or_later():
+    rng = np.random.default_rng(11)
+    times = np.sort(rng.integers(0, 50, 300))  # many equal timestamps, also across block edges
+    folds = rolling_origin_folds(times, 5)
+    assert len(folds) == 5
+    windows = [w for _, w in folds]
+    assert windows[0][0] == 50 and windows[-1][-1] == 299  # 6 blocks of 50: the first only trains
+    assert np.array_equal(np.concatenate(windows), np.arange(50, 300))  # consecutive, disjoint
+    for train, window in folds:
+        assert len(train) > 0 and np.array_equal(train, np.arange(len(train)))  # a prefix of the past
+        assert times[train].max() < times[window].min()  # strictly before: ties stay out of training
+    assert [len(t) for t, _ in folds] == sorted(len(t) for t, _ in folds)
+
+
+def test_rolling_origin_folds_refuse_rows_out_of_time_order_or_too_few():
+    with pytest.raises(ValueError, match="time order"):
+        rolling_origin_folds([3, 1, 2, 4], 1)
+    with pytest.raises(ValueError, match="cannot make"):
+        rolling_origin_folds([1, 2, 3], 5)
+
+
+def test_cross_validation_scores_each_row_only_with_a_model_of_its_past():
+    rng = np.random.default_rng(3)
+    n = 600
+    y = (rng.random(n) < 0.2).astype(np.int64)
+    x = np.full((n, len(FEATURE_NAMES)), np.nan)
+    x[:, FEATURE_NAMES.index("cust_count_24h")] = y * 2.0 + rng.normal(0, 0.5, n)  # learnable
+    amounts = rng.lognormal(3, 1, n)  # the floor knows nothing here
+    cv = cross_validate(x, y, np.arange(n), amounts, folds=5, rounds=40)
+    report = cv.report
+    assert np.isnan(cv.oof[:100]).all() and not np.isnan(cv.oof[100:]).any()  # the first block only trains
+    assert len(report["folds"]) == 5 and report["pooled"]["model"]["rows"] == 500
+    for fold in report["folds"]:
+        assert fold["model"]["roc_auc"] > 0.9 and 0.3 < fold["floor"]["roc_auc"] < 0.7
+        assert fold["model"]["rows"] == 100 and fold["train_rows"] == 100 * fold["fold"]
+        assert set(fold["model"]) >= {"roc_auc", "roc_auc_ci95", "pr_auc", "at_fpr"}
+    assert report["beats_floor_every_fold"] is True
+    # a fold's rows are scored by a model that never saw them: labels flipped inside one window change
+    # nothing before it, and that window's own scores neither
+    flipped = y.copy()
+    flipped[300:400] = 1 - flipped[300:400]
+    other = cross_validate(x, flipped, np.arange(n), amounts, folds=5, rounds=40)
+    np.testing.assert_array_equal(other.oof[:400], cv.oof[:400])
+    assert not np.array_equal(other.oof[400:], cv.oof[400:])
+    blind = cross_validate(x, y, np.arange(n), amounts, folds=5, rounds=40, drop=["cust_count_24h"])
+    assert blind.report["pooled"]["model"]["roc_auc"] == pytest.approx(0.5, abs=0.1)  # nothing left to learn
+
+
+def test_the_latest_folds_calibrate_with_enough_legitimate_rows():
+    rng = np.random.default_rng(5)
+    y = (np.arange(600) % 10 == 0).astype(np.int64)  # 90 legitimate rows in each block of 100
+    x = rng.normal(size=(600, len(FEATURE_NAMES)))
+    cv = cross_validate(x, y, np.arange(600), np.ones(600), folds=5, rounds=5)
+    assert np.array_equal(cv.calibration_rows(y, min_legit=90), np.arange(500, 600))
+    assert np.array_equal(cv.calibration_rows(y, min_legit=120), np.arange(400, 600))
+    assert np.array_equal(cv.calibration_rows(y, min_legit=10_000), np.arange(100, 600))  # all there are
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+
+def test_pr_auc_on_small_known_cases():
+    assert pr_auc(np.array([1, 0, 1, 0]), np.array([0.9, 0.8, 0.7, 0.1])) == pytest.approx(1 / 2 + 1 / 2 * 2 / 3)
+    assert pr_auc(np.array([1, 0, 1, 0]), np.array([0.5, 0.5, 0.2, 0.1])) == pytest.approx(1 / 4 + 1 / 2 * 2 / 3)
+    assert pr_auc(np.array([0, 1, 1, 0]), np.array([0.1, 0.8, 0.9, 0.2])) == 1.0
+    assert pr_auc(np.array([0, 1, 0, 0, 1]), np.ones(5)) == pytest.approx(0.4)  # no ranking: the fraud share
+    assert math.isnan(pr_auc(np.zeros(3), np.arange(3)))
+
+
+def test_tpr_at_fpr_on_a_small_known_case():
+    legit = np.arange(100) / 100  # 0.00 ... 0.99
+    fraud = np.array([0.995, 0.985, 0.975, 0.5])
+    y = np.r_[np.zeros(100), np.ones(4)].astype(np.int64)
+    got = tpr_at_fpr(y, np.r_[legit, fraud])
+    assert got["1%"] == {"tpr": 0.5, "fpr": 0.01, "prob_threshold": 0.98}
+    assert got["2%"] == {"tpr": 0.75, "fpr": 0.02, "prob_threshold": 0.97}
+    assert got["5%"]["tpr"] == 0.75 and got["5%"]["fpr"] == 0.05
+    assert tpr_at_fpr(np.zeros(3), np.arange(3)) == {}
+
+
+def test_calibration_is_monotone_and_fpr_consistent_on_the_out_of_fold_scores_it_was_fitted_on():
+    meta = small_model().meta
+    cal = Calibration.from_json(meta["calibration"])
+    assert all(b > a for a, b in zip(cal.probs, cal.probs[1:], strict=False))
+    grid = np.linspace(0, 1, 10_001)
+    assert np.all(np.diff(cal.score(grid)) >= 0)
+    assert cal.legit_rows > 1000  # the last fold's legitimate rows
+    by_score = meta["metrics"]["latest_folds_out_of_fold"]["by_score"]
+    for score, fpr in FPR_ANCHORS:
+        if str(score) in by_score:
+            assert by_score[str(score)]["fpr"] == pytest.approx(fpr, abs=0.003), score
+
+
+# --- per-entity profiles ------------------------------------------------------------------------
+
+
+def _profiles(history):
+    return [tx[PROFILE_KEY] for tx, _ in history.items]
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(
+        len(p) == len(q) and all(u == v or (u != u and v != v) for u, v in zip(p, q, strict=True))
+        for p, q in zip(a, b, strict=True)
+    )
+
+
+def test_profile_features_are_deterministic_and_survive_persisting_the_state_midway():
+    settings = clean_settings()
+    txs = synthetic_transactions(3000, seed=21)
+    once = observe_all(txs, settings)
+    assert _same(_profiles(once), _profiles(observe_all(txs, settings)))
+    assert all(len(p) == len(PROFILE_FEATURES) for p in _profiles(once))
+    # The job's way: state changes handed over as writes, persisted, the job restarted from them.
+    scorer = Scorer(settings)
+    state, persisted = ScoringState(), {}
+    got = []
+    for n, tx in enumerate(txs):
+        if n == 1500:
+            # what Flink keeps: pickled values, read back into a new state
+            maps = {
+                name: {k: pickle.loads(pickle.dumps(v)) for (m, k), v in persisted.items() if m == name}
+                for name in ("receipts", "stores", CUSTOMERS)
+            }
+            state = ScoringState.restore(maps["receipts"], maps["stores"], maps[CUSTOMERS])
+        env = scorer.parse(tx.encode(), None, "transactions", 0, n, tx.event_time)
+        out, writes = scorer.observe(env, state)
+        for m, k, v in writes:
+            if v is None:
+                persisted.pop((m, k), None)
+            else:
+                persisted[(m, k)] = v
+        got.append(out[0][PROFILE_KEY])
+    assert _same(got, _profiles(once))
+    assert any(k.startswith("ent:") for m, k in persisted if m == CUSTOMERS)
+
+
+def test_linked_identities_are_profiled_in_the_customers_map_and_expire_with_it():
+    settings = clean_settings()
+    scorer, state = Scorer(settings), ScoringState()
+    who = {"customer_id": "c-1", "customer_email": "a@x.com", "ip_address": "10.0.0.1", "user_agent": "UA/1"}
+    first = scorer.parse(sale("t1", card="card-A", **who).encode(), None, "t", 0, 1, 0)
+    out, writes = scorer.observe(first, state)
+    keys = {k for m, k, _ in writes if m == CUSTOMERS}
+    assert keys == {"token:card-A", "ent:id:c-1", "ent:email:a@x.com", "ent:ip:10.0.0.1", "ent:device:UA/1"}
+    assert set(linked_keys(out[0])) == keys - {"token:card-A"}  # the card is the customer key here
+    link = dict(zip(LINKED_FEATURES, out[0][PROFILE_KEY][-len(LINKED_FEATURES) :], strict=True))
+    assert link["link_identities"] == 4 and link["link_new"] == 4 and link["link_since_prev_s_min"] is None
+    # Another card, half an hour later, from the same IP and device: the linked identities remember it.
+    other = sale("t2", at_s=1800, card="card-B", ip_address="10.0.0.1", user_agent="UA/1", amount=40.0)
+    out, _ = scorer.observe(scorer.parse(other.encode(), None, "t", 0, 2, 0), state)
+    profile = dict(zip(PROFILE_FEATURES, out[0][PROFILE_KEY], strict=True))
+    assert profile["cust_tx_before"] == 0 and profile["cust_since_prev_s"] is None  # a new card ...
+    assert profile["link_identities"] == 2 and profile["link_new"] == 0  # ... on a known IP and device
+    assert profile["link_since_prev_s_min"] == 1800 and profile["link_tx_before_max"] == 1
+    assert profile["link_count_1h_max"] == pytest.approx(math.exp(-0.5))
+    assert profile["link_sum_24h_max"] == pytest.approx(25.0 * math.exp(-1800 / 86400))
+    # idle past the customers' retention: swept like any profile
+    state.newest_event_ms = T0 + (settings.rules.customer_retention_days + 1) * DAY_MS
+    removed = state.expire_customers(settings.rules.customer_retention_days * DAY_MS)
+    assert {k for _, k, _ in removed} == keys | {"token:card-B"} and state.customers == {}
+
+
+def test_window_counts_decay_and_out_of_order_events_read_the_newest_state():
+    p = CustomerProfile()
+    first = p.activity(T0, 10.0)
+    assert first[:3] == (0.0, 0.0, None) and first[3:] == (0.0,) * 6
+    before = p.activity(T0 + HOUR_MS, 30.0)
+    tx_before, age, since, c1, c24, c7, s1, s24, s7 = before
+    assert (age, since) == (pytest.approx(1 / 24), 3600.0)
+    assert c1 == pytest.approx(math.exp(-1)) and c24 == pytest.approx(math.exp(-1 / 24))
+    assert s7 == pytest.approx(10.0 * math.exp(-1 / 168))
+    late = p.activity(T0 + HOUR_MS // 2, 5.0)  # arrives after the newer one: windows as of the newest
+    assert late[2] == 0.0 and late[3] == pytest.approx(math.exp(-1) + 1)
+    assert p.last == T0 + HOUR_MS and p.first == T0
+
+
+def test_a_customer_profile_pickled_by_the_previous_version_restores():
+    # pickle.dumps of CustomerProfile(recent=[1_700_000_000_000, 1_700_000_060_000], count=6, mean=42.5,
+    # m2=120.0, stores={"store-001"}) by the code before the activity fields (protocols 2 and 5)
+    old = [
+        b"\x80\x02cjobs.scoring.features\nCustomerProfile\nq\x00)\x81q\x01N}q\x02(X\x06\x00\x00\x00recentq\x03]q"
+        b"\x04(\x8a\x06\x00h\xe5\xcf\x8b\x01\x8a\x06`R\xe6\xcf\x8b\x01eX\x05\x00\x00\x00countq\x05K\x06X\x04\x00"
+        b"\x00\x00meanq\x06G@E@\x00\x00\x00\x00\x00X\x02\x00\x00\x00m2q\x07G@^\x00\x00\x00\x00\x00\x00X\x06\x00"
+        b"\x00\x00storesq\x08c__builtin__\nset\nq\t]q\nX\t\x00\x00\x00store-001q\x0ba\x85q\x0cRq\ru\x86q\x0eb.",
+        b"\x80\x05\x95\x96\x00\x00\x00\x00\x00\x00\x00\x8c\x15jobs.scoring.features\x94\x8c\x0fCustomerProfile\x94"
+        b"\x93\x94)\x81\x94N}\x94(\x8c\x06recent\x94]\x94(\x8a\x06\x00h\xe5\xcf\x8b\x01\x8a\x06`R\xe6\xcf\x8b\x01e"
+        b"\x8c\x05count\x94K\x06\x8c\x04mean\x94G@E@\x00\x00\x00\x00\x00\x8c\x02m2\x94G@^\x00\x00\x00\x00\x00\x00"
+        b"\x8c\x06stores\x94\x8f\x94(\x8c\tstore-001\x94\x90u\x86\x94b.",
+    ]
+    for data in old:
+        p = pickle.loads(data)
+        assert isinstance(p, CustomerProfile)
+        assert (p.recent, p.count, p.mean, p.m2, p.stores) == (
+            [1_700_000_000_000, 1_700_000_060_000],
+            6,
+            42.5,
+            120.0,
+            {"store-001"},
+        )
+        assert (p.first, p.last) == (1_700_000_000_000, 1_700_000_060_000)
+        assert (p.c1h, p.s1h, p.c24h, p.s24h, p.c7d, p.s7d) == (0.0,) * 6
+        assert not p.idle_since(1_700_000_060_000) and p.idle_since(1_700_000_060_001)
+        tx = sale("t9", amount=50.0).to_avro() | {"event_time": 1_700_000_120_000}
+        ind, customer = p.observe_profile(tx, Settings().rules)
+        assert "amount_zscore" in ind and customer[0] == 6 and customer[2] == 60.0
+        assert pickle.loads(pickle.dumps(p)) == p  # and the new shape round-trips
+
+
+# --- the commands on the shared sample ---------------------------------------------------------
+
+
+@needs_afd_csv
+def test_evaluate_on_the_fraud_detector_sample_prints_pooled_auc_with_its_interval_and_the_floor(tmp_path):
+    out = tmp_path / "report.json"
+    res = CliRunner().invoke(app, ["evaluate", str(AFD_CSV), "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "486 labelled (57 fraud)" in res.output
+    pooled_line = next(line for line in res.output.splitlines() if line.strip().startswith("pooled"))
+    assert "model: 0." in pooled_line and "floor: 0." in pooled_line and "-0." in pooled_line  # CI lo-hi
+    report = json.loads(out.read_text())
+    assert len(report["folds"]) == 5
+    pooled = report["pooled"]
+    assert (pooled["model"]["rows"], pooled["model"]["fraud"]) == (405, 38)
+    lo, hi = pooled["model"]["roc_auc_ci95"]
+    assert lo < pooled["model"]["roc_auc"] < hi
+    assert pooled["model"]["roc_auc"] > pooled["floor"]["roc_auc"]  # measured 0.851 against 0.677
+    assert 0 < pooled["model"]["pr_auc"] < 1 and set(pooled["model"]["at_fpr"]) == {"1%", "2%", "5%"}
+
+
+@needs_afd_csv
+def test_evaluate_grid_compares_the_candidate_settings():
+    res = CliRunner().invoke(app, ["evaluate", str(AFD_CSV), "--grid", "--folds", "2"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert len(lines) == 1 + len(train_module.GRID)
+    assert lines[1].startswith("chosen settings") and any("without customer-profile" in line for line in lines)
+
+
+# --- the default model --------------------------------------------------------------------------
+
+
+def test_an_artifact_of_other_features_is_replaced_by_a_retrained_default_model(tmp_path, monkeypatch):
+    settings = Settings(model={"artifact_dir": tmp_path})
+    stale = small_model().save(tmp_path)
+    meta = json.loads((stale / "model.json").read_text())
+    meta["feature_names"] = [*meta["feature_names"], "hour_utc"]  # an artifact of an earlier feature list
+    meta["version"] = "gbm-old"
+    (tmp_path / "gbm-old").mkdir()
+    (tmp_path / "gbm-old" / "model.json").write_text(json.dumps(meta))
+    (tmp_path / "gbm-old" / "model.txt").write_text((stale / "model.txt").read_text())
+    (tmp_path / "CURRENT").write_text("gbm-old\n")
+    monkeypatch.setattr(train_module, "train_default", lambda _settings: small_model())
+    path = ensure_default_model(settings)
+    assert path.name == small_model().version and (tmp_path / "CURRENT").read_text().strip() == path.name
+    assert LocalModel.load(tmp_path).version == small_model().version

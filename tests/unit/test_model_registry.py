@@ -1,0 +1,150 @@
+"""Champion and challenger: pointer files, the registry the job follows, and the promotion command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from infra.settings import ModelSettings, Settings
+from jobs.model.fraud_model import ModelArtifactError
+from jobs.model.predictors import ScoringModels
+from jobs.model.registry import CHALLENGER, CURRENT, ModelRegistry, app, read_pointer, write_pointer
+from jobs.scoring.rules import ModelResult
+from jobs.scoring.scorer import Predictor
+from tests.builders import sale
+from tests.fraud_model import challenger_model as other_model
+from tests.fraud_model import small_model
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _settings(root: Path, **model: object) -> Settings:
+    return Settings(model=ModelSettings(artifact_dir=root, reload_interval_s=5.0, **model))
+
+
+def _models(root: Path) -> tuple[str, str]:
+    champion, challenger = small_model(), other_model()
+    assert champion.version != challenger.version
+    challenger.save(root, make_current=False)
+    champion.save(root)  # CURRENT -> champion
+    return champion.version, challenger.version
+
+
+ITEMS = [(sale(f"t{i}", amount=10.0 + 37 * i).to_avro(), {}) for i in range(20)]
+
+
+def test_pointer_files_are_written_whole_and_removed_by_none(tmp_path):
+    assert read_pointer(tmp_path, CHALLENGER) is None
+    write_pointer(tmp_path, CHALLENGER, "gbm-1")
+    assert read_pointer(tmp_path, CHALLENGER) == "gbm-1"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temp file left behind"
+    write_pointer(tmp_path, CHALLENGER, None)
+    assert read_pointer(tmp_path, CHALLENGER) is None
+
+
+def test_the_challenger_is_scored_and_recorded_but_the_champion_decides(tmp_path):
+    champ, chal = _models(tmp_path)
+    write_pointer(tmp_path, CHALLENGER, chal)
+    models = ScoringModels(ModelRegistry(_settings(tmp_path)))
+    results = models.predict_batch(ITEMS)
+    alone = [r.score for r in small_model().predict_batch(ITEMS)]
+    assert [r.score for r in results] == alone
+    assert [r.challenger_score for r in results] == [r.score for r in other_model().predict_batch(ITEMS)]
+    assert {r.version for r in results} == {f"local:{champ}"}
+    assert {r.challenger_version for r in results} == {f"local:{chal}"}
+
+
+def test_without_a_challenger_results_carry_none(tmp_path):
+    _models(tmp_path)
+    results = ScoringModels(ModelRegistry(_settings(tmp_path))).predict_batch(ITEMS)
+    assert {(r.challenger_score, r.challenger_version) for r in results} == {(None, None)}
+
+
+def test_a_promotion_applies_to_a_running_predictor_after_the_reload_interval(tmp_path):
+    champ, chal = _models(tmp_path)
+    write_pointer(tmp_path, CHALLENGER, chal)
+    clock = Clock()
+    registry = ModelRegistry(_settings(tmp_path), clock=clock)
+    models = ScoringModels(registry)
+    result = CliRunner().invoke(app, ["promote", "--no-audit", "--models", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert f"champion: {chal} (was {champ}); challenger: {champ}" in result.output
+    assert read_pointer(tmp_path, CURRENT) == chal and read_pointer(tmp_path, CHALLENGER) == champ
+    clock.now = 1.0  # within the interval: still the old champion
+    assert models.predict_batch(ITEMS[:1])[0].version == f"local:{champ}"
+    clock.now = 6.0
+    swapped = models.predict_batch(ITEMS)
+    assert {r.version for r in swapped} == {f"local:{chal}"}
+    assert {r.challenger_version for r in swapped} == {f"local:{champ}"}
+    assert [r.score for r in swapped] == [r.score for r in other_model().predict_batch(ITEMS)]
+    assert registry.swaps == 1
+
+
+def test_promote_prints_the_new_champions_report_and_retire_drops_the_old_one(tmp_path):
+    _, chal = _models(tmp_path)
+    write_pointer(tmp_path, CHALLENGER, chal)
+    result = CliRunner().invoke(app, ["promote", "--no-audit", "--retire", "--models", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert f"model {chal}" in result.output and "ROC-AUC" in result.output
+    assert read_pointer(tmp_path, CHALLENGER) is None
+
+
+def test_promote_without_a_challenger_is_refused(tmp_path):
+    _models(tmp_path)
+    result = CliRunner().invoke(app, ["promote", "--no-audit", "--models", str(tmp_path)])
+    assert result.exit_code != 0 and "no challenger" in result.output
+
+
+def test_setting_a_challenger_refuses_a_version_that_does_not_load(tmp_path):
+    _models(tmp_path)
+    result = CliRunner().invoke(app, ["challenger", "gbm-nope", "--models", str(tmp_path)])
+    assert result.exit_code != 0 and isinstance(result.exception, ModelArtifactError)
+    assert read_pointer(tmp_path, CHALLENGER) is None
+
+
+def test_a_pointer_to_a_missing_model_keeps_the_models_in_use(tmp_path):
+    champ, _ = _models(tmp_path)
+    clock = Clock()
+    registry = ModelRegistry(_settings(tmp_path), clock=clock)
+    write_pointer(tmp_path, CURRENT, "gbm-missing")
+    clock.now = 10.0
+    assert registry.refresh() is False
+    assert registry.champion is not None and registry.champion.version == champ
+
+
+def test_a_pinned_champion_is_not_moved_by_the_pointer(tmp_path):
+    champ, chal = _models(tmp_path)
+    clock = Clock()
+    registry = ModelRegistry(_settings(tmp_path, artifact=champ, challenger=chal), clock=clock)
+    assert registry.challenger is not None and registry.challenger.version == chal
+    write_pointer(tmp_path, CURRENT, chal)
+    clock.now = 10.0
+    registry.refresh()
+    assert registry.champion is not None and registry.champion.version == champ
+
+
+def test_no_champion_at_start_is_an_error(tmp_path):
+    with pytest.raises(ModelArtifactError):
+        ModelRegistry(_settings(tmp_path))
+
+
+class _Remote(Predictor):
+    def predict_batch(self, items):
+        return [ModelResult(score=123, version="afd:test", time_ms=4) for _ in items]
+
+
+def test_a_remote_champion_gets_the_local_challenger_beside_it(tmp_path):
+    _, chal = _models(tmp_path)
+    write_pointer(tmp_path, CHALLENGER, chal)
+    models = ScoringModels(ModelRegistry(_settings(tmp_path)), remote=_Remote())
+    results = models.predict_batch(ITEMS)
+    assert {(r.score, r.version, r.time_ms) for r in results} == {(123, "afd:test", 4)}
+    assert [r.challenger_score for r in results] == [r.score for r in other_model().predict_batch(ITEMS)]
