@@ -2,7 +2,8 @@
 
 Two trained models: the job scores every transaction with both, only the champion decides, and both
 scores reach OpenSearch; ``promote`` (the command, with its audit event) swaps them in the running job
-without a restart.
+without a restart. Then analysts' verdicts published to ``labels`` are joined by the next ``train``,
+which learns from the transactions topic.
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ from infra.launcher import start_scoring_job, wait_for
 from infra.local.pos_generator import PosGenerator
 from infra.settings import Settings, get_settings
 from infra.stack import ensure_topics
+from jobs.model.fraud_model import LocalModel
 from jobs.model.registry import CHALLENGER, CURRENT, app, read_pointer, write_pointer
+from jobs.model.train import app as train_app
+from producers.labels import publish_labels
 from schemas.codec import codec
 from schemas.indices import index_name
+from schemas.records import make_label
 from schemas.topics import AUDIT, TRANSACTIONS
 from sinks.opensearch.sink import run_sink
 from tests.fraud_model import challenger_model, small_model
@@ -114,7 +119,18 @@ def _audited_promotion(settings: Settings, champion: str) -> dict:
     return next(e for e in events if e["action"] == "MODEL_PROMOTE")
 
 
-def test_both_models_score_every_transaction_and_promote_swaps_them_in_the_running_job(pipeline):
+def _invoke(typer_app, settings: Settings, args: list[str]) -> str:
+    """A command as an operator runs it, with these settings in its environment."""
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(typer_app, args, env=settings.to_env())
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_both_models_score_every_transaction_and_promote_swaps_them_in_the_running_job(pipeline, tmp_path):
     settings, champion, challenger = pipeline
     gen = PosGenerator(seed=31, stores=4, customers=500, fraud_share=0.05, tx_per_second=50)
     first = _produce(settings, [next(gen) for _ in range(300)])
@@ -124,15 +140,8 @@ def test_both_models_score_every_transaction_and_promote_swaps_them_in_the_runni
     assert all(d["model_score"] is not None and d["challenger_score"] is not None for d in docs.values())
     assert any(d["model_score"] != d["challenger_score"] for d in docs.values()), "two different models"
 
-    get_settings.cache_clear()
-    try:
-        result = CliRunner().invoke(
-            app, ["promote", "--reason", "e2e", "--models", str(settings.model.artifact_dir)], env=settings.to_env()
-        )
-    finally:
-        get_settings.cache_clear()
-    assert result.exit_code == 0, result.output
-    assert f"model {challenger}" in result.output, "the promoted model's report is printed"
+    output = _invoke(app, settings, ["promote", "--reason", "e2e", "--models", str(settings.model.artifact_dir)])
+    assert f"model {challenger}" in output, "the promoted model's report is printed"
     assert read_pointer(settings.model.artifact_dir, CURRENT) == challenger
     event = _audited_promotion(settings, challenger)
     assert event["details"]["previous"] == champion and event["reason"] == "e2e"
@@ -147,3 +156,20 @@ def test_both_models_score_every_transaction_and_promote_swaps_them_in_the_runni
     later = _documents(settings, _produce(settings, [next(gen) for _ in range(200)]))
     assert {d["model_version"] for d in later.values()} == {f"local:{challenger}"}
     assert {d["challenger_version"] for d in later.values()} == {f"local:{champion}"}
+
+    # Labels from the field reach the next train: analysts overturn the data's label of a dozen transactions.
+    scored = {**docs, **later}
+    overturned = sorted(scored)[:12]
+    verdicts = [
+        make_label(transaction_id=t, label=1 - (scored[t]["label"] or 0), source="case", decided_at=1_700_000_000_000)
+        for t in overturned
+    ]
+    published = publish_labels(settings, verdicts)
+    assert published.ok, published.errors
+    out = tmp_path / "retrained"
+    output = _invoke(
+        train_app, settings, ["train", "--from-topic", "--labels-from-topic", "--folds", "3", "--out", str(out)]
+    )
+    assert "field labels: 12 joined" in output, output
+    joined = LocalModel.load(out).meta["data"]["field_labels"]
+    assert (joined["joined"], joined["changed"], joined["unmatched"]) == (12, 12, 0)
