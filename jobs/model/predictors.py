@@ -417,7 +417,7 @@ def _as_text(value: Any) -> str:
     return str(value)  # 810.3 -> "810.3", 25.0 -> "25.0": what the CSV the detector was trained on holds
 
 
-def _drift_monitor(settings: Settings) -> Callable[[LocalModel], Any] | None:
+def drift_monitors(settings: Settings) -> Callable[[LocalModel], Any] | None:
     """A drift monitor per champion version, from the reference distributions ``train`` stored in it."""
     m = settings.model
     if m.drift_psi_alert <= 0:
@@ -444,7 +444,7 @@ def make_predictor(settings: Settings) -> Predictor:
         return Predictor()
     if backend == "local":
         return ScoringModels(
-            ModelRegistry(settings), drift=_drift_monitor(settings), psi_alert=settings.model.drift_psi_alert
+            ModelRegistry(settings), drift=drift_monitors(settings), psi_alert=settings.model.drift_psi_alert
         )
     try:
         registry = ModelRegistry(settings)
