@@ -6,7 +6,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 LINT_DIRS := producers jobs sinks schemas infra tests
 
-.PHONY: help setup up down status topics reset lint check run test bench train backtest models train-default replay backtest-stream redrive labels chaos
+.PHONY: help setup up down status topics reset lint check run test bench evaluate train backtest models train-default replay backtest-stream redrive labels chaos
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -55,7 +55,10 @@ FRAUD_CSV ?= ../shared/data/fraud/afd_transactions_sample.csv
 FRAUD_MODELS ?= .stack/models-afd
 MODEL ?= $(FRAUD_MODELS)
 
-train: setup ## train a model on FRAUD_CSV (Fraud Detector format; 70/30 time split) into FRAUD_MODELS
+evaluate: setup ## rolling-origin cross-validation of the fraud model on FRAUD_CSV, beside order_price alone
+	@$(PY) -m jobs.model.train evaluate $(FRAUD_CSV)
+
+train: setup ## evaluate, then train on every labelled row of FRAUD_CSV (Fraud Detector format) into FRAUD_MODELS
 	@$(PY) -m jobs.model.train train $(FRAUD_CSV) --out $(FRAUD_MODELS)
 
 backtest: setup ## replay FRAUD_CSV through features, model (MODEL, default the last `make train`) and rules
