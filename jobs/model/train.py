@@ -179,6 +179,54 @@ def evaluate_history(
     return data, cv
 
 
+def seed_stability(history: History, *, folds: int, seeds: Iterable[int], rounds: int | None = None) -> dict[str, Any]:
+    """The evaluation repeated with other seeds (bagging and feature sampling draw differently): per fold
+    the range of the model's ROC-AUC and in how many seeds it beat the floor; the pooled figure's range.
+
+    With a handful of fraud rows per fold, whether a model "beats the floor in every fold" can hinge on
+    the seed; a claim that holds in one seed only is luck, and this says so."""
+    runs = [evaluate_history(history, folds=folds, seed=s, rounds=rounds)[1].report for s in seeds]
+    per_fold = []
+    for k, entry in enumerate(runs[0]["folds"]):
+        if "model" not in entry:
+            continue
+        aucs = [r["folds"][k]["model"]["roc_auc"] for r in runs]
+        floor = entry["floor"]["roc_auc"]
+        per_fold.append(
+            {
+                "fold": k + 1,
+                "roc_auc_min": min(aucs),
+                "roc_auc_mean": float(np.mean(aucs)),
+                "roc_auc_max": max(aucs),
+                "floor": floor,
+                "seeds_above_floor": sum(a > floor for a in aucs),
+            }
+        )
+    pooled = [r["pooled"]["model"]["roc_auc"] for r in runs]
+    return {
+        "seeds": len(runs),
+        "folds": per_fold,
+        "pooled_roc_auc": {"min": min(pooled), "mean": float(np.mean(pooled)), "max": max(pooled)},
+        "seeds_above_floor_in_every_fold": sum(bool(r["beats_floor_every_fold"]) for r in runs),
+    }
+
+
+def format_stability(stability: dict[str, Any]) -> str:
+    n = stability["seeds"]
+    lines = [f"the same over {n} seeds: model ROC-AUC min / mean / max per fold, and seeds above the floor"]
+    for f in stability["folds"]:
+        lines.append(
+            f"  fold {f['fold']}: {f['roc_auc_min']:.3f} / {f['roc_auc_mean']:.3f} / {f['roc_auc_max']:.3f}"
+            f"   floor {f['floor']:.3f}   above it in {f['seeds_above_floor']} of {n}"
+        )
+    p = stability["pooled_roc_auc"]
+    lines.append(
+        f"  pooled: {p['min']:.3f} / {p['mean']:.3f} / {p['max']:.3f}; above the floor in every fold in "
+        f"{stability['seeds_above_floor_in_every_fold']} of {n} seeds"
+    )
+    return "\n".join(lines)
+
+
 def train_on(
     history: History,
     *,
@@ -401,6 +449,9 @@ def evaluate(
     seed: Annotated[int, typer.Option()] = 7,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
     grid: Annotated[bool, typer.Option(help="Compare the candidate settings (GRID) instead.")] = False,
+    seeds: Annotated[
+        int, typer.Option(help="Also repeat the evaluation with this many seeds: how much of each figure is luck.")
+    ] = 1,
 ) -> None:
     """Rolling-origin cross-validation over all labelled rows: per fold and pooled, beside order_price alone."""
     source = _source(csv_path, get_settings(), from_topic, labels_from_topic)
@@ -412,6 +463,10 @@ def evaluate(
     fraud = int(data.y.sum())
     typer.echo(f"{source.name}: {len(history.items)} transactions, {len(data.rows)} labelled ({fraud} fraud)")
     typer.echo(format_evaluation(cv.report))
+    if seeds > 1:
+        stability = seed_stability(history, folds=folds, seeds=range(seed, seed + seeds), rounds=rounds)
+        cv.report["seed_stability"] = stability
+        typer.echo(format_stability(stability))
     if json_path:
         json_path.write_text(json.dumps(cv.report, indent=2, default=str))
         typer.echo(f"report: {json_path}")

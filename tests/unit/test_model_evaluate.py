@@ -286,6 +286,21 @@ def test_evaluate_on_the_fraud_detector_sample_prints_pooled_auc_with_its_interv
 
 
 @needs_afd_csv
+def test_evaluate_over_several_seeds_says_in_how_many_the_model_beat_the_floor(tmp_path):
+    out = tmp_path / "report.json"
+    res = CliRunner().invoke(app, ["evaluate", str(AFD_CSV), "--folds", "3", "--seeds", "3", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    stability = json.loads(out.read_text())["seed_stability"]
+    assert stability["seeds"] == 3 and len(stability["folds"]) == 3
+    for fold in stability["folds"]:
+        assert fold["roc_auc_min"] <= fold["roc_auc_mean"] <= fold["roc_auc_max"]
+        assert 0 <= fold["seeds_above_floor"] <= 3
+    above_all = stability["seeds_above_floor_in_every_fold"]
+    assert above_all <= min(f["seeds_above_floor"] for f in stability["folds"])
+    assert f"above the floor in every fold in {above_all} of 3 seeds" in res.output
+
+
+@needs_afd_csv
 def test_evaluate_grid_compares_the_candidate_settings():
     res = CliRunner().invoke(app, ["evaluate", str(AFD_CSV), "--grid", "--folds", "2"])
     assert res.exit_code == 0, res.output
