@@ -9,10 +9,11 @@ from typer.testing import CliRunner
 
 from infra.settings import ModelSettings, Settings
 from jobs.model.fraud_model import ModelArtifactError
-from jobs.model.predictors import ScoringModels
+from jobs.model.predictors import ScoringModels, drift_monitors
 from jobs.model.registry import CHALLENGER, CURRENT, ModelRegistry, app, read_pointer, write_pointer
 from jobs.scoring.rules import ModelResult
-from jobs.scoring.scorer import Predictor
+from jobs.scoring.scorer import Predictor, Scorer
+from schemas.codec import codec
 from tests.builders import sale
 from tests.fraud_model import challenger_model as other_model
 from tests.fraud_model import small_model
@@ -148,3 +149,24 @@ def test_a_remote_champion_gets_the_local_challenger_beside_it(tmp_path):
     results = models.predict_batch(ITEMS)
     assert {(r.score, r.version, r.time_ms) for r in results} == {(123, "afd:test", 4)}
     assert [r.challenger_score for r in results] == [r.score for r in other_model().predict_batch(ITEMS)]
+
+
+def test_the_job_publishes_an_hourly_drift_report_and_alerts_when_the_inputs_shift(tmp_path):
+    """The champion's inputs of an hour far from its training data: when the hour closes, its report goes
+    to ``model_drift`` and a ``MODEL_DRIFT`` alert to ``alerts`` with the batch's decisions."""
+    _models(tmp_path)
+    settings = _settings(tmp_path)
+    models = ScoringModels(ModelRegistry(settings), drift=drift_monitors(settings), psi_alert=0.25)
+    scorer = Scorer(settings, predictor=models)
+    hour = [sale(f"d{i}", at_s=i, amount=9000.0 + i, card=f"c{i}").to_avro() for i in range(300)]
+    rows, _ = scorer.decide_batch([(tx, {}, tx["event_time"]) for tx in hour])
+    assert not [r for r in rows if r[0] == scorer.drift_topic], "the hour is still open"
+    later = sale("d-later", at_s=3 * 3600, amount=20.0).to_avro()  # past the hour and its grace
+    rows, _ = scorer.decide_batch([(later, {}, later["event_time"])])
+    reports = [codec("ModelDrift").decode(v) for t, _, v in rows if t == scorer.drift_topic]
+    assert len(reports) == 1
+    report = reports[0]
+    assert report["rows"] == 300 and report["model_version"] == small_model().version
+    assert report["alert"] and report["feature_psi"]["amount_log"] > 0.25
+    alerts = [codec("Alert").decode(v) for t, _, v in rows if t == scorer.alerts_topic]
+    assert [a["kind"] for a in alerts] == ["MODEL_DRIFT"] and alerts[0]["alert_id"] == report["report_id"]
