@@ -163,6 +163,22 @@ def _versions(docs: Iterable[dict[str, Any]]) -> dict[str, list[str]]:
     return {"rules": sorted(rules), "model": sorted(models)}
 
 
+MODEL_FEATURES = "model_features"
+"""An input change the documents only show through the model: the same model version scored the
+transaction differently, so its profile features (customer and linked identities' velocity and amounts,
+kept in state but not written on the record) differed."""
+
+
+def input_differences(b: dict[str, Any], c: dict[str, Any]) -> list[str]:
+    """What the two decisions of one transaction were made on differently: the indicators that differ,
+    and :data:`MODEL_FEATURES` when the same model version gave another score."""
+    b_ind, c_ind = b.get("indicators") or {}, c.get("indicators") or {}
+    keys = [k for k in set(b_ind) | set(c_ind) if b_ind.get(k) != c_ind.get(k)]
+    if b.get("model_version") == c.get("model_version") and b.get("model_score") != c.get("model_score"):
+        keys.append(MODEL_FEATURES)
+    return keys
+
+
 def compare(
     baseline: Iterable[dict[str, Any]],
     candidate: Iterable[dict[str, Any]],
@@ -182,11 +198,10 @@ def compare(
         b, c = base[tx_id], cand[tx_id]
         confusion.setdefault(b["outcome"], dict.fromkeys(OUTCOMES, 0))
         confusion[b["outcome"]][c["outcome"]] = confusion[b["outcome"]].get(c["outcome"], 0) + 1
-        b_ind, c_ind = b.get("indicators") or {}, c.get("indicators") or {}
-        same_inputs = b_ind == c_ind
+        differ = input_differences(b, c)
+        same_inputs = not differ
         inputs_differ += not same_inputs
-        if not same_inputs:
-            input_changes.update(k for k in set(b_ind) | set(c_ind) if b_ind.get(k) != c_ind.get(k))
+        input_changes.update(differ)
         risk_changed += b.get("risk_score") != c.get("risk_score")
         if b["outcome"] != c["outcome"]:
             changed.append((b, c))
@@ -204,7 +219,7 @@ def compare(
             "label": b.get("label"),
             "baseline": _decision(b),
             "candidate": _decision(c),
-            "same_inputs": (b.get("indicators") or {}) == (c.get("indicators") or {}),
+            "same_inputs": not input_differences(b, c),
         }
         for b, c in changed[:sample_size]
     ]

@@ -154,11 +154,13 @@ LINKED_IDENTITIES: tuple[tuple[str, str], ...] = (
     ("id", "customer_id"),
     ("email", "customer_email"),
     ("ip", "ip_address"),
-    ("device", "user_agent"),
 )
 """(kind, transaction field) of the identities profiled besides the customer key. A card is its token:
 a BIN alone names a bank, not a card. The field the customer key was taken from is left out (its
-profile is the customer's)."""
+profile is the customer's). A user-agent string is not an identity: it names a browser build that
+thousands of shoppers share (six strings across all of the POS generator's customers), so its
+profile measured the whole chain's traffic, and made every shopper's features depend on the order in
+which other shoppers' transactions arrived. A real device id would go here once a source sends one."""
 
 CUSTOMER_FEATURES: tuple[str, ...] = (
     "cust_tx_before",
