@@ -42,9 +42,10 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import paho.mqtt.client as mqtt
+import typer
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from infra.clients import kafka as kafka_clients
@@ -560,8 +561,8 @@ def serve(bridge: CameraBridge, stop: threading.Event, on_tick: Callable[[Bridge
     return 0
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="[camera-bridge] %(message)s")
+def main(log_level: str = "INFO") -> None:
+    logging.basicConfig(level=log_level.upper(), format="[camera-bridge] %(message)s")
     settings = get_settings()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -588,5 +589,15 @@ def main() -> None:
     raise SystemExit(status)
 
 
+cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@cli.command()
+def run(log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO") -> None:
+    """Bridge the cameras' MV Sense MQTT messages to the camera_events topic until SIGTERM/Ctrl-C
+    (exit status 1 when the bridge gives up)."""
+    main(log_level)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

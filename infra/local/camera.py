@@ -39,9 +39,11 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Annotated
 
 import httpx
 import paho.mqtt.client as mqtt
+import typer
 from PIL import Image, ImageDraw, ImageOps
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -652,8 +654,8 @@ class LocalCameraControl:
         return response
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="[local-camera] %(message)s")
+def main(log_level: str = "INFO") -> None:
+    logging.basicConfig(level=log_level.upper(), format="[local-camera] %(message)s")
     settings = get_settings()
     server = LocalCameraServer(settings)
     if not server.camera.scene.people:
@@ -674,5 +676,14 @@ def main() -> None:
         server.stop()
 
 
+cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@cli.command()
+def run(log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO") -> None:
+    """Serve the local Meraki-compatible cameras (Dashboard API snapshots, MV Sense over MQTT) until Ctrl-C."""
+    main(log_level)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

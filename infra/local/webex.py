@@ -40,6 +40,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from infra.settings import get_settings
+
 MAX_MARKDOWN_BYTES = 7439
 BOT_EMAIL = "checkout-guard@webex.bot"
 
@@ -604,11 +606,15 @@ class LocalWebexServer(BackgroundServer):
 
 
 def main(
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8089,
+    port: Annotated[
+        int | None, typer.Option(help="Port on 127.0.0.1; defaults to CG_WEBEX__LOCAL_PORT (8089).")
+    ] = None,
     token: Annotated[str, typer.Option(help="The bot token the server accepts.")] = "local-bot-token",
     latency_ms: Annotated[float, typer.Option(help="Added to every API answer.")] = 0.0,
 ) -> None:
     """Serve the local Webex API until interrupted."""
+    if port is None:
+        port = get_settings().webex.local_port
     state = WebexState(token=token, latency_s=latency_ms / 1000)
     base = f"http://127.0.0.1:{port}"
     uvicorn.run(

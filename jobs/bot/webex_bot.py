@@ -40,8 +40,9 @@ import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
+import typer
 import uvicorn
 from confluent_kafka import KafkaError, Message
 from starlette.applications import Starlette
@@ -553,9 +554,9 @@ class WebexBot:
         return hook
 
 
-def main() -> None:
+def main(log_level: str = "INFO") -> None:
     """Serve the webhook receiver until interrupted."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     settings = get_settings()
@@ -565,5 +566,15 @@ def main() -> None:
         )
 
 
+cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@cli.command()
+def run(log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO") -> None:
+    """Serve the bot's Webex webhook (CG_WEBEX__BOT_HOST:BOT_PORT) until interrupted; registers the webhook
+    at CG_WEBEX__PUBLIC_URL when set."""
+    main(log_level)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

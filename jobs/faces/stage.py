@@ -43,8 +43,9 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
+import typer
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from infra import clock
@@ -555,8 +556,8 @@ def run_face_stage(settings: Settings, stop: threading.Event, on_tick: Callable[
         client.close()
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="[face-stage] %(message)s")
+def main(log_level: str = "INFO") -> None:
+    logging.basicConfig(level=log_level.upper(), format="[face-stage] %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = get_settings()
     stop = threading.Event()
@@ -574,5 +575,15 @@ def main() -> None:
         stop.set()
 
 
+cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@cli.command()
+def run(log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO") -> None:
+    """Snapshot the lane camera for every transaction (and the entrance camera for every new person) and
+    publish face observations, until SIGTERM/Ctrl-C."""
+    main(log_level)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

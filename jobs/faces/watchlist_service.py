@@ -37,8 +37,9 @@ import logging
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
+import typer
 from confluent_kafka import KafkaException
 
 from infra import clock
@@ -485,13 +486,23 @@ class WatchlistService:
                     raise  # abortable: the caller aborts and redoes the whole transaction
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="[watchlist-service] %(asctime)s %(message)s")
+def main(log_level: str = "INFO") -> None:
+    logging.basicConfig(level=log_level.upper(), format="[watchlist-service] %(asctime)s %(message)s")
     service = WatchlistService(get_settings())
     signal.signal(signal.SIGTERM, service.stop)
     signal.signal(signal.SIGINT, service.stop)
     service.run()
 
 
+cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@cli.command()
+def run(log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO") -> None:
+    """Apply the bot's signed watchlist commands (enroll, forget), keep alert snapshots and purge the rest,
+    until SIGTERM/Ctrl-C."""
+    main(log_level)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

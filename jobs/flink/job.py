@@ -25,9 +25,10 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import psutil
+import typer
 from pyflink.common import Configuration
 from pyflink.common.typeinfo import Types
 from pyflink.datastream import DataStream, StreamExecutionEnvironment
@@ -392,9 +393,9 @@ def kafka_sink(t_env: StreamTableEnvironment, out: DataStream, settings: Setting
     statements.attach_as_datastream()
 
 
-def main(settings: Settings | None = None) -> None:
+def main(settings: Settings | None = None, log_level: str = "INFO") -> None:
     settings = settings or get_settings()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     if settings.model.backend != "none" and settings.model.auto_train:
         # Here, before the job is built, so no Flink worker ever trains (a worker only loads).
@@ -459,5 +460,15 @@ def run_until_done(client, settings: Settings) -> None:
         control.unlink(missing_ok=True)
 
 
+cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@cli.command()
+def run(log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO") -> None:
+    """Run the scoring job on a local Flink mini-cluster until it ends: SIGTERM cancels it, SIGUSR1 stops it
+    with a savepoint. Resumes from the newest retained checkpoint (or CG_JOB__RESTORE_FROM)."""
+    main(log_level=log_level)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

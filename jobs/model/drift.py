@@ -457,5 +457,12 @@ def bench_observe(rows: int = 100_000, batch: int = 250, features: int = 40, see
     return rows / (time.perf_counter() - start)
 
 
-if __name__ == "__main__":
+def _bench_main() -> None:
+    """Measure DriftMonitor.observe on synthetic rows and print rows per second."""
     print(f"DriftMonitor.observe: {bench_observe():,.0f} rows/s")
+
+
+if __name__ == "__main__":
+    import typer
+
+    typer.run(_bench_main)

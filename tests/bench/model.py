@@ -183,7 +183,8 @@ def report_rows(r: dict) -> list[tuple[str, str, str]]:
     ]
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """Model + rules + state scoring: batched (the job) vs per record (seed 004's design); prints a table."""
     from rich.console import Console
     from rich.table import Table
 
@@ -196,3 +197,9 @@ if __name__ == "__main__":
     for row in report_rows(result):
         table.add_row(*row)
     Console().print(table)
+
+
+if __name__ == "__main__":
+    import typer
+
+    typer.run(main)

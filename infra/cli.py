@@ -1,0 +1,365 @@
+"""``checkout-guard``: one command line for every process and tool of the pipeline.
+
+Each subcommand is the command line of a module (``checkout-guard sink`` = ``python -m sinks.opensearch.sink``,
+same options), named here by its module path only and imported when the subcommand runs: ``infra`` sits
+below the stages and never imports them (tests/unit/test_layout.py), and ``checkout-guard --help`` stays
+fast. Every subcommand's ``--help`` ends with the ``CG_*`` settings that process reads, with their
+defaults, generated from :class:`infra.settings.Settings`.
+
+``topics tail`` lives here (:mod:`infra.clients.topic_tail` does the work): it prints a topic decoded,
+which generic Kafka tools cannot do, since messages use Avro single-object encoding.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shlex
+import sys
+import textwrap
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import typer.core
+import typer.main
+from pydantic import BaseModel, SecretStr
+from rich.markup import escape
+
+from infra.settings import REPO_ROOT, Settings
+
+PROG = "checkout-guard"
+HELP_WIDTH = 76
+"""Settings lines are wrapped to this, so help renders the same at any terminal width of 80 or more."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One subcommand: the command line of ``module`` (its attribute ``attr``: a Typer app, or a function
+    as for ``typer.run``), or one ``command`` of that app; or a group of ``children``."""
+
+    name: str
+    summary: str
+    module: str = ""
+    attr: str = "app"
+    command: str | None = None
+    sections: tuple[str, ...] = ()
+    """The :class:`Settings` fields the process reads: ``kafka`` is ``CG_KAFKA__*``, ``stack_dir`` ``CG_STACK_DIR``."""
+    children: tuple[Entry, ...] = ()
+
+    @property
+    def all_sections(self) -> tuple[str, ...]:
+        if not self.children:
+            return self.sections
+        return tuple(dict.fromkeys(s for child in self.children for s in child.all_sections))
+
+
+_JOB = ("kafka", "job", "rules", "model", "faces", "stack_dir", "bind_host", "java_home")
+_MODEL = ("model", "kafka", "rules", "job", "stack_dir")
+_STACK = ("kafka", "opensearch", "mqtt", "smtp", "stack_dir", "bind_host", "java_home")
+
+ENTRIES: tuple[Entry, ...] = (
+    Entry("job", "the PyFlink scoring job (local mini-cluster)", "jobs.flink.job", "cli", sections=_JOB),
+    Entry(
+        "face-stage",
+        "snapshot and face of every checkout and entrance",
+        "jobs.faces.stage",
+        "cli",
+        sections=("kafka", "job", "cameras", "faces", "stack_dir"),
+    ),
+    Entry(
+        "watchlist",
+        "the watchlist service: enroll/forget commands",
+        "jobs.faces.watchlist_service",
+        "cli",
+        sections=("kafka", "faces", "webex", "stack_dir"),
+    ),
+    Entry(
+        "bridge",
+        "camera bridge: MV Sense MQTT to camera_events",
+        "producers.camera_bridge",
+        "cli",
+        sections=("kafka", "mqtt", "cameras", "job"),
+    ),
+    Entry(
+        "camera",
+        "local Meraki-compatible cameras (stand-in)",
+        "infra.local.camera",
+        "cli",
+        sections=("cameras", "mqtt", "stack_dir"),
+    ),
+    Entry(
+        "bot",
+        "the Webex bot (webhook receiver)",
+        "jobs.bot.webex_bot",
+        "cli",
+        sections=("webex", "kafka", "opensearch", "indices", "faces", "cameras", "stack_dir"),
+    ),
+    Entry("webex-local", "local Webex API (stand-in)", "infra.local.webex", "main", sections=("webex",)),
+    Entry(
+        "sink",
+        "Kafka to OpenSearch (idempotent) with index retention",
+        "sinks.opensearch.sink",
+        "app",
+        sections=("kafka", "opensearch", "indices", "model"),
+    ),
+    Entry(
+        "alerts",
+        "alert sender: e-mail (SMTP/SES) and Webex",
+        "sinks.alerts.sender",
+        "main",
+        sections=("kafka", "alerts", "smtp", "webex", "faces", "stack_dir"),
+    ),
+    Entry(
+        "dashboard",
+        "the live dashboard (web)",
+        "sinks.dashboard.__main__",
+        "cli",
+        sections=("dashboard", "opensearch", "indices"),
+    ),
+    Entry("train", "fraud model: evaluate, then train", "jobs.model.train", "app", "train", _MODEL),
+    Entry("evaluate", "fraud model: rolling-origin evaluation", "jobs.model.train", "app", "evaluate", _MODEL),
+    Entry(
+        "backtest",
+        "fraud model: backtest a CSV through features, model, rules",
+        "jobs.model.train",
+        "app",
+        "backtest",
+        _MODEL,
+    ),
+    Entry(
+        "models",
+        "champion and challenger: status, challenger, promote",
+        "jobs.model.registry",
+        "app",
+        sections=("model", "kafka", "stack_dir"),
+    ),
+    Entry("labels", "field labels: publish, withdraw, import", "producers.labels", "app", sections=("kafka", "model")),
+    Entry("replay", "re-publish a topic range by offsets or time", "producers.replay", "app", sections=("kafka",)),
+    Entry(
+        "backtest-stream",
+        "a job copy over a replayed range, compared",
+        "jobs.flink.backtest_stream",
+        "app",
+        sections=("kafka", "job", "rules", "model", "opensearch", "indices", "stack_dir", "bind_host", "java_home"),
+    ),
+    Entry(
+        "faces", "faces CLI: detect, compare, evaluate, bench", "jobs.faces.cli", "app", sections=("faces", "stack_dir")
+    ),
+    Entry("rules", "rule sets: validate, publish", "jobs.scoring.rules", "app", sections=("rules", "kafka")),
+    Entry("pos", "POS traffic: generate, replay-csv", "producers.pos", "app", sections=("kafka", "stack_dir")),
+    Entry(
+        "upgrade",
+        "stop the running job with a savepoint; its status",
+        "jobs.flink.upgrade",
+        "app",
+        sections=("job", "stack_dir"),
+    ),
+    Entry(
+        "topics",
+        "read topics",
+        children=(
+            Entry(
+                "tail", "print a topic's records decoded, as JSON lines", "infra.cli", "tail_app", sections=("kafka",)
+            ),
+        ),
+    ),
+    Entry(
+        "dead-letters",
+        "dead letters",
+        children=(
+            Entry(
+                "redrive",
+                "re-drive dead letters to their source topic",
+                "producers.redrive",
+                "cli",
+                sections=("kafka",),
+            ),
+        ),
+    ),
+    Entry(
+        "stack",
+        "the local stack: Kafka, OpenSearch, Mosquitto, SMTP",
+        children=(
+            Entry("up", "start the local stack and create the topics", "infra.stack", "app", "up", _STACK),
+            Entry("down", "stop the local stack", "infra.stack", "app", "down", _STACK),
+            Entry("status", "health of each service and the topics", "infra.stack", "app", "status", _STACK),
+        ),
+    ),
+)
+
+
+# ---------------------------------------------------------------------------- settings in --help
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, SecretStr):
+        return "(secret)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, Path):
+        value = value.relative_to(REPO_ROOT) if value.is_relative_to(REPO_ROOT) else value
+    return shlex.quote(str(value))
+
+
+def settings_lines(sections: Iterable[str]) -> list[str]:
+    """``CG_KAFKA__*  BOOTSTRAP_SERVERS=127.0.0.1:9092 ...`` per section, then ``CG_STACK_DIR=.stack ...``:
+    every variable of each section with its default (not the environment's value), wrapped."""
+    lines: list[str] = []
+    scalars: list[str] = []
+    for section in sections:
+        default = Settings.model_fields[section].get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            items = [f"{name.upper()}={_shown(getattr(default, name))}" for name in type(default).model_fields]
+            text = f"CG_{section.upper()}__*  " + " ".join(items)
+            lines += textwrap.wrap(
+                text, HELP_WIDTH, subsequent_indent="    ", break_long_words=False, break_on_hyphens=False
+            )
+        else:
+            scalars.append(f"CG_{section.upper()}={_shown(default)}")
+    if scalars:
+        lines += textwrap.wrap(" ".join(scalars), HELP_WIDTH, break_long_words=False, break_on_hyphens=False)
+    return lines
+
+
+def settings_epilog(sections: Sequence[str], rich: bool) -> str:
+    """The settings part of a ``--help``: Rich markup escaped, or kept from rewrapping by plain click (``\\b``)."""
+    lines = ["Settings read (environment variables; default after =):", *settings_lines(sections)]
+    if rich:
+        return escape("\n".join(lines))
+    return "\b\n" + "\n".join(lines)
+
+
+def _with_settings(command: Any, sections: Sequence[str]) -> None:
+    """Put the settings at the end of ``command``'s help and of every subcommand's under it."""
+    rich = typer.core.HAS_RICH and getattr(command, "rich_markup_mode", None) == "rich"
+    command.epilog = settings_epilog(sections, rich)
+    for sub in getattr(command, "commands", {}).values():
+        _with_settings(sub, sections)
+
+
+# ---------------------------------------------------------------------------- the lazy group
+
+
+def load(entry: Entry) -> Any:
+    """The click command of ``entry``: its module imported now, the settings added to its help."""
+    obj = getattr(importlib.import_module(entry.module), entry.attr)
+    if not isinstance(obj, typer.Typer):  # a function, as for typer.run
+        app = typer.Typer(add_completion=False)
+        app.command()(obj)
+        obj = app
+    command: Any = typer.main.get_command(obj)
+    if entry.command is not None:
+        command = command.commands[entry.command]
+    command.name = entry.name
+    _with_settings(command, entry.all_sections)
+    return command
+
+
+class LazyGroup(typer.core.TyperGroup):
+    """Subcommands from :data:`ENTRIES`, each imported only when it is the one that runs. Its own help is
+    click's plain help, listed from the entries (Typer's would import every subcommand to describe it)."""
+
+    def __init__(self, *, entries: Sequence[Entry], sections: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(rich_markup_mode=None, **kwargs)
+        self.entries = {entry.name: entry for entry in entries}
+        if sections:
+            self.epilog = settings_epilog(sections, rich=False)
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return list(self.entries)
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        entry = self.entries.get(cmd_name)
+        if entry is None:
+            return None
+        if entry.children:
+            return LazyGroup(name=entry.name, help=entry.summary, entries=entry.children, sections=entry.all_sections)
+        return load(entry)
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        rows = [(entry.name, entry.summary) for entry in self.entries.values()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+def build() -> LazyGroup:
+    return LazyGroup(
+        name=PROG,
+        entries=ENTRIES,
+        help="Checkout Guard: every process and tool of the pipeline. Each subcommand's --help lists its "
+        "options and the CG_* settings (environment variables) it reads.",
+        no_args_is_help=True,
+        epilog="\b\nSettings come from CG_* environment variables, nested with __, e.g.\n"
+        "CG_KAFKA__BOOTSTRAP_SERVERS=broker:9092 CG_KAFKA__TOPIC_PREFIX=test.",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The ``checkout-guard`` console script."""
+    build().main(list(argv) if argv is not None else sys.argv[1:], prog_name=PROG)
+
+
+# ---------------------------------------------------------------------------- topics tail
+
+tail_app = typer.Typer(add_completion=False)
+
+
+@tail_app.command()
+def tail(
+    topic: Annotated[str, typer.Argument(help="Logical topic name (e.g. processed_transactions) or its full name.")],
+    n: Annotated[int, typer.Option("-n", "--records", min=1, help="How many records.")] = 10,
+    start: Annotated[
+        str | None,
+        typer.Option(
+            "--from",
+            help="earliest, latest, epoch ms or ISO-8601 time: the first N records from there (default: the last N).",
+        ),
+    ] = None,
+    key: Annotated[str | None, typer.Option(help="Only records with this key.")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Then print new records as they arrive.")] = False,
+) -> None:
+    """Print a topic's records decoded (Avro single-object encoding, any known schema version) as JSON lines.
+
+    Without --from: the newest N records of the whole topic (with --key: the newest N with that key), oldest first.
+
+    With --from: the first N records at or after that point (and with that key), in timestamp order.
+
+    --follow then prints new records as they arrive; with --from and --follow, every record from there on.
+
+    bytes fields are base64; a message that does not decode is printed with an "error" field, never a crash.
+    """
+    from confluent_kafka import KafkaException
+
+    from infra.clients import topic_tail
+    from infra.settings import get_settings
+
+    settings = get_settings()
+    try:
+        spec = topic_tail.resolve_topic(topic, settings.kafka.topic_prefix)
+        begin = topic_tail.parse_start(start) if start is not None else None
+    except topic_tail.TailError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+    def emit(record: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+
+    try:
+        topic_tail.tail(
+            settings.kafka, spec.full_name(settings.kafka.topic_prefix), emit, n=n, start=begin, key=key, follow=follow
+        )
+    except KeyboardInterrupt:
+        pass
+    except (topic_tail.TailError, TimeoutError, RuntimeError, KafkaException) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+if __name__ == "__main__":
+    main()
