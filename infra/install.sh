@@ -1,25 +1,37 @@
 #!/usr/bin/env bash
 # Installs everything the local stack and the project need, from package registries only:
-#   - Debian packages (mosquitto, kcat, unzip; a JDK, Maven and python3-venv if missing)
+#   - Debian packages (mosquitto, kcat, unzip; a JDK 17, Maven and python3.X-venv if missing; chromium
+#     for the browser tests, see CG_SETUP__BROWSER below)
 #   - the Python virtualenv .venv with the project installed editable (pyproject.toml, extra "dev")
 #   - the Kafka broker classpath (infra/kafka/pom.xml)          -> <stack>/lib/kafka
 #   - the Flink SQL Kafka connector jar                          -> <stack>/lib/flink
 #   - the job's own Flink operators (jobs/flink/java, javac)           -> <stack>/lib/flink-ext
 #   - the OpenSearch integ-test distribution                     -> <stack>/opensearch-<version>
 #
+# First it checks the machine (infra/install_checks.sh: Debian or Ubuntu, Python per requires-python,
+# a JDK 17..21 with javac, free disk space, root or sudo for missing apt packages) and, when something
+# is missing, lists what it will install and about how big that is before installing it.
 # Idempotent: each step writes a stamp (under <stack>/stamps; the venv's in .venv) keyed by a hash
 # of what it installs (pinned versions, pom.xml, pyproject.toml); it is skipped while that matches.
 # <stack> is $CG_STACK_DIR or .stack in the repo root. Pinned versions live in infra/stack.py.
+# CG_SETUP__BROWSER=auto|yes|no: Debian's chromium, for the dashboard's browser tests and screenshots
+# (tests/e2e/test_dashboard_browser_e2e.py, which skip without it). auto (default) installs it when apt
+# can and goes on without it otherwise; yes fails setup without it; no never installs it.
+# --plan: check the machine and print what would be installed, then stop (installs nothing).
 set -euo pipefail
 
+PLAN_ONLY=""
+case "${1:-}" in
+  --plan) PLAN_ONLY=1 ;;
+  "") ;;
+  *) printf 'usage: %s [--plan]\n' "$0" >&2; exit 2 ;;
+esac
 START_NS=$(date +%s%N)
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STACK_DIR="$(realpath -m "${CG_STACK_DIR:-$REPO_ROOT/.stack}")"
-PYTHON="${PYTHON:-python3}"
 cd "$REPO_ROOT"
-
-say() { printf '[setup] %s\n' "$*"; }
-die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=infra/install_checks.sh
+source infra/install_checks.sh
 
 # --- pinned versions: the single declaration is in infra/stack.py --------------------------------
 pin() {
@@ -54,31 +66,124 @@ quiet() {
   fi
 }
 
-# --- 1. Debian packages ---------------------------------------------------------------------------
+# --- 0. What is there, what is missing ------------------------------------------------------------
 have() { command -v "$1" >/dev/null 2>&1 || [[ -x "/usr/sbin/$1" ]]; }
+pick_python # PYTHON, PYTHON_VERSION: fits pyproject.toml's requires-python, or setup stops here
 apt_pkgs=()
 have mosquitto || apt_pkgs+=(mosquitto)
 have kcat || apt_pkgs+=(kcat)
 have unzip || apt_pkgs+=(unzip)
-# Headless browser for the live dashboard's browser test (tests/e2e/test_dashboard_browser_e2e.py).
-have chromium || apt_pkgs+=(chromium)
-# Kafka, Flink and OpenSearch 2.19 need a JDK 17..21 (not only "some java": 24+ lacks the security manager).
-jdk_ok() {
-  local java_bin
-  java_bin="$(readlink -f "$(command -v java 2>/dev/null || echo /nonexistent)")"
-  grep -qsE '^JAVA_VERSION="(17|18|19|20|21)[."]' "$(dirname "$(dirname "$java_bin")")/release" \
-    /usr/lib/jvm/*/release
-}
-jdk_ok || apt_pkgs+=(openjdk-17-jdk-headless)
+# Kafka, Flink and OpenSearch 2.19 need Java 17..21 (24+ lacks the security manager), and the job's
+# operators are compiled: a JDK with javac, not only a JRE's java.
+JDK_PKG=openjdk-17-jdk-headless
+jdk_missing=""
+find_jdk /usr/lib/jvm || { jdk_missing="$JDK_PROBLEM"; apt_pkgs+=("$JDK_PKG"); }
 have mvn || apt_pkgs+=(maven)
-"$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1 || apt_pkgs+=(python3-venv)
-if ((${#apt_pkgs[@]})); then
-  say "apt: installing ${apt_pkgs[*]}"
-  SUDO=()
-  if [[ $(id -u) -ne 0 ]]; then
-    command -v sudo >/dev/null || die "need root (or sudo) to install: ${apt_pkgs[*]}"
-    SUDO=(sudo)
+"$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1 || apt_pkgs+=("python$PYTHON_VERSION-venv")
+# Chromium only for the browser tests and screenshots; see CG_SETUP__BROWSER at the top.
+BROWSER="$(browser_mode)"
+browser_pkg=()
+browser_note=""
+if ! have chromium; then
+  if [[ "$BROWSER" == no ]]; then
+    browser_note="chromium not installed (CG_SETUP__BROWSER=no): the browser tests will skip"
+  elif [[ "$BROWSER" == auto && -f "$STAMPS/browser-unavailable" ]]; then
+    browser_note="chromium not installed ($(cat "$STAMPS/browser-unavailable")): the browser tests will skip; CG_SETUP__BROWSER=yes to try again"
+  else
+    browser_pkg=(chromium)
   fi
+fi
+
+# The steps whose stamps do not match (their keys are computed again when they run).
+venv_key="$(hash_of pyproject.toml <(printf '%s' "$PYTHON_SYS_VERSION"))"
+kafka_key="$(hash_of infra/kafka/pom.xml <(printf '%s' "$MVN_DEP"))"
+flink_key="$(hash_of <(printf '%s %s' "$FLINK_KAFKA_CONNECTOR" "$MVN_DEP"))"
+os_home="$STACK_DIR/opensearch-$OPENSEARCH_VERSION"
+os_key="$(hash_of <(printf '%s %s' "$OPENSEARCH_VERSION" "$MVN_DEP"))"
+faces_key="face_recognition-1.3.0"
+faces_dir="$STACK_DIR/faces/face_recognition-1.3.0/tests/test_images"
+ext_jar="$STACK_DIR/lib/flink-ext/checkout-guard-flink.jar"
+ext_sources=$(find jobs/flink/java -name '*.java' | sort)
+ext_key_now() {
+  # shellcheck disable=SC2086
+  hash_of $ext_sources <(.venv/bin/python -c 'import pyflink; print(pyflink.__file__)'; printf '%s\n' "$JAVAC_VERSION_LINE")
+}
+todo=()
+[[ -x .venv/bin/python ]] && stamp_ok venv "$venv_key" || todo+=(venv)
+[[ -d "$STACK_DIR/lib/kafka" ]] && stamp_ok kafka "$kafka_key" || todo+=(kafka)
+[[ -d "$STACK_DIR/lib/flink" ]] && stamp_ok flink "$flink_key" || todo+=(flink)
+ext_key=""
+if [[ -n "$JDK_HOME" && " ${todo[*]} " != *" venv "* && -f "$ext_jar" ]]; then ext_key="$(ext_key_now)"; fi
+[[ -n "$ext_key" ]] && stamp_ok flink-ext "$ext_key" || todo+=(flink-ext)
+[[ -x "$os_home/bin/opensearch" ]] && stamp_ok opensearch "$os_key" || todo+=(opensearch)
+compgen -G "$faces_dir/*.jpg" >/dev/null && stamp_ok faces "$faces_key" || todo+=(faces)
+
+# --- 0b. When something is missing: the machine, the plan with sizes, disk space, root ---------------
+declare -A need_mb=() need_what=()
+needs() { # needs DIR MB WHAT: add to the total of DIR's filesystem
+  local m
+  m="$(mount_of "$1")"
+  need_mb[$m]=$((${need_mb[$m]:-0} + $2))
+  need_what[$m]="${need_what[$m]:+${need_what[$m]}, }$3"
+}
+if [[ -n "$PLAN_ONLY" ]] || ((${#apt_pkgs[@]} + ${#browser_pkg[@]} + ${#todo[@]})); then
+  check_os /etc/os-release
+  say "machine: $OS_PRETTY; Python $PYTHON_VERSION ($(command -v "$PYTHON"))${JDK_HOME:+; JDK $JAVAC_MAJOR ($JDK_HOME)}"
+  [[ -z "$jdk_missing" ]] || say "JDK: $jdk_missing -> installing $JDK_PKG"
+  say "will install:"
+  for p in "${apt_pkgs[@]}" "${browser_pkg[@]}"; do
+    mb="$(apt_size_mb "$p")" why=""
+    [[ "$p" != chromium ]] || why=", for the browser tests (CG_SETUP__BROWSER=$BROWSER; setup goes on without it unless yes)"
+    say "  apt $p (~$(human_mb "$mb"))$why"
+    needs /usr "$((mb * 3 / 2))" "apt $p" # the .deb files in /var/cache/apt, then unpacked
+  done
+  m2="${HOME:-/root}/.m2"
+  for step in "${todo[@]}"; do
+    case "$step" in
+      venv)
+        if [[ -x .venv/bin/python ]]; then
+          say "  .venv: brought up to date with pyproject.toml from PyPI"
+          needs "$REPO_ROOT" 500 ".venv's update"
+        else
+          say "  .venv: pyproject.toml's packages with [dev] from PyPI (~$(human_mb $SIZE_VENV_MB), PyFlink most of it)"
+          needs "$REPO_ROOT" $SIZE_VENV_MB ".venv"
+        fi ;;
+      kafka) say "  $STACK_DIR/lib/kafka: the Kafka broker's jars from Maven Central (~$SIZE_KAFKA_MB MB)"
+        needs "$STACK_DIR" $SIZE_KAFKA_MB "Kafka"; needs "$m2" $SIZE_M2_MB "$m2" ;;
+      flink) say "  $STACK_DIR/lib/flink: $FLINK_KAFKA_CONNECTOR from Maven Central (~$SIZE_FLINK_MB MB)"
+        needs "$STACK_DIR" $SIZE_FLINK_MB "the Flink connector" ;;
+      flink-ext) say "  $STACK_DIR/lib/flink-ext: the job's Java operators, compiled here (<1 MB)"
+        needs "$STACK_DIR" $SIZE_FLINK_EXT_MB "the job's operators" ;;
+      opensearch) say "  $os_home: OpenSearch $OPENSEARCH_VERSION from Maven Central (~$SIZE_OPENSEARCH_MB MB with its zip)"
+        needs "$STACK_DIR" $SIZE_OPENSEARCH_MB "OpenSearch" ;;
+      faces) say "  $STACK_DIR/faces: the face_recognition 1.3.0 test photos from PyPI (~3 MB)"
+        needs "$STACK_DIR" $SIZE_FACES_MB "the face photos" ;;
+    esac
+  done
+  ((${#apt_pkgs[@]} + ${#browser_pkg[@]} + ${#todo[@]})) || say "  nothing: everything is installed"
+  [[ -z "$browser_note" ]] || say "$browser_note"
+  for m in "${!need_mb[@]}"; do
+    check_disk "$m" "${need_mb[$m]}" "${need_what[$m]}"
+    say "disk: $(human_mb "${need_mb[$m]}") needed on $m ($(human_mb "$(free_mb "$m")") free)"
+  done
+  if ((${#apt_pkgs[@]})); then
+    if [[ "$(id -u)" -eq 0 ]]; then say "apt: runs as root"
+    elif command -v sudo >/dev/null 2>&1; then say "apt: runs with sudo (it may ask for your password)"
+    else need_root_for "${apt_pkgs[@]}"; fi
+  fi
+fi
+[[ -z "$PLAN_ONLY" ]] || exit 0
+
+# --- 1. Debian packages ---------------------------------------------------------------------------
+apt_install() { # apt_install LOGNAME PKG...: apt-get install, output in the step's log
+  local name="$1"
+  shift
+  quiet "$name" "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@"
+}
+apt_ready=""
+apt_prepare() { # once: root or sudo, no service starts, fresh package lists
+  [[ -z "$apt_ready" ]] || return 0
+  need_root_for "$@"
   # Keep package scripts from starting services (mosquitto's own service would take port 1883):
   # we run our own processes with our own config.
   if [[ ! -e /usr/sbin/policy-rc.d ]]; then
@@ -87,14 +192,41 @@ if ((${#apt_pkgs[@]})); then
     trap '"${SUDO[@]}" rm -f /usr/sbin/policy-rc.d' EXIT
   fi
   quiet apt "${SUDO[@]}" apt-get update
-  quiet apt "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-    "${apt_pkgs[@]}"
+  apt_ready=1
+}
+apt_has() { apt-cache show --no-all-versions "$1" >/dev/null 2>&1; }
+if ((${#apt_pkgs[@]})); then
+  apt_prepare "${apt_pkgs[@]}"
+  if [[ -n "$jdk_missing" ]] && ! apt_has "$JDK_PKG" && apt_has openjdk-21-jdk-headless; then
+    say "apt: $JDK_PKG is not packaged here; installing openjdk-21-jdk-headless instead"
+    apt_pkgs=("${apt_pkgs[@]/#$JDK_PKG/openjdk-21-jdk-headless}")
+  fi
+  say "apt: installing ${apt_pkgs[*]}"
+  apt_install apt "${apt_pkgs[@]}"
+  if [[ -n "$jdk_missing" ]]; then
+    find_jdk /usr/lib/jvm || die "a JDK 17..21 is still missing after installing it: $JDK_PROBLEM"
+  fi
 else
-  say "apt: mosquitto kcat unzip chromium java mvn present"
+  say "apt: mosquitto kcat unzip mvn$(have chromium && echo ' chromium') present, JDK $JAVAC_MAJOR ($JDK_HOME)"
+fi
+if ((${#browser_pkg[@]})); then
+  # In a subshell: a failure (no root, no package, apt error) ends it, not setup, unless BROWSER=yes.
+  if (apt_prepare chromium && { apt_has chromium || die "apt has no chromium package here"; } &&
+    say "apt: installing chromium, for the browser tests (CG_SETUP__BROWSER=$BROWSER)" &&
+    apt_install browser chromium); then
+    rm -f "$STAMPS/browser-unavailable"
+  elif [[ "$BROWSER" == yes ]]; then
+    die "chromium could not be installed (CG_SETUP__BROWSER=yes); the reason is above"
+  else
+    printf 'CG_SETUP__BROWSER=auto could not install it on %s' "$(date +%F)" >"$STAMPS/browser-unavailable"
+    warn "chromium not installed (the reason is above): the browser tests will skip; setup goes on." \
+      "Setup will not try again by itself: CG_SETUP__BROWSER=yes make setup does"
+  fi
+elif [[ -n "$browser_note" ]]; then
+  say "$browser_note"
 fi
 
 # --- 2. Python virtualenv -------------------------------------------------------------------------
-venv_key="$(hash_of pyproject.toml <(printf '%s' "$("$PYTHON" -c 'import sys; print(sys.version)')"))"
 if [[ -x .venv/bin/python ]] && stamp_ok venv "$venv_key"; then
   say "venv: up to date"
 else
@@ -109,7 +241,6 @@ else
 fi
 
 # --- 3. Kafka broker classpath --------------------------------------------------------------------
-kafka_key="$(hash_of infra/kafka/pom.xml <(printf '%s' "$MVN_DEP"))"
 if [[ -d "$STACK_DIR/lib/kafka" ]] && stamp_ok kafka "$kafka_key"; then
   say "kafka: up to date"
 else
@@ -123,7 +254,6 @@ else
 fi
 
 # --- 4. Flink Kafka connector ---------------------------------------------------------------------
-flink_key="$(hash_of <(printf '%s %s' "$FLINK_KAFKA_CONNECTOR" "$MVN_DEP"))"
 if [[ -d "$STACK_DIR/lib/flink" ]] && stamp_ok flink "$flink_key"; then
   say "flink connector: up to date"
 else
@@ -137,9 +267,8 @@ else
 fi
 
 # --- 4b. The job's Java operators (batching in and out of Python), compiled against PyFlink's jars --
-ext_sources=$(find jobs/flink/java -name '*.java' | sort)
-ext_key="$(hash_of $ext_sources <(.venv/bin/python -c 'import pyflink; print(pyflink.__file__)'; javac -version 2>&1))"
-ext_jar="$STACK_DIR/lib/flink-ext/checkout-guard-flink.jar"
+# Computed before when the venv was already there (section 0); again when it was just built.
+[[ -n "${ext_key:-}" && " ${todo[*]} " != *" venv "* ]] || ext_key="$(ext_key_now)"
 if [[ -f "$ext_jar" ]] && stamp_ok flink-ext "$ext_key"; then
   say "job operators: up to date"
 else
@@ -148,16 +277,14 @@ else
   rm -rf "$STACK_DIR/lib/flink-ext.tmp"
   mkdir -p "$STACK_DIR/lib/flink-ext.tmp/classes"
   # shellcheck disable=SC2086
-  quiet javac javac --release 17 -nowarn -cp "$pyflink_lib/*" -d "$STACK_DIR/lib/flink-ext.tmp/classes" $ext_sources
-  quiet jar jar cf "$STACK_DIR/lib/flink-ext.tmp/checkout-guard-flink.jar" -C "$STACK_DIR/lib/flink-ext.tmp/classes" .
+  quiet javac "$JAVAC" --release 17 -nowarn -cp "$pyflink_lib/*" -d "$STACK_DIR/lib/flink-ext.tmp/classes" $ext_sources
+  quiet jar "$JDK_HOME/bin/jar" cf "$STACK_DIR/lib/flink-ext.tmp/checkout-guard-flink.jar" -C "$STACK_DIR/lib/flink-ext.tmp/classes" .
   rm -rf "$STACK_DIR/lib/flink-ext.tmp/classes" "$STACK_DIR/lib/flink-ext"
   mv "$STACK_DIR/lib/flink-ext.tmp" "$STACK_DIR/lib/flink-ext"
   stamp_set flink-ext "$ext_key"
 fi
 
 # --- 5. OpenSearch --------------------------------------------------------------------------------
-os_home="$STACK_DIR/opensearch-$OPENSEARCH_VERSION"
-os_key="$(hash_of <(printf '%s %s' "$OPENSEARCH_VERSION" "$MVN_DEP"))"
 if [[ -x "$os_home/bin/opensearch" ]] && stamp_ok opensearch "$os_key"; then
   say "opensearch: up to date"
 else
@@ -175,8 +302,6 @@ else
 fi
 
 # --- 6. Face photos for the local camera (the face_recognition 1.3.0 sdist's test images) ---------
-faces_key="face_recognition-1.3.0"
-faces_dir="$STACK_DIR/faces/face_recognition-1.3.0/tests/test_images"
 if compgen -G "$faces_dir/*.jpg" >/dev/null && stamp_ok faces "$faces_key"; then
   say "face photos: up to date"
 else

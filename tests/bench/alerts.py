@@ -22,9 +22,11 @@ import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
+from typing import Annotated
 
 import httpx
 import psutil
+import typer
 from confluent_kafka import KafkaException
 from PIL import Image
 from pydantic import SecretStr
@@ -34,6 +36,7 @@ from infra.clients import kafka as kafka_clients
 from infra.launcher import Child, spawn, start_scoring_job, wait_for
 from infra.local import smtp as local_smtp
 from infra.local.webex import free_port
+from infra.processes import stop_child, stop_children
 from infra.settings import Settings
 from infra.stack import ensure_topics
 from schemas.records import Alert
@@ -99,7 +102,11 @@ def _start_webex(settings: Settings, port: int, latency_ms: float) -> Child:
         except httpx.HTTPError:
             return False
 
-    wait_for(ready, 30, what="the local Webex server")
+    try:
+        wait_for(ready, 30, what="the local Webex server")
+    except BaseException:
+        stop_child(child)
+        raise
     return child
 
 
@@ -113,8 +120,9 @@ def _cpu_s(child: Child) -> float:
 
 
 def _cleanup(settings: Settings, children: list[Child]) -> None:
-    for child in children:
-        child.stop()
+    """Stop every child and all it started (``infra.processes``: even those that left its process group),
+    then drop the run's topics and files."""
+    stop_children(children)
     admin = kafka_clients.admin(settings)  # kept alive until the deletes are confirmed
     for future in admin.delete_topics([t.full_name(settings.kafka.topic_prefix) for t in ALL_TOPICS]).values():
         with contextlib.suppress(KafkaException):
@@ -129,20 +137,21 @@ def alert_delivery(base: Settings, alerts: int = 3000, latency_ms: float = 50.0,
     settings = _bench_settings(base, "d", webex_port, smtp_port)
     ensure_topics(settings)
     mail = settings.stack_dir / "bench" / settings.kafka.topic_prefix.rstrip(".") / "mail"
-    children = [
-        _start_webex(settings, webex_port, latency_ms),
-        spawn(
-            "infra.local.smtp",
-            settings,
-            f"--mail-dir={mail}",
-            "--port",
-            str(smtp_port),
-            "--latency-ms",
-            str(latency_ms),
-            name="bench-local-smtp",
-        ),
-    ]
+    children: list[Child] = []
     try:
+        children.append(_start_webex(settings, webex_port, latency_ms))
+        children.append(
+            spawn(
+                "infra.local.smtp",
+                settings,
+                f"--mail-dir={mail}",
+                "--port",
+                str(smtp_port),
+                "--latency-ms",
+                str(latency_ms),
+                name="bench-local-smtp",
+            )
+        )
         wait_for(lambda: local_smtp.healthy("127.0.0.1", smtp_port), 30, what="the local SMTP server")
         out = io.BytesIO()
         Image.new("RGB", (640, 480), (90, 120, 150)).save(out, format="JPEG")
@@ -214,12 +223,11 @@ def transaction_to_email(base: Settings, rate: float = 20.0, seconds: int = 30, 
     settings = _bench_settings(base, "l", webex_port, None)
     settings = settings.model_copy(update={"job": settings.job.model_copy(update={"starting_offsets": "latest"})})
     ensure_topics(settings)
-    children = [
-        _start_webex(settings, webex_port, 0.0),
-        start_scoring_job(settings, name="bench-alerts-job"),
-        spawn("sinks.alerts.sender", settings, name="bench-alert-sender-live"),
-    ]
+    children: list[Child] = []
     try:
+        children.append(_start_webex(settings, webex_port, 0.0))
+        children.append(start_scoring_job(settings, name="bench-alerts-job"))
+        children.append(spawn("sinks.alerts.sender", settings, name="bench-alert-sender-live"))
         producer = kafka_clients.producer(settings, linger_ms=0)
         topic = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
         gen = PosGenerator(seed=11, stores=4, customers=300, fraud_share=fraud_share, tx_per_second=rate, diurnal=False)
@@ -308,13 +316,15 @@ def bench_for_make(base: Settings) -> dict:
     }
 
 
-if __name__ == "__main__":
+def main(
+    stage: Annotated[str, typer.Argument(help="delivery, split, email or all.")] = "all",
+) -> None:
+    """The alert stages of ``make bench``: STAGE is delivery, split, email or all (the default); prints JSON
+    and the report rows."""
     import json
-    import sys
 
     from infra.settings import get_settings
 
-    stage = sys.argv[1] if len(sys.argv) > 1 else "all"
     s = get_settings()
     stages = {
         "delivery": lambda: {"delivery": alert_delivery(s)},
@@ -325,3 +335,7 @@ if __name__ == "__main__":
     print(json.dumps(result, indent=2))
     for row in report_rows(result):
         print(" | ".join(row))
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -23,11 +23,14 @@ Results are printed and written to ``bench-results/<stage>-<time>.json``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Annotated
 
@@ -43,6 +46,7 @@ from infra.clients import kafka as kafka_clients
 from infra.clients.opensearch import make_client
 from infra.launcher import Child, spawn, start_scoring_job, wait_for
 from infra.local.pos_generator import PosGenerator
+from infra.processes import MARKER, Reaper, stop_children
 from infra.settings import REPO_ROOT, Settings, get_settings
 from infra.stack import ensure_topics, status, up
 from schemas.codec import codec
@@ -371,8 +375,7 @@ def run(records: int, rate: int, seconds: int, keep: bool, settings: Settings | 
         results["latency"] = fixed_rate_latency(settings, rate, seconds)
     finally:
         sampler.stop()
-        for child in children:
-            child.stop()
+        stop_children(children)
         if not keep:
             _cleanup(settings)
     results["memory"] = {
@@ -425,6 +428,40 @@ def report(results: dict) -> None:
             t.add_row(*row)
     console.print(t)
     console.print(f"peak memory by part (MiB): {mem['by_part_mib']}")
+
+
+def _stack_pids() -> list[int]:
+    """The local stack's services: started by the bench when down, but meant to outlive it."""
+    try:
+        return [info["pid"] for info in status(get_settings())["services"].values() if info["pid"]]
+    except Exception:  # a stack that does not answer has nothing to spare
+        return []
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # so that every stage's finally stops what it started
+
+
+@contextlib.contextmanager
+def bench_processes() -> Iterator[None]:
+    """The whole bench: every process it starts carries :data:`infra.processes.MARKER` (passed down to
+    children and theirs); at the end, any of them still running is listed, stopped and reported.
+    SIGTERM and SIGHUP end the bench through its ``finally`` blocks rather than at once."""
+    os.environ[MARKER] = f"bench-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    previous = {sig: signal.signal(sig, _exit_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    reaper = Reaper(keep=_stack_pids)
+    try:
+        yield
+    finally:
+        left = reaper.finish()
+        if left:
+            console.print(f"[bold red]bench: {len(left)} processes it started were still running; stopped:[/]")
+            for line in left:
+                console.print(f"  {line}")
+        else:
+            console.print("bench: no process it started is left running")
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 app = typer.Typer(add_completion=False)
@@ -482,4 +519,5 @@ def main(
 
 
 if __name__ == "__main__":
-    app()
+    with bench_processes():
+        app()

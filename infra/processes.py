@@ -1,0 +1,168 @@
+"""Which processes a run started, and stopping them all: children, grandchildren, and the orphans left
+when a parent died first (re-parented to init, they are no longer anyone's descendants).
+
+A process is the run's when it descends from the run's own process, or carries the run's marker in its
+environment (:data:`MARKER`, passed down by :func:`infra.launcher.spawn`, which forwards everything but
+``CG_*``; the local stack's services get an explicit environment and so never carry it). A process is
+identified by (pid, create time), so a recycled pid is not taken for the process that had it before.
+
+:func:`new_processes` is the pure part (tested); :func:`snapshot`, :func:`reap`, :func:`stop_child` and
+:class:`Reaper` apply it with psutil.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Callable, Collection, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import psutil
+
+if TYPE_CHECKING:
+    from infra.launcher import Child
+
+ProcKey = tuple[int, float]
+"""(pid, create time): one process, never confused with a later one that got the same pid."""
+
+MARKER = "CHECKOUT_GUARD_RUN"
+"""Environment variable a run sets to its id; its children and theirs inherit it."""
+
+
+def new_processes(before: Collection[ProcKey], after: Iterable[ProcKey], keep: Collection[int] = ()) -> list[ProcKey]:
+    """The processes of ``after`` that were not in ``before`` and whose pid is not in ``keep``, by pid."""
+    seen = set(before)
+    return sorted(p for p in set(after) if p not in seen and p[0] not in keep)
+
+
+def key(proc: psutil.Process) -> ProcKey | None:
+    with contextlib.suppress(psutil.Error):
+        return proc.pid, proc.create_time()
+    return None
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    """Every process under ``pid`` (children, theirs, ...); empty when it is gone."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def marked(marker: str, value: str) -> list[psutil.Process]:
+    """Every process (but this one) whose environment has ``marker=value``."""
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
+            continue
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get(marker) == value:
+                found.append(proc)
+    return found
+
+
+def snapshot(pid: int | None = None, marker: str | None = None, value: str | None = None) -> set[ProcKey]:
+    """Every process carrying ``marker=value`` (descendants or orphans); without a marker, the descendants
+    of ``pid`` (default: this process). A marked run thus never counts the local stack's services, which
+    it may have started but which get a clean environment and are meant to outlive it."""
+    procs = marked(marker, value) if marker and value else descendants(os.getpid() if pid is None else pid)
+    return {k for k in map(key, procs) if k is not None}
+
+
+def tree(keys: Iterable[int]) -> set[int]:
+    """The pids given and all their descendants (what a ``keep`` should spare)."""
+    out: set[int] = set()
+    for pid in keys:
+        out.add(pid)
+        out.update(p.pid for p in descendants(pid))
+    return out
+
+
+def describe(proc: psutil.Process) -> str:
+    try:
+        cmd = " ".join(proc.cmdline()) or proc.name()
+    except psutil.Error:
+        cmd = "?"
+    return f"{proc.pid} {cmd[:160]}"
+
+
+def reap(keys: Iterable[ProcKey], timeout: float = 10.0) -> list[str]:
+    """SIGTERM the processes still alive (the same process: same create time), wait up to ``timeout``,
+    SIGKILL the rest and wait for them; returns a line for each one that was still running."""
+    procs: list[psutil.Process] = []
+    for pid, created in keys:
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
+                procs.append(proc)
+    lines = [describe(p) for p in procs]
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=5)
+    return lines
+
+
+def stop_child(child: Child, timeout: float = 20.0) -> list[str]:
+    """Stop a :class:`infra.launcher.Child` and everything under it, even when the child itself has already
+    exited or a grandchild left its process group; returns what had to be reaped after the child's own
+    stop. Never raises."""
+    below = {k for k in map(key, descendants(child.proc.pid)) if k is not None}
+    if not child.alive:  # the leader is gone; its process group may not be
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.proc.pid, signal.SIGTERM)
+    try:
+        child.stop(timeout)
+    except Exception:  # cleanup goes on for the other children
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            child.proc.wait(5)
+    return reap(below, timeout=5)
+
+
+def stop_children(children: Iterable[Child], timeout: float = 20.0) -> list[str]:
+    """:func:`stop_child` for each (the last started first); what had to be reaped."""
+    leftovers: list[str] = []
+    for child in reversed(list(children)):
+        leftovers += stop_child(child, timeout)
+    return leftovers
+
+
+@dataclass
+class Reaper:
+    """Snapshot the run's processes now; :meth:`finish` reaps those started since (sparing ``keep()``'s
+    pids and their descendants) and returns a line for each, so a caller can report them."""
+
+    marker: str | None = MARKER
+    value: str | None = field(default_factory=lambda: os.environ.get(MARKER))
+    keep: Callable[[], Collection[int]] = tuple
+    before: set[ProcKey] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.before = snapshot(marker=self.marker, value=self.value)
+
+    def leftovers(self) -> list[ProcKey]:
+        after = snapshot(marker=self.marker, value=self.value)
+        return new_processes(self.before, after, tree(self.keep()))
+
+    def finish(self, timeout: float = 10.0) -> list[str]:
+        return reap(self.leftovers(), timeout)
+
+
+@contextlib.contextmanager
+def reaping(report: Callable[[list[str]], None], keep: Callable[[], Collection[int]] = tuple) -> Iterator[Reaper]:
+    """Run a block, then reap every process it started that is still running, and ``report`` them."""
+    reaper = Reaper(keep=keep)
+    try:
+        yield reaper
+    finally:
+        left = reaper.finish()
+        if left:
+            report(left)

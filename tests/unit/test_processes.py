@@ -1,0 +1,95 @@
+"""infra/processes.py: which processes a run started, found and reaped (real ``sleep`` trees)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from infra.launcher import Child
+from infra.processes import MARKER, Reaper, new_processes, stop_child
+
+
+def test_new_processes_are_those_not_seen_before_and_not_kept() -> None:
+    before = {(10, 1.0), (11, 1.0)}
+    after = [(10, 1.0), (11, 2.0), (12, 3.0), (13, 3.0)]  # 11 is a recycled pid: a new process
+    assert new_processes(before, after) == [(11, 2.0), (12, 3.0), (13, 3.0)]
+    assert new_processes(before, after, keep={12}) == [(11, 2.0), (13, 3.0)]
+    assert new_processes(before, before) == []
+
+
+def _start(script: str, value: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen(["bash", "-c", script], env={**os.environ, MARKER: value}, **kw)
+
+
+def _wait_for_sleeps(value: str, n: int) -> list[psutil.Process]:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        sleeps = [p for p in psutil.process_iter(["name", "environ"]) if (p.info["environ"] or {}).get(MARKER) == value]
+        sleeps = [p for p in sleeps if p.info["name"] == "sleep"]
+        if len(sleeps) >= n:
+            return sleeps
+        time.sleep(0.05)
+    pytest.fail(f"{n} sleep processes did not start")
+
+
+def test_a_child_tree_is_found_and_reaped() -> None:
+    value = uuid.uuid4().hex
+    reaper = Reaper(value=value)
+    proc = _start("sleep 30 & sleep 30 & wait", value)
+    try:
+        sleeps = _wait_for_sleeps(value, 2)
+        left = {pid for pid, _ in reaper.leftovers()}
+        assert {proc.pid, *(p.pid for p in sleeps)} <= left
+        lines = reaper.finish(timeout=5)
+        assert any("sleep 30" in line for line in lines) and any(str(proc.pid) in line for line in lines)
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in sleeps)
+        assert reaper.leftovers() == []
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+def test_an_orphan_is_found_by_its_marker_and_reaped() -> None:
+    value = uuid.uuid4().hex
+    reaper = Reaper(value=value)
+    proc = _start("sleep 30 >/dev/null 2>&1 & exit 0", value)  # the parent exits: sleep is re-parented
+    proc.wait(5)
+    (orphan,) = _wait_for_sleeps(value, 1)
+    assert orphan.pid not in {p.pid for p in psutil.Process().children(recursive=True)}
+    assert [pid for pid, _ in reaper.leftovers()] == [orphan.pid]
+    assert len(reaper.finish(timeout=5)) == 1
+    assert not orphan.is_running() or orphan.status() == psutil.STATUS_ZOMBIE
+
+
+def test_kept_processes_are_spared() -> None:
+    value = uuid.uuid4().hex
+    proc = _start("sleep 30 & wait", value)
+    try:
+        (sleep,) = _wait_for_sleeps(value, 1)
+        reaper = Reaper(value=value)
+        reaper.before = set()
+        assert reaper.leftovers()
+        kept = Reaper(value=value, keep=lambda: [proc.pid])
+        kept.before = set()
+        assert kept.leftovers() == []  # the kept pid and its descendants
+        assert sleep.is_running()
+    finally:
+        proc.kill()
+        proc.wait(5)
+        sleep.kill()
+
+
+def test_stop_child_ends_the_group_left_behind_by_a_child_that_exited(tmp_path: Path) -> None:
+    value = uuid.uuid4().hex
+    proc = _start("sleep 30 >/dev/null 2>&1 & exit 0", value, start_new_session=True)
+    proc.wait(5)  # the child is gone, its sleep still runs in the child's process group
+    (sleep,) = _wait_for_sleeps(value, 1)
+    stop_child(Child("sleeper", proc, tmp_path / "sleeper.log"), timeout=5)
+    psutil.wait_procs([sleep], timeout=5)
+    assert not sleep.is_running() or sleep.status() == psutil.STATUS_ZOMBIE
