@@ -7,6 +7,7 @@ embedded stack to production (MSK, OpenSearch Service, ...) is a matter of these
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -195,7 +196,9 @@ class ModelSettings(BaseModel, frozen=True):
     """How long the circuit stays open before one trial call (half-open)."""
     concurrency: int = 8
     """Parallel per-record Fraud Detector calls within one batch."""
-    aws_region: str = "eu-west-1"
+    aws_region: str | None = None
+    """Region of Fraud Detector / SageMaker; ``None`` = boto3's default chain (``AWS_DEFAULT_REGION``, the
+    AWS profile's ``region``). Credentials: the key pair below when both are set, else boto3's chain."""
     aws_endpoint_url: str | None = None
     """Endpoint override (a local server or moto in tests); ``None`` = AWS."""
     aws_access_key_id: SecretStr | None = None
@@ -252,7 +255,9 @@ class FaceSettings(BaseModel, frozen=True):
     """Checkout/entrance snapshots that were not retained (no match, no alert) are purged after this."""
     image_store: str = "local"
     """``local`` (files under ``<stack dir>/images``) or ``s3``."""
-    aws_region: str = "us-east-1"
+    aws_region: str | None = None
+    """Region of S3 and Rekognition; ``None`` = boto3's default chain (``AWS_DEFAULT_REGION``, the AWS
+    profile's ``region``). Credentials: the key pair below when both are set, else boto3's chain."""
     aws_endpoint_url: str | None = None
     """S3 / Rekognition endpoint override (a local server in tests); ``None`` = AWS."""
     aws_access_key_id: SecretStr | None = None
@@ -280,7 +285,9 @@ class AlertSettings(BaseModel, frozen=True):
     """Comma-separated channels every alert goes to: ``email``, ``webex``."""
     email_transport: str = "smtp"
     """``smtp`` (Settings.smtp) or ``ses`` (Amazon SES through boto3, region/endpoint below)."""
-    ses_region: str = "eu-west-1"
+    ses_region: str | None = None
+    """SES region; ``None`` = boto3's default chain (``AWS_DEFAULT_REGION``, the AWS profile's ``region``).
+    SES credentials always come from boto3's chain (environment, profile, container or instance role)."""
     ses_endpoint_url: str | None = None
     ledger_path: Path | None = None
     """SQLite dedup ledger; defaults to ``<stack dir>/alerts/<topic prefix>ledger.sqlite3``."""
@@ -462,10 +469,25 @@ class DashboardSettings(BaseModel, frozen=True):
     dashboard starts only on a loopback host: it serves face snapshots."""
 
 
+class LogSettings(BaseModel, frozen=True):
+    """Every process's log lines (``CG_LOG__*``, infra/logs.py): time, level, process, logger, message."""
+
+    format: Literal["text", "json"] = "text"
+    """``text`` (one readable line per record) or ``json`` (one JSON object per line, for log shippers)."""
+    level: str = "INFO"
+    """Python log level of every process; a process's ``--log-level`` overrides it."""
+
+
 class Settings(BaseSettings):
     """Everything configurable. Frozen: build it once at the edge of a process and pass it down."""
 
-    model_config = SettingsConfigDict(env_prefix="CG_", env_nested_delimiter="__", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="CG_",
+        env_nested_delimiter="__",
+        frozen=True,
+        # a .env file (get_settings() only) is read like the environment: names that are no setting are ignored
+        dotenv_filtering="only_existing",
+    )
 
     stack_dir: Path = REPO_ROOT / ".stack"
     """Data, logs and downloaded artifacts of the embedded stack (git-ignored)."""
@@ -485,6 +507,7 @@ class Settings(BaseSettings):
     webex: WebexSettings = Field(default_factory=WebexSettings)
     faces: FaceSettings = Field(default_factory=FaceSettings)
     cameras: CameraSettings = Field(default_factory=CameraSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
     java_home: Path | None = None
     """JDK for Kafka, OpenSearch and Flink; found automatically when unset."""
 
@@ -518,7 +541,22 @@ class Settings(BaseSettings):
         return self.job.checkpoint_dir or self.stack_dir / "flink" / "checkpoints"
 
 
+def env_file() -> Path | None:
+    """The ``.env`` file :func:`get_settings` reads: ``CG_ENV_FILE`` when set (empty: none), else the repo
+    root's ``.env`` (whatever the working directory). A missing file is no error."""
+    path = os.environ.get("CG_ENV_FILE")
+    if path is None:
+        return REPO_ROOT / ".env"
+    return Path(path).expanduser() if path else None
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """Process-wide settings, read from the environment once."""
-    return Settings()
+    """Process-wide settings, read once from the environment and the ``.env`` file (:func:`env_file`).
+
+    Environment variables win over the file. Only this function reads the file: a ``Settings()`` built
+    directly (as the tests do) sees the environment alone, so a developer's ``.env`` changes no test of it.
+    The file holds ``CG_*`` lines only as far as these settings go (``KEY=value``, ``#`` comments); other
+    names in it are ignored and are not exported (boto3 does not see an ``AWS_*`` line there).
+    """
+    return Settings(_env_file=env_file())

@@ -64,6 +64,7 @@ from pydantic import SecretStr
 
 from infra.clients import kafka as kafka_clients
 from infra.local import smtp as local_smtp
+from infra.logs import setup_logging
 from infra.retry import call_with_retries
 from infra.settings import KafkaSettings, Settings, get_settings
 from schemas.errors import CheckoutGuardError
@@ -1129,9 +1130,10 @@ app = typer.Typer(
 
 
 def _cli_settings() -> Settings:
-    logging.basicConfig(level=logging.INFO, format="[stack] %(message)s")
+    settings = get_settings()
+    setup_logging(settings, process="stack")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    return get_settings()
+    return settings
 
 
 def _print_status(st: dict) -> None:

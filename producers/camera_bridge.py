@@ -50,6 +50,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from infra.clients import kafka as kafka_clients
 from infra.clock import now_ms
+from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.retry import Backoff
 from infra.settings import Settings, get_settings
 from schemas.errors import CheckoutGuardError, InvalidRecord
@@ -561,9 +562,9 @@ def serve(bridge: CameraBridge, stop: threading.Event, on_tick: Callable[[Bridge
     return 0
 
 
-def main(log_level: str = "INFO") -> None:
-    logging.basicConfig(level=log_level.upper(), format="[camera-bridge] %(message)s")
+def main(log_level: str | None = None) -> None:
     settings = get_settings()
+    setup_logging(settings, log_level, "bridge")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     last = [time.monotonic()]
@@ -593,10 +594,13 @@ cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 @cli.command()
-def run(log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO") -> None:
+def run(log_level: Annotated[str | None, typer.Option(help=LOG_LEVEL_HELP)] = None) -> None:
     """Bridge the cameras' MV Sense MQTT messages to the camera_events topic until SIGTERM/Ctrl-C
     (exit status 1 when the bridge gives up)."""
-    main(log_level)
+    if log_level is None:
+        main()  # CG_LOG__LEVEL
+    else:
+        main(log_level)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import os
 import re
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 from infra.clock import now_ms
@@ -183,20 +182,22 @@ class S3ImageStore(ImageStore):
     """
 
     def __init__(self, settings: Settings) -> None:
-        import boto3
+        from infra.clients.aws import aws_client
 
         f = settings.faces
         self.buckets = {"checkout": f.checkout_bucket, "entrance": f.checkout_bucket, "reference": f.suspects_bucket}
         self.allowed_buckets = frozenset(
             [*self.buckets.values(), *(b.strip() for b in f.extra_image_buckets.split(",") if b.strip())]
         )
-        creds: dict[str, Any] = {}
-        if f.aws_access_key_id and f.aws_secret_access_key:
-            creds = {
-                "aws_access_key_id": f.aws_access_key_id.get_secret_value(),
-                "aws_secret_access_key": f.aws_secret_access_key.get_secret_value(),
-            }
-        self.s3 = boto3.client("s3", region_name=f.aws_region, endpoint_url=f.aws_endpoint_url, **creds)
+        self.s3 = aws_client(
+            "s3",
+            region=f.aws_region,
+            region_setting="CG_FACES__AWS_REGION",
+            endpoint_url=f.aws_endpoint_url,
+            access_key_id=f.aws_access_key_id,
+            secret_access_key=f.aws_secret_access_key,
+            region_required=False,
+        )
 
     def ensure_buckets(self) -> None:
         """Create the buckets when missing (embedded/test setups; production provisions them)."""

@@ -52,6 +52,7 @@ from starlette.routing import Route
 
 from infra import clock
 from infra.clients.meraki import API_KEY_HEADER, NO_VIDEO, camera_for_lane, camera_location, entrance_camera
+from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.settings import Settings, get_settings
 
 log = logging.getLogger("infra.local.camera")
@@ -654,9 +655,9 @@ class LocalCameraControl:
         return response
 
 
-def main(log_level: str = "INFO") -> None:
-    logging.basicConfig(level=log_level.upper(), format="[local-camera] %(message)s")
+def main(log_level: str | None = None) -> None:
     settings = get_settings()
+    setup_logging(settings, log_level, "camera")
     server = LocalCameraServer(settings)
     if not server.camera.scene.people:
         log.warning("no face photos found (run `make setup`, or set CG_CAMERAS__LOCAL_PHOTO_DIRS)")
@@ -680,9 +681,12 @@ cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 @cli.command()
-def run(log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO") -> None:
+def run(log_level: Annotated[str | None, typer.Option(help=LOG_LEVEL_HELP)] = None) -> None:
     """Serve the local Meraki-compatible cameras (Dashboard API snapshots, MV Sense over MQTT) until Ctrl-C."""
-    main(log_level)
+    if log_level is None:
+        main()  # CG_LOG__LEVEL
+    else:
+        main(log_level)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ from infra.clients import kafka as kafka_clients
 from infra.clients.webex import WebexClient, WebexError, with_retries
 from infra.clock import now_ms
 from infra.command_auth import SIGNATURE_HEADER, sign_command
+from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.retry import call_with_retries
 from infra.settings import Settings, get_settings
 from jobs.faces.checkout_inspect import Lookup
@@ -554,12 +555,12 @@ class WebexBot:
         return hook
 
 
-def main(log_level: str = "INFO") -> None:
+def main(log_level: str | None = None) -> None:
     """Serve the webhook receiver until interrupted."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = get_settings()
+    setup_logging(settings, log_level, "bot")
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    settings = get_settings()
     with WebexBot(settings) as bot:  # closes its Webex, Kafka, OpenSearch and camera clients on the way out
         uvicorn.run(
             bot.app, host=settings.webex.bot_host, port=settings.webex.bot_port, log_level="warning", access_log=False
@@ -570,10 +571,13 @@ cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 @cli.command()
-def run(log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO") -> None:
+def run(log_level: Annotated[str | None, typer.Option(help=LOG_LEVEL_HELP)] = None) -> None:
     """Serve the bot's Webex webhook (CG_WEBEX__BOT_HOST:BOT_PORT) until interrupted; registers the webhook
     at CG_WEBEX__PUBLIC_URL when set."""
-    main(log_level)
+    if log_level is None:
+        main()  # CG_LOG__LEVEL
+    else:
+        main(log_level)
 
 
 if __name__ == "__main__":

@@ -51,19 +51,15 @@ class RekognitionFaces:
         self.settings = settings
         self.collection = settings.rekognition_collection
         if client is None:
-            import boto3
+            from infra.clients.aws import aws_client
 
-            creds: dict[str, Any] = {}
-            if settings.aws_access_key_id and settings.aws_secret_access_key:
-                creds = {
-                    "aws_access_key_id": settings.aws_access_key_id.get_secret_value(),
-                    "aws_secret_access_key": settings.aws_secret_access_key.get_secret_value(),
-                }
-            client = boto3.client(
+            client = aws_client(
                 "rekognition",
-                region_name=settings.aws_region,
+                region=settings.aws_region,
+                region_setting="CG_FACES__AWS_REGION",
                 endpoint_url=settings.rekognition_endpoint_url or settings.aws_endpoint_url,
-                **creds,
+                access_key_id=settings.aws_access_key_id,
+                secret_access_key=settings.aws_secret_access_key,
             )
         self.client = client
 

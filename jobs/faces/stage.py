@@ -51,6 +51,7 @@ from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 from infra import clock
 from infra.clients import kafka as kafka_clients
 from infra.clients.meraki import MerakiClient, Snapshot, SnapshotError, camera_for_lane, camera_location
+from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.retry import Backoff
 from infra.settings import Settings, get_settings
 from jobs.scoring.validation import parse_transaction
@@ -556,10 +557,10 @@ def run_face_stage(settings: Settings, stop: threading.Event, on_tick: Callable[
         client.close()
 
 
-def main(log_level: str = "INFO") -> None:
-    logging.basicConfig(level=log_level.upper(), format="[face-stage] %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+def main(log_level: str | None = None) -> None:
     settings = get_settings()
+    setup_logging(settings, log_level, "face-stage")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     last = [time.monotonic()]
@@ -579,10 +580,13 @@ cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 @cli.command()
-def run(log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO") -> None:
+def run(log_level: Annotated[str | None, typer.Option(help=LOG_LEVEL_HELP)] = None) -> None:
     """Snapshot the lane camera for every transaction (and the entrance camera for every new person) and
     publish face observations, until SIGTERM/Ctrl-C."""
-    main(log_level)
+    if log_level is None:
+        main()  # CG_LOG__LEVEL
+    else:
+        main(log_level)
 
 
 if __name__ == "__main__":

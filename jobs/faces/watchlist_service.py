@@ -45,6 +45,7 @@ from confluent_kafka import KafkaException
 from infra import clock
 from infra.clients.image_store import ImageStore
 from infra.command_auth import authenticate_command
+from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.retry import Backoff
 from infra.settings import Settings, get_settings
 from jobs.faces.engine import FaceEngine, ImageError
@@ -486,9 +487,10 @@ class WatchlistService:
                     raise  # abortable: the caller aborts and redoes the whole transaction
 
 
-def main(log_level: str = "INFO") -> None:
-    logging.basicConfig(level=log_level.upper(), format="[watchlist-service] %(asctime)s %(message)s")
-    service = WatchlistService(get_settings())
+def main(log_level: str | None = None) -> None:
+    settings = get_settings()
+    setup_logging(settings, log_level, "watchlist")
+    service = WatchlistService(settings)
     signal.signal(signal.SIGTERM, service.stop)
     signal.signal(signal.SIGINT, service.stop)
     service.run()
@@ -498,10 +500,13 @@ cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 @cli.command()
-def run(log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO") -> None:
+def run(log_level: Annotated[str | None, typer.Option(help=LOG_LEVEL_HELP)] = None) -> None:
     """Apply the bot's signed watchlist commands (enroll, forget), keep alert snapshots and purge the rest,
     until SIGTERM/Ctrl-C."""
-    main(log_level)
+    if log_level is None:
+        main()  # CG_LOG__LEVEL
+    else:
+        main(log_level)
 
 
 if __name__ == "__main__":

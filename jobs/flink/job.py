@@ -34,6 +34,7 @@ from pyflink.common.typeinfo import Types
 from pyflink.datastream import DataStream, StreamExecutionEnvironment
 from pyflink.table import DataTypes, Schema, StreamTableEnvironment, TableDescriptor
 
+from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.settings import REPO_ROOT, Settings, get_settings
 from infra.stack import flink_connector_jars, flink_ext_jar
 from jobs.flink.operator import BROADCAST, DecideStep
@@ -393,9 +394,9 @@ def kafka_sink(t_env: StreamTableEnvironment, out: DataStream, settings: Setting
     statements.attach_as_datastream()
 
 
-def main(settings: Settings | None = None, log_level: str = "INFO") -> None:
+def main(settings: Settings | None = None, log_level: str | None = None) -> None:
     settings = settings or get_settings()
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging(settings, log_level, "job")
     settings.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     if settings.model.backend != "none" and settings.model.auto_train:
         # Here, before the job is built, so no Flink worker ever trains (a worker only loads).
@@ -464,10 +465,13 @@ cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 @cli.command()
-def run(log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO") -> None:
+def run(log_level: Annotated[str | None, typer.Option(help=LOG_LEVEL_HELP)] = None) -> None:
     """Run the scoring job on a local Flink mini-cluster until it ends: SIGTERM cancels it, SIGUSR1 stops it
     with a savepoint. Resumes from the newest retained checkpoint (or CG_JOB__RESTORE_FROM)."""
-    main(log_level=log_level)
+    if log_level is None:
+        main()  # CG_LOG__LEVEL
+    else:
+        main(log_level=log_level)
 
 
 if __name__ == "__main__":

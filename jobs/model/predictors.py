@@ -225,22 +225,26 @@ class GuardedPredictor(Predictor):
         raise NotImplementedError
 
     def _make_client(self, settings: Settings) -> Any:
-        import boto3
         from botocore.config import Config
 
+        from infra.clients.aws import aws_client
+
         m = settings.model
-        session = boto3.session.Session(
-            aws_access_key_id=m.aws_access_key_id.get_secret_value() if m.aws_access_key_id else None,
-            aws_secret_access_key=m.aws_secret_access_key.get_secret_value() if m.aws_secret_access_key else None,
-            region_name=m.aws_region,
-        )
         config = Config(
             connect_timeout=m.connect_timeout_s,
             read_timeout=m.read_timeout_s,
             retries={"total_max_attempts": 1},
             max_pool_connections=max(10, m.concurrency),
         )
-        return session.client(self._service(), endpoint_url=m.aws_endpoint_url, config=config)
+        return aws_client(
+            self._service(),
+            region=m.aws_region,
+            region_setting="CG_MODEL__AWS_REGION",
+            endpoint_url=m.aws_endpoint_url,
+            access_key_id=m.aws_access_key_id,
+            secret_access_key=m.aws_secret_access_key,
+            config=config,
+        )
 
     def _attempt(self, fn: Callable[[], Any]) -> Any:
         """One guarded remote call: up to ``retries + 1`` attempts while the breaker allows."""

@@ -216,13 +216,21 @@ class SesMailer:
     )
 
     def __init__(
-        self, settings: SmtpSettings, region: str, endpoint_url: str | None = None, client: Any | None = None
+        self,
+        settings: SmtpSettings,
+        region: str | None = None,
+        endpoint_url: str | None = None,
+        client: Any | None = None,
     ) -> None:
-        import boto3
+        """``region`` None: boto3's default chain (``AWS_DEFAULT_REGION``, the AWS profile); credentials
+        always come from boto3's chain (environment, profile, container or instance role)."""
+        from infra.clients.aws import aws_client
 
         self.settings = settings
         self._owns_client = client is None
-        self.client = client or boto3.client("ses", region_name=region, endpoint_url=endpoint_url)
+        self.client = client or aws_client(
+            "ses", region=region, region_setting="CG_ALERTS__SES_REGION", endpoint_url=endpoint_url
+        )
 
     def send(self, mail: OutgoingMail) -> None:
         from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError

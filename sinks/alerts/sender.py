@@ -55,6 +55,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from infra.clients import kafka as kafka_clients
 from infra.clients.webex import Attachment, WebexClient, WebexError
 from infra.clock import now_ms
+from infra.logs import setup_logging
 from infra.retry import Backoff
 from infra.settings import AlertSettings, Settings, get_settings
 from schemas.codec import codec
@@ -900,13 +901,14 @@ def main(
     group_id: str | None = typer.Option(None, help="Consumer group (default: per channel set)."),
 ) -> None:
     """Consume alerts and send them by e-mail and Webex until SIGTERM/Ctrl-C."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = get_settings()
+    setup_logging(settings, process="alerts")
     for noisy in ("httpx", "httpcore", "botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    AlertSender(get_settings(), group_id=group_id).run(stop)
+    AlertSender(settings, group_id=group_id).run(stop)
 
 
 if __name__ == "__main__":

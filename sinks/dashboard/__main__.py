@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 import uvicorn
 
+from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.settings import get_settings
 from sinks.dashboard.app import DashboardConfigError, create_app
 
@@ -18,11 +19,11 @@ cli = typer.Typer(add_completion=False, help="Serve the live Checkout Guard dash
 def main(
     host: Annotated[str | None, typer.Option(help="Bind address; defaults to dashboard.host.")] = None,
     port: Annotated[int | None, typer.Option(help="Port; defaults to dashboard.port.")] = None,
-    log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO",
+    log_level: Annotated[str | None, typer.Option(help=LOG_LEVEL_HELP)] = None,
 ) -> None:
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("opensearch").setLevel(logging.WARNING)  # one line per request otherwise
     settings = get_settings()
+    setup_logging(settings, log_level, "dashboard")
+    logging.getLogger("opensearch").setLevel(logging.WARNING)  # one line per request otherwise
     bind_host, bind_port = host or settings.dashboard.host, port or settings.dashboard.port
     try:
         app = create_app(settings, host=bind_host)

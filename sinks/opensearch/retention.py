@@ -19,6 +19,7 @@ from typing import Annotated
 import typer
 
 from infra.clients.opensearch import make_client
+from infra.logs import setup_logging
 from infra.settings import get_settings
 from sinks.opensearch.sink import apply_retention
 
@@ -31,9 +32,9 @@ def main(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be deleted, delete nothing.")] = False,
 ) -> None:
     """Apply the retention of every index family once and list the indices it dropped."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("opensearch").setLevel(logging.WARNING)  # one line per request otherwise
     settings = get_settings()
+    setup_logging(settings, process="retention")
+    logging.getLogger("opensearch").setLevel(logging.WARNING)  # one line per request otherwise
     prefix = index_prefix or settings.opensearch.index_prefix
     doomed = apply_retention(make_client(settings.opensearch), prefix, settings.indices, dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"

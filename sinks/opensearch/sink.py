@@ -63,6 +63,7 @@ from opensearchpy.helpers import scan, streaming_bulk
 from infra import clock
 from infra.clients import kafka as kafka_clients
 from infra.clients.opensearch import make_client
+from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.retry import Backoff, call_with_retries
 from infra.settings import IndicesSettings, Settings, get_settings
 from schemas.codec import DecodeError, codec
@@ -829,10 +830,11 @@ def main(
     group_id: Annotated[
         str | None, typer.Option(help=f"Kafka consumer group; defaults to <topic prefix>{DEFAULT_GROUP_ID}.")
     ] = None,
-    log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO",
+    log_level: Annotated[str | None, typer.Option(help=LOG_LEVEL_HELP)] = None,
 ) -> None:
     """Run until SIGINT/SIGTERM, then close the consumer cleanly."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    setup_logging(settings, log_level, "sink")
     # The client's own logger repeats every failed request (and logs request bodies at DEBUG): the
     # sink logs one line per backoff round instead, with ids only.
     logging.getLogger("opensearch").setLevel(logging.ERROR)
@@ -840,7 +842,7 @@ def main(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    run_sink(get_settings(), stop_event=stop, index_prefix=index_prefix, group_id=group_id)
+    run_sink(settings, stop_event=stop, index_prefix=index_prefix, group_id=group_id)
 
 
 if __name__ == "__main__":

@@ -213,6 +213,7 @@ def test_fraud_and_forget_with_s3_images_and_the_rekognition_backend(settings: S
         update={
             "backend": "rekognition",
             "image_store": "s3",
+            "aws_region": "us-east-1",
             "aws_endpoint_url": s3_url,
             "rekognition_endpoint_url": rek.start(),
             "aws_access_key_id": SecretStr("k"),

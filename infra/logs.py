@@ -1,0 +1,154 @@
+"""One logging set-up for every process: :func:`setup_logging`, called first thing by each ``main()``.
+
+Every line carries the time (ISO 8601, UTC, milliseconds), the level, the process (its name and pid), the
+logger and the message::
+
+    2026-05-04T09:12:03.512Z INFO face-stage[41207] jobs.faces.stage: {'snapshots': 12, ...}
+
+``CG_LOG__FORMAT=json`` writes one JSON object per line instead, with the same fields (``time``, ``level``,
+``process``, ``pid``, ``logger``, ``message``, and ``exception`` when there is one), for log shippers.
+``CG_LOG__LEVEL`` (default ``INFO``) is the level; a process's ``--log-level`` overrides it.
+
+Secrets never reach a log line on purpose, and :class:`RedactSecrets` masks the usual ways they could
+slip into one anyway (an ``Authorization`` or Meraki API key header, ``password=``/``token=`` in a URL
+or form). Images and face embeddings are never logged: log sizes, counts and ids, not payloads.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pythonjsonlogger.core import RESERVED_ATTRS
+from pythonjsonlogger.json import JsonFormatter
+
+from infra.settings import Settings, get_settings
+
+REDACTED = "[REDACTED]"
+LOG_LEVEL_HELP = "Python log level (default: CG_LOG__LEVEL, INFO)."
+"""Help of every process's ``--log-level`` option (``None`` when not given: the setting applies)."""
+
+_SECRETS = (
+    # Authorization: Bearer <token> (also in a headers dict's repr, or a bare "Bearer <token>": 8+ characters)
+    re.compile(r"(?i)(\bbearer\s+)[\w.~+/-]{8,}=*"),
+    # Authorization: Basic <base64>
+    re.compile(r"(?i)(\bauthorization[\"']?\s*[:=]\s*[\"']?basic\s+)[^\s'\",;}]+"),
+    # the Meraki Dashboard API key header
+    re.compile(r"(?i)(\bx-cisco-meraki-api-key[\"']?\s*[:=]\s*[\"']?)[^\s'\",;}]+"),
+    # password=..., token=..., access_token=..., client_secret=..., api_key=... in a query string or form
+    re.compile(r"(?i)(\b[\w.-]*(?:password|passwd|token|secret|api[_-]?key)=[\"']?)[^&\s'\",;)}]+"),
+)
+
+
+def redact(text: str) -> str:
+    """``text`` with the values of the secret patterns above replaced by ``[REDACTED]``."""
+    for pattern in _SECRETS:
+        text = pattern.sub(rf"\g<1>{REDACTED}", text)
+    return text
+
+
+class RedactSecrets(logging.Filter):
+    """Masks secrets in a record's message and exception text (on the handler: every logger's records).
+
+    A message with a secret is replaced by its redacted text (no other handler sees the secret either);
+    the exception text is formatted once here and kept redacted in ``exc_text``, where formatters take it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string: the formatter reports it as logging does
+            return True
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True
+
+
+def _iso_utc(record: logging.LogRecord) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+
+
+class TextFormatter(logging.Formatter):
+    """``<time> <LEVEL> <process>[<pid>] <logger>: <message>``."""
+
+    def __init__(self, process: str) -> None:
+        super().__init__(f"%(asctime)s %(levelname)s {process.replace('%', '%%')}[%(process)d] %(name)s: %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return _iso_utc(record)
+
+
+class JsonLineFormatter(JsonFormatter):
+    """One JSON object per record: time, level, process, pid, logger, message, exception (when present),
+    then whatever ``extra=`` the call passed."""
+
+    def __init__(self, process: str) -> None:
+        super().__init__(
+            rename_fields={"exc_info": "exception", "stack_info": "stack"},
+            reserved_attrs=[*RESERVED_ATTRS, "taskName", "color_message"],  # uvicorn's colored copy of message
+            json_ensure_ascii=False,
+        )
+        self.process_name = process
+
+    def add_fields(self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
+        log_data.update(
+            time=_iso_utc(record),
+            level=record.levelname,
+            process=self.process_name,
+            pid=record.process,
+            logger=record.name,
+            message=record.message,
+        )
+        super().add_fields(log_data, record, message_dict)
+
+    def formatException(self, ei: Any) -> str:
+        """The traceback, redacted (this formatter formats it anew rather than taking ``exc_text``)."""
+        return redact(logging.Formatter.formatException(self, ei))
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (a test's capture, a redirected stream)."""
+
+    _checkout_guard = True
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
+def _replaceable(handler: logging.Handler) -> bool:
+    """Ours, or what ``logging.basicConfig`` installs (a plain stream or file handler); never a test's own."""
+    return getattr(handler, "_checkout_guard", False) or type(handler) in (logging.StreamHandler, logging.FileHandler)
+
+
+def setup_logging(settings: Settings | None = None, level: str | None = None, process: str | None = None) -> None:
+    """Configure the root logger for this process: one stderr handler in the format ``settings.log.format``
+    at ``level`` (``--log-level``) or else ``settings.log.level``. ``process`` names the process in every line
+    (default: the script's name). Idempotent; replaces a handler an earlier ``logging.basicConfig`` put
+    there, and leaves other loggers' levels alone."""
+    log = (settings or get_settings()).log
+    name = process or Path(sys.argv[0]).stem or "python"
+    root = logging.getLogger()
+    root.setLevel((level or log.level).upper())  # first: an unknown level raises with nothing changed
+    handler = _StderrHandler()
+    handler.setFormatter(JsonLineFormatter(name) if log.format == "json" else TextFormatter(name))
+    handler.addFilter(RedactSecrets())
+    for old in [h for h in root.handlers if _replaceable(h)]:
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)

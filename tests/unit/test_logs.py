@@ -1,0 +1,152 @@
+"""One logging set-up for every process (infra/logs.py): the fields of a line, text and JSON, the level
+from the settings or ``--log-level``, idempotence, and secrets masked."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from infra.logs import REDACTED, redact, setup_logging
+from infra.settings import LogSettings, Settings
+
+TEXT_LINE = re.compile(
+    r"^(?P<time>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (?P<level>[A-Z]+) (?P<process>[\w-]+)\[(?P<pid>\d+)\] "
+    r"(?P<logger>[\w.]+): (?P<message>.*)$"
+)
+
+
+@pytest.fixture(autouse=True)
+def root_logger(monkeypatch: pytest.MonkeyPatch) -> Iterator[logging.Logger]:
+    """The root logger as each test found it afterwards; settings from defaults, not CI's ``CG_*``."""
+    for name in [n for n in os.environ if n.startswith("CG_")]:
+        monkeypatch.delenv(name)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield root
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
+
+
+def ours(root: logging.Logger) -> list[logging.Handler]:
+    return [h for h in root.handlers if getattr(h, "_checkout_guard", False)]
+
+
+def test_a_text_line_has_time_level_process_logger_and_message(capsys: pytest.CaptureFixture[str]) -> None:
+    setup_logging(Settings(), process="face-stage")
+    logging.getLogger("jobs.faces.stage").info("snapshots %d", 12)
+    [line] = capsys.readouterr().err.splitlines()
+    fields = TEXT_LINE.match(line)
+    assert fields, line
+    assert fields["level"] == "INFO" and fields["process"] == "face-stage" and fields["pid"] == str(os.getpid())
+    assert fields["logger"] == "jobs.faces.stage" and fields["message"] == "snapshots 12"
+
+
+def test_json_lines_parse_and_carry_the_same_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    setup_logging(Settings(log=LogSettings(format="json")), process="sink")
+    log = logging.getLogger("sinks.opensearch.sink")
+    log.warning("indexed %d, café", 3)
+    try:
+        raise ValueError("bad document")
+    except ValueError:
+        log.exception("bulk failed")
+    first, second = (json.loads(line) for line in capsys.readouterr().err.splitlines())
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first["time"])
+    assert {k: first[k] for k in ("level", "process", "pid", "logger", "message")} == {
+        "level": "WARNING",
+        "process": "sink",
+        "pid": os.getpid(),
+        "logger": "sinks.opensearch.sink",
+        "message": "indexed 3, café",
+    }
+    assert "exception" not in first
+    assert second["level"] == "ERROR" and second["message"] == "bulk failed"
+    assert "ValueError: bad document" in second["exception"] and "Traceback" in second["exception"]
+
+
+def test_the_level_comes_from_the_settings_and_log_level_overrides_it(
+    root_logger: logging.Logger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    setup_logging(Settings(), process="p")
+    assert root_logger.level == logging.INFO  # the default
+    setup_logging(Settings(log=LogSettings(level="warning")), process="p")
+    assert root_logger.level == logging.WARNING
+    logging.getLogger("t").info("not shown")
+    assert capsys.readouterr().err == ""
+    setup_logging(Settings(log=LogSettings(level="warning")), level="debug", process="p")  # --log-level debug
+    assert root_logger.level == logging.DEBUG
+    logging.getLogger("t").debug("shown")
+    assert capsys.readouterr().err.endswith("t: shown\n")
+    with pytest.raises(ValueError):
+        setup_logging(Settings(), level="loud", process="p")
+    assert root_logger.level == logging.DEBUG and len(ours(root_logger)) == 1  # nothing changed
+
+
+def test_idempotent_and_replaces_what_basic_config_installed(
+    root_logger: logging.Logger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    earlier = logging.StreamHandler(io.StringIO())  # what logging.basicConfig() puts on the root logger
+    root_logger.addHandler(earlier)
+    others = [h for h in root_logger.handlers if h is not earlier and h not in ours(root_logger)]  # pytest's stay
+    noisy = logging.getLogger("opensearch")
+    noisy_level = noisy.level
+    setup_logging(Settings(), process="p")
+    setup_logging(Settings(log=LogSettings(format="json")), process="p")
+    assert earlier not in root_logger.handlers and len(ours(root_logger)) == 1
+    assert all(h in root_logger.handlers for h in others)
+    assert noisy.level == noisy_level  # third-party loggers left alone
+    logging.getLogger("t").info("once")
+    [line] = capsys.readouterr().err.splitlines()
+    assert json.loads(line)["message"] == "once" and earlier.stream.getvalue() == ""
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ("GET /v1/rooms Authorization: Bearer eyJhbGciOi.x-y_z", "eyJhbGciOi.x-y_z"),
+        ("headers {'Authorization': 'Bearer NjM0ZmE3', 'Accept': 'json'}", "NjM0ZmE3"),
+        ("Authorization: Basic dXNlcjpwYXNz", "dXNlcjpwYXNz"),
+        ("headers {'X-Cisco-Meraki-API-Key': '6bec40cf957de430a6f1f2baa056b99a4fac9ea0'}", "6bec40cf957de430a6"),
+        ("X-Cisco-Meraki-API-Key: 6bec40cf957de430", "6bec40cf957de430"),
+        ("POST https://idp/token?grant_type=x&password=hunter2&user=a", "hunter2"),
+        ("form client_id=a&access_token=abc.def&x=1", "abc.def"),
+        ('sasl.jaas.config ... password="s3cret";', "s3cret"),
+        ("url https://h/snap?token=T0K3N", "T0K3N"),
+    ],
+)
+def test_redact_masks_the_secret(text: str, secret: str) -> None:
+    clean = redact(text)
+    assert secret not in clean and REDACTED in clean
+
+
+def test_redact_leaves_ordinary_messages_alone() -> None:
+    for text in ("bearer of bad news", "token bucket refilled: 5", "password reset for store-001", "x=1&y=2"):
+        assert redact(text) == text
+
+
+def test_no_secret_reaches_a_line(capsys: pytest.CaptureFixture[str]) -> None:
+    setup_logging(Settings(), process="bot")
+    log = logging.getLogger("jobs.bot.webex_bot")
+    log.info("calling with %s", {"Authorization": "Bearer sekrit-token"})
+    try:
+        raise RuntimeError("GET https://api/x?token=sekrit-token failed")
+    except RuntimeError:
+        log.exception("webex call failed")
+    setup_logging(Settings(log=LogSettings(format="json")), process="bot")
+    try:
+        raise RuntimeError("GET https://api/x?token=sekrit-token failed")
+    except RuntimeError:
+        log.exception("webex call failed")
+    err = capsys.readouterr().err
+    assert "sekrit-token" not in err
+    assert err.count(REDACTED) == 5  # the message; each traceback's source line and exception line

@@ -1,0 +1,67 @@
+"""Every ``CG_*`` variable the README names is a real setting (or one of the few documented variables
+that are read outside ``Settings``), so a deployer copying a name from it configures something."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import BaseModel
+
+from infra.settings import REPO_ROOT, Settings
+
+NOT_SETTINGS = {
+    "CG_SETUP__BROWSER": "infra/install.sh: install Chromium or not",
+    "CG_ENV_FILE": "which .env file the settings load",
+}
+"""Variables read before or outside the settings object."""
+
+TOKEN = re.compile(r"(?<![A-Za-z0-9_])(CG_[A-Z0-9_]*[A-Z0-9])(_\*)?")
+ABBREVIATED = re.compile(r"…__([A-Z0-9_]*[A-Z0-9])(_\*)?")
+
+
+def _paths(model: type[BaseModel], prefix: str = "CG_") -> set[str]:
+    out: set[str] = set()
+    for name, field in model.model_fields.items():
+        path = prefix + name.upper()
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            out |= _paths(kind, path + "__")
+        else:
+            out.add(path)
+    return out
+
+
+SETTINGS = _paths(Settings)
+
+
+def _known(name: str, wildcard: bool) -> bool:
+    if name in NOT_SETTINGS:
+        return True
+    if wildcard:
+        return any(p.startswith(name + "_") for p in SETTINGS)
+    return name in SETTINGS
+
+
+def test_every_cg_variable_in_the_readme_is_a_setting():
+    text = (REPO_ROOT / "README.md").read_text()
+    unknown = sorted({m[0] for m in TOKEN.finditer(text) if not _known(m[1], bool(m[2]))})
+    assert not unknown, f"README names settings that do not exist: {unknown}"
+
+
+def test_abbreviated_names_belong_to_the_group_named_before_them():
+    """``CG_SMTP__STARTTLS``, ``…__SSL``: the ``…__`` stands for the group of the last full name before it."""
+    text = (REPO_ROOT / "README.md").read_text()
+    group, unknown = None, set()
+    for m in re.finditer(f"{TOKEN.pattern}|{ABBREVIATED.pattern}", text):
+        if m[1]:
+            if "__" in m[1]:
+                group = m[1].rsplit("__", 1)[0]
+        elif group is not None and not _known(f"{group}__{m[3]}", bool(m[4])):
+            unknown.add(f"{m[0]} (after {group})")
+    assert not unknown, f"README abbreviates settings that do not exist: {sorted(unknown)}"
+
+
+def test_the_checker_knows_the_settings_tree():
+    assert {"CG_KAFKA__BOOTSTRAP_SERVERS", "CG_STACK_DIR", "CG_BIND_HOST", "CG_WEBEX__BOT_TOKEN"} <= SETTINGS
+    assert _known("CG_KAFKA__SASL", wildcard=True) and not _known("CG_KAFKA__SASL", wildcard=False)
+    assert not _known("CG_WEBEX__TOKEN", wildcard=False)

@@ -1,0 +1,59 @@
+"""Settings from a ``.env`` file: read by ``get_settings()`` only, environment variables win."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from infra.settings import REPO_ROOT, Settings, env_file, get_settings
+
+
+@pytest.fixture(autouse=True)
+def no_cg_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Neither CI's ``CG_*`` variables nor a cached settings object from another test."""
+    for name in [n for n in os.environ if n.startswith("CG_")]:
+        monkeypatch.delenv(name)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def test_get_settings_reads_the_env_file_and_the_environment_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dotenv = tmp_path / "store.env"
+    dotenv.write_text(
+        "# a store's production settings\n"
+        "CG_KAFKA__BOOTSTRAP_SERVERS=b-1.msk.example:9096\n"
+        "CG_LOG__FORMAT=json\n"
+        "CG_LOG__LEVEL=warning\n"
+        "AWS_DEFAULT_REGION=eu-central-1\n"  # not a setting: ignored, not an error
+        "CG_SETUP__BROWSER=no\n"  # read by install.sh, not by the settings: ignored too
+    )
+    monkeypatch.setenv("CG_ENV_FILE", str(dotenv))
+    settings = get_settings()
+    assert settings.kafka.bootstrap_servers == "b-1.msk.example:9096"
+    assert (settings.log.format, settings.log.level) == ("json", "warning")
+    assert "AWS_DEFAULT_REGION" not in os.environ
+    assert Settings().kafka.bootstrap_servers == "127.0.0.1:9092"  # a Settings() built directly ignores the file
+
+    monkeypatch.setenv("CG_LOG__LEVEL", "debug")
+    get_settings.cache_clear()
+    settings = get_settings()
+    assert (settings.log.format, settings.log.level) == ("json", "debug")
+
+
+def test_which_env_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert env_file() == REPO_ROOT / ".env"  # the repo root's, whatever the working directory
+    monkeypatch.setenv("CG_ENV_FILE", str(tmp_path / "missing.env"))
+    assert env_file() == tmp_path / "missing.env"
+    assert get_settings().log.format == "text"  # a missing file is no error
+    monkeypatch.setenv("CG_ENV_FILE", "")
+    assert env_file() is None
+
+
+def test_the_env_file_is_git_ignored() -> None:
+    assert ".env" in (REPO_ROOT / ".gitignore").read_text().splitlines()
