@@ -478,6 +478,25 @@ class LogSettings(BaseModel, frozen=True):
     """Python log level of every process; a process's ``--log-level`` overrides it."""
 
 
+class MetricsSettings(BaseModel, frozen=True):
+    """Prometheus metrics of every long-running process and the local Prometheus (``CG_METRICS__*``).
+
+    Each process serves ``/metrics`` and ``/healthz`` on ``base_port`` plus its own offset
+    (:data:`infra.metrics.PROCESSES`), on ``CG_BIND_HOST``; the scoring job's port is Flink's Prometheus
+    reporter. The local stack's Prometheus scrapes exactly these ports."""
+
+    enabled: bool = True
+    """Off: no endpoint is opened and the Flink job loads no reporter (the benchmark compares both)."""
+    base_port: int = 9460
+    prometheus_port: int = 9490
+    """The local stack's Prometheus (``make up``); the dashboard's pipeline-health page reads it."""
+    prometheus_url: str | None = None
+    """Another Prometheus for the health page (a store chain's own); default the local one."""
+    scrape_interval_s: float = 5.0
+    lag_interval_s: float = 5.0
+    """How often the consumer-group lag (every group of this deployment) is read from Kafka, at most."""
+
+
 class Settings(BaseSettings):
     """Everything configurable. Frozen: build it once at the edge of a process and pass it down."""
 
@@ -508,6 +527,7 @@ class Settings(BaseSettings):
     faces: FaceSettings = Field(default_factory=FaceSettings)
     cameras: CameraSettings = Field(default_factory=CameraSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     java_home: Path | None = None
     """JDK for Kafka, OpenSearch and Flink; found automatically when unset."""
 

@@ -1,0 +1,294 @@
+"""Prometheus metrics and health endpoints of every long-running process, defined once.
+
+Each process calls :func:`serve` once at start with its name from :data:`PROCESSES`: it then answers
+``GET /metrics`` (the Prometheus text format, prometheus-client's default registry) and ``GET /healthz``
+(200 while the process's health check passes, 503 with the reason when not) on ``CG_BIND_HOST`` and
+``CG_METRICS__BASE_PORT`` + the process's offset. The scoring job's offset is taken by Flink's own
+Prometheus reporter (its metrics are named ``flink_*``). The local Prometheus scrapes exactly these
+ports (:func:`scrape_targets`), so adding a process here is all it takes to have it scraped.
+
+The metric objects below are the only ones: a stage counts in batches (``inc(n)``), never per record
+in a hot loop, so the cost stays below the noise (``make bench`` measures metrics on against off).
+Labels are bounded sets (stage, kind, reason kind, channel, result): never a transaction id, a face,
+an e-mail address or a secret.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from infra.settings import Settings
+from schemas.topics import ALL_TOPICS
+
+log = logging.getLogger(__name__)
+
+PROCESSES: dict[str, int] = {
+    "scoring-job": 0,
+    "face-stage": 1,
+    "camera-bridge": 2,
+    "opensearch-sink": 3,
+    "alert-sender": 4,
+    "watchlist-service": 5,
+    "webex-bot": 6,
+    "dashboard": 7,
+}
+"""Every long-running process and its port offset from ``CG_METRICS__BASE_PORT``."""
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+RECORDS_IN = Counter("cg_records_in", "Records a stage consumed, by kind.", ["stage", "kind"])
+RECORDS_OUT = Counter("cg_records_out", "Records a stage produced or wrote, by kind.", ["stage", "kind"])
+DEAD_LETTERS = Counter("cg_dead_letters", "Records a stage dead-lettered, by reason kind.", ["stage", "reason"])
+PROCESSING_SECONDS = Histogram(
+    "cg_processing_seconds",
+    "Time a stage spent on one unit of work (a record, a frame or a batch: see the stage's docs).",
+    ["stage"],
+    buckets=LATENCY_BUCKETS,
+)
+DELIVERIES = Counter("cg_channel_deliveries", "Alert deliveries by channel and result.", ["channel", "result"])
+FACE_ANALYSIS_SECONDS = Histogram(
+    "cg_face_analysis_seconds", "Time to analyse one frame (decode, detect, describe, match).", buckets=LATENCY_BUCKETS
+)
+QUEUE_DEPTH = Gauge("cg_queue_depth", "Items waiting in a stage's in-process queue.", ["stage", "queue"])
+CONSUMER_LAG = "cg_consumer_lag"
+"""Name of the per-partition consumer-group lag (:class:`ConsumerLagCollector`)."""
+
+
+def port_of(settings: Settings, process: str) -> int:
+    """Where ``process`` serves its metrics (KeyError for a name not in :data:`PROCESSES`)."""
+    return settings.metrics.base_port + PROCESSES[process]
+
+
+def scrape_targets(settings: Settings) -> dict[str, str]:
+    """``process -> host:port`` for the local Prometheus's scrape configuration."""
+    host = "127.0.0.1" if settings.bind_host in ("0.0.0.0", "::", "") else settings.bind_host
+    return {name: f"{host}:{port_of(settings, name)}" for name in PROCESSES}
+
+
+HealthCheck = Callable[[], tuple[bool, str]]
+"""Says whether the process does its work: (ok, a short reason). Must be quick and never raise."""
+
+
+def _alive() -> tuple[bool, str]:
+    return True, "ok"
+
+
+class Heartbeat:
+    """A health check for a loop: healthy while :meth:`beat` was called within ``stale_s``. A loop that
+    hangs (a stuck call, a dead thread) turns ``/healthz`` to 503, which a supervisor or an orchestrator
+    acts on; ``note`` says what the loop last reported (e.g. "Kafka unreachable")."""
+
+    def __init__(self, stale_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stale_s, self.clock = stale_s, clock
+        self.last = clock()
+        self.problem: str | None = None
+
+    def beat(self, problem: str | None = None) -> None:
+        self.last, self.problem = self.clock(), problem
+
+    def __call__(self) -> tuple[bool, str]:
+        age = self.clock() - self.last
+        if age > self.stale_s:
+            return False, f"no progress for {age:.0f} s"
+        if self.problem:
+            return False, self.problem
+        return True, "ok"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _MetricsServer
+
+    def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            self._reply(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+        elif path == "/healthz":
+            try:
+                ok, reason = self.server.health()
+            except Exception as exc:  # a health check that raises says "unhealthy", it does not kill the server
+                ok, reason = False, f"health check failed: {type(exc).__name__}"
+            self._reply(200 if ok else 503, f"{self.server.process} {'ok' if ok else 'unhealthy'}: {reason}\n".encode())
+        else:
+            self._reply(404, b"not found: /metrics or /healthz\n")
+
+    def _reply(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - scrapes every few seconds: not logged
+        return
+
+
+class _MetricsServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], process: str, health: HealthCheck) -> None:
+        self.process, self.health = process, health
+        super().__init__(address, _Handler)
+
+
+@dataclass
+class Endpoint:
+    """A running metrics/health server; :meth:`close` stops it (tests, clean shutdown)."""
+
+    process: str
+    port: int
+    server: _MetricsServer | None
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+
+def serve(settings: Settings, process: str, health: HealthCheck | None = None, port: int | None = None) -> Endpoint:
+    """Start ``process``'s ``/metrics`` and ``/healthz`` server in a daemon thread.
+
+    Off (``CG_METRICS__ENABLED=false``) or with the port taken (a second copy of the process, a test
+    beside a running demo), the process runs on without an endpoint: a warning says so. ``port`` 0
+    picks a free port (tests)."""
+    wanted = port_of(settings, process) if port is None else port
+    if not settings.metrics.enabled:
+        return Endpoint(process, wanted, None)
+    try:
+        server = _MetricsServer((settings.bind_host, wanted), process, health or _alive)
+    except OSError as exc:
+        log.warning(
+            "metrics: %s cannot serve on %s:%d (%s); running without an endpoint",
+            process,
+            settings.bind_host,
+            wanted,
+            exc,
+        )
+        return Endpoint(process, wanted, None)
+    threading.Thread(target=server.serve_forever, name=f"metrics-{process}", daemon=True).start()
+    log.info("metrics: %s serves /metrics and /healthz on %s:%d", process, settings.bind_host, server.server_port)
+    return Endpoint(process, server.server_port, server)
+
+
+class timed:  # noqa: N801 - used like a function: ``with timed(PROCESSING_SECONDS.labels("sink")):``
+    """Observe the wall time of a block on a histogram (or histogram child)."""
+
+    __slots__ = ("hist", "start")
+
+    def __init__(self, hist: Any) -> None:
+        self.hist = hist
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.hist.observe(time.perf_counter() - self.start)
+
+
+# --- consumer-group lag ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    group: str
+    topic: str
+    partition: int
+    lag: int
+
+
+def group_lags(
+    committed: dict[str, dict[tuple[str, int], int]], ends: dict[tuple[str, int], int]
+) -> list[PartitionLag]:
+    """Lag per group and partition: end offset minus committed offset (never below 0). A partition with
+    no committed offset yet (negative) counts from the start, i.e. its whole end offset."""
+    out = []
+    for group, offsets in sorted(committed.items()):
+        for (topic, partition), offset in sorted(offsets.items()):
+            end = ends.get((topic, partition))
+            if end is None:
+                continue
+            out.append(PartitionLag(group, topic, partition, max(0, end - max(offset, 0))))
+    return out
+
+
+class ConsumerLagCollector(Collector):
+    """``cg_consumer_lag{group,topic,partition}`` for every consumer group that has committed offsets on
+    this deployment's topics (those with ``CG_KAFKA__TOPIC_PREFIX``): the Python consumers and the Flink
+    job (which commits on each checkpoint) alike. Read from Kafka at most every ``lag_interval_s``; a
+    Kafka that does not answer leaves the last figures out rather than failing the scrape."""
+
+    def __init__(self, settings: Settings, read: Callable[[], list[PartitionLag]] | None = None) -> None:
+        self.settings = settings
+        self.read = read or (lambda: read_lags(settings))
+        self.interval = settings.metrics.lag_interval_s
+        self._cache: list[PartitionLag] = []
+        self._at = float("-inf")
+        self._lock = threading.Lock()
+
+    def lags(self) -> list[PartitionLag]:
+        with self._lock:
+            if time.monotonic() - self._at >= self.interval:
+                try:
+                    self._cache = self.read()
+                except Exception as exc:  # Kafka away: no figures this time, the scrape still answers
+                    log.warning("consumer lag unavailable: %s", exc)
+                    self._cache = []
+                self._at = time.monotonic()
+            return list(self._cache)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            CONSUMER_LAG,
+            "Records a consumer group has not yet committed, per partition.",
+            labels=["group", "topic", "partition"],
+        )
+        for item in self.lags():
+            family.add_metric([item.group, item.topic, str(item.partition)], item.lag)
+        yield family
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return []
+
+
+def read_lags(settings: Settings, timeout: float = 5.0) -> list[PartitionLag]:
+    """Committed offsets of every group (on topics with our prefix) against the partitions' end offsets."""
+    from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+    from confluent_kafka.admin import OffsetSpec
+
+    from infra.clients import kafka as kafka_clients
+
+    ours = {spec.full_name(settings.kafka.topic_prefix) for spec in ALL_TOPICS}
+    admin = kafka_clients.admin(settings)
+    groups = admin.list_consumer_groups(request_timeout=timeout).result(timeout)
+    committed: dict[str, dict[tuple[str, int], int]] = {}
+    for listing in groups.valid:
+        future = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(listing.group_id)])
+        result = future[listing.group_id].result(timeout)
+        offsets = {
+            (tp.topic, tp.partition): tp.offset
+            for tp in result.topic_partitions or []
+            if tp.topic in ours and tp.error is None
+        }
+        if offsets:
+            committed[listing.group_id] = offsets
+    wanted = sorted({tp for offsets in committed.values() for tp in offsets})
+    ends: dict[tuple[str, int], int] = {}
+    if wanted:
+        latest = admin.list_offsets(
+            {TopicPartition(t, p): OffsetSpec.latest() for t, p in wanted}, request_timeout=timeout
+        )
+        for tp, pending in latest.items():
+            with contextlib.suppress(KafkaException):  # a partition without a leader this moment: next time
+                ends[(tp.topic, tp.partition)] = pending.result(timeout).offset
+    return group_lags(committed, ends)
