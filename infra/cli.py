@@ -51,14 +51,14 @@ class Entry:
 
     @property
     def all_sections(self) -> tuple[str, ...]:
-        if not self.children:
-            return self.sections
-        return tuple(dict.fromkeys(s for child in self.children for s in child.all_sections))
+        """Its own sections (its children's, for a group), and ``log``, which every process reads."""
+        own = self.sections if not self.children else (s for child in self.children for s in child.all_sections)
+        return tuple(dict.fromkeys((*own, "log")))
 
 
-_JOB = ("kafka", "job", "rules", "model", "faces", "stack_dir", "bind_host", "java_home")
+_JOB = ("kafka", "job", "rules", "model", "faces", "metrics", "stack_dir", "bind_host", "java_home")
 _MODEL = ("model", "kafka", "rules", "job", "stack_dir")
-_STACK = ("kafka", "opensearch", "mqtt", "smtp", "stack_dir", "bind_host", "java_home")
+_STACK = ("kafka", "opensearch", "mqtt", "smtp", "metrics", "stack_dir", "bind_host", "java_home")
 
 ENTRIES: tuple[Entry, ...] = (
     Entry("job", "the PyFlink scoring job (local mini-cluster)", "jobs.flink.job", "cli", sections=_JOB),
@@ -67,21 +67,21 @@ ENTRIES: tuple[Entry, ...] = (
         "snapshot and face of every checkout and entrance",
         "jobs.faces.stage",
         "cli",
-        sections=("kafka", "job", "cameras", "faces", "stack_dir"),
+        sections=("kafka", "job", "cameras", "faces", "metrics", "stack_dir"),
     ),
     Entry(
         "watchlist",
         "the watchlist service: enroll/forget commands",
         "jobs.faces.watchlist_service",
         "cli",
-        sections=("kafka", "faces", "webex", "stack_dir"),
+        sections=("kafka", "faces", "webex", "metrics", "stack_dir"),
     ),
     Entry(
         "bridge",
         "camera bridge: MV Sense MQTT to camera_events",
         "producers.camera_bridge",
         "cli",
-        sections=("kafka", "mqtt", "cameras", "job"),
+        sections=("kafka", "mqtt", "cameras", "job", "metrics"),
     ),
     Entry(
         "camera",
@@ -95,7 +95,7 @@ ENTRIES: tuple[Entry, ...] = (
         "the Webex bot (webhook receiver)",
         "jobs.bot.webex_bot",
         "cli",
-        sections=("webex", "kafka", "opensearch", "indices", "faces", "cameras", "stack_dir"),
+        sections=("webex", "kafka", "opensearch", "indices", "faces", "cameras", "metrics", "stack_dir"),
     ),
     Entry("webex-local", "local Webex API (stand-in)", "infra.local.webex", "main", sections=("webex",)),
     Entry(
@@ -103,21 +103,21 @@ ENTRIES: tuple[Entry, ...] = (
         "Kafka to OpenSearch (idempotent) with index retention",
         "sinks.opensearch.sink",
         "app",
-        sections=("kafka", "opensearch", "indices", "model"),
+        sections=("kafka", "opensearch", "indices", "model", "metrics"),
     ),
     Entry(
         "alerts",
         "alert sender: e-mail (SMTP/SES) and Webex",
         "sinks.alerts.sender",
         "main",
-        sections=("kafka", "alerts", "smtp", "webex", "faces", "stack_dir"),
+        sections=("kafka", "alerts", "smtp", "webex", "faces", "metrics", "stack_dir"),
     ),
     Entry(
         "dashboard",
         "the live dashboard (web)",
         "sinks.dashboard.__main__",
         "cli",
-        sections=("dashboard", "opensearch", "indices"),
+        sections=("dashboard", "opensearch", "indices", "metrics"),
     ),
     Entry("train", "fraud model: evaluate, then train", "jobs.model.train", "app", "train", _MODEL),
     Entry("evaluate", "fraud model: rolling-origin evaluation", "jobs.model.train", "app", "evaluate", _MODEL),

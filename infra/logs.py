@@ -152,3 +152,8 @@ def setup_logging(settings: Settings | None = None, level: str | None = None, pr
         root.removeHandler(old)
         old.close()
     root.addHandler(handler)
+
+
+UVICORN: dict[str, Any] = {"log_config": None}
+"""``uvicorn.run(app, **UVICORN, ...)``: uvicorn configures no logging of its own (its default prints
+``INFO:     ...`` without time or process), so its lines go through :func:`setup_logging`'s handler."""

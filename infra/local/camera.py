@@ -52,7 +52,7 @@ from starlette.routing import Route
 
 from infra import clock
 from infra.clients.meraki import API_KEY_HEADER, NO_VIDEO, camera_for_lane, camera_location, entrance_camera
-from infra.logs import LOG_LEVEL_HELP, setup_logging
+from infra.logs import LOG_LEVEL_HELP, UVICORN, setup_logging
 from infra.settings import Settings, get_settings
 
 log = logging.getLogger("infra.local.camera")
@@ -563,7 +563,13 @@ class LocalCameraServer:
         self.camera = LocalCameraApp(settings, people)
         self.publisher = MvSensePublisher(settings, self.camera.scene) if publish else None
         config = uvicorn.Config(
-            self.camera.app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False, lifespan="off"
+            self.camera.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            **UVICORN,
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="local-camera", daemon=True)

@@ -40,6 +40,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from infra.logs import UVICORN
 from infra.settings import get_settings
 
 MAX_MARKDOWN_BYTES = 7439
@@ -557,7 +558,9 @@ class BackgroundServer:
         self.host, self.port = host, port or free_port(host)
         self.base = f"http://{host}:{self.port}"
         self._server = uvicorn.Server(
-            uvicorn.Config(app, host=host, port=self.port, log_level="warning", access_log=False, lifespan=lifespan)
+            uvicorn.Config(
+                app, host=host, port=self.port, log_level="warning", access_log=False, lifespan=lifespan, **UVICORN
+            )
         )
         self._thread = threading.Thread(target=self._server.run, name=name, daemon=True)
 
@@ -618,7 +621,13 @@ def main(
     state = WebexState(token=token, latency_s=latency_ms / 1000)
     base = f"http://127.0.0.1:{port}"
     uvicorn.run(
-        build_app(state, base), host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="off"
+        build_app(state, base),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        **UVICORN,
     )
 
 
