@@ -27,20 +27,18 @@ from __future__ import annotations
 
 import hashlib
 import re
-import time
-import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import typer
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import KafkaError
 from rich.console import Console
 from rich.table import Table
 
 from infra.clients import kafka as kafka_clients
-from infra.clients.topic_replay import Bound, RangeError, parse_time_ms
+from infra.clients.topic_replay import Bound, RangeError, parse_time_ms, read_range_records
 from infra.clients.topic_replay import plan as plan_ranges
 from infra.settings import Settings, get_settings
 from schemas.errors import InvalidRecord
@@ -229,57 +227,12 @@ def read_dead_letters(
 ) -> Iterator[DeadLetter | InvalidRecord]:
     """Every dead letter in ``topic`` from the beginning to its end when called (committed records only),
     decoded; one that cannot be decoded comes as its :class:`InvalidRecord`."""
-    ranges = [r for r in plan_ranges(settings.kafka, topic, Bound(), Bound()) if r.size > 0]
-    ends = {r.partition: r.end for r in ranges}
-    if not ends:
-        return
-    consumer = kafka_clients.consumer(
-        settings,
-        f"checkout-guard-redrive-{uuid.uuid4().hex[:12]}",  # never committed: offsets are assigned
-        kafka_clients.READ_COMMITTED,
-        enable_partition_eof=True,
-        auto_offset_reset="earliest",
-    )
-    try:
-        consumer.assign([TopicPartition(topic, r.partition, r.start) for r in ranges])
-        last = time.monotonic()
-        while ends:
-            for message in consumer.consume(500, timeout=0.5):
-                if (letter := _take(message, ends)) is not None:
-                    last = time.monotonic()
-                    yield letter
-            _close_finished(consumer, topic, ends)
-            if ends and time.monotonic() - last > idle_timeout_s:
-                raise TimeoutError(f"no records from {topic} partitions {sorted(ends)} for {idle_timeout_s:.0f}s")
-    finally:
-        consumer.close()
-
-
-def _take(message: Message, ends: dict[int, int]) -> DeadLetter | InvalidRecord | None:
-    """The letter of one consumed message when it is in range; an end of partition closes the partition."""
-    partition = message.partition()
-    if partition not in ends:
-        return None
-    error = message.error()
-    if error is not None:
-        if error.code() == KafkaError._PARTITION_EOF:  # everything committed so far is read
-            del ends[partition]
-            return None
-        raise RuntimeError(f"reading dead letters [{partition}]: {error.str()}")
-    if (message.offset() or 0) >= ends[partition]:
-        del ends[partition]
-        return None
-    try:
-        return DeadLetter.decode(message.value() or b"")
-    except InvalidRecord as exc:  # a DecodeError too
-        return exc
-
-
-def _close_finished(consumer: Consumer, topic: str, ends: dict[int, int]) -> None:
-    """Close partitions read to their end (transaction markers can hide the last offsets from ``consume``)."""
-    for partition in list(ends):
-        if consumer.position([TopicPartition(topic, partition)])[0].offset >= ends[partition]:
-            del ends[partition]
+    ranges = plan_ranges(settings.kafka, topic, Bound(), Bound())
+    for message in read_range_records(settings.kafka, topic, ranges, "redrive", idle_timeout_s=idle_timeout_s):
+        try:
+            yield DeadLetter.decode(message.value() or b"")
+        except InvalidRecord as exc:  # a DecodeError too
+            yield exc
 
 
 def cluster_topics(settings: Settings) -> dict[str, int]:

@@ -27,7 +27,7 @@ import heapq
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -228,14 +228,84 @@ class ReplayStats:
         return self.failed == 0 and self.acked == self.sent
 
 
-def _consumer(kafka: KafkaSettings) -> Consumer:
+def assigned_consumer(kafka: KafkaSettings, purpose: str, auto_offset_reset: str = "earliest") -> Consumer:
+    """A consumer for reading assigned ranges: committed records only, an event at each partition's end,
+    a throwaway group that never commits (``checkout-guard-<purpose>-<random>``)."""
     return kafka_clients.consumer(
         kafka,
-        f"checkout-guard-replay-{uuid.uuid4().hex[:12]}",  # never committed: offsets are assigned
+        f"checkout-guard-{purpose}-{uuid.uuid4().hex[:12]}",
         kafka_clients.READ_COMMITTED,
         enable_partition_eof=True,
-        auto_offset_reset="error",
+        auto_offset_reset=auto_offset_reset,
     )
+
+
+def _consumer(kafka: KafkaSettings) -> Consumer:
+    return assigned_consumer(kafka, "replay", auto_offset_reset="error")
+
+
+def read_assigned(
+    consumer: Consumer, topic: str, ranges: Mapping[int, tuple[int, int]], idle_timeout_s: float = 30.0
+) -> Iterator[Message]:
+    """The records of ``[start, end)`` per partition of ``topic``, each partition in offset order (fewer than
+    ``end - start`` where offsets are compaction gaps or transaction markers). A partition is done at its
+    end of partition, at a record at/after ``end``, or when the consumer's position passed ``end`` (a gap or
+    marker at the end); ``TimeoutError`` when nothing arrives for ``idle_timeout_s`` before all are done.
+    Leaves the consumer unassigned, not closed (a follow-up read may reuse it)."""
+    todo = {p: r for p, r in ranges.items() if r[0] < r[1]}
+    if not todo:
+        return
+    consumer.assign([TopicPartition(topic, p, start) for p, (start, _) in todo.items()])
+    last = time.monotonic()
+    try:
+        while todo:
+            messages = consumer.consume(500, 0.5)
+            if messages:
+                last = time.monotonic()
+            elif time.monotonic() - last > idle_timeout_s:
+                raise TimeoutError(f"{topic}: nothing read for {idle_timeout_s:.0f}s from partitions {sorted(todo)}")
+            for message in messages:
+                if _in_range(message, topic, todo):
+                    yield message
+            for p, tp in zip(list(todo), consumer.position([TopicPartition(topic, p) for p in todo]), strict=True):
+                if tp.offset >= todo[p][1]:
+                    del todo[p]
+    finally:
+        consumer.unassign()
+
+
+def _in_range(message: Message, topic: str, todo: dict[int, tuple[int, int]]) -> bool:
+    """Whether ``message`` is a record to yield; closes its partition when it ends the range."""
+    p = message.partition()
+    if p not in todo:
+        return False
+    error = message.error()
+    if error is not None:
+        if error.code() != KafkaError._PARTITION_EOF:
+            raise RuntimeError(f"{topic}[{p}]: {error}")
+        del todo[p]
+        return False
+    start, end = todo[p]
+    offset = message.offset()
+    if offset is None or offset < start:
+        return False  # fetched before this assignment
+    if offset >= end:
+        del todo[p]
+        return False
+    if offset >= end - 1:
+        del todo[p]
+    return True
+
+
+def read_range_records(
+    kafka: KafkaSettings, topic: str, ranges: Iterable[PartitionRange], purpose: str, idle_timeout_s: float = 30.0
+) -> Iterator[Message]:
+    """:func:`read_assigned` with a consumer of its own, closed at the end."""
+    consumer = assigned_consumer(kafka, purpose)
+    try:
+        yield from read_assigned(consumer, topic, {r.partition: (r.start, r.end) for r in ranges}, idle_timeout_s)
+    finally:
+        consumer.close()
 
 
 def _producer(kafka: KafkaSettings) -> Producer:

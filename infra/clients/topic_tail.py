@@ -31,8 +31,6 @@ from __future__ import annotations
 import base64
 import math
 import threading
-import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,8 +38,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from infra.clients import kafka as kafka_clients
-from infra.clients.topic_replay import RangeError, parse_time_ms, partition_count
+from infra.clients.topic_replay import RangeError, assigned_consumer, parse_time_ms, partition_count, read_assigned
 from infra.settings import KafkaSettings
 from schemas.codec import HEADER_LEN, MAGIC, DecodeError, codec, load_schemas
 from schemas.errors import CheckoutGuardError
@@ -297,13 +294,7 @@ def to_json(record: RawRecord, topic: str) -> dict[str, Any]:
 
 
 def _consumer(kafka: KafkaSettings) -> Consumer:
-    return kafka_clients.consumer(
-        kafka,
-        f"checkout-guard-tail-{uuid.uuid4().hex[:12]}",  # never committed: offsets are assigned
-        kafka_clients.READ_COMMITTED,
-        enable_partition_eof=True,
-        auto_offset_reset="earliest",
-    )
+    return assigned_consumer(kafka, "tail")
 
 
 def _raw(message: Any) -> RawRecord:
@@ -316,40 +307,7 @@ def read_ranges(
     consumer: Consumer, topic: str, ranges: Mapping[int, tuple[int, int]], idle_timeout_s: float = 30.0
 ) -> Iterator[RawRecord]:
     """The records of ``[start, end)`` per partition (fewer where offsets are gaps or transaction markers)."""
-    todo = {p: r for p, r in ranges.items() if r[0] < r[1]}
-    if not todo:
-        return
-    consumer.assign([TopicPartition(topic, p, start) for p, (start, _) in todo.items()])
-    last = time.monotonic()
-    try:
-        while todo:
-            messages = consumer.consume(500, 0.5)
-            if messages:
-                last = time.monotonic()
-            elif time.monotonic() - last > idle_timeout_s:
-                raise TimeoutError(f"{topic}: nothing read for {idle_timeout_s:.0f}s from partitions {sorted(todo)}")
-            for message in messages:
-                p = message.partition()
-                if p not in todo:
-                    continue
-                error = message.error()
-                if error is not None:
-                    if error.code() != KafkaError._PARTITION_EOF:
-                        raise RuntimeError(f"{topic}[{p}]: {error}")
-                    todo.pop(p)
-                    continue
-                start, end = todo[p]
-                offset = message.offset()
-                if offset is None or offset < start:
-                    continue  # fetched before this assignment
-                if offset >= end:
-                    todo.pop(p)
-                    continue
-                yield _raw(message)
-                if offset >= end - 1:
-                    todo.pop(p)
-    finally:
-        consumer.unassign()
+    return (_raw(message) for message in read_assigned(consumer, topic, ranges, idle_timeout_s))
 
 
 def _watermarks(consumer: Consumer, topic: str) -> dict[int, tuple[int, int]]:

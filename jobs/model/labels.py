@@ -20,17 +20,14 @@ Neither reader commits offsets: each uses a fresh consumer group and assigns the
 from __future__ import annotations
 
 import hashlib
-import time
-import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Message
 
-from infra.clients import kafka as kafka_clients
-from infra.clients.topic_replay import Bound, plan
+from infra.clients.topic_replay import Bound, plan, read_range_records
 from infra.settings import Settings
 from schemas.errors import InvalidRecord
 from schemas.identifiers import check
@@ -282,50 +279,4 @@ def read_topic(
     ranges = plan(settings.kafka, topic, start, end)
     if ends is not None:
         ends.update({r.partition: r.end for r in ranges})
-    pending = {r.partition: r.end for r in ranges if r.size > 0}
-    if not pending:
-        return
-    consumer = kafka_clients.consumer(
-        settings,
-        f"checkout-guard-labels-read-{uuid.uuid4().hex[:12]}",  # never committed: offsets are assigned
-        kafka_clients.READ_COMMITTED,
-        enable_partition_eof=True,
-        auto_offset_reset="earliest",
-    )
-    try:
-        consumer.assign([TopicPartition(topic, r.partition, r.start) for r in ranges if r.partition in pending])
-        last = time.monotonic()
-        while pending:
-            for message in consumer.consume(500, timeout=0.5):
-                if _in_range(message, pending):
-                    last = time.monotonic()
-                    yield message
-            _close_finished(consumer, topic, pending)
-            if pending and time.monotonic() - last > timeout_s:
-                raise TimeoutError(f"no records from {topic} partitions {sorted(pending)} for {timeout_s:.0f}s")
-    finally:
-        consumer.close()
-
-
-def _in_range(message: Message, pending: dict[int, int]) -> bool:
-    """Whether the message is a record to yield; an end of partition (or a record past the range) closes it."""
-    partition = message.partition()
-    if partition not in pending:
-        return False
-    error = message.error()
-    if error is not None:
-        if error.code() == KafkaError._PARTITION_EOF:
-            del pending[partition]
-            return False
-        raise RuntimeError(f"reading {message.topic()} [{partition}]: {error.str()}")
-    if (message.offset() or 0) >= pending[partition]:
-        del pending[partition]
-        return False
-    return True
-
-
-def _close_finished(consumer: Consumer, topic: str, pending: dict[int, int]) -> None:
-    """Close partitions read to their end (compaction gaps and transaction markers hide the last offsets)."""
-    for partition in list(pending):
-        if consumer.position([TopicPartition(topic, partition)])[0].offset >= pending[partition]:
-            del pending[partition]
+    yield from read_range_records(settings.kafka, topic, ranges, "labels-read", idle_timeout_s=timeout_s)

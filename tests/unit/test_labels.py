@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 import jobs.model.labels as reader
 import producers.labels as labels_cli
+from infra.clients import topic_replay
 from infra.clients.topic_replay import PartitionRange
 from infra.settings import KafkaSettings, Settings
 from jobs.model.labels import FieldLabels, apply_labels, decode_transactions, latest_labels
@@ -441,6 +442,9 @@ class FakeConsumer:
     def position(self, partitions: list[Any]) -> list[Any]:
         return [TopicPartition(tp.topic, tp.partition, self.positions.get(tp.partition, -1001)) for tp in partitions]
 
+    def unassign(self) -> None:
+        self.assigned_at_end = self.assigned
+
     def close(self) -> None:
         self.closed = True
 
@@ -458,7 +462,7 @@ def test_read_labels_reads_each_partition_to_the_end_it_found_and_no_further(mon
         ]
     )
     monkeypatch.setattr(reader, "plan", lambda *_a, **_k: ranges)
-    monkeypatch.setattr(reader.kafka_clients, "consumer", lambda *_a, **_k: consumer)
+    monkeypatch.setattr(topic_replay, "assigned_consumer", lambda *_a, **_k: consumer)
     found = reader.read_labels(SETTINGS, timeout_s=1)
     assert consumer.assigned == [(0, 0), (1, 4)] and consumer.closed
     assert {tx: label.label for tx, label in found.by_transaction.items()} == {"tx-1": 0, "tx-2": 1}
@@ -468,7 +472,7 @@ def test_read_labels_reads_each_partition_to_the_end_it_found_and_no_further(mon
 def test_a_read_that_stalls_before_the_end_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
     consumer = FakeConsumer([])
     monkeypatch.setattr(reader, "plan", lambda *_a, **_k: [PartitionRange(0, 0, 3, 0, 3)])
-    monkeypatch.setattr(reader.kafka_clients, "consumer", lambda *_a, **_k: consumer)
+    monkeypatch.setattr(topic_replay, "assigned_consumer", lambda *_a, **_k: consumer)
     with pytest.raises(TimeoutError):
         reader.read_labels(SETTINGS, timeout_s=0.2)
     assert consumer.closed

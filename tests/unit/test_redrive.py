@@ -16,6 +16,7 @@ import pytest
 from confluent_kafka import KafkaError, Message, TopicPartition
 
 import producers.redrive as redrive
+from infra.clients import topic_replay
 from infra.clients.topic_replay import PartitionRange
 from infra.settings import AlertSettings, Settings
 from producers.redrive import (
@@ -199,15 +200,22 @@ def test_options_become_a_selection_with_prefixed_topics_and_times() -> None:
     assert selection_from_options(["s"], None, None, None, None, "").kinds == frozenset()
 
 
-def test_reading_stops_at_each_partitions_end_and_keeps_undecodable_letters() -> None:
-    ends = {0: 10, 1: 10}
+def test_reading_stops_at_each_partitions_end_and_keeps_undecodable_letters(monkeypatch: pytest.MonkeyPatch) -> None:
     good = letter(3)
-    assert redrive._take(Message(topic="dl", partition=0, offset=3, value=good.encode()), ends) == good
-    assert isinstance(redrive._take(Message(topic="dl", partition=0, offset=4, value=b"junk"), ends), InvalidRecord)
-    assert redrive._take(Message(topic="dl", partition=0, offset=10, value=good.encode()), ends) is None
-    eof = Message(topic="dl", partition=1, offset=7, error=KafkaError(KafkaError._PARTITION_EOF))
-    assert redrive._take(eof, ends) is None
-    assert ends == {}
+    monkeypatch.setattr(
+        redrive, "plan_ranges", lambda *_args: [PartitionRange(0, 3, 10, 3, 10), PartitionRange(1, 0, 10, 0, 10)]
+    )
+    consumer = ScriptedConsumer(
+        [
+            Message(topic="dl", partition=0, offset=3, value=good.encode()),
+            Message(topic="dl", partition=0, offset=4, value=b"junk"),
+            Message(topic="dl", partition=0, offset=10, value=good.encode()),  # past the end at the call
+            Message(topic="dl", partition=1, offset=7, error=KafkaError(KafkaError._PARTITION_EOF)),
+        ]
+    )
+    monkeypatch.setattr(topic_replay, "assigned_consumer", lambda *_a, **_k: consumer)
+    read = list(redrive.read_dead_letters(Settings(), "dl", idle_timeout_s=5))
+    assert read[0] == good and isinstance(read[1], InvalidRecord) and len(read) == 2
 
 
 class RecordingProducer:
@@ -318,6 +326,9 @@ class ScriptedConsumer:
     def position(self, partitions: list[Any]) -> list[Any]:
         return [TopicPartition(tp.topic, tp.partition, self.read.get(tp.partition, -1001)) for tp in partitions]
 
+    def unassign(self) -> None:
+        self.assigned_at_end = self.assigned
+
     def close(self) -> None:
         self.closed = True
 
@@ -334,7 +345,7 @@ def test_dead_letters_are_read_from_the_start_to_the_end_at_the_time_of_the_call
             Message(topic="dl", partition=0, offset=3, value=letter(3).encode()),
         ]
     )
-    monkeypatch.setattr(redrive.kafka_clients, "consumer", lambda *_a, **_k: consumer)
+    monkeypatch.setattr(topic_replay, "assigned_consumer", lambda *_a, **_k: consumer)
     read = list(redrive.read_dead_letters(Settings(), "dl", idle_timeout_s=5))
     assert read == [letter(2), letter(0), letter(3)]
     assert consumer.assigned == [(0, 2), (2, 0)] and consumer.closed  # the empty partition is not read
