@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Annotated, Any, Protocol, TextIO
 
 import typer
-from confluent_kafka import KafkaError
 from rich.console import Console
 
 from infra import clock
@@ -261,16 +260,8 @@ class _Producer(Protocol):
     def flush(self, timeout: float) -> int: ...
 
 
-@dataclass
-class PublishStats:
-    sent: int = 0
-    acked: int = 0
-    failed: int = 0
-    errors: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return self.failed == 0 and self.acked == self.sent
+class PublishStats(kafka_clients.DeliveryTally):
+    """Labels and tombstones sent to the labels topic, and their acknowledgements."""
 
 
 def make_producer(settings: Settings) -> Any:
@@ -293,26 +284,15 @@ def publish_labels(
     labels topic; wait for every acknowledgement."""
     stats = PublishStats()
 
-    def delivered(err: KafkaError | None, _message: Any) -> None:
-        if err is None:
-            stats.acked += 1
-            return
-        stats.failed += 1
-        if len(stats.errors) < 5 and err.str() not in stats.errors:
-            stats.errors.append(err.str())
-
     topic = LABELS.full_name(settings.kafka.topic_prefix)
     producer = producer if producer is not None else make_producer(settings)
     records: list[tuple[str, bytes | None]] = [(label.transaction_id, label.encode()) for label in labels]
     records += [(check(tx, "transaction_id"), None) for tx in withdraw]
     for key, value in records:
-        kafka_clients.produce(producer, topic, key.encode(), value, delivered)
+        kafka_clients.produce(producer, topic, key.encode(), value, stats.delivered)
         stats.sent += 1
         producer.poll(0)
-    unacked = producer.flush(timeout_s)
-    if unacked:
-        stats.failed += unacked
-        stats.errors.append(f"{unacked} not acknowledged within {timeout_s:.0f}s")
+    stats.flushed(producer.flush(timeout_s), timeout_s)
     return stats
 
 

@@ -30,10 +30,9 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from confluent_kafka import KafkaError
 from rich.console import Console
 from rich.table import Table
 
@@ -242,25 +241,13 @@ def cluster_topics(settings: Settings) -> dict[str, int]:
     return {name: len(t.partitions) for name, t in metadata.topics.items() if t.error is None}
 
 
-@dataclass
-class SendStats:
-    acked: int = 0
-    failed: int = 0
-    errors: list[str] = field(default_factory=list)
+class SendStats(kafka_clients.DeliveryTally):
+    """Re-driven records and their acknowledgements."""
 
 
 def send_all(settings: Settings, sends: list[Send], timeout_s: float = 60.0) -> SendStats:
     """Produce every planned send with an idempotent producer and wait for the acknowledgements."""
     stats = SendStats()
-
-    def delivered(err: KafkaError | None, _message: Any) -> None:
-        if err is None:
-            stats.acked += 1
-            return
-        stats.failed += 1
-        if len(stats.errors) < 5 and err.str() not in stats.errors:
-            stats.errors.append(err.str())
-
     producer = kafka_clients.producer(
         settings, kafka_clients.RELIABLE, client_id="checkout-guard-redrive", partitioner="murmur2_random"
     )
@@ -270,15 +257,13 @@ def send_all(settings: Settings, sends: list[Send], timeout_s: float = 60.0) -> 
             send.topic,
             send.key,
             send.payload,
-            delivered,
+            stats.delivered,
             headers=[(REDRIVEN_HEADER, send.dead_letter_id.encode())],
             partition=send.partition,
         )
+        stats.sent += 1
         producer.poll(0)
-    unacked = producer.flush(timeout_s)
-    stats.failed += unacked
-    if unacked:
-        stats.errors.append(f"{unacked} not acknowledged within {timeout_s:.0f}s")
+    stats.flushed(producer.flush(timeout_s), timeout_s)
     return stats
 
 

@@ -13,9 +13,10 @@ deliveries drain the queue (``poll``) and tries again.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from confluent_kafka import Consumer, Message, Producer
+from confluent_kafka import Consumer, KafkaError, Message, Producer
 from confluent_kafka.admin import AdminClient
 
 from infra.settings import KafkaSettings, Settings
@@ -106,6 +107,34 @@ def produce(
                 wait(poll_s)
             else:
                 producer.poll(poll_s)
+
+
+@dataclass
+class DeliveryTally:
+    """Acknowledgements of a batch of sends: pass :meth:`delivered` as ``on_delivery``, then :meth:`flushed`
+    with what ``producer.flush`` left unacknowledged. Keeps the first five distinct errors."""
+
+    sent: int = 0
+    acked: int = 0
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def delivered(self, err: KafkaError | None, _message: Any) -> None:
+        if err is None:
+            self.acked += 1
+            return
+        self.failed += 1
+        if len(self.errors) < 5 and err.str() not in self.errors:
+            self.errors.append(err.str())
+
+    def flushed(self, unacked: int, timeout_s: float) -> None:
+        if unacked:
+            self.failed += unacked
+            self.errors.append(f"{unacked} not acknowledged within {timeout_s:.0f}s")
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and self.acked == self.sent
 
 
 MAX_REASON_CHARS = 2000

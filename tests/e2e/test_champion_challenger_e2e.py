@@ -8,7 +8,6 @@ which learns from the transactions topic.
 
 from __future__ import annotations
 
-import threading
 import uuid
 
 import pytest
@@ -28,7 +27,7 @@ from schemas.codec import codec
 from schemas.indices import index_name
 from schemas.records import make_label
 from schemas.topics import AUDIT, TRANSACTIONS
-from sinks.opensearch.sink import run_sink
+from tests.e2e.sink_helpers import sink_running
 from tests.fraud_model import challenger_model, small_model
 
 pytestmark = pytest.mark.e2e
@@ -47,23 +46,10 @@ def pipeline(stack: Settings, tmp_path):
     champion.save(models)
     write_pointer(models, CHALLENGER, challenger.version)
     ensure_topics(settings)
-    stop = threading.Event()
-    sink = threading.Thread(target=run_sink, args=(settings, stop), daemon=True)
-    sink.start()
-    client = make_client(settings.opensearch)
-    wait_for(
-        lambda: client.indices.exists(index=index_name(settings.opensearch.index_prefix, "transactions")),
-        timeout=60,
-        what="the sink to create its index",
-    )
-    job = start_scoring_job(settings)
-    yield settings, champion.version, challenger.version
-    job.stop()
-    stop.set()
-    sink.join(30)
-    make_client(settings.opensearch).indices.delete(
-        index=f"{settings.opensearch.index_prefix}-*", ignore_unavailable=True
-    )
+    with sink_running(settings):
+        job = start_scoring_job(settings)
+        yield settings, champion.version, challenger.version
+        job.stop()
 
 
 def _produce(settings: Settings, txs) -> set[str]:

@@ -16,7 +16,7 @@ import pytest
 from confluent_kafka import Consumer, Producer
 
 from infra.clients.opensearch import make_client
-from infra.launcher import start_scoring_job, wait_for
+from infra.launcher import Child, start_scoring_job, wait_for
 from infra.local.pos_generator import PosGenerator
 from infra.settings import Settings
 from infra.stack import ensure_topics
@@ -24,7 +24,7 @@ from jobs.flink.job import latest_checkpoint
 from schemas.codec import MAGIC, codec
 from schemas.indices import index_name
 from schemas.topics import DEAD_LETTERS, TRANSACTIONS
-from sinks.opensearch.sink import run_sink
+from tests.e2e.sink_helpers import sink_running
 
 pytestmark = pytest.mark.e2e
 
@@ -151,22 +151,11 @@ def _check(settings: Settings, traffic: Traffic) -> None:
 def pipeline(stack: Settings, tmp_path):
     settings = _settings(stack, tmp_path)
     ensure_topics(settings)
-    stop = threading.Event()
-    sink = threading.Thread(target=run_sink, args=(settings, stop), daemon=True)
-    sink.start()
-    client = make_client(settings.opensearch)
-    wait_for(
-        lambda: client.indices.exists(index=index_name(settings.opensearch.index_prefix, "transactions")),
-        timeout=30,
-        what="the sink to create its index",
-    )
-    children = []
-    yield settings, children
-    for child in children:
-        child.stop()
-    stop.set()
-    sink.join(30)
-    client.indices.delete(index=f"{settings.opensearch.index_prefix}-*", ignore_unavailable=True)
+    with sink_running(settings, timeout_s=30):
+        children: list[Child] = []
+        yield settings, children
+        for child in children:
+            child.stop()
 
 
 def _transactions(n: int, seed: int):
