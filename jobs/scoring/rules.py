@@ -86,7 +86,11 @@ class RuleSet:
     weights: dict[str, int] = field(default_factory=dict)
     model_bands: tuple[tuple[int, int], ...] = ()
     """(model score at least, points), highest score first; the first band reached counts."""
-    watchlist_suspect_points: int = 90
+    watchlist_suspect_points: int = 60
+    """Points of a suspect face match. Below ``block_at`` unless ``match_alone_may_block``: a match is
+    evidence for a person to weigh, so alone it makes REVIEW; with other indicators it may reach BLOCK."""
+    match_alone_may_block: bool = False
+    """Explicit opt-in to rule sets where a face match alone reaches ``block_at`` (refused otherwise)."""
     unavailable_statuses: frozenset[str] = frozenset({"UNAVAILABLE", "NO_FACE"})
     unavailable_return_indicator: str | None = "no_photo_verification"
     """Indicator raised on a return whose face status is one of ``unavailable_statuses``."""
@@ -142,7 +146,13 @@ class RuleSet:
         block_at, review_at = _thresholds(data, errors)
         weights = _weights(data, errors)
         bands = _model_bands(data, errors)
-        suspect, statuses, indicator = _face(data, errors)
+        suspect, alone, statuses, indicator = _face(data, errors)
+        if suspect is not None and block_at is not None and suspect >= block_at and not alone:
+            errors.append(
+                f"face.watchlist_suspect_points ({suspect}) >= thresholds.block_at ({block_at}): a face match alone "
+                "would block; keep it below block_at (a match alone then makes REVIEW) or set "
+                "face.match_alone_may_block: true"
+            )
         if errors:
             raise RuleSetError("invalid rule set: " + "; ".join(errors))
         assert block_at is not None and review_at is not None and suspect is not None  # no errors: all set
@@ -153,6 +163,7 @@ class RuleSet:
             weights=weights,
             model_bands=tuple(bands),
             watchlist_suspect_points=suspect,
+            match_alone_may_block=alone,
             unavailable_statuses=frozenset(statuses),
             unavailable_return_indicator=indicator,
             description=str(data.get("description") or "").strip(),
@@ -167,6 +178,7 @@ class RuleSet:
             "model_bands": [{"score": s, "points": p} for s, p in self.model_bands],
             "face": {
                 "watchlist_suspect_points": self.watchlist_suspect_points,
+                "match_alone_may_block": self.match_alone_may_block,
                 "unavailable_statuses": sorted(self.unavailable_statuses),
                 "unavailable_return_indicator": self.unavailable_return_indicator,
             },
@@ -255,13 +267,26 @@ def _model_bands(data: dict, errors: list[str]) -> list[tuple[int, int]]:
     return bands
 
 
-def _face(data: dict, errors: list[str]) -> tuple[int | None, list[str], str | None]:
-    """``face``: watchlist suspect points, the statuses that count as "no face", and the indicator they raise."""
+FACE_KEYS = {
+    "watchlist_suspect_points",
+    "match_alone_may_block",
+    "unavailable_statuses",
+    "unavailable_return_indicator",
+}
+
+
+def _face(data: dict, errors: list[str]) -> tuple[int | None, bool, list[str], str | None]:
+    """``face``: watchlist suspect points, whether a match alone may block, the statuses that count as
+    "no face", and the indicator they raise."""
     face = _mapping(data, "face", errors)
-    unknown_face = set(face) - {"watchlist_suspect_points", "unavailable_statuses", "unavailable_return_indicator"}
+    unknown_face = set(face) - FACE_KEYS
     if unknown_face:
         errors.append(f"face: unknown key(s) {', '.join(sorted(map(str, unknown_face)))}")
-    suspect = _int(face, "watchlist_suspect_points", 0, 100, errors, "face.", default=90)
+    suspect = _int(face, "watchlist_suspect_points", 0, 100, errors, "face.", default=60)
+    alone = face.get("match_alone_may_block", False)
+    if not isinstance(alone, bool):
+        errors.append("face.match_alone_may_block: true or false")
+        alone = False
     statuses = face.get("unavailable_statuses", ["UNAVAILABLE", "NO_FACE"])
     if not isinstance(statuses, list) or not set(statuses) <= FACE_STATUSES:
         errors.append(f"face.unavailable_statuses: a list of {', '.join(sorted(FACE_STATUSES))}")
@@ -269,7 +294,7 @@ def _face(data: dict, errors: list[str]) -> tuple[int | None, list[str], str | N
     indicator = face.get("unavailable_return_indicator", "no_photo_verification")
     if indicator is not None and indicator not in KNOWN_INDICATORS:
         errors.append(f"face.unavailable_return_indicator: unknown indicator {indicator!r}")
-    return suspect, statuses, indicator
+    return suspect, alone, statuses, indicator
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,9 @@ def test_faces_join_watchlist_matches_alert_and_rules_change_without_a_restart(j
     out.wait(lambda: {"t-face", "t-noface"} <= set(out.scored), 120, "both transactions scored")
     face = out.scored["t-face"]
     assert face["face_status"] == "MATCHED" and face["face_subject_id"] == "subj-e2e"
-    assert face["outcome"] == "BLOCK" and "watchlist_suspect" in face["reasons"]
+    assert face["outcome"] in ("REVIEW", "BLOCK") and "watchlist_suspect" in face["reasons"]
+    # a face match alone never blocks: a block needs other evidence (here the model's score may add it)
+    assert face["outcome"] == "REVIEW" or set(face["reasons"]) - {"watchlist_suspect"}, face["reasons"]
     out.wait(lambda: "watchlist:checkout:t-face:subj-e2e" in out.alerts, 30, "the watchlist alert")
     assert out.alerts["watchlist:checkout:t-face:subj-e2e"]["snapshot_ref"] == "checkout/t-face.jpg"
     late = out.scored["t-noface"]

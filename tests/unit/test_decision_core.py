@@ -306,13 +306,13 @@ def test_entrance_face_of_nobody_on_the_watchlist_raises_nothing():
     assert step == Step([], {}, None)
 
 
-def test_suspect_at_checkout_is_matched_and_blocked_with_a_watchlist_alert():
+def test_suspect_at_checkout_is_matched_and_sent_for_review_with_a_watchlist_alert_not_blocked():
     core = make_core()
     core.on_control(WATCH_TOPIC, b"subj-9", watch_entry("subj-9", SUSPECT_FACE), 0, 0)
     step = core.on_records([tx_record(sale("t1")), face_record("t1", embedding=SUSPECT_FACE)], NOW)
     out = scored(step)["t1"]
-    assert (out["face_status"], out["face_subject_id"], out["outcome"]) == ("MATCHED", "subj-9", "BLOCK")
-    assert {a["kind"] for a in alerts(step)} == {"BLOCKED_TRANSACTION", "WATCHLIST_MATCH"}
+    assert (out["face_status"], out["face_subject_id"], out["outcome"]) == ("MATCHED", "subj-9", "REVIEW")
+    assert {a["kind"] for a in alerts(step)} == {"WATCHLIST_MATCH"}
 
 
 def test_watchlist_tombstone_forgets_the_subject_and_the_buyer_face_on_that_receipt():

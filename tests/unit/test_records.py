@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from infra.settings import REPO_ROOT, Settings
-from jobs.scoring.rules import FaceResult
+from jobs.scoring.rules import Decision, FaceResult
 from jobs.scoring.scorer import Scorer, ScoringState
 from schemas.codec import DecodeError, codec, latest_versions
 from schemas.errors import CheckoutGuardError, InvalidRecord
@@ -185,6 +185,8 @@ def test_the_scorer_writes_exactly_the_typed_dict_keys() -> None:
     env = scorer.parse(sale("t1", amount=40).encode(), None, "transactions", 0, 1, T0)
     env, _ = scorer.observe(env, ScoringState())  # type: ignore[arg-type]
     scorer.decide_batch([env], faces=[FaceResult("MATCHED", "subj-t0", "SUSPECT", 91.5)])
+    blocked = Decision("BLOCK", 100, ("watchlist_suspect", "customer_mismatch"))
+    scorer._alert.encode(scorer.blocked_alert(env[0], blocked, FaceResult("MATCHED", "subj-t0", "SUSPECT", 91.5)))
     scorer.entrance(
         {"observation_id": "entrance:cam:1", "event_time": T0, "store_id": "store-001"},
         FaceResult("MATCHED", "subj-t0", "VIP", 90.0),

@@ -87,12 +87,24 @@ def test_weights_bands_and_face_rules_come_from_the_rule_set():
     assert decide(tx, {}, ModelResult(score=960), FaceResult(), rules).reasons == ("model_score>=950",)
     assert decide(tx, {}, ModelResult(score=599), FaceResult(), rules).reasons == ()
     suspect = FaceResult(status="MATCHED", category="SUSPECT", subject_id="s1", similarity=99.0)
-    assert decide(tx, {}, ModelResult(), suspect, rules).outcome == "BLOCK"
+    assert decide(tx, {}, ModelResult(), suspect, rules).outcome == "REVIEW"
+    assert decide(tx, {}, ModelResult(score=960), suspect, rules).outcome == "BLOCK"
     ret = return_of("r1", None).to_avro()
     assert "no_photo_verification" in decide(ret, {}, ModelResult(), FaceResult(status="NO_FACE"), rules).reasons
     assert "no_photo_verification" not in decide(ret, {}, ModelResult(), FaceResult(status="UNKNOWN"), rules).reasons
     strict = RuleSet.from_dict({**rules.to_dict(), "weights": {**rules.weights, "return_without_receipt": 90}})
     assert decide(ret, {"return_without_receipt": 1.0}, ModelResult(), FaceResult(), strict).outcome == "BLOCK"
+
+
+def test_a_rule_set_where_a_face_match_alone_would_block_is_refused_unless_explicitly_allowed():
+    data = RuleSet.default().to_dict()
+    data["face"] = {**data["face"], "watchlist_suspect_points": 90}
+    with pytest.raises(RuleSetError, match="a face match alone would block"):
+        RuleSet.from_dict(data)
+    data["face"]["match_alone_may_block"] = True
+    allowed = RuleSet.from_dict(data)
+    suspect = FaceResult(status="MATCHED", category="SUSPECT", subject_id="s1", similarity=99.0)
+    assert decide(sale("t1").to_avro(), {}, ModelResult(), suspect, allowed).outcome == "BLOCK"
 
 
 def test_rules_topic_update_carries_the_validated_yaml():

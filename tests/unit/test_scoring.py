@@ -181,12 +181,13 @@ def test_bad_input_becomes_a_dead_letter_with_its_origin():
     assert dl["payload"] == b"not avro at all" and dl["error_kind"] == "not_avro"
 
 
-def test_model_score_and_suspect_face_raise_risk():
+def test_a_suspect_face_alone_makes_review_and_with_a_high_model_score_blocks():
     tx = sale("t1").to_avro()
     rs = RuleSet.from_settings(RULES)
     assert decide(tx, {}, ModelResult(score=960), FaceResult(), rs).outcome == "REVIEW"
     face = FaceResult(status="MATCHED", category="SUSPECT", subject_id="s1", similarity=99.0)
-    assert decide(tx, {}, ModelResult(), face, rs).outcome == "BLOCK"
+    assert decide(tx, {}, ModelResult(), face, rs).outcome == "REVIEW"
+    assert decide(tx, {}, ModelResult(score=960), face, rs).outcome == "BLOCK"
 
 
 def test_state_objects_survive_pickling():
