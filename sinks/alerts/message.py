@@ -34,10 +34,16 @@ REASON_WORDS: dict[str, str] = {
 }
 MODEL_REASON_PREFIX = "model_score>="
 
+FACE_MATCH_ADVICE: dict[str, str] = {
+    "WATCHLIST_MATCH": "A face match is not proof: compare the two images yourself before anyone acts.",
+    "SUSPECT_ENTERED": "Please look, do not act: a face match alone is not proof of anything.",
+}
+"""What security is asked to do on a watch-list alert: verify, never act on the match alone."""
+
 TITLES: dict[str, str] = {
     "BLOCKED_TRANSACTION": "Transaction blocked",
-    "WATCHLIST_MATCH": "Watchlist match at a checkout",
-    "SUSPECT_ENTERED": "Suspect entered the store",
+    "WATCHLIST_MATCH": "Possible watchlist match at a checkout",
+    "SUSPECT_ENTERED": "Possible suspect entered the store",
     "VIP_ARRIVED": "VIP arrived",
     "MODEL_DRIFT": "Fraud model drift",
 }
@@ -137,6 +143,8 @@ def describe(alert: dict[str, Any], settings: AlertSettings) -> AlertText:
         who = f" {alert['category'].lower()}" if alert.get("category") else ""
         subject_id = f" {alert['subject_id']}" if alert.get("subject_id") else ""
         lines.append(("Face match", f"{alert['similarity']:.1f}% similar to{who}{subject_id}"))
+    if kind in FACE_MATCH_ADVICE:
+        lines.append(("Please", FACE_MATCH_ADVICE[kind]))
     footer = f"Alert {alert.get('alert_id', '')}, severity {alert.get('severity') or 'n/a'}."
     return AlertText(
         headline=f"{title} - {where}", lines=tuple(lines), link=dashboard_url(alert, settings), footer=footer

@@ -68,7 +68,8 @@ def test_face_match_shows_similarity_and_watchlist_category() -> None:
     rows = dict(text.lines)
     assert rows["Face match"] == "97.3% similar to suspect subj-tx-1"
     assert rows["Why"] == "face matches a person on the suspect watchlist"
-    assert text.headline.startswith("Watchlist match at a checkout")
+    assert text.headline.startswith("Possible watchlist match at a checkout")
+    assert "not proof" in rows["Please"], "security is asked to verify, not to act on the match"
 
 
 def test_entrance_alert_without_lane_amount_or_outcome_still_reads_well() -> None:
@@ -87,7 +88,8 @@ def test_entrance_alert_without_lane_amount_or_outcome_still_reads_well() -> Non
         AlertSettings(),
     )
     labels = [label for label, _ in text.lines]
-    assert text.headline == "Suspect entered the store - store S001"
+    assert text.headline == "Possible suspect entered the store - store S001"
+    assert dict(text.lines)["Please"].startswith("Please look, do not act")
     assert "Amount" not in labels and "Outcome" not in labels
     assert "Face match" in labels
 
