@@ -37,6 +37,7 @@ check: setup ## format check, lint (bugbear, complexity, length caps), type chec
 	@$(PY) -m ruff format --check $(LINT_DIRS)
 	@$(PY) -m ruff check $(LINT_DIRS)
 	@$(PY) -m mypy
+	@.venv/bin/cfn-lint infra/aws/*.yaml
 	@$(PY) -m pytest -q tests/unit
 
 run: setup train-default ## start the stack, the scoring job and the OpenSearch sink, drive live demo traffic (Ctrl-C stops)

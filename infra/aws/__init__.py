@@ -1,0 +1,1 @@
+"""CloudFormation templates for AWS (MSK, Managed Flink, OpenSearch Service, SES, ECS) and their generator."""

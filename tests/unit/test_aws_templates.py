@@ -1,0 +1,175 @@
+"""The AWS templates (infra/aws) against the code they deploy: nothing there is typed twice by hand.
+
+The MSK topics must be ``schemas/topics.py``'s, every ``CG_*`` name a template sets must be a setting
+(a typo would be silently ignored by pydantic-settings, leaving a default in production), and every ECS
+health check must ask the port ``infra.metrics`` opens for that process. Templates are read with cfn-lint's
+own decoder, which understands CloudFormation's short-form tags (``!Ref``, ``!Sub``...).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any, get_args
+
+import pytest
+from cfnlint.decode import decode
+from pydantic import BaseModel, SecretStr
+
+from infra import metrics
+from infra.aws import generate
+from infra.settings import KafkaSettings, MetricsSettings, Settings
+from schemas.topics import ALL_TOPICS, DEAD_LETTERS
+
+AWS_DIR = Path(generate.__file__).parent
+TEMPLATES = sorted(AWS_DIR.glob("*.yaml"))
+CG_NAME = re.compile(r"CG_[A-Z0-9_]+")
+
+
+def load(path: Path) -> dict[str, Any]:
+    template, problems = decode(str(path))
+    assert not problems, f"{path.name}: {problems}"
+    return template
+
+
+def resources(template: dict[str, Any], kind: str) -> dict[str, dict[str, Any]]:
+    return {name: r for name, r in template["Resources"].items() if r["Type"] == kind}
+
+
+def setting_names() -> dict[str, Any]:
+    """``CG_*`` name -> annotation of every setting, named the way ``Settings.to_env`` names them."""
+    names: dict[str, Any] = {}
+
+    def walk(prefix: str, model: type[BaseModel]) -> None:
+        for name, field in model.model_fields.items():
+            env = f"{prefix}__{name.upper()}" if prefix else name.upper()
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                walk(env, field.annotation)
+            else:
+                names[f"CG_{env}"] = field.annotation
+
+    walk("", Settings)
+    return names
+
+
+def set_names(node: Any, found: dict[str, set[str]] | None = None, kind: str = "") -> dict[str, set[str]]:
+    """``CG_*`` names a template sets -> how (``Environment``, ``Secrets``, ``PropertyMap``): the ``Name`` of
+    ECS environment and secret entries and the keys of Flink property maps, wherever they sit (``Fn::If`` too)."""
+    found = {} if found is None else found
+    if isinstance(node, dict):
+        if isinstance(node.get("Name"), str) and node["Name"].startswith("CG_"):
+            found.setdefault(node["Name"], set()).add(kind)
+        for key, value in node.items():
+            if key.startswith("CG_"):
+                found.setdefault(key, set()).add("PropertyMap")
+            set_names(value, found, key if key in ("Environment", "Secrets", "PropertyMap") else kind)
+    elif isinstance(node, list):
+        for item in node:
+            set_names(item, found, kind)
+    return found
+
+
+def substitute(value: Any, parameters: dict[str, str]) -> str:
+    """A plain string, or an ``Fn::Sub`` of parameters only, resolved."""
+    if isinstance(value, dict):
+        (text,) = value.values()
+        return re.sub(r"\$\{(\w+)\}", lambda m: parameters[m[1]], text)
+    return str(value)
+
+
+def test_setting_names_are_those_settings_export() -> None:
+    """The walk below names settings exactly as ``Settings.to_env`` does (which omits unset ones)."""
+    assert set(Settings().to_env()) <= set(setting_names())
+
+
+def test_msk_topics_are_the_topic_declarations() -> None:
+    template = load(AWS_DIR / "msk.yaml")
+    retention_ms = int(KafkaSettings().dead_letter_retention_days * 86_400_000)
+    assert int(template["Parameters"]["DeadLetterRetentionMs"]["Default"]) == retention_ms
+    parameters = {"TopicPrefix": "cg-test.", "DeadLetterRetentionMs": "1234"}
+    got = {}
+    for props in (r["Properties"] for r in resources(template, "AWS::MSK::Topic").values()):
+        assert props["ClusterArn"] == {"Ref": "Cluster"}
+        configs = props.get("Configs", {"Fn::Base64": "{}"})["Fn::Base64"]
+        got[substitute(props["TopicName"], parameters)] = (
+            props["PartitionCount"],
+            props["ReplicationFactor"],
+            json.loads(substitute(configs, parameters)),
+        )
+    want = {
+        spec.full_name("cg-test."): (
+            spec.partitions,
+            3,
+            {**spec.config, **({"retention.ms": "1234"} if spec is DEAD_LETTERS else {})},
+        )
+        for spec in ALL_TOPICS
+    }
+    assert got == want
+
+
+def test_msk_cluster_is_three_brokers_with_iam_tls_and_durable_defaults() -> None:
+    template = load(AWS_DIR / "msk.yaml")
+    (cluster,) = (r["Properties"] for r in resources(template, "AWS::MSK::Cluster").values())
+    assert cluster["NumberOfBrokerNodes"] == 3
+    assert cluster["ClientAuthentication"]["Sasl"]["Iam"]["Enabled"] is True
+    assert cluster["ClientAuthentication"]["Unauthenticated"]["Enabled"] is False
+    assert cluster["EncryptionInfo"]["EncryptionInTransit"] == {"ClientBroker": "TLS", "InCluster": True}
+    (config,) = (r["Properties"] for r in resources(template, "AWS::MSK::Configuration").values())
+    server = dict(line.split("=", 1) for line in config["ServerProperties"].splitlines() if line)
+    assert server["min.insync.replicas"] == "2"
+    assert server["default.replication.factor"] == "3"
+    assert server["unclean.leader.election.enable"] == "false"
+    assert server["auto.create.topics.enable"] == "false"
+
+
+def test_committed_topics_are_the_generators_output() -> None:
+    text = generate.MSK_TEMPLATE.read_text()
+    assert generate.render(text) == text, "msk.yaml is stale: run python -m infra.aws.generate"
+    assert generate.run(check=True) == 0
+
+
+def test_generator_refuses_a_template_without_its_markers() -> None:
+    with pytest.raises(ValueError, match="no generated block"):
+        generate.render("Resources: {}\n")
+
+
+@pytest.mark.parametrize("path", TEMPLATES, ids=lambda p: p.name)
+def test_every_cg_name_a_template_sets_or_mentions_is_a_setting(path: Path) -> None:
+    valid = setting_names()
+    named = set_names(load(path))
+    unknown = sorted(set(named) - set(valid))
+    assert not unknown, f"{path.name} sets variables that are no setting: {unknown}"
+    mentioned = sorted(set(CG_NAME.findall(path.read_text())) - set(valid))
+    assert not mentioned, f"{path.name} mentions variables that are no setting: {mentioned}"
+    secret = {name for name, annotation in valid.items() if SecretStr in (annotation, *get_args(annotation))}
+    in_clear = sorted(name for name, kinds in named.items() if name in secret and kinds != {"Secrets"})
+    assert not in_clear, f"{path.name} puts secrets in plain environment or properties: {in_clear}"
+
+
+def test_the_templates_set_settings_at_all() -> None:
+    """Guards the test above against a walk that silently finds nothing."""
+    assert "CG_KAFKA__BOOTSTRAP_SERVERS" in set_names(load(AWS_DIR / "flink.yaml"))
+    services = set_names(load(AWS_DIR / "services.yaml"))
+    assert services["CG_KAFKA__BOOTSTRAP_SERVERS"] == {"Environment"}
+    assert services["CG_WEBEX__BOT_TOKEN"] == {"Secrets"}
+
+
+def test_every_ecs_service_checks_the_health_port_infra_metrics_gives_it() -> None:
+    template = load(AWS_DIR / "services.yaml")
+    services = {
+        r["Properties"]["ServiceName"]: r["Properties"] for r in resources(template, "AWS::ECS::Service").values()
+    }
+    assert set(services) == set(metrics.PROCESSES) - {"scoring-job"}  # the job runs on Managed Flink
+    for name, service in services.items():
+        task = template["Resources"][service["TaskDefinition"]["Ref"]]["Properties"]
+        (container,) = task["ContainerDefinitions"]
+        assert container["Name"] == name
+        env = {e["Name"]: e["Value"] for e in container["Environment"] if "Name" in e}
+        settings = Settings(metrics=MetricsSettings(base_port=int(env["CG_METRICS__BASE_PORT"])))
+        port = metrics.port_of(settings, name)
+        command = " ".join(container["HealthCheck"]["Command"])
+        assert re.findall(r"//127\.0\.0\.1:(\d+)/healthz", command) == [str(port)], name
+        assert port in {m["ContainerPort"] for m in container["PortMappings"]}, name
+        assert container["Command"][:2] == ["python", "-m"] and find_spec(container["Command"][2]), name
