@@ -6,7 +6,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 LINT_DIRS := producers jobs sinks schemas infra tests
 
-.PHONY: help setup up down status topics reset lint check run test bench evaluate train backtest models train-default replay backtest-stream redrive labels chaos
+.PHONY: help setup up down status topics reset lint check run production test bench evaluate train backtest models train-default replay backtest-stream redrive labels chaos
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -42,6 +42,9 @@ check: setup ## format check, lint (bugbear, complexity, length caps), type chec
 
 run: setup train-default ## start the stack, the scoring job and the OpenSearch sink, drive live demo traffic (Ctrl-C stops)
 	@$(PY) -m infra.demo
+
+production: setup ## the real services only, supervised, against the configured Kafka/OpenSearch/...; ARGS="--only dashboard"
+	@$(PY) -m infra.production $(ARGS)
 
 test: setup ## run the test suite (e2e tests start the stack themselves)
 	@$(PY) -m pytest -q tests

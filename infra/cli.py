@@ -119,6 +119,16 @@ ENTRIES: tuple[Entry, ...] = (
         "cli",
         sections=("dashboard", "opensearch", "indices", "metrics"),
     ),
+    Entry(
+        "supervise",
+        "production mode: the real services, restarted on exit or bad health",
+        "infra.production",
+        "cli",
+        sections=(
+            *("supervisor", "metrics", "log", "kafka", "opensearch", "mqtt", "smtp", "webex", "alerts", "cameras"),
+            *("faces", "indices", "dashboard", "job", "rules", "model", "stack_dir", "bind_host", "java_home"),
+        ),
+    ),
     Entry("train", "fraud model: evaluate, then train", "jobs.model.train", "app", "train", _MODEL),
     Entry("evaluate", "fraud model: rolling-origin evaluation", "jobs.model.train", "app", "evaluate", _MODEL),
     Entry(

@@ -6,6 +6,9 @@ shows a live view of what lands in OpenSearch until Ctrl-C. Ctrl-C stops the gen
 the sink cleanly; the services keep running (``make down`` stops them) so the data stays to explore.
 Supervised (the default): a process that dies is started again with backoff, a bounded number of
 times per window; restarts are logged to ``<stack dir>/logs/supervisor.log`` and shown in the view.
+Kafka or OpenSearch going away while the view runs is shown in it ("unreachable at ..., waiting") and the
+view carries on when they are back. Every process the demo started (and any its processes left, found by
+:data:`infra.processes.MARKER`) is stopped at the end, a second Ctrl-C notwithstanding.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ import os
 import secrets
 import signal
 import time
-from typing import Annotated
+from collections.abc import Callable, Iterable
+from typing import Annotated, Any
 
 import httpx
 import typer
 from confluent_kafka import Consumer, KafkaException, TopicPartition
+from opensearchpy.exceptions import ConnectionError as OpenSearchConnectionError
 from pydantic import SecretStr
 from rich.console import Console, Group
 from rich.live import Live
@@ -31,6 +36,7 @@ from rich.table import Table
 from infra.clients import kafka as kafka_clients
 from infra.clients.opensearch import make_client
 from infra.launcher import Child, Supervisor, spawn, start_scoring_job
+from infra.processes import MARKER, Reaper, stop_children
 from infra.settings import REPO_ROOT, Settings, get_settings
 from infra.stack import ensure_topics, up
 from schemas.indices import index_name
@@ -48,69 +54,138 @@ from schemas.topics import (
 console = Console()
 
 
-def topic_size(consumer: Consumer, topic: str) -> int:
-    """Messages in a topic (sum of high watermarks; our topics are never truncated in a demo)."""
-    md = consumer.list_topics(topic, timeout=5).topics.get(topic)
-    if md is None:
-        return 0
-    total = 0
-    for p in md.partitions:
-        try:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5, cached=False)
-        except KafkaException:  # a topic just created has no leader for a moment: count it next time
-            continue
-        total += high - low
-    return total
+def topic_sizes(consumer: Consumer, topics: Iterable[str]) -> dict[str, int]:
+    """Messages per topic (sum of high watermarks; our topics are never truncated in a demo). One metadata
+    request for all: KafkaException when Kafka does not answer it (a caller says so and asks again later)."""
+    metadata = consumer.list_topics(timeout=5).topics
+    sizes = {}
+    for topic in topics:
+        total = 0
+        for p in metadata[topic].partitions if topic in metadata else ():
+            try:
+                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5, cached=False)
+            except KafkaException:  # no leader for a moment (a new topic, a broker restarting): next time
+                continue
+            total += high - low
+        sizes[topic] = total
+    return sizes
 
 
-def snapshot(settings: Settings, consumer: Consumer, client, supervisor: Supervisor) -> Group:
-    prefix, idx = settings.kafka.topic_prefix, settings.opensearch.index_prefix
-    tx_index = index_name(idx, "transactions")
+class Outages:
+    """Which backing service (Kafka, OpenSearch) the view cannot reach, since when: shown instead of a
+    traceback while it is away, dropped when it answers again. Each change is logged."""
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self.since: dict[str, tuple[float, str]] = {}
+        self.log = logger or logging.getLogger("infra.supervisor")
+
+    def note(self, service: str, address: str, reachable: bool, now: float) -> None:
+        if reachable:
+            if self.since.pop(service, None) is not None:
+                self.log.info("%s at %s answers again", service, address)
+        elif service not in self.since:
+            self.since[service] = (now, address)
+            self.log.warning("%s unreachable at %s, waiting", service, address)
+
+    def lines(self, now: float) -> list[str]:
+        return [
+            f"{service} unreachable at {address}, waiting ({now - since:.0f} s)"
+            for service, (since, address) in self.since.items()
+        ]
+
+
+VIEW_TOPICS = (
+    TRANSACTIONS,
+    CAMERA_EVENTS,
+    FACE_OBSERVATIONS,
+    SCORED_TRANSACTIONS,
+    ALERTS,
+    COMMANDS,
+    WATCHLIST,
+    DEAD_LETTERS,
+)
+
+
+def _kafka_table(settings: Settings, consumer: Consumer, outages: Outages, now: float) -> Table:
+    names = [spec.full_name(settings.kafka.topic_prefix) for spec in VIEW_TOPICS]
     counts = Table(title="Kafka topics", show_edge=False)
     counts.add_column("topic")
     counts.add_column("messages", justify="right")
-    for spec in (
-        TRANSACTIONS,
-        CAMERA_EVENTS,
-        FACE_OBSERVATIONS,
-        SCORED_TRANSACTIONS,
-        ALERTS,
-        COMMANDS,
-        WATCHLIST,
-        DEAD_LETTERS,
-    ):
-        counts.add_row(spec.full_name(prefix), f"{topic_size(consumer, spec.full_name(prefix)):,}")
+    try:
+        sizes: dict[str, int] | None = topic_sizes(consumer, names)
+    except KafkaException:
+        sizes = None
+    outages.note("Kafka", settings.kafka.bootstrap_servers, sizes is not None, now)
+    for name in names:
+        counts.add_row(name, "?" if sizes is None else f"{sizes[name]:,}")
+    return counts
+
+
+OUTCOMES_QUERY = {
+    "size": 0,
+    "aggs": {
+        "o": {"terms": {"field": "outcome"}, "aggs": {"a": {"sum": {"field": "amount"}}}},
+        "lat": {"percentiles": {"field": "ttdf_ms", "percents": [50, 99]}},
+    },
+}
+ALERTS_QUERY = {"size": 5, "sort": [{"event_time": "desc"}], "_source": ["event_time", "summary"]}
+
+
+def _opensearch_tables(settings: Settings, client) -> tuple[Table, Table, bool]:
+    """Outcomes and the latest alerts; False when OpenSearch did not answer (the tables are then empty)."""
+    tx_index = index_name(settings.opensearch.index_prefix, "transactions")
     outcomes = Table(title=f"OpenSearch {tx_index}", show_edge=False)
     outcomes.add_column("outcome")
     outcomes.add_column("documents", justify="right")
     outcomes.add_column("amount", justify="right")
-    with contextlib.suppress(Exception):
-        res = client.search(
-            index=tx_index,
-            body={
-                "size": 0,
-                "aggs": {
-                    "o": {"terms": {"field": "outcome"}, "aggs": {"a": {"sum": {"field": "amount"}}}},
-                    "lat": {"percentiles": {"field": "ttdf_ms", "percents": [50, 99]}},
-                },
-            },
-        )
+    alerts = Table(title="latest alerts", show_edge=False)
+    alerts.add_column("when")
+    alerts.add_column("summary")
+
+    def fill_outcomes(res: dict) -> None:
         for b in res["aggregations"]["o"]["buckets"]:
             outcomes.add_row(b["key"], f"{b['doc_count']:,}", f"{b['a']['value']:,.2f}")
         lat = res["aggregations"]["lat"]["values"]
         outcomes.caption = f"event->decision p50 {lat.get('50.0') or 0:.0f} ms, p99 {lat.get('99.0') or 0:.0f} ms"
-    alerts = Table(title="latest alerts", show_edge=False)
-    alerts.add_column("when")
-    alerts.add_column("summary")
-    with contextlib.suppress(Exception):
-        res = client.search(
-            index=index_name(idx, "alerts"),
-            body={"size": 5, "sort": [{"event_time": "desc"}], "_source": ["event_time", "summary"]},
-        )
+
+    def fill_alerts(res: dict) -> None:
         for hit in res["hits"]["hits"]:
             src = hit["_source"]
             alerts.add_row(time.strftime("%H:%M:%S", time.localtime(src["event_time"] / 1000)), src["summary"])
-    return Group(counts, outcomes, alerts, Panel(supervisor.describe(), title="processes (logs in .stack/logs/)"))
+
+    searches = (
+        (fill_outcomes, tx_index, OUTCOMES_QUERY),
+        (fill_alerts, index_name(settings.opensearch.index_prefix, "alerts"), ALERTS_QUERY),
+    )
+    for fill, index, body in searches:
+        try:
+            fill(client.search(index=index, body=body))
+        except OpenSearchConnectionError:  # refused, reset, timed out: OpenSearch is away
+            return outcomes, alerts, False
+        except Exception:  # no index yet, nothing to aggregate yet: an empty table
+            continue
+    return outcomes, alerts, True
+
+
+def snapshot(
+    settings: Settings, consumer: Consumer, client, supervisor: Supervisor, outages: Outages | None = None
+) -> Group:
+    """The view: topic sizes, outcomes and latest alerts from OpenSearch, the processes; a service that does
+    not answer is named at the top (``outages``) rather than ending the view."""
+    outages = outages or Outages()
+    now = time.monotonic()
+    counts = _kafka_table(settings, consumer, outages, now)
+    outcomes, alerts, opensearch_up = _opensearch_tables(settings, client)
+    outages.note("OpenSearch", settings.opensearch.url, opensearch_up, now)
+    parts: list[Any] = [
+        counts,
+        outcomes,
+        alerts,
+        Panel(supervisor.describe(), title="processes (logs in .stack/logs/)"),
+    ]
+    if outages.since:
+        parts.insert(0, Panel("\n".join(outages.lines(now)), title="waiting", style="bold yellow"))
+    return Group(*parts)
 
 
 SHARED_FACES = REPO_ROOT.parent / "shared" / "data" / "faces"
@@ -236,7 +311,37 @@ def main(
     up(settings)
     ensure_topics(settings)
     supervisor = _supervisor(settings, supervise)
-    _start_pipeline(settings, supervisor, rate, fraud_share)
+    # Every process of the run carries the marker (a caller's, when it set one): what a child left when it
+    # died (an orphaned JVM, a Python worker) is found and stopped at the end instead of running on.
+    os.environ.setdefault(MARKER, f"demo-{os.getpid()}-{secrets.token_hex(4)}")
+    reaper = Reaper()
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        _start_pipeline(settings, supervisor, rate, fraud_share)
+        _show(settings, supervisor, supervise, flag_every_s, lambda: stopping)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop short
+        console.print("Stopping the demo processes…")
+        left = stop_children(supervisor.children) + reaper.finish()
+        if left:
+            console.print(f"Also stopped {len(left)} processes still running after the process that started them:")
+            for line in left:
+                console.print(f"  {line}", markup=False, highlight=False)
+        console.print("Stopped. The services still run: `make status`, `make down`.")
+
+
+def _show(
+    settings: Settings, supervisor: Supervisor, supervise: bool, flag_every_s: float, stopping: Callable[[], bool]
+) -> None:
+    """The live view until ``stopping()``; Kafka or OpenSearch away is shown in it, and it goes on."""
     idx = settings.opensearch.index_prefix
     dash = settings.dashboard
     console.print(
@@ -253,32 +358,21 @@ def main(
         )
     )
     consumer = kafka_clients.consumer(settings, "checkout-guard-demo-view")
-    client = make_client(settings.opensearch)
-    stopping = False
+    client = make_client(settings.opensearch, timeout_s=5)
+    outages = Outages(supervisor.log)
     flagged: set[str] = set()
     next_flag = time.monotonic() + flag_every_s
-
-    def stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
     try:
         with Live(console=console, refresh_per_second=1) as live:
-            while not stopping:
+            while not stopping():
                 if time.monotonic() >= next_flag:
                     next_flag = time.monotonic() + flag_every_s
                     flag_a_blocked_transaction(settings, client, flagged)
                 supervisor.check()
-                live.update(snapshot(settings, consumer, client, supervisor))
+                live.update(snapshot(settings, consumer, client, supervisor, outages))
                 time.sleep(2)
-    except KeyboardInterrupt:
-        pass
     finally:
-        console.print("Stopping the demo processes…")
-        supervisor.stop()
         consumer.close()
-        console.print("Stopped. The services still run: `make status`, `make down`.")
 
 
 if __name__ == "__main__":

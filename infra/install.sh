@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs everything the local stack and the project need, from package registries only:
-#   - Debian packages (mosquitto, kcat, unzip; a JDK 17, Maven and python3.X-venv if missing; chromium
-#     for the browser tests, see CG_SETUP__BROWSER below)
+#   - Debian packages (mosquitto, kcat, unzip, prometheus; a JDK 17, Maven and python3.X-venv if missing;
+#     chromium for the browser tests, see CG_SETUP__BROWSER below)
 #   - the Python virtualenv .venv with the project installed editable (pyproject.toml, extra "dev")
 #   - the Kafka broker classpath (infra/kafka/pom.xml)          -> <stack>/lib/kafka
 #   - the Flink SQL Kafka connector jar                          -> <stack>/lib/flink
 #   - the job's own Flink operators (jobs/flink/java, javac)           -> <stack>/lib/flink-ext
+#   - Flink's Prometheus reporter, and ours that binds CG_BIND_HOST     -> <stack>/lib/flink-plugins/metrics-prometheus
+#     (jobs/flink/java-plugins/metrics-prometheus, javac)
 #   - the OpenSearch integ-test distribution                     -> <stack>/opensearch-<version>
 #
 # First it checks the machine (infra/install_checks.sh: Debian or Ubuntu, Python per requires-python,
@@ -42,6 +44,7 @@ pin() {
 }
 OPENSEARCH_VERSION="$(pin OPENSEARCH_VERSION)"
 FLINK_KAFKA_CONNECTOR="$(pin FLINK_KAFKA_CONNECTOR)"
+FLINK_METRICS_PROMETHEUS="$(pin FLINK_METRICS_PROMETHEUS)"
 MAVEN_DEPENDENCY_PLUGIN="$(pin MAVEN_DEPENDENCY_PLUGIN)"
 MVN_DEP="org.apache.maven.plugins:maven-dependency-plugin:${MAVEN_DEPENDENCY_PLUGIN}"
 
@@ -73,6 +76,9 @@ apt_pkgs=()
 have mosquitto || apt_pkgs+=(mosquitto)
 have kcat || apt_pkgs+=(kcat)
 have unzip || apt_pkgs+=(unzip)
+# The stack's own Prometheus (infra/stack.py runs the binary with its own config and port). The package's
+# system service (port 9090) is not started while installing (policy-rc.d below), and our stack never uses it.
+have prometheus || apt_pkgs+=(prometheus)
 # Kafka, Flink and OpenSearch 2.19 need Java 17..21 (24+ lacks the security manager), and the job's
 # operators are compiled: a JDK with javac, not only a JRE's java.
 JDK_PKG=openjdk-17-jdk-headless
@@ -108,6 +114,15 @@ ext_key_now() {
   # shellcheck disable=SC2086
   hash_of $ext_sources <(.venv/bin/python -c 'import pyflink; print(pyflink.__file__)'; printf '%s\n' "$JAVAC_VERSION_LINE")
 }
+# The job's Prometheus reporter, laid out as a Flink plugin folder (jobs/flink/job.py puts its jars on the local
+# mini-cluster's context class loader: PyFlink's mini-cluster has no plugin manager).
+plugin_dir="$STACK_DIR/lib/flink-plugins/metrics-prometheus"
+plugin_src=jobs/flink/java-plugins/metrics-prometheus
+plugin_files=$(find "$plugin_src" -type f | sort)
+plugin_key_now() {
+  # shellcheck disable=SC2086
+  hash_of $plugin_files <(printf '%s %s\n' "$FLINK_METRICS_PROMETHEUS" "$MVN_DEP"; printf '%s\n' "$JAVAC_VERSION_LINE")
+}
 todo=()
 [[ -x .venv/bin/python ]] && stamp_ok venv "$venv_key" || todo+=(venv)
 [[ -d "$STACK_DIR/lib/kafka" ]] && stamp_ok kafka "$kafka_key" || todo+=(kafka)
@@ -115,6 +130,9 @@ todo=()
 ext_key=""
 if [[ -n "$JDK_HOME" && " ${todo[*]} " != *" venv "* && -f "$ext_jar" ]]; then ext_key="$(ext_key_now)"; fi
 [[ -n "$ext_key" ]] && stamp_ok flink-ext "$ext_key" || todo+=(flink-ext)
+plugin_key=""
+if [[ -n "$JDK_HOME" && -d "$plugin_dir" ]]; then plugin_key="$(plugin_key_now)"; fi
+[[ -n "$plugin_key" ]] && stamp_ok flink-metrics "$plugin_key" || todo+=(flink-metrics)
 [[ -x "$os_home/bin/opensearch" ]] && stamp_ok opensearch "$os_key" || todo+=(opensearch)
 compgen -G "$faces_dir/*.jpg" >/dev/null && stamp_ok faces "$faces_key" || todo+=(faces)
 
@@ -154,6 +172,8 @@ if [[ -n "$PLAN_ONLY" ]] || ((${#apt_pkgs[@]} + ${#browser_pkg[@]} + ${#todo[@]}
         needs "$STACK_DIR" $SIZE_FLINK_MB "the Flink connector" ;;
       flink-ext) say "  $STACK_DIR/lib/flink-ext: the job's Java operators, compiled here (<1 MB)"
         needs "$STACK_DIR" $SIZE_FLINK_EXT_MB "the job's operators" ;;
+      flink-metrics) say "  $plugin_dir: $FLINK_METRICS_PROMETHEUS from Maven Central, and the job's reporter compiled here (<1 MB)"
+        needs "$STACK_DIR" 1 "the job's Prometheus reporter" ;;
       opensearch) say "  $os_home: OpenSearch $OPENSEARCH_VERSION from Maven Central (~$SIZE_OPENSEARCH_MB MB with its zip)"
         needs "$STACK_DIR" $SIZE_OPENSEARCH_MB "OpenSearch" ;;
       faces) say "  $STACK_DIR/faces: the face_recognition 1.3.0 test photos from PyPI (~3 MB)"
@@ -207,7 +227,7 @@ if ((${#apt_pkgs[@]})); then
     find_jdk /usr/lib/jvm || die "a JDK 17..21 is still missing after installing it: $JDK_PROBLEM"
   fi
 else
-  say "apt: mosquitto kcat unzip mvn$(have chromium && echo ' chromium') present, JDK $JAVAC_MAJOR ($JDK_HOME)"
+  say "apt: mosquitto kcat unzip prometheus mvn$(have chromium && echo ' chromium') present, JDK $JAVAC_MAJOR ($JDK_HOME)"
 fi
 if ((${#browser_pkg[@]})); then
   # In a subshell: a failure (no root, no package, apt error) ends it, not setup, unless BROWSER=yes.
@@ -282,6 +302,28 @@ else
   rm -rf "$STACK_DIR/lib/flink-ext.tmp/classes" "$STACK_DIR/lib/flink-ext"
   mv "$STACK_DIR/lib/flink-ext.tmp" "$STACK_DIR/lib/flink-ext"
   stamp_set flink-ext "$ext_key"
+fi
+
+# --- 4c. The job's Prometheus reporter: Flink's binds every interface, ours (a subclass) CG_BIND_HOST ------
+# Computed before when the JDK was already there (section 0); again when it was just installed.
+[[ -n "$plugin_key" ]] || plugin_key="$(plugin_key_now)"
+if [[ -d "$plugin_dir" ]] && stamp_ok flink-metrics "$plugin_key"; then
+  say "flink metrics reporter: up to date"
+else
+  say "flink metrics reporter: fetching $FLINK_METRICS_PROMETHEUS, compiling $plugin_src"
+  pyflink_lib="$(.venv/bin/python -c 'import os, pyflink; print(os.path.join(os.path.dirname(pyflink.__file__), "lib"))')"
+  rm -rf "$plugin_dir.tmp"
+  mkdir -p "$plugin_dir.tmp/classes"
+  (cd "$STACK_DIR" && quiet maven mvn -B "$MVN_DEP:copy" -Dartifact="$FLINK_METRICS_PROMETHEUS" \
+    -DoutputDirectory="$plugin_dir.tmp")
+  # shellcheck disable=SC2046
+  quiet javac "$JAVAC" --release 17 -nowarn -cp "$pyflink_lib/*:$plugin_dir.tmp/*" -d "$plugin_dir.tmp/classes" \
+    $(find "$plugin_src" -name '*.java' | sort)
+  quiet jar "$JDK_HOME/bin/jar" cf "$plugin_dir.tmp/checkout-guard-metrics.jar" -C "$plugin_dir.tmp/classes" . \
+    -C "$plugin_src" META-INF
+  rm -rf "$plugin_dir.tmp/classes" "$plugin_dir"
+  mv "$plugin_dir.tmp" "$plugin_dir"
+  stamp_set flink-metrics "$plugin_key"
 fi
 
 # --- 5. OpenSearch --------------------------------------------------------------------------------

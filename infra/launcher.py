@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from infra.settings import REPO_ROOT, Settings
 
 
@@ -39,13 +41,33 @@ class Child:
                 os.killpg(self.proc.pid, sig)
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM, then SIGKILL if it does not go in time; returns the exit code."""
+        """SIGTERM to the group, then SIGKILL if it does not go in time; returns the child's exit code.
+
+        Waits for the whole process group, not only the child: the job's JVM finishes its own shutdown
+        after the Python process that started it has exited, and must not be left running."""
+        deadline = time.monotonic() + timeout
         self.kill(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout)
+            code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill(signal.SIGKILL)
-            return self.proc.wait(10)
+            code = self.proc.wait(10)
+        while _group_members(self.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _group_members(self.proc.pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        return code
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live processes (not zombies) of process group ``pgid``."""
+    members = []
+    for proc in psutil.process_iter(["pid", "status"]):
+        with contextlib.suppress(psutil.Error, ProcessLookupError, PermissionError):
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                members.append(proc.pid)
+    return members
 
 
 def spawn(module: str, settings: Settings, *args: str, name: str | None = None) -> Child:

@@ -1,10 +1,14 @@
 """Prometheus metrics and health endpoints of every long-running process, defined once.
 
 Each process calls :func:`serve` once at start with its name from :data:`PROCESSES`: it then answers
-``GET /metrics`` (the Prometheus text format, prometheus-client's default registry) and ``GET /healthz``
-(200 while the process's health check passes, 503 with the reason when not) on ``CG_BIND_HOST`` and
+``GET /metrics`` (the Prometheus text format, prometheus-client's default registry), ``GET /healthz``
+(liveness: 200 while its loop makes progress, 503 when it hangs -- restarting it helps) and ``GET /readyz``
+(readiness: 503 also while a dependency it needs is unreachable -- restarting it would not help, so a
+supervisor acts on ``/healthz`` only; the reason is in both bodies) on ``CG_BIND_HOST`` and
 ``CG_METRICS__BASE_PORT`` + the process's offset. The scoring job's offset is taken by Flink's own
-Prometheus reporter (its metrics are named ``flink_*``). The local Prometheus scrapes exactly these
+Prometheus reporter (its metrics are named ``flink_*``; the job's own figures ``flink_..._checkout_guard_*``,
+see :mod:`jobs.flink.job_metrics`), subclassed to bind ``CG_BIND_HOST`` only (Flink's binds every interface;
+``jobs/flink/java-plugins``). The local Prometheus scrapes exactly these
 ports (:func:`scrape_targets`), so adding a process here is all it takes to have it scraped.
 
 The metric objects below are the only ones: a stage counts in batches (``inc(n)``), never per record
@@ -85,9 +89,10 @@ def _alive() -> tuple[bool, str]:
 
 
 class Heartbeat:
-    """A health check for a loop: healthy while :meth:`beat` was called within ``stale_s``. A loop that
+    """A health check for a loop: alive while :meth:`beat` was called within ``stale_s``. A loop that
     hangs (a stuck call, a dead thread) turns ``/healthz`` to 503, which a supervisor or an orchestrator
-    acts on; ``note`` says what the loop last reported (e.g. "Kafka unreachable")."""
+    acts on. ``problem`` (what the loop last reported, e.g. "Kafka unreachable") turns only ``/readyz``
+    to 503 (:meth:`ready`): the process is alive and waiting for its dependency."""
 
     def __init__(self, stale_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.stale_s, self.clock = stale_s, clock
@@ -98,9 +103,19 @@ class Heartbeat:
         self.last, self.problem = self.clock(), problem
 
     def __call__(self) -> tuple[bool, str]:
+        """Liveness: stale or not; a reported problem shows in the reason (``degraded: ...``) only."""
         age = self.clock() - self.last
         if age > self.stale_s:
             return False, f"no progress for {age:.0f} s"
+        if self.problem:
+            return True, f"degraded: {self.problem}"
+        return True, "ok"
+
+    def ready(self) -> tuple[bool, str]:
+        """Readiness: alive and no problem reported."""
+        alive, reason = self()
+        if not alive:
+            return alive, reason
         if self.problem:
             return False, self.problem
         return True, "ok"
@@ -113,14 +128,15 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
             self._reply(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
-        elif path == "/healthz":
+        elif path in ("/healthz", "/readyz"):
+            check = self.server.health if path == "/healthz" else self.server.ready
             try:
-                ok, reason = self.server.health()
+                ok, reason = check()
             except Exception as exc:  # a health check that raises says "unhealthy", it does not kill the server
                 ok, reason = False, f"health check failed: {type(exc).__name__}"
             self._reply(200 if ok else 503, f"{self.server.process} {'ok' if ok else 'unhealthy'}: {reason}\n".encode())
         else:
-            self._reply(404, b"not found: /metrics or /healthz\n")
+            self._reply(404, b"not found: /metrics, /healthz or /readyz\n")
 
     def _reply(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
         self.send_response(code)
@@ -136,8 +152,8 @@ class _Handler(BaseHTTPRequestHandler):
 class _MetricsServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], process: str, health: HealthCheck) -> None:
-        self.process, self.health = process, health
+    def __init__(self, address: tuple[str, int], process: str, health: HealthCheck, ready: HealthCheck) -> None:
+        self.process, self.health, self.ready = process, health, ready
         super().__init__(address, _Handler)
 
 
@@ -156,8 +172,15 @@ class Endpoint:
             self.server = None
 
 
-def serve(settings: Settings, process: str, health: HealthCheck | None = None, port: int | None = None) -> Endpoint:
-    """Start ``process``'s ``/metrics`` and ``/healthz`` server in a daemon thread.
+def serve(
+    settings: Settings,
+    process: str,
+    health: HealthCheck | None = None,
+    port: int | None = None,
+    ready: HealthCheck | None = None,
+) -> Endpoint:
+    """Start ``process``'s ``/metrics``, ``/healthz`` (``health``) and ``/readyz`` server in a daemon thread.
+    ``ready`` defaults to a :class:`Heartbeat`'s :meth:`~Heartbeat.ready`, else to ``health``.
 
     Off (``CG_METRICS__ENABLED=false``) or with the port taken (a second copy of the process, a test
     beside a running demo), the process runs on without an endpoint: a warning says so. ``port`` 0
@@ -166,7 +189,9 @@ def serve(settings: Settings, process: str, health: HealthCheck | None = None, p
     if not settings.metrics.enabled:
         return Endpoint(process, wanted, None)
     try:
-        server = _MetricsServer((settings.bind_host, wanted), process, health or _alive)
+        live = health or _alive
+        readiness = ready or (live.ready if isinstance(live, Heartbeat) else live)
+        server = _MetricsServer((settings.bind_host, wanted), process, live, readiness)
     except OSError as exc:
         log.warning(
             "metrics: %s cannot serve on %s:%d (%s); running without an endpoint",

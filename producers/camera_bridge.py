@@ -24,7 +24,13 @@ persistence is survived too. Output: ``camera_events`` / ``dead_letters``.
 Health: :meth:`CameraBridge.healthy` is false once paho's network thread has ended, the Kafka producer
 failed fatally, the MQTT broker refused our login, or a message could not even be dead-lettered;
 ``run`` then raises :class:`BridgeFailed` and the process logs why and exits with status 1, so a
-supervisor restarts it instead of it idling while looking alive.
+supervisor restarts it instead of it idling while looking alive. ``/healthz`` (``infra.metrics``) says the
+same, and also turns 503 while the MQTT broker is away ("MQTT unreachable") or Kafka deliveries wait to be
+retried ("Kafka unreachable").
+
+Metrics (stage ``camera-bridge``): MQTT messages in by kind (``raw_detections``, ``zone_count``, ``ignored``,
+``invalid``), camera events out by kind once Kafka acknowledged them, dead letters by error kind, and the
+queue depth ``delivery_retries``.
 
 Run: ``python -m producers.camera_bridge`` (Ctrl-C / SIGTERM stops after flushing).
 """
@@ -48,6 +54,7 @@ import paho.mqtt.client as mqtt
 import typer
 from confluent_kafka import KafkaError, KafkaException, Producer
 
+from infra import metrics
 from infra.clients import kafka as kafka_clients
 from infra.clock import now_ms
 from infra.logs import LOG_LEVEL_HELP, setup_logging
@@ -61,6 +68,8 @@ from schemas.topics import CAMERA_EVENTS, DEAD_LETTERS
 log = logging.getLogger("producers.camera_bridge")
 
 STAGE = "camera_bridge"
+PROCESS = "camera-bridge"
+"""The ``stage`` label of this process's metrics (its name in ``infra.metrics.PROCESSES``)."""
 _ZONE_RE = re.compile(r"[0-9]{1,20}")
 _BOX = ("x0", "y0", "x1", "y1")
 
@@ -100,6 +109,8 @@ class Outgoing:
     dead: bool
     key: bytes
     value: bytes
+    kind: str = ""
+    """Metric label: the event kind (``raw_detections``, ``zone_count``), or the dead letter's error kind."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,13 +295,13 @@ def convert(topic: str, payload: bytes, prefix: str, max_bytes: int, failed_at: 
         result = parse_message(topic, payload, prefix, max_bytes)
         if isinstance(result, Ignored):
             return result
-        return Outgoing(False, result.camera_serial.encode(), result.encode())
+        return Outgoing(False, result.camera_serial.encode(), result.encode(), result.kind.lower())
     except InvalidRecord as exc:
         error = exc
     except Exception as exc:  # the bridge must outlive any message; the dead letter says what happened
         error = InvalidRecord("invalid", f"cannot convert the message: {type(exc).__name__}: {str(exc)[:200]}")
     dl = mqtt_dead_letter(topic, payload, error, failed_at)
-    return Outgoing(True, dl.dead_letter_id.encode(), dl.encode())
+    return Outgoing(True, dl.dead_letter_id.encode(), dl.encode(), error.kind)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -377,6 +388,13 @@ class CameraBridge:
         self._retries: list[_Retry] = []
         self._failed: str | None = None
         self._running = self._stopping = False
+        self.heartbeat = metrics.Heartbeat()
+        """Beaten by :meth:`run` every turn with the problem of the moment (the process's ``/healthz``)."""
+        self._in = {
+            kind: metrics.RECORDS_IN.labels(PROCESS, kind)
+            for kind in ("raw_detections", "zone_count", "ignored", "invalid")
+        }
+        self._retry_depth = metrics.QUEUE_DEPTH.labels(PROCESS, "delivery_retries")
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2, client_id=client_id(settings), clean_session=False, manual_ack=True
         )
@@ -402,6 +420,18 @@ class CameraBridge:
 
     def healthy(self) -> bool:
         return self.failure() is None
+
+    def problem(self) -> str | None:
+        """What keeps the bridge from forwarding right now (``/healthz``): its failure, the MQTT broker
+        away, or Kafka not taking records (deliveries waiting for another attempt)."""
+        failure = self.failure()
+        if failure is not None:
+            return failure
+        if self._running and not self.connected.is_set():
+            return "MQTT unreachable"
+        if self.awaiting_retry:
+            return "Kafka unreachable"
+        return None
 
     @property
     def awaiting_retry(self) -> int:
@@ -449,6 +479,8 @@ class CameraBridge:
         self.stats.received += 1
         topic, payload = _topic_of(msg), bytes(msg.payload)
         out = convert(topic, payload, self.prefix, self.settings.job.max_message_bytes, now_ms())
+        # One message per paho callback: there is no batch to count, and MQTT rates are low.
+        self._in["ignored" if isinstance(out, Ignored) else "invalid" if out.dead else out.kind].inc()
         if isinstance(out, Ignored):
             ignored = self.stats.ignored
             ignored[out.what if out.what in ignored or len(ignored) < MAX_IGNORED_KINDS else OTHER_SUBTOPIC] += 1
@@ -468,7 +500,7 @@ class CameraBridge:
         """The dead letter of a message whose event Kafka will never take (e.g. too large)."""
         error = InvalidRecord(_refusal_kind(why), f"kafka refused the camera event: {str(why)[:200]}")
         dl = mqtt_dead_letter(_topic_of(msg), bytes(msg.payload), error, now_ms())
-        return Outgoing(True, dl.dead_letter_id.encode(), dl.encode())
+        return Outgoing(True, dl.dead_letter_id.encode(), dl.encode(), error.kind)
 
     def _produce(
         self, out: Outgoing, msg: mqtt.MQTTMessage, attempt: int, wait: Callable[[float], object] | None
@@ -484,8 +516,10 @@ class CameraBridge:
         if err is None:
             if out.dead:
                 self.stats.dead_lettered += 1
+                metrics.DEAD_LETTERS.labels(PROCESS, out.kind).inc()
             else:
                 self.stats.published += 1
+                metrics.RECORDS_OUT.labels(PROCESS, out.kind).inc()
             self._ack(msg)
             return
         self.stats.delivery_failed += 1
@@ -541,7 +575,10 @@ class CameraBridge:
                 self.service(0.1)
                 reason = self.failure()
                 if reason is not None:
+                    self.heartbeat.beat(reason)
                     raise BridgeFailed(reason)
+                self.heartbeat.beat(self.problem())
+                self._retry_depth.set(self.awaiting_retry)
                 if on_tick:
                     on_tick(self.stats)
         finally:
@@ -569,6 +606,7 @@ def main(log_level: str | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     last = [time.monotonic()]
     bridge = CameraBridge(settings)
+    endpoint = metrics.serve(settings, PROCESS, health=bridge.heartbeat)
 
     def report(stats: BridgeStats) -> None:
         if time.monotonic() - last[0] >= 30:
@@ -587,6 +625,8 @@ def main(log_level: str | None = None) -> None:
         status = serve(bridge, stop, report)
     except KeyboardInterrupt:
         status = 0
+    finally:
+        endpoint.close()
     raise SystemExit(status)
 
 

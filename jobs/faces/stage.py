@@ -28,6 +28,13 @@ longer than the producer's ``message.timeout.ms`` -- is produced again with back
 acknowledged, so the record's offset is committed only after its output is durable and reading resumes
 once the broker is back (a retried observation may land twice; every consumer is idempotent by its id).
 
+Metrics (``infra.metrics``, stage ``face-stage``): records in by kind (``transaction``, ``camera_event``),
+observations out by status (``no_match``, ``no_face``, ``unavailable``) once Kafka acknowledged them, dead
+letters by kind, ``cg_processing_seconds`` per trigger (snapshot, store, analysis), ``cg_face_analysis_seconds``
+per analysis and the queue depths ``snapshots`` (triggers in the pool), ``delivery_retries`` and
+``unacknowledged`` (records whose outputs Kafka has not acknowledged). ``/healthz`` turns 503 when the loop
+stops turning or while deliveries are failing ("Kafka unreachable").
+
 Run: ``python -m jobs.faces.stage``.
 """
 
@@ -48,7 +55,7 @@ from typing import Annotated, Any, Protocol
 import typer
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
-from infra import clock
+from infra import clock, metrics
 from infra.clients import kafka as kafka_clients
 from infra.clients.meraki import MerakiClient, Snapshot, SnapshotError, camera_for_lane, camera_location
 from infra.logs import LOG_LEVEL_HELP, setup_logging
@@ -64,6 +71,8 @@ from schemas.topics import CAMERA_EVENTS, DEAD_LETTERS, FACE_OBSERVATIONS, TRANS
 log = logging.getLogger("jobs.faces.stage")
 
 STAGE = "face_stage"
+PROCESS = "face-stage"
+"""The ``stage`` label of this process's metrics (its name in ``infra.metrics.PROCESSES``)."""
 CHECKOUT, ENTRANCE = "CHECKOUT", "ENTRANCE"
 STAGE_ERROR = "face_stage_error"
 """Dead-letter kind of a record the stage failed on for a reason other than the record being invalid."""
@@ -193,6 +202,7 @@ class FaceStage:
         self.entrances = EntranceTracker(int(settings.cameras.entrance_oid_window_s * 1000))
         self._analysis = threading.BoundedSemaphore(analysis_slots or settings.cameras.analysis_workers)
         self._max_lag_ms = int(settings.cameras.max_lag_s * 1000)
+        self._processing = metrics.PROCESSING_SECONDS.labels(PROCESS)
 
     def plan_transaction(self, value: bytes | None, now_ms: int) -> list[Trigger]:
         """The lane snapshot of a valid transaction; nothing for an invalid one (see module doc), including
@@ -233,7 +243,8 @@ class FaceStage:
         """Snapshot, store, analyse. Never raises for a failure of those: every one is an observation with a
         reason, an unexpected one (a bug in the engine, a malformed face) ``UNAVAILABLE`` naming its type."""
         try:
-            return self._observe(trigger, clock.now_ms() if now_ms is None else now_ms)
+            with metrics.timed(self._processing):
+                return self._observe(trigger, clock.now_ms() if now_ms is None else now_ms)
         except Exception as exc:
             log.exception("observing %s failed", trigger.observation_id)
             return _observation(trigger, "UNAVAILABLE", f"face analysis failed: {type(exc).__name__}")
@@ -262,7 +273,7 @@ class FaceStage:
             log.warning("storing the snapshot of %s failed: %s", trigger.observation_id, type(exc).__name__)
             notes.append(f"image not stored ({type(exc).__name__})")
         try:
-            with self._analysis:
+            with self._analysis, metrics.timed(metrics.FACE_ANALYSIS_SECONDS):  # the analysis, not the wait
                 faces = self.engine.analyse(snap.image)
         except Exception as exc:  # ImageError (corrupt, too big, wrong format) and anything dlib raises
             return obs("UNAVAILABLE", "; ".join([f"image unusable: {exc}", *notes]), image_ref=image_ref)
@@ -314,13 +325,16 @@ class Outgoing:
     offset: int
     stat: str
     attempt: int = 0
+    kind: str = ""
+    """Metric label once delivered: the observation's status, or the dead letter's error kind."""
 
 
 class FaceStageRunner:
     """Consumes, fans triggers out to a thread pool, produces observations, commits finished offsets.
 
     ``producer``/``consumer`` default to the configured Kafka clients (tests pass their own);
-    ``backoff`` spaces the re-sends of a failed delivery.
+    ``backoff`` spaces the re-sends of a failed delivery; ``heartbeat`` is beaten every loop turn (the
+    process's ``/healthz``).
     """
 
     def __init__(
@@ -331,9 +345,11 @@ class FaceStageRunner:
         producer: Any = None,
         consumer: Any = None,
         backoff: Backoff | None = None,
+        heartbeat: metrics.Heartbeat | None = None,
     ) -> None:
         self.settings = settings
         self.stage = stage
+        self.heartbeat = heartbeat or metrics.Heartbeat()
         prefix = settings.kafka.topic_prefix
         self.tx_topic = TRANSACTIONS.full_name(prefix)
         self.cam_topic = CAMERA_EVENTS.full_name(prefix)
@@ -358,6 +374,13 @@ class FaceStageRunner:
         """Failed deliveries by when to send them again; touched only by the polling thread."""
         self._seq = itertools.count()
         self._fatal: KafkaError | None = None
+        self._observing = 0
+        """Triggers handed to the pool whose result the polling thread has not drained yet."""
+        self._in = {kind: metrics.RECORDS_IN.labels(PROCESS, kind) for kind in ("transaction", "camera_event")}
+        self._depth = {
+            name: metrics.QUEUE_DEPTH.labels(PROCESS, name)
+            for name in ("snapshots", "delivery_retries", "unacknowledged")
+        }
         if producer is None:  # not ``or``: a Producer with an empty queue is falsy (``len``)
             producer = kafka_clients.producer(settings, kafka_clients.RELIABLE, client_id="checkout-guard-face-stage")
         if consumer is None:
@@ -399,9 +422,11 @@ class FaceStageRunner:
         try:
             if tp[0] == self.tx_topic:
                 self.stats["transactions"] += 1
+                self._in["transaction"].inc()  # one record per loop turn: poll() hands out one at a time
                 triggers = self.stage.plan_transaction(value, clock.now_ms())
             else:
                 self.stats["camera_events"] += 1
+                self._in["camera_event"].inc()
                 triggers = self.stage.plan_camera_event(value)
         except InvalidRecord as exc:
             self.offsets.add(tp, offset, 1)
@@ -413,6 +438,7 @@ class FaceStageRunner:
             self._dead_letter(msg, InvalidRecord(STAGE_ERROR, f"planning failed: {type(exc).__name__}"))
             return
         self.offsets.add(tp, offset, len(triggers))
+        self._observing += len(triggers)
         for trigger in triggers:
             future = self._pool.submit(self.stage.observe, trigger)
             future.add_done_callback(lambda f, msg=msg: self._done.put((msg, _outcome(f))))
@@ -436,7 +462,13 @@ class FaceStageRunner:
         )
         self._send(
             Outgoing(
-                self.dlq_topic, dl.dead_letter_id.encode(), dl.encode(), (topic, partition), offset, "dead_letters"
+                self.dlq_topic,
+                dl.dead_letter_id.encode(),
+                dl.encode(),
+                (topic, partition),
+                offset,
+                "dead_letters",
+                kind=error.kind,
             )
         )
 
@@ -445,6 +477,10 @@ class FaceStageRunner:
             if err is None:
                 self.stats[out.stat] += 1
                 self.offsets.done(out.tp, out.offset)
+                if out.stat == "dead_letters":
+                    metrics.DEAD_LETTERS.labels(PROCESS, out.kind).inc()
+                else:
+                    metrics.RECORDS_OUT.labels(PROCESS, out.kind).inc()
                 return
             self.stats["failed"] += 1
             if err.fatal():  # the producer is unusable: stop, a restart redoes the uncommitted records
@@ -485,7 +521,10 @@ class FaceStageRunner:
                 self._backpressure(consumer)
                 if time.monotonic() - last_commit >= 0.5:
                     self._commit(consumer)
+                    self._report_queues()
                     last_commit = time.monotonic()
+                # Failed deliveries waiting to be sent again: the broker is not taking our records.
+                self.heartbeat.beat("Kafka unreachable" if self._retries else None)
                 if on_tick:
                     on_tick(self.stats)
         finally:
@@ -494,7 +533,14 @@ class FaceStageRunner:
             self._producer.flush(15)
             self._commit(consumer)
             consumer.close()
+            self._report_queues()
         return self.stats
+
+    def _report_queues(self) -> None:
+        """Queue depths, set twice a second (with the commit), not per record."""
+        self._depth["snapshots"].set(self._observing)
+        self._depth["delivery_retries"].set(len(self._retries))
+        self._depth["unacknowledged"].set(self.offsets.in_flight)
 
     def _drain(self) -> None:
         while True:
@@ -502,6 +548,7 @@ class FaceStageRunner:
                 msg, result = self._done.get_nowait()
             except queue.Empty:
                 return
+            self._observing -= 1
             if isinstance(result, FaceObservation):
                 try:
                     key, value = result.camera_serial.encode(), result.encode()
@@ -509,7 +556,8 @@ class FaceStageRunner:
                     result = exc
                 else:
                     tp = (msg.topic() or "", msg.partition() or 0)
-                    self._send(Outgoing(self.obs_topic, key, value, tp, msg.offset() or 0, "observations"))
+                    status = result.status.lower()
+                    self._send(Outgoing(self.obs_topic, key, value, tp, msg.offset() or 0, "observations", kind=status))
                     continue
             log.error(
                 "observing %s:%s:%s failed: %s", msg.topic(), msg.partition(), msg.offset(), type(result).__name__
@@ -549,10 +597,15 @@ def build_stage(settings: Settings) -> tuple[FaceStage, MerakiClient]:
     return stage, client
 
 
-def run_face_stage(settings: Settings, stop: threading.Event, on_tick: Callable[[dict], None] | None = None) -> dict:
+def run_face_stage(
+    settings: Settings,
+    stop: threading.Event,
+    on_tick: Callable[[dict], None] | None = None,
+    heartbeat: metrics.Heartbeat | None = None,
+) -> dict:
     stage, client = build_stage(settings)
     try:
-        return FaceStageRunner(settings, stage).run(stop, on_tick)
+        return FaceStageRunner(settings, stage, heartbeat=heartbeat).run(stop, on_tick)
     finally:
         client.close()
 
@@ -570,10 +623,14 @@ def main(log_level: str | None = None) -> None:
             last[0] = time.monotonic()
             log.info("%s", stats)
 
+    heartbeat = metrics.Heartbeat()
+    endpoint = metrics.serve(settings, PROCESS, health=heartbeat)
     try:
-        run_face_stage(settings, stop, report)
+        run_face_stage(settings, stop, report, heartbeat)
     except KeyboardInterrupt:
         stop.set()
+    finally:
+        endpoint.close()
 
 
 cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

@@ -27,6 +27,13 @@ in effect changes nothing (audited as ``UNCHANGED``); a command or alert already
 after a consumer-group offset reset; the audit topic is read at startup) is skipped. Logs carry ids and
 outcomes, never images or embeddings.
 
+Metrics (``infra.metrics``, stage ``watchlist-service``): inputs by kind (the command verb ``fraud``,
+``vip``, ``forget``, ``checkout``, ``status``, ``help``; ``alert``; ``invalid`` when undecodable), records out
+once their transaction committed (``watchlist``, ``watchlist_tombstone``, ``audit``), dead letters by error
+kind (``unauthorized`` for a refused command, ``no_face``, ``invalid_id``...) and ``cg_processing_seconds``
+per input. ``/healthz`` turns 503 when the loop stalls or while a transaction is being retried because
+Kafka is away ("Kafka unreachable").
+
 Run: ``python -m jobs.faces.watchlist_service`` (SIGTERM stops after the current record).
 """
 
@@ -42,7 +49,7 @@ from typing import Annotated, Any
 import typer
 from confluent_kafka import KafkaException
 
-from infra import clock
+from infra import clock, metrics
 from infra.clients.image_store import ImageStore
 from infra.command_auth import authenticate_command
 from infra.logs import LOG_LEVEL_HELP, setup_logging
@@ -59,6 +66,8 @@ from schemas.topics import ALERTS, AUDIT, COMMANDS, DEAD_LETTERS, WATCHLIST, Top
 log = logging.getLogger("jobs.faces.watchlist_service")
 
 STAGE = "watchlist_service"
+PROCESS = "watchlist-service"
+"""The ``stage`` label of this process's metrics (its name in ``infra.metrics.PROCESSES``)."""
 SERVICE_ACTOR = "watchlist-service"
 CATEGORY = {"FRAUD": "SUSPECT", "VIP": "VIP"}
 REKOGNITION_REFUSALS = {
@@ -80,6 +89,8 @@ class Out:
     topic: TopicSpec
     key: bytes
     value: bytes | None
+    reason: str | None = None
+    """A dead letter's error kind (its metric label)."""
 
 
 @dataclass(frozen=True)
@@ -150,7 +161,9 @@ class WatchlistCore:
         try:
             cmd = BotCommand.decode(src.value or b"")
         except DecodeError as exc:
+            metrics.RECORDS_IN.labels(PROCESS, "invalid").inc()
             return [self._dead_letter(src, exc, now_ms)]
+        metrics.RECORDS_IN.labels(PROCESS, cmd.verb.lower()).inc()  # an Avro enum: six values at most
         if cmd.verb not in ("FRAUD", "VIP", "FORGET"):
             return self._not_ours(src, cmd, now_ms)
         if f"command:{cmd.command_id}" in self.done:
@@ -219,7 +232,9 @@ class WatchlistCore:
         try:
             alert = Alert.decode(src.value or b"")
         except DecodeError as exc:
+            metrics.RECORDS_IN.labels(PROCESS, "invalid").inc()
             return [self._dead_letter(src, exc, now_ms)]
+        metrics.RECORDS_IN.labels(PROCESS, "alert").inc()
         if not alert.snapshot_ref or f"retain:{alert.alert_id}" in self.done:
             return []
         audit = {
@@ -364,7 +379,7 @@ class WatchlistCore:
             stage=STAGE,
             failed_at=now_ms,
         )
-        return Out(DEAD_LETTERS, dl.dead_letter_id.encode(), dl.encode())
+        return Out(DEAD_LETTERS, dl.dead_letter_id.encode(), dl.encode(), reason=error.kind)
 
 
 PUBLISH_RETRY_S = 240.0
@@ -373,6 +388,9 @@ PUBLISH_RETRY_S = 240.0
 
 class WatchlistService:
     """Kafka wiring around ``WatchlistCore``: startup replay, transactional consume-process-produce."""
+
+    heartbeat: metrics.Heartbeat | None = None
+    """Beaten every loop turn and while a transaction is retried (``/healthz``); set by ``__init__``."""
 
     def __init__(self, settings: Settings, core: WatchlistCore | None = None) -> None:
         from infra.clients import kafka as kafka_clients
@@ -394,6 +412,8 @@ class WatchlistService:
         }
         self._stop = False
         self._next_purge = 0.0
+        self.heartbeat = metrics.Heartbeat()
+        self._processing = metrics.PROCESSING_SECONDS.labels(PROCESS)
 
     def stop(self, *_: object) -> None:
         self._stop = True
@@ -418,12 +438,15 @@ class WatchlistService:
 
         loaded = self.replay(WATCHLIST, self.core.load)
         log.info("watchlist replayed: %d records, %d subjects", loaded, len(self.core.entries))
+        self._beat(None)
         audited = self.replay(AUDIT, lambda key, _value: self.core.load_audit(key))
         log.info("audit replayed: %d records", audited)
+        self._beat(None)  # each replay may take its whole timeout: the start is progress too
         self.producer.init_transactions(30)
         self.consumer.subscribe(list(self.topics))
         try:
             while not self._stop:
+                self._beat(None)
                 self._maybe_purge()
                 msg = self.consumer.poll(0.5)
                 if msg is None:
@@ -434,8 +457,9 @@ class WatchlistService:
                 src = Source(
                     msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), tuple(msg.headers() or ())
                 )
-                outs = self.topics[msg.topic()](src, clock.now_ms())
-                self._publish(outs, [TopicPartition(msg.topic(), msg.partition(), msg.offset() + 1)])
+                with metrics.timed(self._processing):
+                    outs = self.topics[msg.topic()](src, clock.now_ms())
+                    self._publish(outs, [TopicPartition(msg.topic(), msg.partition(), msg.offset() + 1)])
         finally:
             self.consumer.close()
 
@@ -461,11 +485,13 @@ class WatchlistService:
         while outs:
             try:
                 self._transaction(outs)
+                self._count(outs)
                 break
             except KafkaException as exc:
                 err = exc.args[0]
                 if err.fatal() or self._stop or time.monotonic() > give_up_at:
                     raise
+                self._beat("Kafka unreachable")
                 log.warning("publishing failed (%s); aborting and trying again", err.str())
                 with contextlib.suppress(KafkaException):  # nothing to abort is fine too
                     self.producer.abort_transaction(30)
@@ -473,6 +499,20 @@ class WatchlistService:
                 attempt += 1
         if offsets:  # never blocks; one that fails is covered by the next one, or replayed as a no-op
             self.consumer.commit(offsets=offsets, asynchronous=True)
+
+    def _beat(self, problem: str | None) -> None:
+        if self.heartbeat is not None:  # None only for a service built without __init__ (tests)
+            self.heartbeat.beat(problem)
+
+    @staticmethod
+    def _count(outs: list[Out]) -> None:
+        """Count a committed transaction's records: dead letters by reason, the others by kind."""
+        for out in outs:
+            if out.topic == DEAD_LETTERS:
+                metrics.DEAD_LETTERS.labels(PROCESS, out.reason or "unknown").inc()
+            else:
+                kind = out.topic.name if out.value is not None else f"{out.topic.name}_tombstone"
+                metrics.RECORDS_OUT.labels(PROCESS, kind).inc()
 
     def _transaction(self, outs: list[Out]) -> None:
         self.producer.begin_transaction()
@@ -493,7 +533,11 @@ def main(log_level: str | None = None) -> None:
     service = WatchlistService(settings)
     signal.signal(signal.SIGTERM, service.stop)
     signal.signal(signal.SIGINT, service.stop)
-    service.run()
+    endpoint = metrics.serve(settings, PROCESS, health=service.heartbeat)
+    try:
+        service.run()
+    finally:
+        endpoint.close()
 
 
 cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

@@ -35,8 +35,9 @@ from pyflink.datastream import DataStream, StreamExecutionEnvironment
 from pyflink.table import DataTypes, Schema, StreamTableEnvironment, TableDescriptor
 
 from infra.logs import LOG_LEVEL_HELP, setup_logging
+from infra.metrics import port_of
 from infra.settings import REPO_ROOT, Settings, get_settings
-from infra.stack import flink_connector_jars, flink_ext_jar
+from infra.stack import StackError, StackPaths, flink_connector_jars, flink_ext_jar
 from jobs.flink.operator import BROADCAST, DecideStep
 from schemas.topics import (
     ALERTS,
@@ -227,8 +228,56 @@ def _check_execution_mode(settings: Settings) -> None:
         )
 
 
+REPORTER = "prom"
+REPORTER_FACTORY = "checkoutguard.flink.metrics.BoundPrometheusReporterFactory"
+"""Flink's Prometheus reporter, subclassed to bind one host (``jobs/flink/java-plugins/metrics-prometheus``):
+Flink 2.2's own ``PrometheusReporter`` listens on every interface and has no host option."""
+REPORTER_JAR = Path("metrics-prometheus") / "checkout-guard-metrics.jar"
+
+
+def reporter_plugins(settings: Settings) -> Path:
+    """The Flink plugins folder holding the job's Prometheus reporter (installed by infra/install.sh)."""
+    plugins = StackPaths.of(settings).flink_plugins
+    if not (plugins / REPORTER_JAR).is_file():
+        raise StackError(
+            "the job's Prometheus reporter is not installed: run `make setup` (or CG_METRICS__ENABLED=false)"
+        )
+    return plugins
+
+
+def reporter_options(settings: Settings) -> dict[str, str]:
+    """The Prometheus reporter on the scoring job's metrics port and ``bind_host``; none when metrics are off."""
+    if not settings.metrics.enabled:
+        return {}
+    reporter_plugins(settings)
+    prefix = f"metrics.reporter.{REPORTER}."
+    return {
+        "metrics.reporters": REPORTER,
+        prefix + "factory.class": REPORTER_FACTORY,
+        prefix + "host": settings.bind_host or "0.0.0.0",
+        prefix + "port": str(port_of(settings, "scoring-job")),
+    }
+
+
+def _with_reporter(settings: Settings) -> None:
+    """Make the Prometheus reporter loadable by the mini-cluster, before it starts (``execute_async``).
+
+    PyFlink's local executor builds its MiniCluster without a plugin manager (``PerJobMiniClusterFactory``
+    never sets one, so ``FLINK_PLUGINS_DIR`` is never read): Flink then looks reporter factories up only with
+    ``ServiceLoader`` on the submitting thread's context class loader. The plugin folder's jars (Flink's
+    reporter and our subclass) go there, as PyFlink does with connector jars; not into ``pipeline.jars``:
+    the reporter runs in the cluster, not in the job."""
+    if not settings.metrics.enabled:
+        return
+    from pyflink.util.java_utils import add_jars_to_context_class_loader
+
+    jars = sorted((reporter_plugins(settings) / REPORTER_JAR.parent).glob("*.jar"))
+    add_jars_to_context_class_loader([jar.resolve().as_uri() for jar in jars])
+
+
 def flink_options(settings: Settings, restore_from: Path | None) -> dict[str, str]:
-    """The mini-cluster's configuration; every server it starts (REST, BLOB, RPC) binds to ``bind_host``."""
+    """The mini-cluster's configuration; every server it starts (REST, BLOB, RPC, the Prometheus reporter's)
+    binds to ``bind_host``."""
     _check_execution_mode(settings)
     job = settings.job
     values = {
@@ -256,6 +305,7 @@ def flink_options(settings: Settings, restore_from: Path | None) -> dict[str, st
         "jobmanager.bind-host": settings.bind_host,  # the BLOB server (0.0.0.0 without it) and RPC
         "taskmanager.bind-host": settings.bind_host,
         "taskmanager.host": _client_host(settings.bind_host),
+        **reporter_options(settings),
     }
     if job.python_execution_mode == "thread":
         # The embedded (PEMJA) interpreter does not start from our venv: give it its packages.
@@ -414,6 +464,7 @@ def main(settings: Settings | None = None, log_level: str | None = None) -> None
     t_env = StreamTableEnvironment.create(env)
     out = build_pipeline(kafka_source(t_env, settings), settings, broadcast_source(t_env, settings))
     kafka_sink(t_env, out, settings)
+    _with_reporter(settings)
     client = env.execute_async("checkout-guard-scoring")
     run_until_done(client, settings)
 

@@ -21,6 +21,7 @@ from pyflink.datastream.state import MapStateDescriptor
 from infra.clock import now_ms
 from infra.settings import Settings
 from jobs.flink.frames import OutputBatch, unpack_records
+from jobs.flink.job_metrics import JobMetrics
 from jobs.scoring.core import LEGACY_BATCH, MAPS, DecisionCore, OutRow, Step, Writes
 
 __all__ = ["BROADCAST", "LEGACY_BATCH", "DecideStep", "FrozenState", "commit"]
@@ -63,6 +64,10 @@ class DecideStep(KeyedBroadcastProcessFunction):
         }
         self.loaded = False
         self.heap = FrozenState()
+        self.metrics: JobMetrics | None = None
+        if self.settings.metrics.enabled:
+            thread_mode = self.settings.job.python_execution_mode == "thread"
+            self.metrics = JobMetrics(runtime_context.get_metrics_group(), thread_mode=thread_mode)
         self.core.bootstrap()
 
     def _load(self, ctx) -> None:
@@ -81,10 +86,15 @@ class DecideStep(KeyedBroadcastProcessFunction):
             ctx.timer_service().register_processing_time_timer(timer)
 
     def _finish(self, step: Step, ctx) -> bytes | None:
-        """Write the step's state changes, register its timer; its outputs as one batch, if any."""
+        """Write the step's state changes, register its timer, report the metrics; its outputs as one batch, if any."""
         commit(self.maps, step.writes)
         self._register(ctx, step.timer)
+        self._report()
         return _pack(step.outputs)
+
+    def _report(self) -> None:
+        if self.metrics is not None:
+            self.metrics.report(self.core.stats)
 
     # --- inputs --------------------------------------------------------------------------------
     def process_element(self, batch: Any, ctx: KeyedBroadcastProcessFunction.ReadOnlyContext):
@@ -106,6 +116,8 @@ class DecideStep(KeyedBroadcastProcessFunction):
         key = bytes(row[0]) if row[0] is not None else None
         value = bytes(row[1]) if row[1] is not None else None
         outputs, update = self.core.on_control(row[2], key, value, row[3], row[4])
+        if outputs:
+            self._report()  # a rejected update's dead letter
         out = _pack(outputs)
         if out is not None:
             yield out

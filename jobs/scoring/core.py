@@ -139,6 +139,9 @@ class DecisionCore:
         self.settings = settings
         job = settings.job
         self.scorer = Scorer(settings, predictor=predictor, clock=clock)
+        self.stats = self.scorer.stats
+        """Counts and timings for the job's metrics (:mod:`jobs.scoring.stats`), shared with the scorer: it counts
+        decisions, dead letters and model calls, this object the records taken and the face waits."""
         self.join = FaceJoin(job.face_deadline_ms, job.early_face_ttl_ms)
         self.watchlist = watchlist
         self.state: ScoringState | None = None
@@ -229,10 +232,15 @@ class DecisionCore:
         outputs: list[OutRow] = []
         ready = self.restored_ready
         self.restored_ready = []
+        taken = transactions = 0
+        tx_topic = self.tx_topic
         for record in records:
+            taken += 1
+            transactions += record.topic == tx_topic
             item = self._take(record, state, now_ms, outputs)
             if item is not None:
                 ready.append(item)
+        self.stats.count_records(taken, transactions)
         self._decide(ready, outputs)
         state.bound_newest(now_ms)  # the sweep's "now" too, even in a call without transactions
         self._persist(state.expire_customers(self.settings.rules.customer_retention_days * 86_400_000))
@@ -375,6 +383,8 @@ class DecisionCore:
         A call that raises is made again per transaction: the others are decided, the failing ones
         dead-lettered (deciding again is safe: it only sets what the first try set).
         """
+        if ready and self.join.enabled:
+            self.stats.face_wait_ms.extend(item.waited_ms for item in ready if item.waited_ms is not None)
         size = max(1, self.settings.job.batch_size)
         for start in range(0, len(ready), size):
             chunk = ready[start : start + size]

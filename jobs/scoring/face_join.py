@@ -44,6 +44,9 @@ class Seen:
 class Ready:
     env: Envelope
     seen: Seen
+    waited_ms: int | None = None
+    """How long the transaction waited in the join for its face (0: the face came first); ``None``: no join,
+    or unknown (restored from an older checkpoint)."""
 
 
 TRIGGERS = ("CHECKOUT", "ENTRANCE", "COMMAND")
@@ -110,7 +113,7 @@ class FaceJoin:
             return Ready(env, unavailable("face-join-off", now_ms)), []
         seen = self.early.pop(tx_id, None)
         if seen is not None:
-            return Ready(env, seen), [(EARLY_FACES, tx_id, None)]
+            return Ready(env, seen, 0), [(EARLY_FACES, tx_id, None)]
         entry = (env, now_ms + self.deadline_ms)
         self.pending[tx_id] = entry
         return None, [(PENDING, tx_id, entry)]
@@ -118,7 +121,7 @@ class FaceJoin:
     def on_observation(self, tx_id: str, seen: Seen) -> tuple[Ready | None, list[Write]]:
         entry = self.pending.pop(tx_id, None)
         if entry is not None:
-            return Ready(entry[0], seen), [(PENDING, tx_id, None)]
+            return Ready(entry[0], seen, self._waited(entry[1], seen.arrived_ms)), [(PENDING, tx_id, None)]
         if not self.enabled:
             return None, []
         self.early[tx_id] = seen
@@ -131,13 +134,17 @@ class FaceJoin:
         for tx_id, (env, deadline) in list(self.pending.items()):
             if deadline <= now_ms:
                 del self.pending[tx_id]
-                ready.append(Ready(env, unavailable("face-deadline", now_ms)))
+                ready.append(Ready(env, unavailable("face-deadline", now_ms), self._waited(deadline, now_ms)))
                 writes.append((PENDING, tx_id, None))
         for tx_id, seen in list(self.early.items()):
             if seen.arrived_ms + self.early_ttl_ms <= now_ms:
                 del self.early[tx_id]
                 writes.append((EARLY_FACES, tx_id, None))
         return ready, writes
+
+    def _waited(self, deadline: int, released_ms: int) -> int:
+        """From when the transaction was held (its deadline less the wait allowed) to its release."""
+        return max(0, released_ms - (deadline - self.deadline_ms))
 
     def next_deadline(self) -> int | None:
         return min((d for _, d in self.pending.values()), default=None)

@@ -38,6 +38,7 @@ from jobs.scoring.features import (
     transaction_indicators,
 )
 from jobs.scoring.rules import Decision, FaceResult, ModelResult, RuleSet, decide
+from jobs.scoring.stats import JobStats
 from jobs.scoring.validation import parse_transaction
 from schemas.codec import codec
 from schemas.errors import InvalidRecord
@@ -159,6 +160,8 @@ class Scorer:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        self.stats = JobStats()
+        """Decisions by outcome, dead letters by kind, model call times: the job's metrics report them."""
         self.rules = settings.rules
         self.rule_set = RuleSet.from_settings(settings.rules)
         self.predictor = predictor or Predictor()
@@ -209,6 +212,7 @@ class Scorer:
         dead_letter_id: str | None = None,
     ) -> OutRow:
         """The dead-letter output row for an input record the job cannot use, stamped by this scorer's clock."""
+        self.stats.dead_letters[error.kind] += 1
         dl = dead_letter(
             dead_letter_id=dead_letter_id,
             topic=topic,
@@ -303,7 +307,9 @@ class Scorer:
         seen = seen or [None] * len(envs)
         faces = faces or [camera.face if camera else FaceResult() for camera in seen]
         before_model = self._now_ms()
+        started = time.perf_counter()
         models = self.predictor.predict_batch([(env[0], env[1]) for env in envs])
+        self.stats.model_ms.add((time.perf_counter() - started) * 1000)
         rows: list[OutRow] = self.drift_rows(self.predictor.drain_reports())
         writes: list[Write] = []
         for env, model, face, camera in zip(envs, models, faces, seen, strict=True):
@@ -358,6 +364,7 @@ class Scorer:
     ) -> list[OutRow]:
         tx, ind, ingest = env
         decision = decide(tx, ind, model, face, self.rule_set)
+        self.stats.outcomes[decision.outcome] += 1
         decided_at = self._now_ms()
         scored = self.scored_record(tx, ind, model, face, decision, ingest, before_model, decided_at)
         rows: list[OutRow] = [(self.scored_topic, tx["transaction_id"].encode(), self._scored.encode(scored))]

@@ -25,6 +25,13 @@ How nothing is lost or doubled:
   is confirmed by Kafka, and only in offset order per partition; a crash replays from there and the
   ledger turns the replay into no-ops.
 
+Metrics (``infra.metrics``, stage ``alert-sender``): alerts in (kind ``alert``, or ``invalid`` for one that
+cannot be decoded), alerts out (every channel delivered or already had it), dead letters by error kind,
+``cg_channel_deliveries`` by channel and result -- ``delivered``, ``failed`` (each failed send), ``retried``
+(queued again after a failure), ``dead_lettered`` (given up: the alert is dead-lettered), ``already_sent``
+(the ledger says so) -- and the queue depth per channel plus ``unfinished`` alerts. ``/healthz`` turns 503
+while a channel is down ("email unreachable") or a dead letter cannot be delivered ("Kafka unreachable").
+
 Run: ``python -m sinks.alerts.sender`` (settings from ``CG_*``; see README "Alerts and the Webex bot").
 Only ids and counts are logged, never message bodies, images or secrets.
 """
@@ -52,6 +59,7 @@ from typing import Any, Protocol
 import typer
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from infra import metrics
 from infra.clients import kafka as kafka_clients
 from infra.clients.webex import Attachment, WebexClient, WebexError
 from infra.clock import now_ms
@@ -419,6 +427,10 @@ class ChannelWorker:
         self.sent = self.failed_tries = self.rate_limited = self.given_up = 0
         self.unavailable = 0
         """Sends that found the channel down (they spend no attempts)."""
+        self._deliveries = {
+            result: metrics.DELIVERIES.labels(channel.name, result)
+            for result in ("delivered", "failed", "retried", "dead_lettered")
+        }
         self._threads = [
             threading.Thread(target=self._run, name=f"{channel.name}-{i}", daemon=True)
             for i in range(max(1, settings.concurrency))
@@ -438,6 +450,11 @@ class ChannelWorker:
     def queued(self) -> int:
         with self._cv:
             return len(self._heap)
+
+    @property
+    def down(self) -> bool:
+        """Whether the channel is found down (being probed until it answers)."""
+        return self._down_since is not None
 
     def stop(self) -> None:
         with self._cv:
@@ -481,6 +498,7 @@ class ChannelWorker:
         self._answered(task)
         self.ledger.mark_sent(alert_id, name, detail)
         self.sent += 1
+        self._deliveries["delivered"].inc()  # one network send each: nothing to batch
         self.done.put(Outcome(task.key, True))
 
     def _answered(self, task: Task) -> None:
@@ -496,6 +514,7 @@ class ChannelWorker:
         log.warning("%s: channel answers again after %.1fs down", self.channel.name, down_for)
 
     def _failed(self, task: Task, exc: DeliveryError) -> None:
+        self._deliveries["failed"].inc()
         if exc.down:
             self._unavailable(task, exc)
             return
@@ -527,6 +546,7 @@ class ChannelWorker:
                 task.failures,
                 delay,
             )
+        self._deliveries["retried"].inc()
         self.submit(task, now + delay)
 
     def _unavailable(self, task: Task, exc: DeliveryError) -> None:
@@ -562,6 +582,7 @@ class ChannelWorker:
         if reason is not None:
             self._give_up(task, reason)
             return
+        self._deliveries["retried"].inc()
         self.submit(task, now)
 
     def _expire(self, until: float) -> list[Task]:
@@ -574,6 +595,7 @@ class ChannelWorker:
 
     def _give_up(self, task: Task, reason: str) -> None:
         self.given_up += 1
+        self._deliveries["dead_lettered"].inc()
         log.warning("%s: giving up on %s: %s", self.channel.name, task.alert["alert_id"], reason)
         self.done.put(Outcome(task.key, False, reason))
 
@@ -670,6 +692,10 @@ class AlertSender:
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
         self._codec = codec("Alert")
+        self.heartbeat = metrics.Heartbeat()
+        """Beaten every loop turn with the channels that are down, if any (the process's ``/healthz``)."""
+        self._dead_letter_failing = False
+        self._out = metrics.RECORDS_OUT.labels(STAGE, "alert")
 
     def run(self, stop: threading.Event | None = None) -> SenderStats:
         """Send until ``stop`` is set; then the channels (their connections) and the ledger are closed,
@@ -723,9 +749,11 @@ class AlertSender:
                 self._accept_batch(self._consumer.consume(num_messages=500, timeout=0.05))
                 self._drain_outcomes()
                 self._producer.poll(0)
+                self.heartbeat.beat(self.problem())
                 now = time.monotonic()
                 if now - last_commit >= self.commit_interval_s:
                     self._commit()
+                    self._report_queues()
                     last_commit = now
                 if now - last_summary >= self.summary_interval_s:
                     log.info(
@@ -745,6 +773,19 @@ class AlertSender:
             self._consumer.close()
             log.info("alert sender stopped: %s", self.stats.line())
         return self.stats
+
+    def problem(self) -> str | None:
+        """What keeps alerts from going out now: channels found down, or the dead-letter topic away."""
+        down = [f"{name} unreachable" for name, worker in self._workers.items() if worker.down]
+        if self._dead_letter_failing:
+            down.append("Kafka unreachable")
+        return "; ".join(down) or None
+
+    def _report_queues(self) -> None:
+        """Queue depths, set with each commit (twice a second), not per alert."""
+        for name, worker in self._workers.items():
+            metrics.QUEUE_DEPTH.labels(STAGE, name).set(worker.queued())
+        metrics.QUEUE_DEPTH.labels(STAGE, "unfinished").set(self._unfinished)
 
     # ------------------------------------------------------------------ intake
 
@@ -769,6 +810,10 @@ class AlertSender:
                 decoded.append((message, exc))
         if not decoded:
             return
+        invalid = sum(1 for _, a in decoded if isinstance(a, InvalidRecord))
+        metrics.RECORDS_IN.labels(STAGE, "alert").inc(len(decoded) - invalid)
+        if invalid:
+            metrics.RECORDS_IN.labels(STAGE, "invalid").inc(invalid)
         states = self.ledger.states([a["alert_id"] for _, a in decoded if isinstance(a, dict)])
         for message, alert_or_error in decoded:
             self._accept(message, alert_or_error, states)
@@ -794,6 +839,7 @@ class AlertSender:
             state = states.get(key)
             if state == "sent":
                 self.stats.skipped_channels += 1
+                metrics.DELIVERIES.labels(name, "already_sent").inc()
                 continue
             self._inflight[key] = [pending]
             pending.waiting.add(name)
@@ -819,6 +865,7 @@ class AlertSender:
             reason = "; ".join(f"{reason}" for _, reason in sorted(pending.failures.items()))
             self._dead_letter(pending, dead_letter_for(pending.message, "delivery_failed", reason))
             return
+        self._out.inc()
         self._finish(pending)
 
     def _finish(self, pending: Pending) -> None:
@@ -836,9 +883,12 @@ class AlertSender:
         def on_delivery(err: KafkaError | None, _msg: Message) -> None:
             if err is None:
                 self.stats.dead_lettered += 1
+                self._dead_letter_failing = False
+                metrics.DEAD_LETTERS.labels(STAGE, letter.error_kind).inc()
                 log.warning("dead-lettered %s (%s)", letter.dead_letter_id, letter.error_kind)
                 self._finish(pending)
             else:
+                self._dead_letter_failing = True
                 log.warning("dead letter %s not delivered (%s); retrying", letter.dead_letter_id, err.str())
                 self._dead_letter(pending, letter)
 
@@ -908,7 +958,12 @@ def main(
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    AlertSender(settings, group_id=group_id).run(stop)
+    sender = AlertSender(settings, group_id=group_id)
+    endpoint = metrics.serve(settings, STAGE, health=sender.heartbeat)
+    try:
+        sender.run(stop)
+    finally:
+        endpoint.close()
 
 
 if __name__ == "__main__":

@@ -7,12 +7,22 @@ from typing import Annotated
 
 import typer
 import uvicorn
+from prometheus_client import REGISTRY
 
 from infra.logs import LOG_LEVEL_HELP, setup_logging
-from infra.settings import get_settings
+from infra.metrics import ConsumerLagCollector, Endpoint, serve
+from infra.settings import Settings, get_settings
 from sinks.dashboard.app import DashboardConfigError, create_app
 
 cli = typer.Typer(add_completion=False, help="Serve the live Checkout Guard dashboard.")
+
+
+def export_metrics(settings: Settings) -> Endpoint:
+    """/metrics and /healthz of the dashboard, with every consumer group's lag (``cg_consumer_lag``) in
+    them: the dashboard is the one reader of Kafka's offsets for the whole deployment, so the lag is
+    scraped like any other metric and the pipeline page reads it back from Prometheus."""
+    REGISTRY.register(ConsumerLagCollector(settings))
+    return serve(settings, "dashboard")
 
 
 @cli.command()
@@ -30,6 +40,7 @@ def main(
     except DashboardConfigError as exc:
         typer.echo(f"dashboard not started: {exc}", err=True)
         raise typer.Exit(2) from None
+    export_metrics(settings)
     login = "login required" if settings.dashboard.username or settings.dashboard.token else "no login: loopback only"
     typer.echo(
         f"Checkout Guard dashboard on http://{bind_host}:{bind_port}/ "

@@ -15,6 +15,10 @@ Endpoints (each takes ``minutes`` = window length, ``store`` = one store only, `
   labels index joined by transaction id), with the numbers of labelled and fraud rows
 - ``GET /api/drift``     latest drift report per model version (score PSI, worst features, alert, rows, hour)
 - ``GET /models``        the Models page over those two
+- ``GET /api/pipeline``  pipeline health from Prometheus (sinks/dashboard/pipeline.py): targets up, records/s
+  per stage, consumer-group lag, dead letters, deliveries, p99 per stage; Prometheus unreachable is a
+  200 with ``error`` set (the page says so), never a 500
+- ``GET /pipeline``      the pipeline-health page over it
 
 Snapshots are looked up by alert id (the page never sees or sends image refs) and served only for
 alerts, which are the images the face pipeline retains; nothing logs image bytes.
@@ -58,6 +62,7 @@ from infra.clients.opensearch import make_client
 from infra.settings import DashboardSettings, Settings
 from schemas.errors import CheckoutGuardError
 from schemas.indices import index_name
+from sinks.dashboard.pipeline import PrometheusApi, prometheus_url, read_pipeline
 from sinks.dashboard.queries import (
     ALERT_FIELDS,
     ID_CHUNK,
@@ -106,11 +111,13 @@ class Dashboard:
         client: OpenSearch | None = None,
         images: ImageStore | None = None,
         clock: Callable[[], float] = time.time,
+        prometheus: PrometheusApi | None = None,
     ) -> None:
         self.settings = settings
         self.client = client or make_client(settings.opensearch, timeout_s=10)
         self._images = images
         self.clock = clock
+        self.prometheus = prometheus or PrometheusApi(prometheus_url(settings))
         prefix = settings.opensearch.index_prefix
         self.transactions = index_name(prefix, "transactions")
         self.alerts = index_name(prefix, "alerts")
@@ -189,6 +196,10 @@ class Dashboard:
     def model_drift(self, window: Window) -> dict[str, Any]:
         return shape_drift(self.search(self.drift, drift_query(window)))
 
+    def pipeline(self) -> dict[str, Any]:
+        """Pipeline health from Prometheus; an unreachable one is an answer with ``error`` set, not a failure."""
+        return read_pipeline(self.prometheus, self.settings.metrics.scrape_interval_s, self.clock)
+
     def snapshot_ref(self, alert_id: str) -> str | None:
         hits = self.search(self.alerts, alert_by_id_query(alert_id))["hits"]["hits"]
         return hits[0]["_source"].get("snapshot_ref") if hits else None
@@ -239,6 +250,10 @@ def _models_page(_: Request) -> Response:
     return FileResponse(STATIC / "models.html", headers={"Cache-Control": "no-cache"})
 
 
+def _pipeline_page(_: Request) -> Response:
+    return FileResponse(STATIC / "pipeline.html", headers={"Cache-Control": "no-cache"})
+
+
 class _DashboardApi:
     """The endpoints over one ``Dashboard``; a class so each handler stays small. Handlers are sync on
     purpose: Starlette runs them in its thread pool, so a slow OpenSearch does not block the event loop."""
@@ -258,6 +273,8 @@ class _DashboardApi:
             Route("/api/models", self.json_endpoint(board.models)),
             Route("/api/drift", self.json_endpoint(board.model_drift)),
             Route("/models", _models_page),
+            Route("/api/pipeline", self.pipeline),
+            Route("/pipeline", _pipeline_page),
             Route("/api/alerts/{alert_id:str}/snapshot", self.snapshot),
             Route("/api/alerts/{alert_id:str}", self.alert_detail),
             Route("/alerts/{alert_id:str}", _alert_page),
@@ -276,6 +293,9 @@ class _DashboardApi:
                 return JSONResponse({"error": f"OpenSearch unavailable ({type(exc).__name__})"}, status_code=503)
 
         return endpoint
+
+    def pipeline(self, _: Request) -> Response:
+        return JSONResponse(self.board.pipeline(), headers={"Cache-Control": "no-store"})
 
     def snapshot(self, request: Request) -> Response:
         alert_id = request.path_params["alert_id"]

@@ -38,6 +38,12 @@ then depend on; a unit test keeps the templates and the Avro schemas in step.
 
 Only ids, counts and error types are logged: documents can hold personal data.
 
+Metrics (``infra.metrics``, stage ``opensearch-sink``): records in by topic kind (``transactions``,
+``alerts``, ``face_observations``, ``labels``, ``model_drift``; ``unknown``), documents written by the same
+kinds (a label tombstone's delete included, a stale label not), dead letters by error kind, and
+``cg_processing_seconds`` per batch (consume to commit, retries included). ``/healthz`` turns 503 while
+OpenSearch or the dead-letter topic does not answer ("OpenSearch unreachable" / "Kafka unreachable").
+
 Run: ``python -m sinks.opensearch.sink [--index-prefix PREFIX] [--group-id GROUP]``
 """
 
@@ -50,6 +56,7 @@ import random
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -60,7 +67,7 @@ from opensearchpy import OpenSearch
 from opensearchpy.exceptions import NotFoundError, RequestError, TransportError
 from opensearchpy.helpers import scan, streaming_bulk
 
-from infra import clock
+from infra import clock, metrics
 from infra.clients import kafka as kafka_clients
 from infra.clients.opensearch import make_client
 from infra.logs import LOG_LEVEL_HELP, setup_logging
@@ -269,6 +276,8 @@ class IndexAction:
 
     op: dict[str, Any]
     message: Message
+    kind: str = ""
+    """The route's kind (``transactions``, ``labels``...): the metric label of the written document."""
 
     @property
     def doc_id(self) -> str:
@@ -332,7 +341,7 @@ def to_actions(
             continue
         key = (op["_index"], op["_id"])
         actions.pop(key, None)  # re-insert so the order is that of the last occurrence
-        actions[key] = IndexAction(op=op, message=message)
+        actions[key] = IndexAction(op=op, message=message, kind=route.kind)
     return list(actions.values()), dead
 
 
@@ -418,6 +427,8 @@ class BulkAttempt:
     problem: str | None = None
     """Why something must be retried, for the log line (status and error type, no document)."""
     reinstall: bool = False
+    written: Counter[str] = field(default_factory=Counter)
+    """Of ``acknowledged``, less ``stale``: documents written (or deleted) per route kind, for the metrics."""
 
 
 def bulk_once(client: OpenSearch, pending: Sequence[IndexAction], chunk_size: int = 2000) -> BulkAttempt:
@@ -445,6 +456,7 @@ def bulk_once(client: OpenSearch, pending: Sequence[IndexAction], chunk_size: in
                 raise RuntimeError(f"bulk answer for {info.get('_id')!r} where {action.doc_id!r} was expected")
             if ok or _nothing_to_delete(action, info):
                 result.acknowledged += 1
+                result.written[action.kind] += 1
                 continue
             status, error = info.get("status"), info.get("error")
             error_type = error.get("type") if isinstance(error, dict) else str(error)
@@ -521,8 +533,11 @@ class OpenSearchSink:
         batch_timeout_s: float = 0.2,
         summary_interval_s: float = 30.0,
         rng: random.Random | None = None,
+        heartbeat: metrics.Heartbeat | None = None,
     ) -> None:
         self.settings = settings
+        self.heartbeat = heartbeat or metrics.Heartbeat()
+        """Beaten every loop turn and every wait, with what OpenSearch or Kafka are doing (``/healthz``)."""
         self.index_prefix = index_prefix or settings.opensearch.index_prefix
         self.topic_prefix = settings.kafka.topic_prefix
         self.indices = settings.indices
@@ -540,6 +555,10 @@ class OpenSearchSink:
         self._paused = False
         self._carry: list[Message] = []
         self._last_error_log: dict[tuple[int, str | None], float] = {}
+        self._problem: str | None = None
+        """Why the batch in hand cannot be finished yet (OpenSearch or the dead-letter topic away)."""
+        self._kinds = {route.topic.full_name(self.topic_prefix): route.kind for route in ROUTES}
+        self._batch_seconds = metrics.PROCESSING_SECONDS.labels(STAGE)
 
     # ------------------------------------------------------------------ wiring
 
@@ -570,6 +589,7 @@ class OpenSearchSink:
                 batch = self._next_batch()
                 if batch:
                     self._process(batch)
+                self.heartbeat.beat()
                 now = time.monotonic()
                 if now - last_retention >= self.indices.retention_interval_s:
                     self._apply_retention()
@@ -639,6 +659,9 @@ class OpenSearchSink:
         return out
 
     def _process(self, batch: list[Message]) -> None:
+        started = time.perf_counter()
+        for kind, count in Counter(self._kinds.get(m.topic() or "", "unknown") for m in batch).items():
+            metrics.RECORDS_IN.labels(STAGE, kind).inc(count)
         actions, dead = to_actions(
             batch,
             index_prefix=self.index_prefix,
@@ -656,6 +679,9 @@ class OpenSearchSink:
             assert self._consumer is not None
             self._consumer.resume(self._consumer.assignment())
         self.stats.batches += 1
+        self._problem = None
+        self.heartbeat.beat()  # the batch is done: whatever held it up answers again
+        self._batch_seconds.observe(time.perf_counter() - started)
 
     def _index_until_acknowledged(self, actions: list[IndexAction]) -> list[DeadLetter]:
         """Bulk-index until every action is acknowledged or permanently rejected; return the rejected."""
@@ -664,10 +690,13 @@ class OpenSearchSink:
             result = bulk_once(self.client, pending, self.max_docs)
             self.stats.indexed += result.acknowledged - result.stale
             self.stats.stale += result.stale
+            for kind, count in result.written.items():
+                metrics.RECORDS_OUT.labels(STAGE, kind).inc(count)
             rejected += result.rejected
             pending = result.retry
             if not pending:
                 break
+            self._problem = f"OpenSearch unreachable: {result.problem}"
             delay = self.backoff.delay(attempt, self._rng)
             attempt += 1
             self.stats.retries += 1
@@ -709,6 +738,7 @@ class OpenSearchSink:
                 self._wait(0.5)
             if not failed:
                 break
+            self._problem = "Kafka unreachable"
             delay = self.backoff.delay(attempt, self._rng)
             attempt += 1
             self.stats.retries += 1
@@ -724,6 +754,8 @@ class OpenSearchSink:
         more = f" and {len(dead) - 10} more" if len(dead) > 10 else ""
         log.warning("dead-lettered %d message(s) to %s: %s%s", len(dead), topic, shown, more)
         self.stats.dead_lettered += len(dead)
+        for kind, count in Counter(d.error_kind for d in dead).items():
+            metrics.DEAD_LETTERS.labels(STAGE, kind).inc(count)
 
     def _produce(self, topic: str, letter: DeadLetter, failed: list[DeadLetter]) -> None:
         assert self._producer is not None
@@ -763,6 +795,7 @@ class OpenSearchSink:
         assert self._consumer is not None
         deadline = time.monotonic() + delay_s
         while True:
+            self.heartbeat.beat(self._problem)  # waiting on purpose is progress; the problem says on what
             if self._stop.is_set():
                 raise _Stopped
             remaining = deadline - time.monotonic()
@@ -779,6 +812,7 @@ class OpenSearchSink:
 
         def failed(exc: BaseException, attempt: int, delay: float) -> None:
             self.stats.retries += 1
+            self.heartbeat.beat(f"OpenSearch unreachable: {_short(exc)}")
             log.warning("%s failed (%s); retry %d in %.1fs", what, _short(exc), attempt, delay)
 
         def wait(delay: float) -> None:
@@ -842,7 +876,12 @@ def main(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    run_sink(settings, stop_event=stop, index_prefix=index_prefix, group_id=group_id)
+    sink = OpenSearchSink(settings, index_prefix=index_prefix, group_id=group_id)
+    endpoint = metrics.serve(settings, STAGE, health=sink.heartbeat)
+    try:
+        sink.run(stop)
+    finally:
+        endpoint.close()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ Stages, each on fresh topics (``bench<run>.`` prefix) of the running local stack
 4. **memory** — peak resident memory of the whole stack (Kafka, OpenSearch, Mosquitto, the job
    with its JVM and Python workers, the sink) sampled throughout.
 
-Then, in-process: faces, model scoring, alerts, and the scoring job's **state** at N transactions of
+Then the job's **metrics overhead** (``tests/bench/metrics_overhead.py``: its throughput with its Prometheus
+metrics on against off, alternating drains off-on-on-off in one run; ``--metrics-drains 0`` skips it)
+and, in-process: faces, model scoring, alerts, and the scoring job's **state** at N transactions of
 history (``tests/bench/state.py``: entries, pickled size with and without retention, restore time and
 memory; ``--state-transactions`` / ``CG_BENCH_STATE_TRANSACTIONS``, default 10 M: about 5 minutes and
 10 GiB here; ``--state-budget-s`` / ``CG_BENCH_STATE_BUDGET_S`` measures the largest N that fits that many
@@ -30,7 +32,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Annotated
 
@@ -411,6 +413,11 @@ def report(results: dict) -> None:
     t.add_row("peak memory, whole stack (GiB)", f"{mem['peak_gib']:.2f}", "<= 6")
     for row in report_rows(results["model_scoring"]) if "model_scoring" in results else ():
         t.add_row(*row)
+    if "metrics_overhead" in results:
+        from tests.bench.metrics_overhead import report_rows as metrics_rows
+
+        for row in metrics_rows(results["metrics_overhead"]):
+            t.add_row(*row)
     if "alerts" in results:
         from tests.bench.alerts import report_rows as alert_rows
 
@@ -438,6 +445,18 @@ def _stack_pids() -> list[int]:
         return []
 
 
+LEFT_RUNNING_EXIT = 3
+"""Exit status of a bench that otherwise succeeded but left processes running (listed, then stopped): a
+leak the next run would measure as load, so ``make bench`` fails on it."""
+
+
+def exit_status(ended: BaseException | None, left: Sequence[str]) -> int | None:
+    """The status to end the bench with: :data:`LEFT_RUNNING_EXIT` when processes were left and it otherwise
+    succeeded (no exception, or Typer's ``SystemExit(0)``); None keeps how it ended (its own failure says more)."""
+    succeeded = ended is None or (isinstance(ended, SystemExit) and ended.code in (0, None))
+    return LEFT_RUNNING_EXIT if left and succeeded else None
+
+
 def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)  # so that every stage's finally stops what it started
 
@@ -445,13 +464,18 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
 @contextlib.contextmanager
 def bench_processes() -> Iterator[None]:
     """The whole bench: every process it starts carries :data:`infra.processes.MARKER` (passed down to
-    children and theirs); at the end, any of them still running is listed, stopped and reported.
-    SIGTERM and SIGHUP end the bench through its ``finally`` blocks rather than at once."""
+    children and theirs); at the end, any of them still running is listed, stopped and reported, and the
+    bench exits non-zero (:func:`exit_status`). SIGTERM and SIGHUP end the bench through its ``finally``
+    blocks rather than at once."""
     os.environ[MARKER] = f"bench-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     previous = {sig: signal.signal(sig, _exit_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     reaper = Reaper(keep=_stack_pids)
+    ended: BaseException | None = None
     try:
         yield
+    except BaseException as exc:
+        ended = exc
+        raise
     finally:
         left = reaper.finish()
         if left:
@@ -462,6 +486,9 @@ def bench_processes() -> Iterator[None]:
             console.print("bench: no process it started is left running")
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        code = exit_status(ended, left)
+        if code is not None:
+            raise SystemExit(code)
 
 
 app = typer.Typer(add_completion=False)
@@ -474,6 +501,10 @@ def main(
     seconds: Annotated[int, typer.Option(help="Duration of the latency stage.")] = 30,
     keep: Annotated[bool, typer.Option(help="Keep the bench topics and indices.")] = False,
     model_records: Annotated[int, typer.Option(help="Transactions for the model-scoring stage (0 = skip).")] = 20_000,
+    metrics_drains: Annotated[
+        int, typer.Option(help="Backlogs drained, metrics off-on-on-off, for the overhead stage (0 = skip).")
+    ] = 8,
+    metrics_records: Annotated[int, typer.Option(help="Backlog of each drain of the metrics stage.")] = 30_000,
     state_transactions: Annotated[
         int,
         typer.Option(
@@ -491,6 +522,11 @@ def main(
 ) -> None:
     """Measure raw Kafka, end-to-end throughput, latency at a fixed rate and peak memory."""
     results = run(records, rate, seconds, keep)
+    if metrics_drains:
+        from tests.bench.metrics_overhead import metrics_overhead
+
+        console.print(f"[bold]metrics overhead[/]: {metrics_drains} backlogs, a job with metrics off, one with on")
+        results["metrics_overhead"] = metrics_overhead(get_settings(), records=metrics_records, drains=metrics_drains)
     from jobs.faces.cli import bench_for_make
 
     console.print("[bold]faces[/]: JPEG -> face -> watchlist match on a 640x480 frame; probe with 100k enrolled")

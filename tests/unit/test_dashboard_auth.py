@@ -33,6 +33,9 @@ PATHS = (
     "/api/drift",
     "/api/alerts/blocked:tx-1",
     "/api/alerts/blocked:tx-1/snapshot",
+    "/pipeline",
+    "/api/pipeline",
+    "/static/pipeline.js",
 )
 
 
@@ -133,6 +136,7 @@ def test_without_a_login_the_dashboard_serves_on_loopback_only() -> None:
 def test_the_command_refuses_to_start_on_all_interfaces_without_a_login(monkeypatch: pytest.MonkeyPatch) -> None:
     started: list[Any] = []
     monkeypatch.setattr(dashboard_main.uvicorn, "run", lambda *a, **k: started.append((a, k)))
+    monkeypatch.setattr(dashboard_main, "export_metrics", lambda settings: None)  # no port, no global registry
     monkeypatch.delenv("CG_DASHBOARD__USERNAME", raising=False)
     monkeypatch.delenv("CG_DASHBOARD__PASSWORD", raising=False)
     monkeypatch.delenv("CG_DASHBOARD__TOKEN", raising=False)

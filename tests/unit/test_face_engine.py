@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from infra.settings import FaceSettings
-from jobs.faces.engine import FaceEngine, ImageError, laplacian_variance, pose_asymmetry
+from jobs.faces.engine import SFACE_SCALE, FaceEngine, ImageError, embedder_of, laplacian_variance, pose_asymmetry
 from jobs.scoring.face_similarity import distance_to_similarity, similarity, similarity_to_distance
 
 FACES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "faces"
@@ -45,7 +45,8 @@ def test_similarity_mapping_puts_the_lfw_operating_point_at_50():
     assert distance_to_similarity(0.0) == 100.0
     assert distance_to_similarity(0.6) == pytest.approx(50.0)
     assert distance_to_similarity(2.0) == 0.0
-    assert similarity_to_distance(SETTINGS.match_threshold) < 0.6, "default threshold is stricter than LFW's"
+    # the default is the cross-validated threshold at the target FMR (was 52, tuned on the shared photos): near LFW's
+    assert 0.59 < similarity_to_distance(SETTINGS.match_threshold) < 0.61
     a = np.zeros(128, np.float32)
     b = a.copy()
     b[0] = 0.6
@@ -137,9 +138,10 @@ def test_face_api_identities_match_within_and_not_across(engine):
             else:
                 found.setdefault(person.name, []).append(face.embedding)
     assert len(missed) <= 1, f"crops without a usable face: {missed}"
-    for name, vecs in found.items():
-        for a, b in itertools.combinations(vecs, 2):
-            assert similarity(a, b) >= SETTINGS.match_threshold, name
+    genuine = [similarity(a, b) for vecs in found.values() for a, b in itertools.combinations(vecs, 2)]
+    # one pair in ~75 may fall short: the threshold is set for a false-match rate (`jobs.faces evaluate`), not
+    # for zero errors on this set (with YuNet one leonard pair scores 51.7)
+    assert np.mean(np.array(genuine) >= SETTINGS.match_threshold) >= 0.98
     for (n1, v1), (n2, v2) in itertools.combinations(found.items(), 2):
         worst = max(similarity(a, b) for a in v1 for b in v2)
         assert worst < SETTINGS.match_threshold, f"{n1} vs {n2}: {worst:.1f}"
@@ -225,3 +227,27 @@ def test_true_face_boxes_of_the_dlib_scenes_are_found():
             extra += sum(max((iou(t, d) for t in truth), default=0) < 0.5 for d in boxes)
     assert truth_n > 30
     assert found == truth_n and extra == 0
+
+
+@needs_faces
+@pytest.mark.parametrize("name", ["no-faces.jpg", "dogs.jpg", "white.png"])
+def test_hog_detector_stays_available_and_finds_no_face_without_people(name):
+    hog = FaceEngine(SETTINGS.model_copy(update={"detector": "hog"}))
+    assert hog.analyse((FACES / "no_face" / name).read_bytes()) == []
+    assert len(hog.analyse((FACES / "face_recognition" / "two_people.jpg").read_bytes())) == 2
+
+
+@needs_faces
+def test_sface_embeddings_keep_the_similarity_scale_and_name_their_embedder():
+    """SFace features scaled to ``SFACE_SCALE`` are compared like dlib's on the same 0..100 scale and threshold;
+    the norm tells which embedder made an embedding (a watchlist enrolled with the other one never matches)."""
+    sface = FaceEngine(SETTINGS.model_copy(update={"embedder": "sface"}))
+    obama, obama2 = _embedding(sface, IMAGES / "obama.jpg"), _embedding(sface, IMAGES / "obama2.jpg")
+    biden = _embedding(sface, IMAGES / "biden.jpg")
+    assert obama.shape == (128,) and float(np.linalg.norm(obama)) == pytest.approx(SFACE_SCALE, abs=1e-4)
+    assert similarity(obama, obama2) >= SETTINGS.match_threshold > similarity(obama, biden)
+    assert embedder_of(obama) == "sface"
+    dlib = FaceEngine(SETTINGS.model_copy(update={"embedder": "dlib"}))
+    assert embedder_of(_embedding(dlib, IMAGES / "obama.jpg")) == "dlib"
+    hog = FaceEngine(SETTINGS.model_copy(update={"embedder": "sface", "detector": "hog"}))
+    assert similarity(_embedding(hog, IMAGES / "obama.jpg"), obama2) >= SETTINGS.match_threshold

@@ -43,7 +43,30 @@ def test_compare_without_a_face_says_so_and_fails():
 
 
 def test_evaluate_reports_match_rates_over_labelled_folders():
-    result = runner.invoke(app, ["evaluate", str(FACES / "face_recognition" / "knn_examples" / "train")])
+    result = runner.invoke(
+        app, ["evaluate", str(FACES / "face_recognition" / "knn_examples" / "train"), "--no-synthetic", "--json"]
+    )
     report = json.loads(result.output)
     assert report["identities"] == 5 and report["genuine_pairs"] == 4 and report["impostor_pairs"] == 32
     assert report["tmr"] == 1.0 and report["fmr"] == 0.0
+    cv = report["cross_validated"]
+    assert cv["genuine_pairs"] == 4 and cv["impostor_pairs"] == 32 and len(cv["fold_thresholds"]) == cv["folds"]
+    assert set(report["roc_on_all_pairs"]) == {"0.001", "0.0001"}
+
+
+def test_evaluate_fused_also_reports_each_embedder_on_the_same_faces():
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(FACES / "face_recognition" / "knn_examples" / "train"),
+            "--no-synthetic",
+            "--embedder",
+            "fused",
+            "--json",
+        ],
+    )
+    report = json.loads(result.output)
+    assert report["embedder"] == "fused" and set(report["by_embedder"]) == {"dlib", "sface"}
+    for cv in report["by_embedder"].values():
+        assert cv["genuine_pairs"] == 4 and cv["impostor_pairs"] == 32 and cv["tmr"] == 1.0

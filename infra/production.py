@@ -1,0 +1,276 @@
+"""Production mode (``checkout-guard supervise``, ``make production``): the real services only, kept running.
+
+Runs the scoring job, face stage, camera bridge, OpenSearch sink, watchlist service, alert sender, Webex bot
+and dashboard (``--only``/``--without`` choose) against the configured Kafka, OpenSearch, MQTT, SMTP and Webex:
+no local stack and no stand-ins, unlike ``make run``. Each runs under :class:`infra.launcher.Supervisor` (started
+again after an exit, with doubling backoff, at most ``max_restarts`` per window) and is asked for its
+``/healthz`` (infra/metrics.py) every ``health_interval_s``: one that has answered 503, or nothing once past
+its start grace, for longer than ``unhealthy_after_s`` is stopped, so the supervisor restarts it like any
+other exit (a hung loop is restarted, not just reported). SIGTERM or SIGINT stops every process (SIGTERM,
+SIGKILL after ``stop_timeout_s``, whole process groups and what they left) and exits 0.
+
+The decisions (:func:`choose`, :func:`unhealthy_since`, :meth:`HealthSupervisor.check`) are pure given a
+clock, a probe and the children; :func:`run` applies them to real processes. Stages are named by module
+path only (``infra`` never imports them).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Annotated
+
+import httpx
+import typer
+
+from infra import metrics
+from infra.launcher import Child, Supervisor, spawn
+from infra.logs import LOG_LEVEL_HELP, setup_logging
+from infra.processes import Reaper, stop_child, stop_children
+from infra.settings import Settings, SupervisorSettings, get_settings
+
+log = logging.getLogger("infra.supervisor")
+
+SERVICES: dict[str, str] = {
+    "camera-bridge": "producers.camera_bridge",
+    "face-stage": "jobs.faces.stage",
+    "scoring-job": "jobs.flink.job",
+    "opensearch-sink": "sinks.opensearch.sink",
+    "watchlist-service": "jobs.faces.watchlist_service",
+    "alert-sender": "sinks.alerts.sender",
+    "webex-bot": "jobs.bot.webex_bot",
+    "dashboard": "sinks.dashboard",
+}
+"""Every real service (name as in :data:`infra.metrics.PROCESSES`, so its health port is known) and its
+module, in start order: the producers of a topic before its consumers."""
+
+RUN_VAR = "CHECKOUT_GUARD_SUPERVISE"
+"""Set to this run's id in every child's environment: finds what a child left when it died (an orphaned JVM)."""
+TICK_S = 0.5
+"""How often the loop looks at the children; signals are answered within this."""
+
+Probe = Callable[[str], int | None]
+"""``/healthz`` of a process by name: the HTTP status, or None when nothing answered."""
+
+
+def _names(values: Iterable[str]) -> list[str]:
+    return [n.strip() for value in values for n in value.split(",") if n.strip()]
+
+
+def choose(only: Iterable[str] = (), without: Iterable[str] = ()) -> list[str]:
+    """The services to run, in start order: ``only`` (all when empty) less ``without``; names may also be
+    comma separated. ValueError for an unknown name or an empty choice, so a typo never runs half a site."""
+    wanted, dropped = _names(only), _names(without)
+    unknown = sorted({n for n in wanted + dropped if n not in SERVICES})
+    if unknown:
+        raise ValueError(f"unknown service(s) {', '.join(unknown)}; known: {', '.join(SERVICES)}")
+    chosen = [n for n in SERVICES if (not wanted or n in wanted) and n not in dropped]
+    if not chosen:
+        raise ValueError("nothing to run: --only/--without leave no service")
+    return chosen
+
+
+def healthy(status: int | None) -> bool:
+    return status is not None and 200 <= status < 300
+
+
+def unhealthy_since(
+    bad_since: float | None, status: int | None, now: float, started: float, grace_s: float
+) -> float | None:
+    """When the current spell of ill health began (None: healthy). A 503 (any non-2xx) counts at once; no
+    answer counts only once ``grace_s`` after the start is over (the process may not listen yet), and
+    during the grace neither starts nor ends a spell."""
+    if healthy(status):
+        return None
+    if status is None and now < started + grace_s:
+        return bad_since
+    return now if bad_since is None else bad_since
+
+
+def _verdict(status: int | None) -> str:
+    return "ok" if healthy(status) else "no answer" if status is None else f"HTTP {status}"
+
+
+@dataclass
+class _Health:
+    pid: int
+    started: float
+    next_probe: float
+    bad_since: float | None = None
+    last: str = "starting"
+
+
+class HealthSupervisor:
+    """A :class:`Supervisor` plus health: :meth:`check` lets the supervisor restart children that exited,
+    then probes each running child at most every ``health_interval_s`` and stops one unhealthy for longer
+    than ``unhealthy_after_s``; its exit then goes through the supervisor's backoff and restart bound like
+    a crash. Without a ``probe`` (metrics off) only exits are acted on."""
+
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        settings: SupervisorSettings,
+        probe: Probe | None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        stop: Callable[[Child], object] | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.supervisor, self.settings, self.probe, self.clock = supervisor, settings, probe, clock
+        self.stop = stop or (lambda child: stop_child(child, settings.stop_timeout_s))
+        self.log = logger or log
+        self._health: dict[str, _Health] = {}
+
+    def check(self) -> None:
+        self.supervisor.check()
+        if self.probe is None or self.settings.unhealthy_after_s <= 0:
+            return
+        for child in self.supervisor.children:
+            if child.alive:  # a dead one is the supervisor's: restarting after its backoff, or given up
+                self._check_health(child, self.probe)
+
+    def _check_health(self, child: Child, probe: Probe) -> None:
+        now = self.clock()
+        state = self._health.get(child.name)
+        if state is None or state.pid != child.proc.pid:  # a new process: its own grace
+            state = self._health[child.name] = _Health(child.proc.pid, now, now)
+        if now < state.next_probe:
+            return
+        state.next_probe = now + self.settings.health_interval_s
+        status = probe(child.name)
+        state.bad_since = unhealthy_since(state.bad_since, status, now, state.started, self.settings.start_grace_s)
+        verdict = _verdict(status)
+        if verdict != state.last and (state.bad_since is not None or healthy(status)):
+            level = logging.INFO if healthy(status) else logging.WARNING
+            self.log.log(level, "%s: /healthz %s (pid %d)", child.name, verdict, child.proc.pid)
+            state.last = verdict
+        if state.bad_since is not None and now - state.bad_since > self.settings.unhealthy_after_s:
+            self.log.error(
+                "%s: unhealthy (/healthz %s) for %.0f s: stopping pid %d to restart it",
+                child.name,
+                verdict,
+                now - state.bad_since,
+                child.proc.pid,
+            )
+            del self._health[child.name]
+            self.stop(child)
+
+
+def restartable(name: str, settings: Settings) -> Callable[[], Child]:
+    """Starts ``name``'s module; each start first ends what the previous process left in its group (a
+    SIGKILLed job's JVM would otherwise run on beside its replacement)."""
+    previous: list[Child] = []
+
+    def start() -> Child:
+        if previous:
+            left = stop_child(previous[-1], settings.supervisor.stop_timeout_s)
+            if left:
+                log.warning("%s: stopped what its previous process left running: %s", name, "; ".join(left))
+        previous[:] = [spawn(SERVICES[name], settings, name=name)]
+        return previous[0]
+
+    return start
+
+
+def http_probe(settings: Settings) -> Probe:
+    targets = metrics.scrape_targets(settings)
+
+    def probe(name: str) -> int | None:
+        try:
+            return httpx.get(f"http://{targets[name]}/healthz", timeout=settings.supervisor.probe_timeout_s).status_code
+        except httpx.HTTPError:
+            return None
+
+    return probe
+
+
+def endpoints(settings: Settings, name: str) -> str:
+    """Where ``name`` answers ``/healthz`` and ``/metrics`` (for the log: what to point a monitor at)."""
+    if not settings.metrics.enabled:
+        return "no health/metrics endpoint (CG_METRICS__ENABLED=false)"
+    target = metrics.scrape_targets(settings)[name]
+    return f"health http://{target}/healthz, metrics http://{target}/metrics"
+
+
+class _Stop:
+    """Set by SIGTERM/SIGINT; the loop ends within a tick (a flag, no lock for a handler to wait on)."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+
+    def __call__(self, signum: int, _frame: object) -> None:
+        self.requested = signal.Signals(signum).name
+
+
+def run(settings: Settings, names: Sequence[str]) -> None:
+    """Start ``names`` supervised and keep them running until SIGTERM/SIGINT; then stop them all."""
+    stop = _Stop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+    cfg = settings.supervisor
+    run_id = f"supervise-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.environ[RUN_VAR] = run_id
+    reaper = Reaper(marker=RUN_VAR, value=run_id)
+    supervisor = Supervisor(
+        backoff_s=cfg.backoff_s,
+        max_backoff_s=cfg.max_backoff_s,
+        max_restarts=cfg.max_restarts,
+        window_s=cfg.window_s,
+        logger=log,
+    )
+    probe = http_probe(settings) if settings.metrics.enabled else None
+    watch = HealthSupervisor(supervisor, cfg, probe)
+    if probe is None or cfg.unhealthy_after_s <= 0:
+        log.warning("health checks off (metrics disabled or CG_SUPERVISOR__UNHEALTHY_AFTER_S=0): exits only")
+    try:
+        for name in names:
+            if stop.requested:
+                break
+            child = supervisor.add(name, restartable(name, settings))
+            log.info("%s: %s; log %s", name, endpoints(settings, name), child.log_path)
+        while not stop.requested:
+            watch.check()
+            time.sleep(TICK_S)
+    finally:
+        log.info("%s: stopping %d processes", stop.requested or "exiting", len(supervisor.children))
+        for child in supervisor.children:  # all at once: the shutdown takes the slowest stop, not their sum
+            child.kill(signal.SIGTERM)
+        left = stop_children(supervisor.children, cfg.stop_timeout_s) + reaper.finish()
+        if left:
+            log.warning("stopped %d processes the children left running: %s", len(left), "; ".join(left))
+        log.info("every process stopped")
+
+
+cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@cli.command()
+def main(
+    only: Annotated[
+        list[str] | None,
+        typer.Option(metavar="NAMES", help=f"Run only these (repeat or comma-separate): {', '.join(SERVICES)}."),
+    ] = None,
+    without: Annotated[list[str] | None, typer.Option(metavar="NAMES", help="Run every service but these.")] = None,
+    log_level: Annotated[str | None, typer.Option(help=LOG_LEVEL_HELP)] = None,
+) -> None:
+    """Production mode: the real services (no local stack, no stand-ins) against the configured Kafka,
+    OpenSearch, MQTT, SMTP and Webex, restarted when they exit or their /healthz stays unhealthy, until
+    SIGTERM/Ctrl-C (then every process is stopped and the exit status is 0)."""
+    settings = get_settings()
+    setup_logging(settings, log_level, "supervise")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per health probe says nothing
+    try:
+        names = choose(only or (), without or ())
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    run(settings, names)
+
+
+if __name__ == "__main__":
+    cli()

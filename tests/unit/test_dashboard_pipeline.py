@@ -1,0 +1,242 @@
+"""The pipeline-health page's data: the PromQL it sends, how Prometheus's answers (canned API JSON here)
+become the page's JSON, and that an unreachable or refusing Prometheus is a 200 that says so, behind the
+same login as the rest of the dashboard."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr
+from starlette.testclient import TestClient
+
+import sinks.dashboard.__main__ as dashboard_main
+from infra.metrics import ConsumerLagCollector
+from infra.settings import DashboardSettings, MetricsSettings, Settings
+from sinks.dashboard.app import Dashboard, create_app
+from sinks.dashboard.pipeline import (
+    FLINK_DECISIONS,
+    PrometheusApi,
+    pipeline_queries,
+    prometheus_url,
+    rate_window,
+    read_pipeline,
+    sample_value,
+    shape_pipeline,
+)
+
+AT = 1_764_720_000.0
+
+
+def vector(*series: tuple[dict[str, str], str]) -> dict[str, Any]:
+    """A ``/api/v1/query`` answer as Prometheus sends it: an instant vector, values as strings."""
+    result = [{"metric": labels, "value": [AT, value]} for labels, value in series]
+    return {"status": "success", "data": {"resultType": "vector", "result": result}}
+
+
+def up(process: str, port: int, value: str) -> tuple[dict[str, str], str]:
+    labels = {"__name__": "up", "instance": f"127.0.0.1:{port}", "job": process, "process": process}
+    return labels, value
+
+
+QUERIES = pipeline_queries("60s")
+ANSWERS: dict[str, dict[str, Any]] = {
+    "up": vector(up("alert-sender", 9464, "1"), up("dashboard", 9467, "1"), up("scoring-job", 9460, "0")),
+    "records_in": vector(({"stage": "opensearch-sink"}, "12.5"), ({"stage": "alert-sender"}, "0.25")),
+    "records_out": vector(({"stage": "opensearch-sink"}, "12"), ({"stage": "face-stage"}, "1.5")),
+    "decisions": vector(({}, "40.2")),
+    "lag": vector(({"group": "checkout-guard-scoring"}, "3"), ({"group": "checkout-guard-opensearch"}, "120")),
+    "dead_letters": vector(({"stage": "opensearch-sink"}, "0.1")),
+    "deliveries": vector(
+        ({"channel": "webex", "result": "failed"}, "0.5"), ({"channel": "email", "result": "delivered"}, "2")
+    ),
+    "p99": vector(({"stage": "opensearch-sink"}, "0.042"), ({"stage": "alert-sender"}, "NaN")),
+}
+
+
+def results() -> dict[str, list[dict[str, Any]]]:
+    return {name: answer["data"]["result"] for name, answer in ANSWERS.items()}
+
+
+def prometheus(answer: Callable[[str], httpx.Response]) -> PrometheusApi:
+    """A PrometheusApi whose HTTP goes to ``answer(promql)``."""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/api/v1/query"
+        return answer(request.url.params["query"])
+
+    return PrometheusApi("http://prometheus.test:9490", transport=httpx.MockTransport(handle))
+
+
+def canned(promql: str) -> httpx.Response:
+    name = next(n for n, q in QUERIES.items() if q == promql)
+    return httpx.Response(200, json=ANSWERS[name])
+
+
+def test_queries_ask_for_up_rates_lag_and_p99_per_stage() -> None:
+    assert QUERIES["up"] == "up"
+    assert QUERIES["records_in"] == "sum by (stage) (rate(cg_records_in_total[60s]))"
+    assert QUERIES["records_out"] == "sum by (stage) (rate(cg_records_out_total[60s]))"
+    assert QUERIES["lag"] == "sum by (group) (cg_consumer_lag)"
+    assert QUERIES["dead_letters"] == "sum by (stage) (rate(cg_dead_letters_total[60s]))"
+    assert QUERIES["deliveries"] == "sum by (channel, result) (rate(cg_channel_deliveries_total[60s]))"
+    assert QUERIES["p99"] == ("histogram_quantile(0.99, sum by (stage, le) (rate(cg_processing_seconds_bucket[5m])))")
+    assert QUERIES["decisions"] == f"sum(rate({FLINK_DECISIONS}[60s]))"
+    assert "flink_.*checkout_guard.*decisions.*" in FLINK_DECISIONS
+
+
+def test_the_rate_window_holds_four_scrapes_and_at_least_a_minute() -> None:
+    assert rate_window(5.0) == "60s"
+    assert rate_window(1.0) == "60s"
+    assert rate_window(30.0) == "120s"
+    assert rate_window(22.5) == "90s"
+
+
+def test_nan_and_inf_samples_become_none() -> None:
+    assert sample_value({"value": [AT, "0.5"]}) == 0.5
+    assert sample_value({"value": [AT, "NaN"]}) is None
+    assert sample_value({"value": [AT, "+Inf"]}) is None
+    assert sample_value({}) is None
+
+
+def test_answers_are_shaped_per_panel_in_the_pipelines_order() -> None:
+    shaped = shape_pipeline(results(), window="60s", source="http://p:9490", at_ms=int(AT * 1000))
+    assert shaped["error"] is None and shaped["window"] == "60s" and shaped["source"] == "http://p:9490"
+    assert shaped["targets"] == [
+        {"process": "scoring-job", "instance": "127.0.0.1:9460", "up": False},
+        {"process": "alert-sender", "instance": "127.0.0.1:9464", "up": True},
+        {"process": "dashboard", "instance": "127.0.0.1:9467", "up": True},
+    ]
+    assert shaped["throughput"] == [
+        {"stage": "scoring-job", "in_per_s": None, "out_per_s": 40.2},  # the Flink job's decisions
+        {"stage": "face-stage", "in_per_s": None, "out_per_s": 1.5},
+        {"stage": "opensearch-sink", "in_per_s": 12.5, "out_per_s": 12.0},
+        {"stage": "alert-sender", "in_per_s": 0.25, "out_per_s": None},
+    ]
+    assert shaped["lag"] == [
+        {"group": "checkout-guard-opensearch", "lag": 120},
+        {"group": "checkout-guard-scoring", "lag": 3},
+    ]
+    assert shaped["dead_letters"] == [{"stage": "opensearch-sink", "per_s": 0.1}]
+    assert shaped["deliveries"] == [
+        {"channel": "email", "result": "delivered", "per_s": 2.0},
+        {"channel": "webex", "result": "failed", "per_s": 0.5},
+    ]
+    assert shaped["latency"] == [
+        {"stage": "opensearch-sink", "p99_s": 0.042},
+        {"stage": "alert-sender", "p99_s": None},  # no request in the window: no quantile, not 0
+    ]
+    assert shaped["summary"] == {
+        "targets_up": 2,
+        "targets": 3,
+        "records_in_per_s": 12.75,
+        "decisions_per_s": 40.2,
+        "lag": 123,
+        "dead_letters_per_s": 0.1,
+    }
+    json.dumps(shaped, allow_nan=False)  # what the endpoint sends is plain JSON
+
+
+def test_a_pipeline_without_the_flink_job_or_lag_has_no_rows_for_them() -> None:
+    shaped = shape_pipeline({"up": results()["up"], "decisions": []}, window="60s", source="s", at_ms=0)
+    assert [row["stage"] for row in shaped["throughput"]] == []
+    assert shaped["lag"] == [] and shaped["summary"]["decisions_per_s"] is None
+
+
+def test_read_pipeline_sends_every_query_and_shapes_the_answers() -> None:
+    asked: list[str] = []
+
+    def answer(promql: str) -> httpx.Response:
+        asked.append(promql)
+        return canned(promql)
+
+    shaped = read_pipeline(prometheus(answer), scrape_interval_s=5.0, clock=lambda: AT)
+    assert sorted(asked) == sorted(QUERIES.values())
+    assert shaped == shape_pipeline(results(), window="60s", source="http://prometheus.test:9490", at_ms=int(AT * 1000))
+
+
+def test_an_unreachable_prometheus_is_an_answer_with_the_reason_and_empty_panels() -> None:
+    def refuse(promql: str) -> httpx.Response:
+        raise httpx.ConnectError("connection refused")
+
+    shaped = read_pipeline(prometheus(refuse), scrape_interval_s=5.0, clock=lambda: AT)
+    assert shaped["error"] == "Prometheus at http://prometheus.test:9490 unreachable (ConnectError)"
+    assert shaped["targets"] == shaped["throughput"] == shaped["lag"] == shaped["latency"] == []
+    assert shaped["summary"]["targets"] == 0
+
+
+def test_something_else_than_prometheus_at_the_url_is_named() -> None:
+    shaped = read_pipeline(
+        prometheus(lambda q: httpx.Response(404, text="<html>not found</html>")), scrape_interval_s=5.0
+    )
+    assert shaped["error"] == "http://prometheus.test:9490 answered HTTP 404 without JSON: is it Prometheus?"
+
+
+def test_a_refused_query_empties_its_panel_only_and_says_which() -> None:
+    def answer(promql: str) -> httpx.Response:
+        if promql == QUERIES["p99"]:
+            return httpx.Response(422, json={"status": "error", "errorType": "execution", "error": "boom"})
+        return canned(promql)
+
+    shaped = read_pipeline(prometheus(answer), scrape_interval_s=5.0)
+    assert shaped["error"] == "p99: execution: boom"
+    assert shaped["latency"] == [] and len(shaped["targets"]) == 3 and len(shaped["lag"]) == 2
+
+
+def test_the_local_prometheus_is_asked_unless_another_is_configured() -> None:
+    settings = Settings()
+    assert prometheus_url(settings) == f"http://127.0.0.1:{settings.metrics.prometheus_port}"
+    wildcard = settings.model_copy(update={"bind_host": "0.0.0.0"})
+    assert prometheus_url(wildcard) == f"http://127.0.0.1:{settings.metrics.prometheus_port}"
+    chain = settings.model_copy(update={"metrics": MetricsSettings(prometheus_url="https://prom.chain.example/")})
+    assert prometheus_url(chain) == "https://prom.chain.example"
+
+
+class NoSearch:
+    def search(self, index: str, body: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
+        raise AssertionError("the pipeline page does not read OpenSearch")
+
+
+def served(api: PrometheusApi, **login: Any) -> TestClient:
+    settings = Settings().model_copy(update={"dashboard": DashboardSettings(**login)})
+    board = Dashboard(settings, client=NoSearch(), prometheus=api)  # type: ignore[arg-type]
+    return TestClient(create_app(settings, board), raise_server_exceptions=False)
+
+
+def test_the_endpoint_answers_200_with_the_error_when_prometheus_is_down() -> None:
+    def refuse(promql: str) -> httpx.Response:
+        raise httpx.ConnectTimeout("timed out")
+
+    answer = served(prometheus(refuse)).get("/api/pipeline")
+    assert answer.status_code == 200 and answer.headers["cache-control"] == "no-store"
+    assert answer.json()["error"] == "Prometheus at http://prometheus.test:9490 unreachable (ConnectTimeout)"
+
+
+def test_the_page_and_its_data_need_the_login_like_every_other_endpoint() -> None:
+    client = served(prometheus(canned), username="manager", password=SecretStr("pw"))
+    assert client.get("/pipeline").status_code == 401
+    assert client.get("/api/pipeline").status_code == 401
+    auth = {"Authorization": "Basic " + base64.b64encode(b"manager:pw").decode()}
+    page = client.get("/pipeline", headers=auth)
+    assert page.status_code == 200 and "/static/pipeline.js" in page.text
+    data = client.get("/api/pipeline", headers=auth).json()
+    assert data["error"] is None and data["summary"]["lag"] == 123
+
+
+def test_the_dashboard_command_serves_its_metrics_with_every_groups_lag(monkeypatch: pytest.MonkeyPatch) -> None:
+    registered: list[object] = []
+    served_as: list[str] = []
+
+    class Registry:
+        def register(self, collector: object) -> None:
+            registered.append(collector)
+
+    monkeypatch.setattr(dashboard_main, "REGISTRY", Registry())
+    monkeypatch.setattr(dashboard_main, "serve", lambda settings, process: served_as.append(process))
+    dashboard_main.export_metrics(Settings())
+    assert [type(c) for c in registered] == [ConsumerLagCollector]
+    assert served_as == ["dashboard"]

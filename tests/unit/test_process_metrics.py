@@ -1,0 +1,634 @@
+"""Every long-running process counts what it does in ``infra.metrics`` and says whether it is healthy.
+
+Each stage is driven through the same in-process code path its own unit tests use (fake Kafka clients,
+fake channels, a scripted OpenSearch); the counters are read from prometheus-client's process-global
+registry before and after, so only the growth is asserted. The metrics core itself is tested over HTTP:
+``/metrics`` and ``/healthz`` on a free port, a heartbeat going stale on a fake clock, a taken port.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import paho.mqtt.client as mqtt
+import pytest
+from confluent_kafka import KafkaError, Message, TopicPartition
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from pydantic import SecretStr
+from starlette.testclient import TestClient
+
+from infra import metrics
+from infra.clients.image_store import LocalImageStore
+from infra.clients.meraki import Snapshot
+from infra.local.webex import person_id, sign
+from infra.metrics import ConsumerLagCollector, Heartbeat, PartitionLag, group_lags, serve
+from infra.retry import Backoff
+from infra.settings import AlertSettings, CameraSettings, MetricsSettings, Settings, WebexSettings
+from jobs.bot.webex_bot import ParsedCommand, WebexBot
+from jobs.faces import watchlist_service
+from jobs.faces.stage import FaceStage, FaceStageRunner
+from jobs.faces.watchlist_service import Source, WatchlistCore, WatchlistService
+from producers.camera_bridge import CameraBridge
+from schemas.indices import ROUTES
+from schemas.records import Alert, BotCommand
+from schemas.topics import CAMERA_EVENTS, TRANSACTIONS
+from sinks.alerts.sender import AlertSender, DeliveryError, Ledger
+from sinks.opensearch.sink import OpenSearchSink
+from tests.unit.test_bridge_runtime import GOOD, TIMED_OUT, FakeKafka
+from tests.unit.test_bridge_runtime import Clock as BridgeClock
+from tests.unit.test_bridge_runtime import _message as mqtt_message
+from tests.unit.test_edge_face_stage_runner import Consumer as FaceConsumer
+from tests.unit.test_edge_face_stage_runner import Producer as FaceProducer
+from tests.unit.test_edge_face_stage_runner import tx_message
+from tests.unit.test_opensearch_sink import FakeBulkClient, alert, scored
+from tests.unit.test_watchlist_service import ALLOWED, KEY, NOW, command
+from tests.unit.test_watchlist_service_publish import FlakyTransactions, Group
+
+IN, OUT, DEAD = "cg_records_in_total", "cg_records_out_total", "cg_dead_letters_total"
+DELIVERIES, DEPTH = "cg_channel_deliveries_total", "cg_queue_depth"
+Key = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def key(name: str, **labels: str) -> Key:
+    return name, tuple(sorted(labels.items()))
+
+
+def read(series: Key) -> float:
+    return REGISTRY.get_sample_value(series[0], dict(series[1])) or 0.0
+
+
+class Growth:
+    """The named samples read now; :meth:`since` says how much each grew (the registry is process-global)."""
+
+    def __init__(self, expected: Mapping[Key, float]) -> None:
+        self.before = {series: read(series) for series in expected}
+
+    def since(self) -> dict[Key, float]:
+        return {series: read(series) - before for series, before in self.before.items()}
+
+
+def wait_until(done: Callable[[], bool], limit_s: float = 10.0, step: Callable[[], object] = lambda: None) -> None:
+    deadline = time.monotonic() + limit_s
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        step()
+        time.sleep(0.005)
+
+
+# --------------------------------------------------------------------------- the metrics core
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def local(enabled: bool = True, lag_interval_s: float = 5.0) -> Settings:
+    return Settings(bind_host="127.0.0.1", metrics=MetricsSettings(enabled=enabled, lag_interval_s=lag_interval_s))
+
+
+def test_serve_answers_metrics_and_healthz_turns_503_when_the_heartbeat_goes_stale() -> None:
+    clock = FakeClock()
+    heartbeat = Heartbeat(stale_s=60, clock=clock)
+    endpoint = serve(local(), "face-stage", health=heartbeat, port=0)
+    try:
+        assert endpoint.server is not None and endpoint.port > 0
+        base = f"http://127.0.0.1:{endpoint.port}"
+        scrape = httpx.get(f"{base}/metrics")
+        assert scrape.status_code == 200 and "cg_records_in_total" in scrape.text
+        assert scrape.headers["content-type"].startswith("text/plain")
+        ok = httpx.get(f"{base}/healthz")
+        assert (ok.status_code, ok.text) == (200, "face-stage ok: ok\n")
+        clock.now += 61
+        stale = httpx.get(f"{base}/healthz")
+        assert (stale.status_code, stale.text) == (503, "face-stage unhealthy: no progress for 61 s\n")
+        heartbeat.beat()
+        assert httpx.get(f"{base}/healthz").status_code == 200
+        assert httpx.get(f"{base}/other").status_code == 404
+    finally:
+        endpoint.close()
+    assert endpoint.server is None
+
+
+def test_a_reported_problem_makes_readyz_503_while_healthz_stays_alive_until_it_beats_without_one() -> None:
+    heartbeat = Heartbeat(clock=FakeClock())
+    endpoint = serve(local(), "opensearch-sink", health=heartbeat, port=0)
+    try:
+        url = f"http://127.0.0.1:{endpoint.port}"
+        heartbeat.beat("OpenSearch unreachable")
+        ready = httpx.get(f"{url}/readyz")
+        assert (ready.status_code, ready.text) == (503, "opensearch-sink unhealthy: OpenSearch unreachable\n")
+        alive = httpx.get(f"{url}/healthz")  # a restart would not bring OpenSearch back: alive, degraded
+        assert (alive.status_code, alive.text) == (200, "opensearch-sink ok: degraded: OpenSearch unreachable\n")
+        heartbeat.beat()
+        assert httpx.get(f"{url}/readyz").status_code == 200
+    finally:
+        endpoint.close()
+
+
+def test_a_health_check_that_raises_is_unhealthy_and_the_server_keeps_answering() -> None:
+    def broken() -> tuple[bool, str]:
+        raise RuntimeError("bug")
+
+    endpoint = serve(local(), "alert-sender", health=broken, port=0)
+    try:
+        url = f"http://127.0.0.1:{endpoint.port}"
+        answer = httpx.get(f"{url}/healthz")
+        assert (answer.status_code, answer.text) == (503, "alert-sender unhealthy: health check failed: RuntimeError\n")
+        assert httpx.get(f"{url}/metrics").status_code == 200
+    finally:
+        endpoint.close()
+
+
+def test_serve_with_the_port_taken_runs_on_without_an_endpoint(caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        endpoint = serve(local(), "camera-bridge", port=port)
+    assert (endpoint.process, endpoint.port, endpoint.server) == ("camera-bridge", port, None)
+    assert "running without an endpoint" in caplog.text
+    endpoint.close()  # nothing to close: no error either
+
+
+def test_serve_with_metrics_disabled_opens_nothing_and_names_the_configured_port() -> None:
+    settings = local(enabled=False)
+    endpoint = serve(settings, "watchlist-service")
+    assert endpoint.server is None and endpoint.port == settings.metrics.base_port + 5
+    with pytest.raises(KeyError):
+        metrics.port_of(settings, "no-such-process")
+
+
+def test_group_lags_is_end_minus_committed_from_the_start_when_uncommitted_and_never_negative() -> None:
+    committed = {
+        "sink": {("alerts", 0): 5, ("alerts", 1): -1001, ("alerts", 2): 12, ("gone", 0): 3},
+        "bot": {("commands", 0): 7},
+    }
+    ends = {("alerts", 0): 10, ("alerts", 1): 7, ("alerts", 2): 10, ("commands", 0): 7}
+    assert group_lags(committed, ends) == [
+        PartitionLag("bot", "commands", 0, 0),
+        PartitionLag("sink", "alerts", 0, 5),
+        PartitionLag("sink", "alerts", 1, 7),  # nothing committed yet: the whole partition waits
+        PartitionLag("sink", "alerts", 2, 0),  # committed past the end read a moment earlier: not -2
+    ]  # ("gone", 0) has no end offset: left out
+
+
+def test_consumer_lag_is_read_from_kafka_at_most_once_per_interval() -> None:
+    reads: list[int] = []
+
+    def reader() -> list[PartitionLag]:
+        reads.append(1)
+        return [PartitionLag("sink", "alerts", 0, len(reads))]
+
+    cached = ConsumerLagCollector(local(lag_interval_s=3600), read=reader)
+    assert cached.lags() == cached.lags() == [PartitionLag("sink", "alerts", 0, 1)]
+    assert len(reads) == 1
+    fresh = ConsumerLagCollector(local(lag_interval_s=0), read=reader)
+    assert fresh.lags()[0].lag == 2 and fresh.lags()[0].lag == 3
+    registry = CollectorRegistry()
+    registry.register(cached)
+    text = generate_latest(registry).decode()
+    assert 'cg_consumer_lag{group="sink",partition="0",topic="alerts"} 1.0' in text
+
+
+def test_consumer_lag_leaves_the_figures_out_while_kafka_does_not_answer_and_the_scrape_still_works() -> None:
+    answers: list[Any] = [RuntimeError("all brokers down"), [PartitionLag("sink", "alerts", 0, 4)]]
+
+    def reader() -> list[PartitionLag]:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    collector = ConsumerLagCollector(local(lag_interval_s=0), read=reader)
+    registry = CollectorRegistry()
+    registry.register(collector)
+    text = generate_latest(registry).decode()
+    assert "# TYPE cg_consumer_lag gauge" in text and "cg_consumer_lag{" not in text
+    assert registry.get_sample_value("cg_consumer_lag", {"group": "sink", "topic": "alerts", "partition": "0"}) == 4
+
+
+def test_timed_observes_the_wall_time_of_its_block() -> None:
+    series = key("cg_processing_seconds_count", stage="timed-test")
+    growth = Growth({series: 1})
+    with metrics.timed(metrics.PROCESSING_SECONDS.labels("timed-test")):
+        time.sleep(0.001)
+    assert growth.since() == {series: 1}
+    assert (REGISTRY.get_sample_value("cg_processing_seconds_sum", {"stage": "timed-test"}) or 0) >= 0.001
+
+
+# --------------------------------------------------------------------------- face-stage
+
+
+class NoFaces:
+    def analyse(self, image: bytes) -> list:
+        return []
+
+
+class Store:
+    def put(self, kind: str, key: str, data: bytes) -> str:
+        return f"{kind}/{key}.jpg"
+
+
+def test_face_stage_counts_inputs_observations_by_status_dead_letters_and_each_analysis() -> None:
+    stage_name = "face-stage"
+    expected = {
+        key(IN, stage=stage_name, kind="transaction"): 3,
+        key(IN, stage=stage_name, kind="camera_event"): 1,
+        key(OUT, stage=stage_name, kind="no_face"): 3,
+        key(DEAD, stage=stage_name, reason="not_avro"): 1,
+        key("cg_processing_seconds_count", stage=stage_name): 3,
+        key("cg_face_analysis_seconds_count"): 3,
+    }
+    growth = Growth(expected)
+    settings = Settings(cameras=CameraSettings(max_in_flight=3, snapshot_workers=2))
+
+    def snapshot(serial: str, at_ms: int | None) -> Snapshot:
+        return Snapshot(serial, b"\xff\xd8jpeg", "image/jpeg", at_ms, False, 1, 1, 0.1)
+
+    cam_topic = CAMERA_EVENTS.full_name("")
+    garbage = Message(topic=cam_topic, partition=0, offset=0, key=b"k", value=b"garbage")
+    consumer = FaceConsumer([tx_message(0, "tx-0"), garbage, tx_message(1, "tx-1"), tx_message(2, "tx-2")])
+    runner = FaceStageRunner(
+        settings,
+        FaceStage(settings, snapshot, NoFaces(), Store()),
+        producer=FaceProducer(failures=2),  # the first two deliveries time out and are sent again
+        consumer=consumer,
+        backoff=Backoff(initial_s=0.01, maximum_s=0.02),
+    )
+    health: list[tuple[bool, str]] = []
+    stop, started = threading.Event(), time.monotonic()
+    tx_topic = TRANSACTIONS.full_name("")
+
+    def tick(_stats: dict) -> None:
+        health.append(runner.heartbeat.ready())
+        finished = consumer.commits.get((tx_topic, 0)) == 3 and consumer.commits.get((cam_topic, 0)) == 1
+        if finished or time.monotonic() - started > 15:
+            stop.set()
+
+    stats = runner.run(stop, tick)
+
+    assert stats["failed"] == 2 and stats["observations"] == 3
+    assert growth.since() == expected
+    assert (False, "Kafka unreachable") in health, "a failed delivery waiting to be sent again is reported"
+    assert health[-1] == (True, "ok")
+    for queue in ("snapshots", "delivery_retries", "unacknowledged"):
+        assert REGISTRY.get_sample_value(DEPTH, {"stage": stage_name, "queue": queue}) == 0
+
+
+# --------------------------------------------------------------------------- camera-bridge
+
+
+def test_camera_bridge_counts_messages_by_kind_events_out_and_dead_letters_by_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stage_name = "camera-bridge"
+    expected = {
+        key(IN, stage=stage_name, kind="raw_detections"): 1,
+        key(IN, stage=stage_name, kind="zone_count"): 1,
+        key(IN, stage=stage_name, kind="ignored"): 1,
+        key(IN, stage=stage_name, kind="invalid"): 1,
+        key(OUT, stage=stage_name, kind="raw_detections"): 1,
+        key(OUT, stage=stage_name, kind="zone_count"): 1,
+        key(DEAD, stage=stage_name, reason="not_json"): 1,
+    }
+    growth = Growth(expected)
+    kafka, clock = FakeKafka(lambda n: TIMED_OUT if n == 0 else None), BridgeClock()
+    bridge = CameraBridge(Settings(), kafka, backoff=Backoff(initial_s=1.0, maximum_s=2.0), clock=clock)  # type: ignore[arg-type]
+    monkeypatch.setattr(bridge.client, "ack", lambda mid, qos: None)
+    messages: list[mqtt.MQTTMessage] = [
+        mqtt_message(GOOD, 1),
+        mqtt_message(b'{"ts": 1795000000000, "counts": {"person": 2}}', 2, "/merakimv/Q2MV-A/0"),
+        mqtt_message(b"{}", 3, "/merakimv/Q2MV-A/light"),
+        mqtt_message(b"not json", 4, "/merakimv/Q2MV-A/raw_detections"),
+    ]
+    for msg in messages:
+        bridge._on_message(bridge.client, None, msg)
+    bridge.service(0)  # the first event's delivery times out: it waits for another attempt
+    assert bridge.problem() == "Kafka unreachable"
+    clock.now += 2.0  # its backoff is over: produced again and delivered
+    bridge.service(0)
+    bridge.service(0)
+
+    assert growth.since() == expected
+    assert bridge.problem() is None
+
+
+# --------------------------------------------------------------------------- opensearch-sink
+
+
+class SinkConsumer:
+    """Owns every partition, hands out nothing more (the batch is given to the sink directly)."""
+
+    def __init__(self) -> None:
+        self.commits: list[list[TopicPartition]] = []
+
+    def assignment(self) -> list[TopicPartition]:
+        return [TopicPartition(route.topic.full_name(""), 0) for route in ROUTES] + [TopicPartition("elsewhere", 0)]
+
+    def consume(self, num_messages: int, timeout: float) -> list[Message]:
+        return []
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> list[TopicPartition]:
+        self.commits.append(offsets)
+        return offsets
+
+    def pause(self, partitions: list[TopicPartition]) -> None:
+        pass
+
+    def resume(self, partitions: list[TopicPartition]) -> None:
+        pass
+
+
+class ConfirmingProducer:
+    """Confirms every produced record on ``poll``/``flush``; the first ``refuse`` deliveries fail."""
+
+    def __init__(self, refuse: int = 0) -> None:
+        self.refuse = refuse
+        self.sent: list[tuple[str, bytes]] = []
+        self._pending: list[tuple[str, bytes, Callable[[Any, Any], None]]] = []
+
+    def produce(self, topic: str, *, key: bytes, value: bytes, on_delivery: Callable[[Any, Any], None]) -> None:
+        self._pending.append((topic, value, on_delivery))
+
+    def poll(self, timeout: float = 0) -> int:
+        pending, self._pending = self._pending, []
+        for topic, value, on_delivery in pending:
+            if self.refuse > 0:
+                self.refuse -= 1
+                on_delivery(KafkaError(KafkaError._MSG_TIMED_OUT), None)
+            else:
+                self.sent.append((topic, value))
+                on_delivery(None, None)
+        return len(pending)
+
+    def flush(self, timeout: float = 0) -> int:
+        self.poll()
+        return len(self._pending)
+
+
+class WatchedBulkClient(FakeBulkClient):
+    """Records the sink's health at each bulk request: a retry comes after the wait that reported it."""
+
+    def __init__(self, *answers: Any) -> None:
+        super().__init__(*answers)
+        self.health: list[tuple[bool, str]] = []
+        self.heartbeat: Heartbeat | None = None
+
+    def bulk(self, body: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        assert self.heartbeat is not None
+        self.health.append(self.heartbeat.ready())
+        return super().bulk(body, *args, **kwargs)
+
+
+def test_opensearch_sink_counts_records_in_documents_written_by_kind_dead_letters_and_batch_time() -> None:
+    stage_name = "opensearch-sink"
+    expected = {
+        key(IN, stage=stage_name, kind="transactions"): 3,
+        key(IN, stage=stage_name, kind="alerts"): 1,
+        key(IN, stage=stage_name, kind="face_observations"): 1,
+        key(IN, stage=stage_name, kind="unknown"): 1,
+        key(OUT, stage=stage_name, kind="transactions"): 2,
+        key(OUT, stage=stage_name, kind="alerts"): 1,
+        key(DEAD, stage=stage_name, reason="opensearch_rejected"): 1,
+        key(DEAD, stage=stage_name, reason="not_avro"): 1,
+        key(DEAD, stage=stage_name, reason="unknown_topic"): 1,
+        key("cg_processing_seconds_count", stage=stage_name): 1,
+    }
+    growth = Growth(expected)
+    client = WatchedBulkClient(
+        {
+            "tx-2": {"status": 429, "error": {"type": "es_rejected_execution_exception", "reason": "queue full"}},
+            "tx-3": {"status": 400, "error": {"type": "mapper_parsing_exception", "reason": "bad field"}},
+        },
+        {},  # the retry of tx-2 goes through
+    )
+    sink = OpenSearchSink(Settings(), client=client, backoff=Backoff(initial_s=0.001, maximum_s=0.002))  # type: ignore[arg-type]
+    client.heartbeat = sink.heartbeat
+    consumer, producer = SinkConsumer(), ConfirmingProducer()
+    sink._consumer, sink._producer = consumer, producer  # type: ignore[assignment]
+    topic = {route.kind: route.topic.full_name("") for route in ROUTES}
+    batch = [
+        Message(topic=topic["transactions"], partition=0, offset=n, value=scored(f"tx-{n}").encode()) for n in (1, 2, 3)
+    ] + [
+        Message(topic=topic["alerts"], partition=0, offset=0, value=alert().encode()),
+        Message(topic=topic["face_observations"], partition=0, offset=0, value=b"garbage"),
+        Message(topic="elsewhere", partition=0, offset=0, value=b"x"),
+    ]
+
+    sink._process(batch)
+
+    assert growth.since() == expected
+    assert client.health == [(True, "ok"), (False, "OpenSearch unreachable: 429 es_rejected_execution_exception")]
+    assert sink.heartbeat.ready() == (True, "ok") and len(producer.sent) == 3
+
+
+# --------------------------------------------------------------------------- alert-sender
+
+
+class ScriptedChannel:
+    """``email`` whose answer depends on the alert: ``ok-*`` delivered, ``refused-*`` refused for good,
+    ``flaky-*`` failing once; everything is down while ``down`` is set."""
+
+    name, can_check_sent = "email", False
+
+    def __init__(self) -> None:
+        self.down = threading.Event()
+        self.calls: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def send(self, alert: dict[str, Any], image: bytes | None, maybe_sent: bool) -> str | None:
+        alert_id = alert["alert_id"]
+        with self.lock:
+            self.calls[alert_id] = self.calls.get(alert_id, 0) + 1
+            calls = self.calls[alert_id]
+        if self.down.is_set():
+            raise DeliveryError("SMTP ConnectionRefusedError", down=True)
+        if alert_id.startswith("refused"):
+            raise DeliveryError("550 mailbox unavailable", retriable=False)
+        if alert_id.startswith("flaky") and calls == 1:
+            raise DeliveryError("451 try again")
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def sender_with(tmp_path: Path, channel: ScriptedChannel, producer: ConfirmingProducer) -> AlertSender:
+    alerts = AlertSettings(channels="email", concurrency=2, retry_initial_s=0.01, retry_max_s=0.02)
+    settings = Settings(stack_dir=tmp_path, alerts=alerts)
+    sender = AlertSender(settings, channels=[channel], ledger=Ledger(tmp_path / "ledger.sqlite3"))
+    sender._producer = producer  # type: ignore[assignment]
+    sender.start_workers()
+    return sender
+
+
+def alert_message(alert_id: str, offset: int) -> Message:
+    record = Alert(
+        alert_id=alert_id, kind="BLOCKED_TRANSACTION", severity="high", event_time=0, store_id="S1", summary="x"
+    )
+    return Message(topic="alerts", partition=0, offset=offset, key=alert_id.encode(), value=record.encode())
+
+
+def test_alert_sender_counts_alerts_and_each_channel_outcome_as_the_sender_saw_it(tmp_path: Path) -> None:
+    stage_name = "alert-sender"
+    expected = {
+        key(IN, stage=stage_name, kind="alert"): 4,
+        key(IN, stage=stage_name, kind="invalid"): 1,
+        key(OUT, stage=stage_name, kind="alert"): 3,
+        key(DEAD, stage=stage_name, reason="not_avro"): 1,
+        key(DEAD, stage=stage_name, reason="delivery_failed"): 1,
+        key(DELIVERIES, channel="email", result="delivered"): 2,
+        key(DELIVERIES, channel="email", result="failed"): 2,
+        key(DELIVERIES, channel="email", result="retried"): 1,
+        key(DELIVERIES, channel="email", result="dead_lettered"): 1,
+        key(DELIVERIES, channel="email", result="already_sent"): 1,
+    }
+    growth = Growth(expected)
+    channel, producer = ScriptedChannel(), ConfirmingProducer(refuse=1)
+    sender = sender_with(tmp_path, channel, producer)
+
+    def turn() -> None:
+        sender._drain_outcomes()
+        producer.poll()
+
+    try:
+        sender._accept_batch([Message(topic="alerts", partition=0, offset=0, value=b"garbage")])
+        producer.poll()  # its dead letter is not delivered: produced again
+        assert sender.problem() == "Kafka unreachable", "reported until a dead letter is delivered"
+        sender._accept_batch([alert_message("ok-1", 1), alert_message("refused-1", 2)])
+        sender._accept_batch([alert_message("flaky-1", 3)])
+        wait_until(lambda: sender.stats.alerts_done == 4, step=turn)
+        sender._accept_batch([alert_message("ok-1", 4)])  # replayed: the ledger has it
+        wait_until(lambda: sender.stats.alerts_done == 5, step=turn)
+    finally:
+        sender.close()
+
+    assert growth.since() == expected
+    assert sender.problem() is None
+
+
+def test_alert_sender_reports_a_channel_down_until_it_answers_again(tmp_path: Path) -> None:
+    channel = ScriptedChannel()
+    channel.down.set()
+    failed = key(DELIVERIES, channel="email", result="failed")
+    growth = Growth({failed: 1})
+    sender = sender_with(tmp_path, channel, ConfirmingProducer())
+    try:
+        sender._accept_batch([alert_message("ok-2", 0)])
+        wait_until(lambda: sender.problem() == "email unreachable", step=sender._drain_outcomes)
+        channel.down.clear()
+        wait_until(lambda: sender.stats.alerts_done == 1, step=sender._drain_outcomes)
+        assert sender.problem() is None
+    finally:
+        sender.close()
+    assert growth.since()[failed] >= 1
+
+
+# --------------------------------------------------------------------------- watchlist-service
+
+
+def test_watchlist_service_counts_commands_by_verb_and_records_once_their_transaction_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stage_name = "watchlist-service"
+    expected = {
+        key(IN, stage=stage_name, kind="forget"): 1,
+        key(IN, stage=stage_name, kind="fraud"): 1,
+        key(IN, stage=stage_name, kind="invalid"): 1,
+        key(IN, stage=stage_name, kind="alert"): 1,
+        key(OUT, stage=stage_name, kind="watchlist_tombstone"): 1,
+        key(OUT, stage=stage_name, kind="audit"): 2,
+        key(DEAD, stage=stage_name, reason="unauthorized"): 1,
+        key(DEAD, stage=stage_name, reason="not_avro"): 1,
+    }
+    growth = Growth(expected)
+    settings = Settings(
+        stack_dir=tmp_path, webex=WebexSettings(command_signing_key=SecretStr(KEY), allowed_people=ALLOWED)
+    )
+    core = WatchlistCore(settings, engine=object(), store=LocalImageStore(tmp_path / "images"))  # type: ignore[arg-type]
+    unsigned = BotCommand(command_id="c7", issued_at=NOW, verb="FRAUD", actor="lp@example.com", argument="tx-1")
+    no_snapshot = Alert(
+        alert_id="a-1", kind="BLOCKED_TRANSACTION", severity="high", event_time=0, store_id="S1", summary="x"
+    )
+    outs = [
+        *core.on_command(command("FORGET", "subj-tx-9", cid="c1"), NOW),
+        *core.on_command(Source("commands", 0, 7, b"c7", unsigned.encode()), NOW),
+        *core.on_command(Source("commands", 0, 8, None, b"garbage"), NOW),
+        *core.on_alert(Source("alerts", 0, 1, b"a-1", no_snapshot.encode()), NOW),
+    ]
+    monkeypatch.setattr(watchlist_service.time, "sleep", lambda _s: None)
+    abortable = KafkaError(KafkaError._STATE, "needs abort", txn_requires_abort=True)
+    svc = WatchlistService.__new__(WatchlistService)
+    svc.producer, svc.consumer, svc.prefix, svc._stop = FlakyTransactions([abortable]), Group(), "", False  # type: ignore[assignment]
+    svc.heartbeat = Heartbeat()
+
+    svc._publish(outs, ["offset"])
+
+    assert growth.since() == expected, "counted once, though the transaction was redone"
+    assert svc.heartbeat.ready() == (False, "Kafka unreachable"), "until the loop's next turn beats again"
+
+
+# --------------------------------------------------------------------------- webex-bot
+
+
+def test_webex_bot_counts_webhooks_by_outcome_and_commands_out_and_reports_kafka_refusing_them() -> None:
+    stage_name, secret, room = "webex-bot", "hook-secret", "room-security"
+    expected = {
+        key(IN, stage=stage_name, kind="accepted"): 1,
+        key(IN, stage=stage_name, kind="rejected_signature"): 2,
+        key(IN, stage=stage_name, kind="invalid"): 1,
+        key(IN, stage=stage_name, kind="ignored"): 1,
+        key(OUT, stage=stage_name, kind="fraud"): 1,
+        key(OUT, stage=stage_name, kind="help"): 1,
+    }
+    growth = Growth(expected)
+    webex = WebexSettings(webhook_secret=SecretStr(secret), command_signing_key=SecretStr(KEY), allowed_rooms=room)
+    published: list[BotCommand] = []
+    bot = WebexBot(
+        Settings(webex=webex),
+        client=object(),  # type: ignore[arg-type]  # nothing here reaches Webex
+        publish=lambda cmd, _headers: published.append(cmd),
+        inspect_checkout=lambda tx: tx,
+        status_text=lambda: "healthy",
+    )
+    bot._handle_safely = lambda data: None  # type: ignore[method-assign]  # the background part: not counted here
+    http = TestClient(bot.app)
+    body = (
+        b'{"resource": "messages", "event": "created", "data": {"id": "m-1", "roomId": "'
+        + room.encode()
+        + b'", "personId": "'
+        + person_id("lp@example.com").encode()
+        + b'"}}'
+    )
+    url = "/webex/webhook"
+    assert http.post(url, content=body).status_code == 401
+    assert http.post(url, content=body, headers={"X-Spark-Signature": sign(body, "guessed")}).status_code == 403
+    assert http.post(url, content=b"nope", headers={"X-Spark-Signature": sign(b"nope", secret)}).status_code == 400
+    assert http.post(url, content=body, headers={"X-Spark-Signature": sign(body, secret)}).status_code == 200
+    assert http.post(url, content=body, headers={"X-Spark-Signature": sign(body, secret)}).json()["ignored"]
+
+    assert bot._execute(ParsedCommand("FRAUD", "tx-1"), "m-1", room, "lp@example.com")[1]
+    assert bot.heartbeat.ready() == (True, "ok")
+
+    def refused(_cmd: BotCommand, _headers: Any) -> None:
+        raise RuntimeError("command not confirmed by Kafka within 10 s")
+
+    bot.publish = refused
+    assert not bot._execute(ParsedCommand("STATUS"), "m-2", room, "lp@example.com")[1]
+    assert bot.heartbeat.ready() == (False, "Kafka unreachable")
+    bot.publish = lambda cmd, _headers: published.append(cmd)
+    assert bot._execute(ParsedCommand("HELP"), "m-3", room, "lp@example.com")[1]
+    assert bot.heartbeat.ready() == (True, "ok")
+
+    assert growth.since() == expected and [c.verb for c in published] == ["FRAUD", "HELP"]
+    bot.close()

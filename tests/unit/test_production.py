@@ -1,0 +1,258 @@
+"""Production mode's decisions (infra/production.py): which services run, when ill health restarts one, and
+that a restart first clears what the previous process left. Fake clock, children and probe: nothing starts."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from infra import metrics, production
+from infra.launcher import Child, Supervisor
+from infra.production import SERVICES, HealthSupervisor, choose, endpoints, unhealthy_since
+from infra.settings import MetricsSettings, Settings, SupervisorSettings
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeProc:
+    pids = iter(range(100, 10_000))
+
+    def __init__(self) -> None:
+        self.pid, self.returncode = next(self.pids), None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+
+class FakeChild(Child):
+    def __init__(self, name: str) -> None:
+        super().__init__(name, FakeProc(), Path(f"/nonexistent/{name}.log"))  # type: ignore[arg-type]
+
+    def die(self, code: int) -> None:
+        self.proc.returncode = code
+
+
+class Starter:
+    def __init__(self, name: str) -> None:
+        self.name, self.started = name, list[FakeChild]()
+
+    def __call__(self) -> FakeChild:
+        self.started.append(FakeChild(self.name))
+        return self.started[-1]
+
+
+class Probe:
+    """Answers what the test sets per process (default 200); records who was asked."""
+
+    def __init__(self) -> None:
+        self.status: dict[str, int | None] = {}
+        self.asked: list[str] = []
+
+    def __call__(self, name: str) -> int | None:
+        self.asked.append(name)
+        return self.status.get(name, 200)
+
+
+CFG = SupervisorSettings(
+    backoff_s=1.0, health_interval_s=5.0, start_grace_s=30.0, unhealthy_after_s=20.0, max_restarts=3
+)
+
+
+def watch(clock: Clock, probe: Probe | None, cfg: SupervisorSettings = CFG) -> tuple[HealthSupervisor, list[Child]]:
+    stopped: list[Child] = []
+
+    def stop(child: Child) -> None:
+        stopped.append(child)
+        child.proc.returncode = -15
+
+    sup = Supervisor(backoff_s=cfg.backoff_s, max_restarts=cfg.max_restarts, clock=clock)
+    return HealthSupervisor(sup, cfg, probe, clock=clock, stop=stop), stopped
+
+
+def advance(w: HealthSupervisor, clock: Clock, seconds: float, step: float = 1.0) -> None:
+    end = clock.now + seconds
+    while clock.now < end:
+        clock.now += step
+        w.check()
+
+
+# --------------------------------------------------------------------------------------------- choose
+
+
+def test_every_service_runs_by_default_in_start_order_and_has_a_health_port() -> None:
+    assert choose() == list(SERVICES)
+    assert set(SERVICES) <= set(metrics.PROCESSES)
+    assert not {"local-webex", "local-camera", "shoppers"} & set(SERVICES), "no stand-ins in production"
+
+
+def test_only_and_without_choose_and_accept_comma_separated_names() -> None:
+    assert choose(["alert-sender,opensearch-sink"]) == ["opensearch-sink", "alert-sender"]
+    assert "scoring-job" not in choose(without=["scoring-job", "face-stage"])
+    assert len(choose(without=["scoring-job", "face-stage"])) == len(SERVICES) - 2
+
+
+def test_an_unknown_name_or_an_empty_choice_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown service.*sinkk.*known: camera-bridge"):
+        choose(["sinkk"])
+    with pytest.raises(ValueError, match="unknown service.*local-camera"):
+        choose(without=["local-camera"])
+    with pytest.raises(ValueError, match="nothing to run"):
+        choose(["dashboard"], ["dashboard"])
+
+
+def test_the_command_line_refuses_an_unknown_service_with_exit_2_and_starts_nothing(monkeypatch) -> None:
+    monkeypatch.setattr(production, "run", lambda *a: pytest.fail("started"))
+    monkeypatch.setattr(production, "setup_logging", lambda *a: None)
+    result = CliRunner().invoke(production.cli, ["--only", "nope"])
+    assert result.exit_code == 2 and "unknown service(s) nope" in result.output
+
+
+def test_endpoints_say_where_health_and_metrics_are_or_that_there_are_none() -> None:
+    settings = Settings(metrics=MetricsSettings(base_port=19460))
+    port = metrics.port_of(settings, "alert-sender")
+    assert endpoints(settings, "alert-sender") == (
+        f"health http://127.0.0.1:{port}/healthz, metrics http://127.0.0.1:{port}/metrics"
+    )
+    off = Settings(metrics=MetricsSettings(enabled=False))
+    assert "no health/metrics endpoint" in endpoints(off, "alert-sender")
+
+
+# ------------------------------------------------------------------------------------ unhealthy_since
+
+
+def test_a_503_starts_a_spell_at_once_even_during_the_grace() -> None:
+    assert unhealthy_since(None, 503, now=5.0, started=0.0, grace_s=30.0) == 5.0
+    assert unhealthy_since(5.0, 503, now=10.0, started=0.0, grace_s=30.0) == 5.0
+
+
+def test_no_answer_counts_only_after_the_grace_and_a_2xx_ends_the_spell() -> None:
+    assert unhealthy_since(None, None, now=29.0, started=0.0, grace_s=30.0) is None
+    assert unhealthy_since(5.0, None, now=29.0, started=0.0, grace_s=30.0) == 5.0, "no answer keeps a 503 spell"
+    assert unhealthy_since(None, None, now=31.0, started=0.0, grace_s=30.0) == 31.0
+    assert unhealthy_since(31.0, 200, now=40.0, started=0.0, grace_s=30.0) is None
+
+
+# ---------------------------------------------------------------------------------- HealthSupervisor
+
+
+def test_a_process_answering_503_longer_than_the_limit_is_stopped_and_restarted_with_backoff() -> None:
+    clock, probe = Clock(), Probe()
+    w, stopped = watch(clock, probe)
+    sink = Starter("opensearch-sink")
+    w.supervisor.add("opensearch-sink", sink)
+    w.check()
+    probe.status["opensearch-sink"] = 503
+    advance(w, clock, 5)  # the next probe (every 5 s) sees the first 503: the spell begins
+    advance(w, clock, 20)
+    assert stopped == [], "not yet: unhealthy for 20 s is not longer than 20 s"
+    advance(w, clock, 5)
+    assert stopped == [sink.started[0]]
+    advance(w, clock, 2)
+    assert len(sink.started) == 2 and sink.started[1].alive, "restarted by the supervisor after its backoff"
+    assert "1 restarts" in w.supervisor.describe()
+
+
+def test_a_restarted_process_gets_its_own_grace() -> None:
+    clock, probe = Clock(), Probe()
+    w, stopped = watch(clock, probe)
+    job = Starter("scoring-job")
+    w.supervisor.add("scoring-job", job)
+    probe.status["scoring-job"] = None
+    advance(w, clock, 30 + 20)
+    assert stopped == [], "silent through the grace and then exactly the limit"
+    advance(w, clock, 6)
+    assert stopped == [job.started[0]]
+    advance(w, clock, 2)
+    assert len(job.started) == 2
+    advance(w, clock, 45)
+    assert len(stopped) == 1, "the new process is still within grace + limit"
+    probe.status["scoring-job"] = 200
+    advance(w, clock, 600)
+    assert len(stopped) == 1 and job.started[1].alive
+
+
+def test_a_process_that_recovers_before_the_limit_is_left_running(caplog: pytest.LogCaptureFixture) -> None:
+    clock, probe = Clock(), Probe()
+    w, stopped = watch(clock, probe)
+    w.log = logging.getLogger("test.production")
+    caplog.set_level(logging.INFO, logger="test.production")
+    bot = Starter("webex-bot")
+    w.supervisor.add("webex-bot", bot)
+    for _ in range(5):
+        probe.status["webex-bot"] = 503
+        advance(w, clock, 15)
+        probe.status["webex-bot"] = 200
+        advance(w, clock, 5)
+    assert stopped == [] and len(bot.started) == 1
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("webex-bot: /healthz HTTP 503" in m for m in messages)
+    assert any("webex-bot: /healthz ok" in m for m in messages)
+
+
+def test_health_is_asked_once_per_interval_and_never_of_a_dead_process() -> None:
+    clock, probe = Clock(), Probe()
+    w, _ = watch(clock, probe)
+    sender = Starter("alert-sender")
+    w.supervisor.add("alert-sender", sender)
+    advance(w, clock, 20)
+    assert len(probe.asked) == 4
+    sender.started[0].die(1)
+    probe.asked.clear()
+    w.check()
+    assert probe.asked == []
+
+
+def test_without_a_probe_only_exits_are_acted_on() -> None:
+    clock = Clock()
+    w, stopped = watch(clock, None)
+    dash = Starter("dashboard")
+    w.supervisor.add("dashboard", dash)
+    advance(w, clock, 3600, step=60)
+    assert stopped == [] and len(dash.started) == 1
+    dash.started[0].die(1)
+    advance(w, clock, 2)
+    assert len(dash.started) == 2
+
+
+def test_a_zero_limit_turns_health_restarts_off() -> None:
+    clock, probe = Clock(), Probe()
+    w, stopped = watch(clock, probe, CFG.model_copy(update={"unhealthy_after_s": 0.0}))
+    w.supervisor.add("face-stage", Starter("face-stage"))
+    probe.status["face-stage"] = 503
+    advance(w, clock, 600, step=5)
+    assert stopped == [] and probe.asked == []
+
+
+def test_each_start_first_stops_what_the_previous_process_left(monkeypatch) -> None:
+    events: list[str] = []
+    children = iter(FakeChild(f"job-{n}") for n in range(3))
+
+    def spawn(module: str, settings: Settings, *, name: str) -> Child:
+        child = next(children)
+        events.append(f"spawn {module} as {name}: {child.name}")
+        return child
+
+    monkeypatch.setattr(production, "spawn", spawn)
+
+    def stop_child(child: Child, timeout: float) -> list[str]:
+        events.append(f"stop {child.name}")
+        return []
+
+    monkeypatch.setattr(production, "stop_child", stop_child)
+    start = production.restartable("scoring-job", Settings())
+    start()
+    start()
+    assert events == [
+        "spawn jobs.flink.job as scoring-job: job-0",
+        "stop job-0",
+        "spawn jobs.flink.job as scoring-job: job-1",
+    ]
