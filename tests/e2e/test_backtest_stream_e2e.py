@@ -74,6 +74,7 @@ def _candidate_rules(path) -> RuleSet:
     data = RuleSet.default().to_dict()
     data["version"] = "candidate-block50"
     data["thresholds"] = {"block_at": 50, "review_at": 30}
+    data["face"]["watchlist_suspect_points"] = 45  # a face match alone still only makes REVIEW
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return RuleSet.from_dict(data)
 

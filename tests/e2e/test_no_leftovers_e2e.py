@@ -1,7 +1,9 @@
-"""``make run`` leaves nothing behind: started as a subprocess in its own process group (CG_* settings of the
-environment passed through, so CI's ports apply), given time to start all its processes, then Ctrl-C (SIGINT
-to the group, as a terminal sends it): afterwards no process carrying the run's marker
-(:data:`infra.processes.MARKER`, inherited by every process it starts, orphans included) is running.
+"""``make run`` reports every process to Prometheus and leaves nothing behind: started as a subprocess in its own
+process group (CG_* settings of the environment passed through, so CI's ports apply), given time to start all
+its processes, then Ctrl-C (SIGINT to the group, as a terminal sends it). While it runs, every metrics
+endpoint answers and the dashboard's pipeline-health answer (the stack's Prometheus, reloaded with the run's
+ports) has all targets up, records per second and consumer lag; afterwards no process carrying the run's
+marker (:data:`infra.processes.MARKER`, inherited by every process it starts, orphans included) is running.
 
 The run is isolated like the other end-to-end tests: its own topic prefix, index prefix, consumer groups,
 checkpoints, alert ledger, mail recipient, MQTT topic prefix and listening ports; the stack itself is the
@@ -47,6 +49,8 @@ MODULES = (
 """Every process ``make run`` starts (python -m ...); the scoring job's JVM comes on top."""
 START_S = 150.0
 """~60-90 s on an idle 2-core machine; more when other tests load it."""
+HEALTH_S = 90.0
+"""From everything started to Prometheus's rates showing it (1 s scrapes; the job's first decisions)."""
 
 
 def answers(port: int) -> bool:
@@ -85,6 +89,7 @@ def isolated_env(stack: Settings, tmp_path: Path) -> Iterator[tuple[dict[str, st
         "CG_WEBEX__BOT_PORT": str(free_port()),
         "CG_DASHBOARD__PORT": str(free_port()),
         "CG_METRICS__BASE_PORT": str(free_port_block(len(metrics.PROCESSES))),
+        "CG_METRICS__SCRAPE_INTERVAL_S": "1",  # the stack's Prometheus follows (reloaded by make run's `up`)
         "COLUMNS": "120",
     }
     settings = stack.isolated(name, tmp_path / "checkpoints")
@@ -98,7 +103,30 @@ def isolated_env(stack: Settings, tmp_path: Path) -> Iterator[tuple[dict[str, st
                 path.unlink()
 
 
-def test_ctrl_c_on_make_run_leaves_no_process_running(
+def pipeline_health(dashboard_port: int) -> dict | None:
+    """The dashboard's pipeline-health answer (from the stack's Prometheus), ``None`` while it is not there."""
+    try:
+        answer = httpx.get(f"http://127.0.0.1:{dashboard_port}/api/pipeline", timeout=5)
+        return answer.json() if answer.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def everything_reported(health: dict | None) -> bool:
+    """Every process a Prometheus target that is up, records flowing in and decisions coming out of the
+    job, and a lag figure for the consumer groups."""
+    if not health or health.get("error"):
+        return False
+    summary = health["summary"]
+    return (
+        {t["process"] for t in health["targets"] if t["up"]} == set(metrics.PROCESSES)
+        and (summary["records_in_per_s"] or 0) > 0
+        and (summary["decisions_per_s"] or 0) > 0
+        and len(health["lag"]) > 0
+    )
+
+
+def test_make_run_reports_every_process_to_prometheus_and_ctrl_c_leaves_none_running(
     isolated_env: tuple[dict[str, str], Settings], tmp_path: Path
 ) -> None:
     env, _ = isolated_env
@@ -123,6 +151,18 @@ def test_ctrl_c_on_make_run_leaves_no_process_running(
             assert make.poll() is None, f"make run ended early:\n{output.read_text(errors='replace')[-4000:]}"
             time.sleep(2)
         started_s = START_S - (deadline - time.monotonic())
+        # Running: every metrics endpoint answers and the pipeline-health page (Prometheus behind it) shows
+        # all targets up, throughput and lag. Asked only when everything started (else the last assert says so).
+        health = None
+        if seen == {*MODULES, "java"}:
+            base = int(env["CG_METRICS__BASE_PORT"])
+            silent = [p for p, offset in metrics.PROCESSES.items() if not answers(base + offset)]
+            assert silent == [], f"metrics endpoints not answering: {silent}"
+            until = time.monotonic() + HEALTH_S
+            while not everything_reported(health := pipeline_health(int(env["CG_DASHBOARD__PORT"]))):
+                assert time.monotonic() < until, f"pipeline health after {HEALTH_S:.0f} s: {health}"
+                time.sleep(2)
+            print(f"pipeline health: {health['summary']}")
         os.killpg(make.pid, signal.SIGINT)
         make.wait(240)
         text = output.read_text(errors="replace")

@@ -216,13 +216,19 @@ def prometheus_up(p: Pipeline) -> dict[str, bool]:
     return {s["metric"]["process"]: s["value"][1] == "1" for s in answer["data"]["result"]}
 
 
+def scrape_urls(prometheus: str) -> dict[str, str]:
+    targets = httpx.get(f"{prometheus}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
+    return {t["labels"]["process"]: t["scrapeUrl"] for t in targets}
+
+
 def test_the_stacks_prometheus_is_up_and_scrapes_every_process(stack: Settings) -> None:
+    # Another test's `make run` may have brought the shared stack up with other metrics ports; `up`
+    # with these settings hands its Prometheus the matching scrape config again (a SIGHUP reload).
+    up(stack, services=("prometheus",))
     assert status(stack)["services"]["prometheus"]["healthy"]
     url = f"http://127.0.0.1:{stack.metrics.prometheus_port}"
-    targets = httpx.get(f"{url}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
-    assert {t["labels"]["process"]: t["scrapeUrl"] for t in targets} == {
-        process: f"http://127.0.0.1:{port_of(stack, process)}/metrics" for process in PROCESSES
-    }
+    wanted = {process: f"http://127.0.0.1:{port_of(stack, process)}/metrics" for process in PROCESSES}
+    wait_for(lambda: scrape_urls(url) == wanted, timeout=20, what=f"the scrape targets {wanted}")
 
 
 def test_processes_are_scraped_and_the_pipeline_api_shows_throughput_and_lag(pipeline: Pipeline) -> None:
@@ -234,13 +240,16 @@ def test_processes_are_scraped_and_the_pipeline_api_shows_throughput_and_lag(pip
     metrics = httpx.get(f"http://127.0.0.1:{port_of(p.settings, 'dashboard')}/metrics", timeout=5).text
     assert "# TYPE cg_consumer_lag gauge" in metrics
 
+    def started_up_others_listed() -> bool:
+        seen = prometheus_up(p)  # the processes not started are listed too (as down), once scraped once
+        return set(seen) == set(PROCESSES) and all(seen[process] for process in STARTED)
+
     wait_for(
-        lambda: all(prometheus_up(p).get(process) for process in STARTED),
+        started_up_others_listed,
         WAIT_S,
         interval=0.5,
-        what=f"Prometheus to see {', '.join(STARTED)} up",
+        what=f"Prometheus to list every process and see {', '.join(STARTED)} up",
     )
-    assert set(prometheus_up(p)) == set(PROCESSES)  # the others are listed, and down
 
     groups = {sink_group_id(p.settings.kafka.topic_prefix), sender_group_id(p.settings)}
 
