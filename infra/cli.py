@@ -77,6 +77,13 @@ ENTRIES: tuple[Entry, ...] = (
         sections=("kafka", "faces", "webex", "metrics", "stack_dir"),
     ),
     Entry(
+        "cases",
+        "the case service: a case per alert, signed verdicts, expiry",
+        "jobs.cases.service",
+        "cli",
+        sections=("kafka", "cases", "webex", "job", "metrics"),
+    ),
+    Entry(
         "bridge",
         "camera bridge: MV Sense MQTT to camera_events",
         "producers.camera_bridge",
@@ -196,6 +203,13 @@ ENTRIES: tuple[Entry, ...] = (
             Entry("up", "start the local stack and create the topics", "infra.stack", "app", "up", _STACK),
             Entry("down", "stop the local stack", "infra.stack", "app", "down", _STACK),
             Entry("status", "health of each service and the topics", "infra.stack", "app", "status", _STACK),
+            Entry(
+                "flink",
+                "a standalone Flink cluster from the wheel: up, down, status, submit, stop",
+                "infra.stack",
+                "flink_app",
+                sections=("flink", "job", "kafka", "metrics", "stack_dir", "bind_host", "java_home"),
+            ),
         ),
     ),
 )

@@ -258,6 +258,7 @@ def _start_pipeline(settings: Settings, supervisor: Supervisor, rate: float, fra
     supervisor.add("scoring-job", functools.partial(start_scoring_job, settings))
     module("opensearch-sink", "sinks.opensearch.sink")
     module("watchlist-service", "jobs.faces.watchlist_service")
+    module("case-service", "jobs.cases.service")
     module("alert-sender", "sinks.alerts.sender")
     module("webex-bot", "jobs.bot.webex_bot")
     module("dashboard", "sinks.dashboard")

@@ -46,6 +46,7 @@ PROCESSES: dict[str, int] = {
     "watchlist-service": 5,
     "webex-bot": 6,
     "dashboard": 7,
+    "case-service": 8,
 }
 """Every long-running process and its port offset from ``CG_METRICS__BASE_PORT``."""
 

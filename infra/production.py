@@ -1,8 +1,8 @@
 """Production mode (``checkout-guard supervise``, ``make production``): the real services only, kept running.
 
-Runs the scoring job, face stage, camera bridge, OpenSearch sink, watchlist service, alert sender, Webex bot
-and dashboard (``--only``/``--without`` choose) against the configured Kafka, OpenSearch, MQTT, SMTP and Webex:
-no local stack and no stand-ins, unlike ``make run``. Each runs under :class:`infra.launcher.Supervisor` (started
+Runs the scoring job, face stage, camera bridge, OpenSearch sink, watchlist service, case service, alert sender,
+Webex bot and dashboard (``--only``/``--without`` choose) against the configured Kafka, OpenSearch, MQTT, SMTP and
+Webex: no local stack and no stand-ins, unlike ``make run``. Each runs under :class:`infra.launcher.Supervisor` (started
 again after an exit, with doubling backoff, at most ``max_restarts`` per window) and is asked for its
 ``/healthz`` (infra/metrics.py) every ``health_interval_s``: one that has answered 503, or nothing once past
 its start grace, for longer than ``unhealthy_after_s`` is stopped, so the supervisor restarts it like any
@@ -42,6 +42,7 @@ SERVICES: dict[str, str] = {
     "scoring-job": "jobs.flink.job",
     "opensearch-sink": "sinks.opensearch.sink",
     "watchlist-service": "jobs.faces.watchlist_service",
+    "case-service": "jobs.cases.service",
     "alert-sender": "sinks.alerts.sender",
     "webex-bot": "jobs.bot.webex_bot",
     "dashboard": "sinks.dashboard",

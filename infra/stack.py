@@ -16,6 +16,10 @@ Ports come from the settings (``CG_KAFKA__BOOTSTRAP_SERVERS``, ``CG_KAFKA__CONTR
 ``CG_OPENSEARCH__URL``, ``CG_MQTT__PORT``, ``CG_SMTP__PORT``, ``CG_METRICS__PROMETHEUS_PORT``); ``CG_STACK_DIR``
 moves everything. Every service listens on ``CG_BIND_HOST`` (127.0.0.1) only.
 
+``CG_KAFKA__BROKERS=3`` makes Kafka three KRaft nodes (``kafka-1..3``: each broker and controller, own data,
+log, pid and config; ports derived in :mod:`infra.kafka_cluster`), replication factor 3 and two in sync;
+``status`` then shows each broker, the active controller and each partition's leader and ISR.
+
 Prometheus scrapes every process of :data:`infra.metrics.PROCESSES` (one job each, label ``process``) at
 ``CG_METRICS__SCRAPE_INTERVAL_S``; ``up`` rewrites its config and reloads it (SIGHUP) when the settings changed.
 
@@ -45,7 +49,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -68,6 +72,8 @@ from confluent_kafka.admin import (
 from pydantic import SecretStr
 
 from infra.clients import kafka as kafka_clients
+from infra.flink_cluster import cli as flink_cli
+from infra.kafka_cluster import KafkaNode, active_controller, kafka_nodes, server_properties, topic_config
 from infra.local import smtp as local_smtp
 from infra.logs import setup_logging
 from infra.metrics import scrape_targets
@@ -83,6 +89,9 @@ FLINK_METRICS_PROMETHEUS = "org.apache.flink:flink-metrics-prometheus:2.2.1"
 MAVEN_DEPENDENCY_PLUGIN = "3.8.1"
 
 SERVICES = ("kafka", "opensearch", "mosquitto", "smtp", "prometheus")
+KAFKA_NODE_NAMES = ("kafka-1", "kafka-2", "kafka-3")
+"""With ``CG_KAFKA__BROKERS=3`` the service ``kafka`` is these three processes (pid, log, data and config
+each); one node keeps the plain ``kafka`` name."""
 KAFKA_JVM_OPTS = (
     "-Xmx512m",
     "-XX:+UseG1GC",
@@ -180,6 +189,10 @@ class StackPaths:
     def kafka_properties(self) -> Path:
         return self.conf / "kafka-server.properties"
 
+    def node_properties(self, name: str) -> Path:
+        """``kafka`` (one node) or ``kafka-<id>`` (a node of three): its generated server.properties."""
+        return self.conf / f"{name}-server.properties"
+
     @property
     def mosquitto_conf(self) -> Path:
         return self.conf / "mosquitto.conf"
@@ -218,6 +231,8 @@ class Endpoints:
     smtp_port: int
     prometheus_host: str
     prometheus_port: int
+    kafka_nodes: tuple[KafkaNode, ...] = ()
+    """Every local Kafka node (one, or three with ``CG_KAFKA__BROKERS=3``); node 1 is ``kafka_host:kafka_port``."""
 
     @classmethod
     def of(cls, settings: Settings) -> Endpoints:
@@ -238,9 +253,12 @@ class Endpoints:
             smtp_port=settings.smtp.port,
             prometheus_host="127.0.0.1" if settings.bind_host in ("0.0.0.0", "::", "") else settings.bind_host,
             prometheus_port=settings.metrics.prometheus_port,
+            kafka_nodes=_kafka_nodes(settings),
         )
 
     def ports(self, svc: str) -> list[tuple[str, int]]:
+        if svc == "kafka" and len(self.kafka_nodes) > 1:
+            return [(n.host, p) for n in self.kafka_nodes for p in (n.port, n.controller_port)]
         return {
             "kafka": [(self.kafka_host, self.kafka_port), (self.kafka_host, self.controller_port)],
             "opensearch": [(self.opensearch_host, self.opensearch_port)],
@@ -250,9 +268,20 @@ class Endpoints:
         }[svc]
 
     def address(self, svc: str) -> str:
+        if svc == "kafka" and len(self.kafka_nodes) > 1:
+            controllers = ", ".join(f":{n.controller_port}" for n in self.kafka_nodes)
+            return f"{', '.join(n.address for n in self.kafka_nodes)} (controllers {controllers})"
         if svc == "kafka":
             return f"{self.kafka_host}:{self.kafka_port} (controller :{self.controller_port})"
         return ", ".join(f"{h}:{p}" for h, p in self.ports(svc))
+
+
+def _kafka_nodes(settings: Settings) -> tuple[KafkaNode, ...]:
+    kafka = settings.kafka
+    try:
+        return kafka_nodes(kafka.bootstrap_servers, kafka.controller_port, kafka.brokers)
+    except ValueError as exc:
+        raise StackError(f"kafka: {exc} (CG_KAFKA__BOOTSTRAP_SERVERS, CG_KAFKA__CONTROLLER_PORT)") from exc
 
 
 def flink_connector_jars(settings: Settings) -> list[Path]:
@@ -323,13 +352,15 @@ def _admin(settings: Settings) -> AdminClient:
 
 
 def _kafka_healthy(settings: Settings, ep: Endpoints, timeout: float = 3.0) -> bool:
-    if not _tcp_open(ep.kafka_host, ep.kafka_port):
+    """A broker answers and every configured broker is registered (with three, one down is not healthy)."""
+    nodes = ep.kafka_nodes or (KafkaNode(1, ep.kafka_host, ep.kafka_port, ep.controller_port),)
+    if not any(_tcp_open(n.host, n.port) for n in nodes):
         return False
     try:
         md = _admin(settings).list_topics(timeout=timeout)
     except KafkaException:
         return False
-    return bool(md.brokers)
+    return len(md.brokers) >= len(nodes)
 
 
 def _opensearch_status(settings: Settings, timeout: float = 2.0) -> str | None:
@@ -452,6 +483,8 @@ def _healthy(svc: str, settings: Settings, ep: Endpoints) -> bool:
 
 def _marker(svc: str, paths: StackPaths) -> str:
     """A string in the command line of the service process started for this stack dir."""
+    if svc in KAFKA_NODE_NAMES:
+        return str(paths.node_properties(svc))
     return {
         "kafka": str(paths.kafka_properties),
         "opensearch": f"-Epath.data={paths.data('opensearch')}",
@@ -543,7 +576,7 @@ def _write_private(path: Path, text: str) -> None:
 def _security_line(svc: str, settings: Settings) -> str:
     """The first line of a generated config: which logins it asks for (no secrets), to spot a running
     service started with other security settings than the current ones."""
-    if svc == "kafka":
+    if svc == "kafka" or svc in KAFKA_NODE_NAMES:
         kafka = settings.kafka
         wanted = f"sasl {kafka.sasl_mechanism} user {kafka.sasl_username}" if kafka.sasl_enabled else "anonymous"
     else:
@@ -555,6 +588,7 @@ def _security_line(svc: str, settings: Settings) -> str:
 def _security_drift(svc: str, settings: Settings, paths: StackPaths) -> str | None:
     """Why the running ``svc`` does not serve the logins the settings ask for, or None."""
     conf = {"kafka": paths.kafka_properties, "mosquitto": paths.mosquitto_conf}.get(svc)
+    conf = paths.node_properties(svc) if svc in KAFKA_NODE_NAMES else conf
     if conf is None:
         return None
     try:
@@ -616,30 +650,28 @@ listener.name.controller.sasl.enabled.mechanisms=PLAIN
 listener.name.controller.plain.sasl.jaas.config={plain}"""
 
 
-def _kafka_properties(settings: Settings, paths: StackPaths, ep: Endpoints, admin_password: str | None = None) -> str:
-    return f"""{_security_line("kafka", settings)}
-# Generated by infra/stack.py on every start -- edit the generator, not this file.
-process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@{ep.kafka_host}:{ep.controller_port}
-controller.listener.names=CONTROLLER
-{_kafka_listeners(settings, ep, admin_password)}
-log.dirs={paths.data("kafka")}
-num.partitions=1
-default.replication.factor=1
-min.insync.replicas=1
-offsets.topic.replication.factor=1
-offsets.topic.num.partitions=8
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-transaction.state.log.num.partitions=8
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
-group.initial.rebalance.delay.ms=0
-# Flink's exactly-once Kafka sink uses 1 h transactions (broker default cap: 15 min).
-transaction.max.timeout.ms=3600000
-auto.create.topics.enable=false
-"""
+def _kafka_node_name(node: KafkaNode, nodes: tuple[KafkaNode, ...]) -> str:
+    return "kafka" if len(nodes) == 1 else f"kafka-{node.node_id}"
+
+
+def _kafka_properties(
+    settings: Settings,
+    paths: StackPaths,
+    ep: Endpoints,
+    admin_password: str | None = None,
+    node: KafkaNode | None = None,
+) -> str:
+    """server.properties of ``node`` (default: the first), listening on its own ports."""
+    nodes = ep.kafka_nodes or (KafkaNode(1, ep.kafka_host, ep.kafka_port, ep.controller_port),)
+    node = node or nodes[0]
+    own = replace(ep, kafka_host=node.host, kafka_port=node.port, controller_port=node.controller_port)
+    return server_properties(
+        node,
+        nodes,
+        log_dir=str(paths.data(_kafka_node_name(node, nodes))),
+        listeners=_kafka_listeners(settings, own, admin_password),
+        security_line=_security_line("kafka", settings),
+    )
 
 
 def _kafka_cluster_id() -> str:
@@ -650,14 +682,30 @@ def _kafka_cluster_id() -> str:
 
 
 def _start_kafka(settings: Settings, paths: StackPaths, ep: Endpoints) -> subprocess.Popen:
+    admin_password = secrets.token_urlsafe(24) if settings.kafka.sasl_enabled else None
+    return _start_kafka_node(settings, paths, ep, admin_password)
+
+
+def _start_kafka_node(
+    settings: Settings,
+    paths: StackPaths,
+    ep: Endpoints,
+    admin_password: str | None,
+    node: KafkaNode | None = None,
+    cluster_id: str | None = None,
+) -> subprocess.Popen:
+    """Write ``node``'s config, format its storage when new (with ``cluster_id``: the cluster's), start it."""
     if not any(paths.kafka_lib.glob("kafka_2.13-*.jar")):
         raise StackError(f"Kafka is not installed in {paths.kafka_lib}: run `make setup`")
+    nodes = ep.kafka_nodes or (KafkaNode(1, ep.kafka_host, ep.kafka_port, ep.controller_port),)
+    node = node or nodes[0]
+    name = _kafka_node_name(node, nodes)
+    properties = paths.node_properties(name)
     java = str(find_java_home(settings) / "bin" / "java")
     classpath = f"{paths.kafka_lib}/*"
-    data = paths.data("kafka")
+    data = paths.data(name)
     data.mkdir(parents=True, exist_ok=True)
-    admin_password = secrets.token_urlsafe(24) if settings.kafka.sasl_enabled else None
-    _write_private(paths.kafka_properties, _kafka_properties(settings, paths, ep, admin_password))
+    _write_private(properties, _kafka_properties(settings, paths, ep, admin_password, node))
     if admin_password is None:
         paths.kafka_admin_secret.unlink(missing_ok=True)
     else:
@@ -676,9 +724,9 @@ def _start_kafka(settings: Settings, paths: StackPaths, ep: Endpoints) -> subpro
                 "kafka.tools.StorageTool",
                 "format",
                 "-t",
-                _kafka_cluster_id(),
+                cluster_id or _kafka_cluster_id(),
                 "-c",
-                str(paths.kafka_properties),
+                str(properties),
             ],
             env=env,
             capture_output=True,
@@ -694,9 +742,94 @@ def _start_kafka(settings: Settings, paths: StackPaths, ep: Endpoints) -> subpro
         "-cp",
         classpath,
         "kafka.Kafka",
-        str(paths.kafka_properties),
+        str(properties),
     ]
-    return _spawn("kafka", paths, cmd, env, cwd=data)
+    return _spawn(name, paths, cmd, env, cwd=data)
+
+
+def _cluster_id(paths: StackPaths) -> str:
+    """The id the nodes of three were formatted with (a node formatted anew must join it), or a new one."""
+    for name in KAFKA_NODE_NAMES:
+        with contextlib.suppress(OSError):
+            for line in (paths.data(name) / "meta.properties").read_text().splitlines():
+                if line.startswith("cluster.id="):
+                    return line.split("=", 1)[1].strip()
+    return _kafka_cluster_id()
+
+
+def _cluster_admin_password(settings: Settings, paths: StackPaths, others_running: bool) -> str | None:
+    """The stack's own login (SASL only): the running nodes' one when a node rejoins them (brokers and
+    controllers log in to each other with it), else a new one."""
+    if not settings.kafka.sasl_enabled:
+        return None
+    if others_running:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            return str(json.loads(paths.kafka_admin_secret.read_text())["password"])
+    return secrets.token_urlsafe(24)
+
+
+def _ensure_kafka_cluster(settings: Settings, paths: StackPaths, ep: Endpoints) -> str:
+    """Bring the three Kafka nodes to healthy: start those not running (a killed one rejoins), wait until
+    all three are registered. Returns running | started."""
+    if _our_process("kafka", paths) is not None:
+        raise StackError(
+            "kafka: a single node from this stack dir runs but the settings ask for 3 brokers "
+            "(CG_KAFKA__BROKERS): `make down` then `make up`"
+        )
+    nodes = ep.kafka_nodes
+    names = {node: _kafka_node_name(node, nodes) for node in nodes}
+    procs: dict[KafkaNode, subprocess.Popen | psutil.Process | None] = {
+        node: _our_process(name, paths) for node, name in names.items()
+    }
+    for node, proc in procs.items():
+        drift = _security_drift(names[node], settings, paths) if proc is not None else None
+        if drift:
+            raise StackError(drift)
+    stopped = [node for node, proc in procs.items() if proc is None]
+    t0 = time.monotonic()
+    if stopped:
+        for node in stopped:
+            _clean_stale_pid(names[node], paths)
+        busy = [f"{n.host}:{p}" for n in stopped for p in (n.port, n.controller_port) if _tcp_open(n.host, p)]
+        if busy:
+            raise StackError(
+                f"kafka: port(s) {', '.join(busy)} taken by another process; free them or change the ports "
+                "in the settings (CG_KAFKA__BOOTSTRAP_SERVERS, CG_KAFKA__CONTROLLER_PORT)"
+            )
+        admin_password = _cluster_admin_password(settings, paths, others_running=len(stopped) < len(nodes))
+        cluster_id = _cluster_id(paths)
+        for node in stopped:
+            procs[node] = _start_kafka_node(settings, paths, ep, admin_password, node, cluster_id)
+            log.info("%s: started pid %d", names[node], procs[node].pid)  # type: ignore[union-attr]
+    alive = {names[node]: proc for node, proc in procs.items() if proc is not None}
+    if settings.kafka.sasl_enabled:
+        admin = _stack_admin(settings, paths)
+        _wait_kafka_nodes(admin, paths, ep, alive)
+        _ensure_scram_user(admin, settings.kafka)
+    _wait_kafka_nodes(settings, paths, ep, alive)
+    if stopped:
+        log.info("kafka: %d brokers healthy at %s after %.1fs", len(nodes), ep.address("kafka"), time.monotonic() - t0)
+    return "started" if stopped else "running"
+
+
+def _wait_kafka_nodes(
+    settings: Settings, paths: StackPaths, ep: Endpoints, procs: dict[str, subprocess.Popen | psutil.Process]
+) -> None:
+    """Until every node is registered with the cluster; a node that exits meanwhile fails the start."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if _kafka_healthy(settings, ep):
+            return
+        for name, proc in procs.items():
+            alive = proc.poll() is None if isinstance(proc, subprocess.Popen) else proc.is_running()
+            if not alive:
+                paths.pid(name).unlink(missing_ok=True)
+                raise StackError(f"{name} exited during start-up; end of {paths.log(name)}:\n{_tail(paths.log(name))}")
+        time.sleep(0.3)
+    tails = "\n".join(f"--- {paths.log(name)}:\n{_tail(paths.log(name), 8)}" for name in procs)
+    raise StackError(
+        f"kafka: not all brokers healthy after {START_TIMEOUT_S:.0f}s\n{tails}\n(try `make down` and `make up`)"
+    )
 
 
 def _stack_admin(settings: Settings, paths: StackPaths) -> Settings:
@@ -979,6 +1112,13 @@ def _wait_healthy(
 
 def _ensure_service(svc: str, settings: Settings, paths: StackPaths, ep: Endpoints) -> str:
     """Bring one service to healthy; returns what was done: running | started | external."""
+    if svc == "kafka" and settings.kafka.brokers > 1:
+        return _ensure_kafka_cluster(settings, paths, ep)
+    if svc == "kafka" and any(_our_process(name, paths) for name in KAFKA_NODE_NAMES):
+        raise StackError(
+            "kafka: three brokers from this stack dir run but the settings ask for one "
+            "(CG_KAFKA__BROKERS): `make down` then `make up`"
+        )
     proc = _our_process(svc, paths)
     if proc is not None:
         drift = _security_drift(svc, settings, paths)
@@ -1053,12 +1193,13 @@ def ensure_topics(settings: Settings) -> list[str]:
             )
     dead_letters = DEAD_LETTERS.full_name(prefix)
     retention = {"retention.ms": str(int(settings.kafka.dead_letter_retention_days * 86_400_000))}
+    replicas = topic_config(settings.kafka.brokers)  # three brokers: min.insync.replicas 2
     missing = [
         NewTopic(
             name,
             num_partitions=spec.partitions,
-            replication_factor=1,
-            config={**spec.config, **(retention if name == dead_letters else {})},
+            replication_factor=settings.kafka.brokers,
+            config={**spec.config, **replicas, **(retention if name == dead_letters else {})},
         )
         for name, spec in wanted.items()
         if name not in existing
@@ -1159,7 +1300,7 @@ def down(settings: Settings) -> list[str]:
     paths = StackPaths.of(settings)
     with _lock(paths):
         procs: dict[str, psutil.Process] = {}
-        for svc in SERVICES:
+        for svc in (*SERVICES, *KAFKA_NODE_NAMES):  # whichever Kafka shape runs, whatever the settings say now
             proc = _our_process(svc, paths)
             if proc is None:
                 _clean_stale_pid(svc, paths)
@@ -1176,7 +1317,7 @@ def down(settings: Settings) -> list[str]:
         psutil.wait_procs(alive, timeout=10)
         for svc in procs:
             paths.pid(svc).unlink(missing_ok=True)
-        if "kafka" in procs:
+        if procs.keys() & {"kafka", *KAFKA_NODE_NAMES}:
             paths.kafka_admin_secret.unlink(missing_ok=True)
     return list(procs)
 
@@ -1205,12 +1346,58 @@ def reset(settings: Settings) -> None:
             log.info("removed %s", d)
 
 
+def kafka_state(settings: Settings, topics: list[str] | None = None, timeout_s: float = 5.0) -> dict:
+    """Each local broker and each partition of ``topics`` (default: ours) as the cluster sees them now::
+
+        {"brokers": [{"node": 1, "address": "127.0.0.1:9092", "pid": int | None, "up": bool,
+                      "controller": bool}, ...],
+         "controller": int | None,
+         "partitions": {topic: [{"partition": 0, "leader": 1, "replicas": [1, 2, 3], "isr": [1, 2, 3]}]}}
+
+    ``up``: registered with the cluster (a SIGKILLed broker drops out once its session expires);
+    ``controller``: the KRaft quorum leader (DescribeQuorum; unknown when the brokers ask for a login)."""
+    paths, nodes = StackPaths.of(settings), _kafka_nodes(settings)
+    md = None
+    with contextlib.suppress(KafkaException):
+        md = _admin(settings).list_topics(timeout=timeout_s)
+    registered = set(md.brokers) if md is not None else set()
+    controller = None
+    if not settings.kafka.sasl_enabled:
+        for node in nodes:
+            if node.node_id in registered and (controller := active_controller(node.host, node.port)) is not None:
+                break
+    brokers = []
+    for node in nodes:
+        proc = _our_process(_kafka_node_name(node, nodes), paths)
+        brokers.append(
+            {
+                "node": node.node_id,
+                "address": node.address,
+                "pid": proc.pid if proc else None,
+                "up": node.node_id in registered,
+                "controller": node.node_id == controller,
+            }
+        )
+    names = topics if topics is not None else [s.full_name(settings.kafka.topic_prefix) for s in ALL_TOPICS]
+    partitions: dict[str, list[dict]] = {}
+    for name in names:
+        topic = md.topics.get(name) if md is not None else None
+        if topic is None or topic.error is not None:
+            continue
+        partitions[name] = [
+            {"partition": p.id, "leader": p.leader, "replicas": list(p.replicas), "isr": list(p.isrs)}
+            for p in sorted(topic.partitions.values(), key=lambda p: p.id)
+        ]
+    return {"brokers": brokers, "controller": controller, "partitions": partitions}
+
+
 def status(settings: Settings) -> dict:
     """Health of each service and of the topics::
 
         {"services": {"kafka": {"pid": int | None, "managed": bool, "address": "127.0.0.1:9092, ...",
                                 "healthy": bool, "detail": str}, "opensearch": {...}, "mosquitto": {...}},
          "topics": {"expected": 8, "present": 8 | None, "missing": [...]},
+         "kafka": {"brokers": [...], "controller": ..., "partitions": {...}},  (see kafka_state)
          "healthy": bool}
 
     ``managed`` says the process was started from this stack dir (has a live pid file)."""
@@ -1218,6 +1405,8 @@ def status(settings: Settings) -> dict:
     services: dict[str, dict] = {}
     for svc in SERVICES:
         proc = _our_process(svc, paths)
+        if svc == "kafka" and len(ep.kafka_nodes) > 1:  # the first of the three that runs
+            proc = next(filter(None, (_our_process(name, paths) for name in KAFKA_NODE_NAMES)), None)
         healthy = _healthy(svc, settings, ep)
         detail = ""
         if svc == "opensearch" and healthy:
@@ -1242,8 +1431,11 @@ def status(settings: Settings) -> dict:
             present = _admin(settings).list_topics(timeout=5).topics
             topics["missing"] = [t for t in expected if t not in present]
             topics["present"] = len(expected) - len(topics["missing"])
+    kafka: dict = {"brokers": [], "controller": None, "partitions": {}}
+    if any(_tcp_open(n.host, n.port) for n in ep.kafka_nodes):  # a degraded cluster still answers
+        kafka = kafka_state(settings)
     ok = all(s["healthy"] for s in services.values()) and not topics["missing"]
-    return {"services": services, "topics": topics, "healthy": ok}
+    return {"services": services, "topics": topics, "kafka": kafka, "healthy": ok}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1289,6 +1481,36 @@ def _print_status(st: dict) -> None:
         + (f"; missing {', '.join(t['missing'])}" if t["missing"] and t["present"] is not None else ""),
     )
     Console().print(table)
+    if len(st.get("kafka", {}).get("brokers", [])) > 1:
+        _print_kafka_cluster(st["kafka"])
+
+
+def _print_kafka_cluster(kafka: dict) -> None:
+    """Three brokers: each one's state, and each partition's leader and in-sync replicas (red: fewer
+    in sync than replicas)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    brokers = Table(title="kafka brokers")
+    for col in ("node", "address", "pid", "up", "role"):
+        brokers.add_column(col)
+    for b in kafka["brokers"]:
+        up_cell = "[green]up[/green]" if b["up"] else "[red]down[/red]"
+        role = "active controller" if b["controller"] else "broker, voter"
+        brokers.add_row(str(b["node"]), b["address"], str(b["pid"] or "-"), up_cell, role)
+    parts = Table(title="partitions: leader \\[in-sync replicas]")
+    for col in ("topic", "partitions", "under-replicated"):
+        parts.add_column(col)
+    for topic, partitions in kafka["partitions"].items():
+        cells, under = [], 0
+        for p in partitions:
+            short = len(p["isr"]) < len(p["replicas"])
+            under += short
+            cell = f"{p['partition']}: {p['leader']} [{','.join(map(str, p['isr']))}]"
+            cells.append(f"[red]{cell}[/red]" if short else cell)
+        parts.add_row(topic, "  ".join(cells), f"[red]{under}[/red]" if under else "0")
+    Console().print(brokers)
+    Console().print(parts)
 
 
 def _fail(exc: StackError) -> None:
@@ -1333,7 +1555,7 @@ def topics_cmd() -> None:
         topics = describe_topics(settings)
     except (StackError, KafkaException) as exc:
         _fail(StackError(str(exc)))
-    table = Table(title=f"topics at {settings.kafka.bootstrap_servers}")
+    table = Table(title=f"topics at {settings.kafka.bootstrap}")
     for col in ("topic", "partitions", "config"):
         table.add_column(col)
     for name, t in topics.items():
@@ -1346,6 +1568,14 @@ def reset_cmd() -> None:
     """Stop everything and delete data, logs and checkpoints (keeps the installed software)."""
     reset(_cli_settings())
     typer.echo("[stack] reset done; `make up` starts from empty")
+
+
+flink_app = flink_cli(_cli_settings, find_java_home, lambda settings: StackPaths.of(settings).flink_plugins, StackError)
+app.add_typer(
+    flink_app,
+    name="flink",
+    help="A standalone Flink cluster from the wheel: flink up|down|status|submit|stop (infra/flink_cluster.py).",
+)
 
 
 if __name__ == "__main__":

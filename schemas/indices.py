@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from schemas.topics import ALERTS, FACE_OBSERVATIONS, LABELS, MODEL_DRIFT, SCORED_TRANSACTIONS, TopicSpec
+from schemas.topics import ALERTS, CASES, FACE_OBSERVATIONS, LABELS, MODEL_DRIFT, SCORED_TRANSACTIONS, TopicSpec
 
 DEFAULT_GROUP_ID = "checkout-guard-opensearch"
 
@@ -67,6 +67,9 @@ LABELS_ROUTE = Route(LABELS, "labels", "transaction_id", time_field="decided_at"
 compacted topic keeps it and ``train`` reads it), gone when withdrawn."""
 DRIFT_ROUTE = Route(MODEL_DRIFT, "model_drift", "report_id", time_field="hour_start")
 """Hourly drift reports of the fraud model, one document per model version and hour."""
+CASES_ROUTE = Route(CASES, "cases", "case_id", time_field="opened_at", single_index=True, keyed=True)
+"""Cases of the human-verification workflow, one document per case: its latest version (a case is decided
+on any day after it opened)."""
 
 ROUTES: tuple[Route, ...] = (
     SCORED_ROUTE,
@@ -74,6 +77,7 @@ ROUTES: tuple[Route, ...] = (
     Route(FACE_OBSERVATIONS, "face_observations", "observation_id", private_fields=("embedding",)),
     LABELS_ROUTE,
     DRIFT_ROUTE,
+    CASES_ROUTE,
 )
 
 

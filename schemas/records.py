@@ -277,6 +277,10 @@ OUTCOME_WORDS = {"BLOCK": "blocked", "REVIEW": "held for review", "APPROVE": "ap
 """How people read a decision's outcome (alert texts, the bot's answers)."""
 
 
+CASE_VERBS = frozenset({"CONFIRM", "DISMISS", "ESCALATE", "ASSIGN", "NOTE"})
+"""The :class:`BotCommand` verbs that decide or annotate a case (the case service applies them)."""
+
+
 @dataclass(frozen=True, slots=True)
 class BotCommand(Record):
     AVRO_NAME: ClassVar[str] = "BotCommand"
@@ -300,6 +304,13 @@ class WatchlistEntry(Record):
     flagged_at: int
     reference_image_ref: str | None = None
     source_transaction_id: str | None = None
+    expires_at: int | None = None
+    """When the entry is forgotten unless renewed; None (written before v2): ``flagged_at`` + the setting."""
+    case_id: str | None = None
+
+    def expiry(self, lifetime_ms: int) -> int:
+        """When this entry is forgotten unless renewed, ``lifetime_ms`` being the configured period."""
+        return self.expires_at if self.expires_at is not None else self.flagged_at + lifetime_ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -529,6 +540,57 @@ def _label_text(text: str | None) -> str | None:
     return _cap_text(text, MAX_LABEL_TEXT) if text else None
 
 
+CASE_STATES: tuple[str, ...] = ("open", "confirmed", "dismissed", "escalated", "expired")
+"""The states of a :class:`Case`; ``open`` and ``escalated`` wait for a verdict, the others are final."""
+
+
+def case_id_for(alert_id: str) -> str:
+    """The case of an alert: ``case-`` + 12 hex of the alert id's SHA-256 (one case per alert, short enough to
+    type in Webex); the alert sender links it, the case service opens it."""
+    return "case-" + hashlib.sha256(alert_id.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True, slots=True)
+class CaseNote(Record):
+    AVRO_NAME: ClassVar[str] = "CaseNote"
+    at: int
+    actor: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Case(Record):
+    """One alert a person verifies (``jobs.cases``); every change is a new record with ``version`` + 1."""
+
+    AVRO_NAME: ClassVar[str] = "Case"
+    _NESTED: ClassVar[dict[str, type]] = {"notes": CaseNote}
+    case_id: str
+    version: int
+    state: str
+    kind: str
+    store_id: str
+    alert_id: str
+    summary: str
+    opened_at: int
+    updated_at: int
+    expires_at: int
+    updated_by: str
+    decided_at: int | None = None
+    owner: str | None = None
+    verdict: str | None = None
+    verdict_reason: str | None = None
+    notes: tuple[CaseNote, ...] = ()
+    lane_id: str | None = None
+    transaction_id: str | None = None
+    subject_id: str | None = None
+    category: str | None = None
+    similarity: float | None = None
+    snapshot_ref: str | None = None
+    reference_image_ref: str | None = None
+    subject_false_matches: int = 0
+    fraud_label: int | None = None
+
+
 TOP_LEVEL_RECORDS: tuple[type[Record], ...] = (
     PosTransaction,
     CameraEvent,
@@ -542,4 +604,5 @@ TOP_LEVEL_RECORDS: tuple[type[Record], ...] = (
     RuleSetUpdate,
     Label,
     ModelDrift,
+    Case,
 )

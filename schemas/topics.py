@@ -101,6 +101,15 @@ MODEL_DRIFT = TopicSpec(
 )
 """Hourly population stability of the fraud model's features and score against its training data."""
 
+CASES = TopicSpec(
+    "cases",
+    "Case",
+    key="case_id (the latest record is the case)",
+    partitions=1,
+    config={"cleanup.policy": "compact", "min.compaction.lag.ms": "0"},
+)
+"""Alerts a person verifies and their verdicts (``jobs.cases.service``); compacted: a case's latest version."""
+
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     TRANSACTIONS,
     CAMERA_EVENTS,
@@ -114,4 +123,5 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     RULES,
     LABELS,
     MODEL_DRIFT,
+    CASES,
 )

@@ -33,10 +33,11 @@ def _ours() -> set[processes.ProcKey]:
 
 def _spared() -> set[int]:
     from infra.settings import get_settings
-    from infra.stack import SERVICES, StackPaths, service_process
+    from infra.stack import KAFKA_NODE_NAMES, SERVICES, StackPaths, service_process
 
     paths = StackPaths.of(get_settings())
-    pids = [proc.pid for svc in SERVICES if (proc := service_process(svc, paths)) is not None]
+    services = (*SERVICES, *KAFKA_NODE_NAMES)  # with CG_KAFKA__BROKERS=3 the stack's Kafka is three processes
+    pids = [proc.pid for svc in services if (proc := service_process(svc, paths)) is not None]
     for proc in processes.descendants(os.getpid()):
         try:
             if any(part in " ".join(proc.cmdline()) for part in ENDS_WITH_US):

@@ -148,6 +148,27 @@ class WebexClient:
         files = {"files": (attachment.filename, attachment.data, attachment.content_type)}
         return self._call("POST", "/messages", data=fields, files=files)
 
+    def send_card(
+        self, room_id: str, markdown: str, card: dict[str, Any], parent_id: str | None = None
+    ) -> dict[str, Any]:
+        """Post an adaptive card (``markdown`` is the fallback text of clients without cards), in the thread
+        of ``parent_id`` when given."""
+        fields: dict[str, Any] = {
+            "roomId": room_id,
+            "markdown": truncate_utf8(markdown),
+            "attachments": [{"contentType": "application/vnd.microsoft.card.adaptive", "content": card}],
+        }
+        if parent_id:
+            fields["parentId"] = parent_id
+        return self._call("POST", "/messages", json=fields)
+
+    def get_attachment_action(self, action_id: str) -> dict[str, Any]:
+        """A card button press (``inputs`` holds the pressed action's data)."""
+        return self._call("GET", f"/attachment/actions/{path_segment(action_id)}")
+
+    def get_person(self, person_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/people/{path_segment(person_id)}")
+
     def get_message(self, message_id: str) -> dict[str, Any]:
         return self._call("GET", f"/messages/{path_segment(message_id)}")
 
@@ -161,8 +182,10 @@ class WebexClient:
     def list_webhooks(self) -> list[dict[str, Any]]:
         return self._call("GET", "/webhooks").get("items", [])
 
-    def create_webhook(self, name: str, target_url: str, secret: str, filter_: str | None = None) -> dict[str, Any]:
-        body = {"name": name, "targetUrl": target_url, "resource": "messages", "event": "created", "secret": secret}
+    def create_webhook(
+        self, name: str, target_url: str, secret: str, filter_: str | None = None, resource: str = "messages"
+    ) -> dict[str, Any]:
+        body = {"name": name, "targetUrl": target_url, "resource": resource, "event": "created", "secret": secret}
         if filter_:
             body["filter"] = filter_
         return self._call("POST", "/webhooks", json=body)

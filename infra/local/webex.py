@@ -1,12 +1,14 @@
 """A local Webex API server: the endpoints Checkout Guard uses, for tests and the offline demo.
 
 Speaks the documented API (https://developer.webex.com/docs/api): bearer-token auth (401 otherwise),
-``POST /messages`` as JSON or multipart/form-data with one ``files`` part, ``GET /messages?roomId=``
-(newest first), ``GET /messages/{id}``, ``GET /people/me``, ``POST/GET/DELETE /webhooks``, and the
-``429 Retry-After`` behaviour. It keeps what it received (messages and attached files) so tests can look,
-can be told to answer 429/500 or to be slow for a while, and can play a person writing in a room: the
-message is stored and every matching webhook gets a callback signed like Webex signs it
-(``X-Spark-Signature`` = hex HMAC-SHA1 of the raw body keyed with the webhook secret).
+``POST /messages`` as JSON (with an adaptive card in ``attachments``) or multipart/form-data with one ``files``
+part, ``GET /messages?roomId=`` (newest first), ``GET /messages/{id}``, ``GET /people/me``, ``GET /people/{id}``,
+``GET /attachment/actions/{id}``, ``POST/GET/DELETE /webhooks``, and the ``429 Retry-After`` behaviour. It keeps
+what it received (messages and attached files) so tests can look, can be told to answer 429/500 or to be slow
+for a while, and can play a person writing in a room (:func:`say`) or pressing a card's button (:func:`press`):
+the message or attachment action is stored and every matching webhook (``messages`` / ``attachmentActions``,
+``created``) gets a callback signed like Webex signs it (``X-Spark-Signature`` = hex HMAC-SHA1 of the raw body
+keyed with the webhook secret).
 
 In-process: ``with LocalWebexServer(token) as webex: ...`` (uvicorn in a thread; ``webex.state`` for the
 test's eyes). As a process (the demo): ``python -m infra.local.webex --port 8089 --token T``; then the
@@ -95,6 +97,8 @@ class WebexState:
         }
     )
     messages: list[dict[str, Any]] = field(default_factory=list)
+    actions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Attachment actions (card button presses) by id."""
     files: dict[str, tuple[str, str, bytes]] = field(default_factory=dict)
     """file id -> (filename, content type, bytes)."""
     webhooks: list[dict[str, Any]] = field(default_factory=list)
@@ -164,8 +168,19 @@ def _message_problem(fields: dict[str, Any], files: list[tuple[str, str, bytes]]
         return "roomId or toPersonEmail is required"
     if len(files) > 1:
         return "Only one file may be attached per message"
-    if not (text or markdown or files):
+    if not (text or markdown or files or fields.get("attachments")):
         return "text, markdown or files is required"
+    attachments = fields.get("attachments")
+    if attachments is not None:
+        if files or fields.get("files"):
+            return "A message may carry files or a card, not both"
+        if not isinstance(attachments, list) or len(attachments) != 1 or not isinstance(attachments[0], dict):
+            return "Only one card per message is supported"
+        if attachments[0].get("contentType") != "application/vnd.microsoft.card.adaptive":
+            return "attachments[0].contentType must be application/vnd.microsoft.card.adaptive"
+        content = attachments[0].get("content")
+        if not isinstance(content, dict) or content.get("type") != "AdaptiveCard":
+            return "attachments[0].content must be an AdaptiveCard"
     if markdown and len(str(markdown).encode()) > MAX_MARKDOWN_BYTES:
         return f"Message exceeds the maximum length of {MAX_MARKDOWN_BYTES} bytes"
     return None
@@ -191,11 +206,14 @@ class _WebexApi:
             Route("/v1/messages/{id}", api(self.get_message), methods=["GET"]),
             Route("/v1/contents/{id}", api(self.get_content), methods=["GET"]),
             Route("/v1/people/me", api(self.people_me), methods=["GET"]),
+            Route("/v1/people/{id}", api(self.get_person), methods=["GET"]),
+            Route("/v1/attachment/actions/{id}", api(self.get_action), methods=["GET"]),
             Route("/v1/webhooks", api(self.webhooks), methods=["GET", "POST"]),
             Route("/v1/webhooks/{id}", api(self.delete_webhook), methods=["DELETE"]),
             Route("/_local/messages", self.control_messages, methods=["GET"]),
             Route("/_local/fault", self.control_fault, methods=["POST"]),
             Route("/_local/say", self.control_say, methods=["POST"]),
+            Route("/_local/press", self.control_press, methods=["POST"]),
         ]
 
     def _guarded(self, handler: Handler) -> Handler:
@@ -248,6 +266,7 @@ class _WebexApi:
             text=text or _plain(markdown),
             markdown=markdown,
             files=files,
+            extra={k: fields[k] for k in ("attachments", "parentId") if fields.get(k)},
         )
         return self.ok(_public(message))
 
@@ -306,6 +325,27 @@ class _WebexApi:
 
     async def people_me(self, _: Request) -> Response:
         return self.ok(self.state.bot)
+
+    async def get_person(self, request: Request) -> Response:
+        """A person by id: ids made by :func:`person_id` carry the e-mail, so any person the server saw is known."""
+        pid = request.path_params["id"]
+        if pid == self.state.bot["id"]:
+            return self.ok(self.state.bot)
+        try:
+            uri = base64.urlsafe_b64decode(pid + "=" * (-len(pid) % 4)).decode()
+        except (ValueError, UnicodeDecodeError):
+            uri = ""
+        if not uri.startswith(PEOPLE_URI):
+            return _error(self.state, 404, "Person not found")
+        email = uri[len(PEOPLE_URI) :]
+        return self.ok({"id": pid, "emails": [email], "displayName": email.split("@")[0], "type": "person"})
+
+    async def get_action(self, request: Request) -> Response:
+        with self.state.lock:
+            action = self.state.actions.get(request.path_params["id"])
+        if action is None:
+            return _error(self.state, 404, "Attachment action not found")
+        return self.ok(action)
 
     async def webhooks(self, request: Request) -> Response:
         if request.method == "GET":
@@ -383,6 +423,13 @@ class _WebexApi:
         )
         return JSONResponse({"deliveries": delivered})
 
+    async def control_press(self, request: Request) -> Response:
+        body = json.loads(await request.body())
+        delivered = await press(
+            self.state, message_id=body["messageId"], person_email=body["personEmail"], inputs=body.get("inputs") or {}
+        )
+        return JSONResponse({"deliveries": delivered})
+
 
 def build_app(state: WebexState, public_base: str = "") -> Starlette:
     """The ASGI app over ``state``; ``public_base`` is used for file URLs in messages."""
@@ -423,9 +470,12 @@ def _plain(markdown: str | None) -> str:
     return (markdown or "").replace("**", "").replace("`", "")
 
 
+PEOPLE_URI = "ciscospark://us/PEOPLE/"
+
+
 def person_id(email: str) -> str:
-    """A stable person id per e-mail, so a test can tell people apart."""
-    return base64.urlsafe_b64encode(f"ciscospark://us/PEOPLE/{email.lower()}".encode()).decode().rstrip("=")
+    """A stable person id per e-mail, so a test can tell people apart (``GET /people/{id}`` reads it back)."""
+    return base64.urlsafe_b64encode(f"{PEOPLE_URI}{email.lower()}".encode()).decode().rstrip("=")
 
 
 def _store_message(
@@ -439,8 +489,10 @@ def _store_message(
     files: list[tuple[str, str, bytes]],
     room_type: str = "group",
     mentioned: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     message: dict[str, Any] = {
+        **(extra or {}),
         "id": webex_id("MESSAGE"),
         "roomId": room_id,
         "roomType": room_type,
@@ -484,33 +536,68 @@ async def say(
         room_type=room_type,
         mentioned=mentioned,
     )
+    data = {
+        "id": message["id"],
+        "roomId": room_id,
+        "roomType": room_type,
+        "personId": person["id"],
+        "personEmail": person_email,
+        "created": message["created"],
+    }
+    if mentioned:
+        data["mentionedPeople"] = mentioned
+    return await _notify(state, "messages", room_id, person["id"], data)
+
+
+async def press(
+    state: WebexState, *, message_id: str, person_email: str, inputs: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """A person presses a button of the card in message ``message_id`` (its ``Action.Submit`` data as
+    ``inputs``): store the attachment action and call every ``attachmentActions/created`` webhook whose
+    filter matches, signed like every callback. The callback carries the action's id only; its inputs are
+    fetched with ``GET /attachment/actions/{id}``, as with Webex. Returns the deliveries made."""
+    with state.lock:
+        message = next((m for m in state.messages if m["id"] == message_id), None)
+    if message is None or not message.get("attachments"):
+        raise KeyError(f"no card message {message_id}")
+    pid = person_id(person_email)
+    action = {
+        "id": webex_id("ATTACHMENT_ACTION"),
+        "type": "submit",
+        "messageId": message_id,
+        "inputs": inputs,
+        "personId": pid,
+        "roomId": message["roomId"],
+        "created": _now_iso(),
+    }
+    with state.lock:
+        state.actions[action["id"]] = action
+    data = {k: action[k] for k in ("id", "type", "messageId", "personId", "roomId", "created")}
+    return await _notify(state, "attachmentActions", message["roomId"], pid, data)
+
+
+async def _notify(
+    state: WebexState, resource: str, room_id: str, actor_id: str, data: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Call every ``<resource>/created`` webhook whose filter matches ``room_id`` with ``data``, signed with
+    the webhook's secret; record and return the deliveries (``message_id`` is the callback's ``data.id``)."""
     with state.lock:
         hooks = [
             w
             for w in state.webhooks
-            if w["resource"] == "messages"
+            if w["resource"] == resource
             and w["event"] == "created"
             and (not w.get("filter") or w["filter"] == f"roomId={room_id}")
         ]
     made = []
     async with httpx.AsyncClient(timeout=10) as client:
         for hook in hooks:
-            data = {
-                "id": message["id"],
-                "roomId": room_id,
-                "roomType": room_type,
-                "personId": person["id"],
-                "personEmail": person_email,
-                "created": message["created"],
-            }
-            if mentioned:
-                data["mentionedPeople"] = mentioned
             body = json.dumps(
                 {
                     "id": hook["id"],
                     "name": hook["name"],
                     "targetUrl": hook["targetUrl"],
-                    "resource": "messages",
+                    "resource": resource,
                     "event": "created",
                     "filter": hook.get("filter"),
                     "orgId": "local",
@@ -519,7 +606,7 @@ async def say(
                     "ownedBy": "creator",
                     "status": "active",
                     "created": hook["created"],
-                    "actorId": person["id"],
+                    "actorId": actor_id,
                     "data": data,
                 }
             ).encode()
@@ -528,15 +615,10 @@ async def say(
                 headers["X-Spark-Signature"] = sign(body, hook["secret"])
             try:
                 r = await client.post(hook["targetUrl"], content=body, headers=headers)
-                made.append({"target": hook["targetUrl"], "status": r.status_code, "message_id": message["id"]})
+                made.append({"target": hook["targetUrl"], "status": r.status_code, "message_id": data["id"]})
             except httpx.HTTPError as exc:
                 made.append(
-                    {
-                        "target": hook["targetUrl"],
-                        "status": None,
-                        "error": type(exc).__name__,
-                        "message_id": message["id"],
-                    }
+                    {"target": hook["targetUrl"], "status": None, "error": type(exc).__name__, "message_id": data["id"]}
                 )
     with state.lock:
         state.deliveries += made
@@ -600,6 +682,10 @@ class LocalWebexServer(BackgroundServer):
         return asyncio.run(
             say(self.state, self.base, room_id=room_id, person_email=person_email, text=text, room_type=room_type)
         )
+
+    def press(self, message_id: str, person_email: str, inputs: dict[str, Any]) -> list[dict[str, Any]]:
+        """Play a person pressing a card button (from any thread): webhooks are called, deliveries returned."""
+        return asyncio.run(press(self.state, message_id=message_id, person_email=person_email, inputs=inputs))
 
     def __enter__(self) -> LocalWebexServer:
         return self.start()

@@ -1,6 +1,9 @@
 """The Webex bot: store staff talk to Checkout Guard from a Webex room.
 
-Webex calls ``POST /webex/webhook`` for every new message in the bot's rooms. The receiver:
+Webex calls ``POST /webex/webhook`` for every new message in the bot's rooms, and for every press of a
+case card's Confirm/Dismiss button (``attachmentActions``, a second webhook with the same URL and secret: a
+press is fetched with ``GET /attachment/actions/{id}`` and its person with ``GET /people/{id}``, then handled
+exactly like the typed ``confirm <case>`` / ``dismiss <case>``). The receiver:
 
 1. verifies ``X-Spark-Signature`` (hex HMAC-SHA1 of the raw body, keyed with the webhook secret) in
    constant time: missing -> 401, wrong -> 403, nothing else happens; without a configured secret every
@@ -10,7 +13,9 @@ Webex calls ``POST /webex/webhook`` for every new message in the bot's rooms. Th
    200 at once and does the rest in the background;
 3. fetches the text (``GET /messages/{id}``), strips the mention, parses the command, and:
    ``checkout <tx>`` -> the face check for that transaction; ``fraud <tx>`` / ``vip <tx>`` -> enroll the face
-   of that checkout as suspect / VIP; ``forget <subject>`` -> delete a watchlist entry; ``status`` -> the
+   of that checkout as suspect / VIP; ``forget <subject>`` -> delete a watchlist entry; ``confirm <case>
+   [fraud]``, ``dismiss <case> [reason]``, ``assign <case> <person>``, ``note <case> <text>``, ``escalate
+   <case>`` -> a verdict or work on a case (the case service applies them); ``status`` -> the
    pipeline's health and counts; ``help``. Every command that reveals or changes watchlist data (all but
    ``help``, see :data:`RESTRICTED_VERBS`) is only accepted from allow-listed rooms or people; others get
    a short refusal (logged) and no command is produced;
@@ -42,14 +47,13 @@ import hmac
 import json
 import logging
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
 import uvicorn
-from confluent_kafka import KafkaError, Message
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -58,18 +62,18 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from infra import metrics
-from infra.clients import kafka as kafka_clients
+from infra.clients.commands import Headers, KafkaCommandPublisher, signed_headers
 from infra.clients.webex import WebexClient, WebexError, with_retries
 from infra.clock import now_ms
-from infra.command_auth import SIGNATURE_HEADER, sign_command
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.retry import call_with_retries
 from infra.settings import Settings, get_settings
+from jobs.cases.core import parse_case_command
 from jobs.faces.checkout_inspect import Lookup
-from schemas.errors import CheckoutGuardError
+from schemas.errors import CheckoutGuardError, InvalidRecord
 from schemas.identifiers import ID_RE
-from schemas.records import OUTCOME_WORDS, BotCommand
-from schemas.topics import COMMANDS
+from schemas.records import CASE_VERBS, OUTCOME_WORDS, BotCommand, WatchlistEntry
+from schemas.topics import WATCHLIST
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +81,16 @@ PROCESS = "webex-bot"
 """The ``stage`` label of this process's metrics (its name in ``infra.metrics.PROCESSES``)."""
 WEBHOOK_PATH = "/webex/webhook"
 WEBHOOK_NAME = "checkout-guard-bot"
+CARD_WEBHOOK_NAME = "checkout-guard-bot-cards"
+"""The second webhook: ``attachmentActions/created`` (a case card's Confirm/Dismiss pressed), same URL and secret."""
+CARD_VERBS = frozenset({"confirm", "dismiss"})
+"""What a card's ``Action.Submit`` may ask (``inputs.verb``), with ``inputs.case_id``."""
 MAX_BODY_BYTES = 64 * 1024
 """A Webex message webhook is well under 2 KB; anything much larger is not one."""
-WATCHLIST_VERBS = frozenset({"FRAUD", "VIP", "FORGET"})
-RESTRICTED_VERBS = WATCHLIST_VERBS | {"CHECKOUT", "STATUS"}
+WATCHLIST_VERBS = frozenset({"FRAUD", "VIP", "FORGET", "RENEW"})
+SIGNED_VERBS = WATCHLIST_VERBS | CASE_VERBS
+"""Verbs that change something (the watchlist, a case): refused without a command signing key."""
+RESTRICTED_VERBS = SIGNED_VERBS | {"CHECKOUT", "STATUS"}
 """Only for allow-listed rooms and people: the watchlist changes, ``checkout`` (subject ids, similarities
 and a fresh camera snapshot on demand) and ``status`` (the loss-prevention system's health and volumes).
 Anyone on Webex can write to a bot, so only ``help`` answers everyone."""
@@ -89,13 +99,15 @@ WATCHLIST_REFUSAL = (
     "people on the allow-list. Please ask your store security lead."
 )
 UNSIGNED_REFUSAL = "Sorry, watchlist changes are switched off here: no command signing key is configured."
-Headers = list[tuple[str, bytes]]
+Handler = Callable[[dict[str, Any]], str | None]
+"""Handles one webhook's ``data`` (a message or a card press); returns the reply sent."""
 """Kafka headers of a command (its signature)."""
 VERBS_WITH_ARGUMENT = {
     "CHECKOUT": "transaction id",
     "FRAUD": "transaction id",
     "VIP": "transaction id",
     "FORGET": "subject id",
+    "RENEW": "subject id",
 }
 HELP_TEXT = (
     "**Checkout Guard** understands:\n\n"
@@ -103,6 +115,10 @@ HELP_TEXT = (
     "- `fraud <transaction>` - put the face from that checkout on the suspect watchlist\n"
     "- `vip <transaction>` - put the face from that checkout on the VIP list\n"
     "- `forget <subject>` - remove someone from the watchlist (e.g. `subj-<transaction>`)\n"
+    "- `renew <subject>` - keep a watchlist entry for another period (entries expire unless renewed)\n"
+    "- `confirm <case> [fraud]` - the alert was right (`fraud`: also label the transaction fraud)\n"
+    "- `dismiss <case> [reason]` - the alert was wrong\n"
+    "- `assign <case> <person>`, `note <case> <text>`, `escalate <case>` - work on a case\n"
     "- `status` - pipeline health and counts\n"
     "- `help` - this list\n\n"
     "All but `help` answer only in the store security room or to people on the allow-list."
@@ -156,7 +172,14 @@ def _parse_words(words: list[str]) -> ParsedCommand:
     if not words:
         return ParsedCommand(None)
     verb = words[0].lower().rstrip(":").upper()
-    if verb not in {"CHECKOUT", "FRAUD", "VIP", "FORGET", "STATUS", "HELP"}:
+    if verb in CASE_VERBS:
+        argument = " ".join(words[1:]).strip()
+        try:  # what the case service accepts, answered here instead of becoming a dead letter there
+            parse_case_command(verb, argument)
+        except InvalidRecord as bad:
+            return ParsedCommand(verb, problem=bad.reason if bad.kind != "invalid_id" else "that is not a case id")
+        return ParsedCommand(verb, argument)
+    if verb not in {"CHECKOUT", "FRAUD", "VIP", "FORGET", "RENEW", "STATUS", "HELP"}:
         return ParsedCommand(None)
     if verb not in VERBS_WITH_ARGUMENT:
         return ParsedCommand(verb)
@@ -177,6 +200,15 @@ class BadCallback(CheckoutGuardError, ValueError):
 
 def parse_callback(body: bytes) -> dict[str, Any]:
     """The ``data`` of a ``messages/created`` webhook callback, checked for the fields we use."""
+    resource, data = parse_any_callback(body)
+    if resource != "messages":
+        raise BadCallback("not a messages/created callback")
+    return data
+
+
+def parse_any_callback(body: bytes) -> tuple[str, dict[str, Any]]:
+    """The resource (``messages`` or ``attachmentActions``) and ``data`` of a ``created`` webhook callback,
+    checked for the fields we use."""
     try:
         payload = json.loads(body)
     except RecursionError as exc:  # deeply nested arrays/objects: the parser's recursion limit, not a 500
@@ -185,8 +217,9 @@ def parse_callback(body: bytes) -> dict[str, Any]:
         raise BadCallback("body is not JSON") from exc
     if not isinstance(payload, dict):
         raise BadCallback("body is not a JSON object")
-    if payload.get("resource") != "messages" or payload.get("event") != "created":
-        raise BadCallback("not a messages/created callback")
+    resource = payload.get("resource")
+    if resource not in ("messages", "attachmentActions") or payload.get("event") != "created":
+        raise BadCallback("not a messages/created or attachmentActions/created callback")
     data = payload.get("data")
     if not isinstance(data, dict):
         raise BadCallback("data missing")
@@ -196,40 +229,10 @@ def parse_callback(body: bytes) -> dict[str, Any]:
     email = data.get("personEmail")
     if email is not None and (not isinstance(email, str) or len(email) > 320):
         raise BadCallback("data.personEmail is not a string")
-    return data
+    return str(resource), data
 
 
 # --------------------------------------------------------------------------- default collaborators
-
-
-class KafkaCommandPublisher:
-    """Produces BotCommands to ``commands`` and waits until Kafka confirmed each one."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.topic = COMMANDS.full_name(settings.kafka.topic_prefix)
-        self._producer = kafka_clients.producer(settings, kafka_clients.IDEMPOTENT, linger_ms=0)
-
-    def __call__(self, command: BotCommand, headers: Headers | None = None) -> None:
-        errors: list[KafkaError] = []
-
-        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
-            if err is not None:
-                errors.append(err)
-
-        self._producer.produce(
-            self.topic,
-            key=command.command_id.encode(),
-            value=command.encode(),
-            headers=list(headers or []),
-            on_delivery=on_delivery,
-        )
-        if self._producer.flush(10) > 0:
-            raise RuntimeError("command not confirmed by Kafka within 10 s")
-        if errors:
-            raise RuntimeError(f"command not delivered: {errors[0].str()}")
-
-    def close(self) -> None:
-        self._producer.flush(5)
 
 
 def recorded_checkout(lookup: Lookup) -> Callable[[str], str]:
@@ -289,7 +292,46 @@ def pipeline_status_text(settings: Settings) -> str:
         lines.append(f"Transactions: {counts or 'none yet'}; alerts: {alerts:,}")
     except Exception as exc:
         lines.append(f"Counts unavailable ({type(exc).__name__})")
+    try:
+        lines.append(watchlist_text(read_watchlist(settings), now_ms(), settings.faces.watchlist_expire_days))
+    except Exception as exc:
+        lines.append(f"Watchlist unavailable ({type(exc).__name__})")
     return "\n\n".join(lines)
+
+
+EXPIRY_SOON_DAYS = 30
+"""``status`` lists the watchlist entries that expire within this many days (renew them or let them go)."""
+
+
+def watchlist_text(entries: list[WatchlistEntry], at_ms: int, expire_days: float) -> str:
+    """The watchlist in one paragraph: entries per category and those expiring soon, soonest first."""
+    lifetime, soon = int(expire_days * 86_400_000), at_ms + EXPIRY_SOON_DAYS * 86_400_000
+    by_category = Counter(e.category.lower() for e in entries)
+    counts = ", ".join(f"{n} {category}" for category, n in sorted(by_category.items())) or "empty"
+    expiring = sorted((e.expiry(lifetime), e.subject_id) for e in entries if e.expiry(lifetime) <= soon)
+    text = f"Watchlist: {counts}"
+    if expiring:
+        listed = ", ".join(f"`{s}` in {max(0, (t - at_ms) // 86_400_000)} d" for t, s in expiring[:10])
+        text += f"; expiring within {EXPIRY_SOON_DAYS} days (`renew <subject>` keeps one): {listed}"
+    return text
+
+
+def read_watchlist(settings: Settings) -> list[WatchlistEntry]:
+    """The current watchlist from its compacted topic (the last record per subject; tombstones remove)."""
+    from infra.clients.control_topics import read_control_topics
+
+    entries: dict[bytes, WatchlistEntry] = {}
+
+    def apply(_topic: str, key: bytes | None, value: bytes | None) -> None:
+        if key is None:
+            return
+        if value is None:
+            entries.pop(key, None)
+        else:
+            entries[key] = WatchlistEntry.decode(value)
+
+    read_control_topics(settings, apply, timeout_s=5.0, specs=(WATCHLIST,))
+    return list(entries.values())
 
 
 # --------------------------------------------------------------------------- the bot
@@ -404,7 +446,7 @@ class WebexBot:
             log.warning("webhook with a wrong signature refused")
             return JSONResponse({"error": "signature does not match"}, status_code=403)
         try:
-            data = parse_callback(body)
+            resource, data = parse_any_callback(body)
         except BadCallback as exc:
             self._webhooks["invalid"].inc()
             return JSONResponse({"error": str(exc)}, status_code=400)
@@ -412,7 +454,8 @@ class WebexBot:
             self._webhooks["ignored"].inc()
             return JSONResponse({"ok": True, "ignored": "already handled"})
         self._webhooks["accepted"].inc()
-        return JSONResponse({"ok": True}, background=BackgroundTask(run_in_threadpool, self._handle_safely, data))
+        background = self._handle_action_safely if resource == "attachmentActions" else self._handle_safely
+        return JSONResponse({"ok": True}, background=BackgroundTask(run_in_threadpool, background, data))
 
     @staticmethod
     async def _read_body(request: Request) -> bytes:
@@ -443,9 +486,9 @@ class WebexBot:
             self._me = with_retries(self.client.me)
         return self._me
 
-    def _handle_safely(self, data: dict[str, Any]) -> None:
+    def _handle_safely(self, data: dict[str, Any], handler: Handler | None = None) -> None:
         try:
-            self.handle(data)
+            (handler or self.handle)(data)
         except Exception:  # one bad message must not take the receiver down; the id is enough to trace it
             log.exception("handling message %s failed", data.get("id"))
             with self._lock:
@@ -472,6 +515,29 @@ class WebexBot:
             with_retries(lambda: self.client.send_message(room_id, follow_up))
         return reply
 
+    def _handle_action_safely(self, data: dict[str, Any]) -> None:
+        self._handle_safely(data, self.handle_action)
+
+    def handle_action(self, data: dict[str, Any]) -> str | None:
+        """Handle one card button press: fetch the action (its inputs) and its person, then do what the same
+        command typed in the room would do (the action id is the command id: a redelivery is the same)."""
+        me = self.me()
+        action = with_retries(lambda: self.client.get_attachment_action(data["id"]))
+        person_id = str(action.get("personId") or data["personId"])
+        if person_id == me.get("id"):
+            return None
+        room_id = str(action.get("roomId") or data["roomId"])
+        person = with_retries(lambda: self.client.get_person(person_id))
+        emails = person.get("emails") or []
+        email = str(emails[0]) if emails else ""
+        inputs = action.get("inputs") if isinstance(action.get("inputs"), dict) else {}
+        verb, case_id = str(inputs.get("verb") or "").lower(), str(inputs.get("case_id") or "")
+        parsed = _parse_words([verb, case_id]) if verb in CARD_VERBS else ParsedCommand(None)
+        reply, _accepted = self._execute(parsed, str(action.get("id") or data["id"]), room_id, email)
+        with_retries(lambda: self.client.send_message(room_id, reply))
+        self.handled += 1
+        return reply
+
     def _execute(self, parsed: ParsedCommand, message_id: str, room_id: str, person: str) -> tuple[str, bool]:
         """The reply, and whether the command was accepted (recorded on ``commands``)."""
         if parsed.verb is None:
@@ -490,7 +556,7 @@ class WebexBot:
             room_id=room_id,
             source="webex",
         )
-        headers = [(SIGNATURE_HEADER, sign_command(command, self.signing_key))] if self.signing_key else []
+        headers = signed_headers(command, self.signing_key)
         try:
             self.publish(command, headers)
         except Exception as exc:  # Kafka unreachable: tell the person instead of going quiet
@@ -513,7 +579,7 @@ class WebexBot:
             if verb in WATCHLIST_VERBS:
                 return WATCHLIST_REFUSAL
             return f"Sorry, `{verb.lower()}` answers only in the store security room or to people on the allow-list."
-        if verb in WATCHLIST_VERBS and not self.signing_key:
+        if verb in SIGNED_VERBS and not self.signing_key:
             log.error("%s refused: no command signing key configured (message %s)", verb, message_id)
             return UNSIGNED_REFUSAL
         return None
@@ -534,6 +600,12 @@ class WebexBot:
             )
         if parsed.verb == "VIP":
             return f"Noted: the face from checkout `{arg}` goes on the **VIP** list as `subj-{arg}`."
+        if parsed.verb == "RENEW":
+            return f"Noted: `{arg}` stays on the watchlist for another period (the audit records who renewed it)."
+        if parsed.verb in CASE_VERBS:
+            case_id = (arg or "").split()[0]
+            done = {"CONFIRM": "confirmed", "DISMISS": "dismissed", "ESCALATE": "escalated", "ASSIGN": "assigned"}
+            return f"Noted: case `{case_id}` {done.get(parsed.verb, 'annotated')}. The case record shows the result."
         return f"Noted: `{arg}` will be removed from the watchlist and its reference images deleted."
 
     # ------------------------------------------------------------------ webhook registration
@@ -557,9 +629,11 @@ class WebexBot:
 
         def register() -> dict[str, Any]:
             for old in self.client.list_webhooks():
-                if old.get("name") == WEBHOOK_NAME:  # re-create: the URL or the secret may have changed
+                if old.get("name") in (WEBHOOK_NAME, CARD_WEBHOOK_NAME):  # re-create: the URL or secret may differ
                     self.client.delete_webhook(old["id"])
-            return self.client.create_webhook(WEBHOOK_NAME, target, self.secret)
+            hook = self.client.create_webhook(WEBHOOK_NAME, target, self.secret)
+            self.client.create_webhook(CARD_WEBHOOK_NAME, target, self.secret, resource="attachmentActions")
+            return hook
 
         def failed(exc: BaseException, attempt: int, _delay: float = 0.0) -> None:
             log.warning("webhook registration failed (%s), try %d of %d", getattr(exc, "reason", exc), attempt, tries)

@@ -32,8 +32,10 @@ from jobs.faces.evaluation import (
     all_pairs,
     bootstrap_rates,
     cross_validate,
+    cross_validate_quality,
     identity_folds,
     render_frame,
+    template_pairs,
     tmr_at_fmr,
     wilson,
 )
@@ -184,7 +186,14 @@ def _embed_conditions(
                 misses[c.name] += 1
                 continue
             items.append(
-                {"set": set_name, "identity": identity, "source": src, "condition": c.name, "vec": face.embedding}
+                {
+                    "set": set_name,
+                    "identity": identity,
+                    "source": src,
+                    "condition": c.name,
+                    "vec": face.embedding,
+                    "quality": min(face.quality, face.detector_score),
+                }
             )
     return items, misses, no_face
 
@@ -263,6 +272,7 @@ def _scored_report(
             "threshold": t,
             "tmr_ci_wilson": [round(v, 4) for v in wilson(round(tmr * gen.size), gen.size)],
         }
+    quality = np.array([it["quality"] for it in items], dtype=np.float64)
     return {
         "detector": settings.detector,
         "embedder": settings.embedder,
@@ -295,10 +305,57 @@ def _scored_report(
                 for c in (x.name for x in conditions)
             },
         },
+        "quality_aware_threshold": _quality_report(pairs, quality, fold_map, names, k, settings.target_fmr),
+        "templates": _template_report(items, sims, identity, quality, fold_map, names, k, settings.target_fmr),
         "threshold": settings.match_threshold,
         "tmr": round(float(at_configured[pairs.genuine].mean()), 4) if gen.size else None,
         "fmr": round(float(at_configured[~pairs.genuine].mean()), 6) if imp.size else None,
     }
+
+
+def _quality_report(
+    pairs: Pairs, quality: np.ndarray, fold_map: dict[str, int], names: list[str], k: int, target_fmr: float
+) -> dict:
+    """Held-out rates with the quality-aware threshold (its slope and knee chosen per fold on the other folds),
+    beside the plain threshold's on the very same pairs."""
+    folds = np.array([fold_map[n] for n in names])
+    pair_quality = np.minimum(quality[pairs.left], quality[pairs.right])
+    cvq = cross_validate_quality(pairs, pair_quality, folds, k, target_fmr)
+    everything = np.ones(pairs.score.size, dtype=bool)
+    return {
+        "fold_params_slope_knee": cvq.params,
+        "fold_thresholds": cvq.thresholds,
+        **_rates(pairs, cvq.accepted, everything),
+        "ci_bootstrap_identities": bootstrap_rates(pairs, cvq.accepted, len(names)),
+    }
+
+
+def _template_report(
+    items: list[dict],
+    sims: np.ndarray,
+    identity: np.ndarray,
+    quality: np.ndarray,
+    fold_map: dict[str, int],
+    names: list[str],
+    k: int,
+    target_fmr: float,
+) -> dict:
+    """Probe-vs-subject held-out rates with 1 and 3 enrolled templates per subject (nearest template, and
+    quality-weighted mean of the template scores), on the same probes."""
+    folds = np.array([fold_map[n] for n in names])
+    source = np.array([it["source"] for it in items])
+    enrolment = np.array([it["condition"] == "photo" for it in items])
+    out = {}
+    for n, fusion in ((1, "max"), (3, "max"), (3, "quality_mean")):
+        pairs = template_pairs(sims, identity, source, quality, enrolment, n, fusion)
+        if not pairs.score.size:
+            continue
+        cv = cross_validate(pairs, folds, k, target_fmr)
+        out[f"{n}_{fusion}"] = {
+            "fold_thresholds": cv.thresholds,
+            **_rates(pairs, cv.accepted, np.ones_like(cv.accepted)),
+        }
+    return out
 
 
 @app.command()
@@ -338,6 +395,21 @@ def evaluate(
         f"FMR {cv['fmr']} ({cv['false_matches']}/{cv['impostor_pairs']}), "
         f"recommended threshold {cv['recommended_threshold']}"
     )
+    for name, r in cv["by_set"].items():
+        typer.echo(
+            f"    {name}: TMR {r['tmr']} {r['tmr_ci_wilson']} ({r['genuine_pairs']} genuine), FMR {r['fmr']} "
+            f"{r['fmr_ci_wilson']} ({r['false_matches']}/{r['impostor_pairs']})"
+        )
+    q = report["quality_aware_threshold"]
+    typer.echo(
+        f"  quality-aware threshold: TMR {q['tmr']}, FMR {q['fmr']} ({q['false_matches']}/{q['impostor_pairs']}), "
+        f"slope/knee per fold {q['fold_params_slope_knee']}"
+    )
+    for name, r in report["templates"].items():
+        typer.echo(
+            f"  templates {name}: TMR {r['tmr']} {r['tmr_ci_wilson']}, FMR {r['fmr']} "
+            f"({r['false_matches']}/{r['impostor_pairs']} probe-subject pairs)"
+        )
 
 
 def _frame_640x480(face_photo: bytes, faces: int = 1) -> bytes:
@@ -408,6 +480,8 @@ def _bench_detector(
     out[f"{tag}_faces_found_5"] = float(stage(five))
     times, cpu = _time_frames(best, frames)
     out[f"{tag}_snapshot_to_match_cpu_p50_ms"] = round(1000 * statistics.median(cpu), 1)
+    # CPU time is what "on one core" costs when other processes share the core (wall time then includes waiting)
+    out[f"{tag}_snapshot_to_match_cpu_p95_ms"] = round(1000 * sorted(cpu)[min(len(cpu) - 1, int(0.95 * len(cpu)))], 1)
     out[f"{tag}_snapshot_to_match_p50_ms"] = round(1000 * statistics.median(times), 1)
     out[f"{tag}_snapshot_to_match_p95_ms"] = round(1000 * times[min(len(times) - 1, int(0.95 * len(times)))], 1)
     for name, data in (("1", frame), ("5", five)):
@@ -450,6 +524,7 @@ def bench_faces(photo: Path | None = None, frames: int = 30, enrolled: int = 100
         out[f"yunet_vs_hog_{key}_ratio"] = round(out[f"yunet_{key}"] / max(out[f"hog_{key}"], 1e-9), 3)
     tag = settings.detector
     out["snapshot_to_match_cpu_p50_ms"] = out[f"{tag}_snapshot_to_match_cpu_p50_ms"]
+    out["snapshot_to_match_cpu_p95_ms"] = out[f"{tag}_snapshot_to_match_cpu_p95_ms"]
     out["snapshot_to_match_p50_ms"] = out[f"{tag}_snapshot_to_match_p50_ms"]
     out["snapshot_to_match_p95_ms"] = out[f"{tag}_snapshot_to_match_p95_ms"]
     out["snapshots_per_s_per_core"] = out[f"{tag}_stage_frames_per_s_per_core_1"]
@@ -489,7 +564,11 @@ def bench_report_rows(res: dict[str, float | str]) -> list[tuple[str, str, str]]
             f"{res['snapshot_to_match_p50_ms']:.0f} / {res['snapshot_to_match_p95_ms']:.0f}",
             "p95 <= 40",
         ),
-        ("face JPEG->match CPU time per frame, p50 (ms)", f"{res['snapshot_to_match_cpu_p50_ms']:.0f}", ""),
+        (
+            "face JPEG->match CPU time per frame, p50/p95 (ms)",
+            f"{res['snapshot_to_match_cpu_p50_ms']:.0f} / {res.get('snapshot_to_match_cpu_p95_ms', float('nan')):.0f}",
+            "p95 <= 40",
+        ),
         ("face stage frames/s per core, 1 face", f"{res['snapshots_per_s_per_core']:.1f}", ">= 20"),
         ("watchlist probe, 100k enrolled faces (ms)", f"{res['watchlist_probe_ms_100k']:.2f}", "<= 5"),
     ]

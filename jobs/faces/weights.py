@@ -36,6 +36,10 @@ SFACE = Weight(
     "face_recognition_sface_2021dec_int8bq.onnx", "fb143eea07838aa532d1c95df5f69899974ea0140e1fba05e94204be13ed74ee"
 )
 
+DLIB_RESNET_SHA256 = "55533b28a95800a551ba546ba62fe69625c7e95a7061c338adffead08719da30"
+"""``dlib_face_recognition_resnet_model_v1.dat`` of ``face-recognition-models==0.3.0`` (dlib's descriptor network,
+read by :mod:`jobs.faces.resnet`): checked like the ONNX files, since a different file would change every match."""
+
 
 class WeightsError(CheckoutGuardError, RuntimeError):
     """A model file is missing or is not the pinned one: the engine must not start with it."""

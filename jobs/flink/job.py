@@ -12,7 +12,10 @@ output carries a deterministic key, so consumers are idempotent by key (OpenSear
 dedup key) and a crash doubles nothing downstream. On start the job resumes from the newest retained
 checkpoint, so its keyed state (receipts, store activity, customer history) survives ``SIGKILL``.
 
-Run it: ``python -m jobs.flink.job`` (needs the stack: ``make up``).
+Run it: ``python -m jobs.flink.job`` (needs the stack: ``make up``) on a local mini-cluster until it ends; or
+submit it unchanged to a standalone cluster (``python -m infra.stack flink up``) with the wheel's
+``flink run -d -p N -pym jobs.flink.job`` (``python -m infra.stack flink submit --parallelism N``): there
+``main()`` sets program-level options only, submits and returns.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pyflink.common.typeinfo import Types
 from pyflink.datastream import DataStream, StreamExecutionEnvironment
 from pyflink.table import DataTypes, Schema, StreamTableEnvironment, TableDescriptor
 
+from infra.flink_cluster import REPORTER, REPORTER_DIR, REPORTER_FACTORY
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.metrics import port_of
 from infra.settings import REPO_ROOT, Settings, get_settings
@@ -228,11 +232,7 @@ def _check_execution_mode(settings: Settings) -> None:
         )
 
 
-REPORTER = "prom"
-REPORTER_FACTORY = "checkoutguard.flink.metrics.BoundPrometheusReporterFactory"
-"""Flink's Prometheus reporter, subclassed to bind one host (``jobs/flink/java-plugins/metrics-prometheus``):
-Flink 2.2's own ``PrometheusReporter`` listens on every interface and has no host option."""
-REPORTER_JAR = Path("metrics-prometheus") / "checkout-guard-metrics.jar"
+REPORTER_JAR = Path(REPORTER_DIR) / "checkout-guard-metrics.jar"
 
 
 def reporter_plugins(settings: Settings) -> Path:
@@ -275,15 +275,15 @@ def _with_reporter(settings: Settings) -> None:
     add_jars_to_context_class_loader([jar.resolve().as_uri() for jar in jars])
 
 
-def flink_options(settings: Settings, restore_from: Path | None) -> dict[str, str]:
-    """The mini-cluster's configuration; every server it starts (REST, BLOB, RPC, the Prometheus reporter's)
-    binds to ``bind_host``."""
+def program_options(settings: Settings, restore_from: Path | None) -> dict[str, str]:
+    """The job's own options, which a cluster takes from a program (``flink run``): its jars, Python,
+    checkpointing, state backend, restarts, the state to restore. Nothing of the cluster's, not even the
+    parallelism (``flink run -p`` sets it)."""
     _check_execution_mode(settings)
     job = settings.job
     values = {
         "pipeline.jars": ";".join(jar.resolve().as_uri() for jar in flink_connector_jars(settings)),
         "pipeline.name": "checkout-guard-scoring",
-        "parallelism.default": str(job.parallelism),
         "python.executable": sys.executable,
         "python.client.executable": sys.executable,
         "python.execution-mode": job.python_execution_mode,
@@ -297,6 +297,27 @@ def flink_options(settings: Settings, restore_from: Path | None) -> dict[str, st
         "state.backend.type": job.state_backend,
         "execution.checkpointing.incremental": "true",
         "restart-strategy.type": "exponential-delay",
+    }
+    if job.python_execution_mode == "thread":
+        # The embedded (PEMJA) interpreter does not start from our venv: give it its packages.
+        import site
+
+        values["python.pythonpath"] = ":".join([*site.getsitepackages(), str(REPO_ROOT)])
+    if restore_from is not None:
+        values["execution.state-recovery.path"] = restore_from.resolve().as_uri()
+        # A new version may drop an operator (e.g. a source whose topic list changed: its new one
+        # resumes from the group's committed offsets); its old state is then left behind, by choice.
+        values["execution.state-recovery.ignore-unclaimed-state"] = str(job.ignore_unclaimed_state).lower()
+    return values
+
+
+def flink_options(settings: Settings, restore_from: Path | None) -> dict[str, str]:
+    """The mini-cluster's configuration: the program's options and the cluster's own; every server it starts
+    (REST, BLOB, RPC, the Prometheus reporter's) binds to ``bind_host``."""
+    job = settings.job
+    values = {
+        **program_options(settings, restore_from),
+        "parallelism.default": str(job.parallelism),
         "taskmanager.memory.process.size": job.taskmanager_process_memory,
         "taskmanager.memory.managed.size": "256m",
         "taskmanager.numberOfTaskSlots": str(max(1, job.parallelism)),
@@ -307,26 +328,29 @@ def flink_options(settings: Settings, restore_from: Path | None) -> dict[str, st
         "taskmanager.host": _client_host(settings.bind_host),
         **reporter_options(settings),
     }
-    if job.python_execution_mode == "thread":
-        # The embedded (PEMJA) interpreter does not start from our venv: give it its packages.
-        import site
-
-        values["python.pythonpath"] = ":".join([*site.getsitepackages(), str(REPO_ROOT)])
     if settings.java_home:
         values["env.java.home"] = str(settings.java_home)
-    if restore_from is not None:
-        values["execution.state-recovery.path"] = restore_from.resolve().as_uri()
-        # A new version may drop an operator (e.g. a source whose topic list changed: its new one
-        # resumes from the group's committed offsets); its old state is then left behind, by choice.
-        values["execution.state-recovery.ignore-unclaimed-state"] = str(job.ignore_unclaimed_state).lower()
     return values
 
 
-def flink_configuration(settings: Settings, restore_from: Path | None) -> Configuration:
+def flink_configuration(settings: Settings, restore_from: Path | None, on_cluster: bool = False) -> Configuration:
+    """:func:`flink_options` for the mini-cluster; :func:`program_options` only for a cluster."""
     conf = Configuration()
-    for key, value in flink_options(settings, restore_from).items():
+    options = program_options if on_cluster else flink_options
+    for key, value in options(settings, restore_from).items():
         conf.set_string(key, value)
     return conf
+
+
+def submitted_to_cluster() -> bool:
+    """True when ``flink run`` started this program: the CLI's context environment targets its cluster
+    (``execution.target`` ``remote``, ``kubernetes-session``, ...); a plain ``python -m`` runs ``local``."""
+    from pyflink.java_gateway import get_gateway
+
+    jvm = get_gateway().jvm
+    j_env = jvm.org.apache.flink.streaming.api.environment.StreamExecutionEnvironment.getExecutionEnvironment()
+    config = jvm.org.apache.flink.python.util.PythonConfigUtil.getEnvironmentConfig(j_env)
+    return (config.getString("execution.target", None) or "local") != "local"
 
 
 SHADED_KAFKA = "org.apache.flink.kafka.shaded."
@@ -459,11 +483,16 @@ def main(settings: Settings | None = None, log_level: str | None = None) -> None
     for gone in purge_stale_state(settings.checkpoint_dir, restore, hours * 3600, time.time()):
         log.info("deleted %s: older than %.0f h (CG_JOB__STALE_STATE_RETENTION_HOURS)", gone.name, hours)
     _without_worker_pool_server()
-    env = StreamExecutionEnvironment.get_execution_environment(flink_configuration(settings, restore))
+    on_cluster = submitted_to_cluster()
+    env = StreamExecutionEnvironment.get_execution_environment(flink_configuration(settings, restore, on_cluster))
     env.set_buffer_timeout(settings.job.buffer_timeout_ms)
     t_env = StreamTableEnvironment.create(env)
     out = build_pipeline(kafka_source(t_env, settings), settings, broadcast_source(t_env, settings))
     kafka_sink(t_env, out, settings)
+    if on_cluster:  # `flink run -d`: build, submit, return; the cluster runs it (and its reporter)
+        client = env.execute_async("checkout-guard-scoring")
+        log.info("job %s submitted to the cluster", client.get_job_id())
+        return
     _with_reporter(settings)
     client = env.execute_async("checkout-guard-scoring")
     run_until_done(client, settings)

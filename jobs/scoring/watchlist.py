@@ -2,7 +2,9 @@
 
 Pure (no Kafka): the Flink job keeps one as broadcast state fed from the compacted WATCHLIST topic
 (``upsert`` per entry, ``remove`` per tombstone); the watchlist service and the CLI use it too.
-A subject may have several embeddings; a probe matches the subject of its nearest embedding.
+A subject may have several embeddings (templates: the enrolment photo, then confirmed sightings), at most
+``cases.max_templates`` of them, the newest kept (an entry lists them oldest first); a probe matches the subject of
+its nearest embedding.
 
 Entries and probes are checked (:func:`check_entry`, :func:`jobs.scoring.face_similarity.check_embedding`):
 a NaN in one enrolled embedding made every probe "match" it. An entry with no embeddings is valid and
@@ -20,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from infra.settings import FaceSettings, Settings
+from infra.settings import CasesSettings, FaceSettings, Settings
 from jobs.scoring.face_similarity import DESCRIPTOR_LEN, check_embedding, distance_to_similarity
 from schemas.errors import InvalidRecord
 from schemas.identifiers import check
@@ -61,9 +63,18 @@ class Watchlist:
     matrix-vector product: ``|e - p|^2 = |e|^2 - 2 e.p + |p|^2`` with ``|e|^2`` precomputed.
     """
 
-    def __init__(self, settings: FaceSettings | Settings | None = None, *, threshold: float | None = None) -> None:
+    def __init__(
+        self,
+        settings: FaceSettings | Settings | None = None,
+        *,
+        threshold: float | None = None,
+        max_templates: int | None = None,
+    ) -> None:
         faces = settings.faces if isinstance(settings, Settings) else settings or FaceSettings()
         self.threshold = threshold if threshold is not None else faces.match_threshold
+        cases = settings.cases if isinstance(settings, Settings) else CasesSettings()
+        self.max_templates = max(1, max_templates if max_templates is not None else cases.max_templates)
+        """Templates kept per subject (the newest, the last ones of an entry's list)."""
         self._reset()
 
     def _reset(self) -> None:
@@ -79,7 +90,7 @@ class Watchlist:
         """Add or replace a subject from a WatchlistEntry dict (Avro shape); an unusable one raises
         :class:`InvalidRecord` and changes nothing (see :func:`check_entry`)."""
         check_entry(entry)
-        embeddings = np.asarray(entry["embeddings"], dtype=np.float32).reshape(-1, DIM)
+        embeddings = np.asarray(entry["embeddings"], dtype=np.float32).reshape(-1, DIM)[-self.max_templates :]
         with self._lock:
             self._entries[entry["subject_id"]] = {
                 "category": entry["category"],
@@ -148,10 +159,11 @@ class Watchlist:
         """Picklable (Flink may serialise operator state): the lock is recreated on load."""
         with self._lock:
             entries = [{**i["entry"], "embeddings": i["embeddings"]} for i in self._entries.values()]
-        return {"threshold": self.threshold, "entries": entries}
+        return {"threshold": self.threshold, "max_templates": self.max_templates, "entries": entries}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.threshold = state["threshold"]
+        self.max_templates = state.get("max_templates", CasesSettings().max_templates)
         self._reset()
         for entry in state["entries"]:
             try:

@@ -4,6 +4,11 @@ A manager reads it on a phone between two customers, so it leads with *what* hap
 (store, lane), then *when* in the store's local time, the amount, the outcome and the reasons in plain
 words, the face similarity for watchlist matches, and a link to the dashboard for the rest. Reason codes
 the wording table does not know are shown as they are (a new rule must not make an alert unreadable).
+
+Every alert opens a case (``jobs.cases``, its id :func:`~schemas.records.case_id_for` the alert id): each
+format names it and links its page (``CG_ALERTS__CASE_LINK``), where a person confirms or dismisses it; the
+Webex card (:func:`case_card`) shows the live snapshot beside the enrolled reference image with Confirm and
+Dismiss buttons, which the bot turns into the same signed commands as ``confirm <case>`` / ``dismiss <case>``.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from infra.settings import AlertSettings
-from schemas.records import OUTCOME_WORDS
+from schemas.records import OUTCOME_WORDS, case_id_for
 
 REASON_WORDS: dict[str, str] = {
     "return_exceeds_sale": "refund is larger than the original sale",
@@ -77,6 +82,63 @@ def dashboard_url(alert: dict[str, Any], settings: AlertSettings) -> str:
         return settings.dashboard_link
 
 
+def case_url(case_id: str, settings: AlertSettings) -> str:
+    """The case page of ``case_id`` (the configured template; the template itself when it is broken)."""
+    try:
+        return settings.case_link.format(case_id=case_id)
+    except (KeyError, IndexError, ValueError):
+        return settings.case_link
+
+
+FACE_KINDS = frozenset({"WATCHLIST_MATCH", "SUSPECT_ENTERED", "VIP_ARRIVED"})
+"""Alert kinds whose card shows the live snapshot beside the enrolled reference image."""
+CARD_CONTENT_TYPE = "application/vnd.microsoft.card.adaptive"
+
+
+def case_card(alert: dict[str, Any], settings: AlertSettings) -> dict[str, Any]:
+    """The adaptive card of an alert's case: headline, facts, the two images (face kinds), Confirm and
+    Dismiss buttons (``Action.Submit`` with ``{"verb", "case_id"}``, what the bot reads from the
+    attachment action) and a link to the case page. Images are URLs of the case page: Webex fetches them."""
+    text = describe(alert, settings)
+    case_id = case_id_for(str(alert.get("alert_id") or ""))
+    link = case_url(case_id, settings)
+    body: list[dict[str, Any]] = [
+        {"type": "TextBlock", "text": text.headline, "weight": "Bolder", "size": "Medium", "wrap": True},
+        {"type": "FactSet", "facts": [{"title": label, "value": value} for label, value in text.lines]},
+    ]
+    if alert.get("kind") in FACE_KINDS:
+        columns = [("Live snapshot", "live")] if alert.get("snapshot_ref") else []
+        columns += [("Enrolled reference", "reference")] if alert.get("subject_id") else []
+        body.append(
+            {
+                "type": "ColumnSet",
+                "columns": [
+                    {
+                        "type": "Column",
+                        "width": "stretch",
+                        "items": [
+                            {"type": "TextBlock", "text": title, "size": "Small", "isSubtle": True},
+                            {"type": "Image", "url": f"{link}/images/{which}", "altText": title, "size": "Large"},
+                        ],
+                    }
+                    for title, which in columns
+                ],
+            }
+        )
+    body.append({"type": "TextBlock", "text": f"Case {case_id}", "size": "Small", "isSubtle": True})
+    return {
+        "type": "AdaptiveCard",
+        "$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
+        "version": "1.3",
+        "body": body,
+        "actions": [
+            {"type": "Action.Submit", "title": "Confirm", "data": {"verb": "confirm", "case_id": case_id}},
+            {"type": "Action.Submit", "title": "Dismiss", "data": {"verb": "dismiss", "case_id": case_id}},
+            {"type": "Action.OpenUrl", "title": "Open the case", "url": link},
+        ],
+    }
+
+
 def message_id(alert_id: str, domain: str = "checkout-guard") -> str:
     """A Message-ID derived from the alert id: a resend after a crash carries the same one, so mail
     clients that de-duplicate by Message-ID show it once."""
@@ -91,6 +153,9 @@ class AlertText:
     """(label, value) rows in reading order."""
     link: str
     footer: str
+    case_id: str = ""
+    case_link: str = ""
+    """The alert's case and its page (where a person confirms or dismisses it)."""
 
     @property
     def subject(self) -> str:
@@ -99,20 +164,32 @@ class AlertText:
     def plain(self) -> str:
         width = max(len(label) for label, _ in self.lines) if self.lines else 0
         rows = "\n".join(f"{label + ':':<{width + 1}} {value}" for label, value in self.lines)
-        return f"{self.subject}\n\n{rows}\n\nDetails: {self.link}\n\n{self.footer}\n"
+        case = f"Case {self.case_id}, confirm or dismiss it here: {self.case_link}\n\n" if self.case_id else ""
+        return f"{self.subject}\n\n{rows}\n\nDetails: {self.link}\n\n{case}{self.footer}\n"
 
     def markdown(self) -> str:
         rows = "\n".join(f"- **{label}:** {_md(value)}" for label, value in self.lines)
-        return f"**{_md(self.headline)}**\n\n{rows}\n\n[Open in the dashboard]({self.link})"
+        case = (
+            f"\n\nCase `{self.case_id}`: [decide it]({self.case_link}), or reply `confirm {self.case_id}` / "
+            f"`dismiss {self.case_id} <reason>`"
+            if self.case_id
+            else ""
+        )
+        return f"**{_md(self.headline)}**\n\n{rows}\n\n[Open in the dashboard]({self.link}){case}"
 
     def html(self, image_cid: str | None = None) -> str:
         rows = "".join(
             f"<tr><th align='left'>{_html(label)}</th><td>{_html(value)}</td></tr>" for label, value in self.lines
         )
         image = f"<p><img src='cid:{image_cid}' alt='snapshot' style='max-width:480px'></p>" if image_cid else ""
+        case = (
+            f"<p>Case {_html(self.case_id)}: <a href='{_html(self.case_link)}'>confirm or dismiss it</a></p>"
+            if self.case_id
+            else ""
+        )
         return (
             f"<html><body><h2>{_html(self.subject)}</h2><table cellpadding='4'>{rows}</table>{image}"
-            f"<p><a href='{_html(self.link)}'>Open in the dashboard</a></p>"
+            f"<p><a href='{_html(self.link)}'>Open in the dashboard</a></p>{case}"
             f"<p style='color:#777'>{_html(self.footer)}</p></body></html>"
         )
 
@@ -146,8 +223,14 @@ def describe(alert: dict[str, Any], settings: AlertSettings) -> AlertText:
     if kind in FACE_MATCH_ADVICE:
         lines.append(("Please", FACE_MATCH_ADVICE[kind]))
     footer = f"Alert {alert.get('alert_id', '')}, severity {alert.get('severity') or 'n/a'}."
+    case_id = case_id_for(str(alert["alert_id"])) if alert.get("alert_id") else ""
     return AlertText(
-        headline=f"{title} - {where}", lines=tuple(lines), link=dashboard_url(alert, settings), footer=footer
+        headline=f"{title} - {where}",
+        lines=tuple(lines),
+        link=dashboard_url(alert, settings),
+        footer=footer,
+        case_id=case_id,
+        case_link=case_url(case_id, settings) if case_id else "",
     )
 
 

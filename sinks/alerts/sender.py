@@ -72,7 +72,7 @@ from schemas.identifiers import check
 from schemas.records import DeadLetter
 from schemas.topics import ALERTS, DEAD_LETTERS
 from sinks.alerts.mail import Mailer, MailError, SesMailer, SmtpMailer, build_email
-from sinks.alerts.message import describe
+from sinks.alerts.message import case_card, describe
 
 log = logging.getLogger(__name__)
 
@@ -282,9 +282,10 @@ class WebexChannel:
                 for message in self.client.list_messages(self.room_id, self.LOOKBACK):
                     if self.carries(message, alert_id):
                         return message.get("id")
-            markdown = describe(alert, self.settings.alerts).markdown() + f"\n\n_{self.marker(alert_id)}_"
+            text = describe(alert, self.settings.alerts)
+            markdown = text.markdown() + f"\n\n_{self.marker(alert_id)}_"
             attachment = Attachment("snapshot.jpg", image) if image else None
-            return self.client.send_message(self.room_id, markdown, attachment).get("id")
+            sent = self.client.send_message(self.room_id, markdown, attachment).get("id")
         except WebexError as exc:
             unavailable = exc.status is None or exc.status >= 500  # no answer, or the service failing
             raise DeliveryError(
@@ -294,6 +295,17 @@ class WebexChannel:
                 ambiguous=unavailable,
                 down=unavailable,
             ) from exc
+        if self.settings.alerts.webex_cards:
+            self._send_card(alert, text.case_id, sent)
+        return sent
+
+    def _send_card(self, alert: dict[str, Any], case_id: str, parent_id: str | None) -> None:
+        """The case card (images, Confirm/Dismiss), in the alert message's thread. Best effort: the alert is
+        delivered already, and its text says how to decide the case by command."""
+        try:
+            self.client.send_card(self.room_id, f"Case `{case_id}`", case_card(alert, self.settings.alerts), parent_id)
+        except WebexError as exc:
+            log.warning("case card of alert %s not posted: %s", alert["alert_id"], exc.reason)
 
     def close(self) -> None:
         self.client.close()

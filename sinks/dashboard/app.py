@@ -19,6 +19,8 @@ Endpoints (each takes ``minutes`` = window length, ``store`` = one store only, `
   per stage, consumer-group lag, dead letters, deliveries, p99 per stage; Prometheus unreachable is a
   200 with ``error`` set (the page says so), never a 500
 - ``GET /pipeline``      the pipeline-health page over it
+- ``/cases``, ``/cases/{case_id}``, ``/api/cases...``  the case queue, the case page and verdicts
+  (sinks/dashboard/case_routes.py)
 
 Snapshots are looked up by alert id (the page never sees or sends image refs) and served only for
 alerts, which are the images the face pipeline retains; nothing logs image bytes.
@@ -62,6 +64,7 @@ from infra.clients.opensearch import make_client
 from infra.settings import DashboardSettings, Settings
 from schemas.errors import CheckoutGuardError
 from schemas.indices import index_name
+from sinks.dashboard.case_routes import CaseRoutes, Publish
 from sinks.dashboard.pipeline import PrometheusApi, prometheus_url, read_pipeline
 from sinks.dashboard.queries import (
     ALERT_FIELDS,
@@ -200,6 +203,15 @@ class Dashboard:
         """Pipeline health from Prometheus; an unreachable one is an answer with ``error`` set, not a failure."""
         return read_pipeline(self.prometheus, self.settings.metrics.scrape_interval_s, self.clock)
 
+    def downscaled(self, what: str, ref: str, *, large: bool = False) -> bytes | None:
+        """The stored image ``ref`` as a small JPEG, or ``None`` when there is none to show."""
+        try:
+            return thumbnail(self.images.get(ref), LARGE_PX if large else THUMBNAIL_PX)
+        except (OSError, ValueError, KeyError, UnidentifiedImageError, BotoCoreError, ClientError) as exc:
+            # purged, never stored, or S3 unreachable: a missing thumbnail must not break the page
+            log.info("no image for %s (%s)", what, type(exc).__name__)
+            return None
+
     def snapshot_ref(self, alert_id: str) -> str | None:
         hits = self.search(self.alerts, alert_by_id_query(alert_id))["hits"]["hits"]
         return hits[0]["_source"].get("snapshot_ref") if hits else None
@@ -238,29 +250,34 @@ def _window_args(request: Request, settings: Settings) -> tuple[int, str | None,
     return minutes, store, anchor
 
 
+def _page(name: str) -> Response:
+    return FileResponse(STATIC / name, headers={"Cache-Control": "no-cache"})
+
+
 def _index(_: Request) -> Response:
-    return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+    return _page("index.html")
 
 
 def _alert_page(_: Request) -> Response:
-    return FileResponse(STATIC / "alert.html", headers={"Cache-Control": "no-cache"})
+    return _page("alert.html")
 
 
 def _models_page(_: Request) -> Response:
-    return FileResponse(STATIC / "models.html", headers={"Cache-Control": "no-cache"})
+    return _page("models.html")
 
 
 def _pipeline_page(_: Request) -> Response:
-    return FileResponse(STATIC / "pipeline.html", headers={"Cache-Control": "no-cache"})
+    return _page("pipeline.html")
 
 
 class _DashboardApi:
     """The endpoints over one ``Dashboard``; a class so each handler stays small. Handlers are sync on
     purpose: Starlette runs them in its thread pool, so a slow OpenSearch does not block the event loop."""
 
-    def __init__(self, settings: Settings, board: Dashboard) -> None:
+    def __init__(self, settings: Settings, board: Dashboard, publish: Publish | None = None) -> None:
         self.settings = settings
         self.board = board
+        self.cases = CaseRoutes(board, _page, publish)
 
     def routes(self) -> list[BaseRoute]:
         board = self.board
@@ -278,6 +295,7 @@ class _DashboardApi:
             Route("/api/alerts/{alert_id:str}/snapshot", self.snapshot),
             Route("/api/alerts/{alert_id:str}", self.alert_detail),
             Route("/alerts/{alert_id:str}", _alert_page),
+            *self.cases.routes(),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ]
 
@@ -305,20 +323,10 @@ class _DashboardApi:
             return Response(status_code=503)
         if not ref:
             return Response(status_code=404)
-        size = LARGE_PX if request.query_params.get("size") == "large" else THUMBNAIL_PX
-        body = self._downscaled(alert_id, ref, size)
+        body = self.board.downscaled(f"alert {alert_id}", ref, large=request.query_params.get("size") == "large")
         if body is None:
             return Response(status_code=404)
         return Response(body, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"})
-
-    def _downscaled(self, alert_id: str, ref: str, size: int) -> bytes | None:
-        """The snapshot as a small JPEG, or ``None`` when there is none to show."""
-        try:
-            return thumbnail(self.board.images.get(ref), size)
-        except (OSError, ValueError, KeyError, UnidentifiedImageError, BotoCoreError, ClientError) as exc:
-            # purged, never stored, or S3 unreachable: a missing thumbnail must not break the page
-            log.info("no snapshot for alert %s (%s)", alert_id, type(exc).__name__)
-            return None
 
     def alert_detail(self, request: Request) -> Response:
         try:
@@ -418,7 +426,9 @@ class LoginBackend(AuthenticationBackend):
         return response
 
 
-def create_app(settings: Settings, dashboard: Dashboard | None = None, *, host: str | None = None) -> Starlette:
+def create_app(
+    settings: Settings, dashboard: Dashboard | None = None, *, host: str | None = None, publish: Publish | None = None
+) -> Starlette:
     """The ASGI app, behind the login when one is configured; ``dashboard`` is injectable so tests can
     point it at their own indices. ``host``: the address it will listen on (default ``dashboard.host``);
     raises :class:`DashboardConfigError` where it must not be served without a login."""
@@ -427,4 +437,5 @@ def create_app(settings: Settings, dashboard: Dashboard | None = None, *, host: 
     middleware = []
     if backend.login is not None or backend.token is not None:
         middleware.append(Middleware(AuthenticationMiddleware, backend=backend, on_error=backend.challenge))
-    return Starlette(routes=_DashboardApi(settings, dashboard or Dashboard(settings)).routes(), middleware=middleware)
+    api = _DashboardApi(settings, dashboard or Dashboard(settings), publish)
+    return Starlette(routes=api.routes(), middleware=middleware)

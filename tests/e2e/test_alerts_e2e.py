@@ -30,6 +30,7 @@ from opensearchpy.exceptions import NotFoundError
 from PIL import Image
 from pydantic import SecretStr
 
+from infra.clients.commands import KafkaCommandPublisher
 from infra.clients.image_store import ImageStore
 from infra.clients.opensearch import make_client
 from infra.launcher import spawn, wait_for
@@ -37,7 +38,7 @@ from infra.local.smtp import duplicates, mail_dir
 from infra.local.webex import BackgroundServer, LocalWebexServer
 from infra.settings import Settings
 from infra.stack import ensure_topics
-from jobs.bot.webex_bot import WEBHOOK_PATH, KafkaCommandPublisher, WebexBot
+from jobs.bot.webex_bot import WEBHOOK_PATH, WebexBot
 from schemas.indices import period_index_name
 from schemas.records import Alert, BotCommand, DeadLetter, ScoredTransaction
 from schemas.topics import ALERTS, ALL_TOPICS, COMMANDS, DEAD_LETTERS
@@ -129,6 +130,7 @@ def isolated(stack: Settings, tmp_path: Path, webex: LocalWebexServer) -> Iterat
                         "retry_initial_s": 0.2,
                         "retry_max_s": 1.0,
                         "ledger_path": tmp_path / f"{name}-ledger.sqlite3",
+                        "webex_cards": False,  # one message per alert here: the case cards are tested on their own
                     }
                 ),
             }

@@ -41,6 +41,7 @@ MODULES = (
     "jobs.flink.job",
     "sinks.opensearch.sink",
     "jobs.faces.watchlist_service",
+    "jobs.cases.service",
     "sinks.alerts.sender",
     "jobs.bot.webex_bot",
     "sinks.dashboard",

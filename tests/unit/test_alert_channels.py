@@ -86,7 +86,7 @@ def settings_for(webex: LocalWebexServer, tmp_path: Path, token: str = TOKEN, **
     return Settings(
         stack_dir=tmp_path,
         webex=WebexSettings(base_url=webex.url, bot_token=SecretStr(token), room_id=ROOM),
-        alerts=AlertSettings(concurrency=4, retry_initial_s=0.05, retry_max_s=0.2, **alerts),
+        alerts=AlertSettings(concurrency=4, retry_initial_s=0.05, retry_max_s=0.2, **{"webex_cards": False, **alerts}),
     )
 
 

@@ -93,6 +93,12 @@ def _readable(writer: dict, reader: dict) -> bool:
     return True
 
 
+FORWARD_BREAKS = {("bot_command.v2.avsc", "bot_command.v1.avsc")}
+"""Known exceptions, each with its reason: BotCommand v1's verb enum has no default, so no new verb can be
+read by a v1 reader (it dead-letters the command as corrupt); v2 adds the case verbs and the default UNKNOWN,
+so later verbs are read as UNKNOWN. The bot, the watchlist service and the case service deploy together."""
+
+
 def test_all_versions_of_a_record_stay_mutually_compatible():
     """Every schema version must read data of every other version (full compatibility)."""
     by_type: dict[str, list] = {}
@@ -101,6 +107,9 @@ def test_all_versions_of_a_record_stay_mutually_compatible():
     for versions in by_type.values():
         for a in versions:
             for b in versions:
+                if (a.path.name, b.path.name) in FORWARD_BREAKS:
+                    assert _readable(b.parsed, a.parsed), f"{b.path.name} -> {a.path.name}"
+                    continue
                 assert _readable(a.parsed, b.parsed), f"{a.path.name} -> {b.path.name}"
 
 

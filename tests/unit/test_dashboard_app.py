@@ -26,7 +26,7 @@ def app_without_opensearch() -> TestClient:
 
 def test_page_and_its_assets_come_from_the_app_not_a_cdn() -> None:
     client = app_without_opensearch()
-    for path in ("/", "/models", "/pipeline"):
+    for path in ("/", "/models", "/pipeline", "/cases"):
         page = client.get(path)
         assert page.status_code == 200 and "text/html" in page.headers["content-type"]
         sources = re.findall(r'(?:src|<link[^>]*href)="([^"]+)"', page.text)
@@ -34,8 +34,8 @@ def test_page_and_its_assets_come_from_the_app_not_a_cdn() -> None:
         for source in sources:
             assert client.get(source).status_code == 200
         links = re.findall(r'<a [^>]*href="([^"]+)"', page.text)
-        assert set(links) == {"/", "/models", "/pipeline"}  # the pages link each other, nothing outside
-    for script in ("common.js", "app.js", "models.js", "alert.js", "pipeline.js"):
+        assert set(links) == {"/", "/cases", "/models", "/pipeline"}  # the pages link each other, nothing outside
+    for script in ("common.js", "app.js", "models.js", "alert.js", "pipeline.js", "cases.js", "case.js"):
         text = client.get(f"/static/{script}").text
         assert "http://" not in text.replace("http://www.w3.org/2000/svg", "") and "https://" not in text
 

@@ -36,6 +36,14 @@ PATHS = (
     "/pipeline",
     "/api/pipeline",
     "/static/pipeline.js",
+    "/cases",
+    "/cases/case-0123456789ab",
+    "/cases/case-0123456789ab/images/live",
+    "/api/cases",
+    "/api/cases/figures",
+    "/api/cases/case-0123456789ab",
+    "/static/cases.js",
+    "/static/case.js",
 )
 
 

@@ -11,9 +11,14 @@ from infra.settings import FaceSettings
 from jobs.faces import engine as face_engine
 from jobs.faces import weights
 from jobs.faces.evaluation import (
+    Pairs,
     all_pairs,
     cross_validate,
+    cross_validate_quality,
     identity_folds,
+    quality_offset,
+    template_pairs,
+    template_scores,
     threshold_at_fmr,
     wilson,
 )
@@ -128,3 +133,71 @@ def test_fused_embeddings_are_refused_outside_the_evaluation():
     with pytest.raises(ValueError, match="fused"):
         face_engine.FaceEngine(FaceSettings(embedder="fused"))
     assert face_engine.FaceEngine(FaceSettings(embedder="fused"), evaluation=True).embedder == "fused"
+
+
+def test_quality_offset_raises_the_bar_only_below_the_knee_and_linearly():
+    q = np.array([1.0, 0.9, 0.8, 0.5])
+    assert quality_offset(q, 10.0, 0.9).tolist() == pytest.approx([0.0, 0.0, 1.0, 4.0])
+    assert quality_offset(q, 0.0, 0.9).tolist() == [0.0] * 4
+
+
+def _quality_pairs(informative: bool, seed: int = 5) -> tuple[Pairs, np.ndarray, np.ndarray]:
+    """Genuine pairs ~N(70, 8), impostors ~N(30, 8); half of all pairs are poor (quality 0.4). When
+    ``informative``, poor impostors score 25 points higher (the poor-probe false matches a quality gate should
+    stop), and poor genuine pairs are unchanged."""
+    rng = np.random.default_rng(seed)
+    n_id, per = 20, 3000
+    id_a = np.repeat(np.arange(n_id), per)
+    genuine = rng.random(id_a.size) < 0.1
+    id_b = np.where(genuine, id_a, (id_a + rng.integers(1, n_id, id_a.size)) % n_id)
+    poor = rng.random(id_a.size) < 0.5
+    score = np.where(genuine, rng.normal(70, 8, id_a.size), rng.normal(30, 8, id_a.size))
+    if informative:
+        score = np.where(~genuine & poor, score + 25, score)
+    quality = np.where(poor, 0.4, 1.0)
+    idx = np.arange(id_a.size)
+    return Pairs(score, id_a, id_b, genuine, idx, idx), quality, np.arange(n_id) % 5
+
+
+def test_quality_aware_threshold_is_chosen_when_poor_probes_cause_the_false_matches():
+    pairs, quality, folds = _quality_pairs(informative=True)
+    plain = cross_validate(pairs, folds, 5, 0.001)
+    aware = cross_validate_quality(pairs, quality, folds, 5, 0.001)
+    assert all(slope > 0 for slope, _ in aware.params)
+    tmr = lambda cv: cv.accepted[pairs.genuine].mean()  # noqa: E731
+    assert tmr(aware) > tmr(plain) + 0.02
+
+
+def test_quality_aware_threshold_stays_off_when_quality_says_nothing():
+    pairs, quality, folds = _quality_pairs(informative=False)
+    aware = cross_validate_quality(pairs, quality, folds, 5, 0.001)
+    plain = cross_validate(pairs, folds, 5, 0.001)
+    assert sum(slope == 0 for slope, _ in aware.params) >= 3
+    assert abs(aware.accepted[pairs.genuine].mean() - plain.accepted[pairs.genuine].mean()) < 0.02
+
+
+def test_template_scores_take_the_nearest_or_the_quality_weighted_mean():
+    sims = np.array([[0, 80, 40, 10], [80, 0, 0, 0], [40, 0, 0, 0], [10, 0, 0, 0]], dtype=np.float64)
+    quality = np.array([1.0, 0.9, 0.3, 1.0])
+    templates = np.array([[1, 2], [3, -1]])  # subject 0: items 1, 2; subject 1: item 3 only
+    probes = np.array([0])
+    assert template_scores(sims, quality, templates, probes, "max").tolist() == [[80.0, 10.0]]
+    fused = template_scores(sims, quality, templates, probes, "quality_mean")
+    assert fused[0].tolist() == pytest.approx([(0.9 * 80 + 0.3 * 40) / 1.2, 10.0])
+
+
+def test_template_pairs_probe_with_the_same_items_whatever_the_number_of_templates():
+    identity = np.repeat(np.arange(4), 10)  # 4 people x 5 photos x 2 conditions
+    source = np.repeat(np.arange(20), 2)
+    enrolment = np.tile([True, False], 20)
+    rng = np.random.default_rng(1)
+    sims = rng.uniform(0, 100, (40, 40))
+    quality = np.ones(40)
+    one = template_pairs(sims, identity, source, quality, enrolment, 1, "max")
+    three = template_pairs(sims, identity, source, quality, enrolment, 3, "max")
+    assert one.left.tolist() == three.left.tolist() and one.genuine.tolist() == three.genuine.tolist()
+    # 2 unenrolled photos x 2 conditions per person, against 4 subjects
+    assert one.score.size == 4 * 4 * 4 and one.genuine.sum() == 16
+    assert (three.score >= one.score).all()  # the nearest of 3 is at least as near as the first of them
+    enrolled_sources = {int(source[i]) for i in three.right}
+    assert not enrolled_sources & {int(source[i]) for i in three.left[three.genuine]}

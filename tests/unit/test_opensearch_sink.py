@@ -383,7 +383,8 @@ def test_retention_drops_indices_whose_period_ended_and_that_were_created_long_e
 def test_face_observations_are_kept_shorter_than_transactions_by_default() -> None:
     defaults = IndicesSettings()
     assert 0 < retention_days(defaults, "face_observations") < retention_days(defaults, "transactions")
-    assert {route.kind for route in ROUTES} == {"transactions", "alerts", "face_observations", "labels", "model_drift"}
+    kinds = {"transactions", "alerts", "face_observations", "labels", "model_drift", "cases"}
+    assert {route.kind for route in ROUTES} == kinds
     for route in ROUTES:
         retention_days(defaults, route.kind)  # every kind has a setting or a default
 

@@ -148,19 +148,24 @@ def harness() -> Iterator[Harness]:
         ) as bot:
             server = BackgroundServer(bot.app, lifespan="on", name="bot").start()
             try:
-                [hook] = wait_for(lambda: webex.state.webhooks, 10, what="the webhook registered on start")
-                webex.state.webhooks[0] = {**hook, "targetUrl": server.base + WEBHOOK_PATH}  # reachable in the test
+                hooks = wait_for(
+                    lambda: len(webex.state.webhooks) == 2 and list(webex.state.webhooks), 10, what="the webhooks"
+                )  # messages and card presses, registered on start
+                for i, hook in enumerate(hooks):
+                    webex.state.webhooks[i] = {**hook, "targetUrl": server.base + WEBHOOK_PATH}  # reachable here
                 yield Harness(webex, bot, server, published, headers)
             finally:
                 server.stop()
 
 
 def test_bot_registers_its_webhook_with_the_secret_on_start(harness: Harness) -> None:
-    [hook] = list(harness.webex.state.webhooks)
+    hook, cards = list(harness.webex.state.webhooks)
     assert hook["secret"] == SECRET and hook["resource"] == "messages" and hook["event"] == "created"
-    harness.bot.register_webhook()  # a restart re-registers: still one webhook, now at the configured URL
-    [again] = harness.webex.state.webhooks
+    assert (cards["secret"], cards["resource"], cards["targetUrl"]) == (SECRET, "attachmentActions", hook["targetUrl"])
+    harness.bot.register_webhook()  # a restart re-registers: still one of each, now at the configured URL
+    again, _ = harness.webex.state.webhooks
     assert again["targetUrl"] == "http://127.0.0.1:1/webex/webhook" and again["id"] != hook["id"]
+    assert len(harness.webex.state.webhooks) == 2
 
 
 def test_fraud_from_the_security_room_becomes_one_command_and_a_reply(harness: Harness) -> None:

@@ -1,0 +1,704 @@
+"""A standalone Flink cluster from the apache-flink wheel: one JobManager and ``CG_FLINK__TASKMANAGERS``
+TaskManagers as plain foreground processes, so the scoring job can run where a retailer runs Flink.
+
+CLI: ``python -m infra.stack flink up|down|status|submit|stop`` (the sub-app :func:`cli`, registered by
+infra/stack.py). The wheel is a full Flink distribution: each process is its own ``bin/jobmanager.sh
+start-foreground`` / ``bin/taskmanager.sh start-foreground`` (the script ``exec``\\s the JVM, so the pid we
+spawn is the JVM's), with JDK 17 (``CG_JAVA_HOME`` or the one the stack finds), nothing downloaded.
+
+Everything lives under ``CG_FLINK__CLUSTER_DIR`` (default ``<stack dir>/flink-cluster``)::
+
+    conf/config.yaml   generated on every ``up`` (ports, memory, checkpoints, Python, the reporter)
+    conf/log4j-*.properties   copied from the wheel      plugins/metrics-prometheus -> the job's reporter
+    logs/<member>.out  console output        logs/flink-*.log   Flink's own logs
+    run/<member>.pid   our pid files          tmp/               JVM and Flink temp dirs
+
+A job is submitted unchanged with the wheel's ``flink run -d -p N -pym jobs.flink.job`` (:func:`submit_command`):
+its ``main()`` sees the CLI's cluster target, builds, submits and returns. The JobManager's REST API and web UI
+answer at ``http://<host>:CG_FLINK__REST_PORT``; ``status`` reads ``/overview``.
+
+This module imports nothing of infra/stack.py (which registers its CLI): the JDK and the reporter plugin
+folder are handed in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import psutil
+import typer
+import yaml
+
+from infra.settings import REPO_ROOT, Settings
+from schemas.errors import CheckoutGuardError
+
+log = logging.getLogger("infra.flink_cluster")
+
+JOBMANAGER = "jobmanager"
+JM_CLASS = "org.apache.flink.runtime.entrypoint.StandaloneSessionClusterEntrypoint"
+TM_CLASS = "org.apache.flink.runtime.taskexecutor.TaskManagerRunner"
+REPORTER = "prom"
+REPORTER_FACTORY = "checkoutguard.flink.metrics.BoundPrometheusReporterFactory"
+"""Flink's Prometheus reporter, subclassed to bind one host (``jobs/flink/java-plugins/metrics-prometheus``):
+Flink 2.2's own ``PrometheusReporter`` listens on every interface and has no host option."""
+REPORTER_DIR = "metrics-prometheus"
+"""The reporter's folder in a Flink plugins folder (infra/install.sh puts it in ``<stack>/lib/flink-plugins``)."""
+START_TIMEOUT_S = 120.0
+"""The JobManager answers REST in ~10 s and the TaskManagers register in ~10 s more on an idle 2-core machine."""
+STOP_TIMEOUT_S = 30.0
+HEARTBEAT_INTERVAL_MS = 2000
+HEARTBEAT_TIMEOUT_MS = 10000
+"""A TaskManager that is gone (SIGKILL, a lost machine) is noticed within ~10 s, not Flink's default 50 s, so
+its job restarts from the last checkpoint as soon as a replacement registers."""
+SERVICE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class FlinkClusterError(CheckoutGuardError, RuntimeError):
+    """The cluster could not be brought to the requested state; the message says why and what to do."""
+
+
+def flink_home() -> Path:
+    """The Flink distribution inside the ``apache-flink`` wheel (``bin/``, ``lib/``, ``opt/``, ``conf/``)."""
+    spec = importlib.util.find_spec("pyflink")
+    if spec is None or not spec.submodule_search_locations:
+        raise FlinkClusterError("apache-flink is not installed: run `make setup`")
+    return Path(next(iter(spec.submodule_search_locations))).resolve()
+
+
+def client_host(bind_host: str) -> str:
+    """Where a client reaches a server bound to ``bind_host`` (a wildcard is reached on loopback)."""
+    return "127.0.0.1" if bind_host in ("0.0.0.0", "::", "") else bind_host
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure: paths, members, config and command lines
+
+
+@dataclass(frozen=True)
+class ClusterPaths:
+    root: Path
+
+    @classmethod
+    def of(cls, settings: Settings) -> ClusterPaths:
+        root = settings.flink.cluster_dir or Path(settings.stack_dir) / "flink-cluster"
+        return cls(Path(root).expanduser().resolve())
+
+    @property
+    def conf(self) -> Path:
+        return self.root / "conf"
+
+    @property
+    def config_yaml(self) -> Path:
+        return self.conf / "config.yaml"
+
+    @property
+    def plugins(self) -> Path:
+        return self.root / "plugins"
+
+    @property
+    def lib(self) -> Path:
+        """The cluster's ``FLINK_LIB_DIR``: links to the wheel's ``lib/*.jar`` and ``opt/flink-python-*.jar``."""
+        return self.root / "lib"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    def pid(self, member: str) -> Path:
+        return self.run / f"{member}.pid"
+
+    def out(self, member: str) -> Path:
+        return self.logs / f"{member}.out"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One process of the cluster: its name, the wheel's script that starts it, and its ``-D`` options."""
+
+    name: str
+    script: str
+    dynamic: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def is_jobmanager(self) -> bool:
+        return self.name == JOBMANAGER
+
+
+def taskmanager_name(index: int) -> str:
+    return f"taskmanager-{index}"
+
+
+def members(settings: Settings) -> list[Member]:
+    """The JobManager, then each TaskManager with its own RPC and data port and a readable resource id."""
+    fl = settings.flink
+    out = [Member(JOBMANAGER, "jobmanager.sh")]
+    for i in range(fl.taskmanagers):
+        out.append(
+            Member(
+                taskmanager_name(i),
+                "taskmanager.sh",
+                (
+                    ("taskmanager.resource-id", taskmanager_name(i)),
+                    ("taskmanager.rpc.port", str(fl.taskmanager_base_port + 2 * i)),
+                    ("taskmanager.data.port", str(fl.taskmanager_base_port + 2 * i + 1)),
+                ),
+            )
+        )
+    return out
+
+
+def member_ports(settings: Settings, member: Member) -> list[int]:
+    """The fixed ports ``member`` listens on (the reporter's port is the first free one of a range)."""
+    if member.is_jobmanager:
+        return [settings.flink.rest_port, settings.flink.rpc_port, settings.flink.blob_port]
+    return [int(v) for k, v in member.dynamic if k in ("taskmanager.rpc.port", "taskmanager.data.port")]
+
+
+def cluster_options(
+    settings: Settings, paths: ClusterPaths, java_home: Path, python: str, reporter: bool
+) -> dict[str, str]:
+    """The cluster's ``config.yaml``: what belongs to the cluster, not to a job (the job sets its own
+    program-level options: checkpoint interval, state backend, Python batching, its jars)."""
+    fl, host = settings.flink, settings.bind_host
+    options = {
+        "jobmanager.rpc.address": client_host(host),
+        "jobmanager.rpc.port": str(fl.rpc_port),
+        "jobmanager.bind-host": host,
+        "jobmanager.memory.process.size": fl.jobmanager_memory,
+        "jobmanager.execution.failover-strategy": "region",
+        "blob.server.port": str(fl.blob_port),
+        "rest.port": str(fl.rest_port),
+        "rest.address": client_host(host),
+        "rest.bind-address": host,
+        "taskmanager.bind-host": host,
+        "taskmanager.host": client_host(host),
+        "taskmanager.numberOfTaskSlots": str(fl.slots_per_taskmanager),
+        "taskmanager.memory.process.size": fl.taskmanager_memory,
+        "taskmanager.memory.managed.size": fl.taskmanager_managed_memory,
+        "heartbeat.interval": str(HEARTBEAT_INTERVAL_MS),
+        "heartbeat.timeout": str(HEARTBEAT_TIMEOUT_MS),
+        "parallelism.default": "1",
+        # Defaults for jobs that set none; the scoring job sets its own (the same settings).
+        "execution.checkpointing.dir": settings.checkpoint_dir.resolve().as_uri(),
+        "state.backend.type": settings.job.state_backend,
+        "python.executable": python,
+        "python.client.executable": python,
+        "env.java.home": str(java_home),
+        "env.pid.dir": str(paths.run),
+        "env.log.dir": str(paths.logs),
+        "io.tmp.dirs": str(paths.tmp),
+        "web.tmpdir": str(paths.tmp / "web"),
+        "web.submit.enable": "false",  # jobs come through `flink run`, not uploads from the browser
+    }
+    if reporter:
+        prefix = f"metrics.reporter.{REPORTER}."
+        options |= {
+            "metrics.reporters": REPORTER,
+            prefix + "factory.class": REPORTER_FACTORY,
+            prefix + "host": host or "0.0.0.0",
+            prefix + "port": fl.metrics_ports,
+        }
+    return options
+
+
+def java_opts(flink: Path) -> str:
+    """``env.java.opts.all`` of the wheel's own config: the ``--add-opens`` Flink needs on Java 17."""
+    try:
+        config = yaml.safe_load((flink / "conf" / "config.yaml").read_text()) or {}
+        return str(config["env"]["java"]["opts"]["all"])
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return ""
+
+
+def config_yaml(options: dict[str, str]) -> str:
+    header = "# Generated by infra/flink_cluster.py on every `flink up` -- edit the generator, not this file.\n"
+    return header + yaml.safe_dump(options, sort_keys=False, width=1000)
+
+
+def member_command(flink: Path, member: Member) -> list[str]:
+    """``<wheel>/bin/<script> start-foreground -D k=v ...``: the script execs the JVM in its place."""
+    cmd = [str(flink / "bin" / member.script), "start-foreground"]
+    for key, value in member.dynamic:
+        cmd += ["-D", f"{key}={value}"]
+    return cmd
+
+
+def member_env(paths: ClusterPaths, member: Member, java_home: Path, flink: Path, python: str) -> dict[str, str]:
+    """A small explicit environment (never the caller's ``CG_*`` or run marker: the cluster outlives it).
+
+    ``python``'s folder leads the PATH: the TaskManagers' embedded interpreter (PEMJA, ``thread`` mode) finds
+    its standard library from the ``python3`` on the PATH, and a system one beside this venv's does not fit."""
+    return {
+        "PATH": f"{Path(python).parent}:{SERVICE_PATH}",
+        "LANG": "C.UTF-8",
+        "HOSTNAME": socket.gethostname(),
+        "JAVA_HOME": str(java_home),
+        "FLINK_HOME": str(flink),
+        "FLINK_CONF_DIR": str(paths.conf),
+        "FLINK_LOG_DIR": str(paths.logs),
+        "FLINK_PID_DIR": str(paths.run),
+        "FLINK_PLUGINS_DIR": str(paths.plugins),
+        "FLINK_LIB_DIR": str(paths.lib),
+        "FLINK_IDENT_STRING": f"cg-{member.name}",
+    }
+
+
+def member_marker(paths: ClusterPaths, member: Member) -> tuple[str, ...]:
+    """Strings in the command line of ``member``'s JVM started for this cluster dir (pids get reused)."""
+    common = f"--configDir {paths.conf}"
+    if member.is_jobmanager:
+        return (JM_CLASS, common)
+    return (TM_CLASS, common, f"taskmanager.resource-id={member.name}")
+
+
+def submit_command(flink: Path, parallelism: int, python: str, detached: bool = True) -> list[str]:
+    """The wheel's ``flink run``: the job module, unchanged, with this venv's Python on both sides."""
+    return [
+        str(flink / "bin" / "flink"),
+        "run",
+        *(["-d"] if detached else []),
+        "-p",
+        str(parallelism),
+        "-pym",
+        "jobs.flink.job",
+        "-pyexec",
+        python,
+        "-pyclientexec",
+        python,
+    ]
+
+
+def stop_command(flink: Path, job_id: str, target: str) -> list[str]:
+    """The wheel's ``flink stop``: stop ``job_id`` with a savepoint (canonical format: it restores on any
+    state backend, and on the mini-cluster) under ``target``."""
+    return [str(flink / "bin" / "flink"), "stop", "--type", "canonical", "--savepointPath", target, job_id]
+
+
+def savepoint_path(output: str) -> str | None:
+    """The savepoint ``flink stop`` reports (``Savepoint completed. Path: file:/...``)."""
+    for line in output.splitlines():
+        if "Savepoint completed. Path:" in line:
+            return line.split("Path:", 1)[1].strip()
+    return None
+
+
+def submit_env(settings: Settings, paths: ClusterPaths, java_home: Path, base: dict[str, str]) -> dict[str, str]:
+    """``base`` (the caller's environment: PATH, the run marker) without PyFlink's internal markers, plus the
+    settings as ``CG_*`` (the job's ``main()`` reads them in the client) and the cluster's config dir."""
+    env = {k: v for k, v in base.items() if not k.startswith(("CG_", "PYFLINK_", "_PYFLINK"))}
+    env |= settings.to_env()
+    env |= {"JAVA_HOME": str(java_home), "FLINK_CONF_DIR": str(paths.conf), "FLINK_LOG_DIR": str(paths.logs)}
+    return env
+
+
+def rest_url(settings: Settings) -> str:
+    return f"http://{client_host(settings.bind_host)}:{settings.flink.rest_port}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Processes
+
+
+def member_process(paths: ClusterPaths, member: Member) -> psutil.Process | None:
+    """The live JVM recorded in ``member``'s pid file, if it really is this cluster's member."""
+    try:
+        proc = psutil.Process(int(paths.pid(member.name).read_text().strip()))
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        cmdline = " ".join(proc.cmdline())
+        if all(part in cmdline for part in member_marker(paths, member)):
+            return proc
+    except (OSError, ValueError, psutil.Error):
+        pass
+    return None
+
+
+def _starting(paths: ClusterPaths, member: Member) -> psutil.Process | None:
+    """A member whose start script has not exec'd its JVM yet (the pid file is written before)."""
+    try:
+        proc = psutil.Process(int(paths.pid(member.name).read_text().strip()))
+        cmdline = " ".join(proc.cmdline())
+        if proc.status() != psutil.STATUS_ZOMBIE and member.script in cmdline and "start-foreground" in cmdline:
+            return proc
+    except (OSError, ValueError, psutil.Error):
+        pass
+    return None
+
+
+def _tcp_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _prepare(settings: Settings, paths: ClusterPaths, java_home: Path, plugins: Path | None, flink: Path) -> None:
+    """Write the config dir and the plugins folder (the job's reporter only, linked, not copied)."""
+    for d in (paths.conf, paths.logs, paths.run, paths.tmp, paths.tmp / "web", paths.plugins):
+        d.mkdir(parents=True, exist_ok=True)
+    _link_lib(paths, flink)
+    for name in ("log4j-console.properties", "log4j-cli.properties", "log4j.properties", "logback-console.xml"):
+        with contextlib.suppress(OSError):
+            shutil.copyfile(flink / "conf" / name, paths.conf / name)
+    link = paths.plugins / REPORTER_DIR
+    if link.is_symlink():
+        link.unlink()
+    elif link.exists():
+        shutil.rmtree(link)
+    source = plugins / REPORTER_DIR if plugins is not None and settings.metrics.enabled else None
+    if source is not None:
+        if not any(source.glob("*.jar")):
+            raise FlinkClusterError(f"the job's Prometheus reporter is not installed in {source}: run `make setup`")
+        link.symlink_to(source, target_is_directory=True)
+    options = cluster_options(settings, paths, java_home, sys.executable, reporter=source is not None)
+    opts = java_opts(flink)
+    if opts:
+        options["env.java.opts.all"] = opts
+    paths.config_yaml.write_text(config_yaml(options))
+
+
+def lib_jars(flink: Path) -> list[Path]:
+    """The cluster's classpath: the wheel's ``lib/`` and its ``flink-python`` jar, which a standard distribution
+    keeps in ``opt/``: the JobManager and TaskManagers load Python operators (a job's user jars do not ship it)."""
+    return sorted(flink.glob("lib/*.jar")) + sorted(flink.glob("opt/flink-python-*.jar"))
+
+
+def _link_lib(paths: ClusterPaths, flink: Path) -> None:
+    if paths.lib.exists():
+        shutil.rmtree(paths.lib)
+    paths.lib.mkdir(parents=True)
+    for jar in lib_jars(flink):
+        (paths.lib / jar.name).symlink_to(jar)
+
+
+def _spawn(paths: ClusterPaths, member: Member, java_home: Path, flink: Path) -> subprocess.Popen:
+    """Start one member detached from our session, console output to ``logs/<member>.out`` (previous: .1)."""
+    out = paths.out(member.name)
+    if out.exists() and out.stat().st_size:
+        out.replace(out.with_suffix(".out.1"))
+    with open(out, "ab") as fh:
+        proc = subprocess.Popen(
+            member_command(flink, member),
+            cwd=paths.root,
+            env=member_env(paths, member, java_home, flink, sys.executable),
+            stdin=subprocess.DEVNULL,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
+    paths.pid(member.name).write_text(f"{proc.pid}\n")
+    return proc
+
+
+def overview(settings: Settings, timeout: float = 2.0) -> dict[str, Any] | None:
+    """The JobManager's REST ``/overview`` (taskmanagers, slots-total, jobs-running, flink-version, ...),
+    or None when it does not answer."""
+    try:
+        answer = httpx.get(rest_url(settings) + "/overview", timeout=timeout)
+        return answer.json() if answer.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def _wait(what: str, ready: Callable[[], bool], procs: dict[str, subprocess.Popen], paths: ClusterPaths) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not ready():
+        for name, proc in procs.items():
+            if proc.poll() is not None:
+                raise FlinkClusterError(
+                    f"{name} exited during start-up ({proc.returncode}); end of {paths.out(name)}:\n"
+                    f"{_tail(paths.out(name))}"
+                )
+        if time.monotonic() > deadline:
+            raise FlinkClusterError(f"{what} not within {START_TIMEOUT_S:.0f} s; see the logs in {paths.logs}")
+        time.sleep(0.5)
+
+
+def up(settings: Settings, java_home: Path, plugins: Path | None = None, only: str | None = None) -> dict[str, Any]:
+    """Start the members that are not running (``only``: that one alone, e.g. a TaskManager after it was
+    killed), wait until the JobManager answers and every TaskManager has registered; returns :func:`status`.
+
+    Idempotent: running members are left alone. ``plugins``: a Flink plugins folder holding the job's
+    Prometheus reporter (``metrics-prometheus/``), loaded when ``CG_METRICS__ENABLED``."""
+    paths, flink = ClusterPaths.of(settings), flink_home()
+    wanted = [m for m in members(settings) if only is None or m.name == only]
+    if not wanted:
+        raise FlinkClusterError(f"no cluster member named {only}: {', '.join(m.name for m in members(settings))}")
+    host = client_host(settings.bind_host)
+    todo = [m for m in wanted if member_process(paths, m) is None and _starting(paths, m) is None]
+    busy = [f"{m.name} :{p}" for m in todo for p in member_ports(settings, m) if _tcp_open(host, p)]
+    if busy:
+        raise FlinkClusterError(
+            f"port(s) taken by another process: {', '.join(busy)}; free them or change CG_FLINK__REST_PORT, "
+            "…__RPC_PORT, …__BLOB_PORT, …__TASKMANAGER_BASE_PORT"
+        )
+    if todo and (only is None or any(m.is_jobmanager for m in todo)):
+        _prepare(settings, paths, java_home, plugins, flink)
+    elif todo and not paths.config_yaml.exists():
+        raise FlinkClusterError("the cluster has no config yet: `python -m infra.stack flink up` first")
+    t0 = time.monotonic()
+    procs: dict[str, subprocess.Popen] = {}
+    for member in todo:
+        procs[member.name] = _spawn(paths, member, java_home, flink)
+        log.info("flink %s: started pid %d", member.name, procs[member.name].pid)
+    _wait("the JobManager's REST API", lambda: overview(settings) is not None, procs, paths)
+    registered = {m.name for m in members(settings) if not m.is_jobmanager}
+    _wait(
+        f"{len(registered)} TaskManagers registered",
+        lambda: registered <= set(taskmanager_ids(settings)),
+        procs,
+        paths,
+    )
+    if todo:
+        log.info("flink cluster up in %.1fs; web UI %s", time.monotonic() - t0, rest_url(settings))
+    return status(settings)
+
+
+def taskmanager_ids(settings: Settings) -> list[str]:
+    """The resource ids of the TaskManagers registered with the JobManager (REST ``/taskmanagers``)."""
+    try:
+        answer = httpx.get(rest_url(settings) + "/taskmanagers", timeout=2.0)
+        return [tm["id"] for tm in answer.json().get("taskmanagers", [])] if answer.status_code == 200 else []
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return []
+
+
+def down(settings: Settings, only: str | None = None) -> list[str]:
+    """Stop the members this cluster dir started (SIGTERM, SIGKILL after a timeout; ``only``: that one);
+    clean their pid files. Returns the names of the members stopped."""
+    paths = ClusterPaths.of(settings)
+    procs: dict[str, psutil.Process] = {}
+    for member in members(settings):
+        if only is not None and member.name != only:
+            continue
+        proc = member_process(paths, member) or _starting(paths, member)
+        if proc is None:
+            paths.pid(member.name).unlink(missing_ok=True)
+            continue
+        procs[member.name] = proc
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(signal.SIGTERM)
+        log.info("flink %s: SIGTERM to pid %d", member.name, proc.pid)
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=STOP_TIMEOUT_S)
+    for proc in alive:
+        log.warning("pid %d did not stop within %.0fs: SIGKILL", proc.pid, STOP_TIMEOUT_S)
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=10)
+    for name in procs:
+        paths.pid(name).unlink(missing_ok=True)
+    return list(procs)
+
+
+def status(settings: Settings) -> dict[str, Any]:
+    """Each member's process and the JobManager's ``/overview``::
+
+        {"members": {"jobmanager": {"pid": int | None, "ports": [...]}, "taskmanager-0": {...}},
+         "overview": {...} | None, "taskmanagers": ["taskmanager-0", ...], "web_ui": "http://...",
+         "healthy": bool}
+
+    Healthy: the JobManager answers and every TaskManager of the settings is registered."""
+    paths = ClusterPaths.of(settings)
+    found = {}
+    for member in members(settings):
+        proc = member_process(paths, member)
+        found[member.name] = {"pid": proc.pid if proc else None, "ports": member_ports(settings, member)}
+    view = overview(settings)
+    registered = taskmanager_ids(settings) if view else []
+    expected = {m.name for m in members(settings) if not m.is_jobmanager}
+    return {
+        "members": found,
+        "overview": view,
+        "taskmanagers": registered,
+        "web_ui": rest_url(settings),
+        "healthy": view is not None and expected <= set(registered),
+    }
+
+
+def submit(
+    settings: Settings, java_home: Path, parallelism: int, timeout_s: float = 300.0
+) -> subprocess.CompletedProcess:
+    """Run ``flink run -d -p N -pym jobs.flink.job`` against this cluster from the repo root (the client
+    imports the job from there); returns once the job is submitted. Raises with the CLI's output on failure."""
+    paths, flink = ClusterPaths.of(settings), flink_home()
+    if not paths.config_yaml.exists():
+        raise FlinkClusterError("no cluster config: `python -m infra.stack flink up` first")
+    done = subprocess.run(
+        submit_command(flink, parallelism, sys.executable),
+        cwd=REPO_ROOT,
+        env=submit_env(settings, paths, java_home, dict(os.environ)),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise FlinkClusterError(f"flink run failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done
+
+
+def stop_with_savepoint(settings: Settings, java_home: Path, timeout_s: float = 300.0) -> list[str]:
+    """Stop every running job of the cluster with a savepoint under ``<checkpoint dir>/savepoints``, where the
+    job's next start finds it as its newest state (here or on the mini-cluster); returns the savepoints."""
+    paths, flink = ClusterPaths.of(settings), flink_home()
+    target = (settings.checkpoint_dir / "savepoints").resolve().as_uri()
+    env = submit_env(settings, paths, java_home, dict(os.environ))
+    done = []
+    for job in jobs(settings):
+        if job["state"] != "RUNNING":
+            continue
+        stop = subprocess.run(
+            stop_command(flink, str(job["jid"]), target),
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+        path = savepoint_path(stop.stdout)
+        if stop.returncode != 0 or path is None:
+            raise FlinkClusterError(f"flink stop {job['jid']} failed ({stop.returncode}):\n{stop.stdout[-3000:]}")
+        log.info("job %s stopped with savepoint %s", job["jid"], path)
+        done.append(path)
+    return done
+
+
+def jobs(settings: Settings) -> list[dict[str, Any]]:
+    """The cluster's jobs (REST ``/jobs/overview``): id, name, state, ..."""
+    try:
+        answer = httpx.get(rest_url(settings) + "/jobs/overview", timeout=5.0)
+        return list(answer.json().get("jobs", [])) if answer.status_code == 200 else []
+    except (httpx.HTTPError, ValueError, TypeError):
+        return []
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+
+
+def cli(
+    settings_of: Callable[[], Settings],
+    java_home_of: Callable[[Settings], Path],
+    plugins_of: Callable[[Settings], Path],
+    error: type[Exception] = FlinkClusterError,
+) -> typer.Typer:
+    """The ``flink`` sub-app: ``settings_of`` builds the CLI's settings, ``java_home_of`` finds the JDK and
+    ``plugins_of`` the plugins folder with the job's reporter (infra/stack.py hands in its own)."""
+    app = typer.Typer(
+        add_completion=False,
+        no_args_is_help=True,
+        help="A standalone Flink cluster from the apache-flink wheel: a JobManager and TaskManagers.",
+    )
+
+    def fail(exc: Exception) -> None:
+        typer.echo(f"[flink] ERROR: {exc}", err=True)
+        raise typer.Exit(1)
+
+    @app.command("up")
+    def up_cmd(
+        only: Annotated[str | None, typer.Option(help="start this member alone, e.g. taskmanager-1")] = None,
+    ) -> None:
+        """Start the JobManager and the TaskManagers (those not running) and wait until all registered."""
+        settings = settings_of()
+        try:
+            _print(up(settings, java_home_of(settings), plugins_of(settings), only=only))
+        except (FlinkClusterError, error) as exc:
+            fail(exc)
+
+    @app.command("down")
+    def down_cmd(
+        only: Annotated[str | None, typer.Option(help="stop this member alone, e.g. taskmanager-1")] = None,
+    ) -> None:
+        """Stop the cluster's processes started from this cluster dir (running jobs fail over or stop)."""
+        stopped = down(settings_of(), only=only)
+        typer.echo(f"[flink] stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+
+    @app.command("status")
+    def status_cmd() -> None:
+        """Show each member, the registered TaskManagers and the jobs (REST /overview); exit 1 if unhealthy."""
+        st = status(settings_of())
+        _print(st)
+        if not st["healthy"]:
+            raise typer.Exit(1)
+
+    @app.command("submit")
+    def submit_cmd(
+        parallelism: Annotated[int, typer.Option(min=1, help="the job's parallelism (flink run -p)")] = 1,
+    ) -> None:
+        """Submit the scoring job: `flink run -d -p N -pym jobs.flink.job` with this venv's Python."""
+        settings = settings_of()
+        try:
+            done = submit(settings, java_home_of(settings), parallelism)
+        except (FlinkClusterError, error) as exc:
+            fail(exc)
+        typer.echo(done.stdout.strip()[-2000:])
+        typer.echo(f"[flink] submitted; web UI {rest_url(settings)}")
+
+    @app.command("stop")
+    def stop_cmd() -> None:
+        """Stop the running jobs with a savepoint under <checkpoints>/savepoints (the next start restores it,
+        on the cluster or the mini-cluster)."""
+        settings = settings_of()
+        try:
+            saved = stop_with_savepoint(settings, java_home_of(settings))
+        except (FlinkClusterError, error) as exc:
+            fail(exc)
+        typer.echo(f"[flink] savepoints: {', '.join(saved) if saved else 'no job was running'}")
+
+    return app
+
+
+def _print(st: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"checkout-guard Flink cluster -- web UI {st['web_ui']}")
+    for col in ("member", "pid", "ports", "registered"):
+        table.add_column(col)
+    for name, m in st["members"].items():
+        registered = "" if name == JOBMANAGER else ("yes" if name in st["taskmanagers"] else "no")
+        if name == JOBMANAGER:
+            registered = "answers" if st["overview"] else "no answer"
+        table.add_row(name, str(m["pid"] or "-"), ", ".join(map(str, m["ports"])), registered)
+    Console().print(table)
+    view = st["overview"]
+    if view:
+        typer.echo(
+            f"Flink {view.get('flink-version')}: {view.get('taskmanagers')} TaskManagers, "
+            f"{view.get('slots-available')}/{view.get('slots-total')} slots free, "
+            f"{view.get('jobs-running')} jobs running"
+        )

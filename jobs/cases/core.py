@@ -1,0 +1,246 @@
+"""Case transitions, pure: an alert opens a case, a person decides it, nobody answering expires it.
+
+Every transition takes the current :class:`~schemas.records.Case` and returns the next version (``version``
++ 1, ``updated_at``/``updated_by`` set) or raises :class:`Refused` with a reason a person can read (the bot
+replies it, the audit keeps it). ``open`` and ``escalated`` cases wait for a verdict; ``confirmed``,
+``dismissed`` and ``expired`` are final: a final case takes notes only. :class:`CaseBook` holds every
+case by id and by alert id (an alert delivered twice opens one case) and the dismissed face matches per
+subject (what the threshold report and the subject flag count). No Kafka, no clock, no I/O here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from schemas.errors import InvalidRecord
+from schemas.identifiers import check
+from schemas.records import CASE_VERBS, FRAUD, LEGITIMATE, Alert, Case, CaseNote, case_id_for
+
+OPEN, CONFIRMED, DISMISSED, ESCALATED, EXPIRED = "open", "confirmed", "dismissed", "escalated", "expired"
+PENDING = frozenset({OPEN, ESCALATED})
+"""States that wait for a verdict (and expire)."""
+FACE_KINDS = frozenset({"WATCHLIST_MATCH", "SUSPECT_ENTERED", "VIP_ARRIVED"})
+"""Alert kinds about a face match: a verdict on them teaches the watchlist."""
+FRAUD_KINDS = frozenset({"BLOCKED_TRANSACTION"})
+"""Alert kinds about a transaction: a verdict on them is a fraud / legitimate label."""
+MAX_TEXT = 1000
+"""Most characters of a note or a dismissal reason (longer text is cut)."""
+MAX_NOTES = 100
+"""Most notes a case keeps (a case record must stay well under Kafka's message size)."""
+
+
+class Refused(InvalidRecord):
+    """A command that cannot apply to the case (``kind``: ``unknown_case``, ``illegal_transition``,
+    ``bad_command``); the reason says why in words for the person who asked."""
+
+
+def open_case(alert: Alert, now_ms: int, expire_after_ms: int, reference_image_ref: str | None = None) -> Case:
+    """Version 1 of the case of ``alert``: open, owned by nobody, expiring ``expire_after_ms`` from now."""
+    return Case(
+        case_id=case_id_for(alert.alert_id),
+        version=1,
+        state=OPEN,
+        kind=alert.kind,
+        store_id=alert.store_id,
+        alert_id=alert.alert_id,
+        summary=alert.summary,
+        opened_at=now_ms,
+        updated_at=now_ms,
+        expires_at=now_ms + expire_after_ms,
+        updated_by="case-service",
+        lane_id=alert.lane_id,
+        transaction_id=alert.transaction_id,
+        subject_id=alert.subject_id,
+        category=alert.category,
+        similarity=alert.similarity,
+        snapshot_ref=alert.snapshot_ref,
+        reference_image_ref=reference_image_ref,
+    )
+
+
+def _next(case: Case, actor: str, now_ms: int, **changes: Any) -> Case:
+    return dataclasses.replace(case, version=case.version + 1, updated_at=now_ms, updated_by=actor, **changes)
+
+
+def _pending(case: Case, verb: str) -> None:
+    if case.state not in PENDING:
+        raise Refused("illegal_transition", f"{case.case_id} is already {case.state}: cannot {verb} it")
+
+
+def _cut(text: str | None) -> str | None:
+    text = (text or "").strip()
+    return text[:MAX_TEXT] if text else None
+
+
+def confirm(case: Case, actor: str, now_ms: int, fraud: bool = False) -> Case:
+    """A person confirms the alert was right. The label: fraud for a blocked transaction or when asked
+    (``fraud``); none for a face match otherwise (a face is not a fraud verdict on the transaction)."""
+    _pending(case, "confirm")
+    if fraud and not case.transaction_id:
+        raise Refused("bad_command", f"{case.case_id} has no transaction to label as fraud")
+    label = FRAUD if fraud or case.kind in FRAUD_KINDS and case.transaction_id else None
+    return _next(
+        case,
+        actor,
+        now_ms,
+        state=CONFIRMED,
+        verdict="confirmed_fraud" if fraud else "confirmed",
+        decided_at=now_ms,
+        owner=case.owner or actor,
+        fraud_label=label,
+    )
+
+
+def dismiss(case: Case, actor: str, now_ms: int, reason: str | None = None, prior_false_matches: int = 0) -> Case:
+    """A person says the alert was wrong. A face match counts as a false match of its subject
+    (``prior_false_matches`` + 1); a blocked transaction is labelled legitimate."""
+    _pending(case, "dismiss")
+    face = case.kind in FACE_KINDS and case.subject_id is not None
+    return _next(
+        case,
+        actor,
+        now_ms,
+        state=DISMISSED,
+        verdict="dismissed",
+        verdict_reason=_cut(reason),
+        decided_at=now_ms,
+        owner=case.owner or actor,
+        subject_false_matches=prior_false_matches + 1 if face else case.subject_false_matches,
+        fraud_label=LEGITIMATE if case.kind in FRAUD_KINDS and case.transaction_id else None,
+    )
+
+
+def escalate(case: Case, actor: str, now_ms: int) -> Case:
+    """Hand the case up: it stays undecided (and still expires)."""
+    _pending(case, "escalate")
+    if case.state == ESCALATED:
+        raise Refused("illegal_transition", f"{case.case_id} is already escalated")
+    return _next(case, actor, now_ms, state=ESCALATED)
+
+
+def assign(case: Case, actor: str, person: str, now_ms: int) -> Case:
+    """Give an undecided case to ``person``."""
+    _pending(case, "assign")
+    person = (person or "").strip()
+    if not person or len(person) > 254 or any(c.isspace() for c in person):
+        raise Refused("bad_command", "assign needs one person (an e-mail address)")
+    return _next(case, actor, now_ms, owner=person)
+
+
+def add_note(case: Case, actor: str, text: str, now_ms: int) -> Case:
+    """A note, in any state (a decided case may still be annotated)."""
+    cut = _cut(text)
+    if cut is None:
+        raise Refused("bad_command", "note needs some text")
+    if len(case.notes) >= MAX_NOTES:
+        raise Refused("illegal_transition", f"{case.case_id} has {MAX_NOTES} notes already")
+    return _next(case, actor, now_ms, notes=(*case.notes, CaseNote(at=now_ms, actor=actor, text=cut)))
+
+
+def expire(case: Case, now_ms: int, actor: str = "case-service") -> Case | None:
+    """The expired case when it is undecided and its time is up; else None."""
+    if case.state not in PENDING or now_ms < case.expires_at:
+        return None
+    return _next(case, actor, now_ms, state=EXPIRED, verdict="expired", decided_at=now_ms)
+
+
+@dataclass(frozen=True)
+class CaseCommand:
+    """A case verb's argument, parsed: ``confirm <case> [fraud]``, ``dismiss <case> [reason...]``,
+    ``escalate <case>``, ``assign <case> <person>``, ``note <case> <text...>``."""
+
+    verb: str
+    case_id: str
+    fraud: bool = False
+    text: str | None = None
+    """The dismissal reason, the note, or the assignee."""
+
+
+def parse_case_command(verb: str, argument: str | None) -> CaseCommand:
+    """The command of ``verb`` + ``argument``; :class:`Refused` ``bad_command`` (or ``invalid_id``) says
+    what is wrong. Used by the bot (to answer at once) and by the case service (to apply)."""
+    verb = verb.upper()
+    if verb not in CASE_VERBS:
+        raise Refused("bad_command", f"{verb.lower()} is not a case command")
+    words = (argument or "").split(maxsplit=1)
+    if not words:
+        raise Refused("bad_command", f"`{verb.lower()}` needs a case id")
+    case_id = check(words[0], "case id")
+    rest = words[1].strip() if len(words) > 1 else ""
+    if verb == "CONFIRM":
+        if rest and rest.lower() != "fraud":
+            raise Refused("bad_command", "`confirm <case>` takes only the word `fraud` after the case")
+        return CaseCommand(verb, case_id, fraud=bool(rest))
+    if verb == "ESCALATE":
+        if rest:
+            raise Refused("bad_command", "`escalate <case>` takes nothing after the case")
+        return CaseCommand(verb, case_id)
+    if verb == "ASSIGN" and (not rest or len(rest.split()) != 1):
+        raise Refused("bad_command", "`assign <case> <person>` needs one person")
+    if verb == "NOTE" and not rest:
+        raise Refused("bad_command", "`note <case> <text>` needs some text")
+    return CaseCommand(verb, case_id, text=rest or None)
+
+
+class CaseBook:
+    """Every case by id, the case of each alert, and the dismissed face matches per subject."""
+
+    def __init__(self) -> None:
+        self.cases: dict[str, Case] = {}
+        self.false_matches: Counter[str] = Counter()
+
+    def load(self, case: Case) -> None:
+        """Take a case version (replay of the cases topic, or one just made); an older version than the
+        one held is ignored."""
+        held = self.cases.get(case.case_id)
+        if held is not None and held.version >= case.version:
+            return
+        newly_dismissed = case.state == DISMISSED and (held is None or held.state != DISMISSED)
+        if newly_dismissed and case.subject_id and case.kind in FACE_KINDS:
+            self.false_matches[case.subject_id] += 1
+        self.cases[case.case_id] = case
+
+    def forget(self, case_id: str) -> None:
+        case = self.cases.pop(case_id, None)
+        if case and case.state == DISMISSED and case.subject_id and case.kind in FACE_KINDS:
+            self.false_matches[case.subject_id] -= 1
+
+    def open(self, alert: Alert, now_ms: int, expire_after_ms: int, reference_image_ref: str | None) -> Case | None:
+        """The new case of ``alert``, or None when it has one already (a redelivered alert)."""
+        if case_id_for(alert.alert_id) in self.cases:
+            return None
+        case = open_case(alert, now_ms, expire_after_ms, reference_image_ref)
+        self.load(case)
+        return case
+
+    def apply(self, command: CaseCommand, actor: str, now_ms: int) -> Case:
+        """The next version of the case ``command`` is about (kept here), or :class:`Refused`."""
+        case = self.cases.get(command.case_id)
+        if case is None:
+            raise Refused("unknown_case", f"no case {command.case_id}")
+        if command.verb == "CONFIRM":
+            new = confirm(case, actor, now_ms, command.fraud)
+        elif command.verb == "DISMISS":
+            prior = self.false_matches[case.subject_id] if case.subject_id else 0
+            new = dismiss(case, actor, now_ms, command.text, prior)
+        elif command.verb == "ESCALATE":
+            new = escalate(case, actor, now_ms)
+        elif command.verb == "ASSIGN":
+            new = assign(case, actor, command.text or "", now_ms)
+        else:
+            new = add_note(case, actor, command.text or "", now_ms)
+        self.load(new)
+        return new
+
+    def due(self, now_ms: int) -> list[Case]:
+        """Expire every undecided case whose time is up; the expired versions (kept here)."""
+        out = []
+        for case in list(self.cases.values()):
+            new = expire(case, now_ms)
+            if new is not None:
+                self.load(new)
+                out.append(new)
+        return out

@@ -1,0 +1,476 @@
+"""The case service: every alert becomes a case a person decides; the verdicts teach the watchlist and the model.
+
+Inputs (one consumer group): ``alerts`` (each alert opens one case, a redelivered alert none), ``commands``
+(the case verbs ``CONFIRM``, ``DISMISS``, ``ESCALATE``, ``ASSIGN``, ``NOTE``; other verbs are not ours) and
+``watchlist`` (each subject's enrolled reference image, shown beside the live snapshot). Outputs, all in
+one Kafka transaction per input: every case version on the compacted ``cases`` topic (the OpenSearch sink
+indexes it, one document per case), an ``AuditEvent`` per verdict or refused command on ``audit``, and the
+verdicts' effects:
+
+- a confirmed face match (``WATCHLIST_MATCH``, ``SUSPECT_ENTERED``, ``VIP_ARRIVED``) sends the watchlist
+  service a signed ``LEARN <subject> <snapshot ref>``: the sighting becomes another template of the
+  subject, up to ``CG_CASES__MAX_TEMPLATES``;
+- a dismissed face match counts against its subject (``subject_false_matches`` on the case and its audit
+  event); every ``CG_CASES__FLAG_DISMISSALS``-th dismissal flags the subject for review (``FLAG_SUBJECT``);
+- a confirmed or dismissed ``BLOCKED_TRANSACTION``, or ``confirm <case> fraud``, publishes a label for the
+  transaction to ``labels`` (source ``case``); a face-match confirmation publishes none unless asked.
+
+Cases that nobody decides expire ``CG_CASES__EXPIRE_AFTER_S`` after they opened (checked every
+``CG_CASES__EXPIRY_INTERVAL_S``). Commands apply only when signed by the bot, fresh and from an allow-listed
+issuer (:func:`infra.command_auth.authenticate_command`, as the watchlist service checks them); anything else
+is audited ``FAILED`` under its offset and dead-lettered (``unauthorized``), as is an undecodable input or a
+command the case refuses (``illegal_transition``, ``unknown_case``, ``bad_command``). The consumer offset is
+committed after the outputs' transaction; state (cases, dismissals per subject, commands already applied,
+reference images) is rebuilt at start from ``cases``, ``audit`` and ``watchlist``, so a replay repeats nothing.
+
+Metrics (``infra.metrics``, stage ``case-service``): inputs by kind (``alert``, a verb, ``watchlist``,
+``invalid``), records out by topic once committed, dead letters by kind, ``cg_processing_seconds`` per input;
+``/healthz`` as the watchlist service's.
+
+Run: ``python -m jobs.cases.service`` (SIGTERM stops after the current record).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import typer
+from confluent_kafka import KafkaException
+
+from infra import clock, metrics
+from infra.command_auth import SIGNATURE_HEADER, authenticate_command, sign_command
+from infra.logs import LOG_LEVEL_HELP, setup_logging
+from infra.retry import Backoff
+from infra.settings import Settings, get_settings
+from jobs.cases.core import FACE_KINDS, CaseBook, Refused, parse_case_command
+from schemas.codec import DecodeError
+from schemas.errors import InvalidRecord
+from schemas.records import CASE_VERBS, Alert, AuditEvent, BotCommand, Case, WatchlistEntry, dead_letter, make_label
+from schemas.topics import ALERTS, AUDIT, CASES, COMMANDS, DEAD_LETTERS, LABELS, WATCHLIST, TopicSpec
+
+log = logging.getLogger("jobs.cases.service")
+
+STAGE = "case_service"
+PROCESS = "case-service"
+"""The ``stage`` label of this process's metrics (its name in ``infra.metrics.PROCESSES``)."""
+SERVICE_ACTOR = "case-service"
+UNVERIFIED_ACTOR = "unverified"
+PUBLISH_RETRY_S = 240.0
+"""How long a transaction is retried while Kafka is away (below the consumer's 300 s poll interval)."""
+
+
+@dataclass(frozen=True)
+class Out:
+    """One record to publish: topic, key, value, Kafka headers (a signed command's signature)."""
+
+    topic: TopicSpec
+    key: bytes
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...] = ()
+    reason: str | None = None
+    """A dead letter's error kind (its metric label)."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where an input record came from (for dead letters and refusals)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, Any], ...] = ()
+
+
+class CaseCore:
+    """Decisions per input; returns the records to publish (no Kafka here)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.book = CaseBook()
+        self.references: dict[str, str] = {}
+        """Subject id -> its enrolled reference image ref (from the watchlist topic)."""
+        self.done: set[str] = set()
+        """Audit ids already published: a command replayed after an offset reset is skipped."""
+
+    # --- state -------------------------------------------------------------------------------------
+    def load_case(self, _key: bytes | None, value: bytes | None) -> None:
+        if value is not None:
+            self.book.load(Case.decode(value))
+
+    def load_watchlist(self, key: bytes | None, value: bytes | None) -> None:
+        if key is None:
+            return
+        if value is None:
+            self.references.pop(key.decode(), None)
+            return
+        entry = WatchlistEntry.decode(value)
+        if entry.reference_image_ref:
+            self.references[entry.subject_id] = entry.reference_image_ref
+        else:
+            self.references.pop(entry.subject_id, None)
+
+    def load_audit(self, key: bytes | None, _value: bytes | None = None) -> None:
+        """Remember this service's own audit ids (all ``case``-prefixed); the others' are not ours to skip."""
+        if key is not None and key.startswith(b"case"):
+            self.done.add(key.decode())
+
+    # --- inputs ------------------------------------------------------------------------------------
+    def on_watchlist(self, src: Source, _now_ms: int) -> list[Out]:
+        metrics.RECORDS_IN.labels(PROCESS, "watchlist").inc()
+        with contextlib.suppress(DecodeError):  # the watchlist service's output: nothing to dead-letter here
+            self.load_watchlist(src.key, src.value)
+        return []
+
+    def on_alert(self, src: Source, now_ms: int) -> list[Out]:
+        try:
+            alert = Alert.decode(src.value or b"")
+        except DecodeError as exc:
+            metrics.RECORDS_IN.labels(PROCESS, "invalid").inc()
+            return [self._dead_letter(src, exc, now_ms)]
+        metrics.RECORDS_IN.labels(PROCESS, "alert").inc()
+        reference = self.references.get(alert.subject_id or "") if alert.kind in FACE_KINDS else None
+        expire_ms = int(self.settings.cases.expire_after_s * 1000)
+        case = self.book.open(alert, now_ms, expire_ms, reference)
+        if case is None:
+            return []  # this alert has its case already
+        log.info("opened %s for alert %s (%s, store %s)", case.case_id, alert.alert_id, alert.kind, alert.store_id)
+        return [self._case(case)]
+
+    def on_command(self, src: Source, now_ms: int) -> list[Out]:
+        try:
+            cmd = BotCommand.decode(src.value or b"")
+        except DecodeError as exc:
+            metrics.RECORDS_IN.labels(PROCESS, "invalid").inc()
+            return [self._dead_letter(src, exc, now_ms)]
+        if cmd.verb not in CASE_VERBS:
+            return []  # the watchlist service's or the bot's business
+        metrics.RECORDS_IN.labels(PROCESS, cmd.verb.lower()).inc()
+        audit_id = f"case:{cmd.command_id}"
+        if audit_id in self.done:
+            return []
+        try:
+            authenticate_command(cmd, src.headers, self.settings.webex, now_ms)
+        except InvalidRecord as refused:
+            return self._refuse(src, cmd, refused, now_ms)
+        audit: dict[str, Any] = {
+            "audit_id": audit_id,
+            "event_time": now_ms,
+            "action": cmd.verb,
+            "actor": cmd.actor,
+            "command_id": cmd.command_id,
+        }
+        try:
+            command = parse_case_command(cmd.verb, cmd.argument)
+        except InvalidRecord as refused:  # bad_command, or an invalid case id (never copied into the audit)
+            return self._failed(src, cmd, audit, refused, now_ms)
+        held = self.book.cases.get(command.case_id)
+        if held is not None:
+            audit.update(subject_id=held.subject_id, category=held.category, transaction_id=held.transaction_id)
+        audit["details"] = {"case_id": command.case_id}
+        try:
+            case = self.book.apply(command, cmd.actor, now_ms)
+        except Refused as refused:
+            return self._failed(src, cmd, audit, refused, now_ms)
+        log.info("%s %s by command %s: now %s (v%d)", cmd.verb, case.case_id, cmd.command_id, case.state, case.version)
+        return [self._case(case), *self._effects(case, cmd, audit, now_ms)]
+
+    def _failed(
+        self, src: Source, cmd: BotCommand, audit: dict[str, Any], refused: InvalidRecord, now_ms: int
+    ) -> list[Out]:
+        """A signed command the case refuses: audited ``FAILED`` with the reason, and dead-lettered."""
+        log.info("command %s %s refused: %s", cmd.command_id, cmd.verb, refused.reason)
+        return [
+            self._audit(**audit, outcome="FAILED", reason=f"{refused.kind}: {refused.reason}"),
+            self._dead_letter(src, refused, now_ms),
+        ]
+
+    def expire(self, now_ms: int) -> list[Out]:
+        """Every undecided case past its time, expired and audited."""
+        outs: list[Out] = []
+        for case in self.book.due(now_ms):
+            log.info("expired %s (nobody decided within the expiry)", case.case_id)
+            outs.append(self._case(case))
+            outs.append(
+                self._audit(
+                    audit_id=f"case-expire:{case.case_id}",
+                    event_time=now_ms,
+                    action="EXPIRE",
+                    outcome="DONE",
+                    actor=SERVICE_ACTOR,
+                    subject_id=case.subject_id,
+                    category=case.category,
+                    transaction_id=case.transaction_id,
+                    reason="no verdict before the case expired",
+                    details=self._case_details(case),
+                )
+            )
+        return outs
+
+    # --- verdicts ----------------------------------------------------------------------------------
+    def _effects(self, case: Case, cmd: BotCommand, audit: dict[str, Any], now_ms: int) -> list[Out]:
+        details = self._case_details(case)
+        outs: list[Out] = []
+        face = case.kind in FACE_KINDS and case.subject_id is not None
+        if cmd.verb == "CONFIRM" and face and case.snapshot_ref:
+            outs.append(self._learn(case, cmd, now_ms))
+            details["template_requested"] = "true"
+        if cmd.verb == "DISMISS" and face:
+            details["subject_false_matches"] = str(case.subject_false_matches)
+            every = max(1, self.settings.cases.flag_dismissals)
+            if case.subject_false_matches % every == 0:  # flagged at N dismissals, and again at 2N, 3N...
+                outs.append(self._flag(case, now_ms))
+        if case.fraud_label is not None and case.transaction_id and cmd.verb in ("CONFIRM", "DISMISS"):
+            label = make_label(
+                transaction_id=case.transaction_id,
+                label=case.fraud_label,
+                source="case",
+                decided_at=now_ms,
+                decided_by=cmd.actor,
+                reason=case.verdict_reason or case.verdict,
+                case_id=case.case_id,
+            )
+            outs.append(Out(LABELS, label.transaction_id.encode(), label.encode()))
+            details["label"] = str(case.fraud_label)
+        reason = case.verdict_reason or case.verdict or f"{cmd.verb.lower()} {case.case_id}"
+        audit["details"] = details
+        return [self._audit(**audit, outcome="DONE", reason=reason), *outs]
+
+    def _learn(self, case: Case, cmd: BotCommand, now_ms: int) -> Out:
+        """The signed command that asks the watchlist service to add the confirmed sighting as a template.
+        Issued in the confirming person's name (the watchlist service checks them against its allow-list)."""
+        learn = BotCommand(
+            command_id=f"learn:{case.case_id}",
+            issued_at=now_ms,
+            verb="LEARN",
+            actor=cmd.actor,
+            argument=f"{case.subject_id} {case.snapshot_ref}",
+            room_id=cmd.room_id,
+            source=SERVICE_ACTOR,
+        )
+        key = self.settings.webex.command_signing_key
+        headers = ((SIGNATURE_HEADER, sign_command(learn, key.get_secret_value())),) if key else ()
+        return Out(COMMANDS, learn.command_id.encode(), learn.encode(), headers)
+
+    def _flag(self, case: Case, now_ms: int) -> Out:
+        log.warning("subject %s flagged for review: %d dismissed matches", case.subject_id, case.subject_false_matches)
+        return self._audit(
+            audit_id=f"case-flag:{case.subject_id}:{case.subject_false_matches}",
+            event_time=now_ms,
+            action="FLAG_SUBJECT",
+            outcome="DONE",
+            actor=SERVICE_ACTOR,
+            subject_id=case.subject_id,
+            category=case.category,
+            reason=f"{case.subject_false_matches} dismissed face matches: review this watchlist entry",
+            details={"case_id": case.case_id, "subject_false_matches": str(case.subject_false_matches)},
+        )
+
+    def _refuse(self, src: Source, cmd: BotCommand, error: InvalidRecord, now_ms: int) -> list[Out]:
+        """An unauthenticated or unauthorised command: audited under its offset (its id is only a claim)."""
+        audit_id = f"case-refused:{src.topic}:{src.partition}:{src.offset}"
+        if audit_id in self.done:
+            return []
+        log.warning("command at %s:%d:%d refused: %s", src.topic, src.partition, src.offset, error.reason)
+        claims = {"claimed_actor": cmd.actor, "claimed_command_id": cmd.command_id, "claimed_room_id": cmd.room_id}
+        return [
+            self._audit(
+                audit_id=audit_id,
+                event_time=now_ms,
+                action=cmd.verb,
+                outcome="FAILED",
+                actor=UNVERIFIED_ACTOR,
+                reason=f"{error.kind}: {error.reason}",
+                details={name: value[:256] for name, value in claims.items() if value},
+            ),
+            self._dead_letter(src, error, now_ms),
+        ]
+
+    # --- records -----------------------------------------------------------------------------------
+    @staticmethod
+    def _case_details(case: Case) -> dict[str, str]:
+        details = {"case_id": case.case_id, "state": case.state, "version": str(case.version), "kind": case.kind}
+        if case.owner:
+            details["owner"] = case.owner
+        return details
+
+    @staticmethod
+    def _case(case: Case) -> Out:
+        return Out(CASES, case.case_id.encode(), case.encode())
+
+    def _audit(self, **fields: Any) -> Out:
+        event = AuditEvent(**fields)
+        self.done.add(event.audit_id)
+        return Out(AUDIT, event.audit_id.encode(), event.encode())
+
+    @staticmethod
+    def _dead_letter(src: Source, error: InvalidRecord, now_ms: int) -> Out:
+        dl = dead_letter(
+            topic=src.topic,
+            partition=src.partition,
+            offset=src.offset,
+            key=src.key,
+            value=src.value,
+            error=error,
+            stage=STAGE,
+            failed_at=now_ms,
+        )
+        return Out(DEAD_LETTERS, dl.dead_letter_id.encode(), dl.encode(), reason=error.kind)
+
+
+class CaseService:
+    """Kafka wiring around :class:`CaseCore`: startup replay, consume, one transaction per input, commit."""
+
+    def __init__(self, settings: Settings, core: CaseCore | None = None) -> None:
+        from infra.clients import kafka as kafka_clients
+
+        self.settings = settings
+        self.prefix = settings.kafka.topic_prefix
+        self.group = f"{self.prefix}{settings.cases.service_group}"
+        self.core = core or CaseCore(settings)
+        key = settings.webex.command_signing_key
+        if not (key and key.get_secret_value()):
+            log.error("CG_WEBEX__COMMAND_SIGNING_KEY is not set: every case command is refused")
+        self.consumer = kafka_clients.consumer(
+            settings, self.group, kafka_clients.READ_COMMITTED, auto_offset_reset="earliest"
+        )
+        # labels are keyed by transaction and partitioned as every other labels producer does
+        self.producer = kafka_clients.producer(
+            settings, transactional_id=f"{self.group}-tx", linger_ms=5, partitioner="murmur2_random"
+        )
+        self.topics: dict[str, Callable[[Source, int], list[Out]]] = {
+            WATCHLIST.full_name(self.prefix): self.core.on_watchlist,
+            ALERTS.full_name(self.prefix): self.core.on_alert,
+            COMMANDS.full_name(self.prefix): self.core.on_command,
+        }
+        self._stop = False
+        self._next_expiry = 0.0
+        self.heartbeat = metrics.Heartbeat()
+        self._processing = metrics.PROCESSING_SECONDS.labels(PROCESS)
+
+    def stop(self, *_: object) -> None:
+        self._stop = True
+
+    def replay(self, spec: TopicSpec, apply: Callable[[bytes | None, bytes | None], None]) -> None:
+        from infra.clients.control_topics import read_control_topics
+
+        read_control_topics(self.settings, lambda _t, key, value: apply(key, value), timeout_s=30.0, specs=(spec,))
+        self.heartbeat.beat(None)
+
+    def run(self) -> None:
+        from confluent_kafka import TopicPartition
+
+        self.replay(CASES, self.core.load_case)
+        self.replay(WATCHLIST, self.core.load_watchlist)
+        self.replay(AUDIT, self.core.load_audit)
+        log.info("replayed %d cases, %d reference images", len(self.core.book.cases), len(self.core.references))
+        self.producer.init_transactions(30)
+        self.consumer.subscribe(list(self.topics))
+        try:
+            while not self._stop:
+                self.heartbeat.beat(None)
+                self._maybe_expire()
+                msg = self.consumer.poll(0.5)
+                if msg is None:
+                    continue
+                if msg.error():
+                    log.warning("consumer error: %s", msg.error())
+                    continue
+                src = Source(
+                    msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), tuple(msg.headers() or ())
+                )
+                with metrics.timed(self._processing):
+                    outs = self.topics[msg.topic()](src, clock.now_ms())
+                    self._publish(outs, [TopicPartition(msg.topic(), msg.partition(), msg.offset() + 1)])
+        finally:
+            self.consumer.close()
+
+    def _maybe_expire(self) -> None:
+        if time.monotonic() < self._next_expiry:
+            return
+        self._next_expiry = time.monotonic() + self.settings.cases.expiry_interval_s
+        outs = self.core.expire(clock.now_ms())
+        if outs:
+            self._publish(outs, [])
+
+    def _publish(self, outs: list[Out], offsets: list) -> None:
+        """The outputs in one transaction (all or none), retried with backoff while Kafka is away (up to
+        ``PUBLISH_RETRY_S``), then the input's offset."""
+        backoff = Backoff(initial_s=0.5, maximum_s=10.0)
+        give_up_at = time.monotonic() + PUBLISH_RETRY_S
+        attempt = 0
+        while outs:
+            try:
+                self._transaction(outs)
+                self._count(outs)
+                break
+            except KafkaException as exc:
+                err = exc.args[0]
+                if err.fatal() or self._stop or time.monotonic() > give_up_at:
+                    raise
+                self.heartbeat.beat("Kafka unreachable")
+                log.warning("publishing failed (%s); aborting and trying again", err.str())
+                with contextlib.suppress(KafkaException):
+                    self.producer.abort_transaction(30)
+                time.sleep(backoff.delay(attempt))
+                attempt += 1
+        if offsets:
+            self.consumer.commit(offsets=offsets, asynchronous=True)
+
+    def _transaction(self, outs: list[Out]) -> None:
+        self.producer.begin_transaction()
+        for out in outs:
+            headers: list[tuple[str, str | bytes | None]] | None = list(out.headers) if out.headers else None
+            self.producer.produce(out.topic.full_name(self.prefix), key=out.key, value=out.value, headers=headers)
+        while True:
+            try:
+                self.producer.commit_transaction(30)
+                return
+            except KafkaException as exc:
+                if not exc.args[0].retriable() or self._stop:
+                    raise
+
+    @staticmethod
+    def _count(outs: list[Out]) -> None:
+        for out in outs:
+            if out.topic == DEAD_LETTERS:
+                metrics.DEAD_LETTERS.labels(PROCESS, out.reason or "unknown").inc()
+            else:
+                metrics.RECORDS_OUT.labels(PROCESS, out.topic.name).inc()
+
+
+def main(log_level: str | None = None) -> None:
+    settings = get_settings()
+    setup_logging(settings, log_level, PROCESS)
+    service = CaseService(settings)
+    signal.signal(signal.SIGTERM, service.stop)
+    signal.signal(signal.SIGINT, service.stop)
+    endpoint = metrics.serve(settings, PROCESS, health=service.heartbeat)
+    try:
+        service.run()
+    finally:
+        endpoint.close()
+
+
+cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@cli.command()
+def run(log_level: Annotated[str | None, typer.Option(help=LOG_LEVEL_HELP)] = None) -> None:
+    """Open a case for every alert, apply the signed case verdicts (confirm, dismiss, escalate, assign, note)
+    and their effects, expire undecided cases, until SIGTERM/Ctrl-C."""
+    if log_level is None:
+        main()
+    else:
+        main(log_level)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,245 @@
+"""dlib's 128-d face descriptor network, run by OpenCV's DNN module (no dlib call at inference).
+
+Why: the ``dlib-bin`` wheels are built without BLAS, so dlib's own ResNet takes ~80-100 ms of one core per
+150x150 chip; the same weights as an ONNX graph in OpenCV take ~10 ms and give the same descriptor (to float32
+rounding: max |difference| < 1e-5, see tests/unit/test_face_resnet.py). The network is dlib's ``anet_type``
+(``dlib_face_recognition_resnet_model_v1.dat``): a 7x7/2 conv stem, 14 residual blocks of two 3x3 convs with
+per-channel affine layers (frozen batch norm), global average pooling and a 256->128 linear layer.
+
+The weights are read from the model file's dlib serialisation: tensors are stored as raw little-endian float32
+after a small header, and each layer's name string precedes its parameters; the layer sequence is checked
+against the architecture before any weight is used, so a different file is refused rather than misread. The
+ONNX model is written here (a few protobuf fields, no ``onnx`` package) and handed to OpenCV from memory.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from schemas.errors import CheckoutGuardError
+
+INPUT_MEAN = np.array([122.782, 117.001, 104.298], dtype=np.float32)
+"""dlib's ``input_rgb_image`` subtracts these per channel (R, G, B) and divides by 256."""
+CHIP = 150
+BLOCKS = (32, 32, 32, 64, 64, 64, 64, 128, 128, 128, 256, 256, 256, 256)
+"""Output channels of the 14 residual blocks, input side first; a block whose channels differ from its
+predecessor's (or the last one) starts with a stride-2 conv and its shortcut is a 2x2 average pool."""
+DOWN = (False, False, False, True, False, False, False, True, False, False, True, False, False, True)
+
+
+class ResnetFileError(CheckoutGuardError, ValueError):
+    """The model file is not dlib's face recognition ResNet v1 as this module knows it."""
+
+
+@dataclass(frozen=True)
+class Conv:
+    weight: np.ndarray
+    """(filters, in_channels * kh * kw), the following affine layer folded in."""
+    bias: np.ndarray
+    """(filters, 1)."""
+    k: int
+    stride: int
+    pad: int
+
+
+def _int(b: bytes, o: int) -> tuple[int, int]:
+    """dlib's integer encoding: a control byte (low nibble: byte count, 0x80: negative), then little-endian bytes."""
+    ctrl = b[o]
+    n = ctrl & 0x0F
+    v = int.from_bytes(b[o + 1 : o + 1 + n], "little")
+    return (-v if ctrl & 0x80 else v), o + 1 + n
+
+
+def _tensor(b: bytes, o: int) -> tuple[np.ndarray, int]:
+    """A serialised dlib tensor (version 2: num_samples, k, nr, nc, then raw float32 LE) at ``o``."""
+    version, o = _int(b, o)
+    if version != 2:
+        raise ResnetFileError(f"tensor version {version} at {o}")
+    dims = []
+    for _ in range(4):
+        d, o = _int(b, o)
+        dims.append(d)
+    n = int(np.prod(dims))
+    return np.frombuffer(b, dtype="<f4", count=n, offset=o).astype(np.float32), o + 4 * n
+
+
+def _ints(b: bytes, o: int, count: int) -> list[int]:
+    out = []
+    for _ in range(count):
+        v, o = _int(b, o)
+        out.append(v)
+    return out
+
+
+LAYER = re.compile(rb"\x01[\x04-\x0c](con_4|affine_|fc_2|avg_pool_2|max_pool_2)")
+
+
+def load_weights(source: Path | bytes) -> tuple[list[Conv], np.ndarray]:
+    """Convs (stem first, affine folded in) and the 256x128 final linear layer from dlib's model file (its path or
+    its bytes)."""
+    b = source.read_bytes() if isinstance(source, Path) else source
+    file_name = source.name if isinstance(source, Path) else "the model file"
+    convs: list[tuple[np.ndarray, list[int]]] = []
+    affines: list[np.ndarray] = []
+    fc = None
+    pos = 0
+    while (m := LAYER.search(b, pos)) is not None:  # from the end of the last tensor: never inside weights
+        name, o = m.group(1), m.end()
+        pos = o
+        if name in (b"avg_pool_2", b"max_pool_2"):
+            continue
+        if name == b"fc_2":
+            outputs, inputs = _ints(b, o, 2)
+            params, pos = _tensor(b, _int(b, _int(b, o)[1])[1])
+            if (outputs, inputs) != (128, 256) or params.size != 256 * 128:
+                raise ResnetFileError("unexpected final layer")
+            fc = params.reshape(256, 128)
+            continue
+        params, pos = _tensor(b, o)
+        if name == b"con_4":
+            filters, nr, nc, sy, sx, py, px, _, f, c, kh, kw = _ints(b, pos, 12)
+            same = filters == f and nr == nc == kh == kw and sy == sx and py == px
+            if not (same and params.size == f * c * kh * kw + f):
+                raise ResnetFileError(f"unexpected conv layout at {m.start()}")
+            convs.append((params, [f, c, kh, sy, py]))
+        else:
+            affines.append(params)
+    expected = [32] + [c for c in BLOCKS for _ in range(2)]
+    if [spec[0] for _, spec in convs] != expected or len(affines) != len(convs) or fc is None:
+        raise ResnetFileError(f"{file_name} is not dlib's face recognition ResNet v1 (29 convs, 29 affines, fc)")
+    out = []
+    for (params, (f, c, k, stride, pad)), affine in zip(convs, affines, strict=True):
+        if affine.size != 2 * f:
+            raise ResnetFileError("affine layer size does not match its conv")
+        gamma, beta = affine[:f, None], affine[f:, None]
+        weight = params[: f * c * k * k].reshape(f, c * k * k) * gamma
+        bias = params[f * c * k * k :].reshape(f, 1) * gamma + beta
+        out.append(Conv(np.ascontiguousarray(weight), np.ascontiguousarray(bias), k, stride, pad))
+    return out, np.ascontiguousarray(fc)
+
+
+def _varint(v: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, v = v & 0x7F, v >> 7
+        out.append(byte | (0x80 if v else 0))
+        if not v:
+            return bytes(out)
+
+
+def _field(number: int, value: bytes | int | str) -> bytes:
+    """One protobuf field: varint for ints, length-delimited for bytes/str/sub-messages."""
+    if isinstance(value, int):
+        return _varint(number << 3) + _varint(value)
+    data = value.encode() if isinstance(value, str) else value
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+def _tensor_proto(name: str, array: np.ndarray) -> bytes:
+    """ONNX TensorProto: dims (1), data_type (2: 1 float, 7 int64), name (8), raw_data (9)."""
+    kind = 7 if array.dtype == np.int64 else 1
+    dims = b"".join(_field(1, int(d)) for d in array.shape)
+    return dims + _field(2, kind) + _field(8, name) + _field(9, array.astype(array.dtype.newbyteorder("<")).tobytes())
+
+
+def _node(op: str, inputs: list[str], output: str, **attrs: int | list[int]) -> bytes:
+    """ONNX NodeProto: input (1), output (2), name (3), op_type (4), attribute (5: name 1, i 3, ints 8, type 20)."""
+    body = b"".join(_field(1, i) for i in inputs) + _field(2, output) + _field(3, output) + _field(4, op)
+    for key, value in attrs.items():
+        if isinstance(value, int):
+            attr = _field(1, key) + _field(3, value) + _field(20, 2)
+        else:
+            attr = _field(1, key) + b"".join(_field(8, v) for v in value) + _field(20, 7)
+        body += _field(5, attr)
+    return body
+
+
+def _value_info(name: str, shape: tuple[int, ...]) -> bytes:
+    dims = b"".join(_field(1, _field(1, d)) for d in shape)
+    return _field(1, name) + _field(2, _field(1, _field(1, 1) + _field(2, dims)))
+
+
+def onnx_model(convs: list[Conv], fc: np.ndarray) -> bytes:
+    """The network as an ONNX model (opset 13), built here from the dlib weights so OpenCV's DNN module runs it:
+    its convolutions are several times faster on one core than dlib's BLAS-less ones."""
+    nodes: list[bytes] = []
+    inits: list[bytes] = []
+
+    def conv(src: str, i: int, size: int) -> tuple[str, int]:
+        c = convs[i]
+        k = c.k
+        inits.append(_tensor_proto(f"w{i}", c.weight.reshape(c.weight.shape[0], -1, k, k)))
+        inits.append(_tensor_proto(f"b{i}", c.bias.ravel()))
+        nodes.append(
+            _node(
+                "Conv",
+                [src, f"w{i}", f"b{i}"],
+                f"conv{i}",
+                kernel_shape=[k, k],
+                strides=[c.stride] * 2,
+                pads=[c.pad] * 4,
+            )
+        )
+        return f"conv{i}", (size + 2 * c.pad - k) // c.stride + 1
+
+    def relu(src: str) -> str:
+        nodes.append(_node("Relu", [src], f"{src}_relu"))
+        return f"{src}_relu"
+
+    def pad_to(src: str, shape: tuple[int, int], target: tuple[int, int]) -> str:
+        """Zero-pad channels and the bottom/right edge up to ``target`` (channels, side): dlib's ``add``."""
+        if shape == target:
+            return src
+        pads = np.array([0, 0, 0, 0, 0, target[0] - shape[0], target[1] - shape[1], target[1] - shape[1]])
+        inits.append(_tensor_proto(f"{src}_pads", pads.astype(np.int64)))
+        nodes.append(_node("Pad", [src, f"{src}_pads"], f"{src}_padded"))
+        return f"{src}_padded"
+
+    x, size = conv("input", 0, CHIP)
+    nodes.append(_node("MaxPool", [relu(x)], "pool0", kernel_shape=[3, 3], strides=[2, 2]))
+    x, size, channels = "pool0", (size - 3) // 2 + 1, convs[0].weight.shape[0]
+    for b, down in enumerate(DOWN):
+        y, ysize = conv(x, 1 + 2 * b, size)
+        y, ysize = conv(relu(y), 2 + 2 * b, ysize)
+        skip, ssize = x, size
+        if down:
+            nodes.append(_node("AveragePool", [x], f"avg{b}", kernel_shape=[2, 2], strides=[2, 2]))
+            skip, ssize = f"avg{b}", (size - 2) // 2 + 1
+        out_ch = convs[2 + 2 * b].weight.shape[0]
+        target = (max(out_ch, channels), max(ysize, ssize))
+        y, skip = pad_to(y, (out_ch, ysize), target), pad_to(skip, (channels, ssize), target)
+        nodes.append(_node("Add", [y, skip], f"add{b}"))
+        x, size, channels = relu(f"add{b}"), target[1], target[0]
+    nodes.append(_node("GlobalAveragePool", [x], "gap"))
+    nodes.append(_node("Flatten", ["gap"], "flat", axis=1))
+    inits.append(_tensor_proto("fc", fc))
+    nodes.append(_node("MatMul", ["flat", "fc"], "descriptor"))
+    graph = (
+        b"".join(_field(1, n) for n in nodes)
+        + _field(2, "dlib_face_resnet_v1")
+        + b"".join(_field(5, t) for t in inits)
+        + _field(11, _value_info("input", (1, 3, CHIP, CHIP)))
+        + _field(12, _value_info("descriptor", (1, 128)))
+    )
+    return _field(1, 7) + _field(2, "checkout-guard") + _field(7, graph) + _field(8, _field(1, "") + _field(2, 13))
+
+
+class FaceResnet:
+    """The descriptor network; ``descriptor(chip)`` equals dlib's ``compute_face_descriptor(chip)``."""
+
+    def __init__(self, source: Path | bytes) -> None:
+        import cv2
+
+        self.net = cv2.dnn.readNetFromONNX(np.frombuffer(onnx_model(*load_weights(source)), dtype=np.uint8))
+
+    def descriptor(self, chip: np.ndarray) -> np.ndarray:
+        """128 float32 from a 150x150 RGB uint8 chip (dlib's aligned face chip)."""
+        if chip.shape != (CHIP, CHIP, 3):
+            raise ValueError(f"chip must be {CHIP}x{CHIP}x3, got {chip.shape}")
+        x = ((chip.astype(np.float32) - INPUT_MEAN) * np.float32(1 / 256.0)).transpose(2, 0, 1)[None]
+        self.net.setInput(np.ascontiguousarray(x))
+        return self.net.forward().reshape(128).astype(np.float32)

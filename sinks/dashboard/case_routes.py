@@ -1,0 +1,224 @@
+"""The dashboard's case endpoints (the queue, a case, its images, the figures, a verdict) over the pure
+functions of :mod:`sinks.dashboard.cases`.
+
+- ``GET  /cases``                        the case queue page (filters: store, state, kind)
+- ``GET  /cases/{case_id}``              the case page alert messages link to: the evidence side by side,
+  the transaction, the notes and trail, the verdict buttons
+- ``GET  /cases/{case_id}/images/{which}``  ``live`` (the alert's snapshot) or ``reference`` (the subject's
+  enrolled image), downscaled; looked up by case id, the page never sees an image ref
+- ``GET  /api/cases``                    the queue as JSON (``store``, ``state``, ``kind``)
+- ``GET  /api/cases/figures``            open cases by age, time to verdict p50/p95, confirmed vs dismissed
+  per kind and store (``store``, ``days``)
+- ``GET  /api/cases/{case_id}``          one case, with its alert's transaction decision
+- ``POST /api/cases/{case_id}/verdict``  ``{"verb": "confirm"|"dismiss"|"escalate"|"assign"|"note",
+  "text": ..., "fraud": bool}``: published as a signed command in the logged-in person's name (202), which
+  the case service applies; the page then polls the case for its next version
+
+A verdict needs a personal login (HTTP Basic; the ``token`` login reads only) of a person on the allow-list
+(``CG_WEBEX__ALLOWED_PEOPLE``, the same list the Webex bot and the case service use) and a JSON body (a
+cross-site form cannot send one, so a page elsewhere cannot make a logged-in browser decide a case).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from opensearchpy.exceptions import TransportError
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from infra.clients.commands import CommandPublishError, Headers, signed_headers
+from schemas.errors import InvalidRecord
+from schemas.identifiers import check
+from schemas.indices import index_name
+from schemas.records import BotCommand
+from sinks.dashboard.cases import (
+    CASE_SOURCE,
+    CASE_STATES,
+    IMAGE_KINDS,
+    CaseFilter,
+    case_by_id_query,
+    case_figures,
+    case_queue_query,
+    figures_query,
+    public_case,
+    shape_queue,
+    verdict_command,
+)
+from sinks.dashboard.queries import transaction_by_id_query
+
+log = logging.getLogger(__name__)
+MAX_FIGURE_DAYS = 366
+MAX_BODY_BYTES = 4096
+Publish = Callable[[BotCommand, Headers], None]
+
+
+def _unavailable(exc: TransportError) -> JSONResponse:
+    log.warning("OpenSearch query failed: %s %s", type(exc).__name__, getattr(exc, "status_code", ""))
+    return JSONResponse({"error": f"OpenSearch unavailable ({type(exc).__name__})"}, status_code=503)
+
+
+def _error(status: int, text: str) -> JSONResponse:
+    return JSONResponse({"error": text}, status_code=status, headers={"Cache-Control": "no-store"})
+
+
+class CaseRoutes:
+    """Case endpoints over a ``Dashboard`` (its OpenSearch search, image store, settings and clock).
+    ``publish`` sends a command (default: a Kafka producer made on the first verdict)."""
+
+    def __init__(self, board: Any, page: Callable[[str], Response], publish: Publish | None = None) -> None:
+        self.board = board
+        self.settings = board.settings
+        self.index = index_name(self.settings.opensearch.index_prefix, "cases")
+        self.page = page
+        self._publish = publish
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/cases", lambda _: self.page("cases.html")),
+            Route("/cases/{case_id:str}/images/{which:str}", self.image),
+            Route("/cases/{case_id:str}", lambda _: self.page("case.html")),
+            Route("/api/cases", self.queue),
+            Route("/api/cases/figures", self.figures),
+            Route("/api/cases/{case_id:str}/verdict", self.verdict, methods=["POST"]),
+            Route("/api/cases/{case_id:str}", self.case),
+        ]
+
+    # ------------------------------------------------------------------ reads
+
+    def find(self, case_id: str, fields: tuple[str, ...] = CASE_SOURCE) -> dict[str, Any] | None:
+        hits = self.board.search(self.index, case_by_id_query(case_id, fields))["hits"]["hits"]
+        return hits[0]["_source"] if hits else None
+
+    def queue(self, request: Request) -> Response:
+        q = request.query_params
+        state = q.get("state") or None
+        if state is not None and state not in CASE_STATES:
+            return _error(400, f"state is one of {', '.join(CASE_STATES)}")
+        case_filter = CaseFilter(store=q.get("store") or None, state=state, kind=q.get("kind") or None)
+        try:
+            answer = self.board.search(self.index, case_queue_query(case_filter))
+        except TransportError as exc:
+            return _unavailable(exc)
+        return JSONResponse(shape_queue(answer), headers={"Cache-Control": "no-store"})
+
+    def figures(self, request: Request) -> Response:
+        try:
+            days = min(max(int(request.query_params.get("days", 7)), 1), MAX_FIGURE_DAYS)
+        except ValueError:
+            return _error(400, "days is a whole number")
+        now_ms = int(self.board.clock() * 1000)
+        body = figures_query(request.query_params.get("store") or None, now_ms - days * 86_400_000)
+        try:
+            hits = self.board.search(self.index, body)["hits"]
+        except TransportError as exc:
+            return _unavailable(exc)
+        sources = [h.get("_source") or {} for h in hits.get("hits", [])]
+        total = hits.get("total") or {}
+        truncated = isinstance(total, dict) and int(total.get("value", 0)) > len(sources)
+        figures = case_figures(sources, now_ms, truncated=truncated)
+        return JSONResponse({**figures, "days": days}, headers={"Cache-Control": "no-store"})
+
+    def case(self, request: Request) -> Response:
+        case_id = request.path_params["case_id"]
+        try:
+            source = self.find(case_id)
+            if source is None:
+                return _error(404, "no such case (yet)")
+            transaction = None
+            if source.get("transaction_id"):
+                found = self.board.search(self.board.transactions, transaction_by_id_query(source["transaction_id"]))[
+                    "hits"
+                ]["hits"]
+                transaction = found[0]["_source"] if found else None
+        except TransportError as exc:
+            return _unavailable(exc)
+        return JSONResponse(
+            {"case": public_case(source), "transaction": transaction, "you": self.decider(request)[0]},
+            headers={"Cache-Control": "no-store"},
+        )
+
+    def image(self, request: Request) -> Response:
+        case_id, which = request.path_params["case_id"], request.path_params["which"]
+        field = IMAGE_KINDS.get(which)
+        if field is None:
+            return Response(status_code=404)
+        try:
+            source = self.find(case_id, (field,))
+        except TransportError:
+            return Response(status_code=503)
+        ref = (source or {}).get(field)
+        body = self.board.downscaled(f"case {case_id} ({which})", ref, large=True) if ref else None
+        if body is None:
+            return Response(status_code=404)
+        return Response(body, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"})
+
+    # ------------------------------------------------------------------ the verdict
+
+    def decider(self, request: Request) -> tuple[str | None, str]:
+        """Who may decide from this request: ``(person, "")``, or ``(None, why not)``."""
+        user = request.scope.get("user")
+        name = getattr(user, "username", None) if getattr(user, "is_authenticated", False) else None
+        if not name or name == "token":
+            return None, (
+                "a verdict needs a personal login (CG_DASHBOARD__USERNAME/PASSWORD): the case records who decided"
+            )
+        if not self.settings.webex.is_allowed(None, name):
+            return None, f"{name} is not on the allow-list of people who decide cases (CG_WEBEX__ALLOWED_PEOPLE)"
+        return name, ""
+
+    async def verdict(self, request: Request) -> Response:
+        person, why_not = self.decider(request)
+        if person is None:
+            return _error(403, why_not)
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            return _error(415, "send the verdict as application/json")
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            return _error(413, f"a verdict is at most {MAX_BODY_BYTES} bytes")
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "the body is not JSON")
+        if not isinstance(body, dict):
+            return _error(400, "the body is a JSON object")
+        case_id = request.path_params["case_id"]
+        key = self.settings.webex.command_signing_key
+        signing_key = key.get_secret_value() if key else ""
+        if not signing_key:
+            return _error(
+                503, "no command signing key (CG_WEBEX__COMMAND_SIGNING_KEY): the case service would refuse it"
+            )
+        try:
+            check(case_id, "case_id")
+            command = verdict_command(
+                case_id,
+                str(body.get("verb", "")),
+                person,
+                int(self.board.clock() * 1000),
+                text=body.get("text") if isinstance(body.get("text"), str) else None,
+                fraud=body.get("fraud") is True,
+            )
+        except InvalidRecord as exc:
+            return _error(400, str(exc))
+        try:
+            if await run_in_threadpool(self.find, case_id, ("case_id",)) is None:
+                return _error(404, "no such case (yet)")
+            await run_in_threadpool(self.publisher, command, signed_headers(command, signing_key))
+        except TransportError as exc:
+            return _unavailable(exc)
+        except CommandPublishError as exc:
+            return _error(503, f"the verdict was not recorded: {exc}")
+        log.info("%s %s by %s from the dashboard (command %s)", command.verb, case_id, person, command.command_id)
+        return JSONResponse({"command_id": command.command_id, "verb": command.verb.lower()}, status_code=202)
+
+    def publisher(self, command: BotCommand, headers: Headers) -> None:
+        if self._publish is None:
+            from infra.clients.commands import KafkaCommandPublisher
+
+            self._publish = KafkaCommandPublisher(self.settings)
+        self._publish(command, headers)

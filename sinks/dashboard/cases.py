@@ -1,0 +1,245 @@
+"""The case queue, the case page and the case figures: what the dashboard shows of the human-verification
+workflow, read from the ``cases`` index (one document per case, its latest version, written by the
+OpenSearch sink from the compacted ``cases`` topic that ``jobs.cases.service`` keeps).
+
+A verdict given on the case page is not written here: the dashboard publishes the same signed
+:class:`~schemas.records.BotCommand` the Webex bot publishes for ``confirm <case>`` (source ``dashboard``,
+actor the logged-in person), and the case service applies it, so a verdict from the dashboard and one
+from Webex are one record with one audit trail.
+
+Everything here is pure (query bodies, shaping, figures, the command) and unit-tested without OpenSearch.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from schemas.errors import InvalidRecord
+from schemas.records import CASE_VERBS, BotCommand
+
+CASE_STATES = ("open", "escalated", "confirmed", "dismissed", "expired")
+PENDING_STATES = ("open", "escalated")
+"""States a person still has to act on."""
+QUEUE_SIZE = 200
+FIGURES_SIZE = 5000
+"""Cases read for the figures (the newest first); the answer says when there were more."""
+AGE_BUCKETS_MS: tuple[tuple[str, float], ...] = (
+    ("< 15 min", 15 * 60_000),
+    ("15-60 min", 60 * 60_000),
+    ("1-4 h", 4 * 3_600_000),
+    ("4-24 h", 24 * 3_600_000),
+    ("> 24 h", math.inf),
+)
+"""Open-case age buckets of the figures panel: an alert should be looked at within minutes."""
+IMAGE_KINDS = {"live": "snapshot_ref", "reference": "reference_image_ref"}
+"""``/cases/{id}/images/{which}``: the live snapshot of the alert and the subject's enrolled reference."""
+VERDICT_VERBS = frozenset(verb.lower() for verb in CASE_VERBS)
+MAX_TEXT = 500
+"""Longest reason or note accepted from the page (a note is for a person to read, not a document)."""
+CASE_FIELDS = (
+    "case_id",
+    "version",
+    "state",
+    "kind",
+    "store_id",
+    "alert_id",
+    "summary",
+    "opened_at",
+    "updated_at",
+    "expires_at",
+    "updated_by",
+    "decided_at",
+    "owner",
+    "verdict",
+    "verdict_reason",
+    "notes",
+    "lane_id",
+    "transaction_id",
+    "subject_id",
+    "category",
+    "similarity",
+    "subject_false_matches",
+    "fraud_label",
+)
+"""What the page may see: the image refs stay on the server (images are fetched by case id)."""
+CASE_SOURCE = (*CASE_FIELDS, *IMAGE_KINDS.values())
+"""What one case's lookup reads: the page's fields and the image refs, which tell which images it has."""
+
+
+@dataclass(frozen=True, slots=True)
+class CaseFilter:
+    """The queue's filters; ``None`` = any."""
+
+    store: str | None = None
+    state: str | None = None
+    kind: str | None = None
+
+    def clauses(self) -> list[dict[str, Any]]:
+        pairs = (("store_id", self.store), ("state", self.state), ("kind", self.kind))
+        return [{"term": {field: value}} for field, value in pairs if value]
+
+
+def case_queue_query(case_filter: CaseFilter, size: int = QUEUE_SIZE) -> dict[str, Any]:
+    """The newest cases matching the filter, with counts per state/kind/store for the filter menus."""
+    return {
+        "size": size,
+        "track_total_hits": True,
+        "_source": list(CASE_FIELDS),
+        "query": {"bool": {"filter": case_filter.clauses()}},
+        "sort": [{"opened_at": "desc"}, {"case_id": "asc"}],
+        "aggs": {
+            "states": {"terms": {"field": "state", "size": len(CASE_STATES)}},
+            "kinds": {"terms": {"field": "kind", "size": 20}},
+            "stores": {"terms": {"field": "store_id", "size": 200}},
+        },
+    }
+
+
+def case_by_id_query(case_id: str, fields: Sequence[str] = CASE_SOURCE) -> dict[str, Any]:
+    return {"size": 1, "_source": list(fields), "query": {"term": {"case_id": case_id}}}
+
+
+def figures_query(store: str | None, since_ms: int, size: int = FIGURES_SIZE) -> dict[str, Any]:
+    """The cases opened since ``since_ms`` (and every one still pending, however old), newest first."""
+    window = {"range": {"opened_at": {"gte": since_ms}}}
+    pending = {"terms": {"state": list(PENDING_STATES)}}
+    clauses: list[dict[str, Any]] = [{"bool": {"should": [window, pending], "minimum_should_match": 1}}]
+    if store:
+        clauses.append({"term": {"store_id": store}})
+    return {
+        "size": size,
+        "track_total_hits": True,
+        "_source": ["state", "kind", "store_id", "opened_at", "decided_at"],
+        "query": {"bool": {"filter": clauses}},
+        "sort": [{"opened_at": "desc"}],
+    }
+
+
+def public_case(source: dict[str, Any]) -> dict[str, Any]:
+    """A case document as the page sees it: the allowed fields, plus which images it has (by URL)."""
+    case = {field: source.get(field) for field in CASE_FIELDS if field in source}
+    case_id = str(source.get("case_id") or "")
+    case["images"] = {
+        which: f"/cases/{case_id}/images/{which}" for which, ref in IMAGE_KINDS.items() if source.get(ref)
+    }
+    return case
+
+
+def _buckets(answer: dict[str, Any], name: str) -> dict[str, int]:
+    agg = (answer.get("aggregations") or {}).get(name) or {}
+    return {str(b.get("key")): int(b.get("doc_count", 0)) for b in agg.get("buckets", [])}
+
+
+def shape_queue(answer: dict[str, Any]) -> dict[str, Any]:
+    hits = answer.get("hits") or {}
+    total = hits.get("total") or {}
+    return {
+        "cases": [public_case(h.get("_source") or {}) for h in hits.get("hits", [])],
+        "total": int(total.get("value", 0)) if isinstance(total, dict) else int(total or 0),
+        "states": _buckets(answer, "states"),
+        "kinds": _buckets(answer, "kinds"),
+        "stores": _buckets(answer, "stores"),
+    }
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (``None`` for no values): a figure a person can check by hand."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def case_figures(cases: Iterable[dict[str, Any]], now_ms: int, *, truncated: bool = False) -> dict[str, Any]:
+    """Open cases by age, time to verdict p50/p95, and the share confirmed vs dismissed per alert kind and
+    per store. ``confirmed`` counts a fraud confirmation too; expired cases count in neither share (no one
+    decided them) but are reported per kind, since unanswered alerts are what a manager must see."""
+    ages = Counter[str]()
+    to_verdict: list[float] = []
+    by_kind: dict[str, Counter[str]] = defaultdict(Counter)
+    by_store: dict[str, Counter[str]] = defaultdict(Counter)
+    pending = 0
+    for case in cases:
+        state, opened = case.get("state"), case.get("opened_at")
+        if not isinstance(opened, int | float):
+            continue
+        if state in PENDING_STATES:
+            pending += 1
+            age = max(0.0, now_ms - opened)
+            ages[next(label for label, bound in AGE_BUCKETS_MS if age < bound)] += 1
+            continue
+        kind, store = str(case.get("kind") or "?"), str(case.get("store_id") or "?")
+        by_kind[kind][str(state)] += 1
+        by_store[store][str(state)] += 1
+        decided = case.get("decided_at")
+        if state in ("confirmed", "dismissed") and isinstance(decided, int | float) and decided >= opened:
+            to_verdict.append((decided - opened) / 1000)
+
+    def shares(counts: dict[str, Counter[str]]) -> list[dict[str, Any]]:
+        rows = []
+        for key in sorted(counts):
+            c = counts[key]
+            decided = c["confirmed"] + c["dismissed"]
+            rows.append(
+                {
+                    "key": key,
+                    "confirmed": c["confirmed"],
+                    "dismissed": c["dismissed"],
+                    "expired": c["expired"],
+                    "confirmed_share": c["confirmed"] / decided if decided else None,
+                }
+            )
+        return rows
+
+    return {
+        "open": pending,
+        "open_by_age": [{"age": label, "cases": ages[label]} for label, _ in AGE_BUCKETS_MS],
+        "time_to_verdict_s": {
+            "p50": percentile(to_verdict, 50),
+            "p95": percentile(to_verdict, 95),
+            "decided": len(to_verdict),
+        },
+        "by_kind": shares(by_kind),
+        "by_store": shares(by_store),
+        "truncated": truncated,
+    }
+
+
+def verdict_command(
+    case_id: str, verb: str, actor: str, now_ms: int, *, text: str | None = None, fraud: bool = False
+) -> BotCommand:
+    """The command a verdict on the case page becomes: the same verb and argument the Webex bot would
+    publish for ``confirm <case> [fraud]``, ``dismiss <case> [reason]``, ``escalate <case>``,
+    ``assign <case> <person>`` or ``note <case> <text>``. :class:`InvalidRecord` ``bad_command`` for anything
+    else (an unknown verb, a missing person or note, text over :data:`MAX_TEXT`)."""
+    verb = verb.strip().lower()
+    if verb not in VERDICT_VERBS:
+        raise InvalidRecord("bad_command", f"{verb!r} is not a verdict (one of {', '.join(sorted(VERDICT_VERBS))})")
+    text = " ".join((text or "").split())
+    if len(text) > MAX_TEXT:
+        raise InvalidRecord("bad_command", f"text over {MAX_TEXT} characters")
+    if verb == "assign" and (not text or len(text.split()) != 1):
+        raise InvalidRecord("bad_command", "assign needs one person (an e-mail address)")
+    if verb == "note" and not text:
+        raise InvalidRecord("bad_command", "a note needs text")
+    if verb == "confirm":
+        words = [case_id, "fraud"] if fraud else [case_id]
+    elif verb == "escalate":
+        words = [case_id]
+    else:
+        words = [case_id, text] if text else [case_id]
+    return BotCommand(
+        command_id=f"dashboard-{uuid.uuid4().hex}",
+        issued_at=now_ms,
+        verb=verb.upper(),
+        actor=actor,
+        argument=" ".join(words),
+        room_id=None,
+        source="dashboard",
+    )

@@ -1,0 +1,114 @@
+// The case page alert messages link to: the live snapshot beside the enrolled reference, the case and its
+// transaction, the notes, and the verdict buttons. A verdict is posted as JSON; the case service applies it,
+// so the page waits for the case's next version before it shows the new state.
+"use strict";
+
+const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+const when = (ms) => (ms ? `${new Date(ms).toISOString().replace("T", " ").slice(0, 19)} UTC` : "");
+const caseId = decodeURIComponent(location.pathname.split("/").pop());
+const PENDING = new Set(["open", "escalated"]);
+let current = null;
+
+function rows(tbody, pairs) {
+  tbody.innerHTML = "";
+  for (const [label, value] of pairs) {
+    if (value === null || value === undefined || value === "" || (Array.isArray(value) && !value.length)) continue;
+    const shown = Array.isArray(value) ? value.join(", ") : value;
+    tbody.insertAdjacentHTML("beforeend", `<tr><th>${esc(label)}</th><td data-field="${esc(label)}">${esc(shown)}</td></tr>`);
+  }
+}
+
+function image(id, url, missing) {
+  const box = document.getElementById(id);
+  box.innerHTML = url ? `<img class="snapshot" alt="${esc(missing)}" src="${esc(url)}">` : `<p class="none">${esc(missing)}</p>`;
+  const img = box.querySelector("img");
+  if (img) img.addEventListener("error", () => { box.innerHTML = '<p class="none">Image purged.</p>'; });
+}
+
+function render(body) {
+  const c = body.case, t = body.transaction;
+  current = c;
+  document.title = `Checkout Guard — ${c.case_id} (${c.state})`;
+  document.body.dataset.state = c.state;
+  document.body.dataset.version = c.version;
+  document.getElementById("case-title").textContent = `${c.kind.replace(/_/g, " ")} · ${c.state}`;
+  rows(document.querySelector("#case-facts tbody"), [
+    ["case", c.case_id], ["state", c.state], ["verdict", c.verdict], ["reason", c.verdict_reason], ["owner", c.owner],
+    ["opened", when(c.opened_at)], ["decided", when(c.decided_at)], ["expires", PENDING.has(c.state) ? when(c.expires_at) : null],
+    ["last change by", c.updated_by], ["store", c.store_id], ["lane", c.lane_id], ["transaction", c.transaction_id],
+    ["subject", c.subject_id], ["category", c.category], ["similarity", c.similarity],
+    ["subject's dismissed matches", c.subject_false_matches || null], ["fraud label", c.fraud_label], ["summary", c.summary],
+    ["alert", c.alert_id], ["version", c.version],
+  ]);
+  rows(document.querySelector("#tx-facts tbody"), t ? [
+    ["outcome", t.outcome], ["risk score", t.risk_score], ["reasons", t.reasons], ["amount", t.amount != null ? `${t.amount} ${t.currency || ""}` : null],
+    ["model score", t.model_score], ["face", t.face_status], ["face similarity", t.face_similarity], ["cashier", t.cashier_id],
+  ] : [["", "no decision stored for this case's transaction"]]);
+  if (!document.querySelector("#img-live img, #img-live p")) {
+    image("img-live", c.images.live, "No live snapshot for this case.");
+    image("img-reference", c.images.reference, "No reference image (not a face case, or the entry was forgotten).");
+  }
+  const trail = [[c.opened_at, "case service", `opened (${c.kind})`], ...(c.notes || []).map((n) => [n.at, n.actor, n.text])];
+  if (c.decided_at) trail.push([c.decided_at, c.updated_by, `${c.state}${c.verdict_reason ? `: ${c.verdict_reason}` : ""}`]);
+  trail.sort((a, b) => a[0] - b[0]);
+  document.getElementById("trail").innerHTML = trail.map(([at, actor, text]) => `<li><time>${esc(when(at))}</time> <b>${esc(actor)}</b> ${esc(text)}</li>`).join("");
+  const decider = document.getElementById("decider");
+  decider.textContent = body.you ? `Deciding as ${body.you}.` : "You cannot decide cases from this login.";
+  for (const button of document.querySelectorAll("#verdict button")) {
+    const verb = button.dataset.verb;
+    button.disabled = !body.you || (!PENDING.has(c.state) && verb !== "note");
+  }
+}
+
+async function load() {
+  const status = document.getElementById("status");
+  const r = await fetch(`/api/cases/${encodeURIComponent(caseId)}`, { cache: "no-store" });
+  const body = await r.json();
+  if (!r.ok) {
+    status.className = "status error";
+    status.textContent = `${caseId}: ${body.error}`;
+    if (r.status !== 404) setTimeout(load, 3000);
+    return null;
+  }
+  render(body);
+  status.className = "status";
+  status.textContent = `loaded ${new Date().toLocaleTimeString()}`;
+  document.body.dataset.loaded = "1";
+  return body.case;
+}
+
+async function decide(verb, fraud) {
+  const result = document.getElementById("v-result");
+  const text = verb === "assign" ? document.getElementById("v-person").value : document.getElementById("v-text").value;
+  const before = current ? current.version : 0;
+  result.className = "status";
+  result.textContent = `sending ${verb}…`;
+  const r = await fetch(`/api/cases/${encodeURIComponent(caseId)}/verdict`, {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ verb, text, fraud }),
+  });
+  const body = await r.json();
+  if (!r.ok) {
+    result.className = "status error";
+    result.textContent = body.error;
+    return;
+  }
+  result.textContent = `${verb} recorded (${body.command_id}); waiting for the case service…`;
+  for (let i = 0; i < 30; i++) {
+    await new Promise((ok) => setTimeout(ok, 1000));
+    const c = await load();
+    if (c && c.version > before) {
+      result.textContent = `${verb}: the case is now ${c.state} (version ${c.version}).`;
+      document.body.dataset.decided = verb;
+      return;
+    }
+  }
+  result.className = "status error";
+  result.textContent = `${verb} was recorded, but the case has not changed in 30 s: is the case service running? (the audit says why it refused, if it did)`;
+}
+
+document.getElementById("verdict").addEventListener("click", (e) => {
+  const button = e.target.closest("button[data-verb]");
+  if (button) decide(button.dataset.verb, button.dataset.fraud === "1");
+});
+load();
+setInterval(() => { if (current && PENDING.has(current.state)) load(); }, 10000);

@@ -1,0 +1,77 @@
+// The case queue: every alert a person must verify, newest first, with the filters and the figures
+// (open cases by age, time to verdict, confirmed vs dismissed per kind and store). Polls both endpoints.
+"use strict";
+
+const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+const when = (ms) => (ms ? new Date(ms).toISOString().replace("T", " ").slice(0, 16) : "");
+const duration = (s) => (s === null || s === undefined ? "–" : s < 90 ? `${Math.round(s)} s` : s < 5400 ? `${Math.round(s / 60)} min` : `${(s / 3600).toFixed(1)} h`);
+const share = (x) => (x === null || x === undefined ? "–" : `${(100 * x).toFixed(0)} %`);
+const params = new URLSearchParams(location.search);
+const filters = { state: params.get("state") ?? "open", kind: params.get("kind") || "", store: params.get("store") || "" };
+const REFRESH_MS = 5000;
+
+function options(id, counts, current) {
+  const select = document.getElementById(id);
+  const keep = new Set([...Object.keys(counts), current].filter(Boolean));
+  const have = new Set([...select.options].map((o) => o.value));
+  for (const key of [...keep].sort()) if (!have.has(key)) select.add(new Option(key, key));
+  select.value = current;
+}
+
+function table(id, rows, render) {
+  const body = document.querySelector(`#${id} tbody`);
+  body.innerHTML = rows.map(render).join("");
+}
+
+async function getJson(url) {
+  const r = await fetch(url, { cache: "no-store" });
+  const body = await r.json();
+  if (!r.ok) throw new Error(body.error || r.statusText);
+  return body;
+}
+
+async function refresh() {
+  const status = document.getElementById("status");
+  const q = new URLSearchParams(Object.entries(filters).filter(([, v]) => v));
+  try {
+    const [queue, figures] = await Promise.all([
+      getJson(`/api/cases?${q}`), getJson(`/api/cases/figures?${filters.store ? `store=${encodeURIComponent(filters.store)}` : ""}`),
+    ]);
+    options("f-state", { open: 0, escalated: 0, confirmed: 0, dismissed: 0, expired: 0 }, filters.state);
+    options("f-kind", queue.kinds, filters.kind);
+    options("f-store", queue.stores, filters.store);
+    table("queue-table", queue.cases, (c) => `<tr data-case="${esc(c.case_id)}" class="state-${esc(c.state)}">
+      <td><a href="/cases/${encodeURIComponent(c.case_id)}">${esc(c.case_id)}</a></td><td>${esc(when(c.opened_at))}</td>
+      <td>${esc(c.state)}</td><td>${esc(c.kind)}</td><td>${esc(c.store_id)}</td><td>${esc(c.lane_id)}</td>
+      <td>${esc(c.owner)}</td><td>${esc(c.summary)}</td></tr>`);
+    document.getElementById("queue-none").hidden = queue.cases.length > 0;
+    document.getElementById("queue-hint").textContent = `(${queue.total} matching, newest first)`;
+    document.querySelector("#kpi-open .value").textContent = figures.open;
+    document.querySelector("#kpi-p50 .value").textContent = duration(figures.time_to_verdict_s.p50);
+    document.querySelector("#kpi-p95 .value").textContent = duration(figures.time_to_verdict_s.p95);
+    document.querySelector("#kpi-decided .value").textContent = figures.time_to_verdict_s.decided;
+    const most = Math.max(1, ...figures.open_by_age.map((r) => r.cases));
+    table("age-table", figures.open_by_age, (r) => `<tr><td>${esc(r.age)}</td><td>${r.cases}</td>
+      <td class="meter-cell"><span class="meter" style="width:${Math.round(100 * r.cases / most)}%"></span></td></tr>`);
+    const shares = (r) => `<tr><td>${esc(r.key)}</td><td>${r.confirmed}</td><td>${r.dismissed}</td><td>${r.expired}</td><td>${share(r.confirmed_share)}</td></tr>`;
+    table("kind-table", figures.by_kind, shares);
+    table("store-table", figures.by_store, shares);
+    status.className = "status";
+    status.textContent = `updated ${new Date().toLocaleTimeString()}${figures.truncated ? " (figures over the newest cases only)" : ""}`;
+    document.body.dataset.loaded = "1";
+  } catch (err) {
+    status.className = "status error";
+    status.textContent = String(err.message || err);
+  }
+}
+
+for (const name of ["state", "kind", "store"]) {
+  document.getElementById(`f-${name}`).addEventListener("change", (e) => {
+    filters[name] = e.target.value;
+    const q = new URLSearchParams(Object.entries(filters).filter(([k, v]) => v || k === "state"));
+    history.replaceState(null, "", `/cases?${q}`);
+    refresh();
+  });
+}
+refresh();
+setInterval(refresh, REFRESH_MS);

@@ -1,0 +1,47 @@
+"""Every alert names its case: the e-mail links the case page, the Webex message is followed by the case card
+in its thread (the two images, Confirm/Dismiss); a card Webex refuses does not fail the delivered alert."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+
+from infra.local.webex import LocalWebexServer
+from infra.settings import AlertSettings
+from schemas.records import case_id_for
+from sinks.alerts.message import describe
+from tests.unit import test_alert_channels as channels
+from tests.unit.test_alert_channels import ROOM, alert, jpeg, settings_for, webex_channel
+
+webex, closer = channels.webex, channels.closer
+"""The fixtures of tests/unit/test_alert_channels.py."""
+CASE = case_id_for("blocked:tx-1")
+
+
+def test_the_email_and_the_webex_text_name_and_link_the_case() -> None:
+    text = describe(alert(), AlertSettings())
+    assert f"Case {CASE}, confirm or dismiss it here: http://127.0.0.1:8050/cases/{CASE}" in text.plain()
+    assert f"href='http://127.0.0.1:8050/cases/{CASE}'" in text.html()
+    assert f"`confirm {CASE}`" in text.markdown()
+
+
+def test_the_case_card_follows_the_alert_message_in_its_thread(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
+) -> None:
+    channel = webex_channel(closer, settings_for(webex, tmp_path, webex_cards=True))
+    message_id = channel.send(alert(), jpeg(), maybe_sent=False)
+    posted, card = webex.state.bot_messages(ROOM)
+    assert posted["id"] == message_id and posted["files"]
+    assert card["parentId"] == message_id and CASE in card["markdown"]
+    [attachment] = card["attachments"]
+    actions = [a.get("data") for a in attachment["content"]["actions"]]
+    assert {"verb": "confirm", "case_id": CASE} in actions and {"verb": "dismiss", "case_id": CASE} in actions
+
+
+def test_a_refused_card_does_not_fail_the_delivered_alert(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
+) -> None:
+    channel = webex_channel(closer, settings_for(webex, tmp_path, webex_cards=True))
+    webex.state.fail((400,), count=1)
+    channel._send_card(alert(), CASE, "some-message")  # logged, not raised: the alert went out already
+    assert webex.state.bot_messages(ROOM) == []

@@ -1,0 +1,189 @@
+"""Case transitions (jobs/cases/core.py): open per alert, verdicts, refusals, expiry."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs.cases.core import (
+    CaseBook,
+    Refused,
+    add_note,
+    assign,
+    case_id_for,
+    confirm,
+    dismiss,
+    escalate,
+    expire,
+    open_case,
+    parse_case_command,
+)
+from schemas.errors import InvalidRecord
+from schemas.records import FRAUD, LEGITIMATE, Alert, Case
+
+T0 = 1_767_225_600_000
+HOUR = 3_600_000
+
+
+def face_alert(alert_id: str = "watchlist:tx-1:subj-a", subject: str = "subj-a") -> Alert:
+    return Alert(
+        alert_id=alert_id,
+        kind="WATCHLIST_MATCH",
+        severity="high",
+        event_time=T0,
+        store_id="store-001",
+        summary="Possible suspect at lane-01",
+        lane_id="lane-01",
+        transaction_id="tx-1",
+        subject_id=subject,
+        category="SUSPECT",
+        similarity=0.93,
+        snapshot_ref="local://checkout/tx-1.jpg",
+    )
+
+
+def blocked_alert() -> Alert:
+    return Alert(
+        alert_id="blocked:tx-9",
+        kind="BLOCKED_TRANSACTION",
+        severity="high",
+        event_time=T0,
+        store_id="store-001",
+        summary="Return blocked",
+        transaction_id="tx-9",
+    )
+
+
+def opened(alert: Alert | None = None) -> Case:
+    return open_case(alert or face_alert(), T0, 24 * HOUR, reference_image_ref="local://reference/subj-a.jpg")
+
+
+def test_an_alert_opens_a_case_with_both_images_and_the_evidence() -> None:
+    case = opened()
+    assert case.case_id == case_id_for("watchlist:tx-1:subj-a") and case.case_id.startswith("case-")
+    assert (case.state, case.version, case.owner, case.verdict) == ("open", 1, None, None)
+    assert case.snapshot_ref == "local://checkout/tx-1.jpg"
+    assert case.reference_image_ref == "local://reference/subj-a.jpg"
+    assert (case.subject_id, case.similarity, case.transaction_id) == ("subj-a", 0.93, "tx-1")
+    assert case.expires_at == T0 + 24 * HOUR
+
+
+def test_case_survives_its_codec_round_trip_with_notes() -> None:
+    case = add_note(opened(), "lead@example.com", "looks like him", T0 + 1)
+    assert Case.decode(case.encode()) == case
+
+
+def test_confirming_a_face_match_closes_it_without_a_fraud_label() -> None:
+    case = confirm(opened(), "guard@example.com", T0 + 5)
+    assert (case.state, case.verdict, case.version, case.decided_at) == ("confirmed", "confirmed", 2, T0 + 5)
+    assert case.fraud_label is None
+    assert case.owner == "guard@example.com" and case.updated_by == "guard@example.com"
+
+
+def test_confirming_with_fraud_labels_the_transaction_fraud() -> None:
+    case = confirm(opened(), "guard@example.com", T0 + 5, fraud=True)
+    assert (case.verdict, case.fraud_label) == ("confirmed_fraud", FRAUD)
+
+
+def test_a_blocked_transaction_case_is_labelled_by_its_verdict() -> None:
+    assert confirm(opened(blocked_alert()), "a@x", T0).fraud_label == FRAUD
+    assert dismiss(opened(blocked_alert()), "a@x", T0).fraud_label == LEGITIMATE
+
+
+def test_dismissing_a_face_match_counts_one_more_false_match_of_the_subject() -> None:
+    case = dismiss(opened(), "guard@example.com", T0 + 5, "different person", prior_false_matches=2)
+    assert (case.state, case.verdict_reason, case.subject_false_matches) == ("dismissed", "different person", 3)
+    assert case.fraud_label is None
+
+
+@pytest.mark.parametrize("verb", ["confirm", "dismiss", "escalate"])
+def test_a_decided_case_refuses_another_verdict_with_a_reason(verb: str) -> None:
+    decided = confirm(opened(), "a@x", T0)
+    with pytest.raises(Refused) as refused:
+        {"confirm": lambda: confirm(decided, "b@x", T0), "dismiss": lambda: dismiss(decided, "b@x", T0),
+         "escalate": lambda: escalate(decided, "b@x", T0)}[verb]()  # fmt: skip
+    assert refused.value.kind == "illegal_transition" and "already confirmed" in refused.value.reason
+
+
+def test_an_escalated_case_can_still_be_decided_but_not_escalated_again() -> None:
+    up = escalate(opened(), "a@x", T0)
+    assert up.state == "escalated"
+    with pytest.raises(Refused, match="already escalated"):
+        escalate(up, "a@x", T0)
+    assert dismiss(up, "b@x", T0).state == "dismissed"
+
+
+def test_assign_sets_the_owner_and_needs_one_person() -> None:
+    assert assign(opened(), "lead@x", "guard@x", T0).owner == "guard@x"
+    with pytest.raises(Refused):
+        assign(opened(), "lead@x", "two people", T0)
+
+
+def test_notes_are_kept_in_order_even_after_the_verdict() -> None:
+    case = add_note(confirm(opened(), "a@x", T0), "b@x", "second look agrees", T0 + 9)
+    assert [(n.actor, n.text, n.at) for n in case.notes] == [("b@x", "second look agrees", T0 + 9)]
+    assert case.state == "confirmed" and case.version == 3
+
+
+def test_an_unanswered_case_expires_at_its_time_and_not_before() -> None:
+    case = opened()
+    assert expire(case, case.expires_at - 1) is None
+    gone = expire(case, case.expires_at)
+    assert gone is not None and (gone.state, gone.verdict) == ("expired", "expired")
+    assert expire(confirm(case, "a@x", T0), case.expires_at + 1) is None
+
+
+def test_a_redelivered_alert_opens_no_second_case() -> None:
+    book = CaseBook()
+    assert book.open(face_alert(), T0, HOUR, None) is not None
+    assert book.open(face_alert(), T0 + 1, HOUR, None) is None
+    assert len(book.cases) == 1
+
+
+def test_the_book_counts_dismissals_per_subject_and_keeps_the_latest_version() -> None:
+    book = CaseBook()
+    first = book.open(face_alert("a1"), T0, HOUR, None)
+    second = book.open(face_alert("a2"), T0, HOUR, None)
+    assert first and second
+    book.apply(parse_case_command("DISMISS", f"{first.case_id} not him"), "a@x", T0 + 1)
+    again = book.apply(parse_case_command("dismiss", second.case_id), "a@x", T0 + 2)
+    assert again.subject_false_matches == 2 and book.false_matches["subj-a"] == 2
+    book.load(first)  # an older version replayed late changes nothing
+    assert book.cases[first.case_id].state == "dismissed" and book.false_matches["subj-a"] == 2
+
+
+def test_the_book_expires_only_due_cases() -> None:
+    book = CaseBook()
+    early = book.open(face_alert("a1"), T0, HOUR, None)
+    book.open(face_alert("a2"), T0 + HOUR, HOUR, None)
+    assert early and [c.case_id for c in book.due(T0 + HOUR)] == [early.case_id]
+    assert book.due(T0 + HOUR) == []
+
+
+def test_a_command_for_an_unknown_case_is_refused() -> None:
+    with pytest.raises(Refused) as refused:
+        CaseBook().apply(parse_case_command("CONFIRM", "case-000000000000"), "a@x", T0)
+    assert refused.value.kind == "unknown_case"
+
+
+@pytest.mark.parametrize(
+    ("verb", "argument", "problem"),
+    [
+        ("CONFIRM", None, "needs a case id"),
+        ("CONFIRM", "case-1 maybe", "only the word `fraud`"),
+        ("ESCALATE", "case-1 now", "nothing after"),
+        ("ASSIGN", "case-1", "one person"),
+        ("NOTE", "case-1", "some text"),
+    ],
+)
+def test_malformed_case_commands_say_what_is_missing(verb: str, argument: str | None, problem: str) -> None:
+    with pytest.raises(Refused, match=problem):
+        parse_case_command(verb, argument)
+
+
+def test_case_commands_parse_their_arguments() -> None:
+    assert parse_case_command("confirm", "case-1 FRAUD").fraud is True
+    assert parse_case_command("DISMISS", "case-1 wrong person, different coat").text == "wrong person, different coat"
+    assert parse_case_command("ASSIGN", "case-1 guard@example.com").text == "guard@example.com"
+    with pytest.raises(InvalidRecord) as bad:
+        parse_case_command("CONFIRM", "../etc")
+    assert bad.value.kind == "invalid_id"

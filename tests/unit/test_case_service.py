@@ -1,0 +1,208 @@
+"""Case service decisions (no Kafka): alerts open cases, signed verdicts apply with their effects, forged ones
+change nothing, undecided cases expire."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import SecretStr
+
+from infra.command_auth import SIGNATURE_HEADER, authenticate_command, sign_command
+from infra.settings import CasesSettings, Settings, WebexSettings
+from jobs.cases.core import case_id_for
+from jobs.cases.service import CaseCore, Source
+from schemas.records import Alert, AuditEvent, BotCommand, Case, DeadLetter, Label, WatchlistEntry
+from schemas.topics import AUDIT, CASES, COMMANDS, DEAD_LETTERS, LABELS
+
+NOW = 1_800_000_000_000
+KEY = "unit-test-command-signing-key"
+GUARD = "guard@example.com"
+
+
+@pytest.fixture
+def core() -> CaseCore:
+    webex = WebexSettings(command_signing_key=SecretStr(KEY), allowed_people=GUARD)
+    return CaseCore(Settings(webex=webex, cases=CasesSettings(expire_after_s=600, flag_dismissals=2)))
+
+
+def alert_src(alert_id: str = "watchlist:tx-1:subj-a", kind: str = "WATCHLIST_MATCH", offset: int = 0) -> Source:
+    alert = Alert(
+        alert_id=alert_id,
+        kind=kind,
+        severity="high",
+        event_time=NOW,
+        store_id="store-001",
+        summary="Possible suspect at lane-01",
+        lane_id="lane-01",
+        transaction_id="tx-1",
+        subject_id="subj-a" if kind != "BLOCKED_TRANSACTION" else None,
+        category="SUSPECT" if kind != "BLOCKED_TRANSACTION" else None,
+        similarity=0.9 if kind != "BLOCKED_TRANSACTION" else None,
+        snapshot_ref="local://checkout/tx-1.jpg" if kind != "BLOCKED_TRANSACTION" else None,
+    )
+    return Source("alerts", 0, offset, alert_id.encode(), alert.encode())
+
+
+def command_src(verb: str, arg: str, cid: str, offset: int = 1, actor: str = GUARD, key: str = KEY) -> Source:
+    cmd = BotCommand(command_id=cid, issued_at=NOW - 1000, verb=verb, actor=actor, argument=arg, room_id="room-1")
+    return Source("commands", 0, offset, cid.encode(), cmd.encode(), ((SIGNATURE_HEADER, sign_command(cmd, key)),))
+
+
+def of(outs, topic):
+    return [o for o in outs if o.topic == topic]
+
+
+def case_of(outs) -> Case:
+    (out,) = of(outs, CASES)
+    return Case.decode(out.value)
+
+
+def audits(outs) -> list[AuditEvent]:
+    return [AuditEvent.decode(o.value) for o in of(outs, AUDIT)]
+
+
+def opened(core: CaseCore, **kw) -> Case:
+    return case_of(core.on_alert(alert_src(**kw), NOW))
+
+
+def test_an_alert_opens_one_case_with_the_enrolled_reference_image(core) -> None:
+    entry = WatchlistEntry("subj-a", "SUSPECT", [[0.0] * 4], "fraud", GUARD, NOW, "local://reference/subj-a.jpg")
+    core.load_watchlist(b"subj-a", entry.encode())
+    case = opened(core)
+    assert case.case_id == case_id_for("watchlist:tx-1:subj-a") and case.state == "open"
+    assert (case.snapshot_ref, case.reference_image_ref) == (
+        "local://checkout/tx-1.jpg",
+        "local://reference/subj-a.jpg",
+    )
+    assert core.on_alert(alert_src(offset=7), NOW) == [], "a redelivered alert opens no second case"
+
+
+def test_a_signed_confirm_closes_the_face_case_asks_for_a_template_and_labels_nothing(core) -> None:
+    case = opened(core)
+    outs = core.on_command(command_src("CONFIRM", case.case_id, "m1"), NOW)
+    closed = case_of(outs)
+    assert (closed.state, closed.version, closed.owner) == ("confirmed", 2, GUARD)
+    (audit,) = audits(outs)
+    assert (audit.action, audit.outcome, audit.actor, audit.subject_id) == ("CONFIRM", "DONE", GUARD, "subj-a")
+    assert audit.details["case_id"] == case.case_id and audit.details["template_requested"] == "true"
+    assert of(outs, LABELS) == []
+    (learn_out,) = of(outs, COMMANDS)
+    learn = BotCommand.decode(learn_out.value)
+    assert (learn.verb, learn.argument, learn.actor) == ("LEARN", "subj-a local://checkout/tx-1.jpg", GUARD)
+    authenticate_command(learn, learn_out.headers, core.settings.webex, NOW)  # the watchlist service accepts it
+    assert core.on_command(command_src("CONFIRM", case.case_id, "m1"), NOW) == [], "a replayed command is a no-op"
+
+
+def test_confirm_fraud_publishes_a_fraud_label_for_the_transaction(core) -> None:
+    case = opened(core)
+    outs = core.on_command(command_src("CONFIRM", f"{case.case_id} fraud", "m1"), NOW)
+    (label_out,) = of(outs, LABELS)
+    label = Label.decode(label_out.value)
+    assert label_out.key == b"tx-1" and (label.label, label.source, label.case_id) == (1, "case", case.case_id)
+    assert label.decided_by == GUARD
+
+
+def test_a_blocked_transaction_dismissed_is_labelled_legitimate(core) -> None:
+    case = opened(core, alert_id="blocked:tx-1", kind="BLOCKED_TRANSACTION")
+    outs = core.on_command(command_src("DISMISS", f"{case.case_id} receipt found", "m1"), NOW)
+    assert Label.decode(of(outs, LABELS)[0].value).label == 0
+    assert of(outs, COMMANDS) == []
+
+
+def test_dismissals_count_against_the_subject_and_flag_it_at_the_setting(core) -> None:
+    first = opened(core, alert_id="a1")
+    second = opened(core, alert_id="a2")
+    outs = core.on_command(command_src("DISMISS", f"{first.case_id} not him", "m1"), NOW)
+    assert case_of(outs).subject_false_matches == 1 and [a.action for a in audits(outs)] == ["DISMISS"]
+    outs = core.on_command(command_src("DISMISS", second.case_id, "m2", offset=2), NOW)
+    assert case_of(outs).subject_false_matches == 2
+    flag = next(a for a in audits(outs) if a.action == "FLAG_SUBJECT")
+    assert flag.subject_id == "subj-a" and flag.details["subject_false_matches"] == "2"
+    assert of(outs, LABELS) == [] and of(outs, COMMANDS) == []
+
+
+@pytest.mark.parametrize(
+    ("actor", "key"), [(GUARD, "not-the-key"), ("stranger@example.com", KEY)], ids=["forged", "not-allowed"]
+)
+def test_an_unverified_command_changes_nothing_and_is_dead_lettered(core, actor: str, key: str) -> None:
+    case = opened(core)
+    outs = core.on_command(command_src("CONFIRM", case.case_id, "m1", actor=actor, key=key), NOW)
+    assert of(outs, CASES) == []
+    (audit,) = audits(outs)
+    assert (audit.outcome, audit.actor) == ("FAILED", "unverified") and audit.reason.startswith("unauthorized")
+    assert DeadLetter.decode(of(outs, DEAD_LETTERS)[0].value).error_kind == "unauthorized"
+    assert core.book.cases[case.case_id].state == "open"
+
+
+def test_an_illegal_transition_is_refused_with_a_reason(core) -> None:
+    case = opened(core)
+    core.on_command(command_src("CONFIRM", case.case_id, "m1"), NOW)
+    outs = core.on_command(command_src("DISMISS", case.case_id, "m2", offset=2), NOW)
+    (audit,) = audits(outs)
+    assert audit.outcome == "FAILED" and "already confirmed" in audit.reason
+    assert DeadLetter.decode(of(outs, DEAD_LETTERS)[0].value).error_kind == "illegal_transition"
+    assert of(outs, CASES) == []
+
+
+def test_assign_and_note_write_new_versions(core) -> None:
+    case = opened(core)
+    assigned = case_of(core.on_command(command_src("ASSIGN", f"{case.case_id} lead@example.com", "m1"), NOW))
+    noted = case_of(core.on_command(command_src("NOTE", f"{case.case_id} seen at the door", "m2", 2), NOW))
+    assert (assigned.owner, assigned.version) == ("lead@example.com", 2)
+    assert noted.version == 3 and noted.notes[0].text == "seen at the door" and noted.owner == "lead@example.com"
+
+
+def test_undecided_cases_expire_after_the_setting_once(core) -> None:
+    case = opened(core)
+    assert core.expire(NOW + 599_999) == []
+    outs = core.expire(NOW + 600_000)
+    assert case_of(outs).state == "expired" and audits(outs)[0].action == "EXPIRE"
+    assert core.expire(NOW + 700_000) == []
+    late = core.on_command(command_src("CONFIRM", case.case_id, "m1"), NOW + 700_000)
+    assert of(late, CASES) == [] and "already expired" in audits(late)[0].reason
+
+
+def test_state_is_rebuilt_from_the_topics(core) -> None:
+    case = opened(core)
+    outs = core.on_command(command_src("DISMISS", case.case_id, "m0"), NOW)
+    restarted = CaseCore(core.settings)
+    restarted.load_case(case.case_id.encode(), case.encode())
+    for out in outs:
+        if out.topic == CASES:
+            restarted.load_case(out.key, out.value)
+        elif out.topic == AUDIT:
+            restarted.load_audit(out.key, out.value)
+    assert restarted.on_alert(alert_src(), NOW) == []
+    assert restarted.on_command(command_src("DISMISS", case.case_id, "m0"), NOW) == []
+    assert restarted.book.false_matches["subj-a"] == 1
+
+
+def test_garbage_input_is_dead_lettered_and_other_verbs_are_not_ours(core) -> None:
+    assert [o.topic for o in core.on_alert(Source("alerts", 0, 3, None, b"junk"), NOW)] == [DEAD_LETTERS]
+    assert core.on_command(command_src("FRAUD", "tx-1", "m1"), NOW) == []
+
+
+def test_every_case_version_indexes_as_one_document_the_latest_winning(core) -> None:
+    from confluent_kafka import Message
+
+    from sinks.opensearch.sink import to_actions
+
+    case = opened(core)
+    later = case_of(core.on_command(command_src("NOTE", f"{case.case_id} seen at the door", "m1"), NOW))
+    batch = [
+        Message(topic="cg.cases", partition=0, offset=offset, key=c.case_id.encode(), value=c.encode())
+        for offset, c in ((10, case), (11, later))
+    ]
+    actions, dead = to_actions(batch, index_prefix="cg", topic_prefix="cg.")
+    assert dead == []
+    [action] = actions  # one document per case in a batch: the version published last
+    assert (action.op["_index"], action.op["_id"], action.op["version"]) == ("cg-cases-all", case.case_id, 11)
+    assert action.op["_source"]["notes"][0]["text"] == "seen at the door" and action.op["_source"]["version"] == 2
+
+
+def test_a_subject_is_flagged_at_every_multiple_of_the_setting_not_at_each_dismissal(core) -> None:
+    flags = []
+    for i in range(5):
+        case = opened(core, alert_id=f"a{i}", offset=i)
+        outs = core.on_command(command_src("DISMISS", case.case_id, f"m{i}", offset=i), NOW)
+        flags += [a.details["subject_false_matches"] for a in audits(outs) if a.action == "FLAG_SUBJECT"]
+    assert flags == ["2", "4"]

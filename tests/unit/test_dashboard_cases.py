@@ -1,0 +1,297 @@
+"""The dashboard's cases: the queue and figures as pure functions, and the endpoints over a canned index --
+a verdict from the case page is the same signed command the case service accepts from the Webex bot, given
+only by a logged-in person on the allow-list."""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+import pytest
+from PIL import Image
+from pydantic import SecretStr
+from starlette.testclient import TestClient
+
+from infra.command_auth import authenticate_command
+from infra.settings import DashboardSettings, Settings, WebexSettings
+from jobs.cases.core import parse_case_command
+from schemas.errors import InvalidRecord
+from schemas.records import BotCommand
+from sinks.dashboard.app import Dashboard, create_app
+from sinks.dashboard.cases import (
+    CaseFilter,
+    case_figures,
+    case_queue_query,
+    percentile,
+    public_case,
+    shape_queue,
+    verdict_command,
+)
+
+NOW = 1_800_000_000_000
+MIN = 60_000
+CASE = {
+    "case_id": "case-0123456789ab",
+    "version": 1,
+    "state": "open",
+    "kind": "WATCHLIST_MATCH",
+    "store_id": "S01",
+    "alert_id": "watchlist:tx-1",
+    "summary": "Possible watch-list match at S01 lane 2",
+    "opened_at": NOW - 5 * MIN,
+    "updated_at": NOW - 5 * MIN,
+    "expires_at": NOW + 24 * 60 * MIN,
+    "updated_by": "case-service",
+    "notes": [],
+    "transaction_id": "tx-1",
+    "subject_id": "subj-1",
+    "category": "SUSPECT",
+    "similarity": 71.5,
+    "snapshot_ref": "checkout/tx-1.jpg",
+    "reference_image_ref": "watchlist/subj-1.jpg",
+}
+
+
+# ------------------------------------------------------------------ pure
+
+
+def test_the_queue_query_filters_by_store_state_and_kind_newest_first() -> None:
+    body = case_queue_query(CaseFilter(store="S01", state="open", kind=None))
+    assert body["query"]["bool"]["filter"] == [{"term": {"store_id": "S01"}}, {"term": {"state": "open"}}]
+    assert body["sort"][0] == {"opened_at": "desc"}
+    assert "snapshot_ref" not in body["_source"] and "reference_image_ref" not in body["_source"]
+
+
+def test_a_case_shows_image_urls_never_image_refs() -> None:
+    case = public_case(CASE)
+    assert case["images"] == {
+        "live": "/cases/case-0123456789ab/images/live",
+        "reference": "/cases/case-0123456789ab/images/reference",
+    }
+    assert "snapshot_ref" not in case and "reference_image_ref" not in case
+    assert public_case({**CASE, "reference_image_ref": None})["images"] == {
+        "live": "/cases/case-0123456789ab/images/live"
+    }
+
+
+def test_the_queue_answer_carries_cases_total_and_filter_counts() -> None:
+    answer = {
+        "hits": {"total": {"value": 7}, "hits": [{"_source": CASE}]},
+        "aggregations": {
+            "states": {"buckets": [{"key": "open", "doc_count": 5}, {"key": "dismissed", "doc_count": 2}]}
+        },
+    }
+    shaped = shape_queue(answer)
+    assert shaped["total"] == 7 and shaped["states"] == {"open": 5, "dismissed": 2}
+    assert [c["case_id"] for c in shaped["cases"]] == ["case-0123456789ab"] and shaped["kinds"] == {}
+
+
+def test_nearest_rank_percentiles() -> None:
+    assert percentile([], 50) is None
+    assert percentile([30.0], 95) == 30.0
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0 and percentile(values, 95) == 95.0
+
+
+def test_figures_count_open_cases_by_age_time_to_verdict_and_shares() -> None:
+    cases = [
+        {"state": "open", "opened_at": NOW - 5 * MIN},
+        {"state": "escalated", "opened_at": NOW - 30 * MIN},
+        {"state": "open", "opened_at": NOW - 30 * 60 * MIN},
+        {
+            "state": "confirmed",
+            "kind": "WATCHLIST_MATCH",
+            "store_id": "S01",
+            "opened_at": NOW - 60 * MIN,
+            "decided_at": NOW - 58 * MIN,
+        },
+        {
+            "state": "dismissed",
+            "kind": "WATCHLIST_MATCH",
+            "store_id": "S01",
+            "opened_at": NOW - 60 * MIN,
+            "decided_at": NOW - 50 * MIN,
+        },
+        {
+            "state": "dismissed",
+            "kind": "WATCHLIST_MATCH",
+            "store_id": "S02",
+            "opened_at": NOW - 60 * MIN,
+            "decided_at": NOW - 40 * MIN,
+        },
+        {"state": "expired", "kind": "BLOCKED_TRANSACTION", "store_id": "S02", "opened_at": NOW - 3000 * MIN},
+    ]
+    figures = case_figures(cases, NOW)
+    assert figures["open"] == 3
+    assert {r["age"]: r["cases"] for r in figures["open_by_age"]} == {
+        "< 15 min": 1,
+        "15-60 min": 1,
+        "1-4 h": 0,
+        "4-24 h": 0,
+        "> 24 h": 1,
+    }
+    assert figures["time_to_verdict_s"] == {"p50": 600.0, "p95": 1200.0, "decided": 3}
+    kinds = {r["key"]: r for r in figures["by_kind"]}
+    assert kinds["WATCHLIST_MATCH"]["confirmed_share"] == pytest.approx(1 / 3)
+    assert kinds["BLOCKED_TRANSACTION"] == {
+        "key": "BLOCKED_TRANSACTION",
+        "confirmed": 0,
+        "dismissed": 0,
+        "expired": 1,
+        "confirmed_share": None,
+    }
+    assert {r["key"]: r["confirmed_share"] for r in figures["by_store"]} == {"S01": 0.5, "S02": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("verb", "text", "fraud", "argument"),
+    [
+        ("confirm", "", False, "case-0123456789ab"),
+        ("confirm", "", True, "case-0123456789ab fraud"),
+        ("dismiss", "not the  same person", False, "case-0123456789ab not the same person"),
+        ("escalate", "ignored", False, "case-0123456789ab"),
+        ("assign", "guard@example.com", False, "case-0123456789ab guard@example.com"),
+        ("note", "spoke to the cashier", False, "case-0123456789ab spoke to the cashier"),
+    ],
+)
+def test_a_verdict_becomes_the_command_the_bot_would_publish(verb: str, text: str, fraud: bool, argument: str) -> None:
+    cmd = verdict_command("case-0123456789ab", verb, "guard@example.com", NOW, text=text, fraud=fraud)
+    assert (cmd.verb, cmd.argument, cmd.actor, cmd.source) == (verb.upper(), argument, "guard@example.com", "dashboard")
+    parsed = parse_case_command(cmd.verb, cmd.argument)  # the case service's own parser accepts it
+    assert parsed.case_id == "case-0123456789ab"
+
+
+@pytest.mark.parametrize(
+    ("verb", "text"), [("forget", ""), ("assign", ""), ("assign", "two people"), ("note", ""), ("note", "x" * 501)]
+)
+def test_a_verdict_the_service_could_not_apply_is_refused(verb: str, text: str) -> None:
+    with pytest.raises(InvalidRecord):
+        verdict_command("case-0123456789ab", verb, "guard@example.com", NOW, text=text)
+
+
+# ------------------------------------------------------------------ endpoints
+
+
+def jpeg() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (64, 48), (20, 90, 200)).save(out, format="JPEG")
+    return out.getvalue()
+
+
+class CaseIndex:
+    """One case in the cases index; nothing anywhere else."""
+
+    def __init__(self) -> None:
+        self.bodies: list[tuple[str, dict[str, Any]]] = []
+
+    def search(self, index: str, body: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
+        self.bodies.append((index, body))
+        if not index.endswith("-cases"):
+            return {"hits": {"total": {"value": 0}, "hits": []}, "aggregations": {}}
+        term = body.get("query", {}).get("term", {}).get("case_id")
+        source = {k: v for k, v in CASE.items() if k in body.get("_source", CASE)}  # as OpenSearch filters it
+        hits = [] if term not in (None, CASE["case_id"]) else [{"_source": source}]
+        return {"hits": {"total": {"value": len(hits)}, "hits": hits}, "aggregations": {}}
+
+
+class Images:
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def get(self, ref: str) -> bytes:
+        self.asked.append(ref)
+        return jpeg()
+
+
+KEY = "k" * 32
+
+
+def served(*, allowed: str = "guard@example.com", key: str | None = KEY) -> tuple[TestClient, list, Images]:
+    settings = Settings().model_copy(
+        update={
+            "dashboard": DashboardSettings(
+                username="guard@example.com", password=SecretStr("pw"), token=SecretStr("tok")
+            ),
+            "webex": WebexSettings(allowed_people=allowed, command_signing_key=SecretStr(key) if key else None),
+        }
+    )
+    published: list[tuple[BotCommand, list]] = []
+    images = Images()
+    board = Dashboard(settings, client=CaseIndex(), images=images, clock=lambda: NOW / 1000)  # type: ignore[arg-type]
+    app = create_app(settings, board, publish=lambda cmd, headers: published.append((cmd, headers)))
+    client = TestClient(app, raise_server_exceptions=False)
+    client.settings = settings  # type: ignore[attr-defined]
+    return client, published, images
+
+
+GUARD = {"Authorization": "Basic " + base64.b64encode(b"guard@example.com:pw").decode()}
+TOKEN = {"Authorization": "Bearer tok"}
+
+
+def test_the_case_page_and_its_json_show_the_case_and_who_may_decide() -> None:
+    client, _, _ = served()
+    assert client.get("/cases/case-0123456789ab", headers=GUARD).status_code == 200
+    answer = client.get("/api/cases/case-0123456789ab", headers=GUARD).json()
+    assert answer["case"]["state"] == "open" and answer["you"] == "guard@example.com"
+    assert set(answer["case"]["images"]) == {"live", "reference"} and "snapshot_ref" not in answer["case"]
+    assert client.get("/api/cases/case-0123456789ab", headers=TOKEN).json()["you"] is None
+    assert client.get("/api/cases/case-ffffffffffff", headers=GUARD).status_code == 404
+
+
+def test_case_images_are_served_by_case_id_and_kind() -> None:
+    client, _, images = served()
+    live = client.get("/cases/case-0123456789ab/images/live", headers=GUARD)
+    reference = client.get("/cases/case-0123456789ab/images/reference", headers=GUARD)
+    assert live.headers["content-type"] == reference.headers["content-type"] == "image/jpeg"
+    assert images.asked == ["checkout/tx-1.jpg", "watchlist/subj-1.jpg"]
+    assert client.get("/cases/case-0123456789ab/images/other", headers=GUARD).status_code == 404
+
+
+def test_the_queue_rejects_an_unknown_state_and_answers_figures() -> None:
+    client, _, _ = served()
+    assert client.get("/api/cases?state=bogus", headers=GUARD).status_code == 400
+    assert client.get("/api/cases?state=open&store=S01", headers=GUARD).json()["total"] == 1
+    figures = client.get("/api/cases/figures?days=7", headers=GUARD).json()
+    assert figures["open"] == 1 and figures["days"] == 7
+
+
+def test_a_verdict_is_published_as_a_signed_command_the_case_service_accepts() -> None:
+    client, published, _ = served()
+    answer = client.post(
+        "/api/cases/case-0123456789ab/verdict", json={"verb": "dismiss", "text": "other person"}, headers=GUARD
+    )
+    assert answer.status_code == 202
+    [(cmd, headers)] = published
+    assert answer.json()["command_id"] == cmd.command_id
+    assert (cmd.verb, cmd.argument, cmd.actor) == ("DISMISS", "case-0123456789ab other person", "guard@example.com")
+    authenticate_command(cmd, headers, client.settings.webex, NOW)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "headers", "body", "status"),
+    [
+        ({}, TOKEN, {"verb": "confirm"}, 403),  # a token reads, never decides: no person to record
+        ({"allowed": "someone@else.com"}, GUARD, {"verb": "confirm"}, 403),  # not on the allow-list
+        ({"key": None}, GUARD, {"verb": "confirm"}, 503),  # unsigned, the case service would refuse it
+        ({}, GUARD, {"verb": "forget"}, 400),
+    ],
+)
+def test_a_verdict_nobody_may_give_publishes_nothing(kwargs: dict, headers: dict, body: dict, status: int) -> None:
+    client, published, _ = served(**kwargs)
+    assert client.post("/api/cases/case-0123456789ab/verdict", json=body, headers=headers).status_code == status
+    assert published == []
+
+
+def test_a_form_post_from_another_site_cannot_decide() -> None:
+    client, published, _ = served()
+    answer = client.post(
+        "/api/cases/case-0123456789ab/verdict", data={"verb": "confirm"}, headers=GUARD
+    )  # what a cross-site form sends, with the browser's Basic credentials
+    assert answer.status_code == 415 and published == []
+
+
+def test_a_verdict_on_an_unknown_case_publishes_nothing() -> None:
+    client, published, _ = served()
+    answer = client.post("/api/cases/case-ffffffffffff/verdict", json={"verb": "confirm"}, headers=GUARD)
+    assert answer.status_code == 404 and published == []

@@ -1,0 +1,74 @@
+"""dlib's descriptor network on OpenCV (jobs/faces/resnet.py) against dlib's own, on the installed model file."""
+
+from __future__ import annotations
+
+import dlib
+import numpy as np
+import pytest
+
+from jobs.faces.engine import model_path
+from jobs.faces.resnet import FaceResnet, ResnetFileError, load_weights
+
+MODEL = "dlib_face_recognition_resnet_model_v1.dat"
+
+
+@pytest.fixture(scope="module")
+def both() -> tuple[FaceResnet, object]:
+    return FaceResnet(model_path(MODEL)), dlib.face_recognition_model_v1(str(model_path(MODEL)))
+
+
+def _chips() -> list[np.ndarray]:
+    """Noise, a flat grey chip, and a smooth synthetic face-like pattern: inputs far apart in every layer."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:150, 0:150]
+    blob = 128 + 100 * np.sin(xx / 11.0)[..., None] * np.cos(yy / 17.0)[..., None] * np.array([1.0, 0.8, 0.6])
+    return [
+        rng.integers(0, 256, (150, 150, 3), dtype=np.uint8),
+        np.full((150, 150, 3), 127, dtype=np.uint8),
+        np.clip(blob, 0, 255).astype(np.uint8),
+    ]
+
+
+def test_descriptor_equals_dlibs_own_network_to_float_rounding(both):
+    ours, theirs = both
+    for chip in _chips():
+        mine = ours.descriptor(chip)
+        ref = np.asarray(theirs.compute_face_descriptor(chip), dtype=np.float32)
+        assert mine.shape == (128,) and mine.dtype == np.float32
+        assert float(np.abs(mine - ref).max()) < 1e-4
+    # and different chips give different descriptors (the comparison above is not trivially true)
+    a, b = (ours.descriptor(c) for c in _chips()[:2])
+    assert float(np.linalg.norm(a - b)) > 0.1
+
+
+def test_a_chip_of_the_wrong_size_is_refused(both):
+    with pytest.raises(ValueError, match="150x150x3"):
+        both[0].descriptor(np.zeros((112, 112, 3), dtype=np.uint8))
+
+
+def test_a_model_file_of_another_network_is_refused(tmp_path):
+    with pytest.raises(ResnetFileError):
+        load_weights(model_path("shape_predictor_5_face_landmarks.dat"))
+    cut = tmp_path / "cut.dat"
+    cut.write_bytes(model_path(MODEL).read_bytes()[:5_000_000])
+    with pytest.raises((ResnetFileError, ValueError)):
+        load_weights(cut)
+
+
+def test_engine_refuses_to_start_when_the_descriptor_model_file_differs(monkeypatch, tmp_path):
+    from infra.settings import FaceSettings
+    from jobs.faces import engine as face_engine
+    from jobs.faces import weights
+
+    real = model_path(MODEL)
+    bad = tmp_path / MODEL
+    data = bytearray(real.read_bytes())
+    data[1000] ^= 0xFF  # one weight changed: still parses, but is not the pinned file
+    bad.write_bytes(bytes(data))
+    monkeypatch.setattr(face_engine, "model_path", lambda name: bad if name == MODEL else real.parent / name)
+    face_engine._face_resnet.cache_clear()
+    try:
+        with pytest.raises(weights.WeightsError, match="refusing face model"):
+            face_engine.FaceEngine(FaceSettings(detector="hog", embedder="dlib"))
+    finally:
+        face_engine._face_resnet.cache_clear()

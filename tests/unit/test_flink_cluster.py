@@ -1,0 +1,205 @@
+"""The standalone Flink cluster's generated config and command lines (infra/flink_cluster.py), and the job's
+split between program-level options (a cluster takes them from ``flink run``) and the mini-cluster's own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from infra import flink_cluster as fc
+from infra.processes import MARKER
+from infra.settings import FlinkClusterSettings, MetricsSettings, Settings
+
+JAVA = Path("/usr/lib/jvm/java-17-openjdk-amd64")
+PYTHON = "/repo/.venv/bin/python"
+
+
+def _settings(tmp_path: Path, **flink: object) -> Settings:
+    return Settings(
+        stack_dir=tmp_path / "stack",
+        bind_host="127.0.0.2",
+        flink=FlinkClusterSettings(cluster_dir=tmp_path / "cluster", **flink),  # type: ignore[arg-type]
+    )
+
+
+def test_cluster_dir_defaults_to_the_stack_dir_and_follows_the_setting(tmp_path: Path) -> None:
+    assert fc.ClusterPaths.of(Settings(stack_dir=tmp_path)).root == (tmp_path / "flink-cluster").resolve()
+    paths = fc.ClusterPaths.of(_settings(tmp_path))
+    assert paths.root == (tmp_path / "cluster").resolve()
+    assert paths.pid("taskmanager-1") == paths.root / "run" / "taskmanager-1.pid"
+    assert paths.config_yaml == paths.root / "conf" / "config.yaml"
+
+
+def test_a_jobmanager_and_each_taskmanager_get_their_own_ports_and_resource_id(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, taskmanagers=3, taskmanager_base_port=7000, rest_port=7081, rpc_port=7123)
+    members = fc.members(settings)
+    assert [m.name for m in members] == ["jobmanager", "taskmanager-0", "taskmanager-1", "taskmanager-2"]
+    assert members[0].is_jobmanager and not members[0].dynamic
+    assert fc.member_ports(settings, members[0]) == [7081, 7123, settings.flink.blob_port]
+    tm_ports = [fc.member_ports(settings, m) for m in members[1:]]
+    assert tm_ports == [[7000, 7001], [7002, 7003], [7004, 7005]]
+    assert dict(members[2].dynamic)["taskmanager.resource-id"] == "taskmanager-1"
+
+
+def test_member_command_starts_the_wheels_script_in_the_foreground_with_its_options(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    jm, tm0, _ = fc.members(settings)
+    flink = Path("/wheel/pyflink")
+    assert fc.member_command(flink, jm) == ["/wheel/pyflink/bin/jobmanager.sh", "start-foreground"]
+    cmd = fc.member_command(flink, tm0)
+    assert cmd[:2] == ["/wheel/pyflink/bin/taskmanager.sh", "start-foreground"]
+    pairs = list(zip(cmd[2::2], cmd[3::2], strict=True))
+    assert all(flag == "-D" for flag, _ in pairs)
+    assert "taskmanager.rpc.port=6130" in [kv for _, kv in pairs]
+    assert "taskmanager.data.port=6131" in [kv for _, kv in pairs]
+
+
+def test_members_get_a_clean_environment_with_the_venv_first_on_the_path(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    paths = fc.ClusterPaths.of(settings)
+    env = fc.member_env(paths, fc.members(settings)[1], JAVA, Path("/wheel/pyflink"), PYTHON)
+    assert env["PATH"].split(":")[0] == "/repo/.venv/bin"  # PEMJA finds its stdlib from this python3
+    assert env["FLINK_CONF_DIR"] == str(paths.conf)
+    assert env["FLINK_LIB_DIR"] == str(paths.lib)
+    assert env["FLINK_PLUGINS_DIR"] == str(paths.plugins)
+    assert env["FLINK_PID_DIR"] == str(paths.run) and env["FLINK_LOG_DIR"] == str(paths.logs)
+    assert env["JAVA_HOME"] == str(JAVA)
+    assert not [k for k in env if k.startswith("CG_") or k == MARKER], "the cluster is not the caller's run"
+
+
+def test_markers_tell_the_jobmanager_and_each_taskmanager_of_this_cluster_apart(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    paths = fc.ClusterPaths.of(settings)
+    markers = [fc.member_marker(paths, m) for m in fc.members(settings)]
+    assert len(set(markers)) == 3
+    assert all(f"--configDir {paths.conf}" in m for m in markers)
+    other = fc.ClusterPaths.of(_settings(tmp_path / "other"))
+    assert fc.member_marker(other, fc.members(settings)[1]) != markers[1]
+
+
+def test_cluster_config_binds_the_bind_host_and_carries_ports_memory_checkpoints_and_python(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, rest_port=18081, rpc_port=16123, blob_port=16124, taskmanager_memory="1g")
+    paths = fc.ClusterPaths.of(settings)
+    options = fc.cluster_options(settings, paths, JAVA, PYTHON, reporter=False)
+    assert options["rest.port"] == "18081" and options["jobmanager.rpc.port"] == "16123"
+    assert options["blob.server.port"] == "16124"
+    for key in ("jobmanager.bind-host", "taskmanager.bind-host", "rest.bind-address"):
+        assert options[key] == "127.0.0.2", key
+    assert options["rest.address"] == options["taskmanager.host"] == options["jobmanager.rpc.address"] == "127.0.0.2"
+    assert options["taskmanager.numberOfTaskSlots"] == "1"
+    assert options["taskmanager.memory.process.size"] == "1g"
+    assert options["execution.checkpointing.dir"] == settings.checkpoint_dir.resolve().as_uri()
+    assert options["python.executable"] == options["python.client.executable"] == PYTHON
+    assert options["env.java.home"] == str(JAVA)
+    assert options["io.tmp.dirs"].startswith(str(paths.root))
+    assert not [key for key in options if key.startswith("metrics.")]
+
+
+def test_cluster_config_loads_the_jobs_reporter_on_a_port_range_bound_to_the_bind_host(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, metrics_ports="19470-19479")
+    options = fc.cluster_options(settings, fc.ClusterPaths.of(settings), JAVA, PYTHON, reporter=True)
+    assert options["metrics.reporters"] == fc.REPORTER
+    assert options["metrics.reporter.prom.factory.class"] == fc.REPORTER_FACTORY
+    assert options["metrics.reporter.prom.host"] == "127.0.0.2"
+    assert options["metrics.reporter.prom.port"] == "19470-19479"  # three processes, one port each
+
+
+def test_config_yaml_is_flat_yaml_flink_reads_back_as_strings(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    options = fc.cluster_options(settings, fc.ClusterPaths.of(settings), JAVA, PYTHON, reporter=True)
+    text = fc.config_yaml(options)
+    assert text.startswith("# Generated by infra/flink_cluster.py")
+    assert yaml.safe_load(text) == options
+
+
+def test_submit_runs_the_job_module_unchanged_detached_at_the_given_parallelism() -> None:
+    cmd = fc.submit_command(Path("/wheel/pyflink"), 2, PYTHON)
+    assert cmd == [
+        "/wheel/pyflink/bin/flink",
+        *("run", "-d", "-p", "2", "-pym", "jobs.flink.job", "-pyexec", PYTHON, "-pyclientexec", PYTHON),
+    ]
+    assert "-d" not in fc.submit_command(Path("/w"), 1, PYTHON, detached=False)
+
+
+def test_submit_passes_the_settings_not_the_callers_cg_variables(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    paths = fc.ClusterPaths.of(settings)
+    base = {"PATH": "/bin", "CG_KAFKA__TOPIC_PREFIX": "stale.", "PYFLINK_GATEWAY_PORT": "1", MARKER: "run-1"}
+    env = fc.submit_env(settings.isolated("t1", tmp_path / "ck"), paths, JAVA, base)
+    assert env["CG_KAFKA__TOPIC_PREFIX"] == "t1."
+    assert env["FLINK_CONF_DIR"] == str(paths.conf) and env["JAVA_HOME"] == str(JAVA)
+    assert "PYFLINK_GATEWAY_PORT" not in env
+    assert env[MARKER] == "run-1" and env["PATH"] == "/bin"
+
+
+def test_the_wheel_provides_the_cluster_classpath_and_java_17_options() -> None:
+    try:
+        flink = fc.flink_home()
+    except fc.FlinkClusterError:
+        pytest.skip("apache-flink is not installed")
+    names = [jar.name for jar in fc.lib_jars(flink)]
+    assert any(n.startswith("flink-dist-") for n in names)
+    assert any(n.startswith("flink-python-") for n in names), "Python operators load from the cluster's classpath"
+    assert "--add-opens=java.base/java.lang=ALL-UNNAMED" in fc.java_opts(flink)
+    assert (flink / "bin" / "jobmanager.sh").is_file() and (flink / "bin" / "taskmanager.sh").is_file()
+
+
+def test_down_and_status_of_a_cluster_that_never_ran_find_nothing(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, rest_port=1)  # nothing answers on port 1
+    paths = fc.ClusterPaths.of(settings)
+    paths.run.mkdir(parents=True)
+    paths.pid("taskmanager-0").write_text("1\n")  # pid 1 is not a TaskManager of this cluster
+    assert fc.down(settings) == []
+    assert not paths.pid("taskmanager-0").exists()
+    st = fc.status(settings)
+    assert not st["healthy"] and st["overview"] is None
+    assert all(m["pid"] is None for m in st["members"].values())
+
+
+# --- the job: program-level options only on a cluster ---------------------------------------------
+
+
+@pytest.fixture
+def installed(tmp_path: Path) -> Path:
+    """A stack folder with the jars the job's options look for (empty stand-ins)."""
+    for jar in ("lib/flink/connector.jar", "lib/flink-plugins/metrics-prometheus/checkout-guard-metrics.jar"):
+        (tmp_path / jar).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / jar).touch()
+    return tmp_path
+
+
+CLUSTER_LEVEL = ("taskmanager.", "jobmanager.", "rest.", "metrics.", "env.", "parallelism.default", "blob.")
+
+
+def test_on_a_cluster_the_job_sets_program_level_options_only(installed: Path) -> None:
+    from jobs.flink.job import program_options
+
+    settings = Settings(stack_dir=installed, java_home=JAVA)
+    options = program_options(settings, None)
+    assert not [key for key in options if key.startswith(CLUSTER_LEVEL)]
+    assert options["execution.checkpointing.dir"] == settings.checkpoint_dir.resolve().as_uri()
+    assert options["pipeline.jars"].endswith("connector.jar")
+
+
+def test_the_mini_cluster_keeps_the_program_options_and_its_own_cluster_options(installed: Path) -> None:
+    from jobs.flink.job import flink_options, program_options
+
+    settings = Settings(stack_dir=installed, metrics=MetricsSettings(base_port=19460))
+    restore = installed / "savepoints" / "savepoint-1"
+    local, program = flink_options(settings, restore), program_options(settings, restore)
+    assert {k: local[k] for k in program} == program
+    assert local["parallelism.default"] == "1" and local["metrics.reporter.prom.port"] == "19460"
+    assert program["execution.state-recovery.path"] == restore.resolve().as_uri()
+
+
+def test_stop_takes_a_canonical_savepoint_where_the_next_start_finds_it() -> None:
+    cmd = fc.stop_command(Path("/wheel/pyflink"), "abc123", "file:///ck/savepoints")
+    assert cmd == [
+        "/wheel/pyflink/bin/flink",
+        *("stop", "--type", "canonical", "--savepointPath", "file:///ck/savepoints", "abc123"),
+    ]
+    output = 'Suspending job "abc123" with a CANONICAL savepoint.\nSavepoint completed. Path: file:/ck/savepoints/s-1\n'
+    assert fc.savepoint_path(output) == "file:/ck/savepoints/s-1"
+    assert fc.savepoint_path("Suspending job ...\n") is None

@@ -1,0 +1,97 @@
+"""The watchlist service learns from confirmed cases: ``LEARN <subject> <ref>`` adds a template, up to the cap;
+case verbs are left to the case service."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import SecretStr
+
+from infra.command_auth import SIGNATURE_HEADER, sign_command
+from infra.settings import CasesSettings, Settings, WebexSettings
+from jobs.faces.engine import FaceEngine
+from jobs.faces.watchlist_service import Source, WatchlistCore
+from schemas.records import AuditEvent, BotCommand, DeadLetter, WatchlistEntry
+from schemas.topics import AUDIT, DEAD_LETTERS, WATCHLIST
+from tests.unit.test_watchlist_service import FACES, needs_faces
+
+NOW = 1_800_000_000_000
+KEY = "unit-test-command-signing-key"
+_ENGINE: FaceEngine | None = None
+
+
+@pytest.fixture
+def core(tmp_path) -> WatchlistCore:
+    global _ENGINE
+    webex = WebexSettings(command_signing_key=SecretStr(KEY), allowed_people="lp@example.com")
+    settings = Settings(stack_dir=tmp_path, webex=webex, cases=CasesSettings(max_templates=2))
+    _ENGINE = _ENGINE or FaceEngine(settings.faces)
+    return WatchlistCore(settings, engine=_ENGINE)
+
+
+def signed(verb: str, arg: str, cid: str, offset: int = 1) -> Source:
+    cmd = BotCommand(command_id=cid, issued_at=NOW - 1000, verb=verb, actor="lp@example.com", argument=arg)
+    return Source("commands", 0, offset, cid.encode(), cmd.encode(), ((SIGNATURE_HEADER, sign_command(cmd, KEY)),))
+
+
+def only(outs, topic):
+    return [o for o in outs if o.topic == topic]
+
+
+def photo(name: str) -> bytes:
+    return (FACES / "face_recognition" / "test_images" / name).read_bytes()
+
+
+@needs_faces
+def test_a_confirmed_sighting_becomes_another_template_until_the_cap(core) -> None:
+    core.store.put("checkout", "tx-1", photo("obama.jpg"))
+    core.on_command(signed("FRAUD", "tx-1", "c1"), NOW)
+    sighting = core.store.put("checkout", "tx-2", photo("obama2.jpg"))
+    outs = core.on_command(signed("LEARN", f"subj-tx-1 {sighting}", "learn:case-1", 2), NOW)
+    (wl,) = only(outs, WATCHLIST)
+    entry = WatchlistEntry.decode(wl.value)
+    assert len(entry.embeddings) == 2 and entry.flagged_by == "lp@example.com"
+    (audit,) = [AuditEvent.decode(o.value) for o in only(outs, AUDIT)]
+    assert (audit.action, audit.outcome, audit.details["templates"]) == ("LEARN", "DONE", "2")
+    assert core.on_command(signed("LEARN", f"subj-tx-1 {sighting}", "learn:case-1", 2), NOW) == []  # replay
+    full = core.on_command(signed("LEARN", f"subj-tx-1 {sighting}", "learn:case-2", 3), NOW)
+    assert not only(full, WATCHLIST)
+    assert AuditEvent.decode(only(full, AUDIT)[0].value).outcome == "UNCHANGED"
+
+
+def test_learning_for_a_subject_not_on_the_watchlist_fails(core) -> None:
+    outs = core.on_command(signed("LEARN", "subj-nobody local://checkout/x.jpg", "learn:case-9"), NOW)
+    (dl,) = only(outs, DEAD_LETTERS)
+    assert DeadLetter.decode(dl.value).error_kind == "unknown_subject"
+    assert AuditEvent.decode(only(outs, AUDIT)[0].value).outcome == "FAILED"
+
+
+def test_case_verbs_are_left_to_the_case_service_even_when_forged(core) -> None:
+    forged = BotCommand(command_id="x", issued_at=NOW, verb="CONFIRM", actor="lp@example.com", argument="case-1")
+    assert core.on_command(Source("commands", 0, 5, b"x", forged.encode(), ()), NOW) == []
+
+
+@needs_faces
+def test_an_entry_expires_after_the_setting_unless_renewed(core) -> None:
+    core.store.put("checkout", "tx-1", photo("obama.jpg"))
+    (wl,) = only(core.on_command(signed("FRAUD", "tx-1", "c1"), NOW), WATCHLIST)
+    entry = WatchlistEntry.decode(wl.value)
+    year = int(core.settings.faces.watchlist_expire_days * 86_400_000)
+    assert entry.expires_at == NOW - 1000 + year
+    assert core.expire(entry.expires_at - 1) == []
+    renewal = core.on_command(signed("RENEW", "subj-tx-1", "c2", 2), NOW + 10_000)
+    (renewed,) = [WatchlistEntry.decode(o.value) for o in only(renewal, WATCHLIST)]
+    assert renewed.expires_at == NOW + 10_000 + year and len(renewed.embeddings) == 1
+    (audit,) = [AuditEvent.decode(o.value) for o in only(renewal, AUDIT)]
+    assert (audit.action, audit.outcome, audit.actor) == ("RENEW", "DONE", "lp@example.com")
+    assert core.expire(entry.expires_at) == [], "renewed: not expired at the old date"
+    outs = core.expire(renewed.expires_at)
+    assert [(o.key, o.value) for o in only(outs, WATCHLIST)] == [(b"subj-tx-1", None)]
+    (gone,) = [AuditEvent.decode(o.value) for o in only(outs, AUDIT)]
+    assert (gone.action, gone.outcome, gone.actor) == ("EXPIRE", "DONE", "watchlist-service")
+    assert core.store.find("reference", "subj-tx-1") is None, "expiry removes every trace, as forget does"
+    assert core.expire(renewed.expires_at + 1) == []
+
+
+def test_renewing_a_subject_not_on_the_watchlist_fails(core) -> None:
+    outs = core.on_command(signed("RENEW", "subj-nobody", "c9"), NOW)
+    assert DeadLetter.decode(only(outs, DEAD_LETTERS)[0].value).error_kind == "unknown_subject"

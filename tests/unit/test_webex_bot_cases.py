@@ -1,0 +1,163 @@
+"""Case verdicts from Webex: typed ``confirm``/``dismiss``/``assign``/``note``/``escalate`` and the case card's
+buttons (signed ``attachmentActions`` webhooks) become the same signed commands; forged presses change nothing.
+The local Webex API server plays Webex (tests/unit/test_webex_bot.py has the harness)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+from infra.command_auth import authenticate_command
+from infra.launcher import wait_for
+from infra.local.webex import person_id, sign
+from infra.settings import AlertSettings
+from jobs.bot.webex_bot import parse_command
+from schemas.records import case_id_for
+from sinks.alerts.message import case_card
+from tests.unit import test_webex_bot
+from tests.unit.test_webex_bot import SECRET, SECURITY_ROOM, SHOP_FLOOR, Harness
+
+ALERT = {"alert_id": "watchlist:tx-1:subj-a", "kind": "WATCHLIST_MATCH", "store_id": "S1", "event_time": 0}
+CASE = case_id_for(ALERT["alert_id"])
+harness = test_webex_bot.harness
+"""The bot over HTTP with the local Webex API (the fixture of tests/unit/test_webex_bot.py)."""
+
+
+@pytest.mark.parametrize(
+    ("text", "verb", "argument"),
+    [
+        ("Checkout Guard confirm case-1a2b", "CONFIRM", "case-1a2b"),
+        ("confirm case-1a2b fraud", "CONFIRM", "case-1a2b fraud"),
+        ("dismiss case-1a2b not the same person", "DISMISS", "case-1a2b not the same person"),
+        ("assign case-1a2b lead@store.test", "ASSIGN", "case-1a2b lead@store.test"),
+        ("note case-1a2b left by the side door", "NOTE", "case-1a2b left by the side door"),
+        ("escalate case-1a2b", "ESCALATE", "case-1a2b"),
+    ],
+)
+def test_case_commands_are_parsed_with_their_whole_argument(text: str, verb: str, argument: str) -> None:
+    parsed = parse_command(text, ("Checkout Guard", "Checkout"))
+    assert (parsed.verb, parsed.argument, parsed.problem) == (verb, argument, None)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [("confirm", "needs a case id"), ("confirm case-1 maybe", "`fraud`"), ("assign case-1", "one person")],
+)
+def test_malformed_case_commands_are_answered_not_published(text: str, problem: str) -> None:
+    assert problem in (parse_command(text).problem or "")
+
+
+def test_a_verdict_from_the_security_room_becomes_one_signed_command(harness: Harness) -> None:
+    harness.say(SECURITY_ROOM, "guard@store.test", f"Checkout Guard dismiss {CASE} different person")
+    [reply] = wait_for(lambda: harness.replies(SECURITY_ROOM), 10, what="the reply")
+    [command], [headers] = harness.published, harness.headers
+    assert (command.verb, command.argument, command.actor) == (
+        "DISMISS",
+        f"{CASE} different person",
+        "guard@store.test",
+    )
+    authenticate_command(command, headers, harness.bot.settings.webex, command.issued_at + 1000)
+    assert CASE in reply and "dismissed" in reply
+
+
+def test_a_verdict_from_someone_not_allowed_is_refused(harness: Harness) -> None:
+    harness.say(SHOP_FLOOR, "cashier@store.test", f"confirm {CASE}")
+    [reply] = wait_for(lambda: harness.replies(SHOP_FLOOR), 10, what="the refusal")
+    assert reply.startswith("Sorry") and harness.published == []
+
+
+def post_card(harness: Harness, room: str) -> str:
+    card = case_card(ALERT, AlertSettings())
+    return harness.bot.client.send_card(room, f"Case `{CASE}`", card)["id"]
+
+
+def test_the_case_card_has_both_buttons_and_the_two_images() -> None:
+    card = case_card({**ALERT, "snapshot_ref": "local://x", "subject_id": "subj-a"}, AlertSettings())
+    submits = [a["data"] for a in card["actions"] if a["type"] == "Action.Submit"]
+    assert submits == [{"verb": "confirm", "case_id": CASE}, {"verb": "dismiss", "case_id": CASE}]
+    columns = [col for part in card["body"] if part["type"] == "ColumnSet" for col in part["columns"]]
+    assert [item["url"] for col in columns for item in col["items"] if item["type"] == "Image"] == [
+        f"http://127.0.0.1:8050/cases/{CASE}/images/live",
+        f"http://127.0.0.1:8050/cases/{CASE}/images/reference",
+    ]
+
+
+def test_a_card_press_does_what_the_typed_command_does(harness: Harness) -> None:
+    message_id = post_card(harness, SECURITY_ROOM)
+    [delivery] = harness.webex.press(message_id, "guard@store.test", {"verb": "confirm", "case_id": CASE})
+    assert delivery["status"] == 200
+    wait_for(lambda: harness.published, 10, what="the command")
+    [command], [headers] = harness.published, harness.headers
+    assert (command.verb, command.argument, command.actor, command.room_id) == (
+        "CONFIRM",
+        CASE,
+        "guard@store.test",
+        SECURITY_ROOM,
+    )
+    assert command.command_id == delivery["message_id"], "the action id: a redelivered press is the same command"
+    authenticate_command(command, headers, harness.bot.settings.webex, command.issued_at + 1000)
+    wait_for(lambda: any("confirmed" in r for r in harness.replies(SECURITY_ROOM)), 10, what="the reply")
+
+
+def test_a_press_by_someone_not_allowed_changes_nothing(harness: Harness) -> None:
+    message_id = post_card(harness, SHOP_FLOOR)
+    harness.webex.press(message_id, "cashier@store.test", {"verb": "confirm", "case_id": CASE})
+    wait_for(lambda: any(r.startswith("Sorry") for r in harness.replies(SHOP_FLOOR)), 10, what="the refusal")
+    assert harness.published == []
+
+
+def test_a_forged_press_changes_nothing(harness: Harness) -> None:
+    message_id = post_card(harness, SECURITY_ROOM)
+    harness.webex.state.webhooks.clear()  # the press is stored, only our forged callbacks arrive
+    harness.webex.press(message_id, "guard@store.test", {"verb": "confirm", "case_id": CASE})
+    [action_id] = list(harness.webex.state.actions)
+    body = json.dumps(
+        {
+            "resource": "attachmentActions",
+            "event": "created",
+            "data": {"id": action_id, "roomId": SECURITY_ROOM, "personId": person_id("guard@store.test")},
+        }
+    ).encode()
+    unsigned = httpx.post(harness.url, content=body)
+    forged = httpx.post(harness.url, content=body, headers={"X-Spark-Signature": sign(body, "guessed")})
+    assert (unsigned.status_code, forged.status_code) == (401, 403)
+    time.sleep(0.5)
+    assert harness.published == []
+    signed = httpx.post(harness.url, content=body, headers={"X-Spark-Signature": sign(body, SECRET)})
+    assert signed.status_code == 200
+    wait_for(lambda: harness.published, 10, what="the command of the correctly signed press")
+
+
+def test_renew_is_a_signed_watchlist_change_for_allowed_people_only(harness: Harness) -> None:
+    assert (parse_command("renew subj-tx-1").verb, parse_command("renew subj-tx-1").argument) == ("RENEW", "subj-tx-1")
+    harness.say(SHOP_FLOOR, "cashier@store.test", "renew subj-tx-1")
+    wait_for(lambda: harness.replies(SHOP_FLOOR), 10, what="the refusal")
+    assert harness.published == []
+    harness.say(SECURITY_ROOM, "guard@store.test", "renew subj-tx-1")
+    wait_for(lambda: harness.published, 10, what="the command")
+    [command], [headers] = harness.published, harness.headers
+    assert (command.verb, command.argument) == ("RENEW", "subj-tx-1")
+    authenticate_command(command, headers, harness.bot.settings.webex, command.issued_at + 1000)
+
+
+def test_status_counts_the_watchlist_and_lists_what_expires_soon_soonest_first() -> None:
+    from jobs.bot.webex_bot import watchlist_text
+    from schemas.records import WatchlistEntry
+
+    day, now = 86_400_000, 1_800_000_000_000
+
+    def entry(subject: str, category: str, **kw) -> WatchlistEntry:
+        return WatchlistEntry(subject, category, [], "fraud", "lp@x", kw.pop("flagged_at", now), **kw)
+
+    entries = [
+        entry("subj-a", "SUSPECT", expires_at=now + 20 * day),
+        entry("subj-b", "SUSPECT", flagged_at=now - 360 * day),  # written before expiry existed: 5 days left
+        entry("subj-c", "VIP", expires_at=now + 200 * day),
+    ]
+    text = watchlist_text(entries, now, 365)
+    assert text.startswith("Watchlist: 2 suspect, 1 vip; expiring within 30 days")
+    assert text.endswith("`subj-b` in 5 d, `subj-a` in 20 d")
+    assert watchlist_text([], now, 365) == "Watchlist: empty"
