@@ -4,6 +4,9 @@
    process to two channels that each take ``latency_ms`` to answer: a local SMTP server and the local
    Webex API server, both in their own processes. Alerts/s = alerts delivered on *both* channels per
    second, from the first delivery to the last (goal >= 200/s at 50 ms).
+   With ``cases``, the case service (``jobs.cases.service``) runs beside the sender on the same alerts: the
+   delivery rate against the run without it (issue: no change), cases opened per second, and then one
+   signed ``DISMISS`` per case, verdicts applied per second.
 2. **transaction -> e-mail** -- live transactions with a high share of fraud patterns through the real
    scoring job and the alert sender to the stack's SMTP server: the time from a blocked transaction's
    event time to the SMTP server accepting its mail (the ledger's delivery time). The job waits up to
@@ -20,6 +23,7 @@ import shutil
 import sqlite3
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
@@ -33,16 +37,20 @@ from pydantic import SecretStr
 
 from infra import clock
 from infra.clients import kafka as kafka_clients
+from infra.clients.commands import signed_headers
+from infra.clients.control_topics import read_control_topics
 from infra.launcher import Child, spawn, start_scoring_job, wait_for
 from infra.local import smtp as local_smtp
 from infra.local.webex import free_port
 from infra.processes import stop_child, stop_children
 from infra.settings import Settings
 from infra.stack import ensure_topics
-from schemas.records import Alert
-from schemas.topics import ALERTS, ALL_TOPICS, TRANSACTIONS
+from schemas.records import Alert, BotCommand, Case
+from schemas.topics import ALERTS, ALL_TOPICS, CASES, COMMANDS, TRANSACTIONS
 
 TOKEN, ROOM = "bench-token", "room-bench"
+BENCH_PERSON = "bench@checkout-guard.test"
+"""The allow-listed person the verdicts of the cases stage come from."""
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -130,11 +138,64 @@ def _cleanup(settings: Settings, children: list[Child]) -> None:
     shutil.rmtree(settings.alerts.ledger_path.parent, ignore_errors=True)  # the run's ledger, mails, checkpoints
 
 
-def alert_delivery(base: Settings, alerts: int = 3000, latency_ms: float = 50.0, split: bool = False) -> dict:
+def _latest_cases(settings: Settings) -> dict[str, Case]:
+    """The latest version of every case on the run's cases topic."""
+    cases: dict[str, Case] = {}
+
+    def keep(_topic: str, _key: bytes | None, value: bytes | None) -> None:
+        if value:
+            case = Case.decode(value)
+            cases[case.case_id] = case
+
+    read_control_topics(settings, keep, timeout_s=60.0, specs=(CASES,))
+    return cases
+
+
+def _cases_until(settings: Settings, done: Callable[[dict[str, Case]], bool], timeout_s: float) -> dict[str, Case]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        cases = _latest_cases(settings)
+        if done(cases) or time.monotonic() > deadline:
+            return cases
+        time.sleep(1.0)
+
+
+def _verdicts(settings: Settings, cases: dict[str, Case]) -> dict:
+    """One signed ``DISMISS`` per case, produced as fast as Kafka takes them; verdicts/s from the first command
+    to the last case the case service updated."""
+    key = settings.webex.command_signing_key.get_secret_value() if settings.webex.command_signing_key else ""
+    producer = kafka_clients.producer(settings, kafka_clients.IDEMPOTENT, linger_ms=5)
+    topic = COMMANDS.full_name(settings.kafka.topic_prefix)
+    start = clock.now_ms()
+    for n, case_id in enumerate(cases):
+        command = BotCommand(f"bench-verdict-{n}", clock.now_ms(), "DISMISS", BENCH_PERSON, f"{case_id} bench")
+        producer.produce(
+            topic, key=command.command_id.encode(), value=command.encode(), headers=signed_headers(command, key)
+        )
+        producer.poll(0)
+    producer.flush(30)
+    decided = _cases_until(settings, lambda c: sum(x.state == "dismissed" for x in c.values()) >= len(cases), 600)
+    done = [c for c in decided.values() if c.state == "dismissed"]
+    last = max((c.updated_at for c in done), default=start)
+    return {"verdicts": len(done), "verdicts_per_s": len(done) / max((last - start) / 1000, 1e-3)}
+
+
+def alert_delivery(
+    base: Settings, alerts: int = 3000, latency_ms: float = 50.0, split: bool = False, cases: bool = False
+) -> dict:
     """Alerts/s delivered to both channels when each answers in ``latency_ms``; ``split``: one sender
-    process per channel (``CG_ALERTS__CHANNELS=email`` / ``=webex``) instead of one for both."""
+    process per channel (``CG_ALERTS__CHANNELS=email`` / ``=webex``) instead of one for both; ``cases``: the
+    case service runs too (then cases opened/s and, after the deliveries, verdicts applied/s)."""
     webex_port, smtp_port = free_port(), free_port()
-    settings = _bench_settings(base, "d", webex_port, smtp_port)
+    settings = _bench_settings(base, "c" if cases else "d", webex_port, smtp_port)
+    if cases:
+        settings = settings.model_copy(
+            update={
+                "webex": settings.webex.model_copy(
+                    update={"command_signing_key": SecretStr(uuid.uuid4().hex), "allowed_people": BENCH_PERSON}
+                )
+            }
+        )
     ensure_topics(settings)
     mail = settings.stack_dir / "bench" / settings.kafka.topic_prefix.rstrip(".") / "mail"
     children: list[Child] = []
@@ -181,6 +242,8 @@ def alert_delivery(base: Settings, alerts: int = 3000, latency_ms: float = 50.0,
             producer.produce(topic, key=alert.alert_id.encode(), value=alert.encode())
             producer.poll(0)
         producer.flush(30)
+        if cases:
+            children.append(spawn("jobs.cases.service", settings, name="bench-case-service"))
         if split:
             for channel in ("email", "webex"):
                 own = settings.model_copy(update={"alerts": settings.alerts.model_copy(update={"channels": channel})})
@@ -198,6 +261,16 @@ def alert_delivery(base: Settings, alerts: int = 3000, latency_ms: float = 50.0,
         cpu_ms = {c.name: round(_cpu_s(c) * 1000 / alerts, 2) for c in children}
         webex_messages = len(httpx.get(f"http://127.0.0.1:{webex_port}/_local/messages", timeout=30).json()["items"])
         mails = len(list(mail.glob("*.eml")))
+        case_figures: dict = {}
+        if cases:
+            opened = _cases_until(settings, lambda c: len(c) >= alerts, 300)
+            times = [c.opened_at for c in opened.values()]
+            span_s = (max(times) - min(times)) / 1000 if times else 0.0
+            case_figures = {
+                "cases": len(opened),
+                "cases_per_s": len(opened) / max(span_s, 1e-3),
+                **_verdicts(settings, opened),
+            }
         return {
             "alerts": alerts,
             "channel_latency_ms": latency_ms,
@@ -208,6 +281,8 @@ def alert_delivery(base: Settings, alerts: int = 3000, latency_ms: float = 50.0,
             "concurrency_per_channel": settings.alerts.concurrency,
             "cpu_ms_per_alert": cpu_ms,
             "split": split,
+            "with_cases": cases,
+            **case_figures,
             "load_average_1m": psutil.getloadavg()[0],
             "cpus": psutil.cpu_count(),
         }
@@ -296,6 +371,20 @@ def report_rows(results: dict) -> list[tuple[str, str, str]]:
         rows.append(
             ("alerts delivered, one sender process per channel (alerts/s)", f"{d['alerts_per_s']:,.0f}", ">= 200")
         )
+    if "delivery_cases" in results:
+        d = results["delivery_cases"]
+        plain = results.get("delivery", {}).get("alerts_per_s")
+        ratio = f" = {d['alerts_per_s'] / plain:.2f}x without" if plain else ""
+        rows.append(
+            ("alerts delivered with the case service running (alerts/s)", f"{d['alerts_per_s']:,.0f}{ratio}", "1.0x")
+        )
+        rows.append(
+            (
+                f"cases opened / verdicts applied per s ({d.get('cases', 0)} cases)",
+                f"{d.get('cases_per_s', float('nan')):,.0f} / {d.get('verdicts_per_s', float('nan')):,.0f}",
+                "",
+            )
+        )
     if "to_email" in results:
         e = results["to_email"]
         rows.append(
@@ -312,14 +401,15 @@ def bench_for_make(base: Settings) -> dict:
     return {
         "delivery": alert_delivery(base),
         "delivery_split": alert_delivery(base, split=True),
+        "delivery_cases": alert_delivery(base, cases=True),
         "to_email": transaction_to_email(base),
     }
 
 
 def main(
-    stage: Annotated[str, typer.Argument(help="delivery, split, email or all.")] = "all",
+    stage: Annotated[str, typer.Argument(help="delivery, split, cases, email or all.")] = "all",
 ) -> None:
-    """The alert stages of ``make bench``: STAGE is delivery, split, email or all (the default); prints JSON
+    """The alert stages of ``make bench``: STAGE is delivery, split, cases, email or all (the default); prints JSON
     and the report rows."""
     import json
 
@@ -329,6 +419,7 @@ def main(
     stages = {
         "delivery": lambda: {"delivery": alert_delivery(s)},
         "split": lambda: {"delivery_split": alert_delivery(s, split=True)},
+        "cases": lambda: {"delivery": alert_delivery(s), "delivery_cases": alert_delivery(s, cases=True)},
         "email": lambda: {"to_email": transaction_to_email(s)},
     }
     result = stages[stage]() if stage in stages else bench_for_make(s)

@@ -3,7 +3,8 @@ see them matched when they come back (at the entrance and at a lane), a VIP anno
 left alone, ``forget`` leaving no trace, and a late snapshot not holding a decision past its deadline.
 
 Pieces: local camera (MV Sense MQTT + snapshot API) -> camera bridge -> face stage -> scoring job
-(PyFlink, watchlist as broadcast state) <- watchlist service <- commands; OpenSearch sink.
+(PyFlink, watchlist as broadcast state) <- watchlist service <- commands; OpenSearch sink; the case service,
+which opens one case, with the live snapshot and the enrolled reference image, for the lane's match.
 """
 
 from __future__ import annotations
@@ -16,19 +17,21 @@ import pytest
 from confluent_kafka import Producer
 from pydantic import SecretStr
 
+from infra.clients.control_topics import read_control_topics
 from infra.clients.image_store import ImageStore
 from infra.clients.meraki import camera_for_lane
 from infra.clients.opensearch import make_client
 from infra.command_auth import SIGNATURE_HEADER, sign_command
-from infra.launcher import start_scoring_job
+from infra.launcher import start_scoring_job, wait_for
 from infra.local.camera import LocalCameraControl, LocalCameraServer
 from infra.settings import Settings
+from jobs.cases.service import CaseService
 from jobs.faces.stage import run_face_stage
 from jobs.faces.watchlist_service import WatchlistService
 from producers.camera_bridge import CameraBridge
 from schemas.indices import index_name
-from schemas.records import Alert, BotCommand, PosTransaction, ScoredTransaction, WatchlistEntry
-from schemas.topics import ALERTS, COMMANDS, SCORED_TRANSACTIONS, TRANSACTIONS, WATCHLIST
+from schemas.records import Alert, BotCommand, Case, PosTransaction, ScoredTransaction, WatchlistEntry, case_id_for
+from schemas.topics import ALERTS, CASES, COMMANDS, SCORED_TRANSACTIONS, TRANSACTIONS, WATCHLIST
 from sinks.opensearch.sink import run_sink
 from tests.e2e.camera_helpers import TopicReader, delete_topics, face_camera_settings
 from tests.unit.faces_data import people_or_skip
@@ -95,6 +98,19 @@ class Store:
         return self._decoded()
 
 
+def opened_cases(settings: Settings) -> dict[str, Case]:
+    """The latest version of every case on the (private) cases topic."""
+    cases: dict[str, Case] = {}
+
+    def keep(_topic: str, _key: bytes | None, value: bytes | None) -> None:
+        if value:
+            case = Case.decode(value)
+            cases[case.case_id] = case
+
+    read_control_topics(settings, keep, specs=(CASES,))
+    return cases
+
+
 @pytest.fixture
 def store(stack, tmp_path):
     people = people_or_skip()
@@ -106,10 +122,12 @@ def store(stack, tmp_path):
     camera = LocalCameraServer(settings, people=people).start()
     stop = threading.Event()
     service = WatchlistService(settings)
+    cases = CaseService(settings)
     threads = [
         threading.Thread(target=CameraBridge(settings).run, args=(stop,), daemon=True),
         threading.Thread(target=run_face_stage, args=(settings, stop), daemon=True),
         threading.Thread(target=service.run, daemon=True),
+        threading.Thread(target=cases.run, daemon=True),
         threading.Thread(target=run_sink, args=(settings, stop), daemon=True),
     ]
     for t in threads:
@@ -121,6 +139,7 @@ def store(stack, tmp_path):
     finally:
         job.stop()
         service.stop()
+        cases.stop()
         stop.set()
         for t in threads:
             t.join(30)
@@ -172,6 +191,12 @@ def test_flagged_shopper_is_recognised_vip_announced_others_left_alone_and_forge
     assert scored[back].outcome in ("REVIEW", "BLOCK") and "watchlist_suspect" in scored[back].reasons
     assert scored[back].outcome == "REVIEW" or set(scored[back].reasons) - {"watchlist_suspect"}, scored[back].reasons
     assert f"watchlist:checkout:{back}:{subject}" in alerts
+    # ... and one case for a person to decide, with the live snapshot beside the enrolled reference image.
+    case_id = case_id_for(f"watchlist:checkout:{back}:{subject}")
+    opened = wait_for(lambda: opened_cases(settings).get(case_id), 60, interval=1.0, what=f"case {case_id}")
+    assert (opened.state, opened.subject_id, opened.transaction_id) == ("open", subject, back)
+    assert opened.snapshot_ref and opened.reference_image_ref == watchlist[subject].reference_image_ref
+    assert [c for c in opened_cases(settings).values() if c.transaction_id == back] == [opened]  # one, not two
     entered = [a for a in alerts.values() if a.kind == "SUSPECT_ENTERED"]
     assert {a.subject_id for a in entered} == {subject} and entered[0].store_id == shop.store_id
     assert {a.subject_id for a in alerts.values() if a.kind == "VIP_ARRIVED"} == {vip_subject}
