@@ -155,6 +155,11 @@ def test_alert_case_verdicts_and_their_effects_through_kafka(stack: Settings, tm
         assert len(cases.poll(2)) == n_cases + 1, "only the new verdict wrote a case version"
         (label_key, label_value) = wait_for(labels.poll, 30, what="the fraud label")[0]
         assert label_key == b"tx-x" and label_value is not None
+        # ... and it is what the next `jobs.model.train --labels-from-topic` reads and joins by transaction id
+        from jobs.model.labels import read_labels
+
+        in_force = read_labels(settings).by_transaction
+        assert in_force["tx-x"].label == 1 and in_force["tx-x"].source == "case"
     finally:
         for process in (service, watchlist):
             if process is not None:
