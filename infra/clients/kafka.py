@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Message, Producer
 from confluent_kafka.admin import AdminClient
 
 from infra.settings import KafkaSettings, Settings
@@ -153,3 +153,9 @@ def message_dead_letter(message: Message, error_kind: str, reason: str, *, stage
         stage=stage,
         failed_at=failed_at,
     )
+
+
+def written_at_ms(message: Message) -> int | None:
+    """A record's Kafka timestamp in ms (producer or broker time), ``None`` when it has none."""
+    ts_type, ts = message.timestamp()
+    return ts if ts_type != TIMESTAMP_NOT_AVAILABLE and ts >= 0 else None

@@ -71,7 +71,7 @@ from infra.settings import Settings, get_settings
 from jobs.cases.core import parse_case_command
 from jobs.faces.checkout_inspect import Lookup
 from schemas.errors import CheckoutGuardError, InvalidRecord
-from schemas.identifiers import ID_RE
+from schemas.identifiers import ID_RE, check
 from schemas.records import CASE_VERBS, OUTCOME_WORDS, BotCommand, WatchlistEntry
 from schemas.topics import WATCHLIST
 
@@ -532,6 +532,10 @@ class WebexBot:
         email = str(emails[0]) if emails else ""
         inputs = action.get("inputs") if isinstance(action.get("inputs"), dict) else {}
         verb, case_id = str(inputs.get("verb") or "").lower(), str(inputs.get("case_id") or "")
+        try:  # one case id, nothing else: a doctored card must not smuggle words (``case-x fraud``) in
+            check(case_id, "case_id")
+        except InvalidRecord:
+            verb = ""
         parsed = _parse_words([verb, case_id]) if verb in CARD_VERBS else ParsedCommand(None)
         reply, _accepted = self._execute(parsed, str(action.get("id") or data["id"]), room_id, email)
         with_retries(lambda: self.client.send_message(room_id, reply))

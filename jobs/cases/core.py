@@ -17,12 +17,11 @@ from typing import Any
 
 from schemas.errors import InvalidRecord
 from schemas.identifiers import check
-from schemas.records import CASE_VERBS, FRAUD, LEGITIMATE, Alert, Case, CaseNote, case_id_for
+from schemas.records import CASE_VERBS, FACE_ALERT_KINDS, FRAUD, LEGITIMATE, Alert, Case, CaseNote, case_id_for
 
 OPEN, CONFIRMED, DISMISSED, ESCALATED, EXPIRED = "open", "confirmed", "dismissed", "escalated", "expired"
 PENDING = frozenset({OPEN, ESCALATED})
 """States that wait for a verdict (and expire)."""
-FACE_KINDS = frozenset({"WATCHLIST_MATCH", "SUSPECT_ENTERED", "VIP_ARRIVED"})
 """Alert kinds about a face match: a verdict on them teaches the watchlist."""
 FRAUD_KINDS = frozenset({"BLOCKED_TRANSACTION"})
 """Alert kinds about a transaction: a verdict on them is a fraud / legitimate label."""
@@ -98,7 +97,7 @@ def dismiss(case: Case, actor: str, now_ms: int, reason: str | None = None, prio
     """A person says the alert was wrong. A face match counts as a false match of its subject
     (``prior_false_matches`` + 1); a blocked transaction is labelled legitimate."""
     _pending(case, "dismiss")
-    face = case.kind in FACE_KINDS and case.subject_id is not None
+    face = case.kind in FACE_ALERT_KINDS and case.subject_id is not None
     return _next(
         case,
         actor,
@@ -199,13 +198,13 @@ class CaseBook:
         if held is not None and held.version >= case.version:
             return
         newly_dismissed = case.state == DISMISSED and (held is None or held.state != DISMISSED)
-        if newly_dismissed and case.subject_id and case.kind in FACE_KINDS:
+        if newly_dismissed and case.subject_id and case.kind in FACE_ALERT_KINDS:
             self.false_matches[case.subject_id] += 1
         self.cases[case.case_id] = case
 
     def forget(self, case_id: str) -> None:
         case = self.cases.pop(case_id, None)
-        if case and case.state == DISMISSED and case.subject_id and case.kind in FACE_KINDS:
+        if case and case.state == DISMISSED and case.subject_id and case.kind in FACE_ALERT_KINDS:
             self.false_matches[case.subject_id] -= 1
 
     def open(self, alert: Alert, now_ms: int, expire_after_ms: int, reference_image_ref: str | None) -> Case | None:

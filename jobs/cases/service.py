@@ -48,10 +48,20 @@ from infra.command_auth import SIGNATURE_HEADER, authenticate_command, sign_comm
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.retry import Backoff
 from infra.settings import Settings, get_settings
-from jobs.cases.core import FACE_KINDS, CaseBook, Refused, parse_case_command
+from jobs.cases.core import CaseBook, Refused, parse_case_command
 from schemas.codec import DecodeError
 from schemas.errors import InvalidRecord
-from schemas.records import CASE_VERBS, Alert, AuditEvent, BotCommand, Case, WatchlistEntry, dead_letter, make_label
+from schemas.records import (
+    CASE_VERBS,
+    FACE_ALERT_KINDS,
+    Alert,
+    AuditEvent,
+    BotCommand,
+    Case,
+    WatchlistEntry,
+    dead_letter,
+    make_label,
+)
 from schemas.topics import ALERTS, AUDIT, CASES, COMMANDS, DEAD_LETTERS, LABELS, WATCHLIST, TopicSpec
 
 log = logging.getLogger("jobs.cases.service")
@@ -90,6 +100,9 @@ class Source:
     key: bytes | None
     value: bytes | None
     headers: tuple[tuple[str, Any], ...] = ()
+    written_at: int | None = None
+    """The record's Kafka timestamp (ms): a command's freshness is judged by when it reached Kafka, so one
+    given while this service was down or behind is still applied when it catches up."""
 
 
 class CaseCore:
@@ -102,6 +115,11 @@ class CaseCore:
         """Subject id -> its enrolled reference image ref (from the watchlist topic)."""
         self.done: set[str] = set()
         """Audit ids already published: a command replayed after an offset reset is skipped."""
+        self.waiting: dict[str, list[tuple[Source, int]]] = {}
+        """Verified commands for a case whose alert has not been read yet (alerts and commands are separate
+        topics, read in no fixed order), with when they arrived: applied when the case opens, refused
+        ``unknown_case`` once older than ``webex.command_max_age_s``. Their offsets are not committed while
+        they wait (:meth:`oldest_waiting`), so a restart reads them again."""
 
     # --- state -------------------------------------------------------------------------------------
     def load_case(self, _key: bytes | None, value: bytes | None) -> None:
@@ -139,15 +157,19 @@ class CaseCore:
             metrics.RECORDS_IN.labels(PROCESS, "invalid").inc()
             return [self._dead_letter(src, exc, now_ms)]
         metrics.RECORDS_IN.labels(PROCESS, "alert").inc()
-        reference = self.references.get(alert.subject_id or "") if alert.kind in FACE_KINDS else None
+        reference = self.references.get(alert.subject_id or "") if alert.kind in FACE_ALERT_KINDS else None
         expire_ms = int(self.settings.cases.expire_after_s * 1000)
         case = self.book.open(alert, now_ms, expire_ms, reference)
         if case is None:
             return []  # this alert has its case already
         log.info("opened %s for alert %s (%s, store %s)", case.case_id, alert.alert_id, alert.kind, alert.store_id)
-        return [self._case(case)]
+        outs = [self._case(case)]
+        for waiting, _since in self.waiting.pop(case.case_id, []):
+            outs += self.on_command(waiting, now_ms)
+        return outs
 
-    def on_command(self, src: Source, now_ms: int) -> list[Out]:
+    def on_command(self, src: Source, now_ms: int, *, wait: bool = True) -> list[Out]:
+        """A command: applied, refused, or (``wait``, a verified command for a case not opened yet) held."""
         try:
             cmd = BotCommand.decode(src.value or b"")
         except DecodeError as exc:
@@ -160,7 +182,7 @@ class CaseCore:
         if audit_id in self.done:
             return []
         try:
-            authenticate_command(cmd, src.headers, self.settings.webex, now_ms)
+            authenticate_command(cmd, src.headers, self.settings.webex, src.written_at or now_ms)
         except InvalidRecord as refused:
             return self._refuse(src, cmd, refused, now_ms)
         audit: dict[str, Any] = {
@@ -178,6 +200,10 @@ class CaseCore:
         if held is not None:
             audit.update(subject_id=held.subject_id, category=held.category, transaction_id=held.transaction_id)
         audit["details"] = {"case_id": command.case_id}
+        if wait and command.case_id not in self.book.cases:
+            log.info("command %s waits for the alert of %s", cmd.command_id, command.case_id)
+            self.waiting.setdefault(command.case_id, []).append((src, now_ms))
+            return []
         try:
             case = self.book.apply(command, cmd.actor, now_ms)
         except Refused as refused:
@@ -195,9 +221,29 @@ class CaseCore:
             self._dead_letter(src, refused, now_ms),
         ]
 
+    def oldest_waiting(self, topic: str, partition: int) -> int | None:
+        """The offset of the oldest command still waiting on ``topic``/``partition`` (the commit stops there)."""
+        offsets = [
+            src.offset
+            for held in self.waiting.values()
+            for src, _ in held
+            if (src.topic, src.partition) == (topic, partition)
+        ]
+        return min(offsets, default=None)
+
     def expire(self, now_ms: int) -> list[Out]:
-        """Every undecided case past its time, expired and audited."""
+        """Every undecided case past its time, expired and audited; every command that waited longer than a
+        command may be old for a case that never opened, refused ``unknown_case``."""
         outs: list[Out] = []
+        max_wait_ms = self.settings.webex.command_max_age_s * 1000
+        for case_id, held in list(self.waiting.items()):
+            stale = [src for src, since in held if now_ms - since > max_wait_ms]
+            if stale:
+                self.waiting[case_id] = [(src, since) for src, since in held if now_ms - since <= max_wait_ms]
+                if not self.waiting[case_id]:
+                    del self.waiting[case_id]
+                for src in stale:
+                    outs += self.on_command(src, now_ms, wait=False)
         for case in self.book.due(now_ms):
             log.info("expired %s (nobody decided within the expiry)", case.case_id)
             outs.append(self._case(case))
@@ -221,7 +267,7 @@ class CaseCore:
     def _effects(self, case: Case, cmd: BotCommand, audit: dict[str, Any], now_ms: int) -> list[Out]:
         details = self._case_details(case)
         outs: list[Out] = []
-        face = case.kind in FACE_KINDS and case.subject_id is not None
+        face = case.kind in FACE_ALERT_KINDS and case.subject_id is not None
         if cmd.verb == "CONFIRM" and face and case.snapshot_ref:
             outs.append(self._learn(case, cmd, now_ms))
             details["template_requested"] = "true"
@@ -370,6 +416,8 @@ class CaseService:
     def run(self) -> None:
         from confluent_kafka import TopicPartition
 
+        from infra.clients import kafka as kafka_clients
+
         self.replay(CASES, self.core.load_case)
         self.replay(WATCHLIST, self.core.load_watchlist)
         self.replay(AUDIT, self.core.load_audit)
@@ -387,11 +435,20 @@ class CaseService:
                         log.warning("consumer error: %s", msg.error())
                         continue
                     src = Source(
-                        msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), tuple(msg.headers() or ())
+                        msg.topic(),
+                        msg.partition(),
+                        msg.offset(),
+                        msg.key(),
+                        msg.value(),
+                        tuple(msg.headers() or ()),
+                        kafka_clients.written_at_ms(msg),
                     )
                     with metrics.timed(self._processing):
                         outs += self.topics[msg.topic()](src, clock.now_ms())
                     offsets[(msg.topic(), msg.partition())] = msg.offset() + 1
+                for (topic, partition), offset in offsets.items():
+                    oldest = self.core.oldest_waiting(topic, partition)
+                    offsets[(topic, partition)] = offset if oldest is None else min(offset, oldest)
                 if offsets:
                     self._publish(outs, [TopicPartition(t, p, o) for (t, p), o in offsets.items()])
         finally:

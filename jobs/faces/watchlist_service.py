@@ -108,6 +108,9 @@ class Source:
     key: bytes | None
     value: bytes | None
     headers: tuple[tuple[str, Any], ...] = ()
+    written_at: int | None = None
+    """The record's Kafka timestamp (ms): a command's freshness is judged by when it reached Kafka, so one
+    given while this service was down or behind is still applied when it catches up."""
     """Kafka headers (the command signature); confluent-kafka gives ``(name, bytes | None)`` pairs."""
 
 
@@ -181,7 +184,7 @@ class WatchlistCore:
             return []  # a replayed command changes nothing
         action = {"FORGET": "FORGET", "LEARN": "LEARN", "RENEW": "RENEW"}.get(cmd.verb, "ENROLL")
         try:
-            authenticate_command(cmd, src.headers, self.settings.webex, now_ms)
+            authenticate_command(cmd, src.headers, self.settings.webex, src.written_at or now_ms)
         except InvalidRecord as refused:
             return self._refuse(src, cmd, action, refused, now_ms)
         audit = {
@@ -429,7 +432,23 @@ class WatchlistCore:
                 continue
             log.info("watchlist entry %s expired (not renewed)", subject)
             audit = {"audit_id": f"expire:{subject}:{until}", "event_time": now_ms, "action": "EXPIRE"}
-            outs += self._forget(subject, {**audit, "actor": SERVICE_ACTOR})
+            current = self.entries.get(subject)
+            try:
+                outs += self._forget(subject, {**audit, "actor": SERVICE_ACTOR})
+            except Exception as exc:  # noqa: BLE001 - S3, Rekognition, disk: retried at the next purge, never fatal
+                log.warning("expiring %s failed (%s): trying again at the next purge", subject, type(exc).__name__)
+                self.records[subject] = entry
+                if current is not None:
+                    self.entries[subject] = current
+                outs.append(
+                    self._audit(
+                        **{**audit, "audit_id": f"expire-failed:{subject}:{now_ms}"},
+                        outcome="FAILED",
+                        actor=SERVICE_ACTOR,
+                        subject_id=subject,
+                        reason=f"could not remove every trace yet ({type(exc).__name__}); retried",
+                    )
+                )
         return outs
 
     def _forget(self, subject: str, audit: dict[str, Any]) -> list[Out]:
@@ -542,6 +561,8 @@ class WatchlistService:
     def run(self) -> None:
         from confluent_kafka import TopicPartition
 
+        from infra.clients import kafka as kafka_clients
+
         loaded = self.replay(WATCHLIST, self.core.load)
         log.info("watchlist replayed: %d records, %d subjects", loaded, len(self.core.entries))
         self._beat(None)
@@ -561,7 +582,13 @@ class WatchlistService:
                     log.warning("consumer error: %s", msg.error())
                     continue
                 src = Source(
-                    msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), tuple(msg.headers() or ())
+                    msg.topic(),
+                    msg.partition(),
+                    msg.offset(),
+                    msg.key(),
+                    msg.value(),
+                    tuple(msg.headers() or ()),
+                    kafka_clients.written_at_ms(msg),
                 )
                 with metrics.timed(self._processing):
                     outs = self.topics[msg.topic()](src, clock.now_ms())

@@ -37,7 +37,7 @@ from pyflink.common.typeinfo import Types
 from pyflink.datastream import DataStream, StreamExecutionEnvironment
 from pyflink.table import DataTypes, Schema, StreamTableEnvironment, TableDescriptor
 
-from infra.flink_cluster import REPORTER, REPORTER_DIR, REPORTER_FACTORY
+from infra.flink_cluster import REPORTER, REPORTER_DIR, REPORTER_FACTORY, client_host
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.metrics import port_of
 from infra.settings import REPO_ROOT, Settings, get_settings
@@ -214,11 +214,6 @@ def _without_worker_pool_server() -> None:
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
-def _client_host(bind_host: str) -> str:
-    """Where this process reaches a server bound to ``bind_host`` (a wildcard is reached on loopback)."""
-    return "127.0.0.1" if bind_host in WILDCARD_HOSTS else bind_host
-
-
 def _check_execution_mode(settings: Settings) -> None:
     """``process`` mode cannot keep to ``bind_host``: Beam's Java fn-API servers, which its Python workers
     connect to (control, data, and the state API that reads and writes keyed state), bind every interface
@@ -322,10 +317,10 @@ def flink_options(settings: Settings, restore_from: Path | None) -> dict[str, st
         "taskmanager.memory.managed.size": "256m",
         "taskmanager.numberOfTaskSlots": str(max(1, job.parallelism)),
         "rest.bind-address": settings.bind_host,
-        "rest.address": _client_host(settings.bind_host),
+        "rest.address": client_host(settings.bind_host),
         "jobmanager.bind-host": settings.bind_host,  # the BLOB server (0.0.0.0 without it) and RPC
         "taskmanager.bind-host": settings.bind_host,
-        "taskmanager.host": _client_host(settings.bind_host),
+        "taskmanager.host": client_host(settings.bind_host),
         **reporter_options(settings),
     }
     if settings.java_home:

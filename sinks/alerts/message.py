@@ -20,7 +20,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from infra.settings import AlertSettings
-from schemas.records import OUTCOME_WORDS, case_id_for
+from schemas.records import FACE_ALERT_KINDS, OUTCOME_WORDS, case_id_for
 
 REASON_WORDS: dict[str, str] = {
     "return_exceeds_sale": "refund is larger than the original sale",
@@ -90,8 +90,6 @@ def case_url(case_id: str, settings: AlertSettings) -> str:
         return settings.case_link
 
 
-FACE_KINDS = frozenset({"WATCHLIST_MATCH", "SUSPECT_ENTERED", "VIP_ARRIVED"})
-"""Alert kinds whose card shows the live snapshot beside the enrolled reference image."""
 CARD_CONTENT_TYPE = "application/vnd.microsoft.card.adaptive"
 
 
@@ -106,7 +104,7 @@ def case_card(alert: dict[str, Any], settings: AlertSettings) -> dict[str, Any]:
         {"type": "TextBlock", "text": text.headline, "weight": "Bolder", "size": "Medium", "wrap": True},
         {"type": "FactSet", "facts": [{"title": label, "value": value} for label, value in text.lines]},
     ]
-    if alert.get("kind") in FACE_KINDS:
+    if alert.get("kind") in FACE_ALERT_KINDS:
         columns = [("Live snapshot", "live")] if alert.get("snapshot_ref") else []
         columns += [("Enrolled reference", "reference")] if alert.get("subject_id") else []
         body.append(

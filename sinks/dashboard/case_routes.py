@@ -22,6 +22,7 @@ cross-site form cannot send one, so a page elsewhere cannot make a logged-in bro
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -76,6 +77,7 @@ class CaseRoutes:
         self.index = index_name(self.settings.opensearch.index_prefix, "cases")
         self.page = page
         self._publish = publish
+        self._publish_lock = threading.Lock()
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -217,8 +219,9 @@ class CaseRoutes:
         return JSONResponse({"command_id": command.command_id, "verb": command.verb.lower()}, status_code=202)
 
     def publisher(self, command: BotCommand, headers: Headers) -> None:
-        if self._publish is None:
-            from infra.clients.commands import KafkaCommandPublisher
+        with self._publish_lock:  # one producer, made on the first verdict (a dashboard may never get one)
+            if self._publish is None:
+                from infra.clients.commands import KafkaCommandPublisher
 
-            self._publish = KafkaCommandPublisher(self.settings)
-        self._publish(command, headers)
+                self._publish = KafkaCommandPublisher(self.settings)
+            self._publish(command, headers)

@@ -3,6 +3,8 @@ change nothing, undecided cases expire."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from pydantic import SecretStr
 
@@ -206,3 +208,32 @@ def test_a_subject_is_flagged_at_every_multiple_of_the_setting_not_at_each_dismi
         outs = core.on_command(command_src("DISMISS", case.case_id, f"m{i}", offset=i), NOW)
         flags += [a.details["subject_false_matches"] for a in audits(outs) if a.action == "FLAG_SUBJECT"]
     assert flags == ["2", "4"]
+
+
+def test_a_command_that_reached_kafka_in_time_is_applied_however_late_the_service_reads_it(core) -> None:
+    opened(core)
+    late = NOW + 3_600_000  # the service was down for an hour
+    src = command_src("DISMISS", f"{case_id_for('watchlist:tx-1:subj-a')} other person", "c-late")
+    assert of(core.on_command(src, late), DEAD_LETTERS), "judged by the reading time, it is stale"
+    on_time = replace(command_src("DISMISS", f"{case_id_for('watchlist:tx-1:subj-a')} x", "c-late-2"), written_at=NOW)
+    assert case_of(core.on_command(on_time, late)).state == "dismissed"
+
+
+def test_a_verdict_read_before_its_alert_waits_for_the_case_and_holds_back_the_commit(core) -> None:
+    case_id = case_id_for("watchlist:tx-1:subj-a")
+    early = command_src("DISMISS", f"{case_id} not them", "c-early", offset=7)
+    assert core.on_command(early, NOW) == []
+    assert core.oldest_waiting("commands", 0) == 7
+    outs = core.on_alert(alert_src(), NOW + 10)
+    assert [Case.decode(o.value).state for o in of(outs, CASES)] == ["open", "dismissed"]
+    assert core.oldest_waiting("commands", 0) is None
+
+
+def test_a_verdict_for_a_case_that_never_opens_is_refused_once_it_is_too_old(core) -> None:
+    held = replace(command_src("CONFIRM", "case-000000000000", "c-orphan", offset=3), written_at=NOW)
+    assert core.on_command(held, NOW) == []
+    assert core.expire(NOW + 1000) == []
+    max_age_ms = int(core.settings.webex.command_max_age_s * 1000)
+    outs = core.expire(NOW + max_age_ms + 1)
+    assert [DeadLetter.decode(o.value).error_kind for o in of(outs, DEAD_LETTERS)] == ["unknown_case"]
+    assert core.oldest_waiting("commands", 0) is None

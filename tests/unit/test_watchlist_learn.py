@@ -95,3 +95,24 @@ def test_an_entry_expires_after_the_setting_unless_renewed(core) -> None:
 def test_renewing_a_subject_not_on_the_watchlist_fails(core) -> None:
     outs = core.on_command(signed("RENEW", "subj-nobody", "c9"), NOW)
     assert DeadLetter.decode(only(outs, DEAD_LETTERS)[0].value).error_kind == "unknown_subject"
+
+
+@needs_faces
+def test_an_expiry_that_cannot_reach_the_image_store_is_audited_and_retried_not_fatal(core, monkeypatch) -> None:
+    core.store.put("checkout", "tx-1", photo("obama.jpg"))
+    (wl,) = only(core.on_command(signed("FRAUD", "tx-1", "c1"), NOW), WATCHLIST)
+    due = WatchlistEntry.decode(wl.value).expires_at
+    real_delete = core.store.delete
+
+    def unreachable(ref: str) -> None:
+        raise OSError("store unreachable")
+
+    monkeypatch.setattr(core.store, "delete", unreachable)
+    outs = core.expire(due)
+    assert only(outs, WATCHLIST) == []
+    (failed,) = [AuditEvent.decode(o.value) for o in only(outs, AUDIT)]
+    assert (failed.action, failed.outcome) == ("EXPIRE", "FAILED") and "OSError" in (failed.reason or "")
+    monkeypatch.setattr(core.store, "delete", real_delete)
+    outs = core.expire(due + 1)  # the next purge
+    assert [(o.key, o.value) for o in only(outs, WATCHLIST)] == [(b"subj-tx-1", None)]
+    assert core.store.find("reference", "subj-tx-1") is None
