@@ -184,9 +184,13 @@ def _producer(settings: Settings) -> Producer:
 
 
 def _valid_transactions(p: Pipeline, n: int, seed: int, behind_s: float = 1200.0) -> list:
-    """``n`` generated transactions stamped in the past (beyond the face stage's lag: no snapshots)."""
+    """``n`` generated transactions stamped in the past (beyond the face stage's lag: no snapshots), spread over
+    a minute whatever the time of day (with the generator's diurnal traffic, a start at night stretched them
+    past now, and the job rightly refused them as from the future)."""
     start = int((time.time() - behind_s) * 1000)
-    gen = PosGenerator(seed=seed, stores=3, customers=500, fraud_share=0.1, tx_per_second=n / 60, start_time_ms=start)
+    gen = PosGenerator(
+        seed=seed, stores=3, customers=500, fraud_share=0.1, tx_per_second=n / 60, start_time_ms=start, diurnal=False
+    )
     return [next(gen) for _ in range(n)]
 
 
