@@ -43,6 +43,7 @@ import psutil
 import typer
 import yaml
 
+from infra.processes import log_tail, port_open
 from infra.settings import REPO_ROOT, Settings
 from schemas.errors import CheckoutGuardError
 
@@ -347,21 +348,6 @@ def _starting(paths: ClusterPaths, member: Member) -> psutil.Process | None:
     return None
 
 
-def _tcp_open(host: str, port: int, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _tail(path: Path, lines: int = 25) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
 def _prepare(settings: Settings, paths: ClusterPaths, java_home: Path, plugins: Path | None, flink: Path) -> None:
     """Write the config dir and the plugins folder (the job's reporter only, linked, not copied)."""
     for d in (paths.conf, paths.logs, paths.run, paths.tmp, paths.tmp / "web", paths.plugins):
@@ -438,7 +424,7 @@ def _wait(what: str, ready: Callable[[], bool], procs: dict[str, subprocess.Pope
             if proc.poll() is not None:
                 raise FlinkClusterError(
                     f"{name} exited during start-up ({proc.returncode}); end of {paths.out(name)}:\n"
-                    f"{_tail(paths.out(name))}"
+                    f"{log_tail(paths.out(name))}"
                 )
         if time.monotonic() > deadline:
             raise FlinkClusterError(f"{what} not within {START_TIMEOUT_S:.0f} s; see the logs in {paths.logs}")
@@ -457,7 +443,7 @@ def up(settings: Settings, java_home: Path, plugins: Path | None = None, only: s
         raise FlinkClusterError(f"no cluster member named {only}: {', '.join(m.name for m in members(settings))}")
     host = client_host(settings.bind_host)
     todo = [m for m in wanted if member_process(paths, m) is None and _starting(paths, m) is None]
-    busy = [f"{m.name} :{p}" for m in todo for p in member_ports(settings, m) if _tcp_open(host, p)]
+    busy = [f"{m.name} :{p}" for m in todo for p in member_ports(settings, m) if port_open(host, p)]
     if busy:
         raise FlinkClusterError(
             f"port(s) taken by another process: {', '.join(busy)}; free them or change CG_FLINK__REST_PORT, "

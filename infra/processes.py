@@ -15,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psutil
@@ -166,3 +168,20 @@ def reaping(report: Callable[[list[str]], None], keep: Callable[[], Collection[i
         left = reaper.finish()
         if left:
             report(left)
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Something accepts TCP connections on ``host:port`` (a server is up, or a port is taken)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def log_tail(path: Path, lines: int = 25) -> str:
+    """The last ``lines`` lines of a process's log, for the error that says why it did not start."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

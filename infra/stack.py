@@ -77,6 +77,7 @@ from infra.kafka_cluster import KafkaNode, active_controller, kafka_nodes, serve
 from infra.local import smtp as local_smtp
 from infra.logs import setup_logging
 from infra.metrics import scrape_targets
+from infra.processes import log_tail, port_open
 from infra.retry import call_with_retries
 from infra.settings import KafkaSettings, Settings, get_settings
 from schemas.errors import CheckoutGuardError
@@ -331,14 +332,6 @@ def find_java_home(settings: Settings) -> Path:
 # Health checks
 
 
-def _tcp_open(host: str, port: int, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _quiet_logger() -> logging.Logger:
     lg = logging.getLogger("infra.stack.librdkafka")
     if not lg.handlers:
@@ -354,7 +347,7 @@ def _admin(settings: Settings) -> AdminClient:
 def _kafka_healthy(settings: Settings, ep: Endpoints, timeout: float = 3.0) -> bool:
     """A broker answers and every configured broker is registered (with three, one down is not healthy)."""
     nodes = ep.kafka_nodes or (KafkaNode(1, ep.kafka_host, ep.kafka_port, ep.controller_port),)
-    if not any(_tcp_open(n.host, n.port) for n in nodes):
+    if not any(port_open(n.host, n.port) for n in nodes):
         return False
     try:
         md = _admin(settings).list_topics(timeout=timeout)
@@ -393,7 +386,7 @@ def _configure_opensearch(settings: Settings) -> None:
 
 
 def _opensearch_healthy(settings: Settings, ep: Endpoints) -> bool:
-    if not _tcp_open(ep.opensearch_host, ep.opensearch_port):
+    if not port_open(ep.opensearch_host, ep.opensearch_port):
         return False
     return _opensearch_status(settings) in ("yellow", "green")
 
@@ -529,13 +522,6 @@ def _lock(paths: StackPaths) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _tail(path: Path, lines: int = 25) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 def _spawn(svc: str, paths: StackPaths, cmd: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
@@ -790,7 +776,7 @@ def _ensure_kafka_cluster(settings: Settings, paths: StackPaths, ep: Endpoints) 
     if stopped:
         for node in stopped:
             _clean_stale_pid(names[node], paths)
-        busy = [f"{n.host}:{p}" for n in stopped for p in (n.port, n.controller_port) if _tcp_open(n.host, p)]
+        busy = [f"{n.host}:{p}" for n in stopped for p in (n.port, n.controller_port) if port_open(n.host, p)]
         if busy:
             raise StackError(
                 f"kafka: port(s) {', '.join(busy)} taken by another process; free them or change the ports "
@@ -824,9 +810,11 @@ def _wait_kafka_nodes(
             alive = proc.poll() is None if isinstance(proc, subprocess.Popen) else proc.is_running()
             if not alive:
                 paths.pid(name).unlink(missing_ok=True)
-                raise StackError(f"{name} exited during start-up; end of {paths.log(name)}:\n{_tail(paths.log(name))}")
+                raise StackError(
+                    f"{name} exited during start-up; end of {paths.log(name)}:\n{log_tail(paths.log(name))}"
+                )
         time.sleep(0.3)
-    tails = "\n".join(f"--- {paths.log(name)}:\n{_tail(paths.log(name), 8)}" for name in procs)
+    tails = "\n".join(f"--- {paths.log(name)}:\n{log_tail(paths.log(name), 8)}" for name in procs)
     raise StackError(
         f"kafka: not all brokers healthy after {START_TIMEOUT_S:.0f}s\n{tails}\n(try `make down` and `make up`)"
     )
@@ -1102,11 +1090,11 @@ def _wait_healthy(
         alive = proc.poll() is None if isinstance(proc, subprocess.Popen) else proc.is_running()
         if not alive:
             paths.pid(svc).unlink(missing_ok=True)
-            raise StackError(f"{svc} exited during start-up; end of {paths.log(svc)}:\n{_tail(paths.log(svc))}")
+            raise StackError(f"{svc} exited during start-up; end of {paths.log(svc)}:\n{log_tail(paths.log(svc))}")
         time.sleep(0.3)
     raise StackError(
         f"{svc} not healthy after {timeout:.0f}s; end of {paths.log(svc)}:\n"
-        f"{_tail(paths.log(svc))}\n(try `make down` and `make up`)"
+        f"{log_tail(paths.log(svc))}\n(try `make down` and `make up`)"
     )
 
 
@@ -1131,7 +1119,7 @@ def _ensure_service(svc: str, settings: Settings, paths: StackPaths, ep: Endpoin
             _wait_healthy(svc, settings, paths, ep, proc)
         return "running"
     _clean_stale_pid(svc, paths)
-    busy = [f"{h}:{p}" for h, p in ep.ports(svc) if _tcp_open(h, p)]
+    busy = [f"{h}:{p}" for h, p in ep.ports(svc) if port_open(h, p)]
     if busy:
         if _healthy(svc, settings, ep):
             log.warning(
@@ -1432,7 +1420,7 @@ def status(settings: Settings) -> dict:
             topics["missing"] = [t for t in expected if t not in present]
             topics["present"] = len(expected) - len(topics["missing"])
     kafka: dict = {"brokers": [], "controller": None, "partitions": {}}
-    if any(_tcp_open(n.host, n.port) for n in ep.kafka_nodes):  # a degraded cluster still answers
+    if any(port_open(n.host, n.port) for n in ep.kafka_nodes):  # a degraded cluster still answers
         kafka = kafka_state(settings)
     ok = all(s["healthy"] for s in services.values()) and not topics["missing"]
     return {"services": services, "topics": topics, "kafka": kafka, "healthy": ok}
