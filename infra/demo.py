@@ -209,13 +209,16 @@ def demo_settings(settings: Settings) -> Settings:
         )
     if webex.command_signing_key is None:  # the bot signs watchlist commands, the watchlist service checks them
         webex = webex.model_copy(update={"command_signing_key": SecretStr(secrets.token_hex(32))})
+    alerts = settings.alerts
+    if alerts.image_link_key is None:  # the sender signs the card's image links, the dashboard checks them
+        alerts = alerts.model_copy(update={"image_link_key": SecretStr(secrets.token_hex(32))})
     cameras = settings.cameras
     if not cameras.local_photo_dirs and SHARED_FACES.is_dir():
         # A checkout with real test photos beside it: more shoppers than the two people a fresh
         # machine has (the photos of the face_recognition package), so a flagged face is one person.
         dirs = [SHARED_FACES / d for d in ("face_recognition/knn_examples/train", "dlib/johns", "face-api-js")]
         cameras = cameras.model_copy(update={"local_photo_dirs": os.pathsep.join(str(d) for d in dirs if d.is_dir())})
-    return settings.model_copy(update={"webex": webex, "cameras": cameras})
+    return settings.model_copy(update={"webex": webex, "alerts": alerts, "cameras": cameras})
 
 
 def flag_a_blocked_transaction(settings: Settings, client, flagged: set[str]) -> str | None:

@@ -7,6 +7,7 @@ embedded stack to production (MSK, OpenSearch Service, ...) is a matter of these
 
 from __future__ import annotations
 
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -346,13 +347,18 @@ class AlertSettings(BaseModel, frozen=True):
     retry_initial_s: float = 0.5
     retry_max_s: float = 30.0
     dashboard_link: str = "http://127.0.0.1:8050/alerts/{alert_id}"
+    """Link in every message; ``{alert_id}``, ``{transaction_id}``, ``{store_id}`` are filled in."""
     case_link: str = "http://127.0.0.1:8050/cases/{case_id}"
     """The case page of an alert (e-mail link, Webex card); its images are at ``<case link>/images/live`` and
     ``/images/reference``."""
     webex_cards: bool = True
     """After each Webex alert message, post its case card (the two images, Confirm/Dismiss) in its thread: one
     more Webex call per alert (Webex takes a file or a card per message, not both)."""
-    """Link in every message; ``{alert_id}``, ``{transaction_id}``, ``{store_id}`` are filled in."""
+    image_link_key: SecretStr | None = None
+    """Signs the card's image URLs (infra/signed_links.py) so Webex, which has no dashboard login, can fetch
+    the two images; the dashboard verifies with the same key. Unset: plain URLs behind the login."""
+    image_link_ttl_s: float = 86400.0
+    """How long a signed image URL opens its image (default: a day, the default life of an open case)."""
     timezone: str | None = None
     """IANA zone for the times in messages (store local time); None = this machine's zone."""
 
@@ -509,9 +515,13 @@ class DashboardSettings(BaseModel, frozen=True):
     window_minutes: int = 60
     """Default time window of the charts and rates."""
     alerts_shown: int = 12
+    users: dict[str, SecretStr] = Field(default_factory=dict)
+    """Personal logins (HTTP Basic) for every page, JSON and image endpoint: a JSON map of person -> password
+    hash from ``python -m sinks.dashboard hash-password``. A verdict given on the dashboard is recorded
+    under the person's login, who must be on ``CG_WEBEX__ALLOWED_PEOPLE`` to give one."""
     username: str | None = None
     password: SecretStr | None = None
-    """HTTP Basic login (both or neither) for every page, JSON and image endpoint."""
+    """One more login (both or neither), its password in clear: the simplest set-up, one user."""
     token: SecretStr | None = None
     """Bearer token accepted instead of the login (scripts, monitoring). With no login and no token the
     dashboard starts only on a loopback host: it serves face snapshots."""
@@ -664,6 +674,10 @@ class Settings(BaseSettings):
             if isinstance(value, BaseModel):
                 for name in type(value).model_fields:
                     walk(f"{prefix}__{name.upper()}" if prefix else name.upper(), getattr(value, name))
+            elif isinstance(value, dict):  # pydantic-settings reads a map back as JSON
+                out[f"CG_{prefix}"] = json.dumps(
+                    {k: v.get_secret_value() if isinstance(v, SecretStr) else v for k, v in value.items()}
+                )
             elif value is not None:
                 out[f"CG_{prefix}"] = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
 

@@ -14,12 +14,14 @@ Dismiss buttons, which the bot turns into the same signed commands as ``confirm 
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from infra.settings import AlertSettings
+from infra.signed_links import image_link
 from schemas.records import FACE_ALERT_KINDS, OUTCOME_WORDS, case_id_for
 
 REASON_WORDS: dict[str, str] = {
@@ -93,13 +95,17 @@ def case_url(case_id: str, settings: AlertSettings) -> str:
 CARD_CONTENT_TYPE = "application/vnd.microsoft.card.adaptive"
 
 
-def case_card(alert: dict[str, Any], settings: AlertSettings) -> dict[str, Any]:
+def case_card(alert: dict[str, Any], settings: AlertSettings, now_s: float | None = None) -> dict[str, Any]:
     """The adaptive card of an alert's case: headline, facts, the two images (face kinds), Confirm and
     Dismiss buttons (``Action.Submit`` with ``{"verb", "case_id"}``, what the bot reads from the
-    attachment action) and a link to the case page. Images are URLs of the case page: Webex fetches them."""
+    attachment action) and a link to the case page. Images are URLs below the case page that Webex fetches
+    itself, so they are signed to expire ``image_link_ttl_s`` after ``now_s`` (default: now) when
+    ``image_link_key`` is set (:mod:`infra.signed_links`)."""
     text = describe(alert, settings)
     case_id = case_id_for(str(alert.get("alert_id") or ""))
     link = case_url(case_id, settings)
+    key = settings.image_link_key.get_secret_value() if settings.image_link_key else None
+    signed_at = time.time() if now_s is None else now_s
     body: list[dict[str, Any]] = [
         {"type": "TextBlock", "text": text.headline, "weight": "Bolder", "size": "Medium", "wrap": True},
         {"type": "FactSet", "facts": [{"title": label, "value": value} for label, value in text.lines]},
@@ -116,7 +122,12 @@ def case_card(alert: dict[str, Any], settings: AlertSettings) -> dict[str, Any]:
                         "width": "stretch",
                         "items": [
                             {"type": "TextBlock", "text": title, "size": "Small", "isSubtle": True},
-                            {"type": "Image", "url": f"{link}/images/{which}", "altText": title, "size": "Large"},
+                            {
+                                "type": "Image",
+                                "url": image_link(link, case_id, which, key, signed_at, settings.image_link_ttl_s),
+                                "altText": title,
+                                "size": "Large",
+                            },
                         ],
                     }
                     for title, which in columns

@@ -1,7 +1,10 @@
-"""``python -m sinks.dashboard [--host H] [--port P]``: serve the live dashboard until Ctrl-C."""
+"""``python -m sinks.dashboard [--host H] [--port P]``: serve the live dashboard until Ctrl-C.
+
+``python -m sinks.dashboard hash-password``: the password hash of one ``CG_DASHBOARD__USERS`` entry."""
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Annotated
 
@@ -13,6 +16,9 @@ from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.metrics import ConsumerLagCollector, Endpoint, serve
 from infra.settings import Settings, get_settings
 from sinks.dashboard.app import DashboardConfigError, create_app
+from sinks.dashboard.login import hash_password
+
+MIN_PASSWORD = 12
 
 cli = typer.Typer(add_completion=False, help="Serve the live Checkout Guard dashboard.")
 
@@ -25,12 +31,15 @@ def export_metrics(settings: Settings) -> Endpoint:
     return serve(settings, "dashboard")
 
 
-@cli.command()
+@cli.callback(invoke_without_command=True)
 def main(
+    ctx: typer.Context,
     host: Annotated[str | None, typer.Option(help="Bind address; defaults to dashboard.host.")] = None,
     port: Annotated[int | None, typer.Option(help="Port; defaults to dashboard.port.")] = None,
     log_level: Annotated[str | None, typer.Option(help=LOG_LEVEL_HELP)] = None,
 ) -> None:
+    if ctx.invoked_subcommand is not None:
+        return
     settings = get_settings()
     setup_logging(settings, log_level, "dashboard")
     logging.getLogger("opensearch").setLevel(logging.WARNING)  # one line per request otherwise
@@ -41,12 +50,25 @@ def main(
         typer.echo(f"dashboard not started: {exc}", err=True)
         raise typer.Exit(2) from None
     export_metrics(settings)
-    login = "login required" if settings.dashboard.username or settings.dashboard.token else "no login: loopback only"
+    dashboard = settings.dashboard
+    login = "login required" if dashboard.users or dashboard.username or dashboard.token else "no login: loopback only"
     typer.echo(
         f"Checkout Guard dashboard on http://{bind_host}:{bind_port}/ "
         f"(indices {settings.opensearch.index_prefix}-*, {login})"
     )
     uvicorn.run(app, host=bind_host, port=bind_port, log_level="warning")
+
+
+@cli.command("hash-password")
+def hash_password_command(
+    person: Annotated[str, typer.Argument(help="the login, as on CG_WEBEX__ALLOWED_PEOPLE (an e-mail address)")],
+) -> None:
+    """Ask for a password twice (not echoed) and print the CG_DASHBOARD__USERS entry for PERSON."""
+    password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    if len(password) < MIN_PASSWORD:
+        typer.echo(f"a dashboard password has at least {MIN_PASSWORD} characters", err=True)
+        raise typer.Exit(2)
+    typer.echo(json.dumps({person: hash_password(password)}))
 
 
 if __name__ == "__main__":

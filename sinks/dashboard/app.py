@@ -34,13 +34,9 @@ a loopback address (``127.0.0.1``, ``localhost``, ``::1``).
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import io
 import ipaddress
 import logging
-import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,11 +47,10 @@ from opensearchpy import OpenSearch
 from opensearchpy.exceptions import TransportError
 from PIL import Image, UnidentifiedImageError
 from starlette.applications import Starlette
-from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, SimpleUser
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
-from starlette.requests import HTTPConnection, Request
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -65,6 +60,7 @@ from infra.settings import DashboardSettings, Settings
 from schemas.errors import CheckoutGuardError
 from schemas.indices import index_name
 from sinks.dashboard.case_routes import CaseRoutes, Publish
+from sinks.dashboard.login import LoginBackend, LoginConfigError, _secret
 from sinks.dashboard.pipeline import PrometheusApi, prometheus_url, read_pipeline
 from sinks.dashboard.queries import (
     ALERT_FIELDS,
@@ -350,8 +346,6 @@ class _DashboardApi:
 
 # --------------------------------------------------------------------------- login
 
-REALM = "Checkout Guard"
-
 
 class DashboardConfigError(CheckoutGuardError, ValueError):
     """A dashboard configuration that must not be served (no login off loopback, half a login)."""
@@ -367,63 +361,19 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _secret(value: Any) -> str | None:
-    """A ``SecretStr``'s value; empty counts as unset."""
-    return (value.get_secret_value() if value is not None else None) or None
-
-
 def check_exposure(dashboard: DashboardSettings, host: str) -> None:
     """Raise :class:`DashboardConfigError` unless the dashboard may serve on ``host`` as configured."""
     if bool(dashboard.username) != bool(_secret(dashboard.password)):
         raise DashboardConfigError(
             "dashboard login needs both CG_DASHBOARD__USERNAME and CG_DASHBOARD__PASSWORD (or neither)"
         )
-    if dashboard.username or _secret(dashboard.token) or is_loopback(host):
+    if dashboard.username or dashboard.users or _secret(dashboard.token) or is_loopback(host):
         return
     raise DashboardConfigError(
         f"the dashboard serves face snapshots and will not listen on {host!r} without a login: set "
-        "CG_DASHBOARD__USERNAME and CG_DASHBOARD__PASSWORD and/or CG_DASHBOARD__TOKEN, or bind it to 127.0.0.1"
+        "CG_DASHBOARD__USERS (or CG_DASHBOARD__USERNAME and CG_DASHBOARD__PASSWORD) and/or CG_DASHBOARD__TOKEN, "
+        "or bind it to 127.0.0.1"
     )
-
-
-def _digest(value: str) -> bytes:
-    """Equal-length values to compare, so the comparison reveals neither content nor length."""
-    return hashlib.sha256(value.encode()).digest()
-
-
-class LoginBackend(AuthenticationBackend):
-    """HTTP Basic against the configured login, ``Bearer`` against the token; constant-time comparisons.
-    Any request without a valid one is an :class:`AuthenticationError` (a 401), whatever its path."""
-
-    def __init__(self, dashboard: DashboardSettings) -> None:
-        password, token = _secret(dashboard.password), _secret(dashboard.token)
-        self.login = (_digest(dashboard.username), _digest(password)) if dashboard.username and password else None
-        self.token = _digest(token) if token else None
-
-    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, SimpleUser]:
-        scheme, _, value = conn.headers.get("authorization", "").partition(" ")
-        scheme, value = scheme.lower(), value.strip()
-        if scheme == "bearer" and self.token is not None and secrets.compare_digest(_digest(value), self.token):
-            return AuthCredentials(["authenticated"]), SimpleUser("token")
-        if scheme == "basic" and self.login is not None:
-            try:
-                user, sep, password = base64.b64decode(value, validate=True).decode().partition(":")
-            except (binascii.Error, UnicodeDecodeError):
-                raise AuthenticationError("malformed Basic credentials") from None
-            user_ok = secrets.compare_digest(_digest(user), self.login[0])
-            password_ok = secrets.compare_digest(_digest(password), self.login[1])
-            if sep and user_ok and password_ok:
-                return AuthCredentials(["authenticated"]), SimpleUser(user)
-        raise AuthenticationError("login required")
-
-    def challenge(self, _conn: HTTPConnection, exc: AuthenticationError) -> Response:
-        """The 401: one ``WWW-Authenticate`` challenge per accepted scheme (Basic first, for browsers)."""
-        response = PlainTextResponse(f"{exc}\n", status_code=401, headers={"Cache-Control": "no-store"})
-        if self.login is not None:
-            response.headers.append("WWW-Authenticate", f'Basic realm="{REALM}", charset="UTF-8"')
-        if self.token is not None:
-            response.headers.append("WWW-Authenticate", f'Bearer realm="{REALM}"')
-        return response
 
 
 def create_app(
@@ -433,9 +383,12 @@ def create_app(
     point it at their own indices. ``host``: the address it will listen on (default ``dashboard.host``);
     raises :class:`DashboardConfigError` where it must not be served without a login."""
     check_exposure(settings.dashboard, host or settings.dashboard.host)
-    backend = LoginBackend(settings.dashboard)
+    try:
+        backend = LoginBackend(settings.dashboard, settings.alerts)
+    except LoginConfigError as exc:
+        raise DashboardConfigError(str(exc)) from None
     middleware = []
-    if backend.login is not None or backend.token is not None:
+    if backend.enabled:
         middleware.append(Middleware(AuthenticationMiddleware, backend=backend, on_error=backend.challenge))
     api = _DashboardApi(settings, dashboard or Dashboard(settings), publish)
     return Starlette(routes=api.routes(), middleware=middleware)

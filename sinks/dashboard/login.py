@@ -1,0 +1,163 @@
+"""Who may use the dashboard: personal logins, a read-only token, and signed image links.
+
+- **Personal logins** (HTTP Basic): ``CG_DASHBOARD__USERS``, a JSON map of person -> scrypt hash made by
+  ``python -m sinks.dashboard hash-password`` (no password is stored or configured in clear), plus the
+  older single ``CG_DASHBOARD__USERNAME``/``PASSWORD``. A verdict records the person, so each analyst has
+  their own login; a password checked once is remembered (its SHA-256, for ``VERIFIED_FOR_S``) so the
+  page's polling does not pay scrypt on every request.
+- **Token** (``Authorization: Bearer``): scripts and monitoring; reads only (no verdicts).
+- **Signed image links**: Webex fetches a card's images without any login, so ``GET /cases/<id>/images/
+  <which>?exp=..&sig=..`` opens with a valid, unexpired signature (:mod:`infra.signed_links`) and nothing
+  else does.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+import secrets
+import time
+from collections.abc import Callable
+
+from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, SimpleUser
+from starlette.requests import HTTPConnection
+from starlette.responses import PlainTextResponse, Response
+
+from infra.settings import AlertSettings, DashboardSettings
+from infra.signed_links import verify_image_link
+
+REALM = "Checkout Guard"
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+"""scrypt cost (OWASP's minimum for scrypt): about 50 ms and 16 MiB per check."""
+HASH_PREFIX = "scrypt"
+VERIFIED_FOR_S = 300.0
+"""How long a checked login is taken without running scrypt again."""
+MAX_VERIFIED = 1024
+IMAGE_LINK_USER = "image-link"
+"""The user of a request opened by a signed image link (never a person: it cannot decide a case)."""
+TOKEN_USER = "token"
+_IMAGE_PATH = re.compile(r"^/cases/([^/]+)/images/([^/]+)$")
+
+
+class LoginConfigError(ValueError):
+    """A login setting that cannot work (a malformed password hash)."""
+
+
+def hash_password(password: str, salt: bytes | None = None) -> str:
+    """``scrypt$<n>$<r>$<p>$<salt>$<hash>`` (base64) of ``password``: what ``CG_DASHBOARD__USERS`` holds."""
+    salt = salt or secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32)
+    b64 = base64.b64encode
+    return f"{HASH_PREFIX}${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def _parse_hash(encoded: str) -> tuple[int, int, int, bytes, bytes]:
+    parts = encoded.split("$")
+    try:
+        if len(parts) != 6 or parts[0] != HASH_PREFIX:
+            raise ValueError
+        n, r, p = (int(x) for x in parts[1:4])
+        salt, digest = base64.b64decode(parts[4], validate=True), base64.b64decode(parts[5], validate=True)
+        if n < 2**10 or n & (n - 1) or not (1 <= r <= 64 and 1 <= p <= 16) or len(digest) < 16 or not salt:
+            raise ValueError
+    except (ValueError, binascii.Error):
+        raise LoginConfigError(
+            "a CG_DASHBOARD__USERS entry is not a password hash from `python -m sinks.dashboard hash-password`"
+        ) from None
+    return n, r, p, salt, digest
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    """Whether ``password`` matches ``encoded`` (:func:`hash_password`'s format); constant-time."""
+    n, r, p, salt, digest = _parse_hash(encoded)
+    candidate = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=len(digest), maxmem=2**27)
+    return secrets.compare_digest(candidate, digest)
+
+
+def _digest(value: str) -> bytes:
+    """Equal-length values to compare, so the comparison reveals neither content nor length."""
+    return hashlib.sha256(value.encode()).digest()
+
+
+def _secret(value) -> str | None:
+    """A ``SecretStr``'s value; empty counts as unset."""
+    return (value.get_secret_value() if value is not None else None) or None
+
+
+class LoginBackend(AuthenticationBackend):
+    """HTTP Basic against the personal logins, ``Bearer`` against the token, a signed link for one image;
+    constant-time comparisons. Anything else is an :class:`AuthenticationError` (a 401), whatever its path."""
+
+    def __init__(
+        self, dashboard: DashboardSettings, alerts: AlertSettings | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.users: dict[str, str] = {name: _secret(h) or "" for name, h in dashboard.users.items()}
+        for encoded in self.users.values():
+            _parse_hash(encoded)  # a broken entry fails at start, not at someone's login
+        password, token = _secret(dashboard.password), _secret(dashboard.token)
+        self.single = (_digest(dashboard.username), _digest(password)) if dashboard.username and password else None
+        self.token = _digest(token) if token else None
+        self.image_key = _secret(alerts.image_link_key) if alerts else None
+        self.clock = clock
+        self._verified: dict[bytes, float] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.users) or self.single is not None or self.token is not None
+
+    def _person(self, user: str, password: str) -> bool:
+        if self.single is not None:
+            single_ok = secrets.compare_digest(_digest(user), self.single[0])
+            if single_ok & secrets.compare_digest(_digest(password), self.single[1]):
+                return True
+        encoded = self.users.get(user)
+        if encoded is None:
+            return False
+        remembered = hashlib.sha256(f"{user}\0{password}\0{encoded}".encode()).digest()
+        now = self.clock()
+        if self._verified.get(remembered, 0.0) > now:
+            return True
+        if not verify_password(password, encoded):
+            return False
+        if len(self._verified) >= MAX_VERIFIED:
+            self._verified = {k: t for k, t in self._verified.items() if t > now}
+            if len(self._verified) >= MAX_VERIFIED:
+                self._verified.clear()
+        self._verified[remembered] = now + VERIFIED_FOR_S
+        return True
+
+    def _image_link(self, conn: HTTPConnection) -> bool:
+        match = _IMAGE_PATH.match(conn.url.path)
+        if match is None or not self.image_key:
+            return False
+        query = conn.query_params
+        return verify_image_link(
+            self.image_key, match.group(1), match.group(2), query.get("exp"), query.get("sig"), self.clock()
+        )
+
+    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, SimpleUser]:
+        scheme, _, value = conn.headers.get("authorization", "").partition(" ")
+        scheme, value = scheme.lower(), value.strip()
+        if scheme == "bearer" and self.token is not None and secrets.compare_digest(_digest(value), self.token):
+            return AuthCredentials(["authenticated"]), SimpleUser(TOKEN_USER)
+        if scheme == "basic" and (self.single is not None or self.users):
+            try:
+                user, sep, password = base64.b64decode(value, validate=True).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                raise AuthenticationError("malformed Basic credentials") from None
+            if sep and user not in (TOKEN_USER, IMAGE_LINK_USER) and self._person(user, password):
+                return AuthCredentials(["authenticated"]), SimpleUser(user)
+        if self._image_link(conn):
+            return AuthCredentials(["case-image"]), SimpleUser(IMAGE_LINK_USER)
+        raise AuthenticationError("login required")
+
+    def challenge(self, _conn: HTTPConnection, exc: AuthenticationError) -> Response:
+        """The 401: one ``WWW-Authenticate`` challenge per accepted scheme (Basic first, for browsers)."""
+        response = PlainTextResponse(f"{exc}\n", status_code=401, headers={"Cache-Control": "no-store"})
+        if self.single is not None or self.users:
+            response.headers.append("WWW-Authenticate", f'Basic realm="{REALM}", charset="UTF-8"')
+        if self.token is not None:
+            response.headers.append("WWW-Authenticate", f'Bearer realm="{REALM}"')
+        return response

@@ -1,0 +1,194 @@
+"""Personal dashboard logins (scrypt hashes in CG_DASHBOARD__USERS) and signed case-image links: each
+analyst logs in as themselves, and Webex, which has no login, opens exactly one image of one case until
+the link expires."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+from starlette.testclient import TestClient
+from typer.testing import CliRunner
+
+import sinks.dashboard.__main__ as dashboard_main
+from infra.settings import AlertSettings, DashboardSettings, Settings
+from infra.signed_links import image_link, verify_image_link
+from sinks.alerts.message import case_card
+from sinks.dashboard import login
+from sinks.dashboard.app import Dashboard, DashboardConfigError, create_app
+from sinks.dashboard.login import LoginBackend, LoginConfigError, hash_password, verify_password
+
+CASE = "case-0123456789ab"
+KEY = "image-link-key-for-tests"
+NOW = 1_800_000_000.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeSearch:
+    """Every search finds one case that has both images."""
+
+    def search(self, index: str, body: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
+        source = {"case_id": CASE, "snapshot_ref": "checkout/tx-1.jpg", "reference_image_ref": "enrol/s.jpg"}
+        return {"hits": {"total": {"value": 1}, "hits": [{"_source": source}]}, "aggregations": {}}
+
+
+class Images:
+    def get(self, ref: str) -> bytes:
+        import io
+
+        from PIL import Image
+
+        out = io.BytesIO()
+        Image.new("RGB", (64, 48), (20, 30, 200)).save(out, format="JPEG")
+        return out.getvalue()
+
+
+ANA = hash_password("ana's long password", salt=b"0123456789abcdef")
+BEN = hash_password("ben's long password", salt=b"fedcba9876543210")
+
+
+def served(clock: Clock | None = None, **dashboard: Any) -> TestClient:
+    settings = Settings().model_copy(
+        update={
+            "dashboard": DashboardSettings(host="0.0.0.0", **dashboard),
+            "alerts": AlertSettings(image_link_key=SecretStr(KEY)),
+        }
+    )
+    board = Dashboard(settings, client=FakeSearch(), images=Images())  # type: ignore[arg-type]
+    app = create_app(settings, board)
+    if clock is not None:
+        for middleware in app.user_middleware:
+            middleware.kwargs["backend"].clock = clock
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+USERS = {"users": {"ana@example.com": SecretStr(ANA), "ben@example.com": SecretStr(BEN)}}
+
+
+def test_a_password_hash_verifies_its_password_only() -> None:
+    assert verify_password("ana's long password", ANA)
+    assert not verify_password("ana's long passwor", ANA)
+    assert ANA.startswith("scrypt$16384$8$1$") and "ana" not in ANA
+    assert hash_password("same") != hash_password("same")  # a new salt each time
+
+
+@pytest.mark.parametrize("broken", ["", "plain-password", "scrypt$16$8$1$c2FsdA==$aGFzaA==", "scrypt$x$8$1$a$b"])
+def test_a_users_entry_that_is_not_a_hash_stops_the_dashboard_at_start(broken: str) -> None:
+    with pytest.raises(LoginConfigError):
+        LoginBackend(DashboardSettings(users={"ana@example.com": SecretStr(broken)}))
+    with pytest.raises(DashboardConfigError, match="hash-password"):
+        served(users={"ana@example.com": SecretStr(broken)})
+
+
+def test_each_person_logs_in_with_their_own_password() -> None:
+    client = served(**USERS)
+    assert client.get("/api/config").status_code == 401
+    assert client.get("/api/config", headers=basic("ana@example.com", "ana's long password")).status_code == 200
+    assert client.get("/api/config", headers=basic("ben@example.com", "ben's long password")).status_code == 200
+    assert client.get("/api/config", headers=basic("ana@example.com", "ben's long password")).status_code == 401
+    assert client.get("/api/config", headers=basic("eve@example.com", "ana's long password")).status_code == 401
+
+
+def test_a_checked_login_is_remembered_for_a_while_and_then_checked_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    backend = LoginBackend(DashboardSettings(**USERS), clock=clock)
+    calls: list[str] = []
+    real = login.verify_password
+    monkeypatch.setattr(login, "verify_password", lambda p, e: calls.append(p) or real(p, e))
+    assert backend._person("ana@example.com", "ana's long password")
+    assert backend._person("ana@example.com", "ana's long password")
+    assert len(calls) == 1  # the second request paid no scrypt
+    assert not backend._person("ana@example.com", "wrong password")  # a wrong one is never remembered
+    clock.now += login.VERIFIED_FOR_S + 1
+    assert backend._person("ana@example.com", "ana's long password")
+    assert len(calls) == 3
+
+
+def test_the_single_login_still_works_beside_the_personal_ones() -> None:
+    client = served(username="manager", password=SecretStr("s3cret pass"), **USERS)
+    assert client.get("/api/config", headers=basic("manager", "s3cret pass")).status_code == 200
+    assert client.get("/api/config", headers=basic("ana@example.com", "ana's long password")).status_code == 200
+
+
+def test_a_signed_link_opens_its_image_without_a_login_until_it_expires() -> None:
+    clock = Clock()
+    client = served(clock, **USERS)
+    link = image_link(f"http://dash/cases/{CASE}", CASE, "live", KEY, NOW, 600)
+    path = link.removeprefix("http://dash")
+    answer = client.get(path)
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/jpeg"
+    clock.now = NOW + 601
+    assert client.get(path).status_code == 401
+
+
+def test_a_signed_link_opens_nothing_else() -> None:
+    client = served(Clock(), **USERS)
+    query = image_link(f"/cases/{CASE}", CASE, "live", KEY, NOW, 600).partition("?")[2]
+    assert client.get(f"/cases/{CASE}/images/reference?{query}").status_code == 401  # the other image
+    assert client.get(f"/cases/case-ffffffffffff/images/live?{query}").status_code == 401  # another case
+    for path in (f"/cases/{CASE}", f"/api/cases/{CASE}", "/api/cases", "/"):
+        assert client.get(f"{path}?{query}").status_code == 401
+    verdict = client.post(f"/api/cases/{CASE}/verdict?{query}", json={"verb": "confirm"})
+    assert verdict.status_code == 401
+    forged = image_link(f"/cases/{CASE}", CASE, "live", "another key", NOW, 600)
+    assert client.get(forged).status_code == 401
+
+
+def test_a_link_signature_covers_case_image_and_expiry() -> None:
+    sig_query = image_link("/c", CASE, "live", KEY, NOW, 60).partition("?")[2]
+    params = dict(part.split("=", 1) for part in sig_query.split("&"))
+    assert verify_image_link(KEY, CASE, "live", params["exp"], params["sig"], NOW)
+    assert not verify_image_link(KEY, CASE, "live", str(int(params["exp"]) + 1), params["sig"], NOW)
+    assert not verify_image_link(KEY, CASE, "reference", params["exp"], params["sig"], NOW)
+    assert not verify_image_link(None, CASE, "live", params["exp"], params["sig"], NOW)
+    assert not verify_image_link(KEY, CASE, "live", "-1", params["sig"], NOW)
+    assert image_link("/c", CASE, "live", None, NOW, 60) == "/c/images/live"  # no key: a plain link
+
+
+def test_the_webex_card_carries_signed_image_links_when_a_key_is_set() -> None:
+    alert = {
+        "alert_id": "watchlist:tx-1",
+        "kind": "WATCHLIST_MATCH",
+        "store_id": "S1",
+        "snapshot_ref": "checkout/tx-1.jpg",
+        "subject_id": "subj-a",
+        "event_time": int(NOW * 1000),
+    }
+    settings = AlertSettings(image_link_key=SecretStr(KEY), image_link_ttl_s=900)
+    card = json.dumps(case_card(alert, settings, now_s=NOW))
+    assert f"exp={int(NOW) + 900}" in card and card.count("sig=") == 2
+    assert "sig=" not in json.dumps(case_card(alert, AlertSettings(), now_s=NOW))
+
+
+def test_hash_password_prints_the_users_entry() -> None:
+    result = CliRunner().invoke(
+        dashboard_main.cli, ["hash-password", "ana@example.com"], input="a long password\na long password\n"
+    )
+    assert result.exit_code == 0, result.output
+    entry = json.loads(result.output.strip().splitlines()[-1])
+    assert verify_password("a long password", entry["ana@example.com"])
+    short = CliRunner().invoke(dashboard_main.cli, ["hash-password", "x"], input="short\nshort\n")
+    assert short.exit_code == 2
+
+
+def test_personal_logins_reach_a_child_process_intact(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = Settings().model_copy(update={"dashboard": DashboardSettings(**USERS)})
+    env = settings.to_env()
+    assert json.loads(env["CG_DASHBOARD__USERS"]) == {"ana@example.com": ANA, "ben@example.com": BEN}
+    monkeypatch.setenv("CG_DASHBOARD__USERS", env["CG_DASHBOARD__USERS"])
+    again = Settings().dashboard.users
+    assert {k: v.get_secret_value() for k, v in again.items()} == {"ana@example.com": ANA, "ben@example.com": BEN}
