@@ -541,6 +541,10 @@ class CasesSettings(BaseModel, frozen=True):
     many, and so on)."""
     service_group: str = "checkout-guard-cases"
     """The case service's consumer group (the topic prefix goes in front)."""
+    retain_decided_days: float = Field(default=90.0, ge=1.0)
+    """A decided case (confirmed, dismissed, expired) is removed this long after its verdict: tombstoned on
+    ``cases`` (its OpenSearch document goes too) and audited; its dismissal no longer counts against the
+    subject. Alerts and commands written longer ago are skipped if read again."""
 
 
 class LogSettings(BaseModel, frozen=True):

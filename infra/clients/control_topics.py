@@ -44,10 +44,13 @@ def read_control_topics(
     apply: Callable[[str, bytes | None, bytes | None], object],
     timeout_s: float = 20.0,
     specs: tuple[TopicSpec, ...] = (RULES, WATCHLIST),
+    since_ms: int | None = None,
 ) -> dict[tuple[str, int], int]:
     """Call ``apply(topic, key, value)`` for every committed record, in order, up to the current end
     (an exception from ``apply`` stops the read); return the last offset read per partition (-1 where
-    nothing was read). ``TimeoutError`` if the end is not reached within ``timeout_s``."""
+    nothing was read). ``since_ms``: start at the first record written at or after it (broker timestamp)
+    instead of the beginning, so a long log is read only as far back as needed. ``TimeoutError`` if the
+    end is not reached within ``timeout_s``."""
     from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
     from infra.clients import kafka as kafka_clients
@@ -67,7 +70,15 @@ def read_control_topics(
                 ends[(topic, p)] = end_offset(reader, topic, p, timeout_s)
         last = {tp: -1 for tp in ends}
         pending = {tp for tp, end in ends.items() if end > 0}
-        reader.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t, p in pending])
+        starts = {tp: OFFSET_BEGINNING for tp in pending}
+        if since_ms is not None and pending:
+            found = reader.offsets_for_times([TopicPartition(t, p, since_ms) for t, p in pending], timeout=timeout_s)
+            for tp in found:
+                if tp.offset < 0:  # nothing written since: nothing to read there
+                    pending.discard((tp.topic, tp.partition))
+                else:
+                    starts[(tp.topic, tp.partition)] = tp.offset
+        reader.assign([TopicPartition(t, p, starts[(t, p)]) for t, p in pending])
         deadline = time.monotonic() + timeout_s
         while pending:
             if time.monotonic() > deadline:

@@ -22,7 +22,8 @@ from schemas.records import CASE_VERBS, FACE_ALERT_KINDS, FRAUD, LEGITIMATE, Ale
 OPEN, CONFIRMED, DISMISSED, ESCALATED, EXPIRED = "open", "confirmed", "dismissed", "escalated", "expired"
 PENDING = frozenset({OPEN, ESCALATED})
 """States that wait for a verdict (and expire)."""
-"""Alert kinds about a face match: a verdict on them teaches the watchlist."""
+DECIDED_STATES = frozenset({CONFIRMED, DISMISSED, EXPIRED})
+"""States with nothing left to decide: kept ``CG_CASES__RETAIN_DECIDED_DAYS``, then removed."""
 FRAUD_KINDS = frozenset({"BLOCKED_TRANSACTION"})
 """Alert kinds about a transaction: a verdict on them is a fraud / legitimate label."""
 MAX_TEXT = 1000
@@ -233,6 +234,14 @@ class CaseBook:
             new = add_note(case, actor, command.text or "", now_ms)
         self.load(new)
         return new
+
+    def past_retention(self, horizon_ms: int) -> list[Case]:
+        """Decided cases (confirmed, dismissed, expired) decided before ``horizon_ms``: what retention removes."""
+        return [
+            case
+            for case in self.cases.values()
+            if case.state in DECIDED_STATES and (case.decided_at or case.updated_at) < horizon_ms
+        ]
 
     def due(self, now_ms: int) -> list[Case]:
         """Expire every undecided case whose time is up; the expired versions (kept here)."""

@@ -71,6 +71,9 @@ BATCH = 500
 (``python -m tests.bench.alerts cases``); the outputs of a batch are still all or none, then its offsets."""
 STAGE = "case_service"
 PROCESS = "case-service"
+DAY_MS = 86_400_000
+PRUNE_AT = 10_000
+"""Audit ids held before old ones are dropped (pruning walks them all, so not at every sweep)."""
 """The ``stage`` label of this process's metrics (its name in ``infra.metrics.PROCESSES``)."""
 SERVICE_ACTOR = "case-service"
 UNVERIFIED_ACTOR = "unverified"
@@ -113,8 +116,9 @@ class CaseCore:
         self.book = CaseBook()
         self.references: dict[str, str] = {}
         """Subject id -> its enrolled reference image ref (from the watchlist topic)."""
-        self.done: set[str] = set()
-        """Audit ids already published: a command replayed after an offset reset is skipped."""
+        self.done: dict[str, int] = {}
+        """Audit ids already published, with their time: a command replayed after an offset reset is skipped.
+        Only ids newer than the retention horizon are kept (older inputs are skipped anyway)."""
         self.waiting: dict[str, list[tuple[Source, int]]] = {}
         """Verified commands for a case whose alert has not been read yet (alerts and commands are separate
         topics, read in no fixed order), with when they arrived: applied when the case opens, refused
@@ -122,9 +126,11 @@ class CaseCore:
         they wait (:meth:`oldest_waiting`), so a restart reads them again."""
 
     # --- state -------------------------------------------------------------------------------------
-    def load_case(self, _key: bytes | None, value: bytes | None) -> None:
+    def load_case(self, key: bytes | None, value: bytes | None) -> None:
         if value is not None:
             self.book.load(Case.decode(value))
+        elif key is not None:  # a case removed by retention, not yet compacted away
+            self.book.forget(key.decode())
 
     def load_watchlist(self, key: bytes | None, value: bytes | None) -> None:
         if key is None:
@@ -138,10 +144,22 @@ class CaseCore:
         else:
             self.references.pop(entry.subject_id, None)
 
-    def load_audit(self, key: bytes | None, _value: bytes | None = None) -> None:
+    def load_audit(self, key: bytes | None, value: bytes | None = None) -> None:
         """Remember this service's own audit ids (all ``case``-prefixed); the others' are not ours to skip."""
-        if key is not None and key.startswith(b"case"):
-            self.done.add(key.decode())
+        if key is not None and value is not None and key.startswith(b"case"):
+            with contextlib.suppress(DecodeError):
+                self.done[key.decode()] = AuditEvent.decode(value).event_time
+
+    def horizon(self, now_ms: int) -> int:
+        """Inputs written before this (ms) are past retention: their decided cases are removed, so an alert
+        or a command re-read from that far back (a consumer-offset reset) is skipped, not acted on again."""
+        return now_ms - int(self.settings.cases.retain_decided_days * DAY_MS)
+
+    def past_horizon(self, src: Source, now_ms: int) -> bool:
+        if src.written_at is None or src.written_at >= self.horizon(now_ms):
+            return False
+        metrics.RECORDS_IN.labels(PROCESS, "past_retention").inc()
+        return True
 
     # --- inputs ------------------------------------------------------------------------------------
     def on_watchlist(self, src: Source, _now_ms: int) -> list[Out]:
@@ -156,6 +174,8 @@ class CaseCore:
         except DecodeError as exc:
             metrics.RECORDS_IN.labels(PROCESS, "invalid").inc()
             return [self._dead_letter(src, exc, now_ms)]
+        if self.past_horizon(src, now_ms):
+            return []
         metrics.RECORDS_IN.labels(PROCESS, "alert").inc()
         reference = self.references.get(alert.subject_id or "") if alert.kind in FACE_ALERT_KINDS else None
         expire_ms = int(self.settings.cases.expire_after_s * 1000)
@@ -177,6 +197,8 @@ class CaseCore:
             return [self._dead_letter(src, exc, now_ms)]
         if cmd.verb not in CASE_VERBS:
             return []  # the watchlist service's or the bot's business
+        if self.past_horizon(src, now_ms):
+            return []
         metrics.RECORDS_IN.labels(PROCESS, cmd.verb.lower()).inc()
         audit_id = f"case:{cmd.command_id}"
         if audit_id in self.done:
@@ -261,6 +283,36 @@ class CaseCore:
                     details=self._case_details(case),
                 )
             )
+        return outs + self.retire(now_ms)
+
+    def retire(self, now_ms: int) -> list[Out]:
+        """Decided cases past ``CG_CASES__RETAIN_DECIDED_DAYS``: a tombstone on ``cases`` (compaction drops the
+        record, the OpenSearch sink deletes the document, and with it the case's image refs) and an audit
+        event; their dismissals stop counting against the subject. Audit ids older than the horizon are
+        forgotten (inputs that old are skipped)."""
+        horizon = self.horizon(now_ms)
+        outs: list[Out] = []
+        for case in self.book.past_retention(horizon):
+            self.book.forget(case.case_id)
+            log.info("removed %s (%s, decided over the retention period ago)", case.case_id, case.state)
+            outs.append(Out(CASES, case.case_id.encode(), None))
+            outs.append(
+                self._audit(
+                    audit_id=f"case-retire:{case.case_id}",
+                    event_time=now_ms,
+                    action="RETIRE",
+                    outcome="DONE",
+                    actor=SERVICE_ACTOR,
+                    subject_id=case.subject_id,
+                    category=case.category,
+                    transaction_id=case.transaction_id,
+                    reason="decided case past its retention period",
+                    details=self._case_details(case),
+                )
+            )
+        keep_from = horizon - int(self.settings.webex.command_max_age_s * 1000)
+        if len(self.done) > PRUNE_AT and any(at < keep_from for at in self.done.values()):
+            self.done = {audit_id: at for audit_id, at in self.done.items() if at >= keep_from}
         return outs
 
     # --- verdicts ----------------------------------------------------------------------------------
@@ -356,7 +408,7 @@ class CaseCore:
 
     def _audit(self, **fields: Any) -> Out:
         event = AuditEvent(**fields)
-        self.done.add(event.audit_id)
+        self.done[event.audit_id] = event.event_time
         return Out(AUDIT, event.audit_id.encode(), event.encode())
 
     @staticmethod
@@ -407,10 +459,14 @@ class CaseService:
     def stop(self, *_: object) -> None:
         self._stop = True
 
-    def replay(self, spec: TopicSpec, apply: Callable[[bytes | None, bytes | None], None]) -> None:
+    def replay(
+        self, spec: TopicSpec, apply: Callable[[bytes | None, bytes | None], None], since_ms: int | None = None
+    ) -> None:
         from infra.clients.control_topics import read_control_topics
 
-        read_control_topics(self.settings, lambda _t, key, value: apply(key, value), timeout_s=30.0, specs=(spec,))
+        read_control_topics(
+            self.settings, lambda _t, key, value: apply(key, value), timeout_s=30.0, specs=(spec,), since_ms=since_ms
+        )
         self.heartbeat.beat(None)
 
     def run(self) -> None:
@@ -420,7 +476,9 @@ class CaseService:
 
         self.replay(CASES, self.core.load_case)
         self.replay(WATCHLIST, self.core.load_watchlist)
-        self.replay(AUDIT, self.core.load_audit)
+        # only the audit ids of inputs this service may still read: those written after the retention horizon
+        command_max_age_ms = int(self.settings.webex.command_max_age_s * 1000)
+        self.replay(AUDIT, self.core.load_audit, since_ms=self.core.horizon(clock.now_ms()) - command_max_age_ms)
         log.info("replayed %d cases, %d reference images", len(self.core.book.cases), len(self.core.references))
         self.producer.init_transactions(30)
         self.consumer.subscribe(list(self.topics))

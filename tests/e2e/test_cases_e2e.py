@@ -279,3 +279,29 @@ def test_a_signed_card_press_decides_the_case_and_a_forged_one_changes_nothing(s
             for reader in (cases, audit):
                 if reader is not None:
                     reader.close()
+
+
+def test_the_audit_replay_at_start_reads_back_only_to_the_retention_horizon(stack: Settings, tmp_path: Path) -> None:
+    """``read_control_topics(since_ms=...)`` on the real broker: records written before the horizon are not
+    read, those after it are, and a partition with nothing newer is skipped (what the case service's start
+    relies on to read ``audit`` only as far back as retention)."""
+    from confluent_kafka import Producer
+
+    from infra.clients.control_topics import read_control_topics
+
+    settings = isolated(stack, tmp_path)
+    topic = AUDIT.full_name(settings.kafka.topic_prefix)
+    now = int(time.time() * 1000)
+    producer = Producer(settings.kafka.client_config())
+    for i, age_days in enumerate((40, 35, 2, 1)):
+        producer.produce(topic, key=f"k{i}".encode(), value=b"v", partition=0, timestamp=now - age_days * 86_400_000)
+    producer.flush(30)
+    seen: list[bytes] = []
+    read_control_topics(settings, lambda _t, k, _v: seen.append(k), specs=(AUDIT,), since_ms=now - 30 * 86_400_000)
+    assert seen == [b"k2", b"k3"]
+    seen.clear()
+    read_control_topics(settings, lambda _t, k, _v: seen.append(k), specs=(AUDIT,))
+    assert seen == [b"k0", b"k1", b"k2", b"k3"]
+    seen.clear()
+    read_control_topics(settings, lambda _t, k, _v: seen.append(k), specs=(AUDIT,), since_ms=now + 60_000)
+    assert seen == []

@@ -237,3 +237,57 @@ def test_a_verdict_for_a_case_that_never_opens_is_refused_once_it_is_too_old(cor
     outs = core.expire(NOW + max_age_ms + 1)
     assert [DeadLetter.decode(o.value).error_kind for o in of(outs, DEAD_LETTERS)] == ["unknown_case"]
     assert core.oldest_waiting("commands", 0) is None
+
+
+DAY = 86_400_000
+
+
+def retained(days: float = 30.0) -> CaseCore:
+    webex = WebexSettings(command_signing_key=SecretStr(KEY), allowed_people=GUARD)
+    cases = CasesSettings(expire_after_s=600, flag_dismissals=2, retain_decided_days=days)
+    return CaseCore(Settings(webex=webex, cases=cases))
+
+
+def test_a_decided_case_is_removed_after_the_retention_period_and_audited() -> None:
+    core = retained(30)
+    case = opened(core)
+    core.on_command(command_src("DISMISS", case.case_id, "m0"), NOW)
+    undecided = case_of(core.on_alert(alert_src("watchlist:tx-2:subj-a", offset=2), NOW))
+    assert core.retire(NOW + 30 * DAY - 1) == [] and core.book.false_matches["subj-a"] == 1
+    outs = core.retire(NOW + 30 * DAY + 1)
+    [tombstone] = of(outs, CASES)
+    assert (tombstone.key, tombstone.value) == (case.case_id.encode(), None)
+    assert [(a.action, a.details["case_id"]) for a in audits(outs)] == [("RETIRE", case.case_id)]
+    assert case.case_id not in core.book.cases and undecided.case_id in core.book.cases  # open cases stay
+    assert core.book.false_matches["subj-a"] == 0  # its dismissal no longer counts against the subject
+    assert core.retire(NOW + 31 * DAY) == []
+
+
+def test_a_tombstone_read_at_start_forgets_the_case() -> None:
+    core = retained()
+    case = opened(core)
+    restarted = retained()
+    restarted.load_case(case.case_id.encode(), case.encode())
+    restarted.load_case(case.case_id.encode(), None)
+    assert restarted.book.cases == {}
+
+
+def test_inputs_written_before_the_retention_horizon_are_skipped_not_acted_on() -> None:
+    core = retained(30)
+    old_alert = replace(alert_src(), written_at=NOW - 31 * DAY)
+    assert core.on_alert(old_alert, NOW) == [] and core.book.cases == {}
+    case = opened(core)
+    old_command = replace(command_src("CONFIRM", case.case_id, "m9"), written_at=NOW - 31 * DAY)
+    assert core.on_command(old_command, NOW) == [] and core.book.cases[case.case_id].state == "open"
+
+
+def test_audit_ids_older_than_the_horizon_are_pruned(monkeypatch: pytest.MonkeyPatch) -> None:
+    import jobs.cases.service as service
+
+    monkeypatch.setattr(service, "PRUNE_AT", 1)
+    core = retained(30)
+    case = opened(core)
+    core.on_command(command_src("DISMISS", case.case_id, "m0"), NOW)
+    core.done["case:ancient"] = NOW - 40 * DAY
+    core.retire(NOW)
+    assert "case:ancient" not in core.done and "case:m0" in core.done
