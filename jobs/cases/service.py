@@ -37,16 +37,15 @@ import logging
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
-from confluent_kafka import KafkaException
 
 from infra import clock, metrics
+from infra.clients import transactional
+from infra.clients.transactional import Out, Source
 from infra.command_auth import SIGNATURE_HEADER, authenticate_command, sign_command
 from infra.logs import LOG_LEVEL_HELP, setup_logging
-from infra.retry import Backoff
 from infra.settings import Settings, get_settings
 from jobs.cases.core import CaseBook, Refused, parse_case_command
 from schemas.codec import DecodeError
@@ -77,35 +76,6 @@ PRUNE_AT = 10_000
 """The ``stage`` label of this process's metrics (its name in ``infra.metrics.PROCESSES``)."""
 SERVICE_ACTOR = "case-service"
 UNVERIFIED_ACTOR = "unverified"
-PUBLISH_RETRY_S = 240.0
-"""How long a transaction is retried while Kafka is away (below the consumer's 300 s poll interval)."""
-
-
-@dataclass(frozen=True)
-class Out:
-    """One record to publish: topic, key, value, Kafka headers (a signed command's signature)."""
-
-    topic: TopicSpec
-    key: bytes
-    value: bytes | None
-    headers: tuple[tuple[str, bytes], ...] = ()
-    reason: str | None = None
-    """A dead letter's error kind (its metric label)."""
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where an input record came from (for dead letters and refusals)."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: tuple[tuple[str, Any], ...] = ()
-    written_at: int | None = None
-    """The record's Kafka timestamp (ms): a command's freshness is judged by when it reached Kafka, so one
-    given while this service was down or behind is still applied when it catches up."""
 
 
 class CaseCore:
@@ -472,8 +442,6 @@ class CaseService:
     def run(self) -> None:
         from confluent_kafka import TopicPartition
 
-        from infra.clients import kafka as kafka_clients
-
         self.replay(CASES, self.core.load_case)
         self.replay(WATCHLIST, self.core.load_watchlist)
         # only the audit ids of inputs this service may still read: those written after the retention horizon
@@ -492,15 +460,7 @@ class CaseService:
                     if msg.error():
                         log.warning("consumer error: %s", msg.error())
                         continue
-                    src = Source(
-                        msg.topic(),
-                        msg.partition(),
-                        msg.offset(),
-                        msg.key(),
-                        msg.value(),
-                        tuple(msg.headers() or ()),
-                        kafka_clients.written_at_ms(msg),
-                    )
+                    src = transactional.source_of(msg)
                     with metrics.timed(self._processing):
                         outs += self.topics[msg.topic()](src, clock.now_ms())
                     offsets[(msg.topic(), msg.partition())] = msg.offset() + 1
@@ -521,49 +481,17 @@ class CaseService:
             self._publish(outs, [])
 
     def _publish(self, outs: list[Out], offsets: list) -> None:
-        """The outputs in one transaction (all or none), retried with backoff while Kafka is away (up to
-        ``PUBLISH_RETRY_S``), then the inputs' offsets."""
-        backoff = Backoff(initial_s=0.5, maximum_s=10.0)
-        give_up_at = time.monotonic() + PUBLISH_RETRY_S
-        attempt = 0
-        while outs:
-            try:
-                self._transaction(outs)
-                self._count(outs)
-                break
-            except KafkaException as exc:
-                err = exc.args[0]
-                if err.fatal() or self._stop or time.monotonic() > give_up_at:
-                    raise
-                self.heartbeat.beat("Kafka unreachable")
-                log.warning("publishing failed (%s); aborting and trying again", err.str())
-                with contextlib.suppress(KafkaException):
-                    self.producer.abort_transaction(30)
-                time.sleep(backoff.delay(attempt))
-                attempt += 1
-        if offsets:
-            self.consumer.commit(offsets=offsets, asynchronous=True)
-
-    def _transaction(self, outs: list[Out]) -> None:
-        self.producer.begin_transaction()
-        for out in outs:
-            headers: list[tuple[str, str | bytes | None]] | None = list(out.headers) if out.headers else None
-            self.producer.produce(out.topic.full_name(self.prefix), key=out.key, value=out.value, headers=headers)
-        while True:
-            try:
-                self.producer.commit_transaction(30)
-                return
-            except KafkaException as exc:
-                if not exc.args[0].retriable() or self._stop:
-                    raise
-
-    @staticmethod
-    def _count(outs: list[Out]) -> None:
-        for out in outs:
-            if out.topic == DEAD_LETTERS:
-                metrics.DEAD_LETTERS.labels(PROCESS, out.reason or "unknown").inc()
-            else:
-                metrics.RECORDS_OUT.labels(PROCESS, out.topic.name).inc()
+        """The outputs in one Kafka transaction, then the inputs' offsets (see :mod:`infra.clients.transactional`)."""
+        transactional.publish(
+            self.producer,
+            self.consumer,
+            self.prefix,
+            PROCESS,
+            outs,
+            offsets,
+            beat=self.heartbeat.beat,
+            stopping=lambda: self._stop,
+        )
 
 
 def main(log_level: str | None = None) -> None:

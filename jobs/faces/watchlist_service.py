@@ -44,21 +44,20 @@ Run: ``python -m jobs.faces.watchlist_service`` (SIGTERM stops after the current
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Annotated, Any
 
 import typer
-from confluent_kafka import KafkaException
 
 from infra import clock, metrics
+from infra.clients import transactional
 from infra.clients.image_store import ImageStore
+from infra.clients.transactional import Out, Source
 from infra.command_auth import authenticate_command
 from infra.logs import LOG_LEVEL_HELP, setup_logging
-from infra.retry import Backoff
 from infra.settings import Settings, get_settings
 from jobs.faces.engine import FaceEngine, ImageError
 from jobs.faces.rekognition import RekognitionError, RekognitionFaces
@@ -85,33 +84,6 @@ REKOGNITION_REFUSALS = {
 """Rekognition answers that say "not this image" (the command fails) rather than "not now" (retry)."""
 UNVERIFIED_ACTOR = "unverified"
 """The audit actor of a refused command: who it claims to come from is only in its details."""
-
-
-@dataclass(frozen=True)
-class Out:
-    """One record to publish: topic, key, value (``None`` = tombstone)."""
-
-    topic: TopicSpec
-    key: bytes
-    value: bytes | None
-    reason: str | None = None
-    """A dead letter's error kind (its metric label)."""
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where an input record came from (for dead letters)."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: tuple[tuple[str, Any], ...] = ()
-    written_at: int | None = None
-    """The record's Kafka timestamp (ms): a command's freshness is judged by when it reached Kafka, so one
-    given while this service was down or behind is still applied when it catches up."""
-    """Kafka headers (the command signature); confluent-kafka gives ``(name, bytes | None)`` pairs."""
 
 
 class Failed(InvalidRecord):
@@ -507,10 +479,6 @@ class WatchlistCore:
         return Out(DEAD_LETTERS, dl.dead_letter_id.encode(), dl.encode(), reason=error.kind)
 
 
-PUBLISH_RETRY_S = 240.0
-"""How long a transaction is retried while Kafka is away (the consumer's max.poll.interval.ms is 300 s)."""
-
-
 class WatchlistService:
     """Kafka wiring around ``WatchlistCore``: startup replay, transactional consume-process-produce."""
 
@@ -561,8 +529,6 @@ class WatchlistService:
     def run(self) -> None:
         from confluent_kafka import TopicPartition
 
-        from infra.clients import kafka as kafka_clients
-
         loaded = self.replay(WATCHLIST, self.core.load)
         log.info("watchlist replayed: %d records, %d subjects", loaded, len(self.core.entries))
         self._beat(None)
@@ -581,15 +547,7 @@ class WatchlistService:
                 if msg.error():
                     log.warning("consumer error: %s", msg.error())
                     continue
-                src = Source(
-                    msg.topic(),
-                    msg.partition(),
-                    msg.offset(),
-                    msg.key(),
-                    msg.value(),
-                    tuple(msg.headers() or ()),
-                    kafka_clients.written_at_ms(msg),
-                )
+                src = transactional.source_of(msg)
                 with metrics.timed(self._processing):
                     outs = self.topics[msg.topic()](src, clock.now_ms())
                     self._publish(outs, [TopicPartition(msg.topic(), msg.partition(), msg.offset() + 1)])
@@ -605,59 +563,21 @@ class WatchlistService:
             self._publish(outs, [])
 
     def _publish(self, outs: list[Out], offsets: list) -> None:
-        """The outputs in one transaction (all land or none), then the input's offset (see the module doc).
-
-        A broker that is away (restarting, a leader moving) fails the transaction with a retriable or
-        abortable error: it is aborted and tried again with backoff, for up to ``PUBLISH_RETRY_S`` (less
-        than the consumer's poll interval, after which the group has moved on). Past that, or on a fatal
-        error, the error propagates: the process exits non-zero and resumes from the last commit.
-        """
-        backoff = Backoff(initial_s=0.5, maximum_s=10.0)
-        give_up_at = time.monotonic() + PUBLISH_RETRY_S
-        attempt = 0
-        while outs:
-            try:
-                self._transaction(outs)
-                self._count(outs)
-                break
-            except KafkaException as exc:
-                err = exc.args[0]
-                if err.fatal() or self._stop or time.monotonic() > give_up_at:
-                    raise
-                self._beat("Kafka unreachable")
-                log.warning("publishing failed (%s); aborting and trying again", err.str())
-                with contextlib.suppress(KafkaException):  # nothing to abort is fine too
-                    self.producer.abort_transaction(30)
-                time.sleep(backoff.delay(attempt))
-                attempt += 1
-        if offsets:  # never blocks; one that fails is covered by the next one, or replayed as a no-op
-            self.consumer.commit(offsets=offsets, asynchronous=True)
+        """The outputs in one Kafka transaction, then the inputs' offsets (see :mod:`infra.clients.transactional`)."""
+        transactional.publish(
+            self.producer,
+            self.consumer,
+            self.prefix,
+            PROCESS,
+            outs,
+            offsets,
+            beat=self._beat,
+            stopping=lambda: self._stop,
+        )
 
     def _beat(self, problem: str | None) -> None:
         if self.heartbeat is not None:  # None only for a service built without __init__ (tests)
             self.heartbeat.beat(problem)
-
-    @staticmethod
-    def _count(outs: list[Out]) -> None:
-        """Count a committed transaction's records: dead letters by reason, the others by kind."""
-        for out in outs:
-            if out.topic == DEAD_LETTERS:
-                metrics.DEAD_LETTERS.labels(PROCESS, out.reason or "unknown").inc()
-            else:
-                kind = out.topic.name if out.value is not None else f"{out.topic.name}_tombstone"
-                metrics.RECORDS_OUT.labels(PROCESS, kind).inc()
-
-    def _transaction(self, outs: list[Out]) -> None:
-        self.producer.begin_transaction()
-        for out in outs:
-            self.producer.produce(out.topic.full_name(self.prefix), key=out.key, value=out.value)
-        while True:
-            try:
-                self.producer.commit_transaction(30)
-                return
-            except KafkaException as exc:
-                if not exc.args[0].retriable() or self._stop:
-                    raise  # abortable: the caller aborts and redoes the whole transaction
 
 
 def main(log_level: str | None = None) -> None:

@@ -1,0 +1,129 @@
+"""Consume, decide, publish in one Kafka transaction, then commit: the loop the watchlist and case services share.
+
+Each service turns an input record (:class:`Source`) into output records (:class:`Out`) with pure code, then
+calls :func:`publish`: the outputs go out in one transaction (all land or none), and only then are the inputs'
+offsets committed. A crash between the two replays the inputs, which the services recognise (their audit
+ids) and skip, so nothing is doubled and nothing lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import KafkaException
+
+from infra import metrics
+from infra.retry import Backoff
+from schemas.topics import DEAD_LETTERS, TopicSpec
+
+log = logging.getLogger(__name__)
+
+PUBLISH_RETRY_S = 240.0
+"""How long a transaction is retried while Kafka is away (the consumer's max.poll.interval.ms is 300 s)."""
+
+
+@dataclass(frozen=True)
+class Out:
+    """One record to publish: topic, key, value (``None`` = tombstone), Kafka headers (a signed command's
+    signature)."""
+
+    topic: TopicSpec
+    key: bytes
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...] = ()
+    reason: str | None = None
+    """A dead letter's error kind (its metric label)."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where an input record came from (for dead letters and refusals)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, Any], ...] = ()
+    """Kafka headers (the command signature); confluent-kafka gives ``(name, bytes | None)`` pairs."""
+    written_at: int | None = None
+    """The record's Kafka timestamp (ms): a command's freshness is judged by when it reached Kafka, so one
+    given while a service was down or behind is still applied when it catches up."""
+
+
+def source_of(msg: Any) -> Source:
+    """The :class:`Source` of a consumed confluent-kafka message."""
+    from infra.clients.kafka import written_at_ms
+
+    headers = tuple(msg.headers() or ())
+    return Source(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), headers, written_at_ms(msg))
+
+
+def publish(
+    producer: Any,
+    consumer: Any,
+    prefix: str,
+    process: str,
+    outs: Sequence[Out],
+    offsets: list,
+    *,
+    beat: Callable[[str | None], None] = lambda _problem: None,
+    stopping: Callable[[], bool] = lambda: False,
+) -> None:
+    """The outputs in one transaction (all land or none), then the inputs' offsets.
+
+    A broker that is away (restarting, a leader moving) fails the transaction with a retriable or abortable
+    error: it is aborted and tried again with backoff, for up to :data:`PUBLISH_RETRY_S` (less than the
+    consumer's poll interval, after which the group has moved on), with ``beat("Kafka unreachable")`` for
+    the health check. Past that, on a fatal error, or once ``stopping()``, the error propagates: the process
+    exits non-zero and resumes from the last commit. Records are counted once their transaction committed.
+    """
+    backoff = Backoff(initial_s=0.5, maximum_s=10.0)
+    give_up_at = time.monotonic() + PUBLISH_RETRY_S
+    attempt = 0
+    while outs:
+        try:
+            _transaction(producer, prefix, outs, stopping)
+            count(process, outs)
+            break
+        except KafkaException as exc:
+            err = exc.args[0]
+            if err.fatal() or stopping() or time.monotonic() > give_up_at:
+                raise
+            beat("Kafka unreachable")
+            log.warning("publishing failed (%s); aborting and trying again", err.str())
+            with contextlib.suppress(KafkaException):  # nothing to abort is fine too
+                producer.abort_transaction(30)
+            time.sleep(backoff.delay(attempt))
+            attempt += 1
+    if offsets:  # never blocks; one that fails is covered by the next one, or replayed as a no-op
+        consumer.commit(offsets=offsets, asynchronous=True)
+
+
+def _transaction(producer: Any, prefix: str, outs: Sequence[Out], stopping: Callable[[], bool]) -> None:
+    producer.begin_transaction()
+    for out in outs:
+        extra = {"headers": list(out.headers)} if out.headers else {}
+        producer.produce(out.topic.full_name(prefix), key=out.key, value=out.value, **extra)
+    while True:
+        try:
+            producer.commit_transaction(30)
+            return
+        except KafkaException as exc:
+            if not exc.args[0].retriable() or stopping():
+                raise  # abortable: the caller aborts and redoes the whole transaction
+
+
+def count(process: str, outs: Sequence[Out]) -> None:
+    """Count a committed transaction's records: dead letters by reason, the others by topic (tombstones apart)."""
+    for out in outs:
+        if out.topic == DEAD_LETTERS:
+            metrics.DEAD_LETTERS.labels(process, out.reason or "unknown").inc()
+        else:
+            kind = out.topic.name if out.value is not None else f"{out.topic.name}_tombstone"
+            metrics.RECORDS_OUT.labels(process, kind).inc()
