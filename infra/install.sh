@@ -5,6 +5,7 @@
 #   - the Python virtualenv .venv with the project installed editable (pyproject.toml, extra "dev")
 #   - the Kafka broker classpath (infra/kafka/pom.xml)          -> <stack>/lib/kafka
 #   - the Flink SQL Kafka connector jar                          -> <stack>/lib/flink
+#     and aws-msk-iam-auth relocated for it (infra/flink-msk-iam/pom.xml, hash-checked)
 #   - the job's own Flink operators (jobs/flink/java, javac)           -> <stack>/lib/flink-ext
 #   - Flink's Prometheus reporter, and ours that binds CG_BIND_HOST     -> <stack>/lib/flink-plugins/metrics-prometheus
 #     (jobs/flink/java-plugins/metrics-prometheus, javac)
@@ -46,6 +47,7 @@ OPENSEARCH_VERSION="$(pin OPENSEARCH_VERSION)"
 FLINK_KAFKA_CONNECTOR="$(pin FLINK_KAFKA_CONNECTOR)"
 FLINK_METRICS_PROMETHEUS="$(pin FLINK_METRICS_PROMETHEUS)"
 MAVEN_DEPENDENCY_PLUGIN="$(pin MAVEN_DEPENDENCY_PLUGIN)"
+MSK_IAM_AUTH_ALL_SHA256="$(pin MSK_IAM_AUTH_ALL_SHA256)"
 MVN_DEP="org.apache.maven.plugins:maven-dependency-plugin:${MAVEN_DEPENDENCY_PLUGIN}"
 
 STAMPS="$STACK_DIR/stamps"
@@ -103,7 +105,7 @@ fi
 # The steps whose stamps do not match (their keys are computed again when they run).
 venv_key="$(hash_of pyproject.toml <(printf '%s' "$PYTHON_SYS_VERSION"))"
 kafka_key="$(hash_of infra/kafka/pom.xml <(printf '%s' "$MVN_DEP"))"
-flink_key="$(hash_of <(printf '%s %s' "$FLINK_KAFKA_CONNECTOR" "$MVN_DEP"))"
+flink_key="$(hash_of infra/flink-msk-iam/pom.xml <(printf '%s %s %s' "$FLINK_KAFKA_CONNECTOR" "$MVN_DEP" "$MSK_IAM_AUTH_ALL_SHA256"))"
 os_home="$STACK_DIR/opensearch-$OPENSEARCH_VERSION"
 os_key="$(hash_of <(printf '%s %s' "$OPENSEARCH_VERSION" "$MVN_DEP"))"
 faces_key="face_recognition-1.3.0"
@@ -168,7 +170,7 @@ if [[ -n "$PLAN_ONLY" ]] || ((${#apt_pkgs[@]} + ${#browser_pkg[@]} + ${#todo[@]}
         fi ;;
       kafka) say "  $STACK_DIR/lib/kafka: the Kafka broker's jars from Maven Central (~$SIZE_KAFKA_MB MB)"
         needs "$STACK_DIR" $SIZE_KAFKA_MB "Kafka"; needs "$m2" $SIZE_M2_MB "$m2" ;;
-      flink) say "  $STACK_DIR/lib/flink: $FLINK_KAFKA_CONNECTOR from Maven Central (~$SIZE_FLINK_MB MB)"
+      flink) say "  $STACK_DIR/lib/flink: $FLINK_KAFKA_CONNECTOR and aws-msk-iam-auth (relocated here) from Maven Central (~$SIZE_FLINK_MB MB)"
         needs "$STACK_DIR" $SIZE_FLINK_MB "the Flink connector" ;;
       flink-ext) say "  $STACK_DIR/lib/flink-ext: the job's Java operators, compiled here (<1 MB)"
         needs "$STACK_DIR" $SIZE_FLINK_EXT_MB "the job's operators" ;;
@@ -281,6 +283,18 @@ else
   rm -rf "$STACK_DIR/lib/flink.tmp"
   (cd "$STACK_DIR" && quiet maven mvn -B "$MVN_DEP:copy" -Dartifact="$FLINK_KAFKA_CONNECTOR" \
     -DoutputDirectory="$STACK_DIR/lib/flink.tmp")
+  # MSK IAM for the job's Kafka client: aws-msk-iam-auth with its Kafka references relocated like the connector's
+  say "flink connector: aws-msk-iam-auth, relocated for it (infra/flink-msk-iam/pom.xml)"
+  msk_tmp="$STACK_DIR/lib/flink-msk-iam.tmp"
+  rm -rf "$msk_tmp"
+  quiet maven mvn -B -f infra/flink-msk-iam/pom.xml "$MVN_DEP:copy-dependencies" -DoutputDirectory="$msk_tmp/upstream"
+  msk_all=("$msk_tmp"/upstream/aws-msk-iam-auth-*-all.jar)
+  msk_sha="$(sha256sum "${msk_all[0]}" | cut -d' ' -f1)"
+  [[ "$msk_sha" == "$MSK_IAM_AUTH_ALL_SHA256" ]] ||
+    die "${msk_all[0]##*/}: sha256 $msk_sha, not the pinned MSK_IAM_AUTH_ALL_SHA256 (infra/stack.py)"
+  quiet maven mvn -B -f infra/flink-msk-iam/pom.xml jar:jar shade:shade -Dout="$msk_tmp/build"
+  mv "$msk_tmp"/build/aws-msk-iam-auth-*-flink-sql.jar "$STACK_DIR/lib/flink.tmp/"
+  rm -rf "$msk_tmp"
   rm -rf "$STACK_DIR/lib/flink"
   mv "$STACK_DIR/lib/flink.tmp" "$STACK_DIR/lib/flink"
   stamp_set flink "$flink_key"

@@ -14,7 +14,7 @@ die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
 # ~/.m2 (Maven's local repository) 129 MB. The figures below add about 20% for temporary files.
 SIZE_VENV_MB=2300
 SIZE_KAFKA_MB=60
-SIZE_FLINK_MB=20
+SIZE_FLINK_MB=30
 SIZE_FLINK_EXT_MB=5
 SIZE_OPENSEARCH_MB=150
 SIZE_FACES_MB=10

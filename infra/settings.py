@@ -33,6 +33,14 @@ class KafkaSettings(BaseModel, frozen=True):
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+    aws_profile: str | None = None
+    """MSK IAM (``sasl_mechanism`` ``AWS_MSK_IAM``, see infra/clients/msk_iam.py): a named AWS profile's
+    credentials instead of the default chain (environment, ECS task role, ...), for both clients."""
+    aws_role_arn: str | None = None
+    """MSK IAM: a role both clients assume (at ``aws_region``'s STS for the Java one) with those credentials."""
+    aws_region: str | None = None
+    """MSK IAM: the cluster's region, required: the Python clients' tokens are signed for it (the Java client
+    reads it from the MSK broker host names)."""
     brokers: int = 1
     """Nodes of the local KRaft cluster that ``make up`` starts: 1, or 3 (replication factor 3, two in sync).
     With 3 and one address in ``bootstrap_servers``, node i listens on its port + 2(i-1) and its controller on
@@ -45,6 +53,28 @@ class KafkaSettings(BaseModel, frozen=True):
             raise ValueError(f"the local Kafka runs 1 or 3 brokers, not {value}")
         return value
 
+    def model_post_init(self, context: object, /) -> None:
+        """``AWS_MSK_IAM`` is complete, or the settings fail at start."""
+        if not self.msk_iam:
+            return
+        problems = [
+            need
+            for missing, need in (
+                (self.security_protocol.upper() != "SASL_SSL", "security_protocol SASL_SSL (MSK's IAM listener)"),
+                (not self.aws_region, "aws_region"),
+                (bool(self.sasl_username or self.sasl_password), "no sasl_username/sasl_password"),
+                (bool(self.aws_profile and self.aws_role_arn), "aws_profile or aws_role_arn, not both"),
+            )
+            if missing
+        ]
+        if problems:
+            raise ValueError(f"sasl_mechanism AWS_MSK_IAM needs {'; '.join(problems)}")
+
+    @property
+    def msk_iam(self) -> bool:
+        """Both clients log in with AWS IAM (infra/clients/msk_iam.py)."""
+        return (self.sasl_mechanism or "").upper() == "AWS_MSK_IAM"
+
     @property
     def bootstrap(self) -> str:
         """The clients' bootstrap list: ``bootstrap_servers``, or with 3 local brokers every node's address."""
@@ -52,9 +82,14 @@ class KafkaSettings(BaseModel, frozen=True):
             return self.bootstrap_servers
         return bootstrap_list(kafka_nodes(self.bootstrap_servers, self.controller_port, self.brokers))
 
-    def client_config(self) -> dict[str, str]:
-        """librdkafka / Java client properties common to producers and consumers."""
-        conf = {"bootstrap.servers": self.bootstrap, "security.protocol": self.security_protocol}
+    def client_config(self) -> dict[str, object]:
+        """librdkafka (confluent-kafka) properties common to producers, consumers and admin clients. With MSK
+        IAM, ``oauth_cb`` is a callable (the token source): hand the dict to a client, never serialise it."""
+        conf: dict[str, object] = {"bootstrap.servers": self.bootstrap, "security.protocol": self.security_protocol}
+        if self.msk_iam and self.aws_region:
+            from infra.clients import msk_iam
+
+            return conf | msk_iam.librdkafka_config(self.aws_region, self.aws_profile, self.aws_role_arn)
         if self.sasl_mechanism:
             conf["sasl.mechanism"] = self.sasl_mechanism
         if self.sasl_username:
@@ -70,6 +105,10 @@ class KafkaSettings(BaseModel, frozen=True):
         conf = {"bootstrap.servers": self.bootstrap, "security.protocol": self.security_protocol}
         if not self.sasl_mechanism:
             return conf
+        if self.msk_iam and self.aws_region:  # aws-msk-iam-auth's classes, relocated by infra/install.sh
+            from infra.clients import msk_iam
+
+            return conf | msk_iam.java_config(self.aws_region, self.aws_profile, self.aws_role_arn)
         conf["sasl.mechanism"] = self.sasl_mechanism
         modules = {
             "SCRAM-SHA-256": "scram.ScramLoginModule",

@@ -88,6 +88,9 @@ OPENSEARCH_VERSION = "2.19.4"
 FLINK_KAFKA_CONNECTOR = "org.apache.flink:flink-sql-connector-kafka:5.0.0-2.2"
 FLINK_METRICS_PROMETHEUS = "org.apache.flink:flink-metrics-prometheus:2.2.1"
 MAVEN_DEPENDENCY_PLUGIN = "3.8.1"
+MSK_IAM_AUTH_ALL_SHA256 = "b758405bd032d0aa3579eabe3fc3344da7003d723c4bb687767924450da7bbfd"
+"""sha256 of aws-msk-iam-auth's "all" jar, of the version infra/flink-msk-iam/pom.xml pins: install.sh checks the
+fetched jar against it before relocating it for the connector (MSK IAM for the job, infra/clients/msk_iam.py)."""
 
 SERVICES = ("kafka", "opensearch", "mosquitto", "smtp", "prometheus")
 KAFKA_NODE_NAMES = ("kafka-1", "kafka-2", "kafka-3")
