@@ -142,6 +142,13 @@ class OpenSearchSettings(BaseModel, frozen=True):
     url: str = "http://127.0.0.1:9200"
     username: str | None = None
     password: SecretStr | None = None
+    aws_sigv4: bool = False
+    """Sign every request with AWS SigV4 (Amazon OpenSearch Service with IAM access, infra/clients/opensearch.py)
+    instead of HTTP Basic; credentials from boto3's default chain (environment, profile, task role)."""
+    aws_region: str | None = None
+    """SigV4: the domain's region (required with ``aws_sigv4``)."""
+    aws_service: Literal["es", "aoss"] = "es"
+    """SigV4: ``es`` for an OpenSearch Service domain, ``aoss`` for OpenSearch Serverless."""
     index_prefix: str = "checkout-guard"
     heap: str = "512m"
     bulk_max_docs: int = 2000

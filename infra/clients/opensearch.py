@@ -1,16 +1,41 @@
-"""The one OpenSearch client factory: URL, credentials and TLS from settings, no retries of its own."""
+"""The one OpenSearch client factory: URL, credentials and TLS from settings, no retries of its own.
+
+Logins: HTTP Basic (``CG_OPENSEARCH__USERNAME``/``PASSWORD``, the local stack or a domain's internal users), or
+AWS SigV4 (``CG_OPENSEARCH__AWS_SIGV4``, for Amazon OpenSearch Service with IAM access): every request signed
+with boto3's credentials, which refresh themselves (an ECS task role's rotate hourly).
+"""
 
 from __future__ import annotations
 
-from opensearchpy import OpenSearch
+from typing import Any
+
+from opensearchpy import OpenSearch, Urllib3AWSV4SignerAuth
 
 from infra.settings import OpenSearchSettings
 
 
+class OpenSearchConfigError(ValueError):
+    """OpenSearch login settings that cannot work (SigV4 without a region or credentials)."""
+
+
+def sigv4_auth(settings: OpenSearchSettings, session: Any = None) -> Urllib3AWSV4SignerAuth:
+    """opensearch-py's SigV4 signer over boto3's default credential chain (``session``: a boto3 session)."""
+    import boto3
+
+    if not settings.aws_region:
+        raise OpenSearchConfigError("CG_OPENSEARCH__AWS_SIGV4 needs CG_OPENSEARCH__AWS_REGION (the domain's region)")
+    credentials = (session or boto3.Session()).get_credentials()
+    if credentials is None:
+        raise OpenSearchConfigError("CG_OPENSEARCH__AWS_SIGV4: no AWS credentials found in boto3's default chain")
+    return Urllib3AWSV4SignerAuth(credentials, settings.aws_region, settings.aws_service)
+
+
 def make_client(settings: OpenSearchSettings, timeout_s: float = 30.0) -> OpenSearch:
     """An OpenSearch client that does not retry on its own: the sink's backoff decides when to retry."""
-    auth = None
-    if settings.username and settings.password:
+    auth: Any = None
+    if settings.aws_sigv4:
+        auth = sigv4_auth(settings)
+    elif settings.username and settings.password:
         auth = (settings.username, settings.password.get_secret_value())
     return OpenSearch(
         hosts=[settings.url],
