@@ -307,9 +307,36 @@ def _scored_report(
         },
         "quality_aware_threshold": _quality_report(pairs, quality, fold_map, names, k, settings.target_fmr),
         "templates": _template_report(items, sims, identity, quality, fold_map, names, k, settings.target_fmr),
+        "at_threshold": _fixed_report(pairs, at_configured, sets, cond, len(names), settings.match_threshold),
         "threshold": settings.match_threshold,
         "tmr": round(float(at_configured[pairs.genuine].mean()), 4) if gen.size else None,
         "fmr": round(float(at_configured[~pairs.genuine].mean()), 6) if imp.size else None,
+    }
+
+
+def _fixed_report(
+    pairs: Pairs, accepted: np.ndarray, sets: np.ndarray, cond: np.ndarray, n_identities: int, threshold: float
+) -> dict:
+    """Rates at the configured threshold, nothing chosen on these pairs: the honest figure for a hold-out set
+    (people no setting was chosen on), overall, per set and per camera condition (a rendering against the photo)."""
+    everything = np.ones(pairs.score.size, dtype=bool)
+    return {
+        "threshold": threshold,
+        **_rates(pairs, accepted, everything),
+        "ci_bootstrap_identities": bootstrap_rates(pairs, accepted, n_identities),
+        "by_set": {
+            n: _rates(pairs, accepted, (sets[pairs.left] == n) & (sets[pairs.right] == n))
+            for n in sorted(set(sets.tolist()))
+        },
+        "by_condition": {
+            c: _rates(
+                pairs,
+                accepted,
+                ((cond[pairs.left] == "photo") & (cond[pairs.right] == c))
+                | ((cond[pairs.right] == "photo") & (cond[pairs.left] == c)),
+            )
+            for c in dict.fromkeys(cond.tolist())
+        },
     }
 
 
@@ -370,6 +397,13 @@ def evaluate(
     synthetic: Annotated[bool, typer.Option(help="also render each photo as 640x480 camera frames")] = True,
     folds: Annotated[int, typer.Option(help="identity-disjoint cross-validation folds")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="the whole report as JSON")] = False,
+    fixed_threshold: Annotated[
+        bool,
+        typer.Option(
+            help="print only the rates at the configured threshold (--threshold or settings), nothing tuned on these "
+            "folders: for a hold-out set such as fetch-fresh's"
+        ),
+    ] = False,
 ) -> None:
     """TMR/FMR over every different-photo pair: at FMR 1e-3/1e-4, and cross-validated over identities at
     ``faces.target_fmr`` (threshold chosen on other people than those it is reported on)."""
@@ -382,6 +416,9 @@ def evaluate(
     report = evaluation_report(photos, FaceEngine(settings, evaluation=True), settings, folds, synthetic)
     if as_json:
         typer.echo(json.dumps(report, indent=1))
+        return
+    if fixed_threshold:
+        _echo_fixed(report)
         return
     cv = report["cross_validated"]
     typer.echo(
@@ -410,6 +447,65 @@ def evaluate(
             f"  templates {name}: TMR {r['tmr']} {r['tmr_ci_wilson']}, FMR {r['fmr']} "
             f"({r['false_matches']}/{r['impostor_pairs']} probe-subject pairs)"
         )
+
+
+@app.command("fetch-fresh")
+def fetch_fresh(
+    dest: Annotated[Path | None, typer.Option(help="where to lay the set out; default: .cache/faces-fresh")] = None,
+) -> None:
+    """Fetch the fresh evaluation set (people no face setting was chosen on) with the registry's own client, pinned
+    by version and SHA-256, as <dest>/<source>/<identity>/<image>; nothing is fetched for a source already there.
+    Fails on an archive that is not the pinned one and on a set sharing an identity name or a photo with the
+    shared face data."""
+    from infra.settings import REPO_ROOT
+    from jobs.faces import fresh_set
+
+    dest = dest or REPO_ROOT / ".cache" / "faces-fresh"
+    try:
+        roots = fresh_set.fetch_fresh(dest)
+    except fresh_set.FreshSetError as exc:
+        typer.echo(f"fetch-fresh: {exc}", err=True)
+        raise typer.Exit(1) from None
+    fresh = labelled_photos(roots)
+    known_roots = default_evaluation_roots(get_settings().stack_dir)
+    shared = REPO_ROOT / ".." / "shared" / "data" / "faces"
+    overlap = fresh_set.overlapping_identities(
+        {identity for _, identity, _ in fresh}, {identity for _, identity, _ in labelled_photos(known_roots)}
+    )
+    known_files = [p for r in (shared, *known_roots) for p in r.rglob("*") if p.is_file()]
+    same = set(fresh_set.photo_digests(p for _, _, p in fresh)) & set(fresh_set.photo_digests(known_files))
+    for source, root in zip(fresh_set.SOURCES, roots, strict=True):
+        per = [len(list(d.iterdir())) for d in root.iterdir() if d.is_dir()]
+        typer.echo(
+            f"{root}: {len(per)} identities, {sum(per)} photos, {sum(n >= 2 for n in per)} identities with 2+ "
+            f"photos ({source.registry} {source.package} {source.version}; {source.licence})"
+        )
+    typer.echo(
+        f"known sets checked: {len(known_roots)} roots, {len(known_files)} files; identities in common: "
+        f"{sorted(overlap) or 'none'}; identical photos: {len(same)}"
+    )
+    if overlap or same:
+        raise typer.Exit(1)
+    typer.echo("evaluate: python -m jobs.faces evaluate " + " ".join(str(r) for r in roots) + " --fixed-threshold")
+
+
+def _echo_fixed(report: dict) -> None:
+    """The hold-out figures: rates at the configured threshold with pair counts and intervals, per set."""
+    fx = report["at_threshold"]
+    typer.echo(
+        f"{report['detector']} + {report['embedder']}: {report['photos']} photos, {report['identities']} identities, "
+        f"no face in {len(report['no_usable_face'])} photos; at the configured threshold {fx['threshold']} "
+        f"(nothing chosen on these folders):"
+    )
+    rows = [("all", fx), *fx["by_set"].items(), *((f"  {c}", r) for c, r in fx["by_condition"].items())]
+    for name, r in rows:
+        tmr = f"TMR {r['tmr']} {r['tmr_ci_wilson']}" if r["genuine_pairs"] else "TMR n/a"
+        typer.echo(
+            f"  {name}: {tmr} ({r['genuine_pairs']} genuine), FMR {r['fmr']} {r['fmr_ci_wilson']} "
+            f"({r['false_matches']}/{r['impostor_pairs']} impostor pairs)"
+        )
+    ci = fx["ci_bootstrap_identities"]
+    typer.echo(f"  identity bootstrap 95 %: TMR {ci['tmr']}, FMR {ci['fmr']}")
 
 
 def _frame_640x480(face_photo: bytes, faces: int = 1) -> bytes:
