@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -56,6 +57,8 @@ REPORTER = "prom"
 REPORTER_FACTORY = "checkoutguard.flink.metrics.BoundPrometheusReporterFactory"
 """Flink's Prometheus reporter, subclassed to bind one host (``jobs/flink/java-plugins/metrics-prometheus``):
 Flink 2.2's own ``PrometheusReporter`` listens on every interface and has no host option."""
+REPORTER_WAIT_S = 20.0
+"""How long ``up`` waits for the members' reporters to bind before it writes Prometheus's targets."""
 REPORTER_DIR = "metrics-prometheus"
 """The reporter's folder in a Flink plugins folder (infra/install.sh puts it in ``<stack>/lib/flink-plugins``)."""
 START_TIMEOUT_S = 120.0
@@ -126,6 +129,11 @@ class ClusterPaths:
     @property
     def tmp(self) -> Path:
         return self.root / "tmp"
+
+    @property
+    def scrape_targets(self) -> Path:
+        """Prometheus file-based discovery of the members' reporters (:func:`write_scrape_targets`)."""
+        return self.root / "prometheus-targets.json"
 
     def pid(self, member: str) -> Path:
         return self.run / f"{member}.pid"
@@ -468,7 +476,49 @@ def up(settings: Settings, java_home: Path, plugins: Path | None = None, only: s
     )
     if todo:
         log.info("flink cluster up in %.1fs; web UI %s", time.monotonic() - t0, rest_url(settings))
+    write_scrape_targets(settings, wait_s=REPORTER_WAIT_S if todo and settings.metrics.enabled else 0.0)
     return status(settings)
+
+
+def reporter_ports(settings: Settings, proc: psutil.Process) -> list[int]:
+    """The ports of ``metrics_ports`` that ``proc`` listens on (its reporter took the first free one)."""
+    first, _, last = settings.flink.metrics_ports.partition("-")
+    low, high = int(first), int(last or first)
+    with contextlib.suppress(psutil.Error):
+        return sorted(
+            {
+                c.laddr.port
+                for c in proc.net_connections(kind="tcp")
+                if c.status == psutil.CONN_LISTEN and low <= c.laddr.port <= high
+            }
+        )
+    return []
+
+
+def write_scrape_targets(settings: Settings, wait_s: float = 0.0) -> list[dict[str, Any]]:
+    """Tell Prometheus where the running members' reporters are: ``[{"targets": ["host:port"], "labels":
+    {"process": "flink-<member>"}}]`` in :attr:`ClusterPaths.scrape_targets`, which the stack's scrape config
+    reads (``file_sd_configs``, re-read within seconds); empty once the cluster is down. ``wait_s``: how long
+    to wait for every running member's reporter to bind."""
+    paths = ClusterPaths.of(settings)
+    host = client_host(settings.bind_host)
+    deadline = time.monotonic() + wait_s
+    while True:
+        running = [(m, p) for m in members(settings) if (p := member_process(paths, m)) is not None]
+        found = {m.name: reporter_ports(settings, p) for m, p in running}
+        if all(found.values()) or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    groups = [
+        {"targets": [f"{host}:{port}" for port in ports], "labels": {"process": f"flink-{name}"}}
+        for name, ports in found.items()
+        if ports
+    ]
+    paths.root.mkdir(parents=True, exist_ok=True)
+    tmp = paths.scrape_targets.with_suffix(".tmp")
+    tmp.write_text(json.dumps(groups, indent=1))
+    tmp.replace(paths.scrape_targets)  # Prometheus never reads half a file
+    return groups
 
 
 def taskmanager_ids(settings: Settings) -> list[str]:
@@ -504,6 +554,8 @@ def down(settings: Settings, only: str | None = None) -> list[str]:
     psutil.wait_procs(alive, timeout=10)
     for name in procs:
         paths.pid(name).unlink(missing_ok=True)
+    if procs or paths.scrape_targets.exists():
+        write_scrape_targets(settings)
     return list(procs)
 
 

@@ -12,6 +12,7 @@ session's Kafka and OpenSearch, and a cluster of its own (own dir, free ports)."
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import threading
 import time
@@ -149,6 +150,17 @@ def _cluster_processes(settings: Settings) -> list[str]:
     return left
 
 
+def _check_scrape_targets(settings: Settings) -> None:
+    """Prometheus's file of the members' reporters names each running member once, and each serves Flink's
+    metrics there (the TaskManagers' with the job's own operator metrics)."""
+    groups = json.loads(fc.ClusterPaths.of(settings).scrape_targets.read_text())
+    by_member = {g["labels"]["process"]: g["targets"] for g in groups}
+    assert sorted(by_member) == ["flink-jobmanager", "flink-taskmanager-0", "flink-taskmanager-1"], groups
+    for member, [target] in by_member.items():
+        text = httpx.get(f"http://{target}/metrics", timeout=10).text
+        assert ("flink_jobmanager_" if member == "flink-jobmanager" else "flink_taskmanager_") in text, member
+
+
 def test_the_job_on_a_two_taskmanager_cluster_keeps_one_document_per_transaction_when_a_taskmanager_is_killed(
     cluster: tuple[Settings, Path, Path],
 ) -> None:
@@ -169,6 +181,7 @@ def test_the_job_on_a_two_taskmanager_cluster_keeps_one_document_per_transaction
         vertices = _rest(settings, f"/jobs/{job_id}")["vertices"]
         assert max(v["parallelism"] for v in vertices) == 2, [(v["name"], v["parallelism"]) for v in vertices]
         print(f"submitted and running after {time.monotonic() - t0:.0f} s")
+        _check_scrape_targets(settings)
 
         first = _produce(settings, txs[:500])
         assert _document_ids(settings, first, SCORED_S) == first, "one document per transaction"
@@ -193,6 +206,7 @@ def test_the_job_on_a_two_taskmanager_cluster_keeps_one_document_per_transaction
 
     assert sorted(fc.down(settings)) == ["jobmanager", "taskmanager-0", "taskmanager-1"]
     assert _cluster_processes(settings) == [], "no process of the cluster is left"
+    assert json.loads(fc.ClusterPaths.of(settings).scrape_targets.read_text()) == [], "no target left for Prometheus"
     assert not fc.status(settings)["healthy"]
 
 

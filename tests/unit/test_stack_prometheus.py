@@ -22,8 +22,8 @@ def settings_in(tmp_path: Path, **metrics: object) -> Settings:
 def test_one_scrape_job_per_process_labelled_with_its_name(tmp_path: Path) -> None:
     settings = settings_in(tmp_path, base_port=39460, scrape_interval_s=5.0)
     config = yaml.safe_load(prometheus_config(settings))
-    jobs = {job["job_name"]: job["static_configs"] for job in config["scrape_configs"]}
-    assert list(jobs) == list(PROCESSES)
+    jobs = {job["job_name"]: job.get("static_configs") for job in config["scrape_configs"]}
+    assert list(jobs) == [*PROCESSES, "flink-cluster"]
     for process, target in scrape_targets(settings).items():
         assert jobs[process] == [{"targets": [target], "labels": {"process": process}}]
     assert jobs["dashboard"][0]["targets"] == ["127.0.0.1:39467"]
@@ -56,3 +56,11 @@ def test_a_machine_without_prometheus_is_told_to_run_make_setup(
     settings = settings_in(tmp_path)
     with pytest.raises(StackError, match=r"prometheus is not installed .*run `make setup`"):
         stack._start_prometheus(settings, StackPaths.of(settings), Endpoints.of(settings))
+
+
+def test_the_flink_clusters_members_are_found_from_the_file_flink_up_writes(tmp_path: Path) -> None:
+    settings = settings_in(tmp_path)
+    config = yaml.safe_load(prometheus_config(settings))
+    [cluster] = [job for job in config["scrape_configs"] if job["job_name"] == "flink-cluster"]
+    [discovery] = cluster["file_sd_configs"]
+    assert discovery["files"] == [str(tmp_path.resolve() / "flink-cluster" / "prometheus-targets.json")]
