@@ -239,20 +239,7 @@ class CaseCore:
         for case in self.book.due(now_ms):
             log.info("expired %s (nobody decided within the expiry)", case.case_id)
             outs.append(self._case(case))
-            outs.append(
-                self._audit(
-                    audit_id=f"case-expire:{case.case_id}",
-                    event_time=now_ms,
-                    action="EXPIRE",
-                    outcome="DONE",
-                    actor=SERVICE_ACTOR,
-                    subject_id=case.subject_id,
-                    category=case.category,
-                    transaction_id=case.transaction_id,
-                    reason="no verdict before the case expired",
-                    details=self._case_details(case),
-                )
-            )
+            outs.append(self._service_audit(case, "EXPIRE", "no verdict before the case expired", now_ms))
         return outs + self.retire(now_ms)
 
     def retire(self, now_ms: int) -> list[Out]:
@@ -266,20 +253,7 @@ class CaseCore:
             self.book.forget(case.case_id)
             log.info("removed %s (%s, decided over the retention period ago)", case.case_id, case.state)
             outs.append(Out(CASES, case.case_id.encode(), None))
-            outs.append(
-                self._audit(
-                    audit_id=f"case-retire:{case.case_id}",
-                    event_time=now_ms,
-                    action="RETIRE",
-                    outcome="DONE",
-                    actor=SERVICE_ACTOR,
-                    subject_id=case.subject_id,
-                    category=case.category,
-                    transaction_id=case.transaction_id,
-                    reason="decided case past its retention period",
-                    details=self._case_details(case),
-                )
-            )
+            outs.append(self._service_audit(case, "RETIRE", "decided case past its retention period", now_ms))
         keep_from = horizon - int(self.settings.webex.command_max_age_s * 1000)
         if len(self.done) > PRUNE_AT and any(at < keep_from for at in self.done.values()):
             self.done = {audit_id: at for audit_id, at in self.done.items() if at >= keep_from}
@@ -375,6 +349,21 @@ class CaseCore:
     @staticmethod
     def _case(case: Case) -> Out:
         return Out(CASES, case.case_id.encode(), case.encode())
+
+    def _service_audit(self, case: Case, action: str, reason: str, now_ms: int) -> Out:
+        """The audit event of something this service did to ``case`` on its own (``case-<action>:<case id>``)."""
+        return self._audit(
+            audit_id=f"case-{action.lower()}:{case.case_id}",
+            event_time=now_ms,
+            action=action,
+            outcome="DONE",
+            actor=SERVICE_ACTOR,
+            subject_id=case.subject_id,
+            category=case.category,
+            transaction_id=case.transaction_id,
+            reason=reason,
+            details=self._case_details(case),
+        )
 
     def _audit(self, **fields: Any) -> Out:
         event = AuditEvent(**fields)
