@@ -27,6 +27,7 @@ from infra.settings import FaceSettings, get_settings
 from jobs.faces.engine import DetectedFace, FaceEngine, ImageError
 from jobs.faces.evaluation import (
     CONDITIONS,
+    MIN_SET_FALSE_MATCHES,
     Condition,
     Pairs,
     all_pairs,
@@ -257,13 +258,16 @@ def _scored_report(
     gen, imp = pairs.score[pairs.genuine], pairs.score[~pairs.genuine]
     k = max(2, min(folds, len(names)))
     fold_map = identity_folds(names, k)
-    cv = cross_validate(pairs, np.array([fold_map[n] for n in names]), k, settings.target_fmr)
+    cond = np.array([it["condition"] for it in items])
+    sets = np.array([it["set"] for it in items])
+    set_index = {n: i for i, n in enumerate(sorted(set(sets.tolist())))}
+    item_set = np.array([set_index[n] for n in sets.tolist()])
+    pair_set = np.where(item_set[pairs.left] == item_set[pairs.right], item_set[pairs.left], -1)
+    cv = cross_validate(pairs, np.array([fold_map[n] for n in names]), k, settings.target_fmr, pair_set)
     everything = np.ones(pairs.score.size, dtype=bool)
     honest = _rates(pairs, cv.accepted, everything)
     honest["ci_bootstrap_identities"] = bootstrap_rates(pairs, cv.accepted, len(names))
     at_configured = pairs.score >= settings.match_threshold
-    cond = np.array([it["condition"] for it in items])
-    sets = np.array([it["set"] for it in items])
     roc = {}
     for fmr in (1e-3, 1e-4):
         tmr, t = tmr_at_fmr(gen, imp, fmr)
@@ -287,6 +291,8 @@ def _scored_report(
         "roc_on_all_pairs": roc,
         "cross_validated": {
             "target_fmr": settings.target_fmr,
+            "threshold_rule": f"target_fmr pooled and within every set with >= {MIN_SET_FALSE_MATCHES} false matches "
+            "allowed",
             "folds": k,
             "fold_thresholds": cv.thresholds,
             "recommended_threshold": round(float(np.mean(cv.thresholds)), 2),

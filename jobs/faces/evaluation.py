@@ -87,9 +87,20 @@ class CrossValidated:
     """Per pair: the fold it is reported in (the lower fold of its two identities)."""
 
 
-def cross_validate(pairs: Pairs, fold_of_identity: np.ndarray, k: int, target_fmr: float) -> CrossValidated:
+MIN_SET_FALSE_MATCHES = 10
+"""A set's own impostors set a bound on the threshold only where they allow this many false matches at the
+target rate (20,000 pairs at 0.0005): fewer, and its threshold is one pair's score, not an estimate."""
+
+
+def cross_validate(
+    pairs: Pairs, fold_of_identity: np.ndarray, k: int, target_fmr: float, pair_set: np.ndarray | None = None
+) -> CrossValidated:
     """Per fold f: threshold at ``target_fmr`` on impostor pairs with neither identity in f; applied to the pairs
-    reported in f (genuine pairs of f's identities, impostor pairs whose lower fold is f)."""
+    reported in f (genuine pairs of f's identities, impostor pairs whose lower fold is f).
+
+    ``pair_set`` (per pair: the index of the set both its photos come from, -1 across sets): the threshold must
+    also hold ``target_fmr`` within every set large enough to say (:data:`MIN_SET_FALSE_MATCHES`), so one
+    population whose strangers look alike to the embedder cannot hide behind the pooled rate of the others."""
     fa, fb = fold_of_identity[pairs.id_a], fold_of_identity[pairs.id_b]
     report_fold = np.minimum(fa, fb)
     accepted = np.zeros(pairs.score.size, dtype=bool)
@@ -97,6 +108,11 @@ def cross_validate(pairs: Pairs, fold_of_identity: np.ndarray, k: int, target_fm
     for f in range(k):
         choose = ~pairs.genuine & (fa != f) & (fb != f)
         t = threshold_at_fmr(pairs.score[choose], target_fmr)
+        if pair_set is not None:
+            for s in np.unique(pair_set[pair_set >= 0]):
+                own = choose & (pair_set == s)
+                if int(own.sum()) * target_fmr >= MIN_SET_FALSE_MATCHES:
+                    t = max(t, threshold_at_fmr(pairs.score[own], target_fmr))
         thresholds.append(t)
         mine = report_fold == f
         accepted[mine] = pairs.score[mine] >= t

@@ -65,6 +65,27 @@ def test_cross_validation_never_chooses_a_threshold_on_the_identities_it_reports
     assert hot_impostors.any() and cv.accepted[hot_impostors].all()
 
 
+def test_the_threshold_holds_within_a_large_set_whose_strangers_score_higher_than_the_pooled_rest():
+    """Set B's impostors score higher than set A's; pooled, B's many high pairs fit under the target because A
+    has so many more. With the sets given, each fold's threshold also holds the target within B."""
+    rng = np.random.default_rng(3)
+    n_a, n_b = 1200, 300  # one photo each: impostor pairs only; within A ~719k, within B ~45k
+    identity = np.arange(n_a + n_b)
+    sims = np.zeros((n_a + n_b, n_a + n_b))
+    sims[:n_a, :n_a] = rng.uniform(0, 50, (n_a, n_a))
+    sims[n_a:, n_a:] = rng.uniform(30, 70, (n_b, n_b))
+    sims = np.triu(sims, 1) + np.triu(sims, 1).T
+    pairs = all_pairs(sims, identity, identity)
+    item_set = np.array([0] * n_a + [1] * n_b)
+    pair_set = np.where(item_set[pairs.left] == item_set[pairs.right], item_set[pairs.left], -1)
+    fold_of = identity % 5
+    pooled = cross_validate(pairs, fold_of, 5, target_fmr=0.0005)
+    per_set = cross_validate(pairs, fold_of, 5, target_fmr=0.0005, pair_set=pair_set)
+    in_b = pair_set == 1
+    assert pooled.accepted[in_b].mean() > 0.002  # the pooled rule lets B's strangers match 4x too often
+    assert per_set.accepted[in_b].mean() <= 0.0008 and min(per_set.thresholds) > max(pooled.thresholds)
+
+
 def test_pairs_of_the_same_source_photo_are_left_out():
     sims = np.full((4, 4), 80.0)
     pairs = all_pairs(sims, np.array([0, 0, 1, 1]), np.array([7, 7, 8, 9]))
