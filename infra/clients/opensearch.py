@@ -12,9 +12,10 @@ from typing import Any
 from opensearchpy import OpenSearch, Urllib3AWSV4SignerAuth
 
 from infra.settings import OpenSearchSettings
+from schemas.errors import CheckoutGuardError
 
 
-class OpenSearchConfigError(ValueError):
+class OpenSearchConfigError(CheckoutGuardError, ValueError):
     """OpenSearch login settings that cannot work (SigV4 without a region or credentials)."""
 
 

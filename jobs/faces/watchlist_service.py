@@ -50,6 +50,7 @@ import time
 from dataclasses import replace
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 
 from infra import clock, metrics
@@ -59,7 +60,7 @@ from infra.clients.transactional import Out, Source
 from infra.command_auth import authenticate_command
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.settings import Settings, get_settings
-from jobs.faces.engine import FaceEngine, ImageError
+from jobs.faces.engine import FaceEngine, ImageError, embedder_of
 from jobs.faces.rekognition import RekognitionError, RekognitionFaces
 from schemas.codec import DecodeError
 from schemas.errors import InvalidRecord
@@ -251,8 +252,9 @@ class WatchlistCore:
         ]
 
     def purge(self, now_ms: int) -> list[Out]:
-        """Expired watchlist entries forgotten, then the snapshots past their retention deleted."""
-        expired = self.expire(now_ms)
+        """Expired watchlist entries forgotten, entries of another embedder enrolled again, then the snapshots past
+        their retention deleted."""
+        expired = self.expire(now_ms) + self.reembed(now_ms)
         cutoff = now_ms - int(self.settings.faces.snapshot_retention_hours * 3600 * 1000)
         deleted = self.store.purge(cutoff)
         if not deleted:
@@ -394,6 +396,60 @@ class WatchlistCore:
                 details={"previous_expires_at": str(self.expires_at(entry)), "expires_at": str(renewed.expires_at)},
             ),
         ]
+
+    def reembed(self, now_ms: int) -> list[Out]:
+        """Entries enrolled by another embedder than the configured one (``CG_FACES__EMBEDDER`` changed, or its
+        default did) never match a probe: each is enrolled again from its reference image, audited ``REEMBED``
+        (templates learned from sightings are dropped: their images are not kept). One that cannot be (no
+        reference image, no face in it) is audited ``FAILED`` once and logged: it needs a new ``suspect``."""
+        if self.settings.faces.backend != "local":
+            return []
+        wanted = self.engine.embedder
+        outs: list[Out] = []
+        for subject, entry in list(self.records.items()):
+            if not entry.embeddings or embedder_of(np.asarray(entry.embeddings[0])) == wanted:
+                continue
+            audit = {
+                "event_time": now_ms,
+                "action": "REEMBED",
+                "actor": SERVICE_ACTOR,
+                "subject_id": subject,
+                "category": entry.category,
+                "transaction_id": entry.source_transaction_id,
+            }
+            try:
+                if not entry.reference_image_ref:
+                    raise Failed("no_reference", "the entry has no reference image")
+                try:
+                    face = self.engine.best_face(self.store.get(entry.reference_image_ref))
+                except (ValueError, OSError, ImageError) as exc:
+                    raise Failed("missing_image", f"reference image unusable ({type(exc).__name__})") from None
+                if face is None:
+                    raise Failed("no_face", "no face passed the quality gate in the reference image")
+            except Failed as failed:
+                audit_id = f"reembed-failed:{subject}:{wanted}"
+                if audit_id not in self.done:
+                    log.error("%s was enrolled by another embedder and cannot be again: %s", subject, failed.reason)
+                    outs.append(
+                        self._audit(
+                            **audit, audit_id=audit_id, outcome="FAILED", reason=f"{failed.kind}: {failed.reason}"
+                        )
+                    )
+                continue
+            again = replace(entry, embeddings=[[float(v) for v in face.embedding]])
+            self.records[subject] = again
+            log.info("%s enrolled again with %s (%d templates dropped)", subject, wanted, len(entry.embeddings) - 1)
+            outs.append(Out(WATCHLIST, subject.encode(), again.encode()))
+            outs.append(
+                self._audit(
+                    **audit,
+                    audit_id=f"reembed:{subject}:{wanted}:{now_ms}",
+                    outcome="DONE",
+                    reason=f"enrolled again from the reference image with {wanted}",
+                    details={"templates_dropped": str(len(entry.embeddings) - 1), "quality": f"{face.quality:.3f}"},
+                )
+            )
+        return outs
 
     def expire(self, now_ms: int) -> list[Out]:
         """Forget every entry past its expiry, everywhere (as ``forget`` does), audited as ``EXPIRE``."""

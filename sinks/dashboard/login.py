@@ -27,6 +27,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from infra.settings import AlertSettings, DashboardSettings
 from infra.signed_links import verify_image_link
+from schemas.errors import CheckoutGuardError
 
 REALM = "Checkout Guard"
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
@@ -41,7 +42,7 @@ TOKEN_USER = "token"
 _IMAGE_PATH = re.compile(r"^/cases/([^/]+)/images/([^/]+)$")
 
 
-class LoginConfigError(ValueError):
+class LoginConfigError(CheckoutGuardError, ValueError):
     """A login setting that cannot work (a malformed password hash)."""
 
 

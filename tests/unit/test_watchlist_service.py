@@ -204,3 +204,33 @@ def test_startup_replay_rebuilds_the_known_subjects(core):
     assert core.entries["subj-a"]["category"] == "VIP"
     core.load(b"subj-a", None)
     assert "subj-a" not in core.entries
+
+
+@needs_faces
+def test_an_entry_of_another_embedder_is_enrolled_again_from_its_reference_image(tmp_path) -> None:
+    """After CG_FACES__EMBEDDER changes (or its default does), the old entries would never match: the purge
+    sweep re-embeds each from its reference image, once, audited; one without a usable image fails once."""
+    import numpy as np
+
+    from infra.settings import FaceSettings
+    from jobs.faces.engine import embedder_of
+
+    settings = Settings(stack_dir=tmp_path, faces=FaceSettings(embedder="sface"))
+    core = WatchlistCore(settings, engine=FaceEngine(settings.faces), store=LocalImageStore(tmp_path / "images"))
+    photo = (FACES / "face_recognition" / "test_images" / "obama.jpg").read_bytes()
+    reference = core.store.put("reference", "subj-tx-1", photo)
+    dlib_like = [[0.12] * 128, [0.11] * 128]  # norm ~1.36 / ~1.24: dlib's, with a learned template
+    old = WatchlistEntry("subj-tx-1", "SUSPECT", dlib_like, "fraud", "lp@example.com", NOW, reference, "tx-1")
+    broken = WatchlistEntry("subj-tx-2", "SUSPECT", [[0.12] * 128], "fraud", "lp@example.com", NOW, None, "tx-2")
+    for entry in (old, broken):
+        core.load(entry.subject_id.encode(), entry.encode())
+
+    outs = core.reembed(NOW)
+    [again] = [WatchlistEntry.decode(o.value) for o in by_topic(outs)["watchlist"]]
+    assert again.subject_id == "subj-tx-1" and len(again.embeddings) == 1
+    assert embedder_of(np.asarray(again.embeddings[0])) == "sface"
+    assert (again.reference_image_ref, again.flagged_by, again.reason) == (reference, "lp@example.com", "fraud")
+    audits = {a.subject_id: a for a in (AuditEvent.decode(o.value) for o in by_topic(outs)["audit"])}
+    assert audits["subj-tx-1"].outcome == "DONE" and audits["subj-tx-1"].details["templates_dropped"] == "1"
+    assert audits["subj-tx-2"].outcome == "FAILED" and "no_reference" in audits["subj-tx-2"].reason
+    assert core.reembed(NOW + 1) == [], "done once; the failure is not audited again"
