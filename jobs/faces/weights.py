@@ -47,6 +47,9 @@ stored, and checked as well, so a change to the generator cannot silently change
 YUNET_FLOAT_SHA256 = "3d698483bd8d8088a781f044375d6e8416d3658d8a5bdca4e195c7ed6573518e"
 """The float32, any-size YuNet graph :func:`jobs.faces.ort.yunet_float_model` makes from :data:`YUNET` (same
 reasons)."""
+SFACE_FLOAT_SHA256 = "20f2c6c7ad5eef57ee72efb8d9f260a8bd5f5bcda966fa6bef268053527e6ee5"
+"""The float32, any-batch SFace graph :func:`jobs.faces.ort.sface_float_model` makes from :data:`SFACE` (same
+reasons)."""
 
 
 class WeightsError(CheckoutGuardError, RuntimeError):

@@ -12,7 +12,7 @@ from infra.settings import FaceSettings
 from jobs.faces import engine as face_engine
 from jobs.faces import onnx_proto as pb
 from jobs.faces import weights
-from jobs.faces.ort import YunetDetector, _dequantize, nms, yunet_float_model
+from jobs.faces.ort import SfaceEmbedder, YunetDetector, _dequantize, nms, sface_float_model, yunet_float_model
 from jobs.faces.resnet import FaceResnet
 
 FACES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "faces"
@@ -106,20 +106,85 @@ def test_a_file_that_is_not_yunet_is_refused():
 
 
 def test_engine_refuses_to_start_when_a_generated_model_differs(monkeypatch):
+    caches = (face_engine._yunet, face_engine._face_resnet, face_engine._sface)
     for name, settings in (
         ("YUNET_FLOAT_SHA256", FaceSettings(detector="yunet", embedder="dlib")),
         ("DLIB_RESNET_ONNX_SHA256", FaceSettings(detector="hog", embedder="dlib")),
+        ("SFACE_FLOAT_SHA256", FaceSettings(detector="hog", embedder="sface")),
     ):
         monkeypatch.setattr(weights, name, "0" * 64)
-        face_engine._yunet.cache_clear()
-        face_engine._face_resnet.cache_clear()
+        for cached in caches:
+            cached.cache_clear()
         try:
             with pytest.raises(weights.WeightsError, match="refusing face model"):
                 face_engine.FaceEngine(settings)
         finally:
             monkeypatch.undo()
-            face_engine._yunet.cache_clear()
-            face_engine._face_resnet.cache_clear()
+            for cached in caches:
+                cached.cache_clear()
+
+
+def test_a_tampered_float_sface_is_refused():
+    model = bytearray(sface_float_model(weights.load(weights.SFACE)))
+    weights.verified_model(bytes(model), weights.SFACE_FLOAT_SHA256, "sface")
+    model[len(model) // 2] ^= 1  # one bit of one weight
+    with pytest.raises(weights.WeightsError, match="refusing face model"):
+        weights.verified_model(bytes(model), weights.SFACE_FLOAT_SHA256, "sface")
+
+
+@pytest.fixture(scope="module")
+def sface() -> tuple[object, SfaceEmbedder]:
+    raw = weights.load(weights.SFACE)
+    return cv2.FaceRecognizerSF.create("onnx", raw, b""), SfaceEmbedder(sface_float_model(raw))
+
+
+def test_float_sface_has_no_quantised_weights_nor_prelu_and_a_free_batch():
+    graph = next(bytes(f.value) for f in pb.fields(sface_float_model(weights.load(weights.SFACE))) if f.number == 7)
+    ops = {pb.read_node(bytes(f.value)).op for f in pb.fields(graph) if f.number == 1}
+    assert not ops & {"DequantizeLinear", "PRelu"} and {"Conv", "Gemm"} <= ops
+    io = [pb.read_value_info(bytes(f.value)) for f in pb.fields(graph) if f.number in (11, 12)]
+    assert io == [("data", 1, ["batch", 3, 112, 112]), ("fc1", 1, ["batch", 128])]
+
+
+def test_sface_on_onnx_runtime_equals_opencvs_on_random_chips(sface):
+    theirs, ours = sface
+    for chip in np.random.default_rng(7).integers(0, 256, (3, 112, 112, 3), dtype=np.uint8):
+        ref = theirs.feature(np.ascontiguousarray(chip[:, :, ::-1])).ravel()  # BGR in: OpenCV swaps to RGB
+        assert float(np.abs(ours.features([chip])[0] - ref).max()) < 1e-4 * float(np.abs(ref).max())
+
+
+@needs_faces
+def test_engine_sface_embeddings_equal_opencvs_facerecognizersf_on_the_shared_photos(sface):
+    theirs = sface[0]
+    engine = face_engine.FaceEngine(FaceSettings(detector="yunet", embedder="sface"))
+    compared = 0
+    for path in _photos():
+        candidates, work = engine._candidates(*engine._prepare(path.read_bytes()))
+        marks = [m for _, _, m in candidates]
+        if not marks:
+            continue
+        ours = engine._sface_embeddings(work, marks)
+        bgr = cv2.cvtColor(work, cv2.COLOR_RGB2BGR)
+        for points, mine in zip(marks, ours, strict=True):
+            row = np.zeros(15, np.float32)
+            row[4:14] = points.ravel()
+            ref = theirs.feature(theirs.alignCrop(bgr, row)).ravel()
+            ref = ref * (face_engine.SFACE_SCALE / np.linalg.norm(ref))
+            assert float(np.abs(mine - ref).max()) < 1e-4, path.name
+            compared += 1
+    assert compared > 30
+
+
+def test_a_batch_of_sface_chips_gets_the_features_each_chip_gets_alone(sface):
+    net = sface[1]
+    chips = list(np.random.default_rng(8).integers(0, 256, (5, 112, 112, 3), dtype=np.uint8))
+    batch = net.features(chips)
+    assert batch.shape == (5, 128) and batch.dtype == np.float32
+    for chip, row in zip(chips, batch, strict=True):
+        assert float(np.abs(net.features([chip])[0] - row).max()) < 1e-6
+    assert net.features([]).shape == (0, 128)
+    with pytest.raises(ValueError, match="112x112x3"):
+        net.features([chips[0][:100]])
 
 
 def test_descriptor_on_onnx_runtime_equals_opencvs():
@@ -149,5 +214,7 @@ def test_value_info_and_tensor_round_trip_through_the_wire_format():
     assert pb.read_value_info(info) == ("kps_8", 1, [1, "anchors", 10])
     name, value = pb.read_tensor(pb.tensor_proto("w", np.arange(6, dtype=np.float32).reshape(2, 3)))
     assert name == "w" and value.tolist() == [[0, 1, 2], [3, 4, 5]]
+    floats = pb.field(1, 2) + pb.field(2, 1) + pb.field(4, np.array([1.5, -2], "<f4").tobytes()) + pb.field(8, "g")
+    assert pb.read_tensor(floats)[1].tolist() == [1.5, -2.0]  # float_data, packed (as SFace's file stores it)
     node = pb.read_node(pb.node("DequantizeLinear", ["q", "s"], "out", axis=-1, block_size=9))
     assert node.ints == {"axis": -1, "block_size": 9} and node.outputs == ["out"]
