@@ -41,7 +41,7 @@ def verify_image_link(
 ) -> bool:
     """Whether ``exp``/``sig`` (the link's query) open image ``which`` of ``case_id`` now: signed under
     ``key`` and not expired. Constant-time; ``False`` for anything malformed."""
-    if not key or not exp or not sig or not exp.isdigit() or len(exp) > 12:
+    if not key or not exp or not sig or not (exp.isascii() and exp.isdigit()) or len(exp) > 12:
         return False
     expires_s = int(exp)
     if expires_s < now_s:

@@ -104,11 +104,12 @@ MODEL_DRIFT = TopicSpec(
 CASES = TopicSpec(
     "cases",
     "Case",
-    key="case_id (the latest record is the case)",
+    key="case_id (the latest record is the case; null value = removed by retention)",
     partitions=1,
-    config={"cleanup.policy": "compact", "min.compaction.lag.ms": "0"},
+    config={"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "delete.retention.ms": str(30 * DAY_MS)},
 )
-"""Alerts a person verifies and their verdicts (``jobs.cases.service``); compacted: a case's latest version."""
+"""Alerts a person verifies and their verdicts (``jobs.cases.service``); compacted: a case's latest version. A
+retention tombstone is kept 30 days, so the OpenSearch sink deletes the case's document even after a long outage."""
 
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     TRANSACTIONS,

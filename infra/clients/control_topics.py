@@ -51,7 +51,7 @@ def read_control_topics(
     nothing was read). ``since_ms``: start at the first record written at or after it (broker timestamp)
     instead of the beginning, so a long log is read only as far back as needed. ``TimeoutError`` if the
     end is not reached within ``timeout_s``."""
-    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+    from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, TopicPartition
 
     from infra.clients import kafka as kafka_clients
 
@@ -72,12 +72,8 @@ def read_control_topics(
         pending = {tp for tp, end in ends.items() if end > 0}
         starts = {tp: OFFSET_BEGINNING for tp in pending}
         if since_ms is not None and pending:
-            found = reader.offsets_for_times([TopicPartition(t, p, since_ms) for t, p in pending], timeout=timeout_s)
-            for tp in found:
-                if tp.offset < 0:  # nothing written since: nothing to read there
-                    pending.discard((tp.topic, tp.partition))
-                else:
-                    starts[(tp.topic, tp.partition)] = tp.offset
+            starts = _offsets_since(reader, pending, since_ms, timeout_s)
+            pending = {tp for tp, offset in starts.items() if offset != OFFSET_END}  # END: nothing written since
         reader.assign([TopicPartition(t, p, starts[(t, p)]) for t, p in pending])
         deadline = time.monotonic() + timeout_s
         while pending:
@@ -93,3 +89,16 @@ def read_control_topics(
         return last
     finally:
         reader.close()
+
+
+def _offsets_since(
+    reader, partitions: set[tuple[str, int]], since_ms: int, timeout_s: float
+) -> dict[tuple[str, int], int]:
+    """Per partition, the offset of the first record written at or after ``since_ms`` (``OFFSET_END``: none)."""
+    from confluent_kafka import TopicPartition
+
+    found = reader.offsets_for_times([TopicPartition(t, p, since_ms) for t, p in partitions], timeout=timeout_s)
+    for tp in found:
+        if tp.error is not None:
+            raise RuntimeError(f"{tp.topic}[{tp.partition}]: no offset for {since_ms}: {tp.error}")
+    return {(tp.topic, tp.partition): tp.offset for tp in found}

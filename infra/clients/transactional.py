@@ -88,15 +88,15 @@ def publish(
     attempt = 0
     while outs:
         try:
-            _transaction(producer, prefix, outs, stopping)
+            _transaction(producer, prefix, outs, lambda: stopping() or time.monotonic() > give_up_at)
             count(process, outs)
             break
-        except KafkaException as exc:
-            err = exc.args[0]
-            if err.fatal() or stopping() or time.monotonic() > give_up_at:
+        except (KafkaException, BufferError) as exc:
+            err = exc.args[0] if isinstance(exc, KafkaException) else None
+            if (err is not None and err.fatal()) or stopping() or time.monotonic() > give_up_at:
                 raise
             beat("Kafka unreachable")
-            log.warning("publishing failed (%s); aborting and trying again", err.str())
+            log.warning("publishing failed (%s); aborting and trying again", err.str() if err else "queue full")
             with contextlib.suppress(KafkaException):  # nothing to abort is fine too
                 producer.abort_transaction(30)
             time.sleep(backoff.delay(attempt))
@@ -105,7 +105,9 @@ def publish(
         consumer.commit(offsets=offsets, asynchronous=True)
 
 
-def _transaction(producer: Any, prefix: str, outs: Sequence[Out], stopping: Callable[[], bool]) -> None:
+def _transaction(producer: Any, prefix: str, outs: Sequence[Out], give_up: Callable[[], bool]) -> None:
+    """One transaction of ``outs``; a retriable commit error is retried until ``give_up()`` (stopping, or past the
+    caller's deadline), an abortable one is raised for the caller to abort and redo."""
     producer.begin_transaction()
     for out in outs:
         extra = {"headers": list(out.headers)} if out.headers else {}
@@ -115,7 +117,7 @@ def _transaction(producer: Any, prefix: str, outs: Sequence[Out], stopping: Call
             producer.commit_transaction(30)
             return
         except KafkaException as exc:
-            if not exc.args[0].retriable() or stopping():
+            if not exc.args[0].retriable() or give_up():
                 raise  # abortable: the caller aborts and redoes the whole transaction
 
 

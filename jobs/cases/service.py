@@ -442,6 +442,7 @@ class CaseService:
         try:
             while not self._stop:
                 self.heartbeat.beat(None)
+                self.producer.poll(0)  # serves the producer's callbacks, an MSK IAM token refresh among them
                 self._maybe_expire()
                 outs: list[Out] = []
                 offsets: dict[tuple[str, int], int] = {}

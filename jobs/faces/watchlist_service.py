@@ -417,6 +417,9 @@ class WatchlistCore:
                 "category": entry.category,
                 "transaction_id": entry.source_transaction_id,
             }
+            failed_id = f"reembed-failed:{subject}:{wanted}"
+            if failed_id in self.done:
+                continue  # it could not be done; a new `suspect` replaces the entry
             try:
                 if not entry.reference_image_ref:
                     raise Failed("no_reference", "the entry has no reference image")
@@ -424,17 +427,18 @@ class WatchlistCore:
                     face = self.engine.best_face(self.store.get(entry.reference_image_ref))
                 except (ValueError, OSError, ImageError) as exc:
                     raise Failed("missing_image", f"reference image unusable ({type(exc).__name__})") from None
+                except Exception as exc:  # noqa: BLE001 - S3 or network: gone for good, or retried next sweep
+                    code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+                    if code not in ("404", "NoSuchKey", "NotFound"):
+                        log.warning("re-enrolling %s failed (%s): trying again at the next purge", subject, code or exc)
+                        continue
+                    raise Failed("missing_image", "reference image gone from the image store") from None
                 if face is None:
                     raise Failed("no_face", "no face passed the quality gate in the reference image")
             except Failed as failed:
-                audit_id = f"reembed-failed:{subject}:{wanted}"
-                if audit_id not in self.done:
-                    log.error("%s was enrolled by another embedder and cannot be again: %s", subject, failed.reason)
-                    outs.append(
-                        self._audit(
-                            **audit, audit_id=audit_id, outcome="FAILED", reason=f"{failed.kind}: {failed.reason}"
-                        )
-                    )
+                log.error("%s was enrolled by another embedder and cannot be again: %s", subject, failed.reason)
+                reason = f"{failed.kind}: {failed.reason}"
+                outs.append(self._audit(**audit, audit_id=failed_id, outcome="FAILED", reason=reason))
                 continue
             again = replace(entry, embeddings=[[float(v) for v in face.embedding]])
             self.records[subject] = again
@@ -596,6 +600,7 @@ class WatchlistService:
         try:
             while not self._stop:
                 self._beat(None)
+                self.producer.poll(0)  # serves the producer's callbacks, an MSK IAM token refresh among them
                 self._maybe_purge()
                 msg = self.consumer.poll(0.5)
                 if msg is None:

@@ -25,11 +25,12 @@ Endpoints (each takes ``minutes`` = window length, ``store`` = one store only, `
 Snapshots are looked up by alert id (the page never sees or sends image refs) and served only for
 alerts, which are the images the face pipeline retains; nothing logs image bytes.
 
-Login: alert ids are guessable and the snapshots are faces, so with ``dashboard.username``/``password``
-or ``dashboard.token`` set every request (pages, JSON, images, static files) needs HTTP Basic or
-``Authorization: Bearer <token>`` (401 with ``WWW-Authenticate`` otherwise; browsers ask for the login
-once and send it with the page's own requests). Without either, the app refuses to serve anywhere but
-a loopback address (``127.0.0.1``, ``localhost``, ``::1``).
+Login (sinks/dashboard/login.py): alert ids are guessable and the snapshots are faces, so with personal logins
+(``dashboard.users``), ``dashboard.username``/``password`` or ``dashboard.token`` set every request (pages, JSON,
+images, static files) needs HTTP Basic or ``Authorization: Bearer <token>`` (401 with ``WWW-Authenticate``
+otherwise; browsers ask for the login once and send it with the page's own requests); only a case image opened
+by its signed, short-lived link (the Webex card's) needs none. Without any login, the app refuses to serve
+anywhere but a loopback address (``127.0.0.1``, ``localhost``, ``::1``).
 """
 
 from __future__ import annotations

@@ -165,9 +165,11 @@ class CaseRoutes:
         """Who may decide from this request: ``(person, "")``, or ``(None, why not)``."""
         user = request.scope.get("user")
         name = getattr(user, "username", None) if getattr(user, "is_authenticated", False) else None
-        if not name or name == "token":
+        scopes = getattr(request.scope.get("auth"), "scopes", ())
+        if not name or name in ("token", "image-link") or "authenticated" not in scopes:
             return None, (
-                "a verdict needs a personal login (CG_DASHBOARD__USERNAME/PASSWORD): the case records who decided"
+                "a verdict needs a personal login (CG_DASHBOARD__USERS, or CG_DASHBOARD__USERNAME/PASSWORD): the case "
+                "records who decided"
             )
         if not self.settings.webex.is_allowed(None, name):
             return None, f"{name} is not on the allow-list of people who decide cases (CG_WEBEX__ALLOWED_PEOPLE)"

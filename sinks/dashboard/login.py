@@ -18,10 +18,12 @@ import binascii
 import hashlib
 import re
 import secrets
+import threading
 import time
 from collections.abc import Callable
 
 from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, SimpleUser
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
 from starlette.responses import PlainTextResponse, Response
 
@@ -36,6 +38,13 @@ HASH_PREFIX = "scrypt"
 VERIFIED_FOR_S = 300.0
 """How long a checked login is taken without running scrypt again."""
 MAX_VERIFIED = 1024
+SCRYPT_MAXMEM = 2**27
+"""Most memory one check may take (128 MiB); a hash asking for more is refused at start."""
+CONCURRENT_CHECKS = 2
+"""scrypt checks at once (each ~50 ms of a core): the rest wait, off the event loop."""
+FAILURES_ALLOWED, FAILURE_WINDOW_S = 5, 60.0
+"""Wrong passwords for one login within the window before its next tries are refused unchecked until the window
+ends (guessing, or a flood meant to keep the cores busy with scrypt)."""
 IMAGE_LINK_USER = "image-link"
 """The user of a request opened by a signed image link (never a person: it cannot decide a case)."""
 TOKEN_USER = "token"
@@ -63,6 +72,8 @@ def _parse_hash(encoded: str) -> tuple[int, int, int, bytes, bytes]:
         salt, digest = base64.b64decode(parts[4], validate=True), base64.b64decode(parts[5], validate=True)
         if n < 2**10 or n & (n - 1) or not (1 <= r <= 64 and 1 <= p <= 16) or len(digest) < 16 or not salt:
             raise ValueError
+        if 129 * n * r * p > SCRYPT_MAXMEM:  # what hashlib.scrypt would refuse at every login
+            raise ValueError
     except (ValueError, binascii.Error):
         raise LoginConfigError(
             "a CG_DASHBOARD__USERS entry is not a password hash from `python -m sinks.dashboard hash-password`"
@@ -73,7 +84,7 @@ def _parse_hash(encoded: str) -> tuple[int, int, int, bytes, bytes]:
 def verify_password(password: str, encoded: str) -> bool:
     """Whether ``password`` matches ``encoded`` (:func:`hash_password`'s format); constant-time."""
     n, r, p, salt, digest = _parse_hash(encoded)
-    candidate = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=len(digest), maxmem=2**27)
+    candidate = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=len(digest), maxmem=SCRYPT_MAXMEM)
     return secrets.compare_digest(candidate, digest)
 
 
@@ -103,6 +114,11 @@ class LoginBackend(AuthenticationBackend):
         self.image_key = _secret(alerts.image_link_key) if alerts else None
         self.clock = clock
         self._verified: dict[bytes, float] = {}
+        self._failures: dict[str, tuple[int, float]] = {}
+        """Login -> (wrong passwords, when the window started)."""
+        self._checks = threading.BoundedSemaphore(CONCURRENT_CHECKS)
+        self._dummy = hash_password(secrets.token_urlsafe(16))
+        """Checked for an unknown login, so the answer takes as long as for a known one (no user enumeration)."""
 
     @property
     def enabled(self) -> bool:
@@ -113,15 +129,26 @@ class LoginBackend(AuthenticationBackend):
             single_ok = secrets.compare_digest(_digest(user), self.single[0])
             if single_ok & secrets.compare_digest(_digest(password), self.single[1]):
                 return True
+        if not self.users:
+            return False
         encoded = self.users.get(user)
-        if encoded is None:
-            return False
-        remembered = hashlib.sha256(f"{user}\0{password}\0{encoded}".encode()).digest()
         now = self.clock()
-        if self._verified.get(remembered, 0.0) > now:
+        remembered = hashlib.sha256(f"{user}\0{password}\0{encoded}".encode()).digest()
+        if encoded is not None and self._verified.get(remembered, 0.0) > now:
             return True
-        if not verify_password(password, encoded):
+        failures, since = self._failures.get(user, (0, now))
+        if now - since > FAILURE_WINDOW_S:
+            failures, since = 0, now
+        if failures >= FAILURES_ALLOWED:
             return False
+        with self._checks:
+            ok = verify_password(password, encoded or self._dummy) and encoded is not None
+        if not ok:
+            if len(self._failures) >= MAX_VERIFIED:
+                self._failures.clear()
+            self._failures[user] = (failures + 1, since)
+            return False
+        self._failures.pop(user, None)
         if len(self._verified) >= MAX_VERIFIED:
             self._verified = {k: t for k, t in self._verified.items() if t > now}
             if len(self._verified) >= MAX_VERIFIED:
@@ -148,7 +175,8 @@ class LoginBackend(AuthenticationBackend):
                 user, sep, password = base64.b64decode(value, validate=True).decode().partition(":")
             except (binascii.Error, UnicodeDecodeError):
                 raise AuthenticationError("malformed Basic credentials") from None
-            if sep and user not in (TOKEN_USER, IMAGE_LINK_USER) and self._person(user, password):
+            personal = sep and user not in (TOKEN_USER, IMAGE_LINK_USER)
+            if personal and await run_in_threadpool(self._person, user, password):  # scrypt off the event loop
                 return AuthCredentials(["authenticated"]), SimpleUser(user)
         if self._image_link(conn):
             return AuthCredentials(["case-image"]), SimpleUser(IMAGE_LINK_USER)

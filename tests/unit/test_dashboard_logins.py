@@ -192,3 +192,34 @@ def test_personal_logins_reach_a_child_process_intact(monkeypatch: pytest.Monkey
     monkeypatch.setenv("CG_DASHBOARD__USERS", env["CG_DASHBOARD__USERS"])
     again = Settings().dashboard.users
     assert {k: v.get_secret_value() for k, v in again.items()} == {"ana@example.com": ANA, "ben@example.com": BEN}
+
+
+def test_repeated_wrong_passwords_lock_the_login_for_a_while_without_checking() -> None:
+    clock = Clock()
+    backend = LoginBackend(DashboardSettings(**USERS), clock=clock)
+    for _ in range(login.FAILURES_ALLOWED):
+        assert not backend._person("ana@example.com", "guess")
+    assert not backend._person("ana@example.com", "ana's long password"), "locked: not even checked"
+    assert backend._person("ben@example.com", "ben's long password"), "other logins unaffected"
+    clock.now += login.FAILURE_WINDOW_S + 1
+    assert backend._person("ana@example.com", "ana's long password")
+
+
+def test_an_unknown_login_costs_a_check_too_and_never_matches(monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = LoginBackend(DashboardSettings(**USERS), clock=Clock())
+    checked: list[str] = []
+    real = login.verify_password
+    monkeypatch.setattr(login, "verify_password", lambda p, e: checked.append(e) or real(p, e))
+    assert not backend._person("eve@example.com", "ana's long password")
+    assert checked == [backend._dummy], "the same scrypt work as for a known login"
+
+
+def test_a_hash_asking_for_more_memory_than_a_check_may_take_is_refused_at_start() -> None:
+    greedy = "scrypt$1048576$8$1$c2FsdHNhbHRzYWx0$" + base64.b64encode(b"x" * 32).decode()
+    with pytest.raises(LoginConfigError):
+        LoginBackend(DashboardSettings(users={"ana@example.com": SecretStr(greedy)}))
+
+
+def test_a_malformed_expiry_is_no_link() -> None:
+    assert not verify_image_link(KEY, CASE, "live", "\u00b2", "sig", NOW)
+    assert not verify_image_link(KEY, CASE, "live", "1" * 13, "sig", NOW)

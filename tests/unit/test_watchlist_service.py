@@ -234,3 +234,31 @@ def test_an_entry_of_another_embedder_is_enrolled_again_from_its_reference_image
     assert audits["subj-tx-1"].outcome == "DONE" and audits["subj-tx-1"].details["templates_dropped"] == "1"
     assert audits["subj-tx-2"].outcome == "FAILED" and "no_reference" in audits["subj-tx-2"].reason
     assert core.reembed(NOW + 1) == [], "done once; the failure is not audited again"
+
+
+def test_an_image_store_outage_is_retried_and_a_missing_s3_image_fails_once(tmp_path) -> None:
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    from infra.settings import FaceSettings
+
+    settings = Settings(stack_dir=tmp_path, faces=FaceSettings(embedder="sface"))
+
+    class Store:
+        def __init__(self, error: Exception) -> None:
+            self.error = error
+
+        def get(self, ref: str) -> bytes:
+            raise self.error
+
+    entry = WatchlistEntry("subj-tx-3", "SUSPECT", [[0.12] * 128], "fraud", "lp@example.com", NOW, "s3://b/r/k", "tx-3")
+    outage = WatchlistCore(
+        settings, engine=FaceEngine(settings.faces), store=Store(EndpointConnectionError(endpoint_url="x"))
+    )  # type: ignore[arg-type]
+    outage.load(b"subj-tx-3", entry.encode())
+    assert outage.reembed(NOW) == [], "nothing audited: tried again at the next sweep"
+    gone = ClientError({"Error": {"Code": "NoSuchKey", "Message": "gone"}}, "GetObject")
+    missing = WatchlistCore(settings, engine=outage.engine, store=Store(gone))  # type: ignore[arg-type]
+    missing.load(b"subj-tx-3", entry.encode())
+    [failed] = [AuditEvent.decode(o.value) for o in missing.reembed(NOW)]
+    assert failed.outcome == "FAILED" and "missing_image" in failed.reason
+    assert missing.reembed(NOW + 1) == []
