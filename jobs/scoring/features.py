@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, bisect_right, insort
-from collections.abc import MutableMapping
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
 from math import exp
 from typing import Any
@@ -352,15 +352,25 @@ def observe_linked(
     as a customer's is. Runs for every transaction: written for speed."""
     now, amount = tx["event_time"], tx["amount"]
     writes: list[tuple[str, str, CustomerProfile]] = []
-    new = 0
-    tx_before = c1 = c24 = c7 = s24 = -1.0
-    since = math.inf
+    activities: list[Activity] = []
     for key in linked_keys(tx):
         profile = profiles.get(key)
         if profile is None or (profile.last < idle_before_ms and profile.idle_since(idle_before_ms)):
             profile = profiles[key] = CustomerProfile()
-        a = profile.observe_identity(now, amount)
+        activities.append(profile.observe_identity(now, amount))
         writes.append((map_name, key, profile))
+    return combine_linked(activities), writes
+
+
+def combine_linked(activities: Sequence[Activity]) -> tuple[Feature, ...]:
+    """The :data:`LINKED_FEATURES` from each linked identity's activity before the transaction (any order):
+    one function for the job's single state and for its identity-keyed steps (:mod:`jobs.scoring.partitioned`)."""
+    if not activities:
+        return _NO_LINKS
+    new = 0
+    tx_before = c1 = c24 = c7 = s24 = -1.0
+    since = math.inf
+    for a in activities:
         gap = a[2]
         if gap is None:  # no earlier transaction
             new += 1
@@ -376,9 +386,7 @@ def observe_linked(
             c7 = a[5]
         if a[7] > s24:
             s24 = a[7]
-    if not writes:
-        return _NO_LINKS, writes
-    return (float(len(writes)), float(new), tx_before, since if since != math.inf else None, c1, c24, c7, s24), writes
+    return (float(len(activities)), float(new), tx_before, since if since != math.inf else None, c1, c24, c7, s24)
 
 
 def transaction_indicators(tx: Tx, rules: RulesSettings) -> dict[str, float]:

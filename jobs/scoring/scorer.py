@@ -296,11 +296,14 @@ class Scorer:
         faces: Sequence[FaceResult] | None = None,
         seen: Sequence[Seen | None] | None = None,
         state: ScoringState | None = None,
+        own_time: bool = False,
     ) -> tuple[list[OutRow], list[Write]]:
         """Model (one vectorised call for the batch), face result and rules -> scored rows and alerts.
 
         With ``seen`` (what the camera gave) and ``state``, a sale remembers its buyer's face and a
-        return is checked against it (seed 001's ``customer_mismatch`` by face).
+        return is checked against it (seed 001's ``customer_mismatch`` by face). ``own_time``: a face's
+        retention is counted back from the transaction's own event time, not the state's newest event
+        (the partitioned steps: a decision that does not depend on other receipts' traffic).
         """
         if not envs:
             return [], []
@@ -314,7 +317,7 @@ class Scorer:
         writes: list[Write] = []
         for env, model, face, camera in zip(envs, models, faces, seen, strict=True):
             if camera is not None and state is not None:
-                writes.extend(self.compare_faces(env, camera, state))
+                writes.extend(self.compare_faces(env, camera, state, env[0]["event_time"] if own_time else None))
             rows.extend(self.decide(env, model, face, before_model, camera))
         return rows, writes
 
@@ -327,8 +330,10 @@ class Scorer:
                 rows.append((self.alerts_topic, alert["alert_id"].encode(), self._alert.encode(alert)))
         return rows
 
-    def compare_faces(self, env: Envelope, camera: Seen, state: ScoringState) -> list[Write]:
-        """Sale: keep the buyer's face on the receipt. Return: flag a returner who is not the buyer."""
+    def compare_faces(self, env: Envelope, camera: Seen, state: ScoringState, now_ms: int | None = None) -> list[Write]:
+        """Sale: keep the buyer's face on the receipt. Return: flag a returner who is not the buyer.
+
+        A face is kept ``receipt_face_retention_hours`` before ``now_ms`` (default: the newest event seen)."""
         tx, ind, _ = env
         if camera.embedding is None:
             return []
@@ -336,7 +341,7 @@ class Scorer:
         receipt = state.receipts.get(rk)
         if receipt is None:
             return []
-        kept_since = state.newest_event_ms - self.face_retention_ms
+        kept_since = (state.newest_event_ms if now_ms is None else now_ms) - self.face_retention_ms
         if tx["kind"] == "SALE" and receipt.sale_id == tx["transaction_id"]:
             if receipt.event_time < kept_since:  # decided after its face's retention: keep none
                 return []

@@ -1,0 +1,435 @@
+"""The scoring path with its state partitioned by what it is about, so it can run at parallelism N.
+
+:class:`jobs.scoring.core.DecisionCore` keeps every map under one key: simple, but one slot. No state is
+truly job-wide, though; each map belongs with one key, and each step here holds one kind:
+
+=========  =================  ==========================================================  ==========
+step       keyed by           does                                                        then
+=========  =================  ==========================================================  ==========
+route      (no state)         parse a transaction or face observation; dead letters;      receipt,
+                              entrance alerts; the watchlist search                       gather
+receipt    receipt key        duplicates, sale/return matching (a return is filed under   store
+                              the sale it returns, so the two meet)
+store      store id           return bursts                                               identity,
+                                                                                          gather
+identity   profile key        the customer's profile, and each linked identity's (card,   gather
+                              id, e-mail, IP): one message per identity
+gather     transaction id     the profile features put together; the face join            decide
+decide     receipt key        the buyer's face kept (sale) or compared (return); model,   Kafka
+                              rules, scored rows and alerts
+=========  =================  ==========================================================  ==========
+
+Every step is deterministic in the order one key's messages reach it, and each step takes a key's
+messages in :func:`order` (event time, transaction id, content): where the job runs a step on several
+slots, a key meets the same sequence as on one. Event time is the transaction's own: where
+``DecisionCore`` asks whether a profile is idle against the newest event the whole job has seen, a step
+asks it against the transaction at hand: the same answer in an event-time ordered stream, and one that
+does not depend on how other keys' traffic interleaves. The logic of each step is the single-state
+path's own (``Receipt``, ``StoreActivity``, ``CustomerProfile``, ``combine_linked``, ``FaceJoin``,
+``Scorer.decide_batch``), so training, backtests and both layouts compute the same features.
+
+:class:`PartitionedCore` runs the steps in one process over ``shards`` instances each (how the job's
+parallel layout divides them): the reference the equivalence tests and the benchmark use.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+from infra.settings import Settings
+from jobs.scoring.core import INTERNAL_ERROR, SourceRecord, WatchlistLike, _describe
+from jobs.scoring.face_join import FaceJoin, Ready, check_observation, observation_result, seen_from
+from jobs.scoring.features import (
+    PROFILE_KEY,
+    Activity,
+    CustomerProfile,
+    Receipt,
+    StoreActivity,
+    combine_linked,
+    customer_key,
+    linked_keys,
+    receipt_key,
+)
+from jobs.scoring.scorer import OutRow, Predictor, Scorer, ScoringState
+from jobs.scoring.validation import check_size
+from schemas.codec import codec
+from schemas.errors import InvalidRecord
+from schemas.topics import TRANSACTIONS
+
+log = logging.getLogger("checkout_guard.scoring_job")
+
+ROUTE, RECEIPT, STORE, IDENTITY, GATHER, DECIDE = "route", "receipt", "store", "identity", "gather", "decide"
+KEYED_STEPS = (RECEIPT, STORE, IDENTITY, GATHER, DECIDE)
+"""The keyed steps, in the order a transaction passes them."""
+
+Order = tuple[int, str, int]
+"""(event time, transaction id, CRC-32 of the record): the order a step takes one key's messages in. The
+checksum orders two different records under one transaction id the same way on every layout."""
+
+
+class Emit(NamedTuple):
+    """A message for a keyed step."""
+
+    step: str
+    key: str
+    order: Order
+    payload: Any
+
+
+def order(tx: dict[str, Any], value: bytes | None) -> Order:
+    return (tx["event_time"], tx["transaction_id"], zlib.crc32(value or b""))
+
+
+def shard_of(key: str, shards: int) -> int:
+    """A key's shard: stable across processes and runs (Python's own ``hash`` of a str is salted)."""
+    return zlib.crc32(key.encode()) % shards
+
+
+class RouteStep:
+    """Parse and route, no state: a transaction to its receipt, a face observation to its transaction."""
+
+    def __init__(self, scorer: Scorer, watchlist: WatchlistLike | None) -> None:
+        self.scorer = scorer
+        self.watchlist = watchlist
+        settings = scorer.settings
+        self.max_bytes = settings.job.max_message_bytes
+        self.tx_topic = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
+        self.face_codec = codec("FaceObservation")
+        self.horizon_ms = settings.rules.receipt_retention_days * 86_400_000
+
+    def on_record(self, record: SourceRecord, now_ms: int, newest_ms: int) -> tuple[list[Emit], list[OutRow]]:
+        """``newest_ms``: the job's event-time progress (its watermark); an event older than it by more
+        than the state keeps is ``too_late``, as in ``Scorer.observe``."""
+        try:
+            if record.topic == self.tx_topic:
+                return self._transaction(record, now_ms, newest_ms)
+            return self._observation(record, now_ms)
+        except InvalidRecord as err:
+            return [], [self._dead_letter(record, err.kind, err.reason)]
+        except Exception as err:  # noqa: BLE001 - one record must not stop the job: dead-letter it
+            log.warning(
+                "dead-lettering %s:%s:%s after an internal error", record.topic, record.partition, record.offset
+            )
+            return [], [self._dead_letter(record, INTERNAL_ERROR, _describe(err))]
+
+    def _transaction(self, record: SourceRecord, now_ms: int, newest_ms: int) -> tuple[list[Emit], list[OutRow]]:
+        key, value, topic, partition, offset, ts = record
+        env = self.scorer.parse(value, key, topic, partition, offset, ts, now_ms=now_ms)
+        if isinstance(env[0], str):  # the dead letter's row
+            return [], [env]
+        tx = env[0]
+        if tx["event_time"] < min(newest_ms, now_ms) - self.horizon_ms:
+            behind_days = (min(newest_ms, now_ms) - tx["event_time"]) / 86_400_000
+            raise InvalidRecord(
+                "too_late",
+                f"event_time is {behind_days:.0f} days behind the newest event seen, beyond the state horizon",
+            )
+        return [Emit(RECEIPT, receipt_key(tx), order(tx, value), env)], []
+
+    def _observation(self, record: SourceRecord, now_ms: int) -> tuple[list[Emit], list[OutRow]]:
+        check_size(record.value, self.max_bytes)
+        try:
+            obs = self.face_codec.decode(record.value or b"")
+        except InvalidRecord as err:
+            raise InvalidRecord("not_avro", f"face observation: {err}") from None
+        check_observation(obs)
+        face = observation_result(obs, self.watchlist)
+        if obs["trigger"] == "ENTRANCE" or not obs.get("transaction_id"):
+            return [], self.scorer.entrance(obs, face)
+        tx_id = obs["transaction_id"]
+        seen = seen_from(obs, face, now_ms)
+        return [Emit(GATHER, tx_id, (obs["event_time"], tx_id, zlib.crc32(record.value or b"")), ("face", seen))], []
+
+    def _dead_letter(self, record: SourceRecord, kind: str, reason: str) -> OutRow:
+        key, value, topic, partition, offset, _ = record
+        return self.scorer.dead_letter_row(topic, partition, offset, key, value, InvalidRecord(kind, reason))
+
+
+class ReceiptStep:
+    """Keyed by receipt: a transaction seen before is dropped; a return meets its sale."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.rules = settings.rules
+        self.retention_ms = settings.rules.receipt_retention_days * 86_400_000
+        self.receipts: dict[str, Receipt] = {}
+
+    def on(self, key: str, env: Any, order_: Order) -> list[Emit]:
+        tx, ind, _ = env
+        receipt = self.receipts.get(key)
+        if receipt is None or receipt.event_time < tx["event_time"] - self.retention_ms:
+            receipt = Receipt()  # unknown, or past the return window before this transaction
+        found = receipt.observe(tx, customer_key(tx), self.rules)
+        if found is None:
+            return []
+        ind.update(found)
+        self.receipts[key] = receipt
+        return [Emit(STORE, tx["store_id"], order_, env)]
+
+    def expire(self, newest_ms: int) -> list[str]:
+        """Receipts older than the return window before ``newest_ms`` (the step's watermark): forgotten."""
+        cutoff = newest_ms - self.retention_ms
+        gone = [k for k, r in self.receipts.items() if r.event_time < cutoff]
+        for k in gone:
+            del self.receipts[k]
+        return gone
+
+
+class StoreStep:
+    """Keyed by store: return bursts; then one message per profile the transaction touches, and the
+    transaction itself to its gather."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.rules = settings.rules
+        self.stores: dict[str, StoreActivity] = {}
+
+    def on(self, key: str, env: Any, order_: Order) -> list[Emit]:
+        tx, ind, _ = env
+        activity = self.stores.get(key) or StoreActivity()
+        ind.update(activity.observe(tx, self.rules))
+        self.stores[key] = activity
+        tx_id = tx["transaction_id"]
+        brief = {k: tx[k] for k in ("event_time", "amount", "store_id", "kind")}
+        ck = customer_key(tx)
+        parts = [] if ck.startswith("anon:") else [Emit(IDENTITY, ck, order_, ("customer", tx_id, brief))]
+        parts += [Emit(IDENTITY, k, order_, ("linked", tx_id, brief)) for k in linked_keys(tx)]
+        return [Emit(GATHER, tx_id, order_, ("tx", env, len(parts))), *parts]
+
+
+class IdentityStep:
+    """Keyed by profile (a customer key, or ``ent:<kind>:<value>`` for a linked identity)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.rules = settings.rules
+        self.retention_ms = settings.rules.customer_retention_days * 86_400_000
+        self.profiles: dict[str, CustomerProfile] = {}
+
+    def on(self, key: str, part: Any, order_: Order) -> list[Emit]:
+        role, tx_id, brief = part
+        now = brief["event_time"]
+        idle_before = now - self.retention_ms
+        profile = self.profiles.get(key)
+        if profile is None or profile.idle_since(idle_before):
+            profile = self.profiles[key] = CustomerProfile()  # unknown, or idle past its retention
+        if role == "customer":
+            result: Any = profile.observe_profile(brief, self.rules)
+        else:
+            result = profile.observe_identity(now, brief["amount"])
+        return [Emit(GATHER, tx_id, order_, (role, result))]
+
+    def expire(self, newest_ms: int) -> list[str]:
+        cutoff = newest_ms - self.retention_ms
+        gone = [k for k, p in self.profiles.items() if p.idle_since(cutoff)]
+        for k in gone:
+            del self.profiles[k]
+        return gone
+
+
+class GatherStep:
+    """Keyed by transaction: waits for every profile's answer, then for the face (the face join)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.rules = settings.rules
+        self.join = FaceJoin(settings.job.face_deadline_ms, settings.job.early_face_ttl_ms)
+        self.gathering: dict[str, list[Any]] = {}
+        """Transaction id -> [envelope or None, answers still due, customer answer, linked activities]."""
+
+    def on(self, key: str, part: Any, order_: Order, now_ms: int) -> list[Emit]:
+        kind = part[0]
+        if kind == "face":
+            return self._released(self.join.on_observation(key, part[1])[0], order_)
+        entry = self.gathering.setdefault(key, [None, 0, None, []])
+        if kind == "tx":
+            entry[0] = part[1]
+            entry[1] += part[2]
+        elif kind == "customer":
+            entry[1] -= 1
+            entry[2] = part[1]
+        else:
+            entry[1] -= 1
+            entry[3].append(part[1])
+        if entry[0] is None or entry[1] > 0:
+            return []
+        del self.gathering[key]
+        env = self._complete(entry[0], entry[2], entry[3])
+        return self._released(self.join.on_transaction(env, now_ms)[0], order_)
+
+    def _complete(self, env: Any, customer: Any, linked: list[Activity]) -> Any:
+        tx, ind, _ = env
+        if customer is None:  # an anonymous buyer: no history, a new profile each time (as DecisionCore)
+            customer = CustomerProfile().observe_profile(tx, self.rules)
+        found, features = customer
+        ind.update(found)
+        tx[PROFILE_KEY] = features + combine_linked(linked)
+        return env
+
+    def due(self, now_ms: int) -> list[Emit]:
+        """Transactions past their face deadline go ahead without it."""
+        ready, _ = self.join.due(now_ms)
+        return [e for item in ready for e in self._released(item, order(item.env[0], None))]
+
+    @staticmethod
+    def _released(item: Ready | None, order_: Order) -> list[Emit]:
+        if item is None:
+            return []
+        return [Emit(DECIDE, receipt_key(item.env[0]), order_, item)]
+
+
+class DecideStep:
+    """Keyed by receipt: the buyer's face of a sale kept, a return's face compared with it; then the
+    model (one call per batch), the rules and the outputs (``Scorer.decide_batch``, unchanged)."""
+
+    def __init__(self, scorer: Scorer) -> None:
+        self.scorer = scorer
+        self.faces = ScoringState()
+        """Buyer faces by receipt key, as skeletal receipts (sale id, sale time, face) for ``decide_batch``."""
+
+    def on_batch(self, items: list[tuple[str, Ready]]) -> list[OutRow]:
+        if not items:
+            return []
+        faces = self.faces
+        for key, item in items:
+            tx = item.env[0]
+            if tx["event_time"] > faces.newest_event_ms:
+                faces.newest_event_ms = tx["event_time"]
+            if tx["kind"] == "SALE" and item.seen.embedding is not None and key not in faces.receipts:
+                faces.receipts[key] = Receipt(sale_id=tx["transaction_id"], event_time=tx["event_time"])
+        envs, seen = [i.env for _, i in items], [i.seen for _, i in items]
+        rows, _ = self.scorer.decide_batch(envs, seen=seen, state=faces, own_time=True)
+        for key in [k for k, r in faces.receipts.items() if r.sale_face is None]:
+            del faces.receipts[key]  # a sale whose face was not kept
+        return rows
+
+    def expire(self) -> list[str]:
+        """Buyer faces past their retention (biometric data) before the newest sale decided here."""
+        gone = [key for _, key, _ in self.faces.expire_faces(self.faces.newest_event_ms, self.scorer.face_retention_ms)]
+        for key in gone:
+            self.faces.receipts.pop(key, None)
+        return gone
+
+    def forget(self, tx_id: str) -> bool:
+        """``forget subj-<tx>``: that sale's buyer face goes."""
+        return self.faces.receipts.pop(tx_id, None) is not None
+
+
+class _Shard:
+    """One instance of every keyed step: what one slot of the parallel job holds."""
+
+    def __init__(self, settings: Settings, scorer: Scorer) -> None:
+        self.receipt = ReceiptStep(settings)
+        self.store = StoreStep(settings)
+        self.identity = IdentityStep(settings)
+        self.gather = GatherStep(settings)
+        self.decide = DecideStep(scorer)
+
+
+class PartitionedCore:
+    """The keyed steps over ``shards`` instances each, in one process: each batch goes through route,
+    then every step in turn; a step's instance takes its messages in :func:`order`.
+
+    ``predictor`` and ``watchlist`` as for ``DecisionCore``; the scorer (parse, dead letters, decisions)
+    is shared, as the model is per slot in the job.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        shards: int = 1,
+        predictor: Predictor | None = None,
+        watchlist: WatchlistLike | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.shards = shards
+        self.scorer = Scorer(settings, predictor=predictor, clock=clock)
+        self.route = RouteStep(self.scorer, watchlist)
+        self.slots = [_Shard(settings, self.scorer) for _ in range(shards)]
+        self.newest_ms = 0
+        self.batch_size = max(1, settings.job.batch_size)
+
+    def on_records(self, records: Iterable[SourceRecord], now_ms: int) -> list[OutRow]:
+        outputs: list[OutRow] = []
+        emits: list[Emit] = []
+        for record in records:
+            more, rows = self.route.on_record(record, now_ms, self.newest_ms)
+            emits += more
+            outputs += rows
+            for e in more:
+                if e.step == RECEIPT and e.order[0] > self.newest_ms:
+                    self.newest_ms = min(e.order[0], now_ms)
+        self._run(emits, now_ms, outputs)
+        for slot in self.slots:  # bounded memory: what no later decision may read goes
+            slot.receipt.expire(self.newest_ms)
+            slot.identity.expire(self.newest_ms)
+            slot.decide.expire()
+        return outputs
+
+    def forget(self, subject_id: str) -> bool:
+        """A watchlist tombstone for ``subj-<tx>``: that sale's buyer face goes, from whichever slot holds it."""
+        tx_id = subject_id.removeprefix("subj-")
+        return self.slots[shard_of(tx_id, self.shards)].decide.forget(tx_id)
+
+    def on_timer(self, now_ms: int) -> list[OutRow]:
+        outputs: list[OutRow] = []
+        self._run([e for slot in self.slots for e in slot.gather.due(now_ms)], now_ms, outputs)
+        return outputs
+
+    def _run(self, emits: list[Emit], now_ms: int, outputs: list[OutRow]) -> None:
+        for step in KEYED_STEPS:
+            mine = sorted((e for e in emits if e.step == step), key=lambda e: (e.order, e.key, _kind(e)))
+            emits = [e for e in emits if e.step != step]
+            by_slot: dict[int, list[Emit]] = defaultdict(list)
+            for e in mine:
+                by_slot[shard_of(e.key, self.shards)].append(e)
+            for index, batch in sorted(by_slot.items()):
+                slot = self.slots[index]
+                if step == DECIDE:
+                    for start in range(0, len(batch), self.batch_size):
+                        chunk = batch[start : start + self.batch_size]
+                        outputs += slot.decide.on_batch([(e.key, e.payload) for e in chunk])
+                    continue
+                for e in batch:
+                    if step == RECEIPT:
+                        emits += slot.receipt.on(e.key, e.payload, e.order)
+                    elif step == STORE:
+                        emits += slot.store.on(e.key, e.payload, e.order)
+                    elif step == IDENTITY:
+                        emits += slot.identity.on(e.key, e.payload, e.order)
+                    else:
+                        emits += slot.gather.on(e.key, e.payload, e.order, now_ms)
+
+
+_KIND_RANK = {"tx": 0, "customer": 1, "linked": 2, "face": 3}
+
+
+def _kind(e: Emit) -> int:
+    """Within one transaction's gather: its own message first, the face last (as it usually comes)."""
+    payload = e.payload
+    return (
+        _KIND_RANK.get(payload[0], 0) if isinstance(payload, tuple) and payload and isinstance(payload[0], str) else 0
+    )
+
+
+__all__ = [
+    "DECIDE",
+    "GATHER",
+    "IDENTITY",
+    "KEYED_STEPS",
+    "RECEIPT",
+    "ROUTE",
+    "STORE",
+    "DecideStep",
+    "Emit",
+    "GatherStep",
+    "IdentityStep",
+    "PartitionedCore",
+    "ReceiptStep",
+    "RouteStep",
+    "StoreStep",
+    "order",
+    "shard_of",
+]
