@@ -35,6 +35,7 @@ parallel layout divides them): the reference the equivalence tests and the bench
 from __future__ import annotations
 
 import logging
+import pickle
 import time
 import zlib
 from collections import defaultdict
@@ -342,9 +343,13 @@ class PartitionedCore:
         predictor: Predictor | None = None,
         watchlist: WatchlistLike | None = None,
         clock: Callable[[], float] = time.time,
+        wire: bool = False,
     ) -> None:
         self.settings = settings
         self.shards = shards
+        self.wire = wire
+        """Pickle every message between steps, as a crossing into the JVM and back would: what the
+        benchmark adds to price the parallel layout's extra hops."""
         self.scorer = Scorer(settings, predictor=predictor, clock=clock)
         self.route = RouteStep(self.scorer, watchlist)
         self.slots = [_Shard(settings, self.scorer) for _ in range(shards)]
@@ -381,6 +386,8 @@ class PartitionedCore:
     def _run(self, emits: list[Emit], now_ms: int, outputs: list[OutRow]) -> None:
         for step in KEYED_STEPS:
             mine = sorted((e for e in emits if e.step == step), key=lambda e: (e.order, e.key, _kind(e)))
+            if self.wire:  # each message crosses once, into the step that takes it
+                mine = [e._replace(payload=pickle.loads(pickle.dumps(e.payload, 5))) for e in mine]
             emits = [e for e in emits if e.step != step]
             by_slot: dict[int, list[Emit]] = defaultdict(list)
             for e in mine:

@@ -13,12 +13,12 @@ Stages, each on fresh topics (``bench<run>.`` prefix) of the running local stack
    with its JVM and Python workers, the sink) sampled throughout.
 
 Then the job's **metrics overhead** (``tests/bench/metrics_overhead.py``: its throughput with its Prometheus
-metrics on against off, alternating drains off-on-on-off in one run; ``--metrics-drains 0`` skips it)
-and, in-process: faces, model scoring, alerts, and the scoring job's **state** at N transactions of
-history (``tests/bench/state.py``: entries, pickled size with and without retention, restore time and
-memory; ``--state-transactions`` / ``CG_BENCH_STATE_TRANSACTIONS``, default 10 M: about 5 minutes and
-10 GiB here; ``--state-budget-s`` / ``CG_BENCH_STATE_BUDGET_S`` measures the largest N that fits that many
-seconds instead, with the reason printed).
+metrics on against off, alternating drains off-on-on-off in one run; ``--metrics-drains 0`` skips it) and,
+in-process: faces, model scoring, the partitioned scoring steps (``tests/bench/partitioned.py``), alerts, and the
+scoring job's **state** at N transactions of history (``tests/bench/state.py``: entries, pickled size with and
+without retention, restore time and memory; ``--state-transactions`` / ``CG_BENCH_STATE_TRANSACTIONS``, default 10
+M: about 5 minutes and 10 GiB here; ``--state-budget-s`` / ``CG_BENCH_STATE_BUDGET_S`` measures the largest N that
+fits that many seconds instead, with the reason printed).
 
 Results are printed and written to ``bench-results/<stage>-<time>.json``.
 """
@@ -413,6 +413,11 @@ def report(results: dict) -> None:
     t.add_row("peak memory, whole stack (GiB)", f"{mem['peak_gib']:.2f}", "<= 6")
     for row in report_rows(results["model_scoring"]) if "model_scoring" in results else ():
         t.add_row(*row)
+    if "partitioned" in results:
+        from tests.bench.partitioned import report_rows as partitioned_rows
+
+        for row in partitioned_rows(results["partitioned"]):
+            t.add_row(*row)
     if "metrics_overhead" in results:
         from tests.bench.metrics_overhead import report_rows as metrics_rows
 
@@ -534,6 +539,10 @@ def main(
     if model_records:
         console.print("[bold]model scoring[/]: model + rules + state in-process, batched vs one call per record")
         results["model_scoring"] = model_scoring(get_settings(), records=model_records)
+        from tests.bench.partitioned import partitioned_scoring
+
+        console.print("[bold]partitioned scoring[/]: the keyed steps against the single-state core, CPU per 100k")
+        results["partitioned"] = partitioned_scoring(get_settings())
     from tests.bench.alerts import bench_for_make as alerts_bench
 
     console.print("[bold]alerts[/]: delivery with both channels answering in 50 ms; transaction -> e-mail, live")
