@@ -194,6 +194,20 @@ class JobSettings(BaseModel, frozen=True):
     """Most records per batch handed from the JVM to Python, and most transactions per model call."""
     batch_time_ms: int = 5
     """Longest a record waits for its batch to fill before it goes to Python; 0 = one record per batch."""
+    layout: Literal["single", "partitioned"] = "single"
+    """``single``: every map under one key, one operator (fastest per transaction, one slot). ``partitioned``:
+    the state split by what it is about (receipt, store, profile, transaction) over keyed steps, so
+    scoring runs on ``parallelism`` slots with the same decisions (:mod:`jobs.scoring.partitioned`)."""
+    state_shards: int = 8
+    """Partitioned layout: the keyed steps' state is split into this many shards (Flink keys); at most this
+    many slots share each step. Fixed for a job's state: a different count needs a fresh start (README)."""
+    event_order_ms: int = 500
+    """Partitioned layout: how far out of event-time order transactions may arrive and still be taken in
+    order (the watermark's bound): what each key's steps see is then the same on any parallelism. Later
+    ones are taken as they come. Adds this much to every decision's latency."""
+    event_idle_ms: int = 1000
+    """Partitioned layout: after this long without input, everything received is released (the watermark
+    jumps to the newest event), so the last transactions before a lull are decided."""
     restore_from: Path | None = None
     """Start from this savepoint/checkpoint instead of the newest one under the checkpoint dir."""
     fetch_max_wait_ms: int = 500

@@ -109,6 +109,8 @@ def build_pipeline(source: DataStream, settings: Settings, broadcast: DataStream
     _with_ext_jar(env, settings)
     if broadcast is None:
         broadcast = env.from_collection([], type_info=SOURCE_ROW)
+    if settings.job.layout == "partitioned":
+        return build_partitioned(source, settings, broadcast)
     ops = get_gateway().jvm.checkoutguard.flink
     job = settings.job
     batches = DataStream(
@@ -132,6 +134,66 @@ def build_pipeline(source: DataStream, settings: Settings, broadcast: DataStream
         .uid("batch-out")
         .startNewChain()
     )
+
+
+def build_partitioned(source: DataStream, settings: Settings, broadcast: DataStream) -> DataStream:
+    """The partitioned layout (``CG_JOB__LAYOUT=partitioned``): route, then the keyed steps of
+    :mod:`jobs.scoring.partitioned`, each on every slot, keyed by shard (:mod:`jobs.flink.steps`).
+
+    route -> receipt -> store -> identity -> gather (also from route and store) -> decide -> Kafka. Between
+    steps the Java ``EventTimeBatcher``, keyed by shard so that one subtask sees all of a shard's messages,
+    holds each message until the watermark (``StepEventTime``, assigned after route) passes it, so every key
+    meets its messages in event-time order on any parallelism."""
+    from pyflink.java_gateway import get_gateway
+
+    from jobs.flink.steps import DecideShards, RouteFunction, ShardStep, shard_of_batch
+    from jobs.scoring.partitioned import DECIDE, GATHER, IDENTITY, RECEIPT, STORE
+
+    ops = get_gateway().jvm.checkoutguard.flink
+    job = settings.job
+    rules = broadcast.broadcast(BROADCAST)
+
+    def unbatch(batches: DataStream, uid: str) -> DataStream:
+        return DataStream(
+            batches._j_data_stream.flatMap(ops.OutputUnbatcher(), OUT_ROW.get_java_type_info()).uid(uid).name(uid)
+        )
+
+    def only(rows: DataStream, topic: str | None) -> DataStream:
+        return DataStream(rows._j_data_stream.filter(ops.TopicFilter(topic)))
+
+    def held(step: str, *inputs: DataStream) -> DataStream:
+        rows = [only(r, "@" + step) for r in inputs]
+        union = rows[0].union(*rows[1:]) if len(rows) > 1 else rows[0]
+        batcher = ops.EventTimeBatcher(job.batch_size, job.batch_time_ms)
+        j_batches = union._j_data_stream.keyBy(ops.ShardKey()).transform(
+            f"in event-time order: {step}", BATCH_BYTES.get_java_type_info(), batcher
+        )
+        return DataStream(j_batches.uid(f"{step}-in")).key_by(shard_of_batch, key_type=Types.STRING())
+
+    def keyed(step: str, *inputs: DataStream) -> DataStream:
+        out = held(step, *inputs).process(ShardStep(settings, step), output_type=BATCH_BYTES).name(step).uid(step)
+        return unbatch(out, f"{step}-out")
+
+    batches = DataStream(
+        source._j_data_stream.transform(
+            "batch records for Python",
+            BATCH_BYTES.get_java_type_info(),
+            ops.RecordBatcher(job.batch_size, job.batch_time_ms),
+        ).uid("batch-in")
+    )
+    routed = batches.connect(rules).process(RouteFunction(settings), output_type=BATCH_BYTES).name("route").uid("route")
+    timed = unbatch(routed, "route-out")._j_data_stream.assignTimestampsAndWatermarks(
+        ops.StepEventTime(job.event_order_ms, job.event_idle_ms)
+    )
+    routed_rows = DataStream(timed.uid("event-time"))
+    receipts = keyed(RECEIPT, routed_rows)
+    stores = keyed(STORE, receipts)
+    identities = keyed(IDENTITY, stores)
+    gathered = keyed(GATHER, routed_rows, stores, identities)
+    decided = (
+        held(DECIDE, gathered).connect(rules).process(DecideShards(settings), output_type=BATCH_BYTES).name(DECIDE)
+    ).uid(DECIDE)
+    return only(routed_rows, None).union(unbatch(decided, "decide-out"))
 
 
 # --- wiring to Kafka -------------------------------------------------------------------------

@@ -34,6 +34,7 @@ parallel layout divides them): the reference the equivalence tests and the bench
 
 from __future__ import annotations
 
+import heapq
 import logging
 import pickle
 import time
@@ -44,7 +45,15 @@ from typing import Any, NamedTuple
 
 from infra.settings import Settings
 from jobs.scoring.core import INTERNAL_ERROR, SourceRecord, WatchlistLike, _describe
-from jobs.scoring.face_join import FaceJoin, Ready, check_observation, observation_result, seen_from
+from jobs.scoring.face_join import (
+    EARLY_FACES,
+    PENDING,
+    FaceJoin,
+    Ready,
+    check_observation,
+    observation_result,
+    seen_from,
+)
 from jobs.scoring.features import (
     PROFILE_KEY,
     Activity,
@@ -56,7 +65,7 @@ from jobs.scoring.features import (
     linked_keys,
     receipt_key,
 )
-from jobs.scoring.scorer import OutRow, Predictor, Scorer, ScoringState
+from jobs.scoring.scorer import CUSTOMER_SWEEP_BUDGET, OutRow, Predictor, Scorer, ScoringState
 from jobs.scoring.validation import check_size
 from schemas.codec import codec
 from schemas.errors import InvalidRecord
@@ -67,6 +76,17 @@ log = logging.getLogger("checkout_guard.scoring_job")
 ROUTE, RECEIPT, STORE, IDENTITY, GATHER, DECIDE = "route", "receipt", "store", "identity", "gather", "decide"
 KEYED_STEPS = (RECEIPT, STORE, IDENTITY, GATHER, DECIDE)
 """The keyed steps, in the order a transaction passes them."""
+
+GATHERING, BUYER_FACES = "gathering", "buyer_faces"
+"""The gather step's transactions waiting for their profiles' answers; the decide step's buyer faces."""
+STEP_MAPS: dict[str, tuple[str, ...]] = {
+    RECEIPT: ("receipts",),
+    STORE: ("stores",),
+    IDENTITY: ("profiles",),
+    GATHER: (GATHERING, PENDING, EARLY_FACES),
+    DECIDE: (BUYER_FACES,),
+}
+"""Each keyed step's state maps (their MapState names in the job)."""
 
 Order = tuple[int, str, int]
 """(event time, transaction id, CRC-32 of the record): the order a step takes one key's messages in. The
@@ -151,13 +171,41 @@ class RouteStep:
         return self.scorer.dead_letter_row(topic, partition, offset, key, value, InvalidRecord(kind, reason))
 
 
-class ReceiptStep:
+class _Keyed:
+    """A step's maps (name -> key -> value) and the entries changed since the last :meth:`flush`, which the
+    Flink operator writes to MapState once per call (``None``: removed)."""
+
+    MAPS: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.changes: dict[str, dict[str, Any]] = {name: {} for name in self.MAPS}
+
+    def _put(self, name: str, key: str, value: Any) -> None:
+        self.changes[name][key] = value
+
+    def flush(self) -> dict[str, dict[str, Any]]:
+        out = {name: changed for name, changed in self.changes.items() if changed}
+        self.changes = {name: {} for name in self.MAPS}
+        return out
+
+
+class ReceiptStep(_Keyed):
     """Keyed by receipt: a transaction seen before is dropped; a return meets its sale."""
 
+    MAPS = STEP_MAPS[RECEIPT]
+
     def __init__(self, settings: Settings) -> None:
+        super().__init__()
         self.rules = settings.rules
         self.retention_ms = settings.rules.receipt_retention_days * 86_400_000
         self.receipts: dict[str, Receipt] = {}
+        self.by_time: list[tuple[int, str]] = []
+        """(sale time, receipt key), a heap: what :meth:`expire` looks at first."""
+
+    def restore(self, maps: dict[str, dict[str, Any]]) -> None:
+        self.receipts = dict(maps.get("receipts") or {})
+        self.by_time = [(r.event_time, k) for k, r in self.receipts.items()]
+        heapq.heapify(self.by_time)
 
     def on(self, key: str, env: Any, order_: Order) -> list[Emit]:
         tx, ind, _ = env
@@ -168,31 +216,47 @@ class ReceiptStep:
         if found is None:
             return []
         ind.update(found)
+        if self.receipts.get(key) is not receipt:
+            heapq.heappush(self.by_time, (receipt.event_time or tx["event_time"], key))
         self.receipts[key] = receipt
+        self._put("receipts", key, receipt)
         return [Emit(STORE, tx["store_id"], order_, env)]
 
     def expire(self, newest_ms: int) -> list[str]:
         """Receipts older than the return window before ``newest_ms`` (the step's watermark): forgotten."""
         cutoff = newest_ms - self.retention_ms
-        gone = [k for k, r in self.receipts.items() if r.event_time < cutoff]
-        for k in gone:
-            del self.receipts[k]
+        gone = []
+        while self.by_time and self.by_time[0][0] < cutoff:
+            _, key = heapq.heappop(self.by_time)
+            receipt = self.receipts.get(key)
+            if receipt is not None and receipt.event_time < cutoff:
+                del self.receipts[key]
+                self._put("receipts", key, None)
+                gone.append(key)
         return gone
 
 
-class StoreStep:
+class StoreStep(_Keyed):
     """Keyed by store: return bursts; then one message per profile the transaction touches, and the
     transaction itself to its gather."""
 
+    MAPS = STEP_MAPS[STORE]
+
     def __init__(self, settings: Settings) -> None:
+        super().__init__()
         self.rules = settings.rules
         self.stores: dict[str, StoreActivity] = {}
 
+    def restore(self, maps: dict[str, dict[str, Any]]) -> None:
+        self.stores = dict(maps.get("stores") or {})
+
     def on(self, key: str, env: Any, order_: Order) -> list[Emit]:
         tx, ind, _ = env
-        activity = self.stores.get(key) or StoreActivity()
+        activity = self.stores.get(key)
+        if activity is None or tx["kind"] == "RETURN":  # sales leave a known store's activity as it was
+            activity = self.stores[key] = activity or StoreActivity()
+            self._put("stores", key, activity)
         ind.update(activity.observe(tx, self.rules))
-        self.stores[key] = activity
         tx_id = tx["transaction_id"]
         brief = {k: tx[k] for k in ("event_time", "amount", "store_id", "kind")}
         ck = customer_key(tx)
@@ -201,13 +265,20 @@ class StoreStep:
         return [Emit(GATHER, tx_id, order_, ("tx", env, len(parts))), *parts]
 
 
-class IdentityStep:
+class IdentityStep(_Keyed):
     """Keyed by profile (a customer key, or ``ent:<kind>:<value>`` for a linked identity)."""
 
+    MAPS = STEP_MAPS[IDENTITY]
+
     def __init__(self, settings: Settings) -> None:
+        super().__init__()
         self.rules = settings.rules
         self.retention_ms = settings.rules.customer_retention_days * 86_400_000
         self.profiles: dict[str, CustomerProfile] = {}
+        self.sweep: list[str] = []
+
+    def restore(self, maps: dict[str, dict[str, Any]]) -> None:
+        self.profiles = dict(maps.get("profiles") or {})
 
     def on(self, key: str, part: Any, order_: Order) -> list[Emit]:
         role, tx_id, brief = part
@@ -220,29 +291,48 @@ class IdentityStep:
             result: Any = profile.observe_profile(brief, self.rules)
         else:
             result = profile.observe_identity(now, brief["amount"])
+        self._put("profiles", key, profile)
         return [Emit(GATHER, tx_id, order_, (role, result))]
 
-    def expire(self, newest_ms: int) -> list[str]:
+    def expire(self, newest_ms: int, budget: int = CUSTOMER_SWEEP_BUDGET) -> list[str]:
+        """Profiles idle for their retention before ``newest_ms``, looking at ``budget`` of them per call
+        (as ``ScoringState.expire_customers``): a profile met idle is started over anyway."""
+        if not self.sweep:
+            self.sweep = list(self.profiles)
         cutoff = newest_ms - self.retention_ms
-        gone = [k for k, p in self.profiles.items() if p.idle_since(cutoff)]
-        for k in gone:
-            del self.profiles[k]
+        gone = []
+        for _ in range(min(budget, len(self.sweep))):
+            key = self.sweep.pop()
+            profile = self.profiles.get(key)
+            if profile is not None and profile.idle_since(cutoff):
+                del self.profiles[key]
+                self._put("profiles", key, None)
+                gone.append(key)
         return gone
 
 
-class GatherStep:
+class GatherStep(_Keyed):
     """Keyed by transaction: waits for every profile's answer, then for the face (the face join)."""
 
+    MAPS = STEP_MAPS[GATHER]
+
     def __init__(self, settings: Settings) -> None:
+        super().__init__()
         self.rules = settings.rules
         self.join = FaceJoin(settings.job.face_deadline_ms, settings.job.early_face_ttl_ms)
         self.gathering: dict[str, list[Any]] = {}
         """Transaction id -> [envelope or None, answers still due, customer answer, linked activities]."""
 
+    def restore(self, maps: dict[str, dict[str, Any]]) -> None:
+        self.gathering = dict(maps.get(GATHERING) or {})
+        self.join.restore(dict(maps.get(PENDING) or {}), dict(maps.get(EARLY_FACES) or {}))
+
     def on(self, key: str, part: Any, order_: Order, now_ms: int) -> list[Emit]:
         kind = part[0]
         if kind == "face":
-            return self._released(self.join.on_observation(key, part[1])[0], order_)
+            ready, writes = self.join.on_observation(key, part[1])
+            self._persist(writes)
+            return self._released(ready, order_)
         entry = self.gathering.setdefault(key, [None, 0, None, []])
         if kind == "tx":
             entry[0] = part[1]
@@ -254,10 +344,18 @@ class GatherStep:
             entry[1] -= 1
             entry[3].append(part[1])
         if entry[0] is None or entry[1] > 0:
+            self._put(GATHERING, key, entry)
             return []
         del self.gathering[key]
+        self._put(GATHERING, key, None)
         env = self._complete(entry[0], entry[2], entry[3])
-        return self._released(self.join.on_transaction(env, now_ms)[0], order_)
+        ready, writes = self.join.on_transaction(env, now_ms)
+        self._persist(writes)
+        return self._released(ready, order_)
+
+    def _persist(self, writes: Iterable[tuple[str, str, Any]]) -> None:
+        for name, key, value in writes:
+            self._put(name, key, value)
 
     def _complete(self, env: Any, customer: Any, linked: list[Activity]) -> Any:
         tx, ind, _ = env
@@ -270,7 +368,8 @@ class GatherStep:
 
     def due(self, now_ms: int) -> list[Emit]:
         """Transactions past their face deadline go ahead without it."""
-        ready, _ = self.join.due(now_ms)
+        ready, writes = self.join.due(now_ms)
+        self._persist(writes)
         return [e for item in ready for e in self._released(item, order(item.env[0], None))]
 
     @staticmethod
@@ -280,14 +379,20 @@ class GatherStep:
         return [Emit(DECIDE, receipt_key(item.env[0]), order_, item)]
 
 
-class DecideStep:
+class DecideStep(_Keyed):
     """Keyed by receipt: the buyer's face of a sale kept, a return's face compared with it; then the
     model (one call per batch), the rules and the outputs (``Scorer.decide_batch``, unchanged)."""
 
+    MAPS = STEP_MAPS[DECIDE]
+
     def __init__(self, scorer: Scorer) -> None:
+        super().__init__()
         self.scorer = scorer
         self.faces = ScoringState()
         """Buyer faces by receipt key, as skeletal receipts (sale id, sale time, face) for ``decide_batch``."""
+
+    def restore(self, maps: dict[str, dict[str, Any]]) -> None:
+        self.faces = ScoringState.restore(dict(maps.get(BUYER_FACES) or {}), {}, {})
 
     def on_batch(self, items: list[tuple[str, Ready]]) -> list[OutRow]:
         if not items:
@@ -300,21 +405,28 @@ class DecideStep:
             if tx["kind"] == "SALE" and item.seen.embedding is not None and key not in faces.receipts:
                 faces.receipts[key] = Receipt(sale_id=tx["transaction_id"], event_time=tx["event_time"])
         envs, seen = [i.env for _, i in items], [i.seen for _, i in items]
-        rows, _ = self.scorer.decide_batch(envs, seen=seen, state=faces, own_time=True)
+        rows, writes = self.scorer.decide_batch(envs, seen=seen, state=faces, own_time=True)
+        for _, key, receipt in writes:
+            self._put(BUYER_FACES, key, receipt)
         for key in [k for k, r in faces.receipts.items() if r.sale_face is None]:
             del faces.receipts[key]  # a sale whose face was not kept
         return rows
 
     def expire(self) -> list[str]:
         """Buyer faces past their retention (biometric data) before the newest sale decided here."""
-        gone = [key for _, key, _ in self.faces.expire_faces(self.faces.newest_event_ms, self.scorer.face_retention_ms)]
+        changed = self.faces.expire_faces(self.faces.newest_event_ms, self.scorer.face_retention_ms)
+        gone = [key for _, key, _ in changed]
         for key in gone:
             self.faces.receipts.pop(key, None)
+            self._put(BUYER_FACES, key, None)
         return gone
 
     def forget(self, tx_id: str) -> bool:
         """``forget subj-<tx>``: that sale's buyer face goes."""
-        return self.faces.receipts.pop(tx_id, None) is not None
+        if self.faces.receipts.pop(tx_id, None) is None:
+            return False
+        self._put(BUYER_FACES, tx_id, None)
+        return True
 
 
 class _Shard:
@@ -385,7 +497,7 @@ class PartitionedCore:
 
     def _run(self, emits: list[Emit], now_ms: int, outputs: list[OutRow]) -> None:
         for step in KEYED_STEPS:
-            mine = sorted((e for e in emits if e.step == step), key=lambda e: (e.order, e.key, _kind(e)))
+            mine = sorted((e for e in emits if e.step == step), key=message_rank)
             if self.wire:  # each message crosses once, into the step that takes it
                 mine = [e._replace(payload=pickle.loads(pickle.dumps(e.payload, 5))) for e in mine]
             emits = [e for e in emits if e.step != step]
@@ -413,12 +525,12 @@ class PartitionedCore:
 _KIND_RANK = {"tx": 0, "customer": 1, "linked": 2, "face": 3}
 
 
-def _kind(e: Emit) -> int:
-    """Within one transaction's gather: its own message first, the face last (as it usually comes)."""
+def message_rank(e: Emit) -> tuple[Order, str, int]:
+    """The order a step takes its messages in: :func:`order`, then key; within one transaction's gather its
+    own message first and the face last (as it usually comes)."""
     payload = e.payload
-    return (
-        _KIND_RANK.get(payload[0], 0) if isinstance(payload, tuple) and payload and isinstance(payload[0], str) else 0
-    )
+    kind = payload[0] if isinstance(payload, tuple) and payload and isinstance(payload[0], str) else ""
+    return (e.order, e.key, _KIND_RANK.get(kind, 0))
 
 
 __all__ = [
@@ -437,6 +549,7 @@ __all__ = [
     "ReceiptStep",
     "RouteStep",
     "StoreStep",
+    "message_rank",
     "order",
     "shard_of",
 ]

@@ -80,6 +80,13 @@ public class RecordBatcher extends AbstractStreamOperator<byte[]> implements One
         flush();
     }
 
+    /** A watermark never overtakes a record: the end of a bounded input (the last watermark) included. */
+    @Override
+    public void processWatermark(org.apache.flink.streaming.api.watermark.Watermark mark) throws Exception {
+        flush();
+        super.processWatermark(mark);
+    }
+
     @Override
     public void finish() throws Exception {
         flush();

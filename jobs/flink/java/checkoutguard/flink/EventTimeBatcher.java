@@ -1,0 +1,192 @@
+package checkoutguard.flink;
+
+import java.io.ByteArrayInputStream;
+import java.io.ByteArrayOutputStream;
+import java.io.DataInputStream;
+import java.io.DataOutputStream;
+import java.io.IOException;
+import java.nio.charset.StandardCharsets;
+import java.util.ArrayList;
+import java.util.LinkedHashMap;
+import java.util.List;
+import java.util.Map;
+import java.util.PriorityQueue;
+
+import org.apache.flink.api.common.state.ListState;
+import org.apache.flink.api.common.state.ListStateDescriptor;
+import org.apache.flink.api.common.typeinfo.PrimitiveArrayTypeInfo;
+import org.apache.flink.runtime.state.StateInitializationContext;
+import org.apache.flink.runtime.state.StateSnapshotContext;
+import org.apache.flink.streaming.api.operators.AbstractStreamOperator;
+import org.apache.flink.streaming.api.operators.OneInputStreamOperator;
+import org.apache.flink.streaming.api.watermark.Watermark;
+import org.apache.flink.streaming.runtime.streamrecord.StreamRecord;
+import org.apache.flink.types.Row;
+
+/**
+ * Holds the messages for one keyed scoring step until the watermark passes their event time, then sends
+ * them, in event-time order, as one batch per shard: each key of the step then meets its messages in the
+ * same order whatever the parallelism upstream (partitioned layout, {@code jobs/scoring/partitioned.py}).
+ *
+ * <p>Input rows (topic, k, v): k is the shard (UTF-8), v starts with the event time (8 bytes, big-endian).
+ * A message already behind the watermark (late, or released by a processing-time deadline) goes in the
+ * next batch of its shard, at most {@code maxDelayMs} later. Held messages are operator state (any subtask
+ * may send any shard: the step is keyed after this); late ones are sent before every checkpoint barrier.
+ *
+ * <p>Batch out: shard (Java UTF), then per message its v (int length, bytes).
+ */
+public class EventTimeBatcher extends AbstractStreamOperator<byte[]> implements OneInputStreamOperator<Row, byte[]> {
+    private static final long serialVersionUID = 1L;
+
+    private static final class Held {
+        final long time;
+        final long seq;
+        final String shard;
+        final byte[] value;
+
+        Held(long time, long seq, String shard, byte[] value) {
+            this.time = time;
+            this.seq = seq;
+            this.shard = shard;
+            this.value = value;
+        }
+    }
+
+    private final int maxRecords;
+    private final long maxDelayMs;
+    private transient PriorityQueue<Held> held;
+    private transient Map<String, List<byte[]>> late;
+    private transient int lateCount;
+    private transient boolean timerArmed;
+    private transient long seq;
+    private transient long watermark;
+    private transient ListState<byte[]> heldState;
+
+    public EventTimeBatcher(int maxRecords, long maxDelayMs) {
+        this.maxRecords = Math.max(1, maxRecords);
+        this.maxDelayMs = Math.max(0, maxDelayMs);
+    }
+
+    @Override
+    public void initializeState(StateInitializationContext context) throws Exception {
+        super.initializeState(context);
+        held = new PriorityQueue<>((a, b) -> a.time != b.time ? Long.compare(a.time, b.time) : Long.compare(a.seq, b.seq));
+        late = new LinkedHashMap<>();
+        watermark = Long.MIN_VALUE;
+        heldState = context.getOperatorStateStore().getListState(
+                new ListStateDescriptor<>("held", PrimitiveArrayTypeInfo.BYTE_PRIMITIVE_ARRAY_TYPE_INFO));
+        if (context.isRestored()) {
+            for (byte[] frame : heldState.get()) {
+                DataInputStream in = new DataInputStream(new ByteArrayInputStream(frame));
+                long time = in.readLong();
+                String shard = in.readUTF();
+                byte[] value = new byte[in.readInt()];
+                in.readFully(value);
+                held.add(new Held(time, seq++, shard, value));
+            }
+        }
+    }
+
+    @Override
+    public void snapshotState(StateSnapshotContext context) throws Exception {
+        super.snapshotState(context);
+        List<byte[]> frames = new ArrayList<>(held.size());
+        List<Held> ordered = new ArrayList<>(held);
+        ordered.sort((a, b) -> a.time != b.time ? Long.compare(a.time, b.time) : Long.compare(a.seq, b.seq));
+        for (Held h : ordered) {
+            ByteArrayOutputStream bytes = new ByteArrayOutputStream(h.value.length + 32);
+            DataOutputStream out = new DataOutputStream(bytes);
+            out.writeLong(h.time);
+            out.writeUTF(h.shard);
+            out.writeInt(h.value.length);
+            out.write(h.value);
+            out.flush();
+            frames.add(bytes.toByteArray());
+        }
+        heldState.update(frames);
+    }
+
+    @Override
+    public void processElement(StreamRecord<Row> element) throws Exception {
+        Row row = element.getValue();
+        String shard = new String((byte[]) row.getField(1), StandardCharsets.UTF_8);
+        byte[] value = (byte[]) row.getField(2);
+        long time = 0L;
+        for (int i = 0; i < 8; i++) {
+            time = (time << 8) | (value[i] & 0xFF);
+        }
+        if (time > watermark) {
+            held.add(new Held(time, seq++, shard, value));
+            return;
+        }
+        late.computeIfAbsent(shard, s -> new ArrayList<>()).add(value);
+        lateCount++;
+        if (lateCount >= maxRecords || maxDelayMs == 0) {
+            flushLate();
+        } else if (!timerArmed) {
+            timerArmed = true;
+            long due = getProcessingTimeService().getCurrentProcessingTime() + maxDelayMs;
+            getProcessingTimeService().registerTimer(due, ts -> {
+                timerArmed = false;
+                flushLate();
+            });
+        }
+    }
+
+    @Override
+    public void processWatermark(Watermark mark) throws Exception {
+        flushLate();
+        watermark = Math.max(watermark, mark.getTimestamp());
+        Map<String, List<byte[]>> ripe = new LinkedHashMap<>();
+        while (!held.isEmpty() && held.peek().time <= watermark) {
+            Held h = held.poll();
+            ripe.computeIfAbsent(h.shard, s -> new ArrayList<>()).add(h.value);
+        }
+        send(ripe);
+        super.processWatermark(mark);
+    }
+
+    @Override
+    public void prepareSnapshotPreBarrier(long checkpointId) throws Exception {
+        flushLate();
+    }
+
+    @Override
+    public void finish() throws Exception {
+        flushLate();
+        Map<String, List<byte[]>> rest = new LinkedHashMap<>();
+        while (!held.isEmpty()) {
+            Held h = held.poll();
+            rest.computeIfAbsent(h.shard, s -> new ArrayList<>()).add(h.value);
+        }
+        send(rest);
+        super.finish();
+    }
+
+    private void flushLate() throws IOException {
+        if (lateCount == 0) {
+            return;
+        }
+        Map<String, List<byte[]>> out = late;
+        late = new LinkedHashMap<>();
+        lateCount = 0;
+        send(out);
+    }
+
+    private void send(Map<String, List<byte[]>> byShard) throws IOException {
+        for (Map.Entry<String, List<byte[]>> entry : byShard.entrySet()) {
+            List<byte[]> values = entry.getValue();
+            for (int start = 0; start < values.size(); start += maxRecords) {
+                ByteArrayOutputStream bytes = new ByteArrayOutputStream(1 << 12);
+                DataOutputStream out = new DataOutputStream(bytes);
+                out.writeUTF(entry.getKey());
+                for (byte[] v : values.subList(start, Math.min(values.size(), start + maxRecords))) {
+                    out.writeInt(v.length);
+                    out.write(v);
+                }
+                out.flush();
+                output.collect(new StreamRecord<>(bytes.toByteArray()));
+            }
+        }
+    }
+}

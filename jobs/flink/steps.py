@@ -1,0 +1,256 @@
+"""The partitioned layout's Flink operators: Flink state, timers and batches around the keyed steps of
+:mod:`jobs.scoring.partitioned` (every decision is theirs, tested without Flink).
+
+Messages between steps travel as output rows ``("@<step>", shard, event time (8 bytes) + pickle)``: the
+Java ``StepEventTime`` reads the time for the watermark, the Java ``EventTimeBatcher`` holds each message
+until the watermark passes it and sends one batch per shard, and the step (keyed by shard) takes the
+batch in the steps' order. A shard's maps are read from MapState at its first batch and are then
+authoritative; each call writes back what changed (one ``put_all`` per map), as ``DecideStep`` does.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from pyflink.common import Row
+from pyflink.common.typeinfo import Types
+from pyflink.datastream import (
+    BroadcastProcessFunction,
+    KeyedBroadcastProcessFunction,
+    KeyedProcessFunction,
+    RuntimeContext,
+)
+from pyflink.datastream.state import MapStateDescriptor
+
+from infra.clock import now_ms
+from infra.settings import Settings
+from jobs.flink.frames import OutputBatch, unpack_records
+from jobs.flink.operator import BROADCAST, FrozenState, _as_bytes, _predictor, _watchlist, commit
+from jobs.scoring.core import DecisionCore
+from jobs.scoring.partitioned import (
+    DECIDE,
+    GATHER,
+    IDENTITY,
+    RECEIPT,
+    STEP_MAPS,
+    STORE,
+    DecideStep,
+    Emit,
+    GatherStep,
+    IdentityStep,
+    ReceiptStep,
+    RouteStep,
+    StoreStep,
+    message_rank,
+    shard_of,
+)
+
+_TIME = struct.Struct(">q")
+
+
+def pack_emits(emits: Iterable[Emit], shards: int, out: OutputBatch) -> None:
+    for e in emits:
+        value = _TIME.pack(e.order[0]) + pickle.dumps((e.key, e.order, e.payload), pickle.HIGHEST_PROTOCOL)
+        out.add("@" + e.step, str(shard_of(e.key, shards)).encode(), value)
+
+
+def unpack_batch(batch: bytes) -> tuple[str, list[Emit]]:
+    """An ``EventTimeBatcher`` batch: its shard, and its messages in the steps' order."""
+    size = int.from_bytes(batch[:2], "big")
+    shard = batch[2 : 2 + size].decode()
+    pos = 2 + size
+    messages = []
+    while pos < len(batch):
+        length = int.from_bytes(batch[pos : pos + 4], "big")
+        key, order_, payload = pickle.loads(batch[pos + 4 + 8 : pos + 4 + length])
+        messages.append(Emit("", key, order_, payload))
+        pos += 4 + length
+    messages.sort(key=message_rank)
+    return shard, messages
+
+
+def shard_of_batch(batch: Any) -> str:
+    """The Flink key of a batch (its shard), read from the batch's head."""
+    data = _as_bytes(batch)
+    return data[2 : 2 + int.from_bytes(data[:2], "big")].decode()
+
+
+def _pack(out: OutputBatch) -> bytes | None:
+    return out.to_bytes() if out.count else None
+
+
+class RouteFunction(BroadcastProcessFunction):
+    """Parse and route (no keyed state): transactions to their receipt, faces to their transaction; dead
+    letters and entrance alerts straight out. The watchlist (for the match) and rules come by broadcast."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def open(self, runtime_context: RuntimeContext) -> None:
+        self.core = DecisionCore(self.settings, watchlist=_watchlist(self.settings))
+        self.core.bootstrap()
+        self.route = RouteStep(self.core.scorer, self.core.watchlist)
+        self.shards = self.settings.job.state_shards
+        self.newest = 0
+        self.restored = self.core.bootstrapped is not None
+
+    def process_element(self, batch: Any, ctx: BroadcastProcessFunction.ReadOnlyContext):
+        if not self.restored:
+            self.core.restore({}, dict(ctx.get_broadcast_state(BROADCAST).items()))
+            self.restored = True
+        now = now_ms()
+        out = OutputBatch()
+        for record in unpack_records(_as_bytes(batch)):
+            emits, rows = self.route.on_record(record, now, self.newest)
+            for topic, key, value in rows:
+                out.add(topic, key, value)
+            for e in emits:
+                if e.step == RECEIPT and e.order[0] > self.newest:
+                    self.newest = min(e.order[0], now)
+            pack_emits(emits, self.shards, out)
+        packed = _pack(out)
+        if packed is not None:
+            yield packed
+
+    def process_broadcast_element(self, row: Row, ctx: BroadcastProcessFunction.Context):
+        yield from _control(self.core, row, ctx)
+
+
+def _control(core: DecisionCore, row: Row, ctx) -> Iterator[bytes]:
+    """A rules or watchlist record: applied, kept in broadcast state; a bad one's dead letter."""
+    key = bytes(row[0]) if row[0] is not None else None
+    value = bytes(row[1]) if row[1] is not None else None
+    outputs, update = core.on_control(row[2], key, value, row[3], row[4])
+    out = OutputBatch()
+    for topic, k, v in outputs:
+        out.add(topic, k, v)
+    packed = _pack(out)
+    if packed is not None:
+        yield packed
+    if update is not None:
+        broadcast = ctx.get_broadcast_state(BROADCAST)
+        if update.value is None:
+            broadcast.remove(update.key)
+        else:
+            broadcast.put(update.key, update.value)
+
+
+class _Shards:
+    """The steps of one kind in this slot, one per shard, loaded from MapState at the shard's first call."""
+
+    def __init__(self, step: str, make, runtime_context: RuntimeContext) -> None:
+        self.step = step
+        self.make = make
+        self.maps = {
+            name: runtime_context.get_map_state(MapStateDescriptor(name, Types.STRING(), Types.PICKLED_BYTE_ARRAY()))
+            for name in STEP_MAPS[step]
+        }
+        self.by_shard: dict[str, Any] = {}
+
+    def current(self, shard: str):
+        """The current key's step (Flink has set the key to ``shard`` for this call)."""
+        step = self.by_shard.get(shard)
+        if step is None:
+            step = self.by_shard[shard] = self.make()
+            step.restore({name: dict(state.items()) for name, state in self.maps.items()})
+        return step
+
+    def commit(self, step) -> None:
+        commit(self.maps, step.flush())
+
+
+class ShardStep(KeyedProcessFunction):
+    """One keyed step (receipt, store, identity or gather) of the partitioned layout, keyed by shard."""
+
+    def __init__(self, settings: Settings, step: str) -> None:
+        self.settings = settings
+        self.step = step
+
+    def open(self, runtime_context: RuntimeContext) -> None:
+        makers = {RECEIPT: ReceiptStep, STORE: StoreStep, IDENTITY: IdentityStep, GATHER: GatherStep}
+        self.shards = _Shards(self.step, lambda: makers[self.step](self.settings), runtime_context)
+        self.count = self.settings.job.state_shards
+        self.heap = FrozenState()
+
+    def process_element(self, batch: Any, ctx: KeyedProcessFunction.Context):
+        shard, messages = unpack_batch(_as_bytes(batch))
+        step = self.shards.current(shard)
+        now = now_ms()
+        emits: list[Emit] = []
+        if self.step == GATHER:
+            for m in messages:
+                emits += step.on(m.key, m.payload, m.order, now)
+        else:
+            for m in messages:
+                emits += step.on(m.key, m.payload, m.order)
+            if self.step in (RECEIPT, IDENTITY):
+                step.expire(ctx.timer_service().current_watermark())
+        yield from self._finish(step, emits, ctx)
+        self.heap.settle()
+
+    def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
+        step = self.shards.current(ctx.get_current_key())
+        yield from self._finish(step, step.due(now_ms()), ctx)
+
+    def _finish(self, step, emits: list[Emit], ctx) -> Iterator[bytes]:
+        self.shards.commit(step)
+        if self.step == GATHER:
+            deadline = step.join.next_deadline()
+            if deadline is not None:
+                ctx.timer_service().register_processing_time_timer(deadline)
+        out = OutputBatch()
+        pack_emits(emits, self.count, out)
+        packed = _pack(out)
+        if packed is not None:
+            yield packed
+
+
+class DecideShards(KeyedBroadcastProcessFunction):
+    """The decide step, keyed by shard: buyer faces, model, rules, outputs; rules and ``forget`` by broadcast."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def open(self, runtime_context: RuntimeContext) -> None:
+        self.core = DecisionCore(
+            self.settings, predictor=_predictor(self.settings), watchlist=_watchlist(self.settings)
+        )
+        self.core.bootstrap()
+        self.shards = _Shards(DECIDE, lambda: DecideStep(self.core.scorer), runtime_context)
+        self.count = self.settings.job.state_shards
+        self.batch_size = max(1, self.settings.job.batch_size)
+        self.restored = self.core.bootstrapped is not None
+        self.heap = FrozenState()
+        self.forgets: dict[str, list[str]] = {}
+        """``forget subj-<tx>`` per shard, applied at that shard's next batch."""
+
+    def process_element(self, batch: Any, ctx: KeyedBroadcastProcessFunction.ReadOnlyContext):
+        if not self.restored:
+            self.core.restore({}, dict(ctx.get_broadcast_state(BROADCAST).items()))
+            self.restored = True
+        shard, messages = unpack_batch(_as_bytes(batch))
+        step = self.shards.current(shard)
+        for subject in self.core.forgotten:  # queued by shard: only the current key's state is writable
+            tx_id = subject.removeprefix("subj-")
+            self.forgets.setdefault(str(shard_of(tx_id, self.count)), []).append(tx_id)
+        self.core.forgotten = []
+        for tx_id in self.forgets.pop(shard, ()):
+            step.forget(tx_id)
+        out = OutputBatch()
+        items = [(m.key, m.payload) for m in messages]
+        for start in range(0, len(items), self.batch_size):
+            for topic, key, value in step.on_batch(items[start : start + self.batch_size]):
+                out.add(topic, key, value)
+        step.expire()
+        self.shards.commit(step)
+        self.heap.settle()
+        packed = _pack(out)
+        if packed is not None:
+            yield packed
+
+    def process_broadcast_element(self, row: Row, ctx: KeyedBroadcastProcessFunction.Context):
+        for _ in _control(self.core, row, ctx):
+            pass  # the route step sends a bad update's dead letter; one is enough

@@ -1,0 +1,70 @@
+"""The partitioned layout's Flink wiring, in-process: the same decisions as the single-state layout, at
+parallelism 1 and 2 (watermark-ordered steps, keyed by shard)."""
+
+import sys
+
+import pytest
+
+from infra.settings import Settings
+from schemas.codec import codec
+from tests.builders import java_bytes
+from tests.unit.test_partitioned_scoring import seeded_stream
+
+pytestmark = pytest.mark.pipeline
+
+BASE = Settings().model_copy(
+    update={
+        "job": Settings().job.model_copy(
+            update={
+                "face_deadline_ms": 600_000,
+                "bootstrap_control": False,
+                "state_shards": 4,
+                "event_idle_ms": 30_000,  # no lull in a test: the end of input releases the rest
+            }
+        ),
+        "model": Settings().model.model_copy(update={"backend": "none"}),
+    }
+)
+CLOCK_FIELDS = {"decided_at", "ttdf_ms", "proc_time_ms", "model_time_ms", "failed_at"}
+"""Wall-clock fields: the only ones that may differ between two runs."""
+SCHEMAS = {"processed_transactions": "ScoredTransaction", "alerts": "Alert", "dead_letters": "DeadLetter"}
+
+
+def _run(records, settings: Settings, parallelism: int) -> list:
+    from pyflink.common import Configuration
+    from pyflink.datastream import StreamExecutionEnvironment
+
+    from jobs.flink.job import SOURCE_ROW, build_pipeline
+
+    conf = Configuration()
+    conf.set_string("python.executable", sys.executable)
+    conf.set_string("python.fn-execution.bundle.time", "10")
+    conf.set_string("pipeline.auto-watermark-interval", "50 ms")
+    env = StreamExecutionEnvironment.get_execution_environment(conf)
+    env.set_parallelism(parallelism)
+    out = build_pipeline(env.from_collection(records, type_info=SOURCE_ROW), settings)
+    with out.execute_and_collect() as results:
+        return [(r[0], java_bytes(r[1]), java_bytes(r[2])) for r in results]
+
+
+def _comparable(rows) -> list:
+    out = []
+    for topic, key, value in rows:
+        record = codec(SCHEMAS[topic]).decode(value)
+        out.append((topic, key, repr(sorted((k, v) for k, v in record.items() if k not in CLOCK_FIELDS))))
+    return sorted(out)
+
+
+def test_partitioned_layout_decides_as_the_single_layout_at_parallelism_one_and_two():
+    batches, _ = seeded_stream(4, n=200)
+    topics = {"cg.transactions": "transactions", "cg.face_observations": "face_observations"}
+    records = [
+        (r.key, r.value, topics[r.topic], r.partition, i, r.ts)
+        for i, r in enumerate(record for batch in batches for record in batch)
+    ]
+    partitioned = BASE.model_copy(update={"job": BASE.job.model_copy(update={"layout": "partitioned"})})
+    single = _comparable(_run(records, BASE, 1))
+    assert sum(1 for t, _, _ in single if t == "processed_transactions") > 150
+    assert any(t == "dead_letters" for t, _, _ in single)
+    assert _comparable(_run(records, partitioned, 1)) == single
+    assert _comparable(_run(records, partitioned, 2)) == single
