@@ -1,10 +1,10 @@
 """The partitioned layout's Flink operators: Flink state, timers and batches around the keyed steps of
 :mod:`jobs.scoring.partitioned` (every decision is theirs, tested without Flink).
 
-Messages between steps travel as output rows ``("@<step>", shard, event time (8 bytes) + pickle)``: the
-Java ``StepEventTime`` reads the time for the watermark, the Java ``EventTimeBatcher`` holds each message
-until the watermark passes it and sends one batch per shard, and the step (keyed by shard) takes the
-batch in the steps' order. A shard's maps are read from MapState at its first batch and are then
+Messages between steps travel as output rows ``("@<step>", shard, head + pickle)`` (head: event time and
+source partition, :data:`_HEAD`): the Java ``StepEventTime`` reads the head for the watermark, the Java
+``EventTimeBatcher`` holds each message until the watermark passes it and sends one batch per shard, and
+the step (keyed by shard) takes the batch in the steps' order. A shard's maps are read from MapState at its first batch and are then
 authoritative; each call writes back what changed (one ``put_all`` per map), as ``DecideStep`` does.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pickle
 import struct
+import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -48,12 +49,18 @@ from jobs.scoring.partitioned import (
     shard_of,
 )
 
-_TIME = struct.Struct(">q")
+_HEAD = struct.Struct(">qi")
+"""A message's head for the JVM: its event time (ms) and the source partition it came from (``StepEventTime``)."""
 
 
-def pack_emits(emits: Iterable[Emit], shards: int, out: OutputBatch) -> None:
+def source_id(topic: str, partition: int) -> int:
+    """A source partition as a signed 32-bit id (the watermark is kept per source partition)."""
+    return zlib.crc32(f"{topic}:{partition}".encode()) - (1 << 31)
+
+
+def pack_emits(emits: Iterable[Emit], shards: int, out: OutputBatch, source: int = 0) -> None:
     for e in emits:
-        value = _TIME.pack(e.order[0]) + pickle.dumps((e.key, e.order, e.payload), pickle.HIGHEST_PROTOCOL)
+        value = _HEAD.pack(e.order[0], source) + pickle.dumps((e.key, e.order, e.payload), pickle.HIGHEST_PROTOCOL)
         out.add("@" + e.step, str(shard_of(e.key, shards)).encode(), value)
 
 
@@ -65,7 +72,7 @@ def unpack_batch(batch: bytes) -> tuple[str, list[Emit]]:
     messages = []
     while pos < len(batch):
         length = int.from_bytes(batch[pos : pos + 4], "big")
-        key, order_, payload = pickle.loads(batch[pos + 4 + 8 : pos + 4 + length])
+        key, order_, payload = pickle.loads(batch[pos + 4 + _HEAD.size : pos + 4 + length])
         messages.append(Emit("", key, order_, payload))
         pos += 4 + length
     messages.sort(key=message_rank)
@@ -110,7 +117,7 @@ class RouteFunction(BroadcastProcessFunction):
             for e in emits:
                 if e.step == RECEIPT and e.order[0] > self.newest:
                     self.newest = min(e.order[0], now)
-            pack_emits(emits, self.shards, out)
+            pack_emits(emits, self.shards, out, source_id(record.topic, record.partition))
         packed = _pack(out)
         if packed is not None:
             yield packed

@@ -10,10 +10,14 @@ import org.apache.flink.api.common.eventtime.WatermarkStrategy;
 import org.apache.flink.types.Row;
 
 /**
- * Event time of the partitioned layout's messages (rows topic, k, v; v starts with the event time), and
- * its watermark: the newest event time less {@code boundMs}, or the newest itself once no message came for
- * {@code idleMs} (so the last transactions before a lull are released); an input without a message for
- * {@code idleMs} since it started is idle and holds nothing back. Rows for Kafka (no {@code @} topic) carry no event time.
+ * Event time of the partitioned layout's messages (rows topic, k, v; v starts with the event time, 8 bytes,
+ * then the source partition it came from, 4 bytes), and its watermark, per source partition as Kafka's own
+ * source keeps it: the lowest newest event time over the partitions that sent something in the last
+ * {@code idleMs}, less {@code boundMs}. A replay that reads one partition ahead of another then holds the
+ * leader back instead of making the laggard late. A partition quiet for {@code idleMs} holds nothing back;
+ * once all are quiet the watermark jumps to the newest event (so the last transactions before a lull are
+ * released); an input without any message for {@code idleMs} since it started is idle. Rows for Kafka (no
+ * {@code @} topic) carry no event time.
  */
 public class StepEventTime implements WatermarkStrategy<Row> {
     private static final long serialVersionUID = 1L;
@@ -45,29 +49,41 @@ public class StepEventTime implements WatermarkStrategy<Row> {
     @Override
     public WatermarkGenerator<Row> createWatermarkGenerator(WatermarkGeneratorSupplier.Context context) {
         return new WatermarkGenerator<Row>() {
-            private long newest = Long.MIN_VALUE;
-            private long lastInput = System.currentTimeMillis();
+            private final java.util.Map<Integer, long[]> sources = new java.util.HashMap<>();
+            private final long started = System.currentTimeMillis();
 
             @Override
             public void onEvent(Row row, long timestamp, WatermarkOutput output) {
-                if (timestamp != Long.MIN_VALUE) {
-                    newest = Math.max(newest, timestamp);
-                    lastInput = System.currentTimeMillis();
+                if (timestamp == Long.MIN_VALUE) {
+                    return;
                 }
+                byte[] value = (byte[]) row.getField(2);
+                int source = value.length >= 12
+                        ? ((value[8] & 0xFF) << 24) | ((value[9] & 0xFF) << 16) | ((value[10] & 0xFF) << 8) | (value[11] & 0xFF)
+                        : 0;
+                long[] seen = sources.computeIfAbsent(source, s -> new long[] {Long.MIN_VALUE, 0L});
+                seen[0] = Math.max(seen[0], timestamp);
+                seen[1] = System.currentTimeMillis();
             }
 
             @Override
             public void onPeriodicEmit(WatermarkOutput output) {
-                boolean quiet = System.currentTimeMillis() - lastInput >= idleMs;
-                if (newest == Long.MIN_VALUE) {
-                    if (quiet) {
+                long now = System.currentTimeMillis();
+                if (sources.isEmpty()) {
+                    if (now - started >= idleMs) {
                         output.markIdle();
                     }
-                } else if (quiet) {
-                    output.emitWatermark(new Watermark(newest));
-                } else {
-                    output.emitWatermark(new Watermark(newest - boundMs - 1));
+                    return;
                 }
+                long lowestActive = Long.MAX_VALUE;
+                long newest = Long.MIN_VALUE;
+                for (long[] seen : sources.values()) {
+                    newest = Math.max(newest, seen[0]);
+                    if (now - seen[1] < idleMs) {
+                        lowestActive = Math.min(lowestActive, seen[0]);
+                    }
+                }
+                output.emitWatermark(new Watermark(lowestActive == Long.MAX_VALUE ? newest : lowestActive - boundMs - 1));
             }
         };
     }
