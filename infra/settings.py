@@ -205,9 +205,10 @@ class JobSettings(BaseModel, frozen=True):
     """Partitioned layout: how far out of event-time order transactions may arrive and still be taken in
     order (the watermark's bound): what each key's steps see is then the same on any parallelism. Later
     ones are taken as they come. Adds this much to every decision's latency."""
-    event_idle_ms: int = 1000
+    event_idle_ms: int = 3000
     """Partitioned layout: after this long without input, everything received is released (the watermark
-    jumps to the newest event), so the last transactions before a lull are decided."""
+    jumps to the newest event), so the last transactions before a lull are decided. Too short, and a busy
+    job's own pauses pass for lulls (decisions then depend on arrival order again)."""
     restore_from: Path | None = None
     """Start from this savepoint/checkpoint instead of the newest one under the checkpoint dir."""
     fetch_max_wait_ms: int = 500

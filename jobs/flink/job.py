@@ -164,7 +164,7 @@ def build_partitioned(source: DataStream, settings: Settings, broadcast: DataStr
     def held(step: str, *inputs: DataStream) -> DataStream:
         rows = [only(r, "@" + step) for r in inputs]
         union = rows[0].union(*rows[1:]) if len(rows) > 1 else rows[0]
-        batcher = ops.EventTimeBatcher(job.batch_size, job.batch_time_ms)
+        batcher = ops.EventTimeBatcher(job.batch_size, job.batch_time_ms, job.event_idle_ms)
         j_batches = union._j_data_stream.keyBy(ops.ShardKey()).transform(
             f"in event-time order: {step}", BATCH_BYTES.get_java_type_info(), batcher
         )

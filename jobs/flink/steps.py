@@ -3,9 +3,10 @@
 
 Messages between steps travel as output rows ``("@<step>", shard, head + pickle)`` (head: event time and
 source partition, :data:`_HEAD`): the Java ``StepEventTime`` reads the head for the watermark, the Java
-``EventTimeBatcher`` holds each message until the watermark passes it and sends one batch per shard, and
-the step (keyed by shard) takes the batch in the steps' order. A shard's maps are read from MapState at its first batch and are then
-authoritative; each call writes back what changed (one ``put_all`` per map), as ``DecideStep`` does.
+``EventTimeBatcher`` holds each message until the watermark passes it and sends one batch per shard, and the
+step (keyed by shard) takes the batch in the steps' order. A shard's maps are read from MapState at its first
+batch and are then authoritative; each call writes back what changed (one ``put_all`` per map), as
+``DecideStep`` does.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pyflink.datastream.state import MapStateDescriptor
 from infra.clock import now_ms
 from infra.settings import Settings
 from jobs.flink.frames import OutputBatch, unpack_records
+from jobs.flink.job_metrics import JobMetrics
 from jobs.flink.operator import BROADCAST, FrozenState, _as_bytes, _predictor, _watchlist, commit
 from jobs.scoring.core import DecisionCore
 from jobs.scoring.partitioned import (
@@ -103,6 +105,7 @@ class RouteFunction(BroadcastProcessFunction):
         self.shards = self.settings.job.state_shards
         self.newest = 0
         self.restored = self.core.bootstrapped is not None
+        self.metrics = _metrics(self.settings, runtime_context)
 
     def process_element(self, batch: Any, ctx: BroadcastProcessFunction.ReadOnlyContext):
         if not self.restored:
@@ -110,7 +113,10 @@ class RouteFunction(BroadcastProcessFunction):
             self.restored = True
         now = now_ms()
         out = OutputBatch()
+        taken = transactions = 0
         for record in unpack_records(_as_bytes(batch)):
+            taken += 1
+            transactions += record.topic == self.core.tx_topic
             emits, rows = self.route.on_record(record, now, self.newest)
             for topic, key, value in rows:
                 out.add(topic, key, value)
@@ -118,12 +124,23 @@ class RouteFunction(BroadcastProcessFunction):
                 if e.step == RECEIPT and e.order[0] > self.newest:
                     self.newest = min(e.order[0], now)
             pack_emits(emits, self.shards, out, source_id(record.topic, record.partition))
+        self.core.stats.count_records(taken, transactions)
+        if self.metrics is not None:
+            self.metrics.report(self.core.stats)
         packed = _pack(out)
         if packed is not None:
             yield packed
 
     def process_broadcast_element(self, row: Row, ctx: BroadcastProcessFunction.Context):
         yield from _control(self.core, row, ctx)
+
+
+def _metrics(settings: Settings, runtime_context: RuntimeContext) -> JobMetrics | None:
+    """The job's metrics (records taken and dead letters from route, decisions and model times from decide:
+    each reports what its own scorer counted)."""
+    if not settings.metrics.enabled:
+        return None
+    return JobMetrics(runtime_context.get_metrics_group(), thread_mode=settings.job.python_execution_mode == "thread")
 
 
 def _control(core: DecisionCore, row: Row, ctx) -> Iterator[bytes]:
@@ -233,6 +250,7 @@ class DecideShards(KeyedBroadcastProcessFunction):
         self.heap = FrozenState()
         self.forgets: dict[str, list[str]] = {}
         """``forget subj-<tx>`` per shard, applied at that shard's next batch."""
+        self.metrics = _metrics(self.settings, runtime_context)
 
     def process_element(self, batch: Any, ctx: KeyedBroadcastProcessFunction.ReadOnlyContext):
         if not self.restored:
@@ -253,6 +271,8 @@ class DecideShards(KeyedBroadcastProcessFunction):
                 out.add(topic, key, value)
         step.expire()
         self.shards.commit(step)
+        if self.metrics is not None:
+            self.metrics.report(self.core.stats)
         self.heap.settle()
         packed = _pack(out)
         if packed is not None:

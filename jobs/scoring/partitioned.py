@@ -210,8 +210,8 @@ class ReceiptStep(_Keyed):
     def on(self, key: str, env: Any, order_: Order) -> list[Emit]:
         tx, ind, _ = env
         receipt = self.receipts.get(key)
-        if receipt is None or receipt.event_time < tx["event_time"] - self.retention_ms:
-            receipt = Receipt()  # unknown, or past the return window before this transaction
+        if receipt is None or 0 < receipt.event_time < tx["event_time"] - self.retention_ms:
+            receipt = Receipt()  # unknown, or its sale is past the return window before this transaction
         found = receipt.observe(tx, customer_key(tx), self.rules)
         if found is None:
             return []

@@ -8,6 +8,7 @@ rows :class:`DecisionCore` gives, and the model sees exactly the same features.
 
 from __future__ import annotations
 
+import pickle
 import random
 import zlib
 from dataclasses import replace
@@ -103,7 +104,10 @@ def seeded_stream(seed: int, n: int = 360) -> tuple[list[list[SourceRecord]], li
         store = rnd.choice(stores)
         amount = round(rnd.uniform(5, 900), 2)
         tx_id = f"t{i:04d}"
-        if sales and rnd.random() < 0.3:
+        if rnd.random() < 0.03:  # a return of a sale nobody saw (a receipt with no sale), or of no receipt
+            original = rnd.choice([f"unknown-{i % 5}", None])
+            tx = return_of(tx_id, original, at_s=(at - T0) / 1000, store=store, amount=amount, card=card, **extra)
+        elif sales and rnd.random() < 0.3:
             original, _ = rnd.choice(sales)
             tx = return_of(tx_id, original, at_s=(at - T0) / 1000, store=store, amount=amount, card=card, **extra)
         else:
@@ -189,6 +193,7 @@ def test_seeded_stream_holds_what_the_equivalence_must_cover():
     scored = [codec("ScoredTransaction").decode(v) for t, _, v in rows if t == SCORED]
     reasons = {r for s in scored for r in s["reasons"]} | {k for s in scored for k in s["indicators"]}
     assert {"cross_store_return", "customer_mismatch", "buyer_face_similarity"} <= reasons
+    assert {"return_unknown_receipt", "return_without_receipt"} <= reasons
     assert {s["face_status"] for s in scored} >= {"MATCHED", "NO_MATCH", "UNAVAILABLE"}
     assert any(t == DLQ for t, _, _ in rows)
 
@@ -233,3 +238,48 @@ def test_forget_drops_the_buyer_face_so_a_later_return_is_not_compared():
     assert core.forget("subj-s1")
     rows = core.on_records([_tx(return_of("r1", "s1", at_s=60)), _obs("r1", T0 + 60_000, other, 2)], NOW + 1000)
     assert "buyer_face_similarity" not in _scored(rows)["r1"]["indicators"]
+
+
+def test_steps_restored_from_their_written_changes_after_every_batch_decide_as_if_never_stopped():
+    """What the Flink operator relies on: each step's flushed changes, written to MapState and read back at a
+    restore, are its whole state (a restart after any batch changes no decision)."""
+    from jobs.scoring.partitioned import DecideStep, GatherStep, IdentityStep, ReceiptStep, StoreStep
+
+    batches, suspect = seeded_stream(5, n=240)
+    expected = _run_partitioned(batches, suspect, 2)
+    s = settings()
+    core = PartitionedCore(s, 2, predictor=FeaturePredictor(), watchlist=_watchlist(s, suspect), clock=_clock)
+    stored: dict[tuple[int, str], dict[str, dict]] = {}
+    rows: list = []
+    for i, batch in enumerate(batches):
+        rows += core.on_records(batch, NOW + i * 1000)
+        for n, slot in enumerate(core.slots):
+            for name in ("receipt", "store", "identity", "gather", "decide"):
+                maps = stored.setdefault((n, name), {})
+                for map_name, changes in getattr(slot, name).flush().items():
+                    target = maps.setdefault(map_name, {})
+                    for key, value in changes.items():
+                        if value is None:
+                            target.pop(key, None)
+                        else:
+                            target[key] = pickle.loads(pickle.dumps(value))  # as MapState holds it
+            fresh = {
+                "receipt": ReceiptStep(s),
+                "store": StoreStep(s),
+                "identity": IdentityStep(s),
+                "gather": GatherStep(s),
+                "decide": DecideStep(core.scorer),
+            }
+            for name, step in fresh.items():
+                step.restore(stored.get((n, name), {}))
+                setattr(slot, name, step)
+    rows += core.on_timer(NOW + 10**7)
+    assert sorted(rows) == sorted(expected)
+
+
+def test_a_return_of_an_unseen_sale_delivered_twice_is_decided_once():
+    s = settings()
+    core = PartitionedCore(s, 2, clock=_clock)
+    twice = _tx(return_of("r1", "never-sold", amount=20))
+    rows = core.on_records([twice], NOW) + core.on_records([twice], NOW + 1000) + core.on_timer(NOW + 10**7)
+    assert [k for t, k, _ in rows if t == SCORED] == [b"r1"]

@@ -32,6 +32,8 @@ import org.apache.flink.types.Row;
  * A message already behind the watermark (late, or released by a processing-time deadline) goes in the
  * next batch of its shard, at most {@code maxDelayMs} later. Held messages are operator state (any subtask
  * may send any shard: the step is keyed after this); late ones are sent before every checkpoint barrier.
+ * After {@code idleMs} without input, whatever is held goes (in order): a lull decides the last messages
+ * even where an upstream watermark stopped short of them.
  *
  * <p>Batch out: shard (Java UTF), then per message its v (int length, bytes).
  */
@@ -62,9 +64,14 @@ public class EventTimeBatcher extends AbstractStreamOperator<byte[]> implements 
     private transient long watermark;
     private transient ListState<byte[]> heldState;
 
-    public EventTimeBatcher(int maxRecords, long maxDelayMs) {
+    private final long idleMs;
+    private transient long lastInput;
+    private transient boolean lullArmed;
+
+    public EventTimeBatcher(int maxRecords, long maxDelayMs, long idleMs) {
         this.maxRecords = Math.max(1, maxRecords);
         this.maxDelayMs = Math.max(0, maxDelayMs);
+        this.idleMs = Math.max(1, idleMs);
     }
 
     @Override
@@ -73,6 +80,7 @@ public class EventTimeBatcher extends AbstractStreamOperator<byte[]> implements 
         held = new PriorityQueue<>((a, b) -> a.time != b.time ? Long.compare(a.time, b.time) : Long.compare(a.seq, b.seq));
         late = new LinkedHashMap<>();
         watermark = Long.MIN_VALUE;
+        lastInput = Long.MIN_VALUE / 2;
         heldState = context.getOperatorStateStore().getListState(
                 new ListStateDescriptor<>("held", PrimitiveArrayTypeInfo.BYTE_PRIMITIVE_ARRAY_TYPE_INFO));
         if (context.isRestored()) {
@@ -84,6 +92,14 @@ public class EventTimeBatcher extends AbstractStreamOperator<byte[]> implements 
                 in.readFully(value);
                 held.add(new Held(time, seq++, shard, value));
             }
+        }
+    }
+
+    @Override
+    public void open() throws Exception {
+        super.open();
+        if (!held.isEmpty()) {
+            armLull(); // restored rows go at the next watermark, or in a lull
         }
     }
 
@@ -115,8 +131,10 @@ public class EventTimeBatcher extends AbstractStreamOperator<byte[]> implements 
         for (int i = 0; i < 8; i++) {
             time = (time << 8) | (value[i] & 0xFF);
         }
+        lastInput = getProcessingTimeService().getCurrentProcessingTime();
         if (time > watermark) {
             held.add(new Held(time, seq++, shard, value));
+            armLull();
             return;
         }
         late.computeIfAbsent(shard, s -> new ArrayList<>()).add(value);
@@ -144,6 +162,35 @@ public class EventTimeBatcher extends AbstractStreamOperator<byte[]> implements 
         }
         send(ripe);
         super.processWatermark(mark);
+    }
+
+    /**
+     * A lull: nothing came for {@code idleMs} while rows are held (upstream went quiet before its watermark
+     * reached them). They go now, in order, and count as passed: what comes later and older is late.
+     */
+    private void armLull() {
+        if (lullArmed) {
+            return;
+        }
+        lullArmed = true;
+        long due = getProcessingTimeService().getCurrentProcessingTime() + idleMs;
+        getProcessingTimeService().registerTimer(due, ts -> {
+            lullArmed = false;
+            if (held.isEmpty()) {
+                return;
+            }
+            if (ts - lastInput < idleMs) {
+                armLull();
+                return;
+            }
+            Map<String, List<byte[]>> rest = new LinkedHashMap<>();
+            while (!held.isEmpty()) {
+                Held h = held.poll();
+                watermark = Math.max(watermark, h.time);
+                rest.computeIfAbsent(h.shard, sh -> new ArrayList<>()).add(h.value);
+            }
+            send(rest);
+        });
     }
 
     @Override

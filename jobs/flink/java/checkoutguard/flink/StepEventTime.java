@@ -16,8 +16,9 @@ import org.apache.flink.types.Row;
  * {@code idleMs}, less {@code boundMs}. A replay that reads one partition ahead of another then holds the
  * leader back instead of making the laggard late. A partition quiet for {@code idleMs} holds nothing back;
  * once all are quiet the watermark jumps to the newest event (so the last transactions before a lull are
- * released); an input without any message for {@code idleMs} since it started is idle. Rows for Kafka (no
- * {@code @} topic) carry no event time.
+ * released); an input without any message for {@code idleMs} since it started is idle, and none is sent
+ * in the first {@code idleMs} after the first message (a backlog's first fetch may hold one partition only).
+ * Rows for Kafka (no {@code @} topic) carry no event time.
  */
 public class StepEventTime implements WatermarkStrategy<Row> {
     private static final long serialVersionUID = 1L;
@@ -51,6 +52,7 @@ public class StepEventTime implements WatermarkStrategy<Row> {
         return new WatermarkGenerator<Row>() {
             private final java.util.Map<Integer, long[]> sources = new java.util.HashMap<>();
             private final long started = System.currentTimeMillis();
+            private long firstInput = 0L;
 
             @Override
             public void onEvent(Row row, long timestamp, WatermarkOutput output) {
@@ -64,6 +66,9 @@ public class StepEventTime implements WatermarkStrategy<Row> {
                 long[] seen = sources.computeIfAbsent(source, s -> new long[] {Long.MIN_VALUE, 0L});
                 seen[0] = Math.max(seen[0], timestamp);
                 seen[1] = System.currentTimeMillis();
+                if (firstInput == 0L) {
+                    firstInput = seen[1];
+                }
             }
 
             @Override
@@ -74,6 +79,9 @@ public class StepEventTime implements WatermarkStrategy<Row> {
                         output.markIdle();
                     }
                     return;
+                }
+                if (now - firstInput < idleMs) {
+                    return; // a backlog's first fetch may hold one partition only: let the others show up
                 }
                 long lowestActive = Long.MAX_VALUE;
                 long newest = Long.MIN_VALUE;
