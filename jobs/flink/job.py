@@ -152,6 +152,8 @@ def build_partitioned(source: DataStream, settings: Settings, broadcast: DataStr
     ops = get_gateway().jvm.checkoutguard.flink
     job = settings.job
     rules = broadcast.broadcast(BROADCAST)
+    shards = f"-s{job.state_shards}"
+    """In the keyed steps' uids: state split into another number of shards is not theirs (a fresh start)."""
 
     def unbatch(batches: DataStream, uid: str) -> DataStream:
         return DataStream(
@@ -168,10 +170,11 @@ def build_partitioned(source: DataStream, settings: Settings, broadcast: DataStr
         j_batches = union._j_data_stream.keyBy(ops.ShardKey()).transform(
             f"in event-time order: {step}", BATCH_BYTES.get_java_type_info(), batcher
         )
-        return DataStream(j_batches.uid(f"{step}-in")).key_by(shard_of_batch, key_type=Types.STRING())
+        return DataStream(j_batches.uid(f"{step}-in{shards}")).key_by(shard_of_batch, key_type=Types.STRING())
 
     def keyed(step: str, *inputs: DataStream) -> DataStream:
-        out = held(step, *inputs).process(ShardStep(settings, step), output_type=BATCH_BYTES).name(step).uid(step)
+        out = held(step, *inputs).process(ShardStep(settings, step), output_type=BATCH_BYTES)
+        out = out.name(step).uid(f"{step}{shards}")
         return unbatch(out, f"{step}-out")
 
     batches = DataStream(
@@ -192,7 +195,7 @@ def build_partitioned(source: DataStream, settings: Settings, broadcast: DataStr
     gathered = keyed(GATHER, routed_rows, stores, identities)
     decided = (
         held(DECIDE, gathered).connect(rules).process(DecideShards(settings), output_type=BATCH_BYTES).name(DECIDE)
-    ).uid(DECIDE)
+    ).uid(f"{DECIDE}{shards}")
     return only(routed_rows, None).union(unbatch(decided, "decide-out"))
 
 

@@ -47,9 +47,12 @@ from jobs.scoring.partitioned import (
     ReceiptStep,
     RouteStep,
     StoreStep,
+    decide_chunk,
     message_rank,
     shard_of,
+    take,
 )
+from jobs.scoring.scorer import Scorer
 
 _HEAD = struct.Struct(">qi")
 """A message's head for the JVM: its event time (ms) and the source partition it came from (``StepEventTime``)."""
@@ -133,6 +136,7 @@ class RouteFunction(BroadcastProcessFunction):
 
     def process_broadcast_element(self, row: Row, ctx: BroadcastProcessFunction.Context):
         yield from _control(self.core, row, ctx)
+        self.core.forgotten.clear()  # a forget is decide's business (buyer faces); route keeps no faces
 
 
 def _metrics(settings: Settings, runtime_context: RuntimeContext) -> JobMetrics | None:
@@ -198,34 +202,32 @@ class ShardStep(KeyedProcessFunction):
         self.shards = _Shards(self.step, lambda: makers[self.step](self.settings), runtime_context)
         self.count = self.settings.job.state_shards
         self.heap = FrozenState()
+        self.scorer = Scorer(self.settings)  # the dead letters of messages that raise
 
     def process_element(self, batch: Any, ctx: KeyedProcessFunction.Context):
         shard, messages = unpack_batch(_as_bytes(batch))
         step = self.shards.current(shard)
-        now = now_ms()
-        emits: list[Emit] = []
-        if self.step == GATHER:
-            for m in messages:
-                emits += step.on(m.key, m.payload, m.order, now)
-        else:
-            for m in messages:
-                emits += step.on(m.key, m.payload, m.order)
-            if self.step in (RECEIPT, IDENTITY):
-                step.expire(ctx.timer_service().current_watermark())
-        yield from self._finish(step, emits, ctx)
+        emits, failed = take(step, self.step, messages, now_ms(), self.scorer)
+        if self.step in (RECEIPT, IDENTITY):
+            step.expire(ctx.timer_service().current_watermark())
+        elif self.step == GATHER:
+            step.expire(now_ms())
+        yield from self._finish(step, emits, ctx, failed)
         self.heap.settle()
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
         step = self.shards.current(ctx.get_current_key())
         yield from self._finish(step, step.due(now_ms()), ctx)
 
-    def _finish(self, step, emits: list[Emit], ctx) -> Iterator[bytes]:
+    def _finish(self, step, emits: list[Emit], ctx, rows: Iterable[tuple] = ()) -> Iterator[bytes]:
         self.shards.commit(step)
         if self.step == GATHER:
             deadline = step.join.next_deadline()
             if deadline is not None:
                 ctx.timer_service().register_processing_time_timer(deadline)
         out = OutputBatch()
+        for topic, key, value in rows:
+            out.add(topic, key, value)
         pack_emits(emits, self.count, out)
         packed = _pack(out)
         if packed is not None:
@@ -248,8 +250,10 @@ class DecideShards(KeyedBroadcastProcessFunction):
         self.batch_size = max(1, self.settings.job.batch_size)
         self.restored = self.core.bootstrapped is not None
         self.heap = FrozenState()
-        self.forgets: dict[str, list[str]] = {}
-        """``forget subj-<tx>`` per shard, applied at that shard's next batch."""
+        self.forgets: dict[str, set[str]] = {}
+        """``forget subj-<tx>`` per shard, applied at that shard's next batch (kept in memory: after a
+        restart the start-up read of the watchlist topic no longer has the subject, and the face goes with
+        its retention)."""
         self.metrics = _metrics(self.settings, runtime_context)
 
     def process_element(self, batch: Any, ctx: KeyedBroadcastProcessFunction.ReadOnlyContext):
@@ -260,14 +264,13 @@ class DecideShards(KeyedBroadcastProcessFunction):
         step = self.shards.current(shard)
         for subject in self.core.forgotten:  # queued by shard: only the current key's state is writable
             tx_id = subject.removeprefix("subj-")
-            self.forgets.setdefault(str(shard_of(tx_id, self.count)), []).append(tx_id)
+            self.forgets.setdefault(str(shard_of(tx_id, self.count)), set()).add(tx_id)
         self.core.forgotten = []
-        for tx_id in self.forgets.pop(shard, ()):
+        for tx_id in self.forgets.pop(shard, ()):  # a shard of another slot: its entry stays, a few ids
             step.forget(tx_id)
         out = OutputBatch()
-        items = [(m.key, m.payload) for m in messages]
-        for start in range(0, len(items), self.batch_size):
-            for topic, key, value in step.on_batch(items[start : start + self.batch_size]):
+        for start in range(0, len(messages), self.batch_size):
+            for topic, key, value in decide_chunk(step, messages[start : start + self.batch_size], self.core.scorer):
                 out.add(topic, key, value)
         step.expire()
         self.shards.commit(step)

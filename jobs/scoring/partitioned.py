@@ -88,6 +88,9 @@ STEP_MAPS: dict[str, tuple[str, ...]] = {
 }
 """Each keyed step's state maps (their MapState names in the job)."""
 
+GATHER_TIMEOUT_MS = 3_600_000
+"""How long (wall clock) an incomplete gather is kept (see :meth:`GatherStep.expire`)."""
+
 Order = tuple[int, str, int]
 """(event time, transaction id, CRC-32 of the record): the order a step takes one key's messages in. The
 checksum orders two different records under one transaction id the same way on every layout."""
@@ -148,7 +151,8 @@ class RouteStep:
             behind_days = (min(newest_ms, now_ms) - tx["event_time"]) / 86_400_000
             raise InvalidRecord(
                 "too_late",
-                f"event_time is {behind_days:.0f} days behind the newest event seen, beyond the state horizon",
+                f"event_time is {behind_days:.0f} days behind the newest event seen, "
+                f"beyond the {self.horizon_ms // 86_400_000}-day state horizon",
             )
         return [Emit(RECEIPT, receipt_key(tx), order(tx, value), env)], []
 
@@ -188,6 +192,16 @@ class _Keyed:
         self.changes = {name: {} for name in self.MAPS}
         return out
 
+    def _maps(self) -> dict[str, dict[str, Any]]:
+        """The step's maps by name (what :meth:`resync` re-writes)."""
+        return {}
+
+    def resync(self, key: str) -> None:
+        """After a message failed part-way: write ``key``'s entries as they now are in memory, so the
+        persisted state never differs from what this step holds."""
+        for name, entries in self._maps().items():
+            self._put(name, key, entries.get(key))
+
 
 class ReceiptStep(_Keyed):
     """Keyed by receipt: a transaction seen before is dropped; a return meets its sale."""
@@ -202,9 +216,15 @@ class ReceiptStep(_Keyed):
         self.by_time: list[tuple[int, str]] = []
         """(sale time, receipt key), a heap: what :meth:`expire` looks at first."""
 
+    def _maps(self) -> dict[str, dict[str, Any]]:
+        return {"receipts": self.receipts}
+
     def restore(self, maps: dict[str, dict[str, Any]]) -> None:
         self.receipts = dict(maps.get("receipts") or {})
-        self.by_time = [(r.event_time, k) for k, r in self.receipts.items()]
+        # A receipt only returns were made against has no sale time: dated by the newest one restored (it
+        # keeps its duplicate check for a return window from now, never less).
+        newest = max((r.event_time for r in self.receipts.values()), default=0)
+        self.by_time = [(r.event_time or newest, k) for k, r in self.receipts.items()]
         heapq.heapify(self.by_time)
 
     def on(self, key: str, env: Any, order_: Order) -> list[Emit]:
@@ -229,7 +249,7 @@ class ReceiptStep(_Keyed):
         while self.by_time and self.by_time[0][0] < cutoff:
             _, key = heapq.heappop(self.by_time)
             receipt = self.receipts.get(key)
-            if receipt is not None and receipt.event_time < cutoff:
+            if receipt is not None and (receipt.event_time or 0) < cutoff:
                 del self.receipts[key]
                 self._put("receipts", key, None)
                 gone.append(key)
@@ -246,6 +266,9 @@ class StoreStep(_Keyed):
         super().__init__()
         self.rules = settings.rules
         self.stores: dict[str, StoreActivity] = {}
+
+    def _maps(self) -> dict[str, dict[str, Any]]:
+        return {"stores": self.stores}
 
     def restore(self, maps: dict[str, dict[str, Any]]) -> None:
         self.stores = dict(maps.get("stores") or {})
@@ -276,6 +299,9 @@ class IdentityStep(_Keyed):
         self.retention_ms = settings.rules.customer_retention_days * 86_400_000
         self.profiles: dict[str, CustomerProfile] = {}
         self.sweep: list[str] = []
+
+    def _maps(self) -> dict[str, dict[str, Any]]:
+        return {"profiles": self.profiles}
 
     def restore(self, maps: dict[str, dict[str, Any]]) -> None:
         self.profiles = dict(maps.get("profiles") or {})
@@ -321,7 +347,11 @@ class GatherStep(_Keyed):
         self.rules = settings.rules
         self.join = FaceJoin(settings.job.face_deadline_ms, settings.job.early_face_ttl_ms)
         self.gathering: dict[str, list[Any]] = {}
-        """Transaction id -> [envelope or None, answers still due, customer answer, linked activities]."""
+        """Transaction id -> [envelope or None, answers still due, customer answer, linked activities, when it
+        was opened (wall clock, ms)]."""
+
+    def _maps(self) -> dict[str, dict[str, Any]]:
+        return {GATHERING: self.gathering, PENDING: self.join.pending, EARLY_FACES: self.join.early}
 
     def restore(self, maps: dict[str, dict[str, Any]]) -> None:
         self.gathering = dict(maps.get(GATHERING) or {})
@@ -333,7 +363,7 @@ class GatherStep(_Keyed):
             ready, writes = self.join.on_observation(key, part[1])
             self._persist(writes)
             return self._released(ready, order_)
-        entry = self.gathering.setdefault(key, [None, 0, None, []])
+        entry = self.gathering.setdefault(key, [None, 0, None, [], now_ms])
         if kind == "tx":
             entry[0] = part[1]
             entry[1] += part[2]
@@ -352,6 +382,19 @@ class GatherStep(_Keyed):
         ready, writes = self.join.on_transaction(env, now_ms)
         self._persist(writes)
         return self._released(ready, order_)
+
+    def expire(self, now_ms: int) -> list[str]:
+        """Transactions that have waited an hour (wall clock) for an answer: one of their messages was
+        dead-lettered upstream (:func:`take`), so the rest would wait for good. (Wall clock, not event time:
+        a transaction an hour late is legal and is gathered like any other.)"""
+        cutoff = now_ms - GATHER_TIMEOUT_MS
+        if not self.gathering or cutoff <= 0:
+            return []
+        gone = [k for k, entry in self.gathering.items() if entry[4] < cutoff]
+        for key in gone:
+            del self.gathering[key]
+            self._put(GATHERING, key, None)
+        return gone
 
     def _persist(self, writes: Iterable[tuple[str, str, Any]]) -> None:
         for name, key, value in writes:
@@ -391,6 +434,9 @@ class DecideStep(_Keyed):
         self.faces = ScoringState()
         """Buyer faces by receipt key, as skeletal receipts (sale id, sale time, face) for ``decide_batch``."""
 
+    def _maps(self) -> dict[str, dict[str, Any]]:
+        return {BUYER_FACES: self.faces.receipts}
+
     def restore(self, maps: dict[str, dict[str, Any]]) -> None:
         self.faces = ScoringState.restore(dict(maps.get(BUYER_FACES) or {}), {}, {})
 
@@ -398,18 +444,21 @@ class DecideStep(_Keyed):
         if not items:
             return []
         faces = self.faces
+        added = []
         for key, item in items:
             tx = item.env[0]
             if tx["event_time"] > faces.newest_event_ms:
                 faces.newest_event_ms = tx["event_time"]
             if tx["kind"] == "SALE" and item.seen.embedding is not None and key not in faces.receipts:
                 faces.receipts[key] = Receipt(sale_id=tx["transaction_id"], event_time=tx["event_time"])
+                added.append(key)
         envs, seen = [i.env for _, i in items], [i.seen for _, i in items]
         rows, writes = self.scorer.decide_batch(envs, seen=seen, state=faces, own_time=True)
         for _, key, receipt in writes:
             self._put(BUYER_FACES, key, receipt)
-        for key in [k for k, r in faces.receipts.items() if r.sale_face is None]:
-            del faces.receipts[key]  # a sale whose face was not kept
+        for key in added:
+            if faces.receipts[key].sale_face is None:
+                del faces.receipts[key]  # a sale whose face was not kept
         return rows
 
     def expire(self) -> list[str]:
@@ -482,6 +531,7 @@ class PartitionedCore:
         for slot in self.slots:  # bounded memory: what no later decision may read goes
             slot.receipt.expire(self.newest_ms)
             slot.identity.expire(self.newest_ms)
+            slot.gather.expire(now_ms)
             slot.decide.expire()
         return outputs
 
@@ -508,26 +558,79 @@ class PartitionedCore:
                 slot = self.slots[index]
                 if step == DECIDE:
                     for start in range(0, len(batch), self.batch_size):
-                        chunk = batch[start : start + self.batch_size]
-                        outputs += slot.decide.on_batch([(e.key, e.payload) for e in chunk])
+                        outputs += decide_chunk(slot.decide, batch[start : start + self.batch_size], self.scorer)
                     continue
-                for e in batch:
-                    if step == RECEIPT:
-                        emits += slot.receipt.on(e.key, e.payload, e.order)
-                    elif step == STORE:
-                        emits += slot.store.on(e.key, e.payload, e.order)
-                    elif step == IDENTITY:
-                        emits += slot.identity.on(e.key, e.payload, e.order)
-                    else:
-                        emits += slot.gather.on(e.key, e.payload, e.order, now_ms)
+                more, failed = take(getattr(slot, step), step, batch, now_ms, self.scorer)
+                emits += more
+                outputs += failed
 
 
+def failed_message(scorer: Scorer, step: str, message: Emit, err: Exception) -> OutRow:
+    """The dead letter of a message a keyed step raised on (no record must stop the job, as in
+    ``DecisionCore``): id ``<transactions topic>:<step>:<transaction id>`` (``decision`` for decide, as
+    there), stable across replays, with the
+    transaction when the message carries it."""
+    payload = message.payload
+    tx: dict[str, Any] | None = None
+    if step in (RECEIPT, STORE):
+        tx = payload[0]
+    elif step == DECIDE:
+        tx = payload.env[0]
+    tx_id = str(tx["transaction_id"]) if tx is not None else (payload[1] if step == IDENTITY else message.key)
+    value: bytes | None = None
+    if tx is not None:
+        try:
+            value = _TX_CODEC.encode({k: v for k, v in tx.items() if k != PROFILE_KEY})
+        except Exception:  # noqa: BLE001 - the reason still names the transaction
+            value = None
+    topic = TRANSACTIONS.full_name(scorer.settings.kafka.topic_prefix)
+    error = InvalidRecord(INTERNAL_ERROR, _describe(err))
+    return scorer.dead_letter_row(topic, -1, -1, tx_id.encode(), value, error, dead_letter_id=f"{topic}:{step}:{tx_id}")
+
+
+def take(
+    step: Any, name: str, messages: Iterable[Emit], now_ms: int, scorer: Scorer
+) -> tuple[list[Emit], list[OutRow]]:
+    """A keyed step (not decide) over its messages, in order: what it sends on, and the dead letter of each
+    message it raised on (its key's state re-written as it now is in memory; the rest go on)."""
+    emits: list[Emit] = []
+    failed: list[OutRow] = []
+    gather = name == GATHER
+    for m in messages:
+        try:
+            emits += step.on(m.key, m.payload, m.order, now_ms) if gather else step.on(m.key, m.payload, m.order)
+        except Exception as err:  # noqa: BLE001 - one message must not stop the job: dead-letter it
+            log.warning("dead-lettering a %s message after an internal error", name, exc_info=err)
+            step.resync(m.key)
+            failed.append(failed_message(scorer, name, m, err))
+    return emits, failed
+
+
+def decide_chunk(step: DecideStep, chunk: list[Emit], scorer: Scorer) -> list[OutRow]:
+    """One model call for the chunk; if it raises, one by one, the failing ones dead-lettered (as
+    ``DecisionCore``: deciding again only sets what the first try set)."""
+    try:
+        return step.on_batch([(m.key, m.payload) for m in chunk])
+    except Exception as err:  # noqa: BLE001 - find the transaction(s) that fail, decide the rest
+        log.warning("a decision batch of %d failed (%s); deciding one by one", len(chunk), _describe(err))
+    rows: list[OutRow] = []
+    for m in chunk:
+        try:
+            rows += step.on_batch([(m.key, m.payload)])
+        except Exception as err:  # noqa: BLE001 - this one fails: its dead letter
+            step.resync(m.key)
+            rows.append(failed_message(scorer, DECIDE, m, err))
+    return rows
+
+
+_TX_CODEC = codec("PosTransaction")
 _KIND_RANK = {"tx": 0, "customer": 1, "linked": 2, "face": 3}
 
 
 def message_rank(e: Emit) -> tuple[Order, str, int]:
-    """The order a step takes its messages in: :func:`order`, then key; within one transaction's gather its
-    own message first and the face last (as it usually comes)."""
+    """The order a step takes its messages in: :func:`order`, then key, then kind (for one transaction's
+    answers at gather: its own message, the customer's, the linked ones'). A face observation sorts by its
+    own time and checksum, so it may come before or after its transaction: the face join takes both."""
     payload = e.payload
     kind = payload[0] if isinstance(payload, tuple) and payload and isinstance(payload[0], str) else ""
     return (e.order, e.key, _KIND_RANK.get(kind, 0))
@@ -549,7 +652,10 @@ __all__ = [
     "ReceiptStep",
     "RouteStep",
     "StoreStep",
+    "decide_chunk",
+    "failed_message",
     "message_rank",
     "order",
     "shard_of",
+    "take",
 ]

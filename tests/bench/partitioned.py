@@ -110,6 +110,7 @@ def report_rows(r: dict) -> list[tuple[str, str, str]]:
 
 
 def main() -> None:
+    """The partitioned scoring steps against the single-state core, in-process: CPU-s per 100k transactions."""
     from rich.console import Console
     from rich.table import Table
 
@@ -123,4 +124,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import typer
+
+    typer.run(main)

@@ -26,6 +26,7 @@ Results are printed and written to ``bench-results/<stage>-<time>.json``.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import signal
@@ -54,7 +55,7 @@ from infra.stack import ensure_topics, status, up
 from schemas.codec import codec
 from schemas.indices import index_name
 from schemas.topics import SCORED_TRANSACTIONS, TRANSACTIONS
-from tests.bench.model import model_scoring, report_rows
+from tests.bench.model import model_scoring
 
 console = Console()
 
@@ -389,6 +390,17 @@ def run(records: int, rate: int, seconds: int, keep: bool, settings: Settings | 
     return results
 
 
+SECTION_ROWS: dict[str, tuple[str, str]] = {
+    "model_scoring": ("tests.bench.model", "report_rows"),
+    "partitioned": ("tests.bench.partitioned", "report_rows"),
+    "metrics_overhead": ("tests.bench.metrics_overhead", "report_rows"),
+    "alerts": ("tests.bench.alerts", "report_rows"),
+    "state": ("tests.bench.state", "report_rows"),
+    "faces": ("jobs.faces.cli", "bench_report_rows"),
+}
+"""Each optional section's result key and the function that turns it into table rows (imported when present)."""
+
+
 def report(results: dict) -> None:
     t = Table(title=f"checkout-guard bench {results['run']}")
     t.add_column("measure")
@@ -411,33 +423,10 @@ def report(results: dict) -> None:
     )
     t.add_row("achieved rate (tx/s)", f"{lat['rate_achieved']:,.0f}", "")
     t.add_row("peak memory, whole stack (GiB)", f"{mem['peak_gib']:.2f}", "<= 6")
-    for row in report_rows(results["model_scoring"]) if "model_scoring" in results else ():
-        t.add_row(*row)
-    if "partitioned" in results:
-        from tests.bench.partitioned import report_rows as partitioned_rows
-
-        for row in partitioned_rows(results["partitioned"]):
-            t.add_row(*row)
-    if "metrics_overhead" in results:
-        from tests.bench.metrics_overhead import report_rows as metrics_rows
-
-        for row in metrics_rows(results["metrics_overhead"]):
-            t.add_row(*row)
-    if "alerts" in results:
-        from tests.bench.alerts import report_rows as alert_rows
-
-        for row in alert_rows(results["alerts"]):
-            t.add_row(*row)
-    if "state" in results:
-        from tests.bench.state import report_rows as state_rows
-
-        for row in state_rows(results["state"]):
-            t.add_row(*row)
-    if "faces" in results:
-        from jobs.faces.cli import bench_report_rows
-
-        for row in bench_report_rows(results["faces"]):
-            t.add_row(*row)
+    for key, (module, function) in SECTION_ROWS.items():
+        if key in results:
+            for row in getattr(importlib.import_module(module), function)(results[key]):
+                t.add_row(*row)
     console.print(t)
     console.print(f"peak memory by part (MiB): {mem['by_part_mib']}")
 

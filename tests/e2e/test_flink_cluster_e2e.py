@@ -294,11 +294,13 @@ def _seeded_stream(n: int) -> list[bytes]:
         min_return_age_ms=60_000, diurnal=False,
     )  # fmt: skip
     rnd = random.Random(16)
-    values = [next(gen).encode() for _ in range(n)]
-    for i in range(0, n - 1, 9):  # neighbours 500 ms apart swapped: within CG_JOB__EVENT_ORDER_MS
-        values[i], values[i + 1] = values[i + 1], values[i]
+    txs = [next(gen) for _ in range(n)]
+    for i in range(0, n - 1, 5):  # neighbours of one store less than 400 ms apart swapped: within the bound
+        a, b = txs[i], txs[i + 1]
+        if a.store_id == b.store_id and b.event_time - a.event_time < 400:
+            txs[i], txs[i + 1] = b, a
     out: list[bytes] = []
-    for v in values:
+    for v in (tx.encode() for tx in txs):
         out.append(v)
         if rnd.random() < 0.03:
             out.append(v)  # delivered twice
@@ -308,10 +310,12 @@ def _seeded_stream(n: int) -> list[bytes]:
 
 
 def _produce_raw(settings: Settings, values: list[bytes]) -> None:
+    """Keyed by store, as the POS producer does (a swapped pair of one store stays in one partition)."""
     producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True, "linger.ms": 5})
     topic = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
-    for i, value in enumerate(values):
-        producer.produce(topic, key=f"k{i % 7}".encode(), value=value)
+    for value in values:
+        store = codec("PosTransaction").decode(value)["store_id"] if not value.startswith(b"\x00") else "junk"
+        producer.produce(topic, key=store.encode(), value=value)
     assert producer.flush(30) == 0
 
 

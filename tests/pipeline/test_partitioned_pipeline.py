@@ -1,11 +1,12 @@
 """The partitioned layout's Flink wiring, in-process: the same decisions as the single-state layout, at
 parallelism 1 and 2 (watermark-ordered steps, keyed by shard)."""
 
+import site
 import sys
 
 import pytest
 
-from infra.settings import Settings
+from infra.settings import REPO_ROOT, Settings
 from schemas.codec import codec
 from tests.builders import java_bytes
 from tests.unit.test_partitioned_scoring import seeded_stream
@@ -38,7 +39,9 @@ def _run(records, settings: Settings, parallelism: int) -> list:
 
     conf = Configuration()
     conf.set_string("python.executable", sys.executable)
-    conf.set_string("python.fn-execution.bundle.time", "10")
+    # The job's own mode (embedded interpreter): no Beam worker processes to outlive the run.
+    conf.set_string("python.execution-mode", "thread")
+    conf.set_string("python.pythonpath", ":".join([*site.getsitepackages(), str(REPO_ROOT)]))
     conf.set_string("pipeline.auto-watermark-interval", "50 ms")
     env = StreamExecutionEnvironment.get_execution_environment(conf)
     env.set_parallelism(parallelism)

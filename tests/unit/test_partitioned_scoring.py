@@ -23,6 +23,7 @@ from jobs.scoring.partitioned import PartitionedCore, order, shard_of
 from jobs.scoring.rules import ModelResult
 from jobs.scoring.scorer import Predictor
 from jobs.scoring.watchlist import Watchlist
+from schemas.codec import codec
 from schemas.records import FaceObservation, WatchlistEntry
 from schemas.topics import DEAD_LETTERS, FACE_OBSERVATIONS, SCORED_TRANSACTIONS, TRANSACTIONS
 from tests.builders import T0, return_of, sale
@@ -186,7 +187,6 @@ def test_partitioned_steps_decide_exactly_as_the_single_state_core_on_one_shard_
 
 def test_seeded_stream_holds_what_the_equivalence_must_cover():
     """Not vacuous: returns across stores, duplicates, mismatched buyers, suspects, dead letters, missing faces."""
-    from schemas.codec import codec
 
     batches, suspect = seeded_stream(1)
     rows = _run_single(batches, suspect)
@@ -201,11 +201,10 @@ def test_seeded_stream_holds_what_the_equivalence_must_cover():
 def test_order_and_shards_are_stable_across_processes():
     tx = {"event_time": 5, "transaction_id": "t1"}
     assert order(tx, b"abc") == (5, "t1", 891568578)
-    assert shard_of("card:card-1", 4) == shard_of("card:card-1", 4) < 4
+    assert (shard_of("card:card-1", 4), shard_of("t1", 8)) == (2, 7)  # CRC-32, no salt
 
 
 def _scored(rows) -> dict[str, dict]:
-    from schemas.codec import codec
 
     return {k.decode(): codec("ScoredTransaction").decode(v) for t, k, v in rows if t == SCORED}
 
@@ -283,3 +282,46 @@ def test_a_return_of_an_unseen_sale_delivered_twice_is_decided_once():
     twice = _tx(return_of("r1", "never-sold", amount=20))
     rows = core.on_records([twice], NOW) + core.on_records([twice], NOW + 1000) + core.on_timer(NOW + 10**7)
     assert [k for t, k, _ in rows if t == SCORED] == [b"r1"]
+
+
+def test_a_message_a_step_raises_on_is_dead_lettered_and_the_rest_are_decided(monkeypatch):
+    """No record stops the job (as in the single-state core): the step's failure is that transaction's dead
+    letter, its key's state is re-written as it is, the others go on; its unfinished gather goes after an hour."""
+    from jobs.scoring.partitioned import GATHER_TIMEOUT_MS, IdentityStep
+
+    real = IdentityStep.on
+
+    def flaky(self, key, part, order_):
+        if part[1] == "t2":
+            raise RuntimeError("boom")
+        return real(self, key, part, order_)
+
+    monkeypatch.setattr(IdentityStep, "on", flaky)
+    s = settings()
+    core = PartitionedCore(s, 2, clock=_clock)
+    rows = core.on_records([_tx(sale(f"t{i}", at_s=i)) for i in range(1, 4)], NOW)
+    rows += core.on_timer(NOW + 10**7)
+    assert sorted(_scored(rows)) == ["t1", "t3"]
+    [dead] = [codec("DeadLetter").decode(v) for t, _, v in rows if t == DLQ]
+    assert dead["dead_letter_id"] == f"{TX}:identity:t2" and dead["error_kind"] == "internal_error"
+    assert "RuntimeError: boom" in dead["reason"]
+    slot = core.slots[shard_of("t2", 2)]
+    assert "t2" in slot.gather.gathering
+    core.on_records([_tx(sale("t9", at_s=GATHER_TIMEOUT_MS / 1000 + 10))], NOW + 10**7)
+    assert "t2" not in slot.gather.gathering
+
+
+def test_a_decision_batch_that_raises_is_decided_one_by_one_and_only_the_failing_one_dead_lettered(monkeypatch):
+    class Picky(Predictor):
+        def predict_batch(self, items):
+            if any(tx["transaction_id"] == "t2" for tx, _ in items):
+                raise ValueError("bad row")
+            return [ModelResult(score=1, version="p") for _ in items]
+
+    s = settings()
+    core = PartitionedCore(s, 1, predictor=Picky(), clock=_clock)
+    rows = core.on_records([_tx(sale(f"t{i}", at_s=i)) for i in range(1, 4)], NOW)
+    rows += core.on_timer(NOW + 10**7)
+    assert sorted(_scored(rows)) == ["t1", "t3"]
+    [dead] = [codec("DeadLetter").decode(v) for t, _, v in rows if t == DLQ]
+    assert dead["dead_letter_id"] == f"{TX}:decide:t2"

@@ -220,20 +220,18 @@ public class EventTimeBatcher extends AbstractStreamOperator<byte[]> implements 
         send(out);
     }
 
+    /** One batch per shard, never split: Python orders a batch fully, so equal times stay in the steps' order. */
     private void send(Map<String, List<byte[]>> byShard) throws IOException {
         for (Map.Entry<String, List<byte[]>> entry : byShard.entrySet()) {
-            List<byte[]> values = entry.getValue();
-            for (int start = 0; start < values.size(); start += maxRecords) {
-                ByteArrayOutputStream bytes = new ByteArrayOutputStream(1 << 12);
-                DataOutputStream out = new DataOutputStream(bytes);
-                out.writeUTF(entry.getKey());
-                for (byte[] v : values.subList(start, Math.min(values.size(), start + maxRecords))) {
-                    out.writeInt(v.length);
-                    out.write(v);
-                }
-                out.flush();
-                output.collect(new StreamRecord<>(bytes.toByteArray()));
+            ByteArrayOutputStream bytes = new ByteArrayOutputStream(1 << 12);
+            DataOutputStream out = new DataOutputStream(bytes);
+            out.writeUTF(entry.getKey());
+            for (byte[] v : entry.getValue()) {
+                out.writeInt(v.length);
+                out.write(v);
             }
+            out.flush();
+            output.collect(new StreamRecord<>(bytes.toByteArray()));
         }
     }
 }

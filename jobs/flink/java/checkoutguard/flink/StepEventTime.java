@@ -91,7 +91,12 @@ public class StepEventTime implements WatermarkStrategy<Row> {
                         lowestActive = Math.min(lowestActive, seen[0]);
                     }
                 }
-                output.emitWatermark(new Watermark(lowestActive == Long.MAX_VALUE ? newest : lowestActive - boundMs - 1));
+                if (lowestActive == Long.MAX_VALUE) {
+                    output.emitWatermark(new Watermark(newest)); // all quiet: what came is released ...
+                    output.markIdle(); // ... and this subtask holds back no other's (active again with its next)
+                } else {
+                    output.emitWatermark(new Watermark(lowestActive - boundMs - 1));
+                }
             }
         };
     }
