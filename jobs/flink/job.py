@@ -97,6 +97,18 @@ def _with_ext_jar(env, settings: Settings) -> None:
         env.add_jars(uri)
 
 
+def _batched(source: DataStream, ops: Any, settings: Settings) -> DataStream:
+    """Source rows packed by the Java ``RecordBatcher``: Python is entered once per batch, not per record."""
+    job = settings.job
+    return DataStream(
+        source._j_data_stream.transform(
+            "batch records for Python",
+            BATCH_BYTES.get_java_type_info(),
+            ops.RecordBatcher(job.batch_size, job.batch_time_ms),
+        ).uid("batch-in")
+    )
+
+
 def build_pipeline(source: DataStream, settings: Settings, broadcast: DataStream | None = None) -> DataStream:
     """Source rows (``SOURCE_ROW``: transactions, face observations) + broadcast rows (rules,
     watchlist) -> output rows (``OUT_ROW``): decisions, alerts, dead letters.
@@ -112,14 +124,7 @@ def build_pipeline(source: DataStream, settings: Settings, broadcast: DataStream
     if settings.job.layout == "partitioned":
         return build_partitioned(source, settings, broadcast)
     ops = get_gateway().jvm.checkoutguard.flink
-    job = settings.job
-    batches = DataStream(
-        source._j_data_stream.transform(
-            "batch records for Python",
-            BATCH_BYTES.get_java_type_info(),
-            ops.RecordBatcher(job.batch_size, job.batch_time_ms),
-        ).uid("batch-in")
-    )
+    batches = _batched(source, ops, settings)
     scored = (
         batches.key_by(_state_key, key_type=Types.STRING())
         .connect(broadcast.broadcast(BROADCAST))
@@ -177,13 +182,7 @@ def build_partitioned(source: DataStream, settings: Settings, broadcast: DataStr
         out = out.name(step).uid(f"{step}{shards}")
         return unbatch(out, f"{step}-out")
 
-    batches = DataStream(
-        source._j_data_stream.transform(
-            "batch records for Python",
-            BATCH_BYTES.get_java_type_info(),
-            ops.RecordBatcher(job.batch_size, job.batch_time_ms),
-        ).uid("batch-in")
-    )
+    batches = _batched(source, ops, settings)
     routed = batches.connect(rules).process(RouteFunction(settings), output_type=BATCH_BYTES).name("route").uid("route")
     timed = unbatch(routed, "route-out")._j_data_stream.assignTimestampsAndWatermarks(
         ops.StepEventTime(job.event_order_ms, job.event_idle_ms)
