@@ -32,14 +32,13 @@ from jobs.scoring.face_join import (
     PENDING,
     FaceJoin,
     Ready,
-    check_observation,
+    decode_observation,
     observation_result,
     seen_from,
 )
 from jobs.scoring.features import customer_key, linked_keys, receipt_key
 from jobs.scoring.rules import RuleSet
 from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Predictor, Scorer, ScoringState, Write
-from jobs.scoring.validation import check_size
 from jobs.scoring.watchlist import check_entry
 from schemas.codec import codec
 from schemas.errors import InvalidRecord
@@ -157,7 +156,6 @@ class DecisionCore:
         self.tx_topic = TRANSACTIONS.full_name(prefix)
         self.rules_topic = RULES.full_name(prefix)
         self.tx_codec = codec("PosTransaction")
-        self.face_codec = codec("FaceObservation")
         self.watch_codec = codec("WatchlistEntry")
         self.rules_codec = codec("RuleSetUpdate")
 
@@ -311,12 +309,7 @@ class DecisionCore:
         return ready
 
     def _take_observation(self, record: SourceRecord, now: int, out: list[OutRow]) -> Ready | None:
-        check_size(record.value, self.settings.job.max_message_bytes)
-        try:
-            obs = self.face_codec.decode(record.value or b"")
-        except InvalidRecord as err:  # any undecodable observation is a dead letter
-            raise InvalidRecord("not_avro", f"face observation: {err}") from None
-        check_observation(obs)
+        obs = decode_observation(record.value, self.settings.job.max_message_bytes)
         face = observation_result(obs, self.watchlist)
         if obs["trigger"] == "ENTRANCE" or not obs.get("transaction_id"):
             out.extend(self.scorer.entrance(obs, face))

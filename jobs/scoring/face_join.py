@@ -17,11 +17,14 @@ from typing import Any, Protocol
 
 from jobs.scoring.face_similarity import check_embedding
 from jobs.scoring.rules import FaceResult
+from jobs.scoring.validation import check_size
+from schemas.codec import codec
 from schemas.errors import InvalidRecord
 from schemas.identifiers import check, check_name, check_serial
 
 Envelope = tuple[dict[str, Any], dict[str, float], int]
 PENDING, EARLY_FACES = "pending", "early_faces"
+_FACE_CODEC = codec("FaceObservation")
 Write = tuple[str, str, Any]
 
 
@@ -69,6 +72,17 @@ def check_observation(obs: dict[str, Any]) -> dict[str, Any]:
     if obs["trigger"] not in TRIGGERS:
         raise InvalidRecord("invalid_field", f"trigger must be one of {', '.join(TRIGGERS)}")
     return obs
+
+
+def decode_observation(value: bytes | None, max_bytes: int) -> dict[str, Any]:
+    """A face observation record's bytes as a checked observation, or :class:`InvalidRecord` (oversized,
+    ``not_avro`` for anything undecodable, or what :func:`check_observation` finds)."""
+    check_size(value, max_bytes)
+    try:
+        obs = _FACE_CODEC.decode(value or b"")
+    except InvalidRecord as err:  # any undecodable observation is a dead letter
+        raise InvalidRecord("not_avro", f"face observation: {err}") from None
+    return check_observation(obs)
 
 
 def observation_result(obs: dict[str, Any], watchlist: WatchlistLike | None) -> FaceResult:

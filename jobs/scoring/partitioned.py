@@ -50,7 +50,7 @@ from jobs.scoring.face_join import (
     PENDING,
     FaceJoin,
     Ready,
-    check_observation,
+    decode_observation,
     observation_result,
     seen_from,
 )
@@ -66,7 +66,6 @@ from jobs.scoring.features import (
     receipt_key,
 )
 from jobs.scoring.scorer import CUSTOMER_SWEEP_BUDGET, OutRow, Predictor, Scorer, ScoringState
-from jobs.scoring.validation import check_size
 from schemas.codec import codec
 from schemas.errors import InvalidRecord
 from schemas.topics import TRANSACTIONS
@@ -123,8 +122,6 @@ class RouteStep:
         settings = scorer.settings
         self.max_bytes = settings.job.max_message_bytes
         self.tx_topic = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
-        self.face_codec = codec("FaceObservation")
-        self.horizon_ms = settings.rules.receipt_retention_days * 86_400_000
 
     def on_record(self, record: SourceRecord, now_ms: int, newest_ms: int) -> tuple[list[Emit], list[OutRow]]:
         """``newest_ms``: the job's event-time progress (its watermark); an event older than it by more
@@ -147,22 +144,11 @@ class RouteStep:
         if isinstance(env[0], str):  # the dead letter's row
             return [], [env]
         tx = env[0]
-        if tx["event_time"] < min(newest_ms, now_ms) - self.horizon_ms:
-            behind_days = (min(newest_ms, now_ms) - tx["event_time"]) / 86_400_000
-            raise InvalidRecord(
-                "too_late",
-                f"event_time is {behind_days:.0f} days behind the newest event seen, "
-                f"beyond the {self.horizon_ms // 86_400_000}-day state horizon",
-            )
+        self.scorer.check_horizon(tx["event_time"], min(newest_ms, now_ms))
         return [Emit(RECEIPT, receipt_key(tx), order(tx, value), env)], []
 
     def _observation(self, record: SourceRecord, now_ms: int) -> tuple[list[Emit], list[OutRow]]:
-        check_size(record.value, self.max_bytes)
-        try:
-            obs = self.face_codec.decode(record.value or b"")
-        except InvalidRecord as err:
-            raise InvalidRecord("not_avro", f"face observation: {err}") from None
-        check_observation(obs)
+        obs = decode_observation(record.value, self.max_bytes)
         face = observation_result(obs, self.watchlist)
         if obs["trigger"] == "ENTRANCE" or not obs.get("transaction_id"):
             return [], self.scorer.entrance(obs, face)

@@ -244,14 +244,7 @@ class Scorer:
         event_time = tx["event_time"]
         if now_ms is not None:
             state.bound_newest(now_ms)
-        horizon_ms = self.rules.receipt_retention_days * 86_400_000
-        if event_time < state.newest_event_ms - horizon_ms:
-            behind_days = (state.newest_event_ms - event_time) / 86_400_000
-            raise InvalidRecord(
-                "too_late",
-                f"event_time is {behind_days:.0f} days behind the newest event seen, "
-                f"beyond the {self.rules.receipt_retention_days}-day state horizon",
-            )
+        self.check_horizon(event_time, state.newest_event_ms)
         if event_time > state.newest_event_ms:
             state.newest_event_ms = event_time if now_ms is None else min(event_time, now_ms)
         rk = receipt_key(tx)
@@ -285,6 +278,16 @@ class Scorer:
         writes.extend(state.expire_receipts(tx["event_time"], self.rules.receipt_retention_days * 86_400_000))
         writes.extend(state.expire_faces(state.newest_event_ms, self.face_retention_ms))
         return out, writes
+
+    def check_horizon(self, event_time: int, newest_ms: int) -> None:
+        """:class:`InvalidRecord` (``too_late``) for an event older than the state keeps before ``newest_ms``."""
+        if event_time < newest_ms - self.rules.receipt_retention_days * 86_400_000:
+            behind_days = (newest_ms - event_time) / 86_400_000
+            raise InvalidRecord(
+                "too_late",
+                f"event_time is {behind_days:.0f} days behind the newest event seen, "
+                f"beyond the {self.rules.receipt_retention_days}-day state horizon",
+            )
 
     @property
     def face_retention_ms(self) -> int:
