@@ -380,6 +380,8 @@ class CameraBridge:
         self.prefix = settings.cameras.mqtt_topic_prefix
         self.stats = BridgeStats()
         self.connected = threading.Event()
+        """Set once the broker has confirmed our subscription (the SUBACK), cleared on disconnect."""
+        self._subscribe_mid: int | None = None
         self._producer = producer if producer is not None else make_producer(settings)
         self._events_topic = CAMERA_EVENTS.full_name(settings.kafka.topic_prefix)
         self._dlq_topic = DEAD_LETTERS.full_name(settings.kafka.topic_prefix)
@@ -404,6 +406,7 @@ class CameraBridge:
         self.client.reconnect_delay_set(min_delay=0.2, max_delay=5)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
 
     # health
@@ -453,9 +456,10 @@ class CameraBridge:
             else:
                 log.warning("mqtt connect refused: %s", reason)
             return
-        client.subscribe(f"{self.prefix}/merakimv/#", qos=1)
+        # Subscribed again on every connect; "connected" waits for the SUBACK: a first session has no
+        # subscription until the broker has taken it, and what is published before that is not ours.
+        _rc, self._subscribe_mid = client.subscribe(f"{self.prefix}/merakimv/#", qos=1)
         self.stats.connects += 1
-        self.connected.set()
         log.info(
             "connected to mqtt %s:%s as %s (session present: %s)",
             self.settings.mqtt.host,
@@ -463,6 +467,17 @@ class CameraBridge:
             self.settings.mqtt.username or "anonymous",
             flags.session_present,
         )
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, mid: int, reasons: list[Any], _p: Any) -> None:
+        if mid != self._subscribe_mid:
+            return
+        refused = [r for r in reasons if getattr(r, "is_failure", False)]
+        if refused:
+            self._fail(
+                f"mqtt broker refused the subscription to {self.prefix}/merakimv/# ({refused[0]}); check its ACL"
+            )
+            return
+        self.connected.set()
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self.connected.clear()

@@ -50,11 +50,23 @@ def test_bridge_forwards_detections_dead_letters_garbage_and_survives_a_broker_r
     events, dlq = CAMERA_EVENTS.full_name(topic_prefix), DEAD_LETTERS.full_name(topic_prefix)
     bridge = CameraBridge(settings)
     stop = threading.Event()
-    runner = threading.Thread(target=bridge.run, args=(stop,), daemon=True)
+    ended: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            bridge.run(stop)
+        except BaseException as exc:  # kept for the failure message: a dead bridge explains a timeout
+            ended.append(exc)
+
+    runner = threading.Thread(target=run, daemon=True)
     runner.start()
     reader = TopicReader(settings, events, dlq)
+
+    def why() -> str:
+        return f"bridge ended with {ended!r}, failure {bridge.failure()!r}, stats {bridge.stats}"
+
     try:
-        assert bridge.connected.wait(15), "bridge did not connect"
+        assert bridge.connected.wait(15), f"bridge did not connect: {why()}"
         _publish(
             broker.port,
             [
@@ -64,7 +76,10 @@ def test_bridge_forwards_detections_dead_letters_garbage_and_survives_a_broker_r
                 (f"{prefix}/merakimv/Q2MV-s1-ENTRANCE/raw_detections", b"this is not json"),
             ],
         )
-        seen = reader.until(lambda s: sum(t == events for t, _, _ in s) >= 2 and any(t == dlq for t, _, _ in s))
+        try:
+            seen = reader.until(lambda s: sum(t == events for t, _, _ in s) >= 2 and any(t == dlq for t, _, _ in s))
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}: {why()}") from exc
         cam = [CameraEvent.decode(v) for t, _, v in seen if t == events]
         assert {e.kind for e in cam} == {"RAW_DETECTIONS", "ZONE_COUNT"}
         assert all(k == b"Q2MV-s1-ENTRANCE" for t, k, _ in seen if t == events)

@@ -239,3 +239,26 @@ def test_without_a_user_the_bridge_connects_anonymously(monkeypatch: pytest.Monk
     busy = ReasonCode(PacketTypes.CONNACK, "Server unavailable")
     bridge._on_connect(bridge.client, None, mqtt.ConnectFlags(False), busy, None)
     assert bridge.healthy()  # a busy broker is retried, not fatal
+
+
+def test_the_bridge_counts_as_connected_only_once_the_broker_confirms_its_subscription(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bridge, _ = _bridge(monkeypatch, FakeKafka())
+    subscribed: list[str] = []
+    monkeypatch.setattr(bridge.client, "subscribe", lambda topic, qos=0: subscribed.append(topic) or (0, 41))
+    bridge._on_connect(bridge.client, None, mqtt.ConnectFlags(False), ReasonCode(PacketTypes.CONNACK, "Success"), None)
+    assert subscribed and not bridge.connected.is_set()  # what is published now would not reach us yet
+    granted = [ReasonCode(PacketTypes.SUBACK, "Granted QoS 1")]
+    bridge._on_subscribe(bridge.client, None, 40, granted, None)  # another subscription's SUBACK
+    assert not bridge.connected.is_set()
+    bridge._on_subscribe(bridge.client, None, 41, granted, None)
+    assert bridge.connected.is_set() and bridge.healthy()
+
+
+def test_a_subscription_the_broker_refuses_makes_the_bridge_unhealthy(monkeypatch: pytest.MonkeyPatch) -> None:
+    bridge, _ = _bridge(monkeypatch, FakeKafka())
+    monkeypatch.setattr(bridge.client, "subscribe", lambda topic, qos=0: (0, 7))
+    bridge._on_connect(bridge.client, None, mqtt.ConnectFlags(False), ReasonCode(PacketTypes.CONNACK, "Success"), None)
+    bridge._on_subscribe(bridge.client, None, 7, [ReasonCode(PacketTypes.SUBACK, "Unspecified error")], None)
+    assert not bridge.connected.is_set() and "refused the subscription" in (bridge.failure() or "")
