@@ -140,8 +140,8 @@ class RouteFunction(BroadcastProcessFunction):
 
 
 def _metrics(settings: Settings, runtime_context: RuntimeContext) -> JobMetrics | None:
-    """The job's metrics (records taken and dead letters from route, decisions and model times from decide:
-    each reports what its own scorer counted)."""
+    """The job's metrics (records taken and dead letters from route; decisions, model times and face waits
+    from decide: each reports what its own scorer counted)."""
     if not settings.metrics.enabled:
         return None
     return JobMetrics(runtime_context.get_metrics_group(), thread_mode=settings.job.python_execution_mode == "thread")
@@ -261,6 +261,9 @@ class DecideShards(KeyedBroadcastProcessFunction):
             self.core.restore({}, dict(ctx.get_broadcast_state(BROADCAST).items()))
             self.restored = True
         shard, messages = unpack_batch(_as_bytes(batch))
+        if self.core.join.enabled:  # the face wait, measured by gather's join, reported here with the decisions
+            waits = (m.payload.waited_ms for m in messages)
+            self.core.stats.face_wait_ms.extend(w for w in waits if w is not None)
         step = self.shards.current(shard)
         for subject in self.core.forgotten:  # queued by shard: only the current key's state is writable
             tx_id = subject.removeprefix("subj-")

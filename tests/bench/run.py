@@ -13,7 +13,9 @@ Stages, each on fresh topics (``bench<run>.`` prefix) of the running local stack
    with its JVM and Python workers, the sink) sampled throughout.
 
 Then the job's **metrics overhead** (``tests/bench/metrics_overhead.py``: its throughput with its Prometheus
-metrics on against off, alternating drains off-on-on-off in one run; ``--metrics-drains 0`` skips it) and,
+metrics on against off, alternating drains off-on-on-off in one run; ``--metrics-drains 0`` skips it), its
+**parallelism** (``tests/bench/parallelism.py``: CPU per decision and decisions/s of the partitioned layout at
+p = 1 and p = 2 and of the single layout, alternating drains; ``--parallel-drains 0`` skips it) and,
 in-process: faces, model scoring, the partitioned scoring steps (``tests/bench/partitioned.py``), alerts, and the
 scoring job's **state** at N transactions of history (``tests/bench/state.py``: entries, pickled size with and
 without retention, restore time and memory; ``--state-transactions`` / ``CG_BENCH_STATE_TRANSACTIONS``, default 10
@@ -394,6 +396,7 @@ SECTION_ROWS: dict[str, tuple[str, str]] = {
     "model_scoring": ("tests.bench.model", "report_rows"),
     "partitioned": ("tests.bench.partitioned", "report_rows"),
     "metrics_overhead": ("tests.bench.metrics_overhead", "report_rows"),
+    "parallelism": ("tests.bench.parallelism", "report_rows"),
     "alerts": ("tests.bench.alerts", "report_rows"),
     "state": ("tests.bench.state", "report_rows"),
     "faces": ("jobs.faces.cli", "bench_report_rows"),
@@ -499,6 +502,10 @@ def main(
         int, typer.Option(help="Backlogs drained, metrics off-on-on-off, for the overhead stage (0 = skip).")
     ] = 8,
     metrics_records: Annotated[int, typer.Option(help="Backlog of each drain of the metrics stage.")] = 30_000,
+    parallel_drains: Annotated[
+        int, typer.Option(help="Backlogs drained by the partitioned job at p=1 / p=2 and the single layout (0 = skip).")
+    ] = 8,
+    parallel_records: Annotated[int, typer.Option(help="Backlog of each drain of the parallelism stage.")] = 20_000,
     state_transactions: Annotated[
         int,
         typer.Option(
@@ -521,6 +528,13 @@ def main(
 
         console.print(f"[bold]metrics overhead[/]: {metrics_drains} backlogs, a job with metrics off, one with on")
         results["metrics_overhead"] = metrics_overhead(get_settings(), records=metrics_records, drains=metrics_drains)
+    if parallel_drains:
+        from tests.bench.parallelism import parallel_scoring
+
+        console.print(
+            f"[bold]parallelism[/]: {parallel_drains} backlogs, the partitioned job at p=1 and p=2, the single"
+        )
+        results["parallelism"] = parallel_scoring(get_settings(), records=parallel_records, drains=parallel_drains)
     from jobs.faces.cli import bench_for_make
 
     console.print("[bold]faces[/]: JPEG -> face -> watchlist match on a 640x480 frame; probe with 100k enrolled")

@@ -54,12 +54,18 @@ def _total(samples, name: str, **labels: str) -> float:
     return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in labels.items()))
 
 
+@pytest.mark.parametrize("layout", ["single", "partitioned"])
 def test_the_job_serves_its_decision_counters_and_flinks_kafka_metrics_on_its_port_only(
-    stack: Settings, tmp_path
+    stack: Settings, tmp_path, layout: str
 ) -> None:
-    base = stack.isolated(f"e2em{uuid.uuid4().hex[:8]}", tmp_path / "checkpoints", face_deadline_ms=0)
+    """In both layouts (the partitioned one counts records at route, decisions and face waits at decide).
+    No face stage runs: each transaction waits its 1 s face deadline, which the face-wait timing shows."""
+    base = stack.isolated(f"e2em{uuid.uuid4().hex[:8]}", tmp_path / "checkpoints", face_deadline_ms=1000)
     settings = base.model_copy(
-        update={"metrics": base.metrics.model_copy(update={"enabled": True, "base_port": _free_port(base.bind_host)})}
+        update={
+            "metrics": base.metrics.model_copy(update={"enabled": True, "base_port": _free_port(base.bind_host)}),
+            "job": base.job.model_copy(update={"layout": layout}),
+        }
     )
     port = port_of(settings, "scoring-job")
     url = f"http://{settings.bind_host}:{port}/metrics"
@@ -104,6 +110,7 @@ def test_the_job_serves_its_decision_counters_and_flinks_kafka_metrics_on_its_po
     assert _total(samples, OURS + "kind_records_in", kind="transaction") == 6
     assert _total(samples, OURS + "reason_dead_letters", reason="not_avro") == 1
     assert _total(samples, OURS + "model_call_us_p99") > 0
+    assert _total(samples, OURS + "face_wait_ms_p99") >= 500  # the 1 s deadline, less the time before the join
     kafka = [n for n, _, v in samples if "KafkaSourceReader" in n and "records_consumed" in n and v > 0]
     assert kafka, "Flink's Kafka source metrics are served beside ours"
     assert listening and {ip.removeprefix("::ffff:") for ip in listening} == {settings.bind_host}, listening
