@@ -11,6 +11,7 @@ thread). Two jobs draining at once would fight over the cores instead.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import statistics
 import threading
@@ -28,7 +29,7 @@ from infra.processes import stop_child
 from infra.settings import Settings
 from infra.stack import ensure_topics, up
 from schemas.topics import ALL_TOPICS, SCORED_TRANSACTIONS, TRANSACTIONS
-from tests.bench.run import _consumer, _producer
+from tests.bench.run import _consumer, _producer, console
 
 Records = list[tuple[bytes, bytes, bytes]]
 """(Kafka key, value, transaction id: the key of its decision)."""
@@ -177,6 +178,35 @@ class SideBySide:
             "per_s": len(keys) / (max(times) - min(times)),
             "cpu_ms_per_decision": 1000 * cpu / len(keys),
         }
+
+    def drains(self, order: Sequence[str], drains: int, records: int, label: str = "") -> list[dict]:
+        """``drains`` backlogs of ``records``, the sides taking turns in ``order`` (repeated); each drain printed."""
+        runs = []
+        for i in range(drains):
+            side = order[i % len(order)]
+            run = self.drain(side, records)
+            console.print(
+                f"  drain {i + 1}/{drains}: {label}{side:>6}, {run['per_s']:,.0f} tx/s, "
+                f"{run['cpu_ms_per_decision']:.3f} ms CPU per decision"
+            )
+            runs.append(run)
+        return runs
+
+
+def variant(section: str, **update: object) -> Variant:
+    """A side whose settings differ in one section (``job``, ``metrics``, ...) by ``update``."""
+
+    def make(s: Settings) -> Settings:
+        return s.model_copy(update={section: getattr(s, section).model_copy(update=update)})
+
+    return make
+
+
+def print_result(result: dict, rows: Callable[[dict], list[tuple[str, str, str]]]) -> None:
+    """A stage run alone: its JSON, then its report rows."""
+    print(json.dumps(result, indent=2))
+    for row in rows(result):
+        print(" | ".join(row))
 
 
 def pair_ratios(runs: Sequence[dict], numerator: str, denominator: str) -> list[dict[str, float]]:

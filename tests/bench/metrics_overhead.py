@@ -33,8 +33,8 @@ import typer
 from infra.local.webex import free_port
 from infra.metrics import port_of
 from infra.settings import Settings, get_settings
-from tests.bench.drains import SideBySide, Variant, medians, pair_ratios
-from tests.bench.run import bench_processes, console
+from tests.bench.drains import SideBySide, medians, pair_ratios, print_result, variant
+from tests.bench.run import bench_processes
 
 DECISIONS = "flink_taskmanager_job_task_operator_checkout_guard_outcome_decisions"
 WARMUP = 10_000
@@ -76,33 +76,20 @@ def decisions_served(text: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(DECISIONS + "{"))
 
 
-def _metrics(enabled: bool) -> Variant:
-    """Metrics off, or on at a free port (so nothing else scrapes it)."""
-
-    def variant(s: Settings) -> Settings:
-        return s.model_copy(
-            update={"metrics": s.metrics.model_copy(update={"enabled": enabled, "base_port": free_port(s.bind_host)})}
-        )
-
-    return variant
-
-
 def metrics_overhead(base: Settings, records: int = 30_000, drains: int = 8) -> dict:
     """``drains`` backlogs of ``records`` (off, on, on, off, ...); the ratios of the medians of each side."""
-    with SideBySide(base, "benchm", {"off": _metrics(False), "on": _metrics(True)}, seed=23, warmup=WARMUP) as bench:
+    with SideBySide(
+        base,
+        "benchm",
+        {side: variant("metrics", enabled=side == "on", base_port=free_port(base.bind_host)) for side in ("off", "on")},
+        seed=23,
+        warmup=WARMUP,
+    ) as bench:
         on = bench.sides["on"]
         scraper = Scraper(f"http://{on.bind_host}:{port_of(on, 'scoring-job')}/metrics", on.metrics.scrape_interval_s)
         scraper.start()
-        runs: list[dict] = []
         try:
-            for i in range(drains):
-                side = ORDER[i % len(ORDER)]
-                run = bench.drain(side, records)
-                console.print(
-                    f"  drain {i + 1}/{drains}: metrics {side:>3}, {run['per_s']:,.0f} tx/s, "
-                    f"{run['cpu_ms_per_decision']:.3f} ms CPU per decision"
-                )
-                runs.append(run)
+            runs = bench.drains(ORDER, drains, records, label="metrics ")
             time.sleep(1.5)  # the job reports its counters after each batch: let the last one land
             served = decisions_served(scraper.scrape())
         finally:
@@ -142,12 +129,7 @@ def main(
     drains: Annotated[int, typer.Option(help="Drains, in the order off, on, on, off, ... (at least 2).")] = 8,
 ) -> None:
     """Only the metrics stage of ``make bench``: prints JSON and the report rows."""
-    import json
-
-    result = metrics_overhead(get_settings(), records=records, drains=max(2, drains))
-    print(json.dumps(result, indent=2))
-    for row in report_rows(result):
-        print(" | ".join(row))
+    print_result(metrics_overhead(get_settings(), records=records, drains=max(2, drains)), report_rows)
 
 
 if __name__ == "__main__":

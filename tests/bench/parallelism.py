@@ -20,41 +20,29 @@ Alone: ``python -m tests.bench.parallelism --records 20000 --drains 8`` (about 1
 
 from __future__ import annotations
 
-import json
 import statistics
 from typing import Annotated
 
 import typer
 
 from infra.settings import Settings, get_settings
-from tests.bench.drains import SideBySide, Variant, medians, pair_ratios
-from tests.bench.run import bench_processes, console
+from tests.bench.drains import SideBySide, medians, pair_ratios, print_result, variant
+from tests.bench.run import bench_processes
 
 WARMUP = 5_000
 ORDER = ("p1", "p2", "p2", "p1", "single", "p1", "p1", "single")
 """One block of drains: two p1/p2 pairs, then two single/p1 pairs; more drains repeat it."""
 
 
-def _job(layout: str, parallelism: int) -> Variant:
-    def variant(s: Settings) -> Settings:
-        return s.model_copy(update={"job": s.job.model_copy(update={"layout": layout, "parallelism": parallelism})})
-
-    return variant
-
-
 def parallel_scoring(base: Settings, records: int = 20_000, drains: int = 8) -> dict:
     """``drains`` backlogs of ``records`` in :data:`ORDER`; medians per side and of neighbouring pairs."""
-    variants = {"single": _job("single", 1), "p1": _job("partitioned", 1), "p2": _job("partitioned", 2)}
-    runs: list[dict] = []
+    variants = {
+        "single": variant("job", layout="single", parallelism=1),
+        "p1": variant("job", layout="partitioned", parallelism=1),
+        "p2": variant("job", layout="partitioned", parallelism=2),
+    }
     with SideBySide(base, "benchp", variants, seed=29, warmup=WARMUP) as bench:
-        for i in range(drains):
-            side = ORDER[i % len(ORDER)]
-            run = bench.drain(side, records)
-            console.print(
-                f"  drain {i + 1}/{drains}: {side:>6}, {run['per_s']:,.0f} tx/s, "
-                f"{run['cpu_ms_per_decision']:.3f} ms CPU per decision"
-            )
-            runs.append(run)
+        runs = bench.drains(ORDER, drains, records)
     sides = {side: medians(runs, side) for side in variants if any(r["side"] == side for r in runs)}
     p2_p1, p1_single = pair_ratios(runs, "p2", "p1"), pair_ratios(runs, "p1", "single")
 
@@ -104,10 +92,7 @@ def main(
     drains: Annotated[int, typer.Option(help="Drains, in the order p1, p2, p2, p1, single, p1, p1, single, ...")] = 8,
 ) -> None:
     """Only the parallelism stage of ``make bench``: prints JSON and the report rows."""
-    result = parallel_scoring(get_settings(), records=records, drains=max(2, drains))
-    print(json.dumps(result, indent=2))
-    for row in report_rows(result):
-        print(" | ".join(row))
+    print_result(parallel_scoring(get_settings(), records=records, drains=max(2, drains)), report_rows)
 
 
 if __name__ == "__main__":
