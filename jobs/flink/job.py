@@ -145,14 +145,15 @@ def build_partitioned(source: DataStream, settings: Settings, broadcast: DataStr
     """The partitioned layout (``CG_JOB__LAYOUT=partitioned``): route, then the keyed steps of
     :mod:`jobs.scoring.partitioned`, each on every slot, keyed by shard (:mod:`jobs.flink.steps`).
 
-    route -> receipt -> store -> identity -> gather (also from route and store) -> decide -> Kafka. Between
+    route -> receipt -> store -> identity -> gather (also from route and store) -> decide -> Kafka (and the
+    decide slots' drift tallies -> one drift subtask -> Kafka). Between
     steps the Java ``EventTimeBatcher``, keyed by shard so that one subtask sees all of a shard's messages,
     holds each message until the watermark (``StepEventTime``, assigned after route) passes it, so every key
     meets its messages in event-time order on any parallelism."""
     from pyflink.java_gateway import get_gateway
 
-    from jobs.flink.steps import DecideShards, RouteFunction, ShardStep, shard_of_batch
-    from jobs.scoring.partitioned import DECIDE, GATHER, IDENTITY, RECEIPT, STORE
+    from jobs.flink.steps import DecideShards, DriftMergeFunction, RouteFunction, ShardStep, shard_of_batch
+    from jobs.scoring.partitioned import DECIDE, DRIFT, GATHER, IDENTITY, RECEIPT, STORE
 
     ops = get_gateway().jvm.checkoutguard.flink
     job = settings.job
@@ -195,7 +196,11 @@ def build_partitioned(source: DataStream, settings: Settings, broadcast: DataStr
     decided = (
         held(DECIDE, gathered).connect(rules).process(DecideShards(settings), output_type=BATCH_BYTES).name(DECIDE)
     ).uid(f"{DECIDE}{shards}")
-    return only(routed_rows, None).union(unbatch(decided, "decide-out"))
+    decisions = unbatch(decided, "decide-out")
+    tallies = only(decisions, DRIFT).key_by(lambda _row: 0, key_type=Types.INT())
+    drift = tallies.process(DriftMergeFunction(settings), output_type=OUT_ROW).set_parallelism(1)
+    drift = drift.name("drift").uid("drift")
+    return only(routed_rows, None).union(only(decisions, None), drift)
 
 
 # --- wiring to Kafka -------------------------------------------------------------------------

@@ -190,12 +190,12 @@ def _as_bytes(data: Any) -> bytes:
     return data if isinstance(data, bytes) else bytes(b & 0xFF for b in data)
 
 
-def _predictor(settings: Settings):
+def _predictor(settings: Settings, *, tally_drift: bool = False):
     """The configured fraud model. Imported here, not at the top, so the client process that only
     builds the job graph does not load LightGBM; a broken install fails the job at start, loudly."""
     from jobs.model.predictors import make_predictor
 
-    return make_predictor(settings)
+    return make_predictor(settings, tally_drift=tally_drift)
 
 
 def _watchlist(settings: Settings):

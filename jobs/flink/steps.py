@@ -35,6 +35,7 @@ from jobs.flink.operator import BROADCAST, FrozenState, _as_bytes, _predictor, _
 from jobs.scoring.core import DecisionCore
 from jobs.scoring.partitioned import (
     DECIDE,
+    DRIFT,
     GATHER,
     IDENTITY,
     RECEIPT,
@@ -241,9 +242,8 @@ class DecideShards(KeyedBroadcastProcessFunction):
         self.settings = settings
 
     def open(self, runtime_context: RuntimeContext) -> None:
-        self.core = DecisionCore(
-            self.settings, predictor=_predictor(self.settings), watchlist=_watchlist(self.settings)
-        )
+        predictor = _predictor(self.settings, tally_drift=True)  # the drift step reports, from every slot's tallies
+        self.core = DecisionCore(self.settings, predictor=predictor, watchlist=_watchlist(self.settings))
         self.core.bootstrap()
         self.shards = _Shards(DECIDE, lambda: DecideStep(self.core.scorer), runtime_context)
         self.count = self.settings.job.state_shards
@@ -275,6 +275,8 @@ class DecideShards(KeyedBroadcastProcessFunction):
         for start in range(0, len(messages), self.batch_size):
             for topic, key, value in decide_chunk(step, messages[start : start + self.batch_size], self.core.scorer):
                 out.add(topic, key, value)
+        for tally in self.core.scorer.predictor.drain_tallies():
+            out.add(DRIFT, None, pickle.dumps(tally, pickle.HIGHEST_PROTOCOL))
         step.expire()
         self.shards.commit(step)
         if self.metrics is not None:
@@ -287,3 +289,39 @@ class DecideShards(KeyedBroadcastProcessFunction):
     def process_broadcast_element(self, row: Row, ctx: KeyedBroadcastProcessFunction.Context):
         for _ in _control(self.core, row, ctx):
             pass  # the route step sends a bad update's dead letter; one is enough
+
+
+class DriftMergeFunction(KeyedProcessFunction):
+    """The one subtask (one key) where the decide slots' drift tallies (rows of ``@drift``) become hourly
+    reports (:class:`jobs.model.drift.DriftMerge`): hours close by the watermark, on the next tally
+    or at an event-time timer (a lull, the end of a replay). In memory, as the single layout's monitor."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def open(self, runtime_context: RuntimeContext) -> None:
+        from jobs.model.drift import DriftMerge
+        from jobs.model.fraud_model import LocalModel, artifact_root
+        from jobs.model.predictors import drift_monitors
+
+        factory = drift_monitors(self.settings)
+        root = artifact_root(self.settings)
+
+        def monitor_of(version: str) -> Any:
+            return factory(LocalModel.load(root / version)) if factory is not None else None
+
+        self.merge = DriftMerge(monitor_of, self.settings.model.drift_psi_alert)
+        self.scorer = Scorer(self.settings)
+
+    def process_element(self, value: Row, ctx: KeyedProcessFunction.Context):
+        tally = pickle.loads(_as_bytes(value[2]))
+        yield from self._out(self.merge.on_tallies([tally], ctx.timer_service().current_watermark()), ctx)
+
+    def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
+        yield from self._out(self.merge.on_watermark(max(timestamp, ctx.timer_service().current_watermark())), ctx)
+
+    def _out(self, reports: list, ctx) -> Iterator[Row]:
+        for due in self.merge.due():
+            ctx.timer_service().register_event_time_timer(due)  # one timer per time and key
+        for topic, key, encoded in self.scorer.drift_rows(reports):
+            yield Row(topic, key, encoded)

@@ -28,7 +28,8 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -235,6 +236,17 @@ class _Binner:
         return parts
 
 
+@dataclass(frozen=True, slots=True)
+class HourTally:
+    """One batch's drift counters, by event-time hour (index ``event_time // 1 h``): ``(counts, rows)``,
+    the counts laid out as the monitor's (every column's bins side by side, then the score's)."""
+
+    model_version: str
+    newest_ms: int
+    """The batch's newest event time: moves the merging monitor's watermark."""
+    hours: dict[int, tuple[np.ndarray, int]]
+
+
 class DriftMonitor:
     """Hourly feature and score distributions of the scored transactions, and their PSI reports.
 
@@ -243,8 +255,8 @@ class DriftMonitor:
     row of a later hour arrives); so at most two hours are open. A row for an hour already closed is
     not counted in any distribution: it is added to the ``late_rows`` of the next report.
 
-    Not thread-safe; one per scoring operator. Parallel scoring subtasks each see only their keys:
-    with job parallelism above 1, give each its own ``model_version`` label or merge the reports.
+    Not thread-safe; one per scoring operator. Parallel scoring subtasks each see only their keys: there,
+    each slot :meth:`tally`-s its batches and one monitor :meth:`merge`-s the tallies and reports.
     """
 
     def __init__(
@@ -290,26 +302,60 @@ class DriftMonitor:
     ) -> list[ModelDriftRecord]:
         """Count a scored batch (rows of ``x`` in the reference's feature order, ``None`` = no score);
         the reports of the hours it closes, oldest first."""
+        tally = self.tally(event_times_ms, x, scores)
+        return self.merge(tally) if tally is not None else []
+
+    def tally(
+        self, event_times_ms: Sequence[int] | np.ndarray, x: np.ndarray, scores: Sequence[int | None] | np.ndarray
+    ) -> HourTally | None:
+        """A batch's counters by event-time hour, leaving the open hours alone (None for no rows): what a
+        slot of the parallel job sends to the one monitor that reports (:meth:`merge`)."""
         times = np.asarray(event_times_ms, dtype=np.int64)
         n = times.shape[0]
         if n == 0:
-            return []
+            return None
         x = np.asarray(x, dtype=np.float64)
         score_values = np.asarray(scores, dtype=np.float64)
         if x.shape != (n, self.width) or score_values.shape != (n,):
             raise ValueError(f"{n} event times need {n} x {self.width} features and {n} scores")
         hours = times // HOUR_MS
-        if self._watermark is not None:
-            late = (hours + 1) * HOUR_MS <= self._watermark
-            n_late = int(np.count_nonzero(late))
-            if n_late:
-                self._late += n_late
-                if n_late == n:
-                    return []
-                keep = ~late
-                times, hours, x, score_values = times[keep], hours[keep], x[keep], score_values[keep]
-        self._count(hours, x, score_values)
-        newest = int(times.max()) - self.grace_ms
+        score_bins = _bin_numeric(score_values, self._score.cuts) + self._score.offset
+        bins = np.column_stack([*self._binner.bins(x), score_bins])
+        first, last = int(hours.min()), int(hours.max())
+        if first == last:  # the usual batch: one hour
+            counted = {first: (np.bincount(bins.ravel(), minlength=self._size), n)}
+        else:
+            distinct, slot = np.unique(hours, return_inverse=True)
+            flat = (slot.reshape(-1, 1) * self._size + bins).ravel()
+            per_hour = np.bincount(flat, minlength=len(distinct) * self._size).reshape(len(distinct), self._size)
+            rows = np.bincount(slot, minlength=len(distinct))
+            counted = {int(h): (per_hour[k], int(rows[k])) for k, h in enumerate(distinct.tolist())}
+        return HourTally(self.model_version, int(times.max()), counted)
+
+    def merge(self, tally: HourTally, time_ms: int | None = None) -> list[ModelDriftRecord]:
+        """Add a tally (this monitor's own, or a parallel slot's); the reports of the hours then closed.
+        An hour already closed gets no counts: its rows go to the next report's ``late_rows``. Time moves
+        to ``time_ms`` (the parallel job's watermark: every slot's rows up to it are in) or, without it,
+        to the tally's newest event."""
+        if tally.model_version != self.model_version:
+            raise ValueError(f"a tally of model {tally.model_version} for the monitor of {self.model_version}")
+        counted = False
+        for hour, (counts, rows) in tally.hours.items():
+            if self._watermark is not None and (hour + 1) * HOUR_MS <= self._watermark:
+                self._late += rows
+                continue
+            opened = self._hour(hour)
+            opened.counts += counts
+            opened.rows += rows
+            counted = True
+        if time_ms is not None:
+            return self.close_until(time_ms)
+        return self.close_until(tally.newest_ms) if counted else []
+
+    def close_until(self, newest_ms: int) -> list[ModelDriftRecord]:
+        """Close the hours that an event at ``newest_ms`` closes (another monitor's traffic moved time on:
+        after a promotion, no more tallies of this model's version come to close them)."""
+        newest = newest_ms - self.grace_ms
         watermark = self._watermark = newest if self._watermark is None else max(self._watermark, newest)
         return self._close(lambda hour: (hour + 1) * HOUR_MS <= watermark)
 
@@ -319,23 +365,6 @@ class DriftMonitor:
             last_end = (max(self._open) + 1) * HOUR_MS
             self._watermark = last_end if self._watermark is None else max(self._watermark, last_end)
         return self._close(lambda hour: True)
-
-    def _count(self, hours: np.ndarray, x: np.ndarray, scores: np.ndarray) -> None:
-        score_bins = _bin_numeric(scores, self._score.cuts) + self._score.offset
-        bins = np.column_stack([*self._binner.bins(x), score_bins])
-        first, last = int(hours.min()), int(hours.max())
-        if first == last:  # the usual batch: one hour
-            self._hour(first).counts += np.bincount(bins.ravel(), minlength=self._size)
-            self._hour(first).rows += x.shape[0]
-            return
-        distinct, slot = np.unique(hours, return_inverse=True)
-        flat = (slot.reshape(-1, 1) * self._size + bins).ravel()
-        per_hour = np.bincount(flat, minlength=len(distinct) * self._size).reshape(len(distinct), self._size)
-        rows = np.bincount(slot, minlength=len(distinct))
-        for k, hour in enumerate(distinct.tolist()):
-            opened = self._hour(hour)
-            opened.counts += per_hour[k]
-            opened.rows += int(rows[k])
 
     def _hour(self, hour: int) -> _Hour:
         opened = self._open.get(hour)
@@ -377,6 +406,57 @@ def drift_id(model_version: str, hour_start: int) -> str:
     """``drift:<model_version>:<hour_start ms>``: the report's key and its alert's id (a valid id, at most
     128 characters, the same for the same hour however often it is made)."""
     return f"drift:{_ID_UNSAFE.sub('_', model_version)[:100]}:{hour_start}"
+
+
+class DriftMerge:
+    """The partitioned layout's model-drift reports. Each decide slot sees only its receipts, so each
+    tallies its decisions per event-time hour (:meth:`DriftMonitor.tally`) and the tallies
+    meet here, in one subtask: an hour gets one report of all its rows, as in the single layout (whose id,
+    ``drift:<version>:<hour>``, then names one thing). Hours close by the job's watermark (every slot's
+    tallies up to it have arrived) less the grace, so a slot running ahead of another makes nothing late.
+    A monitor per model version: a promotion reaches the slots at slightly different moments."""
+
+    MAX_VERSIONS = 4
+    """Monitors kept (the newest versions seen): older ones are flushed and dropped."""
+
+    def __init__(self, monitor_of: Callable[[str], DriftMonitor | None], psi_alert: float) -> None:
+        self.psi_alert = psi_alert
+        self.monitor_of = monitor_of
+        """A version's :class:`jobs.model.drift.DriftMonitor` (None: that model has no reference)."""
+        self.monitors: dict[str, DriftMonitor | None] = {}
+
+    def on_tallies(
+        self, tallies: Iterable[HourTally], watermark_ms: int
+    ) -> list[tuple[ModelDriftRecord, AlertAvro | None]]:
+        """Count the tallies; the reports (with their alerts) of the hours that close by ``watermark_ms``."""
+        reports: list[ModelDriftRecord] = []
+        for tally in tallies:
+            if tally.model_version not in self.monitors:
+                self.monitors[tally.model_version] = self.monitor_of(tally.model_version)
+                while len(self.monitors) > self.MAX_VERSIONS:
+                    oldest = self.monitors.pop(next(iter(self.monitors)))
+                    if oldest is not None:
+                        reports += oldest.flush()
+            monitor = self.monitors[tally.model_version]
+            if monitor is not None:
+                reports += monitor.merge(tally, watermark_ms)
+        return self._alerted(reports + self._close(watermark_ms))
+
+    def on_watermark(self, watermark_ms: int) -> list[tuple[ModelDriftRecord, AlertAvro | None]]:
+        """The reports of the hours that close by ``watermark_ms`` (a timer at :meth:`due`)."""
+        return self._alerted(self._close(watermark_ms))
+
+    def due(self) -> list[int]:
+        """When the open hours close: each one's end plus the grace (event time, for timers)."""
+        return sorted({h + HOUR_MS + m.grace_ms for m in self.monitors.values() if m is not None for h in m.open_hours})
+
+    def _close(self, watermark_ms: int) -> list[ModelDriftRecord]:
+        """Every version's hours (another version's too: after a promotion no tally of it comes to close them)."""
+        return [r for m in self.monitors.values() if m is not None for r in m.close_until(watermark_ms)]
+
+    def _alerted(self, reports: list[ModelDriftRecord]) -> list[tuple[ModelDriftRecord, AlertAvro | None]]:
+        reports.sort(key=lambda r: r["hour_start"])
+        return [(r, drift_alert(r, self.psi_alert) if r["alert"] else None) for r in reports]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -133,6 +133,8 @@ class ScoringModels(Predictor):
         remote: Predictor | None = None,
         drift: Callable[[LocalModel], Any] | None = None,
         psi_alert: float = 0.25,
+        *,
+        tally_drift: bool = False,
     ) -> None:
         self.registry = registry
         self.psi_alert = psi_alert
@@ -140,6 +142,10 @@ class ScoringModels(Predictor):
         self._drift_factory = drift
         self._drift: tuple[str, Any] | None = None
         self._reports: list[Any] = []
+        self.tally_drift = tally_drift
+        """One slot of a parallel job: the drift counters of each batch wait in :meth:`drain_tallies` for
+        the one monitor that merges and reports them, instead of making this slot's own reports."""
+        self._tallies: list[Any] = []
 
     @property
     def model(self) -> LocalModel | None:
@@ -178,7 +184,11 @@ class ScoringModels(Predictor):
             base = (self.remote or Predictor()).predict_batch(items)
             scores = [r.score for r in base]
         if monitor is not None and x is not None:
-            self._reports.extend(monitor.observe([tx["event_time"] for tx, _ in items], x, scores))
+            times = [tx["event_time"] for tx, _ in items]
+            if self.tally_drift:
+                self._tallies.append(monitor.tally(times, x, scores))
+            else:
+                self._reports.extend(monitor.observe(times, x, scores))
         if challenger is None:
             return base
         assert x is not None
@@ -193,6 +203,11 @@ class ScoringModels(Predictor):
 
         reports, self._reports = self._reports, []
         return [(r, drift_alert(r, self.psi_alert) if r["alert"] else None) for r in reports]
+
+    def drain_tallies(self) -> list[Any]:
+        """With ``tally_drift``: the drift counters (:class:`jobs.model.drift.HourTally`) since the last call."""
+        tallies, self._tallies = [t for t in self._tallies if t is not None], []
+        return tallies
 
 
 class LocalPredictor(ScoringModels):
@@ -440,15 +455,19 @@ def drift_monitors(settings: Settings) -> Callable[[LocalModel], Any] | None:
     return make
 
 
-def make_predictor(settings: Settings) -> Predictor:
+def make_predictor(settings: Settings, *, tally_drift: bool = False) -> Predictor:
     """The predictor ``settings.model.backend`` names: champion and challenger from the models root
-    (local), or a remote backend with the local champion as its fallback and the challenger beside it."""
+    (local), or a remote backend with the local champion as its fallback and the challenger beside it.
+    ``tally_drift``: a slot of a parallel job (see :class:`ScoringModels`)."""
     backend = settings.model.backend
     if backend == "none":
         return Predictor()
     if backend == "local":
         return ScoringModels(
-            ModelRegistry(settings), drift=drift_monitors(settings), psi_alert=settings.model.drift_psi_alert
+            ModelRegistry(settings),
+            drift=drift_monitors(settings),
+            psi_alert=settings.model.drift_psi_alert,
+            tally_drift=tally_drift,
         )
     try:
         registry = ModelRegistry(settings)

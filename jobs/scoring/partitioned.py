@@ -645,3 +645,7 @@ __all__ = [
     "shard_of",
     "take",
 ]
+
+
+DRIFT = "@drift"
+"""The internal topic of the decide slots' drift tallies, for :class:`DriftMerge`."""

@@ -151,6 +151,10 @@ class Predictor:
         setting: the scorer publishes them with the batch's decisions."""
         return []
 
+    def drain_tallies(self) -> list[Any]:
+        """A slot of a parallel job: its drift counters since the last call, for the merging monitor."""
+        return []
+
 
 class Scorer:
     def __init__(

@@ -71,3 +71,41 @@ def test_partitioned_layout_decides_as_the_single_layout_at_parallelism_one_and_
     assert any(t == "dead_letters" for t, _, _ in single)
     assert _comparable(_run(records, partitioned, 1)) == single
     assert _comparable(_run(records, partitioned, 2)) == single
+
+
+def test_partitioned_layout_at_p2_reports_model_drift_as_the_single_layout():
+    """The decide slots' drift tallies meet in one subtask: each closed hour has one report of all its rows
+    (the same rows, late rows and PSI as the single layout's monitor), not one per slot under one id."""
+    import random
+
+    from jobs.model.train import ensure_default_model
+    from tests.builders import T0, sale
+
+    model = Settings().model.model_copy(update={"backend": "local", "drift_min_rows": 5})
+    job = BASE.job.model_copy(update={"face_deadline_ms": 0})
+    single = BASE.model_copy(update={"model": model, "job": job})
+    ensure_default_model(single)
+    rnd = random.Random(5)
+    records = []
+    for i in range(400):  # 3 h 20 min, one sale every 30 s, over 4 stores and 40 cards
+        tx = sale(
+            f"drift-{i:04d}",
+            at_s=30 * i,
+            store=f"store-00{i % 4 + 1}",
+            amount=round(rnd.lognormvariate(3.5, 1.0), 2),
+            card=f"card-{rnd.randrange(40)}",
+        )
+        records.append((tx.store_id.encode(), tx.encode(), "transactions", 0, i, tx.event_time))
+    partitioned = single.model_copy(update={"job": job.model_copy(update={"layout": "partitioned"})})
+
+    def reports(rows) -> dict[str, dict]:
+        drift = codec("ModelDrift")
+        decoded = [drift.decode(v) for t, _, v in rows if t == "model_drift"]
+        return {r["report_id"]: {k: v for k, v in r.items() if k != "created_at"} for r in decoded}
+
+    expected = reports(_run(records, single, 1))
+    got = reports(_run(records, partitioned, 2))
+    assert len(expected) == 3 and [r["rows"] for r in expected.values()] == [120, 120, 120]
+    assert {k: got.get(k) for k in expected} == expected
+    # the end of the input closes the last hour too (the single layout keeps it open for later rows)
+    assert [(r["hour_start"], r["rows"]) for k, r in got.items() if k not in expected] == [(T0 + 3 * 3_600_000, 40)]

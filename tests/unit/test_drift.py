@@ -15,6 +15,7 @@ from fastavro import schemaless_reader, schemaless_writer
 from infra.settings import AlertSettings, ModelSettings
 from jobs.model.drift import (
     HOUR_MS,
+    DriftMerge,
     DriftMonitor,
     _bin_categorical,
     _bin_numeric,
@@ -380,3 +381,73 @@ def test_a_v1_reader_resolves_a_new_kind_to_its_enum_default() -> None:
     buf.seek(0)
     decoded: Any = schemaless_reader(buf, v2.parsed, v1.parsed)
     assert decoded["kind"] == "BLOCKED_TRANSACTION"
+
+
+# --------------------------------------------------------------------------------------------------
+# Parallel slots: tallies merged by one monitor
+
+
+def test_tallies_of_two_slots_merged_report_exactly_as_one_monitor_on_every_row(reference: dict[str, Any]) -> None:
+    """The partitioned layout: each decide slot tallies its own rows, one monitor merges the tallies and
+    closes hours by the job's watermark (everything before it has arrived from every slot)."""
+    rng = np.random.default_rng(11)
+    times = T0 + np.arange(12_000) * 1_000 - rng.integers(0, 240_000, 12_000)  # 3.3 h, up to 4 min disordered
+    x, s = _rows(len(times), rng, shift=0.3)
+    slot_of = rng.integers(0, 2, len(times))
+    whole, merged = _monitor(reference, grace_ms=300_000), _monitor(reference, grace_ms=300_000)
+    slots = [_monitor(reference, grace_ms=300_000) for _ in range(2)]
+    expected, got = [], []
+    for i in range(0, len(times), 250):
+        part = slice(i, i + 250)
+        expected += whole.observe(times[part], x[part], s[part])
+        watermark = int(times[i + 250 :].min()) - 1 if i + 250 < len(times) else int(times.max())
+        for k in (1, 0):  # the second slot's tally first: it may run ahead
+            mine = np.flatnonzero(slot_of[part] == k) + i
+            tally = slots[k].tally(times[mine], x[mine], s[mine])
+            if tally is not None:
+                got += merged.merge(tally, watermark)
+    expected += whole.flush()
+    got += merged.flush()
+    assert len(expected) == 5 and got == expected  # every hour (one starts before T0): same rows, late rows, PSI
+    assert all(slot.open_hours == [] for slot in slots)  # a slot only tallies
+
+
+def test_a_tally_goes_to_its_own_models_monitor_only(reference: dict[str, Any]) -> None:
+    x, s = _rows(10, np.random.default_rng(12))
+    tally = _monitor(reference).tally(_times(10), x, s)
+    assert tally is not None
+    other = DriftMonitor(reference, "gbm-other", psi_alert=0.25, min_rows=200)
+    with pytest.raises(ValueError):
+        other.merge(tally)
+    assert _monitor(reference).tally(np.array([], dtype=np.int64), x[:0], s[:0]) is None
+
+
+def test_the_drift_step_reports_every_version_and_closes_a_replaced_models_hours(reference: dict[str, Any]) -> None:
+    """``DriftMerge``: a monitor per version; after a promotion the old version's last hour closes as the
+    watermark moves on, with no more tallies of that version; a version without a reference is skipped."""
+    made: list[str] = []
+
+    def monitor_of(version: str) -> DriftMonitor | None:
+        made.append(version)
+        if version == "no-reference":
+            return None
+        return DriftMonitor(reference, version, psi_alert=0.25, min_rows=5, now_ms=lambda: CREATED)
+
+    merge = DriftMerge(monitor_of, psi_alert=0.25)
+    rng = np.random.default_rng(13)
+    x, s = _rows(60, rng, shift=2.0)
+    old, new, bare = (monitor_of(v) for v in ("v-old", "v-new", "v-old"))
+    assert old is not None and new is not None and bare is not None
+    made.clear()  # from here, what the merge asks for
+    assert merge.on_tallies([old.tally(_times(20, 0), x[:20], s[:20])], T0 + 3_000_000) == []
+    assert merge.due() == [T0 + HOUR_MS]  # the hour's end (no grace here): a timer then
+    closed = merge.on_tallies([new.tally(_times(20, 1), x[20:40], s[20:40])], T0 + HOUR_MS)  # v-old's hour 0
+    assert [(r["model_version"], r["hour_start"], r["rows"]) for r, _ in closed] == [("v-old", T0, 20)]
+    assert closed[0][1] is not None and closed[0][1]["kind"] == "MODEL_DRIFT"  # a shift of 2 sd alerts
+    assert merge.on_tallies([bare.tally(_times(5, 1), x[:5], s[:5])], T0 + HOUR_MS) == []  # v-old again: same one
+    skipped = DriftMonitor(reference, "no-reference", psi_alert=0.25, min_rows=5).tally(_times(5, 2), x[:5], s[:5])
+    assert merge.on_tallies([skipped], T0 + HOUR_MS) == []
+    assert made == ["v-old", "v-new", "no-reference"]  # one monitor per version
+    by_timer = merge.on_watermark(T0 + 2 * HOUR_MS)  # hour 1 of both versions
+    assert sorted((r["model_version"], r["rows"]) for r, _ in by_timer) == [("v-new", 20), ("v-old", 5)]
+    assert merge.due() == []
