@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from schemas.records import LineItem, PosTransaction
+from schemas.records import FaceObservation, LineItem, PosTransaction
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 
@@ -43,3 +43,29 @@ def return_of(tx_id: str, original: str | None, **kw: Any) -> PosTransaction:
 def java_bytes(value: Any) -> bytes:
     """Bytes collected from a Flink job arrive as a list of signed Java bytes."""
     return value if isinstance(value, bytes) else bytes(b & 0xFF for b in value)
+
+
+def checkout_face(
+    tx_id: str,
+    *,
+    at: int = T0,
+    status: str = "NO_MATCH",
+    embedding: list[float] | None = None,
+    trigger: str = "CHECKOUT",
+    observation_id: str | None = None,
+    store: str = "store-001",
+    lane: str = "lane-01",
+) -> FaceObservation:
+    """The checkout camera's face observation for a transaction (no image reference without a face)."""
+    return FaceObservation(
+        observation_id=observation_id or f"checkout:{tx_id}",
+        event_time=at,
+        camera_serial=f"Q2MV-{store}-{lane}",
+        store_id=store,
+        lane_id=lane,
+        transaction_id=tx_id,
+        trigger=trigger,
+        status=status,
+        embedding=embedding,
+        image_ref=f"checkout/{tx_id}.jpg" if status != "NO_FACE" else None,
+    )

@@ -185,18 +185,11 @@ def report_rows(r: dict) -> list[tuple[str, str, str]]:
 
 def main() -> None:
     """Model + rules + state scoring: batched (the job) vs per record (seed 004's design); prints a table."""
-    from rich.console import Console
-    from rich.table import Table
+    from tests.bench.table import print_rows
 
     result = model_scoring(get_settings())
-    table = Table(
-        title=f"model scoring ({result['records']} transactions, best of {result['best_of']}, model {result['model']})"
-    )
-    for col in ("measure", "value", "goal"):
-        table.add_column(col)
-    for row in report_rows(result):
-        table.add_row(*row)
-    Console().print(table)
+    title = f"model scoring ({result['records']} transactions, best of {result['best_of']}, model {result['model']})"
+    print_rows(title, report_rows(result))
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ from jobs.model.predictors import LocalPredictor
 from jobs.model.train import ensure_default_model
 from jobs.scoring.core import DecisionCore, SourceRecord
 from jobs.scoring.partitioned import PartitionedCore
-from schemas.records import FaceObservation
 from schemas.topics import FACE_OBSERVATIONS, TRANSACTIONS
+from tests.builders import checkout_face
 
 
 def _records(settings: Settings, count: int, batch: int) -> list[list[SourceRecord]]:
@@ -36,17 +36,8 @@ def _records(settings: Settings, count: int, batch: int) -> list[list[SourceReco
     for n in range(count):
         tx = next(gen)
         out.append(SourceRecord(tx.transaction_id.encode(), tx.encode(), tx_topic, 0, n, 0))
-        obs = FaceObservation(
-            observation_id=f"checkout:{tx.transaction_id}",
-            event_time=tx.event_time,
-            camera_serial="Q2MV-AAAA-0001",
-            store_id=tx.store_id,
-            lane_id=tx.lane_id,
-            transaction_id=tx.transaction_id,
-            trigger="CHECKOUT",
-            status="NO_MATCH",
-            embedding=faces[n % len(faces)],
-            image_ref=f"checkout/{tx.transaction_id}.jpg",
+        obs = checkout_face(
+            tx.transaction_id, at=tx.event_time, embedding=faces[n % len(faces)], store=tx.store_id, lane=tx.lane_id
         )
         out.append(SourceRecord(b"cam", obs.encode(), face_topic, 0, n, 0))
     return [out[i : i + batch] for i in range(0, len(out), batch)]
@@ -111,16 +102,12 @@ def report_rows(r: dict) -> list[tuple[str, str, str]]:
 
 def main() -> None:
     """The partitioned scoring steps against the single-state core, in-process: CPU-s per 100k transactions."""
-    from rich.console import Console
-    from rich.table import Table
+    from tests.bench.table import print_rows
 
     result = partitioned_scoring(get_settings())
-    table = Table(title=f"partitioned scoring ({result['transactions']:,} tx + faces, best of {result['rounds']})")
-    for col in ("measure", "value", "goal"):
-        table.add_column(col)
-    for row in report_rows(result):
-        table.add_row(*row)
-    Console().print(table)
+    print_rows(
+        f"partitioned scoring ({result['transactions']:,} tx + faces, best of {result['rounds']})", report_rows(result)
+    )
 
 
 if __name__ == "__main__":

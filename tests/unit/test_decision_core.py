@@ -22,9 +22,9 @@ from jobs.scoring.rules import DEFAULT_RULESET, ModelResult, RuleSet, update_rec
 from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Predictor, Scorer
 from jobs.scoring.watchlist import Watchlist
 from schemas.codec import codec
-from schemas.records import MAX_DEAD_LETTER_PAYLOAD, FaceObservation, WatchlistEntry
+from schemas.records import MAX_DEAD_LETTER_PAYLOAD, WatchlistEntry
 from schemas.topics import ALERTS, DEAD_LETTERS, FACE_OBSERVATIONS, RULES, SCORED_TRANSACTIONS, TRANSACTIONS, WATCHLIST
-from tests.builders import T0, return_of, sale
+from tests.builders import T0, checkout_face, return_of, sale
 
 PREFIX = "cg."
 TX, FACES = TRANSACTIONS.full_name(PREFIX), FACE_OBSERVATIONS.full_name(PREFIX)
@@ -73,18 +73,7 @@ def face_record(
     offset: int = 0,
     observation_id: str | None = None,
 ) -> SourceRecord:
-    obs = FaceObservation(
-        observation_id=observation_id or f"checkout:{tx_id}",
-        event_time=T0,
-        camera_serial="Q2MV-store-001-lane-01",
-        store_id="store-001",
-        lane_id="lane-01",
-        transaction_id=tx_id,
-        trigger=trigger,
-        status=status,
-        embedding=embedding,
-        image_ref=f"checkout/{tx_id}.jpg",
-    )
+    obs = checkout_face(tx_id, status=status, embedding=embedding, trigger=trigger, observation_id=observation_id)
     return SourceRecord(b"Q2MV-store-001-lane-01", obs.encode(), FACES, 1, offset, NOW)
 
 

@@ -12,9 +12,8 @@ from infra.settings import MetricsSettings, Settings
 from jobs.flink.job_metrics import GROUP, JobMetrics
 from jobs.scoring.core import DecisionCore, SourceRecord
 from jobs.scoring.stats import FACE_OBSERVATION, TRANSACTION, Increments, JobStats, RecentWindow
-from schemas.records import FaceObservation
 from schemas.topics import FACE_OBSERVATIONS, TRANSACTIONS
-from tests.builders import T0, sale
+from tests.builders import T0, checkout_face, sale
 
 PREFIX = "m."
 TX, FACES = TRANSACTIONS.full_name(PREFIX), FACE_OBSERVATIONS.full_name(PREFIX)
@@ -73,18 +72,7 @@ def tx(tx_id: str, offset: int = 0) -> SourceRecord:
 
 
 def face(tx_id: str, offset: int = 0) -> SourceRecord:
-    obs = FaceObservation(
-        observation_id=f"checkout:{tx_id}",
-        event_time=T0,
-        camera_serial="Q2MV-store-001-lane-01",
-        store_id="store-001",
-        lane_id="lane-01",
-        transaction_id=tx_id,
-        trigger="CHECKOUT",
-        status="NO_FACE",
-        embedding=None,
-        image_ref=None,
-    )
+    obs = checkout_face(tx_id, status="NO_FACE")
     return SourceRecord(b"Q2MV-store-001-lane-01", obs.encode(), FACES, 0, offset, NOW)
 
 

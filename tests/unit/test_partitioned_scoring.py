@@ -24,9 +24,9 @@ from jobs.scoring.rules import ModelResult
 from jobs.scoring.scorer import Predictor
 from jobs.scoring.watchlist import Watchlist
 from schemas.codec import codec
-from schemas.records import FaceObservation, WatchlistEntry
+from schemas.records import WatchlistEntry
 from schemas.topics import DEAD_LETTERS, FACE_OBSERVATIONS, SCORED_TRANSACTIONS, TRANSACTIONS
-from tests.builders import T0, return_of, sale
+from tests.builders import T0, checkout_face, return_of, sale
 
 PREFIX = "cg."
 TX, FACES = TRANSACTIONS.full_name(PREFIX), FACE_OBSERVATIONS.full_name(PREFIX)
@@ -62,18 +62,7 @@ def _face(rng: np.random.Generator) -> list[float]:
 
 
 def _obs(tx_id: str, at: int, embedding, n: int) -> SourceRecord:
-    obs = FaceObservation(
-        observation_id=f"checkout:{tx_id}:{n}",
-        event_time=at,
-        camera_serial="Q2MV-store-001-lane-01",
-        store_id="store-001",
-        lane_id="lane-01",
-        transaction_id=tx_id,
-        trigger="CHECKOUT",
-        status="NO_MATCH",
-        embedding=embedding,
-        image_ref=f"checkout/{tx_id}.jpg",
-    )
+    obs = checkout_face(tx_id, at=at, embedding=embedding, observation_id=f"checkout:{tx_id}:{n}")
     return SourceRecord(b"cam", obs.encode(), FACES, 1, n, NOW)
 
 
