@@ -458,7 +458,9 @@ class CameraBridge:
             return
         # Subscribed again on every connect; "connected" waits for the SUBACK: a first session has no
         # subscription until the broker has taken it, and what is published before that is not ours.
-        _rc, self._subscribe_mid = client.subscribe(f"{self.prefix}/merakimv/#", qos=1)
+        rc, self._subscribe_mid = client.subscribe(f"{self.prefix}/merakimv/#", qos=1)
+        if rc != mqtt.MQTT_ERR_SUCCESS:  # not sent: the next reconnect subscribes again
+            log.warning("mqtt subscribe to %s/merakimv/# not sent (%s)", self.prefix, mqtt.error_string(rc))
         self.stats.connects += 1
         log.info(
             "connected to mqtt %s:%s as %s (session present: %s)",

@@ -157,7 +157,8 @@ def build_partitioned(source: DataStream, settings: Settings, broadcast: DataStr
 
     ops = get_gateway().jvm.checkoutguard.flink
     job = settings.job
-    rules = broadcast.broadcast(BROADCAST)
+    control = broadcast._j_data_stream.assignTimestampsAndWatermarks(ops.ControlEventTime())
+    rules = DataStream(control.uid("control-event-time")).broadcast(BROADCAST)
     shards = f"-s{job.state_shards}"
     """In the keyed steps' uids: state split into another number of shards is not theirs (a fresh start)."""
 

@@ -11,6 +11,7 @@ batch and are then authoritative; each call writes back what changed (one ``put_
 
 from __future__ import annotations
 
+import logging
 import pickle
 import struct
 import zlib
@@ -54,6 +55,8 @@ from jobs.scoring.partitioned import (
     take,
 )
 from jobs.scoring.scorer import Scorer
+
+log = logging.getLogger(__name__)
 
 _HEAD = struct.Struct(">qi")
 """A message's head for the JVM: its event time (ms) and the source partition it came from (``StepEventTime``)."""
@@ -308,7 +311,13 @@ class DriftMergeFunction(KeyedProcessFunction):
         root = artifact_root(self.settings)
 
         def monitor_of(version: str) -> Any:
-            return factory(LocalModel.load(root / version)) if factory is not None else None
+            if factory is None:
+                return None
+            try:
+                return factory(LocalModel.load(root / version))
+            except Exception as err:  # noqa: BLE001 - no drift reports for that model, rather than a stopped job
+                log.warning("no drift reports for model %s: its artifact cannot be loaded (%s)", version, err)
+                return None
 
         self.merge = DriftMerge(monitor_of, self.settings.model.drift_psi_alert)
         self.scorer = Scorer(self.settings)

@@ -352,6 +352,15 @@ class DriftMonitor:
             return self.close_until(time_ms)
         return self.close_until(tally.newest_ms) if counted else []
 
+    @property
+    def watermark(self) -> int | None:
+        """Every hour ending at or before it is closed (reported, or never opened)."""
+        return self._watermark
+
+    def resume(self, watermark_ms: int) -> None:
+        """Hours ending at or before ``watermark_ms`` were reported by an earlier monitor of this version."""
+        self._watermark = watermark_ms if self._watermark is None else max(self._watermark, watermark_ms)
+
     def close_until(self, newest_ms: int) -> list[ModelDriftRecord]:
         """Close the hours that an event at ``newest_ms`` closes (another monitor's traffic moved time on:
         after a promotion, no more tallies of this model's version come to close them)."""
@@ -417,13 +426,17 @@ class DriftMerge:
     A monitor per model version: a promotion reaches the slots at slightly different moments."""
 
     MAX_VERSIONS = 4
-    """Monitors kept (the newest versions seen): older ones are flushed and dropped."""
+    """Monitors kept beyond those with open hours: the least recently used idle ones go first."""
+    MAX_REMEMBERED = 64
+    """Versions whose monitor went, with the time up to which their hours are reported (a rollback)."""
 
     def __init__(self, monitor_of: Callable[[str], DriftMonitor | None], psi_alert: float) -> None:
         self.psi_alert = psi_alert
         self.monitor_of = monitor_of
         """A version's :class:`jobs.model.drift.DriftMonitor` (None: that model has no reference)."""
         self.monitors: dict[str, DriftMonitor | None] = {}
+        """By version, the most recently used last."""
+        self.reported_until: dict[str, int] = {}
 
     def on_tallies(
         self, tallies: Iterable[HourTally], watermark_ms: int
@@ -431,16 +444,33 @@ class DriftMerge:
         """Count the tallies; the reports (with their alerts) of the hours that close by ``watermark_ms``."""
         reports: list[ModelDriftRecord] = []
         for tally in tallies:
-            if tally.model_version not in self.monitors:
-                self.monitors[tally.model_version] = self.monitor_of(tally.model_version)
-                while len(self.monitors) > self.MAX_VERSIONS:
-                    oldest = self.monitors.pop(next(iter(self.monitors)))
-                    if oldest is not None:
-                        reports += oldest.flush()
-            monitor = self.monitors[tally.model_version]
+            version = tally.model_version
+            monitor = self.monitors.pop(version) if version in self.monitors else self._monitor(version)
+            self.monitors[version] = monitor
             if monitor is not None:
                 reports += monitor.merge(tally, watermark_ms)
-        return self._alerted(reports + self._close(watermark_ms))
+        reports += self._close(watermark_ms)
+        self._evict()
+        return self._alerted(reports)
+
+    def _monitor(self, version: str) -> DriftMonitor | None:
+        monitor = self.monitor_of(version)
+        until = self.reported_until.pop(version, None)
+        if monitor is not None and until is not None:
+            monitor.resume(until)  # its hours reported before it went stay closed: later rows are late
+        return monitor
+
+    def _evict(self) -> None:
+        for version in list(self.monitors):
+            if len(self.monitors) <= self.MAX_VERSIONS:
+                return
+            monitor = self.monitors[version]
+            if monitor is None or not monitor.open_hours:
+                del self.monitors[version]
+                if monitor is not None and monitor.watermark is not None:
+                    self.reported_until[version] = monitor.watermark
+                    while len(self.reported_until) > self.MAX_REMEMBERED:
+                        del self.reported_until[next(iter(self.reported_until))]
 
     def on_watermark(self, watermark_ms: int) -> list[tuple[ModelDriftRecord, AlertAvro | None]]:
         """The reports of the hours that close by ``watermark_ms`` (a timer at :meth:`due`)."""

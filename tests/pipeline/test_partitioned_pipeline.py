@@ -31,7 +31,11 @@ CLOCK_FIELDS = {"decided_at", "ttdf_ms", "proc_time_ms", "model_time_ms", "faile
 SCHEMAS = {"processed_transactions": "ScoredTransaction", "alerts": "Alert", "dead_letters": "DeadLetter"}
 
 
-def _run(records, settings: Settings, parallelism: int) -> list:
+def _run(records, settings: Settings, parallelism: int, until=None, timeout_s: float = 180.0) -> list:
+    """The job over ``records``. With ``until`` (a test on the rows so far), the control stream never ends,
+    as the job's Kafka one: the run stops once ``until`` holds (or fails after ``timeout_s``)."""
+    import threading
+
     from pyflink.common import Configuration
     from pyflink.datastream import StreamExecutionEnvironment
 
@@ -45,9 +49,32 @@ def _run(records, settings: Settings, parallelism: int) -> list:
     conf.set_string("pipeline.auto-watermark-interval", "50 ms")
     env = StreamExecutionEnvironment.get_execution_environment(conf)
     env.set_parallelism(parallelism)
-    out = build_pipeline(env.from_collection(records, type_info=SOURCE_ROW), settings)
+    control = None
+    if until is not None:
+        from pyflink.table import StreamTableEnvironment
+
+        t_env = StreamTableEnvironment.create(env)
+        t_env.execute_sql(
+            "CREATE TEMPORARY TABLE control (k INT) WITH ('connector' = 'datagen', 'rows-per-second' = '1')"
+        )
+        rows = t_env.to_data_stream(t_env.from_path("control"))
+        control = rows.filter(lambda _r: False).map(lambda _r: None, output_type=SOURCE_ROW)  # no row, no end
+    out = build_pipeline(env.from_collection(records, type_info=SOURCE_ROW), settings, control)
+    got: list = []
     with out.execute_and_collect() as results:
-        return [(r[0], java_bytes(r[1]), java_bytes(r[2])) for r in results]
+        stop = threading.Timer(timeout_s, results.close)  # a job that waits for ever: the wait ends here
+        stop.start()
+        try:
+            for r in results:
+                got.append((r[0], java_bytes(r[1]), java_bytes(r[2])))
+                if until is not None and until(got):
+                    return got
+        except Exception as err:  # noqa: BLE001 - the closed iterator's error: say what was missing
+            raise AssertionError(f"not done after {timeout_s} s: {len(got)} rows") from err
+        finally:
+            stop.cancel()
+    assert until is None, f"the job ended before the rows were all there: {len(got)} rows"
+    return got
 
 
 def _comparable(rows) -> list:
@@ -104,8 +131,9 @@ def test_partitioned_layout_at_p2_reports_model_drift_as_the_single_layout():
         return {r["report_id"]: {k: v for k, v in r.items() if k != "created_at"} for r in decoded}
 
     expected = reports(_run(records, single, 1))
-    got = reports(_run(records, partitioned, 2))
     assert len(expected) == 3 and [r["rows"] for r in expected.values()] == [120, 120, 120]
+    # As in the job: the control stream (rules, watchlist) never ends and carries no event time.
+    got = reports(_run(records, partitioned, 2, until=lambda rows: len(reports(rows)) >= 4))
     assert {k: got.get(k) for k in expected} == expected
     # the end of the input closes the last hour too (the single layout keeps it open for later rows)
     assert [(r["hour_start"], r["rows"]) for k, r in got.items() if k not in expected] == [(T0 + 3 * 3_600_000, 40)]

@@ -451,3 +451,50 @@ def test_the_drift_step_reports_every_version_and_closes_a_replaced_models_hours
     by_timer = merge.on_watermark(T0 + 2 * HOUR_MS)  # hour 1 of both versions
     assert sorted((r["model_version"], r["rows"]) for r, _ in by_timer) == [("v-new", 20), ("v-old", 5)]
     assert merge.due() == []
+
+
+def test_a_version_the_drift_step_let_go_never_reports_an_hour_twice(reference: dict[str, Any]) -> None:
+    """A, B, C, D, E: the least recently used idle monitor (A) goes, remembering how far it reported, so a
+    straggling slot's tally for A's reported hour counts as late instead of making a second report."""
+    x, s = _rows(40, np.random.default_rng(14))
+
+    def monitor_of(version: str) -> DriftMonitor:
+        return DriftMonitor(reference, version, psi_alert=0.25, min_rows=5, now_ms=lambda: CREATED)
+
+    merge, slots = DriftMerge(monitor_of, psi_alert=0.25), {}
+    reports: list[tuple[str, int, int, int]] = []
+
+    def keep(done: list) -> None:
+        reports.extend(
+            (r["model_version"], (r["hour_start"] - T0) // HOUR_MS, r["rows"], r["late_rows"]) for r, _ in done
+        )
+
+    def tally(version: str, hour: int, n: int, watermark: int) -> None:
+        slot = slots.setdefault(version, monitor_of(version))
+        keep(merge.on_tallies([slot.tally(_times(n, hour), x[:n], s[:n])], watermark))
+
+    for hour, version in enumerate("ABCDE"):
+        tally(version, hour, 10, T0 + hour * HOUR_MS)
+    assert "A" not in merge.monitors and len(merge.monitors) == DriftMerge.MAX_VERSIONS
+    tally("A", 0, 3, T0 + 4 * HOUR_MS + 1)  # a slot still on A: hour 0 was reported
+    tally("A", 5, 5, T0 + 4 * HOUR_MS + 2)  # A again (a rollback)
+    keep(merge.on_watermark(T0 + 9 * HOUR_MS))
+    assert sorted(reports) == [
+        ("A", 0, 10, 0),
+        ("A", 5, 5, 3),  # the straggler's 3 rows: late, in A's next report
+        ("B", 1, 10, 0),
+        ("C", 2, 10, 0),
+        ("D", 3, 10, 0),
+        ("E", 4, 10, 0),
+    ]
+
+
+def test_merged_rows_older_than_the_watermark_less_the_grace_are_late(reference: dict[str, Any]) -> None:
+    x, s = _rows(20, np.random.default_rng(15))
+    merged, slot = _monitor(reference, grace_ms=300_000), _monitor(reference, grace_ms=300_000)
+    assert merged.merge(slot.tally(_times(10, 0), x[:10], s[:10]), T0 + 600_000) == []
+    (report,) = merged.merge(slot.tally(_times(4, 1), x[:4], s[:4]), T0 + HOUR_MS + 300_000)  # hour 0 closes
+    assert (report["rows"], report["late_rows"]) == (10, 0)
+    assert merged.merge(slot.tally(_times(6, 0), x[:6], s[:6]), T0 + HOUR_MS + 300_000) == []  # too late
+    (second,) = merged.flush()
+    assert (second["hour_start"], second["rows"], second["late_rows"]) == (T0 + HOUR_MS, 4, 6)
