@@ -264,9 +264,7 @@ class DecideShards(KeyedBroadcastProcessFunction):
             self.core.restore({}, dict(ctx.get_broadcast_state(BROADCAST).items()))
             self.restored = True
         shard, messages = unpack_batch(_as_bytes(batch))
-        if self.core.join.enabled:  # the face wait, measured by gather's join, reported here with the decisions
-            waits = (m.payload.waited_ms for m in messages)
-            self.core.stats.face_wait_ms.extend(w for w in waits if w is not None)
+        self.core.count_face_waits(m.payload for m in messages)  # measured by gather's join, reported here
         step = self.shards.current(shard)
         for subject in self.core.forgotten:  # queued by shard: only the current key's state is writable
             tx_id = subject.removeprefix("subj-")

@@ -486,7 +486,7 @@ class DriftMerge:
 
     def _alerted(self, reports: list[ModelDriftRecord]) -> list[tuple[ModelDriftRecord, AlertAvro | None]]:
         reports.sort(key=lambda r: r["hour_start"])
-        return [(r, drift_alert(r, self.psi_alert) if r["alert"] else None) for r in reports]
+        return with_alerts(reports, self.psi_alert)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -500,6 +500,13 @@ def drifting(report: ModelDriftRecord, threshold: float, limit: int = 5) -> list
         found.append((SCORE, report["score_psi"]))
     found.sort(key=lambda item: (-item[1], item[0]))
     return found[:limit]
+
+
+def with_alerts(
+    reports: Iterable[ModelDriftRecord], psi_alert: float
+) -> list[tuple[ModelDriftRecord, AlertAvro | None]]:
+    """Each report with its alert where it crossed the setting (``alert``), else None."""
+    return [(r, drift_alert(r, psi_alert) if r["alert"] else None) for r in reports]
 
 
 def drift_alert(report: ModelDriftRecord, psi_alert: float = 0.25) -> AlertAvro:

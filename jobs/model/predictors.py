@@ -186,7 +186,7 @@ class ScoringModels(Predictor):
         if monitor is not None and x is not None:
             times = [tx["event_time"] for tx, _ in items]
             if self.tally_drift:
-                self._tallies.append(monitor.tally(times, x, scores))
+                self._tallies.append(monitor.tally(times, x, scores))  # items is not empty: never None
             else:
                 self._reports.extend(monitor.observe(times, x, scores))
         if challenger is None:
@@ -199,14 +199,14 @@ class ScoringModels(Predictor):
         ]
 
     def drain_reports(self) -> list[tuple[ModelDriftAvro, AlertAvro | None]]:
-        from jobs.model.drift import drift_alert
+        from jobs.model.drift import with_alerts
 
         reports, self._reports = self._reports, []
-        return [(r, drift_alert(r, self.psi_alert) if r["alert"] else None) for r in reports]
+        return with_alerts(reports, self.psi_alert)
 
     def drain_tallies(self) -> list[Any]:
         """With ``tally_drift``: the drift counters (:class:`jobs.model.drift.HourTally`) since the last call."""
-        tallies, self._tallies = [t for t in self._tallies if t is not None], []
+        tallies, self._tallies = self._tallies, []
         return tallies
 
 

@@ -370,14 +370,18 @@ class DecisionCore:
                 self._persist([(RECEIPTS, tx_id, receipt)])
 
     # --- decisions -------------------------------------------------------------------------------
+    def count_face_waits(self, ready: Iterable[Ready]) -> None:
+        """How long released transactions waited in the face join (for the job's timings)."""
+        if self.join.enabled:
+            self.stats.face_wait_ms.extend(item.waited_ms for item in ready if item.waited_ms is not None)
+
     def _decide(self, ready: list[Ready], out: list[OutRow]) -> None:
         """Model, rules and outputs for every released transaction, in model calls of ``batch_size``.
 
         A call that raises is made again per transaction: the others are decided, the failing ones
         dead-lettered (deciding again is safe: it only sets what the first try set).
         """
-        if ready and self.join.enabled:
-            self.stats.face_wait_ms.extend(item.waited_ms for item in ready if item.waited_ms is not None)
+        self.count_face_waits(ready)
         size = max(1, self.settings.job.batch_size)
         for start in range(0, len(ready), size):
             chunk = ready[start : start + size]
