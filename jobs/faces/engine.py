@@ -40,7 +40,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from infra.settings import FaceSettings
 from jobs.faces import ort, weights
-from jobs.faces.ort import SfaceEmbedder, YunetDetector
+from jobs.faces.ort import FacePluginEmbedder, SfaceEmbedder, YunetDetector
 from jobs.faces.resnet import FaceResnet
 from schemas.errors import CheckoutGuardError
 
@@ -128,6 +128,34 @@ def _sface() -> tuple[object, SfaceEmbedder]:
         ort.sface_float_model(model), weights.SFACE_FLOAT_SHA256, f"{weights.SFACE.file} (float32)"
     )
     return cv2.FaceRecognizerSF.create("onnx", model, b""), SfaceEmbedder(net)
+
+
+@cache
+def _faceplugin() -> FacePluginEmbedder:
+    """FacePlugin's network (evaluation only) from ``fetch-models``' hash-checked file."""
+    return FacePluginEmbedder(weights.load_cached(weights.FACEPLUGIN))
+
+
+EVALUATION_ONLY = ("fused", "faceplugin", "fused3")
+"""Embedders whose embeddings (256, 512, 768 values) no watchlist accepts: scored by ``jobs.faces evaluate`` only."""
+PARTS = {
+    "dlib": ("dlib",),
+    "sface": ("sface",),
+    "fused": ("dlib", "sface"),
+    "faceplugin": ("faceplugin",),
+    "fused3": ("dlib", "sface", "faceplugin"),
+}
+"""The networks behind each embedder, in the order their features are concatenated (128, 128, 512 values)."""
+PART_DIM = {"dlib": 128, "sface": 128, "faceplugin": 512}
+
+
+def embedding_parts(embedding: np.ndarray, embedder: str) -> dict[str, np.ndarray]:
+    """An embedding of ``embedder`` split into its networks' features (rows of a 2-d array stay rows)."""
+    out, start = {}, 0
+    for part in PARTS[embedder]:
+        out[part] = embedding[..., start : start + PART_DIM[part]]
+        start += PART_DIM[part]
+    return out
 
 
 def embedder_of(embedding: np.ndarray) -> str:
@@ -261,21 +289,32 @@ _MODEL_LOCK = threading.Lock()
 one analysis at a time per process; scale out with processes."""
 
 
+def _scaled(vecs: np.ndarray) -> np.ndarray:
+    """Features scaled to norm :data:`SFACE_SCALE` (cosine networks: only the direction carries identity)."""
+    norms = np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True).astype(np.float64), 1e-12)
+    return vecs * (SFACE_SCALE / norms).astype(np.float32)
+
+
 class FaceEngine:
     """Analyses images; models load once per process and are shared by all engines."""
 
     def __init__(self, settings: FaceSettings, evaluation: bool = False) -> None:
-        """``evaluation``: allow ``embedder="fused"``, whose 256 values no watchlist accepts (scored only by
-        ``jobs.faces evaluate``/``bench``)."""
-        if settings.embedder == "fused" and not evaluation:
-            raise ValueError("CG_FACES__EMBEDDER=fused is for `jobs.faces evaluate` only: use dlib or sface")
+        """``evaluation``: allow the :data:`EVALUATION_ONLY` embedders, whose embeddings no watchlist accepts
+        (scored only by ``jobs.faces evaluate``/``bench``)."""
+        if settings.embedder in EVALUATION_ONLY and not evaluation:
+            raise ValueError(
+                f"CG_FACES__EMBEDDER={settings.embedder} is for `jobs.faces evaluate` only: use dlib or sface"
+            )
         self.settings = settings
         self.embedder = settings.embedder
         """Which embedder made this engine's embeddings: only embeddings of the same embedder are comparable."""
         self._detector, self._predictor = _models()
-        self._resnet = _face_resnet() if settings.embedder in ("dlib", "fused") else None
+        parts = PARTS[settings.embedder]
+        self._resnet = _face_resnet() if "dlib" in parts else None
         self._yunet = _yunet() if settings.detector == "yunet" else None
-        self._sface = _sface() if settings.embedder in ("sface", "fused") else None
+        # FacePlugin's chip is aligned by SFace's aligner (the same five-point template)
+        self._sface = _sface() if "sface" in parts or "faceplugin" in parts else None
+        self._faceplugin = _faceplugin() if "faceplugin" in parts else None
 
     def analyse(self, image: bytes) -> list[DetectedFace]:
         """All faces found in JPEG/PNG bytes, largest first. Raises ``ImageError`` on unusable bytes."""
@@ -308,23 +347,25 @@ class FaceEngine:
             if self._resnet is not None:
                 parts.append(self._resnet.descriptors([candidates[i][1] for i in chosen]))
             if self._sface is not None:
-                parts.append(self._sface_embeddings(work, [candidates[i][2] for i in chosen]))
+                chips = self._aligned_chips(work, [candidates[i][2] for i in chosen])
+                if "sface" in PARTS[self.embedder]:
+                    parts.append(_scaled(self._sface[1].features(chips)))
+                if self._faceplugin is not None:
+                    parts.append(_scaled(self._faceplugin.features(chips)))
         embeddings = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
         for row, i in enumerate(chosen):
             out[i] = replace(out[i], embedding=embeddings[row].copy())
         return out
 
-    def _sface_embeddings(self, rgb: np.ndarray, marks: list[np.ndarray]) -> np.ndarray:
-        """SFace features of the faces at ``marks`` (``alignCrop``: 112x112, ArcFace's template), in one batch, each
-        scaled to norm :data:`SFACE_SCALE`. Aligning the RGB image gives the red/blue-swapped chip that
-        ``FaceRecognizerSF.feature`` feeds its network (no BGR copy of the frame needed)."""
-        aligner, net = self._sface
+    def _aligned_chips(self, rgb: np.ndarray, marks: list[np.ndarray]) -> list[np.ndarray]:
+        """112x112 chips of the faces at ``marks`` (``alignCrop``: ArcFace's template). Aligning the RGB image gives
+        the red/blue-swapped chip that ``FaceRecognizerSF.feature`` feeds its network (no BGR copy of the frame
+        needed), and the RGB chip FacePlugin's client feeds its own."""
+        aligner = self._sface[0]
         rows = np.zeros((len(marks), 15), dtype=np.float32)
         for row, points in zip(rows, marks, strict=True):
             row[4:14] = points.ravel()
-        vecs = net.features([aligner.alignCrop(rgb, row) for row in rows])
-        norms = np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True).astype(np.float64), 1e-12)
-        return vecs * (SFACE_SCALE / norms).astype(np.float32)
+        return [aligner.alignCrop(rgb, row) for row in rows]
 
     def _candidates(self, rgb: np.ndarray, scale: float) -> tuple[list[Candidate], np.ndarray]:
         """Detected faces with their gate result, aligned chip and landmarks (not yet embedded), largest first;

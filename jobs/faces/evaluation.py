@@ -101,21 +101,53 @@ def cross_validate(
     ``pair_set`` (per pair: the index of the set both its photos come from, -1 across sets): the threshold must
     also hold ``target_fmr`` within every set large enough to say (:data:`MIN_SET_FALSE_MATCHES`), so one
     population whose strangers look alike to the embedder cannot hide behind the pooled rate of the others."""
+    return cross_validate_fused(pairs, [pairs.score], fold_of_identity, k, target_fmr, pair_set)
+
+
+def fold_threshold(score: np.ndarray, choose: np.ndarray, target_fmr: float, pair_set: np.ndarray | None) -> float:
+    """Threshold at ``target_fmr`` on the ``choose`` impostor pairs, pooled and within every set large enough."""
+    t = threshold_at_fmr(score[choose], target_fmr)
+    if pair_set is not None:
+        for s in np.unique(pair_set[pair_set >= 0]):
+            own = choose & (pair_set == s)
+            if int(own.sum()) * target_fmr >= MIN_SET_FALSE_MATCHES:
+                t = max(t, threshold_at_fmr(score[own], target_fmr))
+    return t
+
+
+def fuse_scores(parts: list[np.ndarray], reference: np.ndarray) -> np.ndarray:
+    """Score-level fusion of several embedders' scores of the same pairs: each part standardised by the mean and
+    spread of its scores on the ``reference`` pairs (impostors: strangers' scores are what a threshold is set
+    against), averaged, and put back on the first part's scale (so a fused threshold reads like its similarity).
+    One part is returned as it is."""
+    if len(parts) == 1:
+        return parts[0]
+    z = sum((p - p[reference].mean()) / max(float(p[reference].std()), 1e-9) for p in parts) / len(parts)
+    return z * float(parts[0][reference].std()) + float(parts[0][reference].mean())
+
+
+def cross_validate_fused(
+    pairs: Pairs,
+    parts: list[np.ndarray],
+    fold_of_identity: np.ndarray,
+    k: int,
+    target_fmr: float,
+    pair_set: np.ndarray | None = None,
+) -> CrossValidated:
+    """:func:`cross_validate` of the :func:`fuse_scores` of ``parts`` (per pair, one score array per embedder):
+    each fold's standardisation, like its threshold, comes only from the impostor pairs of the other folds'
+    identities. ``thresholds`` are on the first part's scale, as fused in each fold."""
     fa, fb = fold_of_identity[pairs.id_a], fold_of_identity[pairs.id_b]
     report_fold = np.minimum(fa, fb)
     accepted = np.zeros(pairs.score.size, dtype=bool)
     thresholds = []
     for f in range(k):
         choose = ~pairs.genuine & (fa != f) & (fb != f)
-        t = threshold_at_fmr(pairs.score[choose], target_fmr)
-        if pair_set is not None:
-            for s in np.unique(pair_set[pair_set >= 0]):
-                own = choose & (pair_set == s)
-                if int(own.sum()) * target_fmr >= MIN_SET_FALSE_MATCHES:
-                    t = max(t, threshold_at_fmr(pairs.score[own], target_fmr))
+        score = fuse_scores(parts, choose)
+        t = fold_threshold(score, choose, target_fmr, pair_set)
         thresholds.append(t)
         mine = report_fold == f
-        accepted[mine] = pairs.score[mine] >= t
+        accepted[mine] = score[mine] >= t
     return CrossValidated(thresholds, accepted, report_fold)
 
 

@@ -196,6 +196,33 @@ class SfaceEmbedder:
         return self._session.run([SFACE_OUTPUT], {SFACE_INPUT: blob})[0].astype(np.float32)
 
 
+FACEPLUGIN_INPUT, FACEPLUGIN_OUTPUT, FACEPLUGIN_DIM = "input", "output", 512
+
+
+class FacePluginEmbedder:
+    """FacePlugin's network (:data:`jobs.faces.weights.FACEPLUGIN`, evaluation only) on ONNX Runtime, fed as its
+    JavaScript client feeds it (``lib/fr_feature.js``): the 112x112 chip aligned to ArcFace's five points (the
+    template ``alignCrop`` uses too), RGB planes scaled ``(v - 127) / 128``. Its graph takes one face at a time."""
+
+    def __init__(self, model: bytes):
+        self._session = session(model)
+        inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
+        if [(i.name, i.shape) for i in inputs] != [(FACEPLUGIN_INPUT, [1, 3, SFACE_SIZE, SFACE_SIZE])] or [
+            (o.name, o.shape) for o in outputs
+        ] != [(FACEPLUGIN_OUTPUT, [1, FACEPLUGIN_DIM])]:
+            raise ValueError("unexpected FacePlugin graph inputs/outputs")
+
+    def features(self, rgb_chips: list[np.ndarray]) -> np.ndarray:
+        """(n, 512) float32 raw features of n RGB 112x112 uint8 chips."""
+        out = np.zeros((len(rgb_chips), FACEPLUGIN_DIM), np.float32)
+        for row, chip in enumerate(rgb_chips):
+            if chip.shape != (SFACE_SIZE, SFACE_SIZE, 3):
+                raise ValueError(f"FacePlugin chips must be {SFACE_SIZE}x{SFACE_SIZE}x3")
+            blob = ((chip.astype(np.float32) - 127.0) / 128.0).transpose(2, 0, 1)[None]
+            out[row] = self._session.run([FACEPLUGIN_OUTPUT], {FACEPLUGIN_INPUT: blob})[0][0]
+        return out
+
+
 def nms(boxes: np.ndarray, scores: np.ndarray, score_threshold: float, nms_threshold: float, top_k: int) -> list[int]:
     """``cv::dnn::NMSBoxes`` on integer (x, y, w, h) boxes: by score (stable, descending, above the threshold,
     at most ``top_k``), keeping a box when its IoU with every kept one is <= ``nms_threshold``."""

@@ -84,3 +84,61 @@ def verified_model(data: bytes, sha256: str, what: str) -> bytes:
 def load(weight: Weight) -> bytes:
     """The verified bytes of a pinned weight file from the wheel."""
     return verified_bytes(weight_path(weight), weight.sha256)
+
+
+FACEPLUGIN_PACKAGE = ("faceplugin-face-recognition-js", "0.0.1")
+"""npm package (MIT, its ``LICENSE``) shipping FacePlugin's recognition network as ONNX (``model/fr_feature.onnx``:
+112x112 aligned RGB chip scaled (v - 127) / 128, 512 features). Evaluation only: its 512 values fit no watchlist,
+so it is fetched on demand (``python -m jobs.faces fetch-models``), never at install."""
+FACEPLUGIN_ARCHIVE_SHA256 = "7ea06031d9a3f83753254fcff60506a07b81b46fc84d4ee024cd041f260ec1ba"
+FACEPLUGIN = Weight("fr_feature.onnx", "87aacdfe57510db2af90c0251df680e8eec88f122ee94712121d09bcaaaf3581")
+FACEPLUGIN_MEMBER = "package/model/fr_feature.onnx"
+
+
+def models_dir() -> Path:
+    """Where on-demand model files live (``.cache/faces-models``; ignored by git, like the fresh set)."""
+    from infra.settings import REPO_ROOT
+
+    return REPO_ROOT / ".cache" / "faces-models"
+
+
+def load_cached(weight: Weight, directory: Path | None = None) -> bytes:
+    """The verified bytes of an on-demand model file; :class:`WeightsError` when it was never fetched or differs."""
+    path = (directory or models_dir()) / weight.file
+    if not path.is_file():
+        raise WeightsError(f"face model {weight.file} missing: python -m jobs.faces fetch-models")
+    return verified_bytes(path, weight.sha256)
+
+
+def fetch_faceplugin(directory: Path | None = None, run=None) -> Path:
+    """FacePlugin's network in ``directory``: the pinned npm archive fetched by npm itself (its SHA-256 checked),
+    the model taken out of it and checked against its own pin; nothing is fetched when a verified copy is there."""
+    from jobs.faces import fresh_set
+
+    directory = directory or models_dir()
+    target = directory / FACEPLUGIN.file
+    if target.is_file() and hashlib.sha256(target.read_bytes()).hexdigest() == FACEPLUGIN.sha256:
+        return target
+    package, version = FACEPLUGIN_PACKAGE
+    source = fresh_set.Source(
+        name="faceplugin",
+        registry="npm",
+        package=package,
+        version=version,
+        archive=f"{package}-{version}.tgz",
+        sha256=FACEPLUGIN_ARCHIVE_SHA256,
+        member=FACEPLUGIN_MEMBER,
+        licence="MIT",
+    )
+    try:
+        archive = fresh_set.fetch_archive(source, directory / ".downloads", **({"run": run} if run else {}))
+    except fresh_set.FreshSetError as exc:
+        raise WeightsError(str(exc)) from None
+    data = next((d for name, d in fresh_set.archive_members(archive) if name == FACEPLUGIN_MEMBER), None)
+    if data is None:
+        raise WeightsError(f"{archive.name} holds no {FACEPLUGIN_MEMBER}")
+    verified_model(data, FACEPLUGIN.sha256, FACEPLUGIN_MEMBER)
+    partial = target.with_suffix(".partial")
+    partial.write_bytes(data)
+    partial.replace(target)
+    return target

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import shutil
+import subprocess
+import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +19,9 @@ from jobs.faces.evaluation import (
     Pairs,
     all_pairs,
     cross_validate,
+    cross_validate_fused,
     cross_validate_quality,
+    fuse_scores,
     identity_folds,
     quality_offset,
     template_pairs,
@@ -22,6 +29,7 @@ from jobs.faces.evaluation import (
     threshold_at_fmr,
     wilson,
 )
+from jobs.scoring.face_similarity import similarity
 
 
 def test_wilson_interval_is_inside_0_1_and_covers_the_estimate():
@@ -222,3 +230,121 @@ def test_template_pairs_probe_with_the_same_items_whatever_the_number_of_templat
     assert (three.score >= one.score).all()  # the nearest of 3 is at least as near as the first of them
     enrolled_sources = {int(source[i]) for i in three.right}
     assert not enrolled_sources & {int(source[i]) for i in three.left[three.genuine]}
+
+
+def test_fused_scores_standardise_each_part_on_the_reference_pairs_and_keep_the_first_parts_scale():
+    rng = np.random.default_rng(3)
+    a = rng.normal(40, 5, 500)
+    b = 10 * a + 7  # the same ranking on another scale: fusing it must change nothing
+    reference = np.arange(500) < 300
+    assert np.allclose(fuse_scores([a, b], reference), a)
+    shifted = b.copy()
+    shifted[~reference] += 1000  # scores outside the reference pairs do not move the scaling
+    assert np.allclose(fuse_scores([a, shifted], reference)[reference], a[reference])
+    assert fuse_scores([a], reference) is a
+
+
+def test_fused_cross_validation_scales_and_thresholds_each_fold_without_its_own_people():
+    rng = np.random.default_rng(4)
+    identity = np.repeat(np.arange(9), 3)
+    sims = rng.uniform(0, 60, (27, 27))
+    sims = np.triu(sims, 1) + np.triu(sims, 1).T
+    pairs = all_pairs(sims, identity, np.arange(27))
+    fold_of = np.repeat(np.arange(3), 3)
+    other = pairs.score * 2 + rng.normal(0, 3, pairs.score.size)
+    base = cross_validate_fused(pairs, [pairs.score, other], fold_of, 3, target_fmr=0.05)
+    moved = other.copy()
+    in_fold0 = (fold_of[pairs.id_a] == 0) | (fold_of[pairs.id_b] == 0)
+    moved[in_fold0] += 500.0  # fold 0's own pairs, in the second network
+    again = cross_validate_fused(pairs, [pairs.score, moved], fold_of, 3, target_fmr=0.05)
+    assert again.thresholds[0] == base.thresholds[0]
+    assert cross_validate_fused(pairs, [pairs.score], fold_of, 3, 0.05).thresholds == (
+        cross_validate(pairs, fold_of, 3, 0.05).thresholds
+    )
+
+
+def test_faceplugin_embedders_are_evaluation_only_and_need_the_fetched_model(monkeypatch, tmp_path):
+    for name in ("faceplugin", "fused3"):
+        with pytest.raises(ValueError, match=name):
+            face_engine.FaceEngine(FaceSettings(embedder=name))
+    monkeypatch.setattr(weights, "models_dir", lambda: tmp_path)
+    face_engine._faceplugin.cache_clear()
+    try:
+        with pytest.raises(weights.WeightsError, match="fetch-models"):
+            face_engine.FaceEngine(FaceSettings(embedder="fused3"), evaluation=True)
+        (tmp_path / weights.FACEPLUGIN.file).write_bytes(b"another network")
+        with pytest.raises(weights.WeightsError, match="refusing"):
+            face_engine.FaceEngine(FaceSettings(embedder="faceplugin"), evaluation=True)
+    finally:
+        face_engine._faceplugin.cache_clear()
+
+
+def _npm_archive(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_fetch_models_takes_the_pinned_network_out_of_the_pinned_archive_once(monkeypatch, tmp_path):
+    model = b"onnx bytes of the network"
+    archive = _npm_archive({weights.FACEPLUGIN_MEMBER: model, "package/README.md": b"readme"})
+    monkeypatch.setattr(weights, "FACEPLUGIN_ARCHIVE_SHA256", hashlib.sha256(archive).hexdigest())
+    monkeypatch.setattr(weights, "FACEPLUGIN", weights.Weight("fr_feature.onnx", hashlib.sha256(model).hexdigest()))
+    calls = []
+
+    def npm(cmd, **_kw):
+        calls.append(cmd)
+        package, version = weights.FACEPLUGIN_PACKAGE
+        assert cmd[:3] == ["npm", "pack", f"{package}@{version}"]
+        (Path(cmd[cmd.index("--pack-destination") + 1]) / f"{package}-{version}.tgz").write_bytes(archive)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    path = weights.fetch_faceplugin(tmp_path, run=npm)
+    assert path.read_bytes() == model and weights.load_cached(weights.FACEPLUGIN, tmp_path) == model
+    weights.fetch_faceplugin(tmp_path, run=npm)
+    assert len(calls) == 1  # a verified copy is there: nothing fetched
+
+
+def test_fetch_models_refuses_a_network_that_is_not_the_pinned_one(monkeypatch, tmp_path):
+    archive = _npm_archive({weights.FACEPLUGIN_MEMBER: b"a swapped network"})
+    monkeypatch.setattr(weights, "FACEPLUGIN_ARCHIVE_SHA256", hashlib.sha256(archive).hexdigest())
+
+    def npm(cmd, **_kw):
+        package, version = weights.FACEPLUGIN_PACKAGE
+        (Path(cmd[cmd.index("--pack-destination") + 1]) / f"{package}-{version}.tgz").write_bytes(archive)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    with pytest.raises(weights.WeightsError, match="refusing"):
+        weights.fetch_faceplugin(tmp_path, run=npm)
+    assert not (tmp_path / weights.FACEPLUGIN.file).exists()
+
+
+needs_faceplugin = pytest.mark.skipif(
+    not (weights.models_dir() / weights.FACEPLUGIN.file).is_file(),
+    reason="FacePlugin network not fetched (python -m jobs.faces fetch-models): evaluation only",
+)
+
+
+@needs_faceplugin
+def test_fused3_embeddings_hold_each_networks_features_and_faceplugin_tells_people_apart():
+    images = Path(face_engine.__file__).resolve().parents[2] / ".stack" / "faces" / "face_recognition-1.3.0"
+    photos = images / "tests" / "test_images"
+    if not photos.is_dir():
+        pytest.skip("face_recognition sdist photos not installed (make setup)")
+    engine = face_engine.FaceEngine(FaceSettings(embedder="fused3"), evaluation=True)
+    obama, obama2, biden = (
+        engine.best_face((photos / n).read_bytes()).embedding for n in ("obama.jpg", "obama2.jpg", "biden.jpg")
+    )
+    assert obama.shape == (768,)
+    sface = face_engine.FaceEngine(FaceSettings(embedder="sface")).best_face((photos / "obama.jpg").read_bytes())
+    parts = face_engine.embedding_parts(obama, "fused3")
+    assert np.allclose(parts["sface"], sface.embedding, atol=1e-5)
+    fp = {
+        n: face_engine.embedding_parts(v, "fused3")["faceplugin"]
+        for n, v in (("o", obama), ("o2", obama2), ("b", biden))
+    }
+    assert similarity(fp["o"], fp["o2"]) > similarity(fp["o"], fp["b"]) + 10

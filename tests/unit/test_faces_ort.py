@@ -163,7 +163,7 @@ def test_engine_sface_embeddings_equal_opencvs_facerecognizersf_on_the_shared_ph
         marks = [m for _, _, m in candidates]
         if not marks:
             continue
-        ours = engine._sface_embeddings(work, marks)
+        ours = face_engine._scaled(engine._sface[1].features(engine._aligned_chips(work, marks)))
         bgr = cv2.cvtColor(work, cv2.COLOR_RGB2BGR)
         for points, mine in zip(marks, ours, strict=True):
             row = np.zeros(15, np.float32)
