@@ -6,7 +6,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 LINT_DIRS := producers jobs sinks schemas infra tests
 
-.PHONY: help setup up down status topics reset lint check run production test bench evaluate train backtest models train-default replay backtest-stream redrive labels chaos
+.PHONY: help setup up down status topics reset lint check run production test bench evaluate train backtest models train-default replay backtest-stream redrive labels chaos face-models
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -33,7 +33,7 @@ reset: ## stop the stack and delete its data, logs and checkpoints
 lint: setup ## ruff check over the Python sources
 	@$(PY) -m ruff check $(LINT_DIRS)
 
-check: setup ## format check, lint (bugbear, complexity, length caps), type check, unit tests with warnings as errors
+check: setup face-models ## format check, lint (bugbear, complexity, length caps), type check, unit tests with warnings as errors
 	@$(PY) -m ruff format --check $(LINT_DIRS)
 	@$(PY) -m ruff check $(LINT_DIRS)
 	@$(PY) -m mypy
@@ -46,8 +46,12 @@ run: setup train-default ## start the stack, the scoring job and the OpenSearch 
 production: setup ## the real services only, supervised, against the configured Kafka/OpenSearch/...; ARGS="--only dashboard"
 	@$(PY) -m infra.production $(ARGS)
 
-test: setup ## run the test suite (e2e tests start the stack themselves)
+test: setup face-models ## run the test suite (e2e tests start the stack themselves)
 	@$(PY) -m pytest -q tests
+
+face-models: setup ## fetch the evaluation-only FacePlugin network with npm (pinned, hash-checked; fast when there)
+	@if ! command -v npm >/dev/null; then echo "npm not found: the FacePlugin (evaluate --embedder fused3) tests will skip"; \
+	elif ! $(PY) -m jobs.faces fetch-models; then echo "FacePlugin not fetched: its tests will skip"; fi
 
 chaos: setup ## the fault-injection suite alone (hostile records on every input, broker kill, OpenSearch stop, SMTP outage; also part of make test)
 	@$(PY) -m pytest -q -s tests/e2e/test_chaos_e2e.py

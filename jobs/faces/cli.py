@@ -312,7 +312,7 @@ def _scored_report(
             "tmr_ci_wilson": [round(v, 4) for v in wilson(round(tmr * gen.size), gen.size)],
         }
     quality = np.array([it["quality"] for it in items], dtype=np.float64)
-    return {
+    report = {
         "detector": settings.detector,
         "embedder": settings.embedder,
         "photos": len(photos),
@@ -346,6 +346,15 @@ def _scored_report(
                 for c in (x.name for x in conditions)
             },
         },
+    }
+    if parts is not None:
+        # a standardised fusion is scaled per fold, on the other folds' strangers: only the cross-validated figures
+        # have that; these would be scaled on the very pairs they report, and no single threshold exists
+        report["cross_validated"]["fold_thresholds_scale"] = "per fold: each fold's own standardisation"
+        report["not_computed"] = "quality_aware_threshold, templates, at_threshold: fused scores are scaled per fold"
+        return report
+    return {
+        **report,
         "quality_aware_threshold": _quality_report(pairs, quality, fold_map, names, k, settings.target_fmr),
         "templates": _template_report(items, sims, identity, quality, fold_map, names, k, settings.target_fmr),
         "at_threshold": _fixed_report(pairs, at_configured, sets, cond, len(names), settings.match_threshold),
@@ -482,6 +491,9 @@ def evaluate(
             f"    {name}: TMR {r['tmr']} {r['tmr_ci_wilson']} ({r['genuine_pairs']} genuine), FMR {r['fmr']} "
             f"{r['fmr_ci_wilson']} ({r['false_matches']}/{r['impostor_pairs']})"
         )
+    if "not_computed" in report:
+        typer.echo(f"  not computed: {report['not_computed']}")
+        return
     q = report["quality_aware_threshold"]
     typer.echo(
         f"  quality-aware threshold: TMR {q['tmr']}, FMR {q['fmr']} ({q['false_matches']}/{q['impostor_pairs']}), "
@@ -550,6 +562,9 @@ def fetch_fresh(
 
 def _echo_fixed(report: dict) -> None:
     """The hold-out figures: rates at the configured threshold with pair counts and intervals, per set."""
+    if "at_threshold" not in report:
+        typer.echo(f"--fixed-threshold: not for --embedder {report['embedder']} ({report['not_computed']})", err=True)
+        raise typer.Exit(2)
     fx = report["at_threshold"]
     typer.echo(
         f"{report['detector']} + {report['embedder']}: {report['photos']} photos, {report['identities']} identities, "
@@ -672,8 +687,12 @@ def bench_faces(photo: Path | None = None, frames: int = 30, enrolled: int = 100
     configured = {k.removeprefix("yunet_"): v for k, v in out.items() if k.startswith("yunet_")}
     from jobs.faces import weights
 
-    fetched = (weights.models_dir() / weights.FACEPLUGIN.file).is_file()
-    for embedder in ("dlib", "sface", "fused", *(("fused3",) if fetched else ())):
+    try:
+        weights.load_cached(weights.FACEPLUGIN)
+        fused3: tuple[str, ...] = ("fused3",)
+    except weights.WeightsError:  # not fetched (or not the pinned file): benched once it is
+        fused3 = ()
+    for embedder in ("dlib", "sface", "fused", *fused3):
         if embedder == settings.embedder:  # already measured: the yunet_* figures
             out.update({f"yunet_{embedder}_{k}": v for k, v in configured.items()})
         else:

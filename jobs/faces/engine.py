@@ -132,8 +132,12 @@ def _sface() -> tuple[object, SfaceEmbedder]:
 
 @cache
 def _faceplugin() -> FacePluginEmbedder:
-    """FacePlugin's network (evaluation only) from ``fetch-models``' hash-checked file."""
-    return FacePluginEmbedder(weights.load_cached(weights.FACEPLUGIN))
+    """FacePlugin's network (evaluation only) from ``fetch-models``' hash-checked file, its ``PRelu`` rewritten and
+    the result checked against its pinned hash."""
+    model = ort.faceplugin_float_model(weights.load_cached(weights.FACEPLUGIN))
+    return FacePluginEmbedder(
+        weights.verified_model(model, weights.FACEPLUGIN_FLOAT_SHA256, f"{weights.FACEPLUGIN.file} (PRelu rewritten)")
+    )
 
 
 EVALUATION_ONLY = ("fused", "faceplugin", "fused3")

@@ -93,6 +93,8 @@ so it is fetched on demand (``python -m jobs.faces fetch-models``), never at ins
 FACEPLUGIN_ARCHIVE_SHA256 = "7ea06031d9a3f83753254fcff60506a07b81b46fc84d4ee024cd041f260ec1ba"
 FACEPLUGIN = Weight("fr_feature.onnx", "87aacdfe57510db2af90c0251df680e8eec88f122ee94712121d09bcaaaf3581")
 FACEPLUGIN_MEMBER = "package/model/fr_feature.onnx"
+FACEPLUGIN_FLOAT_SHA256 = "adecb759c269102c50d3c5cde6476a58efe27639c2e6e6785d287e53ecb94a91"
+"""The graph :func:`jobs.faces.ort.faceplugin_float_model` makes from :data:`FACEPLUGIN` (same reasons as above)."""
 
 
 def models_dir() -> Path:
@@ -141,4 +143,5 @@ def fetch_faceplugin(directory: Path | None = None, run=None) -> Path:
     partial = target.with_suffix(".partial")
     partial.write_bytes(data)
     partial.replace(target)
+    archive.unlink()  # 41 MB for a 5 MB network: the verified network is what is kept
     return target

@@ -348,3 +348,6 @@ def test_fused3_embeddings_hold_each_networks_features_and_faceplugin_tells_peop
         for n, v in (("o", obama), ("o2", obama2), ("b", biden))
     }
     assert similarity(fp["o"], fp["o2"]) > similarity(fp["o"], fp["b"]) + 10
+    alone = face_engine.FaceEngine(FaceSettings(embedder="faceplugin"), evaluation=True)
+    only = alone.best_face((photos / "obama.jpg").read_bytes()).embedding
+    assert only.shape == (512,) and np.allclose(only, fp["o"], atol=1e-5)  # no SFace part, the same FacePlugin one

@@ -12,7 +12,16 @@ from infra.settings import FaceSettings
 from jobs.faces import engine as face_engine
 from jobs.faces import onnx_proto as pb
 from jobs.faces import weights
-from jobs.faces.ort import SfaceEmbedder, YunetDetector, _dequantize, nms, sface_float_model, yunet_float_model
+from jobs.faces.ort import (
+    FacePluginEmbedder,
+    SfaceEmbedder,
+    YunetDetector,
+    _dequantize,
+    faceplugin_float_model,
+    nms,
+    sface_float_model,
+    yunet_float_model,
+)
 from jobs.faces.resnet import FaceResnet
 
 FACES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "faces"
@@ -160,12 +169,12 @@ def test_engine_sface_embeddings_equal_opencvs_facerecognizersf_on_the_shared_ph
     compared = 0
     for path in _photos():
         candidates, work = engine._candidates(*engine._prepare(path.read_bytes()))
-        marks = [m for _, _, m in candidates]
-        if not marks:
+        faces = engine._finish(candidates, work, only_best=False)
+        embedded = [(m, face.embedding) for (_, _, m), face in zip(candidates, faces, strict=True) if face.passed]
+        if not embedded:
             continue
-        ours = face_engine._scaled(engine._sface[1].features(engine._aligned_chips(work, marks)))
         bgr = cv2.cvtColor(work, cv2.COLOR_RGB2BGR)
-        for points, mine in zip(marks, ours, strict=True):
+        for points, mine in embedded:
             row = np.zeros(15, np.float32)
             row[4:14] = points.ravel()
             ref = theirs.feature(theirs.alignCrop(bgr, row)).ravel()
@@ -218,3 +227,19 @@ def test_value_info_and_tensor_round_trip_through_the_wire_format():
     assert pb.read_tensor(floats)[1].tolist() == [1.5, -2.0]  # float_data, packed (as SFace's file stores it)
     node = pb.read_node(pb.node("DequantizeLinear", ["q", "s"], "out", axis=-1, block_size=9))
     assert node.ints == {"axis": -1, "block_size": 9} and node.outputs == ["out"]
+
+
+@pytest.mark.skipif(
+    not (weights.models_dir() / weights.FACEPLUGIN.file).is_file(),
+    reason="FacePlugin network not fetched (python -m jobs.faces fetch-models): evaluation only",
+)
+def test_faceplugin_with_prelu_rewritten_gives_the_files_features_and_its_pinned_hash():
+    model = weights.load_cached(weights.FACEPLUGIN)
+    fast = faceplugin_float_model(model)
+    assert weights.verified_model(fast, weights.FACEPLUGIN_FLOAT_SHA256, "rewritten") == fast
+    graph = next(bytes(f.value) for f in pb.fields(fast) if f.number == 7)
+    assert "PRelu" not in {pb.read_node(bytes(f.value)).op for f in pb.fields(graph) if f.number == 1}
+    chips = list(np.random.default_rng(9).integers(0, 256, (3, 112, 112, 3), dtype=np.uint8))
+    ref, ours = FacePluginEmbedder(model).features(chips), FacePluginEmbedder(fast).features(chips)
+    assert ours.shape == (3, 512)
+    assert float(np.abs(ours - ref).max()) < 1e-5 * float(np.abs(ref).max())
