@@ -70,3 +70,27 @@ def test_evaluate_fused_also_reports_each_embedder_on_the_same_faces():
     assert report["embedder"] == "fused" and set(report["by_embedder"]) == {"dlib", "sface"}
     for cv in report["by_embedder"].values():
         assert cv["genuine_pairs"] == 4 and cv["impostor_pairs"] == 32 and cv["tmr"] == 1.0
+
+
+@pytest.mark.skipif(
+    not (Path(__file__).resolve().parents[2] / ".cache" / "faces-models" / "fr_feature.onnx").is_file(),
+    reason="FacePlugin network not fetched (python -m jobs.faces fetch-models): evaluation only",
+)
+def test_evaluate_fused3_reports_the_fusion_each_network_and_each_pair_held_out_only():
+    args = ["evaluate", str(FACES / "face_recognition" / "knn_examples" / "train"), "--no-synthetic"]
+    result = runner.invoke(app, [*args, "--embedder", "fused3", "--json"])
+    report = json.loads(result.output)
+    assert set(report["by_embedder"]) == {
+        "dlib",
+        "sface",
+        "faceplugin",
+        "sface+dlib",
+        "sface+faceplugin",
+        "faceplugin+dlib",
+    }
+    for cv in (report["cross_validated"], *report["by_embedder"].values()):
+        assert cv["genuine_pairs"] == 4 and cv["impostor_pairs"] == 32 and cv["tmr"] == 1.0
+    assert "quality_aware_threshold" not in report and "at_threshold" not in report and report["not_computed"]
+    text = runner.invoke(app, [*args, "--embedder", "fused3"])
+    assert text.exit_code == 0 and "not computed" in text.output
+    assert runner.invoke(app, [*args, "--embedder", "fused3", "--fixed-threshold"]).exit_code == 2
