@@ -216,38 +216,42 @@ def _rates(pairs: Pairs, accepted: np.ndarray, mask: np.ndarray) -> dict:
 
 
 def evaluation_report(
-    photos: list[tuple[str, str, Path]], engine: FaceEngine, settings: FaceSettings, folds: int, synthetic: bool
+    photos: list[tuple[str, str, Path]],
+    engine: FaceEngine,
+    settings: FaceSettings,
+    folds: int,
+    synthetic: bool,
+    fold_seed: int = 14,
 ) -> dict:
     """Pairs over photos x camera conditions; ROC points; the identity-fold cross-validated threshold and rates."""
     conditions = CONDITIONS if synthetic else CONDITIONS[:1]
     items, misses, no_face = _embed_conditions(photos, engine, conditions)
     vecs = np.array([it["vec"] for it in items], dtype=np.float32).reshape(len(items), -1)
+    common = (photos, misses, no_face, settings, folds, conditions)
+
+    def scored(sims: np.ndarray) -> dict:
+        return _scored_report(items, sims, *common, fold_seed=fold_seed)
+
+    def fused(matrices: list[np.ndarray]) -> dict:
+        return _fused_report(items, matrices, *common, fold_seed=fold_seed)
+
     if settings.embedder not in ("fused", "fused3"):
-        return _scored_report(items, similarity_matrix(vecs), photos, misses, no_face, settings, folds, conditions)
+        return scored(similarity_matrix(vecs))
     # every network on the very same detections
     parts = {name: similarity_matrix(v) for name, v in embedding_parts(vecs, settings.embedder).items()}
     if settings.embedder == "fused":  # mean of the two 0..100 similarities
-        report = _scored_report(
-            items, (parts["dlib"] + parts["sface"]) / 2, photos, misses, no_face, settings, folds, conditions
-        )
+        report = scored((parts["dlib"] + parts["sface"]) / 2)
     else:  # each network standardised on the training folds' strangers, then averaged (fuse_scores)
         # SFace first: fused thresholds then read like SFace similarities
-        ordered = [parts["sface"], parts["dlib"], parts["faceplugin"]]
-        report = _fused_report(items, ordered, photos, misses, no_face, settings, folds, conditions)
-    report["by_embedder"] = {
-        name: _scored_report(items, sims, photos, misses, no_face, settings, folds, conditions)["cross_validated"]
-        for name, sims in parts.items()
-    }
+        report = fused([parts["sface"], parts["dlib"], parts["faceplugin"]])
+    report["by_embedder"] = {name: scored(sims)["cross_validated"] for name, sims in parts.items()}
     if settings.embedder == "fused3":
         for combo in (("sface", "dlib"), ("sface", "faceplugin"), ("faceplugin", "dlib")):
-            fused = _fused_report(
-                items, [parts[n] for n in combo], photos, misses, no_face, settings, folds, conditions
-            )
-            report["by_embedder"]["+".join(combo)] = fused["cross_validated"]
+            report["by_embedder"]["+".join(combo)] = fused([parts[n] for n in combo])["cross_validated"]
     return report
 
 
-def _fused_report(items: list[dict], parts: list[np.ndarray], *args) -> dict:
+def _fused_report(items: list[dict], parts: list[np.ndarray], *args, fold_seed: int = 14) -> dict:
     """:func:`_scored_report` of several networks' similarity matrices fused by
     :func:`jobs.faces.evaluation.fuse_scores`: cross-validated with each fold's standardisation taken from the other
     folds' impostor pairs only; the descriptive figures (ROC, quality, templates) on the fusion standardised by all
@@ -258,7 +262,7 @@ def _fused_report(items: list[dict], parts: list[np.ndarray], *args) -> dict:
     fused = np.zeros_like(parts[0])
     fused[i, j] = pooled
     fused = fused + fused.T + np.diag(np.diag(parts[0]))
-    return _scored_report(items, fused, *args, parts=parts)
+    return _scored_report(items, fused, *args, parts=parts, fold_seed=fold_seed)
 
 
 def similarity_matrix(vecs: np.ndarray) -> np.ndarray:
@@ -278,6 +282,7 @@ def _scored_report(
     folds: int,
     conditions: tuple[Condition, ...],
     parts: list[np.ndarray] | None = None,
+    fold_seed: int = 14,
 ) -> dict:
     """The report's figures for one similarity matrix over ``items``; with ``parts`` (the fused networks'
     matrices), the cross-validated figures fuse them per fold (:func:`jobs.faces.evaluation.cross_validate_fused`)."""
@@ -287,7 +292,7 @@ def _scored_report(
     pairs = all_pairs(sims, identity, np.array([it["source"] for it in items]))
     gen, imp = pairs.score[pairs.genuine], pairs.score[~pairs.genuine]
     k = max(2, min(folds, len(names)))
-    fold_map = identity_folds(names, k)
+    fold_map = identity_folds(names, k, fold_seed)
     cond = np.array([it["condition"] for it in items])
     sets = np.array([it["set"] for it in items])
     set_index = {n: i for i, n in enumerate(sorted(set(sets.tolist())))}
@@ -450,6 +455,7 @@ def evaluate(
     ] = None,
     synthetic: Annotated[bool, typer.Option(help="also render each photo as 640x480 camera frames")] = True,
     folds: Annotated[int, typer.Option(help="identity-disjoint cross-validation folds")] = 5,
+    fold_seed: Annotated[int, typer.Option(help="seed of the people's split into folds")] = 14,
     as_json: Annotated[bool, typer.Option("--json", help="the whole report as JSON")] = False,
     fixed_threshold: Annotated[
         bool,
@@ -467,7 +473,7 @@ def evaluate(
     if embedder is not None:
         settings = FaceSettings.model_validate({**settings.model_dump(), "embedder": embedder})
     photos = labelled_photos(roots or default_evaluation_roots(get_settings().stack_dir))
-    report = evaluation_report(photos, FaceEngine(settings, evaluation=True), settings, folds, synthetic)
+    report = evaluation_report(photos, FaceEngine(settings, evaluation=True), settings, folds, synthetic, fold_seed)
     if as_json:
         typer.echo(json.dumps(report, indent=1))
         return
