@@ -90,7 +90,7 @@ class DetectedFace:
     reject_reason: str | None
     """``too_small``, ``blurry`` or ``pose`` when not passed."""
     embedding: np.ndarray | None
-    """128 float32, only when passed."""
+    """128 float32 (the evaluation-only embedders: 256, 512 or 768), only when passed."""
     scale: float = 1.0
     """Analysed pixels per original pixel (box / scale = box in the original image)."""
     sharpness: float = 0.0
