@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import tarfile
 from dataclasses import replace
 from typing import Any
 
@@ -69,3 +71,14 @@ def checkout_face(
         embedding=embedding,
         image_ref=f"checkout/{tx_id}.jpg" if status != "NO_FACE" else None,
     )
+
+
+def tgz(files: dict[str, bytes]) -> bytes:
+    """A .tgz archive (as a registry serves a package) holding ``files`` by member name."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()

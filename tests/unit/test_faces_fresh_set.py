@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import subprocess
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -14,21 +12,12 @@ import pytest
 from infra.settings import REPO_ROOT
 from jobs.faces import fresh_set
 from jobs.faces.fresh_set import FreshSetError, Source
+from tests.builders import tgz
 
 FRESH = REPO_ROOT / ".cache" / "faces-fresh"
 
 
-def _tgz(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-ARCHIVE = _tgz(
+ARCHIVE = tgz(
     {
         "package/portraits/men/0.jpg": b"m0",
         "package/portraits/men/12.jpg": b"m12",
@@ -122,7 +111,7 @@ def test_a_stale_download_is_fetched_again(tmp_path):
 
 
 def test_an_archive_with_no_matching_photo_is_refused(tmp_path):
-    empty = _tgz({"package/README.md": b"readme"})
+    empty = tgz({"package/README.md": b"readme"})
     with pytest.raises(FreshSetError, match="no member matching"):
         fresh_set.fetch_fresh(tmp_path, [_source(empty)], run=FakeRegistry(empty))
 
