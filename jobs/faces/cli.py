@@ -29,9 +29,11 @@ from jobs.faces.evaluation import (
     CONDITIONS,
     MIN_SET_FALSE_MATCHES,
     Condition,
+    Fusion,
     Pairs,
     all_pairs,
     bootstrap_rates,
+    concatenate_scores,
     cross_validate,
     cross_validate_fused,
     cross_validate_quality,
@@ -232,8 +234,8 @@ def evaluation_report(
     def scored(sims: np.ndarray) -> dict:
         return _scored_report(items, sims, *common, fold_seed=fold_seed)
 
-    def fused(matrices: list[np.ndarray]) -> dict:
-        return _fused_report(items, matrices, *common, fold_seed=fold_seed)
+    def fused(matrices: list[np.ndarray], fuse: Fusion = fuse_scores) -> dict:
+        return _fused_report(items, matrices, *common, fold_seed=fold_seed, fuse=fuse)
 
     if settings.embedder not in ("fused", "fused3"):
         return scored(similarity_matrix(vecs))
@@ -248,21 +250,28 @@ def evaluation_report(
     if settings.embedder == "fused3":
         for combo in (("sface", "dlib"), ("sface", "faceplugin"), ("faceplugin", "dlib")):
             report["by_embedder"]["+".join(combo)] = fused([parts[n] for n in combo])["cross_validated"]
+        # the form one embedding (and so the watchlist's plain Euclidean search) can carry: weighted concatenation
+        for combo in (("sface", "dlib", "faceplugin"), ("sface", "faceplugin")):
+            report["by_embedder"]["+".join(combo) + " concatenated"] = fused(
+                [parts[n] for n in combo], concatenate_scores
+            )["cross_validated"]
     return report
 
 
-def _fused_report(items: list[dict], parts: list[np.ndarray], *args, fold_seed: int = 14) -> dict:
-    """:func:`_scored_report` of several networks' similarity matrices fused by
-    :func:`jobs.faces.evaluation.fuse_scores`: cross-validated with each fold's standardisation taken from the other
-    folds' impostor pairs only; the descriptive figures (ROC, quality, templates) on the fusion standardised by all
+def _fused_report(
+    items: list[dict], parts: list[np.ndarray], *args, fold_seed: int = 14, fuse: Fusion = fuse_scores
+) -> dict:
+    """:func:`_scored_report` of several networks' similarity matrices fused by ``fuse``
+    (:func:`jobs.faces.evaluation.fuse_scores` or ``concatenate_scores``): cross-validated with each fold's scaling
+    taken from the other folds' impostor pairs only; the descriptive figures (the ROC) on the fusion scaled by all
     impostor pairs."""
     identity = np.array([it["identity"] for it in items])
     i, j = np.triu_indices(len(items), k=1)
-    pooled = fuse_scores([m[i, j] for m in parts], identity[i] != identity[j])
+    pooled = fuse([m[i, j] for m in parts], identity[i] != identity[j])
     fused = np.zeros_like(parts[0])
     fused[i, j] = pooled
     fused = fused + fused.T + np.diag(np.diag(parts[0]))
-    return _scored_report(items, fused, *args, parts=parts, fold_seed=fold_seed)
+    return _scored_report(items, fused, *args, parts=parts, fold_seed=fold_seed, fuse=fuse)
 
 
 def similarity_matrix(vecs: np.ndarray) -> np.ndarray:
@@ -283,6 +292,7 @@ def _scored_report(
     conditions: tuple[Condition, ...],
     parts: list[np.ndarray] | None = None,
     fold_seed: int = 14,
+    fuse: Fusion = fuse_scores,
 ) -> dict:
     """The report's figures for one similarity matrix over ``items``; with ``parts`` (the fused networks'
     matrices), the cross-validated figures fuse them per fold (:func:`jobs.faces.evaluation.cross_validate_fused`)."""
@@ -303,7 +313,7 @@ def _scored_report(
         cv = cross_validate(pairs, fold_of, k, settings.target_fmr, pair_set)
     else:
         part_scores = [m[pairs.left, pairs.right] for m in parts]
-        cv = cross_validate_fused(pairs, part_scores, fold_of, k, settings.target_fmr, pair_set)
+        cv = cross_validate_fused(pairs, part_scores, fold_of, k, settings.target_fmr, pair_set, fuse)
     everything = np.ones(pairs.score.size, dtype=bool)
     honest = _rates(pairs, cv.accepted, everything)
     honest["ci_bootstrap_identities"] = bootstrap_rates(pairs, cv.accepted, len(names))

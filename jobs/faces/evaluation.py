@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
+
+from jobs.scoring.face_similarity import DISTANCE_AT_ZERO
 
 Z95 = 1.959963984540054
 
@@ -126,6 +129,23 @@ def fuse_scores(parts: list[np.ndarray], reference: np.ndarray) -> np.ndarray:
     return z * float(parts[0][reference].std()) + float(parts[0][reference].mean())
 
 
+def concatenate_scores(parts: list[np.ndarray], reference: np.ndarray) -> np.ndarray:
+    """The fusion one embedding can carry: each network's features weighted by ``1 / sigma`` (the spread of its
+    distances on the ``reference`` pairs, strangers) and concatenated, so that a plain Euclidean distance, as the
+    watchlist computes, gives ``sqrt(sum((d_i / sigma_i) ** 2))``; mapped back onto the first part's scale like
+    :func:`fuse_scores`. ``parts`` are similarities; their distances come back through the 0..100 mapping (exact
+    below distance 1.2: SFace-scaled features never reach it, dlib's strangers rarely). One part: as it is."""
+    if len(parts) == 1:
+        return parts[0]
+    dists = [DISTANCE_AT_ZERO * (1.0 - p / 100.0) for p in parts]
+    fused = -np.sqrt(sum((d / max(float(d[reference].std()), 1e-9)) ** 2 for d in dists))
+    z = (fused - fused[reference].mean()) / max(float(fused[reference].std()), 1e-9)
+    return z * float(parts[0][reference].std()) + float(parts[0][reference].mean())
+
+
+Fusion = Callable[[list[np.ndarray], np.ndarray], np.ndarray]
+
+
 def cross_validate_fused(
     pairs: Pairs,
     parts: list[np.ndarray],
@@ -133,17 +153,18 @@ def cross_validate_fused(
     k: int,
     target_fmr: float,
     pair_set: np.ndarray | None = None,
+    fuse: Fusion = fuse_scores,
 ) -> CrossValidated:
-    """:func:`cross_validate` of the :func:`fuse_scores` of ``parts`` (per pair, one score array per embedder):
-    each fold's standardisation, like its threshold, comes only from the impostor pairs of the other folds'
-    identities. ``thresholds`` are on the first part's scale, as fused in each fold."""
+    """:func:`cross_validate` of the ``fuse`` (:func:`fuse_scores`, :func:`concatenate_scores`) of ``parts`` (per
+    pair, one score array per embedder): each fold's scaling, like its threshold, comes only from the impostor pairs
+    of the other folds' identities. ``thresholds`` are on the first part's scale, as fused in each fold."""
     fa, fb = fold_of_identity[pairs.id_a], fold_of_identity[pairs.id_b]
     report_fold = np.minimum(fa, fb)
     accepted = np.zeros(pairs.score.size, dtype=bool)
     thresholds = []
     for f in range(k):
         choose = ~pairs.genuine & (fa != f) & (fb != f)
-        score = fuse_scores(parts, choose)
+        score = fuse(parts, choose)
         t = fold_threshold(score, choose, target_fmr, pair_set)
         thresholds.append(t)
         mine = report_fold == f

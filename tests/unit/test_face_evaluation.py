@@ -16,6 +16,7 @@ from jobs.faces import weights
 from jobs.faces.evaluation import (
     Pairs,
     all_pairs,
+    concatenate_scores,
     cross_validate,
     cross_validate_fused,
     cross_validate_quality,
@@ -243,7 +244,30 @@ def test_fused_scores_standardise_each_part_on_the_reference_pairs_and_keep_the_
     assert fuse_scores([a], reference) is a
 
 
-def test_fused_cross_validation_scales_and_thresholds_each_fold_without_its_own_people():
+def test_concatenated_fusion_is_the_plain_distance_of_the_weighted_concatenated_embeddings():
+    """What the score fusion a watchlist can hold promises: the pairs rank exactly as the Euclidean distance between
+    each network's features weighted by 1/sigma (sigma from the reference pairs only) and concatenated."""
+    rng = np.random.default_rng(5)
+    nets = [rng.normal(0, 1, (40, 16)), rng.normal(0, 1, (40, 32))]
+    nets = [0.5 * v / np.linalg.norm(v, axis=1, keepdims=True) for v in nets]
+    i, j = np.triu_indices(40, k=1)
+    reference = rng.random(i.size) < 0.5
+    dists = [np.linalg.norm(v[i] - v[j], axis=1) for v in nets]
+    parts = [100.0 * (1.0 - d / 1.2) for d in dists]
+    weighted = np.hstack([v / d[reference].std() for v, d in zip(nets, dists, strict=True)])
+    plain = np.linalg.norm(weighted[i] - weighted[j], axis=1)
+    fused = concatenate_scores(parts, reference)
+    assert np.corrcoef(fused, -plain)[0, 1] > 1 - 1e-9  # an increasing affine map of -distance
+    assert np.isclose(fused[reference].mean(), parts[0][reference].mean())
+    assert np.isclose(fused[reference].std(), parts[0][reference].std())
+    moved = [p.copy() for p in parts]
+    moved[1][~reference] -= 30.0  # pairs outside the reference do not move the weights or the scale
+    assert np.allclose(concatenate_scores(moved, reference)[reference], fused[reference])
+    assert concatenate_scores(parts[:1], reference) is parts[0]
+
+
+@pytest.mark.parametrize("fuse", [fuse_scores, concatenate_scores])
+def test_fused_cross_validation_scales_and_thresholds_each_fold_without_its_own_people(fuse):
     rng = np.random.default_rng(4)
     identity = np.repeat(np.arange(9), 3)
     sims = rng.uniform(0, 60, (27, 27))
@@ -251,11 +275,11 @@ def test_fused_cross_validation_scales_and_thresholds_each_fold_without_its_own_
     pairs = all_pairs(sims, identity, np.arange(27))
     fold_of = np.repeat(np.arange(3), 3)
     other = pairs.score * 2 + rng.normal(0, 3, pairs.score.size)
-    base = cross_validate_fused(pairs, [pairs.score, other], fold_of, 3, target_fmr=0.05)
+    base = cross_validate_fused(pairs, [pairs.score, other], fold_of, 3, target_fmr=0.05, fuse=fuse)
     moved = other.copy()
     in_fold0 = (fold_of[pairs.id_a] == 0) | (fold_of[pairs.id_b] == 0)
     moved[in_fold0] += 500.0  # fold 0's own pairs, in the second network
-    again = cross_validate_fused(pairs, [pairs.score, moved], fold_of, 3, target_fmr=0.05)
+    again = cross_validate_fused(pairs, [pairs.score, moved], fold_of, 3, target_fmr=0.05, fuse=fuse)
     assert again.thresholds[0] == base.thresholds[0]
     assert cross_validate_fused(pairs, [pairs.score], fold_of, 3, 0.05).thresholds == (
         cross_validate(pairs, fold_of, 3, 0.05).thresholds

@@ -87,6 +87,8 @@ def test_evaluate_fused3_reports_the_fusion_each_network_and_each_pair_held_out_
         "sface+dlib",
         "sface+faceplugin",
         "faceplugin+dlib",
+        "sface+dlib+faceplugin concatenated",
+        "sface+faceplugin concatenated",
     }
     for cv in (report["cross_validated"], *report["by_embedder"].values()):
         assert cv["genuine_pairs"] == 4 and cv["impostor_pairs"] == 32 and cv["tmr"] == 1.0
