@@ -215,13 +215,13 @@ def _models() -> tuple[object, object]:
 
 
 @cache
-def _face_resnet() -> FaceResnet:
+def _face_resnet(int8: bool = False) -> FaceResnet:
     """dlib's descriptor network on ONNX Runtime (:mod:`jobs.faces.resnet`: the same descriptor, ~10x less CPU than
-    the BLAS-less ``dlib-bin`` build), loaded once per process, on one thread."""
+    the BLAS-less ``dlib-bin`` build; ``int8``: its int8-convolution graph, ~2x less again), loaded once per process,
+    on one thread."""
     path = model_path("dlib_face_recognition_resnet_model_v1.dat")
-    return FaceResnet(
-        weights.verified_bytes(path, weights.DLIB_RESNET_SHA256), onnx_sha256=weights.DLIB_RESNET_ONNX_SHA256
-    )
+    pin = weights.DLIB_RESNET_INT8_ONNX_SHA256 if int8 else weights.DLIB_RESNET_ONNX_SHA256
+    return FaceResnet(weights.verified_bytes(path, weights.DLIB_RESNET_SHA256), onnx_sha256=pin, int8=int8)
 
 
 def decode_image(data: bytes, settings: FaceSettings) -> tuple[Image.Image, tuple[int, int]]:
@@ -314,7 +314,7 @@ class FaceEngine:
         """Which embedder made this engine's embeddings: only embeddings of the same embedder are comparable."""
         self._detector, self._predictor = _models()
         parts = PARTS[settings.embedder]
-        self._resnet = _face_resnet() if "dlib" in parts else None
+        self._resnet = _face_resnet(settings.dlib_int8) if "dlib" in parts else None
         self._yunet = _yunet() if settings.detector == "yunet" else None
         # FacePlugin's chip is aligned by SFace's aligner (the same five-point template)
         self._sface = _sface() if "sface" in parts or "faceplugin" in parts else None

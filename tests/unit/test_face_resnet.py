@@ -72,3 +72,27 @@ def test_engine_refuses_to_start_when_the_descriptor_model_file_differs(monkeypa
             face_engine.FaceEngine(FaceSettings(detector="hog", embedder="dlib"))
     finally:
         face_engine._face_resnet.cache_clear()
+
+
+def test_int8_graph_gives_descriptors_close_to_the_float_ones_on_real_faces():
+    """The int8 convolutions (CG_FACES__DLIB_INT8) move a real face's descriptor by a small fraction of the distances
+    that tell people apart, so every pair's distance stays within 0.1 of the float one."""
+    from infra.settings import FaceSettings
+    from jobs.faces.engine import FaceEngine
+    from tests.unit.faces_data import people_or_skip
+
+    engine = FaceEngine(FaceSettings(embedder="dlib"))
+    chips = []
+    for paths in people_or_skip().values():
+        for path in paths[:3]:
+            rgb, scale = engine._prepare(path.read_bytes())
+            chips += [chip for face, chip, _ in engine._candidates(rgb, scale)[0] if face.passed][:1]
+    assert len(chips) >= 4
+    exact = FaceResnet(model_path(MODEL)).descriptors(chips)
+    fast = FaceResnet(model_path(MODEL), int8=True).descriptors(chips)
+    assert float(np.linalg.norm(exact - fast, axis=1).max()) < 0.1
+    d_exact = np.linalg.norm(exact[:, None] - exact[None], axis=2)
+    d_fast = np.linalg.norm(fast[:, None] - fast[None], axis=2)
+    assert float(np.abs(d_exact - d_fast).max()) < 0.1 and float(d_exact.max()) > 0.6
+    with pytest.raises(ValueError, match="ONNX Runtime"):
+        FaceResnet(model_path(MODEL), backend="opencv", int8=True)
