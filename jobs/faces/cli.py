@@ -714,6 +714,9 @@ def bench_faces(photo: Path | None = None, frames: int = 30, enrolled: int = 100
         else:
             tuned = settings.model_copy(update={"detector": "yunet", "embedder": embedder})
             out.update(_bench_detector(tuned, frame, five, watch, frames, tag=f"yunet_{embedder}"))
+    for embedder in ("dlib", *fused3):  # dlib's network with int8 convolutions (CG_FACES__DLIB_INT8)
+        tuned = settings.model_copy(update={"detector": "yunet", "embedder": embedder, "dlib_int8": True})
+        out.update(_bench_detector(tuned, frame, five, watch, frames, tag=f"yunet_{embedder}_int8"))
     for key in ("snapshot_to_match_p95_ms", "stage_frames_per_s_per_core_1"):
         out[f"yunet_vs_hog_{key}_ratio"] = round(out[f"yunet_{key}"] / max(out[f"hog_{key}"], 1e-9), 3)
     tag = settings.detector
@@ -766,11 +769,13 @@ def bench_report_rows(res: dict[str, float | str]) -> list[tuple[str, str, str]]
         ("face stage frames/s per core, 1 face", f"{res['snapshots_per_s_per_core']:.1f}", ">= 20"),
         ("watchlist probe, 100k enrolled faces (ms)", f"{res['watchlist_probe_ms_100k']:.2f}", "<= 5"),
     ]
-    for det in ("hog", "yunet", "yunet_dlib", "yunet_sface", "yunet_fused", "yunet_fused3"):
+    dets = ("hog", "yunet", "yunet_dlib", "yunet_dlib_int8", "yunet_sface", "yunet_fused", "yunet_fused3")
+    for det in (*dets, "yunet_fused3_int8"):
         if f"{det}_stage_frames_per_s_per_core_5" in res:
             rows.append(
                 (
-                    f"face stage {det.replace('_', ' + ')}: p95 ms / frames/s per core, 1 face | 5 faces",
+                    f"face stage {det.replace('_int8', ' int8').replace('_', ' + ')}: p95 ms / frames/s per core, "
+                    "1 face | 5 faces",
                     f"{res[f'{det}_stage_p95_ms_1']:.0f} / {res[f'{det}_stage_frames_per_s_per_core_1']:.1f} | "
                     f"{res[f'{det}_stage_p95_ms_5']:.0f} / {res[f'{det}_stage_frames_per_s_per_core_5']:.1f}",
                     "",

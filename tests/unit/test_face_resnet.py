@@ -96,3 +96,28 @@ def test_int8_graph_gives_descriptors_close_to_the_float_ones_on_real_faces():
     assert float(np.abs(d_exact - d_fast).max()) < 0.1 and float(d_exact.max()) > 0.6
     with pytest.raises(ValueError, match="ONNX Runtime"):
         FaceResnet(model_path(MODEL), backend="opencv", int8=True)
+
+
+def test_int8_ranges_are_the_calibration_photos_ranges():
+    """``INT8_RANGES`` are what ``calibration_ranges`` finds on the faces of the photos outside every evaluation set,
+    so they can be recomputed (and were not taken from the evaluation's photos)."""
+    from infra.settings import FaceSettings
+    from jobs.faces.engine import FaceEngine
+    from jobs.faces.resnet import INPUT_MEAN, INT8_RANGES, calibration_ranges
+    from tests.unit.faces_data import SHARED_FACES
+
+    photos = sorted(
+        [*(SHARED_FACES / "dlib" / "scenes").glob("*.jpg"), *(SHARED_FACES / "face_recognition").glob("*.jpg")]
+        + list((SHARED_FACES / "face_recognition" / "knn_examples" / "test").glob("*.jpg"))
+    )
+    if not photos:
+        pytest.skip("shared face photos (../shared/data/faces) absent")
+    engine = FaceEngine(FaceSettings(embedder="dlib"))
+    chips = []
+    for path in photos:
+        rgb, scale = engine._prepare(path.read_bytes())
+        chips += [chip for face, chip, _ in engine._candidates(rgb, scale)[0] if face.passed]
+    assert len(chips) == 46
+    x = ((np.stack(chips).astype(np.float32) - INPUT_MEAN) / 256.0).transpose(0, 3, 1, 2)
+    found = calibration_ranges(*load_weights(model_path(MODEL)), np.ascontiguousarray(x))
+    assert np.abs(np.array(found) - np.array(INT8_RANGES)).max() < 1e-3
