@@ -327,9 +327,9 @@ class FaceSettings(BaseModel, frozen=True):
     the watchlist service enrols every entry of another embedder again from its reference image (``REEMBED``)."""
     dlib_int8: bool = False
     """Run dlib's descriptor network (the ``dlib`` embedder, and dlib's part of ``fused``/``fused3``) with int8
-    convolutions (:func:`jobs.faces.resnet.onnx_model`): ~3.5 instead of ~7 ms of one core per face, descriptors
-    within ~0.05 of the float ones. Off: the descriptor equals dlib's own (to float rounding). Embeddings of either
-    setting are compared as one embedder's."""
+    convolutions (:func:`jobs.faces.resnet.onnx_model`): ~2.4 instead of ~6.3 ms of one core per face; descriptors
+    move by ~0.04 (at most ~0.05 on the shared photos) and distances between faces by at most ~0.02. Off: the
+    descriptor equals dlib's own (to float rounding). Embeddings of either setting are compared as one embedder's."""
     target_fmr: float = 0.0005
     """False-match rate ``match_threshold`` is set for: ``python -m jobs.faces evaluate`` picks, per
     identity-disjoint fold, the lowest threshold whose impostor FMR is at most this, pooled and within every

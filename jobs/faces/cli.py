@@ -251,9 +251,9 @@ def evaluation_report(
         for combo in (("sface", "dlib"), ("sface", "faceplugin"), ("faceplugin", "dlib")):
             report["by_embedder"]["+".join(combo)] = fused([parts[n] for n in combo])["cross_validated"]
         # the form one embedding (and so the watchlist's plain Euclidean search) can carry: weighted concatenation
-        for combo in (("sface", "dlib", "faceplugin"), ("sface", "faceplugin")):
-            report["by_embedder"]["+".join(combo) + " concatenated"] = fused(
-                [parts[n] for n in combo], concatenate_scores
+        for names in (("sface", "dlib", "faceplugin"), ("sface", "faceplugin")):
+            report["by_embedder"]["+".join(names) + " concatenated"] = fused(
+                [parts[n] for n in names], concatenate_scores
             )["cross_validated"]
     return report
 
@@ -365,7 +365,7 @@ def _scored_report(
     if parts is not None:
         # a standardised fusion is scaled per fold, on the other folds' strangers: only the cross-validated figures
         # have that; these would be scaled on the very pairs they report, and no single threshold exists
-        report["cross_validated"]["fold_thresholds_scale"] = "per fold: each fold's own standardisation"
+        report["cross_validated"]["fold_thresholds_scale"] = "per fold: each fold's own scaling"
         report["not_computed"] = "quality_aware_threshold, templates, at_threshold: fused scores are scaled per fold"
         return report
     return {
@@ -709,10 +709,10 @@ def bench_faces(photo: Path | None = None, frames: int = 30, enrolled: int = 100
     except weights.WeightsError:  # not fetched (or not the pinned file): benched once it is
         fused3 = ()
     for embedder in ("dlib", "sface", "fused", *fused3):
-        if embedder == settings.embedder:  # already measured: the yunet_* figures
+        if embedder == settings.embedder and not settings.dlib_int8:  # already measured: the yunet_* figures
             out.update({f"yunet_{embedder}_{k}": v for k, v in configured.items()})
         else:
-            tuned = settings.model_copy(update={"detector": "yunet", "embedder": embedder})
+            tuned = settings.model_copy(update={"detector": "yunet", "embedder": embedder, "dlib_int8": False})
             out.update(_bench_detector(tuned, frame, five, watch, frames, tag=f"yunet_{embedder}"))
     for embedder in ("dlib", *fused3):  # dlib's network with int8 convolutions (CG_FACES__DLIB_INT8)
         tuned = settings.model_copy(update={"detector": "yunet", "embedder": embedder, "dlib_int8": True})

@@ -217,7 +217,7 @@ def _models() -> tuple[object, object]:
 @cache
 def _face_resnet(int8: bool = False) -> FaceResnet:
     """dlib's descriptor network on ONNX Runtime (:mod:`jobs.faces.resnet`: the same descriptor, ~10x less CPU than
-    the BLAS-less ``dlib-bin`` build; ``int8``: its int8-convolution graph, ~2x less again), loaded once per process,
+    the BLAS-less ``dlib-bin`` build; ``int8``: its int8-convolution graph, ~2.6x less again), loaded once per process,
     on one thread."""
     path = model_path("dlib_face_recognition_resnet_model_v1.dat")
     pin = weights.DLIB_RESNET_INT8_ONNX_SHA256 if int8 else weights.DLIB_RESNET_ONNX_SHA256

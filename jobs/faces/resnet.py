@@ -71,6 +71,12 @@ gate passes in photos that are in no evaluation set (some show people who are: O
 face_recognition's ``knn_examples/test`` and its loose photos (``tests/unit/test_face_resnet.py`` recomputes them)."""
 
 
+WEIGHT_STEPS = 63
+"""Weights are int8 in -63..63 (7 bits, ONNX Runtime's ``reduce_range``): on x86 CPUs without VNNI its u8 x s8
+kernels add pairs of products in int16 (``VPMADDUBSW``), which full-range weights can saturate; with 7 bits the
+descriptor is the same on every CPU."""
+
+
 def _uint8_affine(lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point (uint8) mapping ``[lo, hi]`` (widened to hold 0) onto 0..255, as 0-d tensors."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
@@ -80,11 +86,13 @@ def _uint8_affine(lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
 
 def _int8_conv(c: Conv, io_range: tuple[float, ...]) -> dict[str, np.ndarray]:
     """``QLinearConv``'s constants for ``c``: input and output scale and zero point (``xs xz``, ``ys yz``) over
-    ``io_range``, weights int8 per output channel (``wq ws wz``), bias int32 on the input x weight scale (``bq``)."""
+    ``io_range``, weights int8 (:data:`WEIGHT_STEPS`) per output channel (``wq ws wz``), bias int32 on the input x
+    weight scale (``bq``)."""
     (xs, xz), (ys, yz) = _uint8_affine(*io_range[:2]), _uint8_affine(*io_range[2:])
     filters = c.weight.shape[0]
-    ws = (np.maximum(np.abs(c.weight).max(axis=1), 1e-12) / 127.0).astype(np.float32)
-    wq = np.clip(np.rint(c.weight / ws[:, None]), -127, 127).astype(np.int8).reshape(filters, -1, c.k, c.k)
+    ws = (np.maximum(np.abs(c.weight).max(axis=1), 1e-12) / WEIGHT_STEPS).astype(np.float32)
+    wq = np.clip(np.rint(c.weight / ws[:, None]), -WEIGHT_STEPS, WEIGHT_STEPS).astype(np.int8)
+    wq = wq.reshape(filters, -1, c.k, c.k)
     bq = np.rint(c.bias.ravel() / (xs * ws)).astype(np.int32)
     return {"xs": xs, "xz": xz, "wq": wq, "ws": ws, "wz": np.zeros(filters, np.int8), "ys": ys, "yz": yz, "bq": bq}
 
@@ -192,19 +200,22 @@ def onnx_model(
     dlib's BLAS-less ones.
 
     ``int8``: every convolution as ``QLinearConv`` (weights int8 per output channel, symmetric; input and output
-    uint8 over ``ranges``), the rest in float32: ~2.5x less CPU in ONNX Runtime, a descriptor within ~0.01 of the
-    float one (distances between faces ~0.3-1.0). ``probes``: every convolution's input and output are graph outputs
-    too, after the descriptor (for :func:`calibration_ranges`)."""
+    uint8 over ``ranges``), the rest in float32: ~2.6x less CPU in ONNX Runtime, a descriptor within ~0.05 of the
+    float one (median ~0.04; distances between faces, ~0.3-1.0, each within ~0.02 of its float value).
+    ``probes``: every convolution's input and output are graph outputs too, after the descriptor
+    (for :func:`calibration_ranges`)."""
     nodes: list[bytes] = []
     inits: list[bytes] = []
     conv_io: list[str] = []
 
-    def conv(src: str, i: int, size: int) -> tuple[str, int]:
+    def conv(src: str, i: int, size: int, relu_next: bool = False) -> tuple[str, int]:
         conv_io.extend((src, f"conv{i}"))
         c = convs[i]
         k = c.k
         if int8:
-            inits.extend(tensor_proto(f"{key}{i}", value) for key, value in _int8_conv(c, ranges[i]).items())
+            # a ReLU follows: negative outputs become 0 anyway, so the uint8 steps all go to [0, hi]
+            io_range = (*ranges[i][:2], 0.0, ranges[i][3]) if relu_next else ranges[i]
+            inits.extend(tensor_proto(f"{key}{i}", value) for key, value in _int8_conv(c, io_range).items())
             nodes.append(node("QuantizeLinear", [src, f"xs{i}", f"xz{i}"], f"conv{i}_in_q"))
             names = [f"conv{i}_in_q", *(f"{key}{i}" for key in ("xs", "xz", "wq", "ws", "wz", "ys", "yz", "bq"))]
             nodes.append(
@@ -239,11 +250,11 @@ def onnx_model(
         nodes.append(node("Pad", [src, f"{src}_pads"], f"{src}_padded"))
         return f"{src}_padded"
 
-    x, size = conv("input", 0, CHIP)
+    x, size = conv("input", 0, CHIP, relu_next=True)
     nodes.append(node("MaxPool", [relu(x)], "pool0", kernel_shape=[3, 3], strides=[2, 2]))
     x, size, channels = "pool0", (size - 3) // 2 + 1, convs[0].weight.shape[0]
     for b, down in enumerate(DOWN):
-        y, ysize = conv(x, 1 + 2 * b, size)
+        y, ysize = conv(x, 1 + 2 * b, size, relu_next=True)
         y, ysize = conv(relu(y), 2 + 2 * b, ysize)
         skip, ssize = x, size
         if down:

@@ -46,7 +46,7 @@ read by :mod:`jobs.faces.resnet`): checked like the ONNX files, since a differen
 DLIB_RESNET_ONNX_SHA256 = "2d002f1b52595ff94e453d747fb719d22464e193d6c5b168620bcc9681e2d39c"
 """The ONNX graph :func:`jobs.faces.resnet.onnx_model` writes from that file: generated in memory at start, never
 stored, and checked as well, so a change to the generator cannot silently change the network either."""
-DLIB_RESNET_INT8_ONNX_SHA256 = "74a76300e122e16f6ec01224ee13b809059a2bda6def25e4132dfadec145c754"
+DLIB_RESNET_INT8_ONNX_SHA256 = "48a0a881e269d08394ff595b48fd95e4877f6f09f36f36bce1bbb8846be0fe31"
 """The same graph with int8 convolutions (``onnx_model(int8=True)``, ``CG_FACES__DLIB_INT8``), checked alike."""
 YUNET_FLOAT_SHA256 = "3d698483bd8d8088a781f044375d6e8416d3658d8a5bdca4e195c7ed6573518e"
 """The float32, any-size YuNet graph :func:`jobs.faces.ort.yunet_float_model` makes from :data:`YUNET` (same
