@@ -79,12 +79,14 @@ def field(number: int, value: bytes | int | str) -> bytes:
     return varint(number << 3 | 2) + varint(len(data)) + data
 
 
+_KINDS = {np.dtype(v): k for k, v in DTYPES.items()}
+
+
 def tensor_proto(name: str, array: np.ndarray) -> bytes:
     """ONNX TensorProto: dims (1), data_type (2: a type of :data:`DTYPES`), name (8), raw_data (9)."""
-    kinds = {np.dtype(v): k for k, v in DTYPES.items()}
-    if array.dtype not in kinds:
-        raise ValueError(f"tensor {name!r}: {array.dtype} is not one of {sorted(str(d) for d in kinds)}")
-    kind = kinds[array.dtype]
+    if array.dtype not in _KINDS:
+        raise ValueError(f"tensor {name!r}: {array.dtype} is not one of {sorted(str(d) for d in _KINDS)}")
+    kind = _KINDS[array.dtype]
     dims = b"".join(field(1, int(d)) for d in array.shape)
     return dims + field(2, kind) + field(8, name) + field(9, array.astype(array.dtype.newbyteorder("<")).tobytes())
 

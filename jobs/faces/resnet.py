@@ -199,7 +199,7 @@ def onnx_model(
     ONNX Runtime (or OpenCV's DNN module) runs it: their convolutions are several times faster on one core than
     dlib's BLAS-less ones.
 
-    ``int8``: every convolution as ``QLinearConv`` (weights int8 per output channel, symmetric; input and output
+    ``int8``: every convolution as ``QLinearConv`` (weights in 7 bits per output channel, symmetric; input and output
     uint8 over ``ranges``), the rest in float32: ~2.6x less CPU in ONNX Runtime, a descriptor within ~0.05 of the
     float one (median ~0.04; distances between faces, ~0.3-1.0, each within ~0.02 of its float value).
     ``probes``: every convolution's input and output are graph outputs too, after the descriptor
@@ -222,19 +222,19 @@ def onnx_model(
                 node("QLinearConv", names, f"conv{i}_q", kernel_shape=[k, k], strides=[c.stride] * 2, pads=[c.pad] * 4)
             )
             nodes.append(node("DequantizeLinear", [f"conv{i}_q", f"ys{i}", f"yz{i}"], f"conv{i}"))
-            return f"conv{i}", (size + 2 * c.pad - k) // c.stride + 1
-        inits.append(tensor_proto(f"w{i}", c.weight.reshape(c.weight.shape[0], -1, k, k)))
-        inits.append(tensor_proto(f"b{i}", c.bias.ravel()))
-        nodes.append(
-            node(
-                "Conv",
-                [src, f"w{i}", f"b{i}"],
-                f"conv{i}",
-                kernel_shape=[k, k],
-                strides=[c.stride] * 2,
-                pads=[c.pad] * 4,
+        else:
+            inits.append(tensor_proto(f"w{i}", c.weight.reshape(c.weight.shape[0], -1, k, k)))
+            inits.append(tensor_proto(f"b{i}", c.bias.ravel()))
+            nodes.append(
+                node(
+                    "Conv",
+                    [src, f"w{i}", f"b{i}"],
+                    f"conv{i}",
+                    kernel_shape=[k, k],
+                    strides=[c.stride] * 2,
+                    pads=[c.pad] * 4,
+                )
             )
-        )
         return f"conv{i}", (size + 2 * c.pad - k) // c.stride + 1
 
     def relu(src: str) -> str:
@@ -280,11 +280,20 @@ def onnx_model(
     return field(1, 7) + field(2, "checkout-guard") + field(7, graph) + field(8, field(1, "") + field(2, 13))
 
 
-def calibration_ranges(convs: list[Conv], fc: np.ndarray, x: np.ndarray) -> tuple[tuple[float, ...], ...]:
-    """Per conv, the minimum and maximum of its input and of its output over the float network's inputs ``x``
-    (``FaceResnet`` input planes): what :data:`INT8_RANGES` holds for its calibration faces."""
+def input_planes(chips: list[np.ndarray]) -> np.ndarray:
+    """The network's input for 150x150 RGB uint8 chips: dlib's ``input_rgb_image`` scaling, as (n, 3, 150, 150)."""
+    for chip in chips:
+        if chip.shape != (CHIP, CHIP, 3):
+            raise ValueError(f"chip must be {CHIP}x{CHIP}x3, got {chip.shape}")
+    x = ((np.stack(chips).astype(np.float32) - INPUT_MEAN) * np.float32(1 / 256.0)).transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(x)
+
+
+def calibration_ranges(convs: list[Conv], fc: np.ndarray, chips: list[np.ndarray]) -> tuple[tuple[float, ...], ...]:
+    """Per conv, the minimum and maximum of its input and of its output in the float network over ``chips`` (150x150
+    RGB uint8): what :data:`INT8_RANGES` holds for its calibration faces."""
     session = ort.session(onnx_model(convs, fc, probes=True))
-    values = session.run(None, {"input": x})[1:]
+    values = session.run(None, {"input": input_planes(chips)})[1:]
     lows_highs = [(float(v.min()), float(v.max())) for v in values]
     return tuple((*lows_highs[2 * i], *lows_highs[2 * i + 1]) for i in range(len(convs)))
 
@@ -330,8 +339,4 @@ class FaceResnet:
 
     def descriptors(self, chips: list[np.ndarray]) -> np.ndarray:
         """(n, 128) float32 for n chips in one run: the same values as one by one, ~20% less CPU for five faces."""
-        for chip in chips:
-            if chip.shape != (CHIP, CHIP, 3):
-                raise ValueError(f"chip must be {CHIP}x{CHIP}x3, got {chip.shape}")
-        x = ((np.stack(chips).astype(np.float32) - INPUT_MEAN) * np.float32(1 / 256.0)).transpose(0, 3, 1, 2)
-        return self._run(np.ascontiguousarray(x)).reshape(len(chips), 128).astype(np.float32)
+        return self._run(input_planes(chips)).reshape(len(chips), 128).astype(np.float32)

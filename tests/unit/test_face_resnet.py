@@ -82,12 +82,8 @@ def test_int8_graph_gives_descriptors_close_to_the_float_ones_on_real_faces():
     from jobs.faces.engine import FaceEngine
     from tests.unit.faces_data import people_or_skip
 
-    engine = FaceEngine(FaceSettings(embedder="dlib"))
-    chips = []
-    for paths in people_or_skip().values():
-        for path in paths[:3]:
-            rgb, scale = engine._prepare(path.read_bytes())
-            chips += [chip for face, chip, _ in engine._candidates(rgb, scale)[0] if face.passed][:1]
+    photos = [path for paths in people_or_skip().values() for path in paths[:3]]
+    chips = _passing_chips(FaceEngine(FaceSettings(embedder="dlib")), photos, per_photo=1)
     assert len(chips) >= 4
     exact = FaceResnet(model_path(MODEL)).descriptors(chips)
     fast = FaceResnet(model_path(MODEL), int8=True, onnx_sha256=weights.DLIB_RESNET_INT8_ONNX_SHA256).descriptors(chips)
@@ -104,7 +100,7 @@ def test_int8_ranges_are_the_calibration_photos_ranges():
     so they can be recomputed (and were not taken from the evaluation's photos)."""
     from infra.settings import FaceSettings
     from jobs.faces.engine import FaceEngine
-    from jobs.faces.resnet import INPUT_MEAN, INT8_RANGES, calibration_ranges
+    from jobs.faces.resnet import INT8_RANGES, calibration_ranges
     from tests.unit.faces_data import SHARED_FACES
 
     photos = sorted(
@@ -113,12 +109,16 @@ def test_int8_ranges_are_the_calibration_photos_ranges():
     )
     if not photos:
         pytest.skip("shared face photos (../shared/data/faces) absent")
-    engine = FaceEngine(FaceSettings(embedder="dlib"))
+    chips = _passing_chips(FaceEngine(FaceSettings(embedder="dlib")), photos)
+    assert len(chips) == 46
+    found = calibration_ranges(*load_weights(model_path(MODEL)), chips)
+    assert np.abs(np.array(found) - np.array(INT8_RANGES)).max() < 1e-3
+
+
+def _passing_chips(engine, photos, per_photo: int | None = None) -> list[np.ndarray]:
+    """The 150x150 dlib chips of the faces passing the engine's gate in ``photos`` (the first ``per_photo`` of each)."""
     chips = []
     for path in photos:
         rgb, scale = engine._prepare(path.read_bytes())
-        chips += [chip for face, chip, _ in engine._candidates(rgb, scale)[0] if face.passed]
-    assert len(chips) == 46
-    x = ((np.stack(chips).astype(np.float32) - INPUT_MEAN) / 256.0).transpose(0, 3, 1, 2)
-    found = calibration_ranges(*load_weights(model_path(MODEL)), np.ascontiguousarray(x))
-    assert np.abs(np.array(found) - np.array(INT8_RANGES)).max() < 1e-3
+        chips += [chip for face, chip, _ in engine._candidates(rgb, scale)[0] if face.passed][:per_photo]
+    return chips
