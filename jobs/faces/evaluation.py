@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-from jobs.scoring.face_similarity import DISTANCE_AT_ZERO
+from jobs.scoring.face_similarity import DISTANCE_AT_ZERO, PREFILTER_FMR
 
 Z95 = 1.959963984540054
 
@@ -141,6 +141,16 @@ def concatenate_scores(parts: list[np.ndarray], reference: np.ndarray) -> np.nda
     fused = -np.sqrt(sum((d / max(float(d[reference].std()), 1e-9)) ** 2 for d in dists))
     z = (fused - fused[reference].mean()) / max(float(fused[reference].std()), 1e-9)
     return z * float(parts[0][reference].std()) + float(parts[0][reference].mean())
+
+
+def prefiltered_scores(parts: list[np.ndarray], reference: np.ndarray) -> np.ndarray:
+    """:func:`concatenate_scores` as the watchlist searches ``fused3`` embeddings
+    (:data:`jobs.scoring.face_similarity.PREFILTER_SIMILARITY`): pairs whose first part (SFace) scores below its own
+    threshold at :data:`~jobs.scoring.face_similarity.PREFILTER_FMR` on the ``reference`` pairs never match (they
+    score below every other pair)."""
+    fused = concatenate_scores(parts, reference)
+    cut = threshold_at_fmr(parts[0][reference], PREFILTER_FMR)
+    return np.where(parts[0] >= cut, fused, float(fused.min()) - 100.0)
 
 
 Fusion = Callable[[list[np.ndarray], np.ndarray], np.ndarray]

@@ -92,8 +92,9 @@ def load(weight: Weight) -> bytes:
 
 FACEPLUGIN_PACKAGE = ("faceplugin-face-recognition-js", "0.0.1")
 """npm package (MIT, its ``LICENSE``) shipping FacePlugin's recognition network as ONNX (``model/fr_feature.onnx``:
-112x112 aligned RGB chip scaled (v - 127) / 128, 512 features). Evaluation only: its 512 values fit no watchlist,
-so it is fetched on demand (``python -m jobs.faces fetch-models``), never at install."""
+112x112 aligned RGB chip scaled (v - 127) / 128, 512 features), one of ``fused3``'s three networks. Not in a wheel:
+``make face-models`` (``python -m jobs.faces fetch-models``) fetches it with npm before ``run``, ``test`` and
+``bench``; the engine loads only a fetched copy whose hash is the pinned one."""
 FACEPLUGIN_ARCHIVE_SHA256 = "7ea06031d9a3f83753254fcff60506a07b81b46fc84d4ee024cd041f260ec1ba"
 FACEPLUGIN = Weight("fr_feature.onnx", "87aacdfe57510db2af90c0251df680e8eec88f122ee94712121d09bcaaaf3581")
 FACEPLUGIN_MEMBER = "package/model/fr_feature.onnx"

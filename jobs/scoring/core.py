@@ -36,6 +36,7 @@ from jobs.scoring.face_join import (
     observation_result,
     seen_from,
 )
+from jobs.scoring.face_similarity import EMBEDDING_LENGTHS
 from jobs.scoring.features import customer_key, linked_keys, receipt_key
 from jobs.scoring.rules import RuleSet
 from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Predictor, Scorer, ScoringState, Write
@@ -309,7 +310,9 @@ class DecisionCore:
         return ready
 
     def _take_observation(self, record: SourceRecord, now: int, out: list[OutRow]) -> Ready | None:
-        obs = decode_observation(record.value, self.settings.job.max_message_bytes)
+        obs = decode_observation(
+            record.value, self.settings.job.max_message_bytes, EMBEDDING_LENGTHS.get(self.settings.faces.embedder)
+        )
         face = observation_result(obs, self.watchlist)
         if obs["trigger"] == "ENTRANCE" or not obs.get("transaction_id"):
             out.extend(self.scorer.entrance(obs, face))

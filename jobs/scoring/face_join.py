@@ -56,13 +56,14 @@ TRIGGERS = ("CHECKOUT", "ENTRANCE", "COMMAND")
 """What made the face stage look (the schema's ``trigger``)."""
 
 
-def check_observation(obs: dict[str, Any]) -> dict[str, Any]:
+def check_observation(obs: dict[str, Any], length: int | None = None) -> dict[str, Any]:
     """A decoded FaceObservation the job can use, or :class:`InvalidRecord`: its embedding, when it has
     one, is a usable descriptor (``invalid_embedding``), its ids are ids (``invalid_id``: the transaction
     id is a state key, the rest go into alerts and links) and its trigger is known. An empty embedding
-    means none, as ``null`` does."""
+    means none, as ``null`` does. ``length``: the configured embedder's (an embedding of another one matches
+    nothing here)."""
     if obs.get("embedding"):
-        check_embedding(obs["embedding"], "embedding")
+        check_embedding(obs["embedding"], "embedding", length)
     check(obs["observation_id"], "observation_id")
     check_serial(obs["camera_serial"], "camera_serial")
     check_name(obs["store_id"], "store_id")
@@ -74,7 +75,7 @@ def check_observation(obs: dict[str, Any]) -> dict[str, Any]:
     return obs
 
 
-def decode_observation(value: bytes | None, max_bytes: int) -> dict[str, Any]:
+def decode_observation(value: bytes | None, max_bytes: int, length: int | None = None) -> dict[str, Any]:
     """A face observation record's bytes as a checked observation, or :class:`InvalidRecord` (oversized,
     ``not_avro`` for anything undecodable, or what :func:`check_observation` finds)."""
     check_size(value, max_bytes)
@@ -82,7 +83,7 @@ def decode_observation(value: bytes | None, max_bytes: int) -> dict[str, Any]:
         obs = _FACE_CODEC.decode(value or b"")
     except InvalidRecord as err:  # any undecodable observation is a dead letter
         raise InvalidRecord("not_avro", f"face observation: {err}") from None
-    return check_observation(obs)
+    return check_observation(obs, length)
 
 
 def observation_result(obs: dict[str, Any], watchlist: WatchlistLike | None) -> FaceResult:

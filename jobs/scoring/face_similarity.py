@@ -24,7 +24,32 @@ T = TypeVar("T")
 DISTANCE_AT_ZERO = 1.2
 """dlib distance that maps to similarity 0; 0.6 (LFW operating point) maps to 50."""
 DESCRIPTOR_LEN = 128
-"""Values in one face descriptor (dlib's ResNet embedding)."""
+"""Values in one network's face descriptor (dlib's ResNet, SFace)."""
+EMBEDDING_LENGTHS = {"dlib": DESCRIPTOR_LEN, "sface": DESCRIPTOR_LEN, "fused3": 768}
+"""Values in one embedding of each embedder a watchlist can hold (``CG_FACES__EMBEDDER``): ``fused3`` is three
+networks' features, weighted and concatenated (:mod:`jobs.faces.engine`)."""
+LENGTHS = frozenset(EMBEDDING_LENGTHS.values())
+FUSED3_PARTS = (("dlib", 128), ("sface", 128), ("faceplugin", 512))
+"""The networks in a ``fused3`` embedding, in order, and their features' lengths."""
+FUSED3_SCALE = 0.02503
+"""``c`` in :data:`FUSED3_WEIGHTS`: puts the three networks' operating point at the target FMR on the 0-100 scale's
+``match_threshold`` (as :data:`jobs.faces.engine.SFACE_SCALE` does for SFace), so one threshold means one FMR."""
+FUSED3_SIGMA = {"dlib": 0.09295, "sface": 0.03705, "faceplugin": 0.03983}
+"""Spread (standard deviation) of each network's distances between strangers: the 2,006,788 impostor pairs of
+``python -m jobs.faces evaluate --embedder fused3`` (dlib in int8; SFace and FacePlugin features at norm
+``SFACE_SCALE``)."""
+FUSED3_WEIGHTS = {name: FUSED3_SCALE / sigma for name, sigma in FUSED3_SIGMA.items()}
+"""What each network's features are multiplied by in a ``fused3`` embedding: ``c / sigma``. The Euclidean distance
+of two embeddings is then ``c * sqrt(sum((d_i / sigma_i) ** 2))``: each network's distance in units of its spread
+between strangers, so no network dominates by its scale (``evaluate`` cross-validates this fusion with the sigmas
+taken from the other folds' people only: ``concatenate_scores``)."""
+PREFILTER_SIMILARITY = 46.2
+"""The watchlist searches ``fused3`` embeddings in two steps: enrolled faces whose SFace features alone score at least
+this (SFace's similarity at FMR 0.01 on the evaluation's strangers), then the full distance on those only. The first
+step reads 128 values per enrolled face instead of 768: the search costs what an SFace one does. It loses ~0.03 % of
+true matches (``evaluate`` reports the fusion with this step, its cut chosen per fold)."""
+PREFILTER_FMR = 0.01
+"""The FMR at which :data:`PREFILTER_SIMILARITY` was chosen (``evaluate`` chooses it per fold at this rate)."""
 MAX_NORM = 100.0
 """Largest Euclidean norm accepted: dlib's descriptors are near 1. Far larger finite values would overflow
 float32 in the watchlist's squared norms (inf - inf = NaN, the everyone-matches case again)."""
@@ -53,18 +78,19 @@ def similarity(a: ArrayLike, b: ArrayLike) -> float:
     return float(distance_to_similarity(d))
 
 
-def embedding_problem(values: object) -> str | None:
-    """Why ``values`` is not a usable face descriptor, or ``None`` if it is one (cheap: every observation
-    is checked on the job's hot path)."""
+def embedding_problem(values: object, length: int | None = None) -> str | None:
+    """Why ``values`` is not a usable face embedding, or ``None`` if it is one (cheap: every observation
+    is checked on the job's hot path): ``length`` values, or, without one, the length of some embedder's."""
     if isinstance(values, str | bytes):
         return f"an embedding must be a list of numbers, got {type(values).__name__}"
     try:
         arr = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError):
         return "an embedding must be a list of numbers"
-    if arr.shape != (DESCRIPTOR_LEN,):
+    if arr.ndim != 1 or (arr.size != length if length is not None else arr.size not in LENGTHS):
         got = arr.size if arr.ndim == 1 else f"shape {arr.shape}"
-        return f"an embedding has {DESCRIPTOR_LEN} values, got {got}"
+        want = length if length is not None else " or ".join(str(n) for n in sorted(LENGTHS))
+        return f"an embedding has {want} values, got {got}"
     squared = float(arr @ arr)  # NaN and inf carry through: one cheap test for the usual case
     if math.isfinite(squared) and squared <= MAX_NORM * MAX_NORM:
         return None
@@ -73,11 +99,10 @@ def embedding_problem(values: object) -> str | None:
     return f"an embedding's norm is beyond {MAX_NORM:g}"
 
 
-def check_embedding(values: T, field: str = "embedding") -> T:
-    """``values`` if it is a usable descriptor (:data:`DESCRIPTOR_LEN` finite numbers, norm at most
-    :data:`MAX_NORM`); else
-    :class:`InvalidRecord` ``invalid_embedding`` naming ``field``."""
-    problem = embedding_problem(values)
+def check_embedding(values: T, field: str = "embedding", length: int | None = None) -> T:
+    """``values`` if it is a usable embedding (``length`` finite numbers, by default one of :data:`LENGTHS`; norm
+    at most :data:`MAX_NORM`); else :class:`InvalidRecord` ``invalid_embedding`` naming ``field``."""
+    problem = embedding_problem(values, length)
     if problem is not None:
         raise InvalidRecord("invalid_embedding", f"{field}: {problem}")
     return values

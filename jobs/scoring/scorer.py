@@ -360,6 +360,8 @@ class Scorer:
         if tx["kind"] == "RETURN" and face is not None and receipt.event_time >= kept_since:
             if embedding_problem(face) is not None or embedding_problem(camera.embedding) is not None:
                 return []  # kept before faces were checked: no evidence either way
+            if len(face) != len(camera.embedding):
+                return []  # made by different embedders (the setting changed in between): not comparable
             sim = float(similarity(face, camera.embedding))
             ind["buyer_face_similarity"] = round(sim, 2)
             if sim < self.settings.faces.match_threshold:

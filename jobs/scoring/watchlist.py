@@ -23,19 +23,27 @@ from typing import Any
 import numpy as np
 
 from infra.settings import CasesSettings, FaceSettings, Settings
-from jobs.scoring.face_similarity import DESCRIPTOR_LEN, check_embedding, distance_to_similarity
+from jobs.scoring.face_similarity import (
+    EMBEDDING_LENGTHS,
+    FUSED3_PARTS,
+    FUSED3_WEIGHTS,
+    PREFILTER_SIMILARITY,
+    check_embedding,
+    distance_to_similarity,
+    similarity_to_distance,
+)
 from schemas.errors import InvalidRecord
 from schemas.identifiers import check
 
 log = logging.getLogger("checkout_guard.watchlist")
 
-DIM = DESCRIPTOR_LEN
 CATEGORIES = frozenset({"SUSPECT", "VIP"})
 
 
-def check_entry(entry: Any) -> dict[str, Any]:
+def check_entry(entry: Any, length: int | None = None) -> dict[str, Any]:
     """``entry`` if it is a usable WatchlistEntry dict: a valid subject id, a known category and only
-    usable embeddings (possibly none); else :class:`InvalidRecord` (``invalid_id``/``invalid_embedding``/...)."""
+    usable embeddings (possibly none; ``length`` values each, when given); else :class:`InvalidRecord`
+    (``invalid_id``/``invalid_embedding``/...)."""
     if not isinstance(entry, dict):
         raise InvalidRecord("invalid_entry", f"a watchlist entry must be a record, got {type(entry).__name__}")
     check(entry.get("subject_id"), "subject_id")
@@ -45,8 +53,23 @@ def check_entry(entry: Any) -> dict[str, Any]:
     if not isinstance(embeddings, list | tuple | np.ndarray):
         raise InvalidRecord("invalid_embedding", "embeddings must be a list of embeddings")
     for i, embedding in enumerate(embeddings):
-        check_embedding(embedding, f"embeddings[{i}]")
+        check_embedding(embedding, f"embeddings[{i}]", length)
     return entry
+
+
+def prefilter(embedder: str) -> tuple[int, int, float] | None:
+    """Where a two-step search looks first (:data:`jobs.scoring.face_similarity.PREFILTER_SIMILARITY`): the first
+    and end index of the SFace features in a ``fused3`` embedding, and the largest distance there that can still be
+    a match; ``None`` for the single-network embedders (one step)."""
+    if embedder != "fused3":
+        return None
+    start = 0
+    for name, length in FUSED3_PARTS:
+        if name == "sface":
+            radius = FUSED3_WEIGHTS["sface"] * similarity_to_distance(PREFILTER_SIMILARITY)
+            return start, start + length, radius
+        start += length
+    raise AssertionError("fused3 has SFace features")
 
 
 @dataclass(frozen=True)
@@ -60,7 +83,11 @@ class Watchlist:
     """Subjects by id; the search matrix is rebuilt lazily after changes, under a lock.
 
     Searches after a change pay one rebuild (O(total embeddings)); steady-state searches are one
-    matrix-vector product: ``|e - p|^2 = |e|^2 - 2 e.p + |p|^2`` with ``|e|^2`` precomputed.
+    matrix-vector product: ``|e - p|^2 = |e|^2 - 2 e.p + |p|^2`` with ``|e|^2`` precomputed. ``fused3``
+    embeddings (768 values) search in two steps (:func:`prefilter`): 768 values per enrolled face would cost
+    six times the memory traffic of 128, and that traffic is the search's cost.
+
+    It holds embeddings of the configured embedder only (``faces.embedder``; their length is checked).
     """
 
     def __init__(
@@ -71,6 +98,11 @@ class Watchlist:
         max_templates: int | None = None,
     ) -> None:
         faces = settings.faces if isinstance(settings, Settings) else settings or FaceSettings()
+        if faces.embedder not in EMBEDDING_LENGTHS:
+            raise ValueError(f"CG_FACES__EMBEDDER={faces.embedder} is for `jobs.faces evaluate` only: no watchlist")
+        self.embedder = faces.embedder
+        self.dim = EMBEDDING_LENGTHS[faces.embedder]
+        self._prefilter = prefilter(faces.embedder)
         self.threshold = threshold if threshold is not None else faces.match_threshold
         cases = settings.cases if isinstance(settings, Settings) else CasesSettings()
         self.max_templates = max(1, max_templates if max_templates is not None else cases.max_templates)
@@ -80,8 +112,10 @@ class Watchlist:
     def _reset(self) -> None:
         self._entries: dict[str, dict[str, Any]] = {}
         self._lock = threading.RLock()
-        self._matrix = np.zeros((0, DIM), dtype=np.float32)
+        self._matrix = np.zeros((0, self.dim), dtype=np.float32)
         self._norms = np.zeros(0, dtype=np.float32)
+        self._first = self._matrix  # the prefilter's columns, contiguous (two-step search only)
+        self._first_norms = self._norms
         self._buf = np.zeros(0, dtype=np.float32)
         self._owners: list[str] = []
         self._dirty = False
@@ -89,8 +123,8 @@ class Watchlist:
     def upsert(self, entry: dict[str, Any]) -> None:
         """Add or replace a subject from a WatchlistEntry dict (Avro shape); an unusable one raises
         :class:`InvalidRecord` and changes nothing (see :func:`check_entry`)."""
-        check_entry(entry)
-        embeddings = np.asarray(entry["embeddings"], dtype=np.float32).reshape(-1, DIM)[-self.max_templates :]
+        check_entry(entry, self.dim)
+        embeddings = np.asarray(entry["embeddings"], dtype=np.float32).reshape(-1, self.dim)[-self.max_templates :]
         with self._lock:
             self._entries[entry["subject_id"]] = {
                 "category": entry["category"],
@@ -108,18 +142,16 @@ class Watchlist:
     def search(self, embedding: Sequence[float]) -> Match | None:
         """Best-matching subject at or above the threshold, else ``None``; a probe that is not a usable
         descriptor raises :class:`InvalidRecord` ``invalid_embedding``."""
-        probe = np.asarray(check_embedding(embedding, "probe"), dtype=np.float32).reshape(DIM)
+        probe = np.asarray(check_embedding(embedding, "probe", self.dim), dtype=np.float32).reshape(self.dim)
         with self._lock:
             if self._dirty:
                 self._rebuild()
             if not self._owners:
                 return None
-            buf = self._buf  # in place: the matrix-vector product is the cost, temporaries add ~20 %
-            np.dot(self._matrix, probe, out=buf)
-            buf *= -2.0
-            buf += self._norms
-            i = int(np.argmin(buf))
-            squared = float(buf[i]) + float(probe @ probe)
+            nearest = self._nearest(probe)
+            if nearest is None:
+                return None
+            i, squared = nearest
             if not math.isfinite(squared):  # never a match from arithmetic gone wrong (checked input cannot)
                 return None
             sim = float(distance_to_similarity(float(np.sqrt(max(0.0, squared)))))
@@ -127,6 +159,28 @@ class Watchlist:
                 return None
             subject = self._owners[i]
             return Match(subject, self._entries[subject]["category"], round(sim, 2))
+
+    def _nearest(self, probe: np.ndarray) -> tuple[int, float] | None:
+        """Row and squared distance of the enrolled embedding nearest ``probe``; ``None`` when the prefilter
+        leaves none."""
+        buf = self._buf  # in place: the matrix-vector product is the cost, temporaries add ~20 %
+        if self._prefilter is None:
+            np.dot(self._matrix, probe, out=buf)
+            buf *= -2.0
+            buf += self._norms
+            i = int(np.argmin(buf))
+            return i, float(buf[i]) + float(probe @ probe)
+        start, end, radius = self._prefilter
+        first = probe[start:end]
+        np.dot(self._first, first, out=buf)
+        buf *= -2.0
+        buf += self._first_norms  # squared distance on the SFace features, less |first|^2
+        rows = np.flatnonzero(buf <= radius * radius - float(first @ first))
+        if rows.size == 0:
+            return None
+        squared = self._norms[rows] - 2.0 * (self._matrix[rows] @ probe)
+        k = int(np.argmin(squared))
+        return int(rows[k]), float(squared[k]) + float(probe @ probe)
 
     def get(self, subject_id: str) -> dict[str, Any] | None:
         with self._lock:
@@ -149,8 +203,12 @@ class Watchlist:
         for subject, item in self._entries.items():
             owners.extend([subject] * len(item["embeddings"]))
             blocks.append(item["embeddings"])
-        self._matrix = np.ascontiguousarray(np.vstack(blocks)) if blocks else np.zeros((0, DIM), np.float32)
+        self._matrix = np.ascontiguousarray(np.vstack(blocks)) if blocks else np.zeros((0, self.dim), np.float32)
         self._norms = np.einsum("ij,ij->i", self._matrix, self._matrix)
+        if self._prefilter is not None:
+            start, end, _ = self._prefilter
+            self._first = np.ascontiguousarray(self._matrix[:, start:end])
+            self._first_norms = np.einsum("ij,ij->i", self._first, self._first)
         self._buf = np.empty(len(owners), dtype=np.float32)
         self._owners = owners
         self._dirty = False
@@ -159,11 +217,19 @@ class Watchlist:
         """Picklable (Flink may serialise operator state): the lock is recreated on load."""
         with self._lock:
             entries = [{**i["entry"], "embeddings": i["embeddings"]} for i in self._entries.values()]
-        return {"threshold": self.threshold, "max_templates": self.max_templates, "entries": entries}
+        return {
+            "threshold": self.threshold,
+            "max_templates": self.max_templates,
+            "embedder": self.embedder,
+            "entries": entries,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.threshold = state["threshold"]
         self.max_templates = state.get("max_templates", CasesSettings().max_templates)
+        self.embedder = state.get("embedder", "sface")  # pickled before other lengths: 128-value embeddings
+        self.dim = EMBEDDING_LENGTHS[self.embedder]
+        self._prefilter = prefilter(self.embedder)
         self._reset()
         for entry in state["entries"]:
             try:

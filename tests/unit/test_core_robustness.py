@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import numpy as np
+
 from jobs.scoring.core import MAX_ERROR_TEXT, DecisionCore, SourceRecord
 from jobs.scoring.face_join import PENDING
 from jobs.scoring.rules import ModelResult
@@ -181,6 +183,17 @@ def test_a_buyer_face_kept_before_faces_were_checked_is_no_evidence_at_a_return(
     assert "buyer_face_similarity" not in out["indicators"] and "customer_mismatch" not in out["reasons"]
 
 
+def test_a_buyer_face_of_another_embedder_is_no_evidence_at_a_return():
+    core = make_core()
+    core.on_records([tx_record(sale("t1", amount=40)), face_record("t1", embedding=BUYER_FACE)], NOW)
+    core.state.receipts["t1"].sale_face = (0.01,) * 768  # kept before CG_FACES__EMBEDDER changed to fused3
+    step = core.on_records(
+        [tx_record(return_of("r1", "t1", at_s=60, amount=40), 1), face_record("r1", embedding=BUYER_FACE)], NOW
+    )
+    out = scored(step)["r1"]
+    assert "buyer_face_similarity" not in out["indicators"] and "customer_mismatch" not in out["reasons"]
+
+
 # --- any exception is the record's dead letter ----------------------------------------------------------
 
 
@@ -320,3 +333,19 @@ def test_a_restored_receipt_from_the_far_future_does_not_make_every_transaction_
     restarted.restore(maps)
     step = restarted.on_records([tx_record(sale("t1", card="card-B"), 1)], NOW)
     assert list(scored(step)) == ["t1"] and restarted.state.newest_event_ms <= NOW
+
+
+def test_a_fused3_job_matches_768_value_faces_and_dead_letters_a_face_of_another_embedder():
+    s = settings()
+    s = s.model_copy(update={"faces": s.faces.model_copy(update={"embedder": "fused3"})})
+    core = DecisionCore(s, predictor=None, watchlist=Watchlist(s), clock=clock)
+    suspect = [float(x) for x in np.random.default_rng(5).normal(0, 0.02, 768).astype(np.float32)]
+    assert core.on_control(WATCH_TOPIC, b"subj-9", watch_entry("subj-9", suspect), 0, 0).outputs == []
+    step = core.on_records([tx_record(sale("t1")), face_record("t1", embedding=suspect)], NOW)
+    assert (scored(step)["t1"]["face_status"], scored(step)["t1"]["face_subject_id"]) == ("MATCHED", "subj-9")
+    step = core.on_records([face_record("t2", embedding=SUSPECT_FACE, offset=7)], NOW)
+    [dl] = dead_letters(step.outputs)
+    assert dl["error_kind"] == "invalid_embedding" and "768 values, got 128" in dl["reason"]
+    refused = core.on_control(WATCH_TOPIC, b"subj-8", watch_entry("subj-8", SUSPECT_FACE), 0, 1)
+    [dl] = dead_letters(refused.outputs)
+    assert "subj-8" not in core.watchlist and "768 values, got 128" in dl["reason"]

@@ -22,13 +22,15 @@ from jobs.faces.evaluation import (
     cross_validate_quality,
     fuse_scores,
     identity_folds,
+    prefiltered_scores,
     quality_offset,
     template_pairs,
     template_scores,
     threshold_at_fmr,
     wilson,
 )
-from jobs.scoring.face_similarity import similarity
+from jobs.scoring.face_similarity import FUSED3_WEIGHTS, PREFILTER_FMR, similarity
+from jobs.scoring.watchlist import Watchlist
 from tests.builders import tgz
 
 
@@ -286,15 +288,14 @@ def test_fused_cross_validation_scales_and_thresholds_each_fold_without_its_own_
     )
 
 
-def test_faceplugin_embedders_are_evaluation_only_and_need_the_fetched_model(monkeypatch, tmp_path):
-    for name in ("faceplugin", "fused3"):
-        with pytest.raises(ValueError, match=name):
-            face_engine.FaceEngine(FaceSettings(embedder=name))
+def test_faceplugin_alone_is_evaluation_only_and_fused3_needs_the_fetched_model(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="faceplugin"):
+        face_engine.FaceEngine(FaceSettings(embedder="faceplugin"))
     monkeypatch.setattr(weights, "models_dir", lambda: tmp_path)
     face_engine._faceplugin.cache_clear()
     try:
         with pytest.raises(weights.WeightsError, match="fetch-models"):
-            face_engine.FaceEngine(FaceSettings(embedder="fused3"), evaluation=True)
+            face_engine.FaceEngine(FaceSettings(embedder="fused3"))
         (tmp_path / weights.FACEPLUGIN.file).write_bytes(b"another network")
         with pytest.raises(weights.WeightsError, match="refusing"):
             face_engine.FaceEngine(FaceSettings(embedder="faceplugin"), evaluation=True)
@@ -352,10 +353,11 @@ def test_fused3_embeddings_hold_each_networks_features_and_faceplugin_tells_peop
     obama, obama2, biden = (
         engine.best_face((photos / n).read_bytes()).embedding for n in ("obama.jpg", "obama2.jpg", "biden.jpg")
     )
-    assert obama.shape == (768,)
+    assert obama.shape == (768,) and face_engine.embedder_of(obama) == "fused3"
     sface = face_engine.FaceEngine(FaceSettings(embedder="sface")).best_face((photos / "obama.jpg").read_bytes())
     parts = face_engine.embedding_parts(obama, "fused3")
-    assert np.allclose(parts["sface"], sface.embedding, atol=1e-5)
+    assert np.allclose(parts["sface"], sface.embedding, atol=1e-5)  # unweighted: the network's own features
+    assert np.allclose(obama[128:256], sface.embedding * FUSED3_WEIGHTS["sface"], atol=1e-5)
     fp = {
         n: face_engine.embedding_parts(v, "fused3")["faceplugin"]
         for n, v in (("o", obama), ("o2", obama2), ("b", biden))
@@ -364,3 +366,31 @@ def test_fused3_embeddings_hold_each_networks_features_and_faceplugin_tells_peop
     alone = face_engine.FaceEngine(FaceSettings(embedder="faceplugin"), evaluation=True)
     only = alone.best_face((photos / "obama.jpg").read_bytes()).embedding
     assert only.shape == (512,) and np.allclose(only, fp["o"], atol=1e-5)  # no SFace part, the same FacePlugin one
+
+
+@needs_faceplugin
+def test_a_fused3_face_stage_matches_the_same_person_in_its_watchlist_and_not_another():
+    photos = Path(face_engine.__file__).resolve().parents[2] / ".stack" / "faces" / "face_recognition-1.3.0"
+    photos = photos / "tests" / "test_images"
+    if not photos.is_dir():
+        pytest.skip("face_recognition sdist photos not installed (make setup)")
+    settings = FaceSettings(embedder="fused3", dlib_int8=True)
+    engine = face_engine.FaceEngine(settings)  # a pipeline embedder now, not only for the evaluation
+    face = {n: engine.best_face((photos / f"{n}.jpg").read_bytes()).embedding for n in ("obama", "obama2", "biden")}
+    watch = Watchlist(settings)
+    watch.upsert({"subject_id": "subj-o", "category": "SUSPECT", "embeddings": [face["obama"].tolist()]})
+    found = watch.search(face["obama2"])
+    assert found is not None and found.subject_id == "subj-o" and found.similarity >= settings.match_threshold
+    assert watch.search(face["biden"]) is None
+
+
+def test_the_prefiltered_fusion_is_the_concatenation_where_the_first_network_passes_its_cut():
+    rng = np.random.default_rng(2)
+    sface, other = rng.normal(40, 5, 4000), rng.normal(30, 8, 4000)
+    reference = np.arange(4000) < 3000
+    plain = concatenate_scores([sface, other], reference)
+    cut = threshold_at_fmr(sface[reference], PREFILTER_FMR)
+    out = prefiltered_scores([sface, other], reference)
+    passed = sface >= cut
+    assert (~passed).sum() > 0 and np.array_equal(out[passed], plain[passed])
+    assert out[~passed].max() < out[passed].min()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from infra.settings import FaceSettings
 from jobs.faces.cli import app
 
 FACES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "faces"
@@ -87,12 +88,16 @@ def test_evaluate_fused3_reports_the_fusion_each_network_and_each_pair_held_out_
         "sface+dlib",
         "sface+faceplugin",
         "faceplugin+dlib",
+        "sface+dlib+faceplugin",
         "sface+dlib+faceplugin concatenated",
         "sface+faceplugin concatenated",
+        "fused3 as searched, weights fixed",
     }
     for cv in (report["cross_validated"], *report["by_embedder"].values()):
         assert cv["genuine_pairs"] == 4 and cv["impostor_pairs"] == 32 and cv["tmr"] == 1.0
-    assert "quality_aware_threshold" not in report and "at_threshold" not in report and report["not_computed"]
+    assert "quality_aware_threshold" not in report and report["not_computed"]
+    assert report["at_threshold"]["threshold"] == FaceSettings().match_threshold  # the pipeline's own scale
     text = runner.invoke(app, [*args, "--embedder", "fused3"])
     assert text.exit_code == 0 and "not computed" in text.output
-    assert runner.invoke(app, [*args, "--embedder", "fused3", "--fixed-threshold"]).exit_code == 2
+    fixed = runner.invoke(app, [*args, "--embedder", "fused3", "--fixed-threshold"])
+    assert fixed.exit_code == 0 and "at the configured threshold" in fixed.output

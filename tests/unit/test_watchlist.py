@@ -11,8 +11,14 @@ import pytest
 
 from infra.settings import FaceSettings
 from jobs.faces.engine import FaceEngine
-from jobs.scoring.face_similarity import check_embedding, similarity
-from jobs.scoring.watchlist import Match, Watchlist
+from jobs.scoring.face_similarity import (
+    FUSED3_PARTS,
+    FUSED3_WEIGHTS,
+    PREFILTER_SIMILARITY,
+    check_embedding,
+    similarity,
+)
+from jobs.scoring.watchlist import Match, Watchlist, prefilter
 from schemas.errors import InvalidRecord
 
 FACES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "faces"
@@ -205,7 +211,61 @@ def test_similarity_of_non_finite_embeddings_is_zero_and_different_lengths_raise
 
 def test_check_embedding_names_the_problem():
     assert check_embedding([0.0] * 128) == [0.0] * 128
-    for bad, words in (([0.0] * 3, "128 values, got 3"), ("x" * 128, "list of numbers"), ([None] * 128, "NaN")):
+    for bad, words in (([0.0] * 3, "128 or 768 values, got 3"), ("x" * 128, "list of numbers"), ([None] * 128, "NaN")):
         with pytest.raises(InvalidRecord) as err:
             check_embedding(bad, "embedding")
         assert err.value.kind == "invalid_embedding" and words in err.value.reason
+
+
+def fused3(rng, n=1) -> np.ndarray:
+    """``n`` embeddings shaped like ``fused3`` ones: each network's part a random direction at norm 0.546, weighted."""
+    parts = []
+    for name, length in FUSED3_PARTS:
+        v = rng.normal(0, 1, (n, length))
+        parts.append(0.546 * FUSED3_WEIGHTS[name] * v / np.linalg.norm(v, axis=1, keepdims=True))
+    return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+def test_a_fused3_watchlist_holds_768_value_embeddings_and_refuses_other_lengths():
+    rng = np.random.default_rng(3)
+    w = Watchlist(FaceSettings(embedder="fused3"))
+    with pytest.raises(InvalidRecord, match="768 values, got 128") as err:
+        w.upsert(entry("s1", unit(rng)))
+    assert err.value.kind == "invalid_embedding" and "s1" not in w
+    with pytest.raises(InvalidRecord, match="128 values, got 768"):
+        Watchlist(FaceSettings(embedder="sface")).upsert(entry("s1", fused3(rng)))
+    enrolled = fused3(rng)
+    w.upsert(entry("s1", enrolled))
+    assert w.search(enrolled[0]).subject_id == "s1"
+    with pytest.raises(InvalidRecord, match="768 values, got 128"):
+        w.search(unit(rng)[0])
+    with pytest.raises(ValueError, match="evaluate"):
+        Watchlist(FaceSettings(embedder="fused"))
+
+
+def test_the_two_step_search_matches_only_past_the_sface_cut_and_otherwise_as_a_full_search():
+    rng = np.random.default_rng(4)
+    w = Watchlist(FaceSettings(embedder="fused3"), threshold=50)
+    enrolled = fused3(rng, 300)
+    for i, e in enumerate(enrolled):
+        w.upsert(entry(f"s{i}", [e]))
+    start, end, radius = prefilter("fused3")
+    assert (start, end) == (128, 256) and radius == pytest.approx(
+        FUSED3_WEIGHTS["sface"] * 1.2 * (1 - PREFILTER_SIMILARITY / 100)
+    )
+    direction = unit(rng)[0]
+    for factor, matches in ((0.95, True), (1.05, False)):
+        probe = enrolled[7].copy()  # dlib's and FacePlugin's features the same; SFace's moved by factor * radius
+        probe[start:end] += factor * radius * direction
+        full = similarity(probe, enrolled[7])
+        assert full > 60  # a one-step search would match either probe
+        found = w.search(probe)
+        assert (found is not None) is matches
+        if found is not None:
+            assert found.subject_id == "s7" and found.similarity == pytest.approx(full, abs=0.01)
+    for i in rng.integers(0, 300, 20):  # near an enrolled face: the nearest of all, as a full search finds it
+        probe = enrolled[i] + rng.normal(0, 0.002, 768).astype(np.float32)
+        best = int(np.argmin(np.linalg.norm(enrolled - probe, axis=1)))
+        assert w.search(probe) == Match(f"s{best}", "SUSPECT", round(similarity(probe, enrolled[best]), 2))
+    copy = pickle.loads(pickle.dumps(w))
+    assert copy.embedder == "fused3" and copy.search(enrolled[3]).subject_id == "s3"
