@@ -795,13 +795,13 @@ def _probe_watchlists(
 
 def fused3_like(rng: np.random.Generator, n: int) -> np.ndarray:
     """``n`` random embeddings shaped like ``fused3`` ones (each network's part at norm ``SFACE_SCALE``, weighted),
-    their parts a shared direction (x 0.35) plus a random one: strangers' SFace features then reach the watchlist's
+    their parts a shared direction (x 0.33) plus a random one: strangers' SFace features then reach the watchlist's
     first-step cut about as often as real strangers' do (1 %, its FMR; the bench reports the rate), so the second step
     refines as many faces as it would on a real watchlist of that size."""
     parts = []
     for name, length in FUSED3_PARTS:
         shared = rng.normal(0.0, 1.0, length)
-        v = 0.35 * shared / np.linalg.norm(shared) + np.sqrt(1 - 0.35**2) * _unit_rows(
+        v = 0.33 * shared / np.linalg.norm(shared) + np.sqrt(1 - 0.33**2) * _unit_rows(
             rng.normal(0.0, 1.0, (n, length))
         )
         parts.append(SFACE_SCALE * FUSED3_WEIGHTS[name] * _unit_rows(v))

@@ -178,7 +178,8 @@ class Watchlist:
         rows = np.flatnonzero(buf <= radius * radius - float(first @ first))
         if rows.size == 0:
             return None
-        squared = self._norms[rows] - 2.0 * (self._matrix[rows] @ probe)
+        rest = np.concatenate((probe[:start], probe[end:]))  # the other networks' features: _matrix's columns
+        squared = buf[rows] + self._norms[rows] - 2.0 * (self._matrix[rows] @ rest)
         k = int(np.argmin(squared))
         return int(rows[k]), float(squared[k]) + float(probe @ probe)
 
@@ -203,12 +204,14 @@ class Watchlist:
         for subject, item in self._entries.items():
             owners.extend([subject] * len(item["embeddings"]))
             blocks.append(item["embeddings"])
-        self._matrix = np.ascontiguousarray(np.vstack(blocks)) if blocks else np.zeros((0, self.dim), np.float32)
-        self._norms = np.einsum("ij,ij->i", self._matrix, self._matrix)
-        if self._prefilter is not None:
+        matrix = np.vstack(blocks) if blocks else np.zeros((0, self.dim), np.float32)
+        if self._prefilter is not None:  # two steps: the first step's columns, and the rest in _matrix
             start, end, _ = self._prefilter
-            self._first = np.ascontiguousarray(self._matrix[:, start:end])
+            self._first = np.ascontiguousarray(matrix[:, start:end])
             self._first_norms = np.einsum("ij,ij->i", self._first, self._first)
+            matrix = np.delete(matrix, np.s_[start:end], axis=1)
+        self._matrix = np.ascontiguousarray(matrix)
+        self._norms = np.einsum("ij,ij->i", self._matrix, self._matrix)
         self._buf = np.empty(len(owners), dtype=np.float32)
         self._owners = owners
         self._dirty = False
