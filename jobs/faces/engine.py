@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from infra.settings import FaceSettings
-from jobs.faces import ort, weights
+from jobs.faces import ort, sface_int8, weights
 from jobs.faces.ort import FacePluginEmbedder, SfaceEmbedder, YunetDetector
 from jobs.faces.resnet import FaceResnet
 from jobs.scoring.face_similarity import EMBEDDING_LENGTHS, FUSED3_PARTS, FUSED3_WEIGHTS
@@ -122,15 +122,20 @@ def _yunet() -> YunetDetector:
 
 
 @cache
-def _sface() -> tuple[object, SfaceEmbedder]:
+def _sface(int8: bool = False) -> tuple[object, SfaceEmbedder]:
     """SFace from the pinned, hash-checked weight bytes: OpenCV's ``FaceRecognizerSF`` for its ``alignCrop`` (one
     thread), the network on ONNX Runtime (:class:`jobs.faces.ort.SfaceEmbedder`: ~1.6x less CPU than OpenCV's DNN,
-    features within 1e-6), rewritten to float32 and checked against its pinned hash."""
+    features within 1e-6), rewritten to float32 and checked against its pinned hash; ``int8``: its int8 graph
+    (:mod:`jobs.faces.sface_int8`, ~1.7x less CPU again, features at cosine ~0.99 of the float ones), checked too."""
     model = weights.load(weights.SFACE)
     cv2.setNumThreads(1)
     net = weights.verified_model(
         ort.sface_float_model(model), weights.SFACE_FLOAT_SHA256, f"{weights.SFACE.file} (float32)"
     )
+    if int8:
+        net = weights.verified_model(
+            sface_int8.int8_model(net), weights.SFACE_INT8_SHA256, f"{weights.SFACE.file} (int8)"
+        )
     return cv2.FaceRecognizerSF.create("onnx", model, b""), SfaceEmbedder(net)
 
 
@@ -324,10 +329,11 @@ class FaceEngine:
         """Which embedder made this engine's embeddings: only embeddings of the same embedder are comparable."""
         self._detector, self._predictor = _models()
         parts = PARTS[settings.embedder]
-        self._resnet = _face_resnet(settings.dlib_int8) if "dlib" in parts else None
+        fused3 = settings.embedder == "fused3"  # its weights were set on the int8 networks: always int8
+        self._resnet = _face_resnet(settings.dlib_int8 or fused3) if "dlib" in parts else None
         self._yunet = _yunet() if settings.detector == "yunet" else None
         # FacePlugin's chip is aligned by SFace's aligner (the same five-point template)
-        self._sface = _sface() if "sface" in parts or "faceplugin" in parts else None
+        self._sface = _sface(settings.sface_int8 or fused3) if "sface" in parts or "faceplugin" in parts else None
         self._faceplugin = _faceplugin() if "faceplugin" in parts else None
 
     def analyse(self, image: bytes) -> list[DetectedFace]:

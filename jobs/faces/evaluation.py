@@ -144,11 +144,12 @@ def concatenate_scores(parts: list[np.ndarray], reference: np.ndarray) -> np.nda
 
 
 def prefiltered_scores(parts: list[np.ndarray], reference: np.ndarray) -> np.ndarray:
-    """:func:`concatenate_scores` as the watchlist searches ``fused3`` embeddings
-    (:data:`jobs.scoring.face_similarity.PREFILTER_SIMILARITY`): pairs whose first part (SFace) scores below its own
-    threshold at :data:`~jobs.scoring.face_similarity.PREFILTER_FMR` on the ``reference`` pairs never match (they
-    score below every other pair)."""
-    fused = concatenate_scores(parts, reference)
+    """:func:`fuse_scores` as the watchlist searches ``fused3`` embeddings (the sum of the networks' standardised
+    distances ranks pairs as the mean of their standardised similarities does; :data:`~jobs.scoring.face_similarity.
+    PREFILTER_SIMILARITY`): pairs whose first part (SFace) scores below its own threshold at
+    :data:`~jobs.scoring.face_similarity.PREFILTER_FMR` on the ``reference`` pairs never match (they score below
+    every other pair)."""
+    fused = fuse_scores(parts, reference)
     cut = threshold_at_fmr(parts[0][reference], PREFILTER_FMR)
     return np.where(parts[0] >= cut, fused, float(fused.min()) - 100.0)
 

@@ -138,11 +138,13 @@ class Node(NamedTuple):
     inputs: list[str]
     outputs: list[str]
     ints: dict[str, int]
-    """Integer attributes (other attribute kinds are not read)."""
+    """Integer attributes."""
+    floats: dict[str, float]
+    """Float attributes (other attribute kinds are not read)."""
 
 
 def read_node(b: bytes) -> Node:
-    op, inputs, outputs, ints = "", [], [], {}
+    op, inputs, outputs, ints, floats = "", [], [], {}, {}
     for f in fields(b):
         if f.number == 1:
             inputs.append(bytes(f.value).decode())
@@ -154,7 +156,9 @@ def read_node(b: bytes) -> Node:
             attr = {a.number: a.value for a in fields(bytes(f.value))}
             if attr.get(20) == 2:  # INT
                 ints[bytes(attr[1]).decode()] = _signed(int(attr.get(3, 0)))
-    return Node(op, inputs, outputs, ints)
+            elif attr.get(20) == 1:  # FLOAT: f (2), a little-endian fixed32
+                floats[bytes(attr[1]).decode()] = float(np.frombuffer(bytes(attr.get(2, bytes(4))), "<f4")[0])
+    return Node(op, inputs, outputs, ints, floats)
 
 
 def _signed(v: int) -> int:

@@ -54,6 +54,9 @@ reasons)."""
 SFACE_FLOAT_SHA256 = "20f2c6c7ad5eef57ee72efb8d9f260a8bd5f5bcda966fa6bef268053527e6ee5"
 """The float32, any-batch SFace graph :func:`jobs.faces.ort.sface_float_model` makes from :data:`SFACE` (same
 reasons)."""
+SFACE_INT8_SHA256 = "a40f3847f1b8c1f226bed00cd035d4fd1e5ccaa4b7f9c70b50be8a2b200d7480"
+"""That graph with its pointwise convolutions and classifier in int8 (:func:`jobs.faces.sface_int8.int8_model`,
+``CG_FACES__SFACE_INT8`` and ``fused3``), checked alike."""
 
 
 class WeightsError(CheckoutGuardError, RuntimeError):

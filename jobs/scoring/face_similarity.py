@@ -31,23 +31,29 @@ networks' features, weighted and concatenated (:mod:`jobs.faces.engine`)."""
 LENGTHS = frozenset(EMBEDDING_LENGTHS.values())
 FUSED3_PARTS = (("dlib", 128), ("sface", 128), ("faceplugin", 512))
 """The networks in a ``fused3`` embedding, in order, and their features' lengths."""
-FUSED3_SCALE = 0.02503
+FUSED3_SLICES = tuple(
+    (name, slice(sum(n for _, n in FUSED3_PARTS[:i]), sum(n for _, n in FUSED3_PARTS[: i + 1])))
+    for i, (name, _) in enumerate(FUSED3_PARTS)
+)
+FUSED3_SCALE = 0.0151
 """``c`` in :data:`FUSED3_WEIGHTS`: puts the three networks' operating point at the target FMR on the 0-100 scale's
 ``match_threshold`` (as :data:`jobs.faces.engine.SFACE_SCALE` does for SFace), so one threshold means one FMR."""
-FUSED3_SIGMA = {"dlib": 0.09295, "sface": 0.03705, "faceplugin": 0.03983}
+FUSED3_SIGMA = {"dlib": 0.09295, "sface": 0.0372, "faceplugin": 0.03983}
 """Spread (standard deviation) of each network's distances between strangers: the 2,006,788 impostor pairs of
-``python -m jobs.faces evaluate --embedder fused3`` (dlib in int8; SFace and FacePlugin features at norm
-``SFACE_SCALE``)."""
+``python -m jobs.faces evaluate --embedder fused3`` (the networks in int8 as ``fused3`` runs them; SFace's and
+FacePlugin's features at norm ``SFACE_SCALE``)."""
 FUSED3_WEIGHTS = {name: FUSED3_SCALE / sigma for name, sigma in FUSED3_SIGMA.items()}
-"""What each network's features are multiplied by in a ``fused3`` embedding: ``c / sigma``. The Euclidean distance
-of two embeddings is then ``c * sqrt(sum((d_i / sigma_i) ** 2))``: each network's distance in units of its spread
-between strangers, so no network dominates by its scale (``evaluate`` cross-validates this fusion with the sigmas
-taken from the other folds' people only: ``concatenate_scores``)."""
+"""What each network's features are multiplied by in a ``fused3`` embedding: ``c / sigma``. The distance of two
+embeddings (:func:`distance`) is the sum of the three networks' Euclidean distances between those weighted parts,
+``c * sum(d_i / sigma_i)``: each network's distance in units of its spread between strangers, so no network
+dominates by its scale. It ranks pairs as the mean of the three standardised similarities does, the fusion
+``evaluate`` cross-validates (``fuse_scores``, with the sigmas taken from the other folds' people only); a plain
+Euclidean distance of the concatenations (``sqrt(sum(...))``) was measured too and found ~0.001 TMR worse."""
 PREFILTER_SIMILARITY = 46.2
 """The watchlist searches ``fused3`` embeddings in two steps: enrolled faces whose SFace features alone score at least
-this (SFace's similarity at FMR 0.01 on the evaluation's strangers), then the full distance on those only. The first
-step reads 128 values per enrolled face instead of 768: the search costs what an SFace one does. It loses ~0.03 % of
-true matches (``evaluate`` reports the fusion with this step, its cut chosen per fold)."""
+this (SFace's similarity at FMR 0.01 on the evaluation's strangers), then the fused distance on those only. The
+first step reads 128 values per enrolled face instead of 768: the search costs about what an SFace one does. Few true
+matches fall below it (``evaluate`` reports the fusion with this step, its cut chosen per fold)."""
 PREFILTER_FMR = 0.01
 """The FMR at which :data:`PREFILTER_SIMILARITY` was chosen (``evaluate`` chooses it per fold at this rate)."""
 MAX_NORM = 100.0
@@ -64,6 +70,15 @@ def similarity_to_distance(similarity: float) -> float:
     return DISTANCE_AT_ZERO * (1.0 - similarity / 100.0)
 
 
+def distance(a: np.ndarray, b: np.ndarray) -> float | np.ndarray:
+    """Distance of embeddings (rows of 2-d arrays, pairwise by broadcasting): Euclidean for one network's, the sum of
+    the networks' Euclidean distances for ``fused3``'s (768 values; :data:`FUSED3_WEIGHTS`)."""
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if diff.shape[-1] != EMBEDDING_LENGTHS["fused3"]:
+        return np.linalg.norm(diff, axis=-1)
+    return sum(np.linalg.norm(diff[..., part], axis=-1) for _, part in FUSED3_SLICES)
+
+
 def similarity(a: ArrayLike, b: ArrayLike) -> float:
     """0..100, higher = more alike (see ``distance_to_similarity``); 0 when either side is not finite.
 
@@ -72,7 +87,7 @@ def similarity(a: ArrayLike, b: ArrayLike) -> float:
     va, vb = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
     if va.shape != vb.shape:
         raise ValueError(f"embeddings of different lengths: {va.size} and {vb.size}")
-    d = float(np.linalg.norm(va - vb))
+    d = float(distance(va, vb))
     if not math.isfinite(d):
         return 0.0
     return float(distance_to_similarity(d))

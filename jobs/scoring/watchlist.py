@@ -25,7 +25,7 @@ import numpy as np
 from infra.settings import CasesSettings, FaceSettings, Settings
 from jobs.scoring.face_similarity import (
     EMBEDDING_LENGTHS,
-    FUSED3_PARTS,
+    FUSED3_SLICES,
     FUSED3_WEIGHTS,
     PREFILTER_SIMILARITY,
     check_embedding,
@@ -63,13 +63,18 @@ def prefilter(embedder: str) -> tuple[int, int, float] | None:
     a match; ``None`` for the single-network embedders (one step)."""
     if embedder != "fused3":
         return None
-    start = 0
-    for name, length in FUSED3_PARTS:
-        if name == "sface":
-            radius = FUSED3_WEIGHTS["sface"] * similarity_to_distance(PREFILTER_SIMILARITY)
-            return start, start + length, radius
-        start += length
-    raise AssertionError("fused3 has SFace features")
+    part = dict(FUSED3_SLICES)["sface"]
+    return part.start, part.stop, FUSED3_WEIGHTS["sface"] * similarity_to_distance(PREFILTER_SIMILARITY)
+
+
+def _rest_parts(steps: tuple[int, int, float] | None) -> list[slice]:
+    """The other networks' columns in a two-step watchlist's second matrix (the first step's columns taken out)."""
+    if steps is None:
+        return []
+    start, end, _ = steps
+    width = end - start
+    parts = [part for _, part in FUSED3_SLICES if part.stop <= start or part.start >= end]
+    return [part if part.stop <= start else slice(part.start - width, part.stop - width) for part in parts]
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,7 @@ class Watchlist:
         self.embedder = faces.embedder
         self.dim = EMBEDDING_LENGTHS[faces.embedder]
         self._prefilter = prefilter(faces.embedder)
+        self._rest_parts = _rest_parts(self._prefilter)
         self.threshold = threshold if threshold is not None else faces.match_threshold
         cases = settings.cases if isinstance(settings, Settings) else CasesSettings()
         self.max_templates = max(1, max_templates if max_templates is not None else cases.max_templates)
@@ -151,37 +157,42 @@ class Watchlist:
             nearest = self._nearest(probe)
             if nearest is None:
                 return None
-            i, squared = nearest
-            if not math.isfinite(squared):  # never a match from arithmetic gone wrong (checked input cannot)
+            i, d = nearest
+            if not math.isfinite(d):  # never a match from arithmetic gone wrong (checked input cannot)
                 return None
-            sim = float(distance_to_similarity(float(np.sqrt(max(0.0, squared)))))
+            sim = float(distance_to_similarity(d))
             if sim < self.threshold:
                 return None
             subject = self._owners[i]
             return Match(subject, self._entries[subject]["category"], round(sim, 2))
 
     def _nearest(self, probe: np.ndarray) -> tuple[int, float] | None:
-        """Row and squared distance of the enrolled embedding nearest ``probe``; ``None`` when the prefilter
-        leaves none."""
+        """Row and distance (:func:`jobs.scoring.face_similarity.distance`; NaN when the arithmetic went wrong) of the
+        enrolled embedding nearest ``probe``; ``None`` when the two-step search's first step leaves none."""
         buf = self._buf  # in place: the matrix-vector product is the cost, temporaries add ~20 %
         if self._prefilter is None:
             np.dot(self._matrix, probe, out=buf)
             buf *= -2.0
             buf += self._norms
             i = int(np.argmin(buf))
-            return i, float(buf[i]) + float(probe @ probe)
+            squared = float(buf[i]) + float(probe @ probe)
+            return i, math.sqrt(max(0.0, squared)) if math.isfinite(squared) else math.nan
         start, end, radius = self._prefilter
         first = probe[start:end]
         np.dot(self._first, first, out=buf)
         buf *= -2.0
         buf += self._first_norms  # squared distance on the SFace features, less |first|^2
-        rows = np.flatnonzero(buf <= radius * radius - float(first @ first))
+        first_squared = float(first @ first)
+        rows = np.flatnonzero(buf <= radius * radius - first_squared)
         if rows.size == 0:
             return None
         rest = np.concatenate((probe[:start], probe[end:]))  # the other networks' features: _matrix's columns
-        squared = buf[rows] + self._norms[rows] - 2.0 * (self._matrix[rows] @ rest)
-        k = int(np.argmin(squared))
-        return int(rows[k]), float(squared[k]) + float(probe @ probe)
+        diff = self._matrix[rows] - rest
+        dist = np.sqrt(np.maximum(buf[rows] + first_squared, 0.0))
+        for part in self._rest_parts:  # the fused distance: the sum of the networks' distances
+            dist += np.linalg.norm(diff[:, part], axis=1)
+        k = int(np.argmin(dist))
+        return int(rows[k]), float(dist[k])
 
     def get(self, subject_id: str) -> dict[str, Any] | None:
         with self._lock:
@@ -233,6 +244,7 @@ class Watchlist:
         self.embedder = state.get("embedder", "sface")  # pickled before other lengths: 128-value embeddings
         self.dim = EMBEDDING_LENGTHS[self.embedder]
         self._prefilter = prefilter(self.embedder)
+        self._rest_parts = _rest_parts(self._prefilter)
         self._reset()
         for entry in state["entries"]:
             try:

@@ -354,7 +354,8 @@ def test_fused3_embeddings_hold_each_networks_features_and_faceplugin_tells_peop
         engine.best_face((photos / n).read_bytes()).embedding for n in ("obama.jpg", "obama2.jpg", "biden.jpg")
     )
     assert obama.shape == (768,) and face_engine.embedder_of(obama) == "fused3"
-    sface = face_engine.FaceEngine(FaceSettings(embedder="sface")).best_face((photos / "obama.jpg").read_bytes())
+    sface_int8 = FaceSettings(embedder="sface", sface_int8=True)  # fused3 runs SFace in int8
+    sface = face_engine.FaceEngine(sface_int8).best_face((photos / "obama.jpg").read_bytes())
     parts = face_engine.embedding_parts(obama, "fused3")
     assert np.allclose(parts["sface"], sface.embedding, atol=1e-5)  # unweighted: the network's own features
     assert np.allclose(obama[128:256], sface.embedding * FUSED3_WEIGHTS["sface"], atol=1e-5)
@@ -384,11 +385,11 @@ def test_a_fused3_face_stage_matches_the_same_person_in_its_watchlist_and_not_an
     assert watch.search(face["biden"]) is None
 
 
-def test_the_prefiltered_fusion_is_the_concatenation_where_the_first_network_passes_its_cut():
+def test_the_prefiltered_fusion_is_the_standardised_mean_where_the_first_network_passes_its_cut():
     rng = np.random.default_rng(2)
     sface, other = rng.normal(40, 5, 4000), rng.normal(30, 8, 4000)
     reference = np.arange(4000) < 3000
-    plain = concatenate_scores([sface, other], reference)
+    plain = fuse_scores([sface, other], reference)
     cut = threshold_at_fmr(sface[reference], PREFILTER_FMR)
     out = prefiltered_scores([sface, other], reference)
     passed = sface >= cut

@@ -121,6 +121,7 @@ def test_engine_refuses_to_start_when_a_generated_model_differs(monkeypatch):
         ("DLIB_RESNET_ONNX_SHA256", FaceSettings(detector="hog", embedder="dlib")),
         ("DLIB_RESNET_INT8_ONNX_SHA256", FaceSettings(detector="hog", embedder="dlib", dlib_int8=True)),
         ("SFACE_FLOAT_SHA256", FaceSettings(detector="hog", embedder="sface")),
+        ("SFACE_INT8_SHA256", FaceSettings(detector="hog", embedder="sface", sface_int8=True)),
     ):
         monkeypatch.setattr(weights, name, "0" * 64)
         for cached in caches:

@@ -16,6 +16,7 @@ from jobs.scoring.face_similarity import (
     FUSED3_WEIGHTS,
     PREFILTER_SIMILARITY,
     check_embedding,
+    distance,
     similarity,
 )
 from jobs.scoring.watchlist import Match, Watchlist, prefilter
@@ -243,7 +244,7 @@ def test_a_fused3_watchlist_holds_768_value_embeddings_and_refuses_other_lengths
         Watchlist(FaceSettings(embedder="fused"))
 
 
-def test_the_two_step_search_matches_only_past_the_sface_cut_and_otherwise_as_a_full_search():
+def test_the_two_step_search_matches_only_past_the_sface_cut_and_otherwise_by_the_summed_distance():
     rng = np.random.default_rng(4)
     w = Watchlist(FaceSettings(embedder="fused3"), threshold=50)
     enrolled = fused3(rng, 300)
@@ -265,7 +266,20 @@ def test_the_two_step_search_matches_only_past_the_sface_cut_and_otherwise_as_a_
             assert found.subject_id == "s7" and found.similarity == pytest.approx(full, abs=0.01)
     for i in rng.integers(0, 300, 20):  # near an enrolled face: the nearest of all, as a full search finds it
         probe = enrolled[i] + rng.normal(0, 0.002, 768).astype(np.float32)
-        best = int(np.argmin(np.linalg.norm(enrolled - probe, axis=1)))
+        best = int(np.argmin(distance(enrolled, probe)))
         assert w.search(probe) == Match(f"s{best}", "SUSPECT", round(similarity(probe, enrolled[best]), 2))
     copy = pickle.loads(pickle.dumps(w))
     assert copy.embedder == "fused3" and copy.search(enrolled[3]).subject_id == "s3"
+
+
+def test_the_fused3_distance_is_the_sum_of_the_three_networks_distances():
+    rng = np.random.default_rng(6)
+    a, b = fused3(rng, 2)
+    b[128:256] = a[128:256] + rng.normal(0, 0.01, 128)  # SFace's features near: past the first step's cut
+    parts = [np.linalg.norm(a[s] - b[s]) for s in (slice(0, 128), slice(128, 256), slice(256, 768))]
+    assert distance(a, b) == pytest.approx(sum(parts), rel=1e-6)
+    assert similarity(a, b) == pytest.approx(100 * (1 - sum(parts) / 1.2) if sum(parts) < 1.2 else 0.0, abs=1e-4)
+    assert distance(a[:128], b[:128]) == pytest.approx(np.linalg.norm(a[:128] - b[:128]), rel=1e-6)  # one network
+    w = Watchlist(FaceSettings(embedder="fused3"), threshold=0)
+    w.upsert(entry("s1", [a]))
+    assert w.search(b).similarity == pytest.approx(round(similarity(a, b), 2), abs=0.01)
