@@ -35,7 +35,7 @@ FUSED3_SLICES = tuple(
     (name, slice(sum(n for _, n in FUSED3_PARTS[:i]), sum(n for _, n in FUSED3_PARTS[: i + 1])))
     for i, (name, _) in enumerate(FUSED3_PARTS)
 )
-FUSED3_SCALE = 0.0151
+FUSED3_SCALE = 0.01541
 """``c`` in :data:`FUSED3_WEIGHTS`: puts the three networks' operating point at the target FMR on the 0-100 scale's
 ``match_threshold`` (as :data:`jobs.faces.engine.SFACE_SCALE` does for SFace), so one threshold means one FMR."""
 FUSED3_SIGMA = {"dlib": 0.09295, "sface": 0.0372, "faceplugin": 0.03983}

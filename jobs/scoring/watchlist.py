@@ -122,6 +122,7 @@ class Watchlist:
         self._norms = np.zeros(0, dtype=np.float32)
         self._first = self._matrix  # the prefilter's columns, contiguous (two-step search only)
         self._first_norms = self._norms
+        self._part_norms = np.zeros((0, len(self._rest_parts)), dtype=np.float32)
         self._buf = np.zeros(0, dtype=np.float32)
         self._owners: list[str] = []
         self._dirty = False
@@ -187,10 +188,12 @@ class Watchlist:
         if rows.size == 0:
             return None
         rest = np.concatenate((probe[:start], probe[end:]))  # the other networks' features: _matrix's columns
-        diff = self._matrix[rows] - rest
+        near = self._matrix[rows]
         dist = np.sqrt(np.maximum(buf[rows] + first_squared, 0.0))
-        for part in self._rest_parts:  # the fused distance: the sum of the networks' distances
-            dist += np.linalg.norm(diff[:, part], axis=1)
+        for j, part in enumerate(self._rest_parts):  # the fused distance: the sum of the networks' distances
+            q = rest[part]
+            squared = self._part_norms[rows, j] - 2.0 * (near[:, part] @ q) + float(q @ q)
+            dist += np.sqrt(np.maximum(squared, 0.0))
         k = int(np.argmin(dist))
         return int(rows[k]), float(dist[k])
 
@@ -223,6 +226,14 @@ class Watchlist:
             matrix = np.delete(matrix, np.s_[start:end], axis=1)
         self._matrix = np.ascontiguousarray(matrix)
         self._norms = np.einsum("ij,ij->i", self._matrix, self._matrix)
+        self._part_norms = (
+            np.stack(  # per row, each other network's squared norm (two-step search)
+                [np.einsum("ij,ij->i", self._matrix[:, part], self._matrix[:, part]) for part in self._rest_parts],
+                axis=1,
+            )
+            if self._rest_parts
+            else np.zeros((len(owners), 0), np.float32)
+        )
         self._buf = np.empty(len(owners), dtype=np.float32)
         self._owners = owners
         self._dirty = False
