@@ -48,8 +48,11 @@ def load_watchlist(settings: Settings):
     def apply(_topic: str, key: bytes | None, value: bytes | None) -> None:
         if value is None:
             watchlist.remove((key or b"").decode())
-        else:
+            return
+        try:
             watchlist.upsert(entries.decode(value))
+        except InvalidRecord as err:  # one unusable entry (e.g. of another embedder) must not hide the others
+            log.warning("watchlist entry left out: %s", err.reason)
 
     read_control_topics(settings, apply, specs=(WATCHLIST,))
     return watchlist

@@ -14,9 +14,10 @@ Embedders (``CG_FACES__EMBEDDER``): ``dlib`` (dlib's ResNet on the 150x150 chip,
 :mod:`jobs.faces.resnet`: ~8 ms of one core per face); ``sface`` (the OpenCV Zoo's SFace on the 112x112 chip of
 ``FaceRecognizerSF.alignCrop``, run by ONNX Runtime, :mod:`jobs.faces.ort`: ~15 ms), its features L2-normalised
 and scaled by :data:`SFACE_SCALE` so that the Euclidean 0-100 similarity scale of :mod:`jobs.scoring.face_similarity`
-keeps its meaning; ``fused3`` (dlib, SFace and FacePlugin, each network's features weighted by
-:data:`jobs.scoring.face_similarity.FUSED3_WEIGHTS` and concatenated: 768 values, one Euclidean distance fusing the
-three; the most accurate, ~6 ms more per face than SFace; FacePlugin's network needs ``make face-models``);
+keeps its meaning; ``fused3`` (dlib and SFace in int8 and FacePlugin, each network's features weighted by
+:data:`jobs.scoring.face_similarity.FUSED3_WEIGHTS` and concatenated: 768 values, compared by the sum of the three
+networks' distances; the most accurate, ~5 ms more per frame than SFace; FacePlugin's network needs
+``make face-models``);
 ``fused`` and ``faceplugin`` (evaluation only). Embeddings of different embedders are not comparable: changing the
 embedder means re-enrolling the watchlist.
 
@@ -141,8 +142,8 @@ def _sface(int8: bool = False) -> tuple[object, SfaceEmbedder]:
 
 @cache
 def _faceplugin() -> FacePluginEmbedder:
-    """FacePlugin's network (evaluation only) from ``fetch-models``' hash-checked file, its ``PRelu`` rewritten and
-    the result checked against its pinned hash."""
+    """FacePlugin's network (``fused3``, and ``faceplugin`` in evaluations) from ``fetch-models``' hash-checked
+    file, its ``PRelu`` rewritten and the result checked against its pinned hash."""
     model = ort.faceplugin_float_model(weights.load_cached(weights.FACEPLUGIN))
     return FacePluginEmbedder(
         weights.verified_model(model, weights.FACEPLUGIN_FLOAT_SHA256, f"{weights.FACEPLUGIN.file} (PRelu rewritten)")
@@ -176,11 +177,14 @@ def embedding_parts(embedding: np.ndarray, embedder: str) -> dict[str, np.ndarra
 
 
 def embedder_of(embedding: np.ndarray) -> str:
-    """``fused3`` for 768 values; else ``sface`` for an embedding of norm :data:`SFACE_SCALE` (every SFace one, to
-    float32 precision), else ``dlib`` (norms 1.33-1.59 on the shared photos): which embedder enrolled a watchlist
-    entry, without a schema field, so a mixed watchlist (which never matches across embedders) can be found."""
+    """Which embedder enrolled a watchlist entry, without a schema field, so a mixed watchlist (which never matches
+    across embedders) can be found: ``fused3`` for 768 values whose SFace part has today's weighted norm
+    (``SFACE_SCALE * FUSED3_WEIGHTS["sface"]``; other weights: ``fused3 (other weights)``, enrolled again too);
+    else ``sface`` for an embedding of norm :data:`SFACE_SCALE` (every SFace one, to float32 precision), else
+    ``dlib`` (norms 1.33-1.59 on the shared photos)."""
     if embedding.size == EMBEDDING_LENGTHS["fused3"]:
-        return "fused3"
+        sface = float(np.linalg.norm(embedding_parts(embedding, "fused3")["sface"]))
+        return "fused3" if abs(sface - SFACE_SCALE) < 1e-3 else "fused3 (other weights)"
     return "sface" if abs(float(np.linalg.norm(embedding)) - SFACE_SCALE) < 1e-3 else "dlib"
 
 

@@ -218,7 +218,7 @@ def _faceplugin_shape(name: str, shape: list[int | str]) -> Shape:
 
 
 class FacePluginEmbedder:
-    """FacePlugin's network (:data:`jobs.faces.weights.FACEPLUGIN`, evaluation only) on ONNX Runtime, fed as its
+    """FacePlugin's network (:data:`jobs.faces.weights.FACEPLUGIN`, one of ``fused3``'s) on ONNX Runtime, fed as its
     JavaScript client feeds it (``lib/fr_feature.js``): the 112x112 chip aligned to ArcFace's five points (the
     template ``alignCrop`` uses too), RGB planes scaled ``(v - 127) / 128``. Its graph takes one face at a time."""
 

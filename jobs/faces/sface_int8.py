@@ -187,7 +187,8 @@ def _integer_classifier(gemm: pb.Node, consts, quantise, added: dict[str, np.nda
     """The classifier ``Gemm`` (``x W^T + b``) as ``MatMulInteger`` on the quantised input and 7-bit weights per
     output feature, its int32 sums scaled back to float."""
     x, weight, bias = gemm.inputs[0], consts[gemm.inputs[1]], consts[gemm.inputs[2]]
-    if gemm.ints.get("transB") != 1 or gemm.ints.get("transA", 0) != 0:
+    plain = gemm.floats.get("alpha", 1.0) == 1.0 and gemm.floats.get("beta", 1.0) == 1.0
+    if gemm.ints.get("transB") != 1 or gemm.ints.get("transA", 0) != 0 or not plain:
         raise ValueError("SFace graph not as expected: a classifier Gemm other than x W^T + b")
     xs, xz = quantise(x)
     ws = (np.maximum(np.abs(weight).max(axis=1), 1e-12) / WEIGHT_STEPS).astype(np.float32)

@@ -340,13 +340,12 @@ class DecisionCore:
             self._apply_broadcast(*update)
         return update
 
-    @staticmethod
-    def _check_broadcast(key: str, value: Any) -> None:
+    def _check_broadcast(self, key: str, value: Any) -> None:
         """A watchlist entry the job can use under its key (see :func:`check_entry`), or :class:`InvalidRecord`:
         checked even where it is not applied, so no unusable entry enters the broadcast state."""
         if not key.startswith("wl:") or value is None:
             return
-        check_entry(value)
+        check_entry(value, EMBEDDING_LENGTHS.get(self.settings.faces.embedder))
         if value["subject_id"] != key[3:]:
             raise InvalidRecord("invalid_entry", "the record key differs from the entry's subject_id")
 

@@ -49,9 +49,10 @@ embeddings (:func:`distance`) is the sum of the three networks' Euclidean distan
 dominates by its scale. It ranks pairs as the mean of the three standardised similarities does, the fusion
 ``evaluate`` cross-validates (``fuse_scores``, with the sigmas taken from the other folds' people only); a plain
 Euclidean distance of the concatenations (``sqrt(sum(...))``) was measured too and found ~0.001 TMR worse."""
-PREFILTER_SIMILARITY = 46.2
+PREFILTER_SIMILARITY = 46.34
 """The watchlist searches ``fused3`` embeddings in two steps: enrolled faces whose SFace features alone score at least
-this (SFace's similarity at FMR 0.01 on the evaluation's strangers), then the fused distance on those only. The
+this (SFace's similarity, in int8 as ``fused3`` runs it, at FMR 0.01 on the evaluation's strangers), then the fused
+distance on those only. The
 first step reads 128 values per enrolled face instead of 768: the search costs about what an SFace one does. Few true
 matches fall below it (``evaluate`` reports the fusion with this step, its cut chosen per fold)."""
 PREFILTER_FMR = 0.01

@@ -54,6 +54,7 @@ from jobs.scoring.face_join import (
     observation_result,
     seen_from,
 )
+from jobs.scoring.face_similarity import EMBEDDING_LENGTHS
 from jobs.scoring.features import (
     PROFILE_KEY,
     Activity,
@@ -121,6 +122,7 @@ class RouteStep:
         self.watchlist = watchlist
         settings = scorer.settings
         self.max_bytes = settings.job.max_message_bytes
+        self.embedding_length = EMBEDDING_LENGTHS.get(settings.faces.embedder)
         self.tx_topic = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
 
     def on_record(self, record: SourceRecord, now_ms: int, newest_ms: int) -> tuple[list[Emit], list[OutRow]]:
@@ -148,7 +150,7 @@ class RouteStep:
         return [Emit(RECEIPT, receipt_key(tx), order(tx, value), env)], []
 
     def _observation(self, record: SourceRecord, now_ms: int) -> tuple[list[Emit], list[OutRow]]:
-        obs = decode_observation(record.value, self.max_bytes)
+        obs = decode_observation(record.value, self.max_bytes, self.embedding_length)
         face = observation_result(obs, self.watchlist)
         if obs["trigger"] == "ENTRANCE" or not obs.get("transaction_id"):
             return [], self.scorer.entrance(obs, face)

@@ -100,3 +100,20 @@ def test_a_document_whose_ids_are_no_names_is_answered_without_asking_any_camera
     ) as inspect:
         reply = inspect("tx-x")
     assert "no camera I may ask" in reply and not asked
+
+
+def test_one_unusable_watchlist_entry_leaves_the_others_in_the_inspectors_watchlist(monkeypatch):
+    from infra.clients import control_topics
+    from jobs.faces.checkout_inspect import load_watchlist
+    from schemas.records import WatchlistEntry
+
+    def entry(subject: str, values: int) -> bytes:
+        return WatchlistEntry(subject, "SUSPECT", [[0.01] * values], "test", "lp@example.com", 1, None, None).encode()
+
+    def read(_settings, apply, specs=()):
+        apply("watchlist", b"subj-old", entry("subj-old", 768))  # of another embedder: refused, not fatal
+        apply("watchlist", b"subj-new", entry("subj-new", 128))
+
+    monkeypatch.setattr(control_topics, "read_control_topics", read)
+    watchlist = load_watchlist(Settings())
+    assert watchlist.subjects() == ["subj-new"]

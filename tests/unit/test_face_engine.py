@@ -259,3 +259,16 @@ def test_sface_embeddings_keep_the_similarity_scale_and_name_their_embedder():
     assert embedder_of(_embedding(dlib, IMAGES / "obama.jpg")) == "dlib"
     hog = FaceEngine(SETTINGS.model_copy(update={"embedder": "sface", "detector": "hog"}))
     assert similarity(_embedding(hog, IMAGES / "obama.jpg"), obama2) >= SETTINGS.match_threshold
+
+
+def test_embedder_of_tells_fused3_embeddings_of_other_weights_apart():
+    from jobs.scoring.face_similarity import FUSED3_WEIGHTS
+
+    rng = np.random.default_rng(1)
+    parts = [rng.normal(0, 1, n) for n in (128, 128, 512)]
+    parts = [SFACE_SCALE * p / np.linalg.norm(p) for p in parts]
+    today = np.concatenate([p * FUSED3_WEIGHTS[n] for p, n in zip(parts, ("dlib", "sface", "faceplugin"), strict=True)])
+    assert embedder_of(today) == "fused3"
+    older = today.copy()
+    older[128:256] *= 1.03  # enrolled with another scale or sigma: compared on another scale, so enrolled again
+    assert embedder_of(older) == "fused3 (other weights)"

@@ -160,7 +160,7 @@ def test_hog_landmarks_invert_the_chip_mapping():
 
 
 def test_fused_embeddings_are_refused_outside_the_evaluation():
-    """The watchlist holds 128 values: a fused (256-value) engine must not reach the face stage."""
+    """No watchlist holds 256 values: a fused (dlib + SFace) engine must not reach the face stage."""
     with pytest.raises(ValueError, match="fused"):
         face_engine.FaceEngine(FaceSettings(embedder="fused"))
     assert face_engine.FaceEngine(FaceSettings(embedder="fused"), evaluation=True).embedder == "fused"

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from infra.settings import FaceSettings
 from jobs.faces.cli import app
 
 FACES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "faces"
@@ -91,13 +90,13 @@ def test_evaluate_fused3_reports_the_fusion_each_network_and_each_pair_held_out_
         "sface+dlib+faceplugin",
         "sface+dlib+faceplugin concatenated",
         "sface+faceplugin concatenated",
-        "fused3 as searched, weights fixed",
+        "fused3 as searched, constants from all pairs",
     }
     for cv in (report["cross_validated"], *report["by_embedder"].values()):
         assert cv["genuine_pairs"] == 4 and cv["impostor_pairs"] == 32 and cv["tmr"] == 1.0
-    assert "quality_aware_threshold" not in report and report["not_computed"]
-    assert report["at_threshold"]["threshold"] == FaceSettings().match_threshold  # the pipeline's own scale
+    assert "quality_aware_threshold" not in report and "at_threshold" not in report and report["not_computed"]
+    searched = report["by_embedder"]["fused3 as searched, constants from all pairs"]
+    assert report["cross_validated"]["recommended_threshold"] == searched["recommended_threshold"]
     text = runner.invoke(app, [*args, "--embedder", "fused3"])
     assert text.exit_code == 0 and "not computed" in text.output
-    fixed = runner.invoke(app, [*args, "--embedder", "fused3", "--fixed-threshold"])
-    assert fixed.exit_code == 0 and "at the configured threshold" in fixed.output
+    assert runner.invoke(app, [*args, "--embedder", "fused3", "--fixed-threshold"]).exit_code == 2

@@ -314,3 +314,11 @@ def test_a_decision_batch_that_raises_is_decided_one_by_one_and_only_the_failing
     assert sorted(_scored(rows)) == ["t1", "t3"]
     [dead] = [codec("DeadLetter").decode(v) for t, _, v in rows if t == DLQ]
     assert dead["dead_letter_id"] == f"{TX}:decide:t2"
+
+
+def test_an_observation_of_another_embedders_length_is_dead_lettered_on_the_partitioned_layout_too():
+    s = settings()
+    core = PartitionedCore(s, 2, clock=_clock)  # the default embedder: 128 values
+    rows = core.on_records([_tx(sale("t1")), _obs("t1", T0, [0.01] * 768, 7)], NOW)
+    [dead] = [codec("DeadLetter").decode(v) for t, _, v in rows if t == DLQ]
+    assert dead["error_kind"] == "invalid_embedding" and "128 values, got 768" in dead["reason"]

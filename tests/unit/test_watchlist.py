@@ -283,3 +283,21 @@ def test_the_fused3_distance_is_the_sum_of_the_three_networks_distances():
     w = Watchlist(FaceSettings(embedder="fused3"), threshold=0)
     w.upsert(entry("s1", [a]))
     assert w.search(b).similarity == pytest.approx(round(similarity(a, b), 2), abs=0.01)
+
+
+def test_the_second_step_ranks_by_the_summed_distance_not_the_euclidean_one():
+    """Two faces past the first step: one differs only in dlib's part by 0.3 (sum 0.3, Euclidean 0.3), the other in
+    dlib's and FacePlugin's parts by 0.2 each (sum 0.4, Euclidean 0.28). The summed distance picks the first."""
+    rng = np.random.default_rng(8)
+    probe = fused3(rng)[0]
+    one, other = probe.copy(), probe.copy()
+    one[:128] += 0.3 * unit(rng)[0]
+    other[:128] += 0.2 * unit(rng)[0]
+    fp = rng.normal(0, 1, 512)
+    other[256:] += (0.2 * fp / np.linalg.norm(fp)).astype(np.float32)
+    assert np.linalg.norm(other - probe) < np.linalg.norm(one - probe) and distance(one, probe) < distance(other, probe)
+    w = Watchlist(FaceSettings(embedder="fused3"), threshold=0)
+    w.upsert(entry("s-one", [one]))
+    w.upsert(entry("s-other", [other]))
+    found = w.search(probe)
+    assert found.subject_id == "s-one" and found.similarity == pytest.approx(100 * (1 - 0.3 / 1.2), abs=0.02)
