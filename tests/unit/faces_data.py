@@ -19,6 +19,15 @@ SHARED_PERSON_DIRS = (
 )
 
 
+def calibration_photos() -> list[Path]:
+    """The shared photos outside every evaluation set whose faces calibrate the int8 networks (dlib's scenes,
+    face_recognition's loose photos and its knn_examples/test); empty when the shared data is absent."""
+    return sorted(
+        [*(SHARED_FACES / "dlib" / "scenes").glob("*.jpg"), *(SHARED_FACES / "face_recognition").glob("*.jpg")]
+        + list((SHARED_FACES / "face_recognition" / "knn_examples" / "test").glob("*.jpg"))
+    )
+
+
 def shared_photo_dirs() -> list[Path]:
     return [SHARED_FACES / d for d in SHARED_PERSON_DIRS if (SHARED_FACES / d).is_dir()]
 

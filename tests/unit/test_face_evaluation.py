@@ -343,12 +343,18 @@ needs_faceplugin = pytest.mark.skipif(
 )
 
 
-@needs_faceplugin
-def test_fused3_embeddings_hold_each_networks_features_and_faceplugin_tells_people_apart():
+def _sdist_photos() -> Path:
+    """The face_recognition sdist's test photos (``make setup`` unpacks them), or a skip."""
     images = Path(face_engine.__file__).resolve().parents[2] / ".stack" / "faces" / "face_recognition-1.3.0"
     photos = images / "tests" / "test_images"
     if not photos.is_dir():
         pytest.skip("face_recognition sdist photos not installed (make setup)")
+    return photos
+
+
+@needs_faceplugin
+def test_fused3_embeddings_hold_each_networks_features_and_faceplugin_tells_people_apart():
+    photos = _sdist_photos()
     engine = face_engine.FaceEngine(FaceSettings(embedder="fused3"), evaluation=True)
     obama, obama2, biden = (
         engine.best_face((photos / n).read_bytes()).embedding for n in ("obama.jpg", "obama2.jpg", "biden.jpg")
@@ -371,10 +377,7 @@ def test_fused3_embeddings_hold_each_networks_features_and_faceplugin_tells_peop
 
 @needs_faceplugin
 def test_a_fused3_face_stage_matches_the_same_person_in_its_watchlist_and_not_another():
-    photos = Path(face_engine.__file__).resolve().parents[2] / ".stack" / "faces" / "face_recognition-1.3.0"
-    photos = photos / "tests" / "test_images"
-    if not photos.is_dir():
-        pytest.skip("face_recognition sdist photos not installed (make setup)")
+    photos = _sdist_photos()
     settings = FaceSettings(embedder="fused3", dlib_int8=True)
     engine = face_engine.FaceEngine(settings)  # a pipeline embedder now, not only for the evaluation
     face = {n: engine.best_face((photos / f"{n}.jpg").read_bytes()).embedding for n in ("obama", "obama2", "biden")}

@@ -101,12 +101,9 @@ def test_int8_ranges_are_the_calibration_photos_ranges():
     from infra.settings import FaceSettings
     from jobs.faces.engine import FaceEngine
     from jobs.faces.resnet import INT8_RANGES, calibration_ranges
-    from tests.unit.faces_data import SHARED_FACES
+    from tests.unit.faces_data import calibration_photos
 
-    photos = sorted(
-        [*(SHARED_FACES / "dlib" / "scenes").glob("*.jpg"), *(SHARED_FACES / "face_recognition").glob("*.jpg")]
-        + list((SHARED_FACES / "face_recognition" / "knn_examples" / "test").glob("*.jpg"))
-    )
+    photos = calibration_photos()
     if not photos:
         pytest.skip("shared face photos (../shared/data/faces) absent")
     chips = _passing_chips(FaceEngine(FaceSettings(embedder="dlib")), photos)

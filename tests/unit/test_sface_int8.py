@@ -54,12 +54,9 @@ def test_int8_features_stay_close_to_the_float_ones_on_faces_it_was_not_calibrat
 def test_int8_ranges_are_the_calibration_photos_ranges(float_model):
     """``SFACE_INT8_RANGES`` are what ``calibration_ranges`` finds on SFace's chips of the faces of the photos outside
     every evaluation set (those dlib's int8 ranges come from), so they can be recomputed."""
-    from tests.unit.faces_data import SHARED_FACES
+    from tests.unit.faces_data import calibration_photos
 
-    photos = sorted(
-        [*(SHARED_FACES / "dlib" / "scenes").glob("*.jpg"), *(SHARED_FACES / "face_recognition").glob("*.jpg")]
-        + list((SHARED_FACES / "face_recognition" / "knn_examples" / "test").glob("*.jpg"))
-    )
+    photos = calibration_photos()
     if not photos:
         pytest.skip("shared face photos (../shared/data/faces) absent")
     chips = _aligned_chips(FaceEngine(FaceSettings(embedder="sface")), photos)
