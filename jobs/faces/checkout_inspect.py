@@ -52,7 +52,7 @@ def load_watchlist(settings: Settings):
         try:
             watchlist.upsert(entries.decode(value))
         except InvalidRecord as err:  # one unusable entry (e.g. of another embedder) must not hide the others
-            log.warning("watchlist entry left out: %s", err.reason)
+            log.warning("watchlist entry %s left out: %s", (key or b"").decode(errors="replace")[:80], err.reason)
 
     read_control_topics(settings, apply, specs=(WATCHLIST,))
     return watchlist

@@ -16,7 +16,7 @@ Embedders (``CG_FACES__EMBEDDER``): ``dlib`` (dlib's ResNet on the 150x150 chip,
 and scaled by :data:`SFACE_SCALE` so that the Euclidean 0-100 similarity scale of :mod:`jobs.scoring.face_similarity`
 keeps its meaning; ``fused3`` (dlib and SFace in int8 and FacePlugin, each network's features weighted by
 :data:`jobs.scoring.face_similarity.FUSED3_WEIGHTS` and concatenated: 768 values, compared by the sum of the three
-networks' distances; the most accurate, ~5 ms more per frame than SFace; FacePlugin's network needs
+networks' distances; the most accurate, ~5-8 ms more per frame than SFace; FacePlugin's network needs
 ``make face-models``);
 ``fused`` and ``faceplugin`` (evaluation only). Embeddings of different embedders are not comparable: changing the
 embedder means re-enrolling the watchlist.
@@ -178,13 +178,16 @@ def embedding_parts(embedding: np.ndarray, embedder: str) -> dict[str, np.ndarra
 
 def embedder_of(embedding: np.ndarray) -> str:
     """Which embedder enrolled a watchlist entry, without a schema field, so a mixed watchlist (which never matches
-    across embedders) can be found: ``fused3`` for 768 values whose SFace part has today's weighted norm
-    (``SFACE_SCALE * FUSED3_WEIGHTS["sface"]``; other weights: ``fused3 (other weights)``, enrolled again too);
+    across embedders) can be found: ``fused3`` for 768 values whose SFace and FacePlugin parts have today's weighted
+    norms (``SFACE_SCALE * FUSED3_WEIGHTS[...]``; other weights: ``fused3 (other weights)``, enrolled again too: a
+    change of dlib's sigma alone does not show in a norm);
     else ``sface`` for an embedding of norm :data:`SFACE_SCALE` (every SFace one, to float32 precision), else
     ``dlib`` (norms 1.33-1.59 on the shared photos)."""
     if embedding.size == EMBEDDING_LENGTHS["fused3"]:
         sface = float(np.linalg.norm(embedding_parts(embedding, "fused3")["sface"]))
-        return "fused3" if abs(sface - SFACE_SCALE) < 1e-3 else "fused3 (other weights)"
+        faceplugin = float(np.linalg.norm(embedding_parts(embedding, "fused3")["faceplugin"]))
+        today = abs(sface - SFACE_SCALE) < 1e-3 and abs(faceplugin - SFACE_SCALE) < 1e-3
+        return "fused3" if today else "fused3 (other weights)"
     return "sface" if abs(float(np.linalg.norm(embedding)) - SFACE_SCALE) < 1e-3 else "dlib"
 
 

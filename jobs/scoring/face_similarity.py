@@ -40,7 +40,7 @@ FUSED3_SCALE = 0.01541
 ``match_threshold`` (as :data:`jobs.faces.engine.SFACE_SCALE` does for SFace), so one threshold means one FMR."""
 FUSED3_SIGMA = {"dlib": 0.09295, "sface": 0.0372, "faceplugin": 0.03983}
 """Spread (standard deviation) of each network's distances between strangers: the 2,006,788 impostor pairs of
-``python -m jobs.faces evaluate --embedder fused3`` (the networks in int8 as ``fused3`` runs them; SFace's and
+``python -m jobs.faces evaluate --embedder fused3`` (dlib and SFace in int8, as ``fused3`` runs them; SFace's and
 FacePlugin's features at norm ``SFACE_SCALE``)."""
 FUSED3_WEIGHTS = {name: FUSED3_SCALE / sigma for name, sigma in FUSED3_SIGMA.items()}
 """What each network's features are multiplied by in a ``fused3`` embedding: ``c / sigma``. The distance of two
@@ -53,7 +53,7 @@ PREFILTER_SIMILARITY = 46.34
 """The watchlist searches ``fused3`` embeddings in two steps: enrolled faces whose SFace features alone score at least
 this (SFace's similarity, in int8 as ``fused3`` runs it, at FMR 0.01 on the evaluation's strangers), then the fused
 distance on those only. The
-first step reads 128 values per enrolled face instead of 768: the search costs about what an SFace one does. Few true
+first step reads 128 values per enrolled face instead of 768: the search costs ~1.5x a 128-value one, not ~6x. Few true
 matches fall below it (``evaluate`` reports the fusion with this step, its cut chosen per fold)."""
 PREFILTER_FMR = 0.01
 """The FMR at which :data:`PREFILTER_SIMILARITY` was chosen (``evaluate`` chooses it per fold at this rate)."""

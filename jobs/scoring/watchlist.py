@@ -1,4 +1,4 @@
-"""The in-memory watchlist: every enrolled embedding of every subject, searched in one numpy pass.
+"""The in-memory watchlist: every enrolled embedding of every subject, searched in one numpy pass (``fused3``: two).
 
 Pure (no Kafka): the Flink job keeps one as broadcast state fed from the compacted WATCHLIST topic
 (``upsert`` per entry, ``remove`` per tombstone); the watchlist service and the CLI use it too.

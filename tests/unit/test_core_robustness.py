@@ -349,7 +349,16 @@ def test_a_fused3_job_matches_768_value_faces_and_dead_letters_a_face_of_another
     refused = core.on_control(WATCH_TOPIC, b"subj-8", watch_entry("subj-8", SUSPECT_FACE), 0, 1)
     [dl] = dead_letters(refused.outputs)
     assert "subj-8" not in core.watchlist and "768 values, got 128" in dl["reason"]
-    entry = codec("WatchlistEntry").decode(watch_entry("subj-8", SUSPECT_FACE))
-    again = DecisionCore(s, predictor=None, watchlist=Watchlist(s), clock=clock)
-    again.restore({}, {"wl:subj-8": entry})  # kept in broadcast state before the embedder changed: left out
-    assert "subj-8" not in again.watchlist
+    started = DecisionCore(
+        s.model_copy(update={"job": s.job.model_copy(update={"bootstrap_control": True})}),
+        watchlist=Watchlist(s),
+        clock=clock,
+    )
+
+    def read(_settings, apply):
+        apply(WATCH_TOPIC, b"subj-8", watch_entry("subj-8", SUSPECT_FACE))  # refused at start
+        return {(WATCH_TOPIC, 0): 0}
+
+    started.bootstrap(read)  # the broadcast stream then meets the same entry, not applied: still checked by length
+    replay = started.on_control(WATCH_TOPIC, b"subj-8", watch_entry("subj-8", SUSPECT_FACE), 0, 0)
+    assert replay.update is None and kinds(replay.outputs) == ["invalid_update"]

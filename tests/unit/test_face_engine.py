@@ -272,3 +272,6 @@ def test_embedder_of_tells_fused3_embeddings_of_other_weights_apart():
     older = today.copy()
     older[128:256] *= 1.03  # enrolled with another scale or sigma: compared on another scale, so enrolled again
     assert embedder_of(older) == "fused3 (other weights)"
+    older = today.copy()
+    older[256:] *= 0.97  # FacePlugin's sigma changed
+    assert embedder_of(older) == "fused3 (other weights)"

@@ -339,7 +339,7 @@ def test_fetch_models_refuses_a_network_that_is_not_the_pinned_one(monkeypatch, 
 
 needs_faceplugin = pytest.mark.skipif(
     not (weights.models_dir() / weights.FACEPLUGIN.file).is_file(),
-    reason="FacePlugin network not fetched (python -m jobs.faces fetch-models): evaluation only",
+    reason="FacePlugin network not fetched (make face-models): fused3 unavailable",
 )
 
 

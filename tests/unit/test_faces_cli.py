@@ -74,7 +74,7 @@ def test_evaluate_fused_also_reports_each_embedder_on_the_same_faces():
 
 @pytest.mark.skipif(
     not (Path(__file__).resolve().parents[2] / ".cache" / "faces-models" / "fr_feature.onnx").is_file(),
-    reason="FacePlugin network not fetched (python -m jobs.faces fetch-models): evaluation only",
+    reason="FacePlugin network not fetched (make face-models): fused3 unavailable",
 )
 def test_evaluate_fused3_reports_the_fusion_each_network_and_each_pair_held_out_only():
     args = ["evaluate", str(FACES / "face_recognition" / "knn_examples" / "train"), "--no-synthetic"]

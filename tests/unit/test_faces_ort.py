@@ -233,7 +233,7 @@ def test_value_info_and_tensor_round_trip_through_the_wire_format():
 
 @pytest.mark.skipif(
     not (weights.models_dir() / weights.FACEPLUGIN.file).is_file(),
-    reason="FacePlugin network not fetched (python -m jobs.faces fetch-models): evaluation only",
+    reason="FacePlugin network not fetched (make face-models): fused3 unavailable",
 )
 def test_faceplugin_with_prelu_rewritten_gives_the_files_features_and_its_pinned_hash():
     model = weights.load_cached(weights.FACEPLUGIN)
