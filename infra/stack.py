@@ -1111,6 +1111,37 @@ def _wait_healthy(
     )
 
 
+BIND_RETRIES = 2
+"""Starts again after a service exits with "Address already in use" although its ports were free just before: the
+default ports (e.g. Kafka's 39092/39093) lie in Linux's ephemeral range, so a connection made at that moment (Kafka's
+own, to its controller) can hold one of them for a while."""
+
+
+def _start_and_wait(svc: str, settings: Settings, paths: StackPaths, ep: Endpoints) -> None:
+    """Start ``svc`` and wait until healthy, again (:data:`BIND_RETRIES`) when a port was taken meanwhile."""
+    for attempt in range(BIND_RETRIES + 1):
+        try:
+            _start_once(svc, settings, paths, ep)
+            return
+        except StackError as exc:
+            if "Address already in use" not in str(exc) or attempt == BIND_RETRIES:
+                raise
+            log.warning("%s: a port was taken while it started (a passing connection's port); starting again", svc)
+            time.sleep(1.0)
+
+
+def _start_once(svc: str, settings: Settings, paths: StackPaths, ep: Endpoints) -> None:
+    popen = _STARTERS[svc](settings, paths, ep)
+    log.info("%s: started pid %d, waiting until healthy", svc, popen.pid)
+    if svc == "kafka" and settings.kafka.sasl_enabled:
+        # The clients' user may not exist yet (a fresh broker) or have another password: the stack's
+        # own login puts it in place before the broker counts as healthy for the clients.
+        admin = _stack_admin(settings, paths)
+        _wait_healthy(svc, admin, paths, ep, popen)
+        _ensure_scram_user(admin, settings.kafka)
+    _wait_healthy(svc, settings, paths, ep, popen)
+
+
 def _ensure_service(svc: str, settings: Settings, paths: StackPaths, ep: Endpoints) -> str:
     """Bring one service to healthy; returns what was done: running | started | external."""
     if svc == "kafka" and settings.kafka.brokers > 1:
@@ -1145,15 +1176,7 @@ def _ensure_service(svc: str, settings: Settings, paths: StackPaths, ep: Endpoin
             "CG_OPENSEARCH__URL, CG_MQTT__PORT, CG_SMTP__PORT, CG_METRICS__PROMETHEUS_PORT)"
         )
     t0 = time.monotonic()
-    popen = _STARTERS[svc](settings, paths, ep)
-    log.info("%s: started pid %d, waiting until healthy", svc, popen.pid)
-    if svc == "kafka" and settings.kafka.sasl_enabled:
-        # The clients' user may not exist yet (a fresh broker) or have another password: the stack's
-        # own login puts it in place before the broker counts as healthy for the clients.
-        admin = _stack_admin(settings, paths)
-        _wait_healthy(svc, admin, paths, ep, popen)
-        _ensure_scram_user(admin, settings.kafka)
-    _wait_healthy(svc, settings, paths, ep, popen)
+    _start_and_wait(svc, settings, paths, ep)
     log.info("%s: healthy at %s after %.1fs", svc, ep.address(svc), time.monotonic() - t0)
     if svc == "opensearch":
         _configure_opensearch(settings)

@@ -129,3 +129,26 @@ def test_the_job_refuses_process_mode_whose_beam_servers_would_listen_everywhere
         assert flink_options(Settings(job=process, bind_host="0.0.0.0"), None)["rest.address"] == "127.0.0.1"
     except StackError:
         pytest.skip("the Flink Kafka connector is not installed (make setup)")
+
+
+def test_a_service_whose_port_was_taken_while_it_started_is_started_again_and_other_failures_are_not(monkeypatch):
+    calls: list[str] = []
+    failures = [
+        "kafka exited during start-up; end of kafka.log:\nCaused by: java.net.BindException: Address already in use"
+    ]
+
+    def start_once(svc, *_args):
+        calls.append(svc)
+        if failures:
+            raise stack.StackError(failures.pop())
+
+    monkeypatch.setattr(stack, "_start_once", start_once)
+    monkeypatch.setattr(stack.time, "sleep", lambda _s: None)
+    stack._start_and_wait("kafka", None, None, None)
+    assert calls == ["kafka", "kafka"]  # the port was free again: started on the second try
+    failures[:] = ["opensearch exited during start-up; end of opensearch.log:\nOutOfMemoryError"]
+    with pytest.raises(stack.StackError, match="OutOfMemoryError"):
+        stack._start_and_wait("opensearch", None, None, None)
+    failures[:] = ["Address already in use"] * (stack.BIND_RETRIES + 1)
+    with pytest.raises(stack.StackError, match="Address already in use"):
+        stack._start_and_wait("kafka", None, None, None)  # held for good: the error, after the retries
