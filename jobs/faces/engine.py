@@ -184,9 +184,8 @@ def embedder_of(embedding: np.ndarray) -> str:
     else ``sface`` for an embedding of norm :data:`SFACE_SCALE` (every SFace one, to float32 precision), else
     ``dlib`` (norms 1.33-1.59 on the shared photos)."""
     if embedding.size == EMBEDDING_LENGTHS["fused3"]:
-        sface = float(np.linalg.norm(embedding_parts(embedding, "fused3")["sface"]))
-        faceplugin = float(np.linalg.norm(embedding_parts(embedding, "fused3")["faceplugin"]))
-        today = abs(sface - SFACE_SCALE) < 1e-3 and abs(faceplugin - SFACE_SCALE) < 1e-3
+        parts = embedding_parts(embedding, "fused3")
+        today = all(abs(float(np.linalg.norm(parts[name])) - SFACE_SCALE) < 1e-3 for name in ("sface", "faceplugin"))
         return "fused3" if today else "fused3 (other weights)"
     return "sface" if abs(float(np.linalg.norm(embedding)) - SFACE_SCALE) < 1e-3 else "dlib"
 

@@ -105,15 +105,19 @@ class Watchlist:
         faces = settings.faces if isinstance(settings, Settings) else settings or FaceSettings()
         if faces.embedder not in EMBEDDING_LENGTHS:
             raise ValueError(f"CG_FACES__EMBEDDER={faces.embedder} is for `jobs.faces evaluate` only: no watchlist")
-        self.embedder = faces.embedder
-        self.dim = EMBEDDING_LENGTHS[faces.embedder]
-        self._prefilter = prefilter(faces.embedder)
-        self._rest_parts = _rest_parts(self._prefilter)
+        self._configure(faces.embedder)
         self.threshold = threshold if threshold is not None else faces.match_threshold
         cases = settings.cases if isinstance(settings, Settings) else CasesSettings()
         self.max_templates = max(1, max_templates if max_templates is not None else cases.max_templates)
         """Templates kept per subject (the newest, the last ones of an entry's list)."""
         self._reset()
+
+    def _configure(self, embedder: str) -> None:
+        """What the embedder decides: the embeddings' length and, for ``fused3``, the two-step search's columns."""
+        self.embedder = embedder
+        self.dim = EMBEDDING_LENGTHS[embedder]
+        self._prefilter = prefilter(embedder)
+        self._rest_parts = _rest_parts(self._prefilter)
 
     def _reset(self) -> None:
         self._entries: dict[str, dict[str, Any]] = {}
@@ -225,15 +229,13 @@ class Watchlist:
             self._first_norms = np.einsum("ij,ij->i", self._first, self._first)
             matrix = np.delete(matrix, np.s_[start:end], axis=1)
         self._matrix = np.ascontiguousarray(matrix)
-        self._norms = np.einsum("ij,ij->i", self._matrix, self._matrix)
-        self._part_norms = (
-            np.stack(  # per row, each other network's squared norm (two-step search)
+        if self._rest_parts:  # two steps: per row, each other network's squared norm
+            self._part_norms = np.stack(
                 [np.einsum("ij,ij->i", self._matrix[:, part], self._matrix[:, part]) for part in self._rest_parts],
                 axis=1,
             )
-            if self._rest_parts
-            else np.zeros((len(owners), 0), np.float32)
-        )
+        else:  # one step: the rows' squared norms
+            self._norms = np.einsum("ij,ij->i", self._matrix, self._matrix)
         self._buf = np.empty(len(owners), dtype=np.float32)
         self._owners = owners
         self._dirty = False
@@ -252,10 +254,7 @@ class Watchlist:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.threshold = state["threshold"]
         self.max_templates = state.get("max_templates", CasesSettings().max_templates)
-        self.embedder = state.get("embedder", "sface")  # pickled before other lengths: 128-value embeddings
-        self.dim = EMBEDDING_LENGTHS[self.embedder]
-        self._prefilter = prefilter(self.embedder)
-        self._rest_parts = _rest_parts(self._prefilter)
+        self._configure(state.get("embedder", "sface"))  # pickled before other lengths: 128-value embeddings
         self._reset()
         for entry in state["entries"]:
             try:
