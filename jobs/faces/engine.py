@@ -43,6 +43,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from infra.settings import FaceSettings
+from infra.threads import one_blas_thread
 from jobs.faces import ort, sface_int8, weights
 from jobs.faces.ort import FacePluginEmbedder, SfaceEmbedder, YunetDetector
 from jobs.faces.resnet import FaceResnet
@@ -330,6 +331,7 @@ class FaceEngine:
             raise ValueError(
                 f"CG_FACES__EMBEDDER={settings.embedder} is for `jobs.faces evaluate` only: use sface, dlib or fused3"
             )
+        one_blas_thread()  # the engine's process analyses and searches on its one core (infra/threads.py)
         self.settings = settings
         self.embedder = settings.embedder
         """Which embedder made this engine's embeddings: only embeddings of the same embedder are comparable."""

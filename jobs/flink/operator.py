@@ -199,6 +199,8 @@ def _predictor(settings: Settings, *, tally_drift: bool = False):
 
 
 def _watchlist(settings: Settings):
+    from infra.threads import one_blas_thread
     from jobs.scoring.watchlist import Watchlist
 
+    one_blas_thread()  # the worker's slot is one core: no spinning BLAS threads beside it (infra/threads.py)
     return Watchlist(settings)
