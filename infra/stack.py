@@ -1112,9 +1112,9 @@ def _wait_healthy(
 
 
 BIND_RETRIES = 2
-"""Starts again after a service exits with "Address already in use" although its ports were free just before: the
-default ports (e.g. Kafka's 39092/39093) lie in Linux's ephemeral range, so a connection made at that moment (Kafka's
-own, to its controller) can hold one of them for a while."""
+"""Starts again after a service exits with "Address already in use" although its ports were free just before: a
+port in Linux's ephemeral range (32768-60999; the defaults and CI's ports lie below it, an operator's may not) can be
+held for a moment by any outgoing connection, Kafka's own to its controller included."""
 
 
 def _start_and_wait(svc: str, settings: Settings, paths: StackPaths, ep: Endpoints) -> None:
