@@ -37,6 +37,7 @@ from jobs.faces.evaluation import (
     cross_validate,
     cross_validate_fused,
     cross_validate_quality,
+    cross_validate_selected,
     fuse_scores,
     identity_folds,
     prefiltered_scores,
@@ -264,6 +265,19 @@ def evaluation_report(
             report["by_embedder"]["+".join(names) + " concatenated"] = fused(
                 [parts[n] for n in names], concatenate_scores
             )["cross_validated"]
+        # the choice among everything tried, itself cross-validated: no fold's people help choose its networks
+        tried: dict[str, tuple[list[np.ndarray], Fusion]] = {
+            "sface": ([parts["sface"]], fuse_scores),
+            "dlib": ([parts["dlib"]], fuse_scores),
+            "fused3 as the face stage runs it": ([parts[n] for n in three], prefiltered_scores),
+            "faceplugin": ([parts["faceplugin"]], fuse_scores),
+        }
+        for combo in (("sface", "dlib"), ("sface", "faceplugin"), ("faceplugin", "dlib"), three):
+            tried["+".join(combo)] = ([parts[n] for n in combo], fuse_scores)
+        for names in (three, ("sface", "faceplugin")):
+            tried["+".join(names) + " concatenated"] = ([parts[n] for n in names], concatenate_scores)
+        chosen = _scored_report(items, parts["sface"], *common, fold_seed=fold_seed, candidates=tried)
+        report["network_choice_cross_validated"] = chosen["cross_validated"]
         # the embeddings as the engine makes them (weights fixed) and the watchlist searches them: the threshold
         # on the pipeline's own 0..100 scale (FUSED3_SCALE puts it at match_threshold)
         fused = distance_to_similarity(sum(distance_matrix(vecs[:, part]) for _, part in FUSED3_SLICES))
@@ -316,9 +330,12 @@ def _scored_report(
     parts: list[np.ndarray] | None = None,
     fold_seed: int = 14,
     fuse: Fusion = fuse_scores,
+    candidates: dict[str, tuple[list[np.ndarray], Fusion]] | None = None,
 ) -> dict:
     """The report's figures for one similarity matrix over ``items``; with ``parts`` (the fused networks'
-    matrices), the cross-validated figures fuse them per fold (:func:`jobs.faces.evaluation.cross_validate_fused`)."""
+    matrices), the cross-validated figures fuse them per fold (:func:`jobs.faces.evaluation.cross_validate_fused`);
+    with ``candidates`` (matrices and fusion of each way of scoring tried), they are those of choosing among them
+    per fold (:func:`jobs.faces.evaluation.cross_validate_selected`)."""
     names = sorted({it["identity"] for it in items})
     index = {n: i for i, n in enumerate(names)}
     identity = np.array([index[it["identity"]] for it in items])
@@ -332,7 +349,13 @@ def _scored_report(
     item_set = np.array([set_index[n] for n in sets.tolist()])
     pair_set = np.where(item_set[pairs.left] == item_set[pairs.right], item_set[pairs.left], -1)
     fold_of = np.array([fold_map[n] for n in names])
-    if parts is None:
+    chosen: list[str] = []
+    if candidates is not None:
+        scores = {
+            name: ([m[pairs.left, pairs.right] for m in matrices], how) for name, (matrices, how) in candidates.items()
+        }
+        cv, chosen = cross_validate_selected(pairs, scores, fold_of, k, settings.target_fmr, pair_set)
+    elif parts is None:
         cv = cross_validate(pairs, fold_of, k, settings.target_fmr, pair_set)
     else:
         part_scores = [m[pairs.left, pairs.right] for m in parts]
@@ -385,6 +408,12 @@ def _scored_report(
             },
         },
     }
+    if candidates is not None:
+        report["cross_validated"]["candidates"] = list(candidates)
+        report["cross_validated"]["chosen_per_fold"] = chosen
+        report["cross_validated"]["fold_thresholds_scale"] = "per fold: the chosen candidate's own scaling"
+        report["not_computed"] = "quality_aware_threshold, templates, at_threshold: the scoring is chosen per fold"
+        return report
     if parts is not None:
         # a standardised fusion is scaled per fold, on the other folds' strangers: only the cross-validated figures
         # have that; these would be scaled on the very pairs they report, and no single threshold exists

@@ -165,15 +165,20 @@ def cross_validate_fused(
     target_fmr: float,
     pair_set: np.ndarray | None = None,
     fuse: Fusion = fuse_scores,
+    skip: int | None = None,
 ) -> CrossValidated:
     """:func:`cross_validate` of the ``fuse`` (:func:`fuse_scores`, :func:`concatenate_scores`) of ``parts`` (per
     pair, one score array per embedder): each fold's scaling, like its threshold, comes only from the impostor pairs
-    of the other folds' identities. ``thresholds`` are on the first part's scale, as fused in each fold."""
+    of the other folds' identities. ``thresholds`` are on the first part's scale, as fused in each fold. ``skip``: a
+    fold with no pairs here (left out by :func:`cross_validate_selected`), given threshold 0."""
     fa, fb = fold_of_identity[pairs.id_a], fold_of_identity[pairs.id_b]
     report_fold = np.minimum(fa, fb)
     accepted = np.zeros(pairs.score.size, dtype=bool)
     thresholds = []
     for f in range(k):
+        if f == skip:
+            thresholds.append(0.0)
+            continue
         choose = ~pairs.genuine & (fa != f) & (fb != f)
         score = fuse(parts, choose)
         t = fold_threshold(score, choose, target_fmr, pair_set)
@@ -181,6 +186,64 @@ def cross_validate_fused(
         mine = report_fold == f
         accepted[mine] = score[mine] >= t
     return CrossValidated(thresholds, accepted, report_fold)
+
+
+SELECTION_FMR_SLACK = 2.0
+"""In :func:`cross_validate_selected`, a candidate whose thresholds let more than this many times the target rate of
+unseen strangers match is not chosen for its match rate (a threshold that does not hold on new people buys its
+matches with false ones); the held-out rate of a few false matches is noisy, hence not 1."""
+
+Candidate = tuple[list[np.ndarray], Fusion]
+"""One way of scoring pairs that was tried: the networks' scores per pair, and how they are fused."""
+
+
+def cross_validate_selected(
+    pairs: Pairs,
+    candidates: dict[str, Candidate],
+    fold_of_identity: np.ndarray,
+    k: int,
+    target_fmr: float,
+    pair_set: np.ndarray | None = None,
+) -> tuple[CrossValidated, list[str]]:
+    """Nested cross-validation of *choosing* among ``candidates`` (the networks and fusions tried), so that the
+    choice, like the threshold, is made without the people it is reported on.
+
+    For each fold f: every candidate is cross-validated (:func:`cross_validate_fused`) on the pairs of the other
+    folds' people alone, over those k-1 folds; of those whose held-out false-match rate there stays within
+    :data:`SELECTION_FMR_SLACK` times ``target_fmr``, the one with the highest true-match rate (ties: the earlier in
+    ``candidates``; none within: the lowest false-match rate) judges f's pairs, with its scaling and threshold from
+    the other folds' strangers, exactly as :func:`cross_validate_fused` judges them. Returns the pooled outcome and
+    the candidate chosen per fold."""
+    fa, fb = fold_of_identity[pairs.id_a], fold_of_identity[pairs.id_b]
+    outer = {
+        name: cross_validate_fused(pairs, parts, fold_of_identity, k, target_fmr, pair_set, fuse)
+        for name, (parts, fuse) in candidates.items()
+    }
+    report_fold = np.minimum(fa, fb)
+    accepted = np.zeros(pairs.score.size, dtype=bool)
+    thresholds, chosen = [], []
+    for f in range(k):
+        keep = (fa != f) & (fb != f)
+        inner = Pairs(*(getattr(pairs, name)[keep] for name in ("score", "id_a", "id_b", "genuine", "left", "right")))
+        inner_set = None if pair_set is None else pair_set[keep]
+        rates = {}
+        for name, (parts, fuse) in candidates.items():
+            cv = cross_validate_fused(
+                inner, [p[keep] for p in parts], fold_of_identity, k, target_fmr, inner_set, fuse, skip=f
+            )
+            g = inner.genuine
+            rates[name] = (
+                float(cv.accepted[g].mean()) if g.any() else 0.0,
+                float(cv.accepted[~g].mean()) if (~g).any() else 0.0,
+            )
+        held = [name for name, (_, fmr) in rates.items() if fmr <= SELECTION_FMR_SLACK * target_fmr]
+        # max and min keep the first of equals
+        best = max(held, key=lambda n: rates[n][0]) if held else min(rates, key=lambda n: rates[n][1])
+        chosen.append(best)
+        mine = report_fold == f
+        accepted[mine] = outer[best].accepted[mine]
+        thresholds.append(outer[best].thresholds[f])
+    return CrossValidated(thresholds, accepted, report_fold), chosen
 
 
 def bootstrap_rates(

@@ -20,6 +20,7 @@ from jobs.faces.evaluation import (
     cross_validate,
     cross_validate_fused,
     cross_validate_quality,
+    cross_validate_selected,
     fuse_scores,
     identity_folds,
     prefiltered_scores,
@@ -286,6 +287,29 @@ def test_fused_cross_validation_scales_and_thresholds_each_fold_without_its_own_
     assert cross_validate_fused(pairs, [pairs.score], fold_of, 3, 0.05).thresholds == (
         cross_validate(pairs, fold_of, 3, 0.05).thresholds
     )
+
+
+def test_the_scoring_judging_a_fold_is_chosen_without_that_folds_people():
+    """'cheat' separates fold 0's own pairs perfectly and nobody else's; 'steady' separates everyone's fairly well.
+    Chosen per fold without its people, fold 0 is judged by 'steady' (on all pairs, 'cheat' would have looked best
+    for fold 0), and a tie goes to the candidate listed first."""
+    rng = np.random.default_rng(5)
+    identity = np.repeat(np.arange(12), 3)
+    fold_of = np.repeat(np.arange(3), 4)
+    pairs = all_pairs(np.zeros((36, 36)), identity, np.arange(36))
+    g = pairs.genuine
+    steady = np.where(g, rng.normal(70, 6, g.size), rng.normal(40, 6, g.size))
+    in_fold0 = (fold_of[pairs.id_a] == 0) & (fold_of[pairs.id_b] == 0)
+    cheat = np.where(in_fold0, np.where(g, 100.0, 0.0), rng.uniform(0, 100, g.size))
+    candidates = {"steady": ([steady], fuse_scores), "cheat": ([cheat], fuse_scores)}
+    cv, chosen = cross_validate_selected(pairs, candidates, fold_of, 3, target_fmr=0.05)
+    assert chosen == ["steady"] * 3
+    on_fold0 = cross_validate_fused(pairs, [cheat], fold_of, 3, 0.05).accepted[g & in_fold0]
+    assert on_fold0.all()  # 'cheat' is perfect on fold 0's genuine pairs, yet was not chosen for them
+    plain = cross_validate_fused(pairs, [steady], fold_of, 3, 0.05)
+    assert np.array_equal(cv.accepted, plain.accepted) and cv.thresholds == plain.thresholds
+    twins = {"first": ([steady], fuse_scores), "second": ([steady.copy()], fuse_scores)}
+    assert cross_validate_selected(pairs, twins, fold_of, 3, 0.05)[1] == ["first"] * 3
 
 
 def test_faceplugin_alone_is_evaluation_only_and_fused3_needs_the_fetched_model(monkeypatch, tmp_path):
