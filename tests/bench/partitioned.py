@@ -23,7 +23,7 @@ from jobs.model.train import ensure_default_model
 from jobs.scoring.core import DecisionCore, SourceRecord
 from jobs.scoring.partitioned import PartitionedCore
 from schemas.topics import FACE_OBSERVATIONS, TRANSACTIONS
-from tests.builders import checkout_face
+from tests.builders import checkout_face, face_vector
 
 
 def _records(settings: Settings, count: int, batch: int) -> list[list[SourceRecord]]:
@@ -31,7 +31,7 @@ def _records(settings: Settings, count: int, batch: int) -> list[list[SourceReco
     tx_topic, face_topic = TRANSACTIONS.full_name(prefix), FACE_OBSERVATIONS.full_name(prefix)
     gen = PosGenerator(seed=7, stores=8, customers=5_000, fraud_share=0.03, tx_per_second=200, diurnal=False)
     rng = np.random.default_rng(7)
-    faces = [[float(x) for x in rng.normal(0, 0.1, 128).astype(np.float32)] for _ in range(50)]
+    faces = [face_vector(rng) for _ in range(50)]
     out: list[SourceRecord] = []
     for n in range(count):
         tx = next(gen)

@@ -84,6 +84,7 @@ import typer
 from infra.settings import REPO_ROOT, RulesSettings, Settings
 from jobs.scoring.core import LEGACY_BATCH
 from jobs.scoring.face_join import EARLY_FACES, PENDING
+from jobs.scoring.face_similarity import EMBEDDING_LENGTHS
 from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES
 
 DEFAULT_TRANSACTIONS = 10_000_000
@@ -96,6 +97,8 @@ CARD, LOYALTY, ANON = 0, 1, 2
 NO_RECEIPT, UNKNOWN_RECEIPT = -2, -3
 """``orig`` of a return without a receipt, and of one naming a sale the job never saw."""
 FACE_POOL = 4096
+FACE_LEN = EMBEDDING_LENGTHS[Settings().faces.embedder]
+"""Values per buyer face: the configured embedder's (768 for the default ``fused3``), as the job keeps them."""
 STATE_MAPS = (RECEIPTS, STORES, CUSTOMERS)
 """The maps that grow with history; the others are transient (see the module doc)."""
 BYTES_PER_TX = 1400
@@ -204,7 +207,7 @@ def make_history(spec: HistorySpec) -> History:
         amount=np.round(0.5 + np.exp(rng.normal(3.3, 0.9, n)), 2),
         face=rng.random(n) < spec.face_share,
         tokens=rng.integers(0, 2**63, people, dtype=np.int64),
-        faces=[tuple(row.tolist()) for row in rng.normal(0, 0.1, (FACE_POOL, 128)).astype(np.float32)],
+        faces=[tuple(row.tolist()) for row in rng.normal(0, 0.1, (FACE_POOL, FACE_LEN)).astype(np.float32)],
     )
     _link_returns(hist, rng)
     return hist
@@ -657,11 +660,12 @@ def serialize_state(hist: History, rules: RulesSettings, folder: Path, workers: 
 
 
 def face_pickle_bytes() -> int:
-    """What one buyer face adds to a pickled receipt (128 floats: a fixed size, whatever their values)."""
+    """What one buyer face adds to a pickled receipt (:data:`FACE_LEN` floats: a fixed size, whatever their
+    values)."""
     from jobs.scoring.features import Receipt
 
     plain = Receipt("tx-1", "store-1", "token:x", 1.0, 1, 0.0, {"tx-1"})
-    with_face = Receipt("tx-1", "store-1", "token:x", 1.0, 1, 0.0, {"tx-1"}, tuple(float(i) for i in range(128)))
+    with_face = Receipt("tx-1", "store-1", "token:x", 1.0, 1, 0.0, {"tx-1"}, tuple(float(i) for i in range(FACE_LEN)))
     return len(pickle.dumps(with_face)) - len(pickle.dumps(plain))
 
 

@@ -25,6 +25,7 @@ from schemas.records import (
     RuleSetUpdate,
     WatchlistEntry,
 )
+from tests.builders import FACE_LEN
 
 JOB, SINK, FACE_STAGE, WATCHLIST_SERVICE, SENDER = (
     "scoring-job",
@@ -110,7 +111,7 @@ def transactions(run: str, now_ms: int | None = None) -> list[Hostile]:
     return out
 
 
-EMBEDDING = [0.01 * (i % 17) for i in range(128)]
+EMBEDDING = [0.01 * (i % 17) for i in range(FACE_LEN)]  # the configured embedder's length
 
 
 def face_observations(run: str, now_ms: int | None = None) -> list[Hostile]:
@@ -130,7 +131,7 @@ def face_observations(run: str, now_ms: int | None = None) -> list[Hostile]:
     out = generic(good.encode(), {JOB, SINK})
     semantic = [
         ("embedding_3_values", {"embedding": [0.1, 0.2, 0.3]}),
-        ("embedding_nan", {"embedding": [math.nan] * 128}),
+        ("embedding_nan", {"embedding": [math.nan] * FACE_LEN}),
         ("embedding_inf", {"embedding": [math.inf, *EMBEDDING[1:]]}),
         ("tx_id_path", {"transaction_id": "../../etc/passwd"}),
     ]
@@ -169,9 +170,9 @@ def watchlist_entries(run: str, now_ms: int | None = None) -> list[Hostile]:
     )
     out = generic(good.encode(), {JOB})
     semantic = [
-        ("embedding_nan", {"embeddings": [[math.nan] * 128]}),
+        ("embedding_nan", {"embeddings": [[math.nan] * FACE_LEN]}),
         ("embedding_3_values", {"embeddings": [[0.1, 0.2, 0.3]]}),
-        ("embedding_inf", {"embeddings": [[math.inf] * 128]}),
+        ("embedding_inf", {"embeddings": [[math.inf] * FACE_LEN]}),
         ("subject_path", {"subject_id": "../../x"}),
     ]
     for label, changes in semantic:

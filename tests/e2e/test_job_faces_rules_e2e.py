@@ -17,11 +17,11 @@ from infra.stack import ensure_topics
 from jobs.scoring.rules import DEFAULT_RULESET
 from schemas.codec import codec
 from schemas.topics import ALERTS, FACE_OBSERVATIONS, RULES, SCORED_TRANSACTIONS, TRANSACTIONS, WATCHLIST
-from tests.builders import sale
+from tests.builders import face_vector, sale
 
 pytestmark = pytest.mark.e2e
 
-SUSPECT = [float(x) for x in np.random.default_rng(3).normal(0, 0.1, 128)]
+SUSPECT = face_vector(np.random.default_rng(3))
 
 
 @pytest.fixture

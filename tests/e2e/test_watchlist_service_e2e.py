@@ -20,6 +20,7 @@ from infra.settings import Settings
 from infra.stack import ensure_topics
 from schemas.records import Alert, AuditEvent, BotCommand, DeadLetter, WatchlistEntry
 from schemas.topics import ALERTS, AUDIT, COMMANDS, DEAD_LETTERS, WATCHLIST
+from tests.builders import FACE_LEN
 
 pytestmark = pytest.mark.e2e
 
@@ -108,7 +109,7 @@ def test_fraud_then_forget_through_kafka(settings: Settings):
 
         (entry,) = wait_for(enrolled, 60, what="watchlist entry")
         assert entry.category == "SUSPECT" and entry.flagged_by == "lp@example.com"
-        assert len(entry.embeddings[0]) == 128 and store.get(entry.reference_image_ref) == PHOTO.read_bytes()
+        assert len(entry.embeddings[0]) == FACE_LEN and store.get(entry.reference_image_ref) == PHOTO.read_bytes()
         audits = wait_for(
             lambda: (a := _audits(audit)) and {f"command:{fraud}", f"command:{missing}"} <= a.keys() and a,
             30,

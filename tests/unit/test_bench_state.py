@@ -69,7 +69,8 @@ def test_serialized_entries_load_back_and_sizes_add_up(tmp_path, days):
 
 
 def test_a_buyer_face_adds_a_fixed_size():
-    assert state.face_pickle_bytes() == 128 * 9 + 2  # 128 BINFLOATs; MARK, TUPLE, MEMOIZE in place of None
+    # FACE_LEN BINFLOATs; MARK, TUPLE, MEMOIZE in place of None
+    assert state.face_pickle_bytes() == state.FACE_LEN * 9 + 2
 
 
 def test_the_largest_n_that_fits_memory_and_time():

@@ -19,6 +19,7 @@ from infra.settings import Settings
 from jobs.faces.checkout_inspect import CheckoutInspector
 from jobs.faces.engine import FaceEngine
 from jobs.scoring.watchlist import Watchlist
+from tests.builders import FACE_LEN, OTHER_FACE_LEN
 from tests.unit.test_meraki_client import camera_settings, people, running  # noqa: F401 - fixture
 
 STORE = "store-inspect"
@@ -111,8 +112,8 @@ def test_one_unusable_watchlist_entry_leaves_the_others_in_the_inspectors_watchl
         return WatchlistEntry(subject, "SUSPECT", [[0.01] * values], "test", "lp@example.com", 1, None, None).encode()
 
     def read(_settings, apply, specs=()):
-        apply("watchlist", b"subj-old", entry("subj-old", 768))  # of another embedder: refused, not fatal
-        apply("watchlist", b"subj-new", entry("subj-new", 128))
+        apply("watchlist", b"subj-old", entry("subj-old", OTHER_FACE_LEN))  # another embedder's: refused, not fatal
+        apply("watchlist", b"subj-new", entry("subj-new", FACE_LEN))
 
     monkeypatch.setattr(control_topics, "read_control_topics", read)
     watchlist = load_watchlist(Settings())

@@ -18,7 +18,7 @@ from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Predictor
 from jobs.scoring.watchlist import Watchlist
 from schemas.codec import codec
 from schemas.records import MAX_DEAD_LETTER_PAYLOAD, WatchlistEntry
-from tests.builders import T0, return_of, sale
+from tests.builders import FACE_LEN, OTHER_FACE_LEN, T0, face_vector, return_of, sale
 from tests.unit.test_decision_core import (
     BUYER_FACE,
     DEADLINE,
@@ -39,7 +39,7 @@ from tests.unit.test_decision_core import (
     watch_entry,
 )
 
-NAN_FACE = [math.nan] * 128
+NAN_FACE = [math.nan] * FACE_LEN
 
 
 def kinds(outputs) -> list[str]:
@@ -107,7 +107,7 @@ def test_an_observation_with_a_3_value_embedding_is_dead_lettered_and_the_batch_
     )
     [dl] = dead_letters(step.outputs)
     assert (dl["dead_letter_id"], dl["error_kind"]) == ("cg.face_observations:1:7", "invalid_embedding")
-    assert "128 values, got 3" in dl["reason"]
+    assert f"{FACE_LEN} values, got 3" in dl["reason"]
     assert list(scored(step)) == ["t2"] and set(core.join.pending) == {"t1"}  # t1 waits for a usable face
 
 
@@ -186,7 +186,7 @@ def test_a_buyer_face_kept_before_faces_were_checked_is_no_evidence_at_a_return(
 def test_a_buyer_face_of_another_embedder_is_no_evidence_at_a_return():
     core = make_core()
     core.on_records([tx_record(sale("t1", amount=40)), face_record("t1", embedding=BUYER_FACE)], NOW)
-    core.state.receipts["t1"].sale_face = (0.01,) * 768  # kept before CG_FACES__EMBEDDER changed to fused3
+    core.state.receipts["t1"].sale_face = (0.01,) * OTHER_FACE_LEN  # kept before CG_FACES__EMBEDDER changed
     step = core.on_records(
         [tx_record(return_of("r1", "t1", at_s=60, amount=40), 1), face_record("r1", embedding=BUYER_FACE)], NOW
     )
@@ -339,14 +339,15 @@ def test_a_fused3_job_matches_768_value_faces_and_dead_letters_a_face_of_another
     s = settings()
     s = s.model_copy(update={"faces": s.faces.model_copy(update={"embedder": "fused3"})})
     core = DecisionCore(s, predictor=None, watchlist=Watchlist(s), clock=clock)
-    suspect = [float(x) for x in np.random.default_rng(5).normal(0, 0.02, 768).astype(np.float32)]
+    suspect = face_vector(np.random.default_rng(5), 0.02, 768)
+    sface = face_vector(np.random.default_rng(6), 0.1, 128)
     assert core.on_control(WATCH_TOPIC, b"subj-9", watch_entry("subj-9", suspect), 0, 0).outputs == []
     step = core.on_records([tx_record(sale("t1")), face_record("t1", embedding=suspect)], NOW)
     assert (scored(step)["t1"]["face_status"], scored(step)["t1"]["face_subject_id"]) == ("MATCHED", "subj-9")
-    step = core.on_records([face_record("t2", embedding=SUSPECT_FACE, offset=7)], NOW)
+    step = core.on_records([face_record("t2", embedding=sface, offset=7)], NOW)
     [dl] = dead_letters(step.outputs)
     assert dl["error_kind"] == "invalid_embedding" and "768 values, got 128" in dl["reason"]
-    refused = core.on_control(WATCH_TOPIC, b"subj-8", watch_entry("subj-8", SUSPECT_FACE), 0, 1)
+    refused = core.on_control(WATCH_TOPIC, b"subj-8", watch_entry("subj-8", sface), 0, 1)
     [dl] = dead_letters(refused.outputs)
     assert "subj-8" not in core.watchlist and "768 values, got 128" in dl["reason"]
     started = DecisionCore(
@@ -356,9 +357,9 @@ def test_a_fused3_job_matches_768_value_faces_and_dead_letters_a_face_of_another
     )
 
     def read(_settings, apply):
-        apply(WATCH_TOPIC, b"subj-8", watch_entry("subj-8", SUSPECT_FACE))  # refused at start
+        apply(WATCH_TOPIC, b"subj-8", watch_entry("subj-8", sface))  # refused at start
         return {(WATCH_TOPIC, 0): 0}
 
     started.bootstrap(read)  # the broadcast stream then meets the same entry, not applied: still checked by length
-    replay = started.on_control(WATCH_TOPIC, b"subj-8", watch_entry("subj-8", SUSPECT_FACE), 0, 0)
+    replay = started.on_control(WATCH_TOPIC, b"subj-8", watch_entry("subj-8", sface), 0, 0)
     assert replay.update is None and kinds(replay.outputs) == ["invalid_update"]

@@ -24,7 +24,7 @@ from jobs.scoring.watchlist import Watchlist
 from schemas.codec import codec
 from schemas.records import MAX_DEAD_LETTER_PAYLOAD, WatchlistEntry
 from schemas.topics import ALERTS, DEAD_LETTERS, FACE_OBSERVATIONS, RULES, SCORED_TRANSACTIONS, TRANSACTIONS, WATCHLIST
-from tests.builders import T0, checkout_face, return_of, sale
+from tests.builders import T0, checkout_face, face_vector, return_of, sale
 
 PREFIX = "cg."
 TX, FACES = TRANSACTIONS.full_name(PREFIX), FACE_OBSERVATIONS.full_name(PREFIX)
@@ -36,8 +36,8 @@ DEADLINE = 4000
 RULESET_FILE = DEFAULT_RULESET
 
 rng = np.random.default_rng(11)
-SUSPECT_FACE = [float(x) for x in rng.normal(0, 0.1, 128).astype(np.float32)]  # exact in Avro floats
-BUYER_FACE = [float(x) for x in rng.normal(0, 0.1, 128).astype(np.float32)]
+SUSPECT_FACE = face_vector(rng)  # the configured embedder's length, exact in Avro floats
+BUYER_FACE = face_vector(rng)
 
 
 def settings(**job) -> Settings:

@@ -19,6 +19,7 @@ from infra.local.camera import Presence, render
 from infra.settings import CameraSettings, Settings
 from jobs.faces.stage import CHECKOUT, ENTRANCE, EntranceTracker, FaceStage, OffsetTracker, Trigger
 from schemas.records import CameraEvent, DetectedObject, FaceObservation, PosTransaction
+from tests.builders import FACE_LEN
 from tests.unit.faces_data import people_or_skip
 
 LANE = "Q2MV-store-001-lane-01"
@@ -106,7 +107,7 @@ def test_the_person_at_the_lane_is_observed_with_an_embedding_of_their_face(tmp_
     [trigger] = stage.plan_transaction(_tx(now), now)
     obs = stage.observe(trigger, now)
     assert obs.status == "NO_MATCH" and obs.transaction_id == "tx-face-1" and obs.lane_id == "lane-01"
-    assert obs.quality and 0 < obs.quality <= 1 and len(obs.embedding) == 128
+    assert obs.quality and 0 < obs.quality <= 1 and len(obs.embedding) == FACE_LEN
     assert obs.image_ref and stage.store.get(obs.image_ref).startswith(b"\xff\xd8")
     same = engine.best_face(people[person][1].read_bytes())
     different = engine.best_face(people[other][0].read_bytes())

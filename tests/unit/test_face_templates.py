@@ -8,6 +8,7 @@ import numpy as np
 
 from infra.settings import CasesSettings, Settings
 from jobs.scoring.watchlist import Watchlist
+from tests.builders import FACE_LEN
 
 
 def _entry(vectors: np.ndarray) -> dict:
@@ -16,7 +17,7 @@ def _entry(vectors: np.ndarray) -> dict:
 
 def _templates(n: int) -> np.ndarray:
     """``n`` far-apart embeddings (one axis each): template i matches only a probe near it."""
-    out = np.zeros((n, 128), dtype=np.float32)
+    out = np.zeros((n, FACE_LEN), dtype=np.float32)
     out[np.arange(n), np.arange(n)] = 0.6
     return out
 

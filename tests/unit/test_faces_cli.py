@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from jobs.faces.cli import app
+from tests.builders import FACE_LEN
 
 FACES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "faces"
 IMAGES = FACES / "face_recognition" / "test_images"
@@ -25,7 +26,7 @@ def test_detect_prints_a_json_line_per_image_with_boxes_quality_and_embeddings(t
     )
     assert result.exit_code == 0, result.output
     two, dogs, broken = (json.loads(line) for line in result.output.splitlines())
-    assert len(two["faces"]) == 2 and all(len(f["embedding"]) == 128 and f["passed"] for f in two["faces"])
+    assert len(two["faces"]) == 2 and all(len(f["embedding"]) == FACE_LEN and f["passed"] for f in two["faces"])
     assert set(two["faces"][0]) >= {"box", "quality", "passed", "reject_reason", "embedding"}
     assert dogs["faces"] == [] and broken == {"image": str(bad), "error": "not_an_image", "faces": []}
 
@@ -94,9 +95,17 @@ def test_evaluate_fused3_reports_the_fusion_each_network_and_each_pair_held_out_
     }
     for cv in (report["cross_validated"], *report["by_embedder"].values()):
         assert cv["genuine_pairs"] == 4 and cv["impostor_pairs"] == 32 and cv["tmr"] == 1.0
-    assert "quality_aware_threshold" not in report and "at_threshold" not in report and report["not_computed"]
+    assert "quality_aware_threshold" not in report and report["not_computed"]
     searched = report["by_embedder"]["fused3 as searched, constants from all pairs"]
     assert report["cross_validated"]["recommended_threshold"] == searched["recommended_threshold"]
+    chosen = report["network_choice_cross_validated"]
+    assert len(chosen["candidates"]) == 10 and len(chosen["chosen_per_fold"]) == chosen["folds"]
+    assert set(chosen["chosen_per_fold"]) <= set(chosen["candidates"]) and chosen["genuine_pairs"] == 4
+    # the engine's own scores at match_threshold: a hold-out figure for people its constants were not set on
+    fixed = report["at_threshold"]
+    assert fixed["threshold"] == report["threshold"] and "held out only for other people" in fixed["scores"]
+    assert fixed["genuine_pairs"] == 4 and fixed["impostor_pairs"] == 32
     text = runner.invoke(app, [*args, "--embedder", "fused3"])
     assert text.exit_code == 0 and "not computed" in text.output
-    assert runner.invoke(app, [*args, "--embedder", "fused3", "--fixed-threshold"]).exit_code == 2
+    held = runner.invoke(app, [*args, "--embedder", "fused3", "--fixed-threshold"])
+    assert held.exit_code == 0 and "scores: fused3 as the engine makes" in held.output

@@ -26,7 +26,7 @@ from jobs.scoring.watchlist import Watchlist
 from schemas.codec import codec
 from schemas.records import WatchlistEntry
 from schemas.topics import DEAD_LETTERS, FACE_OBSERVATIONS, SCORED_TRANSACTIONS, TRANSACTIONS
-from tests.builders import T0, checkout_face, return_of, sale
+from tests.builders import FACE_LEN, OTHER_FACE_LEN, T0, checkout_face, face_vector, return_of, sale
 
 PREFIX = "cg."
 TX, FACES = TRANSACTIONS.full_name(PREFIX), FACE_OBSERVATIONS.full_name(PREFIX)
@@ -58,7 +58,7 @@ def _digest(tx, ind) -> int:
 
 
 def _face(rng: np.random.Generator) -> list[float]:
-    return [float(x) for x in rng.normal(0, 0.1, 128).astype(np.float32)]
+    return face_vector(rng)
 
 
 def _obs(tx_id: str, at: int, embedding, n: int) -> SourceRecord:
@@ -318,7 +318,7 @@ def test_a_decision_batch_that_raises_is_decided_one_by_one_and_only_the_failing
 
 def test_an_observation_of_another_embedders_length_is_dead_lettered_on_the_partitioned_layout_too():
     s = settings()
-    core = PartitionedCore(s, 2, clock=_clock)  # the default embedder: 128 values
-    rows = core.on_records([_tx(sale("t1")), _obs("t1", T0, [0.01] * 768, 7)], NOW)
+    core = PartitionedCore(s, 2, clock=_clock)  # the configured embedder: FACE_LEN values
+    rows = core.on_records([_tx(sale("t1")), _obs("t1", T0, [0.01] * OTHER_FACE_LEN, 7)], NOW)
     [dead] = [codec("DeadLetter").decode(v) for t, _, v in rows if t == DLQ]
-    assert dead["error_kind"] == "invalid_embedding" and "128 values, got 768" in dead["reason"]
+    assert dead["error_kind"] == "invalid_embedding" and f"{FACE_LEN} values, got {OTHER_FACE_LEN}" in dead["reason"]

@@ -26,6 +26,11 @@ FACES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "faces"
 needs_faces = pytest.mark.skipif(not FACES.is_dir(), reason="shared face photos (../shared/data/faces) absent")
 
 
+SFACE = FaceSettings(embedder="sface")
+"""A one-network watchlist (128 values, plain Euclidean distance), what most tests' unit vectors and thresholds are
+made for; the default embedder's (``fused3``, 768 values, summed distances) has tests of its own below."""
+
+
 def entry(subject: str, embeddings, category: str = "SUSPECT") -> dict:
     return {
         "subject_id": subject,
@@ -43,7 +48,7 @@ def unit(rng, n=1):
 
 
 def test_empty_watchlist_matches_nobody():
-    assert Watchlist(FaceSettings()).search(np.zeros(128)) is None
+    assert Watchlist(SFACE).search(np.zeros(128)) is None
 
 
 def test_threshold_comes_from_the_faces_settings_whole_settings_or_an_override():
@@ -51,12 +56,12 @@ def test_threshold_comes_from_the_faces_settings_whole_settings_or_an_override()
 
     assert Watchlist(Settings()).threshold == Settings().faces.match_threshold
     assert Watchlist(FaceSettings(match_threshold=70)).threshold == 70
-    assert Watchlist(threshold=60).threshold == 60
+    assert Watchlist(SFACE, threshold=60).threshold == 60
 
 
 def test_search_returns_the_subject_of_the_nearest_embedding_across_several_per_subject():
     rng = np.random.default_rng(0)
-    w = Watchlist(threshold=52)
+    w = Watchlist(SFACE, threshold=52)
     a, b = unit(rng, 3), unit(rng, 2)
     w.upsert(entry("subj-a", a))
     w.upsert(entry("subj-b", b, "VIP"))
@@ -70,16 +75,16 @@ def test_threshold_is_inclusive_and_configurable():
     base = np.zeros(128, np.float32)
     probe = base.copy()
     probe[0] = 0.576  # similarity exactly 52
-    w = Watchlist(threshold=52)
+    w = Watchlist(SFACE, threshold=52)
     w.upsert(entry("s", [base]))
     assert w.search(probe) is not None
-    assert Watchlist(threshold=52.1).search(probe) is None
+    assert Watchlist(SFACE, threshold=52.1).search(probe) is None
 
 
 def test_upsert_replaces_and_remove_forgets():
     rng = np.random.default_rng(1)
     e1, e2 = unit(rng), unit(rng)
-    w = Watchlist(threshold=52)
+    w = Watchlist(SFACE, threshold=52)
     w.upsert(entry("s", e1))
     w.upsert(entry("s", e2, "VIP"))
     assert len(w) == 1 and w.search(e1[0]) is None and w.search(e2[0]).category == "VIP"
@@ -91,7 +96,7 @@ def test_upsert_replaces_and_remove_forgets():
 def test_watchlist_survives_pickling_for_operator_state():
     rng = np.random.default_rng(2)
     e = unit(rng, 2)
-    w = Watchlist(threshold=52)
+    w = Watchlist(SFACE, threshold=52)
     w.upsert(entry("s", e))
     copy = pickle.loads(pickle.dumps(w))
     assert copy.search(e[1]).subject_id == "s" and copy.get("s")["embeddings"][0] == pytest.approx(e[0].tolist())
@@ -100,7 +105,7 @@ def test_watchlist_survives_pickling_for_operator_state():
 def test_concurrent_updates_and_searches_do_not_break_the_index():
     rng = np.random.default_rng(3)
     vecs = unit(rng, 200)
-    w = Watchlist(threshold=52)
+    w = Watchlist(SFACE, threshold=52)
     errors = []
 
     def writer():
@@ -129,7 +134,7 @@ def test_concurrent_updates_and_searches_do_not_break_the_index():
 @needs_faces
 def test_real_faces_pick_the_right_subject_among_several():
     """Enroll one photo of each of several people; another photo of each finds that person."""
-    engine = FaceEngine(FaceSettings())
+    engine = FaceEngine(FaceSettings())  # the default embedder, fused3
     w = Watchlist(FaceSettings())
     people = sorted(p for p in (FACES / "dlib" / "johns").iterdir() if p.is_dir())
     probes = {}
@@ -160,7 +165,7 @@ def test_real_faces_pick_the_right_subject_among_several():
 def test_an_entry_with_an_unusable_embedding_is_refused_and_changes_nothing(bad):
     rng = np.random.default_rng(4)
     good = unit(rng)
-    w = Watchlist(threshold=52)
+    w = Watchlist(SFACE, threshold=52)
     w.upsert(entry("s", good))
     with pytest.raises(InvalidRecord) as err:
         w.upsert(entry("s", [good[0], bad]))
@@ -170,7 +175,7 @@ def test_an_entry_with_an_unusable_embedding_is_refused_and_changes_nothing(bad)
 
 
 def test_a_nan_entry_cannot_make_everyone_match_even_if_it_got_in():
-    w = Watchlist(threshold=52)
+    w = Watchlist(SFACE, threshold=52)
     w.upsert(entry("s", unit(np.random.default_rng(5))))
     w._entries["s"]["embeddings"][0, 0] = np.nan  # as if accepted before embeddings were checked
     w._dirty = True
@@ -179,7 +184,7 @@ def test_a_nan_entry_cannot_make_everyone_match_even_if_it_got_in():
 
 @pytest.mark.parametrize("probe", [[float("nan")] * 128, [0.1, 0.2, 0.3], [float("-inf")] * 128])
 def test_a_probe_that_is_not_a_face_descriptor_is_refused_not_matched(probe):
-    w = Watchlist(threshold=0)  # threshold 0: anything that returned would be a match
+    w = Watchlist(SFACE, threshold=0)  # threshold 0: anything that returned would be a match
     w.upsert(entry("s", unit(np.random.default_rng(7))))
     with pytest.raises(InvalidRecord) as err:
         w.search(probe)
@@ -188,14 +193,14 @@ def test_a_probe_that_is_not_a_face_descriptor_is_refused_not_matched(probe):
 
 def test_an_entry_without_embeddings_is_kept_and_matches_nobody():
     """A subject only another backend (a Rekognition collection) can match."""
-    w = Watchlist(threshold=0)
+    w = Watchlist(SFACE, threshold=0)
     w.upsert({**entry("subj-r", []), "embeddings": []})
     assert "subj-r" in w and w.search(unit(np.random.default_rng(8))[0]) is None
 
 
 @pytest.mark.parametrize("changes", [{"subject_id": "../../x"}, {"subject_id": ""}, {"category": "BOSS"}])
 def test_an_entry_with_a_bad_subject_id_or_category_is_refused(changes):
-    w = Watchlist(threshold=52)
+    w = Watchlist(SFACE, threshold=52)
     with pytest.raises(InvalidRecord):
         w.upsert({**entry("s", unit(np.random.default_rng(9))), **changes})
     assert len(w) == 0

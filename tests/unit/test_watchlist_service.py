@@ -19,6 +19,7 @@ from jobs.faces.engine import FaceEngine
 from jobs.faces.watchlist_service import Source, WatchlistCore
 from schemas.records import Alert, AuditEvent, BotCommand, DeadLetter, WatchlistEntry
 from schemas.topics import AUDIT, DEAD_LETTERS, WATCHLIST
+from tests.builders import FACE_LEN
 
 FACES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "faces"
 needs_faces = pytest.mark.skipif(not FACES.is_dir(), reason="shared face photos (../shared/data/faces) absent")
@@ -68,7 +69,7 @@ def test_fraud_command_enrolls_the_face_of_the_transaction_snapshot(core):
     (wl,) = topics["watchlist"]
     entry = WatchlistEntry.decode(wl.value)
     assert wl.key == b"subj-tx-1" and entry.subject_id == "subj-tx-1" and entry.category == "SUSPECT"
-    assert len(entry.embeddings) == 1 and len(entry.embeddings[0]) == 128
+    assert len(entry.embeddings) == 1 and len(entry.embeddings[0]) == FACE_LEN
     assert entry.flagged_by == "lp@example.com" and entry.flagged_at == NOW - 5000
     assert entry.source_transaction_id == "tx-1" and core.store.get(entry.reference_image_ref) == photo
     assert entry.reference_image_ref == core.store.find("reference", "subj-tx-1")
@@ -194,7 +195,7 @@ def test_startup_replay_rebuilds_the_known_subjects(core):
     entry = WatchlistEntry(
         subject_id="subj-a",
         category="VIP",
-        embeddings=[[0.0] * 128],
+        embeddings=[[0.0] * FACE_LEN],
         reason="r",
         flagged_by="x",
         flagged_at=1,
