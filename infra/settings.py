@@ -345,12 +345,14 @@ class FaceSettings(BaseModel, frozen=True):
     picked on; the default threshold is the mean of those fold thresholds. 0.0005 is the 0.0006 bound less a
     margin for sampling (the 95 % Wilson half-width of 0.0006 on ~300k impostor pairs, rounded down)."""
     match_threshold: float = 50.94
-    """Similarity at or above which a face matches a watchlist subject: the mean of the 5 identity-fold thresholds
-    (50.11-51.54) that ``python -m jobs.faces evaluate --embedder fused --json`` chooses at ``target_fmr`` for
-    SFace, YuNet detector, 264 photos of 169 people (the shared sets, the face_recognition sdist's photos and the
-    fresh set of ``fetch-fresh``) x 8 camera conditions (21,526 genuine / 2,006,788 impostor pairs); on the
-    identities each was not chosen on: TMR 0.9782 [0.9762, 0.9801], FMR 0.00014 (280 pairs) [0.00012, 0.00016],
-    fresh set FMR 0.00030 (218 / 719,790). dlib needs 57.48 for the same rule (TMR 0.9023)."""
+    """Similarity at or above which a face matches a watchlist subject, for every embedder: ``fused3``'s scale
+    (:data:`jobs.scoring.face_similarity.FUSED3_SCALE`) puts its cross-validated operating point here (``evaluate
+    --embedder fused3`` recommends 50.93 on the engine's scale: TMR 0.991, FMR 0.0002). First set as the mean of the
+    5 identity-fold thresholds (50.11-51.54) that ``python -m jobs.faces evaluate --embedder fused --json`` chooses
+    at ``target_fmr`` for SFace, YuNet detector, 264 photos of 169 people (the shared sets, the face_recognition
+    sdist's photos and the fresh set of ``fetch-fresh``) x 8 camera conditions (21,526 genuine / 2,006,788 impostor
+    pairs); on the identities each was not chosen on: TMR 0.9782 [0.9762, 0.9801], FMR 0.00014 (280 pairs) [0.00012,
+    0.00016], fresh set FMR 0.00030 (218 / 719,790). dlib needs 57.48 for the same rule (TMR 0.9023)."""
     min_face_px: int = 40
     """Shorter side of the detected box, in analysed-image pixels, below which a face is rejected."""
     blur_threshold: float = 10.0
