@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the local stack and the project need, from package registries only:
-#   - Debian packages (mosquitto, kcat, unzip, prometheus; a JDK 17, Maven and python3.X-venv if missing;
+#   - Debian packages (mosquitto, kcat, unzip, npm, prometheus; a JDK 17, Maven and python3.X-venv if missing;
 #     chromium for the browser tests, see CG_SETUP__BROWSER below)
 #   - the Python virtualenv .venv with the project installed editable (pyproject.toml, extra "dev")
 #   - the Kafka broker classpath (infra/kafka/pom.xml)          -> <stack>/lib/kafka
@@ -231,7 +231,7 @@ if ((${#apt_pkgs[@]})); then
     find_jdk /usr/lib/jvm || die "a JDK 17..21 is still missing after installing it: $JDK_PROBLEM"
   fi
 else
-  say "apt: mosquitto kcat unzip prometheus mvn$(have chromium && echo ' chromium') present, JDK $JAVAC_MAJOR ($JDK_HOME)"
+  say "apt: mosquitto kcat unzip npm prometheus mvn$(have chromium && echo ' chromium') present, JDK $JAVAC_MAJOR ($JDK_HOME)"
 fi
 if ((${#browser_pkg[@]})); then
   # In a subshell: a failure (no root, no package, apt error) ends it, not setup, unless BROWSER=yes.

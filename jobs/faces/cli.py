@@ -422,6 +422,7 @@ def _scored_report(
         report["cross_validated"]["candidates"] = list(candidates)
         report["cross_validated"]["chosen_per_fold"] = chosen
         report["cross_validated"]["fold_thresholds_scale"] = "per fold: the chosen candidate's own scaling"
+        del report["cross_validated"]["recommended_threshold"]  # a mean of thresholds on different scales
         report["not_computed"] = "quality_aware_threshold, templates, at_threshold: the scoring is chosen per fold"
         return report
     if parts is not None:
@@ -647,7 +648,7 @@ def _echo_fixed(report: dict) -> None:
     typer.echo(
         f"{report['detector']} + {report['embedder']}: {report['photos']} photos, {report['identities']} identities, "
         f"no face in {len(report['no_usable_face'])} photos; at the configured threshold {fx['threshold']} "
-        f"(nothing chosen on these folders):"
+        f"({'nothing chosen on these folders' if 'scores' not in fx else 'no threshold chosen on these folders'}):"
     )
     if "scores" in fx:
         typer.echo(f"  scores: {fx['scores']}")

@@ -16,8 +16,8 @@ Embedders (``CG_FACES__EMBEDDER``): ``dlib`` (dlib's ResNet on the 150x150 chip,
 and scaled by :data:`SFACE_SCALE` so that the Euclidean 0-100 similarity scale of :mod:`jobs.scoring.face_similarity`
 keeps its meaning; ``fused3`` (dlib and SFace in int8 and FacePlugin, each network's features weighted by
 :data:`jobs.scoring.face_similarity.FUSED3_WEIGHTS` and concatenated: 768 values, compared by the sum of the three
-networks' distances; the most accurate, ~5-8 ms more per frame than SFace; FacePlugin's network needs
-``make face-models``);
+networks' distances; the default and the most accurate, its int8 networks costing ~3-5 ms more per frame than SFace in
+float; FacePlugin's network needs ``make face-models``);
 ``fused`` and ``faceplugin`` (evaluation only). Embeddings of different embedders are not comparable: changing the
 embedder means re-enrolling the watchlist.
 

@@ -39,12 +39,15 @@ Generation shortcuts that change no figure: string objects (store names, custome
 so sizes are those of independent values, and the restore unpickles separate objects, as the job does.
 ``pending``/``early_faces`` are empty: they hold only transactions within the 4 s face deadline and
 faces that came first, and here each observation follows its transaction at once; ``batch`` is a legacy
-map. "Without retention" is the retained state plus the dropped faces (a fixed 1,154 pickled bytes each)
+map. "Without retention" is the retained state plus the dropped faces (a fixed pickled size each: 1,154 bytes for
+128 values, 6,914 for the default ``fused3``'s 768)
 plus the dropped receipts and profiles as built: exact while the history spans no more than the receipt
 and customer retention (the default 120 days), an estimate beyond (within 0.3 % of an exact build with
 no retention at 20 and 400 days).
 
-Measured here (2 cores, 24 GiB, shared with another session's running stack, load 3-5), 10 M
+Measured here with 128-value faces (before ``fused3`` became the default embedder; its buyer faces are 6x as
+large, so the GiB of kept faces grow accordingly) (2 cores, 24 GiB, shared with another session's running stack,
+load 3-5), 10 M
 transactions over 120 days, 1,000 stores, 1.5 M people: 9.52 M receipts, 1.99 M customer profiles,
 1,000 stores; 2.70 GiB pickled with retention (164k buyer faces kept), 9.60 GiB without (6.4 M faces);
 restore 158 s to unpickle + 18.6 s ``DecisionCore.restore``, +9.7 GiB resident (~0.87 GiB per million

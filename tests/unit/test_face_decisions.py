@@ -7,11 +7,11 @@ from jobs.scoring.face_join import Seen
 from jobs.scoring.rules import FaceResult
 from jobs.scoring.scorer import Scorer, ScoringState
 from schemas.codec import codec
-from tests.builders import T0, return_of, sale
+from tests.builders import T0, face_vector, return_of, sale
 
 rng = np.random.default_rng(7)
-BUYER = tuple(float(x) for x in rng.normal(0, 0.1, 128))
-STRANGER = tuple(float(x) for x in rng.normal(0, 0.1, 128))
+BUYER = tuple(face_vector(rng))  # the configured embedder's length
+STRANGER = tuple(face_vector(rng))
 
 
 def decide(scorer: Scorer, state: ScoringState, tx, camera: Seen):

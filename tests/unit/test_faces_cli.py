@@ -44,12 +44,13 @@ def test_compare_without_a_face_says_so_and_fails():
 
 
 def test_evaluate_reports_match_rates_over_labelled_folders():
-    result = runner.invoke(
-        app, ["evaluate", str(FACES / "face_recognition" / "knn_examples" / "train"), "--no-synthetic", "--json"]
-    )
+    """One network's report (SFace): rates at the threshold, cross-validated, quality-aware and per template count."""
+    train = str(FACES / "face_recognition" / "knn_examples" / "train")
+    result = runner.invoke(app, ["evaluate", train, "--no-synthetic", "--embedder", "sface", "--json"])
     report = json.loads(result.output)
     assert report["identities"] == 5 and report["genuine_pairs"] == 4 and report["impostor_pairs"] == 32
     assert report["tmr"] == 1.0 and report["fmr"] == 0.0
+    assert report["embedder"] == "sface" and {"quality_aware_threshold", "templates", "at_threshold"} <= set(report)
     cv = report["cross_validated"]
     assert cv["genuine_pairs"] == 4 and cv["impostor_pairs"] == 32 and len(cv["fold_thresholds"]) == cv["folds"]
     assert set(report["roc_on_all_pairs"]) == {"0.001", "0.0001"}

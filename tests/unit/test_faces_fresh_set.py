@@ -199,7 +199,8 @@ def test_evaluate_fixed_threshold_prints_rates_at_the_given_threshold_and_nothin
 
     from jobs.faces.cli import app
 
-    result = CliRunner().invoke(app, ["evaluate", str(SHARED_TRAIN), "--no-synthetic", "--fixed-threshold"])
+    args = ["evaluate", str(SHARED_TRAIN), "--no-synthetic", "--embedder", "sface", "--fixed-threshold"]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert "at the configured threshold" in lines[0] and "nothing chosen on these folders" in lines[0]

@@ -38,3 +38,19 @@ def test_the_scoring_jobs_watchlist_setup_limits_blas_in_its_worker() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() in ("[1]", "[]")
+
+
+def test_a_face_engine_limits_blas_in_its_process() -> None:
+    """The face stage, the watchlist service and the checkout inspector each build a face engine: in a fresh
+    process that started with BLAS on two threads, building one leaves it on one."""
+    code = (
+        "import numpy\n"
+        "from threadpoolctl import threadpool_info, threadpool_limits\n"
+        "threadpool_limits(limits=2, user_api='blas')\n"
+        "from infra.settings import FaceSettings\n"
+        "from jobs.faces.engine import FaceEngine\n"
+        "FaceEngine(FaceSettings(detector='hog', embedder='dlib'))\n"
+        "print(sorted({p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas'}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() in ("[1]", "[]")
