@@ -259,23 +259,23 @@ def evaluation_report(
     report["by_embedder"] = {name: scored(sims)["cross_validated"] for name, sims in parts.items()}
     if settings.embedder == "fused3":
         three = ("sface", "dlib", "faceplugin")
-        for combo in (("sface", "dlib"), ("sface", "faceplugin"), ("faceplugin", "dlib"), three):
-            report["by_embedder"]["+".join(combo)] = fused([parts[n] for n in combo])["cross_validated"]
-        for names in (three, ("sface", "faceplugin")):  # weighted concatenation, searched in one step
-            report["by_embedder"]["+".join(names) + " concatenated"] = fused(
-                [parts[n] for n in names], concatenate_scores
-            )["cross_validated"]
-        # the choice among everything tried, itself cross-validated: no fold's people help choose its networks
+        # every way of scoring tried: each network, the face stage's fusion, the pairs and the three averaged, and the
+        # weighted concatenations (searched in one step)
+        headline = "fused3 as the face stage runs it"
         tried: dict[str, tuple[list[np.ndarray], Fusion]] = {
             "sface": ([parts["sface"]], fuse_scores),
             "dlib": ([parts["dlib"]], fuse_scores),
-            "fused3 as the face stage runs it": ([parts[n] for n in three], prefiltered_scores),
+            headline: ([parts[n] for n in three], prefiltered_scores),
             "faceplugin": ([parts["faceplugin"]], fuse_scores),
         }
         for combo in (("sface", "dlib"), ("sface", "faceplugin"), ("faceplugin", "dlib"), three):
             tried["+".join(combo)] = ([parts[n] for n in combo], fuse_scores)
         for names in (three, ("sface", "faceplugin")):
             tried["+".join(names) + " concatenated"] = ([parts[n] for n in names], concatenate_scores)
+        for name, (matrices, how) in tried.items():  # the networks alone and the headline are reported already
+            if len(matrices) > 1 and name != headline:
+                report["by_embedder"][name] = fused(matrices, how)["cross_validated"]
+        # the choice among everything tried, itself cross-validated: no fold's people help choose its networks
         chosen = _scored_report(items, parts["sface"], *common, fold_seed=fold_seed, candidates=tried)
         report["network_choice_cross_validated"] = chosen["cross_validated"]
         # the embeddings as the engine makes them (weights fixed) and the watchlist searches them: the threshold

@@ -215,13 +215,7 @@ def cross_validate_selected(
     the other folds' strangers, exactly as :func:`cross_validate_fused` judges them. Returns the pooled outcome and
     the candidate chosen per fold."""
     fa, fb = fold_of_identity[pairs.id_a], fold_of_identity[pairs.id_b]
-    outer = {
-        name: cross_validate_fused(pairs, parts, fold_of_identity, k, target_fmr, pair_set, fuse)
-        for name, (parts, fuse) in candidates.items()
-    }
-    report_fold = np.minimum(fa, fb)
-    accepted = np.zeros(pairs.score.size, dtype=bool)
-    thresholds, chosen = [], []
+    chosen = []
     for f in range(k):
         keep = (fa != f) & (fb != f)
         inner = Pairs(*(getattr(pairs, name)[keep] for name in ("score", "id_a", "id_b", "genuine", "left", "right")))
@@ -240,10 +234,17 @@ def cross_validate_selected(
         # max and min keep the first of equals
         best = max(held, key=lambda n: rates[n][0]) if held else min(rates, key=lambda n: rates[n][1])
         chosen.append(best)
+    # each chosen candidate judged on all pairs once; fold f takes its chosen one's outcome
+    outer = {}
+    for name in dict.fromkeys(chosen):
+        parts, fuse = candidates[name]
+        outer[name] = cross_validate_fused(pairs, parts, fold_of_identity, k, target_fmr, pair_set, fuse)
+    report_fold = np.minimum(fa, fb)
+    accepted = np.zeros(pairs.score.size, dtype=bool)
+    for f, name in enumerate(chosen):
         mine = report_fold == f
-        accepted[mine] = outer[best].accepted[mine]
-        thresholds.append(outer[best].thresholds[f])
-    return CrossValidated(thresholds, accepted, report_fold), chosen
+        accepted[mine] = outer[name].accepted[mine]
+    return CrossValidated([outer[name].thresholds[f] for f, name in enumerate(chosen)], accepted, report_fold), chosen
 
 
 def bootstrap_rates(

@@ -87,8 +87,8 @@ import typer
 from infra.settings import REPO_ROOT, RulesSettings, Settings
 from jobs.scoring.core import LEGACY_BATCH
 from jobs.scoring.face_join import EARLY_FACES, PENDING
-from jobs.scoring.face_similarity import EMBEDDING_LENGTHS
 from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES
+from tests.builders import FACE_LEN  # values per buyer face: the configured embedder's, as the job keeps them
 
 DEFAULT_TRANSACTIONS = 10_000_000
 VALIDATE_TRANSACTIONS = 20_000
@@ -100,8 +100,7 @@ CARD, LOYALTY, ANON = 0, 1, 2
 NO_RECEIPT, UNKNOWN_RECEIPT = -2, -3
 """``orig`` of a return without a receipt, and of one naming a sale the job never saw."""
 FACE_POOL = 4096
-FACE_LEN = EMBEDDING_LENGTHS[Settings().faces.embedder]
-"""Values per buyer face: the configured embedder's (768 for the default ``fused3``), as the job keeps them."""
+
 STATE_MAPS = (RECEIPTS, STORES, CUSTOMERS)
 """The maps that grow with history; the others are transient (see the module doc)."""
 BYTES_PER_TX = 1400
