@@ -24,24 +24,13 @@ from collections.abc import Callable
 
 import numpy as np
 
-from jobs.faces import onnx_proto as pb
+from infra import onnx_proto as pb
+from infra.onnx_proto import session
 
 SFACE_INPUT, SFACE_OUTPUT, SFACE_SIZE = "data", "fc1", 112
 STRIDES = (8, 16, 32)
 DIVISOR = 32
 OUTPUTS = [f"{kind}_{s}" for kind in ("cls", "obj", "bbox", "kps") for s in STRIDES]
-
-
-def session(model: bytes) -> object:
-    """An ONNX Runtime CPU session on one thread (scale out with processes, as for OpenCV), warnings off."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
 def _dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis: int, block: int) -> np.ndarray:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from infra.onnx_proto import model_bytes, node, tensor_proto, value_info
 from jobs.faces import ort, weights
-from jobs.faces.onnx_proto import field, node, tensor_proto, value_info
 from schemas.errors import CheckoutGuardError
 
 INPUT_MEAN = np.array([122.782, 117.001, 104.298], dtype=np.float32)
@@ -269,15 +269,9 @@ def onnx_model(
     nodes.append(node("Flatten", ["gap"], "flat", axis=1))
     inits.append(tensor_proto("fc", fc))
     nodes.append(node("MatMul", ["flat", "fc"], "descriptor"))
-    graph = (
-        b"".join(field(1, n) for n in nodes)
-        + field(2, "dlib_face_resnet_v1")
-        + b"".join(field(5, t) for t in inits)
-        + field(11, value_info("input", ("faces", 3, CHIP, CHIP)))
-        + field(12, value_info("descriptor", ("faces", 128)))
-        + b"".join(field(12, value_info(name, ("faces", "c", "h", "w"))) for name in (conv_io if probes else []))
-    )
-    return field(1, 7) + field(2, "checkout-guard") + field(7, graph) + field(8, field(1, "") + field(2, 13))
+    outputs = [value_info("descriptor", ("faces", 128))]
+    outputs += [value_info(name, ("faces", "c", "h", "w")) for name in (conv_io if probes else [])]
+    return model_bytes("dlib_face_resnet_v1", nodes, inits, [value_info("input", ("faces", 3, CHIP, CHIP))], outputs)
 
 
 def input_planes(chips: list[np.ndarray]) -> np.ndarray:

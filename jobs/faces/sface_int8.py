@@ -12,7 +12,7 @@ Each quantised convolution gets its batch norm folded in; weights are 7 bits per
 input x weight scale; activations uint8 over :data:`SFACE_INT8_RANGES`, the float network's minimum and maximum of
 each tensor on 46 faces of photos in no evaluation set (recomputed by :func:`calibration_ranges` in the tests).
 The classifier's input is quantised the same way; its int32 products are scaled back to float exactly (no output
-quantisation). The graph is written with :mod:`jobs.faces.onnx_proto` and its SHA-256 pinned
+quantisation). The graph is written with :mod:`infra.onnx_proto` and its SHA-256 pinned
 (:data:`jobs.faces.weights.SFACE_INT8_SHA256`).
 """
 
@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jobs.faces import onnx_proto as pb
+from infra import onnx_proto as pb
 from jobs.faces import ort
 from jobs.faces.resnet import WEIGHT_STEPS, _uint8_affine
 

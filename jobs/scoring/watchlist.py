@@ -32,12 +32,16 @@ from jobs.scoring.face_similarity import (
     distance_to_similarity,
     similarity_to_distance,
 )
+from jobs.scoring.int8_rows import Int8Rows
 from schemas.errors import InvalidRecord
 from schemas.identifiers import check
 
 log = logging.getLogger("checkout_guard.watchlist")
 
 CATEGORIES = frozenset({"SUSPECT", "VIP"})
+INT8_FROM_ROWS = 4096
+"""Enrolled faces from which a search first reads an int8 copy of its matrix (:class:`Int8Rows`, then float32 on the
+rows it leaves): below, the float32 matrix (2 MB at 128 values) stays in cache and one product is as fast."""
 
 
 def check_entry(entry: Any, length: int | None = None) -> dict[str, Any]:
@@ -90,7 +94,10 @@ class Watchlist:
     Searches after a change pay one rebuild (O(total embeddings)); steady-state searches are one
     matrix-vector product: ``|e - p|^2 = |e|^2 - 2 e.p + |p|^2`` with ``|e|^2`` precomputed. ``fused3``
     embeddings (768 values) search in two steps (:func:`prefilter`): 768 values per enrolled face would cost
-    six times the memory traffic of 128, and that traffic is the search's cost.
+    six times the memory traffic of 128, and that traffic is the search's cost. From ``int8_from_rows`` enrolled faces
+    the product reads an int8 copy (:class:`jobs.scoring.int8_rows.Int8Rows`, a quarter of the bytes) and measures
+    again in float32 only the rows that can be within the radius that matters (the first step's, or the match
+    threshold's): the same answer.
 
     It holds embeddings of the configured embedder only (``faces.embedder``; their length is checked).
     """
@@ -101,6 +108,7 @@ class Watchlist:
         *,
         threshold: float | None = None,
         max_templates: int | None = None,
+        int8_from_rows: int | None = None,
     ) -> None:
         faces = settings.faces if isinstance(settings, Settings) else settings or FaceSettings()
         if faces.embedder not in EMBEDDING_LENGTHS:
@@ -110,6 +118,8 @@ class Watchlist:
         cases = settings.cases if isinstance(settings, Settings) else CasesSettings()
         self.max_templates = max(1, max_templates if max_templates is not None else cases.max_templates)
         """Templates kept per subject (the newest, the last ones of an entry's list)."""
+        self.int8_from_rows = INT8_FROM_ROWS if int8_from_rows is None else int8_from_rows
+        """Enrolled faces from which searches read an int8 copy first (default :data:`INT8_FROM_ROWS`)."""
         self._reset()
 
     def _configure(self, embedder: str) -> None:
@@ -129,6 +139,7 @@ class Watchlist:
         self._part_norms = np.zeros((0, len(self._rest_parts)), dtype=np.float32)
         self._buf = np.zeros(0, dtype=np.float32)
         self._owners: list[str] = []
+        self._coarse: Int8Rows | None = None
         self._dirty = False
 
     def upsert(self, entry: dict[str, Any]) -> None:
@@ -173,27 +184,47 @@ class Watchlist:
 
     def _nearest(self, probe: np.ndarray) -> tuple[int, float] | None:
         """Row and distance (:func:`jobs.scoring.face_similarity.distance`; NaN when the arithmetic went wrong) of the
-        enrolled embedding nearest ``probe``; ``None`` when the two-step search's first step leaves none."""
+        enrolled embedding nearest ``probe``; ``None`` when the two-step search's first step leaves none, or (int8
+        copy) when none can be within the match threshold."""
         buf = self._buf  # in place: the matrix-vector product is the cost, temporaries add ~20 %
+        coarse = self._coarse
         if self._prefilter is None:
-            np.dot(self._matrix, probe, out=buf)
-            buf *= -2.0
-            buf += self._norms
-            i = int(np.argmin(buf))
-            squared = float(buf[i]) + float(probe @ probe)
+            if coarse is not None:
+                radius = similarity_to_distance(self.threshold) if self.threshold > 0 else math.inf
+                rows = coarse.candidates(probe, radius * radius)
+                if rows.size == 0:
+                    return None
+                less = self._norms[rows] - 2.0 * (self._matrix[rows] @ probe)  # |e - p|^2 less |p|^2
+                k = int(np.argmin(less))
+                i, partial = int(rows[k]), float(less[k])
+            else:
+                np.dot(self._matrix, probe, out=buf)
+                buf *= -2.0
+                buf += self._norms
+                i = int(np.argmin(buf))
+                partial = float(buf[i])
+            squared = partial + float(probe @ probe)
             return i, math.sqrt(max(0.0, squared)) if math.isfinite(squared) else math.nan
         start, end, radius = self._prefilter
         first = probe[start:end]
-        np.dot(self._first, first, out=buf)
-        buf *= -2.0
-        buf += self._first_norms  # squared distance on the SFace features, less |first|^2
         first_squared = float(first @ first)
-        rows = np.flatnonzero(buf <= radius * radius - first_squared)
+        cut = radius * radius - first_squared
+        if coarse is not None:
+            maybe = coarse.candidates(first, radius * radius)
+            less = self._first_norms[maybe] - 2.0 * (self._first[maybe] @ first)
+            inside = less <= cut
+            rows, less = maybe[inside], less[inside]
+        else:
+            np.dot(self._first, first, out=buf)
+            buf *= -2.0
+            buf += self._first_norms  # squared distance on the SFace features, less |first|^2
+            rows = np.flatnonzero(buf <= cut)
+            less = buf[rows]
         if rows.size == 0:
             return None
         rest = np.concatenate((probe[:start], probe[end:]))  # the other networks' features: _matrix's columns
         near = self._matrix[rows]
-        dist = np.sqrt(np.maximum(buf[rows] + first_squared, 0.0))
+        dist = np.sqrt(np.maximum(less + first_squared, 0.0))
         for j, part in enumerate(self._rest_parts):  # the fused distance: the sum of the networks' distances
             q = rest[part]
             squared = self._part_norms[rows, j] - 2.0 * (near[:, part] @ q) + float(q @ q)
@@ -236,6 +267,10 @@ class Watchlist:
             )
         else:  # one step: the rows' squared norms
             self._norms = np.einsum("ij,ij->i", self._matrix, self._matrix)
+        self._coarse = None
+        if len(owners) >= self.int8_from_rows:
+            first, norms = (self._matrix, self._norms) if self._prefilter is None else (self._first, self._first_norms)
+            self._coarse = Int8Rows(first, norms)
         self._buf = np.empty(len(owners), dtype=np.float32)
         self._owners = owners
         self._dirty = False
@@ -247,6 +282,7 @@ class Watchlist:
         return {
             "threshold": self.threshold,
             "max_templates": self.max_templates,
+            "int8_from_rows": self.int8_from_rows,
             "embedder": self.embedder,
             "entries": entries,
         }
@@ -254,6 +290,7 @@ class Watchlist:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.threshold = state["threshold"]
         self.max_templates = state.get("max_templates", CasesSettings().max_templates)
+        self.int8_from_rows = state.get("int8_from_rows", INT8_FROM_ROWS)
         self._configure(state.get("embedder", "sface"))  # pickled before other lengths: 128-value embeddings
         self._reset()
         for entry in state["entries"]:

@@ -8,9 +8,9 @@ import cv2
 import numpy as np
 import pytest
 
+from infra import onnx_proto as pb
 from infra.settings import FaceSettings
 from jobs.faces import engine as face_engine
-from jobs.faces import onnx_proto as pb
 from jobs.faces import weights
 from jobs.faces.ort import (
     FacePluginEmbedder,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from infra import onnx_proto as pb
 from infra.settings import FaceSettings
-from jobs.faces import onnx_proto as pb
 from jobs.faces import sface_int8, weights
 from jobs.faces.engine import FaceEngine
 from jobs.faces.ort import SfaceEmbedder, sface_float_model

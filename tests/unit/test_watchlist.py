@@ -11,6 +11,7 @@ import pytest
 
 from infra.settings import FaceSettings
 from jobs.faces.engine import FaceEngine
+from jobs.scoring import watchlist as watchlist_module
 from jobs.scoring.face_similarity import (
     FUSED3_PARTS,
     FUSED3_WEIGHTS,
@@ -24,6 +25,15 @@ from schemas.errors import InvalidRecord
 
 FACES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "faces"
 needs_faces = pytest.mark.skipif(not FACES.is_dir(), reason="shared face photos (../shared/data/faces) absent")
+
+
+@pytest.fixture(autouse=True, params=["float32", "int8"])
+def search_path(request, monkeypatch):
+    """Every test twice: with the float32 matrix alone (small watchlists), and with the int8 copy read first (what
+    watchlists of ``INT8_FROM_ROWS`` faces and more do): the answers must be the same."""
+    if request.param == "int8":
+        monkeypatch.setattr(watchlist_module, "INT8_FROM_ROWS", 1)
+    return request.param
 
 
 SFACE = FaceSettings(embedder="sface")
@@ -306,3 +316,34 @@ def test_the_second_step_ranks_by_the_summed_distance_not_the_euclidean_one():
     w.upsert(entry("s-other", [other]))
     found = w.search(probe)
     assert found.subject_id == "s-one" and found.similarity == pytest.approx(100 * (1 - 0.3 / 1.2), abs=0.02)
+
+
+@pytest.mark.parametrize("embedder", ["sface", "fused3"])
+def test_a_large_watchlist_answers_the_same_with_its_int8_copy_as_in_float32(embedder, search_path):
+    """Thousands of enrolled faces, probes near some of them (matches at several distances) and strangers: the int8
+    first read changes no answer, neither the subject nor its similarity."""
+    from jobs.faces.cli import fused3_like
+
+    rng = np.random.default_rng(11)
+    n = 3000
+    if embedder == "fused3":
+        faces, spreads = fused3_like(rng, n), (0.001, 0.004, 0.008)
+        strangers = fused3_like(np.random.default_rng(12), 40)
+    else:
+        faces = rng.normal(0, 1, (n, 128)).astype(np.float32)
+        faces /= np.linalg.norm(faces, axis=1, keepdims=True)
+        faces *= np.float32(0.4)  # within the match threshold's reach (distance 0.59): matches and misses both
+        spreads, strangers = (0.005, 0.03, 0.05), rng.normal(0, 0.04, (40, 128)).astype(np.float32)
+    picks = rng.integers(0, n, 3 * 40)
+    noise = rng.normal(0, 1, (len(picks), faces.shape[1])).astype(np.float32) * np.repeat(spreads, 40)[:, None]
+    probes = np.vstack([faces[picks] + noise.astype(np.float32), strangers])
+    answers = {}
+    for name, from_rows in (("float32", 10**9), ("int8", 1)):
+        watch = Watchlist(FaceSettings(embedder=embedder), int8_from_rows=from_rows)
+        for i in range(n):
+            watch.upsert({"subject_id": f"s{i}", "category": "SUSPECT", "embeddings": faces[i : i + 1]})
+        answers[name] = [watch.search(p) for p in probes]
+        assert (watch._coarse is not None) == (name == "int8")
+    matched = sum(m is not None for m in answers["float32"])
+    assert 0.3 * len(probes) < matched < len(probes)  # both answers occur
+    assert answers["int8"] == answers["float32"]

@@ -1,19 +1,33 @@
-"""The few ONNX protobuf fields this project writes and reads, without the ``onnx`` package.
+"""The few ONNX protobuf fields this project writes and reads, without the ``onnx`` package, and its one way of
+running a model (:func:`session`).
 
 Why: the face models are built or rewritten in memory from hash-checked weight files (:mod:`jobs.faces.resnet`,
-:mod:`jobs.faces.ort`); a handful of wire-format fields is all that takes, and one dependency fewer is one pin fewer
-next to numpy 1.26 (which PyFlink holds us to). Field numbers are onnx.proto's.
+:mod:`jobs.faces.ort`), and the watchlist builds its int8 search from enrolled faces (:mod:`jobs.scoring.int8_rows`);
+a handful of wire-format fields is all that takes, and one dependency fewer is one pin fewer next to numpy 1.26
+(which PyFlink holds us to). Field numbers are onnx.proto's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 6: np.int32, 7: np.int64}
 """ONNX TensorProto data types this module can decode, to numpy."""
+
+
+def session(model: bytes) -> Any:
+    """An ONNX Runtime CPU session on one thread (scale out with processes, as for OpenCV), warnings off."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
 class Field(NamedTuple):
@@ -191,3 +205,18 @@ def read_value_info(b: bytes) -> tuple[str, int, list[int | str]]:
                         d = next(fields(bytes(dim.value)), None)
                         shape.append("" if d is None else int(d.value) if d.number == 1 else bytes(d.value).decode())
     return name, elem, shape
+
+
+def model_bytes(
+    name: str, nodes: list[bytes], initializers: list[bytes], inputs: list[bytes], outputs: list[bytes], opset: int = 13
+) -> bytes:
+    """ModelProto: ir_version (1: 7), producer_name (2), graph (7: node 1, name 2, initializer 5, input 11, output 12)
+    and the default domain's opset (8)."""
+    graph = (
+        b"".join(field(1, n) for n in nodes)
+        + field(2, name)
+        + b"".join(field(5, t) for t in initializers)
+        + b"".join(field(11, v) for v in inputs)
+        + b"".join(field(12, v) for v in outputs)
+    )
+    return field(1, 7) + field(2, "checkout-guard") + field(7, graph) + field(8, field(1, "") + field(2, opset))
