@@ -713,11 +713,12 @@ def _bench_detector(
     watches: dict[int, Watchlist],
     frames: int,
     tag: str | None = None,
+    snapshot_frames: int | None = None,
 ) -> dict[str, float]:
     """JPEG -> best face -> watchlist match (the checkout snapshot), and the face stage's work per frame: every
     face analysed and every passing one searched, on one and on five faces. Keys start with ``tag`` (default:
     the detector). ``watches``: a watchlist per embedding length; the evaluation-only ``fused`` searches with its
-    first 128 values."""
+    first 128 values. ``snapshot_frames``: timed JPEG -> match frames, when not ``frames``."""
     engine = FaceEngine(settings, evaluation=True)
     tag = tag or settings.detector
     out: dict[str, float] = {}
@@ -742,7 +743,7 @@ def _bench_detector(
 
     out[f"{tag}_faces_found"] = float(engine.best_face(frame) is not None)
     out[f"{tag}_faces_found_5"] = float(stage(five))
-    times, cpu = _time_frames(best, frames)
+    times, cpu = _time_frames(best, snapshot_frames or frames)
     out[f"{tag}_snapshot_to_match_cpu_p50_ms"] = round(1000 * statistics.median(cpu), 1)
     # CPU time is what "on one core" costs when other processes share the core (wall time then includes waiting)
     out[f"{tag}_snapshot_to_match_cpu_p95_ms"] = round(1000 * sorted(cpu)[min(len(cpu) - 1, int(0.95 * len(cpu)))], 1)
@@ -753,6 +754,12 @@ def _bench_detector(
         out[f"{tag}_stage_frames_per_s_per_core_{name}"] = round(len(cpu) / sum(cpu), 2)
         out[f"{tag}_stage_p95_ms_{name}"] = round(1000 * times[min(len(times) - 1, int(0.95 * len(times)))], 1)
     return out
+
+
+HEADLINE_FRAMES = 200
+"""Timed frames, at least, of the configured detector and embedder's JPEG -> match (the goal's p95): its 95th
+percentile is then the 10th slowest frame, not the 2nd of 30, which one burst of a neighbour's load on this shared
+machine decides."""
 
 
 def bench_faces(photo: Path | None = None, frames: int = 30, enrolled: int = 100_000) -> dict[str, float | str]:
@@ -771,7 +778,9 @@ def bench_faces(photo: Path | None = None, frames: int = 30, enrolled: int = 100
     watches, vectors = _bench_watchlists(settings, rng, enrolled)
     out: dict[str, float | str] = {}
     for detector in ("hog", "yunet"):
-        out.update(_bench_detector(settings.model_copy(update={"detector": detector}), frame, five, watches, frames))
+        tuned = settings.model_copy(update={"detector": detector})
+        headline = max(frames, HEADLINE_FRAMES) if detector == settings.detector else None
+        out.update(_bench_detector(tuned, frame, five, watches, frames, snapshot_frames=headline))
     configured = {k.removeprefix("yunet_"): v for k, v in out.items() if k.startswith("yunet_")}
     from jobs.faces import weights
 
