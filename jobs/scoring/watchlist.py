@@ -29,6 +29,7 @@ from jobs.scoring.face_similarity import (
     FUSED3_WEIGHTS,
     PREFILTER_SIMILARITY,
     check_embedding,
+    distance,
     distance_to_similarity,
     similarity_to_distance,
 )
@@ -40,8 +41,9 @@ log = logging.getLogger("checkout_guard.watchlist")
 
 CATEGORIES = frozenset({"SUSPECT", "VIP"})
 INT8_FROM_ROWS = 4096
-"""Enrolled faces from which a search first reads an int8 copy of its matrix (:class:`Int8Rows`, then float32 on the
-rows it leaves): below, the float32 matrix (2 MB at 128 values) stays in cache and one product is as fast."""
+"""Enrolled embeddings (templates, not subjects) from which a search first reads an int8 copy of its matrix
+(:class:`Int8Rows`, then float32 on the rows it leaves): below, the float32 matrix (2 MB at 128 values) stays in
+cache and one product is as fast."""
 
 
 def check_entry(entry: Any, length: int | None = None) -> dict[str, Any]:
@@ -94,10 +96,10 @@ class Watchlist:
     Searches after a change pay one rebuild (O(total embeddings)); steady-state searches are one
     matrix-vector product: ``|e - p|^2 = |e|^2 - 2 e.p + |p|^2`` with ``|e|^2`` precomputed. ``fused3``
     embeddings (768 values) search in two steps (:func:`prefilter`): 768 values per enrolled face would cost
-    six times the memory traffic of 128, and that traffic is the search's cost. From ``int8_from_rows`` enrolled faces
-    the product reads an int8 copy (:class:`jobs.scoring.int8_rows.Int8Rows`, a quarter of the bytes) and measures
-    again in float32 only the rows that can be within the radius that matters (the first step's, or the match
-    threshold's): the same answer.
+    six times the memory traffic of 128, and that traffic is the search's cost. From ``int8_from_rows`` enrolled
+    embeddings the product reads an int8 copy (:class:`jobs.scoring.int8_rows.Int8Rows`, a quarter of the bytes) and
+    measures again in float32 only the rows that can be within the radius that matters (the first step's, or the match
+    threshold's): no row within it is missed, and the winner's distance is measured in float64 either way.
 
     It holds embeddings of the configured embedder only (``faces.embedder``; their length is checked).
     """
@@ -185,26 +187,24 @@ class Watchlist:
     def _nearest(self, probe: np.ndarray) -> tuple[int, float] | None:
         """Row and distance (:func:`jobs.scoring.face_similarity.distance`; NaN when the arithmetic went wrong) of the
         enrolled embedding nearest ``probe``; ``None`` when the two-step search's first step leaves none, or (int8
-        copy) when none can be within the match threshold."""
+        copy) when none can be within the match threshold. The distance is the winner's, measured again in float64
+        (:meth:`_exact`)."""
         buf = self._buf  # in place: the matrix-vector product is the cost, temporaries add ~20 %
         coarse = self._coarse
         if self._prefilter is None:
-            if coarse is not None:
-                radius = similarity_to_distance(self.threshold) if self.threshold > 0 else math.inf
+            if coarse is not None and self.threshold > 0:  # at a threshold <= 0 every row is within reach
+                radius = similarity_to_distance(self.threshold)
                 rows = coarse.candidates(probe, radius * radius)
                 if rows.size == 0:
                     return None
                 less = self._norms[rows] - 2.0 * (self._matrix[rows] @ probe)  # |e - p|^2 less |p|^2
-                k = int(np.argmin(less))
-                i, partial = int(rows[k]), float(less[k])
+                i = int(rows[int(np.argmin(less))])
             else:
                 np.dot(self._matrix, probe, out=buf)
                 buf *= -2.0
                 buf += self._norms
                 i = int(np.argmin(buf))
-                partial = float(buf[i])
-            squared = partial + float(probe @ probe)
-            return i, math.sqrt(max(0.0, squared)) if math.isfinite(squared) else math.nan
+            return i, self._exact(i, probe)
         start, end, radius = self._prefilter
         first = probe[start:end]
         first_squared = float(first @ first)
@@ -229,8 +229,19 @@ class Watchlist:
             q = rest[part]
             squared = self._part_norms[rows, j] - 2.0 * (near[:, part] @ q) + float(q @ q)
             dist += np.sqrt(np.maximum(squared, 0.0))
-        k = int(np.argmin(dist))
-        return int(rows[k]), float(dist[k])
+        i = int(rows[int(np.argmin(dist))])
+        return i, self._exact(i, probe)
+
+    def _exact(self, i: int, probe: np.ndarray) -> float:
+        """Row ``i``'s distance to ``probe`` in float64 (:func:`jobs.scoring.face_similarity.distance`; NaN for a
+        non-finite row): the similarity reported does not depend on the float32 sums that ranked the rows, which
+        differ in the last bits between a product over the whole matrix and one over the rows the int8 copy left
+        (an identical face is 100, not 99.97)."""
+        row = self._matrix[i]
+        if self._prefilter is not None:
+            start = self._prefilter[0]
+            row = np.concatenate((row[:start], self._first[i], row[start:]))
+        return float(distance(row, probe))
 
     def get(self, subject_id: str) -> dict[str, Any] | None:
         with self._lock:
@@ -282,7 +293,7 @@ class Watchlist:
         return {
             "threshold": self.threshold,
             "max_templates": self.max_templates,
-            "int8_from_rows": self.int8_from_rows,
+            "int8_from_rows": None if self.int8_from_rows == INT8_FROM_ROWS else self.int8_from_rows,
             "embedder": self.embedder,
             "entries": entries,
         }
@@ -290,7 +301,8 @@ class Watchlist:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.threshold = state["threshold"]
         self.max_templates = state.get("max_templates", CasesSettings().max_templates)
-        self.int8_from_rows = state.get("int8_from_rows", INT8_FROM_ROWS)
+        stored = state.get("int8_from_rows")  # None: the default of the code that loads it
+        self.int8_from_rows = INT8_FROM_ROWS if stored is None else stored
         self._configure(state.get("embedder", "sface"))  # pickled before other lengths: 128-value embeddings
         self._reset()
         for entry in state["entries"]:
