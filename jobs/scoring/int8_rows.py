@@ -56,11 +56,12 @@ class Int8Rows:
         meets them exactly as a search without this copy would."""
         q, self._scales = quantise_rows(clean, ROW_STEPS)
         approx = q * self._scales[:, None]
-        self._approx_norm = np.sqrt(np.einsum("ij,ij->i", approx, approx, dtype=np.float64))
+        # float32 below: each pass over 100k rows is half the bytes of float64; _SLACK covers its rounding
+        self._approx_norm = np.sqrt(np.einsum("ij,ij->i", approx, approx, dtype=np.float64)).astype(np.float32)
         approx -= clean
-        self._error = np.sqrt(np.einsum("ij,ij->i", approx, approx, dtype=np.float64))
-        self._norms = norms.astype(np.float64)
-        self._low_norms = self._norms * (1.0 - _SLACK)
+        # rounded up a little: the float32 copy must not understate the error
+        self._error = (np.sqrt(np.einsum("ij,ij->i", approx, approx, dtype=np.float64)) * (1 + 1e-6)).astype(np.float32)
+        self._low_norms = (norms.astype(np.float64) * (1.0 - _SLACK)).astype(np.float32)
         self._dim = dim
         self._session = session(
             model_bytes(
@@ -86,12 +87,12 @@ class Int8Rows:
         probe_norm = float(np.linalg.norm(probe.astype(np.float64)))
         squared = float(probe.astype(np.float64) @ probe.astype(np.float64))
         # the largest e.p can be: s_e t (q.r) + |e - s_e q| |p| + |s_e q| |p - t r|; then |e|^2 - 2 that, in place
-        high = self.dots(r[0]).astype(np.float64)
+        high = self.dots(r[0]).astype(np.float32)
         high *= self._scales
-        high *= scale
-        high += self._error * probe_norm
-        high += self._approx_norm * probe_error
-        high *= -2.0
+        high *= np.float32(scale)
+        high += self._error * np.float32(probe_norm * (1 + 1e-6))
+        high += self._approx_norm * np.float32(probe_error * (1 + 1e-6))
+        high *= np.float32(-2.0)
         high += self._low_norms
-        rows = np.flatnonzero(high <= radius_squared - squared * (1.0 - _SLACK))
+        rows = np.flatnonzero(high <= np.float32(radius_squared - squared * (1.0 - _SLACK)))
         return np.union1d(rows, self._broken) if self._broken.size else rows
