@@ -14,6 +14,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+U8S8_STEPS = 63
+"""The largest int8 magnitude for the int8 side of ONNX Runtime's uint8 x int8 products (``MatMulInteger``,
+``QLinearConv``): on x86 CPUs without VNNI its kernels add pairs of products in int16 (``VPMADDUBSW``), and
+2 x 255 x 127 = 64,770 would saturate at 32,767, where 2 x 255 x 63 = 32,130 cannot (its ``reduce_range``): results
+are then the same on every CPU."""
+
 DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 6: np.int32, 7: np.int64}
 """ONNX TensorProto data types this module can decode, to numpy."""
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from infra.onnx_proto import model_bytes, node, tensor_proto, value_info
+from infra.onnx_proto import U8S8_STEPS, model_bytes, node, tensor_proto, value_info
 from jobs.faces import ort, weights
 from schemas.errors import CheckoutGuardError
 
@@ -71,10 +71,9 @@ gate passes in photos that are in no evaluation set (some show people who are: O
 face_recognition's ``knn_examples/test`` and its loose photos (``tests/unit/test_face_resnet.py`` recomputes them)."""
 
 
-WEIGHT_STEPS = 63
-"""Weights are int8 in -63..63 (7 bits, ONNX Runtime's ``reduce_range``): on x86 CPUs without VNNI its u8 x s8
-kernels add pairs of products in int16 (``VPMADDUBSW``), which full-range weights can saturate; with 7 bits the
-descriptor is the same on every CPU."""
+WEIGHT_STEPS = U8S8_STEPS
+"""Weights are int8 in -63..63 (:data:`infra.onnx_proto.U8S8_STEPS`): with full-range weights ONNX Runtime's kernels on
+x86 CPUs without VNNI could saturate; with 7 bits the descriptor is the same on every CPU."""
 
 
 def _uint8_affine(lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:

@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from infra.onnx_proto import model_bytes, node, session, tensor_proto, value_info
+from infra.onnx_proto import U8S8_STEPS, model_bytes, node, session, tensor_proto, value_info
 
 _ZERO = 128
 """The probe's zero point: ``MatMulInteger`` runs fastest with uint8 probes and int8 rows (u8s8)."""
-ROW_STEPS = 63
-"""Rows take -63..63, not -127..127. On x86 CPUs without VNNI (AVX2: Haswell to Skylake, AMD Zen 2/3) ONNX Runtime's
-u8 x s8 kernel adds pairs of products in int16 and saturates at 32,767: a pair of a uint8 probe (up to 255) and two
-rows' values up to 127 could reach 64,770 and come out too small, so the bound would drop a true match. 2 x 255 x 63
-= 32,130 cannot saturate (:mod:`jobs.faces.resnet` keeps its int8 weights at 63 steps for the same reason)."""
+ROW_STEPS = U8S8_STEPS
+"""Rows take -63..63, not -127..127 (:data:`infra.onnx_proto.U8S8_STEPS`): on x86 CPUs without VNNI (Haswell to
+Skylake, AMD Zen 2/3) a saturated product would come out too small, and the bound would drop a true match."""
 _SLACK = 1e-4
 """Relative margin on the bound for rounding in the arithmetic that applies it (|e|^2 + |p|^2 scale)."""
 

@@ -121,7 +121,7 @@ class Watchlist:
         self.max_templates = max(1, max_templates if max_templates is not None else cases.max_templates)
         """Templates kept per subject (the newest, the last ones of an entry's list)."""
         self.int8_from_rows = INT8_FROM_ROWS if int8_from_rows is None else int8_from_rows
-        """Enrolled faces from which searches read an int8 copy first (default :data:`INT8_FROM_ROWS`)."""
+        """Enrolled embeddings from which searches read an int8 copy first (default :data:`INT8_FROM_ROWS`)."""
         self._reset()
 
     def _configure(self, embedder: str) -> None:
