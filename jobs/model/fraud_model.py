@@ -576,9 +576,11 @@ def fit(
     seed: int = 7,
     rounds: int | None = None,
     info: dict[str, Any] | None = None,
+    ids: Sequence[str] | None = None,
 ) -> TrainResult:
     """Train on every row given, with a calibration fitted on out-of-fold probabilities (see
-    :func:`cross_validate`): the model's own training rows score sharper than new traffic will."""
+    :func:`cross_validate`): the model's own training rows score sharper than new traffic will.
+    ``ids``: the rows' transaction ids, kept in the artifact as digests (:data:`TRAINED_IDS_FILE`)."""
     rounds = rounds or default_rounds(len(y))
     booster = train_booster(x, y, seed=seed, rounds=rounds)
     meta = {
@@ -594,7 +596,8 @@ def fit(
     digest = hashlib.sha256(model_text.encode() + json.dumps(meta.get("data", {}), sort_keys=True).encode())
     meta["version"] = f"gbm-{datetime.now(UTC):%Y%m%d}-{digest.hexdigest()[:8]}"
     meta["created_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-    return TrainResult(LocalModel(booster, meta), dict(meta.get("metrics") or {}))
+    trained = frozenset(id_digest(i) for i in ids) if ids is not None else None
+    return TrainResult(LocalModel(booster, meta, trained_ids=trained), dict(meta.get("metrics") or {}))
 
 
 class ModelArtifactError(CheckoutGuardError, RuntimeError):
@@ -605,10 +608,26 @@ def artifact_root(settings: Settings) -> Path:
     return settings.model.artifact_dir or settings.stack_dir / "models"
 
 
+TRAINED_IDS_FILE = "trained_ids.txt"
+"""In an artifact: one :func:`id_digest` per labelled row the model was fitted on, so a backtest can
+tell the rows it learnt from (in-sample, optimistic) from the ones it never saw."""
+
+
+def id_digest(transaction_id: str) -> str:
+    """64 bits of SHA-256: enough to tell ~1e6 training rows apart, and no raw ids in the artifact."""
+    return hashlib.sha256(transaction_id.encode()).hexdigest()[:16]
+
+
 class LocalModel:
     """A trained booster with its calibration: ``predict_batch`` scores a whole batch in one call."""
 
-    def __init__(self, booster: lgb.Booster, meta: dict[str, Any], path: Path | None = None) -> None:
+    def __init__(
+        self,
+        booster: lgb.Booster,
+        meta: dict[str, Any],
+        path: Path | None = None,
+        trained_ids: frozenset[str] | None = None,
+    ) -> None:
         if list(meta.get("feature_names", [])) != list(FEATURE_NAMES):
             raise ModelArtifactError(
                 f"model {meta.get('version')} was trained on other features than this code computes; retrain it"
@@ -619,6 +638,14 @@ class LocalModel:
         self.version: str = meta["version"]
         self.calibration = Calibration.from_json(meta["calibration"])
         self.label = f"local:{self.version}"
+        self._trained_ids = trained_ids
+        """:func:`id_digest` of the training rows; read from the artifact on first use."""
+
+    def trained_ids(self) -> frozenset[str] | None:
+        """Digests of the rows the model was fitted on; None for an artifact that did not record them."""
+        if self._trained_ids is None and self.path is not None and (self.path / TRAINED_IDS_FILE).exists():
+            self._trained_ids = frozenset((self.path / TRAINED_IDS_FILE).read_text().split())
+        return self._trained_ids
 
     # scoring ---------------------------------------------------------------------------------
     def probabilities(self, x: np.ndarray) -> np.ndarray:
@@ -656,6 +683,8 @@ class LocalModel:
         (tmp / "model.txt").write_text(self.booster.model_to_string())
         (tmp / "model.json").write_text(json.dumps(self.meta, indent=2, default=str))
         (tmp / "metrics.txt").write_text(format_metrics(self.meta) + "\n")
+        if (ids := self.trained_ids()) is not None:
+            (tmp / TRAINED_IDS_FILE).write_text("".join(f"{d}\n" for d in sorted(ids)))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -56,6 +56,8 @@ from jobs.model.fraud_model import (
     fit,
     format_evaluation,
     format_metrics,
+    id_digest,
+    ranking_metrics,
     roc_auc,
 )
 from jobs.model.predictors import LocalPredictor
@@ -264,7 +266,8 @@ def train_on(
             FEATURE_NAMES, data.x[scored], calibration.score(cv.oof[scored]), categorical=CATEGORICAL_FEATURES
         ),
     }
-    return fit(data.x, data.y, calibration, seed=seed, rounds=rounds, info=info).model
+    ids = [history.source_ids[i] for i in data.rows]
+    return fit(data.x, data.y, calibration, seed=seed, rounds=rounds, info=info, ids=ids).model
 
 
 def _iso(ms: int) -> str:
@@ -324,8 +327,10 @@ def backtest_rows(history: History, scorer: Scorer, batch: int = 500) -> list[di
     return out
 
 
-def backtest_metrics(decisions: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Model and rule metrics over the labelled decisions."""
+def backtest_metrics(decisions: Sequence[dict[str, Any]], trained: frozenset[str] | None = None) -> dict[str, Any]:
+    """Model and rule metrics over the labelled decisions; given the model's training rows
+    (:func:`jobs.model.fraud_model.id_digest`), the same for the rows it learnt from (optimistic) and
+    for those it never saw (the honest figure), each with ``order_price`` alone as the floor."""
 
     def part(rows: list[dict[str, Any]]) -> dict[str, Any]:
         rows = [r for r in rows if r["label"] is not None and r["model_score"] is not None]
@@ -346,9 +351,35 @@ def backtest_metrics(decisions: Sequence[dict[str, Any]]) -> dict[str, Any]:
             },
             "review_or_block": {"tpr": _mean(flagged[fraud]), "fpr": _mean(flagged[legit])},
             "block": {"tpr": _mean(blocked[fraud]), "fpr": _mean(blocked[legit])},
+            **(
+                {"model": ranking_metrics(y, s), "floor": ranking_metrics(y, [r["amount"] for r in rows])}
+                if len(set(y.tolist())) == 2
+                else {}
+            ),
         }
 
-    return {"all_labelled": part(list(decisions))}
+    out = {"all_labelled": part(list(decisions))}
+    if trained is not None:
+        seen = [id_digest(d["transaction_id"]) in trained for d in decisions]
+        out["in_training"] = part([d for d, s in zip(decisions, seen, strict=True) if s])
+        out["unseen"] = part([d for d, s in zip(decisions, seen, strict=True) if not s])
+    return out
+
+
+def format_unseen(metrics: dict[str, Any]) -> str:
+    """One line for the labelled rows the model never saw: its ROC-AUC beside the order-price floor."""
+    unseen = metrics.get("unseen") or {}
+    if "model" not in unseen:
+        return f"labelled rows the model never saw: {unseen.get('rows', 0)}, too few to rank (both classes needed)"
+    m, f = unseen["model"], unseen["floor"]
+    lo, hi = m["roc_auc_ci95"]
+    flo, fhi = f["roc_auc_ci95"]
+    tpr = " ".join(f"{v['tpr']:.2f}" for v in m["at_fpr"].values())
+    return (
+        f"labelled rows the model never saw: {m['rows']} ({m['fraud']} fraud): model ROC-AUC {m['roc_auc']:.3f} "
+        f"({lo:.2f}-{hi:.2f}), TPR at {'/'.join(m['at_fpr'])} FPR {tpr}; "
+        f"order_price alone {f['roc_auc']:.3f} ({flo:.2f}-{fhi:.2f})"
+    )
 
 
 def _mean(a: np.ndarray) -> float:
@@ -541,6 +572,7 @@ def backtest(
     scorer = Scorer(settings, predictor=LocalPredictor(local))
     history = observe_all(csv_transactions(csv_path), settings, scorer=scorer)
     decisions = backtest_rows(history, scorer)
+    trained = local.trained_ids()
     output = output or Path(f"{csv_path.stem}.backtest.csv")
     with output.open("w", newline="") as f:
         w = csv.writer(f)
@@ -555,6 +587,7 @@ def backtest(
                 "reasons",
                 "model_version",
                 "rules_version",
+                "in_training",
             ]
         )
         for d in decisions:
@@ -569,24 +602,35 @@ def backtest(
                     "|".join(d["reasons"]),
                     d["model_version"],
                     d["rules_version"],
+                    "" if trained is None else int(id_digest(d["transaction_id"]) in trained),
                 ]
             )
         for ident, reason in history.rejected:
-            w.writerow([ident, "", "", "", "REJECTED", "", reason, "", ""])
-    same_data = (local.meta.get("data") or {}).get("sha256") == file_sha256(csv_path)
-    metrics = backtest_metrics(decisions)
+            w.writerow([ident, "", "", "", "REJECTED", "", reason, "", "", ""])
+    metrics = backtest_metrics(decisions, trained)
     typer.echo(
         f"model {local.version}, rules {scorer.rule_set.version}: {len(decisions)} decisions, "
         f"{len(history.rejected)} rejected, {history.duplicates} duplicates -> {output}"
     )
     typer.echo(json.dumps(metrics, indent=2))
-    if same_data:
+    if trained is not None:
+        seen = metrics["in_training"].get("rows", 0)
+        if seen:
+            typer.echo(
+                f"note: {seen} labelled rows are the model's training rows (in sample, optimistic); "
+                "their out-of-fold figures are in the model's evaluation report (metrics.txt)"
+            )
+        typer.echo(format_unseen(metrics))
+    elif (local.meta.get("data") or {}).get("sha256") == file_sha256(csv_path):
         typer.echo(
             "note: this CSV is the model's training data, so its labelled rows are in sample; "
             "the out-of-fold figures are in the model's evaluation report (metrics.txt)"
         )
     else:
-        typer.echo("note: this CSV is not the model's training data, so every labelled row is out of sample")
+        typer.echo(
+            "note: this model did not record its training rows; any labelled row of this CSV that it was "
+            "trained on is in sample"
+        )
 
 
 if __name__ == "__main__":

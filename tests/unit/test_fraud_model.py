@@ -19,10 +19,11 @@ from jobs.model.fraud_model import (
     ModelArtifactError,
     feature_matrix,
     feature_row,
+    id_digest,
     roc_auc,
 )
 from jobs.model.predictors import LocalPredictor
-from jobs.model.train import app, observe_all, synthetic_transactions
+from jobs.model.train import app, backtest_metrics, observe_all, synthetic_transactions
 from jobs.scoring.features import PROFILE_FEATURES
 from jobs.scoring.rules import FaceResult
 from jobs.scoring.scorer import Predictor, Scorer, ScoringState
@@ -120,6 +121,8 @@ def test_artifact_round_trips_with_its_version_and_current_pointer(tmp_path):
     loaded = LocalModel.load(tmp_path)
     x = feature_matrix(observe_all(synthetic_transactions(300, seed=3), SETTINGS).items)
     np.testing.assert_array_equal(loaded.scores(x), model.scores(x))
+    assert loaded.trained_ids() == model.trained_ids() and len(model.trained_ids() or ()) > 1000
+    assert not any(len(d) != 16 for d in loaded.trained_ids() or ())  # digests, never the raw ids
 
 
 def test_artifact_of_other_features_is_refused(tmp_path):
@@ -190,6 +193,53 @@ def test_train_then_backtest_on_the_fraud_detector_sample(tmp_path):
     metrics = json.loads(res.output[res.output.index("{") : res.output.rindex("}") + 1])
     assert metrics["all_labelled"]["rows"] == 486
     assert "in sample" in res.output  # its own training data: the out-of-fold figures are in the report
+    assert metrics["in_training"]["rows"] == 486 and metrics["unseen"]["rows"] == 0
+    assert {r["in_training"] for r in rows if r["EVENT_LABEL"] != ""} == {"1"}
+
+
+@needs_afd_csv
+def test_backtest_scores_rows_the_model_never_saw_apart_from_its_training_rows(tmp_path):
+    """A CSV holding the training rows and others (the way a new model is tried on fresh labels):
+    only the others are out of sample, and they are reported on their own beside order_price."""
+    with AFD_CSV.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    held_out = {r["EVENT_ID"] for r in rows if r["EVENT_LABEL"] != "" and r["EVENT_ID"][:2] in {"1e", "1f"}}
+    train_csv = tmp_path / "train.csv"
+    with train_csv.open("w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(r for r in rows if r["EVENT_ID"] not in held_out)
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", str(train_csv), "--out", str(tmp_path / "models")])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "decisions.csv"
+    res = runner.invoke(app, ["backtest", str(AFD_CSV), "--model", str(tmp_path / "models"), "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads(res.output[res.output.index("{") : res.output.rindex("}") + 1])
+    unseen = metrics["unseen"]
+    assert unseen["rows"] == len(held_out) == 104 and metrics["in_training"]["rows"] == 486 - 104
+    assert unseen["model"]["rows"] == unseen["floor"]["rows"] == 104 and unseen["fraud"] == unseen["model"]["fraud"]
+    lo, hi = unseen["model"]["roc_auc_ci95"]
+    assert lo <= unseen["model"]["roc_auc"] <= hi
+    with out.open() as f:
+        flags = {r["EVENT_ID"]: r["in_training"] for r in csv.DictReader(f)}
+    assert {flags[i] for i in held_out} == {"0"}
+    assert f"labelled rows the model never saw: 104 ({unseen['fraud']} fraud): model ROC-AUC" in res.output
+    assert "order_price alone" in res.output
+
+
+def test_backtest_metrics_split_training_rows_from_unseen_ones():
+    def decision(tx: str, label: int, score: int, amount: float) -> dict:
+        return {"transaction_id": tx, "label": label, "model_score": score, "outcome": "APPROVE", "amount": amount}
+
+    decisions = [decision(f"t{i}", i % 2, 100 + 10 * i * (i % 2), 5.0 + i) for i in range(20)]
+    decisions.append({**decision("unlabelled", 0, 1, 1.0), "label": None})
+    trained = frozenset(id_digest(f"t{i}") for i in range(10))
+    metrics = backtest_metrics(decisions, trained)
+    assert (metrics["all_labelled"]["rows"], metrics["in_training"]["rows"], metrics["unseen"]["rows"]) == (20, 10, 10)
+    assert metrics["unseen"]["model"]["roc_auc"] == 1.0  # fraud rows t11..t19 score above every legit one
+    assert metrics["unseen"]["floor"]["roc_auc"] == roc_auc(np.array([0, 1] * 5), np.arange(15.0, 25.0))
+    assert "unseen" not in backtest_metrics(decisions)  # a model that did not record its training rows
 
 
 def test_backtest_reports_unusable_rows_with_reasons_and_scores_the_rest(tmp_path):
