@@ -596,6 +596,8 @@ def fit(
     digest = hashlib.sha256(model_text.encode() + json.dumps(meta.get("data", {}), sort_keys=True).encode())
     meta["version"] = f"gbm-{datetime.now(UTC):%Y%m%d}-{digest.hexdigest()[:8]}"
     meta["created_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    if ids is not None and len(ids) != len(y):
+        raise ValueError(f"{len(ids)} ids for {len(y)} training rows")
     trained = frozenset(id_digest(i) for i in ids) if ids is not None else None
     return TrainResult(LocalModel(booster, meta, trained_ids=trained), dict(meta.get("metrics") or {}))
 

@@ -327,10 +327,10 @@ def backtest_rows(history: History, scorer: Scorer, batch: int = 500) -> list[di
     return out
 
 
-def backtest_metrics(decisions: Sequence[dict[str, Any]], trained: frozenset[str] | None = None) -> dict[str, Any]:
-    """Model and rule metrics over the labelled decisions; given the model's training rows
-    (:func:`jobs.model.fraud_model.id_digest`), the same for the rows it learnt from (optimistic) and
-    for those it never saw (the honest figure), each with ``order_price`` alone as the floor."""
+def backtest_metrics(decisions: Sequence[dict[str, Any]], in_training: Sequence[bool] | None = None) -> dict[str, Any]:
+    """Model and rule metrics over the labelled decisions; given which decisions are the model's
+    training rows (:func:`training_flags`), the same for those (in sample, optimistic) and for the rows
+    whose labels it never saw, each with ``order_price`` alone as the floor."""
 
     def part(rows: list[dict[str, Any]]) -> dict[str, Any]:
         rows = [r for r in rows if r["label"] is not None and r["model_score"] is not None]
@@ -352,25 +352,36 @@ def backtest_metrics(decisions: Sequence[dict[str, Any]], trained: frozenset[str
             "review_or_block": {"tpr": _mean(flagged[fraud]), "fpr": _mean(flagged[legit])},
             "block": {"tpr": _mean(blocked[fraud]), "fpr": _mean(blocked[legit])},
             **(
-                {"model": ranking_metrics(y, s), "floor": ranking_metrics(y, [r["amount"] for r in rows])}
+                {
+                    "model": ranking_metrics(y, s),
+                    "floor": ranking_metrics(y, np.array([r["amount"] for r in rows], dtype=np.float64)),
+                }
                 if len(set(y.tolist())) == 2
                 else {}
             ),
         }
 
     out = {"all_labelled": part(list(decisions))}
-    if trained is not None:
-        seen = [id_digest(d["transaction_id"]) in trained for d in decisions]
-        out["in_training"] = part([d for d, s in zip(decisions, seen, strict=True) if s])
-        out["unseen"] = part([d for d, s in zip(decisions, seen, strict=True) if not s])
+    if in_training is not None:
+        out["in_training"] = part([d for d, s in zip(decisions, in_training, strict=True) if s])
+        out["unseen"] = part([d for d, s in zip(decisions, in_training, strict=True) if not s])
     return out
+
+
+def training_flags(decisions: Sequence[dict[str, Any]], trained: frozenset[str] | None) -> list[bool] | None:
+    """Which decisions are labelled training rows of the model (by transaction id), or None when the
+    artifact did not record them. A row unlabelled at training time is not one, labelled since or not."""
+    if trained is None:
+        return None
+    return [id_digest(d["transaction_id"]) in trained for d in decisions]
 
 
 def format_unseen(metrics: dict[str, Any]) -> str:
     """One line for the labelled rows the model never saw: its ROC-AUC beside the order-price floor."""
     unseen = metrics.get("unseen") or {}
     if "model" not in unseen:
-        return f"labelled rows the model never saw: {unseen.get('rows', 0)}, too few to rank (both classes needed)"
+        rows, fraud = unseen.get("rows", 0), unseen.get("fraud", 0)
+        return f"labelled rows the model never saw: {rows} ({fraud} fraud): one class only, no ROC-AUC"
     m, f = unseen["model"], unseen["floor"]
     lo, hi = m["roc_auc_ci95"]
     flo, fhi = f["roc_auc_ci95"]
@@ -572,7 +583,7 @@ def backtest(
     scorer = Scorer(settings, predictor=LocalPredictor(local))
     history = observe_all(csv_transactions(csv_path), settings, scorer=scorer)
     decisions = backtest_rows(history, scorer)
-    trained = local.trained_ids()
+    in_training = training_flags(decisions, local.trained_ids())
     output = output or Path(f"{csv_path.stem}.backtest.csv")
     with output.open("w", newline="") as f:
         w = csv.writer(f)
@@ -590,7 +601,7 @@ def backtest(
                 "in_training",
             ]
         )
-        for d in decisions:
+        for n, d in enumerate(decisions):
             w.writerow(
                 [
                     d["transaction_id"],
@@ -602,25 +613,25 @@ def backtest(
                     "|".join(d["reasons"]),
                     d["model_version"],
                     d["rules_version"],
-                    "" if trained is None else int(id_digest(d["transaction_id"]) in trained),
+                    "" if in_training is None else int(in_training[n]),
                 ]
             )
         for ident, reason in history.rejected:
             w.writerow([ident, "", "", "", "REJECTED", "", reason, "", "", ""])
-    metrics = backtest_metrics(decisions, trained)
+    metrics = backtest_metrics(decisions, in_training)
     typer.echo(
         f"model {local.version}, rules {scorer.rule_set.version}: {len(decisions)} decisions, "
         f"{len(history.rejected)} rejected, {history.duplicates} duplicates -> {output}"
     )
     typer.echo(json.dumps(metrics, indent=2))
-    if trained is not None:
-        seen = metrics["in_training"].get("rows", 0)
-        if seen:
+    if in_training is not None:
+        if seen := metrics["in_training"].get("rows", 0):
             typer.echo(
                 f"note: {seen} labelled rows are the model's training rows (in sample, optimistic); "
                 "their out-of-fold figures are in the model's evaluation report (metrics.txt)"
             )
-        typer.echo(format_unseen(metrics))
+        if metrics["unseen"].get("rows", 0):
+            typer.echo(format_unseen(metrics))
     elif (local.meta.get("data") or {}).get("sha256") == file_sha256(csv_path):
         typer.echo(
             "note: this CSV is the model's training data, so its labelled rows are in sample; "

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from infra.settings import get_settings
 from jobs.model.fraud_model import (
     FEATURE_NAMES,
+    TRAINED_IDS_FILE,
     Calibration,
     LocalModel,
     ModelArtifactError,
@@ -23,7 +24,7 @@ from jobs.model.fraud_model import (
     roc_auc,
 )
 from jobs.model.predictors import LocalPredictor
-from jobs.model.train import app, backtest_metrics, observe_all, synthetic_transactions
+from jobs.model.train import app, backtest_metrics, observe_all, synthetic_transactions, training_flags
 from jobs.scoring.features import PROFILE_FEATURES
 from jobs.scoring.rules import FaceResult
 from jobs.scoring.scorer import Predictor, Scorer, ScoringState
@@ -200,7 +201,8 @@ def test_train_then_backtest_on_the_fraud_detector_sample(tmp_path):
 @needs_afd_csv
 def test_backtest_scores_rows_the_model_never_saw_apart_from_its_training_rows(tmp_path):
     """A CSV holding the training rows and others (the way a new model is tried on fresh labels):
-    only the others are out of sample, and they are reported on their own beside order_price."""
+    only the others are out of sample -- rows held out of training, and rows unlabelled at training
+    time that have a label now -- and they are reported on their own beside order_price."""
     with AFD_CSV.open(newline="") as f:
         rows = list(csv.DictReader(f))
     held_out = {r["EVENT_ID"] for r in rows if r["EVENT_LABEL"] != "" and r["EVENT_ID"][:2] in {"1e", "1f"}}
@@ -212,19 +214,28 @@ def test_backtest_scores_rows_the_model_never_saw_apart_from_its_training_rows(t
     runner = CliRunner()
     res = runner.invoke(app, ["train", str(train_csv), "--out", str(tmp_path / "models")])
     assert res.exit_code == 0, res.output
+    labelled_since = [r for r in rows if r["EVENT_LABEL"] == ""][:30]
+    for n, r in enumerate(labelled_since):  # field verdicts that arrived after training
+        r["EVENT_LABEL"], r["LABEL_TIMESTAMP"] = ("1" if n % 10 == 0 else "0"), r["EVENT_TIMESTAMP"]
+    later_csv = tmp_path / "later.csv"
+    with later_csv.open("w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
     out = tmp_path / "decisions.csv"
-    res = runner.invoke(app, ["backtest", str(AFD_CSV), "--model", str(tmp_path / "models"), "--output", str(out)])
+    res = runner.invoke(app, ["backtest", str(later_csv), "--model", str(tmp_path / "models"), "--output", str(out)])
     assert res.exit_code == 0, res.output
     metrics = json.loads(res.output[res.output.index("{") : res.output.rindex("}") + 1])
-    unseen = metrics["unseen"]
-    assert unseen["rows"] == len(held_out) == 104 and metrics["in_training"]["rows"] == 486 - 104
-    assert unseen["model"]["rows"] == unseen["floor"]["rows"] == 104 and unseen["fraud"] == unseen["model"]["fraud"]
+    unseen, new = metrics["unseen"], held_out | {r["EVENT_ID"] for r in labelled_since}
+    assert unseen["rows"] == len(new) == 104 + 30 and metrics["in_training"]["rows"] == 486 - 104
+    assert unseen["model"]["rows"] == unseen["floor"]["rows"] == 134 and unseen["fraud"] == unseen["model"]["fraud"]
     lo, hi = unseen["model"]["roc_auc_ci95"]
     assert lo <= unseen["model"]["roc_auc"] <= hi
     with out.open() as f:
         flags = {r["EVENT_ID"]: r["in_training"] for r in csv.DictReader(f)}
-    assert {flags[i] for i in held_out} == {"0"}
-    assert f"labelled rows the model never saw: 104 ({unseen['fraud']} fraud): model ROC-AUC" in res.output
+    assert {flags[i] for i in new} == {"0"}
+    assert {flags[r["EVENT_ID"]] for r in rows if r["EVENT_LABEL"] != "" and r["EVENT_ID"] not in new} == {"1"}
+    assert f"labelled rows the model never saw: 134 ({unseen['fraud']} fraud): model ROC-AUC" in res.output
     assert "order_price alone" in res.output
 
 
@@ -232,14 +243,37 @@ def test_backtest_metrics_split_training_rows_from_unseen_ones():
     def decision(tx: str, label: int, score: int, amount: float) -> dict:
         return {"transaction_id": tx, "label": label, "model_score": score, "outcome": "APPROVE", "amount": amount}
 
-    decisions = [decision(f"t{i}", i % 2, 100 + 10 * i * (i % 2), 5.0 + i) for i in range(20)]
+    # the 12 training rows rank badly (fraud scores low), the 8 unseen ones perfectly
+    decisions = [decision(f"t{i}", i % 2, 500 - 10 * i * (i % 2), 5.0 + i) for i in range(12)]
+    decisions += [decision(f"u{i}", i % 2, 100 + 10 * i * (i % 2), 50.0 - i) for i in range(8)]
     decisions.append({**decision("unlabelled", 0, 1, 1.0), "label": None})
-    trained = frozenset(id_digest(f"t{i}") for i in range(10))
-    metrics = backtest_metrics(decisions, trained)
-    assert (metrics["all_labelled"]["rows"], metrics["in_training"]["rows"], metrics["unseen"]["rows"]) == (20, 10, 10)
-    assert metrics["unseen"]["model"]["roc_auc"] == 1.0  # fraud rows t11..t19 score above every legit one
-    assert metrics["unseen"]["floor"]["roc_auc"] == roc_auc(np.array([0, 1] * 5), np.arange(15.0, 25.0))
-    assert "unseen" not in backtest_metrics(decisions)  # a model that did not record its training rows
+    flags = training_flags(decisions, frozenset(id_digest(f"t{i}") for i in range(12)))
+    assert flags == [True] * 12 + [False] * 9
+    metrics = backtest_metrics(decisions, flags)
+    assert (metrics["all_labelled"]["rows"], metrics["in_training"]["rows"], metrics["unseen"]["rows"]) == (20, 12, 8)
+    assert metrics["unseen"]["model"]["roc_auc"] == 1.0 and metrics["in_training"]["model"]["roc_auc"] < 0.5
+    assert metrics["unseen"]["floor"]["roc_auc"] == roc_auc(np.array([0, 1] * 4), 50.0 - np.arange(8.0))  # 0.375
+    assert "unseen" not in backtest_metrics(decisions) and training_flags(decisions, None) is None
+
+
+def test_backtest_of_a_model_that_did_not_record_its_training_rows_says_it_cannot_tell(tmp_path):
+    header = "EVENT_LABEL,EVENT_TIMESTAMP,EVENT_ID,ENTITY_TYPE,ENTITY_ID,order_price,payment_currency,merchant\n"
+    body = "".join(
+        f"{n % 2},2023-01-0{1 + n // 4}T1{n % 4}:00:00Z,e{n},customer,c{n % 3},{10 + 90 * (n % 2)},USD,fraud_A\n"
+        for n in range(8)
+    )
+    data = tmp_path / "old.csv"
+    data.write_text(header + body)
+    model_dir = small_model().save(tmp_path / "models")
+    (model_dir / TRAINED_IDS_FILE).unlink()  # an artifact from before the digests were kept
+    out = tmp_path / "decisions.csv"
+    res = CliRunner().invoke(app, ["backtest", str(data), "--model", str(model_dir), "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads(res.output[res.output.index("{") : res.output.rindex("}") + 1])
+    assert set(metrics) == {"all_labelled"} and metrics["all_labelled"]["rows"] == 8
+    with out.open() as f:
+        assert {r["in_training"] for r in csv.DictReader(f)} == {""}
+    assert "did not record its training rows" in res.output and "never saw" not in res.output
 
 
 def test_backtest_reports_unusable_rows_with_reasons_and_scores_the_rest(tmp_path):
