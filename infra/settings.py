@@ -772,6 +772,11 @@ class Settings(BaseSettings):
     def checkpoint_dir(self) -> Path:
         return self.job.checkpoint_dir or self.stack_dir / "flink" / "checkpoints"
 
+    @property
+    def models_root(self) -> Path:
+        """Where model artifacts live: ``CURRENT``, ``CHALLENGER`` and one folder per version."""
+        return self.model.artifact_dir or self.stack_dir / "models"
+
 
 def env_file() -> Path | None:
     """The ``.env`` file :func:`get_settings` reads: ``CG_ENV_FILE`` when set (empty: none), else the repo

@@ -48,6 +48,7 @@ from infra.settings import Settings
 from jobs.scoring.features import CUSTOMER_FEATURES, LINKED_FEATURES, PROFILE_FEATURES, PROFILE_KEY
 from jobs.scoring.rules import ModelResult
 from schemas.errors import CheckoutGuardError
+from schemas.model_artifact import LOCAL_PREFIX, TRAINED_IDS_FILE, id_digest, read_trained_ids
 
 Item = tuple[dict[str, Any], dict[str, float]]
 NAN = float("nan")
@@ -607,17 +608,7 @@ class ModelArtifactError(CheckoutGuardError, RuntimeError):
 
 
 def artifact_root(settings: Settings) -> Path:
-    return settings.model.artifact_dir or settings.stack_dir / "models"
-
-
-TRAINED_IDS_FILE = "trained_ids.txt"
-"""In an artifact: one :func:`id_digest` per labelled row the model was fitted on, so a backtest can
-tell the rows it learnt from (in-sample, optimistic) from the ones it never saw."""
-
-
-def id_digest(transaction_id: str) -> str:
-    """64 bits of SHA-256: enough to tell ~1e6 training rows apart, and no raw ids in the artifact."""
-    return hashlib.sha256(transaction_id.encode()).hexdigest()[:16]
+    return settings.models_root
 
 
 class LocalModel:
@@ -639,14 +630,14 @@ class LocalModel:
         self.path = path
         self.version: str = meta["version"]
         self.calibration = Calibration.from_json(meta["calibration"])
-        self.label = f"local:{self.version}"
+        self.label = f"{LOCAL_PREFIX}{self.version}"
         self._trained_ids = trained_ids
         """:func:`id_digest` of the training rows; read from the artifact on first use."""
 
     def trained_ids(self) -> frozenset[str] | None:
         """Digests of the rows the model was fitted on; None for an artifact that did not record them."""
-        if self._trained_ids is None and self.path is not None and (self.path / TRAINED_IDS_FILE).exists():
-            self._trained_ids = frozenset((self.path / TRAINED_IDS_FILE).read_text().split())
+        if self._trained_ids is None and self.path is not None:
+            self._trained_ids = read_trained_ids(self.path)
         return self._trained_ids
 
     # scoring ---------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from jobs.model.registry import ModelRegistry
 from jobs.scoring.rules import ModelResult
 from jobs.scoring.scorer import Predictor
 from schemas.errors import CheckoutGuardError
+from schemas.model_artifact import FALLBACK_SUFFIX
 from schemas.records import AlertAvro, ModelDriftAvro
 
 log = logging.getLogger("checkout_guard.predictors")
@@ -299,7 +300,7 @@ class GuardedPredictor(Predictor):
     def _fallback(self, items: Sequence[Item], spent_ms: Sequence[int]) -> list[ModelResult]:
         if self.fallback_model is None:
             return [ModelResult(score=None, version=f"{self.name} unavailable", time_ms=t) for t in spent_ms]
-        results = self.fallback_model.predict_batch(items, label=f"{self.fallback_model.label} (fallback)")
+        results = self.fallback_model.predict_batch(items, label=f"{self.fallback_model.label}{FALLBACK_SUFFIX}")
         return [ModelResult(r.score, r.version, r.time_ms + t) for r, t in zip(results, spent_ms, strict=True)]
 
 

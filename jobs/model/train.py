@@ -56,7 +56,6 @@ from jobs.model.fraud_model import (
     fit,
     format_evaluation,
     format_metrics,
-    id_digest,
     ranking_metrics,
     roc_auc,
 )
@@ -65,6 +64,7 @@ from jobs.scoring.scorer import Scorer, ScoringState
 from schemas.afd_csv import file_sha256, read_rows, replay_order, row_to_transaction
 from schemas.codec import codec
 from schemas.errors import InvalidRecord
+from schemas.model_artifact import id_digest
 from schemas.records import PosTransaction
 
 HISTORY_TOPIC = "history"

@@ -60,6 +60,7 @@ from infra.clients.opensearch import make_client
 from infra.settings import DashboardSettings, Settings
 from schemas.errors import CheckoutGuardError
 from schemas.indices import index_name
+from schemas.model_artifact import artifact_version, read_trained_ids
 from sinks.dashboard.case_routes import CaseRoutes, Publish
 from sinks.dashboard.login import LoginBackend, LoginConfigError, _secret
 from sinks.dashboard.pipeline import PrometheusApi, prometheus_url, read_pipeline
@@ -125,6 +126,7 @@ class Dashboard:
         self.labels = index_name(prefix, "labels")
         self.drift = index_name(prefix, "model_drift")
         self.max_labels = MAX_LABELS
+        self._trained: dict[str, frozenset[str]] = {}
 
     @property
     def images(self) -> ImageStore:
@@ -157,7 +159,7 @@ class Dashboard:
         """Both models' score distributions in the window and their ROC-AUC on its labelled transactions."""
         distributions = shape_distributions(self.search(self.transactions, models_query(window)))
         labels, truncated = self.field_labels()
-        evaluation = evaluate_models(self.labelled_scored(window, labels))
+        evaluation = evaluate_models(self.labelled_scored(window, labels), self.trained_ids)
         summary = shape_labels_summary(self.search(self.labels, labels_summary_query()))
         return {
             "window": {"start": window.start_ms, "end": window.end_ms, "store": window.store},
@@ -165,6 +167,19 @@ class Dashboard:
             "evaluation": evaluation,
             "labels": {**summary, "read": len(labels), "truncated": truncated},
         }
+
+    def trained_ids(self, model_version: str | None) -> frozenset[str] | None:
+        """The training rows of the local artifact a scored record names, from the models root; kept
+        once found (a version's folder never changes), looked for again while it is missing."""
+        name = artifact_version(model_version)
+        if name is None:
+            return None
+        if name not in self._trained:
+            found = read_trained_ids(self.settings.models_root / name)
+            if found is None:
+                return None
+            self._trained[name] = found
+        return self._trained[name]
 
     def field_labels(self) -> tuple[dict[str, int], bool]:
         """Transaction id -> verdict in force (1 fraud, 0 legitimate), the most recently decided first, at

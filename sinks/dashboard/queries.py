@@ -12,8 +12,11 @@ model code in ``jobs``) for the champion and the challenger side by side.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from schemas.model_artifact import id_digest
 
 OUTCOMES = ("APPROVE", "REVIEW", "BLOCK")
 FACE_STATUSES = ("MATCHED", "NO_MATCH", "NO_FACE", "UNAVAILABLE")
@@ -496,8 +499,24 @@ def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
 
-def _evaluate_role(rows: list[LabelledRow], role: str) -> dict[str, Any]:
-    scored = [row for row in rows if row.scores[role] is not None]
+TrainedIds = Callable[[str | None], frozenset[str] | None]
+"""A scored record's model version -> the digests of that model's training rows, None when unknown
+(a remote backend, or an artifact that did not record them)."""
+
+
+def _in_training(rows: list[LabelledRow], role: str, trained: TrainedIds | None) -> set[str]:
+    """The transactions among ``rows`` that the model which scored them for ``role`` was fitted on."""
+    if trained is None:
+        return set()
+    return {
+        row.transaction_id
+        for row in rows
+        if (ids := trained(row.versions[role])) and id_digest(row.transaction_id) in ids
+    }
+
+
+def _evaluate_role(rows: list[LabelledRow], role: str, fitted: set[str]) -> dict[str, Any]:
+    scored = [row for row in rows if row.scores[role] is not None and row.transaction_id not in fitted]
     labels = [row.label for row in scored]
     auc = roc_auc([float(row.scores[role]) for row in scored], labels)  # type: ignore[arg-type]
     fraud = sum(labels)
@@ -513,19 +532,28 @@ def _evaluate_role(rows: list[LabelledRow], role: str) -> dict[str, Any]:
         "auc_low": _rounded(low),
         "auc_high": _rounded(high),
         "versions": dict(sorted(versions.items(), key=lambda item: -item[1])),
+        "in_training": len(fitted),
     }
 
 
-def evaluate_models(rows: list[LabelledRow]) -> dict[str, Any]:
+def evaluate_models(rows: list[LabelledRow], trained: TrainedIds | None = None) -> dict[str, Any]:
     """ROC-AUC of champion and challenger over the labelled rows each scored, and both over the rows
     that both scored (``paired``): only that comparison is like for like when the challenger came
-    later or went away within the window."""
+    later or went away within the window. Given ``trained``, each model's own training rows are left
+    out of its figures (``in_training`` counts them), and out of the paired ones for both: a challenger
+    trained on the field labels would otherwise be judged on the answers it learnt."""
+    fitted = {role: _in_training(rows, role, trained) for role in MODEL_ROLES}
     out: dict[str, Any] = {
         "labelled": len(rows),
         "fraud": sum(row.label for row in rows),
-        **{role: _evaluate_role(rows, role) for role in MODEL_ROLES},
+        **{role: _evaluate_role(rows, role, fitted[role]) for role in MODEL_ROLES},
     }
-    both = [row for row in rows if all(row.scores[role] is not None for role in MODEL_ROLES)]
+    either = set().union(*fitted.values())
+    both = [
+        row
+        for row in rows
+        if all(row.scores[role] is not None for role in MODEL_ROLES) and row.transaction_id not in either
+    ]
     labels = [row.label for row in both]
     out["paired"] = {
         "rows": len(both),

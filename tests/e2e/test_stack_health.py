@@ -213,9 +213,7 @@ def secured(stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             "mqtt": stack.mqtt.model_copy(
                 update={"port": _free_port(), "username": "camera", "password": SecretStr(secrets.token_urlsafe(16))}
             ),
-            "model": stack.model.model_copy(
-                update={"artifact_dir": stack.model.artifact_dir or stack.stack_dir / "models"}
-            ),
+            "model": stack.model.model_copy(update={"artifact_dir": stack.models_root}),
         }
     )
     try:

@@ -9,6 +9,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from infra.settings import Settings
+from schemas.model_artifact import TRAINED_IDS_FILE, id_digest
 from sinks.dashboard.app import Dashboard, create_app
 from sinks.dashboard.queries import (
     LabelledRow,
@@ -193,12 +194,39 @@ def test_evaluation_without_labels_or_without_one_class_has_no_auc() -> None:
         "auc_low": None,
         "auc_high": None,
         "versions": {},
+        "in_training": 0,
     }
     only_fraud = [
         LabelledRow(f"tx-{i}", 1, {"champion": 900, "challenger": None}, {"champion": "a", "challenger": None})
         for i in range(3)
     ]
     assert evaluate_models(only_fraud)["champion"]["auc"] is None
+
+
+def test_a_model_is_not_judged_on_the_rows_it_was_trained_on() -> None:
+    """A challenger trained on field labels scores its own training rows well: they are left out of its
+    ROC-AUC and of the paired comparison, not of the champion's."""
+    labels = {"tx-1": 1, "tx-2": 1, "tx-3": 0, "tx-4": 0, "tx-5": 1, "tx-6": 0}
+    hits = [hit(tx, 500, 500) for tx in labels]
+    for h in hits:
+        h["_source"]["challenger_version"] = "local:gbm-b"
+    hits[1]["_source"]["challenger_score"] = 990  # tx-2: a training row, scored as learnt
+    trained = {"local:gbm-b": frozenset(id_digest(tx) for tx in ("tx-2", "tx-3"))}
+    ev = evaluate_models(labelled_rows(hits, labels), trained.get)
+    assert (ev["challenger"]["rows"], ev["challenger"]["in_training"], ev["challenger"]["auc"]) == (4, 2, 0.5)
+    assert (ev["champion"]["rows"], ev["champion"]["in_training"]) == (6, 0)
+    assert ev["paired"]["rows"] == 4 and ev["paired"]["challenger_auc"] == 0.5
+    assert evaluate_models(labelled_rows(hits, labels))["challenger"]["auc"] > 0.5  # without: flattered
+
+
+def test_the_view_finds_each_models_training_rows_in_its_artifact_folder(tmp_path) -> None:
+    (tmp_path / "gbm-b").mkdir()
+    (tmp_path / "gbm-b" / TRAINED_IDS_FILE).write_text(f"{id_digest('tx-001')}\n{id_digest('tx-002')}\n")
+    board = Dashboard(Settings(model={"artifact_dir": tmp_path}), client=FakeCluster({}, {}))  # type: ignore[arg-type]
+    assert board.trained_ids("local:gbm-b (fallback)") == {id_digest("tx-001"), id_digest("tx-002")}
+    assert board.trained_ids("local:gbm-a") is None  # no such artifact here: nothing left out
+    assert board.trained_ids("afd:detector:1") is None and board.trained_ids(None) is None
+    assert board.trained_ids("local:../gbm-b") is None  # a stored version is never a path
 
 
 class FakeCluster:

@@ -14,13 +14,11 @@ from typer.testing import CliRunner
 from infra.settings import get_settings
 from jobs.model.fraud_model import (
     FEATURE_NAMES,
-    TRAINED_IDS_FILE,
     Calibration,
     LocalModel,
     ModelArtifactError,
     feature_matrix,
     feature_row,
-    id_digest,
     roc_auc,
 )
 from jobs.model.predictors import LocalPredictor
@@ -29,6 +27,7 @@ from jobs.scoring.features import PROFILE_FEATURES
 from jobs.scoring.rules import FaceResult
 from jobs.scoring.scorer import Predictor, Scorer, ScoringState
 from schemas.codec import codec
+from schemas.model_artifact import TRAINED_IDS_FILE, id_digest
 from tests.builders import return_of, sale
 from tests.fraud_model import clean_settings, small_model
 

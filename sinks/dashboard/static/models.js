@@ -81,6 +81,7 @@ function renderEvaluation(ev, labels) {
     ["version", versionText(c.versions), versionText(k.versions)],
     ["labelled rows", num.format(c.rows), num.format(k.rows)],
     ["fraud rows", num.format(c.fraud), num.format(k.fraud)],
+    ["own training rows left out", num.format(c.in_training || 0), num.format(k.in_training || 0)],
     ["ROC-AUC", fmtAuc(c.auc), fmtAuc(k.auc)],
     ["95 % interval", interval(c), interval(k)],
   ];
@@ -93,6 +94,9 @@ function renderEvaluation(ev, labels) {
   const p = ev.paired;
   if (p.rows && (p.rows !== c.rows || p.rows !== k.rows)) {
     notes.push(`On the ${num.format(p.rows)} labelled rows both scored (${num.format(p.fraud)} fraud): champion ${fmtAuc(p.champion_auc)}, challenger ${fmtAuc(p.challenger_auc)}.`);
+  }
+  if (c.in_training || k.in_training) {
+    notes.push("A model is not judged on the labelled rows it was trained on: those are left out of its ROC-AUC and of the paired figures.");
   }
   const sources = Object.entries(labels.sources).map(([s, n]) => `${s} ${num.format(n.total)}`).join(", ");
   if (labels.total) notes.push(`Field labels in force: ${num.format(labels.total)} (${sources}).`);

@@ -1,0 +1,42 @@
+"""What readers outside the model code need of a local model artifact: its folder name from a scored
+record's model version, and which labelled rows trained it.
+
+A model's ROC-AUC on rows it was fitted on is in sample: the backtest and the dashboard's
+champion/challenger comparison leave those rows out, so both need the same digest and file name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+TRAINED_IDS_FILE = "trained_ids.txt"
+"""In an artifact folder: one :func:`id_digest` per labelled row the model was fitted on."""
+LOCAL_PREFIX = "local:"
+"""A scored record's ``model_version`` for the local model: ``local:<artifact folder>``."""
+FALLBACK_SUFFIX = " (fallback)"
+"""Appended to the version when the local model answered for a remote backend that failed."""
+_VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def id_digest(transaction_id: str) -> str:
+    """64 bits of SHA-256: enough to tell ~1e6 training rows apart, and no raw ids in the artifact."""
+    return hashlib.sha256(transaction_id.encode()).hexdigest()[:16]
+
+
+def artifact_version(model_version: str | None) -> str | None:
+    """The artifact folder a scored record's ``model_version`` names, or None for a remote backend's
+    version or anything that is not a plain folder name (the value comes from stored documents)."""
+    if not model_version or not model_version.startswith(LOCAL_PREFIX):
+        return None
+    name = model_version.removeprefix(LOCAL_PREFIX).removesuffix(FALLBACK_SUFFIX)
+    return name if _VERSION_RE.fullmatch(name) else None
+
+
+def read_trained_ids(version_dir: Path) -> frozenset[str] | None:
+    """The digests of an artifact's training rows; None when it did not record them (or is gone)."""
+    try:
+        return frozenset((version_dir / TRAINED_IDS_FILE).read_text().split())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
