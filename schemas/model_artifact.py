@@ -35,8 +35,9 @@ def artifact_version(model_version: str | None) -> str | None:
 
 
 def read_trained_ids(version_dir: Path) -> frozenset[str] | None:
-    """The digests of an artifact's training rows; None when it did not record them (or is gone)."""
+    """The digests of an artifact's training rows; None when it did not record them, is gone or cannot
+    be read here (another user's folder): the caller then cannot tell, and says so."""
     try:
-        return frozenset((version_dir / TRAINED_IDS_FILE).read_text().split())
-    except (FileNotFoundError, NotADirectoryError):
+        return frozenset((version_dir / TRAINED_IDS_FILE).read_text(encoding="ascii").split())
+    except (OSError, ValueError):
         return None

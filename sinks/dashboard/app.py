@@ -1,4 +1,5 @@
-"""The live dashboard's web app: a static page plus JSON endpoints it polls, all read from OpenSearch.
+"""The live dashboard's web app: a static page plus JSON endpoints it polls, read from OpenSearch (and,
+for the Models view, the models root's record of which rows trained each model).
 
 Endpoints (each takes ``minutes`` = window length, ``store`` = one store only, ``anchor`` = ``now`` or
 ``latest``, which ends the window at the newest event so a replay of history shows up too):
@@ -12,7 +13,8 @@ Endpoints (each takes ``minutes`` = window length, ``store`` = one store only, `
 - ``GET /api/config``    refresh period and default window for the page
 - ``GET /api/models``    champion and challenger: score distributions (20 bins over 0-1000, versions),
   and ROC-AUC of both over the labelled scored transactions of the window (field verdicts from the
-  labels index joined by transaction id), with the numbers of labelled and fraud rows
+  labels index joined by transaction id), with the numbers of labelled and fraud rows; each model's
+  own training rows are left out (``in_training``: how many; null when its artifact is not visible)
 - ``GET /api/drift``     latest drift report per model version (score PSI, worst features, alert, rows, hour)
 - ``GET /models``        the Models page over those two
 - ``GET /api/pipeline``  pipeline health from Prometheus (sinks/dashboard/pipeline.py): targets up, records/s

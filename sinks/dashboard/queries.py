@@ -504,19 +504,23 @@ TrainedIds = Callable[[str | None], frozenset[str] | None]
 (a remote backend, or an artifact that did not record them)."""
 
 
-def _in_training(rows: list[LabelledRow], role: str, trained: TrainedIds | None) -> set[str]:
-    """The transactions among ``rows`` that the model which scored them for ``role`` was fitted on."""
-    if trained is None:
-        return set()
+def _in_training(
+    rows: list[LabelledRow], role: str, trained: dict[str | None, frozenset[str] | None]
+) -> set[str] | None:
+    """The transactions ``role`` scored among ``rows`` that the model which scored them was fitted on;
+    None when no scoring model's training rows are known here (so none could be left out)."""
+    scored = [row for row in rows if row.scores[role] is not None]
+    if not any(trained.get(row.versions[role]) is not None for row in scored):
+        return None
     return {
         row.transaction_id
-        for row in rows
-        if (ids := trained(row.versions[role])) and id_digest(row.transaction_id) in ids
+        for row in scored
+        if (ids := trained.get(row.versions[role])) and id_digest(row.transaction_id) in ids
     }
 
 
-def _evaluate_role(rows: list[LabelledRow], role: str, fitted: set[str]) -> dict[str, Any]:
-    scored = [row for row in rows if row.scores[role] is not None and row.transaction_id not in fitted]
+def _evaluate_role(rows: list[LabelledRow], role: str, fitted: set[str] | None) -> dict[str, Any]:
+    scored = [row for row in rows if row.scores[role] is not None and row.transaction_id not in (fitted or ())]
     labels = [row.label for row in scored]
     auc = roc_auc([float(row.scores[role]) for row in scored], labels)  # type: ignore[arg-type]
     fraud = sum(labels)
@@ -532,7 +536,7 @@ def _evaluate_role(rows: list[LabelledRow], role: str, fitted: set[str]) -> dict
         "auc_low": _rounded(low),
         "auc_high": _rounded(high),
         "versions": dict(sorted(versions.items(), key=lambda item: -item[1])),
-        "in_training": len(fitted),
+        "in_training": None if fitted is None else len(fitted),
     }
 
 
@@ -540,15 +544,18 @@ def evaluate_models(rows: list[LabelledRow], trained: TrainedIds | None = None) 
     """ROC-AUC of champion and challenger over the labelled rows each scored, and both over the rows
     that both scored (``paired``): only that comparison is like for like when the challenger came
     later or went away within the window. Given ``trained``, each model's own training rows are left
-    out of its figures (``in_training`` counts them), and out of the paired ones for both: a challenger
-    trained on the field labels would otherwise be judged on the answers it learnt."""
-    fitted = {role: _in_training(rows, role, trained) for role in MODEL_ROLES}
+    out of its figures (``in_training`` counts them; None when no scoring model's training rows are
+    known here), and out of the paired ones for both: a challenger trained on the field labels would
+    otherwise be judged on the answers it learnt. Each version is looked up once."""
+    versions = {row.versions[role] for row in rows for role in MODEL_ROLES}
+    known = {version: trained(version) for version in versions} if trained is not None else {}
+    fitted = {role: _in_training(rows, role, known) for role in MODEL_ROLES}
     out: dict[str, Any] = {
         "labelled": len(rows),
         "fraud": sum(row.label for row in rows),
         **{role: _evaluate_role(rows, role, fitted[role]) for role in MODEL_ROLES},
     }
-    either = set().union(*fitted.values())
+    either = set().union(*(ids for ids in fitted.values() if ids))
     both = [
         row
         for row in rows

@@ -149,14 +149,16 @@ def test_scored_lookup_is_by_id_inside_the_window_and_store() -> None:
     }
 
 
-def hit(tx: str, champion: int | None, challenger: int | None = None) -> dict[str, Any]:
+def hit(
+    tx: str, champion: int | None, challenger: int | None = None, versions: tuple[str, str] = ("gbm-a", "gbm-b")
+) -> dict[str, Any]:
     return {
         "_source": {
             "transaction_id": tx,
             "model_score": champion,
-            "model_version": "gbm-a" if champion is not None else None,
+            "model_version": versions[0] if champion is not None else None,
             "challenger_score": challenger,
-            "challenger_version": "gbm-b" if challenger is not None else None,
+            "challenger_version": versions[1] if challenger is not None else None,
         }
     }
 
@@ -194,7 +196,7 @@ def test_evaluation_without_labels_or_without_one_class_has_no_auc() -> None:
         "auc_low": None,
         "auc_high": None,
         "versions": {},
-        "in_training": 0,
+        "in_training": None,
     }
     only_fraud = [
         LabelledRow(f"tx-{i}", 1, {"champion": 900, "challenger": None}, {"champion": "a", "challenger": None})
@@ -214,9 +216,27 @@ def test_a_model_is_not_judged_on_the_rows_it_was_trained_on() -> None:
     trained = {"local:gbm-b": frozenset(id_digest(tx) for tx in ("tx-2", "tx-3"))}
     ev = evaluate_models(labelled_rows(hits, labels), trained.get)
     assert (ev["challenger"]["rows"], ev["challenger"]["in_training"], ev["challenger"]["auc"]) == (4, 2, 0.5)
-    assert (ev["champion"]["rows"], ev["champion"]["in_training"]) == (6, 0)
+    assert (ev["champion"]["rows"], ev["champion"]["in_training"]) == (6, None)  # gbm-a's rows are not known
     assert ev["paired"]["rows"] == 4 and ev["paired"]["challenger_auc"] == 0.5
     assert evaluate_models(labelled_rows(hits, labels))["challenger"]["auc"] > 0.5  # without: flattered
+
+
+def test_each_row_is_checked_against_the_model_version_that_scored_it_and_paired_leaves_out_both() -> None:
+    labels = {f"tx-{i}": int(i % 2 == 0) for i in range(8)}
+    old, new = "local:gbm-a (fallback)", "local:gbm-c"  # the champion changed within the window
+    hits = [hit(tx, 500, 500, (old if i < 4 else new, "local:gbm-b")) for i, tx in enumerate(labels)]
+    trained = {
+        old: frozenset({id_digest("tx-0")}),
+        new: frozenset({id_digest("tx-1"), id_digest("tx-2")}),  # tx-2 was scored by the old one: kept
+        "local:gbm-b": frozenset({id_digest("tx-7")}),
+    }
+    ev = evaluate_models(labelled_rows(hits, labels), trained.get)
+    assert (ev["champion"]["rows"], ev["champion"]["in_training"]) == (7, 1)  # only tx-0
+    assert (ev["challenger"]["rows"], ev["challenger"]["in_training"]) == (7, 1)  # only tx-7
+    assert ev["paired"]["rows"] == 6  # neither tx-0 nor tx-7
+    calls: list[str | None] = []
+    evaluate_models(labelled_rows(hits, labels), lambda v: calls.append(v) or None)  # type: ignore[func-returns-value]
+    assert sorted(calls, key=str) == sorted([old, new, "local:gbm-b"], key=str)  # each version looked up once
 
 
 def test_the_view_finds_each_models_training_rows_in_its_artifact_folder(tmp_path) -> None:
@@ -227,15 +247,40 @@ def test_the_view_finds_each_models_training_rows_in_its_artifact_folder(tmp_pat
     assert board.trained_ids("local:gbm-a") is None  # no such artifact here: nothing left out
     assert board.trained_ids("afd:detector:1") is None and board.trained_ids(None) is None
     assert board.trained_ids("local:../gbm-b") is None  # a stored version is never a path
+    (tmp_path / "gbm-c").mkdir()
+    (tmp_path / "gbm-c" / TRAINED_IDS_FILE).mkdir()  # unreadable as a file: unknown, not a broken page
+    assert board.trained_ids("local:gbm-c") is None
+
+
+def test_the_models_view_leaves_out_the_rows_the_artifacts_in_its_models_root_were_trained_on(tmp_path) -> None:
+    labels = {f"tx-{i:03d}": int(i % 4 == 0) for i in range(12)}
+    scores: dict[str, tuple[int | None, int | None]] = {tx: (100, 900 if y else 100) for tx, y in labels.items()}
+    scores["tx-001"] = (100, 990)  # legitimate, scored high: below 1.0 until this training row is left out
+    cluster = FakeCluster(labels, scores, versions=("local:gbm-a", "local:gbm-b"))
+    board = Dashboard(Settings(model={"artifact_dir": tmp_path}), client=cluster)  # type: ignore[arg-type]
+    before = board.models(Window(0, HOUR_MS))["evaluation"]
+    assert before["challenger"]["in_training"] is None and before["challenger"]["auc"] < 1.0
+    (tmp_path / "gbm-b").mkdir()
+    (tmp_path / "gbm-b" / TRAINED_IDS_FILE).write_text(f"{id_digest('tx-001')}\n")
+    after = board.models(Window(0, HOUR_MS))["evaluation"]
+    assert (after["challenger"]["in_training"], after["challenger"]["rows"], after["challenger"]["auc"]) == (1, 11, 1.0)
+    assert after["champion"]["in_training"] is None and after["champion"]["rows"] == 12
+    assert after["paired"]["rows"] == 11
 
 
 class FakeCluster:
     """Answers the Models view's searches from in-memory labels and scored documents, like OpenSearch:
     label pages by ``search_after``, scored documents by ``terms`` on the id (the window is ignored)."""
 
-    def __init__(self, labels: dict[str, int], scores: dict[str, tuple[int | None, int | None]]) -> None:
+    def __init__(
+        self,
+        labels: dict[str, int],
+        scores: dict[str, tuple[int | None, int | None]],
+        versions: tuple[str, str] = ("gbm-a", "gbm-b"),
+    ) -> None:
         self.labels = sorted(labels.items())  # sort key: decided_at is the same for all, then the id
         self.scores = scores
+        self.versions = versions
         self.requests: list[tuple[str, dict[str, Any]]] = []
 
     def search(self, index: str, body: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
@@ -252,7 +297,7 @@ class FakeCluster:
             return {"aggregations": {"models": {"buckets": []}}}
         terms = next((f["terms"]["transaction_id"] for f in body["query"]["bool"]["filter"] if "terms" in f), None)
         if terms is not None:
-            return {"hits": {"hits": [hit(tx, *self.scores[tx]) for tx in terms if tx in self.scores]}}
+            return {"hits": {"hits": [hit(tx, *self.scores[tx], self.versions) for tx in terms if tx in self.scores]}}
         return {"hits": {"total": {"value": len(self.scores)}}, "aggregations": {}}
 
 

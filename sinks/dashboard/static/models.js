@@ -77,11 +77,13 @@ function renderEvaluation(ev, labels) {
   aucBars(document.getElementById("chart-auc"), ev);
   const c = ev.champion, k = ev.challenger;
   const interval = (r) => (r.auc === null ? "–" : `${fmtAuc(r.auc_low)}–${fmtAuc(r.auc_high)}`);
+  // null: the model's training rows are not known here (remote backend, or its artifact not visible)
+  const leftOut = (r) => (r.in_training === null || r.in_training === undefined ? "unknown" : num.format(r.in_training));
   const rows = [
     ["version", versionText(c.versions), versionText(k.versions)],
     ["labelled rows", num.format(c.rows), num.format(k.rows)],
     ["fraud rows", num.format(c.fraud), num.format(k.fraud)],
-    ["own training rows left out", num.format(c.in_training || 0), num.format(k.in_training || 0)],
+    ["own training rows left out", leftOut(c), leftOut(k)],
     ["ROC-AUC", fmtAuc(c.auc), fmtAuc(k.auc)],
     ["95 % interval", interval(c), interval(k)],
   ];
@@ -93,10 +95,13 @@ function renderEvaluation(ev, labels) {
   const notes = [];
   const p = ev.paired;
   if (p.rows && (p.rows !== c.rows || p.rows !== k.rows)) {
-    notes.push(`On the ${num.format(p.rows)} labelled rows both scored (${num.format(p.fraud)} fraud): champion ${fmtAuc(p.champion_auc)}, challenger ${fmtAuc(p.challenger_auc)}.`);
+    notes.push(`On the ${num.format(p.rows)} labelled rows both scored and neither was trained on (${num.format(p.fraud)} fraud): champion ${fmtAuc(p.champion_auc)}, challenger ${fmtAuc(p.challenger_auc)}.`);
   }
   if (c.in_training || k.in_training) {
     notes.push("A model is not judged on the labelled rows it was trained on: those are left out of its ROC-AUC and of the paired figures.");
+  }
+  if ((c.rows && c.in_training == null) || (k.rows && k.in_training == null)) {
+    notes.push("For a model marked unknown, its training rows are not known here, so its figure may include them.");
   }
   const sources = Object.entries(labels.sources).map(([s, n]) => `${s} ${num.format(n.total)}`).join(", ");
   if (labels.total) notes.push(`Field labels in force: ${num.format(labels.total)} (${sources}).`);
