@@ -302,11 +302,11 @@ class DriftMergeFunction(KeyedProcessFunction):
 
     def open(self, runtime_context: RuntimeContext) -> None:
         from jobs.model.drift import DriftMerge
-        from jobs.model.fraud_model import LocalModel, artifact_root
+        from jobs.model.fraud_model import LocalModel
         from jobs.model.predictors import drift_monitors
 
         factory = drift_monitors(self.settings)
-        root = artifact_root(self.settings)
+        root = self.settings.models_root
 
         def monitor_of(version: str) -> Any:
             if factory is None:

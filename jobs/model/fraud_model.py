@@ -582,6 +582,8 @@ def fit(
     """Train on every row given, with a calibration fitted on out-of-fold probabilities (see
     :func:`cross_validate`): the model's own training rows score sharper than new traffic will.
     ``ids``: the rows' transaction ids, kept in the artifact as digests (:data:`TRAINED_IDS_FILE`)."""
+    if ids is not None and len(ids) != len(y):
+        raise ValueError(f"{len(ids)} ids for {len(y)} training rows")
     rounds = rounds or default_rounds(len(y))
     booster = train_booster(x, y, seed=seed, rounds=rounds)
     meta = {
@@ -597,18 +599,12 @@ def fit(
     digest = hashlib.sha256(model_text.encode() + json.dumps(meta.get("data", {}), sort_keys=True).encode())
     meta["version"] = f"gbm-{datetime.now(UTC):%Y%m%d}-{digest.hexdigest()[:8]}"
     meta["created_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-    if ids is not None and len(ids) != len(y):
-        raise ValueError(f"{len(ids)} ids for {len(y)} training rows")
     trained = frozenset(id_digest(i) for i in ids) if ids is not None else None
     return TrainResult(LocalModel(booster, meta, trained_ids=trained), dict(meta.get("metrics") or {}))
 
 
 class ModelArtifactError(CheckoutGuardError, RuntimeError):
     """No usable model artifact where one was expected."""
-
-
-def artifact_root(settings: Settings) -> Path:
-    return settings.models_root
 
 
 class LocalModel:
@@ -703,7 +699,7 @@ class LocalModel:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LocalModel:
-        root = artifact_root(settings)
+        root = settings.models_root
         return cls.load(root / settings.model.artifact if settings.model.artifact else root)
 
 

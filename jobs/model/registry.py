@@ -28,7 +28,7 @@ from typing import Annotated
 import typer
 
 from infra.settings import Settings, get_settings
-from jobs.model.fraud_model import LocalModel, ModelArtifactError, artifact_root, format_metrics
+from jobs.model.fraud_model import LocalModel, ModelArtifactError, format_metrics
 
 log = logging.getLogger("checkout_guard.models")
 
@@ -77,7 +77,7 @@ class ModelRegistry:
             self.interval = float("inf")
             self._seen = (self._version(champion), self._version(challenger))
             return
-        self.root = artifact_root(settings)
+        self.root = settings.models_root
         self.pinned = (settings.model.artifact, settings.model.challenger)
         self.interval = settings.model.reload_interval_s
         self._seen = (None, None)
@@ -153,7 +153,7 @@ app = typer.Typer(add_completion=False, help="Champion and challenger models: st
 
 
 def _root(models: Path | None) -> Path:
-    return models or artifact_root(get_settings())
+    return models or get_settings().models_root
 
 
 def _versions(root: Path) -> list[str]:
@@ -231,7 +231,7 @@ def promote(
 ) -> None:
     """Make the challenger the champion; a running job switches within ``model.reload_interval_s``."""
     settings = get_settings()
-    root = models or artifact_root(settings)
+    root = models or settings.models_root
     old, new = read_pointer(root, CURRENT), read_pointer(root, CHALLENGER)
     if not new:
         raise typer.BadParameter("no challenger to promote (set one: challenger VERSION)")

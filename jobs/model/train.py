@@ -49,7 +49,6 @@ from jobs.model.fraud_model import (
     CrossValidation,
     LocalModel,
     ModelArtifactError,
-    artifact_root,
     classification_metrics,
     cross_validate,
     feature_matrix,
@@ -299,7 +298,7 @@ def ensure_default_model(settings: Settings, force: bool = False) -> Path:
     """The model in use (``CURRENT``); trains the synthetic default first when there is none.
 
     A file lock makes concurrent callers (``make run`` and a job starting) train it once."""
-    root = artifact_root(settings)
+    root = settings.models_root
     root.mkdir(parents=True, exist_ok=True)
     with (root / ".train.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -555,7 +554,7 @@ def train(
     model = train_on(
         history, folds=folds, seed=seed, rounds=rounds, source=source.name, sha256=source.sha256, labels=source.labels
     )
-    path = model.save(out or artifact_root(settings), make_current=current)
+    path = model.save(out or settings.models_root, make_current=current)
     typer.echo(format_metrics(model.meta))
     for ident, reason in history.rejected[:10]:
         typer.echo(f"rejected {ident}: {reason}")
