@@ -47,6 +47,7 @@ from jobs.model.fraud_model import (
     FEATURE_NAMES,
     Calibration,
     CrossValidation,
+    Learner,
     LocalModel,
     ModelArtifactError,
     classification_metrics,
@@ -167,6 +168,7 @@ def evaluate_history(
     rounds: int | None = None,
     params: dict[str, Any] | None = None,
     drop: Sequence[str] = (),
+    learner: Learner | None = None,
 ) -> tuple[Labelled, CrossValidation]:
     """Rolling-origin cross-validation of the model over the history's labelled rows."""
     data = labelled(history)
@@ -175,7 +177,16 @@ def evaluate_history(
     if len(data.y) < 2 * (folds + 1):
         raise typer.BadParameter(f"{len(data.y)} labelled rows are too few for {folds} folds")
     cv = cross_validate(
-        data.x, data.y, data.times, data.amounts, folds=folds, seed=seed, rounds=rounds, params=params, drop=drop
+        data.x,
+        data.y,
+        data.times,
+        data.amounts,
+        folds=folds,
+        seed=seed,
+        rounds=rounds,
+        params=params,
+        drop=drop,
+        learner=learner,
     )
     return data, cv
 
@@ -402,18 +413,32 @@ app = typer.Typer(
     add_completion=False, help="Evaluate, train and backtest the fraud model through the job's feature path."
 )
 
-GRID: tuple[tuple[str, dict[str, Any], int | None, tuple[str, ...]], ...] = (
-    ("chosen settings", {}, None, ()),
-    ("100 rounds", {}, 100, ()),
-    ("400 rounds", {}, 400, ()),
-    ("looser trees (7 leaves, 5 per leaf, L2 1)", {"num_leaves": 7, "min_data_in_leaf": 5, "lambda_l2": 1.0}, None, ()),
-    ("stricter trees (3 leaves, 20 per leaf)", {"num_leaves": 3, "min_data_in_leaf": 20}, None, ()),
-    ("no monotone constraints", {"monotone_constraints": [0] * len(FEATURE_NAMES)}, None, ()),
-    *((f"without {group}", {}, None, (group,)) for group in FEATURE_GROUPS),
-    ("without customer-profile and linked-identities", {}, None, ("customer-profile", "linked-identities")),
+GRID: tuple[tuple[str, Learner | None, dict[str, Any], int | None, tuple[str, ...]], ...] = (
+    ("chosen settings", None, {}, None, ()),
+    ("CatBoost depth 3", "catboost", {"depth": 3}, None, ()),
+    ("CatBoost depth 6", "catboost", {"depth": 6}, None, ()),
+    ("CatBoost L2 3", "catboost", {"l2_leaf_reg": 3.0}, None, ()),
+    ("CatBoost L2 10", "catboost", {"l2_leaf_reg": 10.0}, None, ()),
+    ("CatBoost 300 rounds", "catboost", {}, 300, ()),
+    ("CatBoost, categoricals one-hot (no target stats)", "catboost", {"one_hot_max_size": 255}, None, ()),
+    ("LightGBM (4 leaves, L2 5, 200 rounds)", "lightgbm", {}, 200, ()),
+    ("LightGBM, 100 rounds", "lightgbm", {}, 100, ()),
+    ("LightGBM, 400 rounds", "lightgbm", {}, 400, ()),
+    (
+        "LightGBM, looser (7 leaves, 5 per leaf, L2 1)",
+        "lightgbm",
+        {"num_leaves": 7, "min_data_in_leaf": 5, "lambda_l2": 1.0},
+        200,
+        (),
+    ),
+    ("LightGBM, stricter (3 leaves, 20 per leaf)", "lightgbm", {"num_leaves": 3, "min_data_in_leaf": 20}, 200, ()),
+    ("no monotone constraints", None, {"monotone_constraints": [0] * len(FEATURE_NAMES)}, None, ()),
+    *((f"without {group}", None, {}, None, (group,)) for group in FEATURE_GROUPS),
+    ("without customer-profile and linked-identities", None, {}, None, ("customer-profile", "linked-identities")),
 )
-"""The settings ``evaluate --grid`` compares: (label, LightGBM parameter overrides, rounds, groups of
-:data:`FEATURE_GROUPS` left out). The first is what ``train`` uses."""
+"""The settings ``evaluate --grid`` compares: (label, learner (None: the one :func:`learner_for` picks
+for the rows), parameter overrides, rounds, groups of :data:`FEATURE_GROUPS` left out). The first is
+what ``train`` uses; ``--seeds N`` ranks them by the mean over N seeds, as the settings were chosen."""
 
 
 @dataclass
@@ -498,7 +523,7 @@ def evaluate(
     source = _source(csv_path, get_settings(), from_topic, labels_from_topic)
     history = source.history
     if grid:
-        _grid(history, folds, seed, json_path)
+        _grid(history, folds, seed, json_path, seeds)
         return
     data, cv = evaluate_history(history, folds=folds, seed=seed, rounds=rounds)
     fraud = int(data.y.sum())
@@ -513,13 +538,20 @@ def evaluate(
         typer.echo(f"report: {json_path}")
 
 
-def _grid(history: History, folds: int, seed: int, json_path: Path | None) -> None:
+def _grid(history: History, folds: int, seed: int, json_path: Path | None, seeds: int = 1) -> None:
     results = []
-    typer.echo(f"{'settings':48s} pooled ROC-AUC (95% CI)  PR-AUC  mean fold  worst fold - floor  folds")
-    for label, params, rounds, groups in GRID:
+    typer.echo(
+        f"{'settings':48s} pooled ROC-AUC (95% CI)  PR-AUC  mean fold  worst fold - floor  folds"
+        + (f"  | pooled, mean of {seeds} seeds" if seeds > 1 else "")
+    )
+    for label, learner, params, rounds, groups in GRID:
         drop = tuple(name for group in groups for name in FEATURE_GROUPS[group])
-        _, cv = evaluate_history(history, folds=folds, seed=seed, rounds=rounds, params=params, drop=drop)
-        r = cv.report
+        runs = [
+            evaluate_history(history, folds=folds, seed=s, rounds=rounds, params=params, drop=drop, learner=learner)[1]
+            for s in range(seed, seed + max(1, seeds))
+        ]
+        r = runs[0].report
+        mean = float(np.mean([run.report["pooled"]["model"]["roc_auc"] for run in runs]))
         pooled = r["pooled"]["model"]
         margins = [e["model"]["roc_auc"] - e["floor"]["roc_auc"] for e in r["folds"] if "model" in e]
         lo, hi = pooled["roc_auc_ci95"]
@@ -527,8 +559,9 @@ def _grid(history: History, folds: int, seed: int, json_path: Path | None) -> No
             f"{label:48s} {pooled['roc_auc']:.3f} ({lo:.2f}-{hi:.2f})       {pooled['pr_auc']:.3f}   "
             f"{r['mean_fold_roc_auc']:.3f}      {min(margins, default=math.nan):+.3f}            "
             + " ".join(f"{e['model']['roc_auc']:.2f}" for e in r["folds"] if "model" in e)
+            + (f"  | {mean:.3f}" if seeds > 1 else "")
         )
-        results.append({"settings": label, "report": r})
+        results.append({"settings": label, "report": r, "pooled_roc_auc_mean_of_seeds": mean, "seeds": seeds})
     if json_path:
         json_path.write_text(json.dumps(results, indent=2, default=str))
         typer.echo(f"report: {json_path}")

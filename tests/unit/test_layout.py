@@ -104,7 +104,7 @@ def test_only_the_flink_wiring_imports_pyflink() -> None:
 
 
 def test_the_decision_logic_loads_without_flink_or_dlib() -> None:
-    heavy = {"pyflink", "dlib", "lightgbm"}
+    heavy = {"pyflink", "dlib", "lightgbm", "catboost"}
     found = sorted(f"{m} -> {t}" for m, ts in GRAPH.items() if m.startswith("jobs.scoring") for t in ts & heavy)
     assert not found, "\n".join(found)
 
