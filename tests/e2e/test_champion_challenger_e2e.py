@@ -42,6 +42,8 @@ def pipeline(stack: Settings, tmp_path):
         update={"model": settings.model.model_copy(update={"artifact_dir": models, "reload_interval_s": 0.5})}
     )
     champion, challenger = small_model(), challenger_model()
+    # both learners in the running job: a large-history LightGBM champion, a small-data CatBoost challenger
+    assert (champion.booster.learner, challenger.booster.learner) == ("lightgbm", "catboost")
     challenger.save(models, make_current=False)
     champion.save(models)
     write_pointer(models, CHALLENGER, challenger.version)
