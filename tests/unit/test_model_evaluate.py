@@ -309,6 +309,34 @@ def test_evaluate_grid_compares_the_candidate_settings():
     assert lines[1].startswith("chosen settings") and any("without customer-profile" in line for line in lines)
 
 
+@needs_afd_csv
+def test_evaluate_grid_ranks_both_learners_by_the_mean_over_seeds(tmp_path, monkeypatch):
+    grid = (
+        ("chosen settings", None, {}, None, ()),
+        ("LightGBM", "lightgbm", {}, 200, ()),
+    )
+    monkeypatch.setattr(train_module, "GRID", grid)
+    out = tmp_path / "grid.json"
+    res = CliRunner().invoke(
+        app, ["evaluate", str(AFD_CSV), "--grid", "--folds", "2", "--seeds", "2", "--json", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    results = json.loads(out.read_text())
+    assert [r["report"]["method"].rsplit(" ", 1)[-1] for r in results] == ["(catboost)", "(lightgbm)"]
+    history = observe_all(train_module.csv_transactions(AFD_CSV), get_settings())
+    for entry, result in zip(grid, results, strict=True):
+        _, learner, params, rounds, _ = entry
+        pooled = [
+            train_module.evaluate_history(history, folds=2, seed=seed, rounds=rounds, params=params, learner=learner)[
+                1
+            ].report["pooled"]["model"]["roc_auc"]
+            for seed in (7, 8)
+        ]
+        assert pooled[0] != pooled[1]  # the seeds differ, so the mean is not one seed's figure
+        assert result["pooled_roc_auc_mean_of_seeds"] == pytest.approx(np.mean(pooled))
+        assert f"| {np.mean(pooled):.3f}" in res.output
+
+
 # --- the default model --------------------------------------------------------------------------
 
 
