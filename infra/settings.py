@@ -252,10 +252,10 @@ class RulesSettings(BaseModel, frozen=True):
 
 
 class ModelSettings(BaseModel, frozen=True):
-    """Fraud model backends (``CG_MODEL__*``): the local LightGBM model, or AWS with it as fallback."""
+    """Fraud model backends (``CG_MODEL__*``): the local model (CatBoost or LightGBM), or AWS with it as fallback."""
 
     backend: str = "local"
-    """``local`` (LightGBM artifact), ``frauddetector`` (GetEventPrediction), ``sagemaker``, or ``none``."""
+    """``local`` (the trained artifact), ``frauddetector`` (GetEventPrediction), ``sagemaker``, or ``none``."""
     artifact_dir: Path | None = None
     """Where trained models live (one folder per version + ``CURRENT``); defaults to ``<stack dir>/models``."""
     artifact: str | None = None

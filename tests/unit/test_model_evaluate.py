@@ -310,7 +310,7 @@ def test_evaluate_grid_compares_the_candidate_settings():
 
 
 @needs_afd_csv
-def test_evaluate_grid_ranks_both_learners_by_the_mean_over_seeds(tmp_path, monkeypatch):
+def test_evaluate_grid_runs_each_learner_it_names_and_gives_the_mean_over_seeds(tmp_path, monkeypatch):
     grid = (
         ("chosen settings", None, {}, None, ()),
         ("LightGBM", "lightgbm", {}, 200, ()),
