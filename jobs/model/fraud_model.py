@@ -381,6 +381,8 @@ SMALL_DATA_ROUNDS = 500
 """CatBoost's rounds on small data (learning rate 0.03)."""
 LARGE_DATA_ROUNDS = 100
 """LightGBM's rounds on large data (learning rate 0.1)."""
+LGB_SMALL_DATA_ROUNDS = 200
+"""LightGBM's rounds on small data (learning rate 0.03), when it is asked for there (``--learner``, the grid)."""
 
 Learner = Literal["catboost", "lightgbm"]
 LEARNER_FILES: dict[str, str] = {"catboost": "model.cbm", "lightgbm": "model.txt"}
@@ -459,7 +461,7 @@ def default_rounds(rows: int, learner: Learner | None = None) -> int:
     learner = learner or learner_for(rows)
     if learner == "catboost":
         return SMALL_DATA_ROUNDS
-    return 200 if rows < SMALL_DATA_ROWS else LARGE_DATA_ROUNDS  # 200: LightGBM's own small-data setting
+    return LGB_SMALL_DATA_ROUNDS if rows < SMALL_DATA_ROWS else LARGE_DATA_ROUNDS
 
 
 def _catboost_data(x: np.ndarray) -> catboost.FeaturesData:
@@ -482,6 +484,8 @@ class Booster:
     def __init__(self, learner: Learner, model: Any) -> None:
         self.learner: Learner = learner
         self.model = model
+        self._bytes: bytes | None = None
+        """The model file, serialised once: ``fit`` hashes it for the version, ``save`` writes it."""
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         if self.learner == "catboost":
@@ -489,12 +493,15 @@ class Booster:
         return self.model.predict(x, num_threads=1)
 
     def to_bytes(self) -> bytes:
-        if self.learner == "catboost":
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "model.cbm"
-                self.model.save_model(str(path), format="cbm")
-                return path.read_bytes()
-        return self.model.model_to_string().encode()
+        if self._bytes is None:
+            if self.learner == "catboost":
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = Path(tmp) / "model.cbm"
+                    self.model.save_model(str(path), format="cbm")
+                    self._bytes = path.read_bytes()
+            else:
+                self._bytes = self.model.model_to_string().encode()
+        return self._bytes
 
     @classmethod
     def from_bytes(cls, learner: Learner, data: bytes) -> Booster:
@@ -815,13 +822,11 @@ class LocalModel:
             raise ModelArtifactError(f"no model artifact at {path} (train one: make train / make train-default)")
         meta = json.loads(meta_file.read_text())
         learner = meta.get("learner", "lightgbm")
-        model_file = path / LEARNER_FILES.get(learner, "")
-        if learner not in LEARNER_FILES or not model_file.is_file():
+        if learner not in LEARNER_FILES or not (path / LEARNER_FILES[learner]).is_file():
             raise ModelArtifactError(f"no {learner} model file in the artifact at {path}; retrain it")
+        data = (path / LEARNER_FILES[learner]).read_bytes()
         try:
-            booster = Booster.from_bytes(learner, model_file.read_bytes())
-        except OSError:
-            raise
+            booster = Booster.from_bytes(learner, data)
         except Exception as exc:  # CatBoostError / LightGBMError derive from Exception only
             raise ModelArtifactError(f"unreadable {learner} model file in the artifact at {path}: {exc}") from exc
         return cls(booster, meta, path)
