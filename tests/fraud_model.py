@@ -29,6 +29,6 @@ def small_model() -> LocalModel:
 
 @lru_cache(maxsize=1)
 def challenger_model() -> LocalModel:
-    """A second, different model (other seed, fewer rows: below ``SMALL_DATA_ROWS``, so a CatBoost one):
-    the challenger of the champion/challenger tests."""
-    return train_default(clean_settings(), rows=4000, seed=99)
+    """A second, different model (other seed, fewer rows, the other learner: CatBoost): the challenger of
+    the champion/challenger tests."""
+    return train_default(clean_settings(), rows=4000, seed=99, learner="catboost")

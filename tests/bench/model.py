@@ -84,8 +84,8 @@ def model_scoring(
     # the three share the machine's load alike and their ratios hold on a busy machine.
     challenger = train_default(settings, rows=20_000, seed=CHALLENGER_SEED)
     both = LocalPredictor(model, challenger=challenger)
-    # a small-data model is a CatBoost one (fraud_model.learner_for): as challenger, and deciding alone
-    small = train_default(settings, rows=4_000, seed=CHALLENGER_SEED)
+    # a small-data CatBoost model (what train picks on the Fraud Detector sample): as challenger, and deciding alone
+    small = train_default(settings, rows=4_000, seed=CHALLENGER_SEED, learner="catboost")
     assert small.booster.learner == "catboost", small.booster.learner
     both_catboost = LocalPredictor(model, challenger=small)
     catboost_alone = LocalPredictor(small)

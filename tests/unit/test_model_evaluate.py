@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+import jobs.model.fraud_model as fm
 import jobs.model.train as train_module
 from infra.settings import Settings, get_settings
 from jobs.model.fraud_model import (
@@ -101,6 +102,43 @@ def test_cross_validation_scores_each_row_only_with_a_model_of_its_past():
     assert not np.array_equal(other.oof[400:], cv.oof[400:])
     blind = cross_validate(x, y, np.arange(n), amounts, folds=5, rounds=40, drop=["cust_count_24h"])
     assert blind.report["pooled"]["model"]["roc_auc"] == pytest.approx(0.5, abs=0.1)  # nothing left to learn
+
+
+def _fake_cv(pooled: dict[str, float]):
+    def fake(x, y, times, amounts, *, folds, seed, rounds, learner):
+        report = {"pooled": {"model": {"roc_auc": pooled[learner]}}, "settings": {"learner": learner}}
+        return fm.CrossValidation(report, np.zeros(len(y)), [])
+
+    return fake
+
+
+@pytest.mark.parametrize(
+    ("pooled", "chosen"),
+    [
+        ({"catboost": 0.85, "lightgbm": 0.90}, "lightgbm"),
+        ({"catboost": 0.90, "lightgbm": 0.85}, "catboost"),
+        ({"catboost": 0.88, "lightgbm": 0.88}, "catboost"),  # a tie keeps learner_for's
+        ({"catboost": math.nan, "lightgbm": 0.70}, "lightgbm"),  # a learner whose folds could not score loses
+    ],
+)
+def test_small_data_keeps_the_learner_that_cross_validates_better(monkeypatch, pooled, chosen):
+    monkeypatch.setattr(fm, "cross_validate", _fake_cv(pooled))
+    cv = fm.cross_validate_learners(np.zeros((300, 2)), np.zeros(300), np.arange(300), np.ones(300))
+    assert cv.report["settings"]["learner"] == cv.report["learner_choice"]["chosen"] == chosen
+    assert cv.report["learner_choice"]["pooled_roc_auc"] == pooled or math.isnan(pooled["catboost"])
+
+
+def test_large_data_cross_validates_lightgbm_alone(monkeypatch):
+    calls: list[str] = []
+
+    def fake(x, y, times, amounts, *, folds, seed, rounds, learner):
+        calls.append(learner)
+        return _fake_cv({"lightgbm": 0.9})(x, y, times, amounts, folds=folds, seed=seed, rounds=rounds, learner=learner)
+
+    monkeypatch.setattr(fm, "cross_validate", fake)
+    n = fm.SMALL_DATA_ROWS
+    cv = fm.cross_validate_learners(np.zeros((n, 2)), np.zeros(n), np.arange(n), np.ones(n))
+    assert calls == ["lightgbm"] and "learner_choice" not in cv.report
 
 
 def test_the_latest_folds_calibrate_with_enough_legitimate_rows():
@@ -283,6 +321,11 @@ def test_evaluate_on_the_fraud_detector_sample_prints_pooled_auc_with_its_interv
     assert lo < pooled["model"]["roc_auc"] < hi
     assert pooled["model"]["roc_auc"] > pooled["floor"]["roc_auc"]  # measured 0.851 against 0.677
     assert 0 < pooled["model"]["pr_auc"] < 1 and set(pooled["model"]["at_fpr"]) == {"1%", "2%", "5%"}
+    # the learner is chosen on these folds: both were cross-validated, the kept one ranks higher
+    choice = report["learner_choice"]
+    assert choice["chosen"] == report["settings"]["learner"] == "catboost"  # measured 0.886 against 0.851
+    assert pooled["model"]["roc_auc"] == max(choice["pooled_roc_auc"].values())
+    assert set(choice["pooled_roc_auc"]) == {"catboost", "lightgbm"} and "learner: catboost, by pooled" in res.output
 
 
 @needs_afd_csv
@@ -326,6 +369,7 @@ def test_evaluate_grid_runs_each_learner_it_names_and_gives_the_mean_over_seeds(
     history = observe_all(train_module.csv_transactions(AFD_CSV), get_settings())
     for entry, result in zip(grid, results, strict=True):
         _, learner, params, rounds, _ = entry
+        learner = learner or "catboost"  # the grid's rows without a learner take learner_for's
         pooled = [
             train_module.evaluate_history(history, folds=2, seed=seed, rounds=rounds, params=params, learner=learner)[
                 1
