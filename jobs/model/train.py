@@ -59,7 +59,6 @@ from jobs.model.fraud_model import (
     fit,
     format_evaluation,
     format_metrics,
-    learner_for,
     lgb_params,
     ranking_metrics,
     roc_auc,
@@ -175,16 +174,17 @@ def evaluate_history(
     drop: Sequence[str] = (),
     learner: Learner | None = None,
 ) -> tuple[Labelled, CrossValidation]:
-    """Rolling-origin cross-validation of the model over the history's labelled rows."""
+    """Rolling-origin cross-validation of the model over the history's labelled rows.
+
+    ``learner`` None: chosen on these folds (:func:`cross_validate_learners`), unless settings are
+    overridden (``rounds``, ``params``, ``drop``): they belong to one learner, :func:`learner_for`'s."""
     data = labelled(history)
     if len(set(data.y.tolist())) < 2:
         raise typer.BadParameter("need labelled fraud and legitimate rows")
     if len(data.y) < 2 * (folds + 1):
         raise typer.BadParameter(f"{len(data.y)} labelled rows are too few for {folds} folds")
-    if learner is None and not params and not drop:
-        return data, cross_validate_learners(
-            data.x, data.y, data.times, data.amounts, folds=folds, seed=seed, rounds=rounds
-        )
+    if learner is None and rounds is None and not params and not drop:
+        return data, cross_validate_learners(data.x, data.y, data.times, data.amounts, folds=folds, seed=seed)
     cv = cross_validate(
         data.x,
         data.y,
@@ -205,8 +205,8 @@ def seed_stability(
     *,
     folds: int,
     seeds: Iterable[int],
+    learner: Learner,
     rounds: int | None = None,
-    learner: Learner | None = None,
 ) -> dict[str, Any]:
     """The evaluation repeated with other seeds (bagging and feature sampling draw differently): per fold
     the range of the model's ROC-AUC and in how many seeds it beat the floor; the pooled figure's range.
@@ -266,7 +266,8 @@ def train_on(
     labels: dict[str, Any] | None = None,
     learner: Learner | None = None,
 ) -> LocalModel:
-    """Cross-validate, then fit on every labelled row; calibrate on the out-of-fold legitimate rows."""
+    """Cross-validate, then fit on every labelled row with the learner the evaluation used (chosen on the
+    folds when ``learner`` is None); calibrate on the out-of-fold legitimate rows."""
     data, cv = evaluate_history(history, folds=folds, seed=seed, rounds=rounds, learner=learner)
     rows = cv.calibration_rows(data.y)
     legit_oof = cv.oof[rows][data.y[rows] == 0]
@@ -449,6 +450,7 @@ GRID: tuple[tuple[str, Learner | None, dict[str, Any], int | None, tuple[str, ..
     ("CatBoost, classes unweighted", "catboost", {"auto_class_weights": None}, None, ()),
     ("CatBoost depth 4, unweighted (shipped before)", "catboost", {"depth": 4, "auto_class_weights": None}, None, ()),
     ("LightGBM (4 leaves, L2 5, 200 rounds)", "lightgbm", _SMALL_LGB, LGB_SMALL_DATA_ROUNDS, ()),
+    ("LightGBM, classes balanced", "lightgbm", {**_SMALL_LGB, "is_unbalance": True}, LGB_SMALL_DATA_ROUNDS, ()),
     ("LightGBM, 100 rounds", "lightgbm", _SMALL_LGB, 100, ()),
     ("LightGBM, 400 rounds", "lightgbm", _SMALL_LGB, 400, ()),
     (
@@ -469,10 +471,11 @@ GRID: tuple[tuple[str, Learner | None, dict[str, Any], int | None, tuple[str, ..
     *((f"without {group}", None, {}, None, (group,)) for group in FEATURE_GROUPS),
     ("without customer-profile and linked-identities", None, {}, None, ("customer-profile", "linked-identities")),
 )
-"""The settings ``evaluate --grid`` compares: (label, learner (None: the one :func:`learner_for` picks
-for the rows), parameter overrides, rounds, groups of :data:`FEATURE_GROUPS` left out). The first is
-what ``train`` uses; ``--seeds N`` adds each one's pooled ROC-AUC averaged over N seeds (the figure
-the settings were chosen by: one seed's differences are mostly luck at this size)."""
+"""The settings ``evaluate --grid`` compares: (label, learner (None: the one chosen on the rows, by
+:func:`cross_validate_learners` at the first seed, as ``train`` chooses), parameter overrides, rounds,
+groups of :data:`FEATURE_GROUPS` left out). The first is what ``train`` uses; ``--seeds N`` adds each
+one's pooled ROC-AUC averaged over N seeds (the figure the settings were chosen by: one seed's
+differences are mostly luck at this size)."""
 
 
 @dataclass
@@ -566,7 +569,9 @@ def evaluate(
     folds: Annotated[int, typer.Option(help="Rolling-origin folds (the labelled rows make folds + 1 blocks).")] = (
         DEFAULT_FOLDS
     ),
-    rounds: Annotated[int | None, typer.Option(help="Boosting rounds (default: the model's own).")] = None,
+    rounds: Annotated[
+        int | None, typer.Option(help="Boosting rounds (default: the learner's own; given, auto picks by size alone).")
+    ] = None,
     seed: Annotated[int, typer.Option()] = 7,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
     grid: Annotated[bool, typer.Option(help="Compare the candidate settings (GRID) instead.")] = False,
@@ -606,9 +611,10 @@ def _grid(history: History, folds: int, seed: int, json_path: Path | None, seeds
         f"{'settings':48s} pooled ROC-AUC (95% CI)  PR-AUC  mean fold  worst fold - floor  folds"
         + (f"  | pooled, mean of {seeds} seeds" if seeds > 1 else "")
     )
-    size = len(labelled(history).y)
+    chosen = evaluate_history(history, folds=folds, seed=seed)[1].report["settings"]["learner"]
+    typer.echo(f"learner chosen on these folds (rows without one use it): {chosen}")
     for label, grid_learner, params, rounds, groups in GRID:
-        learner = grid_learner or learner_for(size)  # the grid compares settings of a fixed learner
+        learner = grid_learner or chosen  # every seed of a row judges the same learner
         drop = tuple(name for group in groups for name in FEATURE_GROUPS[group])
         runs = [
             evaluate_history(history, folds=folds, seed=s, rounds=rounds, params=params, drop=drop, learner=learner)[1]
@@ -640,7 +646,9 @@ def train(
     folds: Annotated[int, typer.Option(help="Rolling-origin folds of the evaluation and calibration.")] = (
         DEFAULT_FOLDS
     ),
-    rounds: Annotated[int | None, typer.Option(help="Boosting rounds (default: the model's own).")] = None,
+    rounds: Annotated[
+        int | None, typer.Option(help="Boosting rounds (default: the learner's own; given, auto picks by size alone).")
+    ] = None,
     seed: Annotated[int, typer.Option()] = 7,
     current: Annotated[bool, typer.Option(help="Make it the model the job uses (CURRENT).")] = True,
     learner: LearnerOption = LearnerChoice.auto,

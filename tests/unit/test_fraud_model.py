@@ -257,7 +257,7 @@ def test_train_then_backtest_on_the_fraud_detector_sample(tmp_path):
     assert (model.path / "metrics.txt").read_text().strip() == res.output[: res.output.index("artifact:")].strip()
     pooled = model.meta["evaluation"]["pooled"]
     assert (pooled["model"]["rows"], pooled["model"]["fraud"]) == (405, 38)  # every block but the first
-    assert pooled["model"]["roc_auc"] > pooled["floor"]["roc_auc"] + 0.1  # measured 0.884 against 0.677
+    assert pooled["model"]["roc_auc"] > pooled["floor"]["roc_auc"] + 0.1  # measured 0.886 against 0.677
     assert model.meta["calibration"]["legit_rows"] == 228  # the last three folds' out-of-fold legitimate rows
     assert len(model.meta["evaluation"]["folds"]) == 5
     out = tmp_path / "decisions.csv"
