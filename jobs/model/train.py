@@ -46,7 +46,9 @@ from jobs.model.fraud_model import (
     CATEGORICAL_FEATURES,
     FEATURE_GROUPS,
     FEATURE_NAMES,
+    LEARNER_SWITCH_MARGIN,
     LGB_SMALL_DATA_ROUNDS,
+    SMALL_DATA_ROWS,
     Calibration,
     CrossValidation,
     Learner,
@@ -545,8 +547,8 @@ class LearnerChoice(StrEnum):
 LearnerOption = Annotated[
     LearnerChoice,
     typer.Option(
-        help="auto: below 5,000 labelled rows, the one of CatBoost and LightGBM that cross-validates better on your"
-        " rows; LightGBM above. evaluate --grid compares their settings.",
+        help=f"auto: below {SMALL_DATA_ROWS:,} labelled rows CatBoost, unless LightGBM cross-validates better on your"
+        f" rows by more than {LEARNER_SWITCH_MARGIN}; LightGBM above. evaluate --grid compares their settings.",
     ),
 ]
 
