@@ -398,7 +398,8 @@ assert FEATURE_NAMES[_CATEGORICAL_AT:] == CATEGORICAL_FEATURES, "CatBoost's data
 def learner_for(rows: int) -> Learner:
     """CatBoost below :data:`SMALL_DATA_ROWS` training rows, LightGBM above: the learner of a model
     trained on rows alone. Training and evaluation (``learner`` auto) go further below that size:
-    :func:`cross_validate_learners` cross-validates both and keeps the better one, this one on a tie.
+    :func:`cross_validate_learners` cross-validates both and keeps this one unless LightGBM does better
+    by more than :data:`LEARNER_SWITCH_MARGIN`.
 
     Why CatBoost first on small data: on the Fraud Detector sample (486 labelled rows, 57 fraud),
     rolling-origin cross-validation ranks CatBoost's symmetric (oblivious) trees with ordered target
@@ -884,9 +885,10 @@ class LocalModel:
             raise ModelArtifactError(f"no model artifact at {path} (train one: make train / make train-default)")
         meta = json.loads(meta_file.read_text())
         learner = meta.get("learner", "lightgbm")
-        if learner not in LEARNER_FILES or not (path / LEARNER_FILES[learner]).is_file():
+        model_file = path / LEARNER_FILES.get(learner, "")  # unknown learner: the folder, not a file
+        if not model_file.is_file():
             raise ModelArtifactError(f"no {learner} model file in the artifact at {path}; retrain it")
-        data = (path / LEARNER_FILES[learner]).read_bytes()
+        data = model_file.read_bytes()
         try:
             booster = Booster.from_bytes(learner, data)
         except Exception as exc:  # CatBoostError / LightGBMError derive from Exception only

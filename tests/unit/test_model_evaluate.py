@@ -321,7 +321,7 @@ def test_evaluate_on_the_fraud_detector_sample_prints_pooled_auc_with_its_interv
     assert lo < pooled["model"]["roc_auc"] < hi
     assert pooled["model"]["roc_auc"] > pooled["floor"]["roc_auc"]  # measured 0.886 against 0.677
     assert 0 < pooled["model"]["pr_auc"] < 1 and set(pooled["model"]["at_fpr"]) == {"1%", "2%", "5%"}
-    # the learner is chosen on these folds: both were cross-validated, the kept one ranks higher
+    # the learner is chosen on these folds: both were cross-validated, and here the kept one also ranks higher
     choice = report["learner_choice"]
     assert choice["chosen"] == report["settings"]["learner"] == "catboost"  # measured 0.886 against 0.851
     assert pooled["model"]["roc_auc"] == max(choice["pooled_roc_auc"].values())
