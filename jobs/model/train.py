@@ -46,6 +46,7 @@ from jobs.model.fraud_model import (
     CATEGORICAL_FEATURES,
     FEATURE_GROUPS,
     FEATURE_NAMES,
+    FPR_ANCHORS,
     LEARNER_SWITCH_MARGIN,
     LGB_SMALL_DATA_ROUNDS,
     SMALL_DATA_ROWS,
@@ -393,6 +394,7 @@ def backtest_metrics(decisions: Sequence[dict[str, Any]], in_training: Sequence[
                 if len(set(y.tolist())) == 2
                 else {}
             ),
+            **({"calibration": calibration_check(rows)} if legit.any() else {}),
         }
 
     out = {"all_labelled": part(list(decisions))}
@@ -400,6 +402,55 @@ def backtest_metrics(decisions: Sequence[dict[str, Any]], in_training: Sequence[
         out["in_training"] = part([d for d, s in zip(decisions, in_training, strict=True) if s])
         out["unseen"] = part([d for d, s in zip(decisions, in_training, strict=True) if not s])
     return out
+
+
+CHECKED_SCORES: tuple[int, ...] = (600, 700, 800, 900)
+"""Scores whose promise :func:`calibration_check` checks: the usual review and block thresholds."""
+_PROMISED_FPR: dict[int, float] = dict(FPR_ANCHORS)
+
+
+def calibration_check(decisions: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Whether the 0-1000 score keeps its promise on these labelled decisions: the share of the
+    legitimate ones at or above each of :data:`CHECKED_SCORES` beside the anchor's false-positive rate,
+    over all of them and per calendar month (UTC).
+
+    Why per month: the calibration was fitted on the latest folds' out-of-fold rows, so it promises
+    the rates of traffic like the newest the model learned from. A period whose customers are newer
+    (the first weeks after a job starts with empty state, or of a file) can run well above it, while
+    the overall share hides which period does."""
+
+    def shares(scores: list[int]) -> dict[str, Any]:
+        a = np.asarray(scores, dtype=np.int64)
+        return {
+            "legit_rows": int(a.size),
+            "share_at_or_above": {str(s): float(np.mean(a >= s)) for s in CHECKED_SCORES},
+        }
+
+    legit = [d for d in decisions if d["label"] == 0 and d["model_score"] is not None]
+    by_month: dict[str, list[int]] = {}
+    for d in sorted(legit, key=lambda d: d["event_time"]):
+        by_month.setdefault(datetime.fromtimestamp(d["event_time"] / 1000, UTC).strftime("%Y-%m"), []).append(
+            d["model_score"]
+        )
+    return {
+        "promised_fpr": {str(s): _PROMISED_FPR[s] for s in CHECKED_SCORES},
+        **shares([d["model_score"] for d in legit]),
+        "by_month": {month: shares(scores) for month, scores in by_month.items()},
+    }
+
+
+def format_calibration(check: dict[str, Any], what: str) -> str:
+    """:func:`calibration_check` as a table: one line for the promise, one for all rows, one per month."""
+    head = "".join(f"  >={s:<4}" for s in CHECKED_SCORES)
+    lines = [
+        f"score calibration on {what}: share of the legitimate ones at or above each score",
+        f"  {'':9} {'legit':>6}{head}",
+        f"  {'promised':9} {'':>6}" + "".join(f"  {check['promised_fpr'][str(s)]:<6.2f}" for s in CHECKED_SCORES),
+    ]
+    for name, part in (("all", check), *check["by_month"].items()):
+        cells = "".join(f"  {part['share_at_or_above'][str(s)]:<6.2f}" for s in CHECKED_SCORES)
+        lines.append(f"  {name:9} {part['legit_rows']:>6}{cells}")
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def training_flags(decisions: Sequence[dict[str, Any]], trained: frozenset[str] | None) -> list[bool] | None:
@@ -746,6 +797,10 @@ def backtest(
             )
         if metrics["unseen"].get("rows", 0):
             typer.echo(format_unseen(metrics))
+            if "calibration" in metrics["unseen"]:
+                typer.echo(
+                    format_calibration(metrics["unseen"]["calibration"], "the labelled rows the model never saw")
+                )
     elif (local.meta.get("data") or {}).get("sha256") == file_sha256(csv_path):
         typer.echo(
             "note: this CSV is the model's training data, so its labelled rows are in sample; "

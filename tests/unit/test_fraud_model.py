@@ -28,7 +28,16 @@ from jobs.model.fraud_model import (
     train_booster,
 )
 from jobs.model.predictors import LocalPredictor
-from jobs.model.train import app, backtest_metrics, labelled, observe_all, synthetic_transactions, training_flags
+from jobs.model.train import (
+    app,
+    backtest_metrics,
+    calibration_check,
+    format_calibration,
+    labelled,
+    observe_all,
+    synthetic_transactions,
+    training_flags,
+)
 from jobs.scoring.features import PROFILE_FEATURES
 from jobs.scoring.rules import FaceResult
 from jobs.scoring.scorer import Predictor, Scorer, ScoringState
@@ -318,7 +327,14 @@ def test_backtest_scores_rows_the_model_never_saw_apart_from_its_training_rows(t
 
 def test_backtest_metrics_split_training_rows_from_unseen_ones():
     def decision(tx: str, label: int, score: int, amount: float) -> dict:
-        return {"transaction_id": tx, "label": label, "model_score": score, "outcome": "APPROVE", "amount": amount}
+        return {
+            "transaction_id": tx,
+            "label": label,
+            "model_score": score,
+            "outcome": "APPROVE",
+            "amount": amount,
+            "event_time": 1_700_000_000_000,
+        }
 
     # the 12 training rows rank badly (fraud scores low), the 8 unseen ones perfectly
     decisions = [decision(f"t{i}", i % 2, 500 - 10 * i * (i % 2), 5.0 + i) for i in range(12)]
@@ -331,6 +347,39 @@ def test_backtest_metrics_split_training_rows_from_unseen_ones():
     assert metrics["unseen"]["model"]["roc_auc"] == 1.0 and metrics["in_training"]["model"]["roc_auc"] < 0.5
     assert metrics["unseen"]["floor"]["roc_auc"] == roc_auc(np.array([0, 1] * 4), 50.0 - np.arange(8.0))  # 0.375
     assert "unseen" not in backtest_metrics(decisions) and training_flags(decisions, None) is None
+
+
+def test_calibration_check_gives_the_legit_share_at_each_score_overall_and_per_month():
+    nov, dec = 1_667_260_800_000, 1_669_852_800_000  # 2022-11-01, 2022-12-01 (UTC)
+
+    def decision(label: int | None, score: int | None, t: int) -> dict:
+        return {
+            "transaction_id": f"t{t}",
+            "label": label,
+            "model_score": score,
+            "event_time": t,
+            "outcome": "APPROVE",
+            "amount": 1.0,
+        }
+
+    # November's 4 legitimate rows all score high (new customers), December's 6 low; fraud rows and
+    # unlabelled or unscored rows are not counted
+    decisions = [decision(0, 950, nov + i) for i in range(4)] + [decision(0, 100 * i, dec + i) for i in range(6)]
+    decisions += [decision(1, 990, nov + 10), decision(None, 990, nov + 11), decision(0, None, nov + 12)]
+    check = calibration_check(decisions)
+    assert check["promised_fpr"] == {"600": 0.10, "700": 0.06, "800": 0.04, "900": 0.02}
+    assert check["legit_rows"] == 10 and check["share_at_or_above"]["600"] == 0.4
+    assert list(check["by_month"]) == ["2022-11", "2022-12"]
+    assert check["by_month"]["2022-11"] == {
+        "legit_rows": 4,
+        "share_at_or_above": dict.fromkeys(("600", "700", "800", "900"), 1.0),
+    }
+    assert check["by_month"]["2022-12"]["share_at_or_above"] == {"600": 0.0, "700": 0.0, "800": 0.0, "900": 0.0}
+    table = format_calibration(check, "these rows").splitlines()
+    assert table[2].split() == ["promised", "0.10", "0.06", "0.04", "0.02"]
+    assert table[3].split() == ["all", "10", "0.40", "0.40", "0.40", "0.40"]
+    assert table[4].split() == ["2022-11", "4", "1.00", "1.00", "1.00", "1.00"]
+    assert backtest_metrics(decisions)["all_labelled"]["calibration"] == check
 
 
 def test_backtest_of_a_model_that_did_not_record_its_training_rows_says_it_cannot_tell(tmp_path):
