@@ -497,6 +497,8 @@ GRID: tuple[tuple[str, Learner | None, dict[str, Any], int | None, tuple[str, ..
     ("CatBoost depth 4", "catboost", {"depth": 4}, None, ()),
     ("CatBoost depth 6", "catboost", {"depth": 6}, None, ()),
     ("CatBoost L2 10", "catboost", {"l2_leaf_reg": 10.0}, None, ()),
+    ("CatBoost random strength 1 (its default)", "catboost", {"random_strength": 1.0}, None, ()),
+    ("CatBoost random strength 10", "catboost", {"random_strength": 10.0}, None, ()),
     ("CatBoost 300 rounds", "catboost", {}, 300, ()),
     ("CatBoost 1000 rounds", "catboost", {}, 1000, ()),
     ("CatBoost, categoricals one-hot (no target stats)", "catboost", {"one_hot_max_size": 255}, None, ()),
