@@ -179,6 +179,13 @@ class JobSettings(BaseModel, frozen=True):
     taskmanager_process_memory: str = "1600m"
     starting_offsets: str = "earliest"
     """Where a job without a checkpoint starts: ``earliest``, ``latest`` or an epoch-ms timestamp."""
+    decide_from: int = 0
+    """Warm-up: transactions with an event time (epoch ms) before this only build state -- receipts,
+    velocity, customer and identity profiles, buyer faces -- and are not decided (no model call, no scored
+    record, no alert). A job started with empty state sees every customer as new, and the model, which
+    learned that new customers are riskier, then scores legitimate traffic far above its calibration;
+    started from earlier offsets with this set, it decides from this time on with the history in its
+    state. 0: decide everything."""
     max_message_bytes: int = 256 * 1024
     """Input records larger than this are dead-lettered as oversized."""
     max_future_skew_ms: int = 300_000

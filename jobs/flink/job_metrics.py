@@ -31,7 +31,7 @@ from jobs.scoring.stats import FACE_OBSERVATION, TRANSACTION, Increments, JobSta
 from schemas.records import OUTCOME_WORDS
 
 GROUP = "checkout_guard"
-LABELS = {"decisions": "outcome", "records_in": "kind", "dead_letters": "reason"}
+LABELS = {"decisions": "outcome", "records_in": "kind", "dead_letters": "reason", "observed_only": "reason"}
 """Counter family -> the label (Flink key group) that tells its values apart."""
 KNOWN = {"decisions": tuple(OUTCOME_WORDS), "records_in": (TRANSACTION, FACE_OBSERVATION)}
 """Label values registered at start, so their series exist (at 0) before the first record."""

@@ -743,9 +743,20 @@ def backtest(
     csv_path: Annotated[Path, typer.Argument(metavar="CSV", help="Fraud Detector-format CSV to replay.")],
     model: Annotated[Path | None, typer.Option(help="Model version folder or models root (default: CURRENT).")] = None,
     output: Annotated[Path | None, typer.Option(help="Decisions CSV (default <CSV stem>.backtest.csv here).")] = None,
+    decide_from: Annotated[
+        datetime | None,
+        typer.Option(
+            formats=["%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%d"],
+            help="Warm-up, as the job's CG_JOB__DECIDE_FROM: earlier events only build state; decide and "
+            "measure from this time (UTC).",
+        ),
+    ] = None,
 ) -> None:
     """Replay a CSV in event-time order through features, model and rules: one decision row per event."""
     settings = get_settings()
+    if decide_from is not None:
+        ms = int(decide_from.replace(tzinfo=UTC).timestamp() * 1000)
+        settings = settings.model_copy(update={"job": settings.job.model_copy(update={"decide_from": ms})})
     local = LocalModel.load(model) if model else LocalModel.from_settings(settings)
     scorer = Scorer(settings, predictor=LocalPredictor(local))
     history = observe_all(csv_transactions(csv_path), settings, scorer=scorer)
@@ -789,6 +800,11 @@ def backtest(
     typer.echo(
         f"model {local.version}, rules {scorer.rule_set.version}: {len(decisions)} decisions, "
         f"{len(history.rejected)} rejected, {history.duplicates} duplicates -> {output}"
+        + (
+            f"; {warmed} earlier events only built state (warm-up)"
+            if (warmed := scorer.stats.observed_only["warm_up"])
+            else ""
+        )
     )
     typer.echo(json.dumps(metrics, indent=2))
     if in_training is not None:

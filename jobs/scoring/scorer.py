@@ -170,6 +170,8 @@ class Scorer:
         self.rule_set = RuleSet.from_settings(settings.rules)
         self.predictor = predictor or Predictor()
         self.clock = clock
+        self.decide_from = settings.job.decide_from
+        """Transactions before this event time only build state (warm-up; ``job.decide_from``)."""
         prefix = settings.kafka.topic_prefix
         self.scored_topic = SCORED_TRANSACTIONS.full_name(prefix)
         self.alerts_topic = ALERTS.full_name(prefix)
@@ -316,17 +318,46 @@ class Scorer:
             return [], []
         seen = seen or [None] * len(envs)
         faces = faces or [camera.face if camera else FaceResult() for camera in seen]
+        writes: list[Write] = []
+        if self.decide_from and any(env[0]["event_time"] < self.decide_from for env in envs):
+            envs, faces, seen, writes = self._warm_up(envs, faces, seen, state, own_time)
+            if not envs:
+                return [], writes
         before_model = self._now_ms()
         started = time.perf_counter()
         models = self.predictor.predict_batch([(env[0], env[1]) for env in envs])
         self.stats.model_ms.add((time.perf_counter() - started) * 1000)
         rows: list[OutRow] = self.drift_rows(self.predictor.drain_reports())
-        writes: list[Write] = []
         for env, model, face, camera in zip(envs, models, faces, seen, strict=True):
             if camera is not None and state is not None:
                 writes.extend(self.compare_faces(env, camera, state, env[0]["event_time"] if own_time else None))
             rows.extend(self.decide(env, model, face, before_model, camera))
         return rows, writes
+
+    def _warm_up(
+        self,
+        envs: Sequence[Envelope],
+        faces: Sequence[FaceResult],
+        seen: Sequence[Seen | None],
+        state: ScoringState | None,
+        own_time: bool,
+    ) -> tuple[list[Envelope], list[FaceResult], list[Seen | None], list[Write]]:
+        """The transactions to decide; those before ``decide_from`` only keep their buyer's face (a later
+        return is compared with it, as after a decision) and are counted as observed only."""
+        keep_envs: list[Envelope] = []
+        keep_faces: list[FaceResult] = []
+        keep_seen: list[Seen | None] = []
+        writes: list[Write] = []
+        for env, face, camera in zip(envs, faces, seen, strict=True):
+            if env[0]["event_time"] >= self.decide_from:
+                keep_envs.append(env)
+                keep_faces.append(face)
+                keep_seen.append(camera)
+                continue
+            self.stats.observed_only["warm_up"] += 1
+            if camera is not None and state is not None:
+                writes.extend(self.compare_faces(env, camera, state, env[0]["event_time"] if own_time else None))
+        return keep_envs, keep_faces, keep_seen, writes
 
     def drift_rows(self, reports: Sequence[tuple[ModelDriftAvro, AlertAvro | None]]) -> list[OutRow]:
         """Each finished hour's drift report, and its alert where it crossed ``model.drift_psi_alert``."""

@@ -57,6 +57,8 @@ class JobStats:
         self.outcomes: Counter[str] = Counter()
         self.records_in: Counter[str] = Counter()
         self.dead_letters: Counter[str] = Counter()
+        self.observed_only: Counter[str] = Counter()
+        """Transactions that built state and were not decided, by why (``warm_up``: before ``job.decide_from``)."""
         self.model_ms = RecentWindow(window)
         self.face_wait_ms = RecentWindow(window)
 
@@ -68,11 +70,13 @@ class JobStats:
             self.records_in[FACE_OBSERVATION] += total - transactions
 
     def totals(self) -> Iterator[tuple[str, str, int]]:
-        """``(family, label value, total)`` of every count: family ``decisions``, ``records_in`` or ``dead_letters``."""
+        """``(family, label value, total)`` of every count: family ``decisions``, ``records_in``,
+        ``dead_letters`` or ``observed_only``."""
         for family, counts in (
             ("decisions", self.outcomes),
             ("records_in", self.records_in),
             ("dead_letters", self.dead_letters),
+            ("observed_only", self.observed_only),
         ):
             for value, total in counts.items():
                 yield family, value, total

@@ -4,7 +4,8 @@ Transactions are scored and indexed, then the same range is replayed twice into 
 topic (once chosen by offsets, once by a start time) while the job and the sink run: OpenSearch must
 still hold exactly one document per transaction with the very same decision, and the job must have
 scored nothing twice. And a new job started from a time (``CG_JOB__STARTING_OFFSETS=<epoch ms>``)
-scores what arrived after it and nothing before. The replay itself copies key, value, headers and
+scores what arrived after it and nothing before, and one warming up (``CG_JOB__DECIDE_FROM``) decides
+only from its time, with the earlier traffic in its state. The replay itself copies key, value, headers and
 timestamp, keeps partitions (or goes by key), merges partitions by timestamp and keeps to its rate.
 """
 
@@ -13,10 +14,12 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from dataclasses import asdict
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
+from opensearchpy.exceptions import NotFoundError
 
 from infra.clients.opensearch import make_client
 from infra.clients.topic_replay import Bound, caught_up, high_watermarks, plan, replay
@@ -24,6 +27,7 @@ from infra.launcher import start_scoring_job, wait_for
 from infra.local.pos_generator import PosGenerator
 from infra.settings import Settings
 from infra.stack import ensure_topics
+from jobs.scoring.features import customer_key
 from producers.pos import produce
 from schemas.indices import default_group_id, index_name
 from schemas.topics import SCORED_TRANSACTIONS, TRANSACTIONS
@@ -138,6 +142,57 @@ def test_a_new_job_started_from_a_time_scores_only_what_came_after_it(pipeline):
         what="the sink to index what the job wrote",
     )
     assert set(indexed(settings)) == {tx.transaction_id for tx in later}
+
+
+def test_a_job_warming_up_decides_from_its_time_with_the_earlier_traffic_in_its_state(pipeline):
+    """``CG_JOB__DECIDE_FROM``: started from the earliest offsets, the job builds its state from the earlier
+    transactions and decides only the later ones -- whose returning customers are not new to it."""
+    settings, jobs = pipeline
+    prefix = settings.kafka.topic_prefix
+    gen = PosGenerator(seed=23, stores=3, customers=200, fraud_share=0.05, tx_per_second=50)
+    earlier, later = [next(gen) for _ in range(300)], [next(gen) for _ in range(300)]
+    decide_from = min(tx.event_time for tx in later)
+    assert max(tx.event_time for tx in earlier) < decide_from
+    assert produce(settings, earlier, progress=False).ok
+
+    warm = settings.model_copy(update={"job": settings.job.model_copy(update={"decide_from": decide_from})})
+    jobs.append(start_scoring_job(warm, name=f"{settings.job.consumer_group}-warm-up"))
+    # History first, then the live traffic (the single layout takes the topic's partitions as they come, so
+    # a later transaction read ahead of an earlier one of another partition would meet a profile not built yet)
+    wait_for(
+        lambda: caught_up(settings.kafka, settings.job.consumer_group, TRANSACTIONS.full_name(prefix)),
+        timeout=240,
+        interval=1.0,
+        what="the job to take the earlier traffic",
+    )
+    assert produce(settings, later, progress=False).ok
+
+    def count() -> int:
+        try:
+            return len(indexed(settings))
+        except NotFoundError:  # nothing indexed yet: the earlier transactions write no document
+            return 0
+
+    wait_for(lambda: count() >= len(later), timeout=240, interval=1.0, what="the later documents")
+    wait_for(
+        lambda: caught_up(settings.kafka, settings.job.consumer_group, TRANSACTIONS.full_name(prefix)),
+        timeout=120,
+        interval=1.0,
+        what="the job to commit its input",
+    )
+    time.sleep(3 * settings.job.checkpoint_interval_ms / 1000)
+    wait_for(
+        lambda: caught_up(settings.kafka, default_group_id(prefix), SCORED_TRANSACTIONS.full_name(prefix)),
+        timeout=120,
+        interval=1.0,
+        what="the sink to index what the job wrote",
+    )
+    docs = indexed(settings)
+    assert set(docs) == {tx.transaction_id for tx in later}
+    known = {customer_key(asdict(tx)) for tx in earlier if tx.kind == "SALE"}  # a profile counts sales
+    returning = [d for d in docs.values() if d["customer_key"] in known]
+    assert len(returning) > 100
+    assert not any("first_seen" in d["indicators"] for d in returning), "the earlier traffic is in the state"
 
 
 @pytest.fixture

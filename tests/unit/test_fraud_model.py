@@ -283,6 +283,18 @@ def test_train_then_backtest_on_the_fraud_detector_sample(tmp_path):
     assert metrics["in_training"]["rows"] == 486 and metrics["unseen"]["rows"] == 0
     assert {r["in_training"] for r in rows if r["EVENT_LABEL"] != ""} == {"1"}
 
+    # A warm-up, as the job's CG_JOB__DECIDE_FROM: the earlier events build state only, and the later
+    # ones are decided exactly as when every event was decided.
+    warm_out = tmp_path / "warm.csv"
+    args = ["backtest", str(AFD_CSV), "--model", str(tmp_path / "models"), "--output", str(warm_out)]
+    res = runner.invoke(app, [*args, "--decide-from", "2023-02-01"])
+    assert res.exit_code == 0, res.output
+    with warm_out.open() as f:
+        warm = {r["EVENT_ID"]: r for r in csv.DictReader(f)}
+    later = {r["EVENT_ID"]: r for r in rows if r["EVENT_TIMESTAMP"] >= "2023-02-01"}
+    assert 100 < len(warm) == len(later) < 1287 and warm == later
+    assert f"{1287 - len(later)} earlier events only built state (warm-up)" in res.output
+
 
 @needs_afd_csv
 def test_backtest_scores_rows_the_model_never_saw_apart_from_its_training_rows(tmp_path):

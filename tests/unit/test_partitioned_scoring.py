@@ -35,13 +35,11 @@ NOW = T0 + 86_400_000
 """Processing time: a day after the first event."""
 
 
-def settings() -> Settings:
+def settings(decide_from: int = 0) -> Settings:
     base = Settings()
+    job = {"bootstrap_control": False, "face_deadline_ms": 4000, "batch_size": 16, "decide_from": decide_from}
     return base.model_copy(
-        update={
-            "kafka": base.kafka.model_copy(update={"topic_prefix": PREFIX}),
-            "job": base.job.model_copy(update={"bootstrap_control": False, "face_deadline_ms": 4000, "batch_size": 16}),
-        }
+        update={"kafka": base.kafka.model_copy(update={"topic_prefix": PREFIX}), "job": base.job.model_copy(update=job)}
     )
 
 
@@ -140,18 +138,20 @@ def _clock() -> float:
     return NOW / 1000
 
 
-def _run_single(batches, suspect) -> list:
-    s = settings()
+def _run_single(batches, suspect, decide_from: int = 0, stats: list | None = None) -> list:
+    s = settings(decide_from)
     core = DecisionCore(s, predictor=FeaturePredictor(), watchlist=_watchlist(s, suspect), clock=_clock)
     rows: list = []
     for i, batch in enumerate(batches):
         rows += core.on_records(batch, NOW + i * 1000).outputs
     rows += core.on_timer(NOW + 10**7, NOW + 10**7).outputs
+    if stats is not None:
+        stats.append(core.scorer.stats)
     return rows
 
 
-def _run_partitioned(batches, suspect, shards: int, shuffle: int | None = None) -> list:
-    s = settings()
+def _run_partitioned(batches, suspect, shards: int, shuffle: int | None = None, decide_from: int = 0) -> list:
+    s = settings(decide_from)
     core = PartitionedCore(s, shards, predictor=FeaturePredictor(), watchlist=_watchlist(s, suspect), clock=_clock)
     rnd = random.Random(shuffle)
     rows: list = []
@@ -172,6 +172,41 @@ def test_partitioned_steps_decide_exactly_as_the_single_state_core_on_one_shard_
     assert len(single) > 300
     assert sorted(one) == sorted(single)
     assert sorted(four) == sorted(single)
+
+
+def _tx_time(record: SourceRecord) -> int | None:
+    """A transaction record's event time; None for other records and for undecodable bytes."""
+    if record.topic != TX:
+        return None
+    try:
+        return codec("PosTransaction").decode(record.value)["event_time"]
+    except Exception:  # noqa: BLE001 - the stream's deliberately broken records
+        return None
+
+
+def test_a_warm_up_builds_state_from_earlier_transactions_and_decides_only_the_later_ones_on_either_layout():
+    batches, suspect = seeded_stream(2)
+    cut = T0 + 180 * 9_000  # the stream's middle
+    full = _run_single(batches, suspect)
+    stats: list = []
+    warm = _run_single(batches, suspect, decide_from=cut, stats=stats)
+
+    scored_full, scored_warm = _scored(full), _scored(warm)
+    later = {k: v for k, v in scored_full.items() if v["event_time"] >= cut}
+    assert 100 < len(later) < len(scored_full) - 100
+    assert scored_warm == later, "the later transactions decided exactly as with the whole stream decided"
+    assert set(warm) <= set(full), "nothing else either: no alert or row of its own for the earlier ones"
+    assert any(t == DLQ for t, _, _ in warm), "earlier bad records are still dead-lettered"
+    assert stats[0].observed_only["warm_up"] == len(scored_full) - len(later)
+    assert sorted(_run_partitioned(batches, suspect, 1, decide_from=cut)) == sorted(warm)
+    assert sorted(_run_partitioned(batches, suspect, 4, shuffle=2, decide_from=cut)) == sorted(warm)
+
+    # It is the history that makes them so: started cold at the same time, the same transactions are
+    # decided on other features.
+    cold_batches = [[r for r in b if (_tx_time(r) or cut) >= cut] for b in batches]
+    cold = _scored(_run_single(cold_batches, suspect))
+    assert set(cold) == set(later)
+    assert sum(cold[k] != later[k] for k in later) > len(later) // 2
 
 
 def test_seeded_stream_holds_what_the_equivalence_must_cover():
