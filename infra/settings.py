@@ -186,6 +186,15 @@ class JobSettings(BaseModel, frozen=True):
     learned that new customers are riskier, then scores legitimate traffic far above its calibration;
     started from earlier offsets with this set, it decides from this time on with the history in its
     state. 0: decide everything."""
+
+    @field_validator("decide_from")
+    @classmethod
+    def _epoch_ms(cls, value: int) -> int:
+        """Milliseconds: a time in seconds (10 digits) would read as January 1970, and warm up nothing."""
+        if value and not 10**12 <= value < 10**14:
+            raise ValueError(f"decide_from is epoch milliseconds (13 digits) or 0, not {value}")
+        return value
+
     max_message_bytes: int = 256 * 1024
     """Input records larger than this are dead-lettered as oversized."""
     max_future_skew_ms: int = 300_000

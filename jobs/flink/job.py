@@ -545,11 +545,11 @@ def main(settings: Settings | None = None, log_level: str | None = None) -> None
         ensure_default_model(settings)
     restore = settings.job.restore_from or latest_checkpoint(settings.checkpoint_dir)
     log.info("starting scoring job%s", f", restoring {restore.parent.name}/{restore.name}" if restore else "")
-    if settings.job.decide_from:
-        log.info(
-            "warm-up: transactions before %s only build state (CG_JOB__DECIDE_FROM)",
-            datetime.fromtimestamp(settings.job.decide_from / 1000, UTC).isoformat(timespec="seconds"),
-        )
+    if decide_from := settings.job.decide_from:
+        at = datetime.fromtimestamp(decide_from / 1000, UTC).isoformat(timespec="seconds")
+        log.info("warm-up: transactions before %s only build state (CG_JOB__DECIDE_FROM)", at)
+        if decide_from > time.time() * 1000:
+            log.warning("CG_JOB__DECIDE_FROM (%s) is in the future: nothing is decided before then", at)
     hours = settings.job.stale_state_retention_hours
     for gone in purge_stale_state(settings.checkpoint_dir, restore, hours * 3600, time.time()):
         log.info("deleted %s: older than %.0f h (CG_JOB__STALE_STATE_RETENTION_HOURS)", gone.name, hours)

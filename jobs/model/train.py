@@ -404,8 +404,9 @@ def backtest_metrics(decisions: Sequence[dict[str, Any]], in_training: Sequence[
     return out
 
 
-CHECKED_SCORES: tuple[int, ...] = (600, 700, 800, 900)
-"""Scores whose promise :func:`calibration_check` checks: the usual review and block thresholds."""
+CHECKED_SCORES: tuple[int, ...] = (600, 800, 900, 950)
+"""Scores whose promise :func:`calibration_check` checks: the default rule set's model bands, where the
+score starts to add risk points (10, 25, 45, 60)."""
 _PROMISED_FPR: dict[int, float] = dict(FPR_ANCHORS)
 
 
@@ -503,7 +504,13 @@ GRID: tuple[tuple[str, Learner | None, dict[str, Any], int | None, tuple[str, ..
     ("CatBoost 1000 rounds", "catboost", {}, 1000, ()),
     ("CatBoost, categoricals one-hot (no target stats)", "catboost", {"one_hot_max_size": 255}, None, ()),
     ("CatBoost, classes unweighted", "catboost", {"auto_class_weights": None}, None, ()),
-    ("CatBoost depth 4, unweighted (shipped before)", "catboost", {"depth": 4, "auto_class_weights": None}, None, ()),
+    (
+        "CatBoost depth 4, unweighted, random strength 1 (shipped before)",
+        "catboost",
+        {"depth": 4, "auto_class_weights": None, "random_strength": 1.0},
+        None,
+        (),
+    ),
     ("LightGBM (4 leaves, L2 5, 200 rounds)", "lightgbm", _SMALL_LGB, LGB_SMALL_DATA_ROUNDS, ()),
     ("LightGBM, classes balanced", "lightgbm", {**_SMALL_LGB, "is_unbalance": True}, LGB_SMALL_DATA_ROUNDS, ()),
     ("LightGBM, 100 rounds", "lightgbm", _SMALL_LGB, 100, ()),
@@ -746,17 +753,17 @@ def backtest(
     decide_from: Annotated[
         datetime | None,
         typer.Option(
-            formats=["%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%d"],
-            help="Warm-up, as the job's CG_JOB__DECIDE_FROM: earlier events only build state; decide and "
-            "measure from this time (UTC).",
+            formats=["%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d"],
+            help="Warm-up, as the job's CG_JOB__DECIDE_FROM (which backtest ignores): earlier events only "
+            "build state; decide and measure from this time (UTC).",
         ),
     ] = None,
 ) -> None:
     """Replay a CSV in event-time order through features, model and rules: one decision row per event."""
     settings = get_settings()
-    if decide_from is not None:
-        ms = int(decide_from.replace(tzinfo=UTC).timestamp() * 1000)
-        settings = settings.model_copy(update={"job": settings.job.model_copy(update={"decide_from": ms})})
+    # Only the option warms up: a CG_JOB__DECIDE_FROM meant for the job must not cut a backtest short.
+    ms = int(decide_from.replace(tzinfo=UTC).timestamp() * 1000) if decide_from is not None else 0
+    settings = settings.model_copy(update={"job": settings.job.model_copy(update={"decide_from": ms})})
     local = LocalModel.load(model) if model else LocalModel.from_settings(settings)
     scorer = Scorer(settings, predictor=LocalPredictor(local))
     history = observe_all(csv_transactions(csv_path), settings, scorer=scorer)

@@ -318,46 +318,33 @@ class Scorer:
             return [], []
         seen = seen or [None] * len(envs)
         faces = faces or [camera.face if camera else FaceResult() for camera in seen]
+        decide_from = self.decide_from
+        live = envs if not decide_from else [env for env in envs if env[0]["event_time"] >= decide_from]
+        rows: list[OutRow] = []
         writes: list[Write] = []
-        if self.decide_from and any(env[0]["event_time"] < self.decide_from for env in envs):
-            envs, faces, seen, writes = self._warm_up(envs, faces, seen, state, own_time)
-            if not envs:
-                return [], writes
+        models: list[ModelResult] = []
         before_model = self._now_ms()
-        started = time.perf_counter()
-        models = self.predictor.predict_batch([(env[0], env[1]) for env in envs])
-        self.stats.model_ms.add((time.perf_counter() - started) * 1000)
-        rows: list[OutRow] = self.drift_rows(self.predictor.drain_reports())
-        for env, model, face, camera in zip(envs, models, faces, seen, strict=True):
-            if camera is not None and state is not None:
-                writes.extend(self.compare_faces(env, camera, state, env[0]["event_time"] if own_time else None))
-            rows.extend(self.decide(env, model, face, before_model, camera))
-        return rows, writes
-
-    def _warm_up(
-        self,
-        envs: Sequence[Envelope],
-        faces: Sequence[FaceResult],
-        seen: Sequence[Seen | None],
-        state: ScoringState | None,
-        own_time: bool,
-    ) -> tuple[list[Envelope], list[FaceResult], list[Seen | None], list[Write]]:
-        """The transactions to decide; those before ``decide_from`` only keep their buyer's face (a later
-        return is compared with it, as after a decision) and are counted as observed only."""
-        keep_envs: list[Envelope] = []
-        keep_faces: list[FaceResult] = []
-        keep_seen: list[Seen | None] = []
-        writes: list[Write] = []
+        if live:
+            started = time.perf_counter()
+            models = self.predictor.predict_batch([(env[0], env[1]) for env in live])
+            self.stats.model_ms.add((time.perf_counter() - started) * 1000)
+            rows = self.drift_rows(self.predictor.drain_reports())
+        if len(live) == len(envs):
+            for env, model, face, camera in zip(envs, models, faces, seen, strict=True):
+                if camera is not None and state is not None:
+                    writes.extend(self.compare_faces(env, camera, state, env[0]["event_time"] if own_time else None))
+                rows.extend(self.decide(env, model, face, before_model, camera))
+            return rows, writes
+        # A warm-up (``job.decide_from``): the earlier transactions keep their buyer's face (a later return is
+        # compared with it, as after a decision), in the batch's order, and are not decided.
+        results = iter(models)
         for env, face, camera in zip(envs, faces, seen, strict=True):
-            if env[0]["event_time"] >= self.decide_from:
-                keep_envs.append(env)
-                keep_faces.append(face)
-                keep_seen.append(camera)
-                continue
-            self.stats.observed_only["warm_up"] += 1
             if camera is not None and state is not None:
                 writes.extend(self.compare_faces(env, camera, state, env[0]["event_time"] if own_time else None))
-        return keep_envs, keep_faces, keep_seen, writes
+            if env[0]["event_time"] >= decide_from:
+                rows.extend(self.decide(env, next(results), face, before_model, camera))
+        self.stats.observed_only["warm_up"] += len(envs) - len(live)
+        return rows, writes
 
     def drift_rows(self, reports: Sequence[tuple[ModelDriftAvro, AlertAvro | None]]) -> list[OutRow]:
         """Each finished hour's drift report, and its alert where it crossed ``model.drift_psi_alert``."""
@@ -425,8 +412,9 @@ class Scorer:
         return rows
 
     def entrance(self, obs: dict[str, Any], face: FaceResult) -> list[OutRow]:
-        """A watch-listed face at a store's entrance: "suspect entered store S" before any checkout."""
-        if face.status != "MATCHED":
+        """A watch-listed face at a store's entrance: "suspect entered store S" before any checkout. No alert
+        for an entrance before ``job.decide_from``: a warm-up replays history, not who is in a store now."""
+        if face.status != "MATCHED" or obs["event_time"] < self.decide_from:
             return []
         alert = self.watchlist_alert(
             obs["event_time"],

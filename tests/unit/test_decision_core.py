@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
-from infra.settings import Settings
+from infra.settings import JobSettings, Settings
 from jobs.scoring.core import LEGACY_BATCH, ControlUpdate, DecisionCore, SourceRecord, Step
 from jobs.scoring.face_join import EARLY_FACES, PENDING, unavailable
 from jobs.scoring.rules import DEFAULT_RULESET, ModelResult, RuleSet, update_record
@@ -275,6 +276,23 @@ def test_suspect_at_the_entrance_raises_suspect_entered():
     assert alert["kind"] == "SUSPECT_ENTERED" and alert["subject_id"] == "subj-9"
     assert alert["alert_id"] == "watchlist:entrance:Q2MV-store-001-ENTRANCE:7:subj-9"
     assert step.writes == {} and step.timer is None
+
+
+def test_a_suspect_at_the_entrance_during_a_warm_up_raises_nothing():
+    """A warm-up replays history: an old entrance says nothing about who is in the store now."""
+    entrance = face_record(None, embedding=SUSPECT_FACE, trigger="ENTRANCE", observation_id="entrance:x:3")
+    for decide_from, expected in ((T0 + 1, 0), (T0, 1)):  # the observation is at T0
+        watchlist = Watchlist(settings())
+        core = make_core(watchlist, decide_from=decide_from)
+        core.on_control(WATCH_TOPIC, b"subj-9", watch_entry("subj-9", SUSPECT_FACE), 0, 0)
+        assert len(alerts(core.on_records([entrance], NOW))) == expected
+
+
+def test_a_warm_up_time_in_seconds_is_refused_rather_than_read_as_1970():
+    assert JobSettings(decide_from=1_764_547_200_000).decide_from == 1_764_547_200_000  # 2025-12-01, in ms
+    assert JobSettings().decide_from == 0
+    with pytest.raises(ValidationError, match="epoch milliseconds"):
+        JobSettings(decide_from=1_764_547_200)  # the same time in seconds
 
 
 def test_entrance_observation_is_never_joined_to_a_transaction():

@@ -379,16 +379,16 @@ def test_calibration_check_gives_the_legit_share_at_each_score_overall_and_per_m
     decisions = [decision(0, 950, nov + i) for i in range(4)] + [decision(0, 100 * i, dec + i) for i in range(6)]
     decisions += [decision(1, 990, nov + 10), decision(None, 990, nov + 11), decision(0, None, nov + 12)]
     check = calibration_check(decisions)
-    assert check["promised_fpr"] == {"600": 0.10, "700": 0.06, "800": 0.04, "900": 0.02}
+    assert check["promised_fpr"] == {"600": 0.10, "800": 0.04, "900": 0.02, "950": 0.01}
     assert check["legit_rows"] == 10 and check["share_at_or_above"]["600"] == 0.4
     assert list(check["by_month"]) == ["2022-11", "2022-12"]
     assert check["by_month"]["2022-11"] == {
         "legit_rows": 4,
-        "share_at_or_above": dict.fromkeys(("600", "700", "800", "900"), 1.0),
+        "share_at_or_above": dict.fromkeys(("600", "800", "900", "950"), 1.0),
     }
-    assert check["by_month"]["2022-12"]["share_at_or_above"] == {"600": 0.0, "700": 0.0, "800": 0.0, "900": 0.0}
+    assert check["by_month"]["2022-12"]["share_at_or_above"] == {"600": 0.0, "800": 0.0, "900": 0.0, "950": 0.0}
     table = format_calibration(check, "these rows").splitlines()
-    assert table[2].split() == ["promised", "0.10", "0.06", "0.04", "0.02"]
+    assert table[2].split() == ["promised", "0.10", "0.04", "0.02", "0.01"]
     assert table[3].split() == ["all", "10", "0.40", "0.40", "0.40", "0.40"]
     assert table[4].split() == ["2022-11", "4", "1.00", "1.00", "1.00", "1.00"]
     assert backtest_metrics(decisions)["all_labelled"]["calibration"] == check

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from infra.settings import MetricsSettings, Settings
-from jobs.flink.job_metrics import GROUP, JobMetrics
+from jobs.flink.job_metrics import GROUP, LABELS, JobMetrics
 from jobs.scoring.core import DecisionCore, SourceRecord
 from jobs.scoring.stats import FACE_OBSERVATION, TRANSACTION, Increments, JobStats, RecentWindow
 from schemas.topics import FACE_OBSERVATIONS, TRANSACTIONS
@@ -143,12 +143,15 @@ def test_counters_exist_from_the_start_and_grow_by_each_batchs_increase():
     stats = JobStats()
     stats.outcomes["BLOCK"] += 2
     stats.dead_letters["too_late"] += 1
+    stats.observed_only["warm_up"] += 4
     stats.count_records(3, 3)
     metrics.report(stats)
     metrics.report(stats)  # nothing new: nothing added
     assert reg[f"{GROUP}/outcome=BLOCK/decisions"].count == 2
     assert reg[f"{GROUP}/reason=too_late/dead_letters"].count == 1
     assert reg[f"{GROUP}/kind={TRANSACTION}/records_in"].count == 3
+    assert reg[f"{GROUP}/reason=warm_up/observed_only"].count == 4
+    assert {family for family, _, _ in stats.totals()} == set(LABELS), "every family has its label"
 
 
 def test_timing_percentiles_are_set_at_most_once_per_interval_in_their_units():

@@ -50,6 +50,15 @@ class FeaturePredictor(Predictor):
         return [ModelResult(score=_digest(tx, ind), version="features-1") for tx, ind in items]
 
 
+class FailsOnBatches(FeaturePredictor):
+    """Fails on any call of more than one transaction: every batch is decided again one by one."""
+
+    def predict_batch(self, items):
+        if len(items) > 1:
+            raise RuntimeError("model backend failed")
+        return super().predict_batch(items)
+
+
 def _digest(tx, ind) -> int:
     text = repr((tx.get(PROFILE_KEY), sorted(ind.items()), tx["transaction_id"]))
     return sum(ord(c) * (i % 97 + 1) for i, c in enumerate(text)) % 1000
@@ -138,9 +147,10 @@ def _clock() -> float:
     return NOW / 1000
 
 
-def _run_single(batches, suspect, decide_from: int = 0, stats: list | None = None) -> list:
+def _run_single(batches, suspect, decide_from: int = 0, stats: list | None = None, predictor=None) -> list:
     s = settings(decide_from)
-    core = DecisionCore(s, predictor=FeaturePredictor(), watchlist=_watchlist(s, suspect), clock=_clock)
+    predictor = predictor or FeaturePredictor()
+    core = DecisionCore(s, predictor=predictor, watchlist=_watchlist(s, suspect), clock=_clock)
     rows: list = []
     for i, batch in enumerate(batches):
         rows += core.on_records(batch, NOW + i * 1000).outputs
@@ -150,7 +160,9 @@ def _run_single(batches, suspect, decide_from: int = 0, stats: list | None = Non
     return rows
 
 
-def _run_partitioned(batches, suspect, shards: int, shuffle: int | None = None, decide_from: int = 0) -> list:
+def _run_partitioned(
+    batches, suspect, shards: int, shuffle: int | None = None, decide_from: int = 0, stats: list | None = None
+) -> list:
     s = settings(decide_from)
     core = PartitionedCore(s, shards, predictor=FeaturePredictor(), watchlist=_watchlist(s, suspect), clock=_clock)
     rnd = random.Random(shuffle)
@@ -160,6 +172,8 @@ def _run_partitioned(batches, suspect, shards: int, shuffle: int | None = None, 
             batch = rnd.sample(batch, len(batch))
         rows += core.on_records(batch, NOW + i * 1000)
     rows += core.on_timer(NOW + 10**7)
+    if stats is not None:
+        stats.append(core.scorer.stats)
     return rows
 
 
@@ -197,9 +211,13 @@ def test_a_warm_up_builds_state_from_earlier_transactions_and_decides_only_the_l
     assert scored_warm == later, "the later transactions decided exactly as with the whole stream decided"
     assert set(warm) <= set(full), "nothing else either: no alert or row of its own for the earlier ones"
     assert any(t == DLQ for t, _, _ in warm), "earlier bad records are still dead-lettered"
-    assert stats[0].observed_only["warm_up"] == len(scored_full) - len(later)
+    warmed = len(scored_full) - len(later)
     assert sorted(_run_partitioned(batches, suspect, 1, decide_from=cut)) == sorted(warm)
-    assert sorted(_run_partitioned(batches, suspect, 4, shuffle=2, decide_from=cut)) == sorted(warm)
+    assert sorted(_run_partitioned(batches, suspect, 4, shuffle=2, decide_from=cut, stats=stats)) == sorted(warm)
+    # Counted once each, also when a model call fails and its batch is decided again one by one.
+    failing = _run_single(batches, suspect, decide_from=cut, stats=stats, predictor=FailsOnBatches())
+    assert _scored(failing) == later
+    assert [s.observed_only["warm_up"] for s in stats] == [warmed] * 3
 
     # It is the history that makes them so: started cold at the same time, the same transactions are
     # decided on other features.
