@@ -65,6 +65,32 @@ def pipeline(stack: Settings, tmp_path):
     )
 
 
+def count_indexed(settings: Settings) -> int:
+    """Documents indexed so far; 0 before the first one creates the index."""
+    try:
+        return len(indexed(settings))
+    except NotFoundError:
+        return 0
+
+
+def settled(settings: Settings) -> None:
+    """Wait until the job has committed all its input and the sink has indexed all the job wrote."""
+    prefix = settings.kafka.topic_prefix
+    wait_for(
+        lambda: caught_up(settings.kafka, settings.job.consumer_group, TRANSACTIONS.full_name(prefix)),
+        timeout=120,
+        interval=1.0,
+        what="the job to commit its input",
+    )
+    time.sleep(3 * settings.job.checkpoint_interval_ms / 1000)
+    wait_for(
+        lambda: caught_up(settings.kafka, default_group_id(prefix), SCORED_TRANSACTIONS.full_name(prefix)),
+        timeout=120,
+        interval=1.0,
+        what="the sink to index what the job wrote",
+    )
+
+
 def test_replaying_a_range_twice_changes_nothing_in_opensearch(pipeline):
     settings, jobs = pipeline
     jobs.append(start_scoring_job(settings, name=f"{settings.job.consumer_group}-job"))
@@ -78,7 +104,7 @@ def test_replaying_a_range_twice_changes_nothing_in_opensearch(pipeline):
     assert stats.ok and stats.acked == n
     original_end = high_watermarks(settings.kafka, tx_topic)
 
-    wait_for(lambda: len(indexed(settings)) >= n, timeout=240, interval=1.0, what=f"{n} documents")
+    wait_for(lambda: count_indexed(settings) >= n, timeout=240, interval=1.0, what=f"{n} documents")
     first = indexed(settings)
     assert set(first) == {tx.transaction_id for tx in txs}
 
@@ -115,7 +141,6 @@ def test_replaying_a_range_twice_changes_nothing_in_opensearch(pipeline):
 
 def test_a_new_job_started_from_a_time_scores_only_what_came_after_it(pipeline):
     settings, jobs = pipeline
-    prefix = settings.kafka.topic_prefix
     gen = PosGenerator(seed=22, stores=3, customers=500, fraud_share=0.05, tx_per_second=50)
     earlier, later = [next(gen) for _ in range(300)], [next(gen) for _ in range(300)]
     assert produce(settings, earlier, progress=False).ok
@@ -127,20 +152,8 @@ def test_a_new_job_started_from_a_time_scores_only_what_came_after_it(pipeline):
     # What the README documents: CG_JOB__STARTING_OFFSETS=<epoch ms> for a job without a checkpoint.
     from_time = settings.model_copy(update={"job": settings.job.model_copy(update={"starting_offsets": str(start_ms)})})
     jobs.append(start_scoring_job(from_time, name=f"{settings.job.consumer_group}-from-time"))
-    wait_for(lambda: len(indexed(settings)) >= len(later), timeout=240, interval=1.0, what="the later documents")
-    wait_for(
-        lambda: caught_up(settings.kafka, settings.job.consumer_group, TRANSACTIONS.full_name(prefix)),
-        timeout=120,
-        interval=1.0,
-        what="the job to commit its input",
-    )
-    time.sleep(3 * settings.job.checkpoint_interval_ms / 1000)
-    wait_for(
-        lambda: caught_up(settings.kafka, default_group_id(prefix), SCORED_TRANSACTIONS.full_name(prefix)),
-        timeout=120,
-        interval=1.0,
-        what="the sink to index what the job wrote",
-    )
+    wait_for(lambda: count_indexed(settings) >= len(later), timeout=240, interval=1.0, what="the later documents")
+    settled(settings)
     assert set(indexed(settings)) == {tx.transaction_id for tx in later}
 
 
@@ -166,27 +179,8 @@ def test_a_job_warming_up_decides_from_its_time_with_the_earlier_traffic_in_its_
         what="the job to take the earlier traffic",
     )
     assert produce(settings, later, progress=False).ok
-
-    def count() -> int:
-        try:
-            return len(indexed(settings))
-        except NotFoundError:  # nothing indexed yet: the earlier transactions write no document
-            return 0
-
-    wait_for(lambda: count() >= len(later), timeout=240, interval=1.0, what="the later documents")
-    wait_for(
-        lambda: caught_up(settings.kafka, settings.job.consumer_group, TRANSACTIONS.full_name(prefix)),
-        timeout=120,
-        interval=1.0,
-        what="the job to commit its input",
-    )
-    time.sleep(3 * settings.job.checkpoint_interval_ms / 1000)
-    wait_for(
-        lambda: caught_up(settings.kafka, default_group_id(prefix), SCORED_TRANSACTIONS.full_name(prefix)),
-        timeout=120,
-        interval=1.0,
-        what="the sink to index what the job wrote",
-    )
+    wait_for(lambda: count_indexed(settings) >= len(later), timeout=240, interval=1.0, what="the later documents")
+    settled(settings)
     docs = indexed(settings)
     assert set(docs) == {tx.transaction_id for tx in later}
     known = {customer_key(asdict(tx)) for tx in earlier if tx.kind == "SALE"}  # a profile counts sales
