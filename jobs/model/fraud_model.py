@@ -407,8 +407,8 @@ def learner_for(rows: int) -> Learner:
     7-11: 0.892 with the settings below, 0.875-0.893 with other depths, L2, random strength, rounds and
     weights; LightGBM 0.837-0.866; ``evaluate --grid --seeds 5`` repeats it). Each level of a symmetric
     tree splits every row on the same test: a much smaller family of trees, which suits a few hundred
-    labelled rows. At 810 labelled rows of the sample's source LightGBM ranks higher (0.904 against 0.881), which is why
-    the choice is made on the data. On large histories LightGBM alone: its settings were chosen on
+    labelled rows. At 810 labelled rows of the sample's source LightGBM ranks higher (0.904 against
+    0.881), which is why the choice is made on the data. On large histories LightGBM alone: its settings were chosen on
     those, and it trains far faster (20k rows on one core: 0.6 s, CatBoost's 500 rounds 6.9 s; the
     60k-row default model trains on every fresh machine)."""
     return "catboost" if rows < SMALL_DATA_ROWS else "lightgbm"
@@ -429,9 +429,10 @@ def catboost_params(seed: int) -> dict[str, Any]:
 
     Why random strength 5 (CatBoost's default is 1): it scales the noise added to each candidate split's
     score, which should spread trees of four leaves over more of the features than the few splits a few
-    dozen fraud rows favour (a reading, not measured). Over the same three groups: 0.892 / 0.893 / 0.886 against 0.888 /
-    0.886 / 0.881 at 1, higher in 14 of 15 seeds and tied in one; 3 and 10 score within 0.001 of 5, 20
-    and 50 lower (0.890, 0.891 over seeds 7-11). At depth 4, unweighted, 3 had gained nothing (0.875 against 0.876)."""
+    dozen fraud rows favour (a reading, not measured). Over the same three groups: 0.892 / 0.893 / 0.886
+    against 0.888 / 0.886 / 0.881 at 1, higher in 14 of 15 seeds and tied in one; 3 and 10 score within
+    0.001 of 5, 20 and 50 lower (0.890, 0.891 over seeds 7-11). At depth 4, unweighted, 3 had gained
+    nothing (0.875 against 0.876)."""
     return {
         "loss_function": "Logloss",
         "auto_class_weights": "Balanced",

@@ -329,21 +329,16 @@ class Scorer:
             models = self.predictor.predict_batch([(env[0], env[1]) for env in live])
             self.stats.model_ms.add((time.perf_counter() - started) * 1000)
             rows = self.drift_rows(self.predictor.drain_reports())
-        if len(live) == len(envs):
-            for env, model, face, camera in zip(envs, models, faces, seen, strict=True):
-                if camera is not None and state is not None:
-                    writes.extend(self.compare_faces(env, camera, state, env[0]["event_time"] if own_time else None))
-                rows.extend(self.decide(env, model, face, before_model, camera))
-            return rows, writes
-        # A warm-up (``job.decide_from``): the earlier transactions keep their buyer's face (a later return is
-        # compared with it, as after a decision), in the batch's order, and are not decided.
+        # In a warm-up (``job.decide_from``) the earlier transactions are not decided, but keep their buyer's
+        # face all the same (a later return is compared with it, as after a decision), in the batch's order.
         results = iter(models)
         for env, face, camera in zip(envs, faces, seen, strict=True):
             if camera is not None and state is not None:
                 writes.extend(self.compare_faces(env, camera, state, env[0]["event_time"] if own_time else None))
-            if env[0]["event_time"] >= decide_from:
+            if not decide_from or env[0]["event_time"] >= decide_from:
                 rows.extend(self.decide(env, next(results), face, before_model, camera))
-        self.stats.observed_only["warm_up"] += len(envs) - len(live)
+        if decide_from:
+            self.stats.observed_only["warm_up"] += len(envs) - len(live)
         return rows, writes
 
     def drift_rows(self, reports: Sequence[tuple[ModelDriftAvro, AlertAvro | None]]) -> list[OutRow]:
