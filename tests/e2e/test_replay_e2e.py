@@ -5,7 +5,8 @@ topic (once chosen by offsets, once by a start time) while the job and the sink 
 still hold exactly one document per transaction with the very same decision, and the job must have
 scored nothing twice. And a new job started from a time (``CG_JOB__STARTING_OFFSETS=<epoch ms>``)
 scores what arrived after it and nothing before, and one warming up (``CG_JOB__DECIDE_FROM``) decides
-only from its time, with the earlier traffic in its state. The replay itself copies key, value, headers and
+only from its time, with the earlier traffic in its state (the partitioned layout also from one backlog of
+both). The replay itself copies key, value, headers and
 timestamp, keeps partitions (or goes by key), merges partitions by timestamp and keeps to its rate.
 """
 
@@ -184,6 +185,30 @@ def test_a_job_warming_up_decides_from_its_time_with_the_earlier_traffic_in_its_
     docs = indexed(settings)
     assert set(docs) == {tx.transaction_id for tx in later}
     known = {customer_key(asdict(tx)) for tx in earlier if tx.kind == "SALE"}  # a profile counts sales
+    returning = [d for d in docs.values() if d["customer_key"] in known]
+    assert len(returning) > 100
+    assert not any("first_seen" in d["indicators"] for d in returning), "the earlier traffic is in the state"
+
+
+def test_the_partitioned_layout_warms_up_in_event_time_order_from_one_backlog(pipeline):
+    """The partitioned layout orders its input by the watermark across partitions, so history and live traffic
+    may sit in one backlog, interleaved however the partitions are read: only the later transactions are
+    indexed, and none of their returning customers meets a profile without the earlier traffic."""
+    settings, jobs = pipeline
+    gen = PosGenerator(seed=24, stores=3, customers=200, fraud_share=0.05, tx_per_second=50)
+    earlier, later = [next(gen) for _ in range(300)], [next(gen) for _ in range(300)]
+    decide_from = min(tx.event_time for tx in later)
+    assert max(tx.event_time for tx in earlier) < decide_from
+    assert produce(settings, earlier + later, progress=False).ok  # one backlog before the job starts
+
+    job = settings.job.model_copy(update={"decide_from": decide_from, "layout": "partitioned"})
+    warm = settings.model_copy(update={"job": job})
+    jobs.append(start_scoring_job(warm, name=f"{settings.job.consumer_group}-warm-up-partitioned"))
+    wait_for(lambda: count_indexed(settings) >= len(later), timeout=240, interval=1.0, what="the later documents")
+    settled(settings)
+    docs = indexed(settings)
+    assert set(docs) == {tx.transaction_id for tx in later}
+    known = {customer_key(asdict(tx)) for tx in earlier if tx.kind == "SALE"}
     returning = [d for d in docs.values() if d["customer_key"] in known]
     assert len(returning) > 100
     assert not any("first_seen" in d["indicators"] for d in returning), "the earlier traffic is in the state"
