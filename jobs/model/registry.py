@@ -160,15 +160,30 @@ def _versions(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "model.json").exists()) if root.exists() else []
 
 
+def _check_version(root: Path, version: str) -> LocalModel:
+    """A pointer names one version folder directly under ``root`` (never ``.``, ``..`` or a path, which would
+    load now and leave ``CURRENT`` unreadable to the job) holding an artifact the job can load."""
+    if version != Path(version).name or version in {".", ".."} or version not in _versions(root):
+        raise typer.BadParameter(f"{version!r} is not a model version in {root} (see: status)")
+    try:
+        return LocalModel.load(root / version)
+    except ModelArtifactError as exc:
+        raise typer.BadParameter(f"{version} cannot be loaded: {exc}") from exc
+
+
 @app.command()
 def status(models: Annotated[Path | None, typer.Option(help="Models root (default: settings).")] = None) -> None:
     """Which model is champion, which is challenger, and the versions on disk."""
     root = _root(models)
     champion, challenger = read_pointer(root, CURRENT), read_pointer(root, CHALLENGER)
     typer.echo(f"models root: {root}")
-    typer.echo(f"champion:   {champion or '-'}")
-    typer.echo(f"challenger: {challenger or '-'}")
-    for version in _versions(root):
+    versions = _versions(root)
+    for label, pointer in (("champion:  ", champion), ("challenger:", challenger)):
+        missing = (
+            " (MISSING: no such version on disk; the job cannot load it)" if pointer not in {None, *versions} else ""
+        )
+        typer.echo(f"{label} {pointer or '-'}{missing}")
+    for version in versions:
         typer.echo(f"  {version}")
 
 
@@ -186,7 +201,9 @@ def challenger(
         return
     if not version:
         raise typer.BadParameter("name a version, or --clear")
-    LocalModel.load(root / version)  # refuse an artifact the job could not load
+    _check_version(root, version)
+    if version == read_pointer(root, CURRENT):
+        raise typer.BadParameter(f"{version} is the champion already; the job scores no challenger equal to it")
     write_pointer(root, CHALLENGER, version)
     typer.echo(f"challenger: {version}")
 
@@ -235,7 +252,7 @@ def promote(
     old, new = read_pointer(root, CURRENT), read_pointer(root, CHALLENGER)
     if not new:
         raise typer.BadParameter("no challenger to promote (set one: challenger VERSION)")
-    model = LocalModel.load(root / new)
+    model = _check_version(root, new)
     typer.echo(format_metrics(model.meta))
     if audit:
         _audit(settings, old, new, getpass.getuser(), reason, timeout_s)

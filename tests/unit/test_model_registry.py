@@ -107,8 +107,41 @@ def test_promote_without_a_challenger_is_refused(tmp_path):
 def test_setting_a_challenger_refuses_a_version_that_does_not_load(tmp_path):
     _models(tmp_path)
     result = CliRunner().invoke(app, ["challenger", "gbm-nope", "--models", str(tmp_path)])
-    assert result.exit_code != 0 and isinstance(result.exception, ModelArtifactError)
+    assert result.exit_code == 2 and "not a model version" in result.output
     assert read_pointer(tmp_path, CHALLENGER) is None
+
+
+@pytest.mark.parametrize("name", [".", "..", "sub/../x", "ABSOLUTE"])
+def test_a_challenger_must_name_a_version_folder_directly_under_the_models_root(tmp_path, name):
+    """``.`` and paths load today (``.`` follows the root's own CURRENT) but, promoted, would leave a CURRENT
+    the job cannot read."""
+    _, chal = _models(tmp_path)
+    name = str(tmp_path / chal) if name == "ABSOLUTE" else name
+    result = CliRunner().invoke(app, ["challenger", name, "--models", str(tmp_path)])
+    assert result.exit_code == 2 and "not a model version" in result.output
+    assert read_pointer(tmp_path, CHALLENGER) is None
+
+
+def test_the_champion_cannot_be_its_own_challenger(tmp_path):
+    champ, _ = _models(tmp_path)
+    result = CliRunner().invoke(app, ["challenger", champ, "--models", str(tmp_path)])
+    assert result.exit_code == 2 and "champion already" in result.output
+    assert read_pointer(tmp_path, CHALLENGER) is None
+
+
+def test_promote_refuses_a_hand_written_challenger_pointer_that_is_not_a_version(tmp_path):
+    champ, _ = _models(tmp_path)
+    write_pointer(tmp_path, CHALLENGER, ".")
+    result = CliRunner().invoke(app, ["promote", "--no-audit", "--models", str(tmp_path)])
+    assert result.exit_code == 2 and "not a model version" in result.output
+    assert read_pointer(tmp_path, CURRENT) == champ
+
+
+def test_status_flags_a_pointer_to_a_missing_version(tmp_path):
+    _models(tmp_path)
+    write_pointer(tmp_path, CURRENT, "gbm-20990101-deadbeef")
+    result = CliRunner().invoke(app, ["status", "--models", str(tmp_path)])
+    assert result.exit_code == 0 and "gbm-20990101-deadbeef (MISSING" in result.output
 
 
 def test_a_pointer_to_a_missing_model_keeps_the_models_in_use(tmp_path):
