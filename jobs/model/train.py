@@ -70,7 +70,7 @@ from jobs.model.predictors import LocalPredictor
 from jobs.scoring.scorer import Scorer, ScoringState
 from schemas.afd_csv import file_sha256, read_rows, replay_order, row_to_transaction
 from schemas.codec import codec
-from schemas.errors import InvalidRecord
+from schemas.errors import CheckoutGuardError, InvalidRecord
 from schemas.model_artifact import id_digest
 from schemas.records import PosTransaction
 
@@ -628,17 +628,19 @@ def evaluate(
     csv_path: CsvArg = None,
     from_topic: FromTopic = False,
     labels_from_topic: LabelsFromTopic = False,
-    folds: Annotated[int, typer.Option(help="Rolling-origin folds (the labelled rows make folds + 1 blocks).")] = (
-        DEFAULT_FOLDS
-    ),
+    folds: Annotated[
+        int, typer.Option(min=1, help="Rolling-origin folds (the labelled rows make folds + 1 blocks).")
+    ] = (DEFAULT_FOLDS),
     rounds: Annotated[
-        int | None, typer.Option(help="Boosting rounds (default: the learner's own; given, auto picks by size alone).")
+        int | None,
+        typer.Option(min=1, help="Boosting rounds (default: the learner's own; given, auto picks by size alone)."),
     ] = None,
     seed: Annotated[int, typer.Option()] = 7,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
     grid: Annotated[bool, typer.Option(help="Compare the candidate settings (GRID) instead.")] = False,
     seeds: Annotated[
-        int, typer.Option(help="Also repeat the evaluation with this many seeds: how much of each figure is luck.")
+        int,
+        typer.Option(min=1, help="Also repeat the evaluation with this many seeds: how much of each figure is luck."),
     ] = 1,
     learner: LearnerOption = LearnerChoice.auto,
 ) -> None:
@@ -705,11 +707,12 @@ def train(
     from_topic: FromTopic = False,
     labels_from_topic: LabelsFromTopic = False,
     out: Annotated[Path | None, typer.Option(help="Models root (default <stack dir>/models).")] = None,
-    folds: Annotated[int, typer.Option(help="Rolling-origin folds of the evaluation and calibration.")] = (
+    folds: Annotated[int, typer.Option(min=1, help="Rolling-origin folds of the evaluation and calibration.")] = (
         DEFAULT_FOLDS
     ),
     rounds: Annotated[
-        int | None, typer.Option(help="Boosting rounds (default: the learner's own; given, auto picks by size alone).")
+        int | None,
+        typer.Option(min=1, help="Boosting rounds (default: the learner's own; given, auto picks by size alone)."),
     ] = None,
     seed: Annotated[int, typer.Option()] = 7,
     current: Annotated[bool, typer.Option(help="Make it the model the job uses (CURRENT).")] = True,
@@ -760,6 +763,8 @@ def backtest(
     ] = None,
 ) -> None:
     """Replay a CSV in event-time order through features, model and rules: one decision row per event."""
+    if output is not None and output.resolve() == csv_path.resolve():
+        raise typer.BadParameter("--output would overwrite the CSV being replayed")
     settings = get_settings()
     # Only the option warms up: a CG_JOB__DECIDE_FROM meant for the job must not cut a backtest short.
     ms = int(decide_from.replace(tzinfo=UTC).timestamp() * 1000) if decide_from is not None else 0
@@ -838,5 +843,14 @@ def backtest(
         )
 
 
+def main() -> None:
+    """The commands, with a bad file, folder or artifact answered by one line and exit 1 (not a traceback)."""
+    try:
+        app()
+    except (CheckoutGuardError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(1) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

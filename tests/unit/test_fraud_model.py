@@ -34,6 +34,7 @@ from jobs.model.train import (
     calibration_check,
     format_calibration,
     labelled,
+    main,
     observe_all,
     synthetic_transactions,
     training_flags,
@@ -252,6 +253,33 @@ def test_return_at_another_store_by_another_customer_is_blocked_with_reasons():
     assert scored["model_score"] is not None and scored["model_version"].startswith("local:gbm-")
     assert scored["rules_version"] == scorer.rule_set.version
     assert any(t == scorer.alerts_topic for t, _, _ in rows)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["backtest", "{csv}", "--model", "{tmp}/no-models"],  # a missing model folder
+        ["evaluate", "{tmp}/header-only.csv"],  # a CSV without the required columns
+        ["backtest", "{tmp}/missing.csv"],  # a CSV that is not there
+    ],
+)
+def test_the_model_commands_answer_a_bad_file_or_folder_with_one_line_and_exit_1(tmp_path, monkeypatch, capsys, args):
+    (tmp_path / "header-only.csv").write_text("EVENT_LABEL,EVENT_TIMESTAMP\n")
+    (tmp_path / "ok.csv").write_text("x\n")
+    argv = [a.format(csv=tmp_path / "ok.csv", tmp=tmp_path) for a in args]
+    monkeypatch.setattr("sys.argv", ["train", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1
+    assert "Traceback" not in err
+
+
+def test_backtest_refuses_to_write_its_decisions_over_its_input(tmp_path):
+    data = tmp_path / "data.csv"
+    data.write_text("x\n")
+    res = CliRunner().invoke(app, ["backtest", str(data), "--output", str(tmp_path / "." / "data.csv")])
+    assert res.exit_code == 2 and "overwrite" in res.output and data.read_text() == "x\n"
 
 
 @needs_afd_csv
