@@ -588,7 +588,11 @@ def _source(csv_path: Path | None, settings: Settings, from_topic: bool = False,
             "changed": stats.changed,
             "unmatched": len(stats.unmatched),
         }
-    return Source(observe_all(records, settings), name, sha, joined)
+    history = observe_all(records, settings)
+    if history.rejected:  # said before any figure: evaluate and train leave these rows out
+        ident, reason = history.rejected[0]
+        typer.echo(f"{len(history.rejected)} row(s) rejected and left out (first: {ident}: {reason})")
+    return Source(history, name, sha, joined)
 
 
 CsvArg = Annotated[

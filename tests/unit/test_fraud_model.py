@@ -283,6 +283,17 @@ def test_backtest_refuses_to_write_its_decisions_over_its_input(tmp_path):
 
 
 @needs_afd_csv
+def test_evaluate_says_how_many_rows_it_rejected_and_why_before_anything_else(tmp_path):
+    lines = AFD_CSV.read_text().splitlines()
+    bad = [lines[0], *("yes" + line[line.index(",") :] for line in lines[1:4])]
+    (tmp_path / "bad.csv").write_text("\n".join(bad) + "\n")
+    res = CliRunner().invoke(app, ["evaluate", str(tmp_path / "bad.csv")])
+    assert res.exit_code != 0
+    assert res.output.startswith("3 row(s) rejected and left out (first: ")
+    assert "EVENT_LABEL 'yes' is not 1/0/fraud/legit/empty" in res.output
+
+
+@needs_afd_csv
 def test_train_then_backtest_on_the_fraud_detector_sample(tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["train", str(AFD_CSV), "--out", str(tmp_path / "models")])
