@@ -434,7 +434,9 @@ def import_command(
     )
     if strict and found.bad:
         raise _fail("--strict: bad rows, nothing published")
-    if dry_run or not found.labels:
+    if not found.labels:  # a script must not take a file of bad rows (or none) for a published batch
+        raise _fail(f"{csv_path.name}: no verdicts to publish", 1)
+    if dry_run:
         raise typer.Exit(0)
     stats = publish_labels(settings, found.labels)
     _report(stats, LABELS.full_name(settings.kafka.topic_prefix))

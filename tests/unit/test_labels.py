@@ -285,6 +285,23 @@ def test_cli_import_publishes_the_good_rows_and_lists_the_bad(cli: FakeProducer,
     assert {Label.decode(v or b"").source for _, _, v in cli.sent} == {"chargeback"}
 
 
+@pytest.mark.parametrize("text", ["transaction_id,label\n", "transaction_id,label\ntx 1,fraud\ntx-2,perhaps\n"])
+def test_cli_import_of_a_file_without_one_good_verdict_exits_1(cli: FakeProducer, tmp_path, text) -> None:
+    path = tmp_path / "chargebacks.csv"
+    path.write_text(text, encoding="utf-8")
+    for extra in ([], ["--dry-run"]):
+        result = CliRunner().invoke(labels_cli.app, ["import", str(path), *extra])
+        assert result.exit_code == 1 and "no verdicts to publish" in result.output, result.output
+    assert not cli.sent
+
+
+def test_cli_import_refuses_a_verdict_time_in_epoch_seconds(cli: FakeProducer, tmp_path) -> None:
+    path = tmp_path / "chargebacks.csv"
+    path.write_text("transaction_id,label\ntx-1,fraud\n", encoding="utf-8")
+    result = CliRunner().invoke(labels_cli.app, ["import", str(path), "--decided-at", "1672876800"])
+    assert result.exit_code == 2 and not cli.sent, result.output
+
+
 def test_cli_withdraw(cli: FakeProducer) -> None:
     result = CliRunner().invoke(labels_cli.app, ["withdraw", "tx-1", "tx-2"])
     assert result.exit_code == 0, result.output

@@ -33,6 +33,13 @@ def test_times_parse_from_iso_epoch_ms_and_now():
     assert parse_time_ms("2026-11-22T07:00:00+01:00") == 1_795_327_200_000
     assert parse_time_ms("2026-11-22T06:00:00") == 1_795_327_200_000  # no zone = UTC
     assert parse_time_ms("1795327200000") == 1_795_327_200_000
+
+
+@pytest.mark.parametrize("text", ["1795327200", "20230105", "0"])
+def test_digits_that_are_not_epoch_milliseconds_are_refused(text):
+    """Epoch seconds, or a date without dashes, would otherwise be read as a moment in January 1970."""
+    with pytest.raises(RangeError, match="not epoch milliseconds"):
+        parse_time_ms(text)
     assert parse_time_ms("now", now_ms=42) == 42
     with pytest.raises(RangeError, match="not a time"):
         parse_time_ms("yesterday-ish")
