@@ -67,6 +67,7 @@ from jobs.model.fraud_model import (
     roc_auc,
 )
 from jobs.model.predictors import LocalPredictor
+from jobs.model.registry import CURRENT, read_pointer
 from jobs.scoring.scorer import Scorer, ScoringState
 from schemas.afd_csv import file_sha256, read_rows, replay_order, row_to_transaction
 from schemas.codec import codec
@@ -705,6 +706,14 @@ def _grid(history: History, folds: int, seed: int, json_path: Path | None, seeds
         typer.echo(f"report: {json_path}")
 
 
+def makes_current(root: Path, job_root: Path, asked: bool | None) -> bool:
+    """Whether ``train`` points CURRENT at its model: as asked, else yes unless ``root`` is the job's own
+    models folder with a champion (a plain ``train`` must not swap it without ``promote``'s audit event)."""
+    if asked is not None:
+        return asked
+    return root.resolve() != job_root.resolve() or read_pointer(root, CURRENT) is None
+
+
 @app.command()
 def train(
     csv_path: CsvArg = None,
@@ -719,7 +728,14 @@ def train(
         typer.Option(min=1, help="Boosting rounds (default: the learner's own; given, auto picks by size alone)."),
     ] = None,
     seed: Annotated[int, typer.Option()] = 7,
-    current: Annotated[bool, typer.Option(help="Make it the model the job uses (CURRENT).")] = True,
+    current: Annotated[
+        bool | None,
+        typer.Option(
+            help="Make it the model the job uses (CURRENT). Default: yes, except in the job's own models folder "
+            "once it has a champion: there only `jobs.model.registry promote` (audited) changes it.",
+            show_default=False,
+        ),
+    ] = None,
     learner: LearnerOption = LearnerChoice.auto,
 ) -> None:
     """Evaluate by cross-validation, train on every labelled row; write the artifact and its report."""
@@ -736,11 +752,15 @@ def train(
         labels=source.labels,
         learner=_learner(learner),
     )
-    path = model.save(out or settings.models_root, make_current=current)
+    root = out or settings.models_root
+    current = makes_current(root, settings.models_root, current)
+    path = model.save(root, make_current=current)
     typer.echo(format_metrics(model.meta))
     for ident, reason in history.rejected[:10]:
         typer.echo(f"rejected {ident}: {reason}")
     typer.echo(f"artifact: {path}")
+    if not current:
+        typer.echo(f"not the champion yet: score it beside it with `challenger {path.name}`, then `promote`")
 
 
 @app.command("train-default")

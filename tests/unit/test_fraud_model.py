@@ -35,6 +35,7 @@ from jobs.model.train import (
     format_calibration,
     labelled,
     main,
+    makes_current,
     observe_all,
     synthetic_transactions,
     training_flags,
@@ -273,6 +274,16 @@ def test_the_model_commands_answer_a_bad_file_or_folder_with_one_line_and_exit_1
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1
     assert "Traceback" not in err
+
+
+def test_a_plain_train_does_not_replace_the_jobs_champion(tmp_path):
+    job, other = tmp_path / "models", tmp_path / "elsewhere"
+    assert makes_current(job, job, None)  # no champion yet: the first model becomes it
+    small_model().save(job)
+    assert not makes_current(job, job, None) and not makes_current(tmp_path / "." / "models", job, None)
+    assert makes_current(job, job, True)  # --current: as asked
+    small_model().save(other)
+    assert makes_current(other, job, None) and not makes_current(other, job, False)
 
 
 def test_backtest_refuses_to_write_its_decisions_over_its_input(tmp_path):
