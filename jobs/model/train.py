@@ -480,6 +480,17 @@ def format_unseen(metrics: dict[str, Any]) -> str:
     )
 
 
+def json_safe(value: Any) -> Any:
+    """NaN and infinities (a figure over one class) as null: ``json.dumps`` would write ``NaN``, which is not JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def _mean(a: np.ndarray) -> float:
     return float(a.mean()) if a.size else float("nan")
 
@@ -670,7 +681,7 @@ def evaluate(
         cv.report["seed_stability"] = stability
         typer.echo(format_stability(stability))
     if json_path:
-        json_path.write_text(json.dumps(cv.report, indent=2, default=str))
+        json_path.write_text(json.dumps(json_safe(cv.report), indent=2, default=str))
         typer.echo(f"report: {json_path}")
 
 
@@ -702,7 +713,7 @@ def _grid(history: History, folds: int, seed: int, json_path: Path | None, seeds
         )
         results.append({"settings": label, "report": r, "pooled_roc_auc_mean_of_seeds": mean, "seeds": seeds})
     if json_path:
-        json_path.write_text(json.dumps(results, indent=2, default=str))
+        json_path.write_text(json.dumps(json_safe(results), indent=2, default=str))
         typer.echo(f"report: {json_path}")
 
 
@@ -842,7 +853,7 @@ def backtest(
             else ""
         )
     )
-    typer.echo(json.dumps(metrics, indent=2))
+    typer.echo(json.dumps(json_safe(metrics), indent=2))
     if in_training is not None:
         if seen := metrics["in_training"].get("rows", 0):
             typer.echo(

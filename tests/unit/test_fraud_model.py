@@ -33,6 +33,7 @@ from jobs.model.train import (
     backtest_metrics,
     calibration_check,
     format_calibration,
+    json_safe,
     labelled,
     main,
     makes_current,
@@ -274,6 +275,15 @@ def test_the_model_commands_answer_a_bad_file_or_folder_with_one_line_and_exit_1
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1
     assert "Traceback" not in err
+
+
+def test_figures_over_one_class_are_written_as_json_null_not_nan():
+    report = {"roc_auc": float("nan"), "folds": [{"fpr": float("inf"), "rows": 3}], "band": (0.5, float("nan"))}
+    assert json.loads(json.dumps(json_safe(report), allow_nan=False)) == {
+        "roc_auc": None,
+        "folds": [{"fpr": None, "rows": 3}],
+        "band": [0.5, None],
+    }
 
 
 def test_a_plain_train_does_not_replace_the_jobs_champion(tmp_path):
