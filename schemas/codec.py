@@ -19,6 +19,7 @@ Avro's own Java decoder, it does not look past the end of the record: trailing b
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -146,3 +147,15 @@ class Codec:
 def codec(record_type: str) -> Codec:
     """The shared codec of a record type."""
     return Codec(record_type)
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and infinities as null, through dicts, lists and tuples: JSON cannot carry them (``json.dumps``
+    would write ``NaN``; OpenSearch refuses it)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value

@@ -70,7 +70,7 @@ from jobs.model.predictors import LocalPredictor
 from jobs.model.registry import CURRENT, read_pointer
 from jobs.scoring.scorer import Scorer, ScoringState
 from schemas.afd_csv import file_sha256, read_rows, replay_order, row_to_transaction
-from schemas.codec import codec
+from schemas.codec import codec, json_safe
 from schemas.errors import CheckoutGuardError, InvalidRecord
 from schemas.model_artifact import id_digest
 from schemas.records import PosTransaction
@@ -478,17 +478,6 @@ def format_unseen(metrics: dict[str, Any]) -> str:
         f"({lo:.2f}-{hi:.2f}), TPR at {'/'.join(m['at_fpr'])} FPR {tpr}; "
         f"order_price alone {f['roc_auc']:.3f} ({flo:.2f}-{fhi:.2f})"
     )
-
-
-def json_safe(value: Any) -> Any:
-    """NaN and infinities (a figure over one class) as null: ``json.dumps`` would write ``NaN``, which is not JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def _mean(a: np.ndarray) -> float:

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import random
 import signal
 import threading
@@ -73,7 +72,7 @@ from infra.clients.opensearch import make_client
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.retry import Backoff, call_with_retries
 from infra.settings import IndicesSettings, Settings, get_settings
-from schemas.codec import DecodeError, codec
+from schemas.codec import DecodeError, codec, json_safe
 from schemas.errors import CheckoutGuardError
 from schemas.indices import (
     DEFAULT_GROUP_ID,
@@ -291,18 +290,8 @@ def dead_letter_for(message: Message, error_kind: str, reason: str, failed_at: i
 def to_document(record: dict[str, Any], drop: Iterable[str] = ()) -> dict[str, Any]:
     """The Avro dict as an OpenSearch document without the ``drop`` fields; NaN/inf become null
     because JSON cannot carry them."""
-
-    def clean(value: Any) -> Any:
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [clean(v) for v in value]
-        return value
-
     dropped = set(drop)
-    return {name: clean(value) for name, value in record.items() if name not in dropped}
+    return {name: json_safe(value) for name, value in record.items() if name not in dropped}
 
 
 def to_actions(

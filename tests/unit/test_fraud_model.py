@@ -33,7 +33,6 @@ from jobs.model.train import (
     backtest_metrics,
     calibration_check,
     format_calibration,
-    json_safe,
     labelled,
     main,
     makes_current,
@@ -44,7 +43,7 @@ from jobs.model.train import (
 from jobs.scoring.features import PROFILE_FEATURES
 from jobs.scoring.rules import FaceResult
 from jobs.scoring.scorer import Predictor, Scorer, ScoringState
-from schemas.codec import codec
+from schemas.codec import codec, json_safe
 from schemas.model_artifact import TRAINED_IDS_FILE, id_digest
 from tests.builders import return_of, sale
 from tests.fraud_model import clean_settings, small_model
