@@ -12,3 +12,8 @@ import time
 def now_ms() -> int:
     """Now, in milliseconds since the epoch (UTC)."""
     return time.time_ns() // 1_000_000
+
+
+def is_epoch_ms(value: int) -> bool:
+    """13-14 digits (2001-09-09 .. 5138): a time in seconds, or a date like 20230105, would read as January 1970."""
+    return 10**12 <= value < 10**14

@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from infra import clock
 from infra.kafka_cluster import CLUSTER_SIZES, bootstrap_list, kafka_nodes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -191,7 +192,7 @@ class JobSettings(BaseModel, frozen=True):
     @classmethod
     def _epoch_ms(cls, value: int) -> int:
         """Milliseconds: a time in seconds (10 digits) would read as January 1970, and warm up nothing."""
-        if value and not 10**12 <= value < 10**14:
+        if value and not clock.is_epoch_ms(value):
             raise ValueError(f"decide_from is epoch milliseconds (13 digits) or 0, not {value}")
         return value
 

@@ -60,7 +60,7 @@ def parse_time_ms(text: str, now_ms: int | None = None) -> int:
     if text == "now":
         return now_ms if now_ms is not None else clock.now_ms()
     if text.isdigit():
-        if not 10**12 <= int(text) < 10**14:  # 2001-09-09 .. 5138: seconds or a date like 20230105 are not ms
+        if not clock.is_epoch_ms(int(text)):
             raise RangeError(f"not epoch milliseconds (13 digits): {text!r}; seconds? give {text}000 or ISO-8601")
         return int(text)
     try:

@@ -162,8 +162,9 @@ def _versions(root: Path) -> list[str]:
 
 def _check_version(root: Path, version: str) -> LocalModel:
     """A pointer names one version folder directly under ``root`` (never ``.``, ``..`` or a path, which would
-    load now and leave ``CURRENT`` unreadable to the job) holding an artifact the job can load."""
-    if version != Path(version).name or version in {".", ".."} or version not in _versions(root):
+    load now and leave ``CURRENT`` unreadable to the job: none is a folder name) holding an artifact the job
+    can load."""
+    if version not in _versions(root):
         raise typer.BadParameter(f"{version!r} is not a model version in {root} (see: status)")
     try:
         return LocalModel.load(root / version)
@@ -201,9 +202,9 @@ def challenger(
         return
     if not version:
         raise typer.BadParameter("name a version, or --clear")
-    _check_version(root, version)
     if version == read_pointer(root, CURRENT):
         raise typer.BadParameter(f"{version} is the champion already; the job scores no challenger equal to it")
+    _check_version(root, version)
     write_pointer(root, CHALLENGER, version)
     typer.echo(f"challenger: {version}")
 

@@ -635,7 +635,7 @@ def evaluate(
     labels_from_topic: LabelsFromTopic = False,
     folds: Annotated[
         int, typer.Option(min=1, help="Rolling-origin folds (the labelled rows make folds + 1 blocks).")
-    ] = (DEFAULT_FOLDS),
+    ] = DEFAULT_FOLDS,
     rounds: Annotated[
         int | None,
         typer.Option(min=1, help="Boosting rounds (default: the learner's own; given, auto picks by size alone)."),
