@@ -29,6 +29,7 @@ from pydantic import BaseModel, SecretStr
 from rich.markup import escape
 
 from infra.settings import REPO_ROOT, Settings
+from schemas.errors import CheckoutGuardError
 
 PROG = "checkout-guard"
 HELP_WIDTH = 76
@@ -324,8 +325,14 @@ def build() -> LazyGroup:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """The ``checkout-guard`` console script."""
-    build().main(list(argv) if argv is not None else sys.argv[1:], prog_name=PROG)
+    """The ``checkout-guard`` console script. An error the project raises on purpose (a bad file, folder or
+    artifact) or a file the OS refuses is one line and exit 1, as under each module's ``python -m``; any
+    other exception keeps its traceback, which is what a bug report needs."""
+    try:
+        build().main(list(argv) if argv is not None else sys.argv[1:], prog_name=PROG)
+    except (CheckoutGuardError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(1) from None
 
 
 # ---------------------------------------------------------------------------- topics tail

@@ -756,8 +756,8 @@ def train(
     current = makes_current(root, settings.models_root, current)
     path = model.save(root, make_current=current)
     typer.echo(format_metrics(model.meta))
-    for ident, reason in history.rejected[:10]:
-        typer.echo(f"rejected {ident}: {reason}")
+    for ident, reason in history.rejected[1:10]:  # the first was named in the summary before the figures
+        typer.echo(f"also rejected {ident}: {reason}")
     typer.echo(f"artifact: {path}")
     if not current:
         typer.echo(f"not the champion yet: score it beside it with `challenger {path.name}`, then `promote`")
@@ -770,6 +770,16 @@ def train_default_cmd(force: Annotated[bool, typer.Option(help="Retrain even if 
     t0 = time.perf_counter()
     path = ensure_default_model(settings, force=force)
     typer.echo(f"model: {path} ({time.perf_counter() - t0:.1f}s)")
+
+
+def _no_decisions(csv_path: Path, history: History, warmed: int) -> str:
+    """Why a backtest decided nothing: an empty file, every row rejected, or every event before the warm-up cut."""
+    if warmed:
+        return f"{csv_path.name}: all {warmed} events are before --decide-from; nothing to decide"
+    if history.rejected:
+        ident, reason = history.rejected[0]
+        return f"{csv_path.name}: all {len(history.rejected)} rows rejected (first, {ident}: {reason})"
+    return f"{csv_path.name} holds no transactions"
 
 
 @app.command()
@@ -797,6 +807,8 @@ def backtest(
     scorer = Scorer(settings, predictor=LocalPredictor(local))
     history = observe_all(csv_transactions(csv_path), settings, scorer=scorer)
     decisions = backtest_rows(history, scorer)
+    if not decisions:
+        raise CheckoutGuardError(_no_decisions(csv_path, history, scorer.stats.observed_only["warm_up"]))
     in_training = training_flags(decisions, local.trained_ids())
     output = output or Path(f"{csv_path.stem}.backtest.csv")
     with output.open("w", newline="") as f:

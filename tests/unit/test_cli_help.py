@@ -189,3 +189,17 @@ def test_a_process_without_arguments_runs_as_before_and_the_console_runs_the_sam
     typer.main.get_command(mod.cli).main([], prog_name=module, standalone_mode=False)
     build().main([PROCESSES[module], "--log-level", "debug"], standalone_mode=False)
     assert calls == ["INFO", "debug"]
+
+
+def test_the_console_answers_a_bad_file_with_one_line_and_exit_1_as_python_m_does(tmp_path, capsys):
+    from infra.cli import main
+
+    (tmp_path / "cols.csv").write_text("a,b\n1,2\n")
+    for argv in (
+        ["evaluate", str(tmp_path / "cols.csv")],
+        ["backtest", str(tmp_path / "cols.csv"), "--model", str(tmp_path / "none")],
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 1 and err.startswith("error: ") and len(err.splitlines()) == 1, (argv, err)

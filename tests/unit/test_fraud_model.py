@@ -44,6 +44,7 @@ from jobs.scoring.features import PROFILE_FEATURES
 from jobs.scoring.rules import FaceResult
 from jobs.scoring.scorer import Predictor, Scorer, ScoringState
 from schemas.codec import codec, json_safe
+from schemas.errors import CheckoutGuardError
 from schemas.model_artifact import TRAINED_IDS_FILE, id_digest
 from tests.builders import return_of, sale
 from tests.fraud_model import clean_settings, small_model
@@ -506,3 +507,33 @@ def test_backtest_reports_unusable_rows_with_reasons_and_scores_the_rest(tmp_pat
     assert "payment_currency" in reasons["bad-currency"]
     assert "EVENT_TIMESTAMP" in reasons["bad-time"]
     assert "amount must be a positive number" in reasons["zero-price"]  # the job's own validation
+
+
+@pytest.mark.parametrize(
+    ("body", "args", "says"),
+    [
+        ("", [], "mixed.csv holds no transactions"),
+        (
+            "0,yesterday,bad,customer,c3,5.0,USD,fraud_Shop A,travel\n",
+            [],
+            "mixed.csv: all 1 rows rejected (first, bad: ",
+        ),
+        (
+            "0,2023-01-01T10:00:00Z,early,customer,c3,5.0,USD,fraud_Shop A,travel\n",
+            ["--decide-from", "2024-01-01"],
+            "mixed.csv: all 1 events are before --decide-from",
+        ),
+    ],
+    ids=["header only", "every row rejected", "every event in the warm-up"],
+)
+def test_backtest_that_decides_nothing_fails_with_the_reason_and_writes_no_decisions(tmp_path, body, args, says):
+    data = tmp_path / "mixed.csv"
+    data.write_text(
+        "EVENT_LABEL,EVENT_TIMESTAMP,EVENT_ID,ENTITY_TYPE,ENTITY_ID,order_price,payment_currency,merchant,"
+        "product_category\n" + body
+    )
+    model_dir = small_model().save(tmp_path / "models")
+    out = tmp_path / "decisions.csv"
+    res = CliRunner().invoke(app, ["backtest", str(data), "--model", str(model_dir), "--output", str(out), *args])
+    assert res.exit_code == 1 and isinstance(res.exception, CheckoutGuardError)
+    assert str(res.exception).startswith(says) and not out.exists()
