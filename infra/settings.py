@@ -312,7 +312,7 @@ class ModelSettings(BaseModel, frozen=True):
     at or above which a ``MODEL_DRIFT`` alert fires: < 0.1 stable, 0.1-0.25 moderate, > 0.25 significant."""
     drift_min_rows: int = 200
     """Transactions an hour needs before its PSI may alert (a few rows give a large PSI by chance alone)."""
-    drift_bins: int = 10
+    drift_bins: int = Field(default=10, ge=2)
     """Quantile bins per numeric feature (most frequent codes per categorical) in the training reference."""
     drift_grace_ms: int = 300_000
     """How long past an hour's end (in event time) its distributions stay open for late transactions."""

@@ -269,9 +269,11 @@ def train_on(
     sha256: str,
     labels: dict[str, Any] | None = None,
     learner: Learner | None = None,
+    drift_bins: int = 10,
 ) -> LocalModel:
     """Cross-validate, then fit on every labelled row with the learner the evaluation used (chosen on the
-    folds when ``learner`` is None); calibrate on the out-of-fold legitimate rows."""
+    folds when ``learner`` is None); calibrate on the out-of-fold legitimate rows. ``drift_bins``: the drift
+    reference's bins per feature (``model.drift_bins``)."""
     data, cv = evaluate_history(history, folds=folds, seed=seed, rounds=rounds, learner=learner)
     rows = cv.calibration_rows(data.y)
     legit_oof = cv.oof[rows][data.y[rows] == 0]
@@ -295,7 +297,11 @@ def train_on(
         "evaluation": cv.report,
         "metrics": {"latest_folds_out_of_fold": classification_metrics(data.y[rows], cv.oof[rows], calibration)},
         "reference": reference_profile(
-            FEATURE_NAMES, data.x[scored], calibration.score(cv.oof[scored]), categorical=CATEGORICAL_FEATURES
+            FEATURE_NAMES,
+            data.x[scored],
+            calibration.score(cv.oof[scored]),
+            drift_bins,
+            categorical=CATEGORICAL_FEATURES,
         ),
     }
     ids = [history.source_ids[i] for i in data.rows]
@@ -327,7 +333,13 @@ def train_default(
     digest = hashlib.sha256(f"PosGenerator(seed={seed}, rows={rows})".encode()).hexdigest()
     history = observe_all(txs, settings)
     return train_on(
-        history, folds=folds, seed=7, source=f"synthetic:PosGenerator(seed={seed})", sha256=digest, learner=learner
+        history,
+        folds=folds,
+        seed=7,
+        source=f"synthetic:PosGenerator(seed={seed})",
+        sha256=digest,
+        learner=learner,
+        drift_bins=settings.model.drift_bins,
     )
 
 
@@ -751,6 +763,7 @@ def train(
         sha256=source.sha256,
         labels=source.labels,
         learner=_learner(learner),
+        drift_bins=settings.model.drift_bins,
     )
     root = out or settings.models_root
     current = makes_current(root, settings.models_root, current)

@@ -325,6 +325,18 @@ def test_the_drift_settings_defaults() -> None:
     assert 0 <= model.drift_grace_ms < HOUR_MS
 
 
+def test_train_bins_the_drift_reference_as_the_drift_bins_setting_asks() -> None:
+    from jobs.model.train import train_default
+    from tests.fraud_model import clean_settings
+
+    settings = clean_settings()
+    settings = settings.model_copy(update={"model": settings.model.model_copy(update={"drift_bins": 4})})
+    reference = train_default(settings, rows=2000, folds=2).meta["reference"]
+    assert reference["bins"] == 4 and len(reference["features"]["amount_log"]["edges"]) == 3
+    with pytest.raises(ValueError, match="greater than or equal to 2"):
+        ModelSettings(drift_bins=1)
+
+
 def test_the_drift_alert_is_a_valid_model_drift_alert(reference: dict[str, Any]) -> None:
     report = _report(reference)
     alert = drift_alert(report)
