@@ -417,6 +417,30 @@ def drift_id(model_version: str, hour_start: int) -> str:
     return f"drift:{_ID_UNSAFE.sub('_', model_version)[:100]}:{hour_start}"
 
 
+class RetiredVersions:
+    """Versions whose monitor went (a promotion, an eviction), with the time up to which their hours are
+    reported: a rollback's new monitor of that version resumes there, so an hour is never reported twice
+    (one ``drift:<version>:<hour>`` id, one report; a second would overwrite the first downstream)."""
+
+    LIMIT = 64
+
+    def __init__(self) -> None:
+        self.until: dict[str, int] = {}
+
+    def retire(self, version: str, monitor: DriftMonitor) -> None:
+        if monitor.watermark is not None:
+            self.until[version] = monitor.watermark
+            while len(self.until) > self.LIMIT:
+                del self.until[next(iter(self.until))]
+
+    def revive(self, version: str, monitor: DriftMonitor | None) -> DriftMonitor | None:
+        """``monitor`` (new, of ``version``) with the hours its predecessor reported closed: later rows are late."""
+        until = self.until.pop(version, None)
+        if monitor is not None and until is not None:
+            monitor.resume(until)
+        return monitor
+
+
 class DriftMerge:
     """The partitioned layout's model-drift reports. Each decide slot sees only its receipts, so each
     tallies its decisions per event-time hour (:meth:`DriftMonitor.tally`) and the tallies
@@ -427,8 +451,6 @@ class DriftMerge:
 
     MAX_VERSIONS = 4
     """Monitors kept beyond those with open hours: the least recently used idle ones go first."""
-    MAX_REMEMBERED = 64
-    """Versions whose monitor went, with the time up to which their hours are reported (a rollback)."""
 
     def __init__(self, monitor_of: Callable[[str], DriftMonitor | None], psi_alert: float) -> None:
         self.psi_alert = psi_alert
@@ -436,7 +458,7 @@ class DriftMerge:
         """A version's :class:`jobs.model.drift.DriftMonitor` (None: that model has no reference)."""
         self.monitors: dict[str, DriftMonitor | None] = {}
         """By version, the most recently used last."""
-        self.reported_until: dict[str, int] = {}
+        self.retired = RetiredVersions()
 
     def on_tallies(
         self, tallies: Iterable[HourTally], watermark_ms: int
@@ -454,11 +476,7 @@ class DriftMerge:
         return self._alerted(reports)
 
     def _monitor(self, version: str) -> DriftMonitor | None:
-        monitor = self.monitor_of(version)
-        until = self.reported_until.pop(version, None)
-        if monitor is not None and until is not None:
-            monitor.resume(until)  # its hours reported before it went stay closed: later rows are late
-        return monitor
+        return self.retired.revive(version, self.monitor_of(version))
 
     def _evict(self) -> None:
         for version in list(self.monitors):
@@ -467,10 +485,8 @@ class DriftMerge:
             monitor = self.monitors[version]
             if monitor is None or not monitor.open_hours:
                 del self.monitors[version]
-                if monitor is not None and monitor.watermark is not None:
-                    self.reported_until[version] = monitor.watermark
-                    while len(self.reported_until) > self.MAX_REMEMBERED:
-                        del self.reported_until[next(iter(self.reported_until))]
+                if monitor is not None:
+                    self.retired.retire(version, monitor)
 
     def on_watermark(self, watermark_ms: int) -> list[tuple[ModelDriftRecord, AlertAvro | None]]:
         """The reports of the hours that close by ``watermark_ms`` (a timer at :meth:`due`)."""

@@ -142,6 +142,8 @@ class ScoringModels(Predictor):
         self.remote = remote
         self._drift_factory = drift
         self._drift: tuple[str, Any] | None = None
+        self._retired: Any = None
+        """The versions a promotion retired (:class:`jobs.model.drift.RetiredVersions`): a rollback resumes."""
         self._reports: list[Any] = []
         self.tally_drift = tally_drift
         """One slot of a parallel job: the drift counters of each batch wait in :meth:`drain_tallies` for
@@ -156,9 +158,13 @@ class ScoringModels(Predictor):
         if self._drift_factory is None or champion is None or self.remote is not None:
             return None
         if self._drift is None or self._drift[0] != champion.version:
-            if self._drift is not None and self._drift[1] is not None:
-                self._reports.extend(self._drift[1].flush())
-            self._drift = (champion.version, self._drift_factory(champion))
+            from jobs.model.drift import RetiredVersions
+
+            self._retired = self._retired or RetiredVersions()
+            if self._drift is not None and (retired := self._drift[1]) is not None:
+                self._reports.extend(retired.flush())
+                self._retired.retire(self._drift[0], retired)
+            self._drift = (champion.version, self._retired.revive(champion.version, self._drift_factory(champion)))
         return self._drift[1]
 
     def predict_batch(self, items: Sequence[Item]) -> list[ModelResult]:

@@ -14,7 +14,7 @@ from jobs.model.registry import CHALLENGER, CURRENT, ModelRegistry, app, read_po
 from jobs.scoring.rules import ModelResult
 from jobs.scoring.scorer import Predictor, Scorer
 from schemas.codec import codec
-from tests.builders import sale
+from tests.builders import T0, sale
 from tests.fraud_model import challenger_model as other_model
 from tests.fraud_model import small_model
 
@@ -203,3 +203,35 @@ def test_the_job_publishes_an_hourly_drift_report_and_alerts_when_the_inputs_shi
     assert report["alert"] and report["feature_psi"]["amount_log"] > 0.25
     alerts = [codec("Alert").decode(v) for t, _, v in rows if t == scorer.alerts_topic]
     assert [a["kind"] for a in alerts] == ["MODEL_DRIFT"] and alerts[0]["alert_id"] == report["report_id"]
+
+
+def test_a_rollback_does_not_report_an_hour_of_the_old_champion_twice(tmp_path):
+    """Promote twice within an hour (A -> B -> A): A's hour was reported when B took over; A's rows after the
+    rollback count as late in a later report, never as a second report under the same id (which would
+    overwrite the first in OpenSearch)."""
+    champ, chal = _models(tmp_path)
+    write_pointer(tmp_path, CHALLENGER, chal)
+    settings = _settings(tmp_path, drift_min_rows=1)
+    clock = Clock()
+    models = ScoringModels(ModelRegistry(settings, clock=clock), drift=drift_monitors(settings))
+
+    def batch(first_s: int, n: int) -> None:
+        models.predict_batch([(sale(f"r{first_s}-{i}", at_s=first_s + i).to_avro(), {}) for i in range(n)])
+
+    def promote() -> None:
+        assert CliRunner().invoke(app, ["promote", "--no-audit", "--models", str(tmp_path)]).exit_code == 0
+        clock.now += 6.0  # past the reload interval
+
+    batch(60, 30)
+    promote()  # B
+    batch(1200, 10)
+    promote()  # A again
+    batch(2400, 5)
+    batch(2 * 3600, 1)  # the next hour, past the grace: closes A's hour
+    reports = [report for report, _ in models.drain_reports()]
+    ids = [r["report_id"] for r in reports]
+    assert len(ids) == len(set(ids)) == 2, ids
+    assert [(r["model_version"], r["rows"]) for r in reports] == [(champ, 30), (chal, 10)]
+    batch(4 * 3600, 1)  # closes A's next hour: the rollback's 5 rows of the reported hour are its late rows
+    [(report, _)] = models.drain_reports()
+    assert (report["report_id"], report["rows"], report["late_rows"]) == (f"drift:{champ}:{T0 + 7_200_000}", 1, 5)
