@@ -11,10 +11,11 @@ Endpoints (each takes ``minutes`` = window length, ``store`` = one store only, `
 - ``GET /api/alerts/{alert_id}``  one alert and the decision on its transaction
 - ``GET /alerts/{alert_id}``  the page alert messages (email, Webex) link to
 - ``GET /api/config``    refresh period and default window for the page
-- ``GET /api/models``    champion and challenger: score distributions (20 bins over 0-1000, versions),
-  and ROC-AUC of both over the labelled scored transactions of the window (field verdicts from the
-  labels index joined by transaction id), with the numbers of labelled and fraud rows; each model's
-  own training rows are left out (``in_training``: how many; null when its artifact is not visible)
+- ``GET /api/models``    champion and challenger (the versions holding the roles now): each one's score
+  distribution (20 bins over 0-1000) and ROC-AUC over the labelled transactions of the window it scored in
+  either role (field verdicts from the labels index joined by transaction id), and both over the rows both
+  scored (``paired``), with intervals and the numbers of labelled and fraud rows; each model's own training
+  rows are left out (``in_training``: how many; null when its artifact is not visible)
 - ``GET /api/drift``     latest drift report per model version (score PSI, worst features, alert, rows, hour)
 - ``GET /models``        the Models page over those two
 - ``GET /api/pipeline``  pipeline health from Prometheus (sinks/dashboard/pipeline.py): targets up, records/s
@@ -71,6 +72,7 @@ from sinks.dashboard.queries import (
     ID_CHUNK,
     LABEL_PAGE,
     MAX_LABELS,
+    MODEL_ROLES,
     LabelledRow,
     Window,
     alert_by_id_query,
@@ -161,7 +163,8 @@ class Dashboard:
         """Both models' score distributions in the window and their ROC-AUC on its labelled transactions."""
         distributions = shape_distributions(self.search(self.transactions, models_query(window)))
         labels, truncated = self.field_labels()
-        evaluation = evaluate_models(self.labelled_scored(window, labels), self.trained_ids)
+        current = {role: distributions[role]["version"] for role in MODEL_ROLES}
+        evaluation = evaluate_models(self.labelled_scored(window, labels), self.trained_ids, current)
         summary = shape_labels_summary(self.search(self.labels, labels_summary_query()))
         return {
             "window": {"start": window.start_ms, "end": window.end_ms, "store": window.store},

@@ -348,20 +348,25 @@ Z95 = 1.959964
 
 
 def models_query(window: Window) -> dict[str, Any]:
-    """Both models' score distributions over the window (and store): a fixed-width histogram each,
-    empty bins included, the versions that scored, and count/mean."""
+    """Score distributions over the window (and store) per model version in each role: a fixed-width
+    histogram each, empty bins included, with count/mean; and each role's newest version (the one that
+    holds the role now). A version's scores do not depend on its role, so a version's figures pool both."""
+    histogram = {
+        "interval": SCORE_BIN,
+        "min_doc_count": 0,
+        "extended_bounds": {"min": 0, "max": SCORE_MAX - SCORE_BIN},
+    }
     aggs: dict[str, Any] = {}
     for role, (score, version) in MODEL_ROLES.items():
-        aggs[f"{role}_histogram"] = {
-            "histogram": {
-                "field": score,
-                "interval": SCORE_BIN,
-                "min_doc_count": 0,
-                "extended_bounds": {"min": 0, "max": SCORE_MAX - SCORE_BIN},
-            }
+        aggs[f"{role}_versions"] = {
+            "terms": {"field": version, "size": VERSIONS_SHOWN},
+            "aggs": {
+                "histogram": {"histogram": {"field": score, **histogram}},
+                "stats": {"stats": {"field": score}},
+            },
         }
-        aggs[f"{role}_stats"] = {"stats": {"field": score}}
-        aggs[f"{role}_versions"] = {"terms": {"field": version, "size": VERSIONS_SHOWN}}
+        newest = {"size": 1, "sort": [{"event_time": {"order": "desc"}}], "_source": [version]}
+        aggs[f"{role}_current"] = {"filter": {"exists": {"field": version}}, "aggs": {"newest": {"top_hits": newest}}}
     aggs["stores_all"] = {"global": {}, "aggs": {"ids": {"terms": {"field": "store_id", "size": 100}}}}
     return {"size": 0, "track_total_hits": True, "query": {"bool": {"filter": window.filters()}}, "aggs": aggs}
 
@@ -407,27 +412,43 @@ def scored_by_ids_query(window: Window, transaction_ids: list[str]) -> dict[str,
 
 
 def shape_distributions(answer: dict[str, Any]) -> dict[str, Any]:
-    """Per role: rows scored, mean score, versions (by rows) and the count in each of the 20 bins."""
+    """Per role: the version that holds it now (the newest scored record's), and that version's rows, mean
+    score and count in each of the 20 bins over every row it scored in the window, as champion or as
+    challenger (after a promotion, one model's figures are never mixed with another's); ``versions``: the
+    versions that held the role in the window, by rows."""
     aggs = answer.get("aggregations", {})
     bins = SCORE_MAX // SCORE_BIN
+    counts: dict[str, list[int]] = {}
+    rows: dict[str, int] = {}
+    sums: dict[str, float] = {}
+    for role in MODEL_ROLES:
+        for bucket in (aggs.get(f"{role}_versions") or {}).get("buckets", []):
+            version = str(bucket["key"])
+            slots = counts.setdefault(version, [0] * bins)
+            for b in (bucket.get("histogram") or {}).get("buckets", []):
+                slot = min(max(int(float(b["key"]) // SCORE_BIN), 0), bins - 1)  # 1000 joins the last bin
+                slots[slot] += int(b["doc_count"])
+            stats = bucket.get("stats") or {}
+            rows[version] = rows.get(version, 0) + int(stats.get("count") or 0)
+            sums[version] = sums.get(version, 0.0) + float(stats.get("sum") or 0.0)
     out: dict[str, Any] = {
         "scored": _total(answer),
         "bin_width": SCORE_BIN,
         "bins": [n * SCORE_BIN for n in range(bins)],
         "all_stores": sorted(_buckets((aggs.get("stores_all") or {}).get("ids"))),
     }
-    for role in MODEL_ROLES:
-        counts = [0] * bins
-        for bucket in (aggs.get(f"{role}_histogram") or {}).get("buckets", []):
-            slot = min(max(int(float(bucket["key"]) // SCORE_BIN), 0), bins - 1)  # 1000 joins the last bin
-            counts[slot] += int(bucket["doc_count"])
-        stats = aggs.get(f"{role}_stats") or {}
-        mean = stats.get("avg")
+    for role, (_, field) in MODEL_ROLES.items():
+        hits = (((aggs.get(f"{role}_current") or {}).get("newest") or {}).get("hits") or {}).get("hits") or []
+        version = (hits[0].get("_source") or {}).get(field) if hits else None
+        n = rows.get(version, 0) if version is not None else 0
         out[role] = {
-            "rows": int(stats.get("count") or 0),
-            "mean": None if mean is None else round(float(mean), 1),
-            "versions": _buckets(aggs.get(f"{role}_versions")),
-            "counts": counts,
+            "version": version,
+            "rows": n,
+            "mean": round(sums[version] / n, 1) if n and version is not None else None,
+            "versions": {
+                str(b["key"]): int(b["doc_count"]) for b in (aggs.get(f"{role}_versions") or {}).get("buckets", [])
+            },
+            "counts": list(counts.get(version, [0] * bins)) if version is not None else [0] * bins,
         }
     return out
 
@@ -453,11 +474,13 @@ def roc_auc(scores: list[float], labels: list[int]) -> float | None:
 
 def auc_interval(auc: float, positives: int, negatives: int) -> tuple[float, float]:
     """A 95 % interval for an AUC from Hanley & McNeil's (1982) standard error: wide when either class is
-    small, which is the point of showing it."""
-    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
-    variance = (auc * (1 - auc) + (positives - 1) * (q1 - auc * auc) + (negatives - 1) * (q2 - auc * auc)) / (
-        positives * negatives
-    )
+    small, which is the point of showing it. The error is taken at the AUC held half a row of the smaller
+    class (``1 / (2 * min(positives, negatives))``) inside (0, 1): at 0 or 1 the formula's error is 0, and a
+    perfect ranking of 1 fraud row among 3 (a 1-in-4 chance at random) claimed certainty."""
+    edge = 1 / (2 * min(positives, negatives))
+    a = min(max(auc, edge), 1 - edge)
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    variance = (a * (1 - a) + (positives - 1) * (q1 - a * a) + (negatives - 1) * (q2 - a * a)) / (positives * negatives)
     half = Z95 * math.sqrt(max(variance, 0.0))
     return max(0.0, auc - half), min(1.0, auc + half)
 
@@ -504,72 +527,75 @@ TrainedIds = Callable[[str | None], frozenset[str] | None]
 (a remote backend, or an artifact that did not record them)."""
 
 
-def _in_training(
-    rows: list[LabelledRow], role: str, trained: dict[str | None, frozenset[str] | None]
-) -> set[str] | None:
-    """The transactions ``role`` scored among ``rows`` that the model which scored them was fitted on;
-    None when no scoring model's training rows are known here (so none could be left out)."""
-    scored = [row for row in rows if row.scores[role] is not None]
-    if not any(trained.get(row.versions[role]) is not None for row in scored):
-        return None
-    return {
-        row.transaction_id
-        for row in scored
-        if (ids := trained.get(row.versions[role])) and id_digest(row.transaction_id) in ids
-    }
+def _scored_by(rows: list[LabelledRow], version: str | None) -> list[tuple[LabelledRow, float]]:
+    """The labelled rows ``version`` scored, in either role, with its score."""
+    if version is None:
+        return []
+    out = []
+    for row in rows:
+        for role in MODEL_ROLES:
+            score = row.scores[role]
+            if row.versions[role] == version and score is not None:
+                out.append((row, float(score)))
+                break
+    return out
 
 
-def _evaluate_role(rows: list[LabelledRow], role: str, fitted: set[str] | None) -> dict[str, Any]:
-    scored = [row for row in rows if row.scores[role] is not None and row.transaction_id not in (fitted or ())]
-    labels = [row.label for row in scored]
-    auc = roc_auc([float(row.scores[role]) for row in scored], labels)  # type: ignore[arg-type]
+def _figure(scored: list[tuple[LabelledRow, float]]) -> dict[str, Any]:
+    labels = [row.label for row, _ in scored]
+    auc = roc_auc([score for _, score in scored], labels)
     fraud = sum(labels)
     low, high = auc_interval(auc, fraud, len(labels) - fraud) if auc is not None else (None, None)
-    versions: dict[str, int] = {}
-    for row in scored:
-        version = row.versions[role] or "unknown"
-        versions[version] = versions.get(version, 0) + 1
     return {
         "rows": len(scored),
         "fraud": fraud,
         "auc": _rounded(auc),
         "auc_low": _rounded(low),
         "auc_high": _rounded(high),
-        "versions": dict(sorted(versions.items(), key=lambda item: -item[1])),
-        "in_training": None if fitted is None else len(fitted),
     }
 
 
-def evaluate_models(rows: list[LabelledRow], trained: TrainedIds | None = None) -> dict[str, Any]:
-    """ROC-AUC of champion and challenger over the labelled rows each scored, and both over the rows
-    that both scored (``paired``): only that comparison is like for like when the challenger came
-    later or went away within the window. Given ``trained``, each model's own training rows are left
-    out of its figures (``in_training`` counts them; None when no scoring model's training rows are
-    known here), and out of the paired ones for both: a challenger trained on the field labels would
-    otherwise be judged on the answers it learnt. Each version is looked up once."""
-    versions = {row.versions[role] for row in rows for role in MODEL_ROLES}
-    known = {version: trained(version) for version in versions} if trained is not None else {}
-    fitted = {role: _in_training(rows, role, known) for role in MODEL_ROLES}
-    out: dict[str, Any] = {
-        "labelled": len(rows),
-        "fraud": sum(row.label for row in rows),
-        **{role: _evaluate_role(rows, role, fitted[role]) for role in MODEL_ROLES},
-    }
-    either = set().union(*(ids for ids in fitted.values() if ids))
-    both = [
-        row
-        for row in rows
-        if all(row.scores[role] is not None for role in MODEL_ROLES) and row.transaction_id not in either
-    ]
-    labels = [row.label for row in both]
-    out["paired"] = {
-        "rows": len(both),
-        "fraud": sum(labels),
-        **{
-            f"{role}_auc": _rounded(roc_auc([float(row.scores[role]) for row in both], labels))  # type: ignore[arg-type]
-            for role in MODEL_ROLES
-        },
-    }
+def evaluate_models(
+    rows: list[LabelledRow], trained: TrainedIds | None = None, current: dict[str, str | None] | None = None
+) -> dict[str, Any]:
+    """ROC-AUC, with its interval, of the model version in each role (``current``: the versions that hold
+    the roles now, as :func:`shape_distributions` finds them; by default each role's most frequent version
+    among ``rows``) over the labelled rows it scored, as champion or as challenger: after a promotion
+    the figures stay one model's each. ``paired``: both versions over the rows both scored, the only like-for-like
+    comparison when the challenger came later or went away within the window. Given ``trained``, a
+    version's own training rows are left out of its figures (``in_training`` counts them; None when its
+    training rows are not known here) and out of the paired ones for both: a challenger trained on the
+    field labels would otherwise be judged on the answers it learnt. Each version is looked up once."""
+    if current is None:
+        current = {}
+        for role in MODEL_ROLES:
+            seen: dict[str, int] = {}
+            for row in rows:
+                if (version := row.versions[role]) is not None and row.scores[role] is not None:
+                    seen[version] = seen.get(version, 0) + 1
+            current[role] = min(seen, key=lambda v: (-seen[v], v)) if seen else None
+    known = {v: trained(v) for v in set(current.values()) if v is not None} if trained is not None else {}
+    out: dict[str, Any] = {"labelled": len(rows), "fraud": sum(row.label for row in rows)}
+    kept: dict[str, dict[str, float]] = {}
+    for role in MODEL_ROLES:
+        version = current.get(role)
+        scored = _scored_by(rows, version)
+        ids = known.get(version) if version is not None else None
+        fitted = {row.transaction_id for row, _ in scored if ids and id_digest(row.transaction_id) in ids}
+        scored = [(row, score) for row, score in scored if row.transaction_id not in fitted]
+        kept[role] = {row.transaction_id: score for row, score in scored}
+        out[role] = {"version": version, **_figure(scored), "in_training": None if ids is None else len(fitted)}
+    champion, challenger = (kept[role] for role in MODEL_ROLES)
+    both = [row for row in rows if row.transaction_id in champion and row.transaction_id in challenger]
+    if current.get("champion") == current.get("challenger"):
+        both = []
+    paired: dict[str, Any] = {"rows": len(both), "fraud": sum(row.label for row in both)}
+    for role in MODEL_ROLES:
+        figure = _figure([(row, kept[role][row.transaction_id]) for row in both])
+        paired.update(
+            {f"{role}_auc": figure["auc"], f"{role}_auc_low": figure["auc_low"], f"{role}_auc_high": figure["auc_high"]}
+        )
+    out["paired"] = paired
     return out
 
 

@@ -438,6 +438,8 @@ def expected_evaluation(data: Indexed) -> dict[str, Any]:
         "champion_auc": pairwise_auc([t.model_score or 0 for t, _ in joined], [y for _, y in joined]),
         "challenger_rows": len(challenged),
         "challenger_auc": pairwise_auc([t.challenger_score or 0 for t, _ in challenged], [y for _, y in challenged]),
+        # every transaction the challenger scored, the champion scored too: those are the rows both scored
+        "paired_champion_auc": pairwise_auc([t.model_score or 0 for t, _ in challenged], [y for _, y in challenged]),
     }
 
 
@@ -465,6 +467,9 @@ def test_models_api_compares_champion_and_challenger_on_the_labelled_transaction
     assert ev["champion"]["auc"] == pytest.approx(want["champion_auc"], abs=1e-4)
     assert ev["challenger"]["auc"] == pytest.approx(want["challenger_auc"], abs=1e-4)
     assert ev["challenger"]["auc"] > ev["champion"]["auc"]  # the seeded challenger separates better
+    assert ev["paired"]["rows"] == want["challenger_rows"]
+    assert ev["paired"]["champion_auc"] == pytest.approx(want["paired_champion_auc"], abs=1e-4)
+    assert ev["paired"]["challenger_auc"] == pytest.approx(want["challenger_auc"], abs=1e-4)
     assert models["labels"] == {
         "total": len(data.labels),
         "fraud": sum(label.label for label in data.labels),
@@ -524,6 +529,8 @@ def test_models_page_renders_distributions_auc_and_drift_in_headless_chromium(se
             auc = page.locator('#auc-table tr[data-row="ROC-AUC"]')
             assert auc.locator("td[data-role=champion]").inner_text() == f"{want['champion_auc']:.3f}"
             assert auc.locator("td[data-role=challenger]").inner_text() == f"{want['challenger_auc']:.3f}"
+            paired = page.locator('#auc-table tr[data-row="ROC-AUC, rows both scored"]')
+            assert paired.locator("td[data-role=champion]").inner_text() == f"{want['paired_champion_auc']:.3f}"
             rows = page.locator('#auc-table tr[data-row="labelled rows"]')
             assert rows.locator("td[data-role=champion]").inner_text() == str(want["champion_rows"])
             assert page.locator("#drift-table tbody tr").count() == 2

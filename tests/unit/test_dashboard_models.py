@@ -64,44 +64,64 @@ def test_auc_interval_narrows_with_more_rows_and_stays_within_0_and_1() -> None:
     small = auc_interval(0.8, 6, 140)
     large = auc_interval(0.8, 600, 14_000)
     assert small[0] < large[0] < 0.8 < large[1] < small[1]
-    assert auc_interval(1.0, 3, 3) == (1.0, 1.0)
     low, high = auc_interval(0.97, 2, 5)
     assert 0.0 <= low < 0.97 and high == 1.0
+
+
+def test_a_perfect_ranking_of_few_rows_gets_a_wide_interval_not_certainty() -> None:
+    """Hanley & McNeil's error is 0 at an AUC of 1 or 0: 1 fraud row ranked above 3 legitimate ones (a 1-in-4
+    chance at random) read "1.000-1.000"."""
+    assert auc_interval(1.0, 1, 3)[0] < 0.5 and auc_interval(1.0, 1, 3)[1] == 1.0
+    assert auc_interval(1.0, 3, 3)[0] < 0.9 and auc_interval(0.0, 3, 3) == (0.0, 1 - auc_interval(1.0, 3, 3)[0])
+    assert 0.95 < auc_interval(1.0, 38, 286)[0] < 1.0  # many rows: narrow again
 
 
 # --------------------------------------------------------------------------- distributions
 
 
-def test_models_query_histograms_both_scores_over_the_window_and_store() -> None:
+def test_models_query_histograms_each_version_in_each_role_and_finds_the_newest_over_the_window_and_store() -> None:
     body = models_query(Window(1_000, 2_000, store="S3"))
     assert {"term": {"store_id": "S3"}} in body["query"]["bool"]["filter"]
-    for role, field in (("champion", "model_score"), ("challenger", "challenger_score")):
-        histogram = body["aggs"][f"{role}_histogram"]["histogram"]
-        assert histogram == {
-            "field": field,
+    for role, score, version in (
+        ("champion", "model_score", "model_version"),
+        ("challenger", "challenger_score", "challenger_version"),
+    ):
+        versions = body["aggs"][f"{role}_versions"]
+        assert versions["terms"] == {"field": version, "size": 10}
+        assert versions["aggs"]["histogram"]["histogram"] == {
+            "field": score,
             "interval": 50,
             "min_doc_count": 0,
             "extended_bounds": {"min": 0, "max": 950},
         }
-        assert body["aggs"][f"{role}_stats"] == {"stats": {"field": field}}
-    assert body["aggs"]["champion_versions"]["terms"]["field"] == "model_version"
-    assert body["aggs"]["challenger_versions"]["terms"]["field"] == "challenger_version"
+        assert versions["aggs"]["stats"] == {"stats": {"field": score}}
+        current = body["aggs"][f"{role}_current"]
+        assert current["filter"] == {"exists": {"field": version}}
+        assert current["aggs"]["newest"]["top_hits"]["sort"] == [{"event_time": {"order": "desc"}}]
 
 
 def histogram(**counts: int) -> dict[str, Any]:
     return {"buckets": [{"key": float(k.lstrip("b")), "doc_count": v} for k, v in counts.items()]}
 
 
+def version_bucket(version: str, rows: int, total: float, **counts: int) -> dict[str, Any]:
+    return {"key": version, "doc_count": rows, "histogram": histogram(**counts), "stats": {"count": rows, "sum": total}}
+
+
+def newest(field: str, version: str | None) -> dict[str, Any]:
+    return {"newest": {"hits": {"hits": [{"_source": {field: version}}] if version else []}}}
+
+
 def test_distributions_have_twenty_bins_and_a_score_of_1000_counts_in_the_last() -> None:
     answer = {
         "hits": {"total": {"value": 120}},
         "aggregations": {
-            "champion_histogram": histogram(b0=70, b50=10, b900=5, b950=3, b1000=2),
-            "champion_stats": {"count": 90, "avg": 212.345},
-            "champion_versions": {"buckets": [{"key": "gbm-b", "doc_count": 60}, {"key": "gbm-a", "doc_count": 30}]},
-            "challenger_histogram": histogram(b0=20, b500=20),
-            "challenger_stats": {"count": 40, "avg": 250.0},
-            "challenger_versions": {"buckets": [{"key": "gbm-c", "doc_count": 40}]},
+            "champion_versions": {
+                "buckets": [version_bucket("gbm-b", 90, 19_110.0, b0=70, b50=10, b900=5, b950=3, b1000=2)]
+            },
+            "champion_current": newest("model_version", "gbm-b"),
+            "challenger_versions": {"buckets": [version_bucket("gbm-c", 40, 10_000.0, b0=20, b500=20)]},
+            "challenger_current": newest("challenger_version", "gbm-c"),
             "stores_all": {"ids": {"buckets": [{"key": "S2", "doc_count": 1}, {"key": "S1", "doc_count": 1}]}},
         },
     }
@@ -111,15 +131,49 @@ def test_distributions_have_twenty_bins_and_a_score_of_1000_counts_in_the_last()
     champion = page["champion"]
     assert len(champion["counts"]) == 20 and sum(champion["counts"]) == 90
     assert (champion["counts"][0], champion["counts"][18], champion["counts"][19]) == (70, 5, 5)
-    assert champion["mean"] == 212.3 and champion["versions"] == {"gbm-b": 60, "gbm-a": 30}
+    assert champion["mean"] == 212.3 and champion["version"] == "gbm-b" and champion["versions"] == {"gbm-b": 90}
     assert page["challenger"]["counts"][10] == 20 and page["challenger"]["rows"] == 40
     assert page["all_stores"] == ["S1", "S2"]
+
+
+def test_after_a_promotion_each_roles_distribution_is_one_models_over_every_row_it_scored() -> None:
+    """gbm-a decided 60 rows with gbm-b beside it, then gbm-b was promoted: 30 more rows, gbm-a beside it. The
+    champion now is gbm-b, and its distribution is gbm-b's 90 scores, as challenger and as champion; pooling the
+    champion field's 90 scores would mix two models' scales."""
+    answer = {
+        "hits": {"total": {"value": 90}},
+        "aggregations": {
+            "champion_versions": {
+                "buckets": [
+                    version_bucket("gbm-a", 60, 6_000.0, b100=60),
+                    version_bucket("gbm-b", 30, 21_000.0, b700=30),
+                ]
+            },
+            "champion_current": newest("model_version", "gbm-b"),
+            "challenger_versions": {
+                "buckets": [
+                    version_bucket("gbm-b", 60, 42_000.0, b700=60),
+                    version_bucket("gbm-a", 30, 3_000.0, b100=30),
+                ]
+            },
+            "challenger_current": newest("challenger_version", "gbm-a"),
+        },
+    }
+    page = shape_distributions(answer)
+    assert (page["champion"]["version"], page["champion"]["rows"], page["champion"]["mean"]) == ("gbm-b", 90, 700.0)
+    assert page["champion"]["counts"][14] == 90 and sum(page["champion"]["counts"]) == 90
+    assert (page["challenger"]["version"], page["challenger"]["rows"], page["challenger"]["mean"]) == (
+        "gbm-a",
+        90,
+        100.0,
+    )
+    assert page["champion"]["versions"] == {"gbm-a": 60, "gbm-b": 30}  # who held the role in the window
 
 
 def test_no_challenger_and_no_data_give_zeros_not_errors() -> None:
     page = shape_distributions({"hits": {"total": {"value": 0}}, "aggregations": {}})
     for role in ("champion", "challenger"):
-        assert page[role] == {"rows": 0, "mean": None, "versions": {}, "counts": [0] * 20}
+        assert page[role] == {"version": None, "rows": 0, "mean": None, "versions": {}, "counts": [0] * 20}
 
 
 # --------------------------------------------------------------------------- the label join
@@ -182,9 +236,11 @@ def test_evaluation_puts_champion_and_challenger_side_by_side_and_pairs_the_comm
     assert (champion["rows"], champion["fraud"], challenger["rows"], challenger["fraud"]) == (6, 3, 4, 2)
     assert champion["auc"] == pytest.approx(pairwise_auc([900, 300, 400, 100, 50, 700], [1, 1, 0, 0, 0, 1]), abs=1e-4)
     assert challenger["auc"] == 1.0
-    assert champion["versions"] == {"gbm-a": 6} and challenger["versions"] == {"gbm-b": 4}
+    assert champion["version"] == "gbm-a" and challenger["version"] == "gbm-b"
     assert champion["auc_low"] <= champion["auc"] <= champion["auc_high"]
-    assert ev["paired"] == {"rows": 4, "fraud": 2, "champion_auc": 0.75, "challenger_auc": 1.0}
+    paired = ev["paired"]
+    assert (paired["rows"], paired["fraud"], paired["champion_auc"], paired["challenger_auc"]) == (4, 2, 0.75, 1.0)
+    assert paired["champion_auc_low"] < 0.75 < paired["champion_auc_high"] and paired["challenger_auc_low"] < 1.0
 
 
 def test_evaluation_without_labels_or_without_one_class_has_no_auc() -> None:
@@ -195,7 +251,7 @@ def test_evaluation_without_labels_or_without_one_class_has_no_auc() -> None:
         "auc": None,
         "auc_low": None,
         "auc_high": None,
-        "versions": {},
+        "version": None,
         "in_training": None,
     }
     only_fraud = [
@@ -221,22 +277,41 @@ def test_a_model_is_not_judged_on_the_rows_it_was_trained_on() -> None:
     assert evaluate_models(labelled_rows(hits, labels))["challenger"]["auc"] > 0.5  # without: flattered
 
 
-def test_each_row_is_checked_against_the_model_version_that_scored_it_and_paired_leaves_out_both() -> None:
+def test_each_role_is_the_version_holding_it_now_without_its_own_training_rows() -> None:
     labels = {f"tx-{i}": int(i % 2 == 0) for i in range(8)}
     old, new = "local:gbm-a (fallback)", "local:gbm-c"  # the champion changed within the window
     hits = [hit(tx, 500, 500, (old if i < 4 else new, "local:gbm-b")) for i, tx in enumerate(labels)]
     trained = {
         old: frozenset({id_digest("tx-0")}),
-        new: frozenset({id_digest("tx-1"), id_digest("tx-2")}),  # tx-2 was scored by the old one: kept
+        new: frozenset({id_digest("tx-1"), id_digest("tx-5")}),  # tx-1 was scored by the old one: not new's
         "local:gbm-b": frozenset({id_digest("tx-7")}),
     }
-    ev = evaluate_models(labelled_rows(hits, labels), trained.get)
-    assert (ev["champion"]["rows"], ev["champion"]["in_training"]) == (7, 1)  # only tx-0
+    current = {"champion": new, "challenger": "local:gbm-b"}
+    ev = evaluate_models(labelled_rows(hits, labels), trained.get, current)
+    assert (ev["champion"]["version"], ev["champion"]["rows"], ev["champion"]["in_training"]) == (new, 3, 1)
     assert (ev["challenger"]["rows"], ev["challenger"]["in_training"]) == (7, 1)  # only tx-7
-    assert ev["paired"]["rows"] == 6  # neither tx-0 nor tx-7
+    assert ev["paired"]["rows"] == 2  # tx-4 and tx-6: neither tx-5 nor tx-7
     calls: list[str | None] = []
-    evaluate_models(labelled_rows(hits, labels), lambda v: calls.append(v) or None)  # type: ignore[func-returns-value]
-    assert sorted(calls, key=str) == sorted([old, new, "local:gbm-b"], key=str)  # each version looked up once
+    evaluate_models(labelled_rows(hits, labels), lambda v: calls.append(v) or None, current)  # type: ignore[func-returns-value]
+    assert sorted(calls, key=str) == sorted([new, "local:gbm-b"], key=str)  # each version looked up once
+
+
+def test_after_a_promotion_each_models_roc_auc_is_its_own_not_a_mix_of_two() -> None:
+    """gbm-a and gbm-b both rank perfectly, on different scales. Five rows with gbm-a deciding and gbm-b beside
+    it, then gbm-b promoted and five more. Pooling the champion field (gbm-a's then gbm-b's scores) read 0.75;
+    each model over the rows it scored, in either role, is 1.0."""
+    labels = {f"tx-{i}": int(i in (0, 1, 5, 6)) for i in range(10)}
+    a = {tx: 60 if y else 40 for tx, y in labels.items()}  # gbm-a: low scores
+    b = {tx: 900 if y else 800 for tx, y in labels.items()}  # gbm-b: high scores
+    hits = [hit(tx, a[tx], b[tx], ("gbm-a", "gbm-b")) for tx in list(labels)[:5]]
+    hits += [hit(tx, b[tx], a[tx], ("gbm-b", "gbm-a")) for tx in list(labels)[5:]]
+    rows = labelled_rows(hits, labels)
+    ev = evaluate_models(rows, current={"champion": "gbm-b", "challenger": "gbm-a"})
+    assert (ev["champion"]["version"], ev["champion"]["rows"], ev["champion"]["auc"]) == ("gbm-b", 10, 1.0)
+    assert (ev["challenger"]["version"], ev["challenger"]["rows"], ev["challenger"]["auc"]) == ("gbm-a", 10, 1.0)
+    assert (ev["paired"]["rows"], ev["paired"]["champion_auc"], ev["paired"]["challenger_auc"]) == (10, 1.0, 1.0)
+    pooled = roc_auc([float(h["_source"]["model_score"]) for h in hits], [labels[tx] for tx in labels])
+    assert pooled == 0.75  # what the page showed before
 
 
 def test_the_view_finds_each_models_training_rows_in_its_artifact_folder(tmp_path) -> None:
@@ -298,7 +373,11 @@ class FakeCluster:
         terms = next((f["terms"]["transaction_id"] for f in body["query"]["bool"]["filter"] if "terms" in f), None)
         if terms is not None:
             return {"hits": {"hits": [hit(tx, *self.scores[tx], self.versions) for tx in terms if tx in self.scores]}}
-        return {"hits": {"total": {"value": len(self.scores)}}, "aggregations": {}}
+        aggregations = {}  # the distributions query: only which version holds each role now
+        for n, (role, field) in enumerate((("champion", "model_version"), ("challenger", "challenger_version"))):
+            scored = any(pair[n] is not None for pair in self.scores.values())
+            aggregations[f"{role}_current"] = newest(field, self.versions[n] if scored else None)
+        return {"hits": {"total": {"value": len(self.scores)}}, "aggregations": aggregations}
 
 
 def test_the_view_joins_labels_page_by_page_and_reports_when_it_stopped_early() -> None:

@@ -8,16 +8,13 @@ const fmtAuc = (x) => (x === null || x === undefined ? "–" : x.toFixed(3));
 const fmtPsi = (x) => (x === null || x === undefined ? "–" : x.toFixed(3));
 const hourUtc = (ms) => (ms ? `${new Date(ms).toISOString().slice(0, 13).replace("T", " ")}:00` : "–");
 
-// "gbm-a" for one version, "gbm-a +1" when the role changed hands within the window (e.g. a promotion).
-function versionText(versions) {
-  const names = Object.keys(versions || {});
-  if (!names.length) return "none";
-  return names.length > 1 ? `${names[0]} +${names.length - 1}` : names[0];
-}
+// Each role's figures are one model's: the version holding the role now, over every row it scored in the
+// window as champion or as challenger (after a promotion the roles' fields mix two models' scores).
+const versionText = (r) => r.version || "none";
 
 function renderDistributions(d) {
-  setKpi("kpi-champion", versionText(d.champion.versions));
-  setKpi("kpi-challenger", versionText(d.challenger.versions));
+  setKpi("kpi-champion", versionText(d.champion));
+  setKpi("kpi-challenger", versionText(d.challenger));
   setKpi("kpi-scored", num.format(d.scored));
   setKpi("kpi-challenged", num.format(d.challenger.rows));
   document.querySelector("#kpi-champion .value").title = Object.keys(d.champion.versions).join(", ");
@@ -25,10 +22,11 @@ function renderDistributions(d) {
   const labels = d.bins.map((b) => String(b));
   const series = ROLES.map((role) => {
     const r = d[role], total = r.counts.reduce((a, b) => a + b, 0);
-    return { key: role, name: `${role} ${versionText(r.versions)}`, counts: r.counts, values: r.counts.map((c) => (total ? c / total : 0)) };
+    return { key: role, name: `${role} ${versionText(r)}`, counts: r.counts, values: r.counts.map((c) => (total ? c / total : 0)) };
   });
+  const top = (i) => (i === d.bins.length - 1 ? 1000 : d.bins[i] + d.bin_width - 1); // 1000 is in the last bin
   groupedBars(document.getElementById("chart-scores"), labels, series, {
-    tip: (s, i) => `${s.name}, scores ${d.bins[i]}–${d.bins[i] + d.bin_width - 1}: ${num.format(s.counts[i])} (${fmtPct(s.values[i])})`,
+    tip: (s, i) => `${s.name}, scores ${d.bins[i]}–${top(i)}: ${num.format(s.counts[i])} (${fmtPct(s.values[i])})`,
     yFormat: (v) => `${Math.round(v * 100)}%`,
   });
   const body = document.querySelector("#score-table tbody");
@@ -41,7 +39,17 @@ function renderDistributions(d) {
   }
 }
 
-// One horizontal bar per model from 0 to its AUC, the 95 % interval as a whisker, chance (0.5) dashed.
+// One horizontal bar per model from 0 to its AUC, the 95 % interval as a whisker, chance (0.5) dashed. On the
+// rows both models scored when there are any (like for like), else each model's own rows.
+function aucFigures(ev) {
+  const p = ev.paired;
+  if (p.rows && p.champion_auc !== null && p.challenger_auc !== null) {
+    const f = (role) => ({ auc: p[`${role}_auc`], auc_low: p[`${role}_auc_low`], auc_high: p[`${role}_auc_high`], rows: p.rows, fraud: p.fraud });
+    return { paired: true, champion: f("champion"), challenger: f("challenger") };
+  }
+  return { paired: false, champion: ev.champion, challenger: ev.challenger };
+}
+
 function aucBars(container, ev) {
   const f = frame(container, 110);
   const { svg, w, h } = f;
@@ -74,18 +82,23 @@ function aucBars(container, ev) {
 function renderEvaluation(ev, labels) {
   setKpi("kpi-labelled", `${num.format(ev.labelled)} (${num.format(ev.fraud)})`);
   setKpi("kpi-labels", `${num.format(labels.total)} (${num.format(labels.fraud)})`);
-  aucBars(document.getElementById("chart-auc"), ev);
-  const c = ev.champion, k = ev.challenger;
+  const shown = aucFigures(ev);
+  aucBars(document.getElementById("chart-auc"), shown);
+  const c = ev.champion, k = ev.challenger, p = ev.paired;
   const interval = (r) => (r.auc === null ? "–" : `${fmtAuc(r.auc_low)}–${fmtAuc(r.auc_high)}`);
+  const both = (role) => ({ auc: p[`${role}_auc`], auc_low: p[`${role}_auc_low`], auc_high: p[`${role}_auc_high`] });
   // null: the model's training rows are not known here (remote backend, or its artifact not visible)
   const leftOut = (r) => (r.in_training === null || r.in_training === undefined ? "unknown" : num.format(r.in_training));
   const rows = [
-    ["version", versionText(c.versions), versionText(k.versions)],
+    ["version", versionText(c), versionText(k)],
     ["labelled rows", num.format(c.rows), num.format(k.rows)],
     ["fraud rows", num.format(c.fraud), num.format(k.fraud)],
     ["own training rows left out", leftOut(c), leftOut(k)],
     ["ROC-AUC", fmtAuc(c.auc), fmtAuc(k.auc)],
     ["95 % interval", interval(c), interval(k)],
+    ["rows both scored (fraud)", `${num.format(p.rows)} (${num.format(p.fraud)})`, `${num.format(p.rows)} (${num.format(p.fraud)})`],
+    ["ROC-AUC, rows both scored", fmtAuc(p.champion_auc), fmtAuc(p.challenger_auc)],
+    ["95 % interval, rows both scored", interval(both("champion")), interval(both("challenger"))],
   ];
   const body = document.querySelector("#auc-table tbody");
   body.innerHTML = "";
@@ -93,9 +106,10 @@ function renderEvaluation(ev, labels) {
     body.insertAdjacentHTML("beforeend", `<tr data-row="${escapeHtml(name)}"><td>${escapeHtml(name)}</td><td data-role="champion">${escapeHtml(a)}</td><td data-role="challenger">${escapeHtml(b)}</td></tr>`);
   }
   const notes = [];
-  const p = ev.paired;
-  if (p.rows && (p.rows !== c.rows || p.rows !== k.rows)) {
-    notes.push(`On the ${num.format(p.rows)} labelled rows both scored and neither was trained on (${num.format(p.fraud)} fraud): champion ${fmtAuc(p.champion_auc)}, challenger ${fmtAuc(p.challenger_auc)}.`);
+  if (shown.paired) {
+    notes.push(`Bars: the ${num.format(p.rows)} labelled rows both models scored and neither was trained on (${num.format(p.fraud)} fraud), like for like.`);
+  } else if (c.rows && k.rows) {
+    notes.push("Bars: each model on its own rows; no labelled row was scored by both with both classes, so the two figures are not like for like.");
   }
   if (c.in_training || k.in_training) {
     notes.push("A model is not judged on the labelled rows it was trained on: those are left out of its ROC-AUC and of the paired figures.");
@@ -107,7 +121,7 @@ function renderEvaluation(ev, labels) {
   if (labels.total) notes.push(`Field labels in force: ${num.format(labels.total)} (${sources}).`);
   else notes.push("No field labels yet: ROC-AUC appears once verdicts arrive on the labels topic.");
   if (labels.truncated) notes.push(`Only the ${num.format(labels.read)} most recently decided labels are joined.`);
-  if (c.fraud && c.fraud < 10) notes.push("Few fraud rows: the interval is wide, read the figures as a hint.");
+  if ([c, k, shown.champion].some((r) => r.rows && r.fraud < 10)) notes.push("Few fraud rows: the interval is wide, read the figures as a hint.");
   document.getElementById("auc-note").textContent = notes.join(" ");
 }
 
