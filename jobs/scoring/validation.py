@@ -11,7 +11,6 @@ reader (see :func:`parse_transaction`).
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any
 
@@ -28,6 +27,12 @@ NAMES = ("store_id", "lane_id", "cashier_id")
 """Name-shaped fields (:data:`schemas.identifiers.NAME_RE`); ``cashier_id`` only when set (non-empty)."""
 IDS = ("transaction_id", "original_transaction_id", "customer_id")
 """Id-shaped fields (:data:`schemas.identifiers.ID_RE`); the optional ones only when set (non-empty)."""
+FREE_IDENTITIES = ("card_token", "customer_email", "ip_address")
+"""Identities kept as given (no id pattern) that key a customer's or an identity's history: stripped, and
+blank means none -- a lone space would otherwise be one shared profile for every shopper who sent one."""
+MAX_AMOUNT = 1e12
+"""Above any real basket in any currency (a billion rupiah is about 60,000 USD): a larger amount, finite as it
+may be, would overflow the profiles' decayed sums to inf, and inf times a decay of 0 to NaN, kept for months."""
 
 
 def check_size(value: bytes | None, max_bytes: int) -> None:
@@ -52,13 +57,18 @@ def parse_transaction(
         raise InvalidRecord("missing_field", f"required field(s) empty: {', '.join(missing)}")
     _check_ids(tx)
     amount = tx["amount"]
-    if not math.isfinite(amount) or amount <= 0:
-        raise InvalidRecord("invalid_amount", f"amount must be a positive number, got {amount!r}")
+    if not 0 < amount <= MAX_AMOUNT:  # NaN fails it too
+        raise InvalidRecord(
+            "invalid_amount", f"amount must be a positive number up to {MAX_AMOUNT:.0e}, got {amount!r}"
+        )
+    for name in FREE_IDENTITIES:
+        if tx[name] is not None:
+            tx[name] = tx[name].strip() or None
     if not CURRENCY_RE.match(tx["currency"]):
         raise InvalidRecord("invalid_currency", f"currency must be an ISO 4217 code, got {tx['currency'][:16]!r}")
     _check_event_time(tx["event_time"], now_ms, max_future_skew_ms)
     for item in tx["items"]:
-        if item["quantity"] <= 0 or not math.isfinite(item["unit_price"]) or item["unit_price"] < 0:
+        if item["quantity"] <= 0 or not 0 <= item["unit_price"] <= MAX_AMOUNT:
             raise InvalidRecord("invalid_item", f"line item {item['sku'][:64]!r} has a bad quantity or price")
     if tx["kind"] == "SALE" and tx["original_transaction_id"]:
         raise InvalidRecord("invalid_reference", "a sale cannot refer to an original transaction")

@@ -153,6 +153,7 @@ def test_anonymous_buyers_do_not_share_history():
     [
         ({"amount": -5.0}, "invalid_amount"),
         ({"amount": float("nan")}, "invalid_amount"),
+        ({"amount": 1e308}, "invalid_amount"),  # finite, but two would overflow a profile's sums to inf
         ({"currency": "usd"}, "invalid_currency"),
         ({"transaction_id": ""}, "missing_field"),
         ({"store_id": " "}, "missing_field"),
@@ -165,6 +166,15 @@ def test_invalid_transactions_are_rejected_with_a_reason(change, kind):
     with pytest.raises(InvalidRecord) as err:
         parse_transaction(data, T0, 1 << 20)
     assert err.value.kind == kind and err.value.reason
+
+
+def test_a_blank_identity_is_no_identity_not_one_profile_shared_by_every_shopper_who_sent_it():
+    a = parse_transaction(replace(sale("t1", card=" "), customer_email=" \t").encode(), T0, 1 << 20)
+    b = parse_transaction(replace(sale("t2", card=" "), customer_email=" ").encode(), T0, 1 << 20)
+    assert (a["card_token"], a["customer_email"]) == (None, None)
+    assert customer_key(a) != customer_key(b)
+    padded = parse_transaction(replace(sale("t3"), customer_email=" ann@x.com ").encode(), T0, 1 << 20)
+    assert padded["customer_email"] == "ann@x.com"
 
 
 def test_oversized_message_is_rejected_before_decoding():
