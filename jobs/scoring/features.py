@@ -327,19 +327,36 @@ _LINKED_PREFIXES: tuple[tuple[str, str], ...] = tuple(
 
 def linked_keys(tx: Tx) -> list[str]:
     """Profile keys (``ent:<kind>:<value>``) of the identities on ``tx`` other than the one its customer
-    key is (:func:`customer_key`)."""
+    key is (:func:`customer_key`): the :data:`LINKED_FEATURES` come from these."""
     get = tx.get
-    own = None
-    for name in CUSTOMER_FIELDS:
-        if get(name):
-            own = name
-            break
+    own = _own_field(tx)
     keys = []
     for name, prefix in _LINKED_PREFIXES:
         value = get(name)
         if value and name != own:
             keys.append(prefix + value)
     return keys
+
+
+def own_identity_key(tx: Tx) -> str | None:
+    """The ``ent:`` key of the identity the customer key was taken from, which every transaction also counts
+    in (no feature reads it there: that history is the customer's own). So the identity's history is whole
+    when a later transaction carries it as a *linked* one: a loyalty customer's cash sales were missing from
+    ``ent:id:<id>`` at the first card payment, which then read as a new identity (``link_new``)."""
+    own = _own_field(tx)
+    return None if own is None else _ENTITY_PREFIX_OF[own] + tx[own]
+
+
+def _own_field(tx: Tx) -> str | None:
+    get = tx.get
+    for name in CUSTOMER_FIELDS:
+        if get(name):
+            return name
+    return None
+
+
+_ENTITY_PREFIX_OF: dict[str, str] = dict(_LINKED_PREFIXES)
+assert set(CUSTOMER_FIELDS) <= set(_ENTITY_PREFIX_OF), "every customer-key field is a linked identity"
 
 
 def observe_linked(
@@ -353,11 +370,15 @@ def observe_linked(
     now, amount = tx["event_time"], tx["amount"]
     writes: list[tuple[str, str, CustomerProfile]] = []
     activities: list[Activity] = []
-    for key in linked_keys(tx):
+    linked = linked_keys(tx)
+    own = own_identity_key(tx)
+    for n, key in enumerate(linked if own is None else [*linked, own]):
         profile = profiles.get(key)
         if profile is None or (profile.last < idle_before_ms and profile.idle_since(idle_before_ms)):
             profile = profiles[key] = CustomerProfile()
-        activities.append(profile.observe_identity(now, amount))
+        activity = profile.observe_identity(now, amount)
+        if n < len(linked):  # the own identity is only counted in
+            activities.append(activity)
         writes.append((map_name, key, profile))
     return combine_linked(activities), writes
 

@@ -64,6 +64,7 @@ from jobs.scoring.features import (
     combine_linked,
     customer_key,
     linked_keys,
+    own_identity_key,
     receipt_key,
 )
 from jobs.scoring.scorer import CUSTOMER_SWEEP_BUDGET, OutRow, Predictor, Scorer, ScoringState
@@ -273,7 +274,9 @@ class StoreStep(_Keyed):
         ck = customer_key(tx)
         parts = [] if ck.startswith("anon:") else [Emit(IDENTITY, ck, order_, ("customer", tx_id, brief))]
         parts += [Emit(IDENTITY, k, order_, ("linked", tx_id, brief)) for k in linked_keys(tx)]
-        return [Emit(GATHER, tx_id, order_, ("tx", env, len(parts))), *parts]
+        own = own_identity_key(tx)  # only counted in: it answers nothing, so the gather waits for the others
+        counted = [] if own is None else [Emit(IDENTITY, own, order_, ("own", tx_id, brief))]
+        return [Emit(GATHER, tx_id, order_, ("tx", env, len(parts))), *parts, *counted]
 
 
 class IdentityStep(_Keyed):
@@ -306,7 +309,7 @@ class IdentityStep(_Keyed):
         else:
             result = profile.observe_identity(now, brief["amount"])
         self._put("profiles", key, profile)
-        return [Emit(GATHER, tx_id, order_, (role, result))]
+        return [] if role == "own" else [Emit(GATHER, tx_id, order_, (role, result))]
 
     def expire(self, newest_ms: int, budget: int = CUSTOMER_SWEEP_BUDGET) -> list[str]:
         """Profiles idle for their retention before ``newest_ms``, looking at ``budget`` of them per call
@@ -612,7 +615,7 @@ def decide_chunk(step: DecideStep, chunk: list[Emit], scorer: Scorer) -> list[Ou
 
 
 _TX_CODEC = codec("PosTransaction")
-_KIND_RANK = {"tx": 0, "customer": 1, "linked": 2, "face": 3}
+_KIND_RANK = {"tx": 0, "customer": 1, "linked": 2, "own": 2, "face": 3}
 
 
 def message_rank(e: Emit) -> tuple[Order, str, int]:

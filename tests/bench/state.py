@@ -382,10 +382,15 @@ def _build_stores(hist: History, rules: RulesSettings, emit: Emit) -> None:
 
 def _build_customers(hist: History, rules: RulesSettings, emit: Emit, counts: dict[str, int]) -> None:
     """One profile per non-anonymous key, over its transactions since it last started over; and one per
-    linked identity the same way (here the loyalty id a card payer also gives: ``ent:id:<id>``)."""
+    identity the same way (``ent:``; every identity a transaction carries, its customer key's too): here the
+    loyalty id, which card payers give too (``ent:id:<id>``), and the card (``ent:card:<token>``)."""
     _build_profiles(hist, rules, emit, counts, hist.key_codes(), hist.key_name, customer=True)
+    known = np.where(hist.pay != ANON, hist.person, -1).astype(np.int64)
+    _build_profiles(hist, rules, emit, counts, known, lambda c: f"ent:id:cust-{c + 1:07d}", customer=False)
     card_payers = np.where(hist.pay == CARD, hist.person, -1).astype(np.int64)
-    _build_profiles(hist, rules, emit, counts, card_payers, lambda c: f"ent:id:cust-{c + 1:07d}", customer=False)
+    _build_profiles(
+        hist, rules, emit, counts, card_payers, lambda c: "ent:card:" + hist.key_name(c)[6:], customer=False
+    )
 
 
 def _build_profiles(

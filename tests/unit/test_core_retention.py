@@ -52,11 +52,12 @@ def test_idle_customer_profiles_are_swept_and_their_removal_persisted():
     core = make_core(customer_days=30, face_deadline_ms=0)
     maps: dict[str, dict] = {}
     persist(maps, core.on_records([tx_record(sale(f"old{i}", card=f"card-{i}"), i) for i in range(5)], at(0)))
-    assert len(maps[CUSTOMERS]) == 5
+    assert len(maps[CUSTOMERS]) == 10  # each customer and its card (``ent:card:``)
     step = core.on_records([tx_record(sale("new", at_s=40 * DAY_S, card="card-new"), 9)], at(40))
     persist(maps, step)
-    assert set(core.state.customers) == {"token:card-new"} == set(maps[CUSTOMERS])
+    assert set(core.state.customers) == {"token:card-new", "ent:card:card-new"} == set(maps[CUSTOMERS])
     assert all(step.writes[CUSTOMERS][f"token:card-{i}"] is None for i in range(5))
+    assert all(step.writes[CUSTOMERS][f"ent:card:card-{i}"] is None for i in range(5))
     assert_persisted_equals_memory(maps, core)
 
 
@@ -144,4 +145,4 @@ def test_a_far_future_receipt_restored_from_an_old_checkpoint_does_not_sweep_eve
     restarted = make_core(customer_days=30, face_deadline_ms=0)
     restarted.restore(maps)
     step = restarted.on_records([face_record("t-other", "NO_FACE")], at(0))  # a call without transactions
-    assert CUSTOMERS not in step.writes and set(restarted.state.customers) == {"token:card-A"}
+    assert CUSTOMERS not in step.writes and set(restarted.state.customers) == {"token:card-A", "ent:card:card-A"}

@@ -237,8 +237,9 @@ def test_linked_identities_are_profiled_in_the_customers_map_and_expire_with_it(
     first = scorer.parse(sale("t1", card="card-A", **who).encode(), None, "t", 0, 1, 0)
     out, writes = scorer.observe(first, state)
     keys = {k for m, k, _ in writes if m == CUSTOMERS}
-    assert keys == {"token:card-A", "ent:id:c-1", "ent:email:a@x.com", "ent:ip:10.0.0.1"}  # a user agent is no id
-    assert set(linked_keys(out[0])) == keys - {"token:card-A"}  # the card is the customer key here
+    linked = {"ent:id:c-1", "ent:email:a@x.com", "ent:ip:10.0.0.1"}  # a user agent is no id
+    assert keys == {"token:card-A", "ent:card:card-A", *linked}  # the card is the customer key, counted in too
+    assert set(linked_keys(out[0])) == linked
     link = dict(zip(LINKED_FEATURES, out[0][PROFILE_KEY][-len(LINKED_FEATURES) :], strict=True))
     assert link["link_identities"] == 3 and link["link_new"] == 3 and link["link_since_prev_s_min"] is None
     # Another card, half an hour later, from the same IP: the linked identities remember it.
@@ -253,7 +254,7 @@ def test_linked_identities_are_profiled_in_the_customers_map_and_expire_with_it(
     # idle past the customers' retention: swept like any profile
     state.newest_event_ms = T0 + (settings.rules.customer_retention_days + 1) * DAY_MS
     removed = state.expire_customers(settings.rules.customer_retention_days * DAY_MS)
-    assert {k for _, k, _ in removed} == keys | {"token:card-B"} and state.customers == {}
+    assert {k for _, k, _ in removed} == keys | {"token:card-B", "ent:card:card-B"} and state.customers == {}
 
 
 def test_window_counts_decay_and_out_of_order_events_read_the_newest_state():

@@ -344,9 +344,9 @@ def test_a_message_a_step_raises_on_is_dead_lettered_and_the_rest_are_decided(mo
     rows = core.on_records([_tx(sale(f"t{i}", at_s=i)) for i in range(1, 4)], NOW)
     rows += core.on_timer(NOW + 10**7)
     assert sorted(_scored(rows)) == ["t1", "t3"]
-    [dead] = [codec("DeadLetter").decode(v) for t, _, v in rows if t == DLQ]
-    assert dead["dead_letter_id"] == f"{TX}:identity:t2" and dead["error_kind"] == "internal_error"
-    assert "RuntimeError: boom" in dead["reason"]
+    dead = [codec("DeadLetter").decode(v) for t, _, v in rows if t == DLQ]  # the customer's and its card's
+    assert {(d["dead_letter_id"], d["error_kind"]) for d in dead} == {(f"{TX}:identity:t2", "internal_error")}
+    assert all("RuntimeError: boom" in d["reason"] for d in dead)
     slot = core.slots[shard_of("t2", 2)]
     assert "t2" in slot.gather.gathering
     core.on_records([_tx(sale("t9", at_s=GATHER_TIMEOUT_MS / 1000 + 10))], NOW + 10**7)
@@ -375,3 +375,41 @@ def test_an_observation_of_another_embedders_length_is_dead_lettered_on_the_part
     rows = core.on_records([_tx(sale("t1")), _obs("t1", T0, [0.01] * OTHER_FACE_LEN, 7)], NOW)
     [dead] = [codec("DeadLetter").decode(v) for t, _, v in rows if t == DLQ]
     assert dead["error_kind"] == "invalid_embedding" and f"{FACE_LEN} values, got {OTHER_FACE_LEN}" in dead["reason"]
+
+
+class RecordingPredictor(FeaturePredictor):
+    """Keeps each transaction's profile features, by transaction id."""
+
+    def __init__(self) -> None:
+        self.profiles: dict[str, tuple] = {}
+
+    def predict_batch(self, items):
+        self.profiles.update((tx["transaction_id"], tx[PROFILE_KEY]) for tx, _ in items)
+        return super().predict_batch(items)
+
+
+@pytest.mark.parametrize("shards", [0, 1, 3], ids=["single", "partitioned-1", "partitioned-3"])
+def test_an_identity_keeps_its_whole_history_when_it_stops_being_the_customer_key(shards):
+    """A loyalty customer's cash sales are keyed by the loyalty id; the first card payment is keyed by the card
+    and carries the id and e-mail as linked identities. Their histories must hold the cash sales: they read as
+    new (``link_new``), the very mark of a known customer paying with a stolen card."""
+    from jobs.scoring.features import PROFILE_FEATURES
+
+    who = {"customer_id": "cust-000042", "customer_email": "ann@x.com"}
+    txs = [
+        sale("c1", at_s=-172_800, card=None, **who),
+        sale("c2", at_s=-86_400, card=None, **who),
+        sale("c3", at_s=0, card="tok_1", **who),
+    ]
+    s, suspect = settings(), face_vector(np.random.default_rng(0))
+    recorder = RecordingPredictor()
+    if shards:
+        core = PartitionedCore(s, shards, predictor=recorder, watchlist=_watchlist(s, suspect), clock=_clock)
+        for i, tx in enumerate(txs):
+            core.on_records([_tx(tx)], NOW + i * 1000)
+        core.on_timer(NOW + 10**7)
+    else:
+        _run_single([[_tx(tx)] for tx in txs], suspect, predictor=recorder)
+    card = dict(zip(PROFILE_FEATURES, recorder.profiles["c3"], strict=True))
+    assert card["cust_tx_before"] == 0 and card["link_identities"] == 2  # a new card, with the id and e-mail
+    assert card["link_new"] == 0 and card["link_tx_before_max"] == 2 and card["link_since_prev_s_min"] == 86_400
