@@ -49,12 +49,29 @@ class Entry:
     sections: tuple[str, ...] = ()
     """The :class:`Settings` fields the process reads: ``kafka`` is ``CG_KAFKA__*``, ``stack_dir`` ``CG_STACK_DIR``."""
     children: tuple[Entry, ...] = ()
+    one_line_errors: bool = False
+    """A tool, not a service: an error the project raises on purpose (a bad file, folder or artifact) or a file
+    the OS refuses is one ``Error: ...`` line and exit 1, not a traceback (a service keeps its tracebacks)."""
 
     @property
     def all_sections(self) -> tuple[str, ...]:
         """Its own sections (its children's, for a group), and ``log``, which every process reads."""
         own = self.sections if not self.children else (s for child in self.children for s in child.all_sections)
         return tuple(dict.fromkeys((*own, "log")))
+
+
+class _OneLineErrors:
+    """Wraps a click command's ``invoke`` so the project's own errors and OS errors end as a usage-style line."""
+
+    def __init__(self, invoke: Any) -> None:
+        self.invoke = invoke
+
+    def __call__(self, ctx: Any) -> Any:
+        try:
+            return self.invoke(ctx)
+        except (CheckoutGuardError, OSError) as exc:
+            typer.echo(f"Error: {exc}", err=True)
+            raise typer.Exit(1) from None
 
 
 _JOB = ("kafka", "job", "rules", "model", "faces", "metrics", "stack_dir", "bind_host", "java_home")
@@ -137,8 +154,18 @@ ENTRIES: tuple[Entry, ...] = (
             *("faces", "indices", "dashboard", "job", "rules", "model", "stack_dir", "bind_host", "java_home"),
         ),
     ),
-    Entry("train", "fraud model: evaluate, then train", "jobs.model.train", "app", "train", _MODEL),
-    Entry("evaluate", "fraud model: rolling-origin evaluation", "jobs.model.train", "app", "evaluate", _MODEL),
+    Entry(
+        "train", "fraud model: evaluate, then train", "jobs.model.train", "app", "train", _MODEL, one_line_errors=True
+    ),
+    Entry(
+        "evaluate",
+        "fraud model: rolling-origin evaluation",
+        "jobs.model.train",
+        "app",
+        "evaluate",
+        _MODEL,
+        one_line_errors=True,
+    ),
     Entry(
         "backtest",
         "fraud model: backtest a CSV through features, model, rules",
@@ -146,6 +173,7 @@ ENTRIES: tuple[Entry, ...] = (
         "app",
         "backtest",
         _MODEL,
+        one_line_errors=True,
     ),
     Entry(
         "models",
@@ -153,6 +181,7 @@ ENTRIES: tuple[Entry, ...] = (
         "jobs.model.registry",
         "app",
         sections=("model", "kafka", "stack_dir"),
+        one_line_errors=True,
     ),
     Entry("labels", "field labels: publish, withdraw, import", "producers.labels", "app", sections=("kafka", "model")),
     Entry("replay", "re-publish a topic range by offsets or time", "producers.replay", "app", sections=("kafka",)),
@@ -281,6 +310,8 @@ def load(entry: Entry) -> Any:
     if entry.command is not None:
         command = command.commands[entry.command]
     command.name = entry.name
+    if entry.one_line_errors:
+        command.invoke = _OneLineErrors(command.invoke)
     _with_settings(command, entry.all_sections)
     return command
 
@@ -325,14 +356,8 @@ def build() -> LazyGroup:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """The ``checkout-guard`` console script. An error the project raises on purpose (a bad file, folder or
-    artifact) or a file the OS refuses is one line and exit 1, as under each module's ``python -m``; any
-    other exception keeps its traceback, which is what a bug report needs."""
-    try:
-        build().main(list(argv) if argv is not None else sys.argv[1:], prog_name=PROG)
-    except (CheckoutGuardError, OSError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise SystemExit(1) from None
+    """The ``checkout-guard`` console script."""
+    build().main(list(argv) if argv is not None else sys.argv[1:], prog_name=PROG)
 
 
 # ---------------------------------------------------------------------------- topics tail

@@ -788,7 +788,8 @@ def train_default_cmd(force: Annotated[bool, typer.Option(help="Retrain even if 
 def _no_decisions(csv_path: Path, history: History, warmed: int) -> str:
     """Why a backtest decided nothing: an empty file, every row rejected, or every event before the warm-up cut."""
     if warmed:
-        return f"{csv_path.name}: all {warmed} events are before --decide-from; nothing to decide"
+        rejected = f" ({len(history.rejected)} other rows rejected)" if history.rejected else ""
+        return f"{csv_path.name}: all {warmed} events are before --decide-from{rejected}; nothing to decide"
     if history.rejected:
         ident, reason = history.rejected[0]
         return f"{csv_path.name}: all {len(history.rejected)} rows rejected (first, {ident}: {reason})"

@@ -583,7 +583,9 @@ def take(
     step: Any, name: str, messages: Iterable[Emit], now_ms: int, scorer: Scorer
 ) -> tuple[list[Emit], list[OutRow]]:
     """A keyed step (not decide) over its messages, in order: what it sends on, and the dead letter of each
-    message it raised on (its key's state re-written as it now is in memory; the rest go on)."""
+    message it raised on (its key's state re-written as it now is in memory; the rest go on). An identity's
+    "own" count-in is only logged: its transaction is decided without it, so a dead letter would name a
+    transaction that has its decision."""
     emits: list[Emit] = []
     failed: list[OutRow] = []
     gather = name == GATHER
@@ -591,8 +593,11 @@ def take(
         try:
             emits += step.on(m.key, m.payload, m.order, now_ms) if gather else step.on(m.key, m.payload, m.order)
         except Exception as err:  # noqa: BLE001 - one message must not stop the job: dead-letter it
-            log.warning("dead-lettering a %s message after an internal error", name, exc_info=err)
             step.resync(m.key)
+            if isinstance(m.payload, tuple) and m.payload[:1] == ("own",):
+                log.warning("an identity's count-in failed; its transaction is decided", exc_info=err)
+                continue
+            log.warning("dead-lettering a %s message after an internal error", name, exc_info=err)
             failed.append(failed_message(scorer, name, m, err))
     return emits, failed
 

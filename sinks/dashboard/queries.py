@@ -349,8 +349,8 @@ Z95 = 1.959964
 
 def models_query(window: Window) -> dict[str, Any]:
     """Score distributions over the window (and store) per model version in each role: a fixed-width
-    histogram each, empty bins included, with count/mean; and each role's newest version (the one that
-    holds the role now). A version's scores do not depend on its role, so a version's figures pool both."""
+    histogram each, empty bins included, with count/mean; and the newest scored record's versions (who holds
+    each role now). A version's scores do not depend on its role, so a version's figures pool both."""
     histogram = {
         "interval": SCORE_BIN,
         "min_doc_count": 0,
@@ -365,8 +365,9 @@ def models_query(window: Window) -> dict[str, Any]:
                 "stats": {"stats": {"field": score}},
             },
         }
-        newest = {"size": 1, "sort": [{"event_time": {"order": "desc"}}], "_source": [version]}
-        aggs[f"{role}_current"] = {"filter": {"exists": {"field": version}}, "aggs": {"newest": {"top_hits": newest}}}
+    # The newest scored record names the roles' holders now (no challenger version on it: none now).
+    versions = [version for _, version in MODEL_ROLES.values()]
+    aggs["newest"] = {"top_hits": {"size": 1, "sort": [{"event_time": {"order": "desc"}}], "_source": versions}}
     aggs["stores_all"] = {"global": {}, "aggs": {"ids": {"terms": {"field": "store_id", "size": 100}}}}
     return {"size": 0, "track_total_hits": True, "query": {"bool": {"filter": window.filters()}}, "aggs": aggs}
 
@@ -437,9 +438,10 @@ def shape_distributions(answer: dict[str, Any]) -> dict[str, Any]:
         "bins": [n * SCORE_BIN for n in range(bins)],
         "all_stores": sorted(_buckets((aggs.get("stores_all") or {}).get("ids"))),
     }
+    hits = ((aggs.get("newest") or {}).get("hits") or {}).get("hits") or []
+    newest = (hits[0].get("_source") or {}) if hits else {}
     for role, (_, field) in MODEL_ROLES.items():
-        hits = (((aggs.get(f"{role}_current") or {}).get("newest") or {}).get("hits") or {}).get("hits") or []
-        version = (hits[0].get("_source") or {}).get(field) if hits else None
+        version = newest.get(field)
         n = rows.get(version, 0) if version is not None else 0
         out[role] = {
             "version": version,

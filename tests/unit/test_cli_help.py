@@ -202,4 +202,4 @@ def test_the_console_answers_a_bad_file_with_one_line_and_exit_1_as_python_m_doe
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         err = capsys.readouterr().err
-        assert exit_.value.code == 1 and err.startswith("error: ") and len(err.splitlines()) == 1, (argv, err)
+        assert exit_.value.code == 1 and err.startswith("Error: ") and len(err.splitlines()) == 1, (argv, err)

@@ -95,9 +95,9 @@ def test_models_query_histograms_each_version_in_each_role_and_finds_the_newest_
             "extended_bounds": {"min": 0, "max": 950},
         }
         assert versions["aggs"]["stats"] == {"stats": {"field": score}}
-        current = body["aggs"][f"{role}_current"]
-        assert current["filter"] == {"exists": {"field": version}}
-        assert current["aggs"]["newest"]["top_hits"]["sort"] == [{"event_time": {"order": "desc"}}]
+    newest_hit = body["aggs"]["newest"]["top_hits"]
+    assert newest_hit["size"] == 1 and newest_hit["sort"] == [{"event_time": {"order": "desc"}}]
+    assert newest_hit["_source"] == ["model_version", "challenger_version"]
 
 
 def histogram(**counts: int) -> dict[str, Any]:
@@ -108,8 +108,10 @@ def version_bucket(version: str, rows: int, total: float, **counts: int) -> dict
     return {"key": version, "doc_count": rows, "histogram": histogram(**counts), "stats": {"count": rows, "sum": total}}
 
 
-def newest(field: str, version: str | None) -> dict[str, Any]:
-    return {"newest": {"hits": {"hits": [{"_source": {field: version}}] if version else []}}}
+def newest(champion: str | None, challenger: str | None = None) -> dict[str, Any]:
+    """The ``newest`` top hit: the newest scored record's versions (none when no record)."""
+    source = {"model_version": champion, "challenger_version": challenger}
+    return {"hits": {"hits": [{"_source": source}] if champion else []}}
 
 
 def test_distributions_have_twenty_bins_and_a_score_of_1000_counts_in_the_last() -> None:
@@ -119,9 +121,8 @@ def test_distributions_have_twenty_bins_and_a_score_of_1000_counts_in_the_last()
             "champion_versions": {
                 "buckets": [version_bucket("gbm-b", 90, 19_110.0, b0=70, b50=10, b900=5, b950=3, b1000=2)]
             },
-            "champion_current": newest("model_version", "gbm-b"),
             "challenger_versions": {"buckets": [version_bucket("gbm-c", 40, 10_000.0, b0=20, b500=20)]},
-            "challenger_current": newest("challenger_version", "gbm-c"),
+            "newest": newest("gbm-b", "gbm-c"),
             "stores_all": {"ids": {"buckets": [{"key": "S2", "doc_count": 1}, {"key": "S1", "doc_count": 1}]}},
         },
     }
@@ -149,14 +150,13 @@ def test_after_a_promotion_each_roles_distribution_is_one_models_over_every_row_
                     version_bucket("gbm-b", 30, 21_000.0, b700=30),
                 ]
             },
-            "champion_current": newest("model_version", "gbm-b"),
             "challenger_versions": {
                 "buckets": [
                     version_bucket("gbm-b", 60, 42_000.0, b700=60),
                     version_bucket("gbm-a", 30, 3_000.0, b100=30),
                 ]
             },
-            "challenger_current": newest("challenger_version", "gbm-a"),
+            "newest": newest("gbm-b", "gbm-a"),
         },
     }
     page = shape_distributions(answer)
@@ -168,6 +168,11 @@ def test_after_a_promotion_each_roles_distribution_is_one_models_over_every_row_
         100.0,
     )
     assert page["champion"]["versions"] == {"gbm-a": 60, "gbm-b": 30}  # who held the role in the window
+    # then ``promote --retire`` (or ``challenger --clear``): the newest record names no challenger, so none now
+    answer["aggregations"]["newest"] = newest("gbm-b", None)
+    retired = shape_distributions(answer)
+    assert retired["champion"]["version"] == "gbm-b" and retired["challenger"]["version"] is None
+    assert retired["challenger"]["rows"] == 0 and retired["challenger"]["versions"] == {"gbm-b": 60, "gbm-a": 30}
 
 
 def test_no_challenger_and_no_data_give_zeros_not_errors() -> None:
@@ -373,10 +378,9 @@ class FakeCluster:
         terms = next((f["terms"]["transaction_id"] for f in body["query"]["bool"]["filter"] if "terms" in f), None)
         if terms is not None:
             return {"hits": {"hits": [hit(tx, *self.scores[tx], self.versions) for tx in terms if tx in self.scores]}}
-        aggregations = {}  # the distributions query: only which version holds each role now
-        for n, (role, field) in enumerate((("champion", "model_version"), ("challenger", "challenger_version"))):
-            scored = any(pair[n] is not None for pair in self.scores.values())
-            aggregations[f"{role}_current"] = newest(field, self.versions[n] if scored else None)
+        # the distributions query: only who holds each role now (every row is the newest here)
+        challenged = any(challenger is not None for _, challenger in self.scores.values())
+        aggregations = {"newest": newest(self.versions[0], self.versions[1] if challenged else None)}
         return {"hits": {"total": {"value": len(self.scores)}}, "aggregations": aggregations}
 
 

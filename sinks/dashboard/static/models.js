@@ -16,7 +16,8 @@ function renderDistributions(d) {
   setKpi("kpi-champion", versionText(d.champion));
   setKpi("kpi-challenger", versionText(d.challenger));
   setKpi("kpi-scored", num.format(d.scored));
-  setKpi("kpi-challenged", num.format(d.challenger.rows));
+  // rows with a challenger score in the window, whoever was challenger (not the current one's rows as champion)
+  setKpi("kpi-challenged", num.format(Object.values(d.challenger.versions).reduce((a, b) => a + b, 0)));
   document.querySelector("#kpi-champion .value").title = Object.keys(d.champion.versions).join(", ");
   document.querySelector("#kpi-challenger .value").title = Object.keys(d.challenger.versions).join(", ");
   const labels = d.bins.map((b) => String(b));
