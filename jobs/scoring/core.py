@@ -37,7 +37,7 @@ from jobs.scoring.face_join import (
     seen_from,
 )
 from jobs.scoring.face_similarity import EMBEDDING_LENGTHS
-from jobs.scoring.features import customer_key, linked_keys, own_identity_key, receipt_key
+from jobs.scoring.features import customer_key, identity_keys, receipt_key
 from jobs.scoring.rules import RuleSet
 from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Predictor, Scorer, ScoringState, Write
 from jobs.scoring.watchlist import check_entry
@@ -444,8 +444,8 @@ class DecisionCore:
         try:
             keys = ((RECEIPTS, receipt_key(tx), state.receipts), (STORES, tx["store_id"], state.stores))
             ck = customer_key(tx)
-            own = own_identity_key(tx)
-            profiles = ([] if ck.startswith("anon:") else [ck]) + linked_keys(tx) + ([] if own is None else [own])
+            linked, own = identity_keys(tx)
+            profiles = ([] if ck.startswith("anon:") else [ck]) + linked + ([] if own is None else [own])
         except Exception:  # noqa: BLE001 - a transaction without its keys changed no state
             return
         self._persist((name, key, entries.get(key)) for name, key, entries in keys)

@@ -48,11 +48,17 @@ CUSTOMER_FIELDS: tuple[str, ...] = ("card_token", "customer_id", "customer_email
 
 def customer_key(tx: Tx) -> str:
     """The identity a customer's history is kept under; anonymous cash buyers get no history."""
+    own = _own_field(tx)
+    return f"{own.split('_')[-1]}:{tx[own]}" if own is not None else f"anon:{tx['transaction_id']}"
+
+
+def _own_field(tx: Tx) -> str | None:
+    """The field the customer key is taken from (:data:`CUSTOMER_FIELDS`, first present wins)."""
+    get = tx.get
     for name in CUSTOMER_FIELDS:
-        value = tx.get(name)
-        if value:
-            return f"{name.split('_')[-1]}:{value}"
-    return f"anon:{tx['transaction_id']}"
+        if get(name):
+            return name
+    return None
 
 
 def receipt_key(tx: Tx) -> str:
@@ -325,34 +331,21 @@ _LINKED_PREFIXES: tuple[tuple[str, str], ...] = tuple(
 )
 
 
-def linked_keys(tx: Tx) -> list[str]:
-    """Profile keys (``ent:<kind>:<value>``) of the identities on ``tx`` other than the one its customer
-    key is (:func:`customer_key`): the :data:`LINKED_FEATURES` come from these."""
+def identity_keys(tx: Tx) -> tuple[list[str], str | None]:
+    """Profile keys (``ent:<kind>:<value>``) of the identities on ``tx``: those other than the one its
+    customer key is (:func:`customer_key`), which the :data:`LINKED_FEATURES` come from; and that one's own,
+    which every transaction also counts in (no feature reads it there: that history is the customer's). So an
+    identity's history is whole when a later transaction carries it as a *linked* one: a loyalty customer's
+    cash sales were missing from ``ent:id:<id>`` at the first card payment, which then read as a new identity
+    (``link_new``)."""
     get = tx.get
     own = _own_field(tx)
-    keys = []
+    linked = []
     for name, prefix in _LINKED_PREFIXES:
         value = get(name)
         if value and name != own:
-            keys.append(prefix + value)
-    return keys
-
-
-def own_identity_key(tx: Tx) -> str | None:
-    """The ``ent:`` key of the identity the customer key was taken from, which every transaction also counts
-    in (no feature reads it there: that history is the customer's own). So the identity's history is whole
-    when a later transaction carries it as a *linked* one: a loyalty customer's cash sales were missing from
-    ``ent:id:<id>`` at the first card payment, which then read as a new identity (``link_new``)."""
-    own = _own_field(tx)
-    return None if own is None else _ENTITY_PREFIX_OF[own] + tx[own]
-
-
-def _own_field(tx: Tx) -> str | None:
-    get = tx.get
-    for name in CUSTOMER_FIELDS:
-        if get(name):
-            return name
-    return None
+            linked.append(prefix + value)
+    return linked, None if own is None else _ENTITY_PREFIX_OF[own] + tx[own]
 
 
 _ENTITY_PREFIX_OF: dict[str, str] = dict(_LINKED_PREFIXES)
@@ -370,8 +363,7 @@ def observe_linked(
     now, amount = tx["event_time"], tx["amount"]
     writes: list[tuple[str, str, CustomerProfile]] = []
     activities: list[Activity] = []
-    linked = linked_keys(tx)
-    own = own_identity_key(tx)
+    linked, own = identity_keys(tx)
     for n, key in enumerate(linked if own is None else [*linked, own]):
         profile = profiles.get(key)
         if profile is None or (profile.last < idle_before_ms and profile.idle_since(idle_before_ms)):

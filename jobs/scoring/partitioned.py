@@ -63,8 +63,7 @@ from jobs.scoring.features import (
     StoreActivity,
     combine_linked,
     customer_key,
-    linked_keys,
-    own_identity_key,
+    identity_keys,
     receipt_key,
 )
 from jobs.scoring.scorer import CUSTOMER_SWEEP_BUDGET, OutRow, Predictor, Scorer, ScoringState
@@ -273,8 +272,9 @@ class StoreStep(_Keyed):
         brief = {k: tx[k] for k in ("event_time", "amount", "store_id", "kind")}
         ck = customer_key(tx)
         parts = [] if ck.startswith("anon:") else [Emit(IDENTITY, ck, order_, ("customer", tx_id, brief))]
-        parts += [Emit(IDENTITY, k, order_, ("linked", tx_id, brief)) for k in linked_keys(tx)]
-        own = own_identity_key(tx)  # only counted in: it answers nothing, so the gather waits for the others
+        linked, own = identity_keys(tx)
+        parts += [Emit(IDENTITY, k, order_, ("linked", tx_id, brief)) for k in linked]
+        # the own identity is only counted in: it answers nothing, so the gather waits for the others
         counted = [] if own is None else [Emit(IDENTITY, own, order_, ("own", tx_id, brief))]
         return [Emit(GATHER, tx_id, order_, ("tx", env, len(parts))), *parts, *counted]
 

@@ -31,7 +31,7 @@ from jobs.scoring.features import (
     PROFILE_FEATURES,
     PROFILE_KEY,
     CustomerProfile,
-    linked_keys,
+    identity_keys,
 )
 from jobs.scoring.scorer import CUSTOMERS, Scorer, ScoringState
 from tests.builders import T0, sale
@@ -239,7 +239,7 @@ def test_linked_identities_are_profiled_in_the_customers_map_and_expire_with_it(
     keys = {k for m, k, _ in writes if m == CUSTOMERS}
     linked = {"ent:id:c-1", "ent:email:a@x.com", "ent:ip:10.0.0.1"}  # a user agent is no id
     assert keys == {"token:card-A", "ent:card:card-A", *linked}  # the card is the customer key, counted in too
-    assert set(linked_keys(out[0])) == linked
+    assert set(identity_keys(out[0])[0]) == linked
     link = dict(zip(LINKED_FEATURES, out[0][PROFILE_KEY][-len(LINKED_FEATURES) :], strict=True))
     assert link["link_identities"] == 3 and link["link_new"] == 3 and link["link_since_prev_s_min"] is None
     # Another card, half an hour later, from the same IP: the linked identities remember it.
