@@ -74,6 +74,18 @@ class _OneLineErrors:
             raise typer.Exit(1) from None
 
 
+def with_one_line_errors(command: Any) -> Any:
+    """``command`` (a click command or group) answering a bad file, folder or artifact with one ``Error: ...``
+    line and exit 1, not a traceback: a tool's way (:attr:`Entry.one_line_errors`; a tool's ``python -m``)."""
+    command.invoke = _OneLineErrors(command.invoke)
+    return command
+
+
+def run_tool(app: typer.Typer) -> None:
+    """A tool module's ``python -m``: its Typer app with :func:`with_one_line_errors`, as the console runs it."""
+    with_one_line_errors(typer.main.get_command(app))()
+
+
 _JOB = ("kafka", "job", "rules", "model", "faces", "metrics", "stack_dir", "bind_host", "java_home")
 _MODEL = ("model", "kafka", "rules", "job", "stack_dir")
 _STACK = ("kafka", "opensearch", "mqtt", "smtp", "metrics", "stack_dir", "bind_host", "java_home")
@@ -311,7 +323,7 @@ def load(entry: Entry) -> Any:
         command = command.commands[entry.command]
     command.name = entry.name
     if entry.one_line_errors:
-        command.invoke = _OneLineErrors(command.invoke)
+        with_one_line_errors(command)
     _with_settings(command, entry.all_sections)
     return command
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from infra.retry import call_with_retries
 from infra.settings import Settings
+from jobs.model.drift import RetiredVersions
 from jobs.model.fraud_model import FEATURE_NAMES, Item, LocalModel, ModelArtifactError, feature_matrix
 from jobs.model.registry import ModelRegistry
 from jobs.scoring.rules import ModelResult
@@ -142,8 +143,8 @@ class ScoringModels(Predictor):
         self.remote = remote
         self._drift_factory = drift
         self._drift: tuple[str, Any] | None = None
-        self._retired: Any = None
-        """The versions a promotion retired (:class:`jobs.model.drift.RetiredVersions`): a rollback resumes."""
+        self._retired = RetiredVersions()
+        """The versions a promotion retired: a rollback's monitor resumes where theirs stopped."""
         self._reports: list[Any] = []
         self.tally_drift = tally_drift
         """One slot of a parallel job: the drift counters of each batch wait in :meth:`drain_tallies` for
@@ -158,9 +159,6 @@ class ScoringModels(Predictor):
         if self._drift_factory is None or champion is None or self.remote is not None:
             return None
         if self._drift is None or self._drift[0] != champion.version:
-            from jobs.model.drift import RetiredVersions
-
-            self._retired = self._retired or RetiredVersions()
             if self._drift is not None and (retired := self._drift[1]) is not None:
                 self._reports.extend(retired.flush())
                 self._retired.retire(self._drift[0], retired)

@@ -895,11 +895,9 @@ def backtest(
 
 def main() -> None:
     """The commands, with a bad file, folder or artifact answered by one line and exit 1 (not a traceback)."""
-    try:
-        app()
-    except (CheckoutGuardError, OSError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise SystemExit(1) from None
+    from infra.cli import run_tool
+
+    run_tool(app)
 
 
 if __name__ == "__main__":

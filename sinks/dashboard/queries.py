@@ -441,16 +441,14 @@ def shape_distributions(answer: dict[str, Any]) -> dict[str, Any]:
     hits = ((aggs.get("newest") or {}).get("hits") or {}).get("hits") or []
     newest = (hits[0].get("_source") or {}) if hits else {}
     for role, (_, field) in MODEL_ROLES.items():
-        version = newest.get(field)
-        n = rows.get(version, 0) if version is not None else 0
+        version = newest.get(field)  # None (no challenger now) is in none of the maps
+        n = rows.get(version, 0)
         out[role] = {
             "version": version,
             "rows": n,
-            "mean": round(sums[version] / n, 1) if n and version is not None else None,
-            "versions": {
-                str(b["key"]): int(b["doc_count"]) for b in (aggs.get(f"{role}_versions") or {}).get("buckets", [])
-            },
-            "counts": list(counts.get(version, [0] * bins)) if version is not None else [0] * bins,
+            "mean": round(sums[version] / n, 1) if n else None,
+            "versions": _buckets(aggs.get(f"{role}_versions")),
+            "counts": counts.get(version, [0] * bins),
         }
     return out
 

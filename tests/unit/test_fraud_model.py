@@ -273,7 +273,7 @@ def test_the_model_commands_answer_a_bad_file_or_folder_with_one_line_and_exit_1
     with pytest.raises(SystemExit) as exit_info:
         main()
     err = capsys.readouterr().err
-    assert exit_info.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1
+    assert exit_info.value.code == 1 and err.startswith("Error: ") and err.count("\n") == 1
     assert "Traceback" not in err
 
 
