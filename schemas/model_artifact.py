@@ -8,11 +8,15 @@ champion/challenger comparison leave those rows out, so both need the same diges
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 
 TRAINED_IDS_FILE = "trained_ids.txt"
 """In an artifact folder: one :func:`id_digest` per labelled row the model was fitted on."""
+TRAINED_IDS_SHA256 = "trained_ids_sha256"
+"""``model.json``'s SHA-256 of :data:`TRAINED_IDS_FILE` (artifacts saved before it have none)."""
+_DIGEST_RE = re.compile(r"[0-9a-f]{16}")
 LOCAL_PREFIX = "local:"
 """A scored record's ``model_version`` for the local model: ``local:<artifact folder>``."""
 FALLBACK_SUFFIX = " (fallback)"
@@ -34,10 +38,28 @@ def artifact_version(model_version: str | None) -> str | None:
     return name if _VERSION_RE.fullmatch(name) else None
 
 
+def trained_ids_text(digests: frozenset[str]) -> str:
+    """The :data:`TRAINED_IDS_FILE` of these digests (sorted, one per line)."""
+    return "".join(f"{d}\n" for d in sorted(digests))
+
+
 def read_trained_ids(version_dir: Path) -> frozenset[str] | None:
-    """The digests of an artifact's training rows; None when it did not record them, is gone or cannot
-    be read here (another user's folder): the caller then cannot tell, and says so."""
+    """The digests of an artifact's training rows; None when it did not record them, is gone, cannot
+    be read here (another user's folder) or is damaged -- cut short (its SHA-256 in ``model.json``,
+    :data:`TRAINED_IDS_SHA256`, differs) or not digests: the caller then cannot tell, and says so,
+    rather than count training rows as unseen."""
     try:
-        return frozenset((version_dir / TRAINED_IDS_FILE).read_text(encoding="ascii").split())
+        text = (version_dir / TRAINED_IDS_FILE).read_text(encoding="ascii")
     except (OSError, ValueError):
         return None
+    try:
+        meta = json.loads((version_dir / "model.json").read_text())
+    except (OSError, ValueError):
+        meta = None  # the digest is checked where model.json records it
+    expected = meta.get(TRAINED_IDS_SHA256) if isinstance(meta, dict) else None
+    if expected is not None and hashlib.sha256(text.encode()).hexdigest() != expected:
+        return None
+    digests = text.split()
+    if not all(_DIGEST_RE.fullmatch(d) for d in digests):
+        return None
+    return frozenset(digests)

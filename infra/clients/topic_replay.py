@@ -54,13 +54,19 @@ class RangeError(CheckoutGuardError, ValueError):
 # ---------------------------------------------------------------------------- pure: ranges
 
 
+def _digits(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also takes superscripts and other scripts' digits, which ``int``
+    then refuses with a traceback instead of the caller's one-line error."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_time_ms(text: str, now_ms: int | None = None) -> int:
     """``now``, epoch milliseconds (all digits) or ISO-8601 (``2026-11-22T06:00:00Z``; no zone = UTC)."""
     text = text.strip()
     if text == "now":
         return now_ms if now_ms is not None else clock.now_ms()
-    if text.isdigit():
-        if not clock.is_epoch_ms(int(text)):
+    if _digits(text):
+        if len(text) > 14 or not clock.is_epoch_ms(int(text)):
             raise RangeError(f"not epoch milliseconds (13 digits): {text!r}; seconds? give {text}000 or ISO-8601")
         return int(text)
     try:
@@ -75,12 +81,12 @@ def parse_time_ms(text: str, now_ms: int | None = None) -> int:
 def parse_offsets(text: str) -> dict[int, int] | int:
     """``100`` (every partition) or ``0:100,2:50`` (per partition; others unbounded)."""
     text = text.strip()
-    if text.isdigit():
+    if _digits(text) and len(text) <= 19:
         return int(text)
     out: dict[int, int] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         p, sep, o = part.partition(":")
-        if not sep or not p.strip().isdigit() or not o.strip().isdigit():
+        if not sep or not _digits(p.strip()) or not _digits(o.strip()) or max(len(p), len(o)) > 19:
             raise RangeError(f"bad offsets {text!r}: use N or PARTITION:OFFSET,... (e.g. 0:100,2:50)")
         out[int(p)] = int(o)
     if not out:

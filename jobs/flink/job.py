@@ -431,7 +431,7 @@ def kafka_properties(settings: Settings) -> dict[str, str]:
 
 def _startup(settings: Settings) -> dict[str, str]:
     start = settings.job.starting_offsets
-    if start.isdigit():
+    if start.isascii() and start.isdigit():
         return {"scan.startup.mode": "timestamp", "scan.startup.timestamp-millis": start}
     if start == "latest":
         return {"scan.startup.mode": "latest-offset"}

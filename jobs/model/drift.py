@@ -186,8 +186,15 @@ class _Column:
         self.cuts = np.asarray(spec["values"] if self.categorical else spec["edges"], dtype=np.float64)
         self.expected = np.asarray(spec["expected"], dtype=np.float64)
         self.size = len(self.cuts) + 2
-        if len(self.expected) != self.size:
+        if self.cuts.ndim != 1 or self.expected.ndim != 1 or len(self.expected) != self.size:
             raise ValueError(f"reference of {name}: {len(self.expected)} proportions for {self.size} bins")
+        # a NaN would win every max() and hide a real alert; a negative or zero-sum one would raise a false one
+        if not np.isfinite(self.cuts).all() or (np.diff(self.cuts) <= 0).any():
+            raise ValueError(f"reference of {name}: bin edges (codes) must be finite and rising")
+        if not (np.isfinite(self.expected).all() and (self.expected >= 0).all()):
+            raise ValueError(f"reference of {name}: a proportion is negative or not finite")
+        if abs(float(self.expected.sum()) - 1.0) > 1e-6:
+            raise ValueError(f"reference of {name}: proportions sum to {self.expected.sum():.6g}, not 1")
 
 
 class _Binner:
@@ -275,16 +282,19 @@ class DriftMonitor:
         self.psi_alert, self.min_rows, self.grace_ms = psi_alert, min_rows, grace_ms
         self.reference_rows = int(reference.get("rows", 0))
         self._now_ms = now_ms
-        names = list(reference.get("feature_names") or reference["features"])
-        position = {name: j for j, name in enumerate(names)}
-        self.width = len(names)
-        self._columns: list[_Column] = []
-        offset = 0
-        for name, spec in reference["features"].items():
-            column = _Column(name, position[name], spec, offset)
-            self._columns.append(column)
-            offset += column.size
-        self._score = _Column(SCORE, -1, reference[SCORE], offset)
+        try:
+            names = list(reference.get("feature_names") or reference["features"])
+            position = {name: j for j, name in enumerate(names)}
+            self.width = len(names)
+            self._columns: list[_Column] = []
+            offset = 0
+            for name, spec in reference["features"].items():
+                column = _Column(name, position[name], spec, offset)
+                self._columns.append(column)
+                offset += column.size
+            self._score = _Column(SCORE, -1, reference[SCORE], offset)
+        except (AttributeError, KeyError, TypeError) as exc:  # a damaged model.json: no monitor, said why
+            raise ValueError(f"damaged drift reference of model {model_version}: {exc!r}") from exc
         self._size = offset + self._score.size
         self._binner = _Binner(self._columns)
         self._open: dict[int, _Hour] = {}

@@ -53,7 +53,14 @@ from infra.settings import Settings
 from jobs.scoring.features import CUSTOMER_FEATURES, LINKED_FEATURES, PROFILE_FEATURES, PROFILE_KEY
 from jobs.scoring.rules import ModelResult
 from schemas.errors import CheckoutGuardError
-from schemas.model_artifact import LOCAL_PREFIX, TRAINED_IDS_FILE, id_digest, read_trained_ids
+from schemas.model_artifact import (
+    LOCAL_PREFIX,
+    TRAINED_IDS_FILE,
+    TRAINED_IDS_SHA256,
+    id_digest,
+    read_trained_ids,
+    trained_ids_text,
+)
 
 Item = tuple[dict[str, Any], dict[str, float]]
 NAN = float("nan")
@@ -263,7 +270,23 @@ class Calibration:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Calibration:
-        return cls(tuple(data["probs"]), tuple(data["scores"]), int(data.get("legit_rows", 0)))
+        """The stored map, checked: a damaged one (lists of unequal length, a NaN, probabilities out of
+        order, scores outside 0-1000) would load and then fail or mis-score every transaction."""
+        try:
+            probs = np.asarray(data["probs"], dtype=np.float64)
+            scores = np.asarray(data["scores"], dtype=np.float64)
+            legit_rows = int(data.get("legit_rows", 0))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"calibration: {exc!r}") from exc
+        if probs.ndim != 1 or probs.shape != scores.shape or probs.size < 2:
+            raise ValueError("calibration: needs as many scores as probabilities, at least two")
+        if not (np.isfinite(probs).all() and np.isfinite(scores).all()):
+            raise ValueError("calibration: a value is not finite")
+        if (np.diff(probs) <= 0).any() or (np.diff(scores) < 0).any():
+            raise ValueError("calibration: probabilities must rise and scores never fall")
+        if probs[0] < 0 or probs[-1] > 1 or scores[0] < 0 or scores[-1] > 1000:
+            raise ValueError("calibration: probabilities within 0-1, scores within 0-1000")
+        return cls(tuple(probs.tolist()), tuple(scores.tolist()), legit_rows)
 
 
 # --- metrics ------------------------------------------------------------------------------------
@@ -805,6 +828,23 @@ class ModelArtifactError(CheckoutGuardError, RuntimeError):
     """No usable model artifact where one was expected."""
 
 
+MODEL_SHA256 = "model_sha256"
+"""``model.json``'s digest of the model file, checked before the file is parsed."""
+_LIGHTGBM_TAIL = b"pandas_categorical:"
+
+
+def _check_whole(learner: str, data: bytes, digest: Any, path: Path) -> None:
+    """Refuse a damaged model file before its learner parses it: LightGBM's parser crashes the whole
+    process (a segfault or abort, no exception) on a file cut short, e.g. one still being copied in.
+    The digest ``save`` records decides; an artifact written before it had one must at least end
+    as LightGBM ends every model file."""
+    if digest is not None:
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise ModelArtifactError(f"the {learner} model file in the artifact at {path} is damaged (sha256 differs)")
+    elif learner == "lightgbm" and not data.rstrip().rsplit(b"\n", 1)[-1].startswith(_LIGHTGBM_TAIL):
+        raise ModelArtifactError(f"the {learner} model file in the artifact at {path} is cut short")
+
+
 class LocalModel:
     """A trained booster with its calibration: ``predict_batch`` scores a whole batch in one call."""
 
@@ -815,15 +855,20 @@ class LocalModel:
         path: Path | None = None,
         trained_ids: frozenset[str] | None = None,
     ) -> None:
+        if not isinstance(meta, dict) or not isinstance(meta.get("version"), str) or not meta["version"]:
+            raise ModelArtifactError(f"the artifact at {path} names no model version; retrain it")
         if list(meta.get("feature_names", [])) != list(FEATURE_NAMES):
             raise ModelArtifactError(
                 f"model {meta.get('version')} was trained on other features than this code computes; retrain it"
             )
+        try:
+            self.calibration = Calibration.from_json(meta.get("calibration") or {})
+        except ValueError as exc:
+            raise ModelArtifactError(f"model {meta['version']} has a damaged {exc}; retrain it") from exc
         self.booster = booster
         self.meta = meta
         self.path = path
         self.version: str = meta["version"]
-        self.calibration = Calibration.from_json(meta["calibration"])
         self.label = f"{LOCAL_PREFIX}{self.version}"
         self._trained_ids = trained_ids
         """:func:`id_digest` of the training rows; read from the artifact on first use."""
@@ -867,11 +912,15 @@ class LocalModel:
         tmp = root / f".{self.version}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        (tmp / LEARNER_FILES[self.booster.learner]).write_bytes(self.booster.to_bytes())
+        data = self.booster.to_bytes()
+        (tmp / LEARNER_FILES[self.booster.learner]).write_bytes(data)
+        self.meta[MODEL_SHA256] = hashlib.sha256(data).hexdigest()
+        if (ids := self.trained_ids()) is not None:
+            text = trained_ids_text(ids)
+            (tmp / TRAINED_IDS_FILE).write_text(text, encoding="ascii")
+            self.meta[TRAINED_IDS_SHA256] = hashlib.sha256(text.encode()).hexdigest()
         (tmp / "model.json").write_text(json.dumps(self.meta, indent=2, default=str))
         (tmp / "metrics.txt").write_text(format_metrics(self.meta) + "\n")
-        if (ids := self.trained_ids()) is not None:
-            (tmp / TRAINED_IDS_FILE).write_text("".join(f"{d}\n" for d in sorted(ids)))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -891,12 +940,18 @@ class LocalModel:
         meta_file = path / "model.json"
         if not meta_file.exists():
             raise ModelArtifactError(f"no model artifact at {path} (train one: make train / make train-default)")
-        meta = json.loads(meta_file.read_text())
+        try:
+            meta = json.loads(meta_file.read_text())
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError both
+            raise ModelArtifactError(f"unreadable model.json in the artifact at {path}: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise ModelArtifactError(f"model.json in the artifact at {path} is not an object; retrain it")
         learner = meta.get("learner", "lightgbm")
-        model_file = path / LEARNER_FILES.get(learner, "")  # unknown learner: the folder, not a file
+        model_file = path / LEARNER_FILES.get(learner, "") if isinstance(learner, str) else path
         if not model_file.is_file():
             raise ModelArtifactError(f"no {learner} model file in the artifact at {path}; retrain it")
         data = model_file.read_bytes()
+        _check_whole(learner, data, meta.get(MODEL_SHA256), path)
         try:
             booster = Booster.from_bytes(learner, data)
         except Exception as exc:  # CatBoostError / LightGBMError derive from Exception only

@@ -48,7 +48,7 @@ class FieldLabels:
     read: int = 0
     """Records read (verdicts and tombstones)."""
     replaced: int = 0
-    """Verdicts replaced by a later verdict or withdrawal for the same transaction."""
+    """Verdicts replaced by a later record for the same transaction: a verdict, a withdrawal or an unusable one."""
     withdrawn: set[str] = field(default_factory=set)
     """Transactions whose last record is a tombstone (no verdict in force)."""
     undecodable: int = 0
@@ -82,8 +82,15 @@ class FieldLabels:
 
 def latest_labels(messages: Iterable[tuple[bytes | None, bytes | None]]) -> FieldLabels:
     """The verdict in force per transaction from ``(key, value)`` messages of the labels topic, each
-    partition's in offset order: the last verdict wins; a tombstone (value None) withdraws."""
+    partition's in offset order: the last verdict wins; a tombstone (value None) withdraws. An unusable
+    record (undecodable, or keyed by another transaction) ends its key's earlier verdict, as compaction,
+    which keeps only the latest record per key, would: the answer must not depend on when it ran."""
     out = FieldLabels()
+
+    def unusable(key: bytes | None) -> None:
+        if key is not None and out.by_transaction.pop(key.decode("utf-8", "replace"), None) is not None:
+            out.replaced += 1
+
     for key, value in messages:
         out.read += 1
         if value is None:
@@ -102,9 +109,11 @@ def latest_labels(messages: Iterable[tuple[bytes | None, bytes | None]]) -> Fiel
                 raise InvalidRecord("invalid", "label must be 1 or 0")
         except (InvalidRecord, TypeError, ValueError):
             out.undecodable += 1
+            unusable(key)
             continue
         if key != label.transaction_id.encode():
             out.wrong_key += 1
+            unusable(key)
             continue
         if label.transaction_id in out.by_transaction:
             out.replaced += 1

@@ -453,9 +453,19 @@ def drift_monitors(settings: Settings) -> Callable[[LocalModel], Any] | None:
         reference = model.meta.get("reference")
         if not reference:
             return None
-        return DriftMonitor(
-            reference, model.version, psi_alert=m.drift_psi_alert, min_rows=m.drift_min_rows, grace_ms=m.drift_grace_ms
-        )
+        try:
+            if not isinstance(reference, dict) or reference.get("feature_names") != model.meta["feature_names"]:
+                raise ValueError(f"the drift reference of model {model.version} is not of its features")
+            return DriftMonitor(
+                reference,
+                model.version,
+                psi_alert=m.drift_psi_alert,
+                min_rows=m.drift_min_rows,
+                grace_ms=m.drift_grace_ms,
+            )
+        except ValueError as exc:  # no drift reports for that model, rather than no decisions
+            log.warning("no drift reports for model %s: %s", model.version, exc)
+            return None
 
     return make
 

@@ -27,6 +27,7 @@ from typing import Annotated
 
 import typer
 
+from infra.cli import run_tool
 from infra.settings import Settings, get_settings
 from jobs.model.fraud_model import LocalModel, ModelArtifactError, format_metrics
 
@@ -41,6 +42,8 @@ def read_pointer(root: Path, name: str) -> str | None:
         value = (root / name).read_text().strip()
     except FileNotFoundError:
         return None
+    except (OSError, ValueError) as exc:  # a folder, no permission, bytes that are not text
+        raise ModelArtifactError(f"the pointer {root / name} cannot be read: {exc}") from exc
     return value or None
 
 
@@ -70,7 +73,8 @@ class ModelRegistry:
         self.challenger = challenger
         self.swaps = 0
         self._next_check = 0.0
-        self._failed: tuple[str | None, str | None] | None = None
+        self._failed: tuple[tuple[str | None, str | None] | None, str] | None = None
+        """The pointers and the error of the last failed load: logged once."""
         if settings is None:  # fixed models: never re-read anything
             self.root: Path | None = None
             self.pinned: tuple[str | None, str | None] = (None, None)
@@ -103,17 +107,19 @@ class ModelRegistry:
         """Follow the pointers if ``reload_interval_s`` has passed; ``True`` when a model changed.
 
         ``strict`` (at start): a missing champion raises :class:`ModelArtifactError`. Later, a pointer
-        naming something unloadable is logged once and the models in use stay."""
+        naming something unloadable (or unreadable) is logged once and the models in use stay; it is tried
+        again every interval, so a version still being copied in is taken once it is whole."""
         if self.root is None:
             return False
         now = self.clock()
         if not force and now < self._next_check:
             return False
         self._next_check = now + self.interval
-        wanted = self.wanted()
-        if not force and wanted in (self._seen, self._failed):
-            return False
+        wanted: tuple[str | None, str | None] | None = None
         try:
+            wanted = self.wanted()
+            if not force and wanted == self._seen:
+                return False
             champion = self._load(wanted[0], self.champion)
             if champion is None:
                 raise ModelArtifactError(
@@ -123,10 +129,15 @@ class ModelRegistry:
         except (ModelArtifactError, OSError, ValueError) as exc:
             if strict:
                 raise ModelArtifactError(str(exc)) from exc
-            self._failed = wanted
-            log.warning(
-                "model pointers name %s / %s, which cannot be loaded (%s): keeping %s / %s", *wanted, exc, *self._seen
-            )
+            failed = (wanted, str(exc))
+            if failed != self._failed:  # once per cause, not every interval
+                log.warning(
+                    "model pointers name %s / %s, which cannot be loaded (%s): keeping %s / %s",
+                    *(wanted or ("?", "?")),
+                    exc,
+                    *self._seen,
+                )
+            self._failed = failed
             return False
         changed = (champion.version, self._version(challenger)) != self._seen
         self.champion, self.challenger = champion, challenger
@@ -263,4 +274,4 @@ def promote(
 
 
 if __name__ == "__main__":
-    app()
+    run_tool(app)

@@ -133,6 +133,31 @@ def test_a_feature_never_seen_in_training_and_bad_shapes() -> None:
         reference_profile(["a", "never"], x, np.arange(10))
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda r: r["features"]["amount_log"].update(
+            expected=[math.nan] * len(r["features"]["amount_log"]["expected"])
+        ),
+        lambda r: r["features"]["amount_log"].update(expected=[-p for p in r["features"]["amount_log"]["expected"]]),
+        lambda r: r["features"]["amount_log"].update(expected=[0.0] * len(r["features"]["amount_log"]["expected"])),
+        lambda r: r["features"]["amount_log"]["expected"].append(0.0),
+        lambda r: r["features"]["amount_log"]["edges"].reverse(),
+        lambda r: r["feature_names"].pop(),
+        lambda r: r.pop("score"),
+        lambda r: r["features"].update(amount_log=None),
+    ],
+    ids=["nan", "negative", "zero-sum", "one more", "edges reversed", "a name short", "no score", "not a column"],
+)
+def test_a_damaged_reference_is_refused_with_a_reason(reference: dict[str, Any], damage) -> None:
+    """A NaN proportion won every max() and hid a real alert; a negative or zero-sum one raised a false
+    one every hour: refused, so the caller turns the monitor off for that model and says why."""
+    damaged = json.loads(json.dumps(reference))
+    damage(damaged)
+    with pytest.raises(ValueError, match="reference"):
+        _monitor(damaged)
+
+
 # --------------------------------------------------------------------------------------------------
 # The monitor
 

@@ -45,7 +45,7 @@ from jobs.scoring.rules import FaceResult
 from jobs.scoring.scorer import Predictor, Scorer, ScoringState
 from schemas.codec import codec, json_safe
 from schemas.errors import CheckoutGuardError
-from schemas.model_artifact import TRAINED_IDS_FILE, id_digest
+from schemas.model_artifact import TRAINED_IDS_FILE, id_digest, read_trained_ids
 from tests.builders import return_of, sale
 from tests.fraud_model import clean_settings, small_model
 
@@ -143,6 +143,26 @@ def test_artifact_round_trips_with_its_version_and_current_pointer(tmp_path):
     assert not any(len(d) != 16 for d in loaded.trained_ids() or ())  # digests, never the raw ids
 
 
+@pytest.mark.parametrize("damage", ["cut short", "cut at a line", "not digests"])
+def test_a_damaged_training_rows_file_reads_as_unknown_not_as_fewer_rows(tmp_path, damage):
+    """Rows missing from a cut file would count as unseen, flattering the model in the backtest and on the
+    dashboard: a damaged file reads as "cannot tell" (None), as a missing one does."""
+    path = small_model().save(tmp_path)
+    text = (path / TRAINED_IDS_FILE).read_text()
+    if damage == "cut short":
+        text = text[: len(text) // 3]
+    elif damage == "cut at a line":
+        text = text[: text.index("\n", len(text) // 3) + 1]
+    else:
+        text = "hello world\n"
+    (path / TRAINED_IDS_FILE).write_text(text)
+    assert read_trained_ids(path) is None
+    meta = json.loads((path / "model.json").read_text())
+    del meta["trained_ids_sha256"]  # an artifact saved before the digest: only the format is checked,
+    (path / "model.json").write_text(json.dumps(meta))  # which a cut between two lines passes
+    assert (read_trained_ids(path) is None) == (damage != "cut at a line")
+
+
 def test_artifact_of_other_features_is_refused(tmp_path):
     path = small_model().save(tmp_path)
     meta = json.loads((path / "model.json").read_text())
@@ -222,7 +242,60 @@ def test_a_damaged_model_file_is_an_artifact_error_the_registry_can_report(tmp_p
     data = labelled(observe_all(synthetic_transactions(1500, seed=13), SETTINGS))
     path = fit(data.x, data.y, Calibration.fit(np.linspace(0.0, 1.0, 300)), rounds=20).model.save(tmp_path)
     (path / "model.cbm").write_bytes((path / "model.cbm").read_bytes()[:100])
+    with pytest.raises(ModelArtifactError, match="catboost model file .* is damaged"):
+        LocalModel.load(path)
+    meta = json.loads((path / "model.json").read_text())
+    del meta["model_sha256"]  # an artifact saved before the digest: CatBoost's own parser refuses it
+    (path / "model.json").write_text(json.dumps(meta))
     with pytest.raises(ModelArtifactError, match="unreadable catboost model file"):
+        LocalModel.load(path)
+
+
+@pytest.mark.parametrize("digest", [True, False], ids=["with its digest", "saved before the digest"])
+@pytest.mark.parametrize("share", [0.1, 0.5, 0.99])
+def test_a_lightgbm_model_file_cut_short_is_an_artifact_error_not_a_crash(tmp_path, digest, share):
+    """LightGBM's parser kills the process (segfault or abort) on a file cut short, e.g. one still being
+    copied in: the load refuses it before parsing, so the job can keep its models."""
+    path = small_model().save(tmp_path)
+    data = (path / "model.txt").read_bytes()
+    (path / "model.txt").write_bytes(data[: int(len(data) * share)])
+    if not digest:
+        meta = json.loads((path / "model.json").read_text())
+        del meta["model_sha256"]
+        (path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelArtifactError, match="lightgbm model file .* is (damaged|cut short)"):
+        LocalModel.load(path)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda m: m.pop("version"),
+        lambda m: m.update(version=""),
+        lambda m: m["calibration"]["scores"].pop(),
+        lambda m: m["calibration"]["probs"].reverse(),
+        lambda m: m["calibration"]["probs"].__setitem__(2, float("nan")),
+        lambda m: m["calibration"].update(probs=[], scores=[]),
+        lambda m: m["calibration"]["scores"].__setitem__(-1, 5000.0),
+        lambda m: m.pop("calibration"),
+    ],
+    ids=["no version", "empty version", "scores shorter", "probs reversed", "a NaN", "empty", "score 5000", "none"],
+)
+def test_a_damaged_model_json_is_an_artifact_error_at_load_not_every_later_score(tmp_path, damage):
+    """A calibration that loads and then fails (or scores everything 1000) would cost every decision."""
+    path = small_model().save(tmp_path)
+    meta = json.loads((path / "model.json").read_text())
+    damage(meta)
+    (path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelArtifactError, match="version|calibration"):
+        LocalModel.load(path)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[]", "\udcff"], ids=["not json", "a list", "not utf-8"])
+def test_an_unreadable_model_json_is_an_artifact_error(tmp_path, text):
+    path = small_model().save(tmp_path)
+    (path / "model.json").write_bytes(b"\xff\xfe" if text == "\udcff" else text.encode())
+    with pytest.raises(ModelArtifactError, match="model.json"):
         LocalModel.load(path)
 
 

@@ -157,6 +157,23 @@ def test_bad_rows_are_reported_with_their_line_and_reason_and_left_out() -> None
     assert found.rows == 10
 
 
+@pytest.mark.parametrize(
+    "when", ["\u00b2", "\u0663\u0663", "1" * 5000], ids=["superscript", "arabic-indic", "5000 digits"]
+)
+def test_a_time_of_digits_python_reads_but_int_refuses_is_one_bad_row_not_a_stopped_import(when) -> None:
+    """``str.isdigit`` takes superscripts and other scripts' digits, and ``int`` refuses them (or 5,000 digits)
+    with a ValueError: the import stopped with a traceback instead of leaving that row out."""
+    found = csv_labels(
+        f"transaction_id,label,decided_at\ntx-1,fraud,2026-01-01T00:00:00Z\ntx-2,fraud,{when}\ntx-3,legit,\n"
+    )
+    assert [label.transaction_id for label in found.labels] == ["tx-1", "tx-3"]
+    assert [b.line for b in found.bad] == [3] and "ISO-8601" in found.bad[0].reason
+    with pytest.raises(topic_replay.RangeError):
+        topic_replay.parse_time_ms(when)
+    with pytest.raises(topic_replay.RangeError):
+        topic_replay.parse_offsets(when)
+
+
 def test_conflicting_verdicts_for_one_transaction_are_bad_on_every_line_and_repeats_count_once() -> None:
     text = "transaction_id,label\ntx-1,fraud\ntx-2,legit\ntx-1,legit\ntx-2,0\ntx-2,legit\n"
     found = csv_labels(text)
@@ -354,6 +371,21 @@ def test_unusable_records_are_counted_not_used() -> None:
     )
     assert found.by_transaction == {} and found.undecodable == 5 and found.wrong_key == 2
     assert "7 record(s) read" in found.summary()
+
+
+@pytest.mark.parametrize("later", ["not avro", "label 2", "another transaction's"])
+def test_an_unusable_later_record_ends_the_earlier_verdict_as_compaction_would(later) -> None:
+    """Compaction keeps only the latest record per key: reading before or after it must give one answer."""
+    good = verdict("tx-1")
+    bad = {
+        "not avro": b"not avro",
+        "label 2": replace(good, label=2).encode(),
+        "another transaction's": verdict("tx-2").encode(),
+    }[later]
+    before = latest_labels([message(good), message(verdict("tx-3")), (b"tx-1", bad)])
+    after = latest_labels([message(verdict("tx-3")), (b"tx-1", bad)])
+    assert before.by_transaction == after.by_transaction == {"tx-3": verdict("tx-3")}
+    assert before.digest() == after.digest() and before.replaced == 1
 
 
 # ---------------------------------------------------------------------------- transactions and the join

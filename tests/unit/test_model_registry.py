@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -235,3 +238,76 @@ def test_a_rollback_does_not_report_an_hour_of_the_old_champion_twice(tmp_path):
     batch(4 * 3600, 1)  # closes A's next hour: the rollback's 5 rows of the reported hour are its late rows
     [(report, _)] = models.drain_reports()
     assert (report["report_id"], report["rows"], report["late_rows"]) == (f"drift:{champ}:{T0 + 7_200_000}", 1, 5)
+
+
+def test_a_version_that_failed_to_load_is_taken_once_it_is_whole(tmp_path, caplog):
+    """A version still being copied in (its model file not there yet) fails once; later intervals try it
+    again, so the job does not keep the old champion until a restart while ``status`` shows the new one."""
+    champ, chal = _models(tmp_path)
+    model_file = tmp_path / chal / "model.cbm"
+    data = model_file.read_bytes()
+    model_file.unlink()
+    clock = Clock()
+    registry = ModelRegistry(_settings(tmp_path), clock=clock)
+    write_pointer(tmp_path, CURRENT, chal)
+    with caplog.at_level("WARNING", logger="checkout_guard.models"):
+        for step in (10.0, 20.0, 30.0):
+            clock.now = step
+            assert registry.refresh() is False
+    assert registry.champion is not None and registry.champion.version == champ
+    assert len([r for r in caplog.records if "cannot be loaded" in r.getMessage()]) == 1, "logged once"
+    model_file.write_bytes(data)
+    clock.now = 40.0
+    assert registry.refresh() is True
+    assert registry.champion.version == chal
+
+
+@pytest.mark.parametrize("pointer", ["not text", "a folder"])
+def test_an_unreadable_pointer_keeps_the_models_in_use_and_is_one_line_in_status(tmp_path, pointer):
+    champ, _ = _models(tmp_path)
+    clock = Clock()
+    registry = ModelRegistry(_settings(tmp_path), clock=clock)
+    (tmp_path / CURRENT).unlink()
+    if pointer == "a folder":
+        (tmp_path / CURRENT).mkdir()
+    else:
+        (tmp_path / CURRENT).write_bytes(b"\xff\xfe\n")
+    clock.now = 10.0
+    assert registry.refresh() is False
+    assert registry.champion is not None and registry.champion.version == champ
+    with pytest.raises(ModelArtifactError, match="cannot be read"):
+        ModelRegistry(_settings(tmp_path))
+    status = subprocess.run(  # the module's python -m, as make models runs it
+        [sys.executable, "-m", "jobs.model.registry", "status", "--models", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert status.returncode == 1 and "Error: the pointer" in status.stderr and "Traceback" not in status.stderr
+
+
+def test_a_challenger_whose_model_json_is_damaged_is_refused_with_one_line(tmp_path):
+    champ, chal = _models(tmp_path)
+    (tmp_path / chal / "model.json").write_text("{")
+    result = CliRunner().invoke(app, ["challenger", chal, "--models", str(tmp_path)])
+    assert result.exit_code == 2 and "cannot be loaded" in result.output and "unreadable model.json" in result.output
+    assert read_pointer(tmp_path, CHALLENGER) is None
+
+
+def test_a_damaged_drift_reference_costs_that_models_drift_reports_not_its_decisions(tmp_path, caplog):
+    """A model.json whose drift reference is damaged still scores; only its drift reports are off (logged)."""
+    champ, chal = _models(tmp_path)
+    path = tmp_path / chal / "model.json"
+    meta = json.loads(path.read_text())
+    meta["reference"]["features"]["amount_log"]["expected"].append(0.0)
+    path.write_text(json.dumps(meta))
+    write_pointer(tmp_path, CURRENT, chal)
+    settings = _settings(tmp_path, drift_min_rows=1)
+    models = ScoringModels(ModelRegistry(settings), drift=drift_monitors(settings))
+    with caplog.at_level("WARNING", logger="checkout_guard.predictors"):
+        results = models.predict_batch(ITEMS)
+        models.predict_batch([(sale("later", at_s=3 * 3600).to_avro(), {})])
+    assert len(results) == len(ITEMS) and all(r.version == f"local:{chal}" for r in results)
+    assert not list(models.drain_reports())
+    [warning] = [r.getMessage() for r in caplog.records if "no drift reports" in r.getMessage()]
+    assert f"model {chal}" in warning and "proportions for" in warning
