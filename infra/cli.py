@@ -61,15 +61,17 @@ class Entry:
 
 
 class _OneLineErrors:
-    """Wraps a click command's ``invoke`` so the project's own errors and OS errors end as a usage-style line."""
+    """Wraps a click command's ``invoke``: our own errors, OS errors and Kafka's end as one usage-style line."""
 
     def __init__(self, invoke: Any) -> None:
         self.invoke = invoke
 
     def __call__(self, ctx: Any) -> Any:
+        from confluent_kafka import KafkaException  # Kafka not answering: a tool reading a topic says so
+
         try:
             return self.invoke(ctx)
-        except (CheckoutGuardError, OSError) as exc:
+        except (CheckoutGuardError, OSError, KafkaException) as exc:
             typer.echo(f"Error: {exc}", err=True)
             raise typer.Exit(1) from None
 

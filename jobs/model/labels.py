@@ -196,8 +196,16 @@ class JoinStats:
         return (
             f"field labels: {self.labels:,} offered, {self.joined:,} joined ({self.fraud:,} fraud, {self.legit:,} "
             f"legit; {self.newly_labelled:,} newly labelled, {self.changed:,} overturned the data's label), "
-            f"{len(self.unmatched):,} without a transaction in the history"
+            f"{len(self.unmatched):,} without a transaction in the history{_first(self.unmatched)}"
         )
+
+
+def _first(ids: list[str], n: int = 5) -> str:
+    """The first ``n`` ids, so a mistyped one can be found (``: a, b, ... and 3 more``)."""
+    if not ids:
+        return ""
+    more = f" and {len(ids) - n:,} more" if len(ids) > n else ""
+    return ": " + ", ".join(ids[:n]) + more
 
 
 Item = Any

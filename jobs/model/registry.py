@@ -30,6 +30,7 @@ import typer
 from infra.cli import run_tool
 from infra.settings import Settings, get_settings
 from jobs.model.fraud_model import LocalModel, ModelArtifactError, format_metrics
+from schemas.errors import CheckoutGuardError
 
 log = logging.getLogger("checkout_guard.models")
 
@@ -187,6 +188,8 @@ def _check_version(root: Path, version: str) -> LocalModel:
 def status(models: Annotated[Path | None, typer.Option(help="Models root (default: settings).")] = None) -> None:
     """Which model is champion, which is challenger, and the versions on disk."""
     root = _root(models)
+    if not root.is_dir():
+        raise ModelArtifactError(f"no models root at {root} (train one: make train / make train-default)")
     champion, challenger = read_pointer(root, CURRENT), read_pointer(root, CHALLENGER)
     typer.echo(f"models root: {root}")
     versions = _versions(root)
@@ -220,6 +223,10 @@ def challenger(
     typer.echo(f"challenger: {version}")
 
 
+class AuditNotDelivered(CheckoutGuardError, RuntimeError):
+    """The ``MODEL_PROMOTE`` audit event did not reach Kafka: no pointer moved."""
+
+
 def _audit(settings: Settings, old: str | None, new: str, actor: str, reason: str | None, timeout_s: float) -> None:
     """One ``MODEL_PROMOTE`` audit event, delivered before any pointer moves (raises if it is not)."""
     from infra.clients.kafka import IDEMPOTENT, produce, producer
@@ -247,7 +254,9 @@ def _audit(settings: Settings, old: str | None, new: str, actor: str, reason: st
         lambda err, _msg: errors.append(str(err)) if err else None,
     )
     if p.flush(timeout_s) or errors:
-        raise RuntimeError(f"audit event not delivered ({'; '.join(errors) or 'timed out'})")
+        raise AuditNotDelivered(
+            f"audit event not delivered ({'; '.join(errors) or 'timed out'}): the models are unchanged"
+        )
 
 
 @app.command()

@@ -752,6 +752,8 @@ def train(
 ) -> None:
     """Evaluate by cross-validation, train on every labelled row; write the artifact and its report."""
     settings = get_settings()
+    if out is not None and out.exists() and not out.is_dir():  # said before the training, not after it
+        raise typer.BadParameter(f"{out} is not a folder", param_hint="--out")
     source = _source(csv_path, settings, from_topic, labels_from_topic)
     history = source.history
     model = train_on(

@@ -369,6 +369,13 @@ def test_a_plain_train_does_not_replace_the_jobs_champion(tmp_path):
     assert makes_current(other, job, None) and not makes_current(other, job, False)
 
 
+def test_train_refuses_an_out_that_is_not_a_folder_before_training(tmp_path):
+    data = tmp_path / "data.csv"
+    data.write_text("x\n")  # no rows to train on: the --out check comes first
+    res = CliRunner().invoke(app, ["train", str(data), "--out", str(data)])
+    assert res.exit_code == 2 and "is not a folder" in " ".join(res.output.replace("│", " ").split())
+
+
 def test_backtest_refuses_to_write_its_decisions_over_its_input(tmp_path):
     data = tmp_path / "data.csv"
     data.write_text("x\n")

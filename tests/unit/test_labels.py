@@ -427,6 +427,9 @@ def test_apply_labels_sets_field_verdicts_and_counts_the_join() -> None:
     assert (stats.newly_labelled, stats.changed) == (1, 1)
     assert stats.unmatched == ["tx-missing"]
     assert "3 joined" in stats.summary()
+    assert stats.summary().endswith("1 without a transaction in the history: tx-missing"), "named, to find a typo"
+    stats.unmatched = [f"tx-{i}" for i in range(8)]
+    assert stats.summary().endswith(": tx-0, tx-1, tx-2, tx-3, tx-4 and 3 more")
 
 
 def test_the_digest_names_the_verdicts_in_force_not_how_they_got_there() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -138,6 +139,12 @@ def test_promote_refuses_a_hand_written_challenger_pointer_that_is_not_a_version
     result = CliRunner().invoke(app, ["promote", "--no-audit", "--models", str(tmp_path)])
     assert result.exit_code == 2 and "not a model version" in result.output
     assert read_pointer(tmp_path, CURRENT) == champ
+
+
+def test_status_of_a_models_root_that_is_not_there_says_so(tmp_path):
+    result = CliRunner().invoke(app, ["status", "--models", str(tmp_path / "nope")])
+    assert result.exit_code == 1 and isinstance(result.exception, ModelArtifactError)
+    assert "no models root" in str(result.exception)
 
 
 def test_status_flags_a_pointer_to_a_missing_version(tmp_path):
@@ -311,3 +318,18 @@ def test_a_damaged_drift_reference_costs_that_models_drift_reports_not_its_decis
     assert not list(models.drain_reports())
     [warning] = [r.getMessage() for r in caplog.records if "no drift reports" in r.getMessage()]
     assert f"model {chal}" in warning and "proportions for" in warning
+
+
+def test_promote_whose_audit_event_is_not_delivered_is_one_line_and_moves_nothing(tmp_path):
+    champ, chal = _models(tmp_path)
+    write_pointer(tmp_path, CHALLENGER, chal)
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.model.registry", "promote", "--timeout-s", "1", "--models", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "CG_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:1"},  # nothing listens there
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "Error: audit event not delivered" in result.stderr and "models are unchanged" in result.stderr
+    assert (read_pointer(tmp_path, CURRENT), read_pointer(tmp_path, CHALLENGER)) == (champ, chal)

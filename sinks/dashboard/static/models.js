@@ -88,8 +88,12 @@ function renderEvaluation(ev, labels) {
   const c = ev.champion, k = ev.challenger, p = ev.paired;
   const interval = (r) => (r.auc === null ? "–" : `${fmtAuc(r.auc_low)}–${fmtAuc(r.auc_high)}`);
   const both = (role) => ({ auc: p[`${role}_auc`], auc_low: p[`${role}_auc_low`], auc_high: p[`${role}_auc_high`] });
-  // null: the model's training rows are not known here (remote backend, or its artifact not visible)
-  const leftOut = (r) => (r.in_training === null || r.in_training === undefined ? "unknown" : num.format(r.in_training));
+  // null: the model's training rows are not known here (remote backend, or its artifact not visible);
+  // no version: there is no such model (no challenger), so nothing to leave out
+  const leftOut = (r) => {
+    if (!r.version) return "–";
+    return r.in_training === null || r.in_training === undefined ? "unknown" : num.format(r.in_training);
+  };
   const rows = [
     ["version", versionText(c), versionText(k)],
     ["labelled rows", num.format(c.rows), num.format(k.rows)],
