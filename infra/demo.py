@@ -222,7 +222,9 @@ def demo_settings(settings: Settings) -> Settings:
 
 
 def flag_a_blocked_transaction(settings: Settings, client, flagged: set[str]) -> str | None:
-    """Play the security officer: ``fraud <tx>`` in the room for the newest blocked, face-seen sale."""
+    """Play the security officer: ``fraud <tx>`` in the room for the newest blocked, face-seen sale that was
+    fraud (the generator's label: what the officer saw on the floor). A blocked legitimate sale is left
+    alone: enrolling a regular shopper's face would put everyone who shares it on the watchlist."""
     idx = index_name(settings.opensearch.index_prefix, "transactions")
     with contextlib.suppress(Exception):
         res = client.search(
@@ -230,7 +232,15 @@ def flag_a_blocked_transaction(settings: Settings, client, flagged: set[str]) ->
             body={
                 "size": 5,
                 "sort": [{"decided_at": "desc"}],
-                "query": {"bool": {"filter": [{"term": {"outcome": "BLOCK"}}, {"term": {"face_status": "NO_MATCH"}}]}},
+                "query": {
+                    "bool": {
+                        "filter": [
+                            {"term": {"outcome": "BLOCK"}},
+                            {"term": {"face_status": "NO_MATCH"}},
+                            {"term": {"label": 1}},
+                        ]
+                    }
+                },
                 "_source": ["transaction_id"],
             },
         )

@@ -1,7 +1,8 @@
 """Shoppers: POS traffic whose customers are also *seen* by the local cameras.
 
 Each transaction of the POS generator (``infra.local.pos_generator``) becomes a visit at the local camera:
-its customer (a stable identity: customer id, card or e-mail) is a person from the photo sets, who
+its customer (a stable identity: customer id, card or e-mail) is a person from the photo sets (a fraud
+pattern's, an offender: :func:`cast`), who
 enters the store ``shop_s`` before paying (the entrance camera sees a new ``oid``, over MQTT), stands
 at the transaction's lane while paying, and leaves. The transaction is sent when they pay, with
 ``event_time`` = the pay time, so the lane camera's snapshot at the transaction time shows them.
@@ -36,9 +37,29 @@ def customer_key(tx: PosTransaction) -> str:
     return tx.customer_id or tx.card_token or tx.customer_email or tx.transaction_id
 
 
+OFFENDER_SHARE = 6
+"""One person in this many (at least one, once there are two) is an offender: see :func:`cast`."""
+
+
+def cast(people: list[str]) -> tuple[list[str], list[str]]:
+    """``(offenders, regulars)`` of the photo sets' people. A transaction of a fraud pattern (label 1) is
+    paid by an offender -- someone other than the card's owner -- and every other by a regular. The demo's
+    officer confirms only fraud, so only offenders' faces reach the watchlist; were every shopper a
+    candidate, each enrolment would list everyone who shares that face (with the two people of a bare
+    machine, all traffic within two enrolments). One person: no offender to set apart."""
+    ordered = sorted(people)
+    if len(ordered) < 2:
+        return [], ordered
+    n = max(1, len(ordered) // OFFENDER_SHARE)
+    return ordered[:n], ordered[n:]
+
+
 def person_for(tx: PosTransaction, people: list[str]) -> str:
-    """The same customer is always the same person (a stable hash, not Python's salted ``hash``)."""
-    return people[zlib.crc32(customer_key(tx).encode()) % len(people)]
+    """The same customer is always the same person (a stable hash, not Python's salted ``hash``); a fraud
+    pattern's transaction is paid by an offender (:func:`cast`)."""
+    offenders, regulars = cast(people)
+    pool = offenders if tx.label == 1 and offenders else regulars
+    return pool[zlib.crc32(customer_key(tx).encode()) % len(pool)]
 
 
 def shopper_transactions(
