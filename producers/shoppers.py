@@ -32,10 +32,11 @@ from schemas.records import PosTransaction
 LEAVE_S = 5.0
 """How long a shopper stays at the lane after paying."""
 LANE_GAP_MS = 3000
-"""Payers at one lane this far apart where the store has a lane free (else the longest-idle lane). Meraki's
-snapshot times are whole seconds, so at a lane whose payers came a second apart the snapshot could show the
-previous payer at the counter -- whose face the officer then enrolled, and who was no offender; two
-seconds apart, the one paying is always the nearer."""
+"""Payers at one lane this far apart where the store has a lane free (else the longest-idle lane: the demo's
+four lanes a store at two sales a second keep them two seconds apart at least; fewer lanes or a faster rate,
+less). Meraki's snapshot times are whole seconds, so at a lane whose payers came a second apart the
+snapshot could show the previous payer at the counter -- whose face the officer then enrolled, and who was
+no offender; two seconds apart, the one paying is always the nearer."""
 
 
 def customer_key(tx: PosTransaction) -> str:
@@ -60,8 +61,9 @@ def cast(people: list[str]) -> tuple[list[str], list[str]]:
 
 
 def person_for(tx: PosTransaction, people: list[str]) -> str:
-    """The same customer is always the same person (a stable hash, not Python's salted ``hash``); a fraud
-    pattern's transaction is paid by an offender (:func:`cast`)."""
+    """The person paying: for a fraud pattern's transaction an offender (:func:`cast`), else a regular; the
+    same customer is always the same regular, and the same offender (a stable hash, not Python's salted
+    ``hash``)."""
     offenders, regulars = cast(people)
     pool = offenders if tx.label == 1 and offenders else regulars
     return pool[zlib.crc32(customer_key(tx).encode()) % len(pool)]

@@ -43,6 +43,11 @@ def trained_ids_text(digests: frozenset[str]) -> str:
     return "".join(f"{d}\n" for d in sorted(digests))
 
 
+def trained_ids_sha256(text: str) -> str:
+    """What ``model.json`` records of :data:`TRAINED_IDS_FILE` (:data:`TRAINED_IDS_SHA256`)."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def read_trained_ids(version_dir: Path) -> frozenset[str] | None:
     """The digests of an artifact's training rows; None when it did not record them, is gone, cannot
     be read here (another user's folder) or is damaged -- cut short (its SHA-256 in ``model.json``,
@@ -57,7 +62,7 @@ def read_trained_ids(version_dir: Path) -> frozenset[str] | None:
     except (OSError, ValueError):
         meta = None  # the digest is checked where model.json records it
     expected = meta.get(TRAINED_IDS_SHA256) if isinstance(meta, dict) else None
-    if expected is not None and hashlib.sha256(text.encode()).hexdigest() != expected:
+    if expected is not None and trained_ids_sha256(text) != expected:
         return None
     digests = text.split()
     if not all(_DIGEST_RE.fullmatch(d) for d in digests):

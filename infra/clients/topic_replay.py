@@ -81,12 +81,12 @@ def parse_time_ms(text: str, now_ms: int | None = None) -> int:
 def parse_offsets(text: str) -> dict[int, int] | int:
     """``100`` (every partition) or ``0:100,2:50`` (per partition; others unbounded)."""
     text = text.strip()
-    if _digits(text) and len(text) <= 19:
+    if _digits(text) and len(text) <= 19 and int(text) < 2**63:  # Kafka offsets are int64
         return int(text)
     out: dict[int, int] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
-        p, sep, o = part.partition(":")
-        if not sep or not _digits(p.strip()) or not _digits(o.strip()) or max(len(p), len(o)) > 19:
+        p, sep, o = (x.strip() for x in part.partition(":"))
+        if not (sep and _digits(p) and _digits(o) and len(p) <= 10 and len(o) <= 19 and int(o) < 2**63):
             raise RangeError(f"bad offsets {text!r}: use N or PARTITION:OFFSET,... (e.g. 0:100,2:50)")
         out[int(p)] = int(o)
     if not out:

@@ -280,9 +280,9 @@ class DriftMonitor:
             raise ValueError("grace_ms must be at least 0 and under an hour")
         self.model_version = model_version
         self.psi_alert, self.min_rows, self.grace_ms = psi_alert, min_rows, grace_ms
-        self.reference_rows = int(reference.get("rows", 0))
         self._now_ms = now_ms
         try:
+            self.reference_rows = int(reference.get("rows", 0))
             names = list(reference.get("feature_names") or reference["features"])
             position = {name: j for j, name in enumerate(names)}
             self.width = len(names)
@@ -293,7 +293,12 @@ class DriftMonitor:
                 self._columns.append(column)
                 offset += column.size
             self._score = _Column(SCORE, -1, reference[SCORE], offset)
-        except (AttributeError, KeyError, TypeError) as exc:  # a damaged model.json: no monitor, said why
+        except (
+            AttributeError,
+            KeyError,
+            OverflowError,
+            TypeError,
+        ) as exc:  # a damaged model.json: no monitor, said why
             raise ValueError(f"damaged drift reference of model {model_version}: {exc!r}") from exc
         self._size = offset + self._score.size
         self._binner = _Binner(self._columns)

@@ -59,6 +59,7 @@ from schemas.model_artifact import (
     TRAINED_IDS_SHA256,
     id_digest,
     read_trained_ids,
+    trained_ids_sha256,
     trained_ids_text,
 )
 
@@ -284,7 +285,8 @@ class Calibration:
             raise ValueError("calibration: a value is not finite")
         if (np.diff(probs) <= 0).any() or (np.diff(scores) < 0).any():
             raise ValueError("calibration: probabilities must rise and scores never fall")
-        if probs[0] < 0 or probs[-1] > 1 or scores[0] < 0 or scores[-1] > 1000:
+        # ``fit`` keeps the probabilities strictly rising with ``nextafter``: past 1.0 by a few ulps at most
+        if probs[0] < 0 or probs[-1] > 1 + 1e-9 or scores[0] < 0 or scores[-1] > 1000:
             raise ValueError("calibration: probabilities within 0-1, scores within 0-1000")
         return cls(tuple(probs.tolist()), tuple(scores.tolist()), legit_rows)
 
@@ -828,6 +830,11 @@ class ModelArtifactError(CheckoutGuardError, RuntimeError):
     """No usable model artifact where one was expected."""
 
 
+class DamagedArtifactError(ModelArtifactError):
+    """An artifact that is there but damaged (cut short, a digest or calibration that does not hold): never
+    replaced by a freshly trained default, which would drop a champion caught mid-copy without an audit."""
+
+
 MODEL_SHA256 = "model_sha256"
 """``model.json``'s digest of the model file, checked before the file is parsed."""
 _LIGHTGBM_TAIL = b"pandas_categorical:"
@@ -840,9 +847,11 @@ def _check_whole(learner: str, data: bytes, digest: Any, path: Path) -> None:
     as LightGBM ends every model file."""
     if digest is not None:
         if hashlib.sha256(data).hexdigest() != digest:
-            raise ModelArtifactError(f"the {learner} model file in the artifact at {path} is damaged (sha256 differs)")
+            raise DamagedArtifactError(
+                f"the {learner} model file in the artifact at {path} is damaged (sha256 differs)"
+            )
     elif learner == "lightgbm" and not data.rstrip().rsplit(b"\n", 1)[-1].startswith(_LIGHTGBM_TAIL):
-        raise ModelArtifactError(f"the {learner} model file in the artifact at {path} is cut short")
+        raise DamagedArtifactError(f"the {learner} model file in the artifact at {path} is cut short")
 
 
 class LocalModel:
@@ -856,7 +865,7 @@ class LocalModel:
         trained_ids: frozenset[str] | None = None,
     ) -> None:
         if not isinstance(meta, dict) or not isinstance(meta.get("version"), str) or not meta["version"]:
-            raise ModelArtifactError(f"the artifact at {path} names no model version; retrain it")
+            raise DamagedArtifactError(f"the artifact at {path} names no model version; retrain it")
         if list(meta.get("feature_names", [])) != list(FEATURE_NAMES):
             raise ModelArtifactError(
                 f"model {meta.get('version')} was trained on other features than this code computes; retrain it"
@@ -864,7 +873,7 @@ class LocalModel:
         try:
             self.calibration = Calibration.from_json(meta.get("calibration") or {})
         except ValueError as exc:
-            raise ModelArtifactError(f"model {meta['version']} has a damaged {exc}; retrain it") from exc
+            raise DamagedArtifactError(f"model {meta['version']} has a damaged {exc}; retrain it") from exc
         self.booster = booster
         self.meta = meta
         self.path = path
@@ -918,7 +927,7 @@ class LocalModel:
         if (ids := self.trained_ids()) is not None:
             text = trained_ids_text(ids)
             (tmp / TRAINED_IDS_FILE).write_text(text, encoding="ascii")
-            self.meta[TRAINED_IDS_SHA256] = hashlib.sha256(text.encode()).hexdigest()
+            self.meta[TRAINED_IDS_SHA256] = trained_ids_sha256(text)
         (tmp / "model.json").write_text(json.dumps(self.meta, indent=2, default=str))
         (tmp / "metrics.txt").write_text(format_metrics(self.meta) + "\n")
         if final.exists():
@@ -943,19 +952,19 @@ class LocalModel:
         try:
             meta = json.loads(meta_file.read_text())
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError both
-            raise ModelArtifactError(f"unreadable model.json in the artifact at {path}: {exc}") from exc
+            raise DamagedArtifactError(f"unreadable model.json in the artifact at {path}: {exc}") from exc
         if not isinstance(meta, dict):
-            raise ModelArtifactError(f"model.json in the artifact at {path} is not an object; retrain it")
+            raise DamagedArtifactError(f"model.json in the artifact at {path} is not an object; retrain it")
         learner = meta.get("learner", "lightgbm")
         model_file = path / LEARNER_FILES.get(learner, "") if isinstance(learner, str) else path
         if not model_file.is_file():
-            raise ModelArtifactError(f"no {learner} model file in the artifact at {path}; retrain it")
+            raise DamagedArtifactError(f"no {learner} model file in the artifact at {path}; retrain it")
         data = model_file.read_bytes()
         _check_whole(learner, data, meta.get(MODEL_SHA256), path)
         try:
             booster = Booster.from_bytes(learner, data)
         except Exception as exc:  # CatBoostError / LightGBMError derive from Exception only
-            raise ModelArtifactError(f"unreadable {learner} model file in the artifact at {path}: {exc}") from exc
+            raise DamagedArtifactError(f"unreadable {learner} model file in the artifact at {path}: {exc}") from exc
         return cls(booster, meta, path)
 
     @classmethod

@@ -72,7 +72,7 @@ class FieldLabels:
             f"{self.read:,} record(s) read",
         ]
         if self.replaced:
-            parts.append(f"{self.replaced:,} replaced by a later verdict")
+            parts.append(f"{self.replaced:,} replaced by a later record")
         if self.withdrawn:
             parts.append(f"{len(self.withdrawn):,} withdrawn")
         if self.undecodable or self.wrong_key:

@@ -58,6 +58,11 @@ def write_pointer(root: Path, name: str, version: str | None) -> None:
     os.replace(tmp, root / name)
 
 
+RETRY_MAX_S = 60.0
+"""The longest pause before loading pointers that failed again (a version still being copied in is taken
+by then; a permanent fault costs a load a minute, not one every interval)."""
+
+
 class ModelRegistry:
     """The champion and challenger models, following the pointer files (or fixed ones, for tests/backtests)."""
 
@@ -76,6 +81,9 @@ class ModelRegistry:
         self._next_check = 0.0
         self._failed: tuple[tuple[str | None, str | None] | None, str] | None = None
         """The pointers and the error of the last failed load: logged once."""
+        self._retry_s = 0.0
+        self._retry_at = 0.0
+        """When pointers that failed are loaded again: the pause doubles per failure up to :data:`RETRY_MAX_S`."""
         if settings is None:  # fixed models: never re-read anything
             self.root: Path | None = None
             self.pinned: tuple[str | None, str | None] = (None, None)
@@ -109,7 +117,8 @@ class ModelRegistry:
 
         ``strict`` (at start): a missing champion raises :class:`ModelArtifactError`. Later, a pointer
         naming something unloadable (or unreadable) is logged once and the models in use stay; it is tried
-        again every interval, so a version still being copied in is taken once it is whole."""
+        again after a pause that doubles up to :data:`RETRY_MAX_S`, so a version still being copied in is
+        taken once it is whole."""
         if self.root is None:
             return False
         now = self.clock()
@@ -120,7 +129,10 @@ class ModelRegistry:
         try:
             wanted = self.wanted()
             if not force and wanted == self._seen:
+                self._failed = None  # back to the models in use: a later failure is news again
                 return False
+            if not force and self._failed is not None and self._failed[0] == wanted and now < self._retry_at:
+                return False  # the same pointers failed: tried again with a growing pause, not every interval
             champion = self._load(wanted[0], self.champion)
             if champion is None:
                 raise ModelArtifactError(
@@ -138,6 +150,9 @@ class ModelRegistry:
                     exc,
                     *self._seen,
                 )
+            same = self._failed is not None and self._failed[0] == wanted
+            self._retry_s = min(RETRY_MAX_S, 2 * self._retry_s) if same else self.interval
+            self._retry_at = now + self._retry_s
             self._failed = failed
             return False
         changed = (champion.version, self._version(challenger)) != self._seen

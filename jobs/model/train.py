@@ -52,6 +52,7 @@ from jobs.model.fraud_model import (
     SMALL_DATA_ROWS,
     Calibration,
     CrossValidation,
+    DamagedArtifactError,
     Learner,
     LocalModel,
     ModelArtifactError,
@@ -354,6 +355,8 @@ def ensure_default_model(settings: Settings, force: bool = False) -> Path:
         if not force:
             try:
                 return LocalModel.load(root).path  # type: ignore[return-value]
+            except DamagedArtifactError:
+                raise  # a champion that is there but damaged (mid-copy?) is not replaced unasked
             except ModelArtifactError:
                 pass
         model = train_default(settings)

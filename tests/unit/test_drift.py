@@ -146,8 +146,21 @@ def test_a_feature_never_seen_in_training_and_bad_shapes() -> None:
         lambda r: r["feature_names"].pop(),
         lambda r: r.pop("score"),
         lambda r: r["features"].update(amount_log=None),
+        lambda r: r.update(rows=None),
+        lambda r: r.update(rows=math.inf),
     ],
-    ids=["nan", "negative", "zero-sum", "one more", "edges reversed", "a name short", "no score", "not a column"],
+    ids=[
+        "nan",
+        "negative",
+        "zero-sum",
+        "one more",
+        "edges reversed",
+        "a name short",
+        "no score",
+        "not a column",
+        "rows null",
+        "rows infinite",
+    ],
 )
 def test_a_damaged_reference_is_refused_with_a_reason(reference: dict[str, Any], damage) -> None:
     """A NaN proportion won every max() and hid a real alert; a negative or zero-sum one raised a false

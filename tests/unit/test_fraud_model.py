@@ -111,6 +111,18 @@ def test_calibration_is_monotone_and_hits_its_fpr_anchors():
         assert np.mean(cal.score(legit) >= score) == pytest.approx(fpr, abs=0.002)
 
 
+@pytest.mark.parametrize(
+    "legit",
+    [np.r_[np.full(990, 0.2), np.full(10, 1.0)], np.zeros(50), np.ones(50), np.linspace(0.0, 1.0, 7)],
+    ids=["some at 1.0", "all 0", "all 1", "few"],
+)
+def test_every_calibration_fit_makes_is_one_the_load_accepts(legit):
+    """``fit`` keeps its probabilities strictly rising with ``nextafter``, past 1.0 where legitimate rows
+    score 1.0; the load's check must take what training wrote."""
+    fitted = Calibration.fit(legit)
+    assert Calibration.from_json(json.loads(json.dumps(fitted.to_json()))) == fitted
+
+
 def test_calibration_holds_on_held_out_legitimate_traffic():
     model = small_model()
     # another seed: transactions the model never saw, after some history like its out-of-fold rows

@@ -19,6 +19,7 @@ from jobs.model.fraud_model import (
     FEATURE_NAMES,
     FPR_ANCHORS,
     Calibration,
+    DamagedArtifactError,
     LocalModel,
     cross_validate,
     pr_auc,
@@ -401,3 +402,19 @@ def test_an_artifact_of_other_features_is_replaced_by_a_retrained_default_model(
     path = ensure_default_model(settings)
     assert path.name == small_model().version and (tmp_path / "CURRENT").read_text().strip() == path.name
     assert LocalModel.load(tmp_path).version == small_model().version
+
+
+@pytest.mark.parametrize("damage", ["model.json cut short", "model file cut short", "model file not there yet"])
+def test_a_damaged_champion_is_not_replaced_by_a_retrained_default_model(tmp_path, monkeypatch, damage):
+    """A champion caught mid-copy at the job's start was overwritten by the synthetic default, unaudited."""
+    settings = Settings(model={"artifact_dir": tmp_path})
+    champion = small_model().save(tmp_path)
+    target = champion / ("model.json" if damage == "model.json cut short" else "model.txt")
+    if damage == "model file not there yet":
+        target.unlink()
+    else:
+        target.write_bytes(target.read_bytes()[:1000])
+    monkeypatch.setattr(train_module, "train_default", lambda _settings: pytest.fail("retrained over it"))
+    with pytest.raises(DamagedArtifactError):
+        ensure_default_model(settings)
+    assert (tmp_path / "CURRENT").read_text().strip() == champion.name

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from infra.settings import ModelSettings, Settings
-from jobs.model.fraud_model import ModelArtifactError
+from jobs.model.fraud_model import LocalModel, ModelArtifactError
 from jobs.model.predictors import ScoringModels, drift_monitors
 from jobs.model.registry import CHALLENGER, CURRENT, ModelRegistry, app, read_pointer, write_pointer
 from jobs.scoring.rules import ModelResult
@@ -247,26 +247,43 @@ def test_a_rollback_does_not_report_an_hour_of_the_old_champion_twice(tmp_path):
     assert (report["report_id"], report["rows"], report["late_rows"]) == (f"drift:{champ}:{T0 + 7_200_000}", 1, 5)
 
 
-def test_a_version_that_failed_to_load_is_taken_once_it_is_whole(tmp_path, caplog):
-    """A version still being copied in (its model file not there yet) fails once; later intervals try it
-    again, so the job does not keep the old champion until a restart while ``status`` shows the new one."""
+def test_a_version_that_failed_to_load_is_taken_once_it_is_whole(tmp_path, caplog, monkeypatch):
+    """A version still being copied in (its model file not there yet) fails once; it is tried again after a
+    growing pause (not every interval, nor never: the job kept the old champion until a restart while
+    ``status`` showed the new one)."""
     champ, chal = _models(tmp_path)
     model_file = tmp_path / chal / "model.cbm"
     data = model_file.read_bytes()
     model_file.unlink()
     clock = Clock()
     registry = ModelRegistry(_settings(tmp_path), clock=clock)
+    loads: list[float] = []
+    load = LocalModel.load
+    monkeypatch.setattr(LocalModel, "load", classmethod(lambda cls, path: loads.append(clock.now) or load(path)))
     write_pointer(tmp_path, CURRENT, chal)
     with caplog.at_level("WARNING", logger="checkout_guard.models"):
-        for step in (10.0, 20.0, 30.0):
-            clock.now = step
+        for step in range(10, 200, 5):  # every reload interval (5 s) for three minutes
+            clock.now = float(step)
             assert registry.refresh() is False
     assert registry.champion is not None and registry.champion.version == champ
     assert len([r for r in caplog.records if "cannot be loaded" in r.getMessage()]) == 1, "logged once"
+    assert loads[:4] == [10.0, 15.0, 25.0, 45.0] and len(loads) < 10, "a pause that doubles, up to a minute"
     model_file.write_bytes(data)
-    clock.now = 40.0
-    assert registry.refresh() is True
-    assert registry.champion.version == chal
+    clock.now = 260.0
+    assert registry.refresh() is True and registry.champion.version == chal
+
+
+def test_going_back_to_the_models_in_use_makes_the_next_failure_news_again(tmp_path, caplog):
+    champ, chal = _models(tmp_path)
+    (tmp_path / chal / "model.json").write_text("{")
+    clock = Clock()
+    registry = ModelRegistry(_settings(tmp_path), clock=clock)
+    with caplog.at_level("WARNING", logger="checkout_guard.models"):
+        for step, pointer in ((10.0, chal), (20.0, champ), (30.0, chal)):
+            write_pointer(tmp_path, CURRENT, pointer)
+            clock.now = step
+            assert registry.refresh() is False
+    assert len([r for r in caplog.records if "cannot be loaded" in r.getMessage()]) == 2
 
 
 @pytest.mark.parametrize("pointer", ["not text", "a folder"])
