@@ -31,12 +31,6 @@ from schemas.records import PosTransaction
 
 LEAVE_S = 5.0
 """How long a shopper stays at the lane after paying."""
-LANE_GAP_MS = 3000
-"""Payers at one lane this far apart where the store has a lane free (else the longest-idle lane: the demo's
-four lanes a store at two sales a second keep them two seconds apart at least; fewer lanes or a faster rate,
-less). Meraki's snapshot times are whole seconds, so at a lane whose payers came a second apart the
-snapshot could show the previous payer at the counter -- whose face the officer then enrolled, and who was
-no offender; two seconds apart, the one paying is always the nearer."""
 
 
 def customer_key(tx: PosTransaction) -> str:
@@ -78,26 +72,20 @@ def shopper_transactions(
     rate: float,
     shop_s: float,
     start_ms: int,
-    lanes: dict[str, tuple[str, ...]] | None = None,
 ) -> Iterator[PosTransaction]:
     """Transactions stamped with their pay time (``start_ms + k / rate``), each visit registered about
-    ``shop_s`` before it is due, so the shopper is at the entrance now and pays later. ``lanes`` (store ->
-    its lanes): a transaction due at a lane paid at less than :data:`LANE_GAP_MS` ago goes to the store's
-    longest-idle lane instead."""
+    ``shop_s`` before it is due, so the shopper is at the entrance now and pays later."""
     if not people:
         raise ValueError("the local camera has no people (face photos): run `make setup`")
     if shop_s < 1:
         raise ValueError("shop_s must be >= 1: snapshot timestamps have whole-second precision")
     ahead = max(1, math.ceil(shop_s * rate))
     pending: deque[PosTransaction] = deque()
-    last_pay: dict[tuple[str, str], int] = {}
     registered = 0
     for k in range(count):
         while registered < count and registered <= k + ahead:
             tx = next(generator)
             pay_ms = start_ms + round(registered * 1000 / rate)
-            tx = _free_lane(tx, pay_ms, last_pay, (lanes or {}).get(tx.store_id, ()))
-            last_pay[tx.store_id, tx.lane_id] = pay_ms
             enter_ms = pay_ms - round(shop_s * 1000)  # the first few entered before we started: no MQTT for them
             control.add_visit(
                 person_for(tx, people),
@@ -111,19 +99,6 @@ def shopper_transactions(
             pending.append(dataclasses.replace(tx, event_time=pay_ms))
             registered += 1
         yield pending.popleft()
-
-
-def _free_lane(
-    tx: PosTransaction, pay_ms: int, last_pay: dict[tuple[str, str], int], lanes: tuple[str, ...]
-) -> PosTransaction:
-    """``tx`` at its own lane if that lane's last payer is :data:`LANE_GAP_MS` behind, else at the store's
-    longest-idle lane (its own when none is idler)."""
-    if pay_ms - last_pay.get((tx.store_id, tx.lane_id), -LANE_GAP_MS) >= LANE_GAP_MS or not lanes:
-        return tx
-    idle = min(lanes, key=lambda lane: last_pay.get((tx.store_id, lane), -LANE_GAP_MS))
-    if last_pay.get((tx.store_id, idle), -LANE_GAP_MS) >= last_pay[tx.store_id, tx.lane_id]:
-        return tx
-    return dataclasses.replace(tx, lane_id=idle)
 
 
 def drive_shoppers(
@@ -141,10 +116,7 @@ def drive_shoppers(
     control = control or LocalCameraControl.from_settings(settings)
     people = sorted(control.people())
     start_ms = now_ms() + 500
-    lanes = {store.store_id: store.lanes for store in generator.stores}
-    txs = shopper_transactions(
-        generator, control, people, count=count, rate=rate, shop_s=shop_s, start_ms=start_ms, lanes=lanes
-    )
+    txs = shopper_transactions(generator, control, people, count=count, rate=rate, shop_s=shop_s, start_ms=start_ms)
     return produce(
         settings,
         txs,

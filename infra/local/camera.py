@@ -193,10 +193,15 @@ class Scene:
         return Presence(v.visit_id, v.person, str(photo), serial, v.store_id, lane_id, start, end, oid, pay_ms)
 
     def at(self, serial: str, t_ms: int) -> list[Presence]:
-        """Who ``serial`` sees at ``t_ms``; at a lane the one paying nearest to ``t_ms`` first (at the counter)."""
+        """Who ``serial`` sees at ``t_ms``; at a lane the one paying nearest to ``t_ms`` first (at the counter).
+
+        A whole-second ``t_ms`` (the API's timestamps have no milliseconds) stands for that second, so the
+        nearest payer is measured from its middle: from its start, a payer one second before the one paying
+        within that second was as near or nearer, and stood at the counter in the picture of the next sale."""
         with self._lock:
             found = [p for p in self._presences if p.serial == serial and p.start_ms <= t_ms < p.end_ms]
-        return sorted(found, key=lambda p: (abs((p.pay_ms or p.start_ms) - t_ms), -p.start_ms))
+        centre = t_ms + 500 if t_ms % 1000 == 0 else t_ms
+        return sorted(found, key=lambda p: (abs((p.pay_ms or p.start_ms) - centre), -p.start_ms))
 
     def visible_now(self, t_ms: int) -> dict[str, list[Presence]]:
         with self._lock:

@@ -60,6 +60,17 @@ def test_the_person_paying_is_in_front_of_the_lane_camera() -> None:
     assert [p.person for p in scene.at("Q2MV-s-lane-01", 30_000)] == ["bob", "ann"]
 
 
+def test_at_a_whole_second_the_one_paying_within_it_is_in_front_not_the_one_a_second_before() -> None:
+    """The API's snapshot times have no milliseconds: a sale at 21.954 s is snapshotted at 21 s, where ann,
+    who paid at 20.954 s, was nearer its start -- and the officer enrolled her face for bob's fraud."""
+    scene = _scene()
+    scene.add_visit("ann", "s", "lane-01", 0, 20_954, 40_000)
+    scene.add_visit("bob", "s", "lane-01", 10_000, 21_954, 50_000)
+    assert [p.person for p in scene.at("Q2MV-s-lane-01", 21_000)] == ["bob", "ann"]
+    assert [p.person for p in scene.at("Q2MV-s-lane-01", 20_000)] == ["ann", "bob"]
+    assert [p.person for p in scene.at("Q2MV-s-lane-01", 21_954)] == ["bob", "ann"]  # milliseconds: as they are
+
+
 def test_visits_are_validated_and_idempotent_by_id() -> None:
     scene = _scene()
     with pytest.raises(ValueError, match="unknown person"):
