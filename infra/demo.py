@@ -251,7 +251,7 @@ def flag_a_blocked_transaction(settings: Settings, client, flagged: set[str]) ->
                     f"http://127.0.0.1:{settings.webex.local_port}/_local/say",
                     timeout=10,
                     json={"roomId": settings.webex.room_id, "personEmail": DEMO_OFFICER, "text": f"fraud {tx}"},
-                )
+                ).raise_for_status()  # not said: tried again next time
                 flagged.add(tx)
                 return tx
     return None

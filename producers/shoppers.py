@@ -32,6 +32,11 @@ from schemas.records import PosTransaction
 
 LEAVE_S = 5.0
 """How long a shopper stays at the lane after paying."""
+LANE_GAP_MS = 3000
+"""Payers at one lane this far apart where the store has a lane free (else the longest-idle lane: at two
+sales a second over four lanes a store, two seconds at least; fewer lanes or a faster rate, less). Snapshot
+times are whole seconds: two sales at one lane within one second get the same picture, one of them the
+wrong face, which the officer could then enroll."""
 SEND_LAG_MS = 1000
 """A sale reaches Kafka this long after its pay time (by the wall clock), as a POS sends it once the
 receipt prints. Sent earlier, the face stage asked for footage not stored yet, waited out the camera's
@@ -80,21 +85,29 @@ def shopper_transactions(
     start_ms: int,
     send_lag_ms: int | None = None,
     sleep: Callable[[float], object] = time.sleep,
+    lanes: dict[str, tuple[str, ...]] | None = None,
 ) -> Iterator[PosTransaction]:
     """Transactions stamped with their pay time (``start_ms + k / rate``), each visit registered about
     ``shop_s`` before it is due, so the shopper is at the entrance now and pays later. ``send_lag_ms``:
-    each is yielded that long after its pay time by the wall clock (None: at once)."""
+    each is yielded that long after its pay time by the wall clock (None: at once). ``lanes`` (store -> its
+    lanes): a transaction due at a lane paid at less than :data:`LANE_GAP_MS` ago goes to the store's
+    longest-idle lane instead."""
     if not people:
         raise ValueError("the local camera has no people (face photos): run `make setup`")
     if shop_s < 1:
         raise ValueError("shop_s must be >= 1: snapshot timestamps have whole-second precision")
-    ahead = max(1, math.ceil(shop_s * rate))
+    # registered this many sales ahead: shop_s before the pay time, and the send lag on top (a sale is
+    # yielded that long after its pay time, and the next visits are registered only then)
+    ahead = max(1, math.ceil((shop_s + (send_lag_ms or 0) / 1000) * rate))
+    last_pay: dict[tuple[str, str], int] = {}
     pending: deque[PosTransaction] = deque()
     registered = 0
     for k in range(count):
         while registered < count and registered <= k + ahead:
             tx = next(generator)
             pay_ms = start_ms + round(registered * 1000 / rate)
+            tx = _free_lane(tx, pay_ms, last_pay, (lanes or {}).get(tx.store_id, ()))
+            last_pay[tx.store_id, tx.lane_id] = pay_ms
             enter_ms = pay_ms - round(shop_s * 1000)  # the first few entered before we started: no MQTT for them
             control.add_visit(
                 person_for(tx, people),
@@ -113,6 +126,19 @@ def shopper_transactions(
         yield tx
 
 
+def _free_lane(
+    tx: PosTransaction, pay_ms: int, last_pay: dict[tuple[str, str], int], lanes: tuple[str, ...]
+) -> PosTransaction:
+    """``tx`` at its own lane if that lane's last payer is :data:`LANE_GAP_MS` behind, else at the store's
+    longest-idle lane (its own when none is idler)."""
+    if pay_ms - last_pay.get((tx.store_id, tx.lane_id), -LANE_GAP_MS) >= LANE_GAP_MS or not lanes:
+        return tx
+    idle = min(lanes, key=lambda lane: last_pay.get((tx.store_id, lane), -LANE_GAP_MS))
+    if last_pay.get((tx.store_id, idle), -LANE_GAP_MS) >= last_pay[tx.store_id, tx.lane_id]:
+        return tx
+    return dataclasses.replace(tx, lane_id=idle)
+
+
 def drive_shoppers(
     settings: Settings,
     generator: PosGenerator,
@@ -129,7 +155,16 @@ def drive_shoppers(
     people = sorted(control.people())
     start_ms = now_ms() + 500
     txs = shopper_transactions(
-        generator, control, people, count=count, rate=rate, shop_s=shop_s, start_ms=start_ms, send_lag_ms=SEND_LAG_MS
+        generator,
+        control,
+        people,
+        count=count,
+        rate=rate,
+        shop_s=shop_s,
+        start_ms=start_ms,
+        # the sale is sent once the camera has stored its second (a local camera set slower: that much later)
+        send_lag_ms=max(SEND_LAG_MS, settings.cameras.local_no_video_ms),
+        lanes={store.store_id: store.lanes for store in generator.stores},
     )
     return produce(
         settings,

@@ -192,16 +192,21 @@ class Scene:
         photo = photos[zlib.crc32(f"{v.visit_id}/{serial}".encode()) % len(photos)]
         return Presence(v.visit_id, v.person, str(photo), serial, v.store_id, lane_id, start, end, oid, pay_ms)
 
-    def at(self, serial: str, t_ms: int) -> list[Presence]:
+    def at(self, serial: str, t_ms: int, *, second: bool = False) -> list[Presence]:
         """Who ``serial`` sees at ``t_ms``; at a lane the one paying nearest to ``t_ms`` first (at the counter).
 
-        A whole-second ``t_ms`` (the API's timestamps have no milliseconds) stands for that second, so the
-        nearest payer is measured from its middle: from its start, a payer one second before the one paying
-        within that second was as near or nearer, and stood at the counter in the picture of the next sale."""
+        ``second``: ``t_ms`` is an API timestamp, which has whole seconds and stands for that second: the one
+        paying within it comes first, then the nearest to its middle. Ranked from its start, a payer one
+        second before was nearer, and stood at the counter in the picture of the next sale."""
         with self._lock:
             found = [p for p in self._presences if p.serial == serial and p.start_ms <= t_ms < p.end_ms]
-        centre = t_ms + 500 if t_ms % 1000 == 0 else t_ms
-        return sorted(found, key=lambda p: (abs((p.pay_ms or p.start_ms) - centre), -p.start_ms))
+        centre = t_ms + 500 if second else t_ms
+
+        def rank(p: Presence) -> tuple[bool, int, int]:
+            pay = p.pay_ms or p.start_ms
+            return (not (second and t_ms <= pay < t_ms + 1000), abs(pay - centre), -p.start_ms)
+
+        return sorted(found, key=rank)
 
     def visible_now(self, t_ms: int) -> dict[str, list[Presence]]:
         with self._lock:
@@ -386,6 +391,8 @@ class _Pending:
     t_ms: int
     created: float
     fault: dict | None
+    second: bool = False
+    """``t_ms`` came as the API's timestamp (whole seconds), not "now": :meth:`Scene.at`."""
     polls: int = 0
     image: bytes | None = None
 
@@ -459,7 +466,9 @@ class LocalCameraApp:
             return _err(500, "Internal server error")
         token = secrets.token_urlsafe(16)
         self._prune()
-        self._pending[token] = _Pending(serial, t_ms, time.monotonic(), dict(fault) if fault else None)
+        self._pending[token] = _Pending(
+            serial, t_ms, time.monotonic(), dict(fault) if fault else None, second=bool(body.get("timestamp"))
+        )
         expiry = datetime.fromtimestamp(now_ms / 1000 + 300, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         url = f"{request.base_url}snapshots/{token}.jpg"
         return JSONResponse({"url": url, "expiry": f"Access to the image will expire at {expiry}."}, status_code=202)
@@ -498,7 +507,7 @@ class LocalCameraApp:
                 b"\xff\xd8\xff\xe0" + b"\0" * (self.cfg.max_image_bytes + 1024), 200, media_type="image/jpeg"
             )
         if pending.image is None:
-            people = self.scene.at(pending.serial, pending.t_ms)
+            people = self.scene.at(pending.serial, pending.t_ms, second=pending.second)
             pending.image = await asyncio.to_thread(self._render, pending.serial, pending.t_ms, people)
         data = pending.image
         if fault == "corrupt":

@@ -63,12 +63,18 @@ def test_the_person_paying_is_in_front_of_the_lane_camera() -> None:
 def test_at_a_whole_second_the_one_paying_within_it_is_in_front_not_the_one_a_second_before() -> None:
     """The API's snapshot times have no milliseconds: a sale at 21.954 s is snapshotted at 21 s, where ann,
     who paid at 20.954 s, was nearer its start -- and the officer enrolled her face for bob's fraud."""
-    scene = _scene()
+    scene = Scene(Settings(), {name: (Path(f"/{name}.jpg"),) for name in ("ann", "bob", "cyd", "dan")})
     scene.add_visit("ann", "s", "lane-01", 0, 20_954, 40_000)
     scene.add_visit("bob", "s", "lane-01", 10_000, 21_954, 50_000)
-    assert [p.person for p in scene.at("Q2MV-s-lane-01", 21_000)] == ["bob", "ann"]
-    assert [p.person for p in scene.at("Q2MV-s-lane-01", 20_000)] == ["ann", "bob"]
-    assert [p.person for p in scene.at("Q2MV-s-lane-01", 21_954)] == ["bob", "ann"]  # milliseconds: as they are
+    scene.add_visit("cyd", "s", "lane-01", 10_000, 23_000, 50_000)
+    scene.add_visit("dan", "s", "lane-01", 10_000, 24_000, 50_000)
+    lane = "Q2MV-s-lane-01"
+    assert [p.person for p in scene.at(lane, 21_000, second=True)][:2] == ["bob", "ann"]
+    assert [p.person for p in scene.at(lane, 20_000, second=True)][:2] == ["ann", "bob"]
+    # paying on the second itself: as far from the middle as the next payer, and still the one in front
+    assert [p.person for p in scene.at(lane, 23_000, second=True)][:2] == ["cyd", "dan"]
+    # a time of "now" (milliseconds, even a whole second of them) is as it is
+    assert [p.person for p in scene.at(lane, 21_000)][:2] == ["ann", "bob"]
 
 
 def test_visits_are_validated_and_idempotent_by_id() -> None:

@@ -6,7 +6,7 @@ import itertools
 
 import producers.shoppers as shoppers
 from infra.local.pos_generator import PosGenerator
-from producers.shoppers import SEND_LAG_MS, cast, person_for
+from producers.shoppers import LANE_GAP_MS, SEND_LAG_MS, cast, person_for
 from tests.builders import sale
 
 PEOPLE = [f"person-{i:02d}" for i in range(18)]
@@ -37,8 +37,41 @@ def test_two_people_are_one_offender_and_one_regular_and_one_person_is_everyone(
 
 
 class _Camera:
-    def add_visit(self, *args, **kwargs) -> None:
-        pass
+    """Records the visits the shoppers register (the local camera's control API) and when."""
+
+    def __init__(self, now: list[int] | None = None) -> None:
+        self.now = now
+        self.visits: list[tuple[str, str, int, int, int | None]] = []
+
+    def add_visit(self, person, store_id, lane_id, enter_ms, pay_ms, leave_ms, visit_id=None) -> None:
+        self.visits.append((store_id, lane_id, enter_ms, pay_ms, self.now[0] if self.now else None))
+
+
+def _gaps(txs: list) -> list[int]:
+    last: dict[tuple[str, str], int] = {}
+    gaps = []
+    for tx in txs:
+        key = (tx.store_id, tx.lane_id)
+        if key in last:
+            gaps.append(tx.event_time - last[key])
+        last[key] = tx.event_time
+    return gaps
+
+
+def test_payers_at_one_lane_are_seconds_apart_so_each_sale_gets_its_own_picture() -> None:
+    """Snapshot times are whole seconds: two sales at one lane within a second got the same picture, one of
+    them the wrong face (which the officer could then enroll)."""
+    camera = _Camera()
+    generator = PosGenerator(seed=3, stores=2, lanes_per_store=4, fraud_share=0.1, diurnal=False)
+    lanes = {store.store_id: store.lanes for store in generator.stores}
+    args = {"count": 600, "rate": 2.0, "shop_s": 8.0, "start_ms": 1_796_000_000_000}
+    txs = list(shoppers.shopper_transactions(generator, camera, PEOPLE, lanes=lanes, **args))
+    gaps = _gaps(txs)
+    # the idlest of four lanes at two sales a second is two seconds behind at least
+    assert min(gaps) >= 2000 and sorted(gaps)[len(gaps) // 2] >= LANE_GAP_MS
+    assert [(tx.store_id, tx.lane_id, tx.event_time) for tx in txs] == [(v[0], v[1], v[3]) for v in camera.visits]
+    unspread = PosGenerator(seed=3, stores=2, lanes_per_store=4, fraud_share=0.1, diurnal=False)
+    assert min(_gaps(list(shoppers.shopper_transactions(unspread, _Camera(), PEOPLE, **args)))) < 1000, "as before"
 
 
 def test_each_sale_is_sent_a_second_after_its_pay_time_by_the_wall_clock(monkeypatch) -> None:
@@ -57,5 +90,24 @@ def test_each_sale_is_sent_a_second_after_its_pay_time_by_the_wall_clock(monkeyp
     sent = []
     for tx in shoppers.shopper_transactions(generator, _Camera(), PEOPLE, send_lag_ms=1000, sleep=sleep, **args):
         sent.append((tx.event_time, now[0]))
-    assert [at - paid for paid, at in sent] == [SEND_LAG_MS] * 5 and SEND_LAG_MS == 1000
+    assert [at - paid for paid, at in sent] == [1000] * 5
     assert slept[0] == 1.5 and slept[1:] == [0.5] * 4
+
+
+def test_a_shopper_is_registered_before_entering_despite_the_send_lag(monkeypatch) -> None:
+    """The visits ahead are registered when a sale is yielded, which the send lag delays: they must reach
+    far enough ahead that every shopper is registered before their entrance time (the MQTT detections)."""
+    now = [1_796_000_000_000]
+    monkeypatch.setattr(shoppers, "now_ms", lambda: now[0])
+
+    def sleep(seconds: float) -> None:
+        now[0] += round(seconds * 1000)
+
+    for rate in (1.0, 2.0, 4.0):
+        camera = _Camera(now)
+        generator = PosGenerator(seed=3, stores=2, fraud_share=0.1, diurnal=False)
+        t0 = now[0]  # the first few entered before the start: registered at once, as before
+        args = {"count": 80, "rate": rate, "shop_s": 8.0, "start_ms": t0 + 500, "send_lag_ms": SEND_LAG_MS}
+        list(shoppers.shopper_transactions(generator, camera, PEOPLE, sleep=sleep, **args))
+        later = [(registered, entered) for _, _, entered, _, registered in camera.visits if registered > t0]
+        assert len(later) > 20 and all(registered <= entered for registered, entered in later), rate
