@@ -293,12 +293,8 @@ class DriftMonitor:
                 self._columns.append(column)
                 offset += column.size
             self._score = _Column(SCORE, -1, reference[SCORE], offset)
-        except (
-            AttributeError,
-            KeyError,
-            OverflowError,
-            TypeError,
-        ) as exc:  # a damaged model.json: no monitor, said why
+        # a damaged model.json: no monitor for that model, and the caller says why
+        except (AttributeError, KeyError, OverflowError, TypeError) as exc:
             raise ValueError(f"damaged drift reference of model {model_version}: {exc!r}") from exc
         self._size = offset + self._score.size
         self._binner = _Binner(self._columns)
