@@ -197,8 +197,22 @@ ENTRIES: tuple[Entry, ...] = (
         sections=("model", "kafka", "stack_dir"),
         one_line_errors=True,
     ),
-    Entry("labels", "field labels: publish, withdraw, import", "producers.labels", "app", sections=("kafka", "model")),
-    Entry("replay", "re-publish a topic range by offsets or time", "producers.replay", "app", sections=("kafka",)),
+    Entry(
+        "labels",
+        "field labels: publish, withdraw, import",
+        "producers.labels",
+        "app",
+        sections=("kafka", "model"),
+        one_line_errors=True,
+    ),
+    Entry(
+        "replay",
+        "re-publish a topic range by offsets or time",
+        "producers.replay",
+        "app",
+        sections=("kafka",),
+        one_line_errors=True,
+    ),
     Entry(
         "backtest-stream",
         "a job copy over a replayed range, compared",
@@ -209,7 +223,14 @@ ENTRIES: tuple[Entry, ...] = (
     Entry(
         "faces", "faces CLI: detect, compare, evaluate, bench", "jobs.faces.cli", "app", sections=("faces", "stack_dir")
     ),
-    Entry("rules", "rule sets: validate, publish", "jobs.scoring.rules", "app", sections=("rules", "kafka")),
+    Entry(
+        "rules",
+        "rule sets: validate, publish",
+        "jobs.scoring.rules",
+        "app",
+        sections=("rules", "kafka"),
+        one_line_errors=True,
+    ),
     Entry("pos", "POS traffic: generate, replay-csv", "producers.pos", "app", sections=("kafka", "stack_dir")),
     Entry(
         "upgrade",
@@ -237,6 +258,7 @@ ENTRIES: tuple[Entry, ...] = (
                 "producers.redrive",
                 "cli",
                 sections=("kafka",),
+                one_line_errors=True,
             ),
         ),
     ),

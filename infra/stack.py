@@ -1205,7 +1205,7 @@ def ensure_topics(settings: Settings) -> list[str]:
     the names created."""
     admin = _admin(settings)
     prefix = settings.kafka.topic_prefix
-    existing = admin.list_topics(timeout=10).topics
+    existing = kafka_clients.cluster_metadata(admin, settings).topics
     wanted = {spec.full_name(prefix): spec for spec in ALL_TOPICS}
     for name, spec in wanted.items():
         if name in existing and len(existing[name].partitions) != spec.partitions:

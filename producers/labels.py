@@ -281,11 +281,13 @@ def publish_labels(
     timeout_s: float = 60.0,
 ) -> PublishStats:
     """Produce each label keyed by its transaction id (and a tombstone for each id in ``withdraw``) to the
-    labels topic; wait for every acknowledgement."""
+    labels topic; wait for every acknowledgement. ``KafkaUnavailable`` (nothing sent) when no broker answers."""
     stats = PublishStats()
 
     topic = LABELS.full_name(settings.kafka.topic_prefix)
-    producer = producer if producer is not None else make_producer(settings)
+    if producer is None:
+        producer = make_producer(settings)
+        kafka_clients.cluster_metadata(producer, settings, topic)  # Kafka down: one error now, not a minute's wait
     records: list[tuple[str, bytes | None]] = [(label.transaction_id, label.encode()) for label in labels]
     records += [(check(tx, "transaction_id"), None) for tx in withdraw]
     for key, value in records:
@@ -444,4 +446,6 @@ def import_command(
 
 
 if __name__ == "__main__":
-    app()
+    from infra.cli import run_tool
+
+    run_tool(app)

@@ -237,7 +237,7 @@ def read_dead_letters(
 def cluster_topics(settings: Settings) -> dict[str, int]:
     """The cluster's topics and their partition counts."""
     admin = kafka_clients.admin(settings)
-    metadata = admin.list_topics(timeout=10)
+    metadata = kafka_clients.cluster_metadata(admin, settings)
     return {name: len(t.partitions) for name, t in metadata.topics.items() if t.error is None}
 
 
@@ -324,4 +324,6 @@ def main(
 
 
 if __name__ == "__main__":
-    cli()
+    from infra.cli import run_tool
+
+    run_tool(cli)

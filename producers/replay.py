@@ -120,4 +120,6 @@ def epoch_ms_command(when: Annotated[str, typer.Argument(help="ISO-8601 time, ep
 
 
 if __name__ == "__main__":
-    app()
+    from infra.cli import run_tool
+
+    run_tool(app)

@@ -8,19 +8,29 @@ passed as they are). :func:`config` gives the same dict without a client.
 
 :func:`produce` is the one send loop that copes with a full local queue (``BufferError``): it lets
 deliveries drain the queue (``poll``) and tries again.
+
+Every client logs through the ``checkout_guard.kafka`` logger (:func:`librdkafka_logger`), not librdkafka's own
+stderr lines: the process's log format and secret redaction apply, and a failure librdkafka repeats at every
+retry (twenty lines a second while a broker is down) is shown once a minute. :func:`cluster_metadata` is a
+tool's first question to the cluster: no broker answering is one :class:`KafkaUnavailable`, not a minute of
+waiting for acknowledgements.
 """
 
 from __future__ import annotations
 
+import logging
+import re
+import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Message, Producer
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, Message, Producer
+from confluent_kafka.admin import AdminClient, ClusterMetadata
 
 from infra.settings import KafkaSettings, Settings
-from schemas.errors import InvalidRecord
+from schemas.errors import CheckoutGuardError, InvalidRecord
 from schemas.records import DeadLetter, dead_letter
 
 IDEMPOTENT: Mapping[str, Any] = {"enable.idempotence": True}
@@ -58,18 +68,88 @@ def config(source: Settings | KafkaSettings, *presets: Mapping[str, Any], **over
     return conf
 
 
+LOGGER = "checkout_guard.kafka"
+REPEAT_AFTER_S = 60.0
+"""How long the same librdkafka message is held back after it was shown."""
+
+
+class RepeatFilter(logging.Filter):
+    """Passes a message once per ``every_s``: librdkafka logs a failure again at every retry. Millisecond
+    counts, which differ between repeats (``after 0ms in state CONNECT``), do not make a message new."""
+
+    _VARYING = re.compile(r"\d+ms\b")
+    _KEPT = 1000
+
+    def __init__(self, every_s: float = REPEAT_AFTER_S, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self.clock = clock
+        self._shown: dict[tuple[int, str], float] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.levelno, self._VARYING.sub("…", record.getMessage()))
+        now = self.clock()
+        with self._lock:
+            shown = self._shown.get(key)
+            if shown is not None and now - shown < self.every_s:
+                return False
+            if len(self._shown) >= self._KEPT:
+                self._shown.clear()
+            self._shown[key] = now
+        return True
+
+
+def librdkafka_logger() -> logging.Logger:
+    """The logger every client gets (``logger`` in its config): librdkafka's lines through Python logging,
+    repeats held back (:class:`RepeatFilter`). Without logging set up, warnings and errors reach stderr."""
+    logger = logging.getLogger(LOGGER)
+    if not any(isinstance(f, RepeatFilter) for f in logger.filters):
+        logger.addFilter(RepeatFilter())
+    return logger
+
+
+def _built(source: Settings | KafkaSettings, presets: tuple[Mapping[str, Any], ...], overrides: Any) -> dict[str, Any]:
+    return {"logger": librdkafka_logger(), **config(source, *presets, **overrides)}
+
+
 def producer(source: Settings | KafkaSettings, *presets: Mapping[str, Any], **overrides: Any) -> Producer:
-    return Producer(config(source, *presets, **overrides))
+    return Producer(_built(source, presets, overrides))
 
 
 def consumer(
     source: Settings | KafkaSettings, group_id: str, *presets: Mapping[str, Any], **overrides: Any
 ) -> Consumer:
-    return Consumer(config(source, *presets, group_id=group_id, **overrides))
+    return Consumer(_built(source, presets, {"group_id": group_id, **overrides}))
 
 
 def admin(source: Settings | KafkaSettings, *presets: Mapping[str, Any], **overrides: Any) -> AdminClient:
-    return AdminClient(config(source, *presets, **overrides))
+    return AdminClient(_built(source, presets, overrides))
+
+
+class KafkaUnavailable(CheckoutGuardError, KafkaException):
+    """No broker answered in time. A ``KafkaException`` too, so code that handles Kafka's errors handles it."""
+
+
+_NOT_ANSWERING = frozenset({KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._ALL_BROKERS_DOWN})
+
+
+def cluster_metadata(
+    client: Producer | Consumer | AdminClient,
+    source: Settings | KafkaSettings | None = None,
+    topic: str | None = None,
+    timeout_s: float = 10.0,
+) -> ClusterMetadata:
+    """``client.list_topics(topic)``; no broker answering within ``timeout_s`` is :class:`KafkaUnavailable`,
+    naming ``source``'s bootstrap servers (other errors, e.g. refused credentials, are raised as they come)."""
+    try:
+        return client.list_topics(topic, timeout=timeout_s)
+    except KafkaException as exc:
+        error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+        if error is None or error.code() not in _NOT_ANSWERING:
+            raise
+        where = f"Kafka at {_kafka(source).bootstrap}" if source is not None else "Kafka"
+        raise KafkaUnavailable(f"{where} did not answer within {timeout_s:g} s ({error.str()})") from None
 
 
 def produce(

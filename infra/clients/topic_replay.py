@@ -327,9 +327,9 @@ def _producer(kafka: KafkaSettings) -> Producer:
     )
 
 
-def partition_count(client: Consumer | Producer, topic: str) -> int:
-    """Partitions of ``topic`` (0 when it does not exist)."""
-    md = client.list_topics(topic, timeout=10).topics.get(topic)
+def partition_count(client: Consumer | Producer, topic: str, kafka: KafkaSettings | None = None) -> int:
+    """Partitions of ``topic`` (0 when it does not exist); ``KafkaUnavailable`` when no broker answers."""
+    md = kafka_clients.cluster_metadata(client, kafka, topic).topics.get(topic)
     if md is None or md.error is not None:
         return 0
     return len(md.partitions)
@@ -341,7 +341,7 @@ def high_watermarks(kafka: KafkaSettings, topic: str) -> dict[int, int]:
     try:
         return {
             p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1]
-            for p in range(partition_count(consumer, topic))
+            for p in range(partition_count(consumer, topic, kafka))
         }
     finally:
         consumer.close()
@@ -351,7 +351,7 @@ def committed_offsets(kafka: KafkaSettings, group: str, topic: str) -> dict[int,
     """A consumer group's committed offsets on ``topic`` (negative = nothing committed yet)."""
     consumer = kafka_clients.consumer(kafka, group, kafka_clients.MANUAL_COMMIT)
     try:
-        parts = [TopicPartition(topic, p) for p in range(partition_count(consumer, topic))]
+        parts = [TopicPartition(topic, p) for p in range(partition_count(consumer, topic, kafka))]
         return {tp.partition: tp.offset for tp in consumer.committed(parts, timeout=10)}
     finally:
         consumer.close()
@@ -374,7 +374,7 @@ def plan(
     """Resolve the range of ``topic`` (full name) against the broker, now."""
     consumer = _consumer(kafka)
     try:
-        count = partition_count(consumer, topic)
+        count = partition_count(consumer, topic, kafka)
         if count == 0:
             raise RangeError(f"topic {topic} does not exist")
         watermarks = {
@@ -413,11 +413,11 @@ def replay(
     if not todo:
         return stats
     producer = _producer(target)
-    target_count = partition_count(producer, target_topic)
+    target_count = partition_count(producer, target_topic, target)
     if target_count == 0:
         raise RangeError(f"target topic {target_topic} does not exist (create it first, e.g. make topics)")
     consumer = _consumer(source)
-    source_count = partition_count(consumer, source_topic)
+    source_count = partition_count(consumer, source_topic, source)
     copy = _Replay(
         stats,
         todo,

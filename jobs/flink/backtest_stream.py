@@ -448,7 +448,7 @@ def create_copy_topics(settings: Settings, transactions_partitions: int) -> None
 
     admin = kafka_clients.admin(settings)
     name = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
-    if name not in admin.list_topics(timeout=10).topics:
+    if name not in kafka_clients.cluster_metadata(admin, settings).topics:
         futures = admin.create_topics(
             [
                 NewTopic(
@@ -577,7 +577,7 @@ def cleanup(settings: Settings, name: str) -> tuple[list[str], list[str]]:
     from infra.clients.opensearch import make_client
 
     admin = kafka_clients.admin(settings)
-    existing = admin.list_topics(timeout=10).topics
+    existing = kafka_clients.cluster_metadata(admin, settings).topics
     topics = [t.full_name(f"{name}.") for t in ALL_TOPICS if t.full_name(f"{name}.") in existing]
     if topics:
         for fut in admin.delete_topics(topics, request_timeout=30).values():

@@ -50,7 +50,8 @@ class FieldLabels:
     replaced: int = 0
     """Verdicts replaced by a later record for the same transaction: a verdict, a withdrawal or an unusable one."""
     withdrawn: set[str] = field(default_factory=set)
-    """Transactions whose last record is a tombstone (no verdict in force)."""
+    """Transactions whose verdict a tombstone ended (none in force). A tombstone for a transaction without a
+    verdict then, which ``withdraw`` of a mistyped id sends, withdraws nothing and is not counted."""
     undecodable: int = 0
     """Records that are not a Label, or a Label with an invalid transaction id or verdict."""
     wrong_key: int = 0
@@ -100,7 +101,7 @@ def latest_labels(messages: Iterable[tuple[bytes | None, bytes | None]]) -> Fiel
             tx = key.decode("utf-8", "replace")
             if out.by_transaction.pop(tx, None) is not None:
                 out.replaced += 1
-            out.withdrawn.add(tx)
+                out.withdrawn.add(tx)
             continue
         try:
             label = Label.decode(value)

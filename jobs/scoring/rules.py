@@ -419,4 +419,6 @@ def publish_rules(settings: Settings, rules: RuleSet, text: str, by: str, timeou
 
 
 if __name__ == "__main__":
-    app()
+    from infra.cli import run_tool
+
+    run_tool(app)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 
 from infra.clients import kafka as kafka_clients
 from infra.settings import KafkaSettings, Settings
+from schemas.errors import CheckoutGuardError
 
 KAFKA = KafkaSettings(
     bootstrap_servers="127.0.0.1:1",
@@ -168,3 +170,74 @@ def test_a_mechanism_without_a_derivable_java_login_is_refused() -> None:
         KafkaSettings(security_protocol="SASL_SSL", sasl_mechanism="GSSAPI").java_client_config()
     with pytest.raises(ValueError, match="sasl_username"):
         KafkaSettings(security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-256").java_client_config()
+
+
+# ---------------------------------------------------------------------------- librdkafka's log, Kafka not answering
+
+
+def _record(text: str, level: int = logging.ERROR) -> logging.LogRecord:
+    return logging.LogRecord(
+        "checkout_guard.kafka", level, __file__, 1, "%s [%s] %s", ("FAIL", "c#producer-1", text), None
+    )
+
+
+REFUSED = (
+    "127.0.0.1:9092/bootstrap: Connect to ipv4#127.0.0.1:9092 failed: Connection refused (after {}ms in state CONNECT)"
+)
+
+
+def test_a_repeated_librdkafka_message_is_shown_once_a_minute_whatever_its_millisecond_counts() -> None:
+    now = [0.0]
+    repeats = kafka_clients.RepeatFilter(every_s=60.0, clock=lambda: now[0])
+    shown = [repeats.filter(_record(REFUSED.format(ms))) for ms in (0, 1, 51, 0)]
+    assert shown == [True, False, False, False]
+    assert repeats.filter(_record("Disconnected (after 3ms in state UP)")), "another message is news"
+    assert repeats.filter(_record(REFUSED.format(0), logging.WARNING)), "so is another level"
+    now[0] = 61.0
+    assert repeats.filter(_record(REFUSED.format(7))), "and the same one a minute later"
+
+
+def test_every_client_logs_through_the_filtered_logger_unless_told_otherwise(monkeypatch) -> None:
+    built: list[dict[str, Any]] = []
+    monkeypatch.setattr(kafka_clients, "Producer", built.append)
+    monkeypatch.setattr(kafka_clients, "Consumer", built.append)
+    monkeypatch.setattr(kafka_clients, "AdminClient", built.append)
+    kafka_clients.producer(KAFKA, kafka_clients.RELIABLE)
+    kafka_clients.consumer(KAFKA, "g")
+    kafka_clients.admin(KAFKA)
+    own = logging.getLogger("mine")
+    kafka_clients.producer(KAFKA, logger=own)
+    loggers = [conf["logger"] for conf in built]
+    assert loggers[:3] == [logging.getLogger(kafka_clients.LOGGER)] * 3 and loggers[3] is own
+    assert built[1]["group.id"] == "g"
+    assert [type(f) for f in loggers[0].filters].count(kafka_clients.RepeatFilter) == 1
+
+
+class _Cluster:
+    def __init__(self, error: KafkaError | None) -> None:
+        self.error = error
+
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> str:
+        if self.error is not None:
+            raise KafkaException(self.error)
+        return f"metadata of {topic}"
+
+
+@pytest.mark.parametrize("code", [KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._ALL_BROKERS_DOWN])
+def test_no_broker_answering_is_one_error_naming_the_brokers(code: int) -> None:
+    settings = KafkaSettings(bootstrap_servers="kafka-1:9092")
+    with pytest.raises(
+        kafka_clients.KafkaUnavailable, match=r"^Kafka at kafka-1:9092 did not answer within 3 s"
+    ) as info:
+        kafka_clients.cluster_metadata(_Cluster(KafkaError(code, "Failed to get metadata")), settings, timeout_s=3)
+    assert isinstance(info.value, KafkaException) and isinstance(info.value, CheckoutGuardError)
+    with pytest.raises(kafka_clients.KafkaUnavailable, match=r"^Kafka did not answer"):
+        kafka_clients.cluster_metadata(_Cluster(KafkaError(code)))
+
+
+def test_other_metadata_errors_and_answers_pass_through() -> None:
+    refused = KafkaError(KafkaError._AUTHENTICATION, "SASL authentication failed")
+    with pytest.raises(KafkaException) as info:
+        kafka_clients.cluster_metadata(_Cluster(refused), KAFKA)
+    assert not isinstance(info.value, kafka_clients.KafkaUnavailable) and info.value.args[0] is refused
+    assert kafka_clients.cluster_metadata(_Cluster(None), KAFKA, "t") == "metadata of t"

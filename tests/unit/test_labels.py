@@ -9,11 +9,12 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from typer.testing import CliRunner
 
 import jobs.model.labels as reader
 import producers.labels as labels_cli
+from infra.cli import main
 from infra.clients import topic_replay
 from infra.clients.topic_replay import PartitionRange
 from infra.settings import KafkaSettings, Settings
@@ -215,6 +216,12 @@ class FakeProducer:
         self.sent: list[tuple[str, bytes | None, bytes | None]] = []
         self.pending: list[tuple[Any, bytes | None]] = []
         self.fail = fail or set()
+        self.down = False
+
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> object:
+        if self.down:
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT, "Failed to get metadata: broker transport failure"))
+        return object()
 
     def produce(self, topic: str, key: bytes | None = None, value: bytes | None = None, on_delivery: Any = None):
         self.sent.append((topic, key, value))
@@ -275,6 +282,18 @@ def test_cli_publish_one_verdict(cli: FakeProducer) -> None:
     label = Label.decode(value or b"")
     assert (topic, key) == ("unit.labels", b"tx-9")
     assert (label.label, label.source, label.decided_by, label.case_id) == (1, "cli", "tester", "case-1")
+
+
+def test_cli_with_kafka_down_says_so_in_one_line_and_sends_nothing(cli: FakeProducer, capsys) -> None:
+    """It used to wait a minute for acknowledgements, printing librdkafka's reconnect failures (600 lines)."""
+    cli.down = True
+    for args in (["publish", "tx-9", "fraud"], ["withdraw", "tx-9"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["labels", *args])  # the console, as python -m runs it too (infra.cli.run_tool)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 1 and err.count("\n") == 1, err
+        assert err.startswith(f"Error: Kafka at {SETTINGS.kafka.bootstrap} did not answer within 10 s"), err
+    assert not cli.sent
 
 
 def test_cli_publish_refuses_a_bad_id_or_verdict(cli: FakeProducer) -> None:
@@ -352,6 +371,12 @@ def test_a_tombstone_withdraws_and_a_later_verdict_restores() -> None:
     assert found.by_transaction == {} and found.withdrawn == {"tx-1", "tx-2"}
     again = latest_labels([message(verdict("tx-1")), (b"tx-1", None), message(verdict("tx-1", 0))])
     assert again.by_transaction["tx-1"].label == 0 and not again.withdrawn
+
+
+def test_a_tombstone_for_a_transaction_without_a_verdict_withdraws_nothing() -> None:
+    found = latest_labels([(b"tx-typo", None), message(verdict("tx-1")), (b"tx-1", None), (b"tx-1", None)])
+    assert found.withdrawn == {"tx-1"} and found.read == 4
+    assert "1 withdrawn" in found.summary()
 
 
 def test_unusable_records_are_counted_not_used() -> None:
