@@ -31,8 +31,10 @@ Run: ``python -m producers.labels publish TX fraud|legit [--by NAME] [--reason T
 
 from __future__ import annotations
 
+import codecs
 import csv
 import getpass
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,10 +222,17 @@ def header_name(fmt: str, column: str) -> str:
     return column.upper() if fmt == FRAUD_DETECTOR else column
 
 
+DELIMITERS = (",", "\t", ";")
+"""Separators a label file may use: commas, tabs (Excel's "Unicode text"), semicolons (Excel where the decimal
+sign is a comma). The header line's most frequent one is the file's."""
+
+
 def read_label_csv(f: TextIO) -> tuple[list[str], list[tuple[int, list[str] | InvalidRecord]]]:
     """The header and the data rows (``(line, values)``) of a CSV; blank lines are skipped and a row that
     ``csv`` refuses is kept as its ``InvalidRecord``. :class:`LabelFileError` when there is no header."""
-    reader = csv.reader(f)
+    first = f.readline()
+    delimiter = max(DELIMITERS, key=first.count)
+    reader = csv.reader(itertools.chain([first] if first else [], f), delimiter=delimiter)
     try:
         header = next(reader)
     except StopIteration:
@@ -243,6 +252,14 @@ def read_label_csv(f: TextIO) -> tuple[list[str], list[tuple[int, list[str] | In
         if any(value.strip() for value in values):
             rows.append((start, values))
     return header, rows
+
+
+def file_encoding(path: Path) -> str:
+    """UTF-16 where the file starts with its byte-order mark (Excel's "Unicode text" export), else UTF-8 (with or
+    without a BOM)."""
+    with path.open("rb") as f:
+        start = f.read(2)
+    return "utf-16" if start in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else "utf-8-sig"
 
 
 def labels_from_csv(f: TextIO, defaults: Defaults) -> LabelImport:
@@ -416,7 +433,7 @@ def import_command(
         source=_source(source), decided_at=_decided_at(decided_at, now), now_ms=now, decided_by=by, reason=reason
     )
     try:
-        with csv_path.open(newline="", encoding="utf-8-sig", errors="replace") as f:
+        with csv_path.open(newline="", encoding=file_encoding(csv_path), errors="replace") as f:
             found = labels_from_csv(f, defaults)
     except OSError as exc:
         raise _fail(f"{csv_path}: {exc.strerror or exc}") from None

@@ -4,6 +4,7 @@ published wins, tombstones withdraw), and the join to the transaction history.""
 
 from __future__ import annotations
 
+import codecs
 import io
 from dataclasses import replace
 from typing import Any
@@ -24,6 +25,7 @@ from producers.labels import (
     SIMPLE,
     Defaults,
     LabelFileError,
+    file_encoding,
     labels_from_csv,
     parse_verdict,
     publish_labels,
@@ -200,6 +202,28 @@ def test_a_fraud_detector_file_takes_event_id_and_label_and_skips_unlabelled_row
     assert found.unlabelled == 1
     assert [b.line for b in found.bad] == [5] and "EVENT_ID" in found.bad[0].reason
     assert all(label.decided_at == DEFAULTS.decided_at for label in found.labels), "EVENT_TIMESTAMP is not the verdict"
+
+
+@pytest.mark.parametrize("delimiter", ["\t", ";"])
+def test_tab_or_semicolon_separated_files_read_as_comma_separated_ones(delimiter: str) -> None:
+    text = 'transaction_id,label,reason\ntx-1,fraud,"stolen, then used"\ntx-2,legit,\n'
+    found = csv_labels(text.replace(",", delimiter).replace(f"stolen{delimiter} then", "stolen, then"))
+    assert found.format == SIMPLE and not found.bad
+    assert [(x.transaction_id, x.label, x.reason) for x in found.labels] == [
+        ("tx-1", 1, "stolen, then used"),
+        ("tx-2", 0, DEFAULTS.reason),
+    ]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-8-sig", "utf-8"])
+def test_a_utf16_export_reads_as_its_utf8_copy(tmp_path, encoding: str) -> None:
+    """Excel's "Unicode text" is UTF-16 with a byte-order mark, tab-separated: it was a header error."""
+    path = tmp_path / "chargebacks.txt"
+    data = "transaction_id\tlabel\treason\ntx-1\tfraud\tcarte volée\n"
+    path.write_bytes((codecs.BOM_UTF16_BE if encoding == "utf-16-be" else b"") + data.encode(encoding))
+    with path.open(newline="", encoding=file_encoding(path), errors="replace") as f:
+        found = labels_from_csv(f, DEFAULTS)
+    assert [(x.transaction_id, x.label, x.reason) for x in found.labels] == [("tx-1", 1, "carte volée")]
 
 
 @pytest.mark.parametrize("text", ["", "id,verdict\ntx-1,fraud\n", "EVENT_ID,order_price\nev-1,1\n"])
