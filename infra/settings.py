@@ -180,6 +180,20 @@ class JobSettings(BaseModel, frozen=True):
     taskmanager_process_memory: str = "1600m"
     starting_offsets: str = "earliest"
     """Where a job without a checkpoint starts: ``earliest``, ``latest`` or an epoch-ms timestamp."""
+
+    @field_validator("starting_offsets")
+    @classmethod
+    def _start(cls, value: str) -> str:
+        """Anything else used to start from the earliest offsets, and a time in seconds from January 1970."""
+        value = value.strip()
+        if value in ("earliest", "latest"):
+            return value
+        if not (value.isascii() and value.isdigit() and len(value) <= 14 and clock.is_epoch_ms(int(value))):
+            raise ValueError(
+                f"starting_offsets is earliest, latest or epoch milliseconds (13 digits), not {value[:40]!r}"
+            )
+        return value
+
     decide_from: int = 0
     """Warm-up: transactions with an event time (epoch ms) before this only build state -- receipts,
     velocity, customer and identity profiles, buyer faces -- and are not decided (no model call, no scored

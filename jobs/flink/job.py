@@ -430,8 +430,8 @@ def kafka_properties(settings: Settings) -> dict[str, str]:
 
 
 def _startup(settings: Settings) -> dict[str, str]:
-    start = settings.job.starting_offsets
-    if start.isascii() and start.isdigit():
+    start = settings.job.starting_offsets  # earliest, latest or epoch ms: the setting's validator sees to it
+    if start.isdigit():
         return {"scan.startup.mode": "timestamp", "scan.startup.timestamp-millis": start}
     if start == "latest":
         return {"scan.startup.mode": "latest-offset"}

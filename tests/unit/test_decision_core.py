@@ -567,3 +567,15 @@ def test_operator_writes_each_change_once_removals_first_then_one_put_all():
     assert maps[RECEIPTS].calls == [("remove", "b"), ("put_all", [("a", 1), ("c", 3)])]
     assert maps[PENDING].calls == [("remove", "t1")]
     assert maps[STORES].calls == []
+
+
+@pytest.mark.parametrize("value", ["earliest", "latest", " latest ", "1764547200000"])
+def test_a_job_starts_from_earliest_latest_or_a_time_in_milliseconds(value: str) -> None:
+    assert JobSettings(starting_offsets=value).starting_offsets == value.strip()
+
+
+@pytest.mark.parametrize("value", ["abc", "Latest", "1764547200", "", "-1", "１７６４５４７２０００００", "9" * 400])
+def test_any_other_start_is_refused_rather_than_read_as_earliest_or_1970(value: str) -> None:
+    """A typo started the job from the earliest offsets; a time in seconds from January 1970."""
+    with pytest.raises(ValidationError, match="earliest, latest or epoch milliseconds"):
+        JobSettings(starting_offsets=value)

@@ -9,7 +9,7 @@ import pytest
 
 from infra.settings import Settings
 from infra.stack import StackError, flink_connector_jars
-from jobs.flink.job import SHADED_KAFKA, kafka_properties, sink_options, source_options
+from jobs.flink.job import SHADED_KAFKA, _startup, kafka_properties, sink_options, source_options
 
 SASL = Settings(
     kafka={
@@ -50,3 +50,15 @@ def test_the_login_module_named_exists_in_the_installed_connector_jar() -> None:
     module = kafka_properties(SASL)["properties.sasl.jaas.config"].split(" ", 1)[0]
     entry = module.replace(".", "/") + ".class"
     assert any(entry in zipfile.ZipFile(jar).namelist() for jar in jars), entry
+
+
+def test_the_start_setting_becomes_the_connectors_startup_mode() -> None:
+    def startup(value: str) -> dict[str, str]:
+        return _startup(Settings(job={"starting_offsets": value}))
+
+    assert startup("1764547200000") == {
+        "scan.startup.mode": "timestamp",
+        "scan.startup.timestamp-millis": "1764547200000",
+    }
+    assert startup("latest") == {"scan.startup.mode": "latest-offset"}
+    assert startup("earliest") == {"scan.startup.mode": "group-offsets", "properties.auto.offset.reset": "earliest"}
