@@ -25,7 +25,7 @@ from typing import Annotated, Any
 import typer
 import typer.core
 import typer.main
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, SecretStr, ValidationError
 from rich.markup import escape
 
 from infra.settings import REPO_ROOT, Settings
@@ -60,20 +60,40 @@ class Entry:
         return tuple(dict.fromkeys((*own, "log")))
 
 
+def setting_errors(exc: ValidationError) -> str:
+    """A settings error as its variables (``CG_KAFKA__BROKERS: Input should be 1 or 3``), never the value
+    given, which may be a secret. Another model's error (a section built from an option) names its fields."""
+
+    def name(loc: tuple[int | str, ...]) -> str:
+        parts = [str(part) for part in loc]
+        if exc.title == Settings.__name__:
+            return "CG_" + "__".join(parts).upper()
+        return ".".join([exc.title, *parts])
+
+    return "; ".join(f"{name(error['loc'])}: {error['msg'].removeprefix('Value error, ')}" for error in exc.errors())
+
+
 class _OneLineErrors:
-    """Wraps a click command's ``invoke``: our own errors, OS errors and Kafka's end as one usage-style line."""
+    """Wraps a click command's ``invoke``: our own errors, OS errors, bad settings and Kafka or OpenSearch not
+    answering end as one usage-style line."""
 
     def __init__(self, invoke: Any) -> None:
         self.invoke = invoke
 
     def __call__(self, ctx: Any) -> Any:
         from confluent_kafka import KafkaException  # Kafka not answering: a tool reading a topic says so
+        from opensearchpy.exceptions import ConnectionError as OpenSearchDown
 
         try:
             return self.invoke(ctx)
         except (CheckoutGuardError, OSError, KafkaException) as exc:
-            typer.echo(f"Error: {exc}", err=True)
-            raise typer.Exit(1) from None
+            message = str(exc)
+        except ValidationError as exc:
+            message = f"invalid setting {setting_errors(exc)}"
+        except OpenSearchDown as exc:
+            message = f"OpenSearch did not answer: {exc.error}"
+        typer.echo(f"Error: {message}", err=True)
+        raise typer.Exit(1)
 
 
 def with_one_line_errors(command: Any) -> Any:
@@ -219,9 +239,15 @@ ENTRIES: tuple[Entry, ...] = (
         "jobs.flink.backtest_stream",
         "app",
         sections=("kafka", "job", "rules", "model", "opensearch", "indices", "stack_dir", "bind_host", "java_home"),
+        one_line_errors=True,
     ),
     Entry(
-        "faces", "faces CLI: detect, compare, evaluate, bench", "jobs.faces.cli", "app", sections=("faces", "stack_dir")
+        "faces",
+        "faces CLI: detect, compare, evaluate, bench",
+        "jobs.faces.cli",
+        "app",
+        sections=("faces", "stack_dir"),
+        one_line_errors=True,
     ),
     Entry(
         "rules",
@@ -231,13 +257,21 @@ ENTRIES: tuple[Entry, ...] = (
         sections=("rules", "kafka"),
         one_line_errors=True,
     ),
-    Entry("pos", "POS traffic: generate, replay-csv", "producers.pos", "app", sections=("kafka", "stack_dir")),
+    Entry(
+        "pos",
+        "POS traffic: generate, replay-csv",
+        "producers.pos",
+        "app",
+        sections=("kafka", "stack_dir"),
+        one_line_errors=True,
+    ),
     Entry(
         "upgrade",
         "stop the running job with a savepoint; its status",
         "jobs.flink.upgrade",
         "app",
         sections=("job", "stack_dir"),
+        one_line_errors=True,
     ),
     Entry(
         "topics",
@@ -266,15 +300,32 @@ ENTRIES: tuple[Entry, ...] = (
         "stack",
         "the local stack: Kafka, OpenSearch, Mosquitto, SMTP",
         children=(
-            Entry("up", "start the local stack and create the topics", "infra.stack", "app", "up", _STACK),
-            Entry("down", "stop the local stack", "infra.stack", "app", "down", _STACK),
-            Entry("status", "health of each service and the topics", "infra.stack", "app", "status", _STACK),
+            Entry(
+                "up",
+                "start the local stack and create the topics",
+                "infra.stack",
+                "app",
+                "up",
+                _STACK,
+                one_line_errors=True,
+            ),
+            Entry("down", "stop the local stack", "infra.stack", "app", "down", _STACK, one_line_errors=True),
+            Entry(
+                "status",
+                "health of each service and the topics",
+                "infra.stack",
+                "app",
+                "status",
+                _STACK,
+                one_line_errors=True,
+            ),
             Entry(
                 "flink",
                 "a standalone Flink cluster from the wheel: up, down, status, submit, stop",
                 "infra.stack",
                 "flink_app",
                 sections=("flink", "job", "kafka", "metrics", "stack_dir", "bind_host", "java_home"),
+                one_line_errors=True,
             ),
         ),
     ),

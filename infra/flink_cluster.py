@@ -614,7 +614,7 @@ def stop_with_savepoint(settings: Settings, java_home: Path, timeout_s: float = 
     target = (settings.checkpoint_dir / "savepoints").resolve().as_uri()
     env = submit_env(settings, paths, java_home, dict(os.environ))
     done = []
-    for job in jobs(settings):
+    for job in jobs(settings, must_answer=True):  # a cluster not answering is not "no job was running"
         if job["state"] != "RUNNING":
             continue
         stop = subprocess.run(
@@ -635,12 +635,17 @@ def stop_with_savepoint(settings: Settings, java_home: Path, timeout_s: float = 
     return done
 
 
-def jobs(settings: Settings) -> list[dict[str, Any]]:
-    """The cluster's jobs (REST ``/jobs/overview``): id, name, state, ..."""
+def jobs(settings: Settings, must_answer: bool = False) -> list[dict[str, Any]]:
+    """The cluster's jobs (REST ``/jobs/overview``): id, name, state, ... Empty when the cluster does not
+    answer, or :class:`FlinkClusterError` with ``must_answer``."""
+    url = rest_url(settings) + "/jobs/overview"
     try:
-        answer = httpx.get(rest_url(settings) + "/jobs/overview", timeout=5.0)
-        return list(answer.json().get("jobs", [])) if answer.status_code == 200 else []
-    except (httpx.HTTPError, ValueError, TypeError):
+        answer = httpx.get(url, timeout=5.0)
+        answer.raise_for_status()
+        return list(answer.json().get("jobs", []))
+    except (httpx.HTTPError, ValueError, TypeError, AttributeError) as exc:
+        if must_answer:
+            raise FlinkClusterError(f"the Flink cluster did not answer at {url}: {exc}") from None
         return []
 
 

@@ -18,12 +18,23 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from infra import clock
 from infra.kafka_cluster import CLUSTER_SIZES, bootstrap_list, kafka_nodes
+from schemas.errors import CheckoutGuardError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class KafkaSettings(BaseModel, frozen=True):
     bootstrap_servers: str = "127.0.0.1:9092"
+    """host:port[,host:port...]."""
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _some_broker(cls, value: str) -> str:
+        """Empty: the clients waited on no broker at all, then named none."""
+        if not value.strip():
+            raise ValueError("no broker given: host:port[,host:port...]")
+        return value.strip()
+
     controller_port: int = 9093
     topic_prefix: str = ""
     """Prefix for every topic name, so a backtest or a second environment can share a cluster."""
@@ -809,13 +820,24 @@ class Settings(BaseSettings):
         return self.model.artifact_dir or self.stack_dir / "models"
 
 
+class SettingsFileError(CheckoutGuardError, ValueError):
+    """``CG_ENV_FILE`` names no readable text file."""
+
+
 def env_file() -> Path | None:
     """The ``.env`` file :func:`get_settings` reads: ``CG_ENV_FILE`` when set (empty: none), else the repo
-    root's ``.env`` (whatever the working directory). A missing file is no error."""
+    root's ``.env`` (whatever the working directory), which need not exist. A ``CG_ENV_FILE`` that is not a
+    file is a :class:`SettingsFileError`: a mistyped path used to leave every setting at its default
+    (Kafka on 127.0.0.1) without a word."""
     path = os.environ.get("CG_ENV_FILE")
     if path is None:
         return REPO_ROOT / ".env"
-    return Path(path).expanduser() if path else None
+    if not path:
+        return None
+    named = Path(path).expanduser()
+    if not named.is_file():
+        raise SettingsFileError(f"CG_ENV_FILE={path}: {'a folder' if named.is_dir() else 'no such file'}")
+    return named
 
 
 @lru_cache(maxsize=1)
@@ -827,4 +849,8 @@ def get_settings() -> Settings:
     The file holds ``CG_*`` lines only as far as these settings go (``KEY=value``, ``#`` comments); other
     names in it are ignored and are not exported (boto3 does not see an ``AWS_*`` line there).
     """
-    return Settings(_env_file=env_file())
+    path = env_file()
+    try:
+        return Settings(_env_file=path)
+    except UnicodeDecodeError as exc:
+        raise SettingsFileError(f"CG_ENV_FILE={path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None

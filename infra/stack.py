@@ -1603,4 +1603,6 @@ app.add_typer(
 
 
 if __name__ == "__main__":
-    app()
+    from infra.cli import run_tool
+
+    run_tool(app)

@@ -62,10 +62,13 @@ class ProducerLike(Protocol):
 
 
 def make_producer(settings: Settings) -> Producer:
-    """Idempotent, ``acks=all``: a retried send can neither be lost nor duplicated nor reordered."""
-    return kafka_clients.producer(
+    """Idempotent, ``acks=all``: a retried send can neither be lost nor duplicated nor reordered.
+    ``KafkaUnavailable`` when no broker answers: sends would wait out librdkafka's five-minute timeout."""
+    producer = kafka_clients.producer(
         settings, kafka_clients.RELIABLE, client_id="checkout-guard-pos", compression_type="lz4"
     )
+    kafka_clients.cluster_metadata(producer, settings)
+    return producer
 
 
 def message_key(tx: PosTransaction) -> bytes:
@@ -274,11 +277,11 @@ def replay_csv(
     sha256 = file_sha256(path)
     start = 0 if from_start else resume_index(load_state(state_path), sha256)
     watermark = AckWatermark(start)
+    kafka: ProducerLike = producer if producer is not None else make_producer(settings)  # Kafka down: no state
     checkpoint = Checkpoint(state_path, path.name, sha256, len(rows), watermark, checkpoint_interval_s)
     checkpoint.save()  # records the fresh start (and resets an old state on --from-start)
     skipped: list[tuple[int, str]] = []
     row_of_seq: dict[int, int] = {}  # produce()'s sequence number -> row index, until delivered
-    kafka: ProducerLike = producer if producer is not None else make_producer(settings)
     dead_topic = DEAD_LETTERS.full_name(settings.kafka.topic_prefix)
     bad_rows = DeadLetterRows(path.name, watermark, checkpoint, partial(kafka_clients.produce, kafka, dead_topic))
 
@@ -490,4 +493,6 @@ def bench(
 
 
 if __name__ == "__main__":
-    app()
+    from infra.cli import run_tool
+
+    run_tool(app)

@@ -19,6 +19,15 @@ console = Console(stderr=True)
 
 # ---------------------------------------------------------------------------- CLI
 
+
+def _partitions(text: str) -> list[int]:
+    """``--partitions 0,2`` as numbers; anything else is a ``RangeError`` that names the option."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not all(part.isascii() and part.isdigit() for part in parts):
+        raise RangeError(f"--partitions takes partition numbers separated by commas (e.g. 0,2), not {text!r}")
+    return [int(part) for part in parts]
+
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -74,7 +83,7 @@ def run_command(
     )
     try:
         start, end = bounds(from_offsets, to_offsets, from_time, to_time)
-        only = [int(p) for p in partitions.split(",") if p.strip()] if partitions else None
+        only = _partitions(partitions) if partitions else None
         ranges = plan(settings.kafka, source_name, start, end, only)
     except (RangeError, ValueError) as exc:
         console.print(str(exc), style="red", markup=False, highlight=False)

@@ -310,8 +310,8 @@ def read_ranges(
     return (_raw(message) for message in read_assigned(consumer, topic, ranges, idle_timeout_s))
 
 
-def _watermarks(consumer: Consumer, topic: str) -> dict[int, tuple[int, int]]:
-    count = partition_count(consumer, topic)
+def _watermarks(consumer: Consumer, topic: str, kafka: KafkaSettings) -> dict[int, tuple[int, int]]:
+    count = partition_count(consumer, topic, kafka)
     if count == 0:
         raise TailError(f"topic {topic} does not exist on the cluster")
     return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False) for p in range(count)}
@@ -332,7 +332,7 @@ def tail(
     consumer = _consumer(kafka)
     emitted = 0
     try:
-        marks = _watermarks(consumer, topic)
+        marks = _watermarks(consumer, topic, kafka)
 
         def read(ranges: Mapping[int, tuple[int, int]]) -> Iterator[RawRecord]:
             return read_ranges(consumer, topic, ranges)

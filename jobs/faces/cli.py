@@ -14,7 +14,6 @@ import math
 import os
 import re
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -84,8 +83,10 @@ def detect(
     images: Annotated[list[Path], typer.Argument(help="JPEG/PNG files")],
     embedding: Annotated[bool, typer.Option(help="include the embedding of passing faces (fused3: 768 values)")] = True,
 ) -> None:
-    """One JSON line per image: faces (box in analysed-image pixels, quality, gate result, embedding)."""
+    """One JSON line per image: faces (box in analysed-image pixels, quality, gate result, embedding). Exit 1
+    when an image could not be read or decoded (its line has an "error")."""
     engine = FaceEngine(_settings())
+    failed = 0
     for path in images:
         line: dict = {"image": str(path)}
         try:
@@ -95,7 +96,10 @@ def detect(
         except (ImageError, OSError) as exc:
             line["error"] = getattr(exc, "kind", type(exc).__name__)
             line["faces"] = []
+            failed += 1
         typer.echo(json.dumps(line))
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -546,6 +550,10 @@ def evaluate(
     if embedder is not None:
         settings = FaceSettings.model_validate({**settings.model_dump(), "embedder": embedder})
     photos = labelled_photos(roots or default_evaluation_roots(get_settings().stack_dir))
+    if len({identity for _, identity, _ in photos}) < 2:
+        raise typer.BadParameter(
+            f"{len(photos)} photo(s) of fewer than two people: nothing to compare", param_hint="ROOTS"
+        )
     report = evaluation_report(photos, FaceEngine(settings, evaluation=True), settings, folds, synthetic, fold_seed)
     if as_json:
         typer.echo(json.dumps(report, indent=1))
@@ -941,12 +949,14 @@ def bench_report_rows(res: dict[str, float | str]) -> list[tuple[str, str, str]]
 @app.command()
 def bench(
     photo: Annotated[Path | None, typer.Option(help="face photo placed into a 640x480 frame (default: noise)")] = None,
-    frames: Annotated[int, typer.Option(help="timed frames")] = 30,
-    enrolled: Annotated[int, typer.Option(help="random embeddings enrolled in the watchlist")] = 100_000,
+    frames: Annotated[int, typer.Option(help="timed frames", min=1)] = 30,
+    enrolled: Annotated[int, typer.Option(help="random embeddings enrolled in the watchlist", min=1)] = 100_000,
 ) -> None:
     """Timings as one JSON object (run on an otherwise idle core for meaningful numbers)."""
     typer.echo(json.dumps(bench_faces(photo, frames, enrolled)))
 
 
 if __name__ == "__main__":
-    sys.exit(app())
+    from infra.cli import run_tool
+
+    run_tool(app)

@@ -538,6 +538,8 @@ def run_backtest(
         from jobs.model.fraud_model import LocalModel
 
         model_version = LocalModel.from_settings(copy).version  # a missing artifact fails here, not in the job
+    if candidate.rules_file is not None:
+        RuleSet.load(candidate.rules_file)  # a bad file fails here, before the copy's topics exist
     source = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
     target = TRANSACTIONS.full_name(copy.kafka.topic_prefix)
     ranges = plan(settings.kafka, source, start, end, partitions)
@@ -676,4 +678,6 @@ def cleanup_command(name: Annotated[str, typer.Argument(help="The backtest's nam
 
 
 if __name__ == "__main__":
-    app()
+    from infra.cli import run_tool
+
+    run_tool(app)

@@ -21,8 +21,13 @@ import typer
 
 from infra.settings import get_settings
 from jobs.flink.job import control_file, latest_checkpoint, running_job
+from schemas.errors import CheckoutGuardError
 
 app = typer.Typer(add_completion=False, help=__doc__)
+
+
+class UpgradeError(CheckoutGuardError, RuntimeError):
+    """No savepoint: no job is running, or it stopped without one."""
 
 
 def stop_with_savepoint(control: Path, checkpoint_dir: Path, timeout: float = 120.0) -> Path:
@@ -33,7 +38,7 @@ def stop_with_savepoint(control: Path, checkpoint_dir: Path, timeout: float = 12
     job = running_job(control)
     if job is None:
         state = "stale: its process is gone" if control.exists() else "missing"
-        raise RuntimeError(f"no running scoring job found ({control.name} in the checkpoint dir is {state})")
+        raise UpgradeError(f"no running scoring job found ({control.name} in the checkpoint dir is {state})")
     before = time.time()
     os.kill(int(job["pid"]), signal.SIGUSR1)
     deadline = time.monotonic() + timeout
@@ -48,13 +53,15 @@ def stop_with_savepoint(control: Path, checkpoint_dir: Path, timeout: float = 12
         ):
             return newest
         if done:
-            raise RuntimeError("the job stopped without writing a savepoint (see its log)")
+            raise UpgradeError("the job stopped without writing a savepoint (see its log)")
         time.sleep(0.5)
     raise TimeoutError(f"no savepoint after {timeout:.0f}s")
 
 
 @app.command()
-def savepoint(timeout: Annotated[float, typer.Option(help="Seconds to wait for the savepoint.")] = 120.0) -> None:
+def savepoint(
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the savepoint.", min=1)] = 120.0,
+) -> None:
     """Stop the running scoring job with a savepoint; the next start resumes from it."""
     settings = get_settings()
     path = stop_with_savepoint(control_file(settings), settings.checkpoint_dir, timeout)
@@ -73,4 +80,6 @@ def status() -> None:
 
 
 if __name__ == "__main__":
-    app()
+    from infra.cli import run_tool
+
+    run_tool(app)

@@ -244,7 +244,7 @@ class AuditNotDelivered(CheckoutGuardError, RuntimeError):
 
 def _audit(settings: Settings, old: str | None, new: str, actor: str, reason: str | None, timeout_s: float) -> None:
     """One ``MODEL_PROMOTE`` audit event, delivered before any pointer moves (raises if it is not)."""
-    from infra.clients.kafka import IDEMPOTENT, produce, producer
+    from infra.clients.kafka import IDEMPOTENT, KafkaUnavailable, cluster_metadata, produce, producer
     from schemas.records import AuditEvent
     from schemas.topics import AUDIT
 
@@ -261,6 +261,10 @@ def _audit(settings: Settings, old: str | None, new: str, actor: str, reason: st
     )
     errors: list[str] = []
     p = producer(settings, IDEMPOTENT)
+    try:
+        cluster_metadata(p, settings, timeout_s=min(10.0, timeout_s))
+    except KafkaUnavailable as exc:
+        raise AuditNotDelivered(f"audit event not sent: {exc}; the models are unchanged") from None
     produce(
         p,
         AUDIT.full_name(settings.kafka.topic_prefix),
@@ -280,7 +284,7 @@ def promote(
     reason: Annotated[str | None, typer.Option(help="Why (recorded in the audit event).")] = None,
     audit: Annotated[bool, typer.Option(help="Record the promotion on the audit topic first.")] = True,
     models: Annotated[Path | None, typer.Option(help="Models root (default: settings).")] = None,
-    timeout_s: Annotated[float, typer.Option(help="How long to wait for the audit event's delivery.")] = 15.0,
+    timeout_s: Annotated[float, typer.Option(help="How long to wait for the audit event's delivery.", min=1)] = 15.0,
 ) -> None:
     """Make the challenger the champion; a running job switches within ``model.reload_interval_s``."""
     settings = get_settings()

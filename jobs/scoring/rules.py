@@ -103,9 +103,11 @@ class RuleSet:
     @classmethod
     def load(cls, path: Path) -> RuleSet:
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise RuleSetError(f"cannot read rule set {path}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise RuleSetError(f"rule set {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         return cls.from_yaml(text)
 
     @classmethod
@@ -361,7 +363,9 @@ def from_update(value: bytes) -> RuleSet:
     return rules
 
 
-app = typer.Typer(add_completion=False, help="Versioned rule sets: validate and publish to the rules topic.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Versioned rule sets: validate and publish to the rules topic."
+)
 
 
 @app.command()
@@ -384,9 +388,9 @@ def publish(
     from infra.settings import get_settings
 
     try:
-        text = file.read_text()
+        text = file.read_text(encoding="utf-8")
         rules = RuleSet.from_yaml(text)
-    except (OSError, RuleSetError) as exc:
+    except (OSError, UnicodeDecodeError, RuleSetError) as exc:
         typer.echo(f"{file}: {exc}", err=True)
         raise typer.Exit(2) from None
     try:

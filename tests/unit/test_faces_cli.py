@@ -24,11 +24,12 @@ def test_detect_prints_a_json_line_per_image_with_boxes_quality_and_embeddings(t
         app,
         ["detect", str(FACES / "face_recognition" / "two_people.jpg"), str(FACES / "no_face" / "dogs.jpg"), str(bad)],
     )
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # one image could not be decoded: its line says so, and the exit
     two, dogs, broken = (json.loads(line) for line in result.output.splitlines())
     assert len(two["faces"]) == 2 and all(len(f["embedding"]) == FACE_LEN and f["passed"] for f in two["faces"])
     assert set(two["faces"][0]) >= {"box", "quality", "passed", "reject_reason", "embedding"}
     assert dogs["faces"] == [] and broken == {"image": str(bad), "error": "not_an_image", "faces": []}
+    assert runner.invoke(app, ["detect", "--no-embedding", str(FACES / "no_face" / "dogs.jpg")]).exit_code == 0
 
 
 def test_compare_decides_at_the_configured_threshold():

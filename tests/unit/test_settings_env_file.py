@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.settings import REPO_ROOT, Settings, env_file, get_settings
+from infra.settings import REPO_ROOT, Settings, SettingsFileError, env_file, get_settings
 
 
 @pytest.fixture(autouse=True)
@@ -48,11 +48,28 @@ def test_get_settings_reads_the_env_file_and_the_environment_wins(
 
 def test_which_env_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert env_file() == REPO_ROOT / ".env"  # the repo root's, whatever the working directory
-    monkeypatch.setenv("CG_ENV_FILE", str(tmp_path / "missing.env"))
-    assert env_file() == tmp_path / "missing.env"
-    assert get_settings().log.format == "text"  # a missing file is no error
+    (tmp_path / "other.env").write_text("CG_KAFKA__TOPIC_PREFIX=x.\n")
+    monkeypatch.setenv("CG_ENV_FILE", str(tmp_path / "other.env"))
+    assert env_file() == tmp_path / "other.env"
+    assert get_settings().kafka.topic_prefix == "x."
     monkeypatch.setenv("CG_ENV_FILE", "")
     assert env_file() is None
+
+
+def test_a_named_env_file_that_is_missing_a_folder_or_not_text_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mistyped CG_ENV_FILE left every setting at its default (Kafka on 127.0.0.1) without a word."""
+    (tmp_path / "binary.env").write_bytes(b"CG_LOG__LEVEL=\xff\xfe\x00debug\n")
+    for path, says in (
+        (tmp_path / "missing.env", "no such file"),
+        (tmp_path, "a folder"),
+        (tmp_path / "binary.env", "not UTF-8 text"),
+    ):
+        monkeypatch.setenv("CG_ENV_FILE", str(path))
+        get_settings.cache_clear()
+        with pytest.raises(SettingsFileError, match=f"^CG_ENV_FILE={path}: {says}"):
+            get_settings()
 
 
 def test_the_env_file_is_git_ignored() -> None:

@@ -1,0 +1,138 @@
+"""One-shot tools answer bad settings, bad files and services that do not answer with one ``Error:`` line and a
+non-zero exit, never a traceback or a wait of minutes (found by a tour of every tool with the stack down)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+from pydantic import ValidationError
+
+import producers.pos as pos
+from infra import flink_cluster as fc
+from infra.cli import main, setting_errors
+from infra.clients import kafka as kafka_clients
+from infra.settings import FaceSettings, FlinkClusterSettings, Settings, get_settings
+
+
+@pytest.fixture
+def fresh_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """``get_settings()`` built again from this test's environment, with its own stack dir."""
+    monkeypatch.setenv("CG_STACK_DIR", str(tmp_path / "stack"))
+    get_settings.cache_clear()
+    yield monkeypatch
+    get_settings.cache_clear()
+
+
+def _one_error(capsys: pytest.CaptureFixture[str], argv: list[str], code: int = 1) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == code and "Traceback" not in err, err
+    [line] = [line for line in err.splitlines() if line.strip()]
+    return line
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("CG_KAFKA__BROKERS", "2", "CG_KAFKA__BROKERS: the local Kafka runs 1 or 3 brokers, not 2"),
+        ("CG_JOB__PARALLELISM", "abc", "CG_JOB__PARALLELISM: Input should be a valid integer"),
+        ("CG_KAFKA__BOOTSTRAP_SERVERS", " ", "CG_KAFKA__BOOTSTRAP_SERVERS: no broker given"),
+        ("CG_JOB__STARTING_OFFSETS", "abc", "CG_JOB__STARTING_OFFSETS: starting_offsets is earliest, latest or epoch"),
+    ],
+)
+def test_a_bad_setting_is_one_line_naming_its_variable(fresh_settings, capsys, variable, value, says) -> None:
+    fresh_settings.setenv(variable, value)
+    assert _one_error(capsys, ["labels", "withdraw", "tx-1"]).startswith(f"Error: invalid setting {says}")
+
+
+def test_a_bad_setting_never_shows_the_value_given() -> None:
+    with pytest.raises(ValidationError) as info:
+        Settings(kafka={"brokers": "hunter2"})
+    assert "hunter2" not in setting_errors(info.value)
+    with pytest.raises(ValidationError) as info:
+        FaceSettings(embedder="bogus")  # a section built from an option names its own fields
+    assert setting_errors(info.value).startswith("FaceSettings.embedder: Input should be")
+
+
+def test_a_missing_or_folder_photo_is_one_line(fresh_settings, capsys, tmp_path) -> None:
+    for path in (tmp_path / "missing.jpg", tmp_path):
+        assert _one_error(capsys, ["faces", "compare", str(path), str(path)]).startswith("Error: [Errno")
+
+
+@pytest.mark.parametrize("args", [["--frames", "0"], ["--enrolled", "-5"]])
+def test_faces_bench_refuses_counts_below_one(capsys, args) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["faces", "bench", *args])
+    assert exit_.value.code == 2 and "Traceback" not in capsys.readouterr().err
+
+
+def test_a_savepoint_without_a_running_job_is_one_line(fresh_settings, capsys) -> None:
+    line = _one_error(capsys, ["upgrade", "savepoint"])
+    assert line.startswith("Error: no running scoring job found"), line
+
+
+def test_a_binary_rule_set_is_one_line(capsys, tmp_path) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_bytes(b"\x80\x81\xfe\x00 binary")
+    assert _one_error(capsys, ["rules", "validate", str(path)], code=2).endswith(
+        "is not UTF-8 text (invalid start byte at byte 0)"
+    )
+
+
+def test_rules_without_a_command_prints_its_help(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["rules"])
+    assert "validate" in capsys.readouterr().out
+
+
+def test_replay_names_the_option_of_a_bad_partition_list(fresh_settings, capsys) -> None:
+    line = _one_error(capsys, ["replay", "run", "transactions", "--partitions", "0,x"], code=2)
+    assert line.startswith("--partitions takes partition numbers"), line
+
+
+class _DownProducer:
+    """A producer whose cluster never answers, as librdkafka's does with no broker listening."""
+
+    def __init__(self, _conf: dict) -> None:
+        pass
+
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> None:
+        raise KafkaException(KafkaError(KafkaError._TRANSPORT, "Failed to get metadata"))
+
+
+def test_pos_replay_with_kafka_down_is_one_line_and_writes_no_state(fresh_settings, capsys, monkeypatch, tmp_path):
+    """It waited out librdkafka's five-minute delivery timeout, then left a state file to resume from."""
+    monkeypatch.setattr(kafka_clients, "Producer", _DownProducer)
+    csv = tmp_path / "small.csv"
+    csv.write_text(
+        "EVENT_LABEL,EVENT_TIMESTAMP,EVENT_ID,ENTITY_ID,order_price,payment_currency,merchant\n"
+        ",2022-11-07T15:51:48Z,e1,c1,10.5,USD,m1\n"
+    )
+    state = tmp_path / "state.json"
+    line = _one_error(capsys, ["pos", "replay-csv", str(csv), "--state-file", str(state), "--no-progress"])
+    assert line.startswith(f"Error: Kafka at {Settings().kafka.bootstrap} did not answer within 10 s"), line
+    assert not state.exists()
+    with pytest.raises(kafka_clients.KafkaUnavailable):
+        pos.make_producer(get_settings())
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_stopping_a_flink_cluster_that_does_not_answer_is_an_error_not_no_job(tmp_path) -> None:
+    """``stack flink stop`` said "no job was running" and exit 0 with the JobManager down."""
+    settings = Settings(
+        stack_dir=tmp_path,
+        bind_host="127.0.0.1",
+        flink=FlinkClusterSettings(cluster_dir=tmp_path / "cluster", rest_port=_closed_port()),
+    )
+    assert fc.jobs(settings) == []  # polling while a cluster starts: not answering yet
+    with pytest.raises(fc.FlinkClusterError, match="the Flink cluster did not answer at http://127.0.0.1:"):
+        fc.stop_with_savepoint(settings, Path("/no/java"))
