@@ -26,6 +26,7 @@ import typer
 import typer.core
 import typer.main
 from pydantic import BaseModel, SecretStr, ValidationError
+from pydantic_settings import SettingsError
 from rich.markup import escape
 
 from infra.settings import REPO_ROOT, Settings
@@ -61,8 +62,9 @@ class Entry:
 
 
 def setting_errors(exc: ValidationError) -> str:
-    """A settings error as its variables (``CG_KAFKA__BROKERS: Input should be 1 or 3``), never the value
-    given, which may be a secret. Another model's error (a section built from an option) names its fields."""
+    """A settings error as its variables and pydantic's messages (``CG_JOB__PARALLELISM: Input should be a valid
+    integer``), without the input pydantic keeps (it may be a secret); only a validator of a field that is no
+    secret repeats a value. Another model's error (a section built from an option) names its fields."""
 
     def name(loc: tuple[int | str, ...]) -> str:
         parts = [str(part) for part in loc]
@@ -90,6 +92,8 @@ class _OneLineErrors:
             message = str(exc)
         except ValidationError as exc:
             message = f"invalid setting {setting_errors(exc)}"
+        except SettingsError as exc:  # a CG_* value that should be JSON and is not
+            message = str(exc)
         except OpenSearchDown as exc:
             message = f"OpenSearch did not answer: {exc.error}"
         typer.echo(f"Error: {message}", err=True)

@@ -835,7 +835,7 @@ def env_file() -> Path | None:
     if not path:
         return None
     named = Path(path).expanduser()
-    if not named.is_file():
+    if named.is_dir() or not named.exists():  # a pipe (<(...)) or /dev/null is fine
         raise SettingsFileError(f"CG_ENV_FILE={path}: {'a folder' if named.is_dir() else 'no such file'}")
     return named
 
@@ -853,4 +853,5 @@ def get_settings() -> Settings:
     try:
         return Settings(_env_file=path)
     except UnicodeDecodeError as exc:
-        raise SettingsFileError(f"CG_ENV_FILE={path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        named = f"CG_ENV_FILE={path}" if "CG_ENV_FILE" in os.environ else f"{path} (the default CG_ENV_FILE)"
+        raise SettingsFileError(f"{named}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None

@@ -140,16 +140,22 @@ def cluster_metadata(
     topic: str | None = None,
     timeout_s: float = 10.0,
 ) -> ClusterMetadata:
-    """``client.list_topics(topic)``; no broker answering within ``timeout_s`` is :class:`KafkaUnavailable`,
-    naming ``source``'s bootstrap servers (other errors, e.g. refused credentials, are raised as they come)."""
+    """``client.list_topics(topic)``; no usable broker within ``timeout_s`` is :class:`KafkaUnavailable`, naming
+    ``source``'s bootstrap servers (other error codes are raised as they come). librdkafka gives the same
+    answer for a broker that is down, unreachable or refusing this client (TLS, credentials, protocol); its log
+    lines say which, and are handed over (``poll``) before the error, since the client is dropped after it."""
     try:
         return client.list_topics(topic, timeout=timeout_s)
     except KafkaException as exc:
         error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
         if error is None or error.code() not in _NOT_ANSWERING:
             raise
+        client.poll(0)  # the queued log lines: why no broker was usable; the caller gives the client up
         where = f"Kafka at {_kafka(source).bootstrap}" if source is not None else "Kafka"
-        raise KafkaUnavailable(f"{where} did not answer within {timeout_s:g} s ({error.str()})") from None
+        raise KafkaUnavailable(
+            f"{where} did not answer within {timeout_s:g} s ({error.str()}): down, unreachable, or refusing this "
+            "client (TLS, credentials)"
+        ) from None
 
 
 def produce(

@@ -50,8 +50,9 @@ class FieldLabels:
     replaced: int = 0
     """Verdicts replaced by a later record for the same transaction: a verdict, a withdrawal or an unusable one."""
     withdrawn: set[str] = field(default_factory=set)
-    """Transactions whose verdict a tombstone ended (none in force). A tombstone for a transaction without a
-    verdict then, which ``withdraw`` of a mistyped id sends, withdraws nothing and is not counted."""
+    """Transactions whose last record is a tombstone (no verdict in force). This counts a ``withdraw`` of an id
+    that never had a verdict too: once compaction has removed a verdict and kept its tombstone, the two look
+    the same, and the count must not depend on when compaction ran."""
     undecodable: int = 0
     """Records that are not a Label, or a Label with an invalid transaction id or verdict."""
     wrong_key: int = 0
@@ -101,7 +102,7 @@ def latest_labels(messages: Iterable[tuple[bytes | None, bytes | None]]) -> Fiel
             tx = key.decode("utf-8", "replace")
             if out.by_transaction.pop(tx, None) is not None:
                 out.replaced += 1
-                out.withdrawn.add(tx)
+            out.withdrawn.add(tx)
             continue
         try:
             label = Label.decode(value)

@@ -216,6 +216,11 @@ def test_every_client_logs_through_the_filtered_logger_unless_told_otherwise(mon
 class _Cluster:
     def __init__(self, error: KafkaError | None) -> None:
         self.error = error
+        self.polled = 0
+
+    def poll(self, timeout: float) -> int:
+        self.polled += 1
+        return 0
 
     def list_topics(self, topic: str | None = None, timeout: float = -1) -> str:
         if self.error is not None:
@@ -226,11 +231,13 @@ class _Cluster:
 @pytest.mark.parametrize("code", [KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._ALL_BROKERS_DOWN])
 def test_no_broker_answering_is_one_error_naming_the_brokers(code: int) -> None:
     settings = KafkaSettings(bootstrap_servers="kafka-1:9092")
+    cluster = _Cluster(KafkaError(code, "Failed to get metadata"))
     with pytest.raises(
         kafka_clients.KafkaUnavailable, match=r"^Kafka at kafka-1:9092 did not answer within 3 s"
     ) as info:
-        kafka_clients.cluster_metadata(_Cluster(KafkaError(code, "Failed to get metadata")), settings, timeout_s=3)
+        kafka_clients.cluster_metadata(cluster, settings, timeout_s=3)
     assert isinstance(info.value, KafkaException) and isinstance(info.value, CheckoutGuardError)
+    assert str(info.value).endswith("refusing this client (TLS, credentials)") and cluster.polled == 1
     with pytest.raises(kafka_clients.KafkaUnavailable, match=r"^Kafka did not answer"):
         kafka_clients.cluster_metadata(_Cluster(KafkaError(code)))
 
@@ -241,3 +248,13 @@ def test_other_metadata_errors_and_answers_pass_through() -> None:
         kafka_clients.cluster_metadata(_Cluster(refused), KAFKA)
     assert not isinstance(info.value, kafka_clients.KafkaUnavailable) and info.value.args[0] is refused
     assert kafka_clients.cluster_metadata(_Cluster(None), KAFKA, "t") == "metadata of t"
+
+
+def test_why_no_broker_was_usable_is_logged_before_the_error(caplog) -> None:
+    """librdkafka hands its lines to the logger only on ``poll``: without one before the error, the reason (here a
+    refused connection; elsewhere a TLS or SASL failure) was never shown."""
+    with caplog.at_level(logging.INFO, logger=kafka_clients.LOGGER):
+        client = kafka_clients.producer(KafkaSettings(bootstrap_servers="127.0.0.1:1"))
+        with pytest.raises(kafka_clients.KafkaUnavailable):
+            kafka_clients.cluster_metadata(client, timeout_s=1)
+    assert any("Connection refused" in r.getMessage() for r in caplog.records if r.name == kafka_clients.LOGGER)

@@ -54,6 +54,9 @@ def test_which_env_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert get_settings().kafka.topic_prefix == "x."
     monkeypatch.setenv("CG_ENV_FILE", "")
     assert env_file() is None
+    monkeypatch.setenv("CG_ENV_FILE", os.devnull)  # not a regular file, but a file to read
+    get_settings.cache_clear()
+    assert env_file() == Path(os.devnull) and get_settings().kafka.topic_prefix == ""
 
 
 def test_a_named_env_file_that_is_missing_a_folder_or_not_text_is_an_error(

@@ -49,6 +49,12 @@ def test_a_bad_setting_is_one_line_naming_its_variable(fresh_settings, capsys, v
     assert _one_error(capsys, ["labels", "withdraw", "tx-1"]).startswith(f"Error: invalid setting {says}")
 
 
+def test_a_setting_that_should_be_json_is_one_line(fresh_settings, capsys) -> None:
+    fresh_settings.setenv("CG_DASHBOARD__USERS", "ana:secret")
+    line = _one_error(capsys, ["labels", "withdraw", "tx-1"])
+    assert line == 'Error: error parsing value for field "dashboard" from source "EnvSettingsSource"'
+
+
 def test_a_bad_setting_never_shows_the_value_given() -> None:
     with pytest.raises(ValidationError) as info:
         Settings(kafka={"brokers": "hunter2"})
@@ -102,6 +108,9 @@ class _DownProducer:
 
     def list_topics(self, topic: str | None = None, timeout: float = -1) -> None:
         raise KafkaException(KafkaError(KafkaError._TRANSPORT, "Failed to get metadata"))
+
+    def poll(self, timeout: float) -> int:
+        return 0
 
 
 def test_pos_replay_with_kafka_down_is_one_line_and_writes_no_state(fresh_settings, capsys, monkeypatch, tmp_path):
