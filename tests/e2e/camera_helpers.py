@@ -17,12 +17,7 @@ from confluent_kafka import Consumer
 from infra.settings import MqttSettings, Settings
 from infra.stack import ensure_topics
 from schemas.topics import ALL_TOPICS
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.ports import free_port
 
 
 def wait_port(port: int, timeout_s: float = 10.0) -> None:

@@ -36,8 +36,7 @@ from infra.settings import REPO_ROOT, Settings
 from infra.stack import ensure_topics
 from schemas.records import Alert, AuditEvent, BotCommand, Case, WatchlistEntry, case_id_for
 from schemas.topics import ALERTS, ALL_TOPICS, AUDIT, CASES, WATCHLIST
-from tests.e2e.camera_helpers import free_port
-from tests.e2e.test_production_e2e import free_port_block
+from tests.ports import free_port, free_port_block
 
 pytestmark = pytest.mark.e2e
 

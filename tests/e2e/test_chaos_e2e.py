@@ -61,8 +61,9 @@ from schemas.topics import (
     WATCHLIST,
 )
 from tests.e2e import hostile
-from tests.e2e.camera_helpers import delete_topics, free_port
+from tests.e2e.camera_helpers import delete_topics
 from tests.e2e.test_bound_addresses_e2e import MAPPED_V4, _listeners, _tree
+from tests.ports import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -13,7 +13,6 @@ import io
 import os
 import random
 import shutil
-import socket
 import threading
 import time
 import uuid
@@ -36,6 +35,7 @@ from schemas.records import Alert, FaceObservation, Label, ModelDrift, Record, S
 from schemas.topics import ALERTS, FACE_OBSERVATIONS, LABELS, MODEL_DRIFT, SCORED_TRANSACTIONS
 from sinks.dashboard.app import Dashboard, create_app
 from sinks.opensearch.sink import bulk_once, install_templates, to_actions
+from tests.ports import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -250,12 +250,6 @@ class Served:
     url: str
     data: Indexed
     settings: Settings
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ from schemas.topics import SCORED_TRANSACTIONS, TRANSACTIONS
 from tests.builders import sale
 from tests.e2e.camera_helpers import delete_topics
 from tests.e2e.sink_helpers import sink_running
-from tests.e2e.test_production_e2e import free_port_block
+from tests.ports import free_port_block
 
 pytestmark = pytest.mark.e2e
 

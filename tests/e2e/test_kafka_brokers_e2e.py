@@ -33,6 +33,7 @@ from infra.stack import StackPaths, down, ensure_topics, kafka_state, up
 from schemas.indices import index_name
 from schemas.topics import ALL_TOPICS, TRANSACTIONS
 from tests.e2e.sink_helpers import sink_running
+from tests.ports import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -57,9 +58,7 @@ def _port_free(port: int) -> bool:
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_port()  # below the ephemeral range: no outgoing connection takes it before the broker binds
 
 
 def _controller_base() -> int:

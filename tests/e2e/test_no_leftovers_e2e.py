@@ -28,8 +28,9 @@ from infra import metrics, processes
 from infra.clients.opensearch import make_client
 from infra.local.smtp import mail_dir
 from infra.settings import REPO_ROOT, Settings
-from tests.e2e.camera_helpers import delete_topics, free_port
-from tests.e2e.test_production_e2e import alive_marked, free_port_block
+from tests.e2e.camera_helpers import delete_topics
+from tests.e2e.test_production_e2e import alive_marked
+from tests.ports import free_port, free_port_block
 
 pytestmark = pytest.mark.e2e
 

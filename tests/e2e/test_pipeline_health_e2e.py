@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import threading
 import time
 import uuid
@@ -39,6 +38,7 @@ from schemas.records import Alert, ScoredTransaction
 from schemas.topics import ALERTS, ALL_TOPICS, SCORED_TRANSACTIONS
 from sinks.alerts.sender import default_group_id as sender_group_id
 from sinks.dashboard.app import Dashboard, create_app
+from tests.ports import free_port, free_port_block
 
 pytestmark = pytest.mark.e2e
 
@@ -48,33 +48,6 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 STARTED = ("opensearch-sink", "alert-sender", "dashboard")
 WAIT_S = 60.0
 """Each wait below: start-up on a busy 2-core machine takes seconds, a scrape one second here."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_port_block(size: int) -> int:
-    """A base port with ``size`` free ports from it: the processes' metrics ports (base + offset)."""
-    for _ in range(200):
-        base = free_port()
-        if base + size >= 65535:
-            continue
-        sockets = []
-        try:
-            for port in range(base, base + size):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError(f"no {size} consecutive free ports")
 
 
 def mail_files(directory: Path, address: str) -> list[Path]:

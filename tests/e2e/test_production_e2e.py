@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,30 +22,12 @@ from infra.launcher import Child, spawn, wait_for
 from infra.settings import Settings
 from infra.stack import ensure_topics
 from tests.e2e.camera_helpers import delete_topics
+from tests.ports import free_port_block
 
 pytestmark = pytest.mark.e2e
 
 SERVICES = {"opensearch-sink": "sinks.opensearch.sink", "alert-sender": "sinks.alerts.sender"}
 BACK_WITHIN_S = 30.0
-
-
-def free_port_block(size: int) -> int:
-    """A base port with ``size`` free ports from it (every process's metrics port is base + offset)."""
-    for _ in range(200):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base + size > 65535:
-            continue
-        try:
-            with contextlib.ExitStack() as stack:
-                for port in range(base, base + size):
-                    s = stack.enter_context(socket.socket())
-                    s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError(f"no block of {size} free ports")
 
 
 def healthz(settings: Settings, name: str) -> int | None:

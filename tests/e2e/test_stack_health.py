@@ -28,6 +28,7 @@ from infra.stack import OPENSEARCH_DISK_WATERMARKS, StackPaths, down, ensure_top
 from schemas.codec import codec
 from schemas.topics import ALL_TOPICS, DEAD_LETTERS, SCORED_TRANSACTIONS, TRANSACTIONS, WATCHLIST
 from tests.builders import sale
+from tests.ports import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -186,9 +187,7 @@ def test_opensearch_keeps_its_flood_stage_disk_watermark_on(stack: Settings) -> 
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_port()  # below the ephemeral range: no outgoing connection takes it before the broker binds
 
 
 @pytest.fixture(scope="module")
