@@ -199,7 +199,7 @@ class JobSettings(BaseModel, frozen=True):
         value = value.strip()
         if value in ("earliest", "latest"):
             return value
-        if not (value.isascii() and value.isdigit() and len(value) <= 14 and clock.is_epoch_ms(int(value))):
+        if not clock.is_epoch_ms_text(value):
             raise ValueError(
                 f"starting_offsets is earliest, latest or epoch milliseconds (13 digits), not {value[:40]!r}"
             )

@@ -14,6 +14,8 @@ import hashlib
 import hmac
 from urllib.parse import urlencode
 
+from infra import clock
+
 SIGNING_DOMAIN = "checkout-guard.case-image.v1"
 """Prefix of the signed text, so a signature made for anything else (a bot command) never opens an image."""
 IMAGE_PATH = "/images/"
@@ -41,7 +43,7 @@ def verify_image_link(
 ) -> bool:
     """Whether ``exp``/``sig`` (the link's query) open image ``which`` of ``case_id`` now: signed under
     ``key`` and not expired. Constant-time; ``False`` for anything malformed."""
-    if not key or not exp or not sig or not (exp.isascii() and exp.isdigit()) or len(exp) > 12:
+    if not key or not exp or not sig or not clock.ascii_digits(exp) or len(exp) > 12:
         return False
     expires_s = int(exp)
     if expires_s < now_s:

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from infra import clock
 from infra.clients.topic_replay import PartitionRange, RangeError, bounds, parse_time_ms, plan, replay
 from infra.settings import get_settings
 
@@ -23,7 +24,7 @@ console = Console(stderr=True)
 def _partitions(text: str) -> list[int]:
     """``--partitions 0,2`` as numbers; anything else is a ``RangeError`` that names the option."""
     parts = [part.strip() for part in text.split(",") if part.strip()]
-    if not all(part.isascii() and part.isdigit() for part in parts):
+    if not all(clock.ascii_digits(part) for part in parts):
         raise RangeError(f"--partitions takes partition numbers separated by commas (e.g. 0,2), not {text!r}")
     return [int(part) for part in parts]
 

@@ -54,19 +54,13 @@ class RangeError(CheckoutGuardError, ValueError):
 # ---------------------------------------------------------------------------- pure: ranges
 
 
-def _digits(text: str) -> bool:
-    """ASCII digits only: ``str.isdigit`` also takes superscripts and other scripts' digits, which ``int``
-    then refuses with a traceback instead of the caller's one-line error."""
-    return text.isascii() and text.isdigit()
-
-
 def parse_time_ms(text: str, now_ms: int | None = None) -> int:
     """``now``, epoch milliseconds (all digits) or ISO-8601 (``2026-11-22T06:00:00Z``; no zone = UTC)."""
     text = text.strip()
     if text == "now":
         return now_ms if now_ms is not None else clock.now_ms()
-    if _digits(text):
-        if len(text) > 14 or not clock.is_epoch_ms(int(text)):
+    if clock.ascii_digits(text):
+        if not clock.is_epoch_ms_text(text):
             raise RangeError(f"not epoch milliseconds (13 digits): {text!r}; seconds? give {text}000 or ISO-8601")
         return int(text)
     try:
@@ -81,12 +75,14 @@ def parse_time_ms(text: str, now_ms: int | None = None) -> int:
 def parse_offsets(text: str) -> dict[int, int] | int:
     """``100`` (every partition) or ``0:100,2:50`` (per partition; others unbounded)."""
     text = text.strip()
-    if _digits(text) and len(text) <= 19 and int(text) < 2**63:  # Kafka offsets are int64
+    if clock.ascii_digits(text) and len(text) <= 19 and int(text) < 2**63:  # Kafka offsets are int64
         return int(text)
     out: dict[int, int] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         p, sep, o = (x.strip() for x in part.partition(":"))
-        if not (sep and _digits(p) and _digits(o) and len(p) <= 10 and len(o) <= 19 and int(o) < 2**63):
+        if not (
+            sep and clock.ascii_digits(p) and clock.ascii_digits(o) and len(p) <= 10 and len(o) <= 19 and int(o) < 2**63
+        ):
             raise RangeError(f"bad offsets {text!r}: use N or PARTITION:OFFSET,... (e.g. 0:100,2:50)")
         out[int(p)] = int(o)
     if not out:
