@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import shlex
 import sys
 import textwrap
@@ -107,9 +108,41 @@ def with_one_line_errors(command: Any) -> Any:
     return command
 
 
+_LIST_ITEM = re.compile(r"\s*(?:[-*]|\d+[.)]|\w[\w.-]*\s{2,})\s")
+"""A line that starts a list item or an aligned example: it keeps its own line."""
+
+
+def reflow_paragraphs(text: str) -> str:
+    """``text`` with each paragraph's lines joined. Rich help keeps a docstring's line breaks and then
+    wraps again at the terminal's width, breaking sentences mid-line; list items and ``\\b`` blocks stay."""
+    out = []
+    for paragraph in text.split("\n\n"):
+        lines = paragraph.split("\n")
+        if paragraph.startswith("\b"):
+            out.append(paragraph)
+            continue
+        joined = [lines[0].rstrip()]
+        for line in lines[1:]:
+            if _LIST_ITEM.match(line) or joined[-1].endswith(":"):
+                joined.append(line.rstrip())
+            else:
+                joined[-1] = f"{joined[-1]} {line.strip()}"
+        out.append("\n".join(joined))
+    return "\n\n".join(out)
+
+
+def reflow_help(command: Any) -> Any:
+    """:func:`reflow_paragraphs` on the help of ``command`` and every subcommand under it."""
+    if command.help:
+        command.help = reflow_paragraphs(command.help)
+    for sub in getattr(command, "commands", {}).values():
+        reflow_help(sub)
+    return command
+
+
 def run_tool(app: typer.Typer) -> None:
     """A tool module's ``python -m``: its Typer app with :func:`with_one_line_errors`, as the console runs it."""
-    with_one_line_errors(typer.main.get_command(app))()
+    with_one_line_errors(reflow_help(typer.main.get_command(app)))()
 
 
 _JOB = ("kafka", "job", "rules", "model", "faces", "metrics", "stack_dir", "bind_host", "java_home")
@@ -401,6 +434,7 @@ def load(entry: Entry) -> Any:
     if entry.command is not None:
         command = command.commands[entry.command]
     command.name = entry.name
+    reflow_help(command)
     if entry.one_line_errors:
         with_one_line_errors(command)
     _with_settings(command, entry.all_sections)

@@ -393,10 +393,12 @@ def publish_command(
     except InvalidRecord as exc:
         raise _fail(exc.reason) from None
     word = "fraud" if label.label == FRAUD else "legitimate"
-    console.print(f"{label.transaction_id}: {word} ({label.label_id})", markup=False, highlight=False)
+    line = f"{label.transaction_id}: {word} ({label.label_id})"
     if dry_run:
+        console.print(f"{line}: checked, not sent (--dry-run)", markup=False, highlight=False)
         raise typer.Exit(0)
-    stats = publish_labels(settings, [label])
+    stats = publish_labels(settings, [label])  # first: with Kafka down, only the error is shown
+    console.print(line, markup=False, highlight=False)
     _report(stats, LABELS.full_name(settings.kafka.topic_prefix))
     raise typer.Exit(0 if stats.ok else 1)
 

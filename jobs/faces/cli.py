@@ -83,8 +83,9 @@ def detect(
     images: Annotated[list[Path], typer.Argument(help="JPEG/PNG files")],
     embedding: Annotated[bool, typer.Option(help="include the embedding of passing faces (fused3: 768 values)")] = True,
 ) -> None:
-    """One JSON line per image: faces (box in analysed-image pixels, quality, gate result, embedding). Exit 1
-    when an image could not be read or decoded (its line has an "error")."""
+    """One JSON line per image: faces (box in analysed-image pixels, quality, gate result, embedding).
+
+    Exit 1 when an image could not be read or decoded (its line has an "error")."""
     engine = FaceEngine(_settings())
     failed = 0
     for path in images:

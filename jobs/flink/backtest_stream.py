@@ -50,6 +50,7 @@ from jobs.scoring.rules import RuleSet, RuleSetError, update_record
 from schemas.topics import ALL_TOPICS, RULES, SCORED_TRANSACTIONS, TRANSACTIONS
 
 console = Console()
+errors = Console(stderr=True)
 
 OUTCOMES = ("APPROVE", "REVIEW", "BLOCK")
 FLAGS: dict[str, frozenset[str]] = {"BLOCK": frozenset({"BLOCK"}), "BLOCK+REVIEW": frozenset({"BLOCK", "REVIEW"})}
@@ -630,12 +631,16 @@ def run_command(
     from infra.clients.topic_replay import RangeError, bounds
 
     if rules is None and model_dir is None and model is None:
-        console.print("nothing to test: give --rules and/or --model-dir / --model", style="red")
+        errors.print("nothing to test: give --rules and/or --model-dir / --model", style="red")
         raise typer.Exit(2)
     settings = get_settings()
     name = name or f"bt-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     try:
         start, end = bounds(from_offsets, to_offsets, from_time, to_time)
+    except (RangeError, ValueError) as exc:  # a bad option: a usage error, as replay's
+        errors.print(str(exc), style="red", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    try:
         report, out_dir = run_backtest(
             settings,
             name,
@@ -648,7 +653,7 @@ def run_command(
             sample_size=samples,
         )
     except (RangeError, RuleSetError, ValueError, FileExistsError, TimeoutError, RuntimeError) as exc:
-        console.print(str(exc), style="red", markup=False, highlight=False)
+        errors.print(str(exc), style="red", markup=False, highlight=False)
         raise typer.Exit(1) from None
     _print(report, out_dir)
 
@@ -671,7 +676,7 @@ def compare_command(
 def cleanup_command(name: Annotated[str, typer.Argument(help="The backtest's name.")]) -> None:
     """Delete a backtest's topics and indices (the report stays)."""
     if not NAME_RE.match(name):
-        console.print(f"not a backtest name: {name!r}", style="red", markup=False)
+        errors.print(f"not a backtest name: {name!r}", style="red", markup=False)
         raise typer.Exit(2)
     topics, indices = cleanup(get_settings(), name)
     console.print(f"deleted {len(topics)} topic(s) and {len(indices)} index(es) of {name}", highlight=False)

@@ -23,7 +23,14 @@ from infra.settings import get_settings
 from jobs.flink.job import control_file, latest_checkpoint, running_job
 from schemas.errors import CheckoutGuardError
 
-app = typer.Typer(add_completion=False, help=__doc__)
+app = typer.Typer(
+    add_completion=False,
+    # One line per paragraph: the help keeps a docstring's line breaks and wraps again, mid-sentence.
+    help="Upgrade the running scoring job without losing state.\n\n"
+    "savepoint stops it with a savepoint and prints the path; the next start (python -m jobs.flink.job) "
+    "resumes from the newest savepoint or checkpoint.\n\n"
+    "On a Flink cluster: flink stop --savepointPath DIR JOB_ID, then flink run -s SAVEPOINT ...",
+)
 
 
 class UpgradeError(CheckoutGuardError, RuntimeError):
@@ -76,7 +83,11 @@ def status() -> None:
     job = running_job(control)
     stale = " (a stale control file of a killed job is left)" if job is None and control.exists() else ""
     typer.echo(f"running: {job or 'no'}{stale}")
-    typer.echo(f"resumes from: {latest_checkpoint(settings.checkpoint_dir) or 'nothing (fresh start)'}")
+    where = settings.checkpoint_dir
+    found = latest_checkpoint(where)
+    # Name the folder looked in: a wrong CG_STACK_DIR reads as a fresh start otherwise.
+    empty = "does not exist" if not where.is_dir() else "holds no complete checkpoint or savepoint"
+    typer.echo(f"resumes from: {found or f'nothing (fresh start: {where} {empty})'}")
 
 
 if __name__ == "__main__":

@@ -203,3 +203,32 @@ def test_the_console_answers_a_bad_file_with_one_line_and_exit_1_as_python_m_doe
             main(argv)
         err = capsys.readouterr().err
         assert exit_.value.code == 1 and err.startswith("Error: ") and len(err.splitlines()) == 1, (argv, err)
+
+
+def test_help_paragraphs_are_reflowed_but_lists_keep_their_lines() -> None:
+    """Rich help kept a docstring's line breaks and wrapped again, breaking sentences mid-line."""
+    from infra.cli import reflow_paragraphs
+
+    text = "One sentence\ngoes on here.\n\nSteps:\n- first\n- second\n  continued\n\n\b\nkept\nas is"
+    assert reflow_paragraphs(text) == (
+        "One sentence goes on here.\n\nSteps:\n- first\n- second continued\n\n\b\nkept\nas is"
+    )
+
+
+def test_every_console_command_help_reads_as_whole_paragraphs() -> None:
+    from infra.cli import _LIST_ITEM, build
+
+    def walk(command, path: str) -> list[str]:
+        bad = [
+            f"{path}: {line!r}"
+            for paragraph in (command.help or "").split("\n\n")
+            if not paragraph.startswith("\b")
+            for before, line in zip(paragraph.split("\n"), paragraph.split("\n")[1:], strict=False)
+            if not (_LIST_ITEM.match(line) or before.endswith(":"))
+        ]
+        for name in getattr(command, "list_commands", lambda _ctx: [])(None):
+            sub = command.get_command(None, name)
+            bad += walk(sub, f"{path} {name}") if sub is not None else []
+        return bad
+
+    assert walk(build(), "checkout-guard") == []

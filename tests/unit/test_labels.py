@@ -314,9 +314,17 @@ def test_cli_with_kafka_down_says_so_in_one_line_and_sends_nothing(cli: FakeProd
     for args in (["publish", "tx-9", "fraud"], ["withdraw", "tx-9"]):
         with pytest.raises(SystemExit) as exit_:
             main(["labels", *args])  # the console, as python -m runs it too (infra.cli.run_tool)
-        err = capsys.readouterr().err
+        out, err = capsys.readouterr()
         assert exit_.value.code == 1 and err.count("\n") == 1, err
+        assert out == "", out  # no verdict line that reads as if it had been sent
         assert err.startswith(f"Error: Kafka at {SETTINGS.kafka.bootstrap} did not answer within 10 s"), err
+    assert not cli.sent
+
+
+def test_cli_publish_dry_run_says_nothing_was_sent(cli: FakeProducer) -> None:
+    result = CliRunner().invoke(labels_cli.app, ["publish", "tx-9", "fraud", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "tx-9: fraud" in result.output and "not sent" in result.output, result.output
     assert not cli.sent
 
 

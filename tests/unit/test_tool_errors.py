@@ -145,3 +145,27 @@ def test_stopping_a_flink_cluster_that_does_not_answer_is_an_error_not_no_job(tm
     assert fc.jobs(settings) == []  # polling while a cluster starts: not answering yet
     with pytest.raises(fc.FlinkClusterError, match="the Flink cluster did not answer at http://127.0.0.1:"):
         fc.stop_with_savepoint(settings, Path("/no/java"))
+
+
+def test_a_bad_backtest_stream_time_is_a_usage_error_as_in_replay(fresh_settings, capsys) -> None:
+    """Both tools read --from-time the same way; a bad one exited 1 here and 2 in replay."""
+    argv = ["backtest-stream", "run", "--rules", __file__, "--from-time", "yesterday"]
+    assert _one_error(capsys, argv, code=2).startswith("not a time: 'yesterday'")
+
+
+def test_backtest_of_a_missing_csv_names_the_csv_before_the_model(fresh_settings, capsys, tmp_path) -> None:
+    """With no model trained yet, the missing model used to be reported first."""
+    missing = tmp_path / "nope.csv"
+    with pytest.raises(SystemExit) as exit_:
+        main(["backtest", str(missing)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "does not exist" in err and "model" not in err.lower(), err
+
+
+def test_upgrade_status_names_the_checkpoint_folder_it_found_nothing_in(fresh_settings, capsys) -> None:
+    """A wrong CG_STACK_DIR read as "fresh start" and nothing more."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["upgrade", "status"])
+    out = capsys.readouterr().out
+    where = get_settings().checkpoint_dir
+    assert exit_.value.code == 0 and f"nothing (fresh start: {where} does not exist)" in out, out
