@@ -371,7 +371,10 @@ def _show(
             else "Not supervised: a process that dies stays down."
         )
     )
-    consumer = kafka_clients.consumer(settings, "checkout-guard-demo-view")
+    # The view's client logs to the supervisor's file (the console belongs to the live view), and is polled
+    # after each refresh: a consumer hands librdkafka's lines over only on poll.
+    kafka_log = kafka_clients.librdkafka_logger("infra.supervisor.kafka")
+    consumer = kafka_clients.consumer(settings, "checkout-guard-demo-view", logger=kafka_log)
     client = make_client(settings.opensearch, timeout_s=5)
     outages = Outages(supervisor.log)
     flagged: set[str] = set()
@@ -384,6 +387,7 @@ def _show(
                     flag_a_blocked_transaction(settings, client, flagged)
                 supervisor.check()
                 live.update(snapshot(settings, consumer, client, supervisor, outages))
+                consumer.poll(0)
                 time.sleep(2)
     finally:
         consumer.close()

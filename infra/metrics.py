@@ -268,7 +268,9 @@ class ConsumerLagCollector(Collector):
                 try:
                     self._cache = self.read()
                 except Exception as exc:  # Kafka away: no figures this time, the scrape still answers
-                    log.warning("consumer lag unavailable: %s", exc)
+                    log.warning(
+                        "consumer lag unavailable: %s", str(exc) or type(exc).__name__
+                    )  # a timeout's text is empty
                     self._cache = []
                 self._at = time.monotonic()
             return list(self._cache)
@@ -295,26 +297,26 @@ def read_lags(settings: Settings, timeout: float = 5.0) -> list[PartitionLag]:
     from infra.clients import kafka as kafka_clients
 
     ours = {spec.full_name(settings.kafka.topic_prefix) for spec in ALL_TOPICS}
-    admin = kafka_clients.admin(settings)
-    groups = admin.list_consumer_groups(request_timeout=timeout).result(timeout)
     committed: dict[str, dict[tuple[str, int], int]] = {}
-    for listing in groups.valid:
-        future = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(listing.group_id)])
-        result = future[listing.group_id].result(timeout)
-        offsets = {
-            (tp.topic, tp.partition): tp.offset
-            for tp in result.topic_partitions or []
-            if tp.topic in ours and tp.error is None
-        }
-        if offsets:
-            committed[listing.group_id] = offsets
-    wanted = sorted({tp for offsets in committed.values() for tp in offsets})
     ends: dict[tuple[str, int], int] = {}
-    if wanted:
-        latest = admin.list_offsets(
-            {TopicPartition(t, p): OffsetSpec.latest() for t, p in wanted}, request_timeout=timeout
-        )
-        for tp, pending in latest.items():
-            with contextlib.suppress(KafkaException):  # a partition without a leader this moment: next time
-                ends[(tp.topic, tp.partition)] = pending.result(timeout).offset
+    with kafka_clients.admin_session(settings) as admin:
+        groups = admin.list_consumer_groups(request_timeout=timeout).result(timeout)
+        for listing in groups.valid:
+            future = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(listing.group_id)])
+            result = future[listing.group_id].result(timeout)
+            offsets = {
+                (tp.topic, tp.partition): tp.offset
+                for tp in result.topic_partitions or []
+                if tp.topic in ours and tp.error is None
+            }
+            if offsets:
+                committed[listing.group_id] = offsets
+        wanted = sorted({tp for offsets in committed.values() for tp in offsets})
+        if wanted:
+            latest = admin.list_offsets(
+                {TopicPartition(t, p): OffsetSpec.latest() for t, p in wanted}, request_timeout=timeout
+            )
+            for tp, pending in latest.items():
+                with contextlib.suppress(KafkaException):  # a partition without a leader this moment: next time
+                    ends[(tp.topic, tp.partition)] = pending.result(timeout).offset
     return group_lags(committed, ends)

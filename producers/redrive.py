@@ -236,8 +236,8 @@ def read_dead_letters(
 
 def cluster_topics(settings: Settings) -> dict[str, int]:
     """The cluster's topics and their partition counts."""
-    admin = kafka_clients.admin(settings)
-    metadata = kafka_clients.cluster_metadata(admin, settings)
+    with kafka_clients.admin_session(settings) as admin:
+        metadata = kafka_clients.cluster_metadata(admin, settings)
     return {name: len(t.partitions) for name, t in metadata.topics.items() if t.error is None}
 
 

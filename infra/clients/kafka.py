@@ -22,7 +22,8 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -100,10 +101,11 @@ class RepeatFilter(logging.Filter):
         return True
 
 
-def librdkafka_logger() -> logging.Logger:
-    """The logger every client gets (``logger`` in its config): librdkafka's lines through Python logging,
-    repeats held back (:class:`RepeatFilter`). Without logging set up, warnings and errors reach stderr."""
-    logger = logging.getLogger(LOGGER)
+def librdkafka_logger(name: str = LOGGER) -> logging.Logger:
+    """The logger every client gets (``logger`` in its config) unless given another by ``name``: librdkafka's
+    lines through Python logging, repeats held back (:class:`RepeatFilter`). Without logging set up, warnings
+    and errors reach stderr."""
+    logger = logging.getLogger(name)
     if not any(isinstance(f, RepeatFilter) for f in logger.filters):
         logger.addFilter(RepeatFilter())
     return logger
@@ -125,6 +127,20 @@ def consumer(
 
 def admin(source: Settings | KafkaSettings, *presets: Mapping[str, Any], **overrides: Any) -> AdminClient:
     return AdminClient(_built(source, presets, overrides))
+
+
+@contextmanager
+def admin_session(
+    source: Settings | KafkaSettings, *presets: Mapping[str, Any], **overrides: Any
+) -> Iterator[AdminClient]:
+    """An admin client for one task. An admin client hands its log lines to the logger only on ``poll``, which
+    nothing else calls: at the end of the task they are handed over, or they would be dropped with the client
+    (why a broker refused it, say)."""
+    client = admin(source, *presets, **overrides)
+    try:
+        yield client
+    finally:
+        client.poll(0)
 
 
 class KafkaUnavailable(CheckoutGuardError, KafkaException):

@@ -447,19 +447,14 @@ def create_copy_topics(settings: Settings, transactions_partitions: int) -> None
     since ``ensure_topics`` leaves an existing topic alone)."""
     from infra.stack import ensure_topics
 
-    admin = kafka_clients.admin(settings)
     name = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
-    if name not in kafka_clients.cluster_metadata(admin, settings).topics:
-        futures = admin.create_topics(
-            [
-                NewTopic(
-                    name, num_partitions=transactions_partitions, replication_factor=1, config=dict(TRANSACTIONS.config)
-                )
-            ],
-            request_timeout=30,
-        )
-        for fut in futures.values():
-            fut.result()
+    with kafka_clients.admin_session(settings) as admin:
+        if name not in kafka_clients.cluster_metadata(admin, settings).topics:
+            topic = NewTopic(
+                name, num_partitions=transactions_partitions, replication_factor=1, config=dict(TRANSACTIONS.config)
+            )
+            for fut in admin.create_topics([topic], request_timeout=30).values():
+                fut.result()
     ensure_topics(settings)
 
 
@@ -579,12 +574,12 @@ def cleanup(settings: Settings, name: str) -> tuple[list[str], list[str]]:
     """Delete a backtest's topics (``<name>.*``) and indices (``<name>-*``); its report stays."""
     from infra.clients.opensearch import make_client
 
-    admin = kafka_clients.admin(settings)
-    existing = kafka_clients.cluster_metadata(admin, settings).topics
-    topics = [t.full_name(f"{name}.") for t in ALL_TOPICS if t.full_name(f"{name}.") in existing]
-    if topics:
-        for fut in admin.delete_topics(topics, request_timeout=30).values():
-            fut.result()
+    with kafka_clients.admin_session(settings) as admin:
+        existing = kafka_clients.cluster_metadata(admin, settings).topics
+        topics = [t.full_name(f"{name}.") for t in ALL_TOPICS if t.full_name(f"{name}.") in existing]
+        if topics:
+            for fut in admin.delete_topics(topics, request_timeout=30).values():
+                fut.result()
     client = make_client(settings.opensearch)
     indices = sorted(client.indices.get(index=f"{name}-*", params={"allow_no_indices": "true"}))
     if indices:

@@ -258,3 +258,17 @@ def test_why_no_broker_was_usable_is_logged_before_the_error(caplog) -> None:
         with pytest.raises(kafka_clients.KafkaUnavailable):
             kafka_clients.cluster_metadata(client, timeout_s=1)
     assert any("Connection refused" in r.getMessage() for r in caplog.records if r.name == kafka_clients.LOGGER)
+
+
+def test_an_admin_session_hands_its_log_lines_over_when_the_task_fails(caplog) -> None:
+    """An admin client forwards librdkafka's lines only on ``poll``: the metrics exporter's lag reader dropped
+    why it could not reach Kafka with the client."""
+    from infra.metrics import read_lags
+    from infra.settings import Settings
+
+    for f in logging.getLogger(kafka_clients.LOGGER).filters:  # an earlier test may have shown the same line
+        if isinstance(f, kafka_clients.RepeatFilter):
+            f._shown.clear()
+    with caplog.at_level(logging.INFO, logger=kafka_clients.LOGGER), pytest.raises((KafkaException, TimeoutError)):
+        read_lags(Settings(kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1")), timeout=1)
+    assert any("Connection refused" in r.getMessage() for r in caplog.records if r.name == kafka_clients.LOGGER)
