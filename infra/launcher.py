@@ -41,18 +41,27 @@ class Child:
                 os.killpg(self.proc.pid, sig)
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM to the group, then SIGKILL if it does not go in time; returns the child's exit code.
+        """SIGTERM to the child alone, then to what is left of its group; SIGKILL where they do not go in time.
+        Returns the child's exit code.
 
-        Waits for the whole process group, not only the child: the job's JVM finishes its own shutdown
-        after the Python process that started it has exited, and must not be left running."""
+        The child first: on SIGTERM the scoring job cancels its Flink job through its JVM, and a SIGTERM to
+        the whole group killed that JVM at the same moment (the cancel failed, with some 80 py4j tracebacks
+        in the job's log). The rest of the group (the JVM, workers) is then waited for and signalled in
+        turn: it must not be left running."""
         deadline = time.monotonic() + timeout
-        self.kill(signal.SIGTERM)
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
         try:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill(signal.SIGKILL)
             code = self.proc.wait(10)
-        while _group_members(self.proc.pid) and time.monotonic() < deadline:
+        if _group_members(self.proc.pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+        rest = max(deadline, time.monotonic() + 5.0)
+        while _group_members(self.proc.pid) and time.monotonic() < rest:
             time.sleep(0.1)
         if _group_members(self.proc.pid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
