@@ -108,8 +108,9 @@ def with_one_line_errors(command: Any) -> Any:
     return command
 
 
-_LIST_ITEM = re.compile(r"\s*(?:[-*]|\d+[.)]|\w[\w.-]*\s{2,})\s")
-"""A line that starts a list item or an aligned example: it keeps its own line."""
+_LIST_ITEM = re.compile(r"\s*(?:[-*]\s|\d+[.)]\s|\w[\w.-]*\s{2,})|\s{4,}")
+"""A line that starts a list item, an aligned column (a word, then two spaces or more) or an indented example:
+it keeps its own line."""
 
 
 def reflow_paragraphs(text: str) -> str:

@@ -40,6 +40,12 @@ class Child:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, sig)
 
+    def terminate(self) -> None:
+        """SIGTERM to the child alone: its group (the scoring job's JVM) is left to :meth:`stop`."""
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM to the child alone, then to what is left of its group; SIGKILL where they do not go in time.
         Returns the child's exit code.
@@ -49,9 +55,7 @@ class Child:
         in the job's log). The rest of the group (the JVM, workers) is then waited for and signalled in
         turn: it must not be left running."""
         deadline = time.monotonic() + timeout
-        if self.alive:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
+        self.terminate()
         try:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

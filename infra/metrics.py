@@ -260,6 +260,7 @@ class ConsumerLagCollector(Collector):
         self.interval = settings.metrics.lag_interval_s
         self._cache: list[PartitionLag] = []
         self._at = float("-inf")
+        self._failing = False
         self._lock = threading.Lock()
 
     def lags(self) -> list[PartitionLag]:
@@ -267,10 +268,17 @@ class ConsumerLagCollector(Collector):
             if time.monotonic() - self._at >= self.interval:
                 try:
                     self._cache = self.read()
+                    if self._failing:
+                        log.info("consumer lag available again")
+                    self._failing = False
                 except Exception as exc:  # Kafka away: no figures this time, the scrape still answers
-                    log.warning(
-                        "consumer lag unavailable: %s", str(exc) or type(exc).__name__
-                    )  # a timeout's text is empty
+                    # Once per outage, not at every read (a timeout's text is empty: its type is named).
+                    log.log(
+                        logging.DEBUG if self._failing else logging.WARNING,
+                        "consumer lag unavailable: %s",
+                        str(exc) or type(exc).__name__,
+                    )
+                    self._failing = True
                     self._cache = []
                 self._at = time.monotonic()
             return list(self._cache)

@@ -208,6 +208,15 @@ class _Stop:
         self.requested = signal.Signals(signum).name
 
 
+def stop_all(children: Sequence[Child], timeout_s: float) -> list[str]:
+    """SIGTERM to every child at once (the shutdown takes the slowest stop, not their sum), then
+    :func:`stop_children`; what had to be reaped. The processes only, not their groups: the scoring job
+    still needs its JVM to cancel its Flink job."""
+    for child in children:
+        child.terminate()
+    return stop_children(children, timeout_s)
+
+
 def run(settings: Settings, names: Sequence[str]) -> None:
     """Start ``names`` supervised and keep them running until SIGTERM/SIGINT; then stop them all."""
     stop = _Stop()
@@ -239,9 +248,7 @@ def run(settings: Settings, names: Sequence[str]) -> None:
             time.sleep(TICK_S)
     finally:
         log.info("%s: stopping %d processes", stop.requested or "exiting", len(supervisor.children))
-        for child in supervisor.children:  # all at once: the shutdown takes the slowest stop, not their sum
-            child.kill(signal.SIGTERM)
-        left = stop_children(supervisor.children, cfg.stop_timeout_s) + reaper.finish()
+        left = stop_all(supervisor.children, cfg.stop_timeout_s) + reaper.finish()
         if left:
             log.warning("stopped %d processes the children left running: %s", len(left), "; ".join(left))
         log.info("every process stopped")

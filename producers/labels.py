@@ -398,7 +398,7 @@ def publish_command(
         console.print(f"{line}: checked, not sent (--dry-run)", markup=False, highlight=False)
         raise typer.Exit(0)
     stats = publish_labels(settings, [label])  # first: with Kafka down, only the error is shown
-    console.print(line, markup=False, highlight=False)
+    console.print(line if stats.ok else f"{line}: not published", markup=False, highlight=False)
     _report(stats, LABELS.full_name(settings.kafka.topic_prefix))
     raise typer.Exit(0 if stats.ok else 1)
 

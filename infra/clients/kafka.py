@@ -76,9 +76,11 @@ REPEAT_AFTER_S = 60.0
 
 class RepeatFilter(logging.Filter):
     """Passes a message once per ``every_s``: librdkafka logs a failure again at every retry. Millisecond
-    counts, which differ between repeats (``after 0ms in state CONNECT``), do not make a message new."""
+    counts, which differ between repeats (``after 0ms in state CONNECT``), do not make a message new, nor
+    does the client's name (``rdkafka#producer-7``): a task that builds a client each time (the metrics
+    exporter's lag reader) would repeat its failure at every read otherwise."""
 
-    _VARYING = re.compile(r"\d+ms\b")
+    _VARYING = re.compile(r"\d+ms\b|rdkafka#\w+-\d+")
     _KEPT = 1000
 
     def __init__(self, every_s: float = REPEAT_AFTER_S, clock: Callable[[], float] = time.monotonic) -> None:

@@ -29,6 +29,8 @@ app = typer.Typer(
     help="Upgrade the running scoring job without losing state.\n\n"
     "savepoint stops it with a savepoint and prints the path; the next start (python -m jobs.flink.job) "
     "resumes from the newest savepoint or checkpoint.\n\n"
+    "Every stateful operator has a stable uid, so receipts, store and customer history, pending transactions, "
+    "the watchlist and the active rule set all carry over.\n\n"
     "On a Flink cluster: flink stop --savepointPath DIR JOB_ID, then flink run -s SAVEPOINT ...",
 )
 

@@ -213,9 +213,14 @@ def test_help_paragraphs_are_reflowed_but_lists_keep_their_lines() -> None:
     assert reflow_paragraphs(text) == (
         "One sentence goes on here.\n\nSteps:\n- first\n- second continued\n\n\b\nkept\nas is"
     )
+    columns = "Columns\n  a  b\n  cc  d\nnext sentence\ngoes on.\n\nRun\n    python -m x  # one\n    python -m y"
+    assert reflow_paragraphs(columns) == (
+        "Columns\n  a  b\n  cc  d next sentence goes on.\n\nRun\n    python -m x  # one\n    python -m y"
+    )
 
 
-def test_every_console_command_help_reads_as_whole_paragraphs() -> None:
+def test_every_console_command_gets_its_help_reflowed() -> None:
+    """The wiring (each command the console loads is reflowed); the rules are the test above's."""
     from infra.cli import _LIST_ITEM, build
 
     def walk(command, path: str) -> list[str]:

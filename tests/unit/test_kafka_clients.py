@@ -197,6 +197,16 @@ def test_a_repeated_librdkafka_message_is_shown_once_a_minute_whatever_its_milli
     assert repeats.filter(_record(REFUSED.format(7))), "and the same one a minute later"
 
 
+def test_the_same_failure_of_a_new_client_is_a_repeat_too() -> None:
+    """The lag reader builds an admin client per read: with its name in the key, Kafka down logged an ERROR
+    at every read (every 10 s)."""
+    repeats = kafka_clients.RepeatFilter(every_s=60.0, clock=lambda: 0.0)
+    lines = [
+        f"FAIL [rdkafka#{kind}] [thrd:b/bootstrap]: refused" for kind in ("producer-1", "producer-2", "consumer-9")
+    ]
+    assert [repeats.filter(_record(line)) for line in lines] == [True, False, False]
+
+
 def test_every_client_logs_through_the_filtered_logger_unless_told_otherwise(monkeypatch) -> None:
     built: list[dict[str, Any]] = []
     monkeypatch.setattr(kafka_clients, "Producer", built.append)

@@ -321,6 +321,13 @@ def test_cli_with_kafka_down_says_so_in_one_line_and_sends_nothing(cli: FakeProd
     assert not cli.sent
 
 
+def test_cli_publish_a_refused_verdict_says_it_was_not_published(cli: FakeProducer) -> None:
+    cli.fail = {b"tx-9"}
+    result = CliRunner().invoke(labels_cli.app, ["publish", "tx-9", "fraud"])
+    assert result.exit_code == 1 and "tx-9: fraud" in result.output, result.output
+    assert ": not published" in result.output and "published 0 of 1" in result.output, result.output
+
+
 def test_cli_publish_dry_run_says_nothing_was_sent(cli: FakeProducer) -> None:
     result = CliRunner().invoke(labels_cli.app, ["publish", "tx-9", "fraud", "--dry-run"])
     assert result.exit_code == 0, result.output

@@ -8,6 +8,7 @@ registry before and after, so only the growth is asserted. The metrics core itse
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -215,6 +216,28 @@ def test_consumer_lag_leaves_the_figures_out_while_kafka_does_not_answer_and_the
     text = generate_latest(registry).decode()
     assert "# TYPE cg_consumer_lag gauge" in text and "cg_consumer_lag{" not in text
     assert registry.get_sample_value("cg_consumer_lag", {"group": "sink", "topic": "alerts", "partition": "0"}) == 4
+
+
+def test_an_outage_of_the_lag_reader_is_one_warning_and_its_end_one_line(caplog) -> None:
+    """It warned at every read (every 10 s) while Kafka was away."""
+    answers: list[Any] = [TimeoutError(), TimeoutError(), TimeoutError(), [], TimeoutError()]
+
+    def reader() -> list[PartitionLag]:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    collector = ConsumerLagCollector(local(lag_interval_s=0), read=reader)
+    with caplog.at_level(logging.INFO, logger="infra.metrics"):
+        for _ in range(5):
+            assert collector.lags() == []
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "infra.metrics"]
+    assert said == [
+        ("WARNING", "consumer lag unavailable: TimeoutError"),
+        ("INFO", "consumer lag available again"),
+        ("WARNING", "consumer lag unavailable: TimeoutError"),
+    ]
 
 
 def test_timed_observes_the_wall_time_of_its_block() -> None:

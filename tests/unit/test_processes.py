@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 
 from infra.launcher import Child
 from infra.processes import MARKER, Reaper, new_processes, stop_child
+from tests.process_trees import start_leader
 
 
 def test_new_processes_are_those_not_seen_before_and_not_kept() -> None:
@@ -96,31 +96,12 @@ def test_stop_child_ends_the_group_left_behind_by_a_child_that_exited(tmp_path: 
     assert not sleep.is_running() or sleep.status() == psutil.STATUS_ZOMBIE
 
 
-_LEADER = """
-import os, signal, subprocess, sys, time
-worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-def on_term(*_):  # as the scoring job: on SIGTERM it still needs its JVM, to cancel the Flink job
-    time.sleep(0.3)
-    open(sys.argv[1], "w").write("worker alive" if worker.poll() is None else "worker gone")
-    sys.exit(0)
-signal.signal(signal.SIGTERM, on_term)
-open(sys.argv[1], "w").write("ready")
-time.sleep(60)
-"""
-
-
 def test_stop_signals_the_child_before_its_group_and_then_ends_the_group(tmp_path: Path) -> None:
     """A SIGTERM to the whole group killed the scoring job's JVM while the job still used it to cancel."""
-    said = tmp_path / "said"
-    proc = subprocess.Popen([sys.executable, "-c", _LEADER, str(said)], start_new_session=True)
-    child = Child("leader", proc, tmp_path / "leader.log")
+    child, worker = start_leader(tmp_path / "said")
     try:
-        deadline = time.monotonic() + 10
-        while not (said.exists() and said.read_text() == "ready") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        [worker] = psutil.Process(proc.pid).children()
         assert child.stop(timeout=10) == 0
-        assert said.read_text() == "worker alive"  # the child handled SIGTERM with its worker still there
+        assert (tmp_path / "said").read_text() == "worker alive"  # it handled SIGTERM with its worker there
         psutil.wait_procs([worker], timeout=5)
         assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE  # then the group went too
     finally:

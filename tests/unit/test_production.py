@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import psutil
 import pytest
 from typer.testing import CliRunner
 
@@ -13,6 +14,7 @@ from infra import metrics, production
 from infra.launcher import Child, Supervisor
 from infra.production import SERVICES, HealthSupervisor, choose, endpoints, unhealthy_since
 from infra.settings import MetricsSettings, Settings, SupervisorSettings
+from tests.process_trees import start_leader
 
 
 class Clock:
@@ -256,3 +258,15 @@ def test_each_start_first_stops_what_the_previous_process_left(monkeypatch) -> N
         "stop job-0",
         "spawn jobs.flink.job as scoring-job: job-1",
     ]
+
+
+def test_the_shutdown_signals_each_process_before_its_group(tmp_path: Path) -> None:
+    """Its all-at-once SIGTERM went to each process group, so the scoring job's JVM died while the job cancelled."""
+    (one, w1), (two, w2) = start_leader(tmp_path / "one"), start_leader(tmp_path / "two")
+    try:
+        assert production.stop_all([one, two], timeout_s=10) == []
+        assert [(tmp_path / n).read_text() for n in ("one", "two")] == ["worker alive", "worker alive"]
+        assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in (w1, w2))
+    finally:
+        one.kill()
+        two.kill()
