@@ -316,7 +316,12 @@ ENTRIES: tuple[Entry, ...] = (
         "read topics",
         children=(
             Entry(
-                "tail", "print a topic's records decoded, as JSON lines", "infra.cli", "tail_app", sections=("kafka",)
+                "tail",
+                "print a topic's records decoded, as JSON lines",
+                "infra.cli",
+                "tail_app",
+                sections=("kafka",),
+                one_line_errors=True,
             ),
         ),
     ),
@@ -525,7 +530,7 @@ def tail(
         spec = topic_tail.resolve_topic(topic, settings.kafka.topic_prefix)
         begin = topic_tail.parse_start(start) if start is not None else None
     except topic_tail.TailError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(2) from None
 
     def emit(record: dict[str, Any]) -> None:
@@ -539,7 +544,7 @@ def tail(
     except KeyboardInterrupt:
         pass
     except (topic_tail.TailError, TimeoutError, RuntimeError, KafkaException) as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(1) from None
 
 

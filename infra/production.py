@@ -275,7 +275,7 @@ def main(
     try:
         names = choose(only or (), without or ())
     except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(2) from None
     run(settings, names)
 

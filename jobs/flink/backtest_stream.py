@@ -47,6 +47,7 @@ from rich.table import Table
 from infra.clients import kafka as kafka_clients
 from infra.settings import Settings, get_settings
 from jobs.scoring.rules import RuleSet, RuleSetError, update_record
+from schemas.errors import CheckoutGuardError
 from schemas.topics import ALL_TOPICS, RULES, SCORED_TRANSACTIONS, TRANSACTIONS
 
 console = Console()
@@ -395,12 +396,20 @@ def documents_by_id(client: OpenSearch, index_prefix: str, ids: list[str], chunk
 
 def compare_indices(settings: Settings, baseline_prefix: str, candidate_prefix: str, sample_size: int = 25) -> Report:
     """Report on every transaction in the candidate's index against the same ones in the baseline's."""
+    from opensearchpy.exceptions import NotFoundError
+
     from infra.clients.opensearch import make_client
     from schemas.indices import index_name
 
     client = make_client(settings.opensearch, timeout_s=60)
     for prefix in (baseline_prefix, candidate_prefix):
-        client.indices.refresh(index=index_name(prefix, "transactions"))
+        index = index_name(prefix, "transactions")
+        try:
+            client.indices.refresh(index=index)
+        except NotFoundError:
+            raise CheckoutGuardError(
+                f"no index {index}: is {prefix!r} the name of a backtest (or the live prefix)?"
+            ) from None
     candidate = list(candidate_documents(client, candidate_prefix))
     baseline = list(documents_by_id(client, baseline_prefix, [d["transaction_id"] for d in candidate]))
     return compare(

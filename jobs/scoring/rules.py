@@ -370,7 +370,8 @@ app = typer.Typer(
 
 @app.command()
 def validate(file: Path) -> None:
-    """Check a rule set file and print it as the job will read it."""
+    """Check a rule set file and print it as the job will read it once published (CG_RULES__VERSION, BLOCK_AT and
+    REVIEW_AT override only the file the job starts with, not a published rule set)."""
     try:
         rules = RuleSet.load(file)
     except RuleSetError as exc:
@@ -402,14 +403,19 @@ def publish(
 
 
 def publish_rules(settings: Settings, rules: RuleSet, text: str, by: str, timeout_s: float = 30.0) -> str:
-    """Send a validated rule set to the rules topic (key ``active``) and wait for Kafka's ack."""
+    """Send a validated rule set to the rules topic (key ``active``) and wait for Kafka's ack. The topic must
+    exist: an operator's principal writes to ``rules`` only; an admin creates the topics."""
     from infra.clients import kafka as kafka_clients
-    from infra.stack import ensure_topics
     from schemas.topics import RULES
 
-    ensure_topics(settings)
     topic = RULES.full_name(settings.kafka.topic_prefix)
     producer = kafka_clients.producer(settings, kafka_clients.IDEMPOTENT)
+    found = kafka_clients.cluster_metadata(producer, settings).topics.get(topic)  # all topics: asks none into being
+    if found is None or found.error is not None:
+        raise CheckoutGuardError(
+            f"topic {topic} does not exist: the topics are created by an admin (`python -m infra.stack topics`, "
+            "or `make up` locally)"
+        )
     failures: list[str] = []
     producer.produce(
         topic,

@@ -34,7 +34,8 @@ def main(
     """Apply the retention of every index family once and list the indices it dropped."""
     settings = get_settings()
     setup_logging(settings, process="retention")
-    logging.getLogger("opensearch").setLevel(logging.WARNING)  # one line per request otherwise
+    # Its failed requests are WARNINGs with a traceback; the one-line error says the same.
+    logging.getLogger("opensearch").setLevel(logging.ERROR)
     prefix = index_prefix or settings.opensearch.index_prefix
     doomed = apply_retention(make_client(settings.opensearch), prefix, settings.indices, dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
@@ -42,4 +43,6 @@ def main(
 
 
 if __name__ == "__main__":
-    app()
+    from infra.cli import run_tool
+
+    run_tool(app)

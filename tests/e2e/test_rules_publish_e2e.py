@@ -8,7 +8,9 @@ import pytest
 from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient, ConfigResource
 
+from infra.stack import ensure_topics
 from jobs.scoring.rules import DEFAULT_RULESET, RuleSet, from_update, publish_rules
+from schemas.errors import CheckoutGuardError
 from schemas.records import RuleSetUpdate
 
 pytestmark = pytest.mark.e2e
@@ -21,6 +23,9 @@ def test_published_rule_set_is_the_latest_record_under_key_active(stack, tmp_pat
     second_text = text.replace(f'version: "{first.version}"', 'version: "e2e-2"').replace(
         "block_at: 85", "block_at: 80"
     )
+    with pytest.raises(CheckoutGuardError, match=r"rules does not exist: the topics are created by an admin"):
+        publish_rules(settings, first, text, "tester")  # an operator's tool creates no topics
+    ensure_topics(settings)
     topic = publish_rules(settings, first, text, "tester")
     publish_rules(settings, RuleSet.from_yaml(second_text), second_text, "tester")
 

@@ -169,3 +169,33 @@ def test_upgrade_status_names_the_checkpoint_folder_it_found_nothing_in(fresh_se
     out = capsys.readouterr().out
     where = get_settings().checkpoint_dir
     assert exit_.value.code == 0 and f"nothing (fresh start: {where} does not exist)" in out, out
+
+
+def test_topics_tail_answers_a_bad_setting_with_one_line(fresh_settings, capsys) -> None:
+    """It was the one console tool left printing a traceback."""
+    fresh_settings.setenv("CG_KAFKA__BROKERS", "2")
+    line = _one_error(capsys, ["topics", "tail", "transactions"])
+    assert line.startswith("Error: invalid setting CG_KAFKA__BROKERS"), line
+
+
+def test_comparing_with_a_backtest_that_does_not_exist_names_its_index(fresh_settings, capsys, monkeypatch) -> None:
+    from opensearchpy.exceptions import NotFoundError
+
+    from infra.clients import opensearch
+
+    class NoIndex:
+        class indices:  # noqa: N801 - the client's attribute
+            @staticmethod
+            def refresh(index: str) -> None:
+                if index.startswith("typo"):
+                    raise NotFoundError(404, "index_not_found_exception", {})
+
+    monkeypatch.setattr(opensearch, "make_client", lambda *_args, **_kw: NoIndex())
+    line = _one_error(capsys, ["backtest-stream", "compare", "checkout-guard", "typo"])
+    assert line == "Error: no index typo-transactions: is 'typo' the name of a backtest (or the live prefix)?", line
+
+
+def test_a_fixed_threshold_for_fused3_is_refused_before_the_evaluation(capsys) -> None:
+    """It was refused only after the whole evaluation (minutes)."""
+    line = _one_error(capsys, ["faces", "evaluate", "--fixed-threshold", "--embedder", "fused3"], code=2)
+    assert line == "--fixed-threshold: not for --embedder fused3 (its fused scores are scaled per fold)", line
