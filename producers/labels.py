@@ -304,7 +304,7 @@ def publish_labels(
     topic = LABELS.full_name(settings.kafka.topic_prefix)
     if producer is None:
         producer = make_producer(settings)
-        kafka_clients.cluster_metadata(producer, settings, topic)  # Kafka down: one error now, not a minute's wait
+        kafka_clients.require_topics(producer, settings, topic)  # Kafka down: one error now, not a minute's wait
     records: list[tuple[str, bytes | None]] = [(label.transaction_id, label.encode()) for label in labels]
     records += [(check(tx, "transaction_id"), None) for tx in withdraw]
     for key, value in records:

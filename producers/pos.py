@@ -67,7 +67,7 @@ def make_producer(settings: Settings) -> Producer:
     producer = kafka_clients.producer(
         settings, kafka_clients.RELIABLE, client_id="checkout-guard-pos", compression_type="lz4"
     )
-    kafka_clients.cluster_metadata(producer, settings)
+    kafka_clients.require_topics(producer, settings, TRANSACTIONS.full_name(settings.kafka.topic_prefix))
     return producer
 
 

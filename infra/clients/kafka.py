@@ -176,6 +176,28 @@ def cluster_metadata(
         ) from None
 
 
+class TopicMissing(CheckoutGuardError, LookupError):
+    """A topic a tool writes to does not exist: tools create none (on a cluster with ACLs they may not)."""
+
+
+def require_topics(
+    client: Producer | Consumer | AdminClient,
+    source: Settings | KafkaSettings,
+    *topics: str,
+    timeout_s: float = 10.0,
+) -> ClusterMetadata:
+    """:func:`cluster_metadata` of all topics (asking for one by name could ask a broker to create it), and
+    :class:`TopicMissing` naming those of ``topics`` the cluster does not have."""
+    metadata = cluster_metadata(client, source, timeout_s=timeout_s)
+    missing = [t for t in topics if t not in metadata.topics or metadata.topics[t].error is not None]
+    if missing:
+        raise TopicMissing(
+            f"no topic {', '.join(missing)} on Kafka at {_kafka(source).bootstrap}: the topics are created by an "
+            "admin (`python -m infra.stack topics`, or `make up` locally)"
+        )
+    return metadata
+
+
 def produce(
     producer: _Produces,
     topic: str,

@@ -410,12 +410,7 @@ def publish_rules(settings: Settings, rules: RuleSet, text: str, by: str, timeou
 
     topic = RULES.full_name(settings.kafka.topic_prefix)
     producer = kafka_clients.producer(settings, kafka_clients.IDEMPOTENT)
-    found = kafka_clients.cluster_metadata(producer, settings).topics.get(topic)  # all topics: asks none into being
-    if found is None or found.error is not None:
-        raise CheckoutGuardError(
-            f"topic {topic} does not exist: the topics are created by an admin (`python -m infra.stack topics`, "
-            "or `make up` locally)"
-        )
+    kafka_clients.require_topics(producer, settings, topic)
     failures: list[str] = []
     producer.produce(
         topic,

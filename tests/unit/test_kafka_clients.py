@@ -282,3 +282,20 @@ def test_an_admin_session_hands_its_log_lines_over_when_the_task_fails(caplog) -
     with caplog.at_level(logging.INFO, logger=kafka_clients.LOGGER), pytest.raises((KafkaException, TimeoutError)):
         read_lags(Settings(kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1")), timeout=1)
     assert any("Connection refused" in r.getMessage() for r in caplog.records if r.name == kafka_clients.LOGGER)
+
+
+def test_require_topics_lists_all_topics_and_names_the_missing_ones() -> None:
+    from types import SimpleNamespace
+
+    asked: list[str | None] = []
+
+    class Cluster:
+        def list_topics(self, topic: str | None = None, timeout: float = -1) -> SimpleNamespace:
+            asked.append(topic)
+            broken = SimpleNamespace(error=KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART))
+            return SimpleNamespace(topics={"a": SimpleNamespace(error=None), "b": broken})
+
+    assert set(kafka_clients.require_topics(Cluster(), KAFKA, "a").topics) == {"a", "b"}
+    with pytest.raises(kafka_clients.TopicMissing, match=r"^no topic b, c on Kafka at .*created by an admin"):
+        kafka_clients.require_topics(Cluster(), KAFKA, "a", "b", "c")
+    assert asked == [None, None]  # never a topic by name: that could ask a broker to create it

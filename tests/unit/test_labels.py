@@ -7,6 +7,7 @@ from __future__ import annotations
 import codecs
 import io
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -241,11 +242,12 @@ class FakeProducer:
         self.pending: list[tuple[Any, bytes | None]] = []
         self.fail = fail or set()
         self.down = False
+        self.no_topics = False
 
-    def list_topics(self, topic: str | None = None, timeout: float = -1) -> object:
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> SimpleNamespace:
         if self.down:
             raise KafkaException(KafkaError(KafkaError._TRANSPORT, "Failed to get metadata: broker transport failure"))
-        return object()
+        return SimpleNamespace(topics={} if self.no_topics else {"unit.labels": SimpleNamespace(error=None)})
 
     def produce(self, topic: str, key: bytes | None = None, value: bytes | None = None, on_delivery: Any = None):
         self.sent.append((topic, key, value))
@@ -319,6 +321,16 @@ def test_cli_with_kafka_down_says_so_in_one_line_and_sends_nothing(cli: FakeProd
         assert out == "", out  # no verdict line that reads as if it had been sent
         assert err.startswith(f"Error: Kafka at {SETTINGS.kafka.bootstrap} did not answer within 10 s"), err
     assert not cli.sent
+
+
+def test_cli_publish_to_a_cluster_without_the_labels_topic_names_it_and_creates_nothing(cli: FakeProducer, capsys):
+    """It failed with "Broker: Unknown topic or partition" per record; a tool creates no topics."""
+    cli.no_topics = True
+    with pytest.raises(SystemExit) as exit_:
+        main(["labels", "publish", "tx-9", "fraud"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.startswith("Error: no topic unit.labels on Kafka at "), err
+    assert "created by an admin" in err and not cli.sent
 
 
 def test_cli_publish_a_refused_verdict_says_it_was_not_published(cli: FakeProducer) -> None:
