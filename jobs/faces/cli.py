@@ -550,9 +550,6 @@ def evaluate(
         settings = settings.model_copy(update={"match_threshold": threshold})
     if embedder is not None:
         settings = FaceSettings.model_validate({**settings.model_dump(), "embedder": embedder})
-    if fixed_threshold and settings.embedder == "fused3":  # before minutes of evaluation, not after
-        typer.echo("--fixed-threshold: not for --embedder fused3 (its fused scores are scaled per fold)", err=True)
-        raise typer.Exit(2)
     photos = labelled_photos(roots or default_evaluation_roots(get_settings().stack_dir))
     if len({identity for _, identity, _ in photos}) < 2:
         raise typer.BadParameter(

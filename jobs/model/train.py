@@ -817,7 +817,7 @@ def backtest(
 ) -> None:
     """Replay a CSV in event-time order through features, model and rules: one decision row per event."""
     if not csv_path.is_file():  # before the model: the file named is the first thing to put right
-        raise typer.BadParameter(f"{csv_path} is not a file" if csv_path.exists() else f"{csv_path} does not exist")
+        raise CheckoutGuardError(f"{csv_path}: " + ("not a file" if csv_path.exists() else "no such file"))
     if output is not None and output.resolve() == csv_path.resolve():
         raise typer.BadParameter("--output would overwrite the CSV being replayed")
     settings = get_settings()

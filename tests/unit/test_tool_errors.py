@@ -156,10 +156,7 @@ def test_a_bad_backtest_stream_time_is_a_usage_error_as_in_replay(fresh_settings
 def test_backtest_of_a_missing_csv_names_the_csv_before_the_model(fresh_settings, capsys, tmp_path) -> None:
     """With no model trained yet, the missing model used to be reported first."""
     missing = tmp_path / "nope.csv"
-    with pytest.raises(SystemExit) as exit_:
-        main(["backtest", str(missing)])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "does not exist" in err and "model" not in err.lower(), err
+    assert _one_error(capsys, ["backtest", str(missing)]) == f"Error: {missing}: no such file"
 
 
 def test_upgrade_status_names_the_checkpoint_folder_it_found_nothing_in(fresh_settings, capsys) -> None:
@@ -193,9 +190,3 @@ def test_comparing_with_a_backtest_that_does_not_exist_names_its_index(fresh_set
     monkeypatch.setattr(opensearch, "make_client", lambda *_args, **_kw: NoIndex())
     line = _one_error(capsys, ["backtest-stream", "compare", "checkout-guard", "typo"])
     assert line == "Error: no index typo-transactions: is 'typo' the name of a backtest (or the live prefix)?", line
-
-
-def test_a_fixed_threshold_for_fused3_is_refused_before_the_evaluation(capsys) -> None:
-    """It was refused only after the whole evaluation (minutes)."""
-    line = _one_error(capsys, ["faces", "evaluate", "--fixed-threshold", "--embedder", "fused3"], code=2)
-    assert line == "--fixed-threshold: not for --embedder fused3 (its fused scores are scaled per fold)", line
