@@ -46,7 +46,7 @@ from producers.csv_replay import (
 from schemas.afd_csv import CsvFormatError, file_sha256, read_rows, replay_order
 from schemas.errors import InvalidRecord
 from schemas.records import PosTransaction
-from schemas.topics import DEAD_LETTERS, TRANSACTIONS
+from schemas.topics import DEAD_LETTERS, TRANSACTIONS, TopicSpec
 
 console = Console(stderr=True)
 _REFRESH_S = 0.25
@@ -61,13 +61,15 @@ class ProducerLike(Protocol):
     def flush(self, timeout: float) -> int: ...
 
 
-def make_producer(settings: Settings) -> Producer:
+def make_producer(settings: Settings, *topics: TopicSpec) -> Producer:
     """Idempotent, ``acks=all``: a retried send can neither be lost nor duplicated nor reordered.
-    ``KafkaUnavailable`` when no broker answers: sends would wait out librdkafka's five-minute timeout."""
+    ``KafkaUnavailable`` when no broker answers: sends would wait out librdkafka's five-minute timeout;
+    ``TopicMissing`` when the transactions topic or one of ``topics`` is missing (tools create none)."""
     producer = kafka_clients.producer(
         settings, kafka_clients.RELIABLE, client_id="checkout-guard-pos", compression_type="lz4"
     )
-    kafka_clients.require_topics(producer, settings, TRANSACTIONS.full_name(settings.kafka.topic_prefix))
+    names = [spec.full_name(settings.kafka.topic_prefix) for spec in (TRANSACTIONS, *topics)]
+    kafka_clients.require_topics(producer, settings, *names)
     return producer
 
 
@@ -277,7 +279,8 @@ def replay_csv(
     sha256 = file_sha256(path)
     start = 0 if from_start else resume_index(load_state(state_path), sha256)
     watermark = AckWatermark(start)
-    kafka: ProducerLike = producer if producer is not None else make_producer(settings)  # Kafka down: no state
+    # Kafka down or a topic missing: no state written, nothing sent
+    kafka: ProducerLike = producer if producer is not None else make_producer(settings, DEAD_LETTERS)
     checkpoint = Checkpoint(state_path, path.name, sha256, len(rows), watermark, checkpoint_interval_s)
     checkpoint.save()  # records the fresh start (and resets an old state on --from-start)
     skipped: list[tuple[int, str]] = []

@@ -176,7 +176,11 @@ def cluster_metadata(
         ) from None
 
 
-class TopicMissing(CheckoutGuardError, LookupError):
+class TopicError(CheckoutGuardError, LookupError):
+    """A topic a tool writes to is missing, or not usable now (no leader, not authorised)."""
+
+
+class TopicMissing(TopicError):
     """A topic a tool writes to does not exist: tools create none (on a cluster with ACLs they may not)."""
 
 
@@ -187,15 +191,24 @@ def require_topics(
     timeout_s: float = 10.0,
 ) -> ClusterMetadata:
     """:func:`cluster_metadata` of all topics (asking for one by name could ask a broker to create it), and
-    :class:`TopicMissing` naming those of ``topics`` the cluster does not have."""
+    :class:`TopicMissing` naming those of ``topics`` the cluster does not list; another error of a listed topic
+    (no leader this moment, not authorised) is a :class:`TopicError` naming it and the error, not a missing topic."""
     metadata = cluster_metadata(client, source, timeout_s=timeout_s)
-    missing = [t for t in topics if t not in metadata.topics or metadata.topics[t].error is not None]
+    listed = {t: metadata.topics[t] for t in topics if t in metadata.topics}
+    missing = [t for t in topics if t not in listed or _code(listed[t].error) == KafkaError.UNKNOWN_TOPIC_OR_PART]
     if missing:
         raise TopicMissing(
-            f"no topic {', '.join(missing)} on Kafka at {_kafka(source).bootstrap}: the topics are created by an "
-            "admin (`python -m infra.stack topics`, or `make up` locally)"
+            f"no topic {', '.join(missing)} on Kafka at {_kafka(source).bootstrap} (or this login may not describe "
+            "it): the topics are created by an admin (`python -m infra.stack topics`, or `make up` locally)"
         )
+    for name, topic in listed.items():
+        if topic.error is not None:
+            raise TopicError(f"topic {name} on Kafka at {_kafka(source).bootstrap}: {topic.error.str()}")
     return metadata
+
+
+def _code(error: KafkaError | None) -> int | None:
+    return error.code() if error is not None else None
 
 
 def produce(

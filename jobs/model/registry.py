@@ -244,7 +244,7 @@ class AuditNotDelivered(CheckoutGuardError, RuntimeError):
 
 def _audit(settings: Settings, old: str | None, new: str, actor: str, reason: str | None, timeout_s: float) -> None:
     """One ``MODEL_PROMOTE`` audit event, delivered before any pointer moves (raises if it is not)."""
-    from infra.clients.kafka import IDEMPOTENT, KafkaUnavailable, TopicMissing, produce, producer, require_topics
+    from infra.clients.kafka import IDEMPOTENT, KafkaUnavailable, TopicError, produce, producer, require_topics
     from schemas.records import AuditEvent
     from schemas.topics import AUDIT
 
@@ -263,7 +263,7 @@ def _audit(settings: Settings, old: str | None, new: str, actor: str, reason: st
     p = producer(settings, IDEMPOTENT)
     try:
         require_topics(p, settings, AUDIT.full_name(settings.kafka.topic_prefix), timeout_s=min(10.0, timeout_s))
-    except (KafkaUnavailable, TopicMissing) as exc:
+    except (KafkaUnavailable, TopicError) as exc:
         raise AuditNotDelivered(f"audit event not sent: {exc}; the models are unchanged") from None
     produce(
         p,

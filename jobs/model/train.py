@@ -567,6 +567,12 @@ class Source:
     """The field labels joined in (``--labels-from-topic``): counts, and the digest of the verdicts."""
 
 
+def _require_file(path: Path) -> None:
+    """A bad data file, as the model commands' other bad files: one ``Error:`` line, exit 1."""
+    if not path.is_file():
+        raise CheckoutGuardError(f"{path}: " + ("not a file" if path.exists() else "no such file"))
+
+
 def _source(csv_path: Path | None, settings: Settings, from_topic: bool = False, field_labels: bool = False) -> Source:
     """The records of a CSV or of the ``transactions`` topic, with the ``labels`` topic's verdicts joined
     in when asked (they override the data's own labels: what analysts confirmed is what the model learns)."""
@@ -577,8 +583,7 @@ def _source(csv_path: Path | None, settings: Settings, from_topic: bool = False,
     if from_topic == (csv_path is not None):
         raise typer.BadParameter("give a CSV or --from-topic (one of them)")
     if csv_path is not None:
-        if not csv_path.exists():
-            raise typer.BadParameter(f"{csv_path} does not exist")
+        _require_file(csv_path)
         records, name, sha = csv_transactions(csv_path), csv_path.name, file_sha256(csv_path)
     else:
         stream = transactions_from_topic(settings)
@@ -816,8 +821,7 @@ def backtest(
     ] = None,
 ) -> None:
     """Replay a CSV in event-time order through features, model and rules: one decision row per event."""
-    if not csv_path.is_file():  # before the model: the file named is the first thing to put right
-        raise CheckoutGuardError(f"{csv_path}: " + ("not a file" if csv_path.exists() else "no such file"))
+    _require_file(csv_path)  # before the model: the file named is the first thing to put right
     if output is not None and output.resolve() == csv_path.resolve():
         raise typer.BadParameter("--output would overwrite the CSV being replayed")
     settings = get_settings()

@@ -12,6 +12,7 @@ from infra.stack import ensure_topics
 from jobs.scoring.rules import DEFAULT_RULESET, RuleSet, from_update, publish_rules
 from schemas.errors import CheckoutGuardError
 from schemas.records import RuleSetUpdate
+from tests.e2e.camera_helpers import delete_topics
 
 pytestmark = pytest.mark.e2e
 
@@ -53,7 +54,7 @@ def test_published_rule_set_is_the_latest_record_under_key_active(stack, tmp_pat
                 break
     finally:
         consumer.close()
-        admin.delete_topics([topic])
+        delete_topics(settings)  # all of the prefix's topics, which ensure_topics made
     assert [m.key() for m in got] == [b"active", b"active"]
     latest = from_update(got[-1].value())
     assert (latest.version, latest.block_at) == ("e2e-2", 80)

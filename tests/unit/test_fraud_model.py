@@ -348,6 +348,8 @@ def test_return_at_another_store_by_another_customer_is_blocked_with_reasons():
         ["backtest", "{csv}", "--model", "{tmp}/no-models"],  # a missing model folder
         ["evaluate", "{tmp}/header-only.csv"],  # a CSV without the required columns
         ["backtest", "{tmp}/missing.csv"],  # a CSV that is not there
+        ["evaluate", "{tmp}/missing.csv"],
+        ["train", "{tmp}", "--out", "{tmp}/models"],  # a folder for a CSV
     ],
 )
 def test_the_model_commands_answer_a_bad_file_or_folder_with_one_line_and_exit_1(tmp_path, monkeypatch, capsys, args):

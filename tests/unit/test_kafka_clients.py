@@ -292,10 +292,14 @@ def test_require_topics_lists_all_topics_and_names_the_missing_ones() -> None:
     class Cluster:
         def list_topics(self, topic: str | None = None, timeout: float = -1) -> SimpleNamespace:
             asked.append(topic)
-            broken = SimpleNamespace(error=KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART))
-            return SimpleNamespace(topics={"a": SimpleNamespace(error=None), "b": broken})
+            unknown = SimpleNamespace(error=KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART))
+            leaderless = SimpleNamespace(error=KafkaError(KafkaError.LEADER_NOT_AVAILABLE))
+            return SimpleNamespace(topics={"a": SimpleNamespace(error=None), "b": unknown, "d": leaderless})
 
-    assert set(kafka_clients.require_topics(Cluster(), KAFKA, "a").topics) == {"a", "b"}
+    assert set(kafka_clients.require_topics(Cluster(), KAFKA, "a").topics) == {"a", "b", "d"}
     with pytest.raises(kafka_clients.TopicMissing, match=r"^no topic b, c on Kafka at .*created by an admin"):
         kafka_clients.require_topics(Cluster(), KAFKA, "a", "b", "c")
-    assert asked == [None, None]  # never a topic by name: that could ask a broker to create it
+    with pytest.raises(kafka_clients.TopicError) as info:  # it exists: no leader this moment is not "missing"
+        kafka_clients.require_topics(Cluster(), KAFKA, "a", "d")
+    assert not isinstance(info.value, kafka_clients.TopicMissing) and "topic d on Kafka at" in str(info.value)
+    assert asked == [None, None, None]  # never a topic by name: that could ask a broker to create it
