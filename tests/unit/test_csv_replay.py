@@ -400,7 +400,7 @@ def test_replay_csv_command_reports_progress_and_exit_code(
 ) -> None:
     path = ten_rows(tmp_path)
     fake = FakeProducer()
-    monkeypatch.setattr(pos, "make_producer", lambda s: fake)
+    monkeypatch.setattr(pos, "make_producer", lambda _settings, *_topics: fake)
     args = ["replay-csv", str(path), "--state-file", str(tmp_path / "s.json"), "--no-progress"]
     result = CliRunner().invoke(pos.app, args)
     assert result.exit_code == 0, result.output

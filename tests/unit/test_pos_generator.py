@@ -406,7 +406,7 @@ def test_produce_paces_to_the_rate() -> None:
 
 def test_generate_command_sends_count_transactions(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeProducer()
-    monkeypatch.setattr(pos, "make_producer", lambda settings: fake)
+    monkeypatch.setattr(pos, "make_producer", lambda _settings, *_topics: fake)
     result = CliRunner().invoke(
         pos.app,
         [
