@@ -8,8 +8,7 @@ per record. Everything sits under the group ``checkout_guard``; Flink's Promethe
 - ``..._outcome_decisions{outcome="APPROVE|REVIEW|BLOCK"}`` decisions made;
 - ``..._kind_records_in{kind="transaction|face_observation"}`` input records taken;
 - ``..._reason_dead_letters{reason="<dead-letter kind>"}`` records dead-lettered;
-- ``..._reason_observed_only{reason="warm_up"}`` transactions before ``CG_JOB__DECIDE_FROM`` that only built state
-  (``reason="late_before_cut"``: those that came after their worker had decided a later one);
+- ``..._reason_observed_only{reason="warm_up"}`` transactions before ``CG_JOB__DECIDE_FROM`` that only built state;
 - ``..._model_call_us_p50`` / ``_p99``: wall time of the recent model calls (one per batch), microseconds;
 - ``..._face_wait_ms_p50`` / ``_p99``: how long recent transactions waited for their face (0 until one did).
 

@@ -18,7 +18,6 @@ Between steps a transaction travels as an :data:`Envelope`: ``(tx, indicators, i
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -45,8 +44,6 @@ from schemas.codec import codec
 from schemas.errors import InvalidRecord
 from schemas.records import AlertAvro, ModelDriftAvro, ScoredTransactionAvro, dead_letter
 from schemas.topics import ALERTS, DEAD_LETTERS, MODEL_DRIFT, SCORED_TRANSACTIONS
-
-log = logging.getLogger("checkout_guard.scoring_job")
 
 Envelope = tuple[dict[str, Any], dict[str, float], int]
 OutRow = tuple[str, bytes, bytes]
@@ -175,9 +172,6 @@ class Scorer:
         self.clock = clock
         self.decide_from = settings.job.decide_from
         """Transactions before this event time only build state (warm-up; ``job.decide_from``)."""
-        self._past_cut = False
-        """This worker decided a transaction: one stamped before the cut now comes late (not state: a count)."""
-        self._said_late = False
         prefix = settings.kafka.topic_prefix
         self.scored_topic = SCORED_TRANSACTIONS.full_name(prefix)
         self.alerts_topic = ALERTS.full_name(prefix)
@@ -344,27 +338,8 @@ class Scorer:
             if not decide_from or env[0]["event_time"] >= decide_from:
                 rows.extend(self.decide(env, next(results), face, before_model, camera))
         if decide_from:
-            self._count_undecided(len(envs) - len(live))
-            self._past_cut = self._past_cut or bool(live)
+            self.stats.observed_only["warm_up"] += len(envs) - len(live)
         return rows, writes
-
-    def _count_undecided(self, n: int) -> None:
-        """Warm-up transactions, and apart from them those stamped before the cut that came after this worker
-        had decided one (a skewed clock, a late upload, or history read behind live traffic): nothing decides
-        them, so an operator should see them (``observed_only{reason="late_before_cut"}``, one log line)."""
-        if not n:
-            return
-        if not self._past_cut:
-            self.stats.observed_only["warm_up"] += n
-            return
-        self.stats.observed_only["late_before_cut"] += n
-        if not self._said_late:
-            self._said_late = True
-            log.warning(
-                "%d transaction(s) stamped before CG_JOB__DECIDE_FROM came after the cut: not decided "
-                "(counted as observed_only late_before_cut)",
-                n,
-            )
 
     def drift_rows(self, reports: Sequence[tuple[ModelDriftAvro, AlertAvro | None]]) -> list[OutRow]:
         """Each finished hour's drift report, and its alert where it crossed ``model.drift_psi_alert``."""

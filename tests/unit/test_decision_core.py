@@ -6,7 +6,6 @@ Kafka, state writes to MapState, the timer to Flink's timer service.
 
 from __future__ import annotations
 
-import logging
 import pickle
 import re
 import subprocess
@@ -287,21 +286,6 @@ def test_a_suspect_at_the_entrance_during_a_warm_up_raises_nothing():
         core = make_core(watchlist, decide_from=decide_from)
         core.on_control(WATCH_TOPIC, b"subj-9", watch_entry("subj-9", SUSPECT_FACE), 0, 0)
         assert len(alerts(core.on_records([entrance], NOW))) == expected
-
-
-def test_a_transaction_stamped_before_the_cut_that_comes_after_it_is_counted_apart_and_said_once(caplog):
-    """Nothing decides it (a warm-up transaction); it was counted as warm-up, so nobody could tell it was lost."""
-    core = make_core(decide_from=T0 + 60_000, face_deadline_ms=0)
-    assert scored(core.on_records([tx_record(sale("history", at_s=0))], NOW)) == {}
-    assert set(scored(core.on_records([tx_record(sale("live", at_s=120), offset=1)], NOW))) == {"live"}
-    with caplog.at_level(logging.WARNING, logger="checkout_guard.scoring_job"):
-        for n, tx_id in enumerate(("late-1", "late-2")):
-            assert scored(core.on_records([tx_record(sale(tx_id, at_s=30), offset=2 + n)], NOW)) == {}
-    assert (core.stats.observed_only["warm_up"], core.stats.observed_only["late_before_cut"]) == (1, 2)
-    assert [r.getMessage() for r in caplog.records].count(
-        "1 transaction(s) stamped before CG_JOB__DECIDE_FROM came after the cut: not decided "
-        "(counted as observed_only late_before_cut)"
-    ) == 1
 
 
 def test_a_warm_up_time_in_seconds_is_refused_rather_than_read_as_1970():
