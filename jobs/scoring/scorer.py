@@ -332,11 +332,14 @@ class Scorer:
         # In a warm-up (``job.decide_from``) the earlier transactions are not decided, but keep their buyer's
         # face all the same (a later return is compared with it, as after a decision), in the batch's order.
         results = iter(models)
+        outcomes: list[str] = []
         for env, face, camera in zip(envs, faces, seen, strict=True):
             if camera is not None and state is not None:
                 writes.extend(self.compare_faces(env, camera, state, env[0]["event_time"] if own_time else None))
             if not decide_from or env[0]["event_time"] >= decide_from:
-                rows.extend(self.decide(env, next(results), face, before_model, camera))
+                rows.extend(self.decide(env, next(results), face, before_model, camera, outcomes))
+        # Counted once the whole batch is decided: a failure makes the caller decide it again one by one.
+        self.stats.outcomes.update(outcomes)
         if decide_from:
             self.stats.observed_only["warm_up"] += len(envs) - len(live)
         return rows, writes
@@ -388,10 +391,14 @@ class Scorer:
         face: FaceResult,
         before_model: int,
         camera: Seen | None = None,
+        outcomes: list[str] | None = None,
     ) -> list[OutRow]:
+        """One transaction's scored record and alerts; its outcome is appended to ``outcomes`` (the caller counts
+        them once its batch is through)."""
         tx, ind, ingest = env
         decision = decide(tx, ind, model, face, self.rule_set)
-        self.stats.outcomes[decision.outcome] += 1
+        if outcomes is not None:
+            outcomes.append(decision.outcome)
         decided_at = self._now_ms()
         scored = self.scored_record(tx, ind, model, face, decision, ingest, before_model, decided_at)
         rows: list[OutRow] = [(self.scored_topic, tx["transaction_id"].encode(), self._scored.encode(scored))]

@@ -400,11 +400,13 @@ def test_replay_csv_command_reports_progress_and_exit_code(
 ) -> None:
     path = ten_rows(tmp_path)
     fake = FakeProducer()
-    monkeypatch.setattr(pos, "make_producer", lambda _settings, *_topics: fake)
+    checked: list[tuple] = []
+    monkeypatch.setattr(pos, "make_producer", lambda _settings, *topics: checked.append(topics) or fake)
     args = ["replay-csv", str(path), "--state-file", str(tmp_path / "s.json"), "--no-progress"]
     result = CliRunner().invoke(pos.app, args)
     assert result.exit_code == 0, result.output
     assert len(fake.ids) == 10
+    assert checked == [(DEAD_LETTERS,)]  # its bad rows go there: that topic must exist too
     path.write_text("EVENT_ID\nx\n")
     assert CliRunner().invoke(pos.app, args).exit_code == 2
 

@@ -288,6 +288,20 @@ def test_a_suspect_at_the_entrance_during_a_warm_up_raises_nothing():
         assert len(alerts(core.on_records([entrance], NOW))) == expected
 
 
+def test_a_batch_decided_again_one_by_one_counts_each_decision_once():
+    """A bad model result for one transaction makes the batch be decided again one by one; the decisions of the
+    first try were counted as well (APPROVE: 2 for one scored transaction)."""
+
+    class OneBadScore(Predictor):
+        def predict_batch(self, items):
+            return [ModelResult(score="bad" if tx["transaction_id"] == "t2" else 1, version="x") for tx, _ in items]
+
+    core = make_core(face_deadline_ms=0, predictor=OneBadScore())
+    step = core.on_records([tx_record(sale("t1"), 0), tx_record(sale("t2"), 1)], NOW)
+    assert set(scored(step)) == {"t1"} and len(dead_letters(step.outputs)) == 1
+    assert sum(core.stats.outcomes.values()) == 1
+
+
 def test_a_warm_up_time_in_seconds_is_refused_rather_than_read_as_1970():
     assert JobSettings(decide_from=1_764_547_200_000).decide_from == 1_764_547_200_000  # 2025-12-01, in ms
     assert JobSettings().decide_from == 0
