@@ -201,15 +201,21 @@ def test_consumer_lag_is_read_from_kafka_at_most_once_per_interval() -> None:
     assert 'cg_consumer_lag{group="sink",partition="0",topic="alerts"} 1.0' in text
 
 
-def test_consumer_lag_leaves_the_figures_out_while_kafka_does_not_answer_and_the_scrape_still_works() -> None:
-    answers: list[Any] = [RuntimeError("all brokers down"), [PartitionLag("sink", "alerts", 0, 4)]]
+def _lag_reader(*answers: Any) -> Callable[[], list[PartitionLag]]:
+    """A lag reader that gives ``answers`` in turn, raising those that are exceptions."""
+    left = list(answers)
 
-    def reader() -> list[PartitionLag]:
-        answer = answers.pop(0)
+    def read() -> list[PartitionLag]:
+        answer = left.pop(0)
         if isinstance(answer, Exception):
             raise answer
         return answer
 
+    return read
+
+
+def test_consumer_lag_leaves_the_figures_out_while_kafka_does_not_answer_and_the_scrape_still_works() -> None:
+    reader = _lag_reader(RuntimeError("all brokers down"), [PartitionLag("sink", "alerts", 0, 4)])
     collector = ConsumerLagCollector(local(lag_interval_s=0), read=reader)
     registry = CollectorRegistry()
     registry.register(collector)
@@ -220,14 +226,7 @@ def test_consumer_lag_leaves_the_figures_out_while_kafka_does_not_answer_and_the
 
 def test_an_outage_of_the_lag_reader_is_one_warning_and_its_end_one_line(caplog) -> None:
     """It warned at every read (every 10 s) while Kafka was away."""
-    answers: list[Any] = [TimeoutError(), TimeoutError(), TimeoutError(), [], TimeoutError()]
-
-    def reader() -> list[PartitionLag]:
-        answer = answers.pop(0)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
-
+    reader = _lag_reader(TimeoutError(), TimeoutError(), TimeoutError(), [], TimeoutError())
     collector = ConsumerLagCollector(local(lag_interval_s=0), read=reader)
     with caplog.at_level(logging.INFO, logger="infra.metrics"):
         for _ in range(5):
