@@ -223,7 +223,7 @@ ENTRIES: tuple[Entry, ...] = (
         "cli",
         sections=(
             *("supervisor", "metrics", "log", "kafka", "opensearch", "mqtt", "smtp", "webex", "alerts", "cameras"),
-            *("faces", "indices", "dashboard", "job", "rules", "model", "stack_dir", "bind_host", "java_home"),
+            *("faces", "indices", "dashboard", "cases", "job", "rules", "model", "stack_dir", "bind_host", "java_home"),
         ),
     ),
     Entry(

@@ -212,7 +212,8 @@ class Supervisor:
                 member.child.log_path,
             )
             return
-        wait = min(self.max_backoff_s, self.backoff_s * 2 ** len(member.restarts))
+        # the exponent capped: 2 ** 1024 restarts in a long window overflowed a float and ended the supervisor
+        wait = min(self.max_backoff_s, self.backoff_s * 2 ** min(len(member.restarts), 30))
         member.due = now + wait
         self.log.warning("%s: exited with code %s; restarting in %.1f s", member.name, code, wait)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -122,6 +123,11 @@ class Heartbeat:
         return True, "ok"
 
 
+PID_HEADER = "X-Process-Id"
+"""Every answer names the process that gave it: the supervisor tells its child's endpoint from another
+process's on the same port (a second copy started first), which would otherwise read as its child's health."""
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _MetricsServer
 
@@ -143,6 +149,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        self.send_header(PID_HEADER, str(os.getpid()))
         self.end_headers()
         self.wfile.write(body)
 
@@ -183,9 +190,9 @@ def serve(
     """Start ``process``'s ``/metrics``, ``/healthz`` (``health``) and ``/readyz`` server in a daemon thread.
     ``ready`` defaults to a :class:`Heartbeat`'s :meth:`~Heartbeat.ready`, else to ``health``.
 
-    Off (``CG_METRICS__ENABLED=false``) or with the port taken (a second copy of the process, a test
-    beside a running demo), the process runs on without an endpoint: a warning says so. ``port`` 0
-    picks a free port (tests)."""
+    Off (``CG_METRICS__ENABLED=false``) the process runs without an endpoint; with the port taken (a second
+    copy of the process, a test beside a running demo) too, and a warning says so. ``port`` 0 picks a free
+    port (tests)."""
     wanted = port_of(settings, process) if port is None else port
     if not settings.metrics.enabled:
         return Endpoint(process, wanted, None)
@@ -193,7 +200,7 @@ def serve(
         live = health or _alive
         readiness = ready or (live.ready if isinstance(live, Heartbeat) else live)
         server = _MetricsServer((settings.bind_host, wanted), process, live, readiness)
-    except OSError as exc:
+    except (OSError, OverflowError) as exc:  # taken, or (a port given in a test) out of range
         log.warning(
             "metrics: %s cannot serve on %s:%d (%s); running without an endpoint",
             process,

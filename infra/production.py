@@ -22,17 +22,22 @@ import signal
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated
 
 import httpx
 import typer
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from infra import metrics
+from infra.cli import setting_errors
 from infra.launcher import Child, Supervisor, spawn
 from infra.logs import LOG_LEVEL_HELP, setup_logging
-from infra.processes import Reaper, stop_child, stop_children
+from infra.processes import Reaper, stop_child
 from infra.settings import Settings, SupervisorSettings, get_settings
+from schemas.errors import CheckoutGuardError
 
 log = logging.getLogger("infra.supervisor")
 
@@ -55,8 +60,18 @@ RUN_VAR = "CHECKOUT_GUARD_SUPERVISE"
 TICK_S = 0.5
 """How often the loop looks at the children; signals are answered within this."""
 
-Probe = Callable[[str], int | None]
-"""``/healthz`` of a process by name: the HTTP status, or None when nothing answered."""
+
+@dataclass(frozen=True)
+class Answer:
+    """What a process's ``/healthz`` port said: the HTTP status (None: nothing answered) and the pid of the
+    process that answered (:data:`infra.metrics.PID_HEADER`; None where it does not say, as Flink's reporter)."""
+
+    status: int | None
+    pid: int | None = None
+
+
+Probe = Callable[[str], Answer]
+"""``/healthz`` of a process by name."""
 
 
 def _names(values: Iterable[str]) -> list[str]:
@@ -104,6 +119,8 @@ class _Health:
     next_probe: float
     bad_since: float | None = None
     last: str = "starting"
+    foreign: bool = False
+    """Its port is another process's (a second copy started first): this process is not health-checked."""
 
 
 class HealthSupervisor:
@@ -143,7 +160,19 @@ class HealthSupervisor:
         if now < state.next_probe:
             return
         state.next_probe = now + self.settings.health_interval_s
-        status = probe(child.name)
+        answer = probe(child.name)
+        if state.foreign or (answer.pid is not None and answer.pid != child.proc.pid):
+            if not state.foreign:  # its own endpoint could not open: that port's health is not this child's
+                self.log.warning(
+                    "%s: its health port is served by another process (pid %d), not by pid %d (a second copy "
+                    "on this host?): only its exits are acted on until it restarts",
+                    child.name,
+                    answer.pid,
+                    child.proc.pid,
+                )
+            state.foreign, state.bad_since = True, None
+            return
+        status = answer.status
         state.bad_since = unhealthy_since(state.bad_since, status, now, state.started, self.settings.start_grace_s)
         verdict = _verdict(status)
         if verdict != state.last and (state.bad_since is not None or healthy(status)):
@@ -181,11 +210,13 @@ def restartable(name: str, settings: Settings) -> Callable[[], Child]:
 def http_probe(settings: Settings) -> Probe:
     targets = metrics.scrape_targets(settings)
 
-    def probe(name: str) -> int | None:
+    def probe(name: str) -> Answer:
         try:
-            return httpx.get(f"http://{targets[name]}/healthz", timeout=settings.supervisor.probe_timeout_s).status_code
+            reply = httpx.get(f"http://{targets[name]}/healthz", timeout=settings.supervisor.probe_timeout_s)
         except httpx.HTTPError:
-            return None
+            return Answer(None)
+        pid = reply.headers.get(metrics.PID_HEADER, "")
+        return Answer(reply.status_code, int(pid) if pid.isascii() and pid.isdigit() else None)
 
     return probe
 
@@ -209,12 +240,15 @@ class _Stop:
 
 
 def stop_all(children: Sequence[Child], timeout_s: float) -> list[str]:
-    """SIGTERM to every child at once (the shutdown takes the slowest stop, not their sum), then
-    :func:`stop_children`; what had to be reaped. The processes only, not their groups: the scoring job
-    still needs its JVM to cancel its Flink job."""
+    """SIGTERM to every child at once, then :func:`stop_child` for all of them side by side, so the shutdown
+    takes the slowest stop (about ``timeout_s``), not their sum (nine services ignoring SIGTERM took nine
+    times ``stop_timeout_s``: past systemd's stop timeout); what had to be reaped. The processes only, not
+    their groups: the scoring job still needs its JVM to cancel its Flink job."""
     for child in children:
         child.terminate()
-    return stop_children(children, timeout_s)
+    with ThreadPoolExecutor(max_workers=max(len(children), 1), thread_name_prefix="stop") as pool:
+        stopped = list(pool.map(lambda child: stop_child(child, timeout_s), children))
+    return [line for lines in stopped for line in lines]
 
 
 def run(settings: Settings, names: Sequence[str]) -> None:
@@ -269,8 +303,15 @@ def main(
     """Production mode: the real services (no local stack, no stand-ins) against the configured Kafka,
     OpenSearch, MQTT, SMTP and Webex, restarted when they exit or their /healthz stays unhealthy, until
     SIGTERM/Ctrl-C (then every process is stopped and the exit status is 0)."""
-    settings = get_settings()
-    setup_logging(settings, log_level, "supervise")
+    try:
+        settings = get_settings()
+        setup_logging(settings, log_level, "supervise")
+    except ValidationError as exc:  # the supervisor's own start: one line, as a tool (its services keep tracebacks)
+        typer.echo(f"Error: invalid setting {setting_errors(exc)}", err=True)
+        raise typer.Exit(2) from None
+    except (CheckoutGuardError, SettingsError, ValueError) as exc:  # CG_ENV_FILE, a CG_* JSON value, a log level
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(2) from None
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per health probe says nothing
     try:
         names = choose(only or (), without or ())

@@ -11,7 +11,7 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,6 +21,13 @@ from infra.kafka_cluster import CLUSTER_SIZES, bootstrap_list, kafka_nodes
 from schemas.errors import CheckoutGuardError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+"""A TCP port: a number outside 1..65535 is a settings error, not a bind() traceback in every process."""
+
+METRICS_PORTS = 9
+"""How many ports from ``CG_METRICS__BASE_PORT`` the processes take (one offset each in
+:data:`infra.metrics.PROCESSES`; a unit test keeps the two in step)."""
 
 
 class KafkaSettings(BaseModel, frozen=True):
@@ -35,7 +42,7 @@ class KafkaSettings(BaseModel, frozen=True):
             raise ValueError("no broker given: host:port[,host:port...]")
         return value.strip()
 
-    controller_port: int = 9093
+    controller_port: Port = 9093
     topic_prefix: str = ""
     """Prefix for every topic name, so a backtest or a second environment can share a cluster."""
     dead_letter_retention_days: float = 7.0
@@ -169,7 +176,7 @@ class OpenSearchSettings(BaseModel, frozen=True):
 
 class MqttSettings(BaseModel, frozen=True):
     host: str = "127.0.0.1"
-    port: int = 1883
+    port: Port = 1883
     username: str | None = None
     """Set both to log in (the local Mosquitto then refuses anonymous clients)."""
     password: SecretStr | None = None
@@ -492,7 +499,7 @@ class SmtpSettings(BaseModel, frozen=True):
     """Outgoing mail. The default is the embedded stack's own SMTP server (mails kept under <stack dir>/mail)."""
 
     host: str = "127.0.0.1"
-    port: int = 2525
+    port: Port = 2525
     starttls: bool = False
     """Upgrade the connection with STARTTLS before authenticating (port 587 relays)."""
     ssl: bool = False
@@ -531,8 +538,8 @@ class WebexSettings(BaseModel, frozen=True):
     command_max_age_s: float = 900.0
     """The watchlist service refuses a signed command older than this (bounds the replay of a copied one)."""
     bot_host: str = "127.0.0.1"
-    bot_port: int = 8088
-    local_port: int = 8089
+    bot_port: Port = 8088
+    local_port: Port = 8089
     """Port of the local Webex API server (infra/local/webex.py) used by the demo and the tests."""
     timeout_s: float = 10.0
 
@@ -579,7 +586,7 @@ class CameraSettings(BaseModel, frozen=True):
     """Overall budget of one snapshot: every retry, poll and wait included."""
     request_timeout_s: float = 5.0
     max_image_bytes: int = 8 * 1024 * 1024
-    local_port: int = 8765
+    local_port: Port = 8765
     local_no_video_ms: int = 1000
     """Local camera: footage for a timestamp exists only this long after it (Meraki: up to minutes)."""
     local_not_ready_polls: int = 1
@@ -631,7 +638,7 @@ class DashboardSettings(BaseModel, frozen=True):
     """The live dashboard (``python -m sinks.dashboard``, ``CG_DASHBOARD__*``)."""
 
     host: str = "127.0.0.1"
-    port: int = 8050
+    port: Port = 8050
     refresh_ms: int = 3000
     """How often the page polls its JSON endpoints."""
     window_minutes: int = 60
@@ -687,8 +694,9 @@ class MetricsSettings(BaseModel, frozen=True):
 
     enabled: bool = True
     """Off: no endpoint is opened and the Flink job loads no reporter (the benchmark compares both)."""
-    base_port: int = 9460
-    prometheus_port: int = 9490
+    base_port: int = Field(default=9460, ge=1, le=65536 - METRICS_PORTS)
+    """The scoring job's port; the other processes take the next ones (all within 65535)."""
+    prometheus_port: Port = 9490
     """The local stack's Prometheus (``make up``); the dashboard's pipeline-health page reads it."""
     prometheus_url: str | None = None
     """Another Prometheus for the health page (a store chain's own); default the local one."""
@@ -703,20 +711,20 @@ class SupervisorSettings(BaseModel, frozen=True):
     A process that exits is started again after ``backoff_s``, doubling per restart within ``window_s`` up
     to ``max_backoff_s``; after ``max_restarts`` within the window it stays down (logged as an error)."""
 
-    backoff_s: float = 1.0
-    max_backoff_s: float = 60.0
-    max_restarts: int = 5
-    window_s: float = 600.0
-    health_interval_s: float = 5.0
+    backoff_s: float = Field(default=1.0, gt=0)
+    max_backoff_s: float = Field(default=60.0, gt=0)
+    max_restarts: int = Field(default=5, ge=0)
+    window_s: float = Field(default=600.0, gt=0)
+    health_interval_s: float = Field(default=5.0, gt=0)
     """How often each process's ``/healthz`` is asked."""
-    probe_timeout_s: float = 2.0
-    start_grace_s: float = 90.0
+    probe_timeout_s: float = Field(default=2.0, gt=0)
+    start_grace_s: float = Field(default=90.0, ge=0)
     """After a (re)start, no answer at all from ``/healthz`` is not held against a process for this long
     (the scoring job takes ~30 s to start, more on a busy machine); a 503 counts at once."""
-    unhealthy_after_s: float = 60.0
+    unhealthy_after_s: float = Field(default=60.0, ge=0)
     """A process whose ``/healthz`` has answered 503, or nothing, for longer than this is restarted.
     0 turns health restarts off (only processes that exit are restarted)."""
-    stop_timeout_s: float = 20.0
+    stop_timeout_s: float = Field(default=20.0, gt=0)
     """How long a stopped process gets after SIGTERM before SIGKILL (its whole process group)."""
 
 
@@ -724,13 +732,13 @@ class FlinkClusterSettings(BaseModel, frozen=True):
     """The standalone Flink cluster from the apache-flink wheel (``python -m infra.stack flink up``, ``CG_FLINK__*``):
     a JobManager and ``taskmanagers`` TaskManagers on ``CG_BIND_HOST``, see infra/flink_cluster.py."""
 
-    rest_port: int = 8081
+    rest_port: Port = 8081
     """The JobManager's REST API and web UI (``http://127.0.0.1:8081``); ``flink run`` submits here."""
-    rpc_port: int = 6123
+    rpc_port: Port = 6123
     """The JobManager's RPC port (TaskManagers register here)."""
-    blob_port: int = 6124
+    blob_port: Port = 6124
     """The JobManager's BLOB server (job jars and Python files travel through it)."""
-    taskmanager_base_port: int = 6130
+    taskmanager_base_port: Port = 6130
     """TaskManager ``i`` (from 0) takes RPC port ``base + 2i`` and data (shuffle) port ``base + 2i + 1``."""
     taskmanagers: int = 2
     slots_per_taskmanager: int = 1

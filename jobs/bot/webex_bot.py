@@ -33,8 +33,8 @@ On start, when ``CG_WEBEX__PUBLIC_URL`` is set, the bot registers (or re-points)
 
 Metrics (``infra.metrics``, stage ``webex-bot``, on their own port, not the webhook's): webhooks in by kind
 (``accepted``, ``rejected_signature``, ``invalid``, ``ignored`` for a redelivery) and commands out by verb once
-Kafka confirmed them. The bot has no loop to watch, so ``/healthz`` only turns 503 once a command could not be
-recorded ("Kafka unreachable"), until the next one is.
+Kafka confirmed them. The bot has no loop to watch: ``/healthz`` stays 200, and ``/readyz`` turns 503 once a
+command could not be recorded ("Kafka unreachable"), until the next one is.
 
 Run: ``python -m jobs.bot.webex_bot`` (listens on ``CG_WEBEX__BOT_HOST``:``CG_WEBEX__BOT_PORT``).
 """

@@ -9,6 +9,7 @@ registry before and after, so only the growth is asserted. The metrics core itse
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -30,7 +31,7 @@ from infra.clients.meraki import Snapshot
 from infra.local.webex import person_id, sign
 from infra.metrics import ConsumerLagCollector, Heartbeat, PartitionLag, group_lags, serve
 from infra.retry import Backoff
-from infra.settings import AlertSettings, CameraSettings, MetricsSettings, Settings, WebexSettings
+from infra.settings import METRICS_PORTS, AlertSettings, CameraSettings, MetricsSettings, Settings, WebexSettings
 from jobs.bot.webex_bot import ParsedCommand, WebexBot
 from jobs.faces import watchlist_service
 from jobs.faces.stage import FaceStage, FaceStageRunner
@@ -654,3 +655,22 @@ def test_webex_bot_counts_webhooks_by_outcome_and_commands_out_and_reports_kafka
 
     assert growth.since() == expected and [c.verb for c in published] == ["FRAUD", "HELP"]
     bot.close()
+
+
+def test_the_metrics_ports_from_the_base_cover_every_process() -> None:
+    """The settings bound the base port by METRICS_PORTS, so every process's port stays within 65535."""
+    assert max(metrics.PROCESSES.values()) < METRICS_PORTS
+    top = Settings(metrics=MetricsSettings(base_port=65536 - METRICS_PORTS))
+    assert max(metrics.port_of(top, name) for name in metrics.PROCESSES) <= 65535
+    with pytest.raises(ValueError, match="less than or equal to"):
+        MetricsSettings(base_port=65537 - METRICS_PORTS)
+
+
+def test_every_health_answer_names_the_process_that_gave_it() -> None:
+    endpoint = serve(local(), "face-stage", port=0)
+    try:
+        for path in ("/healthz", "/readyz", "/metrics"):
+            reply = httpx.get(f"http://127.0.0.1:{endpoint.port}{path}", timeout=5)
+            assert reply.headers[metrics.PID_HEADER] == str(os.getpid()), path
+    finally:
+        endpoint.close()

@@ -4,6 +4,10 @@ that a restart first clears what the previous process left. Fake clock, children
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -12,8 +16,9 @@ from typer.testing import CliRunner
 
 from infra import metrics, production
 from infra.launcher import Child, Supervisor
-from infra.production import SERVICES, HealthSupervisor, choose, endpoints, unhealthy_since
-from infra.settings import MetricsSettings, Settings, SupervisorSettings
+from infra.production import SERVICES, Answer, HealthSupervisor, choose, endpoints, unhealthy_since
+from infra.settings import MetricsSettings, Settings, SupervisorSettings, get_settings
+from tests.ports import free_port_block
 from tests.process_trees import start_leader
 
 
@@ -53,15 +58,16 @@ class Starter:
 
 
 class Probe:
-    """Answers what the test sets per process (default 200); records who was asked."""
+    """Answers what the test sets per process (default 200, no pid); records who was asked."""
 
     def __init__(self) -> None:
         self.status: dict[str, int | None] = {}
+        self.pid: dict[str, int] = {}
         self.asked: list[str] = []
 
-    def __call__(self, name: str) -> int | None:
+    def __call__(self, name: str) -> Answer:
         self.asked.append(name)
-        return self.status.get(name, 200)
+        return Answer(self.status.get(name, 200), self.pid.get(name))
 
 
 CFG = SupervisorSettings(
@@ -225,6 +231,39 @@ def test_without_a_probe_only_exits_are_acted_on() -> None:
     assert len(dash.started) == 2
 
 
+def test_a_port_served_by_another_process_is_not_held_against_the_child(caplog: pytest.LogCaptureFixture) -> None:
+    """A second copy on the same host runs without its endpoint; the first copy's answers (or a stranger's 404)
+    on that port are not its health, so it was stopped every ~160 s for ever."""
+    clock, probe = Clock(), Probe()
+    w, stopped = watch(clock, probe)
+    w.log = logging.getLogger("test.production")
+    caplog.set_level(logging.INFO, logger="test.production")
+    sink = Starter("opensearch-sink")
+    w.supervisor.add("opensearch-sink", sink)
+    probe.pid["opensearch-sink"] = 1  # someone else's endpoint: its pid is not the child's
+    probe.status["opensearch-sink"] = 404
+    advance(w, clock, 3600, step=5)
+    assert stopped == [] and len(sink.started) == 1
+    warnings = [r.getMessage() for r in caplog.records if "another process (pid 1)" in r.getMessage()]
+    assert len(warnings) == 1, "said once, not per probe"
+    sink.started[0].die(1)  # its next process may get the port: checked again
+    del probe.pid["opensearch-sink"]
+    advance(w, clock, 60, step=5)
+    assert stopped == [sink.started[1]], "a 404 from what may be its own endpoint counts"
+
+
+def test_the_probe_reads_which_process_answered(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = free_port_block(len(metrics.PROCESSES))
+    settings = Settings(metrics=MetricsSettings(base_port=base))
+    endpoint = metrics.serve(settings, "face-stage")
+    try:
+        probe = production.http_probe(settings)
+        assert probe("face-stage") == Answer(200, os.getpid())
+        assert probe("alert-sender") == Answer(None), "nothing listens there"
+    finally:
+        endpoint.close()
+
+
 def test_a_zero_limit_turns_health_restarts_off() -> None:
     clock, probe = Clock(), Probe()
     w, stopped = watch(clock, probe, CFG.model_copy(update={"unhealthy_after_s": 0.0}))
@@ -270,3 +309,55 @@ def test_the_shutdown_signals_each_process_before_its_group(tmp_path: Path) -> N
     finally:
         one.kill()
         two.kill()
+
+
+def test_the_shutdown_waits_for_the_slowest_process_not_for_their_sum(tmp_path: Path) -> None:
+    """Children stopped one after another each had the whole stop timeout: nine services that ignore SIGTERM
+    took nine times it, past systemd's TimeoutStopSec."""
+    stubborn = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+    )
+    children = []
+    for n in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", stubborn], start_new_session=True, stdout=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        proc.stdout.close()
+        children.append(Child(f"stubborn-{n}", proc, tmp_path / f"{n}.log"))
+    started = time.monotonic()
+    try:
+        production.stop_all(children, timeout_s=2.0)
+        took = time.monotonic() - started
+    finally:
+        for child in children:
+            child.kill()
+    assert all(not child.alive for child in children)
+    assert took < 5.0, f"{took:.1f} s: one after another would take at least 6 s"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        (
+            "CG_SUPERVISOR__MAX_RESTARTS",
+            "-1",
+            "CG_SUPERVISOR__MAX_RESTARTS: Input should be greater than or equal to 0",
+        ),
+        ("CG_SUPERVISOR__BACKOFF_S", "abc", "CG_SUPERVISOR__BACKOFF_S: Input should be a valid number"),
+        ("CG_METRICS__BASE_PORT", "70000", "CG_METRICS__BASE_PORT: Input should be less than or equal to 65527"),
+        ("CG_LOG__LEVEL", "LOUD", "Unknown level: 'LOUD'"),
+    ],
+)
+def test_supervise_answers_a_bad_setting_in_one_line_with_exit_2_and_starts_nothing(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, says: str
+) -> None:
+    """Each was a 40-line traceback; -1 restarts ran with no restarts at all and port 70000 crashed every service."""
+    monkeypatch.setattr(production, "run", lambda *a: pytest.fail("started"))
+    monkeypatch.setenv(variable, value)
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(production.cli, [])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 2
+    [line] = result.output.strip().splitlines()
+    assert line.startswith(f"Error: {'invalid setting ' if says.startswith('CG_') else ''}{says}")

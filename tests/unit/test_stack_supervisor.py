@@ -152,3 +152,16 @@ def test_a_real_process_that_exits_is_started_again(tmp_path: Path) -> None:
         time.sleep(0.02)
     assert runs.read_text() == "xxx", "the first run and two restarts, then it stays down"
     assert "crasher DOWN (exit 7), 2 restarts" in sup.describe()
+
+
+def test_a_thousand_restarts_in_one_window_keep_the_backoff_a_number(clock: Clock) -> None:
+    """2 ** restarts overflowed a float after 1,024 restarts in a long window and ended the supervisor."""
+    sup = Supervisor(backoff_s=1.0, max_backoff_s=60.0, max_restarts=100_000, window_s=1e9, clock=clock)
+    sink = Starter("sink")
+    sup.add("sink", sink)
+    for _ in range(1_100):
+        sink.started[-1].die(1)
+        sup.check()
+        clock.now += 60.0
+        sup.check()
+    assert len(sink.started) == 1_101
