@@ -422,6 +422,10 @@ class FaceSettings(BaseModel, frozen=True):
     """Larger inputs are refused (decompression bombs, wrong content)."""
     snapshot_retention_hours: float = 24.0
     """Checkout/entrance snapshots that were not retained (no match, no alert) are purged after this."""
+    alert_snapshot_retention_days: float = Field(default=90.0, gt=0)
+    """A snapshot retained for an alert (the case's picture) is purged this long after it was taken; ``forget``
+    of its subject removes it sooner. The watchlist never needs it (an entry matches by its embeddings and is
+    enrolled again from its reference image). Keep it at least ``CG_CASES__RETAIN_DECIDED_DAYS``."""
     image_store: str = "local"
     """``local`` (files under ``<stack dir>/images``) or ``s3``."""
     aws_region: str | None = None

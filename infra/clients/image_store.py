@@ -3,8 +3,10 @@
 Refs are opaque strings (``file:<kind>/<key>`` or ``s3://<bucket>/<kind>/<key>``) that travel in
 records instead of image bytes. Checkout/entrance snapshots that matched nobody are biometric data
 we have no reason to keep: ``purge`` deletes them after the retention period unless ``retain`` was
-called (a match or an alert). Reference images (enrolled subjects) are never purged, only deleted
-by ``forget``. Nothing here logs image bytes.
+called (a match or an alert); ``purge_retained`` deletes the retained ones once their longer period is
+over (an innocent shopper's alert snapshot was otherwise kept for ever).
+Reference images (enrolled subjects) are never purged, only deleted by ``forget``. Nothing here logs
+image bytes.
 
 Refs arrive in records (alerts, commands), so a ref is checked before it is used: a local ref names a
 known kind and a plain file name in it (no ``..``, no ``/``, nothing absolute: never a path outside the
@@ -80,6 +82,10 @@ class ImageStore:
         raise NotImplementedError
 
     def purge(self, older_than_ms: int) -> int:
+        raise NotImplementedError
+
+    def purge_retained(self, older_than_ms: int) -> int:
+        """Delete retained checkout/entrance images written before ``older_than_ms``; how many."""
         raise NotImplementedError
 
     def retained(self) -> dict[str, str]:
@@ -170,6 +176,18 @@ class LocalImageStore(ImageStore):
                         n += 1
                 except FileNotFoundError:
                     continue
+        return n
+
+    def purge_retained(self, older_than_ms: int) -> int:
+        n = 0
+        for ref in self.retained():
+            path = self._path(ref)
+            try:
+                if path.stat().st_mtime * 1000 < older_than_ms:
+                    self.delete(ref)
+                    n += 1
+            except FileNotFoundError:  # the marker outlived its image (a crash between the two deletes)
+                path.with_name(f".{path.name}.retained").unlink(missing_ok=True)
         return n
 
 
@@ -274,8 +292,21 @@ class S3ImageStore(ImageStore):
                     n += 1
         return n
 
+    def purge_retained(self, older_than_ms: int) -> int:
+        cutoff = datetime.fromtimestamp(older_than_ms / 1000, tz=UTC)
+        n = 0
+        for bucket, obj, _, modified in self._retained():
+            if modified < cutoff:
+                self.s3.delete_object(Bucket=bucket, Key=obj)
+                n += 1
+        return n
+
     def retained(self) -> dict[str, str]:
-        out = {}
+        return {f"s3://{bucket}/{obj}": reason for bucket, obj, reason, _ in self._retained()}
+
+    def _retained(self) -> list[tuple[str, str, str, datetime]]:
+        """(bucket, key, reason, last modified) of every retained checkout/entrance object."""
+        out = []
         for kind in PURGEABLE:
             bucket = self.buckets[kind]
             for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{kind}/"):
@@ -283,5 +314,5 @@ class S3ImageStore(ImageStore):
                     tags = self.s3.get_object_tagging(Bucket=bucket, Key=obj["Key"]).get("TagSet", [])
                     reason = next((t["Value"] for t in tags if t["Key"] == "retained"), None)
                     if reason is not None:
-                        out[f"s3://{bucket}/{obj['Key']}"] = reason
+                        out.append((bucket, obj["Key"], reason, obj["LastModified"]))
         return out

@@ -92,8 +92,17 @@ class Failed(InvalidRecord):
 
 
 def retain_reason(alert_id: str, subject_id: str | None) -> str:
-    """Retention marker text; ``forget`` finds a subject's alert snapshots by its ``subject=`` token."""
-    return f"alert={alert_id} subject={subject_id or '-'}"
+    """Retention marker text; ``forget`` and the purge find a snapshot's subject by its ``subject=`` token,
+    which comes first: an S3 tag keeps 256 characters, and a long alert id first cut the subject off."""
+    return f"subject={subject_id or '-'} alert={alert_id}"
+
+
+def retained_subject(reason: str) -> str | None:
+    """The subject of a retention marker (:func:`retain_reason`), None when it names none."""
+    for token in reason.split():
+        if token.startswith("subject=") and token != "subject=-":
+            return token.removeprefix("subject=")
+    return None
 
 
 class WatchlistCore:
@@ -255,11 +264,14 @@ class WatchlistCore:
         """Expired watchlist entries forgotten, entries of another embedder enrolled again, then the snapshots past
         their retention deleted."""
         expired = self.expire(now_ms) + self.reembed(now_ms)
-        cutoff = now_ms - int(self.settings.faces.snapshot_retention_hours * 3600 * 1000)
+        faces = self.settings.faces
+        cutoff = now_ms - int(faces.snapshot_retention_hours * 3600 * 1000)
         deleted = self.store.purge(cutoff)
-        if not deleted:
+        alert_cutoff = now_ms - int(faces.alert_snapshot_retention_days * 86_400_000)
+        released = self.store.purge_retained(alert_cutoff)
+        if not deleted and not released:
             return expired
-        log.info("purged %d unretained snapshots", deleted)
+        log.info("purged %d unretained snapshots and %d alert snapshots past their retention", deleted, released)
         return [
             *expired,
             self._audit(
@@ -268,8 +280,13 @@ class WatchlistCore:
                 action="PURGE",
                 outcome="DONE",
                 actor=SERVICE_ACTOR,
-                reason="retention period over, no match, no alert",
-                details={"deleted": str(deleted), "older_than_ms": str(cutoff)},
+                reason="retention period over (no match and no alert, or the alert's longer period)",
+                details={
+                    "deleted": str(deleted),
+                    "older_than_ms": str(cutoff),
+                    "alert_snapshots_deleted": str(released),
+                    "alert_snapshots_older_than_ms": str(alert_cutoff),
+                },
             ),
         ]
 
@@ -497,7 +514,7 @@ class WatchlistCore:
             self.store.delete(snapshot)
             removed.append(snapshot)
         for ref, reason in self.store.retained().items():
-            if f"subject={subject}" in reason.split():
+            if retained_subject(reason) == subject:
                 self.store.delete(ref)
                 removed.append(ref)
         faces = self.rekognition.forget(subject) if self.rekognition is not None else 0

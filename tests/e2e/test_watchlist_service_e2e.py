@@ -133,7 +133,7 @@ def test_fraud_then_forget_through_kafka(settings: Settings):
         )
         _produce(settings, ALERTS, alert.alert_id, alert.encode())
         wait_for(lambda: f"retain:{alert.alert_id}" in _audits(audit), 30, what="retain audit")
-        assert store.retained() == {later: f"alert={alert.alert_id} subject={subject}"}
+        assert store.retained() == {later: f"subject={subject} alert={alert.alert_id}"}
 
         # anyone may write to `commands`: an unsigned or wrongly signed forget is refused, never applied
         _command(settings, "FORGET", subject, key=None)

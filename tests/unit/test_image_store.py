@@ -64,6 +64,23 @@ def test_purge_deletes_old_unretained_snapshots_only(store):
     assert store.purge(cutoff) == 0, "purging again finds nothing"
 
 
+def test_retained_snapshots_go_after_their_own_longer_period(store):
+    """An innocent shopper's alert snapshot was kept for ever: only forget of a subject ever deleted one."""
+    old = store.put("checkout", "tx-dismissed", b"a")
+    recent = store.put("checkout", "tx-recent", b"c")
+    reference = store.put("reference", "subj-tx-dismissed", b"d")
+    for ref in (old, reference):
+        _age(store, ref, 100 * 86_400)
+    store.retain(old, "subject=- alert=a1")
+    store.retain(recent, "subject=subj-x alert=a3")
+    cutoff = int((time.time() - 90 * 86_400) * 1000)
+    assert store.purge(cutoff) == 0, "the plain purge keeps what is retained"
+    assert store.purge_retained(cutoff) == 1
+    assert store.find("checkout", "tx-dismissed") is None
+    assert set(store.retained()) == {recent}, "the marker went with its image"
+    assert store.get(reference) == b"d", "reference images are never purged"
+
+
 def test_retaining_a_missing_image_is_an_error(store):
     with pytest.raises(FileNotFoundError):
         store.retain("file:checkout/tx-gone", "alert=a9 subject=-")

@@ -103,6 +103,16 @@ def test_s3_purge_deletes_old_unretained_snapshots_but_keeps_retained_and_refere
     assert store.retained() == {kept: "alert a-1 subject=subj-x"}
 
 
+def test_s3_retained_snapshots_go_after_their_own_longer_period(store):
+    old = store.put("checkout", "tx-dismissed", b"a")
+    store.retain(old, "subject=- alert=a1")
+    import time
+
+    assert store.purge_retained(0) == 0, "nothing is older than the epoch"
+    assert store.purge_retained(int(time.time() * 1000) + 60_000) == 1
+    assert store.find("checkout", "tx-dismissed") is None and store.retained() == {}
+
+
 def test_s3_retaining_a_missing_object_is_file_not_found(store):
     with pytest.raises(FileNotFoundError):
         store.retain(f"s3://{store.buckets['checkout']}/checkout/tx-gone", "alert=a9 subject=-")

@@ -16,7 +16,7 @@ from infra.clients.image_store import LocalImageStore
 from infra.command_auth import SIGNATURE_HEADER, sign_command
 from infra.settings import Settings, WebexSettings
 from jobs.faces.engine import FaceEngine
-from jobs.faces.watchlist_service import Source, WatchlistCore
+from jobs.faces.watchlist_service import Source, WatchlistCore, retain_reason, retained_subject
 from schemas.records import Alert, AuditEvent, BotCommand, DeadLetter, WatchlistEntry
 from schemas.topics import AUDIT, DEAD_LETTERS, WATCHLIST
 from tests.builders import FACE_LEN
@@ -131,7 +131,7 @@ def test_forget_removes_entry_images_and_alert_snapshots_of_the_subject(core):
         snapshot_ref=later,
     )
     retained = core.on_alert(Source("alerts", 0, 0, b"a-1", alert.encode()), NOW)
-    assert audit_of(retained).action == "RETAIN" and core.store.retained() == {later: "alert=a-1 subject=subj-tx-1"}
+    assert audit_of(retained).action == "RETAIN" and core.store.retained() == {later: "subject=subj-tx-1 alert=a-1"}
     outs = core.on_command(command("FORGET", "subj-tx-1", cid="c5", actor="dpo@example.com"), NOW)
     (tomb,) = by_topic(outs)["watchlist"]
     assert tomb.key == b"subj-tx-1" and tomb.value is None
@@ -180,6 +180,39 @@ def test_purge_is_audited_with_the_count(core):
     outs = core.purge(int(time.time() * 1000))
     assert audit_of(outs).action == "PURGE" and audit_of(outs).details["deleted"] == "1"
     assert core.purge(int(time.time() * 1000)) == []
+
+
+def test_an_alert_snapshot_goes_after_its_own_longer_period(core):
+    """A blocked sale's or a dismissed match's snapshot (an innocent shopper's face) was kept for ever."""
+    assert isinstance(core.store, LocalImageStore)
+    refs = []
+    for n, (subject, age_days) in enumerate((("subj-tx-1", 91), (None, 91), (None, 89))):
+        refs.append(ref := core.store.put("checkout", f"tx-sighting-{n}", b"x"))
+        alert = Alert(
+            alert_id=f"a-{n}",
+            kind="WATCHLIST_MATCH" if subject else "BLOCKED_TRANSACTION",
+            severity="HIGH",
+            event_time=NOW,
+            store_id="S1",
+            summary="x",
+            subject_id=subject,
+            snapshot_ref=ref,
+        )
+        core.on_alert(Source("alerts", 0, n, None, alert.encode()), NOW)
+        t = time.time() - age_days * 86_400
+        os.utime(core.store._path(ref), (t, t))
+    audit = audit_of(core.purge(int(time.time() * 1000)))
+    assert (audit.action, audit.details["deleted"], audit.details["alert_snapshots_deleted"]) == ("PURGE", "0", "2")
+    assert list(core.store.retained()) == [refs[2]]
+
+
+def test_a_long_transaction_id_keeps_the_subject_in_the_retention_marker() -> None:
+    """An S3 tag keeps 256 characters: with the alert id first, a 74-character id cut the subject off, so forget
+    missed the subject's sightings."""
+    tx = "t" * 128
+    reason = retain_reason(f"watch:S1:subj-{tx}:{tx}:lane-1:1800000000000", f"subj-{tx}")
+    assert retained_subject(reason[:256]) == f"subj-{tx}"
+    assert retained_subject(retain_reason("a-1", None)) is None
 
 
 def test_an_input_already_audited_is_skipped_when_replayed(core):
