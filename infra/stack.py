@@ -1201,8 +1201,8 @@ def _set_topic_config(admin: AdminClient, topic: str, config: dict[str, str]) ->
 def ensure_topics(settings: Settings) -> list[str]:
     """Create the topics of ``schemas.topics.ALL_TOPICS`` (with the settings' prefix) that are missing.
 
-    Existing topics are left alone (a partition count that differs from the spec is logged). Returns
-    the names created."""
+    Existing topics are left alone (a partition count that differs from the spec is logged), but for the
+    dead letters' retention and each spec's ``enforced`` keys. Returns the names created."""
     admin = _admin(settings)
     prefix = settings.kafka.topic_prefix
     existing = kafka_clients.cluster_metadata(admin, settings).topics
@@ -1238,6 +1238,9 @@ def ensure_topics(settings: Settings) -> list[str]:
                 raise StackError(f"creating topic {name} failed: {exc}") from exc
     if dead_letters not in created:  # it was there already (maybe made by a racing call): the setting wins
         _set_topic_config(admin, dead_letters, retention)
+    for name, spec in wanted.items():  # made before erasure needed these keys (or changed since): they win too
+        if spec.enforced and name not in created:
+            _set_topic_config(admin, name, {key: spec.config[key] for key in spec.enforced})
     if created:
         log.info("kafka: created topics %s", ", ".join(created))
     return created

@@ -8,6 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 DAY_MS = 24 * 3600 * 1000
+HOUR_MS = 3600 * 1000
+
+FORGET_WITHIN_A_DAY = {"segment.ms": str(HOUR_MS), "max.compaction.lag.ms": str(DAY_MS)}
+"""For a compacted topic whose tombstones erase personal data: Kafka never compacts the segment it writes to,
+which rolled only after 7 days (``segment.ms``' default), and then compacts only once the log is dirty enough;
+a forgotten subject's embeddings stayed readable from offset 0 meanwhile. With segments of an hour and a
+compaction lag of at most a day, a superseded record is gone within about a day."""
 
 
 @dataclass(frozen=True)
@@ -18,6 +25,9 @@ class TopicSpec:
     """What the message key is; it decides ordering and, for compacted topics, identity."""
     partitions: int = 3
     config: dict[str, str] = field(default_factory=dict)
+    enforced: tuple[str, ...] = ()
+    """Keys of ``config`` set on the topic even when it exists already (the others are left as an operator
+    may have tuned them): what erasure depends on."""
 
     def full_name(self, prefix: str = "") -> str:
         return f"{prefix}{self.name}"
@@ -54,7 +64,13 @@ WATCHLIST = TopicSpec(
     "WatchlistEntry",
     key="subject_id (null value = forgotten)",
     partitions=1,
-    config={"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "delete.retention.ms": str(DAY_MS)},
+    config={
+        "cleanup.policy": "compact",
+        "min.compaction.lag.ms": "0",
+        "delete.retention.ms": str(DAY_MS),
+        **FORGET_WITHIN_A_DAY,
+    },
+    enforced=tuple(FORGET_WITHIN_A_DAY),
 )
 RULES = TopicSpec(
     "rules",
@@ -106,7 +122,13 @@ CASES = TopicSpec(
     "Case",
     key="case_id (the latest record is the case; null value = removed by retention)",
     partitions=1,
-    config={"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "delete.retention.ms": str(30 * DAY_MS)},
+    config={
+        "cleanup.policy": "compact",
+        "min.compaction.lag.ms": "0",
+        "delete.retention.ms": str(30 * DAY_MS),
+        **FORGET_WITHIN_A_DAY,
+    },
+    enforced=tuple(FORGET_WITHIN_A_DAY),
 )
 """Alerts a person verifies and their verdicts (``jobs.cases.service``); compacted: a case's latest version. A
 retention tombstone is kept 30 days, so the OpenSearch sink deletes the case's document even after a long outage."""

@@ -91,6 +91,25 @@ def test_dead_letters_are_kept_as_long_as_the_setting_says_also_when_it_changes(
             fut.exception(30)
 
 
+def test_an_existing_watchlist_topic_gets_the_compaction_that_erasure_needs(stack: Settings) -> None:
+    """A topic made before (or tuned since) kept a forgotten subject's embeddings readable for 7 days or more."""
+    settings = stack.model_copy(
+        update={"kafka": stack.kafka.model_copy(update={"topic_prefix": f"e2ewl{uuid.uuid4().hex[:6]}."})}
+    )
+    admin = AdminClient(settings.kafka.client_config())
+    topic = WATCHLIST.full_name(settings.kafka.topic_prefix)
+    try:
+        admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])[topic].result(timeout=30)
+        ensure_topics(settings)
+        for key in WATCHLIST.enforced:
+            wanted = WATCHLIST.config[key]
+            wait_for(lambda key=key, wanted=wanted: actual_config(admin, topic)[key] == wanted, 15, what=f"{key}")
+    finally:
+        names = [spec.full_name(settings.kafka.topic_prefix) for spec in ALL_TOPICS]
+        for fut in admin.delete_topics(names, operation_timeout=10).values():
+            fut.exception(30)
+
+
 def actual_config(admin: AdminClient, topic: str) -> dict[str, str]:
     [fut] = admin.describe_configs([ConfigResource(ResourceType.TOPIC, topic)]).values()
     return {k: v.value for k, v in fut.result(timeout=10).items()}
