@@ -146,6 +146,8 @@ class ScoringModels(Predictor):
         self._retired = RetiredVersions()
         """The versions a promotion retired: a rollback's monitor resumes where theirs stopped."""
         self._reports: list[Any] = []
+        self._pending: tuple[Any, list[int], Any, list[int]] | None = None
+        """The last batch's drift observation (monitor, times, features, scores), applied by :meth:`settle`."""
         self.tally_drift = tally_drift
         """One slot of a parallel job: the drift counters of each batch wait in :meth:`drain_tallies` for
         the one monitor that merges and reports them, instead of making this slot's own reports."""
@@ -168,6 +170,7 @@ class ScoringModels(Predictor):
     def predict_batch(self, items: Sequence[Item]) -> list[ModelResult]:
         if not items:
             return []
+        self._pending = None  # a batch that was never settled failed: it is being decided again
         self.registry.refresh()
         champion, challenger = self.registry.champion, self.registry.challenger
         monitor = self._monitor(champion)
@@ -189,11 +192,7 @@ class ScoringModels(Predictor):
             base = (self.remote or Predictor()).predict_batch(items)
             scores = [r.score for r in base]
         if monitor is not None and x is not None:
-            times = [tx["event_time"] for tx, _ in items]
-            if self.tally_drift:
-                self._tallies.append(monitor.tally(times, x, scores))  # items is not empty: never None
-            else:
-                self._reports.extend(monitor.observe(times, x, scores))
+            self._pending = (monitor, [tx["event_time"] for tx, _ in items], x, scores)
         if challenger is None:
             return base
         assert x is not None
@@ -202,6 +201,15 @@ class ScoringModels(Predictor):
             dataclasses.replace(r, challenger_score=c, challenger_version=version)
             for r, c in zip(base, challenger.scores(x).tolist(), strict=True)
         ]
+
+    def settle(self) -> None:
+        if self._pending is None:
+            return
+        (monitor, times, x, scores), self._pending = self._pending, None
+        if self.tally_drift:
+            self._tallies.append(monitor.tally(times, x, scores))  # a batch is never empty: never None
+        else:
+            self._reports.extend(monitor.observe(times, x, scores))
 
     def drain_reports(self) -> list[tuple[ModelDriftAvro, AlertAvro | None]]:
         from jobs.model.drift import with_alerts

@@ -146,6 +146,10 @@ class Predictor:
     def predict_batch(self, items: Sequence[tuple[dict[str, Any], dict[str, float]]]) -> list[ModelResult]:
         return [ModelResult() for _ in items]
 
+    def settle(self) -> None:
+        """The last :meth:`predict_batch`'s transactions were decided: its drift observations count now. A batch
+        that fails is decided again one by one, so counted at once they were counted twice."""
+
     def drain_reports(self) -> list[tuple[ModelDriftAvro, AlertAvro | None]]:
         """Model-drift reports finished since the last call, each with its alert when it crossed the
         setting: the scorer publishes them with the batch's decisions."""
@@ -328,7 +332,6 @@ class Scorer:
             started = time.perf_counter()
             models = self.predictor.predict_batch([(env[0], env[1]) for env in live])
             self.stats.model_ms.add((time.perf_counter() - started) * 1000)
-            rows = self.drift_rows(self.predictor.drain_reports())
         # In a warm-up (``job.decide_from``) the earlier transactions are not decided, but keep their buyer's
         # face all the same (a later return is compared with it, as after a decision), in the batch's order.
         results = iter(models)
@@ -338,8 +341,12 @@ class Scorer:
                 writes.extend(self.compare_faces(env, camera, state, env[0]["event_time"] if own_time else None))
             if not decide_from or env[0]["event_time"] >= decide_from:
                 rows.extend(self.decide(env, next(results), face, before_model, camera, outcomes))
-        # Counted once the whole batch is decided: a failure makes the caller decide it again one by one.
+        # Counted once the whole batch is decided: a failure makes the caller decide it again one by one. So do
+        # the drift monitor's observations, and its reports are drained only now (a failed try's were lost).
         self.stats.outcomes.update(outcomes)
+        if live:
+            self.predictor.settle()
+            rows[:0] = self.drift_rows(self.predictor.drain_reports())
         if decide_from:
             self.stats.observed_only["warm_up"] += len(envs) - len(live)
         return rows, writes
@@ -390,15 +397,14 @@ class Scorer:
         model: ModelResult,
         face: FaceResult,
         before_model: int,
-        camera: Seen | None = None,
-        outcomes: list[str] | None = None,
+        camera: Seen | None,
+        outcomes: list[str],
     ) -> list[OutRow]:
         """One transaction's scored record and alerts; its outcome is appended to ``outcomes`` (the caller counts
         them once its batch is through)."""
         tx, ind, ingest = env
         decision = decide(tx, ind, model, face, self.rule_set)
-        if outcomes is not None:
-            outcomes.append(decision.outcome)
+        outcomes.append(decision.outcome)
         decided_at = self._now_ms()
         scored = self.scored_record(tx, ind, model, face, decision, ingest, before_model, decided_at)
         rows: list[OutRow] = [(self.scored_topic, tx["transaction_id"].encode(), self._scored.encode(scored))]

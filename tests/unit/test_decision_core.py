@@ -302,6 +302,28 @@ def test_a_batch_decided_again_one_by_one_counts_each_decision_once():
     assert sum(core.stats.outcomes.values()) == 1
 
 
+def test_a_batch_decided_again_one_by_one_observes_drift_once_and_keeps_its_reports():
+    """The drift monitor saw the failed try's transactions too (t1 counted twice), and the reports drained in that
+    try were thrown away with its rows (an hourly model_drift record and its alert lost)."""
+    events: list[str] = []
+
+    class Recording(Predictor):
+        def predict_batch(self, items):
+            events.append("predict " + " ".join(tx["transaction_id"] for tx, _ in items))
+            return [ModelResult(score="bad" if tx["transaction_id"] == "t2" else 1, version="x") for tx, _ in items]
+
+        def settle(self):
+            events.append("settle")
+
+        def drain_reports(self):
+            events.append("drain")
+            return []
+
+    core = make_core(face_deadline_ms=0, predictor=Recording())
+    core.on_records([tx_record(sale("t1"), 0), tx_record(sale("t2"), 1)], NOW)
+    assert events == ["predict t1 t2", "predict t1", "settle", "drain", "predict t2"]
+
+
 def test_a_warm_up_time_in_seconds_is_refused_rather_than_read_as_1970():
     assert JobSettings(decide_from=1_764_547_200_000).decide_from == 1_764_547_200_000  # 2025-12-01, in ms
     assert JobSettings().decide_from == 0

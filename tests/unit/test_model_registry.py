@@ -227,6 +227,7 @@ def test_a_rollback_does_not_report_an_hour_of_the_old_champion_twice(tmp_path):
 
     def batch(first_s: int, n: int) -> None:
         models.predict_batch([(sale(f"r{first_s}-{i}", at_s=first_s + i).to_avro(), {}) for i in range(n)])
+        models.settle()  # decided (the scorer's part)
 
     def promote() -> None:
         assert CliRunner().invoke(app, ["promote", "--no-audit", "--models", str(tmp_path)]).exit_code == 0
@@ -330,7 +331,9 @@ def test_a_damaged_drift_reference_costs_that_models_drift_reports_not_its_decis
     models = ScoringModels(ModelRegistry(settings), drift=drift_monitors(settings))
     with caplog.at_level("WARNING", logger="checkout_guard.predictors"):
         results = models.predict_batch(ITEMS)
+        models.settle()
         models.predict_batch([(sale("later", at_s=3 * 3600).to_avro(), {})])
+        models.settle()
     assert len(results) == len(ITEMS) and all(r.version == f"local:{chal}" for r in results)
     assert not list(models.drain_reports())
     [warning] = [r.getMessage() for r in caplog.records if "no drift reports" in r.getMessage()]
