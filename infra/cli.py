@@ -108,9 +108,16 @@ def with_one_line_errors(command: Any) -> Any:
     return command
 
 
-_LIST_ITEM = re.compile(r"\s*(?:[-*]\s|\d+[.)]\s|\w[\w.-]*\s{2,})|\s{4,}")
-"""A line that starts a list item, an aligned column (a word, then two spaces or more) or an indented example:
-it keeps its own line."""
+_LIST_ITEM = re.compile(r"\s*(?:[-*]\s|\d+[.)]\s)")
+"""A line that starts a list item: it keeps its own line, and plain lines after it continue it."""
+_VERBATIM = re.compile(r"\s*\w[\w.-]*\s{2,}|\s{4,}")
+"""An aligned column (a word, then two spaces or more) or an indented example: it keeps its own line, and so
+does the line after it (joined to it, prose became part of a command someone copies)."""
+
+
+def keeps_line(before: str, line: str) -> bool:
+    """Whether ``line`` stays on its own line after ``before`` in reflowed help."""
+    return bool(_LIST_ITEM.match(line) or _VERBATIM.match(line) or _VERBATIM.match(before)) or before.endswith(":")
 
 
 def reflow_paragraphs(text: str) -> str:
@@ -123,8 +130,8 @@ def reflow_paragraphs(text: str) -> str:
             out.append(paragraph)
             continue
         joined = [lines[0].rstrip()]
-        for line in lines[1:]:
-            if _LIST_ITEM.match(line) or joined[-1].endswith(":"):
+        for before, line in zip(lines, lines[1:], strict=False):
+            if keeps_line(before, line):
                 joined.append(line.rstrip())
             else:
                 joined[-1] = f"{joined[-1]} {line.strip()}"

@@ -398,7 +398,9 @@ def publish_command(
         console.print(f"{line}: checked, not sent (--dry-run)", markup=False, highlight=False)
         raise typer.Exit(0)
     stats = publish_labels(settings, [label])  # first: with Kafka down, only the error is shown
-    console.print(line if stats.ok else f"{line}: not published", markup=False, highlight=False)
+    # A timeout may still have been written: "not published" would be a lie then (publishing again is harmless).
+    outcome = "" if stats.ok else ": not confirmed (publish it again)" if stats.unconfirmed else ": not published"
+    console.print(f"{line}{outcome}", markup=False, highlight=False)
     _report(stats, LABELS.full_name(settings.kafka.topic_prefix))
     raise typer.Exit(0 if stats.ok else 1)
 

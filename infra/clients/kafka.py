@@ -77,10 +77,11 @@ REPEAT_AFTER_S = 60.0
 class RepeatFilter(logging.Filter):
     """Passes a message once per ``every_s``: librdkafka logs a failure again at every retry. Millisecond
     counts, which differ between repeats (``after 0ms in state CONNECT``), do not make a message new, nor
-    does the client's name (``rdkafka#producer-7``): a task that builds a client each time (the metrics
-    exporter's lag reader) would repeat its failure at every read otherwise."""
+    does the client's instance (``rdkafka#producer-7``, ``checkout-guard-labels#producer-2``: its
+    ``client.id`` stays): a task that builds a client each time (the metrics exporter's lag reader) would
+    repeat its failure at every read otherwise."""
 
-    _VARYING = re.compile(r"\d+ms\b|rdkafka#\w+-\d+")
+    _VARYING = re.compile(r"\d+ms\b|#\w+-\d+\]")
     _KEPT = 1000
 
     def __init__(self, every_s: float = REPEAT_AFTER_S, clock: Callable[[], float] = time.monotonic) -> None:
@@ -256,6 +257,8 @@ class DeliveryTally:
     sent: int = 0
     acked: int = 0
     failed: int = 0
+    unconfirmed: int = 0
+    """Of ``failed``: timed out, so the broker may have written them all the same."""
     errors: list[str] = field(default_factory=list)
 
     def delivered(self, err: KafkaError | None, _message: Any) -> None:
@@ -263,12 +266,15 @@ class DeliveryTally:
             self.acked += 1
             return
         self.failed += 1
+        if err.code() == KafkaError._MSG_TIMED_OUT:
+            self.unconfirmed += 1
         if len(self.errors) < 5 and err.str() not in self.errors:
             self.errors.append(err.str())
 
     def flushed(self, unacked: int, timeout_s: float) -> None:
         if unacked:
             self.failed += unacked
+            self.unconfirmed += unacked
             self.errors.append(f"{unacked} not acknowledged within {timeout_s:.0f}s")
 
     @property

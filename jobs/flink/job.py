@@ -219,6 +219,11 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     return best[1] if best else None
 
 
+def restore_point(settings: Settings) -> Path | None:
+    """What a start resumes from: ``CG_JOB__RESTORE_FROM`` when set, else the newest checkpoint or savepoint."""
+    return settings.job.restore_from or latest_checkpoint(settings.checkpoint_dir)
+
+
 def purge_stale_state(checkpoint_dir: Path, keep: Path | None, older_than_s: float, now: float) -> list[Path]:
     """Delete the checkpoint folders of earlier runs (``<job id>/``) and the savepoints whose newest file is
     older than ``older_than_s``, except the one holding ``keep`` (what this run restores from); returns
@@ -543,7 +548,7 @@ def main(settings: Settings | None = None, log_level: str | None = None) -> None
         from jobs.model.train import ensure_default_model
 
         ensure_default_model(settings)
-    restore = settings.job.restore_from or latest_checkpoint(settings.checkpoint_dir)
+    restore = restore_point(settings)
     log.info("starting scoring job%s", f", restoring {restore.parent.name}/{restore.name}" if restore else "")
     if decide_from := settings.job.decide_from:
         at = datetime.fromtimestamp(decide_from / 1000, UTC).isoformat(timespec="seconds")

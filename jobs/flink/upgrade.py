@@ -20,7 +20,7 @@ from typing import Annotated
 import typer
 
 from infra.settings import get_settings
-from jobs.flink.job import control_file, latest_checkpoint, running_job
+from jobs.flink.job import control_file, latest_checkpoint, restore_point, running_job
 from schemas.errors import CheckoutGuardError
 
 app = typer.Typer(
@@ -86,7 +86,10 @@ def status() -> None:
     stale = " (a stale control file of a killed job is left)" if job is None and control.exists() else ""
     typer.echo(f"running: {job or 'no'}{stale}")
     where = settings.checkpoint_dir
-    found = latest_checkpoint(where)
+    found = restore_point(settings)
+    if found is not None and found == settings.job.restore_from:
+        typer.echo(f"resumes from: {found} (CG_JOB__RESTORE_FROM)")
+        return
     # Name the folder looked in: a wrong CG_STACK_DIR reads as a fresh start otherwise.
     empty = "does not exist" if not where.is_dir() else "holds no complete checkpoint or savepoint"
     typer.echo(f"resumes from: {found or f'nothing (fresh start: {where} {empty})'}")

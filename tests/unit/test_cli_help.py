@@ -215,13 +215,17 @@ def test_help_paragraphs_are_reflowed_but_lists_keep_their_lines() -> None:
     )
     columns = "Columns\n  a  b\n  cc  d\nnext sentence\ngoes on.\n\nRun\n    python -m x  # one\n    python -m y"
     assert reflow_paragraphs(columns) == (
-        "Columns\n  a  b\n  cc  d next sentence goes on.\n\nRun\n    python -m x  # one\n    python -m y"
+        "Columns\n  a  b\n  cc  d\nnext sentence goes on.\n\nRun\n    python -m x  # one\n    python -m y"
+    )
+    example = "Run it:\n    python -m jobs.flink.upgrade savepoint\nthen start the job\nagain."
+    assert (
+        reflow_paragraphs(example) == "Run it:\n    python -m jobs.flink.upgrade savepoint\nthen start the job again."
     )
 
 
 def test_every_console_command_gets_its_help_reflowed() -> None:
     """The wiring (each command the console loads is reflowed); the rules are the test above's."""
-    from infra.cli import _LIST_ITEM, build
+    from infra.cli import build, keeps_line
 
     def walk(command, path: str) -> list[str]:
         bad = [
@@ -229,7 +233,7 @@ def test_every_console_command_gets_its_help_reflowed() -> None:
             for paragraph in (command.help or "").split("\n\n")
             if not paragraph.startswith("\b")
             for before, line in zip(paragraph.split("\n"), paragraph.split("\n")[1:], strict=False)
-            if not (_LIST_ITEM.match(line) or before.endswith(":"))
+            if not keeps_line(before, line)
         ]
         for name in getattr(command, "list_commands", lambda _ctx: [])(None):
             sub = command.get_command(None, name)

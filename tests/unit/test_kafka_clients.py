@@ -205,6 +205,8 @@ def test_the_same_failure_of_a_new_client_is_a_repeat_too() -> None:
         f"FAIL [rdkafka#{kind}] [thrd:b/bootstrap]: refused" for kind in ("producer-1", "producer-2", "consumer-9")
     ]
     assert [repeats.filter(_record(line)) for line in lines] == [True, False, False]
+    named = [f"FAIL [checkout-guard-replay#consumer-{n}] [thrd:b/bootstrap]: refused" for n in (1, 2, 3)]
+    assert [repeats.filter(_record(line)) for line in named] == [True, False, False], "a client.id stays in the name"
 
 
 def test_every_client_logs_through_the_filtered_logger_unless_told_otherwise(monkeypatch) -> None:

@@ -241,6 +241,7 @@ class FakeProducer:
         self.sent: list[tuple[str, bytes | None, bytes | None]] = []
         self.pending: list[tuple[Any, bytes | None]] = []
         self.fail = fail or set()
+        self.timeout: set[bytes] = set()
         self.down = False
         self.no_topics = False
 
@@ -258,15 +259,21 @@ class FakeProducer:
 
     def flush(self, timeout: float) -> int:
         for callback, key in self.pending:
-            error = _Error() if key in self.fail else None
+            error = _Error() if key in self.fail else _Error(KafkaError._MSG_TIMED_OUT) if key in self.timeout else None
             callback(error, None)
         self.pending.clear()
         return 0
 
 
 class _Error:
+    def __init__(self, code: int = KafkaError.MSG_SIZE_TOO_LARGE) -> None:
+        self._code = code
+
+    def code(self) -> int:
+        return self._code
+
     def str(self) -> str:
-        return "broker says no"
+        return "timed out" if self._code == KafkaError._MSG_TIMED_OUT else "broker says no"
 
 
 SETTINGS = Settings(kafka=KafkaSettings(topic_prefix="unit."))
@@ -338,6 +345,13 @@ def test_cli_publish_a_refused_verdict_says_it_was_not_published(cli: FakeProduc
     result = CliRunner().invoke(labels_cli.app, ["publish", "tx-9", "fraud"])
     assert result.exit_code == 1 and "tx-9: fraud" in result.output, result.output
     assert ": not published" in result.output and "published 0 of 1" in result.output, result.output
+
+
+def test_cli_publish_a_verdict_that_timed_out_says_it_is_not_confirmed(cli: FakeProducer) -> None:
+    """A timed-out record may have been written all the same: "not published" could be false."""
+    cli.timeout = {b"tx-9"}
+    result = CliRunner().invoke(labels_cli.app, ["publish", "tx-9", "fraud"])
+    assert result.exit_code == 1 and ": not confirmed (publish it again)" in result.output, result.output
 
 
 def test_cli_publish_dry_run_says_nothing_was_sent(cli: FakeProducer) -> None:

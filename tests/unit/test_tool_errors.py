@@ -168,6 +168,15 @@ def test_upgrade_status_names_the_checkpoint_folder_it_found_nothing_in(fresh_se
     assert exit_.value.code == 0 and f"nothing (fresh start: {where} does not exist)" in out, out
 
 
+def test_upgrade_status_names_the_restore_setting_when_it_is_set(fresh_settings, capsys, tmp_path) -> None:
+    """The job resumes from CG_JOB__RESTORE_FROM first; status said "fresh start" beside it."""
+    fresh_settings.setenv("CG_JOB__RESTORE_FROM", str(tmp_path / "savepoint-1"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["upgrade", "status"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and f"resumes from: {tmp_path / 'savepoint-1'} (CG_JOB__RESTORE_FROM)" in out, out
+
+
 def test_topics_tail_answers_a_bad_setting_with_one_line(fresh_settings, capsys) -> None:
     """It was the one console tool left printing a traceback."""
     fresh_settings.setenv("CG_KAFKA__BROKERS", "2")
