@@ -324,8 +324,9 @@ def _producer(kafka: KafkaSettings) -> Producer:
 
 
 def partition_count(client: Consumer | Producer, topic: str, kafka: KafkaSettings | None = None) -> int:
-    """Partitions of ``topic`` (0 when it does not exist); ``KafkaUnavailable`` when no broker answers."""
-    md = kafka_clients.cluster_metadata(client, kafka, topic).topics.get(topic)
+    """Partitions of ``topic`` (0 when it does not exist); ``KafkaUnavailable`` when no broker answers. From the
+    list of all topics: a producer asking for one by name could make a broker create it."""
+    md = kafka_clients.cluster_metadata(client, kafka).topics.get(topic)
     if md is None or md.error is not None:
         return 0
     return len(md.partitions)
@@ -409,9 +410,7 @@ def replay(
     if not todo:
         return stats
     producer = _producer(target)
-    target_count = partition_count(producer, target_topic, target)
-    if target_count == 0:
-        raise RangeError(f"target topic {target_topic} does not exist (create it first, e.g. make topics)")
+    target_count = len(kafka_clients.require_topics(producer, target, target_topic).topics[target_topic].partitions)
     consumer = _consumer(source)
     source_count = partition_count(consumer, source_topic, source)
     copy = _Replay(

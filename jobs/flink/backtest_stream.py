@@ -46,9 +46,10 @@ from rich.table import Table
 
 from infra.clients import kafka as kafka_clients
 from infra.settings import Settings, get_settings
-from jobs.scoring.rules import RuleSet, RuleSetError, update_record
+from jobs.scoring.rules import RuleSet, RuleSetError
+from jobs.scoring.rules import publish_rules as publish_rule_set
 from schemas.errors import CheckoutGuardError
-from schemas.topics import ALL_TOPICS, RULES, SCORED_TRANSACTIONS, TRANSACTIONS
+from schemas.topics import ALL_TOPICS, SCORED_TRANSACTIONS, TRANSACTIONS
 
 console = Console()
 errors = Console(stderr=True)
@@ -471,16 +472,7 @@ def publish_rules(settings: Settings, rules_file: Path) -> RuleSet:
     """Validate ``rules_file`` and publish it to the copy's own rules topic (key ``active``)."""
     text = rules_file.read_text()
     rules = RuleSet.from_yaml(text)
-    producer = kafka_clients.producer(settings, kafka_clients.IDEMPOTENT)
-    failures: list[str] = []
-    producer.produce(
-        RULES.full_name(settings.kafka.topic_prefix),
-        key=b"active",
-        value=update_record(rules, text, "backtest").encode(),
-        on_delivery=lambda err, _msg: failures.append(str(err)) if err else None,
-    )
-    if producer.flush(30) or failures:
-        raise RuntimeError(f"publishing the rule set failed: {failures or 'not acknowledged in 30 s'}")
+    publish_rule_set(settings, rules, text, "backtest")
     return rules
 
 

@@ -1,12 +1,13 @@
 """Upgrade the running scoring job without losing state: stop it with a savepoint, start the new code.
 
-    python -m jobs.flink.upgrade savepoint      # stop the running job with a savepoint, print its path
-    python -m jobs.flink.job            # the new version: starts from the newest savepoint/checkpoint
+Steps:
+    python -m jobs.flink.upgrade savepoint   # stop the running job with a savepoint, print its path
+    python -m jobs.flink.job                 # the new version: starts from the newest savepoint/checkpoint
 
-Every stateful operator has a stable uid (``score``; the Kafka source/sink uids come from the SQL
+Every stateful operator has a stable uid (score; the Kafka source/sink uids come from the SQL
 plan, which an upgrade of the Python logic leaves unchanged), so receipts, store and customer
 history, pending transactions, the watchlist and the active rule set all carry over. On a Flink
-cluster the same is ``flink stop --savepointPath <dir> <job id>`` then ``flink run -s <savepoint>``.
+cluster the same is: flink stop --savepointPath DIR JOB_ID, then flink run -s SAVEPOINT ...
 """
 
 from __future__ import annotations
@@ -23,16 +24,7 @@ from infra.settings import get_settings
 from jobs.flink.job import control_file, latest_checkpoint, restore_point, running_job
 from schemas.errors import CheckoutGuardError
 
-app = typer.Typer(
-    add_completion=False,
-    # One line per paragraph: the help keeps a docstring's line breaks and wraps again, mid-sentence.
-    help="Upgrade the running scoring job without losing state.\n\n"
-    "savepoint stops it with a savepoint and prints the path; the next start (python -m jobs.flink.job) "
-    "resumes from the newest savepoint or checkpoint.\n\n"
-    "Every stateful operator has a stable uid, so receipts, store and customer history, pending transactions, "
-    "the watchlist and the active rule set all carry over.\n\n"
-    "On a Flink cluster: flink stop --savepointPath DIR JOB_ID, then flink run -s SAVEPOINT ...",
-)
+app = typer.Typer(add_completion=False, help=__doc__)  # reflowed: its examples keep their lines
 
 
 class UpgradeError(CheckoutGuardError, RuntimeError):

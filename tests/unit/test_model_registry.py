@@ -355,3 +355,23 @@ def test_promote_whose_audit_event_is_not_delivered_is_one_line_and_moves_nothin
     assert error.startswith("Error: audit event not sent: Kafka at 127.0.0.1:1 did not answer within 1 s"), error
     assert error.endswith("the models are unchanged")
     assert (read_pointer(tmp_path, CURRENT), read_pointer(tmp_path, CHALLENGER)) == (champ, chal)
+
+
+def test_promote_to_a_cluster_without_the_audit_topic_names_it_and_moves_nothing(tmp_path, monkeypatch):
+    from infra.clients import kafka as kafka_clients
+    from jobs.model.registry import AuditNotDelivered
+
+    champ, chal = _models(tmp_path)
+    write_pointer(tmp_path, CHALLENGER, chal)
+    monkeypatch.setattr(kafka_clients, "producer", lambda *a, **k: object())
+
+    def no_audit_topic(client, source, *topics, timeout_s=10.0):
+        raise kafka_clients.TopicMissing(f"no topic {', '.join(topics)} on Kafka at k:9092: created by an admin")
+
+    monkeypatch.setattr(kafka_clients, "require_topics", no_audit_topic)
+    result = CliRunner().invoke(app, ["promote", "--models", str(tmp_path)])
+    assert isinstance(result.exception, AuditNotDelivered), result.output
+    assert str(result.exception) == (
+        "audit event not sent: no topic audit on Kafka at k:9092: created by an admin; the models are unchanged"
+    )
+    assert (read_pointer(tmp_path, CURRENT), read_pointer(tmp_path, CHALLENGER)) == (champ, chal)

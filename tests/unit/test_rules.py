@@ -124,3 +124,25 @@ def test_publish_refuses_an_invalid_file_before_touching_kafka(tmp_path):
     res = CliRunner().invoke(rules_cli, ["publish", str(bad)])
     assert res.exit_code == 2
     assert "review_at (50) must be below block_at (20)" in res.output
+
+
+def test_publishing_to_a_cluster_without_the_rules_topic_names_it_and_sends_nothing(monkeypatch) -> None:
+    """An operator's tool creates no topics: it said 'Unknown topic or partition' once the send failed."""
+    from types import SimpleNamespace
+
+    from infra.clients import kafka as kafka_clients
+    from infra.settings import KafkaSettings, Settings
+    from jobs.scoring.rules import DEFAULT_RULESET, RuleSet, publish_rules
+
+    sent: list[str] = []
+    fake = SimpleNamespace(
+        list_topics=lambda topic=None, timeout=-1: SimpleNamespace(topics={}),
+        poll=lambda timeout=0: 0,
+        produce=lambda topic, **kwargs: sent.append(topic),
+    )
+    monkeypatch.setattr(kafka_clients, "producer", lambda *a, **k: fake)
+    text = DEFAULT_RULESET.read_text()
+    settings = Settings(kafka=KafkaSettings(topic_prefix="unit."))
+    with pytest.raises(kafka_clients.TopicMissing, match="no topic unit.rules on Kafka at .*created by an admin"):
+        publish_rules(settings, RuleSet.from_yaml(text), text, "tester")
+    assert sent == []
