@@ -291,7 +291,9 @@ class RulesSettings(BaseModel, frozen=True):
     """How long a sale's receipt is remembered for matching returns."""
     receipt_face_retention_hours: float = 72.0
     """How long a receipt keeps its buyer's face embedding (biometric) for the face check at a return
-    (``customer_mismatch`` by face); the receipt itself stays ``receipt_retention_days``. Event time."""
+    (``buyer_face_mismatch``); the receipt itself stays ``receipt_retention_days``. Event time: counted back
+    from the newest transaction the job has seen, so while no transaction arrives none expires (they stay in
+    the job's state and checkpoints until traffic resumes)."""
     customer_retention_days: int = 180
     """A customer's profile (velocity, spending habit, stores) is forgotten after this long without a
     transaction (event time); the customer is then ``first_seen`` again."""

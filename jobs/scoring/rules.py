@@ -44,9 +44,15 @@ KNOWN_INDICATORS: frozenset[str] = frozenset(
         "new_store_for_customer",
         "first_seen",
         "unknown_currency",
+        # jobs/scoring/scorer.py: the returner's face against the buyer's
+        "buyer_face_mismatch",
     }
 )
 """Indicators a weight may name: a typo in a rule file must fail validation, not silently score 0."""
+FACE_INDICATORS: tuple[str, ...] = ("buyer_face_mismatch",)
+"""Indicators drawn from the same lane snapshot as the watchlist match. With it they are one piece of evidence,
+not two (a snapshot of the wrong person gives a suspect match and a returner who is not the buyer at once), so
+only the heaviest of them counts towards the risk."""
 FACE_STATUSES = frozenset({"UNAVAILABLE", "NO_FACE", "UNKNOWN", "MATCHED", "REJECTED"})
 
 
@@ -87,10 +93,11 @@ class RuleSet:
     model_bands: tuple[tuple[int, int], ...] = ()
     """(model score at least, points), highest score first; the first band reached counts."""
     watchlist_suspect_points: int = 60
-    """Points of a suspect face match. Below ``block_at`` unless ``match_alone_may_block``: a match is
-    evidence for a person to weigh, so alone it makes REVIEW; with other indicators it may reach BLOCK."""
+    """Points of a suspect face match. With the :data:`FACE_INDICATORS`' weights below ``block_at`` unless
+    ``match_alone_may_block``: a match is evidence for a person to weigh, so face evidence alone makes REVIEW;
+    with other indicators it may reach BLOCK."""
     match_alone_may_block: bool = False
-    """Explicit opt-in to rule sets where a face match alone reaches ``block_at`` (refused otherwise)."""
+    """Explicit opt-in to rule sets where face evidence alone reaches ``block_at`` (refused otherwise)."""
     unavailable_statuses: frozenset[str] = frozenset({"UNAVAILABLE", "NO_FACE"})
     unavailable_return_indicator: str | None = "no_photo_verification"
     """Indicator raised on a return whose face status is one of ``unavailable_statuses``."""
@@ -149,12 +156,15 @@ class RuleSet:
         weights = _weights(data, errors)
         bands = _model_bands(data, errors)
         suspect, alone, statuses, indicator = _face(data, errors)
-        if suspect is not None and block_at is not None and suspect >= block_at and not alone:
-            errors.append(
-                f"face.watchlist_suspect_points ({suspect}) >= thresholds.block_at ({block_at}): a face match alone "
-                "would block; keep it below block_at (a match alone then makes REVIEW) or set "
-                "face.match_alone_may_block: true"
-            )
+        face_points = {"face.watchlist_suspect_points": suspect} | {
+            f"weights.{name}": weights.get(name) for name in FACE_INDICATORS
+        }
+        for key, points in face_points.items():
+            if points is not None and block_at is not None and points >= block_at and not alone:
+                errors.append(
+                    f"{key} ({points}) >= thresholds.block_at ({block_at}): face evidence alone would block; keep it "
+                    "below block_at (face evidence alone then makes REVIEW) or set face.match_alone_may_block: true"
+                )
         if errors:
             raise RuleSetError("invalid rule set: " + "; ".join(errors))
         assert block_at is not None and review_at is not None and suspect is not None  # no errors: all set
@@ -307,27 +317,31 @@ class Decision:
 
 
 def decide(
-    tx: dict[str, Any], indicators: dict[str, float], model: ModelResult, face: FaceResult, rules: RuleSet
+    tx: dict[str, Any], indicators: dict[str, float], model: ModelResult, face_result: FaceResult, rules: RuleSet
 ) -> Decision:
-    """Combine everything known about a transaction into one outcome with its reasons."""
-    if tx["kind"] == "RETURN" and rules.unavailable_return_indicator and face.status in rules.unavailable_statuses:
+    """Combine everything known about a transaction into one outcome with its reasons (every indicator that
+    fired; of the face evidence, a suspect match and :data:`FACE_INDICATORS`, only the heaviest adds to the
+    risk: they come from one snapshot)."""
+    unavailable = face_result.status in rules.unavailable_statuses
+    if tx["kind"] == "RETURN" and rules.unavailable_return_indicator and unavailable:
         indicators[rules.unavailable_return_indicator] = 1.0
     points: list[tuple[int, str]] = []
+    face: list[tuple[int, str]] = []  # one snapshot's evidence: only the heaviest counts
     weights = rules.weights
     for name, value in indicators.items():
         weight = weights.get(name)
         if weight and value >= 1.0:
-            points.append((weight, name))
+            (face if name in FACE_INDICATORS else points).append((weight, name))
     if model.score is not None:
         for at_least, pts in rules.model_bands:
             if model.score >= at_least:
                 if pts:
                     points.append((pts, f"model_score>={at_least}"))
                 break
-    if face.status == "MATCHED" and face.category == "SUSPECT" and rules.watchlist_suspect_points:
-        points.append((rules.watchlist_suspect_points, "watchlist_suspect"))
-    points.sort(key=lambda p: (-p[0], p[1]))
-    risk = min(100, sum(p for p, _ in points))
+    if face_result.status == "MATCHED" and face_result.category == "SUSPECT" and rules.watchlist_suspect_points:
+        face.append((rules.watchlist_suspect_points, "watchlist_suspect"))
+    risk = min(100, sum(p for p, _ in points) + max((p for p, _ in face), default=0))
+    points = sorted(points + face, key=lambda p: (-p[0], p[1]))
     if risk >= rules.block_at:
         outcome = "BLOCK"
     elif risk >= rules.review_at:

@@ -314,9 +314,10 @@ class Scorer:
         """Model (one vectorised call for the batch), face result and rules -> scored rows and alerts.
 
         With ``seen`` (what the camera gave) and ``state``, a sale remembers its buyer's face and a
-        return is checked against it (seed 001's ``customer_mismatch`` by face). ``own_time``: a face's
-        retention is counted back from the transaction's own event time, not the state's newest event
-        (the partitioned steps: a decision that does not depend on other receipts' traffic).
+        return is checked against it (seed 001's customer mismatch by photo: ``buyer_face_mismatch``).
+        ``own_time``: a face's retention is counted back from the transaction's own event time, not the
+        state's newest event (the partitioned steps: a decision that does not depend on other receipts'
+        traffic).
         """
         if not envs:
             return [], []
@@ -388,7 +389,7 @@ class Scorer:
             sim = float(similarity(face, camera.embedding))
             ind["buyer_face_similarity"] = round(sim, 2)
             if sim < self.settings.faces.match_threshold:
-                ind["customer_mismatch"] = 1.0
+                ind["buyer_face_mismatch"] = 1.0  # not customer_mismatch: face evidence, weighed as such
         return []
 
     def decide(

@@ -28,6 +28,7 @@ REASON_WORDS: dict[str, str] = {
     "return_exceeds_sale": "refund is larger than the original sale",
     "return_unknown_receipt": "the receipt is not one we issued",
     "customer_mismatch": "returned by someone other than the buyer",
+    "buyer_face_mismatch": "the returner's face is not the buyer's",
     "velocity_exceeded": "too many transactions by this customer in a short time",
     "return_without_receipt": "return without a receipt",
     "amount_above_norm": "amount far above this customer's usual",

@@ -115,7 +115,7 @@ def test_a_return_within_the_face_retention_is_still_compared_with_the_buyer_fac
         at(0) + HOUR_MS,
     )
     out = scored(step)["r1"]
-    assert out["indicators"]["buyer_face_similarity"] < 52 and "customer_mismatch" in out["reasons"]
+    assert out["indicators"]["buyer_face_similarity"] < 52 and "buyer_face_mismatch" in out["reasons"]
 
 
 def test_a_restored_state_still_drops_buyer_faces_after_their_retention():

@@ -39,7 +39,7 @@ def test_return_by_someone_other_than_the_buyer_is_blocked_even_with_the_same_ca
     rows = decide(scorer, state, return_of("r1", "t1", at_s=900, store="store-B", amount=300), camera(STRANGER, "r1"))
     out = scored(rows)
     assert out["outcome"] == "BLOCK"
-    assert "customer_mismatch" in out["reasons"] and "cross_store_return" in out["reasons"]
+    assert "buyer_face_mismatch" in out["reasons"] and "cross_store_return" in out["reasons"]
     assert out["indicators"]["buyer_face_similarity"] < Settings().faces.match_threshold
     [alert] = alerts(rows)
     assert alert["kind"] == "BLOCKED_TRANSACTION" and alert["snapshot_ref"] == "checkout/r1.jpg"
@@ -51,7 +51,7 @@ def test_return_by_the_buyer_themself_is_not_flagged_as_a_mismatch():
     out = scored(
         decide(scorer, state, return_of("r1", "t1", at_s=86_400 * 3, store="store-A", amount=300), camera(BUYER, "r1"))
     )
-    assert "customer_mismatch" not in out["reasons"]
+    assert "buyer_face_mismatch" not in out["reasons"]
     assert out["indicators"]["buyer_face_similarity"] == 100.0
 
 

@@ -99,12 +99,29 @@ def test_weights_bands_and_face_rules_come_from_the_rule_set():
 def test_a_rule_set_where_a_face_match_alone_would_block_is_refused_unless_explicitly_allowed():
     data = RuleSet.default().to_dict()
     data["face"] = {**data["face"], "watchlist_suspect_points": 90}
-    with pytest.raises(RuleSetError, match="a face match alone would block"):
+    with pytest.raises(RuleSetError, match="face evidence alone would block"):
         RuleSet.from_dict(data)
     data["face"]["match_alone_may_block"] = True
     allowed = RuleSet.from_dict(data)
     suspect = FaceResult(status="MATCHED", category="SUSPECT", subject_id="s1", similarity=99.0)
     assert decide(sale("t1").to_avro(), {}, ModelResult(), suspect, allowed).outcome == "BLOCK"
+
+
+def test_a_suspect_match_and_a_returner_who_is_not_the_buyer_are_one_piece_of_face_evidence():
+    """Both come from the same lane snapshot: summed (60 + 40) a snapshot of the wrong person blocked a return
+    by itself, whatever the card said."""
+    rules = RuleSet.default()
+    suspect = FaceResult(status="MATCHED", category="SUSPECT", subject_id="s1", similarity=99.0)
+    ret = return_of("r1", "t1").to_avro()
+    face_only = decide(ret, {"buyer_face_mismatch": 1.0}, ModelResult(), suspect, rules)
+    assert (face_only.outcome, face_only.risk_score) == ("REVIEW", 60)
+    assert face_only.reasons == ("watchlist_suspect", "buyer_face_mismatch"), "both are named"
+    with_card = decide(ret, {"buyer_face_mismatch": 1.0, "customer_mismatch": 1.0}, ModelResult(), suspect, rules)
+    assert (with_card.outcome, with_card.risk_score) == ("BLOCK", 100), "another card is evidence of its own"
+    data = rules.to_dict()
+    data["weights"] = {**data["weights"], "buyer_face_mismatch": 85}
+    with pytest.raises(RuleSetError, match=r"weights.buyer_face_mismatch \(85\) >= thresholds.block_at"):
+        RuleSet.from_dict(data)
 
 
 def test_rules_topic_update_carries_the_validated_yaml():
