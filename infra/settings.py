@@ -46,8 +46,9 @@ class KafkaSettings(BaseModel, frozen=True):
     topic_prefix: str = ""
     """Prefix for every topic name, so a backtest or a second environment can share a cluster."""
     dead_letter_retention_days: float = 7.0
-    """How long ``dead_letters`` keeps the bad inputs' bytes (names, e-mails, addresses of a transaction);
-    applied to the topic by ``make up`` / ``infra.stack topics``."""
+    """How long ``dead_letters`` keeps the bad inputs' bytes (names, e-mails, addresses of a transaction; face
+    embeddings of a refused face observation or watchlist entry, which ``forget`` does not reach); applied to the
+    topic by ``make up`` / ``infra.stack topics``."""
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
     sasl_username: str | None = None

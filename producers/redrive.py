@@ -11,7 +11,9 @@ copy carries a ``checkout-guard-redriven-from`` header naming its dead letter.
 Skipped and counted: letters whose payload was cut to fit (``payload_truncated``: the bytes are not
 the input any more), letters whose source is not a Kafka topic (the MQTT bridge's ``mqtt:`` ids, CSV
 rows' ``file:`` ids) or a topic the cluster does not have, and copies of an input already planned in
-this run (the same source record dead-lettered twice by a replay).
+this run (the same source record dead-lettered twice by a replay). Never re-driven: watchlist entries (the
+job refuses one of another embedder's length, say). Only the watchlist service writes that topic; a copy
+sent back after the subject was forgotten would enrol the face again; a new ``fraud``/``vip`` does it right.
 
 Re-driving is at-least-once, like any replay: running it twice sends the records twice. That is safe
 because every consumer is idempotent by key -- for alerts, the sender's ledger records each ``(alert_id,
@@ -42,7 +44,7 @@ from infra.clients.topic_replay import plan as plan_ranges
 from infra.settings import Settings, get_settings
 from schemas.errors import InvalidRecord
 from schemas.records import DeadLetter
-from schemas.topics import ALL_TOPICS, DEAD_LETTERS
+from schemas.topics import ALL_TOPICS, DEAD_LETTERS, WATCHLIST
 
 console = Console()
 errors = Console(stderr=True)
@@ -59,7 +61,8 @@ NOT_KAFKA = "skipped: not from a Kafka topic"
 NO_TOPIC = "skipped: no such topic"
 DUPLICATE = "skipped: duplicate"
 OVER_LIMIT = "skipped: over --limit"
-OUTCOMES = (REDRIVE, TRUNCATED, NOT_KAFKA, NO_TOPIC, DUPLICATE, OVER_LIMIT)
+WATCHLIST_ENTRY = "skipped: a watchlist entry (enrol again with fraud/vip)"
+OUTCOMES = (REDRIVE, TRUNCATED, NOT_KAFKA, NO_TOPIC, DUPLICATE, OVER_LIMIT, WATCHLIST_ENTRY)
 
 
 # ---------------------------------------------------------------------------- pure: choosing and planning
@@ -134,9 +137,11 @@ def plan_redrive(
     selection: Selection,
     topics: Mapping[str, int],
     limit: int | None = None,
+    watchlist: str = WATCHLIST.name,
 ) -> RedrivePlan:
     """The sends for the selected letters, oldest (``failed_at``) first, at most ``limit``; every selected
-    letter counted by stage, kind and outcome. ``topics``: the cluster's topics and their partition counts."""
+    letter counted by stage, kind and outcome. ``topics``: the cluster's topics and their partition counts;
+    ``watchlist``: the watchlist topic's full name (never re-driven)."""
     plan = RedrivePlan()
     planned: dict[tuple[str, bytes | None, str], Send] = {}
     for letter in letters:
@@ -146,7 +151,7 @@ def plan_redrive(
             continue
         if not selection.matches(letter):
             continue
-        outcome = _outcome(letter, topics)
+        outcome = WATCHLIST_ENTRY if letter.source_topic == watchlist else _outcome(letter, topics)
         if outcome == REDRIVE:
             content = (letter.source_topic, letter.key, hashlib.sha256(letter.payload).hexdigest())
             if content in planned:
@@ -297,7 +302,8 @@ def main(
     try:
         selection = selection_from_options(stage, kind, since, until, source_topic, prefix)
         topics = cluster_topics(settings)
-        plan = plan_redrive(read_dead_letters(settings, dead_topic), selection, topics, limit)
+        watchlist = WATCHLIST.full_name(prefix)
+        plan = plan_redrive(read_dead_letters(settings, dead_topic), selection, topics, limit, watchlist)
     except (RangeError, TimeoutError, RuntimeError) as exc:
         errors.print(str(exc), style="red", markup=False, highlight=False)
         raise typer.Exit(2 if isinstance(exc, RangeError) else 1) from None

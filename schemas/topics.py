@@ -92,7 +92,8 @@ DEAD_LETTERS = TopicSpec(
     key="<topic>:<partition>:<offset> of the bad input",
 )
 """Its retention is a setting (``KafkaSettings.dead_letter_retention_days``): the bad inputs' bytes hold
-names, e-mails and addresses."""
+names, e-mails and addresses, and a refused face observation's or watchlist entry's face embeddings (``forget``
+does not reach them: this retention does)."""
 
 LABELS = TopicSpec(
     "labels",

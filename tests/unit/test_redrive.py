@@ -27,6 +27,7 @@ from producers.redrive import (
     REDRIVE,
     REDRIVEN_HEADER,
     TRUNCATED,
+    WATCHLIST_ENTRY,
     Selection,
     Send,
     plan_redrive,
@@ -115,6 +116,14 @@ def test_each_payload_goes_back_with_its_key_to_the_partition_it_came_from() -> 
     first, second = plan.sends
     assert (first.topic, first.partition, first.key, first.payload) == ("alerts", 2, b"key-7", b"payload-7")
     assert (second.topic, second.partition) == ("processed_transactions", None)  # fewer partitions now: by key
+
+
+def test_a_watchlist_entry_is_never_sent_back() -> None:
+    """A copy re-driven after its subject was forgotten enrolled the face again (behind the tombstone)."""
+    scoring = Selection(stages=frozenset({"scoring"}))
+    entry = letter(9, topic="e2e.watchlist", partition=0, stage="scoring", kind="invalid_update")
+    plan = plan_redrive([entry], scoring, {"e2e.watchlist": 1}, watchlist="e2e.watchlist")
+    assert plan.sends == [] and dict(plan.counts) == {("scoring", "invalid_update", WATCHLIST_ENTRY): 1}
 
 
 def test_truncated_payloads_and_inputs_that_were_not_kafka_records_are_skipped_and_counted() -> None:
