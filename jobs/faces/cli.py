@@ -1,7 +1,7 @@
 """Faces CLI: ``detect`` images to JSON lines, ``compare`` two images, ``evaluate`` labelled folders,
 ``bench`` the engine and the watchlist. ``python -m jobs.faces --help``.
 
-Embeddings are biometric data: ``detect`` prints them only because it is asked to, to stdout.
+Embeddings are biometric data: ``detect`` prints them only when asked (``--embedding``), to stdout.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import typer
 from PIL import Image, ImageOps
 
 from infra.settings import FaceSettings, get_settings
-from jobs.faces.engine import SFACE_SCALE, DetectedFace, FaceEngine, ImageError, embedding_parts
+from jobs.faces.engine import SFACE_SCALE, DetectedFace, FaceEngine, ImageError, decode_image, embedding_parts
 from jobs.faces.evaluation import (
     CONDITIONS,
     MIN_SET_FALSE_MATCHES,
@@ -55,6 +55,7 @@ from jobs.scoring.face_similarity import (
     similarity,
 )
 from jobs.scoring.watchlist import Watchlist, prefilter
+from schemas.errors import CheckoutGuardError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -81,7 +82,9 @@ def face_json(face: DetectedFace, with_embedding: bool = True) -> dict:
 @app.command()
 def detect(
     images: Annotated[list[Path], typer.Argument(help="JPEG/PNG files")],
-    embedding: Annotated[bool, typer.Option(help="include the embedding of passing faces (fused3: 768 values)")] = True,
+    embedding: Annotated[
+        bool, typer.Option(help="include the embedding of passing faces (biometric data; fused3: 768 values)")
+    ] = False,
 ) -> None:
     """One JSON line per image: faces (box in analysed-image pixels, quality, gate result, embedding).
 
@@ -116,22 +119,6 @@ def compare(a: Path, b: Path) -> None:
     sim = similarity(fa.embedding, fb.embedding)
     decision = "match" if sim >= settings.match_threshold else "no_match"
     typer.echo(json.dumps({"similarity": round(sim, 2), "threshold": settings.match_threshold, "decision": decision}))
-
-
-def labelled_embeddings(roots: list[Path], engine: FaceEngine) -> tuple[list[str], list[str], np.ndarray, list[str]]:
-    """Best-face embeddings of every image in ``<root>/<identity>/`` folders; also the files with none."""
-    labels, files, vectors, missed = [], [], [], []
-    for root in roots:
-        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-            for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-                face = engine.best_face(path.read_bytes())
-                if face is None:
-                    missed.append(str(path))
-                    continue
-                labels.append(f"{root.name}/{folder.name}")
-                files.append(str(path))
-                vectors.append(face.embedding)
-    return labels, files, np.array(vectors, dtype=np.float32), missed
 
 
 def pair_scores(labels: list[str], vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -191,9 +178,12 @@ def _embed_conditions(
     no_face = []
     for src, (set_name, identity, path) in enumerate(photos):
         data = path.read_bytes()
-        ref = engine.best_face(data)
+        try:
+            ref, unusable = engine.best_face(data), str(path)
+        except ImageError as exc:  # one unreadable file (empty, truncated, a bomb) ended the whole evaluation
+            ref, unusable = None, f"{path} ({exc.kind})"
         if ref is None:
-            no_face.append(str(path))
+            no_face.append(unusable)
             for c in conditions:
                 misses[c.name] += 1
             continue
@@ -779,7 +769,12 @@ def bench_faces(photo: Path | None = None, frames: int = 30, enrolled: int = 100
     settings = _settings()
     rng = np.random.default_rng(7)
     if photo is not None:
-        frame, five = _frame_640x480(photo.read_bytes()), _frame_640x480(photo.read_bytes(), faces=5)
+        data = photo.read_bytes()
+        try:
+            decode_image(data, settings)  # PIL alone: a traceback for a bomb, no file name for the rest
+        except ImageError as exc:
+            raise CheckoutGuardError(f"{photo}: {exc}") from None
+        frame, five = _frame_640x480(data), _frame_640x480(data, faces=5)
     else:
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(buf, "JPEG")

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from jobs.faces.cli import app
+from schemas.errors import CheckoutGuardError
 from tests.builders import FACE_LEN
 
 FACES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "faces"
@@ -22,14 +23,23 @@ def test_detect_prints_a_json_line_per_image_with_boxes_quality_and_embeddings(t
     bad.write_bytes(b"not a picture")
     result = runner.invoke(
         app,
-        ["detect", str(FACES / "face_recognition" / "two_people.jpg"), str(FACES / "no_face" / "dogs.jpg"), str(bad)],
+        [
+            "detect",
+            "--embedding",
+            str(FACES / "face_recognition" / "two_people.jpg"),
+            str(FACES / "no_face" / "dogs.jpg"),
+            str(bad),
+        ],
     )
     assert result.exit_code == 1, result.output  # one image could not be decoded: its line says so, and the exit
     two, dogs, broken = (json.loads(line) for line in result.output.splitlines())
     assert len(two["faces"]) == 2 and all(len(f["embedding"]) == FACE_LEN and f["passed"] for f in two["faces"])
     assert set(two["faces"][0]) >= {"box", "quality", "passed", "reject_reason", "embedding"}
     assert dogs["faces"] == [] and broken == {"image": str(bad), "error": "not_an_image", "faces": []}
-    assert runner.invoke(app, ["detect", "--no-embedding", str(FACES / "no_face" / "dogs.jpg")]).exit_code == 0
+    plain = runner.invoke(app, ["detect", str(FACES / "face_recognition" / "two_people.jpg")])
+    assert plain.exit_code == 0 and all("embedding" not in f for f in json.loads(plain.output)["faces"]), (
+        "only if asked"
+    )
 
 
 def test_compare_decides_at_the_configured_threshold():
@@ -111,3 +121,29 @@ def test_evaluate_fused3_reports_the_fusion_each_network_and_each_pair_held_out_
     assert text.exit_code == 0 and "not computed" in text.output
     held = runner.invoke(app, [*args, "--embedder", "fused3", "--fixed-threshold"])
     assert held.exit_code == 0 and "scores: fused3 as the engine makes" in held.output
+
+
+def test_evaluate_counts_an_unreadable_photo_as_unusable_and_goes_on(tmp_path):
+    """One empty or corrupt file ended the whole evaluation with an error that named no file."""
+    import shutil
+
+    train = tmp_path / "train"
+    shutil.copytree(FACES / "face_recognition" / "knn_examples" / "train", train)
+    (train / "obama" / "empty.jpg").write_bytes(b"")
+    (train / "biden" / "notes.png").write_bytes(b"not a picture")
+    result = runner.invoke(app, ["evaluate", str(train), "--no-synthetic", "--embedder", "sface", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["identities"] == 5 and report["genuine_pairs"] == 4
+    unusable = report["no_usable_face"]
+    assert f"{train / 'obama' / 'empty.jpg'} (empty)" in unusable
+    assert f"{train / 'biden' / 'notes.png'} (not_an_image)" in unusable
+
+
+@pytest.mark.parametrize(("content", "kind"), [(b"", "empty"), (b"not a picture", "not_an_image")])
+def test_bench_names_a_photo_it_cannot_read(tmp_path, content: bytes, kind: str):
+    """A decompression bomb was a PIL traceback; a text file an error without the file's name."""
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(content)
+    result = runner.invoke(app, ["bench", "--photo", str(photo), "--frames", "1"])
+    assert isinstance(result.exception, CheckoutGuardError) and str(result.exception).startswith(f"{photo}: {kind}: ")
