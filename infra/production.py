@@ -55,6 +55,10 @@ SERVICES: dict[str, str] = {
 """Every real service (name as in :data:`infra.metrics.PROCESSES`, so its health port is known) and its
 module, in start order: the producers of a topic before its consumers."""
 
+NO_PID_HEADER = frozenset({"scoring-job"})
+"""Processes whose ``/healthz`` does not name its pid (the scoring job's is Flink's reporter): an answer without
+:data:`infra.metrics.PID_HEADER` is theirs; for every other process it is a stranger's on its port."""
+
 RUN_VAR = "CHECKOUT_GUARD_SUPERVISE"
 """Set to this run's id in every child's environment: finds what a child left when it died (an orphaned JVM)."""
 TICK_S = 0.5
@@ -161,13 +165,14 @@ class HealthSupervisor:
             return
         state.next_probe = now + self.settings.health_interval_s
         answer = probe(child.name)
-        if state.foreign or (answer.pid is not None and answer.pid != child.proc.pid):
+        own = answer.pid == child.proc.pid or (answer.pid is None and child.name in NO_PID_HEADER)
+        if state.foreign or (answer.status is not None and not own):
             if not state.foreign:  # its own endpoint could not open: that port's health is not this child's
                 self.log.warning(
-                    "%s: its health port is served by another process (pid %d), not by pid %d (a second copy "
-                    "on this host?): only its exits are acted on until it restarts",
+                    "%s: its health port is served by another process (%s), not by pid %d (a second copy on this "
+                    "host?): only its exits are acted on until it restarts",
                     child.name,
-                    answer.pid,
+                    f"pid {answer.pid}" if answer.pid is not None else "no pid given: not a Checkout Guard process",
                     child.proc.pid,
                 )
             state.foreign, state.bad_since = True, None

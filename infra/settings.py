@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from infra import clock
@@ -425,10 +425,11 @@ class FaceSettings(BaseModel, frozen=True):
     """Larger inputs are refused (decompression bombs, wrong content)."""
     snapshot_retention_hours: float = 24.0
     """Checkout/entrance snapshots that were not retained (no match, no alert) are purged after this."""
-    alert_snapshot_retention_days: float = Field(default=90.0, gt=0)
+    alert_snapshot_retention_days: float = Field(default=92.0, gt=0)
     """A snapshot retained for an alert (the case's picture) is purged this long after it was taken; ``forget``
     of its subject removes it sooner. The watchlist never needs it (an entry matches by its embeddings and is
-    enrolled again from its reference image). Keep it at least ``CG_CASES__RETAIN_DECIDED_DAYS``."""
+    enrolled again from its reference image). Keep it above ``CG_CASES__RETAIN_DECIDED_DAYS`` (90) plus the
+    case's expiry (``CG_CASES__EXPIRE_AFTER_S``, a day), so the picture lasts as long as its case."""
     image_store: str = "local"
     """``local`` (files under ``<stack dir>/images``) or ``s3``."""
     aws_region: str | None = None
@@ -747,7 +748,7 @@ class FlinkClusterSettings(BaseModel, frozen=True):
     """The JobManager's BLOB server (job jars and Python files travel through it)."""
     taskmanager_base_port: Port = 6130
     """TaskManager ``i`` (from 0) takes RPC port ``base + 2i`` and data (shuffle) port ``base + 2i + 1``."""
-    taskmanagers: int = 2
+    taskmanagers: int = Field(default=2, ge=1)
     slots_per_taskmanager: int = 1
     jobmanager_memory: str = "1024m"
     taskmanager_memory: str = "1600m"
@@ -757,6 +758,15 @@ class FlinkClusterSettings(BaseModel, frozen=True):
     """Port range of the Prometheus reporters of the cluster's processes (each takes the first free one)."""
     cluster_dir: Path | None = None
     """Generated config, logs, pid files and temp dirs of the cluster; defaults to ``<stack dir>/flink-cluster``."""
+
+    @field_validator("taskmanagers")
+    @classmethod
+    def _ports_exist(cls, value: int, info: ValidationInfo) -> int:
+        """Each TaskManager takes two ports from the base: the last must still be a port."""
+        base = info.data.get("taskmanager_base_port")
+        if base is not None and base + 2 * value - 1 > 65535:
+            raise ValueError(f"{value} TaskManagers from port {base} need ports up to {base + 2 * value - 1} (> 65535)")
+        return value
 
 
 class Settings(BaseSettings):

@@ -14,7 +14,19 @@ FORGET_WITHIN_A_DAY = {"segment.ms": str(HOUR_MS), "max.compaction.lag.ms": str(
 """For a compacted topic whose tombstones erase personal data: Kafka never compacts the segment it writes to,
 which rolled only after 7 days (``segment.ms``' default), and then compacts only once the log is dirty enough;
 a forgotten subject's embeddings stayed readable from offset 0 meanwhile. With segments of an hour and a
-compaction lag of at most a day, a superseded record is gone within about a day."""
+compaction lag of at most a day, a superseded record is gone within about a day, provided the topic is written
+to: a segment rolls only on a write, so the service that owns the topic appends :data:`COMPACTION_MARKER`."""
+
+COMPACTION_MARKER = b"compaction-marker"
+"""Key of the tombstone the owner of a :data:`FORGET_WITHIN_A_DAY` topic appends once per ``segment.ms``
+(:func:`marker_due`): on a quiet topic the forget's own tombstone sat in the open segment, so the forgotten
+record waited for the next enrolment. Readers take it as a tombstone of a key that never had a record."""
+
+
+def marker_due(spec: TopicSpec, last_ms: int, now_ms: int) -> bool:
+    """Whether the owner of ``spec`` should append :data:`COMPACTION_MARKER` now (last appended at ``last_ms``)."""
+    segment_ms = spec.config.get("segment.ms")
+    return segment_ms is not None and now_ms - last_ms >= int(segment_ms)
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,18 @@ from schemas.records import (
     dead_letter,
     make_label,
 )
-from schemas.topics import ALERTS, AUDIT, CASES, COMMANDS, DEAD_LETTERS, LABELS, WATCHLIST, TopicSpec
+from schemas.topics import (
+    ALERTS,
+    AUDIT,
+    CASES,
+    COMMANDS,
+    COMPACTION_MARKER,
+    DEAD_LETTERS,
+    LABELS,
+    WATCHLIST,
+    TopicSpec,
+    marker_due,
+)
 
 log = logging.getLogger("jobs.cases.service")
 
@@ -89,6 +100,8 @@ class CaseCore:
         self.done: dict[str, int] = {}
         """Audit ids already published, with their time: a command replayed after an offset reset is skipped.
         Only ids newer than the retention horizon are kept (older inputs are skipped anyway)."""
+        self.marked_at = 0
+        """When this service last appended the compaction marker (:func:`schemas.topics.marker_due`)."""
         self.waiting: dict[str, list[tuple[Source, int]]] = {}
         """Verified commands for a case whose alert has not been read yet (alerts and commands are separate
         topics, read in no fixed order), with when they arrived: applied when the case opens, refused
@@ -240,6 +253,9 @@ class CaseCore:
             log.info("expired %s (nobody decided within the expiry)", case.case_id)
             outs.append(self._case(case))
             outs.append(self._service_audit(case, "EXPIRE", "no verdict before the case expired", now_ms))
+        if marker_due(CASES, self.marked_at, now_ms):  # a retired case is compacted away only then
+            self.marked_at = now_ms
+            outs.append(Out(CASES, COMPACTION_MARKER, None))
         return outs + self.retire(now_ms)
 
     def retire(self, now_ms: int) -> list[Out]:

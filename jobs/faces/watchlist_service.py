@@ -66,7 +66,7 @@ from schemas.codec import DecodeError
 from schemas.errors import InvalidRecord
 from schemas.identifiers import check
 from schemas.records import CASE_VERBS, Alert, AuditEvent, BotCommand, WatchlistEntry, dead_letter
-from schemas.topics import ALERTS, AUDIT, COMMANDS, DEAD_LETTERS, WATCHLIST, TopicSpec
+from schemas.topics import ALERTS, AUDIT, COMMANDS, COMPACTION_MARKER, DEAD_LETTERS, WATCHLIST, TopicSpec, marker_due
 
 log = logging.getLogger("jobs.faces.watchlist_service")
 
@@ -128,6 +128,8 @@ class WatchlistCore:
         """The same entries whole (their templates): a confirmed sighting adds one (``LEARN``)."""
         self.done: set[str] = set()
         """Audit ids already published: an input replayed after an offset reset is skipped entirely."""
+        self.marked_at = 0
+        """When this service last appended the compaction marker (:func:`schemas.topics.marker_due`)."""
 
     # --- state -------------------------------------------------------------------------------------
     def load(self, key: bytes | None, value: bytes | None) -> None:
@@ -264,6 +266,9 @@ class WatchlistCore:
         """Expired watchlist entries forgotten, entries of another embedder enrolled again, then the snapshots past
         their retention deleted."""
         expired = self.expire(now_ms) + self.reembed(now_ms)
+        if marker_due(WATCHLIST, self.marked_at, now_ms):  # a forgotten entry is compacted away only then
+            self.marked_at = now_ms
+            expired.append(Out(WATCHLIST, COMPACTION_MARKER, None))
         faces = self.settings.faces
         cutoff = now_ms - int(faces.snapshot_retention_hours * 3600 * 1000)
         deleted = self.store.purge(cutoff)

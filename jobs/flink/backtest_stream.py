@@ -466,6 +466,16 @@ def create_copy_topics(settings: Settings, transactions_partitions: int) -> None
             for fut in admin.create_topics([topic], request_timeout=30).values():
                 fut.result()
     ensure_topics(settings)
+    from infra.launcher import wait_for
+
+    # A created topic may take a moment to be listed by every broker; the rules publish checks that it is.
+    names = {spec.full_name(settings.kafka.topic_prefix) for spec in ALL_TOPICS}
+    with kafka_clients.admin_session(settings) as admin:
+        wait_for(
+            lambda: names <= set(kafka_clients.cluster_metadata(admin, settings).topics),
+            30,
+            what="the copy's topics to be listed",
+        )
 
 
 def publish_rules(settings: Settings, rules_file: Path) -> RuleSet:

@@ -253,6 +253,10 @@ def _weights(data: dict, errors: list[str]) -> dict[str, int]:
         value = _int(weights_in, name, 0, 100, errors, "weights.")
         if value is not None:
             weights[str(name)] = value
+    if "buyer_face_mismatch" not in weights and "customer_mismatch" in weights:
+        # A rule set written before the face's mismatch had its own name weighed it as customer_mismatch:
+        # without this, a published older rule set would score a returner who is not the buyer 0.
+        weights["buyer_face_mismatch"] = weights["customer_mismatch"]
     return weights
 
 

@@ -344,10 +344,10 @@ class Scorer:
                 rows.extend(self.decide(env, next(results), face, before_model, camera, outcomes))
         # Counted once the whole batch is decided: a failure makes the caller decide it again one by one. So do
         # the drift monitor's observations, and its reports are drained only now (a failed try's were lost).
-        self.stats.outcomes.update(outcomes)
         if live:
             self.predictor.settle()
             rows[:0] = self.drift_rows(self.predictor.drain_reports())
+        self.stats.outcomes.update(outcomes)
         if decide_from:
             self.stats.observed_only["warm_up"] += len(envs) - len(live)
         return rows, writes

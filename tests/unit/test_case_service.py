@@ -23,7 +23,9 @@ GUARD = "guard@example.com"
 @pytest.fixture
 def core() -> CaseCore:
     webex = WebexSettings(command_signing_key=SecretStr(KEY), allowed_people=GUARD)
-    return CaseCore(Settings(webex=webex, cases=CasesSettings(expire_after_s=600, flag_dismissals=2)))
+    core = CaseCore(Settings(webex=webex, cases=CasesSettings(expire_after_s=600, flag_dismissals=2)))
+    core.marked_at = NOW  # the compaction marker is due an hour on (its own test)
+    return core
 
 
 def alert_src(alert_id: str = "watchlist:tx-1:subj-a", kind: str = "WATCHLIST_MATCH", offset: int = 0) -> Source:
@@ -291,3 +293,13 @@ def test_audit_ids_older_than_the_horizon_are_pruned(monkeypatch: pytest.MonkeyP
     core.done["case:ancient"] = NOW - 40 * DAY
     core.retire(NOW)
     assert "case:ancient" not in core.done and "case:m0" in core.done
+
+
+def test_the_cases_topic_gets_a_compaction_marker_once_a_segment(core: CaseCore) -> None:
+    """A segment rolls only on a write: on a quiet topic a retired case stayed readable until the next alert."""
+    from schemas.topics import CASES, COMPACTION_MARKER, HOUR_MS
+
+    assert core.expire(NOW + HOUR_MS - 1) == []
+    [marker] = core.expire(NOW + HOUR_MS)
+    assert (marker.topic, marker.key, marker.value) == (CASES, COMPACTION_MARKER, None)
+    assert core.expire(NOW + HOUR_MS + 1) == [], "once per segment.ms"

@@ -180,7 +180,7 @@ def test_a_buyer_face_kept_before_faces_were_checked_is_no_evidence_at_a_return(
         [tx_record(return_of("r1", "t1", at_s=60, amount=40), 1), face_record("r1", embedding=BUYER_FACE)], NOW
     )
     out = scored(step)["r1"]
-    assert "buyer_face_similarity" not in out["indicators"] and "customer_mismatch" not in out["reasons"]
+    assert "buyer_face_similarity" not in out["indicators"] and "buyer_face_mismatch" not in out["reasons"]
 
 
 def test_a_buyer_face_of_another_embedder_is_no_evidence_at_a_return():
@@ -191,7 +191,7 @@ def test_a_buyer_face_of_another_embedder_is_no_evidence_at_a_return():
         [tx_record(return_of("r1", "t1", at_s=60, amount=40), 1), face_record("r1", embedding=BUYER_FACE)], NOW
     )
     out = scored(step)["r1"]
-    assert "buyer_face_similarity" not in out["indicators"] and "customer_mismatch" not in out["reasons"]
+    assert "buyer_face_similarity" not in out["indicators"] and "buyer_face_mismatch" not in out["reasons"]
 
 
 # --- any exception is the record's dead letter ----------------------------------------------------------

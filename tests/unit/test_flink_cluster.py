@@ -203,3 +203,14 @@ def test_stop_takes_a_canonical_savepoint_where_the_next_start_finds_it() -> Non
     output = 'Suspending job "abc123" with a CANONICAL savepoint.\nSavepoint completed. Path: file:/ck/savepoints/s-1\n'
     assert fc.savepoint_path(output) == "file:/ck/savepoints/s-1"
     assert fc.savepoint_path("Suspending job ...\n") is None
+
+
+def test_taskmanager_ports_past_65535_are_a_settings_error() -> None:
+    """TaskManager i takes base + 2i and base + 2i + 1: a high base started a TaskManager on no port at all."""
+    from pydantic import ValidationError
+
+    from infra.settings import FlinkClusterSettings
+
+    assert FlinkClusterSettings(taskmanager_base_port=65530, taskmanagers=3).taskmanagers == 3
+    with pytest.raises(ValidationError, match="need ports up to 65537"):
+        FlinkClusterSettings(taskmanager_base_port=65530, taskmanagers=4)

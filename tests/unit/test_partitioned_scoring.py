@@ -234,7 +234,7 @@ def test_seeded_stream_holds_what_the_equivalence_must_cover():
     rows = _run_single(batches, suspect)
     scored = [codec("ScoredTransaction").decode(v) for t, _, v in rows if t == SCORED]
     reasons = {r for s in scored for r in s["reasons"]} | {k for s in scored for k in s["indicators"]}
-    assert {"cross_store_return", "customer_mismatch", "buyer_face_similarity"} <= reasons
+    assert {"cross_store_return", "customer_mismatch", "buyer_face_mismatch", "buyer_face_similarity"} <= reasons
     assert {"return_unknown_receipt", "return_without_receipt"} <= reasons
     assert {s["face_status"] for s in scored} >= {"MATCHED", "NO_MATCH", "UNAVAILABLE"}
     assert any(t == DLQ for t, _, _ in rows)

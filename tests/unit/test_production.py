@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -58,16 +59,19 @@ class Starter:
 
 
 class Probe:
-    """Answers what the test sets per process (default 200, no pid); records who was asked."""
+    """Answers what the test sets per process (default 200, from the child itself: its pid; ``pid[name]``
+    another pid, or None for no pid header); records who was asked."""
 
     def __init__(self) -> None:
         self.status: dict[str, int | None] = {}
-        self.pid: dict[str, int] = {}
+        self.pid: dict[str, int | None] = {}
         self.asked: list[str] = []
+        self.children: Callable[[], list[Child]] = list
 
     def __call__(self, name: str) -> Answer:
         self.asked.append(name)
-        return Answer(self.status.get(name, 200), self.pid.get(name))
+        own = next((c.proc.pid for c in self.children() if c.name == name and c.alive), None)
+        return Answer(self.status.get(name, 200), self.pid.get(name, own))
 
 
 CFG = SupervisorSettings(
@@ -83,6 +87,8 @@ def watch(clock: Clock, probe: Probe | None, cfg: SupervisorSettings = CFG) -> t
         child.proc.returncode = -15
 
     sup = Supervisor(backoff_s=cfg.backoff_s, max_restarts=cfg.max_restarts, clock=clock)
+    if probe is not None:
+        probe.children = lambda: sup.children
     return HealthSupervisor(sup, cfg, probe, clock=clock, stop=stop), stopped
 
 
@@ -249,7 +255,19 @@ def test_a_port_served_by_another_process_is_not_held_against_the_child(caplog: 
     sink.started[0].die(1)  # its next process may get the port: checked again
     del probe.pid["opensearch-sink"]
     advance(w, clock, 60, step=5)
-    assert stopped == [sink.started[1]], "a 404 from what may be its own endpoint counts"
+    assert stopped == [sink.started[1]], "a 404 from its own endpoint counts"
+
+
+def test_an_answer_without_a_pid_is_a_strangers_except_from_the_scoring_jobs_reporter() -> None:
+    """Every service but the scoring job (Flink's reporter) names its pid: a server that does not is not ours, and
+    its 404 got the service restarted until the supervisor gave up on it."""
+    clock, probe = Clock(), Probe()
+    w, stopped = watch(clock, probe)
+    for name in ("alert-sender", "scoring-job"):
+        w.supervisor.add(name, Starter(name))
+        probe.pid[name], probe.status[name] = None, 404
+    advance(w, clock, 3600, step=5)
+    assert [child.name for child in stopped] == ["scoring-job"] * len(stopped) and stopped, "only the job's counts"
 
 
 def test_the_probe_reads_which_process_answered(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -124,6 +124,17 @@ def test_a_suspect_match_and_a_returner_who_is_not_the_buyer_are_one_piece_of_fa
         RuleSet.from_dict(data)
 
 
+def test_a_rule_set_from_before_the_face_mismatch_had_its_name_weighs_it_as_customer_mismatch():
+    """A published older rule set (no buyer_face_mismatch weight) scored a returner who is not the buyer 0."""
+    data = RuleSet.default().to_dict()
+    del data["weights"]["buyer_face_mismatch"]
+    data["weights"]["customer_mismatch"] = 35
+    older = RuleSet.from_dict(data)
+    seen = FaceResult(status="NO_MATCH")
+    decision = decide(return_of("r1", "t1").to_avro(), {"buyer_face_mismatch": 1.0}, ModelResult(), seen, older)
+    assert decision.reasons == ("buyer_face_mismatch",) and decision.risk_score == 35
+
+
 def test_rules_topic_update_carries_the_validated_yaml():
     text = DEFAULT_RULESET.read_text()
     record = update_record(RuleSet.from_yaml(text), text, "analyst@example.com", published_at=123)

@@ -186,7 +186,7 @@ def test_an_alert_snapshot_goes_after_its_own_longer_period(core):
     """A blocked sale's or a dismissed match's snapshot (an innocent shopper's face) was kept for ever."""
     assert isinstance(core.store, LocalImageStore)
     refs = []
-    for n, (subject, age_days) in enumerate((("subj-tx-1", 91), (None, 91), (None, 89))):
+    for n, (subject, age_days) in enumerate((("subj-tx-1", 93), (None, 93), (None, 89))):
         refs.append(ref := core.store.put("checkout", f"tx-sighting-{n}", b"x"))
         alert = Alert(
             alert_id=f"a-{n}",
@@ -296,3 +296,16 @@ def test_an_image_store_outage_is_retried_and_a_missing_s3_image_fails_once(tmp_
     [failed] = [AuditEvent.decode(o.value) for o in missing.reembed(NOW)]
     assert failed.outcome == "FAILED" and "missing_image" in failed.reason
     assert missing.reembed(NOW + 1) == []
+
+
+def test_the_watchlist_topic_gets_a_compaction_marker_once_a_segment(core) -> None:
+    """A segment rolls only on a write: on a quiet topic a forgotten subject's entry (embeddings included) stayed
+    readable from offset 0 until the next enrolment, since the forget's tombstone sat in the open segment."""
+    from schemas.topics import COMPACTION_MARKER, HOUR_MS
+
+    [marker] = [o for o in core.purge(NOW) if o.topic == WATCHLIST]
+    assert (marker.key, marker.value) == (COMPACTION_MARKER, None)
+    assert not [o for o in core.purge(NOW + HOUR_MS - 1) if o.topic == WATCHLIST], "once per segment.ms"
+    assert [o.key for o in core.purge(NOW + HOUR_MS) if o.topic == WATCHLIST] == [COMPACTION_MARKER]
+    core.load(COMPACTION_MARKER, None)  # read back like any tombstone: a key that never had an entry
+    assert COMPACTION_MARKER.decode() not in core.entries
