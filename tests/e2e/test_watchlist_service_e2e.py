@@ -19,7 +19,7 @@ from infra.launcher import spawn, wait_for
 from infra.settings import Settings
 from infra.stack import ensure_topics
 from schemas.records import Alert, AuditEvent, BotCommand, DeadLetter, WatchlistEntry
-from schemas.topics import ALERTS, AUDIT, COMMANDS, DEAD_LETTERS, WATCHLIST
+from schemas.topics import ALERTS, AUDIT, COMMANDS, COMPACTION_MARKER, DEAD_LETTERS, WATCHLIST
 from tests.builders import FACE_LEN
 
 pytestmark = pytest.mark.e2e
@@ -30,7 +30,8 @@ SIGNING_KEY = "e2e-command-signing-key"
 
 
 class TopicReader:
-    """Reads a topic from the beginning (committed records only), accumulating across calls."""
+    """Reads a topic from the beginning (committed records only), accumulating across calls; the compaction
+    markers its owner appends (one per start, then one an hour) are counted in ``markers``, not kept."""
 
     def __init__(self, settings: Settings, spec) -> None:
         self.topic = spec.full_name(settings.kafka.topic_prefix)
@@ -45,12 +46,17 @@ class TopicReader:
         parts = self.consumer.list_topics(self.topic, timeout=10).topics[self.topic].partitions
         self.consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in parts])
         self.records: list[tuple[bytes | None, bytes | None]] = []
+        self.markers = 0
 
     def poll(self, seconds: float = 0.5) -> list[tuple[bytes | None, bytes | None]]:
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             msg = self.consumer.poll(0.1)
-            if msg is not None and not msg.error():
+            if msg is None or msg.error():
+                continue
+            if msg.key() == COMPACTION_MARKER and msg.value() is None:
+                self.markers += 1
+            else:
                 self.records.append((msg.key(), msg.value()))
         return self.records
 
@@ -167,6 +173,7 @@ def test_fraud_then_forget_through_kafka(settings: Settings):
         assert _audits(audit)[f"command:{again}"].outcome == "UNCHANGED"
         assert len(audit.poll(2)) == n_audit + 1, "only the new command was audited after the restart"
         assert len(watch.poll()) == n_watch + 1, "only its (harmless) tombstone was added"
+        assert watch.markers >= 1, "the service keeps the topic compacting (a marker at each start)"
 
         # offsets reset (consumer group deleted): every command is read again, none is carried out twice
         service.stop()
