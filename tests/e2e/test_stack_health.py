@@ -3,6 +3,7 @@ logins switched on, Kafka and Mosquitto admit the configured users only."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -65,13 +66,24 @@ def test_topics_match_the_spec(stack: Settings) -> None:
     assert actual_config(admin, watchlist)["cleanup.policy"] == "compact"
 
 
-def test_dead_letters_are_kept_as_long_as_the_setting_says_also_when_it_changes(stack: Settings) -> None:
+@contextlib.contextmanager
+def own_topics(stack: Settings, tag: str) -> Iterator[tuple[Settings, AdminClient]]:
+    """The settings with a topic prefix of their own, and an admin client; the prefix's topics go afterwards."""
     settings = stack.model_copy(
-        update={"kafka": stack.kafka.model_copy(update={"topic_prefix": f"e2edl{uuid.uuid4().hex[:6]}."})}
+        update={"kafka": stack.kafka.model_copy(update={"topic_prefix": f"{tag}{uuid.uuid4().hex[:6]}."})}
     )
     admin = AdminClient(settings.kafka.client_config())
-    topic = DEAD_LETTERS.full_name(settings.kafka.topic_prefix)
     try:
+        yield settings, admin
+    finally:
+        names = [spec.full_name(settings.kafka.topic_prefix) for spec in ALL_TOPICS]
+        for fut in admin.delete_topics(names, operation_timeout=10).values():
+            fut.exception(30)
+
+
+def test_dead_letters_are_kept_as_long_as_the_setting_says_also_when_it_changes(stack: Settings) -> None:
+    with own_topics(stack, "e2edl") as (settings, admin):
+        topic = DEAD_LETTERS.full_name(settings.kafka.topic_prefix)
         for days in (2, 0.5):
             ensure_topics(
                 settings.model_copy(
@@ -85,29 +97,17 @@ def test_dead_letters_are_kept_as_long_as_the_setting_says_also_when_it_changes(
                 15,
                 what=f"retention {wanted}",
             )
-    finally:
-        names = [spec.full_name(settings.kafka.topic_prefix) for spec in ALL_TOPICS]
-        for fut in admin.delete_topics(names, operation_timeout=10).values():
-            fut.exception(30)
 
 
 def test_an_existing_watchlist_topic_gets_the_compaction_that_erasure_needs(stack: Settings) -> None:
     """A topic made before (or tuned since) kept a forgotten subject's embeddings readable for 7 days or more."""
-    settings = stack.model_copy(
-        update={"kafka": stack.kafka.model_copy(update={"topic_prefix": f"e2ewl{uuid.uuid4().hex[:6]}."})}
-    )
-    admin = AdminClient(settings.kafka.client_config())
-    topic = WATCHLIST.full_name(settings.kafka.topic_prefix)
-    try:
+    with own_topics(stack, "e2ewl") as (settings, admin):
+        topic = WATCHLIST.full_name(settings.kafka.topic_prefix)
         admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])[topic].result(timeout=30)
         ensure_topics(settings)
         for key in WATCHLIST.enforced:
             wanted = WATCHLIST.config[key]
             wait_for(lambda key=key, wanted=wanted: actual_config(admin, topic)[key] == wanted, 15, what=f"{key}")
-    finally:
-        names = [spec.full_name(settings.kafka.topic_prefix) for spec in ALL_TOPICS]
-        for fut in admin.delete_topics(names, operation_timeout=10).values():
-            fut.exception(30)
 
 
 def actual_config(admin: AdminClient, topic: str) -> dict[str, str]:

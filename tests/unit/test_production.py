@@ -194,11 +194,17 @@ def test_a_restarted_process_gets_its_own_grace() -> None:
     assert len(stopped) == 1 and job.started[1].alive
 
 
-def test_a_process_that_recovers_before_the_limit_is_left_running(caplog: pytest.LogCaptureFixture) -> None:
+def logged_watch(caplog: pytest.LogCaptureFixture) -> tuple[Clock, Probe, HealthSupervisor, list[Child]]:
+    """:func:`watch` with a probe, logging to a logger ``caplog`` records at INFO."""
     clock, probe = Clock(), Probe()
     w, stopped = watch(clock, probe)
     w.log = logging.getLogger("test.production")
     caplog.set_level(logging.INFO, logger="test.production")
+    return clock, probe, w, stopped
+
+
+def test_a_process_that_recovers_before_the_limit_is_left_running(caplog: pytest.LogCaptureFixture) -> None:
+    clock, probe, w, stopped = logged_watch(caplog)
     bot = Starter("webex-bot")
     w.supervisor.add("webex-bot", bot)
     for _ in range(5):
@@ -240,10 +246,7 @@ def test_without_a_probe_only_exits_are_acted_on() -> None:
 def test_a_port_served_by_another_process_is_not_held_against_the_child(caplog: pytest.LogCaptureFixture) -> None:
     """A second copy on the same host runs without its endpoint; the first copy's answers (or a stranger's 404)
     on that port are not its health, so it was stopped every ~160 s for ever."""
-    clock, probe = Clock(), Probe()
-    w, stopped = watch(clock, probe)
-    w.log = logging.getLogger("test.production")
-    caplog.set_level(logging.INFO, logger="test.production")
+    clock, probe, w, stopped = logged_watch(caplog)
     sink = Starter("opensearch-sink")
     w.supervisor.add("opensearch-sink", sink)
     probe.pid["opensearch-sink"] = 1  # someone else's endpoint: its pid is not the child's
