@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -49,6 +50,7 @@ from infra.settings import Settings, get_settings
 from jobs.scoring.rules import RuleSet, RuleSetError
 from jobs.scoring.rules import publish_rules as publish_rule_set
 from schemas.errors import CheckoutGuardError
+from schemas.indices import ROUTES, index_name
 from schemas.topics import ALL_TOPICS, SCORED_TRANSACTIONS, TRANSACTIONS
 
 console = Console()
@@ -74,6 +76,17 @@ FIELDS = (
 )
 """Document fields the comparison reads."""
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,60}$")
+
+
+def check_name(settings: Settings, name: str) -> None:
+    """``ValueError`` unless ``name`` may name a backtest's copy: lowercase letters, digits, ``-`` and ``_``
+    (it names indices), and not the live index prefix nor a dash-prefix of it: ``checkout`` would have written
+    into, and cleaned up, ``checkout-guard-*``."""
+    if not NAME_RE.match(name):
+        raise ValueError(f"backtest name {name!r}: lowercase letters, digits, '-' and '_' (it names indices)")
+    live = settings.opensearch.index_prefix
+    if f"{live}-".startswith(f"{name}-"):
+        raise ValueError(f"backtest name {name!r}: its indices ({name}-*) would take in the live ones ({live}-*)")
 
 
 # ---------------------------------------------------------------------------- pure: the comparison
@@ -375,16 +388,12 @@ def write_report(report: Report, directory: Path) -> tuple[Path, Path]:
 
 def candidate_documents(client: OpenSearch, index_prefix: str) -> Iterator[dict[str, Any]]:
     """Every decision in ``<prefix>-transactions``."""
-    from schemas.indices import index_name
-
     for hit in scan(client, index=index_name(index_prefix, "transactions"), query={"_source": list(FIELDS)}, size=1000):
         yield hit["_source"]
 
 
 def documents_by_id(client: OpenSearch, index_prefix: str, ids: list[str], chunk: int = 1000) -> Iterator[dict]:
     """The decisions in ``<prefix>-transactions`` for ``ids`` (an ids query: the alias spans period indices)."""
-    from schemas.indices import index_name
-
     index = index_name(index_prefix, "transactions")
     for i in range(0, len(ids), chunk):
         part = ids[i : i + chunk]
@@ -400,7 +409,6 @@ def compare_indices(settings: Settings, baseline_prefix: str, candidate_prefix: 
     from opensearchpy.exceptions import NotFoundError
 
     from infra.clients.opensearch import make_client
-    from schemas.indices import index_name
 
     client = make_client(settings.opensearch, timeout_s=60)
     for prefix in (baseline_prefix, candidate_prefix):
@@ -432,8 +440,7 @@ class Candidate:
 
 def candidate_settings(settings: Settings, name: str, candidate: Candidate) -> Settings:
     """The copy's settings: isolated under ``name``, the candidate's rule set and model, no face join."""
-    if not NAME_RE.match(name):
-        raise ValueError(f"backtest name {name!r}: lowercase letters, digits, '-' and '_' (it names indices)")
+    check_name(settings, name)
     copy = settings.isolated(
         name, settings.stack_dir / "backtests" / name / "checkpoints", face_deadline_ms=0, starting_offsets="earliest"
     )
@@ -582,9 +589,11 @@ def run_backtest(
 
 
 def cleanup(settings: Settings, name: str) -> tuple[list[str], list[str]]:
-    """Delete a backtest's topics (``<name>.*``) and indices (``<name>-*``); its report stays."""
+    """Delete a backtest's topics (``<name>.*``), its indices (``<name>-<kind>*`` of the sink's kinds only) and its
+    checkpoints (so the name can run again); its report stays."""
     from infra.clients.opensearch import make_client
 
+    check_name(settings, name)
     with kafka_clients.admin_session(settings) as admin:
         existing = kafka_clients.cluster_metadata(admin, settings).topics
         topics = [t.full_name(f"{name}.") for t in ALL_TOPICS if t.full_name(f"{name}.") in existing]
@@ -592,9 +601,11 @@ def cleanup(settings: Settings, name: str) -> tuple[list[str], list[str]]:
             for fut in admin.delete_topics(topics, request_timeout=30).values():
                 fut.result()
     client = make_client(settings.opensearch)
-    indices = sorted(client.indices.get(index=f"{name}-*", params={"allow_no_indices": "true"}))
+    patterns = ",".join(f"{index_name(name, route.kind)}*" for route in ROUTES)
+    indices = sorted(client.indices.get(index=patterns, params={"allow_no_indices": "true"}))
     if indices:
         client.indices.delete(index=",".join(indices))
+    shutil.rmtree(settings.stack_dir / "backtests" / name / "checkpoints", ignore_errors=True)
     return topics, indices
 
 
@@ -680,11 +691,14 @@ def compare_command(
 
 @app.command("cleanup")
 def cleanup_command(name: Annotated[str, typer.Argument(help="The backtest's name.")]) -> None:
-    """Delete a backtest's topics and indices (the report stays)."""
-    if not NAME_RE.match(name):
-        errors.print(f"not a backtest name: {name!r}", style="red", markup=False)
-        raise typer.Exit(2)
-    topics, indices = cleanup(get_settings(), name)
+    """Delete a backtest's topics, indices and checkpoints (the report stays)."""
+    settings = get_settings()
+    try:
+        check_name(settings, name)
+    except ValueError as exc:
+        errors.print(f"not a backtest name: {exc}", style="red", markup=False)
+        raise typer.Exit(2) from None
+    topics, indices = cleanup(settings, name)
     console.print(f"deleted {len(topics)} topic(s) and {len(indices)} index(es) of {name}", highlight=False)
 
 

@@ -819,7 +819,9 @@ def fit(
         "trained_on": {"rows": int(len(y)), "fraud": int(np.sum(y))},
         **(info or {}),
     }
-    digest = hashlib.sha256(booster.to_bytes() + json.dumps(meta.get("data", {}), sort_keys=True).encode())
+    # Everything the artifact holds goes into its name (the calibration and the evaluation too): hashing only
+    # the model and the data gave a retrain with other --folds the champion's name, and save replaced it.
+    digest = hashlib.sha256(booster.to_bytes() + json.dumps(meta, sort_keys=True, default=str).encode())
     meta["version"] = f"gbm-{datetime.now(UTC):%Y%m%d}-{digest.hexdigest()[:8]}"
     meta["created_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     trained = frozenset(id_digest(i) for i in ids) if ids is not None else None

@@ -121,3 +121,40 @@ def test_the_copy_is_isolated_and_runs_the_candidate(tmp_path):
     assert copy.job.face_deadline_ms == 0
     with pytest.raises(ValueError, match="backtest name"):
         candidate_settings(live, "Has Spaces", Candidate(rules_file=rules))
+
+
+@pytest.mark.parametrize("name", ["checkout", "checkout-guard"])
+def test_a_backtest_name_that_takes_in_the_live_indices_is_refused(tmp_path, name: str):
+    """cleanup deleted <name>-*: 'checkout' took every live checkout-guard-* index with it."""
+    with pytest.raises(ValueError, match="would take in the live ones"):
+        candidate_settings(Settings(stack_dir=tmp_path), name, Candidate(rules_file=tmp_path / "r.yaml"))
+    assert candidate_settings(Settings(stack_dir=tmp_path), "checkout-guard2", Candidate()).opensearch.index_prefix
+
+
+def test_cleanup_deletes_only_the_copys_own_indices_topics_and_checkpoints(tmp_path, monkeypatch):
+    """The name may run again after it (the refusal said 'clean it up', but the checkpoints stayed)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from infra.clients import kafka as kafka_clients
+    from infra.clients import opensearch
+    from jobs.flink.backtest_stream import cleanup
+
+    asked: list[str] = []
+    deleted: list[str] = []
+    indices = SimpleNamespace(
+        get=lambda index, params: asked.append(index) or {"bt-1-transactions-2026.11.22": {}},
+        delete=lambda index: deleted.append(index),
+    )
+    monkeypatch.setattr(opensearch, "make_client", lambda _settings: SimpleNamespace(indices=indices))
+    admin = SimpleNamespace(delete_topics=lambda topics, request_timeout: {})
+    monkeypatch.setattr(kafka_clients, "admin_session", lambda _settings: contextlib.nullcontext(admin))
+    monkeypatch.setattr(kafka_clients, "cluster_metadata", lambda *_a, **_k: SimpleNamespace(topics={}))
+    checkpoints = tmp_path / "backtests" / "bt-1" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (tmp_path / "backtests" / "bt-1" / "report.md").write_text("kept")
+    assert cleanup(Settings(stack_dir=tmp_path), "bt-1") == ([], ["bt-1-transactions-2026.11.22"])
+    [patterns] = asked
+    assert all(p.startswith("bt-1-") and p.endswith("*") for p in patterns.split(",")) and "bt-1-*" not in patterns
+    assert deleted == ["bt-1-transactions-2026.11.22"]
+    assert not checkpoints.exists() and (tmp_path / "backtests" / "bt-1" / "report.md").exists()

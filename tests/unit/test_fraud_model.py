@@ -210,6 +210,10 @@ def test_a_small_history_trains_catboost_whose_artifact_scores_the_same_after_lo
     # holds a random model id and the training clock unless they are removed).
     again = fit(data.x, data.y, Calibration.fit(np.linspace(0.0, 1.0, 300)), rounds=60).model
     assert again.version == model.version
+    # ... and everything else the artifact holds: another calibration (a retrain with other --folds) is another
+    # version, where it took the champion's name and replaced its folder.
+    other = fit(data.x, data.y, Calibration.fit(np.linspace(0.0, 1.0, 301)), rounds=60).model
+    assert other.version != model.version
 
 
 def test_catboost_never_scores_more_velocity_as_safer():
