@@ -122,7 +122,10 @@ class LabelImport:
 
 def detect_format(header: Sequence[str]) -> str:
     """:data:`SIMPLE` (``transaction_id``, ``label``) or :data:`FRAUD_DETECTOR` (``EVENT_ID``, ``EVENT_LABEL``)."""
-    names = {name.strip().lower() for name in header}
+    listed = [name.strip().lower() for name in header if name.strip()]
+    if twice := sorted({name for name in listed if listed.count(name) > 1}):  # as the model's CSV reader
+        raise LabelFileError(f"the header names column(s) {', '.join(twice)} more than once")
+    names = set(listed)
     if {"transaction_id", "label"} <= names:
         return SIMPLE
     if {"event_id", "event_label"} <= names:
@@ -152,7 +155,7 @@ def labels_from_rows(
     Raises :class:`LabelFileError` for a header of neither format; every row problem is a :class:`BadRow`.
     A transaction given two different verdicts in the file is bad on each of its lines."""
     fmt = detect_format(header)
-    columns = {name.strip().lower(): i for i, name in reversed(list(enumerate(header)))}
+    columns = {name.strip().lower(): i for i, name in enumerate(header)}
     out = LabelImport(format=fmt)
     seen: dict[str, list[tuple[int, Label]]] = {}
     for line, values in rows:

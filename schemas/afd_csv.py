@@ -353,6 +353,9 @@ def _header(reader: Iterator[list[str]], lines: _Lines, name: str) -> list[str]:
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
         raise CsvFormatError(f"{name} lacks required column(s) {', '.join(missing)}")
+    twice = sorted({c for c in header if c and header.count(c) > 1})
+    if twice:  # which copy counts would be a guess (the last one did, silently: a second order_price of 1)
+        raise CsvFormatError(f"{name} names column(s) {', '.join(twice)} more than once")
     return header
 
 

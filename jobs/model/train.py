@@ -184,10 +184,14 @@ def evaluate_history(
     ``learner`` None: chosen on these folds (:func:`cross_validate_learners`), unless settings are
     overridden (``rounds``, ``params``, ``drop``): they belong to one learner, :func:`learner_for`'s."""
     data = labelled(history)
-    if len(set(data.y.tolist())) < 2:
-        raise typer.BadParameter("need labelled fraud and legitimate rows")
+    if len(set(data.y.tolist())) < 2:  # the data, not the command line: one Error: line, exit 1
+        fraud = int(data.y.sum())
+        raise CheckoutGuardError(
+            f"need labelled fraud and legitimate rows (EVENT_LABEL fraud / legit): {fraud} fraud and "
+            f"{len(data.y) - fraud} legitimate"
+        )
     if len(data.y) < 2 * (folds + 1):
-        raise typer.BadParameter(f"{len(data.y)} labelled rows are too few for {folds} folds")
+        raise typer.BadParameter(f"{len(data.y)} labelled rows are too few for {folds} folds", param_hint="--folds")
     if learner is None and rounds is None and not params and not drop:
         return data, cross_validate_learners(data.x, data.y, data.times, data.amounts, folds=folds, seed=seed)
     cv = cross_validate(
@@ -279,7 +283,7 @@ def train_on(
     rows = cv.calibration_rows(data.y)
     legit_oof = cv.oof[rows][data.y[rows] == 0]
     if legit_oof.size == 0:
-        raise typer.BadParameter("no legitimate row was scored out of fold: nothing to calibrate on")
+        raise CheckoutGuardError("no legitimate row was scored out of fold: nothing to calibrate on")
     calibration = Calibration.fit(legit_oof)
     scored = ~np.isnan(cv.oof)
     info = {

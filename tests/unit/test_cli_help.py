@@ -195,8 +195,10 @@ def test_the_console_answers_a_bad_file_with_one_line_and_exit_1_as_python_m_doe
     from infra.cli import main
 
     (tmp_path / "cols.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "header.csv").write_text("EVENT_TIMESTAMP,EVENT_ID,order_price,payment_currency,merchant,EVENT_LABEL\n")
     for argv in (
         ["evaluate", str(tmp_path / "cols.csv")],
+        ["evaluate", str(tmp_path / "header.csv")],  # no labelled rows: the data, not the command line (was exit 2)
         ["backtest", str(tmp_path / "cols.csv"), "--model", str(tmp_path / "none")],
     ):
         with pytest.raises(SystemExit) as exit_:

@@ -578,6 +578,17 @@ def test_a_header_that_is_not_utf8_rejects_the_file(tmp_path: Path) -> None:
         read_rows(path)
 
 
+def test_a_column_named_twice_rejects_the_file(tmp_path: Path) -> None:
+    """The last copy won silently (a second order_price of 1 made every row cost 1); the labels reader took the
+    first: the two disagreed on the same file."""
+    path = tmp_path / "x.csv"
+    write_csv(path, [afd_row("ok")])
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0] + ",order_price", *(line + ",1" for line in lines[1:])]) + "\n")
+    with pytest.raises(CsvFormatError, match="names column.s. order_price more than once"):
+        read_rows(path)
+
+
 def test_dead_letter_of_a_row_is_named_by_file_and_line_and_carries_its_bytes(tmp_path: Path) -> None:
     path = write_csv(
         tmp_path / "x.csv", [afd_row("bad-utf8", customer_name="MARK"), afd_row("bad-price", order_price="nan")]

@@ -227,7 +227,15 @@ def test_a_utf16_export_reads_as_its_utf8_copy(tmp_path, encoding: str) -> None:
     assert [(x.transaction_id, x.label, x.reason) for x in found.labels] == [("tx-1", 1, "carte volée")]
 
 
-@pytest.mark.parametrize("text", ["", "id,verdict\ntx-1,fraud\n", "EVENT_ID,order_price\nev-1,1\n"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "id,verdict\ntx-1,fraud\n",
+        "EVENT_ID,order_price\nev-1,1\n",
+        "transaction_id,label,Label\ntx-1,fraud,legit\n",  # which verdict? (the first copy was taken, silently)
+    ],
+)
 def test_a_file_without_a_usable_header_is_refused_whole(text: str) -> None:
     with pytest.raises(LabelFileError):
         csv_labels(text)
