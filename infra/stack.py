@@ -1236,11 +1236,10 @@ def ensure_topics(settings: Settings) -> list[str]:
         except KafkaException as exc:
             if "TOPIC_ALREADY_EXISTS" not in str(exc.args[0]):
                 raise StackError(f"creating topic {name} failed: {exc}") from exc
-    if dead_letters not in created:  # it was there already (maybe made by a racing call): the setting wins
-        _set_topic_config(admin, dead_letters, retention)
-    for name, spec in wanted.items():  # made before erasure needed these keys (or changed since): they win too
-        if spec.enforced and name not in created:
-            _set_topic_config(admin, name, {key: spec.config[key] for key in spec.enforced})
+    for name, spec in wanted.items():  # there already (or made by a racing call): these keys win all the same
+        enforced = {key: spec.config[key] for key in spec.enforced} | (retention if name == dead_letters else {})
+        if enforced and name not in created:
+            _set_topic_config(admin, name, enforced)
     if created:
         log.info("kafka: created topics %s", ", ".join(created))
     return created

@@ -151,7 +151,7 @@ def plan_redrive(
             continue
         if not selection.matches(letter):
             continue
-        outcome = WATCHLIST_ENTRY if letter.source_topic == watchlist else _outcome(letter, topics)
+        outcome = _outcome(letter, topics, watchlist)
         if outcome == REDRIVE:
             content = (letter.source_topic, letter.key, hashlib.sha256(letter.payload).hexdigest())
             if content in planned:
@@ -167,7 +167,9 @@ def plan_redrive(
     return plan
 
 
-def _outcome(letter: DeadLetter, topics: Mapping[str, int]) -> str:
+def _outcome(letter: DeadLetter, topics: Mapping[str, int], watchlist: str) -> str:
+    if letter.source_topic == watchlist:
+        return WATCHLIST_ENTRY
     if is_truncated(letter):
         return TRUNCATED
     if not source_is_kafka(letter):

@@ -462,6 +462,7 @@ def candidate_settings(settings: Settings, name: str, candidate: Candidate) -> S
 def create_copy_topics(settings: Settings, transactions_partitions: int) -> None:
     """The copy's topics; its transactions topic with ``transactions_partitions`` partitions (made first,
     since ``ensure_topics`` leaves an existing topic alone)."""
+    from infra.launcher import wait_for
     from infra.stack import ensure_topics
 
     name = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
@@ -472,12 +473,9 @@ def create_copy_topics(settings: Settings, transactions_partitions: int) -> None
             )
             for fut in admin.create_topics([topic], request_timeout=30).values():
                 fut.result()
-    ensure_topics(settings)
-    from infra.launcher import wait_for
-
-    # A created topic may take a moment to be listed by every broker; the rules publish checks that it is.
-    names = {spec.full_name(settings.kafka.topic_prefix) for spec in ALL_TOPICS}
-    with kafka_clients.admin_session(settings) as admin:
+        ensure_topics(settings)
+        # A created topic may take a moment to be listed by every broker; the rules publish checks that it is.
+        names = {spec.full_name(settings.kafka.topic_prefix) for spec in ALL_TOPICS}
         wait_for(
             lambda: names <= set(kafka_clients.cluster_metadata(admin, settings).topics),
             30,
