@@ -488,6 +488,10 @@ class AlertSettings(BaseModel, frozen=True):
     case_link: str = "http://127.0.0.1:8050/cases/{case_id}"
     """The case page of an alert (e-mail link, Webex card); its images are at ``<case link>/images/live`` and
     ``/images/reference``."""
+    webex_keep_days: float | None = Field(default=None, ge=0)
+    """Alert messages (and their case cards) are deleted from the Webex room this long after they were posted,
+    as their snapshots are from the image store: ``None`` = ``CG_FACES__ALERT_SNAPSHOT_RETENTION_DAYS``; ``0`` =
+    kept until a ``forget``. A forgotten (or expired) subject's alert messages are deleted at once."""
     webex_cards: bool = True
     """After each Webex alert message, post its case card (the two images, Confirm/Dismiss) in its thread: one
     more Webex call per alert (Webex takes a file or a card per message, not both)."""

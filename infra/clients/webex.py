@@ -172,6 +172,16 @@ class WebexClient:
     def get_message(self, message_id: str) -> dict[str, Any]:
         return self._call("GET", f"/messages/{path_segment(message_id)}")
 
+    def delete_message(self, message_id: str) -> bool:
+        """Delete one of the bot's messages (its text and files); False when Webex no longer has it (404)."""
+        try:
+            self._call("DELETE", f"/messages/{path_segment(message_id)}")
+        except WebexError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
     def list_messages(self, room_id: str, max_items: int = 100) -> list[dict[str, Any]]:
         """The room's latest messages, newest first."""
         return self._call("GET", "/messages", params={"roomId": room_id, "max": max_items}).get("items", [])

@@ -2,13 +2,13 @@
 
 Speaks the documented API (https://developer.webex.com/docs/api): bearer-token auth (401 otherwise),
 ``POST /messages`` as JSON (with an adaptive card in ``attachments``) or multipart/form-data with one ``files``
-part, ``GET /messages?roomId=`` (newest first), ``GET /messages/{id}``, ``GET /people/me``, ``GET /people/{id}``,
-``GET /attachment/actions/{id}``, ``POST/GET/DELETE /webhooks``, and the ``429 Retry-After`` behaviour. It keeps
-what it received (messages and attached files) so tests can look, can be told to answer 429/500 or to be slow
-for a while, and can play a person writing in a room (:func:`say`) or pressing a card's button (:func:`press`):
-the message or attachment action is stored and every matching webhook (``messages`` / ``attachmentActions``,
-``created``) gets a callback signed like Webex signs it (``X-Spark-Signature`` = hex HMAC-SHA1 of the raw body
-keyed with the webhook secret).
+part, ``GET /messages?roomId=`` (newest first), ``GET /messages/{id}``, ``DELETE /messages/{id}`` (the bot's
+own), ``GET /people/me``, ``GET /people/{id}``, ``GET /attachment/actions/{id}``, ``POST/GET/DELETE
+/webhooks``, and the ``429 Retry-After`` behaviour. It keeps what it received (messages and attached files) so
+tests can look, can be told to answer 429/500 or to be slow for a while, and can play a person writing in a
+room (:func:`say`) or pressing a card's button (:func:`press`): the message or attachment action is stored and
+every matching webhook (``messages`` / ``attachmentActions``, ``created``) gets a callback signed like Webex
+signs it (``X-Spark-Signature`` = hex HMAC-SHA1 of the raw body keyed with the webhook secret).
 
 In-process: ``with LocalWebexServer(token) as webex: ...`` (uvicorn in a thread; ``webex.state`` for the
 test's eyes). As a process (the demo): ``python -m infra.local.webex --port 8089 --token T``; then the
@@ -204,6 +204,7 @@ class _WebexApi:
             Route("/v1/messages", api(self.post_message), methods=["POST"]),
             Route("/v1/messages", api(self.list_messages), methods=["GET"]),
             Route("/v1/messages/{id}", api(self.get_message), methods=["GET"]),
+            Route("/v1/messages/{id}", api(self.delete_message), methods=["DELETE"]),
             Route("/v1/contents/{id}", api(self.get_content), methods=["GET"]),
             Route("/v1/people/me", api(self.people_me), methods=["GET"]),
             Route("/v1/people/{id}", api(self.get_person), methods=["GET"]),
@@ -314,6 +315,21 @@ class _WebexApi:
         if found is None:
             return _error(self.state, 404, "Message not found")
         return self.ok(_public(found))
+
+    async def delete_message(self, request: Request) -> Response:
+        """As Webex: a bot deletes its own messages (403 for another's), and their files go with them."""
+        state = self.state
+        with state.lock:
+            found = next((m for m in state.messages if m["id"] == request.path_params["id"]), None)
+            if found is None:
+                return _error(state, 404, "Message not found")
+            if found["personId"] != state.bot["id"]:
+                return _error(state, 403, "Only the sender or a moderator can delete a message")
+            state.messages.remove(found)
+            for url in found.get("files") or []:
+                state.files.pop(url.rsplit("/", 1)[-1], None)
+        _count(state, 204)
+        return Response(status_code=204)
 
     async def get_content(self, request: Request) -> Response:
         entry = self.state.files.get(request.path_params["id"])

@@ -71,6 +71,7 @@ from schemas.errors import CheckoutGuardError, InvalidRecord
 from schemas.identifiers import check
 from schemas.records import DeadLetter
 from schemas.topics import ALERTS, DEAD_LETTERS
+from sinks.alerts.erase import Eraser
 from sinks.alerts.mail import Mailer, MailError, SesMailer, SmtpMailer, build_email
 from sinks.alerts.message import case_card, describe
 
@@ -83,6 +84,9 @@ ImageLoader = Callable[[str], bytes]
 
 
 # --------------------------------------------------------------------------- ledger
+
+POST_FIELDS = ("subject_id", "transaction_id", "event_time")
+"""What a post keeps of its alert: who and which sale it shows (for ``forget``), and when."""
 
 
 class Ledger:
@@ -99,6 +103,13 @@ class Ledger:
         "INSERT INTO deliveries VALUES (?, ?, 'sent', ?, ?) ON CONFLICT(alert_id, channel) "
         "DO UPDATE SET state='sent', at_ms=excluded.at_ms, detail=excluded.detail"
     )
+    POST_SQL = "INSERT OR IGNORE INTO posts VALUES (?, ?, ?, ?, ?, ?, ?)"
+    FORGOTTEN_SQL = (
+        "SELECT p.message_id, p.channel, min(f.subject_id) FROM posts p JOIN forgets f "
+        "ON (p.subject_id = f.subject_id OR p.transaction_id = f.transaction_id) "
+        "AND coalesce(p.event_time, p.posted_ms) <= f.at_ms GROUP BY p.message_id, p.channel"
+    )
+    AGED_SQL = "SELECT message_id, channel FROM posts WHERE posted_ms < ?"
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,8 +121,18 @@ class Ledger:
             "CREATE TABLE IF NOT EXISTS deliveries (alert_id TEXT NOT NULL, channel TEXT NOT NULL, "
             "state TEXT NOT NULL, at_ms INTEGER NOT NULL, detail TEXT, PRIMARY KEY (alert_id, channel))"
         )
+        # Messages an erasable channel posted (their ids), and the subjects forgotten since: see sinks/alerts/erase.py.
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS posts (message_id TEXT PRIMARY KEY, alert_id TEXT NOT NULL, "
+            "channel TEXT NOT NULL, subject_id TEXT, transaction_id TEXT, event_time INTEGER, "
+            "posted_ms INTEGER NOT NULL)"
+        )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS forgets (audit_id TEXT PRIMARY KEY, subject_id TEXT, transaction_id TEXT, "
+            "at_ms INTEGER NOT NULL)"
+        )
         self._lock = threading.Lock()
-        self._writes: queue.SimpleQueue[tuple[str, tuple, threading.Event, list[BaseException]] | None] = (
+        self._writes: queue.SimpleQueue[tuple[list[tuple[str, tuple]], threading.Event, list[BaseException]] | None] = (
             queue.SimpleQueue()
         )
         self._writer = threading.Thread(target=self._write_loop, name="ledger-writer", daemon=True)
@@ -144,14 +165,51 @@ class Ledger:
         return out
 
     def mark_sending(self, alert_id: str, channel: str) -> None:
-        self._write(self.SENDING_SQL, (alert_id, channel, now_ms()))
+        self._write((self.SENDING_SQL, (alert_id, channel, now_ms())))
 
-    def mark_sent(self, alert_id: str, channel: str, detail: str | None) -> None:
-        self._write(self.SENT_SQL, (alert_id, channel, now_ms(), detail))
+    def mark_sent(
+        self,
+        alert_id: str,
+        channel: str,
+        detail: str | None,
+        posted: tuple[str, ...] = (),
+        alert: dict[str, Any] | None = None,
+    ) -> None:
+        """The alert is delivered on ``channel``; ``posted``: the ids of the messages that delivered it, kept
+        (with the alert's subject, transaction and time) in the same commit so they can be deleted later."""
+        at = now_ms()
+        fields = alert or {}
+        rows = [(self.POST_SQL, (mid, alert_id, channel, *(fields.get(k) for k in POST_FIELDS), at)) for mid in posted]
+        self._write((self.SENT_SQL, (alert_id, channel, at, detail)), *rows)
 
-    def _write(self, sql: str, params: tuple) -> None:
+    def record_forgets(self, forgets: list[tuple[str, str | None, str | None, int]]) -> None:
+        """``(audit id, subject, source transaction, forgotten at ms)`` of each forget: their posts become due."""
+        if forgets:
+            self._write(*(("INSERT OR IGNORE INTO forgets VALUES (?, ?, ?, ?)", f) for f in forgets))
+
+    def due_posts(self, now_ms: int, keep_ms: int | None) -> dict[str, tuple[str, str | None]]:
+        """``message id -> (channel, forgotten subject or None)`` of every post to delete: its alert names a
+        forgotten subject (or the transaction that subject was enrolled from) and happened before the forget,
+        or it was posted more than ``keep_ms`` ago (``None``: kept until a forget)."""
+        with self._lock:
+            due = {m: (c, s) for m, c, s in self._db.execute(self.FORGOTTEN_SQL)}
+            if keep_ms is not None:
+                for m, c in self._db.execute(self.AGED_SQL, (now_ms - keep_ms,)):
+                    due.setdefault(m, (c, None))
+        return due
+
+    def drop_posts(self, message_ids: list[str], forgets_before_ms: int | None = None) -> None:
+        """Forget the ids of deleted messages; and the forgets older than ``forgets_before_ms``."""
+        statements = [("DELETE FROM posts WHERE message_id = ?", (m,)) for m in message_ids]
+        if forgets_before_ms is not None:
+            statements.append(("DELETE FROM forgets WHERE at_ms < ?", (forgets_before_ms,)))
+        if statements:
+            self._write(*statements)
+
+    def _write(self, *statements: tuple[str, tuple]) -> None:
+        """Run ``statements`` in one of the writer's commits; return once it is committed."""
         done, errors = threading.Event(), []
-        self._writes.put((sql, params, done, errors))
+        self._writes.put((list(statements), done, errors))
         done.wait()
         if errors:
             raise errors[0]
@@ -172,16 +230,17 @@ class Ledger:
                 with self._lock:
                     self._db.execute("BEGIN IMMEDIATE")
                     try:
-                        for sql, params, _, _ in batch:
-                            self._db.execute(sql, params)
+                        for statements, _, _ in batch:
+                            for sql, params in statements:
+                                self._db.execute(sql, params)
                         self._db.execute("COMMIT")
                     except BaseException:
                         self._db.execute("ROLLBACK")
                         raise
             except Exception as exc:  # the waiting senders get it; their sends count as failed tries
-                for _, _, _, errors in batch:
+                for _, _, errors in batch:
                     errors.append(exc)
-            for _, _, done, _ in batch:
+            for _, done, _ in batch:
                 done.set()
 
     def counts(self) -> dict[tuple[str, str], int]:
@@ -222,10 +281,17 @@ class Channel(Protocol):
     name: str
     can_check_sent: bool
     """Whether ``send(maybe_sent=True)`` can find an earlier delivery; only then is an intent row kept."""
+    erasable: bool
+    """Whether its messages can be deleted afterwards (``delete``): ``send`` then answers their ids, space
+    separated, and the ledger keeps them for ``forget`` and the retention (sinks/alerts/erase.py)."""
 
     def send(self, alert: dict[str, Any], image: bytes | None, maybe_sent: bool) -> str | None:
         """Deliver one alert; return a detail for the ledger (e.g. the message id). ``maybe_sent``: an
         earlier attempt may have been delivered, check before sending again when the channel can."""
+        ...
+
+    def delete(self, message_id: str) -> bool:
+        """Delete a message it posted (only an ``erasable`` channel); False when it was gone already."""
         ...
 
     def close(self) -> None: ...
@@ -234,6 +300,10 @@ class Channel(Protocol):
 class EmailChannel:
     name = "email"
     can_check_sent = False  # SMTP cannot be asked what it accepted
+    erasable = False  # nor can a mail be taken back
+
+    def delete(self, message_id: str) -> bool:
+        raise NotImplementedError("a mail cannot be taken back")
 
     def __init__(self, settings: Settings, mailer: Mailer) -> None:
         self.settings, self.mailer = settings, mailer
@@ -256,6 +326,7 @@ class EmailChannel:
 class WebexChannel:
     name = "webex"
     can_check_sent = True
+    erasable = True
     LOOKBACK = 1000
     """Latest messages of the room searched for an alert that may already have been posted (Webex's page maximum)."""
 
@@ -295,17 +366,27 @@ class WebexChannel:
                 ambiguous=unavailable,
                 down=unavailable,
             ) from exc
-        if self.settings.alerts.webex_cards:
-            self._send_card(alert, text.case_id, sent)
-        return sent
+        card = self._send_card(alert, text.case_id, sent) if self.settings.alerts.webex_cards else None
+        return " ".join(m for m in (sent, card) if m) or None
 
-    def _send_card(self, alert: dict[str, Any], case_id: str, parent_id: str | None) -> None:
-        """The case card (images, Confirm/Dismiss), in the alert message's thread. Best effort: the alert is
-        delivered already, and its text says how to decide the case by command."""
+    def _send_card(self, alert: dict[str, Any], case_id: str, parent_id: str | None) -> str | None:
+        """The case card (images, Confirm/Dismiss), in the alert message's thread; its id. Best effort: the
+        alert is delivered already, and its text says how to decide the case by command."""
         try:
-            self.client.send_card(self.room_id, f"Case `{case_id}`", case_card(alert, self.settings.alerts), parent_id)
+            card = case_card(alert, self.settings.alerts)
+            return self.client.send_card(self.room_id, f"Case `{case_id}`", card, parent_id).get("id")
         except WebexError as exc:
             log.warning("case card of alert %s not posted: %s", alert["alert_id"], exc.reason)
+            return None
+
+    def delete(self, message_id: str) -> bool:
+        try:
+            return self.client.delete_message(message_id)
+        except WebexError as exc:
+            unavailable = exc.status is None or exc.status >= 500
+            raise DeliveryError(
+                exc.reason, retriable=exc.retriable, retry_after=exc.retry_after, down=unavailable
+            ) from exc
 
     def close(self) -> None:
         self.client.close()
@@ -508,7 +589,8 @@ class ChannelWorker:
             self._failed(task, exc)
             return
         self._answered(task)
-        self.ledger.mark_sent(alert_id, name, detail)
+        posted = tuple(detail.split()) if detail and getattr(self.channel, "erasable", False) else ()
+        self.ledger.mark_sent(alert_id, name, detail, posted, task.alert)
         self.sent += 1
         self._deliveries["delivered"].inc()  # one network send each: nothing to batch
         self.done.put(Outcome(task.key, True))
@@ -734,8 +816,20 @@ class AlertSender:
             for c in self.channels
         }
 
+    def start_eraser(self, stop: threading.Event) -> threading.Thread | None:
+        """The thread that takes alert messages back from the erasable channels (sinks/alerts/erase.py), if any."""
+        erasable = {c.name: c for c in self.channels if getattr(c, "erasable", False)}
+        if not erasable:
+            return None
+        eraser = Eraser(self.settings, self.ledger, erasable, f"{self.group_id}-eraser")
+        thread = threading.Thread(target=eraser.run, args=(stop,), name="alert-eraser", daemon=True)
+        thread.start()
+        return thread
+
     def _run(self, stop: threading.Event) -> SenderStats:
         self.start_workers()
+        halt = threading.Event()  # the eraser's end: the loop's, however it ends
+        eraser = self.start_eraser(halt)
         self._consumer = kafka_clients.consumer(
             self.settings,
             self.group_id,
@@ -775,6 +869,9 @@ class AlertSender:
                     )
                     last_summary = now
         finally:
+            halt.set()
+            if eraser is not None:
+                eraser.join(15)
             for worker in self._workers.values():
                 worker.stop()
             self._drain_outcomes()

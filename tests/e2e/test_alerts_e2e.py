@@ -40,8 +40,8 @@ from infra.settings import Settings
 from infra.stack import ensure_topics
 from jobs.bot.webex_bot import WEBHOOK_PATH, WebexBot
 from schemas.indices import period_index_name
-from schemas.records import Alert, BotCommand, DeadLetter, ScoredTransaction
-from schemas.topics import ALERTS, ALL_TOPICS, COMMANDS, DEAD_LETTERS
+from schemas.records import Alert, AuditEvent, BotCommand, DeadLetter, ScoredTransaction
+from schemas.topics import ALERTS, ALL_TOPICS, AUDIT, COMMANDS, DEAD_LETTERS
 from sinks.alerts.sender import default_group_id
 from sinks.opensearch.sink import install_templates, to_document
 
@@ -458,3 +458,53 @@ def test_a_rate_limited_webex_does_not_hold_up_email(
         sender.stop()
     assert webex.state.requests["429"] >= 1
     assert len(webex.state.bot_messages(ROOM)) == n
+
+
+def test_a_forgotten_subjects_alert_messages_and_cards_are_taken_back_from_webex(
+    isolated: Callable[[str], Settings], webex: LocalWebexServer
+) -> None:
+    name = f"e2eerase{uuid.uuid4().hex[:6]}"
+    settings = isolated(name)
+    settings = settings.model_copy(update={"alerts": settings.alerts.model_copy(update={"webex_cards": True})})
+    source, subject, now = f"{name}-tx-source", f"subj-{name}-tx-source", int(time.time() * 1000)
+    alerts = [  # the sale the subject was enrolled from, a later match of the subject, someone else's match
+        Alert(f"blocked:{source}", "BLOCKED_TRANSACTION", "high", now - 60_000, "S005", "x", transaction_id=source),
+        Alert(f"suspect:{name}-1", "WATCHLIST_MATCH", "high", now, "S005", "x", subject_id=subject),
+        Alert(f"suspect:{name}-2", "WATCHLIST_MATCH", "high", now, "S005", "x", subject_id=f"subj-{name}-other"),
+    ]
+    producer = Producer(settings.kafka.client_config())
+    for alert in alerts:
+        producer.produce(
+            ALERTS.full_name(settings.kafka.topic_prefix), key=alert.alert_id.encode(), value=alert.encode()
+        )
+    assert producer.flush(10) == 0
+    sender = spawn("sinks.alerts.sender", settings, name=f"{name}-sender")
+    try:
+        wait_for(lambda: len(webex.state.bot_messages(ROOM)) >= 6, 60, what="three alerts and their case cards")
+        forget = AuditEvent(
+            audit_id=f"forget:{subject}",
+            event_time=int(time.time() * 1000),
+            action="FORGET",
+            outcome="DONE",
+            actor="guard@example.com",
+            subject_id=subject,
+            transaction_id=source,
+        )
+        audit_topic = AUDIT.full_name(settings.kafka.topic_prefix)
+        producer.produce(audit_topic, key=forget.audit_id.encode(), value=forget.encode())
+        assert producer.flush(10) == 0
+        wait_for(lambda: len(webex.state.bot_messages(ROOM)) <= 2, 60, what="the forgotten subject's messages gone")
+        erased = wait_for(
+            lambda: [
+                e for _, v in read_topic(settings, audit_topic, 2) if (e := AuditEvent.decode(v)).action == "ERASE"
+            ],
+            30,
+            what="the ERASE audit event",
+        )
+    finally:
+        sender.stop()
+    left = webex.state.bot_messages(ROOM)
+    assert len(left) == 2 and all(f"suspect:{name}-2" in m["markdown"] or m.get("parentId") for m in left)
+    assert {m.get("parentId") for m in left} - {None} == {m["id"] for m in left if not m.get("parentId")}
+    [event] = erased
+    assert event.details["webex_messages_deleted"] == "4" and event.details["subjects"] == subject

@@ -29,9 +29,10 @@ def test_the_case_card_follows_the_alert_message_in_its_thread(
     webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
 ) -> None:
     channel = webex_channel(closer, settings_for(webex, tmp_path, webex_cards=True))
-    message_id = channel.send(alert(), jpeg(), maybe_sent=False)
+    detail = channel.send(alert(), jpeg(), maybe_sent=False)
     posted, card = webex.state.bot_messages(ROOM)
-    assert posted["id"] == message_id and posted["files"]
+    message_id = posted["id"]
+    assert detail == f"{message_id} {card['id']}" and posted["files"]
     assert card["parentId"] == message_id and CASE in card["markdown"]
     [attachment] = card["attachments"]
     actions = [a.get("data") for a in attachment["content"]["actions"]]

@@ -1,0 +1,231 @@
+"""Alert messages taken back from Webex: those of a forgotten subject at once, the rest after their retention.
+
+An alert's Webex message carries the checkout snapshot (a shopper's face) and its case card links to the two
+images; the image store deletes its copies on ``forget`` of the subject and after
+``CG_FACES__ALERT_SNAPSHOT_RETENTION_DAYS``, but the room kept them for ever. The alert sender's ledger keeps
+the id of every message an erasable channel posted (the alert message and its card) with the alert's subject,
+transaction and time (:meth:`sinks.alerts.sender.Ledger.mark_sent`); this eraser, a thread of the sender:
+
+- reads the ``audit`` topic (its own consumer group) and records each ``FORGET`` and ``EXPIRE`` the
+  watchlist service made (the subject and the transaction its entry was enrolled from), before committing;
+- deletes every message whose alert names a forgotten subject, or shows the sale that subject was enrolled
+  from, and happened before the forget (an alert still queued when the forget came is deleted once posted);
+  and every message posted more than ``CG_ALERTS__WEBEX_KEEP_DAYS`` ago;
+- writes one ``ERASE`` audit event per sweep that deleted or was refused something (counts and subjects).
+
+A message Webex no longer has counts as deleted; one Webex refuses for good (403: no longer the bot's to
+delete) is given up, counted as refused in the audit; while Webex is down or rate limits, the sweep stops
+and the next one tries again. E-mail cannot be taken back: a forgotten subject's alert mails stay in the
+mailboxes (README, "Faces").
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+
+from infra import metrics
+from infra.clients import kafka as kafka_clients
+from infra.settings import Settings
+from schemas.codec import codec
+from schemas.errors import CheckoutGuardError
+from schemas.records import AuditEvent
+from schemas.topics import AUDIT
+
+log = logging.getLogger(__name__)
+
+STAGE = ACTOR = "alert-sender"
+FORGETTING_ACTIONS = frozenset({"FORGET", "EXPIRE"})
+SWEEP_INTERVAL_S = 3600.0
+"""How often the retention sweep runs when no forget comes (a forget sweeps at once)."""
+FORGETS_KEPT_DAYS = 30
+"""How long a forget is remembered, for alerts of its subject that are posted late (a sender down for days)."""
+FAILED_TURN_PAUSE_S = 30.0
+MAX_SUBJECTS_NAMED = 20
+"""Subjects named in one ``ERASE`` audit event; the count covers the rest."""
+
+Forget = tuple[str, str | None, str | None, int]
+"""``(audit id, subject, source transaction, forgotten at ms)``."""
+
+
+def forget_of(event: Mapping[str, Any]) -> Forget | None:
+    """The forget an audit event records, if it is one: a ``FORGET`` or ``EXPIRE`` that did not fail (an
+    ``UNCHANGED`` forget knew nothing of the subject, but the room may still have its alerts)."""
+    if event.get("action") not in FORGETTING_ACTIONS or event.get("outcome") == "FAILED":
+        return None
+    subject, tx = event.get("subject_id"), event.get("transaction_id")
+    if not subject and not tx:
+        return None
+    return str(event["audit_id"]), subject, tx, int(event["event_time"])
+
+
+@dataclass
+class Sweep:
+    """What one sweep did."""
+
+    deleted: int = 0
+    gone: int = 0
+    refused: int = 0
+    forgotten: int = 0
+    aged: int = 0
+    subjects: set[str] = field(default_factory=set)
+    stopped: str | None = None
+    """Why it stopped early (Webex down or rate limiting): the rest is tried at the next sweep."""
+
+    @property
+    def done(self) -> int:
+        return self.deleted + self.gone + self.refused
+
+    def audit(self, now_ms: int) -> AuditEvent:
+        named = sorted(self.subjects)
+        return AuditEvent(
+            audit_id=f"erase:{now_ms}",
+            event_time=now_ms,
+            action="ERASE",
+            outcome="FAILED" if self.refused else "DONE",
+            actor=ACTOR,
+            reason="alert messages of forgotten subjects and past their retention deleted from Webex",
+            details={
+                "webex_messages_deleted": str(self.deleted),
+                "already_gone": str(self.gone),
+                "refused": str(self.refused),
+                "of_forgotten_subjects": str(self.forgotten),
+                "past_retention": str(self.aged),
+                "subjects": ",".join(named[:MAX_SUBJECTS_NAMED]),
+                "subjects_count": str(len(named)),
+            },
+        )
+
+
+class Eraser:
+    """Deletes due posts through their channels; ``run`` is the thread's loop over the ``audit`` topic."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Any,
+        channels: Mapping[str, Any],
+        group_id: str,
+        *,
+        now_ms: Callable[[], int] | None = None,
+        sweep_interval_s: float = SWEEP_INTERVAL_S,
+    ) -> None:
+        self.settings, self.ledger, self.channels, self.group_id = settings, ledger, dict(channels), group_id
+        self.now_ms = now_ms or (lambda: int(time.time() * 1000))
+        self.sweep_interval_s = sweep_interval_s
+        keep_days = settings.alerts.webex_keep_days
+        if keep_days is None:
+            keep_days = settings.faces.alert_snapshot_retention_days
+        self.keep_ms: int | None = int(keep_days * 86_400_000) if keep_days > 0 else None
+        self._codec = codec("AuditEvent")
+        self.audit_topic = AUDIT.full_name(settings.kafka.topic_prefix)
+
+    def sweep(self) -> Sweep:
+        """Delete every due post (see the module); the ledger forgets each one deleted, gone or refused."""
+        now = self.now_ms()
+        result = Sweep()
+        finished: list[str] = []
+        for message_id, (channel_name, subject) in self.ledger.due_posts(now, self.keep_ms).items():
+            channel = self.channels.get(channel_name)
+            if channel is None:  # posted by a channel this sender no longer runs: left for the one that does
+                continue
+            try:
+                existed = channel.delete(message_id)
+            except CheckoutGuardError as exc:
+                if getattr(exc, "retriable", True):
+                    result.stopped = str(getattr(exc, "reason", exc))
+                    break
+                log.warning("%s refused to delete an alert message: %s", channel_name, getattr(exc, "reason", exc))
+                result.refused += 1
+            else:
+                result.deleted += existed
+                result.gone += not existed
+            finished.append(message_id)
+            if subject is None:
+                result.aged += 1
+            else:
+                result.forgotten += 1
+                result.subjects.add(subject)
+        self.ledger.drop_posts(finished, forgets_before_ms=now - FORGETS_KEPT_DAYS * 86_400_000)
+        if result.done or result.stopped:
+            log.info(
+                "erased alert messages: %d deleted, %d already gone, %d refused (%d of forgotten subjects, %d past "
+                "their retention)%s",
+                result.deleted,
+                result.gone,
+                result.refused,
+                result.forgotten,
+                result.aged,
+                f"; stopped: {result.stopped}" if result.stopped else "",
+            )
+        return result
+
+    def take(self, messages: list[Message]) -> int:
+        """Record the forgets among fetched audit events (durably, before their offsets are committed)."""
+        forgets: list[Forget] = []
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.fatal():
+                    raise KafkaException(error)
+                if error.code() != KafkaError._PARTITION_EOF:
+                    log.warning("audit consumer error: %s", error.str())
+                continue
+            try:
+                event = self._codec.decode(message.value())
+            except CheckoutGuardError as exc:  # the watchlist service's own topic: not ours to dead-letter
+                log.warning("audit record %d:%d unreadable (%s); skipped", message.partition(), message.offset(), exc)
+                continue
+            if (forget := forget_of(event)) is not None:
+                forgets.append(forget)
+        self.ledger.record_forgets(forgets)
+        return len(forgets)
+
+    def run(self, stop: threading.Event) -> None:
+        """Until ``stop``: record forgets from ``audit``, sweep after them and every ``sweep_interval_s``."""
+        consumer = kafka_clients.consumer(
+            self.settings, self.group_id, kafka_clients.READ_COMMITTED, auto_offset_reset="earliest"
+        )
+        producer = kafka_clients.producer(self.settings, kafka_clients.RELIABLE)
+        consumer.subscribe([self.audit_topic])
+        last_sweep = float("-inf")
+        try:
+            while not stop.is_set():
+                try:
+                    last_sweep = self._turn(consumer, producer, last_sweep)
+                except Exception:  # noqa: BLE001 - a Kafka or disk failure: the alerts go on, this is tried again
+                    log.exception("alert eraser: turn failed; trying again in %.0fs", FAILED_TURN_PAUSE_S)
+                    stop.wait(FAILED_TURN_PAUSE_S)
+        finally:
+            producer.flush(10)
+            consumer.close()
+
+    def _turn(self, consumer: Consumer, producer: Producer, last_sweep: float) -> float:
+        """One fetch of audit events, and a sweep when a forget came or the interval is over; the last sweep's
+        start (monotonic)."""
+        messages = consumer.consume(num_messages=500, timeout=1.0)
+        forgets = self.take(messages) if messages else 0
+        if messages:
+            consumer.commit(asynchronous=False)  # after the forgets are in the ledger: none is lost
+        if not forgets and time.monotonic() - last_sweep < self.sweep_interval_s:
+            return last_sweep
+        started = time.monotonic()
+        result = self.sweep()
+        if result.done:
+            metrics.RECORDS_OUT.labels(STAGE, "erased_message").inc(result.done)
+            self._publish(producer, result.audit(self.now_ms()))
+        return started
+
+    def _publish(self, producer: Producer, event: AuditEvent) -> None:
+        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None:
+                log.warning("erase audit %s not delivered: %s", event.audit_id, err.str())
+
+        kafka_clients.produce(producer, self.audit_topic, event.audit_id.encode(), event.encode(), on_delivery)
+        producer.flush(10)

@@ -1,0 +1,171 @@
+"""Alert messages taken back from Webex (sinks/alerts/erase.py): which posts fall due on a forget or with age,
+what a sweep does with each answer, and the Webex channel's own ids and deletes against the local Webex API."""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack, closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from infra.local.webex import LocalWebexServer
+from infra.settings import AlertSettings, FaceSettings, Settings
+from schemas.records import AuditEvent
+from sinks.alerts import sender
+from sinks.alerts.erase import Eraser, forget_of
+from sinks.alerts.sender import DeliveryError, Ledger, Task
+from tests.unit import test_alert_channels as channels
+from tests.unit.test_alert_channels import ROOM, alert, run_worker, settings_for, webex_channel
+
+webex, closer = channels.webex, channels.closer
+"""The fixtures of tests/unit/test_alert_channels.py."""
+
+DAY = 86_400_000
+NOW = int(time.time() * 1000)
+"""Posts are stamped with the wall clock when the ledger records them."""
+
+
+def ledger_at(closer: ExitStack, tmp_path: Path) -> Ledger:
+    return closer.enter_context(closing(Ledger(tmp_path / "ledger.sqlite3")))
+
+
+def post(ledger: Ledger, mid: str, subject: str | None, tx: str | None, event_time: int | None) -> None:
+    fields = {"subject_id": subject, "transaction_id": tx, "event_time": event_time}
+    ledger.mark_sent(f"alert-{mid}", "webex", mid, (mid,), fields)
+
+
+class FakeChannel:
+    """Answers deletes from a script: ``True`` deleted, ``False`` gone, an exception raised."""
+
+    name = "webex"
+
+    def __init__(self, answers: dict[str, Any] | None = None) -> None:
+        self.answers, self.deleted = answers or {}, []
+
+    def delete(self, message_id: str) -> bool:
+        answer = self.answers.get(message_id, True)
+        if isinstance(answer, Exception):
+            raise answer
+        self.deleted.append(message_id)
+        return answer
+
+
+def eraser(ledger: Ledger, channel: FakeChannel, keep_days: float | None = None, now: int = NOW) -> Eraser:
+    settings = Settings(alerts=AlertSettings(webex_keep_days=keep_days), faces=FaceSettings())
+    return Eraser(settings, ledger, {"webex": channel}, "g", now_ms=lambda: now)
+
+
+def test_a_forget_or_expiry_that_did_not_fail_is_recorded_with_its_subject_and_source_sale() -> None:
+    event = {"audit_id": "a1", "action": "FORGET", "outcome": "DONE", "subject_id": "subj-tx-9"}
+    assert forget_of({**event, "transaction_id": "tx-9", "event_time": 5}) == ("a1", "subj-tx-9", "tx-9", 5)
+    assert forget_of({**event, "action": "EXPIRE", "event_time": 5}) == ("a1", "subj-tx-9", None, 5)
+    assert forget_of({**event, "outcome": "UNCHANGED", "event_time": 5}) is not None  # the room may still have some
+    assert forget_of({**event, "outcome": "FAILED", "event_time": 5}) is None
+    assert forget_of({**event, "action": "ENROLL", "event_time": 5}) is None
+    assert forget_of({**event, "subject_id": None, "event_time": 5}) is None
+
+
+def test_posts_of_a_forgotten_subject_or_its_source_sale_fall_due_but_not_later_ones(
+    tmp_path: Path, closer: ExitStack
+) -> None:
+    ledger = ledger_at(closer, tmp_path)
+    post(ledger, "m-match", "subj-tx-1", "tx-7", NOW - DAY)  # a suspect's match of the subject
+    post(ledger, "m-source", None, "tx-1", NOW - 30 * DAY)  # the blocked sale the subject was enrolled from
+    post(ledger, "m-other", "subj-tx-2", "tx-8", NOW - DAY)
+    post(ledger, "m-after", "subj-tx-1", "tx-9", NOW + DAY)  # enrolled again after the forget
+    assert ledger.due_posts(NOW, None) == {}
+    ledger.record_forgets([("audit-1", "subj-tx-1", "tx-1", NOW)])
+    ledger.record_forgets([("audit-1", "subj-tx-1", "tx-1", NOW)])  # replayed: once
+    due = ledger.due_posts(NOW, None)
+    assert due == {"m-match": ("webex", "subj-tx-1"), "m-source": ("webex", "subj-tx-1")}
+    assert set(ledger.due_posts(NOW, 10 * DAY)) == {"m-match", "m-source"}  # posted just now: not aged
+    aged = ledger.due_posts(NOW + 2 * DAY, DAY)
+    assert aged == {**due, "m-other": ("webex", None), "m-after": ("webex", None)}  # due by both: once
+
+
+def test_a_posted_alert_with_no_subject_or_sale_is_due_only_with_age(tmp_path: Path, closer: ExitStack) -> None:
+    ledger = ledger_at(closer, tmp_path)
+    post(ledger, "m-1", None, None, None)
+    ledger.record_forgets([("audit-1", "subj-x", None, NOW)])
+    assert ledger.due_posts(NOW, None) == {}
+    assert ledger.due_posts(NOW + 2 * DAY, DAY) == {"m-1": ("webex", None)}
+
+
+def test_sweep_deletes_due_posts_counts_them_and_writes_one_audit_event(
+    tmp_path: Path, closer: ExitStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = ledger_at(closer, tmp_path)
+    post(ledger, "m-1", "subj-a", "tx-1", NOW - DAY)
+    post(ledger, "m-2", "subj-a", "tx-2", NOW - DAY)
+    post(ledger, "m-new", None, "tx-4", NOW - DAY)
+    monkeypatch.setattr(sender, "now_ms", lambda: NOW - 100 * DAY)
+    post(ledger, "m-old", None, "tx-3", NOW - 100 * DAY)
+    ledger.record_forgets([("audit-1", "subj-a", None, NOW - 1)])
+    channel = FakeChannel({"m-2": False})
+    result = eraser(ledger, channel).sweep()  # keep days: the alert snapshots' 92
+    assert sorted(channel.deleted) == ["m-1", "m-2", "m-old"]
+    assert (result.deleted, result.gone, result.refused, result.forgotten, result.aged) == (2, 1, 0, 2, 1)
+    event = AuditEvent.decode(result.audit(NOW).encode())
+    assert event.action == "ERASE" and event.outcome == "DONE" and event.actor == "alert-sender"
+    assert event.details["webex_messages_deleted"] == "2" and event.details["subjects"] == "subj-a"
+    assert ledger.due_posts(NOW, 92 * DAY) == {}  # the ledger forgot them: the next sweep has nothing to do
+    assert eraser(ledger, FakeChannel()).sweep().done == 0
+
+
+def test_sweep_gives_up_a_refused_delete_and_stops_while_webex_is_down(tmp_path: Path, closer: ExitStack) -> None:
+    ledger = ledger_at(closer, tmp_path)
+    for mid in ("m-1", "m-2", "m-3"):
+        post(ledger, mid, "subj-a", mid, NOW - DAY)
+    ledger.record_forgets([("audit-1", "subj-a", None, NOW)])
+    refused = DeliveryError("403 not yours", retriable=False)
+    down = DeliveryError("503", retriable=True, down=True)
+    channel = FakeChannel({"m-1": refused, "m-2": down, "m-3": down})
+    result = eraser(ledger, channel).sweep()
+    assert result.refused == 1 and result.stopped == "503"
+    assert result.audit(NOW).outcome == "FAILED"
+    assert set(ledger.due_posts(NOW, None)) == {"m-2", "m-3"}  # tried again at the next sweep
+    channel.answers.clear()
+    assert eraser(ledger, channel).sweep().deleted == 2
+
+
+def test_keep_days_zero_keeps_messages_until_a_forget(tmp_path: Path, closer: ExitStack) -> None:
+    ledger = ledger_at(closer, tmp_path)
+    post(ledger, "m-old", None, "tx-1", NOW)
+    ledger.mark_sent("alert-mail", "email", "<mail-id>")  # a mail keeps no post: it cannot be taken back
+    later = NOW + 1000 * DAY
+    assert eraser(ledger, FakeChannel(), keep_days=0, now=later).sweep().done == 0
+    assert eraser(ledger, FakeChannel(), keep_days=7, now=later).sweep().aged == 1
+
+
+def test_webex_channel_answers_the_ids_of_the_alert_and_its_card_and_deletes_both(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
+) -> None:
+    channel = webex_channel(closer, settings_for(webex, tmp_path, webex_cards=True))
+    detail = channel.send(alert(), b"\xff\xd8 not really a jpeg", maybe_sent=False)
+    ids = detail.split()
+    assert [m["id"] for m in webex.state.bot_messages(ROOM)] == ids and len(ids) == 2
+    assert webex.state.files
+    assert [channel.delete(m) for m in ids] == [True, True]
+    assert webex.state.bot_messages(ROOM) == [] and not webex.state.files  # the snapshot went with its message
+    assert channel.delete(ids[0]) is False  # gone already
+    webex.say(ROOM, "guard@example.com", "hello")
+    [someone] = [m for m in webex.state.messages if m["personEmail"] == "guard@example.com"]
+    with pytest.raises(DeliveryError) as refused:
+        channel.delete(someone["id"])
+    assert not refused.value.retriable
+
+
+def test_a_worker_keeps_the_ids_an_erasable_channel_posted_with_the_alerts_subject(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
+) -> None:
+    settings = settings_for(webex, tmp_path, webex_cards=True)
+    suspect = {**alert("suspect:tx-5"), "subject_id": "subj-tx-1", "transaction_id": "tx-5"}
+    [outcome], ledger, _ = run_worker(
+        closer, webex_channel(closer, settings), settings, [Task(suspect, "webex", time.monotonic() + 30)]
+    )
+    assert outcome.delivered
+    ledger.record_forgets([("audit-1", "subj-tx-1", "tx-1", suspect["event_time"])])
+    due = ledger.due_posts(suspect["event_time"], None)
+    assert set(due) == {m["id"] for m in webex.state.bot_messages(ROOM)} and len(due) == 2
