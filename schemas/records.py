@@ -592,6 +592,7 @@ class Case(Record):
     reference_image_ref: str | None = None
     subject_false_matches: int = 0
     fraud_label: int | None = None
+    decided_by: str | None = None
 
 
 TOP_LEVEL_RECORDS: tuple[type[Record], ...] = (

@@ -90,6 +90,8 @@ MAX_BODY_BYTES = 64 * 1024
 WATCHLIST_VERBS = frozenset({"FRAUD", "VIP", "FORGET", "RENEW"})
 SIGNED_VERBS = WATCHLIST_VERBS | CASE_VERBS
 """Verbs that change something (the watchlist, a case): refused without a command signing key."""
+DECIDING_VERBS = frozenset({"CONFIRM", "DISMISS", "ESCALATE"})
+"""Case verbs a decided case refuses (it takes notes only)."""
 RESTRICTED_VERBS = SIGNED_VERBS | {"CHECKOUT", "STATUS"}
 """Only for allow-listed rooms and people: the watchlist changes, ``checkout`` (subject ids, similarities
 and a fresh camera snapshot on demand) and ``status`` (the loss-prevention system's health and volumes).
@@ -608,8 +610,12 @@ class WebexBot:
             return f"Noted: `{arg}` stays on the watchlist for another period (the audit records who renewed it)."
         if parsed.verb in CASE_VERBS:
             case_id = (arg or "").split()[0]
-            done = {"CONFIRM": "confirmed", "DISMISS": "dismissed", "ESCALATE": "escalated", "ASSIGN": "assigned"}
-            return f"Noted: case `{case_id}` {done.get(parsed.verb, 'annotated')}. The case record shows the result."
+            if parsed.verb in DECIDING_VERBS:  # the case service decides: a case decided already keeps its verdict
+                return (
+                    f"Sent: {parsed.verb.lower()} case `{case_id}`. It counts only if the case is still undecided; "
+                    "the case page shows its verdict and who gave it."
+                )
+            return f"Sent: {parsed.verb.lower()} for case `{case_id}`. The case page shows it once recorded."
         return f"Noted: `{arg}` will be removed from the watchlist and its reference images deleted."
 
     # ------------------------------------------------------------------ webhook registration

@@ -1,8 +1,8 @@
 """Case transitions, pure: an alert opens a case, a person decides it, nobody answering expires it.
 
 Every transition takes the current :class:`~schemas.records.Case` and returns the next version (``version``
-+ 1, ``updated_at``/``updated_by`` set) or raises :class:`Refused` with a reason a person can read (the bot
-replies it, the audit keeps it). ``open`` and ``escalated`` cases wait for a verdict; ``confirmed``,
++ 1, ``updated_at``/``updated_by`` set) or raises :class:`Refused` with a reason a person can read (the audit
+keeps it). ``open`` and ``escalated`` cases wait for a verdict; ``confirmed``,
 ``dismissed`` and ``expired`` are final: a final case takes notes only. :class:`CaseBook` holds every
 case by id and by alert id (an alert delivered twice opens one case) and the dismissed face matches per
 subject (what the threshold report and the subject flag count). No Kafka, no clock, no I/O here.
@@ -89,6 +89,7 @@ def confirm(case: Case, actor: str, now_ms: int, fraud: bool = False) -> Case:
         state=CONFIRMED,
         verdict="confirmed_fraud" if fraud else "confirmed",
         decided_at=now_ms,
+        decided_by=actor,
         owner=case.owner or actor,
         fraud_label=label,
     )
@@ -107,6 +108,7 @@ def dismiss(case: Case, actor: str, now_ms: int, reason: str | None = None, prio
         verdict="dismissed",
         verdict_reason=_cut(reason),
         decided_at=now_ms,
+        decided_by=actor,
         owner=case.owner or actor,
         subject_false_matches=prior_false_matches + 1 if face else case.subject_false_matches,
         fraud_label=LEGITIMATE if case.kind in FRAUD_KINDS and case.transaction_id else None,
@@ -144,7 +146,7 @@ def expire(case: Case, now_ms: int, actor: str = "case-service") -> Case | None:
     """The expired case when it is undecided and its time is up; else None."""
     if case.state not in PENDING or now_ms < case.expires_at:
         return None
-    return _next(case, actor, now_ms, state=EXPIRED, verdict="expired", decided_at=now_ms)
+    return _next(case, actor, now_ms, state=EXPIRED, verdict="expired", decided_at=now_ms, decided_by=actor)
 
 
 @dataclass(frozen=True)

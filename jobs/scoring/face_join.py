@@ -67,6 +67,8 @@ def check_observation(obs: dict[str, Any], length: int | None = None) -> dict[st
     check(obs["observation_id"], "observation_id")
     check_serial(obs["camera_serial"], "camera_serial")
     check_name(obs["store_id"], "store_id")
+    if obs.get("lane_id"):  # it goes into alerts (a mail's Subject) as the store does
+        check_name(obs["lane_id"], "lane_id")
     for field in ("transaction_id", "subject_id"):
         if obs.get(field):
             check(obs[field], field)

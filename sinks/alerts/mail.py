@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from infra.settings import SmtpSettings
 from schemas.errors import CheckoutGuardError
-from sinks.alerts.message import AlertText, message_id
+from sinks.alerts.message import AlertText, message_id, shown
 
 
 class MailError(CheckoutGuardError):
@@ -76,8 +76,14 @@ def _multipart(subtype: str, parts: list[bytes]) -> bytes:
 
 
 def _header(value: str) -> str:
-    """RFC 2047 encoding for non-ASCII header values (store names), as is otherwise."""
-    return value if value.isascii() else Header(value, "utf-8").encode()
+    """A header value on one line (:func:`~sinks.alerts.message.shown`: a value cannot add a header), RFC 2047
+    encoded and folded with CRLF when it is not ASCII (store names)."""
+    value = shown(value, HEADER_MAX)
+    return value if value.isascii() else Header(value, "utf-8").encode(linesep="\r\n")
+
+
+HEADER_MAX = 900
+"""Below SMTP's 998-byte line limit with the header's name (a longer Subject is refused by the relay)."""
 
 
 def build_email(

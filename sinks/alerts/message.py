@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import time
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from infra.settings import AlertSettings
@@ -28,7 +30,7 @@ REASON_WORDS: dict[str, str] = {
     "return_exceeds_sale": "refund is larger than the original sale",
     "return_unknown_receipt": "the receipt is not one we issued",
     "customer_mismatch": "returned by someone other than the buyer",
-    "buyer_face_mismatch": "the returner's face is not the buyer's",
+    "buyer_face_mismatch": "the returner's face may not be the buyer's",
     "velocity_exceeded": "too many transactions by this customer in a short time",
     "return_without_receipt": "return without a receipt",
     "amount_above_norm": "amount far above this customer's usual",
@@ -38,21 +40,33 @@ REASON_WORDS: dict[str, str] = {
     "cross_store_return": "returned at a different store than bought",
     "store_return_burst": "unusual burst of returns at this store",
     "new_store_for_customer": "customer's first visit to this store",
-    "watchlist_suspect": "face matches a person on the suspect watchlist",
+    "watchlist_suspect": "face resembles a person on the suspect watchlist",
+    "watchlist_vip": "face resembles a VIP on the watchlist",
 }
+FACE_REASONS = frozenset({"watchlist_suspect", "watchlist_vip", "buyer_face_mismatch"})
+"""Reasons that rest on a face comparison: an alert with one carries the advice below."""
+MODEL_BANDS: tuple[tuple[int, str], ...] = ((900, "very high"), (800, "high"), (0, "elevated"))
+"""How the fraud model's band reads (``model_score>=600`` is the default rule set's lowest band, about 10 %
+of legitimate sales: "elevated", not "very risky")."""
 MODEL_REASON_PREFIX = "model_score>="
 
 FACE_MATCH_ADVICE: dict[str, str] = {
     "WATCHLIST_MATCH": "A face match is not proof: compare the two images yourself before anyone acts.",
     "SUSPECT_ENTERED": "Please look, do not act: a face match alone is not proof of anything.",
+    "VIP_ARRIVED": "A face match is not proof: greet, do not assume who it is.",
 }
 """What security is asked to do on a watch-list alert: verify, never act on the match alone."""
+FACE_EVIDENCE_ADVICE = "A face comparison is not proof: compare the images yourself before anyone acts."
+"""The same for any other alert that rests partly on a face (a blocked sale with a face reason)."""
+FIELD_MAX = 200
+"""Longest a single value is shown (a hostile or broken record must not push the rest out of a message)."""
+WHY_MAX = 1000
 
 TITLES: dict[str, str] = {
     "BLOCKED_TRANSACTION": "Transaction blocked",
     "WATCHLIST_MATCH": "Possible watchlist match at a checkout",
     "SUSPECT_ENTERED": "Possible suspect entered the store",
-    "VIP_ARRIVED": "VIP arrived",
+    "VIP_ARRIVED": "Possible VIP arrived",
     "MODEL_DRIFT": "Fraud model drift",
 }
 
@@ -60,8 +74,17 @@ TITLES: dict[str, str] = {
 def reason_text(code: str) -> str:
     """One reason code in plain words."""
     if code.startswith(MODEL_REASON_PREFIX):
-        return f"the fraud model rates it very risky (score {code[len(MODEL_REASON_PREFIX) :]}+ of 1000)"
+        band = code[len(MODEL_REASON_PREFIX) :]
+        level = next((words for floor, words in MODEL_BANDS if band.isdigit() and int(band) >= floor), "elevated")
+        return f"the fraud model's risk is {level} (score {band}+ of 1000)"
     return REASON_WORDS.get(code, code.replace("_", " "))
+
+
+def shown(value: object, limit: int = FIELD_MAX) -> str:
+    """A value as a message shows it: on one line (control characters, line breaks included, become spaces:
+    no value can start a heading or a mail header of its own) and at most ``limit`` characters."""
+    text = " ".join("".join(" " if unicodedata.category(c)[0] == "C" else c for c in str(value)).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def local_time(event_time_ms: int, timezone: str | None) -> str:
@@ -78,11 +101,20 @@ def local_time(event_time_ms: int, timezone: str | None) -> str:
 
 def dashboard_url(alert: dict[str, Any], settings: AlertSettings) -> str:
     """The configured link template filled with the alert's ids (missing ones become empty)."""
-    values = {k: ("" if v is None else v) for k, v in alert.items() if isinstance(v, str | int | float | type(None))}
+    values = {
+        k: "" if v is None else quote(str(v), safe=LINK_SAFE)
+        for k, v in alert.items()
+        if isinstance(v, str | int | float | type(None))
+    }
     try:
         return settings.dashboard_link.format(**values)
     except (KeyError, IndexError, ValueError):
         return settings.dashboard_link
+
+
+LINK_SAFE = ":@-._~,"
+"""What a value filled into a link keeps as it is; the rest is percent-encoded (a value cannot end the link
+or add a query)."""
 
 
 def case_url(case_id: str, settings: AlertSettings) -> str:
@@ -108,8 +140,8 @@ def case_card(alert: dict[str, Any], settings: AlertSettings, now_s: float | Non
     key = settings.image_link_key.get_secret_value() if settings.image_link_key else None
     signed_at = time.time() if now_s is None else now_s
     body: list[dict[str, Any]] = [
-        {"type": "TextBlock", "text": text.headline, "weight": "Bolder", "size": "Medium", "wrap": True},
-        {"type": "FactSet", "facts": [{"title": label, "value": value} for label, value in text.lines]},
+        {"type": "TextBlock", "text": _md(text.headline), "weight": "Bolder", "size": "Medium", "wrap": True},
+        {"type": "FactSet", "facts": [{"title": label, "value": _md(value)} for label, value in text.lines]},
     ]
     if alert.get("kind") in FACE_ALERT_KINDS:
         columns = [("Live snapshot", "live")] if alert.get("snapshot_ref") else []
@@ -180,8 +212,8 @@ class AlertText:
     def markdown(self) -> str:
         rows = "\n".join(f"- **{label}:** {_md(value)}" for label, value in self.lines)
         case = (
-            f"\n\nCase `{self.case_id}`: [decide it]({self.case_link}), or reply `confirm {self.case_id}` / "
-            f"`dismiss {self.case_id} <reason>`"
+            f"\n\nCase `{self.case_id}`: [decide it]({self.case_link}), or write to the bot (@mention it in a "
+            f"group space) `confirm {self.case_id}` / `dismiss {self.case_id} <reason>`"
             if self.case_id
             else ""
         )
@@ -206,9 +238,9 @@ class AlertText:
 
 def describe(alert: dict[str, Any], settings: AlertSettings) -> AlertText:
     """The words of an alert (an Alert Avro dict) for every channel."""
-    kind = alert.get("kind") or ""
-    store, lane = alert.get("store_id") or "?", alert.get("lane_id")
-    where = f"store {store}, lane {lane}" if lane else f"store {store}"
+    kind = shown(alert.get("kind") or "", 64)
+    store, lane = shown(alert.get("store_id") or "?", 64), alert.get("lane_id")
+    where = f"store {store}, lane {shown(lane, 64)}" if lane else f"store {store}"
     title = TITLES.get(kind, kind.replace("_", " ").capitalize() or "Alert")
     lines: list[tuple[str, str]] = [
         ("What", title),
@@ -216,23 +248,25 @@ def describe(alert: dict[str, Any], settings: AlertSettings) -> AlertText:
         ("When", local_time(int(alert.get("event_time") or 0), settings.timezone)),
     ]
     if alert.get("amount") is not None:
-        lines.append(("Amount", f"{alert['amount']:,.2f} {alert.get('currency') or ''}".strip()))
+        lines.append(("Amount", f"{alert['amount']:,.2f} {shown(alert.get('currency') or '', 8)}".strip()))
     if alert.get("transaction_id"):
-        lines.append(("Transaction", str(alert["transaction_id"])))
+        lines.append(("Transaction", shown(alert["transaction_id"])))
     if alert.get("outcome"):
-        outcome = OUTCOME_WORDS.get(alert["outcome"], alert["outcome"].lower())
+        outcome = OUTCOME_WORDS.get(alert["outcome"], shown(alert["outcome"], 32).lower())
         risk = f" (risk {alert['risk_score']} of 100)" if alert.get("risk_score") is not None else ""
         lines.append(("Outcome", outcome + risk))
-    reasons = [reason_text(r) for r in alert.get("reasons") or ()]
-    if reasons:
-        lines.append(("Why", "; ".join(reasons)))
+    codes = [str(r) for r in alert.get("reasons") or ()]
+    if codes:
+        lines.append(("Why", shown("; ".join(reason_text(r) for r in codes), WHY_MAX)))
     if alert.get("similarity") is not None:
-        who = f" {alert['category'].lower()}" if alert.get("category") else ""
-        subject_id = f" {alert['subject_id']}" if alert.get("subject_id") else ""
+        who = f" {shown(alert['category'], 32).lower()}" if alert.get("category") else ""
+        subject_id = f" {shown(alert['subject_id'])}" if alert.get("subject_id") else ""
         lines.append(("Face match", f"{alert['similarity']:.1f}% similar to{who}{subject_id}"))
     if kind in FACE_MATCH_ADVICE:
         lines.append(("Please", FACE_MATCH_ADVICE[kind]))
-    footer = f"Alert {alert.get('alert_id', '')}, severity {alert.get('severity') or 'n/a'}."
+    elif alert.get("similarity") is not None or FACE_REASONS.intersection(codes):
+        lines.append(("Please", FACE_EVIDENCE_ADVICE))
+    footer = f"Alert {shown(alert.get('alert_id', ''))}, severity {shown(alert.get('severity') or 'n/a', 16)}."
     case_id = case_id_for(str(alert["alert_id"])) if alert.get("alert_id") else ""
     return AlertText(
         headline=f"{title} - {where}",
@@ -245,8 +279,9 @@ def describe(alert: dict[str, Any], settings: AlertSettings) -> AlertText:
 
 
 def _md(text: str) -> str:
-    """Escape characters Webex markdown would interpret inside a value."""
-    for ch in ("\\", "*", "_", "`", "[", "]"):
+    """Escape characters Webex markdown would interpret inside a value (``<`` and ``>``: a mention such as
+    ``<@all>``, or HTML); values are on one line already (:func:`shown`)."""
+    for ch in ("\\", "*", "_", "`", "[", "]", "<", ">", "~", "|"):
         text = text.replace(ch, "\\" + ch)
     return text
 

@@ -61,7 +61,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from infra import metrics
 from infra.clients import kafka as kafka_clients
-from infra.clients.webex import Attachment, WebexClient, WebexError
+from infra.clients.webex import MAX_MARKDOWN_BYTES, Attachment, WebexClient, WebexError, truncate_utf8
 from infra.clock import now_ms
 from infra.logs import setup_logging
 from infra.retry import Backoff
@@ -349,12 +349,14 @@ class WebexChannel:
     def send(self, alert: dict[str, Any], image: bytes | None, maybe_sent: bool) -> str | None:
         alert_id = alert["alert_id"]
         try:
-            if maybe_sent:
-                for message in self.client.list_messages(self.room_id, self.LOOKBACK):
-                    if self.carries(message, alert_id):
-                        return message.get("id")
             text = describe(alert, self.settings.alerts)
-            markdown = text.markdown() + f"\n\n_{self.marker(alert_id)}_"
+            if maybe_sent and (found := self._posted(alert_id)) is not None:
+                sent, card = found
+                if card is None and sent and self.settings.alerts.webex_cards:
+                    card = self._send_card(alert, text.case_id, sent)  # the earlier try ended before its card
+                return " ".join(m for m in (sent, card) if m) or None
+            marker = f"\n\n_{self.marker(alert_id)}_"  # kept whole: a cut marker would post the alert again
+            markdown = truncate_utf8(text.markdown(), MAX_MARKDOWN_BYTES - len(marker.encode())) + marker
             attachment = Attachment("snapshot.jpg", image) if image else None
             sent = self.client.send_message(self.room_id, markdown, attachment).get("id")
         except WebexError as exc:
@@ -368,6 +370,16 @@ class WebexChannel:
             ) from exc
         card = self._send_card(alert, text.case_id, sent) if self.settings.alerts.webex_cards else None
         return " ".join(m for m in (sent, card) if m) or None
+
+    def _posted(self, alert_id: str) -> tuple[str | None, str | None] | None:
+        """The ids of this alert's message and of its card (a reply to it), when the room's latest messages
+        hold the alert."""
+        messages = self.client.list_messages(self.room_id, self.LOOKBACK)
+        found = next((m.get("id") for m in messages if self.carries(m, alert_id)), None)
+        if found is None:
+            return None
+        card = next((m.get("id") for m in messages if m.get("parentId") == found), None)
+        return found, card
 
     def _send_card(self, alert: dict[str, Any], case_id: str, parent_id: str | None) -> str | None:
         """The case card (images, Confirm/Dismiss), in the alert message's thread; its id. Best effort: the

@@ -54,6 +54,7 @@ CASE_FIELDS = (
     "expires_at",
     "updated_by",
     "decided_at",
+    "decided_by",
     "owner",
     "verdict",
     "verdict_reason",

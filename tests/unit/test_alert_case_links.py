@@ -10,6 +10,7 @@ from infra.local.webex import LocalWebexServer
 from infra.settings import AlertSettings
 from schemas.records import case_id_for
 from sinks.alerts.message import describe
+from sinks.alerts.sender import WebexChannel
 from tests.unit import test_alert_channels as channels
 from tests.unit.test_alert_channels import ROOM, alert, jpeg, settings_for, webex_channel
 
@@ -46,3 +47,27 @@ def test_a_refused_card_does_not_fail_the_delivered_alert(
     webex.state.fail((400,), count=1)
     channel._send_card(alert(), CASE, "some-message")  # logged, not raised: the alert went out already
     assert webex.state.bot_messages(ROOM) == []
+
+
+def test_a_resend_after_an_unknown_outcome_posts_the_card_the_first_try_never_reached(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
+) -> None:
+    settings = settings_for(webex, tmp_path, webex_cards=False)
+    webex_channel(closer, settings).send(alert(), None, maybe_sent=False)  # the message went out, then the try ended
+    channel = webex_channel(closer, settings_for(webex, tmp_path, webex_cards=True))
+    detail = channel.send(alert(), None, maybe_sent=True)
+    posted, card = webex.state.bot_messages(ROOM)
+    assert card["parentId"] == posted["id"] and detail == f"{posted['id']} {card['id']}"
+    assert channel.send(alert(), None, maybe_sent=True) == detail  # both found: nothing posted again
+    assert len(webex.state.bot_messages(ROOM)) == 2
+
+
+def test_an_alert_too_long_for_webex_keeps_its_marker_so_a_resend_finds_it(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
+) -> None:
+    channel = webex_channel(closer, settings_for(webex, tmp_path, dashboard_link="http://d/{transaction_id}"))
+    huge = {**alert(), "transaction_id": "t" * 8000}  # the link is not cut, so the text is past Webex's limit
+    first = channel.send(huge, None, maybe_sent=False)
+    assert channel.send(huge, None, maybe_sent=True) == first
+    [posted] = webex.state.bot_messages(ROOM)
+    assert WebexChannel.carries(posted, "blocked:tx-1")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 import random
 from email.message import EmailMessage
 from typing import Any
@@ -12,7 +13,7 @@ from infra.clients.webex import MAX_MARKDOWN_BYTES, truncate_utf8
 from infra.retry import Backoff, parse_retry_after
 from infra.settings import AlertSettings
 from sinks.alerts.mail import OutgoingMail, build_email
-from sinks.alerts.message import describe, local_time, message_id, reason_text
+from sinks.alerts.message import case_card, describe, local_time, message_id, reason_text
 from sinks.alerts.sender import DeliveryError, Task, give_up_reason
 
 T = 1_767_261_303_000  # 2026-01-01T09:55:03Z
@@ -49,7 +50,7 @@ def test_blocked_transaction_reads_what_where_when_amount_outcome_and_reasons_in
     assert "1,234.50 EUR" in plain
     assert "blocked (risk 92 of 100)" in plain
     assert "refund is larger than the original sale" in plain
-    assert "fraud model rates it very risky" in plain
+    assert "the fraud model's risk is very high (score 900+ of 1000)" in plain
     assert "return_exceeds_sale" not in plain
     assert "http://127.0.0.1:8050/alerts/blocked:tx-9" in plain
 
@@ -67,7 +68,7 @@ def test_face_match_shows_similarity_and_watchlist_category() -> None:
     )
     rows = dict(text.lines)
     assert rows["Face match"] == "97.3% similar to suspect subj-tx-1"
-    assert rows["Why"] == "face matches a person on the suspect watchlist"
+    assert rows["Why"] == "face resembles a person on the suspect watchlist"
     assert text.headline.startswith("Possible watchlist match at a checkout")
     assert "not proof" in rows["Please"], "security is asked to verify, not to act on the match"
 
@@ -178,3 +179,51 @@ def test_give_up_on_permanent_refusal_after_max_attempts_or_past_the_deadline() 
     assert give_up_reason(task, DeliveryError("500"), 0, 1, 8) is None
     assert "failed 3 times" in give_up_reason(task, DeliveryError("500"), 0, 1, 3)
     assert "deadline" in give_up_reason(task, DeliveryError("500"), 99.5, 1, 8)
+
+
+def test_the_model_reason_reads_by_band_not_as_very_risky_at_the_lowest() -> None:
+    assert reason_text("model_score>=600") == "the fraud model's risk is elevated (score 600+ of 1000)"
+    assert reason_text("model_score>=800").startswith("the fraud model's risk is high")
+    assert reason_text("model_score>=x") == "the fraud model's risk is elevated (score x+ of 1000)"
+
+
+def test_a_blocked_sale_that_rests_partly_on_a_face_asks_for_a_look_not_a_verdict() -> None:
+    rows = dict(describe(alert(reasons=["buyer_face_mismatch", "return_exceeds_sale"]), AlertSettings()).lines)
+    assert "may not be the buyer's" in rows["Why"] and "not proof" in rows["Please"]
+    assert "Please" not in dict(describe(alert(), AlertSettings()).lines)
+    vip = describe(
+        alert(kind="VIP_ARRIVED", category="VIP", similarity=99.0, reasons=["watchlist_vip"]), AlertSettings()
+    )
+    assert vip.headline.startswith("Possible VIP arrived") and "not proof" in dict(vip.lines)["Please"]
+
+
+def test_hostile_values_stay_on_one_line_short_and_inert_in_every_format() -> None:
+    hostile = alert(
+        lane_id="L1\r\nBcc: leak@evil.example\n\n# URGENT <@all>",
+        store_id="S" * 5000,
+        transaction_id="tx-1) [pay here](http://evil.example",
+        reasons=["x" * 3000] * 5,
+    )
+    settings = AlertSettings(dashboard_link="http://dash/tx/{transaction_id}")
+    text = describe(hostile, settings)
+    assert "\n" not in text.headline and "\r" not in text.subject
+    assert all("\n" not in value and len(value) <= 1000 for _, value in text.lines)
+    markdown = text.markdown()
+    assert "\n# URGENT" not in markdown and "<@all>" not in markdown and "\\<@all\\>" in markdown
+    assert (
+        text.link == "http://dash/tx/tx-1%29%20%5Bpay%20here%5D%28http:%2F%2Fevil.example"
+    )  # ":" is kept (alert ids hold it)
+    card = json.dumps(case_card(hostile, settings))
+    assert "<@all>" not in card
+
+
+def test_no_alert_value_can_add_a_mail_header_and_a_folded_subject_uses_crlf() -> None:
+    hostile = describe(
+        alert(lane_id="ENT\r\nBcc: leak@evil.example", store_id="Zürich-Hauptbahnhof-" * 5), AlertSettings()
+    )
+    mail = build_email("blocked:tx-9", hostile, "cg@test", ["sec@test"])
+    head = mail.data.split(b"\r\n\r\n", 1)[0]
+    parsed = email.message_from_bytes(mail.data, policy=email.policy.default)
+    assert parsed["Bcc"] is None and b"Bcc:" not in head.split(b"Subject:", 1)[0]
+    assert b"\n" not in head.replace(b"\r\n", b"")  # no bare LF: strict relays refuse it
+    assert "Zürich" in parsed["Subject"]

