@@ -342,15 +342,17 @@ class ModelSettings(BaseModel, frozen=True):
     afd_event_type: str = "transaction"
     afd_entity_type: str = "customer"
     sagemaker_endpoint: str = "checkout-guard-fraud"
-    drift_psi_alert: float = 0.25
+    drift_psi_alert: float = Field(default=0.25, ge=0, allow_inf_nan=False)
     """Population stability index (an event-time hour's score or any feature against the training data)
-    at or above which a ``MODEL_DRIFT`` alert fires: < 0.1 stable, 0.1-0.25 moderate, > 0.25 significant."""
-    drift_min_rows: int = 200
+    at or above which a ``MODEL_DRIFT`` alert fires: < 0.1 stable, 0.1-0.25 moderate, > 0.25 significant; 0: no
+    drift monitor."""
+    drift_min_rows: int = Field(default=200, ge=0)
     """Transactions an hour needs before its PSI may alert (a few rows give a large PSI by chance alone)."""
     drift_bins: int = Field(default=10, ge=2)
     """Quantile bins per numeric feature (most frequent codes per categorical) in the training reference."""
-    drift_grace_ms: int = 300_000
-    """How long past an hour's end (in event time) its distributions stay open for late transactions."""
+    drift_grace_ms: int = Field(default=300_000, ge=0, lt=3_600_000)
+    """How long past an hour's end (in event time) its distributions stay open for late transactions (under an
+    hour: the next hour's reports must not wait for it)."""
 
 
 class FaceSettings(BaseModel, frozen=True):

@@ -49,13 +49,13 @@ from infra.clients.topic_replay import RangeError, parse_time_ms
 from infra.settings import Settings, get_settings
 from schemas.errors import CheckoutGuardError, InvalidRecord
 from schemas.identifiers import check
-from schemas.records import FRAUD, LABEL_SOURCES, LEGITIMATE, Label, make_label
+from schemas.records import FRAUD, LABEL_SOURCES, LABEL_WORDS, Label, make_label
 from schemas.topics import LABELS
 
 console = Console()
 errors = Console(stderr=True)
 
-VERDICTS = {"fraud": FRAUD, "1": FRAUD, "legit": LEGITIMATE, "legitimate": LEGITIMATE, "0": LEGITIMATE}
+VERDICTS = LABEL_WORDS
 """What a verdict may be written as (any case)."""
 MAX_FUTURE_MS = 5 * 60 * 1000
 """A verdict time further ahead of now than this is a typo (it would look newer than any real one)."""
@@ -412,7 +412,8 @@ def publish_command(
 def withdraw_command(
     transaction_ids: Annotated[list[str], typer.Argument(metavar="TX_ID...", help="Transactions to un-label.")],
 ) -> None:
-    """Withdraw the verdicts on transactions (a tombstone each): training treats them as unlabelled again."""
+    """Withdraw the field verdicts on transactions (a tombstone each): training no longer uses them, and a
+    transaction keeps the label its own data carries, if any (a CSV's EVENT_LABEL)."""
     settings = get_settings()
     try:
         ids = [check(tx, "transaction_id") for tx in transaction_ids]

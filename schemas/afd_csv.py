@@ -28,7 +28,7 @@ from typing import TextIO
 
 from schemas.errors import CheckoutGuardError, InvalidRecord
 from schemas.identifiers import check, check_name
-from schemas.records import LineItem, PosTransaction
+from schemas.records import LABEL_WORDS, LineItem, PosTransaction
 
 REQUIRED_COLUMNS = ("EVENT_TIMESTAMP", "EVENT_ID", "order_price", "payment_currency", "merchant")
 """Without these no row could be mapped, so a header lacking one is rejected up front."""
@@ -69,7 +69,7 @@ _MAX_SLUG = 64
 _NOISE_PREFIX = re.compile(r"^fraud_", re.IGNORECASE)
 
 
-_LABELS = {"1": 1, "fraud": 1, "0": 0, "legit": 0, "": None}
+_LABELS: dict[str, int | None] = {**LABEL_WORDS, "": None}
 
 
 _TEXT_FIELDS = (
@@ -129,11 +129,11 @@ def merchant_slug(merchant: str) -> str:
 
 
 def parse_label(value: str) -> int | None:
-    """``EVENT_LABEL``: 1/fraud -> 1, 0/legit -> 0, empty -> None (unlabelled)."""
+    """``EVENT_LABEL``: 1/fraud -> 1, 0/legit/legitimate -> 0, empty -> None (unlabelled)."""
     try:
         return _LABELS[value.strip().lower()]
     except KeyError:
-        raise InvalidRecord("invalid", f"EVENT_LABEL {_shown(value)} is not 1/0/fraud/legit/empty") from None
+        raise InvalidRecord("invalid", f"EVENT_LABEL {_shown(value)} is not 1/0/fraud/legit/legitimate/empty") from None
 
 
 def _float(row: Mapping[str | None, object], name: str, bound: float = math.inf, kind: str = "invalid") -> float | None:

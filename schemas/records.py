@@ -477,6 +477,14 @@ class ModelDriftAvro(TypedDict):
 LABEL_SOURCES: tuple[str, ...] = ("case", "chargeback", "cli")
 """Where a field label comes from: the human-verification case workflow, a chargeback file, the CLI."""
 FRAUD, LEGITIMATE = 1, 0
+LABEL_WORDS: dict[str, int] = {
+    "fraud": FRAUD,
+    "1": FRAUD,
+    "legit": LEGITIMATE,
+    "legitimate": LEGITIMATE,
+    "0": LEGITIMATE,
+}
+"""How a verdict may be written (lower case) in a label file, on the command line and in a CSV's EVENT_LABEL."""
 """The two verdicts a :class:`Label` carries (as ``PosTransaction.label``)."""
 MAX_LABEL_TEXT = 1024
 """Most UTF-8 bytes of a label's ``decided_by`` and ``reason`` (longer text is cut, saying so)."""

@@ -720,7 +720,7 @@ def cross_validate(
             "model": ranking_metrics(y[scored], oof[scored]),
             "floor": ranking_metrics(y[scored], amount[scored]),
         },
-        "mean_fold_roc_auc": float(np.nanmean(fold_aucs)) if fold_aucs else NAN,
+        "mean_fold_roc_auc": float(np.nanmean(fold_aucs)) if any(not math.isnan(a) for a in fold_aucs) else NAN,
         "pooled_base_rate_roc_auc": roc_auc(y[scored], base_rate[scored]),
         "beats_floor_every_fold": bool(
             fold_aucs and all(e["model"]["roc_auc"] > e["floor"]["roc_auc"] for e in entries if "model" in e)
@@ -917,9 +917,16 @@ class LocalModel:
 
     # persistence -----------------------------------------------------------------------------
     def save(self, root: Path, make_current: bool = True) -> Path:
-        """Write ``root/<version>/`` atomically; point ``root/CURRENT`` at it."""
+        """Write ``root/<version>/`` atomically; point ``root/CURRENT`` at it. A whole artifact of this version
+        there already is the same model (the version hashes it): it is kept, never rewritten in place under a
+        job that may be loading it; a damaged one is replaced."""
         root.mkdir(parents=True, exist_ok=True)
         final = root / self.version
+        if self._saved_whole(final):
+            if make_current:
+                self._point_current(root)
+            self.path = final
+            return final
         tmp = root / f".{self.version}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -936,18 +943,35 @@ class LocalModel:
             shutil.rmtree(final)
         os.replace(tmp, final)
         if make_current:
-            pointer = root / f".CURRENT.tmp-{os.getpid()}"
-            pointer.write_text(self.version + "\n")
-            os.replace(pointer, root / "CURRENT")
+            self._point_current(root)
         self.path = final
         return final
+
+    def _saved_whole(self, folder: Path) -> bool:
+        try:
+            return folder.is_dir() and LocalModel.load(folder).version == self.version
+        except ModelArtifactError:
+            return False
+
+    def _point_current(self, root: Path) -> None:
+        pointer = root / f".CURRENT.tmp-{os.getpid()}"
+        pointer.write_text(self.version + "\n")
+        os.replace(pointer, root / "CURRENT")
 
     @classmethod
     def load(cls, path: Path) -> LocalModel:
         """``path`` is a version folder, or a models root whose ``CURRENT`` names one."""
         path = Path(path)
         if (path / "CURRENT").exists():
-            path = path / (path / "CURRENT").read_text().strip()
+            named = (path / "CURRENT").read_text().strip()
+            if not named or not (path / named / "model.json").is_file():
+                # A champion named but not there (still being copied in, or a wrong name): never replaced by a
+                # freshly trained default, which would take over from it without a promotion or an audit.
+                raise DamagedArtifactError(
+                    f"{path / 'CURRENT'} names {named or 'nothing'}, which holds no model.json (still being copied, "
+                    "or a wrong name): point it at a whole version (see: python -m jobs.model.registry status)"
+                )
+            path = path / named
         meta_file = path / "model.json"
         if not meta_file.exists():
             raise ModelArtifactError(f"no model artifact at {path} (train one: make train / make train-default)")

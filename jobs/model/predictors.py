@@ -238,16 +238,24 @@ class GuardedPredictor(Predictor):
     def __init__(
         self,
         settings: Settings,
-        fallback: LocalModel | None,
+        fallback: LocalModel | Callable[[], LocalModel | None] | None,
         client: Any = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings.model
-        self.fallback_model = fallback
+        self._fallback_of: Callable[[], LocalModel | None] = (
+            (lambda: fallback) if fallback is None or isinstance(fallback, LocalModel) else fallback
+        )
         self.client = client if client is not None else self._make_client(settings)
         self.breaker = CircuitBreaker(self.settings.breaker_failures, self.settings.breaker_cooldown_s, clock)
         self.calls = 0
         self.failures = 0
+
+    @property
+    def fallback_model(self) -> LocalModel | None:
+        """The local model that answers when the remote does not: the registry's champion of the moment when
+        the factory gave a registry (a promotion reaches it as it reaches the job), else a fixed model."""
+        return self._fallback_of()
 
     def _service(self) -> str:
         raise NotImplementedError
@@ -496,12 +504,15 @@ def make_predictor(settings: Settings, *, tally_drift: bool = False) -> Predicto
         registry = ModelRegistry(settings)
     except ModelArtifactError:
         registry = ModelRegistry(None)  # no local model: the remote answers alone, no fallback
-    local = registry.champion
+
+    def champion() -> LocalModel | None:
+        return registry.champion
+
     remote: Predictor
     if backend == "frauddetector":
-        remote = FraudDetectorPredictor(settings, local)
+        remote = FraudDetectorPredictor(settings, champion)
     elif backend == "sagemaker":
-        remote = SageMakerPredictor(settings, local)
+        remote = SageMakerPredictor(settings, champion)
     else:
         raise ValueError(f"unknown model backend {backend!r} (local, frauddetector, sagemaker, none)")
     return ScoringModels(registry, remote=remote)

@@ -139,6 +139,8 @@ class ModelRegistry:
                     f"no champion model in {self.root} (make train-default, or jobs.model.train train CSV)"
                 )
             challenger = self._load(wanted[1], self.challenger, champion) if wanted[1] != wanted[0] else None
+            if challenger is not None and challenger.version == champion.version:
+                challenger = None  # a copy of the champion under another name: no second model to compare
         except (ModelArtifactError, OSError, ValueError) as exc:
             if strict:
                 raise ModelArtifactError(str(exc)) from exc
@@ -184,19 +186,46 @@ def _root(models: Path | None) -> Path:
 
 
 def _versions(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "model.json").exists()) if root.exists() else []
+    """Version folders under ``root``: not a save's temporary ``.<version>.tmp-<pid>`` (a crashed save leaves
+    one, and the next save of that version deletes it)."""
+    if not root.exists():
+        return []
+    return sorted(
+        p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "model.json").exists()
+    )
 
 
 def _check_version(root: Path, version: str) -> LocalModel:
     """A pointer names one version folder directly under ``root`` (never ``.``, ``..`` or a path, which would
     load now and leave ``CURRENT`` unreadable to the job: none is a folder name) holding an artifact the job
-    can load."""
+    can load; raises :class:`ModelArtifactError` (one ``Error:`` line, exit 1) otherwise."""
     if version not in _versions(root):
-        raise typer.BadParameter(f"{version!r} is not a model version in {root} (see: status)")
+        raise ModelArtifactError(f"{version!r} is not a model version in {root} (see: status)")
     try:
         return LocalModel.load(root / version)
     except ModelArtifactError as exc:
-        raise typer.BadParameter(f"{version} cannot be loaded: {exc}") from exc
+        raise ModelArtifactError(f"{version} cannot be loaded: {exc}") from exc
+
+
+def _loaded_version(root: Path, folder: str | None) -> str | None:
+    """The model version (``model.json``'s) in ``folder``, or None when it cannot be loaded."""
+    try:
+        return LocalModel.load(root / folder).version if folder else None
+    except ModelArtifactError:
+        return None
+
+
+def _load_problem(root: Path, folder: str | None, versions: list[str]) -> str:
+    """What ``status`` says after a pointer that the job cannot load ('' when it can)."""
+    if folder is None:
+        return ""
+    if folder not in versions:
+        return " (MISSING: no such version on disk; the job cannot load it)"
+    try:
+        LocalModel.load(root / folder)
+    except ModelArtifactError as exc:
+        return f" (CANNOT BE LOADED: {exc})"
+    return ""
 
 
 @app.command()
@@ -209,10 +238,7 @@ def status(models: Annotated[Path | None, typer.Option(help="Models root (defaul
     typer.echo(f"models root: {root}")
     versions = _versions(root)
     for label, pointer in (("champion:  ", champion), ("challenger:", challenger)):
-        missing = (
-            " (MISSING: no such version on disk; the job cannot load it)" if pointer not in {None, *versions} else ""
-        )
-        typer.echo(f"{label} {pointer or '-'}{missing}")
+        typer.echo(f"{label} {pointer or '-'}{_load_problem(root, pointer, versions)}")
     for version in versions:
         typer.echo(f"  {version}")
 
@@ -231,9 +257,17 @@ def challenger(
         return
     if not version:
         raise typer.BadParameter("name a version, or --clear")
-    if version == read_pointer(root, CURRENT):
+    champion = read_pointer(root, CURRENT)
+    if version == champion:
         raise typer.BadParameter(f"{version} is the champion already; the job scores no challenger equal to it")
-    _check_version(root, version)
+    try:
+        model = _check_version(root, version)
+    except ModelArtifactError as exc:  # the argument names nothing loadable: a usage error, as before
+        raise typer.BadParameter(str(exc)) from exc
+    if model.version == _loaded_version(root, champion):
+        raise typer.BadParameter(
+            f"{version} holds the champion's model ({model.version}, a copy); the job scores no challenger equal to it"
+        )
     write_pointer(root, CHALLENGER, version)
     typer.echo(f"challenger: {version}")
 
@@ -293,11 +327,13 @@ def promote(
     if not new:
         raise typer.BadParameter("no challenger to promote (set one: challenger VERSION)")
     model = _check_version(root, new)
+    if new == old or model.version == _loaded_version(root, old):
+        raise ModelArtifactError(f"the challenger {new} is the champion's model already: nothing to promote")
     typer.echo(format_metrics(model.meta))
     if audit:
         _audit(settings, old, new, getpass.getuser(), reason, timeout_s)
     write_pointer(root, CURRENT, new)
-    write_pointer(root, CHALLENGER, None if retire or old == new else old)
+    write_pointer(root, CHALLENGER, None if retire else old)
     typer.echo(f"champion: {new} (was {old or '-'}); challenger: {read_pointer(root, CHALLENGER) or '-'}")
 
 

@@ -190,8 +190,10 @@ def evaluate_history(
             f"need labelled fraud and legitimate rows (EVENT_LABEL fraud / legit): {fraud} fraud and "
             f"{len(data.y) - fraud} legitimate"
         )
-    if len(data.y) < 2 * (folds + 1):
-        raise typer.BadParameter(f"{len(data.y)} labelled rows are too few for {folds} folds", param_hint="--folds")
+    if len(data.y) < 2 * (folds + 1):  # the data again: one Error: line, exit 1
+        raise CheckoutGuardError(
+            f"{len(data.y)} labelled rows are too few for {folds} folds (at least {2 * (folds + 1)}; fewer --folds?)"
+        )
     if learner is None and rounds is None and not params and not drop:
         return data, cross_validate_learners(data.x, data.y, data.times, data.amounts, folds=folds, seed=seed)
     cv = cross_validate(
@@ -786,7 +788,9 @@ def train(
     for ident, reason in history.rejected[1:10]:  # the first was named in the summary before the figures
         typer.echo(f"also rejected {ident}: {reason}")
     typer.echo(f"artifact: {path}")
-    if not current:
+    if not current and read_pointer(root, CURRENT) == path.name:
+        typer.echo("this is the champion already (the same data and settings make the same version)")
+    elif not current:
         typer.echo(f"not the champion yet: score it beside it with `challenger {path.name}`, then `promote`")
 
 

@@ -10,6 +10,7 @@ stack dir is still empty and no process of the run is left. The console subcomma
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import subprocess
@@ -26,6 +27,7 @@ import pytest
 
 from infra.cli import ENTRIES, Entry
 from infra.settings import REPO_ROOT
+from tests.unit.test_csv_replay import afd_row
 
 TIMEOUT_S = 20.0
 MARKER = "CHECKOUT_GUARD_HELP_TEST"
@@ -196,9 +198,15 @@ def test_the_console_answers_a_bad_file_with_one_line_and_exit_1_as_python_m_doe
 
     (tmp_path / "cols.csv").write_text("a,b\n1,2\n")
     (tmp_path / "header.csv").write_text("EVENT_TIMESTAMP,EVENT_ID,order_price,payment_currency,merchant,EVENT_LABEL\n")
+    rows = [afd_row(f"ev-{i}", f"2022-11-07T15:5{i}:00Z", EVENT_LABEL=str(i % 2)) for i in range(6)]
+    with (tmp_path / "few.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
     for argv in (
         ["evaluate", str(tmp_path / "cols.csv")],
         ["evaluate", str(tmp_path / "header.csv")],  # no labelled rows: the data, not the command line (was exit 2)
+        ["evaluate", str(tmp_path / "few.csv")],  # too few labelled rows for the folds: the data too (was exit 2)
         ["backtest", str(tmp_path / "cols.csv"), "--model", str(tmp_path / "none")],
     ):
         with pytest.raises(SystemExit) as exit_:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from fastavro import schemaless_reader, schemaless_writer
+from pydantic import ValidationError
 
 from infra.settings import AlertSettings, ModelSettings
 from jobs.model.drift import (
@@ -548,3 +549,12 @@ def test_merged_rows_older_than_the_watermark_less_the_grace_are_late(reference:
     assert merged.merge(slot.tally(_times(6, 0), x[:6], s[:6]), T0 + HOUR_MS + 300_000) == []  # too late
     (second,) = merged.flush()
     assert (second["hour_start"], second["rows"], second["late_rows"]) == (T0 + HOUR_MS, 4, 6)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("drift_psi_alert", float("nan")), ("drift_grace_ms", 7_200_000), ("drift_min_rows", -5)]
+)
+def test_drift_settings_that_would_switch_the_monitor_off_unseen_are_refused_by_name(name: str, value: Any) -> None:
+    """A NaN threshold never alerted and an hour's grace built no monitor: both only a log line."""
+    with pytest.raises(ValidationError, match=name):
+        ModelSettings(**{name: value})

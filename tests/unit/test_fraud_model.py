@@ -409,7 +409,7 @@ def test_evaluate_says_how_many_rows_it_rejected_and_why_before_anything_else(tm
     res = CliRunner().invoke(app, ["evaluate", str(tmp_path / "bad.csv")])
     assert res.exit_code != 0
     assert res.output.startswith("3 row(s) rejected and left out (first: ")
-    assert "EVENT_LABEL 'yes' is not 1/0/fraud/legit/empty" in res.output
+    assert "EVENT_LABEL 'yes' is not 1/0/fraud/legit/legitimate/empty" in res.output
 
 
 @needs_afd_csv

@@ -404,17 +404,30 @@ def test_an_artifact_of_other_features_is_replaced_by_a_retrained_default_model(
     assert LocalModel.load(tmp_path).version == small_model().version
 
 
-@pytest.mark.parametrize("damage", ["model.json cut short", "model file cut short", "model file not there yet"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "model.json cut short",
+        "model file cut short",
+        "model file not there yet",
+        "model.json not there yet",
+        "CURRENT names no folder",
+        "CURRENT empty",
+    ],
+)
 def test_a_damaged_champion_is_not_replaced_by_a_retrained_default_model(tmp_path, monkeypatch, damage):
     """A champion caught mid-copy at the job's start was overwritten by the synthetic default, unaudited."""
     settings = Settings(model={"artifact_dir": tmp_path})
     champion = small_model().save(tmp_path)
-    target = champion / ("model.json" if damage == "model.json cut short" else "model.txt")
-    if damage == "model file not there yet":
+    target = champion / ("model.json" if damage.startswith("model.json") else "model.txt")
+    if damage.endswith("not there yet"):
         target.unlink()
-    else:
+    elif damage.endswith("cut short"):
         target.write_bytes(target.read_bytes()[:1000])
+    else:
+        champion.rename(tmp_path / "elsewhere")
+        (tmp_path / "CURRENT").write_text("" if damage == "CURRENT empty" else champion.name)
     monkeypatch.setattr(train_module, "train_default", lambda _settings: pytest.fail("retrained over it"))
     with pytest.raises(DamagedArtifactError):
         ensure_default_model(settings)
-    assert (tmp_path / "CURRENT").read_text().strip() == champion.name
+    assert (tmp_path / "CURRENT").read_text().strip() == ("" if damage == "CURRENT empty" else champion.name)

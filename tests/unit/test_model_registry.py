@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -137,8 +138,53 @@ def test_promote_refuses_a_hand_written_challenger_pointer_that_is_not_a_version
     champ, _ = _models(tmp_path)
     write_pointer(tmp_path, CHALLENGER, ".")
     result = CliRunner().invoke(app, ["promote", "--no-audit", "--models", str(tmp_path)])
-    assert result.exit_code == 2 and "not a model version" in result.output
+    assert result.exit_code == 1 and isinstance(result.exception, ModelArtifactError)  # one Error: line, no usage
+    assert "not a model version" in str(result.exception)
     assert read_pointer(tmp_path, CURRENT) == champ
+
+
+def _copy(root: Path, version: str, name: str) -> None:
+    shutil.copytree(root / version, root / name)
+
+
+def test_a_copy_of_the_champion_is_neither_a_challenger_nor_promoted_nor_scored_beside_it(tmp_path):
+    """Models are told apart by the version in model.json, not by their folders' names."""
+    champ, _ = _models(tmp_path)
+    _copy(tmp_path, champ, "prod-backup")
+    result = CliRunner().invoke(app, ["challenger", "prod-backup", "--models", str(tmp_path)])
+    assert result.exit_code == 2 and "champion's model" in result.output
+    write_pointer(tmp_path, CHALLENGER, "prod-backup")  # by hand
+    registry = ModelRegistry(Settings(model=ModelSettings(artifact_dir=tmp_path)))
+    assert registry.champion.version == champ and registry.challenger is None
+    result = CliRunner().invoke(app, ["promote", "--no-audit", "--models", str(tmp_path)])
+    assert result.exit_code == 1 and "nothing to promote" in str(result.exception)
+    write_pointer(tmp_path, CHALLENGER, champ)
+    result = CliRunner().invoke(app, ["promote", "--no-audit", "--models", str(tmp_path)])
+    assert result.exit_code == 1 and read_pointer(tmp_path, CURRENT) == champ
+
+
+def test_a_crashed_saves_temp_folder_is_no_version(tmp_path):
+    _, chal = _models(tmp_path)
+    _copy(tmp_path, chal, f".{chal}.tmp-4242")
+    status = CliRunner().invoke(app, ["status", "--models", str(tmp_path)])
+    assert ".tmp-" not in status.output
+    result = CliRunner().invoke(app, ["challenger", f".{chal}.tmp-4242", "--models", str(tmp_path)])
+    assert result.exit_code == 2 and "not a model version" in result.output
+
+
+def test_status_flags_a_champion_that_is_there_but_cannot_be_loaded(tmp_path):
+    champ, _ = _models(tmp_path)
+    model_file = next((tmp_path / champ).glob("model.[ct]*"))
+    model_file.write_bytes(model_file.read_bytes()[:100])
+    result = CliRunner().invoke(app, ["status", "--models", str(tmp_path)])
+    assert result.exit_code == 0 and f"{champ} (CANNOT BE LOADED:" in result.output
+
+
+def test_the_same_model_saved_again_keeps_its_folder_and_says_it_is_the_champion(tmp_path):
+    champ, _ = _models(tmp_path)
+    before = (tmp_path / champ / "model.json").stat().st_mtime_ns
+    assert small_model().save(tmp_path, make_current=False) == tmp_path / champ
+    assert (tmp_path / champ / "model.json").stat().st_mtime_ns == before  # not rewritten under a running job
 
 
 def test_status_of_a_models_root_that_is_not_there_says_so(tmp_path):

@@ -25,7 +25,7 @@ from jobs.model.predictors import (
     make_predictor,
 )
 from tests.builders import T0, sale
-from tests.fraud_model import small_model
+from tests.fraud_model import challenger_model, small_model
 
 TX = sale(
     "tx-42",
@@ -249,7 +249,10 @@ def test_factory_builds_the_configured_backend_with_local_fallback(tmp_path, ser
     afd = make_predictor(base)
     assert isinstance(afd, ScoringModels) and isinstance(afd.remote, FraudDetectorPredictor)
     assert afd.remote.fallback_model.version == small_model().version
+    promoted = challenger_model().save(tmp_path)  # CURRENT -> another model, as promote does
+    afd.registry.refresh(force=True)
+    assert afd.remote.fallback_model.version == promoted.name  # the fallback follows the promotion, no restart
     local = make_predictor(base.model_copy(update={"model": base.model.model_copy(update={"backend": "local"})}))
-    assert local.predict_batch([(TX, IND)])[0].version == f"local:{small_model().version}"
+    assert local.predict_batch([(TX, IND)])[0].version == f"local:{promoted.name}"
     with pytest.raises(ValueError, match="unknown model backend"):
         make_predictor(base.model_copy(update={"model": base.model.model_copy(update={"backend": "magic"})}))
