@@ -198,7 +198,9 @@ def test_row_maps_fraud_detector_fields_onto_a_transaction() -> None:
     assert PosTransaction.decode(tx.encode()) == tx
 
 
-@pytest.mark.parametrize(("text", "label"), [("1", 1), ("0", 0), ("fraud", 1), ("Legit", 0), ("legitimate", 0), ("", None)])
+@pytest.mark.parametrize(
+    ("text", "label"), [("1", 1), ("0", 0), ("fraud", 1), ("Legit", 0), ("legitimate", 0), ("", None)]
+)
 def test_label_is_read_from_1_0_fraud_legit_legitimate_or_empty(text: str, label: int | None) -> None:
     assert parse_label(text) == label
     assert row_to_transaction(afd_row("ev", EVENT_LABEL=text)).label == label
