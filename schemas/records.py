@@ -248,6 +248,7 @@ class Alert(Record):
     category: str | None = None
     similarity: float | None = None
     snapshot_ref: str | None = None
+    transaction_kind: str | None = None
 
 
 class AlertAvro(TypedDict):
@@ -271,6 +272,7 @@ class AlertAvro(TypedDict):
     category: str | None
     similarity: float | None
     snapshot_ref: str | None
+    transaction_kind: str | None
 
 
 OUTCOME_WORDS = {"BLOCK": "blocked", "REVIEW": "held for review", "APPROVE": "approved"}

@@ -538,6 +538,7 @@ class Scorer:
             "category": face.category,
             "similarity": face.similarity,
             "snapshot_ref": snapshot_ref,
+            "transaction_kind": tx["kind"],
             "summary": (
                 f"Blocked {tx['kind'].lower()} {tx['transaction_id']} of {tx['amount']:.2f} {tx['currency']} "
                 f"at {tx['store_id']} {tx['lane_id']}: risk {decision.risk_score} ({reasons})"
@@ -578,5 +579,6 @@ class Scorer:
             "category": face.category,
             "similarity": face.similarity,
             "snapshot_ref": snapshot_ref,
+            "transaction_kind": tx["kind"] if tx else None,
             "summary": f"{what} {face.subject_id} {how} at {where}, similarity {face.similarity or 0:.1f}",
         }

@@ -69,6 +69,9 @@ TITLES: dict[str, str] = {
     "VIP_ARRIVED": "Possible VIP arrived",
     "MODEL_DRIFT": "Fraud model drift",
 }
+BLOCKED_TITLES: dict[str, str] = {"SALE": "Sale blocked", "RETURN": "Refund blocked"}
+"""A blocked transaction's title by its kind (``transaction_kind``, alerts since schema v3): a refund must
+not read like a sale."""
 
 
 def reason_text(code: str) -> str:
@@ -242,13 +245,21 @@ def describe(alert: dict[str, Any], settings: AlertSettings) -> AlertText:
     store, lane = shown(alert.get("store_id") or "?", 64), alert.get("lane_id")
     where = f"store {store}, lane {shown(lane, 64)}" if lane else f"store {store}"
     title = TITLES.get(kind, kind.replace("_", " ").capitalize() or "Alert")
+    tx_kind = str(alert.get("transaction_kind") or "").upper()
+    if kind == "BLOCKED_TRANSACTION":
+        title = BLOCKED_TITLES.get(tx_kind, title)
     lines: list[tuple[str, str]] = [
         ("What", title),
         ("Where", where),
         ("When", local_time(int(alert.get("event_time") or 0), settings.timezone)),
     ]
     if alert.get("amount") is not None:
-        lines.append(("Amount", f"{alert['amount']:,.2f} {shown(alert.get('currency') or '', 8)}".strip()))
+        lines.append(
+            (
+                "Refund" if tx_kind == "RETURN" else "Amount",
+                f"{alert['amount']:,.2f} {shown(alert.get('currency') or '', 8)}".strip(),
+            )
+        )
     if alert.get("transaction_id"):
         lines.append(("Transaction", shown(alert["transaction_id"])))
     if alert.get("outcome"):

@@ -227,3 +227,10 @@ def test_no_alert_value_can_add_a_mail_header_and_a_folded_subject_uses_crlf() -
     assert parsed["Bcc"] is None and b"Bcc:" not in head.split(b"Subject:", 1)[0]
     assert b"\n" not in head.replace(b"\r\n", b"")  # no bare LF: strict relays refuse it
     assert "Zürich" in parsed["Subject"]
+
+
+def test_a_blocked_refund_reads_as_a_refund_and_a_sale_as_a_sale() -> None:
+    refund = describe(alert(transaction_kind="RETURN"), AlertSettings())
+    assert refund.headline.startswith("Refund blocked") and dict(refund.lines)["Refund"] == "1,234.50 EUR"
+    sale = describe(alert(transaction_kind="SALE"), AlertSettings())
+    assert sale.headline.startswith("Sale blocked") and "Amount" in dict(sale.lines)
