@@ -47,6 +47,8 @@ SWEEP_INTERVAL_S = 3600.0
 FORGETS_KEPT_DAYS = 30
 """How long a forget is remembered, for alerts of its subject that are posted late (a sender down for days)."""
 FAILED_TURN_PAUSE_S = 30.0
+STOPPED_SWEEP_RETRY_S = 60.0
+"""When a sweep that Webex stopped (down, rate limiting) goes on."""
 MAX_SUBJECTS_NAMED = 20
 """Subjects named in one ``ERASE`` audit event; the count covers the rest."""
 
@@ -126,12 +128,16 @@ class Eraser:
         self._codec = codec("AuditEvent")
         self.audit_topic = AUDIT.full_name(settings.kafka.topic_prefix)
 
-    def sweep(self) -> Sweep:
-        """Delete every due post (see the module); the ledger forgets each one deleted, gone or refused."""
+    def sweep(self, stop: threading.Event | None = None) -> Sweep:
+        """Delete every due post (see the module); the ledger forgets each one deleted, gone or refused.
+        ``stop``: the sender is stopping; the rest waits for the next run (it must not outlive the ledger)."""
         now = self.now_ms()
         result = Sweep()
         finished: list[str] = []
         for message_id, (channel_name, subject) in self.ledger.due_posts(now, self.keep_ms).items():
+            if stop is not None and stop.is_set():
+                result.stopped = "the sender is stopping"
+                break
             channel = self.channels.get(channel_name)
             if channel is None:  # posted by a channel this sender no longer runs: left for the one that does
                 continue
@@ -198,15 +204,15 @@ class Eraser:
         try:
             while not stop.is_set():
                 try:
-                    last_sweep = self._turn(consumer, producer, last_sweep)
-                except Exception:  # noqa: BLE001 - a Kafka or disk failure: the alerts go on, this is tried again
-                    log.exception("alert eraser: turn failed; trying again in %.0fs", FAILED_TURN_PAUSE_S)
+                    last_sweep = self._turn(consumer, producer, last_sweep, stop)
+                except Exception as exc:  # noqa: BLE001 - Kafka or the disk failing: the alerts go on, tried again
+                    log.warning("alert eraser: %s; trying again in %.0fs", exc, FAILED_TURN_PAUSE_S)
                     stop.wait(FAILED_TURN_PAUSE_S)
         finally:
             producer.flush(10)
             consumer.close()
 
-    def _turn(self, consumer: Consumer, producer: Producer, last_sweep: float) -> float:
+    def _turn(self, consumer: Consumer, producer: Producer, last_sweep: float, stop: threading.Event) -> float:
         """One fetch of audit events, and a sweep when a forget came or the interval is over; the last sweep's
         start (monotonic)."""
         messages = consumer.consume(num_messages=500, timeout=1.0)
@@ -216,10 +222,12 @@ class Eraser:
         if not forgets and time.monotonic() - last_sweep < self.sweep_interval_s:
             return last_sweep
         started = time.monotonic()
-        result = self.sweep()
+        result = self.sweep(stop)
         if result.done:
             metrics.RECORDS_OUT.labels(STAGE, "erased_message").inc(result.done)
             self._publish(producer, result.audit(self.now_ms()))
+        if result.stopped:  # Webex down or rate limiting: the rest soon, not at the next hourly sweep
+            return started - self.sweep_interval_s + STOPPED_SWEEP_RETRY_S
         return started
 
     def _publish(self, producer: Producer, event: AuditEvent) -> None:

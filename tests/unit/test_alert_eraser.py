@@ -3,6 +3,7 @@ what a sweep does with each answer, and the Webex channel's own ids and deletes 
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import ExitStack, closing
 from pathlib import Path
@@ -169,3 +170,30 @@ def test_a_worker_keeps_the_ids_an_erasable_channel_posted_with_the_alerts_subje
     ledger.record_forgets([("audit-1", "subj-tx-1", "tx-1", suspect["event_time"])])
     due = ledger.due_posts(suspect["event_time"], None)
     assert set(due) == {m["id"] for m in webex.state.bot_messages(ROOM)} and len(due) == 2
+
+
+class NoAudit:
+    """A consumer of an audit topic with nothing new on it."""
+
+    def consume(self, num_messages: int, timeout: float) -> list:
+        return []
+
+    def commit(self, asynchronous: bool) -> None:
+        raise AssertionError("nothing fetched, nothing to commit")
+
+
+def test_a_sweep_webex_stopped_goes_on_within_a_minute_not_at_the_next_hourly_one(
+    tmp_path: Path, closer: ExitStack
+) -> None:
+    ledger = ledger_at(closer, tmp_path)
+    post(ledger, "m-1", "subj-a", "tx-1", NOW - DAY)
+    ledger.record_forgets([("audit-1", "subj-a", None, NOW)])
+    channel = FakeChannel({"m-1": DeliveryError("503", retriable=True, down=True)})
+    worker = eraser(ledger, channel)
+    last = worker._turn(NoAudit(), None, float("-inf"), threading.Event())  # type: ignore[arg-type]
+    due_in = last + worker.sweep_interval_s - time.monotonic()
+    assert 0 < due_in <= 60 and set(ledger.due_posts(NOW, None)) == {"m-1"}
+    stopping = threading.Event()
+    stopping.set()
+    channel.answers.clear()
+    assert worker.sweep(stopping).stopped == "the sender is stopping" and channel.deleted == []
