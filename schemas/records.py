@@ -422,6 +422,11 @@ class RuleSetUpdate(Record):
     published_by: str
 
 
+WATCHLIST_SERVICE_ACTOR = "watchlist-service"
+"""The ``actor`` of the watchlist service's own audit events (``EXPIRE`` of an entry, ``PURGE``): the case
+service audits a case's expiry as ``EXPIRE`` too, under its own name."""
+
+
 @dataclass(frozen=True, slots=True)
 class AuditEvent(Record):
     AVRO_NAME: ClassVar[str] = "AuditEvent"
@@ -479,6 +484,7 @@ class ModelDriftAvro(TypedDict):
 LABEL_SOURCES: tuple[str, ...] = ("case", "chargeback", "cli")
 """Where a field label comes from: the human-verification case workflow, a chargeback file, the CLI."""
 FRAUD, LEGITIMATE = 1, 0
+"""The two verdicts a :class:`Label` carries (as ``PosTransaction.label``)."""
 LABEL_WORDS: dict[str, int] = {
     "fraud": FRAUD,
     "1": FRAUD,
@@ -487,7 +493,6 @@ LABEL_WORDS: dict[str, int] = {
     "0": LEGITIMATE,
 }
 """How a verdict may be written (lower case) in a label file, on the command line and in a CSV's EVENT_LABEL."""
-"""The two verdicts a :class:`Label` carries (as ``PosTransaction.label``)."""
 MAX_LABEL_TEXT = 1024
 """Most UTF-8 bytes of a label's ``decided_by`` and ``reason`` (longer text is cut, saying so)."""
 _MAX_DECIDED_AT = 4_102_444_800_000

@@ -65,7 +65,15 @@ from jobs.faces.rekognition import RekognitionError, RekognitionFaces
 from schemas.codec import DecodeError
 from schemas.errors import InvalidRecord
 from schemas.identifiers import check
-from schemas.records import CASE_VERBS, Alert, AuditEvent, BotCommand, WatchlistEntry, dead_letter
+from schemas.records import (
+    CASE_VERBS,
+    WATCHLIST_SERVICE_ACTOR,
+    Alert,
+    AuditEvent,
+    BotCommand,
+    WatchlistEntry,
+    dead_letter,
+)
 from schemas.topics import ALERTS, AUDIT, COMMANDS, COMPACTION_MARKER, DEAD_LETTERS, WATCHLIST, TopicSpec, marker_due
 
 log = logging.getLogger("jobs.faces.watchlist_service")
@@ -73,7 +81,7 @@ log = logging.getLogger("jobs.faces.watchlist_service")
 STAGE = "watchlist_service"
 PROCESS = "watchlist-service"
 """The ``stage`` label of this process's metrics (its name in ``infra.metrics.PROCESSES``)."""
-SERVICE_ACTOR = "watchlist-service"
+SERVICE_ACTOR = WATCHLIST_SERVICE_ACTOR
 CATEGORY = {"FRAUD": "SUSPECT", "VIP": "VIP"}
 REKOGNITION_REFUSALS = {
     "NoFaceIndexed",

@@ -230,6 +230,10 @@ class LocalPredictor(ScoringModels):
         super().__init__(ModelRegistry.fixed(model, challenger))
 
 
+Fallback = LocalModel | Callable[[], LocalModel | None] | None
+"""A remote predictor's local model: fixed, or where to find the one of the moment (the registry's champion)."""
+
+
 class GuardedPredictor(Predictor):
     """Shared timeout/retry/breaker/fallback logic; subclasses implement the remote call."""
 
@@ -238,7 +242,7 @@ class GuardedPredictor(Predictor):
     def __init__(
         self,
         settings: Settings,
-        fallback: LocalModel | Callable[[], LocalModel | None] | None,
+        fallback: Fallback,
         client: Any = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -329,7 +333,7 @@ class FraudDetectorPredictor(GuardedPredictor):
 
     name = "frauddetector"
 
-    def __init__(self, settings: Settings, fallback: LocalModel | None, client: Any = None, **kw: Any) -> None:
+    def __init__(self, settings: Settings, fallback: Fallback, client: Any = None, **kw: Any) -> None:
         super().__init__(settings, fallback, client, **kw)
         m = self.settings
         self.version = f"afd:{m.afd_detector_id}:{m.afd_detector_version or 'active'}"
@@ -405,9 +409,13 @@ class SageMakerPredictor(GuardedPredictor):
     name = "sagemaker"
     max_rows = 1000
 
-    def __init__(self, settings: Settings, fallback: LocalModel | None, client: Any = None, **kw: Any) -> None:
+    def __init__(self, settings: Settings, fallback: Fallback, client: Any = None, **kw: Any) -> None:
         super().__init__(settings, fallback, client, **kw)
         self.version = f"sagemaker:{self.settings.sagemaker_endpoint}"
+        start = self.fallback_model
+        self.calibration = start.calibration if start is not None else None
+        """The local champion's calibration at start, fixed: the endpoint serves the model it was deployed
+        with, so a local promotion must not re-calibrate its answers (the fallback follows the promotion)."""
 
     def _service(self) -> str:
         return "sagemaker-runtime"
@@ -445,8 +453,8 @@ class SageMakerPredictor(GuardedPredictor):
                 out.extend(self._fallback(items[start : start + self.max_rows], [spent] * chunk.shape[0]))
                 continue
             spent = int(round((time.perf_counter() - t0) * 1000))
-            if self.fallback_model is not None:
-                scores = self.fallback_model.calibration.score(probs)
+            if self.calibration is not None:
+                scores = self.calibration.score(probs)
             else:
                 scores = np.rint(np.clip(probs, 0.0, 1.0) * 1000).astype(np.int64)
             out.extend(ModelResult(score=int(s), version=self.version, time_ms=spent) for s in scores)

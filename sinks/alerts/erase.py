@@ -6,21 +6,25 @@ images; the image store deletes its copies on ``forget`` of the subject and afte
 the id of every message an erasable channel posted (the alert message and its card) with the alert's subject,
 transaction and time (:meth:`sinks.alerts.sender.Ledger.mark_sent`); this eraser, a thread of the sender:
 
-- reads the ``audit`` topic (its own consumer group) and records each ``FORGET`` and ``EXPIRE`` the
-  watchlist service made (the subject and the transaction its entry was enrolled from), before committing;
+- reads the ``audit`` topic (its own consumer group) and records each ``FORGET`` and ``EXPIRE`` of an entry
+  the watchlist service made (the subject and the transaction its entry was enrolled from), before
+  committing;
 - deletes every message whose alert names a forgotten subject, or shows the sale that subject was enrolled
-  from, and happened before the forget (an alert still queued when the forget came is deleted once posted);
+  from, and was made before the forget or up to ``FORGET_GRACE_MS`` after it (wall clocks; an alert still
+  queued when the forget came is deleted once posted);
   and every message posted more than ``CG_ALERTS__WEBEX_KEEP_DAYS`` ago;
 - writes one ``ERASE`` audit event per sweep that deleted or was refused something (counts and subjects).
 
 A message Webex no longer has counts as deleted; one Webex refuses for good (403: no longer the bot's to
-delete) is given up, counted as refused in the audit; while Webex is down or rate limits, the sweep stops
-and the next one tries again. E-mail cannot be taken back: a forgotten subject's alert mails stay in the
+delete) is given up, counted as refused in the audit; while Webex is down, rate limits or refuses the token,
+the sweep stops and goes on a minute later. Messages posted before the ledger kept their ids (before this
+eraser) are not known to it. E-mail cannot be taken back: a forgotten subject's alert mails stay in the
 mailboxes (README, "Faces").
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -35,7 +39,7 @@ from infra.clients import kafka as kafka_clients
 from infra.settings import Settings
 from schemas.codec import codec
 from schemas.errors import CheckoutGuardError
-from schemas.records import AuditEvent
+from schemas.records import WATCHLIST_SERVICE_ACTOR, AuditEvent
 from schemas.topics import AUDIT
 
 log = logging.getLogger(__name__)
@@ -57,9 +61,13 @@ Forget = tuple[str, str | None, str | None, int]
 
 
 def forget_of(event: Mapping[str, Any]) -> Forget | None:
-    """The forget an audit event records, if it is one: a ``FORGET`` or ``EXPIRE`` that did not fail (an
-    ``UNCHANGED`` forget knew nothing of the subject, but the room may still have its alerts)."""
-    if event.get("action") not in FORGETTING_ACTIONS or event.get("outcome") == "FAILED":
+    """The forget an audit event records, if it is one: a ``FORGET``, or the watchlist service's ``EXPIRE`` of
+    an entry (not the case service's of a case nobody decided), that did not fail (an ``UNCHANGED`` forget knew
+    nothing of the subject, but the room may still have its alerts)."""
+    action = event.get("action")
+    if action == "EXPIRE" and event.get("actor") != WATCHLIST_SERVICE_ACTOR:
+        return None
+    if action not in FORGETTING_ACTIONS or event.get("outcome") == "FAILED":
         return None
     subject, tx = event.get("subject_id"), event.get("transaction_id")
     if not subject and not tx:
@@ -194,23 +202,35 @@ class Eraser:
         return len(forgets)
 
     def run(self, stop: threading.Event) -> None:
-        """Until ``stop``: record forgets from ``audit``, sweep after them and every ``sweep_interval_s``."""
-        consumer = kafka_clients.consumer(
-            self.settings, self.group_id, kafka_clients.READ_COMMITTED, auto_offset_reset="earliest"
-        )
-        producer = kafka_clients.producer(self.settings, kafka_clients.RELIABLE)
-        consumer.subscribe([self.audit_topic])
+        """Until ``stop``: record forgets from ``audit``, sweep after them and every ``sweep_interval_s``. A turn
+        that fails (Kafka, the disk) is tried again with a new consumer, which starts from the last commit: a
+        batch whose forgets were not recorded is read again, never committed past."""
+        consumer: Consumer | None = None
+        producer: Producer | None = None
         last_sweep = float("-inf")
         try:
             while not stop.is_set():
                 try:
+                    if producer is None:
+                        producer = kafka_clients.producer(self.settings, kafka_clients.RELIABLE)
+                    if consumer is None:
+                        consumer = kafka_clients.consumer(
+                            self.settings, self.group_id, kafka_clients.READ_COMMITTED, auto_offset_reset="earliest"
+                        )
+                        consumer.subscribe([self.audit_topic])
                     last_sweep = self._turn(consumer, producer, last_sweep, stop)
                 except Exception as exc:  # noqa: BLE001 - Kafka or the disk failing: the alerts go on, tried again
                     log.warning("alert eraser: %s; trying again in %.0fs", exc, FAILED_TURN_PAUSE_S)
+                    if consumer is not None:
+                        with contextlib.suppress(Exception):
+                            consumer.close()
+                        consumer = None
                     stop.wait(FAILED_TURN_PAUSE_S)
         finally:
-            producer.flush(10)
-            consumer.close()
+            if producer is not None:
+                producer.flush(10)
+            if consumer is not None:
+                consumer.close()
 
     def _turn(self, consumer: Consumer, producer: Producer, last_sweep: float, stop: threading.Event) -> float:
         """One fetch of audit events, and a sweep when a forget came or the interval is over; the last sweep's

@@ -57,7 +57,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import typer
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from infra import metrics
 from infra.clients import kafka as kafka_clients
@@ -85,8 +93,11 @@ ImageLoader = Callable[[str], bytes]
 
 # --------------------------------------------------------------------------- ledger
 
-POST_FIELDS = ("subject_id", "transaction_id", "event_time")
-"""What a post keeps of its alert: who and which sale it shows (for ``forget``), and when."""
+POST_FIELDS = ("subject_id", "transaction_id")
+"""What a post keeps of its alert: who and which sale it shows (for ``forget``)."""
+FORGET_GRACE_MS = 300_000
+"""A forget also takes the alerts made up to this long after it (wall clocks): the job may score a match of the
+subject before it has read the tombstone, and the clocks of two hosts differ a little."""
 
 
 class Ledger:
@@ -104,10 +115,10 @@ class Ledger:
         "DO UPDATE SET state='sent', at_ms=excluded.at_ms, detail=excluded.detail"
     )
     POST_SQL = "INSERT OR IGNORE INTO posts VALUES (?, ?, ?, ?, ?, ?, ?)"
-    FORGOTTEN_SQL = (
-        "SELECT p.message_id, p.channel, min(f.subject_id) FROM posts p JOIN forgets f "
-        "ON (p.subject_id = f.subject_id OR p.transaction_id = f.transaction_id) "
-        "AND coalesce(p.event_time, p.posted_ms) <= f.at_ms GROUP BY p.message_id, p.channel"
+    FORGOTTEN_SQL = " UNION ALL ".join(
+        "SELECT p.message_id, p.channel, f.subject_id FROM forgets f JOIN posts p "
+        f"ON p.{column} = f.{column} AND coalesce(p.alert_ms, p.posted_ms) <= f.at_ms + {FORGET_GRACE_MS}"
+        for column in ("subject_id", "transaction_id")  # two indexed joins (an OR join scans both tables)
     )
     AGED_SQL = "SELECT message_id, channel FROM posts WHERE posted_ms < ?"
 
@@ -124,9 +135,11 @@ class Ledger:
         # Messages an erasable channel posted (their ids), and the subjects forgotten since: see sinks/alerts/erase.py.
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS posts (message_id TEXT PRIMARY KEY, alert_id TEXT NOT NULL, "
-            "channel TEXT NOT NULL, subject_id TEXT, transaction_id TEXT, event_time INTEGER, "
+            "channel TEXT NOT NULL, subject_id TEXT, transaction_id TEXT, alert_ms INTEGER, "
             "posted_ms INTEGER NOT NULL)"
         )
+        for column in ("subject_id", "transaction_id", "posted_ms"):  # each sweep's lookups: no table scans
+            self._db.execute(f"CREATE INDEX IF NOT EXISTS posts_{column} ON posts ({column})")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS forgets (audit_id TEXT PRIMARY KEY, subject_id TEXT, transaction_id TEXT, "
             "at_ms INTEGER NOT NULL)"
@@ -174,12 +187,17 @@ class Ledger:
         detail: str | None,
         posted: tuple[str, ...] = (),
         alert: dict[str, Any] | None = None,
+        alert_ms: int | None = None,
     ) -> None:
         """The alert is delivered on ``channel``; ``posted``: the ids of the messages that delivered it, kept
-        (with the alert's subject, transaction and time) in the same commit so they can be deleted later."""
+        (with the alert's subject, transaction and ``alert_ms``, when it was made) in the same commit so they
+        can be deleted later."""
         at = now_ms()
         fields = alert or {}
-        rows = [(self.POST_SQL, (mid, alert_id, channel, *(fields.get(k) for k in POST_FIELDS), at)) for mid in posted]
+        rows = [
+            (self.POST_SQL, (mid, alert_id, channel, *(fields.get(k) for k in POST_FIELDS), alert_ms, at))
+            for mid in posted
+        ]
         self._write((self.SENT_SQL, (alert_id, channel, at, detail)), *rows)
 
     def record_forgets(self, forgets: list[tuple[str, str | None, str | None, int]]) -> None:
@@ -192,7 +210,9 @@ class Ledger:
         forgotten subject (or the transaction that subject was enrolled from) and happened before the forget,
         or it was posted more than ``keep_ms`` ago (``None``: kept until a forget)."""
         with self._lock:
-            due = {m: (c, s) for m, c, s in self._db.execute(self.FORGOTTEN_SQL)}
+            due: dict[str, tuple[str, str | None]] = {}
+            for m, c, s in self._db.execute(self.FORGOTTEN_SQL):
+                due.setdefault(m, (c, s))
             if keep_ms is not None:
                 for m, c in self._db.execute(self.AGED_SQL, (now_ms - keep_ms,)):
                     due.setdefault(m, (c, None))
@@ -351,14 +371,14 @@ class WebexChannel:
         try:
             text = describe(alert, self.settings.alerts)
             if maybe_sent and (found := self._posted(alert_id)) is not None:
-                sent, card = found
-                if card is None and sent and self.settings.alerts.webex_cards:
-                    card = self._send_card(alert, text.case_id, sent)  # the earlier try ended before its card
-                return " ".join(m for m in (sent, card) if m) or None
+                posted, card = found
+                if card is None and self.settings.alerts.webex_cards:  # the earlier try ended before its card
+                    card = self._send_card(alert, text.case_id, posted)
+                return " ".join(m for m in (posted.get("id"), card) if m) or None
             marker = f"\n\n_{self.marker(alert_id)}_"  # kept whole: a cut marker would post the alert again
             markdown = truncate_utf8(text.markdown(), MAX_MARKDOWN_BYTES - len(marker.encode())) + marker
             attachment = Attachment("snapshot.jpg", image) if image else None
-            sent = self.client.send_message(self.room_id, markdown, attachment).get("id")
+            sent = self.client.send_message(self.room_id, markdown, attachment)
         except WebexError as exc:
             unavailable = exc.status is None or exc.status >= 500  # no answer, or the service failing
             raise DeliveryError(
@@ -369,35 +389,52 @@ class WebexChannel:
                 down=unavailable,
             ) from exc
         card = self._send_card(alert, text.case_id, sent) if self.settings.alerts.webex_cards else None
-        return " ".join(m for m in (sent, card) if m) or None
+        return " ".join(m for m in (sent.get("id"), card) if m) or None
 
-    def _posted(self, alert_id: str) -> tuple[str | None, str | None] | None:
-        """The ids of this alert's message and of its card (a reply to it), when the room's latest messages
-        hold the alert."""
+    def _posted(self, alert_id: str) -> tuple[dict[str, Any], str | None] | None:
+        """This alert's message and its card's id, when the room's latest messages hold the alert."""
         messages = self.client.list_messages(self.room_id, self.LOOKBACK)
-        found = next((m.get("id") for m in messages if self.carries(m, alert_id)), None)
-        if found is None:
-            return None
-        card = next((m.get("id") for m in messages if m.get("parentId") == found), None)
-        return found, card
+        found = next((m for m in messages if self.carries(m, alert_id) and m.get("id")), None)
+        return None if found is None else (found, self._card_in(messages, found))
 
-    def _send_card(self, alert: dict[str, Any], case_id: str, parent_id: str | None) -> str | None:
-        """The case card (images, Confirm/Dismiss), in the alert message's thread; its id. Best effort: the
+    @staticmethod
+    def _card_in(messages: list[dict[str, Any]], alert_message: dict[str, Any]) -> str | None:
+        """The id of the card in the alert message's thread: a reply by the same sender, the bot (a person's
+        reply in the thread is not it)."""
+        return next(
+            (
+                m.get("id")
+                for m in messages
+                if m.get("parentId") == alert_message["id"] and m.get("personId") == alert_message.get("personId")
+            ),
+            None,
+        )
+
+    def _send_card(self, alert: dict[str, Any], case_id: str, alert_message: dict[str, Any]) -> str | None:
+        """The case card (images, Confirm/Dismiss), in the alert message's thread; its id (looked up in the
+        thread when the post had no answer, so a card that went through is still known). Best effort: the
         alert is delivered already, and its text says how to decide the case by command."""
         try:
             card = case_card(alert, self.settings.alerts)
-            return self.client.send_card(self.room_id, f"Case `{case_id}`", card, parent_id).get("id")
+            return self.client.send_card(self.room_id, f"Case `{case_id}`", card, alert_message.get("id")).get("id")
         except WebexError as exc:
             log.warning("case card of alert %s not posted: %s", alert["alert_id"], exc.reason)
+            if exc.status is not None and exc.status < 500:
+                return None
+        try:  # no answer: it may have been posted
+            return self._card_in(self.client.list_messages(self.room_id, self.LOOKBACK), alert_message)
+        except WebexError:
             return None
 
     def delete(self, message_id: str) -> bool:
+        """Delete a posted message; only Webex's 403 (no longer the bot's to delete) is final. A refused token
+        or another 4xx is a fault of ours or theirs to mend: the sweep stops and the message is kept for later."""
         try:
             return self.client.delete_message(message_id)
         except WebexError as exc:
             unavailable = exc.status is None or exc.status >= 500
             raise DeliveryError(
-                exc.reason, retriable=exc.retriable, retry_after=exc.retry_after, down=unavailable
+                exc.reason, retriable=exc.status != 403, retry_after=exc.retry_after, down=unavailable
             ) from exc
 
     def close(self) -> None:
@@ -449,6 +486,8 @@ class Task:
     failures: int = 0
     maybe_sent: bool = False
     last_error: str = ""
+    alert_ms: int | None = None
+    """When the alert was made (:func:`made_at`): what a forget compares with its own time."""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -460,6 +499,15 @@ class Outcome:
     key: tuple[str, str]
     delivered: bool
     reason: str = ""
+
+
+def made_at(message: Message, alert: dict[str, Any]) -> int | None:
+    """When an alert was made, for ``forget``: the earlier of its Kafka record's timestamp (the job's clock
+    when it wrote the alert; a re-driven copy's is later) and its event time (the till's clock, historic in a
+    replay): the earlier errs towards deleting."""
+    kind, stamp = message.timestamp()
+    times = [t for t in (stamp if kind != TIMESTAMP_NOT_AVAILABLE else None, alert.get("event_time")) if t]
+    return min(times) if times else None
 
 
 def give_up_reason(task: Task, error: DeliveryError, now: float, delay: float, max_attempts: int) -> str | None:
@@ -602,7 +650,7 @@ class ChannelWorker:
             return
         self._answered(task)
         posted = tuple(detail.split()) if detail and getattr(self.channel, "erasable", False) else ()
-        self.ledger.mark_sent(alert_id, name, detail, posted, task.alert)
+        self.ledger.mark_sent(alert_id, name, detail, posted, task.alert, task.alert_ms)
         self.sent += 1
         self._deliveries["delivered"].inc()  # one network send each: nothing to batch
         self.done.put(Outcome(task.key, True))
@@ -840,8 +888,6 @@ class AlertSender:
 
     def _run(self, stop: threading.Event) -> SenderStats:
         self.start_workers()
-        halt = threading.Event()  # the eraser's end: the loop's, however it ends
-        eraser = self.start_eraser(halt)
         self._consumer = kafka_clients.consumer(
             self.settings,
             self.group_id,
@@ -853,6 +899,8 @@ class AlertSender:
         )
         self._producer = kafka_clients.producer(self.settings, kafka_clients.IDEMPOTENT, linger_ms=5)
         self._consumer.subscribe([self.topic], on_revoke=self._on_revoke)
+        halt = threading.Event()  # the eraser's end: the loop's, however it ends (set in the finally below)
+        eraser = self.start_eraser(halt)
         log.info(
             "alert sender: %s -> %s (group %s, ledger %s)",
             self.topic,
@@ -964,7 +1012,7 @@ class AlertSender:
                 continue
             self._inflight[key] = [pending]
             pending.waiting.add(name)
-            worker.submit(Task(alert, name, deadline, maybe_sent=state == "sending"))
+            worker.submit(Task(alert, name, deadline, maybe_sent=state == "sending", alert_ms=made_at(message, alert)))
         self._maybe_finish(pending)
 
     def _drain_outcomes(self) -> None:

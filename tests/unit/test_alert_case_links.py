@@ -6,8 +6,9 @@ from __future__ import annotations
 from contextlib import ExitStack
 from pathlib import Path
 
+from infra.clients.webex import WebexError
 from infra.local.webex import LocalWebexServer
-from infra.settings import AlertSettings
+from infra.settings import AlertSettings, Settings
 from schemas.records import case_id_for
 from sinks.alerts.message import describe
 from sinks.alerts.sender import WebexChannel
@@ -45,8 +46,34 @@ def test_a_refused_card_does_not_fail_the_delivered_alert(
 ) -> None:
     channel = webex_channel(closer, settings_for(webex, tmp_path, webex_cards=True))
     webex.state.fail((400,), count=1)
-    channel._send_card(alert(), CASE, "some-message")  # logged, not raised: the alert went out already
+    parent = {"id": "some-message", "personId": "person-bot"}
+    assert channel._send_card(alert(), CASE, parent) is None  # logged, not raised: the alert went out already
     assert webex.state.bot_messages(ROOM) == []
+
+
+class LostAnswers:
+    """A Webex whose card posts go through but whose answers are lost (a timeout after the write)."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict] = []
+
+    def send_card(self, room_id: str, markdown: str, card: dict, parent_id: str | None = None) -> dict:
+        self.messages.insert(0, {"id": f"card-{len(self.messages)}", "parentId": parent_id, "personId": "bot"})
+        raise WebexError("timeout: ReadTimeout")
+
+    def list_messages(self, room_id: str, max_items: int = 100) -> list[dict]:
+        return list(self.messages)
+
+
+def test_a_card_post_without_an_answer_is_looked_up_in_the_thread(tmp_path: Path) -> None:
+    """A card that went through although its answer was lost is still known (and deleted on forget)."""
+    room = LostAnswers()
+    channel = WebexChannel(settings_for_stub(tmp_path), room)  # type: ignore[arg-type]
+    assert channel._send_card(alert(), CASE, {"id": "m-alert", "personId": "bot"}) == "card-0"
+
+
+def settings_for_stub(tmp_path: Path) -> Settings:
+    return Settings(stack_dir=tmp_path, webex={"room_id": ROOM}, alerts=AlertSettings(webex_cards=True))
 
 
 def test_a_resend_after_an_unknown_outcome_posts_the_card_the_first_try_never_reached(

@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import TIMESTAMP_CREATE_TIME, TIMESTAMP_NOT_AVAILABLE
 
 from infra.local.webex import LocalWebexServer
 from infra.settings import AlertSettings, FaceSettings, Settings
 from schemas.records import AuditEvent
 from sinks.alerts import sender
 from sinks.alerts.erase import Eraser, forget_of
-from sinks.alerts.sender import DeliveryError, Ledger, Task
+from sinks.alerts.sender import DeliveryError, Ledger, Task, WebexChannel, made_at
 from tests.unit import test_alert_channels as channels
 from tests.unit.test_alert_channels import ROOM, alert, run_worker, settings_for, webex_channel
 
@@ -32,9 +33,10 @@ def ledger_at(closer: ExitStack, tmp_path: Path) -> Ledger:
     return closer.enter_context(closing(Ledger(tmp_path / "ledger.sqlite3")))
 
 
-def post(ledger: Ledger, mid: str, subject: str | None, tx: str | None, event_time: int | None) -> None:
-    fields = {"subject_id": subject, "transaction_id": tx, "event_time": event_time}
-    ledger.mark_sent(f"alert-{mid}", "webex", mid, (mid,), fields)
+def post(ledger: Ledger, mid: str, subject: str | None, tx: str | None, made: int | None) -> None:
+    """A Webex post of an alert about ``subject`` / ``tx`` made at ``made`` (wall clock)."""
+    fields = {"subject_id": subject, "transaction_id": tx}
+    ledger.mark_sent(f"alert-{mid}", "webex", mid, (mid,), fields, made)
 
 
 class FakeChannel:
@@ -61,7 +63,9 @@ def eraser(ledger: Ledger, channel: FakeChannel, keep_days: float | None = None,
 def test_a_forget_or_expiry_that_did_not_fail_is_recorded_with_its_subject_and_source_sale() -> None:
     event = {"audit_id": "a1", "action": "FORGET", "outcome": "DONE", "subject_id": "subj-tx-9"}
     assert forget_of({**event, "transaction_id": "tx-9", "event_time": 5}) == ("a1", "subj-tx-9", "tx-9", 5)
-    assert forget_of({**event, "action": "EXPIRE", "event_time": 5}) == ("a1", "subj-tx-9", None, 5)
+    expiry = {**event, "action": "EXPIRE", "event_time": 5}
+    assert forget_of({**expiry, "actor": "watchlist-service"}) == ("a1", "subj-tx-9", None, 5)
+    assert forget_of({**expiry, "actor": "case-service"}) is None  # a case nobody decided: the entry stays
     assert forget_of({**event, "outcome": "UNCHANGED", "event_time": 5}) is not None  # the room may still have some
     assert forget_of({**event, "outcome": "FAILED", "event_time": 5}) is None
     assert forget_of({**event, "action": "ENROLL", "event_time": 5}) is None
@@ -164,7 +168,10 @@ def test_a_worker_keeps_the_ids_an_erasable_channel_posted_with_the_alerts_subje
     settings = settings_for(webex, tmp_path, webex_cards=True)
     suspect = {**alert("suspect:tx-5"), "subject_id": "subj-tx-1", "transaction_id": "tx-5"}
     [outcome], ledger, _ = run_worker(
-        closer, webex_channel(closer, settings), settings, [Task(suspect, "webex", time.monotonic() + 30)]
+        closer,
+        webex_channel(closer, settings),
+        settings,
+        [Task(suspect, "webex", time.monotonic() + 30, alert_ms=suspect["event_time"])],
     )
     assert outcome.delivered
     ledger.record_forgets([("audit-1", "subj-tx-1", "tx-1", suspect["event_time"])])
@@ -197,3 +204,81 @@ def test_a_sweep_webex_stopped_goes_on_within_a_minute_not_at_the_next_hourly_on
     stopping.set()
     channel.answers.clear()
     assert worker.sweep(stopping).stopped == "the sender is stopping" and channel.deleted == []
+
+
+def test_a_forget_takes_alerts_made_before_it_or_within_its_grace_but_not_later_ones(
+    tmp_path: Path, closer: ExitStack
+) -> None:
+    """Wall clocks: the job may score a match before it reads the tombstone; a re-enrolled subject's later
+    alerts stay."""
+    ledger = ledger_at(closer, tmp_path)
+    post(ledger, "m-before", "subj-a", "tx-1", NOW - 1)
+    post(ledger, "m-just-after", "subj-a", "tx-2", NOW + 120_000)
+    post(ledger, "m-much-later", "subj-a", "tx-3", NOW + 3_600_000)
+    post(ledger, "m-unknown-time", "subj-a", "tx-4", None)  # posted just now, before the forget below
+    ledger.record_forgets([("audit-1", "subj-a", None, NOW + 1000)])
+    assert set(ledger.due_posts(NOW, None)) == {"m-before", "m-just-after", "m-unknown-time"}
+
+
+def test_the_sweeps_lookups_use_indexes_not_table_scans(tmp_path: Path, closer: ExitStack) -> None:
+    """Under the ledger's lock, which every send's ledger write waits for: a scan of 100k posts per forget
+    stalled alert delivery for seconds."""
+    ledger = ledger_at(closer, tmp_path)
+    plan = " ".join(str(row) for row in ledger._db.execute("EXPLAIN QUERY PLAN " + Ledger.FORGOTTEN_SQL))
+    assert "SCAN p" not in plan and "USING INDEX posts_subject_id" in plan and "posts_transaction_id" in plan
+
+
+def test_a_refused_token_stops_the_sweep_and_keeps_the_messages_only_403_gives_up(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
+) -> None:
+    channel = webex_channel(closer, settings_for(webex, tmp_path))
+    ids = channel.send(alert(), None, maybe_sent=False).split()
+    wrong = webex_channel(closer, settings_for(webex, tmp_path, token="revoked"))
+    with pytest.raises(DeliveryError) as refused:
+        wrong.delete(ids[0])
+    assert refused.value.retriable  # a token to mend, not a message to give up
+    assert len(webex.state.bot_messages(ROOM)) == 1
+
+
+class ThreadRoom:
+    """A room where a guard answered in the alert's thread before the card was posted."""
+
+    def __init__(self) -> None:
+        self.cards: list[str] = []
+        bot = "person-bot"
+        marker = "_alert `blocked:tx-1`_"
+        self.messages = [
+            {"id": "m-guard", "parentId": "m-alert", "personId": "person-guard", "markdown": "on it"},
+            {"id": "m-alert", "personId": bot, "markdown": f"**Sale blocked**\n\n{marker}"},
+        ]
+
+    def list_messages(self, room_id: str, max_items: int = 100) -> list[dict[str, Any]]:
+        return list(self.messages)
+
+    def send_card(self, room_id: str, markdown: str, card: dict, parent_id: str | None = None) -> dict[str, Any]:
+        self.cards.append(parent_id or "")
+        return {"id": "m-card"}
+
+
+def test_a_resend_does_not_take_a_persons_thread_reply_for_the_card(tmp_path: Path) -> None:
+    settings = Settings(stack_dir=tmp_path, webex={"room_id": ROOM}, alerts=AlertSettings(webex_cards=True))
+    room = ThreadRoom()
+    channel = WebexChannel(settings, room)  # type: ignore[arg-type]
+    assert channel.send(alert(), None, maybe_sent=True) == "m-alert m-card" and room.cards == ["m-alert"]
+
+
+class Record:
+    """What ``made_at`` reads of a Kafka message."""
+
+    def __init__(self, kind: int, stamp: int) -> None:
+        self.stamp = (kind, stamp)
+
+    def timestamp(self) -> tuple[int, int]:
+        return self.stamp
+
+
+def test_an_alert_is_made_at_the_earlier_of_its_record_time_and_its_event_time() -> None:
+    assert made_at(Record(TIMESTAMP_CREATE_TIME, 2000), {"event_time": 1000}) == 1000  # a replay's historic time
+    assert made_at(Record(TIMESTAMP_CREATE_TIME, 2000), {"event_time": 3000}) == 2000  # a till's clock ahead
+    assert made_at(Record(TIMESTAMP_NOT_AVAILABLE, 0), {"event_time": 3000}) == 3000
+    assert made_at(Record(TIMESTAMP_NOT_AVAILABLE, 0), {}) is None

@@ -192,6 +192,17 @@ def test_sagemaker_gets_one_csv_body_per_batch(server):
     assert [(r.score, r.version) for r in results] == [(expected, "sagemaker:checkout-guard-fraud")] * 4
 
 
+def test_a_local_promotion_does_not_recalibrate_the_endpoints_answers(server):
+    """The endpoint still serves the model it was deployed with; only the fallback follows the registry."""
+    server.sagemaker_prob = 0.25
+    models = [small_model()]
+    predictor = SageMakerPredictor(settings_for(server.url, "sagemaker"), lambda: models[0])
+    items = [(sale("t1", amount=10.0).to_avro(), {"velocity": 1.0})]
+    before = predictor.predict_batch(items)[0].score
+    models[0] = challenger_model()  # promoted locally
+    assert predictor.fallback_model is models[0] and predictor.predict_batch(items)[0].score == before
+
+
 def test_sagemaker_request_is_accepted_by_moto_server():
     from moto.sagemakerruntime.models import sagemakerruntime_backends
     from moto.server import ThreadedMotoServer
