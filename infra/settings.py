@@ -342,6 +342,10 @@ class ModelSettings(BaseModel, frozen=True):
     afd_event_type: str = "transaction"
     afd_entity_type: str = "customer"
     sagemaker_endpoint: str = "checkout-guard-fraud"
+    sagemaker_model_version: str | None = None
+    """The local model version the SageMaker endpoint serves: its calibration turns the endpoint's probabilities
+    into the 0-1000 score. Unset: the champion's when the job starts (a restart after a local promotion then
+    re-calibrates an endpoint still serving the old model)."""
     drift_psi_alert: float = Field(default=0.25, ge=0, allow_inf_nan=False)
     """Population stability index (an event-time hour's score or any feature against the training data)
     at or above which a ``MODEL_DRIFT`` alert fires: < 0.1 stable, 0.1-0.25 moderate, > 0.25 significant; 0: no

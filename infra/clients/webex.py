@@ -182,9 +182,12 @@ class WebexClient:
             raise
         return True
 
-    def list_messages(self, room_id: str, max_items: int = 100) -> list[dict[str, Any]]:
-        """The room's latest messages, newest first."""
-        return self._call("GET", "/messages", params={"roomId": room_id, "max": max_items}).get("items", [])
+    def list_messages(self, room_id: str, max_items: int = 100, parent_id: str | None = None) -> list[dict[str, Any]]:
+        """The room's latest messages, newest first; with ``parent_id``, that thread's replies only."""
+        params: dict[str, Any] = {"roomId": room_id, "max": max_items}
+        if parent_id:
+            params["parentId"] = parent_id
+        return self._call("GET", "/messages", params=params).get("items", [])
 
     def me(self) -> dict[str, Any]:
         return self._call("GET", "/people/me")

@@ -2,7 +2,7 @@
 
 Speaks the documented API (https://developer.webex.com/docs/api): bearer-token auth (401 otherwise),
 ``POST /messages`` as JSON (with an adaptive card in ``attachments``) or multipart/form-data with one ``files``
-part, ``GET /messages?roomId=`` (newest first), ``GET /messages/{id}``, ``DELETE /messages/{id}`` (the bot's
+part, ``GET /messages?roomId=[&parentId=]`` (newest first), ``GET /messages/{id}``, ``DELETE /messages/{id}`` (the bot's
 own), ``GET /people/me``, ``GET /people/{id}``, ``GET /attachment/actions/{id}``, ``POST/GET/DELETE
 /webhooks``, and the ``429 Retry-After`` behaviour. It keeps what it received (messages and attached files) so
 tests can look, can be told to answer 429/500 or to be slow for a while, and can play a person writing in a
@@ -305,8 +305,13 @@ class _WebexApi:
             limit = int(request.query_params.get("max", "50"))
         except ValueError:
             return _error(self.state, 400, "max must be a number")
+        parent = request.query_params.get("parentId")  # a thread's replies only, as Webex lists them
         with self.state.lock:
-            items = [_public(m) for m in reversed(self.state.messages) if m["roomId"] == room_id][:limit]
+            items = [
+                _public(m)
+                for m in reversed(self.state.messages)
+                if m["roomId"] == room_id and (parent is None or m.get("parentId") == parent)
+            ][:limit]
         return self.ok({"items": items})
 
     async def get_message(self, request: Request) -> Response:

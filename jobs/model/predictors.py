@@ -412,10 +412,11 @@ class SageMakerPredictor(GuardedPredictor):
     def __init__(self, settings: Settings, fallback: Fallback, client: Any = None, **kw: Any) -> None:
         super().__init__(settings, fallback, client, **kw)
         self.version = f"sagemaker:{self.settings.sagemaker_endpoint}"
-        start = self.fallback_model
+        served = self.settings.sagemaker_model_version
+        start = LocalModel.load(settings.models_root / served) if served else self.fallback_model
         self.calibration = start.calibration if start is not None else None
-        """The local champion's calibration at start, fixed: the endpoint serves the model it was deployed
-        with, so a local promotion must not re-calibrate its answers (the fallback follows the promotion)."""
+        """The calibration of the model the endpoint serves (``sagemaker_model_version``; else the champion at
+        start), fixed: a local promotion must not re-calibrate the endpoint's answers (the fallback follows it)."""
 
     def _service(self) -> str:
         return "sagemaker-runtime"

@@ -48,11 +48,16 @@ STAGE = ACTOR = "alert-sender"
 FORGETTING_ACTIONS = frozenset({"FORGET", "EXPIRE"})
 SWEEP_INTERVAL_S = 3600.0
 """How often the retention sweep runs when no forget comes (a forget sweeps at once)."""
+FORGET_GRACE_MS = 300_000
+"""A forget also takes the alerts made up to this long after it (wall clocks), unless the subject is enrolled
+again sooner: the job may score a match of the subject before it has read the tombstone, and the clocks of two
+hosts differ a little."""
 FORGETS_KEPT_DAYS = 30
 """How long a forget is remembered, for alerts of its subject that are posted late (a sender down for days)."""
 FAILED_TURN_PAUSE_S = 30.0
 STOPPED_SWEEP_RETRY_S = 60.0
-"""When a sweep that Webex stopped (down, rate limiting) goes on."""
+"""When a sweep that Webex stopped (down, rate limiting) goes on; and how often the eraser sweeps while a forget
+is fresh (its subject's alerts may still be posted)."""
 MAX_SUBJECTS_NAMED = 20
 """Subjects named in one ``ERASE`` audit event; the count covers the rest."""
 
@@ -135,6 +140,11 @@ class Eraser:
         self.keep_ms: int | None = int(keep_days * 86_400_000) if keep_days > 0 else None
         self._codec = codec("AuditEvent")
         self.audit_topic = AUDIT.full_name(settings.kafka.topic_prefix)
+        self._fresh_ms = FORGET_GRACE_MS + int(settings.alerts.deadline_s * 1000)
+        """How long after a forget its alerts may still be posted: made within the grace, then queued up to the
+        alerts' deadline. Until then the eraser sweeps every minute, not hourly."""
+        latest = ledger.latest_forget_ms()
+        self._fresh_until = latest + self._fresh_ms if latest is not None else 0
 
     def sweep(self, stop: threading.Event | None = None) -> Sweep:
         """Delete every due post (see the module); the ledger forgets each one deleted, gone or refused.
@@ -183,6 +193,7 @@ class Eraser:
     def take(self, messages: list[Message]) -> int:
         """Record the forgets among fetched audit events (durably, before their offsets are committed)."""
         forgets: list[Forget] = []
+        enrolments: list[tuple[str, int]] = []
         for message in messages:
             error = message.error()
             if error is not None:
@@ -198,7 +209,11 @@ class Eraser:
                 continue
             if (forget := forget_of(event)) is not None:
                 forgets.append(forget)
-        self.ledger.record_forgets(forgets)
+            elif event.get("action") == "ENROLL" and event.get("outcome") == "DONE" and event.get("subject_id"):
+                enrolments.append((str(event["subject_id"]), int(event["event_time"])))
+        self.ledger.record_forgets(forgets, enrolments)
+        if forgets:
+            self._fresh_until = max(self._fresh_until, max(f[3] for f in forgets) + self._fresh_ms)
         return len(forgets)
 
     def run(self, stop: threading.Event) -> None:
@@ -221,6 +236,7 @@ class Eraser:
                     last_sweep = self._turn(consumer, producer, last_sweep, stop)
                 except Exception as exc:  # noqa: BLE001 - Kafka or the disk failing: the alerts go on, tried again
                     log.warning("alert eraser: %s; trying again in %.0fs", exc, FAILED_TURN_PAUSE_S)
+                    last_sweep = min(last_sweep, time.monotonic() - self.sweep_interval_s)  # sweep at the next turn
                     if consumer is not None:
                         with contextlib.suppress(Exception):
                             consumer.close()
@@ -239,7 +255,8 @@ class Eraser:
         forgets = self.take(messages) if messages else 0
         if messages:
             consumer.commit(asynchronous=False)  # after the forgets are in the ledger: none is lost
-        if not forgets and time.monotonic() - last_sweep < self.sweep_interval_s:
+        interval = STOPPED_SWEEP_RETRY_S if self.now_ms() < self._fresh_until else self.sweep_interval_s
+        if not forgets and time.monotonic() - last_sweep < interval:
             return last_sweep
         started = time.monotonic()
         result = self.sweep(stop)

@@ -79,7 +79,7 @@ from schemas.errors import CheckoutGuardError, InvalidRecord
 from schemas.identifiers import check
 from schemas.records import DeadLetter
 from schemas.topics import ALERTS, DEAD_LETTERS
-from sinks.alerts.erase import Eraser
+from sinks.alerts.erase import FORGET_GRACE_MS, Eraser
 from sinks.alerts.mail import Mailer, MailError, SesMailer, SmtpMailer, build_email
 from sinks.alerts.message import case_card, describe
 
@@ -95,9 +95,6 @@ ImageLoader = Callable[[str], bytes]
 
 POST_FIELDS = ("subject_id", "transaction_id")
 """What a post keeps of its alert: who and which sale it shows (for ``forget``)."""
-FORGET_GRACE_MS = 300_000
-"""A forget also takes the alerts made up to this long after it (wall clocks): the job may score a match of the
-subject before it has read the tombstone, and the clocks of two hosts differ a little."""
 
 
 class Ledger:
@@ -117,7 +114,7 @@ class Ledger:
     POST_SQL = "INSERT OR IGNORE INTO posts VALUES (?, ?, ?, ?, ?, ?, ?)"
     FORGOTTEN_SQL = " UNION ALL ".join(
         "SELECT p.message_id, p.channel, f.subject_id FROM forgets f JOIN posts p "
-        f"ON p.{column} = f.{column} AND coalesce(p.alert_ms, p.posted_ms) <= f.at_ms + {FORGET_GRACE_MS}"
+        f"ON p.{column} = f.{column} AND coalesce(p.alert_ms, p.posted_ms) <= f.until_ms"
         for column in ("subject_id", "transaction_id")  # two indexed joins (an OR join scans both tables)
     )
     AGED_SQL = "SELECT message_id, channel FROM posts WHERE posted_ms < ?"
@@ -142,7 +139,7 @@ class Ledger:
             self._db.execute(f"CREATE INDEX IF NOT EXISTS posts_{column} ON posts ({column})")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS forgets (audit_id TEXT PRIMARY KEY, subject_id TEXT, transaction_id TEXT, "
-            "at_ms INTEGER NOT NULL)"
+            "at_ms INTEGER NOT NULL, until_ms INTEGER NOT NULL)"
         )
         self._lock = threading.Lock()
         self._writes: queue.SimpleQueue[tuple[list[tuple[str, tuple]], threading.Event, list[BaseException]] | None] = (
@@ -200,10 +197,27 @@ class Ledger:
         ]
         self._write((self.SENT_SQL, (alert_id, channel, at, detail)), *rows)
 
-    def record_forgets(self, forgets: list[tuple[str, str | None, str | None, int]]) -> None:
-        """``(audit id, subject, source transaction, forgotten at ms)`` of each forget: their posts become due."""
-        if forgets:
-            self._write(*(("INSERT OR IGNORE INTO forgets VALUES (?, ?, ?, ?)", f) for f in forgets))
+    def record_forgets(
+        self, forgets: list[tuple[str, str | None, str | None, int]], enrolments: list[tuple[str, int]] = ()
+    ) -> None:
+        """``(audit id, subject, source transaction, forgotten at ms)`` of each forget: the posts of alerts made
+        before it, or within :data:`FORGET_GRACE_MS` after, become due. ``(subject, enrolled at ms)`` of each
+        enrolment: a subject enrolled again (the same ``subj-<tx>``) ends its forgets' grace there, so the new
+        entry's alerts stay. One commit."""
+        statements = [
+            ("INSERT OR IGNORE INTO forgets VALUES (?, ?, ?, ?, ?)", (*f, f[3] + FORGET_GRACE_MS)) for f in forgets
+        ]
+        statements += [
+            ("UPDATE forgets SET until_ms = min(until_ms, ?) WHERE subject_id = ? AND at_ms <= ?", (at, subject, at))
+            for subject, at in enrolments
+        ]
+        if statements:
+            self._write(*statements)
+
+    def latest_forget_ms(self) -> int | None:
+        """When the latest forget remembered happened (a restarted eraser keeps sweeping often after it)."""
+        with self._lock:
+            return self._db.execute("SELECT max(at_ms) FROM forgets").fetchone()[0]
 
     def due_posts(self, now_ms: int, keep_ms: int | None) -> dict[str, tuple[str, str | None]]:
         """``message id -> (channel, forgotten subject or None)`` of every post to delete: its alert names a
@@ -343,6 +357,11 @@ class EmailChannel:
         self.mailer.close()
 
 
+DELETE_HEALS = frozenset({401, 408, 423, 425, 429})
+"""Webex answers to a delete that say nothing against the message itself (the token, a timeout, a lock, a rate
+limit); 5xx and no answer heal too."""
+
+
 class WebexChannel:
     name = "webex"
     can_check_sent = True
@@ -421,21 +440,23 @@ class WebexChannel:
             log.warning("case card of alert %s not posted: %s", alert["alert_id"], exc.reason)
             if exc.status is not None and exc.status < 500:
                 return None
-        try:  # no answer: it may have been posted
-            return self._card_in(self.client.list_messages(self.room_id, self.LOOKBACK), alert_message)
+        try:  # no answer: it may have been posted (the thread's few replies, not the room's latest thousand)
+            thread = self.client.list_messages(self.room_id, 10, parent_id=alert_message.get("id"))
+            return self._card_in(thread, alert_message)
         except WebexError:
             return None
 
     def delete(self, message_id: str) -> bool:
-        """Delete a posted message; only Webex's 403 (no longer the bot's to delete) is final. A refused token
-        or another 4xx is a fault of ours or theirs to mend: the sweep stops and the message is kept for later."""
+        """Delete a posted message. What may heal is tried again later (no answer, 5xx, 429, a refused token,
+        which the bot's owner mends: the sweep stops and keeps the message); any other refusal of this one
+        message (403: no longer the bot's to delete, 400: not an id Webex knows) is final, so it cannot hold
+        the messages behind it up for ever."""
         try:
             return self.client.delete_message(message_id)
         except WebexError as exc:
-            unavailable = exc.status is None or exc.status >= 500
-            raise DeliveryError(
-                exc.reason, retriable=exc.status != 403, retry_after=exc.retry_after, down=unavailable
-            ) from exc
+            unavailable = exc.retriable if exc.status is None else exc.status >= 500  # a bad id is no outage
+            heals = unavailable or exc.status in DELETE_HEALS
+            raise DeliveryError(exc.reason, retriable=heals, retry_after=exc.retry_after, down=unavailable) from exc
 
     def close(self) -> None:
         self.client.close()

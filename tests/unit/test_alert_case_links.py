@@ -61,8 +61,9 @@ class LostAnswers:
         self.messages.insert(0, {"id": f"card-{len(self.messages)}", "parentId": parent_id, "personId": "bot"})
         raise WebexError("timeout: ReadTimeout")
 
-    def list_messages(self, room_id: str, max_items: int = 100) -> list[dict]:
-        return list(self.messages)
+    def list_messages(self, room_id: str, max_items: int = 100, parent_id: str | None = None) -> list[dict]:
+        self.asked = (max_items, parent_id)
+        return [m for m in self.messages if parent_id is None or m["parentId"] == parent_id][:max_items]
 
 
 def test_a_card_post_without_an_answer_is_looked_up_in_the_thread(tmp_path: Path) -> None:
@@ -70,6 +71,7 @@ def test_a_card_post_without_an_answer_is_looked_up_in_the_thread(tmp_path: Path
     room = LostAnswers()
     channel = WebexChannel(settings_for_stub(tmp_path), room)  # type: ignore[arg-type]
     assert channel._send_card(alert(), CASE, {"id": "m-alert", "personId": "bot"}) == "card-0"
+    assert room.asked == (10, "m-alert")  # the thread's replies, not the room's latest thousand
 
 
 def settings_for_stub(tmp_path: Path) -> Settings:

@@ -15,7 +15,7 @@ from confluent_kafka import TIMESTAMP_CREATE_TIME, TIMESTAMP_NOT_AVAILABLE
 from infra.local.webex import LocalWebexServer
 from infra.settings import AlertSettings, FaceSettings, Settings
 from schemas.records import AuditEvent
-from sinks.alerts import sender
+from sinks.alerts import erase, sender
 from sinks.alerts.erase import Eraser, forget_of
 from sinks.alerts.sender import DeliveryError, Ledger, Task, WebexChannel, made_at
 from tests.unit import test_alert_channels as channels
@@ -238,6 +238,13 @@ def test_a_refused_token_stops_the_sweep_and_keeps_the_messages_only_403_gives_u
         wrong.delete(ids[0])
     assert refused.value.retriable  # a token to mend, not a message to give up
     assert len(webex.state.bot_messages(ROOM)) == 1
+    webex.state.fail((400,), count=1)
+    with pytest.raises(DeliveryError) as bad:
+        channel.delete(ids[0])
+    assert not bad.value.retriable  # this one message: given up, so it cannot hold the others up for ever
+    with pytest.raises(DeliveryError) as no_id:
+        channel.delete("")
+    assert not no_id.value.retriable
 
 
 class ThreadRoom:
@@ -282,3 +289,100 @@ def test_an_alert_is_made_at_the_earlier_of_its_record_time_and_its_event_time()
     assert made_at(Record(TIMESTAMP_CREATE_TIME, 2000), {"event_time": 3000}) == 2000  # a till's clock ahead
     assert made_at(Record(TIMESTAMP_NOT_AVAILABLE, 0), {"event_time": 3000}) == 3000
     assert made_at(Record(TIMESTAMP_NOT_AVAILABLE, 0), {}) is None
+
+
+def test_a_subject_enrolled_again_keeps_its_new_alerts_within_the_forgets_grace(
+    tmp_path: Path, closer: ExitStack
+) -> None:
+    ledger = ledger_at(closer, tmp_path)
+    post(ledger, "m-old", "subj-tx-9", "tx-20", NOW - DAY)
+    post(ledger, "m-new", "subj-tx-9", "tx-21", NOW + 240_000)  # after `fraud tx-9` again, within the grace
+    ledger.record_forgets([("audit-1", "subj-tx-9", "tx-9", NOW)], [("subj-tx-9", NOW + 30_000)])
+    assert set(ledger.due_posts(NOW, None)) == {"m-old"}
+    ledger.record_forgets([], [("subj-tx-9", NOW - DAY)])  # an enrolment before the forget changes nothing
+    assert set(ledger.due_posts(NOW, None)) == {"m-old"}
+
+
+class AuditLog:
+    """A consumer that hands out audit events once."""
+
+    def __init__(self, *events: AuditEvent) -> None:
+        self.batches = [[Message(e) for e in events]] if events else []
+
+    def consume(self, num_messages: int, timeout: float) -> list:
+        return self.batches.pop(0) if self.batches else []
+
+    def commit(self, asynchronous: bool) -> None:
+        pass
+
+
+class Message:
+    def __init__(self, event: AuditEvent) -> None:
+        self._value = event.encode()
+
+    def error(self) -> None:
+        return None
+
+    def value(self) -> bytes:
+        return self._value
+
+
+def test_while_a_forget_is_fresh_its_late_posted_alerts_go_within_a_minute(tmp_path: Path, closer: ExitStack) -> None:
+    """An alert made within the grace is posted after the forget's own sweep: the next sweep must not wait an
+    hour."""
+    ledger = ledger_at(closer, tmp_path)
+    channel = FakeChannel()
+    worker = eraser(ledger, channel)
+    forget = AuditEvent("f1", NOW, "FORGET", "DONE", "guard@x", subject_id="subj-a")
+    audit = Client()
+    last = worker._turn(AuditLog(forget), audit, float("-inf"), threading.Event())  # type: ignore[arg-type]
+    post(ledger, "m-late", "subj-a", "tx-1", NOW + 60_000)  # made before the job read the tombstone
+    assert worker._turn(AuditLog(), audit, last - 61, threading.Event()) != last - 61  # type: ignore[arg-type]
+    assert channel.deleted == ["m-late"]
+    restarted = eraser(ledger, FakeChannel())  # a restarted eraser remembers the forget is fresh
+    assert restarted._fresh_until > NOW
+
+
+class Client:
+    """The Kafka clients ``Eraser.run`` makes, doing nothing."""
+
+    def subscribe(self, topics: list[str]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def flush(self, timeout: float) -> int:
+        return 0
+
+    def produce(self, topic: str, **record: Any) -> None:
+        self.produced = [*getattr(self, "produced", []), topic]
+
+    def poll(self, timeout: float) -> int:
+        return 0
+
+
+def test_a_turn_that_failed_sweeps_at_the_next_turn_not_the_next_hour(
+    tmp_path: Path, closer: ExitStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep that raised after its forgets were committed: nothing new comes to start another."""
+    worker = eraser(ledger_at(closer, tmp_path), FakeChannel())
+    stop = threading.Event()
+    seen: list[float] = []
+
+    def turn(consumer: Any, producer: Any, last_sweep: float, _stop: threading.Event) -> float:
+        seen.append(last_sweep)
+        if len(seen) == 1:
+            return time.monotonic()  # a sweep now
+        if len(seen) == 2:
+            raise OSError("disk I/O error")  # the next one, after a forget was committed, fails
+        stop.set()
+        return last_sweep
+
+    monkeypatch.setattr(worker, "_turn", turn)
+    monkeypatch.setattr(erase.kafka_clients, "consumer", lambda *a, **k: Client())
+    monkeypatch.setattr(erase.kafka_clients, "producer", lambda *a, **k: Client())
+    monkeypatch.setattr(erase, "FAILED_TURN_PAUSE_S", 0.01)
+    worker.sweep_interval_s = 3600.0
+    worker.run(stop)
+    assert len(seen) == 3 and time.monotonic() - seen[2] >= 3600  # due at once

@@ -203,6 +203,22 @@ def test_a_local_promotion_does_not_recalibrate_the_endpoints_answers(server):
     assert predictor.fallback_model is models[0] and predictor.predict_batch(items)[0].score == before
 
 
+def test_the_endpoints_model_version_pins_its_calibration_across_restarts(tmp_path, server):
+    """Every restart (a failover, a rescale) builds the predictor again: after a local promotion it must still
+    map the endpoint's probabilities with the model the endpoint serves."""
+    server.sagemaker_prob = 0.25
+    served = small_model().save(tmp_path)
+    challenger_model().save(tmp_path)  # promoted locally: the champion now
+    settings = settings_for(server.url, "sagemaker", artifact_dir=tmp_path)
+    pinned = settings.model_copy(
+        update={"model": settings.model.model_copy(update={"sagemaker_model_version": served.name})}
+    )
+    items = [(sale("t1", amount=10.0).to_avro(), {"velocity": 1.0})]
+    expected = int(small_model().calibration.score(__import__("numpy").array([0.25]))[0])
+    assert make_predictor(pinned).remote.predict_batch(items)[0].score == expected
+    assert make_predictor(settings).remote.predict_batch(items)[0].score != expected  # unpinned: the new champion's
+
+
 def test_sagemaker_request_is_accepted_by_moto_server():
     from moto.sagemakerruntime.models import sagemakerruntime_backends
     from moto.server import ThreadedMotoServer
