@@ -146,6 +146,19 @@ def admin_session(
         client.poll(0)
 
 
+def is_record(message: Any, log: logging.Logger, what: str = "consumer") -> bool:
+    """Whether a fetched message is a record; an error event is not: a fatal one raises, the end of a partition
+    passes quietly, any other is logged (``<what> error: ...``) and skipped."""
+    error = message.error()
+    if error is None:
+        return True
+    if error.fatal():
+        raise KafkaException(error)
+    if error.code() != KafkaError._PARTITION_EOF:
+        log.warning("%s error: %s", what, error.str())
+    return False
+
+
 class KafkaUnavailable(CheckoutGuardError, KafkaException):
     """No broker answered in time. A ``KafkaException`` too, so code that handles Kafka's errors handles it."""
 

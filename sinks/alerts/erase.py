@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+from confluent_kafka import Consumer, KafkaError, Message, Producer
 
 from infra import metrics
 from infra.clients import kafka as kafka_clients
@@ -195,12 +195,7 @@ class Eraser:
         forgets: list[Forget] = []
         enrolments: list[tuple[str, int]] = []
         for message in messages:
-            error = message.error()
-            if error is not None:
-                if error.fatal():
-                    raise KafkaException(error)
-                if error.code() != KafkaError._PARTITION_EOF:
-                    log.warning("audit consumer error: %s", error.str())
+            if not kafka_clients.is_record(message, log, "audit consumer"):
                 continue
             try:
                 event = self._codec.decode(message.value())

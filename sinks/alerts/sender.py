@@ -58,7 +58,6 @@ from typing import Any, Protocol
 
 import typer
 from confluent_kafka import (
-    TIMESTAMP_NOT_AVAILABLE,
     Consumer,
     KafkaError,
     KafkaException,
@@ -526,8 +525,7 @@ def made_at(message: Message, alert: dict[str, Any]) -> int | None:
     """When an alert was made, for ``forget``: the earlier of its Kafka record's timestamp (the job's clock
     when it wrote the alert; a re-driven copy's is later) and its event time (the till's clock, historic in a
     replay): the earlier errs towards deleting."""
-    kind, stamp = message.timestamp()
-    times = [t for t in (stamp if kind != TIMESTAMP_NOT_AVAILABLE else None, alert.get("event_time")) if t]
+    times = [t for t in (kafka_clients.written_at_ms(message), alert.get("event_time")) if t]
     return min(times) if times else None
 
 
@@ -983,12 +981,7 @@ class AlertSender:
         """Decode a fetched batch, look its alerts up in the ledger in one query, hand them out."""
         decoded: list[tuple[Message, dict[str, Any] | InvalidRecord]] = []
         for message in messages:
-            error = message.error()
-            if error is not None:
-                if error.fatal():
-                    raise KafkaException(error)
-                if error.code() != KafkaError._PARTITION_EOF:
-                    log.warning("consumer error: %s", error.str())
+            if not kafka_clients.is_record(message, log):
                 continue
             try:
                 alert = self._codec.decode(message.value())
