@@ -212,12 +212,13 @@ def test_a_forget_takes_alerts_made_before_it_or_within_its_grace_but_not_later_
     """Wall clocks: the job may score a match before it reads the tombstone; a re-enrolled subject's later
     alerts stay."""
     ledger = ledger_at(closer, tmp_path)
-    post(ledger, "m-before", "subj-a", "tx-1", NOW - 1)
-    post(ledger, "m-just-after", "subj-a", "tx-2", NOW + 120_000)
-    post(ledger, "m-much-later", "subj-a", "tx-3", NOW + 3_600_000)
+    now = int(time.time() * 1000)  # not NOW: the post without a time is stamped with the clock of this test
+    post(ledger, "m-before", "subj-a", "tx-1", now - 1)
+    post(ledger, "m-just-after", "subj-a", "tx-2", now + 120_000)
+    post(ledger, "m-much-later", "subj-a", "tx-3", now + 3_600_000)
     post(ledger, "m-unknown-time", "subj-a", "tx-4", None)  # posted just now, before the forget below
-    ledger.record_forgets([("audit-1", "subj-a", None, NOW + 1000)])
-    assert set(ledger.due_posts(NOW, None)) == {"m-before", "m-just-after", "m-unknown-time"}
+    ledger.record_forgets([("audit-1", "subj-a", None, now + 1000)])
+    assert set(ledger.due_posts(now, None)) == {"m-before", "m-just-after", "m-unknown-time"}
 
 
 def test_the_sweeps_lookups_use_indexes_not_table_scans(tmp_path: Path, closer: ExitStack) -> None:
