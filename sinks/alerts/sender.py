@@ -57,14 +57,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import typer
-from confluent_kafka import (
-    Consumer,
-    KafkaError,
-    KafkaException,
-    Message,
-    Producer,
-    TopicPartition,
-)
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from infra import metrics
 from infra.clients import kafka as kafka_clients
@@ -220,8 +213,9 @@ class Ledger:
 
     def due_posts(self, now_ms: int, keep_ms: int | None) -> dict[str, tuple[str, str | None]]:
         """``message id -> (channel, forgotten subject or None)`` of every post to delete: its alert names a
-        forgotten subject (or the transaction that subject was enrolled from) and happened before the forget,
-        or it was posted more than ``keep_ms`` ago (``None``: kept until a forget)."""
+        forgotten subject (or the transaction that subject was enrolled from) and was made before the forget's
+        ``until_ms`` (its grace, cut short by an enrolment), or it was posted more than ``keep_ms`` ago
+        (``None``: kept until a forget)."""
         with self._lock:
             due: dict[str, tuple[str, str | None]] = {}
             for m, c, s in self._db.execute(self.FORGOTTEN_SQL):
@@ -392,7 +386,7 @@ class WebexChannel:
                 posted, card = found
                 if card is None and self.settings.alerts.webex_cards:  # the earlier try ended before its card
                     card = self._send_card(alert, text.case_id, posted)
-                return " ".join(m for m in (posted.get("id"), card) if m) or None
+                return self._detail(posted, card)
             marker = f"\n\n_{self.marker(alert_id)}_"  # kept whole: a cut marker would post the alert again
             markdown = truncate_utf8(text.markdown(), MAX_MARKDOWN_BYTES - len(marker.encode())) + marker
             attachment = Attachment("snapshot.jpg", image) if image else None
@@ -407,7 +401,12 @@ class WebexChannel:
                 down=unavailable,
             ) from exc
         card = self._send_card(alert, text.case_id, sent) if self.settings.alerts.webex_cards else None
-        return " ".join(m for m in (sent.get("id"), card) if m) or None
+        return self._detail(sent, card)
+
+    @staticmethod
+    def _detail(alert_message: dict[str, Any], card: str | None) -> str | None:
+        """The ledger's detail of a delivery: the alert message's id and its card's, space separated."""
+        return " ".join(m for m in (alert_message.get("id"), card) if m) or None
 
     def _posted(self, alert_id: str) -> tuple[dict[str, Any], str | None] | None:
         """This alert's message and its card's id, when the room's latest messages hold the alert."""
