@@ -145,6 +145,16 @@ class Eraser:
         alerts' deadline. Until then the eraser sweeps every minute, not hourly."""
         latest = ledger.latest_forget_ms()
         self._fresh_until = latest + self._fresh_ms if latest is not None else 0
+        self._turn_problem: str | None = None
+        self._sweep_problem: str | None = None
+
+    @property
+    def problem(self) -> str | None:
+        """What keeps forgotten subjects' messages in the room now (the sender's ``/healthz`` shows it): the audit
+        topic or the ledger failing, or the last sweep stopped by Webex; ``None`` once a turn and a sweep went
+        through."""
+        parts = [p for p in (self._turn_problem, self._sweep_problem) if p]
+        return "; ".join(parts) or None
 
     def sweep(self, stop: threading.Event | None = None) -> Sweep:
         """Delete every due post (see the module); the ledger forgets each one deleted, gone or refused.
@@ -229,8 +239,10 @@ class Eraser:
                         )
                         consumer.subscribe([self.audit_topic])
                     last_sweep = self._turn(consumer, producer, last_sweep, stop)
+                    self._turn_problem = None
                 except Exception as exc:  # noqa: BLE001 - Kafka or the disk failing: the alerts go on, tried again
                     log.warning("alert eraser: %s; trying again in %.0fs", exc, FAILED_TURN_PAUSE_S)
+                    self._turn_problem = f"alert eraser failing ({type(exc).__name__})"
                     last_sweep = min(last_sweep, time.monotonic() - self.sweep_interval_s)  # sweep at the next turn
                     if consumer is not None:
                         with contextlib.suppress(Exception):
@@ -255,6 +267,8 @@ class Eraser:
             return last_sweep
         started = time.monotonic()
         result = self.sweep(stop)
+        if not stop.is_set():
+            self._sweep_problem = f"Webex deletes held up ({result.stopped})" if result.stopped else None
         if result.done:
             metrics.RECORDS_OUT.labels(STAGE, "erased_message").inc(result.done)
             self._publish(producer, result.audit(self.now_ms()))

@@ -29,8 +29,10 @@ Metrics (``infra.metrics``, stage ``alert-sender``): alerts in (kind ``alert``, 
 cannot be decoded), alerts out (every channel delivered or already had it), dead letters by error kind,
 ``cg_channel_deliveries`` by channel and result -- ``delivered``, ``failed`` (each failed send), ``retried``
 (queued again after a failure), ``dead_lettered`` (given up: the alert is dead-lettered), ``already_sent``
-(the ledger says so) -- and the queue depth per channel plus ``unfinished`` alerts. ``/healthz`` turns 503
-while a channel is down ("email unreachable") or a dead letter cannot be delivered ("Kafka unreachable").
+(the ledger says so) -- and the queue depth per channel plus ``unfinished`` alerts. ``/readyz`` turns 503 (and
+``/healthz`` reads "degraded") while a channel is down ("email unreachable"), a dead letter cannot be delivered
+("Kafka unreachable") or the eraser is held up (Webex refusing deletes, the audit topic away); ``/healthz`` turns
+503 when the loop hangs or the eraser thread has died.
 
 Run: ``python -m sinks.alerts.sender`` (settings from ``CG_*``; see README "Alerts and the Webex bot").
 Only ids and counts are logged, never message bodies, images or secrets.
@@ -868,6 +870,9 @@ class AlertSender:
         """Beaten every loop turn with the channels that are down, if any (the process's ``/healthz``)."""
         self._dead_letter_failing = False
         self._out = metrics.RECORDS_OUT.labels(STAGE, "alert")
+        self._eraser: Eraser | None = None
+        self._eraser_thread: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     def run(self, stop: threading.Event | None = None) -> SenderStats:
         """Send until ``stop`` is set; then the channels (their connections) and the ledger are closed,
@@ -899,9 +904,10 @@ class AlertSender:
         erasable = {c.name: c for c in self.channels if getattr(c, "erasable", False)}
         if not erasable:
             return None
-        eraser = Eraser(self.settings, self.ledger, erasable, f"{self.group_id}-eraser")
-        thread = threading.Thread(target=eraser.run, args=(stop,), name="alert-eraser", daemon=True)
+        self._eraser = Eraser(self.settings, self.ledger, erasable, f"{self.group_id}-eraser")
+        thread = threading.Thread(target=self._eraser.run, args=(stop,), name="alert-eraser", daemon=True)
         thread.start()
+        self._eraser_thread = thread
         return thread
 
     def _run(self, stop: threading.Event) -> SenderStats:
@@ -947,6 +953,7 @@ class AlertSender:
                     )
                     last_summary = now
         finally:
+            self._stopping.set()
             halt.set()
             if eraser is not None:
                 eraser.join(15)
@@ -966,7 +973,17 @@ class AlertSender:
         down = [f"{name} unreachable" for name, worker in self._workers.items() if worker.down]
         if self._dead_letter_failing:
             down.append("Kafka unreachable")
+        if self._eraser is not None and self._eraser.problem:
+            down.append(self._eraser.problem)
         return "; ".join(down) or None
+
+    def health(self) -> tuple[bool, str]:
+        """``/healthz``: the loop's heartbeat, and not alive once the eraser thread has died under a running
+        sender (forgotten subjects' messages would stay in the room; a restart brings it back)."""
+        thread = self._eraser_thread
+        if thread is not None and not thread.is_alive() and not self._stopping.is_set():
+            return False, "alert eraser stopped"
+        return self.heartbeat()
 
     def _report_queues(self) -> None:
         """Queue depths, set with each commit (twice a second), not per alert."""
@@ -1141,7 +1158,7 @@ def main(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     sender = AlertSender(settings, group_id=group_id)
-    endpoint = metrics.serve(settings, STAGE, health=sender.heartbeat)
+    endpoint = metrics.serve(settings, STAGE, health=sender.health, ready=sender.heartbeat.ready)
     try:
         sender.run(stop)
     finally:

@@ -387,3 +387,56 @@ def test_a_turn_that_failed_sweeps_at_the_next_turn_not_the_next_hour(
     worker.sweep_interval_s = 3600.0
     worker.run(stop)
     assert len(seen) == 3 and time.monotonic() - seen[2] >= 3600  # due at once
+
+
+def test_the_eraser_reports_a_sweep_webex_held_up_and_a_failing_turn_until_they_go_through(
+    tmp_path: Path, closer: ExitStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forgotten subjects' faces staying in the room shows on the sender's health, not only in its log."""
+    ledger = ledger_at(closer, tmp_path)
+    post(ledger, "m-1", "subj-a", "tx-1", NOW - DAY)
+    ledger.record_forgets([("audit-1", "subj-a", None, NOW)])
+    channel = FakeChannel({"m-1": DeliveryError("HTTP 503", retriable=True, down=True)})
+    worker = eraser(ledger, channel)
+    assert worker.problem is None
+    last = worker._turn(NoAudit(), None, float("-inf"), threading.Event())  # type: ignore[arg-type]
+    assert worker.problem == "Webex deletes held up (HTTP 503)"
+    channel.answers.clear()
+    worker._turn(NoAudit(), Client(), last - 3600, threading.Event())  # type: ignore[arg-type]
+    assert worker.problem is None and channel.deleted == ["m-1"]
+
+    stop = threading.Event()
+    problems: list[str | None] = []
+
+    def turn(consumer: Any, producer: Any, last_sweep: float, _stop: threading.Event) -> float:
+        problems.append(worker.problem)
+        if len(problems) == 1:
+            raise OSError("disk I/O error")
+        stop.set()
+        return last_sweep
+
+    monkeypatch.setattr(worker, "_turn", turn)
+    monkeypatch.setattr(erase.kafka_clients, "consumer", lambda *a, **k: Client())
+    monkeypatch.setattr(erase.kafka_clients, "producer", lambda *a, **k: Client())
+    monkeypatch.setattr(erase, "FAILED_TURN_PAUSE_S", 0.01)
+    worker.run(stop)
+    assert problems == [None, "alert eraser failing (OSError)"] and worker.problem is None
+
+
+def test_the_senders_health_fails_when_its_eraser_thread_has_died_and_shows_the_erasers_problem(
+    tmp_path: Path, webex: LocalWebexServer, closer: ExitStack
+) -> None:
+    settings = settings_for(webex, tmp_path, channels="webex")
+    channel = webex_channel(closer, settings)
+    alerts = sender.AlertSender(settings, channels=[channel], ledger=ledger_at(closer, tmp_path))
+    assert alerts.health() == (True, "ok")
+    alerts._eraser = eraser(alerts.ledger, FakeChannel())
+    alerts._eraser._sweep_problem = "Webex deletes held up (HTTP 503)"
+    assert alerts.problem() == "Webex deletes held up (HTTP 503)"
+    dead = threading.Thread(target=lambda: None)
+    dead.start()
+    dead.join()
+    alerts._eraser_thread = dead
+    assert alerts.health() == (False, "alert eraser stopped")
+    alerts._stopping.set()  # a sender stopping ends its eraser on purpose
+    assert alerts.health()[0]
