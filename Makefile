@@ -6,7 +6,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 LINT_DIRS := producers jobs sinks schemas infra tests
 
-.PHONY: help setup up down status topics reset lint check run production test bench evaluate train backtest models train-default replay backtest-stream redrive labels chaos face-models
+.PHONY: help setup up down status topics reset lint static check run production test bench evaluate train backtest models train-default replay backtest-stream redrive labels chaos face-models
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -33,11 +33,13 @@ reset: ## stop the stack and delete its data, logs and checkpoints
 lint: setup ## ruff check over the Python sources
 	@$(PY) -m ruff check $(LINT_DIRS)
 
-check: setup face-models ## format check, lint (bugbear, complexity, length caps), type check, unit tests with warnings as errors
+static: setup ## format check, lint (bugbear, complexity, length caps), type check, AWS template lint
 	@$(PY) -m ruff format --check $(LINT_DIRS)
 	@$(PY) -m ruff check $(LINT_DIRS)
 	@$(PY) -m mypy
 	@.venv/bin/cfn-lint infra/aws/*.yaml
+
+check: static face-models ## the static gate, then the unit tests with warnings as errors
 	@$(PY) -m pytest -q tests/unit
 
 run: setup face-models train-default ## start the stack, the scoring job and the OpenSearch sink, drive live demo traffic (Ctrl-C stops)
