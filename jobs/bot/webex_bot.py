@@ -50,6 +50,7 @@ import threading
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
@@ -68,7 +69,7 @@ from infra.clock import now_ms
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.retry import call_with_retries
 from infra.settings import Settings, get_settings
-from jobs.cases.core import parse_case_command
+from jobs.cases.core import ESCALATED, PENDING, parse_case_command
 from jobs.faces.checkout_inspect import Lookup
 from schemas.errors import CheckoutGuardError, InvalidRecord
 from schemas.identifiers import ID_RE, check
@@ -269,6 +270,20 @@ def recorded_checkout(lookup: Lookup) -> Callable[[str], str]:
     return inspect
 
 
+def _plain(value: Any) -> str:
+    """A stored value on one line, without Markdown that would change the reply, cut at 120 characters."""
+    text = " ".join(str(value or "").split())
+    return "".join(" " if c in "`*_<>[]" else c for c in text)[:120]
+
+
+def _utc(ms: Any) -> str:
+    """Epoch milliseconds as ``2026-12-06 00:15 UTC``; empty when not a time."""
+    try:
+        return datetime.fromtimestamp(int(ms) / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M UTC")
+    except (TypeError, ValueError, OverflowError, OSError):
+        return ""
+
+
 def pipeline_status_text(settings: Settings) -> str:
     """Service health from ``infra.stack.status`` and document counts per outcome from OpenSearch."""
     from infra.clients.opensearch import make_client
@@ -355,8 +370,11 @@ class WebexBot:
         inspect_checkout: Callable[[str], str] | None = None,
         fresh_checkout: Callable[[str], str] | None = None,
         status_text: Callable[[], str] | None = None,
+        case_lookup: Lookup | None = None,
     ) -> None:
         self.settings = settings
+        self.case_lookup = case_lookup
+        """The case by id as indexed (OpenSearch), to answer a verdict on a decided case at once; ``None``: none."""
         self._owned: list[Any] = []
         """What the bot built itself and closes in :meth:`close`, in the order built."""
         if client is None:
@@ -375,6 +393,8 @@ class WebexBot:
             self._owned.append(opensearch)
             lookup = opensearch_lookup(settings, opensearch)
             self.inspect_checkout = recorded_checkout(lookup)
+            if case_lookup is None:
+                self.case_lookup = opensearch_lookup(settings, opensearch, "cases")
             # ``checkout <tx>``: the recorded decision at once, then a follow-up from a fresh snapshot
             # of that lane's camera at the transaction time (seconds: the camera API polls); both read
             # the transaction through the same lookup.
@@ -550,7 +570,7 @@ class WebexBot:
             return "Sorry, I did not understand that.\n\n" + HELP_TEXT, False
         if parsed.problem:
             return f"Sorry, {parsed.problem}. Try `help`.", False
-        refusal = self._refusal(parsed.verb, message_id, room_id, person)
+        refusal = self._refusal(parsed.verb, message_id, room_id, person) or self._decided_already(parsed)
         if refusal:
             return refusal, False
         command = BotCommand(
@@ -589,6 +609,26 @@ class WebexBot:
             log.error("%s refused: no command signing key configured (message %s)", verb, message_id)
             return UNSIGNED_REFUSAL
         return None
+
+    def _decided_already(self, parsed: ParsedCommand) -> str | None:
+        """The answer to a verdict, escalation or assignment on a case that is decided already (the case service
+        would refuse it), from the indexed case; ``None`` (send it) when the case is undecided, not indexed yet or
+        cannot be read now. A note is taken in any state."""
+        if parsed.verb not in CASE_VERBS or parsed.verb == "NOTE" or self.case_lookup is None:
+            return None
+        case_id = (parsed.argument or "").split()[0]
+        try:
+            case = self.case_lookup(case_id)
+        except Exception as exc:  # noqa: BLE001 - OpenSearch away: the case service still checks the command
+            log.warning("case %s not looked up before %s (%s)", case_id, parsed.verb, type(exc).__name__)
+            return None
+        state = str((case or {}).get("state") or "")
+        if not case or state in PENDING and not (parsed.verb == "ESCALATE" and state == ESCALATED):
+            return None
+        by = _plain(case.get("decided_by") or case.get("updated_by"))
+        when = _utc(case.get("decided_at") or case.get("updated_at"))
+        done = f"already **{_plain(state)}**" + (f" by {by}" if by else "") + (f" at {when}" if when else "")
+        return f"Case `{case_id}` is {done}: nothing was sent. Add a `note` to it if you see it differently."
 
     def _answer(self, parsed: ParsedCommand) -> str:
         """The reply to an accepted command."""

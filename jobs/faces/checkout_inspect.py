@@ -23,12 +23,13 @@ log = logging.getLogger("checkout_guard.checkout_inspect")
 Lookup = Callable[[str], dict[str, Any] | None]
 
 
-def opensearch_lookup(settings: Settings, client: Any) -> Lookup:
-    """The scored transaction by id (store, lane, event time, outcome, face result), or ``None`` if not
-    indexed; read with ``client`` (an OpenSearch client; its owner closes it). Errors propagate."""
+def opensearch_lookup(settings: Settings, client: Any, kind: str = "transactions") -> Lookup:
+    """The scored transaction by id (store, lane, event time, outcome, face result), or with ``kind="cases"``
+    the case, or ``None`` if not indexed; read with ``client`` (an OpenSearch client; its owner closes it).
+    Errors propagate."""
     from schemas.indices import index_name
 
-    index = index_name(settings.opensearch.index_prefix, "transactions")
+    index = index_name(settings.opensearch.index_prefix, kind)
 
     def lookup(tx_id: str) -> dict[str, Any] | None:
         hits = client.search(index=index, body={"query": {"ids": {"values": [tx_id]}}, "size": 1})["hits"]["hits"]

@@ -162,3 +162,52 @@ def test_status_counts_the_watchlist_and_lists_what_expires_soon_soonest_first()
     assert text.startswith("Watchlist: 2 suspect, 1 vip; expiring within 30 days")
     assert text.endswith("`subj-b` in 5 d, `subj-a` in 20 d")
     assert watchlist_text([], now, 365) == "Watchlist: empty"
+
+
+def test_a_verdict_on_a_case_decided_already_is_answered_at_once_and_not_sent(harness: Harness) -> None:
+    decided = {
+        "case_id": CASE,
+        "state": "confirmed",
+        "decided_by": "lead@store.test",
+        "decided_at": 1_796_515_200_000,  # 2026-12-06 00:00 UTC
+    }
+    harness.bot.case_lookup = {CASE: decided}.get
+    harness.say(SECURITY_ROOM, "guard@store.test", f"dismiss {CASE} not the same person")
+    [reply] = wait_for(lambda: harness.replies(SECURITY_ROOM), 10, what="the reply")
+    assert reply == (
+        f"Case `{CASE}` is already **confirmed** by lead@store.test at 2026-12-06 00:00 UTC: nothing was sent. "
+        "Add a `note` to it if you see it differently."
+    )
+    assert harness.published == []
+    harness.say(SECURITY_ROOM, "guard@store.test", f"note {CASE} the guard disagrees")  # a note goes in any state
+    wait_for(lambda: len(harness.replies(SECURITY_ROOM)) == 2, 10, what="the note's reply")
+    assert [c.verb for c in harness.published] == ["NOTE"]
+
+
+@pytest.mark.parametrize(
+    ("case", "sent"),
+    [
+        ({"state": "open"}, True),
+        ({"state": "escalated"}, True),  # a verdict on an escalated case decides it
+        (None, True),  # not indexed yet: the case service decides
+        (OSError("OpenSearch away"), True),  # cannot read it now: the same
+        ({"state": "expired", "decided_by": "case-service"}, False),
+    ],
+)
+def test_a_verdict_is_sent_unless_the_indexed_case_is_decided(harness: Harness, case: object, sent: bool) -> None:
+    def lookup(_case_id: str) -> object:
+        if isinstance(case, Exception):
+            raise case
+        return case
+
+    harness.bot.case_lookup = lookup  # type: ignore[assignment]
+    harness.say(SECURITY_ROOM, "guard@store.test", f"confirm {CASE}")
+    [reply] = wait_for(lambda: harness.replies(SECURITY_ROOM), 10, what="the reply")
+    assert bool(harness.published) is sent and ("Sent: confirm case" in reply) is sent
+
+
+def test_escalating_a_case_escalated_already_is_answered_not_sent(harness: Harness) -> None:
+    harness.bot.case_lookup = {CASE: {"state": "escalated", "updated_by": "guard@store.test"}}.get
+    harness.say(SECURITY_ROOM, "lead@store.test", f"escalate {CASE}")
+    [reply] = wait_for(lambda: harness.replies(SECURITY_ROOM), 10, what="the reply")
+    assert "already **escalated** by guard@store.test" in reply and harness.published == []
