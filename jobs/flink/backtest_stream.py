@@ -80,13 +80,20 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,60}$")
 
 def check_name(settings: Settings, name: str) -> None:
     """``ValueError`` unless ``name`` may name a backtest's copy: lowercase letters, digits, ``-`` and ``_``
-    (it names indices), and not the live index prefix nor a dash-prefix of it: ``checkout`` would have written
-    into, and cleaned up, ``checkout-guard-*``."""
+    (it names indices), not the live index prefix nor a dash-prefix of it (``checkout`` would have written
+    into, and cleaned up, ``checkout-guard-*``), and no name whose topics (``<name>.*``) are live ones
+    (``store1`` under the live topic prefix ``store1.`` would have replayed into, and cleaned up, the live topics)."""
     if not NAME_RE.match(name):
         raise ValueError(f"backtest name {name!r}: lowercase letters, digits, '-' and '_' (it names indices)")
     live = settings.opensearch.index_prefix
     if f"{live}-".startswith(f"{name}-"):
         raise ValueError(f"backtest name {name!r}: its indices ({name}-*) would take in the live ones ({live}-*)")
+    live_topics = {spec.full_name(settings.kafka.topic_prefix) for spec in ALL_TOPICS}
+    if live_topics & {spec.full_name(f"{name}.") for spec in ALL_TOPICS}:
+        raise ValueError(
+            f"backtest name {name!r}: its topics ({name}.*) are the live ones "
+            f"(topic prefix {settings.kafka.topic_prefix!r})"
+        )
 
 
 # ---------------------------------------------------------------------------- pure: the comparison

@@ -131,6 +131,18 @@ def test_a_backtest_name_that_takes_in_the_live_indices_is_refused(tmp_path, nam
     assert candidate_settings(Settings(stack_dir=tmp_path), "checkout-guard2", Candidate()).opensearch.index_prefix
 
 
+def test_a_backtest_name_whose_topics_are_the_live_ones_is_refused_by_run_and_cleanup(tmp_path):
+    """Under the live topic prefix ``store1.``, ``store1`` replayed into the live topics and cleanup deleted them."""
+    from jobs.flink.backtest_stream import cleanup
+
+    live = Settings(stack_dir=tmp_path, kafka={"topic_prefix": "store1."})
+    with pytest.raises(ValueError, match="are the live ones"):
+        candidate_settings(live, "store1", Candidate(rules_file=tmp_path / "r.yaml"))
+    with pytest.raises(ValueError, match="are the live ones"):
+        cleanup(live, "store1")  # refused before any client is made
+    assert candidate_settings(live, "store2", Candidate()).kafka.topic_prefix == "store2."
+
+
 def test_cleanup_deletes_only_the_copys_own_indices_topics_and_checkpoints(tmp_path, monkeypatch):
     """The name may run again after it (the refusal said 'clean it up', but the checkpoints stayed)."""
     import contextlib
