@@ -446,10 +446,16 @@ class Candidate:
 
 
 def candidate_settings(settings: Settings, name: str, candidate: Candidate) -> Settings:
-    """The copy's settings: isolated under ``name``, the candidate's rule set and model, no face join."""
+    """The copy's settings: isolated under ``name``, the candidate's rule set and model, no face join, and
+    every replayed transaction decided (``decide_from=0``: an operator's ``CG_JOB__DECIDE_FROM`` would leave
+    part of the range undecided, as the offline backtest ignores it too)."""
     check_name(settings, name)
     copy = settings.isolated(
-        name, settings.stack_dir / "backtests" / name / "checkpoints", face_deadline_ms=0, starting_offsets="earliest"
+        name,
+        settings.stack_dir / "backtests" / name / "checkpoints",
+        face_deadline_ms=0,
+        starting_offsets="earliest",
+        decide_from=0,
     )
     rules = (
         copy.rules.model_copy(

@@ -123,6 +123,12 @@ def test_the_copy_is_isolated_and_runs_the_candidate(tmp_path):
         candidate_settings(live, "Has Spaces", Candidate(rules_file=rules))
 
 
+def test_the_copy_decides_the_whole_range_whatever_the_operators_decide_from(tmp_path):
+    """The copy inherited CG_JOB__DECIDE_FROM: the range before it built state only and was never compared."""
+    live = Settings(stack_dir=tmp_path, job={"decide_from": 1_795_000_000_000})
+    assert candidate_settings(live, "bt-1", Candidate(model_version="gbm-x")).job.decide_from == 0
+
+
 @pytest.mark.parametrize("name", ["checkout", "checkout-guard"])
 def test_a_backtest_name_that_takes_in_the_live_indices_is_refused(tmp_path, name: str):
     """cleanup deleted <name>-*: 'checkout' took every live checkout-guard-* index with it."""
