@@ -382,6 +382,16 @@ def report_markdown(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_meta(directory: Path) -> dict[str, Any]:
+    """The run details (``meta``) of the report in ``directory``; ``{}`` without a readable one. A report
+    computed again keeps them: the range, rule set and model are known only to the run."""
+    try:
+        meta = json.loads((directory / "report.json").read_text(encoding="utf-8")).get("meta")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def write_report(report: Report, directory: Path) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     as_json, as_md = directory / "report.json", directory / "report.md"
@@ -599,6 +609,18 @@ def run_backtest(
     return report, out_dir
 
 
+def compare_again(
+    settings: Settings, baseline_prefix: str, candidate_prefix: str, sample_size: int = 25
+) -> tuple[Report, Path]:
+    """Recompute the report of the backtest ``candidate_prefix`` and write it over the old one, keeping the
+    run's details (:func:`run_meta`); returns it and its folder."""
+    out_dir = settings.stack_dir / "backtests" / candidate_prefix
+    report = compare_indices(settings, baseline_prefix, candidate_prefix, sample_size)
+    report.meta = run_meta(out_dir)
+    write_report(report, out_dir)
+    return report, out_dir
+
+
 def cleanup(settings: Settings, name: str) -> tuple[list[str], list[str]]:
     """Delete a backtest's topics (``<name>.*``), its indices (``<name>-<kind>*`` of the sink's kinds only) and its
     checkpoints (so the name can run again); its report stays."""
@@ -693,10 +715,7 @@ def compare_command(
     samples: int = 25,
 ) -> None:
     """Recompute a report from two indices (e.g. after the copy ran longer)."""
-    settings = get_settings()
-    report = compare_indices(settings, baseline_prefix, candidate_prefix, samples)
-    out_dir = settings.stack_dir / "backtests" / candidate_prefix
-    write_report(report, out_dir)
+    report, out_dir = compare_again(get_settings(), baseline_prefix, candidate_prefix, samples)
     _print(report, out_dir)
 
 

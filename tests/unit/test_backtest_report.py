@@ -6,8 +6,18 @@ import json
 
 import pytest
 
+from infra.clients import opensearch
 from infra.settings import Settings
-from jobs.flink.backtest_stream import FLAGS, Candidate, candidate_settings, compare, detection, report_markdown
+from jobs.flink.backtest_stream import (
+    FLAGS,
+    Candidate,
+    candidate_settings,
+    compare,
+    compare_again,
+    detection,
+    report_markdown,
+    write_report,
+)
 
 
 def _doc(
@@ -54,6 +64,33 @@ CANDIDATE = [
     _doc("t6", "APPROVE", 0, None, rules="r2"),
     _doc("t8", "APPROVE", 0, 0, rules="r2"),
 ]
+
+
+class FakeSearch:
+    """An OpenSearch client over ``{index prefix: documents}``: refresh, ids queries and a one-page scroll."""
+
+    def __init__(self, docs: dict[str, list[dict]]) -> None:
+        self.docs = {f"{prefix}-transactions": {d["transaction_id"]: d for d in ds} for prefix, ds in docs.items()}
+        self.indices = self
+
+    def refresh(self, index: str) -> None:
+        assert index in self.docs, index
+
+    def search(self, index: str, body: dict, **_scroll) -> dict:
+        found = self.docs[index]
+        ids = body.get("query", {}).get("ids", {}).get("values")
+        hits = [found[i] for i in ids if i in found] if ids is not None else list(found.values())
+        return {
+            "hits": {"hits": [{"_source": d} for d in hits]},
+            "_scroll_id": "s1",
+            "_shards": {"total": 1, "successful": 1},
+        }
+
+    def scroll(self, body: dict, **_kw) -> dict:
+        return {"hits": {"hits": []}}
+
+    def clear_scroll(self, body: dict, **_kw) -> None:
+        pass
 
 
 def test_outcome_changes_are_counted_baseline_by_candidate():
@@ -176,3 +213,27 @@ def test_cleanup_deletes_only_the_copys_own_indices_topics_and_checkpoints(tmp_p
     assert all(p.startswith("bt-1-") and p.endswith("*") for p in patterns.split(",")) and "bt-1-*" not in patterns
     assert deleted == ["bt-1-transactions-2026.11.22"]
     assert not checkpoints.exists() and (tmp_path / "backtests" / "bt-1" / "report.md").exists()
+
+
+def test_comparing_again_keeps_the_runs_details(tmp_path, monkeypatch):
+    """``compare NAME`` wrote its report over the run's with no meta: range, rule set and model were lost."""
+    monkeypatch.setattr(
+        opensearch, "make_client", lambda *_a, **_k: FakeSearch({"checkout-guard": BASELINE, "bt-1": CANDIDATE})
+    )
+    settings = Settings(stack_dir=tmp_path)
+    run = compare(BASELINE, CANDIDATE, "checkout-guard", "bt-1")
+    run.meta = {"name": "bt-1", "range": [{"partition": 0, "start": 12, "end": 20}], "rules_version": "r2"}
+    write_report(run, tmp_path / "backtests" / "bt-1")
+    report, out_dir = compare_again(settings, "checkout-guard", "bt-1")
+    assert out_dir == tmp_path / "backtests" / "bt-1" and report.compared == 6
+    assert report.meta == run.meta == json.loads((out_dir / "report.json").read_text())["meta"]
+    assert '"rules_version": "r2"' in (out_dir / "report.md").read_text()
+    assert compare_again(settings, "checkout-guard", "bt-1", 1)[0].meta == run.meta  # and again
+
+
+def test_comparing_without_a_run_report_has_no_run_details(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        opensearch, "make_client", lambda *_a, **_k: FakeSearch({"checkout-guard": BASELINE, "bt-1": CANDIDATE})
+    )
+    report, out_dir = compare_again(Settings(stack_dir=tmp_path), "checkout-guard", "bt-1")
+    assert report.meta == {} and "## Run" not in (out_dir / "report.md").read_text()
