@@ -15,7 +15,8 @@ copy's own ``rules`` topic before it starts, as a live rule change would be. The
 reads the records in exactly the merged timestamp order whatever its speed (the job scores in one
 operator anyway, so one partition costs no throughput) -- and the copy's own OpenSearch sink indexes
 its decisions. The copy is done when its consumer group committed (on a checkpoint) everything the
-replay wrote and the sink committed everything the copy decided.
+replay wrote and the sink committed everything the copy decided. The comparison is over the transactions
+replayed (read back from the copy's transactions topic), so those only the baseline decided count too.
 
 The copy rebuilds its state (receipts, customer habits) from the replayed range only, and sees no face
 results (``face_deadline_ms=0``). The report separates decisions whose *inputs* differ (indicators,
@@ -32,7 +33,7 @@ import re
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -135,8 +136,10 @@ class Report:
     baseline: str
     candidate: str
     compared: int
-    """Transactions decided by both versions (the comparison is over these)."""
-    only_baseline: int
+    """Transactions decided by both versions (the comparison, precision and recall are over these)."""
+    only_baseline: int | None
+    """Decided by the baseline, not by the candidate: a copy that did not finish. ``None``: not known (the
+    replayed transactions were not read, so the baseline was looked up by the candidate's decisions only)."""
     only_candidate: int
     confusion: dict[str, dict[str, int]]
     """baseline outcome -> candidate outcome -> transactions."""
@@ -160,6 +163,12 @@ class Report:
     created_at: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
     """How the run was made (range, rule set file, model, timings)."""
+    replayed: int | None = None
+    """Transactions replayed into the copy (distinct ids); ``None``: not known."""
+    undecided: int | None = None
+    """Replayed transactions in neither index: ``replayed - compared - only_baseline - only_candidate``."""
+    notes: list[str] = field(default_factory=list)
+    """What makes the comparison incomplete or unfair, shown first (a copy that did not finish, say)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False)
@@ -208,11 +217,14 @@ def compare(
     baseline_name: str = "baseline",
     candidate_name: str = "candidate",
     sample_size: int = 25,
+    replayed: Collection[str] | None = None,
 ) -> Report:
-    """Compare two versions' decisions on the same transactions (documents keyed by ``transaction_id``)."""
+    """Compare two versions' decisions on the same transactions (documents keyed by ``transaction_id``).
+    ``replayed``: the ids of the transactions both were given, to count those that neither decided."""
     base = {d["transaction_id"]: d for d in baseline}
     cand = {d["transaction_id"]: d for d in candidate}
     common = sorted(set(base) & set(cand))
+    only_base = [base[t] for t in set(base) - set(cand)]
     confusion = {b: dict.fromkeys(OUTCOMES, 0) for b in OUTCOMES}
     changed: list[tuple[dict, dict]] = []
     risk_changed = inputs_differ = changed_same = 0
@@ -247,12 +259,27 @@ def compare(
         for b, c in changed[:sample_size]
     ]
     sides = {"baseline": [base[t] for t in common], "candidate": [cand[t] for t in common]}
+    only_candidate = len(set(cand) - set(base))
+    undecided = None if replayed is None else len(set(replayed) - set(base) - set(cand))
+    notes = []
+    if only_base:
+        fraud = sum(d.get("label") == 1 for d in only_base)
+        notes.append(
+            f"{len(only_base):,} transactions ({fraud:,} labelled fraud) were decided by the baseline and not by "
+            f"the candidate: did the copy finish? The outcomes, precision and recall leave them out."
+        )
+    if undecided:
+        notes.append(
+            f"{undecided:,} of the {len(set(replayed or ())):,} replayed transactions are in neither index "
+            f"({len(common):,} compared + {len(only_base) + only_candidate:,} only in one): neither decided "
+            f"them (invalid records) or their decisions are not indexed yet."
+        )
     return Report(
         baseline=baseline_name,
         candidate=candidate_name,
         compared=len(common),
-        only_baseline=len(set(base) - set(cand)),
-        only_candidate=len(set(cand) - set(base)),
+        only_baseline=len(only_base),
+        only_candidate=only_candidate,
         confusion=confusion,
         changed=len(changed),
         risk_changed=risk_changed,
@@ -268,11 +295,18 @@ def compare(
         },
         samples=samples,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        replayed=None if replayed is None else len(set(replayed)),
+        undecided=undecided,
+        notes=notes,
     )
 
 
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
+
+
+def _count(value: int | None) -> str:
+    return "unknown" if value is None else f"{value:,}"
 
 
 def report_tables(report: Report) -> list[Table]:
@@ -288,12 +322,12 @@ def report_tables(report: Report) -> list[Table]:
     confusion.caption = (
         f"{report.compared:,} compared, {report.changed:,} changed "
         f"({report.changed_same_inputs:,} with the same inputs), {report.inputs_differ:,} with "
-        f"other inputs, {report.only_baseline:,} only in baseline, "
-        f"{report.only_candidate:,} only in candidate"
+        f"other inputs, {_count(report.only_baseline)} only in baseline, "
+        f"{report.only_candidate:,} only in candidate, of {_count(report.replayed)} replayed"
     )
     if report.input_changes:
         confusion.caption += "; inputs differ by " + ", ".join(f"{k} ({v:,})" for k, v in report.input_changes.items())
-    quality = Table(title="detection against labels")
+    quality = Table(title=f"detection against labels (the {report.compared:,} transactions both decided)")
     for column in ("version", "rules / model", "flagged as", "labelled", "fraud", "flagged", "precision", "recall"):
         quality.add_column(column, justify="right" if column in ("labelled", "fraud", "flagged") else "left")
     for side, name in (("baseline", report.baseline), ("candidate", report.candidate)):
@@ -334,8 +368,10 @@ def report_markdown(report: Report) -> str:
         f"{report.created_at}: {report.compared:,} transactions compared, {report.changed:,} changed "
         f"outcome ({report.changed_same_inputs:,} with the same inputs, i.e. by the candidate version), "
         f"{report.inputs_differ:,} decided on other inputs, {report.risk_changed:,} with another risk score; "
-        f"{report.only_baseline:,} only in the baseline, {report.only_candidate:,} only in the candidate.",
+        f"{_count(report.only_baseline)} only in the baseline, {report.only_candidate:,} only in the candidate, "
+        f"of {_count(report.replayed)} transactions replayed.",
         "",
+        *(line for note in report.notes for line in (f"> **Warning:** {note}", "")),
         *(
             ["Inputs differ by indicator: " + ", ".join(f"{k} ({v:,})" for k, v in report.input_changes.items()), ""]
             if report.input_changes
@@ -351,6 +387,8 @@ def report_markdown(report: Report) -> str:
     lines += [
         "",
         "## Detection against labels",
+        "",
+        f"Over the {report.compared:,} transactions both versions decided.",
         "",
         "| version | rules / model | flagged as | labelled | fraud | flagged | precision | recall |",
         "|---|---|---|---:|---:|---:|---:|---:|",
@@ -421,8 +459,16 @@ def documents_by_id(client: OpenSearch, index_prefix: str, ids: list[str], chunk
             yield hit["_source"]
 
 
-def compare_indices(settings: Settings, baseline_prefix: str, candidate_prefix: str, sample_size: int = 25) -> Report:
-    """Report on every transaction in the candidate's index against the same ones in the baseline's."""
+def compare_indices(
+    settings: Settings,
+    baseline_prefix: str,
+    candidate_prefix: str,
+    sample_size: int = 25,
+    replayed: Collection[str] | None = None,
+) -> Report:
+    """Report on the ``replayed`` transactions in both indices. Without them, on every transaction in the
+    candidate's index against the same ones in the baseline's: those only the baseline decided are then not
+    known (``only_baseline`` is ``None``, and a note says so)."""
     from opensearchpy.exceptions import NotFoundError
 
     from infra.clients.opensearch import make_client
@@ -437,10 +483,48 @@ def compare_indices(settings: Settings, baseline_prefix: str, candidate_prefix: 
                 f"no index {index}: is {prefix!r} the name of a backtest (or the live prefix)?"
             ) from None
     candidate = list(candidate_documents(client, candidate_prefix))
-    baseline = list(documents_by_id(client, baseline_prefix, [d["transaction_id"] for d in candidate]))
-    return compare(
-        baseline, candidate, baseline_name=baseline_prefix, candidate_name=candidate_prefix, sample_size=sample_size
-    )
+    wanted = sorted(replayed) if replayed is not None else [d["transaction_id"] for d in candidate]
+    baseline = list(documents_by_id(client, baseline_prefix, wanted))
+    report = compare(baseline, candidate, baseline_prefix, candidate_prefix, sample_size, replayed)
+    if replayed is None:
+        report.only_baseline = None
+        report.notes.append(
+            f"the replayed transactions are not known (no topic {replayed_topic(candidate_prefix)}): the baseline "
+            "was looked up by the candidate's decisions only, so those only the baseline decided are not counted."
+        )
+    return report
+
+
+def replayed_topic(name: str) -> str:
+    """The backtest copy's transactions topic: it holds exactly what the run replayed."""
+    return TRANSACTIONS.full_name(f"{name}.")
+
+
+def transaction_ids(values: Iterable[bytes | None]) -> set[str]:
+    """The ids of the transaction records ``values``; one neither job can decode (a dead letter) has none."""
+    from schemas.codec import DecodeError, codec
+
+    transactions = codec(TRANSACTIONS.record_type)
+    ids = set()
+    for value in values:
+        try:
+            ids.add(transactions.decode(value)["transaction_id"])
+        except DecodeError:
+            continue
+    return ids
+
+
+def replayed_transactions(settings: Settings, name: str) -> set[str] | None:
+    """The ids of the transactions replayed into backtest ``name`` (read back from :func:`replayed_topic`);
+    ``None`` when that topic does not exist (cleaned up, or ``name`` is no backtest)."""
+    from infra.clients.topic_replay import Bound, RangeError, plan, read_range_records
+
+    topic = replayed_topic(name)
+    try:
+        ranges = plan(settings.kafka, topic, Bound(), Bound())
+    except RangeError:
+        return None
+    return transaction_ids(m.value() for m in read_range_records(settings.kafka, topic, ranges, "backtest-ids"))
 
 
 # ---------------------------------------------------------------------------- the run
@@ -591,7 +675,10 @@ def run_backtest(
     finally:
         for child in children:
             child.stop()
-    report = compare_indices(settings, settings.opensearch.index_prefix, copy.opensearch.index_prefix, sample_size)
+    replayed = replayed_transactions(settings, name)
+    report = compare_indices(
+        settings, settings.opensearch.index_prefix, copy.opensearch.index_prefix, sample_size, replayed
+    )
     report.meta = {
         "name": name,
         "source_topic": source,
@@ -610,12 +697,18 @@ def run_backtest(
 
 
 def compare_again(
-    settings: Settings, baseline_prefix: str, candidate_prefix: str, sample_size: int = 25
+    settings: Settings,
+    baseline_prefix: str,
+    candidate_prefix: str,
+    sample_size: int = 25,
+    read_replayed: Callable[[Settings, str], Collection[str] | None] = replayed_transactions,
 ) -> tuple[Report, Path]:
-    """Recompute the report of the backtest ``candidate_prefix`` and write it over the old one, keeping the
-    run's details (:func:`run_meta`); returns it and its folder."""
+    """Recompute the report of the backtest ``candidate_prefix`` over the transactions it replayed
+    (``read_replayed``, from its topic) and write it over the old one, keeping the run's details
+    (:func:`run_meta`); returns it and its folder."""
     out_dir = settings.stack_dir / "backtests" / candidate_prefix
-    report = compare_indices(settings, baseline_prefix, candidate_prefix, sample_size)
+    replayed = read_replayed(settings, candidate_prefix)
+    report = compare_indices(settings, baseline_prefix, candidate_prefix, sample_size, replayed)
     report.meta = run_meta(out_dir)
     write_report(report, out_dir)
     return report, out_dir
@@ -654,6 +747,8 @@ app = typer.Typer(
 def _print(report: Report, out_dir: Path | None = None) -> None:
     for table in report_tables(report):
         console.print(table)
+    for note in report.notes:
+        console.print(f"warning: {note}", style="bold red", markup=False, highlight=False)
     if out_dir is not None:
         console.print(f"report: {out_dir / 'report.md'} and {out_dir / 'report.json'}", highlight=False)
 

@@ -14,10 +14,13 @@ from jobs.flink.backtest_stream import (
     candidate_settings,
     compare,
     compare_again,
+    compare_indices,
     detection,
     report_markdown,
+    transaction_ids,
     write_report,
 )
+from schemas.records import PosTransaction
 
 
 def _doc(
@@ -91,6 +94,10 @@ class FakeSearch:
 
     def clear_scroll(self, body: dict, **_kw) -> None:
         pass
+
+
+REPLAYED = {f"t{i}" for i in range(1, 10)}
+"""What the copy's transactions topic held: t7 only the baseline decided, t8 only the candidate, t9 neither."""
 
 
 def test_outcome_changes_are_counted_baseline_by_candidate():
@@ -224,16 +231,53 @@ def test_comparing_again_keeps_the_runs_details(tmp_path, monkeypatch):
     run = compare(BASELINE, CANDIDATE, "checkout-guard", "bt-1")
     run.meta = {"name": "bt-1", "range": [{"partition": 0, "start": 12, "end": 20}], "rules_version": "r2"}
     write_report(run, tmp_path / "backtests" / "bt-1")
-    report, out_dir = compare_again(settings, "checkout-guard", "bt-1")
+    report, out_dir = compare_again(settings, "checkout-guard", "bt-1", read_replayed=lambda *_: REPLAYED)
     assert out_dir == tmp_path / "backtests" / "bt-1" and report.compared == 6
     assert report.meta == run.meta == json.loads((out_dir / "report.json").read_text())["meta"]
     assert '"rules_version": "r2"' in (out_dir / "report.md").read_text()
-    assert compare_again(settings, "checkout-guard", "bt-1", 1)[0].meta == run.meta  # and again
+    assert compare_again(settings, "checkout-guard", "bt-1", 1, lambda *_: REPLAYED)[0].meta == run.meta  # again
 
 
 def test_comparing_without_a_run_report_has_no_run_details(tmp_path, monkeypatch):
     monkeypatch.setattr(
         opensearch, "make_client", lambda *_a, **_k: FakeSearch({"checkout-guard": BASELINE, "bt-1": CANDIDATE})
     )
-    report, out_dir = compare_again(Settings(stack_dir=tmp_path), "checkout-guard", "bt-1")
+    report, out_dir = compare_again(Settings(stack_dir=tmp_path), "checkout-guard", "bt-1", 25, lambda *_: REPLAYED)
     assert report.meta == {} and "## Run" not in (out_dir / "report.md").read_text()
+
+
+def test_transactions_only_the_baseline_decided_count_and_warn_when_the_replay_is_known(monkeypatch):
+    """The baseline was fetched by the candidate's ids: a copy that missed transactions looked complete."""
+    search = FakeSearch({"checkout-guard": BASELINE, "bt-1": CANDIDATE})
+    monkeypatch.setattr(opensearch, "make_client", lambda *_a, **_k: search)
+    report = compare_indices(Settings(), "checkout-guard", "bt-1", replayed=REPLAYED)
+    assert (report.replayed, report.compared, report.only_baseline, report.only_candidate) == (9, 6, 1, 1)
+    assert report.undecided == 1 and report.detection["baseline"]["BLOCK"].labelled == 5
+    finished, neither = report.notes
+    assert finished.startswith("1 transactions (1 labelled fraud) were decided by the baseline and not by the")
+    assert neither.startswith("1 of the 9 replayed transactions are in neither index (6 compared + 2 only in one)")
+    text = report_markdown(report)
+    assert f"> **Warning:** {finished}" in text and "1 only in the baseline" in text and "of 9 transactions" in text
+
+
+def test_a_complete_copy_has_no_warning():
+    both = [d for d in BASELINE if d["transaction_id"] != "t7"]
+    report = compare(both, both, replayed=[d["transaction_id"] for d in both])
+    assert report.notes == [] and report.undecided == 0 and report.only_baseline == 0
+    assert "Warning" not in report_markdown(report)
+
+
+def test_without_the_replayed_transactions_only_the_baseline_is_unknown_not_zero(monkeypatch):
+    search = FakeSearch({"checkout-guard": BASELINE, "bt-1": CANDIDATE})
+    monkeypatch.setattr(opensearch, "make_client", lambda *_a, **_k: search)
+    report = compare_indices(Settings(), "checkout-guard", "bt-1")
+    assert report.compared == 6 and report.only_baseline is None and report.replayed is None
+    [note] = report.notes
+    assert note.startswith("the replayed transactions are not known (no topic bt-1.transactions)")
+    assert "unknown only in the baseline" in report_markdown(report)
+
+
+def test_the_replayed_ids_are_read_from_the_records_and_an_undecodable_one_has_none():
+    records = [PosTransaction(f"t{i}", 1_795_000_000_000 + i, "store-001", "1", "SALE", 5.0, "USD") for i in (1, 2)]
+    values = [r.encode() for r in records] + [records[0].encode(), b"not avro", None]
+    assert transaction_ids(values) == {"t1", "t2"}
