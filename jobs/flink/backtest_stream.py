@@ -9,8 +9,9 @@ transactions that changed, precision/recall of BLOCK and BLOCK+REVIEW against ``
 transactions carry one -- printed and written to ``<stack dir>/backtests/<name>/report.{json,md}``.
 
 How: the copy gets ``Settings.isolated(name)`` (own topics, index prefix, consumer group,
-checkpoints) with the candidate's rule set file and model; the rule set is also published to the
-copy's own ``rules`` topic before it starts, as a live rule change would be. The range is replayed
+checkpoints) with the candidate's rule set file and model; the rule set -- the candidate's, else the live
+job's (the last on the live ``rules`` topic), so a model-only run changes the model only -- is also published
+to the copy's own ``rules`` topic before it starts, as a live rule change would be. The range is replayed
 (:mod:`producers.replay`) into the copy's transactions topic -- by default ONE partition, so the copy
 reads the records in exactly the merged timestamp order whatever its speed (the job scores in one
 operator anyway, so one partition costs no throughput) -- and the copy's own OpenSearch sink indexes
@@ -37,7 +38,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from confluent_kafka.admin import NewTopic
@@ -52,7 +53,7 @@ from jobs.scoring.rules import RuleSet, RuleSetError
 from jobs.scoring.rules import publish_rules as publish_rule_set
 from schemas.errors import CheckoutGuardError
 from schemas.indices import ROUTES, index_name
-from schemas.topics import ALL_TOPICS, SCORED_TRANSACTIONS, TRANSACTIONS
+from schemas.topics import ALL_TOPICS, RULES, SCORED_TRANSACTIONS, TRANSACTIONS
 
 console = Console()
 errors = Console(stderr=True)
@@ -309,6 +310,28 @@ def _count(value: int | None) -> str:
     return "unknown" if value is None else f"{value:,}"
 
 
+RULES_FROM = {
+    "file": "the candidate's file",
+    "live": "the live job's rules topic",
+    "settings": "its settings (the live rules topic holds none)",
+}
+
+
+def versions_line(report: Report) -> str:
+    """Which rule sets and models each side's decisions carry (and where the copy's rule set came from)."""
+
+    def side(name: str) -> str:
+        v = report.versions.get(name, {})
+        return f"rule set {', '.join(v.get('rules', [])) or '-'}, model {', '.join(v.get('model', [])) or '-'}"
+
+    source = RULES_FROM.get(report.meta.get("rules_from", ""))
+    return (
+        f"Versions: baseline {side('baseline')}; candidate {side('candidate')}"
+        + (f" (the copy's rule set from {source})" if source else "")
+        + "."
+    )
+
+
 def report_tables(report: Report) -> list[Table]:
     """The report as rich tables: outcome changes, detection, changed transactions."""
     confusion = Table(title=f"outcomes: {report.baseline} (rows) x {report.candidate} (columns)")
@@ -370,6 +393,8 @@ def report_markdown(report: Report) -> str:
         f"{report.inputs_differ:,} decided on other inputs, {report.risk_changed:,} with another risk score; "
         f"{_count(report.only_baseline)} only in the baseline, {report.only_candidate:,} only in the candidate, "
         f"of {_count(report.replayed)} transactions replayed.",
+        "",
+        versions_line(report),
         "",
         *(line for note in report.notes for line in (f"> **Warning:** {note}", "")),
         *(
@@ -590,12 +615,91 @@ def create_copy_topics(settings: Settings, transactions_partitions: int) -> None
         )
 
 
-def publish_rules(settings: Settings, rules_file: Path) -> RuleSet:
-    """Validate ``rules_file`` and publish it to the copy's own rules topic (key ``active``)."""
-    text = rules_file.read_text()
-    rules = RuleSet.from_yaml(text)
-    publish_rule_set(settings, rules, text, "backtest")
-    return rules
+ControlReader = Callable[[Settings, Callable[[str, bytes | None, bytes | None], object]], object]
+"""Calls ``apply(topic, key, value)`` for each record of the rules topic up to its end (the shape of
+:func:`infra.clients.control_topics.read_control_topics` for ``specs=(RULES,)``)."""
+
+
+@dataclass(frozen=True)
+class CopyRules:
+    """The rule set the copy runs and where it comes from."""
+
+    rules: RuleSet
+    text: str | None
+    """Published to the copy's own rules topic; ``None``: the copy runs its settings' rule set."""
+    source: Literal["file", "live", "settings"]
+    """The candidate's file, the live job's (its rules topic), or the settings' (the live topic holds none)."""
+
+
+def live_rule_set(settings: Settings, read: ControlReader) -> tuple[RuleSet, str] | None:
+    """The rule set the live job runs and its text: the last record of the live rules topic with a valid rule
+    set (the job skips a bad one or a tombstone and keeps the one before); ``None`` when there is none."""
+    from schemas.codec import DecodeError, codec
+
+    updates = codec(RULES.record_type)
+    found: list[tuple[RuleSet, str]] = []
+
+    def apply(_topic: str, _key: bytes | None, value: bytes | None) -> None:
+        if value is None:
+            return
+        try:
+            text = updates.decode(value)["yaml"]
+            found.append((RuleSet.from_yaml(text), text))
+        except (DecodeError, RuleSetError):
+            pass
+
+    read(settings, apply)
+    return found[-1] if found else None
+
+
+def copy_rules(
+    settings: Settings, copy: Settings, candidate: Candidate, read: ControlReader | None = None
+) -> CopyRules:
+    """The rule set the copy runs: the candidate's file, else the live job's (``read`` from its rules topic),
+    so a model-only backtest does not blame the model for another rule set; the copy's settings' rule set
+    when the live topic holds none (the live job then runs its own settings', which may differ: the report
+    says so)."""
+    if candidate.rules_file is not None:
+        rules = RuleSet.load(candidate.rules_file)  # a bad file fails here, before the copy's topics exist
+        return CopyRules(rules, candidate.rules_file.read_text(encoding="utf-8"), "file")
+    if read is None:
+        from functools import partial
+
+        from infra.clients.control_topics import read_control_topics
+
+        read = partial(read_control_topics, specs=(RULES,))
+    live = live_rule_set(settings, read)
+    if live is not None:
+        return CopyRules(*live, "live")
+    return CopyRules(RuleSet.from_settings(copy.rules), None, "settings")
+
+
+def version_notes(report: Report) -> list[str]:
+    """Where the decisions carry versions the run did not mean to compare: the side the candidate leaves alone
+    (the rule set of a model-only run, the model of a rules-only one) differs, or the live rules topic held no
+    rule set. From the run's ``meta``; none without it."""
+    meta, base, cand = report.meta, report.versions.get("baseline", {}), report.versions.get("candidate", {})
+    if not meta:
+        return []
+    notes = []
+    if meta.get("rules_from") == "settings":
+        notes.append(
+            f"the live rules topic holds no rule set: the copy ran its settings' rule set {meta.get('rules_version')}"
+            f" (the baseline's decisions carry {', '.join(base.get('rules', [])) or 'none'})."
+        )
+    if not meta.get("rules_file") and base.get("rules") != cand.get("rules"):
+        notes.append(
+            f"the candidate changes the model only, but its decisions carry rule set "
+            f"{', '.join(cand.get('rules', []))} and the baseline's {', '.join(base.get('rules', []))}: "
+            f"outcome changes mix the model and the rule sets."
+        )
+    if meta.get("model") is None and meta.get("model_dir") is None and base.get("model") != cand.get("model"):
+        notes.append(
+            f"the candidate changes the rule set only, but its decisions carry model "
+            f"{', '.join(cand.get('model', []))} and the baseline's {', '.join(base.get('model', []))}: "
+            f"outcome changes mix the rule set and the models."
+        )
+    return notes
 
 
 def wait_until_done(copy: Settings, children: list, timeout_s: float, quiet_s: float) -> None:
@@ -657,13 +761,13 @@ def run_backtest(
         from jobs.model.fraud_model import LocalModel
 
         model_version = LocalModel.from_settings(copy).version  # a missing artifact fails here, not in the job
-    if candidate.rules_file is not None:
-        RuleSet.load(candidate.rules_file)  # a bad file fails here, before the copy's topics exist
+    picked = copy_rules(settings, copy, candidate)
     source = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
     target = TRANSACTIONS.full_name(copy.kafka.topic_prefix)
     ranges = plan(settings.kafka, source, start, end, partitions)
     create_copy_topics(copy, copy_partitions)
-    rules = publish_rules(copy, candidate.rules_file) if candidate.rules_file else None
+    if picked.text is not None:  # on the copy's own rules topic, as a live rule change would be
+        publish_rule_set(copy, picked.rules, picked.text, "backtest")
     copy.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     children = [start_scoring_job(copy, name=f"{name}-job"), spawn("sinks.opensearch.sink", copy, name=f"{name}-sink")]
@@ -687,11 +791,13 @@ def run_backtest(
         "range": [asdict(r) for r in ranges],
         "replayed": stats.acked,
         "rules_file": str(candidate.rules_file) if candidate.rules_file else None,
-        "rules_version": rules.version if rules else None,
+        "rules_version": picked.rules.version,
+        "rules_from": picked.source,
         "model_dir": str(candidate.model_dir) if candidate.model_dir else None,
         "model": model_version,
         "seconds": round(time.monotonic() - started, 1),
     }
+    report.notes += version_notes(report)
     write_report(report, out_dir)
     return report, out_dir
 
@@ -710,6 +816,7 @@ def compare_again(
     replayed = read_replayed(settings, candidate_prefix)
     report = compare_indices(settings, baseline_prefix, candidate_prefix, sample_size, replayed)
     report.meta = run_meta(out_dir)
+    report.notes += version_notes(report)
     write_report(report, out_dir)
     return report, out_dir
 
@@ -747,6 +854,7 @@ app = typer.Typer(
 def _print(report: Report, out_dir: Path | None = None) -> None:
     for table in report_tables(report):
         console.print(table)
+    console.print(versions_line(report), markup=False, highlight=False)
     for note in report.notes:
         console.print(f"warning: {note}", style="bold red", markup=False, highlight=False)
     if out_dir is not None:

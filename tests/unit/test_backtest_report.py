@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from infra.clients import opensearch
 from infra.settings import Settings
@@ -15,12 +16,16 @@ from jobs.flink.backtest_stream import (
     compare,
     compare_again,
     compare_indices,
+    copy_rules,
     detection,
     report_markdown,
     transaction_ids,
+    version_notes,
     write_report,
 )
-from schemas.records import PosTransaction
+from jobs.scoring.rules import RuleSet, update_record
+from schemas.records import PosTransaction, RuleSetUpdate
+from schemas.topics import RULES
 
 
 def _doc(
@@ -281,3 +286,77 @@ def test_the_replayed_ids_are_read_from_the_records_and_an_undecodable_one_has_n
     records = [PosTransaction(f"t{i}", 1_795_000_000_000 + i, "store-001", "1", "SALE", 5.0, "USD") for i in (1, 2)]
     values = [r.encode() for r in records] + [records[0].encode(), b"not avro", None]
     assert transaction_ids(values) == {"t1", "t2"}
+
+
+def _published(version: str, block_at: int) -> tuple[bytes, str]:
+    """A rules topic record of a valid rule set, and its text."""
+    data = RuleSet.default().to_dict()
+    data["version"], data["thresholds"]["block_at"] = version, block_at
+    text = yaml.safe_dump(data, sort_keys=False)
+    return update_record(RuleSet.from_yaml(text), text, "operator").encode(), text
+
+
+def _rules_topic(*values: bytes | None):
+    """A fake reader of the live rules topic holding ``values``, in order."""
+
+    def read(settings: Settings, apply) -> dict:
+        for value in values:
+            apply(RULES.full_name(settings.kafka.topic_prefix), b"active", value)
+        return {}
+
+    return read
+
+
+def test_a_model_only_backtest_runs_the_live_jobs_rule_set(tmp_path):
+    """Without --rules the copy ran the operator's settings (default.yaml), not the live job's published one."""
+    live = Settings(stack_dir=tmp_path)
+    copy = candidate_settings(live, "bt-1", Candidate(model_version="gbm-x"))
+    first, _ = _published("live-1", 80)
+    second, text = _published("live-2", 70)
+    bad = RuleSetUpdate(version="x", yaml="thresholds: 1", published_at=0, published_by="operator").encode()
+    picked = copy_rules(live, copy, Candidate(model_version="gbm-x"), _rules_topic(first, second, bad, None, b"junk"))
+    assert (picked.source, picked.rules.version, picked.rules.block_at, picked.text) == ("live", "live-2", 70, text)
+
+
+def test_without_a_live_rule_set_the_copy_runs_its_settings_rule_set_and_the_report_says_so(tmp_path):
+    live = Settings(stack_dir=tmp_path, rules={"block_at": 77})
+    copy = candidate_settings(live, "bt-1", Candidate(model_version="gbm-x"))
+    picked = copy_rules(live, copy, Candidate(model_version="gbm-x"), _rules_topic())
+    assert picked.source == "settings" and picked.text is None and picked.rules.block_at == 77
+    report = compare(BASELINE, [dict(d, rules_version="r1") for d in CANDIDATE])
+    report.meta = {"rules_file": None, "rules_version": picked.rules.version, "rules_from": "settings", "model": "m2"}
+    [note] = version_notes(report)
+    assert note.startswith(
+        f"the live rules topic holds no rule set: the copy ran its settings' rule set {picked.rules.version}"
+    )
+    assert "(the copy's rule set from its settings (the live rules topic holds none))" in report_markdown(report)
+
+
+def test_a_candidate_rule_set_file_is_run_without_reading_the_live_topic(tmp_path):
+    _, text = _published("cand-1", 65)
+    (rules_file := tmp_path / "cand.yaml").write_text(text)
+    live = Settings(stack_dir=tmp_path)
+    candidate = Candidate(rules_file=rules_file)
+
+    def unread(*_args) -> dict:
+        raise AssertionError("the live rules topic was read")
+
+    picked = copy_rules(live, candidate_settings(live, "bt-1", candidate), candidate, unread)
+    assert (picked.source, picked.rules.version, picked.text) == ("file", "cand-1", text)
+
+
+def test_the_report_warns_when_the_side_the_candidate_leaves_alone_differs():
+    """compare blamed the candidate model for the rule set's thresholds (r1 live, r2 in the copy)."""
+    model_only = compare(BASELINE, CANDIDATE)
+    model_only.meta = {"rules_file": None, "rules_from": "live", "model": "m2"}
+    [note] = version_notes(model_only)
+    assert note.startswith("the candidate changes the model only, but its decisions carry rule set r2 and the")
+    rules_only = compare(BASELINE, CANDIDATE)
+    rules_only.meta = {"rules_file": "cand.yaml", "rules_from": "file", "model": None, "model_dir": None}
+    assert version_notes(rules_only) == [] and version_notes(compare(BASELINE, CANDIDATE)) == []
+    rules_only.versions["candidate"]["model"] = ["m2"]
+    assert version_notes(rules_only)[0].startswith("the candidate changes the rule set only, but its decisions")
+    assert (
+        "Versions: baseline rule set r1, model m1; candidate rule set r2, model m1 (the copy's rule set from the"
+        in (report_markdown(model_only))
+    )
