@@ -109,13 +109,12 @@ class RuleSet:
 
     @classmethod
     def load(cls, path: Path) -> RuleSet:
+        """The rule set in the file ``path``; a :class:`RuleSetError` names the file."""
+        text = rule_set_text(path)
         try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise RuleSetError(f"cannot read rule set {path}: {exc.strerror}") from None
-        except UnicodeDecodeError as exc:
-            raise RuleSetError(f"rule set {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-        return cls.from_yaml(text)
+            return cls.from_yaml(text)
+        except RuleSetError as exc:
+            raise RuleSetError(f"{path}: {exc}") from None
 
     @classmethod
     def from_settings(cls, rules: RulesSettings) -> RuleSet:
@@ -198,6 +197,16 @@ class RuleSet:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def rule_set_text(path: Path) -> str:
+    """A rule set file's text; :class:`RuleSetError` naming the file when it cannot be read as UTF-8."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RuleSetError(f"cannot read rule set {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise RuleSetError(f"rule set {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def _mapping(data: dict, key: str, errors: list[str]) -> dict:
@@ -389,29 +398,26 @@ app = typer.Typer(
 @app.command()
 def validate(file: Path) -> None:
     """Check a rule set file and print it as the job will read it once published (CG_RULES__VERSION, BLOCK_AT and
-    REVIEW_AT override only the file the job starts with, not a published rule set)."""
-    try:
-        rules = RuleSet.load(file)
-    except RuleSetError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
-    typer.echo(rules.to_yaml())
+    REVIEW_AT override only the file the job starts with, not a published rule set). A file that cannot be read
+    or is invalid: one Error line, exit 1."""
+    # A RuleSetError is a tool's bad input: run_tool prints it as one ``Error: ...`` line, exit 1 (2 is for usage).
+    typer.echo(RuleSet.load(file).to_yaml())
 
 
 @app.command()
 def publish(
-    file: Path,
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
     by: Annotated[str | None, typer.Option(help="Who publishes (default: the OS user).")] = None,
 ) -> None:
-    """Validate FILE and publish it to the compacted rules topic (key "active"): the job switches to it."""
+    """Validate FILE and publish it to the compacted rules topic (key "active"): the job switches to it. An invalid
+    FILE: one Error line, exit 1, and nothing is sent (a FILE that does not exist: exit 2)."""
     from infra.settings import get_settings
 
+    text = rule_set_text(file)
     try:
-        text = file.read_text(encoding="utf-8")
         rules = RuleSet.from_yaml(text)
-    except (OSError, UnicodeDecodeError, RuleSetError) as exc:
-        typer.echo(f"{file}: {exc}", err=True)
-        raise typer.Exit(2) from None
+    except RuleSetError as exc:
+        raise RuleSetError(f"{file}: {exc}") from None
     try:
         topic = publish_rules(get_settings(), rules, text, by or getpass.getuser())
     except RuntimeError as exc:

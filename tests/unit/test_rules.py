@@ -146,12 +146,29 @@ def test_rules_topic_update_carries_the_validated_yaml():
         from_update(forged)
 
 
-def test_publish_refuses_an_invalid_file_before_touching_kafka(tmp_path):
+def _console(capsys, *args: str) -> tuple[int, str, str]:
+    """``checkout-guard rules ...`` as the console (and ``python -m``, via ``run_tool``) runs it."""
+    from infra.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["rules", *args])
+    out, err = capsys.readouterr()
+    return int(exit_.value.code or 0), out, err
+
+
+@pytest.mark.parametrize("command", ["validate", "publish"])
+def test_an_invalid_rule_set_file_is_one_error_line_and_exit_1_before_touching_kafka(tmp_path, capsys, command):
+    """Both exited 2, the code of a wrong command line; the README says a bad file exits 1."""
     bad = tmp_path / "bad.yaml"
     bad.write_text(DEFAULT_RULESET.read_text().replace("block_at: 85", "block_at: 20"))
-    res = CliRunner().invoke(rules_cli, ["publish", str(bad)])
-    assert res.exit_code == 2
-    assert "review_at (50) must be below block_at (20)" in res.output
+    code, out, err = _console(capsys, command, str(bad))
+    assert code == 1 and out == "" and err.count("\n") == 1, err
+    assert err.startswith(f"Error: {bad}: invalid rule set: ") and "review_at (50) must be below block_at (20)" in err
+
+
+def test_publishing_a_file_that_does_not_exist_is_a_usage_error(tmp_path) -> None:
+    res = CliRunner().invoke(rules_cli, ["publish", str(tmp_path / "missing.yaml")])
+    assert res.exit_code == 2 and "does not exist" in res.output
 
 
 def test_publishing_to_a_cluster_without_the_rules_topic_names_it_and_sends_nothing(monkeypatch) -> None:
