@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import getpass
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -58,6 +59,44 @@ FACE_STATUSES = frozenset({"UNAVAILABLE", "NO_FACE", "UNKNOWN", "MATCHED", "REJE
 
 class RuleSetError(CheckoutGuardError, ValueError):
     """A rule set that cannot be used; the message names the offending key."""
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses a key given twice in one mapping, at any depth, naming it and its lines:
+    safe_load keeps the last copy, so a second ``weights:`` block silently replaced every weight."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        twice: list[str] = []
+        seen: set[int] = set()
+        todo: list[tuple[yaml.Node, str]] = [(root, "")]
+        while todo:  # a loop, not recursion: aliases may make the tree a graph
+            node, path = todo.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if isinstance(node, yaml.SequenceNode):
+                todo.extend((item, f"{path}[{i}]") for i, item in enumerate(node.value))
+            elif isinstance(node, yaml.MappingNode):
+                first: dict[Any, int] = {}
+                for key_node, value_node in node.value:
+                    if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = loader.construct_object(key_node)
+                    name = f"{path}.{key}" if path else str(key)
+                    line = key_node.start_mark.line + 1
+                    if key in first:
+                        lines = f"line {line}" if first[key] == line else f"lines {first[key]} and {line}"
+                        twice.append(f"{name} is given twice ({lines}); keep one")
+                    first.setdefault(key, line)
+                    todo.append((value_node, name))
+        if twice:
+            raise RuleSetError("invalid rule set: " + "; ".join(sorted(twice)))
+        return loader.construct_document(root)
+    finally:
+        loader.dispose()
 
 
 @dataclass(frozen=True)
@@ -134,7 +173,7 @@ class RuleSet:
     @classmethod
     def from_yaml(cls, text: str) -> RuleSet:
         try:
-            data = yaml.safe_load(text)
+            data = _load_yaml(text)
         except yaml.YAMLError as exc:
             raise RuleSetError(f"not valid YAML: {exc}") from None
         return cls.from_dict(data)
@@ -148,9 +187,7 @@ class RuleSet:
         unknown = set(data) - {"version", "description", "thresholds", "weights", "model_bands", "face"}
         if unknown:
             errors.append(f"unknown key(s): {', '.join(sorted(map(str, unknown)))}")
-        version = data.get("version")
-        if not isinstance(version, str | int | float) or not str(version).strip():
-            errors.append("version: required, a non-empty string")
+        version = _version(data.get("version"), "version", errors)
         block_at, review_at = _thresholds(data, errors)
         weights = _weights(data, errors)
         bands = _model_bands(data, errors)
@@ -166,9 +203,9 @@ class RuleSet:
                 )
         if errors:
             raise RuleSetError("invalid rule set: " + "; ".join(errors))
-        assert block_at is not None and review_at is not None and suspect is not None  # no errors: all set
+        assert version is not None and block_at is not None and review_at is not None and suspect is not None
         return cls(
-            version=str(version).strip(),
+            version=version,
             block_at=block_at,
             review_at=review_at,
             weights=weights,
@@ -236,6 +273,24 @@ def _int(
 
 
 # --- rule set sections: each checks its part of the parsed YAML and appends what is wrong to ``errors`` ----------
+
+
+def _version(value: Any, name: str, errors: list[str]) -> str | None:
+    """``version``: a string as written. YAML reads an unquoted ``1.10`` as the number 1.1 (``1.10`` and ``1.1``
+    would be stamped alike) and ``2026-12-06`` as a date, so only a string is taken."""
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    if value is None or isinstance(value, str):
+        errors.append(f"{name}: required, a non-empty string")
+    else:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            read = f"the number {value} (unquoted, 1.10 reads as 1.1)"
+        elif isinstance(value, date):
+            read = f"the date {value}"
+        else:
+            read = f"a {type(value).__name__}"
+        errors.append(f"{name}: YAML reads it as {read}, not text: put the version in quotes")
+    return None
 
 
 def _thresholds(data: dict, errors: list[str]) -> tuple[int | None, int | None]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -73,6 +75,59 @@ def test_malformed_yaml_is_refused_clearly():
         RuleSet.from_yaml("version: [unclosed")
     with pytest.raises(RuleSetError, match="must be a mapping"):
         RuleSet.from_yaml("- just\n- a list\n")
+
+
+def test_every_shipped_rule_set_loads():
+    shipped = sorted(DEFAULT_RULESET.parent.glob("*.yaml"))
+    assert DEFAULT_RULESET in shipped
+    for path in shipped:
+        assert RuleSet.load(path).version
+
+
+def _line(text: str, line: str) -> int:
+    return text.splitlines().index(line) + 1
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (
+            lambda t: t + "weights:\n  velocity_exceeded: 80\n",
+            lambda t: f"weights is given twice (lines {_line(t, 'weights:')} and {len(t.splitlines()) + 1})",
+        ),
+        (
+            lambda t: t.replace("  velocity_exceeded: 40\n", "  velocity_exceeded: 40\n  velocity_exceeded: 4\n"),
+            lambda t: (
+                "weights.velocity_exceeded is given twice "
+                f"(lines {_line(t, '  velocity_exceeded: 40')} and {_line(t, '  velocity_exceeded: 40') + 1})"
+            ),
+        ),
+        (
+            lambda t: t.replace("{score: 950, points: 60}", "{score: 950, points: 60, points: 6}"),
+            lambda t: f"model_bands[0].points is given twice (line {_line(t, '  - {score: 950, points: 60}')})",
+        ),
+    ],
+    ids=["a second weights block", "a weight twice", "a key twice in a band"],
+)
+def test_a_key_given_twice_is_refused_naming_it_and_its_lines(edit, message):
+    """YAML keeps the last copy: a second ``weights:`` block replaced every weight, and validate said nothing."""
+    text = DEFAULT_RULESET.read_text()
+    with pytest.raises(RuleSetError) as err:
+        RuleSet.from_yaml(edit(text))
+    assert message(text) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "written,read",
+    [("1.10", "the number 1.1"), ("1.20", "the number 1.2"), ("3", "the number 3"), ("2026-12-06", "the date")],
+)
+def test_a_version_yaml_reads_as_a_number_or_a_date_is_refused_with_a_hint_to_quote_it(written, read):
+    """``1.10`` was stamped ``1.1``, as was ``1.1`` (two rule sets, one version); a date was "required"."""
+    text = re.sub(r"^version: .*$", f"version: {written}", DEFAULT_RULESET.read_text(), count=1, flags=re.M)
+    with pytest.raises(RuleSetError, match=f"version: YAML reads it as {read}.*put the version in quotes"):
+        RuleSet.from_yaml(text)
+    quoted = text.replace(f"version: {written}", f'version: "{written}"')
+    assert RuleSet.from_yaml(quoted).version == written
 
 
 def test_explicit_settings_override_the_file_and_defaults_do_not():
