@@ -13,6 +13,7 @@ every decision. At run time a new rule set is published to the compacted ``rules
 from __future__ import annotations
 
 import getpass
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -59,6 +60,15 @@ FACE_STATUSES = frozenset({"UNAVAILABLE", "NO_FACE", "UNKNOWN", "MATCHED", "REJE
 
 class RuleSetError(CheckoutGuardError, ValueError):
     """A rule set that cannot be used; the message names the offending key."""
+
+
+_THRESHOLDS = ("block_at", "review_at")
+"""The thresholds ``CG_RULES__*`` may override."""
+
+
+def _overridden_version(version: str, changed: Mapping[str, int]) -> str:
+    """The file's ``version`` with the thresholds that replaced the file's: ``2026.12.05-1+block_at=70``."""
+    return version + "".join(f"+{key}={value}" for key, value in changed.items())
 
 
 def _load_yaml(text: str) -> Any:
@@ -158,17 +168,22 @@ class RuleSet:
     @classmethod
     def from_settings(cls, rules: RulesSettings) -> RuleSet:
         """The rule set file named in the settings (the bundled default otherwise); ``version``,
-        ``block_at`` and ``review_at`` in the settings win only when set (``CG_RULES__*``; unset = ``None``)."""
+        ``block_at`` and ``review_at`` in the settings win only when set (``CG_RULES__*``; unset = ``None``).
+
+        A threshold that differs from the file's changes the version too, unless ``version`` is set: the file's
+        version is read as naming the file's rules, so ``2026.12.05-1`` with block_at 70 becomes
+        ``2026.12.05-1+block_at=70``. A value refused is reported under its ``CG_RULES__*`` name."""
         base = cls.load(rules.ruleset_file or DEFAULT_RULESET)
-        overrides = {
-            k: getattr(rules, k) for k in ("version", "block_at", "review_at") if getattr(rules, k) is not None
-        }
-        if not overrides:
+        changed = {k: v for k in _THRESHOLDS if (v := getattr(rules, k)) is not None and v != getattr(base, k)}
+        if not changed and rules.version is None:
             return base
         data = base.to_dict()
-        data["thresholds"].update({k: v for k, v in overrides.items() if k != "version"})
-        data["version"] = overrides.get("version", base.version)
-        return cls.from_dict(data)
+        data["thresholds"].update(changed)
+        data["version"] = rules.version if rules.version is not None else _overridden_version(base.version, changed)
+        names = {f"thresholds.{k}": f"CG_RULES__{k.upper()}" for k in changed}
+        if rules.version is not None:
+            names["version"] = "CG_RULES__VERSION"
+        return cls.from_dict(data, names=names)
 
     @classmethod
     def from_yaml(cls, text: str) -> RuleSet:
@@ -179,26 +194,29 @@ class RuleSet:
         return cls.from_dict(data)
 
     @classmethod
-    def from_dict(cls, data: Any) -> RuleSet:
-        """Validate a parsed rule set; every problem found is reported at once, by key."""
+    def from_dict(cls, data: Any, names: Mapping[str, str] | None = None) -> RuleSet:
+        """Validate a parsed rule set; every problem found is reported at once, by key (``names`` renames a key in
+        the messages: ``thresholds.block_at`` is ``CG_RULES__BLOCK_AT`` when the value came from there)."""
+        names = names or {}
         errors: list[str] = []
         if not isinstance(data, dict):
             raise RuleSetError("a rule set must be a mapping with version, thresholds, weights, model_bands, face")
         unknown = set(data) - {"version", "description", "thresholds", "weights", "model_bands", "face"}
         if unknown:
             errors.append(f"unknown key(s): {', '.join(sorted(map(str, unknown)))}")
-        version = _version(data.get("version"), "version", errors)
-        block_at, review_at = _thresholds(data, errors)
+        version = _version(data.get("version"), names.get("version", "version"), errors)
+        block_at, review_at = _thresholds(data, errors, names)
         weights = _weights(data, errors)
         bands = _model_bands(data, errors)
         suspect, alone, statuses, indicator = _face(data, errors)
         face_points = {"face.watchlist_suspect_points": suspect} | {
             f"weights.{name}": weights.get(name) for name in FACE_INDICATORS
         }
+        block_name = names.get("thresholds.block_at", "thresholds.block_at")
         for key, points in face_points.items():
             if points is not None and block_at is not None and points >= block_at and not alone:
                 errors.append(
-                    f"{key} ({points}) >= thresholds.block_at ({block_at}): face evidence alone would block; keep it "
+                    f"{key} ({points}) >= {block_name} ({block_at}): face evidence alone would block; keep it "
                     "below block_at (face evidence alone then makes REVIEW) or set face.match_alone_may_block: true"
                 )
         if errors:
@@ -264,10 +282,12 @@ def _int(
     errors: list[str],
     where: str,
     default: int | None = None,
+    name: str | None = None,
 ) -> int | None:
+    """``data[key]`` if an integer ``lo..hi``; else an error for ``name`` (``where`` + ``key`` by default)."""
     value = data.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        errors.append(f"{where}{key}: required, an integer {lo}..{hi} (got {value!r})")
+        errors.append(f"{name or where + key}: required, an integer {lo}..{hi} (got {value!r})")
         return None
     return value
 
@@ -293,16 +313,22 @@ def _version(value: Any, name: str, errors: list[str]) -> str | None:
     return None
 
 
-def _thresholds(data: dict, errors: list[str]) -> tuple[int | None, int | None]:
-    """``thresholds``: block_at and review_at (``None`` where invalid); review must be below block."""
+def _thresholds(data: dict, errors: list[str], names: Mapping[str, str]) -> tuple[int | None, int | None]:
+    """``thresholds``: block_at and review_at (``None`` where invalid); review must be below block. A value from
+    the environment is named by its variable (``names``)."""
     thresholds = _mapping(data, "thresholds", errors)
-    block_at = _int(thresholds, "block_at", 1, 100, errors, "thresholds.")
-    review_at = _int(thresholds, "review_at", 1, 100, errors, "thresholds.")
+    block_name = names.get("thresholds.block_at")
+    review_name = names.get("thresholds.review_at")
+    block_at = _int(thresholds, "block_at", 1, 100, errors, "thresholds.", name=block_name)
+    review_at = _int(thresholds, "review_at", 1, 100, errors, "thresholds.", name=review_name)
     extra = set(thresholds) - {"block_at", "review_at"}
     if extra:
         errors.append(f"thresholds: unknown key(s) {', '.join(sorted(map(str, extra)))}")
     if block_at is not None and review_at is not None and review_at >= block_at:
-        errors.append(f"thresholds: review_at ({review_at}) must be below block_at ({block_at})")
+        errors.append(
+            f"thresholds: {review_name or 'review_at'} ({review_at}) must be below {block_name or 'block_at'} "
+            f"({block_at})"
+        )
     return block_at, review_at
 
 

@@ -136,6 +136,29 @@ def test_explicit_settings_override_the_file_and_defaults_do_not():
     assert (tuned.block_at, tuned.version, tuned.weights) == (90, "store-trial", RuleSet.default().weights)
 
 
+def test_a_threshold_from_the_environment_gives_the_rule_set_a_version_of_its_own():
+    """The file's version was stamped on decisions made with other thresholds: two rule sets, one version."""
+    default = RuleSet.default()
+    tuned = RuleSet.from_settings(RulesSettings(block_at=70, review_at=20))
+    assert (tuned.block_at, tuned.review_at, tuned.weights) == (70, 20, default.weights)
+    assert tuned.version == f"{default.version}+block_at=70+review_at=20"
+    assert RuleSet.from_settings(RulesSettings(review_at=40)).version == f"{default.version}+review_at=40"
+    assert RuleSet.from_settings(RulesSettings(block_at=default.block_at)) == default, "the file's own value"
+    assert from_update(update_record(tuned, tuned.to_yaml(), "tester").encode()) == tuned
+
+
+def test_a_threshold_from_the_environment_that_is_refused_is_named_by_its_variable():
+    """It was reported as the YAML's ``thresholds.block_at``, which the file does not say."""
+    with pytest.raises(RuleSetError) as err:
+        RuleSet.from_settings(RulesSettings(block_at=55))
+    assert "CG_RULES__BLOCK_AT (55): face evidence alone would block" in str(err.value)
+    assert "thresholds.block_at" not in str(err.value)
+    with pytest.raises(RuleSetError, match=r"CG_RULES__REVIEW_AT \(90\) must be below block_at \(85\)"):
+        RuleSet.from_settings(RulesSettings(review_at=90))
+    with pytest.raises(RuleSetError, match=r"CG_RULES__BLOCK_AT: required, an integer 1..100 \(got 150\)"):
+        RuleSet.from_settings(RulesSettings(block_at=150))
+
+
 def test_weights_bands_and_face_rules_come_from_the_rule_set():
     rules = RuleSet.default()
     tx = sale("t1").to_avro()
