@@ -164,13 +164,20 @@ def row_to_transaction(row: Mapping[str | None, object]) -> PosTransaction:
     """One Fraud Detector CSV row (as from :class:`csv.DictReader` or :func:`read_rows`) as an online SALE.
 
     Raises :class:`InvalidRecord` (a ValueError) naming the offending column when the row cannot be
-    mapped, and an :class:`UnreadableRow`'s own error.
+    mapped, and an :class:`UnreadableRow`'s own error. A row with more or fewer fields than the header
+    (surplus under the ``None`` key, a missing one as ``None``, as ``csv.DictReader`` gives them) is
+    refused: which column a field belongs to is then a guess.
     """
     if isinstance(row, UnreadableRow):
         raise row.error
     extra = row.get(None)
     if extra:
         raise InvalidRecord("invalid", f"{len(extra)} more field(s) than the header")  # type: ignore[arg-type]
+    missing = [name for name, value in row.items() if name is not None and value is None]
+    if any(missing):  # read as empty, a row one field short lost its last column: a trailing EVENT_LABEL, unlabelled
+        raise InvalidRecord(
+            "invalid", f"{len(missing)} fewer field(s) than the header: the row ends before {_shown(missing[0])}"
+        )
     event_id = _text(row, "EVENT_ID")
     if event_id is None:
         raise InvalidRecord("missing_field", "EVENT_ID is empty")
@@ -412,10 +419,11 @@ def read_rows(path: Path, max_row_chars: int = MAX_ROW_CHARS) -> list[CsvRow]:
 
 def source_bytes(row: CsvRow) -> bytes:
     """The row's bytes for its dead letter: as read for an unreadable row, else its fields written back
-    as one CSV line (the same values; quoting may differ from the file's)."""
+    as one CSV line (the same values; quoting may differ from the file's). A row short of fields stays
+    short: written back as empty fields, it would read as a complete row."""
     if row.raw or isinstance(row.data, UnreadableRow):
         return row.raw
-    values = ["" if v is None else str(v) for k, v in row.data.items() if k is not None]
+    values = [str(v) for k, v in row.data.items() if k is not None and v is not None]
     extra = row.data.get(None)
     out = io.StringIO()
     csv.writer(out, lineterminator="\n").writerow([*values, *(extra if isinstance(extra, list) else [])])

@@ -246,6 +246,29 @@ def test_row_with_more_fields_than_the_header_is_unmappable(tmp_path: Path) -> N
         row_to_transaction(row.data)
 
 
+def test_row_with_fewer_fields_than_the_header_is_unmappable_not_unlabelled(tmp_path: Path, settings: Settings) -> None:
+    """With EVENT_LABEL last, a row one field short was replayed and trained on as unlabelled."""
+    path = tmp_path / "x.csv"
+    columns = [c for c in HEADER if c != "EVENT_LABEL"] + ["EVENT_LABEL"]
+    full = [afd_row("ok", EVENT_LABEL="1")[c] for c in columns]
+    short = [afd_row("short", "2022-11-07T15:51:49Z", EVENT_LABEL="1")[c] for c in columns][:-1]
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([columns, full, short])
+    ok, cut = read_rows(path)
+    assert row_to_transaction(ok.data).label == 1
+    with pytest.raises(InvalidRecord) as err:
+        row_to_transaction(cut.data)
+    assert (err.value.kind, err.value.reason) == (
+        "invalid",
+        "1 fewer field(s) than the header: the row ends before 'EVENT_LABEL'",
+    )
+    fake = FakeProducer()
+    result = replay(settings, path, fake)
+    assert fake.ids == ["ok"] and [line for line, _ in result.skipped] == [3]
+    (dead,) = fake.dead_letters()
+    assert next(csv.reader(io.StringIO(dead.payload.decode()))) == short, "the dead letter keeps the row's fields"
+
+
 def test_missing_required_column_is_rejected_up_front(tmp_path: Path, settings: Settings) -> None:
     path = tmp_path / "x.csv"
     path.write_text("EVENT_ID,EVENT_TIMESTAMP\nev-1,2022-11-07T15:51:48Z\n")
