@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -594,6 +595,32 @@ def test_a_long_merchant_name_still_maps_to_a_valid_distinct_store_id() -> None:
     b = merchant_slug("fraud_" + "Very Long Merchant Name " * 10 + "B")
     assert len(a) <= 64 and NAME_RE.fullmatch(a) and a != b
     assert a == merchant_slug("fraud_" + "Very Long Merchant Name " * 10 + "A")
+
+
+@pytest.mark.parametrize(
+    ("one", "other", "start"),
+    [
+        ("東京ストア 1", "大阪ストア 1", "1-"),
+        ("Москва Store", "Санкт-Петербург Store", "store-"),
+        ("商店", "百貨店", ""),
+        ("Łódź Market", "Lodz Market", "odz-market-"),
+    ],
+    ids=["japanese", "cyrillic", "chinese, no ascii at all", "polish"],
+)
+def test_merchant_names_with_letters_that_have_no_ascii_form_get_distinct_stable_store_ids(
+    one: str, other: str, start: str
+) -> None:
+    """The slug dropped what has no ASCII form: '東京ストア 1' and '大阪ストア 1' were one store, '1'; '商店' none."""
+    a, b = merchant_slug(one), merchant_slug(other)
+    assert a != b and all(NAME_RE.fullmatch(s) for s in (a, b))
+    assert a.startswith(start) and re.fullmatch(r"[0-9a-f]{12}", a.removeprefix(start)), "readable part, then a hash"
+    assert merchant_slug(f"  {one.upper()}  ") == a == merchant_slug(one), "case and spacing fold as in the slug"
+
+
+def test_a_long_merchant_name_with_letters_the_slug_loses_stays_a_valid_store_id() -> None:
+    a = merchant_slug("東京" * 40 + " Very Long Store Name" * 5)
+    b = merchant_slug("大阪" * 40 + " Very Long Store Name" * 5)
+    assert len(a) == 64 and NAME_RE.fullmatch(a) and a.startswith("very-long-store-name-") and a != b
 
 
 def test_a_header_that_is_not_utf8_rejects_the_file(tmp_path: Path) -> None:
