@@ -402,8 +402,9 @@ def replay(
     """Copy the records of ``ranges`` from ``source_topic`` to ``target_topic``; wait for every ack.
 
     ``rate`` caps records per second (0 = no cap). ``restamp`` gives the copies the time of the replay
-    instead of their original timestamps. Raises ``TimeoutError`` when a partition yields nothing for
-    ``idle_timeout_s`` before its range is read (records deleted by retention meanwhile, say).
+    instead of their original timestamps. Raises ``TimeoutError`` when the source yields no record for
+    ``idle_timeout_s`` of reading before its range is read (records deleted by retention meanwhile, say);
+    time spent sending, however long ``rate`` makes it, does not count.
     """
     stats = ReplayStats(planned=sum(r.size for r in ranges))
     todo = {r.partition: r for r in ranges if r.size > 0}
@@ -466,7 +467,9 @@ class _Replay:
         self.merge = TimestampMerge(open_partitions=set(todo))
         self.paused: set[int] = set()
         self.started = 0.0
-        self.last_record = 0.0
+        self.waited_s = 0.0
+        """Seconds spent in ``consume`` since the last record: sending a backlog at a capped rate can take
+        minutes between two reads, and a source that had records waiting all along is not idle."""
 
     def run(self, progress: bool) -> ReplayStats:
         stats = self.stats
@@ -479,7 +482,6 @@ class _Replay:
         )
         self.started = time.monotonic()
         self.consumer.assign([TopicPartition(self.source_topic, r.partition, r.start) for r in self.todo.values()])
-        self.last_record = time.monotonic()
         try:
             with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
                 task = bar.add_task(f"{self.source_topic} -> {self.target_topic}", total=stats.planned, rate="")
@@ -501,7 +503,10 @@ class _Replay:
 
     def _read(self) -> None:
         """One batch from the source into the merge; closes the partitions whose range is read."""
-        for msg in self.consumer.consume(1000, timeout=0.2) if self.todo else ():
+        began = time.monotonic()
+        messages = self.consumer.consume(1000, timeout=0.2) if self.todo else []
+        self.waited_s += time.monotonic() - began
+        for msg in messages:
             self._take(msg)
         for p in list(self.todo):  # control records (transactions) can hide the last offsets
             position = self.consumer.position([TopicPartition(self.source_topic, p)])[0].offset
@@ -522,7 +527,7 @@ class _Replay:
                     self._finish(p)
                 return
             raise RuntimeError(f"reading {self.source_topic}[{p}]: {err.str()}")
-        self.last_record = time.monotonic()
+        self.waited_s = 0.0
         if msg.offset() >= todo[p].end:
             self._finish(p)
             return
@@ -540,10 +545,10 @@ class _Replay:
             self.consumer.incremental_unassign([TopicPartition(self.source_topic, partition)])
 
     def _check_idle(self) -> None:
-        if self.todo and time.monotonic() - self.last_record > self.idle_timeout_s:
+        if self.todo and self.waited_s > self.idle_timeout_s:
             raise TimeoutError(
                 f"no records from {self.source_topic} partitions {sorted(self.todo)} for "
-                f"{self.idle_timeout_s:.0f}s before the end of the range"
+                f"{self.idle_timeout_s:.0f}s of reading before the end of the range"
             )
 
     # sending

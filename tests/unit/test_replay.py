@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+from confluent_kafka import TIMESTAMP_CREATE_TIME, Message, TopicPartition
 
+from infra.clients import topic_replay
 from infra.clients.topic_replay import (
     Bound,
+    PartitionRange,
     RangeError,
     TimestampMerge,
     bounds,
     parse_offsets,
     parse_time_ms,
+    replay,
     resolve_ranges,
     target_partition,
 )
+from infra.settings import KafkaSettings
 
 WATERMARKS = {0: (10, 100), 1: (0, 50), 2: (5, 5)}
 
@@ -134,3 +141,140 @@ def test_merge_waits_for_a_partition_that_has_nothing_yet():
     assert list(merge.ready()) == ["b"]
     merge.close(1)
     assert list(merge.ready()) == ["a"]
+
+
+# ---------------------------------------------------------------------------- the copy, on a virtual clock
+
+
+class VirtualClock:
+    """Stands in for the ``time`` module of the replay: the fakes' waits advance it, nothing sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class SourceConsumer:
+    """Partitions of records (``stamps[p][offset]`` is the timestamp). A batch shares ``num`` among the partitions
+    not paused and takes a millisecond; a consume that finds nothing waits its whole timeout."""
+
+    def __init__(self, clock: VirtualClock, stamps: dict[int, list[int]]) -> None:
+        self.clock, self.stamps = clock, stamps
+        self.positions: dict[int, int] = {}
+        self.paused: set[int] = set()
+
+    def assign(self, partitions: list[Any]) -> None:
+        self.positions.update({tp.partition: tp.offset for tp in partitions})
+
+    def incremental_unassign(self, partitions: list[Any]) -> None:
+        for tp in partitions:
+            self.positions.pop(tp.partition, None)
+
+    def pause(self, partitions: list[Any]) -> None:
+        self.paused |= {tp.partition for tp in partitions}
+
+    def resume(self, partitions: list[Any]) -> None:
+        self.paused -= {tp.partition for tp in partitions}
+
+    def consume(self, num: int, timeout: float) -> list[Message]:
+        live = [p for p in sorted(self.positions) if p not in self.paused]
+        batch = []
+        for p in live:
+            start = self.positions[p]
+            stop = min(len(self.stamps[p]), start + num // len(live))
+            batch += [
+                Message(topic="src", partition=p, offset=o, key=b"k", value=b"v", timestamp=(TIMESTAMP_CREATE_TIME, ts))
+                for o, ts in enumerate(self.stamps[p][start:stop], start)
+            ]
+            self.positions[p] = stop
+        self.clock.now += 0.001 if batch else timeout
+        return batch
+
+    def position(self, partitions: list[Any]) -> list[Any]:
+        return [TopicPartition(tp.topic, tp.partition, self.positions.get(tp.partition, -1001)) for tp in partitions]
+
+    def close(self) -> None:
+        pass
+
+
+class TargetProducer:
+    """Acknowledges every send at the next poll; a poll takes its whole timeout."""
+
+    def __init__(self, clock: VirtualClock) -> None:
+        self.clock = clock
+        self.timestamps: list[int] = []
+        self.unacked: list[Any] = []
+
+    def produce(self, _topic: str, **kwargs: Any) -> None:
+        self.timestamps.append(kwargs["timestamp"])
+        self.unacked.append(kwargs["on_delivery"])
+
+    def poll(self, timeout: float = 0) -> int:
+        self.clock.now += timeout
+        acked, self.unacked = self.unacked, []
+        for on_delivery in acked:
+            on_delivery(None, None)
+        return len(acked)
+
+    def flush(self, _timeout: float = 0) -> int:
+        self.poll(0)
+        return 0
+
+
+KAFKA = KafkaSettings()
+
+
+def _fake_clients(monkeypatch: pytest.MonkeyPatch, stamps: dict[int, list[int]]) -> tuple[TargetProducer, VirtualClock]:
+    """:func:`replay` reads ``stamps`` and writes to a target ``dst`` with as many partitions, on a virtual clock."""
+    clock = VirtualClock()
+    consumer, producer = SourceConsumer(clock, stamps), TargetProducer(clock)
+    metadata = SimpleNamespace(topics={"dst": SimpleNamespace(partitions=dict.fromkeys(stamps))})
+    monkeypatch.setattr(topic_replay, "time", clock)
+    monkeypatch.setattr(topic_replay, "_consumer", lambda _kafka: consumer)
+    monkeypatch.setattr(topic_replay, "_producer", lambda _kafka: producer)
+    monkeypatch.setattr(topic_replay, "partition_count", lambda *_a: len(stamps))
+    monkeypatch.setattr(topic_replay.kafka_clients, "require_topics", lambda *_a: metadata)
+    return producer, clock
+
+
+def _whole(stamps: dict[int, list[int]]) -> list[PartitionRange]:
+    return [PartitionRange(p, 0, len(records), 0, len(records)) for p, records in stamps.items()]
+
+
+def test_a_rate_too_slow_to_send_a_batch_within_the_idle_timeout_still_copies_everything(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At 10 records/s a batch of 1000 takes 100 s to send: time spent sending is not the source being idle."""
+    stamps = {0: list(range(3000))}
+    producer, clock = _fake_clients(monkeypatch, stamps)
+    stats = replay(KAFKA, "src", KAFKA, "dst", _whole(stamps), rate=10, progress=False, idle_timeout_s=60)
+    assert stats.ok and stats.acked == 3000
+    assert producer.timestamps == stamps[0]
+    assert clock.now - 1000 >= 299, "the rate was kept"
+
+
+def test_a_backlog_released_at_once_is_sent_in_full_however_long_it_takes_at_the_rate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Partition 1 holds the later hour: it is buffered (up to ``max_buffered``) while partition 0 is merged and
+    released in one go when partition 0 ends -- longer to send at the rate than the idle timeout."""
+    stamps = {0: list(range(2000)), 1: [10**9 + o for o in range(2000)]}
+    producer, _ = _fake_clients(monkeypatch, stamps)
+    stats = replay(
+        KAFKA, "src", KAFKA, "dst", _whole(stamps), rate=400, progress=False, max_buffered=1500, idle_timeout_s=3
+    )
+    assert stats.ok and stats.acked == 4000
+    assert producer.timestamps == stamps[0] + stamps[1], "merged by timestamp"
+
+
+def test_a_source_that_stops_before_the_end_of_its_range_still_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records deleted by retention after the range was resolved: the replay must not wait for them forever."""
+    producer, clock = _fake_clients(monkeypatch, {0: list(range(5))})
+    with pytest.raises(TimeoutError, match=r"no records from src partitions \[0\] for 5s"):
+        replay(
+            KAFKA, "src", KAFKA, "dst", [PartitionRange(0, 0, 10, 0, 10)], rate=100, progress=False, idle_timeout_s=5
+        )
+    assert producer.timestamps == list(range(5)), "what was read was sent"
+    assert 5 < clock.now - 1000 < 6, "given up after 5 s without a record"
