@@ -118,6 +118,42 @@ class PartitionRange:
         return max(0, self.end - self.start)
 
 
+def check_order(start: Bound, end: Bound) -> None:
+    """Refuse a range whose end was given before its start: it would resolve to nothing and the copy would end
+    with exit 0 as if it had replayed what was asked. Only ends given the same way are compared (a time with
+    a time, offsets with offsets); an end that falls before the start once clipped to what retention kept is
+    an empty range, not an error."""
+    if start.time_ms is not None and end.time_ms is not None and start.time_ms > end.time_ms:
+        raise RangeError(
+            f"the start {_iso(start.time_ms)} is later than the end {_iso(end.time_ms)}: the range would be empty"
+            " (swap --from-time and --to-time?)"
+        )
+    if start.offsets is None or end.offsets is None:
+        return
+    if isinstance(start.offsets, int) and isinstance(end.offsets, int):
+        pairs = {"every partition": (start.offsets, end.offsets)}
+    else:
+        named = [set(o) for o in (start.offsets, end.offsets) if isinstance(o, dict)]
+        pairs = {
+            f"partition {p}": (_offset(start.offsets, p), _offset(end.offsets, p))
+            for p in sorted(set.intersection(*named))
+        }
+    after = [f"{where}: {s} > {e}" for where, (s, e) in pairs.items() if s > e]
+    if after:
+        raise RangeError(
+            f"the start offset is past the end offset ({'; '.join(after)}): the range would be empty"
+            " (swap --from-offsets and --to-offsets?)"
+        )
+
+
+def _offset(offsets: dict[int, int] | int, partition: int) -> int:
+    return offsets if isinstance(offsets, int) else offsets[partition]
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def resolve_ranges(
     watermarks: Mapping[int, tuple[int, int]],
     start: Bound,
@@ -130,8 +166,10 @@ def resolve_ranges(
     Defaults: from the low watermark (earliest) to the high watermark at this moment. A time resolves
     to the first offset whose timestamp is at or after it (``offsets_for_time(ms) -> {partition:
     offset}``, -1 = none, i.e. the high watermark). Per-partition offsets leave unnamed partitions at
-    their default. Raises :class:`RangeError` for a partition the topic does not have.
+    their default. Raises :class:`RangeError` for a partition the topic does not have, or a range that ends
+    before it starts (:func:`check_order`).
     """
+    check_order(start, end)
     wanted = sorted(watermarks) if partitions is None else sorted(set(partitions))
     unknown = [p for p in wanted if p not in watermarks]
     if unknown:
@@ -625,7 +663,8 @@ def bounds(
     to_time: str | None,
     now_ms: int | None = None,
 ) -> tuple[Bound, Bound]:
-    """CLI options -> the two ends of the range."""
+    """CLI options -> the two ends of the range; :class:`RangeError` for a bad option or a range that ends before
+    it starts (before anything asks a broker)."""
     start = Bound(
         offsets=parse_offsets(from_offsets) if from_offsets else None,
         time_ms=parse_time_ms(from_time, now_ms) if from_time else None,
@@ -634,4 +673,5 @@ def bounds(
         offsets=parse_offsets(to_offsets) if to_offsets else None,
         time_ms=parse_time_ms(to_time, now_ms) if to_time else None,
     )
+    check_order(start, end)
     return start, end

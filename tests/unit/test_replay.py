@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 from confluent_kafka import TIMESTAMP_CREATE_TIME, Message, TopicPartition
+from typer.testing import CliRunner
 
+import producers.replay as replay_cli
 from infra.clients import topic_replay
 from infra.clients.topic_replay import (
     Bound,
@@ -74,8 +76,48 @@ def test_the_default_range_is_everything_up_to_the_high_watermark_now():
 def test_offsets_are_clipped_to_what_the_partition_still_holds():
     ranges = resolve_ranges(WATERMARKS, Bound(offsets=0), Bound(offsets=80), _never)
     assert _spans(ranges) == {0: (10, 80), 1: (0, 50), 2: (5, 5)}
-    ranges = resolve_ranges(WATERMARKS, Bound(offsets=60), Bound(offsets=20), _never)
-    assert _spans(ranges)[0] == (60, 60), "an end before the start is an empty range, not a negative one"
+    ranges = resolve_ranges(WATERMARKS, Bound(), Bound(offsets={0: 5}), _never)
+    assert _spans(ranges)[0] == (10, 10), "an end before what retention kept is an empty range, not a negative one"
+
+
+def test_a_start_time_later_than_the_end_time_is_refused_before_any_broker_is_asked():
+    """An inverted range resolved to nothing, and the replay ended with exit 0 as if it had copied the hour."""
+    with pytest.raises(RangeError, match=r"start 2026-11-22T07:00:00.000Z is later than the end 2026-11-22T06:00:00"):
+        bounds(None, None, "2026-11-22T07:00:00Z", "2026-11-22T06:00:00Z")
+    with pytest.raises(RangeError, match="later than the end"):
+        resolve_ranges(WATERMARKS, Bound(time_ms=2000), Bound(time_ms=1000), _never)
+    assert bounds(None, None, "2026-11-22T06:00:00Z", "2026-11-22T06:00:00Z")[0].time_ms == 1_795_327_200_000
+
+
+@pytest.mark.parametrize(
+    ("from_offsets", "to_offsets", "where"),
+    [
+        ("60", "20", "every partition: 60 > 20"),
+        ("0:5,1:30", "1:20", "partition 1: 30 > 20"),
+        ("9", "0:3", "partition 0"),
+    ],
+)
+def test_a_start_offset_past_the_end_offset_is_refused(from_offsets, to_offsets, where):
+    with pytest.raises(RangeError, match=f"start offset is past the end offset \\({where}"):
+        bounds(from_offsets, to_offsets, None, None)
+
+
+def test_offsets_of_different_partitions_or_a_time_against_an_offset_are_not_compared():
+    """Partition 0 from 50, partition 1 up to 20: each partition's own range is fine."""
+    assert _spans(resolve_ranges(WATERMARKS, Bound(offsets={0: 50}), Bound(offsets={1: 20}), _never))[0] == (50, 100)
+    start, end = bounds(None, "5", "2026-11-22T06:00:00Z", None)
+    assert (start.time_ms, end.offsets) == (1_795_327_200_000, 5)
+
+
+def test_replay_refuses_an_inverted_range_as_a_bad_option_without_asking_the_broker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(replay_cli, "plan", _never)
+    result = CliRunner().invoke(
+        replay_cli.app, ["run", "transactions", "--from-time", "2026-11-22T07:00Z", "--to-time", "2026-11-22T06:00Z"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "is later than the end" in result.output and "Traceback" not in result.output
 
 
 def test_per_partition_offsets_leave_other_partitions_at_their_defaults():
