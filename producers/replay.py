@@ -15,8 +15,59 @@ from rich.table import Table
 from infra import clock
 from infra.clients.topic_replay import PartitionRange, RangeError, bounds, parse_time_ms, plan, replay
 from infra.settings import get_settings
+from schemas.topics import AUDIT, CASES, COMMANDS, LABELS, RULES, WATCHLIST
 
 console = Console(stderr=True)
+
+STATE_TOPICS: dict[str, tuple[str, str]] = {
+    RULES.name: (
+        "it would roll live state back: the job applies the last rules record, so an older rule set would be in"
+        " force again",
+        "publish a rule set with `checkout-guard rules publish FILE`",
+    ),
+    WATCHLIST.name: (
+        "it would roll live state back: the job applies the last record of each subject, so old entries would be"
+        " in force again, a forgotten subject's face enrolled again",
+        "enrol or forget with the bot (`fraud <tx>`, `vip <tx>`, `forget <subject>`)",
+    ),
+    LABELS.name: (
+        "it would roll live state back: the last verdict published for a transaction is in force, so changed or"
+        " withdrawn verdicts would be back",
+        "publish verdicts with `checkout-guard labels publish | withdraw | import`",
+    ),
+    CASES.name: (
+        "it would roll live state back: the last record of a case is the case, so cases would go back to an"
+        " earlier version (a decided case open again)",
+        "decide cases on the case page or with the bot",
+    ),
+    COMMANDS.name: (
+        "the services would act on the commands again, or audit and dead-letter them as too old",
+        "send commands with the bot",
+    ),
+    AUDIT.name: (
+        "it is the record of who did what, and would hold every event twice",
+        "leave it to the services that write it",
+    ),
+}
+"""The state and control topics (logical name: why a replay does not write into them where their readers are, what
+to do instead): every compacted topic, where the last record of a key is in force, and those whose records are acted
+on or are the record of what was done."""
+
+
+def refusal(target_topic: str, source_name: str, target_name: str, target_prefix: str, live_prefix: str) -> str | None:
+    """Why replaying ``source_name`` into ``target_name`` (on the same cluster) is refused, or ``None``: a state or
+    control topic (:data:`STATE_TOPICS`) is not replayed into itself nor into the live prefix, since its
+    readers would take the older records for the latest (redrive refuses watchlist entries for the same
+    reason); a copy into another prefix (a backtest's, say) is allowed. No option overrides it: each of these
+    topics has its own tool for the changes it needs."""
+    if target_topic not in STATE_TOPICS or (target_name != source_name and target_prefix != live_prefix):
+        return None
+    why, instead = STATE_TOPICS[target_topic]
+    return (
+        f"not replaying {source_name} into {target_name}: {why}. Instead, {instead}; a copy into another prefix"
+        " (--target-prefix, e.g. a backtest's) is allowed"
+    )
+
 
 # ---------------------------------------------------------------------------- CLI
 
@@ -72,11 +123,20 @@ def run_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the range sizes and stop.")] = False,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
-    """Replay TOPIC's range into the target; end offsets are fixed at the start (replaying into itself ends)."""
+    """Replay TOPIC's range into the target; end offsets are fixed at the start (replaying into itself ends).
+
+    State and control topics (rules, watchlist, labels, cases, commands, audit) are not replayed into themselves
+    nor into the live prefix on the same cluster: that would roll their state back."""
     settings = get_settings()
     src_prefix = settings.kafka.topic_prefix if source_prefix is None else source_prefix
     dst_prefix = src_prefix if target_prefix is None else target_prefix
     source_name, target_name = f"{src_prefix}{topic}", f"{dst_prefix}{target_topic or topic}"
+    refused = None
+    if target_bootstrap is None:
+        refused = refusal(target_topic or topic, source_name, target_name, dst_prefix, settings.kafka.topic_prefix)
+    if refused is not None:
+        typer.echo(f"Error: {refused}", err=True)
+        raise typer.Exit(2)
     target_kafka = (
         settings.kafka
         if target_bootstrap is None

@@ -16,6 +16,7 @@ from infra.clients.topic_replay import (
     Bound,
     PartitionRange,
     RangeError,
+    ReplayStats,
     TimestampMerge,
     bounds,
     parse_offsets,
@@ -24,7 +25,8 @@ from infra.clients.topic_replay import (
     resolve_ranges,
     target_partition,
 )
-from infra.settings import KafkaSettings
+from infra.settings import KafkaSettings, Settings
+from schemas.topics import ALL_TOPICS
 
 WATERMARKS = {0: (10, 100), 1: (0, 50), 2: (5, 5)}
 
@@ -320,3 +322,63 @@ def test_a_source_that_stops_before_the_end_of_its_range_still_times_out(monkeyp
         )
     assert producer.timestamps == list(range(5)), "what was read was sent"
     assert 5 < clock.now - 1000 < 6, "given up after 5 s without a record"
+
+
+# ---------------------------------------------------------------------------- state and control topics
+
+
+def test_every_compacted_topic_is_a_state_topic_that_replay_does_not_write_into_where_it_is_read():
+    """A compacted topic's last record per key is in force: a new one must say why and what to do instead."""
+    compacted = {t.name for t in ALL_TOPICS if "compact" in t.config.get("cleanup.policy", "")}
+    assert compacted == {"rules", "watchlist", "labels", "cases"}
+    assert compacted <= set(replay_cli.STATE_TOPICS)
+
+
+@pytest.fixture
+def live_cli(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """``replay run`` with ``live.`` as the settings' prefix, on an empty range: the (source, target) of each
+    replay it starts."""
+    started: list[tuple[str, str]] = []
+
+    def fake_replay(_kafka: Any, source: str, _target_kafka: Any, target: str, *_a: Any, **_k: Any) -> ReplayStats:
+        started.append((source, target))
+        return ReplayStats()
+
+    monkeypatch.setattr(replay_cli, "get_settings", lambda: Settings(kafka=KafkaSettings(topic_prefix="live.")))
+    monkeypatch.setattr(replay_cli, "plan", lambda *_a: [])
+    monkeypatch.setattr(replay_cli, "replay", fake_replay)
+    return started
+
+
+@pytest.mark.parametrize(
+    ("args", "refused"),
+    [
+        (["rules"], "live.rules into live.rules: it would roll live state back: the job applies the last rules"),
+        (["watchlist", "--from-time", "2026-11-22T06:00Z"], "live.watchlist into live.watchlist: it would roll live"),
+        (["labels", "--source-prefix", "bt-1.", "--target-prefix", "live."], "bt-1.labels into live.labels"),
+        (["cases", "--source-prefix", "bt-1."], "bt-1.cases into bt-1.cases: it would roll live state back"),
+        (["transactions", "--target-topic", "commands"], "live.transactions into live.commands: the services"),
+        (["audit", "--dry-run"], "live.audit into live.audit: it is the record of who did what"),
+    ],
+)
+def test_a_state_or_control_topic_is_not_replayed_into_itself_nor_into_the_live_prefix(live_cli, args, refused):
+    """Replaying an older range into ``rules`` put an older rule set back in force, and so on for each."""
+    result = CliRunner().invoke(replay_cli.app, ["run", *args])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"Error: not replaying {refused}"), result.output
+    assert "Instead, " in result.output and len(result.output.strip().splitlines()) == 1
+    assert live_cli == []
+
+
+@pytest.mark.parametrize(
+    ("args", "copy"),
+    [
+        (["rules", "--target-prefix", "bt-1."], ("live.rules", "bt-1.rules")),  # a backtest copy's rule set
+        (["watchlist", "--target-bootstrap", "dr:9092"], ("live.watchlist", "live.watchlist")),  # another cluster
+        (["transactions"], ("live.transactions", "live.transactions")),  # re-scoring: the job drops what it saw
+    ],
+)
+def test_a_copy_into_another_prefix_or_cluster_and_other_topics_into_themselves_are_replayed(live_cli, args, copy):
+    result = CliRunner().invoke(replay_cli.app, ["run", *args, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert live_cli == [copy]
