@@ -11,15 +11,16 @@ Row order: rows are replayed in ``EVENT_TIMESTAMP`` order (a stable sort, so row
 timestamps keep their file order; rows whose timestamp cannot be parsed sort last and are then
 reported as unmappable). A row's *index* is its position in that order.
 
-Resuming: the state file remembers the file's sha256 and the index of the last row such that it and
-every row before it were acknowledged by Kafka (or skipped as unmappable). It is written only from
-acknowledgements and atomically, so a replay killed at any moment restarts after that row with no
-row skipped. Rows acknowledged after the last write are sent again; that is harmless because
+Resuming: the state file (one per CSV path) remembers the file's sha256 and the index of the last row
+such that it and every row before it were acknowledged by Kafka (or skipped as unmappable). It is
+written only from acknowledgements and atomically, so a replay killed at any moment restarts after
+that row with no row skipped. Rows acknowledged after the last write are sent again; that is harmless because
 everything downstream is idempotent by ``transaction_id``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.clock import now_ms
-from schemas.afd_csv import CsvRow, row_to_transaction, source_bytes
+from schemas.afd_csv import CsvRow, file_sha256, row_to_transaction, source_bytes
 from schemas.errors import CheckoutGuardError, InvalidRecord
 from schemas.records import DeadLetter, PosTransaction, dead_letter
 
@@ -92,7 +93,21 @@ class ReplayState:
 
 
 def default_state_file(stack_dir: Path, csv_path: Path) -> Path:
-    return stack_dir / "replay" / f"{csv_path.stem}.state.json"
+    """``<stack_dir>/replay/<stem>-<hash of the resolved path>.state.json``: keyed by the name alone, a second
+    ``transactions.csv`` from another folder was refused as "another version" of the first, and ``--from-start``
+    wiped the first one's progress. A state saved before under the name alone (``<stem>.state.json``) is still
+    the file's when it records this content, so a replay started before the change resumes where it stopped."""
+    folder = stack_dir / "replay"
+    digest = hashlib.sha256(os.fsencode(csv_path.resolve())).hexdigest()[:12]
+    path = folder / f"{csv_path.stem}-{digest}.state.json"
+    by_name = folder / f"{csv_path.stem}.state.json"
+    if path.exists() or not by_name.exists():
+        return path
+    try:
+        state = load_state(by_name)
+    except ReplayStateError:
+        return path  # unreadable, so whose it was cannot be told: this file keeps its own
+    return by_name if state is not None and state.sha256 == file_sha256(csv_path) else path
 
 
 def load_state(path: Path) -> ReplayState | None:

@@ -369,7 +369,7 @@ def test_replay_resumes_after_last_acknowledged_row(tmp_path: Path, settings: Se
 def test_killed_replay_restarts_with_no_row_skipped(tmp_path: Path, settings: Settings) -> None:
     """Whatever instant the process dies, the state on disk claims only acknowledged rows."""
     path = ten_rows(tmp_path)
-    state_file = settings.stack_dir / "replay" / "ten.state.json"
+    state_file = csv_replay.default_state_file(settings.stack_dir, path)
     on_disk_at_kill: list[str] = []
 
     class Killed(BaseException):
@@ -406,6 +406,46 @@ def test_state_of_a_changed_file_is_refused(tmp_path: Path, settings: Settings) 
     write_csv(path, [afd_row("other")])
     with pytest.raises(ReplayStateError, match="--from-start"):
         replay(settings, path, FakeProducer())
+
+
+def test_csvs_of_the_same_name_in_different_folders_keep_their_own_progress(tmp_path: Path, settings: Settings) -> None:
+    """Keyed by the name alone, the second was refused as "another version" of the first, and --from-start wiped
+    the first one's progress."""
+    (tmp_path / "monday").mkdir()
+    (tmp_path / "tuesday").mkdir()
+    first = ten_rows(tmp_path / "monday")
+    other = write_csv(tmp_path / "tuesday" / "ten.csv", [afd_row(f"tue-{i}") for i in range(3)])
+    replay(settings, first, FakeProducer(ack=lambda n: n < 5))
+    assert replay(settings, other, FakeProducer()).complete
+    assert replay(settings, other, FakeProducer(), from_start=True).complete
+    resumed = FakeProducer()
+    result = replay(settings, first, resumed)
+    assert resumed.ids == [f"ev-{i}" for i in range(5, 10)] and result.complete
+    assert result.state_file.name.startswith("ten-") and result.state_file.name.endswith(".state.json")
+
+
+def test_a_state_saved_by_name_alone_still_resumes_the_file_whose_content_it_records(
+    tmp_path: Path, settings: Settings
+) -> None:
+    """A replay stopped before the state was keyed by path resumes where it stopped, in that same state file."""
+    path = ten_rows(tmp_path)
+    by_name = settings.stack_dir / "replay" / "ten.state.json"
+    replay(settings, path, FakeProducer(ack=lambda n: n < 4), state_file=by_name)
+    resumed = FakeProducer()
+    result = replay(settings, path, resumed)
+    assert resumed.ids == [f"ev-{i}" for i in range(4, 10)] and result.state_file == by_name
+
+
+def test_a_state_saved_by_name_alone_for_other_content_is_left_to_its_file(tmp_path: Path, settings: Settings) -> None:
+    (tmp_path / "old").mkdir()
+    old = write_csv(tmp_path / "old" / "ten.csv", [afd_row("old-0")])
+    by_name = settings.stack_dir / "replay" / "ten.state.json"
+    replay(settings, old, FakeProducer(), state_file=by_name)
+    kept = by_name.read_text()
+    fresh = FakeProducer()
+    result = replay(settings, ten_rows(tmp_path), fresh)
+    assert len(fresh.ids) == 10 and result.complete and result.state_file != by_name
+    assert by_name.read_text() == kept
 
 
 def test_state_file_is_written_atomically_where_configured(tmp_path: Path, settings: Settings) -> None:
