@@ -1,4 +1,4 @@
-"""Replay ranges and ordering (producers/replay.py), without Kafka."""
+"""Topic replay without Kafka: ranges, merge order, the copy on a virtual clock, the topics it will not write into."""
 
 from __future__ import annotations
 
