@@ -266,7 +266,7 @@ def replay_csv(
 ) -> ReplayResult:
     """Replay a Fraud Detector CSV into the transactions topic in event-time order, resumably.
 
-    Progress is checkpointed in ``state_file`` (default ``<stack_dir>/replay/<stem>.state.json``)
+    Progress is checkpointed in ``state_file`` (default ``<stack_dir>/replay/<stem>-<path hash>.state.json``)
     only up to the last row acknowledged with all before it; a rerun continues after it, so no row is
     ever skipped. Rows acknowledged after the last checkpoint are sent again after a crash -- at
     least once, which is fine because downstream is idempotent by transaction id. A row that cannot
@@ -432,7 +432,10 @@ def generate(
 def replay_csv_command(
     path: Annotated[Path, typer.Argument(help="Fraud Detector training CSV.", exists=True, dir_okay=False)],
     state_file: Annotated[
-        Path | None, typer.Option(help="Resume checkpoint; default <stack_dir>/replay/<csv-stem>.state.json.")
+        Path | None,
+        typer.Option(
+            help="Resume checkpoint; default <stack_dir>/replay/<csv-stem>-<path hash>.state.json (one per CSV path)."
+        ),
     ] = None,
     from_start: Annotated[bool, typer.Option("--from-start", help="Ignore (and reset) saved progress.")] = False,
     rate: Annotated[float, typer.Option(help="Max tx/s; 0 = no cap.", min=0)] = 0.0,
