@@ -489,11 +489,12 @@ def compare_indices(
     baseline_prefix: str,
     candidate_prefix: str,
     sample_size: int = 25,
-    replayed: Collection[str] | None = None,
+    replayed: Collection[str] | Callable[[], Collection[str] | None] | None = None,
 ) -> Report:
-    """Report on the ``replayed`` transactions in both indices. Without them, on every transaction in the
-    candidate's index against the same ones in the baseline's: those only the baseline decided are then not
-    known (``only_baseline`` is ``None``, and a note says so)."""
+    """Report on the ``replayed`` transactions in both indices (or a function that reads them, called once both
+    indices are found). Without them, on every transaction in the candidate's index against the same ones in
+    the baseline's: those only the baseline decided are then not known (``only_baseline`` is ``None``, and a
+    note says so)."""
     from opensearchpy.exceptions import NotFoundError
 
     from infra.clients.opensearch import make_client
@@ -507,6 +508,8 @@ def compare_indices(
             raise CheckoutGuardError(
                 f"no index {index}: is {prefix!r} the name of a backtest (or the live prefix)?"
             ) from None
+    if callable(replayed):  # after the indices are found: a mistyped name is told as such, not as a Kafka error
+        replayed = replayed()
     candidate = list(candidate_documents(client, candidate_prefix))
     wanted = sorted(replayed) if replayed is not None else [d["transaction_id"] for d in candidate]
     baseline = list(documents_by_id(client, baseline_prefix, wanted))
@@ -813,8 +816,9 @@ def compare_again(
     (``read_replayed``, from its topic) and write it over the old one, keeping the run's details
     (:func:`run_meta`); returns it and its folder."""
     out_dir = settings.stack_dir / "backtests" / candidate_prefix
-    replayed = read_replayed(settings, candidate_prefix)
-    report = compare_indices(settings, baseline_prefix, candidate_prefix, sample_size, replayed)
+    report = compare_indices(
+        settings, baseline_prefix, candidate_prefix, sample_size, lambda: read_replayed(settings, candidate_prefix)
+    )
     report.meta = run_meta(out_dir)
     report.notes += version_notes(report)
     write_report(report, out_dir)

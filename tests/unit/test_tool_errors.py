@@ -84,7 +84,7 @@ def test_a_savepoint_without_a_running_job_is_one_line(fresh_settings, capsys) -
 def test_a_binary_rule_set_is_one_line(capsys, tmp_path) -> None:
     path = tmp_path / "rules.yaml"
     path.write_bytes(b"\x80\x81\xfe\x00 binary")
-    assert _one_error(capsys, ["rules", "validate", str(path)], code=2).endswith(
+    assert _one_error(capsys, ["rules", "validate", str(path)], code=1).endswith(
         "is not UTF-8 text (invalid start byte at byte 0)"
     )
 
