@@ -637,7 +637,7 @@ class CopyRules:
 def live_rule_set(settings: Settings, read: ControlReader) -> tuple[RuleSet, str] | None:
     """The rule set the live job runs and its text: the last record of the live rules topic with a valid rule
     set (the job skips a bad one or a tombstone and keeps the one before); ``None`` when there is none."""
-    from schemas.codec import DecodeError, codec
+    from schemas.codec import codec
 
     updates = codec(RULES.record_type)
     found: list[tuple[RuleSet, str]] = []
@@ -647,8 +647,8 @@ def live_rule_set(settings: Settings, read: ControlReader) -> tuple[RuleSet, str
             return
         try:
             text = updates.decode(value)["yaml"]
-            found.append((RuleSet.from_yaml(text), text))
-        except (DecodeError, RuleSetError):
+            found.append((RuleSet.from_yaml(text, published=True), text))
+        except Exception:  # noqa: BLE001 - as the job (DecisionCore.apply_control): a record it cannot use is skipped
             pass
 
     read(settings, apply)

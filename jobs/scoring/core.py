@@ -351,7 +351,7 @@ class DecisionCore:
 
     def _apply_broadcast(self, key: str, value: Any) -> None:
         if key == RULES_KEY:
-            self.scorer.rule_set = RuleSet.from_yaml(value["yaml"])
+            self.scorer.rule_set = RuleSet.from_yaml(value["yaml"], published=True)
             log.info("rule set %s active", self.scorer.rule_set.version)
         elif key.startswith("wl:") and self.watchlist is not None:
             if value is None:

@@ -186,15 +186,18 @@ class RuleSet:
         return cls.from_dict(data, names=names)
 
     @classmethod
-    def from_yaml(cls, text: str) -> RuleSet:
+    def from_yaml(cls, text: str, published: bool = False) -> RuleSet:
+        """A rule set file's text, checked. ``published``: read back from the rules topic, where the checks of
+        the time it was published hold (a key given twice: the last; an unquoted version: as text), so that a rule
+        set published before the stricter checks is not dropped at a restart for the file's."""
         try:
-            data = _load_yaml(text)
+            data = yaml.safe_load(text) if published else _load_yaml(text)
         except yaml.YAMLError as exc:
             raise RuleSetError(f"not valid YAML: {exc}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(data, published=published)
 
     @classmethod
-    def from_dict(cls, data: Any, names: Mapping[str, str] | None = None) -> RuleSet:
+    def from_dict(cls, data: Any, names: Mapping[str, str] | None = None, published: bool = False) -> RuleSet:
         """Validate a parsed rule set; every problem found is reported at once, by key (``names`` renames a key in
         the messages: ``thresholds.block_at`` is ``CG_RULES__BLOCK_AT`` when the value came from there)."""
         names = names or {}
@@ -204,7 +207,10 @@ class RuleSet:
         unknown = set(data) - {"version", "description", "thresholds", "weights", "model_bands", "face"}
         if unknown:
             errors.append(f"unknown key(s): {', '.join(sorted(map(str, unknown)))}")
-        version = _version(data.get("version"), names.get("version", "version"), errors)
+        raw_version = data.get("version")
+        if published and isinstance(raw_version, int | float | date) and not isinstance(raw_version, bool):
+            raw_version = str(raw_version)  # as the publish of its time stamped it
+        version = _version(raw_version, names.get("version", "version"), errors)
         block_at, review_at = _thresholds(data, errors, names)
         weights = _weights(data, errors)
         bands = _model_bands(data, errors)
@@ -465,7 +471,7 @@ def from_update(value: bytes) -> RuleSet:
     from schemas.records import RuleSetUpdate
 
     update = RuleSetUpdate.decode(value)
-    rules = RuleSet.from_yaml(update.yaml)
+    rules = RuleSet.from_yaml(update.yaml, published=True)
     if rules.version != update.version:
         raise RuleSetError(f"update says version {update.version!r} but its YAML says {rules.version!r}")
     return rules

@@ -314,7 +314,9 @@ def test_a_model_only_backtest_runs_the_live_jobs_rule_set(tmp_path):
     first, _ = _published("live-1", 80)
     second, text = _published("live-2", 70)
     bad = RuleSetUpdate(version="x", yaml="thresholds: 1", published_at=0, published_by="operator").encode()
-    picked = copy_rules(live, copy, Candidate(model_version="gbm-x"), _rules_topic(first, second, bad, None, b"junk"))
+    deep = RuleSetUpdate(version="y", yaml="[" * 5000 + "]" * 5000, published_at=0, published_by="x").encode()
+    records = _rules_topic(first, second, bad, None, b"junk", deep)  # the job skips each of the last four
+    picked = copy_rules(live, copy, Candidate(model_version="gbm-x"), records)
     assert (picked.source, picked.rules.version, picked.rules.block_at, picked.text) == ("live", "live-2", 70, text)
 
 

@@ -130,6 +130,18 @@ def test_a_version_yaml_reads_as_a_number_or_a_date_is_refused_with_a_hint_to_qu
     assert RuleSet.from_yaml(quoted).version == written
 
 
+def test_a_rule_set_published_before_the_stricter_checks_still_runs_after_a_restart():
+    """The rules topic keeps what an older publish accepted (``version: 7``, a key twice): a restarted job that
+    refused it would silently run its file's thresholds again."""
+    text = re.sub(r"^version: .*$", "version: 7", DEFAULT_RULESET.read_text(), count=1, flags=re.M)
+    text = text.replace("  block_at: 85", "  block_at: 80\n  block_at: 70")
+    with pytest.raises(RuleSetError):
+        RuleSet.from_yaml(text)  # publish and validate refuse it now
+    update = RuleSetUpdate(version="7", yaml=text, published_at=0, published_by="ops")
+    restored = from_update(update.encode())
+    assert (restored.version, restored.block_at) == ("7", 70)
+
+
 def test_explicit_settings_override_the_file_and_defaults_do_not():
     assert RuleSet.from_settings(RulesSettings()) == RuleSet.default()
     tuned = RuleSet.from_settings(RulesSettings(block_at=90, version="store-trial"))
