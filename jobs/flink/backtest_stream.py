@@ -269,6 +269,11 @@ def compare(
             f"{len(only_base):,} transactions ({fraud:,} labelled fraud) were decided by the baseline and not by "
             f"the candidate: did the copy finish? The outcomes, precision and recall leave them out."
         )
+    if replayed is not None and (unknown := len(set(cand) - set(replayed))):
+        notes.append(
+            f"{unknown:,} transactions the candidate decided are not among the {len(set(replayed)):,} replayed: "
+            "the replayed set is incomplete, so the counts of those only in one index are not reliable."
+        )
     if undecided:
         notes.append(
             f"{undecided:,} of the {len(set(replayed or ())):,} replayed transactions are in neither index "
@@ -517,7 +522,8 @@ def compare_indices(
     if replayed is None:
         report.only_baseline = None
         report.notes.append(
-            f"the replayed transactions are not known (no topic {replayed_topic(candidate_prefix)}): the baseline "
+            f"the replayed transactions are not known ({replayed_topic(candidate_prefix)} is gone, or retention "
+            "deleted some of its records): the baseline "
             "was looked up by the candidate's decisions only, so those only the baseline decided are not counted."
         )
     return report
@@ -544,13 +550,17 @@ def transaction_ids(values: Iterable[bytes | None]) -> set[str]:
 
 def replayed_transactions(settings: Settings, name: str) -> set[str] | None:
     """The ids of the transactions replayed into backtest ``name`` (read back from :func:`replayed_topic`);
-    ``None`` when that topic does not exist (cleaned up, or ``name`` is no backtest)."""
+    ``None`` when they are not all there: the topic does not exist (cleaned up, or ``name`` is no backtest) or
+    retention deleted some of its records (the copies keep their original, old timestamps), which would have
+    compared a part, or nothing, as if it were the whole."""
     from infra.clients.topic_replay import Bound, RangeError, plan, read_range_records
 
     topic = replayed_topic(name)
     try:
         ranges = plan(settings.kafka, topic, Bound(), Bound())
     except RangeError:
+        return None
+    if any(r.low > 0 for r in ranges):
         return None
     return transaction_ids(m.value() for m in read_range_records(settings.kafka, topic, ranges, "backtest-ids"))
 

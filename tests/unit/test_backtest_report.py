@@ -278,8 +278,32 @@ def test_without_the_replayed_transactions_only_the_baseline_is_unknown_not_zero
     report = compare_indices(Settings(), "checkout-guard", "bt-1")
     assert report.compared == 6 and report.only_baseline is None and report.replayed is None
     [note] = report.notes
-    assert note.startswith("the replayed transactions are not known (no topic bt-1.transactions)")
+    assert note.startswith("the replayed transactions are not known (bt-1.transactions is gone, or retention")
     assert "unknown only in the baseline" in report_markdown(report)
+
+
+def test_a_replayed_set_retention_has_thinned_is_not_known_rather_than_compared_as_the_whole(monkeypatch):
+    """The copies keep their old timestamps: within days retention deletes them, and an empty set compared
+    nothing without a word."""
+    from infra.clients import topic_replay
+    from jobs.flink import backtest_stream
+
+    kept = [PosTransaction("t9", 1_795_000_000_000, "store-001", "1", "SALE", 5.0, "USD").encode()]
+
+    class Record:
+        def __init__(self, value: bytes) -> None:
+            self._value = value
+
+        def value(self) -> bytes:
+            return self._value
+
+    for low, expected in ((0, {"t9"}), (4, None)):
+        ranges = [topic_replay.PartitionRange(0, low, 5, low, 5)]
+        monkeypatch.setattr(topic_replay, "plan", lambda *_a, ranges=ranges, **_k: ranges)
+        monkeypatch.setattr(topic_replay, "read_range_records", lambda *_a, **_k: [Record(v) for v in kept])
+        assert backtest_stream.replayed_transactions(Settings(), "bt-1") == expected
+    report = compare(BASELINE, CANDIDATE, replayed=["t1"])  # the candidate decided more than the set holds
+    assert any(n.startswith("6 transactions the candidate decided are not among the 1 replayed") for n in report.notes)
 
 
 def test_the_replayed_ids_are_read_from_the_records_and_an_undecodable_one_has_none():
