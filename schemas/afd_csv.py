@@ -121,14 +121,17 @@ def merchant_slug(merchant: str) -> str:
     means nothing, so it is dropped. Case, punctuation and accents fold away (``"Café Zoë & Co."`` ->
     ``"cafe-zoe-co"``).
 
-    A letter or digit with no ASCII form (``東京``, ``Москва``, ``ø``) would vanish from the slug, and
-    different stores would share one id (``東京ストア 1`` and ``大阪ストア 1`` were both ``1``), so such a
-    name's id is its ASCII slug, if any, then a hash of all its letters and digits (folded the same way):
-    ``"1-<12 hex digits>"``. A name with none of those still gives no id."""
+    A letter or digit of another script (``東京``, ``Москва``) would vanish from the slug, and different stores
+    would share one id (``東京ストア 1`` and ``大阪ストア 1`` were both ``1``), so such a name's id is its ASCII
+    slug, if any, then a hash of all its letters and digits (folded the same way): ``"1-<12 hex digits>"``.
+    Latin letters with no ASCII form (``ß``, ``ø``) drop out as before, and marks and symbols (an emoji's
+    variation selector) count for nothing, so that no id of a name read before changes. A name with none of
+    those still gives no id."""
     name = unicodedata.normalize("NFKD", _NOISE_PREFIX.sub("", merchant.strip()))
     slug = re.sub(r"[^a-z0-9]+", "-", name.encode("ascii", "ignore").decode().lower()).strip("-")
-    words = "".join(c if unicodedata.category(c)[0] in "LMN" else " " for c in name if not unicodedata.combining(c))
-    if not words.isascii():  # a letter or digit the slug lost: 12 hex digits keep even slug-less names apart
+    words = "".join(c if unicodedata.category(c)[0] in "LN" else " " for c in name)
+    lost = any(not c.isascii() and not unicodedata.name(c, "").startswith("LATIN ") for c in words if c != " ")
+    if lost:  # a letter or digit the slug lost: 12 hex digits keep even slug-less names apart
         digest = hashlib.sha256("-".join(words.casefold().split()).encode()).hexdigest()[:12]
         slug = f"{slug[: _MAX_SLUG - 13].rstrip('-')}-{digest}" if slug else digest
     if not slug:
