@@ -270,10 +270,11 @@ def recorded_checkout(lookup: Lookup) -> Callable[[str], str]:
     return inspect
 
 
-def _plain(value: Any) -> str:
-    """A stored value on one line, without Markdown that would change the reply, cut at 120 characters."""
-    text = " ".join(str(value or "").split())
-    return "".join(" " if c in "`*_<>[]" else c for c in text)[:120]
+def _code(value: Any) -> str:
+    """A stored value shown as it is: on one line, cut at 120 characters, in a code span (``jane_doe@x`` must not
+    turn italic; a backtick or ``<`` could end the span or mention someone, so those go); empty when empty."""
+    text = "".join(" " if c in "`<>" else c for c in " ".join(str(value or "").split()))[:120].strip()
+    return f"`{text}`" if text else ""
 
 
 def _utc(ms: Any) -> str:
@@ -625,9 +626,8 @@ class WebexBot:
         state = str((case or {}).get("state") or "")
         if not case or state in PENDING and not (parsed.verb == "ESCALATE" and state == ESCALATED):
             return None
-        by = _plain(case.get("decided_by") or case.get("updated_by"))
-        when = _utc(case.get("decided_at") or case.get("updated_at"))
-        done = f"already **{_plain(state)}**" + (f" by {by}" if by else "") + (f" at {when}" if when else "")
+        by, when = _code(case.get("decided_by")), _utc(case.get("decided_at"))  # an escalation keeps neither
+        done = f"already {_code(state)}" + (f" by {by}" if by else "") + (f" at {when}" if when else "")
         return f"Case `{case_id}` is {done}: nothing was sent. Add a `note` to it if you see it differently."
 
     def _answer(self, parsed: ParsedCommand) -> str:

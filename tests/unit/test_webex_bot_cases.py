@@ -168,14 +168,14 @@ def test_a_verdict_on_a_case_decided_already_is_answered_at_once_and_not_sent(ha
     decided = {
         "case_id": CASE,
         "state": "confirmed",
-        "decided_by": "lead@store.test",
+        "decided_by": "lead_1@store.test",  # shown as written, not in italics
         "decided_at": 1_796_515_200_000,  # 2026-12-06 00:00 UTC
     }
     harness.bot.case_lookup = {CASE: decided}.get
     harness.say(SECURITY_ROOM, "guard@store.test", f"dismiss {CASE} not the same person")
     [reply] = wait_for(lambda: harness.replies(SECURITY_ROOM), 10, what="the reply")
     assert reply == (
-        f"Case `{CASE}` is already **confirmed** by lead@store.test at 2026-12-06 00:00 UTC: nothing was sent. "
+        f"Case `{CASE}` is already `confirmed` by `lead_1@store.test` at 2026-12-06 00:00 UTC: nothing was sent. "
         "Add a `note` to it if you see it differently."
     )
     assert harness.published == []
@@ -210,4 +210,4 @@ def test_escalating_a_case_escalated_already_is_answered_not_sent(harness: Harne
     harness.bot.case_lookup = {CASE: {"state": "escalated", "updated_by": "guard@store.test"}}.get
     harness.say(SECURITY_ROOM, "lead@store.test", f"escalate {CASE}")
     [reply] = wait_for(lambda: harness.replies(SECURITY_ROOM), 10, what="the reply")
-    assert "already **escalated** by guard@store.test" in reply and harness.published == []
+    assert f"Case `{CASE}` is already `escalated`: nothing was sent" in reply and harness.published == []
