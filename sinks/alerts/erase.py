@@ -58,6 +58,9 @@ FAILED_TURN_PAUSE_S = 30.0
 STOPPED_SWEEP_RETRY_S = 60.0
 """When a sweep that Webex stopped (down, rate limiting) goes on; and how often the eraser sweeps while a forget
 is fresh (its subject's alerts may still be posted)."""
+AUDIT_ERROR_FRESH_S = 120.0
+"""How long an error event of the audit consumer shows on the sender's health without a record read since
+(librdkafka repeats them while the brokers stay away)."""
 MAX_SUBJECTS_NAMED = 20
 """Subjects named in one ``ERASE`` audit event; the count covers the rest."""
 
@@ -147,13 +150,19 @@ class Eraser:
         self._fresh_until = latest + self._fresh_ms if latest is not None else 0
         self._turn_problem: str | None = None
         self._sweep_problem: str | None = None
+        self._audit_error: tuple[float, str] | None = None
+        """When the audit consumer last reported an error (brokers away, the topic missing) and which, until a
+        record comes: such errors come as events, not exceptions, so the turn itself goes through."""
 
     @property
     def problem(self) -> str | None:
         """What keeps forgotten subjects' messages in the room now (the sender's ``/healthz`` shows it): the audit
         topic or the ledger failing, or the last sweep stopped by Webex; ``None`` once a turn and a sweep went
         through."""
-        parts = [p for p in (self._turn_problem, self._sweep_problem) if p]
+        audit = None
+        if self._audit_error is not None and time.monotonic() - self._audit_error[0] < AUDIT_ERROR_FRESH_S:
+            audit = f"audit topic unreadable ({self._audit_error[1]})"
+        parts = [p for p in (self._turn_problem, audit, self._sweep_problem) if p]
         return "; ".join(parts) or None
 
     def sweep(self, stop: threading.Event | None = None) -> Sweep:
@@ -206,7 +215,11 @@ class Eraser:
         enrolments: list[tuple[str, int]] = []
         for message in messages:
             if not kafka_clients.is_record(message, log, "audit consumer"):
+                error = message.error()
+                if error is not None and error.code() != KafkaError._PARTITION_EOF:
+                    self._audit_error = (time.monotonic(), error.name())
                 continue
+            self._audit_error = None
             try:
                 event = self._codec.decode(message.value())
             except CheckoutGuardError as exc:  # the watchlist service's own topic: not ours to dead-letter

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import TIMESTAMP_CREATE_TIME, TIMESTAMP_NOT_AVAILABLE
+from confluent_kafka import TIMESTAMP_CREATE_TIME, TIMESTAMP_NOT_AVAILABLE, KafkaError
 
 from infra.local.webex import LocalWebexServer
 from infra.settings import AlertSettings, FaceSettings, Settings
@@ -440,3 +440,24 @@ def test_the_senders_health_fails_when_its_eraser_thread_has_died_and_shows_the_
     assert alerts.health() == (False, "alert eraser stopped")
     alerts._stopping.set()  # a sender stopping ends its eraser on purpose
     assert alerts.health()[0]
+
+
+class ErrorEvent:
+    """What the consumer hands out while the brokers are away or the topic is missing: an event, not a record."""
+
+    def __init__(self, code: int) -> None:
+        self._error = KafkaError(code)
+
+    def error(self) -> KafkaError:
+        return self._error
+
+
+def test_audit_consumer_errors_show_on_health_until_a_record_is_read(tmp_path: Path, closer: ExitStack) -> None:
+    """librdkafka reports brokers away as events, so the turn goes through and nothing else would tell."""
+    worker = eraser(ledger_at(closer, tmp_path), FakeChannel())
+    worker.take([ErrorEvent(KafkaError._PARTITION_EOF)])
+    assert worker.problem is None  # the end of a partition is no error
+    worker.take([ErrorEvent(KafkaError._ALL_BROKERS_DOWN)])
+    assert worker.problem == "audit topic unreadable (_ALL_BROKERS_DOWN)"
+    worker.take([Message(AuditEvent("e1", NOW, "ENROLL", "DONE", "guard@x", subject_id="subj-b"))])
+    assert worker.problem is None
