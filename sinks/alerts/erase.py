@@ -151,8 +151,8 @@ class Eraser:
         self._turn_problem: str | None = None
         self._sweep_problem: str | None = None
         self._audit_error: tuple[float, str] | None = None
-        """When the audit consumer last reported an error (brokers away, the topic missing) and which, until a
-        record comes: such errors come as events, not exceptions, so the turn itself goes through."""
+        """When the audit consumer last reported an error (brokers away through its ``error_cb``, the topic missing
+        as an event) and which, until a record comes: neither raises, so the turn itself goes through."""
 
     @property
     def problem(self) -> str | None:
@@ -209,6 +209,10 @@ class Eraser:
             )
         return result
 
+    def on_kafka_error(self, error: KafkaError) -> None:
+        """The audit consumer's ``error_cb``: brokers away come only here (``consume`` returns nothing then)."""
+        self._audit_error = (time.monotonic(), error.name())
+
     def take(self, messages: list[Message]) -> int:
         """Record the forgets among fetched audit events (durably, before their offsets are committed)."""
         forgets: list[Forget] = []
@@ -248,7 +252,11 @@ class Eraser:
                         producer = kafka_clients.producer(self.settings, kafka_clients.RELIABLE)
                     if consumer is None:
                         consumer = kafka_clients.consumer(
-                            self.settings, self.group_id, kafka_clients.READ_COMMITTED, auto_offset_reset="earliest"
+                            self.settings,
+                            self.group_id,
+                            kafka_clients.READ_COMMITTED,
+                            auto_offset_reset="earliest",
+                            error_cb=self.on_kafka_error,
                         )
                         consumer.subscribe([self.audit_topic])
                     last_sweep = self._turn(consumer, producer, last_sweep, stop)

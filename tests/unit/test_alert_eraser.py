@@ -457,7 +457,28 @@ def test_audit_consumer_errors_show_on_health_until_a_record_is_read(tmp_path: P
     worker = eraser(ledger_at(closer, tmp_path), FakeChannel())
     worker.take([ErrorEvent(KafkaError._PARTITION_EOF)])
     assert worker.problem is None  # the end of a partition is no error
-    worker.take([ErrorEvent(KafkaError._ALL_BROKERS_DOWN)])
-    assert worker.problem == "audit topic unreadable (_ALL_BROKERS_DOWN)"
+    worker.take([ErrorEvent(KafkaError.UNKNOWN_TOPIC_OR_PART)])
+    assert worker.problem == "audit topic unreadable (UNKNOWN_TOPIC_OR_PART)"
     worker.take([Message(AuditEvent("e1", NOW, "ENROLL", "DONE", "guard@x", subject_id="subj-b"))])
     assert worker.problem is None
+
+
+def test_brokers_away_reach_the_erasers_health_through_its_consumers_error_callback(
+    tmp_path: Path, closer: ExitStack
+) -> None:
+    """consume() returns nothing while no broker answers: librdkafka tells only an error_cb. A real consumer of a
+    port nothing listens on, so the callback is the one the eraser builds its consumer with."""
+    from infra.clients import kafka as kafka_clients
+    from infra.settings import KafkaSettings
+
+    worker = eraser(ledger_at(closer, tmp_path), FakeChannel())
+    kafka = KafkaSettings(bootstrap_servers="127.0.0.1:9")
+    consumer = kafka_clients.consumer(kafka, "g", error_cb=worker.on_kafka_error, reconnect_backoff_ms=50)
+    try:
+        consumer.subscribe(["audit"])
+        deadline = time.monotonic() + 20
+        while worker.problem is None and time.monotonic() < deadline:
+            assert consumer.consume(10, timeout=0.2) == []
+    finally:
+        consumer.close()
+    assert worker.problem is not None and worker.problem.startswith("audit topic unreadable (")
