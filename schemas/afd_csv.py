@@ -115,6 +115,38 @@ def parse_event_timestamp(value: str) -> int:
     return millis
 
 
+def _other_script(char: str) -> bool:
+    """A letter or digit of a script other than Latin, which the ASCII slug loses (``東``, ``Д``, ``١``); not a
+    Latin letter with no ASCII form (``ß``), a modifier letter (``ʻ``), nor a sign or symbol read as a letter
+    (``µ``, ``ℵ``): those dropped out of every id before, as they still do."""
+    if unicodedata.category(char) not in ("Lu", "Ll", "Lt", "Lo", "Nd"):
+        return False
+    if any(c.isascii() and c.isalnum() for c in unicodedata.normalize("NFKD", char)):
+        return False  # an accented or full-width form of an ASCII letter or digit
+    label = unicodedata.name(char, "")
+    return not label.startswith("LATIN ") and "SIGN" not in label and "SYMBOL" not in label
+
+
+def _hashed_words(name: str) -> str:
+    """The letters, digits and marks of an NFKD ``name``, casefolded, words joined by ``-``: a mark on another
+    script's letter counts (``दाल`` is not ``दिल``), one on a Latin letter does not (``Kafé`` is ``Kafe``)."""
+    out: list[str] = []
+    latin = True
+    for char in name:
+        kind = unicodedata.category(char)[0]
+        if kind == "M":
+            if not latin:
+                out.append(char)
+            continue
+        if kind in "LN":
+            latin = char.isascii() or unicodedata.name(char, "").startswith("LATIN ")
+            out.append(char)
+        else:
+            latin = True
+            out.append(" ")
+    return "-".join("".join(out).casefold().split())
+
+
 def merchant_slug(merchant: str) -> str:
     """Stable store id from a merchant name: ``"fraud_Lowe, Dietrich and Erdman"`` ->
     ``"lowe-dietrich-and-erdman"``. The ``fraud_`` prefix of the AWS sample data is on every row and
@@ -127,12 +159,11 @@ def merchant_slug(merchant: str) -> str:
     Latin letters with no ASCII form (``ß``, ``ø``) drop out as before, and marks and symbols (an emoji's
     variation selector) count for nothing, so that no id of a name read before changes. A name with none of
     those still gives no id."""
-    name = unicodedata.normalize("NFKD", _NOISE_PREFIX.sub("", merchant.strip()))
+    given = _NOISE_PREFIX.sub("", merchant.strip())
+    name = unicodedata.normalize("NFKD", given)
     slug = re.sub(r"[^a-z0-9]+", "-", name.encode("ascii", "ignore").decode().lower()).strip("-")
-    words = "".join(c if unicodedata.category(c)[0] in "LN" else " " for c in name)
-    lost = any(not c.isascii() and not unicodedata.name(c, "").startswith("LATIN ") for c in words if c != " ")
-    if lost:  # a letter or digit the slug lost: 12 hex digits keep even slug-less names apart
-        digest = hashlib.sha256("-".join(words.casefold().split()).encode()).hexdigest()[:12]
+    if any(map(_other_script, given)):  # a letter or digit the slug lost: 12 hex digits keep even slug-less names apart
+        digest = hashlib.sha256(_hashed_words(name).encode()).hexdigest()[:12]
         slug = f"{slug[: _MAX_SLUG - 13].rstrip('-')}-{digest}" if slug else digest
     if not slug:
         raise InvalidRecord("invalid_id", f"merchant {_shown(merchant)} gives no usable store id")

@@ -643,8 +643,10 @@ def test_a_long_merchant_name_still_maps_to_a_valid_distinct_store_id() -> None:
         ("東京ストア 1", "大阪ストア 1", "1-"),
         ("Москва Store", "Санкт-Петербург Store", "store-"),
         ("商店", "百貨店", ""),
+        ("दाल भंडार 1", "दिल भंडार 1", "1-"),  # a vowel sign tells them apart
+        ("パン屋 1", "バン屋 1", "1-"),
     ],
-    ids=["japanese", "cyrillic", "chinese, no ascii at all"],
+    ids=["japanese", "cyrillic", "chinese, no ascii at all", "devanagari marks", "kana voicing mark"],
 )
 def test_merchant_names_with_letters_that_have_no_ascii_form_get_distinct_stable_store_ids(
     one: str, other: str, start: str
@@ -664,11 +666,18 @@ def test_merchant_names_with_letters_that_have_no_ascii_form_get_distinct_stable
         ("Joe's ❤️ Cafe", "joe-s-cafe"),  # an emoji's variation selector is no letter
         ("Café 1️⃣", "cafe-1"),
         ("１２３ Shop", "123-shop"),
+        ("Hawaiʻi Market", "hawaii-market"),  # a modifier letter
+        ("Micro µ Tech", "micro-tech"),  # a sign NFKD reads as Greek
+        ("ℵ Books", "books"),
     ],
 )
 def test_latin_names_and_symbols_keep_the_store_ids_they_had(name: str, store: str) -> None:
     """A changed id splits one store's history in two on a replay across the upgrade."""
     assert merchant_slug(name) == store
+
+
+def test_an_accent_on_a_latin_letter_beside_another_script_does_not_make_another_store() -> None:
+    assert merchant_slug("Kafé 東京") == merchant_slug("Kafe 東京") != merchant_slug("Kafe 大阪")
 
 
 def test_a_long_merchant_name_with_letters_the_slug_loses_stays_a_valid_store_id() -> None:
