@@ -208,7 +208,7 @@ class RuleSet:
         if unknown:
             errors.append(f"unknown key(s): {', '.join(sorted(map(str, unknown)))}")
         raw_version = data.get("version")
-        if published and isinstance(raw_version, int | float | date) and not isinstance(raw_version, bool):
+        if published and isinstance(raw_version, int | float | date):  # bool too: `version: yes` was "True"
             raw_version = str(raw_version)  # as the publish of its time stamped it
         version = _version(raw_version, names.get("version", "version"), errors)
         block_at, review_at = _thresholds(data, errors, names)

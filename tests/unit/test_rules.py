@@ -140,6 +140,8 @@ def test_a_rule_set_published_before_the_stricter_checks_still_runs_after_a_rest
     update = RuleSetUpdate(version="7", yaml=text, published_at=0, published_by="ops")
     restored = from_update(update.encode())
     assert (restored.version, restored.block_at) == ("7", 70)
+    yes = text.replace("version: 7", "version: yes")  # YAML 1.1's true, stamped "True" then
+    assert from_update(RuleSetUpdate(version="True", yaml=yes, published_at=0, published_by="ops").encode())
 
 
 def test_explicit_settings_override_the_file_and_defaults_do_not():
