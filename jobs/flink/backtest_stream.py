@@ -606,7 +606,9 @@ def candidate_settings(settings: Settings, name: str, candidate: Candidate) -> S
 
 def create_copy_topics(settings: Settings, transactions_partitions: int) -> None:
     """The copy's topics; its transactions topic with ``transactions_partitions`` partitions (made first,
-    since ``ensure_topics`` leaves an existing topic alone)."""
+    since ``ensure_topics`` leaves an existing topic alone) and no time retention: the copies keep their old
+    timestamps, so the topic's retention would delete them at once, and they are the record of what was replayed
+    (:func:`replayed_transactions`) until ``cleanup``."""
     from infra.launcher import wait_for
     from infra.stack import ensure_topics
 
@@ -614,7 +616,10 @@ def create_copy_topics(settings: Settings, transactions_partitions: int) -> None
     with kafka_clients.admin_session(settings) as admin:
         if name not in kafka_clients.cluster_metadata(admin, settings).topics:
             topic = NewTopic(
-                name, num_partitions=transactions_partitions, replication_factor=1, config=dict(TRANSACTIONS.config)
+                name,
+                num_partitions=transactions_partitions,
+                replication_factor=1,
+                config={**TRANSACTIONS.config, "retention.ms": "-1"},
             )
             for fut in admin.create_topics([topic], request_timeout=30).values():
                 fut.result()
