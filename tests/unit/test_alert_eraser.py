@@ -189,14 +189,19 @@ class NoAudit:
         raise AssertionError("nothing fetched, nothing to commit")
 
 
-def test_a_sweep_webex_stopped_goes_on_within_a_minute_not_at_the_next_hourly_one(
-    tmp_path: Path, closer: ExitStack
-) -> None:
+def webex_down_on_a_forget(closer: ExitStack, tmp_path: Path, reason: str) -> tuple[Ledger, FakeChannel, Eraser]:
+    """A post of a forgotten subject, due, and a Webex that answers its delete with ``reason`` (down)."""
     ledger = ledger_at(closer, tmp_path)
     post(ledger, "m-1", "subj-a", "tx-1", NOW - DAY)
     ledger.record_forgets([("audit-1", "subj-a", None, NOW)])
-    channel = FakeChannel({"m-1": DeliveryError("503", retriable=True, down=True)})
-    worker = eraser(ledger, channel)
+    channel = FakeChannel({"m-1": DeliveryError(reason, retriable=True, down=True)})
+    return ledger, channel, eraser(ledger, channel)
+
+
+def test_a_sweep_webex_stopped_goes_on_within_a_minute_not_at_the_next_hourly_one(
+    tmp_path: Path, closer: ExitStack
+) -> None:
+    ledger, channel, worker = webex_down_on_a_forget(closer, tmp_path, "503")
     last = worker._turn(NoAudit(), None, float("-inf"), threading.Event())  # type: ignore[arg-type]
     due_in = last + worker.sweep_interval_s - time.monotonic()
     assert 0 < due_in <= 60 and set(ledger.due_posts(NOW, None)) == {"m-1"}
@@ -363,6 +368,15 @@ class Client:
         return 0
 
 
+def scripted_turns(monkeypatch: pytest.MonkeyPatch, worker: Eraser, turn: Any) -> None:
+    """``Eraser.run`` over ``turn`` instead of its own, with Kafka clients that do nothing and no pause after a
+    failed turn."""
+    monkeypatch.setattr(worker, "_turn", turn)
+    monkeypatch.setattr(erase.kafka_clients, "consumer", lambda *a, **k: Client())
+    monkeypatch.setattr(erase.kafka_clients, "producer", lambda *a, **k: Client())
+    monkeypatch.setattr(erase, "FAILED_TURN_PAUSE_S", 0.01)
+
+
 def test_a_turn_that_failed_sweeps_at_the_next_turn_not_the_next_hour(
     tmp_path: Path, closer: ExitStack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -380,10 +394,7 @@ def test_a_turn_that_failed_sweeps_at_the_next_turn_not_the_next_hour(
         stop.set()
         return last_sweep
 
-    monkeypatch.setattr(worker, "_turn", turn)
-    monkeypatch.setattr(erase.kafka_clients, "consumer", lambda *a, **k: Client())
-    monkeypatch.setattr(erase.kafka_clients, "producer", lambda *a, **k: Client())
-    monkeypatch.setattr(erase, "FAILED_TURN_PAUSE_S", 0.01)
+    scripted_turns(monkeypatch, worker, turn)
     worker.sweep_interval_s = 3600.0
     worker.run(stop)
     assert len(seen) == 3 and time.monotonic() - seen[2] >= 3600  # due at once
@@ -393,11 +404,7 @@ def test_the_eraser_reports_a_sweep_webex_held_up_and_a_failing_turn_until_they_
     tmp_path: Path, closer: ExitStack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Forgotten subjects' faces staying in the room shows on the sender's health, not only in its log."""
-    ledger = ledger_at(closer, tmp_path)
-    post(ledger, "m-1", "subj-a", "tx-1", NOW - DAY)
-    ledger.record_forgets([("audit-1", "subj-a", None, NOW)])
-    channel = FakeChannel({"m-1": DeliveryError("HTTP 503", retriable=True, down=True)})
-    worker = eraser(ledger, channel)
+    _, channel, worker = webex_down_on_a_forget(closer, tmp_path, "HTTP 503")
     assert worker.problem is None
     last = worker._turn(NoAudit(), None, float("-inf"), threading.Event())  # type: ignore[arg-type]
     assert worker.problem == "Webex deletes held up (HTTP 503)"
@@ -415,10 +422,7 @@ def test_the_eraser_reports_a_sweep_webex_held_up_and_a_failing_turn_until_they_
         stop.set()
         return last_sweep
 
-    monkeypatch.setattr(worker, "_turn", turn)
-    monkeypatch.setattr(erase.kafka_clients, "consumer", lambda *a, **k: Client())
-    monkeypatch.setattr(erase.kafka_clients, "producer", lambda *a, **k: Client())
-    monkeypatch.setattr(erase, "FAILED_TURN_PAUSE_S", 0.01)
+    scripted_turns(monkeypatch, worker, turn)
     worker.run(stop)
     assert problems == [None, "alert eraser failing (OSError)"] and worker.problem is None
 
