@@ -13,6 +13,7 @@ multiprocessing's helpers).
 from __future__ import annotations
 
 import os
+import time
 import uuid
 
 import psutil
@@ -51,7 +52,16 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     _before.update(_ours())
 
 
+EXIT_GRACE_S = 15.0
+"""How long new processes get to end by themselves before they count as left running: the Python workers of an
+in-process Flink job (``beam_boot`` and its log ``tee``) go some seconds after the job, so a session whose last
+test was a pipeline test found them still there."""
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    deadline = time.monotonic() + EXIT_GRACE_S
+    while processes.new_processes(_before, _ours(), keep=_spared()) and time.monotonic() < deadline:
+        time.sleep(0.5)
     left = processes.reap(processes.new_processes(_before, _ours(), keep=_spared()))
     if left:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
