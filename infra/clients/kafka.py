@@ -146,9 +146,14 @@ def admin_session(
         client.poll(0)
 
 
-def is_record(message: Any, log: logging.Logger, what: str = "consumer") -> bool:
+def is_record(
+    message: Any,
+    log: logging.Logger,
+    what: str = "consumer",
+    on_error: Callable[[KafkaError], object] | None = None,
+) -> bool:
     """Whether a fetched message is a record; an error event is not: a fatal one raises, the end of a partition
-    passes quietly, any other is logged (``<what> error: ...``) and skipped."""
+    passes quietly, any other is logged (``<what> error: ...``), handed to ``on_error`` if given, and skipped."""
     error = message.error()
     if error is None:
         return True
@@ -156,6 +161,8 @@ def is_record(message: Any, log: logging.Logger, what: str = "consumer") -> bool
         raise KafkaException(error)
     if error.code() != KafkaError._PARTITION_EOF:
         log.warning("%s error: %s", what, error.str())
+        if on_error is not None:
+            on_error(error)
     return False
 
 

@@ -210,7 +210,8 @@ class Eraser:
         return result
 
     def on_kafka_error(self, error: KafkaError) -> None:
-        """The audit consumer's ``error_cb``: brokers away come only here (``consume`` returns nothing then)."""
+        """The audit consumer's ``error_cb`` (brokers away come only there: ``consume`` returns nothing then) and
+        what it does with an error event it fetches (the topic missing)."""
         self._audit_error = (time.monotonic(), error.name())
 
     def take(self, messages: list[Message]) -> int:
@@ -218,10 +219,7 @@ class Eraser:
         forgets: list[Forget] = []
         enrolments: list[tuple[str, int]] = []
         for message in messages:
-            if not kafka_clients.is_record(message, log, "audit consumer"):
-                error = message.error()
-                if error is not None and error.code() != KafkaError._PARTITION_EOF:
-                    self._audit_error = (time.monotonic(), error.name())
+            if not kafka_clients.is_record(message, log, "audit consumer", on_error=self.on_kafka_error):
                 continue
             self._audit_error = None
             try:

@@ -872,7 +872,8 @@ class AlertSender:
         self._out = metrics.RECORDS_OUT.labels(STAGE, "alert")
         self._eraser: Eraser | None = None
         self._eraser_thread: threading.Thread | None = None
-        self._stopping = threading.Event()
+        self._halt = threading.Event()
+        """The eraser's end: the loop's, however it ends (set when ``_run`` finishes)."""
 
     def run(self, stop: threading.Event | None = None) -> SenderStats:
         """Send until ``stop`` is set; then the channels (their connections) and the ledger are closed,
@@ -923,8 +924,7 @@ class AlertSender:
         )
         self._producer = kafka_clients.producer(self.settings, kafka_clients.IDEMPOTENT, linger_ms=5)
         self._consumer.subscribe([self.topic], on_revoke=self._on_revoke)
-        halt = threading.Event()  # the eraser's end: the loop's, however it ends (set in the finally below)
-        eraser = self.start_eraser(halt)
+        eraser = self.start_eraser(self._halt)
         log.info(
             "alert sender: %s -> %s (group %s, ledger %s)",
             self.topic,
@@ -953,8 +953,7 @@ class AlertSender:
                     )
                     last_summary = now
         finally:
-            self._stopping.set()
-            halt.set()
+            self._halt.set()
             if eraser is not None:
                 eraser.join(15)
             for worker in self._workers.values():
@@ -981,7 +980,7 @@ class AlertSender:
         """``/healthz``: the loop's heartbeat, and not alive once the eraser thread has died under a running
         sender (forgotten subjects' messages would stay in the room; a restart brings it back)."""
         thread = self._eraser_thread
-        if thread is not None and not thread.is_alive() and not self._stopping.is_set():
+        if thread is not None and not thread.is_alive() and not self._halt.is_set():
             return False, "alert eraser stopped"
         return self.heartbeat()
 

@@ -442,7 +442,7 @@ def test_the_senders_health_fails_when_its_eraser_thread_has_died_and_shows_the_
     dead.join()
     alerts._eraser_thread = dead
     assert alerts.health() == (False, "alert eraser stopped")
-    alerts._stopping.set()  # a sender stopping ends its eraser on purpose
+    alerts._halt.set()  # a sender stopping ends its eraser on purpose
     assert alerts.health()[0]
 
 
