@@ -191,8 +191,10 @@ class JobSettings(BaseModel, frozen=True):
     checkpoint_dir: Path | None = None
     """Durable checkpoint storage; defaults to ``<stack dir>/flink/checkpoints``."""
     consumer_group: str = "checkout-guard-scoring"
-    python_execution_mode: str = "thread"
-    """``thread`` (embedded PEMJA interpreter: ~10x lower latency here) or ``process`` (Beam workers)."""
+    python_execution_mode: Literal["thread", "process"] = "thread"
+    """``thread`` (embedded PEMJA interpreter: ~10x lower latency here) or ``process`` (Beam workers). Only
+    these two: PyFlink runs anything but exactly ``thread`` in process mode, so a ``Thread`` or ``threads``
+    would start Beam's servers past the bind-host guard (jobs/flink/job.py)."""
     bundle_size: int = 500
     bundle_time_ms: int = 10
     buffer_timeout_ms: int = 5

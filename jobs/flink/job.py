@@ -294,11 +294,12 @@ def _check_execution_mode(settings: Settings) -> None:
     """``process`` mode cannot keep to ``bind_host``: Beam's Java fn-API servers, which its Python workers
     connect to (control, data, and the state API that reads and writes keyed state), bind every interface
     (``NettyServerBuilder.forPort``, in Beam, whatever Flink is told). Refused unless that is accepted
-    explicitly with a wildcard ``bind_host``; ``thread`` mode (the default) starts none of them."""
+    explicitly with a wildcard ``bind_host``; ``thread`` mode (the default) starts none of them. Anything
+    but exactly ``thread`` counts as process mode, as PyFlink takes it (the setting only allows the two)."""
     mode = settings.job.python_execution_mode
-    if mode == "process" and settings.bind_host not in WILDCARD_HOSTS:
+    if mode != "thread" and settings.bind_host not in WILDCARD_HOSTS:
         raise ValueError(
-            "CG_JOB__PYTHON_EXECUTION_MODE=process opens Beam's gRPC servers on every interface, not only "
+            f"CG_JOB__PYTHON_EXECUTION_MODE={mode} opens Beam's gRPC servers on every interface, not only "
             f"{settings.bind_host}: use thread mode, or accept that with CG_BIND_HOST=0.0.0.0"
         )
 

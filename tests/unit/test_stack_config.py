@@ -131,6 +131,27 @@ def test_the_job_refuses_process_mode_whose_beam_servers_would_listen_everywhere
         pytest.skip("the Flink Kafka connector is not installed (make setup)")
 
 
+@pytest.mark.parametrize("mode", ["Process", "PROCESS", "Thread", "threads", ""])
+def test_an_execution_mode_other_than_thread_or_process_is_a_settings_error(mode: str) -> None:
+    """PyFlink runs anything but exactly ``thread`` in process mode: a misspelling must not start it."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="python_execution_mode"):
+        Settings(job={"python_execution_mode": mode})
+
+
+def test_the_bind_host_guard_takes_every_mode_but_thread_for_process_mode() -> None:
+    from jobs.flink.job import _check_execution_mode
+
+    loopback = Settings(bind_host="127.0.0.1")
+    _check_execution_mode(loopback)  # thread: nothing to refuse
+    unchecked = loopback.model_copy(  # a value that bypassed validation (model_copy does not validate)
+        update={"job": loopback.job.model_copy(update={"python_execution_mode": "Process"})}
+    )
+    with pytest.raises(ValueError, match="CG_JOB__PYTHON_EXECUTION_MODE=Process .* every interface"):
+        _check_execution_mode(unchecked)
+
+
 def test_a_service_whose_port_was_taken_while_it_started_is_started_again_and_other_failures_are_not(monkeypatch):
     calls: list[str] = []
     failures = [
