@@ -255,57 +255,118 @@ def group_lags(
     return out
 
 
+LAG_READ_OK = "cg_consumer_lag_read_ok"
+"""1 when the last read of the consumer lag from Kafka succeeded, 0 when it failed (or none has yet): the
+alert for "Kafka does not answer the lag reader", which a missing target used to stand for."""
+LAG_AGE = "cg_consumer_lag_age_seconds"
+"""Seconds since the figures of ``cg_consumer_lag`` were read (absent before the first good read)."""
+LAG_KEPT_READS = 12
+"""Through an outage the last good figures are served for this many read intervals (a minute at the default
+5 s), then left out: a lag alert keeps firing through a blip, and hours-old figures are not passed off as lag."""
+
+
 class ConsumerLagCollector(Collector):
     """``cg_consumer_lag{group,topic,partition}`` for every consumer group that has committed offsets on
     this deployment's topics (those with ``CG_KAFKA__TOPIC_PREFIX``): the Python consumers and the Flink
-    job (which commits on each checkpoint) alike. Read from Kafka at most every ``lag_interval_s``; a
-    Kafka that does not answer leaves the last figures out rather than failing the scrape."""
+    job (which commits on each checkpoint) alike, with ``cg_consumer_lag_read_ok`` and
+    ``cg_consumer_lag_age_seconds``.
 
-    def __init__(self, settings: Settings, read: Callable[[], list[PartitionLag]] | None = None) -> None:
-        self.settings = settings
+    Kafka is read by a daemon thread (:meth:`start`, :meth:`stop`) every ``lag_interval_s``, never by a scrape:
+    a Kafka that does not answer took each scrape to the scrape timeout (5 s), and Prometheus then dropped the
+    whole process's metrics as a target that is down. A scrape serves the last good figures, for at most
+    :data:`LAG_KEPT_READS` intervals."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        read: Callable[[], list[PartitionLag]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings, self.clock = settings, clock
         self.read = read or (lambda: read_lags(settings))
         self.interval = settings.metrics.lag_interval_s
         self._cache: list[PartitionLag] = []
-        self._at = float("-inf")
+        self._good_at: float | None = None
+        self._ok = False
         self._failing = False
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def refresh(self) -> bool:
+        """One read from Kafka into the cache (the thread's step); whether it succeeded."""
+        try:
+            lags = self.read()
+        except Exception as exc:  # Kafka away: the cache stays, the failure is exported
+            # Once per outage, not at every read (a timeout's text is empty: its type is named).
+            log.log(
+                logging.DEBUG if self._failing else logging.WARNING,
+                "consumer lag unavailable: %s",
+                str(exc) or type(exc).__name__,
+            )
+            self._failing = True
+            with self._lock:
+                self._ok = False
+            return False
+        if self._failing:
+            log.info("consumer lag available again")
+        self._failing = False
+        with self._lock:
+            self._cache, self._good_at, self._ok = lags, self.clock(), True
+        return True
+
+    def start(self) -> ConsumerLagCollector:
+        """Read now and then every ``lag_interval_s`` in a daemon thread, until :meth:`stop`."""
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="consumer-lag", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End the thread after its current read (which its own timeouts bound)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.refresh()
+            self._stop.wait(self.interval)
 
     def lags(self) -> list[PartitionLag]:
+        """The last good figures while they are fresh enough to serve; never reads Kafka."""
         with self._lock:
-            if time.monotonic() - self._at >= self.interval:
-                try:
-                    self._cache = self.read()
-                    if self._failing:
-                        log.info("consumer lag available again")
-                    self._failing = False
-                except Exception as exc:  # Kafka away: no figures this time, the scrape still answers
-                    # Once per outage, not at every read (a timeout's text is empty: its type is named).
-                    log.log(
-                        logging.DEBUG if self._failing else logging.WARNING,
-                        "consumer lag unavailable: %s",
-                        str(exc) or type(exc).__name__,
-                    )
-                    self._failing = True
-                    self._cache = []
-                self._at = time.monotonic()
+            if self._good_at is None or self.clock() - self._good_at > LAG_KEPT_READS * self.interval:
+                return []
             return list(self._cache)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(
             CONSUMER_LAG,
-            "Records a consumer group has not yet committed, per partition.",
+            "Records a consumer group has not yet committed, per partition (the last good read).",
             labels=["group", "topic", "partition"],
         )
         for item in self.lags():
             family.add_metric([item.group, item.topic, str(item.partition)], item.lag)
         yield family
+        with self._lock:
+            ok, good_at = self._ok, self._good_at
+        yield GaugeMetricFamily(LAG_READ_OK, "1 if the last read of the consumer lag from Kafka succeeded.", ok)
+        if good_at is not None:
+            yield GaugeMetricFamily(LAG_AGE, "Seconds since the consumer lag was last read.", self.clock() - good_at)
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
         return []
 
 
 def read_lags(settings: Settings, timeout: float = 5.0) -> list[PartitionLag]:
-    """Committed offsets of every group (on topics with our prefix) against the partitions' end offsets."""
+    """Committed offsets of every group (on topics with our prefix) against the partitions' end offsets.
+
+    Every group's offsets are asked for at once and the whole read ends within about ``timeout`` per step
+    (groups, offsets, end offsets), whatever the number of groups: one round trip each, in turn, made a big
+    deployment's read slow."""
     from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
     from confluent_kafka.admin import OffsetSpec
 
@@ -316,22 +377,29 @@ def read_lags(settings: Settings, timeout: float = 5.0) -> list[PartitionLag]:
     ends: dict[tuple[str, int], int] = {}
     with kafka_clients.admin_session(settings) as admin:
         groups = admin.list_consumer_groups(request_timeout=timeout).result(timeout)
-        for listing in groups.valid:
-            future = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(listing.group_id)])
-            result = future[listing.group_id].result(timeout)
+        pending_groups = {
+            listing.group_id: admin.list_consumer_group_offsets(
+                [ConsumerGroupTopicPartitions(listing.group_id)], request_timeout=timeout
+            )[listing.group_id]
+            for listing in groups.valid
+        }
+        deadline = time.monotonic() + timeout
+        for group_id, future in pending_groups.items():
+            result = future.result(max(0.0, deadline - time.monotonic()))
             offsets = {
                 (tp.topic, tp.partition): tp.offset
                 for tp in result.topic_partitions or []
                 if tp.topic in ours and tp.error is None
             }
             if offsets:
-                committed[listing.group_id] = offsets
+                committed[group_id] = offsets
         wanted = sorted({tp for offsets in committed.values() for tp in offsets})
         if wanted:
             latest = admin.list_offsets(
                 {TopicPartition(t, p): OffsetSpec.latest() for t, p in wanted}, request_timeout=timeout
             )
+            deadline = time.monotonic() + timeout
             for tp, pending in latest.items():
                 with contextlib.suppress(KafkaException):  # a partition without a leader this moment: next time
-                    ends[(tp.topic, tp.partition)] = pending.result(timeout).offset
+                    ends[(tp.topic, tp.partition)] = pending.result(max(0.0, deadline - time.monotonic())).offset
     return group_lags(committed, ends)

@@ -26,8 +26,12 @@ cli = typer.Typer(add_completion=False, help="Serve the live Checkout Guard dash
 def export_metrics(settings: Settings) -> Endpoint:
     """/metrics and /healthz of the dashboard, with every consumer group's lag (``cg_consumer_lag``) in
     them: the dashboard is the one reader of Kafka's offsets for the whole deployment, so the lag is
-    scraped like any other metric and the pipeline page reads it back from Prometheus."""
-    REGISTRY.register(ConsumerLagCollector(settings))
+    scraped like any other metric and the pipeline page reads it back from Prometheus. A thread reads it
+    (only while metrics are on), so a scrape never waits for Kafka."""
+    collector = ConsumerLagCollector(settings)
+    REGISTRY.register(collector)
+    if settings.metrics.enabled:
+        collector.start()
     return serve(settings, "dashboard")
 
 

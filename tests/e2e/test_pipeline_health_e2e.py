@@ -211,7 +211,7 @@ def test_processes_are_scraped_and_the_pipeline_api_shows_throughput_and_lag(pip
             url = f"http://127.0.0.1:{port_of(p.settings, process)}{path}"
             wait_for(lambda url=url: alive(p) and answers(url) == 200, WAIT_S, interval=0.5, what=f"{process} {url}")
     metrics = httpx.get(f"http://127.0.0.1:{port_of(p.settings, 'dashboard')}/metrics", timeout=5).text
-    assert "# TYPE cg_consumer_lag gauge" in metrics
+    assert "# TYPE cg_consumer_lag gauge" in metrics and "# TYPE cg_consumer_lag_read_ok gauge" in metrics
 
     def started_up_others_listed() -> bool:
         seen = prometheus_up(p)  # the processes not started are listed too (as down), once scraped once

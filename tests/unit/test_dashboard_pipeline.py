@@ -235,8 +235,13 @@ def test_the_dashboard_command_serves_its_metrics_with_every_groups_lag(monkeypa
         def register(self, collector: object) -> None:
             registered.append(collector)
 
+    started: list[object] = []
     monkeypatch.setattr(dashboard_main, "REGISTRY", Registry())
     monkeypatch.setattr(dashboard_main, "serve", lambda settings, process: served_as.append(process))
+    monkeypatch.setattr(ConsumerLagCollector, "start", lambda self: started.append(self) or self)
     dashboard_main.export_metrics(Settings())
     assert [type(c) for c in registered] == [ConsumerLagCollector]
     assert served_as == ["dashboard"]
+    assert started == registered  # its thread reads Kafka: a scrape only serves what it read
+    dashboard_main.export_metrics(Settings(metrics={"enabled": False}))
+    assert len(started) == 1  # metrics off: Kafka is not read for nothing

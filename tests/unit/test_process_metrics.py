@@ -184,22 +184,81 @@ def test_group_lags_is_end_minus_committed_from_the_start_when_uncommitted_and_n
     ]  # ("gone", 0) has no end offset: left out
 
 
-def test_consumer_lag_is_read_from_kafka_at_most_once_per_interval() -> None:
+def _lag_registry(collector: ConsumerLagCollector) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return registry
+
+
+def test_a_scrape_serves_the_last_read_lag_and_never_reads_kafka() -> None:
     reads: list[int] = []
 
     def reader() -> list[PartitionLag]:
         reads.append(1)
         return [PartitionLag("sink", "alerts", 0, len(reads))]
 
-    cached = ConsumerLagCollector(local(lag_interval_s=3600), read=reader)
-    assert cached.lags() == cached.lags() == [PartitionLag("sink", "alerts", 0, 1)]
+    clock = FakeClock()
+    collector = ConsumerLagCollector(local(lag_interval_s=5), read=reader, clock=clock)
+    registry = _lag_registry(collector)
+    assert "cg_consumer_lag{" not in generate_latest(registry).decode() and not reads  # nothing read yet
+    assert registry.get_sample_value("cg_consumer_lag_read_ok") == 0
+    assert collector.refresh()
+    clock.now += 3
+    for _ in range(3):
+        text = generate_latest(registry).decode()
     assert len(reads) == 1
-    fresh = ConsumerLagCollector(local(lag_interval_s=0), read=reader)
-    assert fresh.lags()[0].lag == 2 and fresh.lags()[0].lag == 3
-    registry = CollectorRegistry()
-    registry.register(cached)
-    text = generate_latest(registry).decode()
     assert 'cg_consumer_lag{group="sink",partition="0",topic="alerts"} 1.0' in text
+    assert registry.get_sample_value("cg_consumer_lag_read_ok") == 1
+    assert registry.get_sample_value("cg_consumer_lag_age_seconds") == 3
+
+
+def test_a_scrape_answers_at_once_while_the_lag_reader_waits_for_kafka() -> None:
+    """It read Kafka inside the scrape: a Kafka that did not answer took every scrape to the 5 s timeout."""
+    answer = threading.Event()
+    reads: list[int] = []
+
+    def reader() -> list[PartitionLag]:
+        reads.append(1)
+        answer.wait(10)
+        return [PartitionLag("sink", "alerts", 0, 4)]
+
+    collector = ConsumerLagCollector(local(lag_interval_s=0.01), read=reader).start()
+    try:
+        registry = _lag_registry(collector)
+        wait_until(lambda: bool(reads))
+        began = time.monotonic()
+        generate_latest(registry)
+        assert time.monotonic() - began < 0.5
+        assert registry.get_sample_value("cg_consumer_lag_read_ok") == 0
+        answer.set()
+        wait_until(lambda: registry.get_sample_value("cg_consumer_lag_read_ok") == 1)
+        assert registry.get_sample_value("cg_consumer_lag", {"group": "sink", "topic": "alerts", "partition": "0"}) == 4
+    finally:
+        answer.set()
+        collector.stop()
+    assert collector._thread is None
+    count = len(reads)
+    time.sleep(0.05)
+    assert len(reads) == count  # stopped: no more reads
+
+
+def test_through_a_kafka_outage_the_last_lag_is_served_with_its_age_for_a_bounded_time() -> None:
+    reader = _lag_reader([PartitionLag("sink", "alerts", 0, 4)], RuntimeError("all brokers down"), TimeoutError())
+    clock = FakeClock()
+    collector = ConsumerLagCollector(local(lag_interval_s=5), read=reader, clock=clock)
+    registry = _lag_registry(collector)
+    assert collector.refresh()
+    clock.now += 5
+    assert not collector.refresh()
+    lag = {"group": "sink", "topic": "alerts", "partition": "0"}
+    assert registry.get_sample_value("cg_consumer_lag", lag) == 4  # a lag alert keeps firing through a blip
+    assert registry.get_sample_value("cg_consumer_lag_read_ok") == 0
+    assert registry.get_sample_value("cg_consumer_lag_age_seconds") == 5
+    clock.now += metrics.LAG_KEPT_READS * 5
+    assert not collector.refresh()
+    assert registry.get_sample_value("cg_consumer_lag", lag) is None  # too old to pass for the lag
+    assert registry.get_sample_value("cg_consumer_lag_age_seconds") == (metrics.LAG_KEPT_READS + 1) * 5
+    assert "# TYPE cg_consumer_lag gauge" in generate_latest(registry).decode()
 
 
 def _lag_reader(*answers: Any) -> Callable[[], list[PartitionLag]]:
@@ -215,23 +274,12 @@ def _lag_reader(*answers: Any) -> Callable[[], list[PartitionLag]]:
     return read
 
 
-def test_consumer_lag_leaves_the_figures_out_while_kafka_does_not_answer_and_the_scrape_still_works() -> None:
-    reader = _lag_reader(RuntimeError("all brokers down"), [PartitionLag("sink", "alerts", 0, 4)])
-    collector = ConsumerLagCollector(local(lag_interval_s=0), read=reader)
-    registry = CollectorRegistry()
-    registry.register(collector)
-    text = generate_latest(registry).decode()
-    assert "# TYPE cg_consumer_lag gauge" in text and "cg_consumer_lag{" not in text
-    assert registry.get_sample_value("cg_consumer_lag", {"group": "sink", "topic": "alerts", "partition": "0"}) == 4
-
-
 def test_an_outage_of_the_lag_reader_is_one_warning_and_its_end_one_line(caplog) -> None:
     """It warned at every read (every 10 s) while Kafka was away."""
     reader = _lag_reader(TimeoutError(), TimeoutError(), TimeoutError(), [], TimeoutError())
-    collector = ConsumerLagCollector(local(lag_interval_s=0), read=reader)
+    collector = ConsumerLagCollector(local(lag_interval_s=5), read=reader)
     with caplog.at_level(logging.INFO, logger="infra.metrics"):
-        for _ in range(5):
-            assert collector.lags() == []
+        assert [collector.refresh() for _ in range(5)] == [False, False, False, True, False]
     said = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "infra.metrics"]
     assert said == [
         ("WARNING", "consumer lag unavailable: TimeoutError"),
