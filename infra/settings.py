@@ -720,6 +720,9 @@ class MetricsSettings(BaseModel, frozen=True):
     """The local stack's Prometheus (``make up``); the dashboard's pipeline-health page reads it."""
     prometheus_url: str | None = None
     """Another Prometheus for the health page (a store chain's own); default the local one."""
+    prometheus_username: str | None = None
+    """Set both to log in to that Prometheus (HTTP Basic), rather than with a password in the URL."""
+    prometheus_password: SecretStr | None = None
     scrape_interval_s: float = 5.0
     lag_interval_s: float = 5.0
     """How often the consumer-group lag (every group of this deployment) is read from Kafka, at most."""

@@ -66,7 +66,7 @@ from schemas.indices import index_name
 from schemas.model_artifact import artifact_version, read_trained_ids
 from sinks.dashboard.case_routes import CaseRoutes, Publish
 from sinks.dashboard.login import LoginBackend, LoginConfigError, _secret
-from sinks.dashboard.pipeline import PrometheusApi, prometheus_url, read_pipeline
+from sinks.dashboard.pipeline import PrometheusApi, prometheus_api, read_pipeline
 from sinks.dashboard.queries import (
     ALERT_FIELDS,
     ID_CHUNK,
@@ -122,7 +122,7 @@ class Dashboard:
         self.client = client or make_client(settings.opensearch, timeout_s=10)
         self._images = images
         self.clock = clock
-        self.prometheus = prometheus or PrometheusApi(prometheus_url(settings))
+        self.prometheus = prometheus or prometheus_api(settings)
         prefix = settings.opensearch.index_prefix
         self.transactions = index_name(prefix, "transactions")
         self.alerts = index_name(prefix, "alerts")

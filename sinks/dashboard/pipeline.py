@@ -46,6 +46,23 @@ def prometheus_url(settings: Settings) -> str:
     return f"http://{host}:{settings.metrics.prometheus_port}"
 
 
+def shown_url(url: str) -> str:
+    """``url`` as the page and its error texts may show it: without a login (``user:password@``), query or
+    fragment. Anyone with a dashboard login, even the read-only token, sees it; a password in the
+    configured URL was shown to all of them."""
+    return str(httpx.URL(url).copy_with(userinfo=b"", query=None, fragment=None))
+
+
+def prometheus_api(settings: Settings) -> PrometheusApi:
+    """The health page's Prometheus client, logged in with ``CG_METRICS__PROMETHEUS_USERNAME``/``…__PASSWORD``
+    when both are set (HTTP Basic)."""
+    metrics = settings.metrics
+    auth = None
+    if metrics.prometheus_username and metrics.prometheus_password:
+        auth = (metrics.prometheus_username, metrics.prometheus_password.get_secret_value())
+    return PrometheusApi(prometheus_url(settings), auth=auth)
+
+
 def rate_window(scrape_interval_s: float) -> str:
     """At least four scrapes per rate window (with fewer, ``rate`` is jumpy or empty), and at least a minute."""
     return f"{max(MIN_RATE_WINDOW_S, math.ceil(4 * scrape_interval_s))}s"
@@ -162,9 +179,16 @@ def unavailable(source: str, reason: str, *, window: str, at_ms: int) -> dict[st
 class PrometheusApi:
     """Instant queries against Prometheus's HTTP API (``/api/v1/query``)."""
 
-    def __init__(self, url: str, timeout_s: float = QUERY_TIMEOUT_S, transport: httpx.BaseTransport | None = None):
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float = QUERY_TIMEOUT_S,
+        transport: httpx.BaseTransport | None = None,
+        auth: tuple[str, str] | None = None,
+    ):
         self.url = url.rstrip("/")
-        self.client = httpx.Client(base_url=self.url, timeout=timeout_s, transport=transport)
+        self.shown = shown_url(self.url)  # the only form that goes into answers and error texts
+        self.client = httpx.Client(base_url=self.url, timeout=timeout_s, transport=transport, auth=auth)
 
     def query(self, promql: str) -> list[dict[str, Any]]:
         """``data.result`` of an instant vector query; raises :class:`PrometheusUnavailable` when nothing
@@ -172,12 +196,12 @@ class PrometheusApi:
         try:
             answer = self.client.get("/api/v1/query", params={"query": promql})
         except httpx.HTTPError as exc:
-            raise PrometheusUnavailable(f"Prometheus at {self.url} unreachable ({type(exc).__name__})") from exc
+            raise PrometheusUnavailable(f"Prometheus at {self.shown} unreachable ({type(exc).__name__})") from exc
         try:
             body = answer.json()
         except ValueError:
             raise PrometheusUnavailable(
-                f"{self.url} answered HTTP {answer.status_code} without JSON: is it Prometheus?"
+                f"{self.shown} answered HTTP {answer.status_code} without JSON: is it Prometheus?"
             ) from None
         if body.get("status") != "success":
             raise PrometheusQueryError(f"{body.get('errorType', 'error')}: {body.get('error', answer.status_code)}")
@@ -202,9 +226,9 @@ def read_pipeline(
         try:
             results[name] = api.query(promql)
         except PrometheusUnavailable as exc:
-            return unavailable(api.url, str(exc), window=window, at_ms=at_ms)
+            return unavailable(api.shown, str(exc), window=window, at_ms=at_ms)
         except PrometheusQueryError as exc:
             problems.append(f"{name}: {exc}")
-    shaped = shape_pipeline(results, window=window, source=api.url, at_ms=at_ms)
+    shaped = shape_pipeline(results, window=window, source=api.shown, at_ms=at_ms)
     shaped["error"] = "; ".join(problems) or None
     return shaped

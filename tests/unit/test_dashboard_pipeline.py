@@ -22,6 +22,7 @@ from sinks.dashboard.pipeline import (
     FLINK_DECISIONS,
     PrometheusApi,
     pipeline_queries,
+    prometheus_api,
     prometheus_url,
     rate_window,
     read_pipeline,
@@ -194,6 +195,40 @@ def test_the_local_prometheus_is_asked_unless_another_is_configured() -> None:
     assert prometheus_url(wildcard) == f"http://127.0.0.1:{settings.metrics.prometheus_port}"
     chain = settings.model_copy(update={"metrics": MetricsSettings(prometheus_url="https://prom.chain.example/")})
     assert prometheus_url(chain) == "https://prom.chain.example"
+
+
+def test_a_login_in_the_prometheus_url_is_used_but_never_shown() -> None:
+    """Anyone with a dashboard login (even the read-only token) saw the password in ``source`` and errors."""
+    sent: list[str] = []
+    up_now = True
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        sent.append(request.headers.get("authorization", ""))
+        if not up_now:
+            raise httpx.ConnectError("refused")
+        return canned(request.url.params["query"])
+
+    url = "https://ops:S3cretPass@prom.chain.example/prom?token=Tok3n#frag"
+    api = PrometheusApi(url, transport=httpx.MockTransport(handle))
+    shaped = read_pipeline(api, scrape_interval_s=5.0)
+    assert sent[0] == "Basic " + base64.b64encode(b"ops:S3cretPass").decode()  # still logs in with it
+    assert shaped["source"] == "https://prom.chain.example/prom"
+    up_now = False
+    down = read_pipeline(api, scrape_interval_s=5.0)
+    assert down["error"] == "Prometheus at https://prom.chain.example/prom unreachable (ConnectError)"
+    for answer in (shaped, down):
+        assert "S3cretPass" not in json.dumps(answer) and "Tok3n" not in json.dumps(answer)
+
+
+def test_the_prometheus_login_settings_log_in_with_http_basic() -> None:
+    login = MetricsSettings(
+        prometheus_url="https://prom.chain.example", prometheus_username="ops", prometheus_password="S3cretPass"
+    )
+    api = prometheus_api(Settings(metrics=login))
+    request = next(api.client.auth.auth_flow(httpx.Request("GET", "https://prom.chain.example/api/v1/query")))
+    assert request.headers["authorization"] == "Basic " + base64.b64encode(b"ops:S3cretPass").decode()
+    assert api.shown == "https://prom.chain.example"
+    assert prometheus_api(Settings()).client.auth is None  # no login configured: none sent
 
 
 class NoSearch:
