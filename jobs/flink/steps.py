@@ -15,7 +15,7 @@ import logging
 import pickle
 import struct
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from pyflink.common import Row
@@ -145,7 +145,8 @@ class RouteFunction(BroadcastProcessFunction):
 
 def _metrics(settings: Settings, runtime_context: RuntimeContext) -> JobMetrics | None:
     """The job's metrics (records taken and dead letters from route; decisions, model times and face waits
-    from decide: each reports what its own scorer counted)."""
+    from decide; the dead letters of the messages a keyed step raised on from that step: each reports what
+    its own scorer counted, so nothing is counted twice)."""
     if not settings.metrics.enabled:
         return None
     return JobMetrics(runtime_context.get_metrics_group(), thread_mode=settings.job.python_execution_mode == "thread")
@@ -207,6 +208,7 @@ class ShardStep(KeyedProcessFunction):
         self.count = self.settings.job.state_shards
         self.heap = FrozenState()
         self.scorer = Scorer(self.settings)  # the dead letters of messages that raise
+        self.metrics = _metrics(self.settings, runtime_context)  # those dead letters' count (internal_error)
 
     def process_element(self, batch: Any, ctx: KeyedProcessFunction.Context):
         shard, messages = unpack_batch(_as_bytes(batch))
@@ -223,7 +225,7 @@ class ShardStep(KeyedProcessFunction):
         step = self.shards.current(ctx.get_current_key())
         yield from self._finish(step, step.due(now_ms()), ctx)
 
-    def _finish(self, step, emits: list[Emit], ctx, rows: Iterable[tuple] = ()) -> Iterator[bytes]:
+    def _finish(self, step, emits: list[Emit], ctx, rows: Sequence[tuple] = ()) -> Iterator[bytes]:
         self.shards.commit(step)
         if self.step == GATHER:
             deadline = step.join.next_deadline()
@@ -233,6 +235,8 @@ class ShardStep(KeyedProcessFunction):
         for topic, key, value in rows:
             out.add(topic, key, value)
         pack_emits(emits, self.count, out)
+        if rows and self.metrics is not None:  # only dead letters are counted here: a call without any has none
+            self.metrics.report(self.scorer.stats)
         packed = _pack(out)
         if packed is not None:
             yield packed

@@ -235,3 +235,78 @@ def test_a_call_without_new_timings_does_not_hold_back_the_next_ones():
     now[0] = 0.1
     metrics.report(stats)
     assert group.registry[f"{GROUP}/model_call_us_p50"].value == 2000
+
+
+# --- the partitioned layout's keyed steps ------------------------------------------------------------
+
+
+class FakeMapState(dict):
+    def put_all(self, entries: Any) -> None:
+        self.update(dict(entries))
+
+
+class FakeRuntime:
+    def __init__(self, group: FakeGroup) -> None:
+        self.group = group
+
+    def get_map_state(self, descriptor: Any) -> FakeMapState:
+        return FakeMapState()
+
+    def get_metrics_group(self) -> FakeGroup:
+        return self.group
+
+
+class Broken:
+    """A store step with a bug: it raises on every message."""
+
+    def restore(self, maps: dict[str, Any]) -> None:
+        pass
+
+    def on(self, key: str, payload: Any, order: Any) -> list[Any]:
+        raise KeyError("a bug")
+
+    def resync(self, key: str) -> None:
+        pass
+
+    def flush(self) -> dict[str, Any]:
+        return {}
+
+
+def _batch(shard: str, *messages: tuple[str, tuple, Any]) -> bytes:
+    """An ``EventTimeBatcher`` batch: the shard, then each message as length + head + pickle."""
+    import pickle
+
+    from jobs.flink.steps import _HEAD
+
+    out = len(shard).to_bytes(2, "big") + shard.encode()
+    for key, order, payload in messages:
+        body = _HEAD.pack(order[0], 0) + pickle.dumps((key, order, payload))
+        out += len(body).to_bytes(4, "big") + body
+    return out
+
+
+def test_a_keyed_step_of_the_partitioned_layout_reports_the_dead_letters_of_messages_it_raised_on():
+    """Only route and decide reported: a bug in receipt, store, identity or gather dead-lettered silently."""
+    from jobs.flink.steps import STORE, ShardStep
+
+    group = FakeGroup()
+    fn = ShardStep(Settings(), STORE)
+    fn.open(FakeRuntime(group))
+    fn.shards.make = Broken
+    tx = {"transaction_id": "T-1", "event_time": NOW}
+    batch = _batch("0", ("store-1", (NOW, 0, 0), (tx, None)), ("store-1", (NOW, 0, 1), (tx, None)))
+    out = list(fn.process_element(batch, ctx=None))
+    assert len(out) == 1  # the two dead letters, in one batch
+    dead = group.registry[f"{GROUP}/reason=internal_error/dead_letters"]
+    assert dead.count == 2
+    list(fn.process_element(_batch("0"), ctx=None))  # a batch without failures: nothing counted again
+    assert dead.count == 2
+
+
+def test_a_keyed_step_reports_nothing_with_metrics_off():
+    from jobs.flink.steps import STORE, ShardStep
+
+    group = FakeGroup()
+    fn = ShardStep(Settings(metrics=MetricsSettings(enabled=False)), STORE)
+    fn.open(FakeRuntime(group))
+    assert fn.metrics is None and group.registry == {}
