@@ -578,9 +578,12 @@ class Candidate:
 
 
 def candidate_settings(settings: Settings, name: str, candidate: Candidate) -> Settings:
-    """The copy's settings: isolated under ``name``, the candidate's rule set and model, no face join, and
+    """The copy's settings: isolated under ``name``, the candidate's rule set and model, no face join,
     every replayed transaction decided (``decide_from=0``: an operator's ``CG_JOB__DECIDE_FROM`` would leave
-    part of the range undecided, as the offline backtest ignores it too)."""
+    part of the range undecided, as the offline backtest ignores it too), and no metrics endpoints: the copy's
+    job and sink took the live ``scoring-job`` and ``opensearch-sink`` ports and names, so Prometheus could
+    scrape replayed decisions as live ones, and a restarted live process found its port taken (its supervisor
+    then read the copy's health as its own). The run's end is read from Kafka's offsets, not from metrics."""
     check_name(settings, name)
     copy = settings.isolated(
         name,
@@ -601,7 +604,8 @@ def candidate_settings(settings: Settings, name: str, candidate: Candidate) -> S
         model = model.model_copy(
             update={"artifact_dir": candidate.model_dir or model.artifact_dir, "artifact": candidate.model_version}
         )
-    return copy.model_copy(update={"rules": rules, "model": model})
+    metrics = copy.metrics.model_copy(update={"enabled": False})
+    return copy.model_copy(update={"rules": rules, "model": model, "metrics": metrics})
 
 
 def create_copy_topics(settings: Settings, transactions_partitions: int) -> None:

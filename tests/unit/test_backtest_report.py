@@ -178,6 +178,15 @@ def test_the_copy_decides_the_whole_range_whatever_the_operators_decide_from(tmp
     assert candidate_settings(live, "bt-1", Candidate(model_version="gbm-x")).job.decide_from == 0
 
 
+def test_the_copy_serves_no_metrics_on_the_live_processes_ports(tmp_path):
+    """Its job and sink took the live scoring-job and opensearch-sink ports and names: Prometheus scraped
+    replayed decisions as live ones, or a restarted live process could not bind its endpoint."""
+    live = Settings(stack_dir=tmp_path)
+    copy = candidate_settings(live, "bt-1", Candidate())
+    assert live.metrics.enabled and not copy.metrics.enabled
+    assert copy.to_env()["CG_METRICS__ENABLED"] == "False"  # what the copy's child processes are started with
+
+
 @pytest.mark.parametrize("name", ["checkout", "checkout-guard"])
 def test_a_backtest_name_that_takes_in_the_live_indices_is_refused(tmp_path, name: str):
     """cleanup deleted <name>-*: 'checkout' took every live checkout-guard-* index with it."""
