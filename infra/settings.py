@@ -250,7 +250,7 @@ class JobSettings(BaseModel, frozen=True):
     """``single``: every map under one key, one operator (fastest per transaction, one slot). ``partitioned``:
     the state split by what it is about (receipt, store, profile, transaction) over keyed steps, so
     scoring runs on ``parallelism`` slots with the same decisions (:mod:`jobs.scoring.partitioned`)."""
-    state_shards: int = 8
+    state_shards: int = Field(default=8, ge=1)
     """Partitioned layout: the keyed steps' state is split into this many shards (Flink keys); at most this
     many slots share each step. Fixed for a job's state: a different count needs a fresh start (README)."""
     event_order_ms: int = 500
@@ -723,8 +723,9 @@ class MetricsSettings(BaseModel, frozen=True):
     prometheus_username: str | None = None
     """Set both to log in to that Prometheus (HTTP Basic), rather than with a password in the URL."""
     prometheus_password: SecretStr | None = None
-    scrape_interval_s: float = 5.0
-    lag_interval_s: float = 5.0
+    scrape_interval_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
+    """0 or less made a Prometheus config that scraped every process every millisecond."""
+    lag_interval_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
     """How often the consumer-group lag (every group of this deployment) is read from Kafka, at most."""
 
 
@@ -764,15 +765,27 @@ class FlinkClusterSettings(BaseModel, frozen=True):
     taskmanager_base_port: Port = 6130
     """TaskManager ``i`` (from 0) takes RPC port ``base + 2i`` and data (shuffle) port ``base + 2i + 1``."""
     taskmanagers: int = Field(default=2, ge=1)
-    slots_per_taskmanager: int = 1
+    slots_per_taskmanager: int = Field(default=1, ge=1)
     jobmanager_memory: str = "1024m"
     taskmanager_memory: str = "1600m"
     """Process size of each TaskManager (JVM, RocksDB and the embedded Python interpreter all within)."""
     taskmanager_managed_memory: str = "256m"
     metrics_ports: str = "9470-9479"
-    """Port range of the Prometheus reporters of the cluster's processes (each takes the first free one)."""
+    """Port range of the Prometheus reporters of the cluster's processes (each takes the first free one):
+    ``low-high`` or one port."""
     cluster_dir: Path | None = None
     """Generated config, logs, pid files and temp dirs of the cluster; defaults to ``<stack dir>/flink-cluster``."""
+
+    @field_validator("metrics_ports")
+    @classmethod
+    def _port_range(cls, value: str) -> str:
+        """Checked at start: anything else only failed later, in each member's reporter and in
+        :func:`infra.flink_cluster.reporter_ports`, which reads it as one or two numbers."""
+        first, dash, last = value.partition("-")
+        ends = (first.strip(), last.strip()) if dash else (first.strip(),)
+        if not all(end.isascii() and end.isdigit() for end in ends) or not 1 <= int(ends[0]) <= int(ends[-1]) <= 65535:
+            raise ValueError(f"metrics_ports is a port or a range low-high within 1..65535, not {value[:40]!r}")
+        return "-".join(str(int(end)) for end in ends)
 
     @field_validator("taskmanagers")
     @classmethod

@@ -49,6 +49,35 @@ def test_a_bad_setting_is_one_line_naming_its_variable(fresh_settings, capsys, v
     assert _one_error(capsys, ["labels", "withdraw", "tx-1"]).startswith(f"Error: invalid setting {says}")
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("CG_JOB__STATE_SHARDS", "0", "Input should be greater than or equal to 1"),  # shard_of divided by 0
+        ("CG_METRICS__SCRAPE_INTERVAL_S", "-1", "Input should be greater than 0"),  # scraped every 1 ms
+        ("CG_METRICS__SCRAPE_INTERVAL_S", "0", "Input should be greater than 0"),
+        ("CG_METRICS__LAG_INTERVAL_S", "0", "Input should be greater than 0"),
+        ("CG_FLINK__SLOTS_PER_TASKMANAGER", "0", "Input should be greater than or equal to 1"),
+        ("CG_FLINK__METRICS_PORTS", "abc", "metrics_ports is a port or a range low-high within 1..65535"),
+        ("CG_FLINK__METRICS_PORTS", "9479-9470", "metrics_ports is a port or a range low-high within 1..65535"),
+        ("CG_FLINK__METRICS_PORTS", "9470-70000", "metrics_ports is a port or a range low-high within 1..65535"),
+        ("CG_FLINK__METRICS_PORTS", "0", "metrics_ports is a port or a range low-high within 1..65535"),
+    ],
+)
+def test_scale_out_and_metrics_settings_out_of_bounds_are_refused_by_their_variable(
+    fresh_settings, variable, value, says
+) -> None:
+    """They were accepted: 0 shards crash-looped the partitioned job behind a green /healthz."""
+    fresh_settings.setenv(variable, value)
+    with pytest.raises(ValidationError) as info:
+        get_settings()
+    assert setting_errors(info.value).startswith(f"{variable}: {says}")
+
+
+def test_metrics_ports_take_one_port_or_a_range() -> None:
+    assert FlinkClusterSettings(metrics_ports=" 9470 - 9479 ").metrics_ports == "9470-9479"
+    assert FlinkClusterSettings(metrics_ports="9470").metrics_ports == "9470"
+
+
 def test_a_setting_that_should_be_json_is_one_line(fresh_settings, capsys) -> None:
     fresh_settings.setenv("CG_DASHBOARD__USERS", "ana:secret")
     line = _one_error(capsys, ["labels", "withdraw", "tx-1"])
