@@ -341,6 +341,9 @@ class ModelSettings(BaseModel, frozen=True):
     aws_secret_access_key: SecretStr | None = None
     afd_detector_id: str = "transaction_event"
     afd_detector_version: str | None = None
+    afd_model_id: str | None = None
+    """The detector's model whose ``<model>_insightscore`` is the score; ``None`` = the answer's only model. An answer
+    without that score (``modelScores: []`` from a rules-only version) is a failed call: local fallback."""
     afd_event_type: str = "transaction"
     afd_entity_type: str = "customer"
     sagemaker_endpoint: str = "checkout-guard-fraud"

@@ -32,6 +32,8 @@ class Recorded:
 @dataclass
 class LocalModelServer:
     afd_score: float = 912.0
+    afd_models: tuple[str, ...] = ("tx_model",)
+    """The detector version's models, each answering ``afd_score``; ``()``: a rules-only version."""
     sagemaker_prob: float = 0.5
     delay_s: float = 0.0
     status: int = 200
@@ -63,12 +65,13 @@ class LocalModelServer:
                         "modelScores": [
                             {
                                 "modelVersion": {
-                                    "modelId": "tx_model",
+                                    "modelId": model,
                                     "modelType": "TRANSACTION_FRAUD_INSIGHTS",
                                     "modelVersionNumber": "1.0",
                                 },
-                                "scores": {"tx_model_insightscore": server.afd_score},
+                                "scores": {f"{model}_insightscore": server.afd_score},
                             }
+                            for model in server.afd_models
                         ],
                         "ruleResults": [{"ruleId": "high_risk", "outcomes": ["block"]}],
                     }

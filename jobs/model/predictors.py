@@ -363,20 +363,18 @@ class FraudDetectorPredictor(GuardedPredictor):
             req["detectorVersionId"] = m.afd_detector_version
         return req
 
-    @staticmethod
-    def score_of(response: dict[str, Any]) -> int:
-        """``modelScores[0].scores`` holds one ``<model>_insightscore`` (0-1000)."""
-        scores = response["modelScores"][0]["scores"]
-        value = float(next(iter(scores.values())))
-        if not math.isfinite(value):
-            raise ValueError(f"score {value!r}")
-        return int(round(min(1000.0, max(0.0, value))))
+    def score_of(self, response: dict[str, Any]) -> int:
+        """The configured model's score in one answer (see :func:`afd_score`)."""
+        return afd_score(response, self.settings.afd_model_id)
 
     def _one(self, item: Item) -> tuple[int | None, int]:
         t0 = time.perf_counter()
         try:
-            response = self._attempt(lambda: self.client.get_event_prediction(**self.request(item[0])))
-            score: int | None = self.score_of(response)
+            # The answer is read inside the guarded call: an answer without a usable score is a failed call
+            # that the breaker counts and the fallback covers, not an exception out of the batch.
+            score: int | None = self._attempt(
+                lambda: self.score_of(self.client.get_event_prediction(**self.request(item[0])))
+            )
         except RemoteError as exc:
             log.debug("fraud detector: %s", exc)
             score = None
@@ -460,6 +458,37 @@ class SageMakerPredictor(GuardedPredictor):
                 scores = np.rint(np.clip(probs, 0.0, 1.0) * 1000).astype(np.int64)
             out.extend(ModelResult(score=int(s), version=self.version, time_ms=spent) for s in scores)
         return out
+
+
+def afd_score(response: dict[str, Any], model_id: str | None = None) -> int:
+    """The 0-1000 ``<model>_insightscore`` of one ``GetEventPrediction`` answer.
+
+    ``modelScores`` may be empty (a rules-only detector version, or one scoring through an external SageMaker
+    model) or hold several models; the score is the configured model's (``model_id``), or the only model's.
+    No such score, or one that is not a finite number, raises a non-retryable :class:`RemoteError`: the same
+    detector version answers the same way again, so the record goes to the local fallback instead.
+    """
+    entries = response.get("modelScores") if isinstance(response, dict) else None
+    if not isinstance(entries, list):
+        raise RemoteError("frauddetector answer without modelScores", retryable=False)
+    if model_id is not None:
+        entries = [
+            e for e in entries if isinstance(e, dict) and (e.get("modelVersion") or {}).get("modelId") == model_id
+        ]
+    if len(entries) != 1 or not isinstance(entries[0], dict):
+        which = f"model {model_id!r}" if model_id is not None else "one model (set CG_MODEL__AFD_MODEL_ID)"
+        raise RemoteError(f"frauddetector answered {len(entries)} model scores for {which}", retryable=False)
+    scores = entries[0].get("scores")
+    if not isinstance(scores, dict) or not scores:
+        raise RemoteError("frauddetector model score without scores", retryable=False)
+    values = [v for k, v in scores.items() if str(k).endswith("_insightscore")] or list(scores.values())
+    try:
+        value = float(values[0])
+    except (TypeError, ValueError):
+        value = math.nan
+    if len(values) != 1 or not math.isfinite(value):
+        raise RemoteError(f"frauddetector score not one finite number: {values!r:.80}", retryable=False)
+    return int(round(min(1000.0, max(0.0, value))))
 
 
 def _as_text(value: Any) -> str:

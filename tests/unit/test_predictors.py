@@ -20,8 +20,10 @@ from jobs.model.fraud_model import feature_matrix
 from jobs.model.predictors import (
     CircuitBreaker,
     FraudDetectorPredictor,
+    RemoteError,
     SageMakerPredictor,
     ScoringModels,
+    afd_score,
     make_predictor,
 )
 from tests.builders import T0, sale
@@ -162,6 +164,37 @@ def test_open_circuit_skips_the_backend_until_its_cool_down(server):
     server.status = 200
     [trial] = predictor.predict_batch([(TX, IND)])
     assert trial.version == "afd:transaction_event:2" and predictor.breaker.state == "closed"
+
+
+@pytest.mark.parametrize(
+    ("models", "score"),
+    [((), 912.0), (("tx_model",), float("nan")), (("tx_model", "other_model"), 912.0)],
+    ids=["rules-only-version", "nan-score", "two-models-none-configured"],
+)
+def test_fraud_detector_answer_without_a_usable_score_is_a_failed_call_the_fallback_covers(server, models, score):
+    server.afd_models, server.afd_score = models, score
+    model = small_model()
+    settings = settings_for(server.url, "frauddetector", breaker_failures=2, concurrency=1)  # records in turn
+    predictor = FraudDetectorPredictor(settings, model)
+    items = [(sale(f"t{i}").to_avro(), IND) for i in range(3)]
+    results = predictor.predict_batch(items)  # raised IndexError / ValueError before: every record dead-lettered
+    assert [r.version for r in results] == [f"local:{model.version} (fallback)"] * 3
+    assert [r.score for r in results] == [r.score for r in model.predict_batch(items)]
+    # one call per record, not retried (the same version answers the same); two failures open the circuit,
+    # so the third record goes to the fallback without a call
+    assert len(server.requests) == 2 and predictor.failures == 2 and predictor.breaker.state == "open"
+
+
+def test_fraud_detector_score_is_the_configured_models(server):
+    server.afd_models = ("other_model", "tx_model")
+    predictor = FraudDetectorPredictor(
+        settings_for(server.url, "frauddetector", afd_model_id="tx_model"), small_model()
+    )
+    [result] = predictor.predict_batch([(TX, IND)])
+    assert (result.score, result.version) == (912, "afd:transaction_event:2")
+    assert afd_score({"modelScores": [{"modelVersion": {"modelId": "m"}, "scores": {"m_insightscore": 1200}}]}) == 1000
+    with pytest.raises(RemoteError, match="model 'missing'"):
+        afd_score({"modelScores": [{"modelVersion": {"modelId": "m"}, "scores": {"m_insightscore": 5}}]}, "missing")
 
 
 def test_breaker_reopens_when_the_half_open_trial_fails():
