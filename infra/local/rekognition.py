@@ -8,6 +8,8 @@ Faces are found and compared by the engine and similarity the caller hands in (t
 engine in the tests: infra never imports a stage); its similarity is mapped onto a Rekognition-like
 scale (logistic, our match threshold 52 -> ~99) — the numbers are this server's, not AWS's model.
 ``S3Object`` images are read from the S3 endpoint given (moto in server mode in the tests).
+``CollectionId`` and ``ExternalImageId`` are checked against the API's patterns as AWS does (botocore does not):
+``ValidationException`` otherwise.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import base64
 import io
 import json
 import math
+import re
 import threading
 import uuid
 from collections.abc import Callable
@@ -32,6 +35,25 @@ class _Fail(CheckoutGuardError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code, self.message = code, message
+
+
+PATTERNS = {
+    "CollectionId": ("collectionId", re.compile(r"[a-zA-Z0-9_.\-]{1,255}")),
+    "ExternalImageId": ("externalImageId", re.compile(r"[a-zA-Z0-9_.\-:]{1,255}")),
+}
+"""The API's constraints on names (API_IndexFaces, API_CreateCollection): member, pattern with its length."""
+
+
+def _validate(req: dict[str, Any]) -> None:
+    """AWS's answer to a name outside its pattern: ``ValidationException`` (HTTP 400), before anything else."""
+    for field, (member, pattern) in PATTERNS.items():
+        value = req.get(field)
+        if value is not None and not (isinstance(value, str) and pattern.fullmatch(value)):
+            raise _Fail(
+                "ValidationException",
+                f"1 validation error detected: Value at '{member}' failed to satisfy constraint: "
+                f"Member must satisfy regular expression pattern: {pattern.pattern}",
+            )
 
 
 def rekognition_scale(sim: float) -> float:
@@ -105,6 +127,7 @@ class LocalRekognition:
         }
 
     def IndexFaces(self, req: dict[str, Any]) -> dict[str, Any]:  # noqa: N802
+        _validate(req)  # also when called directly, not only through the server
         col = self._collection(req["CollectionId"])
         faces = self._faces(req["Image"])[: int(req.get("MaxFaces", 100))]
         image_id = str(uuid.uuid4())
@@ -169,7 +192,9 @@ class LocalRekognition:
         with self._lock:
             self.calls.append(op)
             try:
-                return 200, getattr(self, op)(json.loads(body or b"{}"))
+                req = json.loads(body or b"{}")
+                _validate(req)
+                return 200, getattr(self, op)(req)
             except _Fail as fail:
                 return 400, {"__type": fail.code, "Message": fail.message}
 

@@ -1,14 +1,16 @@
 """The second face backend: an Amazon Rekognition collection through boto3 (as seed 000 used).
 
-Enrolled faces are indexed with ``ExternalImageId = subject id``, so a search answers with our subject
-ids and ``forget`` can find every face of a subject. Images go by S3 object when they are already in
-the checkout/suspects buckets (``s3://`` refs of the S3 image store), else as bytes (<= 5 MB).
-Rekognition's similarity is its own 0-100 scale; its threshold is ``faces.rekognition_match_threshold``
-(AWS advises >= 99 plus human review for public-safety uses).
+Enrolled faces are indexed with ``ExternalImageId`` = the subject id (:func:`external_image_id`), so a
+search answers with our subject ids and ``forget`` can find every face of a subject. Images go by S3
+object when they are already in the checkout/suspects buckets (``s3://`` refs of the S3 image store),
+else as bytes (<= 5 MB). Rekognition's similarity is its own 0-100 scale; its threshold is
+``faces.rekognition_match_threshold`` (AWS advises >= 99 plus human review for public-safety uses).
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +18,42 @@ from infra.settings import FaceSettings
 from schemas.errors import CheckoutGuardError
 
 MAX_BYTES = 5 * 1024 * 1024
+EXTERNAL_IMAGE_ID_RE = re.compile(r"[a-zA-Z0-9_.\-:]{1,255}")
+"""What Rekognition accepts as ``ExternalImageId`` (API_Face: pattern ``[a-zA-Z0-9_.\\-:]+``, 1-255 characters).
+botocore does not check the pattern: AWS answers ``ValidationException``."""
+_ESCAPED = re.compile(r"_([0-9A-F]{2})")
+_HASHED = "_sha256-"
+ATTEMPTS = 4
+"""Calls per request in botocore's ``standard`` retry mode: throttling, 5xx and connection errors are tried again
+with jittered exponential backoff, then the error is the caller's (bounded: a command never waits long)."""
+TRANSIENT_CODES = frozenset(
+    {"ThrottlingException", "ProvisionedThroughputExceededException", "LimitExceededException", "RequestTimeout"}
+)
+
+
+def external_image_id(subject_id: str) -> str:
+    """The ``ExternalImageId`` of ``subject_id``: the id itself when Rekognition accepts it (every id of an
+    existing collection, so its faces are still found), else ``_`` + the id with ``_`` and every refused
+    character (``+``, ``@``) written ``_XX`` (hex). Subject ids start alphanumeric, so the two never meet;
+    :func:`subject_of` reverses it. One too long for 255 characters is ``_sha256-<hex>`` (not reversible)."""
+    if EXTERNAL_IMAGE_ID_RE.fullmatch(subject_id):
+        return subject_id
+    escaped = "_" + "".join(
+        c if c != "_" and EXTERNAL_IMAGE_ID_RE.fullmatch(c) else f"_{ord(c):02X}" for c in subject_id
+    )
+    if EXTERNAL_IMAGE_ID_RE.fullmatch(escaped):
+        return escaped
+    return _HASHED + hashlib.sha256(subject_id.encode()).hexdigest()
+
+
+def subject_of(external_id: str, subjects: tuple[str, ...] = ()) -> str | None:
+    """The subject id an ``ExternalImageId`` stands for (:func:`external_image_id` reversed); a hashed one is
+    found among ``subjects`` only, else None."""
+    if not external_id.startswith("_"):
+        return external_id
+    if external_id.startswith(_HASHED):
+        return next((s for s in subjects if external_image_id(s) == external_id), None)
+    return _ESCAPED.sub(lambda m: chr(int(m.group(1), 16)), external_id[1:])
 
 
 @dataclass(frozen=True)
@@ -26,11 +64,14 @@ class CollectionMatch:
 
 
 class RekognitionError(CheckoutGuardError, RuntimeError):
-    """A Rekognition call failed; ``code`` is the AWS error code (e.g. ``InvalidParameterException``)."""
+    """A Rekognition call failed; ``code`` is the AWS error code (e.g. ``InvalidParameterException``).
+    ``transient``: throttling, a 5xx or no connection (botocore already tried again), worth another try later;
+    anything else (validation, access, a missing collection) fails the same way again."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, transient: bool = False) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
+        self.transient = transient
 
 
 def _image(image: bytes | str) -> dict[str, Any]:
@@ -51,6 +92,8 @@ class RekognitionFaces:
         self.settings = settings
         self.collection = settings.rekognition_collection
         if client is None:
+            from botocore.config import Config
+
             from infra.clients.aws import aws_client
 
             client = aws_client(
@@ -60,17 +103,23 @@ class RekognitionFaces:
                 endpoint_url=settings.rekognition_endpoint_url or settings.aws_endpoint_url,
                 access_key_id=settings.aws_access_key_id,
                 secret_access_key=settings.aws_secret_access_key,
+                config=Config(retries={"mode": "standard", "max_attempts": ATTEMPTS}),
             )
         self.client = client
 
     def _call(self, op: str, **kwargs: Any) -> dict[str, Any]:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return getattr(self.client, op)(**kwargs)
         except ClientError as exc:
             err = exc.response.get("Error", {})
-            raise RekognitionError(err.get("Code", "Unknown"), err.get("Message", "")) from None
+            code = err.get("Code", "Unknown")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            transient = status >= 500 or status == 429 or code in TRANSIENT_CODES
+            raise RekognitionError(code, err.get("Message", ""), transient) from None
+        except BotoCoreError as exc:  # no connection, a timeout: botocore's retries are spent
+            raise RekognitionError(type(exc).__name__, str(exc), transient=True) from None
 
     def ensure_collection(self) -> None:
         try:
@@ -81,6 +130,7 @@ class RekognitionFaces:
 
     def face_ids(self, subject_id: str) -> list[str]:
         """Every face of the collection indexed for ``subject_id`` (ListFaces, all pages)."""
+        external = external_image_id(subject_id)
         out: list[str] = []
         token: str | None = None
         while True:
@@ -88,7 +138,7 @@ class RekognitionFaces:
             if token:
                 kwargs["NextToken"] = token
             page = self._call("list_faces", **kwargs)
-            out += [f["FaceId"] for f in page.get("Faces", []) if f.get("ExternalImageId") == subject_id]
+            out += [f["FaceId"] for f in page.get("Faces", []) if f.get("ExternalImageId") == external]
             token = page.get("NextToken")
             if not token:
                 return out
@@ -102,7 +152,7 @@ class RekognitionFaces:
             "index_faces",
             CollectionId=self.collection,
             Image=_image(image),
-            ExternalImageId=subject_id,
+            ExternalImageId=external_image_id(subject_id),
             MaxFaces=1,
             QualityFilter="AUTO",
             DetectionAttributes=[],
@@ -112,8 +162,9 @@ class RekognitionFaces:
             raise RekognitionError("NoFaceIndexed", "no face passed Rekognition's quality filter")
         return faces
 
-    def search(self, image: bytes | str) -> CollectionMatch | None:
-        """Best match of the largest face in ``image`` at or above the Rekognition threshold."""
+    def search(self, image: bytes | str, subjects: tuple[str, ...] = ()) -> CollectionMatch | None:
+        """Best match of the largest face in ``image`` at or above the Rekognition threshold (``subjects``: the
+        known subject ids, to name a hashed ``ExternalImageId``)."""
         try:
             resp = self._call(
                 "search_faces_by_image",
@@ -131,9 +182,10 @@ class RekognitionFaces:
         if not matches:
             return None
         best = max(matches, key=lambda m: m["Similarity"])
-        return CollectionMatch(
-            best["Face"].get("ExternalImageId", ""), float(best["Similarity"]), best["Face"]["FaceId"]
-        )
+        subject = subject_of(best["Face"].get("ExternalImageId", ""), subjects)
+        if not subject:
+            return None  # a face indexed by someone else, or one no known subject hashes to
+        return CollectionMatch(subject, float(best["Similarity"]), best["Face"]["FaceId"])
 
     def forget(self, subject_id: str) -> int:
         """Delete every face of ``subject_id``; returns how many were deleted."""

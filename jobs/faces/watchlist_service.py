@@ -83,20 +83,23 @@ PROCESS = "watchlist-service"
 """The ``stage`` label of this process's metrics (its name in ``infra.metrics.PROCESSES``)."""
 SERVICE_ACTOR = WATCHLIST_SERVICE_ACTOR
 CATEGORY = {"FRAUD": "SUSPECT", "VIP": "VIP"}
-REKOGNITION_REFUSALS = {
-    "NoFaceIndexed",
-    "InvalidParameterException",
-    "InvalidImageFormatException",
-    "ImageTooLargeException",
-    "InvalidS3ObjectException",
-}
-"""Rekognition answers that say "not this image" (the command fails) rather than "not now" (retry)."""
 UNVERIFIED_ACTOR = "unverified"
 """The audit actor of a refused command: who it claims to come from is only in its details."""
 
 
 class Failed(InvalidRecord):
     """A command that cannot be carried out (audited as ``FAILED`` and dead-lettered); ``kind`` says why."""
+
+
+def rekognition_failed(exc: RekognitionError) -> Failed:
+    """A Rekognition error as a failed command. Raising it out of the service instead would stop the service,
+    and the command, replayed at every restart, would fail again and hold up every command behind it (a
+    ``forget`` among them): an error that persists (validation, access, a missing collection) fails the
+    command for good; a transient one (throttling, 5xx, no connection) did after botocore's bounded retries,
+    and the command can be issued again."""
+    if exc.transient:
+        return Failed("rekognition_unavailable", f"{exc.code} after retries; nothing changed, issue the command again")
+    return Failed("rekognition_refused", exc.code)
 
 
 def retain_reason(alert_id: str, subject_id: str | None) -> str:
@@ -200,10 +203,14 @@ class WatchlistCore:
             return self._enroll(cmd, arg, audit)
         except InvalidRecord as f:  # Failed, or an invalid id (never copied into the audit event)
             log.info("command %s %s failed: %s", cmd.command_id, cmd.verb, f.kind)
-            return [
-                self._audit(**audit, outcome="FAILED", reason=f"{f.kind}: {f.reason}"),
-                self._dead_letter(src, f, now_ms),
-            ]
+            failed = f
+        except Exception as exc:  # noqa: BLE001 - the image store, a bug: this command fails, the next ones go on
+            log.error("command %s %s failed: %s", cmd.command_id, cmd.verb, type(exc).__name__)
+            failed = Failed("command_error", f"{type(exc).__name__}; issue the command again")
+        return [
+            self._audit(**audit, outcome="FAILED", reason=f"{failed.kind}: {failed.reason}"),
+            self._dead_letter(src, failed, now_ms),
+        ]
 
     def _not_ours(self, src: Source, cmd: BotCommand, now_ms: int) -> list[Out]:
         """CHECKOUT / STATUS / HELP are the bot's business, recorded on ``commands`` for the record: nothing
@@ -328,11 +335,9 @@ class WatchlistCore:
             try:
                 details["rekognition_faces"] = str(len(self.rekognition.index(subject, image)))
             except RekognitionError as exc:
-                if exc.code not in REKOGNITION_REFUSALS:
-                    raise  # throttling, outage: crash and retry the command after restart
                 if not current:
                     self.store.delete(reference)
-                raise Failed("rekognition_refused", exc.code) from None
+                raise rekognition_failed(exc) from None
         if current:
             details["previous_category"] = current["category"]
         entry = WatchlistEntry(
@@ -383,9 +388,7 @@ class WatchlistCore:
             try:
                 self.rekognition.index(subject, ref if ref.startswith("s3://") else data)
             except RekognitionError as exc:
-                if exc.code not in REKOGNITION_REFUSALS:
-                    raise
-                raise Failed("rekognition_refused", exc.code) from None
+                raise rekognition_failed(exc) from None
         learned = replace(entry, embeddings=[*entry.embeddings, [float(v) for v in face.embedding]])
         self.records[subject] = learned
         log.info("learned a template of %s (%d now, command %s)", subject, len(learned.embeddings), cmd.command_id)
@@ -514,9 +517,14 @@ class WatchlistCore:
         return outs
 
     def _forget(self, subject: str, audit: dict[str, Any]) -> list[Out]:
+        """Rekognition's faces first, then the images, then the entry: a failure on the way leaves the subject
+        enrolled (never matched by one index while forgotten by another) and a new ``forget`` finishes it."""
         audit["subject_id"] = subject
-        self.records.pop(subject, None)
-        current = self.entries.pop(subject, None)
+        try:
+            faces = self.rekognition.forget(subject) if self.rekognition is not None else 0
+        except RekognitionError as exc:
+            raise rekognition_failed(exc) from None
+        current = self.entries.get(subject)
         removed: list[str] = []
         reference = self.store.find("reference", subject)
         if reference:
@@ -530,7 +538,8 @@ class WatchlistCore:
             if retained_subject(reason) == subject:
                 self.store.delete(ref)
                 removed.append(ref)
-        faces = self.rekognition.forget(subject) if self.rekognition is not None else 0
+        self.records.pop(subject, None)
+        self.entries.pop(subject, None)
         existed = bool(current or removed or faces)
         audit.update(category=(current or {}).get("category"), transaction_id=tx)
         log.info("forgot %s (%d images, %d indexed faces)", subject, len(removed), faces)

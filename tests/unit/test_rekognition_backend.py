@@ -183,3 +183,83 @@ def test_watchlist_service_with_rekognition_indexes_on_fraud_and_deletes_on_forg
     assert forgot.details["rekognition_faces_deleted"] == "1" and forgot.details["images_deleted"] == "2"
     assert faces.face_ids("subj-tx-77") == [] and store.find("reference", "subj-tx-77") is None
     assert "DeleteFaces" in server.calls
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "subj-tx-1",
+        "subj-POS7+00042@store-001",
+        "subj-a_2Bb",
+        "subj-a+b",
+        "subj-a_b@c",
+        "s" + "+" * 127,
+        "s" + "@_" * 63,
+    ],
+)
+def test_every_subject_id_has_a_valid_distinct_external_image_id_that_names_it_again(subject):
+    from jobs.faces.rekognition import EXTERNAL_IMAGE_ID_RE, external_image_id, subject_of
+    from schemas.identifiers import ID_RE
+
+    assert ID_RE.fullmatch(subject), "a subject id the pipeline accepts"
+    external = external_image_id(subject)
+    assert EXTERNAL_IMAGE_ID_RE.fullmatch(external), "Rekognition's pattern, 1-255 characters"
+    assert subject_of(external, (subject,)) == subject
+    others = ["subj-tx-1", "subj-POS7+00042@store-001", "subj-a_2Bb", "subj-a+b", "subj-a_b@c", "s" + "+" * 127]
+    assert [o for o in others if o != subject and external_image_id(o) == external] == []
+
+
+def test_a_valid_subject_id_keeps_its_external_image_id_so_existing_collections_still_work():
+    from jobs.faces.rekognition import external_image_id
+
+    assert external_image_id("subj-POS7-00042:store-001.a_b") == "subj-POS7-00042:store-001.a_b"
+    assert external_image_id("subj-POS7+00042@store-001") == "_subj-POS7_2B00042_40store-001"
+
+
+def _one_face_server():
+    """The stand-in with an analyser that finds one face in any image (the names are what is tested)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    face = SimpleNamespace(passed=True, box=(0, 0, 10, 10), scale=1.0, embedding=np.ones(4))
+    return LocalRekognition(SimpleNamespace(analyse=lambda data: [face]), lambda a, b: 100.0)
+
+
+def _jpeg() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_the_local_rekognition_refuses_an_external_image_id_outside_the_apis_pattern_as_aws_does(tmp_path):
+    from botocore.exceptions import ClientError
+
+    server = _one_face_server()
+    url = server.start()
+    try:
+        faces = RekognitionFaces(
+            FaceSettings(
+                rekognition_endpoint_url=url,
+                aws_region="us-east-1",
+                aws_access_key_id=SecretStr("testing"),
+                aws_secret_access_key=SecretStr("testing"),
+            )
+        )
+        faces.ensure_collection()
+        with pytest.raises(ClientError) as err:
+            faces.client.index_faces(
+                CollectionId=faces.collection, Image={"Bytes": _jpeg()}, ExternalImageId="subj-POS7+00042@store-001"
+            )
+        assert err.value.response["Error"]["Code"] == "ValidationException"
+        assert "externalImageId" in err.value.response["Error"]["Message"]
+        # through the backend: indexed under the mapped id, found again and deleted by forget
+        assert len(faces.index("subj-POS7+00042@store-001", _jpeg())) == 1
+        assert faces.search(_jpeg()).subject_id == "subj-POS7+00042@store-001"
+        assert faces.forget("subj-POS7+00042@store-001") == 1 and faces.face_ids("subj-POS7+00042@store-001") == []
+    finally:
+        server.stop()

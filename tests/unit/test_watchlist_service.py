@@ -309,3 +309,81 @@ def test_the_watchlist_topic_gets_a_compaction_marker_once_a_segment(core) -> No
     assert [o.key for o in core.purge(NOW + HOUR_MS) if o.topic == WATCHLIST] == [COMPACTION_MARKER]
     core.load(COMPACTION_MARKER, None)  # read back like any tombstone: a key that never had an entry
     assert COMPACTION_MARKER.decode() not in core.entries
+
+
+class _Engine:
+    """Every image has one good face (the Rekognition tests need no photo)."""
+
+    embedder = "sface"
+
+    def best_face(self, data: bytes):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(quality=0.9, embedding=[0.1] * FACE_LEN)
+
+
+class _FailingRekognition:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def index(self, subject: str, image: object) -> list[str]:
+        raise self.error
+
+    def forget(self, subject: str) -> int:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("code", "transient", "kind"),
+    [
+        ("ValidationException", False, "rekognition_refused"),
+        ("AccessDeniedException", False, "rekognition_refused"),
+        ("ThrottlingException", True, "rekognition_unavailable"),
+    ],
+)
+def test_a_rekognition_error_fails_the_command_and_the_next_command_still_runs(tmp_path, code, transient, kind):
+    """An AWS code outside a short list was raised out of on_command: the service stopped and, replaying the same
+    command at every restart, never reached the commands behind it (a forget among them)."""
+    from jobs.faces.rekognition import RekognitionError
+
+    webex = WebexSettings(command_signing_key=SecretStr(KEY), allowed_people=ALLOWED)
+    rekognition = _FailingRekognition(RekognitionError(code, "no", transient))
+    core = WatchlistCore(
+        Settings(stack_dir=tmp_path, webex=webex),
+        engine=_Engine(),  # type: ignore[arg-type]
+        store=LocalImageStore(tmp_path / "images"),
+        rekognition=rekognition,  # type: ignore[arg-type]
+    )
+    core.store.put("checkout", "POS7+00042@store-001", blank_jpeg())
+    outs = core.on_command(command("FRAUD", "POS7+00042@store-001", cid="c1"), NOW)
+    assert not by_topic(outs)["watchlist"]
+    audit = audit_of(outs)
+    assert (audit.outcome, audit.reason.split(":")[0]) == ("FAILED", kind)
+    assert DeadLetter.decode(by_topic(outs)["dead_letters"][0].value).error_kind == kind
+    assert core.store.find("reference", "subj-POS7+00042@store-001") is None, "no reference image left behind"
+    assert "subj-POS7+00042@store-001" not in core.records
+
+    core.load(b"subj-tx-5", WatchlistEntry("subj-tx-5", "SUSPECT", [[0.1] * FACE_LEN], "r", "x", 1).encode())
+    forgot = core.on_command(command("FORGET", "subj-tx-5", cid="c2"), NOW)
+    assert audit_of(forgot).outcome == "FAILED" and not by_topic(forgot)["watchlist"]
+    assert "subj-tx-5" in core.records, "still enrolled, not half forgotten: a new forget finishes it"
+    rekognition.forget = lambda subject: 1  # type: ignore[method-assign]
+    again = core.on_command(command("FORGET", "subj-tx-5", cid="c3"), NOW)
+    assert audit_of(again).outcome == "DONE" and by_topic(again)["watchlist"][0].value is None
+    assert "subj-tx-5" not in core.records
+
+
+def test_any_other_failure_of_a_command_is_audited_and_dead_lettered_not_raised(tmp_path):
+    class BrokenStore(LocalImageStore):
+        def find(self, kind: str, key: str) -> str | None:
+            raise ConnectionError("image store down")
+
+    webex = WebexSettings(command_signing_key=SecretStr(KEY), allowed_people=ALLOWED)
+    core = WatchlistCore(
+        Settings(stack_dir=tmp_path, webex=webex),
+        engine=_Engine(),  # type: ignore[arg-type]
+        store=BrokenStore(tmp_path / "images"),
+    )
+    outs = core.on_command(command("FRAUD", "tx-1"), NOW)
+    assert audit_of(outs).outcome == "FAILED" and audit_of(outs).reason.startswith("command_error: ConnectionError")
+    assert DeadLetter.decode(by_topic(outs)["dead_letters"][0].value).error_kind == "command_error"
