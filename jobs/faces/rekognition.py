@@ -1,5 +1,11 @@
 """The second face backend: an Amazon Rekognition collection through boto3 (as seed 000 used).
 
+What it does in the pipeline: the watchlist service indexes each enrolled face here and deletes a subject's
+faces on forget or expiry. Nothing searches the collection: checkout and entrance faces are matched by the
+scoring job against the ``watchlist`` topic's local embeddings, whichever backend is chosen. :meth:`search`
+is kept, and tested, for that wiring: the face stage would search each snapshot and report the subject, and
+the job would have to take a match the stage reports (today it upgrades ``NO_MATCH`` by its own search only).
+
 Enrolled faces are indexed with ``ExternalImageId`` = the subject id (:func:`external_image_id`), so a
 search answers with our subject ids and ``forget`` can find every face of a subject. Images go by S3
 object when they are already in the checkout/suspects buckets (``s3://`` refs of the S3 image store),

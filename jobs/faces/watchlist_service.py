@@ -132,6 +132,11 @@ class WatchlistCore:
         if rekognition is None and settings.faces.backend == "rekognition":
             rekognition = RekognitionFaces(settings.faces)
             rekognition.ensure_collection()
+            log.info(
+                "Rekognition backend: enrolled faces are indexed in collection %s and deleted from it on forget; "
+                "matching stays on the local engine",
+                rekognition.collection,
+            )
         self.rekognition = rekognition
         self.entries: dict[str, dict[str, Any]] = {}
         """The watchlist as this service last wrote/read it (subject id -> entry without embeddings)."""
@@ -434,9 +439,8 @@ class WatchlistCore:
         """Entries enrolled by another embedder than the configured one (``CG_FACES__EMBEDDER`` changed, or its
         default did) never match a probe: each is enrolled again from its reference image, audited ``REEMBED``
         (templates learned from sightings are dropped: their images are not kept). One that cannot be (no
-        reference image, no face in it) is audited ``FAILED`` once and logged: it needs a new ``suspect``."""
-        if self.settings.faces.backend != "local":
-            return []
+        reference image, no face in it) is audited ``FAILED`` once and logged: it needs a new ``suspect``. With the
+        Rekognition backend too: matching is local with either backend, and the collection keeps its own faces."""
         wanted = self.engine.embedder
         outs: list[Out] = []
         for subject, entry in list(self.records.items()):

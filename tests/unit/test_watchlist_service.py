@@ -387,3 +387,31 @@ def test_any_other_failure_of_a_command_is_audited_and_dead_lettered_not_raised(
     outs = core.on_command(command("FRAUD", "tx-1"), NOW)
     assert audit_of(outs).outcome == "FAILED" and audit_of(outs).reason.startswith("command_error: ConnectionError")
     assert DeadLetter.decode(by_topic(outs)["dead_letters"][0].value).error_kind == "command_error"
+
+
+def test_with_the_rekognition_backend_an_entry_of_another_embedder_is_still_enrolled_again(tmp_path) -> None:
+    """Matching is local with either backend: re-embedding was off for Rekognition, so after an embedder change its
+    entries never matched again."""
+    import numpy as np
+
+    from infra.settings import FaceSettings
+    from jobs.faces.engine import SFACE_SCALE, embedder_of
+
+    class SFaceEngine(_Engine):
+        def best_face(self, data: bytes):
+            from types import SimpleNamespace
+
+            return SimpleNamespace(quality=0.9, embedding=[SFACE_SCALE / np.sqrt(128)] * 128)
+
+    settings = Settings(stack_dir=tmp_path, faces=FaceSettings(embedder="sface", backend="rekognition"))
+    core = WatchlistCore(
+        settings,
+        engine=SFaceEngine(),  # type: ignore[arg-type]
+        store=LocalImageStore(tmp_path / "images"),
+        rekognition=_FailingRekognition(AssertionError("the collection keeps its own faces")),  # type: ignore[arg-type]
+    )
+    reference = core.store.put("reference", "subj-tx-1", blank_jpeg())
+    old = WatchlistEntry("subj-tx-1", "SUSPECT", [[0.12] * 128], "fraud", "lp@example.com", NOW, reference, "tx-1")
+    core.load(b"subj-tx-1", old.encode())
+    [again] = [WatchlistEntry.decode(o.value) for o in by_topic(core.reembed(NOW))["watchlist"]]
+    assert embedder_of(np.asarray(again.embeddings[0])) == "sface"
