@@ -608,6 +608,9 @@ class CameraSettings(BaseModel, frozen=True):
     no_video_max_tries: int = 6
     fallback_to_now: bool = True
     """After ``no_video_max_tries`` take a snapshot of "now" instead (flagged on the result)."""
+    fallback_share: float = Field(default=0.4, ge=0.0, lt=1.0)
+    """Share of ``deadline_s`` kept for the fallback to "now" (its request and the polls of its URL): the No-video
+    retries stop early rather than wait into it. Without ``fallback_to_now`` the retries may use the whole budget."""
     deadline_s: float = 30.0
     """Overall budget of one snapshot: every retry, poll and wait included."""
     request_timeout_s: float = 5.0

@@ -259,6 +259,7 @@ class MerakiClient:
         tries = 0
         backoff = self.cfg.no_video_backoff_s
         ts = timestamp_ms
+        reserve = budget.left() * self.cfg.fallback_share
         while True:
             try:
                 url = self._generate(serial, ts, budget, counts)
@@ -267,8 +268,10 @@ class MerakiClient:
                 if exc.kind != "no_video":
                     raise
                 tries += 1
-                if tries >= self.cfg.no_video_max_tries:
-                    if self.cfg.fallback_to_now and ts is not None:
+                can_fall_back = self.cfg.fallback_to_now and ts is not None
+                # The fallback gets its share of the budget: a retry that would wait into it is not made.
+                if tries >= self.cfg.no_video_max_tries or (can_fall_back and budget.left() - backoff < reserve):
+                    if can_fall_back:
                         ts, fell_back = None, True
                         continue
                     raise

@@ -110,7 +110,7 @@ def test_snapshot_at_a_timestamp_shows_who_stood_at_the_lane_then(cam) -> None:
 
 
 def test_recent_timestamp_is_retried_until_footage_exists(people) -> None:
-    settings = camera_settings(local_no_video_ms=2500, no_video_backoff_s=0.5, no_video_max_tries=10)
+    settings = camera_settings(local_no_video_ms=2500, no_video_backoff_s=0.5, no_video_max_tries=10, deadline_s=10.0)
     with running(settings, people):
         sleeps = Sleeps()
         with MerakiClient.from_settings(settings, sleep=sleeps) as client:
@@ -353,3 +353,75 @@ def test_a_retry_after_beyond_the_deadline_fails_at_once_instead_of_sleeping() -
         client.snapshot("Q2MV-store-001-lane-01")
     assert err.value.kind == "rate_limited"
     assert client.sleeps == [] and len(api.requests) == 1  # type: ignore[attr-defined]
+
+
+class SlowFootage:
+    """A Dashboard on a virtual clock whose footage is stored ``lag_s`` after it was recorded (protocols.md: up
+    to a couple of minutes): a timestamp newer than that is ``No video``; "now" is a URL ready on poll
+    ``ready_on``. Each exchange takes ``rtt_s``."""
+
+    def __init__(self, lag_s: float, ready_on: int, rtt_s: float = 0.15, start: float = 1_800_000_000.0) -> None:
+        self.now, self.lag_s, self.ready_on, self.rtt_s = start, lag_s, ready_on, rtt_s
+        self.posts: list[tuple[float, bool]] = []
+        """(seconds since the start, with a timestamp) of every generateSnapshot."""
+        self.start = start
+        self.polls = 0
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def clock(self) -> float:
+        return self.now
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        import json
+        from calendar import timegm
+
+        self.now += self.rtt_s
+        if request.method == "POST":
+            body = json.loads(request.content or b"{}")
+            self.posts.append((round(self.now - self.start, 1), "timestamp" in body))
+            if "timestamp" in body:
+                at = timegm(time.strptime(body["timestamp"], "%Y-%m-%dT%H:%M:%SZ"))
+                if at > self.now - self.lag_s:
+                    return httpx.Response(400, json={"errors": ["No video for specified timestamp"]})
+            self.polls = 0
+            return httpx.Response(202, json={"url": "https://spn4.meraki.com/snap/t.jpg", "expiry": "later"})
+        self.polls += 1
+        if self.polls < self.ready_on:
+            return httpx.Response(404)
+        return httpx.Response(200, headers={"Content-Type": "image/jpeg"}, content=JPEG)
+
+    def client(self, **cameras: object) -> MerakiClient:
+        return MerakiClient(
+            CameraSettings(**cameras),  # type: ignore[arg-type]
+            "https://api.meraki.com/api/v1",
+            http=httpx.Client(transport=httpx.MockTransport(self)),
+            sleep=self.sleep,
+            clock=self.clock,
+        )
+
+
+def test_no_video_retries_leave_the_fallback_to_now_its_share_of_the_deadline() -> None:
+    """Footage two minutes behind: the retries stop in time for a "now" whose URL needs ten polls."""
+    api = SlowFootage(lag_s=120, ready_on=10)
+    with api.client() as client:
+        snap = client.snapshot("Q2MV-ABCD-0001", int(api.start * 1000))
+    assert snap.fell_back_to_now and snap.image == JPEG and snap.elapsed_s <= 30
+    asked = [t for t, with_timestamp in api.posts if with_timestamp]
+    fallback = [t for t, with_timestamp in api.posts if not with_timestamp]
+    assert len(asked) >= 3 and len(fallback) == 1 and fallback[0] <= 30 * (1 - CameraSettings().fallback_share) + 1
+
+
+def test_a_longer_no_video_backoff_still_falls_back_to_now() -> None:
+    api = SlowFootage(lag_s=120, ready_on=3)
+    with api.client(no_video_backoff_s=10.0) as client:
+        snap = client.snapshot("Q2MV-ABCD-0001", int(api.start * 1000))
+    assert snap.fell_back_to_now and [with_ts for _, with_ts in api.posts] == [True, True, False]
+
+
+def test_footage_stored_within_the_retries_is_the_transaction_time_not_now() -> None:
+    api = SlowFootage(lag_s=10, ready_on=3)
+    with api.client() as client:
+        snap = client.snapshot("Q2MV-ABCD-0001", int(api.start * 1000))
+    assert not snap.fell_back_to_now and all(with_ts for _, with_ts in api.posts)
