@@ -638,6 +638,10 @@ class CameraSettings(BaseModel, frozen=True):
     """Face stage: pending snapshots before it pauses consuming."""
     max_lag_s: float = 600.0
     """Face stage: a transaction older than this is not snapshotted (``UNAVAILABLE``): its decision is long made."""
+    entrance_max_lag_s: float = 10.0
+    """Face stage: a new person at an entrance is photographed "now", so only while the camera event is at most
+    this old; an older one (a backlog after a restart or an outage) is ``UNAVAILABLE``, not a picture of whoever
+    stands at the door today filed under that event."""
     face_stage_offset_reset: str = "latest"
     """Where a new face stage consumer group starts: ``latest`` (a fresh deployment does not snapshot history)."""
 

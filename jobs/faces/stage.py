@@ -2,9 +2,9 @@
 
 Inputs: ``transactions`` (each valid one: the lane camera at the transaction time) and
 ``camera_events`` (an entrance camera reporting an ``oid`` it has not seen within
-``entrance_oid_window_s``: that camera now). Output: one ``FaceObservation`` per trigger on
-``face_observations`` (key = camera serial), with a deterministic id (``checkout:<tx>``,
-``entrance:<serial>:<oid>``) so a replay is idempotent downstream. The scoring job joins them to
+``entrance_oid_window_s``: that camera now, if the event is at most ``entrance_max_lag_s`` old). Output:
+one ``FaceObservation`` per trigger on ``face_observations`` (key = camera serial), with a deterministic
+id (``checkout:<tx>``, ``entrance:<serial>:<oid>``) so a replay is idempotent downstream. The scoring job joins them to
 transactions by transaction id (with a deadline) and does the watchlist match; this stage stays
 stateless apart from the entrance ``oid`` memory.
 
@@ -202,6 +202,7 @@ class FaceStage:
         self.entrances = EntranceTracker(int(settings.cameras.entrance_oid_window_s * 1000))
         self._analysis = threading.BoundedSemaphore(analysis_slots or settings.cameras.analysis_workers)
         self._max_lag_ms = int(settings.cameras.max_lag_s * 1000)
+        self._entrance_max_lag_ms = int(settings.cameras.entrance_max_lag_s * 1000)
         self._processing = metrics.PROCESSING_SECONDS.labels(PROCESS)
 
     def plan_transaction(self, value: bytes | None, now_ms: int) -> list[Trigger]:
@@ -253,11 +254,12 @@ class FaceStage:
         def obs(status: str, reason: str | None = None, **extra: object) -> FaceObservation:
             return _observation(trigger, status, reason, **extra)
 
-        if trigger.at_ms is not None and now_ms - trigger.at_ms > self._max_lag_ms:
-            return obs(
-                "UNAVAILABLE",
-                f"not snapshotted: {(now_ms - trigger.at_ms) // 1000} s late (limit {self._max_lag_ms // 1000} s)",
-            )
+        # Lag from the event, not from the snapshot time: an entrance is photographed "now" (at_ms None), which
+        # shows the person of the event only while the event is fresh.
+        limit = self._max_lag_ms if trigger.kind == CHECKOUT else self._entrance_max_lag_ms
+        lag = now_ms - trigger.event_time
+        if lag > limit:
+            return obs("UNAVAILABLE", f"not snapshotted: {lag // 1000} s late (limit {limit // 1000} s)")
         try:
             snap = self.snapshot(trigger.serial, trigger.at_ms)
         except SnapshotError as exc:

@@ -243,3 +243,16 @@ def test_an_engine_failure_of_any_kind_is_unavailable_not_an_exception(tmp_path)
     obs = stage.observe(stage.plan_transaction(_tx(now), now)[0], now)
     assert obs.status == "UNAVAILABLE" and obs.reason == "face analysis failed: TypeError"
     assert obs.observation_id == "checkout:tx-face-1"
+
+
+def test_an_entrance_event_from_a_backlog_is_not_photographed_now(tmp_path) -> None:
+    """Two hours behind (a restart, an outage): a snapshot of the door now would show someone else."""
+    stage = _stage(tmp_path, None, lambda s, at: pytest.fail("must not snapshot"))
+    now = int(time.time() * 1000)
+    old = now - 2 * 3600_000
+    objs = (DetectedObject(7, "person", 0.1, 0.1, 0.5, 0.9),)
+    event = CameraEvent("Q2MV-store-001-ENTRANCE", old, "/merakimv/x/raw_detections", "RAW_DETECTIONS", objects=objs)
+    [trigger] = stage.plan_camera_event(event.encode())
+    obs = stage.observe(trigger, now)
+    assert obs.status == "UNAVAILABLE" and obs.reason == "not snapshotted: 7200 s late (limit 10 s)"
+    assert obs.event_time == old and obs.image_ref is None
