@@ -4,9 +4,9 @@ Inputs: ``transactions`` (each valid one: the lane camera at the transaction tim
 ``camera_events`` (an entrance camera reporting an ``oid`` it has not seen within
 ``entrance_oid_window_s``: that camera now, if the event is at most ``entrance_max_lag_s`` old). Output:
 one ``FaceObservation`` per trigger on ``face_observations`` (key = camera serial), with a deterministic
-id (``checkout:<tx>``, ``entrance:<serial>:<oid>``) so a replay is idempotent downstream. The scoring job joins them to
-transactions by transaction id (with a deadline) and does the watchlist match; this stage stays
-stateless apart from the entrance ``oid`` memory.
+id (``checkout:<tx>``, ``entrance:<serial>:<oid>:<event time>``) so a replay is idempotent downstream. The
+scoring job joins them to transactions by transaction id (with a deadline) and does the watchlist match;
+this stage stays stateless apart from the entrance ``oid`` memory.
 
 Statuses: ``NO_MATCH`` (a usable face: embedding + quality), ``NO_FACE`` (none, or none passed the
 quality gate; the reason says which), ``UNAVAILABLE`` (no snapshot, or bytes that are no image; the
@@ -102,15 +102,19 @@ class Trigger:
 
     @property
     def observation_id(self) -> str:
+        """Deterministic (a replay of the record gives the same id). An entrance sighting's carries its event
+        time: the tracker reports an ``oid`` unseen for ``entrance_oid_window_s`` as a new person, whose
+        observation, image and alert must not overwrite the earlier sighting's. (Records written before keep
+        ``entrance:<serial>:<oid>``; nothing parses these ids.)"""
         if self.kind == CHECKOUT:
             return f"checkout:{self.transaction_id}"
-        return f"entrance:{self.serial}:{self.oid}"
+        return f"entrance:{self.serial}:{self.oid}:{self.event_time}"
 
     @property
     def image_key(self) -> tuple[str, str]:
         if self.kind == CHECKOUT:
             return "checkout", str(self.transaction_id)
-        return "entrance", f"{self.serial}:{self.oid}"
+        return "entrance", f"{self.serial}:{self.oid}:{self.event_time}"
 
 
 class EntranceTracker:

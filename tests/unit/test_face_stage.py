@@ -169,7 +169,7 @@ def test_a_new_person_at_the_entrance_triggers_one_snapshot_of_now(tmp_path, eng
 
     [trigger] = stage.plan_camera_event(event("Q2MV-store-001-ENTRANCE", 42))
     assert (trigger.kind, trigger.at_ms, trigger.store_id, trigger.lane_id) == (ENTRANCE, None, "store-001", None)
-    assert trigger.observation_id == "entrance:Q2MV-store-001-ENTRANCE:42"
+    assert trigger.observation_id == f"entrance:Q2MV-store-001-ENTRANCE:42:{now}"
     assert stage.plan_camera_event(event("Q2MV-store-001-ENTRANCE", 42, at=now + 500)) == []
     assert stage.plan_camera_event(event(LANE, 43)) == []  # lane cameras are triggered by checkouts
     obs = stage.observe(trigger, now)
@@ -184,7 +184,7 @@ def test_a_garbage_camera_event_is_invalid() -> None:
     with pytest.raises(InvalidRecord) as err:
         stage.plan_camera_event(b"\x00garbage")
     assert err.value.kind == "not_avro"
-    assert Trigger(ENTRANCE, "c", "s", None, 1, None, oid=5).image_key == ("entrance", "c:5")
+    assert Trigger(ENTRANCE, "c", "s", None, 1, None, oid=5).image_key == ("entrance", "c:5:1")
 
 
 HOSTILE_STORE = "x/../Q2XX-VICTIM-0001/reboot?"
@@ -256,3 +256,27 @@ def test_an_entrance_event_from_a_backlog_is_not_photographed_now(tmp_path) -> N
     obs = stage.observe(trigger, now)
     assert obs.status == "UNAVAILABLE" and obs.reason == "not snapshotted: 7200 s late (limit 10 s)"
     assert obs.event_time == old and obs.image_ref is None
+
+
+def test_the_same_oid_back_after_the_window_is_a_new_sighting_with_its_own_ids(tmp_path) -> None:
+    """Its observation, image and alert must not overwrite the first sighting's (nor be deduplicated away)."""
+    from jobs.scoring.rules import FaceResult
+    from jobs.scoring.scorer import Scorer
+
+    stage = _stage(tmp_path, None, lambda s, at: pytest.fail("not needed"))
+    door, t0 = "Q2MV-store-001-ENTRANCE", 1_800_000_000_000
+    objs = (DetectedObject(7, "person", 0.1, 0.1, 0.5, 0.9),)
+
+    def sighting(at: int) -> Trigger:
+        event = CameraEvent(door, at, f"/merakimv/{door}/raw_detections", "RAW_DETECTIONS", objects=objs)
+        [trigger] = stage.plan_camera_event(event.encode())
+        return trigger
+
+    first, again = sighting(t0), sighting(t0 + 11 * 60_000)  # the window is 60 s here
+    assert first.observation_id != again.observation_id and first.image_key != again.image_key
+    face = FaceResult("MATCHED", "subj-a", "SUSPECT", 99.0)
+    alerts = [
+        Scorer.watchlist_alert(t.event_time, "store-001", None, face, None, t.observation_id, None)
+        for t in (first, again)
+    ]
+    assert alerts[0]["alert_id"] != alerts[1]["alert_id"]
