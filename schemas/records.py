@@ -142,6 +142,8 @@ class FaceObservation(Record):
     image_ref: str | None = None
     reason: str | None = None
     embedding: list[float] | None = None
+    snapshot_of_now: bool = False
+    """The camera had no footage of ``event_time``: the image shows when it was asked for (not a checkout's buyer)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -117,6 +117,7 @@ class CheckoutInspector:
 
     def __call__(self, tx_id: str) -> str:
         from infra.clients.meraki import SnapshotError, camera_for_lane
+        from jobs.faces.stage import checkout_image_key
 
         if not tx_id:
             return "Which transaction? Write `checkout <transaction id>`."
@@ -136,7 +137,8 @@ class CheckoutInspector:
             shot = snapshot(serial, timestamp_ms=doc["event_time"])
         except SnapshotError as exc:
             return f"Transaction `{tx_id}` at {where}: no snapshot from camera {serial} ({exc.kind})."
-        store.put("checkout", f"{tx_id}-inspect", shot.image)
+        # A live view is no picture of the sale: kept where no enrollment (``fraud <tx>``) finds it.
+        store.put("checkout", checkout_image_key(f"{tx_id}-inspect", not shot.fell_back_to_now), shot.image)
         try:
             faces = engine.analyse(shot.image)
         except Exception as exc:  # noqa: BLE001 - a bad image is an answer, not a crash
@@ -155,6 +157,12 @@ class CheckoutInspector:
             return (
                 f"Transaction `{tx_id}` at {where}: fresh snapshot {when}; a face (quality {face.quality:.2f}) "
                 "that matches nobody on the watchlist."
+            )
+        if shot.fell_back_to_now:  # whoever stands at the lane now: not the buyer of that sale
+            return (
+                f"Transaction `{tx_id}` at {where}: no footage of the sale, so a live view; the face at the lane now "
+                f"matches **{match.category.lower()}** `{match.subject_id}` ({match.similarity:.1f}% similar). "
+                "This is not the buyer's picture."
             )
         return (
             f"Transaction `{tx_id}` at {where}: fresh snapshot {when}; the face matches "

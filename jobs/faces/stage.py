@@ -10,7 +10,10 @@ this stage stays stateless apart from the entrance ``oid`` memory.
 
 Statuses: ``NO_MATCH`` (a usable face: embedding + quality), ``NO_FACE`` (none, or none passed the
 quality gate; the reason says which), ``UNAVAILABLE`` (no snapshot, or bytes that are no image; the
-reason says why). Snapshots are kept in the ImageStore (``checkout``/``entrance``, purged by retention
+reason says why). A checkout picture the camera could only take "now" (no footage of the sale yet) is flagged
+``snapshot_of_now`` and stored under :func:`checkout_image_key` ``(tx, False)``: it is no picture of the buyer,
+so the scoring job does not join it as the transaction's face and ``fraud <tx>`` cannot enroll it. Snapshots
+are kept in the ImageStore (``checkout``/``entrance``, purged by retention
 unless a match retains them).
 
 Why a separate consumer and not Flink async I/O: snapshots take seconds (the footage must be stored
@@ -78,6 +81,20 @@ STAGE_ERROR = "face_stage_error"
 """Dead-letter kind of a record the stage failed on for a reason other than the record being invalid."""
 
 
+NOT_OF_THE_SALE = "%now"
+"""Suffix of the image key of a lane picture taken at request time instead of the sale time (the fallback to
+"now"). ``%`` is no character of a transaction id (:data:`schemas.identifiers.ID_RE`), so no ``fraud <tx>``
+names such an image as a transaction's checkout snapshot."""
+
+
+def checkout_image_key(transaction_id: str, of_the_sale: bool = True) -> str:
+    """The image-store key (kind ``checkout``) of a transaction's lane picture. Only footage of the sale is
+    the buyer's face and may be enrolled (``fraud``/``vip <tx>`` look up ``checkout_image_key(tx)``); a
+    picture of "now" (``of_the_sale=False``) shows whoever stood at the lane when it was asked for, so it
+    is kept under a key no enrollment finds."""
+    return transaction_id if of_the_sale else f"{transaction_id}{NOT_OF_THE_SALE}"
+
+
 class EngineLike(Protocol):
     def analyse(self, image: bytes) -> list: ...
 
@@ -110,10 +127,11 @@ class Trigger:
             return f"checkout:{self.transaction_id}"
         return f"entrance:{self.serial}:{self.oid}:{self.event_time}"
 
-    @property
-    def image_key(self) -> tuple[str, str]:
+    def image_key(self, of_the_event: bool = True) -> tuple[str, str]:
+        """Where its picture goes; ``of_the_event=False``: the camera had no footage of the event time and
+        the picture shows "now" (:func:`checkout_image_key`)."""
         if self.kind == CHECKOUT:
-            return "checkout", str(self.transaction_id)
+            return "checkout", checkout_image_key(str(self.transaction_id), of_the_event)
         return "entrance", f"{self.serial}:{self.oid}:{self.event_time}"
 
 
@@ -255,8 +273,10 @@ class FaceStage:
             return _observation(trigger, "UNAVAILABLE", f"face analysis failed: {type(exc).__name__}")
 
     def _observe(self, trigger: Trigger, now_ms: int) -> FaceObservation:
+        of_now = False  # set once the snapshot is there; obs() reads it when called
+
         def obs(status: str, reason: str | None = None, **extra: object) -> FaceObservation:
-            return _observation(trigger, status, reason, **extra)
+            return _observation(trigger, status, reason, snapshot_of_now=of_now, **extra)
 
         # Lag from the event, not from the snapshot time: an entrance is photographed "now" (at_ms None), which
         # shows the person of the event only while the event is fresh.
@@ -271,10 +291,11 @@ class FaceStage:
         except Exception as exc:  # a client bug must not stop the stage; the reason names it
             log.exception("snapshot of %s failed", trigger.serial)
             return obs("UNAVAILABLE", f"snapshot failed: {type(exc).__name__}")
-        notes = ["snapshot of now: no video at the transaction time"] if snap.fell_back_to_now else []
+        of_now = snap.fell_back_to_now
+        notes = ["snapshot of now: no video at the transaction time"] if of_now else []
         image_ref = None
         try:
-            image_ref = self.store.put(*trigger.image_key, snap.image)
+            image_ref = self.store.put(*trigger.image_key(not of_now), snap.image)
         except Exception as exc:  # storage trouble must not hide the face result
             log.warning("storing the snapshot of %s failed: %s", trigger.observation_id, type(exc).__name__)
             notes.append(f"image not stored ({type(exc).__name__})")

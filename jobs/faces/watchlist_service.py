@@ -62,6 +62,7 @@ from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.settings import Settings, get_settings
 from jobs.faces.engine import FaceEngine, ImageError, embedder_of
 from jobs.faces.rekognition import RekognitionError, RekognitionFaces
+from jobs.faces.stage import checkout_image_key
 from schemas.codec import DecodeError
 from schemas.errors import InvalidRecord
 from schemas.identifiers import check
@@ -323,7 +324,7 @@ class WatchlistCore:
         current = self.entries.get(subject)
         if current and current["category"] == category:
             return [self._audit(**audit, outcome="UNCHANGED", reason=f"already on the watchlist as {category}")]
-        snapshot = self.store.find("checkout", tx)
+        snapshot = self.store.find("checkout", checkout_image_key(tx))  # footage of the sale only, never "now"
         if snapshot is None:
             raise Failed("unknown_transaction", f"no checkout snapshot for transaction {tx}")
         data = self.store.get(snapshot)

@@ -32,9 +32,9 @@ from jobs.scoring.face_join import (
     PENDING,
     FaceJoin,
     Ready,
+    checkout_seen,
     decode_observation,
     observation_result,
-    seen_from,
 )
 from jobs.scoring.face_similarity import EMBEDDING_LENGTHS
 from jobs.scoring.features import customer_key, identity_keys, receipt_key
@@ -317,7 +317,8 @@ class DecisionCore:
         if obs["trigger"] == "ENTRANCE" or not obs.get("transaction_id"):
             out.extend(self.scorer.entrance(obs, face))
             return None
-        ready, writes = self.join.on_observation(obs["transaction_id"], seen_from(obs, face, now))
+        out.extend(self.scorer.lane_sighting(obs, face))
+        ready, writes = self.join.on_observation(obs["transaction_id"], checkout_seen(obs, face, now))
         self._persist(writes)
         return ready
 

@@ -107,6 +107,20 @@ def unavailable(reason: str, now_ms: int) -> Seen:
     return Seen(FaceResult("UNAVAILABLE"), None, None, reason, now_ms)
 
 
+NOT_OF_THE_SALE = "snapshot-of-now"
+"""Why a transaction has no face although its observation came: the camera had no footage of the sale."""
+
+
+def checkout_seen(obs: dict[str, Any], face: FaceResult, now_ms: int) -> Seen:
+    """What a checkout observation gives its transaction. A picture of "now" (``snapshot_of_now``: the camera
+    had no footage of the sale) shows whoever stood at the lane when it was asked for, not the buyer: the
+    transaction gets no face from it (``UNAVAILABLE``; the observation's reason says why), so it is neither
+    matched as the buyer, kept as the sale's buyer face nor compared with a return's."""
+    if obs.get("snapshot_of_now"):
+        return unavailable(NOT_OF_THE_SALE, now_ms)
+    return seen_from(obs, face, now_ms)
+
+
 class FaceJoin:
     """Pending transactions by id (with their deadline) and observations that came first."""
 

@@ -50,9 +50,9 @@ from jobs.scoring.face_join import (
     PENDING,
     FaceJoin,
     Ready,
+    checkout_seen,
     decode_observation,
     observation_result,
-    seen_from,
 )
 from jobs.scoring.face_similarity import EMBEDDING_LENGTHS
 from jobs.scoring.features import (
@@ -155,8 +155,9 @@ class RouteStep:
         if obs["trigger"] == "ENTRANCE" or not obs.get("transaction_id"):
             return [], self.scorer.entrance(obs, face)
         tx_id = obs["transaction_id"]
-        seen = seen_from(obs, face, now_ms)
-        return [Emit(GATHER, tx_id, (obs["event_time"], tx_id, zlib.crc32(record.value or b"")), ("face", seen))], []
+        seen = checkout_seen(obs, face, now_ms)
+        emit = Emit(GATHER, tx_id, (obs["event_time"], tx_id, zlib.crc32(record.value or b"")), ("face", seen))
+        return [emit], self.scorer.lane_sighting(obs, face)
 
     def _dead_letter(self, record: SourceRecord, kind: str, reason: str) -> OutRow:
         key, value, topic, partition, offset, _ = record

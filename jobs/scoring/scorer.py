@@ -48,6 +48,10 @@ from schemas.topics import ALERTS, DEAD_LETTERS, MODEL_DRIFT, SCORED_TRANSACTION
 Envelope = tuple[dict[str, Any], dict[str, float], int]
 OutRow = tuple[str, bytes, bytes]
 STAGE = "scoring-job"
+LANE_VIEW_REASON = "lane_view_after_the_sale_not_its_buyer"
+"""Reason code of a watch-list alert from a checkout picture of "now" (an alert message shows it in words)."""
+LATE_FACE_REASON = "face_seen_after_the_sale_was_decided"
+"""Reason code of a buyer's watch-list match that arrived after its sale was decided without a face."""
 
 
 RECEIPTS, STORES, CUSTOMERS = "receipts", "stores", "customers"
@@ -436,6 +440,25 @@ class Scorer:
         )
         return [(self.alerts_topic, alert["alert_id"].encode(), self._alert.encode(alert))]
 
+    def lane_sighting(self, obs: dict[str, Any], face: FaceResult) -> list[OutRow]:
+        """A watch-listed face in a checkout picture of "now" (``snapshot_of_now``: no footage of the sale): a
+        sighting at that lane when the picture was asked for, not the buyer, so an alert like an entrance's,
+        without the transaction (no verdict on it may label the sale). None before ``job.decide_from``."""
+        if not obs.get("snapshot_of_now") or face.status != "MATCHED" or obs["event_time"] < self.decide_from:
+            return []
+        alert = self.watchlist_alert(
+            obs["event_time"],
+            obs["store_id"],
+            obs.get("lane_id"),
+            face,
+            obs.get("image_ref"),
+            f"{obs['observation_id']}:now",
+            None,
+            how=f"seen at the lane after sale {obs.get('transaction_id')} (a live view: not its buyer)",
+            reason=LANE_VIEW_REASON,
+        )
+        return [(self.alerts_topic, alert["alert_id"].encode(), self._alert.encode(alert))]
+
     def score(self, env: Envelope, state: ScoringState) -> tuple[list[OutRow], list[Write]]:
         """Steps 2-4 for one transaction: output rows, and the state entries to persist."""
         out, writes = self.observe(env, state)
@@ -554,14 +577,17 @@ class Scorer:
         snapshot_ref: str | None,
         seen_as: str,
         tx: dict[str, Any] | None,
+        how: str | None = None,
+        reason: str | None = None,
     ) -> AlertAvro:
-        """Suspect or VIP recognised at a checkout (``seen_as`` = ``checkout:<tx>``) or an entrance."""
+        """Suspect or VIP recognised at a checkout (``seen_as`` = ``checkout:<tx>``) or an entrance. ``how``
+        replaces the summary's "entered"/"at checkout (<tx>)"; ``reason`` is a reason code added to the match's."""
         suspect = face.category == "SUSPECT"
         at_entrance = tx is None
         kind = ("SUSPECT_ENTERED" if at_entrance else "WATCHLIST_MATCH") if suspect else "VIP_ARRIVED"
         where = f"{store_id}" + (f" {lane_id}" if lane_id else "")
         what = "Suspect" if suspect else "VIP"
-        how = "entered" if tx is None else f"at checkout ({tx['transaction_id']})"
+        how = how or ("entered" if tx is None else f"at checkout ({tx['transaction_id']})")
         return {
             "alert_id": f"watchlist:{seen_as}:{face.subject_id}",
             "kind": kind,
@@ -574,7 +600,7 @@ class Scorer:
             "currency": tx["currency"] if tx else None,
             "outcome": None,
             "risk_score": None,
-            "reasons": [f"watchlist_{(face.category or '').lower()}"],
+            "reasons": [f"watchlist_{(face.category or '').lower()}", *([reason] if reason else [])],
             "subject_id": face.subject_id,
             "category": face.category,
             "similarity": face.similarity,

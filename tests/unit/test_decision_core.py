@@ -6,6 +6,7 @@ Kafka, state writes to MapState, the timer to Flink's timer service.
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import re
 import subprocess
@@ -615,3 +616,34 @@ def test_any_other_start_is_refused_rather_than_read_as_earliest_or_1970(value: 
     """A typo started the job from the earliest offsets; a time in seconds from January 1970."""
     with pytest.raises(ValidationError, match="earliest, latest or epoch milliseconds"):
         JobSettings(starting_offsets=value)
+
+
+# --- a checkout picture of "now" ----------------------------------------------------------------
+
+
+def _of_now(tx_id: str, embedding) -> SourceRecord:
+    obs = dataclasses.replace(checkout_face(tx_id, embedding=embedding), snapshot_of_now=True)
+    return SourceRecord(b"Q2MV-store-001-lane-01", obs.encode(), FACES, 1, 0, NOW)
+
+
+def test_a_picture_of_now_is_not_the_buyers_face_but_a_suspect_in_it_is_a_sighting_at_the_lane():
+    """No footage of the sale: whoever stood at the lane when the camera was asked is not the buyer."""
+    watchlist = Watchlist(settings())
+    core = make_core(watchlist)
+    core.on_control(WATCH_TOPIC, b"subj-9", watch_entry("subj-9", SUSPECT_FACE), 0, 0)
+    core.on_records([tx_record(sale("t1"))], NOW)
+    step = core.on_records([_of_now("t1", SUSPECT_FACE)], NOW + 100)
+    assert scored(step)["t1"]["face_status"] == "UNAVAILABLE"  # released at once: no face for the sale
+    [alert] = alerts(step)
+    assert alert["kind"] == "SUSPECT_ENTERED" and alert["transaction_id"] is None and alert["amount"] is None
+    assert alert["alert_id"] == "watchlist:checkout:t1:now:subj-9" and alert["lane_id"] == "lane-01"
+    assert "lane_view_after_the_sale_not_its_buyer" in alert["reasons"] and "not its buyer" in alert["summary"]
+    assert core.state.receipts["t1"].sale_face is None  # never compared with a later return
+
+
+def test_a_picture_of_now_of_nobody_on_the_watchlist_raises_nothing_and_keeps_no_buyer_face():
+    core = make_core()
+    core.on_records([tx_record(sale("t1"))], NOW)
+    step = core.on_records([_of_now("t1", BUYER_FACE)], NOW + 100)
+    assert scored(step)["t1"]["face_status"] == "UNAVAILABLE" and alerts(step) == []
+    assert core.state.receipts["t1"].sale_face is None

@@ -184,7 +184,7 @@ def test_a_garbage_camera_event_is_invalid() -> None:
     with pytest.raises(InvalidRecord) as err:
         stage.plan_camera_event(b"\x00garbage")
     assert err.value.kind == "not_avro"
-    assert Trigger(ENTRANCE, "c", "s", None, 1, None, oid=5).image_key == ("entrance", "c:5:1")
+    assert Trigger(ENTRANCE, "c", "s", None, 1, None, oid=5).image_key() == ("entrance", "c:5:1")
 
 
 HOSTILE_STORE = "x/../Q2XX-VICTIM-0001/reboot?"
@@ -273,10 +273,33 @@ def test_the_same_oid_back_after_the_window_is_a_new_sighting_with_its_own_ids(t
         return trigger
 
     first, again = sighting(t0), sighting(t0 + 11 * 60_000)  # the window is 60 s here
-    assert first.observation_id != again.observation_id and first.image_key != again.image_key
+    assert first.observation_id != again.observation_id and first.image_key() != again.image_key()
     face = FaceResult("MATCHED", "subj-a", "SUSPECT", 99.0)
     alerts = [
         Scorer.watchlist_alert(t.event_time, "store-001", None, face, None, t.observation_id, None)
         for t in (first, again)
     ]
     assert alerts[0]["alert_id"] != alerts[1]["alert_id"]
+
+
+def test_a_checkout_picture_of_now_is_flagged_and_kept_where_no_enrollment_finds_it(tmp_path) -> None:
+    """No footage of the sale: the camera's picture of "now" shows whoever stands at the lane then, so it is
+    marked as such and ``fraud <tx>`` (which looks up ``checkout_image_key(tx)``) cannot enroll that person."""
+    from jobs.faces.stage import checkout_image_key
+
+    class OneFace:
+        def analyse(self, image: bytes) -> list:
+            face = {"passed": True, "box": (0, 0, 10, 10), "quality": 0.9, "embedding": [0.5] * FACE_LEN}
+            return [type("Face", (), face)()]
+
+    def snapshot(serial: str, at_ms: int | None) -> Snapshot:
+        return Snapshot(serial, b"\xff\xd8\xff\xe0now", "image/jpeg", at_ms, True, 8, 2, 24.0)
+
+    stage = FaceStage(Settings(), snapshot, OneFace(), LocalImageStore(tmp_path / "images"))
+    now = int(time.time() * 1000)
+    obs = stage.observe(stage.plan_transaction(_tx(now - 25_000), now)[0], now)
+    assert obs.snapshot_of_now and obs.status == "NO_MATCH" and "snapshot of now" in obs.reason
+    assert FaceObservation.decode(obs.encode()).snapshot_of_now
+    assert stage.store.get(obs.image_ref) == b"\xff\xd8\xff\xe0now"  # kept: alerts may show it
+    assert stage.store.find("checkout", checkout_image_key("tx-face-1")) is None
+    assert checkout_image_key("tx-face-1") == "tx-face-1"  # footage of the sale: where enrollment looks
