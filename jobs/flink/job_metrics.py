@@ -9,6 +9,8 @@ per record. Everything sits under the group ``checkout_guard``; Flink's Promethe
 - ``..._kind_records_in{kind="transaction|face_observation"}`` input records taken;
 - ``..._reason_dead_letters{reason="<dead-letter kind>"}`` records dead-lettered;
 - ``..._reason_observed_only{reason="warm_up"}`` transactions before ``CG_JOB__DECIDE_FROM`` that only built state;
+- ``..._status_late_faces{status="matched|no_match|no_face|unavailable"}`` checkout faces that came after their
+  transaction was decided without one (a face deadline shorter than the cameras need);
 - ``..._model_call_us_p50`` / ``_p99``: wall time of the recent model calls (one per batch), microseconds;
 - ``..._face_wait_ms_p50`` / ``_p99``: how long recent transactions waited for their face (0 until one did).
 
@@ -32,7 +34,13 @@ from jobs.scoring.stats import FACE_OBSERVATION, TRANSACTION, Increments, JobSta
 from schemas.records import OUTCOME_WORDS
 
 GROUP = "checkout_guard"
-LABELS = {"decisions": "outcome", "records_in": "kind", "dead_letters": "reason", "observed_only": "reason"}
+LABELS = {
+    "decisions": "outcome",
+    "records_in": "kind",
+    "dead_letters": "reason",
+    "observed_only": "reason",
+    "late_faces": "status",
+}
 """Counter family -> the label (Flink key group) that tells its values apart."""
 KNOWN = {"decisions": tuple(OUTCOME_WORDS), "records_in": (TRANSACTION, FACE_OBSERVATION)}
 """Label values registered at start, so their series exist (at 0) before the first record."""

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple, Protocol
 
 from infra.settings import Settings
 from jobs.scoring.face_join import (
+    DECIDED,
     EARLY_FACES,
     PENDING,
     FaceJoin,
@@ -50,7 +51,7 @@ log = logging.getLogger("checkout_guard.scoring_job")
 LEGACY_BATCH = "batch"
 """Where the job kept transactions waiting for a model batch before batching moved into the JVM: what a
 restored checkpoint still holds there is decided at the first call."""
-MAPS = (RECEIPTS, STORES, CUSTOMERS, PENDING, EARLY_FACES, LEGACY_BATCH)
+MAPS = (RECEIPTS, STORES, CUSTOMERS, PENDING, EARLY_FACES, LEGACY_BATCH, DECIDED)
 """The keyed state maps, in the order their writes are committed (also their MapState names)."""
 RULES_KEY = "rules"
 """Broadcast state key of the rule set in force; watchlist entries are under ``wl:<subject>``."""
@@ -204,7 +205,9 @@ class DecisionCore:
         self.state = ScoringState.restore(
             **{name: dict(maps.get(name) or {}) for name in (RECEIPTS, STORES, CUSTOMERS)}
         )
-        self.join.restore(dict(maps.get(PENDING) or {}), dict(maps.get(EARLY_FACES) or {}))
+        self.join.restore(
+            dict(maps.get(PENDING) or {}), dict(maps.get(EARLY_FACES) or {}), dict(maps.get(DECIDED) or {})
+        )
         for tx_id, (env, seen) in (maps.get(LEGACY_BATCH) or {}).items():
             self.restored_ready.append(Ready(env, seen))
             self._changes[LEGACY_BATCH][tx_id] = None
@@ -398,7 +401,10 @@ class DecisionCore:
 
     def _decide_chunk(self, chunk: list[Ready]) -> tuple[Sequence[OutRow], list[Write]]:
         return self.scorer.decide_batch(
-            [item.env for item in chunk], seen=[item.seen for item in chunk], state=self.state
+            [item.env for item in chunk],
+            seen=[item.seen for item in chunk],
+            state=self.state,
+            late=[item.late for item in chunk],
         )
 
     def _decide_each(self, chunk: list[Ready]) -> tuple[Sequence[OutRow], list[Write]]:

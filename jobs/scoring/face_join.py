@@ -5,6 +5,12 @@ entries it reports as changed, and scores whatever it releases. Both orders happ
 usually answers after the transaction arrives (it needs the snapshot), but a slow scoring job can
 see the observation first, so early observations are kept for a while too.
 
+A face that comes after its transaction was decided without it (the deadline passed: real footage can take
+minutes to be stored) is not parked as an early face for a transaction that will not come again: the
+transaction is remembered for ``early_ttl_ms`` after its decision (trimmed to what an alert names), and the
+face is released with it as a late result (:attr:`Ready.late`): no second decision, but a watch-list match
+still raises its alert and a sale still keeps its buyer's face.
+
 Watchlist matching happens here, not in the face stage, because the watchlist is the job's
 broadcast state: a ``forget`` reaches every decision at once, and the face stage stays stateless.
 """
@@ -23,7 +29,18 @@ from schemas.errors import InvalidRecord
 from schemas.identifiers import check, check_name, check_serial
 
 Envelope = tuple[dict[str, Any], dict[str, float], int]
-PENDING, EARLY_FACES = "pending", "early_faces"
+PENDING, EARLY_FACES, DECIDED = "pending", "early_faces", "decided_without_face"
+LATE_FIELDS = (
+    "transaction_id",
+    "original_transaction_id",
+    "event_time",
+    "store_id",
+    "lane_id",
+    "kind",
+    "amount",
+    "currency",
+)
+"""What a transaction decided without its face keeps for a late one: its alert's fields and its receipt key."""
 _FACE_CODEC = codec("FaceObservation")
 Write = tuple[str, str, Any]
 
@@ -49,7 +66,10 @@ class Ready:
     seen: Seen
     waited_ms: int | None = None
     """How long the transaction waited in the join for its face (0: the face came first); ``None``: no join,
-    or unknown (restored from an older checkpoint)."""
+    or unknown (restored from an older checkpoint), or a late face."""
+    late: bool = False
+    """The face came after the transaction was decided without it: not to be decided again (``env`` holds
+    only :data:`LATE_FIELDS`)."""
 
 
 TRIGGERS = ("CHECKOUT", "ENTRANCE", "COMMAND")
@@ -129,13 +149,20 @@ class FaceJoin:
         self.early_ttl_ms = early_ttl_ms
         self.pending: dict[str, tuple[Envelope, int]] = {}
         self.early: dict[str, Seen] = {}
+        self.decided: dict[str, tuple[Envelope, int]] = {}
+        """Transactions decided at their deadline without a face, trimmed, with when they are forgotten."""
 
     @property
     def enabled(self) -> bool:
         return self.deadline_ms > 0
 
-    def restore(self, pending: dict[str, tuple[Envelope, int]], early: dict[str, Seen]) -> None:
-        self.pending, self.early = dict(pending), dict(early)
+    def restore(
+        self,
+        pending: dict[str, tuple[Envelope, int]],
+        early: dict[str, Seen],
+        decided: dict[str, tuple[Envelope, int]] | None = None,
+    ) -> None:
+        self.pending, self.early, self.decided = dict(pending), dict(early), dict(decided or {})
 
     def on_transaction(self, env: Envelope, now_ms: int) -> tuple[Ready | None, list[Write]]:
         """Released at once when the face is already known (or the join is off), else held."""
@@ -155,11 +182,15 @@ class FaceJoin:
             return Ready(entry[0], seen, self._waited(entry[1], seen.arrived_ms)), [(PENDING, tx_id, None)]
         if not self.enabled:
             return None, []
+        decided = self.decided.pop(tx_id, None)
+        if decided is not None:  # after the deadline: a late result, not an early face
+            return Ready(decided[0], seen, None, late=True), [(DECIDED, tx_id, None)]
         self.early[tx_id] = seen
         return None, [(EARLY_FACES, tx_id, seen)]
 
     def due(self, now_ms: int) -> tuple[list[Ready], list[Write]]:
-        """Transactions whose deadline passed go ahead with ``face: UNAVAILABLE``; stale early faces go."""
+        """Transactions whose deadline passed go ahead with ``face: UNAVAILABLE`` (and are remembered for a late
+        face for ``early_ttl_ms``); stale early faces and remembered transactions go."""
         ready: list[Ready] = []
         writes: list[Write] = []
         for tx_id, (env, deadline) in list(self.pending.items()):
@@ -167,10 +198,17 @@ class FaceJoin:
                 del self.pending[tx_id]
                 ready.append(Ready(env, unavailable("face-deadline", now_ms), self._waited(deadline, now_ms)))
                 writes.append((PENDING, tx_id, None))
+                remembered = (_trimmed(env), now_ms + self.early_ttl_ms)
+                self.decided[tx_id] = remembered
+                writes.append((DECIDED, tx_id, remembered))
         for tx_id, seen in list(self.early.items()):
             if seen.arrived_ms + self.early_ttl_ms <= now_ms:
                 del self.early[tx_id]
                 writes.append((EARLY_FACES, tx_id, None))
+        for tx_id, (_, until) in list(self.decided.items()):
+            if until <= now_ms:
+                del self.decided[tx_id]
+                writes.append((DECIDED, tx_id, None))
         return ready, writes
 
     def _waited(self, deadline: int, released_ms: int) -> int:
@@ -179,3 +217,10 @@ class FaceJoin:
 
     def next_deadline(self) -> int | None:
         return min((d for _, d in self.pending.values()), default=None)
+
+
+def _trimmed(env: Envelope) -> Envelope:
+    """A decided transaction as a late face needs it: its alert's fields and receipt key, nothing else (it is
+    kept for ``early_ttl_ms`` after every deadline release)."""
+    tx = env[0]
+    return {k: tx.get(k) for k in LATE_FIELDS}, {}, env[2]

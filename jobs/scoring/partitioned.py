@@ -46,6 +46,7 @@ from typing import Any, NamedTuple
 from infra.settings import Settings
 from jobs.scoring.core import INTERNAL_ERROR, SourceRecord, WatchlistLike, _describe
 from jobs.scoring.face_join import (
+    DECIDED,
     EARLY_FACES,
     PENDING,
     FaceJoin,
@@ -83,7 +84,7 @@ STEP_MAPS: dict[str, tuple[str, ...]] = {
     RECEIPT: ("receipts",),
     STORE: ("stores",),
     IDENTITY: ("profiles",),
-    GATHER: (GATHERING, PENDING, EARLY_FACES),
+    GATHER: (GATHERING, PENDING, EARLY_FACES, DECIDED),
     DECIDE: (BUYER_FACES,),
 }
 """Each keyed step's state maps (their MapState names in the job)."""
@@ -343,11 +344,18 @@ class GatherStep(_Keyed):
         was opened (wall clock, ms)]."""
 
     def _maps(self) -> dict[str, dict[str, Any]]:
-        return {GATHERING: self.gathering, PENDING: self.join.pending, EARLY_FACES: self.join.early}
+        return {
+            GATHERING: self.gathering,
+            PENDING: self.join.pending,
+            EARLY_FACES: self.join.early,
+            DECIDED: self.join.decided,
+        }
 
     def restore(self, maps: dict[str, dict[str, Any]]) -> None:
         self.gathering = dict(maps.get(GATHERING) or {})
-        self.join.restore(dict(maps.get(PENDING) or {}), dict(maps.get(EARLY_FACES) or {}))
+        self.join.restore(
+            dict(maps.get(PENDING) or {}), dict(maps.get(EARLY_FACES) or {}), dict(maps.get(DECIDED) or {})
+        )
 
     def on(self, key: str, part: Any, order_: Order, now_ms: int) -> list[Emit]:
         kind = part[0]
@@ -445,7 +453,8 @@ class DecideStep(_Keyed):
                 faces.receipts[key] = Receipt(sale_id=tx["transaction_id"], event_time=tx["event_time"])
                 added.append(key)
         envs, seen = [i.env for _, i in items], [i.seen for _, i in items]
-        rows, writes = self.scorer.decide_batch(envs, seen=seen, state=faces, own_time=True)
+        late = [i.late for _, i in items]
+        rows, writes = self.scorer.decide_batch(envs, seen=seen, state=faces, own_time=True, late=late)
         for _, key, receipt in writes:
             self._put(BUYER_FACES, key, receipt)
         for key in added:

@@ -314,6 +314,7 @@ class Scorer:
         seen: Sequence[Seen | None] | None = None,
         state: ScoringState | None = None,
         own_time: bool = False,
+        late: Sequence[bool] | None = None,
     ) -> tuple[list[OutRow], list[Write]]:
         """Model (one vectorised call for the batch), face result and rules -> scored rows and alerts.
 
@@ -321,14 +322,17 @@ class Scorer:
         return is checked against it (seed 001's customer mismatch by photo: ``buyer_face_mismatch``).
         ``own_time``: a face's retention is counted back from the transaction's own event time, not the
         state's newest event (the partitioned steps: a decision that does not depend on other receipts'
-        traffic).
+        traffic). ``late``: per transaction, whether it was decided already and this is its face coming after
+        the deadline (:attr:`jobs.scoring.face_join.Ready.late`): not decided again, see :meth:`late_face`.
         """
         if not envs:
             return [], []
         seen = seen or [None] * len(envs)
         faces = faces or [camera.face if camera else FaceResult() for camera in seen]
+        lates = late or [False] * len(envs)
         decide_from = self.decide_from
-        live = envs if not decide_from else [env for env in envs if env[0]["event_time"] >= decide_from]
+        due = [env for env, is_late in zip(envs, lates, strict=True) if not is_late]
+        live = due if not decide_from else [env for env in due if env[0]["event_time"] >= decide_from]
         rows: list[OutRow] = []
         writes: list[Write] = []
         models: list[ModelResult] = []
@@ -341,10 +345,14 @@ class Scorer:
         # face all the same (a later return is compared with it, as after a decision), in the batch's order.
         results = iter(models)
         outcomes: list[str] = []
-        for env, face, camera in zip(envs, faces, seen, strict=True):
+        late_statuses: list[str] = []
+        for env, face, camera, is_late in zip(envs, faces, seen, lates, strict=True):
             if camera is not None and state is not None:
                 writes.extend(self.compare_faces(env, camera, state, env[0]["event_time"] if own_time else None))
-            if not decide_from or env[0]["event_time"] >= decide_from:
+            if is_late:
+                late_statuses.append(face.status.lower())
+                rows.extend(self.late_face(env, face, camera))
+            elif not decide_from or env[0]["event_time"] >= decide_from:
                 rows.extend(self.decide(env, next(results), face, before_model, camera, outcomes))
         # Counted once the whole batch is decided: a failure makes the caller decide it again one by one. So do
         # the drift monitor's observations, and its reports are drained only now (a failed try's were lost).
@@ -352,9 +360,30 @@ class Scorer:
             self.predictor.settle()
             rows[:0] = self.drift_rows(self.predictor.drain_reports())
         self.stats.outcomes.update(outcomes)
+        self.stats.late_faces.update(late_statuses)
         if decide_from:
-            self.stats.observed_only["warm_up"] += len(envs) - len(live)
+            self.stats.observed_only["warm_up"] += len(due) - len(live)
         return rows, writes
+
+    def late_face(self, env: Envelope, face: FaceResult, camera: Seen | None) -> list[OutRow]:
+        """A buyer's face that came after the sale was decided without it (the face deadline passed): the
+        decision stands, but a watch-list match still raises its alert, marked as seen after the decision
+        (``LATE_FACE_REASON``; same alert id as an in-time one). None before ``job.decide_from``."""
+        tx = env[0]
+        if face.status != "MATCHED" or tx["event_time"] < self.decide_from:
+            return []
+        alert = self.watchlist_alert(
+            tx["event_time"],
+            tx["store_id"],
+            tx["lane_id"],
+            face,
+            camera.image_ref if camera else None,
+            f"checkout:{tx['transaction_id']}",
+            tx,
+            how=f"at checkout ({tx['transaction_id']}), seen after the sale was decided without a face",
+            reason=LATE_FACE_REASON,
+        )
+        return [(self.alerts_topic, alert["alert_id"].encode(), self._alert.encode(alert))]
 
     def drift_rows(self, reports: Sequence[tuple[ModelDriftAvro, AlertAvro | None]]) -> list[OutRow]:
         """Each finished hour's drift report, and its alert where it crossed ``model.drift_psi_alert``."""

@@ -59,6 +59,9 @@ class JobStats:
         self.dead_letters: Counter[str] = Counter()
         self.observed_only: Counter[str] = Counter()
         """Transactions that built state and were not decided, by why (``warm_up``: before ``job.decide_from``)."""
+        self.late_faces: Counter[str] = Counter()
+        """Checkout faces that came after their transaction was decided without one, by status (``matched``, ...):
+        many mean the face deadline is shorter than the cameras need."""
         self.model_ms = RecentWindow(window)
         self.face_wait_ms = RecentWindow(window)
 
@@ -71,12 +74,13 @@ class JobStats:
 
     def totals(self) -> Iterator[tuple[str, str, int]]:
         """``(family, label value, total)`` of every count: family ``decisions``, ``records_in``,
-        ``dead_letters`` or ``observed_only``."""
+        ``dead_letters``, ``observed_only`` or ``late_faces``."""
         for family, counts in (
             ("decisions", self.outcomes),
             ("records_in", self.records_in),
             ("dead_letters", self.dead_letters),
             ("observed_only", self.observed_only),
+            ("late_faces", self.late_faces),
         ):
             for value, total in counts.items():
                 yield family, value, total

@@ -19,12 +19,12 @@ from pydantic import ValidationError
 
 from infra.settings import JobSettings, Settings
 from jobs.scoring.core import LEGACY_BATCH, ControlUpdate, DecisionCore, SourceRecord, Step
-from jobs.scoring.face_join import EARLY_FACES, PENDING, unavailable
+from jobs.scoring.face_join import DECIDED, EARLY_FACES, PENDING, unavailable
 from jobs.scoring.rules import DEFAULT_RULESET, ModelResult, RuleSet, update_record
 from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Predictor, Scorer
 from jobs.scoring.watchlist import Watchlist
 from schemas.codec import codec
-from schemas.records import MAX_DEAD_LETTER_PAYLOAD, WatchlistEntry
+from schemas.records import MAX_DEAD_LETTER_PAYLOAD, PosTransaction, WatchlistEntry
 from schemas.topics import ALERTS, DEAD_LETTERS, FACE_OBSERVATIONS, RULES, SCORED_TRANSACTIONS, TRANSACTIONS, WATCHLIST
 from tests.builders import T0, checkout_face, face_vector, return_of, sale
 
@@ -156,7 +156,8 @@ def test_sale_without_its_face_goes_ahead_with_face_unavailable_at_the_deadline(
     step = core.on_timer(step.timer, NOW + DEADLINE)
     out = scored(step)["t1"]
     assert out["face_status"] == "UNAVAILABLE" and out["outcome"] == "APPROVE"
-    assert step.writes == {PENDING: {"t1": None}}
+    assert step.writes.keys() == {PENDING, DECIDED} and step.writes[PENDING] == {"t1": None}
+    assert step.writes[DECIDED]["t1"][1] == NOW + DEADLINE + Settings().job.early_face_ttl_ms  # kept for a late face
     assert step.timer is None
     assert core.join.pending == {}
 
@@ -189,7 +190,7 @@ def test_early_face_without_its_transaction_expires_at_a_timer():
     core.on_records([tx_record(sale("t2"))], NOW)
     step = core.on_timer(NOW + DEADLINE, NOW + 60_000)
     assert list(scored(step)) == ["t2"]
-    assert step.writes == {PENDING: {"t2": None}, EARLY_FACES: {"t1": None}}
+    assert step.writes[PENDING] == {"t2": None} and step.writes[EARLY_FACES] == {"t1": None}
 
 
 def test_duplicate_transaction_is_dropped():
@@ -491,7 +492,7 @@ def test_restored_pending_transaction_is_decided_by_the_next_timer():
     assert restarted.restore(maps, None) == NOW + DEADLINE  # the timer to register again
     step = restarted.on_timer(NOW + DEADLINE, NOW + DEADLINE)
     assert scored(step)["t1"]["face_status"] == "UNAVAILABLE"
-    assert step.writes == {PENDING: {"t1": None}}
+    assert step.writes[PENDING] == {"t1": None} and set(step.writes[DECIDED]) == {"t1"}
 
 
 def test_restored_receipts_still_match_returns_and_drop_duplicates():
@@ -647,3 +648,80 @@ def test_a_picture_of_now_of_nobody_on_the_watchlist_raises_nothing_and_keeps_no
     step = core.on_records([_of_now("t1", BUYER_FACE)], NOW + 100)
     assert scored(step)["t1"]["face_status"] == "UNAVAILABLE" and alerts(step) == []
     assert core.state.receipts["t1"].sale_face is None
+
+
+# --- a face after the deadline --------------------------------------------------------------------
+
+
+def test_a_suspects_face_after_the_deadline_still_raises_the_watchlist_alert_marked_late():
+    watchlist = Watchlist(settings())
+    core = make_core(watchlist)
+    core.on_control(WATCH_TOPIC, b"subj-9", watch_entry("subj-9", SUSPECT_FACE), 0, 0)
+    core.on_records([tx_record(sale("t1"))], NOW)
+    decided = core.on_timer(NOW + DEADLINE, NOW + DEADLINE)
+    assert scored(decided)["t1"]["face_status"] == "UNAVAILABLE" and alerts(decided) == []
+    step = core.on_records([face_record("t1", embedding=SUSPECT_FACE)], NOW + 30_000)
+    assert scored(step) == {}  # the decision stands
+    [alert] = alerts(step)
+    assert (alert["kind"], alert["transaction_id"], alert["subject_id"]) == ("WATCHLIST_MATCH", "t1", "subj-9")
+    assert alert["alert_id"] == "watchlist:checkout:t1:subj-9"  # what an in-time match would have had
+    assert "face_seen_after_the_sale_was_decided" in alert["reasons"] and "decided without a face" in alert["summary"]
+    assert core.join.early == {} and core.stats.late_faces == {"matched": 1}
+    assert core.state.receipts["t1"].sale_face is not None  # still the buyer's face for a later return
+
+
+def test_a_late_face_through_the_local_camera_with_a_realistic_footage_delay(tmp_path):
+    """The local camera stores footage ``local_no_video_ms`` after it was recorded; with more than the job's
+    face deadline, the face stage's observation (footage of the sale, after No-video retries) comes after the
+    decision, and the suspect in it is still alerted."""
+    import socket
+    import time
+
+    from infra.clients.image_store import LocalImageStore
+    from infra.clients.meraki import MerakiClient
+    from infra.local.camera import LocalCameraServer
+    from infra.settings import CameraSettings
+    from jobs.faces.stage import FaceStage
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    footage_delay_ms, deadline_ms = 1500, 500
+    cameras = CameraSettings(
+        local_port=port,
+        local_no_video_ms=footage_delay_ms,
+        local_not_ready_polls=1,
+        local_rate_limit_per_s=1000.0,
+        poll_interval_s=0.02,
+        no_video_backoff_s=0.25,
+        no_video_max_tries=20,
+        deadline_s=10.0,
+    )
+    s = settings(face_deadline_ms=deadline_ms).model_copy(update={"cameras": cameras})
+    watchlist = Watchlist(s)
+    core = DecisionCore(s, watchlist=watchlist, clock=clock)
+    core.on_control(WATCH_TOPIC, b"subj-9", watch_entry("subj-9", SUSPECT_FACE), 0, 0)
+
+    class SuspectAtTheLane:
+        def analyse(self, image: bytes) -> list:
+            face = {"passed": True, "box": (0, 0, 10, 10), "quality": 0.9, "embedding": SUSPECT_FACE}
+            return [type("Face", (), face)()]
+
+    server = LocalCameraServer(s, publish=False, people={}).start()
+    try:
+        with MerakiClient.from_settings(s) as client:
+            stage = FaceStage(s, client.snapshot, SuspectAtTheLane(), LocalImageStore(tmp_path / "images"))
+            paid = int(time.time() * 1000)
+            tx = PosTransaction("t-cam", paid, "store-001", "lane-01", "SALE", 12.5, "USD")
+            core.on_records([tx_record(tx, ingest_ms=paid)], paid)
+            decided = core.on_timer(paid + deadline_ms, paid + deadline_ms)
+            obs = stage.observe(stage.plan_transaction(tx.encode(), paid)[0])
+    finally:
+        server.stop()
+    assert scored(decided)["t-cam"]["face_status"] == "UNAVAILABLE"
+    arrived = int(time.time() * 1000)
+    assert arrived - paid >= footage_delay_ms and not obs.snapshot_of_now and obs.status == "NO_MATCH"
+    step = core.on_records([SourceRecord(obs.camera_serial.encode(), obs.encode(), FACES, 1, 0, arrived)], arrived)
+    [alert] = alerts(step)
+    assert alert["transaction_id"] == "t-cam" and "face_seen_after_the_sale_was_decided" in alert["reasons"]
+    assert alert["snapshot_ref"] == obs.image_ref

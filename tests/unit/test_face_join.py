@@ -2,7 +2,16 @@
 
 from dataclasses import dataclass
 
-from jobs.scoring.face_join import EARLY_FACES, PENDING, FaceJoin, Seen, observation_result, seen_from
+from jobs.scoring.face_join import (
+    DECIDED,
+    EARLY_FACES,
+    LATE_FIELDS,
+    PENDING,
+    FaceJoin,
+    Seen,
+    observation_result,
+    seen_from,
+)
 from jobs.scoring.rules import FaceResult
 from tests.builders import sale
 
@@ -35,7 +44,28 @@ def test_transaction_goes_ahead_with_face_unavailable_after_the_deadline():
     ready, writes = join.due(now_ms=5000)
     assert [r.env[0]["transaction_id"] for r in ready] == ["t1"]
     assert ready[0].seen.face.status == "UNAVAILABLE"
-    assert writes == [(PENDING, "t1", None)]
+    assert writes[0] == (PENDING, "t1", None) and writes[1][:2] == (DECIDED, "t1")
+
+
+def test_a_face_after_the_deadline_is_released_late_with_its_decided_transaction_not_parked_as_early():
+    """Real footage takes up to minutes to be stored: the face must not vanish in the early faces."""
+    join = FaceJoin(deadline_ms=4000, early_ttl_ms=60_000)
+    join.on_transaction(env("t1"), now_ms=1000)
+    join.due(now_ms=5000)
+    ready, writes = join.on_observation("t1", seen(at=20_000))
+    assert ready is not None and ready.late and ready.waited_ms is None and join.early == {}
+    assert ready.env[0] == {k: sale("t1").to_avro()[k] for k in LATE_FIELDS}  # trimmed to what an alert names
+    assert writes == [(DECIDED, "t1", None)] and join.decided == {}
+
+
+def test_a_decided_transaction_is_remembered_for_the_early_face_ttl_only():
+    join = FaceJoin(deadline_ms=4000, early_ttl_ms=60_000)
+    join.on_transaction(env("t1"), now_ms=1000)
+    join.due(now_ms=5000)
+    assert join.due(now_ms=64_999) == ([], [])
+    assert join.due(now_ms=65_000) == ([], [(DECIDED, "t1", None)]) and join.decided == {}
+    ready, _ = join.on_observation("t1", seen(at=70_000))
+    assert ready is None and "t1" in join.early  # as any face without its transaction
 
 
 def test_face_seen_before_its_transaction_is_kept_until_the_transaction_comes():

@@ -144,6 +144,7 @@ def test_counters_exist_from_the_start_and_grow_by_each_batchs_increase():
     stats.outcomes["BLOCK"] += 2
     stats.dead_letters["too_late"] += 1
     stats.observed_only["warm_up"] += 4
+    stats.late_faces["matched"] += 1
     stats.count_records(3, 3)
     metrics.report(stats)
     metrics.report(stats)  # nothing new: nothing added
@@ -151,6 +152,7 @@ def test_counters_exist_from_the_start_and_grow_by_each_batchs_increase():
     assert reg[f"{GROUP}/reason=too_late/dead_letters"].count == 1
     assert reg[f"{GROUP}/kind={TRANSACTION}/records_in"].count == 3
     assert reg[f"{GROUP}/reason=warm_up/observed_only"].count == 4
+    assert reg[f"{GROUP}/status=matched/late_faces"].count == 1
     assert {family for family, _, _ in stats.totals()} == set(LABELS), "every family has its label"
 
 

@@ -432,3 +432,21 @@ def test_a_failed_count_in_of_the_customer_keys_own_identity_leaves_its_transact
     rows += core.on_timer(NOW + 10**7)
     assert sorted(_scored(rows)) == ["t1", "t2", "t3"] and not [r for r in rows if r[0] == DLQ]
     assert "count-in failed" in caplog.text
+
+
+def test_a_suspects_face_after_the_deadline_raises_the_same_late_alert_on_either_layout():
+    """The sale was decided without its face; the face comes later (real footage is slow): its match alerts."""
+    suspect = _face(np.random.default_rng(5))
+    s = settings()
+    single = DecisionCore(s, predictor=FeaturePredictor(), watchlist=_watchlist(s, suspect), clock=_clock)
+    parted = PartitionedCore(s, 4, predictor=FeaturePredictor(), watchlist=_watchlist(s, suspect), clock=_clock)
+    tx, face = _tx(sale("late-1")), _obs("late-1", T0 + 20_000, suspect, 1)
+    first = single.on_records([tx], NOW).outputs + single.on_timer(NOW + 4000, NOW + 4000).outputs
+    assert parted.on_records([tx], NOW) == [] and sorted(parted.on_timer(NOW + 4000)) == sorted(first)
+    late_single, late_parted = single.on_records([face], NOW + 20_000).outputs, parted.on_records([face], NOW + 20_000)
+    assert late_single == late_parted
+    [(topic, key, value)] = late_single
+    alert = codec("Alert").decode(value)
+    assert key == b"watchlist:checkout:late-1:subj-1" and alert["transaction_id"] == "late-1"
+    assert "face_seen_after_the_sale_was_decided" in alert["reasons"] and alert["amount"] == 25.0
+    assert single.scorer.stats.late_faces == parted.scorer.stats.late_faces == {"matched": 1}

@@ -130,6 +130,30 @@ def test_the_command_line_refuses_an_unknown_service_with_exit_2_and_starts_noth
     assert result.exit_code == 2 and "unknown service(s) nope" in result.output
 
 
+def test_a_real_camera_with_a_face_deadline_shorter_than_its_snapshot_budget_is_refused(monkeypatch) -> None:
+    """Real footage takes up to minutes: with the demo's 4 s every checkout would be decided without its face."""
+    from infra.settings import CameraSettings, JobSettings
+
+    dashboard = CameraSettings(base_url="https://api.meraki.com/api/v1", deadline_s=30.0)
+    short = Settings(cameras=dashboard, job=JobSettings(face_deadline_ms=4000))
+    problem = production.face_deadline_problem(short)
+    assert problem and "CG_JOB__FACE_DEADLINE_MS=4000" in problem and "at least 30000" in problem
+    for enough in (30_000, 0):  # at least the snapshot budget, or no face join at all
+        assert (
+            production.face_deadline_problem(Settings(cameras=dashboard, job=JobSettings(face_deadline_ms=enough)))
+            is None
+        )
+    assert production.face_deadline_problem(Settings()) is None  # the local camera: footage within a second
+    monkeypatch.setattr(production, "get_settings", lambda: short)
+    monkeypatch.setattr(production, "run", lambda *a: pytest.fail("started"))
+    monkeypatch.setattr(production, "setup_logging", lambda *a: None)
+    result = CliRunner().invoke(production.cli, [])
+    assert result.exit_code == 2 and "CG_JOB__FACE_DEADLINE_MS" in result.output
+    started: list = []
+    monkeypatch.setattr(production, "run", lambda settings, names: started.append(names))
+    assert CliRunner().invoke(production.cli, ["--only", "dashboard"]).exit_code == 0 and started == [["dashboard"]]
+
+
 def test_endpoints_say_where_health_and_metrics_are_or_that_there_are_none() -> None:
     settings = Settings(metrics=MetricsSettings(base_port=19460))
     port = metrics.port_of(settings, "alert-sender")
