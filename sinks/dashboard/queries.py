@@ -26,6 +26,8 @@ RATE_WINDOW_MS = 5 * 60 * 1000
 """Current rates are measured over the last five minutes of the window."""
 INTERVALS_S = (1, 5, 10, 30, 60, 300, 600, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 7 * 86400)
 TARGET_BUCKETS = 60
+CURRENCIES_SHOWN = 200
+"""Currencies per money figure: more than ISO 4217 lists, so no currency is ever cut off."""
 ALERT_FIELDS = (
     "alert_id",
     "kind",
@@ -99,17 +101,27 @@ def _outcomes() -> dict[str, Any]:
     return {"terms": {"field": "outcome", "size": len(OUTCOMES)}}
 
 
-def _sales() -> dict[str, Any]:
-    """Revenue = sales that were not blocked (as the saved "Revenue" panel)."""
+def _currencies() -> dict[str, Any]:
+    return {"terms": {"field": "currency", "size": CURRENCIES_SHOWN}}
+
+
+def _money(where: dict[str, Any]) -> dict[str, Any]:
+    """The amounts of the transactions ``where`` selects, summed per currency: a scored transaction has no
+    amount in one reference currency, so a sum over USD, EUR and GBP together would mean nothing."""
     return {
-        "filter": {"bool": {"filter": [{"term": {"kind": "SALE"}}], "must_not": [{"term": {"outcome": "BLOCK"}}]}},
-        "aggs": {"amount": {"sum": {"field": "amount"}}},
+        "filter": where,
+        "aggs": {"currencies": {**_currencies(), "aggs": {"amount": {"sum": {"field": "amount"}}}}},
     }
 
 
+def _sales() -> dict[str, Any]:
+    """Revenue = sales that were not blocked (as the saved "Revenue" panel), per currency."""
+    return _money({"bool": {"filter": [{"term": {"kind": "SALE"}}], "must_not": [{"term": {"outcome": "BLOCK"}}]}})
+
+
 def _prevented() -> dict[str, Any]:
-    """Value prevented = amounts of blocked transactions (seed 001)."""
-    return {"filter": {"term": {"outcome": "BLOCK"}}, "aggs": {"amount": {"sum": {"field": "amount"}}}}
+    """Value prevented = amounts of blocked transactions (seed 001), per currency."""
+    return _money({"term": {"outcome": "BLOCK"}})
 
 
 def latest_event_query(store: str | None = None) -> dict[str, Any]:
@@ -125,6 +137,7 @@ def overview_query(window: Window) -> dict[str, Any]:
         "query": {"bool": {"filter": window.filters()}},
         "aggs": {
             "outcomes": _outcomes(),
+            "currencies": _currencies(),
             "sales": _sales(),
             "prevented": _prevented(),
             "recent": {
@@ -226,8 +239,14 @@ def _counts(agg: dict[str, Any] | None, keys: tuple[str, ...]) -> dict[str, int]
     return {key: found.get(key, 0) for key in keys} | {k: v for k, v in found.items() if k not in keys}
 
 
-def _sum(agg: dict[str, Any] | None) -> float:
-    return round(float(((agg or {}).get("amount") or {}).get("value") or 0.0), 2)
+def _amounts(agg: dict[str, Any] | None, currencies: list[str]) -> dict[str, float]:
+    """Money per currency: every currency of the window in its order (0 where this figure has none), then any
+    other this figure has. Never one number over several currencies."""
+    found = {
+        str(b["key"]): round(float((b.get("amount") or {}).get("value") or 0.0), 2)
+        for b in ((agg or {}).get("currencies") or {}).get("buckets", [])
+    }
+    return {c: found.get(c, 0.0) for c in currencies} | {c: v for c, v in found.items() if c not in currencies}
 
 
 def _pcts(agg: dict[str, Any] | None) -> dict[str, float | None]:
@@ -251,6 +270,11 @@ def shape_overview(answer: dict[str, Any], window: Window) -> dict[str, Any]:
     recent = _counts((aggs.get("recent") or {}).get("outcomes"), OUTCOMES)
     recent_total = sum(recent.values())
     rate_minutes = min(RATE_WINDOW_MS, window.end_ms - window.start_ms) / 60_000
+    currencies = list(_buckets(aggs.get("currencies")))  # the most transactions first
+
+    def money(agg: dict[str, Any] | None) -> dict[str, float]:
+        return _amounts(agg, currencies)
+
     return {
         "window": {
             "start": window.start_ms,
@@ -258,10 +282,11 @@ def shape_overview(answer: dict[str, Any], window: Window) -> dict[str, Any]:
             "interval_s": window.interval_s,
             "store": window.store,
         },
+        "currencies": currencies,
         "totals": {
             "transactions": total,
-            "revenue": _sum(aggs.get("sales")),
-            "value_prevented": _sum(aggs.get("prevented")),
+            "revenue": money(aggs.get("sales")),
+            "value_prevented": money(aggs.get("prevented")),
             **{outcome.lower(): outcomes[outcome] for outcome in OUTCOMES},
         },
         "rates": {
@@ -277,8 +302,8 @@ def shape_overview(answer: dict[str, Any], window: Window) -> dict[str, Any]:
                 "t": int(b["key"]),
                 "count": int(b["doc_count"]),
                 **_counts(b.get("outcomes"), OUTCOMES),
-                "revenue": _sum(b.get("sales")),
-                "prevented": _sum(b.get("prevented")),
+                "revenue": money(b.get("sales")),
+                "prevented": money(b.get("prevented")),
                 **_pcts(b.get("ttdf")),
             }
             for b in (aggs.get("series") or {}).get("buckets", [])
@@ -288,8 +313,8 @@ def shape_overview(answer: dict[str, Any], window: Window) -> dict[str, Any]:
                 "store_id": str(b["key"]),
                 "count": int(b["doc_count"]),
                 **_counts(b.get("outcomes"), OUTCOMES),
-                "revenue": _sum(b.get("sales")),
-                "prevented": _sum(b.get("prevented")),
+                "revenue": money(b.get("sales")),
+                "prevented": money(b.get("prevented")),
                 "ttdf_p99": _pcts(b.get("ttdf"))["p99"],
             }
             for b in (aggs.get("stores") or {}).get("buckets", [])

@@ -138,6 +138,16 @@ def terms(field: str, schema: str, agg_id: str, size: int = 10, label: str | Non
     }
 
 
+CURRENCIES_SHOWN = 20
+"""Currencies a money panel shows, one figure or line each (the largest amounts first)."""
+
+
+def per_currency(agg_id: str = "2") -> dict[str, Any]:
+    """Splits a money panel by ``currency``: amounts in different currencies are never added up into one
+    unlabelled figure (a scored transaction has no amount in one reference currency)."""
+    return terms("currency", "group", agg_id, size=CURRENCIES_SHOWN, label="currency")
+
+
 def over_time(agg_id: str = "2", field: str = "event_time") -> dict[str, Any]:
     return {
         "id": agg_id,
@@ -314,8 +324,8 @@ PANELS: list[tuple[dict[str, Any], int, int]] = [
             "Revenue",
             "transactions",
             "metric",
-            [metric("sum", "amount", "Revenue")],
-            "Sum of sale amounts that were not blocked (seed 004: revenue).",
+            [metric("sum", "amount", "Revenue"), per_currency()],
+            "Sum of sale amounts that were not blocked, one figure per currency (seed 004: revenue).",
             query="kind:SALE and not outcome:BLOCK",
         ),
         12,
@@ -327,8 +337,8 @@ PANELS: list[tuple[dict[str, Any], int, int]] = [
             "Value prevented",
             "transactions",
             "metric",
-            [metric("sum", "amount", "Value prevented")],
-            "Sum of the amounts of blocked transactions (seed 001: fraud value prevented).",
+            [metric("sum", "amount", "Value prevented"), per_currency()],
+            "Sum of the amounts of blocked transactions, one figure per currency (seed 001: fraud value prevented).",
             query="outcome:BLOCK",
         ),
         12,
@@ -390,8 +400,8 @@ PANELS: list[tuple[dict[str, Any], int, int]] = [
             "Sales over time",
             "transactions",
             "line",
-            [metric("sum", "amount", "Sales"), over_time()],
-            "Sum of sale amounts per interval (seed 004: sales over time).",
+            [metric("sum", "amount", "Sales"), over_time(), per_currency(agg_id="3")],
+            "Sum of sale amounts per interval, one line per currency (seed 004: sales over time).",
             query="kind:SALE",
         ),
         24,

@@ -62,8 +62,13 @@ class Indexed:
         return sum(1 for t in self.transactions if t.outcome == outcome and store in (None, t.store_id))
 
     @property
-    def value_prevented(self) -> float:
-        return round(sum(t.amount for t in self.transactions if t.outcome == "BLOCK"), 2)
+    def value_prevented(self) -> dict[str, float]:
+        """Per currency: amounts in different currencies are never added up."""
+        out: dict[str, float] = {}
+        for t in self.transactions:
+            if t.outcome == "BLOCK":
+                out[t.currency] = out.get(t.currency, 0.0) + t.amount
+        return {currency: round(amount, 2) for currency, amount in out.items()}
 
 
 def snapshot_jpeg() -> bytes:
@@ -159,7 +164,7 @@ def make_data(now_ms: int, images: LocalImageStore) -> Indexed:
                 lane_id=f"L{i % 5}",
                 kind="RETURN" if i % 19 == 0 else "SALE",
                 amount=round(rng.uniform(5, 900), 2),
-                currency="USD",
+                currency="EUR" if i % 10 == 3 else "USD",  # mostly USD: USD first, EUR listed beside it
                 item_count=1 + i % 4,
                 customer_key=f"card:{i % 60}",
                 outcome=outcome,
@@ -292,7 +297,9 @@ def test_api_reports_what_was_indexed(served: Served) -> None:
     overview = httpx.get(f"{served.url}/api/overview", params={"minutes": 60}, timeout=30).json()
     assert overview["totals"]["transactions"] == len(data.transactions)
     assert overview["outcomes"] == {o: data.count(o) for o in ("APPROVE", "REVIEW", "BLOCK")}
-    assert overview["totals"]["value_prevented"] == pytest.approx(data.value_prevented, abs=0.01)
+    assert overview["currencies"] == ["USD", "EUR"]
+    prevented = overview["totals"]["value_prevented"]
+    assert {c: v for c, v in prevented.items() if v} == pytest.approx(data.value_prevented, abs=0.01)
     assert [s["store_id"] for s in overview["stores"]] == list(STORES)
     assert sum(p["count"] for p in overview["series"]) == len(data.transactions)
     assert overview["latency"]["ttdf_ms"]["p99"] > overview["latency"]["ttdf_ms"]["p50"] > 0
@@ -352,7 +359,9 @@ def test_page_renders_charts_with_data_in_headless_chromium(served: Served) -> N
             assert int(kpi) == len(data.transactions)
             assert page.locator("#chart-outcomes rect.bar").count() >= 20
             assert page.locator("#chart-donut path.slice").count() == 3
-            assert page.locator("#chart-sales path.line").count() == 2
+            assert page.locator("#chart-sales path.line").count() == 4  # revenue and prevented, USD and EUR
+            assert page.inner_text("#kpi-revenue .value").endswith(" USD")
+            assert "EUR" in page.inner_text("#kpi-revenue .more")
             assert page.locator("#chart-latency path.line").count() == 3
             assert page.locator("#chart-stores rect.bar").count() >= len(STORES) * 2
             assert page.locator("#store-table tbody tr").count() == len(STORES)

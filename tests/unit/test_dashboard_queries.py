@@ -50,14 +50,41 @@ def outcome_buckets(**counts: int) -> dict:
     return {"buckets": [{"key": k, "doc_count": v} for k, v in counts.items()]}
 
 
+def money(**amounts: float) -> dict:
+    """A money aggregation's answer: the amounts summed per currency."""
+    return {"currencies": {"buckets": [{"key": c, "doc_count": 1, "amount": {"value": v}} for c, v in amounts.items()]}}
+
+
+def test_money_is_summed_per_currency_never_across_currencies() -> None:
+    body = overview_query(Window(0, HOUR_MS))["aggs"]
+    for agg in (body["sales"], body["prevented"], body["series"]["aggs"]["sales"], body["stores"]["aggs"]["prevented"]):
+        assert "sum" not in agg["aggs"].get("amount", {}), "an amount summed over every currency"
+        per_currency = agg["aggs"]["currencies"]
+        assert per_currency["terms"]["field"] == "currency"
+        assert per_currency["aggs"]["amount"] == {"sum": {"field": "amount"}}
+    answer = {
+        "hits": {"total": {"value": 3}},
+        "aggregations": {
+            "currencies": outcome_buckets(USD=2, EUR=1),
+            "sales": money(USD=100.0, EUR=100.0),
+            "prevented": money(EUR=40.0),
+        },
+    }
+    page = shape_overview(answer, Window(0, HOUR_MS))
+    assert page["currencies"] == ["USD", "EUR"]  # the most transactions first
+    assert page["totals"]["revenue"] == {"USD": 100.0, "EUR": 100.0}  # not 200
+    assert page["totals"]["value_prevented"] == {"USD": 0.0, "EUR": 40.0}
+
+
 def test_overview_answer_becomes_totals_rates_series_and_store_rows() -> None:
     window = Window(0, HOUR_MS)
     answer = {
         "hits": {"total": {"value": 100, "relation": "eq"}},
         "aggregations": {
             "outcomes": outcome_buckets(APPROVE=90, BLOCK=10),
-            "sales": {"doc_count": 80, "amount": {"value": 1234.567}},
-            "prevented": {"doc_count": 10, "amount": {"value": 500.0}},
+            "currencies": outcome_buckets(USD=95, EUR=5),
+            "sales": money(USD=1234.567, EUR=20.0),
+            "prevented": money(USD=500.0),
             "recent": {"doc_count": 20, "outcomes": outcome_buckets(APPROVE=15, REVIEW=3, BLOCK=2)},
             "latency_ttdf_ms": {"values": {"50.0": 40.0, "95.0": 90.0, "99.0": 150.04}},
             "latency_proc_time_ms": {"values": {"50.0": None, "95.0": None, "99.0": None}},
@@ -68,16 +95,16 @@ def test_overview_answer_becomes_totals_rates_series_and_store_rows() -> None:
                         "key": 0,
                         "doc_count": 0,
                         "outcomes": outcome_buckets(),
-                        "sales": {"amount": {"value": 0}},
-                        "prevented": {"amount": {"value": 0}},
+                        "sales": money(),
+                        "prevented": money(),
                         "ttdf": {"values": {"50.0": None}},
                     },
                     {
                         "key": 60_000,
                         "doc_count": 3,
                         "outcomes": outcome_buckets(APPROVE=2, BLOCK=1),
-                        "sales": {"amount": {"value": 20.0}},
-                        "prevented": {"amount": {"value": 9.5}},
+                        "sales": money(USD=20.0),
+                        "prevented": money(EUR=9.5),
                         "ttdf": {"values": {"50.0": 30.0, "95.0": 60.0, "99.0": 61.0}},
                     },
                 ]
@@ -88,8 +115,8 @@ def test_overview_answer_becomes_totals_rates_series_and_store_rows() -> None:
                         "key": "S1",
                         "doc_count": 3,
                         "outcomes": outcome_buckets(APPROVE=3),
-                        "sales": {"amount": {"value": 30.0}},
-                        "prevented": {"amount": {"value": 0.0}},
+                        "sales": money(USD=30.0),
+                        "prevented": money(),
                         "ttdf": {"values": {"99.0": 70.0}},
                     }
                 ]
@@ -100,8 +127,8 @@ def test_overview_answer_becomes_totals_rates_series_and_store_rows() -> None:
     page = shape_overview(answer, window)
     assert page["totals"] == {
         "transactions": 100,
-        "revenue": 1234.57,
-        "value_prevented": 500.0,
+        "revenue": {"USD": 1234.57, "EUR": 20.0},
+        "value_prevented": {"USD": 500.0, "EUR": 0.0},
         "approve": 90,
         "review": 0,
         "block": 10,
@@ -116,13 +143,13 @@ def test_overview_answer_becomes_totals_rates_series_and_store_rows() -> None:
         "APPROVE": 0,
         "REVIEW": 0,
         "BLOCK": 0,
-        "revenue": 0.0,
-        "prevented": 0.0,
+        "revenue": {"USD": 0.0, "EUR": 0.0},
+        "prevented": {"USD": 0.0, "EUR": 0.0},
         "p50": None,
         "p95": None,
         "p99": None,
     }
-    assert page["series"][1]["BLOCK"] == 1 and page["series"][1]["prevented"] == 9.5
+    assert page["series"][1]["BLOCK"] == 1 and page["series"][1]["prevented"] == {"USD": 0.0, "EUR": 9.5}
     assert page["stores"] == [
         {
             "store_id": "S1",
@@ -130,8 +157,8 @@ def test_overview_answer_becomes_totals_rates_series_and_store_rows() -> None:
             "APPROVE": 3,
             "REVIEW": 0,
             "BLOCK": 0,
-            "revenue": 30.0,
-            "prevented": 0.0,
+            "revenue": {"USD": 30.0, "EUR": 0.0},
+            "prevented": {"USD": 0.0, "EUR": 0.0},
             "ttdf_p99": 70.0,
         }
     ]

@@ -176,6 +176,19 @@ def test_the_field_check_catches_a_wrong_field_and_a_wrong_type(objects: list[di
     ]
 
 
+def test_money_panels_show_one_figure_per_currency_never_a_sum_over_currencies(objects: list[dict[str, Any]]) -> None:
+    money = []
+    for obj in objects:
+        if obj["type"] != "visualization":
+            continue
+        aggs = json.loads(obj["attributes"]["visState"])["aggs"]
+        if any(a["type"] == "sum" and a["params"]["field"] == "amount" for a in aggs):
+            money.append(obj["id"])
+            split = [a for a in aggs if a["type"] == "terms" and a["params"]["field"] == "currency"]
+            assert split and split[0]["schema"] == "group", f"{obj['id']} adds up amounts of different currencies"
+    assert {"cg-revenue", "cg-value-prevented", "cg-sales-over-time"} <= set(money)
+
+
 def test_dashboard_has_the_seed_panels_and_ours(objects: list[dict[str, Any]]) -> None:
     dashboard = next(o for o in objects if o["type"] == "dashboard")
     titles = {o["id"]: o["attributes"]["title"] for o in objects}

@@ -33,6 +33,34 @@ function storeBars(container, stores) {
   return stores.length;
 }
 
+// A money KPI: the window's most used currency as the value, the others listed under it (never one sum).
+function moneyKpi(id, amounts, currencies) {
+  const [first, ...others] = currencies.length ? currencies : Object.keys(amounts);
+  setKpi(id, first ? `${money.format(amounts[first] || 0)} ${first}` : "0");
+  const rest = Object.fromEntries(others.map((c) => [c, amounts[c] || 0]));
+  document.querySelector(`#${id} .more`).textContent = Object.values(rest).some((v) => v) ? `+ ${fmtMoney(rest)}` : "";
+}
+
+// Sales and value prevented over time: one line per currency each ("revenue USD", "prevented EUR").
+const REVENUE_SHADES = ["#2f6fde", "#6f9be8", "#a9c3f1", "#1c4494"];
+const PREVENTED_SHADES = ["#d64541", "#e5817e", "#f0b6b4", "#8f2a27"];
+function salesSeries(series, currencies) {
+  const keys = [];
+  currencies.forEach((c, i) => {
+    for (const [name, shades] of [["revenue", REVENUE_SHADES], ["prevented", PREVENTED_SHADES]]) {
+      const key = `${name} ${c}`;
+      COLORS[key] = shades[i % shades.length];
+      keys.push(key);
+    }
+  });
+  const points = series.map((p) => {
+    const q = { t: p.t };
+    for (const c of currencies) { q[`revenue ${c}`] = p.revenue[c] || 0; q[`prevented ${c}`] = p.prevented[c] || 0; }
+    return q;
+  });
+  return { series: points, keys };
+}
+
 // ------------------------------------------------------------------ page
 
 function focusStore(store) {
@@ -47,12 +75,13 @@ function renderOverview(o) {
   setKpi("kpi-rate", o.rates.per_minute.toFixed(1));
   setKpi("kpi-block-rate", fmtPct(o.rates.block_rate));
   setKpi("kpi-review-rate", fmtPct(o.rates.review_rate));
-  setKpi("kpi-revenue", money.format(t.revenue));
-  setKpi("kpi-prevented", money.format(t.value_prevented));
+  moneyKpi("kpi-revenue", t.revenue, o.currencies);
+  moneyKpi("kpi-prevented", t.value_prevented, o.currencies);
   setKpi("kpi-latency", fmtMs(o.latency.ttdf_ms.p99));
   stackedBars(document.getElementById("chart-outcomes"), o.series, OUTCOMES, interval);
   donut(document.getElementById("chart-donut"), o.outcomes, OUTCOMES);
-  lines(document.getElementById("chart-sales"), o.series, ["revenue", "prevented"], interval);
+  const sales = salesSeries(o.series, o.currencies);
+  lines(document.getElementById("chart-sales"), sales.series, sales.keys, interval);
   lines(document.getElementById("chart-latency"), o.series, ["p50", "p95", "p99"], interval, " ms");
   const lat = document.querySelector("#latency-table tbody");
   lat.innerHTML = "";
@@ -67,8 +96,8 @@ function renderOverview(o) {
     const tr = document.createElement("tr");
     if (s.store_id === state.store) tr.className = "selected";
     tr.innerHTML = `<td>${escapeHtml(s.store_id)}</td><td>${num.format(s.count)}</td><td>${num.format(s.APPROVE)}</td>` +
-      `<td>${num.format(s.REVIEW)}</td><td>${num.format(s.BLOCK)}</td><td>${money.format(s.revenue)}</td>` +
-      `<td>${money.format(s.prevented)}</td><td>${fmtMs(s.ttdf_p99)}</td>`;
+      `<td>${num.format(s.REVIEW)}</td><td>${num.format(s.BLOCK)}</td><td>${fmtMoney(s.revenue)}</td>` +
+      `<td>${fmtMoney(s.prevented)}</td><td>${fmtMs(s.ttdf_p99)}</td>`;
     tr.addEventListener("click", () => focusStore(s.store_id));
     body.appendChild(tr);
   }

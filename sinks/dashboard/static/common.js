@@ -14,6 +14,12 @@ const SVG_NS = "http://www.w3.org/2000/svg";
 
 const num = new Intl.NumberFormat(undefined, { maximumFractionDigits: 0 });
 const money = new Intl.NumberFormat(undefined, { maximumFractionDigits: 0 });
+// Money is per currency ({USD: 1200, EUR: 80}, the window's most used currency first), never one sum:
+// "1,200 USD · 80 EUR" (currencies with nothing left out; "0" when there is nothing at all).
+function fmtMoney(amounts) {
+  const parts = Object.entries(amounts || {}).filter(([, v]) => v).map(([c, v]) => `${money.format(v)} ${c}`);
+  return parts.length ? parts.join(" · ") : "0";
+}
 const fmtPct = (x) => `${(100 * (x || 0)).toFixed(1)} %`;
 const fmtMs = (x) => (x === null || x === undefined ? "–" : num.format(x));
 function fmtTime(t, intervalS) {
