@@ -26,6 +26,12 @@ RATE_WINDOW_MS = 5 * 60 * 1000
 """Current rates are measured over the last five minutes of the window."""
 INTERVALS_S = (1, 5, 10, 30, 60, 300, 600, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 7 * 86400)
 TARGET_BUCKETS = 60
+STORES_SHOWN = 100
+"""Store rows of the overview, the busiest first; the stores past them are reported as ``stores_more``."""
+STORE_PICKER_SIZE = 1000
+"""Store ids offered by the store picker; more are reported as ``all_stores_more``."""
+CARDINALITY_EXACT = 40_000
+"""``precision_threshold`` of the store counts: exact up to this many stores (OpenSearch's maximum)."""
 CURRENCIES_SHOWN = 200
 """Currencies per money figure: more than ISO 4217 lists, so no currency is ever cut off."""
 ALERT_FIELDS = (
@@ -124,6 +130,32 @@ def _prevented() -> dict[str, Any]:
     return _money({"term": {"outcome": "BLOCK"}})
 
 
+def _store_count() -> dict[str, Any]:
+    return {"cardinality": {"field": "store_id", "precision_threshold": CARDINALITY_EXACT}}
+
+
+def _store_picker() -> dict[str, Any]:
+    """Every store's id for the picker, over all time (a store is picked before its window is known), and how
+    many stores there are, so the picker can say how many it could not list."""
+    return {
+        "global": {},
+        "aggs": {"ids": {"terms": {"field": "store_id", "size": STORE_PICKER_SIZE}}, "count": _store_count()},
+    }
+
+
+def _picker(agg: dict[str, Any] | None) -> dict[str, Any]:
+    """``all_stores`` (sorted) and ``all_stores_more``: the stores the picker could not list."""
+    ids = sorted(_buckets((agg or {}).get("ids")))
+    return {"all_stores": ids, "all_stores_more": _more(ids, (agg or {}).get("ids"), (agg or {}).get("count"))}
+
+
+def _more(shown: list[str], terms: dict[str, Any] | None, count: dict[str, Any] | None) -> int:
+    """How many stores a ``terms`` aggregation left out: the store count minus those shown, at least one when
+    the aggregation says it left documents out."""
+    left = max(0, int((count or {}).get("value") or 0) - len(shown))
+    return max(left, 1) if int((terms or {}).get("sum_other_doc_count") or 0) > 0 else left
+
+
 def latest_event_query(store: str | None = None) -> dict[str, Any]:
     """The newest event time (to anchor the window at the data, e.g. while a replay of history runs)."""
     query: dict[str, Any] = {"term": {"store_id": store}} if store else {"match_all": {}}
@@ -148,8 +180,9 @@ def overview_query(window: Window) -> dict[str, Any]:
             "series": window.histogram(
                 outcomes=_outcomes(), sales=_sales(), prevented=_prevented(), ttdf=_percentiles("ttdf_ms")
             ),
+            "store_count": _store_count(),
             "stores": {
-                "terms": {"field": "store_id", "size": 100, "order": {"_key": "asc"}},
+                "terms": {"field": "store_id", "size": STORES_SHOWN, "order": [{"_count": "desc"}, {"_key": "asc"}]},
                 "aggs": {
                     "outcomes": _outcomes(),
                     "sales": _sales(),
@@ -157,7 +190,7 @@ def overview_query(window: Window) -> dict[str, Any]:
                     "ttdf": _percentiles("ttdf_ms"),
                 },
             },
-            "stores_all": {"global": {}, "aggs": {"ids": {"terms": {"field": "store_id", "size": 100}}}},
+            "stores_all": _store_picker(),
         },
     }
 
@@ -271,6 +304,7 @@ def shape_overview(answer: dict[str, Any], window: Window) -> dict[str, Any]:
     recent_total = sum(recent.values())
     rate_minutes = min(RATE_WINDOW_MS, window.end_ms - window.start_ms) / 60_000
     currencies = list(_buckets(aggs.get("currencies")))  # the most transactions first
+    stores = (aggs.get("stores") or {}).get("buckets", [])  # the busiest STORES_SHOWN
 
     def money(agg: dict[str, Any] | None) -> dict[str, float]:
         return _amounts(agg, currencies)
@@ -308,18 +342,25 @@ def shape_overview(answer: dict[str, Any], window: Window) -> dict[str, Any]:
             }
             for b in (aggs.get("series") or {}).get("buckets", [])
         ],
-        "stores": [
-            {
-                "store_id": str(b["key"]),
-                "count": int(b["doc_count"]),
-                **_counts(b.get("outcomes"), OUTCOMES),
-                "revenue": money(b.get("sales")),
-                "prevented": money(b.get("prevented")),
-                "ttdf_p99": _pcts(b.get("ttdf"))["p99"],
-            }
-            for b in (aggs.get("stores") or {}).get("buckets", [])
-        ],
-        "all_stores": sorted(_buckets((aggs.get("stores_all") or {}).get("ids"))),
+        "stores": sorted(
+            (
+                {
+                    "store_id": str(b["key"]),
+                    "count": int(b["doc_count"]),
+                    **_counts(b.get("outcomes"), OUTCOMES),
+                    "revenue": money(b.get("sales")),
+                    "prevented": money(b.get("prevented")),
+                    "ttdf_p99": _pcts(b.get("ttdf"))["p99"],
+                }
+                for b in stores
+            ),
+            key=lambda row: row["store_id"],
+        ),
+        "stores_more": {
+            "stores": _more([str(b["key"]) for b in stores], aggs.get("stores"), aggs.get("store_count")),
+            "transactions": int((aggs.get("stores") or {}).get("sum_other_doc_count") or 0),
+        },
+        **_picker(aggs.get("stores_all")),
     }
 
 
@@ -393,7 +434,7 @@ def models_query(window: Window) -> dict[str, Any]:
     # The newest scored record names the roles' holders now (no challenger version on it: none now).
     versions = [version for _, version in MODEL_ROLES.values()]
     aggs["newest"] = {"top_hits": {"size": 1, "sort": [{"event_time": {"order": "desc"}}], "_source": versions}}
-    aggs["stores_all"] = {"global": {}, "aggs": {"ids": {"terms": {"field": "store_id", "size": 100}}}}
+    aggs["stores_all"] = _store_picker()
     return {"size": 0, "track_total_hits": True, "query": {"bool": {"filter": window.filters()}}, "aggs": aggs}
 
 
@@ -461,7 +502,7 @@ def shape_distributions(answer: dict[str, Any]) -> dict[str, Any]:
         "scored": _total(answer),
         "bin_width": SCORE_BIN,
         "bins": [n * SCORE_BIN for n in range(bins)],
-        "all_stores": sorted(_buckets((aggs.get("stores_all") or {}).get("ids"))),
+        **_picker(aggs.get("stores_all")),
     }
     hits = ((aggs.get("newest") or {}).get("hits") or {}).get("hits") or []
     newest = (hits[0].get("_source") or {}) if hits else {}

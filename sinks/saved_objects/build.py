@@ -120,7 +120,11 @@ def metric(kind: str, field: str, label: str, agg_id: str = "1", **params: Any) 
     }
 
 
-def terms(field: str, schema: str, agg_id: str, size: int = 10, label: str | None = None) -> dict[str, Any]:
+def terms(
+    field: str, schema: str, agg_id: str, size: int = 10, label: str | None = None, other: str | None = None
+) -> dict[str, Any]:
+    """Top ``size`` values of ``field``; ``other``: the label of one more bucket with everything past them,
+    so a panel that cannot list every value says so instead of silently leaving them out."""
     return {
         "id": agg_id,
         "enabled": True,
@@ -131,7 +135,8 @@ def terms(field: str, schema: str, agg_id: str, size: int = 10, label: str | Non
             "size": size,
             "order": "desc",
             "orderBy": "1",
-            "otherBucket": False,
+            "otherBucket": other is not None,
+            **({"otherBucketLabel": other} if other is not None else {}),
             "missingBucket": False,
             **({"customLabel": label} if label else {}),
         },
@@ -430,8 +435,12 @@ PANELS: list[tuple[dict[str, Any], int, int]] = [
             "Outcomes per store",
             "transactions",
             "histogram",
-            [count(), terms("store_id", "segment", "2", size=30), terms("outcome", "group", "3", size=3)],
-            "Decisions per store, stacked by outcome.",
+            [
+                count(),
+                terms("store_id", "segment", "2", size=30, other="other stores"),
+                terms("outcome", "group", "3", size=3),
+            ],
+            "Decisions of the 30 busiest stores, stacked by outcome; the rest together as 'other stores'.",
         ),
         24,
         14,

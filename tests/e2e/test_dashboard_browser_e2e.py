@@ -301,12 +301,13 @@ def test_api_reports_what_was_indexed(served: Served) -> None:
     prevented = overview["totals"]["value_prevented"]
     assert {c: v for c, v in prevented.items() if v} == pytest.approx(data.value_prevented, abs=0.01)
     assert [s["store_id"] for s in overview["stores"]] == list(STORES)
+    assert overview["stores_more"] == {"stores": 0, "transactions": 0}
     assert sum(p["count"] for p in overview["series"]) == len(data.transactions)
     assert overview["latency"]["ttdf_ms"]["p99"] > overview["latency"]["ttdf_ms"]["p50"] > 0
 
     one = httpx.get(f"{served.url}/api/overview", params={"minutes": 60, "store": "S02"}, timeout=30).json()
     assert one["totals"]["transactions"] == sum(1 for t in data.transactions if t.store_id == "S02")
-    assert one["all_stores"] == list(STORES)
+    assert one["all_stores"] == list(STORES) and one["all_stores_more"] == 0
 
     alerts = httpx.get(f"{served.url}/api/alerts", params={"minutes": 60}, timeout=30).json()
     assert alerts["total"] == len(data.alerts)

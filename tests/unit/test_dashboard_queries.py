@@ -8,6 +8,8 @@ from PIL import Image
 
 from sinks.dashboard.app import thumbnail
 from sinks.dashboard.queries import (
+    STORE_PICKER_SIZE,
+    STORES_SHOWN,
     Window,
     alerts_query,
     overview_query,
@@ -165,11 +167,39 @@ def test_overview_answer_becomes_totals_rates_series_and_store_rows() -> None:
     assert page["all_stores"] == ["S1", "S2"]
 
 
+def test_stores_past_the_rows_shown_are_counted_not_silently_dropped() -> None:
+    body = overview_query(Window(0, HOUR_MS))["aggs"]
+    assert body["stores"]["terms"]["size"] == STORES_SHOWN
+    assert body["stores"]["terms"]["order"][0] == {"_count": "desc"}  # the busiest stores, not the first by name
+    assert body["stores_all"]["aggs"]["ids"]["terms"]["size"] == STORE_PICKER_SIZE
+    row = {"outcomes": outcome_buckets(APPROVE=5), "sales": money(), "prevented": money()}
+    answer = {
+        "hits": {"total": {"value": 250}},
+        "aggregations": {
+            "store_count": {"value": 104},
+            "stores": {
+                "sum_other_doc_count": 40,
+                "buckets": [{"key": f"store-{n:03d}", "doc_count": 5, **row} for n in range(100, 0, -1)],
+            },
+            "stores_all": {
+                "doc_count": 9000,
+                "ids": {"sum_other_doc_count": 7, "buckets": [{"key": "store-001", "doc_count": 9}]},
+                "count": {"value": 1300},
+            },
+        },
+    }
+    page = shape_overview(answer, Window(0, HOUR_MS))
+    assert [s["store_id"] for s in page["stores"]][:2] == ["store-001", "store-002"]  # rows by store id
+    assert page["stores_more"] == {"stores": 4, "transactions": 40}
+    assert page["all_stores"] == ["store-001"] and page["all_stores_more"] == 1299
+
+
 def test_empty_indices_give_zeros_not_errors() -> None:
     page = shape_overview({"hits": {"total": {"value": 0}}, "aggregations": {}}, Window(0, HOUR_MS))
     assert page["totals"]["transactions"] == 0
     assert page["rates"]["block_rate"] == 0.0
     assert page["series"] == [] and page["stores"] == []
+    assert page["stores_more"] == {"stores": 0, "transactions": 0} and page["all_stores_more"] == 0
     assert shape_faces({})["statuses"] == {"MATCHED": 0, "NO_MATCH": 0, "NO_FACE": 0, "UNAVAILABLE": 0}
 
 

@@ -189,6 +189,18 @@ def test_money_panels_show_one_figure_per_currency_never_a_sum_over_currencies(o
     assert {"cg-revenue", "cg-value-prevented", "cg-sales-over-time"} <= set(money)
 
 
+def test_store_panels_count_the_stores_past_their_size_as_other_stores(objects: list[dict[str, Any]]) -> None:
+    per_store = []
+    for obj in objects:
+        if obj["type"] != "visualization":
+            continue
+        for agg in json.loads(obj["attributes"]["visState"])["aggs"]:
+            if agg["type"] == "terms" and agg["params"]["field"] == "store_id":
+                per_store.append(obj["id"])
+                assert agg["params"]["otherBucket"] is True, f"{obj['id']} silently drops stores past its size"
+    assert "cg-outcomes-per-store" in per_store
+
+
 def test_dashboard_has_the_seed_panels_and_ours(objects: list[dict[str, Any]]) -> None:
     dashboard = next(o for o in objects if o["type"] == "dashboard")
     titles = {o["id"]: o["attributes"]["title"] for o in objects}

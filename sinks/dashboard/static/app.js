@@ -101,7 +101,14 @@ function renderOverview(o) {
     tr.addEventListener("click", () => focusStore(s.store_id));
     body.appendChild(tr);
   }
-  fillStores(state, o.all_stores);
+  const more = o.stores_more;
+  const note = document.getElementById("stores-more");
+  note.hidden = !(more.stores > 0);
+  note.textContent = more.stores > 0
+    ? `${num.format(more.stores)} more stores with ${num.format(more.transactions)} transactions are not listed ` +
+      `(the ${num.format(o.stores.length)} busiest are); the totals above include them.`
+    : "";
+  fillStores(state, o.all_stores, o.all_stores_more);
 }
 
 function renderFaces(f, intervalS) {

@@ -263,12 +263,20 @@ async function initControls(state, refresh) {
   window.addEventListener("resize", () => { clearTimeout(resizeTimer); resizeTimer = setTimeout(refresh, 200); });
 }
 
-// Adds stores to the store picker as they appear, and shows the one chosen.
-function fillStores(state, ids) {
+// Adds stores to the store picker as they appear, and shows the one chosen (also one the picker could not list,
+// chosen by ?store=). `more`: stores past the picker's size, said in a last, disabled entry.
+function fillStores(state, ids, more = 0) {
   const select = document.getElementById("store");
   const known = new Set([...select.options].map((opt) => opt.value));
-  for (const id of ids) {
-    if (!known.has(id)) select.add(new Option(id, id));
+  for (const id of [...ids, state.store].filter(Boolean)) {
+    if (!known.has(id)) { select.add(new Option(id, id)); known.add(id); }
+  }
+  let note = select.querySelector("option.more");
+  if (more > 0 && !note) { note = Object.assign(new Option("", ""), { className: "more", disabled: true }); select.add(note); }
+  if (note) {
+    note.textContent = more > 0 ? `+ ${num.format(more)} more stores (?store=<id> in the URL)` : "";
+    note.hidden = !(more > 0);
+    select.appendChild(note);  // stays last
   }
   select.value = state.store;
 }

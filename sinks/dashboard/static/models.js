@@ -159,7 +159,7 @@ async function refresh() {
     const [models, drift] = await Promise.all([getJson(state, "/api/models"), getJson(state, "/api/drift")]);
     if (seq !== state.seq) return;
     renderDistributions(models.distributions);
-    fillStores(state, models.distributions.all_stores);
+    fillStores(state, models.distributions.all_stores, models.distributions.all_stores_more);
     renderEvaluation(models.evaluation, models.labels);
     renderDrift(drift);
     syncNav(state);
