@@ -6,7 +6,7 @@ functions of :mod:`sinks.dashboard.cases`.
   the transaction, the notes and trail, the verdict buttons
 - ``GET  /cases/{case_id}/images/{which}``  ``live`` (the alert's snapshot) or ``reference`` (the subject's
   enrolled image), downscaled; looked up by case id, the page never sees an image ref
-- ``GET  /api/cases``                    the queue as JSON (``store``, ``state``, ``kind``)
+- ``GET  /api/cases``                    the queue as JSON (``store``, ``state`` (default ``undecided``), ``kind``)
 - ``GET  /api/cases/figures``            open cases by age, time to verdict p50/p95, confirmed vs dismissed
   per kind and store (``store``, ``days``)
 - ``GET  /api/cases/{case_id}``          one case, with its alert's transaction decision
@@ -39,8 +39,9 @@ from schemas.indices import index_name
 from schemas.records import BotCommand
 from sinks.dashboard.cases import (
     CASE_SOURCE,
-    CASE_STATES,
+    DEFAULT_QUEUE_STATE,
     IMAGE_KINDS,
+    QUEUE_STATES,
     CaseFilter,
     case_by_id_query,
     case_figures,
@@ -98,9 +99,9 @@ class CaseRoutes:
 
     def queue(self, request: Request) -> Response:
         q = request.query_params
-        state = q.get("state") or None
-        if state is not None and state not in CASE_STATES:
-            return _error(400, f"state is one of {', '.join(CASE_STATES)}")
+        state = q.get("state") or DEFAULT_QUEUE_STATE
+        if state not in QUEUE_STATES:
+            return _error(400, f"state is one of {', '.join(QUEUE_STATES)}")
         case_filter = CaseFilter(store=q.get("store") or None, state=state, kind=q.get("kind") or None)
         try:
             answer = self.board.search(self.index, case_queue_query(case_filter))

@@ -25,6 +25,12 @@ from schemas.records import CASE_VERBS, BotCommand
 CASE_STATES = ("open", "escalated", "confirmed", "dismissed", "expired")
 PENDING_STATES = ("open", "escalated")
 """States a person still has to act on."""
+UNDECIDED, ANY = "undecided", "any"
+QUEUE_STATES = (UNDECIDED, ANY, *CASE_STATES)
+"""The queue's state filter: one state, ``undecided`` (every pending state), or ``any``."""
+DEFAULT_QUEUE_STATE = UNDECIDED
+"""What the queue shows unless asked otherwise: every case still waiting for a verdict, escalated ones too
+(an escalated case still needs a verdict and still expires; the "open cases" figure counts it)."""
 QUEUE_SIZE = 200
 FIGURES_SIZE = 5000
 """Cases read for the figures (the newest first); the answer says when there were more."""
@@ -81,8 +87,12 @@ class CaseFilter:
     kind: str | None = None
 
     def clauses(self) -> list[dict[str, Any]]:
-        pairs = (("store_id", self.store), ("state", self.state), ("kind", self.kind))
-        return [{"term": {field: value}} for field, value in pairs if value]
+        state = None if self.state in (UNDECIDED, ANY) else self.state
+        pairs = (("store_id", self.store), ("state", state), ("kind", self.kind))
+        out: list[dict[str, Any]] = [{"term": {field: value}} for field, value in pairs if value]
+        if self.state == UNDECIDED:
+            out.append({"terms": {"state": list(PENDING_STATES)}})
+        return out
 
 
 def case_queue_query(case_filter: CaseFilter, size: int = QUEUE_SIZE) -> dict[str, Any]:

@@ -218,10 +218,12 @@ def served(*, allowed: str = "guard@example.com", key: str | None = KEY) -> tupl
     )
     published: list[tuple[BotCommand, list]] = []
     images = Images()
-    board = Dashboard(settings, client=CaseIndex(), images=images, clock=lambda: NOW / 1000)  # type: ignore[arg-type]
+    index = CaseIndex()
+    board = Dashboard(settings, client=index, images=images, clock=lambda: NOW / 1000)  # type: ignore[arg-type]
     app = create_app(settings, board, publish=lambda cmd, headers: published.append((cmd, headers)))
     client = TestClient(app, raise_server_exceptions=False)
     client.settings = settings  # type: ignore[attr-defined]
+    client.index = index  # type: ignore[attr-defined]
     return client, published, images
 
 
@@ -254,6 +256,21 @@ def test_the_queue_rejects_an_unknown_state_and_answers_figures() -> None:
     assert client.get("/api/cases?state=open&store=S01", headers=GUARD).json()["total"] == 1
     figures = client.get("/api/cases/figures?days=7", headers=GUARD).json()
     assert figures["open"] == 1 and figures["days"] == 7
+
+
+def test_the_queue_shows_undecided_cases_escalated_ones_included_unless_asked_otherwise() -> None:
+    client, _, _ = served()
+    index: CaseIndex = client.index  # type: ignore[attr-defined]
+
+    def state_filter(query: str) -> list[dict[str, Any]]:
+        assert client.get(f"/api/cases{query}", headers=GUARD).status_code == 200
+        clauses = index.bodies[-1][1]["query"]["bool"]["filter"]
+        return [c for c in clauses if "state" in str(c)]
+
+    assert state_filter("") == [{"terms": {"state": ["open", "escalated"]}}]  # the default queue
+    assert state_filter("?state=undecided") == [{"terms": {"state": ["open", "escalated"]}}]
+    assert state_filter("?state=escalated") == [{"term": {"state": "escalated"}}]
+    assert state_filter("?state=any") == []
 
 
 def test_a_verdict_is_published_as_a_signed_command_the_case_service_accepts() -> None:

@@ -7,7 +7,8 @@ const when = (ms) => (ms ? new Date(ms).toISOString().replace("T", " ").slice(0,
 const duration = (s) => (s === null || s === undefined ? "–" : s < 90 ? `${Math.round(s)} s` : s < 5400 ? `${Math.round(s / 60)} min` : `${(s / 3600).toFixed(1)} h`);
 const share = (x) => (x === null || x === undefined ? "–" : `${(100 * x).toFixed(0)} %`);
 const params = new URLSearchParams(location.search);
-const filters = { state: params.get("state") ?? "open", kind: params.get("kind") || "", store: params.get("store") || "" };
+// By default every case still waiting for a verdict: open and escalated ("undecided"), as the open-cases figure counts.
+const filters = { state: params.get("state") || "undecided", kind: params.get("kind") || "", store: params.get("store") || "" };
 const REFRESH_MS = 5000;
 
 function options(id, counts, current) {
@@ -37,7 +38,7 @@ async function refresh() {
     const [queue, figures] = await Promise.all([
       getJson(`/api/cases?${q}`), getJson(`/api/cases/figures?${filters.store ? `store=${encodeURIComponent(filters.store)}` : ""}`),
     ]);
-    options("f-state", { open: 0, escalated: 0, confirmed: 0, dismissed: 0, expired: 0 }, filters.state);
+    options("f-state", { undecided: 0, open: 0, escalated: 0, confirmed: 0, dismissed: 0, expired: 0 }, filters.state);
     options("f-kind", queue.kinds, filters.kind);
     options("f-store", queue.stores, filters.store);
     table("queue-table", queue.cases, (c) => `<tr data-case="${esc(c.case_id)}" class="state-${esc(c.state)}">
@@ -68,7 +69,7 @@ async function refresh() {
 for (const name of ["state", "kind", "store"]) {
   document.getElementById(`f-${name}`).addEventListener("change", (e) => {
     filters[name] = e.target.value;
-    const q = new URLSearchParams(Object.entries(filters).filter(([k, v]) => v || k === "state"));
+    const q = new URLSearchParams(Object.entries(filters).filter(([, v]) => v));
     history.replaceState(null, "", `/cases?${q}`);
     refresh();
   });
