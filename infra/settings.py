@@ -655,7 +655,8 @@ class IndicesSettings(BaseModel, frozen=True):
     """
 
     period: Literal["day", "month"] = "day"
-    """``day`` or ``month``: the event-time span of one index (month suits long historical replays)."""
+    """``day`` or ``month``: the event-time span of one index (month suits long historical replays under a fresh
+    prefix). Fixed per index prefix: the sink refuses to start on a prefix holding the other period's indices."""
     transactions_retention_days: int = 400
     alerts_retention_days: int = 400
     face_observations_retention_days: int = 30

@@ -118,9 +118,8 @@ def load_template(kind: str, index_prefix: str) -> dict[str, Any]:
     return body
 
 
-def period_of(index: str, index_prefix: str, kind: str) -> tuple[datetime, datetime] | None:
-    """``[start, end)`` of the period a period index covers, or ``None`` if ``index`` is not exactly
-    ``<prefix>-<kind>-<period>`` (e.g. an index of another prefix that merely starts like ours)."""
+def _parse_period(index: str, index_prefix: str, kind: str) -> tuple[str, datetime] | None:
+    """The period (``day``/``month``) and start of an index named exactly ``<prefix>-<kind>-<period>``."""
     head = f"{index_name(index_prefix, kind)}-"
     if not index.startswith(head):
         return None
@@ -130,10 +129,26 @@ def period_of(index: str, index_prefix: str, kind: str) -> tuple[datetime, datet
             start = datetime.strptime(suffix, fmt).replace(tzinfo=UTC)
         except ValueError:
             continue
-        if start.strftime(fmt) != suffix:  # strptime accepts "2026.1.2"; we never write that
-            continue
-        if period == "day":
-            return start, datetime.fromordinal(start.toordinal() + 1).replace(tzinfo=UTC)
-        year, month = (start.year + 1, 1) if start.month == 12 else (start.year, start.month + 1)
-        return start, start.replace(year=year, month=month)
+        if start.strftime(fmt) == suffix:  # strptime accepts "2026.1.2"; we never write that
+            return period, start
     return None
+
+
+def period_of(index: str, index_prefix: str, kind: str) -> tuple[datetime, datetime] | None:
+    """``[start, end)`` of the period a period index covers, or ``None`` if ``index`` is not exactly
+    ``<prefix>-<kind>-<period>`` (e.g. an index of another prefix that merely starts like ours)."""
+    parsed = _parse_period(index, index_prefix, kind)
+    if parsed is None:
+        return None
+    period, start = parsed
+    if period == "day":
+        return start, datetime.fromordinal(start.toordinal() + 1).replace(tzinfo=UTC)
+    year, month = (start.year + 1, 1) if start.month == 12 else (start.year, start.month + 1)
+    return start, start.replace(year=year, month=month)
+
+
+def period_kind(index: str, index_prefix: str, kind: str) -> str | None:
+    """``day`` or ``month``: the ``indices.period`` a period index was written under; ``None`` for any other
+    index. One prefix holds one period: the same document under both would be counted twice by the alias."""
+    parsed = _parse_period(index, index_prefix, kind)
+    return parsed[0] if parsed else None

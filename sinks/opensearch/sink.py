@@ -81,6 +81,7 @@ from schemas.indices import (
     default_group_id,
     index_name,
     load_template,
+    period_kind,
     period_of,
     single_index_name,
 )
@@ -114,8 +115,10 @@ def install_templates(
     The current period's index is created up front so the alias, counts and dashboards work before
     the first document; existing period indices get fields added since they were created (put_mapping
     accepts additive changes). A concrete index left by the single-index layout under the alias's name
-    is first moved into period indices (:func:`migrate_legacy_index`).
+    is first moved into period indices (:func:`migrate_legacy_index`). Raises :class:`IndexPeriodConflict`,
+    before changing anything, when the prefix holds period indices of another ``period`` (:func:`check_period`).
     """
+    check_period(client, index_prefix, period)
     now = now_ms if now_ms is not None else clock.now_ms()
     names = []
     for route in ROUTES:
@@ -136,6 +139,50 @@ def install_templates(
             client.indices.put_mapping(index=",".join(existing[chunk : chunk + 50]), body=body["template"]["mappings"])
         names.append(alias)
     return names
+
+
+class IndexPeriodConflict(CheckoutGuardError):
+    """The prefix holds period indices of another ``indices.period`` than the one configured."""
+
+
+def other_period_indices(names: Iterable[str], index_prefix: str, kind: str, period: str) -> dict[str, list[str]]:
+    """The period indices of ``kind`` among ``names`` that another period than ``period`` wrote, by period."""
+    out: dict[str, list[str]] = {}
+    for name in sorted(names):
+        found = period_kind(name, index_prefix, kind)
+        if found is not None and found != period:
+            out.setdefault(found, []).append(name)
+    return out
+
+
+def check_period(client: OpenSearch, index_prefix: str, period: str) -> None:
+    """Refuse a period other than the one the prefix's indices were written under.
+
+    A document's index follows from its time *and* the period, and ``_id`` is unique per index only: with
+    ``day`` indices there, a ``month`` sink would write every replayed transaction, alert and face observation
+    a second time into the month index, and the alias would count it twice. So a prefix keeps one period
+    for good; a different one needs a fresh prefix (a backtest copy's) or the old indices deleted first.
+    """
+    found: dict[str, list[str]] = {}
+    for route in ROUTES:
+        if route.single_index:
+            continue
+        for other, names in other_period_indices(
+            period_indices(client, index_prefix, route.kind), index_prefix, route.kind, period
+        ).items():
+            found.setdefault(other, []).extend(names)
+    if not found:
+        return
+    other = sorted(found)[0]
+    names = found[other]
+    more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+    raise IndexPeriodConflict(
+        f"CG_INDICES__PERIOD is {period!r}, but the prefix {index_prefix!r} already holds {other!r} indices "
+        f"({names[0]}{more}): a document indexed under both periods would be counted twice under the alias. "
+        f"Set CG_INDICES__PERIOD={other} again, or write {period!r} indices under a fresh prefix "
+        f"(CG_OPENSEARCH__INDEX_PREFIX, as a backtest copy does), or delete the {other!r} indices first "
+        f"(their documents are then indexed again only if their topics still hold them)."
+    )
 
 
 def create_indices(client: OpenSearch, names: Iterable[str]) -> None:
@@ -869,6 +916,9 @@ def main(
     endpoint = metrics.serve(settings, STAGE, health=sink.heartbeat)
     try:
         sink.run(stop)
+    except IndexPeriodConflict as exc:  # a setting to fix, not a crash to restart
+        log.error("%s", exc)
+        raise typer.Exit(2) from None
     finally:
         endpoint.close()
 

@@ -30,7 +30,14 @@ from infra.settings import Settings, get_settings
 from schemas.indices import TEMPLATE_DIR
 from schemas.records import Alert, DeadLetter, FaceObservation, Label, ModelDrift, Record, ScoredTransaction, make_label
 from schemas.topics import ALERTS, DEAD_LETTERS, FACE_OBSERVATIONS, LABELS, MODEL_DRIFT, SCORED_TRANSACTIONS, TopicSpec
-from sinks.opensearch.sink import OpenSearchSink, apply_retention, bulk_once, install_templates, to_actions
+from sinks.opensearch.sink import (
+    IndexPeriodConflict,
+    OpenSearchSink,
+    apply_retention,
+    bulk_once,
+    install_templates,
+    to_actions,
+)
 
 pytestmark = pytest.mark.e2e
 log = logging.getLogger(__name__)
@@ -578,6 +585,15 @@ def test_single_index_of_the_previous_layout_moves_behind_the_alias(sandbox: San
     assert client.indices.exists_alias(name=legacy)
     assert sandbox.count("transactions") == 12
     assert f"{legacy}-2023.11.14" in client.indices.get_alias(name=legacy)
+
+
+def test_a_sink_of_another_period_refuses_a_prefix_with_day_indices(sandbox: Sandbox) -> None:
+    client, prefix = sandbox.opensearch, sandbox.index_prefix
+    install_templates(client, prefix, "day", now_ms=1_700_000_000_000)  # 2023-11-14: day indices
+    with pytest.raises(IndexPeriodConflict, match="'day' indices"):
+        install_templates(client, prefix, "month", now_ms=1_700_000_000_000)
+    assert not client.indices.exists(index=f"{prefix}-transactions-2023.11")  # nothing was created
+    install_templates(client, prefix, "day", now_ms=1_700_000_000_000)  # the period it was written with goes on
 
 
 def test_sink_creates_period_indices_itself_where_the_cluster_does_not_auto_create(sandbox: Sandbox) -> None:

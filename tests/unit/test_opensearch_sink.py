@@ -14,15 +14,19 @@ from opensearchpy.serializer import JSONSerializer
 from infra.retry import Backoff
 from infra.settings import IndicesSettings
 from schemas.codec import latest_versions
-from schemas.indices import ROUTES, default_group_id, load_template, period_index_name, period_of
+from schemas.indices import ROUTES, default_group_id, load_template, period_index_name, period_kind, period_of
 from schemas.records import Alert, DeadLetter, FaceObservation, Label, ModelDrift, ScoredTransaction, make_label
 from sinks.opensearch.sink import (
     DAY_MS,
     IndexAction,
+    IndexPeriodConflict,
     bulk_once,
+    check_period,
     expired_indices,
+    install_templates,
     is_retriable,
     offsets_to_commit,
+    other_period_indices,
     retention_days,
     to_actions,
 )
@@ -360,6 +364,35 @@ def test_period_of_only_accepts_exact_period_indices_of_the_prefix_and_kind() ->
         "cg-alerts-2026.02.28",
     ):
         assert period_of(other, "cg", "transactions") is None, other
+
+
+class PeriodIndices:
+    """A cluster that answers only which indices a pattern matches (all a period check may ask)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.indices = self
+        self.names = names
+
+    def get_settings(self, index: str, **_: Any) -> dict[str, Any]:
+        head = index.rstrip("*")
+        return {n: {"settings": {"index": {"creation_date": "0"}}} for n in self.names if n.startswith(head)}
+
+
+def test_a_sink_refuses_a_period_other_than_the_one_the_prefixs_indices_were_written_with() -> None:
+    cluster = PeriodIndices(["cg-transactions-2026.11.21", "cg-transactions-2026.11.22", "cg-alerts-2026.11.22"])
+    with pytest.raises(IndexPeriodConflict) as refused:
+        install_templates(cluster, "cg", "month")  # type: ignore[arg-type]  # refused before anything is created
+    text = str(refused.value)
+    assert "'month'" in text and "'day' indices" in text and "(cg-transactions-2026.11.21 and 2 more)" in text
+    assert "CG_INDICES__PERIOD=day" in text and "fresh prefix" in text
+    check_period(cluster, "cg", "day")  # type: ignore[arg-type]  # the period they were written with
+    check_period(cluster, "other", "month")  # type: ignore[arg-type]  # another prefix is another layout
+    check_period(PeriodIndices(["cg-transactions-2026.11", "cg-labels-all"]), "cg", "month")  # type: ignore[arg-type]
+    assert other_period_indices(cluster.names, "cg", "transactions", "month") == {
+        "day": ["cg-transactions-2026.11.21", "cg-transactions-2026.11.22"]
+    }
+    assert period_kind("cg-transactions-2026.11", "cg", "transactions") == "month"
+    assert period_kind("cg-labels-all", "cg", "labels") is None
 
 
 def test_retention_drops_indices_whose_period_ended_and_that_were_created_long_enough_ago() -> None:
