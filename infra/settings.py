@@ -694,7 +694,8 @@ class CasesSettings(BaseModel, frozen=True):
     """The case service (``CG_CASES__*``, jobs/cases): every alert a person verifies, and what the verdicts teach."""
 
     expire_after_s: float = 86400.0
-    """A case nobody decided (open or escalated) is expired this long after it opened."""
+    """A case nobody decided (open or escalated) is expired this long after it opened, at its alert's time (an
+    alert read later than this opens its case expired)."""
     expiry_interval_s: float = 30.0
     """How often open cases are checked for expiry."""
     max_templates: int = 5

@@ -38,7 +38,12 @@ class Refused(InvalidRecord):
 
 
 def open_case(alert: Alert, now_ms: int, expire_after_ms: int, reference_image_ref: str | None = None) -> Case:
-    """Version 1 of the case of ``alert``: open, owned by nobody, expiring ``expire_after_ms`` from now."""
+    """Version 1 of the case of ``alert``: open, owned by nobody, opened at the alert's time (not when this
+    service got to it: after a pause or a lost offset it reads alerts days old) and expiring
+    ``expire_after_ms`` after that, so the queue's ages and the time to verdict are the alert's. An alert
+    stamped ahead of ``now_ms`` (a clock ahead of ours) opens now. Already due when the alert is older than
+    the expiry: :func:`expire` it at once."""
+    opened_at = min(alert.event_time, now_ms)
     return Case(
         case_id=case_id_for(alert.alert_id),
         version=1,
@@ -47,9 +52,9 @@ def open_case(alert: Alert, now_ms: int, expire_after_ms: int, reference_image_r
         store_id=alert.store_id,
         alert_id=alert.alert_id,
         summary=alert.summary,
-        opened_at=now_ms,
+        opened_at=opened_at,
         updated_at=now_ms,
-        expires_at=now_ms + expire_after_ms,
+        expires_at=opened_at + expire_after_ms,
         updated_by="case-service",
         lane_id=alert.lane_id,
         transaction_id=alert.transaction_id,

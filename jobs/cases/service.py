@@ -15,7 +15,9 @@ verdicts' effects:
 - a confirmed or dismissed ``BLOCKED_TRANSACTION``, or ``confirm <case> fraud``, publishes a label for the
   transaction to ``labels`` (source ``case``); a face-match confirmation publishes none unless asked.
 
-Cases that nobody decides expire ``CG_CASES__EXPIRE_AFTER_S`` after they opened (checked every
+A case opens at its alert's time, so one read late (the service was down, or lost its offsets and read the
+alerts topic's 30 days again) is as old as its alert, and one older than the expiry opens expired. Cases that
+nobody decides expire ``CG_CASES__EXPIRE_AFTER_S`` after they opened (checked every
 ``CG_CASES__EXPIRY_INTERVAL_S``). Commands apply only when signed by the bot, fresh and from an allow-listed
 issuer (:func:`infra.command_auth.authenticate_command`, as the watchlist service checks them); anything else
 is audited ``FAILED`` under its offset and dead-lettered (``unauthorized``), as is an undecodable input or a
@@ -48,6 +50,7 @@ from infra.command_auth import SIGNATURE_HEADER, authenticate_command, sign_comm
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.settings import Settings, get_settings
 from jobs.cases.core import CaseBook, Refused, parse_case_command
+from jobs.cases.core import expire as expire_case
 from schemas.codec import DecodeError
 from schemas.errors import InvalidRecord
 from schemas.records import (
@@ -167,6 +170,12 @@ class CaseCore:
             return []  # this alert has its case already
         log.info("opened %s for alert %s (%s, store %s)", case.case_id, alert.alert_id, alert.kind, alert.store_id)
         outs = [self._case(case)]
+        expired = expire_case(case, now_ms)
+        if expired is not None:  # an alert older than the expiry (read late): its case opens expired, not fresh
+            self.book.load(expired)
+            log.info("expired %s at once: its alert is older than the expiry", case.case_id)
+            outs.append(self._case(expired))
+            outs.append(self._service_audit(expired, "EXPIRE", "the alert was older than the expiry when read", now_ms))
         for waiting, _since in self.waiting.pop(case.case_id, []):
             outs += self.on_command(waiting, now_ms)
         return outs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from jobs.cases.core import (
@@ -65,6 +67,13 @@ def test_an_alert_opens_a_case_with_both_images_and_the_evidence() -> None:
     assert case.reference_image_ref == "local://reference/subj-a.jpg"
     assert (case.subject_id, case.similarity, case.transaction_id) == ("subj-a", 0.93, "tx-1")
     assert case.expires_at == T0 + 24 * HOUR
+
+
+def test_a_case_opens_at_its_alerts_time_not_when_it_is_read() -> None:
+    late = open_case(face_alert(), T0 + 20 * 24 * HOUR, 24 * HOUR)  # read 20 days after the alert
+    assert (late.opened_at, late.expires_at, late.updated_at) == (T0, T0 + 24 * HOUR, T0 + 20 * 24 * HOUR)
+    gone = expire(late, T0 + 20 * 24 * HOUR)  # older than the expiry: due at once
+    assert gone is not None and gone.state == "expired"
 
 
 def test_case_survives_its_codec_round_trip_with_notes() -> None:
@@ -162,7 +171,7 @@ def test_the_book_counts_dismissals_per_subject_and_keeps_the_latest_version() -
 def test_the_book_expires_only_due_cases() -> None:
     book = CaseBook()
     early = book.open(face_alert("a1"), T0, HOUR, None)
-    book.open(face_alert("a2"), T0 + HOUR, HOUR, None)
+    book.open(dataclasses.replace(face_alert("a2"), event_time=T0 + HOUR), T0 + HOUR, HOUR, None)
     assert early and [c.case_id for c in book.due(T0 + HOUR)] == [early.case_id]
     assert book.due(T0 + HOUR) == []
 

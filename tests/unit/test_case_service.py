@@ -28,12 +28,14 @@ def core() -> CaseCore:
     return core
 
 
-def alert_src(alert_id: str = "watchlist:tx-1:subj-a", kind: str = "WATCHLIST_MATCH", offset: int = 0) -> Source:
+def alert_src(
+    alert_id: str = "watchlist:tx-1:subj-a", kind: str = "WATCHLIST_MATCH", offset: int = 0, event_time: int = NOW
+) -> Source:
     alert = Alert(
         alert_id=alert_id,
         kind=kind,
         severity="high",
-        event_time=NOW,
+        event_time=event_time,
         store_id="store-001",
         summary="Possible suspect at lane-01",
         lane_id="lane-01",
@@ -272,6 +274,36 @@ def test_a_tombstone_read_at_start_forgets_the_case() -> None:
     restarted.load_case(case.case_id.encode(), case.encode())
     restarted.load_case(case.case_id.encode(), None)
     assert restarted.book.cases == {}
+
+
+def test_an_alert_read_late_opens_its_case_at_the_alert_time_and_expired_when_older_than_the_expiry(core) -> None:
+    recent = case_of(core.on_alert(alert_src("watchlist:tx-2:subj-a", event_time=NOW - 5 * 60_000), NOW))
+    assert (recent.state, recent.opened_at, recent.expires_at) == ("open", NOW - 300_000, NOW + 300_000)
+
+    old = NOW - 20 * DAY  # e.g. the service lost its offsets and reads the alerts topic's 30 days again
+    outs = core.on_alert(replace(alert_src(event_time=old), written_at=old), NOW)
+    first, then = (Case.decode(o.value) for o in of(outs, CASES))
+    assert (first.state, first.opened_at, first.expires_at) == ("open", old, old + 600_000)
+    assert (then.state, then.version, then.decided_at) == ("expired", 2, NOW)
+    assert [a.action for a in audits(outs)] == ["EXPIRE"]
+    assert core.book.cases[then.case_id].state == "expired" and core.expire(NOW + 1) == []
+
+    ahead = case_of(core.on_alert(alert_src("watchlist:tx-3:subj-a", event_time=NOW + 5_000), NOW))
+    assert ahead.opened_at == NOW  # an alert clock ahead of ours opens now, not in the future
+
+
+def test_every_alert_the_topic_still_holds_finds_its_case_so_none_opens_twice() -> None:
+    """Coherent horizons: a case (decided when its alert is read, at the latest) is kept
+    ``retain_decided_days`` (90), longer than the alerts topic keeps the alert (30 days), so a re-read alert
+    always meets its case; alerts written longer ago than the horizon are skipped."""
+    core = retained(90)
+    written = NOW - 29 * DAY
+    src = replace(alert_src(event_time=written), written_at=written)
+    case = of(core.on_alert(src, NOW), CASES)
+    assert case, "an alert the topic still holds opens its case"
+    until = written + 30 * DAY  # the last moment the alerts topic holds it
+    assert core.retire(until) == [] and core.on_alert(src, until) == []
+    assert retained(90).on_alert(replace(src, written_at=NOW - 91 * DAY), NOW) == []
 
 
 def test_inputs_written_before_the_retention_horizon_are_skipped_not_acted_on() -> None:
