@@ -666,6 +666,10 @@ class IndicesSettings(BaseModel, frozen=True):
     """How often the OpenSearch sink applies retention (also at start)."""
     include_face_embeddings: bool = False
     """Index FaceObservation embeddings (biometric data) -- off unless explicitly wanted."""
+    customer_key_secret: SecretStr | None = None
+    """Key of the HMAC under which a customer known only by e-mail address is indexed (``customer_key``
+    ``email-hmac:<hex>``, ``schemas.indices.indexed_customer_key``); unset, such keys are left out of the index.
+    Keep it fixed: a new key gives every such customer a new key in the documents indexed from then on."""
 
 
 class DashboardSettings(BaseModel, frozen=True):

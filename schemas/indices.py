@@ -6,6 +6,8 @@ names from here, so an index is spelt once. Pure: no client; the templates are `
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,6 +39,8 @@ class Route:
     time_field: str = "event_time"
     """The record's time: it picks the period index (and is the index pattern's time field)."""
     private_fields: tuple[str, ...] = ()
+    pseudonymised_fields: tuple[str, ...] = ()
+    """Customer keys indexed only as :func:`indexed_customer_key` makes them (no e-mail address in clear)."""
     single_index: bool = False
     """One index for all time (``<prefix>-<kind>-all``) instead of one per period: for records whose
     identity outlives any time field of theirs (a transaction's verdict may be decided, and corrected,
@@ -61,7 +65,7 @@ class Route:
         return period_index_name(index_prefix, self.kind, time_ms, period)
 
 
-SCORED_ROUTE = Route(SCORED_TRANSACTIONS, "transactions", "transaction_id")
+SCORED_ROUTE = Route(SCORED_TRANSACTIONS, "transactions", "transaction_id", pseudonymised_fields=("customer_key",))
 LABELS_ROUTE = Route(LABELS, "labels", "transaction_id", time_field="decided_at", single_index=True, keyed=True)
 """Field verdicts, one document per transaction: the verdict in force (the last published, as the
 compacted topic keeps it and ``train`` reads it), gone when withdrawn."""
@@ -79,6 +83,29 @@ ROUTES: tuple[Route, ...] = (
     DRIFT_ROUTE,
     CASES_ROUTE,
 )
+
+
+PSEUDONYMOUS_KEY_KINDS = frozenset({"token", "id", "anon"})
+"""Customer key kinds (``<kind>:<value>``, ``jobs.scoring.features.customer_key``) indexed as they are: a card
+token, a customer id and the anonymous key (a transaction id) name nobody outside the systems that issued
+them. Any other kind (``email:<address>``) is indexed only as a keyed hash."""
+CUSTOMER_KEY_DIGEST_HEX = 32
+"""Hex digits kept of the HMAC-SHA256 (128 bits: no two customers of any chain share one)."""
+
+
+def indexed_customer_key(key: str, secret: str | None) -> str | None:
+    """What an index holds of a customer key: ``token:``, ``id:`` and ``anon:`` keys as they are; any other
+    (``email:alice@example.com``) as ``email-hmac:<HMAC-SHA256 of the key under secret, 32 hex>``, the same for
+    every transaction of that customer (so "this customer's other transactions" still works), but no address
+    an analyst can read or a dictionary of addresses can recover without the secret. ``None`` (the field is
+    left out) where there is no secret: an unkeyed hash of an e-mail address is found by hashing guesses."""
+    kind = key.partition(":")[0]
+    if kind in PSEUDONYMOUS_KEY_KINDS:
+        return key
+    if not secret:
+        return None
+    digest = hmac.new(secret.encode(), key.encode(), hashlib.sha256).hexdigest()[:CUSTOMER_KEY_DIGEST_HEX]
+    return f"{kind}-hmac:{digest}"
 
 
 def default_group_id(topic_prefix: str = "") -> str:

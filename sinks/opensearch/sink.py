@@ -13,7 +13,9 @@ so every new period index joins it); labels go to the one index ``<index_prefix>
 ``dead_letters`` for messages that cannot be decoded or that OpenSearch rejects for good (stage
 ``opensearch-sink``). Retention drops whole period indices (``sinks/opensearch/retention.py``, applied
 at start and every ``indices.retention_interval_s``); the labels index is kept, like its compacted topic.
-Face embeddings are left out of the documents unless ``indices.include_face_embeddings`` is set.
+Face embeddings are left out of the documents unless ``indices.include_face_embeddings`` is set; a customer
+known only by e-mail address is indexed as ``email-hmac:<keyed hash>`` (``indices.customer_key_secret``), never
+by the address.
 
 Why nothing is lost or doubled: the document ``_id`` is the business key (``transaction_id`` /
 ``alert_id`` / ``observation_id``) with op ``index``, and the period index follows from the record's own
@@ -80,6 +82,7 @@ from schemas.indices import (
     Route,
     default_group_id,
     index_name,
+    indexed_customer_key,
     load_template,
     period_kind,
     period_of,
@@ -349,11 +352,14 @@ def to_actions(
     now_ms: int | None = None,
     period: str = "day",
     include_private: bool = False,
+    customer_key_secret: str | None = None,
 ) -> tuple[list[IndexAction], list[DeadLetter]]:
     """Decode a batch into bulk actions keyed by business id, and dead letters for what cannot be used.
 
     Each document goes to the index of its own time field (:meth:`Route.write_index`); private fields
-    (face embeddings) are left out unless ``include_private``. On a keyed route (labels) a tombstone
+    (face embeddings) are left out unless ``include_private``; customer keys are indexed as
+    :func:`~schemas.indices.indexed_customer_key` makes them with ``customer_key_secret``, never an e-mail
+    address in clear. On a keyed route (labels) a tombstone
     becomes a ``delete`` of the key's document and every action carries the message offset as its
     external version.
 
@@ -371,7 +377,7 @@ def to_actions(
             dead.append(dead_letter_for(message, "unknown_topic", f"no index for topic {message.topic()!r}", now))
             continue
         try:
-            op = _operation(message, route, index_prefix, period, include_private)
+            op = _operation(message, route, index_prefix, period, include_private, customer_key_secret)
         except _Unusable as exc:
             dead.append(dead_letter_for(message, exc.kind, exc.reason, now))
             continue
@@ -389,7 +395,14 @@ class _Unusable(CheckoutGuardError):
         self.kind, self.reason = kind, reason
 
 
-def _operation(message: Message, route: Route, index_prefix: str, period: str, include_private: bool) -> dict[str, Any]:
+def _operation(
+    message: Message,
+    route: Route,
+    index_prefix: str,
+    period: str,
+    include_private: bool,
+    customer_key_secret: str | None = None,
+) -> dict[str, Any]:
     """The bulk operation for one message of ``route``; raises :class:`_Unusable` with the dead letter's reason."""
     versioned = {"version": message.offset() or 0, "version_type": "external_gte"} if route.keyed else {}
     if route.keyed and message.value() is None:  # a tombstone: the key's document goes
@@ -412,7 +425,13 @@ def _operation(message: Message, route: Route, index_prefix: str, period: str, i
     except (ValueError, OverflowError, OSError) as exc:
         raise _Unusable("invalid_field", f"{route.time_field}: {exc}") from None
     drop = () if include_private else route.private_fields
-    return {"_op_type": "index", "_index": index, "_id": doc_id, "_source": to_document(record, drop), **versioned}
+    source = to_document(record, drop)
+    for name in route.pseudonymised_fields:
+        if isinstance(source.get(name), str):
+            source[name] = indexed_customer_key(source[name], customer_key_secret)
+            if source[name] is None:
+                del source[name]
+    return {"_op_type": "index", "_index": index, "_id": doc_id, "_source": source, **versioned}
 
 
 def _key_text(message: Message) -> str:
@@ -594,6 +613,8 @@ class OpenSearchSink:
         self._problem: str | None = None
         """Why the batch in hand cannot be finished yet (OpenSearch or the dead-letter topic away)."""
         self._kinds = {route.topic.full_name(self.topic_prefix): route.kind for route in ROUTES}
+        secret = self.indices.customer_key_secret
+        self._customer_key_secret = secret.get_secret_value() if secret else None
         self._batch_seconds = metrics.PROCESSING_SECONDS.labels(STAGE)
 
     # ------------------------------------------------------------------ wiring
@@ -615,6 +636,8 @@ class OpenSearchSink:
             self.index_prefix,
             self.group_id,
         )
+        if self._customer_key_secret is None:
+            log.info("CG_INDICES__CUSTOMER_KEY_SECRET is not set: customers known only by e-mail get no customer_key")
         try:
             self._retry_until_done("install index templates", self._install_templates)
             self._consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
@@ -704,6 +727,7 @@ class OpenSearchSink:
             topic_prefix=self.topic_prefix,
             period=self.indices.period,
             include_private=self.indices.include_face_embeddings,
+            customer_key_secret=self._customer_key_secret,
         )
         self.stats.superseded += len(batch) - len(actions) - len(dead)
         dead += self._index_until_acknowledged(actions)

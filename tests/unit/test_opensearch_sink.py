@@ -14,7 +14,15 @@ from opensearchpy.serializer import JSONSerializer
 from infra.retry import Backoff
 from infra.settings import IndicesSettings
 from schemas.codec import latest_versions
-from schemas.indices import ROUTES, default_group_id, load_template, period_index_name, period_kind, period_of
+from schemas.indices import (
+    ROUTES,
+    default_group_id,
+    indexed_customer_key,
+    load_template,
+    period_index_name,
+    period_kind,
+    period_of,
+)
 from schemas.records import Alert, DeadLetter, FaceObservation, Label, ModelDrift, ScoredTransaction, make_label
 from sinks.opensearch.sink import (
     DAY_MS,
@@ -364,6 +372,26 @@ def test_period_of_only_accepts_exact_period_indices_of_the_prefix_and_kind() ->
         "cg-alerts-2026.02.28",
     ):
         assert period_of(other, "cg", "transactions") is None, other
+
+
+def test_an_email_customer_key_is_indexed_as_a_keyed_hash_never_in_clear() -> None:
+    def indexed(key: str, secret: str | None = "s3cret") -> dict[str, Any]:
+        batch = [message(tx_topic(), scored("tx-1", customer_key=key).encode())]
+        actions, dead = to_actions(batch, index_prefix="cg", topic_prefix=PREFIX, customer_key_secret=secret)
+        assert dead == []
+        return actions[0].op["_source"]
+
+    alice = indexed("email:alice.smith@example.com")
+    assert alice["customer_key"].startswith("email-hmac:") and len(alice["customer_key"]) == len("email-hmac:") + 32
+    assert "alice" not in json.dumps(alice) and "example.com" not in json.dumps(alice)
+    # the same customer keeps one key (the "same customer" pivot), another customer or another secret does not
+    assert indexed("email:alice.smith@example.com")["customer_key"] == alice["customer_key"]
+    assert indexed("email:bob@example.com")["customer_key"] != alice["customer_key"]
+    assert indexed("email:alice.smith@example.com", "other")["customer_key"] != alice["customer_key"]
+    assert "customer_key" not in indexed("email:alice.smith@example.com", None)  # no secret: left out
+    for pseudonymous in ("token:tok_9f8e", "id:cust-42", "anon:tx-7"):  # issued ids name nobody: kept
+        assert indexed(pseudonymous, None)["customer_key"] == pseudonymous
+    assert indexed_customer_key("phone:+1-555", "s3cret").startswith("phone-hmac:")  # any other kind is hashed
 
 
 class PeriodIndices:
