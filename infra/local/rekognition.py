@@ -160,12 +160,17 @@ class LocalRekognition:
         return out
 
     def SearchFacesByImage(self, req: dict[str, Any]) -> dict[str, Any]:  # noqa: N802
+        """As AWS: only the largest face of the image is searched (its box is ``SearchedFaceBoundingBox``), matches
+        at or above ``FaceMatchThreshold`` (80 unless given; 0-100) come most similar first, at most ``MaxFaces``;
+        an image without a face is ``InvalidParameterException``."""
         col = self._collection(req["CollectionId"])
+        threshold = float(req.get("FaceMatchThreshold", 80.0))
+        if not 0.0 <= threshold <= 100.0:
+            raise _Fail("ValidationException", "Value at 'faceMatchThreshold' failed to satisfy constraint: 0-100")
         faces = self._faces(req["Image"])
         if not faces:
             raise _Fail("InvalidParameterException", "There are no faces in the image. Should be at least 1.")
-        probe, box = faces[0]
-        threshold = float(req.get("FaceMatchThreshold", 80.0))
+        probe, box = max(faces, key=lambda fb: fb[1]["Width"] * fb[1]["Height"])
         matches = []
         for face in col.values():
             sim = rekognition_scale(self.similarity(np.asarray(face["_embedding"]), probe.embedding))

@@ -3,8 +3,10 @@
 Seed 000's core gesture. The transaction's store, lane and time come from the scored transaction
 (OpenSearch); the lane camera's footage *at the transaction time* is fetched through the Meraki
 snapshot API (the same client the face stage uses), analysed by the face engine, and compared with
-the current watchlist, read to its end from the compacted topic. The reply says what was found; the
-image is kept in the image store like any checkout snapshot (and purged with them).
+the current watchlist, read to its end from the compacted topic. With the Rekognition backend the usable
+faces are searched in the collection instead (as the face stage does) and the watchlist only names the subject's
+category. The reply says what was found, and by which engine with the Rekognition backend; the image is kept in
+the image store like any checkout snapshot (and purged with them).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 from infra.settings import Settings
 from schemas.codec import codec
-from schemas.errors import InvalidRecord
+from schemas.errors import CheckoutGuardError, InvalidRecord
 from schemas.topics import WATCHLIST
 
 log = logging.getLogger("checkout_guard.checkout_inspect")
@@ -71,8 +73,12 @@ class CheckoutInspector:
         engine=None,
         watchlist_loader: Callable[[], Any] | None = None,
         store=None,
+        collection=None,
     ) -> None:
+        """``collection``: the Rekognition collection to search (built on first use with the Rekognition
+        backend)."""
         self.settings = settings
+        self._collection = collection
         self._lookup = lookup
         self._snapshot = snapshot
         self._engine = engine
@@ -113,6 +119,10 @@ class CheckoutInspector:
             from infra.clients.image_store import ImageStore
 
             self._store = ImageStore.from_settings(self.settings)
+        if self._collection is None:
+            from jobs.faces.stage import collection_of
+
+            self._collection = collection_of(self.settings)
         return self._lookup, self._snapshot, self._engine, self._store
 
     def __call__(self, tx_id: str) -> str:
@@ -149,7 +159,9 @@ class CheckoutInspector:
             return f"Transaction `{tx_id}` at {where}: fresh snapshot taken, no usable face ({why})."
         face = max(usable, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
         try:
-            match = self._watchlist_loader().search(face.embedding)
+            match = self._match(shot.image, usable, face)
+        except _SearchFailed as exc:
+            return f"Transaction `{tx_id}` at {where}: a face was seen; Rekognition unavailable ({exc})."
         except Exception as exc:  # noqa: BLE001 - Kafka down: still report the face
             return f"Transaction `{tx_id}` at {where}: a face was seen; watchlist unavailable ({type(exc).__name__})."
         when = "(footage of the transaction time)" if not shot.fell_back_to_now else "(live view: no footage stored)"
@@ -158,13 +170,36 @@ class CheckoutInspector:
                 f"Transaction `{tx_id}` at {where}: fresh snapshot {when}; a face (quality {face.quality:.2f}) "
                 "that matches nobody on the watchlist."
             )
+        by = " by Rekognition" if self._collection is not None else ""
+        similar = f"({match.similarity:.1f}% similar{by})"
         if shot.fell_back_to_now:  # whoever stands at the lane now: not the buyer of that sale
             return (
                 f"Transaction `{tx_id}` at {where}: no footage of the sale, so a live view; the face at the lane now "
-                f"matches **{match.category.lower()}** `{match.subject_id}` ({match.similarity:.1f}% similar). "
+                f"matches **{match.category.lower()}** `{match.subject_id}` {similar}. "
                 "This is not the buyer's picture."
             )
         return (
             f"Transaction `{tx_id}` at {where}: fresh snapshot {when}; the face matches "
-            f"**{match.category.lower()}** `{match.subject_id}` ({match.similarity:.1f}% similar)."
+            f"**{match.category.lower()}** `{match.subject_id}` {similar}."
         )
+
+    def _match(self, image: bytes, usable: list, face: Any) -> Any:
+        """The watchlist match of the snapshot: the largest face's embedding searched locally, or with the
+        Rekognition backend every usable face searched in the collection (the subject named from the watchlist:
+        one it no longer holds is no match). Raises :class:`_SearchFailed` when Rekognition failed."""
+        if self._collection is None:
+            return self._watchlist_loader().search(face.embedding)
+        from jobs.faces.rekognition import search_faces
+        from jobs.scoring.watchlist import Match
+
+        found = search_faces(self._collection, image, usable)
+        if found.match is None:
+            if found.failed is not None:
+                raise _SearchFailed(found.failed)
+            return None
+        category = self._watchlist_loader().category(found.match.subject_id)
+        return Match(found.match.subject_id, category, found.match.similarity) if category else None
+
+
+class _SearchFailed(CheckoutGuardError):
+    """Rekognition could not search the snapshot (its error code)."""

@@ -1,10 +1,9 @@
 """The second face backend: an Amazon Rekognition collection through boto3 (as seed 000 used).
 
 What it does in the pipeline: the watchlist service indexes each enrolled face here and deletes a subject's
-faces on forget or expiry. Nothing searches the collection: checkout and entrance faces are matched by the
-scoring job against the ``watchlist`` topic's local embeddings, whichever backend is chosen. :meth:`search`
-is kept, and tested, for that wiring: the face stage would search each snapshot and report the subject, and
-the job would have to take a match the stage reports (today it upgrades ``NO_MATCH`` by its own search only).
+faces on forget or expiry; the face stage (and ``checkout <tx>``) searches each usable face of a snapshot here
+(:func:`search_faces`: SearchFacesByImage on the face cropped out of the picture) and reports the subject it
+found, which the scoring job takes as the match instead of searching the embedding itself.
 
 Enrolled faces are indexed with ``ExternalImageId`` = the subject id (:func:`external_image_id`), so a
 search answers with our subject ids and ``forget`` can find every face of a subject. Images go by S3
@@ -16,9 +15,11 @@ else as bytes (<= 5 MB). Rekognition's similarity is its own 0-100 scale; its th
 from __future__ import annotations
 
 import hashlib
+import io
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from infra.settings import FaceSettings
 from schemas.errors import CheckoutGuardError
@@ -94,7 +95,9 @@ def _image(image: bytes | str) -> dict[str, Any]:
 class RekognitionFaces:
     """One collection = the watchlist's index at AWS."""
 
-    def __init__(self, settings: FaceSettings, client: Any | None = None) -> None:
+    def __init__(self, settings: FaceSettings, client: Any | None = None, timeout_s: float | None = None) -> None:
+        """``timeout_s``: connect and read timeout of each try (botocore's 60 s when ``None``); the face stage
+        passes ``faces.rekognition_search_timeout_s`` so a hanging endpoint costs a snapshot seconds, not minutes."""
         self.settings = settings
         self.collection = settings.rekognition_collection
         if client is None:
@@ -109,7 +112,10 @@ class RekognitionFaces:
                 endpoint_url=settings.rekognition_endpoint_url or settings.aws_endpoint_url,
                 access_key_id=settings.aws_access_key_id,
                 secret_access_key=settings.aws_secret_access_key,
-                config=Config(retries={"mode": "standard", "max_attempts": ATTEMPTS}),
+                config=Config(
+                    retries={"mode": "standard", "max_attempts": ATTEMPTS},
+                    **({"connect_timeout": timeout_s, "read_timeout": timeout_s} if timeout_s else {}),
+                ),
             )
         self.client = client
 
@@ -199,3 +205,71 @@ class RekognitionFaces:
         for i in range(0, len(ids), 4096):
             self._call("delete_faces", CollectionId=self.collection, FaceIds=ids[i : i + 4096])
         return len(ids)
+
+
+class CollectionLike(Protocol):
+    def search(self, image: bytes | str, subjects: tuple[str, ...] = ()) -> CollectionMatch | None: ...
+
+
+CROP_MARGIN = 0.5
+"""Context kept around a face box when it is cropped for a search, as a share of the box's width and height:
+Rekognition detects the face again in what it is sent, and needs some head and background around it."""
+MAX_SEARCHED_FACES = 4
+"""Usable faces of one snapshot searched at most (largest first): one SearchFacesByImage call each."""
+
+
+def face_crop(image: bytes, box: tuple[int, int, int, int], scale: float = 1.0) -> bytes:
+    """JPEG bytes of the face at ``box`` (pixels of the analysed image, ``scale`` analysed pixels per original
+    pixel, as :class:`jobs.faces.engine.DetectedFace` gives them) with :data:`CROP_MARGIN` around it. The crop
+    holds that face alone, or it and what overlaps it: SearchFacesByImage searches only the largest face of an
+    image, so each face of a snapshot is sent on its own."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(image)) as img:
+        left, top, right, bottom = (v / scale for v in box)
+        mx, my = (right - left) * CROP_MARGIN, (bottom - top) * CROP_MARGIN
+        area = (
+            max(0, int(left - mx)),
+            max(0, int(top - my)),
+            min(img.width, int(right + mx) + 1),
+            min(img.height, int(bottom + my) + 1),
+        )
+        out = io.BytesIO()
+        img.convert("RGB").crop(area).save(out, "JPEG", quality=95)
+        return out.getvalue()
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    """What the collection said about a snapshot's faces: the best match (``None``: no face matched at the
+    threshold), or ``failed`` (the error code) when a search failed and no other face matched."""
+
+    match: CollectionMatch | None = None
+    failed: str | None = None
+
+
+def search_faces(collection: CollectionLike, image: bytes, faces: Sequence[Any]) -> SearchOutcome:
+    """Search each usable face (``passed``, ``box``, ``scale``) of ``image``, largest first and at most
+    :data:`MAX_SEARCHED_FACES`, in the collection; the best match across them. A face Rekognition does not find
+    again in its crop is no match (:meth:`RekognitionFaces.search`). After a transient failure (throttling, an
+    outage: botocore's bounded retries are spent) the rest are not tried: they would wait the same again. A match
+    found before a failure still counts; without one, the outcome is ``failed``, never "no match"."""
+    usable = sorted(
+        (f for f in faces if f.passed), key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]), reverse=True
+    )
+    best: CollectionMatch | None = None
+    failed: str | None = None
+    for face in usable[:MAX_SEARCHED_FACES]:
+        try:
+            match = collection.search(face_crop(image, face.box, getattr(face, "scale", 1.0)))
+        except RekognitionError as exc:
+            failed = exc.code
+            if exc.transient:
+                break
+            continue
+        except (ValueError, OSError) as exc:  # a crop over 5 MB, or one PIL cannot read or write
+            failed = type(exc).__name__
+            continue
+        if match is not None and (best is None or match.similarity > best.similarity):
+            best = match
+    return SearchOutcome(best, None if best is not None else failed)

@@ -6,15 +6,21 @@ Inputs: ``transactions`` (each valid one: the lane camera at the transaction tim
 one ``FaceObservation`` per trigger on ``face_observations`` (key = camera serial), with a deterministic
 id (``checkout:<tx>``, ``entrance:<serial>:<oid>:<event time>``) so a replay is idempotent downstream. The
 scoring job joins them to transactions by transaction id (with a deadline) and does the watchlist match;
-this stage stays stateless apart from the entrance ``oid`` memory.
+this stage stays stateless apart from the entrance ``oid`` memory (with the Rekognition backend the collection
+is searched here, the job names the subject's category).
 
 Statuses: ``NO_MATCH`` (a usable face: embedding + quality), ``NO_FACE`` (none, or none passed the
 quality gate; the reason says which), ``UNAVAILABLE`` (no snapshot, or bytes that are no image; the
-reason says why). A checkout picture the camera could only take "now" (no footage of the sale yet) is flagged
-``snapshot_of_now`` and stored under :func:`checkout_image_key` ``(tx, False)``: it is no picture of the buyer,
-so the scoring job does not join it as the transaction's face and ``fraud <tx>`` cannot enroll it. Snapshots
-are kept in the ImageStore (``checkout``/``entrance``, purged by retention
-unless a match retains them).
+reason says why). With the Rekognition backend (``faces.backend``) the stage also searches each usable face in
+the collection (:func:`jobs.faces.rekognition.search_faces`) and says so (``matcher: rekognition``): ``MATCHED``
+with the subject id and Rekognition's similarity, ``NO_MATCH`` when no face matched at the threshold, or
+``UNAVAILABLE`` with the error when the search failed (the face's embedding, quality and image are kept); the
+scoring job takes that as the match.
+
+A checkout picture the camera could only take "now" (no footage of the sale yet) is flagged ``snapshot_of_now``
+and stored under :func:`checkout_image_key` ``(tx, False)``: it is no picture of the buyer, so the scoring job
+does not join it as the transaction's face and ``fraud <tx>`` cannot enroll it. Snapshots are kept in the
+ImageStore (``checkout``/``entrance``, purged by retention unless a match retains them).
 
 Why a separate consumer and not Flink async I/O: snapshots take seconds (the footage must be stored
 first) and face analysis is CPU; a thread pool keeps one slow camera from holding up the others, and
@@ -68,7 +74,7 @@ from jobs.scoring.validation import parse_transaction
 from schemas.codec import codec
 from schemas.errors import InvalidRecord
 from schemas.identifiers import check_serial
-from schemas.records import CameraEvent, FaceObservation, dead_letter
+from schemas.records import REKOGNITION_MATCHER, CameraEvent, FaceObservation, dead_letter
 from schemas.topics import CAMERA_EVENTS, DEAD_LETTERS, FACE_OBSERVATIONS, TRANSACTIONS
 
 log = logging.getLogger("jobs.faces.stage")
@@ -101,6 +107,10 @@ class EngineLike(Protocol):
 
 class StoreLike(Protocol):
     def put(self, kind: str, key: str, data: bytes) -> str: ...
+
+
+class CollectionLike(Protocol):
+    def search(self, image: bytes | str, subjects: tuple[str, ...] = ()) -> Any: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,11 +226,15 @@ class FaceStage:
         engine: EngineLike,
         store: StoreLike,
         analysis_slots: int | None = None,
+        collection: CollectionLike | None = None,
     ) -> None:
+        """``collection``: the Rekognition collection to search each usable face in (the Rekognition backend);
+        ``None``: the scoring job matches the embedding."""
         self.settings = settings
         self.snapshot = snapshot
         self.engine = engine
         self.store = store
+        self.collection = collection
         self.entrances = EntranceTracker(int(settings.cameras.entrance_oid_window_s * 1000))
         self._analysis = threading.BoundedSemaphore(analysis_slots or settings.cameras.analysis_workers)
         self._max_lag_ms = int(settings.cameras.max_lag_s * 1000)
@@ -309,13 +323,19 @@ class FaceStage:
             why = f"face rejected: {faces[0].reject_reason}" if faces else "no face in the snapshot"
             return obs("NO_FACE", "; ".join([why, *notes]), image_ref=image_ref)
         best = max(passing, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
-        return obs(
-            "NO_MATCH",
-            "; ".join(notes) or None,
-            image_ref=image_ref,
-            quality=float(best.quality),
-            embedding=[float(x) for x in best.embedding],
-        )
+        face = {"image_ref": image_ref, "quality": float(best.quality), "embedding": [float(x) for x in best.embedding]}
+        if self.collection is None:
+            return obs("NO_MATCH", "; ".join(notes) or None, **face)
+        from jobs.faces.rekognition import search_faces
+
+        found = search_faces(self.collection, snap.image, passing)
+        if found.match is not None:
+            match = {"subject_id": found.match.subject_id, "similarity": round(float(found.match.similarity), 2)}
+            return obs("MATCHED", "; ".join(notes) or None, matcher=REKOGNITION_MATCHER, **match, **face)
+        if found.failed is not None:  # not "no match": nobody knows whether the face is on the watchlist
+            why = f"Rekognition search failed: {found.failed}"
+            return obs("UNAVAILABLE", "; ".join([why, *notes]), matcher=REKOGNITION_MATCHER, **face)
+        return obs("NO_MATCH", "; ".join(notes) or None, matcher=REKOGNITION_MATCHER, **face)
 
 
 def _observation(trigger: Trigger, status: str, reason: str | None = None, **extra: Any) -> FaceObservation:
@@ -620,8 +640,24 @@ def build_stage(settings: Settings) -> tuple[FaceStage, MerakiClient]:
         lambda serial, at: client.snapshot(serial, at),
         FaceEngine(settings.faces),
         ImageStore.from_settings(settings),
+        collection=collection_of(settings),
     )
     return stage, client
+
+
+def collection_of(settings: Settings) -> CollectionLike | None:
+    """The Rekognition collection faces are searched in with ``faces.backend=rekognition``, else ``None``. Its
+    calls time out after ``faces.rekognition_search_timeout_s`` (each of botocore's 4 tries)."""
+    if settings.faces.backend != REKOGNITION_MATCHER:
+        return None
+    from jobs.faces.rekognition import RekognitionFaces
+
+    log.info(
+        "Rekognition backend: each usable face is searched in collection %s at similarity %.1f",
+        settings.faces.rekognition_collection,
+        settings.faces.rekognition_match_threshold,
+    )
+    return RekognitionFaces(settings.faces, timeout_s=settings.faces.rekognition_search_timeout_s)
 
 
 def run_face_stage(

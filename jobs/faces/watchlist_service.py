@@ -135,7 +135,7 @@ class WatchlistCore:
             rekognition.ensure_collection()
             log.info(
                 "Rekognition backend: enrolled faces are indexed in collection %s and deleted from it on forget; "
-                "matching stays on the local engine",
+                "the face stage matches there",
                 rekognition.collection,
             )
         self.rekognition = rekognition
@@ -441,7 +441,7 @@ class WatchlistCore:
         default did) never match a probe: each is enrolled again from its reference image, audited ``REEMBED``
         (templates learned from sightings are dropped: their images are not kept). One that cannot be (no
         reference image, no face in it) is audited ``FAILED`` once and logged: it needs a new ``suspect``. With the
-        Rekognition backend too: matching is local with either backend, and the collection keeps its own faces."""
+        Rekognition backend too: the job still checks every entry's embeddings, and the collection keeps its own faces."""
         wanted = self.engine.embedder
         outs: list[Out] = []
         for subject, entry in list(self.records.items()):

@@ -12,7 +12,10 @@ face is released with it as a late result (:attr:`Ready.late`): no second decisi
 still raises its alert and a sale still keeps its buyer's face.
 
 Watchlist matching happens here, not in the face stage, because the watchlist is the job's
-broadcast state: a ``forget`` reaches every decision at once, and the face stage stays stateless.
+broadcast state: a ``forget`` reaches every decision at once, and the face stage stays stateless. With the
+Rekognition backend the face stage searches the collection and reports the subject (``matcher: rekognition``);
+the job still names the match from its watchlist (the category; a subject it does not hold, e.g. forgotten, is
+no match), and does not search the embedding itself.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from jobs.scoring.validation import check_size
 from schemas.codec import codec
 from schemas.errors import InvalidRecord
 from schemas.identifiers import check, check_name, check_serial
+from schemas.records import LOCAL_MATCHER, REKOGNITION_MATCHER
 
 Envelope = tuple[dict[str, Any], dict[str, float], int]
 PENDING, EARLY_FACES, DECIDED = "pending", "early_faces", "decided_without_face"
@@ -47,6 +51,8 @@ Write = tuple[str, str, Any]
 
 class WatchlistLike(Protocol):
     def search(self, embedding: Sequence[float]) -> Any: ...
+
+    def category(self, subject_id: str) -> str | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +100,11 @@ def check_observation(obs: dict[str, Any], length: int | None = None) -> dict[st
             check(obs[field], field)
     if obs["trigger"] not in TRIGGERS:
         raise InvalidRecord("invalid_field", f"trigger must be one of {', '.join(TRIGGERS)}")
+    if obs.get("matcher") not in (None, REKOGNITION_MATCHER):
+        raise InvalidRecord("invalid_field", f"matcher must be {REKOGNITION_MATCHER} or empty")
+    sim = obs.get("similarity")
+    if sim is not None and not (isinstance(sim, float | int) and 0.0 <= sim <= 100.0):  # NaN fails too
+        raise InvalidRecord("invalid_field", "similarity must be within 0-100")
     return obs
 
 
@@ -109,13 +120,31 @@ def decode_observation(value: bytes | None, max_bytes: int, length: int | None =
 
 
 def observation_result(obs: dict[str, Any], watchlist: WatchlistLike | None) -> FaceResult:
-    """A face observation as the decision sees it: the face stage's status, upgraded by a watchlist match."""
+    """A face observation as the decision sees it: the face stage's status, upgraded by a watchlist match. A face
+    the stage searched in Rekognition (``matcher``) is taken as the stage found it: :func:`rekognition_result`."""
     status = obs["status"]
+    if obs.get("matcher") == REKOGNITION_MATCHER:
+        return rekognition_result(obs, watchlist)
     if status == "NO_MATCH" and obs.get("embedding") and watchlist is not None:
         match = watchlist.search(obs["embedding"])
         if match is not None:
-            return FaceResult("MATCHED", match.subject_id, match.category, round(float(match.similarity), 2))
+            sim = round(float(match.similarity), 2)
+            return FaceResult("MATCHED", match.subject_id, match.category, sim, LOCAL_MATCHER)
     return FaceResult(status)
+
+
+def rekognition_result(obs: dict[str, Any], watchlist: WatchlistLike | None) -> FaceResult:
+    """The face stage's Rekognition search as the match, never the job's own search of the embedding: ``MATCHED``
+    with the subject, its category from the watchlist and Rekognition's similarity; a subject the watchlist does
+    not hold (forgotten or expired, its collection faces not deleted yet) is ``NO_MATCH``, as is a match without
+    a subject. ``NO_MATCH``, ``NO_FACE`` and ``UNAVAILABLE`` (the search failed) stay as they are."""
+    status, subject = obs["status"], obs.get("subject_id")
+    if status != "MATCHED":
+        return FaceResult(status)
+    category = watchlist.category(subject) if subject and watchlist is not None else None
+    if category is None:
+        return FaceResult("NO_MATCH")
+    return FaceResult("MATCHED", subject, category, round(float(obs.get("similarity") or 0.0), 2), REKOGNITION_MATCHER)
 
 
 def seen_from(obs: dict[str, Any], face: FaceResult, now_ms: int) -> Seen:

@@ -117,6 +117,9 @@ class FaceResult:
     subject_id: str | None = None
     category: str | None = None
     similarity: float | None = None
+    matcher: str | None = None
+    """Which engine matched (``local``: the job's watchlist search; ``rekognition``: the face stage's search of the
+    collection); ``similarity`` is on that engine's scale."""
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from jobs.scoring.stats import JobStats
 from jobs.scoring.validation import parse_transaction
 from schemas.codec import codec
 from schemas.errors import InvalidRecord
-from schemas.records import AlertAvro, ModelDriftAvro, ScoredTransactionAvro, dead_letter
+from schemas.records import REKOGNITION_MATCHER, AlertAvro, ModelDriftAvro, ScoredTransactionAvro, dead_letter
 from schemas.topics import ALERTS, DEAD_LETTERS, MODEL_DRIFT, SCORED_TRANSACTIONS
 
 Envelope = tuple[dict[str, Any], dict[str, float], int]
@@ -556,6 +556,7 @@ class Scorer:
             "face_subject_id": face.subject_id,
             "face_category": face.category,
             "face_similarity": face.similarity,
+            "face_matcher": face.matcher if face.status == "MATCHED" else None,
             "label": tx["label"],
             "ingest_time": ingest,
             "decided_at": decided_at,
@@ -591,6 +592,7 @@ class Scorer:
             "similarity": face.similarity,
             "snapshot_ref": snapshot_ref,
             "transaction_kind": tx["kind"],
+            "matcher": face.matcher if face.status == "MATCHED" else None,
             "summary": (
                 f"Blocked {tx['kind'].lower()} {tx['transaction_id']} of {tx['amount']:.2f} {tx['currency']} "
                 f"at {tx['store_id']} {tx['lane_id']}: risk {decision.risk_score} ({reasons})"
@@ -617,6 +619,7 @@ class Scorer:
         where = f"{store_id}" + (f" {lane_id}" if lane_id else "")
         what = "Suspect" if suspect else "VIP"
         how = how or ("entered" if tx is None else f"at checkout ({tx['transaction_id']})")
+        by = " (Rekognition)" if face.matcher == REKOGNITION_MATCHER else ""
         return {
             "alert_id": f"watchlist:{seen_as}:{face.subject_id}",
             "kind": kind,
@@ -635,5 +638,6 @@ class Scorer:
             "similarity": face.similarity,
             "snapshot_ref": snapshot_ref,
             "transaction_kind": tx["kind"] if tx else None,
-            "summary": f"{what} {face.subject_id} {how} at {where}, similarity {face.similarity or 0:.1f}",
+            "matcher": face.matcher,
+            "summary": f"{what} {face.subject_id} {how} at {where}, similarity {face.similarity or 0:.1f}{by}",
         }

@@ -248,6 +248,13 @@ class Watchlist:
             item = self._entries.get(subject_id)
             return {**item["entry"], "embeddings": item["embeddings"].tolist()} if item else None
 
+    def category(self, subject_id: str) -> str | None:
+        """The category of an enrolled subject, ``None`` for one not (or no longer) on the watchlist: what a
+        match the face stage found in the Rekognition collection is named by."""
+        with self._lock:
+            item = self._entries.get(subject_id)
+            return item["category"] if item else None
+
     def subjects(self) -> list[str]:
         with self._lock:
             return sorted(self._entries)

@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from infra.settings import AlertSettings
 from infra.signed_links import image_link
-from schemas.records import FACE_ALERT_KINDS, OUTCOME_WORDS, case_id_for
+from schemas.records import FACE_ALERT_KINDS, OUTCOME_WORDS, REKOGNITION_MATCHER, case_id_for
 
 REASON_WORDS: dict[str, str] = {
     "return_exceeds_sale": "refund is larger than the original sale",
@@ -272,7 +272,8 @@ def describe(alert: dict[str, Any], settings: AlertSettings) -> AlertText:
     if alert.get("similarity") is not None:
         who = f" {shown(alert['category'], 32).lower()}" if alert.get("category") else ""
         subject_id = f" {shown(alert['subject_id'])}" if alert.get("subject_id") else ""
-        lines.append(("Face match", f"{alert['similarity']:.1f}% similar to{who}{subject_id}"))
+        by = " (by Rekognition)" if alert.get("matcher") == REKOGNITION_MATCHER else ""
+        lines.append(("Face match", f"{alert['similarity']:.1f}% similar to{who}{subject_id}{by}"))
     if kind in FACE_MATCH_ADVICE:
         lines.append(("Please", FACE_MATCH_ADVICE[kind]))
     elif alert.get("similarity") is not None or FACE_REASONS.intersection(codes):

@@ -73,6 +73,13 @@ def test_face_match_shows_similarity_and_watchlist_category() -> None:
     assert "not proof" in rows["Please"], "security is asked to verify, not to act on the match"
 
 
+def test_a_face_match_made_by_rekognition_says_so_beside_its_similarity() -> None:
+    face = {"kind": "WATCHLIST_MATCH", "category": "SUSPECT", "subject_id": "subj-tx-1", "similarity": 99.62}
+    rows = dict(describe(alert(**face, matcher="rekognition"), AlertSettings()).lines)
+    assert rows["Face match"] == "99.6% similar to suspect subj-tx-1 (by Rekognition)"
+    assert dict(describe(alert(**face, matcher="local"), AlertSettings()).lines)["Face match"].endswith("subj-tx-1")
+
+
 def test_entrance_alert_without_lane_amount_or_outcome_still_reads_well() -> None:
     text = describe(
         alert(

@@ -360,6 +360,81 @@ def test_suspect_at_checkout_is_matched_and_sent_for_review_with_a_watchlist_ale
     assert {a["kind"] for a in alerts(step)} == {"WATCHLIST_MATCH"}
 
 
+def rekognition_face(
+    tx_id: str | None, status: str = "MATCHED", subject: str | None = "subj-9", **extra
+) -> SourceRecord:
+    """A face the stage searched in Rekognition (the Rekognition backend): its own embedding matches nobody here."""
+    obs = dataclasses.replace(
+        checkout_face(tx_id or "t-none", embedding=BUYER_FACE),
+        transaction_id=tx_id,
+        status=status,
+        matcher="rekognition",
+        subject_id=subject if status == "MATCHED" else None,
+        similarity=99.62 if status == "MATCHED" else None,
+        **extra,
+    )
+    return SourceRecord(b"Q2MV-store-001-lane-01", obs.encode(), FACES, 1, 0, NOW)
+
+
+def test_a_rekognition_match_reported_by_the_face_stage_is_the_decisions_match_with_its_similarity_and_engine():
+    core = make_core()
+    core.on_control(WATCH_TOPIC, b"subj-9", watch_entry("subj-9", SUSPECT_FACE), 0, 0)
+    step = core.on_records([tx_record(sale("t1")), rekognition_face("t1")], NOW)
+    out = scored(step)["t1"]
+    assert (out["face_status"], out["face_subject_id"], out["face_category"]) == ("MATCHED", "subj-9", "SUSPECT")
+    assert (out["face_similarity"], out["face_matcher"], out["outcome"]) == (99.62, "rekognition", "REVIEW")
+    [alert] = alerts(step)
+    assert (alert["kind"], alert["subject_id"], alert["similarity"]) == ("WATCHLIST_MATCH", "subj-9", 99.62)
+    assert alert["matcher"] == "rekognition" and alert["summary"].endswith("similarity 99.6 (Rekognition)")
+
+
+def test_a_local_match_says_the_local_engine_matched():
+    core = make_core()
+    core.on_control(WATCH_TOPIC, b"subj-9", watch_entry("subj-9", SUSPECT_FACE), 0, 0)
+    step = core.on_records([tx_record(sale("t1")), face_record("t1", embedding=SUSPECT_FACE)], NOW)
+    assert scored(step)["t1"]["face_matcher"] == "local"
+    [alert] = alerts(step)
+    assert alert["matcher"] == "local" and "(Rekognition)" not in alert["summary"]
+
+
+def test_a_rekognition_match_of_a_subject_the_watchlist_no_longer_holds_is_no_match():
+    core = make_core()  # subj-9 forgotten (or never enrolled): its collection face outlived the entry
+    step = core.on_records([tx_record(sale("t1")), rekognition_face("t1")], NOW)
+    out = scored(step)["t1"]
+    assert (out["face_status"], out["face_subject_id"], out["face_matcher"], out["outcome"]) == (
+        "NO_MATCH",
+        None,
+        None,
+        "APPROVE",
+    )
+    assert alerts(step) == []
+
+
+def test_a_rekognition_no_match_is_not_searched_again_by_the_job():
+    core = make_core()
+    core.on_control(WATCH_TOPIC, b"subj-t1", watch_entry("subj-t1", BUYER_FACE), 0, 0)  # the local search would match
+    step = core.on_records([tx_record(sale("t1")), rekognition_face("t1", "NO_MATCH")], NOW)
+    assert scored(step)["t1"]["face_status"] == "NO_MATCH" and alerts(step) == []
+
+
+def test_a_failed_rekognition_search_is_unavailable_but_the_buyers_face_is_kept():
+    core = make_core()
+    core.on_control(WATCH_TOPIC, b"subj-t1", watch_entry("subj-t1", BUYER_FACE), 0, 0)
+    failed = rekognition_face("t1", "UNAVAILABLE", reason="Rekognition search failed: ThrottlingException")
+    step = core.on_records([tx_record(sale("t1")), failed], NOW)
+    assert scored(step)["t1"]["face_status"] == "UNAVAILABLE" and alerts(step) == []
+    [receipt] = core.state.receipts.values()
+    assert receipt.sale_face is not None  # a return is still compared with the buyer's face
+
+
+def test_a_rekognition_match_at_an_entrance_raises_the_entrance_alert():
+    core = make_core()
+    core.on_control(WATCH_TOPIC, b"subj-9", watch_entry("subj-9", SUSPECT_FACE), 0, 0)
+    step = core.on_records([rekognition_face(None, trigger="ENTRANCE", observation_id="entrance:cam:7:1")], NOW)
+    [alert] = alerts(step)
+    assert (alert["kind"], alert["subject_id"], alert["matcher"]) == ("SUSPECT_ENTERED", "subj-9", "rekognition")
+
+
 def test_watchlist_tombstone_forgets_the_subject_and_the_buyer_face_on_that_receipt():
     watchlist = Watchlist(settings())
     core = make_core(watchlist)

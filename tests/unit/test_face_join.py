@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+import pytest
+
 from jobs.scoring.face_join import (
     DECIDED,
     EARLY_FACES,
@@ -9,6 +11,7 @@ from jobs.scoring.face_join import (
     PENDING,
     FaceJoin,
     Seen,
+    check_observation,
     observation_result,
     seen_from,
 )
@@ -104,12 +107,40 @@ class OneSubjectWatchlist:
     def search(self, embedding):
         return FakeMatch("subj-7", "SUSPECT", 97.123) if list(embedding) == [1.0, 0.0] else None
 
+    def category(self, subject_id):
+        return "SUSPECT" if subject_id == "subj-7" else None
+
 
 def test_watchlist_match_upgrades_a_found_face_to_matched():
     obs = {"observation_id": "checkout:t1", "status": "NO_MATCH", "embedding": [1.0, 0.0], "image_ref": "r"}
     face = observation_result(obs, OneSubjectWatchlist())
-    assert face == FaceResult("MATCHED", "subj-7", "SUSPECT", 97.12)
+    assert face == FaceResult("MATCHED", "subj-7", "SUSPECT", 97.12, "local")
     assert seen_from(obs, face, 5).embedding == (1.0, 0.0)
     other = dict(obs, embedding=[0.0, 1.0])
     assert observation_result(other, OneSubjectWatchlist()) == FaceResult("NO_MATCH")
     assert observation_result(dict(obs, status="NO_FACE", embedding=None), OneSubjectWatchlist()).status == "NO_FACE"
+
+
+def test_a_match_the_stage_found_in_rekognition_is_taken_and_named_by_the_watchlist_without_a_local_search():
+    obs = {"status": "MATCHED", "matcher": "rekognition", "subject_id": "subj-7", "similarity": 99.617}
+    obs["embedding"] = [0.0, 1.0]  # matches nobody locally: the stage's match is the match
+    assert observation_result(obs, OneSubjectWatchlist()) == FaceResult(
+        "MATCHED", "subj-7", "SUSPECT", 99.62, "rekognition"
+    )
+    assert observation_result(dict(obs, subject_id="subj-gone"), OneSubjectWatchlist()) == FaceResult("NO_MATCH")
+    assert observation_result(dict(obs, subject_id=None), OneSubjectWatchlist()) == FaceResult("NO_MATCH")
+    searched = dict(obs, status="NO_MATCH", subject_id=None, similarity=None, embedding=[1.0, 0.0])
+    assert observation_result(searched, OneSubjectWatchlist()) == FaceResult("NO_MATCH")  # no second opinion
+    assert observation_result(dict(searched, status="UNAVAILABLE"), OneSubjectWatchlist()) == FaceResult("UNAVAILABLE")
+
+
+def test_an_observation_with_an_unknown_matcher_or_a_similarity_outside_0_to_100_is_refused():
+    from schemas.errors import InvalidRecord
+
+    base = {"observation_id": "checkout:t1", "camera_serial": "Q2MV-S1-L1", "store_id": "store-001"}
+    base |= {"trigger": "CHECKOUT", "status": "MATCHED", "subject_id": "subj-7", "matcher": "rekognition"}
+    assert check_observation(dict(base, similarity=99.6)) is not None
+    for bad in ({"matcher": "other"}, {"similarity": float("nan")}, {"similarity": 101.0}, {"similarity": -1.0}):
+        with pytest.raises(InvalidRecord) as err:
+            check_observation(dict(base, **bad))
+        assert err.value.kind == "invalid_field"
