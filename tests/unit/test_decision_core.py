@@ -786,7 +786,7 @@ def test_a_late_face_through_the_local_camera_with_a_realistic_footage_delay(tmp
     try:
         with MerakiClient.from_settings(s) as client:
             stage = FaceStage(s, client.snapshot, SuspectAtTheLane(), LocalImageStore(tmp_path / "images"))
-            paid = int(time.time() * 1000)
+            paid = int(time.time()) * 1000  # Meraki asks in whole seconds: footage of a later ms would come early
             tx = PosTransaction("t-cam", paid, "store-001", "lane-01", "SALE", 12.5, "USD")
             core.on_records([tx_record(tx, ingest_ms=paid)], paid)
             decided = core.on_timer(paid + deadline_ms, paid + deadline_ms)
