@@ -441,7 +441,8 @@ class WatchlistCore:
         default did) never match a probe: each is enrolled again from its reference image, audited ``REEMBED``
         (templates learned from sightings are dropped: their images are not kept). One that cannot be (no
         reference image, no face in it) is audited ``FAILED`` once and logged: it needs a new ``suspect``. With the
-        Rekognition backend too: the job still checks every entry's embeddings, and the collection keeps its own faces."""
+        Rekognition backend too (it matches in its collection, which keeps its own faces), so that the entries still
+        match when the backend is set back to local."""
         wanted = self.engine.embedder
         outs: list[Out] = []
         for subject, entry in list(self.records.items()):
