@@ -240,8 +240,13 @@ class JobSettings(BaseModel, frozen=True):
     face_deadline_ms: int = 4000
     """How long a transaction waits for its checkout face observation before deciding with
     ``face: UNAVAILABLE``; 0 = no face join (no face stage running)."""
-    early_face_ttl_ms: int = 600_000
-    """How long a face observation that arrived before its transaction is kept for it."""
+    early_face_ttl_ms: int = Field(default=600_000, ge=0)
+    """How long a face observation that arrived before its transaction is kept for it, and the longest a
+    transaction decided without its face is remembered for a late one (shorter when the cameras cannot deliver
+    that late: ``CG_CAMERAS__MAX_LAG_S`` + ``CG_CAMERAS__DEADLINE_S`` + a few seconds). 0: neither is kept."""
+    late_face_memory_max: int = Field(default=100_000, ge=0, le=10_000_000)
+    """Most transactions remembered for a late face (per state shard in the partitioned layout; about 600 bytes
+    of memory each); when full the oldest is forgotten first and counted. 0: none remembered."""
     batch_size: int = 512
     """Most records per batch handed from the JVM to Python, and most transactions per model call."""
     batch_time_ms: int = 5
@@ -586,6 +591,14 @@ class WebexSettings(BaseModel, frozen=True):
         return (room_id is not None and room_id in self.allowed_room_ids()) or (
             person_email is not None and person_email.lower() in self.allowed_emails()
         )
+
+
+FACE_DELIVERY_MARGIN_MS = 5_000
+"""What a checkout face needs after its snapshot's ``CG_CAMERAS__DEADLINE_S`` to reach the scoring job: the wait for
+the face stage's analysis worker and the analysis itself (``analysis_workers=1``, about 0.2-1 s an image on one
+core, so a few queued ones), its produce to Kafka (linger and acknowledgement: tens of milliseconds, a leader
+change up to seconds) and the job's read (poll, ``batch_time_ms``). 5 s covers that without a backlog; with one
+the face comes late, and is still matched as a late face."""
 
 
 class CameraSettings(BaseModel, frozen=True):

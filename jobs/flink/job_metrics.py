@@ -11,6 +11,8 @@ per record. Everything sits under the group ``checkout_guard``; Flink's Promethe
 - ``..._reason_observed_only{reason="warm_up"}`` transactions before ``CG_JOB__DECIDE_FROM`` that only built state;
 - ``..._status_late_faces{status="matched|no_match|no_face|unavailable"}`` checkout faces that came after their
   transaction was decided without one (a face deadline shorter than the cameras need);
+- ``..._map_face_memory_evicted{map="decided_without_face"}`` transactions forgotten before a late face could
+  come because the late-face memory (``CG_JOB__LATE_FACE_MEMORY_MAX``) was full;
 - ``..._model_call_us_p50`` / ``_p99``: wall time of the recent model calls (one per batch), microseconds;
 - ``..._face_wait_ms_p50`` / ``_p99``: how long recent transactions waited for their face (0 until one did).
 
@@ -40,6 +42,7 @@ LABELS = {
     "dead_letters": "reason",
     "observed_only": "reason",
     "late_faces": "status",
+    "face_memory_evicted": "map",
 }
 """Counter family -> the label (Flink key group) that tells its values apart."""
 KNOWN = {"decisions": tuple(OUTCOME_WORDS), "records_in": (TRANSACTION, FACE_OBSERVATION)}

@@ -34,6 +34,7 @@ from jobs.flink.frames import OutputBatch, unpack_records
 from jobs.flink.job_metrics import JobMetrics
 from jobs.flink.operator import BROADCAST, FrozenState, _as_bytes, _predictor, _watchlist, commit
 from jobs.scoring.core import DecisionCore
+from jobs.scoring.face_join import DECIDED
 from jobs.scoring.partitioned import (
     DECIDE,
     DRIFT,
@@ -223,7 +224,13 @@ class ShardStep(KeyedProcessFunction):
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
         step = self.shards.current(ctx.get_current_key())
-        yield from self._finish(step, step.due(now_ms()), ctx)
+        emits = step.due(now_ms())
+        evicted = sum(shard.join.evicted for shard in self.shards.by_shard.values()) if self.step == GATHER else 0
+        if evicted > self.scorer.stats.face_memory_evicted[DECIDED]:  # the late-face memory was full
+            self.scorer.stats.face_memory_evicted[DECIDED] = evicted
+            if self.metrics is not None:
+                self.metrics.report(self.scorer.stats)
+        yield from self._finish(step, emits, ctx)
 
     def _finish(self, step, emits: list[Emit], ctx, rows: Sequence[tuple] = ()) -> Iterator[bytes]:
         self.shards.commit(step)

@@ -31,10 +31,10 @@ from jobs.scoring.face_join import (
     DECIDED,
     EARLY_FACES,
     PENDING,
-    FaceJoin,
     Ready,
     checkout_seen,
     decode_observation,
+    face_join,
     observation_result,
 )
 from jobs.scoring.face_similarity import EMBEDDING_LENGTHS
@@ -140,12 +140,11 @@ class DecisionCore:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
-        job = settings.job
         self.scorer = Scorer(settings, predictor=predictor, clock=clock)
         self.stats = self.scorer.stats
         """Counts and timings for the job's metrics (:mod:`jobs.scoring.stats`), shared with the scorer: it counts
         decisions, dead letters and model calls, this object the records taken and the face waits."""
-        self.join = FaceJoin(job.face_deadline_ms, job.early_face_ttl_ms)
+        self.join = face_join(settings)
         self.watchlist = watchlist
         self.state: ScoringState | None = None
         self.restored_ready: list[Ready] = []
@@ -258,6 +257,8 @@ class DecisionCore:
             self.deadline_at = None
         due, writes = self.join.due(now_ms)
         self._persist(writes)
+        if self.join.evicted:
+            self.stats.face_memory_evicted[DECIDED] = self.join.evicted
         outputs: list[OutRow] = []
         self._decide([*self.restored_ready, *due], outputs)
         self.restored_ready = []

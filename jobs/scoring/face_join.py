@@ -7,7 +7,8 @@ see the observation first, so early observations are kept for a while too.
 
 A face that comes after its transaction was decided without it (the deadline passed: real footage can take
 minutes to be stored) is not parked as an early face for a transaction that will not come again: the
-transaction is remembered for ``early_ttl_ms`` after its decision (trimmed to what an alert names), and the
+transaction is remembered for as long as its face can still come (:func:`late_face_ttl_ms`, at most
+``late_face_memory_max`` of them; trimmed to what an alert names), and the
 face is released with it as a late result (:attr:`Ready.late`): no second decision, but a watch-list match
 still raises its alert and a sale still keeps its buyer's face.
 
@@ -20,10 +21,12 @@ no match), and does not search the embedding itself.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import heapq
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from infra.settings import FACE_DELIVERY_MARGIN_MS, Settings
 from jobs.scoring.face_similarity import check_embedding
 from jobs.scoring.rules import FaceResult
 from jobs.scoring.validation import check_size
@@ -170,16 +173,74 @@ def checkout_seen(obs: dict[str, Any], face: FaceResult, now_ms: int) -> Seen:
     return seen_from(obs, face, now_ms)
 
 
-class FaceJoin:
-    """Pending transactions by id (with their deadline) and observations that came first."""
+class ExpiryOrder:
+    """When the entries of one join map expire, as a heap of ``(until, key)`` beside the map (a plain dict, as
+    Flink state holds it): :meth:`expired` touches only what is due (and entries removed meanwhile, once each),
+    so forgetting costs what is forgotten, not the map's size. An entry set again is pushed again; the older
+    heap item is stale (its ``until`` differs from the map's) and skipped when it comes up."""
 
-    def __init__(self, deadline_ms: int, early_ttl_ms: int) -> None:
+    __slots__ = ("heap", "until_of")
+
+    def __init__(self, until_of: Callable[[Any], int]) -> None:
+        self.until_of = until_of
+        self.heap: list[tuple[int, str]] = []
+
+    def rebuild(self, entries: dict[str, Any]) -> None:
+        """After a restore, or when stale items outnumber the live ones: one item per entry."""
+        self.heap = [(self.until_of(value), key) for key, value in entries.items()]
+        heapq.heapify(self.heap)
+
+    def add(self, key: str, value: Any, entries: dict[str, Any]) -> None:
+        heapq.heappush(self.heap, (self.until_of(value), key))
+        if len(self.heap) > 2 * len(entries) + 64:
+            self.rebuild(entries)
+
+    def next_until(self) -> int | None:
+        return self.heap[0][0] if self.heap else None
+
+    def pop_oldest(self, entries: dict[str, Any], now_ms: int | None = None) -> str | None:
+        """Remove and name the entry that expires first (only if due at ``now_ms``, when given); ``None``: none."""
+        heap = self.heap
+        while heap:
+            until, key = heap[0]
+            if now_ms is not None and until > now_ms:
+                return None
+            heapq.heappop(heap)
+            value = entries.get(key)
+            if value is not None and self.until_of(value) == until:
+                del entries[key]
+                return key
+        return None
+
+
+LATE_FACE_EXPIRY_STEP_MS = 1000
+"""Forgetting needs no millisecond precision: the timer for it is rounded up to whole seconds, so a steady
+stream of releases costs at most one expiry timer a second, not one per transaction."""
+
+
+class FaceJoin:
+    """Pending transactions by id (with their deadline), observations that came first, and transactions decided
+    without their face (``decided``: the late-face memory).
+
+    The late-face memory holds a trimmed transaction (:data:`LATE_FIELDS`, about 200 bytes pickled) for
+    ``late_ttl_ms`` after its release, at most ``late_max`` of them: when full, the oldest is forgotten first
+    and counted in :attr:`evicted` (its face, if it still comes, is then parked as an early face)."""
+
+    def __init__(
+        self, deadline_ms: int, early_ttl_ms: int, late_ttl_ms: int | None = None, late_max: int = 100_000
+    ) -> None:
         self.deadline_ms = deadline_ms
         self.early_ttl_ms = early_ttl_ms
+        self.late_ttl_ms = early_ttl_ms if late_ttl_ms is None else late_ttl_ms
+        self.late_max = late_max
         self.pending: dict[str, tuple[Envelope, int]] = {}
         self.early: dict[str, Seen] = {}
         self.decided: dict[str, tuple[Envelope, int]] = {}
         """Transactions decided at their deadline without a face, trimmed, with when they are forgotten."""
+        self.evicted = 0
+        """Transactions forgotten before their time because the late-face memory was full."""
+        self._early_order = ExpiryOrder(lambda seen: seen.arrived_ms + self.early_ttl_ms)
+        self._decided_order = ExpiryOrder(lambda entry: entry[1])
 
     @property
     def enabled(self) -> bool:
@@ -191,7 +252,11 @@ class FaceJoin:
         early: dict[str, Seen],
         decided: dict[str, tuple[Envelope, int]] | None = None,
     ) -> None:
+        """Load the maps (``decided`` is absent in state written before the late-face memory: empty). A restored
+        memory larger than ``late_max`` is cut to it at the next :meth:`due` (which reports the removals)."""
         self.pending, self.early, self.decided = dict(pending), dict(early), dict(decided or {})
+        self._early_order.rebuild(self.early)
+        self._decided_order.rebuild(self.decided)
 
     def on_transaction(self, env: Envelope, now_ms: int) -> tuple[Ready | None, list[Write]]:
         """Released at once when the face is already known (or the join is off), else held."""
@@ -215,11 +280,13 @@ class FaceJoin:
         if decided is not None:  # after the deadline: a late result, not an early face
             return Ready(decided[0], seen, None, late=True), [(DECIDED, tx_id, None)]
         self.early[tx_id] = seen
+        self._early_order.add(tx_id, seen, self.early)
         return None, [(EARLY_FACES, tx_id, seen)]
 
     def due(self, now_ms: int) -> tuple[list[Ready], list[Write]]:
         """Transactions whose deadline passed go ahead with ``face: UNAVAILABLE`` (and are remembered for a late
-        face for ``early_ttl_ms``); stale early faces and remembered transactions go."""
+        face for ``late_ttl_ms``); stale early faces and remembered transactions go, and the memory is cut to
+        ``late_max``. Only what expires is touched (:class:`ExpiryOrder`)."""
         ready: list[Ready] = []
         writes: list[Write] = []
         for tx_id, (env, deadline) in list(self.pending.items()):
@@ -227,17 +294,18 @@ class FaceJoin:
                 del self.pending[tx_id]
                 ready.append(Ready(env, unavailable("face-deadline", now_ms), self._waited(deadline, now_ms)))
                 writes.append((PENDING, tx_id, None))
-                remembered = (_trimmed(env), now_ms + self.early_ttl_ms)
-                self.decided[tx_id] = remembered
-                writes.append((DECIDED, tx_id, remembered))
-        for tx_id, seen in list(self.early.items()):
-            if seen.arrived_ms + self.early_ttl_ms <= now_ms:
-                del self.early[tx_id]
-                writes.append((EARLY_FACES, tx_id, None))
-        for tx_id, (_, until) in list(self.decided.items()):
-            if until <= now_ms:
-                del self.decided[tx_id]
-                writes.append((DECIDED, tx_id, None))
+                if self.late_max > 0:
+                    remembered = (_trimmed(env), now_ms + self.late_ttl_ms)
+                    self.decided[tx_id] = remembered
+                    self._decided_order.add(tx_id, remembered, self.decided)
+                    writes.append((DECIDED, tx_id, remembered))
+        while (gone := self._early_order.pop_oldest(self.early, now_ms)) is not None:
+            writes.append((EARLY_FACES, gone, None))
+        while (gone := self._decided_order.pop_oldest(self.decided, now_ms)) is not None:
+            writes.append((DECIDED, gone, None))
+        while len(self.decided) > self.late_max and (gone := self._decided_order.pop_oldest(self.decided)) is not None:
+            self.evicted += 1
+            writes.append((DECIDED, gone, None))
         return ready, writes
 
     def _waited(self, deadline: int, released_ms: int) -> int:
@@ -245,11 +313,35 @@ class FaceJoin:
         return max(0, released_ms - (deadline - self.deadline_ms))
 
     def next_deadline(self) -> int | None:
-        return min((d for _, d in self.pending.values()), default=None)
+        """The earliest face deadline, or the next whole second at which an early face or a remembered
+        transaction is to be forgotten (so they go when traffic stops too); ``None``: nothing to wait for."""
+        step = LATE_FACE_EXPIRY_STEP_MS
+        forget = [
+            -(-u // step) * step
+            for u in (self._early_order.next_until(), self._decided_order.next_until())
+            if u is not None
+        ]
+        return min([*(d for _, d in self.pending.values()), *forget], default=None)
+
+
+def face_join(settings: Settings) -> FaceJoin:
+    """The job's face join: its deadline, early-face TTL and late-face memory (:func:`late_face_ttl_ms`)."""
+    job = settings.job
+    return FaceJoin(job.face_deadline_ms, job.early_face_ttl_ms, late_face_ttl_ms(settings), job.late_face_memory_max)
+
+
+def late_face_ttl_ms(settings: Settings) -> int:
+    """How long a transaction decided without its face is remembered for it: as long as a face can still come,
+    i.e. the face stage's ``max_lag_s`` (it snapshots no older transaction) plus one snapshot's ``deadline_s``
+    plus :data:`~infra.settings.FACE_DELIVERY_MARGIN_MS` (analysis, Kafka) after the release, and never longer
+    than ``early_face_ttl_ms``. A face later than that is parked as an early face, as before the memory."""
+    cameras = settings.cameras
+    can_come_ms = int((cameras.max_lag_s + cameras.deadline_s) * 1000) + FACE_DELIVERY_MARGIN_MS
+    return min(settings.job.early_face_ttl_ms, can_come_ms)
 
 
 def _trimmed(env: Envelope) -> Envelope:
     """A decided transaction as a late face needs it: its alert's fields and receipt key, nothing else (it is
-    kept for ``early_ttl_ms`` after every deadline release)."""
+    kept for ``late_ttl_ms`` after every deadline release)."""
     tx = env[0]
     return {k: tx.get(k) for k in LATE_FIELDS}, {}, env[2]

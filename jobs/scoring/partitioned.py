@@ -49,10 +49,10 @@ from jobs.scoring.face_join import (
     DECIDED,
     EARLY_FACES,
     PENDING,
-    FaceJoin,
     Ready,
     checkout_seen,
     decode_observation,
+    face_join,
     observation_result,
 )
 from jobs.scoring.face_similarity import EMBEDDING_LENGTHS
@@ -338,7 +338,7 @@ class GatherStep(_Keyed):
     def __init__(self, settings: Settings) -> None:
         super().__init__()
         self.rules = settings.rules
-        self.join = FaceJoin(settings.job.face_deadline_ms, settings.job.early_face_ttl_ms)
+        self.join = face_join(settings)
         self.gathering: dict[str, list[Any]] = {}
         """Transaction id -> [envelope or None, answers still due, customer answer, linked activities, when it
         was opened (wall clock, ms)]."""

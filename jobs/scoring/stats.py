@@ -62,6 +62,9 @@ class JobStats:
         self.late_faces: Counter[str] = Counter()
         """Checkout faces that came after their transaction was decided without one, by status (``matched``, ...):
         many mean the face deadline is shorter than the cameras need."""
+        self.face_memory_evicted: Counter[str] = Counter()
+        """Entries of a face join map forgotten before their time because it was full, by map
+        (``decided_without_face``): their faces, if they come, are no longer matched as late faces."""
         self.model_ms = RecentWindow(window)
         self.face_wait_ms = RecentWindow(window)
 
@@ -74,13 +77,14 @@ class JobStats:
 
     def totals(self) -> Iterator[tuple[str, str, int]]:
         """``(family, label value, total)`` of every count: family ``decisions``, ``records_in``,
-        ``dead_letters``, ``observed_only`` or ``late_faces``."""
+        ``dead_letters``, ``observed_only``, ``late_faces`` or ``face_memory_evicted``."""
         for family, counts in (
             ("decisions", self.outcomes),
             ("records_in", self.records_in),
             ("dead_letters", self.dead_letters),
             ("observed_only", self.observed_only),
             ("late_faces", self.late_faces),
+            ("face_memory_evicted", self.face_memory_evicted),
         ):
             for value, total in counts.items():
                 yield family, value, total

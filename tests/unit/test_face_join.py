@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from infra.settings import Settings
 from jobs.scoring.face_join import (
     DECIDED,
     EARLY_FACES,
@@ -12,6 +13,7 @@ from jobs.scoring.face_join import (
     FaceJoin,
     Seen,
     check_observation,
+    late_face_ttl_ms,
     observation_result,
     seen_from,
 )
@@ -92,6 +94,129 @@ def test_without_a_face_stage_transactions_are_released_at_once():
     join = FaceJoin(deadline_ms=0, early_ttl_ms=60_000)
     ready, writes = join.on_transaction(env("t1"), now_ms=1000)
     assert ready is not None and ready.seen.face.status == "UNAVAILABLE" and writes == []
+
+
+def light_env(tx_id: str):
+    return ({"transaction_id": tx_id, "event_time": 0, "kind": "SALE"}, {}, 0)
+
+
+class CountingDict(dict):
+    """A join map that counts the entries read: a whole-map scan counts them all."""
+
+    touched = 0
+
+    def _count(self, n: int = 1) -> None:
+        CountingDict.touched += n
+
+    def get(self, key, default=None):
+        self._count()
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self._count()
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self._count()
+        return super().__contains__(key)
+
+    def pop(self, key, *default):
+        self._count()
+        return super().pop(key, *default)
+
+    def __iter__(self):
+        self._count(len(self))
+        return super().__iter__()
+
+    def items(self):
+        self._count(len(self))
+        return super().items()
+
+    def values(self):
+        self._count(len(self))
+        return super().values()
+
+    def keys(self):
+        self._count(len(self))
+        return super().keys()
+
+
+def test_forgetting_remembered_transactions_touches_only_those_that_expire():
+    """Late faces fill the memory exactly when the cameras lag; a timer that scanned it whole would cost
+    rate x TTL per firing. 20 000 remembered, then 50 timer firings that each release one and forget one."""
+    join = FaceJoin(deadline_ms=4000, early_ttl_ms=60_000)
+    for i in range(20_000):
+        join.on_transaction(light_env(f"old-{i}"), now_ms=i)
+        join.due(now_ms=4000 + i)
+    assert len(join.decided) == 20_000
+    join.decided = CountingDict(join.decided)
+    CountingDict.touched = 0
+    forgotten = 0
+    for k in range(50):
+        now = 64_000 + k  # old-k was released at 4000 + k: remembered until 64 000 + k
+        join.on_transaction(light_env(f"new-{k}"), now_ms=now - 4000)
+        _, writes = join.due(now_ms=now)
+        forgotten += sum(1 for name, key, value in writes if name == DECIDED and value is None)
+    assert forgotten == 50 and len(join.decided) == 20_000
+    assert CountingDict.touched <= 4 * 50  # a few reads per entry released or forgotten, not 20 000 per firing
+
+
+def test_the_late_face_memory_is_capped_and_forgets_the_oldest_first():
+    join = FaceJoin(deadline_ms=4000, early_ttl_ms=60_000, late_max=3)
+    writes = []
+    for i in range(5):
+        join.on_transaction(light_env(f"t{i}"), now_ms=i)
+        writes += join.due(now_ms=4000 + i)[1]
+    assert sorted(join.decided) == ["t2", "t3", "t4"] and join.evicted == 2
+    assert (DECIDED, "t0", None) in writes and (DECIDED, "t1", None) in writes
+    ready, _ = join.on_observation("t4", seen(at=5000))
+    assert ready is not None and ready.late  # the newest is still matched as a late face
+
+
+def test_a_restored_memory_over_the_cap_is_cut_at_the_next_timer_oldest_first():
+    join = FaceJoin(deadline_ms=4000, early_ttl_ms=60_000, late_max=2)
+    decided = {f"t{i}": (light_env(f"t{i}"), 60_000 + i) for i in (3, 1, 2, 0)}  # MapState order is no order
+    join.restore({}, {}, decided)
+    _, writes = join.due(now_ms=10_000)
+    assert sorted(join.decided) == ["t2", "t3"] and writes == [(DECIDED, "t0", None), (DECIDED, "t1", None)]
+    assert join.due(now_ms=60_002) == ([], [(DECIDED, "t2", None)])
+
+
+def test_state_without_the_late_face_memory_restores_empty():
+    """A savepoint taken before the memory existed has no ``decided_without_face`` map."""
+    join = FaceJoin(deadline_ms=4000, early_ttl_ms=60_000)
+    join.restore({"t1": (env("t1"), 5000)}, {})
+    assert join.decided == {} and join.next_deadline() == 5000
+    ready, _ = join.due(now_ms=5000)
+    assert [r.env[0]["transaction_id"] for r in ready] == ["t1"] and "t1" in join.decided
+
+
+def test_remembered_transactions_keep_a_timer_so_they_go_when_traffic_stops():
+    join = FaceJoin(deadline_ms=4000, early_ttl_ms=60_000)
+    join.on_transaction(env("t1"), now_ms=1000)
+    join.due(now_ms=5000)
+    assert join.pending == {} and join.next_deadline() == 65_000  # remembered until 65 000 (whole seconds)
+    assert join.due(now_ms=65_000)[1] == [(DECIDED, "t1", None)] and join.next_deadline() is None
+    join.on_observation("t2", seen(at=1500))  # an early face: kept until 61 500, its timer at 62 000
+    assert join.next_deadline() == 62_000
+
+
+def test_a_transaction_is_remembered_only_as_long_as_its_face_can_still_come():
+    cameras = {"max_lag_s": 60, "deadline_s": 30}
+    assert late_face_ttl_ms(Settings(cameras=cameras)) == 95_000  # + 5 s for analysis and Kafka
+    assert late_face_ttl_ms(Settings()) == 600_000  # never longer than CG_JOB__EARLY_FACE_TTL_MS
+
+
+def test_the_gather_step_restores_state_with_and_without_the_late_face_memory():
+    from jobs.scoring.partitioned import GatherStep
+
+    old = GatherStep(Settings())
+    old.restore({PENDING: {"t1": (env("t1"), 5000)}})  # a savepoint from before the memory
+    assert old.join.decided == {} and old.join.next_deadline() == 5000
+    new = GatherStep(Settings())
+    new.restore({DECIDED: {"t2": (light_env("t2"), 70_000)}})
+    assert new.join.next_deadline() == 70_000
+    assert new.due(now_ms=70_000) == [] and new.flush() == {DECIDED: {"t2": None}}
 
 
 @dataclass

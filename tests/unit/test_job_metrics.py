@@ -145,6 +145,7 @@ def test_counters_exist_from_the_start_and_grow_by_each_batchs_increase():
     stats.dead_letters["too_late"] += 1
     stats.observed_only["warm_up"] += 4
     stats.late_faces["matched"] += 1
+    stats.face_memory_evicted["decided_without_face"] += 5
     stats.count_records(3, 3)
     metrics.report(stats)
     metrics.report(stats)  # nothing new: nothing added
@@ -153,6 +154,7 @@ def test_counters_exist_from_the_start_and_grow_by_each_batchs_increase():
     assert reg[f"{GROUP}/kind={TRANSACTION}/records_in"].count == 3
     assert reg[f"{GROUP}/reason=warm_up/observed_only"].count == 4
     assert reg[f"{GROUP}/status=matched/late_faces"].count == 1
+    assert reg[f"{GROUP}/map=decided_without_face/face_memory_evicted"].count == 5
     assert {family for family, _, _ in stats.totals()} == set(LABELS), "every family has its label"
 
 
