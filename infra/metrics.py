@@ -62,6 +62,9 @@ PROCESSING_SECONDS = Histogram(
     ["stage"],
     buckets=LATENCY_BUCKETS,
 )
+SKIPPED = Counter(
+    "cg_skipped", "Work a stage skipped because it came too late to be of use, by why.", ["stage", "reason"]
+)
 DELIVERIES = Counter("cg_channel_deliveries", "Alert deliveries by channel and result.", ["channel", "result"])
 FACE_ANALYSIS_SECONDS = Histogram(
     "cg_face_analysis_seconds", "Time to analyse one frame (decode, detect, describe, match).", buckets=LATENCY_BUCKETS

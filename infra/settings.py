@@ -657,10 +657,14 @@ class CameraSettings(BaseModel, frozen=True):
     """Face stage: pending snapshots before it pauses consuming."""
     max_lag_s: float = 600.0
     """Face stage: a transaction older than this is not snapshotted (``UNAVAILABLE``): its decision is long made."""
-    entrance_max_lag_s: float = 10.0
+    entrance_max_lag_s: float = Field(default=10.0, gt=0)
     """Face stage: a new person at an entrance is photographed "now", so only while the camera event is at most
-    this old; an older one (a backlog after a restart or an outage) is ``UNAVAILABLE``, not a picture of whoever
-    stands at the door today filed under that event."""
+    this old when the snapshot is asked for; an older one (a backlog after a restart or an outage) is
+    ``UNAVAILABLE``, not a picture of whoever stands at the door today filed under that event. Entrances have their
+    own snapshot workers and are never paused for checkouts, so checkout load does not age them."""
+    entrance_snapshot_workers: int = Field(default=2, ge=1, le=64)
+    """Face stage: concurrent entrance snapshots, apart from the checkouts' (``snapshot_workers``): a checkout
+    snapshot can take ``deadline_s``, an entrance picture of "now" is useless after ``entrance_max_lag_s``."""
     face_stage_offset_reset: str = "latest"
     """Where a new face stage consumer group starts: ``latest`` (a fresh deployment does not snapshot history)."""
 

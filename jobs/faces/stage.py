@@ -2,7 +2,9 @@
 
 Inputs: ``transactions`` (each valid one: the lane camera at the transaction time) and
 ``camera_events`` (an entrance camera reporting an ``oid`` it has not seen within
-``entrance_oid_window_s``: that camera now, if the event is at most ``entrance_max_lag_s`` old). Output:
+``entrance_oid_window_s``: that camera now, if the event is at most ``entrance_max_lag_s`` old when the snapshot
+is asked for; entrances have their own snapshot workers and are never paused, so checkouts do not age them).
+Output:
 one ``FaceObservation`` per trigger on ``face_observations`` (key = camera serial), with a deterministic
 id (``checkout:<tx>``, ``entrance:<serial>:<oid>:<event time>``) so a replay is idempotent downstream. The
 scoring job joins them to transactions by transaction id (with a deadline) and does the watchlist match;
@@ -40,7 +42,8 @@ once the broker is back (a retried observation may land twice; every consumer is
 Metrics (``infra.metrics``, stage ``face-stage``): records in by kind (``transaction``, ``camera_event``),
 observations out by status (``no_match``, ``no_face``, ``unavailable``) once Kafka acknowledged them, dead
 letters by kind, ``cg_processing_seconds`` per trigger (snapshot, store, analysis), ``cg_face_analysis_seconds``
-per analysis and the queue depths ``snapshots`` (triggers in the pool), ``delivery_retries`` and
+per analysis, ``cg_skipped{reason=entrance_late|checkout_late}`` (triggers too old to snapshot) and the queue
+depths ``snapshots`` (triggers in the pools), ``delivery_retries`` and
 ``unacknowledged`` (records whose outputs Kafka has not acknowledged). ``/healthz`` turns 503 when the loop
 stops turning or while deliveries are failing ("Kafka unreachable").
 
@@ -240,6 +243,7 @@ class FaceStage:
         self._max_lag_ms = int(settings.cameras.max_lag_s * 1000)
         self._entrance_max_lag_ms = int(settings.cameras.entrance_max_lag_s * 1000)
         self._processing = metrics.PROCESSING_SECONDS.labels(PROCESS)
+        self._late = {kind: metrics.SKIPPED.labels(PROCESS, f"{kind.lower()}_late") for kind in (CHECKOUT, ENTRANCE)}
 
     def plan_transaction(self, value: bytes | None, now_ms: int) -> list[Trigger]:
         """The lane snapshot of a valid transaction; nothing for an invalid one (see module doc), including
@@ -292,11 +296,14 @@ class FaceStage:
         def obs(status: str, reason: str | None = None, **extra: object) -> FaceObservation:
             return _observation(trigger, status, reason, snapshot_of_now=of_now, **extra)
 
-        # Lag from the event, not from the snapshot time: an entrance is photographed "now" (at_ms None), which
-        # shows the person of the event only while the event is fresh.
+        # Lag from the event to now, when the snapshot is asked for: an entrance is photographed "now" (at_ms None),
+        # which shows the person of the event only while the event is fresh. The event time is the one clock that
+        # sees every backlog (the bridge's MQTT session, Kafka, this stage); a queue inside the stage does not add
+        # to it, as entrances have their own workers (FaceStageRunner).
         limit = self._max_lag_ms if trigger.kind == CHECKOUT else self._entrance_max_lag_ms
         lag = now_ms - trigger.event_time
         if lag > limit:
+            self._late[trigger.kind].inc()
             return obs("UNAVAILABLE", f"not snapshotted: {lag // 1000} s late (limit {limit // 1000} s)")
         try:
             snap = self.snapshot(trigger.serial, trigger.at_ms)
@@ -415,6 +422,10 @@ class FaceStageRunner:
         }
         self._done: queue.Queue[tuple[Message, object]] = queue.Queue()
         self._pool = ThreadPoolExecutor(max_workers=settings.cameras.snapshot_workers, thread_name_prefix="snapshot")
+        self._entrance_pool = ThreadPoolExecutor(
+            max_workers=settings.cameras.entrance_snapshot_workers, thread_name_prefix="entrance"
+        )
+        """Entrances apart: behind a few dozen checkouts (seconds each) a picture of the door "now" comes too late."""
         self._paused = False
         self._backoff = backoff or Backoff(0.5, 30.0)
         self._retries: list[tuple[float, int, Outgoing]] = []
@@ -487,7 +498,8 @@ class FaceStageRunner:
         self.offsets.add(tp, offset, len(triggers))
         self._observing += len(triggers)
         for trigger in triggers:
-            future = self._pool.submit(self.stage.observe, trigger)
+            pool = self._entrance_pool if trigger.kind == ENTRANCE else self._pool
+            future = pool.submit(self.stage.observe, trigger)
             future.add_done_callback(lambda f, msg=msg: self._done.put((msg, _outcome(f))))
 
     def _dead_letter(self, msg: Message, error: InvalidRecord) -> None:
@@ -576,6 +588,7 @@ class FaceStageRunner:
                     on_tick(self.stats)
         finally:
             self._pool.shutdown(wait=True, cancel_futures=False)
+            self._entrance_pool.shutdown(wait=True, cancel_futures=False)
             self._drain()
             self._producer.flush(15)
             self._commit(consumer)
@@ -612,9 +625,12 @@ class FaceStageRunner:
             self._dead_letter(msg, InvalidRecord(STAGE_ERROR, f"observation failed: {type(result).__name__}"))
 
     def _backpressure(self, consumer: Consumer) -> None:
+        """Pause the transactions while ``max_in_flight`` records are unfinished; never the camera events: an
+        entrance waiting in Kafka behind checkouts would be too old for its picture of "now" (they are few, and
+        a backlog of them is answered at once as late)."""
         busy = self.offsets.in_flight >= self.settings.cameras.max_in_flight
         if busy != self._paused:
-            assignment = consumer.assignment()
+            assignment = [tp for tp in consumer.assignment() if tp.topic == self.tx_topic]
             if assignment:
                 (consumer.pause if busy else consumer.resume)(assignment)
                 self._paused = busy

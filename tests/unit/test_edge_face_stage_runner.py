@@ -16,12 +16,13 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Message, TopicPartition
 
+from infra import metrics
 from infra.clients.meraki import Snapshot, SnapshotError
 from infra.retry import Backoff
 from infra.settings import CameraSettings, Settings
 from jobs.faces.stage import STAGE, STAGE_ERROR, FaceStage, FaceStageRunner
-from schemas.records import DeadLetter, FaceObservation, PosTransaction
-from schemas.topics import DEAD_LETTERS, FACE_OBSERVATIONS, TRANSACTIONS
+from schemas.records import CameraEvent, DeadLetter, DetectedObject, FaceObservation, PosTransaction
+from schemas.topics import CAMERA_EVENTS, DEAD_LETTERS, FACE_OBSERVATIONS, TRANSACTIONS
 
 TX_TOPIC = TRANSACTIONS.full_name("")
 
@@ -162,3 +163,64 @@ def test_a_record_the_stage_fails_on_is_a_dead_letter_and_the_rest_goes_on() -> 
     assert sorted(observed) == ["tx-a", "tx-b"], "the hostile transaction is skipped (the job dead-letters it)"
     assert asked == ["Q2MV-store-001-lane-01"] * 2
     assert consumer.commits == {(TX_TOPIC, 0): 4} and stats["errors"] == 1
+
+
+class TopicConsumer(Consumer):
+    """Pauses per topic, as confluent_kafka does: a paused topic's messages wait, the others are handed out."""
+
+    def __init__(self, messages: list[Message]) -> None:
+        super().__init__(messages)
+        self.paused_topics: set[str] = set()
+
+    def assignment(self) -> list[TopicPartition]:
+        return [TopicPartition(TX_TOPIC, 0), TopicPartition(CAMERA_EVENTS.full_name(""), 0)]
+
+    def poll(self, timeout: float) -> Message | None:
+        for i, msg in enumerate(self.messages):
+            if msg.topic() not in self.paused_topics:
+                return self.messages.pop(i)
+        time.sleep(timeout / 10)
+        return None
+
+    def pause(self, partitions: list) -> None:
+        self.paused_topics |= {tp.topic for tp in partitions}
+        self.pauses += 1
+
+    def resume(self, partitions: list) -> None:
+        self.paused_topics -= {tp.topic for tp in partitions}
+
+
+def test_an_entrance_behind_a_queue_of_slow_checkouts_is_still_photographed_in_time() -> None:
+    """A few dozen checkouts (seconds each with the real Dashboard) must not age a new person at the door past
+    CG_CAMERAS__ENTRANCE_MAX_LAG_S: scaled down, 20 checkouts of 0.2 s on 2 workers, a 1 s limit."""
+
+    class Engine:
+        def analyse(self, image: bytes) -> list:
+            return []
+
+    class Store:
+        def put(self, kind: str, key: str, data: bytes) -> str:
+            return f"file://{kind}/{key}"
+
+    def snapshot(serial: str, at_ms: int | None) -> Snapshot:
+        if at_ms is not None:  # a checkout: footage of the sale, slow
+            time.sleep(0.2)
+        return Snapshot(serial, b"jpeg", "image/jpeg", at_ms, False, 1, 1, 0.2)
+
+    s = Settings(cameras=CameraSettings(max_in_flight=8, snapshot_workers=2, entrance_max_lag_s=1.0))
+    door = "Q2MV-store-001-ENTRANCE"
+    now = int(time.time() * 1000)
+    person = (DetectedObject(7, "person", 0.1, 0.1, 0.5, 0.9),)
+    event = CameraEvent(door, now, f"/merakimv/{door}/raw_detections", "RAW_DETECTIONS", objects=person).encode()
+    walk_in = Message(topic=CAMERA_EVENTS.full_name(""), partition=0, offset=0, value=event, timestamp=(1, now))
+    consumer = TopicConsumer([*(tx_message(i, f"tx-{i}") for i in range(20)), walk_in])
+    producer = Producer(failures=0)
+    late = metrics.SKIPPED.labels("face-stage", "entrance_late")
+    before = late._value.get()
+    runner = FaceStageRunner(s, FaceStage(s, snapshot, Engine(), Store()), producer=producer, consumer=consumer)
+    run_until(runner, lambda: len(delivered(producer, FACE_OBSERVATIONS, FaceObservation)) == 21)
+
+    observations = {o.trigger: o for o in delivered(producer, FACE_OBSERVATIONS, FaceObservation)}
+    entrance = observations["ENTRANCE"]
+    assert entrance.status == "NO_FACE" and entrance.reason == "no face in the snapshot", entrance.reason
+    assert late._value.get() == before and consumer.pauses >= 1  # the checkouts were paused, the door was not

@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
+from infra import metrics
 from infra.clients.image_store import LocalImageStore
 from infra.clients.meraki import MerakiClient, Snapshot, SnapshotError
 from infra.local.camera import Presence, render
@@ -253,9 +254,20 @@ def test_an_entrance_event_from_a_backlog_is_not_photographed_now(tmp_path) -> N
     objs = (DetectedObject(7, "person", 0.1, 0.1, 0.5, 0.9),)
     event = CameraEvent("Q2MV-store-001-ENTRANCE", old, "/merakimv/x/raw_detections", "RAW_DETECTIONS", objects=objs)
     [trigger] = stage.plan_camera_event(event.encode())
+    late = metrics.SKIPPED.labels("face-stage", "entrance_late")
+    before = late._value.get()
     obs = stage.observe(trigger, now)
     assert obs.status == "UNAVAILABLE" and obs.reason == "not snapshotted: 7200 s late (limit 10 s)"
     assert obs.event_time == old and obs.image_ref is None
+    assert late._value.get() == before + 1  # counted, not only in the observation's reason
+
+
+@pytest.mark.parametrize("lag", [0, -5])
+def test_an_entrance_lag_limit_that_would_drop_every_entrance_is_a_settings_error(lag: float) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="entrance_max_lag_s"):
+        Settings(cameras={"entrance_max_lag_s": lag})
 
 
 def test_the_same_oid_back_after_the_window_is_a_new_sighting_with_its_own_ids(tmp_path) -> None:
