@@ -269,3 +269,13 @@ def test_an_observation_with_an_unknown_matcher_or_a_similarity_outside_0_to_100
         with pytest.raises(InvalidRecord) as err:
             check_observation(dict(base, **bad))
         assert err.value.kind == "invalid_field"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("early_face_ttl_ms", -1), ("late_face_memory_max", -1), ("late_face_memory_max", 10**8)]
+)
+def test_face_memory_settings_out_of_bounds_are_settings_errors(field: str, value: int) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=field):
+        Settings(job={field: value})
