@@ -36,7 +36,7 @@ from infra.cli import setting_errors
 from infra.launcher import Child, Supervisor, spawn
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.processes import Reaper, stop_child
-from infra.settings import Settings, SupervisorSettings, get_settings
+from infra.settings import Settings, SupervisorSettings, face_deadline_problem, get_settings
 from schemas.errors import CheckoutGuardError
 
 log = logging.getLogger("infra.supervisor")
@@ -97,27 +97,6 @@ def choose(only: Iterable[str] = (), without: Iterable[str] = ()) -> list[str]:
 
 FACE_SERVICES = frozenset({"face-stage", "scoring-job"})
 """The services between a checkout and its face: the face deadline must fit the camera's snapshot budget."""
-
-
-def face_deadline_problem(settings: Settings) -> str | None:
-    """Why the scoring job would decide every checkout without its face, or ``None``. With a Dashboard configured
-    (``CG_CAMERAS__BASE_URL``: real footage takes up to minutes to be stored) a snapshot of the sale time may take
-    all of ``CG_CAMERAS__DEADLINE_S`` (the No-video retries, then the fallback to "now"); a face deadline shorter
-    than that decides checkouts ``face: UNAVAILABLE`` while their faces are still on the way (they then only
-    raise a late watch-list alert). The local camera (no base URL) stores footage within a second: the demo's
-    4 s are fine there."""
-    cameras, deadline_ms = settings.cameras, settings.job.face_deadline_ms
-    if cameras.base_url is None or deadline_ms <= 0:
-        return None
-    needed_ms = int(cameras.deadline_s * 1000)
-    if deadline_ms >= needed_ms:
-        return None
-    return (
-        f"CG_JOB__FACE_DEADLINE_MS={deadline_ms} is shorter than a camera snapshot may take "
-        f"(CG_CAMERAS__DEADLINE_S={cameras.deadline_s:g} s with the Dashboard at CG_CAMERAS__BASE_URL): "
-        f"checkouts would be decided without their faces. Set CG_JOB__FACE_DEADLINE_MS to at least {needed_ms}, "
-        "or CG_JOB__FACE_DEADLINE_MS=0 to run without faces"
-    )
 
 
 def healthy(status: int | None) -> bool:

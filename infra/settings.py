@@ -915,6 +915,31 @@ class Settings(BaseSettings):
         return self.model.artifact_dir or self.stack_dir / "models"
 
 
+def face_deadline_problem(settings: Settings) -> str | None:
+    """Why the scoring job would decide checkouts without their faces, or ``None``. With a Dashboard configured
+    (``CG_CAMERAS__BASE_URL``: real footage takes up to minutes to be stored) a snapshot of the sale time may take
+    all of ``CG_CAMERAS__DEADLINE_S`` (the No-video retries, then the fallback to "now"), and the face then still
+    has to be analysed, produced and read (:data:`FACE_DELIVERY_MARGIN_MS`); a face deadline shorter than the sum
+    decides checkouts ``face: UNAVAILABLE`` while their faces are on the way (they then only raise a late
+    watch-list alert). The minimum is necessary, not sufficient: checkouts queued behind others in the face
+    stage (``snapshot_workers``) still come late. The local camera (no base URL) stores footage within a
+    second: the demo's 4 s are fine there. Checked by ``checkout-guard supervise`` and where the face stage and
+    the scoring job start."""
+    cameras, deadline_ms = settings.cameras, settings.job.face_deadline_ms
+    if cameras.base_url is None or deadline_ms <= 0:
+        return None
+    needed_ms = int(cameras.deadline_s * 1000) + FACE_DELIVERY_MARGIN_MS
+    if deadline_ms >= needed_ms:
+        return None
+    return (
+        f"CG_JOB__FACE_DEADLINE_MS={deadline_ms} is shorter than a checkout face may take "
+        f"(CG_CAMERAS__DEADLINE_S={cameras.deadline_s:g} s for the snapshot with the Dashboard at "
+        f"CG_CAMERAS__BASE_URL, plus {FACE_DELIVERY_MARGIN_MS // 1000} s for analysis and Kafka): checkouts would "
+        f"be decided without their faces. Set CG_JOB__FACE_DEADLINE_MS to at least {needed_ms}, "
+        "or CG_JOB__FACE_DEADLINE_MS=0 to run without faces"
+    )
+
+
 class SettingsFileError(CheckoutGuardError, ValueError):
     """``CG_ENV_FILE`` names no readable text file."""
 

@@ -72,7 +72,7 @@ from infra.clients import kafka as kafka_clients
 from infra.clients.meraki import MerakiClient, Snapshot, SnapshotError, camera_for_lane, camera_location
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.retry import Backoff
-from infra.settings import Settings, get_settings
+from infra.settings import Settings, face_deadline_problem, get_settings
 from jobs.scoring.validation import parse_transaction
 from schemas.codec import codec
 from schemas.errors import InvalidRecord
@@ -692,6 +692,9 @@ def run_face_stage(
 def main(log_level: str | None = None) -> None:
     settings = get_settings()
     setup_logging(settings, log_level, "face-stage")
+    if (problem := face_deadline_problem(settings)) is not None:  # as supervise refuses it, for any way in
+        log.error("refusing to start: %s", problem)
+        raise SystemExit(2)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

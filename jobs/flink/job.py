@@ -41,7 +41,7 @@ from pyflink.table import DataTypes, Schema, StreamTableEnvironment, TableDescri
 from infra.flink_cluster import REPORTER, REPORTER_DIR, REPORTER_FACTORY, client_host
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.metrics import port_of
-from infra.settings import REPO_ROOT, Settings, get_settings
+from infra.settings import REPO_ROOT, Settings, face_deadline_problem, get_settings
 from infra.stack import StackError, StackPaths, flink_connector_jars, flink_ext_jar
 from jobs.flink.operator import BROADCAST, DecideStep
 from schemas.topics import (
@@ -543,6 +543,9 @@ def kafka_sink(t_env: StreamTableEnvironment, out: DataStream, settings: Setting
 def main(settings: Settings | None = None, log_level: str | None = None) -> None:
     settings = settings or get_settings()
     setup_logging(settings, log_level, "job")
+    if (problem := face_deadline_problem(settings)) is not None:  # as supervise refuses it, for any way in
+        log.error("refusing to start: %s", problem)
+        raise SystemExit(2)
     settings.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     if settings.model.backend != "none" and settings.model.auto_train:
         # Here, before the job is built, so no Flink worker ever trains (a worker only loads).

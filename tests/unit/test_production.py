@@ -137,8 +137,12 @@ def test_a_real_camera_with_a_face_deadline_shorter_than_its_snapshot_budget_is_
     dashboard = CameraSettings(base_url="https://api.meraki.com/api/v1", deadline_s=30.0)
     short = Settings(cameras=dashboard, job=JobSettings(face_deadline_ms=4000))
     problem = production.face_deadline_problem(short)
-    assert problem and "CG_JOB__FACE_DEADLINE_MS=4000" in problem and "at least 30000" in problem
-    for enough in (30_000, 0):  # at least the snapshot budget, or no face join at all
+    assert problem and "CG_JOB__FACE_DEADLINE_MS=4000" in problem and "at least 35000" in problem
+    # the whole snapshot budget leaves no time to analyse the face and bring it through Kafka
+    assert "at least 35000" in (
+        production.face_deadline_problem(short.model_copy(update={"job": JobSettings(face_deadline_ms=30_000)})) or ""
+    )
+    for enough in (35_000, 0):  # the snapshot budget plus 5 s, or no face join at all
         assert (
             production.face_deadline_problem(Settings(cameras=dashboard, job=JobSettings(face_deadline_ms=enough)))
             is None
@@ -414,3 +418,22 @@ def test_supervise_answers_a_bad_setting_in_one_line_with_exit_2_and_starts_noth
     assert result.exit_code == 2
     [line] = result.output.strip().splitlines()
     assert line.startswith(f"Error: {'invalid setting ' if says.startswith('CG_') else ''}{says}")
+
+
+@pytest.mark.parametrize("entry", ["jobs.faces.stage", "jobs.flink.job"])
+def test_the_face_stage_and_the_scoring_job_started_on_their_own_refuse_a_short_face_deadline(
+    monkeypatch, caplog, entry: str
+) -> None:
+    """Not only ``supervise``: ``checkout-guard face-stage`` or a job submitted to a Flink cluster start here."""
+    import importlib
+
+    from infra.settings import CameraSettings, JobSettings
+
+    module = importlib.import_module(entry)
+    dashboard = CameraSettings(base_url="https://api.meraki.com/api/v1", deadline_s=30.0)
+    short = Settings(cameras=dashboard, job=JobSettings(face_deadline_ms=30_000))
+    monkeypatch.setattr(module, "get_settings", lambda: short)
+    monkeypatch.setattr(module, "setup_logging", lambda *a: None)
+    with pytest.raises(SystemExit) as exit_, caplog.at_level("ERROR"):
+        module.main()
+    assert exit_.value.code == 2 and "Set CG_JOB__FACE_DEADLINE_MS to at least 35000" in caplog.text
