@@ -297,7 +297,7 @@ OUTCOME_WORDS = {"BLOCK": "blocked", "REVIEW": "held for review", "APPROVE": "ap
 """How people read a decision's outcome (alert texts, the bot's answers)."""
 
 
-FACE_ALERT_KINDS = frozenset({"WATCHLIST_MATCH", "SUSPECT_ENTERED", "VIP_ARRIVED"})
+FACE_ALERT_KINDS = frozenset({"WATCHLIST_MATCH", "SUSPECT_ENTERED", "VIP_ARRIVED", "SUSPECT_AT_LANE", "VIP_AT_LANE"})
 """Alert kinds raised by a face match: their case shows the live snapshot beside the enrolled reference image,
 and a verdict on one teaches the watchlist (a template, or a false match against the subject)."""
 CASE_VERBS = frozenset({"CONFIRM", "DISMISS", "ESCALATE", "ASSIGN", "NOTE"})

@@ -7,9 +7,9 @@ one Kafka transaction per input: every case version on the compacted ``cases`` t
 indexes it, one document per case), an ``AuditEvent`` per verdict or refused command on ``audit``, and the
 verdicts' effects:
 
-- a confirmed face match (``WATCHLIST_MATCH``, ``SUSPECT_ENTERED``, ``VIP_ARRIVED``) sends the watchlist
-  service a signed ``LEARN <subject> <snapshot ref>``: the sighting becomes another template of the
-  subject, up to ``CG_CASES__MAX_TEMPLATES``;
+- a confirmed face match (:data:`~schemas.records.FACE_ALERT_KINDS`: ``WATCHLIST_MATCH``, the entrance and
+  lane kinds) sends the watchlist service a signed ``LEARN <subject> <snapshot ref>``: the sighting becomes
+  another template of the subject, up to ``CG_CASES__MAX_TEMPLATES``;
 - a dismissed face match counts against its subject (``subject_false_matches`` on the case and its audit
   event); every ``CG_CASES__FLAG_DISMISSALS``-th dismissal flags the subject for review (``FLAG_SUBJECT``);
 - a confirmed or dismissed ``BLOCKED_TRANSACTION``, or ``confirm <case> fraud``, publishes a label for the

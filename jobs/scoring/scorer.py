@@ -485,6 +485,7 @@ class Scorer:
             None,
             how=f"seen at the lane after sale {obs.get('transaction_id')} (a live view: not its buyer)",
             reason=LANE_VIEW_REASON,
+            at_lane=True,
         )
         return [(self.alerts_topic, alert["alert_id"].encode(), self._alert.encode(alert))]
 
@@ -610,12 +611,17 @@ class Scorer:
         tx: dict[str, Any] | None,
         how: str | None = None,
         reason: str | None = None,
+        at_lane: bool = False,
     ) -> AlertAvro:
-        """Suspect or VIP recognised at a checkout (``seen_as`` = ``checkout:<tx>``) or an entrance. ``how``
-        replaces the summary's "entered"/"at checkout (<tx>)"; ``reason`` is a reason code added to the match's."""
+        """Suspect or VIP recognised at a checkout (``seen_as`` = ``checkout:<tx>``), an entrance, or (``at_lane``,
+        without ``tx``) in a lane's live view after a sale: ``SUSPECT_AT_LANE`` / ``VIP_AT_LANE``, not the entrance
+        kinds, so its headline and per-kind counts do not say "entered". ``how`` replaces the summary's
+        "entered"/"at checkout (<tx>)"; ``reason`` is a reason code added to the match's."""
         suspect = face.category == "SUSPECT"
-        at_entrance = tx is None
-        kind = ("SUSPECT_ENTERED" if at_entrance else "WATCHLIST_MATCH") if suspect else "VIP_ARRIVED"
+        if at_lane:
+            kind = "SUSPECT_AT_LANE" if suspect else "VIP_AT_LANE"
+        else:
+            kind = ("SUSPECT_ENTERED" if tx is None else "WATCHLIST_MATCH") if suspect else "VIP_ARRIVED"
         where = f"{store_id}" + (f" {lane_id}" if lane_id else "")
         what = "Suspect" if suspect else "VIP"
         how = how or ("entered" if tx is None else f"at checkout ({tx['transaction_id']})")

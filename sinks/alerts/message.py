@@ -54,6 +54,8 @@ FACE_MATCH_ADVICE: dict[str, str] = {
     "WATCHLIST_MATCH": "A face match is not proof: compare the two images yourself before anyone acts.",
     "SUSPECT_ENTERED": "Please look, do not act: a face match alone is not proof of anything.",
     "VIP_ARRIVED": "A face match is not proof: greet, do not assume who it is.",
+    "SUSPECT_AT_LANE": "Please look, do not act: a face match alone is not proof of anything.",
+    "VIP_AT_LANE": "A face match is not proof: greet, do not assume who it is.",
 }
 """What security is asked to do on a watch-list alert: verify, never act on the match alone."""
 FACE_EVIDENCE_ADVICE = "A face comparison is not proof: compare the images yourself before anyone acts."
@@ -67,6 +69,8 @@ TITLES: dict[str, str] = {
     "WATCHLIST_MATCH": "Possible watchlist match at a checkout",
     "SUSPECT_ENTERED": "Possible suspect entered the store",
     "VIP_ARRIVED": "Possible VIP arrived",
+    "SUSPECT_AT_LANE": "Possible suspect seen at a checkout lane",
+    "VIP_AT_LANE": "Possible VIP seen at a checkout lane",
     "MODEL_DRIFT": "Fraud model drift",
 }
 BLOCKED_TITLES: dict[str, str] = {"SALE": "Sale blocked", "RETURN": "Refund blocked"}

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import email
 import email.policy
+import io
 import json
 import random
 from email.message import EmailMessage
 from typing import Any
 
+import fastavro
+import pytest
+
 from infra.clients.webex import MAX_MARKDOWN_BYTES, truncate_utf8
 from infra.retry import Backoff, parse_retry_after
-from infra.settings import AlertSettings
+from infra.settings import REPO_ROOT, AlertSettings
+from schemas.codec import codec, latest_versions
 from sinks.alerts.mail import OutgoingMail, build_email
 from sinks.alerts.message import case_card, describe, local_time, message_id, reason_text
 from sinks.alerts.sender import DeliveryError, Task, give_up_reason
@@ -100,6 +105,39 @@ def test_entrance_alert_without_lane_amount_or_outcome_still_reads_well() -> Non
     assert dict(text.lines)["Please"].startswith("Please look, do not act")
     assert "Amount" not in labels and "Outcome" not in labels
     assert "Face match" in labels
+
+
+@pytest.mark.parametrize(
+    ("kind", "category", "headline"),
+    [
+        ("SUSPECT_AT_LANE", "SUSPECT", "Possible suspect seen at a checkout lane - store S001, lane L02"),
+        ("VIP_AT_LANE", "VIP", "Possible VIP seen at a checkout lane - store S001, lane L02"),
+    ],
+)
+def test_a_face_in_a_lanes_live_view_is_headlined_at_the_lane_not_as_entering(kind, category, headline) -> None:
+    """The summary says "seen at the lane after sale ... not its buyer": the headline must not say "entered"."""
+    seen = alert(
+        kind=kind,
+        category=category,
+        transaction_id=None,
+        amount=None,
+        outcome=None,
+        risk_score=None,
+        reasons=[f"watchlist_{category.lower()}", "lane_view_after_the_sale_not_its_buyer"],
+        similarity=97.0,
+    )
+    text = describe(seen, AlertSettings())
+    assert text.headline == headline and "Please" in dict(text.lines)  # the face-match advice too
+
+
+def test_a_v4_reader_reads_the_lane_kinds_as_unknown() -> None:
+    """Alert v5 adds the kinds; a consumer still on v4 during an upgrade reads them as UNKNOWN, not as corrupt."""
+    v4 = fastavro.parse_schema(json.loads((REPO_ROOT / "schemas/avro/alert.v4.avsc").read_text()))
+    assert latest_versions()["Alert"].version >= 5
+    encoded = codec("Alert").encode(alert(kind="VIP_AT_LANE", category="VIP", reasons=[]))
+    writer = latest_versions()["Alert"]
+    body = io.BytesIO(encoded[10:])  # single-object encoding: 2 marker bytes and the 8-byte fingerprint
+    assert fastavro.schemaless_reader(body, writer.parsed, v4)["kind"] == "UNKNOWN"
 
 
 def test_unknown_reason_codes_are_shown_readably_rather_than_dropped() -> None:

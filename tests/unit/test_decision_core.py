@@ -711,7 +711,8 @@ def test_a_picture_of_now_is_not_the_buyers_face_but_a_suspect_in_it_is_a_sighti
     step = core.on_records([_of_now("t1", SUSPECT_FACE)], NOW + 100)
     assert scored(step)["t1"]["face_status"] == "UNAVAILABLE"  # released at once: no face for the sale
     [alert] = alerts(step)
-    assert alert["kind"] == "SUSPECT_ENTERED" and alert["transaction_id"] is None and alert["amount"] is None
+    # its own kind: not "entered the store" (the entrance's), and not the buyer's WATCHLIST_MATCH
+    assert alert["kind"] == "SUSPECT_AT_LANE" and alert["transaction_id"] is None and alert["amount"] is None
     assert alert["alert_id"] == "watchlist:checkout:t1:now:subj-9" and alert["lane_id"] == "lane-01"
     assert "lane_view_after_the_sale_not_its_buyer" in alert["reasons"] and "not its buyer" in alert["summary"]
     assert core.state.receipts["t1"].sale_face is None  # never compared with a later return
