@@ -477,8 +477,9 @@ PANELS: list[tuple[dict[str, Any], int, int]] = [
             "Alerts by kind",
             "alerts",
             "pie",
-            [count(), terms("kind", "segment", "2", size=5)],
-            "Blocked transactions, watch-list matches, suspects entering, VIPs arriving, fraud model drift.",
+            [count(), terms("kind", "segment", "2", size=8)],
+            "Blocked transactions, watch-list matches, suspects entering, VIPs arriving, suspects and VIPs seen in a"
+            " lane's live view, fraud model drift.",
         ),
         24,
         14,
