@@ -692,7 +692,8 @@ class IndicesSettings(BaseModel, frozen=True):
     customer_key_secret: SecretStr | None = None
     """Key of the HMAC under which a customer known only by e-mail address is indexed (``customer_key``
     ``email-hmac:<hex>``, ``schemas.indices.indexed_customer_key``); unset, such keys are left out of the index.
-    Keep it fixed: a new key gives every such customer a new key in the documents indexed from then on."""
+    Keep it fixed: a new key gives every such customer a new key in the documents indexed from then on.
+    ``python -m sinks.opensearch.pseudonymise`` hashes the addresses indexed before the sink did."""
 
 
 class DashboardSettings(BaseModel, frozen=True):

@@ -91,6 +91,8 @@ token, a customer id and the anonymous key (a transaction id) name nobody outsid
 them. Any other kind (``email:<address>``) is indexed only as a keyed hash."""
 CUSTOMER_KEY_DIGEST_HEX = 32
 """Hex digits kept of the HMAC-SHA256 (128 bits: no two customers of any chain share one)."""
+HASHED_KIND_SUFFIX = "-hmac"
+"""What :func:`indexed_customer_key` appends to the kind of a key it hashed (``email-hmac:<hex>``)."""
 
 
 def indexed_customer_key(key: str, secret: str | None) -> str | None:
@@ -105,7 +107,14 @@ def indexed_customer_key(key: str, secret: str | None) -> str | None:
     if not secret:
         return None
     digest = hmac.new(secret.encode(), key.encode(), hashlib.sha256).hexdigest()[:CUSTOMER_KEY_DIGEST_HEX]
-    return f"{kind}-hmac:{digest}"
+    return f"{kind}{HASHED_KIND_SUFFIX}:{digest}"
+
+
+def is_indexed_customer_key(key: str) -> bool:
+    """Whether ``key`` is already what an index may hold (a pseudonymous kind, or a keyed hash), so that
+    pseudonymising documents again leaves them as they are instead of hashing a hash."""
+    kind = key.partition(":")[0]
+    return kind in PSEUDONYMOUS_KEY_KINDS or kind.endswith(HASHED_KIND_SUFFIX)
 
 
 def default_group_id(topic_prefix: str = "") -> str:

@@ -15,7 +15,7 @@ so every new period index joins it); labels go to the one index ``<index_prefix>
 at start and every ``indices.retention_interval_s``); the labels index is kept, like its compacted topic.
 Face embeddings are left out of the documents unless ``indices.include_face_embeddings`` is set; a customer
 known only by e-mail address is indexed as ``email-hmac:<keyed hash>`` (``indices.customer_key_secret``), never
-by the address.
+by the address (``sinks/opensearch/pseudonymise.py`` rewrites documents indexed before that).
 
 Why nothing is lost or doubled: the document ``_id`` is the business key (``transaction_id`` /
 ``alert_id`` / ``observation_id``) with op ``index``, and the period index follows from the record's own
@@ -78,11 +78,14 @@ from schemas.codec import DecodeError, codec, json_safe
 from schemas.errors import CheckoutGuardError
 from schemas.indices import (
     DEFAULT_GROUP_ID,
+    HASHED_KIND_SUFFIX,
+    PSEUDONYMOUS_KEY_KINDS,
     ROUTES,
     Route,
     default_group_id,
     index_name,
     indexed_customer_key,
+    is_indexed_customer_key,
     load_template,
     period_kind,
     period_of,
@@ -112,13 +115,15 @@ def install_templates(
     index_prefix: str,
     period: str = "day",
     now_ms: int | None = None,
+    customer_key_secret: str | None = None,
 ) -> list[str]:
     """Install the templates and make sure each alias resolves with the current mapping; safe to repeat.
 
     The current period's index is created up front so the alias, counts and dashboards work before
     the first document; existing period indices get fields added since they were created (put_mapping
     accepts additive changes). A concrete index left by the single-index layout under the alias's name
-    is first moved into period indices (:func:`migrate_legacy_index`). Raises :class:`IndexPeriodConflict`,
+    is first moved into period indices (:func:`migrate_legacy_index`, customer keys pseudonymised with
+    ``customer_key_secret`` on the way). Raises :class:`IndexPeriodConflict`,
     before changing anything, when the prefix holds period indices of another ``period`` (:func:`check_period`).
     """
     check_period(client, index_prefix, period)
@@ -132,7 +137,7 @@ def install_templates(
             client.indices.put_index_template(
                 name=alias, body={**body, "template": {k: v for k, v in body["template"].items() if k != "aliases"}}
             )
-            migrate_legacy_index(client, route, index_prefix, period)
+            migrate_legacy_index(client, route, index_prefix, period, customer_key_secret)
         client.indices.put_index_template(name=alias, body=body)
         create_indices(client, [route.write_index(index_prefix, now, period)])
         existing = sorted(family_indices(client, index_prefix, route))
@@ -222,17 +227,22 @@ def family_indices(client: OpenSearch, index_prefix: str, route: Route) -> list[
     return list(period_indices(client, index_prefix, route.kind))
 
 
-def migrate_legacy_index(client: OpenSearch, route: Route, index_prefix: str, period: str) -> int:
+def migrate_legacy_index(
+    client: OpenSearch, route: Route, index_prefix: str, period: str, customer_key_secret: str | None = None
+) -> int:
     """Copy a pre-alias concrete index ``<prefix>-<kind>`` into period indices, then delete it.
 
     Client-side (scroll + bulk): the integ-test server has no reindex module. Same ids, so an
     interrupted migration is simply repeated; the old index goes only after every copy is acknowledged.
+    Customer keys are copied as the sink writes them now (:func:`pseudonymise`): an index that old
+    predates the keyed hash and may hold e-mail addresses.
     """
     legacy = route.index(index_prefix)
 
     def actions() -> Iterable[dict[str, Any]]:
         for hit in scan(client, index=legacy, query={"query": {"match_all": {}}}, size=1000):
             source = hit["_source"]
+            pseudonymise(source, route, customer_key_secret)
             yield {
                 "_op_type": "index",
                 "_id": hit["_id"],
@@ -248,6 +258,96 @@ def migrate_legacy_index(client: OpenSearch, route: Route, index_prefix: str, pe
         client.indices.delete(index=legacy)
     log.info("moved %d document(s) of the single index %s into its period indices", copied, legacy)
     return copied
+
+
+@dataclass
+class PseudonymiseReport:
+    """What :func:`pseudonymise_indexed_keys` found and did, per concrete index."""
+
+    found: Counter[str] = field(default_factory=Counter)
+    """Documents whose customer key was not in its indexed form."""
+    rewritten: Counter[str] = field(default_factory=Counter)
+    """Of those, written back with the keyed hash (with a secret) or without the key (without one)."""
+    changed_meanwhile: Counter[str] = field(default_factory=Counter)
+    """Written by the sink between read and write (409): the sink wrote them pseudonymised; a new run checks."""
+    failed: Counter[str] = field(default_factory=Counter)
+    """Refused for another reason; running the command again retries them."""
+
+
+def pseudonymise_hit(hit: dict[str, Any], route: Route, secret: str | None) -> dict[str, Any] | None:
+    """The bulk action that rewrites one scanned document with its customer keys pseudonymised, or ``None``
+    when they already are. The whole source is indexed again (removing a field takes a script otherwise,
+    and the integ-test server has no scripting), guarded by the hit's sequence number, so a document the
+    sink wrote since it was read is refused (409) instead of being overwritten with the older copy."""
+    source = dict(hit["_source"])
+    if not pseudonymise(source, route, secret):
+        return None
+    action = {"_op_type": "index", "_index": hit["_index"], "_id": hit["_id"], "_source": source}
+    if "_seq_no" in hit and "_primary_term" in hit:
+        action |= {"if_seq_no": hit["_seq_no"], "if_primary_term": hit["_primary_term"]}
+    return action
+
+
+def raw_customer_key_query(route: Route) -> dict[str, Any]:
+    """Documents with a customer key that is neither a pseudonymous kind nor a keyed hash (a superset of what
+    :func:`pseudonymise_hit` rewrites, which decides per document)."""
+    keep = [
+        {"prefix": {name: f"{kind}:"}} for name in route.pseudonymised_fields for kind in sorted(PSEUDONYMOUS_KEY_KINDS)
+    ]
+    keep += [{"wildcard": {name: f"*{HASHED_KIND_SUFFIX}:*"}} for name in route.pseudonymised_fields]
+    present = [{"exists": {"field": name}} for name in route.pseudonymised_fields]
+    return {"query": {"bool": {"should": present, "minimum_should_match": 1, "must_not": keep}}}
+
+
+def pseudonymise_indexed_keys(
+    client: OpenSearch, index_prefix: str, secret: str | None, dry_run: bool = False
+) -> PseudonymiseReport:
+    """Rewrite every document of the prefix whose customer key is not in its indexed form (an ``email:``
+    address indexed before the sink hashed it) to the form the sink writes now (:func:`pseudonymise`).
+
+    Client-side scan + bulk, per concrete index (period indices, and a legacy single index not yet moved).
+    Idempotent: a rewritten document no longer matches, so an interrupted run is finished by running again.
+    """
+    report = PseudonymiseReport()
+    for route in ROUTES:
+        if not route.pseudonymised_fields:
+            continue
+        names = sorted(family_indices(client, index_prefix, route))
+        legacy = route.index(index_prefix)
+        if client.indices.exists(index=legacy) and not client.indices.exists_alias(name=legacy):
+            names.append(legacy)
+        for name in names:
+            _pseudonymise_index(client, name, route, secret, dry_run, report)
+    return report
+
+
+def _pseudonymise_index(
+    client: OpenSearch, index: str, route: Route, secret: str | None, dry_run: bool, report: PseudonymiseReport
+) -> None:
+    hits = scan(client, index=index, query=raw_customer_key_query(route), size=1000, seq_no_primary_term=True)
+
+    def actions() -> Iterable[dict[str, Any]]:
+        for hit in hits:
+            action = pseudonymise_hit(hit, route, secret)
+            if action is not None:
+                report.found[index] += 1
+                yield action
+
+    if dry_run:
+        for _ in actions():
+            pass
+        return
+    for ok, item in streaming_bulk(
+        client, actions(), chunk_size=500, max_retries=3, raise_on_error=False, raise_on_exception=True
+    ):
+        answer: dict[str, Any] = next(iter(item.values()), {}) if isinstance(item, dict) else {}
+        if ok:
+            report.rewritten[index] += 1
+        elif answer.get("status") == 409:
+            report.changed_meanwhile[index] += 1
+        else:
+            report.failed[index] += 1
+    client.indices.refresh(index=index)
 
 
 # --------------------------------------------------------------------------- retention
@@ -426,12 +526,26 @@ def _operation(
         raise _Unusable("invalid_field", f"{route.time_field}: {exc}") from None
     drop = () if include_private else route.private_fields
     source = to_document(record, drop)
-    for name in route.pseudonymised_fields:
-        if isinstance(source.get(name), str):
-            source[name] = indexed_customer_key(source[name], customer_key_secret)
-            if source[name] is None:
-                del source[name]
+    pseudonymise(source, route, customer_key_secret)
     return {"_op_type": "index", "_index": index, "_id": doc_id, "_source": source, **versioned}
+
+
+def pseudonymise(source: dict[str, Any], route: Route, secret: str | None) -> bool:
+    """Put the customer keys of one document of ``route`` into their indexed form, in place
+    (:func:`~schemas.indices.indexed_customer_key`: hashed under ``secret``, or left out without one);
+    whether anything changed. A key already in that form is kept, so doing it twice changes nothing."""
+    changed = False
+    for name in route.pseudonymised_fields:
+        value = source.get(name)
+        if not isinstance(value, str) or is_indexed_customer_key(value):
+            continue
+        indexed = indexed_customer_key(value, secret)
+        if indexed is None:
+            del source[name]
+        else:
+            source[name] = indexed
+        changed = True
+    return changed
 
 
 def _key_text(message: Message) -> str:
@@ -670,7 +784,9 @@ class OpenSearchSink:
         return self.stats
 
     def _install_templates(self) -> None:
-        names = install_templates(self.client, self.index_prefix, self.indices.period)
+        names = install_templates(
+            self.client, self.index_prefix, self.indices.period, customer_key_secret=self._customer_key_secret
+        )
         log.info("index templates installed for %s", ", ".join(names))
 
     def _apply_retention(self) -> None:

@@ -9,9 +9,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import selectors
 import socket
 import socketserver
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -26,8 +29,8 @@ from opensearchpy import OpenSearch
 
 from infra.clients.opensearch import make_client
 from infra.retry import Backoff
-from infra.settings import Settings, get_settings
-from schemas.indices import TEMPLATE_DIR
+from infra.settings import REPO_ROOT, Settings, get_settings
+from schemas.indices import TEMPLATE_DIR, indexed_customer_key
 from schemas.records import Alert, DeadLetter, FaceObservation, Label, ModelDrift, Record, ScoredTransaction, make_label
 from schemas.topics import ALERTS, DEAD_LETTERS, FACE_OBSERVATIONS, LABELS, MODEL_DRIFT, SCORED_TRANSACTIONS, TopicSpec
 from sinks.opensearch.sink import (
@@ -585,6 +588,35 @@ def test_single_index_of_the_previous_layout_moves_behind_the_alias(sandbox: San
     assert client.indices.exists_alias(name=legacy)
     assert sandbox.count("transactions") == 12
     assert f"{legacy}-2023.11.14" in client.indices.get_alias(name=legacy)
+
+
+def test_pseudonymise_command_hashes_email_keys_indexed_before_the_upgrade(sandbox: Sandbox) -> None:
+    """The upgrade step: a document an earlier sink indexed with ``email:<address>`` is rewritten by
+    ``python -m sinks.opensearch.pseudonymise`` to the keyed hash; other keys and a second run change nothing."""
+    client, prefix, secret = sandbox.opensearch, sandbox.index_prefix, "e2e-secret"
+    install_templates(client, prefix)
+    old, kept = [record.to_avro() for record in scored(2)]
+    old["customer_key"], kept["customer_key"] = "email:alice@example.com", "token:tok_1"
+    index = f"{prefix}-transactions-2023.11.14"
+    for doc in (old, kept):  # as an earlier version of the sink wrote them
+        client.index(index=index, id=doc["transaction_id"], body=doc, refresh=True)
+
+    def command(*args: str) -> str:
+        env = {**os.environ, "CG_INDICES__CUSTOMER_KEY_SECRET": secret}  # the rest as this test's settings
+        argv = [sys.executable, "-m", "sinks.opensearch.pseudonymise", "--index-prefix", prefix, *args]
+        done = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "alice" not in done.stdout + done.stderr
+        return done.stdout
+
+    assert command("--dry-run").startswith("would hash the customer key of 1 document(s)")
+    assert client.get(index=index, id=old["transaction_id"])["_source"]["customer_key"] == old["customer_key"]
+    assert command().startswith("hashed the customer key of 1 of 1 document(s)")
+    hashed = client.get(index=index, id=old["transaction_id"])["_source"]
+    assert hashed["customer_key"] == indexed_customer_key("email:alice@example.com", secret)
+    assert (hashed["amount"], hashed["event_time"]) == (old["amount"], old["event_time"])  # the rest is kept
+    assert client.get(index=index, id=kept["transaction_id"])["_source"]["customer_key"] == "token:tok_1"
+    assert command().startswith("hashed the customer key of 0 of 0 document(s)")  # nothing left: idempotent
 
 
 def test_a_sink_of_another_period_refuses_a_prefix_with_day_indices(sandbox: Sandbox) -> None:
