@@ -68,11 +68,20 @@ UNKNOWN_ENTITY = "unknown"
 
 
 class RemoteError(CheckoutGuardError, RuntimeError):
-    """A remote model call failed; ``retryable`` says whether another attempt may succeed."""
+    """A remote model call failed; ``retryable`` says whether another attempt may succeed. ``cause``, on one
+    that will fail again the same way (a setting, not an outage), says why and which setting to check, in
+    words fit for a WARNING: no request or answer data (the message may hold some: it is logged at DEBUG)."""
 
-    def __init__(self, message: str, retryable: bool = True) -> None:
+    def __init__(self, message: str, retryable: bool = True, cause: str | None = None) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.cause = cause
+
+
+CAUSE_REPEAT_S = 3600.0
+"""A cause already warned about is warned about again at most this often (with how often it recurred)."""
+MAX_CAUSES = 64
+"""Distinct causes remembered per predictor; past that a new one is logged at DEBUG only."""
 
 
 class CircuitBreaker:
@@ -238,6 +247,8 @@ class GuardedPredictor(Predictor):
     """Shared timeout/retry/breaker/fallback logic; subclasses implement the remote call."""
 
     name = "remote"
+    settings_to_check = "the CG_MODEL__* settings of the backend, CG_MODEL__AWS_REGION and the AWS credentials"
+    """Named when the service refuses a call for good (4xx): those are what a refusal points at."""
 
     def __init__(
         self,
@@ -247,6 +258,10 @@ class GuardedPredictor(Predictor):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings.model
+        self._clock = clock
+        self._causes: dict[str, tuple[float, int]] = {}
+        """Cause -> (when last warned, failures since); see :meth:`_warn_cause`."""
+        self._causes_lock = threading.Lock()
         self._fallback_of: Callable[[], LocalModel | None] = (
             (lambda: fallback) if fallback is None or isinstance(fallback, LocalModel) else fallback
         )
@@ -303,7 +318,9 @@ class GuardedPredictor(Predictor):
                 status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
                 code = exc.response.get("Error", {}).get("Code", "")
                 retryable = status >= 500 or status == 429 or "Throttl" in code
-                last = RemoteError(f"{self.name} {code or status}: {exc}", retryable)
+                # The service's message may quote the request (variable values): the cause names the code only.
+                cause = f"{self.name} refused the call with {code or 'HTTP'} {status}: check {self.settings_to_check}"
+                last = RemoteError(f"{self.name} {code or status}: {exc}", retryable, cause)
             except (BotoCoreError, RemoteError, ValueError, KeyError, IndexError) as exc:
                 last = exc if isinstance(exc, RemoteError) else RemoteError(f"{self.name}: {exc}", True)
             else:
@@ -311,6 +328,7 @@ class GuardedPredictor(Predictor):
                 return result
             self.failures += 1
             self.breaker.failure()
+            self._warn_cause(last)
             raise last
 
         return call_with_retries(
@@ -320,6 +338,25 @@ class GuardedPredictor(Predictor):
             wait=lambda n: 0.05 * 2**n,
             maximum_s=0.2,
         )
+
+    def _warn_cause(self, exc: RemoteError) -> None:
+        """Say at WARNING why calls fail for good, once per distinct cause and then at most every
+        :data:`CAUSE_REPEAT_S`: a wrong detector, model or endpoint otherwise shows only as the breaker's
+        "circuit open", which reads like an AWS outage, while every record is scored by the local model."""
+        cause = exc.cause
+        if exc.retryable or cause is None:
+            return
+        now = self._clock()
+        with self._causes_lock:
+            known = self._causes.get(cause)
+            if known is not None and now - known[0] < CAUSE_REPEAT_S:
+                self._causes[cause] = (known[0], known[1] + 1)
+                return
+            if known is None and len(self._causes) >= MAX_CAUSES:
+                return
+            self._causes[cause] = (now, 0)
+        again = f" ({known[1] + 1} such failures since the last warning)" if known is not None else ""
+        log.warning("%s: %s; the local model scores meanwhile%s", self.name, cause, again)
 
     def _fallback(self, items: Sequence[Item], spent_ms: Sequence[int]) -> list[ModelResult]:
         if self.fallback_model is None:
@@ -332,6 +369,10 @@ class FraudDetectorPredictor(GuardedPredictor):
     """Amazon Fraud Detector ``GetEventPrediction``, one call per record, concurrently within a batch."""
 
     name = "frauddetector"
+    settings_to_check = (
+        "CG_MODEL__AFD_DETECTOR_ID, CG_MODEL__AFD_DETECTOR_VERSION, CG_MODEL__AFD_EVENT_TYPE, "
+        "CG_MODEL__AFD_ENTITY_TYPE, CG_MODEL__AWS_REGION and the AWS credentials"
+    )
 
     def __init__(self, settings: Settings, fallback: Fallback, client: Any = None, **kw: Any) -> None:
         super().__init__(settings, fallback, client, **kw)
@@ -406,6 +447,7 @@ class SageMakerPredictor(GuardedPredictor):
 
     name = "sagemaker"
     max_rows = 1000
+    settings_to_check = "CG_MODEL__SAGEMAKER_ENDPOINT, CG_MODEL__AWS_REGION and the AWS credentials"
 
     def __init__(self, settings: Settings, fallback: Fallback, client: Any = None, **kw: Any) -> None:
         super().__init__(settings, fallback, client, **kw)
@@ -433,7 +475,12 @@ class SageMakerPredictor(GuardedPredictor):
         text = response["Body"].read().decode()
         values = [float(v) for v in text.replace("\n", ",").split(",") if v.strip()]
         if len(values) != x.shape[0]:
-            raise RemoteError(f"sagemaker answered {len(values)} values for {x.shape[0]} records", retryable=False)
+            raise RemoteError(
+                f"sagemaker answered {len(values)} values for {x.shape[0]} records",
+                retryable=False,
+                cause="the endpoint answers another number of values than records sent: check that "
+                "CG_MODEL__SAGEMAKER_ENDPOINT serves a model trained by `train` (CSV rows in, one probability out)",
+            )
         return np.asarray(values)
 
     def predict_batch(self, items: Sequence[Item]) -> list[ModelResult]:
@@ -470,24 +517,49 @@ def afd_score(response: dict[str, Any], model_id: str | None = None) -> int:
     """
     entries = response.get("modelScores") if isinstance(response, dict) else None
     if not isinstance(entries, list):
-        raise RemoteError("frauddetector answer without modelScores", retryable=False)
+        raise RemoteError(
+            "frauddetector answer without modelScores",
+            retryable=False,
+            cause="the answer has no modelScores: check CG_MODEL__AFD_DETECTOR_ID and CG_MODEL__AFD_DETECTOR_VERSION",
+        )
+    models = len(entries)
     if model_id is not None:
         entries = [
             e for e in entries if isinstance(e, dict) and (e.get("modelVersion") or {}).get("modelId") == model_id
         ]
     if len(entries) != 1 or not isinstance(entries[0], dict):
         which = f"model {model_id!r}" if model_id is not None else "one model (set CG_MODEL__AFD_MODEL_ID)"
-        raise RemoteError(f"frauddetector answered {len(entries)} model scores for {which}", retryable=False)
+        if model_id is not None:
+            cause = (
+                f"the detector version answered {models} model score(s), {len(entries)} of model {model_id!r}: "
+                "check that CG_MODEL__AFD_MODEL_ID names a model of CG_MODEL__AFD_DETECTOR_VERSION "
+                "(a rules-only version has none)"
+            )
+        elif models == 0:
+            cause = "the detector version answered no model score (rules-only?): check CG_MODEL__AFD_DETECTOR_VERSION"
+        else:
+            cause = (
+                f"the detector version answered {models} model scores: set CG_MODEL__AFD_MODEL_ID to the deciding one"
+            )
+        raise RemoteError(f"frauddetector answered {len(entries)} model scores for {which}", False, cause)
     scores = entries[0].get("scores")
     if not isinstance(scores, dict) or not scores:
-        raise RemoteError("frauddetector model score without scores", retryable=False)
+        raise RemoteError(
+            "frauddetector model score without scores",
+            retryable=False,
+            cause="the model's answer holds no scores: check CG_MODEL__AFD_MODEL_ID",
+        )
     values = [v for k, v in scores.items() if str(k).endswith("_insightscore")] or list(scores.values())
     try:
         value = float(values[0])
     except (TypeError, ValueError):
         value = math.nan
     if len(values) != 1 or not math.isfinite(value):
-        raise RemoteError(f"frauddetector score not one finite number: {values!r:.80}", retryable=False)
+        raise RemoteError(
+            f"frauddetector score not one finite number: {values!r:.80}",
+            retryable=False,
+            cause="the model's score is not one finite number: check CG_MODEL__AFD_MODEL_ID",
+        )
     return int(round(min(1000.0, max(0.0, value))))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 
 import httpx
 import pytest
@@ -195,6 +196,57 @@ def test_fraud_detector_score_is_the_configured_models(server):
     assert afd_score({"modelScores": [{"modelVersion": {"modelId": "m"}, "scores": {"m_insightscore": 1200}}]}) == 1000
     with pytest.raises(RemoteError, match="model 'missing'"):
         afd_score({"modelScores": [{"modelVersion": {"modelId": "m"}, "scores": {"m_insightscore": 5}}]}, "missing")
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "circuit" not in r.getMessage()]
+
+
+def test_a_wrong_afd_model_id_is_warned_about_once_naming_the_setting(server, caplog):
+    """A misconfigured detector looks like an outage unless its cause is said: at WARNING, once per cause."""
+    server.afd_models = ()  # a rules-only detector version, or a model id it does not have
+    clock = Clock()
+    settings = settings_for(server.url, "frauddetector", afd_model_id="tx_model", breaker_failures=100, concurrency=2)
+    predictor = FraudDetectorPredictor(settings, small_model(), clock=clock)
+    with caplog.at_level(logging.WARNING, logger="checkout_guard.predictors"):
+        results = predictor.predict_batch([(TX, IND)] * 4)
+        predictor.predict_batch([(TX, IND)] * 2)
+    assert all(r.version.endswith("(fallback)") for r in results)  # still the fallback, as before
+    [warning] = warnings_of(caplog)
+    assert "CG_MODEL__AFD_MODEL_ID" in warning and "'tx_model'" in warning and "rules-only" in warning
+    for private in ("tx-42", "c@example.com", "398-20-6447", "testing", "810.3"):  # no transaction data, no secret
+        assert private not in warning
+    clock.now += 3601  # the cause still holds an hour later: said again, with how often it recurred
+    with caplog.at_level(logging.WARNING, logger="checkout_guard.predictors"):
+        predictor.predict_batch([(TX, IND)])
+    assert warnings_of(caplog)[1:] == [
+        warning.replace("meanwhile", "meanwhile (6 such failures since the last warning)")
+    ]
+
+
+def test_a_refused_call_names_the_detector_settings_without_the_services_message(caplog):
+    from botocore.exceptions import ClientError
+
+    class Refusing:
+        def get_event_prediction(self, **_: object) -> dict:
+            error = {"Code": "ResourceNotFoundException", "Message": "no detector for c@example.com"}
+            raise ClientError({"Error": error, "ResponseMetadata": {"HTTPStatusCode": 404}}, "GetEventPrediction")
+
+    settings = settings_for("http://127.0.0.1:1", "frauddetector", breaker_failures=100)
+    predictor = FraudDetectorPredictor(settings, small_model(), client=Refusing())
+    with caplog.at_level(logging.WARNING, logger="checkout_guard.predictors"):
+        predictor.predict_batch([(TX, IND)] * 3)
+    [warning] = warnings_of(caplog)
+    assert "ResourceNotFoundException 404" in warning and "CG_MODEL__AFD_DETECTOR_ID" in warning
+    assert "c@example.com" not in warning
+
+
+def test_an_outage_is_left_to_the_breakers_line(server, caplog):
+    server.status = 500  # retryable: not a setting to check
+    predictor = FraudDetectorPredictor(settings_for(server.url, "frauddetector"), small_model())
+    with caplog.at_level(logging.WARNING, logger="checkout_guard.predictors"):
+        predictor.predict_batch([(TX, IND)])
+    assert warnings_of(caplog) == []
 
 
 def test_breaker_reopens_when_the_half_open_trial_fails():
