@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from infra import clock
@@ -764,12 +764,26 @@ class MetricsSettings(BaseModel, frozen=True):
     prometheus_url: str | None = None
     """Another Prometheus for the health page (a store chain's own); default the local one."""
     prometheus_username: str | None = None
-    """Set both to log in to that Prometheus (HTTP Basic), rather than with a password in the URL."""
+    """Set both to log in to that Prometheus (HTTP Basic), rather than with a password in the URL; one alone is
+    refused (it asked without a login)."""
     prometheus_password: SecretStr | None = None
     scrape_interval_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
     """0 or less made a Prometheus config that scraped every process every millisecond."""
     lag_interval_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
     """How often the consumer-group lag (every group of this deployment) is read from Kafka, at most."""
+
+    @model_validator(mode="after")
+    def _prometheus_login_whole(self) -> MetricsSettings:
+        """One of the two alone asked Prometheus without a login: the health page showed a bare HTTP 401."""
+        password = self.prometheus_password.get_secret_value() if self.prometheus_password else ""
+        if bool(self.prometheus_username) != bool(password):
+            given, missing = (
+                ("CG_METRICS__PROMETHEUS_USERNAME", "CG_METRICS__PROMETHEUS_PASSWORD")
+                if self.prometheus_username
+                else ("CG_METRICS__PROMETHEUS_PASSWORD", "CG_METRICS__PROMETHEUS_USERNAME")
+            )
+            raise ValueError(f"{given} is set but {missing} is not: the Prometheus login needs both (or neither)")
+        return self
 
 
 class SupervisorSettings(BaseModel, frozen=True):
@@ -849,6 +863,9 @@ class Settings(BaseSettings):
         frozen=True,
         # a .env file (get_settings() only) is read like the environment: names that are no setting are ignored
         dotenv_filtering="only_existing",
+        # an error's text (a service's traceback, its log) leaves out the input: a section's check (a login
+        # given in half) would otherwise print the whole section, passwords included
+        hide_input_in_errors=True,
     )
 
     stack_dir: Path = REPO_ROOT / ".stack"

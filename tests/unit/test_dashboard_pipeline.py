@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 from starlette.testclient import TestClient
 
 import sinks.dashboard.__main__ as dashboard_main
@@ -229,6 +229,24 @@ def test_the_prometheus_login_settings_log_in_with_http_basic() -> None:
     assert request.headers["authorization"] == "Basic " + base64.b64encode(b"ops:S3cretPass").decode()
     assert api.shown == "https://prom.chain.example"
     assert prometheus_api(Settings()).client.auth is None  # no login configured: none sent
+
+
+@pytest.mark.parametrize(
+    ("login", "given", "missing"),
+    [
+        ({"prometheus_username": "ops"}, "USERNAME", "PASSWORD"),
+        ({"prometheus_password": "S3cretPass"}, "PASSWORD", "USERNAME"),
+        ({"prometheus_username": "ops", "prometheus_password": ""}, "USERNAME", "PASSWORD"),
+    ],
+    ids=["username-only", "password-only", "empty-password"],
+)
+def test_half_a_prometheus_login_is_refused_at_start_naming_both_variables(login, given, missing) -> None:
+    """Half a login used to ask Prometheus with none: the health page then showed a bare HTTP 401."""
+    with pytest.raises(ValidationError) as refused:
+        Settings(metrics=login)
+    text = str(refused.value)
+    assert f"CG_METRICS__PROMETHEUS_{given} is set but CG_METRICS__PROMETHEUS_{missing} is not" in text
+    assert "S3cretPass" not in text
 
 
 class NoSearch:
