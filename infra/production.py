@@ -328,9 +328,11 @@ def main(
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(2) from None
     problem = face_deadline_problem(settings) if FACE_SERVICES & set(names) else None
-    if problem is not None:  # refused, not warned: the result would be silent (every face UNAVAILABLE)
+    if problem is not None and "scoring-job" in names:  # refused, not warned: every face would be UNAVAILABLE
         typer.echo(f"Error: {problem}", err=True)
         raise typer.Exit(2) from None
+    if problem is not None:  # the face stage ignores the job's deadline: the job is started (and refused) elsewhere
+        log.warning("the scoring job would refuse to start: %s", problem)
     run(settings, names)
 
 

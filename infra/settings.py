@@ -941,8 +941,8 @@ def face_deadline_problem(settings: Settings) -> str | None:
     decides checkouts ``face: UNAVAILABLE`` while their faces are on the way (they then only raise a late
     watch-list alert). The minimum is necessary, not sufficient: checkouts queued behind others in the face
     stage (``snapshot_workers``) still come late. The local camera (no base URL) stores footage within a
-    second: the demo's 4 s are fine there. Checked by ``checkout-guard supervise`` and where the face stage and
-    the scoring job start."""
+    second: the demo's 4 s are fine there. Refused where the scoring job starts (its entry point, and
+    ``checkout-guard supervise`` when it starts the job); the face stage, which ignores the setting, only warns."""
     cameras, deadline_ms = settings.cameras, settings.job.face_deadline_ms
     if cameras.base_url is None or deadline_ms <= 0:
         return None

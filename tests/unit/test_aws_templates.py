@@ -173,3 +173,36 @@ def test_every_ecs_service_checks_the_health_port_infra_metrics_gives_it() -> No
         assert re.findall(r"//127\.0\.0\.1:(\d+)/healthz", command) == [str(port)], name
         assert port in {m["ContainerPort"] for m in container["PortMappings"]}, name
         assert container["Command"][:2] == ["python", "-m"] and find_spec(container["Command"][2]), name
+
+
+def test_the_job_sees_the_real_camera_and_a_face_deadline_long_enough_for_it() -> None:
+    """The job's start check (``face_deadline_problem``) needs the stage's camera mode: without
+    ``CG_CAMERAS__BASE_URL`` it passes any deadline, and the demo's 4 s would decide every checkout faceless."""
+    from infra.settings import CameraSettings, JobSettings, face_deadline_problem
+
+    flink = load(AWS_DIR / "flink.yaml")
+    defaults = {name: str(p.get("Default", "")) for name, p in flink["Parameters"].items()}
+    (app,) = (r["Properties"] for r in resources(flink, "AWS::KinesisAnalyticsV2::Application").values())
+    groups = app["ApplicationConfiguration"]["EnvironmentProperties"]["PropertyGroups"]
+    (props,) = (g["PropertyMap"] for g in groups if g["PropertyGroupId"] == "checkout-guard.settings")
+    job = {k: defaults.get(v["Ref"]) if isinstance(v, dict) and "Ref" in v else v for k, v in props.items()}
+
+    services = load(AWS_DIR / "services.yaml")
+    (container,) = (
+        c
+        for r in resources(services, "AWS::ECS::TaskDefinition").values()
+        for c in r["Properties"]["ContainerDefinitions"]
+        if c["Name"] == "face-stage"
+    )
+    stage_env = {e["Name"]: e["Value"] for e in container["Environment"] if "Name" in e}
+    assert stage_env["CG_CAMERAS__BASE_URL"] == {"Ref": "CamerasBaseUrl"}
+    assert job["CG_CAMERAS__BASE_URL"] == services["Parameters"]["CamerasBaseUrl"]["Default"]
+    assert "CG_CAMERAS__DEADLINE_S" not in stage_env and "CG_CAMERAS__DEADLINE_S" not in job  # both the default
+
+    settings = Settings(
+        cameras=CameraSettings(base_url=job["CG_CAMERAS__BASE_URL"]),
+        job=JobSettings(face_deadline_ms=int(job["CG_JOB__FACE_DEADLINE_MS"])),
+    )
+    assert int(job["CG_JOB__FACE_DEADLINE_MS"]) >= 35_000 and face_deadline_problem(settings) is None
+    # and the check does fire there: the demo's deadline with the same camera is refused
+    assert face_deadline_problem(settings.model_copy(update={"job": JobSettings(face_deadline_ms=4000)}))

@@ -420,20 +420,45 @@ def test_supervise_answers_a_bad_setting_in_one_line_with_exit_2_and_starts_noth
     assert line.startswith(f"Error: {'invalid setting ' if says.startswith('CG_') else ''}{says}")
 
 
-@pytest.mark.parametrize("entry", ["jobs.faces.stage", "jobs.flink.job"])
-def test_the_face_stage_and_the_scoring_job_started_on_their_own_refuse_a_short_face_deadline(
-    monkeypatch, caplog, entry: str
+def test_the_scoring_job_started_on_its_own_refuses_a_short_face_deadline_and_the_face_stage_only_warns(
+    monkeypatch, caplog
 ) -> None:
-    """Not only ``supervise``: ``checkout-guard face-stage`` or a job submitted to a Flink cluster start here."""
-    import importlib
-
+    """Not only ``supervise``: a job submitted to a Flink cluster starts here. The face stage does not use the
+    job's deadline: refusing there restarted it in a loop and left a deployment with no faces at all."""
     from infra.settings import CameraSettings, JobSettings
+    from jobs.faces import stage
+    from jobs.flink import job
 
-    module = importlib.import_module(entry)
     dashboard = CameraSettings(base_url="https://api.meraki.com/api/v1", deadline_s=30.0)
     short = Settings(cameras=dashboard, job=JobSettings(face_deadline_ms=30_000))
-    monkeypatch.setattr(module, "get_settings", lambda: short)
-    monkeypatch.setattr(module, "setup_logging", lambda *a: None)
+    for module in (job, stage):
+        monkeypatch.setattr(module, "get_settings", lambda: short)
+        monkeypatch.setattr(module, "setup_logging", lambda *a: None)
     with pytest.raises(SystemExit) as exit_, caplog.at_level("ERROR"):
-        module.main()
+        job.main()
     assert exit_.value.code == 2 and "Set CG_JOB__FACE_DEADLINE_MS to at least 35000" in caplog.text
+    caplog.clear()
+    ran: list = []
+    monkeypatch.setattr(stage, "run_face_stage", lambda settings, *a: ran.append(settings))
+    monkeypatch.setattr(stage.metrics, "serve", lambda *a, **k: type("E", (), {"close": lambda self: None})())
+    with caplog.at_level("WARNING", logger="jobs.faces.stage"):
+        stage.main()
+    assert ran == [short] and "at least 35000" in caplog.text
+
+
+def test_a_short_face_deadline_only_warns_when_supervise_starts_the_face_stage_without_the_job(
+    monkeypatch, caplog
+) -> None:
+    """The face stage does not use CG_JOB__FACE_DEADLINE_MS: refusing it left a deployment with no faces at all."""
+    from infra.settings import CameraSettings, JobSettings
+
+    short = Settings(cameras=CameraSettings(base_url="https://api.meraki.com/api/v1"), job=JobSettings())
+    monkeypatch.setattr(production, "get_settings", lambda: short)
+    monkeypatch.setattr(production, "setup_logging", lambda *a: None)
+    started: list = []
+    monkeypatch.setattr(production, "run", lambda settings, names: started.append(names))
+    with caplog.at_level("WARNING", logger="infra.supervisor"):
+        result = CliRunner().invoke(production.cli, ["--only", "face-stage"])
+    assert result.exit_code == 0 and started == [["face-stage"]]
+    assert "CG_JOB__FACE_DEADLINE_MS=4000" in caplog.text
+    assert CliRunner().invoke(production.cli, ["--only", "scoring-job"]).exit_code == 2
