@@ -3,7 +3,8 @@
 Inputs: ``transactions`` (each valid one: the lane camera at the transaction time) and
 ``camera_events`` (an entrance camera reporting an ``oid`` it has not seen within
 ``entrance_oid_window_s``: that camera now, if the event is at most ``entrance_max_lag_s`` old when the snapshot
-is asked for; entrances have their own snapshot workers and are never paused, so checkouts do not age them).
+is asked for; entrances have their own snapshot workers, and each input topic is paused only on its own
+unfinished records, so checkouts do not age entrances and a stream of people does not hold checkouts back).
 Output:
 one ``FaceObservation`` per trigger on ``face_observations`` (key = camera serial), with a deterministic
 id (``checkout:<tx>``, ``entrance:<serial>:<oid>:<event time>``) so a replay is idempotent downstream. The
@@ -218,6 +219,10 @@ class OffsetTracker:
     def in_flight(self) -> int:
         return sum(len(p) for p in self._pending.values())
 
+    def in_flight_of(self, topic: str) -> int:
+        """Unfinished records of ``topic``'s partitions."""
+        return sum(len(p) for tp, p in self._pending.items() if tp[0] == topic)
+
 
 class FaceStage:
     """The pure core: what to snapshot for an input record, and the observation for a trigger."""
@@ -426,7 +431,8 @@ class FaceStageRunner:
             max_workers=settings.cameras.entrance_snapshot_workers, thread_name_prefix="entrance"
         )
         """Entrances apart: behind a few dozen checkouts (seconds each) a picture of the door "now" comes too late."""
-        self._paused = False
+        self._paused: dict[str, bool] = {}
+        """Per input topic: transactions and camera events are paused apart, each on its own unfinished records."""
         self._backoff = backoff or Backoff(0.5, 30.0)
         self._retries: list[tuple[float, int, Outgoing]] = []
         """Failed deliveries by when to send them again; touched only by the polling thread."""
@@ -625,15 +631,15 @@ class FaceStageRunner:
             self._dead_letter(msg, InvalidRecord(STAGE_ERROR, f"observation failed: {type(result).__name__}"))
 
     def _backpressure(self, consumer: Consumer) -> None:
-        """Pause the transactions while ``max_in_flight`` records are unfinished; never the camera events: an
-        entrance waiting in Kafka behind checkouts would be too old for its picture of "now" (they are few, and
-        a backlog of them is answered at once as late)."""
-        busy = self.offsets.in_flight >= self.settings.cameras.max_in_flight
-        if busy != self._paused:
-            assignment = [tp for tp in consumer.assignment() if tp.topic == self.tx_topic]
-            if assignment:
-                (consumer.pause if busy else consumer.resume)(assignment)
-                self._paused = busy
+        """Pause each input topic while ``max_in_flight`` of its own records are unfinished. Apart: an entrance
+        waiting in Kafka behind checkouts would be too old for its picture of "now", and a stream of people at
+        the doors must not hold the checkouts back (an entrance past its lag limit is answered at once, so the
+        camera events' count drains fast); each count also bounds what waits for a failed delivery's resend."""
+        for topic in {tp.topic for tp in consumer.assignment()}:
+            busy = self.offsets.in_flight_of(topic) >= self.settings.cameras.max_in_flight
+            if busy != self._paused.get(topic, False):
+                (consumer.pause if busy else consumer.resume)([tp for tp in consumer.assignment() if tp.topic == topic])
+                self._paused[topic] = busy
 
 
 def _outcome(future: Future) -> object:

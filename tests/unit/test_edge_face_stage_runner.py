@@ -224,3 +224,52 @@ def test_an_entrance_behind_a_queue_of_slow_checkouts_is_still_photographed_in_t
     entrance = observations["ENTRANCE"]
     assert entrance.status == "NO_FACE" and entrance.reason == "no face in the snapshot", entrance.reason
     assert late._value.get() == before and consumer.pauses >= 1  # the checkouts were paused, the door was not
+
+
+def test_a_stream_of_people_at_the_door_does_not_hold_the_checkouts_back() -> None:
+    """Entrances count against their own topic's back-pressure, not the transactions': scaled down, 20 new
+    people a second at a door (0.3 s pictures on 2 workers) while 10 checkouts wait, with 8 records in flight."""
+
+    class Engine:
+        def analyse(self, image: bytes) -> list:
+            return []
+
+    class Store:
+        def put(self, kind: str, key: str, data: bytes) -> str:
+            return f"file://{kind}/{key}"
+
+    def snapshot(serial: str, at_ms: int | None) -> Snapshot:
+        time.sleep(0.01 if at_ms is not None else 0.3)
+        return Snapshot(serial, b"jpeg", "image/jpeg", at_ms, False, 1, 1, 0.2)
+
+    door, cameras = "Q2MV-store-001-ENTRANCE", CAMERA_EVENTS.full_name("")
+
+    class Doorway(TopicConsumer):
+        """A new person every 50 ms on the camera events; the transactions come after 0.5 s of them."""
+
+        def __init__(self) -> None:
+            super().__init__([])
+            self.started, self.people, self.checkouts_in = time.monotonic(), 0, False
+
+        def poll(self, timeout: float) -> Message | None:
+            elapsed = time.monotonic() - self.started
+            if elapsed > 0.5 and not self.checkouts_in:
+                self.messages.extend(tx_message(i, f"tx-{i}") for i in range(10))
+                self.checkouts_in = True
+            if self.people < int(elapsed * 20) and cameras not in self.paused_topics:
+                self.people, now = self.people + 1, int(time.time() * 1000)
+                person = (DetectedObject(self.people, "person", 0.1, 0.1, 0.5, 0.9),)
+                event = CameraEvent(door, now, f"/merakimv/{door}/raw_detections", "RAW_DETECTIONS", objects=person)
+                return Message(topic=cameras, partition=0, offset=self.people, value=event.encode(), timestamp=(1, now))
+            return super().poll(timeout)
+
+    s = Settings(
+        cameras=CameraSettings(max_in_flight=8, snapshot_workers=4, entrance_snapshot_workers=2, entrance_max_lag_s=1.0)
+    )
+    consumer, producer = Doorway(), Producer(failures=0)
+    runner = FaceStageRunner(s, FaceStage(s, snapshot, Engine(), Store()), producer=producer, consumer=consumer)
+    checkouts = lambda: [o for o in delivered(producer, FACE_OBSERVATIONS, FaceObservation) if o.trigger == "CHECKOUT"]  # noqa: E731
+    run_until(runner, lambda: len(checkouts()) == 10, limit_s=10.0)
+
+    assert len(checkouts()) == 10, f"{len(checkouts())} of 10 checkouts observed while people kept coming in"
+    assert consumer.people >= 10 and cameras in {tp.topic for tp in consumer.assignment()}
