@@ -190,17 +190,23 @@ class TopicConsumer(Consumer):
         self.paused_topics -= {tp.topic for tp in partitions}
 
 
+class NoFaces:
+    """A face engine that finds nobody: the runner tests care about what is snapshotted and when."""
+
+    def analyse(self, image: bytes) -> list:
+        return []
+
+
+class NamedStore:
+    """An image store that only names where an image would go."""
+
+    def put(self, kind: str, key: str, data: bytes) -> str:
+        return f"file://{kind}/{key}"
+
+
 def test_an_entrance_behind_a_queue_of_slow_checkouts_is_still_photographed_in_time() -> None:
     """A few dozen checkouts (seconds each with the real Dashboard) must not age a new person at the door past
     CG_CAMERAS__ENTRANCE_MAX_LAG_S: scaled down, 20 checkouts of 0.2 s on 2 workers, a 1 s limit."""
-
-    class Engine:
-        def analyse(self, image: bytes) -> list:
-            return []
-
-    class Store:
-        def put(self, kind: str, key: str, data: bytes) -> str:
-            return f"file://{kind}/{key}"
 
     def snapshot(serial: str, at_ms: int | None) -> Snapshot:
         if at_ms is not None:  # a checkout: footage of the sale, slow
@@ -217,7 +223,7 @@ def test_an_entrance_behind_a_queue_of_slow_checkouts_is_still_photographed_in_t
     producer = Producer(failures=0)
     late = metrics.SKIPPED.labels("face-stage", "entrance_late")
     before = late._value.get()
-    runner = FaceStageRunner(s, FaceStage(s, snapshot, Engine(), Store()), producer=producer, consumer=consumer)
+    runner = FaceStageRunner(s, FaceStage(s, snapshot, NoFaces(), NamedStore()), producer=producer, consumer=consumer)
     run_until(runner, lambda: len(delivered(producer, FACE_OBSERVATIONS, FaceObservation)) == 21)
 
     observations = {o.trigger: o for o in delivered(producer, FACE_OBSERVATIONS, FaceObservation)}
@@ -229,14 +235,6 @@ def test_an_entrance_behind_a_queue_of_slow_checkouts_is_still_photographed_in_t
 def test_a_stream_of_people_at_the_door_does_not_hold_the_checkouts_back() -> None:
     """Entrances count against their own topic's back-pressure, not the transactions': scaled down, 20 new
     people a second at a door (0.3 s pictures on 2 workers) while 10 checkouts wait, with 8 records in flight."""
-
-    class Engine:
-        def analyse(self, image: bytes) -> list:
-            return []
-
-    class Store:
-        def put(self, kind: str, key: str, data: bytes) -> str:
-            return f"file://{kind}/{key}"
 
     def snapshot(serial: str, at_ms: int | None) -> Snapshot:
         time.sleep(0.01 if at_ms is not None else 0.3)
@@ -267,7 +265,7 @@ def test_a_stream_of_people_at_the_door_does_not_hold_the_checkouts_back() -> No
         cameras=CameraSettings(max_in_flight=8, snapshot_workers=4, entrance_snapshot_workers=2, entrance_max_lag_s=1.0)
     )
     consumer, producer = Doorway(), Producer(failures=0)
-    runner = FaceStageRunner(s, FaceStage(s, snapshot, Engine(), Store()), producer=producer, consumer=consumer)
+    runner = FaceStageRunner(s, FaceStage(s, snapshot, NoFaces(), NamedStore()), producer=producer, consumer=consumer)
     checkouts = lambda: [o for o in delivered(producer, FACE_OBSERVATIONS, FaceObservation) if o.trigger == "CHECKOUT"]  # noqa: E731
     run_until(runner, lambda: len(checkouts()) == 10, limit_s=10.0)
 
