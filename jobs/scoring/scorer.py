@@ -383,7 +383,11 @@ class Scorer:
             how=f"at checkout ({tx['transaction_id']}), seen after the sale was decided without a face",
             reason=LATE_FACE_REASON,
         )
-        return [(self.alerts_topic, alert["alert_id"].encode(), self._alert.encode(alert))]
+        return [self.alert_row(alert)]
+
+    def alert_row(self, alert: AlertAvro) -> OutRow:
+        """An alert's row on the alerts topic, keyed by its id (one per id, however often it is raised)."""
+        return (self.alerts_topic, alert["alert_id"].encode(), self._alert.encode(alert))
 
     def drift_rows(self, reports: Sequence[tuple[ModelDriftAvro, AlertAvro | None]]) -> list[OutRow]:
         """Each finished hour's drift report, and its alert where it crossed ``model.drift_psi_alert``."""
@@ -391,7 +395,7 @@ class Scorer:
         for report, alert in reports:
             rows.append((self.drift_topic, report["report_id"].encode(), self._drift.encode(report)))
             if alert is not None:
-                rows.append((self.alerts_topic, alert["alert_id"].encode(), self._alert.encode(alert)))
+                rows.append(self.alert_row(alert))
         return rows
 
     def compare_faces(self, env: Envelope, camera: Seen, state: ScoringState, now_ms: int | None = None) -> list[Write]:
@@ -445,12 +449,12 @@ class Scorer:
         snapshot = camera.image_ref if camera else None
         if decision.outcome == "BLOCK":
             alert = self.blocked_alert(tx, decision, face, snapshot)
-            rows.append((self.alerts_topic, alert["alert_id"].encode(), self._alert.encode(alert)))
+            rows.append(self.alert_row(alert))
         if face.status == "MATCHED":
             alert = self.watchlist_alert(
                 tx["event_time"], tx["store_id"], tx["lane_id"], face, snapshot, f"checkout:{tx['transaction_id']}", tx
             )
-            rows.append((self.alerts_topic, alert["alert_id"].encode(), self._alert.encode(alert)))
+            rows.append(self.alert_row(alert))
         return rows
 
     def entrance(self, obs: dict[str, Any], face: FaceResult) -> list[OutRow]:
@@ -467,7 +471,7 @@ class Scorer:
             obs["observation_id"],
             None,
         )
-        return [(self.alerts_topic, alert["alert_id"].encode(), self._alert.encode(alert))]
+        return [self.alert_row(alert)]
 
     def lane_sighting(self, obs: dict[str, Any], face: FaceResult) -> list[OutRow]:
         """A watch-listed face in a checkout picture of "now" (``snapshot_of_now``: no footage of the sale): a
@@ -487,7 +491,7 @@ class Scorer:
             reason=LANE_VIEW_REASON,
             at_lane=True,
         )
-        return [(self.alerts_topic, alert["alert_id"].encode(), self._alert.encode(alert))]
+        return [self.alert_row(alert)]
 
     def score(self, env: Envelope, state: ScoringState) -> tuple[list[OutRow], list[Write]]:
         """Steps 2-4 for one transaction: output rows, and the state entries to persist."""
