@@ -368,6 +368,13 @@ class WebexChannel:
         if not settings.webex.room_id:
             raise ValueError("the webex channel needs a room (CG_WEBEX__ROOM_ID)")
         self.settings, self.client, self.room_id = settings, client, settings.webex.room_id
+        self._bot_id: str | None = None
+
+    def bot_id(self) -> str:
+        """The bot's own person id (``GET /people/me``, asked once): only its messages can be an alert's."""
+        if self._bot_id is None:
+            self._bot_id = str(self.client.me().get("id") or "")
+        return self._bot_id
 
     @staticmethod
     def marker(alert_id: str) -> str:
@@ -411,9 +418,14 @@ class WebexChannel:
         return " ".join(m for m in (alert_message.get("id"), card) if m) or None
 
     def _posted(self, alert_id: str) -> tuple[dict[str, Any], str | None] | None:
-        """This alert's message and its card's id, when the room's latest messages hold the alert."""
+        """This alert's message and its card's id, when the room's latest messages hold the alert. Only the
+        bot's own messages count: a person who writes the alert id in the room ("seen blocked:tx-1?") has not
+        posted the alert, and taking their message for it would lose the alert."""
+        bot = self.bot_id()
         messages = self.client.list_messages(self.room_id, self.LOOKBACK)
-        found = next((m for m in messages if self.carries(m, alert_id) and m.get("id")), None)
+        found = next(
+            (m for m in messages if m.get("personId") == bot and m.get("id") and self.carries(m, alert_id)), None
+        )
         return None if found is None else (found, self._card_in(messages, found))
 
     @staticmethod

@@ -140,6 +140,18 @@ def test_webex_resend_after_an_unknown_outcome_finds_the_posted_message(
     assert not WebexChannel.carries({"text": "... alert blocked:tx-10"}, "blocked:tx-1")
 
 
+def test_a_resend_does_not_take_a_persons_message_naming_the_alert_for_the_alert(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
+) -> None:
+    """After an unknown outcome the room is searched for the alert: a guard who wrote its id there has not posted
+    it, so the alert still goes out (taking the guard's message for it lost the alert)."""
+    channel = webex_channel(closer, settings_for(webex, tmp_path))
+    webex.say(ROOM, "guard@shop.test", "anyone seen blocked:tx-1 yet? the mail came, Webex did not")
+    detail = channel.send(alert(), None, maybe_sent=True)
+    [posted] = webex.state.bot_messages(ROOM)
+    assert detail == posted["id"] and "Transaction blocked" in posted["markdown"]
+
+
 def run_worker(
     closer: ExitStack,
     channel: Any,

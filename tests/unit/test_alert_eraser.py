@@ -268,6 +268,9 @@ class ThreadRoom:
     def list_messages(self, room_id: str, max_items: int = 100) -> list[dict[str, Any]]:
         return list(self.messages)
 
+    def me(self) -> dict[str, Any]:
+        return {"id": "person-bot"}
+
     def send_card(self, room_id: str, markdown: str, card: dict, parent_id: str | None = None) -> dict[str, Any]:
         self.cards.append(parent_id or "")
         return {"id": "m-card"}
