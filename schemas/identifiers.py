@@ -16,6 +16,9 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")
 """Transaction, receipt, customer, subject and case ids: no ``/``, ``?``, ``#``, ``%``, spaces or
 controls; at most 128; the first character alphanumeric (so never ``.`` or ``..``)."""
+ALERT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,511}")
+"""An alert id: the characters of :data:`ID_RE`, but up to 512, since the scoring job builds it from other ids
+(``blocked:<transaction>``, ``watchlist:entrance:<serial>:<oid>:<time>:<subject>``: up to about 320)."""
 SERIAL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 """A Meraki camera serial (``Q2MV-ABCD-1234``) or one the project builds from store and lane names."""
 

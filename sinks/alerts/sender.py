@@ -70,7 +70,7 @@ from infra.retry import Backoff
 from infra.settings import AlertSettings, Settings, get_settings
 from schemas.codec import codec
 from schemas.errors import CheckoutGuardError, InvalidRecord
-from schemas.identifiers import check
+from schemas.identifiers import ALERT_ID_RE, check
 from schemas.records import DeadLetter
 from schemas.topics import ALERTS, DEAD_LETTERS
 from sinks.alerts.erase import FORGET_GRACE_MS, Eraser
@@ -1014,7 +1014,7 @@ class AlertSender:
                 alert = self._codec.decode(message.value())
                 if not isinstance(alert.get("alert_id"), str) or not alert["alert_id"].strip():
                     raise InvalidRecord("missing_field", "alert_id is empty")
-                check(alert["alert_id"], "alert_id")  # it goes into links, Message-IDs and ledger keys
+                check(alert["alert_id"], "alert_id", ALERT_ID_RE)  # it goes into links, Message-IDs and ledger keys
                 decoded.append((message, alert))
             except InvalidRecord as exc:  # a DecodeError too
                 decoded.append((message, exc))

@@ -605,6 +605,22 @@ def test_alert_sender_reports_a_channel_down_until_it_answers_again(tmp_path: Pa
     assert growth.since()[failed] >= 1
 
 
+def test_an_alert_of_a_longest_valid_transaction_id_is_sent_not_dead_lettered(tmp_path: Path) -> None:
+    """``blocked:<transaction>`` of a 128-character transaction id (a valid one) is 136 characters: the sender took
+    it for a hostile id and dead-lettered the alert (``invalid_id``); a watch-list sighting's id, built from two ids,
+    crosses 128 with transaction ids of about 50."""
+    channel, producer = ScriptedChannel(), ConfirmingProducer()
+    sender = sender_with(tmp_path, channel, producer)
+    long_id = "ok-blocked:" + "t" * 128
+    try:
+        sender._accept_batch([alert_message(long_id, 0), alert_message("ok-x/../y", 1)])
+        wait_until(lambda: sender.stats.alerts_done == 2, step=lambda: (sender._drain_outcomes(), producer.poll()))
+    finally:
+        sender.close()
+    assert channel.calls == {long_id: 1}  # an id with a path in it is still refused
+    assert sender.stats.dead_lettered == 1
+
+
 # --------------------------------------------------------------------------- watchlist-service
 
 
