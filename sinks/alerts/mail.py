@@ -16,6 +16,7 @@ import smtplib
 import ssl
 import threading
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from email.header import Header
 from email.utils import formataddr, formatdate, parseaddr
@@ -119,10 +120,19 @@ def build_email(
 
 
 class SmtpMailer:
-    """One SMTP connection per sending thread, kept open between mails and reopened after any error."""
+    """One SMTP connection per sending thread, kept open between mails and reopened after any error.
+
+    A server may accept a mail for some recipients and refuse others (``RCPT TO`` answered 4xx/5xx): that is a
+    failed send, not a delivery, and a later try of the same mail goes to the refused recipients only (who
+    accepted it is remembered by Message-ID, in memory: after a restart all get it again, with the same
+    Message-ID)."""
+
+    ACCEPTED_KEPT = 10_000
+    """Mails whose accepted recipients are remembered (the oldest are forgotten first)."""
 
     def __init__(self, settings: SmtpSettings) -> None:
         self.settings = settings
+        self._accepted: OrderedDict[str, frozenset[str]] = OrderedDict()
         self._local = threading.local()
         self._all: list[smtplib.SMTP] = []
         self._lock = threading.Lock()
@@ -191,10 +201,26 @@ class SmtpMailer:
             raise MailError(f"SMTP {type(exc).__name__}: {exc}"[:300], down=smtp_unavailable(exc)) from exc
 
     def _send_once(self, mail: OutgoingMail) -> None:
+        with self._lock:
+            done = self._accepted.get(mail.message_id, frozenset())
+        recipients = [r for r in self.settings.recipients() if r not in done]
+        if not recipients:  # every recipient accepted it on an earlier try
+            return
         if getattr(self._local, "conn", None) is None:
             self._local.conn = self._connect()
         envelope_from = parseaddr(self.settings.from_address)[1] or self.settings.from_address
-        self._local.conn.sendmail(envelope_from, self.settings.recipients(), mail.data)
+        refused = self._local.conn.sendmail(envelope_from, recipients, mail.data)
+        with self._lock:
+            self._accepted[mail.message_id] = done | {r for r in recipients if r not in refused}
+            self._accepted.move_to_end(mail.message_id)
+            while len(self._accepted) > self.ACCEPTED_KEPT:
+                self._accepted.popitem(last=False)
+        if refused:
+            codes = sorted(code for code, _ in refused.values())
+            transient = all(c < 500 for c in codes)  # 450 mailbox busy, 452: that recipient, later
+            raise MailError(
+                f"SMTP refused {len(refused)} of {len(recipients)} recipients ({codes})", retriable=transient
+            )
 
     def close(self) -> None:
         with self._lock:

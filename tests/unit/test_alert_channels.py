@@ -366,3 +366,42 @@ def test_email_through_amazon_ses_with_moto_in_server_mode(tmp_path: Path, monke
     mail = email.message_from_string(sent["raw_data"], policy=email.policy.default)
     assert mail["X-Checkout-Guard-Alert"] == "blocked:tx-1"
     assert [p.get_content() for p in mail.walk() if p.get_content_maintype() == "image"] == [image]
+
+
+class BusyRelay:
+    """An aiosmtpd handler that refuses ``busy@`` recipients with 450 while ``busy`` is set, accepts the others, and
+    keeps the recipients of each mail it accepted."""
+
+    def __init__(self) -> None:
+        self.busy = True
+        self.delivered: list[list[str]] = []
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:  # noqa: N802
+        if address.startswith("busy@") and self.busy:
+            return "450 4.2.1 mailbox busy, try again later"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        self.delivered.append(list(envelope.rcpt_tos))
+        return "250 OK"
+
+
+def test_a_mail_some_recipients_refused_is_a_failed_try_and_the_next_goes_to_them_only(tmp_path: Path) -> None:
+    """One recipient's 450 while another accepted: the send fails (retriable), so that recipient is not left out
+    for good (it counted as delivered), and the retry does not give the others a second copy."""
+    port, relay = free_port(), BusyRelay()
+    controller = Controller(relay, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        smtp = SmtpSettings(port=port, to_addresses="ok@x.test, busy@x.test")
+        with closing(EmailChannel(Settings(stack_dir=tmp_path, smtp=smtp), SmtpMailer(smtp))) as channel:
+            with pytest.raises(DeliveryError) as refused:
+                channel.send(alert(), None, maybe_sent=False)
+            assert refused.value.retriable and "1 of 2 recipients ([450])" in refused.value.reason
+            relay.busy = False
+            channel.send(alert(), None, maybe_sent=False)
+            channel.send(alert(), None, maybe_sent=False)  # every recipient has it now: nothing is sent
+    finally:
+        controller.stop()
+    assert relay.delivered == [["ok@x.test"], ["busy@x.test"]]
