@@ -66,7 +66,7 @@ from infra.clients import kafka as kafka_clients
 from infra.clients.webex import MAX_MARKDOWN_BYTES, Attachment, WebexClient, WebexError, truncate_utf8
 from infra.clock import now_ms
 from infra.logs import setup_logging
-from infra.retry import Backoff
+from infra.retry import RETRY_AFTER_MAX_S, Backoff, call_with_retries
 from infra.settings import AlertSettings, Settings, get_settings
 from schemas.codec import codec
 from schemas.errors import CheckoutGuardError, InvalidRecord
@@ -363,6 +363,9 @@ class WebexChannel:
     erasable = True
     LOOKBACK = 1000
     """Latest messages of the room searched for an alert that may already have been posted (Webex's page maximum)."""
+    CARD_TRIES = 3
+    """Posts of a case card while Webex answers 429 (each after its ``Retry-After``)."""
+    sleep: Callable[[float], None] = staticmethod(time.sleep)
 
     def __init__(self, settings: Settings, client: WebexClient) -> None:
         if not settings.webex.room_id:
@@ -444,10 +447,21 @@ class WebexChannel:
     def _send_card(self, alert: dict[str, Any], case_id: str, alert_message: dict[str, Any]) -> str | None:
         """The case card (images, Confirm/Dismiss), in the alert message's thread; its id (looked up in the
         thread when the post had no answer, so a card that went through is still known). Best effort: the
-        alert is delivered already, and its text says how to decide the case by command."""
+        alert is delivered already, and its text says how to decide the case by command. A 429 is waited out
+        (``Retry-After``, at most :data:`CARD_TRIES` tries): the alert message just before it often uses up the
+        bot's rate, and a card given up there leaves the alert without its buttons."""
+        card = case_card(alert, self.settings.alerts)
         try:
-            card = case_card(alert, self.settings.alerts)
-            return self.client.send_card(self.room_id, f"Case `{case_id}`", card, alert_message.get("id")).get("id")
+            posted = call_with_retries(
+                lambda: self.client.send_card(self.room_id, f"Case `{case_id}`", card, alert_message.get("id")),
+                retriable=lambda exc: isinstance(exc, WebexError) and exc.status == 429,  # not posted: safe again
+                attempts=self.CARD_TRIES,
+                retry_after=lambda exc: getattr(exc, "retry_after", None),
+                wait=lambda n: 1.0 * 2**n,
+                maximum_s=RETRY_AFTER_MAX_S,
+                sleep=self.sleep,
+            )
+            return posted.get("id")
         except WebexError as exc:
             log.warning("case card of alert %s not posted: %s", alert["alert_id"], exc.reason)
             if exc.status is not None and exc.status < 500:

@@ -51,6 +51,22 @@ def test_a_refused_card_does_not_fail_the_delivered_alert(
     assert webex.state.bot_messages(ROOM) == []
 
 
+def test_a_rate_limited_card_is_posted_after_retry_after_not_dropped(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
+) -> None:
+    """The alert message often uses up the bot's rate: a 429 on its card is waited out (``Retry-After``), not taken
+    as a refusal that leaves the alert without its Confirm/Dismiss buttons."""
+    channel = webex_channel(closer, settings_for(webex, tmp_path, webex_cards=True))
+    waits: list[float] = []
+    channel.sleep = waits.append  # type: ignore[method-assign]
+    parent = channel.client.send_message(ROOM, "the alert")
+    webex.state.fail((429,), count=2, retry_after=7)
+    card_id = channel._send_card(alert(), CASE, parent)
+    _, card = webex.state.bot_messages(ROOM)
+    assert card_id == card["id"] and card["parentId"] == parent["id"]
+    assert waits == [7.0, 7.0]
+
+
 class LostAnswers:
     """A Webex whose card posts go through but whose answers are lost (a timeout after the write)."""
 
