@@ -83,6 +83,12 @@ def _header(value: str) -> str:
     return value if value.isascii() else Header(value, "utf-8").encode(linesep="\r\n")
 
 
+def address_header(address: str) -> str:
+    """``Name <a@b>`` as a header writes it: a name that is not ASCII (``Équipe Sûreté``) RFC 2047 encoded, as
+    mail without SMTPUTF8 (and Amazon SES, also for ``Source``) requires; a bare address as it is."""
+    return formataddr(parseaddr(address))
+
+
 HEADER_MAX = 900
 """Below SMTP's 998-byte line limit with the header's name (a longer Subject is refused by the relay)."""
 
@@ -109,8 +115,8 @@ def build_email(
     mid = message_id(alert_id)
     headers = [
         f"Subject: {_header(text.subject)}",
-        f"From: {formataddr(parseaddr(sender))}",
-        f"To: {', '.join(recipients)}",
+        f"From: {address_header(sender)}",
+        f"To: {', '.join(address_header(r) for r in recipients)}",
         f"Date: {formatdate(localtime=True)}",
         f"Message-ID: {mid}",
         f"X-Checkout-Guard-Alert: {alert_id}",
@@ -270,7 +276,7 @@ class SesMailer:
 
         try:
             self.client.send_raw_email(
-                Source=self.settings.from_address,
+                Source=address_header(self.settings.from_address),
                 Destinations=self.settings.recipients(),
                 RawMessage={"Data": mail.data},
             )

@@ -405,3 +405,21 @@ def test_a_mail_some_recipients_refused_is_a_failed_try_and_the_next_goes_to_the
     finally:
         controller.stop()
     assert relay.delivered == [["ok@x.test"], ["busy@x.test"]]
+
+
+def test_recipient_and_sender_names_that_are_not_ascii_are_encoded_in_the_headers() -> None:
+    """``To: Équipe Sûreté <team@x>`` went out as raw UTF-8 (From was encoded): not a header a relay without
+    SMTPUTF8, or Amazon SES, takes; both are RFC 2047 words now and read back as the names."""
+    from sinks.alerts.mail import build_email
+    from sinks.alerts.message import describe
+
+    recipients = ["Équipe Sûreté <team@x.test>", "guard@x.test"]
+    mail = build_email("a-1", describe(alert(), AlertSettings()), "Sécurité <s@x.test>", recipients)
+    head = mail.data.split(b"\r\n\r\n", 1)[0]
+    assert head.isascii()
+    parsed = email.message_from_bytes(mail.data, policy=email.policy.default)
+    assert [(a.display_name, a.addr_spec) for a in parsed["To"].addresses] == [
+        ("Équipe Sûreté", "team@x.test"),
+        ("", "guard@x.test"),
+    ]
+    assert parsed["From"].addresses[0].display_name == "Sécurité"
