@@ -220,6 +220,8 @@ class DeadLetterRows:
         self._name, self._send, self._clock = csv_name, send, clock
         self._watermark, self._checkpoint = watermark, checkpoint
         self.sent = self.failed = 0
+        self.errors: list[str] = []
+        """The first few distinct delivery errors of dead letters."""
 
     def send(self, index: int, row: CsvRow, error: InvalidRecord) -> None:
         """Dead-letter row ``index`` (its position in replay order)."""
@@ -231,6 +233,9 @@ class DeadLetterRows:
                 self._checkpoint.maybe_save()
             else:
                 self.failed += 1
+                text = str(err)
+                if len(self.errors) < 5 and text not in self.errors:
+                    self.errors.append(text)
 
         self._send(dl.dead_letter_id.encode(), dl.encode(), delivered)
         self.sent += 1

@@ -246,10 +246,18 @@ class ReplayResult:
     skipped: list[tuple[int, str]]
     """Rows that could not be read or mapped, each sent to the dead letters: (line number, reason)."""
     state_file: Path
+    dead_letters_failed: int = 0
+    """Bad rows whose dead letter Kafka did not take: not done, so the replay is not complete either."""
+    dead_letter_errors: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
         return self.last_acked_index == self.total_rows - 1
+
+    @property
+    def ok(self) -> bool:
+        """Every send (transactions and dead letters) acknowledged; an interrupted run may still be ok."""
+        return self.stats.ok and self.dead_letters_failed == 0
 
 
 def replay_csv(
@@ -334,7 +342,9 @@ def replay_csv(
         checkpoint.save()
     if len(skipped) > _MAX_REPORTED_ERRORS:
         console.print(f"... and {len(skipped) - _MAX_REPORTED_ERRORS} more dead-lettered rows", style="yellow")
-    return ReplayResult(stats, len(rows), start, watermark.last, skipped, state_path)
+    return ReplayResult(
+        stats, len(rows), start, watermark.last, skipped, state_path, bad_rows.failed, list(bad_rows.errors)
+    )
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -461,6 +471,15 @@ def replay_csv_command(
             console.print(str(exc), style="red", markup=False, highlight=False)
             raise typer.Exit(2) from None
     _finish(result.stats, f"replay {path.name}")
+    if result.dead_letters_failed:
+        console.print(
+            f"{result.dead_letters_failed:,} dead letter(s) of bad rows not delivered: those rows are not done",
+            style="red",
+            markup=False,
+            highlight=False,
+        )
+    for err in result.dead_letter_errors:
+        console.print(f"dead letter delivery error: {err}", style="red", markup=False, highlight=False)
     done = result.last_acked_index + 1
     if result.start_index >= result.total_rows:
         console.print(
@@ -477,7 +496,7 @@ def replay_csv_command(
             markup=False,
             highlight=False,
         )
-    raise typer.Exit(_exit_code(result.stats))
+    raise typer.Exit(1 if not result.ok else _exit_code(result.stats))
 
 
 @app.command()

@@ -774,3 +774,22 @@ def test_a_bad_row_is_done_only_once_its_dead_letter_is_delivered(tmp_path: Path
     result = replay(settings, path, second)
     assert second.ids == [] and [dl.dead_letter_id for dl in second.dead_letters()] == ["x.csv:3"]
     assert result.complete
+
+
+def test_replay_csv_exits_1_when_a_bad_rows_dead_letter_is_not_delivered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every transaction acknowledged but a dead letter refused: the row is not done, so no exit 0."""
+    path = write_csv(
+        tmp_path / "x.csv",
+        [afd_row("ok-1", "2022-11-07T00:00:01Z"), afd_row("bad", "2022-11-07T00:00:02Z", order_price="nan")],
+    )
+    fake = FakeProducer(ack=lambda n: n != 1)  # message 1 is the dead letter
+    monkeypatch.setattr(pos, "make_producer", lambda _settings, *topics: fake)
+    args = ["replay-csv", str(path), "--state-file", str(tmp_path / "s.json"), "--no-progress"]
+    result = CliRunner().invoke(pos.app, args)
+    assert result.exit_code == 1, result.output
+    assert "1 dead letter(s) of bad rows not delivered" in result.output
+    assert "dead letter delivery error: delivery failed" in result.output
+    fake.ack = lambda n: True
+    assert CliRunner().invoke(pos.app, args).exit_code == 0  # the rerun delivers it and completes
