@@ -68,6 +68,14 @@ OUTCOMES = (REDRIVE, TRUNCATED, NOT_KAFKA, NO_TOPIC, DUPLICATE, OVER_LIMIT, WATC
 # ---------------------------------------------------------------------------- pure: choosing and planning
 
 
+def stage_key(name: str) -> str:
+    """A stage name as compared: case, ``_`` and ``-`` fold away. Dead letters name some stages with ``_``
+    (``face_stage``, ``camera_bridge``) and others with ``-`` (``alert-sender``, ``scoring-job``), while the
+    processes, their metrics and ``checkout-guard`` subcommands use ``-``: ``--stage face-stage`` selected
+    nothing and said only "0 to re-drive"."""
+    return name.strip().lower().replace("_", "-")
+
+
 @dataclass(frozen=True)
 class Selection:
     """Which dead letters to re-drive: stage(s), and optionally kinds, ``failed_at`` in [since, until)
@@ -81,7 +89,7 @@ class Selection:
 
     def matches(self, letter: DeadLetter) -> bool:
         return (
-            letter.stage in self.stages
+            stage_key(letter.stage) in {stage_key(stage) for stage in self.stages}
             and (not self.kinds or letter.error_kind in self.kinds)
             and (self.since_ms is None or letter.failed_at >= self.since_ms)
             and (self.until_ms is None or letter.failed_at < self.until_ms)
@@ -130,6 +138,8 @@ class RedrivePlan:
     """``(stage, kind, outcome) -> letters``; outcome one of :data:`OUTCOMES`."""
     read: int = 0
     undecodable: int = 0
+    stages: Counter[str] = field(default_factory=Counter)
+    """Every stage found in the topic and its letters (selected or not): named when nothing matched."""
 
 
 def plan_redrive(
@@ -149,6 +159,7 @@ def plan_redrive(
         if isinstance(letter, InvalidRecord):
             plan.undecodable += 1
             continue
+        plan.stages[letter.stage] += 1
         if not selection.matches(letter):
             continue
         outcome = _outcome(letter, topics, watchlist)
@@ -317,6 +328,9 @@ def main(
         markup=False,
         highlight=False,
     )
+    if not plan.counts and plan.stages:
+        found = ", ".join(f"{name} ({n:,})" for name, n in sorted(plan.stages.items()))
+        errors.print(f"no dead letter matched; stages in {dead_topic}: {found}", markup=False, highlight=False)
     if dry_run or not plan.sends:
         raise typer.Exit(0)
     stats = send_all(settings, plan.sends)

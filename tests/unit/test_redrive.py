@@ -107,6 +107,20 @@ def test_only_letters_of_the_chosen_stage_kind_time_and_topic_are_re_driven() ->
     assert len(plan_redrive(letters, every_stage, TOPICS).sends) == 6
 
 
+def test_a_stage_is_found_by_its_process_name_whether_its_letters_spell_it_with_dash_or_underscore() -> None:
+    """The face stage's letters say ``face_stage``; the process, its metrics and the CLI say ``face-stage``."""
+    letters = [
+        letter(1, topic="transactions", stage="face_stage", kind="internal_error"),
+        letter(2, stage="alert-sender"),
+    ]
+    for stage in ("face-stage", "face_stage", "Face-Stage"):
+        plan = plan_redrive(letters, Selection(stages=frozenset({stage})), TOPICS)
+        assert [s.dead_letter_id for s in plan.sends] == ["transactions:1:1"], stage
+    plan = plan_redrive(letters, Selection(stages=frozenset({"alert_sender"})), TOPICS)
+    assert [s.dead_letter_id for s in plan.sends] == ["alerts:1:2"]
+    assert dict(plan.stages) == {"face_stage": 1, "alert-sender": 1}  # named when nothing matched
+
+
 def test_each_payload_goes_back_with_its_key_to_the_partition_it_came_from() -> None:
     plan = plan_redrive(
         [letter(7, partition=2), letter(8, topic="processed_transactions", partition=2, stage="alert-sender")],
