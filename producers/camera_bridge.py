@@ -32,7 +32,8 @@ Metrics (stage ``camera-bridge``): MQTT messages in by kind (``raw_detections``,
 ``invalid``), camera events out by kind once Kafka acknowledged them, dead letters by error kind, and the
 queue depth ``delivery_retries``.
 
-Run: ``python -m producers.camera_bridge`` (Ctrl-C / SIGTERM stops after flushing).
+Run: ``python -m producers.camera_bridge`` (Ctrl-C / SIGTERM stops after flushing, and acknowledges what
+Kafka took before it disconnects).
 """
 
 from __future__ import annotations
@@ -486,7 +487,10 @@ class CameraBridge:
         log.warning("mqtt disconnected (%s); reconnecting", reason)
 
     def _on_message(self, _client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        """Never raises: an exception here would end paho's network thread."""
+        """Never raises: an exception here would end paho's network thread. While stopping, a message is
+        left unacked: the persistent session hands it to the next run."""
+        if self._stopping:
+            return
         try:
             self._forward(msg)
         except Exception as exc:
@@ -599,10 +603,13 @@ class CameraBridge:
                 if on_tick:
                     on_tick(self.stats)
         finally:
+            # Flush while still connected: the acks of what Kafka takes now reach the broker. Disconnected
+            # first, they were dropped, and the next run got every record in flight again (duplicates).
+            # Messages that arrive meanwhile are left unacked for the next session (see _on_message).
             self._stopping = True
+            self._producer.flush(10)
             self.client.disconnect()
             self.client.loop_stop()
-            self._producer.flush(10)
         return self.stats
 
 

@@ -262,3 +262,20 @@ def test_a_subscription_the_broker_refuses_makes_the_bridge_unhealthy(monkeypatc
     bridge._on_connect(bridge.client, None, mqtt.ConnectFlags(False), ReasonCode(PacketTypes.CONNACK, "Success"), None)
     bridge._on_subscribe(bridge.client, None, 7, [ReasonCode(PacketTypes.SUBACK, "Unspecified error")], None)
     assert not bridge.connected.is_set() and "refused the subscription" in (bridge.failure() or "")
+
+
+def test_a_stopping_bridge_acknowledges_what_kafka_took_before_it_disconnects(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Acks sent after the disconnect are lost: the broker would hand the next run every record in flight again."""
+    bridge, _ = _bridge(monkeypatch, FakeKafka(), port=1)
+    order: list[object] = []
+    monkeypatch.setattr(bridge.client, "ack", lambda mid, qos: order.append(("ack", mid)))
+    monkeypatch.setattr(bridge.client, "disconnect", lambda *a, **k: order.append("disconnect"))
+    for name in ("connect_async", "loop_start", "loop_stop"):
+        monkeypatch.setattr(bridge.client, name, lambda *a, **k: None)
+    bridge._on_message(bridge.client, None, _message(GOOD, mid=5))  # in flight: Kafka has not answered yet
+    stop = threading.Event()
+    stop.set()
+    bridge.run(stop)
+    assert order == [("ack", 5), "disconnect"]
+    bridge._on_message(bridge.client, None, _message(GOOD, mid=6))  # arrives while stopping: left for next run
+    assert order == [("ack", 5), "disconnect"] and len(bridge._producer.sent) == 1  # type: ignore[attr-defined]
