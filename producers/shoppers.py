@@ -94,6 +94,8 @@ def shopper_transactions(
     longest-idle lane instead."""
     if not people:
         raise ValueError("the local camera has no people (face photos): run `make setup`")
+    if not rate > 0:  # pay times are k / rate seconds apart (0 was a ZeroDivisionError after the first visit)
+        raise ValueError(f"rate must be above 0 transactions per second, got {rate}")
     if shop_s < 1:
         raise ValueError("shop_s must be >= 1: snapshot timestamps have whole-second precision")
     # registered this many sales ahead: shop_s before the pay time, and the send lag on top (a sale is
@@ -176,8 +178,8 @@ def drive_shoppers(
 
 
 def main(
-    rate: Annotated[float, typer.Option(help="transactions per second")] = 2.0,
-    count: Annotated[int, typer.Option(help="transactions to send")] = 100,
+    rate: Annotated[float, typer.Option(help="transactions per second", min=0.01)] = 2.0,
+    count: Annotated[int, typer.Option(help="transactions to send", min=0)] = 100,
     shop_s: Annotated[float, typer.Option(help="seconds from entering the store to paying")] = 8.0,
     seed: Annotated[int, typer.Option()] = 0,
     stores: Annotated[int, typer.Option()] = 2,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
+
 import producers.shoppers as shoppers
 from infra.local.pos_generator import PosGenerator
 from producers.shoppers import LANE_GAP_MS, SEND_LAG_MS, cast, person_for
@@ -111,3 +113,10 @@ def test_a_shopper_is_registered_before_entering_despite_the_send_lag(monkeypatc
         list(shoppers.shopper_transactions(generator, camera, PEOPLE, sleep=sleep, **args))
         later = [(registered, entered) for _, _, entered, _, registered in camera.visits if registered > t0]
         assert len(later) > 20 and all(registered <= entered for registered, entered in later), rate
+
+
+def test_a_rate_of_zero_is_refused_up_front_not_a_division_by_zero() -> None:
+    generator = PosGenerator(seed=1, stores=1, lanes_per_store=2, diurnal=False)
+    for rate in (0.0, -1.0):
+        with pytest.raises(ValueError, match="rate must be above 0"):
+            list(shoppers.shopper_transactions(generator, _Camera(), PEOPLE, count=2, rate=rate, shop_s=8, start_ms=0))
