@@ -121,13 +121,14 @@ class DecideStep(KeyedBroadcastProcessFunction):
         out = _pack(outputs)
         if out is not None:
             yield out
-        if update is None:
-            return
         broadcast = ctx.get_broadcast_state(BROADCAST)
-        if update.value is None:
-            broadcast.remove(update.key)
-        else:
-            broadcast.put(update.key, update.value)
+        if update is not None:
+            if update.value is None:
+                broadcast.remove(update.key)
+            else:
+                broadcast.put(update.key, update.value)
+        for stale in self.core.stale_broadcast(list(broadcast.keys())):  # a forgotten subject restored: out
+            broadcast.remove(stale)
 
 
 def commit(maps: dict[str, Any], writes: Writes) -> None:

@@ -164,12 +164,14 @@ def _control(core: DecisionCore, row: Row, ctx) -> Iterator[bytes]:
     packed = _pack(out)
     if packed is not None:
         yield packed
+    broadcast = ctx.get_broadcast_state(BROADCAST)
     if update is not None:
-        broadcast = ctx.get_broadcast_state(BROADCAST)
         if update.value is None:
             broadcast.remove(update.key)
         else:
             broadcast.put(update.key, update.value)
+    for stale in core.stale_broadcast(list(broadcast.keys())):  # a forgotten subject restored: out
+        broadcast.remove(stale)
 
 
 class _Shards:

@@ -149,6 +149,8 @@ class DecisionCore:
         self.state: ScoringState | None = None
         self.restored_ready: list[Ready] = []
         self.forgotten: list[str] = []
+        self._broadcast_checked = False
+        """Whether :meth:`stale_broadcast` has compared the restored broadcast state with the start-up read."""
         self.deadline_at: int | None = None
         """The earliest timer registered and not yet fired."""
         self.bootstrapped: dict[tuple[str, int], int] | None = None
@@ -346,6 +348,19 @@ class DecisionCore:
         if apply:
             self._apply_broadcast(*update)
         return update
+
+    def stale_broadcast(self, keys: Iterable[str]) -> list[str]:
+        """Once per start, after a start-up read of the watchlist topic: the watchlist keys of the restored
+        broadcast state that the topic no longer holds, for the operator to remove. A checkpoint or savepoint
+        taken before a ``forget`` and restored after compaction took the tombstone away (about a day) carried
+        the forgotten subject's entry, embeddings and all, into every later checkpoint, and a start whose read
+        failed matched the subject again from it. ``[]`` without a read (the broadcast state is then in force)
+        and after the first call."""
+        if self._broadcast_checked or self.bootstrapped is None or self.watchlist is None:
+            return []
+        self._broadcast_checked = True
+        watchlist = self.watchlist
+        return [key for key in keys if key.startswith("wl:") and watchlist.category(key[3:]) is None]
 
     def _check_broadcast(self, key: str, value: Any) -> None:
         """A watchlist entry the job can use under its key (see :func:`check_entry`), or :class:`InvalidRecord`:

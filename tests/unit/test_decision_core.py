@@ -801,3 +801,59 @@ def test_a_late_face_through_the_local_camera_with_a_realistic_footage_delay(tmp
     [alert] = alerts(step)
     assert alert["transaction_id"] == "t-cam" and "face_seen_after_the_sale_was_decided" in alert["reasons"]
     assert alert["snapshot_ref"] == obs.image_ref
+
+
+def test_a_subject_forgotten_while_a_restored_checkpoint_held_it_leaves_the_broadcast_state_after_the_start_up_read():
+    """A savepoint taken before ``forget subj-x``, restored once compaction had removed the tombstone (about a day):
+    the start-up read no longer has subj-x, so the operator removes its entry from the broadcast state; kept,
+    every later checkpoint carried its embeddings, and a start whose read failed matched subj-x again."""
+    restored = {
+        "wl:subj-x": codec("WatchlistEntry").decode(watch_entry("subj-x", SUSPECT_FACE)),
+        "wl:subj-y": codec("WatchlistEntry").decode(watch_entry("subj-y", BUYER_FACE)),
+        "rules": {"yaml": RULESET_FILE.read_text()},
+    }
+    core = DecisionCore(settings(bootstrap_control=True, face_deadline_ms=0), watchlist=Watchlist(), clock=clock)
+
+    def read(s, apply):  # the compacted topic: subj-y only, subj-x's record and tombstone are gone
+        apply(WATCH_TOPIC, b"subj-y", watch_entry("subj-y", BUYER_FACE))
+        return {(WATCH_TOPIC, 0): 7}
+
+    core.bootstrap(read)
+    core.restore({}, restored)
+    assert core.stale_broadcast(list(restored)) == ["wl:subj-x"]
+    assert core.stale_broadcast(list(restored)) == [], "once per start"
+    for key in ["wl:subj-x"]:
+        restored.pop(key)
+    failed = DecisionCore(settings(bootstrap_control=True, face_deadline_ms=0), watchlist=Watchlist(), clock=clock)
+    failed.bootstrap(lambda s, apply: (_ for _ in ()).throw(TimeoutError("no broker")))
+    failed.restore({}, restored)
+    assert "subj-x" not in failed.watchlist and "subj-y" in failed.watchlist
+    assert failed.stale_broadcast(list(restored)) == [], "without a start-up read the broadcast state is in force"
+
+
+def test_the_broadcast_step_removes_a_restored_entry_the_start_up_read_no_longer_has():
+    """The operators' wiring (``jobs.flink.steps._control``, as ``DecideStep`` does): the first rules or watchlist
+    record after the start (the watchlist service's hourly compaction marker at least) takes it out."""
+    from jobs.flink.steps import _control
+
+    class Ctx:
+        def __init__(self, state: dict) -> None:
+            self.state = state
+
+        def get_broadcast_state(self, _descriptor):
+            return self
+
+        def keys(self):
+            return iter(self.state)
+
+        def put(self, key, value):
+            self.state[key] = value
+
+        def remove(self, key):
+            self.state.pop(key, None)
+
+    ctx = Ctx({"wl:subj-x": codec("WatchlistEntry").decode(watch_entry("subj-x", SUSPECT_FACE))})
+    core = DecisionCore(settings(bootstrap_control=True, face_deadline_ms=0), watchlist=Watchlist(), clock=clock)
+    core.bootstrap(lambda s, apply: {(WATCH_TOPIC, 0): 7})
+    list(_control(core, (b"compaction-marker", None, WATCH_TOPIC, 0, 8), ctx))
+    assert ctx.state == {}
