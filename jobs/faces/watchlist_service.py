@@ -269,6 +269,8 @@ class WatchlistCore:
             "category": alert.category,
             "transaction_id": alert.transaction_id,
         }
+        if alert.subject_id and alert.subject_id not in self.entries:
+            return self._drop_snapshot_of_forgotten(alert, audit)
         try:
             self.store.retain(alert.snapshot_ref, retain_reason(alert.alert_id, alert.subject_id))
         except (ValueError, OSError) as exc:  # not a ref of this store, or the image is gone (purged, forgotten)
@@ -280,6 +282,31 @@ class WatchlistCore:
         return [
             self._audit(
                 **audit, outcome="DONE", reason=f"alert {alert.kind}", details={"image_ref": alert.snapshot_ref}
+            )
+        ]
+
+    def _drop_snapshot_of_forgotten(self, alert: Alert, audit: dict[str, Any]) -> list[Out]:
+        """An alert naming a subject no longer on the watchlist: forgotten or expired (the job alerts only on
+        enrolled subjects), the alert made before that or scored before the job read the tombstone, and read
+        here after it (``commands`` and ``alerts`` are separate topics, read in no fixed order). Its snapshot
+        is deleted, as ``forget`` deleted the subject's other alert snapshots; retained, it stayed for
+        ``alert_snapshot_retention_days``. Audited ``PURGE`` under the alert's retain id (a replay skips it)."""
+        ref = str(alert.snapshot_ref)
+        try:
+            self.store.delete(ref)
+        except (ValueError, OSError) as exc:  # not a ref of this store: nothing of ours to delete
+            return [
+                self._audit(**{**audit, "action": "PURGE"}, outcome="FAILED", reason=f"bad_ref: {type(exc).__name__}")
+            ]
+        log.info(
+            "alert %s names %s, no longer on the watchlist: its snapshot deleted", alert.alert_id, alert.subject_id
+        )
+        return [
+            self._audit(
+                **{**audit, "action": "PURGE"},
+                outcome="DONE",
+                reason="alert of a subject no longer on the watchlist (forgotten or expired): snapshot deleted",
+                details={"image_ref": ref, "alert_id": alert.alert_id},
             )
         ]
 

@@ -185,6 +185,7 @@ def test_purge_is_audited_with_the_count(core):
 def test_an_alert_snapshot_goes_after_its_own_longer_period(core):
     """A blocked sale's or a dismissed match's snapshot (an innocent shopper's face) was kept for ever."""
     assert isinstance(core.store, LocalImageStore)
+    enrol(core, "subj-tx-1")
     refs = []
     for n, (subject, age_days) in enumerate((("subj-tx-1", 93), (None, 93), (None, 89))):
         refs.append(ref := core.store.put("checkout", f"tx-sighting-{n}", b"x"))
@@ -204,6 +205,61 @@ def test_an_alert_snapshot_goes_after_its_own_longer_period(core):
     audit = audit_of(core.purge(int(time.time() * 1000)))
     assert (audit.action, audit.details["deleted"], audit.details["alert_snapshots_deleted"]) == ("PURGE", "0", "2")
     assert list(core.store.retained()) == [refs[2]]
+
+
+def enrol(core: WatchlistCore, subject: str) -> None:
+    """``subject`` on the watchlist as the service reads it back from its topic (no face photos needed; without
+    embeddings, so the purge's re-embedding leaves it alone)."""
+    entry = WatchlistEntry(
+        subject_id=subject,
+        category="SUSPECT",
+        embeddings=[],
+        reason="test",
+        flagged_by="lp@example.com",
+        flagged_at=NOW - 86_400_000,
+        reference_image_ref=core.store.put("reference", subject, b"reference photo"),
+        source_transaction_id=subject.removeprefix("subj-"),
+    )
+    core.load(subject.encode(), entry.encode())
+
+
+def sighting(subject: str, ref: str, alert_id: str = "a-1") -> Alert:
+    return Alert(
+        alert_id=alert_id,
+        kind="WATCHLIST_MATCH",
+        severity="HIGH",
+        event_time=NOW - 60_000,
+        store_id="S1",
+        summary="suspect at lane",
+        subject_id=subject,
+        snapshot_ref=ref,
+    )
+
+
+def test_an_alert_of_a_forgotten_subject_read_after_the_forget_has_its_snapshot_deleted_not_retained(core):
+    """``commands`` and ``alerts`` are read in no fixed order, and the job may score a match before it reads the
+    tombstone: such an alert's snapshot (the forgotten subject's face) was retained for the alert's 92 days."""
+    enrol(core, "subj-tx-1")
+    core.on_command(command("FORGET", "subj-tx-1", cid="c5", actor="dpo@example.com"), NOW)
+    late = core.store.put("checkout", "tx-9", b"the subject at a lane")
+    outs = core.on_alert(Source("alerts", 0, 0, b"a-1", sighting("subj-tx-1", late).encode()), NOW)
+    audit = audit_of(outs)
+    assert (audit.audit_id, audit.action, audit.outcome, audit.subject_id) == (
+        "retain:a-1",
+        "PURGE",
+        "DONE",
+        "subj-tx-1",
+    )
+    assert audit.details["image_ref"] == late and not by_topic(outs)["dead_letters"]
+    assert core.store.retained() == {} and core.store.find("checkout", "tx-9") is None
+    assert core.on_alert(Source("alerts", 0, 0, b"a-1", sighting("subj-tx-1", late).encode()), NOW) == []
+    enrol(core, "subj-tx-2")  # an enrolled subject's alert is retained as before
+    kept = core.store.put("checkout", "tx-10", b"the other subject")
+    assert (
+        audit_of(core.on_alert(Source("alerts", 0, 1, b"a-2", sighting("subj-tx-2", kept, "a-2").encode()), NOW)).action
+        == "RETAIN"
+    )
+    assert core.store.retained() == {kept: "subject=subj-tx-2 alert=a-2"}
 
 
 def test_a_long_transaction_id_keeps_the_subject_in_the_retention_marker() -> None:
