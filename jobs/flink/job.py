@@ -244,6 +244,20 @@ def purge_stale_state(checkpoint_dir: Path, keep: Path | None, older_than_s: flo
     return gone
 
 
+STALE_STATE_SWEEP_S = 3600.0
+"""How often a running job purges stale checkpoints and savepoints again (besides at its start)."""
+
+
+def sweep_stale_state(settings: Settings, now: float) -> list[Path]:
+    """:func:`purge_stale_state` while the job runs, keeping the newest complete checkpoint or savepoint (once the
+    running job has completed one, its own; before, what it restored from). At start only, the checkpoint a job
+    had restored from -- every buyer's face of that time -- stayed for as long as the job ran, months perhaps,
+    while ``rules.receipt_face_retention_hours`` promised 72 h; the job restores with Flink's default NO_CLAIM
+    mode, so its own checkpoints never need that folder's files."""
+    hours = settings.job.stale_state_retention_hours
+    return purge_stale_state(settings.checkpoint_dir, latest_checkpoint(settings.checkpoint_dir), hours * 3600, now)
+
+
 def control_file(settings: Settings) -> Path:
     """Where the running job says who it is (pid, its start time, job id), for ``jobs.flink.upgrade``."""
     return settings.checkpoint_dir / "job.json"
@@ -601,8 +615,16 @@ def run_until_done(client, settings: Settings) -> None:
     control = control_file(settings)
     write_control(control, job_id)
     log.info("job %s running (pid %s); SIGUSR1 = stop with savepoint", job_id, os.getpid())
+    next_sweep = time.monotonic() + STALE_STATE_SWEEP_S  # main() has just swept
     try:
         while True:
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + STALE_STATE_SWEEP_S
+                try:
+                    for gone in sweep_stale_state(settings, time.time()):
+                        log.info("deleted %s: stale state (CG_JOB__STALE_STATE_RETENTION_HOURS)", gone.name)
+                except OSError as exc:  # the disk: the job goes on, tried again at the next sweep
+                    log.warning("purging stale checkpoints failed: %s", exc)
             status = str(client.get_job_status().result())
             if status in ("FINISHED", "FAILED", "CANCELED"):
                 log.info("job %s %s", job_id, status)

@@ -40,3 +40,17 @@ def test_a_restored_savepoint_stays_and_zero_keeps_everything(tmp_path: Path) ->
     assert purge_stale_state(tmp_path, savepoint, older_than_s=0, now=NOW) == []
     assert [p.name for p in purge_stale_state(tmp_path, savepoint, older_than_s=HOUR, now=NOW)] == ["job-a"]
     assert savepoint.exists() and not old.exists()
+
+
+def test_a_running_job_purges_the_checkpoint_it_restored_from_once_it_has_its_own(tmp_path: Path) -> None:
+    """Only at start: the folder a job restored from (every buyer's face of that time) stayed while the job ran."""
+    from infra.settings import Settings
+    from jobs.flink.job import sweep_stale_state
+
+    settings = Settings(stack_dir=tmp_path)
+    settings = settings.model_copy(update={"job": settings.job.model_copy(update={"checkpoint_dir": tmp_path})})
+    restored = _checkpoint(tmp_path, "job-b/chk-3", age_h=200)
+    assert sweep_stale_state(settings, NOW) == [] and restored.exists(), "before its own checkpoint: still needed"
+    own = _checkpoint(tmp_path, "job-c/chk-9", age_h=0)
+    assert [p.name for p in sweep_stale_state(settings, NOW)] == ["job-b"]
+    assert not restored.exists() and own.exists()
