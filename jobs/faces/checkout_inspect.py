@@ -127,7 +127,7 @@ class CheckoutInspector:
 
     def __call__(self, tx_id: str) -> str:
         from infra.clients.meraki import SnapshotError, camera_for_lane
-        from jobs.faces.stage import checkout_image_key
+        from jobs.faces.stage import inspection_image_key
 
         if not tx_id:
             return "Which transaction? Write `checkout <transaction id>`."
@@ -148,7 +148,7 @@ class CheckoutInspector:
         except SnapshotError as exc:
             return f"Transaction `{tx_id}` at {where}: no snapshot from camera {serial} ({exc.kind})."
         # A live view is no picture of the sale: kept where no enrollment (``fraud <tx>``) finds it.
-        store.put("checkout", checkout_image_key(f"{tx_id}-inspect", not shot.fell_back_to_now), shot.image)
+        store.put("checkout", inspection_image_key(tx_id, not shot.fell_back_to_now), shot.image)
         try:
             faces = engine.analyse(shot.image)
         except Exception as exc:  # noqa: BLE001 - a bad image is an answer, not a crash

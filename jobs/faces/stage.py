@@ -105,6 +105,20 @@ def checkout_image_key(transaction_id: str, of_the_sale: bool = True) -> str:
     return transaction_id if of_the_sale else f"{transaction_id}{NOT_OF_THE_SALE}"
 
 
+INSPECTION = "%inspect"
+"""Suffix of the image key of the lane picture ``checkout <tx>`` takes (:func:`inspection_image_key`)."""
+LEGACY_INSPECTION = "-inspect"
+"""The suffix such pictures had before: ``<tx>-inspect`` is a transaction id too, so ``fraud <tx>-inspect`` enrolled
+the sale's face again from it, after ``forget subj-<tx>`` as well; still deleted by that forget."""
+
+
+def inspection_image_key(transaction_id: str, of_the_sale: bool = True) -> str:
+    """The image-store key (kind ``checkout``) of the picture the bot's ``checkout <tx>`` takes of that sale's lane.
+    Footage of the sale shows the buyer like the face stage's snapshot: ``forget subj-<tx>`` deletes it too, and
+    ``%`` (no character of a transaction id) keeps it out of every ``fraud``/``vip`` enrolment."""
+    return checkout_image_key(f"{transaction_id}{INSPECTION}", of_the_sale)
+
+
 class EngineLike(Protocol):
     def analyse(self, image: bytes) -> list: ...
 

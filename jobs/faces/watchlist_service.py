@@ -62,7 +62,7 @@ from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.settings import Settings, get_settings
 from jobs.faces.engine import FaceEngine, ImageError, embedder_of
 from jobs.faces.rekognition import RekognitionError, RekognitionFaces
-from jobs.faces.stage import checkout_image_key
+from jobs.faces.stage import LEGACY_INSPECTION, checkout_image_key, inspection_image_key
 from schemas.codec import DecodeError
 from schemas.errors import InvalidRecord
 from schemas.identifiers import check
@@ -564,9 +564,15 @@ class WatchlistCore:
             self.store.delete(reference)
             removed.append(reference)
         tx = (current or {}).get("source_transaction_id") or (subject[5:] if subject.startswith("subj-") else None)
-        if tx and (snapshot := self.store.find("checkout", tx)):
-            self.store.delete(snapshot)
-            removed.append(snapshot)
+        if tx:  # the sale's snapshot and the bot's `checkout <tx>` pictures of it: the buyer's face
+            for key in (
+                checkout_image_key(tx),
+                inspection_image_key(tx),
+                checkout_image_key(f"{tx}{LEGACY_INSPECTION}"),
+            ):
+                if snapshot := self.store.find("checkout", key):
+                    self.store.delete(snapshot)
+                    removed.append(snapshot)
         for ref, reason in self.store.retained().items():
             if retained_subject(reason) == subject:
                 self.store.delete(ref)

@@ -18,6 +18,7 @@ from infra.local.camera import LocalCameraControl
 from infra.settings import Settings
 from jobs.faces.checkout_inspect import CheckoutInspector
 from jobs.faces.engine import FaceEngine
+from jobs.faces.stage import inspection_image_key
 from jobs.scoring.watchlist import Watchlist
 from tests.builders import FACE_LEN, OTHER_FACE_LEN
 from tests.unit.test_meraki_client import camera_settings, people, running  # noqa: F401 - fixture
@@ -80,7 +81,8 @@ def test_checkout_compares_the_face_at_that_lane_and_time_with_the_watchlist(wor
 
     reply = inspect("tx-s")
     assert f"matches **suspect** `subj-{suspect}`" in reply and f"store {STORE} lane lane-01" in reply
-    assert ImageStore.from_settings(settings).find("checkout", "tx-s-inspect"), "the fresh snapshot is kept"
+    kept = ImageStore.from_settings(settings).find("checkout", inspection_image_key("tx-s"))
+    assert kept, "the fresh snapshot is kept, where no `fraud` finds it"
     assert "matches nobody" in inspect("tx-o")
     assert "do not know" in inspect("tx-unknown")
     control.set_fault(camera_for_lane(settings, STORE, "lane-03"), "never_ready")

@@ -16,6 +16,7 @@ from infra.clients.image_store import LocalImageStore
 from infra.command_auth import SIGNATURE_HEADER, sign_command
 from infra.settings import Settings, WebexSettings
 from jobs.faces.engine import FaceEngine
+from jobs.faces.stage import INSPECTION, checkout_image_key, inspection_image_key
 from jobs.faces.watchlist_service import Source, WatchlistCore, retain_reason, retained_subject
 from schemas.records import Alert, AuditEvent, BotCommand, DeadLetter, WatchlistEntry
 from schemas.topics import AUDIT, DEAD_LETTERS, WATCHLIST
@@ -260,6 +261,24 @@ def test_an_alert_of_a_forgotten_subject_read_after_the_forget_has_its_snapshot_
         == "RETAIN"
     )
     assert core.store.retained() == {kept: "subject=subj-tx-2 alert=a-2"}
+
+
+def test_forget_deletes_the_bots_checkout_pictures_of_the_enrolment_sale_and_fraud_cannot_enrol_them(core):
+    """``checkout <tx>`` stores its own picture of the sale (the buyer's face): forget left it, and under the old key
+    ``<tx>-inspect`` (a transaction id too) ``fraud tx-1-inspect`` enrolled the forgotten face again."""
+    enrol(core, "subj-tx-1")
+    core.store.put("checkout", checkout_image_key("tx-1"), b"the face stage's snapshot of the sale")
+    core.store.put("checkout", inspection_image_key("tx-1"), b"checkout tx-1: footage of the sale")
+    core.store.put("checkout", "tx-1-inspect", b"the same, stored before the key changed")
+    live = core.store.put("checkout", inspection_image_key("tx-1", False), b"checkout tx-1: whoever stands there now")
+    outs = core.on_command(command("FORGET", "subj-tx-1", cid="c5", actor="dpo@example.com"), NOW)
+    assert audit_of(outs).details["images_deleted"] == "4"  # the reference image and the three of the sale
+    for key in ("tx-1", inspection_image_key("tx-1"), "tx-1-inspect"):
+        assert core.store.find("checkout", key) is None, key
+    assert core.store.get(live), "a live view is not the buyer's picture: purged with the other snapshots"
+    core.store.put("checkout", inspection_image_key("tx-2"), b"checkout tx-2: footage of the sale")
+    refused = core.on_command(command("FRAUD", f"tx-2{INSPECTION}", cid="c6"), NOW)
+    assert audit_of(refused).outcome == "FAILED" and not by_topic(refused)["watchlist"]
 
 
 def test_a_long_transaction_id_keeps_the_subject_in_the_retention_marker() -> None:
