@@ -2,17 +2,24 @@
 
 Speaks the documented API (https://developer.webex.com/docs/api): bearer-token auth (401 otherwise),
 ``POST /messages`` as JSON (with an adaptive card in ``attachments``) or multipart/form-data with one ``files``
-part, ``GET /messages?roomId=[&parentId=]`` (newest first), ``GET /messages/{id}``, ``DELETE /messages/{id}`` (the bot's
-own), ``GET /people/me``, ``GET /people/{id}``, ``GET /attachment/actions/{id}``, ``POST/GET/DELETE
-/webhooks``, and the ``429 Retry-After`` behaviour. It keeps what it received (messages and attached files) so
-tests can look, can be told to answer 429/500 or to be slow for a while, and can play a person writing in a
-room (:func:`say`) or pressing a card's button (:func:`press`): the message or attachment action is stored and
-every matching webhook (``messages`` / ``attachmentActions``, ``created``) gets a callback signed like Webex
-signs it (``X-Spark-Signature`` = hex HMAC-SHA1 of the raw body keyed with the webhook secret).
+part, ``GET /messages?roomId=[&parentId=][&mentionedPeople=me]`` (newest first), ``GET /messages/{id}``,
+``DELETE /messages/{id}`` (the bot's own), ``GET /people/me``, ``GET /people/{id}``,
+``GET /attachment/actions/{id}``, ``POST/GET/DELETE /webhooks``, and the ``429 Retry-After`` behaviour. It
+keeps what it received (messages and attached files) so tests can look, can be told to answer 429/500 or to be
+slow for a while, and can play a person writing in a room (:func:`say`) or pressing a card's button
+(:func:`press`): the message or attachment action is stored and every matching webhook (``messages`` /
+``attachmentActions``, ``created``) gets a callback signed like Webex signs it (``X-Spark-Signature`` = hex
+HMAC-SHA1 of the raw body keyed with the webhook secret).
 
 In-process: ``with LocalWebexServer(token) as webex: ...`` (uvicorn in a thread; ``webex.state`` for the
 test's eyes). As a process (the demo): ``python -m infra.local.webex --port 8089 --token T``; then the
 control endpoints under ``/_local/`` (no auth, bound to 127.0.0.1) do the same over HTTP.
+
+Every API caller is the bot: the server knows one token, the bot's (``GET /people/me``). So listing messages is
+as Webex answers a bot: in a direct (1:1) room every message, in a group space only with ``mentionedPeople=me``
+(the messages that mention the bot, never its own) and 403 without it, threads (``parentId``) alike. A room is
+a group space (how a team gets alerts) unless declared direct (:meth:`WebexState.add_room`, ``say(...,
+room_type="direct")``, or a message sent with ``toPersonEmail``).
 """
 
 from __future__ import annotations
@@ -106,9 +113,26 @@ class WebexState:
     """Webhook callbacks made: target, status code (or error), message id."""
     requests: dict[str, int] = field(default_factory=dict)
     """Count of answers per status code, e.g. {"200": 10, "429": 3}."""
+    rooms: dict[str, str] = field(default_factory=dict)
+    """Room id -> ``direct`` or ``group``; a room not in it is a group space."""
     fault: Fault | None = None
     latency_s: float = 0.0
     lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def add_room(self, room_id: str, room_type: str = "group") -> str:
+        """Declare a room's type (``direct``: a 1:1 room with the bot); a room keeps the type it was first given,
+        as in Webex. Returns the room's type."""
+        if room_type not in ("direct", "group"):
+            raise ValueError(f"a room is direct or group, not {room_type!r}")
+        with self.lock:
+            known = self.rooms.setdefault(room_id, room_type)
+        if known != room_type:
+            raise ValueError(f"room {room_id} is {known}, not {room_type}")
+        return known
+
+    def room_type(self, room_id: str) -> str:
+        with self.lock:
+            return self.rooms.get(room_id, "group")
 
     def bot_messages(self, room_id: str | None = None) -> list[dict[str, Any]]:
         with self.lock:
@@ -259,14 +283,16 @@ class _WebexApi:
             return _error(self.state, 400, problem)
         room_id, to_email = fields.get("roomId"), fields.get("toPersonEmail")
         text, markdown = fields.get("text"), fields.get("markdown")
+        room = room_id or f"direct:{to_email}"
         message = _store_message(
             self.state,
             self.public_base,
-            room_id=room_id or f"direct:{to_email}",
+            room_id=room,
             person=self.state.bot,
             text=text or _plain(markdown),
             markdown=markdown,
             files=files,
+            room_type=self.state.add_room(room, "direct") if not room_id else self.state.room_type(room),
             extra={k: fields[k] for k in ("attachments", "parentId") if fields.get(k)},
         )
         return self.ok(_public(message))
@@ -306,11 +332,19 @@ class _WebexApi:
         except ValueError:
             return _error(self.state, 400, "max must be a number")
         parent = request.query_params.get("parentId")  # a thread's replies only, as Webex lists them
-        with self.state.lock:
+        state = self.state
+        mentioned = request.query_params.get("mentionedPeople")
+        if mentioned is not None and mentioned not in ("me", state.bot["id"]):
+            return _error(state, 400, "mentionedPeople must be me (or the caller's own id)")
+        if mentioned is None and state.room_type(room_id) == "group":  # the caller is the bot (one token)
+            return _error(state, 403, "Bots must specify mentionedPeople=me to list messages in group rooms")
+        with state.lock:
             items = [
                 _public(m)
-                for m in reversed(self.state.messages)
-                if m["roomId"] == room_id and (parent is None or m.get("parentId") == parent)
+                for m in reversed(state.messages)
+                if m["roomId"] == room_id
+                and (parent is None or m.get("parentId") == parent)
+                and (mentioned is None or state.bot["id"] in (m.get("mentionedPeople") or ()))
             ][:limit]
         return self.ok({"items": items})
 
@@ -434,14 +468,17 @@ class _WebexApi:
 
     async def control_say(self, request: Request) -> Response:
         body = json.loads(await request.body())
-        delivered = await say(
-            self.state,
-            self.public_base,
-            room_id=body["roomId"],
-            person_email=body["personEmail"],
-            text=body["text"],
-            room_type=body.get("roomType", "group"),
-        )
+        try:
+            delivered = await say(
+                self.state,
+                self.public_base,
+                room_id=body["roomId"],
+                person_email=body["personEmail"],
+                text=body["text"],
+                room_type=body.get("roomType"),
+            )
+        except ValueError as exc:  # a room type other than the room's
+            return JSONResponse({"message": str(exc)}, status_code=400)
         return JSONResponse({"deliveries": delivered})
 
     async def control_press(self, request: Request) -> Response:
@@ -508,7 +545,7 @@ def _store_message(
     text: str | None,
     markdown: str | None,
     files: list[tuple[str, str, bytes]],
-    room_type: str = "group",
+    room_type: str,
     mentioned: list[str] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -535,15 +572,24 @@ def _store_message(
     if urls:
         message["files"] = urls
     with state.lock:
+        state.rooms.setdefault(room_id, room_type)  # a room is what its first message made it
         state.messages.append(message)
     return message
 
 
 async def say(
-    state: WebexState, public_base: str, *, room_id: str, person_email: str, text: str, room_type: str = "group"
+    state: WebexState,
+    public_base: str,
+    *,
+    room_id: str,
+    person_email: str,
+    text: str,
+    room_type: str | None = None,
 ) -> list[dict[str, Any]]:
     """A person writes ``text`` in a room: store it and call every webhook on ``messages/created`` whose
-    filter (``roomId=...``) matches, signed with that webhook's secret. Returns the deliveries made."""
+    filter (``roomId=...``) matches, signed with that webhook's secret. Returns the deliveries made.
+    ``room_type`` declares the room's type (:meth:`WebexState.add_room`); by default it is the room's own."""
+    room_type = state.add_room(room_id, room_type) if room_type else state.room_type(room_id)
     person = {"id": person_id(person_email), "emails": [person_email]}
     mentioned = [state.bot["id"]] if text.startswith(state.bot["displayName"]) else None
     message = _store_message(
@@ -698,7 +744,7 @@ class LocalWebexServer(BackgroundServer):
         super().start()
         return self
 
-    def say(self, room_id: str, person_email: str, text: str, room_type: str = "group") -> list[dict[str, Any]]:
+    def say(self, room_id: str, person_email: str, text: str, room_type: str | None = None) -> list[dict[str, Any]]:
         """Play a person writing in a room (from any thread): webhooks are called, deliveries returned."""
         return asyncio.run(
             say(self.state, self.base, room_id=room_id, person_email=person_email, text=text, room_type=room_type)

@@ -10,7 +10,8 @@ How nothing is lost or doubled:
   replayed or re-sent alert skips the channels already done, across restarts. Before each Webex send
   the ledger also records the *intent*: after a crash between "the channel accepted" and "the ledger
   says so", Webex is asked whether the room already has the alert (its id is in every message) before
-  posting again. SMTP has no such question, so that window resends the mail with the same Message-ID,
+  posting again; a group space, which Webex does not list for a bot, is not asked: the alert is posted again,
+  possibly twice, never lost. SMTP has no such question, so that window resends the mail with the same Message-ID,
   which mail clients show once: at-least-once for mail, never lost.
 - **Independent channels.** Each channel has its own scheduler and ``concurrency`` sending threads: a
   slow or failing channel only delays its own sends. 429 pauses that channel for ``Retry-After``.
@@ -372,6 +373,9 @@ class WebexChannel:
             raise ValueError("the webex channel needs a room (CG_WEBEX__ROOM_ID)")
         self.settings, self.client, self.room_id = settings, client, settings.webex.room_id
         self._bot_id: str | None = None
+        self._unlistable: str | None = None
+        """Why the room's messages cannot be listed, once Webex said so (403): then nothing is looked up."""
+        self._unlistable_lock = threading.Lock()
 
     def bot_id(self) -> str:
         """The bot's own person id (``GET /people/me``, asked once): only its messages can be an alert's."""
@@ -423,13 +427,37 @@ class WebexChannel:
     def _posted(self, alert_id: str) -> tuple[dict[str, Any], str | None] | None:
         """This alert's message and its card's id, when the room's latest messages hold the alert. Only the
         bot's own messages count: a person who writes the alert id in the room ("seen blocked:tx-1?") has not
-        posted the alert, and taking their message for it would lose the alert."""
+        posted the alert, and taking their message for it would lose the alert. None too when the room cannot
+        be listed (a group space, :meth:`_cannot_list`): the alert is posted again, maybe a second time, never lost."""
+        if self._unlistable is not None:
+            return None
         bot = self.bot_id()
-        messages = self.client.list_messages(self.room_id, self.LOOKBACK)
+        try:
+            messages = self.client.list_messages(self.room_id, self.LOOKBACK)
+        except WebexError as exc:
+            if exc.status != 403:
+                raise
+            self._cannot_list(exc)
+            return None
         found = next(
             (m for m in messages if m.get("personId") == bot and m.get("id") and self.carries(m, alert_id)), None
         )
         return None if found is None else (found, self._card_in(messages, found))
+
+    def _cannot_list(self, exc: WebexError) -> None:
+        """Webex refused to list the room (403). A bot lists a group space's messages only with
+        ``mentionedPeople=me``, which gives the messages that mention it and never its own posts: in a group
+        space (the usual room of a security team) a post that had no answer cannot be looked for. Remembered
+        (the room's type does not change) and logged once, not per alert."""
+        with self._unlistable_lock:
+            first, self._unlistable = self._unlistable is None, exc.reason
+        if first:
+            log.warning(
+                "webex: the room's messages cannot be listed (%s; a bot lists only direct rooms, a group space "
+                "only for messages that mention it): resends in this room cannot be de-duplicated, an alert whose "
+                "post had no answer is posted again and may show twice",
+                exc.reason,
+            )
 
     @staticmethod
     def _card_in(messages: list[dict[str, Any]], alert_message: dict[str, Any]) -> str | None:
@@ -466,10 +494,14 @@ class WebexChannel:
             log.warning("case card of alert %s not posted: %s", alert["alert_id"], exc.reason)
             if exc.status is not None and exc.status < 500:
                 return None
+        if self._unlistable is not None:  # a thread is listed like its room: refused
+            return None
         try:  # no answer: it may have been posted (the thread's few replies, not the room's latest thousand)
             thread = self.client.list_messages(self.room_id, 10, parent_id=alert_message.get("id"))
             return self._card_in(thread, alert_message)
-        except WebexError:
+        except WebexError as exc:
+            if exc.status == 403:
+                self._cannot_list(exc)
             return None
 
     def delete(self, message_id: str) -> bool:

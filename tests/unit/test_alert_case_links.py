@@ -97,6 +97,7 @@ def settings_for_stub(tmp_path: Path) -> Settings:
 def test_a_resend_after_an_unknown_outcome_posts_the_card_the_first_try_never_reached(
     webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
 ) -> None:
+    webex.state.add_room(ROOM, "direct")  # a room the bot may list (a group space it may not)
     settings = settings_for(webex, tmp_path, webex_cards=False)
     webex_channel(closer, settings).send(alert(), None, maybe_sent=False)  # the message went out, then the try ended
     channel = webex_channel(closer, settings_for(webex, tmp_path, webex_cards=True))
@@ -110,6 +111,7 @@ def test_a_resend_after_an_unknown_outcome_posts_the_card_the_first_try_never_re
 def test_an_alert_too_long_for_webex_keeps_its_marker_so_a_resend_finds_it(
     webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
 ) -> None:
+    webex.state.add_room(ROOM, "direct")  # a room the bot may list (a group space it may not)
     channel = webex_channel(closer, settings_for(webex, tmp_path, dashboard_link="http://d/{transaction_id}"))
     huge = {**alert(), "transaction_id": "t" * 8000}  # the link is not cut, so the text is past Webex's limit
     first = channel.send(huge, None, maybe_sent=False)

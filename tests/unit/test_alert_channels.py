@@ -127,6 +127,7 @@ def test_webex_failures_are_classified_for_retry(webex: LocalWebexServer, tmp_pa
 def test_webex_resend_after_an_unknown_outcome_finds_the_posted_message(
     webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
 ) -> None:
+    webex.state.add_room(ROOM, "direct")  # a 1:1 room: the bot may list it
     channel = webex_channel(closer, settings_for(webex, tmp_path))
     first = channel.send(alert(), None, maybe_sent=False)
     again = channel.send(alert(), None, maybe_sent=True)
@@ -146,10 +147,49 @@ def test_a_resend_does_not_take_a_persons_message_naming_the_alert_for_the_alert
     """After an unknown outcome the room is searched for the alert: a guard who wrote its id there has not posted
     it, so the alert still goes out (taking the guard's message for it lost the alert)."""
     channel = webex_channel(closer, settings_for(webex, tmp_path))
-    webex.say(ROOM, "guard@shop.test", "anyone seen blocked:tx-1 yet? the mail came, Webex did not")
+    webex.say(ROOM, "guard@shop.test", "anyone seen blocked:tx-1 yet? the mail came, Webex did not", "direct")
     detail = channel.send(alert(), None, maybe_sent=True)
     [posted] = webex.state.bot_messages(ROOM)
     assert detail == posted["id"] and "Transaction blocked" in posted["markdown"]
+    assert webex.state.requests.get("403") is None  # the room was searched
+
+
+def test_a_resend_in_a_group_space_webex_will_not_list_posts_the_alert_again_and_warns_once(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Webex lets a bot list a group space only for messages that mention it (403 otherwise), never its own posts:
+    after an unknown outcome the alert cannot be looked for there, so it is posted again (a possible second copy,
+    not a lost alert), with one warning for the room, and the room is not asked again."""
+    channel = webex_channel(closer, settings_for(webex, tmp_path))  # ROOM: a group space, as a team's room is
+    first = channel.send(alert(), None, maybe_sent=False)
+    with caplog.at_level("WARNING", logger="sinks.alerts.sender"):
+        again = channel.send(alert(), None, maybe_sent=True)
+        channel.send(alert("blocked:tx-2"), None, maybe_sent=True)
+    assert again != first and len(webex.state.bot_messages(ROOM)) == 3
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "cannot be de-duplicated" in warning and "403" in warning
+    assert webex.state.requests["403"] == 1  # learnt once: the second resend did not ask
+
+
+def test_the_local_webex_lists_a_group_space_for_the_bot_only_with_mentioned_people_me(
+    webex: LocalWebexServer,
+) -> None:
+    """As Webex answers a bot (the stand-in's only caller): a direct room is listed whole; a group space, or a
+    thread in it, is refused (403) unless ``mentionedPeople=me``, which gives the messages mentioning the bot."""
+    webex.state.add_room("room-direct", "direct")
+    webex.say("room-direct", "guard@shop.test", "status")
+    webex.say("room-team", "guard@shop.test", "Checkout Guard status")  # mentions the bot
+    webex.say("room-team", "guard@shop.test", "lunch?")
+    with httpx.Client(base_url=webex.url, headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+        assert [m["text"] for m in http.get("/messages", params={"roomId": "room-direct"}).json()["items"]] == [
+            "status"
+        ]
+        assert http.get("/messages", params={"roomId": "room-team"}).status_code == 403
+        assert http.get("/messages", params={"roomId": "room-team", "parentId": "m"}).status_code == 403
+        mentions = http.get("/messages", params={"roomId": "room-team", "mentionedPeople": "me"}).json()["items"]
+    assert [m["text"] for m in mentions] == ["Checkout Guard status"]
+    with pytest.raises(ValueError):
+        webex.state.add_room("room-team", "direct")  # a room keeps its type
 
 
 def run_worker(
@@ -186,6 +226,20 @@ def test_worker_waits_out_5xx_without_spending_attempts_and_delivers_exactly_onc
     assert len(webex.state.bot_messages(ROOM)) == 1
     assert ledger.state("blocked:tx-1", "webex") == "sent"
     assert worker.unavailable == 3 and worker.failed_tries == 0
+
+
+def test_an_alert_whose_post_had_no_answer_in_a_group_space_is_delivered_not_dead_lettered(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
+) -> None:
+    """A 5xx (or a timeout) leaves the post's outcome unknown; the resend's room search is refused (403) in a group
+    space. That 4xx made the alert a dead letter: after any Webex hiccup the alert never reached the room."""
+    settings = settings_for(webex, tmp_path)
+    webex.state.fail((500,), count=1)
+    [outcome], ledger, _ = run_worker(
+        closer, webex_channel(closer, settings), settings, [Task(alert(), "webex", time.monotonic() + 30)]
+    )
+    assert outcome.delivered, outcome.reason
+    assert len(webex.state.bot_messages(ROOM)) == 1 and ledger.state("blocked:tx-1", "webex") == "sent"
 
 
 def test_worker_pauses_the_channel_for_retry_after(webex: LocalWebexServer, tmp_path: Path, closer: ExitStack) -> None:
