@@ -2,7 +2,8 @@
 
 Input: ``alerts`` (Alert, key = alert_id). Output: the channels of ``Settings.alerts.channels`` (``email``
 by SMTP or Amazon SES, ``webex`` to ``Settings.webex.room_id``) and ``dead_letters`` (stage
-``alert-sender``) for alerts that cannot be decoded or that a channel keeps refusing.
+``alert-sender``) for alerts that cannot be decoded or used (an id that is not an alert id, an event time that is
+no date) or that a channel keeps refusing.
 
 How nothing is lost or doubled:
 
@@ -76,7 +77,7 @@ from schemas.records import DeadLetter
 from schemas.topics import ALERTS, DEAD_LETTERS
 from sinks.alerts.erase import FORGET_GRACE_MS, Eraser
 from sinks.alerts.mail import Mailer, MailError, SesMailer, SmtpMailer, build_email
-from sinks.alerts.message import case_card, describe
+from sinks.alerts.message import case_card, describe, local_time
 
 log = logging.getLogger(__name__)
 
@@ -588,6 +589,18 @@ def made_at(message: Message, alert: dict[str, Any]) -> int | None:
     return min(times) if times else None
 
 
+def check_event_time(alert: dict[str, Any], timezone: str | None) -> None:
+    """The alert's ``event_time`` (its only time field) as every message shows it (:func:`local_time`), else
+    :class:`InvalidRecord` ``invalid_timestamp``: a hostile one (``10**18`` ms, far before 1970) makes datetime raise
+    on every try, which the channels took for an internal error, retried with room searches and dead-lettered only
+    after ``max_attempts``."""
+    value = alert.get("event_time")
+    try:
+        local_time(int(value or 0), timezone)
+    except (TypeError, ValueError, OverflowError, OSError):
+        raise InvalidRecord("invalid_timestamp", f"event_time {value} ms is not a date the alert can show") from None
+
+
 def give_up_reason(task: Task, error: DeliveryError, now: float, delay: float, max_attempts: int) -> str | None:
     """Why to stop retrying this task (None = retry after ``delay``). Pure, for tests."""
     if not error.retriable:
@@ -1061,6 +1074,7 @@ class AlertSender:
                 if not isinstance(alert.get("alert_id"), str) or not alert["alert_id"].strip():
                     raise InvalidRecord("missing_field", "alert_id is empty")
                 check(alert["alert_id"], "alert_id", ALERT_ID_RE)  # it goes into links, Message-IDs and ledger keys
+                check_event_time(alert, self.settings.alerts.timezone)
                 decoded.append((message, alert))
             except InvalidRecord as exc:  # a DecodeError too
                 decoded.append((message, exc))

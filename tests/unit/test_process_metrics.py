@@ -37,10 +37,12 @@ from jobs.faces import watchlist_service
 from jobs.faces.stage import FaceStage, FaceStageRunner
 from jobs.faces.watchlist_service import Source, WatchlistCore, WatchlistService
 from producers.camera_bridge import CameraBridge
+from schemas.errors import InvalidRecord
 from schemas.indices import ROUTES
-from schemas.records import Alert, BotCommand
+from schemas.records import Alert, BotCommand, DeadLetter
 from schemas.topics import CAMERA_EVENTS, TRANSACTIONS
-from sinks.alerts.sender import AlertSender, DeliveryError, Ledger
+from sinks.alerts.message import describe
+from sinks.alerts.sender import AlertSender, DeliveryError, Ledger, check_event_time
 from sinks.opensearch.sink import OpenSearchSink
 from tests.unit.test_bridge_runtime import GOOD, TIMED_OUT, FakeKafka
 from tests.unit.test_bridge_runtime import Clock as BridgeClock
@@ -543,9 +545,14 @@ def sender_with(tmp_path: Path, channel: ScriptedChannel, producer: ConfirmingPr
     return sender
 
 
-def alert_message(alert_id: str, offset: int) -> Message:
+def alert_message(alert_id: str, offset: int, event_time: int = 0) -> Message:
     record = Alert(
-        alert_id=alert_id, kind="BLOCKED_TRANSACTION", severity="high", event_time=0, store_id="S1", summary="x"
+        alert_id=alert_id,
+        kind="BLOCKED_TRANSACTION",
+        severity="high",
+        event_time=event_time,
+        store_id="S1",
+        summary="x",
     )
     return Message(topic="alerts", partition=0, offset=offset, key=alert_id.encode(), value=record.encode())
 
@@ -619,6 +626,34 @@ def test_an_alert_of_a_longest_valid_transaction_id_is_sent_not_dead_lettered(tm
         sender.close()
     assert channel.calls == {long_id: 1}  # an id with a path in it is still refused
     assert sender.stats.dead_lettered == 1
+
+
+class FormattingChannel(ScriptedChannel):
+    """A :class:`ScriptedChannel` that words each alert first, as the e-mail and Webex channels do."""
+
+    def send(self, alert: dict[str, Any], image: bytes | None, maybe_sent: bool) -> str | None:
+        describe(alert, AlertSettings(timezone="Europe/Berlin"))
+        return super().send(alert, image, maybe_sent)
+
+
+def test_an_alert_whose_event_time_is_no_date_is_dead_lettered_at_once_as_invalid_timestamp(tmp_path: Path) -> None:
+    """``event_time`` 10**18 ms (or far before 1970) makes the message's local time raise in every channel: the
+    alert was retried ``max_attempts`` times as an internal error before its dead letter (``delivery_failed``)."""
+    channel, producer = FormattingChannel(), ConfirmingProducer()
+    sender = sender_with(tmp_path, channel, producer)
+    messages = [alert_message("ok-far", 0, 10**18), alert_message("ok-past", 1, -(10**18))]
+    try:
+        sender._accept_batch([*messages, alert_message("ok-now", 2, 1_767_261_303_000)])
+        wait_until(lambda: sender.stats.alerts_done == 3, step=lambda: (sender._drain_outcomes(), producer.poll()))
+    finally:
+        sender.close()
+    assert channel.calls == {"ok-now": 1}  # the others never reached a channel
+    letters = [DeadLetter.decode(value) for _, value in producer.sent]
+    assert [(d.error_kind, d.offset) for d in letters] == [("invalid_timestamp", 0), ("invalid_timestamp", 1)]
+    assert all("event_time" in d.reason for d in letters)
+    with pytest.raises(InvalidRecord):
+        check_event_time({"event_time": 253_402_300_799_999}, "Pacific/Kiritimati")  # 9999-12-31 UTC: year 10000 there
+    check_event_time({"event_time": 0}, None)  # 1970: shown as it is
 
 
 # --------------------------------------------------------------------------- watchlist-service
