@@ -82,9 +82,10 @@ def _our_processes(root: Path) -> list[psutil.Process]:
     return found
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster(stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    """A 3-broker cluster of its own, started by ``up`` as ``make up`` does with CG_KAFKA__BROKERS=3."""
+    """A 3-broker cluster of its own, started by ``up`` as ``make up`` does with CG_KAFKA__BROKERS=3; one for
+    this module's tests (each leaves it whole: the broker it kills is started again), which saves a start."""
     root = tmp_path_factory.mktemp("three-brokers")
     (root / "lib").symlink_to(StackPaths.of(stack).root / "lib")  # the installed jars, not a second copy
     addresses = ",".join(f"127.0.0.1:{_free_port()}" for _ in range(3))
@@ -105,7 +106,11 @@ def cluster(stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         up(settings, services=("kafka",))
         yield settings
     finally:
-        down(settings)
+        stopped = sorted(down(settings))
+    # `down` as `make down` runs it, checked once the module's tests are done with the cluster
+    assert stopped == ["kafka-1", "kafka-2", "kafka-3"]
+    assert _our_processes(root) == [], "a broker outlived down"
+    assert not any(StackPaths.of(settings).run.glob("kafka*.pid"))
 
 
 class _FixedRateProducer(threading.Thread):
@@ -171,7 +176,6 @@ def _read_back(settings: Settings, topic: str, expected: int, bound_s: float = 6
 
 def test_killing_the_busiest_broker_and_controller_loses_no_acknowledged_record(cluster: Settings) -> None:
     settings = cluster
-    root = StackPaths.of(settings).root
     admin = kafka_clients.admin(settings)
     state = kafka_state(settings, ["__consumer_offsets"])
     assert [b["up"] for b in state["brokers"]] == [True, True, True]
@@ -251,10 +255,6 @@ def test_killing_the_busiest_broker_and_controller_loses_no_acknowledged_record(
         f"\nsent {producer.sent} at {RATE_PER_S}/s: all acked, read once; "
         f"restart {up_s:.0f}s, ISR 3 after {isr_back_s:.0f}s"
     )
-
-    assert sorted(down(settings)) == ["kafka-1", "kafka-2", "kafka-3"]
-    assert _our_processes(root) == [], "a broker outlived down"
-    assert not any(StackPaths.of(settings).run.glob("kafka*.pid"))
 
 
 def _busiest_broker(settings: Settings) -> dict:
