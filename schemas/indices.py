@@ -53,6 +53,15 @@ class Route:
     records share one partition, whose offsets only grow)."""
     retention_days: int = 400
     """Days a period index is kept where ``IndicesSettings`` has no ``<kind>_retention_days``."""
+    subject_field: str | None = None
+    """The field naming the watch-listed subject a document is about: ``forget`` of that subject reaches the
+    document (:data:`FORGETTING_ACTIONS`)."""
+    face_fields: tuple[str, ...] = ()
+    """Face-derived fields (image refs) a forgotten subject's documents lose; the rest (the decision, the
+    subject id, the similarity) stays, as the audit keeps the forget itself."""
+    erased_with_subject: bool = False
+    """The document is the subject's face (a face observation): a forget deletes it, and every document of
+    the subject's enrolment sale (``transaction_id``, the buyer whose face was enrolled) with it."""
 
     def index(self, index_prefix: str) -> str:
         """The read alias of this kind (all its period indices)."""
@@ -66,23 +75,60 @@ class Route:
 
 
 SCORED_ROUTE = Route(SCORED_TRANSACTIONS, "transactions", "transaction_id", pseudonymised_fields=("customer_key",))
+"""Its ``face_subject_id`` and similarity are the decision, not a face: a forget leaves them (no image, no
+embedding is indexed with a transaction)."""
 LABELS_ROUTE = Route(LABELS, "labels", "transaction_id", time_field="decided_at", single_index=True, keyed=True)
 """Field verdicts, one document per transaction: the verdict in force (the last published, as the
 compacted topic keeps it and ``train`` reads it), gone when withdrawn."""
 DRIFT_ROUTE = Route(MODEL_DRIFT, "model_drift", "report_id", time_field="hour_start")
 """Hourly drift reports of the fraud model, one document per model version and hour."""
-CASES_ROUTE = Route(CASES, "cases", "case_id", time_field="opened_at", single_index=True, keyed=True)
+CASES_ROUTE = Route(
+    CASES,
+    "cases",
+    "case_id",
+    time_field="opened_at",
+    single_index=True,
+    keyed=True,
+    subject_field="subject_id",
+    face_fields=("snapshot_ref", "reference_image_ref"),
+)
 """Cases of the human-verification workflow, one document per case: its latest version (a case is decided
 on any day after it opened)."""
 
 ROUTES: tuple[Route, ...] = (
     SCORED_ROUTE,
-    Route(ALERTS, "alerts", "alert_id"),
-    Route(FACE_OBSERVATIONS, "face_observations", "observation_id", private_fields=("embedding",)),
+    Route(ALERTS, "alerts", "alert_id", subject_field="subject_id", face_fields=("snapshot_ref",)),
+    Route(
+        FACE_OBSERVATIONS,
+        "face_observations",
+        "observation_id",
+        private_fields=("embedding",),
+        subject_field="subject_id",
+        erased_with_subject=True,
+    ),
     LABELS_ROUTE,
     DRIFT_ROUTE,
     CASES_ROUTE,
 )
+
+
+FORGETTING_ACTIONS = frozenset({"FORGET", "EXPIRE"})
+"""Audit actions (``AuditEvent.action`` on ``audit``, by the watchlist service) after which a subject's faces must
+be gone from the indices too: a ``forget`` and an expiry, done or found already done (``UNCHANGED``); a ``FAILED``
+one left the subject enrolled."""
+FORGETTING_OUTCOMES = frozenset({"DONE", "UNCHANGED"})
+ENROLLED_SUBJECT_PREFIX = "subj-"
+"""``fraud <tx>`` / ``vip <tx>`` enrol the buyer of sale ``<tx>`` as ``subj-<tx>``."""
+
+
+def enrolment_transaction(subject_id: str, transaction_id: str | None = None) -> str | None:
+    """The sale whose buyer was enrolled as ``subject_id``: the audit event's own ``transaction_id``, else the
+    one the id names (``subj-<tx>``), else none."""
+    if transaction_id:
+        return transaction_id
+    if subject_id.startswith(ENROLLED_SUBJECT_PREFIX) and len(subject_id) > len(ENROLLED_SUBJECT_PREFIX):
+        return subject_id[len(ENROLLED_SUBJECT_PREFIX) :]
+    return None
 
 
 PSEUDONYMOUS_KEY_KINDS = frozenset({"token", "id", "anon"})

@@ -17,6 +17,11 @@ Face embeddings are left out of the documents unless ``indices.include_face_embe
 known only by e-mail address is indexed as ``email-hmac:<keyed hash>`` (``indices.customer_key_secret``), never
 by the address (``sinks/opensearch/pseudonymise.py`` rewrites documents indexed before that).
 
+Forget: the sink also reads ``audit`` for the watchlist service's ``FORGET`` / ``EXPIRE`` events and deletes the
+subject's face observations (and its enrolment sale's) and the image refs of its alerts and cases, before the
+batch's offsets are committed; every forgotten subject is remembered (``audit`` is read from its start when the
+sink starts), so its faces are never indexed again (:mod:`sinks.opensearch.forget`).
+
 Why nothing is lost or doubled: the document ``_id`` is the business key (``transaction_id`` /
 ``alert_id`` / ``observation_id``) with op ``index``, and the period index follows from the record's own
 ``event_time``, so a replay overwrites the same document in the same index; offsets are committed
@@ -41,8 +46,10 @@ then depend on; a unit test keeps the templates and the Avro schemas in step.
 Only ids, counts and error types are logged: documents can hold personal data.
 
 Metrics (``infra.metrics``, stage ``opensearch-sink``): records in by topic kind (``transactions``,
-``alerts``, ``face_observations``, ``labels``, ``model_drift``; ``unknown``), documents written by the same
-kinds (a label tombstone's delete included, a stale label not), dead letters by error kind, and
+``alerts``, ``face_observations``, ``labels``, ``model_drift``, ``cases``, ``audit``; ``unknown``), documents
+written by the same kinds (a label tombstone's delete included, a stale label not) and ``forgotten_<kind>``
+(deleted or stripped by a forget), ``cg_skipped_total{reason=forgotten_subject}`` (dropped or stripped at write
+time), dead letters by error kind, and
 ``cg_processing_seconds`` per batch (consume to commit, retries included). ``/healthz`` turns 503 while
 OpenSearch or the dead-letter topic does not answer ("OpenSearch unreachable" / "Kafka unreachable").
 
@@ -92,7 +99,8 @@ from schemas.indices import (
     single_index_name,
 )
 from schemas.records import FRAUD, LEGITIMATE, DeadLetter
-from schemas.topics import DEAD_LETTERS
+from schemas.topics import AUDIT, DEAD_LETTERS
+from sinks.opensearch.forget import Forget, Forgotten, erase_forgotten, forget_of
 
 log = logging.getLogger(__name__)
 
@@ -453,13 +461,15 @@ def to_actions(
     period: str = "day",
     include_private: bool = False,
     customer_key_secret: str | None = None,
+    forgotten: Forgotten | None = None,
 ) -> tuple[list[IndexAction], list[DeadLetter]]:
     """Decode a batch into bulk actions keyed by business id, and dead letters for what cannot be used.
 
     Each document goes to the index of its own time field (:meth:`Route.write_index`); private fields
     (face embeddings) are left out unless ``include_private``; customer keys are indexed as
     :func:`~schemas.indices.indexed_customer_key` makes them with ``customer_key_secret``, never an e-mail
-    address in clear. On a keyed route (labels) a tombstone
+    address in clear. A forgotten subject's face observation is left out, and its alerts and cases go in
+    without their face fields (``forgotten``, :mod:`sinks.opensearch.forget`). On a keyed route (labels) a tombstone
     becomes a ``delete`` of the key's document and every action carries the message offset as its
     external version.
 
@@ -477,9 +487,11 @@ def to_actions(
             dead.append(dead_letter_for(message, "unknown_topic", f"no index for topic {message.topic()!r}", now))
             continue
         try:
-            op = _operation(message, route, index_prefix, period, include_private, customer_key_secret)
+            op = _operation(message, route, index_prefix, period, include_private, customer_key_secret, forgotten)
         except _Unusable as exc:
             dead.append(dead_letter_for(message, exc.kind, exc.reason, now))
+            continue
+        if op is None:
             continue
         key = (op["_index"], op["_id"])
         actions.pop(key, None)  # re-insert so the order is that of the last occurrence
@@ -502,8 +514,10 @@ def _operation(
     period: str,
     include_private: bool,
     customer_key_secret: str | None = None,
-) -> dict[str, Any]:
-    """The bulk operation for one message of ``route``; raises :class:`_Unusable` with the dead letter's reason."""
+    forgotten: Forgotten | None = None,
+) -> dict[str, Any] | None:
+    """The bulk operation for one message of ``route``, ``None`` for a forgotten subject's face; raises
+    :class:`_Unusable` with the dead letter's reason."""
     versioned = {"version": message.offset() or 0, "version_type": "external_gte"} if route.keyed else {}
     if route.keyed and message.value() is None:  # a tombstone: the key's document goes
         index = route.write_index(index_prefix, 0, period)
@@ -520,6 +534,9 @@ def _operation(
     check = RECORD_CHECKS.get(route.kind)
     if check is not None:
         check(record)
+    if forgotten is not None and forgotten.erases(route, record):
+        forgotten.dropped += 1
+        return None
     try:
         index = route.write_index(index_prefix, int(record[route.time_field]), period)
     except (ValueError, OverflowError, OSError) as exc:
@@ -527,6 +544,8 @@ def _operation(
     drop = () if include_private else route.private_fields
     source = to_document(record, drop)
     pseudonymise(source, route, customer_key_secret)
+    if forgotten is not None and forgotten.scrub(route, source):
+        forgotten.stripped += 1
     return {"_op_type": "index", "_index": index, "_id": doc_id, "_source": source, **versioned}
 
 
@@ -676,11 +695,18 @@ class SinkStats:
     """Messages made redundant by a later one for the same document in the same batch."""
     stale: int = 0
     """Versioned writes (labels) OpenSearch refused because the document already holds a later message."""
+    forgets: int = 0
+    """Forgets read on ``audit`` and carried out in the indices."""
+    erased: int = 0
+    """Documents a forget deleted (face observations) or removed the face fields of (alerts, cases)."""
+    forgotten_on_write: int = 0
+    """Records of a forgotten subject that came after its forget: not indexed, or indexed without their face."""
 
     def line(self) -> str:
         return (
             f"indexed={self.indexed} dead_lettered={self.dead_lettered} retries={self.retries} "
-            f"batches={self.batches} commits={self.commits} superseded={self.superseded} stale={self.stale}"
+            f"batches={self.batches} commits={self.commits} superseded={self.superseded} stale={self.stale} "
+            f"forgets={self.forgets} erased={self.erased} forgotten_on_write={self.forgotten_on_write}"
         )
 
 
@@ -727,6 +753,10 @@ class OpenSearchSink:
         self._problem: str | None = None
         """Why the batch in hand cannot be finished yet (OpenSearch or the dead-letter topic away)."""
         self._kinds = {route.topic.full_name(self.topic_prefix): route.kind for route in ROUTES}
+        self._audit_topic = AUDIT.full_name(self.topic_prefix)
+        self._kinds[self._audit_topic] = "audit"
+        self.forgotten = Forgotten()
+        """Every subject forgotten so far (``audit``): its faces are never indexed again."""
         secret = self.indices.customer_key_secret
         self._customer_key_secret = secret.get_secret_value() if secret else None
         self._batch_seconds = metrics.PROCESSING_SECONDS.labels(STAGE)
@@ -735,7 +765,8 @@ class OpenSearchSink:
 
     @property
     def topics(self) -> list[str]:
-        return [route.topic.full_name(self.topic_prefix) for route in ROUTES]
+        """The routes' topics, and ``audit`` for the forgets (:mod:`sinks.opensearch.forget`)."""
+        return [route.topic.full_name(self.topic_prefix) for route in ROUTES] + [self._audit_topic]
 
     def run(self, stop_event: threading.Event | None = None) -> SinkStats:
         """Consume until ``stop_event`` is set; a batch in flight at that moment is left uncommitted."""
@@ -754,6 +785,7 @@ class OpenSearchSink:
             log.info("CG_INDICES__CUSTOMER_KEY_SECRET is not set: customers known only by e-mail get no customer_key")
         try:
             self._retry_until_done("install index templates", self._install_templates)
+            self._load_forgotten()
             self._consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
             last_summary, last_indexed = time.monotonic(), 0
             self._apply_retention()
@@ -788,6 +820,40 @@ class OpenSearchSink:
             self.client, self.index_prefix, self.indices.period, customer_key_secret=self._customer_key_secret
         )
         log.info("index templates installed for %s", ", ".join(names))
+
+    def _load_forgotten(self, read: Callable[..., object] | None = None) -> None:
+        """Read every forget on ``audit`` before indexing anything, so that no face of a subject forgotten
+        before this start is indexed again (the group's offsets are past those forgets); retried while Kafka
+        does not answer. A deployment without the topic (a sink on a bare test prefix) has forgotten nobody."""
+        if read is None:
+            from infra.clients.control_topics import read_control_topics
+
+            read = read_control_topics
+
+        def apply(_topic: str, _key: bytes | None, value: bytes | None) -> None:
+            if (forget := forget_of(value)) is not None:
+                self.forgotten.add(forget)
+
+        attempt = 0
+        while True:
+            self.heartbeat.beat()  # the read may take its whole timeout: starting is progress too
+            try:
+                read(self.settings, apply, timeout_s=60.0, specs=(AUDIT,))
+                break
+            except (RuntimeError, TimeoutError, KafkaException) as exc:
+                if "UNKNOWN_TOPIC" in str(exc):
+                    log.warning("no %s topic: no forget to apply yet", self._audit_topic)
+                    break
+                self.heartbeat.beat("Kafka unreachable")
+                delay = self.backoff.delay(attempt, self._rng)
+                attempt += 1
+                self.stats.retries += 1
+                log.warning(
+                    "reading the forgets on %s failed (%s); retry %d in %.1fs", self._audit_topic, exc, attempt, delay
+                )
+                if self._stop.wait(delay):
+                    raise _Stopped from None
+        log.info("forgotten subjects: %d (from %s)", len(self.forgotten), self._audit_topic)
 
     def _apply_retention(self) -> None:
         """Retention must never stop indexing: a failure is logged and tried again next interval."""
@@ -837,16 +903,28 @@ class OpenSearchSink:
         started = time.perf_counter()
         for kind, count in Counter(self._kinds.get(m.topic() or "", "unknown") for m in batch).items():
             metrics.RECORDS_IN.labels(STAGE, kind).inc(count)
+        audit = [m for m in batch if m.topic() == self._audit_topic]
+        records = [m for m in batch if m.topic() != self._audit_topic] if audit else batch
+        forgets = [f for f in (forget_of(m.value()) for m in audit) if f is not None]
+        for forget in forgets:  # before the batch's documents: none of the subject's faces goes in
+            self.forgotten.add(forget)
         actions, dead = to_actions(
-            batch,
+            records,
             index_prefix=self.index_prefix,
             topic_prefix=self.topic_prefix,
             period=self.indices.period,
             include_private=self.indices.include_face_embeddings,
             customer_key_secret=self._customer_key_secret,
+            forgotten=self.forgotten,
         )
-        self.stats.superseded += len(batch) - len(actions) - len(dead)
+        dropped, stripped = self.forgotten.take_counts()
+        if dropped + stripped:
+            self.stats.forgotten_on_write += dropped + stripped
+            metrics.SKIPPED.labels(STAGE, "forgotten_subject").inc(dropped + stripped)
+        self.stats.superseded += len(records) - len(actions) - len(dead) - dropped
         dead += self._index_until_acknowledged(actions)
+        if forgets:
+            self._erase_until_done(forgets)
         if dead:
             self._publish_dead_letters(dead)
         self._commit(batch)
@@ -900,6 +978,38 @@ class OpenSearchSink:
                 time.monotonic() - started,
             )
         return rejected
+
+    def _erase_until_done(self, forgets: list[Forget]) -> None:
+        """Carry out the batch's forgets in the indices (:func:`~sinks.opensearch.forget.erase_forgotten`) until
+        OpenSearch has done all of it; the batch's offsets, the forgets' among them, are committed only then, so
+        a crash or an outage repeats the forget instead of losing it (a repeat changes nothing)."""
+        attempt, subjects = 0, sorted({f.subject_id for f in forgets})
+        while True:
+            try:
+                report = erase_forgotten(self.client, self.index_prefix, forgets)
+                problem = report.problem
+            except TransportError as exc:
+                report, problem = None, _short(exc)
+            if report is not None:
+                for kind, count in (report.deleted + report.stripped).items():
+                    metrics.RECORDS_OUT.labels(STAGE, f"forgotten_{kind}").inc(count)
+                self.stats.erased += report.total()
+            if problem is None:
+                break
+            self._problem = f"OpenSearch unreachable: {problem}"
+            delay = self.backoff.delay(attempt, self._rng)
+            attempt += 1
+            self.stats.retries += 1
+            log.warning(
+                "forget of %d subject(s) not done in OpenSearch (%s), offsets not committed; retry %d in %.1fs",
+                len(subjects),
+                problem,
+                attempt,
+                delay,
+            )
+            self._wait(delay)
+        self.stats.forgets += len(forgets)
+        log.info("forget carried out in the indices for %s", ", ".join(subjects))
 
     def _publish_dead_letters(self, dead: list[DeadLetter]) -> None:
         """Produce and confirm every dead letter before the batch counts as done; re-produce failures."""

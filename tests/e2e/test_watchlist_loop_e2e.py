@@ -224,6 +224,19 @@ def test_flagged_shopper_is_recognised_vip_announced_others_left_alone_and_forge
     hits = client.search(index=faces, body={"size": 100, "query": {"exists": {"field": "embedding"}}})
     assert hits["hits"]["total"]["value"] == 0, "no embedding in any index"
     assert client.count(index=faces)["count"] > 0
+    # The sink carries the forget out in the indices: no face observation of the subject or of its enrolment
+    # sale is left, and its alerts keep the decision but not the snapshot.
+    of_subject = {"bool": {"should": [{"term": {"subject_id": subject}}, {"term": {"transaction_id": tx_suspect}}]}}
+
+    def subject_faces() -> int:
+        client.indices.refresh(index=faces)
+        return client.count(index=faces, body={"query": of_subject})["count"]
+
+    wait_for(lambda: subject_faces() == 0, 60, interval=1.0, what=f"{subject}'s face observations deleted")
+    alerts_index = index_name(settings.opensearch.index_prefix, "alerts")
+    client.indices.refresh(index=alerts_index)
+    kept = client.search(index=alerts_index, body={"size": 100, "query": {"term": {"subject_id": subject}}})
+    assert not [h["_id"] for h in kept["hits"]["hits"] if h["_source"].get("snapshot_ref")]
 
     # A lane camera whose snapshot never becomes ready: the decision still comes by the deadline.
     camera_serial = camera_for_lane(settings, shop.store_id, "lane-07")

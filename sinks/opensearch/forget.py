@@ -1,0 +1,242 @@
+"""``forget`` reaches OpenSearch: a forgotten subject's faces leave the indices, and do not come back.
+
+The watchlist service forgets a subject (``forget <subject>``, or the entry's expiry) in Kafka, the image store
+and Rekognition, and records it on ``audit`` (``FORGET`` / ``EXPIRE``, in the same Kafka transaction as the
+watchlist tombstone). The OpenSearch sink reads those audit events (:func:`forget_of`) and, per forget:
+
+- deletes the subject's face observations (``subject_id``) and those of its enrolment sale (``transaction_id``
+  = the ``<tx>`` of ``subj-<tx>``: the buyer whose face was enrolled) from every period index
+  (:attr:`~schemas.indices.Route.erased_with_subject`);
+- removes the face-derived fields (image refs, :attr:`~schemas.indices.Route.face_fields`) from the subject's
+  alerts and cases, keeping the decision (subject id, category, similarity, verdict): the forget itself is an
+  audit record, the pictures are not;
+- remembers the subject (:class:`Forgotten`), so that a face observation of it written later (a replay, a
+  lagging partition, a case updated after the forget) is dropped or stripped at write time instead of
+  bringing it back.
+
+Why ``audit`` rather than the ``watchlist`` tombstones: the tombstone is compacted away about a day after the
+forget (``delete.retention.ms``), while ``face_observations`` segments and the 30-day ``alerts`` and compacted
+``cases`` topics can be read again long after (a consumer-group reset, a new index prefix); the audit topic
+keeps every forget for 365 days, says which sale the subject was enrolled from, and tells a forget apart from
+anything else. A sink starting on a fresh group reads it from its start and so also cleans indices written
+before it knew how to.
+
+Client-side (scan + bulk), as the local OpenSearch has no reindex module (no ``_delete_by_query``) and no
+scripting: the alias is refreshed first, so a document indexed a moment ago is found too; a stripped document
+is written back guarded by its sequence number (its external version on a keyed index), so a newer write in
+between (409) is left as it is: the sink wrote it already stripped. Doing a forget twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from opensearchpy import OpenSearch
+from opensearchpy.exceptions import NotFoundError
+from opensearchpy.helpers import scan, streaming_bulk
+
+from schemas.codec import DecodeError
+from schemas.indices import (
+    FORGETTING_ACTIONS,
+    FORGETTING_OUTCOMES,
+    ROUTES,
+    Route,
+    enrolment_transaction,
+)
+from schemas.records import AuditEvent
+
+log = logging.getLogger(__name__)
+
+TERMS_PER_QUERY = 1000
+"""Subject ids (and sale ids) per scan query: a sink reading a year of forgets on a fresh group stays far
+below OpenSearch's ``index.max_terms_count`` (65,536)."""
+
+
+@dataclass(frozen=True)
+class Forget:
+    """One forget as the audit topic states it: the subject, and the sale its face was enrolled from."""
+
+    subject_id: str
+    transaction_id: str | None = None
+    audit_id: str = ""
+
+
+def forget_of(value: bytes | None) -> Forget | None:
+    """The forget an ``audit`` record states; ``None`` for any other action, a ``FAILED`` forget (the subject
+    stays enrolled), a record without a subject, or one that does not decode (not this sink's to dead-letter)."""
+    if not value:
+        return None
+    try:
+        event = AuditEvent.decode(value)
+    except DecodeError:
+        return None
+    if event.action not in FORGETTING_ACTIONS or event.outcome not in FORGETTING_OUTCOMES or not event.subject_id:
+        return None
+    return Forget(event.subject_id, enrolment_transaction(event.subject_id, event.transaction_id), event.audit_id)
+
+
+@dataclass
+class Forgotten:
+    """The subjects forgotten so far (and their enrolment sales), for write-time checks."""
+
+    subjects: set[str] = field(default_factory=set)
+    transactions: set[str] = field(default_factory=set)
+    dropped: int = 0
+    """Documents not indexed since the last :meth:`take_counts` (a forgotten subject's face observations)."""
+    stripped: int = 0
+    """Documents indexed without their face fields since the last :meth:`take_counts`."""
+
+    def add(self, forget: Forget) -> None:
+        self.subjects.add(forget.subject_id)
+        if forget.transaction_id:
+            self.transactions.add(forget.transaction_id)
+
+    def __len__(self) -> int:
+        return len(self.subjects)
+
+    def erases(self, route: Route, record: dict[str, Any]) -> bool:
+        """Whether ``record`` of ``route`` is a forgotten subject's face, never to be indexed."""
+        if not route.erased_with_subject or route.subject_field is None:
+            return False
+        return record.get(route.subject_field) in self.subjects or record.get("transaction_id") in self.transactions
+
+    def scrub(self, route: Route, source: dict[str, Any]) -> bool:
+        """Remove the face fields of a forgotten subject's document, in place; whether any was there."""
+        if route.subject_field is None or source.get(route.subject_field) not in self.subjects:
+            return False
+        removed = [name for name in route.face_fields if source.pop(name, None) is not None]
+        return bool(removed)
+
+    def take_counts(self) -> tuple[int, int]:
+        """``(dropped, stripped)`` since the last call, for the metrics."""
+        counts, self.dropped, self.stripped = (self.dropped, self.stripped), 0, 0
+        return counts
+
+
+# --------------------------------------------------------------------------- erasing what is indexed
+
+
+def erase_query(route: Route, forgets: Sequence[Forget]) -> dict[str, Any] | None:
+    """The documents of ``route`` a forget of ``forgets`` reaches (``None``: the route holds no face): the
+    subjects' and enrolment sales' face observations; the subjects' alerts and cases that still carry a face
+    field."""
+    if route.subject_field is None:
+        return None
+    subjects = sorted({f.subject_id for f in forgets})
+    if route.erased_with_subject:
+        should: list[dict[str, Any]] = [{"terms": {route.subject_field: subjects}}]
+        sales = sorted({f.transaction_id for f in forgets if f.transaction_id})
+        if sales:
+            should.append({"terms": {"transaction_id": sales}})
+        return {"query": {"bool": {"should": should, "minimum_should_match": 1}}}
+    if not route.face_fields:
+        return None
+    present = [{"exists": {"field": name}} for name in route.face_fields]
+    return {
+        "query": {
+            "bool": {
+                "filter": [{"terms": {route.subject_field: subjects}}],
+                "should": present,
+                "minimum_should_match": 1,
+            }
+        }
+    }
+
+
+def erase_action(hit: dict[str, Any], route: Route) -> dict[str, Any] | None:
+    """The bulk action that forgets one scanned document: a delete of a face observation; the document
+    written back without its face fields, guarded so that a newer write in between is not overwritten
+    (``None`` when it has none left)."""
+    if route.erased_with_subject:
+        return {"_op_type": "delete", "_index": hit["_index"], "_id": hit["_id"]}
+    source = {k: v for k, v in hit["_source"].items() if k not in route.face_fields}
+    if len(source) == len(hit["_source"]):
+        return None
+    action: dict[str, Any] = {"_op_type": "index", "_index": hit["_index"], "_id": hit["_id"], "_source": source}
+    if route.keyed:  # its writes carry the Kafka offset: keep it, so the topic's next record still wins
+        action.update(version=hit["_version"], version_type="external_gte")
+    else:
+        action.update(if_seq_no=hit["_seq_no"], if_primary_term=hit["_primary_term"])
+    return action
+
+
+@dataclass
+class EraseReport:
+    """What one :func:`erase_forgotten` round did, per route kind."""
+
+    deleted: Counter[str] = field(default_factory=Counter)
+    """Face observations deleted."""
+    stripped: Counter[str] = field(default_factory=Counter)
+    """Alerts and cases written back without their face fields."""
+    changed_meanwhile: int = 0
+    """Documents written between scan and write (409): written by the sink, stripped already."""
+    failed: int = 0
+    """Refused for good by OpenSearch (logged with their ids); the next forget of the subject tries again."""
+    problem: str | None = None
+    """Why this round must be repeated (429 / 5xx on some document); ``None`` when it is done."""
+
+    def total(self) -> int:
+        return sum(self.deleted.values()) + sum(self.stripped.values())
+
+
+def erase_forgotten(
+    client: OpenSearch, index_prefix: str, forgets: Sequence[Forget], routes: Iterable[Route] = ROUTES
+) -> EraseReport:
+    """Delete and strip what ``forgets`` reach in every index of the prefix (read aliases: every period index).
+
+    Raises the client's ``TransportError`` when OpenSearch cannot be reached; a retriable refusal of some
+    document sets :attr:`EraseReport.problem`. Either way the caller repeats the round (it is idempotent) before
+    committing the offsets of the forgets.
+    """
+    report = EraseReport()
+    if not forgets:
+        return report
+    for route in routes:
+        for start in range(0, len(forgets), TERMS_PER_QUERY):
+            query = erase_query(route, forgets[start : start + TERMS_PER_QUERY])
+            if query is not None:
+                _erase_in(client, route, route.index(index_prefix), query, report)
+    return report
+
+
+def _erase_in(client: OpenSearch, route: Route, alias: str, query: dict[str, Any], report: EraseReport) -> None:
+    # Documents indexed within the last refresh interval are not searchable yet: make them so first.
+    client.indices.refresh(index=alias, ignore_unavailable=True, allow_no_indices=True)
+    hits = scan(client, index=alias, query=query, size=1000, seq_no_primary_term=True, version=route.keyed)
+
+    def actions() -> Iterable[dict[str, Any]]:
+        for hit in hits:
+            action = erase_action(hit, route)
+            if action is not None:
+                yield action
+
+    done: list[str] = []
+    try:
+        for ok, item in streaming_bulk(
+            client, actions(), chunk_size=500, max_retries=3, raise_on_error=False, raise_on_exception=True
+        ):
+            op, answer = next(iter(item.items())) if isinstance(item, dict) and item else ("", {})
+            status, error = answer.get("status"), answer.get("error")
+            error_type = error.get("type") if isinstance(error, dict) else error
+            if ok:
+                (report.deleted if op == "delete" else report.stripped)[route.kind] += 1
+                done.append(str(answer.get("_id")))
+            elif op == "delete" and status == 404:
+                continue  # gone already (another sink, a retention drop)
+            elif status == 409:
+                report.changed_meanwhile += 1
+            elif status == 429 or (isinstance(status, int) and status >= 500):
+                report.problem = f"{status} {error_type}"
+            else:
+                report.failed += 1
+                log.warning("forget: OpenSearch refused %s/%s: %s %s", alias, answer.get("_id"), status, error_type)
+    except NotFoundError:  # no index of this kind yet: nothing to forget in it
+        pass
+    if done:  # ids only: documents hold faces
+        shown = ", ".join(done[:20]) + (f" and {len(done) - 20} more" if len(done) > 20 else "")
+        verb = "deleted" if route.erased_with_subject else "removed the face fields of"
+        log.info("forget: %s %d %s document(s): %s", verb, len(done), route.kind, shown)

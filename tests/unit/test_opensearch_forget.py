@@ -1,0 +1,304 @@
+"""``forget`` in OpenSearch: which audit records forget, what a forget deletes and strips in the indices, that
+doing it twice changes nothing, that a forgotten subject's face is not indexed again, and the sink's retry."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from confluent_kafka import Message, TopicPartition
+from opensearchpy.exceptions import ConnectionError as OpenSearchConnectionError
+from opensearchpy.serializer import JSONSerializer
+
+from infra.retry import Backoff
+from infra.settings import Settings
+from schemas.indices import CASES_ROUTE, ROUTES
+from schemas.records import Alert, AuditEvent, FaceObservation
+from schemas.topics import AUDIT
+from sinks.opensearch.forget import Forget, Forgotten, erase_action, erase_forgotten, forget_of
+from sinks.opensearch.sink import OpenSearchSink, to_actions
+from tests.unit.test_process_metrics import ConfirmingProducer, SinkConsumer
+
+PREFIX = "cg"
+ROUTE = {route.kind: route for route in ROUTES}
+SUBJECT, SALE = "subj-tx-9", "tx-9"
+
+
+def audit(action: str = "FORGET", outcome: str = "DONE", subject: str | None = SUBJECT, tx: str | None = SALE) -> bytes:
+    return AuditEvent(
+        audit_id=f"command:c-{action}",
+        event_time=1_700_000_000_000,
+        action=action,
+        outcome=outcome,
+        actor="sec@example.com",
+        subject_id=subject,
+        transaction_id=tx,
+    ).encode()
+
+
+def observation(observation_id: str, subject: str | None = None, tx: str | None = None) -> FaceObservation:
+    return FaceObservation(
+        observation_id=observation_id,
+        event_time=1_700_000_000_000,
+        camera_serial="Q2MV-S1-L2",
+        store_id="S1",
+        trigger="CHECKOUT" if tx else "ENTRANCE",
+        status="MATCHED" if subject else "NO_MATCH",
+        transaction_id=tx,
+        subject_id=subject,
+        similarity=80.0 if subject else None,
+        image_ref=f"checkout/{observation_id}.jpg",
+        embedding=[0.1, 0.2],
+    )
+
+
+def face_alert(alert_id: str, subject: str) -> Alert:
+    return Alert(
+        alert_id=alert_id,
+        kind="SUSPECT_ENTERED",
+        severity="high",
+        event_time=1_700_000_000_000,
+        store_id="S1",
+        summary="suspect entered",
+        subject_id=subject,
+        category="SUSPECT",
+        similarity=80.0,
+        snapshot_ref=f"entrance/{alert_id}.jpg",
+    )
+
+
+# --------------------------------------------------------------------------- which audit records forget
+
+
+def test_forget_and_expiry_done_or_unchanged_forget_and_nothing_else_does() -> None:
+    assert forget_of(audit()) == Forget(SUBJECT, SALE, "command:c-FORGET")
+    assert forget_of(audit("EXPIRE", tx=None)) == Forget(SUBJECT, SALE, "command:c-EXPIRE")  # subj-<tx> names it
+    assert forget_of(audit(outcome="UNCHANGED")) is not None  # found already forgotten: still erased here
+    assert forget_of(audit(outcome="FAILED")) is None  # the subject stays enrolled
+    for action in ("ENROLL", "RETAIN", "PURGE", "LEARN", "RENEW"):
+        assert forget_of(audit(action)) is None, action
+    assert forget_of(audit(subject=None)) is None
+    assert forget_of(b"not avro") is None and forget_of(None) is None
+    assert forget_of(audit(subject="manual-7", tx=None)) == Forget("manual-7", None, "command:c-FORGET")
+
+
+# --------------------------------------------------------------------------- what a forget does in the indices
+
+
+class FakeCluster:
+    """Indices in memory, searched through aliases, enough of the client for ``scan`` and ``streaming_bulk``:
+    ``terms``, ``exists`` and ``bool`` (``filter``, ``should`` with ``minimum_should_match``) queries."""
+
+    class _Transport:
+        serializer = JSONSerializer()
+
+    transport = _Transport()
+
+    def __init__(self) -> None:
+        self.docs: dict[tuple[str, str], dict[str, Any]] = {}
+        self.meta: dict[tuple[str, str], dict[str, int]] = {}
+        self.refreshed: list[str] = []
+        self.fail_bulk: list[Exception] = []
+        self.indices = self
+
+    def put(self, index: str, doc_id: str, source: dict[str, Any], version: int = 1) -> None:
+        seq = self.meta.get((index, doc_id), {}).get("_seq_no", -1) + 1
+        self.docs[(index, doc_id)] = dict(source)
+        self.meta[(index, doc_id)] = {"_seq_no": seq, "_primary_term": 1, "_version": version}
+
+    def refresh(self, index: str, **_: Any) -> None:
+        self.refreshed.append(index)
+
+    def _matches(self, query: dict[str, Any], source: dict[str, Any]) -> bool:
+        ((kind, body),) = query.items()
+        if kind == "terms":
+            ((name, values),) = body.items()
+            return source.get(name) in values
+        if kind == "exists":
+            return source.get(body["field"]) is not None
+        assert kind == "bool", kind
+        if not all(self._matches(q, source) for q in body.get("filter", [])):
+            return False
+        should = body.get("should", [])
+        return sum(self._matches(q, source) for q in should) >= body.get("minimum_should_match", 0)
+
+    def search(self, body: dict[str, Any], index: str, **kwargs: Any) -> dict[str, Any]:
+        hits = []
+        for (name, doc_id), source in sorted(self.docs.items()):
+            if name.startswith(f"{index}-") and self._matches(body["query"], source):
+                meta = dict(self.meta[(name, doc_id)])
+                if not kwargs.get("version"):
+                    meta.pop("_version")
+                hits.append({"_index": name, "_id": doc_id, "_source": dict(source), **meta})
+        return {"_scroll_id": "s1", "_shards": {"total": 1, "successful": 1, "skipped": 0}, "hits": {"hits": hits}}
+
+    def scroll(self, **_: Any) -> dict[str, Any]:
+        return {"_scroll_id": "s1", "_shards": {"total": 1, "successful": 1, "skipped": 0}, "hits": {"hits": []}}
+
+    def clear_scroll(self, **_: Any) -> None:
+        pass
+
+    def bulk(self, body: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if self.fail_bulk:
+            raise self.fail_bulk.pop(0)
+        lines = [json.loads(line) for line in body.splitlines() if line]
+        items = []
+        while lines:
+            ((op, meta),) = lines.pop(0).items()
+            key = (meta["_index"], meta["_id"])
+            if op == "delete":
+                status = 200 if self.docs.pop(key, None) is not None else 404
+                items.append({op: {"_index": key[0], "_id": key[1], "status": status}})
+                continue
+            source, current = lines.pop(0), self.meta.get(key)
+            stale = current is not None and (
+                ("if_seq_no" in meta and meta["if_seq_no"] != current["_seq_no"])
+                or ("version" in meta and meta["version"] < current["_version"])
+            )
+            if stale:
+                items.append({op: {"_index": key[0], "_id": key[1], "status": 409}})
+                continue
+            self.put(key[0], key[1], source, meta.get("version", 1))
+            items.append({op: {"_index": key[0], "_id": key[1], "status": 200}})
+        return {"errors": True, "items": items}
+
+
+def indexed(cluster: FakeCluster, record: Any, kind: str) -> None:
+    """Index ``record`` as the sink does (without embeddings)."""
+    topic = ROUTE[kind].topic.full_name("")
+    actions, dead = to_actions(
+        [Message(topic=topic, partition=0, offset=0, value=record.encode())], index_prefix=PREFIX
+    )
+    assert dead == [] and len(actions) == 1
+    cluster.put(actions[0].op["_index"], actions[0].doc_id, actions[0].op["_source"])
+
+
+def populated() -> FakeCluster:
+    cluster = FakeCluster()
+    indexed(cluster, observation("entrance:1", subject=SUBJECT), "face_observations")
+    indexed(cluster, observation("checkout:tx-9", tx=SALE), "face_observations")  # the enrolment sale's buyer
+    indexed(cluster, observation("checkout:tx-20", subject=SUBJECT, tx="tx-20"), "face_observations")
+    indexed(cluster, observation("checkout:tx-21", subject="subj-other", tx="tx-21"), "face_observations")
+    indexed(cluster, observation("checkout:tx-22", tx="tx-22"), "face_observations")
+    indexed(cluster, face_alert("alert-1", SUBJECT), "alerts")
+    indexed(cluster, face_alert("alert-2", "subj-other"), "alerts")
+    cases = "cg-cases-all"
+    case = {"case_id": "case-1", "subject_id": SUBJECT, "snapshot_ref": "a.jpg", "reference_image_ref": "r.jpg"}
+    cluster.put(cases, "case-1", {**case, "verdict": "confirmed"}, version=41)
+    cluster.put(cases, "case-2", {**case, "case_id": "case-2", "subject_id": "subj-other"}, version=42)
+    return cluster
+
+
+def test_a_forget_deletes_the_subjects_face_observations_and_its_enrolment_sales_and_keeps_others() -> None:
+    cluster = populated()
+    report = erase_forgotten(cluster, PREFIX, [Forget(SUBJECT, SALE)])  # type: ignore[arg-type]
+    left = {doc_id for (index, doc_id) in cluster.docs if "-face_observations-" in index}
+    assert left == {"checkout:tx-21", "checkout:tx-22"}
+    assert report.deleted == {"face_observations": 3} and report.problem is None
+    assert "cg-face_observations" in cluster.refreshed  # what was indexed a moment ago is found too
+
+
+def test_a_forget_strips_the_face_fields_of_the_subjects_alerts_and_cases_and_keeps_the_decision() -> None:
+    cluster = populated()
+    report = erase_forgotten(cluster, PREFIX, [Forget(SUBJECT, SALE)])  # type: ignore[arg-type]
+    alert_1 = next(s for (i, d), s in cluster.docs.items() if d == "alert-1")
+    assert "snapshot_ref" not in alert_1
+    assert (alert_1["subject_id"], alert_1["category"], alert_1["similarity"]) == (SUBJECT, "SUSPECT", 80.0)
+    case_1 = cluster.docs[("cg-cases-all", "case-1")]
+    assert case_1 == {"case_id": "case-1", "subject_id": SUBJECT, "verdict": "confirmed"}
+    assert cluster.meta[("cg-cases-all", "case-1")]["_version"] == 41  # the cases topic's next record still wins
+    assert next(s for (i, d), s in cluster.docs.items() if d == "alert-2")["snapshot_ref"] == "entrance/alert-2.jpg"
+    assert cluster.docs[("cg-cases-all", "case-2")]["snapshot_ref"] == "a.jpg"
+    assert report.stripped == {"alerts": 1, "cases": 1}
+
+
+def test_forgetting_twice_changes_nothing_the_second_time() -> None:
+    cluster = populated()
+    erase_forgotten(cluster, PREFIX, [Forget(SUBJECT, SALE)])  # type: ignore[arg-type]
+    before = dict(cluster.docs), dict(cluster.meta)
+    again = erase_forgotten(cluster, PREFIX, [Forget(SUBJECT, SALE)])  # type: ignore[arg-type]
+    assert again.total() == 0 and (dict(cluster.docs), dict(cluster.meta)) == before
+
+
+def test_a_document_written_between_scan_and_strip_is_left_to_the_newer_write() -> None:
+    hit = {"_index": "cg-alerts-2023.11.14", "_id": "a", "_source": {"subject_id": SUBJECT, "snapshot_ref": "x"}}
+    action = erase_action({**hit, "_seq_no": 4, "_primary_term": 2}, ROUTE["alerts"])
+    assert action is not None and (action["if_seq_no"], action["if_primary_term"]) == (4, 2)
+    assert action["_source"] == {"subject_id": SUBJECT}
+    keyed = erase_action({**hit, "_index": "cg-cases-all", "_version": 7}, CASES_ROUTE)
+    assert keyed is not None and (keyed["version"], keyed["version_type"]) == (7, "external_gte")
+    assert erase_action({**hit, "_source": {"subject_id": SUBJECT}}, ROUTE["alerts"]) is None
+
+
+# --------------------------------------------------------------------------- a forgotten face does not come back
+
+
+def test_a_forgotten_subjects_face_observation_read_after_the_forget_is_not_indexed() -> None:
+    forgotten = Forgotten()
+    forgotten.add(Forget(SUBJECT, SALE))
+    topic = ROUTE["face_observations"].topic.full_name("")
+    batch = [
+        Message(topic=topic, partition=0, offset=n, value=o.encode())
+        for n, o in enumerate(
+            [observation("e:1", subject=SUBJECT), observation("c:9", tx=SALE), observation("c:5", tx="tx-5")]
+        )
+    ]
+    alerts = ROUTE["alerts"].topic.full_name("")
+    batch.append(Message(topic=alerts, partition=0, offset=0, value=face_alert("alert-3", SUBJECT).encode()))
+    actions, dead = to_actions(batch, index_prefix=PREFIX, include_private=True, forgotten=forgotten)
+    assert dead == [] and [a.doc_id for a in actions] == ["c:5", "alert-3"]
+    assert "snapshot_ref" not in actions[1].op["_source"] and actions[1].op["_source"]["subject_id"] == SUBJECT
+    assert forgotten.take_counts() == (2, 1) and forgotten.take_counts() == (0, 0)
+
+
+class AuditConsumer(SinkConsumer):
+    def assignment(self) -> list[TopicPartition]:
+        return [*super().assignment(), TopicPartition(AUDIT.full_name(""), 0)]
+
+
+class _Sink:
+    """A sink on ``cluster`` with a consumer and producer that need no Kafka."""
+
+    def __init__(self, cluster: FakeCluster) -> None:
+        self.sink = OpenSearchSink(
+            Settings(),
+            index_prefix=PREFIX,
+            client=cluster,  # type: ignore[arg-type]
+            backoff=Backoff(initial_s=0.001, maximum_s=0.002),
+        )
+        self.consumer = AuditConsumer()
+        self.sink._consumer, self.sink._producer = self.consumer, ConfirmingProducer()  # type: ignore[assignment]
+
+
+def test_the_sink_carries_out_a_forget_read_on_audit_and_retries_an_outage_before_committing() -> None:
+    cluster = populated()
+    cluster.fail_bulk.append(OpenSearchConnectionError("N/A", "connection refused", OSError("refused")))
+    wrapped = _Sink(cluster)
+    late = observation("entrance:2", subject=SUBJECT)  # replayed in the same batch, after the forget was made
+    batch = [
+        Message(topic=ROUTE["face_observations"].topic.full_name(""), partition=0, offset=5, value=late.encode()),
+        Message(topic=AUDIT.full_name(""), partition=0, offset=3, value=audit()),
+    ]
+    wrapped.sink._process(batch)
+    faces = {doc_id for (index, doc_id) in cluster.docs if "-face_observations-" in index}
+    assert faces == {"checkout:tx-21", "checkout:tx-22"}
+    assert wrapped.sink.stats.retries == 1 and wrapped.sink.stats.erased == 5 and wrapped.sink.stats.forgets == 1
+    assert wrapped.sink.stats.forgotten_on_write == 1
+    assert SUBJECT in wrapped.sink.forgotten.subjects
+    committed = {(tp.topic, tp.offset) for tp in wrapped.consumer.commits[-1]}
+    assert (AUDIT.full_name(""), 4) in committed  # only once the forget was done
+
+
+def test_the_sink_reads_every_forget_on_audit_before_indexing() -> None:
+    wrapped = _Sink(FakeCluster())
+    records = [audit(), audit("ENROLL", subject="subj-new", tx="new"), audit(subject="subj-x", tx=None)]
+
+    def read(settings: Settings, apply: Any, timeout_s: float, specs: tuple[Any, ...]) -> None:
+        assert specs == (AUDIT,)
+        for value in records:
+            apply(AUDIT.full_name(""), b"k", value)
+
+    wrapped.sink._load_forgotten(read)
+    assert wrapped.sink.forgotten.subjects == {SUBJECT, "subj-x"}
+    assert wrapped.sink.forgotten.transactions == {SALE, "x"}
+    assert AUDIT.full_name("") in wrapped.sink.topics
