@@ -83,13 +83,22 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,60}$")
 def check_name(settings: Settings, name: str) -> None:
     """``ValueError`` unless ``name`` may name a backtest's copy: lowercase letters, digits, ``-`` and ``_``
     (it names indices), not the live index prefix nor a dash-prefix of it (``checkout`` would have written
-    into, and cleaned up, ``checkout-guard-*``), and no name whose topics (``<name>.*``) are live ones
-    (``store1`` under the live topic prefix ``store1.`` would have replayed into, and cleaned up, the live topics)."""
+    into, and cleaned up, ``checkout-guard-*``), no name under a live index family (``checkout-guard-alerts-v2``:
+    its indices matched the live ``checkout-guard-alerts-*`` template, with the live alias and the same priority
+    as the copy's own, which OpenSearch refuses, so the copy's sink died mid-run), and no name whose topics
+    (``<name>.*``) are live ones (``store1`` under the live topic prefix ``store1.`` would have replayed into, and
+    cleaned up, the live topics)."""
     if not NAME_RE.match(name):
         raise ValueError(f"backtest name {name!r}: lowercase letters, digits, '-' and '_' (it names indices)")
     live = settings.opensearch.index_prefix
     if f"{live}-".startswith(f"{name}-"):
         raise ValueError(f"backtest name {name!r}: its indices ({name}-*) would take in the live ones ({live}-*)")
+    taken = [route.kind for route in ROUTES if f"{name}-".startswith(f"{index_name(live, route.kind)}-")]
+    if taken:
+        raise ValueError(
+            f"backtest name {name!r}: its indices ({name}-*) fall under the live {index_name(live, taken[0])}-*, "
+            "whose template would give them the live read alias (or refuse the copy's own templates)"
+        )
     live_topics = {spec.full_name(settings.kafka.topic_prefix) for spec in ALL_TOPICS}
     if live_topics & {spec.full_name(f"{name}.") for spec in ALL_TOPICS}:
         raise ValueError(

@@ -195,6 +195,16 @@ def test_a_backtest_name_that_takes_in_the_live_indices_is_refused(tmp_path, nam
     assert candidate_settings(Settings(stack_dir=tmp_path), "checkout-guard2", Candidate()).opensearch.index_prefix
 
 
+@pytest.mark.parametrize("name", ["checkout-guard-alerts", "checkout-guard-alerts-v2", "checkout-guard-transactions-x"])
+def test_a_backtest_name_under_a_live_index_family_is_refused(tmp_path, name: str):
+    """``checkout-guard-alerts-v2-transactions-2026.11.22`` matched the live ``checkout-guard-alerts-*`` template:
+    the copy's own template (same priority) was refused, so its sink died mid-run, or its decisions would have
+    joined the live ``checkout-guard-alerts`` alias."""
+    with pytest.raises(ValueError, match="fall under the live checkout-guard-"):
+        candidate_settings(Settings(stack_dir=tmp_path), name, Candidate(rules_file=tmp_path / "r.yaml"))
+    assert candidate_settings(Settings(stack_dir=tmp_path), "checkout-guard-bt1", Candidate()).opensearch.index_prefix
+
+
 def test_a_backtest_name_whose_topics_are_the_live_ones_is_refused_by_run_and_cleanup(tmp_path):
     """Under the live topic prefix ``store1.``, ``store1`` replayed into the live topics and cleanup deleted them."""
     from jobs.flink.backtest_stream import cleanup
