@@ -73,7 +73,8 @@ def parse_time_ms(text: str, now_ms: int | None = None) -> int:
 
 
 def parse_offsets(text: str) -> dict[int, int] | int:
-    """``100`` (every partition) or ``0:100,2:50`` (per partition; others unbounded)."""
+    """``100`` (every partition) or ``0:100,2:50`` (per partition; others unbounded). A partition named twice is
+    refused: which offset was meant cannot be told (the last one used to win, so ``0:1500,0:150`` replayed to 150)."""
     text = text.strip()
     if clock.ascii_digits(text) and len(text) <= 19 and int(text) < 2**63:  # Kafka offsets are int64
         return int(text)
@@ -84,6 +85,8 @@ def parse_offsets(text: str) -> dict[int, int] | int:
             sep and clock.ascii_digits(p) and clock.ascii_digits(o) and len(p) <= 10 and len(o) <= 19 and int(o) < 2**63
         ):
             raise RangeError(f"bad offsets {text!r}: use N or PARTITION:OFFSET,... (e.g. 0:100,2:50)")
+        if int(p) in out:
+            raise RangeError(f"bad offsets {text!r}: partition {int(p)} is named twice")
         out[int(p)] = int(o)
     if not out:
         raise RangeError("empty offsets")

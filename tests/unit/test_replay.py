@@ -64,6 +64,14 @@ def test_offsets_parse_for_every_partition_or_per_partition():
             parse_offsets(bad)
 
 
+def test_a_partition_named_twice_in_offsets_is_refused_not_read_as_its_last_offset():
+    """``--to-offsets 0:1500,0:150`` replayed partition 0 up to 150: the last copy won without a word."""
+    with pytest.raises(RangeError, match="partition 0 is named twice"):
+        parse_offsets("0:1500, 2:10, 0:150")
+    with pytest.raises(RangeError, match="named twice"):
+        bounds(None, "0:1500,0:150", None, None)
+
+
 def test_one_end_is_an_offset_or_a_time_not_both():
     with pytest.raises(RangeError, match="not both"):
         bounds("5", None, "now", None)
