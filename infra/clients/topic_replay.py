@@ -169,8 +169,9 @@ def resolve_ranges(
     Defaults: from the low watermark (earliest) to the high watermark at this moment. A time resolves
     to the first offset whose timestamp is at or after it (``offsets_for_time(ms) -> {partition:
     offset}``, -1 = none, i.e. the high watermark). Per-partition offsets leave unnamed partitions at
-    their default. Raises :class:`RangeError` for a partition the topic does not have, or a range that ends
-    before it starts (:func:`check_order`).
+    their default; offsets for a partition that ``partitions`` leaves out are refused. Raises
+    :class:`RangeError` for a partition the topic does not have, or a range that ends before it starts
+    (:func:`check_order`).
     """
     check_order(start, end)
     wanted = sorted(watermarks) if partitions is None else sorted(set(partitions))
@@ -191,6 +192,9 @@ def resolve_ranges(
             bad = sorted(set(bound.offsets) - set(watermarks))
             if bad:
                 raise RangeError(f"no partition(s) {bad}; the topic has {sorted(watermarks)}")
+            left_out = sorted(set(bound.offsets) - set(wanted))
+            if left_out:  # the offsets were meant for a partition: silently replaying the others misleads
+                raise RangeError(f"offsets given for partition(s) {left_out}, which --partitions {wanted} leaves out")
             out.update({p: o for p, o in bound.offsets.items() if p in out})
         return out
 

@@ -72,6 +72,17 @@ def test_a_partition_named_twice_in_offsets_is_refused_not_read_as_its_last_offs
         bounds(None, "0:1500,0:150", None, None)
 
 
+def test_offsets_for_a_partition_that_partitions_leaves_out_are_refused_not_ignored():
+    """``--partitions 0,2 --from-offsets 1:50`` replayed partitions 0 and 2 whole, the offset for 1 unused."""
+    watermarks = {0: (0, 100), 1: (0, 100), 2: (0, 100)}
+    with pytest.raises(RangeError, match=r"partition\(s\) \[1\], which --partitions \[0, 2\] leaves out"):
+        resolve_ranges(watermarks, Bound(offsets={1: 50}), Bound(), dict, partitions=[0, 2])
+    with pytest.raises(RangeError, match="leaves out"):
+        resolve_ranges(watermarks, Bound(), Bound(offsets={0: 60, 1: 50}), dict, partitions=[0])
+    ranges = resolve_ranges(watermarks, Bound(offsets={2: 50}), Bound(), dict, partitions=[0, 2])
+    assert [(r.partition, r.start, r.end) for r in ranges] == [(0, 0, 100), (2, 50, 100)]
+
+
 def test_one_end_is_an_offset_or_a_time_not_both():
     with pytest.raises(RangeError, match="not both"):
         bounds("5", None, "now", None)
