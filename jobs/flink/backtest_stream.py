@@ -854,7 +854,8 @@ def compare_again(
 
 
 def cleanup(settings: Settings, name: str) -> tuple[list[str], list[str]]:
-    """Delete a backtest's topics (``<name>.*``), its indices (``<name>-<kind>*`` of the sink's kinds only) and its
+    """Delete a backtest's topics (``<name>.*``), its indices (``<name>-<kind>*`` of the sink's kinds only), the index
+    templates its sink installed (``<name>-<kind>``: left behind, every backtest added its own for good) and its
     checkpoints (so the name can run again); its report stays."""
     from infra.clients.opensearch import make_client
 
@@ -870,6 +871,9 @@ def cleanup(settings: Settings, name: str) -> tuple[list[str], list[str]]:
     indices = sorted(client.indices.get(index=patterns, params={"allow_no_indices": "true"}))
     if indices:
         client.indices.delete(index=",".join(indices))
+    for template in (index_name(name, route.kind) for route in ROUTES):
+        if client.indices.exists_index_template(name=template):
+            client.indices.delete_index_template(name=template)
     shutil.rmtree(settings.stack_dir / "backtests" / name / "checkpoints", ignore_errors=True)
     return topics, indices
 

@@ -153,3 +153,4 @@ def test_backtest_of_a_stricter_rule_set_reports_its_changes_and_detection(basel
     assert written["confusion"]["REVIEW"]["BLOCK"] == report.confusion["REVIEW"]["BLOCK"]
     assert written["meta"]["replayed"] == N and written["meta"]["rules_version"] == "candidate-block50"
     assert "## Outcomes" in markdown and f"| {name} | candidate-block50 / " in markdown
+    assert not client.indices.exists_index_template(name=index_name(name, "transactions")), "cleanup left a template"

@@ -217,7 +217,7 @@ def test_a_backtest_name_whose_topics_are_the_live_ones_is_refused_by_run_and_cl
     assert candidate_settings(live, "store2", Candidate()).kafka.topic_prefix == "store2."
 
 
-def test_cleanup_deletes_only_the_copys_own_indices_topics_and_checkpoints(tmp_path, monkeypatch):
+def test_cleanup_deletes_only_the_copys_own_indices_templates_topics_and_checkpoints(tmp_path, monkeypatch):
     """The name may run again after it (the refusal said 'clean it up', but the checkpoints stayed)."""
     import contextlib
     from types import SimpleNamespace
@@ -228,9 +228,12 @@ def test_cleanup_deletes_only_the_copys_own_indices_topics_and_checkpoints(tmp_p
 
     asked: list[str] = []
     deleted: list[str] = []
+    templates = {"bt-1-transactions", "bt-1-alerts", "checkout-guard-transactions", "bt-10-transactions"}
     indices = SimpleNamespace(
         get=lambda index, params: asked.append(index) or {"bt-1-transactions-2026.11.22": {}},
         delete=lambda index: deleted.append(index),
+        exists_index_template=lambda name: name in templates,
+        delete_index_template=lambda name: templates.remove(name),
     )
     monkeypatch.setattr(opensearch, "make_client", lambda _settings: SimpleNamespace(indices=indices))
     admin = SimpleNamespace(delete_topics=lambda topics, request_timeout: {})
@@ -243,6 +246,7 @@ def test_cleanup_deletes_only_the_copys_own_indices_topics_and_checkpoints(tmp_p
     [patterns] = asked
     assert all(p.startswith("bt-1-") and p.endswith("*") for p in patterns.split(",")) and "bt-1-*" not in patterns
     assert deleted == ["bt-1-transactions-2026.11.22"]
+    assert templates == {"checkout-guard-transactions", "bt-10-transactions"}, "its own templates only"
     assert not checkpoints.exists() and (tmp_path / "backtests" / "bt-1" / "report.md").exists()
 
 
