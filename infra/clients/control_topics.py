@@ -45,12 +45,15 @@ def read_control_topics(
     timeout_s: float = 20.0,
     specs: tuple[TopicSpec, ...] = (RULES, WATCHLIST),
     since_ms: int | None = None,
+    stall_s: float | None = None,
 ) -> dict[tuple[str, int], int]:
     """Call ``apply(topic, key, value)`` for every committed record, in order, up to the current end
     (an exception from ``apply`` stops the read); return the last offset read per partition (-1 where
     nothing was read). ``since_ms``: start at the first record written at or after it (broker timestamp)
     instead of the beginning, so a long log is read only as far back as needed. ``TimeoutError`` if the
-    end is not reached within ``timeout_s``."""
+    end is not reached within ``timeout_s``; with ``stall_s``, only if no record came for ``stall_s`` (the
+    deadline moves with every record read), so a long log (a year of ``audit``) is read to its end however long
+    that takes, as long as it keeps coming."""
     from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, TopicPartition
 
     from infra.clients import kafka as kafka_clients
@@ -78,11 +81,14 @@ def read_control_topics(
         deadline = time.monotonic() + timeout_s
         while pending:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"control topics not read to their end in {timeout_s:.0f}s")
+                waited = f"in {timeout_s:.0f}s" if stall_s is None else f"(no record for {stall_s:.0f}s)"
+                raise TimeoutError(f"control topics not read to their end {waited}")
             msg = reader.poll(0.2)
             if msg is not None and not msg.error():
                 apply(msg.topic(), msg.key(), msg.value())
                 last[(msg.topic(), msg.partition())] = msg.offset()
+                if stall_s is not None:
+                    deadline = time.monotonic() + stall_s
             for tp in list(pending):  # read_committed: the end may be a transaction marker
                 if reader.position([TopicPartition(*tp)])[0].offset >= ends[tp]:
                     pending.discard(tp)

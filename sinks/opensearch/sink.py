@@ -104,6 +104,10 @@ from sinks.opensearch.forget import Forget, Forgotten, erase_forgotten, forget_o
 
 log = logging.getLogger(__name__)
 
+AUDIT_READ_TIMEOUT_S = 20.0
+"""The start-up read of ``audit``: how long Kafka's metadata may take, and how long the read may go without a
+record before it is tried again; below the heartbeat's 60 s, so ``/healthz`` stays alive while it waits."""
+
 STAGE = "opensearch-sink"
 RETRIABLE_ERROR_TYPES = frozenset(
     {
@@ -824,35 +828,43 @@ class OpenSearchSink:
     def _load_forgotten(self, read: Callable[..., object] | None = None) -> None:
         """Read every forget on ``audit`` before indexing anything, so that no face of a subject forgotten
         before this start is indexed again (the group's offsets are past those forgets); retried while Kafka
-        does not answer. A deployment without the topic (a sink on a bare test prefix) has forgotten nobody."""
+        does not answer. A deployment without the topic (a sink on a bare test prefix) has forgotten nobody.
+
+        ``audit`` holds a year of every service's audit events: the read goes on as long as records keep coming
+        (``stall_s``), not for a fixed time, and every record read beats the heartbeat, so a long read is
+        neither given up and started again from the beginning for ever nor taken for a hung sink by ``/healthz``
+        (whose supervisor would restart it, as often). The metadata calls' timeout stays below the heartbeat's."""
         if read is None:
             from infra.clients.control_topics import read_control_topics
 
             read = read_control_topics
 
         def apply(_topic: str, _key: bytes | None, value: bytes | None) -> None:
+            self.heartbeat.beat()  # reading is progress
             if (forget := forget_of(value)) is not None:
                 self.forgotten.add(forget)
 
         attempt = 0
         while True:
-            self.heartbeat.beat()  # the read may take its whole timeout: starting is progress too
+            self.heartbeat.beat()
             try:
-                read(self.settings, apply, timeout_s=60.0, specs=(AUDIT,))
+                read(self.settings, apply, timeout_s=AUDIT_READ_TIMEOUT_S, specs=(AUDIT,), stall_s=AUDIT_READ_TIMEOUT_S)
                 break
             except (RuntimeError, TimeoutError, KafkaException) as exc:
                 if "UNKNOWN_TOPIC" in str(exc):
                     log.warning("no %s topic: no forget to apply yet", self._audit_topic)
                     break
-                self.heartbeat.beat("Kafka unreachable")
                 delay = self.backoff.delay(attempt, self._rng)
                 attempt += 1
                 self.stats.retries += 1
                 log.warning(
                     "reading the forgets on %s failed (%s); retry %d in %.1fs", self._audit_topic, exc, attempt, delay
                 )
-                if self._stop.wait(delay):
-                    raise _Stopped from None
+                deadline = time.monotonic() + delay
+                while (left := deadline - time.monotonic()) > 0:
+                    self.heartbeat.beat("Kafka unreachable")  # waiting on purpose is progress
+                    if self._stop.wait(min(left, 1.0)):
+                        raise _Stopped from None
         log.info("forgotten subjects: %d (from %s)", len(self.forgotten), self._audit_topic)
 
     def _apply_retention(self) -> None:

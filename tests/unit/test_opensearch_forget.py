@@ -10,6 +10,7 @@ from confluent_kafka import Message, TopicPartition
 from opensearchpy.exceptions import ConnectionError as OpenSearchConnectionError
 from opensearchpy.serializer import JSONSerializer
 
+from infra.metrics import Heartbeat
 from infra.retry import Backoff
 from infra.settings import Settings
 from schemas.indices import CASES_ROUTE, ROUTES
@@ -293,7 +294,7 @@ def test_the_sink_reads_every_forget_on_audit_before_indexing() -> None:
     wrapped = _Sink(FakeCluster())
     records = [audit(), audit("ENROLL", subject="subj-new", tx="new"), audit(subject="subj-x", tx=None)]
 
-    def read(settings: Settings, apply: Any, timeout_s: float, specs: tuple[Any, ...]) -> None:
+    def read(settings: Settings, apply: Any, timeout_s: float, specs: tuple[Any, ...], **_: Any) -> None:
         assert specs == (AUDIT,)
         for value in records:
             apply(AUDIT.full_name(""), b"k", value)
@@ -302,3 +303,76 @@ def test_the_sink_reads_every_forget_on_audit_before_indexing() -> None:
     assert wrapped.sink.forgotten.subjects == {SUBJECT, "subj-x"}
     assert wrapped.sink.forgotten.transactions == {SALE, "x"}
     assert AUDIT.full_name("") in wrapped.sink.topics
+
+
+def test_a_long_read_of_audit_at_start_keeps_the_sink_alive_and_is_not_cut_off_by_a_fixed_timeout() -> None:
+    """A year of audit events takes longer to read than any fixed timeout: the read must go on while records
+    come, and /healthz must not call the sink hung meanwhile (its supervisor would restart it, for ever)."""
+    now = [0.0]
+    wrapped = _Sink(FakeCluster())
+    wrapped.sink.heartbeat = Heartbeat(stale_s=60.0, clock=lambda: now[0])
+    calls: list[dict[str, Any]] = []
+
+    def read(settings: Settings, apply: Any, **kwargs: Any) -> None:
+        calls.append(kwargs)
+        for n in range(600):  # ten minutes of records, one a second
+            now[0] += 1.0
+            apply(AUDIT.full_name(""), b"k", audit(subject=f"subj-{n}", tx=None) if n % 100 == 0 else None)
+            assert wrapped.sink.heartbeat()[0], f"/healthz stale after {now[0]:.0f} s of reading"
+
+    wrapped.sink._load_forgotten(read)
+    assert len(wrapped.sink.forgotten) == 6 and len(calls) == 1
+    assert calls[0]["stall_s"] is not None and calls[0]["timeout_s"] < wrapped.sink.heartbeat.stale_s
+
+
+class _SlowTopic:
+    """A consumer of one partition of ``count`` records that hands out one record per ``poll`` and lets a second
+    pass on the test's clock per poll: a long log read as fast as it comes."""
+
+    def __init__(self, topic: str, count: int, now: list[float]) -> None:
+        self.topic, self.count, self.now, self.next = topic, count, now, 0
+
+    def list_topics(self, topic: str, timeout: float) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(topics={topic: SimpleNamespace(error=None, partitions={0: None})})
+
+    def get_watermark_offsets(self, _tp: TopicPartition, timeout: float) -> tuple[int, int]:
+        return 0, self.count
+
+    def assign(self, _partitions: list[TopicPartition]) -> None:
+        pass
+
+    def poll(self, _timeout: float) -> Message | None:
+        self.now[0] += 1.0
+        if self.next >= self.count:
+            return None
+        self.next += 1
+        return Message(topic=self.topic, partition=0, offset=self.next - 1, value=b"v")
+
+    def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        return [TopicPartition(p.topic, p.partition, self.next) for p in partitions]
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_control_topic_read_with_stall_s_goes_to_its_end_however_long_while_records_keep_coming(
+    monkeypatch: Any,
+) -> None:
+    import pytest
+
+    from infra.clients import control_topics
+    from infra.clients import kafka as kafka_clients
+
+    now = [0.0]
+    topic = AUDIT.full_name(Settings().kafka.topic_prefix)
+    monkeypatch.setattr(control_topics.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(kafka_clients, "consumer", lambda *_a, **_k: _SlowTopic(topic, 300, now))
+    read: list[bytes | None] = []
+    last = control_topics.read_control_topics(
+        Settings(), lambda _t, _k, v: read.append(v), timeout_s=20.0, specs=(AUDIT,), stall_s=20.0
+    )
+    assert len(read) == 300 and last == {(topic, 0): 299}  # 300 s of reading, never 20 s without a record
+    with pytest.raises(TimeoutError):  # without stall_s the read is cut off at timeout_s, as before
+        control_topics.read_control_topics(Settings(), lambda *_: None, timeout_s=20.0, specs=(AUDIT,))
