@@ -37,7 +37,7 @@ from typing import Any
 
 from opensearchpy import OpenSearch
 from opensearchpy.exceptions import NotFoundError
-from opensearchpy.helpers import scan, streaming_bulk
+from opensearchpy.helpers import ScanError, scan, streaming_bulk
 
 from schemas.codec import DecodeError
 from schemas.indices import (
@@ -188,9 +188,10 @@ def erase_forgotten(
 ) -> EraseReport:
     """Delete and strip what ``forgets`` reach in every index of the prefix (read aliases: every period index).
 
-    Raises the client's ``TransportError`` when OpenSearch cannot be reached; a retriable refusal of some
-    document sets :attr:`EraseReport.problem`. Either way the caller repeats the round (it is idempotent) before
-    committing the offsets of the forgets.
+    Raises the client's ``TransportError`` when OpenSearch cannot be reached or the scroll was lost mid-scan
+    (404 ``search_context_missing_exception``: only a missing index means nothing to forget); a retriable refusal
+    of some document, or a scan some shard failed, sets :attr:`EraseReport.problem`. Either way the caller
+    repeats the round (it is idempotent) before committing the offsets of the forgets.
     """
     report = EraseReport()
     if not forgets:
@@ -219,24 +220,33 @@ def _erase_in(client: OpenSearch, route: Route, alias: str, query: dict[str, Any
         for ok, item in streaming_bulk(
             client, actions(), chunk_size=500, max_retries=3, raise_on_error=False, raise_on_exception=True
         ):
-            op, answer = next(iter(item.items())) if isinstance(item, dict) and item else ("", {})
-            status, error = answer.get("status"), answer.get("error")
-            error_type = error.get("type") if isinstance(error, dict) else error
-            if ok:
-                (report.deleted if op == "delete" else report.stripped)[route.kind] += 1
-                done.append(str(answer.get("_id")))
-            elif op == "delete" and status == 404:
-                continue  # gone already (another sink, a retention drop)
-            elif status == 409:
-                report.changed_meanwhile += 1
-            elif status == 429 or (isinstance(status, int) and status >= 500):
-                report.problem = f"{status} {error_type}"
-            else:
-                report.failed += 1
-                log.warning("forget: OpenSearch refused %s/%s: %s %s", alias, answer.get("_id"), status, error_type)
-    except NotFoundError:  # no index of this kind yet: nothing to forget in it
-        pass
+            _count(ok, item, route, alias, report, done)
+    except NotFoundError as exc:
+        if exc.error != "index_not_found_exception":  # e.g. the scroll lost mid-scan: not done, the round is repeated
+            raise
+        # no index of this kind yet: nothing to forget in it
+    except ScanError as exc:  # some shard did not answer: what it holds was not reached
+        report.problem = f"scan incomplete: {exc}"
     if done:  # ids only: documents hold faces
         shown = ", ".join(done[:20]) + (f" and {len(done) - 20} more" if len(done) > 20 else "")
         verb = "deleted" if route.erased_with_subject else "removed the face fields of"
         log.info("forget: %s %d %s document(s): %s", verb, len(done), route.kind, shown)
+
+
+def _count(ok: bool, item: Any, route: Route, alias: str, report: EraseReport, done: list[str]) -> None:
+    """One bulk answer into ``report`` (and ``done``, the ids written)."""
+    op, answer = next(iter(item.items())) if isinstance(item, dict) and item else ("", {})
+    status, error = answer.get("status"), answer.get("error")
+    error_type = error.get("type") if isinstance(error, dict) else error
+    if ok:
+        (report.deleted if op == "delete" else report.stripped)[route.kind] += 1
+        done.append(str(answer.get("_id")))
+    elif op == "delete" and status == 404:
+        return  # gone already (another sink, a retention drop)
+    elif status == 409:
+        report.changed_meanwhile += 1
+    elif status == 429 or (isinstance(status, int) and status >= 500):
+        report.problem = f"{status} {error_type}"
+    else:
+        report.failed += 1
+        log.warning("forget: OpenSearch refused %s/%s: %s %s", alias, answer.get("_id"), status, error_type)

@@ -376,3 +376,39 @@ def test_a_control_topic_read_with_stall_s_goes_to_its_end_however_long_while_re
     assert len(read) == 300 and last == {(topic, 0): 299}  # 300 s of reading, never 20 s without a record
     with pytest.raises(TimeoutError):  # without stall_s the read is cut off at timeout_s, as before
         control_topics.read_control_topics(Settings(), lambda *_: None, timeout_s=20.0, specs=(AUDIT,))
+
+
+def test_a_scroll_lost_mid_scan_is_not_taken_for_a_forget_done() -> None:
+    """Only a missing index means nothing to forget: a scroll OpenSearch lost between two pages (a restart, its
+    keep-alive past) left documents unread, and taking it for done committed the forget with faces left."""
+    import pytest
+    from opensearchpy.exceptions import NotFoundError
+
+    class LosesScroll(FakeCluster):
+        def scroll(self, **_: Any) -> dict[str, Any]:
+            raise NotFoundError(404, "search_context_missing_exception", {})
+
+    lost, full = LosesScroll(), populated()
+    lost.docs, lost.meta = full.docs, full.meta
+    with pytest.raises(NotFoundError):
+        erase_forgotten(lost, PREFIX, [Forget(SUBJECT, SALE)])  # type: ignore[arg-type]
+
+    class NoIndex(FakeCluster):
+        def search(self, body: dict[str, Any], index: str, **kwargs: Any) -> dict[str, Any]:
+            raise NotFoundError(404, "index_not_found_exception", {})
+
+    report = erase_forgotten(NoIndex(), PREFIX, [Forget(SUBJECT, SALE)])  # type: ignore[arg-type]
+    assert report.problem is None and report.total() == 0
+
+
+def test_a_scan_some_shard_failed_is_repeated_not_a_crash() -> None:
+    class ShardFails(FakeCluster):
+        def search(self, body: dict[str, Any], index: str, **kwargs: Any) -> dict[str, Any]:
+            answer = super().search(body, index, **kwargs)
+            answer["_shards"] = {"total": 2, "successful": 1, "skipped": 0, "failed": 1}
+            return answer
+
+    cluster, full = ShardFails(), populated()
+    cluster.docs, cluster.meta = full.docs, full.meta
+    report = erase_forgotten(cluster, PREFIX, [Forget(SUBJECT, SALE)])  # type: ignore[arg-type]
+    assert report.problem is not None and report.problem.startswith("scan incomplete")
