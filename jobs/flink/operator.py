@@ -121,13 +121,21 @@ class DecideStep(KeyedBroadcastProcessFunction):
         out = _pack(outputs)
         if out is not None:
             yield out
-        broadcast = ctx.get_broadcast_state(BROADCAST)
-        if update is not None:
-            if update.value is None:
-                broadcast.remove(update.key)
-            else:
-                broadcast.put(update.key, update.value)
-        for stale in self.core.stale_broadcast(list(broadcast.keys())):  # a forgotten subject restored: out
+        keep_in_broadcast(self.core, ctx.get_broadcast_state(BROADCAST), update)
+
+
+def keep_in_broadcast(core: DecisionCore, broadcast: Any, update: Any) -> None:
+    """A control update into the broadcast state (kept for restores); at the first one after a start-up read, the
+    restored watchlist entries the topic no longer holds go (:meth:`DecisionCore.stale_broadcast`). Only the
+    broadcast state's ``items()`` is read: in thread mode PyFlink's has no working ``keys()`` (its Java state has
+    no such method), and calling it failed the operator at every control record, restarting the job in a loop."""
+    if update is not None:
+        if update.value is None:
+            broadcast.remove(update.key)
+        else:
+            broadcast.put(update.key, update.value)
+    if core.broadcast_check_due():
+        for stale in core.stale_broadcast([key for key, _ in broadcast.items()]):  # a forgotten subject: out
             broadcast.remove(stale)
 
 

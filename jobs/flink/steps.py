@@ -32,7 +32,7 @@ from infra.clock import now_ms
 from infra.settings import Settings
 from jobs.flink.frames import OutputBatch, unpack_records
 from jobs.flink.job_metrics import JobMetrics
-from jobs.flink.operator import BROADCAST, FrozenState, _as_bytes, _predictor, _watchlist, commit
+from jobs.flink.operator import BROADCAST, FrozenState, _as_bytes, _predictor, _watchlist, commit, keep_in_broadcast
 from jobs.scoring.core import DecisionCore
 from jobs.scoring.face_join import DECIDED
 from jobs.scoring.partitioned import (
@@ -164,14 +164,7 @@ def _control(core: DecisionCore, row: Row, ctx) -> Iterator[bytes]:
     packed = _pack(out)
     if packed is not None:
         yield packed
-    broadcast = ctx.get_broadcast_state(BROADCAST)
-    if update is not None:
-        if update.value is None:
-            broadcast.remove(update.key)
-        else:
-            broadcast.put(update.key, update.value)
-    for stale in core.stale_broadcast(list(broadcast.keys())):  # a forgotten subject restored: out
-        broadcast.remove(stale)
+    keep_in_broadcast(core, ctx.get_broadcast_state(BROADCAST), update)
 
 
 class _Shards:

@@ -349,6 +349,11 @@ class DecisionCore:
             self._apply_broadcast(*update)
         return update
 
+    def broadcast_check_due(self) -> bool:
+        """Whether :meth:`stale_broadcast` has a comparison to make (once per start, after a start-up read): the
+        operator reads the broadcast state's keys only then."""
+        return not self._broadcast_checked and self.bootstrapped is not None and self.watchlist is not None
+
     def stale_broadcast(self, keys: Iterable[str]) -> list[str]:
         """Once per start, after a start-up read of the watchlist topic: the watchlist keys of the restored
         broadcast state that the topic no longer holds, for the operator to remove. A checkpoint or savepoint
@@ -356,10 +361,11 @@ class DecisionCore:
         the forgotten subject's entry, embeddings and all, into every later checkpoint, and a start whose read
         failed matched the subject again from it. ``[]`` without a read (the broadcast state is then in force)
         and after the first call."""
-        if self._broadcast_checked or self.bootstrapped is None or self.watchlist is None:
+        if not self.broadcast_check_due():
             return []
         self._broadcast_checked = True
         watchlist = self.watchlist
+        assert watchlist is not None  # broadcast_check_due
         return [key for key in keys if key.startswith("wl:") and watchlist.category(key[3:]) is None]
 
     def _check_broadcast(self, key: str, value: Any) -> None:

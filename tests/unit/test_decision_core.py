@@ -843,8 +843,11 @@ def test_the_broadcast_step_removes_a_restored_entry_the_start_up_read_no_longer
         def get_broadcast_state(self, _descriptor):
             return self
 
+        def items(self):  # as PyFlink's broadcast state in thread mode: items() works, keys() does not
+            return iter(list(self.state.items()))
+
         def keys(self):
-            return iter(self.state)
+            raise AttributeError("'pemja.PyJObject' object has no attribute 'keys'")
 
         def put(self, key, value):
             self.state[key] = value
