@@ -1073,6 +1073,7 @@ class OpenSearchSink:
         offsets = [tp for tp in offsets_to_commit(batch) if (tp.topic, tp.partition) in owned]
         if not offsets:
             return
+        offsets = self._past_markers(offsets)
         try:
             committed = self._consumer.commit(offsets=offsets, asynchronous=False) or []
         except KafkaException as exc:
@@ -1083,6 +1084,25 @@ class OpenSearchSink:
             log.warning("offset commit failed for %s; those messages will be replayed", _describe(errors))
         else:
             self.stats.commits += 1
+
+    def _past_markers(self, offsets: list[TopicPartition]) -> list[TopicPartition]:
+        """The consumer's position where it is past the batch's last message + 1 and none of the partition's
+        messages waits in ``_carry``: ``audit`` is written in Kafka transactions, and each ends with a commit
+        marker the consumer steps over but never hands out, so committing the last message + 1 left the group
+        one behind on it for good (a lag that never reaches 0). Only markers (or compaction gaps) lie between."""
+        assert self._consumer is not None
+        carried = {(m.topic(), m.partition()) for m in self._carry}
+        try:
+            positions = self._consumer.position([TopicPartition(tp.topic, tp.partition) for tp in offsets])
+        except KafkaException:
+            return offsets
+        ahead = {(tp.topic, tp.partition): tp.offset for tp in positions if tp.error is None}
+        return [
+            TopicPartition(tp.topic, tp.partition, ahead[key])
+            if (key := (tp.topic, tp.partition)) not in carried and ahead.get(key, -1) > tp.offset
+            else tp
+            for tp in offsets
+        ]
 
     def _wait(self, delay_s: float) -> None:
         """Sleep while staying in the group: partitions are paused and ``consume`` is still polled.

@@ -290,6 +290,24 @@ def test_the_sink_carries_out_a_forget_read_on_audit_and_retries_an_outage_befor
     assert (AUDIT.full_name(""), 4) in committed  # only once the forget was done
 
 
+def test_the_sink_commits_past_the_transaction_marker_that_ends_audit_so_its_lag_reaches_zero() -> None:
+    """The watchlist service writes ``audit`` in Kafka transactions: each ends with a commit marker the consumer
+    steps over (its position moves past it) but never hands out. Committing the last record + 1 left the sink's
+    group one behind on ``audit`` for good; the position is committed instead, unless a record of that partition
+    already read waits for the next batch (then the position is past a record not yet processed)."""
+    wrapped = _Sink(FakeCluster())
+    topic = AUDIT.full_name("")
+    record = audit("ENROLL", subject="subj-new", tx="new")  # not a forget: nothing to erase
+    wrapped.consumer.positions[(topic, 0)] = 4  # the record at 2, its transaction's marker at 3
+    wrapped.sink._process([Message(topic=topic, partition=0, offset=2, value=record)])
+    assert [(tp.topic, tp.offset) for tp in wrapped.consumer.commits[-1]] == [(topic, 4)]
+
+    wrapped.consumer.positions[(topic, 0)] = 8  # 6 is read and held for the next batch, 7 its marker
+    wrapped.sink._carry = [Message(topic=topic, partition=0, offset=6, value=record)]
+    wrapped.sink._process([Message(topic=topic, partition=0, offset=4, value=record)])
+    assert [(tp.topic, tp.offset) for tp in wrapped.consumer.commits[-1]] == [(topic, 5)]
+
+
 def test_the_sink_reads_every_forget_on_audit_before_indexing() -> None:
     wrapped = _Sink(FakeCluster())
     records = [audit(), audit("ENROLL", subject="subj-new", tx="new"), audit(subject="subj-x", tx=None)]

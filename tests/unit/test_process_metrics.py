@@ -404,9 +404,17 @@ class SinkConsumer:
 
     def __init__(self) -> None:
         self.commits: list[list[TopicPartition]] = []
+        self.positions: dict[tuple[str, int], int] = {}
+        """The consumer's position per partition (none given: unknown, as before anything was read)."""
 
     def assignment(self) -> list[TopicPartition]:
         return [TopicPartition(route.topic.full_name(""), 0) for route in ROUTES] + [TopicPartition("elsewhere", 0)]
+
+    def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        return [
+            TopicPartition(tp.topic, tp.partition, self.positions.get((tp.topic, tp.partition), -1001))
+            for tp in partitions
+        ]
 
     def consume(self, num_messages: int, timeout: float) -> list[Message]:
         return []
