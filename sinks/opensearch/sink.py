@@ -962,18 +962,13 @@ class OpenSearchSink:
             pending = result.retry
             if not pending:
                 break
-            self._problem = f"OpenSearch unreachable: {result.problem}"
-            delay = self.backoff.delay(attempt, self._rng)
-            attempt += 1
-            self.stats.retries += 1
-            log.warning(
-                "OpenSearch unavailable (%s): keeping %d document(s), offsets not committed; retry %d in %.1fs",
+            attempt = self._back_off(
+                f"OpenSearch unreachable: {result.problem}",
+                attempt,
+                "OpenSearch unavailable (%s): keeping %d document(s), offsets not committed",
                 result.problem,
                 len(pending),
-                attempt,
-                delay,
             )
-            self._wait(delay)
             if result.reinstall:
                 try:
                     self._install_templates()
@@ -1008,18 +1003,13 @@ class OpenSearchSink:
                 self.stats.erased += report.total()
             if problem is None:
                 break
-            self._problem = f"OpenSearch unreachable: {problem}"
-            delay = self.backoff.delay(attempt, self._rng)
-            attempt += 1
-            self.stats.retries += 1
-            log.warning(
-                "forget of %d subject(s) not done in OpenSearch (%s), offsets not committed; retry %d in %.1fs",
+            attempt = self._back_off(
+                f"OpenSearch unreachable: {problem}",
+                attempt,
+                "forget of %d subject(s) not done in OpenSearch (%s), offsets not committed",
                 len(subjects),
                 problem,
-                attempt,
-                delay,
             )
-            self._wait(delay)
         self.stats.forgets += len(forgets)
         log.info("forget carried out in the indices for %s", ", ".join(subjects))
 
@@ -1036,17 +1026,12 @@ class OpenSearchSink:
                 self._wait(0.5)
             if not failed:
                 break
-            self._problem = "Kafka unreachable"
-            delay = self.backoff.delay(attempt, self._rng)
-            attempt += 1
-            self.stats.retries += 1
-            log.warning(
-                "dead-letter topic unavailable: %d dead letter(s) not delivered; retry %d in %.1fs",
-                len(failed),
+            attempt = self._back_off(
+                "Kafka unreachable",
                 attempt,
-                delay,
+                "dead-letter topic unavailable: %d dead letter(s) not delivered",
+                len(failed),
             )
-            self._wait(delay)
             outstanding = failed
         shown = ", ".join(f"{d.dead_letter_id} ({d.error_kind})" for d in dead[:10])
         more = f" and {len(dead) - 10} more" if len(dead) > 10 else ""
@@ -1103,6 +1088,18 @@ class OpenSearchSink:
             else tp
             for tp in offsets
         ]
+
+    def _back_off(self, problem: str, attempt: int, message: str, *args: object) -> int:
+        """One wait of a loop that must finish the batch before it is committed (bulk, forget, dead letters):
+        ``problem`` for ``/healthz``, the attempt's backoff, counted and logged (``message`` % ``args``, then
+        which retry and how long); the next attempt's number."""
+        self._problem = problem
+        delay = self.backoff.delay(attempt, self._rng)
+        attempt += 1
+        self.stats.retries += 1
+        log.warning(message + "; retry %d in %.1fs", *args, attempt, delay)
+        self._wait(delay)
+        return attempt
 
     def _wait(self, delay_s: float) -> None:
         """Sleep while staying in the group: partitions are paused and ``consume`` is still polled.
