@@ -13,6 +13,10 @@ from collections.abc import Callable
 from infra.settings import Settings
 from schemas.topics import RULES, WATCHLIST, TopicSpec
 
+STARTUP_READ_STALL_S = 30.0
+"""How long a service's start-up read of a topic (``stall_s``) may go without a record before it fails: below the
+heartbeat's 60 s, so a read that truly stalls fails and is restarted rather than hanging the process."""
+
 
 def end_offset(consumer, topic: str, partition: int, timeout_s: float) -> int:
     """The partition's high watermark, waiting out the transient errors of a just-created topic

@@ -446,10 +446,23 @@ class CaseService:
     def replay(
         self, spec: TopicSpec, apply: Callable[[bytes | None, bytes | None], None], since_ms: int | None = None
     ) -> None:
-        from infra.clients.control_topics import read_control_topics
+        """Read a topic from ``since_ms`` (None: its start) to its end into ``apply(key, value)``: on while records
+        keep coming, failing only after ``STARTUP_READ_STALL_S`` without one (``cases`` and ``audit`` grow with the
+        deployment's age: a fixed deadline would fail every start once they are long enough), each record beating
+        the heartbeat so ``/healthz`` does not call a long read a hung service."""
+        from infra.clients.control_topics import STARTUP_READ_STALL_S, read_control_topics
+
+        def one(_topic: str, key: bytes | None, value: bytes | None) -> None:
+            self.heartbeat.beat(None)  # reading is progress
+            apply(key, value)
 
         read_control_topics(
-            self.settings, lambda _t, key, value: apply(key, value), timeout_s=30.0, specs=(spec,), since_ms=since_ms
+            self.settings,
+            one,
+            timeout_s=STARTUP_READ_STALL_S,
+            specs=(spec,),
+            since_ms=since_ms,
+            stall_s=STARTUP_READ_STALL_S,
         )
         self.heartbeat.beat(None)
 

@@ -55,6 +55,7 @@ import typer
 
 from infra import clock, metrics
 from infra.clients import transactional
+from infra.clients.control_topics import STARTUP_READ_STALL_S
 from infra.clients.image_store import ImageStore
 from infra.clients.transactional import Out, Source
 from infra.command_auth import authenticate_command
@@ -649,19 +650,25 @@ class WatchlistService:
     def stop(self, *_: object) -> None:
         self._stop = True
 
-    def replay(self, spec: TopicSpec, apply, timeout: float = 30.0) -> int:
+    def replay(self, spec: TopicSpec, apply, stall_s: float = STARTUP_READ_STALL_S) -> int:
         """Read a topic from its start to its end (committed records only) into ``apply(key, value)``;
-        how many records were read."""
+        how many records were read.
+
+        ``audit`` holds a year of events: the read goes on while records keep coming and fails only after
+        ``stall_s`` without one (a fixed deadline would fail every start once the topic is long enough, and
+        the supervisor's restarts would read it again from the start), and each record beats the heartbeat,
+        so ``/healthz`` does not call a long read a hung service."""
         from infra.clients.control_topics import read_control_topics
 
         count = 0
 
         def one(_topic: str, key: bytes | None, value: bytes | None) -> None:
             nonlocal count
+            self._beat(None)  # reading is progress
             apply(key, value)
             count += 1
 
-        read_control_topics(self.settings, one, timeout_s=timeout, specs=(spec,))
+        read_control_topics(self.settings, one, timeout_s=stall_s, specs=(spec,), stall_s=stall_s)
         return count
 
     def run(self) -> None:
@@ -672,7 +679,7 @@ class WatchlistService:
         self._beat(None)
         audited = self.replay(AUDIT, lambda key, _value: self.core.load_audit(key))
         log.info("audit replayed: %d records", audited)
-        self._beat(None)  # each replay may take its whole timeout: the start is progress too
+        self._beat(None)
         self.producer.init_transactions(30)
         self.consumer.subscribe(list(self.topics))
         try:

@@ -335,3 +335,31 @@ def test_the_cases_topic_gets_a_compaction_marker_once_a_segment(core: CaseCore)
     [marker] = core.expire(NOW + HOUR_MS)
     assert (marker.topic, marker.key, marker.value) == (CASES, COMPACTION_MARKER, None)
     assert core.expire(NOW + HOUR_MS + 1) == [], "once per segment.ms"
+
+
+def test_a_long_start_up_read_keeps_the_case_service_alive_and_goes_on_while_records_come(monkeypatch) -> None:
+    """``cases`` and ``audit`` grow with the deployment's age: the start-up read must fail only when records stop
+    coming, and /healthz must not call the service hung while it reads."""
+    from infra.clients import control_topics
+    from infra.metrics import Heartbeat
+    from jobs.cases.service import CaseService
+
+    now = [0.0]
+    svc = CaseService.__new__(CaseService)
+    svc.settings = Settings()
+    svc.heartbeat = Heartbeat(stale_s=60.0, clock=lambda: now[0])
+    calls: list[dict] = []
+
+    def read(_settings, apply, **kwargs) -> dict:
+        calls.append(kwargs)
+        for _ in range(600):  # ten minutes of records, one a second
+            now[0] += 1.0
+            apply(CASES.full_name(""), b"case-1", b"v")
+            assert svc.heartbeat()[0], f"/healthz stale after {now[0]:.0f} s of reading"
+        return {}
+
+    monkeypatch.setattr(control_topics, "read_control_topics", read)
+    keys: list[bytes | None] = []
+    svc.replay(CASES, lambda key, _value: keys.append(key), since_ms=5)
+    assert len(keys) == 600 and calls[0]["since_ms"] == 5
+    assert calls[0]["stall_s"] is not None and calls[0]["timeout_s"] < svc.heartbeat.stale_s

@@ -80,3 +80,30 @@ def test_a_fatal_error_is_not_retried(monkeypatch) -> None:
     with pytest.raises(KafkaException):
         svc._publish([Out(AUDIT, b"a-1", b"v")], ["offset"])
     assert producer.committed == [] and svc.consumer.commits == []
+
+
+def test_a_long_start_up_read_keeps_the_service_alive_and_goes_on_while_records_come(monkeypatch) -> None:
+    """A year of audit takes longer to read than any fixed deadline: the read must fail only when records stop
+    coming, and /healthz must not call the service hung while it reads (its supervisor would restart it, and the
+    restart would read it all again)."""
+    from infra.clients import control_topics
+    from infra.metrics import Heartbeat
+
+    now = [0.0]
+    svc = WatchlistService.__new__(WatchlistService)
+    svc.settings = watchlist_service.Settings()
+    svc.heartbeat = Heartbeat(stale_s=60.0, clock=lambda: now[0])
+    calls: list[dict] = []
+
+    def read(_settings, apply, **kwargs) -> dict:
+        calls.append(kwargs)
+        for _ in range(600):  # ten minutes of records, one a second
+            now[0] += 1.0
+            apply(AUDIT.full_name(""), b"command:c1", b"v")
+            assert svc.heartbeat()[0], f"/healthz stale after {now[0]:.0f} s of reading"
+        return {}
+
+    monkeypatch.setattr(control_topics, "read_control_topics", read)
+    read_keys: list[bytes | None] = []
+    assert svc.replay(AUDIT, lambda key, _value: read_keys.append(key)) == 600 == len(read_keys)
+    assert calls[0]["stall_s"] is not None and calls[0]["timeout_s"] < svc.heartbeat.stale_s
