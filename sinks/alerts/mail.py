@@ -129,16 +129,19 @@ class SmtpMailer:
     """One SMTP connection per sending thread, kept open between mails and reopened after any error.
 
     A server may accept a mail for some recipients and refuse others (``RCPT TO`` answered 4xx/5xx): that is a
-    failed send, not a delivery, and a later try of the same mail goes to the refused recipients only (who
-    accepted it is remembered by Message-ID, in memory: after a restart all get it again, with the same
-    Message-ID)."""
+    failed send, not a delivery, and a later try of the same mail goes to the recipients refused for now (4xx)
+    only. A recipient refused for good (5xx) is not tried again: while others still wait on a 4xx the send is
+    retriable, and once only 5xx refusals are left it fails for good with their codes (a dead letter), the others
+    having it. Who accepted or refused it for good is remembered by Message-ID, in memory: after a restart all get
+    it again, with the same Message-ID."""
 
     ACCEPTED_KEPT = 10_000
     """Mails whose accepted recipients are remembered (the oldest are forgotten first)."""
 
     def __init__(self, settings: SmtpSettings) -> None:
         self.settings = settings
-        self._accepted: OrderedDict[str, frozenset[str]] = OrderedDict()
+        self._accepted: OrderedDict[str, tuple[frozenset[str], dict[str, int]]] = OrderedDict()
+        """Per Message-ID: the recipients who accepted it, and those refused for good with their 5xx code."""
         self._local = threading.local()
         self._all: list[smtplib.SMTP] = []
         self._lock = threading.Lock()
@@ -199,33 +202,46 @@ class SmtpMailer:
             ) from exc
         except smtplib.SMTPRecipientsRefused as exc:
             self._drop()
-            codes = [code for code, _ in exc.recipients.values()]
-            transient = all(c < 500 for c in codes)
-            raise MailError(f"SMTP recipients refused ({codes})", retriable=transient, down=transient) from exc
+            codes = sorted(code for code, _ in exc.recipients.values())
+            self._remember(mail.message_id, set(), exc.recipients)
+            transient = all(c < 500 for c in codes)  # every one 4xx: the relay may be overloaded, try later
+            raise MailError(
+                f"SMTP recipients refused ({codes})", retriable=any(c < 500 for c in codes), down=transient
+            ) from exc
         except (smtplib.SMTPException, OSError) as exc:
             self._drop()
             raise MailError(f"SMTP {type(exc).__name__}: {exc}"[:300], down=smtp_unavailable(exc)) from exc
 
-    def _send_once(self, mail: OutgoingMail) -> None:
+    def _remember(self, message_id: str, accepted: set[str], refused: dict[str, tuple[int, bytes]]) -> None:
+        """Add this try's accepting recipients and those refused for good (5xx) to what is known of the mail."""
         with self._lock:
-            done = self._accepted.get(mail.message_id, frozenset())
-        recipients = [r for r in self.settings.recipients() if r not in done]
-        if not recipients:  # every recipient accepted it on an earlier try
-            return
-        if getattr(self._local, "conn", None) is None:
-            self._local.conn = self._connect()
-        envelope_from = parseaddr(self.settings.from_address)[1] or self.settings.from_address
-        refused = self._local.conn.sendmail(envelope_from, recipients, mail.data)
-        with self._lock:
-            self._accepted[mail.message_id] = done | {r for r in recipients if r not in refused}
-            self._accepted.move_to_end(mail.message_id)
+            done, gone = self._accepted.get(message_id, (frozenset(), {}))
+            gone = {**gone, **{r: code for r, (code, _) in refused.items() if code >= 500}}
+            self._accepted[message_id] = (done | accepted, gone)
+            self._accepted.move_to_end(message_id)
             while len(self._accepted) > self.ACCEPTED_KEPT:
                 self._accepted.popitem(last=False)
-        if refused:
-            codes = sorted(code for code, _ in refused.values())
-            transient = all(c < 500 for c in codes)  # 450 mailbox busy, 452: that recipient, later
+
+    def _send_once(self, mail: OutgoingMail) -> None:
+        with self._lock:
+            done, gone = self._accepted.get(mail.message_id, (frozenset(), {}))
+        recipients = [r for r in self.settings.recipients() if r not in done and r not in gone]
+        if recipients:
+            if getattr(self._local, "conn", None) is None:
+                self._local.conn = self._connect()
+            envelope_from = parseaddr(self.settings.from_address)[1] or self.settings.from_address
+            refused = self._local.conn.sendmail(envelope_from, recipients, mail.data)
+            self._remember(mail.message_id, {r for r in recipients if r not in refused}, refused)
+            if any(code < 500 for code, _ in refused.values()):  # 450 mailbox busy, 452: those, later
+                codes = sorted(code for code, _ in refused.values())
+                raise MailError(f"SMTP refused {len(refused)} of {len(recipients)} recipients ({codes})")
+            with self._lock:
+                gone = self._accepted[mail.message_id][1]
+        if gone:  # the others have it (now or on an earlier try); these never will
+            codes = sorted(gone.values())
             raise MailError(
-                f"SMTP refused {len(refused)} of {len(recipients)} recipients ({codes})", retriable=transient
+                f"SMTP refused {len(gone)} of {len(self.settings.recipients())} recipients for good ({codes})",
+                retriable=False,
             )
 
     def close(self) -> None:

@@ -433,6 +433,8 @@ class BusyRelay:
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:  # noqa: N802
         if address.startswith("busy@") and self.busy:
             return "450 4.2.1 mailbox busy, try again later"
+        if address.startswith("gone@"):
+            return "550 5.1.1 no such user"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
@@ -456,6 +458,31 @@ def test_a_mail_some_recipients_refused_is_a_failed_try_and_the_next_goes_to_the
             relay.busy = False
             channel.send(alert(), None, maybe_sent=False)
             channel.send(alert(), None, maybe_sent=False)  # every recipient has it now: nothing is sent
+    finally:
+        controller.stop()
+    assert relay.delivered == [["ok@x.test"], ["busy@x.test"]]
+
+
+def test_a_mail_refused_for_now_by_one_recipient_and_for_good_by_another_reaches_the_first_then_dead_letters(
+    tmp_path: Path,
+) -> None:
+    """One recipient's 450 beside another's 550 was a dead letter at once: the busy recipient never got the alert.
+    Now the busy one is tried again (and only it), the 550 one never again, and once only the 550 is left the
+    mail fails for good with its code."""
+    port, relay = free_port(), BusyRelay()
+    controller = Controller(relay, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        smtp = SmtpSettings(port=port, to_addresses="ok@x.test, busy@x.test, gone@x.test")
+        with closing(EmailChannel(Settings(stack_dir=tmp_path, smtp=smtp), SmtpMailer(smtp))) as channel:
+            with pytest.raises(DeliveryError) as first:
+                channel.send(alert(), None, maybe_sent=False)
+            assert first.value.retriable and "2 of 3 recipients ([450, 550])" in first.value.reason
+            relay.busy = False
+            for _ in range(2):  # the busy one gets it once; the one refused for good is not tried again
+                with pytest.raises(DeliveryError) as last:
+                    channel.send(alert(), None, maybe_sent=False)
+                assert not last.value.retriable and "1 of 3 recipients for good ([550])" in last.value.reason
     finally:
         controller.stop()
     assert relay.delivered == [["ok@x.test"], ["busy@x.test"]]
