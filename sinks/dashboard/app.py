@@ -65,6 +65,7 @@ from schemas.errors import CheckoutGuardError
 from schemas.indices import index_name
 from schemas.model_artifact import artifact_version, read_trained_ids
 from sinks.dashboard.case_routes import CaseRoutes, Publish
+from sinks.dashboard.headers import IMAGE_CACHE, SecurityHeaders
 from sinks.dashboard.login import LoginBackend, LoginConfigError, _secret
 from sinks.dashboard.pipeline import PrometheusApi, prometheus_api, read_pipeline
 from sinks.dashboard.queries import (
@@ -343,7 +344,7 @@ class _DashboardApi:
         body = self.board.downscaled(f"alert {alert_id}", ref, large=request.query_params.get("size") == "large")
         if body is None:
             return Response(status_code=404)
-        return Response(body, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"})
+        return Response(body, media_type="image/jpeg", headers={"Cache-Control": IMAGE_CACHE})
 
     def alert_detail(self, request: Request) -> Response:
         try:
@@ -408,7 +409,7 @@ def create_app(
         backend = LoginBackend(settings.dashboard, settings.alerts)
     except LoginConfigError as exc:
         raise DashboardConfigError(str(exc)) from None
-    middleware = []
+    middleware = [Middleware(SecurityHeaders)]  # outermost: the 401 carries the headers too
     if backend.enabled:
         middleware.append(Middleware(AuthenticationMiddleware, backend=backend, on_error=backend.challenge))
     api = _DashboardApi(settings, dashboard or Dashboard(settings), publish)

@@ -51,6 +51,7 @@ from sinks.dashboard.cases import (
     shape_queue,
     verdict_command,
 )
+from sinks.dashboard.headers import IMAGE_CACHE
 from sinks.dashboard.queries import transaction_by_id_query
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ class CaseRoutes:
         body = self.board.downscaled(f"case {case_id} ({which})", ref, large=True) if ref else None
         if body is None:
             return Response(status_code=404)
-        return Response(body, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"})
+        return Response(body, media_type="image/jpeg", headers={"Cache-Control": IMAGE_CACHE})
 
     # ------------------------------------------------------------------ the verdict
 

@@ -347,7 +347,8 @@ def test_page_renders_charts_with_data_in_headless_chromium(served: Served) -> N
             executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
         )
         try:
-            page = browser.new_page(viewport={"width": 1440, "height": 1300})
+            # bypass_csp: wait_for_function evaluates strings, which the page's CSP forbids
+            page = browser.new_page(viewport={"width": 1440, "height": 1300}, bypass_csp=True)
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(f"{served.url}/?minutes=60", wait_until="networkidle")
@@ -413,7 +414,8 @@ def test_alert_page_that_messages_link_to_shows_the_alert_its_decision_and_snaps
             executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
         )
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            # bypass_csp: wait_for_function evaluates strings, which the page's CSP forbids
+            page = browser.new_page(viewport={"width": 1280, "height": 800}, bypass_csp=True)
             page.goto(f"{served.url}/?minutes=60", wait_until="networkidle")
             page.wait_for_function("Number(document.body.dataset.renders || 0) >= 1", timeout=30_000)
             page.click("#alerts a.alert >> nth=0")  # the newest alert card leads to its page
@@ -512,7 +514,8 @@ def test_models_page_renders_distributions_auc_and_drift_in_headless_chromium(se
             executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
         )
         try:
-            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            # bypass_csp: wait_for_function evaluates strings, which the page's CSP forbids
+            page = browser.new_page(viewport={"width": 1440, "height": 1000}, bypass_csp=True)
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(f"{served.url}/?minutes=60", wait_until="networkidle")

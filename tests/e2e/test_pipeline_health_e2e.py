@@ -253,7 +253,8 @@ def test_the_pipeline_page_shows_targets_throughput_and_lag_in_headless_chromium
             executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
         )
         try:
-            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            # bypass_csp: wait_for_function evaluates strings, which the page's CSP forbids
+            page = browser.new_page(viewport={"width": 1440, "height": 1000}, bypass_csp=True)
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(f"{p.dashboard}/?minutes=15", wait_until="domcontentloaded")
@@ -313,7 +314,8 @@ def test_the_page_says_so_when_prometheus_is_unreachable(stack: Settings, tmp_pa
                 args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
             )
             try:
-                page = browser.new_page(viewport={"width": 1440, "height": 700})
+                # bypass_csp: wait_for_function evaluates strings, which the page's CSP forbids
+                page = browser.new_page(viewport={"width": 1440, "height": 700}, bypass_csp=True)
                 page.goto(f"http://127.0.0.1:{port}/pipeline", wait_until="domcontentloaded")
                 page.wait_for_function("Number(document.body.dataset.renders || 0) >= 1", timeout=30_000)
                 banner = page.inner_text("#pipeline-error")

@@ -161,3 +161,24 @@ def test_the_command_refuses_to_start_on_all_interfaces_without_a_login(monkeypa
         assert kwargs["host"] == "0.0.0.0"
     finally:
         dashboard_main.get_settings.cache_clear()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_every_answer_forbids_framing_foreign_scripts_and_type_sniffing(path: str) -> None:
+    client = served(**LOGIN)
+    answers = [client.get(path)]  # the 401 too
+    if path != "/api/pipeline":  # that one would ask a Prometheus
+        answers.append(client.get(path, headers=basic("manager", "s3cret pass")))
+    for answer in answers:
+        csp = answer.headers.get("content-security-policy", "")
+        assert "frame-ancestors 'none'" in csp and "script-src 'self'" in csp and "object-src 'none'" in csp
+        assert answer.headers.get("x-frame-options") == "DENY"
+        assert answer.headers.get("x-content-type-options") == "nosniff"
+        assert answer.headers.get("referrer-policy") == "no-referrer"
+
+
+def test_face_images_are_never_kept_in_the_browser_cache() -> None:
+    client = served(**LOGIN)
+    for path in ("/api/alerts/blocked:tx-1/snapshot", "/cases/case-0123456789ab/images/live"):
+        image = client.get(path, headers=basic("manager", "s3cret pass"))
+        assert image.headers["content-type"] == "image/jpeg" and image.headers["cache-control"] == "no-store", path

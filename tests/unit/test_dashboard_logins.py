@@ -68,7 +68,8 @@ def served(clock: Clock | None = None, **dashboard: Any) -> TestClient:
     app = create_app(settings, board)
     if clock is not None:
         for middleware in app.user_middleware:
-            middleware.kwargs["backend"].clock = clock
+            if "backend" in middleware.kwargs:  # the login's, not the security headers'
+                middleware.kwargs["backend"].clock = clock
     return TestClient(app, raise_server_exceptions=False)
 
 

@@ -1,0 +1,49 @@
+"""Headers every dashboard answer carries (pages, JSON, images, static files, the 401 too).
+
+The pages show faces and carry one-click verdict buttons, so the browser is told: run only the dashboard's own
+scripts (a value that slipped past escaping cannot load or run anything), never show a page inside another
+site's frame (clickjacking a Confirm), never guess a content type, and send no referrer elsewhere. Face
+images are ``no-store``: a browser must not keep a shopper's face in its disk cache, where it would outlive a
+``forget``.
+"""
+
+from __future__ import annotations
+
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self'; connect-src 'self'; "
+    "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+"""Inline ``style`` attributes stay allowed (the charts' bar widths and colours); inline scripts do not."""
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+IMAGE_CACHE = "no-store"
+"""``Cache-Control`` of every face image (alert snapshots, a case's live and reference images)."""
+
+
+class SecurityHeaders:
+    """ASGI middleware adding :data:`SECURITY_HEADERS` to every HTTP answer that does not set them itself."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    if name not in headers:
+                        headers[name] = value
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
