@@ -33,7 +33,8 @@ Login (sinks/dashboard/login.py): alert ids are guessable and the snapshots are 
 images, static files) needs HTTP Basic or ``Authorization: Bearer <token>`` (401 with ``WWW-Authenticate``
 otherwise; browsers ask for the login once and send it with the page's own requests); only a case image opened
 by its signed, short-lived link (the Webex card's) needs none. Without any login, the app refuses to serve
-anywhere but a loopback address (``127.0.0.1``, ``localhost``, ``::1``).
+anywhere but a loopback address (``127.0.0.1``, ``localhost``, ``::1``), and answers only requests addressed to one
+(``Host``), not a name rebound to it.
 """
 
 from __future__ import annotations
@@ -51,12 +52,14 @@ from opensearchpy import OpenSearch
 from opensearchpy.exceptions import TransportError
 from PIL import Image, UnidentifiedImageError
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from infra.clients.image_store import ImageStore
 from infra.clients.opensearch import make_client
@@ -398,6 +401,35 @@ def check_exposure(dashboard: DashboardSettings, host: str) -> None:
     )
 
 
+def host_name(host_header: str) -> str:
+    """The name in a ``Host`` header, without its port (``[::1]:8050`` -> ``::1``)."""
+    host = host_header.strip()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+class LoopbackHostOnly:
+    """ASGI middleware for a dashboard without a login: it answers only requests addressed to a loopback name.
+    Binding to 127.0.0.1 keeps other machines out, but not a web page in the analyst's own browser that re-points
+    its own name at 127.0.0.1 (DNS rebinding) and then reads the JSON and the face snapshots as same-origin; its
+    requests carry that name as ``Host``, and get a 403."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not is_loopback(host_name(Headers(scope=scope).get("host", ""))):
+            refusal = PlainTextResponse(
+                "without a login this dashboard answers only at 127.0.0.1, localhost or [::1]\n",
+                status_code=403,
+                headers={"Cache-Control": "no-store"},
+            )
+            await refusal(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def create_app(
     settings: Settings, dashboard: Dashboard | None = None, *, host: str | None = None, publish: Publish | None = None
 ) -> Starlette:
@@ -412,5 +444,7 @@ def create_app(
     middleware = [Middleware(SecurityHeaders)]  # outermost: the 401 carries the headers too
     if backend.enabled:
         middleware.append(Middleware(AuthenticationMiddleware, backend=backend, on_error=backend.challenge))
+    else:  # open on loopback only (check_exposure): to requests addressed there, not to a rebound name
+        middleware.append(Middleware(LoopbackHostOnly))
     api = _DashboardApi(settings, dashboard or Dashboard(settings), publish)
     return Starlette(routes=api.routes(), middleware=middleware)

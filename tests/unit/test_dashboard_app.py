@@ -21,7 +21,7 @@ def app_without_opensearch() -> TestClient:
     settings = Settings().model_copy(
         update={"opensearch": Settings().opensearch.model_copy(update={"url": f"http://127.0.0.1:{closed_port()}"})}
     )
-    return TestClient(create_app(settings))
+    return TestClient(create_app(settings), base_url="http://127.0.0.1:8050")  # no login: loopback names only
 
 
 def test_page_and_its_assets_come_from_the_app_not_a_cdn() -> None:

@@ -69,7 +69,7 @@ class Images:
 def served(host: str = "127.0.0.1", **login: Any) -> TestClient:
     settings = Settings().model_copy(update={"dashboard": DashboardSettings(host=host, **login)})
     board = Dashboard(settings, client=FakeSearch(), images=Images())  # type: ignore[arg-type]
-    return TestClient(create_app(settings, board), raise_server_exceptions=False)
+    return TestClient(create_app(settings, board), base_url="http://127.0.0.1:8050", raise_server_exceptions=False)
 
 
 LOGIN = {"username": "manager", "password": SecretStr("s3cret pass"), "token": SecretStr("tok-123")}
@@ -182,3 +182,16 @@ def test_face_images_are_never_kept_in_the_browser_cache() -> None:
     for path in ("/api/alerts/blocked:tx-1/snapshot", "/cases/case-0123456789ab/images/live"):
         image = client.get(path, headers=basic("manager", "s3cret pass"))
         assert image.headers["content-type"] == "image/jpeg" and image.headers["cache-control"] == "no-store", path
+
+
+def test_without_a_login_only_requests_addressed_to_loopback_are_answered() -> None:
+    """A page elsewhere that re-points its own name at 127.0.0.1 (DNS rebinding) must not read faces or JSON."""
+    client = served()
+    for host in ("127.0.0.1:8050", "localhost:8050", "[::1]:8050", "localhost"):
+        assert client.get("/api/alerts/blocked:tx-1/snapshot", headers={"host": host}).status_code == 200, host
+    for host in ("attacker.example:8050", "attacker.example", "127.0.0.1.attacker.example:8050", ""):
+        for path in ("/", "/api/alerts", "/api/alerts/blocked:tx-1/snapshot", "/static/app.js"):
+            assert client.get(path, headers={"host": host}).status_code == 403, (host, path)
+    with_login = served(**LOGIN)  # a login protects wherever it is addressed (a proxy may pass its own name)
+    headers = {"host": "dashboard.example.com", **basic("manager", "s3cret pass")}
+    assert with_login.get("/api/config", headers=headers).status_code == 200

@@ -477,7 +477,8 @@ def test_drift_rows_show_score_psi_the_worst_features_and_the_alert() -> None:
 
 
 def test_models_page_is_served_with_its_scripts_and_links_back_to_the_live_page() -> None:
-    client = TestClient(create_app(Settings(), Dashboard(Settings(), client=FakeCluster({}, {}))))  # type: ignore[arg-type]
+    board = Dashboard(Settings(), client=FakeCluster({}, {}))  # type: ignore[arg-type]
+    client = TestClient(create_app(Settings(), board), base_url="http://127.0.0.1:8050")  # no login: loopback only
     page = client.get("/models")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert '<script src="/static/common.js"></script>' in page.text

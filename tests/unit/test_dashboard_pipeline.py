@@ -257,7 +257,7 @@ class NoSearch:
 def served(api: PrometheusApi, **login: Any) -> TestClient:
     settings = Settings().model_copy(update={"dashboard": DashboardSettings(**login)})
     board = Dashboard(settings, client=NoSearch(), prometheus=api)  # type: ignore[arg-type]
-    return TestClient(create_app(settings, board), raise_server_exceptions=False)
+    return TestClient(create_app(settings, board), base_url="http://127.0.0.1:8050", raise_server_exceptions=False)
 
 
 def test_the_endpoint_answers_200_with_the_error_when_prometheus_is_down() -> None:
