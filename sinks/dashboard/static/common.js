@@ -15,9 +15,10 @@ const SVG_NS = "http://www.w3.org/2000/svg";
 const num = new Intl.NumberFormat(undefined, { maximumFractionDigits: 0 });
 const money = new Intl.NumberFormat(undefined, { maximumFractionDigits: 0 });
 // Money is per currency ({USD: 1200, EUR: 80}, the window's most used currency first), never one sum:
-// "1,200 USD · 80 EUR" (currencies with nothing left out; "0" when there is nothing at all).
+// "1,200 USD · 80 EUR" (currencies with nothing left out; "0" when there is nothing at all). HTML-escaped: the
+// currency codes come from the indexed documents and the store table puts this into innerHTML.
 function fmtMoney(amounts) {
-  const parts = Object.entries(amounts || {}).filter(([, v]) => v).map(([c, v]) => `${money.format(v)} ${c}`);
+  const parts = Object.entries(amounts || {}).filter(([, v]) => v).map(([c, v]) => `${money.format(v)} ${escapeHtml(c)}`);
   return parts.length ? parts.join(" · ") : "0";
 }
 const fmtPct = (x) => `${(100 * (x || 0)).toFixed(1)} %`;
@@ -83,7 +84,7 @@ function legend(container, keys) {
   div.className = "legend";
   for (const k of keys) {
     const span = document.createElement("span");
-    span.innerHTML = `<i style="background:${COLORS[k] || "#999"}"></i>${k.replace("_", " ").toLowerCase()}`;
+    span.innerHTML = `<i style="background:${COLORS[k] || "#999"}"></i>${escapeHtml(k.replace("_", " ").toLowerCase())}`;
     div.appendChild(span);
   }
   container.appendChild(div);
