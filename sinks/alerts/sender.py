@@ -58,7 +58,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import typer
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -67,7 +67,7 @@ from infra import metrics
 from infra.clients import kafka as kafka_clients
 from infra.clients.webex import MAX_MARKDOWN_BYTES, Attachment, WebexClient, WebexError, truncate_utf8
 from infra.clock import now_ms
-from infra.logs import setup_logging
+from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.retry import RETRY_AFTER_MAX_S, Backoff, call_with_retries
 from infra.settings import AlertSettings, Settings, get_settings
 from schemas.codec import codec
@@ -1218,11 +1218,12 @@ class AlertSender:
 
 
 def main(
-    group_id: str | None = typer.Option(None, help="Consumer group (default: per channel set)."),
+    group_id: Annotated[str | None, typer.Option(help="Consumer group (default: per channel set).")] = None,
+    log_level: Annotated[str | None, typer.Option(help=LOG_LEVEL_HELP)] = None,
 ) -> None:
     """Consume alerts and send them by e-mail and Webex until SIGTERM/Ctrl-C."""
     settings = get_settings()
-    setup_logging(settings, process="alerts")
+    setup_logging(settings, log_level, "alerts")
     for noisy in ("httpx", "httpcore", "botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     stop = threading.Event()
