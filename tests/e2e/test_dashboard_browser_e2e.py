@@ -520,6 +520,9 @@ def test_models_page_renders_distributions_auc_and_drift_in_headless_chromium(se
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(f"{served.url}/?minutes=60", wait_until="networkidle")
             page.wait_for_function("Number(document.body.dataset.renders || 0) >= 1", timeout=30_000)
+            # the link carries the window once the page has read its controls (syncNav); a click before
+            # that (a loaded machine) follows the bare href and never reaches "?minutes="
+            page.wait_for_selector('#nav-models[href*="minutes="]', state="attached", timeout=30_000)
             page.click("#nav-models")  # the live page links to the Models page, window kept
             page.wait_for_url("**/models?*", timeout=30_000)
             assert "minutes=60" in page.url

@@ -258,6 +258,9 @@ def test_the_pipeline_page_shows_targets_throughput_and_lag_in_headless_chromium
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(f"{p.dashboard}/?minutes=15", wait_until="domcontentloaded")
+            # the link carries the window once the page has read its controls (syncNav); a click before
+            # that (a loaded machine) follows the bare href and never reaches "?minutes="
+            page.wait_for_selector('#nav-pipeline[href*="minutes="]', state="attached", timeout=30_000)
             page.click("#nav-pipeline")  # the live page links to it, window kept
             page.wait_for_url("**/pipeline?*", timeout=30_000)
             assert "minutes=15" in page.url
