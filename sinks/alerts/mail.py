@@ -132,8 +132,8 @@ class SmtpMailer:
     failed send, not a delivery, and a later try of the same mail goes to the recipients refused for now (4xx)
     only. A recipient refused for good (5xx) is not tried again: while others still wait on a 4xx the send is
     retriable, and once only 5xx refusals are left it fails for good with their codes (a dead letter), the others
-    having it. Who accepted or refused it for good is remembered by Message-ID, in memory: after a restart all get
-    it again, with the same Message-ID."""
+    having it. A 4xx again on such a retry is about those mailboxes, not ``down``. Who accepted or refused it for
+    good is remembered by Message-ID, in memory: after a restart all get it again, with the same Message-ID."""
 
     ACCEPTED_KEPT = 10_000
     """Mails whose accepted recipients are remembered (the oldest are forgotten first)."""
@@ -203,10 +203,16 @@ class SmtpMailer:
         except smtplib.SMTPRecipientsRefused as exc:
             self._drop()
             codes = sorted(code for code, _ in exc.recipients.values())
+            with self._lock:  # the relay took this mail, or refused it for good, for some recipient on a try before
+                done, gone = self._accepted.get(mail.message_id, (frozenset(), {}))
+            answered_before = bool(done or gone)
             self._remember(mail.message_id, set(), exc.recipients)
-            transient = all(c < 500 for c in codes)  # every one 4xx: the relay may be overloaded, try later
+            # 421: the relay is closing. Every recipient 4xx on a mail it never took for anyone: it may be overloaded,
+            # try later. But 4xx for those left of a mail it took (or refused for good) for others is about those
+            # mailboxes (full, busy, greylisted), not an outage: pausing the channel would hold up every alert.
+            down = 421 in codes or (all(c < 500 for c in codes) and not answered_before)
             raise MailError(
-                f"SMTP recipients refused ({codes})", retriable=any(c < 500 for c in codes), down=transient
+                f"SMTP recipients refused ({codes})", retriable=any(c < 500 for c in codes), down=down
             ) from exc
         except (smtplib.SMTPException, OSError) as exc:
             self._drop()

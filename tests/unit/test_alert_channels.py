@@ -488,6 +488,35 @@ def test_a_mail_refused_for_now_by_one_recipient_and_for_good_by_another_reaches
     assert relay.delivered == [["ok@x.test"], ["busy@x.test"]]
 
 
+def test_a_recipient_still_refusing_for_now_after_others_took_the_mail_does_not_pause_the_channel(
+    tmp_path: Path,
+) -> None:
+    """The retry of a mail others accepted (or refused for good) goes to the busy recipient alone; its 450 again is
+    that mailbox (full, busy, greylisting), not a relay outage. It was ``down``: the channel paused and probed, every
+    other alert held up, and this one never spending an attempt until its deadline. A mail refused 4xx by every
+    recipient on every try is still an outage."""
+    port, relay = free_port(), BusyRelay()
+    controller = Controller(relay, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        for recipients in ("ok@x.test, busy@x.test", "busy@x.test, gone@x.test"):
+            smtp = SmtpSettings(port=port, to_addresses=recipients)
+            with closing(EmailChannel(Settings(stack_dir=tmp_path, smtp=smtp), SmtpMailer(smtp))) as channel:
+                for _ in range(2):
+                    with pytest.raises(DeliveryError) as refused:
+                        channel.send(alert(), None, maybe_sent=False)
+                    assert refused.value.retriable and not refused.value.down, (recipients, refused.value.reason)
+        smtp = SmtpSettings(port=port, to_addresses="busy@x.test, busy@y.test")
+        with closing(EmailChannel(Settings(stack_dir=tmp_path, smtp=smtp), SmtpMailer(smtp))) as channel:
+            for _ in range(2):
+                with pytest.raises(DeliveryError) as refused:
+                    channel.send(alert(), None, maybe_sent=False)
+                assert refused.value.retriable and refused.value.down, refused.value.reason
+    finally:
+        controller.stop()
+    assert relay.delivered == [["ok@x.test"]]
+
+
 def test_recipient_and_sender_names_that_are_not_ascii_are_encoded_in_the_headers() -> None:
     """``To: Équipe Sûreté <team@x>`` went out as raw UTF-8 (From was encoded): not a header a relay without
     SMTPUTF8, or Amazon SES, takes; both are RFC 2047 words now and read back as the names."""
