@@ -132,7 +132,8 @@ class SmtpMailer:
     failed send, not a delivery, and a later try of the same mail goes to the recipients refused for now (4xx)
     only. A recipient refused for good (5xx) is not tried again: while others still wait on a 4xx the send is
     retriable, and once only 5xx refusals are left it fails for good with their codes (a dead letter), the others
-    having it. A 4xx again on such a retry is about those mailboxes, not ``down``. Who accepted or refused it for
+    having it; then the refusals are forgotten, so a re-drive of the dead letter asks those recipients again (and
+    only them). A 4xx again on such a retry is about those mailboxes, not ``down``. Who accepted or refused it for
     good is remembered by Message-ID, in memory: after a restart all get it again, with the same Message-ID."""
 
     ACCEPTED_KEPT = 10_000
@@ -211,15 +212,17 @@ class SmtpMailer:
             # try later. But 4xx for those left of a mail it took (or refused for good) for others is about those
             # mailboxes (full, busy, greylisted), not an outage: pausing the channel would hold up every alert.
             down = 421 in codes or (all(c < 500 for c in codes) and not answered_before)
-            raise MailError(
-                f"SMTP recipients refused ({codes})", retriable=any(c < 500 for c in codes), down=down
-            ) from exc
+            retriable = any(c < 500 for c in codes)
+            if not retriable:
+                self._forget_refusals(mail.message_id)
+            raise MailError(f"SMTP recipients refused ({codes})", retriable=retriable, down=down) from exc
         except (smtplib.SMTPException, OSError) as exc:
             self._drop()
             raise MailError(f"SMTP {type(exc).__name__}: {exc}"[:300], down=smtp_unavailable(exc)) from exc
 
-    def _remember(self, message_id: str, accepted: set[str], refused: dict[str, tuple[int, bytes]]) -> None:
-        """Add this try's accepting recipients and those refused for good (5xx) to what is known of the mail."""
+    def _remember(self, message_id: str, accepted: set[str], refused: dict[str, tuple[int, bytes]]) -> dict[str, int]:
+        """Add this try's accepting recipients and those refused for good (5xx) to what is known of the mail; all
+        its refusals for good so far."""
         with self._lock:
             done, gone = self._accepted.get(message_id, (frozenset(), {}))
             gone = {**gone, **{r: code for r, (code, _) in refused.items() if code >= 500}}
@@ -227,6 +230,14 @@ class SmtpMailer:
             self._accepted.move_to_end(message_id)
             while len(self._accepted) > self.ACCEPTED_KEPT:
                 self._accepted.popitem(last=False)
+            return gone
+
+    def _forget_refusals(self, message_id: str) -> None:
+        """The mail failed for good (the alert becomes a dead letter): forget who refused it, keep who took it, so
+        a re-drive once the mailbox is fixed goes to the refusing recipients again and not to the others."""
+        with self._lock:
+            if message_id in self._accepted:
+                self._accepted[message_id] = (self._accepted[message_id][0], {})
 
     def _send_once(self, mail: OutgoingMail) -> None:
         with self._lock:
@@ -237,13 +248,12 @@ class SmtpMailer:
                 self._local.conn = self._connect()
             envelope_from = parseaddr(self.settings.from_address)[1] or self.settings.from_address
             refused = self._local.conn.sendmail(envelope_from, recipients, mail.data)
-            self._remember(mail.message_id, {r for r in recipients if r not in refused}, refused)
+            gone = self._remember(mail.message_id, {r for r in recipients if r not in refused}, refused)
             if any(code < 500 for code, _ in refused.values()):  # 450 mailbox busy, 452: those, later
                 codes = sorted(code for code, _ in refused.values())
                 raise MailError(f"SMTP refused {len(refused)} of {len(recipients)} recipients ({codes})")
-            with self._lock:
-                gone = self._accepted[mail.message_id][1]
         if gone:  # the others have it (now or on an earlier try); these never will
+            self._forget_refusals(mail.message_id)
             codes = sorted(gone.values())
             raise MailError(
                 f"SMTP refused {len(gone)} of {len(self.settings.recipients())} recipients for good ({codes})",

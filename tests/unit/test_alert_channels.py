@@ -428,12 +428,13 @@ class BusyRelay:
 
     def __init__(self) -> None:
         self.busy = True
+        self.gone = True
         self.delivered: list[list[str]] = []
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:  # noqa: N802
         if address.startswith("busy@") and self.busy:
             return "450 4.2.1 mailbox busy, try again later"
-        if address.startswith("gone@"):
+        if address.startswith("gone@") and self.gone:
             return "550 5.1.1 no such user"
         envelope.rcpt_tos.append(address)
         return "250 OK"
@@ -479,10 +480,12 @@ def test_a_mail_refused_for_now_by_one_recipient_and_for_good_by_another_reaches
                 channel.send(alert(), None, maybe_sent=False)
             assert first.value.retriable and "2 of 3 recipients ([450, 550])" in first.value.reason
             relay.busy = False
-            for _ in range(2):  # the busy one gets it once; the one refused for good is not tried again
-                with pytest.raises(DeliveryError) as last:
-                    channel.send(alert(), None, maybe_sent=False)
-                assert not last.value.retriable and "1 of 3 recipients for good ([550])" in last.value.reason
+            with pytest.raises(DeliveryError) as last:  # the busy one gets it; the one refused for good is not asked
+                channel.send(alert(), None, maybe_sent=False)
+            assert not last.value.retriable and "1 of 3 recipients for good ([550])" in last.value.reason
+            with pytest.raises(DeliveryError) as again:  # a re-drive of the dead letter asks only the refusing one
+                channel.send(alert(), None, maybe_sent=False)
+            assert not again.value.retriable and "[550]" in again.value.reason
     finally:
         controller.stop()
     assert relay.delivered == [["ok@x.test"], ["busy@x.test"]]
@@ -515,6 +518,30 @@ def test_a_recipient_still_refusing_for_now_after_others_took_the_mail_does_not_
     finally:
         controller.stop()
     assert relay.delivered == [["ok@x.test"]]
+
+
+def test_a_re_driven_mail_goes_to_the_recipient_refused_for_good_once_its_mailbox_exists_and_not_to_the_others(
+    tmp_path: Path,
+) -> None:
+    """A 550 makes the alert a dead letter; ``make redrive`` once the mailbox exists sends it back through the same
+    sender. The refusal was remembered like a delivery: the re-drive failed at once with the old code and the
+    recipient never got the alert. Given up, it is forgotten (who took the mail is not: they get no second copy)."""
+    port, relay = free_port(), BusyRelay()
+    controller = Controller(relay, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        for recipients in ("ok@x.test, gone@x.test", "gone@x.test"):  # some took it, or none did
+            relay.gone, relay.delivered = True, []
+            smtp = SmtpSettings(port=port, to_addresses=recipients)
+            with closing(EmailChannel(Settings(stack_dir=tmp_path, smtp=smtp), SmtpMailer(smtp))) as channel:
+                with pytest.raises(DeliveryError) as refused:
+                    channel.send(alert(), None, maybe_sent=False)
+                assert not refused.value.retriable and "550" in refused.value.reason
+                relay.gone = False  # the mailbox is made; the dead letter is re-driven
+                channel.send(alert(), None, maybe_sent=False)
+            assert relay.delivered == [["ok@x.test"], ["gone@x.test"]][-len(recipients.split(",")) :], recipients
+    finally:
+        controller.stop()
 
 
 def test_recipient_and_sender_names_that_are_not_ascii_are_encoded_in_the_headers() -> None:
