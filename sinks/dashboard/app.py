@@ -402,11 +402,12 @@ def check_exposure(dashboard: DashboardSettings, host: str) -> None:
 
 
 def host_name(host_header: str) -> str:
-    """The name in a ``Host`` header, without its port (``[::1]:8050`` -> ``::1``)."""
+    """The name in a ``Host`` header, without its port (``[::1]:8050`` -> ``::1``) and the root's trailing dot
+    (``localhost.:8050`` -> ``localhost``: the same name, which a browser sends as typed)."""
     host = host_header.strip()
     if host.startswith("["):
         return host[1 : host.find("]")] if "]" in host else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return (host.rsplit(":", 1)[0] if host.count(":") == 1 else host).rstrip(".")
 
 
 class LoopbackHostOnly:

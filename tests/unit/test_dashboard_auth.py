@@ -195,3 +195,10 @@ def test_without_a_login_only_requests_addressed_to_loopback_are_answered() -> N
     with_login = served(**LOGIN)  # a login protects wherever it is addressed (a proxy may pass its own name)
     headers = {"host": "dashboard.example.com", **basic("manager", "s3cret pass")}
     assert with_login.get("/api/config", headers=headers).status_code == 200
+
+
+def test_without_a_login_a_loopback_name_written_with_the_roots_dot_or_in_capitals_is_answered() -> None:
+    """``http://localhost.:8050`` is the same name as ``localhost`` (a browser sends it as typed): it got a 403."""
+    client = served()
+    for host in ("localhost.:8050", "localhost.", "LOCALHOST:8050"):
+        assert client.get("/api/alerts/blocked:tx-1/snapshot", headers={"host": host}).status_code == 200, host
