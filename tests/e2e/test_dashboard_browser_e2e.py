@@ -393,6 +393,48 @@ def test_page_renders_charts_with_data_in_headless_chromium(served: Served) -> N
             browser.close()
 
 
+def test_every_page_renders_under_its_content_security_policy_in_headless_chromium(served: Served) -> None:
+    """The other browser tests bypass the CSP (Playwright's wait_for_function evaluates strings, which it forbids),
+    so this one enforces it: each page must render (its own marker set, its images loaded) with no script error and
+    no "Refused to ..." report, which an inline script, an inline handler or a foreign resource would give."""
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"no chromium at {CHROMIUM}: make setup installs it only when apt can (CG_SETUP__BROWSER)")
+    from playwright.sync_api import sync_playwright
+
+    alert = served.data.alerts[0]
+    pages = {
+        "/?minutes=60": "body[data-renders]",
+        "/models?minutes=60": "body[data-renders]",
+        "/pipeline?minutes=60": "body[data-renders]",
+        "/cases": "body[data-loaded]",
+        f"/alerts/{alert.alert_id}": "body[data-loaded]",
+    }
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+        )
+        try:
+            for path, rendered in pages.items():
+                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                problems: list[str] = []
+                page.on("pageerror", lambda exc, problems=problems: problems.append(f"error: {exc}"))
+                page.on(
+                    "console",
+                    lambda msg, problems=problems: (
+                        problems.append(msg.text)
+                        if "Content Security Policy" in msg.text or "Refused to" in msg.text
+                        else None
+                    ),
+                )
+                page.goto(f"{served.url}{path}", wait_until="networkidle")
+                page.wait_for_selector(rendered, state="attached", timeout=30_000)
+                page.wait_for_load_state("networkidle")
+                assert problems == [], f"{path}: {problems}"
+                page.close()
+        finally:
+            browser.close()
+
+
 def test_alert_page_that_messages_link_to_shows_the_alert_its_decision_and_snapshot(served: Served) -> None:
     alert = served.data.alerts[0]
     detail = httpx.get(f"{served.url}/api/alerts/{alert.alert_id}", timeout=30).json()
