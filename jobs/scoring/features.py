@@ -97,10 +97,12 @@ class Receipt:
         if not tx.get("original_transaction_id"):
             ind["return_without_receipt"] = 1.0
             return ind
+        # Counted before its sale is known too: a return delivered ahead of its sale still adds up with the
+        # returns made after it, so partial returns over the sale are flagged whatever the arrival order.
+        self.returned += tx["amount"]
         if self.sale_id is None:
             ind["return_unknown_receipt"] = 1.0
             return ind
-        self.returned += tx["amount"]
         if self.returned > self.amount + 0.005:
             ind["return_exceeds_sale"] = 1.0
         if tx["store_id"] != self.store_id:

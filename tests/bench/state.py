@@ -249,8 +249,8 @@ class Plan:
     rules: RulesSettings
     attached: dict[int, list[int]]
     """Sale row -> the rows of the returns made against its receipt while it was kept, in order."""
-    orphans: dict[str, tuple[int, list[str]]]
-    """Receipts a return opened (no sale known, or already expired): key -> (time opened, seen ids)."""
+    orphans: dict[str, tuple[int, list[int]]]
+    """Receipts a return opened (no sale known, or already expired): key -> (time opened, the rows of its returns)."""
 
     def parts(self) -> list[tuple[str, int, int]]:
         """Independent pieces of the build: sale rows in slices, then the rest."""
@@ -290,10 +290,15 @@ def _build_orphans(p: Plan, emit: Emit, counts: dict[str, int]) -> None:
 
     end = int(p.hist.t[-1]) if len(p.hist) else 0
     keep_ms = p.rules.receipt_retention_days * DAY_MS
-    for key, (opened, seen) in p.orphans.items():
+    hist = p.hist
+    for key, (opened, rows) in p.orphans.items():
         kept = opened >= end - keep_ms
         counts["receipts_dropped"] += not kept
-        emit(RECEIPTS, key, Receipt(seen=set(seen)), kept)
+        receipt = Receipt(seen={hist.tx_id(r) for r in rows})
+        for r in rows:  # one naming a sale not known (yet) is added up all the same; one without a receipt is not
+            if hist.orig[r] != NO_RECEIPT:
+                receipt.returned += float(hist.amount[r])
+        emit(RECEIPTS, key, receipt, kept)
 
 
 def _build_sale_receipts(p: Plan, lo: int, hi: int, emit: Emit, counts: dict[str, int]) -> None:
@@ -331,17 +336,17 @@ def _build_sale_receipts(p: Plan, lo: int, hi: int, emit: Emit, counts: dict[str
     counts["receipts_dropped"] += dropped
 
 
-def _route_returns(hist: History, keep_ms: int) -> tuple[dict[int, list[int]], dict[str, tuple[int, list[str]]]]:
+def _route_returns(hist: History, keep_ms: int) -> tuple[dict[int, list[int]], dict[str, tuple[int, list[int]]]]:
     """Where each return lands: on its sale's receipt while that is kept (sale row -> return rows, in
-    order), else on a receipt without a sale under the id it names (key -> (time it opened, seen ids)).
+    order), else on a receipt without a sale under the id it names (key -> (time it opened, the rows of its returns)).
 
     A receipt is forgotten once a transaction ``receipt_retention_days`` younger has been processed
     (``expire_receipts`` runs after each one), so a return finds it iff the transaction before the
     return is at most that much younger; a return-opened receipt ages from the return that opened it.
     """
     attached: dict[int, list[int]] = {}
-    orphans: dict[str, tuple[int, list[str]]] = {}
-    gone: list[tuple[str, tuple[int, list[str]]]] = []
+    orphans: dict[str, tuple[int, list[int]]] = {}
+    gone: list[tuple[str, tuple[int, list[int]]]] = []
     rows = np.flatnonzero(hist.is_return)
     prev = np.where(rows > 0, hist.t[np.maximum(rows - 1, 0)], np.iinfo(np.int64).min // 2)
     orig = hist.orig[rows]
@@ -357,7 +362,7 @@ def _route_returns(hist: History, keep_ms: int) -> tuple[dict[int, list[int]], d
             open_ = None
         if open_ is None:
             orphans[key] = (int(hist.t[r]), [])
-        orphans[key][1].append(hist.tx_id(r))
+        orphans[key][1].append(r)
     # Expired return-opened receipts that another replaced: dropped entries, under a unique name.
     for n, (key, entry) in enumerate(gone):
         orphans[f"{key}#gone{n}"] = (-(2**62), entry[1])

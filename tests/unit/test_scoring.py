@@ -99,6 +99,15 @@ def test_returning_more_than_was_bought_is_blocked():
     assert "return_exceeds_sale" in scored["reasons"]
 
 
+def test_a_return_delivered_before_its_sale_still_counts_towards_returning_more_than_was_bought():
+    p = Pipeline()
+    first = p.decision(return_of("r1", "t1", at_s=100, amount=30))  # its sale is still on its way
+    assert "return_unknown_receipt" in first["reasons"]
+    p.decision(sale("t1", amount=40))
+    scored = p.decision(return_of("r2", "t1", at_s=200, amount=30))
+    assert "return_exceeds_sale" in scored["reasons"]
+
+
 def test_card_velocity_burst_is_flagged():
     p = Pipeline()
     outcomes = [p.decision(sale(f"t{i}", at_s=i * 10, amount=2.0)) for i in range(RULES.velocity_limit + 2)]
