@@ -294,11 +294,15 @@ class CustomerProfile:
         recent = self.recent
         insort(recent, now)
         horizon = now - rules.velocity_window_s * 1000
+        cap = max(1, rules.velocity_limit * 4)
+        start = bisect_left(recent, horizon)
+        # Counted before the cap trims: a late transaction behind ``cap`` newer ones is the oldest entry and
+        # would be trimmed itself, reading 0 (less than itself). Capped, an on-time count is what it always was.
+        in_window = min(bisect_right(recent, now) - start, cap)
         # The newest time always stays: it dates the profile for its expiry (see ``idle_since``).
-        keep_from = max(bisect_left(recent, horizon), len(recent) - max(1, rules.velocity_limit * 4))
+        keep_from = max(start, len(recent) - cap)
         if keep_from > 0:
             del recent[:keep_from]
-        in_window = bisect_right(recent, now)
         ind["velocity"] = float(in_window)
         if in_window > rules.velocity_limit:
             ind["velocity_exceeded"] = 1.0

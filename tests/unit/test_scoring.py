@@ -123,6 +123,15 @@ def test_velocity_window_forgets_old_transactions():
     assert later["indicators"]["velocity"] == 1.0
 
 
+def test_a_late_transaction_behind_more_than_the_kept_velocity_times_still_counts_itself():
+    p = Pipeline()
+    newer = RULES.velocity_limit * 4 + 5
+    for i in range(newer):
+        p.decision(sale(f"t{i}", at_s=100 + i))
+    late = p.decision(sale("late", at_s=90))  # out of order: older than every kept time
+    assert late["indicators"]["velocity"] == 1.0
+
+
 def test_amount_far_above_customer_habit_is_flagged():
     p = Pipeline()
     for i in range(8):
