@@ -263,14 +263,22 @@ class Scorer:
             state.newest_event_ms = event_time if now_ms is None else min(event_time, now_ms)
         rk = receipt_key(tx)
         ck = customer_key(tx)
-        known = rk in state.receipts
-        receipt, out = self.by_receipt(state.receipts.get(rk), env, ck)
+        # Receipts past the return window at this transaction's own time are forgotten before it is matched, as
+        # if a transaction had come in between (and as the partitioned layout decides): the expiry after it
+        # came too late for the first transaction past the window.
+        writes: list[Write] = state.expire_receipts(event_time, self.receipt_retention_ms)
+        receipt = state.receipts.get(rk)
+        if receipt is not None and 0 < receipt.event_time < event_time - self.receipt_retention_ms:
+            del state.receipts[rk]  # one the expiry's arrival order has not reached yet
+            receipt = None
+        known = receipt is not None
+        receipt, out = self.by_receipt(receipt, env, ck)
         if out is None:
-            return None, []
+            return None, writes
         state.receipts[rk] = receipt
         if not known:
             state.receipt_order.append((receipt.event_time or tx["event_time"], rk))
-        writes: list[Write] = [(RECEIPTS, rk, receipt)]
+        writes.append((RECEIPTS, rk, receipt))
         sk = tx["store_id"]
         new_store = sk not in state.stores
         state.stores[sk], out = self.by_store(state.stores.get(sk), out)
@@ -289,7 +297,7 @@ class Scorer:
         linked, changed = observe_linked(tx, state.customers, idle_before, CUSTOMERS)
         writes += changed
         tx[PROFILE_KEY] = customer + linked  # the model's profile features (not written on the record)
-        writes.extend(state.expire_receipts(tx["event_time"], self.rules.receipt_retention_days * 86_400_000))
+        writes.extend(state.expire_receipts(tx["event_time"], self.receipt_retention_ms))
         writes.extend(state.expire_faces(state.newest_event_ms, self.face_retention_ms))
         return out, writes
 
@@ -302,6 +310,10 @@ class Scorer:
                 f"event_time is {behind_days:.0f} days behind the newest event seen, "
                 f"beyond the {self.rules.receipt_retention_days}-day state horizon",
             )
+
+    @property
+    def receipt_retention_ms(self) -> int:
+        return self.rules.receipt_retention_days * 86_400_000
 
     @property
     def face_retention_ms(self) -> int:
@@ -497,7 +509,7 @@ class Scorer:
         """Steps 2-4 for one transaction: output rows, and the state entries to persist."""
         out, writes = self.observe(env, state)
         if out is None:
-            return [], []
+            return [], writes
         rows, more = self.decide_batch([out], state=state)
         return rows, writes + more
 

@@ -340,15 +340,15 @@ def _route_returns(hist: History, keep_ms: int) -> tuple[dict[int, list[int]], d
     """Where each return lands: on its sale's receipt while that is kept (sale row -> return rows, in
     order), else on a receipt without a sale under the id it names (key -> (time it opened, the rows of its returns)).
 
-    A receipt is forgotten once a transaction ``receipt_retention_days`` younger has been processed
-    (``expire_receipts`` runs after each one), so a return finds it iff the transaction before the
-    return is at most that much younger; a return-opened receipt ages from the return that opened it.
+    A receipt is forgotten once a transaction ``receipt_retention_days`` younger comes (``expire_receipts``
+    runs before it is matched, and after), so a return finds it iff the return itself is at most that much
+    younger; a return-opened receipt ages from the return that opened it.
     """
     attached: dict[int, list[int]] = {}
     orphans: dict[str, tuple[int, list[int]]] = {}
     gone: list[tuple[str, tuple[int, list[int]]]] = []
     rows = np.flatnonzero(hist.is_return)
-    prev = np.where(rows > 0, hist.t[np.maximum(rows - 1, 0)], np.iinfo(np.int64).min // 2)
+    prev = hist.t[rows]
     orig = hist.orig[rows]
     alive = (orig >= 0) & (hist.t[np.maximum(orig, 0)] >= prev - keep_ms)
     for r, o, ok, clock in zip(rows.tolist(), orig.tolist(), alive.tolist(), prev.tolist(), strict=True):

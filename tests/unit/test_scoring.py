@@ -252,6 +252,17 @@ def test_old_receipts_expire_and_their_removal_is_persisted():
     assert "new" in p.state.receipts
 
 
+def test_a_return_past_the_return_window_meets_no_receipt_even_when_nothing_came_in_between():
+    p = Pipeline()
+    p.decision(sale("t1", amount=50))
+    days = RULES.receipt_retention_days
+    inside = p.decision(return_of("r1", "t1", at_s=days * 86_400 - 1, amount=20))
+    assert "return_unknown_receipt" not in inside["indicators"]
+    past = p.decision(return_of("r2", "t1", at_s=days * 86_400 + 1, amount=20))
+    assert past["indicators"].get("return_unknown_receipt") == 1.0
+    assert "seconds_since_sale" not in past["indicators"]
+
+
 def test_event_stamped_further_ahead_of_the_wall_clock_than_the_allowed_skew_is_rejected():
     skew = SETTINGS.job.max_future_skew_ms
     for ahead_ms in (skew + 1, 3_600_000, 2 * 86_400_000):
