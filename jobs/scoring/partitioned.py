@@ -222,11 +222,13 @@ class ReceiptStep(_Keyed):
         receipt = self.receipts.get(key)
         if receipt is None or 0 < receipt.event_time < tx["event_time"] - self.retention_ms:
             receipt = Receipt()  # unknown, or its sale is past the return window before this transaction
+        unsold = receipt.sale_id is None
         found = receipt.observe(tx, customer_key(tx), self.rules)
         if found is None:
             return []
         ind.update(found)
-        if self.receipts.get(key) is not receipt:
+        if self.receipts.get(key) is not receipt or (unsold and receipt.sale_id is not None):
+            # a sale filling a receipt its return opened is dated again (see ``Scorer.observe``)
             heapq.heappush(self.by_time, (receipt.event_time or tx["event_time"], key))
         self.receipts[key] = receipt
         self._put("receipts", key, receipt)

@@ -272,11 +272,14 @@ class Scorer:
             del state.receipts[rk]  # one the expiry's arrival order has not reached yet
             receipt = None
         known = receipt is not None
+        unsold = receipt is None or receipt.sale_id is None
         receipt, out = self.by_receipt(receipt, env, ck)
         if out is None:
             return None, writes
         state.receipts[rk] = receipt
-        if not known:
+        if not known or (unsold and receipt.sale_id is not None):
+            # A sale that fills a receipt its return opened is dated again: the return's entry is popped when the
+            # return is old, and a later sale would stay in state for good without an entry of its own.
             state.receipt_order.append((receipt.event_time or tx["event_time"], rk))
         writes.append((RECEIPTS, rk, receipt))
         sk = tx["store_id"]

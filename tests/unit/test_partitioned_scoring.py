@@ -19,7 +19,7 @@ import pytest
 from infra.settings import Settings
 from jobs.scoring.core import DecisionCore, SourceRecord
 from jobs.scoring.features import PROFILE_KEY
-from jobs.scoring.partitioned import PartitionedCore, order, shard_of
+from jobs.scoring.partitioned import PartitionedCore, ReceiptStep, order, shard_of
 from jobs.scoring.rules import ModelResult
 from jobs.scoring.scorer import Predictor
 from jobs.scoring.watchlist import Watchlist
@@ -268,6 +268,22 @@ def test_a_return_past_the_return_window_meets_no_receipt_on_any_number_of_shard
         rows = core.on_records(returns, later) + core.on_timer(later + 10_000)
         assert "return_unknown_receipt" not in _scored(rows)["r1"]["indicators"]
         assert _scored(rows)["r2"]["indicators"].get("return_unknown_receipt") == 1.0
+
+
+def _decoded(tx) -> dict:
+    return codec("PosTransaction").decode(tx.encode())
+
+
+def test_a_sale_that_comes_after_its_return_and_is_stamped_later_still_expires_on_the_receipt_step():
+    s = settings()
+    step = ReceiptStep(s)
+    step.on("s1", (_decoded(return_of("r1", "s1", at_s=100, amount=20)), {}, 0), (0, "r1", 0))
+    step.on("s1", (_decoded(sale("s1", at_s=200, amount=50)), {}, 0), (0, "s1", 0))
+    days = s.rules.receipt_retention_days
+    step.expire(T0 + days * 86_400_000 + 150_000)  # the return's entry is due, the sale is not
+    assert "s1" in step.receipts
+    step.expire(T0 + 2 * days * 86_400_000)
+    assert "s1" not in step.receipts
 
 
 def test_forget_drops_the_buyer_face_so_a_later_return_is_not_compared():

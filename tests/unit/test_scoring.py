@@ -263,6 +263,18 @@ def test_a_return_past_the_return_window_meets_no_receipt_even_when_nothing_came
     assert "seconds_since_sale" not in past["indicators"]
 
 
+def test_a_sale_that_comes_after_its_return_and_is_stamped_later_still_expires():
+    """Delivered after its return, and stamped after it (another lane's clock): the receipt is dated by the sale."""
+    p = Pipeline()
+    p.decision(return_of("r1", "t1", at_s=100, amount=20))
+    p.decision(sale("t1", at_s=200, amount=50))
+    days = RULES.receipt_retention_days
+    p.decision(sale("x1", at_s=days * 86_400 + 150, card="card-B"))  # the return's entry is due, the sale is not
+    p.decision(sale("x2", at_s=2 * days * 86_400, card="card-B"))
+    assert "t1" not in p.state.receipts
+    assert p.persisted.get((RECEIPTS, "t1")) is None
+
+
 def test_event_stamped_further_ahead_of_the_wall_clock_than_the_allowed_skew_is_rejected():
     skew = SETTINGS.job.max_future_skew_ms
     for ahead_ms in (skew + 1, 3_600_000, 2 * 86_400_000):
