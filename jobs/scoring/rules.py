@@ -55,7 +55,13 @@ FACE_INDICATORS: tuple[str, ...] = ("buyer_face_mismatch",)
 """Indicators drawn from the same lane snapshot as the watchlist match. With it they are one piece of evidence,
 not two (a snapshot of the wrong person gives a suspect match and a returner who is not the buyer at once), so
 only the heaviest of them counts towards the risk."""
-FACE_STATUSES = frozenset({"UNAVAILABLE", "NO_FACE", "UNKNOWN", "MATCHED", "REJECTED"})
+FACE_STATUSES = frozenset({"UNAVAILABLE", "NO_FACE"})
+"""The face statuses ``face.unavailable_statuses`` may list: those that mean "no usable face". ``NO_MATCH`` and
+``MATCHED`` are a face seen; with ``MATCHED`` listed a suspect's match on a return raised the "no face" indicator
+too, and the two together could block on the face alone, with a false reason."""
+_NEVER_PRODUCED_STATUSES = frozenset({"UNKNOWN", "REJECTED"})
+"""Statuses once accepted in ``unavailable_statuses`` that no face stage gives: left out of a published rule set
+(they never applied), refused in a file."""
 
 
 class RuleSetError(CheckoutGuardError, ValueError):
@@ -217,7 +223,7 @@ class RuleSet:
         block_at, review_at = _thresholds(data, errors, names)
         weights = _weights(data, errors)
         bands = _model_bands(data, errors)
-        suspect, alone, statuses, indicator = _face(data, errors)
+        suspect, alone, statuses, indicator = _face(data, errors, published)
         face_points = {"face.watchlist_suspect_points": suspect} | {
             f"weights.{name}": weights.get(name) for name in FACE_INDICATORS
         }
@@ -390,9 +396,9 @@ FACE_KEYS = {
 }
 
 
-def _face(data: dict, errors: list[str]) -> tuple[int | None, bool, list[str], str | None]:
+def _face(data: dict, errors: list[str], published: bool = False) -> tuple[int | None, bool, list[str], str | None]:
     """``face``: watchlist suspect points, whether a match alone may block, the statuses that count as
-    "no face", and the indicator they raise."""
+    "no face" (``published``: without those no face stage gives), and the indicator they raise."""
     face = _mapping(data, "face", errors)
     unknown_face = set(face) - FACE_KEYS
     if unknown_face:
@@ -403,8 +409,13 @@ def _face(data: dict, errors: list[str]) -> tuple[int | None, bool, list[str], s
         errors.append("face.match_alone_may_block: true or false")
         alone = False
     statuses = face.get("unavailable_statuses", ["UNAVAILABLE", "NO_FACE"])
-    if not isinstance(statuses, list) or not set(statuses) <= FACE_STATUSES:
-        errors.append(f"face.unavailable_statuses: a list of {', '.join(sorted(FACE_STATUSES))}")
+    if published and isinstance(statuses, list):
+        statuses = [s for s in statuses if not (isinstance(s, str) and s in _NEVER_PRODUCED_STATUSES)]
+    if not isinstance(statuses, list) or not all(isinstance(s, str) and s in FACE_STATUSES for s in statuses):
+        errors.append(
+            f"face.unavailable_statuses: a list of {', '.join(sorted(FACE_STATUSES))} (the statuses without a "
+            "usable face; MATCHED and NO_MATCH are a face seen)"
+        )
         statuses = []
     indicator = face.get("unavailable_return_indicator", "no_photo_verification")
     if indicator is not None and indicator not in KNOWN_INDICATORS:

@@ -199,6 +199,31 @@ def test_a_rule_set_where_a_face_match_alone_would_block_is_refused_unless_expli
     assert decide(sale("t1").to_avro(), {}, ModelResult(), suspect, allowed).outcome == "BLOCK"
 
 
+@pytest.mark.parametrize("status", ["MATCHED", "NO_MATCH", "UNKNOWN", "REJECTED"])
+def test_only_statuses_without_a_usable_face_count_as_no_photo(status):
+    """With MATCHED listed, a suspect's match on a return also raised no_photo_verification: 65 + 20 blocked on the
+    face alone (match_alone_may_block false) with a false reason. UNKNOWN and REJECTED no face stage gives."""
+    data = RuleSet.default().to_dict()
+    data["face"] = {**data["face"], "watchlist_suspect_points": 65}
+    data["face"]["unavailable_statuses"] = ["UNAVAILABLE", "NO_FACE", status]
+    with pytest.raises(RuleSetError, match=r"face.unavailable_statuses: a list of NO_FACE, UNAVAILABLE"):
+        RuleSet.from_dict(data)
+    rules = RuleSet.from_dict({**data, "face": {**data["face"], "unavailable_statuses": ["UNAVAILABLE", "NO_FACE"]}})
+    suspect = FaceResult(status="MATCHED", category="SUSPECT", subject_id="s1", similarity=99.0)
+    decision = decide(return_of("r1", "t1").to_avro(), {}, ModelResult(), suspect, rules)
+    assert (decision.outcome, decision.reasons) == ("REVIEW", ("watchlist_suspect",))
+
+
+def test_a_published_rule_set_listing_a_status_no_face_stage_gives_still_loads_without_it():
+    data = RuleSet.default().to_dict()
+    data["face"]["unavailable_statuses"] = ["UNAVAILABLE", "NO_FACE", "UNKNOWN", "REJECTED"]
+    rules = RuleSet.from_yaml(yaml.safe_dump(data), published=True)
+    assert rules.unavailable_statuses == {"UNAVAILABLE", "NO_FACE"}
+    data["face"]["unavailable_statuses"] = ["UNAVAILABLE", "MATCHED"]
+    with pytest.raises(RuleSetError, match="face.unavailable_statuses"):
+        RuleSet.from_yaml(yaml.safe_dump(data), published=True)
+
+
 def test_a_suspect_match_and_a_returner_who_is_not_the_buyer_are_one_piece_of_face_evidence():
     """Both come from the same lane snapshot: summed (60 + 40) a snapshot of the wrong person blocked a return
     by itself, whatever the card said."""
