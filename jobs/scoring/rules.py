@@ -13,6 +13,7 @@ every decision. At run time a new rule set is published to the compacted ``rules
 from __future__ import annotations
 
 import getpass
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date
@@ -66,6 +67,22 @@ _NEVER_PRODUCED_STATUSES = frozenset({"UNKNOWN", "REJECTED"})
 
 class RuleSetError(CheckoutGuardError, ValueError):
     """A rule set that cannot be used; the message names the offending key."""
+
+
+MAX_RULESET_BYTES = 256 * 1024
+"""The largest rule set file taken (the default is about 3 KB). PyYAML reads about 100 KB a second on a busy core:
+without a bound a 10 MB file took seconds to minutes and hundreds of MB to refuse, and it could never be published
+(Kafka's message limit is about 1 MB)."""
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 60
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict = 2, 4, 4
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` cut short for a message. YAML aliases share one list many times over (``*lol`` nine times in
+    each of nine levels): a full repr of such a value expands it, and took minutes and gigabytes."""
+    return _SHOWN.repr(value)
 
 
 _THRESHOLDS = ("block_at", "review_at")
@@ -199,10 +216,14 @@ class RuleSet:
         """A rule set file's text, checked. ``published``: read back from the rules topic, where the checks of
         the time it was published hold (a key given twice: the last; an unquoted version: as text), so that a rule
         set published before the stricter checks is not dropped at a restart for the file's."""
+        if not published and len(text.encode("utf-8", "surrogatepass")) > MAX_RULESET_BYTES:
+            raise RuleSetError(f"a rule set is at most {MAX_RULESET_BYTES // 1024} KiB")
         try:
             data = yaml.safe_load(text) if published else _load_yaml(text)
         except yaml.YAMLError as exc:
             raise RuleSetError(f"not valid YAML: {exc}") from None
+        except RecursionError:  # PyYAML composes and constructs nested nodes recursively
+            raise RuleSetError("not a rule set: YAML nested too deeply") from None
         return cls.from_dict(data, published=published)
 
     @classmethod
@@ -224,6 +245,7 @@ class RuleSet:
         weights = _weights(data, errors)
         bands = _model_bands(data, errors)
         suspect, alone, statuses, indicator = _face(data, errors, published)
+        description = _description(data.get("description"), published, errors)
         face_points = {"face.watchlist_suspect_points": suspect} | {
             f"weights.{name}": weights.get(name) for name in FACE_INDICATORS
         }
@@ -247,7 +269,7 @@ class RuleSet:
             match_alone_may_block=alone,
             unavailable_statuses=frozenset(statuses),
             unavailable_return_indicator=indicator,
-            description=str(data.get("description") or "").strip(),
+            description=description,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -270,9 +292,14 @@ class RuleSet:
 
 
 def rule_set_text(path: Path) -> str:
-    """A rule set file's text; :class:`RuleSetError` naming the file when it cannot be read as UTF-8."""
+    """A rule set file's text; :class:`RuleSetError` naming the file when it cannot be read as UTF-8 or is larger
+    than :data:`MAX_RULESET_BYTES` (not read beyond that)."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        with Path(path).open("rb") as file:
+            raw = file.read(MAX_RULESET_BYTES + 1)
+        if len(raw) > MAX_RULESET_BYTES:
+            raise RuleSetError(f"rule set {path} is larger than {MAX_RULESET_BYTES // 1024} KiB")
+        return raw.decode("utf-8")
     except OSError as exc:
         raise RuleSetError(f"cannot read rule set {path}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
@@ -302,7 +329,7 @@ def _int(
     """``data[key]`` if an integer ``lo..hi``; else an error for ``name`` (``where`` + ``key`` by default)."""
     value = data.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        errors.append(f"{name or where + key}: required, an integer {lo}..{hi} (got {value!r})")
+        errors.append(f"{name or where + key}: required, an integer {lo}..{hi} (got {_shown(value)})")
         return None
     return value
 
@@ -326,6 +353,17 @@ def _version(value: Any, name: str, errors: list[str]) -> str | None:
             read = f"a {type(value).__name__}"
         errors.append(f"{name}: YAML reads it as {read}, not text: put the version in quotes")
     return None
+
+
+def _description(value: Any, published: bool, errors: list[str]) -> str:
+    """``description``: text, or nothing. A published rule set's other value is shown cut short (see
+    :func:`_shown`): ``str()`` of an aliased list expands it."""
+    if value is None or isinstance(value, str):
+        return (value or "").strip()
+    if published:
+        return _shown(value)
+    errors.append("description: text (put it in quotes or use `description: >`)")
+    return ""
 
 
 def _thresholds(data: dict, errors: list[str], names: Mapping[str, str]) -> tuple[int | None, int | None]:
@@ -418,8 +456,8 @@ def _face(data: dict, errors: list[str], published: bool = False) -> tuple[int |
         )
         statuses = []
     indicator = face.get("unavailable_return_indicator", "no_photo_verification")
-    if indicator is not None and indicator not in KNOWN_INDICATORS:
-        errors.append(f"face.unavailable_return_indicator: unknown indicator {indicator!r}")
+    if indicator is not None and not (isinstance(indicator, str) and indicator in KNOWN_INDICATORS):
+        errors.append(f"face.unavailable_return_indicator: unknown indicator {_shown(indicator)}")
     return suspect, alone, statuses, indicator
 
 

@@ -308,3 +308,51 @@ def test_publishing_to_a_cluster_without_the_rules_topic_names_it_and_sends_noth
     with pytest.raises(kafka_clients.TopicMissing, match="no topic unit.rules on Kafka at .*created by an admin"):
         publish_rules(settings, RuleSet.from_yaml(text), text, "tester")
     assert sent == []
+
+
+def _alias_bomb(levels: int) -> str:
+    """YAML aliases nine times over per level: 9**levels items once expanded, a few hundred bytes as text."""
+    lines = ['&l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"&l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "[" + ", ".join(lines) + "]"
+
+
+@pytest.mark.parametrize("published", [False, True])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda text: text + "face_extra: " + "[" * 5000 + "]" * 5000 + "\n", "YAML nested too deeply"),
+        (lambda text: text.replace("high_value_item: 15", f"high_value_item: {_alias_bomb(6)}"), "high_value_item"),
+        (lambda text: text.replace("[UNAVAILABLE, NO_FACE]", "[[UNAVAILABLE]]"), "face.unavailable_statuses"),
+        (lambda text: text.replace("indicator: no_photo_verification", "indicator: [x]"), "unknown indicator"),
+    ],
+)
+def test_a_hostile_or_malformed_rule_set_is_one_short_error(change, message, published):
+    """Deep nesting raised RecursionError, a list where a name belongs TypeError (tracebacks, not an Error line), and
+    an aliased value was expanded into its message: 9**9 items took minutes and gigabytes. The rules topic is read
+    back the same way at every start."""
+    with pytest.raises(RuleSetError) as err:
+        RuleSet.from_yaml(change(DEFAULT_RULESET.read_text()), published=published)
+    assert message in str(err.value) and len(str(err.value)) < 2000
+
+
+def test_a_description_that_is_not_text_is_refused_in_a_file_and_shown_short_when_published():
+    """``str()`` of an aliased list expanded it in a rule set otherwise valid."""
+    text = re.sub(
+        r"^description: >\n(  .*\n)+", f"description: {_alias_bomb(6)}\n", DEFAULT_RULESET.read_text(), flags=re.M
+    )
+    with pytest.raises(RuleSetError, match="description: text"):
+        RuleSet.from_yaml(text)
+    assert len(RuleSet.from_yaml(text, published=True).description) < 2000
+
+
+def test_a_rule_set_file_over_the_size_limit_is_refused_without_reading_it_all(tmp_path, capsys):
+    """A 10 MB file (a long comment) took seconds to accept and could never be published; 5 MB of bands a minute."""
+    from jobs.scoring.rules import MAX_RULESET_BYTES
+
+    big = tmp_path / "big.yaml"
+    big.write_text(DEFAULT_RULESET.read_text() + "# " + "x" * MAX_RULESET_BYTES + "\n")
+    code, out, err = _console(capsys, "validate", str(big))
+    assert code == 1 and out == "" and err == f"Error: rule set {big} is larger than 256 KiB\n"
+    with pytest.raises(RuleSetError, match="at most 256 KiB"):
+        RuleSet.from_yaml(big.read_text())
