@@ -249,12 +249,23 @@ class RuleSet:
         face_points = {"face.watchlist_suspect_points": suspect} | {
             f"weights.{name}": weights.get(name) for name in FACE_INDICATORS
         }
+        given = data.get("weights")
+        # customer_mismatch's weight where the file gives buyer_face_mismatch none (see _weights): say so, or a rule
+        # set that makes a card mismatch alone block is refused over a key the file does not have
+        inherited = "buyer_face_mismatch" in weights and not (
+            isinstance(given, dict) and "buyer_face_mismatch" in given
+        )
         block_name = names.get("thresholds.block_at", "thresholds.block_at")
         for key, points in face_points.items():
             if points is not None and block_at is not None and points >= block_at and not alone:
                 errors.append(
                     f"{key} ({points}) >= {block_name} ({block_at}): face evidence alone would block; keep it "
                     "below block_at (face evidence alone then makes REVIEW) or set face.match_alone_may_block: true"
+                    + (
+                        " (not in the file: it takes customer_mismatch's weight; give buyer_face_mismatch its own)"
+                        if inherited and key == "weights.buyer_face_mismatch"
+                        else ""
+                    )
                 )
         if errors:
             raise RuleSetError("invalid rule set: " + "; ".join(errors))

@@ -252,6 +252,22 @@ def test_a_rule_set_from_before_the_face_mismatch_had_its_name_weighs_it_as_cust
     assert decision.reasons == ("buyer_face_mismatch",) and decision.risk_score == 35
 
 
+def test_a_card_mismatch_that_blocks_alone_is_refused_naming_the_face_weight_it_lends_and_how_to_fix_it():
+    """A manager's ``customer_mismatch: 90`` without buyer_face_mismatch was refused over a key the file does not
+    have; giving the face's mismatch its own weight is the way out."""
+    data = RuleSet.default().to_dict()
+    del data["weights"]["buyer_face_mismatch"]
+    data["weights"]["customer_mismatch"] = 90
+    with pytest.raises(RuleSetError, match="not in the file: it takes customer_mismatch's weight; give"):
+        RuleSet.from_dict(data)
+    data["weights"]["buyer_face_mismatch"] = 40
+    strict = RuleSet.from_dict(data)
+    ret = return_of("r1", "t1").to_avro()
+    assert decide(ret, {"customer_mismatch": 1.0}, ModelResult(), FaceResult(), strict).outcome == "BLOCK"
+    face_only = decide(ret, {"buyer_face_mismatch": 1.0}, ModelResult(), FaceResult(status="NO_MATCH"), strict)
+    assert (face_only.outcome, face_only.risk_score) == ("APPROVE", 40)
+
+
 def test_rules_topic_update_carries_the_validated_yaml():
     text = DEFAULT_RULESET.read_text()
     record = update_record(RuleSet.from_yaml(text), text, "analyst@example.com", published_at=123)
