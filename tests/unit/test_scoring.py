@@ -195,6 +195,22 @@ def test_a_blank_identity_is_no_identity_not_one_profile_shared_by_every_shopper
     assert padded["customer_email"] == "ann@x.com"
 
 
+def test_an_email_written_in_other_capitals_is_the_same_customer_and_identity():
+    """Mail providers do not tell ``Mule@Example.com`` from ``mule@example.com``: keyed as written, alternating the
+    capitals split one shopper into two histories, halving the velocity a burst of sales reached."""
+    upper = parse_transaction(replace(sale("t1"), customer_email=" Mule@Example.COM").encode(), T0, 1 << 20)
+    lower = parse_transaction(replace(sale("t2"), customer_email="mule@example.com").encode(), T0, 1 << 20)
+    assert upper["customer_email"] == lower["customer_email"] == "mule@example.com"
+    scorer, state = Scorer(Settings()), ScoringState()
+    seen = []
+    for n in range(6):  # six sales in 50 s, the e-mail's capitals alternating: one customer
+        email = "Mule@Example.com" if n % 2 else "mule@example.com"
+        tx = replace(sale(f"v{n}", at_s=n * 10, card=None), customer_email=email)
+        out, _ = scorer.observe(scorer.parse(tx.encode(), None, "transactions", 0, n, tx.event_time), state)
+        seen.append(out[1]["velocity"])
+    assert seen == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+
+
 def test_oversized_message_is_rejected_before_decoding():
     with pytest.raises(InvalidRecord) as err:
         parse_transaction(b"x" * 2000, T0, 1000)
