@@ -39,11 +39,12 @@ anywhere but a loopback address (``127.0.0.1``, ``localhost``, ``::1``), and ans
 
 from __future__ import annotations
 
+import contextlib
 import io
 import ipaddress
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,7 @@ class Dashboard:
         self._images = images
         self.clock = clock
         self.prometheus = prometheus or prometheus_api(settings)
+        self._owned_prometheus = prometheus is None
         prefix = settings.opensearch.index_prefix
         self.transactions = index_name(prefix, "transactions")
         self.alerts = index_name(prefix, "alerts")
@@ -135,6 +137,12 @@ class Dashboard:
         self.drift = index_name(prefix, "model_drift")
         self.max_labels = MAX_LABELS
         self._trained: dict[str, frozenset[str]] = {}
+
+    def close(self) -> None:
+        """Close the Prometheus client this dashboard made (its pooled connection would otherwise outlive the app,
+        left to the garbage collector)."""
+        if self._owned_prometheus:
+            self.prometheus.close()
 
     @property
     def images(self) -> ImageStore:
@@ -448,4 +456,10 @@ def create_app(
     else:  # open on loopback only (check_exposure): to requests addressed there, not to a rebound name
         middleware.append(Middleware(LoopbackHostOnly))
     api = _DashboardApi(settings, dashboard or Dashboard(settings), publish)
-    return Starlette(routes=api.routes(), middleware=middleware)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        yield
+        api.board.close()
+
+    return Starlette(routes=api.routes(), middleware=middleware, lifespan=lifespan)

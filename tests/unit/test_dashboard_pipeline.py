@@ -298,3 +298,18 @@ def test_the_dashboard_command_serves_its_metrics_with_every_groups_lag(monkeypa
     assert started == registered  # its thread reads Kafka: a scrape only serves what it read
     dashboard_main.export_metrics(Settings(metrics={"enabled": False}))
     assert len(started) == 1  # metrics off: Kafka is not read for nothing
+
+
+def test_the_prometheus_client_the_dashboard_made_is_closed_when_the_app_shuts_down() -> None:
+    """Its pooled connection to Prometheus outlived the app, left to the garbage collector (an unclosed-socket
+    warning at some later, unrelated moment); a client the caller passed in stays the caller's."""
+    settings = Settings()
+    made = Dashboard(settings, client=NoSearch())  # type: ignore[arg-type]
+    with TestClient(create_app(settings, made), base_url="http://127.0.0.1:8050"):
+        assert not made.prometheus.client.is_closed
+    assert made.prometheus.client.is_closed
+    given = PrometheusApi("http://127.0.0.1:1")
+    with TestClient(create_app(settings, Dashboard(settings, client=NoSearch(), prometheus=given))):  # type: ignore[arg-type]
+        pass
+    assert not given.client.is_closed
+    given.close()
