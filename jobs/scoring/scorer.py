@@ -300,7 +300,6 @@ class Scorer:
         linked, changed = observe_linked(tx, state.customers, idle_before, CUSTOMERS)
         writes += changed
         tx[PROFILE_KEY] = customer + linked  # the model's profile features (not written on the record)
-        writes.extend(state.expire_receipts(tx["event_time"], self.receipt_retention_ms))
         writes.extend(state.expire_faces(state.newest_event_ms, self.face_retention_ms))
         return out, writes
 
