@@ -81,6 +81,18 @@ class Receipt:
     sale_face: tuple[float, ...] | None = None
     """The buyer's face embedding from the checkout snapshot (biometric: dropped after
     ``rules.receipt_face_retention_hours``, or by ``forget``)."""
+    currency: str | None = None
+    """The sale's currency; ``None`` in a receipt restored from a job older than this field (compared raw)."""
+    returned_currency: str | None = None
+    """The currency ``returned`` counts in: the first return's, the sale's once it is known."""
+
+    def __setstate__(self, state: Any) -> None:
+        """Restore a pickle, also one written before a field existed (a savepoint of an older job): missing
+        fields take their defaults."""
+        values = dict(state[1] if isinstance(state, tuple) else state)  # (None, slots) or a plain dict
+        fresh = Receipt()
+        for name in Receipt.__slots__:
+            object.__setattr__(self, name, values[name] if name in values else getattr(fresh, name))
 
     def observe(self, tx: Tx, cust_key: str, rules: RulesSettings) -> dict[str, float] | None:
         """Indicators for ``tx``; ``None`` if this exact transaction was already seen (a duplicate)."""
@@ -89,21 +101,34 @@ class Receipt:
             return None
         self.seen.add(tx_id)
         ind: dict[str, float] = {}
+        currency = tx["currency"]
         if tx["kind"] == "SALE":
             self.sale_id, self.store_id, self.customer_key = tx_id, tx["store_id"], cust_key
-            self.amount, self.event_time = tx["amount"], tx["event_time"]
+            self.amount, self.event_time, self.currency = tx["amount"], tx["event_time"], currency
+            if self.returned_currency not in (None, currency):
+                # returns that came first in another currency cannot be added to this sale's
+                self.returned = 0.0
+            self.returned_currency = currency
             return ind
         # A return.
         if not tx.get("original_transaction_id"):
             ind["return_without_receipt"] = 1.0
             return ind
-        # Counted before its sale is known too: a return delivered ahead of its sale still adds up with the
-        # returns made after it, so partial returns over the sale are flagged whatever the arrival order.
-        self.returned += tx["amount"]
+        # A refund in another currency than the sale's cannot be compared with it (no rates here): it is
+        # flagged, not added up. A receipt from an older job knows no currency and compares raw, as before.
+        sale_currency = self.currency if self.sale_id is not None else None
+        foreign = sale_currency is not None and currency != sale_currency
+        if foreign:
+            ind["return_currency_mismatch"] = 1.0
+        elif self.returned_currency in (None, currency) or (self.sale_id is not None and sale_currency is None):
+            # Counted before its sale is known too: a return delivered ahead of its sale still adds up with the
+            # returns made after it, so partial returns over the sale are flagged whatever the arrival order.
+            self.returned += tx["amount"]
+            self.returned_currency = self.returned_currency or currency
         if self.sale_id is None:
             ind["return_unknown_receipt"] = 1.0
             return ind
-        if self.returned > self.amount + 0.005:
+        if not foreign and self.returned > self.amount + 0.005:
             ind["return_exceeds_sale"] = 1.0
         if tx["store_id"] != self.store_id:
             ind["cross_store_return"] = 1.0

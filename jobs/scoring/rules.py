@@ -40,6 +40,7 @@ KNOWN_INDICATORS: frozenset[str] = frozenset(
         # jobs/scoring/features.py
         "return_exceeds_sale",
         "return_unknown_receipt",
+        "return_currency_mismatch",
         "velocity_exceeded",
         "amount_above_norm",
         "cross_store_return",

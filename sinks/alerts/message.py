@@ -29,6 +29,7 @@ from schemas.records import FACE_ALERT_KINDS, OUTCOME_WORDS, REKOGNITION_MATCHER
 REASON_WORDS: dict[str, str] = {
     "return_exceeds_sale": "refund is larger than the original sale",
     "return_unknown_receipt": "the receipt is not one we issued",
+    "return_currency_mismatch": "refund in another currency than the sale",
     "customer_mismatch": "returned by someone other than the buyer",
     "buyer_face_mismatch": "the returner's face may not be the buyer's",
     "velocity_exceeded": "too many transactions by this customer in a short time",

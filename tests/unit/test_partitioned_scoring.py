@@ -270,6 +270,19 @@ def test_a_return_past_the_return_window_meets_no_receipt_on_any_number_of_shard
         assert _scored(rows)["r2"]["indicators"].get("return_unknown_receipt") == 1.0
 
 
+def test_a_refund_in_another_currency_is_flagged_and_not_added_up_on_any_number_of_shards():
+    s = settings()
+    for shards in (1, 3):
+        core = PartitionedCore(s, shards, clock=_clock)
+        core.on_records([_tx(sale("s1", amount=100))], NOW)
+        returns = [_tx(replace(return_of("r1", "s1", at_s=100, amount=10_000), currency="JPY"))]
+        returns.append(_tx(return_of("r2", "s1", at_s=200, amount=90)))
+        rows = core.on_records(returns, NOW) + core.on_timer(NOW + 600_000)
+        assert _scored(rows)["r1"]["indicators"].get("return_currency_mismatch") == 1.0
+        assert "return_exceeds_sale" not in _scored(rows)["r1"]["indicators"]
+        assert "return_exceeds_sale" not in _scored(rows)["r2"]["indicators"]
+
+
 def _decoded(tx) -> dict:
     return codec("PosTransaction").decode(tx.encode())
 

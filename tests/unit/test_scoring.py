@@ -108,6 +108,44 @@ def test_a_return_delivered_before_its_sale_still_counts_towards_returning_more_
     assert "return_exceeds_sale" in scored["reasons"]
 
 
+def test_a_refund_in_another_currency_than_the_sale_is_flagged_and_not_compared_with_it():
+    p = Pipeline()
+    p.decision(sale("t1", amount=100))  # USD
+    small = p.decision(replace(return_of("r1", "t1", at_s=100, amount=90), currency="JPY"))
+    assert small["indicators"].get("return_currency_mismatch") == 1.0
+    large = p.decision(replace(return_of("r2", "t1", at_s=200, amount=10_000), currency="JPY"))
+    assert large["indicators"].get("return_currency_mismatch") == 1.0
+    assert "return_exceeds_sale" not in large["indicators"]  # 10,000 JPY is not more than 100 USD
+    same = p.decision(return_of("r3", "t1", at_s=300, amount=90))  # the JPY refunds did not count in USD
+    assert "return_exceeds_sale" not in same["indicators"] and "return_currency_mismatch" not in same["indicators"]
+    over = p.decision(return_of("r4", "t1", at_s=400, amount=20))
+    assert over["indicators"].get("return_exceeds_sale") == 1.0
+
+
+def test_returns_made_before_their_sale_in_another_currency_are_not_added_to_the_sale():
+    p = Pipeline()
+    p.decision(replace(return_of("r1", "t1", at_s=100, amount=5_000), currency="JPY"))  # its sale is on its way
+    p.decision(sale("t1", amount=100))
+    scored = p.decision(return_of("r2", "t1", at_s=200, amount=60))
+    assert "return_exceeds_sale" not in scored["indicators"]
+
+
+def test_a_receipt_restored_from_an_older_job_compares_refunds_raw_as_before():
+    import pickle
+
+    receipt = Receipt()
+    receipt.observe(sale("t1", amount=100).to_avro(), "card:A", RULES)
+    slots = {
+        name: getattr(receipt, name) for name in Receipt.__slots__ if name not in ("currency", "returned_currency")
+    }
+    old = Receipt.__new__(Receipt)
+    old.__setstate__((None, slots))  # what a savepoint written before the currency fields holds
+    assert old.currency is None and old.returned_currency is None
+    found = old.observe(replace(return_of("r1", "t1", amount=150), currency="JPY").to_avro(), "card:A", RULES)
+    assert found is not None and found.get("return_exceeds_sale") == 1.0 and "return_currency_mismatch" not in found
+    assert pickle.loads(pickle.dumps(old)) == old
+
+
 def test_card_velocity_burst_is_flagged():
     p = Pipeline()
     outcomes = [p.decision(sale(f"t{i}", at_s=i * 10, amount=2.0)) for i in range(RULES.velocity_limit + 2)]
