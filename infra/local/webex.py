@@ -49,7 +49,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from infra.logs import UVICORN
+from infra.logs import LOG_LEVEL_HELP, UVICORN, setup_logging
 from infra.settings import get_settings
 
 MAX_MARKDOWN_BYTES = 7439
@@ -767,17 +767,20 @@ def main(
     ] = None,
     token: Annotated[str, typer.Option(help="The bot token the server accepts.")] = "local-bot-token",
     latency_ms: Annotated[float, typer.Option(help="Added to every API answer.")] = 0.0,
+    log_level: Annotated[str | None, typer.Option(help=LOG_LEVEL_HELP)] = None,
 ) -> None:
     """Serve the local Webex API until interrupted."""
+    settings = get_settings()
+    setup_logging(settings, log_level, "webex-local")
     if port is None:
-        port = get_settings().webex.local_port
+        port = settings.webex.local_port
     state = WebexState(token=token, latency_s=latency_ms / 1000)
     base = f"http://127.0.0.1:{port}"
     uvicorn.run(
         build_app(state, base),
         host="127.0.0.1",
         port=port,
-        log_level="warning",
+        log_level=(log_level or "warning").lower(),  # the server's own lines: quiet unless asked for
         access_log=False,
         lifespan="off",
         **UVICORN,

@@ -53,3 +53,20 @@ def test_an_empty_id_is_refused_before_any_request(webex) -> None:
     assert not err.value.retriable and err.value.status is None
     assert server.state.requests == before, "no request reached the server"
     assert path_segment("a/b?c#d.e") == "a%2Fb%3Fc%23d%2Ee"
+
+
+def test_the_local_webex_server_takes_a_log_level_like_every_other_process(monkeypatch):
+    import typer.main
+
+    from infra.local import webex
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(webex, "setup_logging", lambda settings, level, process: seen.update(level=level, name=process))
+    monkeypatch.setattr(webex.uvicorn, "run", lambda app, **kw: seen.update(server=kw["log_level"]))
+    app = typer.Typer(add_completion=False)
+    app.command()(webex.main)
+    command = typer.main.get_command(app)
+    command.main(["--log-level", "DEBUG", "--port", "1"], standalone_mode=False)
+    assert seen == {"level": "DEBUG", "name": "webex-local", "server": "debug"}
+    command.main(["--port", "1"], standalone_mode=False)
+    assert seen["level"] is None and seen["server"] == "warning"
