@@ -85,6 +85,9 @@ class Receipt:
     """The sale's currency; ``None`` in a receipt restored from a job older than this field (compared raw)."""
     returned_currency: str | None = None
     """The currency ``returned`` counts in: the first return's, the sale's once it is known."""
+    opened: int = 0
+    """Event time (ms) of the first transaction filed under it: what a receipt with no sale yet is dated by
+    (0 in a receipt restored from a job older than this field)."""
 
     def __setstate__(self, state: Any) -> None:
         """Restore a pickle, also one written before a field existed (a savepoint of an older job): missing
@@ -100,6 +103,8 @@ class Receipt:
         if tx_id in self.seen:
             return None
         self.seen.add(tx_id)
+        if not self.opened:
+            self.opened = tx["event_time"]
         ind: dict[str, float] = {}
         currency = tx["currency"]
         if tx["kind"] == "SALE":
@@ -114,17 +119,9 @@ class Receipt:
         if not tx.get("original_transaction_id"):
             ind["return_without_receipt"] = 1.0
             return ind
-        # A refund in another currency than the sale's cannot be compared with it (no rates here): it is
-        # flagged, not added up. A receipt from an older job knows no currency and compares raw, as before.
-        sale_currency = self.currency if self.sale_id is not None else None
-        foreign = sale_currency is not None and currency != sale_currency
+        foreign = self._count_return(tx["amount"], currency)
         if foreign:
             ind["return_currency_mismatch"] = 1.0
-        elif self.returned_currency in (None, currency) or (self.sale_id is not None and sale_currency is None):
-            # Counted before its sale is known too: a return delivered ahead of its sale still adds up with the
-            # returns made after it, so partial returns over the sale are flagged whatever the arrival order.
-            self.returned += tx["amount"]
-            self.returned_currency = self.returned_currency or currency
         if self.sale_id is None:
             ind["return_unknown_receipt"] = 1.0
             return ind
@@ -139,6 +136,21 @@ class Receipt:
         if elapsed_s < rules.suspicious_timing_s and tx["store_id"] != self.store_id:
             ind["suspicious_timing"] = 1.0
         return ind
+
+    def _count_return(self, amount: float, currency: str) -> bool:
+        """Add a return to ``returned``; ``True`` when it is in another currency than the sale's.
+
+        Counted before its sale is known too: a return delivered ahead of its sale still adds up with the returns
+        made after it, so partial returns over the sale are flagged whatever the arrival order. A refund in another
+        currency than the sale's cannot be compared with it (no rates here): it is flagged, not added up. A receipt
+        from an older job knows no currency and compares raw, as before."""
+        sale_currency = self.currency if self.sale_id is not None else None
+        if sale_currency is not None and currency != sale_currency:
+            return True
+        if self.returned_currency in (None, currency) or (self.sale_id is not None and sale_currency is None):
+            self.returned += amount
+            self.returned_currency = self.returned_currency or currency
+        return False
 
 
 @dataclass(slots=True)

@@ -214,7 +214,7 @@ class ReceiptStep(_Keyed):
         # A receipt only returns were made against has no sale time: dated by the newest one restored (it
         # keeps its duplicate check for a return window from now, never less).
         newest = max((r.event_time for r in self.receipts.values()), default=0)
-        self.by_time = [(r.event_time or newest, k) for k, r in self.receipts.items()]
+        self.by_time = [(r.event_time or r.opened or newest, k) for k, r in self.receipts.items()]
         heapq.heapify(self.by_time)
 
     def on(self, key: str, env: Any, order_: Order) -> list[Emit]:
@@ -241,7 +241,7 @@ class ReceiptStep(_Keyed):
         while self.by_time and self.by_time[0][0] < cutoff:
             _, key = heapq.heappop(self.by_time)
             receipt = self.receipts.get(key)
-            if receipt is not None and (receipt.event_time or 0) < cutoff:
+            if receipt is not None and (receipt.event_time or receipt.opened) < cutoff:
                 del self.receipts[key]
                 self._put("receipts", key, None)
                 gone.append(key)

@@ -85,8 +85,11 @@ class ScoringState:
 
     @classmethod
     def restore(cls, receipts: dict, stores: dict, customers: dict) -> ScoringState:
-        order = deque(sorted((r.event_time, k) for k, r in receipts.items()))
-        faces = deque((t, k) for t, k in order if receipts[k].sale_face is not None)
+        # A receipt only returns were made against is dated by its first return (by the newest sale restored when
+        # it comes from a job older than that field): dated 0, the first expiry after a restore dropped it.
+        newest = max((r.event_time for r in receipts.values()), default=0)
+        order = deque(sorted((r.event_time or r.opened or newest, k) for k, r in receipts.items()))
+        faces = deque(sorted((r.event_time, k) for k, r in receipts.items() if r.sale_face is not None))
         # The newest receipt is a lower bound of the newest event: a restore never rejects more.
         return cls(dict(receipts), dict(stores), dict(customers), order, order[-1][0] if order else 0, faces)
 
@@ -102,7 +105,9 @@ class ScoringState:
         while self.receipt_order and self.receipt_order[0][0] < now_ms - retention_ms:
             _, key = self.receipt_order.popleft()
             receipt = self.receipts.get(key)
-            if receipt is not None and receipt.event_time < now_ms - retention_ms:
+            # dated by its sale, else by its first return: an entry left by a receipt replaced since (its sale past
+            # the window when a return came) must not drop the one in its place
+            if receipt is not None and (receipt.event_time or receipt.opened) < now_ms - retention_ms:
                 del self.receipts[key]
                 removed.append((RECEIPTS, key, None))
         return removed

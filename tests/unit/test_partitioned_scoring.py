@@ -283,6 +283,20 @@ def test_a_refund_in_another_currency_is_flagged_and_not_added_up_on_any_number_
         assert "return_exceeds_sale" not in _scored(rows)["r2"]["indicators"]
 
 
+def test_a_redelivered_return_past_the_window_is_decided_once_on_any_number_of_shards():
+    """The return replaced its sale's receipt; the sale's old entry, expired later, dropped the one in its place."""
+    s = settings()
+    days = s.rules.receipt_retention_days
+    for shards in (1, 3):
+        core = PartitionedCore(s, shards, clock=_clock)
+        core.on_records([_tx(sale("s1", amount=50))], NOW)
+        later = T0 + days * 86_400_000 + 10_000
+        late = _tx(return_of("r1", "s1", at_s=days * 86_400 + 1, amount=20))
+        first = core.on_records([late], later) + core.on_timer(later + 10_000)
+        again = core.on_records([late], later + 20_000) + core.on_timer(later + 40_000)
+        assert "r1" in _scored(first) and _scored(again) == {}
+
+
 def _decoded(tx) -> dict:
     return codec("PosTransaction").decode(tx.encode())
 

@@ -317,6 +317,27 @@ def test_a_return_past_the_return_window_meets_no_receipt_even_when_nothing_came
     assert "seconds_since_sale" not in past["indicators"]
 
 
+def test_a_redelivered_return_past_the_window_is_dropped_after_its_old_sales_entry_expires():
+    """The sale came out of order, so its entry sat behind a newer one and its receipt was replaced when the return
+    came: that old entry, popped later, dropped the return's receipt, and the copy was decided again."""
+    p = Pipeline()
+    days = RULES.receipt_retention_days
+    p.decision(sale("a", at_s=10 * 86_400, card="card-B"))
+    p.decision(sale("s1", at_s=0, amount=50))  # delivered after a newer sale
+    late = return_of("r1", "s1", at_s=(days + 1) * 86_400, amount=20)
+    assert p.decision(late)["indicators"].get("return_unknown_receipt") == 1.0
+    p.decision(sale("b", at_s=(days + 11) * 86_400, card="card-C"))  # pops both old entries
+    assert p.feed(late.encode()) == []
+
+
+def test_a_receipt_opened_by_a_return_outlives_a_restore_for_its_return_window():
+    p = Pipeline()
+    p.decision(return_of("r1", "s1", at_s=100, amount=20))  # its sale is still on its way
+    restored = ScoringState.restore({"s1": p.state.receipts["s1"]}, {}, {})
+    restored.expire_receipts(T0 + 200_000, RULES.receipt_retention_days * 86_400_000)
+    assert "s1" in restored.receipts
+
+
 def test_a_sale_that_comes_after_its_return_and_is_stamped_later_still_expires():
     """Delivered after its return, and stamped after it (another lane's clock): the receipt is dated by the sale."""
     p = Pipeline()
