@@ -268,6 +268,8 @@ class RuleSet:
                         else ""
                     )
                 )
+        if not errors and not published:
+            errors.extend(_never_reviews(weights, bands, suspect, names.get("thresholds.review_at"), review_at))
         if errors:
             raise RuleSetError("invalid rule set: " + "; ".join(errors))
         assert version is not None and block_at is not None and review_at is not None and suspect is not None
@@ -395,6 +397,29 @@ def _thresholds(data: dict, errors: list[str], names: Mapping[str, str]) -> tupl
             f"({block_at})"
         )
     return block_at, review_at
+
+
+def _never_reviews(
+    weights: Mapping[str, int],
+    bands: list[tuple[int, int]],
+    suspect: int | None,
+    name: str | None,
+    review_at: int | None,
+) -> list[str]:
+    """An error when no transaction could ever reach ``review_at``: every indicator firing at once, the highest
+    model band and the heaviest face evidence (as :func:`decide` adds them up) stay below it. Such a rule set
+    approves everything and alerts on nothing (weights left out, or put under another key by mistake). Checked
+    on a file and on publish, not on a rule set read back from the topic: the job keeps what was published."""
+    if review_at is None or suspect is None:
+        return []
+    face = max([suspect, *(weights.get(n, 0) for n in FACE_INDICATORS)])
+    most = sum(w for n, w in weights.items() if n not in FACE_INDICATORS) + max((p for _, p in bands), default=0)
+    if most + face >= review_at:
+        return []
+    return [
+        f"no transaction can reach {name or 'thresholds.review_at'} ({review_at}): every weight, the highest model "
+        f"band and the face points together give {most + face}, so everything would be approved"
+    ]
 
 
 def _weights(data: dict, errors: list[str]) -> dict[str, int]:

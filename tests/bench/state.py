@@ -294,10 +294,11 @@ def _build_orphans(p: Plan, emit: Emit, counts: dict[str, int]) -> None:
     for key, (opened, rows) in p.orphans.items():
         kept = opened >= end - keep_ms
         counts["receipts_dropped"] += not kept
-        receipt = Receipt(seen={hist.tx_id(r) for r in rows})
+        receipt = Receipt(seen={hist.tx_id(r) for r in rows}, opened=int(hist.t[rows[0]]))
         for r in rows:  # one naming a sale not known (yet) is added up all the same; one without a receipt is not
             if hist.orig[r] != NO_RECEIPT:
                 receipt.returned += float(hist.amount[r])
+                receipt.returned_currency = "USD"  # the history's one currency
         emit(RECEIPTS, key, receipt, kept)
 
 
@@ -318,7 +319,8 @@ def _build_sale_receipts(p: Plan, lo: int, hi: int, emit: Emit, counts: dict[str
     for i, t, s, amount, code, has_face in zip(rows.tolist(), *(c.tolist() for c in cols), strict=True):
         tx_id = f"tx-{seed}-{i + 1}"
         ck = f"anon:{tx_id}" if code < 0 else names.get(code) or names.setdefault(code, hist.key_name(code))
-        receipt = Receipt(tx_id, stores[s], ck, amount, t, 0.0, {tx_id})
+        receipt = Receipt(tx_id, stores[s], ck, amount, t, 0.0, {tx_id}, currency="USD", returned_currency="USD")
+        receipt.opened = t  # its returns come after it
         for r in attached.get(i, ()):
             receipt.seen.add(f"tx-{seed}-{r + 1}")
             receipt.returned += float(amounts[r])

@@ -70,6 +70,18 @@ def test_invalid_rule_sets_are_refused_with_the_offending_key(change, message):
     assert message in str(err.value)
 
 
+def test_a_rule_set_under_which_nothing_can_reach_review_is_refused_on_file_and_publish_but_kept_when_read_back():
+    data = _default_dict()
+    data["weights"], data["model_bands"] = {}, []
+    data["face"]["watchlist_suspect_points"] = 0
+    text = yaml.safe_dump(data)
+    with pytest.raises(RuleSetError, match=r"no transaction can reach thresholds.review_at \(50\).* give 0"):
+        RuleSet.from_yaml(text)
+    assert RuleSet.from_yaml(text, published=True).weights == {}  # published before this check: the job keeps it
+    data["model_bands"] = [{"score": 900, "points": 50}]  # the model alone can send a transaction to review
+    assert RuleSet.from_yaml(yaml.safe_dump(data)).review_at == 50
+
+
 def test_malformed_yaml_is_refused_clearly():
     with pytest.raises(RuleSetError, match="not valid YAML"):
         RuleSet.from_yaml("version: [unclosed")
