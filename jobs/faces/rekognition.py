@@ -155,9 +155,10 @@ class RekognitionFaces:
             if not token:
                 return out
 
-    def index(self, subject_id: str, image: bytes | str) -> list[str]:
-        """Index the largest face of ``image`` for ``subject_id``; idempotent (an indexed subject is kept)."""
-        existing = self.face_ids(subject_id)
+    def index(self, subject_id: str, image: bytes | str, another: bool = False) -> list[str]:
+        """Index the largest face of ``image`` for ``subject_id``; idempotent (an indexed subject is kept), unless
+        ``another``: a confirmed sighting (``LEARN``) adds a face to those the subject has (the ids of the new ones)."""
+        existing = [] if another else self.face_ids(subject_id)
         if existing:
             return existing
         resp = self._call(

@@ -27,7 +27,8 @@ audit ledger below makes a no-op. (The offset is not sent inside the transaction
 ``send_offsets_to_transaction`` ignores its timeout and can block for good when the group coordinator
 restarts, librdkafka issues 5456 and 5511; a broker SIGKILL froze the service that way.)
 Side effects outside Kafka (image store, Rekognition) are idempotent: same
-subject id, same keys, an indexed subject is not indexed twice. Re-issuing a command that is already
+subject id, same keys, an indexed subject is not indexed twice (a ``LEARN`` replayed after a crash before
+its commit may index its sighting again: the same subject's face, deleted with it). Re-issuing a command that is already
 in effect changes nothing (audited as ``UNCHANGED``); a command or alert already audited (e.g. replayed
 after a consumer-group offset reset; the audit topic is read at startup) is skipped. Logs carry ids and
 outcomes, never images or embeddings.
@@ -61,9 +62,10 @@ from infra.clients.transactional import Out, Source
 from infra.command_auth import authenticate_command
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.settings import Settings, get_settings
-from jobs.faces.engine import FaceEngine, ImageError, embedder_of
-from jobs.faces.rekognition import RekognitionError, RekognitionFaces
+from jobs.faces.engine import DetectedFace, FaceEngine, ImageError, embedder_of
+from jobs.faces.rekognition import RekognitionError, RekognitionFaces, face_crop
 from jobs.faces.stage import LEGACY_INSPECTION, checkout_image_key, inspection_image_key
+from jobs.scoring.face_similarity import similarity
 from schemas.codec import DecodeError
 from schemas.errors import InvalidRecord
 from schemas.identifiers import check
@@ -413,14 +415,14 @@ class WatchlistCore:
         except (ValueError, OSError) as exc:  # not a ref of this store, or the image is gone
             raise Failed("missing_image", f"sighting unavailable: {type(exc).__name__}") from None
         try:
-            face = self.engine.best_face(data)
+            face = self._sighted_face(entry, self.engine.analyse(data))
         except ImageError as exc:
             raise Failed("bad_image", f"sighting unusable ({exc.kind})") from None
         if face is None:
             raise Failed("no_face", "no face passed the quality gate in the sighting")
-        if self.rekognition is not None:
+        if self.rekognition is not None:  # that face alone: indexing the picture adds its largest face, anyone's
             try:
-                self.rekognition.index(subject, ref if ref.startswith("s3://") else data)
+                self.rekognition.index(subject, face_crop(data, face.box, face.scale), another=True)
             except RekognitionError as exc:
                 raise rekognition_failed(exc) from None
         learned = replace(entry, embeddings=[*entry.embeddings, [float(v) for v in face.embedding]])
@@ -435,6 +437,17 @@ class WatchlistCore:
                 details={"image_ref": ref, "templates": str(len(learned.embeddings)), "quality": f"{face.quality:.3f}"},
             ),
         ]
+
+    @staticmethod
+    def _sighted_face(entry: WatchlistEntry, faces: list[DetectedFace]) -> DetectedFace | None:
+        """The face of a confirmed sighting that is the subject: of the faces that passed the gate, the one nearest
+        the subject's templates (the largest when none can be compared). The Rekognition backend matches each face
+        of a snapshot, not only the largest, so a sighting's largest face may be a bystander's."""
+        passing = [f for f in faces if f.passed and f.embedding is not None]
+        templates = [t for t in entry.embeddings if passing and len(t) == len(passing[0].embedding)]
+        if len(passing) < 2 or not templates:
+            return passing[0] if passing else None  # analyse lists the largest first
+        return max(passing, key=lambda f: max(similarity(f.embedding, t) for t in templates))
 
     def _lifetime_ms(self) -> int:
         return int(self.settings.faces.watchlist_expire_days * 86_400_000)

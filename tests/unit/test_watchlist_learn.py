@@ -3,15 +3,23 @@ case verbs are left to the case service."""
 
 from __future__ import annotations
 
+import io
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
+from PIL import Image
 from pydantic import SecretStr
 
+from infra.clients.image_store import LocalImageStore
 from infra.command_auth import SIGNATURE_HEADER, sign_command
-from infra.settings import CasesSettings, Settings, WebexSettings
+from infra.settings import CasesSettings, FaceSettings, Settings, WebexSettings
 from jobs.faces.engine import FaceEngine
+from jobs.faces.rekognition import RekognitionFaces
 from jobs.faces.watchlist_service import Source, WatchlistCore
 from schemas.records import AuditEvent, BotCommand, DeadLetter, WatchlistEntry
 from schemas.topics import AUDIT, DEAD_LETTERS, WATCHLIST
+from tests.builders import FACE_LEN
 from tests.unit.test_watchlist_service import FACES, needs_faces
 
 NOW = 1_800_000_000_000
@@ -116,3 +124,67 @@ def test_an_expiry_that_cannot_reach_the_image_store_is_audited_and_retried_not_
     outs = core.expire(due + 1)  # the next purge
     assert [(o.key, o.value) for o in only(outs, WATCHLIST)] == [(b"subj-tx-1", None)]
     assert core.store.find("reference", "subj-tx-1") is None
+
+
+class _Collection:
+    """A Rekognition client keeping ``FaceId -> ExternalImageId`` and the bytes each face was indexed from."""
+
+    def __init__(self) -> None:
+        self.faces: dict[str, str] = {}
+        self.images: dict[str, bytes] = {}
+
+    def list_faces(self, CollectionId: str, MaxResults: int, NextToken: str | None = None) -> dict:  # noqa: N803
+        return {"Faces": [{"FaceId": f, "ExternalImageId": e} for f, e in self.faces.items()]}
+
+    def index_faces(self, CollectionId: str, Image: dict, ExternalImageId: str, **_: object) -> dict:  # noqa: N803
+        face = f"face-{len(self.faces) + 1}"
+        self.faces[face], self.images[face] = ExternalImageId, Image["Bytes"]
+        return {"FaceRecords": [{"Face": {"FaceId": face}}]}
+
+
+class _TwoPeople:
+    """A 640x480 sighting: a bystander's large face left, the subject's smaller face right; the subject's embedding
+    is the enrolled one."""
+
+    embedder = "sface"
+    SUBJECT, BYSTANDER = [0.1] * FACE_LEN, [-0.1] * FACE_LEN
+
+    def face(self, box: tuple[int, int, int, int], embedding: list[float]) -> SimpleNamespace:
+        return SimpleNamespace(box=box, scale=1.0, passed=True, quality=0.9, embedding=np.array(embedding))
+
+    def best_face(self, data: bytes) -> SimpleNamespace:
+        return self.face((300, 100, 400, 200), self.SUBJECT)
+
+    def analyse(self, data: bytes) -> list[SimpleNamespace]:
+        return [self.face((20, 20, 260, 260), self.BYSTANDER), self.face((440, 200, 520, 280), self.SUBJECT)]
+
+
+def _jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (640, 480), (90, 90, 90)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_with_rekognition_a_confirmed_sighting_adds_the_subjects_face_to_the_collection(tmp_path) -> None:
+    """Rekognition's ``index`` kept an indexed subject as it was, so ``LEARN`` added nothing to the collection the
+    face stage matches in (audited DONE all the same); and the template was the sighting's largest face, which
+    with Rekognition, that matches every face of a snapshot, may be a bystander's."""
+    collection = _Collection()
+    webex = WebexSettings(command_signing_key=SecretStr(KEY), allowed_people="lp@example.com")
+    core = WatchlistCore(
+        Settings(stack_dir=tmp_path, webex=webex, faces=FaceSettings(backend="rekognition")),
+        engine=_TwoPeople(),  # type: ignore[arg-type]
+        store=LocalImageStore(tmp_path / "images"),
+        rekognition=RekognitionFaces(FaceSettings(backend="rekognition"), client=collection),
+    )
+    core.store.put("checkout", "tx-1", _jpeg())
+    core.on_command(signed("FRAUD", "tx-1", "c1"), NOW)
+    assert list(collection.faces.values()) == ["subj-tx-1"]
+    sighting = core.store.put("checkout", "tx-2", _jpeg())
+    outs = core.on_command(signed("LEARN", f"subj-tx-1 {sighting}", "learn:case-1", 2), NOW)
+    assert AuditEvent.decode(only(outs, AUDIT)[0].value).outcome == "DONE"
+    assert list(collection.faces.values()) == ["subj-tx-1", "subj-tx-1"], "the sighting is in the collection"
+    with Image.open(io.BytesIO(collection.images["face-2"])) as crop:
+        assert crop.size == (161, 161), "the subject's face cropped (80 px box, half a box around it), not the picture"
+    (learned,) = [WatchlistEntry.decode(o.value) for o in only(outs, WATCHLIST)]
+    assert learned.embeddings[1] == pytest.approx(_TwoPeople.SUBJECT), "the subject's face, not the bystander's"
