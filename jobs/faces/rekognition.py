@@ -8,8 +8,9 @@ found, which the scoring job takes as the match instead of searching the embeddi
 Enrolled faces are indexed with ``ExternalImageId`` = the subject id (:func:`external_image_id`), so a
 search answers with our subject ids and ``forget`` can find every face of a subject. Images go by S3
 object when they are already in the checkout/suspects buckets (``s3://`` refs of the S3 image store),
-else as bytes (<= 5 MB). Rekognition's similarity is its own 0-100 scale; its threshold is
-``faces.rekognition_match_threshold`` (AWS advises >= 99 plus human review for public-safety uses).
+else as bytes (<= 5 MB; a larger enrolment picture goes as its face cropped). Rekognition's similarity is its
+own 0-100 scale; its threshold is ``faces.rekognition_match_threshold`` (AWS advises >= 99 plus human review for
+public-safety uses).
 """
 
 from __future__ import annotations

@@ -63,6 +63,7 @@ from infra.command_auth import authenticate_command
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.settings import Settings, get_settings
 from jobs.faces.engine import DetectedFace, FaceEngine, ImageError, embedder_of
+from jobs.faces.rekognition import MAX_BYTES as REKOGNITION_MAX_BYTES
 from jobs.faces.rekognition import RekognitionError, RekognitionFaces, face_crop
 from jobs.faces.stage import LEGACY_INSPECTION, checkout_image_key, inspection_image_key
 from jobs.scoring.face_similarity import similarity
@@ -367,13 +368,16 @@ class WatchlistCore:
         reference = self.store.put("reference", subject, data)
         details = {"image_ref": reference, "quality": f"{face.quality:.3f}"}
         if self.rekognition is not None:
-            image: bytes | str = reference if reference.startswith("s3://") else data
             try:
-                details["rekognition_faces"] = str(len(self.rekognition.index(subject, image)))
-            except RekognitionError as exc:
+                details["rekognition_faces"] = str(
+                    len(self.rekognition.index(subject, self._indexable(reference, data, face)))
+                )
+            except Exception as exc:  # any failure: no reference image of someone who is not enrolled stays behind
                 if not current:
                     self.store.delete(reference)
-                raise rekognition_failed(exc) from None
+                if isinstance(exc, RekognitionError):
+                    raise rekognition_failed(exc) from None
+                raise
         if current:
             details["previous_category"] = current["category"]
         entry = WatchlistEntry(
@@ -394,6 +398,14 @@ class WatchlistCore:
             Out(WATCHLIST, subject.encode(), entry.encode()),
             self._audit(**audit, outcome="DONE", reason=entry.reason, details=details),
         ]
+
+    @staticmethod
+    def _indexable(reference: str, data: bytes, face: DetectedFace) -> bytes | str:
+        """What IndexFaces is given for an enrolment: the S3 object, else the bytes, or the enrolled face cropped
+        when the picture is over Rekognition's 5 MB for bytes (a camera may send 8 MB: every such enrolment failed)."""
+        if reference.startswith("s3://"):
+            return reference
+        return data if len(data) <= REKOGNITION_MAX_BYTES else face_crop(data, face.box, face.scale)
 
     def _learn(self, cmd: BotCommand, arg: str, audit: dict[str, Any]) -> list[Out]:
         """``LEARN <subject> <image ref>`` (the case service, on a confirmed face match): the best face of that

@@ -490,3 +490,68 @@ def test_with_the_rekognition_backend_an_entry_of_another_embedder_is_still_enro
     core.load(b"subj-tx-1", old.encode())
     [again] = [WatchlistEntry.decode(o.value) for o in by_topic(core.reembed(NOW))["watchlist"]]
     assert embedder_of(np.asarray(again.embeddings[0])) == "sface"
+
+
+class _Indexing:
+    """A Rekognition client whose collection keeps the image each face was indexed from; ``fail`` raises from
+    IndexFaces (an error of no AWS kind)."""
+
+    def __init__(self, fail: Exception | None = None) -> None:
+        self.images: list[bytes] = []
+        self.fail = fail
+
+    def list_faces(self, **_: object) -> dict:
+        return {"Faces": []}
+
+    def index_faces(self, Image: dict, ExternalImageId: str, **_: object) -> dict:  # noqa: N803
+        if self.fail is not None:
+            raise self.fail
+        if len(Image["Bytes"]) > 5 * 1024 * 1024:
+            raise AssertionError("Rekognition refuses image bytes over 5 MB")
+        self.images.append(Image["Bytes"])
+        return {"FaceRecords": [{"Face": {"FaceId": f"face-{len(self.images)}"}}]}
+
+
+class _BoxedEngine(_Engine):
+    def best_face(self, data: bytes):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(quality=0.9, embedding=[0.1] * FACE_LEN, box=(100, 100, 200, 200), scale=0.25)
+
+
+def test_an_enrolment_over_rekognitions_5_mb_indexes_the_face_and_a_failed_one_leaves_no_reference_image(tmp_path):
+    """With local images and the Rekognition backend a snapshot over 5 MB (a camera may send 8) failed every
+    enrolment with a ValueError, and only a Rekognition error removed the reference image already written: the
+    picture of someone not enrolled stayed, where only a forget ever deletes reference images."""
+    import numpy as np
+
+    from infra.settings import FaceSettings
+    from jobs.faces.rekognition import RekognitionFaces
+
+    noise = np.random.default_rng(0).integers(0, 255, (2400, 3200, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, "JPEG", quality=90)
+    big = buf.getvalue()
+    assert 5 * 1024 * 1024 < len(big) <= FaceSettings().max_image_bytes
+
+    webex = WebexSettings(command_signing_key=SecretStr(KEY), allowed_people=ALLOWED)
+    faces = FaceSettings(backend="rekognition")
+    for client, outcome in ((_Indexing(), "DONE"), (_Indexing(fail=RuntimeError("boom")), "FAILED")):
+        root = tmp_path / outcome
+        core = WatchlistCore(
+            Settings(stack_dir=root, webex=webex, faces=faces),
+            engine=_BoxedEngine(),  # type: ignore[arg-type]
+            store=LocalImageStore(root / "images"),
+            rekognition=RekognitionFaces(faces, client=client),
+        )
+        core.store.put("checkout", "tx-1", big)
+        outs = core.on_command(command("FRAUD", "tx-1"), NOW)
+        assert audit_of(outs).outcome == outcome, audit_of(outs).reason
+        if outcome == "DONE":
+            (indexed,) = client.images
+            with Image.open(io.BytesIO(indexed)) as crop:
+                assert crop.size == (801, 801), "the enrolled face (400 px in the original) with half a box around it"
+        else:
+            assert audit_of(outs).reason.startswith("command_error: RuntimeError")
+            assert core.store.find("reference", "subj-tx-1") is None, "no reference image of someone not enrolled"
+            assert "subj-tx-1" not in core.records
