@@ -573,6 +573,17 @@ class Source:
     """The field labels joined in (``--labels-from-topic``): counts, and the digest of the verdicts."""
 
 
+def _check_output(path: Path | None, option: str) -> None:
+    """A file to write at the end, checked before the work: an ``evaluate --grid --seeds 5`` runs for many
+    minutes, and a mistyped folder then threw its figures away at the last step."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise typer.BadParameter(f"{path} is a folder, not a file", param_hint=option)
+    if not path.parent.is_dir():
+        raise typer.BadParameter(f"{path.parent} is not a folder", param_hint=option)
+
+
 def _require_file(path: Path) -> None:
     """A bad data file, as the model commands' other bad files: one ``Error:`` line, exit 1."""
     if not path.is_file():
@@ -676,6 +687,7 @@ def evaluate(
     learner: LearnerOption = LearnerChoice.auto,
 ) -> None:
     """Rolling-origin cross-validation over all labelled rows: per fold and pooled, beside order_price alone."""
+    _check_output(json_path, "--json")
     source = _source(csv_path, get_settings(), from_topic, labels_from_topic)
     history = source.history
     if grid:
@@ -832,6 +844,7 @@ def backtest(
     _require_file(csv_path)  # before the model: the file named is the first thing to put right
     if output is not None and output.resolve() == csv_path.resolve():
         raise typer.BadParameter("--output would overwrite the CSV being replayed")
+    _check_output(output, "--output")
     settings = get_settings()
     # Only the option warms up: a CG_JOB__DECIDE_FROM meant for the job must not cut a backtest short.
     ms = int(decide_from.replace(tzinfo=UTC).timestamp() * 1000) if decide_from is not None else 0

@@ -635,3 +635,19 @@ def test_backtest_that_decides_nothing_fails_with_the_reason_and_writes_no_decis
     res = CliRunner().invoke(app, ["backtest", str(data), "--model", str(model_dir), "--output", str(out), *args])
     assert res.exit_code == 1 and isinstance(res.exception, CheckoutGuardError)
     assert str(res.exception).startswith(says) and not out.exists()
+
+
+@pytest.mark.parametrize("where", ["missing/report.json", "."])
+def test_evaluate_refuses_a_json_path_it_cannot_write_before_evaluating(tmp_path, where):
+    data = tmp_path / "data.csv"
+    data.write_text("x\n")  # no rows to evaluate: the --json check comes first
+    res = CliRunner().invoke(app, ["evaluate", str(data), "--json", str(tmp_path / where)])
+    said = " ".join(res.output.replace("│", " ").split())
+    assert res.exit_code == 2 and "--json" in said and "folder" in said
+
+
+def test_backtest_refuses_an_output_it_cannot_write_before_scoring(tmp_path):
+    data = tmp_path / "data.csv"
+    data.write_text("x\n")
+    res = CliRunner().invoke(app, ["backtest", str(data), "--output", str(tmp_path / "missing" / "out.csv")])
+    assert res.exit_code == 2 and "is not a folder" in " ".join(res.output.replace("│", " ").split())
