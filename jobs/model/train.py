@@ -815,6 +815,21 @@ def train_default_cmd(force: Annotated[bool, typer.Option(help="Retrain even if 
     typer.echo(f"model: {path} ({time.perf_counter() - t0:.1f}s)")
 
 
+def with_rules_file(settings: Settings, rules: Path | None) -> Settings:
+    """The settings deciding by the rule set in ``rules`` alone (None: as they are), checked first.
+
+    The file is the rule set on trial: the job's ``CG_RULES__VERSION`` / ``BLOCK_AT`` / ``REVIEW_AT``, meant for
+    the live rule set, would otherwise change its thresholds unseen, as ``backtest-stream --rules`` leaves them
+    out too."""
+    if rules is None:
+        return settings
+    from jobs.scoring.rules import RuleSet
+
+    RuleSet.load(rules)  # a bad file is told before the model loads: one Error: line, exit 1
+    update = {"ruleset_file": rules, "version": None, "block_at": None, "review_at": None}
+    return settings.model_copy(update={"rules": settings.rules.model_copy(update=update)})
+
+
 def _no_decisions(csv_path: Path, history: History, warmed: int) -> str:
     """Why a backtest decided nothing: an empty file, every row rejected, or every event before the warm-up cut."""
     if warmed:
@@ -839,13 +854,20 @@ def backtest(
             "build state; decide and measure from this time (UTC).",
         ),
     ] = None,
+    rules: Annotated[
+        Path | None,
+        typer.Option(
+            help="Rule set file to decide with (as `backtest-stream --rules`): the settings' CG_RULES__RULESET_FILE, "
+            "VERSION, BLOCK_AT and REVIEW_AT do not apply. Default: the settings' rule set, as the job's.",
+        ),
+    ] = None,
 ) -> None:
     """Replay a CSV in event-time order through features, model and rules: one decision row per event."""
     _require_file(csv_path)  # before the model: the file named is the first thing to put right
     if output is not None and output.resolve() == csv_path.resolve():
         raise typer.BadParameter("--output would overwrite the CSV being replayed")
     _check_output(output, "--output")
-    settings = get_settings()
+    settings = with_rules_file(get_settings(), rules)
     # Only the option warms up: a CG_JOB__DECIDE_FROM meant for the job must not cut a backtest short.
     ms = int(decide_from.replace(tzinfo=UTC).timestamp() * 1000) if decide_from is not None else 0
     settings = settings.model_copy(update={"job": settings.job.model_copy(update={"decide_from": ms})})

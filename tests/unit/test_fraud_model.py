@@ -5,13 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from infra.settings import get_settings
+from infra.settings import Settings, get_settings
 from jobs.model.fraud_model import (
     CATEGORICAL_FEATURES,
     FEATURE_NAMES,
@@ -41,7 +42,7 @@ from jobs.model.train import (
     training_flags,
 )
 from jobs.scoring.features import PROFILE_FEATURES
-from jobs.scoring.rules import FaceResult
+from jobs.scoring.rules import FaceResult, RuleSetError
 from jobs.scoring.scorer import Predictor, Scorer, ScoringState
 from schemas.codec import codec, json_safe
 from schemas.errors import CheckoutGuardError
@@ -651,3 +652,35 @@ def test_backtest_refuses_an_output_it_cannot_write_before_scoring(tmp_path):
     data.write_text("x\n")
     res = CliRunner().invoke(app, ["backtest", str(data), "--output", str(tmp_path / "missing" / "out.csv")])
     assert res.exit_code == 2 and "is not a folder" in " ".join(res.output.replace("│", " ").split())
+
+
+def test_backtest_decides_by_the_rule_set_file_given_and_not_the_jobs_threshold_overrides(tmp_path, monkeypatch):
+    header = "EVENT_LABEL,EVENT_TIMESTAMP,EVENT_ID,ENTITY_TYPE,ENTITY_ID,order_price,payment_currency,merchant\n"
+    body = "".join(
+        f"{n % 2},2023-01-0{1 + n // 4}T1{n % 4}:00:00Z,e{n},customer,c{n % 3},{10 + 90 * (n % 2)},USD,fraud_A\n"
+        for n in range(8)
+    )
+    data = tmp_path / "data.csv"
+    data.write_text(header + body)
+    model_dir = small_model().save(tmp_path / "models")
+    default = (Path(__file__).resolve().parents[2] / "jobs" / "scoring" / "rulesets" / "default.yaml").read_text()
+    trial = re.sub(r"(?m)^version: .*$", 'version: "trial-1"', default.replace("block_at: 85", "block_at: 70"))
+    rules = tmp_path / "trial.yaml"
+    rules.write_text(trial)
+    monkeypatch.setenv("CG_RULES__BLOCK_AT", "99")  # the live job's override: not part of the rule set on trial
+    monkeypatch.setattr("jobs.model.train.get_settings", lambda: Settings())
+    out = tmp_path / "decisions.csv"
+    args = ["backtest", str(data), "--model", str(model_dir), "--output", str(out), "--rules", str(rules)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and {r["rules_version"] for r in rows} == {"trial-1"}  # not trial-1+block_at=99
+    assert "rules trial-1:" in res.output
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(trial.replace("block_at: 70", "block_at: -5"))
+    other = tmp_path / "other.csv"
+    res = CliRunner().invoke(app, [*args[:4], "--output", str(other), "--rules", str(bad)])
+    assert res.exit_code == 1 and isinstance(res.exception, RuleSetError) and "bad.yaml" in str(res.exception)
+    assert not other.exists()  # refused before anything was scored
