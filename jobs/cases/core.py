@@ -3,7 +3,8 @@
 Every transition takes the current :class:`~schemas.records.Case` and returns the next version (``version``
 + 1, ``updated_at``/``updated_by`` set) or raises :class:`Refused` with a reason a person can read (the audit
 keeps it). ``open`` and ``escalated`` cases wait for a verdict; ``confirmed``,
-``dismissed`` and ``expired`` are final: a final case takes notes only. :class:`CaseBook` holds every
+``dismissed`` and ``expired`` are final: a final case takes notes only (an expired one also a confirm or
+dismiss given before it expired, read late). :class:`CaseBook` holds every
 case by id and by alert id (an alert delivered twice opens one case) and the dismissed face matches per
 subject (what the threshold report and the subject flag count). No Kafka, no clock, no I/O here.
 """
@@ -75,15 +76,25 @@ def _pending(case: Case, verb: str) -> None:
         raise Refused("illegal_transition", f"{case.case_id} is already {case.state}: cannot {verb} it")
 
 
+def _decidable(case: Case, verb: str, given_at: int | None) -> None:
+    """An undecided case, or one the service expired while a verdict given before ``expires_at`` (``given_at``:
+    when the command reached Kafka) was still on its way to it: the service was down or behind, and the
+    expiry sweep ran before it read that verdict. The person answered in time, so their verdict counts."""
+    if case.state == EXPIRED and given_at is not None and given_at < case.expires_at:
+        return
+    _pending(case, verb)
+
+
 def _cut(text: str | None) -> str | None:
     text = (text or "").strip()
     return text[:MAX_TEXT] if text else None
 
 
-def confirm(case: Case, actor: str, now_ms: int, fraud: bool = False) -> Case:
+def confirm(case: Case, actor: str, now_ms: int, fraud: bool = False, given_at: int | None = None) -> Case:
     """A person confirms the alert was right. The label: fraud for a blocked transaction or when asked
-    (``fraud``); none for a face match otherwise (a face is not a fraud verdict on the transaction)."""
-    _pending(case, "confirm")
+    (``fraud``); none for a face match otherwise (a face is not a fraud verdict on the transaction).
+    ``given_at``: when the verdict reached Kafka (one given before the case expired replaces the expiry)."""
+    _decidable(case, "confirm", given_at)
     if fraud and not case.transaction_id:
         raise Refused("bad_command", f"{case.case_id} has no transaction to label as fraud")
     label = FRAUD if fraud or case.kind in FRAUD_KINDS and case.transaction_id else None
@@ -100,10 +111,17 @@ def confirm(case: Case, actor: str, now_ms: int, fraud: bool = False) -> Case:
     )
 
 
-def dismiss(case: Case, actor: str, now_ms: int, reason: str | None = None, prior_false_matches: int = 0) -> Case:
+def dismiss(
+    case: Case,
+    actor: str,
+    now_ms: int,
+    reason: str | None = None,
+    prior_false_matches: int = 0,
+    given_at: int | None = None,
+) -> Case:
     """A person says the alert was wrong. A face match counts as a false match of its subject
-    (``prior_false_matches`` + 1); a blocked transaction is labelled legitimate."""
-    _pending(case, "dismiss")
+    (``prior_false_matches`` + 1); a blocked transaction is labelled legitimate. ``given_at`` as for :func:`confirm`."""
+    _decidable(case, "dismiss", given_at)
     face = case.kind in FACE_ALERT_KINDS and case.subject_id is not None
     return _next(
         case,
@@ -223,16 +241,17 @@ class CaseBook:
         self.load(case)
         return case
 
-    def apply(self, command: CaseCommand, actor: str, now_ms: int) -> Case:
-        """The next version of the case ``command`` is about (kept here), or :class:`Refused`."""
+    def apply(self, command: CaseCommand, actor: str, now_ms: int, given_at: int | None = None) -> Case:
+        """The next version of the case ``command`` is about (kept here), or :class:`Refused`. ``given_at``: when
+        the command reached Kafka; a confirm or dismiss given before the case expired still decides it."""
         case = self.cases.get(command.case_id)
         if case is None:
             raise Refused("unknown_case", f"no case {command.case_id}")
         if command.verb == "CONFIRM":
-            new = confirm(case, actor, now_ms, command.fraud)
+            new = confirm(case, actor, now_ms, command.fraud, given_at)
         elif command.verb == "DISMISS":
             prior = self.false_matches[case.subject_id] if case.subject_id else 0
-            new = dismiss(case, actor, now_ms, command.text, prior)
+            new = dismiss(case, actor, now_ms, command.text, prior, given_at)
         elif command.verb == "ESCALATE":
             new = escalate(case, actor, now_ms)
         elif command.verb == "ASSIGN":

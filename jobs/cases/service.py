@@ -18,8 +18,10 @@ verdicts' effects:
 A case opens at its alert's time, so one read late (the service was down, or lost its offsets and read the
 alerts topic's 30 days again) is as old as its alert, and one older than the expiry opens expired. Cases that
 nobody decides expire ``CG_CASES__EXPIRE_AFTER_S`` after they opened (checked every
-``CG_CASES__EXPIRY_INTERVAL_S``). Commands apply only when signed by the bot, fresh and from an allow-listed
-issuer (:func:`infra.command_auth.authenticate_command`, as the watchlist service checks them); anything else
+``CG_CASES__EXPIRY_INTERVAL_S``); a confirm or dismiss that reached Kafka before that still decides a case
+expired before it was read (the check runs first at start, before the backlog). Commands apply only when
+signed by the bot, fresh and from an allow-listed issuer (:func:`infra.command_auth.authenticate_command`, as
+the watchlist service checks them); anything else
 is audited ``FAILED`` under its offset and dead-lettered (``unauthorized``), as is an undecodable input or a
 command the case refuses (``illegal_transition``, ``unknown_case``, ``bad_command``). The consumer offset is
 committed after the outputs' transaction; state (cases, dismissals per subject, commands already applied,
@@ -49,7 +51,7 @@ from infra.clients.transactional import Out, Source
 from infra.command_auth import SIGNATURE_HEADER, authenticate_command, sign_command
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.settings import Settings, get_settings
-from jobs.cases.core import CaseBook, Refused, parse_case_command
+from jobs.cases.core import EXPIRED, CaseBook, Refused, parse_case_command
 from jobs.cases.core import expire as expire_case
 from schemas.codec import DecodeError
 from schemas.errors import InvalidRecord
@@ -218,12 +220,15 @@ class CaseCore:
             log.info("command %s waits for the alert of %s", cmd.command_id, command.case_id)
             self.waiting.setdefault(command.case_id, []).append((src, now_ms))
             return []
-        try:
-            case = self.book.apply(command, cmd.actor, now_ms)
+        try:  # judged by when it reached Kafka: a verdict given before the expiry counts, read however late
+            case = self.book.apply(command, cmd.actor, now_ms, given_at=src.written_at)
         except Refused as refused:
             return self._failed(src, cmd, audit, refused, now_ms)
         log.info("%s %s by command %s: now %s (v%d)", cmd.verb, case.case_id, cmd.command_id, case.state, case.version)
-        return [self._case(case), *self._effects(case, cmd, audit, now_ms)]
+        late = held is not None and held.state == EXPIRED and cmd.verb in ("CONFIRM", "DISMISS")
+        if late:
+            log.info("%s: a verdict given before it expired, read after, replaces the expiry", case.case_id)
+        return [self._case(case), *self._effects(case, cmd, audit, now_ms, replaced_expiry=late)]
 
     def _failed(
         self, src: Source, cmd: BotCommand, audit: dict[str, Any], refused: InvalidRecord, now_ms: int
@@ -285,8 +290,12 @@ class CaseCore:
         return outs
 
     # --- verdicts ----------------------------------------------------------------------------------
-    def _effects(self, case: Case, cmd: BotCommand, audit: dict[str, Any], now_ms: int) -> list[Out]:
+    def _effects(
+        self, case: Case, cmd: BotCommand, audit: dict[str, Any], now_ms: int, replaced_expiry: bool = False
+    ) -> list[Out]:
         details = self._case_details(case)
+        if replaced_expiry:  # the trail shows EXPIRE, then this verdict given before it
+            details["replaced_expiry"] = "true"
         outs: list[Out] = []
         face = case.kind in FACE_ALERT_KINDS and case.subject_id is not None
         if cmd.verb == "CONFIRM" and face and case.snapshot_ref:

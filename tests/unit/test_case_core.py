@@ -204,3 +204,17 @@ def test_case_commands_parse_their_arguments() -> None:
     with pytest.raises(InvalidRecord) as bad:
         parse_case_command("CONFIRM", "../etc")
     assert bad.value.kind == "invalid_id"
+
+
+def test_a_verdict_given_before_the_expiry_decides_the_case_the_service_expired_before_reading_it() -> None:
+    case = opened(blocked_alert())
+    gone = expire(case, case.expires_at + HOUR)
+    assert gone is not None
+    late = confirm(gone, "a@x", case.expires_at + HOUR, given_at=case.expires_at - 1)
+    assert (late.state, late.fraud_label, late.decided_by) == ("confirmed", FRAUD, "a@x")
+    assert dismiss(gone, "a@x", case.expires_at + HOUR, given_at=case.expires_at - 1).fraud_label == LEGITIMATE
+    for given_at in (case.expires_at, None):  # given after the expiry, or when unknown: the expiry stands
+        with pytest.raises(Refused, match="already expired"):
+            confirm(gone, "a@x", case.expires_at + HOUR, given_at=given_at)
+    with pytest.raises(Refused, match="already confirmed"):  # the first verdict still wins
+        dismiss(late, "b@x", case.expires_at + HOUR, given_at=case.expires_at - 1)

@@ -363,3 +363,19 @@ def test_a_long_start_up_read_keeps_the_case_service_alive_and_goes_on_while_rec
     svc.replay(CASES, lambda key, _value: keys.append(key), since_ms=5)
     assert len(keys) == 600 and calls[0]["since_ms"] == 5
     assert calls[0]["stall_s"] is not None and calls[0]["timeout_s"] < svc.heartbeat.stale_s
+
+
+def test_a_verdict_given_before_the_expiry_counts_when_the_service_reads_it_after_expiring_the_case(core) -> None:
+    """The service was down: at its start the expiry sweep runs before it reads the commands written meanwhile."""
+    case = opened(core, alert_id="blocked:tx-1", kind="BLOCKED_TRANSACTION")
+    late = NOW + 3_600_000
+    assert [Case.decode(o.value).state for o in of(core.expire(late), CASES) if o.value] == ["expired"]
+    in_time = replace(command_src("CONFIRM", case.case_id, "m1"), written_at=case.expires_at - 10_000)
+    outs = core.on_command(in_time, late)
+    assert (case_of(outs).state, case_of(outs).decided_by) == ("confirmed", GUARD)
+    (audit,) = audits(outs)
+    assert (audit.action, audit.outcome, audit.details["replaced_expiry"]) == ("CONFIRM", "DONE", "true")
+    (label,) = of(outs, LABELS)
+    assert Label.decode(label.value).label == 1
+    too_late = replace(command_src("DISMISS", case.case_id, "m2", offset=2), written_at=case.expires_at + 1)
+    assert "already confirmed" in audits(core.on_command(too_late, late))[0].reason
