@@ -102,6 +102,8 @@ WATCHLIST_REFUSAL = (
     "people on the allow-list. Please ask your store security lead."
 )
 UNSIGNED_REFUSAL = "Sorry, watchlist changes are switched off here: no command signing key is configured."
+CASE_UNSIGNED_REFUSAL = "Sorry, case verdicts and notes are switched off here: no command signing key is configured."
+"""The same for a case verb: a guard who types ``confirm <case>`` must not read that the watchlist is off."""
 Handler = Callable[[dict[str, Any]], str | None]
 """Handles one webhook's ``data`` (a message or a card press); returns the reply sent."""
 """Kafka headers of a command (its signature)."""
@@ -608,7 +610,7 @@ class WebexBot:
             return f"Sorry, `{verb.lower()}` answers only in the store security room or to people on the allow-list."
         if verb in SIGNED_VERBS and not self.signing_key:
             log.error("%s refused: no command signing key configured (message %s)", verb, message_id)
-            return UNSIGNED_REFUSAL
+            return UNSIGNED_REFUSAL if verb in WATCHLIST_VERBS else CASE_UNSIGNED_REFUSAL
         return None
 
     def _decided_already(self, parsed: ParsedCommand) -> str | None:

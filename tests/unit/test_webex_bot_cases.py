@@ -211,3 +211,11 @@ def test_escalating_a_case_escalated_already_is_answered_not_sent(harness: Harne
     harness.say(SECURITY_ROOM, "lead@store.test", f"escalate {CASE}")
     [reply] = wait_for(lambda: harness.replies(SECURITY_ROOM), 10, what="the reply")
     assert f"Case `{CASE}` is already `escalated`: nothing was sent" in reply and harness.published == []
+
+
+def test_without_a_signing_key_a_verdict_is_refused_as_a_case_verdict_not_a_watchlist_change(harness: Harness) -> None:
+    harness.bot.signing_key = ""
+    harness.say(SECURITY_ROOM, "guard@store.test", f"confirm {CASE}")
+    [reply] = wait_for(lambda: harness.replies(SECURITY_ROOM), 10, what="the refusal")
+    assert reply.startswith("Sorry, case verdicts and notes are switched off") and harness.published == []
+    assert "watchlist" not in reply
