@@ -267,7 +267,8 @@ class JobSettings(BaseModel, frozen=True):
     jumps to the newest event), so the last transactions before a lull are decided. Too short, and a busy
     job's own pauses pass for lulls (decisions then depend on arrival order again)."""
     restore_from: Path | None = None
-    """Start from this savepoint/checkpoint instead of the newest one under the checkpoint dir."""
+    """Start from this savepoint/checkpoint (folder or ``_metadata`` file) instead of the newest one under the
+    checkpoint dir: at every start while set, a restart after a crash too; one without ``_metadata`` refuses it."""
     fetch_max_wait_ms: int = 500
     """Kafka source: longest a fetch waits for data on quiet partitions (Kafka's default: 500)."""
     bootstrap_control: bool = True

@@ -44,6 +44,7 @@ from infra.metrics import port_of
 from infra.settings import REPO_ROOT, Settings, face_deadline_problem, get_settings
 from infra.stack import StackError, StackPaths, flink_connector_jars, flink_ext_jar
 from jobs.flink.operator import BROADCAST, DecideStep
+from schemas.errors import CheckoutGuardError
 from schemas.topics import (
     ALERTS,
     DEAD_LETTERS,
@@ -219,9 +220,32 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     return best[1] if best else None
 
 
+class RestoreError(CheckoutGuardError, ValueError):
+    """``CG_JOB__RESTORE_FROM`` names no complete savepoint or checkpoint: the job would not start from it."""
+
+
+def chosen_restore(settings: Settings) -> Path | None:
+    """``CG_JOB__RESTORE_FROM`` as the folder of a complete savepoint or checkpoint (its ``_metadata`` file, which
+    Flink takes too, counts as its folder); ``None`` when unset. :class:`RestoreError` when it holds no ``_metadata``:
+    Flink's own error came later, as a Java trace, and every restart of a supervised job met it again (e.g. once the
+    stale-state sweep has deleted a savepoint the setting still names)."""
+    given = settings.job.restore_from
+    if given is None:
+        return None
+    folder = given.parent if given.name == "_metadata" else given
+    if not (folder / "_metadata").is_file():
+        raise RestoreError(
+            f"CG_JOB__RESTORE_FROM={given} is no complete savepoint or checkpoint (no _metadata in {folder}): "
+            f"name a savepoint-... or chk-N folder, or unset it to resume from the newest state in "
+            f"{settings.checkpoint_dir}"
+        )
+    return folder
+
+
 def restore_point(settings: Settings) -> Path | None:
-    """What a start resumes from: ``CG_JOB__RESTORE_FROM`` when set, else the newest checkpoint or savepoint."""
-    return settings.job.restore_from or latest_checkpoint(settings.checkpoint_dir)
+    """What a start resumes from: ``CG_JOB__RESTORE_FROM`` when set (:func:`chosen_restore`), else the newest
+    checkpoint or savepoint."""
+    return chosen_restore(settings) or latest_checkpoint(settings.checkpoint_dir)
 
 
 def purge_stale_state(checkpoint_dir: Path, keep: Path | None, older_than_s: float, now: float) -> list[Path]:
@@ -566,7 +590,11 @@ def main(settings: Settings | None = None, log_level: str | None = None) -> None
         from jobs.model.train import ensure_default_model
 
         ensure_default_model(settings)
-    restore = restore_point(settings)
+    try:
+        restore = restore_point(settings)
+    except RestoreError as err:
+        log.error("refusing to start: %s", err)
+        raise SystemExit(2) from None
     log.info("starting scoring job%s", f", restoring {restore.parent.name}/{restore.name}" if restore else "")
     if decide_from := settings.job.decide_from:
         at = datetime.fromtimestamp(decide_from / 1000, UTC).isoformat(timespec="seconds")

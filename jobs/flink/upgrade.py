@@ -21,7 +21,14 @@ from typing import Annotated
 import typer
 
 from infra.settings import get_settings
-from jobs.flink.job import control_file, latest_checkpoint, restore_point, running_job
+from jobs.flink.job import (
+    RestoreError,
+    chosen_restore,
+    control_file,
+    latest_checkpoint,
+    restore_point,
+    running_job,
+)
 from schemas.errors import CheckoutGuardError
 
 app = typer.Typer(add_completion=False, help=__doc__)  # reflowed: its examples keep their lines
@@ -78,10 +85,15 @@ def status() -> None:
     stale = " (a stale control file of a killed job is left)" if job is None and control.exists() else ""
     typer.echo(f"running: {job or 'no'}{stale}")
     where = settings.checkpoint_dir
-    found = restore_point(settings)
-    if found is not None and found == settings.job.restore_from:
-        typer.echo(f"resumes from: {found} (CG_JOB__RESTORE_FROM)")
+    try:
+        chosen = chosen_restore(settings)
+    except RestoreError as err:
+        typer.echo(f"resumes from: nothing, a start is refused: {err}")
         return
+    if chosen is not None:
+        typer.echo(f"resumes from: {chosen} (CG_JOB__RESTORE_FROM: every start while it is set, a restart too)")
+        return
+    found = restore_point(settings)
     # Name the folder looked in: a wrong CG_STACK_DIR reads as a fresh start otherwise.
     empty = "does not exist" if not where.is_dir() else "holds no complete checkpoint or savepoint"
     typer.echo(f"resumes from: {found or f'nothing (fresh start: {where} {empty})'}")

@@ -54,3 +54,35 @@ def test_a_running_job_purges_the_checkpoint_it_restored_from_once_it_has_its_ow
     own = _checkpoint(tmp_path, "job-c/chk-9", age_h=0)
     assert [p.name for p in sweep_stale_state(settings, NOW)] == ["job-b"]
     assert not restored.exists() and own.exists()
+
+
+def _restoring(tmp_path: Path, restore_from: Path):
+    from infra.settings import Settings
+
+    settings = Settings(stack_dir=tmp_path)
+    job = settings.job.model_copy(update={"checkpoint_dir": tmp_path, "restore_from": restore_from})
+    return settings.model_copy(update={"job": job})
+
+
+def test_a_restore_setting_naming_a_checkpoints_metadata_file_keeps_that_checkpoint_at_start(tmp_path: Path) -> None:
+    """Flink takes a checkpoint's ``_metadata`` file as its path too; the start-up purge then deleted the old
+    checkpoint's job folder before Flink could restore it (only the file and its folder counted as kept)."""
+    from jobs.flink.job import restore_point
+
+    restored = _checkpoint(tmp_path, "job-b/chk-3", age_h=200)
+    start = restore_point(_restoring(tmp_path, restored / "_metadata"))
+    assert start == restored
+    assert purge_stale_state(tmp_path, start, older_than_s=72 * HOUR, now=NOW) == []
+    assert restored.exists()
+
+
+def test_a_restore_setting_naming_no_complete_savepoint_refuses_the_start_naming_the_setting(tmp_path: Path) -> None:
+    """A savepoint the sweep has deleted (or a job folder, not its chk-N) failed in Flink at every restart."""
+    import pytest
+
+    from jobs.flink.job import RestoreError, restore_point
+
+    _checkpoint(tmp_path, "job-b/chk-3", age_h=1)
+    for wrong in (tmp_path / "savepoints" / "savepoint-gone", tmp_path / "job-b"):
+        with pytest.raises(RestoreError, match=r"CG_JOB__RESTORE_FROM=.*no _metadata.*unset it"):
+            restore_point(_restoring(tmp_path, wrong))

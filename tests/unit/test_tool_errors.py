@@ -199,11 +199,24 @@ def test_upgrade_status_names_the_checkpoint_folder_it_found_nothing_in(fresh_se
 
 def test_upgrade_status_names_the_restore_setting_when_it_is_set(fresh_settings, capsys, tmp_path) -> None:
     """The job resumes from CG_JOB__RESTORE_FROM first; status said "fresh start" beside it."""
+    (tmp_path / "savepoint-1").mkdir()
+    (tmp_path / "savepoint-1" / "_metadata").write_bytes(b"state")
     fresh_settings.setenv("CG_JOB__RESTORE_FROM", str(tmp_path / "savepoint-1"))
     with pytest.raises(SystemExit) as exit_:
         main(["upgrade", "status"])
     out = capsys.readouterr().out
-    assert exit_.value.code == 0 and f"resumes from: {tmp_path / 'savepoint-1'} (CG_JOB__RESTORE_FROM)" in out, out
+    assert exit_.value.code == 0 and f"resumes from: {tmp_path / 'savepoint-1'} (CG_JOB__RESTORE_FROM" in out, out
+
+
+def test_upgrade_status_says_a_start_is_refused_when_the_restore_setting_names_no_savepoint(
+    fresh_settings, capsys, tmp_path
+) -> None:
+    """A savepoint the setting still named after the sweep deleted it was shown as what a start resumes from."""
+    fresh_settings.setenv("CG_JOB__RESTORE_FROM", str(tmp_path / "savepoint-gone"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["upgrade", "status"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "a start is refused: CG_JOB__RESTORE_FROM=" in out and "no _metadata" in out, out
 
 
 def test_topics_tail_answers_a_bad_setting_with_one_line(fresh_settings, capsys) -> None:
