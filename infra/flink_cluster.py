@@ -584,14 +584,58 @@ def status(settings: Settings) -> dict[str, Any]:
     }
 
 
+SLOT_WAIT_S = 15.0
+"""How long ``submit`` waits for enough free slots: a job just stopped hands its slots back within seconds."""
+
+
+def slots_problem(parallelism: int, view: dict[str, Any] | None) -> str | None:
+    """Why a job of ``parallelism`` would not run on the cluster ``view`` (REST ``/overview``) describes, or None
+    (also when the cluster does not answer: ``flink run`` says so itself). Every operator of the job shares one
+    slot per subtask, so it needs ``parallelism`` free slots; without them ``flink run -d`` still reported the job
+    submitted, and it waited for slots, failed after Flink's slot request timeout and restarted, never running."""
+    if view is None:
+        return None
+    free, total = int(view.get("slots-available") or 0), int(view.get("slots-total") or 0)
+    if parallelism <= free:
+        return None
+    if parallelism > total:
+        return (
+            f"--parallelism {parallelism} needs {parallelism} task slots; the cluster has {total} "
+            f"({view.get('taskmanagers')} TaskManagers): raise CG_FLINK__TASKMANAGERS and run `flink up` (it starts "
+            "the new TaskManagers beside the running ones), or CG_FLINK__SLOTS_PER_TASKMANAGER and restart the "
+            "cluster (`flink stop`, `flink down`, `flink up`), or submit with fewer"
+        )
+    return (
+        f"--parallelism {parallelism} needs {parallelism} free task slots; {free} of {total} are free, the rest "
+        f"held by {view.get('jobs-running')} running job(s): `flink stop` the job first (a rescale is stop, then "
+        "submit with the new parallelism)"
+    )
+
+
+def wait_for_slots(settings: Settings, parallelism: int, wait_s: float = SLOT_WAIT_S) -> None:
+    """:class:`FlinkClusterError` with :func:`slots_problem`'s reason unless ``parallelism`` slots are free within
+    ``wait_s`` (at once when the cluster has fewer slots in all)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        view = overview(settings)
+        problem = slots_problem(parallelism, view)
+        if problem is None or view is None:
+            return
+        if parallelism > int(view.get("slots-total") or 0) or time.monotonic() >= deadline:
+            raise FlinkClusterError(problem)
+        time.sleep(1.0)
+
+
 def submit(
     settings: Settings, java_home: Path, parallelism: int, timeout_s: float = 300.0
 ) -> subprocess.CompletedProcess:
     """Run ``flink run -d -p N -pym jobs.flink.job`` against this cluster from the repo root (the client
-    imports the job from there); returns once the job is submitted. Raises with the CLI's output on failure."""
+    imports the job from there); returns once the job is submitted. Raises with the CLI's output on failure, and
+    before it when the cluster has not ``parallelism`` free slots (:func:`wait_for_slots`)."""
     paths, flink = ClusterPaths.of(settings), flink_home()
     if not paths.config_yaml.exists():
         raise FlinkClusterError("no cluster config: `python -m infra.stack flink up` first")
+    wait_for_slots(settings, parallelism)
     done = subprocess.run(
         submit_command(flink, parallelism, sys.executable),
         cwd=REPO_ROOT,

@@ -123,6 +123,56 @@ def test_submit_runs_the_job_module_unchanged_detached_at_the_given_parallelism(
     assert "-d" not in fc.submit_command(Path("/w"), 1, PYTHON, detached=False)
 
 
+def _overview(total: int, free: int, running: int = 0) -> dict[str, object]:
+    return {"taskmanagers": total, "slots-total": total, "slots-available": free, "jobs-running": running}
+
+
+def test_a_parallelism_the_clusters_slots_can_take_is_submitted() -> None:
+    assert fc.slots_problem(2, _overview(total=2, free=2)) is None
+    assert fc.slots_problem(1, _overview(total=4, free=1, running=1)) is None
+    assert fc.slots_problem(4, None) is None, "a cluster that does not answer: flink run says so itself"
+
+
+def test_a_parallelism_above_the_clusters_slots_names_the_settings_that_add_slots() -> None:
+    problem = fc.slots_problem(4, _overview(total=2, free=2))
+    assert problem is not None and "needs 4 task slots; the cluster has 2" in problem
+    assert "CG_FLINK__TASKMANAGERS" in problem and "CG_FLINK__SLOTS_PER_TASKMANAGER" in problem
+
+
+def test_slots_held_by_a_running_job_say_to_stop_it_first() -> None:
+    problem = fc.slots_problem(2, _overview(total=2, free=0, running=1))
+    assert problem is not None and "0 of 2 are free" in problem and "`flink stop` the job first" in problem
+
+
+def test_submit_refuses_a_parallelism_the_cluster_cannot_run_before_flink_run(tmp_path: Path, monkeypatch) -> None:
+    """A rescale from 2 to 4 on two one-slot TaskManagers: `flink run -d` reported the job submitted, and it never
+    ran (waiting for slots, failing after the slot request timeout, restarting)."""
+    settings = _settings(tmp_path)
+    paths = fc.ClusterPaths.of(settings)
+    paths.conf.mkdir(parents=True)
+    paths.config_yaml.write_text("{}")
+    monkeypatch.setattr(fc, "flink_home", lambda: Path("/wheel/pyflink"))
+    monkeypatch.setattr(fc, "overview", lambda _settings, timeout=2.0: _overview(total=2, free=2))
+
+    def not_run(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("flink run must not be called")
+
+    monkeypatch.setattr(fc.subprocess, "run", not_run)
+    with pytest.raises(fc.FlinkClusterError, match="needs 4 task slots; the cluster has 2"):
+        fc.submit(settings, JAVA, parallelism=4)
+
+
+def test_submit_waits_a_little_for_the_slots_of_a_job_that_just_stopped(tmp_path: Path, monkeypatch) -> None:
+    settings = _settings(tmp_path)
+    views = iter([_overview(total=2, free=0), _overview(total=2, free=2)])
+    monkeypatch.setattr(fc, "overview", lambda _settings, timeout=2.0: next(views))
+    monkeypatch.setattr(fc.time, "sleep", lambda _s: None)
+    fc.wait_for_slots(settings, 2)
+    monkeypatch.setattr(fc, "overview", lambda _settings, timeout=2.0: _overview(total=2, free=0, running=1))
+    with pytest.raises(fc.FlinkClusterError, match="0 of 2 are free"):
+        fc.wait_for_slots(settings, 2, wait_s=0.0)
+
+
 def test_submit_passes_the_settings_not_the_callers_cg_variables(tmp_path: Path) -> None:
     settings = _settings(tmp_path)
     paths = fc.ClusterPaths.of(settings)
