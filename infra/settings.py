@@ -184,7 +184,9 @@ class MqttSettings(BaseModel, frozen=True):
 
 
 class JobSettings(BaseModel, frozen=True):
-    parallelism: int = 1
+    parallelism: int = Field(default=1, ge=1)
+    """The mini-cluster's parallelism and slots (a cluster takes ``flink run -p``). 0 or less failed in Flink at
+    the job's start, with a Java trace, and at every supervised restart."""
     checkpoint_interval_ms: int = 2000
     state_backend: str = "rocksdb"
     """``rocksdb`` (incremental checkpoints: cost follows the changes, not the state size) or ``hashmap``."""

@@ -40,6 +40,7 @@ def _one_error(capsys: pytest.CaptureFixture[str], argv: list[str], code: int = 
     [
         ("CG_KAFKA__BROKERS", "2", "CG_KAFKA__BROKERS: the local Kafka runs 1 or 3 brokers, not 2"),
         ("CG_JOB__PARALLELISM", "abc", "CG_JOB__PARALLELISM: Input should be a valid integer"),
+        ("CG_JOB__PARALLELISM", "0", "CG_JOB__PARALLELISM: Input should be greater than or equal to 1"),
         ("CG_KAFKA__BOOTSTRAP_SERVERS", " ", "CG_KAFKA__BOOTSTRAP_SERVERS: no broker given"),
         ("CG_JOB__STARTING_OFFSETS", "abc", "CG_JOB__STARTING_OFFSETS: starting_offsets is earliest, latest or epoch"),
     ],
