@@ -312,6 +312,32 @@ def running_job(control: Path) -> dict[str, Any] | None:
     return info
 
 
+def shared_checkpoint_dir(settings: Settings) -> str | None:
+    """Why this job must not start on ``settings.checkpoint_dir``, or ``None``: another scoring job runs on it (its
+    control file names a live process). Two jobs on one folder overwrote each other's control file (``upgrade
+    savepoint`` then stopped the wrong one) and each restart resumed from the newest checkpoint there, the other
+    job's too: a job started beside the live one "from a time" took the live job's offsets and state instead."""
+    other = running_job(control_file(settings))
+    if other is None or int(other["pid"]) == os.getpid():
+        return None
+    return (
+        f"another scoring job (pid {other['pid']}) runs on the checkpoint dir {settings.checkpoint_dir}: give this one "
+        "its own CG_JOB__CHECKPOINT_DIR (and CG_JOB__CONSUMER_GROUP), or stop that one first"
+    )
+
+
+def ignored_start(settings: Settings, restore: Path | None) -> str | None:
+    """A warning when ``CG_JOB__STARTING_OFFSETS`` asks for a start other than the default and the job restores
+    state instead, whose source offsets win; ``None`` otherwise."""
+    start = settings.job.starting_offsets
+    if restore is None or start == "earliest":
+        return None
+    return (
+        f"CG_JOB__STARTING_OFFSETS={start} is ignored: the job restores {restore.parent.name}/{restore.name}, whose "
+        "Kafka offsets win; to start from that time, give the job a new CG_JOB__CHECKPOINT_DIR"
+    )
+
+
 NO_WORKER_POOL = {"_python_worker_execution_mode": "process"}
 """PyFlink starts its Beam worker-pool gRPC server (loopback mode) on ``[::]``, every interface, whenever a
 job runs on a local mini-cluster and this variable is unset -- whatever ``python.execution-mode`` says, and
@@ -590,11 +616,16 @@ def main(settings: Settings | None = None, log_level: str | None = None) -> None
         from jobs.model.train import ensure_default_model
 
         ensure_default_model(settings)
+    if (shared := shared_checkpoint_dir(settings)) is not None:
+        log.error("refusing to start: %s", shared)
+        raise SystemExit(2)
     try:
         restore = restore_point(settings)
     except RestoreError as err:
         log.error("refusing to start: %s", err)
         raise SystemExit(2) from None
+    if (ignored := ignored_start(settings, restore)) is not None:
+        log.warning("%s", ignored)
     log.info("starting scoring job%s", f", restoring {restore.parent.name}/{restore.name}" if restore else "")
     if decide_from := settings.job.decide_from:
         at = datetime.fromtimestamp(decide_from / 1000, UTC).isoformat(timespec="seconds")

@@ -65,3 +65,47 @@ def test_no_control_file_means_not_running(tmp_path: Path) -> None:
     assert running_job(tmp_path / "job.json") is None
     with pytest.raises(RuntimeError, match="missing"):
         stop_with_savepoint(tmp_path / "job.json", tmp_path, timeout=1)
+
+
+def _on(tmp_path: Path, **job: object):
+    from infra.settings import Settings
+
+    settings = Settings(stack_dir=tmp_path)
+    return settings.model_copy(update={"job": settings.job.model_copy(update={"checkpoint_dir": tmp_path, **job})})
+
+
+def test_a_second_job_on_the_checkpoint_dir_of_a_running_one_is_refused(
+    tmp_path: Path, bystander: subprocess.Popen
+) -> None:
+    """A job started beside the live one (a layout switch "from a time") resumed from the live job's newest
+    checkpoint, with its offsets, and overwrote its control file, so `upgrade savepoint` stopped the new one."""
+    from jobs.flink.job import control_file, shared_checkpoint_dir
+
+    settings = _on(tmp_path)
+    live = psutil.Process(bystander.pid)
+    control_file(settings).write_text(json.dumps({"pid": live.pid, "started": live.create_time(), "job_id": "j"}))
+    problem = shared_checkpoint_dir(settings)
+    assert problem is not None and f"pid {live.pid}" in problem and "CG_JOB__CHECKPOINT_DIR" in problem
+
+
+def test_a_job_may_start_on_a_checkpoint_dir_whose_control_file_is_stale_or_its_own(tmp_path: Path) -> None:
+    from jobs.flink.job import control_file, shared_checkpoint_dir
+
+    settings = _on(tmp_path)
+    assert shared_checkpoint_dir(settings) is None  # none
+    control_file(settings).write_text(json.dumps({"pid": 2**22 + 7, "started": 1.0, "job_id": "killed"}))
+    assert shared_checkpoint_dir(settings) is None  # a killed job's
+    write_control(control_file(settings), "me")
+    assert shared_checkpoint_dir(settings) is None  # this process's own
+
+
+def test_a_start_time_is_named_as_ignored_when_the_job_restores_state(tmp_path: Path) -> None:
+    from jobs.flink.job import ignored_start
+
+    restored = tmp_path / "savepoints" / "savepoint-1"
+    at_time = _on(tmp_path, starting_offsets="1764000000000")
+    warning = ignored_start(at_time, restored)
+    assert warning is not None and "CG_JOB__STARTING_OFFSETS=1764000000000 is ignored" in warning
+    assert "CG_JOB__CHECKPOINT_DIR" in warning
+    assert ignored_start(at_time, None) is None, "no state to restore: the time is where it starts"
+    assert ignored_start(_on(tmp_path), restored) is None, "the default start says nothing"
