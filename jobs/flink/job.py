@@ -30,6 +30,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import unquote, urlparse
 
 import psutil
 import typer
@@ -478,15 +479,43 @@ def flink_configuration(settings: Settings, restore_from: Path | None, on_cluste
     return conf
 
 
-def submitted_to_cluster() -> bool:
-    """True when ``flink run`` started this program: the CLI's context environment targets its cluster
-    (``execution.target`` ``remote``, ``kubernetes-session``, ...); a plain ``python -m`` runs ``local``."""
+def _context_config() -> Any:
+    """The configuration of the context environment: the CLI's (its target, ``-s``) under ``flink run``."""
     from pyflink.java_gateway import get_gateway
 
     jvm = get_gateway().jvm
     j_env = jvm.org.apache.flink.streaming.api.environment.StreamExecutionEnvironment.getExecutionEnvironment()
-    config = jvm.org.apache.flink.python.util.PythonConfigUtil.getEnvironmentConfig(j_env)
-    return (config.getString("execution.target", None) or "local") != "local"
+    return jvm.org.apache.flink.python.util.PythonConfigUtil.getEnvironmentConfig(j_env)
+
+
+def submitted_to_cluster() -> bool:
+    """True when ``flink run`` started this program: the CLI's context environment targets its cluster
+    (``execution.target`` ``remote``, ``kubernetes-session``, ...); a plain ``python -m`` runs ``local``."""
+    return (_context_config().getString("execution.target", None) or "local") != "local"
+
+
+def cli_restore_request() -> str | None:
+    """The savepoint or checkpoint ``flink run -s`` named (the CLI's ``execution.state-recovery.path``), or None."""
+    return _context_config().getString("execution.state-recovery.path", None) or None
+
+
+def requested_restore(uri: str) -> Path | None:
+    """``flink run -s``'s path as a local folder (a ``file:`` URI or a path; a ``_metadata`` file counts as its
+    folder); None for one elsewhere (``s3://``): the CLI's own setting then stands, as the job sets none."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("", "file"):
+        return None
+    path = Path(unquote(parsed.path)) if parsed.scheme else Path(uri)
+    return path.parent if path.name == "_metadata" else path
+
+
+def start_point(settings: Settings, requested: str | None) -> Path | None:
+    """What this start resumes from: the savepoint ``flink run -s`` named (``requested``), else
+    :func:`restore_point`. The program's options override the CLI's, so the newest state under the checkpoint dir,
+    which the job set whenever there was one, replaced a savepoint given with ``-s``."""
+    if requested:
+        return requested_restore(requested)
+    return restore_point(settings)
 
 
 SHADED_KAFKA = "org.apache.flink.kafka.shaded."
@@ -619,14 +648,20 @@ def main(settings: Settings | None = None, log_level: str | None = None) -> None
     if (shared := shared_checkpoint_dir(settings)) is not None:
         log.error("refusing to start: %s", shared)
         raise SystemExit(2)
+    _without_worker_pool_server()
+    on_cluster = submitted_to_cluster()
+    requested = cli_restore_request() if on_cluster else None
     try:
-        restore = restore_point(settings)
+        restore = start_point(settings, requested)
     except RestoreError as err:
         log.error("refusing to start: %s", err)
         raise SystemExit(2) from None
     if (ignored := ignored_start(settings, restore)) is not None:
         log.warning("%s", ignored)
-    log.info("starting scoring job%s", f", restoring {restore.parent.name}/{restore.name}" if restore else "")
+    if requested:
+        log.info("starting scoring job, restoring %s (flink run -s)", requested)
+    else:
+        log.info("starting scoring job%s", f", restoring {restore.parent.name}/{restore.name}" if restore else "")
     if decide_from := settings.job.decide_from:
         at = datetime.fromtimestamp(decide_from / 1000, UTC).isoformat(timespec="seconds")
         log.info("warm-up: transactions before %s only build state (CG_JOB__DECIDE_FROM)", at)
@@ -635,8 +670,6 @@ def main(settings: Settings | None = None, log_level: str | None = None) -> None
     hours = settings.job.stale_state_retention_hours
     for gone in purge_stale_state(settings.checkpoint_dir, restore, hours * 3600, time.time()):
         log.info("deleted %s: older than %.0f h (CG_JOB__STALE_STATE_RETENTION_HOURS)", gone.name, hours)
-    _without_worker_pool_server()
-    on_cluster = submitted_to_cluster()
     env = StreamExecutionEnvironment.get_execution_environment(flink_configuration(settings, restore, on_cluster))
     env.set_buffer_timeout(settings.job.buffer_timeout_ms)
     t_env = StreamTableEnvironment.create(env)

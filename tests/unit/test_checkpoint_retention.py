@@ -86,3 +86,17 @@ def test_a_restore_setting_naming_no_complete_savepoint_refuses_the_start_naming
     for wrong in (tmp_path / "savepoints" / "savepoint-gone", tmp_path / "job-b"):
         with pytest.raises(RestoreError, match=r"CG_JOB__RESTORE_FROM=.*no _metadata.*unset it"):
             restore_point(_restoring(tmp_path, wrong))
+
+
+def test_a_savepoint_named_with_flink_run_s_wins_over_the_newest_state_in_the_checkpoint_dir(tmp_path: Path) -> None:
+    """The program's options override the CLI's: the newest checkpoint the job set replaced ``flink run -s``."""
+    from jobs.flink.job import start_point
+
+    older = _checkpoint(tmp_path, "savepoints/savepoint-old", age_h=5)
+    newest = _checkpoint(tmp_path, "job-c/chk-9", age_h=0)
+    settings = _restoring(tmp_path, None)
+    assert start_point(settings, None) == newest
+    assert start_point(settings, older.as_uri()) == older
+    assert start_point(settings, f"file:{older}/_metadata") == older
+    assert start_point(settings, str(older)) == older
+    assert start_point(settings, "s3://bucket/savepoint-1") is None, "elsewhere: the CLI's own setting stands"
