@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from infra import clock
 from infra.kafka_cluster import CLUSTER_SIZES, bootstrap_list, kafka_nodes
 from schemas.errors import CheckoutGuardError
+from schemas.identifiers import NAME_RE, SERIAL_RE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -622,6 +623,15 @@ class CameraSettings(BaseModel, frozen=True):
     """``store-001/lane-01=Q2AB-CDEF-0001,...``: explicit lane camera serials."""
     entrance_cameras: str = ""
     """``store-001=Q2AB-CDEF-0100,...``: explicit entrance camera serials."""
+
+    @field_validator("lane_cameras", "entrance_cameras")
+    @classmethod
+    def _camera_map(cls, value: str, info: ValidationInfo) -> str:
+        """Checked at start: a typo here used to be found per record (every transaction a face stage error, or a
+        camera that silently never matched its store or lane)."""
+        camera_map(value, lanes=info.field_name == "lane_cameras")
+        return value
+
     poll_interval_s: float = 1.0
     """How often a snapshot URL is polled until the image is ready (Meraki: about once a second)."""
     poll_max_tries: int = 30
@@ -670,6 +680,27 @@ class CameraSettings(BaseModel, frozen=True):
     snapshot can take ``deadline_s``, an entrance picture of "now" is useless after ``entrance_max_lag_s``."""
     face_stage_offset_reset: str = "latest"
     """Where a new face stage consumer group starts: ``latest`` (a fresh deployment does not snapshot history)."""
+
+
+def camera_map(text: str, *, lanes: bool) -> dict[str, str]:
+    """``CG_CAMERAS__LANE_CAMERAS`` (``lanes``: keys ``store/lane``) or ``…__ENTRANCE_CAMERAS`` (keys ``store``) as
+    key -> serial; ValueError naming the entry for one that is no ``key=serial`` of names and a serial, or a key
+    given twice (the serial is shown: a serial is no secret)."""
+    out: dict[str, str] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, sep, serial = (part.strip() for part in item.partition("="))
+        names = key.split("/") if lanes else [key]
+        shape = "store_id/lane_id=serial" if lanes else "store_id=serial"
+        if not sep or len(names) != (2 if lanes else 1) or not all(NAME_RE.fullmatch(n) for n in names):
+            raise ValueError(f"camera map entry must be {shape} (letters, digits, - and _), got {item.strip()[:80]!r}")
+        if not SERIAL_RE.fullmatch(serial):
+            raise ValueError(f"camera map entry {key!r}: {serial[:80]!r} is no camera serial (e.g. Q2AB-CDEF-0001)")
+        if key in out:
+            raise ValueError(f"camera map names {key!r} twice ({out[key]!r} and {serial!r})")
+        out[key] = serial
+    return out
 
 
 class IndicesSettings(BaseModel, frozen=True):

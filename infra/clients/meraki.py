@@ -29,7 +29,7 @@ import httpx
 
 from infra.clients.urls import path_segment
 from infra.retry import parse_retry_after
-from infra.settings import CameraSettings, Settings
+from infra.settings import CameraSettings, Settings, camera_map
 from schemas.errors import CheckoutGuardError, InvalidRecord
 from schemas.identifiers import NAME_RE, SERIAL_RE, check_name, check_serial
 
@@ -50,26 +50,14 @@ Location = tuple[str, str | None]
 # Camera map
 
 
-def _pairs(text: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in text.split(","):
-        if item.strip():
-            key, sep, value = item.partition("=")
-            if not sep or not key.strip() or not value.strip():
-                raise ValueError(f"camera map entry must be key=serial, got {item!r}")
-            out[key.strip()] = value.strip()
-    return out
-
-
 @cache
 def _maps(cameras: CameraSettings) -> tuple[dict[tuple[str, str], str], dict[str, str], dict[str, Location]]:
+    """The maps as parsed; the settings checked them when they were read (:func:`infra.settings.camera_map`)."""
     lanes = {}
-    for key, serial in _pairs(cameras.lane_cameras).items():
-        store_id, sep, lane_id = key.partition("/")
-        if not sep:
-            raise ValueError(f"lane camera key must be store_id/lane_id, got {key!r}")
+    for key, serial in camera_map(cameras.lane_cameras, lanes=True).items():
+        store_id, _, lane_id = key.partition("/")
         lanes[(store_id, lane_id)] = serial
-    entrances = _pairs(cameras.entrance_cameras)
+    entrances = camera_map(cameras.entrance_cameras, lanes=False)
     where: dict[str, Location] = {s: k for k, s in lanes.items()}
     where.update({s: (store, None) for store, s in entrances.items()})
     return lanes, entrances, where

@@ -224,6 +224,31 @@ def test_camera_map_defaults_and_explicit_entries() -> None:
     assert api_base_url(s) == f"http://127.0.0.1:{s.cameras.local_port}/api/v1"
 
 
+@pytest.mark.parametrize(
+    ("lanes", "entrances", "says"),
+    [
+        ("store-001:lane-01=Q2AB-0001-0001", "", "store_id/lane_id=serial"),  # ":" for "/"
+        ("store-001/lane-01", "", "store_id/lane_id=serial"),  # no serial
+        ("store-001/lane-01=Q2AB 0001", "", "no camera serial"),
+        ("", "store-001=Q2AB-0001-0100;store-002=Q2AB-0001-0200", "no camera serial"),  # ";" for ","
+        ("", "store 001=Q2AB-0001-0100", "store_id=serial"),
+        ("store-001/lane-01=Q2AB-0001-0001,store-001/lane-01=Q2AB-0001-0002", "", "twice"),
+    ],
+)
+def test_a_camera_map_typo_is_a_settings_error_at_start_not_a_failure_per_record(
+    lanes: str, entrances: str, says: str
+) -> None:
+    """Accepted before, it dead-lettered every transaction in the face stage (ValueError per record) or silently
+    mapped a store to a serial no camera has."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=says) as err:
+        Settings(cameras=CameraSettings(lane_cameras=lanes, entrance_cameras=entrances))
+    assert err.value.errors()[0]["loc"][-1] == ("lane_cameras" if lanes else "entrance_cameras")
+    ok = Settings(cameras=CameraSettings(lane_cameras=" store-001/lane-01 = Q2AB-0001-0001 ,", entrance_cameras=""))
+    assert camera_for_lane(ok, "store-001", "lane-01") == "Q2AB-0001-0001"
+
+
 def test_timestamps_and_retry_after_parse_as_meraki_sends_them() -> None:
     assert iso_timestamp(1_795_000_000_123) == "2026-11-18T11:06:40Z"
     assert parse_retry_after("3", 1.0) == 3.0
