@@ -39,6 +39,10 @@ ENTRANCE = "ENTRANCE"
 MERAKI_DOMAIN = "meraki.com"
 """Snapshot URLs of the real Dashboard live on other hosts of this domain (the API reference's example
 answer is on ``spn4.meraki.com``), so an API base on it allows ``*.meraki.com`` by default."""
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+"""The Dashboard may redirect an API call to the shard that hosts the organisation (Meraki's own library follows
+these, sending the same request again); followed only to the Dashboard's hosts (:func:`api_hosts`)."""
+MAX_REDIRECTS = 3
 _NOT_READY = frozenset({202, 403, 404})
 """What a snapshot URL answers while the image is being stored (S3-style 403/404, or 202)."""
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -118,17 +122,21 @@ def _host_allowed(host: str, patterns: Iterable[str]) -> bool:
     return False
 
 
-def snapshot_hosts(cameras: CameraSettings, base_url: str) -> tuple[str, ...]:
-    """The hosts a snapshot URL may point at: ``snapshot_hosts`` when set, else the API base URL's host
-    (the local camera serves both from one address) plus ``*.meraki.com`` for a Dashboard on meraki.com."""
-    configured = [p.strip().lower().rstrip(".") for p in cameras.snapshot_hosts.split(",") if p.strip()]
-    if configured:
-        return tuple(configured)
+def api_hosts(base_url: str) -> tuple[str, ...]:
+    """The hosts the API key may be sent to: the API base URL's host, plus ``*.meraki.com`` for a Dashboard on
+    meraki.com (its redirects to an organisation's shard, e.g. ``n149.meraki.com``)."""
     host = (httpx.URL(base_url).host or "").lower().rstrip(".")
     hosts = [host] if host else []
     if host == MERAKI_DOMAIN or host.endswith(f".{MERAKI_DOMAIN}"):
         hosts.append(f"*.{MERAKI_DOMAIN}")
     return tuple(hosts)
+
+
+def snapshot_hosts(cameras: CameraSettings, base_url: str) -> tuple[str, ...]:
+    """The hosts a snapshot URL may point at: ``snapshot_hosts`` when set, else :func:`api_hosts` (the local
+    camera serves both from one address; the Dashboard's snapshot URLs are on ``*.meraki.com``)."""
+    configured = [p.strip().lower().rstrip(".") for p in cameras.snapshot_hosts.split(",") if p.strip()]
+    return tuple(configured) if configured else api_hosts(base_url)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,6 +223,7 @@ class MerakiClient:
         self._sleep = sleep
         self._clock = clock
         self._snapshot_hosts = snapshot_hosts(cameras, self.base_url)
+        self._api_hosts = api_hosts(self.base_url)
         self._snapshot_schemes = {"https", httpx.URL(self.base_url).scheme}
         """https always; plain http only where the API itself is (the local camera)."""
 
@@ -333,15 +342,22 @@ class MerakiClient:
 
     def _generate(self, serial: str, ts: int | None, budget: _Budget, counts: dict[str, int]) -> str:
         body: dict[str, object] = {} if ts is None else {"timestamp": iso_timestamp(ts)}
-        counts["api"] += 1
-        response = self._request(
-            "POST",
-            f"{self.base_url}/devices/{path_segment(serial)}/camera/generateSnapshot",
-            budget,
-            "requesting a snapshot",
-            json=body,
-            headers={API_KEY_HEADER: self.cfg.api_key.get_secret_value(), "Accept": "application/json"},
-        )
+        url: str | httpx.URL = f"{self.base_url}/devices/{path_segment(serial)}/camera/generateSnapshot"
+        for _ in range(MAX_REDIRECTS + 1):
+            counts["api"] += 1
+            response = self._request(
+                "POST",
+                str(url),
+                budget,
+                "requesting a snapshot",
+                json=body,
+                headers={API_KEY_HEADER: self.cfg.api_key.get_secret_value(), "Accept": "application/json"},
+            )
+            if response.status_code not in _REDIRECTS:
+                break
+            url = self._redirect(response)
+        else:
+            raise SnapshotError("http_error", f"generateSnapshot redirected more than {MAX_REDIRECTS} times")
         if response.status_code in (200, 202):
             try:
                 url = response.json()["url"]
@@ -355,6 +371,26 @@ class MerakiClient:
         if response.status_code == 400 and NO_VIDEO.lower() in detail.lower():
             raise SnapshotError("no_video", NO_VIDEO)
         raise SnapshotError("http_error", f"generateSnapshot HTTP {response.status_code}: {detail}")
+
+    def _redirect(self, response: httpx.Response) -> httpx.URL:
+        """Where a redirected generateSnapshot goes next, with the API key: only a Dashboard host (:func:`api_hosts`)
+        over https (or the API's own scheme), else ``untrusted_url`` naming the host, never the key's destination."""
+        location = response.headers.get("Location", "").strip()
+        if not location:
+            raise SnapshotError("http_error", f"generateSnapshot HTTP {response.status_code} without a Location")
+        try:
+            target = response.request.url.join(location)
+        except (httpx.InvalidURL, ValueError):
+            raise SnapshotError("untrusted_url", "generateSnapshot redirected to a URL that does not parse") from None
+        if target.scheme not in self._snapshot_schemes or target.userinfo or not target.host:
+            raise SnapshotError("untrusted_url", "generateSnapshot redirected to a URL the API key is not sent to")
+        if not _host_allowed(target.host, self._api_hosts):
+            raise SnapshotError(
+                "untrusted_url",
+                f"generateSnapshot redirected to host {target.host[:100]!r}, not the Dashboard's: the API key is not "
+                "sent there",
+            )
+        return target
 
     def _check_snapshot_url(self, url: str) -> None:
         """Refuse a snapshot URL we would not fetch: another scheme, credentials in it, another host. The

@@ -372,6 +372,62 @@ def test_the_real_dashboard_allows_meraki_snapshot_hosts_over_https_only() -> No
         assert client.snapshot("Q2GV-ABCD-1234").image == JPEG
 
 
+class Sharded(Dashboard):
+    """The Dashboard answering api.meraki.com with a redirect to the organisation's shard (``location``)."""
+
+    def __init__(self, location: str, status: int = 308) -> None:
+        super().__init__(snapshot_url="https://spn4.meraki.com/stream/jpeg/snapshot/b2d1")
+        self.location, self.status = location, status
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.host == "api.meraki.com" or (request.url.host == "loop.meraki.com"):
+            self.requests.append(request)
+            return httpx.Response(self.status, headers={"Location": self.location})
+        return super().__call__(request)
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_dashboard_redirect_to_the_organisations_shard_is_followed_with_the_key(status: int) -> None:
+    """Meraki's own library follows the Dashboard's 3xx; an HTTP 308 used to end every snapshot as http_error."""
+    path = "/api/v1/devices/Q2GV-ABCD-1234/camera/generateSnapshot"
+    api = Sharded(f"https://n149.meraki.com{path}", status)
+    with dashboard_client(api, "https://api.meraki.com/api/v1") as client:
+        snap = client.snapshot("Q2GV-ABCD-1234", 1_795_000_000_000)
+    assert snap.image == JPEG and snap.api_calls == 2
+    assert api.seen == [
+        ("POST", "api.meraki.com", path.encode()),
+        ("POST", "n149.meraki.com", path.encode()),
+        ("GET", "spn4.meraki.com", b"/stream/jpeg/snapshot/b2d1"),
+    ]
+    assert api.requests[1].headers[API_KEY_HEADER] == "local-camera-key"
+    assert api.requests[1].content == api.requests[0].content == b'{"timestamp":"2026-11-18T11:06:40Z"}'
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "https://evil.test/api/v1/devices/Q2GV-ABCD-1234/camera/generateSnapshot",
+        "https://meraki.com.evil.test/api/v1/x",
+        "http://n149.meraki.com/api/v1/x",  # the key in clear
+        "https://user:pw@n149.meraki.com/api/v1/x",
+    ],
+)
+def test_a_dashboard_redirect_elsewhere_is_refused_and_the_key_never_sent_there(location: str) -> None:
+    api = Sharded(location)
+    with dashboard_client(api, "https://api.meraki.com/api/v1") as client, pytest.raises(SnapshotError) as err:
+        client.snapshot("Q2GV-ABCD-1234")
+    assert err.value.kind == "untrusted_url" and "pw" not in str(err.value)
+    assert [host for _, host, _ in api.seen] == ["api.meraki.com"]
+
+
+def test_a_redirect_loop_ends_as_an_error_not_a_hang() -> None:
+    api = Sharded("https://loop.meraki.com/api/v1/x")
+    with dashboard_client(api, "https://api.meraki.com/api/v1") as client, pytest.raises(SnapshotError) as err:
+        client.snapshot("Q2GV-ABCD-1234")
+    assert err.value.kind == "http_error" and "redirected more than" in err.value.reason
+    assert len(api.requests) == 4
+
+
 def test_a_retry_after_beyond_the_deadline_fails_at_once_instead_of_sleeping() -> None:
     api = Dashboard(retry_after="86400")
     with dashboard_client(api, deadline_s=5.0) as client, pytest.raises(SnapshotError) as err:
