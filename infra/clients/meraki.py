@@ -307,13 +307,13 @@ class MerakiClient:
             try:
                 request = self._http.build_request(method, url, timeout=timeout, **kw)  # type: ignore[arg-type]
                 response = self._http.send(request, stream=stream)
-            except httpx.TimeoutException as exc:
-                budget.check(doing)
-                raise SnapshotError("transport", f"timeout while {doing}: {type(exc).__name__}") from None
             except httpx.TransportError as exc:
+                # A timeout is one too: retried while the deadline allows (it cut the timeout short, it is
+                # ``deadline``); one slow connect to the image host no longer ended a snapshot with most of its budget.
+                budget.check(doing)
                 attempt += 1
                 if attempt > 3:
-                    raise SnapshotError("transport", f"{type(exc).__name__} while {doing}") from None
+                    raise SnapshotError("transport", f"{type(exc).__name__} while {doing} ({attempt} tries)") from None
                 self._wait(0.2 * attempt, budget)
                 continue
             if stream and (response.status_code == 429 or response.status_code >= 500):

@@ -428,6 +428,34 @@ def test_a_redirect_loop_ends_as_an_error_not_a_hang() -> None:
     assert len(api.requests) == 4
 
 
+class Flaky(Dashboard):
+    """The image host times out on the first ``timeouts`` polls (a slow connect), then answers."""
+
+    def __init__(self, timeouts: int) -> None:
+        super().__init__(snapshot_url="https://spn4.meraki.com/stream/jpeg/snapshot/b2d1")
+        self.timeouts = timeouts
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "GET" and self.timeouts > 0:
+            self.timeouts -= 1
+            self.requests.append(request)
+            raise httpx.ConnectTimeout("timed out", request=request)
+        return super().__call__(request)
+
+
+def test_a_timeout_with_budget_left_is_retried_like_any_transport_error() -> None:
+    """One slow connect to the image host ended the snapshot (``transport``) with most of its 30 s left."""
+    api = Flaky(timeouts=2)
+    with dashboard_client(api, "https://api.meraki.com/api/v1") as client:
+        assert client.snapshot("Q2GV-ABCD-1234").image == JPEG
+    assert [m for m, _, _ in api.seen] == ["POST", "GET", "GET", "GET"]
+    api = Flaky(timeouts=10)
+    with dashboard_client(api, "https://api.meraki.com/api/v1") as client, pytest.raises(SnapshotError) as err:
+        client.snapshot("Q2GV-ABCD-1234")
+    assert err.value.kind == "transport" and "ConnectTimeout" in err.value.reason
+    assert [m for m, _, _ in api.seen] == ["POST", "GET", "GET", "GET", "GET"], "3 retries, then it gives up"
+
+
 def test_a_retry_after_beyond_the_deadline_fails_at_once_instead_of_sleeping() -> None:
     api = Dashboard(retry_after="86400")
     with dashboard_client(api, deadline_s=5.0) as client, pytest.raises(SnapshotError) as err:
