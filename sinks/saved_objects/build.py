@@ -309,6 +309,9 @@ def saved_search(search_id: str, title: str, kind: str, columns: list[str], desc
     }
 
 
+REVENUE_QUERY = "kind:SALE and not outcome:BLOCK"
+"""The sales that took money: Revenue and Sales over time both sum these, so the chart adds up to the figure."""
+
 PANELS: list[tuple[dict[str, Any], int, int]] = [
     # (saved object, width, height) on a 48-column grid, laid out left to right
     (
@@ -331,7 +334,7 @@ PANELS: list[tuple[dict[str, Any], int, int]] = [
             "metric",
             [metric("sum", "amount", "Revenue"), per_currency()],
             "Sum of sale amounts that were not blocked, one figure per currency (seed 004: revenue).",
-            query="kind:SALE and not outcome:BLOCK",
+            query=REVENUE_QUERY,
         ),
         12,
         8,
@@ -406,8 +409,10 @@ PANELS: list[tuple[dict[str, Any], int, int]] = [
             "transactions",
             "line",
             [metric("sum", "amount", "Sales"), over_time(), per_currency(agg_id="3")],
-            "Sum of sale amounts per interval, one line per currency (seed 004: sales over time).",
-            query="kind:SALE",
+            "Sum of the amounts of sales that were not blocked per interval, one line per currency: the Revenue"
+            " figure over time (a blocked sale took no money; its amount is in Value prevented) (seed 004: sales"
+            " over time).",
+            query=REVENUE_QUERY,
         ),
         24,
         14,

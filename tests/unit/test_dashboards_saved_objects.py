@@ -189,6 +189,17 @@ def test_money_panels_show_one_figure_per_currency_never_a_sum_over_currencies(o
     assert {"cg-revenue", "cg-value-prevented", "cg-sales-over-time"} <= set(money)
 
 
+def panel_query(objects: list[dict[str, Any]], vis_id: str) -> str:
+    obj = next(o for o in objects if o["id"] == vis_id)
+    return json.loads(obj["attributes"]["kibanaSavedObjectMeta"]["searchSourceJSON"])["query"]["query"]
+
+
+def test_sales_over_time_leaves_blocked_sales_out_so_it_adds_up_to_revenue(objects: list[dict[str, Any]]) -> None:
+    # A blocked sale took no money (its amount is value prevented): the chart sums what the Revenue figure sums.
+    assert panel_query(objects, "cg-sales-over-time") == panel_query(objects, "cg-revenue")
+    assert "not outcome:BLOCK" in panel_query(objects, "cg-sales-over-time")
+
+
 def test_store_panels_count_the_stores_past_their_size_as_other_stores(objects: list[dict[str, Any]]) -> None:
     per_store = []
     for obj in objects:
