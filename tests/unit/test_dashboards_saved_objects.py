@@ -200,6 +200,14 @@ def test_sales_over_time_leaves_blocked_sales_out_so_it_adds_up_to_revenue(objec
     assert "not outcome:BLOCK" in panel_query(objects, "cg-sales-over-time")
 
 
+def test_tables_show_an_amount_with_its_currency_beside_it(objects: list[dict[str, Any]]) -> None:
+    tables = [o for o in objects if o["type"] == "search" and "amount" in o["attributes"]["columns"]]
+    assert tables, "no table shows amounts"
+    for table in tables:
+        columns = table["attributes"]["columns"]
+        assert columns[columns.index("amount") + 1 : columns.index("amount") + 2] == ["currency"], table["id"]
+
+
 def test_store_panels_count_the_stores_past_their_size_as_other_stores(objects: list[dict[str, Any]]) -> None:
     per_store = []
     for obj in objects:
