@@ -34,6 +34,9 @@ CARDINALITY_EXACT = 40_000
 """``precision_threshold`` of the store counts: exact up to this many stores (OpenSearch's maximum)."""
 CURRENCIES_SHOWN = 200
 """Currencies per money figure: more than ISO 4217 lists, so no currency is ever cut off."""
+MONEY_DECIMALS = 4
+"""Money figures are rounded to the largest minor unit ISO 4217 has (CLF, UYW; KWD, BHD, OMR have 3): the float
+sum's noise goes, no currency's smallest unit does (cents would drop a fils of every dinar figure)."""
 ALERT_FIELDS = (
     "alert_id",
     "kind",
@@ -276,7 +279,7 @@ def _amounts(agg: dict[str, Any] | None, currencies: list[str]) -> dict[str, flo
     """Money per currency: every currency of the window in its order (0 where this figure has none), then any
     other this figure has. Never one number over several currencies."""
     found = {
-        str(b["key"]): round(float((b.get("amount") or {}).get("value") or 0.0), 2)
+        str(b["key"]): round(float((b.get("amount") or {}).get("value") or 0.0), MONEY_DECIMALS)
         for b in ((agg or {}).get("currencies") or {}).get("buckets", [])
     }
     return {c: found.get(c, 0.0) for c in currencies} | {c: v for c, v in found.items() if c not in currencies}

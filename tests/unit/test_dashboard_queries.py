@@ -78,6 +78,20 @@ def test_money_is_summed_per_currency_never_across_currencies() -> None:
     assert page["totals"]["value_prevented"] == {"USD": 0.0, "EUR": 40.0}
 
 
+def test_money_keeps_the_smallest_unit_of_every_currency_and_drops_float_noise() -> None:
+    answer = {
+        "hits": {"total": {"value": 3}},
+        "aggregations": {
+            "currencies": outcome_buckets(KWD=2, USD=1),
+            "sales": money(KWD=12.345, USD=0.1 + 0.2),  # a fils is a thousandth of a dinar
+            "prevented": money(KWD=0.005),
+        },
+    }
+    totals = shape_overview(answer, Window(0, HOUR_MS))["totals"]
+    assert totals["revenue"] == {"KWD": 12.345, "USD": 0.3}
+    assert totals["value_prevented"] == {"KWD": 0.005, "USD": 0.0}
+
+
 def test_overview_answer_becomes_totals_rates_series_and_store_rows() -> None:
     window = Window(0, HOUR_MS)
     answer = {
@@ -129,7 +143,7 @@ def test_overview_answer_becomes_totals_rates_series_and_store_rows() -> None:
     page = shape_overview(answer, window)
     assert page["totals"] == {
         "transactions": 100,
-        "revenue": {"USD": 1234.57, "EUR": 20.0},
+        "revenue": {"USD": 1234.567, "EUR": 20.0},
         "value_prevented": {"USD": 500.0, "EUR": 0.0},
         "approve": 90,
         "review": 0,
