@@ -29,7 +29,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Message, Producer, TopicPartition
 from rich.console import Console
@@ -42,6 +42,9 @@ from infra.settings import KafkaSettings
 from schemas.errors import CheckoutGuardError
 
 console = Console(stderr=True)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
 
 OFFSET_END = -1
 """What ``offsets_for_times`` answers for a partition with no record at or after the time."""
@@ -69,7 +72,9 @@ def parse_time_ms(text: str, now_ms: int | None = None) -> int:
         raise RangeError(f"not a time: {text!r} (ISO-8601 like 2026-11-22T06:00:00Z, epoch ms, or now)") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp() * 1000)
+    # whole milliseconds by integer arithmetic: timestamp() * 1000 is a float and came out one short for some times
+    # (2004-01-26T23:51:08.353Z -> ...352), moving a range's bound onto the millisecond before
+    return (moment - _EPOCH) // _MS
 
 
 def parse_offsets(text: str) -> dict[int, int] | int:

@@ -46,6 +46,21 @@ def test_times_parse_from_iso_epoch_ms_and_now():
     assert parse_time_ms("1795327200000") == 1_795_327_200_000
 
 
+@pytest.mark.parametrize(
+    ("text", "ms"),
+    [
+        ("2004-01-26T23:51:08.353Z", 1_075_161_068_353),
+        ("2039-02-24T19:17:35.107Z", 2_182_187_855_107),
+        ("2038-09-26T20:34:20.523+00:00", 2_169_146_060_523),
+        ("2026-11-22T06:00:00.0009Z", 1_795_327_200_000),  # below a millisecond: the millisecond it falls in
+    ],
+)
+def test_a_time_with_milliseconds_parses_to_exactly_that_millisecond(text: str, ms: int) -> None:
+    """A bound one millisecond short takes in a record stamped just before --from-time and leaves out one stamped
+    just before --to-time; the CSV replay stamps the same text exactly, so a range cut by it must too."""
+    assert parse_time_ms(text) == ms
+
+
 @pytest.mark.parametrize("text", ["1795327200", "20230105", "0"])
 def test_digits_that_are_not_epoch_milliseconds_are_refused(text):
     """Epoch seconds, or a date without dashes, would otherwise be read as a moment in January 1970."""
