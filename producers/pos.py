@@ -280,11 +280,17 @@ def replay_csv(
     least once, which is fine because downstream is idempotent by transaction id. A row that cannot
     be read or mapped becomes a dead letter (id ``<file>:<line>``) and is done once Kafka has that.
     ``time_scale`` N replays N times faster than the original spacing of events (0 = no pacing).
-    Raises :class:`CsvFormatError` / :class:`ReplayStateError` for a bad file or a foreign state.
+    Raises :class:`CsvFormatError` / :class:`ReplayStateError` for a bad file or a foreign state, and
+    :class:`CsvFormatError` for a file that changed while it was read (a copy still under way): a state
+    recording the finished file's sha256 with the partial file's rows would resume past rows never sent.
     """
     state_path = state_file or default_state_file(settings.stack_dir, path)
-    rows = replay_order(read_rows(path))
     sha256 = file_sha256(path)
+    rows = replay_order(read_rows(path))
+    if file_sha256(path) != sha256:  # the state must record the content whose rows its indices count
+        raise CsvFormatError(
+            f"{path.name} changed while it was read (still being copied or written?); run again once it is complete"
+        )
     start = 0 if from_start else resume_index(load_state(state_path), sha256)
     watermark = AckWatermark(start)
     # Kafka down or a topic missing: no state written, nothing sent

@@ -793,3 +793,31 @@ def test_replay_csv_exits_1_when_a_bad_rows_dead_letter_is_not_delivered(
     assert "dead letter delivery error: delivery failed" in result.output
     fake.ack = lambda n: True
     assert CliRunner().invoke(pos.app, args).exit_code == 0  # the rerun delivers it and completes
+
+
+def test_a_csv_that_changes_while_it_is_read_is_refused_not_resumed_as_the_new_content(
+    tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file still being copied or exported when the replay starts: the rows read are the partial file's, and the
+    state must not record the finished file's sha256, or the rerun on the finished file resumes past rows it never
+    sent (here the row the partial file cut short, dead-lettered, and the rows stamped before the resume point)."""
+    path = tmp_path / "growing.csv"
+    whole = [afd_row(f"ev-{i}", f"2022-11-07T00:00:{i:02d}Z") for i in range(6)]
+    write_csv(path, whole[3:5])
+    partial = path.read_bytes()
+    finished = write_csv(tmp_path / "finished.csv", whole).read_bytes()
+    path.write_bytes(partial)
+    real_read_rows = pos.read_rows
+
+    def read_then_the_copy_finishes(p: Path) -> list[Any]:
+        rows = real_read_rows(p)
+        path.write_bytes(finished)
+        return rows
+
+    monkeypatch.setattr(pos, "read_rows", read_then_the_copy_finishes)
+    with pytest.raises(CsvFormatError, match="changed while"):
+        replay(settings, path, FakeProducer())
+    monkeypatch.setattr(pos, "read_rows", real_read_rows)
+    again = FakeProducer()
+    assert replay(settings, path, again).complete
+    assert again.ids == [f"ev-{i}" for i in range(6)]
