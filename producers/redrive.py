@@ -211,13 +211,19 @@ def selection_from_options(
     source_topics: list[str] | None,
     topic_prefix: str,
 ) -> Selection:
-    """CLI options -> a :class:`Selection`; a logical topic name (``alerts``) gets the topic prefix."""
+    """CLI options -> a :class:`Selection`; a logical topic name (``alerts``) gets the topic prefix.
+    :class:`RangeError` for a bad time or a ``since`` later than ``until``: it would match no letter, and "0 to
+    re-drive" reads as nothing left to re-drive."""
     logical = {spec.name for spec in ALL_TOPICS}
+    since_ms = parse_time_ms(since) if since else None
+    until_ms = parse_time_ms(until) if until else None
+    if since_ms is not None and until_ms is not None and since_ms > until_ms:
+        raise RangeError(f"--since {since} is later than --until {until}: no letter could match (swapped?)")
     return Selection(
         stages=frozenset(stages),
         kinds=frozenset(kinds or ()),
-        since_ms=parse_time_ms(since) if since else None,
-        until_ms=parse_time_ms(until) if until else None,
+        since_ms=since_ms,
+        until_ms=until_ms,
         source_topics=frozenset(f"{topic_prefix}{t}" if t in logical else t for t in source_topics or ()),
     )
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError, Message, TopicPartition
+from typer.testing import CliRunner
 
 import producers.redrive as redrive
 from infra.clients import topic_replay
@@ -221,6 +222,24 @@ def test_options_become_a_selection_with_prefixed_topics_and_times() -> None:
     assert selection.source_topics == {"t1-alerts", "x.y"}
     assert (selection.since_ms, selection.until_ms) == (1_767_225_600_000, 1_767_225_601_000)
     assert selection_from_options(["s"], None, None, None, None, "").kinds == frozenset()
+
+
+def test_a_since_later_than_until_is_refused_before_any_broker_is_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It matched no letter and said only "0 to re-drive" (and named the stages the topic holds, as if the stage were
+    wrong): a script took the swapped options for nothing left to re-drive. ``replay run`` refuses the same way."""
+    with pytest.raises(topic_replay.RangeError, match="later than"):
+        selection_from_options(["alert-sender"], None, "2026-01-02T00:00:00Z", "2026-01-01T00:00:00Z", None, "")
+    assert selection_from_options(["s"], None, "1767225600000", "1767225600000", None, "").since_ms == 1_767_225_600_000
+
+    def no_broker(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("asked the broker")
+
+    monkeypatch.setattr(redrive, "get_settings", lambda: Settings())
+    monkeypatch.setattr(redrive, "cluster_topics", no_broker)
+    monkeypatch.setattr(redrive, "read_dead_letters", no_broker)
+    args = ["--stage", "alert-sender", "--since", "2026-01-02T00:00:00Z", "--until", "2026-01-01T00:00:00Z"]
+    result = CliRunner().invoke(redrive.cli, args)
+    assert result.exit_code == 2 and "later than" in result.output, result.output
 
 
 def test_reading_stops_at_each_partitions_end_and_keeps_undecodable_letters(monkeypatch: pytest.MonkeyPatch) -> None:
