@@ -221,6 +221,11 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     return best[1] if best else None
 
 
+def _state_folder(path: Path) -> Path:
+    """A savepoint or checkpoint named by its folder or by its ``_metadata`` file (Flink takes both): the folder."""
+    return path.parent if path.name == "_metadata" else path
+
+
 class RestoreError(CheckoutGuardError, ValueError):
     """``CG_JOB__RESTORE_FROM`` names no complete savepoint or checkpoint: the job would not start from it."""
 
@@ -233,7 +238,7 @@ def chosen_restore(settings: Settings) -> Path | None:
     given = settings.job.restore_from
     if given is None:
         return None
-    folder = given.parent if given.name == "_metadata" else given
+    folder = _state_folder(given)
     if not (folder / "_metadata").is_file():
         raise RestoreError(
             f"CG_JOB__RESTORE_FROM={given} is no complete savepoint or checkpoint (no _metadata in {folder}): "
@@ -506,7 +511,7 @@ def requested_restore(uri: str) -> Path | None:
     if parsed.scheme not in ("", "file"):
         return None
     path = Path(unquote(parsed.path)) if parsed.scheme else Path(uri)
-    return path.parent if path.name == "_metadata" else path
+    return _state_folder(path)
 
 
 def start_point(settings: Settings, requested: str | None) -> Path | None:

@@ -66,6 +66,19 @@ def receipt_key(tx: Tx) -> str:
     return tx.get("original_transaction_id") or tx["transaction_id"]
 
 
+def _pickled_values(state: Any) -> dict[str, Any]:
+    """The field values in a slotted dataclass's pickled state: ``(None, slots)`` or a plain dict."""
+    return dict(state[1] if isinstance(state, tuple) else state)
+
+
+def _restore_slots(obj: Any, values: dict[str, Any]) -> None:
+    """Set every slot of ``obj`` from ``values``, a field missing there (a pickle written before the field existed,
+    a savepoint of an older job) from a fresh instance's default."""
+    fresh = type(obj)()
+    for name in type(obj).__slots__:
+        object.__setattr__(obj, name, values[name] if name in values else getattr(fresh, name))
+
+
 @dataclass(slots=True)
 class Receipt:
     """What a sale's receipt knows, and which returns have been made against it."""
@@ -92,10 +105,7 @@ class Receipt:
     def __setstate__(self, state: Any) -> None:
         """Restore a pickle, also one written before a field existed (a savepoint of an older job): missing
         fields take their defaults."""
-        values = dict(state[1] if isinstance(state, tuple) else state)  # (None, slots) or a plain dict
-        fresh = Receipt()
-        for name in Receipt.__slots__:
-            object.__setattr__(self, name, values[name] if name in values else getattr(fresh, name))
+        _restore_slots(self, _pickled_values(state))
 
     def observe(self, tx: Tx, cust_key: str, rules: RulesSettings) -> dict[str, float] | None:
         """Indicators for ``tx``; ``None`` if this exact transaction was already seen (a duplicate)."""
@@ -275,13 +285,11 @@ class CustomerProfile:
         """Restore a pickle, also one written before the activity fields existed (a savepoint of an
         older job): missing fields take their defaults, the first and newest times come from
         ``recent``, the window sums start at zero (an under-count for at most a week)."""
-        values = dict(state[1] if isinstance(state, tuple) else state)  # (None, slots) or a plain dict
+        values = _pickled_values(state)
         recent = values.get("recent") or []
         values.setdefault("first", recent[0] if recent else 0)
         values.setdefault("last", recent[-1] if recent else 0)
-        fresh = CustomerProfile()
-        for name in CustomerProfile.__slots__:
-            object.__setattr__(self, name, values[name] if name in values else getattr(fresh, name))
+        _restore_slots(self, values)
 
     def idle_since(self, cutoff_ms: int) -> bool:
         """No transaction at or after ``cutoff_ms`` (event time): the profile is past its retention."""

@@ -42,7 +42,7 @@ from jobs.model.train import (
     training_flags,
 )
 from jobs.scoring.features import PROFILE_FEATURES
-from jobs.scoring.rules import FaceResult, RuleSetError
+from jobs.scoring.rules import DEFAULT_RULESET, FaceResult, RuleSetError
 from jobs.scoring.scorer import Predictor, Scorer, ScoringState
 from schemas.codec import codec, json_safe
 from schemas.errors import CheckoutGuardError
@@ -553,14 +553,19 @@ def test_calibration_check_gives_the_legit_share_at_each_score_overall_and_per_m
     assert backtest_metrics(decisions)["all_labelled"]["calibration"] == check
 
 
-def test_backtest_of_a_model_that_did_not_record_its_training_rows_says_it_cannot_tell(tmp_path):
+def _eight_labelled_rows(path: Path) -> Path:
+    """A Fraud Detector CSV of 8 labelled rows (every other one fraud) over two days, three customers."""
     header = "EVENT_LABEL,EVENT_TIMESTAMP,EVENT_ID,ENTITY_TYPE,ENTITY_ID,order_price,payment_currency,merchant\n"
     body = "".join(
         f"{n % 2},2023-01-0{1 + n // 4}T1{n % 4}:00:00Z,e{n},customer,c{n % 3},{10 + 90 * (n % 2)},USD,fraud_A\n"
         for n in range(8)
     )
-    data = tmp_path / "old.csv"
-    data.write_text(header + body)
+    path.write_text(header + body)
+    return path
+
+
+def test_backtest_of_a_model_that_did_not_record_its_training_rows_says_it_cannot_tell(tmp_path):
+    data = _eight_labelled_rows(tmp_path / "old.csv")
     model_dir = small_model().save(tmp_path / "models")
     (model_dir / TRAINED_IDS_FILE).unlink()  # an artifact from before the digests were kept
     out = tmp_path / "decisions.csv"
@@ -655,15 +660,9 @@ def test_backtest_refuses_an_output_it_cannot_write_before_scoring(tmp_path):
 
 
 def test_backtest_decides_by_the_rule_set_file_given_and_not_the_jobs_threshold_overrides(tmp_path, monkeypatch):
-    header = "EVENT_LABEL,EVENT_TIMESTAMP,EVENT_ID,ENTITY_TYPE,ENTITY_ID,order_price,payment_currency,merchant\n"
-    body = "".join(
-        f"{n % 2},2023-01-0{1 + n // 4}T1{n % 4}:00:00Z,e{n},customer,c{n % 3},{10 + 90 * (n % 2)},USD,fraud_A\n"
-        for n in range(8)
-    )
-    data = tmp_path / "data.csv"
-    data.write_text(header + body)
+    data = _eight_labelled_rows(tmp_path / "data.csv")
     model_dir = small_model().save(tmp_path / "models")
-    default = (Path(__file__).resolve().parents[2] / "jobs" / "scoring" / "rulesets" / "default.yaml").read_text()
+    default = DEFAULT_RULESET.read_text()
     trial = re.sub(r"(?m)^version: .*$", 'version: "trial-1"', default.replace("block_at: 85", "block_at: 70"))
     rules = tmp_path / "trial.yaml"
     rules.write_text(trial)
