@@ -69,6 +69,8 @@ from jobs.model.fraud_model import (
 )
 from jobs.model.predictors import LocalPredictor
 from jobs.model.registry import CURRENT, read_pointer
+from jobs.scoring.claims import IdClaims
+from jobs.scoring.features import receipt_key
 from jobs.scoring.scorer import Scorer, ScoringState
 from schemas.afd_csv import file_sha256, read_rows, replay_order, row_to_transaction
 from schemas.codec import codec, json_safe
@@ -102,6 +104,7 @@ def observe_all(
     A ``(id, reason)`` tuple in ``records`` is input that failed before it became a transaction."""
     scorer = scorer or Scorer(settings)
     state = state if state is not None else ScoringState()
+    claims = IdClaims(settings.rules.receipt_retention_days * 86_400_000)  # as the job: an id names one transaction
     dead_letter = codec("DeadLetter")
     out = History()
     for n, rec in enumerate(records):
@@ -114,6 +117,8 @@ def observe_all(
             continue
         try:
             observed, _ = scorer.observe(env, state)
+            if observed is not None:
+                claims.claim(observed[0], receipt_key(observed[0]))
         except InvalidRecord as err:
             out.rejected.append((rec.transaction_id, err.reason))
             continue

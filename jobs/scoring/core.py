@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple, Protocol
 
 from infra.settings import Settings
+from jobs.scoring.claims import CLAIMS, DuplicateTransaction, IdClaims
 from jobs.scoring.face_join import (
     DECIDED,
     EARLY_FACES,
@@ -38,7 +40,7 @@ from jobs.scoring.face_join import (
     observation_result,
 )
 from jobs.scoring.face_similarity import EMBEDDING_LENGTHS
-from jobs.scoring.features import customer_key, identity_keys, receipt_key
+from jobs.scoring.features import PROFILE_KEY, customer_key, identity_keys, receipt_key
 from jobs.scoring.rules import RuleSet
 from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Predictor, Scorer, ScoringState, Write
 from jobs.scoring.watchlist import check_entry
@@ -51,7 +53,7 @@ log = logging.getLogger("checkout_guard.scoring_job")
 LEGACY_BATCH = "batch"
 """Where the job kept transactions waiting for a model batch before batching moved into the JVM: what a
 restored checkpoint still holds there is decided at the first call."""
-MAPS = (RECEIPTS, STORES, CUSTOMERS, PENDING, EARLY_FACES, LEGACY_BATCH, DECIDED)
+MAPS = (RECEIPTS, STORES, CUSTOMERS, PENDING, EARLY_FACES, LEGACY_BATCH, DECIDED, CLAIMS)
 """The keyed state maps, in the order their writes are committed (also their MapState names)."""
 RULES_KEY = "rules"
 """Broadcast state key of the rule set in force; watchlist entries are under ``wl:<subject>``."""
@@ -145,6 +147,7 @@ class DecisionCore:
         """Counts and timings for the job's metrics (:mod:`jobs.scoring.stats`), shared with the scorer: it counts
         decisions, dead letters and model calls, this object the records taken and the face waits."""
         self.join = face_join(settings)
+        self.claims = IdClaims(settings.rules.receipt_retention_days * 86_400_000)
         self.watchlist = watchlist
         self.state: ScoringState | None = None
         self.restored_ready: list[Ready] = []
@@ -211,6 +214,7 @@ class DecisionCore:
         self.join.restore(
             dict(maps.get(PENDING) or {}), dict(maps.get(EARLY_FACES) or {}), dict(maps.get(DECIDED) or {})
         )
+        self.claims.restore(dict(maps.get(CLAIMS) or {}))
         for tx_id, (env, seen) in (maps.get(LEGACY_BATCH) or {}).items():
             self.restored_ready.append(Ready(env, seen))
             self._changes[LEGACY_BATCH][tx_id] = None
@@ -249,6 +253,7 @@ class DecisionCore:
         self._decide(ready, outputs)
         state.bound_newest(now_ms)  # the sweep's "now" too, even in a call without transactions
         self._persist(state.expire_customers(self.settings.rules.customer_retention_days * 86_400_000))
+        self._persist(self.claims.expire(state.newest_event_ms))
         return Step(outputs, self._flush(), self._arm())
 
     def on_timer(self, fired_at: int, now_ms: int) -> Step:
@@ -312,6 +317,11 @@ class DecisionCore:
         observed, writes = self.scorer.observe(env, state, now_ms=now)
         self._persist(writes)
         if observed is None:
+            return None
+        try:
+            self._persist(self.claims.claim(observed[0], receipt_key(observed[0])))
+        except DuplicateTransaction as err:
+            out.append(reused_id_dead_letter(self.scorer, err, zlib.crc32(value or b"")))
             return None
         ready, writes = self.join.on_transaction(observed, now)
         self._persist(writes)
@@ -515,6 +525,25 @@ class DecisionCore:
             self.deadline_at = deadline
             return deadline
         return None
+
+
+def reused_id_dead_letter(scorer: Scorer, err: DuplicateTransaction, crc: int) -> tuple[str, bytes, bytes]:
+    """The dead letter of a transaction whose id another receipt's transaction holds, the same on both layouts
+    (the partitioned one finds it at the gather step, where no source offset is known): one per record (``crc``,
+    its bytes' CRC-32), with the transaction as parsed."""
+    tx = {k: v for k, v in err.tx.items() if k != PROFILE_KEY}
+    tx_id = str(tx.get("transaction_id"))
+    try:
+        value: bytes | None = _TX_CODEC.encode(tx)
+    except Exception:  # noqa: BLE001 - the reason still names the transaction
+        value = None
+    topic = TRANSACTIONS.full_name(scorer.settings.kafka.topic_prefix)
+    return scorer.dead_letter_row(
+        topic, -1, -1, tx_id.encode(), value, err, dead_letter_id=f"{topic}:{err.kind}:{tx_id}:{crc}"
+    )
+
+
+_TX_CODEC = codec("PosTransaction")
 
 
 def _describe(err: BaseException) -> str:

@@ -44,7 +44,8 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from infra.settings import Settings
-from jobs.scoring.core import INTERNAL_ERROR, SourceRecord, WatchlistLike, _describe
+from jobs.scoring.claims import CLAIMS, DuplicateTransaction, IdClaims
+from jobs.scoring.core import INTERNAL_ERROR, SourceRecord, WatchlistLike, _describe, reused_id_dead_letter
 from jobs.scoring.face_join import (
     DECIDED,
     EARLY_FACES,
@@ -84,7 +85,7 @@ STEP_MAPS: dict[str, tuple[str, ...]] = {
     RECEIPT: ("receipts",),
     STORE: ("stores",),
     IDENTITY: ("profiles",),
-    GATHER: (GATHERING, PENDING, EARLY_FACES, DECIDED),
+    GATHER: (GATHERING, PENDING, EARLY_FACES, DECIDED, CLAIMS),
     DECIDE: (BUYER_FACES,),
 }
 """Each keyed step's state maps (their MapState names in the job)."""
@@ -95,6 +96,15 @@ GATHER_TIMEOUT_MS = 3_600_000
 Order = tuple[int, str, int]
 """(event time, transaction id, CRC-32 of the record): the order a step takes one key's messages in. The
 checksum orders two different records under one transaction id the same way on every layout."""
+
+
+_RECORD_SEP = "\x1f"
+
+
+def gathering_key(tx_id: str, order_: Order) -> str:
+    """A transaction's entry in the gather step: its id and its record's checksum, so two records under one id
+    (the second is a dead letter: :mod:`jobs.scoring.claims`) never mix their profiles' answers."""
+    return f"{tx_id}{_RECORD_SEP}{order_[2]}"
 
 
 class Emit(NamedTuple):
@@ -342,8 +352,11 @@ class GatherStep(_Keyed):
         self.rules = settings.rules
         self.join = face_join(settings)
         self.gathering: dict[str, list[Any]] = {}
-        """Transaction id -> [envelope or None, answers still due, customer answer, linked activities, when it
-        was opened (wall clock, ms)]."""
+        """:func:`gathering_key` -> [envelope or None, answers still due, customer answer, linked activities, when
+        it was opened (wall clock, ms)]."""
+        self.claims = IdClaims(settings.rules.receipt_retention_days * 86_400_000)
+        self.newest_ms = 0
+        """The newest event time gathered: the claims' expiry."""
 
     def _maps(self) -> dict[str, dict[str, Any]]:
         return {
@@ -351,6 +364,7 @@ class GatherStep(_Keyed):
             PENDING: self.join.pending,
             EARLY_FACES: self.join.early,
             DECIDED: self.join.decided,
+            CLAIMS: self.claims.claimed,
         }
 
     def restore(self, maps: dict[str, dict[str, Any]]) -> None:
@@ -358,6 +372,7 @@ class GatherStep(_Keyed):
         self.join.restore(
             dict(maps.get(PENDING) or {}), dict(maps.get(EARLY_FACES) or {}), dict(maps.get(DECIDED) or {})
         )
+        self.claims.restore(dict(maps.get(CLAIMS) or {}))
 
     def on(self, key: str, part: Any, order_: Order, now_ms: int) -> list[Emit]:
         kind = part[0]
@@ -365,7 +380,10 @@ class GatherStep(_Keyed):
             ready, writes = self.join.on_observation(key, part[1])
             self._persist(writes)
             return self._released(ready, order_)
-        entry = self.gathering.setdefault(key, [None, 0, None, [], now_ms])
+        at = gathering_key(key, order_)
+        if at not in self.gathering and key in self.gathering:
+            at = key  # opened by a job from before the record's checksum keyed it
+        entry = self.gathering.setdefault(at, [None, 0, None, [], now_ms])
         if kind == "tx":
             entry[0] = part[1]
             entry[1] += part[2]
@@ -376,11 +394,14 @@ class GatherStep(_Keyed):
             entry[1] -= 1
             entry[3].append(part[1])
         if entry[0] is None or entry[1] > 0:
-            self._put(GATHERING, key, entry)
+            self._put(GATHERING, at, entry)
             return []
-        del self.gathering[key]
-        self._put(GATHERING, key, None)
+        del self.gathering[at]
+        self._put(GATHERING, at, None)
         env = self._complete(entry[0], entry[2], entry[3])
+        tx = env[0]
+        self.newest_ms = max(self.newest_ms, tx["event_time"])
+        self._persist(self.claims.claim(tx, receipt_key(tx)))
         ready, writes = self.join.on_transaction(env, now_ms)
         self._persist(writes)
         return self._released(ready, order_)
@@ -389,6 +410,7 @@ class GatherStep(_Keyed):
         """Transactions that have waited an hour (wall clock) for an answer: one of their messages was
         dead-lettered upstream (:func:`take`), so the rest would wait for good. (Wall clock, not event time:
         a transaction an hour late is legal and is gathered like any other.)"""
+        self._persist(self.claims.expire(self.newest_ms))
         cutoff = now_ms - GATHER_TIMEOUT_MS
         if not self.gathering or cutoff <= 0:
             return []
@@ -401,6 +423,11 @@ class GatherStep(_Keyed):
     def _persist(self, writes: Iterable[tuple[str, str, Any]]) -> None:
         for name, key, value in writes:
             self._put(name, key, value)
+
+    def resync(self, key: str) -> None:
+        super().resync(key)
+        for at in [at for at in self.gathering if at.startswith(f"{key}{_RECORD_SEP}")]:
+            self._put(GATHERING, at, self.gathering[at])
 
     def _complete(self, env: Any, customer: Any, linked: list[Activity]) -> Any:
         tx, ind, _ = env
@@ -604,6 +631,9 @@ def take(
     for m in messages:
         try:
             emits += step.on(m.key, m.payload, m.order, now_ms) if gather else step.on(m.key, m.payload, m.order)
+        except DuplicateTransaction as err:  # the record's own fault (an id another receipt's transaction holds)
+            step.resync(m.key)
+            failed.append(reused_id_dead_letter(scorer, err, m.order[2]))
         except Exception as err:  # noqa: BLE001 - one message must not stop the job: dead-letter it
             step.resync(m.key)
             if isinstance(m.payload, tuple) and m.payload[:1] == ("own",):

@@ -18,6 +18,7 @@ import pytest
 from pydantic import ValidationError
 
 from infra.settings import JobSettings, Settings
+from jobs.scoring.claims import CLAIMS
 from jobs.scoring.core import LEGACY_BATCH, ControlUpdate, DecisionCore, SourceRecord, Step
 from jobs.scoring.face_join import DECIDED, EARLY_FACES, PENDING, unavailable
 from jobs.scoring.rules import DEFAULT_RULESET, ModelResult, RuleSet, update_record
@@ -130,7 +131,7 @@ def test_sale_is_approved_at_once_when_the_face_stage_is_off():
     assert out["outcome"] == "APPROVE" and out["face_status"] == "UNAVAILABLE"
     assert out["decided_at"] == NOW and out["rules_version"] == core.rule_set.version
     assert step.timer is None
-    assert PENDING not in step.writes and set(step.writes) == {RECEIPTS, STORES, CUSTOMERS}
+    assert PENDING not in step.writes and set(step.writes) == {RECEIPTS, STORES, CUSTOMERS, CLAIMS}
 
 
 def test_sale_waits_for_its_face_and_is_approved_when_the_observation_arrives():

@@ -30,6 +30,7 @@ from tests.builders import FACE_LEN, OTHER_FACE_LEN, T0, checkout_face, face_vec
 
 PREFIX = "cg."
 TX, FACES = TRANSACTIONS.full_name(PREFIX), FACE_OBSERVATIONS.full_name(PREFIX)
+DUP = "duplicate_transaction_id"
 SCORED, DLQ = SCORED_TRANSACTIONS.full_name(PREFIX), DEAD_LETTERS.full_name(PREFIX)
 NOW = T0 + 86_400_000
 """Processing time: a day after the first event."""
@@ -116,6 +117,10 @@ def seeded_stream(seed: int, n: int = 360) -> tuple[list[list[SourceRecord]], li
             add(at, SourceRecord(tx_id.encode(), value, TX, 0, offset, NOW))
         if rnd.random() < 0.02:  # the same id, other content
             add(at, SourceRecord(tx_id.encode(), replace(tx, amount=amount + 1).encode(), TX, 0, offset, NOW))
+        if rnd.random() < 0.03:  # the id under another receipt (a dead letter), now or later
+            later = rnd.choice([0, 30_000])
+            other = return_of(tx_id, f"unknown-{i % 7}", at_s=(at + later - T0) / 1000, store=store)
+            add(at + later, SourceRecord(tx_id.encode(), other.encode(), TX, 0, offset, NOW))
         r = rnd.random()
         face = suspect if r < 0.03 else people[buyer if r < 0.8 else rnd.randrange(12)]
         if rnd.random() < 0.85:  # most faces come, a few seconds after their transaction
@@ -237,7 +242,8 @@ def test_seeded_stream_holds_what_the_equivalence_must_cover():
     assert {"cross_store_return", "customer_mismatch", "buyer_face_mismatch", "buyer_face_similarity"} <= reasons
     assert {"return_unknown_receipt", "return_without_receipt"} <= reasons
     assert {s["face_status"] for s in scored} >= {"MATCHED", "NO_MATCH", "UNAVAILABLE"}
-    assert any(t == DLQ for t, _, _ in rows)
+    kinds = [codec("DeadLetter").decode(v)["error_kind"] for t, _, v in rows if t == DLQ]
+    assert kinds.count("duplicate_transaction_id") >= 3 and len(set(kinds)) >= 2
 
 
 def test_order_and_shards_are_stable_across_processes():
@@ -295,6 +301,61 @@ def test_a_redelivered_return_past_the_window_is_decided_once_on_any_number_of_s
         first = core.on_records([late], later) + core.on_timer(later + 10_000)
         again = core.on_records([late], later + 20_000) + core.on_timer(later + 40_000)
         assert "r1" in _scored(first) and _scored(again) == {}
+
+
+def _reused(rows) -> list[dict]:
+    return [d for d in (codec("DeadLetter").decode(v) for t, _, v in rows if t == DLQ) if d["error_kind"] == DUP]
+
+
+def _layouts(s: Settings) -> list:
+    """The single-state core and the partitioned steps on 1 and 3 shards, each as ``(records, now) -> rows``."""
+    single = DecisionCore(s, clock=_clock)
+    runs = [lambda records, now, core=single: core.on_records(records, now).outputs]
+    for shards in (1, 3):
+        part = PartitionedCore(s, shards, clock=_clock)
+        runs.append(lambda records, now, core=part: core.on_records(records, now))
+    return runs
+
+
+def test_a_later_transaction_reusing_an_id_under_another_receipt_is_a_dead_letter_on_either_layout():
+    """The sale keeps its decision (the return's scored record would have replaced it: both are filed by id)."""
+    s = settings().model_copy(update={"job": settings().job.model_copy(update={"face_deadline_ms": 0})})
+    for run in _layouts(s):
+        first = run([_tx(sale("s1", amount=50))], NOW)
+        reuse = _tx(return_of("s1", "s0", at_s=3_600, amount=50))
+        rows = run([reuse], NOW + 1000)
+        assert set(_scored(first)) == {"s1"} and _scored(rows) == {}
+        [dead] = _reused(rows)
+        assert "taken by an earlier transaction on receipt 's1'" in dead["reason"]
+        assert dead["dead_letter_id"] == f"{TX}:{DUP}:s1:{zlib.crc32(reuse.value)}"
+        assert codec("PosTransaction").decode(dead["payload"])["original_transaction_id"] == "s0"
+        assert run([reuse], NOW + 2000) == []  # a copy: dropped at its receipt (one dead letter per record)
+
+
+def test_two_records_under_one_id_waiting_for_their_faces_together_lose_neither():
+    """The face join holds transactions by id: the second used to replace the first, which was never decided."""
+    s = settings()
+    for shards in (None, 1, 3):
+        core = DecisionCore(s, clock=_clock) if shards is None else PartitionedCore(s, shards, clock=_clock)
+        both = [_tx(sale("x1", amount=20)), _tx(return_of("x1", "s7", amount=20))]
+        if shards is None:
+            rows = core.on_records(both, NOW).outputs + core.on_timer(NOW + 10**7, NOW + 10**7).outputs
+        else:
+            rows = core.on_records(both, NOW) + core.on_timer(NOW + 10**7)
+        [scored] = _scored(rows).values()
+        [dead] = _reused(rows)
+        kinds = {scored["kind"], codec("PosTransaction").decode(dead["payload"])["kind"]}
+        assert kinds == {"SALE", "RETURN"}, shards
+
+
+def test_an_id_is_free_again_after_the_receipt_retention():
+    s = settings().model_copy(update={"job": settings().job.model_copy(update={"face_deadline_ms": 0})})
+    days = s.rules.receipt_retention_days
+    for run in _layouts(s):
+        run([_tx(sale("s1", amount=50))], NOW)
+        later = _tx(return_of("s1", "s0", at_s=days * 86_400 + 60, amount=5))
+        rows = run([later], T0 + days * 86_400_000 + 120_000)
+        assert set(_scored(rows)) == {"s1"} and not _reused(rows)
 
 
 def _decoded(tx) -> dict:
@@ -391,9 +452,9 @@ def test_a_message_a_step_raises_on_is_dead_lettered_and_the_rest_are_decided(mo
     assert dead["dead_letter_id"] == f"{TX}:identity:t2" and dead["error_kind"] == "internal_error"
     assert "RuntimeError: boom" in dead["reason"]
     slot = core.slots[shard_of("t2", 2)]
-    assert "t2" in slot.gather.gathering
+    assert [k.split("\x1f")[0] for k in slot.gather.gathering] == ["t2"]
     core.on_records([_tx(sale("t9", at_s=GATHER_TIMEOUT_MS / 1000 + 10))], NOW + 10**7)
-    assert "t2" not in slot.gather.gathering
+    assert not slot.gather.gathering
 
 
 def test_a_decision_batch_that_raises_is_decided_one_by_one_and_only_the_failing_one_dead_lettered(monkeypatch):

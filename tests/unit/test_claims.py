@@ -1,0 +1,48 @@
+"""An id names one transaction: a later one under another receipt is refused, for the receipt's retention."""
+
+from __future__ import annotations
+
+import pytest
+
+from infra.settings import Settings
+from jobs.model.train import observe_all
+from jobs.scoring.claims import CLAIMS, DUPLICATE_ID, DuplicateTransaction, IdClaims
+from tests.builders import T0, return_of, sale
+
+DAY = 86_400_000
+
+
+def _tx(tx_id: str, at: int) -> dict:
+    return {"transaction_id": tx_id, "event_time": at, "kind": "RETURN"}
+
+
+def test_an_id_claimed_under_one_receipt_is_refused_under_another_and_taken_again_under_its_own():
+    claims = IdClaims(10 * DAY)
+    assert claims.claim(_tx("t1", T0), "t1") == [(CLAIMS, "t1", ("t1", T0))]
+    with pytest.raises(DuplicateTransaction) as err:
+        claims.claim(_tx("t1", T0 + DAY), "s9")
+    assert (
+        err.value.kind == DUPLICATE_ID and "receipt 's9'" in err.value.reason and err.value.tx["transaction_id"] == "t1"
+    )
+    assert claims.claim(_tx("t1", T0 + DAY), "t1") == [(CLAIMS, "t1", ("t1", T0 + DAY))]
+
+
+def test_claims_expire_after_the_retention_and_survive_a_restore():
+    claims = IdClaims(10 * DAY)
+    claims.claim(_tx("old", T0), "old")
+    claims.claim(_tx("new", T0 + 5 * DAY), "new")
+    restored = IdClaims(10 * DAY)
+    restored.restore(dict(claims.claimed))
+    assert restored.expire(T0 + 10 * DAY) == []
+    assert restored.expire(T0 + 10 * DAY + 1) == [(CLAIMS, "old", None)]
+    assert set(restored.claimed) == {"new"}
+    restored.claim(_tx("old", T0 + 11 * DAY), "elsewhere")  # free again
+
+
+def test_a_history_rejects_a_row_reusing_an_earlier_rows_id_under_another_receipt_as_the_job_does():
+    """Training and backtests build features by the job's own path: the reused row is left out with its reason."""
+    rows = [sale("s1", amount=50), return_of("s1", "s0", at_s=600, amount=50), sale("s2", at_s=700)]
+    history = observe_all(rows, Settings())
+    assert [tx["transaction_id"] for tx, _ in history.items] == ["s1", "s2"]
+    [(ident, reason)] = history.rejected
+    assert ident == "s1" and "taken by an earlier transaction on receipt 's1'" in reason
