@@ -3,7 +3,9 @@
 Input: ``/merakimv/<serial>/raw_detections`` (tracked objects with their ``oid``) and
 ``/merakimv/<serial>/<zoneId>`` (zone counts; zone ``0`` = the whole frame) from the broker in
 ``settings.mqtt`` (logging in with ``settings.mqtt.username``/``password`` when set). Other camera
-topics (``light``, ``audio_detections``, ``custom_analytics``, ...) are ignored and counted.
+topics (``light``, ``audio_detections``, ``custom_analytics``, ...) are ignored and counted, and so is
+a retained message (:data:`RETAINED`): the broker hands it over because we (re)subscribed, on every
+reconnect again, so it is the camera's last state, not a new event.
 
 No message stops the bridge: whatever cannot be turned into a record -- not JSON, nested deeper
 than :data:`MAX_JSON_DEPTH`, oversized, a number out of range (``ts`` outside
@@ -90,6 +92,11 @@ OTHER_SUBTOPIC = "other_subtopic"
 """What an ignored subtopic is counted as when it is no identifier, or when :data:`MAX_IGNORED_KINDS`
 are counted already: a publisher of random topics cannot grow the counter without bound."""
 MAX_IGNORED_KINDS = 64
+RETAINED = "retained"
+"""What a message with the MQTT retain flag is counted as. A broker sets the flag only on what it sends
+because of a new subscription (MQTT 3.1.1, 3.3.1.3); live messages and those queued in our session
+come without it. The bridge subscribes again on every connect, so forwarding these would publish the
+same camera event again after each reconnect."""
 AUTH_REFUSED = ("Bad user name or password", "Not authorized")
 """CONNACK reasons that retrying cannot fix: the bridge exits instead of looking connected-ish forever."""
 _TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD})
@@ -289,9 +296,14 @@ def mqtt_dead_letter(topic: str, payload: bytes, error: InvalidRecord, failed_at
     )
 
 
-def convert(topic: str, payload: bytes, prefix: str, max_bytes: int, failed_at: int) -> Outgoing | Ignored:
-    """What one MQTT message becomes: its event, :class:`Ignored`, or -- whatever goes wrong, even an
-    exception no parser anticipated -- its dead letter. Never raises for a message's content."""
+def convert(
+    topic: str, payload: bytes, prefix: str, max_bytes: int, failed_at: int, retained: bool = False
+) -> Outgoing | Ignored:
+    """What one MQTT message becomes: its event, :class:`Ignored` (``retained`` ones too, unread: see
+    :data:`RETAINED`), or -- whatever goes wrong, even an exception no parser anticipated -- its dead
+    letter. Never raises for a message's content."""
+    if retained:
+        return Ignored(RETAINED)
     try:
         result = parse_message(topic, payload, prefix, max_bytes)
         if isinstance(result, Ignored):
@@ -499,7 +511,7 @@ class CameraBridge:
     def _forward(self, msg: mqtt.MQTTMessage) -> None:
         self.stats.received += 1
         topic, payload = _topic_of(msg), bytes(msg.payload)
-        out = convert(topic, payload, self.prefix, self.settings.job.max_message_bytes, now_ms())
+        out = convert(topic, payload, self.prefix, self.settings.job.max_message_bytes, now_ms(), bool(msg.retain))
         # One message per paho callback: there is no batch to count, and MQTT rates are low.
         self._in["ignored" if isinstance(out, Ignored) else "invalid" if out.dead else out.kind].inc()
         if isinstance(out, Ignored):

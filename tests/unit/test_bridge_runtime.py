@@ -17,6 +17,7 @@ import pytest
 from confluent_kafka import KafkaError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
+from prometheus_client import REGISTRY
 
 from infra.retry import Backoff
 from infra.settings import MqttSettings, Settings
@@ -66,9 +67,11 @@ class Clock:
         return self.now
 
 
-def _message(payload: bytes, mid: int = 1, topic: str = "/merakimv/Q2MV-A/raw_detections") -> mqtt.MQTTMessage:
+def _message(
+    payload: bytes, mid: int = 1, topic: str = "/merakimv/Q2MV-A/raw_detections", retain: bool = False
+) -> mqtt.MQTTMessage:
     msg = mqtt.MQTTMessage(mid=mid, topic=topic.encode())
-    msg.payload, msg.qos = payload, 1
+    msg.payload, msg.qos, msg.retain = payload, 1, retain
     return msg
 
 
@@ -137,6 +140,27 @@ def test_an_event_kafka_refuses_as_too_large_is_dead_lettered_then_acked(monkeyp
     assert kafka.topics() == [EVENTS, DLQ] and acks == [9]
     dl = DeadLetter.decode(kafka.sent[1][2])
     assert dl.error_kind == "oversized" and dl.payload == GOOD
+
+
+def test_retained_messages_redelivered_on_each_resubscribe_are_acked_and_counted_but_not_published_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kafka = FakeKafka()
+    bridge, acks = _bridge(monkeypatch, kafka)
+
+    def ignored() -> float:
+        return (
+            REGISTRY.get_sample_value("cg_records_in_total", {"stage": camera_bridge.PROCESS, "kind": "ignored"}) or 0.0
+        )
+
+    before = ignored()
+    bridge._on_message(bridge.client, None, _message(GOOD, mid=1))  # live: forwarded
+    for mid in (2, 3):  # the same message, retained, after two reconnects
+        bridge._on_message(bridge.client, None, _message(GOOD, mid=mid, retain=True))
+    bridge.service(0)
+    assert kafka.topics() == [EVENTS] and acks == [2, 3, 1] and bridge.healthy()
+    assert bridge.stats.published == 1 and bridge.stats.ignored == {"retained": 2}
+    assert ignored() - before == 2
 
 
 def test_no_message_content_raises_out_of_the_paho_callback(monkeypatch: pytest.MonkeyPatch) -> None:

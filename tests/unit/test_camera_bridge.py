@@ -242,3 +242,11 @@ def test_a_good_message_converts_to_its_event_keyed_by_serial() -> None:
     out = convert(RAW, _raw(), "", 256 * 1024, NOW)
     assert isinstance(out, Outgoing) and not out.dead and out.key == b"Q2MV-A"
     assert CameraEvent.decode(out.value).objects[0].oid == 123456789012
+
+
+@pytest.mark.parametrize("payload", [_raw(), b"not json at all"])
+def test_a_retained_message_is_stale_state_and_is_ignored_not_forwarded(payload: bytes) -> None:
+    """The broker sends retained messages again on every resubscribe: none becomes an event again, and a
+    stale broken one is no new dead letter either (it was dead-lettered when it was live)."""
+    assert convert(RAW, payload, "", 256 * 1024, NOW, retained=True) == Ignored("retained")
+    assert isinstance(convert(RAW, _raw(), "", 256 * 1024, NOW, retained=False), Outgoing)
