@@ -618,7 +618,8 @@ class CameraSettings(BaseModel, frozen=True):
     snapshot_hosts: str = ""
     """Hosts the snapshot URLs from ``generateSnapshot`` may point at, comma separated: ``host`` exactly or
     ``*.domain`` for its subdomains (no ports). Empty = the API base URL's host, plus ``*.meraki.com``
-    when that is on meraki.com. Other hosts, userinfo or a non-https scheme are refused unfetched."""
+    when that is on meraki.com. Other hosts, userinfo or a non-https scheme are refused unfetched, in a redirect of
+    the snapshot URL too."""
     lane_cameras: str = ""
     """``store-001/lane-01=Q2AB-CDEF-0001,...``: explicit lane camera serials."""
     entrance_cameras: str = ""

@@ -11,7 +11,8 @@ on a transaction is never held longer than it allowed. Every failure is a :class
 The API key can do far more than take snapshots (reboot a device, change a network), so nothing from a
 record reaches a URL unchecked: serials must match :data:`schemas.identifiers.SERIAL_RE` and are
 escaped as one path segment anyway, the camera map refuses store/lane ids that are not names, and the
-snapshot URL the API answers is fetched only from an allow-listed host (``CG_CAMERAS__SNAPSHOT_HOSTS``).
+snapshot URL the API answers is fetched only from an allow-listed host (``CG_CAMERAS__SNAPSHOT_HOSTS``), as is
+every redirect of it.
 
 The same client talks to the real Dashboard (``CG_CAMERAS__BASE_URL=https://api.meraki.com/api/v1``)
 and to the local camera (``infra.local.camera``), the default.
@@ -41,7 +42,8 @@ MERAKI_DOMAIN = "meraki.com"
 answer is on ``spn4.meraki.com``), so an API base on it allows ``*.meraki.com`` by default."""
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 """The Dashboard may redirect an API call to the shard that hosts the organisation (Meraki's own library follows
-these, sending the same request again); followed only to the Dashboard's hosts (:func:`api_hosts`)."""
+these, sending the same request again); followed only to the Dashboard's hosts (:func:`api_hosts`). The image host
+may redirect a snapshot URL to where the image is stored; followed only to :func:`snapshot_hosts`."""
 MAX_REDIRECTS = 3
 _NOT_READY = frozenset({202, 403, 404})
 """What a snapshot URL answers while the image is being stored (S3-style 403/404, or 202)."""
@@ -202,7 +204,7 @@ class MerakiClient:
 
     ``http`` is for tests and custom transports; ``sleep``/``clock`` let a caller observe the waits.
     The API key is sent only to the Dashboard API, never to the snapshot URL (another host), and that URL
-    is fetched only from an allowed host (:func:`snapshot_hosts`).
+    is fetched only from an allowed host (:func:`snapshot_hosts`), as are the redirects of it that are followed.
     """
 
     def __init__(
@@ -306,7 +308,8 @@ class MerakiClient:
             timeout = min(self.cfg.request_timeout_s, left)
             try:
                 request = self._http.build_request(method, url, timeout=timeout, **kw)  # type: ignore[arg-type]
-                response = self._http.send(request, stream=stream)
+                # Redirects are followed here, each target checked (never by httpx, which would not check it).
+                response = self._http.send(request, stream=stream, follow_redirects=False)
             except httpx.TransportError as exc:
                 # A timeout is one too: retried while the deadline allows (it cut the timeout short, it is
                 # ``deadline``); one slow connect to the image host no longer ended a snapshot with most of its budget.
@@ -392,27 +395,48 @@ class MerakiClient:
             )
         return target
 
-    def _check_snapshot_url(self, url: str) -> None:
-        """Refuse a snapshot URL we would not fetch: another scheme, credentials in it, another host. The
-        reason names the host (not the URL, whose path is a bearer token for the image)."""
+    def _check_snapshot_url(self, url: str | httpx.URL, what: str = "snapshot URL") -> httpx.URL:
+        """Refuse a snapshot URL (or a redirect of it, ``what``) we would not fetch: another scheme, credentials in
+        it, another host. The reason names the host (not the URL, whose path is a bearer token for the image)."""
         try:
             parsed = httpx.URL(url)
         except (httpx.InvalidURL, ValueError):
-            raise SnapshotError("untrusted_url", "generateSnapshot answered a URL that does not parse") from None
+            raise SnapshotError("untrusted_url", f"{what} does not parse") from None
         if parsed.scheme not in self._snapshot_schemes:
-            raise SnapshotError("untrusted_url", f"snapshot URL scheme {parsed.scheme!r} is not allowed")
+            raise SnapshotError("untrusted_url", f"{what} scheme {parsed.scheme!r} is not allowed")
         if parsed.userinfo:
-            raise SnapshotError("untrusted_url", "snapshot URL carries credentials")
+            raise SnapshotError("untrusted_url", f"{what} carries credentials")
         if not parsed.host or not _host_allowed(parsed.host, self._snapshot_hosts):
             raise SnapshotError(
                 "untrusted_url",
-                f"snapshot URL host {parsed.host[:100]!r} is not allowed (CG_CAMERAS__SNAPSHOT_HOSTS)",
+                f"{what} host {parsed.host[:100]!r} is not allowed (CG_CAMERAS__SNAPSHOT_HOSTS)",
             )
+        return parsed
+
+    def _get_image(self, url: str, budget: _Budget) -> httpx.Response:
+        """One poll of the snapshot URL (body not read yet), following the image host's redirects: at most
+        :data:`MAX_REDIRECTS`, each target checked as the snapshot URL was (:meth:`_check_snapshot_url`). Without
+        the API key, as every request to the image host."""
+        target: str | httpx.URL = url
+        for _ in range(MAX_REDIRECTS + 1):
+            response = self._request("GET", str(target), budget, "waiting for the snapshot image", stream=True)
+            if response.status_code not in _REDIRECTS:
+                return response
+            response.close()
+            location = response.headers.get("Location", "").strip()
+            if not location:
+                raise SnapshotError("http_error", f"snapshot URL HTTP {response.status_code} without a Location")
+            try:
+                target = response.request.url.join(location)
+            except (httpx.InvalidURL, ValueError):
+                raise SnapshotError("untrusted_url", "snapshot URL redirected to a URL that does not parse") from None
+            target = self._check_snapshot_url(target, "snapshot URL redirect")
+        raise SnapshotError("http_error", f"snapshot URL redirected more than {MAX_REDIRECTS} times")
 
     def _fetch(self, url: str, budget: _Budget, counts: dict[str, int]) -> tuple[bytes, str]:
         for _ in range(self.cfg.poll_max_tries):
             counts["polls"] += 1
-            response = self._request("GET", url, budget, "waiting for the snapshot image", stream=True)
+            response = self._get_image(url, budget)
             if response.status_code == 200:
                 try:
                     return self._image(response, budget)

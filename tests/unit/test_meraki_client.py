@@ -534,3 +534,65 @@ def test_footage_stored_within_the_retries_is_the_transaction_time_not_now() -> 
     with api.client() as client:
         snap = client.snapshot("Q2MV-ABCD-0001", int(api.start * 1000))
     assert not snap.fell_back_to_now and all(with_ts for _, with_ts in api.posts)
+
+
+class Relocating(Dashboard):
+    """An image host that answers the snapshot URL with a redirect to ``location`` (where the image is stored)."""
+
+    def __init__(self, location: str, status: int = 302) -> None:
+        super().__init__(snapshot_url="https://spn4.meraki.com/stream/jpeg/snapshot/b2d1")
+        self.location, self.status = location, status
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "GET" and request.url.path.startswith("/stream/"):
+            self.requests.append(request)
+            return httpx.Response(self.status, headers={"Location": self.location})
+        return super().__call__(request)
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+@pytest.mark.parametrize("location", ["https://spn7.meraki.com/img/b2d1.jpg", "/img/b2d1.jpg"])
+def test_a_redirect_of_the_snapshot_url_is_followed_to_an_allowed_host_without_the_key(
+    status: int, location: str
+) -> None:
+    """An image host's 3xx ended the snapshot as http_error 'snapshot URL HTTP 302' (face UNAVAILABLE)."""
+    api = Relocating(location, status)
+    with dashboard_client(api, "https://api.meraki.com/api/v1") as client:
+        snap = client.snapshot("Q2GV-ABCD-1234")
+    assert snap.image == JPEG and snap.polls == 1
+    host = "spn7.meraki.com" if location.startswith("https") else "spn4.meraki.com"
+    assert api.seen[1:] == [
+        ("GET", "spn4.meraki.com", b"/stream/jpeg/snapshot/b2d1"),
+        ("GET", host, b"/img/b2d1.jpg"),
+    ]
+    assert all(API_KEY_HEADER not in r.headers for r in api.requests if r.method == "GET")
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "https://evil.test/img/b2d1.jpg",
+        "https://meraki.com.evil.test/img/b2d1.jpg",
+        "http://spn7.meraki.com/img/b2d1.jpg",  # https only
+        "https://user:pw@spn7.meraki.com/img/b2d1.jpg",
+        "http://169.254.169.254/latest/meta-data/",
+    ],
+)
+def test_a_redirect_of_the_snapshot_url_elsewhere_is_refused_unfetched(location: str) -> None:
+    api = Relocating(location)
+    with dashboard_client(api, "https://api.meraki.com/api/v1") as client, pytest.raises(SnapshotError) as err:
+        client.snapshot("Q2GV-ABCD-1234")
+    assert err.value.kind == "untrusted_url" and "pw" not in str(err.value) and "b2d1" not in str(err.value)
+    assert api.seen[1:] == [("GET", "spn4.meraki.com", b"/stream/jpeg/snapshot/b2d1")]
+
+
+def test_a_redirect_loop_of_the_image_host_ends_as_an_error_not_a_hang() -> None:
+    api = Relocating("https://spn4.meraki.com/stream/jpeg/snapshot/b2d1")
+    with dashboard_client(api, "https://api.meraki.com/api/v1") as client, pytest.raises(SnapshotError) as err:
+        client.snapshot("Q2GV-ABCD-1234")
+    assert err.value.kind == "http_error" and "redirected more than 3 times" in err.value.reason
+    assert [m for m, _, _ in api.seen] == ["POST", "GET", "GET", "GET", "GET"]
+    api = Relocating("")
+    with dashboard_client(api, "https://api.meraki.com/api/v1") as client, pytest.raises(SnapshotError) as err:
+        client.snapshot("Q2GV-ABCD-1234")
+    assert err.value.kind == "http_error" and "without a Location" in err.value.reason
