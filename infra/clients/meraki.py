@@ -434,14 +434,25 @@ class MerakiClient:
         raise SnapshotError("http_error", f"snapshot URL redirected more than {MAX_REDIRECTS} times")
 
     def _fetch(self, url: str, budget: _Budget, counts: dict[str, int]) -> tuple[bytes, str]:
+        cut_off = 0
         for _ in range(self.cfg.poll_max_tries):
             counts["polls"] += 1
             response = self._get_image(url, budget)
             if response.status_code == 200:
                 try:
                     return self._image(response, budget)
+                except httpx.TransportError as exc:
+                    error = type(exc).__name__
                 finally:
                     response.close()
+                # Cut off mid-body (a read timeout, a reset, fewer bytes than its Content-Length): fetched again like
+                # any transport error, at most 3 times and while the deadline allows (past it, ``deadline``).
+                budget.check("downloading the snapshot image")
+                cut_off += 1
+                if cut_off > 3:
+                    raise SnapshotError("transport", f"{error} while downloading the snapshot image ({cut_off} tries)")
+                self._wait(0.2 * cut_off, budget)
+                continue
             response.close()
             if response.status_code not in _NOT_READY:
                 raise SnapshotError("http_error", f"snapshot URL HTTP {response.status_code}")
@@ -449,7 +460,8 @@ class MerakiClient:
         raise SnapshotError("not_ready", f"snapshot URL not ready after {self.cfg.poll_max_tries} polls")
 
     def _image(self, response: httpx.Response, budget: _Budget) -> tuple[bytes, str]:
-        """The body, read in chunks: never more than ``max_image_bytes``, never past the deadline."""
+        """The body, read in chunks: never more than ``max_image_bytes``, never past the deadline. A transport error
+        while reading it is raised as is (the caller fetches the image again)."""
         content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if not content_type.startswith("image/"):
             raise SnapshotError("wrong_type", f"snapshot URL answered {content_type or 'no content type'}, no image")
@@ -466,7 +478,9 @@ class MerakiClient:
                     raise SnapshotError("too_large", f"snapshot image exceeds {limit} bytes")
                 budget.check("downloading the snapshot image")
                 chunks.append(chunk)
-        except httpx.HTTPError as exc:
+        except httpx.TransportError:
+            raise
+        except httpx.HTTPError as exc:  # e.g. a body that does not decode
             budget.check("downloading the snapshot image")
             raise SnapshotError("transport", f"{type(exc).__name__} while downloading the snapshot image") from None
         data = b"".join(chunks)

@@ -596,3 +596,92 @@ def test_a_redirect_loop_of_the_image_host_ends_as_an_error_not_a_hang() -> None
     with dashboard_client(api, "https://api.meraki.com/api/v1") as client, pytest.raises(SnapshotError) as err:
         client.snapshot("Q2GV-ABCD-1234")
     assert err.value.kind == "http_error" and "without a Location" in err.value.reason
+
+
+class CuttingImageHost:
+    """A local HTTP server speaking generateSnapshot, whose image GETs are cut off mid-body the first ``cuts``
+    times: ``short`` closes after part of its Content-Length, ``reset`` resets the connection, ``stall`` stops
+    sending (a read timeout). Real sockets, so httpx sees what it sees from a real image host."""
+
+    def __init__(self, mode: str, cuts: int) -> None:
+        import socketserver
+        import threading
+
+        self.mode, self.cuts, self.gets = mode, cuts, 0
+        host = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                head = b""
+                while not head.endswith(b"\r\n\r\n"):
+                    line = self.rfile.readline()
+                    if not line:
+                        return
+                    head += line
+                length = next(
+                    (int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")), 0
+                )
+                self.rfile.read(length)
+                host.answer(head.split(b" ")[0], self.connection)
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/api/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def answer(self, method: bytes, conn: socket.socket) -> None:
+        import struct
+
+        if method == b"POST":
+            body = f'{{"url": "{self.base_url[: -len("/api/v1")]}/snapshots/t1.jpg"}}'.encode()
+            conn.sendall(b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\nConnection: close\r\n")
+            conn.sendall(b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            return
+        self.gets += 1
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+        conn.sendall(head % len(JPEG))
+        if self.gets > self.cuts:
+            conn.sendall(JPEG)
+            return
+        conn.sendall(JPEG[:20])
+        if self.mode == "reset":
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif self.mode == "stall":
+            time.sleep(0.5)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("mode", ["short", "reset", "stall"])
+def test_an_image_download_cut_off_mid_body_is_fetched_again_within_the_deadline(mode: str) -> None:
+    """A read timeout or a reset after the image started ended the snapshot as transport with budget left."""
+    host = CuttingImageHost(mode, cuts=2)
+    waits: list[float] = []
+    cameras = CameraSettings(request_timeout_s=0.2, deadline_s=5.0)
+    try:
+        with MerakiClient(cameras, host.base_url, sleep=waits.append) as client:
+            snap = client.snapshot("Q2MV-store-001-lane-01")
+        assert snap.image == JPEG and snap.polls == 3 and host.gets == 3
+        assert waits == [0.2, 0.4]
+        host.cuts, host.gets = 10, 0
+        with MerakiClient(cameras, host.base_url, sleep=waits.append) as client, pytest.raises(SnapshotError) as err:
+            client.snapshot("Q2MV-store-001-lane-01")
+        assert err.value.kind == "transport" and "(4 tries)" in err.value.reason, "3 retries, then it gives up"
+        assert host.gets == 4
+    finally:
+        host.close()
+
+
+def test_an_image_download_cut_off_at_the_deadline_is_not_fetched_again() -> None:
+    host = CuttingImageHost("stall", cuts=10)
+    cameras = CameraSettings(request_timeout_s=5.0, deadline_s=0.4)
+    try:
+        with MerakiClient(cameras, host.base_url) as client, pytest.raises(SnapshotError) as err:
+            started = time.monotonic()
+            client.snapshot("Q2MV-store-001-lane-01")
+        assert err.value.kind == "deadline" and time.monotonic() - started < 0.8
+        assert host.gets == 1
+    finally:
+        host.close()
