@@ -11,7 +11,10 @@ copy carries a ``checkout-guard-redriven-from`` header naming its dead letter.
 Skipped and counted: letters whose payload was cut to fit (``payload_truncated``: the bytes are not
 the input any more), letters whose source is not a Kafka topic (the MQTT bridge's ``mqtt:`` ids, CSV
 rows' ``file:`` ids) or a topic the cluster does not have, and copies of an input already planned in
-this run (the same source record dead-lettered twice by a replay). Never re-driven: watchlist entries (the
+this run (the same source record dead-lettered twice by a replay). Permanent failures are skipped and counted
+unless ``--include-permanent``: only the kinds in :data:`schemas.errors.RETRYABLE_KINDS` (a delivery that failed,
+a bug since fixed, a schema or index the reader lacked) can succeed again; an invalid record would only come back
+as the same dead letter, counted twice. Never re-driven: watchlist entries (the
 job refuses one of another embedder's length, say). Only the watchlist service writes that topic; a copy
 sent back after the subject was forgotten would enrol the face again; a new ``fraud``/``vip`` does it right.
 
@@ -22,7 +25,7 @@ the channels that did not have it yet, and Webex is searched for the alert befor
 earlier attempt may have got through.
 
 Run: ``python -m producers.redrive --stage alert-sender --kind delivery_failed [--since ISO] [--until
-ISO] [--source-topic alerts] [--limit N] [--dry-run]``.
+ISO] [--source-topic alerts] [--limit N] [--include-permanent] [--dry-run]``.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from infra.clients import kafka as kafka_clients
 from infra.clients.topic_replay import Bound, RangeError, parse_time_ms, read_range_records
 from infra.clients.topic_replay import plan as plan_ranges
 from infra.settings import Settings, get_settings
-from schemas.errors import InvalidRecord
+from schemas.errors import RETRYABLE_KINDS, InvalidRecord, is_retryable
 from schemas.records import DeadLetter
 from schemas.topics import ALL_TOPICS, DEAD_LETTERS, WATCHLIST
 
@@ -62,7 +65,8 @@ NO_TOPIC = "skipped: no such topic"
 DUPLICATE = "skipped: duplicate"
 OVER_LIMIT = "skipped: over --limit"
 WATCHLIST_ENTRY = "skipped: a watchlist entry (enrol again with fraud/vip)"
-OUTCOMES = (REDRIVE, TRUNCATED, NOT_KAFKA, NO_TOPIC, DUPLICATE, OVER_LIMIT, WATCHLIST_ENTRY)
+PERMANENT = "skipped: permanent (--include-permanent)"
+OUTCOMES = (REDRIVE, PERMANENT, TRUNCATED, NOT_KAFKA, NO_TOPIC, DUPLICATE, OVER_LIMIT, WATCHLIST_ENTRY)
 
 
 # ---------------------------------------------------------------------------- pure: choosing and planning
@@ -79,13 +83,15 @@ def stage_key(name: str) -> str:
 @dataclass(frozen=True)
 class Selection:
     """Which dead letters to re-drive: stage(s), and optionally kinds, ``failed_at`` in [since, until)
-    (epoch ms) and source topics (full names)."""
+    (epoch ms) and source topics (full names). ``include_permanent``: re-drive the kinds that cannot succeed
+    again too (:func:`schemas.errors.is_retryable`); otherwise they are matched, counted and skipped."""
 
     stages: frozenset[str]
     kinds: frozenset[str] = frozenset()
     since_ms: int | None = None
     until_ms: int | None = None
     source_topics: frozenset[str] = frozenset()
+    include_permanent: bool = False
 
     def matches(self, letter: DeadLetter) -> bool:
         return (
@@ -141,6 +147,10 @@ class RedrivePlan:
     stages: Counter[str] = field(default_factory=Counter)
     """Every stage found in the topic and its letters (selected or not): named when nothing matched."""
 
+    def outcome_total(self, outcome: str) -> int:
+        """Letters with ``outcome``, every stage and kind together."""
+        return sum(n for (_, _, out), n in self.counts.items() if out == outcome)
+
 
 def plan_redrive(
     letters: Iterable[DeadLetter | InvalidRecord],
@@ -162,7 +172,7 @@ def plan_redrive(
         plan.stages[letter.stage] += 1
         if not selection.matches(letter):
             continue
-        outcome = _outcome(letter, topics, watchlist)
+        outcome = _outcome(letter, topics, watchlist, selection.include_permanent)
         if outcome == REDRIVE:
             content = (letter.source_topic, letter.key, hashlib.sha256(letter.payload).hexdigest())
             if content in planned:
@@ -178,7 +188,7 @@ def plan_redrive(
     return plan
 
 
-def _outcome(letter: DeadLetter, topics: Mapping[str, int], watchlist: str) -> str:
+def _outcome(letter: DeadLetter, topics: Mapping[str, int], watchlist: str, include_permanent: bool) -> str:
     if letter.source_topic == watchlist:
         return WATCHLIST_ENTRY
     if is_truncated(letter):
@@ -187,6 +197,8 @@ def _outcome(letter: DeadLetter, topics: Mapping[str, int], watchlist: str) -> s
         return NOT_KAFKA
     if letter.source_topic not in topics:
         return NO_TOPIC
+    if not include_permanent and not is_retryable(letter.error_kind):
+        return PERMANENT
     return REDRIVE
 
 
@@ -210,6 +222,7 @@ def selection_from_options(
     until: str | None,
     source_topics: list[str] | None,
     topic_prefix: str,
+    include_permanent: bool = False,
 ) -> Selection:
     """CLI options -> a :class:`Selection`; a logical topic name (``alerts``) gets the topic prefix.
     :class:`RangeError` for a bad time or a ``since`` later than ``until``: it would match no letter, and "0 to
@@ -225,6 +238,7 @@ def selection_from_options(
         since_ms=since_ms,
         until_ms=until_ms,
         source_topics=frozenset(f"{topic_prefix}{t}" if t in logical else t for t in source_topics or ()),
+        include_permanent=include_permanent,
     )
 
 
@@ -312,6 +326,14 @@ def main(
         list[str] | None, typer.Option(help="Only letters from these topics (repeatable; logical or full names).")
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Re-drive at most this many (the oldest first).", min=0)] = None,
+    include_permanent: Annotated[
+        bool,
+        typer.Option(
+            "--include-permanent",
+            help="Also re-drive kinds that fail again on the same bytes (invalid records, schema errors); by default"
+            " only " + ", ".join(sorted(RETRYABLE_KINDS)) + " are re-driven, the others counted.",
+        ),
+    ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would be re-driven; send nothing.")] = False,
 ) -> None:
     """Read the dead letters up to now, choose, and produce the chosen payloads back to their source topics."""
@@ -319,7 +341,7 @@ def main(
     prefix = settings.kafka.topic_prefix
     dead_topic = DEAD_LETTERS.full_name(prefix)
     try:
-        selection = selection_from_options(stage, kind, since, until, source_topic, prefix)
+        selection = selection_from_options(stage, kind, since, until, source_topic, prefix, include_permanent)
         topics = cluster_topics(settings)
         watchlist = WATCHLIST.full_name(prefix)
         plan = plan_redrive(read_dead_letters(settings, dead_topic), selection, topics, limit, watchlist)
@@ -334,6 +356,14 @@ def main(
         markup=False,
         highlight=False,
     )
+    permanent = plan.outcome_total(PERMANENT)
+    if permanent:
+        console.print(
+            f"{permanent:,} permanent failure(s) skipped (their kind fails again on the same bytes);"
+            " --include-permanent re-drives them too",
+            markup=False,
+            highlight=False,
+        )
     if not plan.counts and plan.stages:
         found = ", ".join(f"{name} ({n:,})" for name, n in sorted(plan.stages.items()))
         errors.print(f"no dead letter matched; stages in {dead_topic}: {found}", markup=False, highlight=False)

@@ -31,7 +31,7 @@ import cavro
 from fastavro import parse_schema
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-from schemas.errors import InvalidRecord
+from schemas.errors import UNKNOWN_SCHEMA, InvalidRecord
 
 AVRO_DIR = Path(__file__).resolve().parent / "avro"
 MAGIC = b"\xc3\x01"
@@ -134,7 +134,7 @@ class Codec:
         """The latest schema resolved against an older (or newer) writer version of the same record."""
         writer = self._known.get(fingerprint)
         if writer is None:
-            raise DecodeError("unknown_schema", f"unknown schema fingerprint {fingerprint.hex()}")
+            raise DecodeError(UNKNOWN_SCHEMA, f"unknown schema fingerprint {fingerprint.hex()}")
         if writer.short_name != self.record_type:
             raise DecodeError("wrong_type", f"expected {self.record_type}, got {writer.short_name}")
         reader = self._readers[fingerprint] = self._writer.reader_for_writer(

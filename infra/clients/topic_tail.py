@@ -41,7 +41,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from infra.clients.topic_replay import RangeError, assigned_consumer, parse_time_ms, partition_count, read_assigned
 from infra.settings import KafkaSettings
 from schemas.codec import HEADER_LEN, MAGIC, DecodeError, codec, load_schemas
-from schemas.errors import CheckoutGuardError
+from schemas.errors import UNKNOWN_SCHEMA, CheckoutGuardError
 from schemas.topics import ALL_TOPICS, TopicSpec
 
 GROWTH = 4
@@ -263,7 +263,7 @@ def decode_value(value: bytes | None) -> dict[str, Any]:
             except DecodeError as exc:
                 return _undecodable(value, exc.kind, str(exc))
             return {"schema": writer.short_name, "version": writer.version, "value": jsonable(decoded)}
-        return _undecodable(value, "unknown_schema", f"unknown schema fingerprint {value[2:HEADER_LEN].hex()}")
+        return _undecodable(value, UNKNOWN_SCHEMA, f"unknown schema fingerprint {value[2:HEADER_LEN].hex()}")
     kind, message = ("empty", "empty message") if not value else ("not_avro", "no C3 01 single-object header")
     return _undecodable(value, kind, message)
 

@@ -76,7 +76,7 @@ from infra.retry import Backoff
 from infra.settings import Settings, face_deadline_problem, get_settings
 from jobs.scoring.validation import parse_transaction
 from schemas.codec import codec
-from schemas.errors import InvalidRecord
+from schemas.errors import FACE_STAGE_ERROR, InvalidRecord
 from schemas.identifiers import check_serial
 from schemas.records import REKOGNITION_MATCHER, CameraEvent, FaceObservation, dead_letter
 from schemas.topics import CAMERA_EVENTS, DEAD_LETTERS, FACE_OBSERVATIONS, TRANSACTIONS
@@ -87,7 +87,7 @@ STAGE = "face_stage"
 PROCESS = "face-stage"
 """The ``stage`` label of this process's metrics (its name in ``infra.metrics.PROCESSES``)."""
 CHECKOUT, ENTRANCE = "CHECKOUT", "ENTRANCE"
-STAGE_ERROR = "face_stage_error"
+STAGE_ERROR = FACE_STAGE_ERROR
 """Dead-letter kind of a record the stage failed on for a reason other than the record being invalid."""
 
 

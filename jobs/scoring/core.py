@@ -45,7 +45,7 @@ from jobs.scoring.rules import RuleSet
 from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Predictor, Scorer, ScoringState, Write
 from jobs.scoring.watchlist import check_entry
 from schemas.codec import codec
-from schemas.errors import InvalidRecord
+from schemas.errors import INTERNAL_ERROR, InvalidRecord
 from schemas.topics import RULES, TRANSACTIONS
 
 log = logging.getLogger("checkout_guard.scoring_job")
@@ -57,8 +57,6 @@ MAPS = (RECEIPTS, STORES, CUSTOMERS, PENDING, EARLY_FACES, LEGACY_BATCH, DECIDED
 """The keyed state maps, in the order their writes are committed (also their MapState names)."""
 RULES_KEY = "rules"
 """Broadcast state key of the rule set in force; watchlist entries are under ``wl:<subject>``."""
-INTERNAL_ERROR = "internal_error"
-"""Dead-letter kind of a record on which the job itself raised (a bug, or input no check foresaw)."""
 MAX_ERROR_TEXT = 500
 """Most characters of an exception's type and message in an ``internal_error`` reason."""
 LOGGED_TRACEBACKS = 20

@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 
 from infra.settings import Settings
 from jobs.scoring.claims import CLAIMS, DuplicateTransaction, IdClaims
-from jobs.scoring.core import INTERNAL_ERROR, SourceRecord, WatchlistLike, _describe, reused_id_dead_letter
+from jobs.scoring.core import SourceRecord, WatchlistLike, _describe, reused_id_dead_letter
 from jobs.scoring.face_join import (
     DECIDED,
     EARLY_FACES,
@@ -70,7 +70,7 @@ from jobs.scoring.features import (
 )
 from jobs.scoring.scorer import CUSTOMER_SWEEP_BUDGET, OutRow, Predictor, Scorer, ScoringState
 from schemas.codec import codec
-from schemas.errors import InvalidRecord
+from schemas.errors import INTERNAL_ERROR, InvalidRecord
 from schemas.topics import TRANSACTIONS
 
 log = logging.getLogger("checkout_guard.scoring_job")

@@ -71,7 +71,7 @@ from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.retry import RETRY_AFTER_MAX_S, Backoff, call_with_retries
 from infra.settings import AlertSettings, Settings, get_settings
 from schemas.codec import codec
-from schemas.errors import CheckoutGuardError, InvalidRecord
+from schemas.errors import DELIVERY_FAILED, CheckoutGuardError, InvalidRecord
 from schemas.identifiers import ALERT_ID_RE, check
 from schemas.records import DeadLetter
 from schemas.topics import ALERTS, DEAD_LETTERS
@@ -1133,7 +1133,7 @@ class AlertSender:
             return
         if pending.failures:
             reason = "; ".join(f"{reason}" for _, reason in sorted(pending.failures.items()))
-            self._dead_letter(pending, dead_letter_for(pending.message, "delivery_failed", reason))
+            self._dead_letter(pending, dead_letter_for(pending.message, DELIVERY_FAILED, reason))
             return
         self._out.inc()
         self._finish(pending)

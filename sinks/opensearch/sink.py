@@ -82,7 +82,7 @@ from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.retry import Backoff, call_with_retries
 from infra.settings import IndicesSettings, Settings, get_settings
 from schemas.codec import DecodeError, codec, json_safe
-from schemas.errors import CheckoutGuardError
+from schemas.errors import OPENSEARCH_REJECTED, UNKNOWN_TOPIC, CheckoutGuardError
 from schemas.indices import (
     DEFAULT_GROUP_ID,
     HASHED_KIND_SUFFIX,
@@ -488,7 +488,7 @@ def to_actions(
     for message in batch:
         route = routes.get(message.topic() or "")
         if route is None:
-            dead.append(dead_letter_for(message, "unknown_topic", f"no index for topic {message.topic()!r}", now))
+            dead.append(dead_letter_for(message, UNKNOWN_TOPIC, f"no index for topic {message.topic()!r}", now))
             continue
         try:
             op = _operation(message, route, index_prefix, period, include_private, customer_key_secret, forgotten)
@@ -680,7 +680,7 @@ def rejected_dead_letter(action: IndexAction, status: Any, error: Any, now_ms: i
     log.warning("OpenSearch rejected %s/%s: %s %s", action.op["_index"], action.doc_id, status, error_type)
     text = f"OpenSearch {status} {error_type}: {reason}" + (f" (caused by: {caused})" if caused else "")
     now = now_ms if now_ms is not None else clock.now_ms()
-    return dead_letter_for(action.message, "opensearch_rejected", text, now)
+    return dead_letter_for(action.message, OPENSEARCH_REJECTED, text, now)
 
 
 # --------------------------------------------------------------------------- the sink

@@ -25,6 +25,7 @@ from producers.redrive import (
     NO_TOPIC,
     NOT_KAFKA,
     OVER_LIMIT,
+    PERMANENT,
     REDRIVE,
     REDRIVEN_HEADER,
     TRUNCATED,
@@ -35,7 +36,7 @@ from producers.redrive import (
     selection_from_options,
     source_is_kafka,
 )
-from schemas.errors import InvalidRecord
+from schemas.errors import RETRYABLE_KINDS, InvalidRecord, is_retryable
 from schemas.records import Alert, DeadLetter, dead_letter
 from sinks.alerts.sender import AlertSender, Ledger, dead_letter_for
 
@@ -104,8 +105,51 @@ def test_only_letters_of_the_chosen_stage_kind_time_and_topic_are_re_driven() ->
     plan = plan_redrive(letters, selection, TOPICS)
     assert [s.dead_letter_id for s in plan.sends] == ["alerts:1:2"]
     assert plan.read == 6 and dict(plan.counts) == {("alert-sender", "delivery_failed", REDRIVE): 1}
-    every_stage = Selection(stages=frozenset({"alert-sender", "opensearch-sink"}))
+    every_stage = Selection(stages=frozenset({"alert-sender", "opensearch-sink"}), include_permanent=True)
     assert len(plan_redrive(letters, every_stage, TOPICS).sends) == 6
+
+
+def test_permanent_failures_are_skipped_and_counted_unless_included() -> None:
+    """An invalid record or a schema error fails again on the same bytes: re-driving it only made a second dead
+    letter and inflated the counts. Transient kinds (a delivery that failed, a bug since fixed) go back."""
+    letters = [
+        letter(1, kind="delivery_failed"),
+        letter(2, kind="not_avro"),
+        letter(3, kind="invalid_amount"),
+        letter(4, topic="transactions", stage="scoring-job", kind="internal_error"),
+        letter(5, topic="transactions", stage="scoring-job", kind="missing_field"),
+        letter(6, kind="unknown_schema"),
+    ]
+    stages = frozenset({"alert-sender", "scoring-job"})
+    plan = plan_redrive(letters, Selection(stages=stages), TOPICS)
+    assert [s.dead_letter_id for s in plan.sends] == ["alerts:1:1", "alerts:1:6", "transactions:1:4"]
+    assert outcomes(plan) == {REDRIVE: 3, PERMANENT: 3} and plan.outcome_total(PERMANENT) == 3
+    assert plan.counts[("alert-sender", "not_avro", PERMANENT)] == 1
+    everything = plan_redrive(letters, Selection(stages=stages, include_permanent=True), TOPICS)
+    assert len(everything.sends) == 6 and outcomes(everything) == {REDRIVE: 6}
+    narrowed = plan_redrive(letters, Selection(stages=stages, kinds=frozenset({"not_avro"})), TOPICS)
+    assert narrowed.sends == [] and outcomes(narrowed) == {PERMANENT: 1}  # --kind alone does not include them
+
+
+def test_the_kinds_a_re_drive_can_cure_are_the_ones_their_writers_use() -> None:
+    """One list classifies the kinds; the processes that write the transient ones take their names from it."""
+    from jobs.faces.stage import STAGE_ERROR
+    from jobs.scoring.core import INTERNAL_ERROR as SCORING_INTERNAL_ERROR
+
+    assert {SCORING_INTERNAL_ERROR, STAGE_ERROR, "delivery_failed", "unknown_schema"} <= RETRYABLE_KINDS
+    assert not any(is_retryable(kind) for kind in ("not_avro", "invalid", "missing_field", "oversized", "unauthorized"))
+
+
+def test_a_dry_run_reports_the_permanent_failures_it_skips(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(redrive, "get_settings", lambda: Settings())
+    monkeypatch.setattr(redrive, "cluster_topics", lambda _settings: dict(TOPICS))
+    monkeypatch.setattr(redrive, "read_dead_letters", lambda *_a, **_k: iter([letter(1), letter(2, kind="not_avro")]))
+    result = CliRunner().invoke(redrive.cli, ["--stage", "alert-sender", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "1 to re-drive" in result.output and "1 permanent failure(s) skipped" in result.output
+    assert "--include-permanent" in result.output
+    result = CliRunner().invoke(redrive.cli, ["--stage", "alert-sender", "--dry-run", "--include-permanent"])
+    assert result.exit_code == 0 and "2 to re-drive" in result.output and "permanent" not in result.output
 
 
 def test_a_stage_is_found_by_its_process_name_whether_its_letters_spell_it_with_dash_or_underscore() -> None:
