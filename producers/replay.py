@@ -13,7 +13,15 @@ from rich.console import Console
 from rich.table import Table
 
 from infra import clock
-from infra.clients.topic_replay import PartitionRange, RangeError, bounds, parse_time_ms, plan, replay
+from infra.clients.topic_replay import (
+    PartitionRange,
+    RangeError,
+    bounds,
+    gone_warning,
+    parse_time_ms,
+    plan,
+    replay,
+)
 from infra.settings import get_settings
 from schemas.topics import AUDIT, CASES, COMMANDS, LABELS, RULES, WATCHLIST
 
@@ -88,12 +96,16 @@ app = typer.Typer(
 
 
 def ranges_table(title: str, ranges: list[PartitionRange]) -> Table:
+    """One row per partition; a ``gone`` column when retention deleted part of the range asked for."""
+    gone = any(r.gone for r in ranges)
     table = Table(title=title, show_edge=False)
-    for column in ("partition", "start", "end (excl.)", "records", "low", "high"):
+    for column in ("partition", "start", "end (excl.)", "records", "low", "high") + (("gone",) if gone else ()):
         table.add_column(column, justify="right")
     for r in ranges:
-        table.add_row(str(r.partition), f"{r.start:,}", f"{r.end:,}", f"{r.size:,}", f"{r.low:,}", f"{r.high:,}")
-    table.add_row("all", "", "", f"{sum(r.size for r in ranges):,}", "", "", style="bold")
+        cells = [str(r.partition), f"{r.start:,}", f"{r.end:,}", f"{r.size:,}", f"{r.low:,}", f"{r.high:,}"]
+        table.add_row(*cells, *((f"{r.gone:,}",) if gone else ()))
+    totals = ["all", "", "", f"{sum(r.size for r in ranges):,}", "", ""]
+    table.add_row(*totals, *((f"{sum(r.gone for r in ranges):,}",) if gone else ()), style="bold")
     return table
 
 
@@ -125,6 +137,9 @@ def run_command(
 ) -> None:
     """Replay TOPIC's range into the target; end offsets are fixed at the start (replaying into itself ends).
 
+    Offsets asked for that retention already deleted are named in a warning and make the exit code 1 (the dry run's
+    too): what is kept is still copied, but not the whole range.
+
     State and control topics (rules, watchlist, labels, cases, commands, audit) are not replayed into themselves
     nor into the live prefix on the same cluster: that would roll their state back."""
     settings = get_settings()
@@ -150,8 +165,11 @@ def run_command(
         console.print(str(exc), style="red", markup=False, highlight=False)
         raise typer.Exit(2) from None
     console.print(ranges_table(f"{source_name} -> {target_name}", ranges))
+    gone = gone_warning(ranges)
+    if gone is not None:
+        console.print(f"Warning: {gone}", style="yellow", markup=False, highlight=False)
     if dry_run:
-        raise typer.Exit(0)
+        raise typer.Exit(0 if gone is None else 1)
     try:
         stats = replay(
             settings.kafka,
@@ -166,17 +184,19 @@ def run_command(
     except (RangeError, TimeoutError, RuntimeError) as exc:
         console.print(str(exc), style="red", markup=False, highlight=False)
         raise typer.Exit(1) from None
-    colour = "green" if stats.ok else "red"
+    missing = sum(r.gone for r in ranges)
+    colour = "green" if stats.ok and not missing else "red"
     console.print(
         f"replayed {stats.acked:,} of {stats.planned:,} planned record(s) ({stats.read:,} read, "
-        f"{stats.failed:,} failed) in {stats.elapsed_s:,.1f} s",
+        f"{stats.failed:,} failed) in {stats.elapsed_s:,.1f} s"
+        + (f"; {missing:,} offset(s) of the range were gone before the start (retention)" if missing else ""),
         style=colour,
         markup=False,
         highlight=False,
     )
     for err in stats.errors:
         console.print(f"delivery error: {err}", style="red", markup=False, highlight=False)
-    raise typer.Exit(0 if stats.ok else 1)
+    raise typer.Exit(0 if stats.ok and not missing else 1)
 
 
 @app.command("epoch-ms")

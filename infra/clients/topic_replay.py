@@ -119,11 +119,26 @@ class PartitionRange:
     low: int
     high: int
     """The partition's watermarks when the range was resolved."""
+    gone: int = 0
+    """Offsets asked for that lie below ``low``: deleted by retention, so not in ``[start, end)``."""
 
     @property
     def size(self) -> int:
         """Records in the range (at most: a compacted topic has gaps)."""
         return max(0, self.end - self.start)
+
+
+def gone_warning(ranges: Iterable[PartitionRange]) -> str | None:
+    """The warning for a range that retention already cut, or ``None`` when every offset asked for is kept: the
+    start is moved up to the earliest kept offset, and without a word the operator took the range as copied whole."""
+    cut = [r for r in ranges if r.gone > 0]
+    if not cut:
+        return None
+    where = "; ".join(f"partition {r.partition}: {r.gone:,} before {r.low:,}, the earliest kept" for r in cut)
+    return (
+        f"{sum(r.gone for r in cut):,} offset(s) of the range are gone (deleted by retention) and cannot be"
+        f" replayed ({where}); only what is kept is copied"
+    )
 
 
 def check_order(start: Bound, end: Bound) -> None:
@@ -169,7 +184,8 @@ def resolve_ranges(
     offsets_for_time: Callable[[int], Mapping[int, int]],
     partitions: Iterable[int] | None = None,
 ) -> list[PartitionRange]:
-    """Concrete ``[start, end)`` offsets per partition, clipped to the watermarks.
+    """Concrete ``[start, end)`` offsets per partition, clipped to the watermarks; what a start offset below the
+    low watermark asked for and retention deleted is counted in ``gone`` (:func:`gone_warning`).
 
     Defaults: from the low watermark (earliest) to the high watermark at this moment. A time resolves
     to the first offset whose timestamp is at or after it (``offsets_for_time(ms) -> {partition:
@@ -209,7 +225,8 @@ def resolve_ranges(
         low, high = watermarks[p]
         s = min(max(starts[p], low), high)
         e = min(max(ends[p], s), high)
-        ranges.append(PartitionRange(p, s, e, low, high))
+        gone = max(0, min(ends[p], low) - starts[p])  # asked for, below what retention kept
+        ranges.append(PartitionRange(p, s, e, low, high, gone))
     return ranges
 
 

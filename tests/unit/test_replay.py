@@ -116,6 +116,46 @@ def test_offsets_are_clipped_to_what_the_partition_still_holds():
     assert _spans(ranges)[0] == (10, 10), "an end before what retention kept is an empty range, not a negative one"
 
 
+def test_offsets_that_retention_deleted_are_counted_as_gone_and_warned_about():
+    """A start below the low watermark was moved up to it without a word: the operator took the range as copied."""
+    ranges = resolve_ranges(WATERMARKS, Bound(offsets={0: 4, 1: 0}), Bound(offsets={0: 80}), _never)
+    assert [(r.partition, r.start, r.gone) for r in ranges] == [(0, 10, 6), (1, 0, 0), (2, 5, 0)]
+    assert topic_replay.gone_warning(ranges) == (
+        "6 offset(s) of the range are gone (deleted by retention) and cannot be replayed (partition 0: 6 before 10,"
+        " the earliest kept); only what is kept is copied"
+    )
+    whole = resolve_ranges(WATERMARKS, Bound(offsets=1), Bound(offsets={0: 5}), _never)
+    assert [r.gone for r in whole] == [4, 0, 4]  # an end below the low watermark too: all of it gone
+    for start in (Bound(), Bound(offsets=10), Bound(time_ms=1)):
+        kept = resolve_ranges(WATERMARKS, start, Bound(), lambda _ms: {0: 10, 1: 0, 2: -1})
+        assert topic_replay.gone_warning(kept) is None and not any(r.gone for r in kept)
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_range_cut_by_retention_is_warned_about_and_exits_1_after_copying_what_is_kept(
+    monkeypatch: pytest.MonkeyPatch, dry_run: bool
+) -> None:
+    cut = [PartitionRange(0, 10, 80, 10, 100, gone=6), PartitionRange(1, 0, 50, 0, 50)]
+    copied: list[list[PartitionRange]] = []
+
+    def fake_replay(*args: Any, **_k: Any) -> ReplayStats:
+        copied.append(args[4])
+        return ReplayStats(planned=120, read=120, sent=120, acked=120)
+
+    monkeypatch.setattr(replay_cli, "get_settings", lambda: Settings())
+    monkeypatch.setattr(replay_cli, "plan", lambda *_a: cut)
+    monkeypatch.setattr(replay_cli, "replay", fake_replay)
+    args = ["run", "transactions", "--from-offsets", "0:4", "--no-progress"] + (["--dry-run"] if dry_run else [])
+    result = CliRunner().invoke(replay_cli.app, args)
+    output = " ".join(result.output.split())  # rich wraps long lines
+    assert result.exit_code == 1, output
+    assert "Warning: 6 offset(s) of the range are gone (deleted by retention)" in output
+    assert copied == ([] if dry_run else [cut])
+    if not dry_run:
+        assert "replayed 120 of 120 planned record(s)" in output
+        assert "6 offset(s) of the range were gone before the start (retention)" in output
+
+
 def test_a_start_time_later_than_the_end_time_is_refused_before_any_broker_is_asked():
     """An inverted range resolved to nothing, and the replay ended with exit 0 as if it had copied the hour."""
     with pytest.raises(RangeError, match=r"start 2026-11-22T07:00:00.000Z is later than the end 2026-11-22T06:00:00"):
