@@ -81,9 +81,10 @@ def refusal(target_topic: str, source_name: str, target_name: str, target_prefix
 
 
 def _partitions(text: str) -> list[int]:
-    """``--partitions 0,2`` as numbers; anything else is a ``RangeError`` that names the option."""
+    """``--partitions 0,2`` as numbers; anything else is a ``RangeError`` that names the option. One that names no
+    partition (``""``, ``,``: a script's empty variable) is refused too: it replayed every partition, or none."""
     parts = [part.strip() for part in text.split(",") if part.strip()]
-    if not all(clock.ascii_digits(part) for part in parts):
+    if not parts or not all(clock.ascii_digits(part) for part in parts):
         raise RangeError(f"--partitions takes partition numbers separated by commas (e.g. 0,2), not {text!r}")
     return [int(part) for part in parts]
 
@@ -159,7 +160,7 @@ def run_command(
     )
     try:
         start, end = bounds(from_offsets, to_offsets, from_time, to_time)
-        only = _partitions(partitions) if partitions else None
+        only = _partitions(partitions) if partitions is not None else None
         ranges = plan(settings.kafka, source_name, start, end, only)
     except (RangeError, ValueError) as exc:
         console.print(str(exc), style="red", markup=False, highlight=False)

@@ -209,6 +209,18 @@ def test_a_time_resolves_per_partition_and_no_record_after_it_means_the_end():
     assert _spans(ranges) == {0: (30, 70), 1: (12, 50), 2: (5, 5)}
 
 
+@pytest.mark.parametrize("given", ["", ",", " , "])
+def test_partitions_that_name_no_partition_are_refused_not_read_as_all_or_none(
+    monkeypatch: pytest.MonkeyPatch, given: str
+) -> None:
+    """``--partitions ""`` (a script's empty variable) replayed the whole topic; ``--partitions ,`` replayed nothing
+    with exit 0."""
+    monkeypatch.setattr(replay_cli, "get_settings", lambda: Settings())
+    monkeypatch.setattr(replay_cli, "plan", lambda *_a: pytest.fail("asked the broker"))
+    result = CliRunner().invoke(replay_cli.app, ["run", "transactions", "--partitions", given, "--dry-run"])
+    assert result.exit_code == 2 and "--partitions takes partition numbers" in result.output, result.output
+
+
 def test_only_the_chosen_partitions_and_only_existing_ones():
     ranges = resolve_ranges(WATERMARKS, Bound(), Bound(), _never, partitions=[1])
     assert _spans(ranges) == {1: (0, 50)}
