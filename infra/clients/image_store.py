@@ -5,8 +5,9 @@ records instead of image bytes. Checkout/entrance snapshots that matched nobody 
 we have no reason to keep: ``purge`` deletes them after the retention period unless ``retain`` was
 called (a match or an alert); ``purge_retained`` deletes the retained ones once their longer period is
 over (an innocent shopper's alert snapshot was otherwise kept for ever).
-Reference images (enrolled subjects) are never purged, only deleted by ``forget``. Nothing here logs
-image bytes.
+Reference images (enrolled subjects) are never purged, only deleted by ``forget``, from the store their ref
+names (:func:`store_holding`): ``CG_FACES__IMAGE_STORE`` or the buckets may have changed since enrolment. Nothing
+here logs image bytes.
 
 Refs arrive in records (alerts, commands), so a ref is checked before it is used: a local ref names a
 known kind and a plain file name in it (no ``..``, no ``/``, nothing absolute: never a path outside the
@@ -53,6 +54,11 @@ def safe_key(key: str) -> str:
     return quoted
 
 
+class ImageStoreUnavailable(RuntimeError):
+    """A ref names a store these settings cannot reach (a bucket no longer configured, a local image folder that
+    is not on this machine): its image cannot be deleted here. The message says where it is and what to set."""
+
+
 class ImageStore:
     """Base: the ref scheme and the factory; subclasses hold the bytes."""
 
@@ -64,6 +70,10 @@ class ImageStore:
         if faces.image_store == "local":
             return LocalImageStore(settings.stack_dir / "images")
         raise ValueError(f"unknown image store {faces.image_store!r}: local | s3")
+
+    def holds(self, ref: str) -> bool:
+        """Whether ``ref`` is of this store (its scheme, and for S3 a bucket it may use)."""
+        raise NotImplementedError
 
     def put(self, kind: str, key: str, data: bytes) -> str:
         raise NotImplementedError
@@ -102,6 +112,9 @@ class LocalImageStore(ImageStore):
         self.root = Path(root)
         for kind in KINDS:
             (self.root / kind).mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def holds(self, ref: str) -> bool:
+        return isinstance(ref, str) and ref.startswith(self.PREFIX)
 
     def _path(self, ref: str) -> Path:
         """The file of ``ref``; ``InvalidRecord`` for anything but ``file:<kind>/<one name>``."""
@@ -217,6 +230,9 @@ class S3ImageStore(ImageStore):
             region_required=False,
         )
 
+    def holds(self, ref: str) -> bool:
+        return isinstance(ref, str) and ref.startswith("s3://") and ref[5:].partition("/")[0] in self.allowed_buckets
+
     def ensure_buckets(self) -> None:
         """Create the buckets when missing (embedded/test setups; production provisions them)."""
         existing = {b["Name"] for b in self.s3.list_buckets().get("Buckets", [])}
@@ -316,3 +332,31 @@ class S3ImageStore(ImageStore):
                     if reason is not None:
                         out.append((bucket, obj["Key"], reason, obj["LastModified"]))
         return out
+
+
+def store_holding(ref: str, settings: Settings, current: ImageStore) -> ImageStore:
+    """The store that holds ``ref``: ``current`` when the ref is of it, else the other kind of store as
+    ``settings`` describe it. After a switch (local to S3, or to another bucket) an entry's reference image is
+    still where it was written, and deleting its key in the current store would leave it there.
+    :class:`ImageStoreUnavailable` when that store is not reachable from here; ``InvalidRecord`` for no ref."""
+    if current.holds(ref):
+        return current
+    if isinstance(ref, str) and ref.startswith(LocalImageStore.PREFIX):
+        root = settings.stack_dir / "images"
+        if not (root / "reference").is_dir():
+            raise ImageStoreUnavailable(
+                "the image is in the local image store, whose folder (images/ under CG_STACK_DIR) is not on this "
+                "machine: run the service where it is, or delete the file there"
+            )
+        return LocalImageStore(root)
+    if isinstance(ref, str) and ref.startswith("s3://"):
+        bucket = ref[5:].partition("/")[0]
+        configured = {settings.faces.checkout_bucket, settings.faces.suspects_bucket}
+        configured |= {b.strip() for b in settings.faces.extra_image_buckets.split(",") if b.strip()}
+        if bucket not in configured:
+            raise ImageStoreUnavailable(
+                f"the image is in S3 bucket {bucket[:63]}, which is not configured: "
+                "add it to CG_FACES__EXTRA_IMAGE_BUCKETS"
+            )
+        return S3ImageStore(settings)
+    raise InvalidRecord(INVALID_REF, "not an image ref (file:<kind>/<key> or s3://<bucket>/<kind>/<key>)")

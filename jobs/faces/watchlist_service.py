@@ -57,7 +57,7 @@ import typer
 from infra import clock, metrics
 from infra.clients import transactional
 from infra.clients.control_topics import STARTUP_READ_STALL_S
-from infra.clients.image_store import ImageStore
+from infra.clients.image_store import ImageStore, ImageStoreUnavailable, store_holding
 from infra.clients.transactional import Out, Source
 from infra.command_auth import authenticate_command
 from infra.logs import LOG_LEVEL_HELP, setup_logging
@@ -570,7 +570,7 @@ class WatchlistCore:
                         outcome="FAILED",
                         actor=SERVICE_ACTOR,
                         subject_id=subject,
-                        reason=f"could not remove every trace yet ({type(exc).__name__}); retried",
+                        reason=f"could not remove every trace yet ({self._why(exc)}); retried",
                     )
                 )
         return outs
@@ -579,15 +579,22 @@ class WatchlistCore:
         """Rekognition's faces first, then the images, then the entry: a failure on the way leaves the subject
         enrolled (never matched by one index while forgotten by another) and a new ``forget`` finishes it."""
         audit["subject_id"] = subject
+        recorded = self.records.get(subject)
+        references = self._references(subject, recorded.reference_image_ref if recorded else None)
         try:
             faces = self.rekognition.forget(subject) if self.rekognition is not None else 0
         except RekognitionError as exc:
             raise rekognition_failed(exc) from None
         current = self.entries.get(subject)
         removed: list[str] = []
-        reference = self.store.find("reference", subject)
-        if reference:
-            self.store.delete(reference)
+        for reference, store in references:
+            try:
+                store.delete(reference)
+            except Exception as exc:  # noqa: BLE001 - S3 or disk: the image stays, so the forget is not done
+                raise Failed(
+                    "image_store_unavailable",
+                    f"the reference image was not deleted ({type(exc).__name__}); issue the command again",
+                ) from None
             removed.append(reference)
         tx = (current or {}).get("source_transaction_id") or (subject[5:] if subject.startswith("subj-") else None)
         if tx:  # the sale's snapshot and the bot's `checkout <tx>` pictures of it: the buyer's face
@@ -621,6 +628,29 @@ class WatchlistCore:
                 },
             ),
         ]
+
+    @staticmethod
+    def _why(exc: Exception) -> str:
+        """What an audit says of a failure: a refusal's kind and reason, else only the error's type."""
+        return f"{exc.kind}: {exc.reason}" if isinstance(exc, InvalidRecord) else type(exc).__name__
+
+    def _references(self, subject: str, recorded: str | None) -> list[tuple[str, ImageStore]]:
+        """The subject's reference images with the store that holds each: the one its entry recorded, wherever
+        it was written (the image store or its bucket may have changed since), and the one under the subject's
+        key in the current store. Resolved before anything is deleted: a store that cannot be reached fails the
+        forget ``image_store_unavailable`` with nothing changed, never reported done with the image left behind."""
+        found: list[tuple[str, ImageStore]] = []
+        if recorded:
+            try:
+                found.append((recorded, store_holding(recorded, self.settings, self.store)))
+            except ImageStoreUnavailable as exc:
+                raise Failed("image_store_unavailable", f"reference image not deleted: {exc}") from None
+            except InvalidRecord:  # no ref of any store (file: or s3://): no image of ours to delete
+                log.warning("the entry of %s records a reference image ref of no store: not deleted", subject)
+        here = self.store.find("reference", subject)
+        if here and here != recorded:
+            found.append((here, self.store))
+        return found
 
     # --- records -----------------------------------------------------------------------------------
     def _audit(self, **fields: Any) -> Out:

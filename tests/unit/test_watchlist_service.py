@@ -555,3 +555,68 @@ def test_an_enrolment_over_rekognitions_5_mb_indexes_the_face_and_a_failed_one_l
             assert audit_of(outs).reason.startswith("command_error: RuntimeError")
             assert core.store.find("reference", "subj-tx-1") is None, "no reference image of someone not enrolled"
             assert "subj-tx-1" not in core.records
+
+
+@pytest.fixture(scope="module")
+def moto_url():
+    """An S3 (moto) server for the image store switched to."""
+    from moto.server import ThreadedMotoServer
+
+    from tests.unit.test_image_store import _free_port
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=(port := _free_port()))
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def _switched(moto_url: str, tmp_path: Path, **faces: object) -> Settings:
+    """Settings of a deployment whose image store is now S3 (fresh buckets), signed commands as ``core``'s."""
+    from tests.unit.test_image_store import _s3_settings
+
+    webex = WebexSettings(command_signing_key=SecretStr(KEY), allowed_people=ALLOWED)
+    return Settings(stack_dir=tmp_path, faces=_s3_settings(moto_url, tmp_path, **faces).faces, webex=webex)
+
+
+def _enrolled(settings: Settings, ref: str) -> WatchlistCore:
+    from infra.clients.image_store import S3ImageStore
+
+    store = S3ImageStore(settings)
+    store.ensure_buckets()
+    core = WatchlistCore(settings, engine=object(), store=store)  # type: ignore[arg-type]  # forget needs no engine
+    entry = WatchlistEntry("subj-tx-1", "SUSPECT", [[0.1] * 4], "fraud", "lp@example.com", NOW, ref, "tx-1")
+    core.load(b"subj-tx-1", entry.encode())
+    return core
+
+
+def test_forget_after_a_switch_to_s3_deletes_the_reference_image_from_the_local_store_it_was_written_to(
+    moto_url, tmp_path
+):
+    local = LocalImageStore(tmp_path / "images")
+    ref = local.put("reference", "subj-tx-1", b"the subject's face")
+    core = _enrolled(_switched(moto_url, tmp_path), ref)
+    outs = core.on_command(command("FORGET", "subj-tx-1", cid="c5", actor="dpo@example.com"), NOW)
+    audit = audit_of(outs)
+    assert (audit.outcome, audit.details["images_deleted"]) == ("DONE", "1")
+    assert local.find("reference", "subj-tx-1") is None, "the biometric image stayed in the old store"
+
+
+def test_forget_of_a_reference_image_in_a_bucket_no_longer_configured_is_failed_not_done_until_it_is(
+    moto_url, tmp_path
+):
+    from infra.clients.image_store import S3ImageStore
+
+    old = S3ImageStore(_switched(moto_url, tmp_path))
+    old.ensure_buckets()
+    ref = old.put("reference", "subj-tx-1", b"the subject's face")
+    old_bucket = ref.split("/")[2]
+    core = _enrolled(_switched(moto_url, tmp_path), ref)
+    outs = core.on_command(command("FORGET", "subj-tx-1", cid="c5", actor="dpo@example.com"), NOW)
+    audit = audit_of(outs)
+    assert audit.outcome == "FAILED" and audit.reason.startswith("image_store_unavailable")
+    assert old_bucket in audit.reason and "CG_FACES__EXTRA_IMAGE_BUCKETS" in audit.reason
+    assert by_topic(outs)["watchlist"] == [] and by_topic(outs)["dead_letters"]
+    assert old.get(ref) == b"the subject's face" and "subj-tx-1" in core.records, "still enrolled: issue it again"
+    configured = _enrolled(_switched(moto_url, tmp_path, extra_image_buckets=old_bucket), ref)
+    again = configured.on_command(command("FORGET", "subj-tx-1", cid="c6", actor="dpo@example.com"), NOW)
+    assert audit_of(again).outcome == "DONE" and old.find("reference", "subj-tx-1") is None
