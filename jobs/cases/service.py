@@ -339,9 +339,11 @@ class CaseCore:
         return Out(COMMANDS, learn.command_id.encode(), learn.encode(), headers)
 
     def _flag(self, case: Case, now_ms: int) -> Out:
+        """The ``FLAG_SUBJECT`` event, under the id of the dismissal that made it: retention lowers the count
+        (a retired case's dismissal stops counting), so the same count comes again and cannot name the event."""
         log.warning("subject %s flagged for review: %d dismissed matches", case.subject_id, case.subject_false_matches)
         return self._audit(
-            audit_id=f"case-flag:{case.subject_id}:{case.subject_false_matches}",
+            audit_id=f"case-flag:{case.subject_id}:{case.case_id}",
             event_time=now_ms,
             action="FLAG_SUBJECT",
             outcome="DONE",

@@ -267,6 +267,28 @@ def test_a_decided_case_is_removed_after_the_retention_period_and_audited() -> N
     assert core.retire(NOW + 31 * DAY) == []
 
 
+def test_a_subject_flagged_again_after_retention_gets_a_new_flag_audit_id_not_the_earlier_ones() -> None:
+    """Retention lowers the subject's dismissal count, so it reaches the same count again: the second flag must
+    not repeat the first one's audit id (the audit topic is keyed by it, and one id is one event)."""
+    core = retained(30)
+    later = NOW + 31 * DAY
+
+    def dismissed(alert_id: str, cid: str, at: int) -> list[AuditEvent]:
+        case = case_of(core.on_alert(alert_src(alert_id, event_time=at), at))
+        cmd = BotCommand(command_id=cid, issued_at=at - 1000, verb="DISMISS", actor=GUARD, argument=case.case_id)
+        signed = ((SIGNATURE_HEADER, sign_command(cmd, KEY)),)
+        return audits(core.on_command(Source("commands", 0, 1, cid.encode(), cmd.encode(), signed), at))
+
+    dismissed("a1", "m1", NOW)
+    [first] = [a for a in dismissed("a2", "m2", NOW) if a.action == "FLAG_SUBJECT"]
+    core.retire(later)  # both dismissals are past retention: they stop counting
+    dismissed("a3", "m3", later)
+    [second] = [a for a in dismissed("a4", "m4", later) if a.action == "FLAG_SUBJECT"]
+    assert first.details["subject_false_matches"] == second.details["subject_false_matches"] == "2"
+    assert first.audit_id != second.audit_id
+    assert first.details["case_id"] in first.audit_id and second.details["case_id"] in second.audit_id
+
+
 def test_a_tombstone_read_at_start_forgets_the_case() -> None:
     core = retained()
     case = opened(core)
