@@ -136,12 +136,19 @@ def case_url(case_id: str, settings: AlertSettings) -> str:
 CARD_CONTENT_TYPE = "application/vnd.microsoft.card.adaptive"
 
 
-def case_card(alert: dict[str, Any], settings: AlertSettings, now_s: float | None = None) -> dict[str, Any]:
+NO_REFERENCE = "No reference image"
+"""What the card's reference column says when the subject has none (an image pointing at nothing shows broken)."""
+
+
+def case_card(
+    alert: dict[str, Any], settings: AlertSettings, now_s: float | None = None, *, has_reference: bool = False
+) -> dict[str, Any]:
     """The adaptive card of an alert's case: headline, facts, the two images (face kinds), Confirm and
     Dismiss buttons (``Action.Submit`` with ``{"verb", "case_id"}``, what the bot reads from the
     attachment action) and a link to the case page. Images are URLs below the case page that Webex fetches
     itself, so they are signed to expire ``image_link_ttl_s`` after ``now_s`` (default: now) when
-    ``image_link_key`` is set (:mod:`infra.signed_links`)."""
+    ``image_link_key`` is set (:mod:`infra.signed_links`). The reference image only when ``has_reference`` (the
+    image store holds one for the subject): otherwise the column says :data:`NO_REFERENCE`."""
     text = describe(alert, settings)
     case_id = case_id_for(str(alert.get("alert_id") or ""))
     link = case_url(case_id, settings)
@@ -153,7 +160,7 @@ def case_card(alert: dict[str, Any], settings: AlertSettings, now_s: float | Non
     ]
     if alert.get("kind") in FACE_ALERT_KINDS:
         columns = [("Live snapshot", "live")] if alert.get("snapshot_ref") else []
-        columns += [("Enrolled reference", "reference")] if alert.get("subject_id") else []
+        columns += [("Enrolled reference", "reference" if has_reference else None)] if alert.get("subject_id") else []
         body.append(
             {
                 "type": "ColumnSet",
@@ -168,7 +175,9 @@ def case_card(alert: dict[str, Any], settings: AlertSettings, now_s: float | Non
                                 "url": image_link(link, case_id, which, key, signed_at, settings.image_link_ttl_s),
                                 "altText": title,
                                 "size": "Large",
-                            },
+                            }
+                            if which
+                            else {"type": "TextBlock", "text": NO_REFERENCE, "wrap": True, "isSubtle": True},
                         ],
                     }
                     for title, which in columns

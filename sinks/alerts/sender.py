@@ -369,10 +369,14 @@ class WebexChannel:
     """Posts of a case card while Webex answers 429 (each after its ``Retry-After``)."""
     sleep: Callable[[float], None] = staticmethod(time.sleep)
 
-    def __init__(self, settings: Settings, client: WebexClient) -> None:
+    def __init__(
+        self, settings: Settings, client: WebexClient, has_reference: Callable[[str], bool] | None = None
+    ) -> None:
         if not settings.webex.room_id:
             raise ValueError("the webex channel needs a room (CG_WEBEX__ROOM_ID)")
         self.settings, self.client, self.room_id = settings, client, settings.webex.room_id
+        self.has_reference = has_reference or reference_finder_from_settings(settings)
+        """Whether the image store holds a subject's reference image: the card shows it only then."""
         self._bot_id: str | None = None
         self._unlistable: str | None = None
         """Why the room's messages cannot be listed, once Webex said so (403): then nothing is looked up."""
@@ -479,7 +483,8 @@ class WebexChannel:
         alert is delivered already, and its text says how to decide the case by command. A 429 is waited out
         (``Retry-After``, at most :data:`CARD_TRIES` tries): the alert message just before it often uses up the
         bot's rate, and a card given up there leaves the alert without its buttons."""
-        card = case_card(alert, self.settings.alerts)
+        subject = alert.get("subject_id")
+        card = case_card(alert, self.settings.alerts, has_reference=bool(subject) and self.has_reference(subject))
         try:
             posted = call_with_retries(
                 lambda: self.client.send_card(self.room_id, f"Case `{case_id}`", card, alert_message.get("id")),
@@ -537,6 +542,25 @@ def channels_from_settings(settings: Settings) -> list[Channel]:
         else:
             raise ValueError(f"unknown alert channel {name!r} (known: email, webex)")
     return out
+
+
+def reference_finder_from_settings(settings: Settings) -> Callable[[str], bool]:
+    """Whether the image store holds the subject's reference image (``ImageStore.find``, store built on first use).
+    A store that does not answer counts as none: the card then says so instead of showing a broken image."""
+    store: list[Any] = []
+
+    def has_reference(subject_id: str) -> bool:
+        try:
+            if not store:
+                from infra.clients.image_store import ImageStore
+
+                store.append(ImageStore.from_settings(settings))
+            return store[0].find("reference", subject_id) is not None
+        except Exception as exc:  # noqa: BLE001 - the card goes out either way
+            log.warning("reference image of %s not looked up (%s): the card shows none", subject_id, type(exc).__name__)
+            return False
+
+    return has_reference
 
 
 def image_loader_from_settings(settings: Settings) -> ImageLoader:

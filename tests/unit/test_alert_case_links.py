@@ -41,6 +41,29 @@ def test_the_case_card_follows_the_alert_message_in_its_thread(
     assert {"verb": "confirm", "case_id": CASE} in actions and {"verb": "dismiss", "case_id": CASE} in actions
 
 
+def test_the_case_card_of_a_subject_without_a_reference_image_says_so_instead_of_a_broken_image(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
+) -> None:
+    import json
+
+    from infra.clients.image_store import LocalImageStore
+    from sinks.alerts.message import NO_REFERENCE
+
+    channel = webex_channel(closer, settings_for(webex, tmp_path, webex_cards=True))
+    face = {**alert("watchlist:tx-1:subj-tx-1"), "kind": "WATCHLIST_MATCH", "subject_id": "subj-tx-1"}
+    channel.send(face, jpeg(), maybe_sent=False)
+    _, card = webex.state.bot_messages(ROOM)
+    content = json.dumps(card["attachments"][0]["content"])
+    assert "/images/reference" not in content and NO_REFERENCE in content
+    assert "/images/live" in content, "the live snapshot still shows"
+
+    LocalImageStore(tmp_path / "images").put("reference", "subj-tx-2", jpeg())
+    channel.send({**face, "alert_id": "watchlist:tx-2:subj-tx-2", "subject_id": "subj-tx-2"}, jpeg(), maybe_sent=False)
+    *_, card = webex.state.bot_messages(ROOM)
+    content = json.dumps(card["attachments"][0]["content"])
+    assert "/images/reference" in content and NO_REFERENCE not in content
+
+
 def test_a_refused_card_does_not_fail_the_delivered_alert(
     webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
 ) -> None:

@@ -170,9 +170,9 @@ def test_the_webex_card_carries_signed_image_links_when_a_key_is_set() -> None:
         "event_time": int(NOW * 1000),
     }
     settings = AlertSettings(image_link_key=SecretStr(KEY), image_link_ttl_s=900)
-    card = json.dumps(case_card(alert, settings, now_s=NOW))
+    card = json.dumps(case_card(alert, settings, now_s=NOW, has_reference=True))
     assert f"exp={int(NOW) + 900}" in card and card.count("sig=") == 2
-    assert "sig=" not in json.dumps(case_card(alert, AlertSettings(), now_s=NOW))
+    assert "sig=" not in json.dumps(case_card(alert, AlertSettings(), now_s=NOW, has_reference=True))
 
 
 def test_hash_password_prints_the_users_entry() -> None:
