@@ -91,6 +91,9 @@ def address_header(address: str) -> str:
 
 HEADER_MAX = 900
 """Below SMTP's 998-byte line limit with the header's name (a longer Subject is refused by the relay)."""
+ADDRESS_FOLD = ",\r\n "
+"""Between the addresses of ``To:``: one line each (folded), so no number of recipients makes a line longer than
+SMTP's 998 bytes (on one line, 30 addresses did and the relay refused every alert mail)."""
 
 
 def build_email(
@@ -116,7 +119,7 @@ def build_email(
     headers = [
         f"Subject: {_header(text.subject)}",
         f"From: {address_header(sender)}",
-        f"To: {', '.join(address_header(r) for r in recipients)}",
+        f"To: {ADDRESS_FOLD.join(address_header(r) for r in recipients)}",
         f"Date: {formatdate(localtime=True)}",
         f"Message-ID: {mid}",
         f"X-Checkout-Guard-Alert: {alert_id}",

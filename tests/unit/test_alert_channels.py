@@ -26,7 +26,8 @@ from infra.clients.webex import WebexClient
 from infra.local.smtp import FileStore, read_mails
 from infra.local.webex import LocalWebexServer, free_port
 from infra.settings import AlertSettings, Settings, SmtpSettings, WebexSettings
-from sinks.alerts.mail import SesMailer, SmtpMailer
+from sinks.alerts.mail import SesMailer, SmtpMailer, build_email
+from sinks.alerts.message import describe
 from sinks.alerts.sender import (
     ChannelWorker,
     DeliveryError,
@@ -309,6 +310,24 @@ def test_email_goes_through_a_real_smtp_server_with_the_snapshot(smtp_server: tu
     assert second["X-Checkout-Guard-Alert"] == "blocked:tx-2"
 
 
+def test_a_mail_to_many_recipients_reaches_them_all_with_no_line_past_smtps_limit(
+    smtp_server: tuple[int, Path], tmp_path: Path
+) -> None:
+    """30 recipients made one ``To:`` line of over 1,100 characters: a relay keeping SMTP's 998-character limit (the
+    local aiosmtpd among them) refused every alert mail with 500, so every alert was an e-mail dead letter. The
+    header is folded after each address now."""
+    port, mail = smtp_server
+    recipients = [f"store-security-{i:03d}@example-chain.test" for i in range(30)]
+    settings = Settings(stack_dir=tmp_path, smtp=SmtpSettings(port=port, to_addresses=", ".join(recipients)))
+    with closing(EmailChannel(settings, SmtpMailer(settings.smtp))) as channel:
+        channel.send(alert(), None, maybe_sent=False)
+    (received,) = read_mails(mail)
+    assert [a.addr_spec for a in received["To"].addresses] == recipients
+    assert received.get_all("Delivered-To") == recipients
+    head = build_email("a-1", describe(alert(), AlertSettings()), "s@x.test", recipients).data.split(b"\r\n\r\n")[0]
+    assert max(len(line) for line in head.split(b"\r\n")) <= 998
+
+
 def test_smtp_refusal_is_permanent_and_a_dead_server_is_retriable(tmp_path: Path) -> None:
     settings = Settings(stack_dir=tmp_path, smtp=SmtpSettings(port=free_port()))
     with closing(EmailChannel(settings, SmtpMailer(settings.smtp))) as channel, pytest.raises(DeliveryError) as down:
@@ -547,9 +566,6 @@ def test_a_re_driven_mail_goes_to_the_recipient_refused_for_good_once_its_mailbo
 def test_recipient_and_sender_names_that_are_not_ascii_are_encoded_in_the_headers() -> None:
     """``To: Équipe Sûreté <team@x>`` went out as raw UTF-8 (From was encoded): not a header a relay without
     SMTPUTF8, or Amazon SES, takes; both are RFC 2047 words now and read back as the names."""
-    from sinks.alerts.mail import build_email
-    from sinks.alerts.message import describe
-
     recipients = ["Équipe Sûreté <team@x.test>", "guard@x.test"]
     mail = build_email("a-1", describe(alert(), AlertSettings()), "Sécurité <s@x.test>", recipients)
     head = mail.data.split(b"\r\n\r\n", 1)[0]
