@@ -60,6 +60,23 @@ def test_blocked_transaction_reads_what_where_when_amount_outcome_and_reasons_in
     assert "http://127.0.0.1:8050/alerts/blocked:tx-9" in plain
 
 
+def test_an_amount_shows_its_currencys_smallest_unit_so_no_dinar_figure_is_rounded() -> None:
+    """Every amount was shown with two decimals: a refund of 12.345 KWD read 12.35 KWD (not the indexed amount, a
+    fils off), 1500 JPY read 1,500.00. The currency's minor unit (ISO 4217) now, and a digit beyond it is kept."""
+
+    def shown(amount: float, currency: str) -> str:
+        return dict(describe(alert(amount=amount, currency=currency), AlertSettings()).lines)["Amount"]
+
+    assert shown(12.345, "KWD") == "12.345 KWD"
+    assert shown(1250.5, "BHD") == "1,250.500 BHD"
+    assert shown(1500, "JPY") == "1,500 JPY"
+    assert shown(1234.5, "EUR") == "1,234.50 EUR"
+    assert shown(0.1 + 0.2, "USD") == "0.30 USD"  # a float's noise is not a digit
+    assert shown(9.999, "EUR") == "9.999 EUR"  # more digits than the currency has: kept, not rounded to 10.00
+    assert shown(1500.5, "JPY") == "1,500.5 JPY"
+    assert shown(12.5, "???") == "12.50 ???"
+
+
 def test_face_match_shows_similarity_and_watchlist_category() -> None:
     text = describe(
         alert(
