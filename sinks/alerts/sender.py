@@ -337,6 +337,8 @@ class EmailChannel:
         raise NotImplementedError("a mail cannot be taken back")
 
     def __init__(self, settings: Settings, mailer: Mailer) -> None:
+        if not settings.smtp.recipients():  # else every mail went to nobody and counted as delivered
+            raise ValueError("the email channel needs recipients (CG_SMTP__TO_ADDRESSES)")
         self.settings, self.mailer = settings, mailer
 
     def send(self, alert: dict[str, Any], image: bytes | None, maybe_sent: bool) -> str | None:

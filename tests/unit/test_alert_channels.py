@@ -328,6 +328,24 @@ def test_a_mail_to_many_recipients_reaches_them_all_with_no_line_past_smtps_limi
     assert max(len(line) for line in head.split(b"\r\n")) <= 998
 
 
+def test_an_email_channel_with_no_recipient_is_refused_at_start_not_counted_as_delivered(
+    smtp_server: tuple[int, Path], tmp_path: Path
+) -> None:
+    """``CG_SMTP__TO_ADDRESSES`` empty (a variable left unset in the deployment) sent every alert mail to nobody and
+    recorded it as delivered: no mail, no dead letter, a healthy sender. Like the Webex channel without a room, the
+    sender does not start now."""
+    port, mail = smtp_server
+    for empty in ("", " , "):
+        settings = Settings(
+            stack_dir=tmp_path, alerts=AlertSettings(channels="email"), smtp=SmtpSettings(port=port, to_addresses=empty)
+        )
+        with pytest.raises(ValueError, match="CG_SMTP__TO_ADDRESSES"):
+            EmailChannel(settings, SmtpMailer(settings.smtp))
+        with pytest.raises(ValueError, match="CG_SMTP__TO_ADDRESSES"):
+            channels_from_settings(settings)
+    assert read_mails(mail) == []
+
+
 def test_smtp_refusal_is_permanent_and_a_dead_server_is_retriable(tmp_path: Path) -> None:
     settings = Settings(stack_dir=tmp_path, smtp=SmtpSettings(port=free_port()))
     with closing(EmailChannel(settings, SmtpMailer(settings.smtp))) as channel, pytest.raises(DeliveryError) as down:
