@@ -12,6 +12,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -531,6 +532,19 @@ class AlertSettings(BaseModel, frozen=True):
     """How long a signed image URL opens its image (default: a day, the default life of an open case)."""
     timezone: str | None = None
     """IANA zone for the times in messages (store local time); None = this machine's zone."""
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        """A zone this machine knows: a misspelt one (``Europe/Berln``) showed every alert in the machine's zone,
+        often UTC on a server, hours off the store's clocks, with nothing said."""
+        if value is None or not value.strip():
+            return None
+        try:
+            ZoneInfo(value.strip())
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"timezone is an IANA zone such as Europe/Berlin, not {value[:40]!r}") from None
+        return value.strip()
 
     def channel_list(self) -> tuple[str, ...]:
         return tuple(c.strip().lower() for c in self.channels.split(",") if c.strip())

@@ -12,6 +12,7 @@ from typing import Any
 
 import fastavro
 import pytest
+from pydantic import ValidationError
 
 from infra.clients.webex import MAX_MARKDOWN_BYTES, truncate_utf8
 from infra.retry import Backoff, parse_retry_after
@@ -75,6 +76,15 @@ def test_an_amount_shows_its_currencys_smallest_unit_so_no_dinar_figure_is_round
     assert shown(9.999, "EUR") == "9.999 EUR"  # more digits than the currency has: kept, not rounded to 10.00
     assert shown(1500.5, "JPY") == "1,500.5 JPY"
     assert shown(12.5, "???") == "12.50 ???"
+
+
+def test_a_misspelt_timezone_is_a_settings_error_not_alert_times_in_the_machines_zone() -> None:
+    """``CG_ALERTS__TIMEZONE=Europe/Berln`` was taken without a word and every alert showed the machine's time
+    (UTC on most servers), an hour or more off the store's clocks; now the sender does not start with it."""
+    with pytest.raises(ValidationError, match="Europe/Berln"):
+        AlertSettings(timezone="Europe/Berln")
+    assert AlertSettings(timezone=" Europe/Berlin ").timezone == "Europe/Berlin"
+    assert AlertSettings(timezone="").timezone is None  # unset: the machine's zone, as documented
 
 
 def test_face_match_shows_similarity_and_watchlist_category() -> None:
