@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -79,9 +80,15 @@ def port_of(settings: Settings, process: str) -> int:
     return settings.metrics.base_port + PROCESSES[process]
 
 
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+"""Bind hosts meaning every interface: their endpoints are asked at 127.0.0.1 (``::`` is bound dual-stack)."""
+
+
 def scrape_targets(settings: Settings) -> dict[str, str]:
-    """``process -> host:port`` for the local Prometheus's scrape configuration."""
-    host = "127.0.0.1" if settings.bind_host in ("0.0.0.0", "::", "") else settings.bind_host
+    """``process -> host:port`` for the local Prometheus's scrape configuration and the supervisor's probes; an
+    IPv6 address in brackets (``[::1]:9461``: without them the port is not one)."""
+    host = "127.0.0.1" if settings.bind_host in WILDCARD_HOSTS else settings.bind_host
+    host = f"[{host}]" if ":" in host else host
     return {name: f"{host}:{port_of(settings, name)}" for name in PROCESSES}
 
 
@@ -165,7 +172,16 @@ class _MetricsServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], process: str, health: HealthCheck, ready: HealthCheck) -> None:
         self.process, self.health, self.ready = process, health, ready
+        # an IPv6 bind host needs an IPv6 socket: the IPv4 one refused it and the process ran without an endpoint
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        """``::`` also takes IPv4 connections, so that 127.0.0.1 (where a wildcard's endpoint is asked) reaches it."""
+        if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
+            with contextlib.suppress(OSError, AttributeError):
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
 
 
 @dataclass

@@ -313,6 +313,24 @@ def test_the_probe_reads_which_process_answered(monkeypatch: pytest.MonkeyPatch)
         endpoint.close()
 
 
+@pytest.mark.parametrize(("bind_host", "asked_at"), [("::1", "[::1]"), ("::", "127.0.0.1")])
+def test_an_ipv6_bind_host_serves_health_where_the_supervisor_asks(bind_host: str, asked_at: str) -> None:
+    """The endpoint was an IPv4 socket: with CG_BIND_HOST=:: (or any IPv6 address) no process served /metrics or
+    /healthz, the supervisor restarted every service each 150 s for want of an answer, and ::1 made the probe's URL
+    ``http://::1:9461`` invalid, which ended the supervisor and every service with it."""
+    base = free_port_block(len(metrics.PROCESSES))
+    settings = Settings(bind_host=bind_host, metrics=MetricsSettings(base_port=base))
+    endpoint = metrics.serve(settings, "face-stage")
+    try:
+        assert endpoint.server is not None, "served"
+        assert metrics.scrape_targets(settings)["face-stage"] == f"{asked_at}:{base + 1}"
+        probe = production.http_probe(settings)
+        assert probe("face-stage") == Answer(200, os.getpid())
+        assert probe("alert-sender") == Answer(None), "nothing listens there"
+    finally:
+        endpoint.close()
+
+
 def test_a_zero_limit_turns_health_restarts_off() -> None:
     clock, probe = Clock(), Probe()
     w, stopped = watch(clock, probe, CFG.model_copy(update={"unhealthy_after_s": 0.0}))
