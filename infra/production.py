@@ -6,7 +6,7 @@ Webex: no local stack and no stand-ins, unlike ``make run``. Each runs under :cl
 again after an exit, with doubling backoff, at most ``max_restarts`` per window) and is asked for its
 ``/healthz`` (infra/metrics.py) every ``health_interval_s``: one that has answered 503, or nothing once past
 its start grace, for longer than ``unhealthy_after_s`` is stopped, so the supervisor restarts it like any
-other exit (a hung loop is restarted, not just reported). SIGTERM or SIGINT stops every process (SIGTERM,
+other exit (a hung loop is restarted, not just reported). SIGTERM, SIGINT or SIGHUP stops every process (SIGTERM,
 SIGKILL after ``stop_timeout_s``, whole process groups and what they left) and exits 0.
 
 The decisions (:func:`choose`, :func:`unhealthy_since`, :meth:`HealthSupervisor.check`) are pure given a
@@ -63,6 +63,9 @@ RUN_VAR = "CHECKOUT_GUARD_SUPERVISE"
 """Set to this run's id in every child's environment: finds what a child left when it died (an orphaned JVM)."""
 TICK_S = 0.5
 """How often the loop looks at the children; signals are answered within this."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""Each stops every process, then the supervisor. SIGHUP (a closed terminal, a dropped ssh session) ended the
+supervisor alone, and the services, each in its own session, ran on without it."""
 
 
 @dataclass(frozen=True)
@@ -239,7 +242,7 @@ def endpoints(settings: Settings, name: str) -> str:
 
 
 class _Stop:
-    """Set by SIGTERM/SIGINT; the loop ends within a tick (a flag, no lock for a handler to wait on)."""
+    """Set by SIGTERM/SIGINT/SIGHUP; the loop ends within a tick (a flag, no lock for a handler to wait on)."""
 
     def __init__(self) -> None:
         self.requested: str | None = None
@@ -261,9 +264,9 @@ def stop_all(children: Sequence[Child], timeout_s: float) -> list[str]:
 
 
 def run(settings: Settings, names: Sequence[str]) -> None:
-    """Start ``names`` supervised and keep them running until SIGTERM/SIGINT; then stop them all."""
+    """Start ``names`` supervised and keep them running until SIGTERM/SIGINT/SIGHUP; then stop them all."""
     stop = _Stop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, stop)
     cfg = settings.supervisor
     run_id = f"supervise-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -311,7 +314,7 @@ def main(
 ) -> None:
     """Production mode: the real services (no local stack, no stand-ins) against the configured Kafka,
     OpenSearch, MQTT, SMTP and Webex, restarted when they exit or their /healthz stays unhealthy, until
-    SIGTERM/Ctrl-C (then every process is stopped and the exit status is 0)."""
+    SIGTERM, Ctrl-C or a hang-up (then every process is stopped and the exit status is 0)."""
     try:
         settings = get_settings()
         setup_logging(settings, log_level, "supervise")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -407,6 +408,46 @@ def test_the_shutdown_waits_for_the_slowest_process_not_for_their_sum(tmp_path: 
             child.kill()
     assert all(not child.alive for child in children)
     assert took < 5.0, f"{took:.1f} s: one after another would take at least 6 s"
+
+
+_SUPERVISOR = """
+import subprocess, sys
+from pathlib import Path
+from infra import production
+from infra.launcher import Child
+from infra.settings import MetricsSettings, Settings
+
+said = Path(sys.argv[1])
+
+def spawn(module, settings, *, name):  # a service in its own session, as spawn starts them
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    said.write_text(str(proc.pid))
+    return Child(name, proc, said.with_suffix(".log"))
+
+production.spawn = spawn
+production.run(Settings(metrics=MetricsSettings(enabled=False)), ["dashboard"])
+"""
+
+
+def test_a_hangup_stops_every_process_and_leaves_none_running(tmp_path: Path) -> None:
+    """A closed terminal or a dropped ssh session (SIGHUP) ended ``make production`` at once: the services, each in
+    its own session, ran on without a supervisor, holding their ports and consumer groups."""
+    said = tmp_path / "child"
+    sup = subprocess.Popen([sys.executable, "-c", _SUPERVISOR, str(said)], start_new_session=True)
+    child: psutil.Process | None = None
+    try:
+        deadline = time.monotonic() + 30
+        while not (said.exists() and said.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child = psutil.Process(int(said.read_text()))
+        time.sleep(2 * production.TICK_S)  # in its loop
+        sup.send_signal(signal.SIGHUP)
+        assert sup.wait(30) == 0, "a clean stop"
+        assert not _running(child), "the service was left running"
+    finally:
+        sup.kill()
+        if child is not None and _running(child):
+            child.kill()
 
 
 @pytest.mark.parametrize(
