@@ -180,11 +180,15 @@ class Supervisor:
             if member.given_up:
                 continue
             if member.due is None and not member.child.alive:
-                self._exited(member, now)
+                self._exited(member, now, f"exited with code {member.child.proc.returncode}")
             if member.due is not None and now >= member.due:
                 member.due = None
                 member.restarts.append(now)
-                member.child = member.start()
+                try:
+                    member.child = member.start()
+                except OSError as exc:  # a fork refused for memory, a log folder gone: this child only, tried again
+                    self._exited(member, now, f"could not be started ({exc})", logging.ERROR)
+                    continue
                 self.log.warning(
                     "%s: restarted (pid %d), restart %d within %.0f s",
                     member.name,
@@ -193,20 +197,20 @@ class Supervisor:
                     self.window_s,
                 )
 
-    def _exited(self, member: _Supervised, now: float) -> None:
+    def _exited(self, member: _Supervised, now: float, what: str, level: int = logging.WARNING) -> None:
+        """``member`` is down (``what``: it exited, or its restart failed): start it after the backoff, or give up."""
         while member.restarts and member.restarts[0] <= now - self.window_s:
             member.restarts.popleft()
-        code = member.child.proc.returncode
         if not self.restart:
             member.given_up = True
-            self.log.error("%s: exited with code %s (not supervised: stays down)", member.name, code)
+            self.log.error("%s: %s (not supervised: stays down)", member.name, what)
             return
         if len(member.restarts) >= self.max_restarts:
             member.given_up = True
             self.log.error(
-                "%s: exited with code %s after %d restarts within %.0f s: giving up, see %s",
+                "%s: %s after %d restarts within %.0f s: giving up, see %s",
                 member.name,
-                code,
+                what,
                 len(member.restarts),
                 self.window_s,
                 member.child.log_path,
@@ -215,7 +219,7 @@ class Supervisor:
         # the exponent capped: 2 ** 1024 restarts in a long window overflowed a float and ended the supervisor
         wait = min(self.max_backoff_s, self.backoff_s * 2 ** min(len(member.restarts), 30))
         member.due = now + wait
-        self.log.warning("%s: exited with code %s; restarting in %.1f s", member.name, code, wait)
+        self.log.log(level, "%s: %s; restarting in %.1f s", member.name, what, wait)
 
     def describe(self) -> str:
         """One line per child: running / restarting / down, with its restarts in the window."""

@@ -101,6 +101,51 @@ def test_restarts_are_bounded_per_window_and_the_give_up_is_logged(
     assert sum("restarting in" in r.getMessage() for r in caplog.records) == 3
 
 
+def test_a_restart_the_system_refuses_is_tried_again_and_the_other_children_keep_running(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fork refused for memory, or a log folder gone read-only, raised out of the check: the supervisor ended and
+    stopped every service over one that could not be started again at that moment."""
+    sup = Supervisor(backoff_s=1.0, max_backoff_s=60.0, max_restarts=3, window_s=600.0, clock=clock)
+    sink, bot = Starter("sink"), Starter("bot")
+    refusals = [OSError(12, "Cannot allocate memory")] * 2
+
+    def start_sink() -> FakeChild:
+        if len(sink.started) and refusals:
+            raise refusals.pop()
+        return sink()
+
+    sup.add("sink", start_sink)
+    sup.add("bot", bot)
+    caplog.set_level(logging.INFO, logger="infra.supervisor")
+    sink.started[-1].die(1)
+    for _ in range(10):
+        sup.check()
+        clock.now += 1.0
+    assert len(sink.started) == 2 and sup.children[0].alive, "started once the system let it"
+    assert bot.started[-1].alive and not bot.started[-1].stopped
+    assert "sink running, 3 restarts" in sup.describe(), "each try counts against the bound"
+    failures = [r.getMessage() for r in caplog.records if "could not be started" in r.getMessage()]
+    assert len(failures) == 2 and "Cannot allocate memory" in failures[0] and "restarting in 2.0 s" in failures[0]
+
+
+def test_a_child_the_system_never_lets_start_is_given_up_like_a_crash(clock: Clock) -> None:
+    sup = Supervisor(backoff_s=1.0, max_backoff_s=4.0, max_restarts=3, window_s=600.0, clock=clock)
+    sink = Starter("sink")
+
+    def start_once() -> FakeChild:
+        if sink.started:
+            raise PermissionError(13, "Permission denied")
+        return sink()
+
+    sup.add("sink", start_once)
+    sink.started[-1].die(1)
+    for _ in range(60):
+        sup.check()
+        clock.now += 1.0
+    assert sup.describe() == "sink DOWN (exit 1), 3 restarts"
+
+
 def test_the_window_forgets_old_restarts(clock: Clock) -> None:
     sup = Supervisor(backoff_s=1.0, max_restarts=2, window_s=60.0, clock=clock)
     bridge = Starter("bridge")
