@@ -93,6 +93,9 @@ def spawn(module: str, settings: Settings, *args: str, name: str | None = None) 
     # ran a job in-process (a test) has PYFLINK_GATEWAY_DISABLED set, which would stop the child.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CG_", "PYFLINK_", "_PYFLINK"))}
     env.update(settings.to_env())
+    # Every setting the parent has is above; one it left unset must stay unset, not come from the repo root's
+    # .env (the child's default CG_ENV_FILE), which the parent may not have read (CG_ENV_FILE empty or another file).
+    env["CG_ENV_FILE"] = ""
     # The Flink JVM's own log (task failures, restarts) beside the child's, not inside the venv.
     env["FLINK_LOG_DIR"] = str(log_dir / f"{name}.flink")
     with log_path.open("ab") as log:

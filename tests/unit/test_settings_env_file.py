@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from infra import launcher
+from infra import settings as settings_module
 from infra.settings import REPO_ROOT, Settings, SettingsFileError, env_file, get_settings
 
 
@@ -77,3 +80,36 @@ def test_a_named_env_file_that_is_missing_a_folder_or_not_text_is_an_error(
 
 def test_the_env_file_is_git_ignored() -> None:
     assert ".env" in (REPO_ROOT / ".gitignore").read_text().splitlines()
+
+
+@pytest.mark.parametrize("named", ["", "store.env"])
+def test_a_started_process_has_its_parents_settings_not_another_env_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, named: str
+) -> None:
+    """A process started by ``checkout-guard supervise`` (or ``make run``) got every setting its parent had, but
+    read the repo root's ``.env`` for those left unset: with CG_ENV_FILE empty ("no file") or naming another file,
+    a dashboard login, a camera API or a model there reached the services while the supervisor ran without it."""
+    (tmp_path / ".env").write_text("CG_DASHBOARD__TOKEN=from-the-repo-file\nCG_MODEL__AFD_MODEL_ID=left-over\n")
+    (tmp_path / "store.env").write_text("CG_KAFKA__TOPIC_PREFIX=store.\n")
+    monkeypatch.setattr(settings_module, "REPO_ROOT", tmp_path)
+    monkeypatch.setenv("CG_ENV_FILE", str(tmp_path / named) if named else "")
+    parent = get_settings().model_copy(update={"stack_dir": tmp_path / "stack"})
+    assert parent.dashboard.token is None and parent.model.afd_model_id is None
+
+    started: dict[str, dict[str, str]] = {}
+    real_popen = subprocess.Popen
+
+    def popen(args: list[str], **kwargs: object) -> subprocess.Popen:
+        started["env"] = kwargs["env"]  # type: ignore[assignment]
+        return real_popen(["true"])
+
+    monkeypatch.setattr(launcher.subprocess, "Popen", popen)
+    launcher.spawn("sinks.dashboard", parent, name="dashboard").proc.wait()
+    for name in [n for n in os.environ if n.startswith("CG_")]:
+        monkeypatch.delenv(name)
+    for name, value in started["env"].items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    child = get_settings()
+    assert (child.dashboard.token, child.model.afd_model_id) == (None, None), "nothing from the repo root's .env"
+    assert child == parent, "the child's settings are its parent's"
