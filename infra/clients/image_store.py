@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 from infra.clock import now_ms
 from infra.settings import Settings
-from schemas.errors import InvalidRecord
+from schemas.errors import CheckoutGuardError, InvalidRecord
 
 KINDS = ("checkout", "entrance", "reference")
 PURGEABLE = ("checkout", "entrance")
@@ -54,7 +54,7 @@ def safe_key(key: str) -> str:
     return quoted
 
 
-class ImageStoreUnavailable(RuntimeError):
+class ImageStoreUnavailable(CheckoutGuardError, RuntimeError):
     """A ref names a store these settings cannot reach (a bucket no longer configured, a local image folder that
     is not on this machine): its image cannot be deleted here. The message says where it is and what to set."""
 

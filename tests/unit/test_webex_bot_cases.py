@@ -76,7 +76,9 @@ def post_card(harness: Harness, room: str) -> str:
 
 
 def test_the_case_card_has_both_buttons_and_the_two_images() -> None:
-    card = case_card({**ALERT, "snapshot_ref": "local://x", "subject_id": "subj-a"}, AlertSettings())
+    card = case_card(
+        {**ALERT, "snapshot_ref": "local://x", "subject_id": "subj-a"}, AlertSettings(), has_reference=True
+    )
     submits = [a["data"] for a in card["actions"] if a["type"] == "Action.Submit"]
     assert submits == [{"verb": "confirm", "case_id": CASE}, {"verb": "dismiss", "case_id": CASE}]
     columns = [col for part in card["body"] if part["type"] == "ColumnSet" for col in part["columns"]]
