@@ -841,21 +841,36 @@ class SupervisorSettings(BaseModel, frozen=True):
     A process that exits is started again after ``backoff_s``, doubling per restart within ``window_s`` up
     to ``max_backoff_s``; after ``max_restarts`` within the window it stays down (logged as an error)."""
 
-    backoff_s: float = Field(default=1.0, gt=0)
-    max_backoff_s: float = Field(default=60.0, gt=0)
+    # Every time is finite: ``inf`` was taken, and a stop timeout of inf hung the shutdown for good, a probe timeout
+    # of inf stalled the loop on one silent process, a backoff of inf never restarted a service, without a word.
+    backoff_s: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    max_backoff_s: float = Field(default=60.0, gt=0, allow_inf_nan=False)
+    """At least ``backoff_s``: below it, every restart waited this, shorter than the backoff, and never doubled."""
     max_restarts: int = Field(default=5, ge=0)
-    window_s: float = Field(default=600.0, gt=0)
-    health_interval_s: float = Field(default=5.0, gt=0)
+    window_s: float = Field(default=600.0, gt=0, allow_inf_nan=False)
+    health_interval_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
     """How often each process's ``/healthz`` is asked."""
-    probe_timeout_s: float = Field(default=2.0, gt=0)
-    start_grace_s: float = Field(default=90.0, ge=0)
+    probe_timeout_s: float = Field(default=2.0, gt=0, allow_inf_nan=False)
+    """How long one ``/healthz`` question waits for its answer (no answer counts as silence)."""
+    start_grace_s: float = Field(default=90.0, ge=0, allow_inf_nan=False)
     """After a (re)start, no answer at all from ``/healthz`` is not held against a process for this long
     (the scoring job takes ~30 s to start, more on a busy machine); a 503 counts at once."""
-    unhealthy_after_s: float = Field(default=60.0, ge=0)
+    unhealthy_after_s: float = Field(default=60.0, ge=0, allow_inf_nan=False)
     """A process whose ``/healthz`` has answered 503, or nothing, for longer than this is restarted.
     0 turns health restarts off (only processes that exit are restarted)."""
-    stop_timeout_s: float = Field(default=20.0, gt=0)
+    stop_timeout_s: float = Field(default=20.0, gt=0, allow_inf_nan=False)
     """How long a stopped process gets after SIGTERM before SIGKILL (its whole process group)."""
+
+    @field_validator("max_backoff_s")
+    @classmethod
+    def _max_backoff_at_least_backoff(cls, value: float, info: ValidationInfo) -> float:
+        backoff = info.data.get("backoff_s")
+        if backoff is not None and value < backoff:
+            raise ValueError(
+                f"{value:g} is below CG_SUPERVISOR__BACKOFF_S ({backoff:g}): the longest wait between restarts "
+                "cannot be shorter than the first"
+            )
+        return value
 
 
 class FlinkClusterSettings(BaseModel, frozen=True):

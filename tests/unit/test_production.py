@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from infra import metrics, production
@@ -459,6 +460,8 @@ def test_a_hangup_stops_every_process_and_leaves_none_running(tmp_path: Path) ->
             "CG_SUPERVISOR__MAX_RESTARTS: Input should be greater than or equal to 0",
         ),
         ("CG_SUPERVISOR__BACKOFF_S", "abc", "CG_SUPERVISOR__BACKOFF_S: Input should be a valid number"),
+        ("CG_SUPERVISOR__STOP_TIMEOUT_S", "inf", "CG_SUPERVISOR__STOP_TIMEOUT_S: Input should be a finite number"),
+        ("CG_SUPERVISOR__MAX_BACKOFF_S", "0.5", "CG_SUPERVISOR__MAX_BACKOFF_S: 0.5 is below CG_SUPERVISOR__BACKOFF_S"),
         ("CG_METRICS__BASE_PORT", "70000", "CG_METRICS__BASE_PORT: Input should be less than or equal to 65527"),
         ("CG_LOG__LEVEL", "LOUD", "Unknown level: 'LOUD'"),
     ],
@@ -477,6 +480,27 @@ def test_supervise_answers_a_bad_setting_in_one_line_with_exit_2_and_starts_noth
     assert result.exit_code == 2
     [line] = result.output.strip().splitlines()
     assert line.startswith(f"Error: {'invalid setting ' if says.startswith('CG_') else ''}{says}")
+
+
+TIMES = [n for n, f in SupervisorSettings.model_fields.items() if n.endswith("_s")]
+
+
+@pytest.mark.parametrize("field", TIMES)
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "-1"])
+def test_every_supervisor_time_is_a_finite_number_not_below_0(field: str, value: str) -> None:
+    """``inf`` was taken: a stop timeout of inf hung the shutdown for good, a probe timeout of inf stalled the loop
+    on one silent process, and a backoff of inf never restarted a service, without a word."""
+    with pytest.raises(ValidationError) as refused:
+        SupervisorSettings.model_validate({field: value})
+    assert [e["loc"] for e in refused.value.errors()] == [(field,)]
+
+
+def test_a_max_backoff_below_the_backoff_is_refused_and_equal_is_allowed() -> None:
+    """It was taken silently: every restart then waited the shorter max, never the backoff set."""
+    with pytest.raises(ValidationError, match="below CG_SUPERVISOR__BACKOFF_S"):
+        SupervisorSettings(backoff_s=10.0, max_backoff_s=5.0)
+    assert SupervisorSettings(backoff_s=10.0, max_backoff_s=10.0).max_backoff_s == 10.0
+    assert SupervisorSettings(start_grace_s=0.0, unhealthy_after_s=0.0).unhealthy_after_s == 0.0
 
 
 def test_the_scoring_job_started_on_its_own_refuses_a_short_face_deadline_and_the_face_stage_only_warns(
