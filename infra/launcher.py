@@ -131,7 +131,8 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "cond
 class _Supervised:
     name: str
     start: Callable[[], Child]
-    child: Child
+    child: Child | None
+    """None until its first start succeeds (the system refused it: a fork without memory, a log folder)."""
     restarts: deque[float] = field(default_factory=deque)
     """When it was restarted, within the window."""
     due: float | None = None
@@ -163,16 +164,26 @@ class Supervisor:
         self._members: list[_Supervised] = []
         self._stopping = False
 
-    def add(self, name: str, start: Callable[[], Child]) -> Child:
-        """Start a child with ``start`` (called again for each restart) and watch it."""
-        child = start()
-        self._members.append(_Supervised(name, start, child))
-        self.log.info("%s: started (pid %d)", name, child.proc.pid)
-        return child
+    def add(self, name: str, start: Callable[[], Child]) -> Child | None:
+        """Start a child with ``start`` (called again for each restart) and watch it. A start the system refuses
+        is a failed restart, tried again after the backoff (None: not running yet); it used to raise, and the
+        caller stopped every child already started over one that could not start at that moment."""
+        member = _Supervised(name, start, None)
+        self._members.append(member)
+        try:
+            member.child = start()
+        except OSError as exc:
+            now = self.clock()
+            member.restarts.append(now)
+            self._exited(member, now, f"could not be started ({exc})", logging.ERROR)
+            return None
+        self.log.info("%s: started (pid %d)", name, member.child.proc.pid)
+        return member.child
 
     @property
     def children(self) -> list[Child]:
-        return [m.child for m in self._members]
+        """Every child started (running or not); one never started yet is not among them."""
+        return [m.child for m in self._members if m.child is not None]
 
     def check(self) -> None:
         """Notice children that exited and start those whose backoff is over."""
@@ -182,7 +193,7 @@ class Supervisor:
         for member in self._members:
             if member.given_up:
                 continue
-            if member.due is None and not member.child.alive:
+            if member.due is None and member.child is not None and not member.child.alive:
                 self._exited(member, now, f"exited with code {member.child.proc.returncode}")
             if member.due is not None and now >= member.due:
                 member.due = None
@@ -216,7 +227,7 @@ class Supervisor:
                 what,
                 len(member.restarts),
                 self.window_s,
-                member.child.log_path,
+                member.child.log_path if member.child is not None else "the errors above",
             )
             return
         # the exponent capped: 2 ** 1024 restarts in a long window overflowed a float and ended the supervisor
@@ -228,12 +239,13 @@ class Supervisor:
         """One line per child: running / restarting / down, with its restarts in the window."""
         lines = []
         for m in self._members:
-            if m.child.alive:
+            why = "never started" if m.child is None else f"exit {m.child.proc.returncode}"
+            if m.child is not None and m.child.alive:
                 state = "running"
             elif m.given_up:
-                state = f"DOWN (exit {m.child.proc.returncode})"
+                state = f"DOWN ({why})"
             else:
-                state = f"restarting (exit {m.child.proc.returncode})"
+                state = f"restarting ({why})"
             lines.append(f"{m.name} {state}" + (f", {len(m.restarts)} restarts" if m.restarts else ""))
         return ", ".join(lines)
 
@@ -241,5 +253,6 @@ class Supervisor:
         """Stop every child, the last started first; none is restarted from now on."""
         self._stopping = True
         for member in self._members[::-1]:
-            member.child.stop()
-            self.log.info("%s: stopped", member.name)
+            if member.child is not None:
+                member.child.stop()
+                self.log.info("%s: stopped", member.name)

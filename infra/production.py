@@ -287,8 +287,9 @@ def run(settings: Settings, names: Sequence[str]) -> None:
         for name in names:
             if stop.requested:
                 break
-            child = supervisor.add(name, restartable(name, settings))
-            log.info("%s: %s; log %s", name, endpoints(settings, name), child.log_path)
+            child = supervisor.add(name, restartable(name, settings))  # None: refused, tried again after the backoff
+            where = f"log {child.log_path}" if child is not None else "not started yet"
+            log.info("%s: %s; %s", name, endpoints(settings, name), where)
         while not stop.requested:
             watch.check()
             time.sleep(TICK_S)

@@ -333,6 +333,42 @@ def test_an_ipv6_bind_host_serves_health_where_the_supervisor_asks(bind_host: st
         endpoint.close()
 
 
+def test_a_service_the_system_refuses_at_start_does_not_end_the_supervisor(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fork refused for memory, or a log folder it cannot write, while ``supervise`` started its services raised
+    out of :func:`production.run`: it stopped the services already started and ended."""
+    ticks, stopped = iter(range(4)), list[list[Child]]()
+
+    class Stop(production._Stop):
+        @property
+        def requested(self) -> str | None:  # type: ignore[override]
+            return None if next(ticks, None) is not None else "SIGTERM"
+
+        @requested.setter
+        def requested(self, _value: str | None) -> None:
+            pass
+
+    def spawn(module: str, settings: Settings, name: str) -> Child:
+        if name == "case-service":
+            raise PermissionError(13, "Permission denied")
+        return FakeChild(name)
+
+    monkeypatch.setattr(production, "_Stop", Stop)
+    monkeypatch.setattr(production.signal, "signal", lambda *a: None)
+    monkeypatch.setattr(production.time, "sleep", lambda s: None)
+    monkeypatch.setattr(production, "spawn", spawn)
+    monkeypatch.setattr(production, "stop_all", lambda children, timeout: stopped.append(list(children)) or [])
+    monkeypatch.setattr(production, "Reaper", lambda **k: type("R", (), {"finish": lambda self: []})())
+    monkeypatch.delenv(production.RUN_VAR, raising=False)
+    settings = Settings(stack_dir=tmp_path, metrics=MetricsSettings(enabled=False))
+    with caplog.at_level(logging.INFO, logger="infra.supervisor"):
+        production.run(settings, ["opensearch-sink", "case-service", "alert-sender"])
+    assert [c.name for c in stopped[0]] == ["opensearch-sink", "alert-sender"], "every other service started"
+    assert "case-service: could not be started ([Errno 13] Permission denied); restarting in" in caplog.text
+    assert "case-service: no health/metrics endpoint (CG_METRICS__ENABLED=false); not started yet" in caplog.text
+
+
 def test_a_zero_limit_turns_health_restarts_off() -> None:
     clock, probe = Clock(), Probe()
     w, stopped = watch(clock, probe, CFG.model_copy(update={"unhealthy_after_s": 0.0}))

@@ -146,6 +146,53 @@ def test_a_child_the_system_never_lets_start_is_given_up_like_a_crash(clock: Clo
     assert sup.describe() == "sink DOWN (exit 1), 3 restarts"
 
 
+def test_a_first_start_the_system_refuses_is_tried_after_the_backoff_and_the_others_start(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fork refused for memory, or a log folder it cannot write, at the supervisor's start raised out of ``add``:
+    the supervisor ended and stopped every service it had already started."""
+    sup = Supervisor(backoff_s=1.0, max_backoff_s=60.0, max_restarts=3, window_s=600.0, clock=clock)
+    sink, bot = Starter("sink"), Starter("bot")
+    refusals = [OSError(12, "Cannot allocate memory")]
+
+    def start_sink() -> FakeChild:
+        if refusals:
+            raise refusals.pop()
+        return sink()
+
+    caplog.set_level(logging.INFO, logger="infra.supervisor")
+    assert sup.add("sink", start_sink) is None
+    assert sup.add("bot", bot) is bot.started[-1]
+    assert (
+        sup.children == [bot.started[-1]]
+        and sup.describe() == "sink restarting (never started), 1 restarts, bot running"
+    )
+    [failure] = [r for r in caplog.records if "could not be started" in r.getMessage()]
+    assert failure.levelno == logging.ERROR and "Cannot allocate memory" in failure.getMessage()
+    assert "restarting in 2.0 s" in failure.getMessage(), "counted as a restart"
+    for _ in range(3):
+        sup.check()
+        clock.now += 1.0
+    assert len(sink.started) == 1 and sup.children == [sink.started[-1], bot.started[-1]]
+    assert "sink running, 2 restarts" in sup.describe()
+    sup.stop()
+    assert sink.started[-1].stopped and bot.started[-1].stopped
+
+
+def test_a_child_that_never_starts_is_given_up_and_stop_passes_over_it(clock: Clock) -> None:
+    sup = Supervisor(backoff_s=1.0, max_backoff_s=4.0, max_restarts=2, window_s=600.0, clock=clock)
+
+    def refused() -> FakeChild:
+        raise PermissionError(13, "Permission denied")
+
+    sup.add("sink", refused)
+    for _ in range(20):
+        sup.check()
+        clock.now += 1.0
+    assert sup.describe() == "sink DOWN (never started), 2 restarts" and sup.children == []
+    sup.stop()
+
+
 def test_the_window_forgets_old_restarts(clock: Clock) -> None:
     sup = Supervisor(backoff_s=1.0, max_restarts=2, window_s=60.0, clock=clock)
     bridge = Starter("bridge")
