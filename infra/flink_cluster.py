@@ -318,6 +318,9 @@ def submit_env(settings: Settings, paths: ClusterPaths, java_home: Path, base: d
     settings as ``CG_*`` (the job's ``main()`` reads them in the client) and the cluster's config dir."""
     env = {k: v for k, v in base.items() if not k.startswith(("CG_", "PYFLINK_", "_PYFLINK"))}
     env |= settings.to_env()
+    # A setting the caller left unset stays unset: the client must not read the repo root's .env (its default
+    # CG_ENV_FILE), which the caller may not have read (CG_ENV_FILE empty or another file), as infra/launcher.py.
+    env["CG_ENV_FILE"] = ""
     env |= {"JAVA_HOME": str(java_home), "FLINK_CONF_DIR": str(paths.conf), "FLINK_LOG_DIR": str(paths.logs)}
     return env
 

@@ -3,14 +3,16 @@ split between program-level options (a cluster takes them from ``flink run``) an
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import yaml
 
 from infra import flink_cluster as fc
+from infra import settings as settings_module
 from infra.processes import MARKER
-from infra.settings import FlinkClusterSettings, MetricsSettings, Settings
+from infra.settings import FlinkClusterSettings, MetricsSettings, Settings, get_settings
 
 JAVA = Path("/usr/lib/jvm/java-17-openjdk-amd64")
 PYTHON = "/repo/.venv/bin/python"
@@ -182,6 +184,34 @@ def test_submit_passes_the_settings_not_the_callers_cg_variables(tmp_path: Path)
     assert env["FLINK_CONF_DIR"] == str(paths.conf) and env["JAVA_HOME"] == str(JAVA)
     assert "PYFLINK_GATEWAY_PORT" not in env
     assert env[MARKER] == "run-1" and env["PATH"] == "/bin"
+
+
+@pytest.mark.parametrize("named", ["", "store.env"])
+def test_the_submitted_jobs_client_has_the_callers_settings_not_another_env_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, named: str
+) -> None:
+    """``flink run`` runs the job's ``main()``, which read the repo root's ``.env`` for every setting its caller left
+    unset: with CG_ENV_FILE empty ("no file") or naming another file, a model or a topic prefix left in that .env
+    reached the submitted job while the caller ran without it."""
+    (tmp_path / ".env").write_text("CG_MODEL__AFD_MODEL_ID=left-over\nCG_KAFKA__TOPIC_PREFIX=repo.\n")
+    (tmp_path / "store.env").write_text("CG_JOB__PARALLELISM=2\n")
+    monkeypatch.setattr(settings_module, "REPO_ROOT", tmp_path)
+    monkeypatch.setenv("CG_ENV_FILE", str(tmp_path / named) if named else "")
+    get_settings.cache_clear()
+    try:
+        caller = get_settings()
+        assert caller.model.afd_model_id is None and caller.kafka.topic_prefix != "repo."
+        env = fc.submit_env(caller, fc.ClusterPaths.of(caller), JAVA, dict(os.environ))
+        for name in [n for n in os.environ if n.startswith("CG_")]:
+            monkeypatch.delenv(name)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        get_settings.cache_clear()
+        client = get_settings()
+    finally:
+        get_settings.cache_clear()
+    assert client.model.afd_model_id is None, "nothing from the repo root's .env"
+    assert client == caller, "the client's settings are its caller's"
 
 
 def test_the_wheel_provides_the_cluster_classpath_and_java_17_options() -> None:
