@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from infra.metrics import PROCESSES
+from infra.metrics import PROCESSES, url_host
 from infra.settings import Settings
 from schemas.errors import CheckoutGuardError
 
@@ -42,8 +42,7 @@ def prometheus_url(settings: Settings) -> str:
     """``metrics.prometheus_url`` (a store chain's own Prometheus), else the local stack's."""
     if settings.metrics.prometheus_url:
         return settings.metrics.prometheus_url.rstrip("/")
-    host = "127.0.0.1" if settings.bind_host in ("0.0.0.0", "::", "") else settings.bind_host
-    return f"http://{host}:{settings.metrics.prometheus_port}"
+    return f"http://{url_host(settings.bind_host)}:{settings.metrics.prometheus_port}"
 
 
 def shown_url(url: str) -> str:

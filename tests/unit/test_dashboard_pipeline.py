@@ -197,6 +197,17 @@ def test_the_local_prometheus_is_asked_unless_another_is_configured() -> None:
     assert prometheus_url(chain) == "https://prom.chain.example"
 
 
+@pytest.mark.parametrize(("bind_host", "host"), [("::1", "[::1]"), ("::", "127.0.0.1"), ("fd00::5", "[fd00::5]")])
+def test_an_ipv6_bind_host_asks_the_local_prometheus_at_a_valid_url(bind_host: str, host: str) -> None:
+    """``http://::1:9490`` is no URL (its port is not one): with CG_BIND_HOST=::1 the dashboard's Prometheus client
+    raised httpx.InvalidURL as the dashboard started, so the dashboard never ran."""
+    settings = Settings(bind_host=bind_host)
+    url = prometheus_url(settings)
+    assert url == f"http://{host}:{settings.metrics.prometheus_port}"
+    assert httpx.URL(url).port == settings.metrics.prometheus_port
+    assert prometheus_api(settings).shown == url, "the dashboard's client is made"
+
+
 def test_a_login_in_the_prometheus_url_is_used_but_never_shown() -> None:
     """Anyone with a dashboard login (even the read-only token) saw the password in ``source`` and errors."""
     sent: list[str] = []
