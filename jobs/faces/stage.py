@@ -262,6 +262,7 @@ class FaceStage:
         self._max_lag_ms = int(settings.cameras.max_lag_s * 1000)
         self._entrance_max_lag_ms = int(settings.cameras.entrance_max_lag_s * 1000)
         self._processing = metrics.PROCESSING_SECONDS.labels(PROCESS)
+        self._face_analysis = metrics.FACE_ANALYSIS_SECONDS.labels(PROCESS)
         self._late = {kind: metrics.SKIPPED.labels(PROCESS, f"{kind.lower()}_late") for kind in (CHECKOUT, ENTRANCE)}
 
     def plan_transaction(self, value: bytes | None, now_ms: int) -> list[Trigger]:
@@ -340,7 +341,7 @@ class FaceStage:
             log.warning("storing the snapshot of %s failed: %s", trigger.observation_id, type(exc).__name__)
             notes.append(f"image not stored ({type(exc).__name__})")
         try:
-            with self._analysis, metrics.timed(metrics.FACE_ANALYSIS_SECONDS):  # the analysis, not the wait
+            with self._analysis, metrics.timed(self._face_analysis):  # the analysis, not the wait
                 faces = self.engine.analyse(snap.image)
         except Exception as exc:  # ImageError (corrupt, too big, wrong format) and anything dlib raises
             return obs("UNAVAILABLE", "; ".join([f"image unusable: {exc}", *notes]), image_ref=image_ref)
