@@ -65,3 +65,12 @@ def test_the_checker_knows_the_settings_tree():
     assert {"CG_KAFKA__BOOTSTRAP_SERVERS", "CG_STACK_DIR", "CG_BIND_HOST", "CG_WEBEX__BOT_TOKEN"} <= SETTINGS
     assert _known("CG_KAFKA__SASL", wildcard=True) and not _known("CG_KAFKA__SASL", wildcard=False)
     assert not _known("CG_WEBEX__TOKEN", wildcard=False)
+
+
+def test_every_supervisor_setting_is_in_the_readme():
+    """Production mode's settings are all documented: ``CG_SUPERVISOR__PROBE_TIMEOUT_S`` was not, so a deployer with a
+    slow host could not find why its services were restarted for want of an answer."""
+    text = (REPO_ROOT / "README.md").read_text()
+    named = {m[1] for m in TOKEN.finditer(text)}
+    missing = sorted(p for p in SETTINGS if p.startswith("CG_SUPERVISOR__") and p not in named)
+    assert not missing, f"README does not name: {missing}"
