@@ -2,9 +2,10 @@
 
 Webex facts it relies on (developer.webex.com): bearer-token auth; ``POST /messages`` with ``roomId`` and
 ``markdown`` (at most 7,439 bytes) as JSON, or as multipart/form-data with one ``files`` part to attach
-an image; ``GET /messages?roomId=`` (a bot: direct rooms only, 403 for a group space without
-``mentionedPeople=me``); ``GET /messages/{id}`` for the text of a message a webhook announced; ``GET /people/me`` for
-the bot's own id; ``POST /webhooks``; ``429`` with ``Retry-After`` seconds when over the rate limit.
+an image, ``<@personId:ID|name>`` in the markdown mentioning someone; ``GET /messages?roomId=`` (a bot: direct
+rooms only, 403 for a group space without ``mentionedPeople=me``, which lists the messages that mention it);
+``GET /messages/{id}`` for the text of a message a webhook announced; ``GET /people/me`` for the bot's own id;
+``POST /webhooks``; ``429`` with ``Retry-After`` seconds when over the rate limit.
 
 Errors come back as :class:`WebexError` with ``retriable`` and ``retry_after`` set, so callers decide
 about backoff; the client itself never sleeps or retries (one request = one attempt).
@@ -183,13 +184,17 @@ class WebexClient:
             raise
         return True
 
-    def list_messages(self, room_id: str, max_items: int = 100, parent_id: str | None = None) -> list[dict[str, Any]]:
+    def list_messages(
+        self, room_id: str, max_items: int = 100, parent_id: str | None = None, *, mentioning_me: bool = False
+    ) -> list[dict[str, Any]]:
         """The room's latest messages, newest first; with ``parent_id``, that thread's replies only. A bot gets
-        them of a direct (1:1) room only: for a group space Webex answers 403 (a bot must ask for
-        ``mentionedPeople=me`` there, which lists the messages that mention it, never its own)."""
+        them of a direct (1:1) room only: for a group space Webex answers 403 unless ``mentioning_me``
+        (``mentionedPeople=me``: only the messages that mention the bot, at most 100)."""
         params: dict[str, Any] = {"roomId": room_id, "max": max_items}
         if parent_id:
             params["parentId"] = parent_id
+        if mentioning_me:
+            params["mentionedPeople"] = "me"
         return self._call("GET", "/messages", params=params).get("items", [])
 
     def me(self) -> dict[str, Any]:

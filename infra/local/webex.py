@@ -17,7 +17,8 @@ control endpoints under ``/_local/`` (no auth, bound to 127.0.0.1) do the same o
 
 Every API caller is the bot: the server knows one token, the bot's (``GET /people/me``). So listing messages is
 as Webex answers a bot: in a direct (1:1) room every message, in a group space only with ``mentionedPeople=me``
-(the messages that mention the bot, never its own) and 403 without it, threads (``parentId``) alike. A room is
+(the messages that mention the bot -- its own too when they mention it: ``<@personId:ID|name>`` in a posted
+message's markdown fills its ``mentionedPeople``) and 403 without it, threads (``parentId``) alike. A room is
 a group space (how a team gets alerts) unless declared direct (:meth:`WebexState.add_room`, ``say(...,
 room_type="direct")``, or a message sent with ``toPersonEmail``).
 """
@@ -293,6 +294,7 @@ class _WebexApi:
             markdown=markdown,
             files=files,
             room_type=self.state.add_room(room, "direct") if not room_id else self.state.room_type(room),
+            mentioned=_mentions(markdown),
             extra={k: fields[k] for k in ("attachments", "parentId") if fields.get(k)},
         )
         return self.ok(_public(message))
@@ -522,6 +524,15 @@ def parse_multipart(content_type: str, body: bytes) -> list[tuple[str, str | Non
         part_type = headers.get(b"content-type", b"text/plain").decode().split(";")[0].strip()
         parts.append((params["name"], params.get("filename"), part_type, payload[:-2]))
     return parts
+
+
+MENTION = re.compile(r"<@personId:([^|>]+)(?:\|[^>]*)?>")
+
+
+def _mentions(markdown: str | None) -> list[str] | None:
+    """The person ids a posted message's markdown mentions (``<@personId:ID|name>``), as Webex fills
+    ``mentionedPeople``."""
+    return list(dict.fromkeys(MENTION.findall(markdown or ""))) or None
 
 
 def _plain(markdown: str | None) -> str:

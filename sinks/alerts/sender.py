@@ -10,10 +10,11 @@ How nothing is lost or doubled:
 - **Ledger.** A SQLite file records ``(alert_id, channel)`` once the channel accepted the alert; a
   replayed or re-sent alert skips the channels already done, across restarts. Before each Webex send
   the ledger also records the *intent*: after a crash between "the channel accepted" and "the ledger
-  says so", Webex is asked whether the room already has the alert (its id is in every message) before
-  posting again; a group space, which Webex does not list for a bot, is not asked: the alert is posted again,
-  possibly twice, never lost. SMTP has no such question, so that window resends the mail with the same Message-ID,
-  which mail clients show once: at-least-once for mail, never lost.
+  says so", or a post without an answer (timeout, 5xx), Webex is asked whether the room already has the alert
+  (its id is in every message) before posting again; a group space, which Webex lists for a bot only as the
+  messages mentioning it, is searched by the bot's mention of itself that every alert message carries. SMTP
+  has no such question, so that window resends the mail with the same Message-ID, which mail clients show
+  once: at-least-once for mail, never lost.
 - **Independent channels.** Each channel has its own scheduler and ``concurrency`` sending threads: a
   slow or failing channel only delays its own sends. 429 pauses that channel for ``Retry-After``.
   A channel that is *down* (refused or dropped connections, timeouts, DNS failures, SMTP 4xx, HTTP
@@ -367,6 +368,8 @@ class WebexChannel:
     erasable = True
     LOOKBACK = 1000
     """Latest messages of the room searched for an alert that may already have been posted (Webex's page maximum)."""
+    MENTION_LOOKBACK = 100
+    """Latest messages mentioning the bot searched in a group space (Webex lists at most 100 of those)."""
     CARD_TRIES = 3
     """Posts of a case card while Webex answers 429 (each after its ``Retry-After``)."""
     sleep: Callable[[float], None] = staticmethod(time.sleep)
@@ -380,6 +383,7 @@ class WebexChannel:
         self.has_reference = has_reference or reference_finder_from_settings(settings)
         """Whether the image store holds a subject's reference image: the card shows it only then."""
         self._bot_id: str | None = None
+        self._bot_name = "Checkout Guard"
         self._unlistable: str | None = None
         """Why the room's messages cannot be listed, once Webex said so (403): then nothing is looked up."""
         self._unlistable_lock = threading.Lock()
@@ -387,7 +391,9 @@ class WebexChannel:
     def bot_id(self) -> str:
         """The bot's own person id (``GET /people/me``, asked once): only its messages can be an alert's."""
         if self._bot_id is None:
-            self._bot_id = str(self.client.me().get("id") or "")
+            me = self.client.me()
+            self._bot_name = str(me.get("displayName") or self._bot_name).replace(">", "").replace("|", "")
+            self._bot_id = str(me.get("id") or "")
         return self._bot_id
 
     @staticmethod
@@ -408,9 +414,11 @@ class WebexChannel:
             if maybe_sent and (found := self._posted(alert_id)) is not None:
                 posted, card = found
                 if card is None and self.settings.alerts.webex_cards:  # the earlier try ended before its card
-                    card = self._send_card(alert, text.case_id, posted)
+                    card = self._send_card(alert, text.case_id, posted[0])
                 return self._detail(posted, card)
-            marker = f"\n\n_{self.marker(alert_id)}_"  # kept whole: a cut marker would post the alert again
+            # Kept whole: a cut marker would post the alert again. The bot's mention of itself is what lets it
+            # find its own post in a group space, which Webex lists for a bot only as "messages mentioning it".
+            marker = f"\n\n_{self.marker(alert_id)}_ {self.mention()}"
             markdown = truncate_utf8(text.markdown(), MAX_MARKDOWN_BYTES - len(marker.encode())) + marker
             attachment = Attachment("snapshot.jpg", image) if image else None
             sent = self.client.send_message(self.room_id, markdown, attachment)
@@ -424,45 +432,64 @@ class WebexChannel:
                 down=unavailable,
             ) from exc
         card = self._send_card(alert, text.case_id, sent) if self.settings.alerts.webex_cards else None
-        return self._detail(sent, card)
+        return self._detail([sent], card)
+
+    def mention(self) -> str:
+        """Markdown mentioning the bot itself (``GET /people/me``, asked once)."""
+        self.bot_id()
+        return f"<@personId:{self._bot_id}|{self._bot_name}>"
 
     @staticmethod
-    def _detail(alert_message: dict[str, Any], card: str | None) -> str | None:
-        """The ledger's detail of a delivery: the alert message's id and its card's, space separated."""
-        return " ".join(m for m in (alert_message.get("id"), card) if m) or None
+    def _detail(alert_messages: list[dict[str, Any]], card: str | None) -> str | None:
+        """The ledger's detail of a delivery: the alert message's id (every copy's, when earlier tries without
+        an answer posted it more than once) and its card's, space separated: each is deleted on forget."""
+        return " ".join(m for m in (*(a.get("id") for a in alert_messages), card) if m) or None
 
-    def _posted(self, alert_id: str) -> tuple[dict[str, Any], str | None] | None:
-        """This alert's message and its card's id, when the room's latest messages hold the alert. Only the
-        bot's own messages count: a person who writes the alert id in the room ("seen blocked:tx-1?") has not
-        posted the alert, and taking their message for it would lose the alert. None too when the room cannot
-        be listed (a group space, :meth:`_cannot_list`): the alert is posted again, maybe a second time, never lost."""
-        if self._unlistable is not None:
-            return None
+    def _posted(self, alert_id: str) -> tuple[list[dict[str, Any]], str | None] | None:
+        """This alert's messages in the room (oldest first: a try without an answer may have posted it more than
+        once) and its card's id, when the room's latest messages hold the alert. Only the bot's own messages count:
+        a person who writes the alert id in the room ("seen blocked:tx-1?") has not posted the alert, and taking
+        their message for it would lose the alert. In a group space only the messages mentioning the bot are
+        listed (:meth:`_recent`); every alert message mentions it. None when the room holds no copy, or cannot
+        be listed at all: the alert is posted (again), never lost."""
         bot = self.bot_id()
-        try:
-            messages = self.client.list_messages(self.room_id, self.LOOKBACK)
-        except WebexError as exc:
-            if exc.status != 403:
-                raise
-            self._cannot_list(exc)
+        messages = self._recent(self.LOOKBACK)
+        if messages is None:
             return None
-        found = next(
-            (m for m in messages if m.get("personId") == bot and m.get("id") and self.carries(m, alert_id)), None
-        )
-        return None if found is None else (found, self._card_in(messages, found))
+        found = [m for m in messages if m.get("personId") == bot and m.get("id") and self.carries(m, alert_id)]
+        if not found:
+            return None
+        found.reverse()
+        card = next((c for m in found if (c := self._card_in(messages, m)) is not None), None)
+        return found, card
+
+    def _recent(self, max_items: int) -> list[dict[str, Any]] | None:
+        """The room's latest messages; in a group space (the plain listing refused, 403) the latest that mention
+        the bot (Webex lists at most 100 of those). None when even those cannot be listed (a 4xx other than 429)."""
+        if self._unlistable is None:
+            try:
+                return self.client.list_messages(self.room_id, max_items)
+            except WebexError as exc:
+                if exc.status != 403:
+                    raise
+                self._cannot_list(exc)
+        try:
+            return self.client.list_messages(self.room_id, min(max_items, self.MENTION_LOOKBACK), mentioning_me=True)
+        except WebexError as exc:
+            if exc.status is None or exc.status >= 500 or exc.retriable:
+                raise
+            log.warning("webex: the bot's mentions cannot be listed (%s): the alert is posted again", exc.reason)
+            return None
 
     def _cannot_list(self, exc: WebexError) -> None:
-        """Webex refused to list the room (403). A bot lists a group space's messages only with
-        ``mentionedPeople=me``, which gives the messages that mention it and never its own posts: in a group
-        space (the usual room of a security team) a post that had no answer cannot be looked for. Remembered
-        (the room's type does not change) and logged once, not per alert."""
+        """Webex refused to list the room (403): a group space, which Webex lists for a bot only as the messages
+        that mention it. Remembered (the room's type does not change) and logged once, not per alert."""
         with self._unlistable_lock:
             first, self._unlistable = self._unlistable is None, exc.reason
         if first:
-            log.warning(
-                "webex: the room's messages cannot be listed (%s; a bot lists only direct rooms, a group space "
-                "only for messages that mention it): resends in this room cannot be de-duplicated, an alert whose "
-                "post had no answer is posted again and may show twice",
+            log.info(
+                "webex: the room is a group space (%s): posts without an answer are looked for among the messages "
+                "that mention the bot",
                 exc.reason,
             )
 
@@ -488,8 +515,10 @@ class WebexChannel:
         subject = alert.get("subject_id")
         card = case_card(alert, self.settings.alerts, has_reference=bool(subject) and self.has_reference(subject))
         try:
-            posted = call_with_retries(
-                lambda: self.client.send_card(self.room_id, f"Case `{case_id}`", card, alert_message.get("id")),
+            posted = call_with_retries(  # the mention: a group space lists the card for the bot by it
+                lambda: self.client.send_card(
+                    self.room_id, f"Case `{case_id}` {self.mention()}", card, alert_message.get("id")
+                ),
                 retriable=lambda exc: isinstance(exc, WebexError) and exc.status == 429,  # not posted: safe again
                 attempts=self.CARD_TRIES,
                 retry_after=lambda exc: getattr(exc, "retry_after", None),
@@ -502,14 +531,19 @@ class WebexChannel:
             log.warning("case card of alert %s not posted: %s", alert["alert_id"], exc.reason)
             if exc.status is not None and exc.status < 500:
                 return None
-        if self._unlistable is not None:  # a thread is listed like its room: refused
-            return None
         try:  # no answer: it may have been posted (the thread's few replies, not the room's latest thousand)
-            thread = self.client.list_messages(self.room_id, 10, parent_id=alert_message.get("id"))
+            thread: list[dict[str, Any]] = []
+            if self._unlistable is None:
+                try:
+                    thread = self.client.list_messages(self.room_id, 10, parent_id=alert_message.get("id"))
+                except WebexError as exc:
+                    if exc.status != 403:
+                        raise
+                    self._cannot_list(exc)
+            if self._unlistable is not None:  # a group space lists a thread like the room: its mentions of the bot
+                thread = self.client.list_messages(self.room_id, self.MENTION_LOOKBACK, mentioning_me=True)
             return self._card_in(thread, alert_message)
-        except WebexError as exc:
-            if exc.status == 403:
-                self._cannot_list(exc)
+        except WebexError:
             return None
 
     def delete(self, message_id: str) -> bool:

@@ -100,6 +100,9 @@ class LostAnswers:
         self.messages.insert(0, {"id": f"card-{len(self.messages)}", "parentId": parent_id, "personId": "bot"})
         raise WebexError("timeout: ReadTimeout")
 
+    def me(self) -> dict:
+        return {"id": "bot", "displayName": "Checkout Guard"}
+
     def list_messages(self, room_id: str, max_items: int = 100, parent_id: str | None = None) -> list[dict]:
         self.asked = (max_items, parent_id)
         return [m for m in self.messages if parent_id is None or m["parentId"] == parent_id][:max_items]
