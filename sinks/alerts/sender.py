@@ -372,7 +372,6 @@ class WebexChannel:
     """Latest messages mentioning the bot searched in a group space (Webex lists at most 100 of those)."""
     CARD_TRIES = 3
     """Posts of a case card while Webex answers 429 (each after its ``Retry-After``)."""
-    sleep: Callable[[float], None] = staticmethod(time.sleep)
 
     def __init__(
         self, settings: Settings, client: WebexClient, has_reference: Callable[[str], bool] | None = None
@@ -387,6 +386,9 @@ class WebexChannel:
         self._unlistable: str | None = None
         """Why the room's messages cannot be listed, once Webex said so (403): then nothing is looked up."""
         self._unlistable_lock = threading.Lock()
+        self._closing = threading.Event()
+        self.sleep: Callable[[float], None] = self._pause
+        """The wait between a card's tries (a test replaces it)."""
 
     def bot_id(self) -> str:
         """The bot's own person id (``GET /people/me``, asked once): only its messages can be an alert's."""
@@ -433,6 +435,15 @@ class WebexChannel:
             ) from exc
         card = self._send_card(alert, text.case_id, sent) if self.settings.alerts.webex_cards else None
         return self._detail([sent], card)
+
+    def interrupt(self) -> None:
+        """Shutdown: a card waiting out a 429 is given up at once, so its send ends (and the ledger records the
+        delivered alert message) before the ledger closes."""
+        self._closing.set()
+
+    def _pause(self, seconds: float) -> None:
+        if self._closing.wait(seconds):
+            raise WebexError("shutting down", retriable=False)
 
     def mention(self) -> str:
         """Markdown mentioning the bot itself (``GET /people/me``, asked once)."""
@@ -529,7 +540,7 @@ class WebexChannel:
             return posted.get("id")
         except WebexError as exc:
             log.warning("case card of alert %s not posted: %s", alert["alert_id"], exc.reason)
-            if exc.status is not None and exc.status < 500:
+            if self._closing.is_set() or (exc.status is not None and exc.status < 500):
                 return None
         try:  # no answer: it may have been posted (the thread's few replies, not the room's latest thousand)
             thread: list[dict[str, Any]] = []
@@ -760,12 +771,30 @@ class ChannelWorker:
         """Whether the channel is found down (being probed until it answers)."""
         return self._down_since is not None
 
+    STOP_WAIT_S = 30.0
+    """Longest :meth:`stop` waits for the sends under way (each Webex or SMTP call has its own timeout)."""
+
     def stop(self) -> None:
+        """Take no more tasks, interrupt the channel's waits (``interrupt``, when it has one: a card waiting out a
+        429) and wait for the sends under way, so that what they delivered is in the ledger before it closes
+        (a send that ended after it was not recorded, and was sent again on restart)."""
         with self._cv:
             self._stop = True
             self._cv.notify_all()
+        interrupt = getattr(self.channel, "interrupt", None)
+        if interrupt is not None:
+            interrupt()
+        until = time.monotonic() + self.STOP_WAIT_S
         for t in self._threads:
-            t.join(5)
+            t.join(max(0.0, until - time.monotonic()))
+        if running := sum(t.is_alive() for t in self._threads):
+            log.error(
+                "%s: %d sends still under way after %.0fs at shutdown: if they go through, they are not recorded "
+                "and are sent again on restart",
+                self.channel.name,
+                running,
+                self.STOP_WAIT_S,
+            )
 
     def _next(self) -> Task | None:
         with self._cv:

@@ -9,6 +9,7 @@ import io
 import queue
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, closing
@@ -276,6 +277,49 @@ def test_an_alert_whose_post_had_no_answer_in_a_group_space_is_delivered_not_dea
     )
     assert outcome.delivered, outcome.reason
     assert len(webex.state.bot_messages(ROOM)) == 1 and ledger.state("blocked:tx-1", "webex") == "sent"
+
+
+class CardRateLimited(httpx.BaseTransport):
+    """Webex that takes alert messages but answers every card post 429 with a long ``Retry-After``."""
+
+    def __init__(self) -> None:
+        self.inner, self.refused = httpx.HTTPTransport(), threading.Event()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and b'"attachments"' in request.content:
+            self.refused.set()
+            return httpx.Response(429, headers={"Retry-After": "30"}, json={"message": "Too Many Requests"})
+        return self.inner.handle_request(request)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_a_send_waiting_out_a_card_rate_limit_at_shutdown_is_recorded_before_the_ledger_closes(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
+) -> None:
+    """Shutdown joined each sending thread 5 s: a card waiting out a 429 finished after the ledger had closed, so
+    the delivered alert was not recorded (and was posted again on restart). Now the wait is cut short, the card
+    given up and the delivery recorded before the worker stops."""
+    settings = settings_for(webex, tmp_path, webex_cards=True)
+    transport = CardRateLimited()
+    channel = closer.enter_context(
+        closing(
+            WebexChannel(settings, WebexClient(webex.url, TOKEN, transport=transport), has_reference=lambda _: False)
+        )
+    )
+    done: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+    ledger = closer.enter_context(closing(Ledger(tmp_path / "ledger.sqlite3")))
+    worker = ChannelWorker(channel, ledger, settings.alerts, done, lambda ref: b"")
+    worker.submit(Task(alert(snapshot_ref=None), "webex", time.monotonic() + 60, alert_ms=1))
+    assert transport.refused.wait(10)
+    started = time.monotonic()
+    worker.stop()
+    assert time.monotonic() - started < 5
+    assert ledger.state("blocked:tx-1", "webex") == "sent"
+    [posted] = webex.state.bot_messages(ROOM)
+    assert set(ledger.due_posts(now_ms=10**15, keep_ms=0)) == {posted["id"]}
+    assert done.get_nowait().delivered
 
 
 def test_worker_pauses_the_channel_for_retry_after(webex: LocalWebexServer, tmp_path: Path, closer: ExitStack) -> None:
