@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from email.utils import getaddresses
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -566,10 +568,58 @@ class SmtpSettings(BaseModel, frozen=True):
     timeout_s: float = 10.0
     from_address: str = "Checkout Guard <checkout-guard@localhost>"
     to_addresses: str = "store-security@localhost"
-    """Comma-separated recipients (also used with SES)."""
+    """Comma-separated recipients (also used with SES); a comma inside a quoted name (``"Doe, Jane" <j@x>``) is
+    part of the name."""
+
+    @field_validator("to_addresses")
+    @classmethod
+    def _addresses_parse(cls, value: str) -> str:
+        """An entry that is no address (``Jane <jane@x``, ``foo bar``) is a settings error at start: mail to it
+        failed on every alert."""
+        parse_addresses(value)
+        return value
 
     def recipients(self) -> list[str]:
-        return [a.strip() for a in self.to_addresses.split(",") if a.strip()]
+        return parse_addresses(self.to_addresses)
+
+
+ADDR_SPEC = re.compile(r"[^@\s<>()\[\],;:\"]+@[^@\s<>()\[\],;:\"]+")
+
+
+def parse_addresses(value: str) -> list[str]:
+    """The addresses of a comma-separated list, each ``"Name" <addr>`` or ``addr``, split at the commas between
+    entries only (``"Doe, Jane" <jane@x>`` is one recipient; splitting at every comma made two broken ones) and
+    parsed with :func:`email.utils.getaddresses`. Blank entries are skipped; an entry that is not one address
+    raises ``ValueError``."""
+    entries, current, quoted, angle, escaped = [], [], False, False, False
+    for ch in value:
+        if escaped:
+            escaped = False
+        elif ch == "\\" and quoted:
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch in "<>" and not quoted:
+            angle = ch == "<"
+        elif ch == "," and not quoted and not angle:
+            entries.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    entries.append("".join(current))
+    if quoted or angle:
+        raise ValueError(f"an address list with an unclosed quote or <: {value[:80]!r}")
+    out = []
+    for entry in (e.strip() for e in entries):
+        if not entry:
+            continue
+        parsed = getaddresses([entry])
+        if len(parsed) != 1 or not ADDR_SPEC.fullmatch(parsed[0][1]):
+            raise ValueError(f"not an e-mail address: {entry[:80]!r} (a list is comma-separated)")
+        name, addr = parsed[0]
+        quoted_name = name.replace("\\", "\\\\").replace('"', '\\"')
+        out.append(f'"{quoted_name}" <{addr}>' if name else addr)
+    return out
 
 
 class WebexSettings(BaseModel, frozen=True):

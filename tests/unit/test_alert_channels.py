@@ -407,6 +407,28 @@ def test_a_mail_to_many_recipients_reaches_them_all_with_no_line_past_smtps_limi
     assert max(len(line) for line in head.split(b"\r\n")) <= 998
 
 
+def test_a_recipient_whose_name_holds_a_comma_gets_the_mail_and_an_entry_that_is_no_address_stops_the_start(
+    smtp_server: tuple[int, Path], tmp_path: Path
+) -> None:
+    """``"Doe, Jane" <jane@example.com>`` was split at its comma into two broken recipients: the relay refused them
+    and Jane never got an alert. Entries are parsed as addresses now, and one that is none is a settings error."""
+    port, mail = smtp_server
+    to = '"Doe, Jane" <jane@example.com>, Security Team <team@example.com>,, bob@example.com'
+    settings = Settings(stack_dir=tmp_path, smtp=SmtpSettings(port=port, to_addresses=to))
+    with closing(EmailChannel(settings, SmtpMailer(settings.smtp))) as channel:
+        channel.send(alert(), None, maybe_sent=False)
+    (received,) = read_mails(mail)
+    assert [(a.display_name, a.addr_spec) for a in received["To"].addresses] == [
+        ("Doe, Jane", "jane@example.com"),
+        ("Security Team", "team@example.com"),
+        ("", "bob@example.com"),
+    ]
+    assert received.get_all("Delivered-To") == ["jane@example.com", "team@example.com", "bob@example.com"]
+    for bad in ("Jane <jane@example.com", "jane doe", "a@x.test b@x.test", '"Doe, Jane <jane@example.com>'):
+        with pytest.raises(ValueError, match="address"):
+            SmtpSettings(to_addresses=bad)
+
+
 def test_an_email_channel_with_no_recipient_is_refused_at_start_not_counted_as_delivered(
     smtp_server: tuple[int, Path], tmp_path: Path
 ) -> None:
