@@ -37,7 +37,13 @@ T = TypeVar("T")
 
 class WebexError(CheckoutGuardError):
     """A failed Webex call: HTTP status (None for transport errors), whether retrying can help, and how
-    long Webex asked us to wait (``Retry-After``)."""
+    long Webex asked us to wait (``Retry-After``). A 3xx is retriable: Webex's API does not redirect, so it
+    comes from something in the way (a proxy, a captive gateway), which is mended, not a refusal of the call."""
+
+    @property
+    def unavailable(self) -> bool:
+        """Webex did not answer this call itself: no answer, 5xx, or a redirect (something in the way)."""
+        return self.status is None or self.status >= 500 or 300 <= self.status < 400
 
     def __init__(
         self, reason: str, *, status: int | None = None, retriable: bool = True, retry_after: float | None = None
@@ -231,6 +237,13 @@ class WebexClient:
                 return response.json()
             except ValueError as exc:
                 raise WebexError(f"{status} with a body that is not JSON", status=status) from exc
+        if status < 400:  # the API never redirects: a proxy or gateway in the way, or a wrong base URL
+            target = httpx.URL(response.headers.get("Location", ""))
+            where = f" to {target.scheme}://{target.host}" if target.host else ""
+            raise WebexError(
+                f"{status} redirect{where}: Webex's API does not redirect (a proxy in the way, or CG_WEBEX__BASE_URL?)",
+                status=status,
+            )
         detail = _error_text(response)
         if status == 429:
             raise WebexError(

@@ -425,13 +425,13 @@ class WebexChannel:
             attachment = Attachment("snapshot.jpg", image) if image else None
             sent = self.client.send_message(self.room_id, markdown, attachment)
         except WebexError as exc:
-            unavailable = exc.status is None or exc.status >= 500  # no answer, or the service failing
+            redirected = exc.status is not None and 300 <= exc.status < 400  # refused on the way: not posted
             raise DeliveryError(
                 exc.reason,
                 retriable=exc.retriable,
                 retry_after=exc.retry_after,
-                ambiguous=unavailable,
-                down=unavailable,
+                ambiguous=exc.unavailable and not redirected,
+                down=exc.unavailable,
             ) from exc
         card = self._send_card(alert, text.case_id, sent) if self.settings.alerts.webex_cards else None
         return self._detail([sent], card)
@@ -565,7 +565,7 @@ class WebexChannel:
         try:
             return self.client.delete_message(message_id)
         except WebexError as exc:
-            unavailable = exc.retriable if exc.status is None else exc.status >= 500  # a bad id is no outage
+            unavailable = exc.retriable if exc.status is None else exc.unavailable  # a bad id is no outage
             heals = unavailable or exc.status in DELETE_HEALS
             raise DeliveryError(exc.reason, retriable=heals, retry_after=exc.retry_after, down=unavailable) from exc
 

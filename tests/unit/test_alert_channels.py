@@ -295,6 +295,27 @@ class CardRateLimited(httpx.BaseTransport):
         self.inner.close()
 
 
+def test_a_redirect_from_a_proxy_pauses_the_channel_and_keeps_deletes_instead_of_refusing_them_for_good(
+    tmp_path: Path, closer: ExitStack
+) -> None:
+    """Webex's API never redirects; a 3xx is a proxy or gateway in the way. It counted as a refusal for good: every
+    alert was a dead letter at once, and the eraser gave up deleting messages (a shopper's face stayed in the
+    room). Now it is the channel down: the alert waits (nothing was posted, so nothing to look for) and the
+    delete is tried again."""
+    proxy = httpx.MockTransport(lambda _: httpx.Response(302, headers={"Location": "https://login.proxy.test/?u=1"}))
+    settings = Settings(stack_dir=tmp_path, webex=WebexSettings(bot_token=SecretStr(TOKEN), room_id=ROOM))
+    client = WebexClient("https://webexapis.com/v1", TOKEN, transport=proxy)
+    channel = closer.enter_context(closing(WebexChannel(settings, client, has_reference=lambda _: False)))
+    channel._bot_id = "bot"  # GET /people/me is redirected too; the post is what is under test
+    with pytest.raises(DeliveryError) as post:
+        channel.send(alert(), None, maybe_sent=False)
+    assert post.value.retriable and post.value.down and not post.value.ambiguous
+    assert "redirect to https://login.proxy.test" in post.value.reason and "u=1" not in post.value.reason
+    with pytest.raises(DeliveryError) as delete:
+        channel.delete("m-1")
+    assert delete.value.retriable and delete.value.down
+
+
 def test_a_send_waiting_out_a_card_rate_limit_at_shutdown_is_recorded_before_the_ledger_closes(
     webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
 ) -> None:
