@@ -6,8 +6,9 @@ we have no reason to keep: ``purge`` deletes them after the retention period unl
 called (a match or an alert); ``purge_retained`` deletes the retained ones once their longer period is
 over (an innocent shopper's alert snapshot was otherwise kept for ever).
 Reference images (enrolled subjects) are never purged, only deleted by ``forget``, from the store their ref
-names (:func:`store_holding`): ``CG_FACES__IMAGE_STORE`` or the buckets may have changed since enrolment. Nothing
-here logs image bytes.
+names (:func:`store_holding`): ``CG_FACES__IMAGE_STORE`` or the buckets may have changed since enrolment. A
+subject's snapshots, which no record ties to a store, ``forget`` looks for in the current store and in
+:func:`former_stores`. Nothing here logs image bytes.
 
 Refs arrive in records (alerts, commands), so a ref is checked before it is used: a local ref names a
 known kind and a plain file name in it (no ``..``, no ``/``, nothing absolute: never a path outside the
@@ -75,6 +76,10 @@ class ImageStore:
         """Whether ``ref`` is of this store (its scheme, and for S3 a bucket it may use)."""
         raise NotImplementedError
 
+    def where(self) -> str:
+        """Where this store keeps its images, for an audit reason (no secrets, no keys)."""
+        raise NotImplementedError
+
     def put(self, kind: str, key: str, data: bytes) -> str:
         raise NotImplementedError
 
@@ -115,6 +120,9 @@ class LocalImageStore(ImageStore):
 
     def holds(self, ref: str) -> bool:
         return isinstance(ref, str) and ref.startswith(self.PREFIX)
+
+    def where(self) -> str:
+        return "the local image store"
 
     def _path(self, ref: str) -> Path:
         """The file of ``ref``; ``InvalidRecord`` for anything but ``file:<kind>/<one name>``."""
@@ -212,11 +220,15 @@ class S3ImageStore(ImageStore):
     production equivalent, and can be added without code changes).
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, bucket: str | None = None) -> None:
+        """``bucket``: one bucket for every kind (a former bucket :func:`former_stores` searches), else the
+        checkout and suspects buckets."""
         from infra.clients.aws import aws_client
 
         f = settings.faces
         self.buckets = {"checkout": f.checkout_bucket, "entrance": f.checkout_bucket, "reference": f.suspects_bucket}
+        if bucket is not None:
+            self.buckets = dict.fromkeys(KINDS, bucket)
         self.allowed_buckets = frozenset(
             [*self.buckets.values(), *(b.strip() for b in f.extra_image_buckets.split(",") if b.strip())]
         )
@@ -232,6 +244,9 @@ class S3ImageStore(ImageStore):
 
     def holds(self, ref: str) -> bool:
         return isinstance(ref, str) and ref.startswith("s3://") and ref[5:].partition("/")[0] in self.allowed_buckets
+
+    def where(self) -> str:
+        return "S3 bucket " + " and ".join(sorted(set(self.buckets.values())))
 
     def ensure_buckets(self) -> None:
         """Create the buckets when missing (embedded/test setups; production provisions them)."""
@@ -352,7 +367,7 @@ def store_holding(ref: str, settings: Settings, current: ImageStore) -> ImageSto
     if isinstance(ref, str) and ref.startswith("s3://"):
         bucket = ref[5:].partition("/")[0]
         configured = {settings.faces.checkout_bucket, settings.faces.suspects_bucket}
-        configured |= {b.strip() for b in settings.faces.extra_image_buckets.split(",") if b.strip()}
+        configured |= set(_extra_buckets(settings))
         if bucket not in configured:
             raise ImageStoreUnavailable(
                 f"the image is in S3 bucket {bucket[:63]}, which is not configured: "
@@ -360,3 +375,24 @@ def store_holding(ref: str, settings: Settings, current: ImageStore) -> ImageSto
             )
         return S3ImageStore(settings)
     raise InvalidRecord(INVALID_REF, "not an image ref (file:<kind>/<key> or s3://<bucket>/<kind>/<key>)")
+
+
+def _extra_buckets(settings: Settings) -> list[str]:
+    return [b.strip() for b in settings.faces.extra_image_buckets.split(",") if b.strip()]
+
+
+def former_stores(settings: Settings, current: ImageStore) -> list[ImageStore]:
+    """The stores besides ``current`` that may hold images written before a switch of ``CG_FACES__IMAGE_STORE`` or
+    of the buckets: the local image folder when it is on this machine, and each bucket of
+    ``CG_FACES__EXTRA_IMAGE_BUCKETS`` (where a former bucket is kept listed) as a store of every kind. ``forget``
+    searches them by key as it searches ``current``: a snapshot is found by its transaction, a retained one by its
+    marker, and no record says which store took it. Creating one makes no request."""
+    stores: list[ImageStore] = []
+    root = settings.stack_dir / "images"
+    if not isinstance(current, LocalImageStore) and all((root / kind).is_dir() for kind in KINDS):
+        stores.append(LocalImageStore(root))
+    in_use = set(current.buckets.values()) if isinstance(current, S3ImageStore) else set()
+    for bucket in dict.fromkeys(_extra_buckets(settings)):
+        if bucket not in in_use:
+            stores.append(S3ImageStore(settings, bucket=bucket))
+    return stores

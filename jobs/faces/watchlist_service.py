@@ -57,7 +57,7 @@ import typer
 from infra import clock, metrics
 from infra.clients import transactional
 from infra.clients.control_topics import STARTUP_READ_STALL_S
-from infra.clients.image_store import ImageStore, ImageStoreUnavailable, store_holding
+from infra.clients.image_store import ImageStore, ImageStoreUnavailable, former_stores, store_holding
 from infra.clients.transactional import Out, Source
 from infra.command_auth import authenticate_command
 from infra.logs import LOG_LEVEL_HELP, setup_logging
@@ -580,36 +580,23 @@ class WatchlistCore:
         enrolled (never matched by one index while forgotten by another) and a new ``forget`` finishes it."""
         audit["subject_id"] = subject
         recorded = self.records.get(subject)
-        references = self._references(subject, recorded.reference_image_ref if recorded else None)
+        current = self.entries.get(subject)
+        tx = (current or {}).get("source_transaction_id") or (subject[5:] if subject.startswith("subj-") else None)
+        images = self._images_of(subject, recorded.reference_image_ref if recorded else None, tx)
         try:
             faces = self.rekognition.forget(subject) if self.rekognition is not None else 0
         except RekognitionError as exc:
             raise rekognition_failed(exc) from None
-        current = self.entries.get(subject)
         removed: list[str] = []
-        for reference, store in references:
+        for ref, store in images:
             try:
-                store.delete(reference)
+                store.delete(ref)
             except Exception as exc:  # noqa: BLE001 - S3 or disk: the image stays, so the forget is not done
                 raise Failed(
                     "image_store_unavailable",
-                    f"the reference image was not deleted ({type(exc).__name__}); issue the command again",
+                    f"{ref} was not deleted from {store.where()} ({type(exc).__name__}); issue the command again",
                 ) from None
-            removed.append(reference)
-        tx = (current or {}).get("source_transaction_id") or (subject[5:] if subject.startswith("subj-") else None)
-        if tx:  # the sale's snapshot and the bot's `checkout <tx>` pictures of it: the buyer's face
-            for key in (
-                checkout_image_key(tx),
-                inspection_image_key(tx),
-                checkout_image_key(f"{tx}{LEGACY_INSPECTION}"),
-            ):
-                if snapshot := self.store.find("checkout", key):
-                    self.store.delete(snapshot)
-                    removed.append(snapshot)
-        for ref, reason in self.store.retained().items():
-            if retained_subject(reason) == subject:
-                self.store.delete(ref)
-                removed.append(ref)
+            removed.append(ref)
         self.records.pop(subject, None)
         self.entries.pop(subject, None)
         existed = bool(current or removed or faces)
@@ -634,23 +621,43 @@ class WatchlistCore:
         """What an audit says of a failure: a refusal's kind and reason, else only the error's type."""
         return f"{exc.kind}: {exc.reason}" if isinstance(exc, InvalidRecord) else type(exc).__name__
 
-    def _references(self, subject: str, recorded: str | None) -> list[tuple[str, ImageStore]]:
-        """The subject's reference images with the store that holds each: the one its entry recorded, wherever
-        it was written (the image store or its bucket may have changed since), and the one under the subject's
-        key in the current store. Resolved before anything is deleted: a store that cannot be reached fails the
-        forget ``image_store_unavailable`` with nothing changed, never reported done with the image left behind."""
-        found: list[tuple[str, ImageStore]] = []
+    def _images_of(self, subject: str, recorded: str | None, tx: str | None) -> list[tuple[str, ImageStore]]:
+        """Every image of ``subject`` with the store that holds it, found before anything is deleted: its reference
+        image where its entry recorded it, and in the current store and each of :func:`former_stores` (the image
+        store or its bucket may have changed since they were written) the one under its key, the sale's snapshot
+        and the bot's ``checkout <tx>`` pictures of it (the buyer's face), and the alert snapshots retained for it.
+        A store that cannot be reached or searched fails the forget ``image_store_unavailable`` with nothing
+        changed, never reported done with an image left behind."""
+        found: dict[str, ImageStore] = {}
         if recorded:
             try:
-                found.append((recorded, store_holding(recorded, self.settings, self.store)))
+                found[recorded] = store_holding(recorded, self.settings, self.store)
             except ImageStoreUnavailable as exc:
                 raise Failed("image_store_unavailable", f"reference image not deleted: {exc}") from None
             except InvalidRecord:  # no ref of any store (file: or s3://): no image of ours to delete
                 log.warning("the entry of %s records a reference image ref of no store: not deleted", subject)
-        here = self.store.find("reference", subject)
-        if here and here != recorded:
-            found.append((here, self.store))
-        return found
+        keys = (
+            (checkout_image_key(tx), inspection_image_key(tx), checkout_image_key(f"{tx}{LEGACY_INSPECTION}"))
+            if tx
+            else ()
+        )
+        for store in [self.store, *former_stores(self.settings, self.store)]:
+            try:
+                if reference := store.find("reference", subject):
+                    found.setdefault(reference, store)
+                for key in keys:
+                    if snapshot := store.find("checkout", key):
+                        found.setdefault(snapshot, store)
+                for ref, reason in store.retained().items():
+                    if retained_subject(reason) == subject:
+                        found.setdefault(ref, store)
+            except Exception as exc:  # noqa: BLE001 - S3 or disk: an image may be there, so nothing is deleted
+                raise Failed(
+                    "image_store_unavailable",
+                    f"the subject's images could not be looked for in {store.where()} ({type(exc).__name__}); "
+                    "nothing deleted, issue the command again",
+                ) from None
+        return list(found.items())
 
     # --- records -----------------------------------------------------------------------------------
     def _audit(self, **fields: Any) -> Out:

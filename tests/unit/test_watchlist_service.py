@@ -620,3 +620,35 @@ def test_forget_of_a_reference_image_in_a_bucket_no_longer_configured_is_failed_
     configured = _enrolled(_switched(moto_url, tmp_path, extra_image_buckets=old_bucket), ref)
     again = configured.on_command(command("FORGET", "subj-tx-1", cid="c6", actor="dpo@example.com"), NOW)
     assert audit_of(again).outcome == "DONE" and old.find("reference", "subj-tx-1") is None
+
+
+def test_forget_after_switches_deletes_the_subjects_snapshots_from_the_local_store_and_a_former_bucket(
+    moto_url, tmp_path
+):
+    """After a switch to S3 (or to another bucket) forget looked for the enrolment snapshot, the bot's pictures of the
+    sale and the alert snapshots only in the current store: the copies in the old one stayed after the erasure."""
+    from infra.clients.image_store import S3ImageStore
+
+    local = LocalImageStore(tmp_path / "images")
+    ref = local.put("reference", "subj-tx-1", b"the subject's face")
+    enrolment = local.put("checkout", checkout_image_key("tx-1"), b"the sale")
+    local_alert = local.put("checkout", "tx-9", b"the subject at a lane")
+    local.retain(local_alert, retain_reason("a-1", "subj-tx-1"))
+    someone_else = local.put("checkout", "tx-10", b"another shopper")
+    local.retain(someone_else, retain_reason("a-2", None))
+    old = S3ImageStore(_switched(moto_url, tmp_path))
+    old.ensure_buckets()
+    old_bucket = old.buckets["checkout"]
+    inspection = old.put("checkout", inspection_image_key("tx-1"), b"checkout tx-1: footage of the sale")
+    old_alert = old.put("checkout", "tx-11", b"the subject at another lane")
+    old.retain(old_alert, retain_reason("a-3", "subj-tx-1"))
+    core = _enrolled(_switched(moto_url, tmp_path, extra_image_buckets=old_bucket), ref)
+    outs = core.on_command(command("FORGET", "subj-tx-1", cid="c5", actor="dpo@example.com"), NOW)
+    audit = audit_of(outs)
+    assert (audit.outcome, audit.details["images_deleted"]) == ("DONE", "5"), audit.reason
+    assert local.find("reference", "subj-tx-1") is None and local.find("checkout", "tx-1") is None
+    assert local.retained() == {someone_else: "subject=- alert=a-2"}, "the subject's alert snapshot stayed"
+    for gone in (inspection, old_alert):
+        key = gone.rsplit("/", 1)[1]
+        assert old.find("checkout", key) is None, f"{gone} stayed in the former bucket"
+    assert local.get(someone_else) == b"another shopper" and enrolment.startswith("file:")
