@@ -365,6 +365,7 @@ class WatchlistCore:
             raise Failed("bad_image", f"checkout snapshot unusable ({exc.kind})") from None
         if face is None:
             raise Failed("no_face", "no face passed the quality gate in the checkout snapshot")
+        previous = self._previous_reference(subject)
         reference = self.store.put("reference", subject, data)
         details = {"image_ref": reference, "quality": f"{face.quality:.3f}"}
         if self.rekognition is not None:
@@ -380,6 +381,9 @@ class WatchlistCore:
                 raise
         if current:
             details["previous_category"] = current["category"]
+        if previous is not None and previous[0] != reference:
+            self._delete_previous_reference(*previous)
+            details["previous_image_ref_deleted"] = previous[0]
         entry = WatchlistEntry(
             subject_id=subject,
             category=category,
@@ -398,6 +402,33 @@ class WatchlistCore:
             Out(WATCHLIST, subject.encode(), entry.encode()),
             self._audit(**audit, outcome="DONE", reason=entry.reason, details=details),
         ]
+
+    def _previous_reference(self, subject: str) -> tuple[str, ImageStore] | None:
+        """The reference image a change of category replaces, with the store that holds it: after a switch of the
+        image store or its bucket it is not where the new one is written, and the entry that named it is replaced,
+        so it would stay for ever. A store that cannot be reached fails the command before anything is written."""
+        entry = self.records.get(subject)
+        if entry is None or not entry.reference_image_ref:
+            return None
+        try:
+            return entry.reference_image_ref, store_holding(entry.reference_image_ref, self.settings, self.store)
+        except ImageStoreUnavailable as exc:
+            raise Failed("image_store_unavailable", f"the former reference image cannot be deleted: {exc}") from None
+        except InvalidRecord:  # no ref of any store: no image of ours
+            return None
+
+    @staticmethod
+    def _delete_previous_reference(ref: str, store: ImageStore) -> None:
+        """Delete the reference image a change of category replaced; failing, the command fails and the entry keeps
+        naming it (the new image, under the subject's key in the current store, is found by a ``forget`` too)."""
+        try:
+            store.delete(ref)
+        except Exception as exc:  # noqa: BLE001 - S3 or disk
+            raise Failed(
+                "image_store_unavailable",
+                f"the former reference image {ref} was not deleted from {store.where()} ({type(exc).__name__}); "
+                "the entry is unchanged, issue the command again",
+            ) from None
 
     @staticmethod
     def _indexable(reference: str, data: bytes, face: DetectedFace) -> bytes | str:

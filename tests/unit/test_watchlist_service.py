@@ -652,3 +652,20 @@ def test_forget_after_switches_deletes_the_subjects_snapshots_from_the_local_sto
         key = gone.rsplit("/", 1)[1]
         assert old.find("checkout", key) is None, f"{gone} stayed in the former bucket"
     assert local.get(someone_else) == b"another shopper" and enrolment.startswith("file:")
+
+
+def test_a_change_of_category_after_a_switch_deletes_the_former_reference_image_in_the_old_store(moto_url, tmp_path):
+    """``vip <tx>`` of a suspect enrolled before a switch to S3 wrote a new reference image there and replaced the
+    entry naming the old one: the image in the old store was named by nothing any more and stayed for ever."""
+    local = LocalImageStore(tmp_path / "images")
+    ref = local.put("reference", "subj-tx-1", b"the subject's face")
+    core = _enrolled(_switched(moto_url, tmp_path), ref)
+    core.engine = _Engine()  # type: ignore[assignment]
+    core.store.put("checkout", "tx-1", b"the sale")
+    outs = core.on_command(command("VIP", "tx-1", cid="c5"), NOW)
+    audit = audit_of(outs)
+    assert audit.outcome == "DONE", audit.reason
+    assert local.find("reference", "subj-tx-1") is None, "the former reference image stayed in the local store"
+    assert audit.details["previous_image_ref_deleted"] == ref
+    (entry,) = [WatchlistEntry.decode(o.value) for o in by_topic(outs)["watchlist"]]
+    assert entry.category == "VIP" and entry.reference_image_ref == core.store.find("reference", "subj-tx-1")
