@@ -607,27 +607,34 @@ class WatchlistCore:
         return outs
 
     def _forget(self, subject: str, audit: dict[str, Any]) -> list[Out]:
-        """Rekognition's faces first, then the images, then the entry: a failure on the way leaves the subject
-        enrolled (never matched by one index while forgotten by another) and a new ``forget`` finishes it."""
+        """The images first, then Rekognition's faces, then the entry: a failure on the way leaves the subject
+        enrolled and matched by both indexes (never by one while forgotten by the other), the audit says what is
+        left, and a new ``forget`` finishes it (deleting an image already gone changes nothing)."""
         audit["subject_id"] = subject
         recorded = self.records.get(subject)
         current = self.entries.get(subject)
         tx = (current or {}).get("source_transaction_id") or (subject[5:] if subject.startswith("subj-") else None)
         images = self._images_of(subject, recorded.reference_image_ref if recorded else None, tx)
-        try:
-            faces = self.rekognition.forget(subject) if self.rekognition is not None else 0
-        except RekognitionError as exc:
-            raise rekognition_failed(exc) from None
         removed: list[str] = []
         for ref, store in images:
             try:
                 store.delete(ref)
             except Exception as exc:  # noqa: BLE001 - S3 or disk: the image stays, so the forget is not done
+                left = self._left_after(removed, [r for r, _ in images[len(removed) :]], current is not None)
                 raise Failed(
                     "image_store_unavailable",
-                    f"{ref} was not deleted from {store.where()} ({type(exc).__name__}); issue the command again",
+                    f"{ref} was not deleted from {store.where()} ({type(exc).__name__}); {left}; "
+                    "issue the command again",
                 ) from None
             removed.append(ref)
+        try:
+            faces = self.rekognition.forget(subject) if self.rekognition is not None else 0
+        except RekognitionError as exc:
+            failed = rekognition_failed(exc)
+            if not removed:
+                raise failed from None
+            left = self._left_after(removed, [], current is not None)
+            raise Failed(failed.kind, f"{exc.code}; {left}; issue the command again") from None
         self.records.pop(subject, None)
         self.entries.pop(subject, None)
         existed = bool(current or removed or faces)
@@ -646,6 +653,16 @@ class WatchlistCore:
                 },
             ),
         ]
+
+    def _left_after(self, removed: list[str], images: list[str], enrolled: bool) -> str:
+        """What a failed forget did and left, for its audit: the images deleted, those still there, the Rekognition
+        faces and the entry (both still there: they go after the images)."""
+        left = [*images]
+        if self.rekognition is not None:
+            left.append("its Rekognition faces")
+        if enrolled:
+            left.append("its watchlist entry")
+        return f"{len(removed)} images deleted, left: {', '.join(left) or 'nothing'}"
 
     @staticmethod
     def _why(exc: Exception) -> str:

@@ -669,3 +669,47 @@ def test_a_change_of_category_after_a_switch_deletes_the_former_reference_image_
     assert audit.details["previous_image_ref_deleted"] == ref
     (entry,) = [WatchlistEntry.decode(o.value) for o in by_topic(outs)["watchlist"]]
     assert entry.category == "VIP" and entry.reference_image_ref == core.store.find("reference", "subj-tx-1")
+
+
+def test_a_forget_whose_image_delete_fails_leaves_the_rekognition_faces_says_what_is_left_and_finishes_later(
+    tmp_path,
+):
+    """forget deleted the Rekognition faces before the images: S3 failing on an image left the subject on the
+    watchlist but gone from Rekognition (matched by one index, forgotten by the other), and the audit said nothing
+    of what was done."""
+
+    class FlakyStore(LocalImageStore):
+        down = True
+
+        def delete(self, ref: str) -> None:
+            if self.down and ref.startswith("file:checkout/"):
+                raise ConnectionError("S3 is away")
+            super().delete(ref)
+
+    class Collection:
+        faces = 2
+
+        def forget(self, subject: str) -> int:
+            deleted, self.faces = self.faces, 0
+            return deleted
+
+    webex = WebexSettings(command_signing_key=SecretStr(KEY), allowed_people=ALLOWED)
+    store = FlakyStore(tmp_path / "images")
+    collection = Collection()
+    core = WatchlistCore(
+        Settings(stack_dir=tmp_path, webex=webex),
+        engine=_Engine(),  # type: ignore[arg-type]
+        store=store,
+        rekognition=collection,  # type: ignore[arg-type]
+    )
+    enrol(core, "subj-tx-1")
+    snapshot = store.put("checkout", "tx-1", b"the sale")
+    failed = audit_of(core.on_command(command("FORGET", "subj-tx-1", cid="c5", actor="dpo@example.com"), NOW))
+    assert failed.outcome == "FAILED" and failed.reason.startswith("image_store_unavailable")
+    assert collection.faces == 2, "gone from Rekognition while still on the watchlist"
+    assert f"left: {snapshot}, its Rekognition faces, its watchlist entry" in failed.reason
+    assert "subj-tx-1" in core.records and store.find("reference", "subj-tx-1") is None
+    store.down = False
+    done = audit_of(core.on_command(command("FORGET", "subj-tx-1", cid="c6", actor="dpo@example.com"), NOW))
+    assert (done.outcome, done.details["rekognition_faces_deleted"]) == ("DONE", "2")
+    assert store.find("checkout", "tx-1") is None and "subj-tx-1" not in core.records
