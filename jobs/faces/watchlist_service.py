@@ -151,6 +151,8 @@ class WatchlistCore:
         """Audit ids already published: an input replayed after an offset reset is skipped entirely."""
         self.marked_at = 0
         """When this service last appended the compaction marker (:func:`schemas.topics.marker_due`)."""
+        self.other_stores: list[ImageStore] = []
+        """Stores besides ``store`` that refs named (:meth:`store_of`), each built once."""
 
     # --- state -------------------------------------------------------------------------------------
     def load(self, key: bytes | None, value: bytes | None) -> None:
@@ -547,7 +549,14 @@ class WatchlistCore:
                 if not entry.reference_image_ref:
                     raise Failed("no_reference", "the entry has no reference image")
                 try:
-                    face = self.engine.best_face(self.store.get(entry.reference_image_ref))
+                    store = self.store_of(entry.reference_image_ref)
+                except ImageStoreUnavailable as exc:  # a setting to fix (the message says which): not gone
+                    log.warning("re-enrolling %s waits for its reference image: %s", subject, exc)
+                    continue
+                except ValueError:  # a ref of no store
+                    raise Failed("missing_image", "the reference image ref names no image store") from None
+                try:
+                    face = self.engine.best_face(store.get(entry.reference_image_ref))
                 except (ValueError, OSError, ImageError) as exc:
                     raise Failed("missing_image", f"reference image unusable ({type(exc).__name__})") from None
                 except Exception as exc:  # noqa: BLE001 - S3 or network: gone for good, or retried next sweep
@@ -577,6 +586,16 @@ class WatchlistCore:
                 )
             )
         return outs
+
+    def store_of(self, ref: str) -> ImageStore:
+        """The store that holds ``ref`` (:func:`store_holding`): an entry's reference image stays where it was written
+        when ``CG_FACES__IMAGE_STORE`` or the suspects bucket changes, and read in the current store it is missing."""
+        for store in (self.store, *self.other_stores):
+            if store.holds(ref):
+                return store
+        store = store_holding(ref, self.settings, self.store)
+        self.other_stores.append(store)
+        return store
 
     def expire(self, now_ms: int) -> list[Out]:
         """Forget every entry past its expiry, everywhere (as ``forget`` does), audited as ``EXPIRE``."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -355,6 +356,9 @@ def test_an_image_store_outage_is_retried_and_a_missing_s3_image_fails_once(tmp_
     class Store:
         def __init__(self, error: Exception) -> None:
             self.error = error
+
+        def holds(self, ref: str) -> bool:
+            return True
 
         def get(self, ref: str) -> bytes:
             raise self.error
@@ -713,3 +717,23 @@ def test_a_forget_whose_image_delete_fails_leaves_the_rekognition_faces_says_wha
     done = audit_of(core.on_command(command("FORGET", "subj-tx-1", cid="c6", actor="dpo@example.com"), NOW))
     assert (done.outcome, done.details["rekognition_faces_deleted"]) == ("DONE", "2")
     assert store.find("checkout", "tx-1") is None and "subj-tx-1" not in core.records
+
+
+def test_an_entry_enrolled_before_a_switch_to_s3_is_enrolled_again_from_its_reference_image_in_the_local_store(
+    moto_url, tmp_path
+):
+    """Re-embedding read the reference image in the current store only: after a switch to S3 every entry enrolled
+    before it failed for good as missing_image and never matched again."""
+    local = LocalImageStore(tmp_path / "images")
+    ref = local.put("reference", "subj-tx-1", b"the subject's face")
+    core = _enrolled(_switched(moto_url, tmp_path), ref)
+    core.engine = _Engine()  # type: ignore[assignment]
+    core.load(b"subj-tx-1", replace(core.records["subj-tx-1"], embeddings=[[0.12] * 128]).encode())
+    elsewhere = WatchlistEntry("subj-tx-2", "VIP", [[0.12] * 128], "vip", "lp@example.com", NOW, "s3://old/reference/k")
+    core.load(b"subj-tx-2", elsewhere.encode())
+    outs = core.reembed(NOW)
+    audit = audit_of(outs)  # one: subj-tx-2's bucket is not configured, a setting to fix, so it waits, not failed
+    assert audit.outcome == "DONE", audit.reason
+    (entry,) = [WatchlistEntry.decode(o.value) for o in by_topic(outs)["watchlist"]]
+    assert len(entry.embeddings) == 1 and entry.embeddings[0] == pytest.approx([0.1] * FACE_LEN)
+    assert entry.reference_image_ref == ref
