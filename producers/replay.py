@@ -6,6 +6,7 @@ them too); this module is the command line.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
@@ -17,9 +18,9 @@ from infra.clients.topic_replay import (
     PartitionRange,
     RangeError,
     bounds,
-    gone_warning,
     parse_time_ms,
     plan,
+    range_warnings,
     replay,
 )
 from infra.settings import get_settings
@@ -89,6 +90,12 @@ def _partitions(text: str) -> list[int]:
     return [int(part) for part in parts]
 
 
+SHORTFALLS: tuple[tuple[str, Callable[[PartitionRange], int]], ...] = (
+    ("gone", lambda r: r.gone),
+    ("not written", lambda r: r.unwritten),
+)
+"""The table's columns of offsets asked for that are not there to copy, shown when one is not 0."""
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -97,16 +104,17 @@ app = typer.Typer(
 
 
 def ranges_table(title: str, ranges: list[PartitionRange]) -> Table:
-    """One row per partition; a ``gone`` column when retention deleted part of the range asked for."""
-    gone = any(r.gone for r in ranges)
+    """One row per partition; a ``gone`` column when retention deleted part of the range asked for, a ``not
+    written`` one when an end offset lies past the partition's end."""
+    extra = [(name, count) for name, count in SHORTFALLS if any(count(r) for r in ranges)]
     table = Table(title=title, show_edge=False)
-    for column in ("partition", "start", "end (excl.)", "records", "low", "high") + (("gone",) if gone else ()):
+    for column in ("partition", "start", "end (excl.)", "records", "low", "high", *(name for name, _ in extra)):
         table.add_column(column, justify="right")
     for r in ranges:
         cells = [str(r.partition), f"{r.start:,}", f"{r.end:,}", f"{r.size:,}", f"{r.low:,}", f"{r.high:,}"]
-        table.add_row(*cells, *((f"{r.gone:,}",) if gone else ()))
+        table.add_row(*cells, *(f"{count(r):,}" for _, count in extra))
     totals = ["all", "", "", f"{sum(r.size for r in ranges):,}", "", ""]
-    table.add_row(*totals, *((f"{sum(r.gone for r in ranges):,}",) if gone else ()), style="bold")
+    table.add_row(*totals, *(f"{sum(count(r) for r in ranges):,}" for _, count in extra), style="bold")
     return table
 
 
@@ -138,8 +146,9 @@ def run_command(
 ) -> None:
     """Replay TOPIC's range into the target; end offsets are fixed at the start (replaying into itself ends).
 
-    Offsets asked for that retention already deleted are named in a warning and make the exit code 1 (the dry run's
-    too): what is kept is still copied, but not the whole range.
+    Offsets asked for that retention already deleted, or that an end offset past the partition's end asks for, are
+    named in a warning and make the exit code 1 (the dry run's too): what is there is still copied, but not the
+    whole range. A start offset past the partition's end is refused (exit 2): nothing would be copied.
 
     State and control topics (rules, watchlist, labels, cases, commands, audit) are not replayed into themselves
     nor into the live prefix on the same cluster: that would roll their state back."""
@@ -166,11 +175,11 @@ def run_command(
         console.print(str(exc), style="red", markup=False, highlight=False)
         raise typer.Exit(2) from None
     console.print(ranges_table(f"{source_name} -> {target_name}", ranges))
-    gone = gone_warning(ranges)
-    if gone is not None:
-        console.print(f"Warning: {gone}", style="yellow", markup=False, highlight=False)
+    warnings = range_warnings(ranges)
+    for warning in warnings:
+        console.print(f"Warning: {warning}", style="yellow", markup=False, highlight=False)
     if dry_run:
-        raise typer.Exit(0 if gone is None else 1)
+        raise typer.Exit(1 if warnings else 0)
     try:
         stats = replay(
             settings.kafka,
@@ -186,18 +195,20 @@ def run_command(
         console.print(str(exc), style="red", markup=False, highlight=False)
         raise typer.Exit(1) from None
     missing = sum(r.gone for r in ranges)
-    colour = "green" if stats.ok and not missing else "red"
+    unwritten = sum(r.unwritten for r in ranges)
+    complete = stats.ok and not warnings
     console.print(
         f"replayed {stats.acked:,} of {stats.planned:,} planned record(s) ({stats.read:,} read, "
         f"{stats.failed:,} failed) in {stats.elapsed_s:,.1f} s"
-        + (f"; {missing:,} offset(s) of the range were gone before the start (retention)" if missing else ""),
-        style=colour,
+        + (f"; {missing:,} offset(s) of the range were gone before the start (retention)" if missing else "")
+        + (f"; {unwritten:,} offset(s) of the range were past the end (not written yet)" if unwritten else ""),
+        style="green" if complete else "red",
         markup=False,
         highlight=False,
     )
     for err in stats.errors:
         console.print(f"delivery error: {err}", style="red", markup=False, highlight=False)
-    raise typer.Exit(0 if stats.ok and not missing else 1)
+    raise typer.Exit(0 if complete else 1)
 
 
 @app.command("epoch-ms")

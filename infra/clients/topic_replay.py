@@ -121,6 +121,8 @@ class PartitionRange:
     """The partition's watermarks when the range was resolved."""
     gone: int = 0
     """Offsets asked for that lie below ``low``: deleted by retention, so not in ``[start, end)``."""
+    unwritten: int = 0
+    """Offsets asked for at or above ``high`` (an end offset past the partition's end): not written yet."""
 
     @property
     def size(self) -> int:
@@ -139,6 +141,26 @@ def gone_warning(ranges: Iterable[PartitionRange]) -> str | None:
         f"{sum(r.gone for r in cut):,} offset(s) of the range are gone (deleted by retention) and cannot be"
         f" replayed ({where}); only what is kept is copied"
     )
+
+
+def unwritten_warning(ranges: Iterable[PartitionRange]) -> str | None:
+    """The warning for an end offset past the partition's end, or ``None``: the end is cut back to the end of the
+    partition, and without a word the operator took the offsets up to the one given as copied."""
+    cut = [r for r in ranges if r.unwritten > 0]
+    if not cut:
+        return None
+    where = "; ".join(f"partition {r.partition}: {r.unwritten:,} from {r.high:,}, its end" for r in cut)
+    return (
+        f"{sum(r.unwritten for r in cut):,} offset(s) of the range are not written yet (the end offset is past the"
+        f" end of the partition) and cannot be replayed ({where}); only what is there is copied"
+    )
+
+
+def range_warnings(ranges: Iterable[PartitionRange]) -> list[str]:
+    """Every way the resolved range falls short of the one asked for (each a sentence for a ``Warning:`` line):
+    replay and the stream backtest show the same ones."""
+    ranges = list(ranges)
+    return [w for w in (gone_warning(ranges), unwritten_warning(ranges)) if w is not None]
 
 
 def check_order(start: Bound, end: Bound) -> None:
@@ -185,14 +207,15 @@ def resolve_ranges(
     partitions: Iterable[int] | None = None,
 ) -> list[PartitionRange]:
     """Concrete ``[start, end)`` offsets per partition, clipped to the watermarks; what a start offset below the
-    low watermark asked for and retention deleted is counted in ``gone`` (:func:`gone_warning`).
+    low watermark asked for and retention deleted is counted in ``gone`` (:func:`gone_warning`), what an end offset
+    past the high watermark asked for in ``unwritten`` (:func:`unwritten_warning`).
 
     Defaults: from the low watermark (earliest) to the high watermark at this moment. A time resolves
     to the first offset whose timestamp is at or after it (``offsets_for_time(ms) -> {partition:
     offset}``, -1 = none, i.e. the high watermark). Per-partition offsets leave unnamed partitions at
     their default; offsets for a partition that ``partitions`` leaves out are refused. Raises
-    :class:`RangeError` for a partition the topic does not have, or a range that ends before it starts
-    (:func:`check_order`).
+    :class:`RangeError` for a partition the topic does not have, a range that ends before it starts
+    (:func:`check_order`), or a start offset past the partition's end (the range would be empty).
     """
     check_order(start, end)
     wanted = sorted(watermarks) if partitions is None else sorted(set(partitions))
@@ -220,13 +243,20 @@ def resolve_ranges(
         return out
 
     starts, ends = pick(start, default_end=False), pick(end, default_end=True)
+    past = [f"partition {p}: {starts[p]:,} > {watermarks[p][1]:,}" for p in wanted if starts[p] > watermarks[p][1]]
+    if past:  # cut back to the end it was an empty range: nothing replayed, exit 0
+        raise RangeError(
+            f"the start offset is past the end of the partition ({'; '.join(past)}, its end now): nothing there to"
+            " replay (--dry-run without a start shows each partition's end; --partitions leaves one out)"
+        )
     ranges = []
     for p in wanted:
         low, high = watermarks[p]
         s = min(max(starts[p], low), high)
         e = min(max(ends[p], s), high)
         gone = max(0, min(ends[p], low) - starts[p])  # asked for, below what retention kept
-        ranges.append(PartitionRange(p, s, e, low, high, gone))
+        unwritten = max(0, ends[p] - max(starts[p], high))  # asked for, past the end of the partition
+        ranges.append(PartitionRange(p, s, e, low, high, gone, unwritten))
     return ranges
 
 

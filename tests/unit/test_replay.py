@@ -126,7 +126,7 @@ def test_offsets_that_retention_deleted_are_counted_as_gone_and_warned_about():
     )
     whole = resolve_ranges(WATERMARKS, Bound(offsets=1), Bound(offsets={0: 5}), _never)
     assert [r.gone for r in whole] == [4, 0, 4]  # an end below the low watermark too: all of it gone
-    for start in (Bound(), Bound(offsets=10), Bound(time_ms=1)):
+    for start in (Bound(), Bound(offsets={0: 10}), Bound(time_ms=1)):  # partition 2 ends at 5
         kept = resolve_ranges(WATERMARKS, start, Bound(), lambda _ms: {0: 10, 1: 0, 2: -1})
         assert topic_replay.gone_warning(kept) is None and not any(r.gone for r in kept)
 
@@ -154,6 +154,58 @@ def test_a_range_cut_by_retention_is_warned_about_and_exits_1_after_copying_what
     if not dry_run:
         assert "replayed 120 of 120 planned record(s)" in output
         assert "6 offset(s) of the range were gone before the start (retention)" in output
+
+
+def test_a_start_offset_past_the_end_of_a_partition_is_refused_not_replayed_as_nothing():
+    """``--from-offsets 5000`` on a partition ending at 100 was cut back to 100: nothing replayed, exit 0."""
+    with pytest.raises(RangeError, match=r"start offset is past the end of the partition \(partition 0: 5,000 > 100"):
+        resolve_ranges(WATERMARKS, Bound(offsets={0: 5000}), Bound(), _never)
+    with pytest.raises(RangeError, match=r"partition 1: 60 > 50; partition 2: 60 > 5"):
+        resolve_ranges(WATERMARKS, Bound(offsets=60), Bound(), _never)
+    assert _spans(resolve_ranges(WATERMARKS, Bound(offsets=50), Bound(), _never, partitions=[0, 1]))[1] == (50, 50)
+
+
+def test_an_end_offset_past_the_end_of_a_partition_is_counted_as_not_written_and_warned_about():
+    ranges = resolve_ranges(WATERMARKS, Bound(offsets={0: 40}), Bound(offsets={0: 130, 1: 20}), _never)
+    assert [(r.partition, r.end, r.unwritten) for r in ranges] == [(0, 100, 30), (1, 20, 0), (2, 5, 0)]
+    assert topic_replay.range_warnings(ranges) == [
+        "30 offset(s) of the range are not written yet (the end offset is past the end of the partition) and cannot"
+        " be replayed (partition 0: 30 from 100, its end); only what is there is copied"
+    ]
+    kept = resolve_ranges(WATERMARKS, Bound(offsets={0: 40}), Bound(offsets={0: 100, 1: 50}), _never)
+    assert topic_replay.range_warnings(kept) == [] and not any(r.unwritten for r in kept)
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_replay_refuses_a_start_past_the_end_with_exit_2_and_warns_of_an_end_past_it_with_exit_1(
+    monkeypatch: pytest.MonkeyPatch, dry_run: bool
+) -> None:
+    watermarks = {0: (0, 3000)}
+    copied: list[list[PartitionRange]] = []
+
+    def fake_plan(_kafka: Any, _topic: str, start: Bound, end: Bound, partitions: Any) -> list[PartitionRange]:
+        return resolve_ranges(watermarks, start, end, _never, partitions)
+
+    def fake_replay(*args: Any, **_k: Any) -> ReplayStats:
+        copied.append(args[4])
+        return ReplayStats(planned=1000, read=1000, sent=1000, acked=1000)
+
+    monkeypatch.setattr(replay_cli, "get_settings", lambda: Settings())
+    monkeypatch.setattr(replay_cli, "plan", fake_plan)
+    monkeypatch.setattr(replay_cli, "replay", fake_replay)
+    extra = ["--no-progress"] + (["--dry-run"] if dry_run else [])
+    result = CliRunner().invoke(replay_cli.app, ["run", "transactions", "--from-offsets", "5000", *extra])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and "start offset is past the end of the partition" in output, output
+    assert copied == []
+    args = ["run", "transactions", "--from-offsets", "2000", "--to-offsets", "5000", *extra]
+    result = CliRunner().invoke(replay_cli.app, args)
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1, output
+    assert "Warning: 2,000 offset(s) of the range are not written yet" in output and "not written" in output
+    assert len(copied) == (0 if dry_run else 1)
+    if not dry_run:
+        assert "2,000 offset(s) of the range were past the end (not written yet)" in output
 
 
 def test_a_start_time_later_than_the_end_time_is_refused_before_any_broker_is_asked():
