@@ -148,7 +148,9 @@ def run_command(
 
     Offsets asked for that retention already deleted, or that an end offset past the partition's end asks for, are
     named in a warning and make the exit code 1 (the dry run's too): what is there is still copied, but not the
-    whole range. A start offset past the partition's end is refused (exit 2): nothing would be copied.
+    whole range; so does a start time before the earliest record retention kept, where retention deleted records
+    (part of the window may be gone). A start offset past the partition's end is refused (exit 2): nothing would
+    be copied.
 
     State and control topics (rules, watchlist, labels, cases, commands, audit) are not replayed into themselves
     nor into the live prefix on the same cluster: that would roll their state back."""
@@ -196,12 +198,14 @@ def run_command(
         raise typer.Exit(1) from None
     missing = sum(r.gone for r in ranges)
     unwritten = sum(r.unwritten for r in ranges)
+    time_cut = any(r.time_cut for r in ranges)
     complete = stats.ok and not warnings
     console.print(
         f"replayed {stats.acked:,} of {stats.planned:,} planned record(s) ({stats.read:,} read, "
         f"{stats.failed:,} failed) in {stats.elapsed_s:,.1f} s"
         + (f"; {missing:,} offset(s) of the range were gone before the start (retention)" if missing else "")
-        + (f"; {unwritten:,} offset(s) of the range were past the end (not written yet)" if unwritten else ""),
+        + (f"; {unwritten:,} offset(s) of the range were past the end (not written yet)" if unwritten else "")
+        + ("; part of the window may have been gone before the start (retention)" if time_cut else ""),
         style="green" if complete else "red",
         markup=False,
         highlight=False,

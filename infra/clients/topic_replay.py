@@ -123,6 +123,9 @@ class PartitionRange:
     """Offsets asked for that lie below ``low``: deleted by retention, so not in ``[start, end)``."""
     unwritten: int = 0
     """Offsets asked for at or above ``high`` (an end offset past the partition's end): not written yet."""
+    time_cut: bool = False
+    """A start time earlier than the earliest kept record (at ``low``), with records below ``low`` deleted by
+    retention: some of the window may have been among them; how many cannot be told."""
 
     @property
     def size(self) -> int:
@@ -156,11 +159,25 @@ def unwritten_warning(ranges: Iterable[PartitionRange]) -> str | None:
     )
 
 
+def time_cut_warning(ranges: Iterable[PartitionRange]) -> str | None:
+    """The warning for a start time before what retention kept, or ``None``: the start moves to the earliest kept
+    record, and without a word the operator took the window as copied from its start."""
+    cut = [r for r in ranges if r.time_cut]
+    if not cut:
+        return None
+    where = "; ".join(f"partition {r.partition}: offsets before {r.low:,} deleted" for r in cut)
+    return (
+        "the start time is earlier than the earliest record retention kept, so part of the window may be gone"
+        f" ({where}); only what is kept is copied"
+    )
+
+
 def range_warnings(ranges: Iterable[PartitionRange]) -> list[str]:
     """Every way the resolved range falls short of the one asked for (each a sentence for a ``Warning:`` line):
     replay and the stream backtest show the same ones."""
     ranges = list(ranges)
-    return [w for w in (gone_warning(ranges), unwritten_warning(ranges)) if w is not None]
+    warnings = (gone_warning(ranges), time_cut_warning(ranges), unwritten_warning(ranges))
+    return [w for w in warnings if w is not None]
 
 
 def check_order(start: Bound, end: Bound) -> None:
@@ -208,7 +225,8 @@ def resolve_ranges(
 ) -> list[PartitionRange]:
     """Concrete ``[start, end)`` offsets per partition, clipped to the watermarks; what a start offset below the
     low watermark asked for and retention deleted is counted in ``gone`` (:func:`gone_warning`), what an end offset
-    past the high watermark asked for in ``unwritten`` (:func:`unwritten_warning`).
+    past the high watermark asked for in ``unwritten`` (:func:`unwritten_warning`); a start time before the earliest
+    record retention kept marks ``time_cut`` (:func:`time_cut_warning`).
 
     Defaults: from the low watermark (earliest) to the high watermark at this moment. A time resolves
     to the first offset whose timestamp is at or after it (``offsets_for_time(ms) -> {partition:
@@ -249,6 +267,7 @@ def resolve_ranges(
             f"the start offset is past the end of the partition ({'; '.join(past)}, its end now): nothing there to"
             " replay (--dry-run without a start shows each partition's end; --partitions leaves one out)"
         )
+    time_cut = _time_cut(watermarks, start, starts, offsets_for_time)
     ranges = []
     for p in wanted:
         low, high = watermarks[p]
@@ -256,8 +275,26 @@ def resolve_ranges(
         e = min(max(ends[p], s), high)
         gone = max(0, min(ends[p], low) - starts[p])  # asked for, below what retention kept
         unwritten = max(0, ends[p] - max(starts[p], high))  # asked for, past the end of the partition
-        ranges.append(PartitionRange(p, s, e, low, high, gone, unwritten))
+        ranges.append(PartitionRange(p, s, e, low, high, gone, unwritten, p in time_cut))
     return ranges
+
+
+def _time_cut(
+    watermarks: Mapping[int, tuple[int, int]],
+    start: Bound,
+    starts: Mapping[int, int],
+    offsets_for_time: Callable[[int], Mapping[int, int]],
+) -> set[int]:
+    """The partitions where a start time lies before what retention kept: the time resolved to the earliest kept
+    offset, which retention moved above 0, and that record is later than the time (the first offset at or after
+    the time plus 1 ms is still it). A record exactly at the time is the window's start: nothing is missing."""
+    if start.time_ms is None:
+        return set()
+    at_low = {p for p, offset in starts.items() if offset == watermarks[p][0] > 0 and offset < watermarks[p][1]}
+    if not at_low:
+        return set()
+    later = offsets_for_time(start.time_ms + 1)
+    return {p for p in at_low if later.get(p) == watermarks[p][0]}
 
 
 def target_partition(source_partition: int, source_partitions: int, target_partitions: int) -> int | None:

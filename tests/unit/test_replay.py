@@ -208,6 +208,44 @@ def test_replay_refuses_a_start_past_the_end_with_exit_2_and_warns_of_an_end_pas
         assert "2,000 offset(s) of the range were past the end (not written yet)" in output
 
 
+def test_a_start_time_before_what_retention_kept_warns_that_part_of_the_window_may_be_gone():
+    """A --from-time older than the oldest kept record quietly started at it, as if the window were there whole."""
+    stamps = {0: [(10, 5_000)], 1: [(0, 500), (20, 1_500)], 3: [(40, 1_000)]}  # partition: (offset, timestamp)
+    watermarks = {0: (10, 100), 1: (0, 50), 2: (5, 5), 3: (40, 60)}
+
+    def lookup(ms: int) -> dict[int, int]:  # the first offset at or after the time, -1: none
+        return {p: next((o for o, ts in records if ts >= ms), -1) for p, records in stamps.items()} | {2: -1}
+
+    ranges = resolve_ranges(watermarks, Bound(time_ms=1_000), Bound(), lookup)
+    assert [(r.partition, r.start, r.time_cut) for r in ranges] == [(0, 10, True), (1, 20, False), (2, 5, False)] + [
+        (3, 40, False)  # its earliest kept record is exactly at the time: the window starts there
+    ]
+    assert topic_replay.range_warnings(ranges) == [
+        "the start time is earlier than the earliest record retention kept, so part of the window may be gone"
+        " (partition 0: offsets before 10 deleted); only what is kept is copied"
+    ]
+    later = resolve_ranges(watermarks, Bound(time_ms=5_000), Bound(), lookup)
+    assert topic_replay.range_warnings(later) == [] and not any(r.time_cut for r in later)
+    nothing_deleted = resolve_ranges({1: (0, 50)}, Bound(time_ms=100), Bound(), lookup)
+    assert not nothing_deleted[0].time_cut  # low 0: the partition holds everything it ever had
+
+
+def test_replay_from_a_time_before_what_retention_kept_warns_and_exits_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_plan(_kafka: Any, _topic: str, start: Bound, end: Bound, partitions: Any) -> list[PartitionRange]:
+        return resolve_ranges({0: (300, 900)}, start, end, lambda ms: {0: 300}, partitions)
+
+    monkeypatch.setattr(replay_cli, "get_settings", lambda: Settings())
+    monkeypatch.setattr(replay_cli, "plan", fake_plan)
+    monkeypatch.setattr(replay_cli, "replay", lambda *_a, **_k: ReplayStats(planned=600, read=600, sent=600, acked=600))
+    for extra in (["--dry-run"], []):
+        args = ["run", "transactions", "--from-time", "2026-11-22T06:00:00Z", "--no-progress", *extra]
+        result = CliRunner().invoke(replay_cli.app, args)
+        output = " ".join(result.output.split())
+        assert result.exit_code == 1, output
+        assert "Warning: the start time is earlier than the earliest record retention kept" in output
+    assert "part of the window may have been gone before the start (retention)" in output
+
+
 def test_a_start_time_later_than_the_end_time_is_refused_before_any_broker_is_asked():
     """An inverted range resolved to nothing, and the replay ended with exit 0 as if it had copied the hour."""
     with pytest.raises(RangeError, match=r"start 2026-11-22T07:00:00.000Z is later than the end 2026-11-22T06:00:00"):
