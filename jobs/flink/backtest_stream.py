@@ -764,6 +764,21 @@ def wait_until_done(copy: Settings, children: list, timeout_s: float, quiet_s: f
             time.sleep(1.0)
 
 
+def range_notes(ranges: Iterable[Any]) -> list[str]:
+    """Replay's warnings for a range that falls short of the one asked for (:func:`topic_replay.range_warnings`),
+    as report notes; ``ranges`` are ``PartitionRange``s or their dicts in a report's ``meta`` (``compare`` keeps
+    them), an unreadable one is left out."""
+    from infra.clients.topic_replay import PartitionRange, range_warnings
+
+    resolved = []
+    for r in ranges:
+        try:
+            resolved.append(r if isinstance(r, PartitionRange) else PartitionRange(**r))
+        except TypeError:  # not a range this version wrote
+            continue
+    return [f"the replayed range is not the one asked for: {w}" for w in range_warnings(resolved)]
+
+
 def run_backtest(
     settings: Settings,
     name: str,
@@ -779,7 +794,9 @@ def run_backtest(
 ) -> tuple[Report, Path]:
     """Run the copy over the baseline's range ``[start, end)`` (``producers.replay.Bound``s), compare it with
     the baseline's index, write the report; returns it and its folder. The copy's job and sink are stopped
-    at the end; its topics and index stay."""
+    at the end; its topics and index stay. Where the range falls short of the one asked for (offsets retention
+    deleted, a window it may have cut, offsets not written yet) replay's warnings are printed before the run and
+    open the report's notes."""
     from infra.clients.topic_replay import plan, replay
     from infra.launcher import spawn, start_scoring_job
 
@@ -796,6 +813,9 @@ def run_backtest(
     source = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
     target = TRANSACTIONS.full_name(copy.kafka.topic_prefix)
     ranges = plan(settings.kafka, source, start, end, partitions)
+    shortfalls = range_notes(ranges)
+    for note in shortfalls:  # before the run: it takes minutes, and the operator may stop it
+        errors.print(f"warning: {note}", style="bold red", markup=False, highlight=False)
     create_copy_topics(copy, copy_partitions)
     if picked.text is not None:  # on the copy's own rules topic, as a live rule change would be
         publish_rule_set(copy, picked.rules, picked.text, "backtest")
@@ -828,7 +848,7 @@ def run_backtest(
         "model": model_version,
         "seconds": round(time.monotonic() - started, 1),
     }
-    report.notes += version_notes(report)
+    report.notes = shortfalls + report.notes + version_notes(report)
     write_report(report, out_dir)
     return report, out_dir
 
@@ -848,7 +868,7 @@ def compare_again(
         settings, baseline_prefix, candidate_prefix, sample_size, lambda: read_replayed(settings, candidate_prefix)
     )
     report.meta = run_meta(out_dir)
-    report.notes += version_notes(report)
+    report.notes = range_notes(report.meta.get("range") or ()) + report.notes + version_notes(report)
     write_report(report, out_dir)
     return report, out_dir
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -19,6 +20,7 @@ from jobs.flink.backtest_stream import (
     copy_rules,
     detection,
     report_markdown,
+    run_backtest,
     transaction_ids,
     version_notes,
     write_report,
@@ -264,6 +266,35 @@ def test_comparing_again_keeps_the_runs_details(tmp_path, monkeypatch):
     assert report.meta == run.meta == json.loads((out_dir / "report.json").read_text())["meta"]
     assert '"rules_version": "r2"' in (out_dir / "report.md").read_text()
     assert compare_again(settings, "checkout-guard", "bt-1", 1, lambda *_: REPLAYED)[0].meta == run.meta  # again
+
+
+def test_a_range_retention_cut_is_warned_about_before_the_run_and_in_the_report(tmp_path, monkeypatch, capsys):
+    """The stream backtest planned its range as replay does but kept quiet about the offsets retention deleted:
+    its report compared a part of the range as if it were the whole."""
+    from infra import launcher
+    from infra.clients import topic_replay
+    from jobs.flink import backtest_stream
+
+    cut = [topic_replay.PartitionRange(0, 10, 80, 10, 100, gone=6), topic_replay.PartitionRange(1, 0, 50, 0, 50)]
+    monkeypatch.setattr(topic_replay, "plan", lambda *_a, **_k: cut)
+    monkeypatch.setattr(topic_replay, "replay", lambda *_a, **_k: topic_replay.ReplayStats(acked=120, sent=120))
+    monkeypatch.setattr(launcher, "start_scoring_job", lambda *_a, **_k: SimpleNamespace(stop=lambda: None))
+    monkeypatch.setattr(launcher, "spawn", lambda *_a, **_k: SimpleNamespace(stop=lambda: None))
+    for quiet in ("create_copy_topics", "publish_rule_set", "wait_until_done"):
+        monkeypatch.setattr(backtest_stream, quiet, lambda *_a, **_k: None)
+    monkeypatch.setattr(backtest_stream, "replayed_transactions", lambda *_a: REPLAYED)
+    monkeypatch.setattr(
+        opensearch, "make_client", lambda *_a, **_k: FakeSearch({"checkout-guard": BASELINE, "bt-1": CANDIDATE})
+    )
+    (rules_file := tmp_path / "cand.yaml").write_text(_published("cand-1", 65)[1])
+    settings = Settings(stack_dir=tmp_path)
+    report, out_dir = run_backtest(settings, "bt-1", Candidate(rules_file=rules_file), None, None)
+    warning = "6 offset(s) of the range are gone (deleted by retention) and cannot be replayed (partition 0: 6"
+    assert warning in " ".join(capsys.readouterr().err.split())
+    assert report.notes[0].startswith("the replayed range is not the one asked for: 6 offset(s) of the range are")
+    assert warning in (out_dir / "report.md").read_text()
+    again, _ = compare_again(settings, "checkout-guard", "bt-1", read_replayed=lambda *_: REPLAYED)
+    assert again.notes[0] == report.notes[0]  # compare keeps it: the range is in the run's details
 
 
 def test_comparing_without_a_run_report_has_no_run_details(tmp_path, monkeypatch):
