@@ -242,6 +242,19 @@ def selection_from_options(
     )
 
 
+def deleted_warning(deleted: Mapping[int, int]) -> str | None:
+    """The warning for letters retention deleted while they were being read, or ``None``: they are neither counted
+    nor re-driven, and without a word the counts read as every letter of the topic."""
+    gone = {p: n for p, n in sorted(deleted.items()) if n > 0}
+    if not gone:
+        return None
+    where = ", ".join(f"partition {p}: {n:,}" for p, n in gone.items())
+    return (
+        f"{sum(gone.values()):,} dead letter(s) were deleted by retention while being read ({where}) and are not"
+        " counted nor re-driven: their payloads are gone"
+    )
+
+
 def counts_table(plan: RedrivePlan, dry_run: bool) -> Table:
     """One row per stage and kind, one column per outcome that occurred."""
     outcomes = [o for o in OUTCOMES if any(n for (_, _, out), n in plan.counts.items() if out == o)]
@@ -260,12 +273,22 @@ def counts_table(plan: RedrivePlan, dry_run: bool) -> Table:
 
 
 def read_dead_letters(
-    settings: Settings, topic: str, idle_timeout_s: float = 30.0
+    settings: Settings, topic: str, idle_timeout_s: float = 30.0, deleted: dict[int, int] | None = None
 ) -> Iterator[DeadLetter | InvalidRecord]:
     """Every dead letter in ``topic`` from the beginning to its end when called (committed records only),
-    decoded; one that cannot be decoded comes as its :class:`InvalidRecord`."""
+    decoded; one that cannot be decoded comes as its :class:`InvalidRecord`. Letters retention deletes while they
+    are read (the topic keeps them days) are counted per partition in ``deleted``: an ``earliest`` reset skipped
+    them without a word."""
     ranges = plan_ranges(settings.kafka, topic, Bound(), Bound())
-    for message in read_range_records(settings.kafka, topic, ranges, "redrive", idle_timeout_s=idle_timeout_s):
+    read = read_range_records(
+        settings.kafka,
+        topic,
+        ranges,
+        "redrive",
+        idle_timeout_s=idle_timeout_s,
+        deleted={} if deleted is None else deleted,
+    )
+    for message in read:
         try:
             yield DeadLetter.decode(message.value() or b"")
         except InvalidRecord as exc:  # a DecodeError too
@@ -344,7 +367,10 @@ def main(
         selection = selection_from_options(stage, kind, since, until, source_topic, prefix, include_permanent)
         topics = cluster_topics(settings)
         watchlist = WATCHLIST.full_name(prefix)
-        plan = plan_redrive(read_dead_letters(settings, dead_topic), selection, topics, limit, watchlist)
+        deleted: dict[int, int] = {}
+        plan = plan_redrive(
+            read_dead_letters(settings, dead_topic, deleted=deleted), selection, topics, limit, watchlist
+        )
     except (RangeError, TimeoutError, RuntimeError) as exc:
         errors.print(str(exc), style="red", markup=False, highlight=False)
         raise typer.Exit(2 if isinstance(exc, RangeError) else 1) from None
@@ -367,8 +393,11 @@ def main(
     if not plan.counts and plan.stages:
         found = ", ".join(f"{name} ({n:,})" for name, n in sorted(plan.stages.items()))
         errors.print(f"no dead letter matched; stages in {dead_topic}: {found}", markup=False, highlight=False)
+    gone = deleted_warning(deleted)
+    if gone is not None:
+        errors.print(f"Warning: {gone}", style="yellow", markup=False, highlight=False)
     if dry_run or not plan.sends:
-        raise typer.Exit(0)
+        raise typer.Exit(0 if gone is None else 1)
     stats = send_all(settings, plan.sends)
     console.print(
         f"re-driven {stats.acked:,} of {len(plan.sends):,} ({stats.failed:,} failed)",
@@ -378,7 +407,7 @@ def main(
     )
     for error in stats.errors:
         errors.print(f"delivery error: {error}", style="red", markup=False, highlight=False)
-    raise typer.Exit(0 if stats.failed == 0 else 1)
+    raise typer.Exit(0 if stats.failed == 0 and gone is None else 1)
 
 
 if __name__ == "__main__":

@@ -382,18 +382,29 @@ def _consumer(kafka: KafkaSettings) -> Consumer:
     return assigned_consumer(kafka, "replay", auto_offset_reset="error")
 
 
+RETENTION_RESETS = frozenset({KafkaError._AUTO_OFFSET_RESET, KafkaError.OFFSET_OUT_OF_RANGE})
+"""What a consumer with ``auto.offset.reset=error`` reports when its position fell below the log start."""
+
+
 def read_assigned(
-    consumer: Consumer, topic: str, ranges: Mapping[int, tuple[int, int]], idle_timeout_s: float = 30.0
+    consumer: Consumer,
+    topic: str,
+    ranges: Mapping[int, tuple[int, int]],
+    idle_timeout_s: float = 30.0,
+    deleted: dict[int, int] | None = None,
 ) -> Iterator[Message]:
     """The records of ``[start, end)`` per partition of ``topic``, each partition in offset order (fewer than
     ``end - start`` where offsets are compaction gaps or transaction markers). A partition is done at its
     end of partition, at a record at/after ``end``, or when the consumer's position passed ``end`` (a gap or
     marker at the end); ``TimeoutError`` when nothing arrives for ``idle_timeout_s`` before all are done.
-    Leaves the consumer unassigned, not closed (a follow-up read may reuse it)."""
+    With ``deleted`` (and a consumer with ``auto.offset.reset=error``), records retention deletes before they are
+    read are counted there per partition and the read goes on from the earliest kept one; without it that error
+    raises. Leaves the consumer unassigned, not closed (a follow-up read may reuse it)."""
     todo = {p: r for p, r in ranges.items() if r[0] < r[1]}
     if not todo:
         return
     consumer.assign([TopicPartition(topic, p, start) for p, (start, _) in todo.items()])
+    after = {p: start for p, (start, _) in todo.items()}  # the next offset each partition is to read
     last = time.monotonic()
     try:
         while todo:
@@ -403,13 +414,32 @@ def read_assigned(
             elif time.monotonic() - last > idle_timeout_s:
                 raise TimeoutError(f"{topic}: nothing read for {idle_timeout_s:.0f}s from partitions {sorted(todo)}")
             for message in messages:
-                if _in_range(message, topic, todo):
+                error, p = message.error(), message.partition()
+                if deleted is not None and error is not None and error.code() in RETENTION_RESETS and p in todo:
+                    _skip_deleted(consumer, topic, p, todo, after[p], deleted)
+                elif _in_range(message, topic, todo):
+                    after[p] = (message.offset() or 0) + 1
                     yield message
             for p, tp in zip(list(todo), consumer.position([TopicPartition(topic, p) for p in todo]), strict=True):
                 if tp.offset >= todo[p][1]:
                     del todo[p]
     finally:
         consumer.unassign()
+
+
+def _skip_deleted(
+    consumer: Consumer, topic: str, p: int, todo: dict[int, tuple[int, int]], at: int, deleted: dict[int, int]
+) -> None:
+    """Retention deleted partition ``p`` from ``at`` on before it was read: count what of the range went (up to
+    the earliest kept offset) and read on from there, or end the partition when all of it went."""
+    low = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[0]
+    start, end = todo[p]
+    deleted[p] = deleted.get(p, 0) + max(0, min(low, end) - max(at, start))
+    consumer.incremental_unassign([TopicPartition(topic, p)])
+    if low >= end:
+        del todo[p]
+    else:
+        consumer.incremental_assign([TopicPartition(topic, p, low)])
 
 
 def _in_range(message: Message, topic: str, todo: dict[int, tuple[int, int]]) -> bool:
@@ -436,12 +466,19 @@ def _in_range(message: Message, topic: str, todo: dict[int, tuple[int, int]]) ->
 
 
 def read_range_records(
-    kafka: KafkaSettings, topic: str, ranges: Iterable[PartitionRange], purpose: str, idle_timeout_s: float = 30.0
+    kafka: KafkaSettings,
+    topic: str,
+    ranges: Iterable[PartitionRange],
+    purpose: str,
+    idle_timeout_s: float = 30.0,
+    deleted: dict[int, int] | None = None,
 ) -> Iterator[Message]:
-    """:func:`read_assigned` with a consumer of its own, closed at the end."""
-    consumer = assigned_consumer(kafka, purpose)
+    """:func:`read_assigned` with a consumer of its own, closed at the end. With ``deleted``, what retention deletes
+    before it is read is counted there (the consumer errs instead of skipping to the earliest kept record)."""
+    consumer = assigned_consumer(kafka, purpose, "earliest" if deleted is None else "error")
     try:
-        yield from read_assigned(consumer, topic, {r.partition: (r.start, r.end) for r in ranges}, idle_timeout_s)
+        spans = {r.partition: (r.start, r.end) for r in ranges}
+        yield from read_assigned(consumer, topic, spans, idle_timeout_s, deleted)
     finally:
         consumer.close()
 

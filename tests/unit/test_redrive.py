@@ -435,3 +435,89 @@ def test_dead_letters_are_read_from_the_start_to_the_end_at_the_time_of_the_call
     read = list(redrive.read_dead_letters(Settings(), "dl", idle_timeout_s=5))
     assert read == [letter(2), letter(0), letter(3)]
     assert consumer.assigned == [(0, 2), (2, 0)] and consumer.closed  # the empty partition is not read
+
+
+class RetentionDuringReadConsumer:
+    """Reads partition 0 from offset 2; retention deletes offsets up to 6 after the first letter, so the next
+    fetch is out of range (``auto.offset.reset=error``), and the read goes on from the earliest kept offset."""
+
+    def __init__(self) -> None:
+        self.batches = [
+            [Message(topic="dl", partition=0, offset=2, value=letter(2).encode())],
+            [Message(topic="dl", partition=0, offset=3, error=KafkaError(KafkaError._AUTO_OFFSET_RESET))],
+        ]
+        self.assigned: list[tuple[int, int]] = []
+        self.read: dict[int, int] = {}
+
+    def assign(self, partitions: list[Any]) -> None:
+        self.assigned = [(tp.partition, tp.offset) for tp in partitions]
+
+    def incremental_unassign(self, partitions: list[Any]) -> None:
+        self.assigned = [a for a in self.assigned if a[0] not in {tp.partition for tp in partitions}]
+
+    def incremental_assign(self, partitions: list[Any]) -> None:
+        self.assigned += [(tp.partition, tp.offset) for tp in partitions]
+        kept = [Message(topic="dl", partition=0, offset=o, value=letter(o).encode()) for o in range(6, 8)]
+        self.batches.append(kept)
+
+    def get_watermark_offsets(self, _tp: Any, timeout: float, cached: bool) -> tuple[int, int]:
+        return 6, 8
+
+    def consume(self, _n: int, timeout: float) -> list[Message]:
+        batch = self.batches.pop(0) if self.batches else []
+        for m in batch:
+            if m.error() is None:
+                self.read[m.partition()] = m.offset() + 1
+        return batch
+
+    def position(self, partitions: list[Any]) -> list[Any]:
+        return [TopicPartition(tp.topic, tp.partition, self.read.get(tp.partition, -1001)) for tp in partitions]
+
+    def unassign(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_letters_retention_deletes_while_they_are_read_are_counted_not_skipped_silently(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With auto_offset_reset=earliest a position below the log start jumped to the earliest kept letter: the
+    letters in between were neither counted nor re-driven, and nothing said so."""
+    monkeypatch.setattr(redrive, "plan_ranges", lambda *_args: [PartitionRange(0, 2, 8, 2, 8)])
+    consumer, resets = RetentionDuringReadConsumer(), []
+
+    def assigned_consumer(_kafka: Any, _purpose: str, auto_offset_reset: str = "earliest") -> Any:
+        resets.append(auto_offset_reset)
+        return consumer
+
+    monkeypatch.setattr(topic_replay, "assigned_consumer", assigned_consumer)
+    deleted: dict[int, int] = {}
+    read = list(redrive.read_dead_letters(Settings(), "dl", idle_timeout_s=5, deleted=deleted))
+    assert resets == ["error"] and read == [letter(2), letter(6), letter(7)]
+    assert deleted == {0: 3}  # offsets 3, 4 and 5
+    assert redrive.deleted_warning(deleted) == (
+        "3 dead letter(s) were deleted by retention while being read (partition 0: 3) and are not counted nor"
+        " re-driven: their payloads are gone"
+    )
+    assert redrive.deleted_warning({0: 0}) is None
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_redrive_warns_and_exits_1_when_retention_deleted_letters_while_it_read(
+    monkeypatch: pytest.MonkeyPatch, dry_run: bool
+) -> None:
+    def read_dead_letters(*_a: Any, deleted: dict[int, int], **_k: Any) -> Any:
+        deleted[2] = 40
+        yield letter(5)
+
+    monkeypatch.setattr(redrive, "get_settings", lambda: Settings())
+    monkeypatch.setattr(redrive, "cluster_topics", lambda _s: TOPICS)
+    monkeypatch.setattr(redrive, "read_dead_letters", read_dead_letters)
+    monkeypatch.setattr(redrive, "send_all", lambda _s, sends: redrive.SendStats(sent=len(sends), acked=len(sends)))
+    args = ["--stage", "alert-sender"] + (["--dry-run"] if dry_run else [])
+    result = CliRunner().invoke(redrive.cli, args)
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1, output
+    assert "Warning: 40 dead letter(s) were deleted by retention while being read (partition 2: 40)" in output
