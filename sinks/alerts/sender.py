@@ -771,8 +771,9 @@ class ChannelWorker:
         """Whether the channel is found down (being probed until it answers)."""
         return self._down_since is not None
 
-    STOP_WAIT_S = 30.0
-    """Longest :meth:`stop` waits for the sends under way (each Webex or SMTP call has its own timeout)."""
+    STOP_WAIT_S = 15.0
+    """Longest :meth:`stop` waits for the sends under way (each Webex or SMTP call has its own timeout, 10 s by
+    default): within the supervisor's stop timeout (20 s) before it sends SIGKILL."""
 
     def stop(self) -> None:
         """Take no more tasks, interrupt the channel's waits (``interrupt``, when it has one: a card waiting out a
