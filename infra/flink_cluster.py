@@ -44,6 +44,7 @@ import psutil
 import typer
 import yaml
 
+from infra.addresses import client_host, url_host
 from infra.processes import log_tail, port_open
 from infra.settings import REPO_ROOT, Settings
 from schemas.errors import CheckoutGuardError
@@ -81,11 +82,6 @@ def flink_home() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FlinkClusterError("apache-flink is not installed: run `make setup`")
     return Path(next(iter(spec.submodule_search_locations))).resolve()
-
-
-def client_host(bind_host: str) -> str:
-    """Where a client reaches a server bound to ``bind_host`` (a wildcard is reached on loopback)."""
-    return "127.0.0.1" if bind_host in ("0.0.0.0", "::", "") else bind_host
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,7 +322,8 @@ def submit_env(settings: Settings, paths: ClusterPaths, java_home: Path, base: d
 
 
 def rest_url(settings: Settings) -> str:
-    return f"http://{client_host(settings.bind_host)}:{settings.flink.rest_port}"
+    """The JobManager's REST API and web UI (``http://[::1]:8081`` for an IPv6 bind host)."""
+    return f"http://{url_host(settings.bind_host)}:{settings.flink.rest_port}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -504,7 +501,7 @@ def write_scrape_targets(settings: Settings, wait_s: float = 0.0) -> list[dict[s
     reads (``file_sd_configs``, re-read within seconds); empty once the cluster is down. ``wait_s``: how long
     to wait for every running member's reporter to bind."""
     paths = ClusterPaths.of(settings)
-    host = client_host(settings.bind_host)
+    host = url_host(settings.bind_host)  # a target is host:port: an IPv6 address in brackets
     deadline = time.monotonic() + wait_s
     while True:
         running = [(m, p) for m in members(settings) if (p := member_process(paths, m)) is not None]

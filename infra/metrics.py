@@ -34,6 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, His
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from infra.addresses import url_host
 from infra.settings import Settings
 from schemas.topics import ALL_TOPICS
 
@@ -83,19 +84,9 @@ def port_of(settings: Settings, process: str) -> int:
     return settings.metrics.base_port + PROCESSES[process]
 
 
-WILDCARD_HOSTS = ("0.0.0.0", "::", "")
-"""Bind hosts meaning every interface: their endpoints are asked at 127.0.0.1 (``::`` is bound dual-stack)."""
-
-
-def url_host(bind_host: str) -> str:
-    """Where a client on this host asks a listener bound to ``bind_host``, as a URL's host: a wildcard at
-    127.0.0.1, an IPv6 address in brackets (``[::1]:9461``: without them the port is not one)."""
-    host = "127.0.0.1" if bind_host in WILDCARD_HOSTS else bind_host
-    return f"[{host}]" if ":" in host else host
-
-
 def scrape_targets(settings: Settings) -> dict[str, str]:
-    """``process -> host:port`` for the local Prometheus's scrape configuration and the supervisor's probes."""
+    """``process -> host:port`` for the local Prometheus's scrape configuration and the supervisor's probes (a
+    wildcard bind host asked at 127.0.0.1, an IPv6 address in brackets: ``[::1]:9461``)."""
     host = url_host(settings.bind_host)
     return {name: f"{host}:{port_of(settings, name)}" for name in PROCESSES}
 

@@ -71,6 +71,7 @@ from confluent_kafka.admin import (
 )
 from pydantic import SecretStr
 
+from infra.addresses import bracketed, client_host
 from infra.clients import kafka as kafka_clients
 from infra.flink_cluster import ClusterPaths
 from infra.flink_cluster import cli as flink_cli
@@ -256,7 +257,7 @@ class Endpoints:
             mqtt_port=settings.mqtt.port,
             smtp_host=settings.smtp.host,
             smtp_port=settings.smtp.port,
-            prometheus_host="127.0.0.1" if settings.bind_host in ("0.0.0.0", "::", "") else settings.bind_host,
+            prometheus_host=client_host(settings.bind_host),
             prometheus_port=settings.metrics.prometheus_port,
             kafka_nodes=_kafka_nodes(settings),
         )
@@ -278,7 +279,7 @@ class Endpoints:
             return f"{', '.join(n.address for n in self.kafka_nodes)} (controllers {controllers})"
         if svc == "kafka":
             return f"{self.kafka_host}:{self.kafka_port} (controller :{self.controller_port})"
-        return ", ".join(f"{h}:{p}" for h, p in self.ports(svc))
+        return ", ".join(f"{bracketed(h)}:{p}" for h, p in self.ports(svc))
 
 
 def _kafka_nodes(settings: Settings) -> tuple[KafkaNode, ...]:
@@ -437,7 +438,8 @@ def _mqtt_healthy(ep: Endpoints, login: tuple[str, str] | None = None, timeout: 
 
 def _prometheus_get(ep: Endpoints, path: str, timeout: float = 2.0, **params: str) -> httpx.Response | None:
     try:
-        return httpx.get(f"http://{ep.prometheus_host}:{ep.prometheus_port}{path}", params=params, timeout=timeout)
+        url = f"http://{bracketed(ep.prometheus_host)}:{ep.prometheus_port}{path}"
+        return httpx.get(url, params=params, timeout=timeout)
     except httpx.HTTPError:
         return None
 
@@ -1048,7 +1050,7 @@ def _prometheus_command(binary: str, paths: StackPaths, ep: Endpoints) -> list[s
         f"--config.file={paths.prometheus_conf}",
         f"--storage.tsdb.path={paths.data('prometheus')}",
         f"--storage.tsdb.retention.time={PROMETHEUS_RETENTION}",
-        f"--web.listen-address={ep.bind_host}:{ep.prometheus_port}",
+        f"--web.listen-address={bracketed(ep.bind_host)}:{ep.prometheus_port}",  # [::1]:9490: ::1:9490 is refused
     ]
 
 
@@ -1163,7 +1165,7 @@ def _ensure_service(svc: str, settings: Settings, paths: StackPaths, ep: Endpoin
             _wait_healthy(svc, settings, paths, ep, proc)
         return "running"
     _clean_stale_pid(svc, paths)
-    busy = [f"{h}:{p}" for h, p in ep.ports(svc) if port_open(h, p)]
+    busy = [f"{bracketed(h)}:{p}" for h, p in ep.ports(svc) if port_open(h, p)]
     if busy:
         if _healthy(svc, settings, ep):
             log.warning(

@@ -39,7 +39,8 @@ from pyflink.common.typeinfo import Types
 from pyflink.datastream import DataStream, StreamExecutionEnvironment
 from pyflink.table import DataTypes, Schema, StreamTableEnvironment, TableDescriptor
 
-from infra.flink_cluster import REPORTER, REPORTER_DIR, REPORTER_FACTORY, client_host
+from infra.addresses import client_host, is_wildcard
+from infra.flink_cluster import REPORTER, REPORTER_DIR, REPORTER_FACTORY
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.metrics import port_of
 from infra.settings import REPO_ROOT, Settings, face_deadline_problem, get_settings
@@ -357,9 +358,6 @@ def _without_worker_pool_server() -> None:
     os.environ.update(NO_WORKER_POOL)
 
 
-WILDCARD_HOSTS = ("0.0.0.0", "::", "")
-
-
 def _check_execution_mode(settings: Settings) -> None:
     """``process`` mode cannot keep to ``bind_host``: Beam's Java fn-API servers, which its Python workers
     connect to (control, data, and the state API that reads and writes keyed state), bind every interface
@@ -367,7 +365,7 @@ def _check_execution_mode(settings: Settings) -> None:
     explicitly with a wildcard ``bind_host``; ``thread`` mode (the default) starts none of them. Anything
     but exactly ``thread`` counts as process mode, as PyFlink takes it (the setting only allows the two)."""
     mode = settings.job.python_execution_mode
-    if mode != "thread" and settings.bind_host not in WILDCARD_HOSTS:
+    if mode != "thread" and not is_wildcard(settings.bind_host):
         raise ValueError(
             f"CG_JOB__PYTHON_EXECUTION_MODE={mode} opens Beam's gRPC servers on every interface, not only "
             f"{settings.bind_host}: use thread mode, or accept that with CG_BIND_HOST=0.0.0.0"

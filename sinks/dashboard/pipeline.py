@@ -17,7 +17,8 @@ from typing import Any
 
 import httpx
 
-from infra.metrics import PROCESSES, url_host
+from infra.addresses import url_host
+from infra.metrics import PROCESSES
 from infra.settings import Settings
 from schemas.errors import CheckoutGuardError
 

@@ -1,0 +1,91 @@
+"""An IPv6 ``CG_BIND_HOST`` in every address made of it (infra/addresses.py): a URL or ``host:port`` needs the
+address in brackets, and every module reads a wildcard bind host the same way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from infra import addresses, stack
+from infra import flink_cluster as fc
+from infra.metrics import scrape_targets
+from infra.settings import FlinkClusterSettings, Settings
+from infra.stack import Endpoints, StackPaths
+from sinks.dashboard.pipeline import prometheus_url
+
+PORTS = {"bootstrap_servers": "127.0.0.1:9092", "controller_port": 9093}
+"""The default ports, spelled out: CI runs with others in CG_KAFKA__* and Settings() would read them."""
+
+
+def _settings(tmp_path: Path, bind_host: str) -> Settings:
+    return Settings(
+        stack_dir=tmp_path / "stack",
+        bind_host=bind_host,
+        kafka=PORTS,  # type: ignore[arg-type]
+        flink=FlinkClusterSettings(cluster_dir=tmp_path / "cluster", rest_port=7081),
+    )
+
+
+@pytest.mark.parametrize(("bind_host", "host"), [("::1", "[::1]"), ("::", "127.0.0.1"), ("127.0.0.2", "127.0.0.2")])
+def test_the_flink_rest_api_is_asked_at_a_valid_url_for_an_ipv6_bind_host(tmp_path: Path, bind_host, host) -> None:
+    """``http://::1:7081`` is no URL: with CG_BIND_HOST=::1 every REST call of ``stack flink`` (up's wait,
+    status, submit, stop) raised httpx.InvalidURL."""
+    url = fc.rest_url(_settings(tmp_path, bind_host))
+    assert url == f"http://{host}:7081"
+    assert httpx.URL(url).port == 7081
+
+
+@pytest.mark.parametrize(("bind_host", "listen"), [("::1", "[::1]:9490"), ("::", "[::]:9490"), ("", ":9490")])
+def test_the_local_prometheus_listens_on_an_ipv6_bind_host(tmp_path: Path, bind_host: str, listen: str) -> None:
+    """Prometheus refuses ``--web.listen-address=::1:9490`` (too many colons) and did not start."""
+    settings = _settings(tmp_path, bind_host)
+    command = stack._prometheus_command("prometheus", StackPaths.of(settings), Endpoints.of(settings))
+    assert f"--web.listen-address={listen}" in command
+
+
+def test_the_stack_asks_its_prometheus_at_a_valid_url_for_an_ipv6_bind_host(tmp_path: Path, monkeypatch) -> None:
+    """The stack's health check of its Prometheus asked ``http://::1:9490/-/ready``: an InvalidURL, not an
+    answer, so ``up`` never saw it healthy."""
+    asked: list[str] = []
+    monkeypatch.setattr(stack.httpx, "get", lambda url, **_k: asked.append(url) or httpx.Response(200))
+    settings = _settings(tmp_path, "::1")
+    assert stack._prometheus_get(Endpoints.of(settings), "/-/ready") is not None
+    assert asked == [f"http://[::1]:{settings.metrics.prometheus_port}/-/ready"]
+    assert Endpoints.of(settings).address("prometheus") == f"[::1]:{settings.metrics.prometheus_port}"
+
+
+def test_the_flink_members_scrape_targets_bracket_an_ipv6_bind_host(tmp_path: Path, monkeypatch) -> None:
+    """Prometheus read the target ``::1:9250`` as no address and scraped no Flink member."""
+    settings = _settings(tmp_path, "::1")
+    monkeypatch.setattr(fc, "member_process", lambda _paths, m: object() if m.is_jobmanager else None)
+    monkeypatch.setattr(fc, "reporter_ports", lambda *_a: [9250])
+    [group] = fc.write_scrape_targets(settings)
+    assert group["targets"] == ["[::1]:9250"]
+
+
+@pytest.mark.parametrize("bind_host", ["0.0.0.0", "::", "", "127.0.0.2", "::1", "fd00::5"])
+def test_every_module_reads_a_wildcard_bind_host_the_same_way(tmp_path: Path, bind_host: str) -> None:
+    """The rule was written out in four places (metrics, the dashboard, the stack, the Flink cluster and job):
+    each asks a listener where infra/addresses.py says, and only a wildcard lets the job's process mode listen
+    everywhere."""
+    from jobs.flink.job import _check_execution_mode
+
+    settings = _settings(tmp_path, bind_host)
+    client, in_url = addresses.client_host(bind_host), addresses.url_host(bind_host)
+    assert httpx.URL(f"http://{in_url}:80").host == client  # the URL form names the host a client asks
+    paths = fc.ClusterPaths.of(settings)
+    options = fc.cluster_options(settings, paths, Path("/jdk"), "python", reporter=False)
+    assert options["rest.address"] == options["taskmanager.host"] == client
+    assert Endpoints.of(settings).prometheus_host == client
+    assert set(scrape_targets(settings).values()) == {
+        f"{in_url}:{settings.metrics.base_port + offset}" for offset in range(9)
+    }
+    assert prometheus_url(settings) == f"http://{in_url}:{settings.metrics.prometheus_port}"
+    process = settings.model_copy(update={"job": settings.job.model_copy(update={"python_execution_mode": "process"})})
+    if addresses.is_wildcard(bind_host):
+        _check_execution_mode(process)
+    else:
+        with pytest.raises(ValueError, match="every interface"):
+            _check_execution_mode(process)
