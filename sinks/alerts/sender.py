@@ -94,6 +94,10 @@ POST_FIELDS = ("subject_id", "transaction_id")
 """What a post keeps of its alert: who and which sale it shows (for ``forget``)."""
 
 
+class LedgerClosed(CheckoutGuardError):
+    """A write to the ledger after :meth:`Ledger.close` (a send that ended after the shutdown's wait): not recorded."""
+
+
 class Ledger:
     """Durable ``(alert_id, channel) -> sending | sent``; WAL mode survives a killed process.
 
@@ -142,6 +146,9 @@ class Ledger:
         self._writes: queue.SimpleQueue[tuple[list[tuple[str, tuple]], threading.Event, list[BaseException]] | None] = (
             queue.SimpleQueue()
         )
+        self._closed = False
+        self._closing = threading.Lock()
+        """Orders a write's hand-over with :meth:`close`: none is queued behind the writer's end, to wait forever."""
         self._writer = threading.Thread(target=self._write_loop, name="ledger-writer", daemon=True)
         self._writer.start()
 
@@ -239,9 +246,13 @@ class Ledger:
             self._write(*statements)
 
     def _write(self, *statements: tuple[str, tuple]) -> None:
-        """Run ``statements`` in one of the writer's commits; return once it is committed."""
+        """Run ``statements`` in one of the writer's commits; return once it is committed. :class:`LedgerClosed`
+        once the ledger is closed: the writer has ended, and a write queued then waited forever."""
         done, errors = threading.Event(), []
-        self._writes.put((list(statements), done, errors))
+        with self._closing:
+            if self._closed:
+                raise LedgerClosed(f"the delivery ledger {self.path} is closed: nothing more is recorded")
+            self._writes.put((list(statements), done, errors))
         done.wait()
         if errors:
             raise errors[0]
@@ -281,7 +292,12 @@ class Ledger:
             return {(c, s): n for c, s, n in rows}
 
     def close(self) -> None:
-        self._writes.put(None)
+        """Commit the writes already handed over, then close; a later write raises :class:`LedgerClosed`."""
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+            self._writes.put(None)
         self._writer.join(10)
         with self._lock:
             self._db.close()
@@ -816,6 +832,10 @@ class ChannelWorker:
         while (task := self._next()) is not None:
             try:
                 self._attempt(task)
+            except LedgerClosed as exc:  # shutdown's wait ended with this send under way (stop's ERROR said so)
+                log.error(
+                    "%s: %s: %s; if it went out, it is sent again on restart", self.channel.name, task.key[0], exc
+                )
             except Exception as exc:  # a bug in a channel must not kill the thread and strand the alert
                 log.exception("%s: unexpected error sending %s", self.channel.name, task.alert["alert_id"])
                 self._failed(task, DeliveryError(f"internal error {type(exc).__name__}", ambiguous=True))

@@ -34,6 +34,7 @@ from sinks.alerts.sender import (
     DeliveryError,
     EmailChannel,
     Ledger,
+    LedgerClosed,
     Outcome,
     Task,
     WebexChannel,
@@ -341,6 +342,73 @@ def test_a_send_waiting_out_a_card_rate_limit_at_shutdown_is_recorded_before_the
     [posted] = webex.state.bot_messages(ROOM)
     assert set(ledger.due_posts(now_ms=10**15, keep_ms=0)) == {posted["id"]}
     assert done.get_nowait().delivered
+
+
+def test_a_write_to_a_closed_ledger_raises_instead_of_waiting_forever(tmp_path: Path) -> None:
+    """The ledger's writer ends at ``close``: a write after it was queued for nobody and its thread waited forever
+    (a send that ended after shutdown's wait hung there). What was handed over before ``close`` is committed."""
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    ledger.mark_sent("blocked:tx-1", "email", "mail-1")
+    ledger.close()
+    ledger.close()  # again: nothing to do
+    raised: list[BaseException] = []
+
+    def late_write() -> None:
+        try:
+            ledger.mark_sent("blocked:tx-2", "email", "mail-2")
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            raised.append(exc)
+
+    writer = threading.Thread(target=late_write, daemon=True)
+    writer.start()
+    writer.join(5)
+    assert not writer.is_alive(), "the write after close is still waiting"
+    [error] = raised
+    assert isinstance(error, LedgerClosed) and "is closed" in str(error)
+    with closing(Ledger(tmp_path / "ledger.sqlite3")) as reopened:
+        assert reopened.state("blocked:tx-1", "email") == "sent"
+        assert reopened.state("blocked:tx-2", "email") is None
+
+
+class SlowChannel:
+    """A channel whose send returns only when the test lets it (a send still under way at shutdown)."""
+
+    name, can_check_sent, erasable = "email", False, False
+
+    def __init__(self) -> None:
+        self.sending, self.release = threading.Event(), threading.Event()
+
+    def send(self, alert: dict[str, Any], image: bytes | None, maybe_sent: bool) -> str | None:
+        self.sending.set()
+        self.release.wait(10)
+        return "mail-1"
+
+    def delete(self, message_id: str) -> bool:
+        return False
+
+    def close(self) -> None:
+        return None
+
+
+def test_a_send_that_ends_after_the_ledger_closed_ends_its_thread_with_an_error_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past shutdown's wait the ledger closes with the send under way; its thread then waited forever on the
+    ledger's write. Now the thread ends and an ERROR line says the alert may be sent again on restart."""
+    monkeypatch.setattr(ChannelWorker, "STOP_WAIT_S", 0.2)
+    channel = SlowChannel()
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    worker = ChannelWorker(channel, ledger, AlertSettings(), queue.SimpleQueue(), lambda ref: b"")
+    worker.submit(Task(alert(snapshot_ref=None), "email", time.monotonic() + 60))
+    assert channel.sending.wait(10)
+    worker.stop()
+    ledger.close()
+    channel.release.set()
+    for thread in worker._threads:
+        thread.join(5)
+    assert not any(t.is_alive() for t in worker._threads), "a sending thread hangs on the closed ledger"
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("blocked:tx-1" in line and "is closed" in line and "sent again on restart" in line for line in lines)
 
 
 def test_worker_pauses_the_channel_for_retry_after(webex: LocalWebexServer, tmp_path: Path, closer: ExitStack) -> None:
