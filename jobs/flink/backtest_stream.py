@@ -796,7 +796,8 @@ def run_backtest(
     the baseline's index, write the report; returns it and its folder. The copy's job and sink are stopped
     at the end; its topics and index stay. Where the range falls short of the one asked for (offsets retention
     deleted, a window it may have cut, offsets not written yet) replay's warnings are printed before the run and
-    open the report's notes."""
+    open the report's notes. A range planning refuses (a start offset past a partition's end, a partition the
+    topic does not have, no topic) raises :class:`RangeError` before anything is made, as replay refuses it."""
     from infra.clients.topic_replay import plan, replay
     from infra.launcher import spawn, start_scoring_job
 
@@ -804,15 +805,15 @@ def run_backtest(
     out_dir = settings.stack_dir / "backtests" / name
     if copy.checkpoint_dir.exists():
         raise FileExistsError(f"a backtest named {name} already ran ({out_dir}); pick another name or clean it up")
+    source = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
+    target = TRANSACTIONS.full_name(copy.kafka.topic_prefix)
+    ranges = plan(settings.kafka, source, start, end, partitions)  # a range it refuses: nothing done yet
     model_version = None
     if candidate.model_dir is not None or candidate.model_version is not None:
         from jobs.model.fraud_model import LocalModel
 
         model_version = LocalModel.from_settings(copy).version  # a missing artifact fails here, not in the job
     picked = copy_rules(settings, copy, candidate)
-    source = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
-    target = TRANSACTIONS.full_name(copy.kafka.topic_prefix)
-    ranges = plan(settings.kafka, source, start, end, partitions)
     shortfalls = range_notes(ranges)
     for note in shortfalls:  # before the run: it takes minutes, and the operator may stop it
         errors.print(f"warning: {note}", style="bold red", markup=False, highlight=False)
@@ -961,7 +962,10 @@ def run_command(
             timeout_s=timeout_s,
             sample_size=samples,
         )
-    except (RangeError, RuleSetError, ValueError, FileExistsError, TimeoutError, RuntimeError) as exc:
+    except RangeError as exc:  # planning refused the range (only planning raises it): a usage error, as replay's
+        errors.print(str(exc), style="red", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    except (RuleSetError, ValueError, FileExistsError, TimeoutError, RuntimeError) as exc:
         errors.print(str(exc), style="red", markup=False, highlight=False)
         raise typer.Exit(1) from None
     _print(report, out_dir)

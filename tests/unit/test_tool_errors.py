@@ -183,6 +183,34 @@ def test_a_bad_backtest_stream_time_is_a_usage_error_as_in_replay(fresh_settings
     assert _one_error(capsys, argv, code=2).startswith("not a time: 'yesterday'")
 
 
+@pytest.mark.parametrize(
+    ("offsets", "says"),
+    [
+        ("5000", "the start offset is past the end of the partition (partition 0: 5,000 > 3,000"),
+        ("7:10", "no partition(s) [7]; the topic has [0]"),
+    ],
+)
+def test_a_backtest_stream_range_planning_refuses_is_a_usage_error_as_in_replay(
+    fresh_settings, capsys, offsets: str, says: str
+) -> None:
+    """replay refuses these ranges with exit 2 (a usage error, as the README says); the stream backtest, which
+    plans its range the same way, exited 1 for them. Refused before anything of the copy is made."""
+    from infra.clients import topic_replay
+    from jobs.flink import backtest_stream
+
+    def plan(_kafka, _topic, start, end, partitions=None):
+        return topic_replay.resolve_ranges({0: (0, 3000)}, start, end, lambda _ms: {}, partitions)
+
+    made: list[object] = []
+    fresh_settings.setattr(topic_replay, "plan", plan)
+    fresh_settings.setattr(backtest_stream, "create_copy_topics", lambda *a, **_k: made.append(a))
+    with pytest.raises(SystemExit) as exit_:
+        main(["backtest-stream", "run", "--rules", __file__, "--from-offsets", offsets])
+    err = " ".join(capsys.readouterr().err.split())  # the console wraps a long line
+    assert exit_.value.code == 2 and err.startswith(says) and "Traceback" not in err, err
+    assert made == []
+
+
 def test_backtest_of_a_missing_csv_names_the_csv_before_the_model(fresh_settings, capsys, tmp_path) -> None:
     """With no model trained yet, the missing model used to be reported first."""
     missing = tmp_path / "nope.csv"
