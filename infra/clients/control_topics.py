@@ -89,8 +89,10 @@ def read_control_topics(
                 raise TimeoutError(f"control topics not read to their end {waited}")
             msg = reader.poll(0.2)
             if msg is not None and not msg.error():
-                apply(msg.topic(), msg.key(), msg.value())
-                last[(msg.topic(), msg.partition())] = msg.offset()
+                read_topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+                assert read_topic is not None and partition is not None and offset is not None, "a record has all three"
+                apply(read_topic, msg.key(), msg.value())
+                last[(read_topic, partition)] = offset
                 if stall_s is not None:
                     deadline = time.monotonic() + stall_s
             for tp in list(pending):  # read_committed: the end may be a transaction marker

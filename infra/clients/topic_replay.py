@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Generic, TypeVar
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Message, Producer, TopicPartition
 from rich.console import Console
@@ -304,9 +305,11 @@ def target_partition(source_partition: int, source_partitions: int, target_parti
 
 # ---------------------------------------------------------------------------- pure: merge
 
+T = TypeVar("T")
+
 
 @dataclass
-class TimestampMerge:
+class TimestampMerge(Generic[T]):
     """Merge per-partition streams (each in offset order) into one, by (timestamp, partition, offset).
 
     A record is released only when every partition still being read has a record waiting, so the
@@ -315,9 +318,9 @@ class TimestampMerge:
     """
 
     open_partitions: set[int]
-    buffers: dict[int, deque] = field(default_factory=dict)
+    buffers: dict[int, deque[tuple[tuple[int, int], T]]] = field(default_factory=dict)
 
-    def add(self, partition: int, sort_key: tuple[int, int], item: object) -> None:
+    def add(self, partition: int, sort_key: tuple[int, int], item: T) -> None:
         self.buffers.setdefault(partition, deque()).append((sort_key, item))
 
     def close(self, partition: int) -> None:
@@ -327,7 +330,7 @@ class TimestampMerge:
     def buffered(self, partition: int) -> int:
         return len(self.buffers.get(partition, ()))
 
-    def ready(self) -> Iterable[object]:
+    def ready(self) -> Iterable[T]:
         """Release what can be released now, in merged order."""
         heads = [(buf[0][0][0], p, buf[0][0][1]) for p, buf in self.buffers.items() if buf]
         heapq.heapify(heads)
@@ -635,7 +638,7 @@ class _Replay:
         self.max_buffered = max_buffered
         self.idle_timeout_s = idle_timeout_s
         self.bucket = TokenBucket(rate) if rate > 0 else None
-        self.merge = TimestampMerge(open_partitions=set(todo))
+        self.merge: TimestampMerge[Message] = TimestampMerge(open_partitions=set(todo))
         self.paused: set[int] = set()
         self.started = 0.0
         self.waited_s = 0.0
@@ -689,24 +692,28 @@ class _Replay:
         the partition; any other error raises."""
         todo, stats = self.todo, self.stats
         p = msg.partition()
-        if p not in todo:
+        if p is None or p not in todo:
             return
         err = msg.error()
         if err is not None:
             if err.code() == KafkaError._PARTITION_EOF:
-                if msg.offset() >= todo[p].end:
+                eof_at = msg.offset()
+                assert eof_at is not None, "an end-of-partition event carries the end offset"
+                if eof_at >= todo[p].end:
                     self._finish(p)
                 return
             raise RuntimeError(f"reading {self.source_topic}[{p}]: {err.str()}")
         self.waited_s = 0.0
-        if msg.offset() >= todo[p].end:
+        offset = msg.offset()
+        assert offset is not None, "a consumed record has an offset"
+        if offset >= todo[p].end:
             self._finish(p)
             return
         ts_type, ts = msg.timestamp()
-        self.merge.add(p, (ts if ts_type != TIMESTAMP_NOT_AVAILABLE else 0, msg.offset()), msg)
+        self.merge.add(p, (ts if ts_type != TIMESTAMP_NOT_AVAILABLE else 0, offset), msg)
         stats.read += 1
         stats.per_partition[p] = stats.per_partition.get(p, 0) + 1
-        if msg.offset() >= todo[p].end - 1:
+        if offset >= todo[p].end - 1:
             self._finish(p)
 
     def _finish(self, partition: int) -> None:
@@ -740,6 +747,8 @@ class _Replay:
             while (left := until - time.monotonic()) > 0:
                 producer.poll(min(left, 0.1))
         ts_type, ts = msg.timestamp()
+        source_partition = msg.partition()
+        assert source_partition is not None, "the merge holds consumed records only, each from a partition"
         kafka_clients.produce(
             producer,
             self.target_topic,
@@ -747,7 +756,7 @@ class _Replay:
             msg.value(),
             self._delivered,
             headers=msg.headers() or None,
-            partition=target_partition(msg.partition(), self.source_count, self.target_count),
+            partition=target_partition(source_partition, self.source_count, self.target_count),
             timestamp=ts if not self.restamp and ts_type != TIMESTAMP_NOT_AVAILABLE else None,
         )
         self.stats.sent += 1
