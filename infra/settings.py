@@ -1103,7 +1103,8 @@ def get_settings() -> Settings:
     """
     path = env_file()
     try:
-        return Settings(_env_file=path)
+        # pydantic-settings takes _env_file at run time; its signature (without the mypy plugin) omits it
+        return Settings(_env_file=path)  # type: ignore[call-arg]
     except UnicodeDecodeError as exc:
         named = f"CG_ENV_FILE={path}" if "CG_ENV_FILE" in os.environ else f"{path} (the default CG_ENV_FILE)"
         raise SettingsFileError(f"{named}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None

@@ -253,7 +253,9 @@ def _photo(path: str, cache: dict[str, Image.Image]) -> Image.Image:
             if max(img.size) <= 200
             else min(PHOTO_BOX[0] / img.width, PHOTO_BOX[1] / img.height)
         )
-        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.LANCZOS)
+        img = img.resize(
+            (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.LANCZOS
+        )
         cache[path] = img
     return img
 
@@ -314,7 +316,8 @@ class MvSensePublisher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"local-camera-{secrets.token_hex(4)}")
-        self._client.reconnect_delay_set(0.5, 5)
+        # paho hints the delays as int; it waits a float delay as given
+        self._client.reconnect_delay_set(0.5, 5)  # type: ignore[arg-type]
         mq = settings.mqtt
         if mq.username:  # a broker that refuses anonymous clients (CG_MQTT__USERNAME/PASSWORD)
             self._client.username_pw_set(mq.username, mq.password.get_secret_value() if mq.password else None)
@@ -654,7 +657,7 @@ class LocalCameraControl:
         return self._ok(self._http.post(f"{self.base_url}/local/visits", json=body)).json()
 
     def ground_truth(self, serial: str | None = None, since_ms: int = 0) -> list[dict]:
-        params: dict[str, object] = {"since_ms": since_ms}
+        params: dict[str, str | int] = {"since_ms": since_ms}
         if serial:
             params["serial"] = serial
         return self._ok(self._http.get(f"{self.base_url}/local/ground-truth", params=params)).json()

@@ -171,7 +171,7 @@ class LocalRekognition:
         if not faces:
             raise _Fail("InvalidParameterException", "There are no faces in the image. Should be at least 1.")
         probe, box = max(faces, key=lambda fb: fb[1]["Width"] * fb[1]["Height"])
-        matches = []
+        matches: list[dict[str, Any]] = []
         for face in col.values():
             sim = rekognition_scale(self.similarity(np.asarray(face["_embedding"]), probe.embedding))
             if sim >= threshold:

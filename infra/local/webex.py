@@ -40,7 +40,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import httpx
 import typer
@@ -601,7 +601,7 @@ async def say(
     filter (``roomId=...``) matches, signed with that webhook's secret. Returns the deliveries made.
     ``room_type`` declares the room's type (:meth:`WebexState.add_room`); by default it is the room's own."""
     room_type = state.add_room(room_id, room_type) if room_type else state.room_type(room_id)
-    person = {"id": person_id(person_email), "emails": [person_email]}
+    person: dict[str, Any] = {"id": person_id(person_email), "emails": [person_email]}
     mentioned = [state.bot["id"]] if text.startswith(state.bot["displayName"]) else None
     message = _store_message(
         state,
@@ -713,7 +713,13 @@ class BackgroundServer:
     """Any ASGI app served by uvicorn on a thread of this process (tests, benchmarks)."""
 
     def __init__(
-        self, app: Any, *, host: str = "127.0.0.1", port: int = 0, lifespan: str = "off", name: str = "asgi"
+        self,
+        app: Any,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        lifespan: Literal["auto", "on", "off"] = "off",
+        name: str = "asgi",
     ) -> None:
         self.host, self.port = host, port or free_port(host)
         self.base = f"http://{host}:{self.port}"
