@@ -416,7 +416,8 @@ class CameraBridge:
         mq = settings.mqtt
         if mq.username:
             self.client.username_pw_set(mq.username, mq.password.get_secret_value() if mq.password else None)
-        self.client.reconnect_delay_set(min_delay=0.2, max_delay=5)
+        # paho hints the delays as int; it waits a float delay as given
+        self.client.reconnect_delay_set(min_delay=0.2, max_delay=5)  # type: ignore[arg-type]
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe

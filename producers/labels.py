@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Annotated, Any, Protocol, TextIO
 
 import typer
+from confluent_kafka import Producer
 from rich.console import Console
 
 from infra import clock
@@ -284,7 +285,7 @@ class PublishStats(kafka_clients.DeliveryTally):
     """Labels and tombstones sent to the labels topic, and their acknowledgements."""
 
 
-def make_producer(settings: Settings) -> Any:
+def make_producer(settings: Settings) -> Producer:
     """Idempotent, ``acks=all``, keys partitioned as the Java client does (one transaction, one partition,
     whichever client published)."""
     return kafka_clients.producer(
