@@ -183,7 +183,7 @@ def case_card(
         {"type": "FactSet", "facts": [{"title": label, "value": _md(value)} for label, value in text.lines]},
     ]
     if alert.get("kind") in FACE_ALERT_KINDS:
-        columns = [("Live snapshot", "live")] if alert.get("snapshot_ref") else []
+        columns: list[tuple[str, str | None]] = [("Live snapshot", "live")] if alert.get("snapshot_ref") else []
         columns += [("Enrolled reference", "reference" if has_reference else None)] if alert.get("subject_id") else []
         body.append(
             {

@@ -56,7 +56,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Protocol
@@ -202,13 +202,13 @@ class Ledger:
         self._write((self.SENT_SQL, (alert_id, channel, at, detail)), *rows)
 
     def record_forgets(
-        self, forgets: list[tuple[str, str | None, str | None, int]], enrolments: list[tuple[str, int]] = ()
+        self, forgets: list[tuple[str, str | None, str | None, int]], enrolments: Sequence[tuple[str, int]] = ()
     ) -> None:
         """``(audit id, subject, source transaction, forgotten at ms)`` of each forget: the posts of alerts made
         before it, or within :data:`FORGET_GRACE_MS` after, become due. ``(subject, enrolled at ms)`` of each
         enrolment: a subject enrolled again (the same ``subj-<tx>``) ends its forgets' grace there, so the new
         entry's alerts stay. One commit."""
-        statements = [
+        statements: list[tuple[str, tuple]] = [
             ("INSERT OR IGNORE INTO forgets VALUES (?, ?, ?, ?, ?)", (*f, f[3] + FORGET_GRACE_MS)) for f in forgets
         ]
         statements += [
@@ -239,7 +239,7 @@ class Ledger:
 
     def drop_posts(self, message_ids: list[str], forgets_before_ms: int | None = None) -> None:
         """Forget the ids of deleted messages; and the forgets older than ``forgets_before_ms``."""
-        statements = [("DELETE FROM posts WHERE message_id = ?", (m,)) for m in message_ids]
+        statements: list[tuple[str, tuple]] = [("DELETE FROM posts WHERE message_id = ?", (m,)) for m in message_ids]
         if forgets_before_ms is not None:
             statements.append(("DELETE FROM forgets WHERE at_ms < ?", (forgets_before_ms,)))
         if statements:
@@ -248,7 +248,8 @@ class Ledger:
     def _write(self, *statements: tuple[str, tuple]) -> None:
         """Run ``statements`` in one of the writer's commits; return once it is committed. :class:`LedgerClosed`
         once the ledger is closed: the writer has ended, and a write queued then waited forever."""
-        done, errors = threading.Event(), []
+        done = threading.Event()
+        errors: list[BaseException] = []
         with self._closing:
             if self._closed:
                 raise LedgerClosed(f"the delivery ledger {self.path} is closed: nothing more is recorded")
@@ -540,7 +541,7 @@ class WebexChannel:
         (``Retry-After``, at most :data:`CARD_TRIES` tries): the alert message just before it often uses up the
         bot's rate, and a card given up there leaves the alert without its buttons."""
         subject = alert.get("subject_id")
-        card = case_card(alert, self.settings.alerts, has_reference=bool(subject) and self.has_reference(subject))
+        card = case_card(alert, self.settings.alerts, has_reference=bool(subject and self.has_reference(subject)))
         try:
             posted = call_with_retries(  # the mention: a group space lists the card for the bot by it
                 lambda: self.client.send_card(
@@ -1203,7 +1204,9 @@ class AlertSender:
     ) -> None:
         self.stats.consumed += 1
         pending = Pending(message, None)
-        self._partitions.setdefault((message.topic(), message.partition()), deque()).append(pending)
+        topic, partition = message.topic(), message.partition()
+        assert topic is not None and partition is not None, "a consumed record has both"
+        self._partitions.setdefault((topic, partition), deque()).append(pending)
         self._unfinished += 1
         if isinstance(alert, InvalidRecord):
             self._dead_letter(pending, dead_letter_for(message, alert.kind, alert.reason))

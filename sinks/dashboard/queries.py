@@ -510,14 +510,14 @@ def shape_distributions(answer: dict[str, Any]) -> dict[str, Any]:
     hits = ((aggs.get("newest") or {}).get("hits") or {}).get("hits") or []
     newest = (hits[0].get("_source") or {}) if hits else {}
     for role, (_, field) in MODEL_ROLES.items():
-        version = newest.get(field)  # None (no challenger now) is in none of the maps
-        n = rows.get(version, 0)
+        held = newest.get(field)  # None: no challenger now, so no rows
+        n = rows.get(held, 0) if held is not None else 0
         out[role] = {
-            "version": version,
+            "version": held,
             "rows": n,
-            "mean": round(sums[version] / n, 1) if n else None,
+            "mean": round(sums[held] / n, 1) if held is not None and n else None,
             "versions": _buckets(aggs.get(f"{role}_versions")),
-            "counts": counts.get(version, [0] * bins),
+            "counts": counts.get(held, [0] * bins) if held is not None else [0] * bins,
         }
     return out
 
