@@ -555,7 +555,8 @@ class WebexBot:
         person = with_retries(lambda: self.client.get_person(person_id))
         emails = person.get("emails") or []
         email = str(emails[0]) if emails else ""
-        inputs = action.get("inputs") if isinstance(action.get("inputs"), dict) else {}
+        raw_inputs = action.get("inputs")
+        inputs = raw_inputs if isinstance(raw_inputs, dict) else {}
         verb, case_id = str(inputs.get("verb") or "").lower(), str(inputs.get("case_id") or "")
         try:  # one case id, nothing else: a doctored card must not smuggle words (``case-x fraud``) in
             check(case_id, "case_id")

@@ -499,10 +499,12 @@ class CaseService:
                     if msg.error():
                         log.warning("consumer error: %s", msg.error())
                         continue
+                    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+                    assert topic is not None and partition is not None and offset is not None, "a record has all three"
                     src = transactional.source_of(msg)
                     with metrics.timed(self._processing):
-                        outs += self.topics[msg.topic()](src, clock.now_ms())
-                    offsets[(msg.topic(), msg.partition())] = msg.offset() + 1
+                        outs += self.topics[topic](src, clock.now_ms())
+                    offsets[(topic, partition)] = offset + 1
                 for (topic, partition), offset in offsets.items():
                     oldest = self.core.oldest_waiting(topic, partition)
                     offsets[(topic, partition)] = offset if oldest is None else min(offset, oldest)

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -492,7 +493,7 @@ class SageMakerPredictor(GuardedPredictor):
             chunk = x[start : start + self.max_rows]
             t0 = time.perf_counter()
             try:
-                probs = self._attempt(lambda c=chunk: self._invoke(c))
+                probs = self._attempt(partial(self._invoke, chunk))
             except RemoteError as exc:
                 log.debug("sagemaker: %s", exc)
                 spent = int(round((time.perf_counter() - t0) * 1000))
