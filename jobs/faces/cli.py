@@ -16,7 +16,7 @@ import re
 import statistics
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import typer
@@ -116,6 +116,7 @@ def compare(a: Path, b: Path) -> None:
         missing = [str(p) for p, f in ((a, fa), (b, fb)) if f is None]
         typer.echo(json.dumps({"similarity": None, "decision": "no_face", "no_usable_face_in": missing}))
         raise typer.Exit(2)
+    assert fa.embedding is not None and fb.embedding is not None, "best_face embeds the face it gives"
     sim = similarity(fa.embedding, fb.embedding)
     decision = "match" if sim >= settings.match_threshold else "no_match"
     typer.echo(json.dumps({"similarity": round(sim, 2), "threshold": settings.match_threshold, "decision": decision}))
@@ -123,7 +124,7 @@ def compare(a: Path, b: Path) -> None:
 
 def pair_scores(labels: list[str], vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Similarities of all same-identity (genuine) and different-identity (impostor) pairs."""
-    sims = distance_to_similarity(distance(vectors[:, None, :], vectors[None, :, :]))
+    sims = np.asarray(distance_to_similarity(distance(vectors[:, None, :], vectors[None, :, :])))
     lab = np.array(labels)
     iu = np.triu_indices(len(labels), k=1)
     same = lab[iu[0]] == lab[iu[1]]
@@ -156,7 +157,7 @@ def labelled_photos(roots: list[Path]) -> list[tuple[str, str, Path]]:
         files = (
             [(d.name, p) for d in subdirs for p in sorted(d.iterdir())]
             if subdirs
-            else [(re.match(r"[a-z]*", p.stem.lower()).group(0), p) for p in sorted(root.iterdir())]
+            else [(_leading_letters(p.stem.lower()), p) for p in sorted(root.iterdir())]
         )
         set_name = "/".join(root.parts[-2:])
         for identity, path in files:
@@ -167,6 +168,12 @@ def labelled_photos(roots: list[Path]) -> list[tuple[str, str, Path]]:
                 seen.add(digest)
                 out.append((set_name, identity.lower(), path))
     return out
+
+
+def _leading_letters(name: str) -> str:
+    found = re.match(r"[a-z]*", name)
+    assert found is not None, "[a-z]* matches at the start of any string"
+    return found.group(0)
 
 
 def _embed_conditions(
@@ -189,7 +196,8 @@ def _embed_conditions(
             continue
         photo = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
         face_width = (ref.box[2] - ref.box[0]) / ref.scale
-        shade = tuple(int(v) for v in np.random.default_rng(src).integers(40, 200, 3))
+        red, green, blue = (int(v) for v in np.random.default_rng(src).integers(40, 200, 3))
+        shade = (red, green, blue)
         for c in conditions:
             face = ref if c.face_px is None else engine.best_face(render_frame(photo, face_width, c, shade))
             if face is None:
@@ -275,11 +283,11 @@ def evaluation_report(
         report["network_choice_cross_validated"] = chosen["cross_validated"]
         # the embeddings as the engine makes them (weights fixed) and the watchlist searches them: the threshold
         # on the pipeline's own 0..100 scale (FUSED3_SCALE puts it at match_threshold)
-        fused = distance_to_similarity(sum(distance_matrix(vecs[:, part]) for _, part in FUSED3_SLICES))
+        fused3_sims = distance_to_similarity(sum(distance_matrix(vecs[:, part]) for _, part in FUSED3_SLICES))
         # its weights, prefilter cut and scale were set on the pairs of the evaluation sets of this release: on
         # those, neither this cross-validation nor the rates at match_threshold are held out; on other people (a new
         # set: --fixed-threshold) the rates at match_threshold are
-        engine_made = scored(np.where(parts["sface"] >= PREFILTER_SIMILARITY, fused, 0.0))
+        engine_made = scored(np.where(parts["sface"] >= PREFILTER_SIMILARITY, fused3_sims, 0.0))
         searched = engine_made["cross_validated"]
         report["by_embedder"]["fused3 as searched, constants from all pairs"] = searched
         report["at_threshold"] = {
@@ -320,7 +328,7 @@ def distance_matrix(vecs: np.ndarray) -> np.ndarray:
 
 def similarity_matrix(vecs: np.ndarray) -> np.ndarray:
     """0..100 similarity of every pair of rows (Euclidean distance on the documented scale)."""
-    return distance_to_similarity(distance_matrix(vecs))
+    return np.asarray(distance_to_similarity(distance_matrix(vecs)))
 
 
 def _scored_report(
@@ -332,6 +340,7 @@ def _scored_report(
     settings: FaceSettings,
     folds: int,
     conditions: tuple[Condition, ...],
+    *,
     parts: list[np.ndarray] | None = None,
     fold_seed: int = 14,
     fuse: Fusion = fuse_scores,
@@ -378,7 +387,7 @@ def _scored_report(
             "tmr_ci_wilson": [round(v, 4) for v in wilson(round(tmr * gen.size), gen.size)],
         }
     quality = np.array([it["quality"] for it in items], dtype=np.float64)
-    report = {
+    report: dict[str, Any] = {
         "detector": settings.detector,
         "embedder": settings.embedder,
         "photos": len(photos),
@@ -732,11 +741,13 @@ def _bench_detector(
     def best() -> None:
         face = engine.best_face(frame)
         if face is not None:
+            assert face.embedding is not None, "best_face embeds the face it gives"
             search(face.embedding)
 
     def stage(data: bytes) -> int:
         found = [f for f in engine.analyse(data) if f.passed]
         for f in found:
+            assert f.embedding is not None, "analyse embeds every face that passed"
             search(f.embedding)
         return len(found)
 
@@ -806,7 +817,9 @@ def bench_faces(photo: Path | None = None, frames: int = 30, enrolled: int = 100
         )
         out.update(_bench_detector(tuned, frame, five, watches, frames, tag=f"yunet_{embedder}_int8"))
     for key in ("snapshot_to_match_p95_ms", "stage_frames_per_s_per_core_1"):
-        out[f"yunet_vs_hog_{key}_ratio"] = round(out[f"yunet_{key}"] / max(out[f"hog_{key}"], 1e-9), 3)
+        yunet_figure, hog_figure = out[f"yunet_{key}"], out[f"hog_{key}"]
+        assert not isinstance(yunet_figure, str) and not isinstance(hog_figure, str), "detector figures are numbers"
+        out[f"yunet_vs_hog_{key}_ratio"] = round(yunet_figure / max(hog_figure, 1e-9), 3)
     tag = settings.detector
     out["snapshot_to_match_cpu_p50_ms"] = out[f"{tag}_snapshot_to_match_cpu_p50_ms"]
     out["snapshot_to_match_cpu_p95_ms"] = out[f"{tag}_snapshot_to_match_cpu_p95_ms"]

@@ -124,7 +124,7 @@ def _yunet() -> YunetDetector:
 
 
 @cache
-def _sface(int8: bool = False) -> tuple[object, SfaceEmbedder]:
+def _sface(int8: bool = False) -> tuple[cv2.FaceRecognizerSF, SfaceEmbedder]:
     """SFace from the pinned, hash-checked weight bytes: OpenCV's ``FaceRecognizerSF`` for its ``alignCrop`` (one
     thread), the network on ONNX Runtime (:class:`jobs.faces.ort.SfaceEmbedder`: ~1.6x less CPU than OpenCV's DNN,
     features within 1e-6), rewritten to float32 and checked against its pinned hash; ``int8``: its int8 graph
@@ -138,7 +138,8 @@ def _sface(int8: bool = False) -> tuple[object, SfaceEmbedder]:
         net = weights.verified_model(
             sface_int8.int8_model(net), weights.SFACE_INT8_SHA256, f"{weights.SFACE.file} (int8)"
         )
-    return cv2.FaceRecognizerSF.create("onnx", model, b""), SfaceEmbedder(net)
+    # OpenCV reads the weight bytes as its model buffer; its stubs ask for uint8 arrays
+    return cv2.FaceRecognizerSF.create("onnx", model, b""), SfaceEmbedder(net)  # type: ignore[call-overload]
 
 
 @cache
@@ -191,7 +192,7 @@ def embedder_of(embedding: np.ndarray) -> str:
     return "sface" if abs(float(np.linalg.norm(embedding)) - SFACE_SCALE) < 1e-3 else "dlib"
 
 
-def landmarks_from_chip_details(details: object) -> np.ndarray:
+def landmarks_from_chip_details(details: dlib.chip_details) -> np.ndarray:
     """Image points where :data:`YUNET_CHIP_TEMPLATE` lands for a dlib chip (inverse of
     :func:`chip_details_from_landmarks`): YuNet-style landmarks for faces HOG found, so SFace aligns them alike."""
     rect, angle = details.rect, details.angle
@@ -211,7 +212,7 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> tuple[float, float
     return abs(a), float(np.angle(a)), np.array([b.real, b.imag])
 
 
-def chip_details_from_landmarks(points: np.ndarray) -> object:
+def chip_details_from_landmarks(points: np.ndarray) -> dlib.chip_details:
     """dlib ``chip_details`` (square rect + angle) that maps YuNet's 5 points onto :data:`YUNET_CHIP_TEMPLATE`.
 
     dlib samples chip pixel ``u`` from image point ``centre + s R(angle) (u - 74.5)``, ``rect`` being ``s * 150``
@@ -228,7 +229,7 @@ def chip_details_from_landmarks(points: np.ndarray) -> object:
 
 
 @cache
-def _models() -> tuple[object, object]:
+def _models() -> tuple[dlib.fhog_object_detector, dlib.shape_predictor]:
     """HOG detector and 5-point predictor, loaded once per process."""
     return (
         dlib.get_frontal_face_detector(),
@@ -256,7 +257,7 @@ def decode_image(data: bytes, settings: FaceSettings) -> tuple[Image.Image, tupl
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))
             if img.format not in ("JPEG", "PNG"):
                 raise ImageError("wrong_type", f"{img.format} is not JPEG or PNG")
             w, h = original = img.size
@@ -392,6 +393,7 @@ class FaceEngine:
         """112x112 chips of the faces at ``marks`` (``alignCrop``: ArcFace's template). Aligning the RGB image gives
         the red/blue-swapped chip that ``FaceRecognizerSF.feature`` feeds its network (no BGR copy of the frame
         needed), and the RGB chip FacePlugin's client feeds its own."""
+        assert self._sface is not None, "only an embedder with SFace's aligner aligns chips"
         aligner = self._sface[0]
         rows = np.zeros((len(marks), 15), dtype=np.float32)
         for row, points in zip(rows, marks, strict=True):
@@ -421,7 +423,7 @@ class FaceEngine:
     def _hog(self, work: np.ndarray, longer_side: int) -> list[Raw]:
         """(box, pose asymmetry, chip, landmarks) per HOG detection."""
         upsample = 1 if longer_side < self.settings.upsample_below_px else 0
-        out = []
+        out: list[Raw] = []
         for rect in self._detector(work, upsample):
             shape = self._predictor(work, rect)
             points = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)
@@ -433,7 +435,8 @@ class FaceEngine:
 
     def _yunet_faces(self, work: np.ndarray) -> list[Raw]:
         """(box, pose asymmetry, chip, landmarks) per YuNet detection at or above the minimum score."""
-        out = []
+        assert self._yunet is not None, "called only with the YuNet detector"
+        out: list[Raw] = []
         for row in self._yunet.detect(work):
             if row[14] < self.settings.detector_min_score:
                 continue

@@ -265,11 +265,15 @@ def bootstrap_rates(
             tmr.append(float((pw[g] * acc[g]).sum() / gw))
         if iw > 0:
             fmr.append(float((pw[~g] * acc[~g]).sum() / iw))
-    q = [2.5, 97.5]
-    return {
-        "tmr": tuple(round(float(v), 4) for v in np.percentile(tmr, q)) if tmr else (0.0, 1.0),
-        "fmr": tuple(round(float(v), 5) for v in np.percentile(fmr, q)) if fmr else (0.0, 1.0),
-    }
+    return {"tmr": _interval95(tmr, 4), "fmr": _interval95(fmr, 5)}
+
+
+def _interval95(rates: list[float], digits: int) -> tuple[float, float]:
+    """The 2.5th and 97.5th percentiles of ``rates``, rounded; (0, 1) (nothing known) when there are none."""
+    if not rates:
+        return (0.0, 1.0)
+    low, high = np.percentile(rates, [2.5, 97.5])
+    return (round(float(low), digits), round(float(high), digits))
 
 
 @dataclass(frozen=True)

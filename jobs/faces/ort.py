@@ -123,7 +123,7 @@ def float_model(
     kept, folded, consts = _fold(graph, what, quantised)
     nodes, added = _prelu_as_relu(kept, consts)
     folded.update(added)
-    used = {i for n in nodes for i in pb.read_node(next(pb.fields(n)).value).inputs}
+    used = {i for n in nodes for i in pb.read_node(bytes(next(pb.fields(n)).value)).inputs}
     initializers = set(consts) | set(folded)
     out = b""
     for f in graph:

@@ -151,7 +151,7 @@ def int8_model(model: bytes, ranges: dict[str, tuple[float, float]] | None = Non
             nodes += _integer_classifier(n, consts, quantise, added)
         else:
             nodes.append(f.raw)
-    used = {i for raw in nodes for i in pb.read_node(next(pb.fields(raw)).value).inputs}
+    used = {i for raw in nodes for i in pb.read_node(bytes(next(pb.fields(raw)).value)).inputs}
     out = b""
     for f in graph:
         if f.number == 5:

@@ -496,7 +496,9 @@ class FaceStageRunner:
                 log.warning("offset commit failed: %s", exc)
 
     def _handle(self, msg: Message) -> None:
-        tp, offset = (msg.topic(), msg.partition()), msg.offset()
+        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+        assert topic is not None and partition is not None and offset is not None, "a record has all three"
+        tp = (topic, partition)
         value = msg.value()
         try:
             if tp[0] == self.tx_topic:
@@ -521,7 +523,7 @@ class FaceStageRunner:
         for trigger in triggers:
             pool = self._entrance_pool if trigger.kind == ENTRANCE else self._pool
             future = pool.submit(self.stage.observe, trigger)
-            future.add_done_callback(lambda f, msg=msg: self._done.put((msg, _outcome(f))))
+            future.add_done_callback(lambda f: self._done.put((msg, _outcome(f))))
 
     def _dead_letter(self, msg: Message, error: InvalidRecord) -> None:
         """Dead-letter the input ``msg`` (one of its pending parts). A transaction's dead letter gets the

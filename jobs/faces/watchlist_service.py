@@ -367,6 +367,7 @@ class WatchlistCore:
             raise Failed("bad_image", f"checkout snapshot unusable ({exc.kind})") from None
         if face is None:
             raise Failed("no_face", "no face passed the quality gate in the checkout snapshot")
+        assert face.embedding is not None, "the face best_face gives passed the gate, so it is embedded"
         previous = self._previous_reference(subject)
         reference = self.store.put("reference", subject, data)
         details = {"image_ref": reference, "quality": f"{face.quality:.3f}"}
@@ -465,6 +466,7 @@ class WatchlistCore:
             raise Failed("bad_image", f"sighting unusable ({exc.kind})") from None
         if face is None:
             raise Failed("no_face", "no face passed the quality gate in the sighting")
+        assert face.embedding is not None, "_sighted_face gives an embedded face"
         if self.rekognition is not None:  # that face alone: indexing the picture adds its largest face, anyone's
             try:
                 self.rekognition.index(subject, face_crop(data, face.box, face.scale), another=True)
@@ -488,11 +490,11 @@ class WatchlistCore:
         """The face of a confirmed sighting that is the subject: of the faces that passed the gate, the one nearest
         the subject's templates (the largest when none can be compared). The Rekognition backend matches each face
         of a snapshot, not only the largest, so a sighting's largest face may be a bystander's."""
-        passing = [f for f in faces if f.passed and f.embedding is not None]
-        templates = [t for t in entry.embeddings if passing and len(t) == len(passing[0].embedding)]
+        passing = [(f, f.embedding) for f in faces if f.passed and f.embedding is not None]
+        templates = [t for t in entry.embeddings if passing and len(t) == len(passing[0][1])]
         if len(passing) < 2 or not templates:
-            return passing[0] if passing else None  # analyse lists the largest first
-        return max(passing, key=lambda f: max(similarity(f.embedding, t) for t in templates))
+            return passing[0][0] if passing else None  # analyse lists the largest first
+        return max(passing, key=lambda fe: max(similarity(fe[1], t) for t in templates))[0]
 
     def _lifetime_ms(self) -> int:
         return int(self.settings.faces.watchlist_expire_days * 86_400_000)
@@ -567,6 +569,7 @@ class WatchlistCore:
                     raise Failed("missing_image", "reference image gone from the image store") from None
                 if face is None:
                     raise Failed("no_face", "no face passed the quality gate in the reference image")
+                assert face.embedding is not None, "the face best_face gives passed the gate, so it is embedded"
             except Failed as failed:
                 log.error("%s was enrolled by another embedder and cannot be again: %s", subject, failed.reason)
                 reason = f"{failed.kind}: {failed.reason}"
@@ -822,10 +825,12 @@ class WatchlistService:
                 if msg.error():
                     log.warning("consumer error: %s", msg.error())
                     continue
+                topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+                assert topic is not None and partition is not None and offset is not None, "a record has all three"
                 src = transactional.source_of(msg)
                 with metrics.timed(self._processing):
-                    outs = self.topics[msg.topic()](src, clock.now_ms())
-                    self._publish(outs, [TopicPartition(msg.topic(), msg.partition(), msg.offset() + 1)])
+                    outs = self.topics[topic](src, clock.now_ms())
+                    self._publish(outs, [TopicPartition(topic, partition, offset + 1)])
         finally:
             self.consumer.close()
 

@@ -163,7 +163,7 @@ class Watchlist:
             if self._entries.pop(subject_id, None) is not None:
                 self._dirty = True
 
-    def search(self, embedding: Sequence[float]) -> Match | None:
+    def search(self, embedding: Sequence[float] | np.ndarray) -> Match | None:
         """Best-matching subject at or above the threshold, else ``None``; a probe that is not a usable
         descriptor raises :class:`InvalidRecord` ``invalid_embedding``."""
         probe = np.asarray(check_embedding(embedding, "probe", self.dim), dtype=np.float32).reshape(self.dim)
