@@ -591,7 +591,9 @@ def parse_addresses(value: str) -> list[str]:
     entries only (``"Doe, Jane" <jane@x>`` is one recipient; splitting at every comma made two broken ones) and
     parsed with :func:`email.utils.getaddresses`. Blank entries are skipped; an entry that is not one address
     raises ``ValueError``."""
-    entries, current, quoted, angle, escaped = [], [], False, False, False
+    entries: list[str] = []
+    current: list[str] = []
+    quoted = angle = escaped = False
     for ch in value:
         if escaped:
             escaped = False

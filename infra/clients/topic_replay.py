@@ -420,7 +420,7 @@ def read_assigned(
                 error, p = message.error(), message.partition()
                 if deleted is not None and error is not None and error.code() in RETENTION_RESETS and p in todo:
                     _skip_deleted(consumer, topic, p, todo, after[p], deleted)
-                elif _in_range(message, topic, todo):
+                elif p is not None and _in_range(message, topic, todo):  # (a record of the range has one)
                     after[p] = (message.offset() or 0) + 1
                     yield message
             for p, tp in zip(list(todo), consumer.position([TopicPartition(topic, p) for p in todo]), strict=True):
