@@ -470,7 +470,8 @@ class FaceSettings(BaseModel, frozen=True):
     suspects_bucket: str = "checkout-guard-suspects"
     extra_image_buckets: str = ""
     """More S3 buckets image refs may name (comma separated), e.g. the buckets of an earlier setup whose
-    refs are still in alerts; a ref in any other bucket is refused before a request."""
+    refs are still in alerts; a ref in any other bucket is refused before a request. ``forget`` and the retention
+    purge search them too (:func:`infra.clients.image_store.former_stores`)."""
     rekognition_endpoint_url: str | None = None
     """Rekognition endpoint override; defaults to ``aws_endpoint_url``."""
     rekognition_collection: str = "checkout-guard-watchlist"

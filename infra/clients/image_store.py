@@ -386,7 +386,8 @@ def former_stores(settings: Settings, current: ImageStore) -> list[ImageStore]:
     of the buckets: the local image folder when it is on this machine, and each bucket of
     ``CG_FACES__EXTRA_IMAGE_BUCKETS`` (where a former bucket is kept listed) as a store of every kind. ``forget``
     searches them by key as it searches ``current``: a snapshot is found by its transaction, a retained one by its
-    marker, and no record says which store took it. Creating one makes no request."""
+    marker, and no record says which store took it. The retention purge sweeps them too. Creating one makes no
+    request."""
     stores: list[ImageStore] = []
     root = settings.stack_dir / "images"
     if not isinstance(current, LocalImageStore) and all((root / kind).is_dir() for kind in KINDS):

@@ -318,19 +318,37 @@ class WatchlistCore:
 
     def purge(self, now_ms: int) -> list[Out]:
         """Expired watchlist entries forgotten, entries of another embedder enrolled again, then the snapshots past
-        their retention deleted."""
+        their retention deleted: in the current store and in each of :func:`former_stores` (those ``forget`` searches),
+        since the snapshots taken before a switch of the image store or its buckets stay where they were written. A
+        store that fails is logged and left for the next sweep (named in the audit's ``not_swept`` when the others
+        deleted something); the others are swept."""
         expired = self.expire(now_ms) + self.reembed(now_ms)
         if marker_due(WATCHLIST, self.marked_at, now_ms):  # a forgotten entry is compacted away only then
             self.marked_at = now_ms
             expired.append(Out(WATCHLIST, COMPACTION_MARKER, None))
         faces = self.settings.faces
         cutoff = now_ms - int(faces.snapshot_retention_hours * 3600 * 1000)
-        deleted = self.store.purge(cutoff)
         alert_cutoff = now_ms - int(faces.alert_snapshot_retention_days * 86_400_000)
-        released = self.store.purge_retained(alert_cutoff)
-        if not deleted and not released:
+        deleted = released = 0
+        not_swept: list[str] = []
+        for store in [self.store, *former_stores(self.settings, self.store)]:
+            try:
+                deleted += store.purge(cutoff)
+                released += store.purge_retained(alert_cutoff)
+            except Exception as exc:  # noqa: BLE001 - S3 or disk: the other stores are swept, this one next time
+                log.warning("purging %s failed (%s): trying again at the next purge", store.where(), type(exc).__name__)
+                not_swept.append(store.where())
+        if not deleted and not released:  # a store that failed is in the log at every sweep, not on audit
             return expired
         log.info("purged %d unretained snapshots and %d alert snapshots past their retention", deleted, released)
+        details = {
+            "deleted": str(deleted),
+            "older_than_ms": str(cutoff),
+            "alert_snapshots_deleted": str(released),
+            "alert_snapshots_older_than_ms": str(alert_cutoff),
+        }
+        if not_swept:
+            details["not_swept"] = "; ".join(not_swept)
         return [
             *expired,
             self._audit(
@@ -340,12 +358,7 @@ class WatchlistCore:
                 outcome="DONE",
                 actor=SERVICE_ACTOR,
                 reason="retention period over (no match and no alert, or the alert's longer period)",
-                details={
-                    "deleted": str(deleted),
-                    "older_than_ms": str(cutoff),
-                    "alert_snapshots_deleted": str(released),
-                    "alert_snapshots_older_than_ms": str(alert_cutoff),
-                },
+                details=details,
             ),
         ]
 

@@ -658,6 +658,40 @@ def test_forget_after_switches_deletes_the_subjects_snapshots_from_the_local_sto
     assert local.get(someone_else) == b"another shopper" and enrolment.startswith("file:")
 
 
+def test_the_retention_purge_after_switches_deletes_old_snapshots_in_the_local_store_and_a_former_bucket(
+    moto_url, tmp_path
+):
+    """The purge swept the current store only: after a switch to S3, or to other buckets, the snapshots that matched
+    nobody and the alert snapshots past their period stayed in the old store for ever."""
+    from infra.clients.image_store import S3ImageStore
+
+    local = LocalImageStore(tmp_path / "images")
+    local_snapshot = local.put("checkout", "tx-1", b"a shopper")
+    local_alert = local.put("checkout", "tx-2", b"a shopper an alert named")
+    local.retain(local_alert, retain_reason("a-1", None))
+    reference = local.put("reference", "subj-tx-0", b"an enrolled face")
+    old = S3ImageStore(_switched(moto_url, tmp_path))
+    old.ensure_buckets()
+    old_snapshot = old.put("entrance", "e-1", b"a shopper at the door")
+    old_alert = old.put("checkout", "tx-3", b"another shopper an alert named")
+    old.retain(old_alert, retain_reason("a-2", None))
+    settings = _switched(moto_url, tmp_path, extra_image_buckets=f"{old.buckets['checkout']},gone-{NOW}")
+    current = S3ImageStore(settings)
+    current.ensure_buckets()
+    core = WatchlistCore(settings, engine=_Engine(), store=current)  # type: ignore[arg-type]
+    day = 86_400_000
+    audit = audit_of(core.purge(int(time.time() * 1000) + 2 * day))
+    assert (audit.details["deleted"], audit.details["alert_snapshots_deleted"]) == ("2", "0")
+    assert "gone-" in audit.details["not_swept"], "a bucket that cannot be swept is named, the others are swept"
+    assert local.find("checkout", "tx-1") is None and old.find("entrance", "e-1") is None, "kept past retention"
+    assert local.retained() == {local_alert: "subject=- alert=a-1"} and list(old.retained()) == [old_alert]
+    audit = audit_of(core.purge(int(time.time() * 1000) + 93 * day))
+    assert (audit.details["deleted"], audit.details["alert_snapshots_deleted"]) == ("0", "2")
+    assert local.retained() == {} and old.retained() == {}, "alert snapshots kept past their period"
+    assert local.get(reference) == b"an enrolled face", "reference images are never purged"
+    assert local_snapshot.startswith("file:") and old_snapshot.startswith("s3://")
+
+
 def test_a_change_of_category_after_a_switch_deletes_the_former_reference_image_in_the_old_store(moto_url, tmp_path):
     """``vip <tx>`` of a suspect enrolled before a switch to S3 wrote a new reference image there and replaced the
     entry naming the old one: the image in the old store was named by nothing any more and stayed for ever."""
