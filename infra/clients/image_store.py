@@ -34,6 +34,8 @@ PURGEABLE = ("checkout", "entrance")
 _KEY_RE = re.compile(r"[A-Za-z0-9_:@%-][A-Za-z0-9._:@%-]{0,254}")
 """A file/object name: never ``.``/``..`` or hidden (first character), no ``/``, ``\\``, NUL or newline."""
 INVALID_REF = "invalid_image_ref"
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+"""An S3 bucket name: only such a name is quoted in an error (a ref comes in a record, and may be hostile)."""
 
 
 def _check(kind: str, key: str) -> None:
@@ -369,9 +371,9 @@ def store_holding(ref: str, settings: Settings, current: ImageStore) -> ImageSto
         configured = {settings.faces.checkout_bucket, settings.faces.suspects_bucket}
         configured |= set(_extra_buckets(settings))
         if bucket not in configured:
+            named = bucket if _BUCKET_RE.fullmatch(bucket) else "(not a bucket name)"  # refs come in records
             raise ImageStoreUnavailable(
-                f"the image is in S3 bucket {bucket[:63]}, which is not configured: "
-                "add it to CG_FACES__EXTRA_IMAGE_BUCKETS"
+                f"the image is in S3 bucket {named}, which is not configured: add it to CG_FACES__EXTRA_IMAGE_BUCKETS"
             )
         return S3ImageStore(settings)
     raise InvalidRecord(INVALID_REF, "not an image ref (file:<kind>/<key> or s3://<bucket>/<kind>/<key>)")

@@ -277,13 +277,18 @@ class WatchlistCore:
         }
         if alert.subject_id and alert.subject_id not in self.entries:
             return self._drop_snapshot_of_forgotten(alert, audit)
-        try:
-            self.store.retain(alert.snapshot_ref, retain_reason(alert.alert_id, alert.subject_id))
-        except (ValueError, OSError) as exc:  # not a ref of this store, or the image is gone (purged, forgotten)
+        try:  # where the ref says: a snapshot taken before a switch of the image store or its bucket is still there
+            self.store_of(alert.snapshot_ref).retain(
+                alert.snapshot_ref, retain_reason(alert.alert_id, alert.subject_id)
+            )
+        except (ValueError, OSError, ImageStoreUnavailable) as exc:  # no ref of ours, its store not here, or gone
             kind = "missing_image" if isinstance(exc, FileNotFoundError) else "bad_ref"
+            why = type(exc).__name__
+            if isinstance(exc, ImageStoreUnavailable):
+                kind, why = "image_store_unavailable", str(exc)
             return [
-                self._audit(**audit, outcome="FAILED", reason=f"{kind}: {type(exc).__name__}"),
-                self._dead_letter(src, InvalidRecord(kind, f"cannot retain snapshot: {type(exc).__name__}"), now_ms),
+                self._audit(**audit, outcome="FAILED", reason=f"{kind}: {why}"),
+                self._dead_letter(src, InvalidRecord(kind, f"cannot retain snapshot: {why}"), now_ms),
             ]
         return [
             self._audit(
@@ -295,12 +300,23 @@ class WatchlistCore:
         """An alert naming a subject no longer on the watchlist: forgotten or expired (the job alerts only on
         enrolled subjects), the alert made before that or scored before the job read the tombstone, and read
         here after it (``commands`` and ``alerts`` are separate topics, read in no fixed order). Its snapshot
-        is deleted, as ``forget`` deleted the subject's other alert snapshots; retained, it stayed for
-        ``alert_snapshot_retention_days``. Audited ``PURGE`` under the alert's retain id (a replay skips it)."""
+        is deleted where its ref says (:meth:`store_of`), as ``forget`` deleted the subject's other alert snapshots;
+        retained, it stayed for ``alert_snapshot_retention_days``. Audited ``PURGE`` under the alert's retain id (a
+        replay skips it)."""
         ref = str(alert.snapshot_ref)
         try:
-            self.store.delete(ref)
-        except (ValueError, OSError) as exc:  # not a ref of this store: nothing of ours to delete
+            self.store_of(ref).delete(ref)  # the current store, or the one it was taken in before a switch
+        except ImageStoreUnavailable as exc:  # its store is not reachable from here: the image stays, and says where
+            log.warning("alert %s: the snapshot of forgotten %s not deleted: %s", alert.alert_id, alert.subject_id, exc)
+            return [
+                self._audit(
+                    **{**audit, "action": "PURGE"},
+                    outcome="FAILED",
+                    reason=f"image_store_unavailable: {exc}",
+                    details={"image_ref": ref, "alert_id": alert.alert_id},
+                )
+            ]
+        except (ValueError, OSError) as exc:  # a ref of no store: nothing of ours to delete
             return [
                 self._audit(**{**audit, "action": "PURGE"}, outcome="FAILED", reason=f"bad_ref: {type(exc).__name__}")
             ]

@@ -692,6 +692,33 @@ def test_the_retention_purge_after_switches_deletes_old_snapshots_in_the_local_s
     assert local_snapshot.startswith("file:") and old_snapshot.startswith("s3://")
 
 
+def test_alert_snapshots_taken_before_a_switch_are_retained_or_deleted_in_the_store_they_are_in(moto_url, tmp_path):
+    """An alert's snapshot was retained, or deleted for a forgotten subject, through the current store only: a
+    snapshot in the old store failed bad_ref, and the forgotten subject's face stayed there."""
+    from infra.clients.image_store import S3ImageStore
+
+    local = LocalImageStore(tmp_path / "images")
+    kept = local.put("checkout", "tx-9", b"the subject at a lane")
+    old = S3ImageStore(_switched(moto_url, tmp_path))
+    old.ensure_buckets()
+    late = old.put("checkout", "tx-10", b"a forgotten subject at a lane")
+    core = _enrolled(_switched(moto_url, tmp_path, extra_image_buckets=old.buckets["checkout"]), "")
+    outs = core.on_alert(Source("alerts", 0, 0, b"a-1", sighting("subj-tx-1", kept).encode()), NOW)
+    assert (audit_of(outs).action, audit_of(outs).outcome) == ("RETAIN", "DONE"), audit_of(outs).reason
+    assert local.retained() == {kept: "subject=subj-tx-1 alert=a-1"}, "purged as if no alert named it"
+    outs = core.on_alert(Source("alerts", 0, 1, b"a-2", sighting("subj-tx-2", late, "a-2").encode()), NOW)
+    assert (audit_of(outs).action, audit_of(outs).outcome) == ("PURGE", "DONE"), audit_of(outs).reason
+    assert old.find("checkout", "tx-10") is None, "the forgotten subject's face stayed in the former bucket"
+    elsewhere = "s3://former-bucket/checkout/tx-11"
+    outs = core.on_alert(Source("alerts", 0, 2, b"a-3", sighting("subj-tx-2", elsewhere, "a-3").encode()), NOW)
+    audit = audit_of(outs)
+    assert audit.outcome == "FAILED" and audit.reason.startswith("image_store_unavailable")
+    assert "former-bucket" in audit.reason and "CG_FACES__EXTRA_IMAGE_BUCKETS" in audit.reason, "says what to set"
+    hostile = "s3://x\nFORGET done/checkout/tx-12"  # a ref comes in a record: only a bucket name is quoted
+    outs = core.on_alert(Source("alerts", 0, 3, b"a-4", sighting("subj-tx-1", hostile, "a-4").encode()), NOW)
+    assert "FORGET" not in audit_of(outs).reason and "(not a bucket name)" in audit_of(outs).reason
+
+
 def test_a_change_of_category_after_a_switch_deletes_the_former_reference_image_in_the_old_store(moto_url, tmp_path):
     """``vip <tx>`` of a suspect enrolled before a switch to S3 wrote a new reference image there and replaced the
     entry naming the old one: the image in the old store was named by nothing any more and stayed for ever."""
