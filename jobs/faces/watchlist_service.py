@@ -414,7 +414,7 @@ class WatchlistCore:
         if current:
             details["previous_category"] = current["category"]
         if previous is not None and previous[0] != reference:
-            self._delete_previous_reference(*previous)
+            self._delete_previous_reference(*previous, replacement=reference)
             details["previous_image_ref_deleted"] = previous[0]
         entry = WatchlistEntry(
             subject_id=subject,
@@ -449,17 +449,22 @@ class WatchlistCore:
         except InvalidRecord:  # no ref of any store: no image of ours
             return None
 
-    @staticmethod
-    def _delete_previous_reference(ref: str, store: ImageStore) -> None:
-        """Delete the reference image a change of category replaced; failing, the command fails and the entry keeps
-        naming it (the new image, under the subject's key in the current store, is found by a ``forget`` too)."""
+    def _delete_previous_reference(self, ref: str, store: ImageStore, replacement: str) -> None:
+        """Delete the reference image a change of category replaced. Failing, the command fails, the entry keeps
+        naming the old image, and ``replacement`` (the new one, just written in the current store) is deleted too: no
+        entry names it, and it would stay a second biometric image of the subject. The audit says what is left."""
         try:
             store.delete(ref)
         except Exception as exc:  # noqa: BLE001 - S3 or disk
+            why = f"the former reference image {ref} was not deleted from {store.where()} ({type(exc).__name__})"
+            try:
+                self.store.delete(replacement)
+            except Exception as again:  # noqa: BLE001 - the same outage: a forget finds it under the subject's key
+                left = f"the new one {replacement} was not deleted either ({type(again).__name__}) and stays"
+            else:
+                left = f"the new one {replacement} was deleted"
             raise Failed(
-                "image_store_unavailable",
-                f"the former reference image {ref} was not deleted from {store.where()} ({type(exc).__name__}); "
-                "the entry is unchanged, issue the command again",
+                "image_store_unavailable", f"{why}; {left}; the entry is unchanged, issue the command again"
             ) from None
 
     @staticmethod

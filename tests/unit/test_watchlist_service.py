@@ -736,6 +736,32 @@ def test_a_change_of_category_after_a_switch_deletes_the_former_reference_image_
     assert entry.category == "VIP" and entry.reference_image_ref == core.store.find("reference", "subj-tx-1")
 
 
+def test_a_change_of_category_whose_former_image_delete_fails_leaves_no_new_reference_image(
+    moto_url, tmp_path, monkeypatch
+):
+    """The command failed with the entry unchanged, but the new reference image it had written stayed in the current
+    store, named by no entry: a second biometric image of the subject."""
+    local = LocalImageStore(tmp_path / "images")
+    ref = local.put("reference", "subj-tx-1", b"the subject's face")
+    core = _enrolled(_switched(moto_url, tmp_path), ref)
+    core.engine = _Engine()  # type: ignore[assignment]
+    core.store.put("checkout", "tx-1", b"the sale")
+
+    def away(self: LocalImageStore, ref: str) -> None:
+        raise PermissionError("the old store refuses")
+
+    monkeypatch.setattr(LocalImageStore, "delete", away)
+    outs = core.on_command(command("VIP", "tx-1", cid="c5"), NOW)
+    audit = audit_of(outs)
+    assert audit.outcome == "FAILED" and audit.reason.startswith("image_store_unavailable"), audit.reason
+    assert "was deleted; the entry is unchanged" in audit.reason and by_topic(outs)["watchlist"] == []
+    assert core.store.find("reference", "subj-tx-1") is None, "the new reference image stayed, named by no entry"
+    assert local.get(ref) == b"the subject's face" and core.records["subj-tx-1"].reference_image_ref == ref
+    monkeypatch.undo()
+    assert audit_of(core.on_command(command("VIP", "tx-1", cid="c6"), NOW)).outcome == "DONE", "issued again"
+    assert local.find("reference", "subj-tx-1") is None and core.store.find("reference", "subj-tx-1") is not None
+
+
 def test_a_forget_whose_image_delete_fails_leaves_the_rekognition_faces_says_what_is_left_and_finishes_later(
     tmp_path,
 ):
