@@ -48,7 +48,8 @@ class KafkaSettings(BaseModel, frozen=True):
 
     controller_port: Port = 9093
     topic_prefix: str = ""
-    """Prefix for every topic name, so a backtest or a second environment can share a cluster."""
+    """Prefix for every topic name and every service's default consumer group (:meth:`group`), so a backtest or a
+    second environment can share a cluster."""
     dead_letter_retention_days: float = 7.0
     """How long ``dead_letters`` keeps the bad inputs' bytes (names, e-mails, addresses of a transaction; face
     embeddings of a refused face observation or watchlist entry, which ``forget`` does not reach); applied to the
@@ -93,6 +94,12 @@ class KafkaSettings(BaseModel, frozen=True):
         ]
         if problems:
             raise ValueError(f"sasl_mechanism AWS_MSK_IAM needs {'; '.join(problems)}")
+
+    def group(self, name: str) -> str:
+        """A service's consumer group ``name`` with the topic prefix in front: deployments sharing a cluster under
+        different prefixes never share a group (sharing split the partitions between them, each missing the
+        other's share). Without a prefix it is ``name`` itself, as before prefixes were added to groups."""
+        return f"{self.topic_prefix}{name}"
 
     @property
     def msk_iam(self) -> bool:
@@ -187,6 +194,10 @@ class MqttSettings(BaseModel, frozen=True):
     password: SecretStr | None = None
 
 
+SCORING_GROUP = "checkout-guard-scoring"
+"""The scoring job's consumer group before the topic prefix, where ``CG_JOB__CONSUMER_GROUP`` is unset."""
+
+
 class JobSettings(BaseModel, frozen=True):
     parallelism: int = Field(default=1, ge=1)
     """The mini-cluster's parallelism and slots (a cluster takes ``flink run -p``). 0 or less failed in Flink at
@@ -196,7 +207,9 @@ class JobSettings(BaseModel, frozen=True):
     """``rocksdb`` (incremental checkpoints: cost follows the changes, not the state size) or ``hashmap``."""
     checkpoint_dir: Path | None = None
     """Durable checkpoint storage; defaults to ``<stack dir>/flink/checkpoints``."""
-    consumer_group: str = "checkout-guard-scoring"
+    consumer_group: str | None = None
+    """The scoring job's consumer group, taken as given; unset: :data:`SCORING_GROUP` after the topic prefix
+    (:attr:`Settings.consumer_group`). The other groups of the job and the face stage are named from it."""
     python_execution_mode: Literal["thread", "process"] = "thread"
     """``thread`` (embedded PEMJA interpreter: ~10x lower latency here) or ``process`` (Beam workers). Only
     these two: PyFlink runs anything but exactly ``thread`` in process mode, so a ``Thread`` or ``threads``
@@ -1043,6 +1056,13 @@ class Settings(BaseSettings):
     @property
     def checkpoint_dir(self) -> Path:
         return self.job.checkpoint_dir or self.stack_dir / "flink" / "checkpoints"
+
+    @property
+    def consumer_group(self) -> str:
+        """The scoring job's consumer group: ``CG_JOB__CONSUMER_GROUP``, or the deployment's own (topic prefix in
+        front). Its control source adds ``-control``, the read before the first decision ``-control-read``, the
+        face stage ``.face-stage``."""
+        return self.job.consumer_group or self.kafka.group(SCORING_GROUP)
 
     @property
     def models_root(self) -> Path:

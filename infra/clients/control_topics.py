@@ -64,9 +64,7 @@ def read_control_topics(
 
     prefix = settings.kafka.topic_prefix
     topics = [spec.full_name(prefix) for spec in specs]
-    reader = kafka_clients.consumer(
-        settings, f"{settings.job.consumer_group}-control-read", kafka_clients.READ_COMMITTED
-    )
+    reader = kafka_clients.consumer(settings, f"{settings.consumer_group}-control-read", kafka_clients.READ_COMMITTED)
     try:
         ends: dict[tuple[str, int], int] = {}
         for topic in topics:

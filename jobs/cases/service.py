@@ -429,7 +429,7 @@ class CaseService:
 
         self.settings = settings
         self.prefix = settings.kafka.topic_prefix
-        self.group = f"{self.prefix}{settings.cases.service_group}"
+        self.group = settings.kafka.group(settings.cases.service_group)
         self.core = core or CaseCore(settings)
         key = settings.webex.command_signing_key
         if not (key and key.get_secret_value()):

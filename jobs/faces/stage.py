@@ -385,7 +385,7 @@ def _observation(trigger: Trigger, status: str, reason: str | None = None, **ext
 
 
 def consumer_group(settings: Settings) -> str:
-    return f"{settings.job.consumer_group}.face-stage"
+    return f"{settings.consumer_group}.face-stage"
 
 
 @dataclass(slots=True)

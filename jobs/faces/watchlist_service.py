@@ -795,7 +795,7 @@ class WatchlistService:
 
         self.settings = settings
         self.prefix = settings.kafka.topic_prefix
-        self.group = f"{self.prefix}{settings.faces.service_group}"
+        self.group = settings.kafka.group(settings.faces.service_group)
         self.core = core or WatchlistCore(settings)
         key = settings.webex.command_signing_key
         if not (key and key.get_secret_value()):

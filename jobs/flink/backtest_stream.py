@@ -747,7 +747,7 @@ def wait_until_done(copy: Settings, children: list, timeout_s: float, quiet_s: f
             for child in children:
                 if not child.alive:
                     raise RuntimeError(f"{child.name} exited with {child.proc.returncode}; see {child.log_path}")
-            done = caught_up(copy.kafka, copy.job.consumer_group, tx_topic) and caught_up(
+            done = caught_up(copy.kafka, copy.consumer_group, tx_topic) and caught_up(
                 copy.kafka, default_group_id(prefix), scored_topic
             )
             now_ends = high_watermarks(copy.kafka, scored_topic)

@@ -602,7 +602,7 @@ def kafka_source(t_env: StreamTableEnvironment, settings: Settings) -> DataStrea
     """Transactions and face observations: the keyed input, from the configured start."""
     prefix = settings.kafka.topic_prefix
     topics = f"{TRANSACTIONS.full_name(prefix)};{FACE_OBSERVATIONS.full_name(prefix)}"
-    return _source_table(t_env, "pos_in", topics, settings.job.consumer_group, _startup(settings), settings)
+    return _source_table(t_env, "pos_in", topics, settings.consumer_group, _startup(settings), settings)
 
 
 def broadcast_source(t_env: StreamTableEnvironment, settings: Settings) -> DataStream:
@@ -613,7 +613,7 @@ def broadcast_source(t_env: StreamTableEnvironment, settings: Settings) -> DataS
         t_env,
         "control_in",
         topics,
-        f"{settings.job.consumer_group}-control",
+        f"{settings.consumer_group}-control",
         {"scan.startup.mode": "earliest-offset"},
         settings,
     )

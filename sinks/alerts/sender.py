@@ -1007,7 +1007,7 @@ def default_group_id(settings: Settings, channels: list[str] | None = None) -> s
     sender per channel (``CG_ALERTS__CHANNELS=webex``; a core each) never shares partitions with a sender
     for another set -- sharing would leave each alert on only one process's channels."""
     names = sorted(channels if channels is not None else settings.alerts.channel_list())
-    return f"{settings.kafka.topic_prefix}{DEFAULT_GROUP_ID}-{'+'.join(names)}"
+    return settings.kafka.group(f"{DEFAULT_GROUP_ID}-{'+'.join(names)}")
 
 
 def dead_letter_for(message: Message, error_kind: str, reason: str) -> DeadLetter:

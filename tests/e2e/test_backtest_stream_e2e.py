@@ -60,7 +60,7 @@ def baseline(stack: Settings, tmp_path):
     stop = threading.Event()
     sink = threading.Thread(target=run_sink, args=(settings, stop), daemon=True)
     sink.start()
-    job = start_scoring_job(settings, name=f"{settings.job.consumer_group}-job")
+    job = start_scoring_job(settings, name=f"{settings.consumer_group}-job")
     yield settings
     job.stop()
     stop.set()

@@ -81,7 +81,7 @@ def test_every_listener_of_the_stack_and_the_job_is_on_the_configured_host(stack
         proc = service_process(svc, paths)
         assert proc is not None, f"{svc} is not running from {paths.root}"
         procs[svc] = _tree(proc)
-    job = start_scoring_job(settings, name=f"{settings.job.consumer_group}-job")
+    job = start_scoring_job(settings, name=f"{settings.consumer_group}-job")
     try:
         wait_for(control_file(settings).exists, timeout=150, what="the job to start")
         _score_one(settings)

@@ -243,7 +243,7 @@ def test_a_savepoint_taken_on_the_cluster_restores_on_the_mini_cluster_and_back(
         assert wait_for(lambda: velocity(3), timeout=SCORED_S, what="the cluster to score three sales") == 3.0
         (on_cluster,) = fc.stop_with_savepoint(settings, java)
 
-        local = start_scoring_job(settings, name=f"{settings.job.consumer_group}-local")
+        local = start_scoring_job(settings, name=f"{settings.consumer_group}-local")
         try:
             buy(4, 5)
             assert wait_for(lambda: velocity(5), timeout=SCORED_S, what="the mini-cluster to score") == 5.0
@@ -406,7 +406,7 @@ def test_the_partitioned_layout_at_p2_on_the_cluster_decides_exactly_as_at_p1_on
         fc.down(on_cluster)
 
         with sink_running(local, timeout_s=60):
-            job = start_scoring_job(local, name=f"{local.job.consumer_group}-job")
+            job = start_scoring_job(local, name=f"{local.consumer_group}-job")
             try:
                 local_docs = _decisions(local, expected)
                 local_out = _outputs(local)

@@ -70,7 +70,7 @@ def test_the_job_serves_its_decision_counters_and_flinks_kafka_metrics_on_its_po
     port = port_of(settings, "scoring-job")
     url = f"http://{settings.bind_host}:{port}/metrics"
     ensure_topics(settings)
-    job = start_scoring_job(settings, name=f"{settings.job.consumer_group}-job")
+    job = start_scoring_job(settings, name=f"{settings.consumer_group}-job")
     try:
         wait_for(control_file(settings).exists, timeout=150, what="the job to start")
         producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True})

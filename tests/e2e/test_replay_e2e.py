@@ -78,7 +78,7 @@ def settled(settings: Settings) -> None:
     """Wait until the job has committed all its input and the sink has indexed all the job wrote."""
     prefix = settings.kafka.topic_prefix
     wait_for(
-        lambda: caught_up(settings.kafka, settings.job.consumer_group, TRANSACTIONS.full_name(prefix)),
+        lambda: caught_up(settings.kafka, settings.consumer_group, TRANSACTIONS.full_name(prefix)),
         timeout=120,
         interval=1.0,
         what="the job to commit its input",
@@ -101,7 +101,7 @@ def indexed_keys(settings, transactions) -> set[str | None]:
 
 def test_replaying_a_range_twice_changes_nothing_in_opensearch(pipeline):
     settings, jobs = pipeline
-    jobs.append(start_scoring_job(settings, name=f"{settings.job.consumer_group}-job"))
+    jobs.append(start_scoring_job(settings, name=f"{settings.consumer_group}-job"))
     n = 1500
     prefix = settings.kafka.topic_prefix
     tx_topic, scored_topic = TRANSACTIONS.full_name(prefix), SCORED_TRANSACTIONS.full_name(prefix)
@@ -127,7 +127,7 @@ def test_replaying_a_range_twice_changes_nothing_in_opensearch(pipeline):
 
     # The job has read (and checkpointed) all three copies, and the sink everything the job wrote.
     wait_for(
-        lambda: caught_up(settings.kafka, settings.job.consumer_group, tx_topic),
+        lambda: caught_up(settings.kafka, settings.consumer_group, tx_topic),
         timeout=180,
         interval=1.0,
         what="the job to read the replays",
@@ -159,7 +159,7 @@ def test_a_new_job_started_from_a_time_scores_only_what_came_after_it(pipeline):
 
     # What the README documents: CG_JOB__STARTING_OFFSETS=<epoch ms> for a job without a checkpoint.
     from_time = settings.model_copy(update={"job": settings.job.model_copy(update={"starting_offsets": str(start_ms)})})
-    jobs.append(start_scoring_job(from_time, name=f"{settings.job.consumer_group}-from-time"))
+    jobs.append(start_scoring_job(from_time, name=f"{settings.consumer_group}-from-time"))
     wait_for(lambda: count_indexed(settings) >= len(later), timeout=240, interval=1.0, what="the later documents")
     settled(settings)
     assert set(indexed(settings)) == {tx.transaction_id for tx in later}
@@ -177,11 +177,11 @@ def test_a_job_warming_up_decides_from_its_time_with_the_earlier_traffic_in_its_
     assert produce(settings, earlier, progress=False).ok
 
     warm = settings.model_copy(update={"job": settings.job.model_copy(update={"decide_from": decide_from})})
-    jobs.append(start_scoring_job(warm, name=f"{settings.job.consumer_group}-warm-up"))
+    jobs.append(start_scoring_job(warm, name=f"{settings.consumer_group}-warm-up"))
     # History first, then the live traffic (the single layout takes the topic's partitions as they come, so
     # a later transaction read ahead of an earlier one of another partition would meet a profile not built yet)
     wait_for(
-        lambda: caught_up(settings.kafka, settings.job.consumer_group, TRANSACTIONS.full_name(prefix)),
+        lambda: caught_up(settings.kafka, settings.consumer_group, TRANSACTIONS.full_name(prefix)),
         timeout=240,
         interval=1.0,
         what="the job to take the earlier traffic",
@@ -210,7 +210,7 @@ def test_the_partitioned_layout_warms_up_in_event_time_order_from_one_backlog(pi
 
     job = settings.job.model_copy(update={"decide_from": decide_from, "layout": "partitioned"})
     warm = settings.model_copy(update={"job": job})
-    jobs.append(start_scoring_job(warm, name=f"{settings.job.consumer_group}-warm-up-partitioned"))
+    jobs.append(start_scoring_job(warm, name=f"{settings.consumer_group}-warm-up-partitioned"))
     wait_for(lambda: count_indexed(settings) >= len(later), timeout=240, interval=1.0, what="the later documents")
     settled(settings)
     docs = indexed(settings)

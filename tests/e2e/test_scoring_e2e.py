@@ -197,6 +197,6 @@ def test_nothing_is_lost_or_doubled_when_the_job_is_killed_mid_stream(pipeline):
     job.proc.wait(30)
     producing.join()
     _produce(settings, traffic, txs[3000:], bad_every=500, bad_kinds=bad[3:])
-    children.append(start_scoring_job(settings, name=f"{settings.job.consumer_group}-restarted"))
+    children.append(start_scoring_job(settings, name=f"{settings.consumer_group}-restarted"))
     _check(settings, traffic)
     assert "restoring" in children[-1].log_path.read_text(), "the restarted job resumes from its checkpoint"

@@ -323,7 +323,7 @@ def test_the_job_and_a_python_client_both_log_in_to_secured_kafka(secured: Setti
         {**settings.kafka.client_config(), "group.id": f"t{uuid.uuid4().hex}", "auto.offset.reset": "earliest"}
     )
     consumer.subscribe([SCORED_TRANSACTIONS.full_name(prefix)])
-    job = start_scoring_job(settings, name=f"{settings.job.consumer_group}-job")
+    job = start_scoring_job(settings, name=f"{settings.consumer_group}-job")
     scored: list[dict] = []
 
     def decided() -> bool:

@@ -46,7 +46,7 @@ def test_velocity_counts_continue_across_a_savepoint_upgrade(stack: Settings, tm
 
         return check
 
-    v1 = start_scoring_job(settings, name=f"{settings.job.consumer_group}-v1")
+    v1 = start_scoring_job(settings, name=f"{settings.consumer_group}-v1")
     try:
         for n in range(1, 4):
             buy(n)
@@ -61,7 +61,7 @@ def test_velocity_counts_continue_across_a_savepoint_upgrade(stack: Settings, tm
 
     # "The new version": here a new rule-set version; the keyed state must come along unchanged.
     upgraded = settings.model_copy(update={"rules": settings.rules.model_copy(update={"version": "upgrade-v2"})})
-    v2 = start_scoring_job(upgraded, name=f"{settings.job.consumer_group}-v2")
+    v2 = start_scoring_job(upgraded, name=f"{settings.consumer_group}-v2")
     try:
         for n in range(4, 7):
             buy(n)

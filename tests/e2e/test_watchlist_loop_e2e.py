@@ -132,7 +132,7 @@ def store(stack, tmp_path):
     ]
     for t in threads:
         t.start()
-    job = start_scoring_job(settings, name=f"{settings.job.consumer_group}-job")
+    job = start_scoring_job(settings, name=f"{settings.consumer_group}-job")
     shop = Store(settings, camera)
     try:
         yield settings, camera, shop
