@@ -50,7 +50,7 @@ class KafkaSettings(BaseModel, frozen=True):
     topic_prefix: str = ""
     """Prefix for every topic name and every service's default consumer group (:meth:`group`), so a backtest or a
     second environment can share a cluster."""
-    dead_letter_retention_days: float = 7.0
+    dead_letter_retention_days: float = Field(default=7.0, gt=0, allow_inf_nan=False)
     """How long ``dead_letters`` keeps the bad inputs' bytes (names, e-mails, addresses of a transaction; face
     embeddings of a refused face observation or watchlist entry, which ``forget`` does not reach); applied to the
     topic by ``make up`` / ``infra.stack topics``."""
@@ -182,7 +182,7 @@ class OpenSearchSettings(BaseModel, frozen=True):
     """SigV4: ``es`` for an OpenSearch Service domain, ``aoss`` for OpenSearch Serverless."""
     index_prefix: str = "checkout-guard"
     heap: str = "512m"
-    bulk_max_docs: int = 2000
+    bulk_max_docs: int = Field(default=2000, ge=1)
     verify_certs: bool = True
 
 
@@ -202,7 +202,7 @@ class JobSettings(BaseModel, frozen=True):
     parallelism: int = Field(default=1, ge=1)
     """The mini-cluster's parallelism and slots (a cluster takes ``flink run -p``). 0 or less failed in Flink at
     the job's start, with a Java trace, and at every supervised restart."""
-    checkpoint_interval_ms: int = 2000
+    checkpoint_interval_ms: int = Field(default=2000, ge=10)
     state_backend: str = "rocksdb"
     """``rocksdb`` (incremental checkpoints: cost follows the changes, not the state size) or ``hashmap``."""
     checkpoint_dir: Path | None = None
@@ -214,9 +214,9 @@ class JobSettings(BaseModel, frozen=True):
     """``thread`` (embedded PEMJA interpreter: ~10x lower latency here) or ``process`` (Beam workers). Only
     these two: PyFlink runs anything but exactly ``thread`` in process mode, so a ``Thread`` or ``threads``
     would start Beam's servers past the bind-host guard (jobs/flink/job.py)."""
-    bundle_size: int = 500
-    bundle_time_ms: int = 10
-    buffer_timeout_ms: int = 5
+    bundle_size: int = Field(default=500, ge=1)
+    bundle_time_ms: int = Field(default=10, ge=1)
+    buffer_timeout_ms: int = Field(default=5, ge=0)
     taskmanager_process_memory: str = "1600m"
     starting_offsets: str = "earliest"
     """Where a job without a checkpoint starts: ``earliest``, ``latest`` or an epoch-ms timestamp."""
@@ -250,13 +250,13 @@ class JobSettings(BaseModel, frozen=True):
             raise ValueError(f"decide_from is epoch milliseconds (13 digits) or 0, not {value}")
         return value
 
-    max_message_bytes: int = 256 * 1024
+    max_message_bytes: int = Field(default=256 * 1024, ge=1)
     """Input records larger than this are dead-lettered as oversized."""
-    max_future_skew_ms: int = 300_000
+    max_future_skew_ms: int = Field(default=300_000, ge=0)
     """A transaction stamped more than this after the job's wall clock is dead-lettered (``invalid_timestamp``):
     event time is the producer's clock, and one record far in the future would otherwise move the job's
     "newest event" ahead and make every later transaction ``too_late``. Covers ordinary clock drift."""
-    face_deadline_ms: int = 4000
+    face_deadline_ms: int = Field(default=4000, ge=0)
     """How long a transaction waits for its checkout face observation before deciding with
     ``face: UNAVAILABLE``; 0 = no face join (no face stage running)."""
     early_face_ttl_ms: int = Field(default=600_000, ge=0)
@@ -266,9 +266,9 @@ class JobSettings(BaseModel, frozen=True):
     late_face_memory_max: int = Field(default=100_000, ge=0, le=10_000_000)
     """Most transactions remembered for a late face (per state shard in the partitioned layout; about 600 bytes
     of memory each); when full the oldest is forgotten first and counted. 0: none remembered."""
-    batch_size: int = 512
+    batch_size: int = Field(default=512, ge=1)
     """Most records per batch handed from the JVM to Python, and most transactions per model call."""
-    batch_time_ms: int = 5
+    batch_time_ms: int = Field(default=5, ge=0)
     """Longest a record waits for its batch to fill before it goes to Python; 0 = one record per batch."""
     layout: Literal["single", "partitioned"] = "single"
     """``single``: every map under one key, one operator (fastest per transaction, one slot). ``partitioned``:
@@ -277,25 +277,25 @@ class JobSettings(BaseModel, frozen=True):
     state_shards: int = Field(default=8, ge=1)
     """Partitioned layout: the keyed steps' state is split into this many shards (Flink keys); at most this
     many slots share each step. Fixed for a job's state: a different count needs a fresh start (README)."""
-    event_order_ms: int = 500
+    event_order_ms: int = Field(default=500, ge=0)
     """Partitioned layout: how far out of event-time order transactions may arrive and still be taken in
     order (the watermark's bound): what each key's steps see is then the same on any parallelism. Later
     ones are taken as they come. Adds this much to every decision's latency."""
-    event_idle_ms: int = 3000
+    event_idle_ms: int = Field(default=3000, ge=1)
     """Partitioned layout: after this long without input, everything received is released (the watermark
     jumps to the newest event), so the last transactions before a lull are decided. Too short, and a busy
     job's own pauses pass for lulls (decisions then depend on arrival order again)."""
     restore_from: Path | None = None
     """Start from this savepoint/checkpoint (folder or ``_metadata`` file) instead of the newest one under the
     checkpoint dir: at every start while set, a restart after a crash too; one without ``_metadata`` refuses it."""
-    fetch_max_wait_ms: int = 500
+    fetch_max_wait_ms: int = Field(default=500, ge=0)
     """Kafka source: longest a fetch waits for data on quiet partitions (Kafka's default: 500)."""
     bootstrap_control: bool = True
     """Read the rules and watchlist topics to their end before the first decision (off: only the
     broadcast stream, which may lag the transactions right after a fresh start)."""
     ignore_unclaimed_state: bool = True
     """On restore, drop the state of operators the new version no longer has instead of refusing to start."""
-    stale_state_retention_hours: float = 72.0
+    stale_state_retention_hours: float = Field(default=72.0, ge=0, allow_inf_nan=False)
     """Checkpoints of earlier runs of the job and savepoints older than this are deleted when the job
     starts (never the one it restores from): they hold buyers' faces that ``forget`` cannot reach. 0 keeps
     them forever."""
@@ -342,20 +342,20 @@ class ModelSettings(BaseModel, frozen=True):
     challenger: str | None = None
     """Challenger version, scored beside the champion and recorded, never deciding; ``None`` = the one
     ``CHALLENGER`` names, if any (``python -m jobs.model.registry challenger VERSION``)."""
-    reload_interval_s: float = 2.0
+    reload_interval_s: float = Field(default=2.0, gt=0, allow_inf_nan=False)
     """How often the job re-reads the ``CURRENT``/``CHALLENGER`` pointers: ``promote`` takes effect
     in a running job within this time, without a restart."""
     auto_train: bool = True
     """Train the default model from synthetic history when no artifact exists (fresh machine)."""
-    connect_timeout_s: float = 0.5
-    read_timeout_s: float = 1.0
-    retries: int = 1
+    connect_timeout_s: float = Field(default=0.5, gt=0, allow_inf_nan=False)
+    read_timeout_s: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    retries: int = Field(default=1, ge=0)
     """Extra attempts after a failed remote call (so ``retries + 1`` calls at most)."""
-    breaker_failures: int = 5
+    breaker_failures: int = Field(default=5, ge=1)
     """Consecutive failed calls that open the circuit: every record then goes to the local model."""
-    breaker_cooldown_s: float = 30.0
+    breaker_cooldown_s: float = Field(default=30.0, ge=0, allow_inf_nan=False)
     """How long the circuit stays open before one trial call (half-open)."""
-    concurrency: int = 8
+    concurrency: int = Field(default=8, ge=1)
     """Parallel per-record Fraud Detector calls within one batch."""
     aws_region: str | None = None
     """Region of Fraud Detector / SageMaker; ``None`` = boto3's default chain (``AWS_DEFAULT_REGION``, the
@@ -446,26 +446,26 @@ class FaceSettings(BaseModel, frozen=True):
     sdist's photos and the fresh set of ``fetch-fresh``) x 8 camera conditions (21,526 genuine / 2,006,788 impostor
     pairs); on the identities each was not chosen on: TMR 0.9782 [0.9762, 0.9801], FMR 0.00014 (280 pairs) [0.00012,
     0.00016], fresh set FMR 0.00030 (218 / 719,790). dlib needs 57.48 for the same rule (TMR 0.9023)."""
-    min_face_px: int = 40
+    min_face_px: int = Field(default=40, ge=1)
     """Shorter side of the detected box, in analysed-image pixels, below which a face is rejected."""
     blur_threshold: float = 10.0
     """Variance of the Laplacian of the aligned 150x150 grey face chip below which it is "blurry"
     (sharp faces of the shared data: >= 14.6; blurred by 4 % of the face width: 90 % below 4.2)."""
     max_pose_asymmetry: float = 0.5
     """0 = frontal; |nose offset from the eye midpoint| / eye distance * 2 above this is "pose"."""
-    max_analysis_height: int = 480
-    max_analysis_width: int = 854
+    max_analysis_height: int = Field(default=480, ge=1)
+    max_analysis_width: int = Field(default=854, ge=1)
     """Frames are downscaled to fit these before detection (HOG cost grows with pixels)."""
-    upsample_below_px: int = 520
+    upsample_below_px: int = Field(default=520, ge=0)
     """Images whose longer side is below this are upsampled once, so 40 px faces are found."""
-    pad_crops_below_px: int = 300
+    pad_crops_below_px: int = Field(default=300, ge=0)
     """Images (tight face crops) whose longer side is below this are padded before detection."""
-    max_image_bytes: int = 15 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
+    max_image_bytes: int = Field(default=15 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
     """Larger inputs are refused (decompression bombs, wrong content)."""
-    snapshot_retention_hours: float = 24.0
+    snapshot_retention_hours: float = Field(default=24.0, gt=0, allow_inf_nan=False)
     """Checkout/entrance snapshots that were not retained (no match, no alert) are purged after this."""
-    alert_snapshot_retention_days: float = Field(default=92.0, gt=0)
+    alert_snapshot_retention_days: float = Field(default=92.0, gt=0, allow_inf_nan=False)
     """A snapshot retained for an alert (the case's picture) is purged this long after it was taken; ``forget``
     of its subject removes it sooner. The watchlist never needs it (an entry matches by its embeddings and is
     enrolled again from its reference image). Keep it above ``CG_CASES__RETAIN_DECIDED_DAYS`` (90) plus the
@@ -491,15 +491,15 @@ class FaceSettings(BaseModel, frozen=True):
     rekognition_match_threshold: float = Field(default=99.0, ge=0, le=100)
     """Rekognition's own similarity scale (0-100); AWS advises >= 99 plus human review for public-safety uses. The
     ``FaceMatchThreshold`` of the face stage's and ``checkout <tx>``'s searches with the Rekognition backend."""
-    rekognition_search_timeout_s: float = Field(default=5.0, gt=0)
+    rekognition_search_timeout_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
     """Connect and read timeout of each SearchFacesByImage try (botocore's standard mode tries 4 times, with
     backoff): a Rekognition that does not answer costs a snapshot ~4 x this, then its observation is
     ``UNAVAILABLE`` (the match was not made) and the stage goes on."""
-    retention_purge_interval_s: float = 300.0
+    retention_purge_interval_s: float = Field(default=300.0, gt=0, allow_inf_nan=False)
     """How often the watchlist service runs the snapshot retention purge."""
     service_group: str = "checkout-guard-watchlist"
     """Consumer group (and transactional id stem) of the watchlist service; the topic prefix is prepended."""
-    watchlist_expire_days: float = 365.0
+    watchlist_expire_days: float = Field(default=365.0, gt=0, allow_inf_nan=False)
     """A watchlist entry is forgotten (everywhere, audited) this long after it was enrolled or last renewed
     (``renew <subject>``)."""
 
@@ -517,18 +517,18 @@ class AlertSettings(BaseModel, frozen=True):
     ses_endpoint_url: str | None = None
     ledger_path: Path | None = None
     """SQLite dedup ledger; defaults to ``<stack dir>/alerts/<topic prefix>ledger.sqlite3``."""
-    concurrency: int = 32
+    concurrency: int = Field(default=32, ge=1)
     """Sends in flight per channel (50 ms per send x 32 ~ 600 alerts/s per channel)."""
-    max_pending_alerts: int = 5000
+    max_pending_alerts: int = Field(default=5000, ge=1)
     """Alerts fetched but not finished before the consumer stops fetching (bounds memory while a channel fails)."""
-    max_attempts: int = 8
+    max_attempts: int = Field(default=8, ge=1)
     """Failed tries before an alert's channel is dead-lettered. Neither 429s nor a channel that is down
     (refused connections, timeouts, DNS, HTTP 5xx, SMTP 4xx) count: those pause the channel instead."""
-    deadline_s: float = 600.0
+    deadline_s: float = Field(default=600.0, gt=0, allow_inf_nan=False)
     """An alert still undelivered on a channel this long after it was fetched is dead-lettered; also how
     long a channel that is down is waited for (10 minutes: an SMTP outage of minutes loses no alert)."""
-    retry_initial_s: float = 0.5
-    retry_max_s: float = 30.0
+    retry_initial_s: float = Field(default=0.5, gt=0, allow_inf_nan=False)
+    retry_max_s: float = Field(default=30.0, gt=0, allow_inf_nan=False)
     dashboard_link: str = "http://127.0.0.1:8050/alerts/{alert_id}"
     """Link in every message; ``{alert_id}``, ``{transaction_id}``, ``{store_id}`` are filled in."""
     case_link: str = "http://127.0.0.1:8050/cases/{case_id}"
@@ -544,7 +544,7 @@ class AlertSettings(BaseModel, frozen=True):
     image_link_key: SecretStr | None = None
     """Signs the card's image URLs (infra/signed_links.py) so Webex, which has no dashboard login, can fetch
     the two images; the dashboard verifies with the same key. Unset: plain URLs behind the login."""
-    image_link_ttl_s: float = 86400.0
+    image_link_ttl_s: float = Field(default=86400.0, gt=0, allow_inf_nan=False)
     """How long a signed image URL opens its image (default: a day, the default life of an open case)."""
     timezone: str | None = None
     """IANA zone for the times in messages (store local time); None = this machine's zone."""
@@ -579,7 +579,7 @@ class SmtpSettings(BaseModel, frozen=True):
     """CA bundle to trust for TLS besides the system's (a company relay with a private CA)."""
     username: str | None = None
     password: SecretStr | None = None
-    timeout_s: float = 10.0
+    timeout_s: float = Field(default=10.0, gt=0, allow_inf_nan=False)
     from_address: str = "Checkout Guard <checkout-guard@localhost>"
     to_addresses: str = "store-security@localhost"
     """Comma-separated recipients (also used with SES); a comma inside a quoted name (``"Doe, Jane" <j@x>``) is
@@ -656,13 +656,13 @@ class WebexSettings(BaseModel, frozen=True):
     command_signing_key: SecretStr | None = None
     """Shared by the bot and the watchlist service: every BotCommand is signed (HMAC-SHA256) with it, and
     without it the bot refuses watchlist changes and the service applies none (the demo generates one)."""
-    command_max_age_s: float = 900.0
+    command_max_age_s: float = Field(default=900.0, gt=0, allow_inf_nan=False)
     """The watchlist service refuses a signed command older than this (bounds the replay of a copied one)."""
     bot_host: str = "127.0.0.1"
     bot_port: Port = 8088
     local_port: Port = 8089
     """Port of the local Webex API server (infra/local/webex.py) used by the demo and the tests."""
-    timeout_s: float = 10.0
+    timeout_s: float = Field(default=10.0, gt=0, allow_inf_nan=False)
 
     def allowed_room_ids(self) -> frozenset[str]:
         return frozenset(r.strip() for r in self.allowed_rooms.split(",") if r.strip())
@@ -713,45 +713,45 @@ class CameraSettings(BaseModel, frozen=True):
         camera_map(value, lanes=info.field_name == "lane_cameras")
         return value
 
-    poll_interval_s: float = 1.0
+    poll_interval_s: float = Field(default=1.0, ge=0, allow_inf_nan=False)
     """How often a snapshot URL is polled until the image is ready (Meraki: about once a second)."""
-    poll_max_tries: int = 30
-    no_video_backoff_s: float = 1.0
+    poll_max_tries: int = Field(default=30, ge=1)
+    no_video_backoff_s: float = Field(default=1.0, ge=0, allow_inf_nan=False)
     """Wait before asking again after ``400 No video for specified timestamp`` (doubles, capped at 8x)."""
-    no_video_max_tries: int = 6
+    no_video_max_tries: int = Field(default=6, ge=1)
     fallback_to_now: bool = True
     """After ``no_video_max_tries`` take a snapshot of "now" instead (flagged on the result)."""
     fallback_share: float = Field(default=0.4, ge=0.0, lt=1.0)
     """Share of ``deadline_s`` kept for the fallback to "now" (its request and the polls of its URL): the No-video
     retries stop early rather than wait into it. Without ``fallback_to_now`` the retries may use the whole budget."""
-    deadline_s: float = 30.0
+    deadline_s: float = Field(default=30.0, gt=0, allow_inf_nan=False)
     """Overall budget of one snapshot: every retry, poll and wait included."""
-    request_timeout_s: float = 5.0
-    max_image_bytes: int = 8 * 1024 * 1024
+    request_timeout_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
+    max_image_bytes: int = Field(default=8 * 1024 * 1024, ge=1)
     local_port: Port = 8765
-    local_no_video_ms: int = 1000
+    local_no_video_ms: int = Field(default=1000, ge=0)
     """Local camera: footage for a timestamp exists only this long after it (Meraki: up to minutes)."""
-    local_not_ready_polls: int = 1
+    local_not_ready_polls: int = Field(default=1, ge=0)
     """Local camera: a snapshot URL answers 404 this many times before the JPEG."""
-    local_rate_limit_per_s: float = 10.0
+    local_rate_limit_per_s: float = Field(default=10.0, gt=0, allow_inf_nan=False)
     local_photo_dirs: str = ""
     """Extra face photo folders for the local camera (``os.pathsep`` separated); subfolder = person."""
-    local_publish_hz: float = 2.0
+    local_publish_hz: float = Field(default=2.0, ge=0.1, allow_inf_nan=False)
     """Local camera: MV Sense messages per second per camera that sees someone."""
     mqtt_topic_prefix: str = ""
     """Put before ``/merakimv/...`` on the broker; lets test runs share one Mosquitto (cameras use none)."""
-    entrance_oid_window_s: float = 600.0
+    entrance_oid_window_s: float = Field(default=600.0, gt=0, allow_inf_nan=False)
     """An ``oid`` not seen on an entrance camera for this long is a new person."""
-    snapshot_workers: int = 8
+    snapshot_workers: int = Field(default=8, ge=1)
     """Face stage: concurrent snapshot downloads (I/O)."""
-    analysis_workers: int = 1
+    analysis_workers: int = Field(default=1, ge=1)
     """Face stage: concurrent face analyses. dlib runs one at a time per process: for more cores run more
     face stage processes (same consumer group)."""
-    max_in_flight: int = 64
+    max_in_flight: int = Field(default=64, ge=1)
     """Face stage: pending snapshots before it pauses consuming."""
-    max_lag_s: float = 600.0
+    max_lag_s: float = Field(default=600.0, gt=0, allow_inf_nan=False)
     """Face stage: a transaction older than this is not snapshotted (``UNAVAILABLE``): its decision is long made."""
-    entrance_max_lag_s: float = Field(default=10.0, gt=0)
+    entrance_max_lag_s: float = Field(default=10.0, gt=0, allow_inf_nan=False)
     """Face stage: a new person at an entrance is photographed "now", so only while the camera event is at most
     this old when the snapshot is asked for; an older one (a backlog after a restart or an outage) is
     ``UNAVAILABLE``, not a picture of whoever stands at the door today filed under that event. Entrances have their
@@ -795,12 +795,12 @@ class IndicesSettings(BaseModel, frozen=True):
     period: Literal["day", "month"] = "day"
     """``day`` or ``month``: the event-time span of one index (month suits long historical replays under a fresh
     prefix). Fixed per index prefix: the sink refuses to start on a prefix holding the other period's indices."""
-    transactions_retention_days: int = 400
-    alerts_retention_days: int = 400
-    face_observations_retention_days: int = 30
+    transactions_retention_days: int = Field(default=400, ge=0)
+    alerts_retention_days: int = Field(default=400, ge=0)
+    face_observations_retention_days: int = Field(default=30, ge=0)
     """0 keeps an index family forever. An index is dropped once its period ended and it was
     created more than this many days ago (so a replay of old history is kept for this long)."""
-    retention_interval_s: float = 3600.0
+    retention_interval_s: float = Field(default=3600.0, gt=0, allow_inf_nan=False)
     """How often the OpenSearch sink applies retention (also at start)."""
     include_face_embeddings: bool = False
     """Index FaceObservation embeddings (biometric data) -- off unless explicitly wanted."""
@@ -816,11 +816,11 @@ class DashboardSettings(BaseModel, frozen=True):
 
     host: str = "127.0.0.1"
     port: Port = 8050
-    refresh_ms: int = 3000
+    refresh_ms: int = Field(default=3000, ge=1)
     """How often the page polls its JSON endpoints."""
-    window_minutes: int = 60
+    window_minutes: int = Field(default=60, ge=1)
     """Default time window of the charts and rates."""
-    alerts_shown: int = 12
+    alerts_shown: int = Field(default=12, ge=0)
     users: dict[str, SecretStr] = Field(default_factory=dict)
     """Personal logins (HTTP Basic) for every page, JSON and image endpoint: a JSON map of person -> password
     hash from ``python -m sinks.dashboard hash-password``. A verdict given on the dashboard is recorded
@@ -836,19 +836,19 @@ class DashboardSettings(BaseModel, frozen=True):
 class CasesSettings(BaseModel, frozen=True):
     """The case service (``CG_CASES__*``, jobs/cases): every alert a person verifies, and what the verdicts teach."""
 
-    expire_after_s: float = 86400.0
+    expire_after_s: float = Field(default=86400.0, gt=0, allow_inf_nan=False)
     """A case nobody decided (open or escalated) is expired this long after it opened, at its alert's time (an
     alert read later than this opens its case expired)."""
-    expiry_interval_s: float = 30.0
+    expiry_interval_s: float = Field(default=30.0, gt=0, allow_inf_nan=False)
     """How often open cases are checked for expiry."""
-    max_templates: int = 5
+    max_templates: int = Field(default=5, ge=1)
     """Most face templates a watch-list subject gets: a confirmed sighting adds one until this many."""
-    flag_dismissals: int = 3
+    flag_dismissals: int = Field(default=3, ge=1)
     """A subject with this many dismissed face matches is flagged for review (an audit event; again at twice as
     many, and so on)."""
     service_group: str = "checkout-guard-cases"
     """The case service's consumer group (the topic prefix goes in front)."""
-    retain_decided_days: float = Field(default=90.0, ge=1.0)
+    retain_decided_days: float = Field(default=90.0, ge=1.0, allow_inf_nan=False)
     """A decided case (confirmed, dismissed, expired) is removed this long after its verdict: tombstoned on
     ``cases`` (its OpenSearch document goes too) and audited; its dismissal no longer counts against the
     subject. Alerts and commands written longer ago are skipped if read again."""

@@ -339,7 +339,7 @@ class MvSensePublisher:
         self._client.disconnect()
 
     def _run(self) -> None:
-        period = 1.0 / max(self.settings.cameras.local_publish_hz, 0.1)
+        period = 1.0 / self.settings.cameras.local_publish_hz
         while not self._stop.wait(period):
             try:
                 self.tick(clock.now_ms())

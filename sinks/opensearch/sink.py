@@ -744,7 +744,7 @@ class OpenSearchSink:
         self.client = client or make_client(settings.opensearch)
         self.backoff = backoff or Backoff()
         self.batch_timeout_s = batch_timeout_s
-        self.max_docs = max(1, settings.opensearch.bulk_max_docs)
+        self.max_docs = settings.opensearch.bulk_max_docs
         self.summary_interval_s = summary_interval_s
         self.stats = SinkStats()
         self._rng = rng or random.Random()
