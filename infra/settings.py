@@ -296,9 +296,11 @@ class JobSettings(BaseModel, frozen=True):
     ignore_unclaimed_state: bool = True
     """On restore, drop the state of operators the new version no longer has instead of refusing to start."""
     stale_state_retention_hours: float = Field(default=72.0, ge=0, allow_inf_nan=False)
-    """Checkpoints of earlier runs of the job and savepoints older than this are deleted when the job
-    starts (never the one it restores from): they hold buyers' faces that ``forget`` cannot reach. 0 keeps
-    them forever."""
+    """Checkpoints of earlier runs of the job and savepoints older than this are deleted when the job starts
+    (never the one it restores from) and hourly while it runs, keeping the newest complete one: once the job has
+    checkpointed, the one it restored from goes too (:func:`jobs.flink.job.sweep_stale_state`). They hold buyers'
+    faces that ``forget`` cannot reach. A job submitted to a Flink cluster sweeps only when started. 0 keeps them
+    forever."""
 
 
 class RulesSettings(BaseModel, frozen=True):

@@ -1,4 +1,5 @@
-"""Checkpoints of earlier runs and old savepoints are purged at start; what the job restores from never is."""
+"""Checkpoints of earlier runs and old savepoints are purged at start, where what the job restores from stays, and
+hourly while it runs, where only the newest complete one stays."""
 
 from __future__ import annotations
 
