@@ -20,12 +20,17 @@ and to the local camera (``infra.local.camera``), the default.
 
 from __future__ import annotations
 
+import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
+from typing import Any
 
+import httpcore
 import httpx
 
 from infra.clients.urls import path_segment
@@ -199,6 +204,95 @@ class _Budget:
         return left
 
 
+_READ_BY: ContextVar[float | None] = ContextVar("meraki_read_by", default=None)
+"""When (``time.monotonic``) the snapshot running in this thread must be done; None outside a snapshot."""
+
+
+def _bounded(timeout: float | None, timeout_error: type[Exception]) -> float | None:
+    """``timeout`` cut to the time the running snapshot has left; ``timeout_error`` once none is left."""
+    by = _READ_BY.get()
+    if by is None:
+        return timeout
+    left = by - time.monotonic()
+    if left <= 0:
+        raise timeout_error("snapshot deadline passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A connection whose every read and write waits at most until the snapshot's deadline. httpx applies its read
+    timeout to each read on its own, so a body that trickles in until just before the deadline and then stalls
+    would otherwise hold the snapshot up to ``request_timeout_s`` past it."""
+
+    def __init__(self, stream: httpcore.NetworkStream) -> None:
+        self._stream = stream
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, _bounded(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, _bounded(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.NetworkStream:
+        tls = self._stream.start_tls(ssl_context, server_hostname, _bounded(timeout, httpcore.ConnectTimeout))
+        return _DeadlineStream(tls)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    """httpcore's network backend, each connection's waits bounded by the deadline (:class:`_DeadlineStream`)."""
+
+    def __init__(self, backend: httpcore.NetworkBackend) -> None:
+        self._backend = backend
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        bounded = _bounded(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(self._backend.connect_tcp(host, port, bounded, local_address, socket_options))
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.NetworkStream:
+        bounded = _bounded(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(self._backend.connect_unix_socket(path, bounded, socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+def _deadline_client(cameras: CameraSettings) -> httpx.Client:
+    """The pooled client, its connections' waits bounded by the running snapshot's deadline (:class:`_DeadlineBackend`).
+    httpx has no public hook for httpcore's network backend, so each of its transports' pools (a proxy's from the
+    environment included) gets it; an httpx that keeps it elsewhere fails here, at start, not with snapshots late."""
+    client = httpx.Client(
+        timeout=cameras.request_timeout_s,
+        limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+    )
+    for transport in (client._transport, *client._mounts.values()):
+        if transport is None:
+            continue
+        pool = getattr(transport, "_pool", None)
+        backend = getattr(pool, "_network_backend", None)
+        if not isinstance(backend, httpcore.NetworkBackend):
+            client.close()
+            raise RuntimeError("httpx/httpcore changed: the snapshot client cannot bound its reads by the deadline")
+        pool._network_backend = _DeadlineBackend(backend)  # type: ignore[union-attr]
+    return client
+
+
 class MerakiClient:
     """Snapshots through the Dashboard API. Thread-safe (one pooled ``httpx.Client``).
 
@@ -218,10 +312,7 @@ class MerakiClient:
     ) -> None:
         self.cfg = cameras
         self.base_url = base_url.rstrip("/")
-        self._http = http or httpx.Client(
-            timeout=cameras.request_timeout_s,
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
-        )
+        self._http = http or _deadline_client(cameras)
         self._sleep = sleep
         self._clock = clock
         self._snapshot_hosts = snapshot_hosts(cameras, self.base_url)
@@ -253,6 +344,19 @@ class MerakiClient:
             raise SnapshotError("invalid_serial", exc.reason) from None
         started = self._clock()
         budget = _Budget(self.cfg.deadline_s if deadline_s is None else deadline_s, self._clock)
+        with self._reads_by(budget):
+            return self._snapshot(serial, timestamp_ms, budget, started)
+
+    @contextmanager
+    def _reads_by(self, budget: _Budget) -> Iterator[None]:
+        """Every network wait of this snapshot (connect, each read and write) ends by its deadline."""
+        token = _READ_BY.set(time.monotonic() + budget.left())
+        try:
+            yield
+        finally:
+            _READ_BY.reset(token)
+
+    def _snapshot(self, serial: str, timestamp_ms: int | None, budget: _Budget, started: float) -> Snapshot:
         counts = {"api": 0, "polls": 0}
         fell_back = False
         tries = 0

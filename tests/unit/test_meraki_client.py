@@ -601,7 +601,8 @@ def test_a_redirect_loop_of_the_image_host_ends_as_an_error_not_a_hang() -> None
 class CuttingImageHost:
     """A local HTTP server speaking generateSnapshot, whose image GETs are cut off mid-body the first ``cuts``
     times: ``short`` closes after part of its Content-Length, ``reset`` resets the connection, ``stall`` stops
-    sending (a read timeout). Real sockets, so httpx sees what it sees from a real image host."""
+    sending (a read timeout), ``trickle`` sends a byte every 50 ms for 0.8 s, then stalls for 3 s. Real sockets, so
+    httpx sees what it sees from a real image host."""
 
     def __init__(self, mode: str, cuts: int) -> None:
         import socketserver
@@ -648,6 +649,11 @@ class CuttingImageHost:
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         elif self.mode == "stall":
             time.sleep(0.5)
+        elif self.mode == "trickle":
+            for byte in JPEG[20:36]:
+                time.sleep(0.05)
+                conn.sendall(bytes([byte]))
+            time.sleep(3.0)
 
     def close(self) -> None:
         self.server.shutdown()
@@ -682,6 +688,21 @@ def test_an_image_download_cut_off_at_the_deadline_is_not_fetched_again() -> Non
             started = time.monotonic()
             client.snapshot("Q2MV-store-001-lane-01")
         assert err.value.kind == "deadline" and time.monotonic() - started < 0.8
+        assert host.gets == 1
+    finally:
+        host.close()
+
+
+def test_an_image_that_trickles_in_then_stalls_ends_at_the_deadline_not_a_request_timeout_later() -> None:
+    """Each read waited up to the request timeout, however little of the deadline was left: a body arriving until
+    just before the deadline and then stalling held the snapshot up to ``request_timeout_s`` past it."""
+    host = CuttingImageHost("trickle", cuts=10)
+    cameras = CameraSettings(request_timeout_s=2.0, deadline_s=1.0)
+    try:
+        with MerakiClient(cameras, host.base_url) as client, pytest.raises(SnapshotError) as err:
+            started = time.monotonic()
+            client.snapshot("Q2MV-store-001-lane-01")
+        assert err.value.kind == "deadline" and time.monotonic() - started < 1.3
         assert host.gets == 1
     finally:
         host.close()
