@@ -53,6 +53,10 @@ MAX_REDIRECTS = 3
 _NOT_READY = frozenset({202, 403, 404})
 """What a snapshot URL answers while the image is being stored (S3-style 403/404, or 202)."""
 _JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_FORMATS = ((_JPEG_MAGIC, "image/jpeg"), (_PNG_MAGIC, "image/png"))
+"""The images the pipeline uses, by their first bytes: the face stage decodes only JPEG and PNG, so a GIF, WebP or
+SVG would be stored and then refused by the face engine."""
 Location = tuple[str, str | None]
 """(store_id, lane_id); lane_id None = the store's entrance."""
 
@@ -152,7 +156,7 @@ def snapshot_hosts(cameras: CameraSettings, base_url: str) -> tuple[str, ...]:
 
 class SnapshotError(CheckoutGuardError, RuntimeError):
     """No image. ``kind``: invalid_serial | untrusted_url | deadline | no_video | not_ready | rate_limited |
-    server_error | http_error | transport | empty | wrong_type | too_large | not_jpeg."""
+    server_error | http_error | transport | empty | wrong_type | too_large | not_jpeg | unsupported_image."""
 
     def __init__(self, kind: str, reason: str) -> None:
         super().__init__(f"{kind}: {reason}")
@@ -564,7 +568,8 @@ class MerakiClient:
         raise SnapshotError("not_ready", f"snapshot URL not ready after {self.cfg.poll_max_tries} polls")
 
     def _image(self, response: httpx.Response, budget: _Budget) -> tuple[bytes, str]:
-        """The body, read in chunks: never more than ``max_image_bytes``, never past the deadline. A transport error
+        """The body, read in chunks: never more than ``max_image_bytes``, never past the deadline; a JPEG or PNG (by
+        its first bytes, which also give the content type returned), else a :class:`SnapshotError`. A transport error
         while reading it is raised as is (the caller fetches the image again)."""
         content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if not content_type.startswith("image/"):
@@ -592,7 +597,12 @@ class MerakiClient:
             raise SnapshotError("empty", "snapshot image is empty")
         if content_type in ("image/jpeg", "image/jpg") and not data.startswith(_JPEG_MAGIC):
             raise SnapshotError("not_jpeg", "snapshot body is not a JPEG")
-        return data, content_type
+        sniffed = next((kind for magic, kind in _FORMATS if data.startswith(magic)), None)
+        if sniffed is not None:
+            return data, sniffed
+        raise SnapshotError(
+            "unsupported_image", f"snapshot image ({content_type}) is not JPEG or PNG, which faces need"
+        )
 
 
 def api_base_url(settings: Settings) -> str:

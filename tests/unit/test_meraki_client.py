@@ -706,3 +706,48 @@ def test_an_image_that_trickles_in_then_stalls_ends_at_the_deadline_not_a_reques
         assert host.gets == 1
     finally:
         host.close()
+
+
+class Imaging(Dashboard):
+    """An image host answering the snapshot URL with ``body`` as ``content_type``."""
+
+    def __init__(self, content_type: str, body: bytes) -> None:
+        super().__init__()
+        self.content_type, self.body = content_type, body
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            self.requests.append(request)
+            return httpx.Response(200, headers={"Content-Type": self.content_type}, content=self.body)
+        return super().__call__(request)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("image/gif", b"GIF89a" + bytes(64)),
+        ("image/webp", b"RIFF\x24\x00\x00\x00WEBPVP8 " + bytes(64)),
+        ("image/svg+xml", b'<svg xmlns="http://www.w3.org/2000/svg"/>'),
+        ("image/png", b"GIF89a" + bytes(64)),  # a GIF labelled PNG
+    ],
+)
+def test_an_image_the_face_stage_cannot_decode_is_refused_not_stored(content_type: str, body: bytes) -> None:
+    """Any image/* was accepted: a GIF, WebP or SVG was stored, served as a JPEG and then refused by the face engine."""
+    with dashboard_client(Imaging(content_type, body)) as client, pytest.raises(SnapshotError) as err:
+        client.snapshot("Q2MV-store-001-lane-01")
+    assert err.value.kind == "unsupported_image" and "not JPEG or PNG" in err.value.reason
+
+
+def test_a_png_or_a_jpeg_is_accepted_and_named_by_its_bytes() -> None:
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(png, "PNG")
+    with dashboard_client(Imaging("image/png", png.getvalue())) as client:
+        snap = client.snapshot("Q2MV-store-001-lane-01")
+    assert snap.image == png.getvalue() and snap.content_type == "image/png"
+    with dashboard_client(Imaging("image/jpg", JPEG)) as client:
+        assert client.snapshot("Q2MV-store-001-lane-01").content_type == "image/jpeg"
+    with dashboard_client(Imaging("image/x-png", png.getvalue())) as client:
+        assert client.snapshot("Q2MV-store-001-lane-01").content_type == "image/png"
+    with dashboard_client(Imaging("image/jpeg", png.getvalue())) as client, pytest.raises(SnapshotError) as err:
+        client.snapshot("Q2MV-store-001-lane-01")
+    assert err.value.kind == "not_jpeg"
