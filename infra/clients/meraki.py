@@ -474,10 +474,10 @@ class MerakiClient:
                 url = response.json()["url"]
             except (ValueError, KeyError, TypeError):
                 raise SnapshotError("http_error", "generateSnapshot answered without a url") from None
-            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            # The scheme is case-insensitive (RFC 3986): ``HTTPS://`` is https; the URL is fetched as parsed.
+            if not isinstance(url, str) or not url.lower().startswith(("http://", "https://")):
                 raise SnapshotError("http_error", "generateSnapshot answered an invalid url")
-            self._check_snapshot_url(url)
-            return url
+            return str(self._check_snapshot_url(url))
         detail = _errors(response)
         if response.status_code == 400 and NO_VIDEO.lower() in detail.lower():
             raise SnapshotError("no_video", NO_VIDEO)

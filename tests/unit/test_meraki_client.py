@@ -751,3 +751,13 @@ def test_a_png_or_a_jpeg_is_accepted_and_named_by_its_bytes() -> None:
     with dashboard_client(Imaging("image/jpeg", png.getvalue())) as client, pytest.raises(SnapshotError) as err:
         client.snapshot("Q2MV-store-001-lane-01")
     assert err.value.kind == "not_jpeg"
+
+
+@pytest.mark.parametrize("url", ["HTTPS://spn4.meraki.com/stream/jpeg/snapshot/b2d1", "Https://SPN4.Meraki.com/x.jpg"])
+def test_a_snapshot_url_with_an_upper_case_scheme_is_fetched(url: str) -> None:
+    """The scheme is case-insensitive (RFC 3986); ``HTTPS://`` ended the snapshot as 'answered an invalid url'."""
+    api = Dashboard(snapshot_url=url)
+    with dashboard_client(api, "https://api.meraki.com/api/v1") as client:
+        assert client.snapshot("Q2GV-ABCD-1234").image == JPEG
+    assert [(m, host) for m, host, _ in api.seen] == [("POST", "api.meraki.com"), ("GET", "spn4.meraki.com")]
+    assert api.requests[1].url.scheme == "https"
