@@ -575,10 +575,13 @@ class MerakiClient:
         if not content_type.startswith("image/"):
             raise SnapshotError("wrong_type", f"snapshot URL answered {content_type or 'no content type'}, no image")
         limit = self.cfg.max_image_bytes
-        if int(response.headers.get("Content-Length") or 0) > limit:
+        length = response.headers.get("Content-Length", "").strip()
+        if length and not (length.isascii() and length.isdigit()):
             raise SnapshotError(
-                "too_large", f"snapshot image of {response.headers['Content-Length']} bytes exceeds {limit}"
+                "http_error", f"snapshot URL answered a Content-Length that is no number: {length[:20]!r}"
             )
+        if int(length or 0) > limit:
+            raise SnapshotError("too_large", f"snapshot image of {length} bytes exceeds {limit}")
         chunks, size = [], 0
         try:
             for chunk in response.iter_bytes():

@@ -761,3 +761,27 @@ def test_a_snapshot_url_with_an_upper_case_scheme_is_fetched(url: str) -> None:
         assert client.snapshot("Q2GV-ABCD-1234").image == JPEG
     assert [(m, host) for m, host, _ in api.seen] == [("POST", "api.meraki.com"), ("GET", "spn4.meraki.com")]
     assert api.requests[1].url.scheme == "https"
+
+
+class Mislabelled(Dashboard):
+    """An image host answering the snapshot URL with the JPEG and a Content-Length of ``length``."""
+
+    def __init__(self, length: str) -> None:
+        super().__init__()
+        self.length = length
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            headers = {"Content-Type": "image/jpeg", "Content-Length": self.length}
+            return httpx.Response(200, headers=headers, stream=httpx.ByteStream(JPEG))
+        return super().__call__(request)
+
+
+@pytest.mark.parametrize("length", ["abc", "12 34", "-5", "1e3"])
+def test_a_content_length_that_is_no_number_is_a_snapshot_error_not_a_crash(length: str) -> None:
+    """``int()`` of it raised a bare ValueError out of the snapshot client (the face stage's record failed)."""
+    with dashboard_client(Mislabelled(length)) as client, pytest.raises(SnapshotError) as err:
+        client.snapshot("Q2MV-store-001-lane-01")
+    assert err.value.kind == "http_error" and "Content-Length" in err.value.reason
+    with dashboard_client(Mislabelled(str(len(JPEG)))) as client:
+        assert client.snapshot("Q2MV-store-001-lane-01").image == JPEG
