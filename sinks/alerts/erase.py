@@ -10,8 +10,9 @@ transaction and time (:meth:`sinks.alerts.sender.Ledger.mark_sent`); this eraser
   the watchlist service made (the subject and the transaction its entry was enrolled from), before
   committing;
 - deletes every message whose alert names a forgotten subject, or shows the sale that subject was enrolled
-  from, and was made before the forget or up to ``FORGET_GRACE_MS`` after it (wall clocks; an alert still
-  queued when the forget came is deleted once posted);
+  from, and was made before the forget or up to ``FORGET_GRACE_MS`` after it (wall clocks; an alert whose send
+  was under way when the forget came is deleted once posted; one still queued, or re-driven, is not sent at all:
+  the sender's channels withhold it, ``ChannelWorker._withhold``);
   and every message posted more than ``CG_ALERTS__WEBEX_KEEP_DAYS`` ago;
 - writes one ``ERASE`` audit event per sweep that deleted or was refused something (counts and subjects).
 

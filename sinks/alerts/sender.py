@@ -32,7 +32,8 @@ Metrics (``infra.metrics``, stage ``alert-sender``): alerts in (kind ``alert``, 
 cannot be decoded), alerts out (every channel delivered or already had it), dead letters by error kind,
 ``cg_channel_deliveries`` by channel and result -- ``delivered``, ``failed`` (each failed send), ``retried``
 (queued again after a failure), ``dead_lettered`` (given up: the alert is dead-lettered), ``already_sent``
-(the ledger says so) -- and the queue depth per channel plus ``unfinished`` alerts. ``/readyz`` turns 503 (and
+(the ledger says so), ``withheld`` (its subject is forgotten: never sent, see ``ChannelWorker._withhold``) -- and
+the queue depth per channel plus ``unfinished`` alerts. ``/readyz`` turns 503 (and
 ``/healthz`` reads "degraded") while a channel is down ("email unreachable"), a dead letter cannot be delivered
 ("Kafka unreachable") or the eraser is held up (Webex refusing deletes, the audit topic away); ``/healthz`` turns
 503 when the loop hangs or the eraser thread has died.
@@ -74,8 +75,8 @@ from infra.settings import AlertSettings, Settings, get_settings
 from schemas.codec import codec
 from schemas.errors import DELIVERY_FAILED, CheckoutGuardError, InvalidRecord
 from schemas.identifiers import ALERT_ID_RE, check
-from schemas.records import DeadLetter
-from schemas.topics import ALERTS, DEAD_LETTERS
+from schemas.records import AuditEvent, DeadLetter
+from schemas.topics import ALERTS, AUDIT, DEAD_LETTERS
 from sinks.alerts.erase import FORGET_GRACE_MS, Eraser
 from sinks.alerts.mail import Mailer, MailError, SesMailer, SmtpMailer, build_email
 from sinks.alerts.message import case_card, describe, local_time
@@ -119,6 +120,14 @@ class Ledger:
         for column in ("subject_id", "transaction_id")  # two indexed joins (an OR join scans both tables)
     )
     AGED_SQL = "SELECT message_id, channel FROM posts WHERE posted_ms < ?"
+    WITHHELD_SQL = (
+        "INSERT INTO deliveries VALUES (?, ?, 'withheld', ?, ?) ON CONFLICT(alert_id, channel) "
+        "DO UPDATE SET state='withheld', at_ms=excluded.at_ms, detail=excluded.detail"
+    )
+    FORGOTTEN_ALERT_SQL = (
+        "SELECT coalesce(subject_id, transaction_id) FROM forgets "
+        "WHERE (subject_id = ? OR transaction_id = ?) AND until_ms >= ? LIMIT 1"
+    )
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -200,6 +209,21 @@ class Ledger:
             for mid in posted
         ]
         self._write((self.SENT_SQL, (alert_id, channel, at, detail)), *rows)
+
+    def mark_withheld(self, alert_id: str, channel: str, forgotten: str) -> None:
+        """The alert is not sent on ``channel``, for good: it shows ``forgotten``, a forgotten subject (or the sale
+        one was enrolled from). Kept longer than the forget itself, so a re-drive in a year is not sent either."""
+        self._write((self.WITHHELD_SQL, (alert_id, channel, now_ms(), forgotten)))
+
+    def forgotten(self, alert: dict[str, Any], alert_ms: int | None) -> str | None:
+        """The forgotten subject (or source sale) an alert shows, if a forget covers it as it covers the alert's
+        posts (:data:`FORGOTTEN_SQL`: made before the forget's ``until_ms``; not known when made: now)."""
+        made = alert_ms if alert_ms is not None else now_ms()
+        with self._lock:
+            row = self._db.execute(
+                self.FORGOTTEN_ALERT_SQL, (alert.get("subject_id"), alert.get("transaction_id"), made)
+            ).fetchone()
+        return row[0] if row else None
 
     def record_forgets(
         self, forgets: list[tuple[str, str | None, str | None, int]], enrolments: Sequence[tuple[str, int]] = ()
@@ -667,6 +691,8 @@ class Outcome:
     key: tuple[str, str]
     delivered: bool
     reason: str = ""
+    withheld: str | None = None
+    """Not sent (nor to be): the forgotten subject (or source sale) the alert shows."""
 
 
 def made_at(message: Message, alert: dict[str, Any]) -> int | None:
@@ -759,9 +785,11 @@ class ChannelWorker:
         self.sent = self.failed_tries = self.rate_limited = self.given_up = 0
         self.unavailable = 0
         """Sends that found the channel down (they spend no attempts)."""
+        self.withheld = 0
+        """Alerts not sent: their subject is forgotten."""
         self._deliveries = {
             result: metrics.DELIVERIES.labels(channel.name, result)
-            for result in ("delivered", "failed", "retried", "dead_lettered")
+            for result in ("delivered", "failed", "retried", "dead_lettered", "withheld")
         }
         self._threads = [
             threading.Thread(target=self._run, name=f"{channel.name}-{i}", daemon=True)
@@ -843,6 +871,10 @@ class ChannelWorker:
 
     def _attempt(self, task: Task) -> None:
         alert_id, name = task.key
+        # Asked before every try, not at intake: a forget may come while the alert waits (a channel down).
+        if (forgotten := self.ledger.forgotten(task.alert, task.alert_ms)) is not None:
+            self._withhold(task, forgotten)
+            return
         if self.channel.can_check_sent and not task.maybe_sent:
             self.ledger.mark_sending(alert_id, name)  # the intent: after a crash from here on, check first
         try:
@@ -856,6 +888,16 @@ class ChannelWorker:
         self.sent += 1
         self._deliveries["delivered"].inc()  # one network send each: nothing to batch
         self.done.put(Outcome(task.key, True))
+
+    def _withhold(self, task: Task, forgotten: str) -> None:
+        """A forgotten subject's alert (a re-drive, a late redelivery, one queued when the forget came): its snapshot
+        shows the subject's face, so it is not sent, here or later (the ledger says ``withheld``)."""
+        alert_id, name = task.key
+        self.ledger.mark_withheld(alert_id, name, forgotten)
+        self.withheld += 1
+        self._deliveries["withheld"].inc()
+        log.warning("%s: %s not sent: it shows %s, who is forgotten", name, alert_id, forgotten)
+        self.done.put(Outcome(task.key, True, withheld=forgotten))
 
     def _answered(self, task: Task) -> None:
         """The channel answered ``task`` (accepted it or refused it for a reason of its own): it is up."""
@@ -985,6 +1027,8 @@ class Pending:
     dead_letter: DeadLetter | None = None
     dead_letter_sent: bool = False
     finished: bool = False
+    withheld: dict[str, str] = field(default_factory=dict)
+    """Channel -> the forgotten subject (or sale) for which the alert was not sent there."""
 
 
 @dataclass
@@ -994,11 +1038,13 @@ class SenderStats:
     skipped_channels: int = 0
     dead_lettered: int = 0
     commits: int = 0
+    withheld: int = 0
+    """Alerts not sent on some channel: their subject is forgotten."""
 
     def line(self) -> str:
         return (
             f"consumed={self.consumed} done={self.alerts_done} already_sent={self.skipped_channels} "
-            f"dead_lettered={self.dead_lettered} commits={self.commits}"
+            f"dead_lettered={self.dead_lettered} withheld={self.withheld} commits={self.commits}"
         )
 
 
@@ -1033,6 +1079,7 @@ class AlertSender:
         self.clock = clock
         self.topic = ALERTS.full_name(settings.kafka.topic_prefix)
         self.dead_topic = DEAD_LETTERS.full_name(settings.kafka.topic_prefix)
+        self.audit_topic = AUDIT.full_name(settings.kafka.topic_prefix)
         self.channels = channels if channels is not None else channels_from_settings(settings)
         self.group_id = group_id or default_group_id(settings, [c.name for c in self.channels])
         self.ledger = ledger or Ledger.from_settings(settings)
@@ -1224,6 +1271,9 @@ class AlertSender:
                 self.stats.skipped_channels += 1
                 metrics.DELIVERIES.labels(name, "already_sent").inc()
                 continue
+            if state == "withheld":  # a forgotten subject's: withheld for good, audited then
+                metrics.DELIVERIES.labels(name, "withheld").inc()
+                continue
             self._inflight[key] = [pending]
             pending.waiting.add(name)
             worker.submit(Task(alert, name, deadline, maybe_sent=state == "sending", alert_ms=made_at(message, alert)))
@@ -1237,6 +1287,8 @@ class AlertSender:
                 return
             for pending in self._inflight.pop(outcome.key, []):
                 pending.waiting.discard(outcome.key[1])
+                if outcome.withheld is not None:
+                    pending.withheld[outcome.key[1]] = outcome.withheld
                 if not outcome.delivered:
                     pending.failures[outcome.key[1]] = outcome.reason
                 self._maybe_finish(pending)
@@ -1244,6 +1296,8 @@ class AlertSender:
     def _maybe_finish(self, pending: Pending) -> None:
         if pending.waiting or pending.finished or pending.dead_letter is not None:
             return
+        if pending.withheld:
+            self._audit_withheld(pending)
         if pending.failures:
             reason = "; ".join(f"{reason}" for _, reason in sorted(pending.failures.items()))
             self._dead_letter(pending, dead_letter_for(pending.message, DELIVERY_FAILED, reason))
@@ -1257,6 +1311,38 @@ class AlertSender:
         pending.finished = True
         self._unfinished -= 1
         self.stats.alerts_done += 1
+
+    def _audit_withheld(self, pending: Pending) -> None:
+        """One ``WITHHOLD`` audit event for an alert not sent on some channel because its subject is forgotten:
+        what the forget's erasure prevented is on record beside it (best effort: the alert's offset does not wait)."""
+        assert self._producer is not None and pending.alert is not None
+        alert, channels = pending.alert, sorted(pending.withheld)
+        self.stats.withheld += 1
+        at = now_ms()
+        event = AuditEvent(
+            audit_id=f"withhold:{alert['alert_id']}:{at}",
+            event_time=at,
+            action="WITHHOLD",
+            outcome="DONE",
+            actor=STAGE,
+            subject_id=alert.get("subject_id"),
+            transaction_id=alert.get("transaction_id"),
+            reason="alert of a forgotten subject not sent: its snapshot shows the subject's face",
+            details={
+                "alert_id": alert["alert_id"],
+                "channels": ",".join(channels),
+                "forgotten": ",".join(sorted(set(pending.withheld.values()))),
+            },
+        )
+
+        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None:
+                log.warning("withhold audit %s not delivered: %s", event.audit_id, err.str())
+
+        kafka_clients.produce(
+            self._producer, self.audit_topic, event.audit_id.encode(), event.encode(), on_delivery, poll_s=0.1
+        )
+        pending.withheld = {}
 
     def _dead_letter(self, pending: Pending, letter: DeadLetter) -> None:
         """Produce the dead letter; the message is finished only when Kafka confirmed it."""

@@ -489,3 +489,86 @@ def test_brokers_away_reach_the_erasers_health_through_its_consumers_error_callb
     finally:
         consumer.close()
     assert worker.problem is not None and worker.problem.startswith("audit topic unreadable (")
+
+
+class PostingChannel:
+    """A Webex-like channel that records what it posted, with the face snapshot it was given."""
+
+    name, can_check_sent, erasable = "webex", False, True
+
+    def __init__(self) -> None:
+        self.posted: list[tuple[str, bytes | None]] = []
+        self.lock = threading.Lock()
+
+    def send(self, alert: dict[str, Any], image: bytes | None, maybe_sent: bool) -> str | None:
+        with self.lock:
+            self.posted.append((alert["alert_id"], image))
+        return f"msg-{alert['alert_id']}"
+
+    def delete(self, message_id: str) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_re_driven_alert_of_a_forgotten_subject_is_withheld_and_audited_never_posted(
+    tmp_path: Path, closer: ExitStack
+) -> None:
+    """A re-drive after the forget posted the subject's face again, until the next hourly sweep deleted it."""
+    from confluent_kafka import Message as KafkaMessage
+
+    from schemas.records import Alert
+    from tests.unit.test_process_metrics import ConfirmingProducer
+
+    ledger = ledger_at(closer, tmp_path)
+    ledger.record_forgets([("audit-1", "subj-tx-1", "tx-1", NOW)])
+    channel, producer = PostingChannel(), ConfirmingProducer()
+    settings = Settings(stack_dir=tmp_path, alerts=AlertSettings(channels="webex", concurrency=2))
+    alerts = sender.AlertSender(settings, channels=[channel], ledger=ledger, image_loader=lambda ref: b"face")
+    alerts._producer = producer  # type: ignore[assignment]
+
+    def record(alert_id: str, subject: str | None, tx: str, offset: int) -> KafkaMessage:
+        made = Alert(
+            alert_id=alert_id,
+            kind="WATCHLIST_MATCH",
+            severity="high",
+            event_time=NOW - 60_000,  # made before the forget: re-driven after it
+            store_id="S1",
+            summary="x",
+            transaction_id=tx,
+            subject_id=subject,
+            snapshot_ref=f"checkout/{tx}.jpg",
+        )
+        return KafkaMessage(topic="alerts", partition=0, offset=offset, value=made.encode())
+
+    def settle() -> None:
+        deadline = time.monotonic() + 10
+        while alerts._unfinished and time.monotonic() < deadline:
+            alerts._drain_outcomes()
+            producer.poll()
+            time.sleep(0.01)
+
+    with closing(alerts):
+        alerts.start_workers()
+        alerts._accept_batch(
+            [
+                record("suspect:tx-7", "subj-tx-1", "tx-7", 1),  # the forgotten subject, matched at another sale
+                record("blocked:tx-1", None, "tx-1", 2),  # the sale the subject was enrolled from
+                record("suspect:tx-8", "subj-tx-2", "tx-8", 3),  # someone else
+            ]
+        )
+        settle()
+        assert channel.posted == [("suspect:tx-8", b"face")]
+        assert ledger.state("suspect:tx-7", "webex") == ledger.state("blocked:tx-1", "webex") == "withheld"
+        audits = [AuditEvent.decode(v) for topic, v in producer.sent if topic == "audit"]
+        assert {(a.action, a.subject_id, a.details["alert_id"], a.details["forgotten"]) for a in audits} == {
+            ("WITHHOLD", None, "blocked:tx-1", "subj-tx-1"),
+            ("WITHHOLD", "subj-tx-1", "suspect:tx-7", "subj-tx-1"),
+        }
+        assert alerts.stats.withheld == 2 and alerts.stats.alerts_done == 3
+        # Re-driven again once the forget itself is no longer remembered: still withheld, by the ledger.
+        ledger.drop_posts([], forgets_before_ms=NOW + 1)
+        alerts._accept_batch([record("suspect:tx-7", "subj-tx-1", "tx-7", 4)])
+        settle()
+        assert [a for a, _ in channel.posted] == ["suspect:tx-8"]
