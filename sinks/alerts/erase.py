@@ -65,6 +65,12 @@ AUDIT_ERROR_FRESH_S = 120.0
 MAX_SUBJECTS_NAMED = 20
 """Subjects named in one ``ERASE`` audit event; the count covers the rest."""
 
+
+class LedgerClosed(CheckoutGuardError):
+    """A write to the ledger after :meth:`sinks.alerts.sender.Ledger.close` (a send or a sweep that ended after the
+    shutdown's wait): not recorded. Here, below the ledger, so that the eraser can tell it from a failing disk."""
+
+
 Forget = tuple[str, str | None, str | None, int]
 """``(audit id, subject, source transaction, forgotten at ms)``."""
 
@@ -196,7 +202,15 @@ class Eraser:
             else:
                 result.forgotten += 1
                 result.subjects.add(subject)
-        self.ledger.drop_posts(finished, forgets_before_ms=now - FORGETS_KEPT_DAYS * 86_400_000)
+        try:
+            self.ledger.drop_posts(finished, forgets_before_ms=now - FORGETS_KEPT_DAYS * 86_400_000)
+        except LedgerClosed:  # the sender's shutdown closed it under this sweep: the next start finds them gone
+            log.warning(
+                "alert eraser: the ledger closed at shutdown before %d deleted messages were recorded; the next start "
+                "deletes what is left and counts them as already gone",
+                len(finished),
+            )
+            result.stopped = "the sender is stopping"
         if result.done or result.stopped:
             log.info(
                 "erased alert messages: %d deleted, %d already gone, %d refused (%d of forgotten subjects, %d past "
@@ -260,6 +274,11 @@ class Eraser:
                         consumer.subscribe([self.audit_topic])
                     last_sweep = self._turn(consumer, producer, last_sweep, stop)
                     self._turn_problem = None
+                except LedgerClosed:
+                    if not stop.is_set():
+                        raise  # only the sender's shutdown closes the ledger: anything else is a bug
+                    log.info("alert eraser: stopped with the ledger closed; the next start goes on from its ledger")
+                    break
                 except Exception as exc:  # noqa: BLE001 - Kafka or the disk failing: the alerts go on, tried again
                     log.warning("alert eraser: %s; trying again in %.0fs", exc, FAILED_TURN_PAUSE_S)
                     self._turn_problem = f"alert eraser failing ({type(exc).__name__})"

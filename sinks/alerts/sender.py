@@ -57,7 +57,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Protocol
@@ -77,7 +77,7 @@ from schemas.errors import DELIVERY_FAILED, CheckoutGuardError, InvalidRecord
 from schemas.identifiers import ALERT_ID_RE, check
 from schemas.records import AuditEvent, DeadLetter
 from schemas.topics import ALERTS, AUDIT, DEAD_LETTERS
-from sinks.alerts.erase import FORGET_GRACE_MS, Eraser
+from sinks.alerts.erase import FORGET_GRACE_MS, Eraser, LedgerClosed
 from sinks.alerts.mail import Mailer, MailError, SesMailer, SmtpMailer, build_email
 from sinks.alerts.message import case_card, describe, local_time
 
@@ -93,10 +93,6 @@ ImageLoader = Callable[[str], bytes]
 
 POST_FIELDS = ("subject_id", "transaction_id")
 """What a post keeps of its alert: who and which sale it shows (for ``forget``)."""
-
-
-class LedgerClosed(CheckoutGuardError):
-    """A write to the ledger after :meth:`Ledger.close` (a send that ended after the shutdown's wait): not recorded."""
 
 
 class Ledger:
@@ -156,6 +152,7 @@ class Ledger:
             queue.SimpleQueue()
         )
         self._closed = False
+        self._db_closed = False
         self._closing = threading.Lock()
         """Orders a write's hand-over with :meth:`close`: none is queued behind the writer's end, to wait forever."""
         self._writer = threading.Thread(target=self._write_loop, name="ledger-writer", daemon=True)
@@ -167,8 +164,8 @@ class Ledger:
         return cls(settings.alerts.ledger_path or default)
 
     def state(self, alert_id: str, channel: str) -> str | None:
-        with self._lock:
-            row = self._db.execute(
+        with self._reading() as db:
+            row = db.execute(
                 "SELECT state FROM deliveries WHERE alert_id=? AND channel=?", (alert_id, channel)
             ).fetchone()
         return row[0] if row else None
@@ -180,8 +177,8 @@ class Ledger:
         for start in range(0, len(unique), 500):
             chunk = unique[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            with self._lock:
-                rows = self._db.execute(
+            with self._reading() as db:
+                rows = db.execute(
                     f"SELECT alert_id, channel, state FROM deliveries WHERE alert_id IN ({marks})", chunk
                 ).fetchall()
             out.update({(a, c): st for a, c, st in rows})
@@ -219,8 +216,8 @@ class Ledger:
         """The forgotten subject (or source sale) an alert shows, if a forget covers it as it covers the alert's
         posts (:data:`FORGOTTEN_SQL`: made before the forget's ``until_ms``; not known when made: now)."""
         made = alert_ms if alert_ms is not None else now_ms()
-        with self._lock:
-            row = self._db.execute(
+        with self._reading() as db:
+            row = db.execute(
                 self.FORGOTTEN_ALERT_SQL, (alert.get("subject_id"), alert.get("transaction_id"), made)
             ).fetchone()
         return row[0] if row else None
@@ -244,20 +241,20 @@ class Ledger:
 
     def latest_forget_ms(self) -> int | None:
         """When the latest forget remembered happened (a restarted eraser keeps sweeping often after it)."""
-        with self._lock:
-            return self._db.execute("SELECT max(at_ms) FROM forgets").fetchone()[0]
+        with self._reading() as db:
+            return db.execute("SELECT max(at_ms) FROM forgets").fetchone()[0]
 
     def due_posts(self, now_ms: int, keep_ms: int | None) -> dict[str, tuple[str, str | None]]:
         """``message id -> (channel, forgotten subject or None)`` of every post to delete: its alert names a
         forgotten subject (or the transaction that subject was enrolled from) and was made before the forget's
         ``until_ms`` (its grace, cut short by an enrolment), or it was posted more than ``keep_ms`` ago
         (``None``: kept until a forget)."""
-        with self._lock:
+        with self._reading() as db:
             due: dict[str, tuple[str, str | None]] = {}
-            for m, c, s in self._db.execute(self.FORGOTTEN_SQL):
+            for m, c, s in db.execute(self.FORGOTTEN_SQL):
                 due.setdefault(m, (c, s))
             if keep_ms is not None:
-                for m, c in self._db.execute(self.AGED_SQL, (now_ms - keep_ms,)):
+                for m, c in db.execute(self.AGED_SQL, (now_ms - keep_ms,)):
                     due.setdefault(m, (c, None))
         return due
 
@@ -312,8 +309,8 @@ class Ledger:
                 done.set()
 
     def counts(self) -> dict[tuple[str, str], int]:
-        with self._lock:
-            rows = self._db.execute("SELECT channel, state, count(*) FROM deliveries GROUP BY channel, state")
+        with self._reading() as db:
+            rows = db.execute("SELECT channel, state, count(*) FROM deliveries GROUP BY channel, state")
             return {(c, s): n for c, s, n in rows}
 
     def close(self) -> None:
@@ -325,7 +322,16 @@ class Ledger:
             self._writes.put(None)
         self._writer.join(10)
         with self._lock:
+            self._db_closed = True
             self._db.close()
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """The database for a read; :class:`LedgerClosed` once it is closed (sqlite3's own error said less)."""
+        with self._lock:
+            if self._db_closed:
+                raise LedgerClosed(f"the delivery ledger {self.path} is closed: nothing more is read")
+            yield self._db
 
 
 # --------------------------------------------------------------------------- channels
@@ -1182,11 +1188,20 @@ class AlertSender:
                     )
                     last_summary = now
         finally:
+            # The eraser ends with the sends under way, within the same wait (one after the other outlasted the
+            # supervisor's stop timeout): the ledger closes after both, so what they did is recorded.
+            until = time.monotonic() + ChannelWorker.STOP_WAIT_S
             self._halt.set()
-            if eraser is not None:
-                eraser.join(15)
             for worker in self._workers.values():
                 worker.stop()
+            if eraser is not None:
+                eraser.join(max(0.0, until - time.monotonic()))
+                if eraser.is_alive():
+                    log.warning(
+                        "alert eraser still under way after %.0fs at shutdown: what it does not record is done at the "
+                        "next start",
+                        ChannelWorker.STOP_WAIT_S,
+                    )
             self._drain_outcomes()
             self._producer.flush(5)
             self._producer.poll(0)

@@ -572,3 +572,86 @@ def test_a_re_driven_alert_of_a_forgotten_subject_is_withheld_and_audited_never_
         alerts._accept_batch([record("suspect:tx-7", "subj-tx-1", "tx-7", 4)])
         settle()
         assert [a for a, _ in channel.posted] == ["suspect:tx-8"]
+
+
+def test_a_sweep_whose_ledger_the_shutdown_closed_ends_quietly_and_the_next_start_finishes_it(
+    tmp_path: Path, closer: ExitStack
+) -> None:
+    """The sweep raised LedgerClosed from drop_posts: its ERASE audit was lost and the loop logged a retry."""
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    for mid in ("m-1", "m-2"):
+        post(ledger, mid, "subj-a", None, NOW - DAY)
+    ledger.record_forgets([("audit-1", "subj-a", None, NOW)])
+    stop = threading.Event()
+
+    class ShutdownMidSweep(FakeChannel):
+        def delete(self, message_id: str) -> bool:
+            stop.set()  # the sender stops, and its shutdown closes the ledger, while this delete is under way
+            ledger.close()
+            return super().delete(message_id)
+
+    first = ShutdownMidSweep()
+    result = eraser(ledger, first).sweep(stop)
+    assert (result.deleted, result.stopped) == (1, "the sender is stopping")  # its audit still goes out
+    with pytest.raises(sender.LedgerClosed):
+        ledger.due_posts(NOW, None)  # a read too says so, not sqlite3's "closed database"
+    reopened = ledger_at(closer, tmp_path)
+    second = FakeChannel({first.deleted[0]: False})
+    again = eraser(reopened, second).sweep()
+    assert (again.deleted, again.gone) == (1, 1) and reopened.due_posts(NOW, None) == {}
+
+
+def test_the_eraser_stopped_by_a_closed_ledger_at_shutdown_logs_no_failure_and_no_retry(
+    tmp_path: Path, closer: ExitStack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    worker = eraser(ledger, FakeChannel())
+    stop = threading.Event()
+
+    def turn(consumer: Any, producer: Any, last_sweep: float, _stop: threading.Event) -> float:
+        stop.set()
+        ledger.close()
+        worker.sweep(stop)
+        return time.monotonic()
+
+    scripted_turns(monkeypatch, worker, turn)
+    with caplog.at_level("INFO", logger="sinks.alerts.erase"):
+        worker.run(stop)
+    assert not [r for r in caplog.records if r.levelname != "INFO"] and worker.problem is None
+    assert "stopped with the ledger closed" in caplog.text
+
+
+def test_shutdown_waits_for_the_eraser_within_the_sends_wait_not_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The eraser was joined for 15 s, then each channel's sends for 15 s more: past the supervisor's 20 s."""
+    settings = Settings(stack_dir=tmp_path, alerts=AlertSettings(channels="webex", concurrency=1))
+    alerts = sender.AlertSender(settings, channels=[PostingChannel()], ledger=Ledger(tmp_path / "ledger.sqlite3"))
+    monkeypatch.setattr(sender.ChannelWorker, "STOP_WAIT_S", 0.3)
+    monkeypatch.setattr(sender.kafka_clients, "consumer", lambda *a, **k: StoppedConsumer())
+    monkeypatch.setattr(sender.kafka_clients, "producer", lambda *a, **k: Client())
+    stuck = threading.Event()
+
+    def start_eraser(halt: threading.Event) -> threading.Thread:
+        thread = threading.Thread(target=stuck.wait, args=(5.0,), daemon=True)  # a Webex delete under way
+        thread.start()
+        return thread
+
+    monkeypatch.setattr(alerts, "start_eraser", start_eraser)
+    stop = threading.Event()
+    stop.set()  # SIGTERM before the first fetch
+    started = time.monotonic()
+    alerts.run(stop)
+    took = time.monotonic() - started
+    stuck.set()
+    assert took < 2.0
+
+
+class StoppedConsumer(Client):
+    """The alert sender's consumer of a run stopped before its first fetch."""
+
+    def subscribe(self, topics: list[str], **callbacks: Any) -> None:
+        pass
+
+    def commit(self, **kwargs: Any) -> None:
+        pass
