@@ -275,7 +275,16 @@ class SmtpMailer:
 
 
 class SesMailer:
-    """Amazon SES ``SendRawEmail`` (raw MIME keeps the inline snapshot); the boto3 client is thread-safe."""
+    """Amazon SES ``SendRawEmail`` (raw MIME keeps the inline snapshot); the boto3 client is thread-safe.
+
+    SES takes at most :data:`MAX_DESTINATIONS` recipients per call (more: ``InvalidParameterValue``, every alert a
+    dead letter), so a mail to more goes out in several calls of that many. As with SMTP's partial refusals, the
+    recipients of calls SES accepted are remembered by Message-ID (in memory): a retry after a failed call goes to
+    the others only, and after a restart all get it again with the same Message-ID."""
+
+    MAX_DESTINATIONS = 50
+    ACCEPTED_KEPT = 10_000
+    """Mails whose accepted recipients are remembered (the oldest are forgotten first)."""
 
     RETRIABLE_CODES = frozenset(
         {
@@ -300,6 +309,8 @@ class SesMailer:
         from infra.clients.aws import aws_client
 
         self.settings = settings
+        self._accepted: OrderedDict[str, frozenset[str]] = OrderedDict()
+        self._lock = threading.Lock()
         self._owns_client = client is None
         self.client = client or aws_client(
             "ses", region=region, region_setting="CG_ALERTS__SES_REGION", endpoint_url=endpoint_url
@@ -309,12 +320,23 @@ class SesMailer:
         from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
         from botocore.exceptions import ConnectionError as EndpointUnreachable
 
+        with self._lock:
+            done = self._accepted.get(mail.message_id, frozenset())
+        left = [r for r in self.settings.recipients() if r not in done]
         try:
-            self.client.send_raw_email(
-                Source=address_header(self.settings.from_address),
-                Destinations=self.settings.recipients(),
-                RawMessage={"Data": mail.data},
-            )
+            for start in range(0, len(left), self.MAX_DESTINATIONS):
+                chunk = left[start : start + self.MAX_DESTINATIONS]
+                self.client.send_raw_email(
+                    Source=address_header(self.settings.from_address),
+                    Destinations=chunk,
+                    RawMessage={"Data": mail.data},
+                )
+                with self._lock:
+                    done = self._accepted.get(mail.message_id, frozenset()) | frozenset(chunk)
+                    self._accepted[mail.message_id] = done
+                    self._accepted.move_to_end(mail.message_id)
+                    while len(self._accepted) > self.ACCEPTED_KEPT:
+                        self._accepted.popitem(last=False)
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)

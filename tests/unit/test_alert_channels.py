@@ -784,3 +784,39 @@ def test_recipient_and_sender_names_that_are_not_ascii_are_encoded_in_the_header
         ("", "guard@x.test"),
     ]
     assert parsed["From"].addresses[0].display_name == "Sécurité"
+
+
+class SesLimits:
+    """A boto3 SES client as Amazon SES answers: more than 50 destinations refused; ``throttle`` calls throttled."""
+
+    def __init__(self, throttle: int = 0) -> None:
+        self.calls: list[list[str]] = []
+        self.throttle = throttle
+
+    def send_raw_email(self, *, Source: str, Destinations: list[str], RawMessage: dict[str, bytes]) -> dict:  # noqa: N803
+        from botocore.exceptions import ClientError
+
+        if len(Destinations) > 50:
+            error = {"Error": {"Code": "InvalidParameterValue", "Message": "Recipient count exceeds 50."}}
+            raise ClientError({**error, "ResponseMetadata": {"HTTPStatusCode": 400}}, "SendRawEmail")
+        if self.calls and self.throttle > 0:  # a later call of the mail's: throttled after the first went out
+            self.throttle -= 1
+            error = {"Error": {"Code": "Throttling", "Message": "Maximum sending rate exceeded."}}
+            raise ClientError({**error, "ResponseMetadata": {"HTTPStatusCode": 400}}, "SendRawEmail")
+        self.calls.append(list(Destinations))
+        return {"MessageId": f"ses-{len(self.calls)}"}
+
+
+def test_an_ses_mail_to_more_than_50_recipients_goes_out_in_calls_of_50_each_recipient_once(tmp_path: Path) -> None:
+    """SES refuses a call with more than 50 recipients: every alert to 51 became a dead letter."""
+    recipients = [f"guard{i}@store.test" for i in range(120)]
+    smtp = SmtpSettings(from_address="cg@store.test", to_addresses=",".join(recipients))
+    settings = Settings(stack_dir=tmp_path, smtp=smtp, alerts=AlertSettings(channels="email", email_transport="ses"))
+    client = SesLimits(throttle=1)
+    channel = EmailChannel(settings, SesMailer(smtp, client=client))
+    with pytest.raises(DeliveryError) as throttled:  # the second call of three is throttled: a failed try
+        channel.send(alert(), None, maybe_sent=False)
+    assert throttled.value.retriable
+    channel.send(alert(), None, maybe_sent=False)  # the retry goes to those who have not had it
+    assert [len(c) for c in client.calls] == [50, 50, 20]
+    assert sorted(r for c in client.calls for r in c) == sorted(recipients)
