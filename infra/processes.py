@@ -65,6 +65,53 @@ def marked(marker: str, value: str) -> list[psutil.Process]:
     return found
 
 
+def owner_gone(created: float, owner_created: float | None) -> bool:
+    """Whether the process that started one created at ``created`` is gone: no process has its pid
+    (``owner_created`` None, a zombie too) or the one that has it started later (the pid was reused)."""
+    return owner_created is None or owner_created > created
+
+
+def created_at(pid: int) -> float | None:
+    """When process ``pid`` started; None when there is none (or only its zombie)."""
+    with contextlib.suppress(psutil.Error):
+        proc = psutil.Process(pid)
+        if proc.status() != psutil.STATUS_ZOMBIE:
+            return proc.create_time()
+    return None
+
+
+def orphans(marker: str, owner: Callable[[str], int | None], spare: Collection[int] = ()) -> list[psutil.Process]:
+    """Every process (but ``spare``'s pids) whose environment's ``marker`` names, through ``owner``, a pid that
+    no longer runs the process that started it: what a supervisor killed with SIGKILL left running. A marker
+    ``owner`` cannot read (None), another user's process, and one whose owner lives are not among them."""
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid in spare:
+            continue
+        with contextlib.suppress(psutil.Error):
+            value = proc.environ().get(marker)
+            pid = owner(value) if value else None
+            gone = pid is not None and owner_gone(proc.create_time(), created_at(pid))
+            if gone and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+    return found
+
+
+def reap_orphans(procs: Collection[psutil.Process], timeout: float) -> list[str]:
+    """Stop ``procs``: SIGTERM to the topmost first (those whose parent is not among them: a service, not its
+    JVM, which the scoring job still needs to cancel its Flink job), SIGKILL after ``timeout``, then the rest
+    that still run; a line for each process that was running."""
+    pids = {p.pid for p in procs}
+    top: list[psutil.Process] = []
+    below: list[psutil.Process] = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            (below if proc.ppid() in pids else top).append(proc)
+    keys = [k for k in map(key, top) if k is not None]
+    rest = [k for k in map(key, below) if k is not None]
+    return reap(keys, timeout) + reap(rest, 5)
+
+
 def snapshot(pid: int | None = None, marker: str | None = None, value: str | None = None) -> set[ProcKey]:
     """Every process carrying ``marker=value`` (descendants or orphans); without a marker, the descendants
     of ``pid`` (default: this process). A marked run thus never counts the local stack's services, which

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import time
 import uuid
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import httpx
+import psutil
 import typer
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
@@ -35,7 +37,7 @@ from infra import metrics
 from infra.cli import setting_errors
 from infra.launcher import Child, Supervisor, spawn
 from infra.logs import LOG_LEVEL_HELP, setup_logging
-from infra.processes import Reaper, stop_child
+from infra.processes import Reaper, orphans, reap_orphans, stop_child
 from infra.settings import Settings, SupervisorSettings, face_deadline_problem, get_settings
 from schemas.errors import CheckoutGuardError
 
@@ -60,12 +62,34 @@ NO_PID_HEADER = frozenset({"scoring-job"})
 :data:`infra.metrics.PID_HEADER` is theirs; for every other process it is a stranger's on its port."""
 
 RUN_VAR = "CHECKOUT_GUARD_SUPERVISE"
-"""Set to this run's id in every child's environment: finds what a child left when it died (an orphaned JVM)."""
+"""Set to this run's id (``supervise-<pid>-<random>``, the supervisor's pid) in every child's environment: finds
+what a child left when it died (an orphaned JVM), and what a supervisor killed outright left (:func:`leftovers`)."""
 TICK_S = 0.5
 """How often the loop looks at the children; signals are answered within this."""
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 """Each stops every process, then the supervisor. SIGHUP (a closed terminal, a dropped ssh session) ended the
 supervisor alone, and the services, each in its own session, ran on without it."""
+
+
+def run_id(pid: int) -> str:
+    """This run's :data:`RUN_VAR` value: names the supervisor's pid, so a later one can tell whether it lives."""
+    return f"supervise-{pid}-{uuid.uuid4().hex[:8]}"
+
+
+def supervisor_pid(value: str) -> int | None:
+    """The supervisor pid a :data:`RUN_VAR` value names (None: not one of :func:`run_id`'s)."""
+    match = re.fullmatch(r"supervise-(\d+)-[0-9a-f]+", value)
+    return int(match[1]) if match else None
+
+
+def leftovers(timeout_s: float) -> list[str]:
+    """Stop what a supervisor that no longer runs (SIGKILLed, OOM-killed) left: its services, each in its own
+    session, ran on, and the next supervisor took their ports for another copy's and started a second consumer of
+    each beside them. Only processes marked by a dead supervisor are stopped (SIGTERM, SIGKILL after
+    ``timeout_s``), never a live supervisor's or unmarked ones; a line for each."""
+    spare = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    found = orphans(RUN_VAR, supervisor_pid, spare)
+    return reap_orphans(found, timeout_s) if found else []
 
 
 @dataclass(frozen=True)
@@ -269,9 +293,11 @@ def run(settings: Settings, names: Sequence[str]) -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, stop)
     cfg = settings.supervisor
-    run_id = f"supervise-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    os.environ[RUN_VAR] = run_id
-    reaper = Reaper(marker=RUN_VAR, value=run_id)
+    left = leftovers(cfg.stop_timeout_s)
+    if left:
+        log.warning("stopped %d processes a supervisor that no longer runs left: %s", len(left), "; ".join(left))
+    os.environ[RUN_VAR] = this_run = run_id(os.getpid())
+    reaper = Reaper(marker=RUN_VAR, value=this_run)
     supervisor = Supervisor(
         backoff_s=cfg.backoff_s,
         max_backoff_s=cfg.max_backoff_s,

@@ -3,6 +3,7 @@ that a restart first clears what the previous process left. Fake clock, children
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -19,6 +20,7 @@ from typer.testing import CliRunner
 
 from infra import metrics, production
 from infra.launcher import Child, Supervisor
+from infra.processes import owner_gone
 from infra.production import SERVICES, Answer, HealthSupervisor, choose, endpoints, unhealthy_since
 from infra.settings import MetricsSettings, Settings, SupervisorSettings, get_settings
 from tests.ports import free_port_block
@@ -485,6 +487,59 @@ def test_a_hangup_stops_every_process_and_leaves_none_running(tmp_path: Path) ->
         sup.kill()
         if child is not None and _running(child):
             child.kill()
+
+
+def test_a_run_id_names_the_supervisors_pid_and_a_pid_reused_later_is_not_the_supervisor() -> None:
+    assert production.supervisor_pid(production.run_id(4321)) == 4321
+    assert production.supervisor_pid("supervise-x-1") is None and production.supervisor_pid("run-12") is None
+    assert owner_gone(created=100.0, owner_created=None), "no process has the pid (or only its zombie)"
+    assert owner_gone(created=100.0, owner_created=150.0), "the pid's process started after the child: reused"
+    assert not owner_gone(created=100.0, owner_created=90.0)
+
+
+def _start_supervisor(said: Path) -> subprocess.Popen:
+    """The supervisor of :data:`_SUPERVISOR`, its log in ``said``.log; returns once its service runs."""
+    with said.with_suffix(".err").open("wb") as err:
+        sup = subprocess.Popen([sys.executable, "-c", _SUPERVISOR, str(said)], start_new_session=True, stderr=err)
+    deadline = time.monotonic() + 30
+    while not (said.exists() and said.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return sup
+
+
+def _sleeper(**env: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], env={**os.environ, **env}, start_new_session=True
+    )
+
+
+def test_a_supervisor_stops_what_a_killed_supervisor_left_and_only_that(tmp_path: Path) -> None:
+    """A SIGKILLed (or OOM-killed) supervisor left its services running, each in its own session; the next one
+    took their ports for another copy's and started a second consumer of each beside them."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    live = _sleeper(**{production.RUN_VAR: production.run_id(os.getpid())})  # a live supervisor's: this test's
+    stranger = _sleeper()
+    procs = [live, stranger]
+    try:
+        procs.append(killed := _start_supervisor(first))
+        orphan = psutil.Process(int(first.read_text()))
+        killed.kill()
+        killed.wait(10)
+        assert _running(orphan), "the killed supervisor's service ran on"
+        procs.append(sup := _start_supervisor(second))
+        service = psutil.Process(int(second.read_text()))
+        assert not _running(orphan), "stopped before the new supervisor started its own"
+        assert _running(service) and live.poll() is None and stranger.poll() is None
+        assert f"left: {orphan.pid} " in second.with_suffix(".err").read_text()
+        sup.send_signal(signal.SIGTERM)
+        assert sup.wait(30) == 0
+    finally:
+        for path in (first, second):
+            with contextlib.suppress(ValueError, OSError, psutil.Error):
+                psutil.Process(int(path.read_text())).kill()
+        for proc in procs:
+            proc.kill()
+            proc.wait(10)
 
 
 @pytest.mark.parametrize(
