@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,13 +185,14 @@ class Supervisor:
         """Every child started (running or not); one never started yet is not among them."""
         return [m.child for m in self._members if m.child is not None]
 
-    def check(self) -> None:
-        """Notice children that exited and start those whose backoff is over."""
+    def check(self, busy: Collection[str] = ()) -> None:
+        """Notice children that exited and start those whose backoff is over; the children named in ``busy`` (being
+        stopped elsewhere) are left as they are until they are no longer busy."""
         if self._stopping:
             return
         now = self.clock()
         for member in self._members:
-            if member.given_up:
+            if member.given_up or member.name in busy:
                 continue
             if member.due is None and member.child is not None and not member.child.alive:
                 self._exited(member, now, f"exited with code {member.child.proc.returncode}")

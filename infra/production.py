@@ -23,7 +23,7 @@ import signal
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -161,8 +161,8 @@ class _Health:
 class HealthSupervisor:
     """A :class:`Supervisor` plus health: :meth:`check` lets the supervisor restart children that exited,
     then probes each running child at most every ``health_interval_s`` and stops one unhealthy for longer
-    than ``unhealthy_after_s``; its exit then goes through the supervisor's backoff and restart bound like
-    a crash. Without a ``probe`` (metrics off) only exits are acted on."""
+    than ``unhealthy_after_s`` (in the background: the loop goes on); once stopped, its exit goes through the
+    supervisor's backoff and restart bound like a crash. Without a ``probe`` (metrics off) only exits are acted on."""
 
     def __init__(
         self,
@@ -173,19 +173,42 @@ class HealthSupervisor:
         clock: Callable[[], float] = time.monotonic,
         stop: Callable[[Child], object] | None = None,
         logger: logging.Logger | None = None,
+        pool: Executor | None = None,
     ) -> None:
         self.supervisor, self.settings, self.probe, self.clock = supervisor, settings, probe, clock
         self.stop = stop or (lambda child: stop_child(child, settings.stop_timeout_s))
         self.log = logger or log
         self._health: dict[str, _Health] = {}
+        self._pool = pool or ThreadPoolExecutor(max_workers=len(SERVICES), thread_name_prefix="health-stop")
+        self._stops: dict[str, Future[object]] = {}
+        """Stops under way, by child: each runs in :attr:`_pool`, as it takes up to ``stop_timeout_s`` plus some
+        10 s for the process group, and the loop, blocked that long, watched nothing else and left a SIGTERM
+        waiting. Until its stop is over the child is neither probed nor restarted."""
 
     def check(self) -> None:
-        self.supervisor.check()
+        self._finish_stops()
+        self.supervisor.check(busy=self._stops)
         if self.probe is None or self.settings.unhealthy_after_s <= 0:
             return
         for child in self.supervisor.children:
-            if child.alive:  # a dead one is the supervisor's: restarting after its backoff, or given up
+            # a dead one is the supervisor's: restarting after its backoff, or given up; a stopping one is the pool's
+            if child.alive and child.name not in self._stops:
                 self._check_health(child, self.probe)
+
+    def _finish_stops(self) -> None:
+        """Hand the children whose stop is over back to the supervisor (their exit then restarts them)."""
+        for name, stop in list(self._stops.items()):
+            if not stop.done():
+                continue
+            del self._stops[name]
+            if stop.exception() is not None:
+                self.log.error("%s: its stop failed: %s", name, stop.exception())
+            elif isinstance(left := stop.result(), list) and left:
+                self.log.warning("%s: stopped what it left running: %s", name, "; ".join(map(str, left)))
+
+    def close(self) -> None:
+        """Wait for the stops under way (each bounded by ``stop_timeout_s`` and the group's few seconds)."""
+        self._pool.shutdown(wait=True)
 
     def _check_health(self, child: Child, probe: Probe) -> None:
         now = self.clock()
@@ -224,7 +247,7 @@ class HealthSupervisor:
                 child.proc.pid,
             )
             del self._health[child.name]
-            self.stop(child)
+            self._stops[child.name] = self._pool.submit(self.stop, child)
 
 
 def restartable(name: str, settings: Settings) -> Callable[[], Child]:
@@ -321,7 +344,9 @@ def run(settings: Settings, names: Sequence[str]) -> None:
             time.sleep(TICK_S)
     finally:
         log.info("%s: stopping %d processes", stop.requested or "exiting", len(supervisor.children))
-        left = stop_all(supervisor.children, cfg.stop_timeout_s) + reaper.finish()
+        left = stop_all(supervisor.children, cfg.stop_timeout_s)
+        watch.close()  # a health stop under way ends with the others
+        left += reaper.finish()
         if left:
             log.warning("stopped %d processes the children left running: %s", len(left), "; ".join(left))
         log.info("every process stopped")

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from pathlib import Path
 
 import psutil
@@ -83,6 +84,18 @@ CFG = SupervisorSettings(
 )
 
 
+class Inline(Executor):
+    """Runs what it is given at once: a fake stop is over when the check that asked for it returns."""
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+        done: Future = Future()
+        try:
+            done.set_result(fn(*args, **kwargs))
+        except Exception as exc:
+            done.set_exception(exc)
+        return done
+
+
 def watch(clock: Clock, probe: Probe | None, cfg: SupervisorSettings = CFG) -> tuple[HealthSupervisor, list[Child]]:
     stopped: list[Child] = []
 
@@ -93,7 +106,7 @@ def watch(clock: Clock, probe: Probe | None, cfg: SupervisorSettings = CFG) -> t
     sup = Supervisor(backoff_s=cfg.backoff_s, max_restarts=cfg.max_restarts, clock=clock)
     if probe is not None:
         probe.children = lambda: sup.children
-    return HealthSupervisor(sup, cfg, probe, clock=clock, stop=stop), stopped
+    return HealthSupervisor(sup, cfg, probe, clock=clock, stop=stop, pool=Inline()), stopped
 
 
 def advance(w: HealthSupervisor, clock: Clock, seconds: float, step: float = 1.0) -> None:
@@ -406,6 +419,61 @@ def test_each_start_first_stops_what_the_previous_process_left(monkeypatch) -> N
     ]
 
 
+STUBBORN = (
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+)
+"""A process that ignores SIGTERM: its stop takes the whole stop timeout."""
+
+
+def _stubborn(name: str, log: Path) -> Child:
+    proc = subprocess.Popen([sys.executable, "-c", STUBBORN], start_new_session=True, stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    proc.stdout.close()
+    return Child(name, proc, log)
+
+
+def test_stopping_an_unhealthy_process_does_not_hold_up_the_loop(tmp_path: Path) -> None:
+    """The stop of an unhealthy process ran in the loop: for its stop timeout (and the group's seconds) nothing else
+    was watched and a SIGTERM waited. It runs beside the loop now; the process is restarted once it is over."""
+    cfg = CFG.model_copy(update={"health_interval_s": 1.0, "start_grace_s": 0.0, "unhealthy_after_s": 1.0})
+    cfg = cfg.model_copy(update={"stop_timeout_s": 2.0})
+    clock, probe = Clock(), Probe()
+    sup = Supervisor(backoff_s=cfg.backoff_s, max_restarts=cfg.max_restarts, clock=clock)
+    probe.children = lambda: sup.children
+    w = HealthSupervisor(sup, cfg, probe, clock=clock)
+    job: list[Child] = []
+    dash = Starter("dashboard")
+    try:
+        sup.add("scoring-job", lambda: job.append(_stubborn("scoring-job", tmp_path / "job.log")) or job[-1])
+        sup.add("dashboard", dash)
+        probe.status["scoring-job"] = 503
+        slowest = 0.0
+        for _ in range(4):  # the spell begins, lasts over 1 s, and the stop is asked for
+            clock.now += 1.0
+            started = time.monotonic()
+            w.check()
+            slowest = max(slowest, time.monotonic() - started)
+        assert job[0].alive, "it ignores SIGTERM: its stop is under way"
+        assert slowest < 1.0, f"a check took {slowest:.1f} s: the stop held up the loop"
+        dash.started[0].die(1)
+        advance(w, clock, 2)
+        assert len(dash.started) == 2, "another process's exit is acted on meanwhile"
+        assert len(job) == 1, "not restarted before its stop is over"
+        probe.status["scoring-job"] = 200
+        deadline = time.monotonic() + 20
+        while len(job) == 1 and time.monotonic() < deadline:  # SIGKILL after the stop timeout, then the backoff
+            clock.now += 0.5
+            w.check()
+            time.sleep(0.1)
+        assert job[0].proc.returncode == -signal.SIGKILL
+        assert len(job) == 2 and job[1].alive, "restarted after its backoff, as after a crash"
+        assert "1 restarts" in sup.describe()
+    finally:
+        w.close()
+        for child in job:
+            child.kill()
+
+
 def _running(proc: psutil.Process) -> bool:
     """Alive and not a zombie (reaped between two questions is not running either)."""
     try:
@@ -429,15 +497,7 @@ def test_the_shutdown_signals_each_process_before_its_group(tmp_path: Path) -> N
 def test_the_shutdown_waits_for_the_slowest_process_not_for_their_sum(tmp_path: Path) -> None:
     """Children stopped one after another each had the whole stop timeout: nine services that ignore SIGTERM
     took nine times it, past systemd's TimeoutStopSec."""
-    stubborn = (
-        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
-    )
-    children = []
-    for n in range(3):
-        proc = subprocess.Popen([sys.executable, "-c", stubborn], start_new_session=True, stdout=subprocess.PIPE)
-        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
-        proc.stdout.close()
-        children.append(Child(f"stubborn-{n}", proc, tmp_path / f"{n}.log"))
+    children = [_stubborn(f"stubborn-{n}", tmp_path / f"{n}.log") for n in range(3)]
     started = time.monotonic()
     try:
         production.stop_all(children, timeout_s=2.0)
