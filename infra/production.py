@@ -23,7 +23,7 @@ import signal
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -181,6 +181,10 @@ class HealthSupervisor:
         self._health: dict[str, _Health] = {}
         self._pool = pool or ThreadPoolExecutor(max_workers=len(SERVICES), thread_name_prefix="health-stop")
         self._stops: dict[str, Future[object]] = {}
+        self._probes = ThreadPoolExecutor(max_workers=len(SERVICES), thread_name_prefix="health-probe")
+        self._asking: dict[str, tuple[int, Future[Answer]]] = {}
+        """Questions still out, by child: the pid asked about and the answer to come (a process whose question
+        outlasted ``probe_timeout_s`` is not asked again meanwhile)."""
         """Stops under way, by child: each runs in :attr:`_pool`, as it takes up to ``stop_timeout_s`` plus some
         10 s for the process group, and the loop, blocked that long, watched nothing else and left a SIGTERM
         waiting. Until its stop is over the child is neither probed nor restarted."""
@@ -190,10 +194,32 @@ class HealthSupervisor:
         self.supervisor.check(busy=self._stops)
         if self.probe is None or self.settings.unhealthy_after_s <= 0:
             return
-        for child in self.supervisor.children:
-            # a dead one is the supervisor's: restarting after its backoff, or given up; a stopping one is the pool's
-            if child.alive and child.name not in self._stops:
-                self._check_health(child, self.probe)
+        now = self.clock()
+        # a dead one is the supervisor's: restarting after its backoff, or given up; a stopping one is the pool's
+        due = [c for c in self.supervisor.children if c.alive and c.name not in self._stops and self._due(c, now)]
+        for child, answer in zip(due, self._ask(due, self.probe), strict=True):
+            self._judge(child, answer, now)
+
+    def _ask(self, children: Sequence[Child], probe: Probe) -> list[Answer]:
+        """Each child's ``/healthz`` side by side, waiting ``probe_timeout_s`` for them all: asked one after another,
+        nine services took up to nine times it, and a process that exited went unnoticed that long. No answer in
+        time is silence; a child whose previous question is still out is not asked again until it is answered."""
+        for child in children:
+            pid, _ = self._asking.get(child.name, (None, None))
+            if pid != child.proc.pid:  # none out, or one for its previous process: not this one's answer
+                self._asking[child.name] = child.proc.pid, self._probes.submit(probe, child.name)
+        out = [self._asking[c.name][1] for c in children]
+        wait(out, timeout=self.settings.probe_timeout_s)
+        answers = []
+        for child, asked in zip(children, out, strict=True):
+            if not asked.done():
+                answers.append(Answer(None))
+                continue
+            del self._asking[child.name]
+            if asked.exception() is not None:
+                self.log.warning("%s: its /healthz could not be asked: %s", child.name, asked.exception())
+            answers.append(Answer(None) if asked.exception() is not None else asked.result())
+        return answers
 
     def _finish_stops(self) -> None:
         """Hand the children whose stop is over back to the supervisor (their exit then restarts them)."""
@@ -207,18 +233,23 @@ class HealthSupervisor:
                 self.log.warning("%s: stopped what it left running: %s", name, "; ".join(map(str, left)))
 
     def close(self) -> None:
-        """Wait for the stops under way (each bounded by ``stop_timeout_s`` and the group's few seconds)."""
+        """Wait for the stops under way (each bounded by ``stop_timeout_s`` and the group's few seconds); questions
+        still out are not waited for."""
+        self._probes.shutdown(wait=False, cancel_futures=True)
         self._pool.shutdown(wait=True)
 
-    def _check_health(self, child: Child, probe: Probe) -> None:
-        now = self.clock()
+    def _due(self, child: Child, now: float) -> bool:
+        """Whether ``child`` is to be asked now (at most every ``health_interval_s``)."""
         state = self._health.get(child.name)
         if state is None or state.pid != child.proc.pid:  # a new process: its own grace
             state = self._health[child.name] = _Health(child.proc.pid, now, now)
         if now < state.next_probe:
-            return
+            return False
         state.next_probe = now + self.settings.health_interval_s
-        answer = probe(child.name)
+        return True
+
+    def _judge(self, child: Child, answer: Answer, now: float) -> None:
+        state = self._health[child.name]
         own = answer.pid == child.proc.pid or (answer.pid is None and child.name in NO_PID_HEADER)
         if state.foreign or (answer.status is not None and not own):
             if not state.foreign:  # its own endpoint could not open: that port's health is not this child's

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
@@ -274,6 +275,48 @@ def test_health_is_asked_once_per_interval_and_never_of_a_dead_process() -> None
     probe.asked.clear()
     w.check()
     assert probe.asked == []
+
+
+def test_every_process_is_asked_at_once_and_the_round_waits_the_probe_timeout_at_most(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Asked one after another, each question waiting up to its timeout, nine services delayed the loop (and so
+    the restart of a process that exited) by up to nine times the probe timeout."""
+    clock, probe, w, stopped = logged_watch(caplog)
+    w.settings = CFG.model_copy(update={"probe_timeout_s": 1.0, "start_grace_s": 0.0})
+    hung = threading.Event()
+    slow = Probe()
+    slow.children = probe.children
+
+    calls: list[str] = []
+
+    def ask(name: str) -> Answer:
+        calls.append(name)
+        if name == "webex-bot":
+            hung.wait(10)  # asked once: its question outlasts the round
+            return Answer(503)
+        time.sleep(0.8)  # each within the timeout; one after another they took 3.2 s
+        return slow(name)
+
+    w.probe = ask
+    names = ["opensearch-sink", "alert-sender", "case-service", "dashboard", "webex-bot"]
+    for name in names:
+        w.supervisor.add(name, Starter(name))
+    try:
+        started = time.monotonic()
+        w.check()
+        took = time.monotonic() - started
+        assert took < 2.0, f"a round took {took:.1f} s"
+        assert sorted(slow.asked) == sorted(names[:-1])
+        assert any("webex-bot: /healthz no answer" in r.getMessage() for r in caplog.records), "silence"
+        clock.now += CFG.health_interval_s
+        w.check()
+        assert len(slow.asked) == 8, "the others are asked again"
+        assert calls.count("webex-bot") == 1, "the silent one is not, while its question is out"
+    finally:
+        hung.set()
+        w.close()
+    assert stopped == []
 
 
 def test_without_a_probe_only_exits_are_acted_on() -> None:
