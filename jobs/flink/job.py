@@ -150,7 +150,7 @@ def build_partitioned(source: DataStream, settings: Settings, broadcast: DataStr
     :mod:`jobs.scoring.partitioned`, each on every slot, keyed by shard (:mod:`jobs.flink.steps`).
 
     route -> receipt -> store -> identity -> gather (also from route and store) -> decide -> Kafka (and the
-    decide slots' drift tallies -> one drift subtask -> Kafka). Between
+    decide slots' drift tallies -> one drift subtask -> Kafka; each keyed step's dead letters -> Kafka). Between
     steps the Java ``EventTimeBatcher``, keyed by shard so that one subtask sees all of a shard's messages,
     holds each message until the watermark (``StepEventTime``, assigned after route) passes it, so every key
     meets its messages in event-time order on any parallelism."""
@@ -205,7 +205,10 @@ def build_partitioned(source: DataStream, settings: Settings, broadcast: DataStr
     tallies = only(decisions, DRIFT).key_by(lambda _row: 0, key_type=Types.INT())
     drift = tallies.process(DriftMergeFunction(settings), output_type=OUT_ROW).set_parallelism(1)
     drift = drift.name("drift").uid("drift")
-    return only(routed_rows, None).union(only(decisions, None), drift)
+    # The keyed steps' own rows (dead letters of a message a step raised on, a reused transaction id) go out too:
+    # only route's and decide's did, so a keyed step's dead letter was dropped and its record lost without a trace.
+    failed = [only(rows, None) for rows in (receipts, stores, identities, gathered)]
+    return only(routed_rows, None).union(only(decisions, None), drift, *failed)
 
 
 # --- wiring to Kafka -------------------------------------------------------------------------
