@@ -297,6 +297,18 @@ def _deadline_client(cameras: CameraSettings) -> httpx.Client:
     return client
 
 
+def _location(response: httpx.Response, what: str) -> httpx.URL:
+    """Where a redirect points, resolved against the request's URL: ``http_error`` without a ``Location``,
+    ``untrusted_url`` when it does not parse (the caller then checks the host before anything is sent there)."""
+    location = response.headers.get("Location", "").strip()
+    if not location:
+        raise SnapshotError("http_error", f"{what} HTTP {response.status_code} without a Location")
+    try:
+        return response.request.url.join(location)
+    except (httpx.InvalidURL, ValueError):
+        raise SnapshotError("untrusted_url", f"{what} redirected to a URL that does not parse") from None
+
+
 class MerakiClient:
     """Snapshots through the Dashboard API. Thread-safe (one pooled ``httpx.Client``).
 
@@ -486,13 +498,7 @@ class MerakiClient:
     def _redirect(self, response: httpx.Response) -> httpx.URL:
         """Where a redirected generateSnapshot goes next, with the API key: only a Dashboard host (:func:`api_hosts`)
         over https (or the API's own scheme), else ``untrusted_url`` naming the host, never the key's destination."""
-        location = response.headers.get("Location", "").strip()
-        if not location:
-            raise SnapshotError("http_error", f"generateSnapshot HTTP {response.status_code} without a Location")
-        try:
-            target = response.request.url.join(location)
-        except (httpx.InvalidURL, ValueError):
-            raise SnapshotError("untrusted_url", "generateSnapshot redirected to a URL that does not parse") from None
+        target = _location(response, "generateSnapshot")
         if target.scheme not in self._snapshot_schemes or target.userinfo or not target.host:
             raise SnapshotError("untrusted_url", "generateSnapshot redirected to a URL the API key is not sent to")
         if not _host_allowed(target.host, self._api_hosts):
@@ -531,14 +537,7 @@ class MerakiClient:
             if response.status_code not in _REDIRECTS:
                 return response
             response.close()
-            location = response.headers.get("Location", "").strip()
-            if not location:
-                raise SnapshotError("http_error", f"snapshot URL HTTP {response.status_code} without a Location")
-            try:
-                target = response.request.url.join(location)
-            except (httpx.InvalidURL, ValueError):
-                raise SnapshotError("untrusted_url", "snapshot URL redirected to a URL that does not parse") from None
-            target = self._check_snapshot_url(target, "snapshot URL redirect")
+            target = self._check_snapshot_url(_location(response, "snapshot URL"), "snapshot URL redirect")
         raise SnapshotError("http_error", f"snapshot URL redirected more than {MAX_REDIRECTS} times")
 
     def _fetch(self, url: str, budget: _Budget, counts: dict[str, int]) -> tuple[bytes, str]:
