@@ -437,20 +437,16 @@ def test_dead_letters_are_read_from_the_start_to_the_end_at_the_time_of_the_call
     assert consumer.assigned == [(0, 2), (2, 0)] and consumer.closed  # the empty partition is not read
 
 
-class RetentionDuringReadConsumer:
+class RetentionDuringReadConsumer(ScriptedConsumer):
     """Reads partition 0 from offset 2; retention deletes offsets up to 6 after the first letter, so the next
     fetch is out of range (``auto.offset.reset=error``), and the read goes on from the earliest kept offset."""
 
     def __init__(self) -> None:
+        super().__init__([])
         self.batches = [
             [Message(topic="dl", partition=0, offset=2, value=letter(2).encode())],
             [Message(topic="dl", partition=0, offset=3, error=KafkaError(KafkaError._AUTO_OFFSET_RESET))],
         ]
-        self.assigned: list[tuple[int, int]] = []
-        self.read: dict[int, int] = {}
-
-    def assign(self, partitions: list[Any]) -> None:
-        self.assigned = [(tp.partition, tp.offset) for tp in partitions]
 
     def incremental_unassign(self, partitions: list[Any]) -> None:
         self.assigned = [a for a in self.assigned if a[0] not in {tp.partition for tp in partitions}]
@@ -469,15 +465,6 @@ class RetentionDuringReadConsumer:
             if m.error() is None:
                 self.read[m.partition()] = m.offset() + 1
         return batch
-
-    def position(self, partitions: list[Any]) -> list[Any]:
-        return [TopicPartition(tp.topic, tp.partition, self.read.get(tp.partition, -1001)) for tp in partitions]
-
-    def unassign(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def test_letters_retention_deletes_while_they_are_read_are_counted_not_skipped_silently(
