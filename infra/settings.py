@@ -307,29 +307,44 @@ class RulesSettings(BaseModel, frozen=True):
     """Thresholds of the stateful indicators. Weights, bands and block/review thresholds are in the
     versioned YAML rule set (``ruleset_file``); the three fields below override it only when set."""
 
+    # Every number means something (the rule set's risk is 0-100, the counts include the transaction itself): a
+    # negative window, a limit of 0 (every transaction over it), a retention of 0 or an infinite z-score was taken
+    # without a word; block_at/review_at out of range failed only in the scoring job, inside Flink.
     version: str | None = None
-    block_at: int | None = None
-    review_at: int | None = None
-    velocity_window_s: int = 600
-    velocity_limit: int = 5
-    high_value_amount: float = 1000.0
-    amount_zscore: float = 4.0
-    suspicious_timing_s: int = 3600
-    store_return_window_s: int = 3600
-    store_return_limit: int = 20
-    receipt_retention_days: int = 120
+    block_at: int | None = Field(default=None, ge=1, le=100)
+    review_at: int | None = Field(default=None, ge=1, le=100)
+    velocity_window_s: int = Field(default=600, ge=1)
+    velocity_limit: int = Field(default=5, ge=1)
+    high_value_amount: float = Field(default=1000.0, gt=0, allow_inf_nan=False)
+    amount_zscore: float = Field(default=4.0, gt=0, allow_inf_nan=False)
+    suspicious_timing_s: int = Field(default=3600, ge=1)
+    store_return_window_s: int = Field(default=3600, ge=1)
+    store_return_limit: int = Field(default=20, ge=1)
+    receipt_retention_days: int = Field(default=120, ge=1)
     """How long a sale's receipt is remembered for matching returns."""
-    receipt_face_retention_hours: float = 72.0
+    receipt_face_retention_hours: float = Field(default=72.0, gt=0, allow_inf_nan=False)
     """How long a receipt keeps its buyer's face embedding (biometric) for the face check at a return
     (``buyer_face_mismatch``); the receipt itself stays ``receipt_retention_days``. Event time: counted back
     from the newest transaction the job has seen, so while no transaction arrives none expires (they stay in
     the job's state and checkpoints until traffic resumes)."""
-    customer_retention_days: int = 180
+    customer_retention_days: int = Field(default=180, ge=1)
     """A customer's profile (velocity, spending habit, stores) is forgotten after this long without a
     transaction (event time); the customer is then ``first_seen`` again."""
     ruleset_file: Path | None = None
     """Versioned YAML rule set (weights, bands, face rules); ``None`` = ``jobs/scoring/rulesets/default.yaml``.
     ``version``/``block_at``/``review_at`` above override the file only when set explicitly."""
+
+    @field_validator("review_at")
+    @classmethod
+    def _review_below_block(cls, value: int | None, info: ValidationInfo) -> int | None:
+        """Both set: checked at start, as the rule set would in the scoring job (refused there, inside Flink)."""
+        block = info.data.get("block_at")
+        if value is not None and block is not None and value >= block:
+            raise ValueError(
+                f"{value} is not below CG_RULES__BLOCK_AT ({block}): a transaction would be blocked before it "
+                "could be reviewed"
+            )
+        return value
 
 
 class ModelSettings(BaseModel, frozen=True):

@@ -71,3 +71,66 @@ def test_the_smallest_meaningful_values_are_taken_as_given(
     monkeypatch.setenv(variable, value)
     section, name = variable.removeprefix("CG_").lower().split("__")
     assert float(getattr(getattr(Settings(), section), name)) == float(value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("CG_RULES__VELOCITY_WINDOW_S", "-600"),
+        ("CG_RULES__VELOCITY_WINDOW_S", "0"),
+        ("CG_RULES__VELOCITY_LIMIT", "0"),
+        ("CG_RULES__HIGH_VALUE_AMOUNT", "0"),
+        ("CG_RULES__HIGH_VALUE_AMOUNT", "inf"),
+        ("CG_RULES__AMOUNT_ZSCORE", "inf"),
+        ("CG_RULES__AMOUNT_ZSCORE", "nan"),
+        ("CG_RULES__AMOUNT_ZSCORE", "-1"),
+        ("CG_RULES__SUSPICIOUS_TIMING_S", "-1"),
+        ("CG_RULES__STORE_RETURN_WINDOW_S", "0"),
+        ("CG_RULES__STORE_RETURN_LIMIT", "0"),
+        ("CG_RULES__RECEIPT_RETENTION_DAYS", "0"),
+        ("CG_RULES__RECEIPT_FACE_RETENTION_HOURS", "0"),
+        ("CG_RULES__RECEIPT_FACE_RETENTION_HOURS", "nan"),
+        ("CG_RULES__CUSTOMER_RETENTION_DAYS", "0"),
+        ("CG_RULES__BLOCK_AT", "150"),
+        ("CG_RULES__REVIEW_AT", "0"),
+    ],
+)
+def test_a_meaningless_rule_threshold_is_a_settings_error_naming_its_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    """The indicators' thresholds and retentions were taken as given: a negative window never counted, a limit of 0
+    flagged every transaction, a retention of 0 forgot every receipt at once; block_at/review_at out of the rule
+    set's 1-100 failed only in the scoring job, inside Flink."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    assert setting_errors(refused.value).startswith(f"{variable}: ")
+
+
+def test_review_at_not_below_block_at_is_a_settings_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CG_RULES__BLOCK_AT", "60")
+    monkeypatch.setenv("CG_RULES__REVIEW_AT", "60")
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    assert setting_errors(refused.value).startswith("CG_RULES__REVIEW_AT: 60 is not below CG_RULES__BLOCK_AT (60)")
+    monkeypatch.setenv("CG_RULES__REVIEW_AT", "59")
+    assert (Settings().rules.block_at, Settings().rules.review_at) == (60, 59)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("CG_RULES__VELOCITY_WINDOW_S", "1"),
+        ("CG_RULES__VELOCITY_LIMIT", "1"),
+        ("CG_RULES__AMOUNT_ZSCORE", "0.5"),
+        ("CG_RULES__RECEIPT_RETENTION_DAYS", "1"),
+        ("CG_RULES__RECEIPT_FACE_RETENTION_HOURS", "0.5"),
+        ("CG_RULES__BLOCK_AT", "100"),
+        ("CG_RULES__REVIEW_AT", "1"),
+    ],
+)
+def test_the_smallest_and_largest_rule_thresholds_are_taken_as_given(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    assert float(getattr(Settings().rules, variable.removeprefix("CG_RULES__").lower())) == float(value)
