@@ -3,7 +3,8 @@ listener bound to one, and how a host goes into ``host:port`` and URLs.
 
 Each module that listens or asks a listener (the metrics endpoints, the local Prometheus, the Flink cluster and
 the scoring job's mini-cluster) takes the rule from here: written out in each, the copies drifted, and an IPv6
-bind host (``::1``) gave ``http://::1:8081``, which is no URL.
+bind host (``::1``) gave ``http://::1:8081``, which is no URL. Every ``host:port`` the stack writes (Kafka's
+listeners and quorum, the bootstrap list, the addresses it reports) is :func:`host_port`'s.
 """
 
 from __future__ import annotations
@@ -32,3 +33,18 @@ def bracketed(host: str) -> str:
 def url_host(bind_host: str) -> str:
     """Where a client on this host asks a listener bound to ``bind_host``, as a URL's host (``[::1]`` for ``::1``)."""
     return bracketed(client_host(bind_host))
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port`` with an IPv6 host in brackets (``[::1]:9092``): ``::1:9092`` is itself an IPv6 address, so
+    Kafka's listeners and quorum voters and Prometheus read the port into the host, or refuse it."""
+    return f"{bracketed(host)}:{port}"
+
+
+def split_host_port(address: str, default_host: str = "127.0.0.1") -> tuple[str, str]:
+    """``host:port`` (a ``scheme://`` in front ignored) as the bare host (``::1`` for ``[::1]:9092``, which a
+    socket takes; ``default_host`` when none is given) and the port's text, unchecked."""
+    host, _, port = address.strip().split("://", 1)[-1].rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host or default_host, port

@@ -44,7 +44,7 @@ import psutil
 import typer
 import yaml
 
-from infra.addresses import client_host, url_host
+from infra.addresses import client_host, host_port, url_host
 from infra.processes import log_tail, port_open
 from infra.settings import REPO_ROOT, Settings
 from schemas.errors import CheckoutGuardError
@@ -501,7 +501,7 @@ def write_scrape_targets(settings: Settings, wait_s: float = 0.0) -> list[dict[s
     reads (``file_sd_configs``, re-read within seconds); empty once the cluster is down. ``wait_s``: how long
     to wait for every running member's reporter to bind."""
     paths = ClusterPaths.of(settings)
-    host = url_host(settings.bind_host)  # a target is host:port: an IPv6 address in brackets
+    host = client_host(settings.bind_host)
     deadline = time.monotonic() + wait_s
     while True:
         running = [(m, p) for m in members(settings) if (p := member_process(paths, m)) is not None]
@@ -510,7 +510,7 @@ def write_scrape_targets(settings: Settings, wait_s: float = 0.0) -> list[dict[s
             break
         time.sleep(0.5)
     groups = [
-        {"targets": [f"{host}:{port}" for port in ports], "labels": {"process": f"flink-{name}"}}
+        {"targets": [host_port(host, port) for port in ports], "labels": {"process": f"flink-{name}"}}
         for name, ports in found.items()
         if ports
     ]

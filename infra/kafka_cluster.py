@@ -17,6 +17,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from infra.addresses import host_port, split_host_port
+
 CLUSTER_SIZES = (1, 3)
 """One node for development; three to survive the loss of any one (replication 3, two in sync)."""
 PORT_STRIDE = 2
@@ -35,7 +37,8 @@ DESCRIBE_QUORUM = 55
 
 @dataclass(frozen=True)
 class KafkaNode:
-    """One KRaft node: its id, the host clients reach it on and its client and controller ports."""
+    """One KRaft node: its id, the host clients reach it on (bare: ``::1``, not ``[::1]``) and its client and
+    controller ports."""
 
     node_id: int
     host: str
@@ -44,7 +47,7 @@ class KafkaNode:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
 
 @dataclass(frozen=True)
@@ -61,10 +64,10 @@ class Replication:
 
 
 def _address(entry: str) -> tuple[str, int]:
-    host, _, port = entry.strip().split("://", 1)[-1].rpartition(":")
+    host, port = split_host_port(entry)
     if not port.isdigit():
         raise ValueError(f"bootstrap address {entry.strip()!r} has no port")
-    return host or "127.0.0.1", int(port)
+    return host, int(port)
 
 
 def kafka_nodes(bootstrap_servers: str, controller_port: int, brokers: int) -> tuple[KafkaNode, ...]:
@@ -87,7 +90,7 @@ def kafka_nodes(bootstrap_servers: str, controller_port: int, brokers: int) -> t
         KafkaNode(i + 1, host, port, controller_port + PORT_STRIDE * i) for i, (host, port) in enumerate(entries)
     )
     used = [(n.host, p) for n in nodes for p in (n.port, n.controller_port)]
-    clash = sorted({f"{h}:{p}" for h, p in used if used.count((h, p)) > 1})
+    clash = sorted({host_port(h, p) for h, p in used if used.count((h, p)) > 1})
     if clash:
         raise ValueError(f"the brokers' ports coincide at {', '.join(clash)}: choose other ports")
     return nodes
@@ -100,7 +103,7 @@ def bootstrap_list(nodes: tuple[KafkaNode, ...]) -> str:
 
 def quorum_voters(nodes: tuple[KafkaNode, ...]) -> str:
     """``controller.quorum.voters``: every node votes, reached on its controller port."""
-    return ",".join(f"{n.node_id}@{n.host}:{n.controller_port}" for n in nodes)
+    return ",".join(f"{n.node_id}@{host_port(n.host, n.controller_port)}" for n in nodes)
 
 
 def server_properties(

@@ -71,7 +71,7 @@ from confluent_kafka.admin import (
 )
 from pydantic import SecretStr
 
-from infra.addresses import bracketed, client_host
+from infra.addresses import client_host, host_port, split_host_port
 from infra.clients import kafka as kafka_clients
 from infra.flink_cluster import ClusterPaths
 from infra.flink_cluster import cli as flink_cli
@@ -242,13 +242,11 @@ class Endpoints:
 
     @classmethod
     def of(cls, settings: Settings) -> Endpoints:
-        first = settings.kafka.bootstrap_servers.split(",")[0].strip()
-        first = first.split("://", 1)[-1]
-        k_host, _, k_port = first.rpartition(":")
+        k_host, k_port = split_host_port(settings.kafka.bootstrap_servers.split(",")[0])
         url = urlsplit(settings.opensearch.url)
         return cls(
             bind_host=settings.bind_host,
-            kafka_host=k_host or "127.0.0.1",
+            kafka_host=k_host,
             kafka_port=int(k_port),
             controller_port=settings.kafka.controller_port,
             opensearch_host=url.hostname or "127.0.0.1",
@@ -278,8 +276,8 @@ class Endpoints:
             controllers = ", ".join(f":{n.controller_port}" for n in self.kafka_nodes)
             return f"{', '.join(n.address for n in self.kafka_nodes)} (controllers {controllers})"
         if svc == "kafka":
-            return f"{self.kafka_host}:{self.kafka_port} (controller :{self.controller_port})"
-        return ", ".join(f"{bracketed(h)}:{p}" for h, p in self.ports(svc))
+            return f"{host_port(self.kafka_host, self.kafka_port)} (controller :{self.controller_port})"
+        return ", ".join(host_port(h, p) for h, p in self.ports(svc))
 
 
 def _kafka_nodes(settings: Settings) -> tuple[KafkaNode, ...]:
@@ -438,7 +436,7 @@ def _mqtt_healthy(ep: Endpoints, login: tuple[str, str] | None = None, timeout: 
 
 def _prometheus_get(ep: Endpoints, path: str, timeout: float = 2.0, **params: str) -> httpx.Response | None:
     try:
-        url = f"http://{bracketed(ep.prometheus_host)}:{ep.prometheus_port}{path}"
+        url = f"http://{host_port(ep.prometheus_host, ep.prometheus_port)}{path}"
         return httpx.get(url, params=params, timeout=timeout)
     except httpx.HTTPError:
         return None
@@ -609,10 +607,12 @@ def _jaas(module: str, **options: str) -> str:
 def _kafka_listeners(settings: Settings, ep: Endpoints, admin_password: str | None) -> str:
     """Listener lines: PLAINTEXT, or with ``admin_password`` SASL on both listeners -- the clients' SCRAM
     mechanism on the client listener, PLAIN for the stack's own login (broker to itself, controller)."""
-    b, h = ep.bind_host, ep.kafka_host
+    # An IPv6 host in brackets: ::1:9092 is itself an IPv6 address, the port read into the host.
+    port, controller = host_port(ep.bind_host, ep.kafka_port), host_port(ep.bind_host, ep.controller_port)
+    advertised = host_port(ep.kafka_host, ep.kafka_port)
     if admin_password is None:
-        return f"""listeners=PLAINTEXT://{b}:{ep.kafka_port},CONTROLLER://{b}:{ep.controller_port}
-advertised.listeners=PLAINTEXT://{h}:{ep.kafka_port}
+        return f"""listeners=PLAINTEXT://{port},CONTROLLER://{controller}
+advertised.listeners=PLAINTEXT://{advertised}
 inter.broker.listener.name=PLAINTEXT
 listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"""
     mechanism = (settings.kafka.sasl_mechanism or "").upper()
@@ -629,8 +629,8 @@ listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"""
         password=admin_password,
         **{f"user_{STACK_ADMIN}": admin_password},
     )
-    return f"""listeners=SASL_PLAINTEXT://{b}:{ep.kafka_port},CONTROLLER://{b}:{ep.controller_port}
-advertised.listeners=SASL_PLAINTEXT://{h}:{ep.kafka_port}
+    return f"""listeners=SASL_PLAINTEXT://{port},CONTROLLER://{controller}
+advertised.listeners=SASL_PLAINTEXT://{advertised}
 inter.broker.listener.name=SASL_PLAINTEXT
 listener.security.protocol.map=CONTROLLER:SASL_PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT
 sasl.enabled.mechanisms={mechanism},PLAIN
@@ -782,7 +782,7 @@ def _ensure_kafka_cluster(settings: Settings, paths: StackPaths, ep: Endpoints) 
     if stopped:
         for node in stopped:
             _clean_stale_pid(names[node], paths)
-        busy = [f"{n.host}:{p}" for n in stopped for p in (n.port, n.controller_port) if port_open(n.host, p)]
+        busy = [host_port(n.host, p) for n in stopped for p in (n.port, n.controller_port) if port_open(n.host, p)]
         if busy:
             raise StackError(
                 f"kafka: port(s) {', '.join(busy)} taken by another process; free them or change the ports "
@@ -1050,7 +1050,7 @@ def _prometheus_command(binary: str, paths: StackPaths, ep: Endpoints) -> list[s
         f"--config.file={paths.prometheus_conf}",
         f"--storage.tsdb.path={paths.data('prometheus')}",
         f"--storage.tsdb.retention.time={PROMETHEUS_RETENTION}",
-        f"--web.listen-address={bracketed(ep.bind_host)}:{ep.prometheus_port}",  # [::1]:9490: ::1:9490 is refused
+        f"--web.listen-address={host_port(ep.bind_host, ep.prometheus_port)}",  # [::1]:9490: ::1:9490 is refused
     ]
 
 
@@ -1165,7 +1165,7 @@ def _ensure_service(svc: str, settings: Settings, paths: StackPaths, ep: Endpoin
             _wait_healthy(svc, settings, paths, ep, proc)
         return "running"
     _clean_stale_pid(svc, paths)
-    busy = [f"{bracketed(h)}:{p}" for h, p in ep.ports(svc) if port_open(h, p)]
+    busy = [host_port(h, p) for h, p in ep.ports(svc) if port_open(h, p)]
     if busy:
         if _healthy(svc, settings, ep):
             log.warning(

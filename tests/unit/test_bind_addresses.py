@@ -7,11 +7,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from infra import addresses, stack
 from infra import flink_cluster as fc
 from infra.metrics import scrape_targets
-from infra.settings import FlinkClusterSettings, Settings
+from infra.settings import FlinkClusterSettings, KafkaSettings, Settings
 from infra.stack import Endpoints, StackPaths
 from sinks.dashboard.pipeline import prometheus_url
 
@@ -90,3 +91,77 @@ def test_every_module_reads_a_wildcard_bind_host_the_same_way(tmp_path: Path, bi
     else:
         with pytest.raises(ValueError, match="every interface"):
             _check_execution_mode(process)
+
+
+def _kafka_properties(settings: Settings, node: int = 0, admin_password: str | None = None) -> dict[str, str]:
+    ep = Endpoints.of(settings)
+    nodes = ep.kafka_nodes
+    text = stack._kafka_properties(settings, StackPaths.of(settings), ep, admin_password, nodes[node])
+    return dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
+
+
+@pytest.mark.parametrize(("bind_host", "listen"), [("::1", "[::1]"), ("::", "[::]"), ("127.0.0.2", "127.0.0.2")])
+def test_kafka_listens_on_an_ipv6_bind_host_in_brackets(tmp_path: Path, bind_host: str, listen: str) -> None:
+    """Kafka read ``PLAINTEXT://::1:9092`` (and the controller's) with the port's colon inside the address."""
+    settings = _settings(tmp_path, bind_host)
+    assert _kafka_properties(settings)["listeners"] == f"PLAINTEXT://{listen}:9092,CONTROLLER://{listen}:9093"
+    sasl = settings.model_copy(
+        update={
+            "kafka": settings.kafka.model_copy(
+                update={"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "SCRAM-SHA-512"}
+                | {"sasl_username": "checkout-guard", "sasl_password": SecretStr("client-secret")}
+            )
+        }
+    )
+    assert _kafka_properties(sasl, admin_password="pw")["listeners"] == (
+        f"SASL_PLAINTEXT://{listen}:9092,CONTROLLER://{listen}:9093"
+    )
+
+
+def test_three_kafka_nodes_on_ipv6_advertise_and_vote_in_brackets_and_are_asked_bare(tmp_path: Path) -> None:
+    """With ``CG_KAFKA__BOOTSTRAP_SERVERS=[::1]:9092`` the nodes' host kept its brackets (no socket connects to
+    ``[::1]``, so the stack never saw them up), and an unbracketed ``::1:9092`` was written as is in the
+    advertised listeners, the quorum voters and the clients' bootstrap list."""
+    for bootstrap in ("[::1]:9092", "::1:9092"):
+        settings = _settings(tmp_path, "::1").model_copy(
+            update={"kafka": KafkaSettings(bootstrap_servers=bootstrap, controller_port=9093, brokers=3)}
+        )
+        ep = Endpoints.of(settings)
+        assert ep.kafka_host == "::1" and {n.host for n in ep.kafka_nodes} == {"::1"}
+        assert {h for h, _ in ep.ports("kafka")} == {"::1"}
+        props = [_kafka_properties(settings, node) for node in range(3)]
+        assert [p["advertised.listeners"] for p in props] == [f"PLAINTEXT://[::1]:{9092 + 2 * i}" for i in range(3)]
+        assert {p["controller.quorum.voters"] for p in props} == {"1@[::1]:9093,2@[::1]:9095,3@[::1]:9097"}
+        assert settings.kafka.bootstrap == "[::1]:9092,[::1]:9094,[::1]:9096"
+        assert ep.address("kafka").startswith("[::1]:9092, [::1]:9094, [::1]:9096 (controllers")
+
+
+@pytest.mark.parametrize("svc", ["opensearch", "mosquitto", "smtp", "prometheus"])
+def test_every_other_service_address_brackets_an_ipv6_host(tmp_path: Path, svc: str) -> None:
+    """The addresses the stack reports (healthy at, already served at, port taken) as ``host:port``."""
+    settings = Settings(
+        stack_dir=tmp_path,
+        bind_host="::1",
+        kafka=PORTS,  # type: ignore[arg-type]
+        opensearch={"url": "http://[::1]:9200"},  # type: ignore[arg-type]
+        mqtt={"host": "::1"},  # type: ignore[arg-type]
+        smtp={"host": "::1"},  # type: ignore[arg-type]
+    )
+    ep = Endpoints.of(settings)
+    [(host, port)] = ep.ports(svc)
+    assert host == "::1"
+    assert ep.address(svc) == f"[::1]:{port}"
+
+
+@pytest.mark.parametrize(
+    ("address", "bare"),
+    [
+        ("[::1]:9092", ("::1", "9092")),
+        ("PLAINTEXT://[fd00::5]:9094", ("fd00::5", "9094")),
+        (":9092", ("127.0.0.1", "9092")),
+    ],
+)
+def test_a_host_port_is_split_bare_and_written_back_bracketed(address: str, bare: tuple[str, str]) -> None:
+    assert addresses.split_host_port(address) == bare
+    host, port = bare
+    assert addresses.split_host_port(addresses.host_port(host, int(port))) == bare
