@@ -147,6 +147,12 @@ CURRENCIES_SHOWN = 20
 """Currencies a money panel shows, one figure or line each (the largest amounts first)."""
 
 
+MODEL_VERSIONS_SHOWN = 20
+"""Model versions the drift panel draws, one line each: the champion, its challenger and the versions they
+replaced within the time range (3 let a fourth vanish, e.g. in the hour of a promotion, or after a few); any past
+this many share one "other versions" line, so none is left out without a word."""
+
+
 def per_currency(agg_id: str = "2") -> dict[str, Any]:
     """Splits a money panel by ``currency``: amounts in different currencies are never added up into one
     unlabelled figure (a scored transaction has no amount in one reference currency)."""
@@ -516,7 +522,7 @@ PANELS: list[tuple[dict[str, Any], int, int]] = [
                 metric("max", "score_psi", "score PSI"),
                 metric("max", "worst_psi", "worst feature PSI", agg_id="4"),
                 over_time(field="hour_start"),
-                terms("model_version", "group", "3", size=3),
+                terms("model_version", "group", "3", size=MODEL_VERSIONS_SHOWN, other="other versions"),
             ],
             "Population stability of the model's score and its worst feature against the training data, per "
             "hour and model version: < 0.1 stable, 0.1-0.25 moderate, > 0.25 significant.",

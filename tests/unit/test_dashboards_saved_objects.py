@@ -241,3 +241,14 @@ def test_dashboard_has_the_seed_panels_and_ours(objects: list[dict[str, Any]]) -
 
 def test_the_file_is_what_the_build_module_writes() -> None:
     assert NDJSON.read_text() == render(), "run `python -m sinks.saved_objects.build` and commit the result"
+
+
+def test_the_drift_panel_draws_every_model_version_or_says_the_rest_are_pooled(objects: list[dict[str, Any]]) -> None:
+    """It drew the top 3 versions only: with a champion, its challenger and the versions they replaced in the time
+    range, a version's drift vanished from the panel without a word."""
+    drift = next(o for o in objects if o["id"] == "cg-model-drift")
+    [versions] = [a for a in json.loads(drift["attributes"]["visState"])["aggs"] if a["type"] == "terms"]
+    assert versions["params"]["field"] == "model_version"
+    assert versions["params"]["size"] >= 20
+    assert versions["params"]["otherBucket"] is True
+    assert versions["params"]["otherBucketLabel"] == "other versions"
