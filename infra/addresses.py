@@ -35,6 +35,12 @@ def url_host(bind_host: str) -> str:
     return bracketed(client_host(bind_host))
 
 
+def reporter_host(bind_host: str) -> str:
+    """The host Flink's Prometheus reporter (``BoundPrometheusReporter``) binds, for the Flink cluster and the job's
+    mini-cluster alike: ``bind_host``, an empty one as ``0.0.0.0`` (Java reads an empty host as loopback)."""
+    return bind_host or "0.0.0.0"
+
+
 def host_port(host: str, port: int) -> str:
     """``host:port`` with an IPv6 host in brackets (``[::1]:9092``): ``::1:9092`` is itself an IPv6 address, so
     Kafka's listeners and quorum voters and Prometheus read the port into the host, or refuse it."""

@@ -44,7 +44,7 @@ import psutil
 import typer
 import yaml
 
-from infra.addresses import client_host, host_port, url_host
+from infra.addresses import client_host, host_port, reporter_host, url_host
 from infra.processes import log_tail, port_open
 from infra.settings import REPO_ROOT, Settings
 from schemas.errors import CheckoutGuardError
@@ -222,7 +222,7 @@ def cluster_options(
         options |= {
             "metrics.reporters": REPORTER,
             prefix + "factory.class": REPORTER_FACTORY,
-            prefix + "host": host or "0.0.0.0",
+            prefix + "host": reporter_host(host),
             prefix + "port": fl.metrics_ports,
         }
     return options

@@ -165,3 +165,22 @@ def test_a_host_port_is_split_bare_and_written_back_bracketed(address: str, bare
     assert addresses.split_host_port(address) == bare
     host, port = bare
     assert addresses.split_host_port(addresses.host_port(host, int(port))) == bare
+
+
+@pytest.mark.parametrize("bind_host", ["0.0.0.0", "::", "127.0.0.1", "::1", ""])
+def test_the_cluster_and_the_job_bind_their_prometheus_reporter_to_the_same_host(
+    tmp_path: Path, bind_host: str
+) -> None:
+    """The reporter's host was worked out twice, in the Flink cluster's config and in the job's options: both now
+    agree with infra/addresses.py's one rule."""
+    from jobs.flink.job import REPORTER, REPORTER_JAR, reporter_options
+
+    settings = _settings(tmp_path, bind_host)
+    settings = settings.model_copy(update={"metrics": settings.metrics.model_copy(update={"enabled": True})})
+    jar = StackPaths.of(settings).flink_plugins / REPORTER_JAR
+    jar.parent.mkdir(parents=True, exist_ok=True)
+    jar.touch()
+    key = f"metrics.reporter.{REPORTER}.host"
+    cluster = fc.cluster_options(settings, fc.ClusterPaths.of(settings), Path("/jdk"), "python", reporter=True)
+    assert cluster[key] == reporter_options(settings)[key] == addresses.reporter_host(bind_host)
+    assert addresses.reporter_host(bind_host) == (bind_host or "0.0.0.0")
