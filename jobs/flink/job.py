@@ -39,7 +39,7 @@ from pyflink.common.typeinfo import Types
 from pyflink.datastream import DataStream, StreamExecutionEnvironment
 from pyflink.table import DataTypes, Schema, StreamTableEnvironment, TableDescriptor
 
-from infra.addresses import client_host, is_wildcard
+from infra.addresses import client_host, is_wildcard, reporter_host
 from infra.flink_cluster import REPORTER, REPORTER_DIR, REPORTER_FACTORY
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.metrics import port_of
@@ -397,7 +397,7 @@ def reporter_options(settings: Settings) -> dict[str, str]:
     return {
         "metrics.reporters": REPORTER,
         prefix + "factory.class": REPORTER_FACTORY,
-        prefix + "host": settings.bind_host or "0.0.0.0",
+        prefix + "host": reporter_host(settings.bind_host),
         prefix + "port": str(port_of(settings, "scoring-job")),
     }
 
