@@ -109,6 +109,10 @@ AUDIT_READ_TIMEOUT_S = 20.0
 record before it is tried again; below the heartbeat's 60 s, so ``/healthz`` stays alive while it waits."""
 
 STAGE = "opensearch-sink"
+MAX_ID_BYTES = 512
+"""OpenSearch's limit on a document ``_id`` (UTF-8 bytes). A longer one fails the whole bulk request (400
+``action_request_validation_exception``), not its own item, so it must be refused before the request is sent:
+otherwise the batch is retried for ever and nothing after it is indexed."""
 RETRIABLE_ERROR_TYPES = frozenset(
     {
         "cluster_block_exception",  # read-only index after a disk watermark: the cluster's trouble, not the doc's
@@ -525,7 +529,12 @@ def _operation(
     versioned = {"version": message.offset() or 0, "version_type": "external_gte"} if route.keyed else {}
     if route.keyed and message.value() is None:  # a tombstone: the key's document goes
         index = route.write_index(index_prefix, 0, period)
-        return {"_op_type": "delete", "_index": index, "_id": _key_text(message), **versioned}
+        return {
+            "_op_type": "delete",
+            "_index": index,
+            "_id": _checked_id(_key_text(message), "the message key"),
+            **versioned,
+        }
     try:
         record = codec(route.topic.record_type).decode(message.value())
     except DecodeError as exc:
@@ -533,6 +542,7 @@ def _operation(
     doc_id = record.get(route.id_field)
     if not isinstance(doc_id, str) or not doc_id.strip():
         raise _Unusable("missing_field", f"{route.id_field} is empty")
+    _checked_id(doc_id, route.id_field)
     if route.keyed and _key_text(message) != doc_id:
         raise _Unusable("invalid_key", f"the message key is not the record's {route.id_field}")
     check = RECORD_CHECKS.get(route.kind)
@@ -569,6 +579,17 @@ def pseudonymise(source: dict[str, Any], route: Route, secret: str | None) -> bo
             source[name] = indexed
         changed = True
     return changed
+
+
+def _checked_id(doc_id: str, what: str) -> str:
+    """``doc_id`` if OpenSearch takes it as a document id; else :class:`_Unusable` ``invalid_id`` (the size, not
+    the id: it may be a hostile payload, and dead-letter reasons are logged)."""
+    size = len(doc_id.encode())
+    if size > MAX_ID_BYTES:
+        raise _Unusable(
+            "invalid_id", f"{what} is {size} bytes; OpenSearch takes at most {MAX_ID_BYTES} as a document id"
+        )
+    return doc_id
 
 
 def _key_text(message: Message) -> str:

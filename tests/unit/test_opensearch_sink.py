@@ -615,3 +615,19 @@ def test_a_version_conflict_on_an_unversioned_document_is_not_swallowed() -> Non
     client = FakeBulkClient({"tx-1": {"status": 409, "error": {"type": "version_conflict_engine_exception"}}})
     result = bulk_once(client, actions_for("tx-1"))  # type: ignore[arg-type]
     assert (result.acknowledged, result.stale, len(result.rejected)) == (0, 0, 1)
+
+
+def test_a_document_id_opensearch_cannot_take_is_dead_lettered_instead_of_blocking_the_batch() -> None:
+    """OpenSearch refuses an ``_id`` over 512 bytes for the whole bulk request (400), not for its item: sent, it
+    kept the batch, and every message after it, retried for ever."""
+    longest, too_long = "t" * 512, "é" * 257  # 514 bytes in UTF-8, 257 characters
+    batch = [
+        message(tx_topic(), scored(longest).encode(), offset=0),
+        message(tx_topic(), scored(too_long).encode(), offset=1),
+        label_message(None, offset=2, key="x" * 513),  # a tombstone deletes by its key
+    ]
+    actions, dead = to_actions(batch, index_prefix="cg", topic_prefix=PREFIX)
+    assert [a.doc_id for a in actions] == [longest]
+    assert [(d.offset, d.error_kind) for d in dead] == [(1, "invalid_id"), (2, "invalid_id")]
+    assert dead[0].reason == "transaction_id is 514 bytes; OpenSearch takes at most 512 as a document id"
+    assert too_long not in dead[0].reason
