@@ -426,8 +426,9 @@ def apply_retention(
             )
     if doomed and not dry_run:
         for chunk in range(0, len(doomed), 50):  # keep the URL short
-            with contextlib.suppress(NotFoundError):  # another sink deleted them first
-                client.indices.delete(index=",".join(doomed[chunk : chunk + 50]))
+            # One index of the list gone meanwhile (another sink, the retention command from cron) must not
+            # fail the whole request: without ignore_unavailable none of the chunk's other indices went.
+            client.indices.delete(index=",".join(doomed[chunk : chunk + 50]), ignore_unavailable=True)
         log.info("retention: deleted %d index(es): %s", len(doomed), ", ".join(doomed))
     return doomed
 

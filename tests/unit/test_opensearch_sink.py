@@ -28,6 +28,7 @@ from sinks.opensearch.sink import (
     DAY_MS,
     IndexAction,
     IndexPeriodConflict,
+    apply_retention,
     bulk_once,
     check_period,
     expired_indices,
@@ -631,3 +632,33 @@ def test_a_document_id_opensearch_cannot_take_is_dead_lettered_instead_of_blocki
     assert [(d.offset, d.error_kind) for d in dead] == [(1, "invalid_id"), (2, "invalid_id")]
     assert dead[0].reason == "transaction_id is 514 bytes; OpenSearch takes at most 512 as a document id"
     assert too_long not in dead[0].reason
+
+
+class RetentionCluster(PeriodIndices):
+    """Period indices that a delete request removes as OpenSearch does: a name that is not there fails the whole
+    request (404) unless ``ignore_unavailable``."""
+
+    def __init__(self, names: list[str], gone_meanwhile: set[str]) -> None:
+        super().__init__(names)
+        self.gone_meanwhile = gone_meanwhile
+
+    def delete(self, index: str, **params: Any) -> dict[str, Any]:
+        from opensearchpy.exceptions import NotFoundError
+
+        names = index.split(",")
+        self.names = [n for n in self.names if n not in self.gone_meanwhile]  # deleted between listing and delete
+        missing = [n for n in names if n not in self.names]
+        if missing and not params.get("ignore_unavailable"):
+            raise NotFoundError(404, "index_not_found_exception", {"error": {"index": missing[0]}})
+        self.names = [n for n in self.names if n not in names]
+        return {"acknowledged": True}
+
+
+def test_retention_deletes_the_expired_indices_even_when_another_sink_deleted_one_of_them_first() -> None:
+    """One expired index gone between listing and delete (another sink, the retention command run from cron)
+    failed the whole delete request: the others stayed, while the command reported them deleted."""
+    expired = ["cg-face_observations-2020.01.01", "cg-face_observations-2020.01.02", "cg-face_observations-2020.01.03"]
+    cluster = RetentionCluster([*expired, "cg-face_observations-2026.11.22"], gone_meanwhile={expired[0]})
+    doomed = apply_retention(cluster, "cg", IndicesSettings(), now_ms=1_795_305_600_000)  # type: ignore[arg-type]
+    assert doomed == expired
+    assert cluster.names == ["cg-face_observations-2026.11.22"]
