@@ -46,3 +46,23 @@ def make_client(settings: OpenSearchSettings, timeout_s: float = 30.0) -> OpenSe
         max_retries=0,
         retry_on_timeout=False,
     )
+
+
+RETRIABLE_ERROR_TYPES = frozenset(
+    {
+        "cluster_block_exception",  # read-only index after a disk watermark: the cluster's trouble, not the doc's
+        "index_not_found_exception",  # index deleted while auto-create is off: reinstalled before the retry
+        "es_rejected_execution_exception",
+        "unavailable_shards_exception",
+    }
+)
+
+
+def is_retriable(status: Any, error_type: str | None) -> bool:
+    """Whether a bulk item's failure is worth retrying: 429, 5xx and the cluster's own trouble
+    (:data:`RETRIABLE_ERROR_TYPES`, whatever their status: a write block is 403 or 429) are; other 4xx reject the
+    document for good. One rule for every bulk writer: the sink's, and the forget's, which must not take a
+    blocked write for done."""
+    if not isinstance(status, int):
+        return True
+    return status == 429 or status >= 500 or error_type in RETRIABLE_ERROR_TYPES

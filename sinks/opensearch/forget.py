@@ -39,6 +39,7 @@ from opensearchpy import OpenSearch
 from opensearchpy.exceptions import NotFoundError
 from opensearchpy.helpers import ScanError, scan, streaming_bulk
 
+from infra.clients.opensearch import is_retriable
 from schemas.codec import DecodeError
 from schemas.indices import (
     FORGETTING_ACTIONS,
@@ -245,7 +246,7 @@ def _count(ok: bool, item: Any, route: Route, alias: str, report: EraseReport, d
         return  # gone already (another sink, a retention drop)
     elif status == 409:
         report.changed_meanwhile += 1
-    elif status == 429 or (isinstance(status, int) and status >= 500):
+    elif is_retriable(status, error_type if isinstance(error_type, str) else None):
         report.problem = f"{status} {error_type}"
     else:
         report.failed += 1

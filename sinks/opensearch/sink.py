@@ -77,7 +77,7 @@ from opensearchpy.helpers import scan, streaming_bulk
 
 from infra import clock, metrics
 from infra.clients import kafka as kafka_clients
-from infra.clients.opensearch import make_client
+from infra.clients.opensearch import is_retriable, make_client
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.retry import Backoff, call_with_retries
 from infra.settings import IndicesSettings, Settings, get_settings
@@ -113,14 +113,6 @@ MAX_ID_BYTES = 512
 """OpenSearch's limit on a document ``_id`` (UTF-8 bytes). A longer one fails the whole bulk request (400
 ``action_request_validation_exception``), not its own item, so it must be refused before the request is sent:
 otherwise the batch is retried for ever and nothing after it is indexed."""
-RETRIABLE_ERROR_TYPES = frozenset(
-    {
-        "cluster_block_exception",  # read-only index after a disk watermark: the cluster's trouble, not the doc's
-        "index_not_found_exception",  # index deleted while auto-create is off: reinstalled before the retry
-        "es_rejected_execution_exception",
-        "unavailable_shards_exception",
-    }
-)
 
 
 # --------------------------------------------------------------------------- templates and period indices
@@ -620,13 +612,6 @@ def offsets_to_commit(messages: Iterable[Message]) -> list[TopicPartition]:
         key = (message.topic() or "", message.partition() or 0)
         last[key] = max(last.get(key, -1), message.offset() or 0)
     return [TopicPartition(topic, partition, offset + 1) for (topic, partition), offset in sorted(last.items())]
-
-
-def is_retriable(status: Any, error_type: str | None) -> bool:
-    """429 and 5xx are the cluster's trouble and worth waiting for; other 4xx reject the document for good."""
-    if not isinstance(status, int):
-        return True
-    return status == 429 or status >= 500 or error_type in RETRIABLE_ERROR_TYPES
 
 
 @dataclass

@@ -430,3 +430,38 @@ def test_a_scan_some_shard_failed_is_repeated_not_a_crash() -> None:
     cluster.docs, cluster.meta = full.docs, full.meta
     report = erase_forgotten(cluster, PREFIX, [Forget(SUBJECT, SALE)])  # type: ignore[arg-type]
     assert report.problem is not None and report.problem.startswith("scan incomplete")
+
+
+def test_a_forget_whose_write_back_a_write_block_refused_is_repeated_not_taken_for_done() -> None:
+    """A write block (``index.blocks.write``, a read-only index: 403 ``cluster_block_exception``) refuses the
+    stripped alerts and cases while deletes of face observations still pass: taken for a permanent refusal, the
+    forget was committed as done with the subject's image refs left in the indices."""
+
+    class WriteBlocked(FakeCluster):
+        def bulk(self, body: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            lines = [json.loads(line) for line in body.splitlines() if line]
+            if any("index" in line for line in lines):
+                items = [
+                    {
+                        "index": {
+                            "_index": meta["_index"],
+                            "_id": meta["_id"],
+                            "status": 403,
+                            "error": {
+                                "type": "cluster_block_exception",
+                                "reason": "blocked by: [FORBIDDEN/8/index write]",
+                            },
+                        }
+                    }
+                    for line in lines
+                    for op, meta in line.items()
+                    if op == "index"
+                ]
+                return {"errors": True, "items": items}
+            return super().bulk(body, *args, **kwargs)
+
+    cluster, full = WriteBlocked(), populated()
+    cluster.docs, cluster.meta = full.docs, full.meta
+    report = erase_forgotten(cluster, PREFIX, [Forget(SUBJECT, SALE)])  # type: ignore[arg-type]
+    assert report.problem == "403 cluster_block_exception"
+    assert cluster.docs[("cg-cases-all", "case-1")]["snapshot_ref"] == "a.jpg"  # still there: to be repeated
