@@ -28,7 +28,9 @@ Why nothing is lost or doubled: the document ``_id`` is the business key (``tran
 (last offset + 1 per partition) only after OpenSearch acknowledged every document of the batch and
 its dead letters are flushed, so a crash replays from the last commit. While OpenSearch is down or
 overloaded (connection errors, 429, 5xx) the batch is kept and retried forever with bounded,
-jittered exponential backoff; the partitions are paused meanwhile so the consumer stays in its group.
+jittered exponential backoff; the partitions are paused meanwhile so the consumer stays in its group. A
+request refused as a whole for what it holds (400, 413) is halved until the document it is refused for is
+alone, and that one is dead-lettered: a document never holds the batch for ever.
 
 Labels follow the topic's own rule, the one ``train`` reads them by: the verdict published last for a
 transaction is in force, and a tombstone withdraws it (the document is deleted). Each label write
@@ -630,19 +632,37 @@ class BulkAttempt:
     """Of ``acknowledged``, less ``stale``: documents written (or deleted) per route kind, for the metrics."""
 
 
+MAX_CHUNK_BYTES = 50 * 1024 * 1024
+"""Most bytes of one bulk request (OpenSearch's ``http.max_content_length`` is 100 MB; a smaller domain's may be
+10 MiB: its 413 halves the chunks, :func:`bulk_once`)."""
+REFUSED_REQUEST_STATUSES = frozenset({400, 413})
+"""Statuses of a bulk request refused as a whole for what it holds (a document OpenSearch's request validation
+refuses, a body over its size limit), not for the cluster's state: sent again unchanged, it is refused again."""
+
+
 def bulk_once(client: OpenSearch, pending: Sequence[IndexAction], chunk_size: int = 2000) -> BulkAttempt:
     """One bulk round over ``pending``; never raises for OpenSearch trouble, it reports it.
 
     Bulk answers come back in request order (``yield_ok``, no helper retries), so the position maps
-    each answer to its action; a request that fails outright leaves the rest of the batch to retry.
+    each answer to its action; a request that fails outright leaves the rest of the batch to retry, unless it
+    was refused for what it holds (:data:`REFUSED_REQUEST_STATUSES`): then its chunk is halved until the request
+    goes through or holds one document, which is dead-lettered, so one document cannot hold the batch for ever.
     """
-    result, position = BulkAttempt(), 0
+    result = BulkAttempt()
+    _bulk_into(result, client, pending, chunk_size, chunk_size)
+    return result
+
+
+def _bulk_into(
+    result: BulkAttempt, client: OpenSearch, pending: Sequence[IndexAction], chunk_size: int, full_size: int
+) -> None:
+    position = 0
     try:
         for ok, item in streaming_bulk(
             client,
             (action.op for action in pending),
             chunk_size=chunk_size,
-            max_chunk_bytes=50 * 1024 * 1024,
+            max_chunk_bytes=MAX_CHUNK_BYTES,
             raise_on_error=False,
             raise_on_exception=True,
             max_retries=0,
@@ -669,9 +689,27 @@ def bulk_once(client: OpenSearch, pending: Sequence[IndexAction], chunk_size: in
             else:
                 result.rejected.append(rejected_dead_letter(action, status, error))
     except TransportError as exc:
-        result.retry += pending[position:]
-        result.problem = _short(exc)
-    return result
+        rest = pending[position:]
+        if exc.status_code not in REFUSED_REQUEST_STATUSES or not rest:
+            result.retry += rest
+            result.problem = _short(exc)
+        elif chunk_size > 1 and len(rest) > 1:  # some document of the chunk: find it by halves
+            _bulk_into(result, client, rest, min(chunk_size, len(rest)) // 2, full_size)
+        else:  # refused alone: it will be refused again, however often it is sent
+            result.rejected.append(rejected_dead_letter(rest[0], exc.status_code, _request_error(exc)))
+            _bulk_into(result, client, rest[1:], full_size, full_size)
+
+
+def _request_error(exc: TransportError) -> dict[str, Any]:
+    """A whole request's refusal in the shape of a bulk item's ``error``, for :func:`rejected_dead_letter`."""
+    info = exc.info.get("error") if isinstance(exc.info, dict) else None
+    if isinstance(info, dict):
+        return {
+            "type": info.get("type", exc.error),
+            "reason": info.get("reason", ""),
+            "caused_by": info.get("caused_by"),
+        }
+    return {"type": str(exc.error), "reason": "the bulk request holding this document alone was refused"}
 
 
 def _nothing_to_delete(action: IndexAction, info: dict[str, Any]) -> bool:

@@ -662,3 +662,56 @@ def test_retention_deletes_the_expired_indices_even_when_another_sink_deleted_on
     doomed = apply_retention(cluster, "cg", IndicesSettings(), now_ms=1_795_305_600_000)  # type: ignore[arg-type]
     assert doomed == expired
     assert cluster.names == ["cg-face_observations-2026.11.22"]
+
+
+class RefusesRequests(FakeBulkClient):
+    """Refuses a whole bulk request, as OpenSearch does, when it holds the document ``bad`` (400, its request
+    validation) or more than ``max_docs`` documents (413, a body over the domain's size limit)."""
+
+    def __init__(self, bad: str, max_docs: int = 1000) -> None:
+        super().__init__()
+        self.bad, self.max_docs = bad, max_docs
+
+    def bulk(self, body: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        from opensearchpy.exceptions import RequestError, TransportError
+
+        lines = [json.loads(line) for line in body.splitlines() if line]
+        ids = [meta["_id"] for line in lines for op, meta in line.items() if op in ("index", "delete")]
+        if len(ids) > self.max_docs or self.bad in ids:
+            self.requests.append(lines)  # the answered ones are kept by the base class
+        if len(ids) > self.max_docs:
+            raise TransportError(413, "Request Entity Too Large", "")
+        if self.bad in ids:
+            error = {"type": "action_request_validation_exception", "reason": "Validation Failed: 1: bad document;"}
+            raise RequestError(400, error["type"], {"error": error, "status": 400})
+        self.answers.append({})
+        return super().bulk(body, *args, **kwargs)
+
+
+def test_a_bulk_request_refused_as_a_whole_for_one_document_dead_letters_that_document_alone() -> None:
+    """OpenSearch refuses some documents for the whole request (400: its request validation; 413: the body over
+    the domain's size limit): the batch was kept and retried unchanged for ever, and nothing after it indexed."""
+    ids = [f"tx-{n}" for n in range(10)]
+    client = RefusesRequests(bad="tx-6")
+    result = bulk_once(client, actions_for(*ids), chunk_size=4)  # type: ignore[arg-type]
+    assert result.retry == [] and result.problem is None
+    assert result.acknowledged == 9
+    assert [(d.dead_letter_id, d.error_kind) for d in result.rejected] == [(f"{tx_topic()}:0:6", "opensearch_rejected")]
+    assert (
+        result.rejected[0].reason
+        == "OpenSearch 400 action_request_validation_exception: Validation Failed: 1: bad document;"
+    )
+    assert [len(r) // 2 for r in client.requests] == [4, 4, 2, 2, 1, 3]  # halved to the culprit, then on as before
+
+    too_big = RefusesRequests(bad="none", max_docs=3)  # a smaller domain's request size limit
+    result = bulk_once(too_big, actions_for(*ids), chunk_size=8)  # type: ignore[arg-type]
+    assert (result.acknowledged, result.rejected, result.retry) == (10, [], [])
+
+
+def test_a_bulk_request_refused_for_the_clusters_reasons_keeps_the_batch() -> None:
+    from opensearchpy.exceptions import AuthorizationException
+
+    client = FakeBulkClient(AuthorizationException(403, "security_exception", {}))
+    pending = actions_for("tx-1", "tx-2")
+    result = bulk_once(client, pending)  # type: ignore[arg-type]
+    assert result.retry == pending and result.rejected == []
