@@ -117,6 +117,8 @@ class LoginBackend(AuthenticationBackend):
         self._failures: dict[str, tuple[int, float]] = {}
         """Login -> (wrong passwords, when the window started)."""
         self._checks = threading.BoundedSemaphore(CONCURRENT_CHECKS)
+        self._tries = threading.Lock()
+        """Guards ``_failures``: a try is counted before its check."""
         self._dummy = hash_password(secrets.token_urlsafe(16))
         """Checked for an unknown login, so the answer takes as long as for a known one (no user enumeration)."""
 
@@ -136,25 +138,35 @@ class LoginBackend(AuthenticationBackend):
         remembered = hashlib.sha256(f"{user}\0{password}\0{encoded}".encode()).digest()
         if encoded is not None and self._verified.get(remembered, 0.0) > now:
             return True
-        failures, since = self._failures.get(user, (0, now))
-        if now - since > FAILURE_WINDOW_S:
-            failures, since = 0, now
-        if failures >= FAILURES_ALLOWED:
+        if not self._count_try(user, now):
             return False
         with self._checks:
             ok = verify_password(password, encoded or self._dummy) and encoded is not None
         if not ok:
-            if len(self._failures) >= MAX_VERIFIED:
-                self._failures.clear()
-            self._failures[user] = (failures + 1, since)
             return False
-        self._failures.pop(user, None)
+        with self._tries:
+            self._failures.pop(user, None)
         if len(self._verified) >= MAX_VERIFIED:
             self._verified = {k: t for k, t in self._verified.items() if t > now}
             if len(self._verified) >= MAX_VERIFIED:
                 self._verified.clear()
         self._verified[remembered] = now + VERIFIED_FOR_S
         return True
+
+    def _count_try(self, user: str, now: float) -> bool:
+        """Whether ``user`` may have a password checked now; if so the try counts as a wrong password until it
+        succeeds. Counted before the check, under a lock: tries sent side by side would otherwise all pass the
+        lockout while the first of them was still being checked."""
+        with self._tries:
+            failures, since = self._failures.get(user, (0, now))
+            if now - since > FAILURE_WINDOW_S:
+                failures, since = 0, now
+            if failures >= FAILURES_ALLOWED:
+                return False
+            if user not in self._failures and len(self._failures) >= MAX_VERIFIED:
+                self._failures.clear()
+            self._failures[user] = (failures + 1, since)
+            return True
 
     def _image_link(self, conn: HTTPConnection) -> bool:
         match = _IMAGE_PATH.match(conn.url.path)

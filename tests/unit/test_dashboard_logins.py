@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -204,6 +207,32 @@ def test_repeated_wrong_passwords_lock_the_login_for_a_while_without_checking() 
     assert backend._person("ben@example.com", "ben's long password"), "other logins unaffected"
     clock.now += login.FAILURE_WINDOW_S + 1
     assert backend._person("ana@example.com", "ana's long password")
+
+
+def test_wrong_passwords_sent_side_by_side_are_checked_no_more_often_than_the_lockout_allows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A guesser does not wait for one answer before sending the next: many tries at once must not all pass the
+    lockout before the first of them is counted."""
+    backend = LoginBackend(DashboardSettings(**USERS), clock=Clock())
+    checked: list[str] = []
+
+    def slow_check(password: str, encoded: str) -> bool:
+        checked.append(password)
+        time.sleep(0.05)  # scrypt takes about this long
+        return False
+
+    monkeypatch.setattr(login, "verify_password", slow_check)
+    tries = 4 * login.FAILURES_ALLOWED
+    start = threading.Barrier(tries)
+
+    def guess(n: int) -> bool:
+        start.wait()
+        return backend._person("ana@example.com", f"guess {n}")
+
+    with ThreadPoolExecutor(tries) as pool:
+        assert not any(pool.map(guess, range(tries)))
+    assert len(checked) == login.FAILURES_ALLOWED
 
 
 def test_an_unknown_login_costs_a_check_too_and_never_matches(monkeypatch: pytest.MonkeyPatch) -> None:
