@@ -164,9 +164,16 @@ class LoginBackend(AuthenticationBackend):
             if failures >= FAILURES_ALLOWED:
                 return False
             if user not in self._failures and len(self._failures) >= MAX_VERIFIED:
-                self._failures.clear()
+                self._forget_tries(now)
             self._failures[user] = (failures + 1, since)
             return True
+
+    def _forget_tries(self, now: float) -> None:
+        """Make room in the full ``_failures``: windows that ended, then made-up names, never a known login's
+        lock (clearing them all let a guesser unlock a login by trying a thousand names)."""
+        self._failures = {u: t for u, t in self._failures.items() if now - t[1] <= FAILURE_WINDOW_S}
+        if len(self._failures) >= MAX_VERIFIED:
+            self._failures = {u: t for u, t in self._failures.items() if u in self.users}
 
     def _image_link(self, conn: HTTPConnection) -> bool:
         match = _IMAGE_PATH.match(conn.url.path)

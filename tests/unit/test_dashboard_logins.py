@@ -235,6 +235,18 @@ def test_wrong_passwords_sent_side_by_side_are_checked_no_more_often_than_the_lo
     assert len(checked) == login.FAILURES_ALLOWED
 
 
+def test_guessing_under_many_made_up_names_does_not_unlock_a_locked_login(monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = LoginBackend(DashboardSettings(**USERS), clock=Clock())
+    monkeypatch.setattr(login, "verify_password", lambda p, e: False)  # wrong, and fast
+    for _ in range(login.FAILURES_ALLOWED):
+        assert not backend._person("ana@example.com", "guess")
+    for n in range(login.MAX_VERIFIED + 1):
+        backend._person(f"nobody-{n}@example.com", "guess")
+    checked: list[str] = []
+    monkeypatch.setattr(login, "verify_password", lambda p, e: checked.append(p) or True)
+    assert not backend._person("ana@example.com", "another guess") and checked == [], "still locked: not checked"
+
+
 def test_an_unknown_login_costs_a_check_too_and_never_matches(monkeypatch: pytest.MonkeyPatch) -> None:
     backend = LoginBackend(DashboardSettings(**USERS), clock=Clock())
     checked: list[str] = []
