@@ -21,6 +21,7 @@ cross-site form cannot send one, so a page elsewhere cannot make a logged-in bro
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable
@@ -67,6 +68,20 @@ def _unavailable(exc: TransportError) -> JSONResponse:
 
 def _error(status: int, text: str) -> JSONResponse:
     return JSONResponse({"error": text}, status_code=status, headers={"Cache-Control": "no-store"})
+
+
+async def _small_body(request: Request) -> bytes | None:
+    """The request body, or ``None`` once it is over :data:`MAX_BODY_BYTES`: by its ``Content-Length`` before
+    reading any, or as it arrives, so a client sending without end is not held in memory."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not (declared.isascii() and declared.isdigit()) or int(declared) > MAX_BODY_BYTES):
+        return None
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            return None
+    return bytes(raw)
 
 
 class CaseRoutes:
@@ -183,11 +198,11 @@ class CaseRoutes:
             return _error(403, why_not)
         if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
             return _error(415, "send the verdict as application/json")
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
+        raw = await _small_body(request)
+        if raw is None:
             return _error(413, f"a verdict is at most {MAX_BODY_BYTES} bytes")
         try:
-            body = await request.json()
+            body = json.loads(raw)
         except ValueError:
             return _error(400, "the body is not JSON")
         if not isinstance(body, dict):

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from typing import Any
 
+import anyio
 import pytest
 from PIL import Image
 from pydantic import SecretStr
@@ -19,6 +21,7 @@ from jobs.cases.core import parse_case_command
 from schemas.errors import InvalidRecord
 from schemas.records import BotCommand
 from sinks.dashboard.app import Dashboard, create_app
+from sinks.dashboard.case_routes import MAX_BODY_BYTES
 from sinks.dashboard.cases import (
     CaseFilter,
     case_figures,
@@ -312,3 +315,44 @@ def test_a_verdict_on_an_unknown_case_publishes_nothing() -> None:
     client, published, _ = served()
     answer = client.post("/api/cases/case-ffffffffffff/verdict", json={"verb": "confirm"}, headers=GUARD)
     assert answer.status_code == 404 and published == []
+
+
+def post_in_chunks(client: TestClient, chunks: int, chunk: bytes, content_length: int | None = None) -> tuple[int, int]:
+    """POST a verdict of ``chunks`` x ``chunk`` straight to the app as a browser's body arrives, in pieces;
+    the answer's status and how many bytes the app read."""
+    read, answer = 0, {}
+    headers = [(b"host", b"testserver"), (b"content-type", b"application/json")]
+    headers.append((b"authorization", GUARD["Authorization"].encode()))
+    if content_length is not None:
+        headers.append((b"content-length", str(content_length).encode()))
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/api/cases/case-0123456789ab/verdict", "raw_path": b"/api/cases/case-0123456789ab/verdict",
+        "root_path": "", "query_string": b"", "headers": headers, "client": ("127.0.0.1", 1), "server": ("t", 80),
+    }  # fmt: skip
+    sent = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal read, sent
+        if sent == chunks:
+            await anyio.sleep(3600)  # the client is still sending; never reached when the app stops reading
+        sent += 1
+        read += len(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": sent < chunks}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            answer["status"] = message["status"]
+
+    anyio.run(client.app, scope, receive, send)
+    return answer["status"], read
+
+
+def test_an_oversized_verdict_is_refused_without_reading_all_of_it() -> None:
+    client, published, _ = served()
+    status, read = post_in_chunks(client, 1024, b" " * 1024)  # 1 MiB, no length given
+    assert status == 413 and read <= MAX_BODY_BYTES + 1024 and published == []
+    status, read = post_in_chunks(client, 1024, b" " * 1024, content_length=1024 * 1024)
+    assert status == 413 and read == 0 and published == []
+    small = json.dumps({"verb": "escalate"}).encode()
+    assert post_in_chunks(client, 1, small, content_length=len(small))[0] == 202 and len(published) == 1
