@@ -7,7 +7,8 @@ Endpoints (each takes ``minutes`` = window length, ``store`` = one store only, `
 - ``GET /api/overview``  totals, current rates, outcomes, time series, latency percentiles, per-store rows
 - ``GET /api/alerts``    latest alerts, with a thumbnail URL where the alert has a snapshot
 - ``GET /api/faces``     face observations by status over time
-- ``GET /api/alerts/{alert_id}/snapshot``  a small JPEG of the alert's snapshot from the ImageStore
+- ``GET /api/alerts/{alert_id}/snapshot``  a small JPEG of the alert's snapshot (a stored JPEG or PNG) from the
+  ImageStore
 - ``GET /api/alerts/{alert_id}``  one alert and the decision on its transaction
 - ``GET /alerts/{alert_id}``  the page alert messages (email, Webex) link to
 - ``GET /api/config``    refresh period and default window for the page
@@ -66,6 +67,7 @@ from infra.clients.image_store import ImageStore
 from infra.clients.opensearch import make_client
 from infra.settings import DashboardSettings, Settings
 from schemas.errors import CheckoutGuardError
+from schemas.images import PIL_FORMATS, image_type
 from schemas.indices import index_name
 from schemas.model_artifact import artifact_version, read_trained_ids
 from sinks.dashboard.case_routes import CaseRoutes, Publish
@@ -237,7 +239,7 @@ class Dashboard:
         try:
             return thumbnail(self.images.get(ref), LARGE_PX if large else THUMBNAIL_PX)
         except (OSError, ValueError, KeyError, UnidentifiedImageError, BotoCoreError, ClientError) as exc:
-            # purged, never stored, or S3 unreachable: a missing thumbnail must not break the page
+            # purged, never stored, neither JPEG nor PNG, or S3 unreachable: a missing thumbnail must not break the page
             log.info("no image for %s (%s)", what, type(exc).__name__)
             return None
 
@@ -259,8 +261,12 @@ class Dashboard:
 
 
 def thumbnail(image: bytes, size: int = THUMBNAIL_PX) -> bytes:
-    """A JPEG no larger than ``size`` px on its longer side (snapshots can be full HD)."""
-    with Image.open(io.BytesIO(image)) as original:
+    """A JPEG no larger than ``size`` px on its longer side (snapshots can be full HD), always served as
+    ``image/jpeg`` whether the stored image was a JPEG or a PNG. ``ValueError`` for any other stored bytes, which are
+    never decoded (see :mod:`schemas.images`)."""
+    if image_type(image) is None:
+        raise ValueError("the stored image is neither JPEG nor PNG")
+    with Image.open(io.BytesIO(image), formats=PIL_FORMATS) as original:
         img = original.convert("RGB")
         img.thumbnail((size, size))
         out = io.BytesIO()

@@ -62,13 +62,16 @@ class FakeSearch:
 
 
 class Images:
+    def __init__(self, image: bytes | None = None) -> None:
+        self.image = image
+
     def get(self, ref: str) -> bytes:
-        return jpeg()
+        return jpeg() if self.image is None else self.image
 
 
-def served(host: str = "127.0.0.1", **login: Any) -> TestClient:
+def served(host: str = "127.0.0.1", image: bytes | None = None, **login: Any) -> TestClient:
     settings = Settings().model_copy(update={"dashboard": DashboardSettings(host=host, **login)})
-    board = Dashboard(settings, client=FakeSearch(), images=Images())  # type: ignore[arg-type]
+    board = Dashboard(settings, client=FakeSearch(), images=Images(image))  # type: ignore[arg-type]
     return TestClient(create_app(settings, board), base_url="http://127.0.0.1:8050", raise_server_exceptions=False)
 
 
@@ -182,6 +185,29 @@ def test_face_images_are_never_kept_in_the_browser_cache() -> None:
     for path in ("/api/alerts/blocked:tx-1/snapshot", "/cases/case-0123456789ab/images/live"):
         image = client.get(path, headers=basic("manager", "s3cret pass"))
         assert image.headers["content-type"] == "image/jpeg" and image.headers["cache-control"] == "no-store", path
+
+
+def encoded(fmt: str) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(out, format=fmt)
+    return out.getvalue()
+
+
+FACE_IMAGES = ("/api/alerts/blocked:tx-1/snapshot", "/cases/case-0123456789ab/images/live")
+
+
+def test_a_png_snapshot_is_shown_as_the_jpeg_it_is_downscaled_to() -> None:
+    client = served(image=encoded("PNG"), **LOGIN)
+    for path in FACE_IMAGES:
+        image = client.get(path, headers=basic("manager", "s3cret pass"))
+        assert image.headers["content-type"] == "image/jpeg" and image.content.startswith(b"\xff\xd8\xff"), path
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF", "EPS"])
+def test_a_stored_image_that_is_neither_jpeg_nor_png_is_not_decoded_or_shown(fmt: str) -> None:
+    client = served(image=encoded(fmt), **LOGIN)
+    for path in FACE_IMAGES:
+        assert client.get(path, headers=basic("manager", "s3cret pass")).status_code == 404, path
 
 
 def test_without_a_login_only_requests_addressed_to_loopback_are_answered() -> None:
