@@ -109,6 +109,10 @@ STATIC = Path(__file__).resolve().parent / "static"
 THUMBNAIL_PX = 240
 LARGE_PX = 640
 """``?size=large``: the alert page's picture; still a downscaled copy, never the stored original."""
+MAX_SOURCE_PIXELS = 50_000_000
+"""Largest stored image decoded for a thumbnail (a 4K frame is 8.3 MP, a phone photo up to 48 MP): a few kB of PNG
+can claim billions of pixels, whose decoding would take the dashboard's memory (Pillow itself refuses only past
+178 MP, with an error that was a 500)."""
 MAX_WINDOW_MINUTES = 60 * 24 * 366
 SEARCH_PARAMS = {"ignore_unavailable": "true", "allow_no_indices": "true"}
 """An index family that has no index yet (no face observations so far) answers empty, not 404."""
@@ -239,7 +243,8 @@ class Dashboard:
         try:
             return thumbnail(self.images.get(ref), LARGE_PX if large else THUMBNAIL_PX)
         except (OSError, ValueError, KeyError, UnidentifiedImageError, BotoCoreError, ClientError) as exc:
-            # purged, never stored, neither JPEG nor PNG, or S3 unreachable: a missing thumbnail must not break the page
+            # purged, never stored, neither JPEG nor PNG, too large, or S3 unreachable:
+            # a missing thumbnail must not break the page
             log.info("no image for %s (%s)", what, type(exc).__name__)
             return None
 
@@ -263,10 +268,16 @@ class Dashboard:
 def thumbnail(image: bytes, size: int = THUMBNAIL_PX) -> bytes:
     """A JPEG no larger than ``size`` px on its longer side (snapshots can be full HD), always served as
     ``image/jpeg`` whether the stored image was a JPEG or a PNG. ``ValueError`` for any other stored bytes, which are
-    never decoded (see :mod:`schemas.images`)."""
+    never decoded (see :mod:`schemas.images`), and for an image over :data:`MAX_SOURCE_PIXELS`."""
     if image_type(image) is None:
         raise ValueError("the stored image is neither JPEG nor PNG")
-    with Image.open(io.BytesIO(image), formats=PIL_FORMATS) as original:
+    try:
+        opened = Image.open(io.BytesIO(image), formats=PIL_FORMATS)  # reads the header only
+    except Image.DecompressionBombError:
+        raise ValueError("the stored image has too many pixels") from None
+    with opened as original:
+        if original.width * original.height > MAX_SOURCE_PIXELS:
+            raise ValueError("the stored image has too many pixels")
         img = original.convert("RGB")
         img.thumbnail((size, size))
         out = io.BytesIO()

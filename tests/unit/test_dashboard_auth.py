@@ -210,6 +210,15 @@ def test_a_stored_image_that_is_neither_jpeg_nor_png_is_not_decoded_or_shown(fmt
         assert client.get(path, headers=basic("manager", "s3cret pass")).status_code == 404, path
 
 
+@pytest.mark.parametrize("side", [9_000, 14_000])  # 81 and 196 megapixels, a few kB each as PNG
+def test_a_stored_image_of_too_many_pixels_is_not_decoded_and_shows_as_no_image(side: int) -> None:
+    out = io.BytesIO()
+    Image.new("1", (side, side)).save(out, format="PNG")
+    client = served(image=out.getvalue(), **LOGIN)
+    for path in FACE_IMAGES:
+        assert client.get(path, headers=basic("manager", "s3cret pass")).status_code == 404, path
+
+
 def test_without_a_login_only_requests_addressed_to_loopback_are_answered() -> None:
     """A page elsewhere that re-points its own name at 127.0.0.1 (DNS rebinding) must not read faces or JSON."""
     client = served()
