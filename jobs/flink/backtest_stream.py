@@ -80,8 +80,13 @@ FIELDS = (
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,60}$")
 
 
+class NameRefused(CheckoutGuardError, ValueError):
+    """A backtest name ``run`` or ``cleanup`` will not take (:func:`check_name`, or a name a run already used): a
+    usage error, refused before anything is made, as replay refuses a range."""
+
+
 def check_name(settings: Settings, name: str) -> None:
-    """``ValueError`` unless ``name`` may name a backtest's copy: lowercase letters, digits, ``-`` and ``_``
+    """:class:`NameRefused` unless ``name`` may name a backtest's copy: lowercase letters, digits, ``-`` and ``_``
     (it names indices), not the live index prefix nor a dash-prefix of it (``checkout`` would have written
     into, and cleaned up, ``checkout-guard-*``), no name under a live index family (``checkout-guard-alerts-v2``:
     its indices matched the live ``checkout-guard-alerts-*`` template, with the live alias and the same priority
@@ -89,19 +94,19 @@ def check_name(settings: Settings, name: str) -> None:
     (``<name>.*``) are live ones (``store1`` under the live topic prefix ``store1.`` would have replayed into, and
     cleaned up, the live topics)."""
     if not NAME_RE.match(name):
-        raise ValueError(f"backtest name {name!r}: lowercase letters, digits, '-' and '_' (it names indices)")
+        raise NameRefused(f"backtest name {name!r}: lowercase letters, digits, '-' and '_' (it names indices)")
     live = settings.opensearch.index_prefix
     if f"{live}-".startswith(f"{name}-"):
-        raise ValueError(f"backtest name {name!r}: its indices ({name}-*) would take in the live ones ({live}-*)")
+        raise NameRefused(f"backtest name {name!r}: its indices ({name}-*) would take in the live ones ({live}-*)")
     taken = [route.kind for route in ROUTES if f"{name}-".startswith(f"{index_name(live, route.kind)}-")]
     if taken:
-        raise ValueError(
+        raise NameRefused(
             f"backtest name {name!r}: its indices ({name}-*) fall under the live {index_name(live, taken[0])}-*, "
             "whose template would give them the live read alias (or refuse the copy's own templates)"
         )
     live_topics = {spec.full_name(settings.kafka.topic_prefix) for spec in ALL_TOPICS}
     if live_topics & {spec.full_name(f"{name}.") for spec in ALL_TOPICS}:
-        raise ValueError(
+        raise NameRefused(
             f"backtest name {name!r}: its topics ({name}.*) are the live ones "
             f"(topic prefix {settings.kafka.topic_prefix!r})"
         )
@@ -804,7 +809,7 @@ def run_backtest(
     copy = candidate_settings(settings, name, candidate)
     out_dir = settings.stack_dir / "backtests" / name
     if copy.checkpoint_dir.exists():
-        raise FileExistsError(f"a backtest named {name} already ran ({out_dir}); pick another name or clean it up")
+        raise NameRefused(f"a backtest named {name} already ran ({out_dir}); pick another name or clean it up")
     source = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
     target = TRANSACTIONS.full_name(copy.kafka.topic_prefix)
     ranges = plan(settings.kafka, source, start, end, partitions)  # a range it refuses: nothing done yet
@@ -965,7 +970,10 @@ def run_command(
     except RangeError as exc:  # planning refused the range (only planning raises it): a usage error, as replay's
         errors.print(str(exc), style="red", markup=False, highlight=False)
         raise typer.Exit(2) from None
-    except (RuleSetError, ValueError, FileExistsError, TimeoutError, RuntimeError) as exc:
+    except NameRefused as exc:  # a name used before (or not a backtest name): a usage error too, nothing made yet
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except (RuleSetError, ValueError, TimeoutError, RuntimeError) as exc:
         errors.print(str(exc), style="red", markup=False, highlight=False)
         raise typer.Exit(1) from None
     _print(report, out_dir)

@@ -211,6 +211,21 @@ def test_a_backtest_stream_range_planning_refuses_is_a_usage_error_as_in_replay(
     assert made == []
 
 
+def test_a_backtest_stream_name_used_before_is_refused_with_one_error_line_and_exit_2(fresh_settings, capsys) -> None:
+    """A name whose run left its checkpoints exited 1 with a bare FileExistsError's message; it is a usage error,
+    refused before anything of the copy is made, as replay refuses a range (exit 2)."""
+    from jobs.flink import backtest_stream
+
+    made: list[object] = []
+    fresh_settings.setattr(backtest_stream, "create_copy_topics", lambda *a, **_k: made.append(a))
+    (get_settings().stack_dir / "backtests" / "bt-1" / "checkpoints").mkdir(parents=True)
+    line = _one_error(capsys, ["backtest-stream", "run", "--rules", __file__, "--name", "bt-1"], code=2)
+    assert line.startswith("Error: a backtest named bt-1 already ran (") and line.endswith("clean it up"), line
+    assert made == []
+    line = _one_error(capsys, ["backtest-stream", "run", "--rules", __file__, "--name", "checkout"], code=2)
+    assert line.startswith("Error: backtest name 'checkout': its indices"), line
+
+
 def test_backtest_of_a_missing_csv_names_the_csv_before_the_model(fresh_settings, capsys, tmp_path) -> None:
     """With no model trained yet, the missing model used to be reported first."""
     missing = tmp_path / "nope.csv"
