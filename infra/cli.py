@@ -525,11 +525,14 @@ def tail(
 
     --follow then prints new records as they arrive; with --from and --follow, every record from there on.
 
+    Records retention deletes before they are read are counted in a Warning line (exit 1), not skipped silently.
+
     bytes fields are base64; a message that does not decode is printed with an "error" field, never a crash.
     """
     from confluent_kafka import KafkaException
 
     from infra.clients import topic_tail
+    from infra.clients.topic_replay import deleted_warning
     from infra.settings import get_settings
 
     settings = get_settings()
@@ -544,15 +547,27 @@ def tail(
         sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
         sys.stdout.flush()
 
+    deleted: dict[int, int] = {}
     try:
         topic_tail.tail(
-            settings.kafka, spec.full_name(settings.kafka.topic_prefix), emit, n=n, start=begin, key=key, follow=follow
+            settings.kafka,
+            spec.full_name(settings.kafka.topic_prefix),
+            emit,
+            n=n,
+            start=begin,
+            key=key,
+            follow=follow,
+            deleted=deleted,
         )
     except KeyboardInterrupt:
         pass
     except (topic_tail.TailError, TimeoutError, RuntimeError, KafkaException) as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(1) from None
+    gone = deleted_warning(deleted, lost="are not printed")
+    if gone is not None:  # the lines read as every record there was: say what went, as redrive does
+        typer.echo(f"Warning: {gone}", err=True)
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

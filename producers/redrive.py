@@ -42,6 +42,7 @@ from rich.console import Console
 from rich.table import Table
 
 from infra.clients import kafka as kafka_clients
+from infra.clients import topic_replay
 from infra.clients.topic_replay import Bound, RangeError, parse_time_ms, read_range_records
 from infra.clients.topic_replay import plan as plan_ranges
 from infra.settings import Settings, get_settings
@@ -245,13 +246,8 @@ def selection_from_options(
 def deleted_warning(deleted: Mapping[int, int]) -> str | None:
     """The warning for letters retention deleted while they were being read, or ``None``: they are neither counted
     nor re-driven, and without a word the counts read as every letter of the topic."""
-    gone = {p: n for p, n in sorted(deleted.items()) if n > 0}
-    if not gone:
-        return None
-    where = ", ".join(f"partition {p}: {n:,}" for p, n in gone.items())
-    return (
-        f"{sum(gone.values()):,} dead letter(s) were deleted by retention while being read ({where}) and are not"
-        " counted nor re-driven: their payloads are gone"
+    return topic_replay.deleted_warning(
+        deleted, "dead letter(s)", "are not counted nor re-driven: their payloads are gone"
     )
 
 

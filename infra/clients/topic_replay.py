@@ -419,7 +419,7 @@ def read_assigned(
             for message in messages:
                 error, p = message.error(), message.partition()
                 if deleted is not None and error is not None and error.code() in RETENTION_RESETS and p in todo:
-                    _skip_deleted(consumer, topic, p, todo, after[p], deleted)
+                    _skip_deleted(consumer, topic, p, todo, after, deleted)
                 elif p is not None and _in_range(message, topic, todo):  # (a record of the range has one)
                     after[p] = (message.offset() or 0) + 1
                     yield message
@@ -431,18 +431,45 @@ def read_assigned(
 
 
 def _skip_deleted(
-    consumer: Consumer, topic: str, p: int, todo: dict[int, tuple[int, int]], at: int, deleted: dict[int, int]
+    consumer: Consumer,
+    topic: str,
+    p: int,
+    todo: dict[int, tuple[int, int]],
+    after: dict[int, int],
+    deleted: dict[int, int],
 ) -> None:
-    """Retention deleted partition ``p`` from ``at`` on before it was read: count what of the range went (up to
-    the earliest kept offset) and read on from there, or end the partition when all of it went."""
-    low = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[0]
-    start, end = todo[p]
-    deleted[p] = deleted.get(p, 0) + max(0, min(low, end) - max(at, start))
-    consumer.incremental_unassign([TopicPartition(topic, p)])
-    if low >= end:
+    """Retention deleted partition ``p`` from ``after[p]`` on before it was read: count what of the range went and read
+    on from the earliest kept offset, or end the partition when all of it went."""
+    gone, low = skip_deleted(consumer, topic, p, after[p], todo[p][1])
+    deleted[p] = deleted.get(p, 0) + gone
+    if low >= todo[p][1]:
         del todo[p]
     else:
+        after[p] = low
+
+
+def skip_deleted(consumer: Consumer, topic: str, p: int, at: int, end: int | None = None) -> tuple[int, int]:
+    """Partition ``p``'s next offset to read, ``at``, is below what retention keeps now (a consumer with
+    ``auto.offset.reset=error`` reported it, :data:`RETENTION_RESETS`): move the partition on to the earliest kept
+    offset, or unassign it when nothing of ``[at, end)`` is kept (``end`` None: no end, as when following).
+    Returns how many offsets of ``[at, end)`` retention deleted (the gap: an ``earliest`` reset skipped them
+    without a word) and that earliest kept offset. Every reader of a range counts its losses this way."""
+    low = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[0]
+    stop = low if end is None else min(low, end)
+    consumer.incremental_unassign([TopicPartition(topic, p)])
+    if end is None or low < end:
         consumer.incremental_assign([TopicPartition(topic, p, low)])
+    return max(0, stop - at), low
+
+
+def deleted_warning(deleted: Mapping[int, int], what: str = "record(s)", lost: str = "were not read") -> str | None:
+    """The warning for ``deleted`` (per partition, what retention deleted while it was being read), or ``None`` when
+    nothing was: without a word the output reads as everything the topic held."""
+    gone = {p: n for p, n in sorted(deleted.items()) if n > 0}
+    if not gone:
+        return None
+    where = ", ".join(f"partition {p}: {n:,}" for p, n in gone.items())
+    return f"{sum(gone.values()):,} {what} were deleted by retention while being read ({where}) and {lost}"
 
 
 def _in_range(message: Message, topic: str, todo: dict[int, tuple[int, int]]) -> bool:

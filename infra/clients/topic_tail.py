@@ -38,7 +38,15 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from infra.clients.topic_replay import RangeError, assigned_consumer, parse_time_ms, partition_count, read_assigned
+from infra.clients.topic_replay import (
+    RETENTION_RESETS,
+    RangeError,
+    assigned_consumer,
+    parse_time_ms,
+    partition_count,
+    read_assigned,
+    skip_deleted,
+)
 from infra.settings import KafkaSettings
 from schemas.codec import HEADER_LEN, MAGIC, DecodeError, codec, load_schemas
 from schemas.errors import UNKNOWN_SCHEMA, CheckoutGuardError
@@ -294,7 +302,9 @@ def to_json(record: RawRecord, topic: str) -> dict[str, Any]:
 
 
 def _consumer(kafka: KafkaSettings) -> Consumer:
-    return assigned_consumer(kafka, "tail")
+    """``auto.offset.reset=error``: a position retention deleted under the reader is reported and counted, where an
+    ``earliest`` reset skipped those records without a word."""
+    return assigned_consumer(kafka, "tail", auto_offset_reset="error")
 
 
 def _raw(message: Any) -> RawRecord:
@@ -304,10 +314,15 @@ def _raw(message: Any) -> RawRecord:
 
 
 def read_ranges(
-    consumer: Consumer, topic: str, ranges: Mapping[int, tuple[int, int]], idle_timeout_s: float = 30.0
+    consumer: Consumer,
+    topic: str,
+    ranges: Mapping[int, tuple[int, int]],
+    idle_timeout_s: float = 30.0,
+    deleted: dict[int, int] | None = None,
 ) -> Iterator[RawRecord]:
-    """The records of ``[start, end)`` per partition (fewer where offsets are gaps or transaction markers)."""
-    return (_raw(message) for message in read_assigned(consumer, topic, ranges, idle_timeout_s))
+    """The records of ``[start, end)`` per partition (fewer where offsets are gaps or transaction markers); what
+    retention deletes before it is read is counted per partition in ``deleted``."""
+    return (_raw(message) for message in read_assigned(consumer, topic, ranges, idle_timeout_s, deleted))
 
 
 def _watermarks(consumer: Consumer, topic: str, kafka: KafkaSettings) -> dict[int, tuple[int, int]]:
@@ -327,19 +342,23 @@ def tail(
     key: str | None = None,
     follow: bool = False,
     stop: threading.Event | None = None,
+    deleted: dict[int, int] | None = None,
 ) -> int:
-    """Emit the records described in the module docstring for ``topic`` (full name); returns how many."""
+    """Emit the records described in the module docstring for ``topic`` (full name); returns how many. Records
+    retention deletes before they are read are counted per partition in ``deleted`` (the caller warns), also
+    while following (it is filled in place, so an interrupted follow has it too)."""
     consumer = _consumer(kafka)
     emitted = 0
+    deleted = {} if deleted is None else deleted
     try:
         marks = _watermarks(consumer, topic, kafka)
 
         def read(ranges: Mapping[int, tuple[int, int]]) -> Iterator[RawRecord]:
-            return read_ranges(consumer, topic, ranges)
+            return read_ranges(consumer, topic, ranges, deleted=deleted)
 
         if start is not None and follow:
             begin = start_offsets(marks, start, lambda ms: _offsets_for_time(consumer, topic, ms, marks))
-            return _follow(consumer, topic, begin, key, emit, stop)
+            return _follow(consumer, topic, begin, key, emit, stop, deleted)
         if start is None:
             records = collect(read, first_windows(marks, n), n, key, backwards=True)
         else:
@@ -349,7 +368,8 @@ def tail(
             emit(to_json(record, topic))
             emitted += 1
         if follow:
-            emitted += _follow(consumer, topic, {p: high for p, (_, high) in marks.items()}, key, emit, stop)
+            ends = {p: high for p, (_, high) in marks.items()}
+            emitted += _follow(consumer, topic, ends, key, emit, stop, deleted)
         return emitted
     finally:
         consumer.close()
@@ -367,18 +387,26 @@ def _follow(
     key: str | None,
     emit: Callable[[dict[str, Any]], None],
     stop: threading.Event | None,
+    deleted: dict[int, int],
 ) -> int:
-    """Every record from ``begin`` on, as it arrives, until ``stop`` is set (or interrupted)."""
+    """Every record from ``begin`` on, as it arrives, until ``stop`` is set (or interrupted); what retention deletes
+    before it is read is counted in ``deleted`` and the partition goes on from the earliest kept record."""
     consumer.assign([TopicPartition(topic, p, offset) for p, offset in begin.items()])
+    after = dict(begin)  # the next offset each partition is to read
     emitted = 0
     while stop is None or not stop.is_set():
         for message in consumer.consume(500, 0.5):
-            error = message.error()
+            error, p = message.error(), message.partition()
             if error is not None:
                 if error.code() == KafkaError._PARTITION_EOF:
                     continue
-                raise RuntimeError(f"{topic}[{message.partition()}]: {error}")
+                if error.code() in RETENTION_RESETS and p in after:
+                    gone, after[p] = skip_deleted(consumer, topic, p, after[p])
+                    deleted[p] = deleted.get(p, 0) + gone
+                    continue
+                raise RuntimeError(f"{topic}[{p}]: {error}")
             record = _raw(message)
+            after[record.partition] = record.offset + 1
             if key_matches(record.key, key):
                 emit(to_json(record, topic))
                 emitted += 1

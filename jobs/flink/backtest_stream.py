@@ -565,8 +565,9 @@ def transaction_ids(values: Iterable[bytes | None]) -> set[str]:
 def replayed_transactions(settings: Settings, name: str) -> set[str] | None:
     """The ids of the transactions replayed into backtest ``name`` (read back from :func:`replayed_topic`);
     ``None`` when they are not all there: the topic does not exist (cleaned up, or ``name`` is no backtest) or
-    retention deleted some of its records (the copies keep their original, old timestamps), which would have
-    compared a part, or nothing, as if it were the whole."""
+    retention deleted some of its records (the copies keep their original, old timestamps) before or while they
+    were read, which would have compared a part, or nothing, as if it were the whole (an ``earliest`` reset
+    skipped what went mid-read without a word)."""
     from infra.clients.topic_replay import Bound, RangeError, plan, read_range_records
 
     topic = replayed_topic(name)
@@ -576,7 +577,10 @@ def replayed_transactions(settings: Settings, name: str) -> set[str] | None:
         return None
     if any(r.low > 0 for r in ranges):
         return None
-    return transaction_ids(m.value() for m in read_range_records(settings.kafka, topic, ranges, "backtest-ids"))
+    deleted: dict[int, int] = {}
+    read = read_range_records(settings.kafka, topic, ranges, "backtest-ids", deleted=deleted)
+    ids = transaction_ids(m.value() for m in read)  # reads it all: ``deleted`` is complete after
+    return None if any(deleted.values()) else ids
 
 
 # ---------------------------------------------------------------------------- the run

@@ -356,6 +356,17 @@ def test_a_replayed_set_retention_has_thinned_is_not_known_rather_than_compared_
         monkeypatch.setattr(topic_replay, "plan", lambda *_a, ranges=ranges, **_k: ranges)
         monkeypatch.setattr(topic_replay, "read_range_records", lambda *_a, **_k: [Record(v) for v in kept])
         assert backtest_stream.replayed_transactions(Settings(), "bt-1") == expected
+
+    def deleted_while_read(*_a, deleted: dict[int, int] | None = None, **_k):
+        """Retention deletes two records between the plan (low 0) and their read: an ``earliest`` reset skipped
+        them, and the thinned set was compared as the whole."""
+        if deleted is not None:
+            deleted[0] = 2
+        return [Record(v) for v in kept]
+
+    monkeypatch.setattr(topic_replay, "plan", lambda *_a, **_k: [topic_replay.PartitionRange(0, 0, 5, 0, 5)])
+    monkeypatch.setattr(topic_replay, "read_range_records", deleted_while_read)
+    assert backtest_stream.replayed_transactions(Settings(), "bt-1") is None
     report = compare(BASELINE, CANDIDATE, replayed=["t1"])  # the candidate decided more than the set holds
     assert any(n.startswith("6 transactions the candidate decided are not among the 1 replayed") for n in report.notes)
 

@@ -9,6 +9,7 @@ import random
 from collections.abc import Iterator, Mapping
 
 import pytest
+from confluent_kafka import KafkaError, Message, TopicPartition
 from fastavro import schemaless_writer
 from fastavro.utils import generate_many
 
@@ -211,3 +212,131 @@ def test_a_line_says_where_the_record_is_and_its_key():
 
 def test_jsonable_handles_what_avro_decodes_to():
     assert jsonable({"a": [b"\x01", float("nan"), 1.5, None, True]}) == {"a": ["AQ==", "nan", 1.5, None, True]}
+
+
+# ---------------------------------------------------------------------------- retention while reading
+
+
+class RetentionDuringReadConsumer:
+    """One partition holding offsets 0-9 when the tail starts; once it is assigned, retention deletes 0-4 (and,
+    while following, 10-11 before they are read), so a fetch below the log start is an error (``auto.offset.reset
+    =error``), where an ``earliest`` reset jumped to the first kept record without a word."""
+
+    def __init__(self) -> None:
+        self.low, self.high, self.assigned, self.at = 0, 10, {}, {}
+        self.resets: list[str] = []
+        self.follow_deletes = False
+
+    def get_watermark_offsets(self, _tp, timeout: float, cached: bool) -> tuple[int, int]:
+        return self.low, self.high
+
+    def offsets_for_times(self, tps, timeout: float):
+        return tps
+
+    def assign(self, tps) -> None:
+        self.assigned = {tp.partition: tp.offset for tp in tps}
+        self.low = max(self.low, 5)
+
+    def incremental_assign(self, tps) -> None:
+        self.assigned.update({tp.partition: tp.offset for tp in tps})
+
+    def incremental_unassign(self, tps) -> None:
+        for tp in tps:
+            self.assigned.pop(tp.partition, None)
+
+    def unassign(self) -> None:
+        self.assigned = {}
+
+    def consume(self, _n: int, timeout: float):
+        out = []
+        for p, offset in list(self.assigned.items()):
+            if offset < self.low:
+                self.assigned[p] = 2**62  # no fetch until assigned again
+                out.append(
+                    Message(topic="t", partition=p, offset=offset, error=KafkaError(KafkaError._AUTO_OFFSET_RESET))
+                )
+                continue
+            for o in range(offset, self.high):
+                out.append(
+                    Message(
+                        topic="t",
+                        partition=p,
+                        offset=o,
+                        key=b"k",
+                        value=sale(f"t{o}").encode(),
+                        timestamp=(1, 1_700_000_000_000 + o),
+                    )
+                )
+            self.assigned[p] = self.at[p] = max(offset, self.high)
+            if self.follow_deletes and self.high == 10 and not out:
+                self.high, self.low = 14, 12  # 10 and 11 written and deleted before they are read
+        return out
+
+    def position(self, tps):
+        return [TopicPartition(tp.topic, tp.partition, self.at.get(tp.partition, -1001)) for tp in tps]
+
+    def close(self) -> None:
+        pass
+
+
+def _retention_consumer(monkeypatch: pytest.MonkeyPatch) -> RetentionDuringReadConsumer:
+    from infra.clients import topic_tail
+
+    consumer = RetentionDuringReadConsumer()
+
+    def assigned_consumer(_kafka, _purpose: str, auto_offset_reset: str = "earliest"):
+        consumer.resets.append(auto_offset_reset)
+        return consumer
+
+    monkeypatch.setattr(topic_tail, "assigned_consumer", assigned_consumer)
+    monkeypatch.setattr(topic_tail, "partition_count", lambda *_a: 1)
+    return consumer
+
+
+def test_records_retention_deletes_while_the_tail_reads_are_counted_not_skipped_silently(monkeypatch):
+    from infra.clients.topic_tail import tail
+    from infra.settings import KafkaSettings
+
+    consumer = _retention_consumer(monkeypatch)
+    lines: list[dict] = []
+    deleted: dict[int, int] = {}
+    assert tail(KafkaSettings(), "t", lines.append, n=10, start=Start("earliest"), deleted=deleted) == 5
+    assert consumer.resets == ["error"] and [line["offset"] for line in lines] == [5, 6, 7, 8, 9]
+    assert deleted == {0: 5}  # offsets 0-4
+
+
+def test_records_retention_deletes_while_the_tail_follows_are_counted(monkeypatch):
+    import threading
+
+    from infra.clients.topic_tail import tail
+    from infra.settings import KafkaSettings
+
+    consumer = _retention_consumer(monkeypatch)
+    consumer.follow_deletes = True
+    stop, lines, deleted = threading.Event(), [], {}
+
+    def emit(line: dict) -> None:
+        lines.append(line)
+        if line["offset"] == 13:
+            stop.set()
+
+    tail(KafkaSettings(), "t", emit, start=Start("earliest"), follow=True, stop=stop, deleted=deleted)
+    assert [line["offset"] for line in lines] == [5, 6, 7, 8, 9, 12, 13]
+    assert deleted == {0: 7}  # 0-4 before the first read, 10-11 while following
+
+
+def test_topics_tail_warns_with_a_count_and_exits_1_when_retention_deleted_records_while_it_read(monkeypatch, capsys):
+    from infra.cli import main
+    from infra.settings import get_settings
+
+    _retention_consumer(monkeypatch)
+    get_settings.cache_clear()
+    with pytest.raises(SystemExit) as exit_:
+        main(["topics", "tail", "transactions", "--from", "earliest"])
+    get_settings.cache_clear()
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 1, err
+    assert [json.loads(line)["offset"] for line in out.splitlines()] == [5, 6, 7, 8, 9]
+    assert err.strip() == (
+        "Warning: 5 record(s) were deleted by retention while being read (partition 0: 5) and are not printed"
+    )
