@@ -18,6 +18,7 @@ from infra.clients.topic_replay import (
     PartitionRange,
     RangeError,
     bounds,
+    deleted_warning,
     parse_time_ms,
     plan,
     range_warnings,
@@ -150,7 +151,8 @@ def run_command(
     named in a warning and make the exit code 1 (the dry run's too): what is there is still copied, but not the
     whole range; so does a start time before the earliest record retention kept, where retention deleted records
     (part of the window may be gone). A start offset past the partition's end is refused (exit 2): nothing would
-    be copied.
+    be copied. So do records retention deletes from the source while they are being copied: counted in a warning
+    and the summary, and the copy goes on from the earliest kept record.
 
     State and control topics (rules, watchlist, labels, cases, commands, audit) are not replayed into themselves
     nor into the live prefix on the same cluster: that would roll their state back."""
@@ -199,11 +201,16 @@ def run_command(
     missing = sum(r.gone for r in ranges)
     unwritten = sum(r.unwritten for r in ranges)
     time_cut = any(r.time_cut for r in ranges)
-    complete = stats.ok and not warnings
+    deleted = sum(stats.deleted.values())
+    lost = deleted_warning(stats.deleted, "offset(s) of the range", "were not copied")
+    if lost is not None:
+        console.print(f"Warning: {lost}", style="yellow", markup=False, highlight=False)
+    complete = stats.ok and not warnings and lost is None
     console.print(
         f"replayed {stats.acked:,} of {stats.planned:,} planned record(s) ({stats.read:,} read, "
         f"{stats.failed:,} failed) in {stats.elapsed_s:,.1f} s"
         + (f"; {missing:,} offset(s) of the range were gone before the start (retention)" if missing else "")
+        + (f"; {deleted:,} offset(s) of the range were deleted while being copied (retention)" if deleted else "")
         + (f"; {unwritten:,} offset(s) of the range were past the end (not written yet)" if unwritten else "")
         + ("; part of the window may have been gone before the start (retention)" if time_cut else ""),
         style="green" if complete else "red",

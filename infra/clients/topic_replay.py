@@ -363,6 +363,9 @@ class ReplayStats:
     errors: list[str] = field(default_factory=list)
     per_partition: dict[int, int] = field(default_factory=dict)
     """Records read per source partition."""
+    deleted: dict[int, int] = field(default_factory=dict)
+    """Offsets of the range retention deleted from the source while it was being copied, per partition (the gap
+    between where the partition was and the earliest kept offset): not copied."""
 
     @property
     def ok(self) -> bool:
@@ -667,6 +670,8 @@ class _Replay:
         self.bucket = TokenBucket(rate) if rate > 0 else None
         self.merge: TimestampMerge[Message] = TimestampMerge(open_partitions=set(todo))
         self.paused: set[int] = set()
+        self.after = {p: r.start for p, r in todo.items()}
+        """The next offset each partition is to read: where a gap retention left starts."""
         self.started = 0.0
         self.waited_s = 0.0
         """Seconds spent in ``consume`` since the last record: sending a backlog at a capped rate can take
@@ -729,10 +734,14 @@ class _Replay:
                 if eof_at >= todo[p].end:
                     self._finish(p)
                 return
+            if err.code() in RETENTION_RESETS:
+                self._skip_deleted(p)
+                return
             raise RuntimeError(f"reading {self.source_topic}[{p}]: {err.str()}")
         self.waited_s = 0.0
         offset = msg.offset()
         assert offset is not None, "a consumed record has an offset"
+        self.after[p] = offset + 1
         if offset >= todo[p].end:
             self._finish(p)
             return
@@ -743,11 +752,23 @@ class _Replay:
         if offset >= todo[p].end - 1:
             self._finish(p)
 
-    def _finish(self, partition: int) -> None:
+    def _skip_deleted(self, p: int) -> None:
+        """Retention deleted partition ``p`` from where it was before it was read: count the gap (a bare error
+        ended the copy without saying how much was lost) and copy on from the earliest kept record."""
+        end = self.todo[p].end
+        gone, low = skip_deleted(self.consumer, self.source_topic, p, self.after[p], end)
+        self.stats.deleted[p] = self.stats.deleted.get(p, 0) + gone
+        if low >= end:
+            self._finish(p, assigned=False)
+        else:
+            self.after[p] = low
+
+    def _finish(self, partition: int, assigned: bool = True) -> None:
         if partition in self.todo:
             del self.todo[partition]
             self.merge.close(partition)
-            self.consumer.incremental_unassign([TopicPartition(self.source_topic, partition)])
+            if assigned:
+                self.consumer.incremental_unassign([TopicPartition(self.source_topic, partition)])
 
     def _check_idle(self) -> None:
         if self.todo and self.waited_s > self.idle_timeout_s:

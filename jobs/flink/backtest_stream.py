@@ -34,7 +34,7 @@ import re
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -788,6 +788,19 @@ def range_notes(ranges: Iterable[Any]) -> list[str]:
     return [f"the replayed range is not the one asked for: {w}" for w in range_warnings(resolved)]
 
 
+def deleted_notes(deleted: Mapping[Any, Any] | None) -> list[str]:
+    """A report note for the offsets of the range retention deleted from the live topic while they were replayed
+    (per partition; a report's ``meta`` keeps them with the partitions as text), or none."""
+    from infra.clients.topic_replay import deleted_warning
+
+    try:
+        counts = {int(p): int(n) for p, n in (deleted or {}).items()}
+    except (AttributeError, TypeError, ValueError):  # not what this version wrote
+        return []
+    lost = deleted_warning(counts, "offset(s) of the range", "were not replayed")
+    return [] if lost is None else [f"the replayed range is not the one asked for: {lost}"]
+
+
 def run_backtest(
     settings: Settings,
     name: str,
@@ -836,6 +849,9 @@ def run_backtest(
         stats = replay(settings.kafka, source, copy.kafka, target, ranges, rate=rate, progress=progress)
         if not stats.ok:
             raise RuntimeError(f"the replay lost records: {stats.failed} failed ({'; '.join(stats.errors)})")
+        for note in deleted_notes(stats.deleted):  # retention deleted them from the live topic mid-copy
+            errors.print(f"warning: {note}", style="bold red", markup=False, highlight=False)
+            shortfalls.append(note)
         wait_until_done(copy, children, timeout_s, quiet_s=3 * copy.job.checkpoint_interval_ms / 1000)
     finally:
         for child in children:
@@ -851,6 +867,7 @@ def run_backtest(
         "copy_partitions": copy_partitions,
         "range": [asdict(r) for r in ranges],
         "replayed": stats.acked,
+        "deleted_while_replayed": {str(p): n for p, n in stats.deleted.items()},
         "rules_file": str(candidate.rules_file) if candidate.rules_file else None,
         "rules_version": picked.rules.version,
         "rules_from": picked.source,
@@ -878,7 +895,8 @@ def compare_again(
         settings, baseline_prefix, candidate_prefix, sample_size, lambda: read_replayed(settings, candidate_prefix)
     )
     report.meta = run_meta(out_dir)
-    report.notes = range_notes(report.meta.get("range") or ()) + report.notes + version_notes(report)
+    shortfalls = range_notes(report.meta.get("range") or ()) + deleted_notes(report.meta.get("deleted_while_replayed"))
+    report.notes = shortfalls + report.notes + version_notes(report)
     write_report(report, out_dir)
     return report, out_dir
 

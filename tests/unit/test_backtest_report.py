@@ -277,7 +277,8 @@ def test_a_range_retention_cut_is_warned_about_before_the_run_and_in_the_report(
 
     cut = [topic_replay.PartitionRange(0, 10, 80, 10, 100, gone=6), topic_replay.PartitionRange(1, 0, 50, 0, 50)]
     monkeypatch.setattr(topic_replay, "plan", lambda *_a, **_k: cut)
-    monkeypatch.setattr(topic_replay, "replay", lambda *_a, **_k: topic_replay.ReplayStats(acked=120, sent=120))
+    stats = topic_replay.ReplayStats(acked=120, sent=120, deleted={1: 3})  # and 3 deleted mid-copy
+    monkeypatch.setattr(topic_replay, "replay", lambda *_a, **_k: stats)
     monkeypatch.setattr(launcher, "start_scoring_job", lambda *_a, **_k: SimpleNamespace(stop=lambda: None))
     monkeypatch.setattr(launcher, "spawn", lambda *_a, **_k: SimpleNamespace(stop=lambda: None))
     for quiet in ("create_copy_topics", "publish_rule_set", "wait_until_done"):
@@ -290,11 +291,17 @@ def test_a_range_retention_cut_is_warned_about_before_the_run_and_in_the_report(
     settings = Settings(stack_dir=tmp_path)
     report, out_dir = run_backtest(settings, "bt-1", Candidate(rules_file=rules_file), None, None)
     warning = "6 offset(s) of the range are gone (deleted by retention) and cannot be replayed (partition 0: 6"
-    assert warning in " ".join(capsys.readouterr().err.split())
+    err = " ".join(capsys.readouterr().err.split())
+    assert warning in err
     assert report.notes[0].startswith("the replayed range is not the one asked for: 6 offset(s) of the range are")
     assert warning in (out_dir / "report.md").read_text()
+    mid_copy = (
+        "the replayed range is not the one asked for: 3 offset(s) of the range were deleted by retention while being"
+        " read (partition 1: 3) and were not replayed"
+    )
+    assert report.notes[1] == mid_copy and mid_copy.split(": ", 1)[1] in err
     again, _ = compare_again(settings, "checkout-guard", "bt-1", read_replayed=lambda *_: REPLAYED)
-    assert again.notes[0] == report.notes[0]  # compare keeps it: the range is in the run's details
+    assert again.notes[:2] == report.notes[:2]  # compare keeps them: the range and the loss are in the run's details
 
 
 def test_comparing_without_a_run_report_has_no_run_details(tmp_path, monkeypatch):

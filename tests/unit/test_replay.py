@@ -7,7 +7,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from confluent_kafka import TIMESTAMP_CREATE_TIME, Message, TopicPartition
+from confluent_kafka import TIMESTAMP_CREATE_TIME, KafkaError, Message, TopicPartition
 from typer.testing import CliRunner
 
 import producers.replay as replay_cli
@@ -498,6 +498,58 @@ def test_a_source_that_stops_before_the_end_of_its_range_still_times_out(monkeyp
         )
     assert producer.timestamps == list(range(5)), "what was read was sent"
     assert 5 < clock.now - 1000 < 6, "given up after 5 s without a record"
+
+
+class RetentionDuringCopyConsumer(SourceConsumer):
+    """Hands out partition 0's first 5 records; then retention deletes offsets up to 12, so the next fetch is out
+    of range (``auto.offset.reset=error``)."""
+
+    def __init__(self, clock: VirtualClock, stamps: dict[int, list[int]]) -> None:
+        super().__init__(clock, stamps)
+        self.low = 0
+
+    def consume(self, num: int, timeout: float) -> list[Message]:
+        if self.low == 0 and self.positions.get(0) == 5:
+            self.low, self.positions[0] = 12, 10**9  # no fetch until assigned again
+            return [Message(topic="src", partition=0, offset=5, error=KafkaError(KafkaError._AUTO_OFFSET_RESET))]
+        return super().consume(5 if self.low == 0 else num, timeout)
+
+    def get_watermark_offsets(self, _tp: Any, timeout: float, cached: bool) -> tuple[int, int]:
+        return self.low, len(self.stamps[0])
+
+    def incremental_assign(self, partitions: list[Any]) -> None:
+        self.assign(partitions)
+
+
+def test_records_retention_deletes_while_replay_copies_them_are_counted_and_the_rest_copied(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The copy stopped with a bare "Offset out of range" error that did not say how much of the range was lost."""
+    stamps = {0: list(range(20))}
+    producer, clock = _fake_clients(monkeypatch, stamps)
+    consumer = RetentionDuringCopyConsumer(clock, stamps)
+    monkeypatch.setattr(topic_replay, "_consumer", lambda _kafka: consumer)
+    stats = replay(KAFKA, "src", KAFKA, "dst", _whole(stamps), progress=False, idle_timeout_s=5)
+    assert stats.deleted == {0: 7}, "offsets 5 to 11"
+    assert producer.timestamps == list(range(5)) + list(range(12, 20)) and stats.ok and stats.acked == 13
+
+
+def test_replay_warns_with_the_count_retention_deleted_mid_copy_and_exits_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_replay(*_a: Any, **_k: Any) -> ReplayStats:
+        return ReplayStats(planned=100, read=93, sent=93, acked=93, deleted={0: 7})
+
+    monkeypatch.setattr(replay_cli, "get_settings", lambda: Settings())
+    monkeypatch.setattr(replay_cli, "plan", lambda *_a: [PartitionRange(0, 0, 100, 0, 100)])
+    monkeypatch.setattr(replay_cli, "replay", fake_replay)
+    result = CliRunner().invoke(replay_cli.app, ["run", "transactions", "--no-progress"])
+    output = " ".join(result.output.split())  # rich wraps long lines
+    assert result.exit_code == 1, output
+    assert (
+        "Warning: 7 offset(s) of the range were deleted by retention while being read (partition 0: 7) and were"
+        " not copied"
+    ) in output
+    assert "replayed 93 of 100 planned record(s)" in output
+    assert "7 offset(s) of the range were deleted while being copied (retention)" in output
 
 
 # ---------------------------------------------------------------------------- state and control topics
