@@ -6,7 +6,8 @@ input can simply be consumed again. This command reads ``<prefix>dead_letters`` 
 its end at the moment it starts, keeps the letters of the chosen stage(s) (and kinds, time range of
 ``failed_at``, source topics), and produces each payload with its key back to its source topic, to the
 partition it came from, with an idempotent producer (``acks=all``: a retried send is not doubled). Each
-copy carries a ``checkout-guard-redriven-from`` header naming its dead letter.
+copy carries the input's own headers where its letter kept them (a signed command's signature:
+:func:`schemas.records.dead_letter_headers`) and a ``checkout-guard-redriven-from`` header naming its dead letter.
 
 Skipped and counted: letters whose payload was cut to fit (``payload_truncated``: the bytes are not
 the input any more), letters whose source is not a Kafka topic (the MQTT bridge's ``mqtt:`` ids, CSV
@@ -47,7 +48,7 @@ from infra.clients.topic_replay import Bound, RangeError, parse_time_ms, read_ra
 from infra.clients.topic_replay import plan as plan_ranges
 from infra.settings import Settings, get_settings
 from schemas.errors import RETRYABLE_KINDS, InvalidRecord, is_retryable
-from schemas.records import DeadLetter
+from schemas.records import DeadLetter, Headers, input_headers
 from schemas.topics import ALL_TOPICS, DEAD_LETTERS, WATCHLIST
 
 console = Console()
@@ -67,7 +68,8 @@ DUPLICATE = "skipped: duplicate"
 OVER_LIMIT = "skipped: over --limit"
 WATCHLIST_ENTRY = "skipped: a watchlist entry (enrol again with fraud/vip)"
 PERMANENT = "skipped: permanent (--include-permanent)"
-OUTCOMES = (REDRIVE, PERMANENT, TRUNCATED, NOT_KAFKA, NO_TOPIC, DUPLICATE, OVER_LIMIT, WATCHLIST_ENTRY)
+HEADERS_CUT = "skipped: input headers too big to keep"
+OUTCOMES = (REDRIVE, PERMANENT, TRUNCATED, HEADERS_CUT, NOT_KAFKA, NO_TOPIC, DUPLICATE, OVER_LIMIT, WATCHLIST_ENTRY)
 
 
 # ---------------------------------------------------------------------------- pure: choosing and planning
@@ -136,6 +138,8 @@ class Send:
     failed_at: int
     stage: str
     kind: str
+    headers: Headers = ()
+    """The input record's Kafka headers the letter kept (a signed command's signature), restored on the copy."""
 
 
 @dataclass
@@ -159,10 +163,14 @@ def plan_redrive(
     topics: Mapping[str, int],
     limit: int | None = None,
     watchlist: str = WATCHLIST.name,
+    headers: Mapping[str, Headers | None] | None = None,
 ) -> RedrivePlan:
     """The sends for the selected letters, oldest (``failed_at``) first, at most ``limit``; every selected
     letter counted by stage, kind and outcome. ``topics``: the cluster's topics and their partition counts;
-    ``watchlist``: the watchlist topic's full name (never re-driven)."""
+    ``watchlist``: the watchlist topic's full name (never re-driven); ``headers``: per dead-letter id, the input's
+    headers its letter kept (:func:`schemas.records.input_headers`; ``None``: too big to keep, so the input cannot
+    be sent as it was; a letter not named kept none)."""
+    kept = headers or {}
     plan = RedrivePlan()
     planned: dict[tuple[str, bytes | None, str], Send] = {}
     for letter in letters:
@@ -174,12 +182,15 @@ def plan_redrive(
         if not selection.matches(letter):
             continue
         outcome = _outcome(letter, topics, watchlist, selection.include_permanent)
-        if outcome == REDRIVE:
+        letter_headers = kept.get(letter.dead_letter_id, ())
+        if outcome == REDRIVE and letter_headers is None:
+            outcome = HEADERS_CUT
+        if outcome == REDRIVE and letter_headers is not None:
             content = (letter.source_topic, letter.key, hashlib.sha256(letter.payload).hexdigest())
             if content in planned:
                 outcome = DUPLICATE
             else:
-                planned[content] = _send(letter, topics[letter.source_topic])
+                planned[content] = _send(letter, topics[letter.source_topic], letter_headers)
         plan.counts[(letter.stage, letter.error_kind, outcome)] += 1
     ordered = sorted(planned.values(), key=lambda s: (s.failed_at, s.dead_letter_id))
     plan.sends = ordered if limit is None else ordered[: max(0, limit)]
@@ -203,7 +214,7 @@ def _outcome(letter: DeadLetter, topics: Mapping[str, int], watchlist: str, incl
     return REDRIVE
 
 
-def _send(letter: DeadLetter, partitions: int) -> Send:
+def _send(letter: DeadLetter, partitions: int, headers: Headers = ()) -> Send:
     return Send(
         dead_letter_id=letter.dead_letter_id,
         topic=letter.source_topic,
@@ -213,6 +224,7 @@ def _send(letter: DeadLetter, partitions: int) -> Send:
         failed_at=letter.failed_at,
         stage=letter.stage,
         kind=letter.error_kind,
+        headers=headers,
     )
 
 
@@ -269,12 +281,16 @@ def counts_table(plan: RedrivePlan, dry_run: bool) -> Table:
 
 
 def read_dead_letters(
-    settings: Settings, topic: str, idle_timeout_s: float = 30.0, deleted: dict[int, int] | None = None
+    settings: Settings,
+    topic: str,
+    idle_timeout_s: float = 30.0,
+    deleted: dict[int, int] | None = None,
+    headers: dict[str, Headers | None] | None = None,
 ) -> Iterator[DeadLetter | InvalidRecord]:
     """Every dead letter in ``topic`` from the beginning to its end when called (committed records only),
     decoded; one that cannot be decoded comes as its :class:`InvalidRecord`. Letters retention deletes while they
     are read (the topic keeps them days) are counted per partition in ``deleted``: an ``earliest`` reset skipped
-    them without a word."""
+    them without a word. The input headers each letter kept go into ``headers`` by its id (for :func:`plan_redrive`)."""
     ranges = plan_ranges(settings.kafka, topic, Bound(), Bound())
     read = read_range_records(
         settings.kafka,
@@ -286,9 +302,15 @@ def read_dead_letters(
     )
     for message in read:
         try:
-            yield DeadLetter.decode(message.value() or b"")
+            letter = DeadLetter.decode(message.value() or b"")
         except InvalidRecord as exc:  # a DecodeError too
             yield exc
+            continue
+        raw = message.headers()
+        kept = input_headers(raw.items() if isinstance(raw, dict) else raw)
+        if headers is not None and (kept is None or kept):
+            headers[letter.dead_letter_id] = kept
+        yield letter
 
 
 def cluster_topics(settings: Settings) -> dict[str, int]:
@@ -296,6 +318,11 @@ def cluster_topics(settings: Settings) -> dict[str, int]:
     with kafka_clients.admin_session(settings) as admin:
         metadata = kafka_clients.cluster_metadata(admin, settings)
     return {name: len(t.partitions) for name, t in metadata.topics.items() if t.error is None}
+
+
+def restored(headers: Headers) -> Headers:
+    """The input's headers to send again, less an earlier re-drive's mark (the copy gets its own, and one only)."""
+    return tuple((name, value) for name, value in headers if name != REDRIVEN_HEADER)
 
 
 class SendStats(kafka_clients.DeliveryTally):
@@ -315,7 +342,7 @@ def send_all(settings: Settings, sends: list[Send], timeout_s: float = 60.0) -> 
             send.key,
             send.payload,
             stats.delivered,
-            headers=[(REDRIVEN_HEADER, send.dead_letter_id.encode())],
+            headers=[*restored(send.headers), (REDRIVEN_HEADER, send.dead_letter_id.encode())],
             partition=send.partition,
         )
         stats.sent += 1
@@ -364,9 +391,9 @@ def main(
         topics = cluster_topics(settings)
         watchlist = WATCHLIST.full_name(prefix)
         deleted: dict[int, int] = {}
-        plan = plan_redrive(
-            read_dead_letters(settings, dead_topic, deleted=deleted), selection, topics, limit, watchlist
-        )
+        kept: dict[str, Headers | None] = {}
+        letters = read_dead_letters(settings, dead_topic, deleted=deleted, headers=kept)
+        plan = plan_redrive(letters, selection, topics, limit, watchlist, kept)
     except (RangeError, TimeoutError, RuntimeError) as exc:
         errors.print(str(exc), style="red", markup=False, highlight=False)
         raise typer.Exit(2 if isinstance(exc, RangeError) else 1) from None

@@ -7,6 +7,7 @@ reverse. Timestamps are epoch milliseconds (UTC) everywhere.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Self, TypedDict
 
@@ -410,6 +411,47 @@ def dead_letter(
         payload_sha256=hashlib.sha256(payload).hexdigest(),
         payload_truncated=len(payload) > max_payload_bytes or (key is not None and len(key) > MAX_DEAD_LETTER_KEY),
     )
+
+
+INPUT_HEADER_PREFIX = "checkout-guard-input:"
+"""Prefix of a dead letter's Kafka headers that keep its input record's headers (``checkout-guard-input:cg-signature``
+for a signed command's signature): headers, not schema fields, so every dead letter written before decodes as it was,
+and prefixed so none is taken for the dead letter's own."""
+INPUT_HEADERS_CUT = "checkout-guard-input-headers-cut"
+"""Header of a dead letter whose input's headers were too big to keep: the input cannot be re-driven as it was."""
+MAX_DEAD_LETTER_HEADERS = 16 * 1024
+"""Most bytes (names and values) of an input's headers a dead letter keeps: it must still fit a Kafka record."""
+
+
+Headers = tuple[tuple[str, bytes | None], ...]
+"""Kafka headers as confluent-kafka gives them: ``(name, value)`` pairs, a value may be ``None``."""
+
+
+def _header_bytes(value: bytes | str | None) -> bytes | None:
+    return value.encode() if isinstance(value, str) else value
+
+
+def dead_letter_headers(headers: Iterable[tuple[str, bytes | str | None]] | None) -> Headers:
+    """The Kafka headers of the dead letter of an input with ``headers``: each under :data:`INPUT_HEADER_PREFIX`, all
+    or none (past :data:`MAX_DEAD_LETTER_HEADERS`: only :data:`INPUT_HEADERS_CUT`), so re-driving restores them (a
+    signed command's signature; without it the re-driven command was refused as unsigned). Never logged: a value
+    may be a secret's proof."""
+    kept = tuple((f"{INPUT_HEADER_PREFIX}{name}", _header_bytes(value)) for name, value in headers or ())
+    if sum(len(name.encode()) + len(value or b"") for name, value in kept) > MAX_DEAD_LETTER_HEADERS:
+        return ((INPUT_HEADERS_CUT, b""),)
+    return kept
+
+
+def input_headers(headers: Iterable[tuple[str, bytes | str | None]] | None) -> Headers | None:
+    """The input record's headers that a dead letter with Kafka ``headers`` kept (:func:`dead_letter_headers`), in
+    their order; ``()`` for a letter that kept none (written before they were kept); ``None`` when they were cut."""
+    out = []
+    for name, value in headers or ():
+        if name == INPUT_HEADERS_CUT:
+            return None
+        if name.startswith(INPUT_HEADER_PREFIX):
+            out.append((name[len(INPUT_HEADER_PREFIX) :], _header_bytes(value)))
+    return tuple(out)
 
 
 def _cap_text(text: str, limit: int) -> str:

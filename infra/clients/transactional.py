@@ -35,7 +35,7 @@ class Out:
     topic: TopicSpec
     key: bytes
     value: bytes | None
-    headers: tuple[tuple[str, bytes], ...] = ()
+    headers: tuple[tuple[str, bytes | None], ...] = ()
     reason: str | None = None
     """A dead letter's error kind (its metric label)."""
 

@@ -64,6 +64,7 @@ from schemas.records import (
     Case,
     WatchlistEntry,
     dead_letter,
+    dead_letter_headers,
     make_label,
 )
 from schemas.topics import (
@@ -418,7 +419,9 @@ class CaseCore:
             stage=STAGE,
             failed_at=now_ms,
         )
-        return Out(DEAD_LETTERS, dl.dead_letter_id.encode(), dl.encode(), reason=error.kind)
+        # the input's headers (a command's signature) ride along, so a re-driven command is still the bot's
+        headers = dead_letter_headers(src.headers)
+        return Out(DEAD_LETTERS, dl.dead_letter_id.encode(), dl.encode(), headers, reason=error.kind)
 
 
 class CaseService:

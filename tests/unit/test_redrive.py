@@ -14,12 +14,14 @@ from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError, Message, TopicPartition
+from pydantic import SecretStr
 from typer.testing import CliRunner
 
 import producers.redrive as redrive
 from infra.clients import topic_replay
 from infra.clients.topic_replay import PartitionRange
-from infra.settings import AlertSettings, Settings
+from infra.command_auth import SIGNATURE_HEADER, authenticate_command, sign_command
+from infra.settings import AlertSettings, Settings, WebexSettings
 from producers.redrive import (
     DUPLICATE,
     NO_TOPIC,
@@ -37,7 +39,16 @@ from producers.redrive import (
     source_is_kafka,
 )
 from schemas.errors import RETRYABLE_KINDS, InvalidRecord, is_retryable
-from schemas.records import Alert, DeadLetter, dead_letter
+from schemas.records import (
+    INPUT_HEADER_PREFIX,
+    MAX_DEAD_LETTER_HEADERS,
+    Alert,
+    BotCommand,
+    DeadLetter,
+    dead_letter,
+    dead_letter_headers,
+    input_headers,
+)
 from sinks.alerts.sender import AlertSender, Ledger, dead_letter_for
 
 TOPICS = {"alerts": 3, "transactions": 3, "processed_transactions": 1}
@@ -508,3 +519,59 @@ def test_redrive_warns_and_exits_1_when_retention_deleted_letters_while_it_read(
     output = " ".join(result.output.split())
     assert result.exit_code == 1, output
     assert "Warning: 40 dead letter(s) were deleted by retention while being read (partition 2: 40)" in output
+
+
+# --------------------------------------------------------------------------- the input's headers
+
+
+def _signed_command_letter(headers: tuple[tuple[str, Any], ...] | None = None) -> tuple[Any, Message, BotCommand]:
+    """A signed ``confirm`` the case service dead-lettered (a retryable failure), as its Kafka record."""
+    from infra.clients.transactional import Source
+    from jobs.cases.service import CaseCore
+
+    cmd = BotCommand("cmd-1", 1_700_000_000_000, "CONFIRM", "guard@example.com", "case-1", None, "webex")
+    signed = ((SIGNATURE_HEADER, sign_command(cmd, "k" * 32)),) if headers is None else headers
+    src = Source("commands", 0, 7, b"cmd-1", cmd.encode(), signed)
+    out = CaseCore._dead_letter(src, InvalidRecord("internal_error", "boom"), 1_700_000_001_000)
+    return out, Message(topic="dl", partition=0, offset=0, value=out.value, headers=list(out.headers)), cmd
+
+
+def _plan_of(monkeypatch: pytest.MonkeyPatch, message: Message) -> redrive.RedrivePlan:
+    monkeypatch.setattr(redrive, "plan_ranges", lambda *_args: [PartitionRange(0, 0, 1, 0, 1)])
+    monkeypatch.setattr(topic_replay, "assigned_consumer", lambda *_a, **_k: ScriptedConsumer([message]))
+    kept: dict[str, Any] = {}
+    letters = list(redrive.read_dead_letters(Settings(), "dl", idle_timeout_s=5, headers=kept))
+    return plan_redrive(letters, Selection(stages=frozenset({"case_service"})), {"commands": 1}, headers=kept)
+
+
+def test_a_re_driven_signed_command_keeps_its_signature_and_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dead letters kept none of the input's headers: a re-driven signed command came back unsigned and was
+    refused as ``unauthorized``. The letter keeps them as prefixed headers (its schema is unchanged) and the copy
+    gets them back."""
+    out, message, cmd = _signed_command_letter()
+    assert [name for name, _ in out.headers] == [f"{INPUT_HEADER_PREFIX}{SIGNATURE_HEADER}"]
+    [send] = _plan_of(monkeypatch, message).sends
+    producer = RecordingProducer()
+    monkeypatch.setattr(redrive.kafka_clients, "producer", lambda *_a, **_k: producer)
+    assert redrive.send_all(Settings(), [send]).acked == 1
+    [sent] = producer.sent
+    assert sent["headers"] == [(SIGNATURE_HEADER, sign_command(cmd, "k" * 32)), (REDRIVEN_HEADER, b"commands:0:7")]
+    webex = WebexSettings(command_signing_key=SecretStr("k" * 32), allowed_people="guard@example.com")
+    authenticate_command(BotCommand.decode(sent["value"]), sent["headers"], webex, cmd.issued_at, fresh=False)
+
+
+def test_a_dead_letter_without_input_headers_re_drives_as_before_and_one_whose_headers_were_cut_is_skipped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, old, _ = _signed_command_letter(headers=())
+    [send] = _plan_of(monkeypatch, old).sends
+    assert send.headers == ()
+    _, cut, _ = _signed_command_letter(headers=(("big", b"x" * (MAX_DEAD_LETTER_HEADERS + 1)),))
+    plan = _plan_of(monkeypatch, cut)
+    assert plan.sends == [] and plan.outcome_total(redrive.HEADERS_CUT) == 1
+
+
+def test_an_earlier_re_drives_mark_is_not_sent_twice() -> None:
+    kept = dead_letter_headers([("trace", b"t1"), (REDRIVEN_HEADER, b"commands:0:3"), ("empty", None)])
+    assert input_headers(kept) == (("trace", b"t1"), (REDRIVEN_HEADER, b"commands:0:3"), ("empty", None))
+    assert redrive.restored(input_headers(kept) or ()) == (("trace", b"t1"), ("empty", None))
