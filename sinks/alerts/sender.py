@@ -788,6 +788,9 @@ class ChannelWorker:
         self._probe: Task | None = None
         self._probes_failed = 0
         self._stop = False
+        self._stop_until: float | None = None
+        """When :meth:`stop`'s wait ends (monotonic), set by its first call: a later call does not wait again."""
+        self._stop_reported = False
         self.sent = self.failed_tries = self.rate_limited = self.given_up = 0
         self.unavailable = 0
         """Sends that found the channel down (they spend no attempts)."""
@@ -823,23 +826,30 @@ class ChannelWorker:
         return self._down_since is not None
 
     STOP_WAIT_S = 15.0
-    """Longest :meth:`stop` waits for the sends under way (each Webex or SMTP call has its own timeout, 10 s by
-    default): within the supervisor's stop timeout (20 s) before it sends SIGKILL."""
+    """Longest the sender's shutdown waits for the sends under way, every channel's together (each Webex or SMTP
+    call has its own timeout, 10 s by default): within the supervisor's stop timeout (20 s) before it sends
+    SIGKILL."""
 
-    def stop(self) -> None:
+    def stop(self, until: float | None = None) -> None:
         """Take no more tasks, interrupt the channel's waits (``interrupt``, when it has one: a card waiting out a
         429) and wait for the sends under way, so that what they delivered is in the ledger before it closes
-        (a send that ended after it was not recorded, and was sent again on restart)."""
+        (a send that ended after it was not recorded, and was sent again on restart). ``until``: when the wait
+        ends (monotonic), one deadline the sender shares among its channels (one wait each, one channel after the
+        other, took 15 s per channel stuck mid-send); by default :data:`STOP_WAIT_S` from now. Only the first
+        call's deadline counts: stopping again (the sender's ``close``) waits no longer."""
         with self._cv:
             self._stop = True
+            if self._stop_until is None:
+                self._stop_until = until if until is not None else time.monotonic() + self.STOP_WAIT_S
+            until = self._stop_until
             self._cv.notify_all()
         interrupt = getattr(self.channel, "interrupt", None)
         if interrupt is not None:
             interrupt()
-        until = time.monotonic() + self.STOP_WAIT_S
         for t in self._threads:
             t.join(max(0.0, until - time.monotonic()))
-        if running := sum(t.is_alive() for t in self._threads):
+        if (running := sum(t.is_alive() for t in self._threads)) and not self._stop_reported:
+            self._stop_reported = True
             log.error(
                 "%s: %d sends still under way after %.0fs at shutdown: if they go through, they are not recorded "
                 "and are sent again on restart",
@@ -1121,12 +1131,13 @@ class AlertSender:
     def close(self) -> None:
         """Stop the channel workers, close every channel and then the ledger (callbacks run last-registered
         first); one failing to close does not keep the others open."""
+        until = time.monotonic() + ChannelWorker.STOP_WAIT_S  # all channels together (a worker stopped keeps its own)
         with contextlib.ExitStack() as closing:
             closing.callback(self.ledger.close)
             for channel in self.channels:
                 closing.callback(channel.close)
             for worker in self._workers.values():  # idempotent; no send is under way when its channel closes
-                closing.callback(worker.stop)
+                closing.callback(worker.stop, until)
 
     def start_workers(self) -> None:
         """One :class:`ChannelWorker` per channel (``run`` does this; tests that feed messages themselves too)."""
@@ -1193,7 +1204,7 @@ class AlertSender:
             until = time.monotonic() + ChannelWorker.STOP_WAIT_S
             self._halt.set()
             for worker in self._workers.values():
-                worker.stop()
+                worker.stop(until)
             if eraser is not None:
                 eraser.join(max(0.0, until - time.monotonic()))
                 if eraser.is_alive():

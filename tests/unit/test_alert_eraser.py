@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import ExitStack, closing
+from contextlib import ExitStack, closing, suppress
 from pathlib import Path
 from typing import Any
 
@@ -655,3 +655,77 @@ class StoppedConsumer(Client):
 
     def commit(self, **kwargs: Any) -> None:
         pass
+
+
+class StuckChannel:
+    """A channel whose send is still under way at shutdown (a Webex or SMTP call waiting out its timeout)."""
+
+    can_check_sent, erasable = False, False
+
+    def __init__(self, name: str, both_sending: threading.Barrier, release: threading.Event) -> None:
+        self.name, self.both_sending, self.release = name, both_sending, release
+
+    def send(self, alert: dict[str, Any], image: bytes | None, maybe_sent: bool) -> str | None:
+        with suppress(threading.BrokenBarrierError):
+            self.both_sending.wait(10)
+        self.release.wait(10)
+        return None
+
+    def delete(self, message_id: str) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+def test_shutdown_with_every_channel_stuck_mid_send_waits_the_stop_wait_once_not_once_per_channel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each channel's sends were waited for 15 s one channel after the other (and again when the sender closed):
+    with e-mail and Webex both stuck, 2 x 15 s and more, past the supervisor's 20 s before its SIGKILL."""
+    from confluent_kafka import Message as KafkaMessage
+
+    from schemas.records import Alert
+
+    wait_s = 0.5
+    monkeypatch.setattr(sender.ChannelWorker, "STOP_WAIT_S", wait_s)
+    stop, release = threading.Event(), threading.Event()
+    both_sending = threading.Barrier(3)
+    channels = [StuckChannel(name, both_sending, release) for name in ("email", "webex")]
+    settings = Settings(stack_dir=tmp_path, alerts=AlertSettings(channels="email,webex", concurrency=1))
+    alerts = sender.AlertSender(
+        settings, channels=channels, ledger=Ledger(tmp_path / "ledger.sqlite3"), image_loader=lambda ref: b""
+    )
+    made = Alert(
+        alert_id="blocked:tx-1", kind="BLOCKED_TRANSACTION", severity="high", event_time=NOW, store_id="S1", summary="x"
+    )
+    record = KafkaMessage(topic="alerts", partition=0, offset=1, value=made.encode())
+
+    class OneAlertConsumer(StoppedConsumer):
+        fetched = False
+
+        def consume(self, num_messages: int, timeout: float) -> list:
+            if self.fetched:
+                time.sleep(timeout)
+                return []
+            self.fetched = True
+            return [record]
+
+    monkeypatch.setattr(sender.kafka_clients, "consumer", lambda *a, **k: OneAlertConsumer())
+    monkeypatch.setattr(sender.kafka_clients, "producer", lambda *a, **k: Client())
+    monkeypatch.setattr(alerts, "start_eraser", lambda halt: None)
+    started: list[float] = []
+
+    def sigterm_once_both_are_sending() -> None:
+        both_sending.wait(10)
+        started.append(time.monotonic())
+        stop.set()
+
+    signal = threading.Thread(target=sigterm_once_both_are_sending, daemon=True)
+    signal.start()
+    try:
+        alerts.run(stop)
+        took = time.monotonic() - started[0]
+    finally:
+        release.set()
+    assert took < 1.8 * wait_s, f"shutdown took {took:.2f}s, the stop wait is {wait_s}s"
