@@ -207,10 +207,26 @@ class Ledger:
         ]
         self._write((self.SENT_SQL, (alert_id, channel, at, detail)), *rows)
 
-    def mark_withheld(self, alert_id: str, channel: str, forgotten: str) -> None:
+    def mark_withheld(
+        self,
+        alert_id: str,
+        channel: str,
+        forgotten: str,
+        posted: tuple[str, ...] = (),
+        alert: dict[str, Any] | None = None,
+        alert_ms: int | None = None,
+    ) -> None:
         """The alert is not sent on ``channel``, for good: it shows ``forgotten``, a forgotten subject (or the sale
-        one was enrolled from). Kept longer than the forget itself, so a re-drive in a year is not sent either."""
-        self._write((self.WITHHELD_SQL, (alert_id, channel, now_ms(), forgotten)))
+        one was enrolled from). Kept longer than the forget itself, so a re-drive in a year is not sent either.
+        ``posted``: copies an earlier try without an answer posted after all, kept as :meth:`mark_sent` keeps
+        its posts (in the same commit), so the forget deletes them."""
+        at = now_ms()
+        fields = alert or {}
+        rows = [
+            (self.POST_SQL, (mid, alert_id, channel, *(fields.get(k) for k in POST_FIELDS), alert_ms, at))
+            for mid in posted
+        ]
+        self._write((self.WITHHELD_SQL, (alert_id, channel, at, forgotten)), *rows)
 
     def forgotten(self, alert: dict[str, Any], alert_ms: int | None) -> str | None:
         """The forgotten subject (or source sale) an alert shows, if a forget covers it as it covers the alert's
@@ -373,6 +389,12 @@ class Channel(Protocol):
         """Delete a message it posted (only an ``erasable`` channel); False when it was gone already."""
         ...
 
+    def find_sent(self, alert: dict[str, Any]) -> str | None:
+        """What an earlier try may have delivered of the alert after all, as ``send`` answers it (None: nothing
+        found); only a channel that ``can_check_sent``. Asked for an alert withheld after a try without an answer,
+        so that a copy posted then is recorded, and deleted."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -383,6 +405,9 @@ class EmailChannel:
 
     def delete(self, message_id: str) -> bool:
         raise NotImplementedError("a mail cannot be taken back")
+
+    def find_sent(self, alert: dict[str, Any]) -> str | None:
+        return None  # SMTP cannot be asked
 
     def __init__(self, settings: Settings, mailer: Mailer) -> None:
         if not settings.smtp.recipients():  # else every mail went to nobody and counted as delivered
@@ -456,6 +481,26 @@ class WebexChannel:
             return True
         return re.search(rf"(?<!\S){re.escape(alert_id)}(?!\S)", message.get("text") or "") is not None
 
+    def find_sent(self, alert: dict[str, Any]) -> str | None:
+        """The ids of the alert's copies (and card) already in the room, as :meth:`send` answers them; None when
+        the room holds none. Webex failing: :class:`DeliveryError`, as from :meth:`send`."""
+        try:
+            found = self._posted(alert["alert_id"])
+        except WebexError as exc:
+            raise self._delivery_error(exc) from exc
+        return None if found is None else self._detail(*found)
+
+    @staticmethod
+    def _delivery_error(exc: WebexError) -> DeliveryError:
+        redirected = exc.status is not None and 300 <= exc.status < 400  # refused on the way: not posted
+        return DeliveryError(
+            exc.reason,
+            retriable=exc.retriable,
+            retry_after=exc.retry_after,
+            ambiguous=exc.unavailable and not redirected,
+            down=exc.unavailable,
+        )
+
     def send(self, alert: dict[str, Any], image: bytes | None, maybe_sent: bool) -> str | None:
         alert_id = alert["alert_id"]
         try:
@@ -472,14 +517,7 @@ class WebexChannel:
             attachment = Attachment("snapshot.jpg", image) if image else None
             sent = self.client.send_message(self.room_id, markdown, attachment)
         except WebexError as exc:
-            redirected = exc.status is not None and 300 <= exc.status < 400  # refused on the way: not posted
-            raise DeliveryError(
-                exc.reason,
-                retriable=exc.retriable,
-                retry_after=exc.retry_after,
-                ambiguous=exc.unavailable and not redirected,
-                down=exc.unavailable,
-            ) from exc
+            raise self._delivery_error(exc) from exc
         card = self._send_card(alert, text.case_id, sent) if self.settings.alerts.webex_cards else None
         return self._detail([sent], card)
 
@@ -889,7 +927,18 @@ class ChannelWorker:
         alert_id, name = task.key
         # Asked before every try, not at intake: a forget may come while the alert waits (a channel down).
         if (forgotten := self.ledger.forgotten(task.alert, task.alert_ms)) is not None:
-            self._withhold(task, forgotten)
+            posted: tuple[str, ...] = ()
+            if task.maybe_sent and self.channel.can_check_sent:
+                # An earlier try without an answer (or a crash after it) may have posted the alert, with the face:
+                # recorded, the eraser deletes that copy. Webex failing: retried as a send would be.
+                try:
+                    detail = self.channel.find_sent(task.alert)
+                except DeliveryError as exc:
+                    self._failed(task, exc)
+                    return
+                self._answered(task)
+                posted = tuple(detail.split()) if detail and getattr(self.channel, "erasable", False) else ()
+            self._withhold(task, forgotten, posted)
             return
         if self.channel.can_check_sent and not task.maybe_sent:
             self.ledger.mark_sending(alert_id, name)  # the intent: after a crash from here on, check first
@@ -905,14 +954,24 @@ class ChannelWorker:
         self._deliveries["delivered"].inc()  # one network send each: nothing to batch
         self.done.put(Outcome(task.key, True))
 
-    def _withhold(self, task: Task, forgotten: str) -> None:
+    def _withhold(self, task: Task, forgotten: str, posted: tuple[str, ...] = ()) -> None:
         """A forgotten subject's alert (a re-drive, a late redelivery, one queued when the forget came): its snapshot
-        shows the subject's face, so it is not sent, here or later (the ledger says ``withheld``)."""
+        shows the subject's face, so it is not sent, here or later (the ledger says ``withheld``). ``posted``: the
+        copies an earlier try without an answer posted after all, recorded for the eraser to delete."""
         alert_id, name = task.key
-        self.ledger.mark_withheld(alert_id, name, forgotten)
+        self.ledger.mark_withheld(alert_id, name, forgotten, posted, task.alert, task.alert_ms)
         self.withheld += 1
         self._deliveries["withheld"].inc()
-        log.warning("%s: %s not sent: it shows %s, who is forgotten", name, alert_id, forgotten)
+        if posted:
+            log.warning(
+                "%s: %s not sent: it shows %s, who is forgotten; %d copies an earlier try posted are to be deleted",
+                name,
+                alert_id,
+                forgotten,
+                len(posted),
+            )
+        else:
+            log.warning("%s: %s not sent: it shows %s, who is forgotten", name, alert_id, forgotten)
         self.done.put(Outcome(task.key, True, withheld=forgotten))
 
     def _answered(self, task: Task) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from confluent_kafka import TIMESTAMP_CREATE_TIME, TIMESTAMP_NOT_AVAILABLE, KafkaError
 
+from infra.clients.webex import WebexClient
 from infra.local.webex import LocalWebexServer
 from infra.settings import AlertSettings, FaceSettings, Settings
 from schemas.records import AuditEvent
@@ -729,3 +730,34 @@ def test_shutdown_with_every_channel_stuck_mid_send_waits_the_stop_wait_once_not
     finally:
         release.set()
     assert took < 1.8 * wait_s, f"shutdown took {took:.2f}s, the stop wait is {wait_s}s"
+
+
+def test_an_alert_withheld_after_an_attempt_without_an_answer_has_the_copy_that_attempt_posted_recorded_for_deletion(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
+) -> None:
+    """A post that timed out (or had a 5xx) may have gone through; when the alert's subject was forgotten before the
+    retry, the alert was withheld without looking: the copy in the room, with the face, was never recorded and so
+    never deleted."""
+    import queue
+
+    settings = settings_for(webex, tmp_path, webex_cards=True)  # ROOM: a group space
+    channel = closer.enter_context(
+        closing(WebexChannel(settings, WebexClient(webex.url, channels.TOKEN), has_reference=lambda _: False))
+    )
+    suspect = {**alert("suspect:tx-5"), "subject_id": "subj-tx-1", "transaction_id": "tx-5"}
+    made = suspect["event_time"]
+    ledger = ledger_at(closer, tmp_path)
+    ledger.mark_sending("suspect:tx-5", "webex")  # the intent, then a post whose answer was lost:
+    channel.send(suspect, b"face", maybe_sent=False)  # Webex posted it (and its card)
+    copies = {m["id"] for m in webex.state.bot_messages(ROOM)}
+    ledger.record_forgets([("audit-1", "subj-tx-1", "tx-1", made + 1000)])  # forgotten before the retry
+    done: queue.SimpleQueue[sender.Outcome] = queue.SimpleQueue()
+    worker = sender.ChannelWorker(channel, ledger, settings.alerts, done, lambda ref: b"face")
+    try:
+        worker.submit(Task(suspect, "webex", time.monotonic() + 30, maybe_sent=True, alert_ms=made))
+        outcome = done.get(timeout=15)
+    finally:
+        worker.stop()
+    assert outcome.withheld == "subj-tx-1" and ledger.state("suspect:tx-5", "webex") == "withheld"
+    assert {m["id"] for m in webex.state.bot_messages(ROOM)} == copies and len(copies) == 2  # not posted again
+    assert set(ledger.due_posts(made, None)) == copies  # the eraser deletes the copy and its card
