@@ -38,6 +38,7 @@ from infra.retry import parse_retry_after
 from infra.settings import CameraSettings, Settings, camera_map
 from schemas.errors import CheckoutGuardError, InvalidRecord
 from schemas.identifiers import NAME_RE, SERIAL_RE, check_name, check_serial
+from schemas.images import JPEG_MAGIC, image_type
 
 API_KEY_HEADER = "X-Cisco-Meraki-API-Key"
 NO_VIDEO = "No video for specified timestamp"
@@ -52,11 +53,6 @@ may redirect a snapshot URL to where the image is stored; followed only to :func
 MAX_REDIRECTS = 3
 _NOT_READY = frozenset({202, 403, 404})
 """What a snapshot URL answers while the image is being stored (S3-style 403/404, or 202)."""
-_JPEG_MAGIC = b"\xff\xd8\xff"
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_FORMATS = ((_JPEG_MAGIC, "image/jpeg"), (_PNG_MAGIC, "image/png"))
-"""The images the pipeline uses, by their first bytes: the face stage decodes only JPEG and PNG, so a GIF, WebP or
-SVG would be stored and then refused by the face engine."""
 Location = tuple[str, str | None]
 """(store_id, lane_id); lane_id None = the store's entrance."""
 
@@ -597,9 +593,11 @@ class MerakiClient:
         data = b"".join(chunks)
         if not data:
             raise SnapshotError("empty", "snapshot image is empty")
-        if content_type in ("image/jpeg", "image/jpg") and not data.startswith(_JPEG_MAGIC):
+        if content_type in ("image/jpeg", "image/jpg") and not data.startswith(JPEG_MAGIC):
             raise SnapshotError("not_jpeg", "snapshot body is not a JPEG")
-        sniffed = next((kind for magic, kind in _FORMATS if data.startswith(magic)), None)
+        # The images the pipeline uses, by their first bytes: the face stage decodes only JPEG and PNG, so a GIF,
+        # WebP or SVG would be stored and then refused by the face engine.
+        sniffed = image_type(data)
         if sniffed is not None:
             return data, sniffed
         raise SnapshotError(

@@ -29,6 +29,7 @@ from infra.clients import urls
 from infra.retry import call_with_retries, parse_retry_after
 from infra.settings import WebexSettings
 from schemas.errors import CheckoutGuardError
+from schemas.images import image_label
 
 MAX_MARKDOWN_BYTES = 7439
 RETRIABLE_STATUS = frozenset({408, 409, 423, 425, 429})
@@ -95,7 +96,14 @@ def with_retries(
 class Attachment:
     filename: str
     data: bytes
-    content_type: str = "image/jpeg"
+    content_type: str = "application/octet-stream"
+
+    @classmethod
+    def image(cls, stem: str, data: bytes) -> Attachment:
+        """An image named and typed after its first bytes (``snapshot.png``, ``image/png``): not every snapshot is
+        a JPEG, and one labelled so that is not is shown broken or not at all."""
+        content_type, filename = image_label(data, stem)
+        return cls(filename, data, content_type)
 
 
 class WebexClient:

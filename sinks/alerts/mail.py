@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from infra.settings import SmtpSettings
 from schemas.errors import CheckoutGuardError
+from schemas.images import image_label
 from sinks.alerts.message import AlertText, message_id, shown
 
 
@@ -100,7 +101,7 @@ def build_email(
     alert_id: str, text: AlertText, sender: str, recipients: list[str], image: bytes | None = None
 ) -> OutgoingMail:
     """Plain text for any client, HTML with the snapshot shown inline (once: clients also offer the inline
-    part, named ``snapshot.jpg``, for saving).
+    part, named ``snapshot.jpg`` or ``snapshot.png`` after what its bytes are, for saving).
 
     Written out directly (base64 bodies, fixed structure) rather than through the ``email`` package's
     generator, which costs about a millisecond per message -- a third of the sender's CPU per alert.
@@ -111,9 +112,8 @@ def build_email(
     else:
         cid = f"snapshot-{message_id(alert_id)[7:23]}@checkout-guard"
         html = _part('text/html; charset="utf-8"', text.html(image_cid=cid).encode())
-        inline = _part(
-            "image/jpeg", image, f"Content-ID: <{cid}>", 'Content-Disposition: inline; filename="snapshot.jpg"'
-        )
+        kind, filename = image_label(image, "snapshot")  # a PNG labelled image/jpeg was shown broken or not at all
+        inline = _part(kind, image, f"Content-ID: <{cid}>", f'Content-Disposition: inline; filename="{filename}"')
         body = _multipart("alternative", [plain, _multipart("related", [html, inline])])
     mid = message_id(alert_id)
     headers = [

@@ -514,7 +514,7 @@ class WebexChannel:
             # find its own post in a group space, which Webex lists for a bot only as "messages mentioning it".
             marker = f"\n\n_{self.marker(alert_id)}_ {self.mention()}"
             markdown = truncate_utf8(text.markdown(), MAX_MARKDOWN_BYTES - len(marker.encode())) + marker
-            attachment = Attachment("snapshot.jpg", image) if image else None
+            attachment = Attachment.image("snapshot", image) if image else None
             sent = self.client.send_message(self.room_id, markdown, attachment)
         except WebexError as exc:
             raise self._delivery_error(exc) from exc

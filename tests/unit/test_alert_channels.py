@@ -110,6 +110,22 @@ def test_webex_message_carries_markdown_and_the_snapshot_as_a_file(
     assert webex.state.file_bytes(posted["files"][0]) == image
 
 
+def test_a_png_snapshot_is_posted_to_webex_as_a_png_not_as_snapshot_jpg(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
+) -> None:
+    """The snapshot was always uploaded as image/jpeg named snapshot.jpg, so a PNG went out mislabelled."""
+    out = io.BytesIO()
+    Image.new("RGB", (8, 6), (10, 200, 30)).save(out, format="PNG")
+    channel = webex_channel(closer, settings_for(webex, tmp_path))
+    channel.send(alert(), out.getvalue(), maybe_sent=False)
+    channel.send(alert("blocked:tx-2"), jpeg(), maybe_sent=False)
+    uploaded = [webex.state.files[m["files"][0].rsplit("/", 1)[-1]] for m in webex.state.bot_messages(ROOM)]
+    assert [(name, kind) for name, kind, _ in uploaded] == [
+        ("snapshot.png", "image/png"),
+        ("snapshot.jpg", "image/jpeg"),
+    ]
+
+
 def test_webex_failures_are_classified_for_retry(webex: LocalWebexServer, tmp_path: Path, closer: ExitStack) -> None:
     channel = webex_channel(closer, settings_for(webex, tmp_path))
     webex.state.fail((429,), count=1, retry_after=3)

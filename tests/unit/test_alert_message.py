@@ -12,12 +12,14 @@ from typing import Any
 
 import fastavro
 import pytest
+from PIL import Image
 from pydantic import ValidationError
 
 from infra.clients.webex import MAX_MARKDOWN_BYTES, truncate_utf8
 from infra.retry import Backoff, parse_retry_after
 from infra.settings import REPO_ROOT, AlertSettings
 from schemas.codec import codec, latest_versions
+from schemas.images import image_label, image_type
 from sinks.alerts.mail import OutgoingMail, build_email
 from sinks.alerts.message import case_card, describe, local_time, message_id, reason_text
 from sinks.alerts.sender import DeliveryError, Task, give_up_reason
@@ -306,3 +308,28 @@ def test_a_blocked_refund_reads_as_a_refund_and_a_sale_as_a_sale() -> None:
     assert refund.headline.startswith("Refund blocked") and dict(refund.lines)["Refund"] == "1,234.50 EUR"
     sale = describe(alert(transaction_kind="SALE"), AlertSettings())
     assert sale.headline.startswith("Sale blocked") and "Amount" in dict(sale.lines)
+
+
+def png() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (8, 6), (10, 200, 30)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_a_png_snapshot_is_mailed_as_a_png_and_a_jpeg_as_a_jpeg() -> None:
+    """Every snapshot was attached as image/jpeg named snapshot.jpg: a PNG went out mislabelled."""
+    text = describe(alert(), AlertSettings())
+    for data, kind, name in (
+        (png(), "image/png", "snapshot.png"),
+        (b"\xff\xd8\xff\xe0xx", "image/jpeg", "snapshot.jpg"),
+    ):
+        msg = as_received(build_email("blocked:tx-9", text, "cg@example.com", ["sec@example.com"], data))
+        cid = msg.get_body(("html",)).get_content().split("cid:", 1)[1].split("'", 1)[0]
+        [inline] = [p for p in msg.walk() if p["Content-ID"] == f"<{cid}>"]
+        assert (inline.get_content_type(), inline.get_filename(), inline.get_content()) == (kind, name, data)
+
+
+def test_a_snapshot_that_is_no_known_image_is_not_labelled_as_one() -> None:
+    assert image_label(b"GIF89a....", "snapshot") == ("application/octet-stream", "snapshot.bin")
+    assert image_label(png(), "snapshot") == ("image/png", "snapshot.png")
+    assert image_type(b"\x89PNG\r\n\x1a") is None  # cut short: not a PNG
