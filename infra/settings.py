@@ -521,6 +521,17 @@ class FaceSettings(BaseModel, frozen=True):
     (``renew <subject>``)."""
 
 
+def _is_zone(name: str) -> bool:
+    """Whether ``name`` is an IANA zone this machine knows (``Europe/Berlin``; not ``Europe/Berln``, nor empty)."""
+    if not name:
+        return False
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
 class AlertSettings(BaseModel, frozen=True):
     """The alert sender (sinks/alerts/sender.py): channels, retries, the dedup ledger, message links."""
 
@@ -565,6 +576,9 @@ class AlertSettings(BaseModel, frozen=True):
     """How long a signed image URL opens its image (default: a day, the default life of an open case)."""
     timezone: str | None = None
     """IANA zone for the times in messages (store local time); None = this machine's zone."""
+    store_timezones: dict[str, str] = Field(default_factory=dict)
+    """Per store, its IANA zone when it differs from ``timezone`` (a chain across time zones): a JSON map of
+    store id -> zone, ``{"S-NYC": "America/New_York"}``; the stores not in it use ``timezone``."""
 
     @field_validator("timezone")
     @classmethod
@@ -573,11 +587,27 @@ class AlertSettings(BaseModel, frozen=True):
         often UTC on a server, hours off the store's clocks, with nothing said."""
         if value is None or not value.strip():
             return None
-        try:
-            ZoneInfo(value.strip())
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"timezone is an IANA zone such as Europe/Berlin, not {value[:40]!r}") from None
+        if not _is_zone(value.strip()):
+            raise ValueError(f"timezone is an IANA zone such as Europe/Berlin, not {value[:40]!r}")
         return value.strip()
+
+    @field_validator("store_timezones")
+    @classmethod
+    def _store_zones(cls, value: dict[str, str]) -> dict[str, str]:
+        """Zones this machine knows, as for ``timezone``: a misspelt one showed that store's alerts in another
+        zone's time, with nothing said."""
+        out: dict[str, str] = {}
+        for store, zone in value.items():
+            if not store.strip() or not _is_zone(zone.strip()):
+                raise ValueError(
+                    f"store {store[:64]!r}: the zone is an IANA zone such as America/New_York, not {zone[:40]!r}"
+                )
+            out[store.strip()] = zone.strip()
+        return out
+
+    def zone_of(self, store_id: object) -> str | None:
+        """The zone an alert of ``store_id`` shows its time in: the store's own, else ``timezone``."""
+        return self.store_timezones.get(store_id, self.timezone) if isinstance(store_id, str) else self.timezone
 
     def channel_list(self) -> tuple[str, ...]:
         return tuple(c.strip().lower() for c in self.channels.split(",") if c.strip())

@@ -289,7 +289,7 @@ def describe(alert: dict[str, Any], settings: AlertSettings) -> AlertText:
     lines: list[tuple[str, str]] = [
         ("What", title),
         ("Where", where),
-        ("When", local_time(int(alert.get("event_time") or 0), settings.timezone)),
+        ("When", local_time(int(alert.get("event_time") or 0), settings.zone_of(alert.get("store_id")))),
     ]
     if alert.get("amount") is not None:
         currency = str(alert.get("currency") or "")

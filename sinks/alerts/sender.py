@@ -1317,7 +1317,7 @@ class AlertSender:
                 if not isinstance(alert.get("alert_id"), str) or not alert["alert_id"].strip():
                     raise InvalidRecord("missing_field", "alert_id is empty")
                 check(alert["alert_id"], "alert_id", ALERT_ID_RE)  # it goes into links, Message-IDs and ledger keys
-                check_event_time(alert, self.settings.alerts.timezone)
+                check_event_time(alert, self.settings.alerts.zone_of(alert.get("store_id")))
                 decoded.append((message, alert))
             except InvalidRecord as exc:  # a DecodeError too
                 decoded.append((message, exc))

@@ -15,9 +15,10 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
+from infra.cli import setting_errors
 from infra.clients.webex import MAX_MARKDOWN_BYTES, truncate_utf8
 from infra.retry import Backoff, parse_retry_after
-from infra.settings import REPO_ROOT, AlertSettings
+from infra.settings import REPO_ROOT, AlertSettings, Settings
 from schemas.codec import codec, latest_versions
 from schemas.images import image_label, image_type
 from sinks.alerts.mail import OutgoingMail, build_email
@@ -333,3 +334,22 @@ def test_a_snapshot_that_is_no_known_image_is_not_labelled_as_one() -> None:
     assert image_label(b"GIF89a....", "snapshot") == ("application/octet-stream", "snapshot.bin")
     assert image_label(png(), "snapshot") == ("image/png", "snapshot.png")
     assert image_type(b"\x89PNG\r\n\x1a") is None  # cut short: not a PNG
+
+
+def test_a_store_in_another_time_zone_shows_its_own_local_time_and_the_others_the_chains() -> None:
+    """One ``CG_ALERTS__TIMEZONE`` for every store: a New York store's alerts read Berlin's time, six hours off."""
+    settings = AlertSettings(timezone="Europe/Berlin", store_timezones={"S-NYC": "America/New_York"})
+    assert "2026-01-01 04:55:03 EST" in describe(alert(store_id="S-NYC"), settings).plain()
+    assert "2026-01-01 10:55:03 CET" in describe(alert(store_id="S001"), settings).plain()
+
+
+def test_a_store_time_zone_that_is_no_zone_is_a_settings_error_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CG_ALERTS__STORE_TIMEZONES", '{"S-NYC": "America/New_York", "S-BER": "Europe/Berln"}')
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    errors = setting_errors(refused.value)
+    assert errors.startswith("CG_ALERTS__STORE_TIMEZONES: ") and "Europe/Berln" in errors and "S-BER" in errors
+    monkeypatch.setenv("CG_ALERTS__STORE_TIMEZONES", '{"S-NYC": " America/New_York "}')
+    assert Settings().alerts.store_timezones == {"S-NYC": "America/New_York"}
