@@ -959,6 +959,10 @@ class ChannelWorker:
         shows the subject's face, so it is not sent, here or later (the ledger says ``withheld``). ``posted``: the
         copies an earlier try without an answer posted after all, recorded for the eraser to delete."""
         alert_id, name = task.key
+        with self._cv:  # a probe of a channel that is down: the next task probes (kept, it held the channel for ever)
+            if self._probe is task:
+                self._probe = None
+                self._cv.notify_all()
         self.ledger.mark_withheld(alert_id, name, forgotten, posted, task.alert, task.alert_ms)
         self.withheld += 1
         self._deliveries["withheld"].inc()

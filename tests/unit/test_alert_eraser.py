@@ -761,3 +761,50 @@ def test_an_alert_withheld_after_an_attempt_without_an_answer_has_the_copy_that_
     assert outcome.withheld == "subj-tx-1" and ledger.state("suspect:tx-5", "webex") == "withheld"
     assert {m["id"] for m in webex.state.bot_messages(ROOM)} == copies and len(copies) == 2  # not posted again
     assert set(ledger.due_posts(made, None)) == copies  # the eraser deletes the copy and its card
+
+
+class DownOnce:
+    """A channel that is down for its first send (``on_down`` runs then) and takes every send after it."""
+
+    name, can_check_sent, erasable = "email", False, False
+
+    def __init__(self, on_down: Any) -> None:
+        self.on_down, self.sent, self.tries = on_down, [], 0
+
+    def send(self, alert: dict[str, Any], image: bytes | None, maybe_sent: bool) -> str | None:
+        self.tries += 1
+        if self.tries == 1:
+            self.on_down()
+            raise DeliveryError("connection refused", down=True)
+        self.sent.append(alert["alert_id"])
+        return None
+
+    def delete(self, message_id: str) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+def test_an_alert_withheld_as_the_probe_of_a_channel_that_is_down_does_not_stop_the_channel(
+    tmp_path: Path, closer: ExitStack
+) -> None:
+    """While a channel is down one task at a time goes out as its probe; a probe withheld (its subject forgotten
+    during the outage) kept the probe's place for ever, and the channel sent nothing more until a restart."""
+    import queue
+
+    ledger = ledger_at(closer, tmp_path)
+    forgotten = {**alert("suspect:tx-5"), "subject_id": "subj-tx-1", "transaction_id": "tx-5"}
+    channel = DownOnce(lambda: ledger.record_forgets([("audit-1", "subj-tx-1", None, NOW)]))
+    done: queue.SimpleQueue[sender.Outcome] = queue.SimpleQueue()
+    settings = AlertSettings(concurrency=2, retry_initial_s=0.05, retry_max_s=0.1)
+    worker = sender.ChannelWorker(channel, ledger, settings, done, lambda ref: b"")
+    try:
+        worker.submit(Task(forgotten, "email", time.monotonic() + 30, alert_ms=NOW - 1000))
+        first = done.get(timeout=10)  # down, then probed again after the pause: withheld
+        assert first.withheld == "subj-tx-1"
+        worker.submit(Task(alert("blocked:tx-2"), "email", time.monotonic() + 30, alert_ms=NOW))
+        second = done.get(timeout=5)
+    finally:
+        worker.stop()
+    assert second.delivered and channel.sent == ["blocked:tx-2"]
