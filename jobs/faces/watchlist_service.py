@@ -405,8 +405,8 @@ class WatchlistCore:
                 details["rekognition_faces"] = str(
                     len(self.rekognition.index(subject, self._indexable(reference, data, face)))
                 )
-            except Exception as exc:  # any failure: no reference image of someone who is not enrolled stays behind
-                if not current:
+            except Exception as exc:  # any failure: no reference image that no entry names stays behind
+                if previous is None or previous[0] != reference:  # a new subject, or its image is in a former store
                     self.store.delete(reference)
                 if isinstance(exc, RekognitionError):
                     raise rekognition_failed(exc) from None

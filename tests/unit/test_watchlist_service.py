@@ -824,3 +824,46 @@ def test_an_entry_enrolled_before_a_switch_to_s3_is_enrolled_again_from_its_refe
     (entry,) = [WatchlistEntry.decode(o.value) for o in by_topic(outs)["watchlist"]]
     assert len(entry.embeddings) == 1 and entry.embeddings[0] == pytest.approx([0.1] * FACE_LEN)
     assert entry.reference_image_ref == ref
+
+
+def test_a_change_of_category_after_a_switch_whose_rekognition_indexing_fails_leaves_no_new_reference_image(
+    moto_url, tmp_path
+):
+    """``vip <tx>`` of a suspect enrolled before a switch wrote the new reference image in the current store, and when
+    IndexFaces then failed the command failed with the entry naming the old image: the new one stayed, named by
+    nothing, and no forget or expiry ever deleted it."""
+    from jobs.faces.rekognition import RekognitionError
+
+    local = LocalImageStore(tmp_path / "images")
+    ref = local.put("reference", "subj-tx-1", b"the subject's face")
+    core = _enrolled(_switched(moto_url, tmp_path), ref)
+    core.engine = _Engine()  # type: ignore[assignment]
+    core.rekognition = _FailingRekognition(RekognitionError("ThrottlingException", "slow down", True))  # type: ignore[assignment]
+    core.store.put("checkout", "tx-1", b"the sale")
+    outs = core.on_command(command("VIP", "tx-1", cid="c5"), NOW)
+    audit = audit_of(outs)
+    assert audit.outcome == "FAILED" and audit.reason.startswith("rekognition_unavailable"), audit.reason
+    assert core.store.find("reference", "subj-tx-1") is None, "the new reference image stayed, named by no entry"
+    assert local.get(ref) == b"the subject's face" and core.records["subj-tx-1"].reference_image_ref == ref
+    assert core.records["subj-tx-1"].category == "SUSPECT" and by_topic(outs)["watchlist"] == []
+
+
+def test_a_failed_change_of_category_in_the_same_store_keeps_the_image_its_entry_names(tmp_path):
+    """The new reference image is written under the subject's key: in the store the entry names it is that same
+    image, which a failed change must not delete."""
+    from jobs.faces.rekognition import RekognitionError
+
+    webex = WebexSettings(command_signing_key=SecretStr(KEY), allowed_people=ALLOWED)
+    store = LocalImageStore(tmp_path / "images")
+    core = WatchlistCore(
+        Settings(stack_dir=tmp_path, webex=webex),
+        engine=_Engine(),  # type: ignore[arg-type]
+        store=store,
+        rekognition=_FailingRekognition(RekognitionError("ThrottlingException", "slow down", True)),  # type: ignore[arg-type]
+    )
+    ref = store.put("reference", "subj-tx-1", b"the subject's face")
+    entry = WatchlistEntry("subj-tx-1", "SUSPECT", [[0.1] * FACE_LEN], "fraud", "lp@example.com", NOW, ref, "tx-1")
+    core.load(b"subj-tx-1", entry.encode())
+    store.put("checkout", "tx-1", b"the sale")
+    assert audit_of(core.on_command(command("VIP", "tx-1", cid="c5"), NOW)).outcome == "FAILED"
+    assert store.find("reference", "subj-tx-1") == ref == core.records["subj-tx-1"].reference_image_ref
