@@ -386,10 +386,7 @@ class WatchlistCore:
         current = self.entries.get(subject)
         if current and current["category"] == category:
             return [self._audit(**audit, outcome="UNCHANGED", reason=f"already on the watchlist as {category}")]
-        snapshot = self.store.find("checkout", checkout_image_key(tx))  # footage of the sale only, never "now"
-        if snapshot is None:
-            raise Failed("unknown_transaction", f"no checkout snapshot for transaction {tx}")
-        data = self.store.get(snapshot)
+        data = self._sale_snapshot(tx)
         try:
             face = self.engine.best_face(data)
         except ImageError as exc:
@@ -434,6 +431,31 @@ class WatchlistCore:
             Out(WATCHLIST, subject.encode(), entry.encode()),
             self._audit(**audit, outcome="DONE", reason=entry.reason, details=details),
         ]
+
+    def _sale_snapshot(self, tx: str) -> bytes:
+        """The checkout snapshot of sale ``tx`` (footage of the sale only, never "now"): in the current store, else in
+        each of :func:`former_stores`, where a sale taken before a switch of the image store or its bucket still is.
+        A former store that cannot be searched fails the command ``image_store_unavailable`` when no store has it."""
+        key = checkout_image_key(tx)
+        if snapshot := self.store.find("checkout", key):
+            return self.store.get(snapshot)
+        unsearched: list[str] = []
+        for store in former_stores(self.settings, self.store):
+            try:
+                snapshot = store.find("checkout", key)
+            except Exception as exc:  # noqa: BLE001 - S3 or disk: the snapshot may be there, or in the next one
+                log.warning("looking for sale %s in %s failed (%s)", tx, store.where(), type(exc).__name__)
+                unsearched.append(f"{store.where()} ({type(exc).__name__})")
+                continue
+            if snapshot:
+                return store.get(snapshot)
+        if unsearched:
+            raise Failed(
+                "image_store_unavailable",
+                f"no checkout snapshot for transaction {tx} found; not searched: {'; '.join(unsearched)}; "
+                "issue the command again",
+            )
+        raise Failed("unknown_transaction", f"no checkout snapshot for transaction {tx}")
 
     def _previous_reference(self, subject: str) -> tuple[str, ImageStore] | None:
         """The reference image a change of category replaces, with the store that holds it: after a switch of the
@@ -490,9 +512,11 @@ class WatchlistCore:
         cap = self.settings.cases.max_templates
         if len(entry.embeddings) >= cap:
             return [self._audit(**audit, outcome="UNCHANGED", reason=f"the subject has {cap} templates already")]
-        try:
-            data = self.store.get(ref)
-        except (ValueError, OSError) as exc:  # not a ref of this store, or the image is gone
+        try:  # where the ref says: a sighting taken before a switch of the image store or its bucket is still there
+            data = self.store_of(ref).get(ref)
+        except ImageStoreUnavailable as exc:  # its store is not reachable from here: the message says what to set
+            raise Failed("image_store_unavailable", f"sighting unavailable: {exc}") from None
+        except (ValueError, OSError) as exc:  # not a ref of any store, or the image is gone
             raise Failed("missing_image", f"sighting unavailable: {type(exc).__name__}") from None
         try:
             face = self._sighted_face(entry, self.engine.analyse(data))

@@ -867,3 +867,63 @@ def test_a_failed_change_of_category_in_the_same_store_keeps_the_image_its_entry
     store.put("checkout", "tx-1", b"the sale")
     assert audit_of(core.on_command(command("VIP", "tx-1", cid="c5"), NOW)).outcome == "FAILED"
     assert store.find("reference", "subj-tx-1") == ref == core.records["subj-tx-1"].reference_image_ref
+
+
+class _SightingEngine(_Engine):
+    def analyse(self, data: bytes):
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(passed=True, quality=0.9, embedding=[0.2] * FACE_LEN, box=(1, 1, 9, 9), scale=1.0)]
+
+
+def test_fraud_and_learn_after_switches_find_the_sale_and_the_sighting_in_the_former_stores(moto_url, tmp_path):
+    """``fraud <tx>`` / ``vip <tx>`` looked for the sale's snapshot, and ``LEARN`` read the confirmed sighting, in the
+    current store only: after a switch of the image store or its bucket a sale or sighting taken before it was
+    "no checkout snapshot" (unknown_transaction) or missing_image, though forget finds them there."""
+    from infra.clients.image_store import S3ImageStore
+
+    local = LocalImageStore(tmp_path / "images")
+    local.put("checkout", checkout_image_key("tx-1"), b"the sale, before the switch to S3")
+    sighting_ref = local.put("checkout", "tx-9", b"the subject at a lane, before the switch")
+    old = S3ImageStore(_switched(moto_url, tmp_path))
+    old.ensure_buckets()
+    old.put("checkout", checkout_image_key("tx-2"), b"another sale, in the former bucket")
+    settings = _switched(moto_url, tmp_path, extra_image_buckets=old.buckets["checkout"])
+    current = S3ImageStore(settings)
+    current.ensure_buckets()
+    core = WatchlistCore(settings, engine=_SightingEngine(), store=current)  # type: ignore[arg-type]
+    for cid, tx in (("c1", "tx-1"), ("c2", "tx-2")):
+        outs = core.on_command(command("FRAUD", tx, cid=cid), NOW)
+        assert audit_of(outs).outcome == "DONE", audit_of(outs).reason
+        (entry,) = [WatchlistEntry.decode(o.value) for o in by_topic(outs)["watchlist"]]
+        assert entry.reference_image_ref == current.find("reference", f"subj-{tx}"), "written in the current store"
+    outs = core.on_command(command("LEARN", f"subj-tx-1 {sighting_ref}", cid="c3"), NOW)
+    assert audit_of(outs).outcome == "DONE", audit_of(outs).reason
+    assert len(core.records["subj-tx-1"].embeddings) == 2
+    unknown = audit_of(core.on_command(command("FRAUD", "tx-3", cid="c4"), NOW))
+    assert unknown.outcome == "FAILED" and unknown.reason.startswith("unknown_transaction"), unknown.reason
+    elsewhere = audit_of(core.on_command(command("LEARN", "subj-tx-1 s3://gone-bucket/checkout/tx-5", cid="c5"), NOW))
+    assert (
+        elsewhere.reason.startswith("image_store_unavailable") and "CG_FACES__EXTRA_IMAGE_BUCKETS" in elsewhere.reason
+    )
+
+
+def test_fraud_fails_image_store_unavailable_when_a_former_store_cannot_be_searched(moto_url, tmp_path, monkeypatch):
+    """A sale not in the current store may be in a former bucket that S3 cannot reach now: not an unknown sale."""
+    from infra.clients.image_store import S3ImageStore
+
+    settings = _switched(moto_url, tmp_path, extra_image_buckets=f"gone-{NOW}")
+    current = S3ImageStore(settings)
+    current.ensure_buckets()
+    found = S3ImageStore.find
+
+    def away(self: S3ImageStore, kind: str, key: str) -> str | None:
+        if self.buckets[kind] == f"gone-{NOW}":
+            raise ConnectionError("S3 is away")
+        return found(self, kind, key)
+
+    monkeypatch.setattr(S3ImageStore, "find", away)
+    core = WatchlistCore(settings, engine=_Engine(), store=current)  # type: ignore[arg-type]
+    audit = audit_of(core.on_command(command("VIP", "tx-1"), NOW))
+    assert audit.outcome == "FAILED" and audit.reason.startswith("image_store_unavailable"), audit.reason
+    assert f"gone-{NOW}" in audit.reason
