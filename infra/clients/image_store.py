@@ -109,6 +109,9 @@ class ImageStore:
         """Every retained ref with its reason (``forget`` uses it to find a subject's alert snapshots)."""
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release what the store holds open (an S3 client's connection pool); files need nothing."""
+
 
 class LocalImageStore(ImageStore):
     """Files ``<root>/<kind>/<key>`` (mode 0600); a retained image gets a ``.<key>.retained`` marker."""
@@ -249,6 +252,9 @@ class S3ImageStore(ImageStore):
 
     def where(self) -> str:
         return "S3 bucket " + " and ".join(sorted(set(self.buckets.values())))
+
+    def close(self) -> None:
+        self.s3.close()
 
     def ensure_buckets(self) -> None:
         """Create the buckets when missing (embedded/test setups; production provisions them)."""

@@ -133,7 +133,12 @@ class WatchlistCore:
     ) -> None:
         self.settings = settings
         self.engine = engine or FaceEngine(settings.faces)
-        self.store = store or ImageStore.from_settings(settings)
+        self._owned: list[ImageStore] = []
+        """The stores this core built, closed by :meth:`close` (an injected store stays its owner's)."""
+        if store is None:
+            store = ImageStore.from_settings(settings)
+            self._owned.append(store)
+        self.store = store
         if rekognition is None and settings.faces.backend == "rekognition":
             rekognition = RekognitionFaces(settings.faces)
             rekognition.ensure_collection()
@@ -153,6 +158,27 @@ class WatchlistCore:
         """When this service last appended the compaction marker (:func:`schemas.topics.marker_due`)."""
         self.other_stores: list[ImageStore] = []
         """Stores besides ``store`` that refs named (:meth:`store_of`), each built once."""
+        self._former: list[ImageStore] | None = None
+        """:func:`former_stores`, built once (:meth:`former`): each S3 one holds a client and its connections."""
+
+    def former(self) -> list[ImageStore]:
+        """The stores besides ``store`` that may hold images written before a switch (:func:`former_stores`), built
+        on first use and kept: the purge sweeps them every ``retention_purge_interval_s`` and a new S3 client per
+        bucket per sweep, never closed, kept its connection pool open until the garbage collector found it."""
+        if self._former is None:
+            self._former = former_stores(self.settings, self.store)
+            self._owned += self._former
+        return self._former
+
+    def close(self) -> None:
+        """Close the stores this core built (their S3 clients); one failing to close does not keep the others open."""
+        owned, self._owned = self._owned, []
+        self._former, self.other_stores = None, []
+        for store in owned:
+            try:
+                store.close()
+            except Exception as exc:  # noqa: BLE001 - shutting down: the others are closed all the same
+                log.warning("closing %s failed (%s)", store.where(), type(exc).__name__)
 
     # --- state -------------------------------------------------------------------------------------
     def load(self, key: bytes | None, value: bytes | None) -> None:
@@ -347,7 +373,7 @@ class WatchlistCore:
         alert_cutoff = now_ms - int(faces.alert_snapshot_retention_days * 86_400_000)
         deleted = released = 0
         not_swept: list[str] = []
-        for store in [self.store, *former_stores(self.settings, self.store)]:
+        for store in [self.store, *self.former()]:
             try:
                 deleted += store.purge(cutoff)
                 released += store.purge_retained(alert_cutoff)
@@ -440,7 +466,7 @@ class WatchlistCore:
         if snapshot := self.store.find("checkout", key):
             return self.store.get(snapshot)
         unsearched: list[str] = []
-        for store in former_stores(self.settings, self.store):
+        for store in self.former():
             try:
                 snapshot = store.find("checkout", key)
             except Exception as exc:  # noqa: BLE001 - S3 or disk: the snapshot may be there, or in the next one
@@ -465,7 +491,7 @@ class WatchlistCore:
         if entry is None or not entry.reference_image_ref:
             return None
         try:
-            return entry.reference_image_ref, store_holding(entry.reference_image_ref, self.settings, self.store)
+            return entry.reference_image_ref, self.store_of(entry.reference_image_ref)
         except ImageStoreUnavailable as exc:
             raise Failed("image_store_unavailable", f"the former reference image cannot be deleted: {exc}") from None
         except InvalidRecord:  # no ref of any store: no image of ours
@@ -651,11 +677,12 @@ class WatchlistCore:
     def store_of(self, ref: str) -> ImageStore:
         """The store that holds ``ref`` (:func:`store_holding`): an entry's reference image stays where it was written
         when ``CG_FACES__IMAGE_STORE`` or the suspects bucket changes, and read in the current store it is missing."""
-        for store in (self.store, *self.other_stores):
+        for store in (self.store, *self.other_stores, *self.former()):
             if store.holds(ref):
                 return store
         store = store_holding(ref, self.settings, self.store)
         self.other_stores.append(store)
+        self._owned.append(store)
         return store
 
     def expire(self, now_ms: int) -> list[Out]:
@@ -759,7 +786,7 @@ class WatchlistCore:
         found: dict[str, ImageStore] = {}
         if recorded:
             try:
-                found[recorded] = store_holding(recorded, self.settings, self.store)
+                found[recorded] = self.store_of(recorded)
             except ImageStoreUnavailable as exc:
                 raise Failed("image_store_unavailable", f"reference image not deleted: {exc}") from None
             except InvalidRecord:  # no ref of any store (file: or s3://): no image of ours to delete
@@ -769,7 +796,7 @@ class WatchlistCore:
             if tx
             else ()
         )
-        for store in [self.store, *former_stores(self.settings, self.store)]:
+        for store in [self.store, *self.former()]:
             try:
                 if reference := store.find("reference", subject):
                     found.setdefault(reference, store)
@@ -891,6 +918,7 @@ class WatchlistService:
                     self._publish(outs, [TopicPartition(topic, partition, offset + 1)])
         finally:
             self.consumer.close()
+            self.core.close()
 
     def _maybe_purge(self) -> None:
         if time.monotonic() < self._next_purge:

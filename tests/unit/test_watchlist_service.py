@@ -927,3 +927,43 @@ def test_fraud_fails_image_store_unavailable_when_a_former_store_cannot_be_searc
     audit = audit_of(core.on_command(command("VIP", "tx-1"), NOW))
     assert audit.outcome == "FAILED" and audit.reason.startswith("image_store_unavailable"), audit.reason
     assert f"gone-{NOW}" in audit.reason
+
+
+def test_the_former_buckets_clients_are_built_once_across_sweeps_and_forgets_and_closed_with_the_core(
+    moto_url, tmp_path, monkeypatch
+):
+    """Each retention sweep (and each forget) built a new S3 client per former bucket and never closed it: one more
+    connection pool every ``retention_purge_interval_s`` for as long as the service ran."""
+    from infra.clients import aws
+    from infra.clients.image_store import S3ImageStore
+
+    settings = _switched(moto_url, tmp_path, extra_image_buckets="old-a,old-b")
+    current = S3ImageStore(settings)
+    current.ensure_buckets()
+    for bucket in ("old-a", "old-b"):
+        current.s3.create_bucket(Bucket=bucket)
+    made: list[object] = []
+    closed: list[object] = []
+    real = aws.aws_client
+
+    def counted(*args: object, **kwargs: object) -> object:
+        client = real(*args, **kwargs)  # type: ignore[arg-type]
+        close = client.close
+        client.close = lambda: (closed.append(client), close())[1]
+        made.append(client)
+        return client
+
+    monkeypatch.setattr(aws, "aws_client", counted)
+    core = WatchlistCore(settings, engine=_Engine(), store=current)  # type: ignore[arg-type]
+    enrol(core, "subj-tx-1")
+    day = 86_400_000
+    for sweep in range(3):
+        core.purge(int(time.time() * 1000) + sweep * day)
+    assert audit_of(
+        core.on_command(command("FORGET", "subj-tx-1", cid="c5", actor="dpo@example.com"), NOW)
+    ).outcome == ("DONE")
+    assert audit_of(core.on_command(command("FRAUD", "tx-2", cid="c6"), NOW)).outcome == "FAILED"  # no such sale
+    assert len(made) == 2, "one client per former bucket, kept across sweeps"
+    core.close()
+    assert closed == made, "the former buckets' clients were left open"
+    assert current.find("checkout", "tx-2") is None, "the injected store stays its owner's, open"
