@@ -62,6 +62,27 @@ class ImageStoreUnavailable(CheckoutGuardError, RuntimeError):
     is not on this machine): its image cannot be deleted here. The message says where it is and what to set."""
 
 
+_TRANSIENT_S3_CODES = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable", "InternalError"}
+)
+
+
+def store_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` is the image store being away for now (no connection, a timeout, an S3 5xx or throttling,
+    after botocore's own retries), so the same call is worth trying again later; not a missing image, a bad ref, or
+    an error S3 will give again (access denied, no such bucket)."""
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    if isinstance(exc, BotoConnectionError | HTTPClientError):
+        return True
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        code = exc.response.get("Error", {}).get("Code", "")
+        return status >= 500 or status == 429 or code in _TRANSIENT_S3_CODES
+    return False
+
+
 class ImageStore:
     """Base: the ref scheme and the factory; subclasses hold the bytes."""
 

@@ -38,7 +38,8 @@ Metrics (``infra.metrics``, stage ``watchlist-service``): inputs by kind (the co
 once their transaction committed (``watchlist``, ``watchlist_tombstone``, ``audit``), dead letters by error
 kind (``unauthorized`` for a refused command, ``no_face``, ``invalid_id``...) and ``cg_processing_seconds``
 per input. ``/healthz`` turns 503 when the loop stalls or while a transaction is being retried because
-Kafka is away ("Kafka unreachable").
+Kafka is away ("Kafka unreachable"); an alert whose snapshot the image store cannot retain now is read again after a
+backoff (:class:`StoreAway`, "image store unreachable"), never raised out of the service.
 
 Run: ``python -m jobs.faces.watchlist_service`` (SIGTERM stops after the current record).
 """
@@ -57,10 +58,11 @@ import typer
 from infra import clock, metrics
 from infra.clients import transactional
 from infra.clients.control_topics import STARTUP_READ_STALL_S
-from infra.clients.image_store import ImageStore, ImageStoreUnavailable, former_stores, store_holding
+from infra.clients.image_store import ImageStore, ImageStoreUnavailable, former_stores, store_holding, store_outage
 from infra.clients.transactional import Out, Source
 from infra.command_auth import authenticate_command
 from infra.logs import LOG_LEVEL_HELP, setup_logging
+from infra.retry import Backoff
 from infra.settings import Settings, get_settings
 from jobs.faces.engine import DetectedFace, FaceEngine, ImageError, embedder_of
 from jobs.faces.rekognition import MAX_BYTES as REKOGNITION_MAX_BYTES
@@ -68,7 +70,7 @@ from jobs.faces.rekognition import RekognitionError, RekognitionFaces, face_crop
 from jobs.faces.stage import LEGACY_INSPECTION, checkout_image_key, inspection_image_key
 from jobs.scoring.face_similarity import similarity
 from schemas.codec import DecodeError
-from schemas.errors import InvalidRecord
+from schemas.errors import CheckoutGuardError, InvalidRecord
 from schemas.identifiers import check
 from schemas.records import (
     CASE_VERBS,
@@ -94,6 +96,13 @@ UNVERIFIED_ACTOR = "unverified"
 
 class Failed(InvalidRecord):
     """A command that cannot be carried out (audited as ``FAILED`` and dead-lettered); ``kind`` says why."""
+
+
+class StoreAway(CheckoutGuardError, RuntimeError):
+    """The image store is away (:func:`store_outage`) while an alert's snapshot is retained or deleted: the alert is
+    read again after a backoff, its offset not committed. Raised out of the service it stopped it, and the
+    supervisor's restarts crash-looped on the same alert for as long as S3 was away; dead-lettered, the snapshot
+    would have been purged as if no alert named it."""
 
 
 def rekognition_failed(exc: RekognitionError) -> Failed:
@@ -304,14 +313,16 @@ class WatchlistCore:
         if alert.subject_id and alert.subject_id not in self.entries:
             return self._drop_snapshot_of_forgotten(alert, audit)
         try:  # where the ref says: a snapshot taken before a switch of the image store or its bucket is still there
-            self.store_of(alert.snapshot_ref).retain(
-                alert.snapshot_ref, retain_reason(alert.alert_id, alert.subject_id)
-            )
-        except (ValueError, OSError, ImageStoreUnavailable) as exc:  # no ref of ours, its store not here, or gone
-            kind = "missing_image" if isinstance(exc, FileNotFoundError) else "bad_ref"
-            why = type(exc).__name__
+            store = self.store_of(alert.snapshot_ref)
+            store.retain(alert.snapshot_ref, retain_reason(alert.alert_id, alert.subject_id))
+        except Exception as exc:  # noqa: BLE001 - no ref of ours, its store not here, the image gone, or S3 failing
+            if store_outage(exc):  # before OSError: a botocore timeout is one
+                raise StoreAway(f"retaining the snapshot of alert {alert.alert_id}: {type(exc).__name__}") from None
+            kind, why = "image_store_error", type(exc).__name__  # an error S3 gives again (access, no such bucket)
             if isinstance(exc, ImageStoreUnavailable):
                 kind, why = "image_store_unavailable", str(exc)
+            elif isinstance(exc, ValueError | OSError):
+                kind = "missing_image" if isinstance(exc, FileNotFoundError) else "bad_ref"
             return [
                 self._audit(**audit, outcome="FAILED", reason=f"{kind}: {why}"),
                 self._dead_letter(src, InvalidRecord(kind, f"cannot retain snapshot: {why}"), now_ms),
@@ -342,9 +353,12 @@ class WatchlistCore:
                     details={"image_ref": ref, "alert_id": alert.alert_id},
                 )
             ]
-        except (ValueError, OSError) as exc:  # a ref of no store: nothing of ours to delete
+        except Exception as exc:  # noqa: BLE001 - a ref of no store (nothing of ours to delete), or S3 failing
+            if store_outage(exc):  # before OSError: a botocore timeout is one
+                raise StoreAway(f"deleting the snapshot of alert {alert.alert_id}: {type(exc).__name__}") from None
+            kind = "bad_ref" if isinstance(exc, ValueError | OSError) else "image_store_error"
             return [
-                self._audit(**{**audit, "action": "PURGE"}, outcome="FAILED", reason=f"bad_ref: {type(exc).__name__}")
+                self._audit(**{**audit, "action": "PURGE"}, outcome="FAILED", reason=f"{kind}: {type(exc).__name__}")
             ]
         log.info(
             "alert %s names %s, no longer on the watchlist: its snapshot deleted", alert.alert_id, alert.subject_id
@@ -840,6 +854,13 @@ class WatchlistService:
 
     heartbeat: metrics.Heartbeat | None = None
     """Beaten every loop turn and while a transaction is retried (``/healthz``); set by ``__init__``."""
+    STORE_BACKOFF = Backoff(initial_s=1.0, maximum_s=30.0)
+    """Between reads of an alert whose snapshot the image store could not retain or delete (:class:`StoreAway`):
+    at most 30 s, well inside the consumer's poll interval."""
+    _store_tries = 0
+    """Reads of the alert in hand that met the image store away, since one went through."""
+    _store_problem: str | None = None
+    """What ``/readyz`` says while an alert waits for the image store."""
 
     def __init__(self, settings: Settings, core: WatchlistCore | None = None) -> None:
         from infra.clients import kafka as kafka_clients
@@ -901,7 +922,7 @@ class WatchlistService:
         self.consumer.subscribe(list(self.topics))
         try:
             while not self._stop:
-                self._beat(None)
+                self._beat(self._store_problem)
                 self.producer.poll(0)  # serves the producer's callbacks, an MSK IAM token refresh among them
                 self._maybe_purge()
                 msg = self.consumer.poll(0.5)
@@ -914,11 +935,36 @@ class WatchlistService:
                 assert topic is not None and partition is not None and offset is not None, "a record has all three"
                 src = transactional.source_of(msg)
                 with metrics.timed(self._processing):
-                    outs = self.topics[topic](src, clock.now_ms())
+                    try:
+                        outs = self.topics[topic](src, clock.now_ms())
+                    except StoreAway as away:  # nothing done: read again after a backoff, the offset not committed
+                        self._wait_for_store(TopicPartition(topic, partition, offset), away)
+                        continue
+                    if topic == ALERTS.full_name(self.prefix):
+                        self._store_tries, self._store_problem = 0, None
                     self._publish(outs, [TopicPartition(topic, partition, offset + 1)])
         finally:
             self.consumer.close()
             self.core.close()
+
+    def _wait_for_store(self, where: Any, away: StoreAway) -> None:
+        """Rewind the alert's partition to it and wait a backoff (beating ``/healthz``, ``/readyz`` saying why), so the
+        next poll reads it again; commands on the other topic go on meanwhile. A partition taken away by a rebalance
+        is read from its committed offset by its new owner, this alert included."""
+        from confluent_kafka import KafkaException
+
+        try:
+            self.consumer.seek(where)
+        except KafkaException as exc:
+            log.warning("rewinding to the alert at offset %d failed (%s): its new owner reads it", where.offset, exc)
+        delay = self.STORE_BACKOFF.delay(self._store_tries)
+        self._store_tries += 1
+        self._store_problem = "image store unreachable"
+        log.warning("%s; the alert is read again in %.1f s (try %d)", away, delay, self._store_tries)
+        end = time.monotonic() + delay
+        while not self._stop and (left := end - time.monotonic()) > 0:
+            self._beat(self._store_problem)
+            time.sleep(min(1.0, left))
 
     def _maybe_purge(self) -> None:
         if time.monotonic() < self._next_purge:

@@ -967,3 +967,29 @@ def test_the_former_buckets_clients_are_built_once_across_sweeps_and_forgets_and
     core.close()
     assert closed == made, "the former buckets' clients were left open"
     assert current.find("checkout", "tx-2") is None, "the injected store stays its owner's, open"
+
+
+def test_an_alert_snapshot_s3_refuses_for_good_is_a_failure_and_one_s3_cannot_reach_now_is_read_again(tmp_path):
+    """Any S3 error but a missing image was raised out of the service: one S3 gives again (access denied) stopped it
+    at every restart, for good. That one now fails the alert (audited, dead-lettered) and the service goes on; an
+    outage (here deleting a forgotten subject's snapshot) leaves the alert undone, to be read again."""
+    from botocore.exceptions import ClientError, ConnectTimeoutError
+
+    class RefusingStore(LocalImageStore):
+        def retain(self, ref: str, reason: str) -> None:
+            raise ClientError({"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"HTTPStatusCode": 403}}, "Tag")
+
+        def delete(self, ref: str) -> None:
+            raise ConnectTimeoutError(endpoint_url="https://s3.example")
+
+    core = WatchlistCore(Settings(stack_dir=tmp_path), engine=_Engine(), store=RefusingStore(tmp_path / "images"))  # type: ignore[arg-type]
+    enrol(core, "subj-tx-1")
+    kept = core.store.put("checkout", "tx-9", b"the subject at a lane")
+    outs = core.on_alert(Source("alerts", 0, 0, b"a-1", sighting("subj-tx-1", kept).encode()), NOW)
+    assert audit_of(outs).outcome == "FAILED" and audit_of(outs).reason == "image_store_error: ClientError"
+    assert DeadLetter.decode(by_topic(outs)["dead_letters"][0].value).error_kind == "image_store_error"
+    from jobs.faces.watchlist_service import StoreAway
+
+    with pytest.raises(StoreAway):
+        core.on_alert(Source("alerts", 0, 1, b"a-2", sighting("subj-tx-2", kept, "a-2").encode()), NOW)
+    assert "retain:a-2" not in core.done, "undone, so read again"

@@ -107,3 +107,106 @@ def test_a_long_start_up_read_keeps_the_service_alive_and_goes_on_while_records_
     read_keys: list[bytes | None] = []
     assert svc.replay(AUDIT, lambda key, _value: read_keys.append(key)) == 600 == len(read_keys)
     assert calls[0]["stall_s"] is not None and calls[0]["timeout_s"] < svc.heartbeat.stale_s
+
+
+class _Message:
+    def __init__(self, topic: str, offset: int, value: bytes) -> None:
+        self._topic, self._offset, self._value = topic, offset, value
+
+    def error(self) -> None:
+        return None
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> bytes:
+        return b"a-1"
+
+    def value(self) -> bytes:
+        return self._value
+
+    def headers(self) -> list:
+        return []
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 1_800_000_000_000)
+
+
+class _Log(Group):
+    """A consumer over a few records: ``seek`` rewinds to an offset, as confluent-kafka's does; stops the service
+    once it has nothing left to give."""
+
+    def __init__(self, svc: WatchlistService, records: list[_Message]) -> None:
+        super().__init__()
+        self.svc, self.records, self.position, self.seeks = svc, records, 0, []
+
+    def subscribe(self, topics: list[str]) -> None:
+        pass
+
+    def poll(self, timeout: float) -> _Message | None:
+        if self.position >= len(self.records):
+            self.svc._stop = True
+            return None
+        self.position += 1
+        return self.records[self.position - 1]
+
+    def seek(self, where) -> None:
+        self.seeks.append(where.offset)
+        self.position = next(i for i, m in enumerate(self.records) if m.offset() == where.offset)
+
+    def close(self) -> None:
+        pass
+
+
+def test_an_s3_outage_while_an_alert_snapshot_is_retained_is_waited_out_not_fatal(tmp_path, monkeypatch) -> None:
+    """S3 away (no connection, a timeout, a 503) while an alert's snapshot was retained raised out of the service:
+    it stopped, and at every restart by the supervisor read the same alert and stopped again for as long as S3 was
+    away. Now the alert is read again after a backoff, nothing committed meanwhile, and retained once S3 is back."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+
+    from infra.clients.image_store import LocalImageStore
+    from infra.metrics import Heartbeat
+    from infra.retry import Backoff
+    from infra.settings import Settings
+    from jobs.faces.watchlist_service import WatchlistCore, retain_reason
+    from schemas.records import Alert
+
+    outage = [
+        EndpointConnectionError(endpoint_url="https://s3.example"),
+        ReadTimeoutError(endpoint_url="https://s3.example"),
+        ClientError({"Error": {"Code": "ServiceUnavailable"}, "ResponseMetadata": {"HTTPStatusCode": 503}}, "Tag"),
+    ]
+
+    class AwayStore(LocalImageStore):
+        def retain(self, ref: str, reason: str) -> None:
+            if outage:
+                raise outage.pop(0)
+            super().retain(ref, reason)
+
+    monkeypatch.setattr(watchlist_service.time, "sleep", lambda _s: None)
+    monkeypatch.setattr(WatchlistService, "STORE_BACKOFF", Backoff(initial_s=0.001, maximum_s=0.001), raising=False)
+    store = AwayStore(tmp_path / "images")
+    snapshot = store.put("checkout", "tx-9", b"a shopper at a lane")
+    core = WatchlistCore(Settings(stack_dir=tmp_path), engine=object(), store=store)  # type: ignore[arg-type]
+    alert = Alert("a-1", "WATCHLIST_MATCH", "HIGH", 1_800_000_000_000, "S1", "suspect", snapshot_ref=snapshot)
+    producer = FlakyTransactions([])
+    producer.init_transactions = lambda _timeout: None  # type: ignore[attr-defined]
+    producer.poll = lambda _timeout: 0  # type: ignore[attr-defined]
+    svc = service(producer)
+    svc.core, svc.heartbeat, svc._next_purge = core, Heartbeat(), float("inf")
+    svc._processing = watchlist_service.metrics.PROCESSING_SECONDS.labels(watchlist_service.PROCESS)
+    svc.topics = {"alerts": core.on_alert}
+    svc.consumer = _Log(svc, [_Message("alerts", 7, alert.encode())])
+    monkeypatch.setattr(svc, "replay", lambda _spec, _apply: 0, raising=False)
+    svc.run()
+    assert svc.consumer.seeks == [7, 7, 7], "read again after each failure, from the alert itself"
+    assert store.retained() == {snapshot: retain_reason("a-1", None)}, "the snapshot was left to the purge"
+    assert producer.committed == [[b"retain:a-1"]], "one RETAIN, once S3 was back"
+    assert [o[0].offset for o in svc.consumer.commits] == [8], "the offset moves only once the alert is retained"
+    assert svc._store_problem is None and f"retain:{alert.alert_id}" in core.done
