@@ -80,6 +80,7 @@ from schemas.records import (
     BotCommand,
     WatchlistEntry,
     dead_letter,
+    dead_letter_headers,
 )
 from schemas.topics import ALERTS, AUDIT, COMMANDS, COMPACTION_MARKER, DEAD_LETTERS, WATCHLIST, TopicSpec, marker_due
 
@@ -846,7 +847,9 @@ class WatchlistCore:
             stage=STAGE,
             failed_at=now_ms,
         )
-        return Out(DEAD_LETTERS, dl.dead_letter_id.encode(), dl.encode(), reason=error.kind)
+        # the input's headers (a command's signature) ride along, so a re-driven command is still the bot's
+        headers = dead_letter_headers(src.headers)
+        return Out(DEAD_LETTERS, dl.dead_letter_id.encode(), dl.encode(), headers, reason=error.kind)
 
 
 class WatchlistService:

@@ -14,12 +14,12 @@ from PIL import Image
 from pydantic import SecretStr
 
 from infra.clients.image_store import LocalImageStore
-from infra.command_auth import SIGNATURE_HEADER, sign_command
+from infra.command_auth import SIGNATURE_HEADER, authenticate_command, sign_command
 from infra.settings import Settings, WebexSettings
 from jobs.faces.engine import FaceEngine
 from jobs.faces.stage import INSPECTION, checkout_image_key, inspection_image_key
 from jobs.faces.watchlist_service import Source, WatchlistCore, retain_reason, retained_subject
-from schemas.records import Alert, AuditEvent, BotCommand, DeadLetter, WatchlistEntry
+from schemas.records import Alert, AuditEvent, BotCommand, DeadLetter, WatchlistEntry, input_headers
 from schemas.topics import AUDIT, DEAD_LETTERS, WATCHLIST
 from tests.builders import FACE_LEN
 
@@ -96,6 +96,15 @@ def test_fraud_on_an_unknown_transaction_is_audited_and_dead_lettered(core):
     letter = DeadLetter.decode(dl.value)
     assert letter.error_kind == "unknown_transaction" and letter.dead_letter_id == "commands:0:1"
     assert BotCommand.decode(letter.payload).argument == "tx-missing"
+
+
+def test_a_failed_command_dead_letter_keeps_its_signature_so_a_redrive_is_still_the_bots(core):
+    src = command("FRAUD", "tx-missing")
+    (dl,) = by_topic(core.on_command(src, NOW))["dead_letters"]
+    kept = input_headers(dl.headers)
+    assert kept == tuple(src.headers)
+    cmd = BotCommand.decode(DeadLetter.decode(dl.value).payload)
+    authenticate_command(cmd, kept, core.settings.webex, NOW)  # the re-driven copy verifies
 
 
 def test_fraud_without_a_face_in_the_snapshot_fails_with_no_face(core):
