@@ -37,7 +37,7 @@ from infra import metrics
 from infra.cli import setting_errors
 from infra.launcher import Child, Supervisor, spawn
 from infra.logs import LOG_LEVEL_HELP, setup_logging
-from infra.processes import Reaper, orphans, reap_orphans, stop_child
+from infra.processes import Reaper, orphans, reap_orphans, stop_child, stop_children
 from infra.settings import Settings, SupervisorSettings, face_deadline_problem, get_settings
 from schemas.errors import CheckoutGuardError
 
@@ -334,11 +334,7 @@ def stop_all(children: Sequence[Child], timeout_s: float) -> list[str]:
     takes the slowest stop (about ``timeout_s``), not their sum (nine services ignoring SIGTERM took nine
     times ``stop_timeout_s``: past systemd's stop timeout); what had to be reaped. The processes only, not
     their groups: the scoring job still needs its JVM to cancel its Flink job."""
-    for child in children:
-        child.terminate()
-    with ThreadPoolExecutor(max_workers=max(len(children), 1), thread_name_prefix="stop") as pool:
-        stopped = list(pool.map(lambda child: stop_child(child, timeout_s), children))
-    return [line for lines in stopped for line in lines]
+    return stop_children(children, timeout_s)
 
 
 def run(settings: Settings, names: Sequence[str]) -> None:

@@ -34,3 +34,17 @@ def start_leader(said: Path) -> tuple[Child, psutil.Process]:
         time.sleep(0.05)
     [worker] = psutil.Process(proc.pid).children()
     return Child("leader", proc, said.with_suffix(".log")), worker
+
+
+STUBBORN = (
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+)
+"""A process that ignores SIGTERM: its stop takes the whole stop timeout."""
+
+
+def start_stubborn(name: str, log: Path) -> Child:
+    """A child in its own session that ignores SIGTERM (returns once it does)."""
+    proc = subprocess.Popen([sys.executable, "-c", STUBBORN], start_new_session=True, stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    proc.stdout.close()
+    return Child(name, proc, log)

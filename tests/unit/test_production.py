@@ -26,7 +26,7 @@ from infra.processes import owner_gone
 from infra.production import SERVICES, Answer, HealthSupervisor, choose, endpoints, unhealthy_since
 from infra.settings import MetricsSettings, Settings, SupervisorSettings, get_settings
 from tests.ports import free_port_block
-from tests.process_trees import start_leader
+from tests.process_trees import start_leader, start_stubborn
 
 
 class Clock:
@@ -462,19 +462,6 @@ def test_each_start_first_stops_what_the_previous_process_left(monkeypatch) -> N
     ]
 
 
-STUBBORN = (
-    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
-)
-"""A process that ignores SIGTERM: its stop takes the whole stop timeout."""
-
-
-def _stubborn(name: str, log: Path) -> Child:
-    proc = subprocess.Popen([sys.executable, "-c", STUBBORN], start_new_session=True, stdout=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
-    proc.stdout.close()
-    return Child(name, proc, log)
-
-
 def test_stopping_an_unhealthy_process_does_not_hold_up_the_loop(tmp_path: Path) -> None:
     """The stop of an unhealthy process ran in the loop: for its stop timeout (and the group's seconds) nothing else
     was watched and a SIGTERM waited. It runs beside the loop now; the process is restarted once it is over."""
@@ -487,7 +474,7 @@ def test_stopping_an_unhealthy_process_does_not_hold_up_the_loop(tmp_path: Path)
     job: list[Child] = []
     dash = Starter("dashboard")
     try:
-        sup.add("scoring-job", lambda: job.append(_stubborn("scoring-job", tmp_path / "job.log")) or job[-1])
+        sup.add("scoring-job", lambda: job.append(start_stubborn("scoring-job", tmp_path / "job.log")) or job[-1])
         sup.add("dashboard", dash)
         probe.status["scoring-job"] = 503
         slowest = 0.0
@@ -540,7 +527,7 @@ def test_the_shutdown_signals_each_process_before_its_group(tmp_path: Path) -> N
 def test_the_shutdown_waits_for_the_slowest_process_not_for_their_sum(tmp_path: Path) -> None:
     """Children stopped one after another each had the whole stop timeout: nine services that ignore SIGTERM
     took nine times it, past systemd's TimeoutStopSec."""
-    children = [_stubborn(f"stubborn-{n}", tmp_path / f"{n}.log") for n in range(3)]
+    children = [start_stubborn(f"stubborn-{n}", tmp_path / f"{n}.log") for n in range(3)]
     started = time.monotonic()
     try:
         production.stop_all(children, timeout_s=2.0)
