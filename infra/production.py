@@ -162,7 +162,8 @@ class HealthSupervisor:
     """A :class:`Supervisor` plus health: :meth:`check` lets the supervisor restart children that exited,
     then probes each running child at most every ``health_interval_s`` and stops one unhealthy for longer
     than ``unhealthy_after_s`` (in the background: the loop goes on); once stopped, its exit goes through the
-    supervisor's backoff and restart bound like a crash. Without a ``probe`` (metrics off) only exits are acted on."""
+    supervisor's backoff and restart bound like a crash. What a child that exited left in its process group is stopped
+    in the background too, before its restart. Without a ``probe`` (metrics off) only exits are acted on."""
 
     def __init__(
         self,
@@ -188,10 +189,13 @@ class HealthSupervisor:
         """Stops under way, by child: each runs in :attr:`_pool`, as it takes up to ``stop_timeout_s`` plus some
         10 s for the process group, and the loop, blocked that long, watched nothing else and left a SIGTERM
         waiting. Until its stop is over the child is neither probed nor restarted."""
+        self._cleared: dict[str, int] = {}
+        """By child: the pid whose stop (an unhealthy one's, or that of what an exited one left) is asked for."""
 
     def check(self) -> None:
         self._finish_stops()
         self.supervisor.check(busy=self._stops)
+        self._clear_exited()
         if self.probe is None or self.settings.unhealthy_after_s <= 0:
             return
         now = self.clock()
@@ -220,6 +224,17 @@ class HealthSupervisor:
                 self.log.warning("%s: its /healthz could not be asked: %s", child.name, asked.exception())
             answers.append(Answer(None) if asked.exception() is not None else asked.result())
         return answers
+
+    def _clear_exited(self) -> None:
+        """Stop what each child that exited left in its process group (a crashed scoring job's JVM), in :attr:`_pool`:
+        done at its restart, it held up the loop for up to ``stop_timeout_s`` plus some 10 s, and no other process was
+        watched or restarted meanwhile. The supervisor has noted the exit (its backoff is running, never over within
+        the same check); it restarts the child once this stop is over."""
+        for child in self.supervisor.children:
+            if child.alive or child.name in self._stops or self._cleared.get(child.name) == child.proc.pid:
+                continue
+            self._cleared[child.name] = child.proc.pid
+            self._stops[child.name] = self._pool.submit(self.stop, child)
 
     def _finish_stops(self) -> None:
         """Hand the children whose stop is over back to the supervisor (their exit then restarts them)."""
@@ -278,21 +293,16 @@ class HealthSupervisor:
                 child.proc.pid,
             )
             del self._health[child.name]
+            self._cleared[child.name] = child.proc.pid  # this stop ends its group too
             self._stops[child.name] = self._pool.submit(self.stop, child)
 
 
 def restartable(name: str, settings: Settings) -> Callable[[], Child]:
-    """Starts ``name``'s module; each start first ends what the previous process left in its group (a
-    SIGKILLed job's JVM would otherwise run on beside its replacement)."""
-    previous: list[Child] = []
+    """Starts ``name``'s module. What a previous process left in its group (a SIGKILLed job's JVM) is stopped
+    before by :class:`HealthSupervisor`, beside the loop (here, in the restart, it held up the loop)."""
 
     def start() -> Child:
-        if previous:
-            left = stop_child(previous[-1], settings.supervisor.stop_timeout_s)
-            if left:
-                log.warning("%s: stopped what its previous process left running: %s", name, "; ".join(left))
-        previous[:] = [spawn(SERVICES[name], settings, name=name)]
-        return previous[0]
+        return spawn(SERVICES[name], settings, name=name)
 
     return start
 

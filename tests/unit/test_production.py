@@ -22,11 +22,11 @@ from typer.testing import CliRunner
 
 from infra import metrics, production
 from infra.launcher import Child, Supervisor
-from infra.processes import owner_gone
+from infra.processes import owner_gone, stop_child
 from infra.production import SERVICES, Answer, HealthSupervisor, choose, endpoints, unhealthy_since
 from infra.settings import MetricsSettings, Settings, SupervisorSettings, get_settings
 from tests.ports import free_port_block
-from tests.process_trees import start_leader, start_stubborn
+from tests.process_trees import STUBBORN, start_leader, start_stubborn
 
 
 class Clock:
@@ -100,9 +100,10 @@ class Inline(Executor):
 def watch(clock: Clock, probe: Probe | None, cfg: SupervisorSettings = CFG) -> tuple[HealthSupervisor, list[Child]]:
     stopped: list[Child] = []
 
-    def stop(child: Child) -> None:
-        stopped.append(child)
-        child.proc.returncode = -15
+    def stop(child: Child) -> None:  # of a running one (an unhealthy one's); an exited one's leaves it as it is
+        if child.alive:
+            stopped.append(child)
+            child.proc.returncode = -15
 
     sup = Supervisor(backoff_s=cfg.backoff_s, max_restarts=cfg.max_restarts, clock=clock)
     if probe is not None:
@@ -436,30 +437,73 @@ def test_a_zero_limit_turns_health_restarts_off() -> None:
     assert stopped == [] and probe.asked == []
 
 
-def test_each_start_first_stops_what_the_previous_process_left(monkeypatch) -> None:
-    events: list[str] = []
-    children = iter(FakeChild(f"job-{n}") for n in range(3))
+def real_stop(cfg: SupervisorSettings) -> Callable[[Child], list[str]]:
+    """The supervisor's stop for real children; nothing for a :class:`FakeChild` (its pid is not its own)."""
+    return lambda child: [] if isinstance(child, FakeChild) else stop_child(child, cfg.stop_timeout_s)
+
+
+_LEAVER = """
+import subprocess, sys, time
+worker = subprocess.Popen([sys.executable, "-c", sys.argv[1]], stdout=subprocess.PIPE)  # in its group, as a JVM
+worker.stdout.readline()  # it ignores SIGTERM now
+print(worker.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_what_a_crashed_process_left_is_stopped_beside_the_loop_before_its_restart(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Stopping what a crashed service left in its group (the scoring job's JVM) ran in its restart, inside the loop:
+    for up to the stop timeout plus some seconds no other process was watched or restarted. It runs beside the loop
+    now, and the service is started again once it is over."""
+    cfg = CFG.model_copy(update={"stop_timeout_s": 2.0})
+    spawned: list[tuple[Child, psutil.Process]] = []
 
     def spawn(module: str, settings: Settings, *, name: str) -> Child:
-        child = next(children)
-        events.append(f"spawn {module} as {name}: {child.name}")
-        return child
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _LEAVER, STUBBORN], start_new_session=True, stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout is not None
+        worker = psutil.Process(int(proc.stdout.readline()))
+        proc.stdout.close()
+        spawned.append((Child(name, proc, tmp_path / f"{name}.log"), worker))
+        return spawned[-1][0]
 
     monkeypatch.setattr(production, "spawn", spawn)
-
-    def stop_child(child: Child, timeout: float) -> list[str]:
-        events.append(f"stop {child.name}")
-        return []
-
-    monkeypatch.setattr(production, "stop_child", stop_child)
-    start = production.restartable("scoring-job", Settings())
-    start()
-    start()
-    assert events == [
-        "spawn jobs.flink.job as scoring-job: job-0",
-        "stop job-0",
-        "spawn jobs.flink.job as scoring-job: job-1",
-    ]
+    clock = Clock()
+    sup = Supervisor(backoff_s=cfg.backoff_s, max_restarts=cfg.max_restarts, clock=clock)
+    w = HealthSupervisor(sup, cfg, None, clock=clock, stop=real_stop(cfg))
+    dash = Starter("dashboard")
+    try:
+        sup.add("scoring-job", production.restartable("scoring-job", Settings(supervisor=cfg)))
+        sup.add("dashboard", dash)
+        (job, worker) = spawned[0]
+        job.proc.kill()  # a crash: its worker runs on in its group
+        job.proc.wait(5)
+        dash.started[0].die(1)
+        slowest = 0.0
+        for _ in range(6):  # the exits are noticed, the backoff (1 s) passes
+            clock.now += 0.5
+            started = time.monotonic()
+            w.check()
+            slowest = max(slowest, time.monotonic() - started)
+        assert slowest < 1.0, f"a check took {slowest:.1f} s: the stop of what it left held up the loop"
+        assert len(dash.started) == 2, "another process's exit is acted on meanwhile"
+        assert len(spawned) == 1 and _running(worker), "not restarted before what it left is stopped"
+        deadline = time.monotonic() + 20
+        while len(spawned) == 1 and time.monotonic() < deadline:  # SIGKILL after the stop timeout
+            clock.now += 0.5
+            w.check()
+            time.sleep(0.1)
+        assert len(spawned) == 2 and spawned[1][0].alive, "restarted once the stop is over"
+        assert not _running(worker), "what it left was stopped first"
+    finally:
+        w.close()
+        for child, left in spawned:
+            child.kill()
+            with contextlib.suppress(psutil.Error):
+                left.kill()
 
 
 def test_stopping_an_unhealthy_process_does_not_hold_up_the_loop(tmp_path: Path) -> None:
@@ -470,7 +514,7 @@ def test_stopping_an_unhealthy_process_does_not_hold_up_the_loop(tmp_path: Path)
     clock, probe = Clock(), Probe()
     sup = Supervisor(backoff_s=cfg.backoff_s, max_restarts=cfg.max_restarts, clock=clock)
     probe.children = lambda: sup.children
-    w = HealthSupervisor(sup, cfg, probe, clock=clock)
+    w = HealthSupervisor(sup, cfg, probe, clock=clock, stop=real_stop(cfg))
     job: list[Child] = []
     dash = Starter("dashboard")
     try:
