@@ -16,10 +16,13 @@ path only (``infra`` never imports them).
 
 from __future__ import annotations
 
+import http.client
+import io
 import logging
 import os
 import re
 import signal
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -27,13 +30,13 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Annotated
 
-import httpx
 import psutil
 import typer
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from infra import metrics
+from infra.addresses import bracketed, client_host
 from infra.cli import setting_errors
 from infra.launcher import Child, Supervisor, spawn
 from infra.logs import LOG_LEVEL_HELP, setup_logging
@@ -207,16 +210,21 @@ class HealthSupervisor:
     def _ask(self, children: Sequence[Child], probe: Probe) -> list[Answer]:
         """Each child's ``/healthz`` side by side, waiting ``probe_timeout_s`` for them all: asked one after another,
         nine services took up to nine times it, and a process that exited went unnoticed that long. No answer in
-        time is silence; a child whose previous question is still out is not asked again until it is answered."""
+        time is silence; a child whose previous question is still out is not asked again until it is answered, nor
+        its next process while its previous one's is (each question ends within ``probe_timeout_s``, see
+        :func:`ask_healthz`): so at most one question per service is out, and a stuck one never holds a new thread."""
         for child in children:
-            pid, _ = self._asking.get(child.name, (None, None))
-            if pid != child.proc.pid:  # none out, or one for its previous process: not this one's answer
+            pid, asked = self._asking.get(child.name, (None, None))
+            if asked is not None and asked.done() and pid != child.proc.pid:  # its previous process's answer
+                del self._asking[child.name]
+                asked = None
+            if asked is None:
                 self._asking[child.name] = child.proc.pid, self._probes.submit(probe, child.name)
         out = [self._asking[c.name][1] for c in children]
         wait(out, timeout=self.settings.probe_timeout_s)
         answers = []
         for child, asked in zip(children, out, strict=True):
-            if not asked.done():
+            if not asked.done() or self._asking[child.name][0] != child.proc.pid:
                 answers.append(Answer(None))
                 continue
             del self._asking[child.name]
@@ -307,16 +315,69 @@ def restartable(name: str, settings: Settings) -> Callable[[], Child]:
     return start
 
 
+MAX_HEAD = 65536
+"""The most bytes of a ``/healthz`` answer read (a head not complete by then is no answer)."""
+
+
+def parse_head(head: bytes) -> Answer:
+    """The status and :data:`infra.metrics.PID_HEADER` of an HTTP answer (status line and headers up to the blank
+    line, then what came of its body); no answer for anything else (a head cut short, not HTTP)."""
+    parsed = _parse(head)
+    return parsed[0] if parsed is not None else Answer(None)
+
+
+def _parse(head: bytes) -> tuple[Answer, int | None] | None:
+    """The answer and its Content-Length (None: not given, or not a number); None until the head is complete."""
+    if b"\r\n\r\n" not in head:
+        return None
+    line, _, rest = head.partition(b"\r\n")
+    parts = line.split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not (parts[1].isascii() and parts[1].isdigit()):
+        return Answer(None), 0
+    try:
+        headers = http.client.parse_headers(io.BytesIO(rest))
+    except http.client.HTTPException:
+        return Answer(None), 0
+    pid, length = headers.get(metrics.PID_HEADER, ""), headers.get("Content-Length", "")
+    answer = Answer(int(parts[1]), int(pid) if pid.isascii() and pid.isdigit() else None)
+    return answer, int(length) if length.isascii() and length.isdigit() else None
+
+
+def ask_healthz(host: str, port: int, timeout_s: float) -> Answer:
+    """``GET /healthz`` on ``host:port`` (an address, not a name to look up), the whole question within
+    ``timeout_s``: httpx's timeout bounds each connect and each read alone, so an endpoint that answered a few bytes
+    at a time kept the question, and its thread, as long as it went on. Nothing in time is no answer. The answer is
+    read to its end (its Content-Length, or the close an HTTP/1.0 question asks for), so the endpoint never writes
+    to a closed connection; at most :data:`MAX_HEAD` bytes of it are read."""
+    deadline = time.monotonic() + timeout_s
+    got = b""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            sock.sendall(f"GET /healthz HTTP/1.0\r\nHost: {bracketed(host)}:{port}\r\n\r\n".encode())
+            while len(got) < MAX_HEAD:
+                parsed = _parse(got)
+                if parsed is not None and parsed[1] is not None and len(got) - got.index(b"\r\n\r\n") - 4 >= parsed[1]:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return Answer(None)
+                sock.settimeout(left)
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                got += chunk
+    except OSError:  # refused, reset, timed out
+        return Answer(None)
+    return parse_head(got)
+
+
 def http_probe(settings: Settings) -> Probe:
-    targets = metrics.scrape_targets(settings)
+    """Asks each process's ``/healthz`` with :func:`ask_healthz`, ``probe_timeout_s`` in all."""
+    host = client_host(settings.bind_host)
 
     def probe(name: str) -> Answer:
-        try:
-            reply = httpx.get(f"http://{targets[name]}/healthz", timeout=settings.supervisor.probe_timeout_s)
-        except httpx.HTTPError:
-            return Answer(None)
-        pid = reply.headers.get(metrics.PID_HEADER, "")
-        return Answer(reply.status_code, int(pid) if pid.isascii() and pid.isdigit() else None)
+        return ask_healthz(host, metrics.port_of(settings, name), settings.supervisor.probe_timeout_s)
 
     return probe
 
@@ -413,7 +474,6 @@ def main(
     except (CheckoutGuardError, SettingsError, ValueError) as exc:  # CG_ENV_FILE, a CG_* JSON value, a log level
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(2) from None
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per health probe says nothing
     try:
         names = choose(only or (), without or ())
     except ValueError as exc:

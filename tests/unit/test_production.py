@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -372,6 +373,72 @@ def test_the_probe_reads_which_process_answered(monkeypatch: pytest.MonkeyPatch)
         assert probe("alert-sender") == Answer(None), "nothing listens there"
     finally:
         endpoint.close()
+
+
+def test_a_probe_of_an_endpoint_that_answers_a_byte_at_a_time_ends_at_the_probe_timeout() -> None:
+    """The probe's timeout bounded each read alone: an endpoint that sent a byte every tenth of a second kept the
+    question, and its thread, for as long as it went on (here 10 s for a 1 s timeout)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    done = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            for byte in b"HTTP/1.0 200 OK\r\nX-Padding: " + b"x" * 100:
+                if done.is_set():
+                    return
+                with contextlib.suppress(OSError):
+                    conn.sendall(bytes([byte]))
+                time.sleep(0.1)
+
+    server = threading.Thread(target=trickle, daemon=True)
+    server.start()
+    base = port - metrics.PROCESSES["camera-bridge"]  # its health port is the trickling one
+    settings = Settings(supervisor=SupervisorSettings(probe_timeout_s=1.0), metrics=MetricsSettings(base_port=base))
+    try:
+        started = time.monotonic()
+        answer = production.http_probe(settings)("camera-bridge")
+        took = time.monotonic() - started
+    finally:
+        done.set()
+        server.join(5)
+        listener.close()
+    assert answer == Answer(None) and took < 1.5, f"{answer} after {took:.1f} s"
+
+
+def test_at_most_one_question_per_service_is_out_however_often_it_restarts() -> None:
+    """A restarted process was asked at once, beside its previous process's question still out: a probe stuck with
+    each restart held one more thread, and the others' questions then waited behind them and came back silent."""
+    clock, probe = Clock(), Probe()
+    w, _ = watch(clock, probe, CFG.model_copy(update={"probe_timeout_s": 0.2, "start_grace_s": 0.0}))
+    stuck = threading.Event()
+    calls: list[str] = []
+
+    def ask(name: str) -> Answer:
+        calls.append(name)
+        stuck.wait(10)
+        return Answer(200)
+
+    w.probe = ask
+    sender = Starter("alert-sender")
+    w.supervisor.add("alert-sender", sender)
+    try:
+        w.check()
+        for _ in range(3):  # it exits and is restarted while its first question is still out
+            sender.started[-1].die(1)
+            advance(w, clock, 10, step=5)
+        assert len(sender.started) == 4
+        assert calls == ["alert-sender"], "asked again while a question was out"
+        stuck.set()
+        deadline = time.monotonic() + 5
+        while len(calls) == 1 and time.monotonic() < deadline:  # once answered, its current process is asked
+            clock.now += 5
+            w.check()
+        assert len(calls) == 2
+    finally:
+        stuck.set()
+        w.close()
 
 
 @pytest.mark.parametrize(("bind_host", "asked_at"), [("::1", "[::1]"), ("::", "127.0.0.1")])
