@@ -206,3 +206,24 @@ def test_the_job_sees_the_real_camera_and_a_face_deadline_long_enough_for_it() -
     assert int(job["CG_JOB__FACE_DEADLINE_MS"]) >= 35_000 and face_deadline_problem(settings) is None
     # and the check does fire there: the demo's deadline with the same camera is refused
     assert face_deadline_problem(settings.model_copy(update={"job": JobSettings(face_deadline_ms=4000)}))
+
+
+def test_managed_flink_can_run_either_layout_with_the_settings_bounds() -> None:
+    """Without ``CG_JOB__LAYOUT`` the service ran the single layout, whatever its parallelism: scoring on one slot."""
+    import typing
+
+    from infra.settings import JobSettings
+
+    flink = load(AWS_DIR / "flink.yaml")
+    params = flink["Parameters"]
+    (app,) = (r["Properties"] for r in resources(flink, "AWS::KinesisAnalyticsV2::Application").values())
+    groups = app["ApplicationConfiguration"]["EnvironmentProperties"]["PropertyGroups"]
+    (props,) = (g["PropertyMap"] for g in groups if g["PropertyGroupId"] == "checkout-guard.settings")
+    assert props["CG_JOB__LAYOUT"] == {"Ref": "Layout"} and props["CG_JOB__STATE_SHARDS"] == {"Ref": "StateShards"}
+    layouts = typing.get_args(JobSettings.model_fields["layout"].annotation)
+    assert sorted(params["Layout"]["AllowedValues"]) == sorted(layouts)
+    assert params["Layout"]["Default"] == JobSettings().layout  # an existing application keeps its state's layout
+    (bound,) = (m.ge for m in JobSettings.model_fields["state_shards"].metadata if hasattr(m, "ge"))
+    assert params["StateShards"]["MinValue"] == bound
+    for layout in layouts:
+        JobSettings(layout=layout, state_shards=int(params["StateShards"]["Default"]))
