@@ -40,7 +40,8 @@ RETRYABLE_KINDS: frozenset[str] = frozenset(
     {DELIVERY_FAILED, INTERNAL_ERROR, FACE_STAGE_ERROR, UNKNOWN_SCHEMA, UNKNOWN_TOPIC, OPENSEARCH_REJECTED}
 )
 """The dead-letter kinds a re-drive can cure. Every other kind is permanent: the record itself is wrong
-(``not_avro``, ``invalid*``, ``missing_field``, ``oversized``, ``too_late``, ``unauthorized``, ...) and comes
+(``not_avro``, ``invalid*``, ``missing_field``, ``oversized``, ``too_late``, ``unauthorized``,
+``duplicate_transaction_id``, ``conflicting_transaction``, ...) and comes
 back as the same dead letter; so is a command the watchlist service failed (``rekognition_unavailable``,
 ``command_error``): it audited the command id, and skips a re-driven copy. An unlisted kind counts as permanent,
 so a new way of refusing a record is never re-driven in a loop by default."""

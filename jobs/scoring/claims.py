@@ -7,7 +7,9 @@ its scored record replaced the first one in OpenSearch (both are filed under the
 alert could be taken for the first one's, and on the way the face join, which holds transactions by
 id, dropped the first one if it was still waiting for its face. The first transaction to claim an id
 keeps it for the receipt's retention (event time, as the receipt's own duplicate check); a later one
-under another receipt is a dead letter, ``duplicate_transaction_id``.
+under another receipt is a dead letter, ``duplicate_transaction_id``. A record reusing an id under the
+*same* receipt with other content is found by the receipt itself (:class:`jobs.scoring.features.Receipt` keeps a
+digest per id) and is a ``conflicting_transaction`` dead letter; an identical copy is a redelivery, dropped.
 
 Checked where a transaction is held by its id, just before the face join, on both layouts: it has
 been counted in the receipt's, the store's and the profiles' history by then (the POS did send it),
@@ -26,16 +28,37 @@ CLAIMS = "claims"
 DUPLICATE_ID = "duplicate_transaction_id"
 """Dead-letter kind of a transaction whose id another receipt's transaction claimed first."""
 
+CONFLICTING_ID = "conflicting_transaction"
+"""Dead-letter kind of a record under the receipt of a transaction with its id, but with other content (amount,
+currency, kind, store, customer, time or original id): not a redelivered copy, and not decided. Permanent: sent
+again, the same bytes meet the same first transaction."""
+
 Claim = tuple[str, int]
 
 
-class DuplicateTransaction(InvalidRecord):
-    """A transaction whose id another receipt's transaction holds; it carries the transaction for its dead letter
-    (where no source record is at hand: the partitioned layout's gather step)."""
+class IdConflict(InvalidRecord):
+    """A record whose transaction id names another transaction already: not decided. It carries the transaction for
+    its dead letter (where no source record is at hand: the partitioned layout's receipt and gather steps), and the
+    state writes made before it was found (``writes``), for the caller to persist all the same."""
+
+    def __init__(self, kind: str, reason: str, tx: dict[str, Any]) -> None:
+        super().__init__(kind, reason)
+        self.tx = tx
+        self.writes: list[tuple[str, str, Any]] = []
+
+
+class DuplicateTransaction(IdConflict):
+    """A transaction whose id another receipt's transaction holds."""
 
     def __init__(self, reason: str, tx: dict[str, Any]) -> None:
-        super().__init__(DUPLICATE_ID, reason)
-        self.tx = tx
+        super().__init__(DUPLICATE_ID, reason, tx)
+
+
+class ConflictingTransaction(IdConflict):
+    """A record with the id of a transaction already filed under the same receipt, but other content."""
+
+    def __init__(self, reason: str, tx: dict[str, Any]) -> None:
+        super().__init__(CONFLICTING_ID, reason, tx)
 
 
 class IdClaims:

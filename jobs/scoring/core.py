@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple, Protocol
 
 from infra.settings import Settings
-from jobs.scoring.claims import CLAIMS, DuplicateTransaction, IdClaims
+from jobs.scoring.claims import CLAIMS, ConflictingTransaction, DuplicateTransaction, IdClaims, IdConflict
 from jobs.scoring.face_join import (
     DECIDED,
     EARLY_FACES,
@@ -312,7 +312,12 @@ class DecisionCore:
             out.append(env)
             return None
         parsed.append(env[0])
-        observed, writes = self.scorer.observe(env, state, now_ms=now)
+        try:
+            observed, writes = self.scorer.observe(env, state, now_ms=now)
+        except ConflictingTransaction as err:  # the id's first record under this receipt stands
+            self._persist(err.writes)
+            out.append(reused_id_dead_letter(self.scorer, err, zlib.crc32(value or b"")))
+            return None
         self._persist(writes)
         if observed is None:
             return None
@@ -525,10 +530,11 @@ class DecisionCore:
         return None
 
 
-def reused_id_dead_letter(scorer: Scorer, err: DuplicateTransaction, crc: int) -> tuple[str, bytes, bytes]:
-    """The dead letter of a transaction whose id another receipt's transaction holds, the same on both layouts
-    (the partitioned one finds it at the gather step, where no source offset is known): one per record (``crc``,
-    its bytes' CRC-32), with the transaction as parsed."""
+def reused_id_dead_letter(scorer: Scorer, err: IdConflict, crc: int) -> tuple[str, bytes, bytes]:
+    """The dead letter of a transaction whose id names another transaction (another receipt's, or one with other
+    content under its own), the same on both layouts (the partitioned one finds it at the receipt or the gather
+    step, where no source offset is known): one per record (``crc``, its bytes' CRC-32), with the transaction as
+    parsed."""
     tx = {k: v for k, v in err.tx.items() if k != PROFILE_KEY}
     tx_id = str(tx.get("transaction_id"))
     try:

@@ -25,6 +25,7 @@ command (offline history) and the job (Flink state), so features cannot drift be
 from __future__ import annotations
 
 import math
+import zlib
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from typing import Any
 import pycountry
 
 from infra.settings import RulesSettings
+from jobs.scoring.claims import ConflictingTransaction
 
 Tx = dict[str, Any]
 ISO_4217: frozenset[str] = frozenset(c.alpha_3 for c in pycountry.currencies)
@@ -66,6 +68,44 @@ def receipt_key(tx: Tx) -> str:
     return tx.get("original_transaction_id") or tx["transaction_id"]
 
 
+DIGEST_FIELDS: tuple[str, ...] = (
+    "amount",
+    "currency",
+    "kind",
+    "store_id",
+    "customer",
+    "event_time",
+    "original_transaction_id",
+)
+"""What a receipt remembers of each transaction id, 16 bits each (:func:`content_digest`): what its checks read.
+Append only: the digests in checkpoints are packed in this order (a field inserted before the end would make every
+restored copy read as a conflict)."""
+
+
+def content_digest(tx: Tx, cust_key: str) -> int:
+    """A compact digest of the transaction as its receipt sees it (:data:`DIGEST_FIELDS`, ``customer`` being its
+    customer key): one int of 16 bits per field, so a copy with other content tells which fields differ. CRC-32,
+    not ``hash``: the same in every process."""
+    values = (
+        tx["amount"],
+        tx["currency"],
+        tx["kind"],
+        tx["store_id"],
+        cust_key,
+        tx["event_time"],
+        tx.get("original_transaction_id") or None,
+    )
+    digest = 0
+    for i, value in enumerate(values):
+        digest |= (zlib.crc32(repr(value).encode()) & 0xFFFF) << (16 * i)
+    return digest
+
+
+def digest_differences(a: int, b: int) -> list[str]:
+    """The :data:`DIGEST_FIELDS` in which two digests differ."""
+    return [name for i, name in enumerate(DIGEST_FIELDS) if (a >> (16 * i)) & 0xFFFF != (b >> (16 * i)) & 0xFFFF]
+
+
 def _pickled_values(state: Any) -> dict[str, Any]:
     """The field values in a slotted dataclass's pickled state: ``(None, slots)`` or a plain dict."""
     return dict(state[1] if isinstance(state, tuple) else state)
@@ -89,8 +129,10 @@ class Receipt:
     amount: float = 0.0
     event_time: int = 0
     returned: float = 0.0
-    seen: set[str] = field(default_factory=set)
-    """Transaction ids already processed under this receipt, for de-duplication."""
+    seen: dict[str, int | None] = field(default_factory=dict)
+    """Transaction ids already processed under this receipt, each with its :func:`content_digest`: an identical
+    copy is a redelivery (dropped), one with other content a conflict (dead letter). ``None``: restored from a job
+    that kept ids only (a set), the content unknown: a later copy is dropped as before."""
     sale_face: tuple[float, ...] | None = None
     """The buyer's face embedding from the checkout snapshot (biometric: dropped after
     ``rules.receipt_face_retention_hours``, or by ``forget``)."""
@@ -104,15 +146,18 @@ class Receipt:
 
     def __setstate__(self, state: Any) -> None:
         """Restore a pickle, also one written before a field existed (a savepoint of an older job): missing
-        fields take their defaults."""
-        _restore_slots(self, _pickled_values(state))
+        fields take their defaults; ``seen`` as a set of ids (before digests) is those ids, digests unknown."""
+        values = _pickled_values(state)
+        if isinstance(values.get("seen"), (set, frozenset)):
+            values["seen"] = dict.fromkeys(values["seen"])
+        _restore_slots(self, values)
 
     def observe(self, tx: Tx, cust_key: str, rules: RulesSettings) -> dict[str, float] | None:
-        """Indicators for ``tx``; ``None`` if this exact transaction was already seen (a duplicate)."""
-        tx_id = tx["transaction_id"]
-        if tx_id in self.seen:
+        """Indicators for ``tx``; ``None`` if this exact transaction was already seen (a duplicate);
+        :class:`ConflictingTransaction` for its id with other content (:meth:`_first_time`)."""
+        if not self._first_time(tx, cust_key):
             return None
-        self.seen.add(tx_id)
+        tx_id = tx["transaction_id"]
         if not self.opened:
             self.opened = tx["event_time"]
         ind: dict[str, float] = {}
@@ -146,6 +191,27 @@ class Receipt:
         if elapsed_s < rules.suspicious_timing_s and tx["store_id"] != self.store_id:
             ind["suspicious_timing"] = 1.0
         return ind
+
+    def _first_time(self, tx: Tx, cust_key: str) -> bool:
+        """Whether ``tx``'s id is new here (now seen); ``False`` for a copy of a record seen before.
+
+        Raises :class:`ConflictingTransaction`, changing nothing, for a record with the id of one seen before but
+        other content: it is not a copy, and which of the two is right is not for the job to guess."""
+        tx_id = tx["transaction_id"]
+        digest = content_digest(tx, cust_key)
+        seen = self.seen
+        if tx_id not in seen:
+            seen[tx_id] = digest
+            return True
+        known = seen[tx_id]
+        if known is None or known == digest:
+            return False
+        raise ConflictingTransaction(
+            f"transaction id {tx_id[:128]!r} was taken on receipt {receipt_key(tx)[:128]!r} by a record with another"
+            f" {', '.join(digest_differences(known, digest))}; this {str(tx.get('kind')).lower()} is not decided (a"
+            " redelivered copy is the same record)",
+            tx,
+        )
 
     def _count_return(self, amount: float, currency: str) -> bool:
         """Add a return to ``returned``; ``True`` when it is in another currency than the sale's.

@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from infra.settings import Settings
-from jobs.scoring.claims import CLAIMS, DuplicateTransaction, IdClaims
+from jobs.scoring.claims import CLAIMS, IdClaims, IdConflict
 from jobs.scoring.core import SourceRecord, WatchlistLike, _describe, reused_id_dead_letter
 from jobs.scoring.face_join import (
     DECIDED,
@@ -631,7 +631,7 @@ def take(
     for m in messages:
         try:
             emits += step.on(m.key, m.payload, m.order, now_ms) if gather else step.on(m.key, m.payload, m.order)
-        except DuplicateTransaction as err:  # the record's own fault (an id another receipt's transaction holds)
+        except IdConflict as err:  # the record's own fault (its id names another transaction: claims, receipt)
             step.resync(m.key)
             failed.append(reused_id_dead_letter(scorer, err, m.order[2]))
         except Exception as err:  # noqa: BLE001 - one message must not stop the job: dead-letter it

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from infra.settings import Settings
+from jobs.scoring.claims import ConflictingTransaction
 from jobs.scoring.face_join import Seen
 from jobs.scoring.face_similarity import embedding_problem, similarity
 from jobs.scoring.features import (
@@ -254,7 +255,9 @@ class Scorer:
         ``train``/``backtest`` commands run it on a :class:`ScoringState` built from history.
         Raises :class:`InvalidRecord` (``too_late``) for an event older than the state keeps: its
         sale is forgotten and its history expired, so its indicators would be wrong. Events that are
-        merely out of order, within that horizon, are placed where they belong in time.
+        merely out of order, within that horizon, are placed where they belong in time. Raises
+        :class:`ConflictingTransaction` for a record with a seen id and other content (its receipt says so), with
+        the writes made before it on the error.
 
         ``now_ms`` (the job's wall clock) caps the newest event time: a record stamped ahead of it
         (within the allowed skew) cannot make later transactions too late; ``None``: offline history.
@@ -278,7 +281,11 @@ class Scorer:
             receipt = None
         known = receipt is not None
         unsold = receipt is None or receipt.sale_id is None
-        receipt, out = self.by_receipt(receipt, env, ck)
+        try:
+            receipt, out = self.by_receipt(receipt, env, ck)
+        except ConflictingTransaction as err:
+            err.writes = writes  # the receipts expired before it stay expired
+            raise
         if out is None:
             return None, writes
         state.receipts[rk] = receipt

@@ -23,8 +23,8 @@ return, the sale a return names, amount, whether the checkout snapshot had a fac
 are built directly with the job's own types (:class:`Receipt`, :class:`StoreActivity`,
 :class:`CustomerProfile`) by the rules the job applies when it processes that history in event-time
 order: a sale opens a receipt, a return joins its sale's receipt (or opens one under the id it names
-when the sale is unknown or already expired), ``seen`` holds every transaction id of a receipt, a
-store keeps its returns of the last ``store_return_window_s``, a profile keeps its times of the last
+when the sale is unknown or already expired), ``seen`` holds every transaction id of a receipt (with its
+content digest), a store keeps its returns of the last ``store_return_window_s``, a profile keeps its times of the last
 ``velocity_window_s`` (at most ``4 * velocity_limit``), its sales' Welford mean/variance and its first 16
 stores, and starts over after ``customer_retention_days`` idle; a sale keeps its buyer's face until it
 is ``receipt_face_retention_hours`` old. :func:`validate` checks this builder against the job itself: it
@@ -291,15 +291,32 @@ def _build_orphans(p: Plan, emit: Emit, counts: dict[str, int]) -> None:
     end = int(p.hist.t[-1]) if len(p.hist) else 0
     keep_ms = p.rules.receipt_retention_days * DAY_MS
     hist = p.hist
+    codes = hist.key_codes()
     for key, (opened, rows) in p.orphans.items():
         kept = opened >= end - keep_ms
         counts["receipts_dropped"] += not kept
-        receipt = Receipt(seen={hist.tx_id(r) for r in rows}, opened=int(hist.t[rows[0]]))
+        receipt = Receipt(seen={hist.tx_id(r): _digest(hist, r, codes) for r in rows}, opened=int(hist.t[rows[0]]))
         for r in rows:  # one naming a sale not known (yet) is added up all the same; one without a receipt is not
             if hist.orig[r] != NO_RECEIPT:
                 receipt.returned += float(hist.amount[r])
                 receipt.returned_currency = "USD"  # the history's one currency
         emit(RECEIPTS, key, receipt, kept)
+
+
+def _digest(hist: History, i: int, codes: np.ndarray) -> int:
+    """Row ``i``'s digest in its receipt: :func:`content_digest` of the transaction :func:`_records` sends."""
+    from jobs.scoring.features import content_digest
+
+    is_return, code = bool(hist.is_return[i]), int(codes[i])
+    tx = {
+        "amount": float(hist.amount[i]),
+        "currency": "USD",
+        "kind": "RETURN" if is_return else "SALE",
+        "store_id": store_name(int(hist.store[i])),
+        "event_time": int(hist.t[i]),
+        "original_transaction_id": hist.receipt_key(i) if is_return and hist.orig[i] != NO_RECEIPT else None,
+    }
+    return content_digest(tx, f"anon:{hist.tx_id(i)}" if code < 0 else hist.key_name(code))
 
 
 def _build_sale_receipts(p: Plan, lo: int, hi: int, emit: Emit, counts: dict[str, int]) -> None:
@@ -312,17 +329,19 @@ def _build_sale_receipts(p: Plan, lo: int, hi: int, emit: Emit, counts: dict[str
     face_from = end - int(p.rules.receipt_face_retention_hours * HOUR_MS)
     faces, seed, amounts = hist.faces, hist.spec.seed, hist.amount
     rows = np.flatnonzero(~hist.is_return)[lo:hi]
-    cols = (hist.t[rows], hist.store[rows], amounts[rows], hist.key_codes()[rows], hist.face[rows])
+    codes = hist.key_codes()
+    cols = (hist.t[rows], hist.store[rows], amounts[rows], codes[rows], hist.face[rows])
     names: dict[int, str] = {}
     stores = [store_name(s) for s in range(hist.spec.stores)]
     kept_faces = dropped_faces = dropped = 0
     for i, t, s, amount, code, has_face in zip(rows.tolist(), *(c.tolist() for c in cols), strict=True):
         tx_id = f"tx-{seed}-{i + 1}"
         ck = f"anon:{tx_id}" if code < 0 else names.get(code) or names.setdefault(code, hist.key_name(code))
-        receipt = Receipt(tx_id, stores[s], ck, amount, t, 0.0, {tx_id}, currency="USD", returned_currency="USD")
+        seen = {tx_id: _digest(hist, i, codes)}
+        receipt = Receipt(tx_id, stores[s], ck, amount, t, 0.0, seen, currency="USD", returned_currency="USD")
         receipt.opened = t  # its returns come after it
         for r in attached.get(i, ()):
-            receipt.seen.add(f"tx-{seed}-{r + 1}")
+            receipt.seen[f"tx-{seed}-{r + 1}"] = _digest(hist, r, codes)
             receipt.returned += float(amounts[r])
         kept = t >= keep_from
         if has_face:
@@ -678,8 +697,10 @@ def face_pickle_bytes() -> int:
     values)."""
     from jobs.scoring.features import Receipt
 
-    plain = Receipt("tx-1", "store-1", "token:x", 1.0, 1, 0.0, {"tx-1"})
-    with_face = Receipt("tx-1", "store-1", "token:x", 1.0, 1, 0.0, {"tx-1"}, tuple(float(i) for i in range(FACE_LEN)))
+    plain = Receipt("tx-1", "store-1", "token:x", 1.0, 1, 0.0, {"tx-1": 1})
+    with_face = Receipt(
+        "tx-1", "store-1", "token:x", 1.0, 1, 0.0, {"tx-1": 1}, tuple(float(i) for i in range(FACE_LEN))
+    )
     return len(pickle.dumps(with_face)) - len(pickle.dumps(plain))
 
 

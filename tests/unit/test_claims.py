@@ -46,3 +46,11 @@ def test_a_history_rejects_a_row_reusing_an_earlier_rows_id_under_another_receip
     assert [tx["transaction_id"] for tx, _ in history.items] == ["s1", "s2"]
     [(ident, reason)] = history.rejected
     assert ident == "s1" and "taken by an earlier transaction on receipt 's1'" in reason
+
+
+def test_a_history_rejects_a_row_with_an_earlier_rows_id_and_other_content_under_its_receipt_as_the_job_does():
+    rows = [sale("s1", amount=50), sale("s1", amount=55), sale("s1", amount=50), sale("s2", at_s=700)]
+    history = observe_all(rows, Settings())
+    assert [tx["transaction_id"] for tx, _ in history.items] == ["s1", "s2"] and history.duplicates == 1
+    [(ident, reason)] = history.rejected
+    assert ident == "s1" and "another amount;" in reason

@@ -1,7 +1,7 @@
 """The partitioned steps decide as the single-state core does, on one shard or many.
 
-A seeded stream with cross-store returns, duplicates (same bytes, and the same id with other content),
-anonymous buyers, shared cards / e-mails / IPs, faces early, late and missing, a buyer who is not the
+A seeded stream with cross-store returns, duplicates (same bytes), the same id with other content (at once or
+later), anonymous buyers, shared cards / e-mails / IPs, faces early, late and missing, a buyer who is not the
 returner, a suspect, and bad records: :class:`PartitionedCore` on 1 and on 4 shards gives exactly the
 rows :class:`DecisionCore` gives, and the model sees exactly the same features.
 """
@@ -24,13 +24,14 @@ from jobs.scoring.rules import ModelResult
 from jobs.scoring.scorer import Predictor
 from jobs.scoring.watchlist import Watchlist
 from schemas.codec import codec
-from schemas.records import WatchlistEntry
+from schemas.records import PosTransaction, WatchlistEntry
 from schemas.topics import DEAD_LETTERS, FACE_OBSERVATIONS, SCORED_TRANSACTIONS, TRANSACTIONS
 from tests.builders import FACE_LEN, OTHER_FACE_LEN, T0, checkout_face, face_vector, return_of, sale
 
 PREFIX = "cg."
 TX, FACES = TRANSACTIONS.full_name(PREFIX), FACE_OBSERVATIONS.full_name(PREFIX)
 DUP = "duplicate_transaction_id"
+CONFLICT = "conflicting_transaction"
 SCORED, DLQ = SCORED_TRANSACTIONS.full_name(PREFIX), DEAD_LETTERS.full_name(PREFIX)
 NOW = T0 + 86_400_000
 """Processing time: a day after the first event."""
@@ -74,6 +75,17 @@ def _obs(tx_id: str, at: int, embedding, n: int) -> SourceRecord:
     return SourceRecord(b"cam", obs.encode(), FACES, 1, n, NOW)
 
 
+def _other_content(rnd: random.Random, tx: PosTransaction, at: int, stores: list[str]) -> list:
+    """Records reusing ``tx``'s id under its receipt with other content (conflicts), as ``(time, record)``: one at
+    once (whichever of the two comes first stands) and one later, from another store."""
+    out = []
+    if rnd.random() < 0.02:
+        out.append((at, replace(tx, amount=tx.amount + 1)))
+    if rnd.random() < 0.03:
+        out.append((at + 20_000, replace(tx, store_id=rnd.choice(stores), event_time=at + 20_000)))
+    return out
+
+
 def seeded_stream(seed: int, n: int = 360) -> tuple[list[list[SourceRecord]], list[float]]:
     """Batches of records in event-time order, and the suspect's face."""
     rnd = random.Random(seed)
@@ -115,8 +127,8 @@ def seeded_stream(seed: int, n: int = 360) -> tuple[list[list[SourceRecord]], li
         add(at, SourceRecord(tx_id.encode(), value, TX, 0, offset, NOW))
         if rnd.random() < 0.06:  # the same record again
             add(at, SourceRecord(tx_id.encode(), value, TX, 0, offset, NOW))
-        if rnd.random() < 0.02:  # the same id, other content
-            add(at, SourceRecord(tx_id.encode(), replace(tx, amount=amount + 1).encode(), TX, 0, offset, NOW))
+        for when, other in _other_content(rnd, tx, at, stores):
+            add(when, SourceRecord(tx_id.encode(), other.encode(), TX, 0, offset, NOW))
         if rnd.random() < 0.03:  # the id under another receipt (a dead letter), now or later
             later = rnd.choice([0, 30_000])
             other = return_of(tx_id, f"unknown-{i % 7}", at_s=(at + later - T0) / 1000, store=store)
@@ -243,7 +255,7 @@ def test_seeded_stream_holds_what_the_equivalence_must_cover():
     assert {"return_unknown_receipt", "return_without_receipt"} <= reasons
     assert {s["face_status"] for s in scored} >= {"MATCHED", "NO_MATCH", "UNAVAILABLE"}
     kinds = [codec("DeadLetter").decode(v)["error_kind"] for t, _, v in rows if t == DLQ]
-    assert kinds.count("duplicate_transaction_id") >= 3 and len(set(kinds)) >= 2
+    assert kinds.count("duplicate_transaction_id") >= 3 and kinds.count(CONFLICT) >= 3 and len(set(kinds)) >= 3
 
 
 def test_order_and_shards_are_stable_across_processes():
@@ -330,6 +342,27 @@ def test_a_later_transaction_reusing_an_id_under_another_receipt_is_a_dead_lette
         assert dead["dead_letter_id"] == f"{TX}:{DUP}:s1:{zlib.crc32(reuse.value)}"
         assert codec("PosTransaction").decode(dead["payload"])["original_transaction_id"] == "s0"
         assert run([reuse], NOW + 2000) == []  # a copy: dropped at its receipt (one dead letter per record)
+
+
+def test_a_record_reusing_an_id_on_its_receipt_with_other_content_is_a_dead_letter_on_either_layout():
+    """An identical copy is a redelivery (dropped without a word); one with other content is not: the first stands."""
+    s = settings().model_copy(update={"job": settings().job.model_copy(update={"face_deadline_ms": 0})})
+    for run in _layouts(s):
+        first = _tx(return_of("r1", "s1", at_s=60, amount=20))
+        assert set(_scored(run([first], NOW))) == {"r1"}
+        assert run([first], NOW + 1000) == []
+        other = _tx(replace(return_of("r1", "s1", at_s=90, amount=20), currency="EUR"))
+        rows = run([other], NOW + 2000)
+        assert _scored(rows) == {}
+        [dead] = [codec("DeadLetter").decode(v) for t, _, v in rows if t == DLQ]
+        assert (
+            dead["error_kind"] == CONFLICT and dead["dead_letter_id"] == f"{TX}:{CONFLICT}:r1:{zlib.crc32(other.value)}"
+        )
+        assert "another currency, event_time;" in dead["reason"]
+        assert codec("PosTransaction").decode(dead["payload"])["currency"] == "EUR"
+        again = [codec("DeadLetter").decode(v)["dead_letter_id"] for t, _, v in run([other], NOW + 3000)]
+        assert again == [dead["dead_letter_id"]], "the same record again: the same dead letter"
+        assert run([first], NOW + 4000) == []
 
 
 def test_two_records_under_one_id_waiting_for_their_faces_together_lose_neither():

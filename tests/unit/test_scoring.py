@@ -6,12 +6,13 @@ import pytest
 
 from infra.local.pos_generator import PosGenerator
 from infra.settings import Settings
+from jobs.scoring.claims import ConflictingTransaction
 from jobs.scoring.features import CustomerProfile, Receipt, StoreActivity, customer_key
 from jobs.scoring.rules import FaceResult, ModelResult, RuleSet, decide
 from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Scorer, ScoringState
 from jobs.scoring.validation import parse_transaction
 from schemas.codec import codec
-from schemas.errors import InvalidRecord
+from schemas.errors import InvalidRecord, is_retryable
 from tests.builders import T0, return_of, sale
 
 SETTINGS = Settings()
@@ -182,6 +183,44 @@ def test_duplicate_transaction_is_scored_once():
     p = Pipeline()
     assert p.feed(sale("t1").encode())
     assert p.feed(sale("t1").encode()) == []
+
+
+def test_a_record_reusing_an_id_on_its_receipt_with_other_content_is_refused_naming_the_fields_but_a_copy_is_dropped():
+    receipt = Receipt()
+    first = return_of("r1", "t1", at_s=100, amount=30, card="card-SECRET")
+    assert receipt.observe(first.to_avro(), "token:card-SECRET", RULES) is not None
+    assert receipt.observe(first.to_avro(), "token:card-SECRET", RULES) is None  # a redelivered copy
+    other = replace(first, amount=31.0, currency="EUR")
+    with pytest.raises(ConflictingTransaction) as err:
+        receipt.observe(other.to_avro(), "token:card-SECRET", RULES)
+    assert err.value.kind == "conflicting_transaction" and not is_retryable(err.value.kind)
+    assert "'r1'" in err.value.reason and "receipt 't1'" in err.value.reason
+    assert "another amount, currency;" in err.value.reason and "card-SECRET" not in err.value.reason
+    assert err.value.tx["amount"] == 31.0
+    assert receipt.returned == 30 and list(receipt.seen) == ["r1"], "the conflict changed nothing"
+    moved = replace(first, store_id="store-009", event_time=first.event_time + 1)
+    with pytest.raises(ConflictingTransaction, match="another store_id, event_time;"):
+        receipt.observe(moved.to_avro(), "token:card-SECRET", RULES)
+    with pytest.raises(ConflictingTransaction, match="another customer;"):
+        receipt.observe(first.to_avro(), "token:card-OTHER", RULES)
+
+
+def test_a_receipt_restored_from_a_job_that_kept_ids_only_drops_any_later_copy_as_before():
+    import pickle
+
+    receipt = Receipt()
+    receipt.observe(sale("t1", amount=100).to_avro(), "token:card-A", RULES)
+    slots = {name: getattr(receipt, name) for name in Receipt.__slots__}
+    slots["seen"] = {"t1"}  # what a savepoint written before the digests holds
+    old = Receipt.__new__(Receipt)
+    old.__setstate__((None, slots))
+    assert old.seen == {"t1": None}
+    assert old.observe(sale("t1", amount=999).to_avro(), "token:card-A", RULES) is None  # content unknown: dropped
+    found = old.observe(return_of("r1", "t1", at_s=60, amount=40).to_avro(), "token:card-A", RULES)
+    assert found is not None and "return_exceeds_sale" not in found
+    with pytest.raises(ConflictingTransaction):  # a new id has its digest
+        old.observe(return_of("r1", "t1", at_s=60, amount=41).to_avro(), "token:card-A", RULES)
+    assert pickle.loads(pickle.dumps(old)) == old
 
 
 def test_store_return_burst_is_flagged():
