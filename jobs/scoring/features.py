@@ -106,6 +106,11 @@ def digest_differences(a: int, b: int) -> list[str]:
     return [name for i, name in enumerate(DIGEST_FIELDS) if (a >> (16 * i)) & 0xFFFF != (b >> (16 * i)) & 0xFFFF]
 
 
+RAW = ""
+"""The key of :attr:`Receipt.returned` for an amount whose currency is unknown (restored from a job older than
+currencies): added up with the sale's, whatever its currency."""
+
+
 def _pickled_values(state: Any) -> dict[str, Any]:
     """The field values in a slotted dataclass's pickled state: ``(None, slots)`` or a plain dict."""
     return dict(state[1] if isinstance(state, tuple) else state)
@@ -128,7 +133,11 @@ class Receipt:
     customer_key: str | None = None
     amount: float = 0.0
     event_time: int = 0
-    returned: float = 0.0
+    returned: dict[str, float] = field(default_factory=dict)
+    """Returns added up per currency. Before the sale is known each counts in its own currency; once it is, only
+    the sale's is kept (the others can never be compared with it: no exchange rates here), so then it holds one
+    entry or none. Key :data:`RAW`: an amount of unknown currency, from a job older than currencies, compared raw
+    (with whatever else the receipt holds)."""
     seen: dict[str, int | None] = field(default_factory=dict)
     """Transaction ids already processed under this receipt, each with its :func:`content_digest`: an identical
     copy is a redelivery (dropped), one with other content a conflict (dead letter). ``None``: restored from a job
@@ -138,18 +147,21 @@ class Receipt:
     ``rules.receipt_face_retention_hours``, or by ``forget``)."""
     currency: str | None = None
     """The sale's currency; ``None`` in a receipt restored from a job older than this field (compared raw)."""
-    returned_currency: str | None = None
-    """The currency ``returned`` counts in: the first return's, the sale's once it is known."""
     opened: int = 0
     """Event time (ms) of the first transaction filed under it: what a receipt with no sale yet is dated by
     (0 in a receipt restored from a job older than this field)."""
 
     def __setstate__(self, state: Any) -> None:
         """Restore a pickle, also one written before a field existed (a savepoint of an older job): missing
-        fields take their defaults; ``seen`` as a set of ids (before digests) is those ids, digests unknown."""
+        fields take their defaults; ``seen`` as a set of ids (before digests) is those ids, digests unknown;
+        ``returned`` as one sum (before per-currency sums) is that sum under its ``returned_currency``, or
+        :data:`RAW` where there was none (a job older than currencies)."""
         values = _pickled_values(state)
         if isinstance(values.get("seen"), (set, frozenset)):
             values["seen"] = dict.fromkeys(values["seen"])
+        returned = values.get("returned")
+        if isinstance(returned, (int, float)):
+            values["returned"] = {values.get("returned_currency") or RAW: float(returned)} if returned else {}
         _restore_slots(self, values)
 
     def observe(self, tx: Tx, cust_key: str, rules: RulesSettings) -> dict[str, float] | None:
@@ -165,10 +177,9 @@ class Receipt:
         if tx["kind"] == "SALE":
             self.sale_id, self.store_id, self.customer_key = tx_id, tx["store_id"], cust_key
             self.amount, self.event_time, self.currency = tx["amount"], tx["event_time"], currency
-            if self.returned_currency not in (None, currency):
-                # returns that came first in another currency cannot be added to this sale's
-                self.returned = 0.0
-            self.returned_currency = currency
+            # the returns that came first in the sale's currency are compared with it, whichever came first
+            kept = self.returned.get(currency, 0.0) + self.returned.get(RAW, 0.0)
+            self.returned = {currency: kept} if kept else {}
             return ind
         # A return.
         if not tx.get("original_transaction_id"):
@@ -180,7 +191,7 @@ class Receipt:
         if self.sale_id is None:
             ind["return_unknown_receipt"] = 1.0
             return ind
-        if not foreign and self.returned > self.amount + 0.005:
+        if not foreign and sum(self.returned.values()) > self.amount + 0.005:
             ind["return_exceeds_sale"] = 1.0
         if tx["store_id"] != self.store_id:
             ind["cross_store_return"] = 1.0
@@ -216,16 +227,20 @@ class Receipt:
     def _count_return(self, amount: float, currency: str) -> bool:
         """Add a return to ``returned``; ``True`` when it is in another currency than the sale's.
 
-        Counted before its sale is known too: a return delivered ahead of its sale still adds up with the returns
-        made after it, so partial returns over the sale are flagged whatever the arrival order. A refund in another
-        currency than the sale's cannot be compared with it (no rates here): it is flagged, not added up. A receipt
-        from an older job knows no currency and compares raw, as before."""
-        sale_currency = self.currency if self.sale_id is not None else None
-        if sale_currency is not None and currency != sale_currency:
+        Counted before its sale is known too, in its own currency: a return delivered ahead of its sale still adds
+        up with the returns made after it, so partial returns over the sale are flagged whatever the arrival order
+        (and whatever other currencies came first). A refund in another currency than the sale's cannot be compared
+        with it (no rates here): it is flagged, not added up. A receipt from an older job knows no currency and
+        compares raw, as before."""
+        if self.sale_id is None:
+            key = currency
+        elif self.currency is None:  # a sale from a job older than currencies
+            key = RAW
+        elif currency != self.currency:
             return True
-        if self.returned_currency in (None, currency) or (self.sale_id is not None and sale_currency is None):
-            self.returned += amount
-            self.returned_currency = self.returned_currency or currency
+        else:
+            key = self.currency  # the same object as the sale's: pickled once
+        self.returned[key] = self.returned.get(key, 0.0) + amount
         return False
 
 

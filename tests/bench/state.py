@@ -297,9 +297,8 @@ def _build_orphans(p: Plan, emit: Emit, counts: dict[str, int]) -> None:
         counts["receipts_dropped"] += not kept
         receipt = Receipt(seen={hist.tx_id(r): _digest(hist, r, codes) for r in rows}, opened=int(hist.t[rows[0]]))
         for r in rows:  # one naming a sale not known (yet) is added up all the same; one without a receipt is not
-            if hist.orig[r] != NO_RECEIPT:
-                receipt.returned += float(hist.amount[r])
-                receipt.returned_currency = "USD"  # the history's one currency
+            if hist.orig[r] != NO_RECEIPT:  # in the history's one currency
+                receipt.returned["USD"] = receipt.returned.get("USD", 0.0) + float(hist.amount[r])
         emit(RECEIPTS, key, receipt, kept)
 
 
@@ -338,11 +337,11 @@ def _build_sale_receipts(p: Plan, lo: int, hi: int, emit: Emit, counts: dict[str
         tx_id = f"tx-{seed}-{i + 1}"
         ck = f"anon:{tx_id}" if code < 0 else names.get(code) or names.setdefault(code, hist.key_name(code))
         seen = {tx_id: _digest(hist, i, codes)}
-        receipt = Receipt(tx_id, stores[s], ck, amount, t, 0.0, seen, currency="USD", returned_currency="USD")
+        receipt = Receipt(tx_id, stores[s], ck, amount, t, {}, seen, currency="USD")
         receipt.opened = t  # its returns come after it
         for r in attached.get(i, ()):
             receipt.seen[f"tx-{seed}-{r + 1}"] = _digest(hist, r, codes)
-            receipt.returned += float(amounts[r])
+            receipt.returned["USD"] = receipt.returned.get("USD", 0.0) + float(amounts[r])
         kept = t >= keep_from
         if has_face:
             if kept and t >= face_from:
@@ -697,10 +696,8 @@ def face_pickle_bytes() -> int:
     values)."""
     from jobs.scoring.features import Receipt
 
-    plain = Receipt("tx-1", "store-1", "token:x", 1.0, 1, 0.0, {"tx-1": 1})
-    with_face = Receipt(
-        "tx-1", "store-1", "token:x", 1.0, 1, 0.0, {"tx-1": 1}, tuple(float(i) for i in range(FACE_LEN))
-    )
+    plain = Receipt("tx-1", "store-1", "token:x", 1.0, 1, {}, {"tx-1": 1})
+    with_face = Receipt("tx-1", "store-1", "token:x", 1.0, 1, {}, {"tx-1": 1}, tuple(float(i) for i in range(FACE_LEN)))
     return len(pickle.dumps(with_face)) - len(pickle.dumps(plain))
 
 

@@ -1,9 +1,10 @@
 """The partitioned steps decide as the single-state core does, on one shard or many.
 
-A seeded stream with cross-store returns, duplicates (same bytes), the same id with other content (at once or
-later), anonymous buyers, shared cards / e-mails / IPs, faces early, late and missing, a buyer who is not the
-returner, a suspect, and bad records: :class:`PartitionedCore` on 1 and on 4 shards gives exactly the
-rows :class:`DecisionCore` gives, and the model sees exactly the same features.
+A seeded stream with cross-store returns, returns ahead of their sale in two currencies, refunds in another
+currency, duplicates (same bytes), the same id with other content (at once or later), anonymous buyers, shared
+cards / e-mails / IPs, faces early, late and missing, a buyer who is not the returner, a suspect, and bad records:
+:class:`PartitionedCore` on 1 and on 4 shards gives exactly the rows :class:`DecisionCore` gives, and the model
+sees exactly the same features.
 """
 
 from __future__ import annotations
@@ -86,6 +87,19 @@ def _other_content(rnd: random.Random, tx: PosTransaction, at: int, stores: list
     return out
 
 
+def _ahead_of_sale(rnd: random.Random, i: int, at: int, store: str) -> list:
+    """Returns of a sale still to come (the id of one of the next few transactions), in two currencies, as
+    ``(time, record)``: a receipt opened by returns, which its sale (if that id turns out a sale) fills later."""
+    if rnd.random() >= 0.05:
+        return []
+    ahead = f"t{i + rnd.randrange(1, 4):04d}"
+    out = []
+    for n, currency in enumerate(rnd.sample(["USD", "EUR", "JPY"], 2)):
+        early = return_of(f"e{i:04d}-{n}", ahead, store=store, amount=round(rnd.uniform(5, 500), 2))
+        out.append((at + 1 + n, replace(early, currency=currency, event_time=at + 1 + n)))  # no tie with ``at``
+    return out
+
+
 def seeded_stream(seed: int, n: int = 360) -> tuple[list[list[SourceRecord]], list[float]]:
     """Batches of records in event-time order, and the suspect's face."""
     rnd = random.Random(seed)
@@ -120,6 +134,7 @@ def seeded_stream(seed: int, n: int = 360) -> tuple[list[list[SourceRecord]], li
         elif sales and rnd.random() < 0.3:
             original, _ = rnd.choice(sales)
             tx = return_of(tx_id, original, at_s=(at - T0) / 1000, store=store, amount=amount, card=card, **extra)
+            tx = replace(tx, currency="EUR" if rnd.random() < 0.1 else "USD")  # a few in another currency
         else:
             tx = sale(tx_id, at_s=(at - T0) / 1000, store=store, amount=amount, card=card, **extra)
             sales.append((tx_id, buyer))
@@ -127,8 +142,8 @@ def seeded_stream(seed: int, n: int = 360) -> tuple[list[list[SourceRecord]], li
         add(at, SourceRecord(tx_id.encode(), value, TX, 0, offset, NOW))
         if rnd.random() < 0.06:  # the same record again
             add(at, SourceRecord(tx_id.encode(), value, TX, 0, offset, NOW))
-        for when, other in _other_content(rnd, tx, at, stores):
-            add(when, SourceRecord(tx_id.encode(), other.encode(), TX, 0, offset, NOW))
+        for when, other in [*_other_content(rnd, tx, at, stores), *_ahead_of_sale(rnd, i, at, store)]:
+            add(when, SourceRecord(other.transaction_id.encode(), other.encode(), TX, 0, offset, NOW))
         if rnd.random() < 0.03:  # the id under another receipt (a dead letter), now or later
             later = rnd.choice([0, 30_000])
             other = return_of(tx_id, f"unknown-{i % 7}", at_s=(at + later - T0) / 1000, store=store)
@@ -252,7 +267,8 @@ def test_seeded_stream_holds_what_the_equivalence_must_cover():
     scored = [codec("ScoredTransaction").decode(v) for t, _, v in rows if t == SCORED]
     reasons = {r for s in scored for r in s["reasons"]} | {k for s in scored for k in s["indicators"]}
     assert {"cross_store_return", "customer_mismatch", "buyer_face_mismatch", "buyer_face_similarity"} <= reasons
-    assert {"return_unknown_receipt", "return_without_receipt"} <= reasons
+    assert {"return_unknown_receipt", "return_without_receipt", "return_currency_mismatch"} <= reasons
+    assert "return_exceeds_sale" in reasons
     assert {s["face_status"] for s in scored} >= {"MATCHED", "NO_MATCH", "UNAVAILABLE"}
     kinds = [codec("DeadLetter").decode(v)["error_kind"] for t, _, v in rows if t == DLQ]
     assert kinds.count("duplicate_transaction_id") >= 3 and kinds.count(CONFLICT) >= 3 and len(set(kinds)) >= 3
@@ -299,6 +315,19 @@ def test_a_refund_in_another_currency_is_flagged_and_not_added_up_on_any_number_
         assert _scored(rows)["r1"]["indicators"].get("return_currency_mismatch") == 1.0
         assert "return_exceeds_sale" not in _scored(rows)["r1"]["indicators"]
         assert "return_exceeds_sale" not in _scored(rows)["r2"]["indicators"]
+
+
+def test_returns_made_before_their_sale_in_two_currencies_add_up_in_the_sales_currency_on_either_layout():
+    s = settings().model_copy(update={"job": settings().job.model_copy(update={"face_deadline_ms": 0})})
+    for first, second in (("JPY", "USD"), ("USD", "JPY")):
+        for run in _layouts(s):
+            amounts = {"JPY": 5_000, "USD": 80}
+            early = [_tx(replace(return_of("r1", "s1", at_s=10, amount=amounts[first]), currency=first))]
+            early.append(_tx(replace(return_of("r2", "s1", at_s=20, amount=amounts[second]), currency=second)))
+            run(early, NOW)
+            run([_tx(sale("s1", at_s=30, amount=100))], NOW + 1000)
+            rows = run([_tx(return_of("r3", "s1", at_s=60, amount=30))], NOW + 2000)  # 80 + 30 USD of 100
+            assert _scored(rows)["r3"]["indicators"].get("return_exceeds_sale") == 1.0, first
 
 
 def test_a_redelivered_return_past_the_window_is_decided_once_on_any_number_of_shards():

@@ -131,20 +131,49 @@ def test_returns_made_before_their_sale_in_another_currency_are_not_added_to_the
     assert "return_exceeds_sale" not in scored["indicators"]
 
 
+def test_returns_made_before_their_sale_in_two_currencies_add_up_in_the_sales_currency_whichever_came_first():
+    for first, second in (("JPY", "USD"), ("USD", "JPY")):
+        p = Pipeline()
+        amounts = {"JPY": 5_000, "USD": 80}
+        p.decision(replace(return_of("r1", "t1", at_s=100, amount=amounts[first]), currency=first))
+        p.decision(replace(return_of("r2", "t1", at_s=110, amount=amounts[second]), currency=second))
+        p.decision(sale("t1", amount=100))  # USD, delivered after its returns
+        scored = p.decision(return_of("r3", "t1", at_s=200, amount=30))  # 80 + 30 USD returned of 100
+        assert scored["indicators"].get("return_exceeds_sale") == 1.0, first
+        assert "return_currency_mismatch" not in scored["indicators"]
+
+
 def test_a_receipt_restored_from_an_older_job_compares_refunds_raw_as_before():
     import pickle
 
     receipt = Receipt()
     receipt.observe(sale("t1", amount=100).to_avro(), "card:A", RULES)
-    slots = {
-        name: getattr(receipt, name) for name in Receipt.__slots__ if name not in ("currency", "returned_currency")
-    }
+    slots = {name: getattr(receipt, name) for name in Receipt.__slots__ if name != "currency"}
+    slots["returned"] = 0.0  # what a savepoint written before the currency fields holds
     old = Receipt.__new__(Receipt)
-    old.__setstate__((None, slots))  # what a savepoint written before the currency fields holds
-    assert old.currency is None and old.returned_currency is None
+    old.__setstate__((None, slots))
+    assert old.currency is None and old.returned == {}
     found = old.observe(replace(return_of("r1", "t1", amount=150), currency="JPY").to_avro(), "card:A", RULES)
     assert found is not None and found.get("return_exceeds_sale") == 1.0 and "return_currency_mismatch" not in found
     assert pickle.loads(pickle.dumps(old)) == old
+
+
+@pytest.mark.parametrize(
+    ("currency", "returned", "exceeds"),
+    [("USD", {"USD": 30.0}, True), ("JPY", {"JPY": 30.0}, False), (None, {"": 30.0}, True)],
+)
+def test_a_receipt_restored_with_one_returned_sum_keeps_it_under_its_currency(currency, returned, exceeds):
+    """A savepoint written before per-currency sums holds ``returned`` as one float and ``returned_currency``."""
+    import pickle
+
+    slots = {name: getattr(Receipt(), name) for name in Receipt.__slots__}
+    slots.update(seen={"r1"}, returned=30.0, returned_currency=currency, opened=T0)  # a return came before its sale
+    old = Receipt.__new__(Receipt)
+    old.__setstate__((None, slots))
+    assert old.returned == returned and pickle.loads(pickle.dumps(old)) == old
+    old.observe(sale("t1", amount=40).to_avro(), "token:card-A", RULES)
+    found = old.observe(return_of("r2", "t1", at_s=60, amount=20).to_avro(), "token:card-A", RULES)
+    assert found is not None and ("return_exceeds_sale" in found) is exceeds
 
 
 def test_card_velocity_burst_is_flagged():
@@ -197,7 +226,7 @@ def test_a_record_reusing_an_id_on_its_receipt_with_other_content_is_refused_nam
     assert "'r1'" in err.value.reason and "receipt 't1'" in err.value.reason
     assert "another amount, currency;" in err.value.reason and "card-SECRET" not in err.value.reason
     assert err.value.tx["amount"] == 31.0
-    assert receipt.returned == 30 and list(receipt.seen) == ["r1"], "the conflict changed nothing"
+    assert receipt.returned == {"USD": 30} and list(receipt.seen) == ["r1"], "the conflict changed nothing"
     moved = replace(first, store_id="store-009", event_time=first.event_time + 1)
     with pytest.raises(ConflictingTransaction, match="another store_id, event_time;"):
         receipt.observe(moved.to_avro(), "token:card-SECRET", RULES)
