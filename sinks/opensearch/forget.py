@@ -24,7 +24,9 @@ before it knew how to.
 Client-side (scan + bulk), as the local OpenSearch has no reindex module (no ``_delete_by_query``) and no
 scripting: the alias is refreshed first, so a document indexed a moment ago is found too; a stripped document
 is written back guarded by its sequence number (its external version on a keyed index), so a newer write in
-between (409) is left as it is: the sink wrote it already stripped. Doing a forget twice changes nothing.
+between (409) is left as it is: the sink wrote it already stripped. Doing a forget twice changes nothing. A closed
+index is not searched (it would fail the whole search): it is named in a WARNING, and what it holds stays until
+it is opened and the forget repeated, or retention drops it.
 """
 
 from __future__ import annotations
@@ -208,7 +210,19 @@ def erase_forgotten(
 def _erase_in(client: OpenSearch, route: Route, alias: str, query: dict[str, Any], report: EraseReport) -> None:
     # Documents indexed within the last refresh interval are not searchable yet: make them so first.
     client.indices.refresh(index=alias, ignore_unavailable=True, allow_no_indices=True)
-    hits = scan(client, index=alias, query=query, size=1000, seq_no_primary_term=True, version=route.keyed)
+    _warn_closed(client, alias)
+    # A closed index under the alias fails the whole search (400 index_closed_exception) without
+    # ignore_unavailable: the forget was retried for ever. It is skipped instead (and named above).
+    hits = scan(
+        client,
+        index=alias,
+        query=query,
+        size=1000,
+        seq_no_primary_term=True,
+        version=route.keyed,
+        ignore_unavailable=True,
+        expand_wildcards="open",
+    )
 
     def actions() -> Iterable[dict[str, Any]]:
         for hit in hits:
@@ -232,6 +246,25 @@ def _erase_in(client: OpenSearch, route: Route, alias: str, query: dict[str, Any
         shown = ", ".join(done[:20]) + (f" and {len(done) - 20} more" if len(done) > 20 else "")
         verb = "deleted" if route.erased_with_subject else "removed the face fields of"
         log.info("forget: %s %d %s document(s): %s", verb, len(done), route.kind, shown)
+
+
+def closed_indices(client: OpenSearch, alias: str) -> list[str]:
+    """The closed indices of the family behind ``alias`` (``<alias>-*``): a search skips them."""
+    try:
+        rows = client.cat.indices(index=f"{alias}-*", format="json", h="index,status", expand_wildcards="closed")
+    except NotFoundError:
+        return []
+    return sorted(str(row["index"]) for row in rows or () if row.get("status") == "close")
+
+
+def _warn_closed(client: OpenSearch, alias: str) -> None:
+    """A closed index is not searched, so a forget cannot reach what it holds: name it (never the subject)."""
+    for name in closed_indices(client, alias):
+        log.warning(
+            "forget: index %s is closed and was not searched: documents of the forgotten subject it may hold keep "
+            "their image refs until it is opened and the forget is repeated, or retention drops it",
+            name,
+        )
 
 
 def _count(ok: bool, item: Any, route: Route, alias: str, report: EraseReport, done: list[str]) -> None:
