@@ -8,8 +8,9 @@ watchlist tombstone). The OpenSearch sink reads those audit events (:func:`forge
   = the ``<tx>`` of ``subj-<tx>``: the buyer whose face was enrolled) from every period index
   (:attr:`~schemas.indices.Route.erased_with_subject`);
 - removes the face-derived fields (image refs, :attr:`~schemas.indices.Route.face_fields`) from the subject's
-  alerts and cases, keeping the decision (subject id, category, similarity, verdict): the forget itself is an
-  audit record, the pictures are not;
+  alerts and cases, and from those of its enrolment sale (``transaction_id``: the snapshot of the buyer
+  enrolled), keeping the decision (subject id, category, similarity, verdict): the forget itself is an audit
+  record, the pictures are not;
 - remembers the subject (:class:`Forgotten`), so that a face observation of it written later (a replay, a
   lagging partition, a case updated after the forget) is dropped or stripped at write time instead of
   bringing it back.
@@ -108,8 +109,14 @@ class Forgotten:
         return record.get(route.subject_field) in self.subjects or record.get("transaction_id") in self.transactions
 
     def scrub(self, route: Route, source: dict[str, Any]) -> bool:
-        """Remove the face fields of a forgotten subject's document, in place; whether any was there."""
-        if route.subject_field is None or source.get(route.subject_field) not in self.subjects:
+        """Remove the face fields of a forgotten subject's document, or of one about its enrolment sale (the
+        buyer's snapshot), in place; whether any was there."""
+        if route.subject_field is None:
+            return False
+        if (
+            source.get(route.subject_field) not in self.subjects
+            and source.get("transaction_id") not in self.transactions
+        ):
             return False
         removed = [name for name in route.face_fields if source.pop(name, None) is not None]
         return bool(removed)
@@ -125,24 +132,24 @@ class Forgotten:
 
 def erase_query(route: Route, forgets: Sequence[Forget]) -> dict[str, Any] | None:
     """The documents of ``route`` a forget of ``forgets`` reaches (``None``: the route holds no face): the
-    subjects' and enrolment sales' face observations; the subjects' alerts and cases that still carry a face
-    field."""
+    subjects' and enrolment sales' face observations; the subjects' and enrolment sales' alerts and cases that
+    still carry a face field (the sale's alert shows the buyer enrolled, as the Webex eraser knows)."""
     if route.subject_field is None:
         return None
     subjects = sorted({f.subject_id for f in forgets})
+    whose: list[dict[str, Any]] = [{"terms": {route.subject_field: subjects}}]
+    sales = sorted({f.transaction_id for f in forgets if f.transaction_id})
+    if sales:  # the enrolment sale's documents show the buyer whose face was enrolled
+        whose.append({"terms": {"transaction_id": sales}})
     if route.erased_with_subject:
-        should: list[dict[str, Any]] = [{"terms": {route.subject_field: subjects}}]
-        sales = sorted({f.transaction_id for f in forgets if f.transaction_id})
-        if sales:
-            should.append({"terms": {"transaction_id": sales}})
-        return {"query": {"bool": {"should": should, "minimum_should_match": 1}}}
+        return {"query": {"bool": {"should": whose, "minimum_should_match": 1}}}
     if not route.face_fields:
         return None
     present = [{"exists": {"field": name}} for name in route.face_fields]
     return {
         "query": {
             "bool": {
-                "filter": [{"terms": {route.subject_field: subjects}}],
+                "filter": [{"bool": {"should": whose, "minimum_should_match": 1}}],
                 "should": present,
                 "minimum_should_match": 1,
             }

@@ -503,3 +503,40 @@ def test_a_closed_period_index_is_skipped_and_named_and_the_forget_goes_on(caplo
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and closed_alerts in warnings[0] and SUBJECT not in warnings[0]
     assert cluster.docs[(closed_alerts, "alert-old")]["snapshot_ref"] == "entrance/old.jpg"  # not reachable
+
+
+def sale_alert(alert_id: str, tx: str) -> Alert:
+    """The alert of a blocked sale: no subject yet, the buyer's snapshot (the face later enrolled from it)."""
+    return Alert(
+        alert_id=alert_id,
+        kind="BLOCKED_TRANSACTION",
+        severity="high",
+        event_time=1_700_000_000_000,
+        store_id="S1",
+        summary="blocked",
+        transaction_id=tx,
+        snapshot_ref=f"checkout/{tx}.jpg",
+    )
+
+
+def test_a_forget_strips_the_image_refs_of_the_enrolment_sales_alert_and_case_too() -> None:
+    """The Webex eraser deletes the messages of the sale the subject was enrolled from; the sale's alert and case
+    kept their snapshot_ref in the indices, as only documents with the subject's subject_id were stripped."""
+    cluster = populated()
+    indexed(cluster, sale_alert("alert-sale", SALE), "alerts")
+    indexed(cluster, sale_alert("alert-other-sale", "tx-22"), "alerts")
+    case = {"case_id": "case-sale", "transaction_id": SALE, "snapshot_ref": "checkout/tx-9.jpg", "verdict": "open"}
+    cluster.put("cg-cases-all", "case-sale", case, version=50)
+    report = erase_forgotten(cluster, PREFIX, [Forget(SUBJECT, SALE)])  # type: ignore[arg-type]
+    by_id = {doc_id: source for (_, doc_id), source in cluster.docs.items()}
+    assert "snapshot_ref" not in by_id["alert-sale"] and by_id["alert-sale"]["transaction_id"] == SALE
+    assert by_id["case-sale"] == {"case_id": "case-sale", "transaction_id": SALE, "verdict": "open"}
+    assert by_id["alert-other-sale"]["snapshot_ref"] == "checkout/tx-22.jpg"
+    assert report.stripped == {"alerts": 2, "cases": 2}
+
+    forgotten = Forgotten()  # and one read after the forget goes in without it
+    forgotten.add(Forget(SUBJECT, SALE))
+    topic = ROUTE["alerts"].topic.full_name("")
+    late = Message(topic=topic, partition=0, offset=1, value=sale_alert("alert-sale-2", SALE).encode())
+    actions, _ = to_actions([late], index_prefix=PREFIX, forgotten=forgotten)
+    assert "snapshot_ref" not in actions[0].op["_source"]
