@@ -36,6 +36,11 @@ UNKNOWN_TOPIC = "unknown_topic"
 OPENSEARCH_REJECTED = "opensearch_rejected"
 """OpenSearch refused the document (a mapping or template that was missing or wrong)."""
 
+FORGET_INCOMPLETE = "forget_incomplete"
+"""The OpenSearch sink carried out a forget (an ``audit`` record) but OpenSearch refused some of its write-backs
+for good (400 per document): image refs of the subject stayed. Permanent: a re-drive would publish the audit
+event again, which the other readers of ``audit`` would take for a second forget."""
+
 RETRYABLE_KINDS: frozenset[str] = frozenset(
     {DELIVERY_FAILED, INTERNAL_ERROR, FACE_STAGE_ERROR, UNKNOWN_SCHEMA, UNKNOWN_TOPIC, OPENSEARCH_REJECTED}
 )

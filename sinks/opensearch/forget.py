@@ -59,6 +59,9 @@ TERMS_PER_QUERY = 1000
 """Subject ids (and sale ids) per scan query: a sink reading a year of forgets on a fresh group stays far
 below OpenSearch's ``index.max_terms_count`` (65,536)."""
 
+MAX_REFUSALS_KEPT = 20
+"""Refused write-backs a report names (its dead letter's reason); the count covers the rest."""
+
 
 @dataclass(frozen=True)
 class Forget:
@@ -185,7 +188,10 @@ class EraseReport:
     changed_meanwhile: int = 0
     """Documents written between scan and write (409): written by the sink, stripped already."""
     failed: int = 0
-    """Refused for good by OpenSearch (logged with their ids); the next forget of the subject tries again."""
+    """Refused for good by OpenSearch (logged with their ids): the forget is not complete; the next forget of the
+    subject (or a sink on a fresh group) tries again."""
+    refusals: list[str] = field(default_factory=list)
+    """``<index>/<id>: <status> <error type>: <reason>`` of the first refusals (ids only, no document)."""
     problem: str | None = None
     """Why this round must be repeated (429 / 5xx on some document); ``None`` when it is done."""
 
@@ -290,4 +296,10 @@ def _count(ok: bool, item: Any, route: Route, alias: str, report: EraseReport, d
         report.problem = f"{status} {error_type}"
     else:
         report.failed += 1
-        log.warning("forget: OpenSearch refused %s/%s: %s %s", alias, answer.get("_id"), status, error_type)
+        index = answer.get("_index") or alias
+        log.warning("forget: OpenSearch refused %s/%s: %s %s", index, answer.get("_id"), status, error_type)
+        if len(report.refusals) < MAX_REFUSALS_KEPT:
+            reason = error.get("reason") if isinstance(error, dict) else None
+            report.refusals.append(
+                f"{index}/{answer.get('_id')}: {status} {error_type}" + (f": {reason}" if reason else "")
+            )

@@ -84,7 +84,7 @@ from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.retry import Backoff, call_with_retries
 from infra.settings import IndicesSettings, Settings, get_settings
 from schemas.codec import DecodeError, codec, json_safe
-from schemas.errors import OPENSEARCH_REJECTED, UNKNOWN_TOPIC, CheckoutGuardError
+from schemas.errors import FORGET_INCOMPLETE, OPENSEARCH_REJECTED, UNKNOWN_TOPIC, CheckoutGuardError
 from schemas.indices import (
     DEFAULT_GROUP_ID,
     HASHED_KIND_SUFFIX,
@@ -750,12 +750,15 @@ class SinkStats:
     """Documents a forget deleted (face observations) or removed the face fields of (alerts, cases)."""
     forgotten_on_write: int = 0
     """Records of a forgotten subject that came after its forget: not indexed, or indexed without their face."""
+    forgets_incomplete: int = 0
+    """Forgets some of whose write-backs OpenSearch refused for good (dead-lettered ``forget_incomplete``)."""
 
     def line(self) -> str:
         return (
             f"indexed={self.indexed} dead_lettered={self.dead_lettered} retries={self.retries} "
             f"batches={self.batches} commits={self.commits} superseded={self.superseded} stale={self.stale} "
-            f"forgets={self.forgets} erased={self.erased} forgotten_on_write={self.forgotten_on_write}"
+            f"forgets={self.forgets} forgets_incomplete={self.forgets_incomplete} erased={self.erased} "
+            f"forgotten_on_write={self.forgotten_on_write}"
         )
 
 
@@ -962,7 +965,8 @@ class OpenSearchSink:
             metrics.RECORDS_IN.labels(STAGE, kind).inc(count)
         audit = [m for m in batch if m.topic() == self._audit_topic]
         records = [m for m in batch if m.topic() != self._audit_topic] if audit else batch
-        forgets = [f for f in (forget_of(m.value()) for m in audit) if f is not None]
+        carrying = [(m, f) for m, f in ((m, forget_of(m.value())) for m in audit) if f is not None]
+        forgets = [f for _, f in carrying]
         for forget in forgets:  # before the batch's documents: none of the subject's faces goes in
             self.forgotten.add(forget)
         actions, dead = to_actions(
@@ -981,7 +985,7 @@ class OpenSearchSink:
         self.stats.superseded += len(records) - len(actions) - len(dead) - dropped
         dead += self._index_until_acknowledged(actions)
         if forgets:
-            self._erase_until_done(forgets)
+            dead += self._erase_until_done(forgets, [m for m, _ in carrying])
         if dead:
             self._publish_dead_letters(dead)
         self._commit(batch)
@@ -1031,11 +1035,16 @@ class OpenSearchSink:
             )
         return rejected
 
-    def _erase_until_done(self, forgets: list[Forget]) -> None:
+    def _erase_until_done(self, forgets: list[Forget], messages: Sequence[Message] = ()) -> list[DeadLetter]:
         """Carry out the batch's forgets in the indices (:func:`~sinks.opensearch.forget.erase_forgotten`) until
         OpenSearch has done all of it; the batch's offsets, the forgets' among them, are committed only then, so
-        a crash or an outage repeats the forget instead of losing it (a repeat changes nothing)."""
+        a crash or an outage repeats the forget instead of losing it (a repeat changes nothing).
+
+        Write-backs OpenSearch refuses for good (400 per document) cannot be retried into success: the forget is
+        then reported incomplete, and each audit record of ``messages`` (the forgets') is dead-lettered
+        ``forget_incomplete`` with the refused documents' ids and OpenSearch's reasons; those are returned."""
         attempt, subjects = 0, sorted({f.subject_id for f in forgets})
+        failed, refusals = 0, []
         while True:
             try:
                 report = erase_forgotten(self.client, self.index_prefix, forgets)
@@ -1046,6 +1055,7 @@ class OpenSearchSink:
                 for kind, count in (report.deleted + report.stripped).items():
                     metrics.RECORDS_OUT.labels(STAGE, f"forgotten_{kind}").inc(count)
                 self.stats.erased += report.total()
+                failed, refusals = report.failed, report.refusals
             if problem is None:
                 break
             attempt = self._back_off(
@@ -1056,7 +1066,19 @@ class OpenSearchSink:
                 problem,
             )
         self.stats.forgets += len(forgets)
-        log.info("forget carried out in the indices for %s", ", ".join(subjects))
+        if not failed:
+            log.info("forget carried out in the indices for %s", ", ".join(subjects))
+            return []
+        self.stats.forgets_incomplete += len(forgets)
+        log.warning(
+            "forget NOT complete in the indices for %s: OpenSearch refused %d write-back(s) for good",
+            ", ".join(subjects),
+            failed,
+        )
+        more = f" (and {failed - len(refusals)} more)" if failed > len(refusals) else ""
+        reason = f"OpenSearch refused {failed} write-back(s) of this forget for good: " + "; ".join(refusals) + more
+        now = clock.now_ms()
+        return [dead_letter_for(message, FORGET_INCOMPLETE, reason, now) for message in messages]
 
     def _publish_dead_letters(self, dead: list[DeadLetter]) -> None:
         """Produce and confirm every dead letter before the batch counts as done; re-produce failures."""

@@ -540,3 +540,37 @@ def test_a_forget_strips_the_image_refs_of_the_enrolment_sales_alert_and_case_to
     late = Message(topic=topic, partition=0, offset=1, value=sale_alert("alert-sale-2", SALE).encode())
     actions, _ = to_actions([late], index_prefix=PREFIX, forgotten=forgotten)
     assert "snapshot_ref" not in actions[0].op["_source"]
+
+
+def test_a_forget_whose_write_backs_opensearch_refuses_for_good_is_dead_lettered_not_reported_done() -> None:
+    """A write-back refused per document (400: a mapping the stripped document no longer fits) was only logged and
+    the forget counted as carried out. It is now counted as incomplete and its audit record dead-lettered
+    ``forget_incomplete`` with the refused ids and OpenSearch's reason; the batch still goes on (no retry for ever)."""
+    from schemas.errors import FORGET_INCOMPLETE, is_retryable
+    from schemas.records import DeadLetter
+
+    class RefusesWriteBacks(FakeCluster):
+        def bulk(self, body: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            lines = [json.loads(line) for line in body.splitlines() if line]
+            if not any("index" in line for line in lines):
+                return super().bulk(body, *args, **kwargs)
+            error = {"type": "mapper_parsing_exception", "reason": "failed to parse"}
+            items = [
+                {"index": {"_index": meta["_index"], "_id": meta["_id"], "status": 400, "error": error}}
+                for line in lines
+                for op, meta in line.items()
+                if op == "index"
+            ]
+            return {"errors": True, "items": items}
+
+    cluster, full = RefusesWriteBacks(), populated()
+    cluster.docs, cluster.meta = full.docs, full.meta
+    wrapped = _Sink(cluster)
+    wrapped.sink._process([Message(topic=AUDIT.full_name(""), partition=0, offset=3, value=audit())])
+    stats = wrapped.sink.stats
+    assert stats.forgets_incomplete == 1 and stats.dead_lettered == 1
+    letters = [DeadLetter.decode(value) for _, value in wrapped.sink._producer.sent]  # type: ignore[union-attr]
+    assert [(d.error_kind, d.offset) for d in letters] == [(FORGET_INCOMPLETE, 3)]
+    assert "cg-cases-all/case-1: 400 mapper_parsing_exception: failed to parse" in letters[0].reason
+    assert not is_retryable(FORGET_INCOMPLETE)  # a re-drive would publish the audit event again
+    assert (AUDIT.full_name(""), 4) in {(tp.topic, tp.offset) for tp in wrapped.consumer.commits[-1]}
