@@ -243,7 +243,11 @@ def migrate_legacy_index(
     """Copy a pre-alias concrete index ``<prefix>-<kind>`` into period indices, then delete it.
 
     Client-side (scroll + bulk): the integ-test server has no reindex module. Same ids, so an
-    interrupted migration is simply repeated; the old index goes only after every copy is acknowledged.
+    interrupted migration is simply repeated; the old index goes only after every copy is acknowledged or
+    refused for good. A document OpenSearch refuses for good (a 400: a field today's mapping does not take) was
+    a ``BulkIndexError`` that stopped the sink's start for ever: it is now logged (ids only) and counted, and
+    the rest goes on (the topic still holds it for a replay, within its retention). The cluster's own trouble
+    (429, 5xx, a write block) raises ``TransportError`` before the old index is deleted, so the start retries it.
     Customer keys are copied as the sink writes them now (:func:`pseudonymise`): an index that old
     predates the keyed hash and may hold e-mail addresses.
     """
@@ -260,9 +264,30 @@ def migrate_legacy_index(
                 "_index": route.write_index(index_prefix, int(source.get(route.time_field) or 0), period),
             }
 
-    copied = 0
-    for ok, _ in streaming_bulk(client, actions(), chunk_size=1000, max_retries=3, raise_on_error=True):
-        copied += ok
+    copied, refused, retry = 0, list[str](), list[str]()
+    for ok, item in streaming_bulk(
+        client, actions(), chunk_size=1000, max_retries=3, raise_on_error=False, raise_on_exception=True
+    ):
+        if ok:
+            copied += 1
+            continue
+        answer: dict[str, Any] = next(iter(item.values()), {}) if isinstance(item, dict) else {}
+        error = answer.get("error")
+        error_type = error.get("type") if isinstance(error, dict) else (str(error) if error else None)
+        failure = f"{answer.get('_id')} ({answer.get('status')} {error_type})"
+        (retry if is_retriable(answer.get("status"), error_type) else refused).append(failure)
+    if retry:  # the cluster's trouble: the whole (idempotent) migration is repeated, the old index kept
+        raise TransportError(
+            503, f"moving {legacy} into period indices: {len(retry)} document(s) to retry, e.g. {retry[0]}"
+        )
+    if refused:  # ids only: documents hold personal data
+        shown = ", ".join(refused[:20]) + (f" and {len(refused) - 20} more" if len(refused) > 20 else "")
+        log.warning(
+            "moving %s into period indices: OpenSearch refused %d document(s) for good, not copied: %s",
+            legacy,
+            len(refused),
+            shown,
+        )
     client.indices.refresh(index=f"{legacy}-*")
     with contextlib.suppress(NotFoundError):  # another sink finished the same migration first
         client.indices.delete(index=legacy)

@@ -160,3 +160,52 @@ def test_the_legacy_single_index_is_pseudonymised_as_it_is_moved(cluster: Any) -
     assert fake.deleted == ["cg-transactions"]
     summary_ok = summary(PseudonymiseReport(), dry_run=False, hashed=True)
     assert summary_ok == ("hashed the customer key of 0 of 0 document(s)", True)
+
+
+def _bulk_answering(
+    statuses: dict[str, int], written: list[dict[str, Any]]
+) -> Any:  # a streaming_bulk that raises as the real one does when told to
+    from opensearchpy.helpers import BulkIndexError
+
+    def streaming_bulk(_client: Any, actions: Iterable[dict[str, Any]], **kwargs: Any) -> Iterator[tuple[bool, Any]]:
+        for action in actions:
+            status = statuses.get(action["_id"], 201)
+            error = {"type": "mapper_parsing_exception" if status == 400 else "es_rejected_execution_exception"}
+            item = {"index": {"_id": action["_id"], "status": status, **({"error": error} if status >= 300 else {})}}
+            if status >= 300 and kwargs.get("raise_on_error", True):
+                raise BulkIndexError("1 document(s) failed to index.", [item])
+            if status < 300:
+                written.append(action)
+            yield status < 300, item
+
+    return streaming_bulk
+
+
+def test_a_legacy_document_opensearch_refuses_is_counted_and_the_move_goes_on(
+    cluster: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One document of the old single index that today's mapping refuses (400) raised BulkIndexError at every
+    start: the sink crashed and was restarted for ever. It is logged by id and counted; the rest is moved."""
+    fake, _ = cluster
+    fake.legacy = True
+    fake.docs["cg-transactions"] = [hit(ALICE, "bad", "cg-transactions"), hit("token:t", "good", "cg-transactions")]
+    written: list[dict[str, Any]] = []
+    monkeypatch.setattr(sink, "streaming_bulk", _bulk_answering({"bad": 400}, written))
+    with caplog.at_level("WARNING", logger="sinks.opensearch.sink"):
+        assert migrate_legacy_index(fake, SCORED_ROUTE, "cg", "day", SECRET) == 1
+    assert [a["_id"] for a in written] == ["good"] and fake.deleted == ["cg-transactions"]
+    assert any("refused 1 document(s)" in r.getMessage() and "bad" in r.getMessage() for r in caplog.records)
+    assert all("alice" not in r.getMessage() for r in caplog.records)
+
+
+def test_a_legacy_move_the_cluster_throttles_is_retried_and_keeps_the_old_index(
+    cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opensearchpy.exceptions import TransportError
+
+    fake, _ = cluster
+    fake.legacy = True
+    monkeypatch.setattr(sink, "streaming_bulk", _bulk_answering({"e": 429}, []))
+    with pytest.raises(TransportError):  # the sink's start retries TransportError with backoff
+        migrate_legacy_index(fake, SCORED_ROUTE, "cg", "day", SECRET)
+    assert fake.deleted == []
