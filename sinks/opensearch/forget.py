@@ -13,7 +13,8 @@ watchlist tombstone). The OpenSearch sink reads those audit events (:func:`forge
   record, the pictures are not;
 - remembers the subject (:class:`Forgotten`), so that a face observation of it written later (a replay, a
   lagging partition, a case updated after the forget) is dropped or stripped at write time instead of
-  bringing it back.
+  bringing it back; an ``ENROLL`` of the same subject id after the forget lifts it for what comes from then on
+  (:func:`enrolment_of`: a new entry, as the Webex eraser reads it).
 
 Why ``audit`` rather than the ``watchlist`` tombstones: the tombstone is compacted away about a day after the
 forget (``delete.retention.ms``), while ``face_observations`` segments and the 30-day ``alerts`` and compacted
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,8 @@ class Forget:
     subject_id: str
     transaction_id: str | None = None
     audit_id: str = ""
+    at_ms: int = field(default=0, compare=False)
+    """When it was made (the audit event's time): it applies to what came before it."""
 
 
 def forget_of(value: bytes | None) -> Forget | None:
@@ -83,43 +86,90 @@ def forget_of(value: bytes | None) -> Forget | None:
         return None
     if event.action not in FORGETTING_ACTIONS or event.outcome not in FORGETTING_OUTCOMES or not event.subject_id:
         return None
-    return Forget(event.subject_id, enrolment_transaction(event.subject_id, event.transaction_id), event.audit_id)
+    return Forget(
+        event.subject_id,
+        enrolment_transaction(event.subject_id, event.transaction_id),
+        event.audit_id,
+        event.event_time,
+    )
+
+
+def enrolment_of(value: bytes | None) -> tuple[str, int] | None:
+    """``(subject, enrolled at ms)`` of an ``ENROLL`` done on ``audit``, as the Webex eraser reads it; else
+    ``None``. A subject enrolled again after its forget is a new entry: the forget does not reach it."""
+    if not value:
+        return None
+    try:
+        event = AuditEvent.decode(value)
+    except DecodeError:
+        return None
+    if event.action != "ENROLL" or event.outcome != "DONE" or not event.subject_id:
+        return None
+    return event.subject_id, event.event_time
 
 
 @dataclass
 class Forgotten:
-    """The subjects forgotten so far (and their enrolment sales), for write-time checks."""
+    """The subjects forgotten so far (and their enrolment sales), for write-time checks.
+
+    A forget applies to what came before it; an enrolment of the same subject id after it lifts it: a record
+    whose time (the route's time field) is at or after that enrolment belongs to the new entry and is indexed
+    as any other (before, a subject enrolled again stayed forgotten for good: its new face observations were
+    never indexed and its alerts lost their image refs). A later forget applies again to everything before it."""
 
     subjects: set[str] = field(default_factory=set)
     transactions: set[str] = field(default_factory=set)
+    forgotten_at: dict[str, int] = field(default_factory=dict)
+    """Subject -> when its latest forget was made."""
+    enrolled_at: dict[str, int] = field(default_factory=dict)
+    """Subject -> when it was enrolled again after its latest forget (the new entry's start)."""
+    sale_subject: dict[str, str] = field(default_factory=dict)
+    """Enrolment sale -> the subject enrolled from it."""
     dropped: int = 0
     """Documents not indexed since the last :meth:`take_counts` (a forgotten subject's face observations)."""
     stripped: int = 0
     """Documents indexed without their face fields since the last :meth:`take_counts`."""
 
     def add(self, forget: Forget) -> None:
-        self.subjects.add(forget.subject_id)
+        subject = forget.subject_id
+        self.subjects.add(subject)
+        self.forgotten_at[subject] = max(self.forgotten_at.get(subject, forget.at_ms), forget.at_ms)
+        if self.enrolled_at.get(subject, forget.at_ms) <= forget.at_ms:  # forgotten again: nothing is lifted
+            self.enrolled_at.pop(subject, None)
         if forget.transaction_id:
             self.transactions.add(forget.transaction_id)
+            self.sale_subject[forget.transaction_id] = subject
+
+    def enrol(self, subject: str, at_ms: int) -> None:
+        """An ``ENROLL`` of ``subject`` (:func:`enrolment_of`): after its forget, it lifts it from ``at_ms`` on."""
+        if subject in self.subjects and at_ms > self.forgotten_at.get(subject, at_ms):
+            self.enrolled_at[subject] = min(self.enrolled_at.get(subject, at_ms), at_ms)
 
     def __len__(self) -> int:
         return len(self.subjects)
+
+    def _reaches(self, route: Route, record: dict[str, Any]) -> bool:
+        """Whether a forget reaches ``record``: its subject's, or its enrolment sale's, and not of a new entry."""
+        assert route.subject_field is not None
+        subject = record.get(route.subject_field)
+        if subject not in self.subjects:
+            subject = self.sale_subject.get(str(record.get("transaction_id")))
+            if subject is None:
+                return False
+        lifted = self.enrolled_at.get(str(subject))
+        time = record.get(route.time_field)
+        return lifted is None or not isinstance(time, int) or time < lifted
 
     def erases(self, route: Route, record: dict[str, Any]) -> bool:
         """Whether ``record`` of ``route`` is a forgotten subject's face, never to be indexed."""
         if not route.erased_with_subject or route.subject_field is None:
             return False
-        return record.get(route.subject_field) in self.subjects or record.get("transaction_id") in self.transactions
+        return self._reaches(route, record)
 
     def scrub(self, route: Route, source: dict[str, Any]) -> bool:
         """Remove the face fields of a forgotten subject's document, or of one about its enrolment sale (the
         buyer's snapshot), in place; whether any was there."""
-        if route.subject_field is None:
-            return False
-        if (
-            source.get(route.subject_field) not in self.subjects
-            and source.get("transaction_id") not in self.transactions
-        ):
+        if route.subject_field is None or not self._reaches(route, source):
             return False
         removed = [name for name in route.face_fields if source.pop(name, None) is not None]
         return bool(removed)
@@ -133,17 +183,30 @@ class Forgotten:
 # --------------------------------------------------------------------------- erasing what is indexed
 
 
-def erase_query(route: Route, forgets: Sequence[Forget]) -> dict[str, Any] | None:
+def erase_query(
+    route: Route, forgets: Sequence[Forget], lifted: Mapping[str, int] | None = None
+) -> dict[str, Any] | None:
     """The documents of ``route`` a forget of ``forgets`` reaches (``None``: the route holds no face): the
     subjects' and enrolment sales' face observations; the subjects' and enrolment sales' alerts and cases that
-    still carry a face field (the sale's alert shows the buyer enrolled, as the Webex eraser knows)."""
+    still carry a face field (the sale's alert shows the buyer enrolled, as the Webex eraser knows). A subject
+    enrolled again since (``lifted``: subject -> enrolled at ms, :attr:`Forgotten.enrolled_at`) is reached only
+    before that enrolment: what its new entry indexed stays."""
     if route.subject_field is None:
         return None
-    subjects = sorted({f.subject_id for f in forgets})
-    whose: list[dict[str, Any]] = [{"terms": {route.subject_field: subjects}}]
-    sales = sorted({f.transaction_id for f in forgets if f.transaction_id})
-    if sales:  # the enrolment sale's documents show the buyer whose face was enrolled
-        whose.append({"terms": {"transaction_id": sales}})
+    lifted = lifted or {}
+    whose: list[dict[str, Any]] = []
+    for field_name, pairs in (
+        (route.subject_field, {(f.subject_id, f.subject_id) for f in forgets}),
+        # the enrolment sale's documents show the buyer whose face was enrolled
+        ("transaction_id", {(f.transaction_id, f.subject_id) for f in forgets if f.transaction_id}),
+    ):
+        whole = sorted(value for value, subject in pairs if subject not in lifted)
+        if whole:
+            whose.append({"terms": {field_name: whole}})
+        for value, subject in sorted(pairs):
+            if subject in lifted:
+                before = {"range": {route.time_field: {"lt": lifted[subject]}}}
+                whose.append({"bool": {"filter": [{"term": {field_name: value}}, before]}})
     if route.erased_with_subject:
         return {"query": {"bool": {"should": whose, "minimum_should_match": 1}}}
     if not route.face_fields:
@@ -200,7 +263,11 @@ class EraseReport:
 
 
 def erase_forgotten(
-    client: OpenSearch, index_prefix: str, forgets: Sequence[Forget], routes: Iterable[Route] = ROUTES
+    client: OpenSearch,
+    index_prefix: str,
+    forgets: Sequence[Forget],
+    routes: Iterable[Route] = ROUTES,
+    lifted: Mapping[str, int] | None = None,
 ) -> EraseReport:
     """Delete and strip what ``forgets`` reach in every index of the prefix (read aliases: every period index).
 
@@ -214,7 +281,7 @@ def erase_forgotten(
         return report
     for route in routes:
         for start in range(0, len(forgets), TERMS_PER_QUERY):
-            query = erase_query(route, forgets[start : start + TERMS_PER_QUERY])
+            query = erase_query(route, forgets[start : start + TERMS_PER_QUERY], lifted)
             if query is not None:
                 _erase_in(client, route, route.index(index_prefix), query, report)
     return report

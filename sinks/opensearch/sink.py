@@ -102,7 +102,7 @@ from schemas.indices import (
 )
 from schemas.records import FRAUD, LEGITIMATE, DeadLetter
 from schemas.topics import AUDIT, DEAD_LETTERS
-from sinks.opensearch.forget import Forget, Forgotten, erase_forgotten, forget_of
+from sinks.opensearch.forget import Forget, Forgotten, enrolment_of, erase_forgotten, forget_of
 
 log = logging.getLogger(__name__)
 
@@ -916,6 +916,8 @@ class OpenSearchSink:
             self.heartbeat.beat()  # reading is progress
             if (forget := forget_of(value)) is not None:
                 self.forgotten.add(forget)
+            elif (enrolment := enrolment_of(value)) is not None:
+                self.forgotten.enrol(*enrolment)
 
         attempt = 0
         while True:
@@ -992,8 +994,11 @@ class OpenSearchSink:
         records = [m for m in batch if m.topic() != self._audit_topic] if audit else batch
         carrying = [(m, f) for m, f in ((m, forget_of(m.value())) for m in audit) if f is not None]
         forgets = [f for _, f in carrying]
-        for forget in forgets:  # before the batch's documents: none of the subject's faces goes in
-            self.forgotten.add(forget)
+        for message in audit:  # in order, before the batch's documents: none of the subject's faces goes in
+            if (forget := forget_of(message.value())) is not None:
+                self.forgotten.add(forget)
+            elif (enrolment := enrolment_of(message.value())) is not None:
+                self.forgotten.enrol(*enrolment)  # enrolled again: its new entry's documents go in
         actions, dead = to_actions(
             records,
             index_prefix=self.index_prefix,
@@ -1072,7 +1077,7 @@ class OpenSearchSink:
         failed, refusals = 0, []
         while True:
             try:
-                report = erase_forgotten(self.client, self.index_prefix, forgets)
+                report = erase_forgotten(self.client, self.index_prefix, forgets, lifted=self.forgotten.enrolled_at)
                 problem = report.problem
             except TransportError as exc:
                 report, problem = None, _short(exc)

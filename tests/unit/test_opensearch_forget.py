@@ -122,6 +122,12 @@ class FakeCluster:
             return source.get(name) in values
         if kind == "exists":
             return source.get(body["field"]) is not None
+        if kind == "term":
+            ((name, value),) = body.items()
+            return source.get(name) == value
+        if kind == "range":
+            ((name, bounds),) = body.items()
+            return isinstance(source.get(name), int) and source[name] < bounds["lt"]
         assert kind == "bool", kind
         if not all(self._matches(q, source) for q in body.get("filter", [])):
             return False
@@ -574,3 +580,57 @@ def test_a_forget_whose_write_backs_opensearch_refuses_for_good_is_dead_lettered
     assert "cg-cases-all/case-1: 400 mapper_parsing_exception: failed to parse" in letters[0].reason
     assert not is_retryable(FORGET_INCOMPLETE)  # a re-drive would publish the audit event again
     assert (AUDIT.full_name(""), 4) in {(tp.topic, tp.offset) for tp in wrapped.consumer.commits[-1]}
+
+
+T0 = 1_700_000_000_000
+HOUR = 3_600_000
+
+
+def audit_at(action: str, at_ms: int, subject: str = SUBJECT) -> bytes:
+    return AuditEvent(
+        audit_id=f"command:c-{action}-{at_ms}",
+        event_time=at_ms,
+        action=action,
+        outcome="DONE",
+        actor="sec@example.com",
+        subject_id=subject,
+        transaction_id=SALE,
+    ).encode()
+
+
+def test_a_subject_enrolled_again_after_its_forget_is_indexed_again_from_that_enrolment_on() -> None:
+    """A subject id enrolled again after a forget stayed forgotten for good in the sink: its new face
+    observations were never indexed and its alerts lost their image refs. A forget applies to what came before
+    it; an enrolment after it lifts it (as the Webex eraser does); a forget after that applies again."""
+    import dataclasses
+
+    forgotten = Forgotten()
+    forgotten.add(forget_of(audit_at("FORGET", T0 + HOUR)))  # type: ignore[arg-type]
+    forgotten.enrol(SUBJECT, T0)  # an enrolment before the forget lifts nothing
+    route = ROUTE["face_observations"]
+    old = dataclasses.asdict(observation("e:old", subject=SUBJECT))
+    new = {**old, "observation_id": "e:new", "event_time": T0 + 3 * HOUR}
+    assert forgotten.erases(route, old) and forgotten.erases(route, new)
+    forgotten.enrol(SUBJECT, T0 + 2 * HOUR)
+    assert forgotten.erases(route, old) and not forgotten.erases(route, new)
+    alert = {"subject_id": SUBJECT, "event_time": T0 + 3 * HOUR, "snapshot_ref": "entrance/a.jpg"}
+    assert not forgotten.scrub(ROUTE["alerts"], alert) and alert["snapshot_ref"] == "entrance/a.jpg"
+    forgotten.add(forget_of(audit_at("FORGET", T0 + 4 * HOUR)))  # type: ignore[arg-type]
+    assert forgotten.erases(route, new) and forgotten.scrub(ROUTE["alerts"], alert)
+
+    # in the sink: the enrolment read on audit after the forget; the new entry's observation goes in
+    cluster = populated()
+    cluster.put("cg-face_observations-2023.11.15", "e:new", {"subject_id": SUBJECT, "event_time": T0 + 3 * HOUR})
+    wrapped = _Sink(cluster)
+    topic = AUDIT.full_name("")
+    later = dataclasses.replace(observation("e:later", subject=SUBJECT), event_time=T0 + 5 * HOUR)
+    wrapped.sink._process(
+        [
+            Message(topic=topic, partition=0, offset=3, value=audit_at("FORGET", T0 + HOUR)),
+            Message(topic=topic, partition=0, offset=4, value=audit_at("ENROLL", T0 + 2 * HOUR)),
+            Message(topic=route.topic.full_name(""), partition=0, offset=9, value=later.encode()),
+        ]
+    )
+    faces = {doc_id for (index, doc_id) in cluster.docs if "-face_observations-" in index}
+    assert {"e:new", "e:later"} <= faces and "entrance:1" not in faces  # the old entry's faces went
+    assert wrapped.sink.stats.forgotten_on_write == 0
