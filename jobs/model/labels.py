@@ -14,7 +14,10 @@ decoded is counted and left out) and orders them by event time, ready for ``trai
 :func:`apply_labels` sets each field verdict on its transaction (over the label the data carried, e.g. a
 CSV's ``EVENT_LABEL``) and counts what was joined and which verdicts found no transaction.
 
-Neither reader commits offsets: each uses a fresh consumer group and assigns the partitions itself.
+Neither reader commits offsets: each uses a fresh consumer group and assigns the partitions itself. Records that
+retention deletes while they are read (the read starts at the earliest kept offset, and the oldest segment can go
+before the read reaches it) are counted per partition in ``deleted`` and named in a warning: an ``earliest`` reset
+skipped them without a word, and training went on as if the topic held nothing more.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 
 from confluent_kafka import Message
 
-from infra.clients.topic_replay import Bound, plan, read_range_records
+from infra.clients.topic_replay import Bound, deleted_warning, plan, read_range_records
 from infra.settings import Settings
 from schemas.errors import InvalidRecord
 from schemas.identifiers import check
@@ -59,6 +62,12 @@ class FieldLabels:
     """Labels whose message key is not their transaction id (not ordered with that transaction's others)."""
     end_offsets: dict[int, int] = field(default_factory=dict)
     """Per partition, the end (exclusive) read up to."""
+    deleted: dict[int, int] = field(default_factory=dict)
+    """Per partition, records retention deleted while the topic was being read: not read, so not in force here."""
+
+    def warning(self) -> str | None:
+        """What retention deleted before it was read, or ``None``: without it the verdicts read as all there are."""
+        return deleted_warning(self.deleted, "label record(s)", "were not read")
 
     def digest(self) -> str:
         """SHA-256 of the verdicts in force (transaction and verdict, sorted): what a model's metadata can
@@ -140,6 +149,12 @@ class TopicTransactions:
     """``("<topic>:<partition>:<offset>", reason)`` of the first :data:`MAX_REJECTED` undecodable records,
     in the shape ``observe_all`` reports rejects."""
     end_offsets: dict[int, int] = field(default_factory=dict)
+    deleted: dict[int, int] = field(default_factory=dict)
+    """Per partition, records retention deleted while the topic was being read: not in the history."""
+
+    def warning(self) -> str | None:
+        """What retention deleted before it was read, or ``None``: without it the history reads as complete."""
+        return deleted_warning(self.deleted, "transaction record(s)", "are not in the history")
 
     def summary(self) -> str:
         text = f"{len(self.transactions):,} transaction(s) from {self.read:,} record(s)"
@@ -260,8 +275,10 @@ def read_labels(settings: Settings, timeout_s: float = 30.0) -> FieldLabels:
     before the end is reached."""
     topic = LABELS.full_name(settings.kafka.topic_prefix)
     ends: dict[int, int] = {}
-    found = latest_labels((m.key(), m.value()) for m in read_topic(settings, topic, timeout_s=timeout_s, ends=ends))
-    found.end_offsets = ends
+    deleted: dict[int, int] = {}
+    messages = read_topic(settings, topic, timeout_s=timeout_s, ends=ends, deleted=deleted)
+    found = latest_labels((m.key(), m.value()) for m in messages)
+    found.end_offsets, found.deleted = ends, deleted
     return found
 
 
@@ -275,9 +292,12 @@ def transactions_from_topic(
     its end now, decoded and in event-time order (see :func:`decode_transactions`)."""
     topic = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
     ends: dict[int, int] = {}
-    messages = read_topic(settings, topic, since_ms=since_ms, until_ms=until_ms, timeout_s=timeout_s, ends=ends)
+    deleted: dict[int, int] = {}
+    messages = read_topic(
+        settings, topic, since_ms=since_ms, until_ms=until_ms, timeout_s=timeout_s, ends=ends, deleted=deleted
+    )
     found = decode_transactions((topic, m.partition() or 0, m.offset() or 0, m.value()) for m in messages)
-    found.end_offsets = ends
+    found.end_offsets, found.deleted = ends, deleted
     return found
 
 
@@ -289,13 +309,17 @@ def read_topic(
     until_ms: int | None = None,
     timeout_s: float = 30.0,
     ends: dict[int, int] | None = None,
+    deleted: dict[int, int] | None = None,
 ) -> Iterator[Message]:
     """Every committed record of ``topic`` (full name) from the beginning (or ``since_ms``) to its end at the
     call (or the first record at/after ``until_ms``), each partition in offset order. ``ends`` is filled
-    with the end offsets used. ``TimeoutError`` after ``timeout_s`` without a record before the end."""
+    with the end offsets used, ``deleted`` with what retention deleted before it was read, per partition (the
+    read goes on from the earliest kept record). ``TimeoutError`` after ``timeout_s`` without a record before
+    the end."""
     start = Bound(time_ms=since_ms) if since_ms is not None else Bound()
     end = Bound(time_ms=until_ms) if until_ms is not None else Bound()
     ranges = plan(settings.kafka, topic, start, end)
     if ends is not None:
         ends.update({r.partition: r.end for r in ranges})
-    yield from read_range_records(settings.kafka, topic, ranges, "labels-read", idle_timeout_s=timeout_s)
+    gone: dict[int, int] = {} if deleted is None else deleted  # always counted: never an ``earliest`` reset
+    yield from read_range_records(settings.kafka, topic, ranges, "labels-read", idle_timeout_s=timeout_s, deleted=gone)

@@ -610,6 +610,8 @@ def _source(csv_path: Path | None, settings: Settings, from_topic: bool = False,
     else:
         stream = transactions_from_topic(settings)
         typer.echo(stream.summary())
+        if gone := stream.warning():
+            typer.echo(f"Warning: {gone}", err=True)
         records = [*stream.rejected, *stream.transactions]
         name = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
         sha = hashlib.sha256(json.dumps(sorted(stream.end_offsets.items())).encode()).hexdigest()
@@ -618,6 +620,8 @@ def _source(csv_path: Path | None, settings: Settings, from_topic: bool = False,
         verdicts = read_labels(settings)
         records, stats = apply_labels(records, verdicts)
         typer.echo(verdicts.summary())
+        if gone := verdicts.warning():
+            typer.echo(f"Warning: {gone}", err=True)
         typer.echo(stats.summary())
         name += "+labels"
         sha = hashlib.sha256(f"{sha}:{verdicts.digest()}".encode()).hexdigest()

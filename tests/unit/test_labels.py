@@ -628,3 +628,80 @@ def test_a_read_that_stalls_before_the_end_times_out(monkeypatch: pytest.MonkeyP
     with pytest.raises(TimeoutError):
         reader.read_labels(SETTINGS, timeout_s=0.2)
     assert consumer.closed
+
+
+class RetentionDuringReadConsumer(FakeConsumer):
+    """Partition 0 is read from offset 0; after the first record retention deletes offsets 1-3, so the next fetch
+    is out of range (``auto.offset.reset=error``) and the read goes on from the earliest kept offset, 4."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.batches = [
+            [FakeMessage(0, 0, b"tx-1", verdict("tx-1", 1).encode())],
+            [_ResetMessage(0, 1)],
+        ]
+
+    def incremental_unassign(self, partitions: list[Any]) -> None:
+        self.assigned = [a for a in self.assigned if a[0] not in {tp.partition for tp in partitions}]
+
+    def incremental_assign(self, partitions: list[Any]) -> None:
+        self.assigned += [(tp.partition, tp.offset) for tp in partitions]
+        self.batches.append([FakeMessage(0, 4, b"tx-4", verdict("tx-4", 0).encode())])
+
+    def get_watermark_offsets(self, _tp: Any, timeout: float, cached: bool) -> tuple[int, int]:
+        return 4, 5
+
+    def consume(self, n: int, timeout: float) -> list[Any]:
+        self.messages = self.batches.pop(0) if self.batches else []
+        return super().consume(n, timeout)
+
+
+class _ResetMessage(FakeMessage):
+    def __init__(self, partition: int, offset: int) -> None:
+        super().__init__(partition, offset, None, None, eof=True)  # not a record: the position does not move
+
+    def error(self) -> Any:
+        return KafkaError(KafkaError._AUTO_OFFSET_RESET)
+
+
+def test_labels_retention_deletes_while_they_are_read_are_counted_and_warned_about_not_skipped_silently(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With auto.offset.reset=earliest a position below the log start jumped to the earliest kept record: the
+    verdicts in between were neither read nor counted, and training went on as if they never existed."""
+    resets: list[str] = []
+
+    def assigned_consumer(_kafka: Any, _purpose: str, auto_offset_reset: str = "earliest") -> Any:
+        resets.append(auto_offset_reset)
+        return RetentionDuringReadConsumer()
+
+    monkeypatch.setattr(reader, "plan", lambda *_a, **_k: [PartitionRange(0, 0, 5, 0, 5)])
+    monkeypatch.setattr(topic_replay, "assigned_consumer", assigned_consumer)
+    found = reader.read_labels(SETTINGS, timeout_s=5)
+    assert resets == ["error"]
+    assert sorted(found.by_transaction) == ["tx-1", "tx-4"] and found.deleted == {0: 3}
+    assert found.warning() == (
+        "3 label record(s) were deleted by retention while being read (partition 0: 3) and were not read"
+    )
+    stream = reader.transactions_from_topic(SETTINGS, timeout_s=5)  # the transactions topic the same way
+    assert stream.deleted == {0: 3} and stream.warning() is not None and "are not in the history" in stream.warning()
+    assert FieldLabels().warning() is None
+
+
+def test_train_from_the_topics_prints_a_warning_for_what_retention_deleted_while_it_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from jobs.model import train
+
+    stream = reader.TopicTransactions(transactions=[sale("tx-1")], read=1, deleted={1: 7})
+    verdicts = FieldLabels(by_transaction={"tx-1": verdict("tx-1", 1)}, read=1, deleted={0: 2})
+    monkeypatch.setattr(reader, "transactions_from_topic", lambda _s: stream)
+    monkeypatch.setattr(reader, "read_labels", lambda _s: verdicts)
+    monkeypatch.setattr(train, "observe_all", lambda records, _s: SimpleNamespace(rejected=[]))
+    echoed: list[str] = []
+    monkeypatch.setattr(train.typer, "echo", lambda text, err=False: echoed.append(text))
+    train._source(None, SETTINGS, from_topic=True, field_labels=True)
+    assert "Warning: 7 transaction record(s) were deleted by retention while being read (partition 1: 7)" in " ".join(
+        echoed
+    )
+    assert "Warning: 2 label record(s) were deleted by retention while being read (partition 0: 2)" in " ".join(echoed)
