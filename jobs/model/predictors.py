@@ -473,8 +473,17 @@ class SageMakerPredictor(GuardedPredictor):
         response = self.client.invoke_endpoint(
             EndpointName=self.settings.sagemaker_endpoint, ContentType="text/csv", Accept="text/csv", Body=self.body(x)
         )
-        text = response["Body"].read().decode()
-        values = [float(v) for v in text.replace("\n", ",").split(",") if v.strip()]
+        not_probabilities = RemoteError(
+            "sagemaker answered values that are not probabilities within 0-1",
+            retryable=False,
+            cause="the endpoint answers values that are not probabilities within 0-1: check that "
+            "CG_MODEL__SAGEMAKER_ENDPOINT serves a model trained by `train` (CSV rows in, one probability out)",
+        )
+        try:
+            text = response["Body"].read().decode()
+            values = [float(v) for v in text.replace("\n", ",").split(",") if v.strip()]
+        except ValueError:  # not text, or not numbers: the same endpoint answers the same way again
+            raise not_probabilities from None
         if len(values) != x.shape[0]:
             raise RemoteError(
                 f"sagemaker answered {len(values)} values for {x.shape[0]} records",
@@ -482,7 +491,11 @@ class SageMakerPredictor(GuardedPredictor):
                 cause="the endpoint answers another number of values than records sent: check that "
                 "CG_MODEL__SAGEMAKER_ENDPOINT serves a model trained by `train` (CSV rows in, one probability out)",
             )
-        return np.asarray(values)
+        probs = np.asarray(values, dtype=np.float64)
+        # A NaN became score -2**63 through the calibration, and 7.0 (a class, a 0-1000 score) a block at 1000.
+        if not (np.isfinite(probs).all() and (probs >= 0).all() and (probs <= 1).all()):
+            raise not_probabilities
+        return probs
 
     def predict_batch(self, items: Sequence[Item]) -> list[ModelResult]:
         if not items:

@@ -368,3 +368,42 @@ def test_factory_builds_the_configured_backend_with_local_fallback(tmp_path, ser
     assert local.predict_batch([(TX, IND)])[0].version == f"local:{promoted.name}"
     with pytest.raises(ValueError, match="unknown model backend"):
         make_predictor(base.model_copy(update={"model": base.model.model_copy(update={"backend": "magic"})}))
+
+
+class _Answering:
+    """A SageMaker Runtime client that answers ``text`` to every call."""
+
+    def __init__(self, text: bytes) -> None:
+        self.text, self.calls = text, 0
+
+    def invoke_endpoint(self, **_kw):
+        import io
+
+        self.calls += 1
+        return {"Body": io.BytesIO(self.text)}
+
+
+@pytest.mark.parametrize(
+    "answer", [b"nan\n0.2\n", b"0.2\n7\n", b"-0.5\n0.2\n", b"0.2\ninf\n", b"0.2\nyes\n", b"\xff\xfe"]
+)
+def test_a_sagemaker_answer_that_is_not_probabilities_is_a_failed_call_the_fallback_covers(answer, caplog):
+    """A NaN in the answer came out as score -9223372036854775808 and a 7 as 1000 (a block): the endpoint serves
+    something else than a model trained by ``train``, and asking again gets the same answer."""
+    model = small_model()
+    client = _Answering(answer)
+    predictor = SageMakerPredictor(settings_for("http://unused", "sagemaker", retries=2), model, client=client)
+    items = [(sale(f"t{i}").to_avro(), {}) for i in range(2)]
+    with caplog.at_level(logging.WARNING):
+        results = predictor.predict_batch(items)
+    assert [r.score for r in results] == [r.score for r in model.predict_batch(items)]
+    assert all(r.version.endswith("(fallback)") for r in results)
+    assert client.calls == 1, "not retried"
+    assert any("not probabilities within 0-1" in w and "CG_MODEL__SAGEMAKER_ENDPOINT" in w for w in warnings_of(caplog))
+
+
+def test_a_sagemaker_answer_of_0_and_1_is_scored() -> None:
+    model = small_model()
+    predictor = SageMakerPredictor(settings_for("http://unused", "sagemaker"), model, client=_Answering(b"0\n1.0\n"))
+    results = predictor.predict_batch([(sale(f"t{i}").to_avro(), {}) for i in range(2)])
+    assert [r.version for r in results] == ["sagemaker:checkout-guard-fraud"] * 2
+    assert [r.score for r in results] == model.calibration.score(__import__("numpy").array([0.0, 1.0])).tolist()
