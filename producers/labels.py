@@ -232,9 +232,12 @@ sign is a comma). The header line's most frequent one is the file's."""
 
 
 def read_label_csv(f: TextIO) -> tuple[list[str], list[tuple[int, list[str] | InvalidRecord]]]:
-    """The header and the data rows (``(line, values)``) of a CSV; blank lines are skipped and a row that
-    ``csv`` refuses is kept as its ``InvalidRecord``. :class:`LabelFileError` when there is no header."""
-    first = f.readline()
+    """The header and the data rows (``(line, values)``) of a CSV; blank lines are skipped (before the header too:
+    exports and hand edits leave some, and the file was refused as having no header) and a row that ``csv``
+    refuses is kept as its ``InvalidRecord``. :class:`LabelFileError` when there is no header."""
+    first, blank = f.readline(), 0
+    while first and not first.strip():
+        first, blank = f.readline(), blank + 1
     delimiter = max(DELIMITERS, key=first.count)
     reader = csv.reader(itertools.chain([first] if first else [], f), delimiter=delimiter)
     try:
@@ -245,7 +248,7 @@ def read_label_csv(f: TextIO) -> tuple[list[str], list[tuple[int, list[str] | In
         raise LabelFileError(f"the header cannot be read: {exc}") from None
     rows: list[tuple[int, list[str] | InvalidRecord]] = []
     while True:
-        start = reader.line_num + 1
+        start = blank + reader.line_num + 1
         try:
             values = next(reader)
         except StopIteration:

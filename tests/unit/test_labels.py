@@ -216,6 +216,16 @@ def test_tab_or_semicolon_separated_files_read_as_comma_separated_ones(delimiter
     ]
 
 
+@pytest.mark.parametrize("delimiter", [",", "\t", ";"])
+def test_blank_lines_before_the_header_are_skipped_and_lines_keep_their_numbers(delimiter: str) -> None:
+    """An export or hand edit that starts with blank lines was refused whole: the first, blank, line was taken for
+    the header ("the header needs the columns transaction_id,label")."""
+    text = "\n \r\n\ntransaction_id,label\ntx-1,fraud\n\ntx-2,maybe\n".replace(",", delimiter)
+    found = csv_labels(text)
+    assert found.format == SIMPLE and [x.transaction_id for x in found.labels] == ["tx-1"]
+    assert [b.line for b in found.bad] == [7], "the physical line, blank ones counted"
+
+
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-8-sig", "utf-8"])
 def test_a_utf16_export_reads_as_its_utf8_copy(tmp_path, encoding: str) -> None:
     """Excel's "Unicode text" is UTF-16 with a byte-order mark, tab-separated: it was a header error."""
