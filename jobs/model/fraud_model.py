@@ -868,7 +868,8 @@ class LocalModel:
     ) -> None:
         if not isinstance(meta, dict) or not isinstance(meta.get("version"), str) or not meta["version"]:
             raise DamagedArtifactError(f"the artifact at {path} names no model version; retrain it")
-        if list(meta.get("feature_names", [])) != list(FEATURE_NAMES):
+        names = meta.get("feature_names")  # null or a number: a TypeError no caller expects (it stopped the job)
+        if not isinstance(names, list) or names != list(FEATURE_NAMES):
             raise ModelArtifactError(
                 f"model {meta.get('version')} was trained on other features than this code computes; retrain it"
             )

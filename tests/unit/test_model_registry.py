@@ -421,3 +421,25 @@ def test_promote_to_a_cluster_without_the_audit_topic_names_it_and_moves_nothing
         "audit event not sent: no topic audit on Kafka at k:9092: created by an admin; the models are unchanged"
     )
     assert (read_pointer(tmp_path, CURRENT), read_pointer(tmp_path, CHALLENGER)) == (champ, chal)
+
+
+@pytest.mark.parametrize("names", [None, 5])
+def test_a_model_json_whose_feature_names_are_not_a_list_keeps_the_models_in_use_and_is_refused_in_one_line(
+    tmp_path, names
+):
+    """``"feature_names": null`` (a hand-edited or foreign model.json) raised a TypeError out of the job's refresh,
+    which stopped scoring, and a traceback out of ``challenger``, instead of "does not load"."""
+    champ, chal = _models(tmp_path)
+    meta = json.loads((tmp_path / chal / "model.json").read_text())
+    meta["feature_names"] = names
+    (tmp_path / chal / "model.json").write_text(json.dumps(meta))
+    clock = Clock()
+    registry = ModelRegistry(_settings(tmp_path), clock=clock)
+    write_pointer(tmp_path, CHALLENGER, chal)
+    clock.now = 10.0
+    assert registry.refresh() is False
+    assert registry.champion is not None and registry.champion.version == champ and registry.challenger is None
+    result = CliRunner().invoke(app, ["challenger", chal, "--models", str(tmp_path)])
+    assert result.exit_code == 2 and "other features" in result.output
+    status = CliRunner().invoke(app, ["status", "--models", str(tmp_path)])
+    assert status.exit_code == 0 and f"challenger: {chal} (CANNOT BE LOADED: model" in status.output
