@@ -4,7 +4,8 @@
   ``python -m sinks.dashboard hash-password`` (no password is stored or configured in clear), plus the
   older single ``CG_DASHBOARD__USERNAME``/``PASSWORD``. A verdict records the person, so each analyst has
   their own login; a password checked once is remembered (its SHA-256, for ``VERIFIED_FOR_S``) so the
-  page's polling does not pay scrypt on every request.
+  page's polling does not pay scrypt on every request. Wrong passwords lock any of these logins alike
+  (``FAILURES_ALLOWED``), the single one included.
 - **Token** (``Authorization: Bearer``): scripts and monitoring; reads only (no verdicts).
 - **Signed image links**: Webex fetches a card's images without any login, so ``GET /cases/<id>/images/
   <which>?exp=..&sig=..`` opens with a valid, unexpired signature (:mod:`infra.signed_links`) and nothing
@@ -110,6 +111,8 @@ class LoginBackend(AuthenticationBackend):
             _parse_hash(encoded)  # a broken entry fails at start, not at someone's login
         password, token = _secret(dashboard.password), _secret(dashboard.token)
         self.single = (_digest(dashboard.username), _digest(password)) if dashboard.username and password else None
+        self.known: set[str] = set(self.users) | ({dashboard.username} if dashboard.username and password else set())
+        """Every login that exists: a full record of wrong tries never drops one of their locks."""
         self.token = _digest(token) if token else None
         self.image_key = _secret(alerts.image_link_key) if alerts else None
         self.clock = clock
@@ -127,22 +130,20 @@ class LoginBackend(AuthenticationBackend):
         return bool(self.users) or self.single is not None or self.token is not None
 
     def _person(self, user: str, password: str) -> bool:
-        if self.single is not None:
-            single_ok = secrets.compare_digest(_digest(user), self.single[0])
-            if single_ok & secrets.compare_digest(_digest(password), self.single[1]):
-                return True
-        if not self.users:
+        """Whether ``user``/``password`` is a personal login or the single one. Both go through the same lockout
+        (:meth:`_count_try`) and the same memory of a checked login, so a browser logged in keeps polling while
+        someone else's guesses lock its login."""
+        single = self.single is not None and secrets.compare_digest(_digest(user), self.single[0])
+        if not single and not self.users:
             return False
         encoded = self.users.get(user)
         now = self.clock()
-        remembered = hashlib.sha256(f"{user}\0{password}\0{encoded}".encode()).digest()
-        if encoded is not None and self._verified.get(remembered, 0.0) > now:
+        remembered = hashlib.sha256(f"{user}\0{password}\0{encoded}\0{single}".encode()).digest()
+        if self._verified.get(remembered, 0.0) > now:
             return True
         if not self._count_try(user, now):
             return False
-        with self._checks:
-            ok = verify_password(password, encoded or self._dummy) and encoded is not None
-        if not ok:
+        if not self._matches(single, password, encoded):
             return False
         with self._tries:
             self._failures.pop(user, None)
@@ -152,6 +153,16 @@ class LoginBackend(AuthenticationBackend):
                 self._verified.clear()
         self._verified[remembered] = now + VERIFIED_FOR_S
         return True
+
+    def _matches(self, single: bool, password: str, encoded: str | None) -> bool:
+        """The password check itself, once the try is counted: the single login's, then the personal hash (the
+        dummy one for an unknown login, so it costs the same)."""
+        if single and self.single is not None and secrets.compare_digest(_digest(password), self.single[1]):
+            return True
+        if not self.users:
+            return False
+        with self._checks:
+            return verify_password(password, encoded or self._dummy) and encoded is not None
 
     def _count_try(self, user: str, now: float) -> bool:
         """Whether ``user`` may have a password checked now; if so the try counts as a wrong password until it
@@ -173,7 +184,7 @@ class LoginBackend(AuthenticationBackend):
         lock (clearing them all let a guesser unlock a login by trying a thousand names)."""
         self._failures = {u: t for u, t in self._failures.items() if now - t[1] <= FAILURE_WINDOW_S}
         if len(self._failures) >= MAX_VERIFIED:
-            self._failures = {u: t for u, t in self._failures.items() if u in self.users}
+            self._failures = {u: t for u, t in self._failures.items() if u in self.known}
 
     def _image_link(self, conn: HTTPConnection) -> bool:
         match = _IMAGE_PATH.match(conn.url.path)

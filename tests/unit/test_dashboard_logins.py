@@ -247,6 +247,38 @@ def test_guessing_under_many_made_up_names_does_not_unlock_a_locked_login(monkey
     assert not backend._person("ana@example.com", "another guess") and checked == [], "still locked: not checked"
 
 
+SINGLE = {"username": "manager", "password": SecretStr("s3cret pass")}
+
+
+@pytest.mark.parametrize("logins", [SINGLE, {**SINGLE, **USERS}], ids=["alone", "beside personal logins"])
+def test_repeated_wrong_passwords_lock_the_single_login_too(logins: dict[str, Any]) -> None:
+    clock = Clock()
+    backend = LoginBackend(DashboardSettings(**logins), clock=clock)
+    for _ in range(login.FAILURES_ALLOWED):
+        assert not backend._person("manager", "guess")
+    assert not backend._person("manager", "s3cret pass"), "locked: the right password is refused too"
+    clock.now += login.FAILURE_WINDOW_S + 1
+    assert backend._person("manager", "s3cret pass")
+
+
+def test_a_browser_logged_in_to_the_single_login_keeps_polling_while_guesses_lock_it() -> None:
+    backend = LoginBackend(DashboardSettings(**SINGLE), clock=Clock())
+    assert backend._person("manager", "s3cret pass")
+    for _ in range(login.FAILURES_ALLOWED + 1):
+        assert not backend._person("manager", "guess")
+    assert backend._person("manager", "s3cret pass"), "checked a moment ago: remembered, as a personal login is"
+
+
+def test_guessing_under_many_made_up_names_does_not_unlock_the_single_login() -> None:
+    backend = LoginBackend(DashboardSettings(**SINGLE, **USERS), clock=Clock())
+    for _ in range(login.FAILURES_ALLOWED):
+        assert not backend._person("manager", "guess")
+    for n in range(login.MAX_VERIFIED + 1):
+        backend._failures[f"nobody-{n}@example.com"] = (1, NOW)
+    backend._person("nobody-else@example.com", "guess")  # the record is full: room is made
+    assert not backend._person("manager", "s3cret pass"), "still locked"
+
+
 def test_an_unknown_login_costs_a_check_too_and_never_matches(monkeypatch: pytest.MonkeyPatch) -> None:
     backend = LoginBackend(DashboardSettings(**USERS), clock=Clock())
     checked: list[str] = []
