@@ -71,7 +71,7 @@ from schemas.images import PIL_FORMATS, image_type
 from schemas.indices import index_name
 from schemas.model_artifact import artifact_version, read_trained_ids
 from sinks.dashboard.case_routes import CaseRoutes, Publish
-from sinks.dashboard.headers import IMAGE_CACHE, SecurityHeaders
+from sinks.dashboard.headers import IMAGE_HEADERS, SecurityHeaders
 from sinks.dashboard.login import LoginBackend, LoginConfigError, _secret
 from sinks.dashboard.pipeline import PrometheusApi, prometheus_api, read_pipeline
 from sinks.dashboard.queries import (
@@ -372,7 +372,7 @@ class _DashboardApi:
         body = self.board.downscaled(f"alert {alert_id}", ref, large=request.query_params.get("size") == "large")
         if body is None:
             return Response(status_code=404)
-        return Response(body, media_type="image/jpeg", headers={"Cache-Control": IMAGE_CACHE})
+        return Response(body, media_type="image/jpeg", headers=IMAGE_HEADERS)  # never by a signed link
 
     def alert_detail(self, request: Request) -> Response:
         try:

@@ -5,7 +5,8 @@ functions of :mod:`sinks.dashboard.cases`.
 - ``GET  /cases/{case_id}``              the case page alert messages link to: the evidence side by side,
   the transaction, the notes and trail, the verdict buttons
 - ``GET  /cases/{case_id}/images/{which}``  ``live`` (the alert's snapshot) or ``reference`` (the subject's
-  enrolled image), downscaled; looked up by case id, the page never sees an image ref
+  enrolled image), downscaled; looked up by case id, the page never sees an image ref. Opened by its signed link
+  (Webex cards, mail clients) it carries no ``Cross-Origin-Resource-Policy``; under the login it is same-origin
 - ``GET  /api/cases``                    the queue as JSON (``store``, ``state`` (default ``undecided``), ``kind``)
 - ``GET  /api/cases/figures``            open cases by age, time to verdict p50/p95, confirmed vs dismissed
   per kind and store (``store``, ``days``)
@@ -52,7 +53,8 @@ from sinks.dashboard.cases import (
     shape_queue,
     verdict_command,
 )
-from sinks.dashboard.headers import IMAGE_CACHE
+from sinks.dashboard.headers import IMAGE_HEADERS, LINKED_IMAGE_HEADERS
+from sinks.dashboard.login import _secret, opened_by_link
 from sinks.dashboard.queries import transaction_by_id_query
 
 log = logging.getLogger(__name__)
@@ -174,7 +176,9 @@ class CaseRoutes:
         body = self.board.downscaled(f"case {case_id} ({which})", ref, large=True) if ref else None
         if body is None:
             return Response(status_code=404)
-        return Response(body, media_type="image/jpeg", headers={"Cache-Control": IMAGE_CACHE})
+        key = _secret(self.settings.alerts.image_link_key)
+        linked = opened_by_link(key, case_id, which, request.query_params, self.board.clock())
+        return Response(body, media_type="image/jpeg", headers=LINKED_IMAGE_HEADERS if linked else IMAGE_HEADERS)
 
     # ------------------------------------------------------------------ the verdict
 

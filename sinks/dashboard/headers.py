@@ -4,7 +4,8 @@ The pages show faces and carry one-click verdict buttons, so the browser is told
 scripts (a value that slipped past escaping cannot load or run anything), never show a page inside another
 site's frame (clickjacking a Confirm), never guess a content type, and send no referrer elsewhere. Face
 images are ``no-store``: a browser must not keep a shopper's face in its disk cache, where it would outlive a
-``forget``.
+``forget``, and ``Cross-Origin-Resource-Policy: same-origin`` unless opened by a signed link: no other site can
+embed one to probe which alerts and cases exist.
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ SECURITY_HEADERS = {
 }
 IMAGE_CACHE = "no-store"
 """``Cache-Control`` of every face image (alert snapshots, a case's live and reference images)."""
+LINKED_IMAGE_HEADERS = {"Cache-Control": IMAGE_CACHE}
+"""A case image opened by its signed link: mail clients and Webex show it from their own origin, so it stays
+embeddable anywhere (whoever holds the link may see that one image anyway)."""
+IMAGE_HEADERS = {**LINKED_IMAGE_HEADERS, "Cross-Origin-Resource-Policy": "same-origin"}
+"""A face image served under the analyst's login: only the dashboard's own pages may embed it. Another site could
+otherwise put ``<img src=".../api/alerts/<guess>/snapshot">`` in a logged-in analyst's browser and learn from its
+load or error whether that alert or case exists."""
 
 
 class SecurityHeaders:

@@ -21,7 +21,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, SimpleUser
 from starlette.concurrency import run_in_threadpool
@@ -92,6 +92,11 @@ def verify_password(password: str, encoded: str) -> bool:
 def _digest(value: str) -> bytes:
     """Equal-length values to compare, so the comparison reveals neither content nor length."""
     return hashlib.sha256(value.encode()).digest()
+
+
+def opened_by_link(key: str | None, case_id: str, which: str, query: Mapping[str, str], now: float) -> bool:
+    """Whether ``query`` holds a valid, unexpired signed link to image ``which`` of ``case_id``."""
+    return verify_image_link(key, case_id, which, query.get("exp"), query.get("sig"), now)
 
 
 def _secret(value) -> str | None:
@@ -190,10 +195,7 @@ class LoginBackend(AuthenticationBackend):
         match = _IMAGE_PATH.match(conn.url.path)
         if match is None or not self.image_key:
             return False
-        query = conn.query_params
-        return verify_image_link(
-            self.image_key, match.group(1), match.group(2), query.get("exp"), query.get("sig"), self.clock()
-        )
+        return opened_by_link(self.image_key, match.group(1), match.group(2), conn.query_params, self.clock())
 
     async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, SimpleUser]:
         scheme, _, value = conn.headers.get("authorization", "").partition(" ")

@@ -196,6 +196,20 @@ def encoded(fmt: str) -> bytes:
 FACE_IMAGES = ("/api/alerts/blocked:tx-1/snapshot", "/cases/case-0123456789ab/images/live")
 
 
+@pytest.mark.parametrize("path", FACE_IMAGES)
+def test_face_images_under_the_login_cannot_be_embedded_by_another_site(path: str) -> None:
+    """Another site's ``<img>`` in a logged-in analyst's browser would otherwise learn whether an alert or case
+    exists (the image loads, or fails)."""
+    for client, headers in (
+        (served(**LOGIN), basic("manager", "s3cret pass")),
+        (served(**LOGIN), {"Authorization": "Bearer tok-123"}),
+        (served(), {}),  # no login, on loopback
+    ):
+        image = client.get(path, headers=headers)
+        assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
+        assert image.headers["cross-origin-resource-policy"] == "same-origin"
+
+
 def test_a_png_snapshot_is_shown_as_the_jpeg_it_is_downscaled_to() -> None:
     client = served(image=encoded("PNG"), **LOGIN)
     for path in FACE_IMAGES:

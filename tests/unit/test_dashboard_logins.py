@@ -67,7 +67,7 @@ def served(clock: Clock | None = None, **dashboard: Any) -> TestClient:
             "alerts": AlertSettings(image_link_key=SecretStr(KEY)),
         }
     )
-    board = Dashboard(settings, client=FakeSearch(), images=Images())  # type: ignore[arg-type]
+    board = Dashboard(settings, client=FakeSearch(), images=Images(), clock=clock or time.time)  # type: ignore[arg-type]
     app = create_app(settings, board)
     if clock is not None:
         for middleware in app.user_middleware:
@@ -137,6 +137,23 @@ def test_a_signed_link_opens_its_image_without_a_login_until_it_expires() -> Non
     assert answer.status_code == 200 and answer.headers["content-type"] == "image/jpeg"
     clock.now = NOW + 601
     assert client.get(path).status_code == 401
+
+
+def test_an_image_opened_by_its_signed_link_stays_embeddable_by_mail_clients_and_webex() -> None:
+    """A signed link is shown from another origin (a webmail page, Webex): no Cross-Origin-Resource-Policy, even
+    when the analyst's browser sends its login along. The same image under the login alone is same-origin."""
+    clock = Clock()
+    client = served(clock, **USERS)
+    path = image_link(f"/cases/{CASE}", CASE, "live", KEY, NOW, 600)
+    ana = basic("ana@example.com", "ana's long password")
+    for headers in ({}, ana):
+        answer = client.get(path, headers=headers)
+        assert answer.status_code == 200 and "cross-origin-resource-policy" not in answer.headers
+        assert answer.headers["cache-control"] == "no-store"
+    for bad in (f"/cases/{CASE}/images/live", f"/cases/{CASE}/images/live?exp={int(NOW) + 600}&sig=forged"):
+        assert client.get(bad, headers=ana).headers["cross-origin-resource-policy"] == "same-origin", bad
+    clock.now = NOW + 601  # expired: only the login opens it, as a same-origin image
+    assert client.get(path, headers=ana).headers["cross-origin-resource-policy"] == "same-origin"
 
 
 def test_a_signed_link_opens_nothing_else() -> None:
