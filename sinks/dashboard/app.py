@@ -71,7 +71,7 @@ from schemas.images import PIL_FORMATS, image_type
 from schemas.indices import index_name
 from schemas.model_artifact import artifact_version, read_trained_ids
 from sinks.dashboard.case_routes import CaseRoutes, Publish
-from sinks.dashboard.headers import IMAGE_HEADERS, SecurityHeaders
+from sinks.dashboard.headers import IMAGE_HEADERS, SecurityHeaders, server_error
 from sinks.dashboard.login import LoginBackend, LoginConfigError, _secret
 from sinks.dashboard.pipeline import PrometheusApi, prometheus_api, read_pipeline
 from sinks.dashboard.queries import (
@@ -467,7 +467,7 @@ def create_app(
         backend = LoginBackend(settings.dashboard, settings.alerts)
     except LoginConfigError as exc:
         raise DashboardConfigError(str(exc)) from None
-    middleware = [Middleware(SecurityHeaders)]  # outermost: the 401 carries the headers too
+    middleware = [Middleware(SecurityHeaders)]  # outermost: the 401 carries the headers too (a 500: server_error)
     if backend.enabled:
         middleware.append(Middleware(AuthenticationMiddleware, backend=backend, on_error=backend.challenge))
     else:  # open on loopback only (check_exposure): to requests addressed there, not to a rebound name
@@ -479,4 +479,6 @@ def create_app(
         yield
         api.board.close()
 
-    return Starlette(routes=api.routes(), middleware=middleware, lifespan=lifespan)
+    return Starlette(
+        routes=api.routes(), middleware=middleware, exception_handlers={Exception: server_error}, lifespan=lifespan
+    )

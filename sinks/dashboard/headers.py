@@ -1,4 +1,4 @@
-"""Headers every dashboard answer carries (pages, JSON, images, static files, the 401 too).
+"""Headers every dashboard answer carries (pages, JSON, images, static files, the 401 and a 500 too).
 
 The pages show faces and carry one-click verdict buttons, so the browser is told: run only the dashboard's own
 scripts (a value that slipped past escaping cannot load or run anything), never show a page inside another
@@ -11,6 +11,8 @@ embed one to probe which alerts and cases exist.
 from __future__ import annotations
 
 from starlette.datastructures import MutableHeaders
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 CONTENT_SECURITY_POLICY = (
@@ -55,3 +57,11 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+def server_error(_request: Request, _exc: Exception) -> Response:
+    """The 500, with :data:`SECURITY_HEADERS` of its own: Starlette sends it from its error handler, outside every
+    middleware, :class:`SecurityHeaders` included. Starlette still raises the exception on, so the server logs it."""
+    return PlainTextResponse(
+        "Internal Server Error\n", status_code=500, headers={**SECURITY_HEADERS, "Cache-Control": "no-store"}
+    )

@@ -180,6 +180,23 @@ def test_every_answer_forbids_framing_foreign_scripts_and_type_sniffing(path: st
         assert answer.headers.get("referrer-policy") == "no-referrer"
 
 
+class BrokenSearch:
+    def search(self, index: str, body: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
+        raise RuntimeError("a bug, not an OpenSearch outage")
+
+
+def test_an_answer_that_fails_with_a_500_carries_the_security_headers_too() -> None:
+    settings = Settings().model_copy(update={"dashboard": DashboardSettings(host="127.0.0.1", **LOGIN)})
+    board = Dashboard(settings, client=BrokenSearch(), images=Images())  # type: ignore[arg-type]
+    client = TestClient(create_app(settings, board), raise_server_exceptions=False)
+    answer = client.get("/api/overview", headers=basic("manager", "s3cret pass"))
+    assert answer.status_code == 500 and "RuntimeError" not in answer.text
+    assert "frame-ancestors 'none'" in answer.headers.get("content-security-policy", "")
+    assert answer.headers.get("x-frame-options") == "DENY"
+    assert answer.headers.get("x-content-type-options") == "nosniff"
+    assert answer.headers.get("referrer-policy") == "no-referrer"
+
+
 def test_face_images_are_never_kept_in_the_browser_cache() -> None:
     client = served(**LOGIN)
     for path in ("/api/alerts/blocked:tx-1/snapshot", "/cases/case-0123456789ab/images/live"):
