@@ -50,11 +50,14 @@ ALERT_FIELDS = (
     "outcome",
     "risk_score",
     "reasons",
+    "subject_id",
     "category",
     "similarity",
     "snapshot_ref",
     "summary",
 )
+"""What the live page's alert list and an alert's page show. ``subject_id`` is the watch-list id the face matched
+(``subj-<tx>`` or one the enrolment gave): it names nobody, and a forget leaves it, as on the case page."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,81 @@
+"""The alert page (alert.js) over the app's own ``/api/alerts/<id>`` answer: each fact the page has a row for is
+fetched from the index, so the row shows. Runs alert.js in Node with a minimal DOM (skipped without Node)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from infra.settings import Settings
+from sinks.dashboard.app import Dashboard, create_app
+
+ALERT_JS = Path(__file__).resolve().parents[2] / "sinks" / "dashboard" / "static" / "alert.js"
+NODE = shutil.which("node") or shutil.which("nodejs")
+STORED = {
+    "alert_id": "watchlist:tx-1",
+    "kind": "WATCHLIST_MATCH",
+    "severity": "high",
+    "event_time": 1_800_000_000_000,
+    "store_id": "S1",
+    "subject_id": "subj-tx-0",
+    "category": "suspect",
+    "similarity": 97.5,
+    "face_embedding_never_shown": [0.1, 0.2],
+}
+
+
+class IndexedAlert:
+    """An alerts index holding one alert; a search returns only the ``_source`` fields it asks for, as OpenSearch
+    does."""
+
+    def search(self, index: str, body: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
+        if "alerts" not in index:
+            return {"hits": {"total": {"value": 0}, "hits": []}}
+        source = {k: v for k, v in STORED.items() if k in body.get("_source", STORED)}
+        return {"hits": {"total": {"value": 1}, "hits": [{"_source": source}]}}
+
+
+HARNESS = """
+const cells = {};
+const tbody = (id) => ({ set innerHTML(v) {}, insertAdjacentHTML(_where, html) {
+  const m = html.match(/<th>(.*?)<\\/th><td data-field="[^"]*">(.*?)<\\/td>/);
+  cells[id + ":" + m[1]] = m[2];
+} });
+const bodies = { "#alert-facts tbody": tbody("alert"), "#tx-facts tbody": tbody("tx") };
+const el = () => ({ textContent: "", className: "", innerHTML: "", querySelector: () => null });
+globalThis.location = { pathname: "/alerts/watchlist%%3Atx-1" };
+globalThis.document = { title: "", body: { dataset: {} }, getElementById: el, querySelector: (s) => bodies[s] };
+globalThis.fetch = async () => ({ ok: true, status: 200, json: async () => (%s) });
+%s
+setTimeout(() => console.log(JSON.stringify(cells)), 50);
+"""
+
+
+def alert_answer() -> dict[str, Any]:
+    settings = Settings()
+    board = Dashboard(settings, client=IndexedAlert())  # type: ignore[arg-type]
+    client = TestClient(create_app(settings, board, host="127.0.0.1"), base_url="http://127.0.0.1:8050")
+    answer = client.get("/api/alerts/watchlist:tx-1")
+    assert answer.status_code == 200
+    return answer.json()
+
+
+def test_an_alerts_subject_id_is_fetched_and_its_embedding_is_not() -> None:
+    alert = alert_answer()["alert"]
+    assert alert["subject_id"] == "subj-tx-0" and alert["similarity"] == 97.5
+    assert "face_embedding_never_shown" not in alert
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_the_alert_page_shows_the_subject_row() -> None:
+    script = HARNESS % (json.dumps(alert_answer()), ALERT_JS.read_text())
+    out = subprocess.run([NODE, "-e", script], capture_output=True, text=True, timeout=30, check=True).stdout
+    shown = json.loads(out)
+    assert shown["alert:subject"] == "subj-tx-0"
+    assert shown["alert:category"] == "suspect" and shown["alert:store"] == "S1"
