@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import re
 import shutil
 import threading
 import time
@@ -338,7 +339,7 @@ def test_window_anchored_at_the_latest_event_shows_replayed_history(served: Serv
 def test_page_renders_charts_with_data_in_headless_chromium(served: Served) -> None:
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"no chromium at {CHROMIUM}: make setup installs it only when apt can (CG_SETUP__BROWSER)")
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     data = served.data
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
@@ -347,13 +348,14 @@ def test_page_renders_charts_with_data_in_headless_chromium(served: Served) -> N
             executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
         )
         try:
-            # bypass_csp: wait_for_function evaluates strings, which the page's CSP forbids
-            page = browser.new_page(viewport={"width": 1440, "height": 1300}, bypass_csp=True)
+            page = browser.new_page(viewport={"width": 1440, "height": 1300})
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(f"{served.url}/?minutes=60", wait_until="networkidle")
-            page.wait_for_function("Number(document.body.dataset.renders || 0) >= 1", timeout=30_000)
-            page.wait_for_function("[...document.querySelectorAll('img.thumb')].every(i => i.complete)", timeout=30_000)
+            page.wait_for_selector("body[data-renders]", state="attached", timeout=30_000)  # the first render
+            thumbs = page.locator("img.thumb")
+            for n in range(thumbs.count()):  # every thumbnail loaded
+                expect(thumbs.nth(n)).to_have_js_property("complete", True, timeout=30_000)
             page.screenshot(path=str(SCREENSHOTS / "dashboard.png"), full_page=True)
 
             assert errors == []
@@ -377,14 +379,13 @@ def test_page_renders_charts_with_data_in_headless_chromium(served: Served) -> N
             # Wait for the render made for that store (its status line names it), not for any render: the
             # page refreshes itself every few seconds, and one of those may land between click and wait.
             page.click("#store-table tbody tr:nth-child(3)")
-            page.wait_for_function(
-                f"document.getElementById('status').textContent.startsWith('store {STORES[2]} ')", timeout=30_000
-            )
+            expect(page.locator("#status")).to_have_text(re.compile(rf"^store {re.escape(STORES[2])} "), timeout=30_000)
             kpi = page.inner_text("#kpi-transactions .value").replace(",", "").replace("\u202f", "")
             assert int(kpi) == sum(1 for t in data.transactions if t.store_id == STORES[2])
             assert page.input_value("#store") == STORES[2]
-            renders = int(page.evaluate("document.body.dataset.renders"))
-            page.wait_for_function(f"Number(document.body.dataset.renders) > {renders}", timeout=30_000)
+            renders = page.get_attribute("body", "data-renders")
+            # the counter only grows: another value is a later render
+            page.wait_for_selector(f'body:not([data-renders="{renders}"])', state="attached", timeout=30_000)
             kpi = page.inner_text("#kpi-transactions .value").replace(",", "").replace("\u202f", "")
             assert int(kpi) == sum(1 for t in data.transactions if t.store_id == STORES[2])  # and it stays so
             assert page.locator("#chart-stores rect.bar").count() <= 3
@@ -394,8 +395,8 @@ def test_page_renders_charts_with_data_in_headless_chromium(served: Served) -> N
 
 
 def test_every_page_renders_under_its_content_security_policy_in_headless_chromium(served: Served) -> None:
-    """The other browser tests bypass the CSP (Playwright's wait_for_function evaluates strings, which it forbids),
-    so this one enforces it: each page must render (its own marker set, its images loaded) with no script error and
+    """The other browser tests run under the CSP too; this one checks every page against it: each page must
+    render (its own marker set, its images loaded) with no script error and
     no "Refused to ..." report, which an inline script, an inline handler or a foreign resource would give."""
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"no chromium at {CHROMIUM}: make setup installs it only when apt can (CG_SETUP__BROWSER)")
@@ -449,21 +450,20 @@ def test_alert_page_that_messages_link_to_shows_the_alert_its_decision_and_snaps
 
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"no chromium at {CHROMIUM}: make setup installs it only when apt can (CG_SETUP__BROWSER)")
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(
             executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
         )
         try:
-            # bypass_csp: wait_for_function evaluates strings, which the page's CSP forbids
-            page = browser.new_page(viewport={"width": 1280, "height": 800}, bypass_csp=True)
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
             page.goto(f"{served.url}/?minutes=60", wait_until="networkidle")
-            page.wait_for_function("Number(document.body.dataset.renders || 0) >= 1", timeout=30_000)
+            page.wait_for_selector("body[data-renders]", state="attached", timeout=30_000)
             page.click("#alerts a.alert >> nth=0")  # the newest alert card leads to its page
-            page.wait_for_function("document.body.dataset.loaded === '1'", timeout=30_000)
+            page.wait_for_selector("body[data-loaded='1']", state="attached", timeout=30_000)
             assert page.url == f"{served.url}/alerts/{alert.alert_id}"
-            page.wait_for_function("document.querySelector('img.snapshot')?.complete", timeout=30_000)
+            expect(page.locator("img.snapshot")).to_have_js_property("complete", True, timeout=30_000)
             assert page.eval_on_selector("img.snapshot", "img => img.naturalWidth") > 240
             assert page.inner_text('#tx-facts td[data-field="outcome"]') == "BLOCK"
             assert page.inner_text('#alert-facts td[data-field="transaction"]') == alert.transaction_id
@@ -556,19 +556,18 @@ def test_models_page_renders_distributions_auc_and_drift_in_headless_chromium(se
             executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
         )
         try:
-            # bypass_csp: wait_for_function evaluates strings, which the page's CSP forbids
-            page = browser.new_page(viewport={"width": 1440, "height": 1000}, bypass_csp=True)
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(f"{served.url}/?minutes=60", wait_until="networkidle")
-            page.wait_for_function("Number(document.body.dataset.renders || 0) >= 1", timeout=30_000)
+            page.wait_for_selector("body[data-renders]", state="attached", timeout=30_000)
             # the link carries the window once the page has read its controls (syncNav); a click before
             # that (a loaded machine) follows the bare href and never reaches "?minutes="
             page.wait_for_selector('#nav-models[href*="minutes="]', state="attached", timeout=30_000)
             page.click("#nav-models")  # the live page links to the Models page, window kept
             page.wait_for_url("**/models?*", timeout=30_000)
             assert "minutes=60" in page.url
-            page.wait_for_function("Number(document.body.dataset.renders || 0) >= 1", timeout=30_000)
+            page.wait_for_selector("body[data-renders]", state="attached", timeout=30_000)  # the Models page's
             shot = tmp_path / "models.png"
             page.screenshot(path=str(shot), full_page=True)
             SCREENSHOTS.mkdir(parents=True, exist_ok=True)
