@@ -83,6 +83,10 @@ def store_outage(exc: BaseException) -> bool:
     return False
 
 
+_MISSING_OBJECT_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+"""S3's answers for an object that is not there (a HEAD has no body, so only its status: ``404``)."""
+
+
 class ImageStore:
     """Base: the ref scheme and the factory; subclasses hold the bytes."""
 
@@ -107,6 +111,7 @@ class ImageStore:
         raise NotImplementedError
 
     def get(self, ref: str) -> bytes:
+        """The image's bytes; ``FileNotFoundError`` when there is no such image (every store alike)."""
         raise NotImplementedError
 
     def find(self, kind: str, key: str) -> str | None:
@@ -303,8 +308,18 @@ class S3ImageStore(ImageStore):
         return f"s3://{bucket}/{kind}/{key}"
 
     def get(self, ref: str) -> bytes:
+        """The image's bytes; ``FileNotFoundError`` when there is no such object, as the local store gives, so that a
+        missing image fails a command the same way in both (a botocore ``NoSuchKey`` was a ``command_error``). A
+        bucket that does not exist stays an S3 error: the image may be elsewhere, not gone."""
+        from botocore.exceptions import ClientError
+
         bucket, obj, _ = self._split(ref)
-        return self.s3.get_object(Bucket=bucket, Key=obj)["Body"].read()
+        try:
+            return self.s3.get_object(Bucket=bucket, Key=obj)["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in _MISSING_OBJECT_CODES:
+                raise FileNotFoundError(f"no image at {ref}") from None
+            raise
 
     def find(self, kind: str, key: str) -> str | None:
         from botocore.exceptions import ClientError
@@ -315,7 +330,7 @@ class S3ImageStore(ImageStore):
         try:
             self.s3.head_object(Bucket=bucket, Key=f"{kind}/{key}")
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if exc.response.get("Error", {}).get("Code") in _MISSING_OBJECT_CODES:
                 return None
             raise
         return f"s3://{bucket}/{kind}/{key}"
@@ -332,7 +347,7 @@ class S3ImageStore(ImageStore):
         try:
             self.s3.put_object_tagging(Bucket=bucket, Key=obj, Tagging={"TagSet": [{"Key": "retained", "Value": tag}]})
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if exc.response.get("Error", {}).get("Code") in _MISSING_OBJECT_CODES:
                 raise FileNotFoundError(f"no image at {ref}") from None
             raise
 

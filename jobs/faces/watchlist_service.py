@@ -479,7 +479,7 @@ class WatchlistCore:
         A former store that cannot be searched fails the command ``image_store_unavailable`` when no store has it."""
         key = checkout_image_key(tx)
         if snapshot := self.store.find("checkout", key):
-            return self.store.get(snapshot)
+            return self._read_snapshot(self.store, snapshot, tx)
         unsearched: list[str] = []
         for store in self.former():
             try:
@@ -489,7 +489,7 @@ class WatchlistCore:
                 unsearched.append(f"{store.where()} ({type(exc).__name__})")
                 continue
             if snapshot:
-                return store.get(snapshot)
+                return self._read_snapshot(store, snapshot, tx)
         if unsearched:
             raise Failed(
                 "image_store_unavailable",
@@ -497,6 +497,15 @@ class WatchlistCore:
                 "issue the command again",
             )
         raise Failed("unknown_transaction", f"no checkout snapshot for transaction {tx}")
+
+    @staticmethod
+    def _read_snapshot(store: ImageStore, ref: str, tx: str) -> bytes:
+        """The found snapshot's bytes; gone meanwhile (purged between the lookup and the read) it is ``missing_image``
+        with either store, as ``LEARN`` says of a sighting that is gone."""
+        try:
+            return store.get(ref)
+        except FileNotFoundError:
+            raise Failed("missing_image", f"the checkout snapshot of transaction {tx} is gone") from None
 
     def _previous_reference(self, subject: str) -> tuple[str, ImageStore] | None:
         """The reference image a change of category replaces, with the store that holds it: after a switch of the

@@ -180,3 +180,24 @@ def test_an_s3_ref_in_a_bucket_that_is_not_configured_is_refused_before_any_requ
         store.get(ref.replace("/checkout/tx-1", "/checkout/../reference/x"))
     older = ImageStore.from_settings(_s3_settings(moto_url, tmp_path, extra_image_buckets=f" {victim} ,other"))
     assert older.get(f"s3://{victim}/checkout/tx-1") == b"someone else's", "an extra bucket is allowed"
+
+
+def test_getting_a_missing_image_is_file_not_found_in_both_stores_and_a_missing_bucket_is_not(
+    moto_url, tmp_path
+) -> None:
+    """S3 gave botocore's ``NoSuchKey`` where the local store gives ``FileNotFoundError``: the same missing image
+    failed a command ``command_error`` with S3 and ``missing_image`` with files."""
+    from botocore.exceptions import ClientError
+
+    local = ImageStore.from_settings(Settings(stack_dir=tmp_path))
+    s3 = ImageStore.from_settings(_s3_settings(moto_url, tmp_path))
+    assert isinstance(s3, S3ImageStore)
+    s3.ensure_buckets()
+    for store in (local, s3):
+        ref = store.put("checkout", "tx-1", b"x")
+        store.delete(ref)
+        with pytest.raises(FileNotFoundError):
+            store.get(ref)
+    gone = S3ImageStore(_s3_settings(moto_url, tmp_path), bucket=f"gone-{uuid.uuid4().hex[:12]}")
+    with pytest.raises(ClientError):
+        gone.get(f"s3://{gone.buckets['checkout']}/checkout/tx-1")

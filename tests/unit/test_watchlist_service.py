@@ -917,6 +917,32 @@ def test_fraud_and_learn_after_switches_find_the_sale_and_the_sighting_in_the_fo
     )
 
 
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_a_sighting_or_sale_snapshot_that_is_gone_fails_missing_image_with_either_store(kind, moto_url, tmp_path):
+    """S3's ``NoSuchKey`` on reading a confirmed sighting (``LEARN``) or a sale's snapshot found a moment before (then
+    purged) failed the command ``command_error``, where the local store's missing file was ``missing_image``."""
+    from infra.clients.image_store import ImageStore, S3ImageStore
+
+    webex = WebexSettings(command_signing_key=SecretStr(KEY), allowed_people=ALLOWED)
+    settings = _switched(moto_url, tmp_path) if kind == "s3" else Settings(stack_dir=tmp_path, webex=webex)
+    store = ImageStore.from_settings(settings)
+    if isinstance(store, S3ImageStore):
+        store.ensure_buckets()
+    core = WatchlistCore(settings, engine=_SightingEngine(), store=store)  # type: ignore[arg-type]
+    enrol(core, "subj-tx-1")
+    sighting_ref = store.put("checkout", "tx-9", b"the subject at a lane")
+    store.delete(sighting_ref)
+    outs = core.on_command(command("LEARN", f"subj-tx-1 {sighting_ref}", cid="c3"), NOW)
+    assert audit_of(outs).reason.startswith("missing_image"), audit_of(outs).reason
+    assert DeadLetter.decode(by_topic(outs)["dead_letters"][0].value).error_kind == "missing_image"
+    sale = store.put("checkout", checkout_image_key("tx-2"), b"the sale")
+    store.delete(sale)
+    store.find = lambda kind, key: sale  # type: ignore[method-assign]  # found, then purged before the read
+    outs = core.on_command(command("FRAUD", "tx-2", cid="c4"), NOW)
+    assert audit_of(outs).reason.startswith("missing_image"), audit_of(outs).reason
+    assert DeadLetter.decode(by_topic(outs)["dead_letters"][0].value).error_kind == "missing_image"
+
+
 def test_fraud_fails_image_store_unavailable_when_a_former_store_cannot_be_searched(moto_url, tmp_path, monkeypatch):
     """A sale not in the current store may be in a former bucket that S3 cannot reach now: not an unknown sale."""
     from infra.clients.image_store import S3ImageStore
