@@ -331,9 +331,28 @@ class S3ImageStore(ImageStore):
             self.s3.head_object(Bucket=bucket, Key=f"{kind}/{key}")
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in _MISSING_OBJECT_CODES:
+                self._check_bucket(bucket)
                 return None
             raise
         return f"s3://{bucket}/{kind}/{key}"
+
+    def _check_bucket(self, bucket: str) -> None:
+        """:class:`ImageStoreUnavailable` when ``bucket`` does not exist. A HEAD has no body, so a missing bucket
+        answers it 404 as a missing object does: a former bucket deleted or misnamed was "not there", and a ``forget``
+        could be done while the subject's images stayed in the bucket meant. Asked only after a 404."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.s3.head_bucket(Bucket=bucket)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
+                named = bucket if _BUCKET_RE.fullmatch(bucket) else "(not a bucket name)"
+                raise ImageStoreUnavailable(
+                    f"S3 bucket {named} does not exist (NoSuchBucket): set the bucket's right name in "
+                    "CG_FACES__EXTRA_IMAGE_BUCKETS (or the checkout and suspects buckets), or take it off once its "
+                    "images are known to be gone"
+                ) from None
+            raise
 
     def delete(self, ref: str) -> None:
         bucket, obj, _ = self._split(ref)

@@ -201,3 +201,20 @@ def test_getting_a_missing_image_is_file_not_found_in_both_stores_and_a_missing_
     gone = S3ImageStore(_s3_settings(moto_url, tmp_path), bucket=f"gone-{uuid.uuid4().hex[:12]}")
     with pytest.raises(ClientError):
         gone.get(f"s3://{gone.buckets['checkout']}/checkout/tx-1")
+
+
+def test_finding_in_a_bucket_that_does_not_exist_is_the_store_unavailable_not_an_image_not_there(
+    moto_url, tmp_path
+) -> None:
+    """A HEAD of an object in a bucket that no longer exists is a bare 404, as for a missing object: ``find`` said
+    "not there" of a former bucket deleted or misnamed, where it cannot search at all."""
+    from infra.clients.image_store import ImageStoreUnavailable
+
+    store = S3ImageStore(_s3_settings(moto_url, tmp_path), bucket=(gone := f"gone-{uuid.uuid4().hex[:12]}"))
+    with pytest.raises(ImageStoreUnavailable, match=f"{gone} does not exist"):
+        store.find("checkout", "tx-1")
+    store.s3.create_bucket(Bucket=gone)
+    assert store.find("checkout", "tx-1") is None
+    assert store.find("checkout", "tx-1") is None and store.put("checkout", "tx-1", b"x") == store.find(
+        "checkout", "tx-1"
+    )

@@ -964,6 +964,20 @@ def test_fraud_fails_image_store_unavailable_when_a_former_store_cannot_be_searc
     assert f"gone-{NOW}" in audit.reason
 
 
+def test_a_former_bucket_that_no_longer_exists_cannot_be_searched_so_fraud_and_forget_are_not_done(moto_url, tmp_path):
+    """S3 answers a HEAD in a bucket that does not exist with a bare 404: the former bucket was searched and "had
+    nothing", and ``fraud <tx>`` said unknown_transaction of a sale that may be in the bucket meant."""
+    settings = _switched(moto_url, tmp_path, extra_image_buckets=(gone := f"gone-{NOW}-x"))
+    core = _enrolled(settings, "")
+    core.engine = _Engine()  # type: ignore[assignment]
+    audit = audit_of(core.on_command(command("VIP", "tx-2", cid="c4"), NOW))
+    assert audit.outcome == "FAILED" and audit.reason.startswith("image_store_unavailable"), audit.reason
+    assert gone in audit.reason
+    forget = audit_of(core.on_command(command("FORGET", "subj-tx-1", cid="c5", actor="dpo@example.com"), NOW))
+    assert forget.outcome == "FAILED" and forget.reason.startswith("image_store_unavailable"), forget.reason
+    assert "subj-tx-1" in core.records, "still enrolled: a forget is done only once every store was searched"
+
+
 def test_the_former_buckets_clients_are_built_once_across_sweeps_and_forgets_and_closed_with_the_core(
     moto_url, tmp_path, monkeypatch
 ):
