@@ -444,10 +444,14 @@ class WatchlistCore:
                     len(self.rekognition.index(subject, self._indexable(reference, data, face)))
                 )
             except Exception as exc:  # any failure: no reference image that no entry names stays behind
+                left = ""
                 if previous is None or previous[0] != reference:  # a new subject, or its image is in a former store
-                    self.store.delete(reference)
+                    left = self._drop_unnamed_reference(subject, reference)
                 if isinstance(exc, RekognitionError):
-                    raise rekognition_failed(exc) from None
+                    failed = rekognition_failed(exc)
+                    raise Failed(failed.kind, f"{failed.reason}{left}") from None
+                if left:
+                    raise Failed("command_error", f"{type(exc).__name__}{left}; issue the command again") from None
                 raise
         if current:
             details["previous_category"] = current["category"]
@@ -497,6 +501,20 @@ class WatchlistCore:
                 "issue the command again",
             )
         raise Failed("unknown_transaction", f"no checkout snapshot for transaction {tx}")
+
+    def _drop_unnamed_reference(self, subject: str, reference: str) -> str:
+        """Delete the reference image a failed enrolment wrote; ``""`` when done, else what stays, for the failure's
+        reason. Its own failure does not replace the enrolment's (the audit and dead letter name the cause)."""
+        try:
+            self.store.delete(reference)
+        except Exception as exc:  # noqa: BLE001 - S3 or disk: a forget finds it under the subject's key
+            log.warning(
+                "the reference image of %s written for a failed enrolment was not deleted (%s)",
+                subject,
+                type(exc).__name__,
+            )
+            return f"; the new reference image {reference} was not deleted ({type(exc).__name__}) and stays"
+        return ""
 
     @staticmethod
     def _read_snapshot(store: ImageStore, ref: str, tx: str) -> bytes:

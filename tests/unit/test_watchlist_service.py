@@ -878,6 +878,36 @@ def test_a_failed_change_of_category_in_the_same_store_keeps_the_image_its_entry
     assert store.find("reference", "subj-tx-1") == ref == core.records["subj-tx-1"].reference_image_ref
 
 
+def test_a_failed_indexing_whose_new_image_cannot_be_deleted_is_still_failed_for_rekognitions_error(tmp_path, caplog):
+    """When deleting the new reference image after a failed IndexFaces failed too, that error replaced Rekognition's:
+    the audit and dead letter named the image store, not the cause. The cause stays, and the image left is said too."""
+    import logging
+
+    from jobs.faces.rekognition import RekognitionError
+
+    class Undeletable(LocalImageStore):
+        def delete(self, ref: str) -> None:
+            raise PermissionError("read-only")
+
+    webex = WebexSettings(command_signing_key=SecretStr(KEY), allowed_people=ALLOWED)
+    store = Undeletable(tmp_path / "images")
+    core = WatchlistCore(
+        Settings(stack_dir=tmp_path, webex=webex),
+        engine=_Engine(),  # type: ignore[arg-type]
+        store=store,
+        rekognition=_FailingRekognition(RekognitionError("ThrottlingException", "slow down", True)),  # type: ignore[arg-type]
+    )
+    store.put("checkout", checkout_image_key("tx-1"), b"the sale")
+    with caplog.at_level(logging.WARNING, logger="jobs.faces.watchlist_service"):
+        outs = core.on_command(command("FRAUD", "tx-1", cid="c5"), NOW)
+    audit = audit_of(outs)
+    assert audit.outcome == "FAILED" and audit.reason.startswith("rekognition_unavailable"), audit.reason
+    assert "not deleted (PermissionError) and stays" in audit.reason
+    assert DeadLetter.decode(by_topic(outs)["dead_letters"][0].value).error_kind == "rekognition_unavailable"
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "subj-tx-1" in r.getMessage()]
+    assert warned and all("the sale" not in r.getMessage() for r in caplog.records)
+
+
 class _SightingEngine(_Engine):
     def analyse(self, data: bytes):
         from types import SimpleNamespace
