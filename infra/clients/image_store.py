@@ -444,6 +444,15 @@ def _extra_buckets(settings: Settings) -> list[str]:
     return [b.strip() for b in settings.faces.extra_image_buckets.split(",") if b.strip()]
 
 
+def local_former_store(settings: Settings, current: ImageStore) -> LocalImageStore | None:
+    """The local image folder as a former store when it is on this machine and ``current`` is not it; a few ``stat``
+    calls, so a caller that keeps :func:`former_stores` can ask again for a folder that appeared since."""
+    root = settings.stack_dir / "images"
+    if isinstance(current, LocalImageStore) or not all((root / kind).is_dir() for kind in KINDS):
+        return None
+    return LocalImageStore(root)
+
+
 def former_stores(settings: Settings, current: ImageStore) -> list[ImageStore]:
     """The stores besides ``current`` that may hold images written before a switch of ``CG_FACES__IMAGE_STORE`` or
     of the buckets: the local image folder when it is on this machine, and each bucket of
@@ -452,9 +461,8 @@ def former_stores(settings: Settings, current: ImageStore) -> list[ImageStore]:
     marker, and no record says which store took it. The retention purge sweeps them too. Creating one makes no
     request."""
     stores: list[ImageStore] = []
-    root = settings.stack_dir / "images"
-    if not isinstance(current, LocalImageStore) and all((root / kind).is_dir() for kind in KINDS):
-        stores.append(LocalImageStore(root))
+    if (local := local_former_store(settings, current)) is not None:
+        stores.append(local)
     in_use = set(current.buckets.values()) if isinstance(current, S3ImageStore) else set()
     for bucket in dict.fromkeys(_extra_buckets(settings)):
         if bucket not in in_use:

@@ -58,7 +58,15 @@ import typer
 from infra import clock, metrics
 from infra.clients import transactional
 from infra.clients.control_topics import STARTUP_READ_STALL_S
-from infra.clients.image_store import ImageStore, ImageStoreUnavailable, former_stores, store_holding, store_outage
+from infra.clients.image_store import (
+    ImageStore,
+    ImageStoreUnavailable,
+    LocalImageStore,
+    former_stores,
+    local_former_store,
+    store_holding,
+    store_outage,
+)
 from infra.clients.transactional import Out, Source
 from infra.command_auth import authenticate_command
 from infra.logs import LOG_LEVEL_HELP, setup_logging
@@ -174,10 +182,18 @@ class WatchlistCore:
     def former(self) -> list[ImageStore]:
         """The stores besides ``store`` that may hold images written before a switch (:func:`former_stores`), built
         on first use and kept: the purge sweeps them every ``retention_purge_interval_s`` and a new S3 client per
-        bucket per sweep, never closed, kept its connection pool open until the garbage collector found it."""
+        bucket per sweep, never closed, kept its connection pool open until the garbage collector found it. The local
+        image folder is looked for again at each call while it is not among them (a few ``stat`` calls): one made after
+        the start (a local stage run on this machine) was otherwise neither swept nor searched by ``forget`` until a
+        restart. The buckets come from the settings, which do not change while the service runs."""
         if self._former is None:
             self._former = former_stores(self.settings, self.store)
             self._owned += self._former
+        elif not any(isinstance(store, LocalImageStore) for store in self._former) and (
+            local := local_former_store(self.settings, self.store)
+        ):
+            self._former.append(local)
+            self._owned.append(local)
         return self._former
 
     def close(self) -> None:

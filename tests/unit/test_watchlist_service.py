@@ -1008,6 +1008,29 @@ def test_a_former_bucket_that_no_longer_exists_cannot_be_searched_so_fraud_and_f
     assert "subj-tx-1" in core.records, "still enrolled: a forget is done only once every store was searched"
 
 
+def test_a_local_image_folder_made_after_the_start_is_searched_by_forget_and_swept_without_a_restart(
+    moto_url, tmp_path
+):
+    """The former stores were fixed at their first use: ``.stack/images`` made after that (a local stage run on this
+    machine) was neither searched by ``forget`` nor swept until the service restarted, and a forget was done with
+    the subject's snapshot left there."""
+    core = _enrolled(_switched(moto_url, tmp_path), "")
+    core.engine = _Engine()  # type: ignore[assignment]
+    core.purge(int(time.time() * 1000))
+    assert core.former() == []
+    local = LocalImageStore(tmp_path / "images")
+    sale = local.put("checkout", checkout_image_key("tx-1"), b"the sale, written locally after the start")
+    old = local.put("checkout", "tx-old", b"someone who matched nobody")
+    os.utime(local._path(old), (time.time() - 48 * 3600,) * 2)
+    audits = [AuditEvent.decode(o.value) for o in core.purge(int(time.time() * 1000)) if o.topic == AUDIT]
+    (purged,) = [a for a in audits if a.action == "PURGE"]
+    assert purged.details["deleted"] == "1" and local.find("checkout", "tx-old") is None
+    forget = audit_of(core.on_command(command("FORGET", "subj-tx-1", cid="c5", actor="dpo@example.com"), NOW))
+    assert (forget.outcome, forget.details["images_deleted"]) == ("DONE", "1"), forget.reason
+    assert local.find("checkout", checkout_image_key("tx-1")) is None, f"{sale} stayed after the forget"
+    assert len(core.former()) == 1, "the folder is added once, not at every call"
+
+
 def test_the_former_buckets_clients_are_built_once_across_sweeps_and_forgets_and_closed_with_the_core(
     moto_url, tmp_path, monkeypatch
 ):
