@@ -124,7 +124,9 @@ class ImageStore:
         """Exempt ``ref`` from the purge; ``FileNotFoundError`` when there is no such image."""
         raise NotImplementedError
 
-    def purge(self, older_than_ms: int) -> int:
+    def purge(self, older_than_ms: int, keep: frozenset[str] = frozenset()) -> int:
+        """Delete un-retained checkout/entrance images written before ``older_than_ms``, but for the refs in ``keep``
+        (an alert's snapshot waiting to be retained); how many."""
         raise NotImplementedError
 
     def purge_retained(self, older_than_ms: int) -> int:
@@ -211,8 +213,8 @@ class LocalImageStore(ImageStore):
                 out[f"{self.PREFIX}{kind}/{marker.name[1 : -len('.retained')]}"] = reason
         return out
 
-    def purge(self, older_than_ms: int) -> int:
-        """Delete un-retained checkout/entrance images written before ``older_than_ms`` (epoch ms)."""
+    def purge(self, older_than_ms: int, keep: frozenset[str] = frozenset()) -> int:
+        """Delete un-retained checkout/entrance images written before ``older_than_ms`` (epoch ms), but ``keep``."""
         n = 0
         for kind in PURGEABLE:
             for path in (self.root / kind).iterdir():
@@ -222,6 +224,8 @@ class LocalImageStore(ImageStore):
                             path.unlink(missing_ok=True)  # left by a crash mid-write
                         continue
                     if path.with_name(f".{path.name}.retained").exists():
+                        continue
+                    if f"{self.PREFIX}{kind}/{path.name}" in keep:
                         continue
                     if path.stat().st_mtime * 1000 < older_than_ms:
                         path.unlink()
@@ -370,14 +374,14 @@ class S3ImageStore(ImageStore):
                 raise FileNotFoundError(f"no image at {ref}") from None
             raise
 
-    def purge(self, older_than_ms: int) -> int:
+    def purge(self, older_than_ms: int, keep: frozenset[str] = frozenset()) -> int:
         cutoff = datetime.fromtimestamp(older_than_ms / 1000, tz=UTC)
         n = 0
         for kind in PURGEABLE:
             bucket = self.buckets[kind]
             for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{kind}/"):
                 for obj in page.get("Contents", []):
-                    if obj["LastModified"] >= cutoff:
+                    if obj["LastModified"] >= cutoff or f"s3://{bucket}/{obj['Key']}" in keep:
                         continue
                     tags = self.s3.get_object_tagging(Bucket=bucket, Key=obj["Key"]).get("TagSet", [])
                     if any(t["Key"] == "retained" for t in tags):

@@ -111,7 +111,11 @@ class StoreAway(CheckoutGuardError, RuntimeError):
     """The image store is away (:func:`store_outage`) while an alert's snapshot is retained or deleted: the alert is
     read again after a backoff, its offset not committed. Raised out of the service it stopped it, and the
     supervisor's restarts crash-looped on the same alert for as long as S3 was away; dead-lettered, the snapshot
-    would have been purged as if no alert named it."""
+    would have been purged as if no alert named it. ``ref`` is that snapshot: the purge keeps it meanwhile."""
+
+    def __init__(self, message: str, ref: str) -> None:
+        super().__init__(message)
+        self.ref = ref
 
 
 def rekognition_failed(exc: RekognitionError) -> Failed:
@@ -334,7 +338,8 @@ class WatchlistCore:
             store.retain(alert.snapshot_ref, retain_reason(alert.alert_id, alert.subject_id))
         except Exception as exc:  # noqa: BLE001 - no ref of ours, its store not here, the image gone, or S3 failing
             if store_outage(exc):  # before OSError: a botocore timeout is one
-                raise StoreAway(f"retaining the snapshot of alert {alert.alert_id}: {type(exc).__name__}") from None
+                why = f"retaining the snapshot of alert {alert.alert_id}: {type(exc).__name__}"
+                raise StoreAway(why, alert.snapshot_ref) from None
             kind, why = "image_store_error", type(exc).__name__  # an error S3 gives again (access, no such bucket)
             if isinstance(exc, ImageStoreUnavailable):
                 kind, why = "image_store_unavailable", str(exc)
@@ -372,7 +377,7 @@ class WatchlistCore:
             ]
         except Exception as exc:  # noqa: BLE001 - a ref of no store (nothing of ours to delete), or S3 failing
             if store_outage(exc):  # before OSError: a botocore timeout is one
-                raise StoreAway(f"deleting the snapshot of alert {alert.alert_id}: {type(exc).__name__}") from None
+                raise StoreAway(f"deleting the snapshot of alert {alert.alert_id}: {type(exc).__name__}", ref) from None
             kind = "bad_ref" if isinstance(exc, ValueError | OSError) else "image_store_error"
             return [
                 self._audit(**{**audit, "action": "PURGE"}, outcome="FAILED", reason=f"{kind}: {type(exc).__name__}")
@@ -389,12 +394,13 @@ class WatchlistCore:
             )
         ]
 
-    def purge(self, now_ms: int) -> list[Out]:
+    def purge(self, now_ms: int, keep: frozenset[str] = frozenset()) -> list[Out]:
         """Expired watchlist entries forgotten, entries of another embedder enrolled again, then the snapshots past
         their retention deleted: in the current store and in each of :func:`former_stores` (those ``forget`` searches),
         since the snapshots taken before a switch of the image store or its buckets stay where they were written. A
         store that fails is logged and left for the next sweep (named in the audit's ``not_swept`` when the others
-        deleted something); the others are swept."""
+        deleted something); the others are swept. The snapshots in ``keep`` (of alerts waiting for the image store to
+        retain them, :class:`StoreAway`) are not deleted, however old: their alerts still need them."""
         expired = self.expire(now_ms) + self.reembed(now_ms)
         if marker_due(WATCHLIST, self.marked_at, now_ms):  # a forgotten entry is compacted away only then
             self.marked_at = now_ms
@@ -406,7 +412,7 @@ class WatchlistCore:
         not_swept: list[str] = []
         for store in [self.store, *self.former()]:
             try:
-                deleted += store.purge(cutoff)
+                deleted += store.purge(cutoff, keep)
                 released += store.purge_retained(alert_cutoff)
             except Exception as exc:  # noqa: BLE001 - S3 or disk: the other stores are swept, this one next time
                 log.warning("purging %s failed (%s): trying again at the next purge", store.where(), type(exc).__name__)
@@ -907,6 +913,10 @@ class WatchlistService:
     """Reads of the alert in hand that met the image store away, since one went through."""
     _store_problem: str | None = None
     """What ``/readyz`` says while an alert waits for the image store."""
+    _held: dict[tuple[str, int], str] = {}
+    """The snapshot of each alert waiting for the image store, by its partition: the purge keeps them (set by
+    ``__init__``; one past its retention was otherwise deleted by a sweep due meanwhile, and its alert then failed
+    ``missing_image`` once S3 was back)."""
 
     def __init__(self, settings: Settings, core: WatchlistCore | None = None) -> None:
         from infra.clients import kafka as kafka_clients
@@ -928,6 +938,7 @@ class WatchlistService:
         }
         self._stop = False
         self._next_purge = 0.0
+        self._held = {}
         self.heartbeat = metrics.Heartbeat()
         self._processing = metrics.PROCESSING_SECONDS.labels(PROCESS)
 
@@ -984,10 +995,12 @@ class WatchlistService:
                     try:
                         outs = self.topics[topic](src, clock.now_ms())
                     except StoreAway as away:  # nothing done: read again after a backoff, the offset not committed
+                        self._held = {**self._held, (topic, partition): away.ref}
                         self._wait_for_store(TopicPartition(topic, partition, offset), away)
                         continue
                     if topic == ALERTS.full_name(self.prefix):
                         self._store_tries, self._store_problem = 0, None
+                        self._held = {tp: ref for tp, ref in self._held.items() if tp != (topic, partition)}
                     self._publish(outs, [TopicPartition(topic, partition, offset + 1)])
         finally:
             self.consumer.close()
@@ -1016,7 +1029,7 @@ class WatchlistService:
         if time.monotonic() < self._next_purge:
             return
         self._next_purge = time.monotonic() + self.settings.faces.retention_purge_interval_s
-        outs = self.core.purge(clock.now_ms())
+        outs = self.core.purge(clock.now_ms(), keep=frozenset(self._held.values()))
         if outs:
             self._publish(outs, [])
 

@@ -218,3 +218,15 @@ def test_finding_in_a_bucket_that_does_not_exist_is_the_store_unavailable_not_an
     assert store.find("checkout", "tx-1") is None and store.put("checkout", "tx-1", b"x") == store.find(
         "checkout", "tx-1"
     )
+
+
+def test_the_purge_keeps_the_snapshots_it_is_told_to_keep_in_both_stores(moto_url, tmp_path) -> None:
+    """The snapshot of an alert waiting for S3 to retain it is not retained yet: the purge must be able to spare it."""
+    local = ImageStore.from_settings(Settings(stack_dir=tmp_path))
+    s3 = ImageStore.from_settings(_s3_settings(moto_url, tmp_path))
+    assert isinstance(s3, S3ImageStore)
+    s3.ensure_buckets()
+    for store in (local, s3):
+        waiting, other = store.put("checkout", "tx-1", b"an alert's"), store.put("entrance", "tx-2", b"nobody's")
+        assert store.purge(int(time.time() * 1000) + 60_000, keep=frozenset({waiting})) == 1
+        assert store.find("checkout", "tx-1") == waiting and store.find("entrance", "tx-2") is None, other

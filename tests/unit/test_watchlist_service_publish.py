@@ -210,3 +210,54 @@ def test_an_s3_outage_while_an_alert_snapshot_is_retained_is_waited_out_not_fata
     assert producer.committed == [[b"retain:a-1"]], "one RETAIN, once S3 was back"
     assert [o[0].offset for o in svc.consumer.commits] == [8], "the offset moves only once the alert is retained"
     assert svc._store_problem is None and f"retain:{alert.alert_id}" in core.done
+
+
+def test_the_purge_due_while_an_alert_waits_for_s3_keeps_that_alerts_snapshot(tmp_path, monkeypatch) -> None:
+    """A sweep due while an alert waited for S3 to come back deleted the alert's snapshot when it was already past
+    the retention (not retained yet): once S3 was back the alert failed missing_image and its case had no picture."""
+    import os
+    import time
+    from types import SimpleNamespace
+
+    from botocore.exceptions import EndpointConnectionError
+
+    from infra.clients.image_store import LocalImageStore
+    from infra.metrics import Heartbeat
+    from infra.retry import Backoff
+    from infra.settings import Settings
+    from jobs.faces.watchlist_service import WatchlistCore, retain_reason
+    from schemas.records import Alert
+
+    svc = service(FlakyTransactions([]))
+
+    class AwayStore(LocalImageStore):
+        away = 1
+
+        def retain(self, ref: str, reason: str) -> None:
+            if self.away:
+                self.away -= 1
+                svc._next_purge = 0.0  # the sweep falls due while the alert waits
+                raise EndpointConnectionError(endpoint_url="https://s3.example")
+            super().retain(ref, reason)
+
+    monkeypatch.setattr(watchlist_service.time, "sleep", lambda _s: None)
+    monkeypatch.setattr(WatchlistService, "STORE_BACKOFF", Backoff(initial_s=0.001, maximum_s=0.001), raising=False)
+    store = AwayStore(tmp_path / "images")
+    snapshot = store.put("checkout", "tx-9", b"a shopper at a lane, two days ago")
+    other = store.put("checkout", "tx-8", b"someone who matched nobody, two days ago")
+    for ref in (snapshot, other):
+        os.utime(store._path(ref), (time.time() - 48 * 3600,) * 2)
+    settings = Settings(stack_dir=tmp_path)
+    core = WatchlistCore(settings, engine=SimpleNamespace(embedder="sface"), store=store)  # type: ignore[arg-type]
+    alert = Alert("a-1", "WATCHLIST_MATCH", "HIGH", 1_800_000_000_000, "S1", "suspect", snapshot_ref=snapshot)
+    svc.producer.init_transactions = lambda _timeout: None  # type: ignore[attr-defined]
+    svc.producer.poll = lambda _timeout: 0  # type: ignore[attr-defined]
+    svc.settings, svc.core, svc.heartbeat, svc._next_purge = settings, core, Heartbeat(), float("inf")
+    svc._processing = watchlist_service.metrics.PROCESSING_SECONDS.labels(watchlist_service.PROCESS)
+    svc.topics = {"alerts": core.on_alert}
+    svc.consumer = _Log(svc, [_Message("alerts", 7, alert.encode())])
+    monkeypatch.setattr(svc, "replay", lambda _spec, _apply: 0, raising=False)
+    svc.run()
+    assert store.find("checkout", "tx-8") is None, "the sweep ran while the alert waited"
+    assert store.retained() == {snapshot: retain_reason("a-1", None)}, "the sweep deleted the alert's snapshot"
+    assert f"retain:{alert.alert_id}" in core.done and svc._held == {}
