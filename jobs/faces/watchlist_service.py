@@ -13,10 +13,11 @@ commands that could not be carried out. Every ``faces.retention_purge_interval_s
 ``forget`` (audited ``EXPIRE``), and the snapshots that matched nobody and are older than
 ``faces.snapshot_retention_hours`` are deleted (and audited).
 
-Only authenticated commands change anything: each must carry the bot's HMAC-SHA256 signature
-(:func:`infra.command_auth.sign_command`, key ``CG_WEBEX__COMMAND_SIGNING_KEY``) in the :data:`SIGNATURE_HEADER` Kafka
-header, be issued within ``webex.command_max_age_s`` and come from a room or person on the same
-allow-list the bot applies (``CG_WEBEX__ALLOWED_ROOMS`` / ``…_PEOPLE``: configure both processes alike).
+Only authenticated commands change anything: each must carry the HMAC-SHA256 signature of its sender, the bot or,
+for ``LEARN``, the case service (:func:`infra.command_auth.sign_command`, key ``CG_WEBEX__COMMAND_SIGNING_KEY``) in
+the :data:`SIGNATURE_HEADER` Kafka header, be issued within ``webex.command_max_age_s`` and come from a room or
+person on the same allow-list the bot applies (``CG_WEBEX__ALLOWED_ROOMS`` / ``…_PEOPLE``: configure the processes
+alike).
 Anything else -- unsigned, badly signed, stale, not allowed, or no key configured here -- is audited as
 ``FAILED`` and dead-lettered as ``unauthorized``, never applied: ``commands`` may be writable by more
 than the bot. Transaction and subject ids are checked (``schemas.identifiers``; ``invalid_id``).
@@ -1069,8 +1070,8 @@ cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 @cli.command()
 def run(log_level: Annotated[str | None, typer.Option(help=LOG_LEVEL_HELP)] = None) -> None:
-    """Apply the bot's signed watchlist commands (enroll, forget), keep alert snapshots and purge the rest,
-    until SIGTERM/Ctrl-C."""
+    """Apply the signed watchlist commands (the bot's enroll, forget, renew; the case service's learn), keep alert
+    snapshots and purge the rest, until SIGTERM/Ctrl-C."""
     if log_level is None:
         main()  # CG_LOG__LEVEL
     else:
