@@ -130,6 +130,12 @@ def rekognition_failed(exc: RekognitionError) -> Failed:
     return Failed("rekognition_refused", exc.code)
 
 
+def _s3_code(exc: BaseException) -> str | None:
+    """The S3 error code of ``exc``, if any (a botocore timeout has a ``response`` too: None)."""
+    response = getattr(exc, "response", None)
+    return response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+
+
 def retain_reason(alert_id: str, subject_id: str | None) -> str:
     """Retention marker text; ``forget`` and the purge find a snapshot's subject by its ``subject=`` token,
     which comes first: an S3 tag keeps 256 characters, and a long alert id first cut the subject off."""
@@ -608,6 +614,8 @@ class WatchlistCore:
         except ImageStoreUnavailable as exc:  # its store is not reachable from here: the message says what to set
             raise Failed("image_store_unavailable", f"sighting unavailable: {exc}") from None
         except (ValueError, OSError) as exc:  # not a ref of any store, or the image is gone
+            if store_outage(exc):  # a botocore timeout is an OSError: S3 away, the image may well be there
+                raise
             raise Failed("missing_image", f"sighting unavailable: {type(exc).__name__}") from None
         try:
             face = self._sighted_face(entry, self.engine.analyse(data))
@@ -708,14 +716,12 @@ class WatchlistCore:
                     raise Failed("missing_image", "the reference image ref names no image store") from None
                 try:
                     face = self.engine.best_face(store.get(entry.reference_image_ref))
-                except (ValueError, OSError, ImageError) as exc:
-                    raise Failed("missing_image", f"reference image unusable ({type(exc).__name__})") from None
                 except Exception as exc:  # noqa: BLE001 - S3 or network: gone for good, or retried next sweep
-                    code = getattr(exc, "response", {}).get("Error", {}).get("Code")
-                    if code not in ("404", "NoSuchKey", "NotFound"):
-                        log.warning("re-enrolling %s failed (%s): trying again at the next purge", subject, code or exc)
+                    if (failed := self._reference_unreadable(exc)) is None:
+                        why = _s3_code(exc) or type(exc).__name__
+                        log.warning("re-enrolling %s failed (%s): trying again at the next purge", subject, why)
                         continue
-                    raise Failed("missing_image", "reference image gone from the image store") from None
+                    raise failed from None
                 if face is None:
                     raise Failed("no_face", "no face passed the quality gate in the reference image")
                 assert face.embedding is not None, "the face best_face gives passed the gate, so it is embedded"
@@ -738,6 +744,19 @@ class WatchlistCore:
                 )
             )
         return outs
+
+    @staticmethod
+    def _reference_unreadable(exc: Exception) -> Failed | None:
+        """Why a reference image that could not be read cannot be enrolled again, or None when it is worth trying at
+        the next sweep: the store away (a botocore timeout is an OSError, and was taken for a missing image: the
+        entry failed for good and never matched again), or an S3 error other than a missing object."""
+        if store_outage(exc):
+            return None
+        if isinstance(exc, ValueError | OSError | ImageError):
+            return Failed("missing_image", f"reference image unusable ({type(exc).__name__})")
+        if _s3_code(exc) in ("404", "NoSuchKey", "NotFound"):
+            return Failed("missing_image", "reference image gone from the image store")
+        return None
 
     def store_of(self, ref: str) -> ImageStore:
         """The store that holds ``ref`` (:func:`store_holding`): an entry's reference image stays where it was written

@@ -386,6 +386,29 @@ def test_an_image_store_outage_is_retried_and_a_missing_s3_image_fails_once(tmp_
     assert missing.reembed(NOW + 1) == []
 
 
+def test_an_s3_timeout_reading_a_reference_image_or_sighting_is_an_outage_not_a_missing_image(tmp_path) -> None:
+    """botocore's timeouts are OSErrors: a timeout reading the reference image failed the re-enrolment for good
+    (``missing_image``, never tried again, the entry never matching), and one reading a sighting failed ``LEARN``
+    ``missing_image``, as if the image were gone."""
+    from botocore.exceptions import ReadTimeoutError
+
+    class TimingOut(LocalImageStore):
+        def get(self, ref: str) -> bytes:
+            raise ReadTimeoutError(endpoint_url="https://s3.example")
+
+    webex = WebexSettings(command_signing_key=SecretStr(KEY), allowed_people=ALLOWED)
+    store = TimingOut(tmp_path / "images")
+    core = WatchlistCore(Settings(stack_dir=tmp_path, webex=webex), engine=_SightingEngine(), store=store)  # type: ignore[arg-type]
+    ref = store.put("reference", "subj-tx-3", b"the subject's face")
+    entry = WatchlistEntry("subj-tx-3", "SUSPECT", [[0.12] * 4], "fraud", "lp@example.com", NOW, ref, "tx-3")
+    core.load(b"subj-tx-3", entry.encode())
+    assert core.reembed(NOW) == [], "nothing audited: tried again at the next sweep"
+    assert "reembed-failed:subj-tx-3:sface" not in core.done
+    sighting_ref = store.put("checkout", "tx-9", b"the subject at a lane")
+    learn = audit_of(core.on_command(command("LEARN", f"subj-tx-3 {sighting_ref}", cid="c3"), NOW))
+    assert learn.outcome == "FAILED" and learn.reason.startswith("command_error"), learn.reason
+
+
 def test_the_watchlist_topic_gets_a_compaction_marker_once_a_segment(core) -> None:
     """A segment rolls only on a write: on a quiet topic a forgotten subject's entry (embeddings included) stayed
     readable from offset 0 until the next enrolment, since the forget's tombstone sat in the open segment."""
