@@ -16,11 +16,14 @@ process looked alive, and the persistent session would hand the same message to 
 
 Delivery: QoS 1 subscription on a persistent session (``clean_session=False``, a stable client id),
 and each MQTT message is acknowledged (PUBACK) only after Kafka acknowledged the record made from it
-(``manual_ack``, ``acks=all``): a crash or a broker restart loses nothing; a redelivery makes an
-identical record (same key, same content). A failed Kafka delivery (a broker down longer than
-``message.timeout.ms`` included) is produced again with jittered backoff until it is delivered; the
-unacknowledged MQTT messages meanwhile hold the broker's in-flight window, which is the backpressure.
-paho reconnects by itself and we resubscribe on every connect, so a Mosquitto restart without
+(``manual_ack``, ``acks=all``): a crash or a broker restart loses nothing; a redelivery to the next
+run makes an identical record (same key, same content). Within a run, the broker's redelivery after a
+reconnect (DUP flag) of a message already produced is not produced again (:data:`REDELIVERED`), and
+records of a session the broker lost (no session present at the reconnect) acknowledge nothing.
+A failed Kafka delivery (a broker down longer than ``message.timeout.ms`` included) is produced
+again with jittered backoff until it is delivered; the unacknowledged MQTT messages meanwhile hold
+the broker's in-flight window, which is the backpressure. paho reconnects by itself and we
+resubscribe on every connect, so a Mosquitto restart without
 persistence is survived too. Output: ``camera_events`` / ``dead_letters``.
 
 Health: :meth:`CameraBridge.healthy` is false once paho's network thread has ended, the Kafka producer
@@ -48,7 +51,7 @@ import re
 import signal
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -97,6 +100,9 @@ RETAINED = "retained"
 because of a new subscription (MQTT 3.1.1, 3.3.1.3); live messages and those queued in our session
 come without it. The bridge subscribes again on every connect, so forwarding these would publish the
 same camera event again after each reconnect."""
+REDELIVERED = "redelivered"
+"""What a message is counted as when the broker sends it again after a reconnect (DUP flag) and its record was
+produced already (:meth:`CameraBridge._redelivered`): it is not produced a second time."""
 AUTH_REFUSED = ("Bad user name or password", "Not authorized")
 """CONNACK reasons that retrying cannot fix: the bridge exits instead of looking connected-ish forever."""
 _TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD})
@@ -348,6 +354,25 @@ class _Retry:
     attempt: int
 
 
+MAX_REMEMBERED = 4096
+"""Messages remembered as forwarded, so that the broker's redelivery of one (after a reconnect) is not forwarded
+again: about as many as are unacknowledged at once (the broker's in-flight window) and what came in just before
+a reconnect, whose PUBACK paho dropped with the connection."""
+
+
+@dataclass(slots=True)
+class _Forwarded:
+    """A message turned into a record: its fingerprint, the broker session it came in, and whether Kafka has it."""
+
+    fingerprint: bytes
+    session: int
+    delivered: bool = False
+
+
+def _fingerprint(msg: mqtt.MQTTMessage) -> bytes:
+    return hashlib.sha256(_topic_of(msg).encode("utf-8", "replace") + b"\0" + bytes(msg.payload)).digest()
+
+
 def make_producer(settings: Settings) -> Producer:
     return kafka_clients.producer(settings, kafka_clients.RELIABLE, client_id="checkout-guard-camera-bridge")
 
@@ -401,6 +426,10 @@ class CameraBridge:
         self._backoff, self._clock = backoff, clock
         self._lock = threading.Lock()
         self._retries: list[_Retry] = []
+        self._forwarded: OrderedDict[int, _Forwarded] = OrderedDict()
+        """By MQTT packet id: what was produced, until :data:`MAX_REMEMBERED` delivered ones are newer."""
+        self._session = 0
+        """Counts the broker sessions: a packet id of an older one may name another message now."""
         self._failed: str | None = None
         self._running = self._stopping = False
         self.heartbeat = metrics.Heartbeat()
@@ -470,6 +499,10 @@ class CameraBridge:
             else:
                 log.warning("mqtt connect refused: %s", reason)
             return
+        if not flags.session_present:  # the broker forgot our unacknowledged messages and may reuse their ids
+            with self._lock:
+                self._session += 1
+                self._forwarded.clear()
         # Subscribed again on every connect; "connected" waits for the SUBACK: a first session has no
         # subscription until the broker has taken it, and what is published before that is not ours.
         rc, self._subscribe_mid = client.subscribe(f"{self.prefix}/merakimv/#", qos=1)
@@ -513,12 +546,15 @@ class CameraBridge:
         self.stats.received += 1
         topic, payload = _topic_of(msg), bytes(msg.payload)
         out = convert(topic, payload, self.prefix, self.settings.job.max_message_bytes, now_ms(), bool(msg.retain))
+        if isinstance(out, Outgoing) and self._redelivered(msg):
+            out = Ignored(REDELIVERED)  # acknowledged by _redelivered, or once Kafka has the first copy
         # One message per paho callback: there is no batch to count, and MQTT rates are low.
         self._in["ignored" if isinstance(out, Ignored) else "invalid" if out.dead else out.kind].inc()
         if isinstance(out, Ignored):
             ignored = self.stats.ignored
             ignored[out.what if out.what in ignored or len(ignored) < MAX_IGNORED_KINDS else OTHER_SUBTOPIC] += 1
-            self._ack(msg)
+            if out.what != REDELIVERED:
+                self._ack(msg)
             return
         # A full local queue is drained by the run loop's poll(), not by this thread: sleep, not poll.
         try:
@@ -527,6 +563,43 @@ class CameraBridge:
             if out.dead:
                 raise
             self._produce(self._refused(msg, exc), msg, 0, wait=time.sleep)
+
+    def _redelivered(self, msg: mqtt.MQTTMessage) -> bool:
+        """Whether ``msg`` is the broker's redelivery (DUP flag, same packet id, topic and payload, same session)
+        of a message already produced: after a reconnect the broker sends again every message not acknowledged,
+        both those still on their way to Kafka and those whose PUBACK paho dropped with the old connection.
+        Producing it again doubled its event, and its second PUBACK could acknowledge a newer message that
+        reused the packet id before Kafka had that one. A redelivery is not produced: it is acknowledged now
+        if Kafka has the record, else when Kafka acknowledges it. Anything else is remembered as forwarded."""
+        if msg.qos == 0:  # no packet id, never redelivered, never acknowledged
+            return False
+        fingerprint = _fingerprint(msg)
+        with self._lock:
+            seen = self._forwarded.get(msg.mid)
+            if msg.dup and seen is not None and seen.fingerprint == fingerprint:
+                if seen.delivered:
+                    self.client.ack(msg.mid, msg.qos)
+                return True
+            self._forwarded[msg.mid] = _Forwarded(fingerprint, self._session)
+            self._forwarded.move_to_end(msg.mid)
+            if len(self._forwarded) > MAX_REMEMBERED:
+                old = next((mid for mid, f in self._forwarded.items() if f.delivered), None)
+                if old is not None:
+                    del self._forwarded[old]
+        return False
+
+    def _ack_delivered(self, msg: mqtt.MQTTMessage) -> None:
+        """Acknowledge a message whose record Kafka has, unless the broker session it came in has ended: that
+        session's messages are gone from the broker, and their packet ids may name newer messages now."""
+        if msg.qos == 0:
+            return
+        with self._lock:
+            seen = self._forwarded.get(msg.mid)
+            if seen is None or seen.fingerprint != _fingerprint(msg) or seen.session != self._session:
+                log.info("not acknowledging mqtt message %d: the broker session it came in has ended", msg.mid)
+                return
+            seen.delivered = True
+            self.client.ack(msg.mid, msg.qos)
 
     # Kafka side
 
@@ -554,7 +627,7 @@ class CameraBridge:
             else:
                 self.stats.published += 1
                 metrics.RECORDS_OUT.labels(PROCESS, out.kind).inc()
-            self._ack(msg)
+            self._ack_delivered(msg)
             return
         self.stats.delivery_failed += 1
         if _fatal(err):

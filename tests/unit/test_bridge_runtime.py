@@ -68,10 +68,14 @@ class Clock:
 
 
 def _message(
-    payload: bytes, mid: int = 1, topic: str = "/merakimv/Q2MV-A/raw_detections", retain: bool = False
+    payload: bytes,
+    mid: int = 1,
+    topic: str = "/merakimv/Q2MV-A/raw_detections",
+    retain: bool = False,
+    dup: bool = False,
 ) -> mqtt.MQTTMessage:
     msg = mqtt.MQTTMessage(mid=mid, topic=topic.encode())
-    msg.payload, msg.qos, msg.retain = payload, 1, retain
+    msg.payload, msg.qos, msg.retain, msg.dup = payload, 1, retain, dup
     return msg
 
 
@@ -303,3 +307,52 @@ def test_a_stopping_bridge_acknowledges_what_kafka_took_before_it_disconnects(mo
     assert order == [("ack", 5), "disconnect"]
     bridge._on_message(bridge.client, None, _message(GOOD, mid=6))  # arrives while stopping: left for next run
     assert order == [("ack", 5), "disconnect"] and len(bridge._producer.sent) == 1  # type: ignore[attr-defined]
+
+
+def _reconnect(bridge: CameraBridge, monkeypatch: pytest.MonkeyPatch, session_present: bool) -> None:
+    monkeypatch.setattr(bridge.client, "subscribe", lambda topic, qos=0: (0, 99))
+    success = ReasonCode(PacketTypes.CONNACK, "Success")
+    bridge._on_connect(bridge.client, None, mqtt.ConnectFlags(session_present), success, None)
+
+
+def test_a_message_the_broker_sends_again_after_a_reconnect_is_produced_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a reconnect the broker sends every unacknowledged message again (DUP): one still waiting for Kafka
+    is acknowledged once Kafka has its first copy, one whose PUBACK went with the old connection at once."""
+    kafka, clock = FakeKafka(lambda n: TIMED_OUT if n == 0 else None), Clock()
+    bridge, acks = _bridge(monkeypatch, kafka, clock)
+    bridge._on_message(bridge.client, None, _message(GOOD, mid=41))
+    bridge.service(0)  # Kafka is away: waits for another attempt
+    _reconnect(bridge, monkeypatch, session_present=True)
+    bridge._on_message(bridge.client, None, _message(GOOD, mid=41, dup=True))
+    for _ in range(40):
+        clock.now += 0.5
+        bridge.service(0)
+    assert len(kafka.sent) == 2 and acks == [41]  # the first try and its retry; no second event
+    assert bridge.stats.published == 1 and bridge.stats.ignored == {"redelivered": 1}
+
+    bridge._on_message(bridge.client, None, _message(GOOD, mid=41, dup=True))  # its PUBACK was lost
+    bridge.service(0)
+    assert len(kafka.sent) == 2 and acks == [41, 41] and bridge.stats.published == 1
+
+    bridge._on_message(bridge.client, None, _message(GOOD, mid=42))  # the same content, new: not a redelivery
+    bridge.service(0)
+    assert len(kafka.sent) == 3 and acks == [41, 41, 42]
+
+
+def test_a_record_of_a_session_the_broker_lost_does_not_acknowledge_a_newer_message_with_its_packet_id(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A broker restarted without persistence starts a new session and numbers its messages afresh: the late
+    acknowledgement of an old message's record would acknowledge the new one with that id before Kafka has it."""
+    kafka, clock = FakeKafka(lambda n: TIMED_OUT if n == 1 else None), Clock()
+    bridge, acks = _bridge(monkeypatch, kafka, clock)
+    bridge._on_message(bridge.client, None, _message(GOOD, mid=5))  # on its way to Kafka
+    _reconnect(bridge, monkeypatch, session_present=False)
+    newer = GOOD.replace(b"1795000000000", b"1795000001000")
+    bridge._on_message(bridge.client, None, _message(newer, mid=5))  # its delivery fails
+    bridge.service(0)
+    assert acks == [] and bridge.stats.published == 1 and bridge.awaiting_retry == 1
+    clock.now += 10
+    bridge.service(0)
+    bridge.service(0)
+    assert acks == [5] and bridge.stats.published == 2  # the new message, once Kafka has it
