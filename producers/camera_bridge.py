@@ -79,8 +79,10 @@ PROCESS = "camera-bridge"
 _ZONE_RE = re.compile(r"[0-9]{1,20}")
 _BOX = ("x0", "y0", "x1", "y1")
 
-MIN_TS_MS = 1
-"""``ts`` is positive epoch milliseconds; a camera whose clock is years behind is the job's ``too_late``."""
+MIN_TS_MS = 946_684_800_000
+"""2000-01-01T00:00:00Z: ``ts`` is epoch milliseconds. An earlier one is no MV camera's (they came in 2016): most
+likely epoch seconds (about 1.8e9 now), which read as January 1970 and made every event hours late, silently
+(the face stage skips entrances that late). A camera whose clock is only years behind is the job's ``too_late``."""
 MAX_TS_MS = 4_102_444_800_000
 """2100-01-01T00:00:00Z: a far-future ``ts`` would stall event time downstream (and 1e20 overflows Avro long)."""
 MAX_LONG = 2**63 - 1
@@ -170,10 +172,22 @@ def parse_message(topic: str, payload: bytes, prefix: str = "", max_bytes: int =
         return route
     serial, sub = route
     body = _body(payload, max_bytes)
-    ts = _int(body, "ts", "message", MIN_TS_MS, MAX_TS_MS, kind="invalid_timestamp")
+    ts = _timestamp(body)
     if sub == "raw_detections":
         return CameraEvent(serial, ts, topic, "RAW_DETECTIONS", None, _detections(body), {})
     return CameraEvent(serial, ts, topic, "ZONE_COUNT", sub, (), _zone_counts(body))
+
+
+def _timestamp(body: dict) -> int:
+    """``ts`` in epoch milliseconds from :data:`MIN_TS_MS` to :data:`MAX_TS_MS` (``invalid_timestamp`` raised,
+    saying so when it would be in range as epoch seconds)."""
+    try:
+        return _int(body, "ts", "message", MIN_TS_MS, MAX_TS_MS, kind="invalid_timestamp")
+    except InvalidRecord as exc:
+        value = body.get("ts")
+        if isinstance(value, int | float) and MIN_TS_MS / 1000 <= value <= MAX_TS_MS / 1000:
+            raise InvalidRecord(exc.kind, f"{exc.reason}: epoch seconds? MV Sense sends milliseconds") from None
+        raise
 
 
 def _route(topic: str, prefix: str) -> tuple[str, str] | Ignored:

@@ -71,7 +71,10 @@ def test_bridge_forwards_detections_dead_letters_garbage_and_survives_a_broker_r
             broker.port,
             [
                 (f"{prefix}/merakimv/Q2MV-s1-ENTRANCE/raw_detections", _detections(1001)),
-                (f"{prefix}/merakimv/Q2MV-s1-ENTRANCE/0", json.dumps({"ts": 5, "counts": {"person": 1}}).encode()),
+                (
+                    f"{prefix}/merakimv/Q2MV-s1-ENTRANCE/0",
+                    json.dumps({"ts": 1_795_000_000_000, "counts": {"person": 1}}).encode(),
+                ),
                 (f"{prefix}/merakimv/Q2MV-s1-ENTRANCE/light", b'{"lux": 300}'),
                 (f"{prefix}/merakimv/Q2MV-s1-ENTRANCE/raw_detections", b"this is not json"),
             ],

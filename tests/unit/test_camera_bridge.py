@@ -12,6 +12,8 @@ from producers.camera_bridge import Ignored, Outgoing, convert, json_too_deep, m
 from schemas.errors import InvalidRecord
 from schemas.records import CameraEvent, DeadLetter
 
+NOW = 1_795_000_000_000
+
 
 def _raw(**body: object) -> bytes:
     person = {"frame": 7, "oid": 123456789012, "type": "person", "x0": 0.1, "y0": 0.2, "x1": 0.5, "y1": 0.9}
@@ -62,9 +64,9 @@ def test_a_topic_prefix_isolates_a_test_run_on_a_shared_broker() -> None:
         (b"\xff\xfe not json", "not_json", "not JSON"),
         (b"[1, 2]", "invalid", "JSON object"),
         (json.dumps({"objects": []}).encode(), "invalid", "'ts'"),
-        (json.dumps({"ts": 1, "objects": "x"}).encode(), "invalid", "'objects'"),
-        (json.dumps({"ts": 1, "objects": [{"oid": "a", "type": "person"}]}).encode(), "invalid", "'oid'"),
-        (json.dumps({"ts": 1, "objects": [{"oid": 1, "type": "person", "x0": "left"}]}).encode(), "invalid", "'x0'"),
+        (json.dumps({"ts": NOW, "objects": "x"}).encode(), "invalid", "'objects'"),
+        (json.dumps({"ts": NOW, "objects": [{"oid": "a", "type": "person"}]}).encode(), "invalid", "'oid'"),
+        (json.dumps({"ts": NOW, "objects": [{"oid": 1, "type": "person", "x0": "left"}]}).encode(), "invalid", "'x0'"),
         (b"{" + b" " * 300_000 + b"}", "oversized", "exceeds"),
     ],
 )
@@ -76,7 +78,7 @@ def test_malformed_payloads_raise_with_a_reason(payload: bytes, kind: str, words
 
 def test_bad_zone_counts_are_invalid() -> None:
     with pytest.raises(InvalidRecord, match="non-negative"):
-        parse_message("/merakimv/Q2MV-A/0", json.dumps({"ts": 5, "counts": {"person": -1}}).encode())
+        parse_message("/merakimv/Q2MV-A/0", json.dumps({"ts": NOW, "counts": {"person": -1}}).encode())
 
 
 def test_dead_letter_of_an_mqtt_message_is_stable_for_a_redelivery() -> None:
@@ -90,7 +92,6 @@ def test_dead_letter_of_an_mqtt_message_is_stable_for_a_redelivery() -> None:
 # ------------------------------------------------------------------ hostile messages (issue 12, defect 4)
 
 RAW = "/merakimv/Q2MV-A/raw_detections"
-NOW = 1_795_000_000_000
 
 
 def _person(**fields: object) -> dict[str, object]:
@@ -110,6 +111,22 @@ def test_a_ts_outside_epoch_milliseconds_is_an_invalid_timestamp(payload: bytes)
     with pytest.raises(InvalidRecord) as err:
         parse_message(RAW, payload)
     assert err.value.kind == "invalid_timestamp" and "'ts'" in err.value.reason
+
+
+@pytest.mark.parametrize("ts", [1_795_000_000, 1_795_000_000.0, 1])
+def test_a_ts_in_epoch_seconds_is_an_invalid_timestamp_not_an_event_of_1970(ts: float) -> None:
+    with pytest.raises(InvalidRecord) as err:
+        parse_message(RAW, json.dumps({"ts": ts, "objects": []}).encode())
+    assert err.value.kind == "invalid_timestamp"
+    assert ("epoch seconds" in err.value.reason) == (ts != 1)
+
+
+def test_the_earliest_and_latest_ts_taken_are_2000_and_2100() -> None:
+    assert parse_message(RAW, json.dumps({"ts": 946_684_800_000, "objects": []}).encode()).event_time == 946_684_800_000
+    assert (
+        parse_message(RAW, json.dumps({"ts": 4_102_444_800_000, "objects": []}).encode()).event_time
+        == 4_102_444_800_000
+    )
 
 
 @pytest.mark.parametrize(

@@ -89,9 +89,9 @@ def test_visits_are_validated_and_idempotent_by_id() -> None:
 
 
 def test_mv_sense_payload_is_what_the_bridge_reads() -> None:
-    scene = _scene()
-    scene.add_visit("ann", "s", "lane-01", 1_000, 20_000, 30_000)
-    payload = raw_detections_payload(1_500, scene.at("Q2MV-s-ENTRANCE", 1_500), frame=3)
+    scene, t0 = _scene(), 1_795_000_000_000  # the bridge takes epoch milliseconds from 2000 on
+    scene.add_visit("ann", "s", "lane-01", t0 + 1_000, t0 + 20_000, t0 + 30_000)
+    payload = raw_detections_payload(t0 + 1_500, scene.at("Q2MV-s-ENTRANCE", t0 + 1_500), frame=3)
     event = parse_message("/merakimv/Q2MV-s-ENTRANCE/raw_detections", json.dumps(payload).encode())
     assert isinstance(event, CameraEvent) and [o.oid for o in event.objects] == [scene.ground_truth()[0].oid]
 
