@@ -240,11 +240,22 @@ def _no_constant(name: str) -> float:
     raise ValueError(f"{name} is not JSON")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose names are all different: ``json.loads`` kept the last of two ``ts`` or ``objects``
+    without a word, so which one counted was a guess (a second, empty ``objects`` dropped every detection)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        twice = next(name for name, n in Counter(name for name, _ in pairs).items() if n > 1)
+        raise InvalidRecord("invalid", f"payload names {_shown(twice)} more than once in one object")
+    return obj
+
+
 def _body(payload: bytes, max_bytes: int) -> dict:
     """The payload as a JSON object (``oversized``, ``not_json`` or ``invalid`` raised).
 
     Size and depth are checked before ``json.loads``: its recursion ends in a RecursionError (caught
-    too, as a last resort), not a ValueError. ``NaN``/``Infinity`` are not JSON and are refused.
+    too, as a last resort), not a ValueError. ``NaN``/``Infinity`` are not JSON and are refused, and so
+    is an object that names a field twice (``invalid``).
     """
     if len(payload) > max_bytes:
         raise InvalidRecord("oversized", f"payload of {len(payload)} bytes exceeds the {max_bytes}-byte limit")
@@ -255,7 +266,9 @@ def _body(payload: bytes, max_bytes: int) -> dict:
     if json_too_deep(text):
         raise InvalidRecord("not_json", f"payload is not JSON we accept: nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        body = json.loads(text, parse_constant=_no_constant)
+        body = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
+    except InvalidRecord:
+        raise
     except ValueError as exc:
         raise InvalidRecord("not_json", f"payload is not JSON: {str(exc)[:200]}") from None
     except RecursionError:

@@ -267,3 +267,20 @@ def test_a_retained_message_is_stale_state_and_is_ignored_not_forwarded(payload:
     stale broken one is no new dead letter either (it was dead-lettered when it was live)."""
     assert convert(RAW, payload, "", 256 * 1024, NOW, retained=True) == Ignored("retained")
     assert isinstance(convert(RAW, _raw(), "", 256 * 1024, NOW, retained=False), Outgoing)
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload", "name"),
+    [
+        (RAW, b'{"ts": 1795000000000, "objects": [{"oid": 1, "type": "person"}], "objects": []}', "objects"),
+        (RAW, b'{"ts": 1795000000000, "ts": 1795000009000, "objects": []}', "ts"),
+        (RAW, b'{"ts": 1795000000000, "objects": [{"oid": 1, "oid": 2, "type": "person"}]}', "oid"),
+        ("/merakimv/Q2MV-A/0", b'{"ts": 1795000000000, "counts": {"person": 3, "person": 0}}', "person"),
+    ],
+)
+def test_a_field_named_twice_is_invalid_not_silently_the_last_one(topic: str, payload: bytes, name: str) -> None:
+    with pytest.raises(InvalidRecord) as err:
+        parse_message(topic, payload)
+    assert err.value.kind == "invalid" and f"{name!r} more than once" in err.value.reason
+    out = convert(topic, payload, "", 256 * 1024, NOW)
+    assert isinstance(out, Outgoing) and out.dead and DeadLetter.decode(out.value).payload == payload
