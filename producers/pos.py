@@ -487,7 +487,11 @@ def replay_csv_command(
     for err in result.dead_letter_errors:
         console.print(f"dead letter delivery error: {err}", style="red", markup=False, highlight=False)
     done = result.last_acked_index + 1
-    if result.start_index >= result.total_rows:
+    if result.total_rows == 0:  # not "all 0 rows were already replayed": this file never had any to replay
+        console.print(
+            f"nothing to do: {path.name} has a header but no data rows", style="yellow", markup=False, highlight=False
+        )
+    elif result.start_index >= result.total_rows:
         console.print(
             f"nothing to do: all {result.total_rows:,} rows were already replayed "
             f"(--from-start to replay again; state in {result.state_file})",

@@ -477,6 +477,19 @@ def test_replay_csv_command_reports_progress_and_exit_code(
     assert CliRunner().invoke(pos.app, args).exit_code == 2
 
 
+def test_a_csv_with_only_a_header_says_it_has_no_rows_not_that_they_were_replayed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_csv(tmp_path / "empty.csv", [])
+    fake = FakeProducer()
+    monkeypatch.setattr(pos, "make_producer", lambda _settings, *topics: fake)
+    args = ["replay-csv", str(path), "--state-file", str(tmp_path / "s.json"), "--no-progress"]
+    result = CliRunner().invoke(pos.app, args)
+    assert result.exit_code == 0, result.output
+    assert "empty.csv has a header but no data rows" in result.output
+    assert "already replayed" not in result.output and fake.values == []
+
+
 # ---------------------------------------------------------------------------- the shared sample
 
 
