@@ -363,7 +363,7 @@ app = typer.Typer(
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
+def sigterm_as_interrupt() -> Iterator[None]:
     """``kill`` (SIGTERM) takes the same path as Ctrl-C: stop, flush, save progress."""
 
     def handler(_sig: int, _frame: object) -> None:
@@ -438,7 +438,7 @@ def generate(
         f"rate {'max' if not rate else f'{rate:g}/s'}",
         highlight=False,
     )
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         stats = produce(settings, txs, rate, progress, realtime=realtime, label=f"seed {seed}")
     _finish(stats, "generate")
     raise typer.Exit(_exit_code(stats))
@@ -462,7 +462,7 @@ def replay_csv_command(
 ) -> None:
     """Replay a Fraud Detector CSV in EVENT_TIMESTAMP order; rerun to resume after a stop."""
     settings = get_settings()
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         try:
             result = replay_csv(
                 settings,

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import os
+import signal
+import time
 
 import pytest
+import typer
 
 import producers.shoppers as shoppers
 from infra.local.pos_generator import PosGenerator
+from producers.pos import ProduceStats
 from producers.shoppers import LANE_GAP_MS, SEND_LAG_MS, cast, person_for
 from tests.builders import sale
 
@@ -120,3 +125,29 @@ def test_a_rate_of_zero_is_refused_up_front_not_a_division_by_zero() -> None:
     for rate in (0.0, -1.0):
         with pytest.raises(ValueError, match="rate must be above 0"):
             list(shoppers.shopper_transactions(generator, _Camera(), PEOPLE, count=2, rate=rate, shop_s=8, start_ms=0))
+
+
+def test_sigterm_stops_the_shoppers_like_ctrl_c_so_what_is_in_flight_is_flushed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The demo's supervisor stops the shoppers with SIGTERM; killed outright, the sales librdkafka still held
+    were lost. It now takes produce()'s Ctrl-C path: stop sending, wait for what is in flight."""
+    seen: list[str] = []
+
+    def drive(*_a: object, **_k: object) -> ProduceStats:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+            seen.append("kept running")
+        except KeyboardInterrupt:
+            seen.append("interrupted")
+        return ProduceStats(interrupted=True)
+
+    before = signal.signal(signal.SIGTERM, lambda *_: seen.append("default handler"))
+    try:
+        monkeypatch.setattr(shoppers, "drive_shoppers", drive)
+        with pytest.raises(typer.Exit) as done:
+            shoppers.main(count=1, progress=False)
+        assert seen == ["interrupted"] and done.value.exit_code == 0
+    finally:
+        signal.signal(signal.SIGTERM, before)
