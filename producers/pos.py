@@ -395,6 +395,13 @@ def _exit_code(stats: ProduceStats) -> int:
     return 130 if stats.interrupted else 0
 
 
+def _above_zero(value: float | None) -> float | None:
+    """A rate that must be a finite number above 0 (the generator refused others with a traceback)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"must be a number above 0, got {value:g}")
+    return value
+
+
 @app.command()
 def generate(
     rate: Annotated[float, typer.Option(help="Target tx/s; 0 = as fast as possible.", min=0)] = 50.0,
@@ -410,7 +417,10 @@ def generate(
     ] = 0.03,
     event_rate: Annotated[
         float | None,
-        typer.Option(help="Arrivals per second of generator event time; default --rate (20 when --rate is 0)."),
+        typer.Option(
+            help="Arrivals per second of generator event time, above 0; default --rate (20 when --rate is 0).",
+            callback=_above_zero,
+        ),
     ] = None,
     realtime: Annotated[
         bool, typer.Option(help="Stamp event_time with the wall clock when sent, instead of generator time.")

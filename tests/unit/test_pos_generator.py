@@ -429,6 +429,17 @@ def test_generate_command_sends_count_transactions(monkeypatch: pytest.MonkeyPat
     assert first == next(PosGenerator(seed=9, customers=500, tx_per_second=20.0))
 
 
+@pytest.mark.parametrize("event_rate", ["-1", "0", "inf"])
+def test_generate_refuses_an_event_rate_that_is_not_above_zero_with_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, event_rate: str
+) -> None:
+    fake = FakeProducer()
+    monkeypatch.setattr(pos, "make_producer", lambda _settings, *_topics: fake)
+    result = CliRunner().invoke(pos.app, ["generate", "--count", "1", "--event-rate", event_rate, "--no-progress"])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert "--event-rate" in result.output and "above 0" in result.output and fake.sent == []
+
+
 def test_realtime_stamps_event_time_with_the_wall_clock_at_send() -> None:
     txs = list(islice(PosGenerator(seed=5), 20))
     fake = FakeProducer()
