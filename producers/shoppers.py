@@ -180,7 +180,9 @@ def drive_shoppers(
 def main(
     rate: Annotated[float, typer.Option(help="transactions per second", min=0.01)] = 2.0,
     count: Annotated[int, typer.Option(help="transactions to send", min=0)] = 100,
-    shop_s: Annotated[float, typer.Option(help="seconds from entering the store to paying")] = 8.0,
+    shop_s: Annotated[
+        float, typer.Option(help="seconds from entering the store to paying (snapshots are whole seconds)", min=1.0)
+    ] = 8.0,
     seed: Annotated[int, typer.Option()] = 0,
     stores: Annotated[int, typer.Option()] = 2,
     lanes: Annotated[int, typer.Option()] = 4,

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import typer
+from typer.testing import CliRunner
 
 import producers.shoppers as shoppers
 from infra.local.pos_generator import PosGenerator
@@ -151,3 +152,15 @@ def test_sigterm_stops_the_shoppers_like_ctrl_c_so_what_is_in_flight_is_flushed(
         assert seen == ["interrupted"] and done.value.exit_code == 0
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+@pytest.mark.parametrize("shop_s", ["0.5", "nan"])
+def test_a_shop_time_under_a_second_is_a_usage_error_not_a_traceback_after_the_start(
+    monkeypatch: pytest.MonkeyPatch, shop_s: str
+) -> None:
+    driven: list[object] = []
+    monkeypatch.setattr(shoppers, "drive_shoppers", lambda *a, **k: driven.append(k) or ProduceStats())
+    app = typer.Typer()
+    app.command()(shoppers.main)
+    result = CliRunner().invoke(app, ["--shop-s", shop_s, "--count", "1", "--no-progress"])
+    assert result.exit_code == 2 and "--shop-s" in result.output and driven == []
