@@ -29,9 +29,10 @@ persistence is survived too. Output: ``camera_events`` / ``dead_letters``.
 Health: :meth:`CameraBridge.healthy` is false once paho's network thread has ended, the Kafka producer
 failed fatally, the MQTT broker refused our login, or a message could not even be dead-lettered;
 ``run`` then raises :class:`BridgeFailed` and the process logs why and exits with status 1, so a
-supervisor restarts it instead of it idling while looking alive. ``/healthz`` (``infra.metrics``) says the
-same, and also turns 503 while the MQTT broker is away ("MQTT unreachable") or Kafka deliveries wait to be
-retried ("Kafka unreachable").
+supervisor restarts it instead of it idling while looking alive. ``/healthz`` (``infra.metrics``) is
+liveness: 503 when the run loop stops turning, 200 ``degraded: ...`` with the reason otherwise; ``/readyz``
+turns 503 while the MQTT broker is away ("MQTT unreachable") or Kafka deliveries wait to be retried
+("Kafka unreachable"), so that a supervisor never restarts a bridge that only waits for a broker.
 
 Metrics (stage ``camera-bridge``): MQTT messages in by kind (``raw_detections``, ``zone_count``, ``ignored``,
 ``invalid``), camera events out by kind once Kafka acknowledged them, dead letters by error kind, and the
@@ -369,6 +370,11 @@ class BridgeFailed(CheckoutGuardError, RuntimeError):
     """The bridge can no longer make progress (see :meth:`CameraBridge.failure`); the process should exit."""
 
 
+KAFKA_SILENT_S = 10.0
+"""A record without Kafka's answer for this long means Kafka is away: librdkafka keeps trying for
+``message.timeout.ms`` (5 minutes) before it reports the failure, and ``/readyz`` said ready meanwhile."""
+
+
 DELIVERY_BACKOFF = Backoff(initial_s=0.5, maximum_s=30.0)
 """Between Kafka delivery attempts of one record: a long outage is still probed twice a minute."""
 
@@ -455,6 +461,8 @@ class CameraBridge:
         self._retries: list[_Retry] = []
         self._forwarded: OrderedDict[int, _Forwarded] = OrderedDict()
         """By MQTT packet id: what was produced, until :data:`MAX_REMEMBERED` delivered ones are newer."""
+        self._unanswered: dict[object, float] = {}
+        """When each record now on its way to Kafka was produced (this bridge's clock), until Kafka answers."""
         self._session = 0
         """Counts the broker sessions: a packet id of an older one may name another message now."""
         self._failed: str | None = None
@@ -495,16 +503,23 @@ class CameraBridge:
         return self.failure() is None
 
     def problem(self) -> str | None:
-        """What keeps the bridge from forwarding right now (``/healthz``): its failure, the MQTT broker
-        away, or Kafka not taking records (deliveries waiting for another attempt)."""
+        """What keeps the bridge from forwarding right now (``/readyz``): its failure, the MQTT broker
+        away, or Kafka not taking records (deliveries waiting for another attempt, or a record unanswered
+        for :data:`KAFKA_SILENT_S`)."""
         failure = self.failure()
         if failure is not None:
             return failure
         if self._running and not self.connected.is_set():
             return "MQTT unreachable"
-        if self.awaiting_retry:
+        if self.awaiting_retry or self._oldest_unanswered_s() > KAFKA_SILENT_S:
             return "Kafka unreachable"
         return None
+
+    def _oldest_unanswered_s(self) -> float:
+        """How long the oldest record produced has waited for Kafka's answer (0 when none waits)."""
+        with self._lock:
+            oldest = min(self._unanswered.values(), default=None)
+        return 0.0 if oldest is None else self._clock() - oldest
 
     @property
     def awaiting_retry(self) -> int:
@@ -639,11 +654,22 @@ class CameraBridge:
     def _produce(
         self, out: Outgoing, msg: mqtt.MQTTMessage, attempt: int, wait: Callable[[float], object] | None
     ) -> None:
+        token = object()
+
         def delivered(err: KafkaError | None, _m: object) -> None:
+            with self._lock:
+                self._unanswered.pop(token, None)
             self._delivered(out, msg, attempt, err)
 
         topic = self._dlq_topic if out.dead else self._events_topic
-        kafka_clients.produce(self._producer, topic, out.key, out.value, delivered, wait=wait)
+        with self._lock:
+            self._unanswered[token] = self._clock()
+        try:
+            kafka_clients.produce(self._producer, topic, out.key, out.value, delivered, wait=wait)
+        except BaseException:
+            with self._lock:
+                self._unanswered.pop(token, None)
+            raise
 
     def _delivered(self, out: Outgoing, msg: mqtt.MQTTMessage, attempt: int, err: KafkaError | None) -> None:
         """Delivery callback (``run`` thread): ack the MQTT message only now; otherwise try again later."""

@@ -356,3 +356,29 @@ def test_a_record_of_a_session_the_broker_lost_does_not_acknowledge_a_newer_mess
     bridge.service(0)
     bridge.service(0)
     assert acks == [5] and bridge.stats.published == 2  # the new message, once Kafka has it
+
+
+def test_kafka_silent_for_a_while_makes_the_bridge_not_ready_before_librdkafka_gives_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """librdkafka reports a failed delivery only after message.timeout.ms (5 minutes): until then /readyz said
+    ready while no record reached Kafka."""
+
+    class Silent(FakeKafka):
+        answering = False
+
+        def poll(self, timeout: float = 0) -> int:
+            return super().poll(timeout) if self.answering else 0
+
+    kafka, clock = Silent(), Clock()
+    bridge, acks = _bridge(monkeypatch, kafka, clock)
+    bridge._on_message(bridge.client, None, _message(GOOD, mid=3))
+    clock.now += 2
+    bridge.service(0)
+    assert bridge.problem() is None  # a second or two is a slow broker, not an absent one
+    clock.now += 10  # KAFKA_SILENT_S
+    bridge.service(0)
+    assert bridge.problem() == "Kafka unreachable" and bridge.healthy() and acks == []
+    kafka.answering = True
+    bridge.service(0)
+    assert bridge.problem() is None and acks == [3]
