@@ -307,7 +307,7 @@ def replay_csv(
         for index in range(start, len(rows)):
             row = rows[index]
             try:
-                tx = transaction_of(row)
+                tx = transaction_of(row, now_ms(), settings.job.max_future_skew_ms)
             except InvalidRecord as exc:
                 skipped.append((row.line, exc.reason))
                 if len(skipped) <= _MAX_REPORTED_ERRORS:

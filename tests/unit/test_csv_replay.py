@@ -331,6 +331,25 @@ def test_time_scale_keeps_the_original_spacing_compressed(tmp_path: Path, settin
     assert 0.28 <= time.monotonic() - start < 2.0  # 3 s of events at 10x
 
 
+def test_a_row_dated_in_the_future_is_dead_lettered_at_once_not_waited_for(tmp_path: Path, settings: Settings) -> None:
+    """A typo year (2099 for 2019) sorts last; paced by event time, the replay waited decades / time scale for
+    it, and the scoring job then refused it as ahead of the wall clock anyway."""
+    path = write_csv(
+        tmp_path / "events.csv",
+        [
+            afd_row("a", "2022-11-07T00:00:00Z"),
+            afd_row("typo", "2099-11-07T00:00:01Z"),
+            afd_row("b", "2022-11-07T00:00:01Z"),
+        ],
+    )
+    fake = FakeProducer()
+    result = replay(settings, path, fake)
+    assert fake.ids == ["a", "b"] and result.complete and result.ok
+    (dl,) = fake.dead_letters()
+    assert dl.dead_letter_id == "events.csv:3" and dl.error_kind == "invalid_timestamp"
+    assert "after the wall clock" in dl.reason
+
+
 # ---------------------------------------------------------------------------- resume
 
 
