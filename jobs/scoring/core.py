@@ -15,8 +15,8 @@ No single record may stop the job: an exception the job replays after every rest
 restart with nothing scored. So whatever one record raises becomes its dead letter (``internal_error``
 with the exception's type and message for anything that is not an :class:`InvalidRecord`), a batch of
 decisions that raises is decided again one by one so only the failing transactions are dead-lettered,
-and after a failure the state entries the record touched are written as they now are, so MapState
-never differs from what this object holds.
+and after a failure the state writes the record made before it (receipts it expired, too) are kept and
+the state entries it touched are written as they now are, so MapState never differs from what this object holds.
 """
 
 from __future__ import annotations
@@ -312,13 +312,14 @@ class DecisionCore:
             out.append(env)
             return None
         parsed.append(env[0])
+        made: list[Write] = []  # persisted however observe ends: what it expired before a failure stays expired
         try:
-            observed, writes = self.scorer.observe(env, state, now_ms=now)
+            observed, _ = self.scorer.observe(env, state, now_ms=now, writes=made)
         except ConflictingTransaction as err:  # the id's first record under this receipt stands
-            self._persist(err.writes)
             out.append(reused_id_dead_letter(self.scorer, err, zlib.crc32(value or b"")))
             return None
-        self._persist(writes)
+        finally:
+            self._persist(made)
         if observed is None:
             return None
         try:

@@ -100,9 +100,10 @@ class ScoringState:
         if self.newest_event_ms > now_ms:
             self.newest_event_ms = now_ms
 
-    def expire_receipts(self, now_ms: int, retention_ms: int) -> list[Write]:
-        """Forget receipts older than the return window (bounded memory, like a state TTL)."""
-        removed: list[Write] = []
+    def expire_receipts(self, now_ms: int, retention_ms: int, into: list[Write] | None = None) -> list[Write]:
+        """Forget receipts older than the return window (bounded memory, like a state TTL): their removals,
+        added to ``into`` (and returned) as they are made."""
+        removed: list[Write] = [] if into is None else into
         while self.receipt_order and self.receipt_order[0][0] < now_ms - retention_ms:
             _, key = self.receipt_order.popleft()
             receipt = self.receipts.get(key)
@@ -113,9 +114,10 @@ class ScoringState:
                 removed.append((RECEIPTS, key, None))
         return removed
 
-    def expire_faces(self, now_ms: int, retention_ms: int) -> list[Write]:
-        """Drop buyer faces from receipts whose sale is older than ``retention_ms``; the receipts stay."""
-        changed: list[Write] = []
+    def expire_faces(self, now_ms: int, retention_ms: int, into: list[Write] | None = None) -> list[Write]:
+        """Drop buyer faces from receipts whose sale is older than ``retention_ms``; the receipts stay. The changed
+        receipts' writes, added to ``into`` (and returned) as they are made."""
+        changed: list[Write] = [] if into is None else into
         while self.face_order and self.face_order[0][0] < now_ms - retention_ms:
             _, key = self.face_order.popleft()
             receipt = self.receipts.get(key)
@@ -247,7 +249,7 @@ class Scorer:
         return (self.dlq_topic, dl.dead_letter_id.encode(), dl.encode())
 
     def observe(
-        self, env: Envelope, state: ScoringState, now_ms: int | None = None
+        self, env: Envelope, state: ScoringState, now_ms: int | None = None, writes: list[Write] | None = None
     ) -> tuple[Envelope | None, list[Write]]:
         """Steps 2-4's state part for one transaction: update the keyed state, complete its indicators.
 
@@ -261,6 +263,10 @@ class Scorer:
 
         ``now_ms`` (the job's wall clock) caps the newest event time: a record stamped ahead of it
         (within the allowed skew) cannot make later transactions too late; ``None``: offline history.
+
+        ``writes``: a list the state writes are added to as they are made (it is the one returned). A caller that
+        passes its own keeps them when this raises part-way: receipts expired before the failure are gone from
+        ``state``, and their removals must still reach the persisted state, or a restore brings them back.
         """
         tx = env[0]
         event_time = tx["event_time"]
@@ -274,7 +280,7 @@ class Scorer:
         # Receipts past the return window at this transaction's own time are forgotten before it is matched, as
         # if a transaction had come in between (and as the partitioned layout decides): the expiry after it
         # came too late for the first transaction past the window.
-        writes: list[Write] = state.expire_receipts(event_time, self.receipt_retention_ms)
+        writes = state.expire_receipts(event_time, self.receipt_retention_ms, [] if writes is None else writes)
         receipt = state.receipts.get(rk)
         if receipt is not None and 0 < receipt.event_time < event_time - self.receipt_retention_ms:
             del state.receipts[rk]  # one the expiry's arrival order has not reached yet
@@ -312,7 +318,7 @@ class Scorer:
         linked, changed = observe_linked(tx, state.customers, idle_before, CUSTOMERS)
         writes += changed
         tx[PROFILE_KEY] = customer + linked  # the model's profile features (not written on the record)
-        writes.extend(state.expire_faces(state.newest_event_ms, self.face_retention_ms))
+        state.expire_faces(state.newest_event_ms, self.face_retention_ms, writes)
         return out, writes
 
     def check_horizon(self, event_time: int, newest_ms: int) -> None:

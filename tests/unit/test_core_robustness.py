@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from jobs.scoring.core import MAX_ERROR_TEXT, DecisionCore, SourceRecord
+from jobs.scoring.core import MAX_ERROR_TEXT, DecisionCore, SourceRecord, Step
 from jobs.scoring.face_join import PENDING
 from jobs.scoring.rules import ModelResult
 from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Predictor
@@ -374,3 +374,33 @@ def test_a_fused3_job_matches_768_value_faces_and_dead_letters_a_face_of_another
     started.bootstrap(read)  # the broadcast stream then meets the same entry, not applied: still checked by length
     replay = started.on_control(WATCH_TOPIC, b"subj-8", watch_entry("subj-8", sface), 0, 0)
     assert replay.update is None and kinds(replay.outputs) == ["invalid_update"]
+
+
+def test_a_failure_after_an_expiry_still_persists_the_expired_receipts_removal():
+    """Receipts expired at a transaction's own time are gone from memory before it is matched: a failure later in
+    that record must not leave them in the persisted state, where a restore would bring them (and their buyer
+    faces) back past their retention."""
+    day_s = 86_400
+    later_s = (settings().rules.receipt_retention_days + 1) * day_s
+    now = NOW + later_s * 1000
+    core = make_core(face_deadline_ms=0)
+    maps: dict[str, dict] = {}
+    persist(maps, core.on_records([tx_record(sale("old", amount=30), 1)], NOW))
+    core.state.receipts["old"].sale_face = tuple(BUYER_FACE)
+    persist(maps, Step([], {RECEIPTS: {"old": core.state.receipts["old"]}}, None))  # a buyer face kept
+    real = core.scorer.by_store
+
+    def by_store(state, env):  # fails after the receipts past the window were expired
+        if env[0]["transaction_id"] == "new":
+            raise ZeroDivisionError("division by zero")
+        return real(state, env)
+
+    core.scorer.by_store = by_store  # type: ignore[method-assign]
+    step = core.on_records([tx_record(sale("new", at_s=later_s, card="card-B"), 2)], now)
+    persist(maps, step)
+    assert kinds(step.outputs) == ["internal_error"]
+    assert "old" not in core.state.receipts  # expired in memory ...
+    assert_persisted_equals_memory(maps, core)  # ... and in the persisted state
+    restored = make_core(face_deadline_ms=0)
+    restored.restore(maps)
+    assert "old" not in restored.state.receipts, "a restore brought back an expired receipt"
