@@ -337,7 +337,9 @@ def _build_sale_receipts(p: Plan, lo: int, hi: int, emit: Emit, counts: dict[str
         tx_id = f"tx-{seed}-{i + 1}"
         ck = f"anon:{tx_id}" if code < 0 else names.get(code) or names.setdefault(code, hist.key_name(code))
         seen = {tx_id: _digest(hist, i, codes)}
-        receipt = Receipt(tx_id, stores[s], ck, amount, t, {}, seen, currency="USD")
+        receipt = Receipt(
+            sale_id=tx_id, store_id=stores[s], customer_key=ck, amount=amount, event_time=t, seen=seen, currency="USD"
+        )
         receipt.opened = t  # its returns come after it
         for r in attached.get(i, ()):
             receipt.seen[f"tx-{seed}-{r + 1}"] = _digest(hist, r, codes)
@@ -402,7 +404,7 @@ def _build_stores(hist: History, rules: RulesSettings, emit: Emit) -> None:
             ts = times.tolist()
             returns[int(hist.store[rows[start]])] = ts[bisect_left(ts, ts[-1] - window) :]
     for s in np.unique(hist.store).tolist():
-        emit(STORES, store_name(s), StoreActivity(returns.get(s, [])), True)
+        emit(STORES, store_name(s), StoreActivity(return_times=returns.get(s, [])), True)
 
 
 def _build_customers(hist: History, rules: RulesSettings, emit: Emit, counts: dict[str, int]) -> None:
@@ -450,7 +452,7 @@ def _build_profiles(
             for j in range(a, b):
                 profile.observe_identity(times[j], amounts[j])
         else:
-            profile = CustomerProfile(seg[max(bisect_left(seg, seg[-1] - window), len(seg) - cap) :])
+            profile = CustomerProfile(recent=seg[max(bisect_left(seg, seg[-1] - window), len(seg) - cap) :])
             for j in range(a, b):
                 profile.activity(times[j], amounts[j])  # the activity windows, as the job keeps them
                 if len(profile.stores) < 16:
@@ -696,8 +698,9 @@ def face_pickle_bytes() -> int:
     values)."""
     from jobs.scoring.features import Receipt
 
-    plain = Receipt("tx-1", "store-1", "token:x", 1.0, 1, {}, {"tx-1": 1})
-    with_face = Receipt("tx-1", "store-1", "token:x", 1.0, 1, {}, {"tx-1": 1}, tuple(float(i) for i in range(FACE_LEN)))
+    fields_ = {"sale_id": "tx-1", "store_id": "store-1", "customer_key": "token:x", "amount": 1.0, "event_time": 1}
+    plain = Receipt(**fields_, seen={"tx-1": 1})
+    with_face = Receipt(**fields_, seen={"tx-1": 1}, sale_face=tuple(float(i) for i in range(FACE_LEN)))
     return len(pickle.dumps(with_face)) - len(pickle.dumps(plain))
 
 

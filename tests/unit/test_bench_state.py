@@ -4,11 +4,13 @@ retention settings expire receipts, buyer faces and customer profiles."""
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import pytest
 
 from infra.settings import RulesSettings
+from jobs.scoring import features
 from tests.bench import state
 
 SHORT = RulesSettings(receipt_retention_days=3, customer_retention_days=4, receipt_face_retention_hours=12)
@@ -80,3 +82,40 @@ def test_the_largest_n_that_fits_memory_and_time():
     assert n == 2_000_000 and "GiB" in (why or "")
     n, why = state.feasible(10_000_000, 180, 2, available=64 * gib, per_tx_s=60e-6)
     assert n == 2_000_000 and "budget" in (why or "")
+
+
+def _reordered(cls: type) -> type:
+    """``cls`` with its fields in reverse order (its methods kept): what a field added or moved makes of a
+    constructor called by position."""
+    made = {"__init__", "__repr__", "__eq__", "__slots__", "__match_args__", "__hash__", "__getstate__"}
+    made |= {"__setstate__", "__dict__", "__weakref__", "__dataclass_fields__", "__dataclass_params__"}
+    names = {f.name for f in dataclasses.fields(cls)}
+    kept = {k: v for k, v in vars(cls).items() if k not in made and k not in names}
+    specs = []
+    for f in reversed(dataclasses.fields(cls)):
+        default = (
+            dataclasses.field(default_factory=f.default_factory)
+            if f.default_factory is not dataclasses.MISSING
+            else dataclasses.field(default=f.default)
+        )
+        specs.append((f.name, f.type, default))
+    return dataclasses.make_dataclass(cls.__name__, specs, namespace=kept, slots=True)
+
+
+def test_the_builder_fills_the_state_classes_by_field_name(monkeypatch):
+    hist = state.make_history(state.HistorySpec(transactions=1500, days=10.0, stores=5))
+
+    def build() -> dict[tuple[str, str], dict]:
+        out: dict[tuple[str, str], dict] = {}
+
+        def emit(name, key, value, kept):
+            out[(name, key)] = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+
+        state.build_state(hist, SHORT, emit)
+        return out
+
+    before, face = build(), state.face_pickle_bytes()
+    for cls in (features.Receipt, features.StoreActivity, features.CustomerProfile):
+        monkeypatch.setattr(features, cls.__name__, _reordered(cls))
+    assert build() == before
+    assert state.face_pickle_bytes() == face
