@@ -24,7 +24,7 @@ from typing import Any
 from schemas.errors import InvalidRecord
 
 CLAIMS = "claims"
-"""The state map (its MapState name on both layouts): transaction id -> (receipt key, event time in ms)."""
+"""The state map (its MapState name on both layouts): transaction id -> :data:`Claim`."""
 DUPLICATE_ID = "duplicate_transaction_id"
 """Dead-letter kind of a transaction whose id another receipt's transaction claimed first."""
 
@@ -33,7 +33,15 @@ CONFLICTING_ID = "conflicting_transaction"
 currency, kind, store, customer, time or original id): not a redelivered copy, and not decided. Permanent: sent
 again, the same bytes meet the same first transaction."""
 
-Claim = tuple[str, int]
+Claim = int | tuple[str, int]
+"""One claim as kept and persisted: the event time (ms) alone when the receipt key is the transaction's own id (a sale,
+most transactions: no second copy of the id in every claim), else (receipt key, event time). State saved before
+2026-12-06 holds only pairs, and reads the same."""
+
+
+def _held(tx_id: str, claim: Claim) -> tuple[str, int]:
+    """(receipt key, event time) of ``tx_id``'s claim, whichever shape it is kept in."""
+    return (tx_id, claim) if isinstance(claim, int) else claim
 
 
 class IdConflict(InvalidRecord):
@@ -71,23 +79,25 @@ class IdClaims:
 
     def restore(self, claimed: dict[str, Claim]) -> None:
         self.claimed = dict(claimed)
-        self._by_time = [(at, tx_id) for tx_id, (_, at) in self.claimed.items()]
+        self._by_time = [(_held(tx_id, claim)[1], tx_id) for tx_id, claim in self.claimed.items()]
         heapq.heapify(self._by_time)
 
     def claim(self, tx: dict[str, Any], receipt: str) -> list[tuple[str, str, Claim | None]]:
         """Claim ``tx``'s id for ``receipt``: the state writes, or :class:`DuplicateTransaction` when a transaction of
         another receipt holds it (within the retention before ``tx``'s own time)."""
         tx_id, at = tx["transaction_id"], tx["event_time"]
-        held = self.claimed.get(tx_id)
+        kept = self.claimed.get(tx_id)
+        held = None if kept is None else _held(tx_id, kept)
         if held is not None and held[0] != receipt and held[1] >= at - self.retention_ms:
             raise DuplicateTransaction(
                 f"transaction id {tx_id[:128]!r} was taken by an earlier transaction on receipt {held[0][:128]!r};"
                 f" this {str(tx.get('kind')).lower()} on receipt {receipt[:128]!r} is not decided",
                 tx,
             )
-        claim = (receipt, max(at, held[1]) if held is not None and held[0] == receipt else at)
+        since = max(at, held[1]) if held is not None and held[0] == receipt else at
+        claim: Claim = since if receipt == tx_id else (receipt, since)
         self.claimed[tx_id] = claim
-        heapq.heappush(self._by_time, (claim[1], tx_id))
+        heapq.heappush(self._by_time, (since, tx_id))
         return [(CLAIMS, tx_id, claim)]
 
     def expire(self, newest_ms: int) -> list[tuple[str, str, Claim | None]]:
@@ -98,7 +108,7 @@ class IdClaims:
         while heap and heap[0][0] < cutoff:
             at, tx_id = heapq.heappop(heap)
             held = self.claimed.get(tx_id)
-            if held is not None and held[1] == at:
+            if held is not None and _held(tx_id, held)[1] == at:
                 del self.claimed[tx_id]
                 writes.append((CLAIMS, tx_id, None))
         if len(heap) > 2 * len(self.claimed) + 64:  # stale items of ids claimed again
