@@ -8,20 +8,28 @@ takes effect in a running job without a restart. Each pointer is replaced atomic
 rename): a reader never sees half a name. A pointer naming a missing or incompatible artifact is
 logged and ignored -- the models in use stay -- so a bad promotion never stops scoring.
 
+The commands change the pointers by compare-and-swap (:func:`swap_pointers`): each reads both pointers first
+and writes only if, under an exclusive lock on ``.pointers.lock``, they are still what it read; otherwise it
+moves nothing and says what changed meanwhile (exit 2). Two ``promote`` run at once thus swap the models once,
+not there and back, with one audit event, and a ``challenger`` set during a ``promote`` is never silently
+overwritten: the later command is refused and re-run knowingly.
+
 Commands (``python -m jobs.model.registry ...``, ``make models ARGS=...``): ``status``, ``challenger
 VERSION`` (or ``--clear``), ``promote`` (the challenger becomes champion; the old champion becomes the
 challenger unless ``--retire``). ``promote`` prints the new champion's evaluation report and records
-the change on the ``audit`` topic before it moves a pointer.
+the change on the ``audit`` topic before it moves a pointer (under the pointer lock, after the check).
 """
 
 from __future__ import annotations
 
+import fcntl
 import getpass
 import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -56,6 +64,71 @@ def write_pointer(root: Path, name: str, version: str | None) -> None:
     tmp = root / f".{name}.tmp-{os.getpid()}"
     tmp.write_text(version + "\n")
     os.replace(tmp, root / name)
+
+
+Pointers = tuple[str | None, str | None]
+"""(champion, challenger): what ``CURRENT`` and ``CHALLENGER`` name."""
+
+LOCK = ".pointers.lock"
+"""The file the commands lock (``flock``, exclusive) while they check and move the pointers (the job never does:
+it only reads, and each pointer is replaced whole)."""
+
+
+def read_pointers(root: Path) -> Pointers:
+    return read_pointer(root, CURRENT), read_pointer(root, CHALLENGER)
+
+
+class PointersChanged(CheckoutGuardError, RuntimeError):
+    """Another command moved a pointer between this one's read and its write: nothing was written."""
+
+
+@contextmanager
+def pointer_lock(root: Path) -> Iterator[None]:
+    """Hold the models root's pointer lock; another command waits for it (each holds it for a check, an audit
+    event's delivery at most, and two renames)."""
+    with (root / LOCK).open("a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _describe(seen: Pointers, now: Pointers) -> str:
+    moves = [
+        f"{role} {before or '-'} -> {after or '-'}"
+        for role, before, after in zip(("champion", "challenger"), seen, now, strict=True)
+        if before != after
+    ]
+    return ", ".join(moves)
+
+
+def swap_pointers(root: Path, seen: Pointers, to: Pointers, before_write: Callable[[], None] | None = None) -> None:
+    """Point (``CURRENT``, ``CHALLENGER``) at ``to`` only if they still name ``seen``, what the command read and
+    checked; :class:`PointersChanged` (nothing written, ``before_write`` not called) otherwise. ``before_write``
+    (the audit event) runs under the lock, so it is sent only for the change that happens."""
+    with pointer_lock(root):
+        now = read_pointers(root)
+        if now != seen:
+            raise PointersChanged(
+                f"the models changed while this command ran ({_describe(seen, now)}): nothing was changed "
+                "(see status, then run it again if it is still wanted)"
+            )
+        if before_write is not None:
+            before_write()
+        if to[0] != now[0]:
+            write_pointer(root, CURRENT, to[0])
+        if to[1] != now[1]:
+            write_pointer(root, CHALLENGER, to[1])
+
+
+def _swap_or_refuse(root: Path, seen: Pointers, to: Pointers, before_write: Callable[[], None] | None = None) -> None:
+    """:func:`swap_pointers`; a change meanwhile is one ``Error:`` line and exit 2: the operator re-runs knowingly."""
+    try:
+        swap_pointers(root, seen, to, before_write)
+    except PointersChanged as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 RETRY_MAX_S = 60.0
@@ -251,13 +324,15 @@ def challenger(
 ) -> None:
     """Set (or clear) the challenger; a running job picks it up within ``model.reload_interval_s``."""
     root = _root(models)
+    seen = read_pointers(root)
+    champion = seen[0]
     if clear:
-        write_pointer(root, CHALLENGER, None)
+        if root.is_dir():
+            _swap_or_refuse(root, seen, (champion, None))
         typer.echo("challenger cleared")
         return
     if not version:
         raise typer.BadParameter("name a version, or --clear")
-    champion = read_pointer(root, CURRENT)
     if version == champion:
         raise typer.BadParameter(f"{version} is the champion already; the job scores no challenger equal to it")
     try:
@@ -268,7 +343,7 @@ def challenger(
         raise typer.BadParameter(
             f"{version} holds the champion's model ({model.version}, a copy); the job scores no challenger equal to it"
         )
-    write_pointer(root, CHALLENGER, version)
+    _swap_or_refuse(root, seen, (champion, version))
     typer.echo(f"challenger: {version}")
 
 
@@ -323,18 +398,22 @@ def promote(
     """Make the challenger the champion; a running job switches within ``model.reload_interval_s``."""
     settings = get_settings()
     root = models or settings.models_root
-    old, new = read_pointer(root, CURRENT), read_pointer(root, CHALLENGER)
+    seen = read_pointers(root)
+    old, new = seen
     if not new:
         raise typer.BadParameter("no challenger to promote (set one: challenger VERSION)")
     model = _check_version(root, new)
     if new == old or model.version == _loaded_version(root, old):
         raise ModelArtifactError(f"the challenger {new} is the champion's model already: nothing to promote")
     typer.echo(format_metrics(model.meta))
-    if audit:
-        _audit(settings, old, new, getpass.getuser(), reason, timeout_s)
-    write_pointer(root, CURRENT, new)
-    write_pointer(root, CHALLENGER, None if retire else old)
-    typer.echo(f"champion: {new} (was {old or '-'}); challenger: {read_pointer(root, CHALLENGER) or '-'}")
+
+    def record() -> None:
+        if audit:
+            _audit(settings, old, new, getpass.getuser(), reason, timeout_s)
+
+    kept = None if retire else old
+    _swap_or_refuse(root, seen, (new, kept), record)
+    typer.echo(f"champion: {new} (was {old or '-'}); challenger: {kept or '-'}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import Result
 from typer.testing import CliRunner
 
 from infra.settings import ModelSettings, Settings
@@ -443,3 +444,95 @@ def test_a_model_json_whose_feature_names_are_not_a_list_keeps_the_models_in_use
     assert result.exit_code == 2 and "other features" in result.output
     status = CliRunner().invoke(app, ["status", "--models", str(tmp_path)])
     assert status.exit_code == 0 and f"challenger: {chal} (CANNOT BE LOADED: model" in status.output
+
+
+def _run_inside(monkeypatch, args: list[str]) -> list[Result]:
+    """Run the command ``args`` once, inside the next command's window between reading the pointers and moving
+    them (while it loads the version it checks): the two commands interleaved, deterministically."""
+    from jobs.model import registry
+
+    original, results, started = registry._check_version, [], []
+
+    def check_then_run_the_other(root, version):
+        model = original(root, version)
+        if not started:  # once: the other command checks a version too
+            started.append(True)
+            results.append(CliRunner().invoke(app, args))
+        return model
+
+    monkeypatch.setattr(registry, "_check_version", check_then_run_the_other)
+    return results
+
+
+def _audited(monkeypatch) -> list[tuple[str | None, str]]:
+    from jobs.model import registry
+
+    sent: list[tuple[str | None, str]] = []
+    monkeypatch.setattr(registry, "_audit", lambda settings, old, new, *rest: sent.append((old, new)))
+    return sent
+
+
+def test_two_promotes_at_once_swap_the_models_once_with_one_audit_event(tmp_path, monkeypatch):
+    """Both promotes read (A, B): the second to write swapped the models back and both sent MODEL_PROMOTE."""
+    champ, chal = _models(tmp_path)
+    write_pointer(tmp_path, CHALLENGER, chal)
+    sent = _audited(monkeypatch)
+    inner = _run_inside(monkeypatch, ["promote", "--models", str(tmp_path)])
+    outer = CliRunner().invoke(app, ["promote", "--models", str(tmp_path)])
+    assert inner[0].exit_code == 0, inner[0].output
+    assert outer.exit_code == 2, outer.output
+    [error] = [line for line in outer.output.splitlines() if line.startswith("Error:")]
+    assert f"champion {champ} -> {chal}" in error and f"challenger {chal} -> {champ}" in error
+    assert (read_pointer(tmp_path, CURRENT), read_pointer(tmp_path, CHALLENGER)) == (chal, champ)
+    assert sent == [(champ, chal)]
+
+
+def test_a_challenger_set_during_a_promote_is_kept_and_the_promote_refused(tmp_path, monkeypatch):
+    champ, chal = _models(tmp_path)
+    shutil.copytree(tmp_path / chal, tmp_path / "gbm-third")  # another version folder
+    write_pointer(tmp_path, CHALLENGER, chal)
+    sent = _audited(monkeypatch)
+    inner = _run_inside(monkeypatch, ["challenger", "gbm-third", "--models", str(tmp_path)])
+    outer = CliRunner().invoke(app, ["promote", "--models", str(tmp_path)])
+    assert inner[0].exit_code == 0, inner[0].output
+    assert outer.exit_code == 2 and f"challenger {chal} -> gbm-third" in outer.output, outer.output
+    assert (read_pointer(tmp_path, CURRENT), read_pointer(tmp_path, CHALLENGER)) == (champ, "gbm-third")
+    assert sent == []
+
+
+def test_a_challenger_command_during_a_promote_is_refused_not_applied_to_the_new_champion(tmp_path, monkeypatch):
+    """It checked its version against the old champion; set after the promote, it named a copy of the new one."""
+    champ, chal = _models(tmp_path)
+    shutil.copytree(tmp_path / chal, tmp_path / "gbm-copy")
+    write_pointer(tmp_path, CHALLENGER, chal)
+    sent = _audited(monkeypatch)
+    inner = _run_inside(monkeypatch, ["promote", "--models", str(tmp_path)])
+    outer = CliRunner().invoke(app, ["challenger", "gbm-copy", "--models", str(tmp_path)])
+    assert inner[0].exit_code == 0, inner[0].output
+    assert outer.exit_code == 2 and f"champion {champ} -> {chal}" in outer.output, outer.output
+    assert (read_pointer(tmp_path, CURRENT), read_pointer(tmp_path, CHALLENGER)) == (chal, champ)
+    assert sent == [(champ, chal)]
+
+
+def test_the_audit_event_is_sent_under_the_pointer_lock(tmp_path, monkeypatch):
+    """A promote waiting for its audit event holds the lock: another command's check waits for its write."""
+    import fcntl
+
+    from jobs.model import registry
+
+    champ, chal = _models(tmp_path)
+    write_pointer(tmp_path, CHALLENGER, chal)
+    held: list[bool] = []
+
+    def audit(*_args: object) -> None:
+        with (tmp_path / registry.LOCK).open("a") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held.append(True)
+            else:
+                held.append(False)
+
+    monkeypatch.setattr(registry, "_audit", audit)
+    assert CliRunner().invoke(app, ["promote", "--models", str(tmp_path)]).exit_code == 0
+    assert held == [True]
