@@ -23,6 +23,7 @@ skipped them without a word, and training went on as if the topic held nothing m
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -151,6 +152,10 @@ class TopicTransactions:
     end_offsets: dict[int, int] = field(default_factory=dict)
     deleted: dict[int, int] = field(default_factory=dict)
     """Per partition, records retention deleted while the topic was being read: not in the history."""
+    digest: str = ""
+    """SHA-256 of the records read (per partition: each record's offset and value, in offset order), undecodable
+    ones too: the training data's fingerprint. The end offsets alone named different data alike once retention
+    had removed the oldest records; this is equal only for the very same records."""
 
     def warning(self) -> str | None:
         """What retention deleted before it was read, or ``None``: without it the history reads as complete."""
@@ -166,11 +171,16 @@ class TopicTransactions:
 
 def decode_transactions(messages: Iterable[tuple[str, int, int, bytes | None]]) -> TopicTransactions:
     """``(topic, partition, offset, value)`` as transactions ordered by event time (ties: partition,
-    offset); a value that does not decode as a PosTransaction is counted and left out."""
+    offset); a value that does not decode as a PosTransaction is counted and left out. Each partition's
+    messages come in offset order (their interleaving does not change :attr:`TopicTransactions.digest`)."""
     out = TopicTransactions()
     keyed: list[tuple[int, int, int, PosTransaction]] = []
+    hashes: dict[int, Any] = {}
     for topic, partition, offset, value in messages:
         out.read += 1
+        h = hashes.setdefault(partition, hashlib.sha256())
+        h.update(struct.pack(">qq", offset, -1 if value is None else len(value)))  # lengths: no two splits alike
+        h.update(value or b"")
         try:
             tx = PosTransaction.decode(value or b"")
         except InvalidRecord as exc:  # DecodeError too
@@ -182,6 +192,9 @@ def decode_transactions(messages: Iterable[tuple[str, int, int, bytes | None]]) 
         keyed.append((tx.event_time, partition, offset, tx))
     keyed.sort(key=lambda item: item[:3])
     out.transactions = [tx for *_, tx in keyed]
+    out.digest = hashlib.sha256(
+        "".join(f"{p}:{h.hexdigest()}\n" for p, h in sorted(hashes.items())).encode()
+    ).hexdigest()
     return out
 
 

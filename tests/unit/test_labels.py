@@ -715,3 +715,36 @@ def test_train_from_the_topics_prints_a_warning_for_what_retention_deleted_while
         echoed
     )
     assert "Warning: 2 label record(s) were deleted by retention while being read (partition 0: 2)" in " ".join(echoed)
+
+
+def test_the_training_fingerprint_of_the_topic_differs_once_retention_removed_records_with_the_same_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """It hashed the end offsets alone: offsets 0-2 and, after retention, offsets 1-2 got one fingerprint."""
+    from jobs.model import train
+
+    records = [sale(f"tx-{i}", at_s=i).encode() for i in range(3)]
+
+    def fingerprint(start: int) -> str:
+        consumer = FakeConsumer([FakeMessage(0, i, None, records[i]) for i in range(start, 3)])
+        monkeypatch.setattr(reader, "plan", lambda *_a, **_k: [PartitionRange(0, start, 3, start, 3)])
+        monkeypatch.setattr(topic_replay, "assigned_consumer", lambda *_a, **_k: consumer)
+        return train._source(None, SETTINGS, from_topic=True).sha256
+
+    whole, after_retention = fingerprint(0), fingerprint(1)
+    assert whole != after_retention
+    assert fingerprint(0) == whole, "the same records read again: the same fingerprint (the same model version)"
+
+
+def test_the_topic_digest_covers_each_records_offset_and_bytes_not_the_partitions_interleaving() -> None:
+    a, b, c = (sale(t).encode() for t in ("tx-a", "tx-b", "tx-c"))
+    digest = decode_transactions([("t", 0, 0, a), ("t", 1, 0, b), ("t", 0, 1, c)]).digest
+    assert decode_transactions([("t", 1, 0, b), ("t", 0, 0, a), ("t", 0, 1, c)]).digest == digest
+    others = [
+        [("t", 0, 0, a), ("t", 1, 0, c), ("t", 0, 1, b)],  # other bytes at the same offsets
+        [("t", 0, 5, a), ("t", 1, 0, b), ("t", 0, 6, c)],  # the same bytes at other offsets
+        [("t", 0, 0, a), ("t", 1, 0, b)],  # a record fewer
+        [("t", 0, 0, a), ("t", 1, 0, b), ("t", 0, 1, None)],  # a record without a value
+        [("t", 0, 0, a), ("t", 1, 0, b), ("t", 0, 1, b"")],  # one with an empty value: not the same
+    ]
+    assert len({decode_transactions(m).digest for m in others} | {digest}) == len(others) + 1
