@@ -748,3 +748,18 @@ def test_the_topic_digest_covers_each_records_offset_and_bytes_not_the_partition
         [("t", 0, 0, a), ("t", 1, 0, b), ("t", 0, 1, b"")],  # one with an empty value: not the same
     ]
     assert len({decode_transactions(m).digest for m in others} | {digest}) == len(others) + 1
+
+
+def test_a_conflict_makes_every_verdict_line_of_the_transaction_bad_the_repeated_one_too() -> None:
+    found = csv_labels("transaction_id,label\ntx-1,fraud\ntx-1,fraud\ntx-1,legit\n")
+    assert not found.labels and found.duplicates == 0
+    assert [b.line for b in found.bad] == [2, 3, 4]
+    assert {b.reason for b in found.bad} == {"conflicting verdicts for this transaction on lines 2, 3, 4"}
+
+
+def test_a_verdict_before_its_transaction_is_unmatched_then_joined_by_a_later_train() -> None:
+    labels = FieldLabels(by_transaction={"tx-late": verdict("tx-late", 1)})
+    _, first = apply_labels([sale("tx-1")], labels)
+    assert first.unmatched == ["tx-late"] and "1 without a transaction in the history: tx-late" in first.summary()
+    out, later = apply_labels([sale("tx-1"), sale("tx-late")], labels)
+    assert later.joined == 1 and not later.unmatched and out[1].label == 1
