@@ -30,6 +30,7 @@ Why these pieces:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -38,7 +39,8 @@ import shutil
 import tempfile
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -856,6 +858,23 @@ def _check_whole(learner: str, data: bytes, digest: Any, path: Path) -> None:
         raise DamagedArtifactError(f"the {learner} model file in the artifact at {path} is cut short")
 
 
+LOCK = ".pointers.lock"
+"""The file the model commands lock (``flock``, exclusive) while they check and move the pointers, ``train`` while
+it points ``CURRENT`` at a model it saved (the job never does: it only reads, and each pointer is replaced whole)."""
+
+
+@contextmanager
+def pointer_lock(root: Path) -> Iterator[None]:
+    """Hold the models root's pointer lock; another command waits for it (each holds it for a check, an audit
+    event's delivery at most, and two renames)."""
+    with (root / LOCK).open("a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 class LocalModel:
     """A trained booster with its calibration: ``predict_batch`` scores a whole batch in one call."""
 
@@ -955,9 +974,12 @@ class LocalModel:
             return False
 
     def _point_current(self, root: Path) -> None:
-        pointer = root / f".CURRENT.tmp-{os.getpid()}"
-        pointer.write_text(self.version + "\n")
-        os.replace(pointer, root / "CURRENT")
+        """Under the pointer lock, so a ``train`` saving its model as the champion waits for a ``promote`` or
+        ``challenger`` under way, whose check of the pointers then sees the change (and refuses)."""
+        with pointer_lock(root):
+            pointer = root / f".CURRENT.tmp-{os.getpid()}"
+            pointer.write_text(self.version + "\n")
+            os.replace(pointer, root / "CURRENT")
 
     @classmethod
     def load(cls, path: Path) -> LocalModel:

@@ -22,14 +22,12 @@ the change on the ``audit`` topic before it moves a pointer (under the pointer l
 
 from __future__ import annotations
 
-import fcntl
 import getpass
 import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -37,7 +35,7 @@ import typer
 
 from infra.cli import run_tool
 from infra.settings import Settings, get_settings
-from jobs.model.fraud_model import LocalModel, ModelArtifactError, format_metrics
+from jobs.model.fraud_model import LocalModel, ModelArtifactError, format_metrics, pointer_lock
 from schemas.errors import CheckoutGuardError
 
 log = logging.getLogger("checkout_guard.models")
@@ -69,10 +67,6 @@ def write_pointer(root: Path, name: str, version: str | None) -> None:
 Pointers = tuple[str | None, str | None]
 """(champion, challenger): what ``CURRENT`` and ``CHALLENGER`` name."""
 
-LOCK = ".pointers.lock"
-"""The file the commands lock (``flock``, exclusive) while they check and move the pointers (the job never does:
-it only reads, and each pointer is replaced whole)."""
-
 
 def read_pointers(root: Path) -> Pointers:
     return read_pointer(root, CURRENT), read_pointer(root, CHALLENGER)
@@ -80,18 +74,6 @@ def read_pointers(root: Path) -> Pointers:
 
 class PointersChanged(CheckoutGuardError, RuntimeError):
     """Another command moved a pointer between this one's read and its write: nothing was written."""
-
-
-@contextmanager
-def pointer_lock(root: Path) -> Iterator[None]:
-    """Hold the models root's pointer lock; another command waits for it (each holds it for a check, an audit
-    event's delivery at most, and two renames)."""
-    with (root / LOCK).open("a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _describe(seen: Pointers, now: Pointers) -> str:

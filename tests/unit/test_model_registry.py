@@ -14,7 +14,7 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from infra.settings import ModelSettings, Settings
-from jobs.model.fraud_model import LocalModel, ModelArtifactError
+from jobs.model.fraud_model import LocalModel, ModelArtifactError, pointer_lock
 from jobs.model.predictors import ScoringModels, drift_monitors
 from jobs.model.registry import CHALLENGER, CURRENT, ModelRegistry, app, read_pointer, write_pointer
 from jobs.scoring.rules import ModelResult
@@ -186,6 +186,21 @@ def test_the_same_model_saved_again_keeps_its_folder_and_says_it_is_the_champion
     before = (tmp_path / champ / "model.json").stat().st_mtime_ns
     assert small_model().save(tmp_path, make_current=False) == tmp_path / champ
     assert (tmp_path / champ / "model.json").stat().st_mtime_ns == before  # not rewritten under a running job
+
+
+def test_train_saving_its_champion_waits_for_a_pointer_change_under_way(tmp_path):
+    """``train`` wrote CURRENT past the lock a ``promote`` holds while it checks and moves the pointers."""
+    import threading
+
+    champ, chall = _models(tmp_path)
+    model = other_model()
+    with pointer_lock(tmp_path):  # a promote between its check and its writes
+        saver = threading.Thread(target=model.save, args=(tmp_path,))
+        saver.start()
+        saver.join(timeout=1.0)
+        assert saver.is_alive() and read_pointer(tmp_path, CURRENT) == champ
+    saver.join(timeout=10.0)
+    assert not saver.is_alive() and read_pointer(tmp_path, CURRENT) == chall
 
 
 def test_status_of_a_models_root_that_is_not_there_says_so(tmp_path):
@@ -518,14 +533,14 @@ def test_the_audit_event_is_sent_under_the_pointer_lock(tmp_path, monkeypatch):
     """A promote waiting for its audit event holds the lock: another command's check waits for its write."""
     import fcntl
 
-    from jobs.model import registry
+    from jobs.model import fraud_model, registry
 
     champ, chal = _models(tmp_path)
     write_pointer(tmp_path, CHALLENGER, chal)
     held: list[bool] = []
 
     def audit(*_args: object) -> None:
-        with (tmp_path / registry.LOCK).open("a") as f:
+        with (tmp_path / fraud_model.LOCK).open("a") as f:
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
