@@ -189,7 +189,8 @@ def _row_label(
     """One row's verdict (None: a Fraud Detector row without a label); ``InvalidRecord`` when it is bad."""
     if isinstance(values, InvalidRecord):
         raise values
-    if len(values) > width:
+    if len(values) > width and any(value.strip() for value in values[width:]):
+        # empty ones past the header are a spreadsheet's trailing separator (``tx-1,fraud,``), not data
         raise InvalidRecord("invalid", f"{len(values) - width} more field(s) than the header")
 
     def cell(name: str) -> str | None:

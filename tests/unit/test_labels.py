@@ -161,6 +161,13 @@ def test_bad_rows_are_reported_with_their_line_and_reason_and_left_out() -> None
     assert found.rows == 10
 
 
+def test_a_trailing_separator_after_the_last_column_is_not_a_bad_row() -> None:
+    """A spreadsheet's export ends rows with a separator: ``tx-1,fraud,`` under a two-column header."""
+    found = csv_labels("transaction_id,label\ntx-1,fraud,\ntx-2,legit,,\ntx-3,fraud,x\n")
+    assert [label.transaction_id for label in found.labels] == ["tx-1", "tx-2"]
+    assert [(b.line, b.reason) for b in found.bad] == [(4, "1 more field(s) than the header")]
+
+
 @pytest.mark.parametrize(
     "when", ["\u00b2", "\u0663\u0663", "1" * 5000], ids=["superscript", "arabic-indic", "5000 digits"]
 )
