@@ -18,9 +18,9 @@ STARTUP_READ_STALL_S = 30.0
 heartbeat's 60 s, so a read that truly stalls fails and is restarted rather than hanging the process."""
 
 
-def end_offset(consumer, topic: str, partition: int, timeout_s: float) -> int:
+def end_offset(consumer, topic: str, partition: int, timeout_s: float, beat: Callable[[], object] | None = None) -> int:
     """The partition's high watermark, waiting out the transient errors of a just-created topic
-    (no leader elected yet) until ``timeout_s``."""
+    (no leader elected yet) until ``timeout_s``; ``beat()`` after each failed try (each may take ``timeout_s``)."""
     from confluent_kafka import KafkaException, TopicPartition
 
     from infra.retry import call_with_retries
@@ -40,6 +40,7 @@ def end_offset(consumer, topic: str, partition: int, timeout_s: float) -> int:
         retriable=transient,
         wait=lambda _n: 0.25,
         deadline_s=timeout_s,
+        before_sleep=None if beat is None else lambda *_: beat(),
     )
 
 
@@ -50,6 +51,7 @@ def read_control_topics(
     specs: tuple[TopicSpec, ...] = (RULES, WATCHLIST),
     since_ms: int | None = None,
     stall_s: float | None = None,
+    beat: Callable[[], object] | None = None,
 ) -> dict[tuple[str, int], int]:
     """Call ``apply(topic, key, value)`` for every committed record, in order, up to the current end
     (an exception from ``apply`` stops the read); return the last offset read per partition (-1 where
@@ -57,7 +59,9 @@ def read_control_topics(
     instead of the beginning, so a long log is read only as far back as needed. ``TimeoutError`` if the
     end is not reached within ``timeout_s``; with ``stall_s``, only if no record came for ``stall_s`` (the
     deadline moves with every record read), so a long log (a year of ``audit``) is read to its end however long
-    that takes, as long as it keeps coming."""
+    that takes, as long as it keeps coming. ``beat()`` is called after each metadata call (each may take
+    ``timeout_s``, and a topic of many partitions makes many), so a caller's health check sees progress before the
+    first record too."""
     from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, TopicPartition
 
     from infra.clients import kafka as kafka_clients
@@ -65,19 +69,23 @@ def read_control_topics(
     prefix = settings.kafka.topic_prefix
     topics = [spec.full_name(prefix) for spec in specs]
     reader = kafka_clients.consumer(settings, f"{settings.consumer_group}-control-read", kafka_clients.READ_COMMITTED)
+    progress = beat if beat is not None else (lambda: None)
     try:
         ends: dict[tuple[str, int], int] = {}
         for topic in topics:
             meta = reader.list_topics(topic, timeout=timeout_s).topics[topic]
+            progress()
             if meta.error is not None:
                 raise RuntimeError(f"{topic}: {meta.error}")
             for p in meta.partitions:
-                ends[(topic, p)] = end_offset(reader, topic, p, timeout_s)
+                ends[(topic, p)] = end_offset(reader, topic, p, timeout_s, beat)
+                progress()
         last = {tp: -1 for tp in ends}
         pending = {tp for tp, end in ends.items() if end > 0}
         starts = {tp: OFFSET_BEGINNING for tp in pending}
         if since_ms is not None and pending:
             starts = _offsets_since(reader, pending, since_ms, timeout_s)
+            progress()
             pending = {tp for tp, offset in starts.items() if offset != OFFSET_END}  # END: nothing written since
         reader.assign([TopicPartition(t, p, starts[(t, p)]) for t, p in pending])
         deadline = time.monotonic() + timeout_s

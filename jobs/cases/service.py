@@ -463,7 +463,9 @@ class CaseService:
         """Read a topic from ``since_ms`` (None: its start) to its end into ``apply(key, value)``: on while records
         keep coming, failing only after ``STARTUP_READ_STALL_S`` without one (``cases`` and ``audit`` grow with the
         deployment's age: a fixed deadline would fail every start once they are long enough), each record beating
-        the heartbeat so ``/healthz`` does not call a long read a hung service."""
+        the heartbeat so ``/healthz`` does not call a long read a hung service; so does each metadata call before
+        the first record (a topic's partitions, end offsets and start offsets: up to ``STARTUP_READ_STALL_S`` each,
+        which before added up past the heartbeat's 60 s when Kafka was slow to answer)."""
         from infra.clients.control_topics import STARTUP_READ_STALL_S, read_control_topics
 
         def one(_topic: str, key: bytes | None, value: bytes | None) -> None:
@@ -477,6 +479,7 @@ class CaseService:
             specs=(spec,),
             since_ms=since_ms,
             stall_s=STARTUP_READ_STALL_S,
+            beat=lambda: self.heartbeat.beat(None),
         )
         self.heartbeat.beat(None)
 

@@ -401,3 +401,76 @@ def test_a_verdict_given_before_the_expiry_counts_when_the_service_reads_it_afte
     assert Label.decode(label.value).label == 1
     too_late = replace(command_src("DISMISS", case.case_id, "m2", offset=2), written_at=case.expires_at + 1)
     assert "already confirmed" in audits(core.on_command(too_late, late))[0].reason
+
+
+class _SlowMetadata:
+    """A reader of a topic of three partitions whose every metadata call takes its whole timeout on the test's
+    clock (Kafka slow to answer) and that checks, at each call, that ``/healthz`` is still alive."""
+
+    def __init__(self, topic: str, now: list[float], alive) -> None:
+        self.topic, self.now, self.alive, self.read = topic, now, alive, False
+
+    def _slow(self, timeout: float) -> None:
+        assert self.alive(), f"/healthz stale after {self.now[0]:.0f} s of start-up calls"
+        self.now[0] += timeout
+
+    def list_topics(self, topic: str, timeout: float):
+        from types import SimpleNamespace
+
+        self._slow(timeout)
+        return SimpleNamespace(topics={topic: SimpleNamespace(error=None, partitions={0: None, 1: None, 2: None})})
+
+    def get_watermark_offsets(self, _tp, timeout: float) -> tuple[int, int]:
+        self._slow(timeout)
+        return 0, 1
+
+    def offsets_for_times(self, partitions, timeout: float):
+        from confluent_kafka import TopicPartition
+
+        self._slow(timeout)
+        return [TopicPartition(p.topic, p.partition, 0) for p in partitions]
+
+    def assign(self, partitions) -> None:
+        self.partitions = [p.partition for p in partitions]
+
+    def poll(self, _timeout: float):
+        from confluent_kafka import Message
+
+        assert self.alive(), f"/healthz stale after {self.now[0]:.0f} s before the first record"
+        self.now[0] += 0.2
+        if self.read:
+            return None
+        self.read = True
+        return Message(topic=self.topic, partition=0, offset=0, key=b"k", value=b"v")
+
+    def position(self, partitions):
+        from confluent_kafka import TopicPartition
+
+        return [TopicPartition(p.topic, p.partition, 1) for p in partitions]
+
+    def close(self) -> None:
+        pass
+
+
+def test_healthz_stays_alive_before_the_first_record_while_kafka_takes_its_whole_timeout_per_metadata_call(
+    monkeypatch,
+) -> None:
+    """Before the first record the start-up read asks Kafka for the partitions, each one's end offset and (for
+    ``audit``) the start offsets, each call waiting up to 30 s: their sum went past the heartbeat's 60 s."""
+    from infra.clients import control_topics
+    from infra.clients import kafka as kafka_clients
+    from infra.metrics import Heartbeat
+    from jobs.cases.service import CaseService
+
+    now = [0.0]
+    svc = CaseService.__new__(CaseService)
+    svc.settings = Settings()
+    svc.heartbeat = Heartbeat(stale_s=60.0, clock=lambda: now[0])
+    topic = AUDIT.full_name(svc.settings.kafka.topic_prefix)
+    monkeypatch.setattr(control_topics.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(
+        kafka_clients, "consumer", lambda *_a, **_k: _SlowMetadata(topic, now, lambda: svc.heartbeat()[0])
+    )
+    keys: list[bytes | None] = []
+    svc.replay(AUDIT, lambda key, _value: keys.append(key), since_ms=5)
+    assert keys == [b"k"] and now[0] > 150, "five calls of 30 s each, then the record"
