@@ -172,6 +172,15 @@ def expire(case: Case, now_ms: int, actor: str = "case-service") -> Case | None:
     return _next(case, actor, now_ms, state=EXPIRED, verdict="expired", decided_at=now_ms, decided_by=actor)
 
 
+def without_images(case: Case, actor: str, now_ms: int) -> Case | None:
+    """The case without its image refs (the live snapshot, the reference image), in any state, for a forget of
+    its subject or of the buyer enrolled from its sale; None when it holds none. The images are deleted by the
+    forget: the case keeps what a person needs to follow it (subject id, category, similarity, verdict)."""
+    if case.snapshot_ref is None and case.reference_image_ref is None:
+        return None
+    return _next(case, actor, now_ms, snapshot_ref=None, reference_image_ref=None)
+
+
 @dataclass(frozen=True)
 class CaseCommand:
     """A case verb's argument, parsed: ``confirm <case> [fraud]``, ``dismiss <case> [reason...]``,
@@ -260,6 +269,23 @@ class CaseBook:
             new = add_note(case, actor, command.text or "", now_ms)
         self.load(new)
         return new
+
+    def forget_images(
+        self, subject_id: str, transaction_id: str | None, until_ms: int, now_ms: int, actor: str
+    ) -> list[Case]:
+        """Strip the image refs of every case of ``subject_id``, or of the sale ``transaction_id`` (its buyer was
+        enrolled), opened at or before ``until_ms`` (a forget reaches what came before it); the new versions
+        (kept here), none for a case without refs."""
+        out = []
+        for case in list(self.cases.values()):
+            ours = case.subject_id == subject_id or (
+                transaction_id is not None and case.transaction_id == transaction_id
+            )
+            new = without_images(case, actor, now_ms) if ours and case.opened_at <= until_ms else None
+            if new is not None:
+                self.load(new)
+                out.append(new)
+        return out
 
     def past_retention(self, horizon_ms: int) -> list[Case]:
         """Decided cases (confirmed, dismissed, expired) decided before ``horizon_ms``: what retention removes."""

@@ -2,7 +2,8 @@
 
 Inputs (one consumer group): ``alerts`` (each alert opens one case, a redelivered alert none), ``commands``
 (the case verbs ``CONFIRM``, ``DISMISS``, ``ESCALATE``, ``ASSIGN``, ``NOTE``; other verbs are not ours) and
-``watchlist`` (each subject's enrolled reference image, shown beside the live snapshot). Outputs, all in
+``watchlist`` (each subject's enrolled reference image, shown beside the live snapshot; a tombstone, a forget,
+strips the image refs from the subject's cases). Outputs, all in
 one Kafka transaction per input: every case version on the compacted ``cases`` topic (the OpenSearch sink
 indexes it, one document per case), an ``AuditEvent`` per verdict or refused command on ``audit``, and the
 verdicts' effects:
@@ -37,6 +38,7 @@ Run: ``python -m jobs.cases.service`` (SIGTERM stops after the current record).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import signal
 import time
@@ -55,6 +57,7 @@ from jobs.cases.core import EXPIRED, CaseBook, Refused, parse_case_command
 from jobs.cases.core import expire as expire_case
 from schemas.codec import DecodeError
 from schemas.errors import InvalidRecord
+from schemas.indices import enrolment_transaction
 from schemas.records import (
     CASE_VERBS,
     FACE_ALERT_KINDS,
@@ -103,6 +106,12 @@ class CaseCore:
         self.book = CaseBook()
         self.references: dict[str, str] = {}
         """Subject id -> its enrolled reference image ref (from the watchlist topic)."""
+        self.enrolment_sales: dict[str, str] = {}
+        """Subject id -> the sale its buyer was enrolled from (the entry's ``source_transaction_id``)."""
+        self.forgotten_subjects: dict[str, int] = {}
+        self.forgotten_sales: dict[str, int] = {}
+        """Subject ids and enrolment sales whose entry was removed (a forget or an expiry), with when (ms): an alert
+        from before then, read only after (the service was behind), opens its case without image refs."""
         self.done: dict[str, int] = {}
         """Audit ids already published, with their time: a command replayed after an offset reset is skipped.
         Only ids newer than the retention horizon are kept (older inputs are skipped anyway)."""
@@ -126,8 +135,11 @@ class CaseCore:
             return
         if value is None:
             self.references.pop(key.decode(), None)
+            self.enrolment_sales.pop(key.decode(), None)
             return
         entry = WatchlistEntry.decode(value)
+        if entry.source_transaction_id:
+            self.enrolment_sales[entry.subject_id] = entry.source_transaction_id
         if entry.reference_image_ref:
             self.references[entry.subject_id] = entry.reference_image_ref
         else:
@@ -151,11 +163,35 @@ class CaseCore:
         return True
 
     # --- inputs ------------------------------------------------------------------------------------
-    def on_watchlist(self, src: Source, _now_ms: int) -> list[Out]:
+    def on_watchlist(self, src: Source, now_ms: int) -> list[Out]:
+        """An entry (its reference image), or a tombstone: the subject was forgotten (``forget``, or its entry
+        expired), its images deleted. Its cases, and those of the sale its buyer was enrolled from, lose their image
+        refs in a new version, so the ``cases`` topic stops carrying them and a later confirm asks for no ``LEARN``
+        of a deleted sighting."""
         metrics.RECORDS_IN.labels(PROCESS, "watchlist").inc()
+        forgotten = src.key is not None and src.value is None and src.key != COMPACTION_MARKER
+        subject = src.key.decode() if forgotten and src.key is not None else ""
+        sale = enrolment_transaction(subject, self.enrolment_sales.get(subject)) if forgotten else None
         with contextlib.suppress(DecodeError):  # the watchlist service's output: nothing to dead-letter here
             self.load_watchlist(src.key, src.value)
-        return []
+        if not forgotten:
+            return []
+        at = src.written_at if src.written_at is not None else now_ms
+        self.forgotten_subjects[subject] = at
+        if sale:
+            self.forgotten_sales[sale] = at
+        stripped = self.book.forget_images(subject, sale, at, now_ms, SERVICE_ACTOR)
+        for case in stripped:
+            log.info("%s: image refs removed (its subject or enrolment sale was forgotten)", case.case_id)
+        return [self._case(case) for case in stripped]
+
+    def _forgotten_at(self, alert: Alert) -> int | None:
+        """When the subject of ``alert``, or the buyer of its sale, was forgotten; None if never."""
+        times = [
+            self.forgotten_subjects.get(alert.subject_id or ""),
+            self.forgotten_sales.get(alert.transaction_id or ""),
+        ]
+        return max((at for at in times if at is not None), default=None)
 
     def on_alert(self, src: Source, now_ms: int) -> list[Out]:
         try:
@@ -167,6 +203,9 @@ class CaseCore:
             return []
         metrics.RECORDS_IN.labels(PROCESS, "alert").inc()
         reference = self.references.get(alert.subject_id or "") if alert.kind in FACE_ALERT_KINDS else None
+        forgotten_at = self._forgotten_at(alert)
+        if forgotten_at is not None and alert.event_time <= forgotten_at:  # its images went with the forget
+            alert, reference = dataclasses.replace(alert, snapshot_ref=None), None
         expire_ms = int(self.settings.cases.expire_after_s * 1000)
         case = self.book.open(alert, now_ms, expire_ms, reference)
         if case is None:
@@ -285,6 +324,9 @@ class CaseCore:
             log.info("removed %s (%s, decided over the retention period ago)", case.case_id, case.state)
             outs.append(Out(CASES, case.case_id.encode(), None))
             outs.append(self._service_audit(case, "RETIRE", "decided case past its retention period", now_ms))
+        for forgotten in (self.forgotten_subjects, self.forgotten_sales):  # alerts from before then are skipped
+            for name in [name for name, at in forgotten.items() if at < horizon]:
+                del forgotten[name]
         keep_from = horizon - int(self.settings.webex.command_max_age_s * 1000)
         if len(self.done) > PRUNE_AT and any(at < keep_from for at in self.done.values()):
             self.done = {audit_id: at for audit_id, at in self.done.items() if at >= keep_from}

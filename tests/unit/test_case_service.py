@@ -474,3 +474,45 @@ def test_healthz_stays_alive_before_the_first_record_while_kafka_takes_its_whole
     keys: list[bytes | None] = []
     svc.replay(AUDIT, lambda key, _value: keys.append(key), since_ms=5)
     assert keys == [b"k"] and now[0] > 150, "five calls of 30 s each, then the record"
+
+
+def test_a_forgotten_subject_s_cases_lose_their_image_refs_and_a_later_confirm_asks_for_no_template(core) -> None:
+    """A forget (the watchlist tombstone) deletes the subject's images: its cases, and the case of the sale its
+    buyer was enrolled from, kept the refs and wrote them again with every later version (and a confirm asked the
+    watchlist service to learn from a deleted sighting)."""
+    entry = WatchlistEntry(
+        "subj-a", "SUSPECT", [[0.0] * 4], "fraud", GUARD, NOW, "local://reference/subj-a.jpg", "tx-enrol"
+    )
+    core.load_watchlist(b"subj-a", entry.encode())
+    mine = opened(core)
+    decided = opened(core, alert_id="watchlist:tx-2:subj-a", offset=2)
+    core.on_command(command_src("DISMISS", decided.case_id, "m1"), NOW)
+
+    def other_alert(alert_id: str, tx: str, subject: str) -> Source:
+        alert = replace(Alert.decode(alert_src(alert_id).value), transaction_id=tx, subject_id=subject)
+        return Source("alerts", 0, 3, alert_id.encode(), alert.encode())
+
+    sale_case = case_of(core.on_alert(other_alert("watchlist:tx-enrol:subj-b", "tx-enrol", "subj-b"), NOW))
+    other = case_of(core.on_alert(other_alert("watchlist:tx-9:subj-c", "tx-9", "subj-c"), NOW))
+
+    tombstone = Source("watchlist", 0, 5, b"subj-a", None, (), NOW + 1000)
+    outs = core.on_watchlist(tombstone, NOW + 2000)
+    stripped = {Case.decode(o.value).case_id: Case.decode(o.value) for o in of(outs, CASES)}
+    assert set(stripped) == {mine.case_id, decided.case_id, sale_case.case_id}
+    for case in stripped.values():
+        assert (case.snapshot_ref, case.reference_image_ref) == (None, None)
+        assert case.updated_by == "case-service" and case.subject_id is not None
+    assert stripped[decided.case_id].state == "dismissed", "the verdict stays"
+    assert core.book.cases[other.case_id] == other
+    assert core.on_watchlist(tombstone, NOW + 3000) == [], "a tombstone read again changes nothing"
+
+    outs = core.on_command(command_src("CONFIRM", mine.case_id, "m2", offset=4), NOW + 3000)
+    assert case_of(outs).state == "confirmed" and of(outs, COMMANDS) == []
+
+
+def test_an_alert_from_before_its_subject_was_forgotten_read_after_opens_its_case_without_image_refs(core) -> None:
+    core.on_watchlist(Source("watchlist", 0, 5, b"subj-a", None, (), NOW + 1000), NOW + 1000)
+    late = case_of(core.on_alert(alert_src(), NOW + 2000))
+    assert (late.snapshot_ref, late.reference_image_ref, late.subject_id) == (None, None, "subj-a")
+    after = case_of(core.on_alert(alert_src("watchlist:tx-5:subj-a", event_time=NOW + 5000), NOW + 5000))
+    assert after.snapshot_ref == "local://checkout/tx-1.jpg", "a sighting after the forget (enrolled again) keeps it"
