@@ -12,6 +12,7 @@ subject (what the threshold report and the subject flag count). No Kafka, no clo
 from __future__ import annotations
 
 import dataclasses
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -85,8 +86,21 @@ def _decidable(case: Case, verb: str, given_at: int | None) -> None:
     _pending(case, verb)
 
 
+_LINE_BREAKS = {"\r\n": "\n", "\r": "\n", "\u2028": "\n", "\u2029": "\n", "\x85": "\n"}
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+"""Characters that reorder the text shown after them: a note could read as something else than what it says."""
+
+
+def _clean(text: str) -> str:
+    """``text`` without control characters (terminal escapes, NUL, C1) or direction overrides; line breaks are kept
+    as ``\n`` and tabs stay. A case's notes and reason are shown on the case page, in OpenSearch and in the audit."""
+    for old, new in _LINE_BREAKS.items():
+        text = text.replace(old, new)
+    return "".join(c for c in text if c in "\n\t" or (unicodedata.category(c) != "Cc" and c not in _BIDI_CONTROLS))
+
+
 def _cut(text: str | None) -> str | None:
-    text = (text or "").strip()
+    text = _clean(text or "").strip()
     return text[:MAX_TEXT] if text else None
 
 
@@ -150,7 +164,7 @@ def assign(case: Case, actor: str, person: str, now_ms: int) -> Case:
     """Give an undecided case to ``person``."""
     _pending(case, "assign")
     person = (person or "").strip()
-    if not person or len(person) > 254 or any(c.isspace() for c in person):
+    if not person or len(person) > 254 or any(c.isspace() or not c.isprintable() for c in person):
         raise Refused("bad_command", "assign needs one person (an e-mail address)")
     return _next(case, actor, now_ms, owner=person)
 

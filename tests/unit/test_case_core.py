@@ -218,3 +218,18 @@ def test_a_verdict_given_before_the_expiry_decides_the_case_the_service_expired_
             confirm(gone, "a@x", case.expires_at + HOUR, given_at=given_at)
     with pytest.raises(Refused, match="already confirmed"):  # the first verdict still wins
         dismiss(late, "b@x", case.expires_at + HOUR, given_at=case.expires_at - 1)
+
+
+def test_notes_and_reasons_lose_control_characters_and_direction_overrides_but_keep_their_lines() -> None:
+    """A note or reason is shown on the case page, in OpenSearch and in the audit: a terminal escape, a NUL or a
+    right-to-left override (a note that reads as something else than it says) does not go in with it."""
+    noted = add_note(opened(), "lead@example.com", "paid\x1b[2J at\x00 the\u202e desk\r\nsecond line\ttab", T0 + 1)
+    assert noted.notes[-1].text == "paid[2J at the desk\nsecond line\ttab"
+    dismissed = dismiss(opened(), "lead@example.com", T0 + 1, reason="\x07wrong\x85\u2066person\x9b")
+    assert dismissed.verdict_reason == "wrong\nperson"
+    with pytest.raises(Refused, match="needs some text"):
+        add_note(opened(), "lead@example.com", "\x1b\x00\u202e", T0 + 1)
+    for person in ("lead@example.com\u202e", "lead\x00@example.com", "lead@exa\x1bmple.com"):
+        with pytest.raises(Refused, match="one person"):
+            assign(opened(), "lead@example.com", person, T0 + 1)
+    assert add_note(opened(), "a@example.com", "👨‍👩‍👧 ok", T0 + 1).notes[-1].text == "👨‍👩‍👧 ok", "emoji joiners stay"
