@@ -57,6 +57,7 @@ from jobs.cases.core import EXPIRED, CaseBook, Refused, parse_case_command
 from jobs.cases.core import expire as expire_case
 from schemas.codec import DecodeError
 from schemas.errors import InvalidRecord
+from schemas.identifiers import check
 from schemas.indices import enrolment_transaction
 from schemas.records import (
     CASE_VERBS,
@@ -196,7 +197,12 @@ class CaseCore:
     def on_alert(self, src: Source, now_ms: int) -> list[Out]:
         try:
             alert = Alert.decode(src.value or b"")
-        except DecodeError as exc:
+            # ids a verdict writes into a label or a LEARN command: one that is not an id would fail there, after
+            # the verdict, and stop the service at every restart (the command read again); refused here instead
+            for value, field in ((alert.transaction_id, "transaction_id"), (alert.subject_id, "subject_id")):
+                if value is not None:
+                    check(value, field)
+        except InvalidRecord as exc:  # undecodable (DecodeError), or an id that is not one
             metrics.RECORDS_IN.labels(PROCESS, "invalid").inc()
             return [self._dead_letter(src, exc, now_ms)]
         if self.past_horizon(src, now_ms):

@@ -516,3 +516,17 @@ def test_an_alert_from_before_its_subject_was_forgotten_read_after_opens_its_cas
     assert (late.snapshot_ref, late.reference_image_ref, late.subject_id) == (None, None, "subj-a")
     after = case_of(core.on_alert(alert_src("watchlist:tx-5:subj-a", event_time=NOW + 5000), NOW + 5000))
     assert after.snapshot_ref == "local://checkout/tx-1.jpg", "a sighting after the forget (enrolled again) keeps it"
+
+
+@pytest.mark.parametrize("field", ["transaction_id", "subject_id"])
+def test_an_alert_whose_transaction_or_subject_is_not_an_id_is_dead_lettered_not_a_case_whose_verdict_stops_the_service(
+    core, field: str
+) -> None:
+    """A verdict on such a case failed building its label (or LEARN) after the verdict: the error stopped the service,
+    and at every restart the same command was read again."""
+    alert = replace(Alert.decode(alert_src("blocked:tx-1", kind="BLOCKED_TRANSACTION").value), **{field: "t" * 200})
+    outs = core.on_alert(Source("alerts", 0, 4, b"blocked:tx-1", alert.encode()), NOW)
+    assert [DeadLetter.decode(o.value).error_kind for o in outs] == ["invalid_id"] and core.book.cases == {}
+    case_id = case_id_for("blocked:tx-1")
+    outs = core.on_command(command_src("CONFIRM", case_id, "m1"), NOW, wait=False)
+    assert of(outs, CASES) == [] and audits(outs)[0].reason.startswith("unknown_case")
