@@ -983,7 +983,10 @@ class WatchlistService:
             apply(key, value)
             count += 1
 
-        read_control_topics(self.settings, one, timeout_s=stall_s, specs=(spec,), stall_s=stall_s)
+        # each metadata call before the first record beats too: a few slow ones outlast the heartbeat
+        read_control_topics(
+            self.settings, one, timeout_s=stall_s, specs=(spec,), stall_s=stall_s, beat=lambda: self._beat(None)
+        )
         return count
 
     def run(self) -> None:

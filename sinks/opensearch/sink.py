@@ -923,7 +923,14 @@ class OpenSearchSink:
         while True:
             self.heartbeat.beat()
             try:
-                read(self.settings, apply, timeout_s=AUDIT_READ_TIMEOUT_S, specs=(AUDIT,), stall_s=AUDIT_READ_TIMEOUT_S)
+                read(
+                    self.settings,
+                    apply,
+                    timeout_s=AUDIT_READ_TIMEOUT_S,
+                    specs=(AUDIT,),
+                    stall_s=AUDIT_READ_TIMEOUT_S,
+                    beat=self.heartbeat.beat,  # each metadata call too: a few slow ones outlast the heartbeat
+                )
                 break
             except (RuntimeError, TimeoutError, KafkaException) as exc:
                 if "UNKNOWN_TOPIC" in str(exc):

@@ -371,6 +371,22 @@ def test_a_long_read_of_audit_at_start_keeps_the_sink_alive_and_is_not_cut_off_b
     assert calls[0]["stall_s"] is not None and calls[0]["timeout_s"] < wrapped.sink.heartbeat.stale_s
 
 
+def test_slow_metadata_calls_before_the_first_forget_keep_the_sink_alive() -> None:
+    """The audit read's metadata calls (partitions, end and start offsets) may each take their full timeout: with a
+    few of them before the first record, /healthz went stale and the supervisor restarted the sink."""
+    now = [0.0]
+    wrapped = _Sink(FakeCluster())
+    wrapped.sink.heartbeat = Heartbeat(stale_s=60.0, clock=lambda: now[0])
+
+    def read(settings: Settings, apply: Any, **kwargs: Any) -> None:
+        for _ in range(4):  # four metadata calls of 20 s each, no record yet
+            now[0] += 20.0
+            kwargs.get("beat", lambda: None)()
+            assert wrapped.sink.heartbeat()[0], f"/healthz stale after {now[0]:.0f} s of metadata calls"
+
+    wrapped.sink._load_forgotten(read)
+
+
 class _SlowTopic:
     """A consumer of one partition of ``count`` records that hands out one record per ``poll`` and lets a second
     pass on the test's clock per poll: a long log read as fast as it comes."""

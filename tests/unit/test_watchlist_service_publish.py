@@ -261,3 +261,25 @@ def test_the_purge_due_while_an_alert_waits_for_s3_keeps_that_alerts_snapshot(tm
     assert store.find("checkout", "tx-8") is None, "the sweep ran while the alert waited"
     assert store.retained() == {snapshot: retain_reason("a-1", None)}, "the sweep deleted the alert's snapshot"
     assert f"retain:{alert.alert_id}" in core.done and svc._held == {}
+
+
+def test_slow_metadata_calls_before_the_first_record_keep_the_service_alive(monkeypatch) -> None:
+    """Each of the start-up read's metadata calls (partitions, end and start offsets) may take its full timeout: with
+    a few of them before the first record, /healthz went stale and the supervisor restarted the service."""
+    from infra.clients import control_topics
+    from infra.metrics import Heartbeat
+
+    now = [0.0]
+    svc = WatchlistService.__new__(WatchlistService)
+    svc.settings = watchlist_service.Settings()
+    svc.heartbeat = Heartbeat(stale_s=60.0, clock=lambda: now[0])
+
+    def read(_settings, _apply, **kwargs) -> dict:
+        for _ in range(4):  # four metadata calls of 30 s each, no record yet
+            now[0] += 30.0
+            kwargs.get("beat", lambda: None)()
+            assert svc.heartbeat()[0], f"/healthz stale after {now[0]:.0f} s of metadata calls"
+        return {}
+
+    monkeypatch.setattr(control_topics, "read_control_topics", read)
+    assert svc.replay(AUDIT, lambda _key, _value: None) == 0
