@@ -185,6 +185,8 @@ def _float(row: Mapping[str | None, object], name: str, bound: float = math.inf,
     text = _text(row, name)
     if text is None:
         return None
+    if not text.isascii() or "_" in text:  # float() also reads 1_000 and other scripts' digits (١٠٠, full-width)
+        raise InvalidRecord(kind, f"{name} {_shown(text)} is not a number")
     try:
         value = float(text)
     except ValueError:
@@ -232,8 +234,9 @@ def row_to_transaction(row: Mapping[str | None, object]) -> PosTransaction:
         raise InvalidRecord("missing_field", "order_price is empty")
     if price < 0:  # zero passes: the job rejects a non-positive amount with its own reason
         raise InvalidRecord("invalid_amount", f"order_price {price} is negative")
-    currency = (_text(row, "payment_currency") or "").upper()
-    if not _CURRENCY.fullmatch(currency):
+    given = _text(row, "payment_currency") or ""
+    currency = given.upper()
+    if not (given.isascii() and _CURRENCY.fullmatch(currency)):  # "ſek".upper() is "SEK": a garbled code
         raise InvalidRecord(
             "invalid_currency", f"payment_currency {_shown(row.get('payment_currency'))} is not an ISO 4217 code"
         )

@@ -239,6 +239,27 @@ def test_unmappable_row_raises_a_value_error_naming_the_column(overrides: dict[s
         row_to_transaction(afd_row("ev", **overrides))
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"order_price": "1_000"}, "order_price"),
+        ({"order_price": "\u0661\u0660\u0660"}, "order_price"),  # Arabic-Indic 100
+        ({"order_price": "\uff11\uff10"}, "order_price"),  # full-width 10
+        ({"billing_latitude": "4_5"}, "billing_latitude"),
+        ({"payment_currency": "\u017fek"}, "payment_currency"),  # long s: upper() is "SEK"
+        ({"payment_currency": "\u0131dr"}, "payment_currency"),  # dotless i: upper() is "IDR"
+    ],
+)
+def test_a_number_or_currency_python_reads_but_no_csv_writes_is_unmappable(
+    overrides: dict[str, str], message: str
+) -> None:
+    """float() takes underscores and other scripts' digits, and upper() turns some non-ASCII letters into ASCII
+    ones: such a field is a garbled value, not the amount or currency it happens to read as."""
+    with pytest.raises(InvalidRecord, match=message) as err:
+        row_to_transaction(afd_row("ev", **overrides))
+    assert err.value.kind in ("invalid_amount", "invalid", "invalid_currency")
+
+
 def test_row_with_more_fields_than_the_header_is_unmappable(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "x.csv", [afd_row("ev-1")])
     path.write_text(path.read_text().rstrip("\r\n") + ",surplus\r\n")
