@@ -98,8 +98,10 @@ def _shown(value: object) -> str:
 
 
 def parse_event_timestamp(value: str) -> int:
-    """ISO 8601 -> epoch milliseconds from 1970 to 2100; a timestamp without offset is taken as UTC
-    (Fraud Detector's). ``invalid_timestamp`` raised otherwise."""
+    """ISO 8601 -> epoch milliseconds after 1970-01-01T00:00:00Z and before 2100; a timestamp without offset is
+    taken as UTC (Fraud Detector's). ``invalid_timestamp`` raised otherwise. The epoch itself is refused, as the
+    scoring job refuses an ``event_time`` of 0 (a null date exported as the epoch): taken, it sorted first and
+    ``replay-csv --time-scale`` paced every later row from 1970, waiting decades divided by the scale."""
     text = value.strip()
     if not text:
         raise InvalidRecord("invalid_timestamp", "EVENT_TIMESTAMP is empty")
@@ -110,8 +112,10 @@ def parse_event_timestamp(value: str) -> int:
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     millis = (parsed - _EPOCH) // _MS
-    if not 0 <= millis < MAX_EVENT_TIME_MS:
-        raise InvalidRecord("invalid_timestamp", f"EVENT_TIMESTAMP {_shown(value)} is not between 1970 and 2100")
+    if not 0 < millis < MAX_EVENT_TIME_MS:
+        raise InvalidRecord(
+            "invalid_timestamp", f"EVENT_TIMESTAMP {_shown(value)} is not after 1970-01-01T00:00:00Z and before 2100"
+        )
     return millis
 
 

@@ -371,6 +371,28 @@ def test_a_row_dated_in_the_future_is_dead_lettered_at_once_not_waited_for(tmp_p
     assert "after the wall clock" in dl.reason
 
 
+def test_a_row_dated_at_the_epoch_is_dead_lettered_at_once_and_does_not_set_the_pace(
+    tmp_path: Path, settings: Settings
+) -> None:
+    """1970-01-01T00:00:00Z (a null date exported as the epoch) is an event_time of 0, which the scoring job
+    refuses; taken, it sorted first and every later row was paced from 1970: decades / time scale."""
+    path = write_csv(
+        tmp_path / "events.csv",
+        [
+            afd_row("a", "2022-11-07T00:00:00Z"),
+            afd_row("null-date", "1970-01-01T00:00:00Z"),
+            afd_row("b", "2022-11-07T00:00:01Z"),
+        ],
+    )
+    fake = FakeProducer()
+    start = time.monotonic()
+    result = replay(settings, path, fake, time_scale=1e9)  # 53 years at 1e9x: 1.7 s
+    assert time.monotonic() - start < 1.0
+    assert fake.ids == ["a", "b"] and result.complete and result.ok
+    (dl,) = fake.dead_letters()
+    assert dl.dead_letter_id == "events.csv:3" and dl.error_kind == "invalid_timestamp"
+
+
 # ---------------------------------------------------------------------------- resume
 
 
