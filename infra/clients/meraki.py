@@ -87,8 +87,9 @@ def camera_for_lane(settings: Settings, store_id: str, lane_id: str) -> str:
 
 
 def entrance_camera(settings: Settings, store_id: str) -> str:
-    """Serial of a store's entrance camera (explicit map, else ``Q2MV-<store>-ENTRANCE``); ``InvalidRecord``
-    for a store id that is not a name."""
+    """Serial of a store's entrance camera (explicit map, else ``Q2MV-<store>-ENTRANCE``, which
+    :func:`camera_location` takes for an entrance only while no map is set); ``InvalidRecord`` for a store id
+    that is not a name."""
     check_name(store_id, "store_id")
     _, entrances, _ = _maps(settings.cameras)
     return entrances.get(store_id) or f"Q2MV-{store_id}-{ENTRANCE}"
@@ -96,15 +97,22 @@ def entrance_camera(settings: Settings, store_id: str) -> str:
 
 def camera_location(settings: Settings, serial: str) -> Location | None:
     """``(store_id, lane_id)`` a camera watches, ``lane_id`` None for an entrance; None if unknown (which
-    includes a serial that is no valid serial, or one whose store/lane part is no valid name)."""
+    includes a serial that is no valid serial, or one whose store/lane part is no valid name).
+
+    ``Q2MV-<store>-ENTRANCE`` is an entrance only while no camera map is set (the demo's cameras): an entrance
+    camera asks for snapshots by its own events, so with maps, any publisher naming a serial that way would
+    have the Dashboard asked for snapshots of a camera no map knows. Unmapped lanes keep their
+    ``Q2MV-<store>-<lane>`` (:func:`camera_for_lane`); a lane camera's events ask for nothing by themselves."""
     if not isinstance(serial, str) or SERIAL_RE.fullmatch(serial) is None:
         return None
-    _, _, where = _maps(settings.cameras)
+    lanes, entrances, where = _maps(settings.cameras)
     if serial in where:
         return where[serial]
     if serial.startswith("Q2MV-"):
         rest = serial[len("Q2MV-") :]
         if rest.endswith(f"-{ENTRANCE}") and len(rest) > len(ENTRANCE) + 1:
+            if lanes or entrances:
+                return None
             return _named(rest[: -len(ENTRANCE) - 1], None)
         store_id, sep, lane_id = rest.rpartition("-lane-")
         if sep and store_id and lane_id:

@@ -225,6 +225,23 @@ def test_camera_map_defaults_and_explicit_entries() -> None:
 
 
 @pytest.mark.parametrize(
+    "cameras",
+    [
+        {"entrance_cameras": "store-001=Q2AB-0001-0100"},
+        {"lane_cameras": "store-001/lane-01=Q2AB-0001-0001"},
+    ],
+)
+def test_a_serial_named_like_an_entrance_is_no_entrance_once_cameras_are_mapped(cameras: dict[str, str]) -> None:
+    """Entrance events ask the Dashboard for snapshots by themselves: with maps set, a publisher naming a serial
+    Q2MV-<store>-ENTRANCE had snapshots asked of a camera no map knows. Without maps (the demo) it still counts."""
+    mapped = Settings(cameras=CameraSettings(**cameras))
+    assert camera_location(mapped, "Q2MV-store-001-ENTRANCE") is None
+    assert camera_location(mapped, "Q2MV-store-009-ENTRANCE") is None
+    assert camera_location(mapped, "Q2MV-store-002-lane-04") == ("store-002", "lane-04")  # unmapped lanes fall back
+    assert camera_location(Settings(), "Q2MV-store-001-ENTRANCE") == ("store-001", None)
+
+
+@pytest.mark.parametrize(
     ("lanes", "entrances", "says"),
     [
         ("store-001:lane-01=Q2AB-0001-0001", "", "store_id/lane_id=serial"),  # ":" for "/"
