@@ -974,6 +974,9 @@ def _start_mosquitto(settings: Settings, paths: StackPaths, ep: Endpoints) -> su
         f"{_mosquitto_access(settings, paths)}"
         # When started as root mosquitto switches to this user; keep it the invoking user.
         f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
+        # What the camera bridge would dead-letter as oversized: the broker drops it (and acknowledges it to the
+        # publisher), as paho reads a whole MQTT 3.1.1 packet (up to 256 MB) into memory before the bridge sees it.
+        f"message_size_limit {settings.job.max_message_bytes}\n"
         "persistence true\n"
         f"persistence_location {data}/\n"
         "autosave_interval 60\n"

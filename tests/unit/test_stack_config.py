@@ -173,3 +173,16 @@ def test_a_service_whose_port_was_taken_while_it_started_is_started_again_and_ot
     failures[:] = ["Address already in use"] * (stack.BIND_RETRIES + 1)
     with pytest.raises(stack.StackError, match="Address already in use"):
         stack._start_and_wait("kafka", None, None, None)  # held for good: the error, after the retries
+
+
+def test_the_local_mosquitto_drops_a_payload_the_camera_bridge_would_refuse_as_oversized(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """paho reads a whole MQTT 3.1.1 packet (up to 256 MB) into memory before the bridge can refuse it as oversized,
+    and MQTT 3.1.1 cannot tell the broker a limit: the broker must drop it."""
+    settings = _settings(tmp_path, job={"max_message_bytes": 12_345})
+    paths = StackPaths.of(settings)
+    monkeypatch.setattr(stack.shutil, "which", lambda *_a, **_k: "/usr/sbin/mosquitto")
+    monkeypatch.setattr(stack, "_spawn", lambda *_a, **_k: None)
+    stack._start_mosquitto(settings, paths, Endpoints.of(settings))
+    assert "message_size_limit 12345" in paths.mosquitto_conf.read_text().splitlines()
