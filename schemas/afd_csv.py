@@ -28,7 +28,7 @@ from typing import TextIO
 
 from schemas.errors import CheckoutGuardError, InvalidRecord
 from schemas.identifiers import check, check_name
-from schemas.records import LABEL_WORDS, LineItem, PosTransaction
+from schemas.records import CURRENCY_RE, LABEL_WORDS, LineItem, PosTransaction
 
 REQUIRED_COLUMNS = ("EVENT_TIMESTAMP", "EVENT_ID", "order_price", "payment_currency", "merchant")
 """Without these no row could be mapped, so a header lacking one is rejected up front."""
@@ -57,9 +57,6 @@ MAX_ROW_LINES = 8
 
 MAX_FIELD_CHARS = 4096
 """A longer field is ``oversized`` (the longest in the AWS sample is 146)."""
-
-
-_CURRENCY = re.compile(r"[A-Z]{3}")
 
 
 _MAX_SLUG = 64
@@ -240,7 +237,7 @@ def row_to_transaction(row: Mapping[str | None, object]) -> PosTransaction:
         raise InvalidRecord("invalid_amount", f"order_price {price} is negative")
     given = _text(row, "payment_currency") or ""
     currency = given.upper()
-    if not (given.isascii() and _CURRENCY.fullmatch(currency)):  # "ſek".upper() is "SEK": a garbled code
+    if not (given.isascii() and CURRENCY_RE.fullmatch(currency)):  # "ſek".upper() is "SEK": a garbled code
         raise InvalidRecord(
             "invalid_currency", f"payment_currency {_shown(row.get('payment_currency'))} is not an ISO 4217 code"
         )

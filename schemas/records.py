@@ -7,6 +7,7 @@ reverse. Timestamps are epoch milliseconds (UTC) everywhere.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Self, TypedDict
@@ -63,6 +64,13 @@ class LineItem(Record):
     category: str
     quantity: int
     unit_price: float
+
+
+CURRENCY_RE = re.compile(r"[A-Z]{3}")
+"""An ISO 4217 code as a transaction carries it (``fullmatch``: ``SEK`` and nothing after it, a newline neither)."""
+MAX_AMOUNT = 1e12
+"""Above any real basket in any currency (a billion rupiah is about 60,000 USD): a larger amount, finite as it
+may be, would overflow the profiles' decayed sums to inf, and inf times a decay of 0 to NaN, kept for months."""
 
 
 @dataclass(frozen=True, slots=True)

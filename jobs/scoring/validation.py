@@ -11,15 +11,14 @@ reader (see :func:`parse_transaction`).
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from infra.settings import JobSettings
 from schemas.codec import codec
 from schemas.errors import InvalidRecord
 from schemas.identifiers import check, check_name
+from schemas.records import CURRENCY_RE, MAX_AMOUNT
 
-CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
 MAX_FUTURE_SKEW_MS = JobSettings().max_future_skew_ms
 """Default of ``max_future_skew_ms``: see ``JobSettings.max_future_skew_ms``."""
 REQUIRED_TEXT = ("transaction_id", "store_id", "lane_id")
@@ -32,9 +31,6 @@ FREE_IDENTITIES = ("card_token", "customer_email", "ip_address")
 blank means none -- a lone space would otherwise be one shared profile for every shopper who sent one. An e-mail
 is lower-cased too: mail providers deliver ``Mule@Example.com`` to ``mule@example.com``, and keyed as written,
 alternating capitals split one shopper into two histories (half the velocity of a burst)."""
-MAX_AMOUNT = 1e12
-"""Above any real basket in any currency (a billion rupiah is about 60,000 USD): a larger amount, finite as it
-may be, would overflow the profiles' decayed sums to inf, and inf times a decay of 0 to NaN, kept for months."""
 
 
 def check_size(value: bytes | None, max_bytes: int) -> None:
@@ -68,7 +64,7 @@ def parse_transaction(
             tx[name] = tx[name].strip() or None
     if tx["customer_email"] is not None:  # one mailbox, however its capitals are written: one history
         tx["customer_email"] = tx["customer_email"].lower()
-    if not CURRENCY_RE.match(tx["currency"]):
+    if not CURRENCY_RE.fullmatch(tx["currency"]):
         raise InvalidRecord("invalid_currency", f"currency must be an ISO 4217 code, got {tx['currency'][:16]!r}")
     _check_event_time(tx["event_time"], now_ms, max_future_skew_ms)
     for item in tx["items"]:

@@ -279,6 +279,7 @@ def test_anonymous_buyers_do_not_share_history():
         ({"amount": float("nan")}, "invalid_amount"),
         ({"amount": 1e308}, "invalid_amount"),  # finite, but two would overflow a profile's sums to inf
         ({"currency": "usd"}, "invalid_currency"),
+        ({"currency": "USD\n"}, "invalid_currency"),  # ``$`` of a pattern matches before a final newline
         ({"transaction_id": ""}, "missing_field"),
         ({"store_id": " "}, "missing_field"),
         ({"event_time": 0}, "invalid_timestamp"),
