@@ -150,7 +150,7 @@ class CheckoutInspector:
         # A live view is no picture of the sale: kept where no enrollment (``fraud <tx>``) finds it.
         store.put("checkout", inspection_image_key(tx_id, not shot.fell_back_to_now), shot.image)
         try:
-            faces = engine.analyse(shot.image)
+            faces = engine.analyse(shot.image, max_embedded=1)  # only the largest face is compared locally
         except Exception as exc:  # noqa: BLE001 - a bad image is an answer, not a crash
             return f"Transaction `{tx_id}` at {where}: the snapshot could not be analysed ({type(exc).__name__})."
         usable = [f for f in faces if f.passed]

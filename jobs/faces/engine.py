@@ -345,18 +345,22 @@ class FaceEngine:
         self._sface = _sface(settings.sface_int8 or fused3) if "sface" in parts or "faceplugin" in parts else None
         self._faceplugin = _faceplugin() if "faceplugin" in parts else None
 
-    def analyse(self, image: bytes) -> list[DetectedFace]:
-        """All faces found in JPEG/PNG bytes, largest first. Raises ``ImageError`` on unusable bytes."""
-        return self._finish(*self._candidates(*self._prepare(image)), only_best=False)
+    def analyse(self, image: bytes, max_embedded: int | None = None) -> list[DetectedFace]:
+        """All faces found in JPEG/PNG bytes, largest first. Raises ``ImageError`` on unusable bytes.
+
+        ``max_embedded``: embed only that many of the passing faces, the largest (the others keep box, quality and
+        gate result, with no embedding). Each embedding costs ~30 ms of one core with ``fused3``: a crowd of 200
+        faces would hold an analysis slot for seconds when the caller uses one of them."""
+        return self._finish(*self._candidates(*self._prepare(image)), limit=max_embedded)
 
     def best_face(self, image: bytes) -> DetectedFace | None:
         """The largest face that passed the gate (the person standing at the lane); only it is embedded."""
-        faces = self._finish(*self._candidates(*self._prepare(image)), only_best=True)
+        faces = self._finish(*self._candidates(*self._prepare(image)), limit=1)
         return next((f for f in faces if f.passed), None)
 
     def analyse_array(self, rgb: np.ndarray, scale: float = 1.0) -> list[DetectedFace]:
         """Faces in an RGB uint8 array already at analysis size."""
-        return self._finish(*self._candidates(rgb, scale), only_best=False)
+        return self._finish(*self._candidates(rgb, scale), limit=None)
 
     def _prepare(self, image: bytes) -> tuple[np.ndarray, float]:
         img, (w0, h0) = decode_image(image, self.settings)
@@ -365,10 +369,10 @@ class FaceEngine:
             img = img.resize((aw, ah), Image.Resampling.BILINEAR)
         return np.asarray(img), aw / w0
 
-    def _finish(self, candidates: list[Candidate], work: np.ndarray, only_best: bool) -> list[DetectedFace]:
-        """Embed the passing faces (or just the first passing one), all in one run of the descriptor network."""
+    def _finish(self, candidates: list[Candidate], work: np.ndarray, limit: int | None) -> list[DetectedFace]:
+        """Embed the passing faces (or the first ``limit`` of them: the largest), in one run of each network."""
         out = [face for face, _, _ in candidates]
-        chosen = [i for i, face in enumerate(out) if face.passed][: 1 if only_best else None]
+        chosen = [i for i, face in enumerate(out) if face.passed][:limit]
         if not chosen:
             return out
         parts = []

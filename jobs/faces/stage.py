@@ -120,7 +120,7 @@ def inspection_image_key(transaction_id: str, of_the_sale: bool = True) -> str:
 
 
 class EngineLike(Protocol):
-    def analyse(self, image: bytes) -> list: ...
+    def analyse(self, image: bytes, max_embedded: int | None = None) -> list: ...
 
 
 class StoreLike(Protocol):
@@ -342,7 +342,8 @@ class FaceStage:
             notes.append(f"image not stored ({type(exc).__name__})")
         try:
             with self._analysis, metrics.timed(self._face_analysis):  # the analysis, not the wait
-                faces = self.engine.analyse(snap.image)
+                # one embedding goes out (the largest usable face's); Rekognition searches the others by box
+                faces = self.engine.analyse(snap.image, max_embedded=1)
         except Exception as exc:  # ImageError (corrupt, too big, wrong format) and anything dlib raises
             return obs("UNAVAILABLE", "; ".join([f"image unusable: {exc}", *notes]), image_ref=image_ref)
         passing = [f for f in faces if f.passed]

@@ -780,7 +780,7 @@ def test_a_late_face_through_the_local_camera_with_a_realistic_footage_delay(tmp
     core.on_control(WATCH_TOPIC, b"subj-9", watch_entry("subj-9", SUSPECT_FACE), 0, 0)
 
     class SuspectAtTheLane:
-        def analyse(self, image: bytes) -> list:
+        def analyse(self, image: bytes, max_embedded: int | None = None) -> list:
             face = {"passed": True, "box": (0, 0, 10, 10), "quality": 0.9, "embedding": SUSPECT_FACE}
             return [type("Face", (), face)()]
 

@@ -193,7 +193,7 @@ class TopicConsumer(Consumer):
 class NoFaces:
     """A face engine that finds nobody: the runner tests care about what is snapshotted and when."""
 
-    def analyse(self, image: bytes) -> list:
+    def analyse(self, image: bytes, max_embedded: int | None = None) -> list:
         return []
 
 

@@ -177,6 +177,25 @@ def test_best_face_is_the_largest_passing_face_with_the_same_embedding_as_analys
 
 
 @needs_faces
+def test_a_crowd_is_found_whole_but_only_the_largest_faces_asked_for_are_embedded(engine):
+    photo = Image.open(IMAGES / "obama.jpg").convert("RGB")
+    face = engine.analyse(_png(photo))[0]
+    left, top, right, bottom = (v / face.scale for v in face.box)
+    margin = (right - left) / 2
+    head = photo.crop((int(left - margin), int(top - margin), int(right + margin), int(bottom + margin)))
+    crowd = Image.new("RGB", (850, 480), (128, 128, 128))
+    for i in range(6):  # one head larger than the others, then a row of smaller ones
+        side = 200 if i == 0 else 140
+        crowd.paste(head.resize((side, side)), (0, 0) if i == 0 else (210 + (i - 1) * 128, 170))
+    data = _png(crowd)
+    every, one = engine.analyse(data), engine.analyse(data, max_embedded=1)
+    assert [f.box for f in every] == [f.box for f in one] and sum(f.passed for f in every) >= 3
+    assert all(f.embedding is not None for f in every if f.passed)
+    assert one[0].passed and np.array_equal(one[0].embedding, every[0].embedding)
+    assert [f.embedding for f in one[1:]] == [None] * (len(one) - 1)
+
+
+@needs_faces
 def test_large_frames_are_downscaled_to_480p_and_give_the_same_face(engine):
     hd = engine.analyse((FACES / "face_recognition" / "obama-1080p.jpg").read_bytes())
     sd = engine.analyse((FACES / "face_recognition" / "obama-480p.jpg").read_bytes())

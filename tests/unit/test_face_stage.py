@@ -233,7 +233,7 @@ def test_an_engine_failure_of_any_kind_is_unavailable_not_an_exception(tmp_path)
     class Broken:
         """An engine returning a malformed face (no box): a bug, not an image problem."""
 
-        def analyse(self, image: bytes) -> list:
+        def analyse(self, image: bytes, max_embedded: int | None = None) -> list:
             return [type("Face", (), {"passed": True, "box": None, "quality": 0.9, "embedding": [0.0] * 128})()]
 
     def snapshot(serial: str, at_ms: int | None) -> Snapshot:
@@ -300,7 +300,7 @@ def test_a_checkout_picture_of_now_is_flagged_and_kept_where_no_enrollment_finds
     from jobs.faces.stage import checkout_image_key
 
     class OneFace:
-        def analyse(self, image: bytes) -> list:
+        def analyse(self, image: bytes, max_embedded: int | None = None) -> list:
             face = {"passed": True, "box": (0, 0, 10, 10), "quality": 0.9, "embedding": [0.5] * FACE_LEN}
             return [type("Face", (), face)()]
 
@@ -315,3 +315,31 @@ def test_a_checkout_picture_of_now_is_flagged_and_kept_where_no_enrollment_finds
     assert stage.store.get(obs.image_ref) == b"\xff\xd8\xff\xe0now"  # kept: alerts may show it
     assert stage.store.find("checkout", checkout_image_key("tx-face-1")) is None
     assert checkout_image_key("tx-face-1") == "tx-face-1"  # footage of the sale: where enrollment looks
+
+
+def test_a_snapshot_of_a_crowd_embeds_only_the_face_it_reports(tmp_path) -> None:
+    """200 usable faces in one frame: the stage sends one embedding (the largest face's), so the engine must not
+    spend ~30 ms of a core on each of the others while an analysis slot waits."""
+
+    class Crowd:
+        embedded = 0
+
+        def analyse(self, image: bytes, max_embedded: int | None = None) -> list:
+            faces = []
+            for i in range(200):  # largest first, as the engine gives them
+                side = 300 - i
+                embed = max_embedded is None or i < max_embedded
+                Crowd.embedded += embed
+                face = {"passed": True, "box": (0, 0, side, side), "quality": 0.9, "scale": 1.0}
+                face["embedding"] = [float(side)] * FACE_LEN if embed else None
+                faces.append(type("Face", (), face)())
+            return faces
+
+    def snapshot(serial: str, at_ms: int | None) -> Snapshot:
+        return Snapshot(serial, b"\xff\xd8\xff\xe0crowd", "image/jpeg", at_ms, False, 1, 1, 0.1)
+
+    stage = FaceStage(Settings(), snapshot, Crowd(), LocalImageStore(tmp_path / "images"))
+    now = int(time.time() * 1000)
+    obs = stage.observe(stage.plan_transaction(_tx(now), now)[0], now)
+    assert obs.status == "NO_MATCH" and obs.embedding == [300.0] * FACE_LEN
+    assert Crowd.embedded == 1

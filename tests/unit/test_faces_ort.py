@@ -171,7 +171,7 @@ def test_engine_sface_embeddings_equal_opencvs_facerecognizersf_on_the_shared_ph
     compared = 0
     for path in _photos():
         candidates, work = engine._candidates(*engine._prepare(path.read_bytes()))
-        faces = engine._finish(candidates, work, only_best=False)
+        faces = engine._finish(candidates, work, limit=None)
         embedded = [(m, face.embedding) for (_, _, m), face in zip(candidates, faces, strict=True) if face.passed]
         if not embedded:
             continue

@@ -303,7 +303,7 @@ def test_timed_observes_the_wall_time_of_its_block() -> None:
 
 
 class NoFaces:
-    def analyse(self, image: bytes) -> list:
+    def analyse(self, image: bytes, max_embedded: int | None = None) -> list:
         return []
 
 

@@ -35,7 +35,7 @@ class SquareFaces:
     """Bright squares are faces (split by dark columns): box, a quality of 0.9, and the mean
     colour (0-1) as embedding, padded to the configured embedder's length for the stage's observation."""
 
-    def analyse(self, data: bytes) -> list:
+    def analyse(self, data: bytes, max_embedded: int | None = None) -> list:
         try:
             rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32)
         except Exception as exc:  # the engine's ValueError for bytes that are no image
