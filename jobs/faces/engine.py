@@ -274,7 +274,10 @@ def decode_image(data: bytes, settings: FaceSettings) -> tuple[Image.Image, tupl
             return (img if img.mode == "RGB" else img.convert("RGB")), original
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own guard, for a header declaring more pixels than its limit: too large, like ours
+        raise ImageError("too_large", f"{type(exc).__name__}: more pixels than {settings.max_image_pixels}") from None
+    except UnidentifiedImageError as exc:
         raise ImageError("not_an_image", type(exc).__name__) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError("corrupt", type(exc).__name__) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import xml.etree.ElementTree as ET
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,25 @@ def test_oversized_images_are_refused_before_decoding():
     tiny_bytes = FaceEngine(SETTINGS.model_copy(update={"max_image_bytes": 100}))
     with pytest.raises(ImageError) as err:
         tiny_bytes.analyse(_png(Image.new("RGB", (200, 200))) + b"\0" * 200)
+    assert err.value.kind == "too_large"
+
+
+def _declaring(data: bytes, width: int, height: int) -> bytes:
+    """``data`` (a PNG or baseline JPEG) with a header that declares ``width`` x ``height`` pixels."""
+    if data.startswith(b"\x89PNG"):
+        ihdr = b"IHDR" + width.to_bytes(4, "big") + height.to_bytes(4, "big") + data[24:29]
+        return data[:12] + ihdr + zlib.crc32(ihdr).to_bytes(4, "big") + data[33:]
+    sof = data.index(b"\xff\xc0") + 5
+    return data[:sof] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + data[sof + 4 :]
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+@pytest.mark.parametrize("side", [9_000, 60_000])  # 81 Mpx: over our limit; 3,600 Mpx: over Pillow's too
+def test_a_small_file_declaring_huge_dimensions_is_too_large_and_never_decoded(engine, fmt, side):
+    out = io.BytesIO()
+    Image.new("RGB", (32, 32), (128, 128, 128)).save(out, fmt)
+    with pytest.raises(ImageError) as err:
+        engine.analyse(_declaring(out.getvalue(), side, side))
     assert err.value.kind == "too_large"
 
 
