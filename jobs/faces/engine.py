@@ -271,7 +271,7 @@ def decode_image(data: bytes, settings: FaceSettings) -> tuple[Image.Image, tupl
             img.load()  # decode here: a truncated or corrupt body is an ImageError, not a crash later
             if orientation in (2, 3, 4, 5, 6, 7, 8):  # else exif_transpose and convert would only copy (~0.3 ms)
                 img = ImageOps.exif_transpose(img)
-            return (img if img.mode == "RGB" else img.convert("RGB")), original
+            return _rgb(img), original
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -281,6 +281,14 @@ def decode_image(data: bytes, settings: FaceSettings) -> tuple[Image.Image, tupl
         raise ImageError("not_an_image", type(exc).__name__) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError("corrupt", type(exc).__name__) from None
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    """``img`` in RGB. A 16-bit grey PNG (Pillow's ``I;16``/``I`` modes, 0-65535) is scaled to 8 bits first:
+    Pillow's ``convert`` clips such values at 255, so the frame would come out white and its faces be missed."""
+    if img.mode.startswith("I"):
+        img = Image.fromarray(np.clip(np.asarray(img) >> 8, 0, 255).astype(np.uint8), "L")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _fit(w: int, h: int, settings: FaceSettings) -> tuple[int, int]:

@@ -13,7 +13,15 @@ import pytest
 from PIL import Image, ImageFilter
 
 from infra.settings import FaceSettings
-from jobs.faces.engine import SFACE_SCALE, FaceEngine, ImageError, embedder_of, laplacian_variance, pose_asymmetry
+from jobs.faces.engine import (
+    SFACE_SCALE,
+    FaceEngine,
+    ImageError,
+    decode_image,
+    embedder_of,
+    laplacian_variance,
+    pose_asymmetry,
+)
 from jobs.scoring.face_similarity import distance_to_similarity, similarity, similarity_to_distance
 
 FACES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "faces"
@@ -124,6 +132,14 @@ def test_a_small_file_declaring_huge_dimensions_is_too_large_and_never_decoded(e
     with pytest.raises(ImageError) as err:
         engine.analyse(_declaring(out.getvalue(), side, side))
     assert err.value.kind == "too_large"
+
+
+def test_a_16_bit_grey_png_is_scaled_to_8_bits_not_clipped_to_white():
+    levels = np.linspace(0, 65535, 64 * 48, dtype=np.uint16).reshape(48, 64)  # black to white
+    img, size = decode_image(_png(Image.fromarray(levels)), SETTINGS)
+    rgb = np.asarray(img, dtype=np.int16)
+    assert img.mode == "RGB" and size == (64, 48)
+    assert np.abs(rgb - (levels >> 8)[..., None]).max() <= 1  # the same picture, grey in all three channels
 
 
 def test_blank_and_noise_frames_have_no_faces(engine):
