@@ -72,6 +72,10 @@ cosine onto the dlib-distance similarity scale; 0.546 puts SFace's cross-validat
 FMR (cosine 0.388, ``jobs.faces evaluate --embedder fused``) on dlib's (similarity 49.7, d = 0.604), so one
 ``match_threshold`` means the same false-match rate for either embedder. SFace similarities stay >= 9 (d <= 1.09).
 """
+MAX_FACES = 32
+"""Detections gated per frame, the largest first. Each YuNet candidate below :data:`YUNET_SURE_SCORE` costs two HOG
+runs (~20-45 ms of a core) to confirm: a frame of a crowd, or one made to look like one, had hundreds and held an
+analysis slot for seconds. The stage uses the largest usable face (the Rekognition backend the largest 4)."""
 YUNET_POSE_SCALE = 0.84
 """YuNet's nose *tip* moves further off the eye midline under yaw than dlib's nose *base*: its asymmetry times
 this (the mean HOG/YuNet ratio on the shared photos with asymmetry > 0.1) is on the scale of
@@ -436,10 +440,11 @@ class FaceEngine:
         return found, work
 
     def _hog(self, work: np.ndarray, longer_side: int) -> list[Raw]:
-        """(box, pose asymmetry, chip, landmarks) per HOG detection."""
+        """(box, pose asymmetry, chip, landmarks) per HOG detection, of the :data:`MAX_FACES` largest."""
         upsample = 1 if longer_side < self.settings.upsample_below_px else 0
         out: list[Raw] = []
-        for rect in self._detector(work, upsample):
+        rects = sorted(self._detector(work, upsample), key=lambda r: r.width() * r.height(), reverse=True)
+        for rect in rects[:MAX_FACES]:
             shape = self._predictor(work, rect)
             points = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)
             details = dlib.get_face_chip_details(shape, size=CHIP_SIZE, padding=CHIP_PADDING)
@@ -449,12 +454,13 @@ class FaceEngine:
         return out
 
     def _yunet_faces(self, work: np.ndarray) -> list[Raw]:
-        """(box, pose asymmetry, chip, landmarks) per YuNet detection at or above the minimum score."""
+        """(box, pose asymmetry, chip, landmarks) per YuNet detection at or above the minimum score, of the
+        :data:`MAX_FACES` largest."""
         assert self._yunet is not None, "called only with the YuNet detector"
         out: list[Raw] = []
-        for row in self._yunet.detect(work):
-            if row[14] < self.settings.detector_min_score:
-                continue
+        rows = self._yunet.detect(work)
+        rows = rows[rows[:, 14] >= self.settings.detector_min_score]
+        for row in rows[np.argsort(-(rows[:, 2] * rows[:, 3]), kind="stable")][:MAX_FACES]:
             marks = row[4:14].reshape(5, 2).astype(np.float64)
             details = chip_details_from_landmarks(marks)
             chip = dlib.extract_image_chip(work, details)

@@ -14,6 +14,7 @@ from PIL import Image, ImageFilter
 
 from infra.settings import FaceSettings
 from jobs.faces.engine import (
+    MAX_FACES,
     SFACE_SCALE,
     FaceEngine,
     ImageError,
@@ -140,6 +141,25 @@ def test_a_16_bit_grey_png_is_scaled_to_8_bits_not_clipped_to_white():
     rgb = np.asarray(img, dtype=np.int16)
     assert img.mode == "RGB" and size == (64, 48)
     assert np.abs(rgb - (levels >> 8)[..., None]).max() <= 1  # the same picture, grey in all three channels
+
+
+def test_a_frame_with_hundreds_of_unsure_detections_gates_only_the_largest(monkeypatch):
+    """Each YuNet candidate below its sure score costs two HOG runs to confirm: 400 of them (a crowd, or a frame
+    made to look like one) held an analysis slot for seconds. Only the largest ``MAX_FACES`` are looked at."""
+    engine = FaceEngine(SETTINGS)
+    rows = []
+    for i in range(400):
+        x, y, side = 20 + (i % 25) * 32, 20 + (i // 25) * 28, 24 + (i % 7)
+        marks = [x + 7, y + 9, x + 17, y + 9, x + 12, y + 14, x + 8, y + 19, x + 16, y + 19]
+        rows.append([x, y, side, side, *marks, 0.8])
+    rows.append([300, 100, 120, 120, 330, 140, 390, 140, 360, 170, 335, 195, 385, 195, 0.8])  # the largest
+    detections = np.array(rows, dtype=np.float32)
+    monkeypatch.setattr(engine, "_yunet", type("Yunet", (), {"detect": lambda self, work: detections})())
+    confirmed: list[float] = []
+    monkeypatch.setattr(engine, "_hog_confirms", lambda work, cx, cy, side: confirmed.append(side) or True)
+    faces = engine.analyse(_png(Image.new("RGB", (854, 480), (128, 128, 128))), max_embedded=0)
+    assert len(confirmed) == len(faces) == MAX_FACES < 400
+    assert max(confirmed) > 100  # the largest candidate is among them
 
 
 def test_blank_and_noise_frames_have_no_faces(engine):
