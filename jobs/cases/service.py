@@ -26,7 +26,8 @@ the watchlist service checks them); anything else
 is audited ``FAILED`` under its offset and dead-lettered (``unauthorized``), as is an undecodable input or a
 command the case refuses (``illegal_transition``, ``unknown_case``, ``bad_command``). The consumer offset is
 committed after the outputs' transaction; state (cases, dismissals per subject, commands already applied,
-reference images) is rebuilt at start from ``cases``, ``audit`` and ``watchlist``, so a replay repeats nothing.
+forgotten subjects, reference images) is rebuilt at start from ``cases``, ``audit`` and ``watchlist``, so a replay
+repeats nothing and shows no forgotten face again.
 
 Metrics (``infra.metrics``, stage ``case-service``): inputs by kind (``alert``, a verb, ``watchlist``,
 ``invalid``), records out by topic once committed, dead letters by kind, ``cg_processing_seconds`` per input;
@@ -57,6 +58,7 @@ from jobs.cases.core import EXPIRED, CaseBook, Refused, parse_case_command
 from jobs.cases.core import expire as expire_case
 from schemas.codec import DecodeError
 from schemas.errors import InvalidRecord
+from schemas.forgets import Forgets
 from schemas.identifiers import check
 from schemas.indices import enrolment_transaction
 from schemas.records import (
@@ -109,10 +111,11 @@ class CaseCore:
         """Subject id -> its enrolled reference image ref (from the watchlist topic)."""
         self.enrolment_sales: dict[str, str] = {}
         """Subject id -> the sale its buyer was enrolled from (the entry's ``source_transaction_id``)."""
-        self.forgotten_subjects: dict[str, int] = {}
-        self.forgotten_sales: dict[str, int] = {}
-        """Subject ids and enrolment sales whose entry was removed (a forget or an expiry), with when (ms): an alert
-        from before then, read only after (the service was behind), opens its case without image refs."""
+        self.forgets = Forgets()
+        """Subjects whose entry was removed (a forget or an expiry), with when, their enrolment sales, and their
+        enrolments again after it: an alert the forget reaches, read only after it (the service was behind, or
+        restarted), opens its case without image refs. Read from ``audit`` at start (the tombstone is compacted
+        away a day after the forget), then kept up from the ``watchlist`` tombstones and entries."""
         self.done: dict[str, int] = {}
         """Audit ids already published, with their time: a command replayed after an offset reset is skipped.
         Only ids newer than the retention horizon are kept (older inputs are skipped anyway)."""
@@ -147,7 +150,11 @@ class CaseCore:
             self.references.pop(entry.subject_id, None)
 
     def load_audit(self, key: bytes | None, value: bytes | None = None) -> None:
-        """Remember this service's own audit ids (all ``case``-prefixed); the others' are not ours to skip."""
+        """Remember this service's own audit ids (all ``case``-prefixed; the others' are not ours to skip), and the
+        watchlist service's forgets and enrolments (:class:`~schemas.forgets.Forgets`): before, a subject forgotten
+        before a restart was forgotten no more, and its alerts read after the restart opened with its images."""
+        if self.forgets.read(value):
+            return
         if key is not None and value is not None and key.startswith(b"case"):
             with contextlib.suppress(DecodeError):
                 self.done[key.decode()] = AuditEvent.decode(value).event_time
@@ -175,24 +182,17 @@ class CaseCore:
         sale = enrolment_transaction(subject, self.enrolment_sales.get(subject)) if forgotten else None
         with contextlib.suppress(DecodeError):  # the watchlist service's output: nothing to dead-letter here
             self.load_watchlist(src.key, src.value)
-        if not forgotten:
-            return []
         at = src.written_at if src.written_at is not None else now_ms
-        self.forgotten_subjects[subject] = at
-        if sale:
-            self.forgotten_sales[sale] = at
+        if not forgotten:
+            name = src.key.decode() if src.key is not None and src.value is not None else ""
+            if name in self.forgets.forgotten_at:  # an entry after its forget: enrolled again, a new entry
+                self.forgets.enrol(name, at)
+            return []
+        self.forgets.forget(subject, sale, at)
         stripped = self.book.forget_images(subject, sale, at, now_ms, SERVICE_ACTOR)
         for case in stripped:
             log.info("%s: image refs removed (its subject or enrolment sale was forgotten)", case.case_id)
         return [self._case(case) for case in stripped]
-
-    def _forgotten_at(self, alert: Alert) -> int | None:
-        """When the subject of ``alert``, or the buyer of its sale, was forgotten; None if never."""
-        times = [
-            self.forgotten_subjects.get(alert.subject_id or ""),
-            self.forgotten_sales.get(alert.transaction_id or ""),
-        ]
-        return max((at for at in times if at is not None), default=None)
 
     def on_alert(self, src: Source, now_ms: int) -> list[Out]:
         try:
@@ -209,8 +209,7 @@ class CaseCore:
             return []
         metrics.RECORDS_IN.labels(PROCESS, "alert").inc()
         reference = self.references.get(alert.subject_id or "") if alert.kind in FACE_ALERT_KINDS else None
-        forgotten_at = self._forgotten_at(alert)
-        if forgotten_at is not None and alert.event_time <= forgotten_at:  # its images went with the forget
+        if self.forgets.reaches(alert.subject_id, alert.transaction_id, alert.event_time):  # images went with it
             alert, reference = dataclasses.replace(alert, snapshot_ref=None), None
         expire_ms = int(self.settings.cases.expire_after_s * 1000)
         case = self.book.open(alert, now_ms, expire_ms, reference)
@@ -330,9 +329,7 @@ class CaseCore:
             log.info("removed %s (%s, decided over the retention period ago)", case.case_id, case.state)
             outs.append(Out(CASES, case.case_id.encode(), None))
             outs.append(self._service_audit(case, "RETIRE", "decided case past its retention period", now_ms))
-        for forgotten in (self.forgotten_subjects, self.forgotten_sales):  # alerts from before then are skipped
-            for name in [name for name, at in forgotten.items() if at < horizon]:
-                del forgotten[name]
+        self.forgets.prune(horizon)  # alerts from before then are skipped
         keep_from = horizon - int(self.settings.webex.command_max_age_s * 1000)
         if len(self.done) > PRUNE_AT and any(at < keep_from for at in self.done.values()):
             self.done = {audit_id: at for audit_id, at in self.done.items() if at >= keep_from}
