@@ -195,6 +195,16 @@ def without_images(case: Case, actor: str, now_ms: int) -> Case | None:
     return _next(case, actor, now_ms, snapshot_ref=None, reference_image_ref=None)
 
 
+def repeats(case: Case, verb: str, fraud: bool, actor: str) -> bool:
+    """Whether ``verb`` by ``actor`` is the verdict ``case`` has already, given by that same person: a second press
+    of the card's button, or the same command typed again. Nothing is left to do (the caller audits it
+    ``UNCHANGED``); an opposite verdict, or another person's, is still refused."""
+    wanted = {"CONFIRM": "confirmed_fraud" if fraud else "confirmed", "DISMISS": "dismissed"}.get(verb)
+    if wanted is None or case.state not in (CONFIRMED, DISMISSED):
+        return False
+    return case.verdict == wanted and case.decided_by == actor
+
+
 @dataclass(frozen=True)
 class CaseCommand:
     """A case verb's argument, parsed: ``confirm <case> [fraud]``, ``dismiss <case> [reason...]``,

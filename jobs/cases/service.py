@@ -24,10 +24,11 @@ expired before it was read (the check runs first at start, before the backlog). 
 signed by the bot, fresh and from an allow-listed issuer (:func:`infra.command_auth.authenticate_command`, as
 the watchlist service checks them); anything else
 is audited ``FAILED`` under its offset and dead-lettered (``unauthorized``), as is an undecodable input or a
-command the case refuses (``illegal_transition``, ``unknown_case``, ``bad_command``). The consumer offset is
-committed after the outputs' transaction; state (cases, dismissals per subject, commands already applied,
-forgotten subjects, reference images) is rebuilt at start from ``cases``, ``audit`` and ``watchlist``, so a replay
-repeats nothing and shows no forgotten face again.
+command the case refuses (``illegal_transition``, ``unknown_case``, ``bad_command``); the verdict a case has
+already, again from the person who gave it (a double press), is audited ``UNCHANGED`` and changes nothing. The
+consumer offset is committed after the outputs' transaction; state (cases, dismissals per subject, commands
+already applied, forgotten subjects, reference images) is rebuilt at start from ``cases``, ``audit`` and
+``watchlist``, so a replay repeats nothing and shows no forgotten face again.
 
 Metrics (``infra.metrics``, stage ``case-service``): inputs by kind (``alert``, a verb, ``watchlist``,
 ``invalid``), records out by topic once committed, dead letters by kind, ``cg_processing_seconds`` per input;
@@ -54,7 +55,7 @@ from infra.clients.transactional import Out, Source
 from infra.command_auth import SIGNATURE_HEADER, authenticate_command, sign_command
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.settings import Settings, get_settings
-from jobs.cases.core import EXPIRED, CaseBook, Refused, parse_case_command
+from jobs.cases.core import EXPIRED, CaseBook, Refused, parse_case_command, repeats
 from jobs.cases.core import expire as expire_case
 from schemas.codec import DecodeError
 from schemas.errors import InvalidRecord
@@ -265,6 +266,10 @@ class CaseCore:
             log.info("command %s waits for the alert of %s", cmd.command_id, command.case_id)
             self.waiting.setdefault(command.case_id, []).append((src, now_ms))
             return []
+        if held is not None and repeats(held, command.verb, command.fraud, cmd.actor):  # a double press
+            log.info("%s %s by command %s: already so, unchanged", cmd.verb, held.case_id, cmd.command_id)
+            reason = f"{held.case_id} is already {held.verdict} by {cmd.actor}: nothing to change"
+            return [self._audit(**audit, outcome="UNCHANGED", reason=reason)]
         try:  # judged by when it reached Kafka: a verdict given before the expiry counts, read however late
             case = self.book.apply(command, cmd.actor, now_ms, given_at=src.written_at)
         except Refused as refused:

@@ -18,6 +18,7 @@ from jobs.cases.core import (
     expire,
     open_case,
     parse_case_command,
+    repeats,
 )
 from schemas.errors import InvalidRecord
 from schemas.records import FRAUD, LEGITIMATE, Alert, Case
@@ -233,3 +234,15 @@ def test_notes_and_reasons_lose_control_characters_and_direction_overrides_but_k
         with pytest.raises(Refused, match="one person"):
             assign(opened(), "lead@example.com", person, T0 + 1)
     assert add_note(opened(), "a@example.com", "👨‍👩‍👧 ok", T0 + 1).notes[-1].text == "👨‍👩‍👧 ok", "emoji joiners stay"
+
+
+def test_only_the_same_verdict_by_the_same_person_repeats_a_decided_case() -> None:
+    case = opened(face_alert())
+    assert not repeats(case, "CONFIRM", False, "a@x"), "an undecided case is decided, not repeated"
+    done = confirm(case, "a@x", 10)
+    assert repeats(done, "CONFIRM", False, "a@x")
+    assert not repeats(done, "CONFIRM", True, "a@x") and not repeats(done, "DISMISS", False, "a@x")
+    assert not repeats(done, "CONFIRM", False, "b@x"), "another person's verdict is refused as before"
+    assert repeats(dismiss(case, "a@x", 10), "DISMISS", False, "a@x")
+    gone = expire(case, case.expires_at)
+    assert gone is not None and not repeats(gone, "DISMISS", False, "case-service")

@@ -149,6 +149,28 @@ def test_an_illegal_transition_is_refused_with_a_reason(core) -> None:
     assert of(outs, CASES) == []
 
 
+@pytest.mark.parametrize("verdict", ["", " fraud"], ids=["confirm", "confirm-fraud"])
+def test_a_second_press_of_the_same_verdict_by_the_same_person_is_unchanged_not_dead_lettered(core, verdict) -> None:
+    """A double press of Confirm (two commands, two ids) dead-lettered the second as illegal_transition: noise."""
+    case = opened(core)
+    first = case_of(core.on_command(command_src("CONFIRM", case.case_id + verdict, "m1"), NOW))
+    outs = core.on_command(command_src("CONFIRM", case.case_id + verdict, "m2", offset=2), NOW + 500)
+    (audit,) = audits(outs)
+    assert (audit.action, audit.outcome, audit.actor, audit.command_id) == ("CONFIRM", "UNCHANGED", GUARD, "m2")
+    assert audit.details == {"case_id": case.case_id} and "already confirmed" in audit.reason
+    assert [o.topic for o in outs] == [AUDIT] and core.book.cases[case.case_id] == first, (
+        "no version, no LEARN, no label"
+    )
+    assert core.on_command(command_src("CONFIRM", case.case_id + verdict, "m2", offset=2), NOW) == [], "replayed"
+    other = "" if verdict else " fraud"
+    for cmd in (
+        command_src("DISMISS", case.case_id, "m3", offset=3),
+        command_src("CONFIRM", case.case_id + other, "m4"),
+    ):
+        refused = core.on_command(cmd, NOW + 600)  # the opposite verdict (or another one) is still refused
+        assert DeadLetter.decode(of(refused, DEAD_LETTERS)[0].value).error_kind == "illegal_transition"
+
+
 def test_assign_and_note_write_new_versions(core) -> None:
     case = opened(core)
     assigned = case_of(core.on_command(command_src("ASSIGN", f"{case.case_id} lead@example.com", "m1"), NOW))
