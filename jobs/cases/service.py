@@ -126,7 +126,8 @@ class CaseCore:
         """Verified commands for a case whose alert has not been read yet (alerts and commands are separate
         topics, read in no fixed order), with when they arrived: applied when the case opens, refused
         ``unknown_case`` once older than ``webex.command_max_age_s``. Their offsets are not committed while
-        they wait (:meth:`oldest_waiting`), so a restart reads them again."""
+        they wait (:meth:`oldest_waiting`), so a restart reads them again (and waits anew); the commands after
+        them, read again too, are skipped by their audit ids."""
 
     # --- state -------------------------------------------------------------------------------------
     def load_case(self, key: bytes | None, value: bytes | None) -> None:
@@ -234,7 +235,7 @@ class CaseCore:
             cmd = BotCommand.decode(src.value or b"")
         except DecodeError as exc:
             metrics.RECORDS_IN.labels(PROCESS, "invalid").inc()
-            return [self._dead_letter(src, exc, now_ms)]
+            return self._undecodable(src, exc, now_ms)
         if cmd.verb not in CASE_VERBS:
             return []  # the watchlist service's or the bot's business
         if self.past_horizon(src, now_ms):
@@ -424,6 +425,24 @@ class CaseCore:
             ),
             self._dead_letter(src, error, now_ms),
         ]
+
+    def _undecodable(self, src: Source, error: DecodeError, now_ms: int) -> list[Out]:
+        """A command that does not decode: audited ``FAILED`` under its offset, and dead-lettered, once. A waiting
+        command holds the ``commands`` offset back (:meth:`oldest_waiting`), so a restart reads the commands after
+        it again; those applied or refused are skipped by their audit ids, and this one now is too (before, every
+        restart during a wait dead-lettered it once more)."""
+        audit_id = f"case-invalid:{src.topic}:{src.partition}:{src.offset}"
+        if audit_id in self.done:
+            return []
+        audit = self._audit(
+            audit_id=audit_id,
+            event_time=now_ms,
+            action="INVALID",
+            outcome="FAILED",
+            actor=UNVERIFIED_ACTOR,
+            reason=f"{error.kind}: the command does not decode",
+        )
+        return [audit, self._dead_letter(src, error, now_ms)]
 
     # --- records -----------------------------------------------------------------------------------
     @staticmethod

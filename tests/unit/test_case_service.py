@@ -265,6 +265,32 @@ def test_a_verdict_for_a_case_that_never_opens_is_refused_once_it_is_too_old(cor
     assert core.oldest_waiting("commands", 0) is None
 
 
+def test_a_restart_while_a_verdict_waits_reads_the_commands_after_it_again_and_repeats_none_of_them(core) -> None:
+    """The waiting verdict holds the commands offset back, so a restart reads every command after it again: the
+    applied and refused ones were skipped by their audit ids, but an undecodable one was dead-lettered again."""
+    case = opened(core, alert_id="watchlist:tx-2:subj-a")
+    early = command_src("DISMISS", case_id_for("watchlist:tx-1:subj-a"), "c-early", offset=7)
+    later = [
+        early,
+        command_src("NOTE", f"{case.case_id} seen", "c-note", offset=8),
+        command_src("CONFIRM", case.case_id, "c-forged", offset=9, key="not-the-key"),
+        Source("commands", 0, 10, b"junk", b"junk"),
+    ]
+    outs = [out for src in later for out in core.on_command(src, NOW)]
+    assert [DeadLetter.decode(o.value).error_kind for o in of(outs, DEAD_LETTERS)] == ["unauthorized", "not_avro"]
+    assert core.oldest_waiting("commands", 0) == 7, "the commit stays before the waiting verdict"
+
+    restarted = CaseCore(core.settings)  # state from the topics; the commands read again from offset 7
+    for held in core.book.cases.values():
+        restarted.load_case(held.case_id.encode(), held.encode())
+    for out in of(outs, AUDIT):
+        restarted.load_audit(out.key, out.value)
+    assert [out for src in later for out in restarted.on_command(src, NOW + 60_000)] == []
+    assert restarted.oldest_waiting("commands", 0) == 7, "the verdict waits again"
+    reopened = restarted.on_alert(alert_src(), NOW + 61_000)
+    assert [Case.decode(o.value).state for o in of(reopened, CASES)] == ["open", "dismissed"]
+
+
 DAY = 86_400_000
 
 
