@@ -19,6 +19,15 @@ from schemas.indices import FORGETTING_ACTIONS, FORGETTING_OUTCOMES, enrolment_t
 from schemas.records import WATCHLIST_SERVICE_ACTOR, AuditEvent
 
 
+def is_forget(event: AuditEvent) -> bool:
+    """Whether an ``audit`` event forgets its subject: a ``FORGET``, or the watchlist service's ``EXPIRE`` of an
+    entry, done or found done (``UNCHANGED``). Not the case service's ``EXPIRE`` of a case nobody decided (its
+    subject stays enrolled), not a ``FAILED`` one, not one without a subject."""
+    if not event.subject_id or event.action not in FORGETTING_ACTIONS or event.outcome not in FORGETTING_OUTCOMES:
+        return False
+    return event.action != "EXPIRE" or event.actor == WATCHLIST_SERVICE_ACTOR
+
+
 @dataclass
 class Forgets:
     """The latest forget of each subject, the sale each forgotten subject was enrolled from, and enrolments."""
@@ -53,9 +62,7 @@ class Forgets:
             return False
         if not event.subject_id:
             return False
-        if event.action in FORGETTING_ACTIONS and event.outcome in FORGETTING_OUTCOMES:
-            if event.action == "EXPIRE" and event.actor != WATCHLIST_SERVICE_ACTOR:
-                return False  # the case service's expiry of an undecided case: nobody was forgotten
+        if is_forget(event):
             self.forget(event.subject_id, event.transaction_id, event.event_time)
             return True
         if event.action == "ENROLL" and event.outcome == "DONE":

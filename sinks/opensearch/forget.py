@@ -33,6 +33,7 @@ it is opened and the forget repeated, or retention drops it.
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -45,9 +46,8 @@ from opensearchpy.helpers import ScanError, scan, streaming_bulk
 
 from infra.clients.opensearch import is_retriable
 from schemas.codec import DecodeError
+from schemas.forgets import is_forget
 from schemas.indices import (
-    FORGETTING_ACTIONS,
-    FORGETTING_OUTCOMES,
     ROUTES,
     Route,
     enrolment_transaction,
@@ -76,15 +76,17 @@ class Forget:
 
 
 def forget_of(value: bytes | None) -> Forget | None:
-    """The forget an ``audit`` record states; ``None`` for any other action, a ``FAILED`` forget (the subject
-    stays enrolled), a record without a subject, or one that does not decode (not this sink's to dead-letter)."""
+    """The forget an ``audit`` record states (:func:`schemas.forgets.is_forget`); ``None`` for any other action, a
+    ``FAILED`` forget (the subject stays enrolled), the case service's ``EXPIRE`` of an undecided case (before, it
+    erased the subject's face observations from the indices as if the subject had been forgotten), a record without
+    a subject, or one that does not decode (not this sink's to dead-letter)."""
     if not value:
         return None
     try:
         event = AuditEvent.decode(value)
     except DecodeError:
         return None
-    if event.action not in FORGETTING_ACTIONS or event.outcome not in FORGETTING_OUTCOMES or not event.subject_id:
+    if not is_forget(event):
         return None
     return Forget(
         event.subject_id,
@@ -121,8 +123,10 @@ class Forgotten:
     transactions: set[str] = field(default_factory=set)
     forgotten_at: dict[str, int] = field(default_factory=dict)
     """Subject -> when its latest forget was made."""
-    enrolled_at: dict[str, int] = field(default_factory=dict)
-    """Subject -> when it was enrolled again after its latest forget (the new entry's start)."""
+    enrolments: dict[str, list[int]] = field(default_factory=dict)
+    """Subject -> its ``ENROLL``s read so far (ms, sorted), in whatever order they came: a forget and the enrolment
+    after it may sit on different ``audit`` partitions, the enrolment read first (before, it was then ignored and
+    the subject stayed forgotten)."""
     sale_subject: dict[str, str] = field(default_factory=dict)
     """Enrolment sale -> the subject enrolled from it."""
     dropped: int = 0
@@ -134,16 +138,29 @@ class Forgotten:
         subject = forget.subject_id
         self.subjects.add(subject)
         self.forgotten_at[subject] = max(self.forgotten_at.get(subject, forget.at_ms), forget.at_ms)
-        if self.enrolled_at.get(subject, forget.at_ms) <= forget.at_ms:  # forgotten again: nothing is lifted
-            self.enrolled_at.pop(subject, None)
         if forget.transaction_id:
             self.transactions.add(forget.transaction_id)
             self.sale_subject[forget.transaction_id] = subject
 
     def enrol(self, subject: str, at_ms: int) -> None:
-        """An ``ENROLL`` of ``subject`` (:func:`enrolment_of`): after its forget, it lifts it from ``at_ms`` on."""
-        if subject in self.subjects and at_ms > self.forgotten_at.get(subject, at_ms):
-            self.enrolled_at[subject] = min(self.enrolled_at.get(subject, at_ms), at_ms)
+        """An ``ENROLL`` of ``subject`` (:func:`enrolment_of`): after its latest forget, it lifts it from ``at_ms``
+        on, whether the forget was read before or after it."""
+        times = self.enrolments.setdefault(subject, [])
+        if at_ms not in times:
+            bisect.insort(times, at_ms)
+
+    def lifted_at(self, subject: str) -> int | None:
+        """When a forgotten ``subject`` was enrolled again after its latest forget (its new entry's start)."""
+        if subject not in self.forgotten_at:
+            return None
+        times = self.enrolments.get(subject, [])
+        i = bisect.bisect_right(times, self.forgotten_at[subject])
+        return times[i] if i < len(times) else None
+
+    @property
+    def enrolled_at(self) -> dict[str, int]:
+        """Subject -> :meth:`lifted_at`, for the forgotten subjects enrolled again."""
+        return {subject: at for subject in self.forgotten_at if (at := self.lifted_at(subject)) is not None}
 
     def __len__(self) -> int:
         return len(self.subjects)
@@ -156,7 +173,7 @@ class Forgotten:
             subject = self.sale_subject.get(str(record.get("transaction_id")))
             if subject is None:
                 return False
-        lifted = self.enrolled_at.get(str(subject))
+        lifted = self.lifted_at(str(subject))
         time = record.get(route.time_field)
         return lifted is None or not isinstance(time, int) or time < lifted
 

@@ -15,8 +15,9 @@ from opensearchpy.serializer import JSONSerializer
 from infra.metrics import Heartbeat
 from infra.retry import Backoff
 from infra.settings import Settings
+from jobs.cases.service import SERVICE_ACTOR as CASE_SERVICE_ACTOR
 from schemas.indices import CASES_ROUTE, ROUTES
-from schemas.records import Alert, AuditEvent, FaceObservation
+from schemas.records import WATCHLIST_SERVICE_ACTOR, Alert, AuditEvent, FaceObservation
 from schemas.topics import AUDIT
 from sinks.opensearch.forget import Forget, Forgotten, erase_action, erase_forgotten, forget_of
 from sinks.opensearch.sink import OpenSearchSink, to_actions
@@ -27,13 +28,20 @@ ROUTE = {route.kind: route for route in ROUTES}
 SUBJECT, SALE = "subj-tx-9", "tx-9"
 
 
-def audit(action: str = "FORGET", outcome: str = "DONE", subject: str | None = SUBJECT, tx: str | None = SALE) -> bytes:
+def audit(
+    action: str = "FORGET",
+    outcome: str = "DONE",
+    subject: str | None = SUBJECT,
+    tx: str | None = SALE,
+    actor: str | None = None,
+) -> bytes:
+    """An audit event as its service writes it: an entry's expiry by the watchlist service, a forget by a person."""
     return AuditEvent(
         audit_id=f"command:c-{action}",
         event_time=1_700_000_000_000,
         action=action,
         outcome=outcome,
-        actor="sec@example.com",
+        actor=actor or (WATCHLIST_SERVICE_ACTOR if action == "EXPIRE" else "sec@example.com"),
         subject_id=subject,
         transaction_id=tx,
     ).encode()
@@ -78,6 +86,8 @@ def test_forget_and_expiry_done_or_unchanged_forget_and_nothing_else_does() -> N
     assert forget_of(audit("EXPIRE", tx=None)) == Forget(SUBJECT, SALE, "command:c-EXPIRE")  # subj-<tx> names it
     assert forget_of(audit(outcome="UNCHANGED")) is not None  # found already forgotten: still erased here
     assert forget_of(audit(outcome="FAILED")) is None  # the subject stays enrolled
+    # the case service's expiry of a face case nobody decided: the subject stays enrolled, its faces stay
+    assert forget_of(audit("EXPIRE", actor=CASE_SERVICE_ACTOR)) is None
     for action in ("ENROLL", "RETAIN", "PURGE", "LEARN", "RENEW"):
         assert forget_of(audit(action)) is None, action
     assert forget_of(audit(subject=None)) is None
@@ -612,6 +622,21 @@ def audit_at(action: str, at_ms: int, subject: str = SUBJECT) -> bytes:
         subject_id=subject,
         transaction_id=SALE,
     ).encode()
+
+
+def test_an_enrolment_read_before_the_forget_it_follows_still_lifts_it() -> None:
+    """The forget and the enrolment after it may sit on different audit partitions, the enrolment read first: it
+    was then ignored (the subject not yet forgotten), and the subject's new entry stayed forgotten for good."""
+    import dataclasses
+
+    forgotten = Forgotten()
+    forgotten.enrol(SUBJECT, T0 + 2 * HOUR)  # read first, from another partition
+    forgotten.add(forget_of(audit_at("FORGET", T0 + HOUR)))  # type: ignore[arg-type]
+    route = ROUTE["face_observations"]
+    old = dataclasses.asdict(observation("e:old", subject=SUBJECT))
+    new = {**old, "observation_id": "e:new", "event_time": T0 + 3 * HOUR}
+    assert forgotten.erases(route, old) and not forgotten.erases(route, new)
+    assert forgotten.enrolled_at == {SUBJECT: T0 + 2 * HOUR}
 
 
 def test_a_subject_enrolled_again_after_its_forget_is_indexed_again_from_that_enrolment_on() -> None:
