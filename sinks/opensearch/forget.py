@@ -86,7 +86,7 @@ def forget_of(value: bytes | None) -> Forget | None:
         event = AuditEvent.decode(value)
     except DecodeError:
         return None
-    if not is_forget(event):
+    if not is_forget(event) or not event.subject_id:  # (is_forget checks it; told here for the type)
         return None
     return Forget(
         event.subject_id,
