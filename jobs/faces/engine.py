@@ -251,6 +251,21 @@ def _face_resnet(int8: bool = False) -> FaceResnet:
     return FaceResnet(weights.verified_bytes(path, weights.DLIB_RESNET_SHA256), onnx_sha256=pin, int8=int8)
 
 
+EXIF_ORIENTATION = 0x0112
+"""The EXIF tag saying how a camera's stored pixels are turned for viewing (1: as stored; 3, 6, 8: by 180, 90 or
+270 degrees; 2, 4, 5, 7: mirrored too)."""
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """``img`` turned as its EXIF orientation says: the picture as a viewer shows it, and the pixels every face box
+    of :class:`DetectedFace` is given in. Anything cut out of an image by such a box (the crops sent to
+    Rekognition) must be cut from this, not from the stored pixels of a rotated JPEG. Without a turn, ``img``
+    itself (``exif_transpose`` would only copy it, ~0.3 ms)."""
+    if img.getexif().get(EXIF_ORIENTATION) in (2, 3, 4, 5, 6, 7, 8):
+        return ImageOps.exif_transpose(img)
+    return img
+
+
 def decode_image(data: bytes, settings: FaceSettings) -> tuple[Image.Image, tuple[int, int]]:
     """RGB image from JPEG/PNG bytes (JPEGs decoded at reduced size when that suffices: draft mode),
     and the original size."""
@@ -269,13 +284,10 @@ def decode_image(data: bytes, settings: FaceSettings) -> tuple[Image.Image, tupl
                 raise ImageError("too_large", f"{w}x{h} pixels > {settings.max_image_pixels}")
             if img.format == "JPEG":
                 img.draft("RGB", _fit(w, h, settings))
-            orientation = img.getexif().get(0x0112)
-            if orientation in (5, 6, 7, 8):
+            if img.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):
                 original = (h, w)  # EXIF orientation rotates by 90 degrees: axes swap
             img.load()  # decode here: a truncated or corrupt body is an ImageError, not a crash later
-            if orientation in (2, 3, 4, 5, 6, 7, 8):  # else exif_transpose and convert would only copy (~0.3 ms)
-                img = ImageOps.exif_transpose(img)
-            return _rgb(img), original
+            return _rgb(upright(img)), original
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -224,10 +224,15 @@ def face_crop(image: bytes, box: tuple[int, int, int, int], scale: float = 1.0) 
     """JPEG bytes of the face at ``box`` (pixels of the analysed image, ``scale`` analysed pixels per original
     pixel, as :class:`jobs.faces.engine.DetectedFace` gives them) with :data:`CROP_MARGIN` around it. The crop
     holds that face alone, or it and what overlaps it: SearchFacesByImage searches only the largest face of an
-    image, so each face of a snapshot is sent on its own."""
+    image, so each face of a snapshot is sent on its own. The box is of the picture turned as its EXIF orientation
+    says (the engine detects faces there), so it is cut from that: cut from the stored pixels of a phone's or
+    camera's rotated JPEG, the crop held no face and a watch-listed face went unmatched."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(image)) as img:
+    from jobs.faces.engine import upright  # here: importing the engine loads OpenCV and dlib
+
+    with Image.open(io.BytesIO(image)) as stored:
+        img = upright(stored)
         left, top, right, bottom = (v / scale for v in box)
         mx, my = (right - left) * CROP_MARGIN, (bottom - top) * CROP_MARGIN
         area = (

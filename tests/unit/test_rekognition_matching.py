@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 from pydantic import SecretStr
 
 from infra.clients.image_store import LocalImageStore
@@ -33,11 +33,12 @@ RED, DARK_RED, GREEN, BLUE = (220, 30, 30), (205, 30, 30), (30, 220, 30), (30, 3
 
 class SquareFaces:
     """Bright squares are faces (split by dark columns): box, a quality of 0.9, and the mean
-    colour (0-1) as embedding, padded to the configured embedder's length for the stage's observation."""
+    colour (0-1) as embedding, padded to the configured embedder's length for the stage's observation. Like the
+    engine (and Rekognition), it looks at the picture turned as its EXIF orientation says."""
 
     def analyse(self, data: bytes, max_embedded: int | None = None) -> list:
         try:
-            rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32)
+            rgb = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"), dtype=np.float32)
         except Exception as exc:  # the engine's ValueError for bytes that are no image
             raise ValueError("unreadable") from exc
         bright = rgb.max(axis=2) > 100
@@ -72,6 +73,20 @@ def picture(*squares: tuple[tuple[int, int, int], int, int]) -> bytes:
         img.paste(colour, (left, 40, left + size, 40 + size))
     out = io.BytesIO()
     img.save(out, "JPEG", quality=95)
+    return out.getvalue()
+
+
+STORED_TURN = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
+"""How a camera stores an upright picture it tags with EXIF orientation 3, 6 or 8 (viewers turn it back)."""
+
+
+def rotated(upright: bytes, orientation: int) -> bytes:
+    """``upright`` as a rotated camera's JPEG: its pixels stored turned, the EXIF orientation tag saying how to
+    show them."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    out = io.BytesIO()
+    Image.open(io.BytesIO(upright)).transpose(STORED_TURN[orientation]).save(out, "JPEG", quality=95, exif=exif)
     return out.getvalue()
 
 
@@ -154,6 +169,17 @@ def test_an_escaped_external_image_id_is_mapped_back_to_its_subject(collection) 
     strict.client = collection.client
     image = picture((DARK_RED, 100, 60))
     assert search_faces(strict, image, SquareFaces().analyse(image)).match.subject_id == "subj-POS7+1@s1"
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_a_face_in_an_exif_rotated_jpeg_is_cropped_where_it_was_found_and_matched(collection, orientation) -> None:
+    """The face box is of the picture turned as EXIF says (where the engine finds faces): the crop was cut from
+    the stored, unturned pixels, held no face, and the watch-listed face went unmatched."""
+    image = rotated(picture((RED, 250, 50)), orientation)
+    faces = SquareFaces().analyse(image)
+    assert [f.box for f in faces] == [(250, 40, 300, 90)], "the box in the upright picture"
+    found = search_faces(collection, image, faces)
+    assert found.failed is None and found.match is not None and found.match.subject_id == "subj-red"
 
 
 class Throttled:

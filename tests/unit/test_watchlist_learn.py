@@ -188,3 +188,32 @@ def test_with_rekognition_a_confirmed_sighting_adds_the_subjects_face_to_the_col
         assert crop.size == (161, 161), "the subject's face cropped (80 px box, half a box around it), not the picture"
     (learned,) = [WatchlistEntry.decode(o.value) for o in only(outs, WATCHLIST)]
     assert learned.embeddings[1] == pytest.approx(_TwoPeople.SUBJECT), "the subject's face, not the bystander's"
+
+
+def test_with_rekognition_a_rotated_sighting_is_cropped_around_the_subjects_face_as_the_engine_saw_it(tmp_path) -> None:
+    """A camera's JPEG stored turned with an EXIF orientation: the engine finds the faces in the picture turned
+    upright, so the subject's face must be cut from that. Cut from the stored pixels, the indexed crop held the
+    wrong part of the picture (or a sliver of it), not the subject's face."""
+    collection = _Collection()
+    webex = WebexSettings(command_signing_key=SecretStr(KEY), allowed_people="lp@example.com")
+    core = WatchlistCore(
+        Settings(stack_dir=tmp_path, webex=webex, faces=FaceSettings(backend="rekognition")),
+        engine=_TwoPeople(),  # type: ignore[arg-type]
+        store=LocalImageStore(tmp_path / "images"),
+        rekognition=RekognitionFaces(FaceSettings(backend="rekognition"), client=collection),
+    )
+    core.store.put("checkout", "tx-1", _jpeg())
+    core.on_command(signed("FRAUD", "tx-1", "c1"), NOW)
+    upright = Image.new("RGB", (640, 480), (90, 90, 90))
+    upright.paste((200, 40, 40), (440, 200, 520, 280))  # the subject's face, where _TwoPeople finds it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise: stored turned the other way
+    buf = io.BytesIO()
+    upright.transpose(Image.Transpose.ROTATE_90).save(buf, "JPEG", quality=95, exif=exif)
+    sighting = core.store.put("checkout", "tx-2", buf.getvalue())
+    outs = core.on_command(signed("LEARN", f"subj-tx-1 {sighting}", "learn:case-1", 2), NOW)
+    assert AuditEvent.decode(only(outs, AUDIT)[0].value).outcome == "DONE"
+    with Image.open(io.BytesIO(collection.images["face-2"])) as crop:
+        assert crop.size == (161, 161)
+        centre = np.asarray(crop.convert("RGB"))[60:100, 60:100].reshape(-1, 3).mean(axis=0)
+    assert centre == pytest.approx((200, 40, 40), abs=12), "the subject's face in the middle of the crop"
