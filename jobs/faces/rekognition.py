@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from infra.settings import FaceSettings
 from schemas.errors import CheckoutGuardError
+
+log = logging.getLogger("jobs.faces.rekognition")
 
 MAX_BYTES = 5 * 1024 * 1024
 EXTERNAL_IMAGE_ID_RE = re.compile(r"[a-zA-Z0-9_.\-:]{1,255}")
@@ -37,6 +41,33 @@ with jittered exponential backoff, then the error is the caller's (bounded: a co
 TRANSIENT_CODES = frozenset(
     {"ThrottlingException", "ProvisionedThroughputExceededException", "LimitExceededException", "RequestTimeout"}
 )
+"""Codes worth another try later (with any 5xx or 429); every other code is given again for the same call."""
+CREDENTIALS = (
+    "CG_FACES__AWS_ACCESS_KEY_ID / CG_FACES__AWS_SECRET_ACCESS_KEY (else boto3's credential chain) and their IAM policy"
+)
+COLLECTION_SETTING = "CG_FACES__REKOGNITION_COLLECTION"
+CONFIGURATION_ERRORS: dict[str, tuple[str, str]] = {
+    "AccessDeniedException": ("access denied: the AWS credentials may not make this Rekognition call", CREDENTIALS),
+    "UnrecognizedClientException": ("AWS does not know the access key id", CREDENTIALS),
+    "InvalidSignatureException": ("the secret access key does not match the access key id", CREDENTIALS),
+    "NoCredentialsError": ("no AWS credentials found", CREDENTIALS),
+    "PartialCredentialsError": ("incomplete AWS credentials", CREDENTIALS),
+    "ResourceNotFoundException": (
+        "the collection does not exist (the watchlist service creates it when it starts)",
+        COLLECTION_SETTING,
+    ),
+}
+"""Errors of the setup, not of an image (reason, setting to check): every call fails the same way until the
+setting is fixed, so one is logged once as an ERROR naming the setting and a snapshot's other faces are not tried."""
+REFUSALS: dict[str, str] = {
+    "InvalidParameterException": "a parameter Rekognition refuses (for a search: no face in the image)",
+    "ValidationException": "a parameter outside the API's pattern or limits",
+    "ParamValidationError": "a parameter botocore refuses before sending it",
+    "InvalidImageFormatException": "an image Rekognition cannot read (JPEG or PNG only)",
+    "ImageTooLargeException": "an image over Rekognition's limits (5 MB as bytes, 15 MB from S3)",
+    "InvalidS3ObjectException": "an S3 object Rekognition cannot read (missing, or not allowed)",
+}
+"""Errors of one request, given again for it (reason)."""
 
 
 def external_image_id(subject_id: str) -> str:
@@ -72,14 +103,40 @@ class CollectionMatch:
 
 
 class RekognitionError(CheckoutGuardError, RuntimeError):
-    """A Rekognition call failed; ``code`` is the AWS error code (e.g. ``InvalidParameterException``).
-    ``transient``: throttling, a 5xx or no connection (botocore already tried again), worth another try later;
-    anything else (validation, access, a missing collection) fails the same way again."""
+    """A Rekognition call failed; ``code`` is the AWS error code (e.g. ``InvalidParameterException``), or botocore's
+    exception name. ``transient``: throttling, a 5xx or no connection (botocore already tried again), worth another
+    try later; anything else fails the same way again. ``reason`` says why in words; ``setting`` names what to fix
+    when the setup is wrong (:data:`CONFIGURATION_ERRORS`: access denied, bad credentials, a missing collection)."""
 
     def __init__(self, code: str, message: str, transient: bool = False) -> None:
-        super().__init__(f"{code}: {message}")
         self.code = code
         self.transient = transient
+        self.reason, setting = CONFIGURATION_ERRORS.get(code, (REFUSALS.get(code, ""), ""))
+        if not self.reason:
+            self.reason = "not answered, worth another try later" if transient else "refused"
+        self.setting: str | None = setting or None
+        super().__init__(f"{code}: {self.reason}" + (f"; check {setting}" if setting else "") + f" ({message})")
+
+    @property
+    def configuration(self) -> bool:
+        """Every call fails this way until a setting is fixed (not only this image's)."""
+        return self.setting is not None
+
+
+def _connection_trouble(exc: Exception) -> bool:
+    """A botocore error of the way to AWS (no connection, a timeout, a cut answer, credentials not fetched in
+    time): another try later may work. The others (no credentials, a parameter botocore refuses) are the same on
+    every try."""
+    from botocore import exceptions as bce
+
+    away = (
+        bce.ConnectionError,
+        bce.HTTPClientError,
+        bce.IncompleteReadError,
+        bce.CredentialRetrievalError,
+        bce.MetadataRetrievalError,
+    )
+    return isinstance(exc, away)
 
 
 def _image(image: bytes | str) -> dict[str, Any]:
@@ -119,20 +176,41 @@ class RekognitionFaces:
                 ),
             )
         self.client = client
+        self._reported: set[str] = set()
+        """Configuration errors logged since the last call that worked: each is logged once, not per face."""
+        self._lock = threading.Lock()
 
     def _call(self, op: str, **kwargs: Any) -> dict[str, Any]:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            return getattr(self.client, op)(**kwargs)
+            resp: dict[str, Any] = getattr(self.client, op)(**kwargs)
         except ClientError as exc:
             err = exc.response.get("Error", {})
             code = err.get("Code", "Unknown")
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             transient = status >= 500 or status == 429 or code in TRANSIENT_CODES
-            raise RekognitionError(code, err.get("Message", ""), transient) from None
-        except BotoCoreError as exc:  # no connection, a timeout: botocore's retries are spent
-            raise RekognitionError(type(exc).__name__, str(exc), transient=True) from None
+            error = RekognitionError(code, err.get("Message", ""), transient)
+        except BotoCoreError as exc:  # botocore's retries are spent, or it did not send the request at all
+            error = RekognitionError(type(exc).__name__, str(exc), transient=_connection_trouble(exc))
+        else:
+            if self._reported:
+                with self._lock:
+                    self._reported.clear()
+            return resp
+        if error.configuration:
+            with self._lock:
+                first = error.code not in self._reported
+                self._reported.add(error.code)
+            if first:
+                log.error(
+                    "Rekognition %s failed, and every call will until the setting is fixed: %s (collection %s; "
+                    "logged once, until a call works)",
+                    op,
+                    error,
+                    self.collection,
+                )
+        raise error from None
 
     def ensure_collection(self) -> None:
         try:
@@ -259,7 +337,8 @@ def search_faces(collection: CollectionLike, image: bytes, faces: Sequence[Any])
     """Search each usable face (``passed``, ``box``, ``scale``) of ``image``, largest first and at most
     :data:`MAX_SEARCHED_FACES`, in the collection; the best match across them. A face Rekognition does not find
     again in its crop is no match (:meth:`RekognitionFaces.search`). After a transient failure (throttling, an
-    outage: botocore's bounded retries are spent) the rest are not tried: they would wait the same again. A match
+    outage: botocore's bounded retries are spent) or an error of the setup (access denied, a missing collection:
+    :attr:`RekognitionError.configuration`) the rest are not tried: they would wait, or fail, the same again. A match
     found before a failure still counts; without one, the outcome is ``failed``, never "no match"."""
     usable = sorted(
         (f for f in faces if f.passed), key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]), reverse=True
@@ -271,7 +350,7 @@ def search_faces(collection: CollectionLike, image: bytes, faces: Sequence[Any])
             match = collection.search(face_crop(image, face.box, getattr(face, "scale", 1.0)))
         except RekognitionError as exc:
             failed = exc.code
-            if exc.transient:
+            if exc.transient or exc.configuration:
                 break
             continue
         except (ValueError, OSError) as exc:  # a crop over 5 MB, or one PIL cannot read or write

@@ -156,6 +156,78 @@ def test_rekognition_errors_carry_the_aws_code(settings, rekognition):
     assert err.value.code == "ResourceNotFoundException"
 
 
+class _Raising:
+    """A Rekognition client whose every call raises ``error``."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def __getattr__(self, op: str):
+        def call(**_: object):
+            raise self.error
+
+        return call
+
+
+def _client_error(code: str, status: int):
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Op")
+
+
+def _botocore(name: str) -> Exception:
+    from botocore import exceptions as bce
+
+    if name == "EndpointConnectionError":
+        return bce.EndpointConnectionError(endpoint_url="https://rekognition.us-east-1.amazonaws.com")
+    if name == "ReadTimeoutError":
+        return bce.ReadTimeoutError(endpoint_url="https://rekognition.us-east-1.amazonaws.com")
+    if name == "ParamValidationError":
+        return bce.ParamValidationError(report="Invalid length for parameter Image.Bytes")
+    return getattr(bce, name)()
+
+
+def _code(error: Exception) -> str:
+    from botocore.exceptions import ClientError
+
+    return error.response["Error"]["Code"] if isinstance(error, ClientError) else type(error).__name__
+
+
+@pytest.mark.parametrize(
+    ("error", "transient", "setting"),
+    [
+        (_client_error("ThrottlingException", 400), True, None),
+        (_client_error("ProvisionedThroughputExceededException", 400), True, None),
+        (_client_error("InternalServerError", 500), True, None),
+        (_botocore("EndpointConnectionError"), True, None),
+        (_botocore("ReadTimeoutError"), True, None),
+        (_client_error("AccessDeniedException", 400), False, "CG_FACES__AWS_ACCESS_KEY_ID"),
+        (_client_error("UnrecognizedClientException", 400), False, "CG_FACES__AWS_ACCESS_KEY_ID"),
+        (_botocore("NoCredentialsError"), False, "CG_FACES__AWS_ACCESS_KEY_ID"),
+        (_client_error("ResourceNotFoundException", 400), False, "CG_FACES__REKOGNITION_COLLECTION"),
+        (_client_error("InvalidParameterException", 400), False, None),
+        (_client_error("InvalidImageFormatException", 400), False, None),
+        (_client_error("ImageTooLargeException", 400), False, None),
+        (_botocore("ParamValidationError"), False, None),
+    ],
+    ids=lambda v: _code(v) if isinstance(v, Exception) else None,
+)
+def test_rekognition_errors_are_temporary_only_for_throttling_5xx_and_the_way_to_aws(error, transient, setting):
+    """Every botocore error but a ClientError counted as temporary (no credentials, a refused parameter: retried
+    later, "issue the command again"), and an error of the setup looked like one of the image. Each now says
+    whether another try may work, why it failed and, for access and a missing collection, the setting to fix."""
+    from jobs.faces.rekognition import RekognitionError
+
+    faces = RekognitionFaces(FaceSettings(backend="rekognition"), client=_Raising(error))
+    with pytest.raises(RekognitionError) as err:
+        faces.face_ids("subj-1")
+    assert err.value.transient is transient
+    assert err.value.configuration is (setting is not None)
+    assert setting is None or setting in (err.value.setting or "") and setting in str(err.value)
+    if not transient:
+        assert err.value.reason and err.value.reason != "refused", "a clear reason"
+
+
 @needs_faces
 def test_watchlist_service_with_rekognition_indexes_on_fraud_and_deletes_on_forget(settings, store, rekognition):
     from infra.command_auth import SIGNATURE_HEADER, sign_command

@@ -183,15 +183,13 @@ def test_a_face_in_an_exif_rotated_jpeg_is_cropped_where_it_was_found_and_matche
 
 
 class Throttled:
-    def __init__(self, transient: bool = True) -> None:
+    def __init__(self, code: str = "ThrottlingException", transient: bool = True) -> None:
         self.calls = 0
-        self.transient = transient
+        self.code, self.transient = code, transient
 
     def search(self, image, subjects=()):
         self.calls += 1
-        raise RekognitionError(
-            "ThrottlingException" if self.transient else "AccessDeniedException", "x", self.transient
-        )
+        raise RekognitionError(self.code, "x", self.transient)
 
 
 def test_throttling_stops_the_search_of_the_snapshot_and_is_a_failure_not_no_match() -> None:
@@ -199,9 +197,29 @@ def test_throttling_stops_the_search_of_the_snapshot_and_is_a_failure_not_no_mat
     throttled = Throttled()
     found = search_faces(throttled, image, SquareFaces().analyse(image))
     assert (found.match, found.failed, throttled.calls) == (None, "ThrottlingException", 1)
-    refused = Throttled(transient=False)
-    assert search_faces(refused, image, SquareFaces().analyse(image)).failed == "AccessDeniedException"
-    assert refused.calls == 2  # not transient: the other face is still tried
+    refused = Throttled("InvalidImageFormatException", transient=False)
+    assert search_faces(refused, image, SquareFaces().analyse(image)).failed == "InvalidImageFormatException"
+    assert refused.calls == 2  # an error of that crop alone: the other face is still tried
+
+
+def test_access_denied_or_a_missing_collection_is_not_tried_per_face_and_is_logged_once_naming_the_setting(
+    server, caplog
+) -> None:
+    """Access denied (or a collection that does not exist) was tried again for each of up to 4 faces of every
+    snapshot, each call failing the same way, and nothing said which setting to fix. The first refusal now ends
+    the snapshot's search (still a failure, not "no match"), and one ERROR names the setting."""
+    missing = RekognitionFaces(_settings(server[1], rekognition_collection="no-such-collection"), timeout_s=5)
+    image = picture((GREEN, 10, 60), (BLUE, 110, 60), (RED, 210, 60), (DARK_RED, 310, 60))
+    faces = SquareFaces().analyse(image)
+    before = server[0].calls.count("SearchFacesByImage")
+    with caplog.at_level("ERROR", logger="jobs.faces.rekognition"):
+        outcomes = [search_faces(missing, image, faces) for _ in range(3)]
+    assert {(o.match, o.failed) for o in outcomes} == {(None, "ResourceNotFoundException")}
+    assert server[0].calls.count("SearchFacesByImage") - before == 3, "one call per snapshot, not one per face"
+    (logged,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "CG_FACES__REKOGNITION_COLLECTION" in logged.getMessage()
+    denied = Throttled("AccessDeniedException", transient=False)
+    assert search_faces(denied, image, faces).failed == "AccessDeniedException" and denied.calls == 1
 
 
 # --- the face stage ---------------------------------------------------------------------------------------------
