@@ -16,19 +16,33 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import Protocol, TypeVar
 
 import psutil
 
-if TYPE_CHECKING:
-    from infra.launcher import Child
+
+class Child(Protocol):
+    """What the stops below need of a started process (:class:`infra.launcher.Child`), named here so that this
+    module does not import ``infra.launcher``, which imports it."""
+
+    proc: subprocess.Popen
+
+    @property
+    def alive(self) -> bool: ...
+
+    def terminate(self) -> None: ...
+
+    def stop(self, timeout: float = 20.0) -> int | None: ...
+
 
 T = TypeVar("T")
+C = TypeVar("C", bound=Child)
 
 ProcKey = tuple[int, float]
 """(pid, create time): one process, never confused with a later one that got the same pid."""
@@ -180,7 +194,7 @@ def stop_child(child: Child, timeout: float = 20.0) -> list[str]:
     return reap(below, timeout=5)
 
 
-def stop_together(children: Iterable[Child], timeout: float, stop: Callable[[Child, float], T]) -> list[T]:
+def stop_together(children: Iterable[C], timeout: float, stop: Callable[[C, float], T]) -> list[T]:
     """SIGTERM to every child (the last started first), then ``stop(child, time left)`` for all of them side by side
     with one deadline ``timeout`` from now, so N children that ignore SIGTERM take about ``timeout``, not N times it
     (one after another, ``make run``'s stop took that); each ``stop`` then kills what is left. Results in the order
