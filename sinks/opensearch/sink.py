@@ -24,7 +24,10 @@ sink starts), so its faces are never indexed again (:mod:`sinks.opensearch.forge
 
 Why nothing is lost or doubled: the document ``_id`` is the business key (``transaction_id`` /
 ``alert_id`` / ``observation_id``) with op ``index``, and the period index follows from the record's own
-``event_time``, so a replay overwrites the same document in the same index; offsets are committed
+``event_time``, so a replay overwrites the same document in the same index. An ``UNAVAILABLE`` face observation
+goes in with op ``create`` instead (:func:`never_replaces`): a transaction sent again after the face stage's lag
+limit gets one under the id of its real observation, which it must not replace; OpenSearch's 409 for it is the
+write done (``kept``), and a real observation still replaces an ``UNAVAILABLE`` one. Offsets are committed
 (last offset + 1 per partition) only after OpenSearch acknowledged every document of the batch and
 its dead letters are flushed, so a crash replays from the last commit. While OpenSearch is down or
 overloaded (connection errors, 429, 5xx) the batch is kept and retried forever with bounded,
@@ -49,9 +52,9 @@ Only ids, counts and error types are logged: documents can hold personal data.
 
 Metrics (``infra.metrics``, stage ``opensearch-sink``): records in by topic kind (``transactions``,
 ``alerts``, ``face_observations``, ``labels``, ``model_drift``, ``cases``, ``audit``; ``unknown``), documents
-written by the same kinds (a label tombstone's delete included, a stale label not) and ``forgotten_<kind>``
-(deleted or stripped by a forget), ``cg_skipped_total{reason=forgotten_subject}`` (dropped or stripped at write
-time), dead letters by error kind, and
+written by the same kinds (a label tombstone's delete included, a stale label and a kept ``UNAVAILABLE``
+observation not) and ``forgotten_<kind>`` (deleted or stripped by a forget),
+``cg_skipped_total{reason=forgotten_subject}`` (dropped or stripped at write time), dead letters by error kind, and
 ``cg_processing_seconds`` per batch (consume to commit, retries included). ``/healthz`` turns 503 while
 OpenSearch or the dead-letter topic does not answer ("OpenSearch unreachable" / "Kafka unreachable").
 
@@ -503,7 +506,8 @@ def to_actions(
 
     A later message for the same document supersedes an earlier one in the batch: one bulk request
     applies them in order anyway, and keeping only the last means a partial retry can never write an
-    older version last.
+    older version last. A ``create`` (:func:`never_replaces`) supersedes nothing: it would not have replaced
+    the earlier one either.
     """
     routes = {route.topic.full_name(topic_prefix): route for route in ROUTES}
     now = now_ms if now_ms is not None else clock.now_ms()
@@ -522,6 +526,8 @@ def to_actions(
         if op is None:
             continue
         key = (op["_index"], op["_id"])
+        if op["_op_type"] == "create" and key in actions:
+            continue  # written after the earlier one, it would be refused (409): the earlier one stands
         actions.pop(key, None)  # re-insert so the order is that of the last occurrence
         actions[key] = IndexAction(op=op, message=message, kind=route.kind)
     return list(actions.values()), dead
@@ -580,7 +586,24 @@ def _operation(
     pseudonymise(source, route, customer_key_secret)
     if forgotten is not None and forgotten.scrub(route, source):
         forgotten.stripped += 1
-    return {"_op_type": "index", "_index": index, "_id": doc_id, "_source": source, **versioned}
+    op_type = "create" if never_replaces(route, record) else "index"
+    return {"_op_type": op_type, "_index": index, "_id": doc_id, "_source": source, **versioned}
+
+
+NEVER_REPLACING = {"face_observations": ("status", frozenset({"UNAVAILABLE"}))}
+"""Per route kind, the field and values of records that say only that nothing is known: they are written only
+where their document is not there yet (:func:`never_replaces`)."""
+
+
+def never_replaces(route: Route, record: dict[str, Any]) -> bool:
+    """Whether ``record`` goes in with op ``create`` rather than ``index``: an ``UNAVAILABLE`` face observation.
+
+    The face stage gives a trigger the same id whenever it comes (``checkout:<tx>``), and a transaction sent again
+    after its lag limit (the replay tool, a redelivery) is answered ``UNAVAILABLE`` "not snapshotted: late": indexed,
+    that replaced the real observation (its image ref, match and similarity). Created instead, it only fills an
+    id nothing was indexed under, and a real observation (op ``index``) still replaces it."""
+    rule = NEVER_REPLACING.get(route.kind)
+    return rule is not None and record.get(rule[0]) in rule[1]
 
 
 def pseudonymise(source: dict[str, Any], route: Route, secret: str | None) -> bool:
@@ -648,13 +671,16 @@ class BulkAttempt:
     acknowledged: int = 0
     stale: int = 0
     """Of ``acknowledged``: versioned writes OpenSearch refused because the document is newer (409)."""
+    kept: int = 0
+    """Of ``acknowledged``: creates (:func:`never_replaces`) OpenSearch refused because the document is there (409)."""
     retry: list[IndexAction] = field(default_factory=list)
     rejected: list[DeadLetter] = field(default_factory=list)
     problem: str | None = None
     """Why something must be retried, for the log line (status and error type, no document)."""
     reinstall: bool = False
     written: Counter[str] = field(default_factory=Counter)
-    """Of ``acknowledged``, less ``stale``: documents written (or deleted) per route kind, for the metrics."""
+    """Of ``acknowledged``, less ``stale`` and ``kept``: documents written (or deleted) per route kind, for the
+    metrics."""
 
 
 MAX_CHUNK_BYTES = 50 * 1024 * 1024
@@ -704,7 +730,11 @@ def _bulk_into(
                 continue
             status, error = info.get("status"), info.get("error")
             error_type = error.get("type") if isinstance(error, dict) else str(error)
-            if status == 409 and error_type == "version_conflict_engine_exception" and "version" in action.op:
+            conflict = status == 409 and error_type == "version_conflict_engine_exception"
+            if conflict and action.op["_op_type"] == "create":
+                result.acknowledged += 1  # the document is there, and this one must not replace it: done
+                result.kept += 1
+            elif conflict and "version" in action.op:
                 result.acknowledged += 1  # the document already holds a later message: this one is done
                 result.stale += 1
             elif is_retriable(status, error_type):
@@ -769,6 +799,8 @@ class SinkStats:
     """Messages made redundant by a later one for the same document in the same batch."""
     stale: int = 0
     """Versioned writes (labels) OpenSearch refused because the document already holds a later message."""
+    kept: int = 0
+    """``UNAVAILABLE`` face observations not written because their id already holds an observation."""
     forgets: int = 0
     """Forgets read on ``audit`` and carried out in the indices."""
     erased: int = 0
@@ -782,8 +814,8 @@ class SinkStats:
         return (
             f"indexed={self.indexed} dead_lettered={self.dead_lettered} retries={self.retries} "
             f"batches={self.batches} commits={self.commits} superseded={self.superseded} stale={self.stale} "
-            f"forgets={self.forgets} forgets_incomplete={self.forgets_incomplete} erased={self.erased} "
-            f"forgotten_on_write={self.forgotten_on_write}"
+            f"kept={self.kept} forgets={self.forgets} forgets_incomplete={self.forgets_incomplete} "
+            f"erased={self.erased} forgotten_on_write={self.forgotten_on_write}"
         )
 
 
@@ -1040,8 +1072,9 @@ class OpenSearchSink:
         pending, rejected, attempt, started = actions, [], 0, time.monotonic()
         while pending:
             result = bulk_once(self.client, pending, self.max_docs)
-            self.stats.indexed += result.acknowledged - result.stale
+            self.stats.indexed += result.acknowledged - result.stale - result.kept
             self.stats.stale += result.stale
+            self.stats.kept += result.kept
             for kind, count in result.written.items():
                 metrics.RECORDS_OUT.labels(STAGE, kind).inc(count)
             rejected += result.rejected

@@ -715,3 +715,114 @@ def test_a_bulk_request_refused_for_the_clusters_reasons_keeps_the_batch() -> No
     pending = actions_for("tx-1", "tx-2")
     result = bulk_once(client, pending)  # type: ignore[arg-type]
     assert result.retry == pending and result.rejected == []
+
+
+class DocumentStore(FakeBulkClient):
+    """Documents by (index, id), written as OpenSearch writes them: ``index`` replaces, ``create`` of an id that
+    is there is refused with a 409 version conflict, ``delete`` removes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.docs: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def bulk(self, body: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        lines = [json.loads(line) for line in body.splitlines() if line]
+        self.requests.append(list(lines))
+        items = []
+        while lines:
+            op, meta = next(iter(lines.pop(0).items()))
+            key = (meta["_index"], meta["_id"])
+            if op == "delete":
+                items.append({op: {"_id": meta["_id"], "status": 200 if self.docs.pop(key, None) else 404}})
+                continue
+            source = lines.pop(0)
+            if op == "create" and key in self.docs:
+                conflict = {"type": "version_conflict_engine_exception", "reason": "document already exists"}
+                items.append({op: {"_id": meta["_id"], "status": 409, "error": conflict}})
+                continue
+            items.append({op: {"_id": meta["_id"], "status": 200 if key in self.docs else 201}})
+            self.docs[key] = source
+        return {"errors": True, "items": items}
+
+
+def observed(status: str, tx: str = "tx-1", **overrides: Any) -> FaceObservation:
+    """A checkout observation of ``tx`` as the face stage sends it: a real one with its image and match, or an
+    ``UNAVAILABLE`` one (the transaction came again too late to be snapshotted) with its reason alone."""
+    real = status != "UNAVAILABLE"
+    values: dict[str, Any] = dict(
+        observation_id=f"checkout:{tx}",
+        event_time=1_700_000_000_000,
+        camera_serial="Q2MV-S1-L2",
+        store_id="S1",
+        lane_id="L2",
+        transaction_id=tx,
+        trigger="CHECKOUT",
+        status=status,
+        subject_id="subj-tx-9" if status == "MATCHED" else None,
+        similarity=97.5 if status == "MATCHED" else None,
+        quality=0.8 if real else None,
+        image_ref=f"checkout/{tx}" if real else None,
+        reason=None if real else "not snapshotted: 700 s late (limit 600 s)",
+    )
+    values.update(overrides)
+    return FaceObservation(**values)
+
+
+def index_into(store: DocumentStore, *records: FaceObservation) -> Any:
+    """One batch of face observations through the sink's actions and one bulk round."""
+    batch = [message(f"{PREFIX}face_observations", r.encode(), offset=n) for n, r in enumerate(records)]
+    actions, dead = to_actions(batch, index_prefix="cg", topic_prefix=PREFIX)
+    assert dead == []
+    return bulk_once(store, actions)  # type: ignore[arg-type]
+
+
+def test_a_late_unavailable_observation_never_replaces_the_real_one_of_the_same_id() -> None:
+    """A transaction sent again after the face stage's lag limit (a replay, a redelivery) gets an ``UNAVAILABLE``
+    observation under the same id: indexed over the real one, the analysts lost its image ref and match."""
+    store, doc = DocumentStore(), ("cg-face_observations-2023.11.14", "checkout:tx-1")
+    index_into(store, observed("MATCHED"))
+    result = index_into(store, observed("UNAVAILABLE"))
+    assert (result.acknowledged, result.kept, result.retry, result.rejected) == (1, 1, [], [])
+    assert result.written == {}  # nothing was written: the metrics count no document
+    kept = store.docs[doc]
+    assert (kept["status"], kept["image_ref"], kept["subject_id"], kept["similarity"]) == (
+        "MATCHED",
+        "checkout/tx-1",
+        "subj-tx-9",
+        97.5,
+    )
+    again = index_into(store, observed("UNAVAILABLE"))  # replayed once more: still done, still kept
+    assert (again.acknowledged, again.kept, again.rejected) == (1, 1, [])
+    assert store.docs[doc]["status"] == "MATCHED"
+
+
+def test_an_unavailable_observation_is_indexed_until_a_real_one_of_the_same_id_replaces_it() -> None:
+    store, doc = DocumentStore(), ("cg-face_observations-2023.11.14", "checkout:tx-1")
+    first = index_into(store, observed("UNAVAILABLE", reason="snapshot no_video: no footage"))
+    assert (first.acknowledged, first.kept, dict(first.written)) == (1, 0, {"face_observations": 1})
+    assert store.docs[doc]["status"] == "UNAVAILABLE"
+    index_into(store, observed("NO_MATCH"))
+    assert (store.docs[doc]["status"], store.docs[doc]["image_ref"]) == ("NO_MATCH", "checkout/tx-1")
+    sent = [line for line in store.requests[0] + store.requests[1] if "_index" in next(iter(line.values()))]
+    assert [next(iter(line)) for line in sent] == ["create", "index"]
+
+
+def test_a_late_unavailable_observation_in_the_same_batch_does_not_supersede_the_real_one() -> None:
+    store = DocumentStore()
+    result = index_into(store, observed("NO_MATCH"), observed("UNAVAILABLE"), observed("UNAVAILABLE", tx="tx-2"))
+    assert result.acknowledged == 2
+    docs = {key[1]: source["status"] for key, source in store.docs.items()}
+    assert docs == {"checkout:tx-1": "NO_MATCH", "checkout:tx-2": "UNAVAILABLE"}
+    # and the other way round: the real observation after an UNAVAILABLE one of the batch wins
+    store = DocumentStore()
+    index_into(store, observed("UNAVAILABLE"), observed("MATCHED"))
+    assert [source["status"] for source in store.docs.values()] == ["MATCHED"]
+
+
+def test_a_version_conflict_is_taken_as_done_only_for_a_create_of_an_unavailable_observation() -> None:
+    conflict = {"status": 409, "error": {"type": "version_conflict_engine_exception", "reason": "exists"}}
+    client = FakeBulkClient({"checkout:tx-1": conflict})
+    batch = [message(f"{PREFIX}face_observations", observed("NO_MATCH").encode())]
+    actions, _ = to_actions(batch, index_prefix="cg", topic_prefix=PREFIX)
+    result = bulk_once(client, actions)  # type: ignore[arg-type]
+    assert (result.acknowledged, result.kept, len(result.rejected)) == (0, 0, 1)
