@@ -279,6 +279,11 @@ class FaceJoin:
         decided = self.decided.pop(tx_id, None)
         if decided is not None:  # after the deadline: a late result, not an early face
             return Ready(decided[0], seen, None, late=True), [(DECIDED, tx_id, None)]
+        held = self.early.get(tx_id)
+        if held is not None and seen.face.status == "UNAVAILABLE" and held.face.status != "UNAVAILABLE":
+            # the stage's "late" answer to a transaction sent again (a replay) must not replace the face it
+            # found the first time: the transaction would be decided without its face
+            return None, []
         self.early[tx_id] = seen
         self._early_order.add(tx_id, seen, self.early)
         return None, [(EARLY_FACES, tx_id, seen)]

@@ -42,6 +42,21 @@ def test_transaction_waits_for_its_face_and_is_released_when_it_arrives():
     assert join.next_deadline() is None
 
 
+def test_a_late_unavailable_answer_does_not_replace_the_face_held_for_its_transaction():
+    """A transaction sent again (a replay) makes the face stage answer UNAVAILABLE ("late") under the same id; when
+    the real face waited for its transaction, that answer replaced it and the transaction was decided faceless."""
+    join = FaceJoin(deadline_ms=4000, early_ttl_ms=60_000)
+    assert join.on_observation("t1", seen("MATCHED", at=100)) == (None, [(EARLY_FACES, "t1", seen("MATCHED", at=100))])
+    assert join.on_observation("t1", seen("UNAVAILABLE", embedding=None, at=200)) == (None, [])
+    ready, _ = join.on_transaction(env("t1"), now_ms=300)
+    assert ready is not None and ready.seen.face.status == "MATCHED"
+    # the other way round, a real face replaces an UNAVAILABLE one held
+    join.on_observation("t2", seen("UNAVAILABLE", embedding=None))
+    join.on_observation("t2", seen("NO_MATCH"))
+    ready, _ = join.on_transaction(env("t2"), now_ms=300)
+    assert ready is not None and ready.seen.face.status == "NO_MATCH"
+
+
 def test_transaction_goes_ahead_with_face_unavailable_after_the_deadline():
     join = FaceJoin(deadline_ms=4000, early_ttl_ms=60_000)
     join.on_transaction(env("t1"), now_ms=1000)
