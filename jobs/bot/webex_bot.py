@@ -23,7 +23,7 @@ exactly like the typed ``confirm <case>`` / ``dismiss <case>``). The receiver:
    a redelivered message is the same command), signed with ``CG_WEBEX__COMMAND_SIGNING_KEY`` in the
    :data:`~infra.command_auth.SIGNATURE_HEADER` header (the watchlist service applies only
    signed, fresh commands from allow-listed issuers; without a key the bot refuses watchlist changes),
-   and replies in the room.
+   and replies in the room; ``help`` from anyone else is answered, not recorded (it would be dead-lettered).
 
 ``checkout`` answers at once through ``inspect_checkout(tx_id) -> str`` (default: the recorded decision
 and face result from OpenSearch), then follows up with ``fresh_checkout`` (default:
@@ -577,6 +577,10 @@ class WebexBot:
         refusal = self._refusal(parsed.verb, message_id, room_id, person) or self._decided_already(parsed)
         if refusal:
             return refusal, False
+        if parsed.verb not in RESTRICTED_VERBS and not self.settings.webex.is_allowed(room_id, person):
+            # ``help`` answers everyone, but the watchlist service dead-letters a command from anyone off the
+            # allow-list as ``unauthorized``: only an allow-listed issuer's is recorded.
+            return self._answer(parsed), False
         command = BotCommand(
             command_id=message_id,
             issued_at=now_ms(),

@@ -227,6 +227,20 @@ def test_help_answers_anyone(harness: Harness) -> None:
     assert reply.startswith("**Checkout Guard** understands")
 
 
+def test_help_from_someone_not_allow_listed_is_answered_without_a_command_the_services_would_refuse(
+    harness: Harness,
+) -> None:
+    """The watchlist service dead-letters a command from an issuer off the allow-list as ``unauthorized``: a
+    cashier asking for help must not leave one."""
+    harness.say(SHOP_FLOOR, "cashier@store.test", "help")
+    [reply] = wait_for(lambda: harness.replies(SHOP_FLOOR), 10, what="the help")
+    assert reply.startswith("**Checkout Guard** understands") and harness.published == []
+    harness.say(SECURITY_ROOM, "guard@store.test", "help")  # from the security room it is recorded, and accepted
+    wait_for(lambda: harness.published, 10, what="the help command")
+    [command], [headers] = harness.published, harness.headers
+    authenticate_command(command, headers, harness.bot.settings.webex, command.issued_at, fresh=False)
+
+
 def test_every_published_command_is_signed_so_the_watchlist_service_accepts_it(harness: Harness) -> None:
     harness.say(SECURITY_ROOM, "guard@store.test", "fraud tx-42")
     wait_for(lambda: harness.published, 10, what="the command")
