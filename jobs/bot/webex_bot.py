@@ -195,7 +195,10 @@ def _parse_words(words: list[str]) -> ParsedCommand:
     # a path or an over-long id is answered here instead of becoming a dead letter there.
     subject = f"subj-{argument}" if verb in {"FRAUD", "VIP"} else argument
     if ID_RE.fullmatch(argument) is None or ID_RE.fullmatch(subject) is None:
-        return ParsedCommand(verb, problem=f"`{argument[:40]}` does not look like a {VERBS_WITH_ARGUMENT[verb]}")
+        # Echoed as code only (anyone may get this answer): the sender's backtick must not end the span and
+        # let the bot post their link or mention.
+        shown = _code(argument[:40]) or "that"
+        return ParsedCommand(verb, problem=f"{shown} does not look like a {VERBS_WITH_ARGUMENT[verb]}")
     return ParsedCommand(verb, argument)
 
 

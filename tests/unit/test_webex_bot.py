@@ -78,6 +78,23 @@ def test_arguments_that_are_not_valid_ids_are_answered_not_published(text: str) 
     assert "does not look like" in (parse_command(text).problem or "")
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "forget a`[login](https://evil.example/x)",
+        "fraud x`<@all>y",
+        "checkout x`<@personEmail:ceo@store.test|CEO>y",
+        "vip **x**`__y__",
+    ],
+)
+def test_an_odd_argument_is_echoed_as_code_never_as_the_senders_markdown(text: str) -> None:
+    """Anyone may get this answer: a backtick in the argument must not end the code span and let the bot post
+    the sender's link or mention in its own name."""
+    problem = parse_command(text).problem or ""
+    assert "does not look like" in problem
+    assert problem.count("`") == 2 and "<" not in problem and ">" not in problem, problem
+
+
 def test_mention_is_only_stripped_as_a_whole_word() -> None:
     assert strip_mention("Checkoutstatus", ("Checkout",)) == "Checkoutstatus"
 
