@@ -162,14 +162,33 @@ def strip_mention(text: str, bot_names: tuple[str, ...]) -> str:
     return stripped
 
 
+def strip_trailing_mention(text: str, bot_names: tuple[str, ...]) -> str:
+    """The text without a mention of the bot at its end (``fraud tx-1 @Checkout Guard``), so that the mention is
+    not read as a second argument; only a whole word after a space or ``@`` is a mention."""
+    stripped = text.strip()
+    for name in sorted((n for n in bot_names if n), key=len, reverse=True):
+        if len(stripped) > len(name) and stripped.lower().endswith(name.lower()):
+            before = stripped[-len(name) - 1]
+            if before.isspace() or before == "@":
+                return stripped[: -len(name)].rstrip(" ,:@").strip()
+    return stripped
+
+
 def parse_command(text: str, bot_names: tuple[str, ...] = ()) -> ParsedCommand:
     """``fraud tx-1`` -> ParsedCommand("FRAUD", "tx-1"); unknown words -> verb None.
 
     The mention is stripped first; when that leaves no command the text is read as it is, because the
     bot's short name can itself be a verb (``Checkout`` vs ``checkout tx-1``)."""
-    parsed = _parse_words(strip_mention(text, bot_names).split())
+    parsed = _parse_text(strip_mention(text, bot_names), bot_names)
     if parsed.verb is None:
-        parsed = _parse_words(text.strip().lstrip("@").split())
+        parsed = _parse_text(text.strip().lstrip("@"), bot_names)
+    return parsed
+
+
+def _parse_text(text: str, bot_names: tuple[str, ...]) -> ParsedCommand:
+    parsed = _parse_words(text.split())
+    if parsed.verb in VERBS_WITH_ARGUMENT and parsed.problem:  # ``fraud tx-1 @Checkout``: the mention is no argument
+        return _parse_words(strip_trailing_mention(text, bot_names).split())
     return parsed
 
 
@@ -190,6 +209,9 @@ def _parse_words(words: list[str]) -> ParsedCommand:
         return ParsedCommand(verb)
     if len(words) < 2:
         return ParsedCommand(verb, problem=f"`{verb.lower()}` needs a {VERBS_WITH_ARGUMENT[verb]}")
+    if len(words) > 2:  # not the first id alone: the sender would believe the others were done too
+        what = VERBS_WITH_ARGUMENT[verb]
+        return ParsedCommand(verb, problem=f"`{verb.lower()}` takes one {what} at a time; nothing was sent")
     argument = words[1].strip("`'\"<>")
     # The ids the watchlist service accepts (schemas.identifiers), the subject ``subj-<tx>`` included:
     # a path or an over-long id is answered here instead of becoming a dead letter there.

@@ -95,6 +95,28 @@ def test_an_odd_argument_is_echoed_as_code_never_as_the_senders_markdown(text: s
     assert problem.count("`") == 2 and "<" not in problem and ">" not in problem, problem
 
 
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("forget subj-a subj-b", "`forget` takes one subject id"),
+        ("fraud tx-1 tx-2 tx-3", "`fraud` takes one transaction id"),
+        ("Checkout Guard vip tx-1 and tx-2", "`vip` takes one transaction id"),
+    ],
+)
+def test_a_watchlist_command_with_more_than_one_id_is_answered_not_cut_to_the_first(text: str, problem: str) -> None:
+    """``forget subj-a subj-b`` used to forget ``subj-a`` alone while the sender believed both were gone."""
+    parsed = parse_command(text, ("Checkout Guard", "Checkout"))
+    assert problem in (parsed.problem or ""), parsed
+
+
+def test_a_mention_of_the_bot_after_the_command_is_not_an_extra_word() -> None:
+    for text in ("fraud tx-1 Checkout Guard", "fraud tx-1 @Checkout", "Checkout Guard fraud tx-1 Checkout Guard"):
+        parsed = parse_command(text, ("Checkout Guard", "Checkout"))
+        assert (parsed.verb, parsed.argument, parsed.problem) == ("FRAUD", "tx-1", None), text
+    assert parse_command("forget subj-checkout", ("Checkout",)).argument == "subj-checkout"
+    assert parse_command("note case-1 asked Checkout", ("Checkout",)).argument == "case-1 asked Checkout"
+
+
 def test_mention_is_only_stripped_as_a_whole_word() -> None:
     assert strip_mention("Checkoutstatus", ("Checkout",)) == "Checkoutstatus"
 
