@@ -11,7 +11,8 @@ exactly like the typed ``confirm <case>`` / ``dismiss <case>``). The receiver:
 2. parses the callback (malformed, too deeply nested or over :data:`MAX_BODY_BYTES` -> 400/413, never
    5xx), ignores the bot's own messages and messages already handled (Webex may deliver twice), answers
    200 at once and does the rest in the background;
-3. fetches the text (``GET /messages/{id}``), strips the mention, parses the command, and:
+3. fetches the text (``GET /messages/{id}``; retried, then answered with an apology when Webex still fails),
+   strips the mention, parses the command, and:
    ``checkout <tx>`` -> the face check for that transaction; ``fraud <tx>`` / ``vip <tx>`` -> enroll the face
    of that checkout as suspect / VIP; ``forget <subject>`` -> delete a watchlist entry; ``confirm <case>
    [fraud]``, ``dismiss <case> [reason]``, ``assign <case> <person>``, ``note <case> <text>``, ``escalate
@@ -104,6 +105,8 @@ WATCHLIST_REFUSAL = (
 UNSIGNED_REFUSAL = "Sorry, watchlist changes are switched off here: no command signing key is configured."
 CASE_UNSIGNED_REFUSAL = "Sorry, case verdicts and notes are switched off here: no command signing key is configured."
 """The same for a case verb: a guard who types ``confirm <case>`` must not read that the watchlist is off."""
+UNREAD_APOLOGY = "Sorry, I could not read your message from Webex just now; nothing was done. Please send it again."
+"""The answer when ``GET /messages/{id}`` fails after its retries (a timeout, 5xx, rate limits)."""
 Handler = Callable[[dict[str, Any]], str | None]
 """Handles one webhook's ``data`` (a message or a card press); returns the reply sent."""
 """Kafka headers of a command (its signature)."""
@@ -549,7 +552,13 @@ class WebexBot:
         me = self.me()
         if data["personId"] == me.get("id"):
             return None
-        message = with_retries(lambda: self.client.get_message(data["id"]))
+        try:
+            message = with_retries(lambda: self.client.get_message(data["id"]))
+        except WebexError:
+            # Webex took the message but will not give it to us: the sender must not wait for an answer.
+            with contextlib.suppress(WebexError):  # Webex may refuse this too; the fetch's error is the one logged
+                with_retries(lambda: self.client.send_message(data["roomId"], UNREAD_APOLOGY))
+            raise
         if message.get("personId") == me.get("id"):
             return None
         room_id = message.get("roomId") or data["roomId"]

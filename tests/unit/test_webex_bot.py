@@ -413,6 +413,15 @@ def test_a_command_that_cannot_be_recorded_gets_an_apology_not_silence(harness: 
     assert reply.startswith("Sorry, I could not record that right now")
 
 
+def test_a_message_webex_will_not_give_us_gets_an_apology_not_silence(harness: Harness) -> None:
+    harness.bot.me()  # known before Webex fails: only the message itself cannot be read
+    harness.webex.state.fail((503,), count=4)  # every try of the fetch
+    harness.say(SECURITY_ROOM, "guard@store.test", "fraud tx-8")
+    [reply] = wait_for(lambda: harness.replies(SECURITY_ROOM), 15, what="the apology")
+    assert reply.startswith("Sorry, I could not read your message") and harness.published == []
+    assert harness.webex.state.requests["503"] == 4
+
+
 def test_replies_wait_out_a_rate_limit_and_a_server_error(harness: Harness) -> None:
     harness.webex.state.fail((429, 500), count=2, retry_after=1)  # fetching the message meets both
     t0 = time.monotonic()
