@@ -704,7 +704,8 @@ class WebexSettings(BaseModel, frozen=True):
     """Shared by the bot and the watchlist service: every BotCommand is signed (HMAC-SHA256) with it, and
     without it the bot refuses watchlist changes and the service applies none (the demo generates one)."""
     command_max_age_s: float = Field(default=900.0, gt=0, allow_inf_nan=False)
-    """The watchlist service refuses a signed command older than this (bounds the replay of a copied one)."""
+    """The watchlist service refuses a signed command older than this (bounds the replay of a copied one); the
+    bot ignores a Webex message or card press older than this (a replayed webhook)."""
     bot_host: str = "127.0.0.1"
     bot_port: Port = 8088
     local_port: Port = 8089

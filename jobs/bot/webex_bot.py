@@ -12,7 +12,8 @@ exactly like the typed ``confirm <case>`` / ``dismiss <case>``). The receiver:
    5xx), ignores the bot's own messages and messages already handled (Webex may deliver twice), answers
    200 at once and does the rest in the background;
 3. fetches the text (``GET /messages/{id}``; retried, then answered with an apology when Webex still fails),
-   strips the mention, parses the command, and:
+   ignores one Webex says is older than ``CG_WEBEX__COMMAND_MAX_AGE_S`` (a replayed webhook), strips the
+   mention, parses the command, and:
    ``checkout <tx>`` -> the face check for that transaction; ``fraud <tx>`` / ``vip <tx>`` -> enroll the face
    of that checkout as suspect / VIP; ``forget <subject>`` -> delete a watchlist entry; ``confirm <case>
    [fraud]``, ``dismiss <case> [reason]``, ``assign <case> <person>``, ``note <case> <text>``, ``escalate
@@ -263,6 +264,18 @@ def parse_any_callback(body: bytes) -> tuple[str, dict[str, Any]]:
     if email is not None and (not isinstance(email, str) or len(email) > 320):
         raise BadCallback("data.personEmail is not a string")
     return str(resource), data
+
+
+def webex_time_ms(value: Any) -> int | None:
+    """Webex's ``created`` (ISO 8601, ``2026-12-06T19:56:42.123Z``) as epoch milliseconds; None when it is not
+    a time with a zone."""
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return int(when.timestamp() * 1000) if when.tzinfo is not None else None
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 # --------------------------------------------------------------------------- default collaborators
@@ -559,7 +572,7 @@ class WebexBot:
             with contextlib.suppress(WebexError):  # Webex may refuse this too; the fetch's error is the one logged
                 with_retries(lambda: self.client.send_message(data["roomId"], UNREAD_APOLOGY))
             raise
-        if message.get("personId") == me.get("id"):
+        if message.get("personId") == me.get("id") or self._replayed(message, data["id"]):
             return None
         room_id = message.get("roomId") or data["roomId"]
         person = message.get("personEmail") or data.get("personEmail") or ""
@@ -583,7 +596,7 @@ class WebexBot:
         me = self.me()
         action = with_retries(lambda: self.client.get_attachment_action(data["id"]))
         person_id = str(action.get("personId") or data["personId"])
-        if person_id == me.get("id"):
+        if person_id == me.get("id") or self._replayed(action, data["id"]):
             return None
         room_id = str(action.get("roomId") or data["roomId"])
         person = with_retries(lambda: self.client.get_person(person_id))
@@ -601,6 +614,20 @@ class WebexBot:
         with_retries(lambda: self.client.send_message(room_id, reply))
         self.handled += 1
         return reply
+
+    def _replayed(self, item: dict[str, Any], item_id: str) -> bool:
+        """True when Webex says the message (or card press) was made longer than ``CG_WEBEX__COMMAND_MAX_AGE_S``
+        ago, or gives no time: a webhook replayed after the bot forgot it (a restart), not one Webex just sent.
+        Its command would be signed as new, so the services' age limit would not stop it."""
+        created = webex_time_ms(item.get("created"))
+        age_s = None if created is None else (now_ms() - created) / 1000
+        if age_s is not None and age_s <= self.settings.webex.command_max_age_s:
+            return False
+        if age_s is None:
+            log.warning("%s ignored: Webex gives no time it was made at", item_id)
+        else:
+            log.warning("%s ignored: made %.0f s ago, over CG_WEBEX__COMMAND_MAX_AGE_S (replayed?)", item_id, age_s)
+        return True
 
     def _execute(self, parsed: ParsedCommand, message_id: str, room_id: str, person: str) -> tuple[str, bool]:
         """The reply, and whether the command was accepted (recorded on ``commands``)."""

@@ -28,6 +28,7 @@ from jobs.bot.webex_bot import (
     parse_command,
     strip_mention,
     verify_signature,
+    webex_time_ms,
 )
 from schemas.records import BotCommand
 
@@ -345,6 +346,32 @@ def test_forged_or_unsigned_webhooks_are_refused_and_change_nothing(harness: Har
     good = httpx.post(harness.url, content=body, headers={"X-Spark-Signature": sign(body, SECRET)})
     assert good.status_code == 200
     wait_for(lambda: harness.published, 10, what="the signed command")
+
+
+def test_a_captured_webhook_replayed_later_runs_nothing_again(harness: Harness) -> None:
+    """A signed body carries no time, and the bot forgets what it handled when it restarts: replayed then, an old
+    message would become a command signed as new (the services' age limit measures from the bot's signing)."""
+    harness.webex.state.webhooks.clear()
+    harness.say(SECURITY_ROOM, "guard@store.test", "checkout tx-13")
+    [message] = [m for m in harness.webex.state.messages if m["text"] == "checkout tx-13"]
+    message["created"] = "2026-01-05T08:00:00.000Z"  # what Webex says of it now: posted long ago
+    body = callback(message["id"])
+    assert httpx.post(harness.url, content=body, headers={"X-Spark-Signature": sign(body, SECRET)}).status_code == 200
+    time.sleep(1.0)
+    assert harness.published == [] and harness.replies(SECURITY_ROOM) == []
+    harness.say(SECURITY_ROOM, "guard@store.test", "checkout tx-14")  # a message of now is handled
+    [fresh] = [m for m in harness.webex.state.messages if m["text"] == "checkout tx-14"]
+    body = callback(fresh["id"])
+    httpx.post(harness.url, content=body, headers={"X-Spark-Signature": sign(body, SECRET)})
+    wait_for(lambda: harness.published, 10, what="the fresh command")
+    assert [c.argument for c in harness.published] == ["tx-14"]
+
+
+def test_webex_times_are_read_only_with_their_zone() -> None:
+    assert webex_time_ms("2026-12-06T19:56:42.123Z") == 1796587002123
+    assert webex_time_ms("2026-12-06T20:56:42.123+01:00") == 1796587002123
+    for bad in ("2026-12-06T19:56:42.123", "yesterday", "", None, 1796587002123, "9" * 100):
+        assert webex_time_ms(bad) is None
 
 
 def malformed_bodies(rng: random.Random, n: int) -> Iterator[tuple[bytes, bool]]:
