@@ -178,11 +178,18 @@ def strip_trailing_mention(text: str, bot_names: tuple[str, ...]) -> str:
     return stripped
 
 
+INVISIBLE = dict.fromkeys(map(ord, "\u200b\u2060\ufeff\u00ad"))
+"""Zero-width space, word joiner, BOM and soft hyphen: shown as nothing, pasted along with ids (``tx-1\u200b``).
+Removed before parsing, so the text is read as its sender sees it (bidi controls are not: they reorder what is
+shown, and an id holding one is refused)."""
+
+
 def parse_command(text: str, bot_names: tuple[str, ...] = ()) -> ParsedCommand:
     """``fraud tx-1`` -> ParsedCommand("FRAUD", "tx-1"); unknown words -> verb None.
 
     The mention is stripped first; when that leaves no command the text is read as it is, because the
     bot's short name can itself be a verb (``Checkout`` vs ``checkout tx-1``)."""
+    text = text.translate(INVISIBLE)
     parsed = _parse_text(strip_mention(text, bot_names), bot_names)
     if parsed.verb is None:
         parsed = _parse_text(text.strip().lstrip("@"), bot_names)

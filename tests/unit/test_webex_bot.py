@@ -118,6 +118,24 @@ def test_a_mention_of_the_bot_after_the_command_is_not_an_extra_word() -> None:
     assert parse_command("note case-1 asked Checkout", ("Checkout",)).argument == "case-1 asked Checkout"
 
 
+@pytest.mark.parametrize(
+    ("text", "verb", "argument"),
+    [
+        ("fraud tx-1\u200b", "FRAUD", "tx-1"),  # a zero-width space pasted with the id
+        ("\ufefffraud tx-1", "FRAUD", "tx-1"),
+        ("Checkout Guard\u2060 forget subj-\u00adtx-1", "FORGET", "subj-tx-1"),
+        ("assign case-1 lead\u200b@store.test", "ASSIGN", "case-1 lead@store.test"),  # not a lookalike of the lead
+    ],
+)
+def test_invisible_characters_are_read_as_the_sender_sees_the_text(text: str, verb: str, argument: str) -> None:
+    parsed = parse_command(text, ("Checkout Guard", "Checkout"))
+    assert (parsed.verb, parsed.argument, parsed.problem) == (verb, argument, None)
+
+
+def test_text_that_reads_in_another_order_than_it_is_written_is_refused() -> None:
+    assert "does not look like" in (parse_command("forget \u202e1-jbus").problem or "")  # shows as "subj-1"
+
+
 def test_mention_is_only_stripped_as_a_whole_word() -> None:
     assert strip_mention("Checkoutstatus", ("Checkout",)) == "Checkoutstatus"
 
