@@ -50,7 +50,7 @@ import json
 import logging
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -108,6 +108,10 @@ CASE_UNSIGNED_REFUSAL = "Sorry, case verdicts and notes are switched off here: n
 """The same for a case verb: a guard who types ``confirm <case>`` must not read that the watchlist is off."""
 UNREAD_APOLOGY = "Sorry, I could not read your message from Webex just now; nothing was done. Please send it again."
 """The answer when ``GET /messages/{id}`` fails after its retries (a timeout, 5xx, rate limits)."""
+UNREAD_PRESS_APOLOGY = (
+    "Sorry, I could not read your button press from Webex just now; nothing was done. Please press it again."
+)
+"""The same for a card press (``GET /attachment/actions/{id}`` or its person)."""
 Handler = Callable[[dict[str, Any]], str | None]
 """Handles one webhook's ``data`` (a message or a card press); returns the reply sent."""
 """Kafka headers of a command (its signature)."""
@@ -572,13 +576,8 @@ class WebexBot:
         me = self.me()
         if data["personId"] == me.get("id"):
             return None
-        try:
+        with self._apology_on_failure(data["roomId"], UNREAD_APOLOGY):
             message = with_retries(lambda: self.client.get_message(data["id"]))
-        except WebexError:
-            # Webex took the message but will not give it to us: the sender must not wait for an answer.
-            with contextlib.suppress(WebexError):  # Webex may refuse this too; the fetch's error is the one logged
-                with_retries(lambda: self.client.send_message(data["roomId"], UNREAD_APOLOGY))
-            raise
         if message.get("personId") == me.get("id") or self._replayed(message, data["id"]):
             return None
         room_id = message.get("roomId") or data["roomId"]
@@ -601,12 +600,14 @@ class WebexBot:
         """Handle one card button press: fetch the action (its inputs) and its person, then do what the same
         command typed in the room would do (the action id is the command id: a redelivery is the same)."""
         me = self.me()
-        action = with_retries(lambda: self.client.get_attachment_action(data["id"]))
+        with self._apology_on_failure(data["roomId"], UNREAD_PRESS_APOLOGY):
+            action = with_retries(lambda: self.client.get_attachment_action(data["id"]))
         person_id = str(action.get("personId") or data["personId"])
         if person_id == me.get("id") or self._replayed(action, data["id"]):
             return None
         room_id = str(action.get("roomId") or data["roomId"])
-        person = with_retries(lambda: self.client.get_person(person_id))
+        with self._apology_on_failure(room_id, UNREAD_PRESS_APOLOGY):
+            person = with_retries(lambda: self.client.get_person(person_id))
         emails = person.get("emails") or []
         email = str(emails[0]) if emails else ""
         raw_inputs = action.get("inputs")
@@ -621,6 +622,17 @@ class WebexBot:
         with_retries(lambda: self.client.send_message(room_id, reply))
         self.handled += 1
         return reply
+
+    @contextlib.contextmanager
+    def _apology_on_failure(self, room_id: str, apology: str) -> Iterator[None]:
+        """Webex took the message (or press) but will not give it to us after the retries: the sender must not
+        wait for an answer. The error goes on to be logged; the apology is best effort (Webex may refuse it too)."""
+        try:
+            yield
+        except WebexError:
+            with contextlib.suppress(WebexError):
+                with_retries(lambda: self.client.send_message(room_id, apology))
+            raise
 
     def _replayed(self, item: dict[str, Any], item_id: str) -> bool:
         """True when Webex says the message (or card press) was made longer than ``CG_WEBEX__COMMAND_MAX_AGE_S``

@@ -112,6 +112,19 @@ def test_a_press_by_someone_not_allowed_changes_nothing(harness: Harness) -> Non
     assert harness.published == []
 
 
+def test_a_press_webex_will_not_give_us_gets_an_apology_not_silence(harness: Harness) -> None:
+    message_id = post_card(harness, SECURITY_ROOM)
+    harness.bot.me()  # known before Webex fails: only the press itself cannot be read
+    harness.webex.state.fail((503,), count=4)  # every try of the fetch
+    harness.webex.press(message_id, "guard@store.test", {"verb": "confirm", "case_id": CASE})
+    wait_for(
+        lambda: any(r.startswith("Sorry, I could not read your button press") for r in harness.replies(SECURITY_ROOM)),
+        15,
+        what="the apology",
+    )
+    assert harness.published == [] and harness.webex.state.requests["503"] == 4
+
+
 def test_a_forged_press_changes_nothing(harness: Harness) -> None:
     message_id = post_card(harness, SECURITY_ROOM)
     harness.webex.state.webhooks.clear()  # the press is stored, only our forged callbacks arrive
