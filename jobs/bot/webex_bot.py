@@ -780,6 +780,7 @@ class WebexBot:
                 register,
                 retriable=lambda exc: isinstance(exc, WebexError),
                 attempts=tries,
+                retry_after=lambda exc: getattr(exc, "retry_after", None),  # a 429's: sooner only meets it again
                 wait=lambda n: 2.0**n,
                 maximum_s=30.0,
                 before_sleep=failed,

@@ -226,6 +226,15 @@ def test_bot_registers_its_webhook_with_the_secret_on_start(harness: Harness) ->
     assert len(harness.webex.state.webhooks) == 2
 
 
+def test_webhook_registration_waits_out_a_rate_limit_as_webex_asks(harness: Harness) -> None:
+    """Retried at 1 s, 2 s, 4 s... regardless, a rate-limited registration spends its tries inside the limit and
+    leaves the bot without a webhook."""
+    harness.webex.state.fail((429,), count=2, retry_after=3)
+    t0 = time.monotonic()
+    assert harness.bot.register_webhook() is not None
+    assert time.monotonic() - t0 >= 6.0 and harness.webex.state.requests["429"] == 2
+
+
 def test_fraud_from_the_security_room_becomes_one_command_and_a_reply(harness: Harness) -> None:
     [delivery] = harness.say(SECURITY_ROOM, "guard@store.test", "Checkout Guard fraud tx-42")
     assert delivery["status"] == 200
