@@ -1,9 +1,10 @@
 """A small Webex REST client: the calls the alert sender and the bot make, nothing more.
 
-Webex facts it relies on (developer.webex.com): bearer-token auth; ``POST /messages`` with ``roomId`` and
-``markdown`` (at most 7,439 bytes) as JSON, or as multipart/form-data with one ``files`` part to attach
-an image, ``<@personId:ID|name>`` in the markdown mentioning someone; ``GET /messages?roomId=`` (a bot: direct
-rooms only, 403 for a group space without ``mentionedPeople=me``, which lists the messages that mention it);
+Webex facts it relies on (developer.webex.com): bearer-token auth; ``POST /messages`` with ``roomId`` (or
+``toPersonEmail``: a 1:1 message) and ``markdown`` (at most 7,439 bytes) as JSON, or as multipart/form-data with one
+``files`` part to attach an image, ``<@personId:ID|name>`` in the markdown mentioning someone;
+``GET /messages?roomId=`` (a bot: direct rooms only, 403 for a group space without ``mentionedPeople=me``, which
+lists the messages that mention it);
 ``GET /messages/{id}`` for the text of a message a webhook announced; ``GET /people/me`` for the bot's own id;
 ``POST /webhooks``; ``429`` with ``Retry-After`` seconds when over the rate limit.
 
@@ -163,6 +164,10 @@ class WebexClient:
             return self._call("POST", "/messages", json=fields)
         files = {"files": (attachment.filename, attachment.data, attachment.content_type)}
         return self._call("POST", "/messages", data=fields, files=files)
+
+    def send_to_person(self, email: str, markdown: str) -> dict[str, Any]:
+        """Post ``markdown`` (truncated to Webex's limit) to one person, in their 1:1 room with the bot."""
+        return self._call("POST", "/messages", json={"toPersonEmail": email, "markdown": truncate_utf8(markdown)})
 
     def send_card(
         self, room_id: str, markdown: str, card: dict[str, Any], parent_id: str | None = None

@@ -172,8 +172,8 @@ class Harness:
     def replies(self, room: str) -> list[str]:
         return [m["markdown"] for m in self.webex.state.bot_messages(room)]
 
-    def say(self, room: str, email: str, text: str) -> list[dict[str, Any]]:
-        return self.webex.say(room, email, text)
+    def say(self, room: str, email: str, text: str, room_type: str | None = None) -> list[dict[str, Any]]:
+        return self.webex.say(room, email, text, room_type)
 
 
 @pytest.fixture
@@ -283,9 +283,25 @@ def test_checkout_and_status_answer_only_allow_listed_rooms_and_people(harness: 
         lambda: len(harness.replies(SECURITY_ROOM)) == 2 and harness.replies(SECURITY_ROOM), 10, what="the answers"
     )
     assert replies == ["face check of tx-5: no match", "fresh snapshot of tx-5: no match"]
-    wait_for(lambda: len(harness.replies(SHOP_FLOOR)) == 3, 10, what="the status for the lead")
-    assert harness.replies(SHOP_FLOOR)[-1] == "all healthy"
+    [status] = wait_for(lambda: harness.replies("direct:Lead@Store.test"), 10, what="the status for the lead")
+    assert status == "all healthy"  # to the lead alone: the shop floor room is not allowed to read it
     assert sorted(c.verb for c in harness.published) == ["CHECKOUT", "STATUS"] and fresh == ["tx-5"]
+
+
+def test_watchlist_data_asked_for_in_a_room_not_allowed_goes_to_the_allowed_person_alone(harness: Harness) -> None:
+    """The lead may see subject ids and similarities; the cashiers in the shop floor room may not."""
+    harness.bot.fresh_checkout = lambda tx: f"fresh snapshot of {tx}: matches suspect subj-a (97% similar)"
+    harness.say(SHOP_FLOOR, "lead@store.test", "Checkout Guard checkout tx-5")
+    direct = wait_for(
+        lambda: len(harness.replies("direct:lead@store.test")) == 2 and harness.replies("direct:lead@store.test"),
+        10,
+        what="both answers, directly",
+    )
+    assert direct == ["face check of tx-5: no match", "fresh snapshot of tx-5: matches suspect subj-a (97% similar)"]
+    [note] = wait_for(lambda: harness.replies(SHOP_FLOOR), 10, what="the note in the room")
+    assert "directly" in note and "tx-5" not in note and "subj-a" not in note
+    harness.say("room-lead-1-1", "lead@store.test", "status", room_type="direct")  # their own 1:1 room: answered there
+    assert wait_for(lambda: harness.replies("room-lead-1-1"), 10, what="the status") == ["all healthy"]
 
 
 def test_help_answers_anyone(harness: Harness) -> None:
