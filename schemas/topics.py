@@ -70,7 +70,16 @@ SCORED_TRANSACTIONS = TopicSpec(
     config={"retention.ms": str(30 * DAY_MS)},
 )
 ALERTS = TopicSpec("alerts", "Alert", key="alert_id", config={"retention.ms": str(30 * DAY_MS)})
-COMMANDS = TopicSpec("commands", "BotCommand", key="command_id", partitions=1)
+COMMANDS = TopicSpec(
+    "commands",
+    "BotCommand",
+    key="command_id",
+    partitions=1,
+    # The services judge a signed command's freshness by its record's time: the broker's, so that whoever may write
+    # the topic cannot replay an old signed command stamped as new (a producer sets its own CreateTime).
+    config={"message.timestamp.type": "LogAppendTime"},
+    enforced=("message.timestamp.type",),
+)
 WATCHLIST = TopicSpec(
     "watchlist",
     "WatchlistEntry",

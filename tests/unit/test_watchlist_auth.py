@@ -176,3 +176,13 @@ def test_a_checkout_or_status_record_not_signed_by_the_bot_is_dead_lettered_and_
     assert by["watchlist"] == [] and by["audit"] == []
     old = cmd("STATUS", None, issued_at=NOW - 10 * 86_400_000)  # replayed after an offset reset
     assert core.on_command(source(old, signed(old), offset=8), NOW) == []
+
+
+def test_commands_are_timed_by_the_broker_so_a_replay_cannot_be_stamped_fresh() -> None:
+    """Freshness is the signed issued_at against the record's time: with the producer's own CreateTime, whoever can
+    write ``commands`` re-sent an old signed command with a new timestamp and it was applied again. The broker's
+    time is set on the topic, also where it exists already (``enforced``; the AWS template is generated from it)."""
+    from schemas.topics import COMMANDS
+
+    assert COMMANDS.config["message.timestamp.type"] == "LogAppendTime"
+    assert "message.timestamp.type" in COMMANDS.enforced
