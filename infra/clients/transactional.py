@@ -88,7 +88,7 @@ def publish(
     attempt = 0
     while outs:
         try:
-            _transaction(producer, prefix, outs, lambda: stopping() or time.monotonic() > give_up_at)
+            _transaction(producer, prefix, outs, lambda: stopping() or time.monotonic() > give_up_at, beat)
             count(process, outs)
             break
         except (KafkaException, BufferError) as exc:
@@ -105,9 +105,17 @@ def publish(
         consumer.commit(offsets=offsets, asynchronous=True)
 
 
-def _transaction(producer: Any, prefix: str, outs: Sequence[Out], give_up: Callable[[], bool]) -> None:
+def _transaction(
+    producer: Any,
+    prefix: str,
+    outs: Sequence[Out],
+    give_up: Callable[[], bool],
+    beat: Callable[[str | None], None] = lambda _problem: None,
+) -> None:
     """One transaction of ``outs``; a retriable commit error is retried until ``give_up()`` (stopping, or past the
-    caller's deadline), an abortable one is raised for the caller to abort and redo."""
+    caller's deadline), an abortable one is raised for the caller to abort and redo. Each retry beats
+    ``beat("Kafka unreachable")``: a commit waits up to 30 s per try, and a few of them unbeaten turned ``/healthz``
+    to 503, so the supervisor restarted a service that was only waiting for Kafka."""
     producer.begin_transaction()
     for out in outs:
         extra = {"headers": list(out.headers)} if out.headers else {}
@@ -119,6 +127,7 @@ def _transaction(producer: Any, prefix: str, outs: Sequence[Out], give_up: Calla
         except KafkaException as exc:
             if not exc.args[0].retriable() or give_up():
                 raise  # abortable: the caller aborts and redoes the whole transaction
+            beat("Kafka unreachable")  # waiting on purpose is progress; /readyz says on what
 
 
 def count(process: str, outs: Sequence[Out]) -> None:

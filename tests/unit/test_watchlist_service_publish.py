@@ -283,3 +283,30 @@ def test_slow_metadata_calls_before_the_first_record_keep_the_service_alive(monk
 
     monkeypatch.setattr(control_topics, "read_control_topics", read)
     assert svc.replay(AUDIT, lambda _key, _value: None) == 0
+
+
+def test_a_commit_retried_while_kafka_is_away_keeps_healthz_alive_and_readyz_naming_kafka(monkeypatch) -> None:
+    """Each commit try waits up to 30 s: four unbeaten ones took /healthz past its 60 s to 503, and the supervisor
+    restarted a service that was only waiting for Kafka (the README: an outage is ``degraded``, never a restart)."""
+    from infra.metrics import Heartbeat
+
+    monkeypatch.setattr(watchlist_service.time, "sleep", lambda _s: None)
+    now = [0.0]
+    heartbeat = Heartbeat(stale_s=60.0, clock=lambda: now[0])
+    timed_out = KafkaError(KafkaError._TIMED_OUT, "coordinator away", retriable=True)
+    seen: list[tuple[tuple[bool, str], tuple[bool, str]]] = []
+
+    class SlowCommits(FlakyTransactions):
+        def commit_transaction(self, timeout: float) -> None:
+            seen.append((heartbeat(), heartbeat.ready()))  # what a probe asking now is told
+            if self.failures:
+                now[0] += timeout
+            super().commit_transaction(timeout)
+
+    producer = SlowCommits([timed_out] * 4)
+    svc = service(producer)
+    svc.heartbeat = heartbeat
+    svc._publish([Out(AUDIT, b"a-1", b"v")], ["offset"])
+    assert producer.committed == [[b"a-1"]]
+    assert [alive for (alive, _), _ in seen] == [True] * 5, seen
+    assert seen[-1][1] == (False, "Kafka unreachable")
