@@ -1302,6 +1302,12 @@ class AlertSender:
             return False, "alert eraser stopped"
         return self.heartbeat()
 
+    def ready(self) -> tuple[bool, str]:
+        """``/readyz``: not ready while not alive (:meth:`health`: a hung loop, a dead eraser), nor while a channel
+        or Kafka is away (the heartbeat's problem)."""
+        alive, reason = self.health()
+        return self.heartbeat.ready() if alive else (alive, reason)
+
     def _report_queues(self) -> None:
         """Queue depths, set with each commit (twice a second), not per alert."""
         for name, worker in self._workers.items():
@@ -1518,7 +1524,7 @@ def main(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     sender = AlertSender(settings, group_id=group_id)
-    endpoint = metrics.serve(settings, STAGE, health=sender.health, ready=sender.heartbeat.ready)
+    endpoint = metrics.serve(settings, STAGE, health=sender.health, ready=sender.ready)
     try:
         sender.run(stop)
     finally:

@@ -791,3 +791,36 @@ def test_every_health_answer_names_the_process_that_gave_it() -> None:
             assert reply.headers[metrics.PID_HEADER] == str(os.getpid()), path
     finally:
         endpoint.close()
+
+
+def test_the_alert_senders_readyz_is_503_too_once_its_eraser_thread_has_died(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README: ``/readyz`` is 503 also while ``/healthz`` is. The sender's ``/readyz`` asked only its heartbeat, so
+    with the eraser dead (``/healthz`` 503: forgotten subjects' messages stay in the room) it still said ready."""
+    from sinks.alerts import sender as sender_module
+
+    sender = sender_with(tmp_path, ScriptedChannel(), ConfirmingProducer())
+    wired: dict[str, Any] = {}
+
+    def fake_serve(settings: Settings, process: str, **checks: Any) -> metrics.Endpoint:
+        wired.update(checks)
+        return metrics.Endpoint(process, 0, None)
+
+    monkeypatch.setattr(sender_module, "get_settings", lambda: sender.settings)
+    monkeypatch.setattr(sender_module, "setup_logging", lambda *_a: None)
+    monkeypatch.setattr(sender_module.signal, "signal", lambda *_a: None)
+    monkeypatch.setattr(sender_module, "AlertSender", lambda _settings, group_id=None: sender)
+    monkeypatch.setattr(sender, "run", lambda _stop: None)
+    monkeypatch.setattr(sender_module.metrics, "serve", fake_serve)
+    try:
+        sender_module.main(group_id=None, log_level=None)
+        assert wired["ready"]() == (True, "ok")
+        dead = threading.Thread(target=lambda: None)
+        dead.start()
+        dead.join()
+        sender._eraser_thread = dead
+        assert wired["health"]() == (False, "alert eraser stopped")
+        assert wired["ready"]() == (False, "alert eraser stopped")
+    finally:
+        sender.close()
