@@ -824,3 +824,18 @@ def test_the_alert_senders_readyz_is_503_too_once_its_eraser_thread_has_died(
         assert wired["ready"]() == (False, "alert eraser stopped")
     finally:
         sender.close()
+
+
+def test_a_face_stage_trigger_that_used_its_whole_snapshot_deadline_is_under_a_finite_bucket() -> None:
+    """A checkout trigger with the real Dashboard takes up to ``CG_CAMERAS__DEADLINE_S`` (30 s) for its snapshot, then
+    its analysis: the buckets ended at 30 s, so such triggers fell in ``+Inf`` alone and the pipeline page's p99 stayed
+    at 30 s however slow the cameras got."""
+    from infra.settings import FACE_DELIVERY_MARGIN_MS
+
+    worst = CameraSettings().deadline_s + FACE_DELIVERY_MARGIN_MS / 1000
+    top = max(metrics.LATENCY_BUCKETS)
+    assert top >= 2 * worst, "room above the slowest trigger without a backlog"
+    below_top = key("cg_processing_seconds_bucket", stage="face-stage", le=f"{top:.1f}")
+    growth = Growth({below_top: 1})
+    metrics.PROCESSING_SECONDS.labels("face-stage").observe(worst)
+    assert growth.since() == {below_top: 1}
