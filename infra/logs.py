@@ -11,7 +11,8 @@ logger and the message::
 
 Secrets never reach a log line on purpose, and :class:`RedactSecrets` masks the usual ways they could
 slip into one anyway (an ``Authorization`` or Meraki API key header, ``password=``/``token=`` in a URL
-or form). Images and face embeddings are never logged: log sizes, counts and ids, not payloads.
+or form, the password of a ``user:password@`` login in a URL). Images and face embeddings are never logged:
+log sizes, counts and ids, not payloads.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ _SECRETS = (
     re.compile(r"(?i)(\bx-cisco-meraki-api-key[\"']?\s*[:=]\s*[\"']?)[^\s'\",;}]+"),
     # password=..., token=..., access_token=..., client_secret=..., api_key=... in a query string or form
     re.compile(r"(?i)(\b[\w.-]*(?:password|passwd|token|secret|api[_-]?key)=[\"']?)[^&\s'\",;)}]+"),
+    # the password of a login in a URL (scheme://user:password@host): httpx logs every request's URL at INFO
+    re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^\s/?#@:'\"]*:)[^\s/?#@'\"]+(?=@)"),
 )
 
 

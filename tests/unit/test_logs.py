@@ -10,10 +10,12 @@ import os
 import re
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from infra.logs import REDACTED, redact, setup_logging
 from infra.settings import LogSettings, Settings
+from sinks.dashboard.pipeline import PrometheusApi
 
 TEXT_LINE = re.compile(
     r"^(?P<time>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (?P<level>[A-Z]+) (?P<process>[\w-]+)\[(?P<pid>\d+)\] "
@@ -122,6 +124,7 @@ def test_idempotent_and_replaces_what_basic_config_installed(
         ("form client_id=a&access_token=abc.def&x=1", "abc.def"),
         ('sasl.jaas.config ... password="s3cret";', "s3cret"),
         ("url https://h/snap?token=T0K3N", "T0K3N"),
+        ("HTTP Request: GET http://admin:pr0m-pw@prom:9090/api/v1/query", "pr0m-pw"),
     ],
 )
 def test_redact_masks_the_secret(text: str, secret: str) -> None:
@@ -150,3 +153,19 @@ def test_no_secret_reaches_a_line(capsys: pytest.CaptureFixture[str]) -> None:
     err = capsys.readouterr().err
     assert "sekrit-token" not in err
     assert err.count(REDACTED) == 5  # the message; each traceback's source line and exception line
+
+
+def test_the_password_of_a_login_in_a_url_never_reaches_a_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """httpx logs every request's URL at INFO: a ``CG_METRICS__PROMETHEUS_URL`` with ``user:password@`` put the
+    password in the dashboard's log at each pipeline query."""
+    setup_logging(Settings(), process="dashboard")
+    answer = {"status": "success", "data": {"resultType": "vector", "result": []}}
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json=answer))
+    api = PrometheusApi("http://admin:pr0m-pw@prom.example:9090", transport=transport)
+    try:
+        api.query("up")
+    finally:
+        api.close()
+    err = capsys.readouterr().err
+    assert "prom.example:9090/api/v1/query" in err, "httpx's line is there ..."
+    assert "pr0m-pw" not in err and f"admin:{REDACTED}@prom.example" in err, "... without the password"
