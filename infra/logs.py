@@ -12,7 +12,8 @@ logger and the message::
 Secrets never reach a log line on purpose, and :class:`RedactSecrets` masks the usual ways they could
 slip into one anyway (an ``Authorization`` or Meraki API key header, ``password=``/``token=`` in a URL
 or form, the password of a ``user:password@`` login in a URL). Images and face embeddings are never logged:
-log sizes, counts and ids, not payloads.
+log sizes, counts and ids, not payloads; nor are the requests of the AWS SDK and OpenSearch's client, whose DEBUG
+lines :class:`QuietClientBodies` leaves out.
 """
 
 from __future__ import annotations
@@ -73,6 +74,21 @@ class RedactSecrets(logging.Filter):
         if record.exc_text:
             record.exc_text = redact(record.exc_text)
         return True
+
+
+QUIET_BELOW_INFO = ("botocore", "boto3", "s3transfer", "opensearch")
+"""Loggers of the AWS SDK and OpenSearch's client, whose DEBUG lines hold whole requests and answers: Rekognition's
+face image, Fraud Detector's e-mail and IP, SES's alert mail with its snapshot, OpenSearch's documents and hits."""
+
+
+class QuietClientBodies(logging.Filter):
+    """Leaves out the DEBUG lines of :data:`QUIET_BELOW_INFO` (on the handler: ``--log-level DEBUG`` included),
+    their INFO and above kept; the loggers' own levels are left alone."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.INFO:
+            return True
+        return not any(record.name == name or record.name.startswith(f"{name}.") for name in QUIET_BELOW_INFO)
 
 
 def _iso_utc(record: logging.LogRecord) -> str:
@@ -150,6 +166,7 @@ def setup_logging(settings: Settings | None = None, level: str | None = None, pr
     root.setLevel((level or log.level).upper())  # first: an unknown level raises with nothing changed
     handler = _StderrHandler()
     handler.setFormatter(JsonLineFormatter(name) if log.format == "json" else TextFormatter(name))
+    handler.addFilter(QuietClientBodies())
     handler.addFilter(RedactSecrets())
     for old in [h for h in root.handlers if _replaceable(h)]:
         root.removeHandler(old)

@@ -169,3 +169,42 @@ def test_the_password_of_a_login_in_a_url_never_reaches_a_line(capsys: pytest.Ca
     err = capsys.readouterr().err
     assert "prom.example:9090/api/v1/query" in err, "httpx's line is there ..."
     assert "pr0m-pw" not in err and f"admin:{REDACTED}@prom.example" in err, "... without the password"
+
+
+def test_debug_leaves_out_the_request_bodies_of_the_aws_sdk_and_the_opensearch_client(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--log-level DEBUG`` logged botocore's and opensearch-py's whole requests: a Fraud Detector call's e-mail
+    and IP (Rekognition's face image, SES's alert mail likewise), OpenSearch's documents with their card tokens."""
+    import boto3
+    from botocore.awsrequest import AWSResponse
+    from opensearchpy import Connection
+
+    setup_logging(Settings(), level="DEBUG", process="watchlist")
+    client = boto3.client(
+        "frauddetector",
+        region_name="eu-west-1",
+        endpoint_url="http://127.0.0.1:9",
+        aws_access_key_id="AKIDEXAMPLE",
+        aws_secret_access_key="not-a-real-secret-key",
+    )
+
+    class Body:
+        def stream(self, **_kw: object) -> Iterator[bytes]:
+            yield b"{}"
+
+    client.meta.events.register("before-send.*", lambda request, **_kw: AWSResponse(request.url, 200, {}, Body()))
+    client.get_event_prediction(
+        detectorId="d",
+        eventId="tx-1",
+        eventTypeName="t",
+        eventTimestamp="2026-01-01T00:00:00Z",
+        entities=[{"entityType": "customer", "entityId": "unknown"}],
+        eventVariables={"email_address": "mule@example.com", "ip_address": "203.0.113.9"},
+    )
+    hit = '{"customer_key": "token:tok_4242", "transaction_id": "tx-1"}'
+    Connection().log_request_success("POST", "http://os:9200/t/_search", "/t/_search", b"{}", 200, hit, 0.01)
+    logging.getLogger("jobs.faces.watchlist_service").debug("ours at DEBUG")
+    err = capsys.readouterr().err
+    assert "mule@example.com" not in err and "203.0.113.9" not in err and "tok_4242" not in err
+    assert "ours at DEBUG" in err and "opensearch: POST http://os:9200/t/_search [status:200" in err
