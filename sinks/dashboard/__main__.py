@@ -12,7 +12,7 @@ import typer
 import uvicorn
 from prometheus_client import REGISTRY
 
-from infra.logs import LOG_LEVEL_HELP, setup_logging
+from infra.logs import LOG_LEVEL_HELP, UVICORN, setup_logging
 from infra.metrics import ConsumerLagCollector, Endpoint, serve
 from infra.settings import Settings, get_settings
 from sinks.dashboard.app import DashboardConfigError, create_app
@@ -60,7 +60,8 @@ def main(
         f"Checkout Guard dashboard on http://{bind_host}:{bind_port}/ "
         f"(indices {settings.opensearch.index_prefix}-*, {login})"
     )
-    uvicorn.run(app, host=bind_host, port=bind_port, log_level="warning")
+    # UVICORN: uvicorn's lines go through setup_logging's handler (format, masked secrets), not handlers of its own
+    uvicorn.run(app, host=bind_host, port=bind_port, log_level="warning", **UVICORN)
 
 
 @cli.command("hash-password")

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 from typing import Any
 
 import pytest
+import uvicorn
 from PIL import Image
 from pydantic import SecretStr
 from starlette.testclient import TestClient
@@ -164,6 +166,31 @@ def test_the_command_refuses_to_start_on_all_interfaces_without_a_login(monkeypa
         assert kwargs["host"] == "0.0.0.0"
     finally:
         dashboard_main.get_settings.cache_clear()
+
+
+def test_the_servers_own_lines_go_through_the_log_handler_with_secrets_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvicorn's own logging set-up gave its lines (an exception in a request, with its traceback) handlers of
+    their own, past the masking of secrets and the project's line format."""
+    loggers = [logging.getLogger(name) for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access")]
+    saved = [(lg.handlers[:], lg.propagate, lg.level) for lg in loggers]
+
+    def run(app: Any, **options: Any) -> None:
+        uvicorn.Config(app, **options)  # sets logging up as uvicorn.run does before it serves
+        logging.getLogger("uvicorn.error").error("Exception in ASGI application: Authorization: Bearer sekrit-1234")
+
+    monkeypatch.setattr(dashboard_main.uvicorn, "run", run)
+    monkeypatch.setattr(dashboard_main, "export_metrics", lambda settings: None)
+    monkeypatch.setenv("CG_DASHBOARD__TOKEN", "tok-123")
+    dashboard_main.get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(dashboard_main.cli, ["--host", "127.0.0.1"])
+    finally:
+        dashboard_main.get_settings.cache_clear()
+        for lg, (handlers, propagate, level) in zip(loggers, saved, strict=True):
+            lg.handlers[:], lg.propagate, lg.level = handlers, propagate, level
+    assert result.exit_code == 0, result.output
+    assert "sekrit-1234" not in result.output
+    assert "ERROR dashboard[" in result.output and "uvicorn.error: Exception in ASGI application" in result.output
 
 
 @pytest.mark.parametrize("path", PATHS)
