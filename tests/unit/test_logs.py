@@ -172,13 +172,16 @@ def test_the_password_of_a_login_in_a_url_never_reaches_a_line(capsys: pytest.Ca
 
 
 def test_debug_leaves_out_the_request_bodies_of_the_aws_sdk_and_the_opensearch_client(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``--log-level DEBUG`` logged botocore's and opensearch-py's whole requests: a Fraud Detector call's e-mail
     and IP (Rekognition's face image, SES's alert mail likewise), OpenSearch's documents with their card tokens."""
     import boto3
     from botocore.awsrequest import AWSResponse
     from opensearchpy import Connection
+
+    # the sinks' entry points quieten the client's logger (other tests run them): as a process starts, it is not
+    monkeypatch.setattr(logging.getLogger("opensearch"), "level", logging.NOTSET)
 
     setup_logging(Settings(), level="DEBUG", process="watchlist")
     client = boto3.client(
