@@ -4,7 +4,8 @@ Each process calls :func:`serve` once at start with its name from :data:`PROCESS
 ``GET /metrics`` (the Prometheus text format, prometheus-client's default registry), ``GET /healthz``
 (liveness: 200 while its loop makes progress, 503 when it hangs -- restarting it helps) and ``GET /readyz``
 (readiness: 503 also while a dependency it needs is unreachable -- restarting it would not help, so a
-supervisor acts on ``/healthz`` only; the reason is in both bodies) on ``CG_BIND_HOST`` and
+supervisor acts on ``/healthz`` only; the reason is in both bodies; a request must come within
+:data:`REQUEST_TIMEOUT_S`, and at most :data:`MAX_HANDLERS` connections are handled at once) on ``CG_BIND_HOST`` and
 ``CG_METRICS__BASE_PORT`` + the process's offset. The scoring job's offset is taken by Flink's own
 Prometheus reporter (its metrics are named ``flink_*``; the job's own figures ``flink_..._checkout_guard_*``,
 see :mod:`jobs.flink.job_metrics`), subclassed to bind ``CG_BIND_HOST`` only (Flink's binds every interface;
@@ -134,6 +135,13 @@ class Heartbeat:
         return True, "ok"
 
 
+REQUEST_TIMEOUT_S = 5.0
+"""How long a connection to the endpoint may take to send its request (and to read the answer): one that sends
+nothing kept its handler thread for ever, and many such connections piled up threads."""
+MAX_HANDLERS = 32
+"""Connections handled at once; one beyond is closed at once (a scrape or probe asks again at its next turn), so
+connections that hang cannot take more than this many threads (each for ``REQUEST_TIMEOUT_S`` at most)."""
+
 PID_HEADER = "X-Process-Id"
 """Every answer names the process that gave it: the supervisor tells its child's endpoint from another
 process's on the same port (a second copy started first), which would otherwise read as its child's health."""
@@ -141,6 +149,10 @@ process's on the same port (a second copy started first), which would otherwise 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _MetricsServer
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self.server.request_timeout)  # a silent client is dropped, its thread ends
 
     def do_GET(self) -> None:  # noqa: N802 - the http.server API
         path = self.path.split("?", 1)[0]
@@ -173,9 +185,28 @@ class _MetricsServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], process: str, health: HealthCheck, ready: HealthCheck) -> None:
         self.process, self.health, self.ready = process, health, ready
+        self.request_timeout = REQUEST_TIMEOUT_S
+        self._slots = threading.BoundedSemaphore(MAX_HANDLERS)
         # an IPv6 bind host needs an IPv6 socket: the IPv4 one refused it and the process ran without an endpoint
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """A thread per connection while fewer than :data:`MAX_HANDLERS` run; beyond, the connection is closed."""
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: its slot is free again
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def server_bind(self) -> None:
         """``::`` also takes IPv4 connections, so that 127.0.0.1 (where a wildcard's endpoint is asked) reaches it."""

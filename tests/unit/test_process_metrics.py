@@ -839,3 +839,46 @@ def test_a_face_stage_trigger_that_used_its_whole_snapshot_deadline_is_under_a_f
     growth = Growth({below_top: 1})
     metrics.PROCESSING_SECONDS.labels("face-stage").observe(worst)
     assert growth.since() == {below_top: 1}
+
+
+def test_a_connection_that_sends_nothing_is_closed_after_the_request_timeout_and_health_still_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that connected and never sent a request kept a handler thread for ever; now it is dropped."""
+    monkeypatch.setattr(metrics, "REQUEST_TIMEOUT_S", 0.3)
+    endpoint = serve(local(), "face-stage", port=0)
+    try:
+        with socket.create_connection(("127.0.0.1", endpoint.port), timeout=5) as silent:
+            started = time.monotonic()
+            assert silent.recv(1) == b"", "the server closes the connection"
+            assert time.monotonic() - started < 4
+        assert httpx.get(f"http://127.0.0.1:{endpoint.port}/healthz", timeout=5).status_code == 200
+    finally:
+        endpoint.close()
+
+
+def test_connections_beyond_the_handler_limit_are_closed_at_once_instead_of_taking_a_thread_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(metrics, "REQUEST_TIMEOUT_S", 30.0)
+    monkeypatch.setattr(metrics, "MAX_HANDLERS", 2)
+    endpoint = serve(local(), "face-stage", port=0)
+    silent: list[socket.socket] = []
+    try:
+        before = threading.active_count()
+        for _ in range(2):
+            silent.append(socket.create_connection(("127.0.0.1", endpoint.port), timeout=5))
+        wait_until(lambda: threading.active_count() == before + 2)
+        extra = [socket.create_connection(("127.0.0.1", endpoint.port), timeout=5) for _ in range(5)]
+        silent.extend(extra)
+        for sock in extra:
+            assert sock.recv(1) == b"", "closed at once, not held by a thread"
+        assert threading.active_count() == before + 2
+        for sock in silent[:2]:
+            sock.close()
+        wait_until(lambda: threading.active_count() == before)
+        assert httpx.get(f"http://127.0.0.1:{endpoint.port}/healthz", timeout=5).status_code == 200
+    finally:
+        for sock in silent:
+            sock.close()
+        endpoint.close()
