@@ -34,8 +34,10 @@ in effect changes nothing (audited as ``UNCHANGED``); a command or alert already
 after a consumer-group offset reset; the audit topic is read at startup) is skipped. Logs carry ids and
 outcomes, never images or embeddings.
 
-Metrics (``infra.metrics``, stage ``watchlist-service``): inputs by kind (the command verb ``fraud``,
-``vip``, ``forget``, ``checkout``, ``status``, ``help``; ``alert``; ``invalid`` when undecodable), records out
+Metrics (``infra.metrics``, stage ``watchlist-service``): inputs by kind (the command verb: ``fraud``,
+``vip``, ``forget``, ``learn``, ``renew``, ``checkout``, ``status``, ``help``, the case verbs ``confirm``, ``dismiss``,
+``escalate``, ``assign``, ``note``, and ``unknown`` for a verb newer than this service; ``alert``; ``invalid`` when
+undecodable), records out
 once their transaction committed (``watchlist``, ``watchlist_tombstone``, ``audit``), dead letters by error
 kind (``unauthorized`` for a refused command, ``no_face``, ``invalid_id``...) and ``cg_processing_seconds``
 per input. ``/healthz`` turns 503 when the loop stalls or while a transaction is being retried because

@@ -10,6 +10,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from infra import metrics
 from jobs.flink import job_metrics
+from schemas.codec import latest_versions
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
 
@@ -45,3 +46,21 @@ def test_the_readme_names_every_scoring_job_metric_served_and_no_other() -> None
     timings = set(re.findall(r"^- `([a-z_]+)_p50` / `_p99`", text, re.MULTILINE))
     assert timings == {prefix for prefix, _ in job_metrics.TIMINGS}
     assert job_metrics.QUANTILES == (50, 99)
+
+
+def documented_kinds(process: str, metric: str) -> set[str]:
+    """The ``kind`` values the README lists for ``metric`` in ``process``'s bullet."""
+    line = next(
+        line for line in section("Metrics and health of every process").splitlines() if f"**{process}**" in line
+    )
+    values = re.search(rf"`{metric}\{{kind=([a-z_|]+)\}}`", line)
+    assert values is not None, f"{process}: {metric} lists no kinds"
+    return set(values.group(1).split("|"))
+
+
+def test_the_readme_lists_every_kind_of_input_the_watchlist_service_counts() -> None:
+    """The service counts every command by its verb (the case service's ones and ``unknown`` too), alerts, and
+    ``invalid``: an operator summing the README's kinds missed the case verbs."""
+    verb = next(f for f in latest_versions()["BotCommand"].parsed["fields"] if f["name"] == "verb")
+    counted = {symbol.lower() for symbol in verb["type"]["symbols"]} | {"alert", "invalid"}
+    assert documented_kinds("watchlist-service", "cg_records_in_total") == counted
