@@ -1001,7 +1001,7 @@ class WatchlistService:
         log.info("audit replayed: %d records", audited)
         self._beat(None)
         self.producer.init_transactions(30)
-        self.consumer.subscribe(list(self.topics))
+        self.consumer.subscribe(list(self.topics), on_revoke=self._on_revoke)
         try:
             while not self._stop:
                 self._beat(self._store_problem)
@@ -1031,6 +1031,16 @@ class WatchlistService:
             self.consumer.close()
             self.core.close()
 
+    def _on_revoke(self, _consumer: Any, partitions: list) -> None:
+        """A partition taken by a rebalance takes its waiting alert along (its new owner reads it): with no alert left
+        waiting, ``/readyz`` no longer says "image store unreachable" (it stayed 503 until another alert came) and the
+        purge no longer keeps that snapshot for this instance."""
+        gone = {(p.topic, p.partition) for p in partitions}
+        self._held = {tp: ref for tp, ref in self._held.items() if tp not in gone}
+        if not self._held:
+            self._store_tries, self._store_problem = 0, None
+            self._beat(None)
+
     def _wait_for_store(self, where: Any, away: StoreAway) -> None:
         """Rewind the alert's partition to it and wait a backoff (beating ``/healthz``, ``/readyz`` saying why), so the
         next poll reads it again; commands on the other topic go on meanwhile. A partition taken away by a rebalance
@@ -1041,6 +1051,8 @@ class WatchlistService:
             self.consumer.seek(where)
         except KafkaException as exc:
             log.warning("rewinding to the alert at offset %d failed (%s): its new owner reads it", where.offset, exc)
+            self._on_revoke(self.consumer, [where])  # not ours any more: nothing of ours waits on it
+            return
         delay = self.STORE_BACKOFF.delay(self._store_tries)
         self._store_tries += 1
         self._store_problem = "image store unreachable"

@@ -145,9 +145,10 @@ class _Log(Group):
     def __init__(self, svc: WatchlistService, records: list[_Message]) -> None:
         super().__init__()
         self.svc, self.records, self.position, self.seeks = svc, records, 0, []
+        self.callbacks: dict = {}
 
-    def subscribe(self, topics: list[str]) -> None:
-        pass
+    def subscribe(self, topics: list[str], **callbacks) -> None:
+        self.callbacks = callbacks
 
     def poll(self, timeout: float) -> _Message | None:
         if self.position >= len(self.records):
@@ -210,6 +211,62 @@ def test_an_s3_outage_while_an_alert_snapshot_is_retained_is_waited_out_not_fata
     assert producer.committed == [[b"retain:a-1"]], "one RETAIN, once S3 was back"
     assert [o[0].offset for o in svc.consumer.commits] == [8], "the offset moves only once the alert is retained"
     assert svc._store_problem is None and f"retain:{alert.alert_id}" in core.done
+
+
+def test_readyz_stops_naming_the_image_store_once_a_rebalance_takes_the_waiting_alerts_partition(
+    tmp_path, monkeypatch
+) -> None:
+    """An alert waiting for S3 set "image store unreachable", cleared only by an alert this instance processed: after
+    a rebalance took the alert's partition (its new owner reads it), /readyz stayed 503 until another alert came."""
+    from botocore.exceptions import EndpointConnectionError
+    from confluent_kafka import TopicPartition
+
+    from infra.clients.image_store import LocalImageStore
+    from infra.metrics import Heartbeat
+    from infra.retry import Backoff
+    from infra.settings import Settings
+    from jobs.faces.watchlist_service import WatchlistCore
+    from schemas.records import Alert
+
+    class AwayStore(LocalImageStore):
+        def retain(self, ref: str, reason: str) -> None:
+            raise EndpointConnectionError(endpoint_url="https://s3.example")
+
+    readiness: list[tuple[bool, str]] = []
+
+    class Rebalanced(_Log):
+        """The alert meets S3 away once; the next poll revokes its partition (as confluent-kafka does, from inside
+        ``poll``), then the service idles with nothing to read."""
+
+        def poll(self, timeout: float) -> _Message | None:
+            if self.seeks and self.records:
+                readiness.append(svc.heartbeat.ready())
+                self.records = []
+                if "on_revoke" in self.callbacks:
+                    self.callbacks["on_revoke"](self, [TopicPartition("alerts", 0)])
+                return None
+            if not self.records and len(readiness) == 1:
+                readiness.append(svc.heartbeat.ready())  # the loop beat once more while idle
+            return super().poll(timeout)
+
+    monkeypatch.setattr(watchlist_service.time, "sleep", lambda _s: None)
+    monkeypatch.setattr(WatchlistService, "STORE_BACKOFF", Backoff(initial_s=0.001, maximum_s=0.001), raising=False)
+    store = AwayStore(tmp_path / "images")
+    snapshot = store.put("checkout", "tx-9", b"a shopper at a lane")
+    core = WatchlistCore(Settings(stack_dir=tmp_path), engine=object(), store=store)  # type: ignore[arg-type]
+    alert = Alert("a-1", "WATCHLIST_MATCH", "HIGH", 1_800_000_000_000, "S1", "suspect", snapshot_ref=snapshot)
+    producer = FlakyTransactions([])
+    producer.init_transactions = lambda _timeout: None  # type: ignore[attr-defined]
+    producer.poll = lambda _timeout: 0  # type: ignore[attr-defined]
+    svc = service(producer)
+    svc.core, svc.heartbeat, svc._next_purge, svc._held = core, Heartbeat(), float("inf"), {}
+    svc._processing = watchlist_service.metrics.PROCESSING_SECONDS.labels(watchlist_service.PROCESS)
+    svc.topics = {"alerts": core.on_alert}
+    svc.consumer = Rebalanced(svc, [_Message("alerts", 7, alert.encode())])
+    monkeypatch.setattr(svc, "replay", lambda _spec, _apply: 0, raising=False)
+    svc.run()
+    assert readiness == [(False, "image store unreachable"), (True, "ok")]
+    assert svc._held == {} and producer.committed == [], "nothing done here: the new owner retains it"
 
 
 def test_the_purge_due_while_an_alert_waits_for_s3_keeps_that_alerts_snapshot(tmp_path, monkeypatch) -> None:
