@@ -106,21 +106,30 @@ class Heartbeat:
     """A health check for a loop: alive while :meth:`beat` was called within ``stale_s``. A loop that
     hangs (a stuck call, a dead thread) turns ``/healthz`` to 503, which a supervisor or an orchestrator
     acts on. ``problem`` (what the loop last reported, e.g. "Kafka unreachable") turns only ``/readyz``
-    to 503 (:meth:`ready`): the process is alive and waiting for its dependency."""
+    to 503 (:meth:`ready`): the process is alive and waiting for its dependency. A loop that turns without getting
+    anything done says so with :meth:`stall` instead of beating."""
 
     def __init__(self, stale_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.stale_s, self.clock = stale_s, clock
         self.last = clock()
         self.problem: str | None = None
+        self.stalled: str | None = None
 
     def beat(self, problem: str | None = None) -> None:
-        self.last, self.problem = self.clock(), problem
+        self.last, self.problem, self.stalled = self.clock(), problem, None
+
+    def stall(self, reason: str) -> None:
+        """The loop turns but its work does not move (e.g. every worker stuck): ``/healthz`` is 503 with ``reason``
+        until the next :meth:`beat`, as for a hung loop."""
+        self.stalled = reason
 
     def __call__(self) -> tuple[bool, str]:
-        """Liveness: stale or not; a reported problem shows in the reason (``degraded: ...``) only."""
+        """Liveness: stale or stalled or not; a reported problem shows in the reason (``degraded: ...``) only."""
         age = self.clock() - self.last
         if age > self.stale_s:
             return False, f"no progress for {age:.0f} s"
+        if self.stalled:
+            return False, self.stalled
         if self.problem:
             return True, f"degraded: {self.problem}"
         return True, "ok"

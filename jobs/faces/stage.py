@@ -46,7 +46,9 @@ letters by kind, ``cg_processing_seconds`` per trigger (snapshot, store, analysi
 per analysis, ``cg_skipped{reason=entrance_late|checkout_late}`` (triggers too old to snapshot) and the queue
 depths ``snapshots`` (triggers in the pools), ``delivery_retries`` and
 ``unacknowledged`` (records whose outputs Kafka has not acknowledged). ``/healthz`` turns 503 when the loop
-stops turning or while deliveries are failing ("Kafka unreachable").
+stops turning, or when triggers are in flight and none has finished for :func:`stall_limit_s` (every snapshot
+worker stuck: back-pressure pauses the consumer, the loop turns and does nothing: "no snapshot finished for ...");
+``/readyz`` also while deliveries are failing ("Kafka unreachable").
 
 Run: ``python -m jobs.faces.stage``.
 """
@@ -74,6 +76,7 @@ from infra.clients.meraki import MerakiClient, Snapshot, SnapshotError, camera_f
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.retry import Backoff
 from infra.settings import Settings, face_deadline_problem, get_settings
+from jobs.faces.rekognition import ATTEMPTS as REKOGNITION_ATTEMPTS
 from jobs.scoring.validation import parse_transaction
 from schemas.codec import codec
 from schemas.errors import FACE_STAGE_ERROR, InvalidRecord
@@ -117,6 +120,22 @@ def inspection_image_key(transaction_id: str, of_the_sale: bool = True) -> str:
     Footage of the sale shows the buyer like the face stage's snapshot: ``forget subj-<tx>`` deletes it too, and
     ``%`` (no character of a transaction id) keeps it out of every ``fraud``/``vip`` enrolment."""
     return checkout_image_key(f"{transaction_id}{INSPECTION}", of_the_sale)
+
+
+STALL_MARGIN_S = 30.0
+"""Beyond a trigger's snapshot and Rekognition search: the image store's write, the wait for the analysis worker and
+the analysis itself (about 1 s an image), with room for a slow store."""
+
+
+def stall_limit_s(settings: Settings) -> float:
+    """How long triggers may be in flight with none finished before the stage counts as hung (``/healthz`` stale): the
+    longest one trigger may take, i.e. its snapshot (``CG_CAMERAS__DEADLINE_S``, every retry included), with the
+    Rekognition backend its search (each try's connect and read timeout), plus :data:`STALL_MARGIN_S`. Any finished
+    trigger is progress, so a slow camera among working ones never trips it."""
+    limit = settings.cameras.deadline_s + STALL_MARGIN_S
+    if settings.faces.backend == REKOGNITION_MATCHER:
+        limit += REKOGNITION_ATTEMPTS * 2 * settings.faces.rekognition_search_timeout_s
+    return limit
 
 
 class EngineLike(Protocol):
@@ -408,8 +427,9 @@ class FaceStageRunner:
     """Consumes, fans triggers out to a thread pool, produces observations, commits finished offsets.
 
     ``producer``/``consumer`` default to the configured Kafka clients (tests pass their own);
-    ``backoff`` spaces the re-sends of a failed delivery; ``heartbeat`` is beaten every loop turn (the
-    process's ``/healthz``).
+    ``backoff`` spaces the re-sends of a failed delivery; ``heartbeat`` (the process's ``/healthz``) is beaten every
+    loop turn while the stage makes progress: nothing in flight, or a trigger finished within :func:`stall_limit_s`
+    (``clock`` measures that). A loop that only turns while every snapshot worker is stuck is not progress.
     """
 
     def __init__(
@@ -421,10 +441,16 @@ class FaceStageRunner:
         consumer: Any = None,
         backoff: Backoff | None = None,
         heartbeat: metrics.Heartbeat | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.stage = stage
         self.heartbeat = heartbeat or metrics.Heartbeat()
+        self._clock = clock
+        self._stall_s = stall_limit_s(settings)
+        self._progress_at = clock()
+        """When a trigger last finished, or the stage last had none in flight."""
+        self._stalled = False
         prefix = settings.kafka.topic_prefix
         self.tx_topic = TRANSACTIONS.full_name(prefix)
         self.cam_topic = CAMERA_EVENTS.full_name(prefix)
@@ -606,8 +632,7 @@ class FaceStageRunner:
                     self._commit(consumer)
                     self._report_queues()
                     last_commit = time.monotonic()
-                # Failed deliveries waiting to be sent again: the broker is not taking our records.
-                self.heartbeat.beat("Kafka unreachable" if self._retries else None)
+                self._beat()
                 if on_tick:
                     on_tick(self.stats)
         finally:
@@ -619,6 +644,27 @@ class FaceStageRunner:
             consumer.close()
             self._report_queues()
         return self.stats
+
+    def _beat(self) -> None:
+        """Beat the heartbeat, or with triggers in flight and none finished for ``stall_limit_s`` report a stall
+        (``/healthz`` 503): back-pressure pauses the consumer when every snapshot worker is stuck, and the loop turning
+        then is no progress."""
+        now = self._clock()
+        if self._observing == 0:
+            self._progress_at = now
+        idle_s = now - self._progress_at
+        if idle_s > self._stall_s:
+            reason = f"no snapshot finished for {idle_s:.0f} s, {self._observing} in flight"
+            if not self._stalled:
+                log.error("%s: /healthz is 503", reason)
+            self._stalled = True
+            self.heartbeat.stall(reason)
+            return
+        if self._stalled:
+            log.info("snapshots finish again")
+        self._stalled = False
+        # Failed deliveries waiting to be sent again: the broker is not taking our records.
+        self.heartbeat.beat("Kafka unreachable" if self._retries else None)
 
     def _report_queues(self) -> None:
         """Queue depths, set twice a second (with the commit), not per record."""
@@ -633,6 +679,7 @@ class FaceStageRunner:
             except queue.Empty:
                 return
             self._observing -= 1
+            self._progress_at = self._clock()
             if isinstance(result, FaceObservation):
                 try:
                     key, value = result.camera_serial.encode(), result.encode()

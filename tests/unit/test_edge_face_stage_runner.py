@@ -20,7 +20,7 @@ from infra import metrics
 from infra.clients.meraki import Snapshot, SnapshotError
 from infra.retry import Backoff
 from infra.settings import CameraSettings, Settings
-from jobs.faces.stage import STAGE, STAGE_ERROR, FaceStage, FaceStageRunner
+from jobs.faces.stage import STAGE, STAGE_ERROR, FaceStage, FaceStageRunner, stall_limit_s
 from schemas.records import CameraEvent, DeadLetter, DetectedObject, FaceObservation, PosTransaction
 from schemas.topics import CAMERA_EVENTS, DEAD_LETTERS, FACE_OBSERVATIONS, TRANSACTIONS
 
@@ -271,3 +271,74 @@ def test_a_stream_of_people_at_the_door_does_not_hold_the_checkouts_back() -> No
 
     assert len(checkouts()) == 10, f"{len(checkouts())} of 10 checkouts observed while people kept coming in"
     assert consumer.people >= 10 and cameras in {tp.topic for tp in consumer.assignment()}
+
+
+def test_healthz_turns_stale_when_every_snapshot_worker_is_stuck_and_recovers_once_one_finishes() -> None:
+    """Back-pressure paused the consumer while every worker hung on a snapshot, and the loop, turning on, beat the
+    heartbeat: /healthz stayed 200 while nothing got done. Now only a finished trigger (or none in flight) beats it."""
+    now = [1_000.0]
+    release = threading.Event()
+
+    def stuck(serial: str, at_ms: int | None) -> Snapshot:
+        release.wait(30)
+        raise SnapshotError("timeout", "the camera never answered")
+
+    heartbeat = metrics.Heartbeat(stale_s=60.0, clock=lambda: now[0])
+    stage = FaceStage(settings(), stuck, None, None)  # type: ignore[arg-type]
+    consumer, producer = Consumer([tx_message(i, f"tx-{i}") for i in range(5)]), Producer(failures=0)
+    runner = FaceStageRunner(
+        settings(), stage, producer=producer, consumer=consumer, heartbeat=heartbeat, clock=lambda: now[0]
+    )
+    turns, stop = [0], threading.Event()
+    worker = threading.Thread(target=runner.run, args=(stop, lambda _stats: turns.__setitem__(0, turns[0] + 1)))
+    worker.start()
+
+    def after_a_few_turns() -> None:
+        seen = turns[0]
+        deadline = time.monotonic() + 10
+        while turns[0] < seen + 5:
+            assert time.monotonic() < deadline, "the loop stopped turning"
+            time.sleep(0.005)
+
+    try:
+        deadline = time.monotonic() + 10
+        while not consumer.paused:  # three in flight, two of them on the two stuck workers
+            assert time.monotonic() < deadline, "never paused"
+            time.sleep(0.005)
+        now[0] += stall_limit_s(settings()) - 1
+        after_a_few_turns()
+        assert heartbeat() == (True, "ok"), "slow, not yet hung"
+        now[0] += 2
+        after_a_few_turns()
+        alive, reason = heartbeat()
+        assert not alive, "the loop turns, but nothing finishes"
+        assert reason == f"no snapshot finished for {stall_limit_s(settings()) + 1:.0f} s, 3 in flight"
+        release.set()
+        deadline = time.monotonic() + 10
+        while not heartbeat()[0]:
+            assert time.monotonic() < deadline, "never healthy again"
+            time.sleep(0.005)
+    finally:
+        release.set()
+        stop.set()
+        worker.join(30)
+    assert not worker.is_alive()
+
+
+def test_an_idle_face_stage_stays_healthy_however_long_nothing_comes() -> None:
+    now = [1_000.0]
+    heartbeat = metrics.Heartbeat(stale_s=60.0, clock=lambda: now[0])
+    stage = FaceStage(settings(), no_video([]), None, None)  # type: ignore[arg-type]
+    runner = FaceStageRunner(
+        settings(), stage, producer=Producer(0), consumer=Consumer([]), heartbeat=heartbeat, clock=lambda: now[0]
+    )
+    turns = [0]
+
+    def tick(_stats: dict) -> None:
+        turns[0] += 1
+        now[0] += 60.0  # a minute a turn: an hour with nothing to do
+        assert heartbeat() == (True, "ok")
+
+    stop = threading.Event()
+    runner.run(stop, lambda stats: (tick(stats), turns[0] >= 60 and stop.set()))
+    assert turns[0] >= 60

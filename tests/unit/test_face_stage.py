@@ -17,8 +17,9 @@ from infra import metrics
 from infra.clients.image_store import LocalImageStore
 from infra.clients.meraki import MerakiClient, Snapshot, SnapshotError
 from infra.local.camera import Presence, render
-from infra.settings import CameraSettings, Settings
-from jobs.faces.stage import CHECKOUT, ENTRANCE, EntranceTracker, FaceStage, OffsetTracker, Trigger
+from infra.settings import CameraSettings, FaceSettings, Settings
+from jobs.faces.rekognition import ATTEMPTS as REKOGNITION_ATTEMPTS
+from jobs.faces.stage import CHECKOUT, ENTRANCE, EntranceTracker, FaceStage, OffsetTracker, Trigger, stall_limit_s
 from schemas.records import CameraEvent, DetectedObject, FaceObservation, PosTransaction
 from tests.builders import FACE_LEN
 from tests.unit.faces_data import people_or_skip
@@ -343,3 +344,11 @@ def test_a_snapshot_of_a_crowd_embeds_only_the_face_it_reports(tmp_path) -> None
     obs = stage.observe(stage.plan_transaction(_tx(now), now)[0], now)
     assert obs.status == "NO_MATCH" and obs.embedding == [300.0] * FACE_LEN
     assert Crowd.embedded == 1
+
+
+def test_the_stall_limit_covers_a_whole_snapshot_deadline_and_with_rekognition_its_search() -> None:
+    """The face stage is called hung only after the longest one trigger may take: never during a slow snapshot."""
+    local = stall_limit_s(Settings(cameras=CameraSettings(deadline_s=45.0)))
+    assert local > 45.0
+    remote = stall_limit_s(Settings(cameras=CameraSettings(deadline_s=45.0), faces=FaceSettings(backend="rekognition")))
+    assert remote >= local + REKOGNITION_ATTEMPTS * FaceSettings().rekognition_search_timeout_s
