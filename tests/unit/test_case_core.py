@@ -12,6 +12,7 @@ from jobs.cases.core import (
     add_note,
     assign,
     case_id_for,
+    check_assignee,
     confirm,
     dismiss,
     escalate,
@@ -246,3 +247,41 @@ def test_only_the_same_verdict_by_the_same_person_repeats_a_decided_case() -> No
     assert repeats(dismiss(case, "a@x", 10), "DISMISS", False, "a@x")
     gone = expire(case, case.expires_at)
     assert gone is not None and not repeats(gone, "DISMISS", False, "case-service")
+
+
+@pytest.mark.parametrize(
+    ("person", "why"),
+    [
+        ("gu\u0430rd@example.com", "plain ASCII"),  # Cyrillic a in the name
+        ("guard@ex\u0430mple.com", "mixes Cyrillic and Latin"),  # Cyrillic a in the domain
+        ("guard@\u0430\u0440\u0440\u04cf\u0435.com", "look Latin"),  # "apple" in Cyrillic letters alone
+        ("gu\u200dard@example.com", "invisible"),  # a zero-width joiner
+        ("guard@exa\u200cmple.com", "invisible"),  # a zero-width non-joiner
+        ("guard@\uff45xample.com", "stand for others"),  # a full-width e
+        ("guard", "not an e-mail address"),
+        ("guard@example..com", "not a domain name"),
+    ],
+)
+def test_assign_to_a_lookalike_or_non_address_is_refused_with_the_reason(person: str, why: str) -> None:
+    """The owner is who the case page and the audit say has the case: a lookalike of a colleague's address was
+    accepted as it came and read as theirs."""
+    for refuse in (
+        lambda: assign(opened(), "lead@example.com", person, T0 + 1),
+        lambda: parse_case_command("ASSIGN", f"case-1 {person}"),
+    ):
+        with pytest.raises(Refused, match=why) as refused:
+            refuse()
+        assert refused.value.kind == "bad_command"
+
+
+def test_assign_takes_real_addresses_international_domains_included() -> None:
+    for person in (
+        "guard@example.com",
+        "jane.doe+cases@store.example",
+        "lead@localhost",
+        "a@b\u00fccher.de",
+        "a@\u043f\u0440\u0438\u043c\u0435\u0440.\u0440\u0444",
+        "a@\u4f8b\u3048.jp",
+    ):
+        assert check_assignee(person) == person
+        assert assign(opened(), "lead@example.com", person, T0 + 1).owner == person

@@ -179,6 +179,15 @@ def test_assign_and_note_write_new_versions(core) -> None:
     assert noted.version == 3 and noted.notes[0].text == "seen at the door" and noted.owner == "lead@example.com"
 
 
+def test_an_assign_to_a_lookalike_address_is_refused_bad_command_and_changes_nothing(core) -> None:
+    case = opened(core)
+    outs = core.on_command(command_src("ASSIGN", f"{case.case_id} le\u0430d@example.com", "m1"), NOW)
+    assert of(outs, CASES) == []
+    assert DeadLetter.decode(of(outs, DEAD_LETTERS)[0].value).error_kind == "bad_command"
+    assert "plain ASCII" in (audits(outs)[0].reason or "")
+    assert core.book.cases[case.case_id].owner is None
+
+
 def test_undecided_cases_expire_after_the_setting_once(core) -> None:
     case = opened(core)
     assert core.expire(NOW + 599_999) == []
