@@ -20,8 +20,8 @@ exactly like the typed ``confirm <case>`` / ``dismiss <case>``). The receiver:
    <case>`` -> a verdict or work on a case (the case service applies them); ``status`` -> the
    pipeline's health and counts; ``help``. Every command that reveals or changes watchlist data (all but
    ``help``, see :data:`RESTRICTED_VERBS`) is only accepted from allow-listed rooms or people; others get
-   a short refusal (logged) and no command is produced; ``checkout`` and ``status`` from an allowed person in a
-   group room that is not allowed are answered to that person alone (:data:`REVEALING_VERBS`);
+   a short refusal (logged) and no command is produced; the answer to an allowed person in a group room that is
+   not allowed (it names people or cases) goes to that person alone (:data:`REVEALING_VERBS`);
 4. puts every accepted command on ``commands`` (BotCommand, key = command_id = the Webex message id, so
    a redelivered message is the same command), signed with ``CG_WEBEX__COMMAND_SIGNING_KEY`` in the
    :data:`~infra.command_auth.SIGNATURE_HEADER` header (the watchlist service applies only
@@ -100,10 +100,14 @@ RESTRICTED_VERBS = SIGNED_VERBS | {"CHECKOUT", "STATUS"}
 """Only for allow-listed rooms and people: the watchlist changes, ``checkout`` (subject ids, similarities
 and a fresh camera snapshot on demand) and ``status`` (the loss-prevention system's health and volumes).
 Anyone on Webex can write to a bot, so only ``help`` answers everyone."""
-REVEALING_VERBS = frozenset({"CHECKOUT", "STATUS"})
-"""Their answers show watchlist data: asked for in a group room that is not allowed (the sender is allowed by
-their e-mail), they go to the sender alone, and the room reads :data:`DIRECT_NOTE`."""
-DIRECT_NOTE = "I sent you the answer directly: it shows watchlist data, and this room is not on the allow-list."
+REVEALING_VERBS = RESTRICTED_VERBS
+"""Their answers name people or cases (subject ids and similarities, the watchlist, a case and who decided it):
+asked for in a group room that is not allowed (the sender is allowed by their e-mail), they go to the sender alone,
+and the room reads :data:`DIRECT_NOTE`. A typed command and a card press alike."""
+DIRECT_NOTE = (
+    "I sent you the answer directly: it names people or cases from the watchlist, and this room is not on the "
+    "allow-list."
+)
 WATCHLIST_REFUSAL = (
     "Sorry, changes to the watchlist can only be made from the store security room or by "
     "people on the allow-list. Please ask your store security lead."
@@ -591,27 +595,33 @@ class WebexBot:
         names = (display, display.split(" ")[0], str(me.get("nickName") or ""))
         parsed = parse_command(message.get("text") or "", names)
         reply, accepted = self._execute(parsed, data["id"], room_id, person)
-        room_type = message.get("roomType") or data.get("roomType")
-        direct = accepted and parsed.verb in REVEALING_VERBS and self._shared_room(room_id, room_type)
-
-        def answer(text: str) -> None:
-            if direct:
-                with_retries(lambda: self.client.send_to_person(person, text))
-            else:
-                with_retries(lambda: self.client.send_message(room_id, text))
-
-        answer(reply)
+        direct = self._direct(parsed, room_id, message.get("roomType") or data.get("roomType"), person)
+        self._reply(room_id, person, reply, direct)
         if direct:
             with_retries(lambda: self.client.send_message(room_id, DIRECT_NOTE))
         self.handled += 1
         if accepted and parsed.verb == "CHECKOUT" and parsed.argument and self.fresh_checkout is not None:
-            answer(self.fresh_checkout(parsed.argument))
+            self._reply(room_id, person, self.fresh_checkout(parsed.argument), direct)
         return reply
 
-    def _shared_room(self, room_id: str, room_type: Any) -> bool:
-        """True for a room whose members may not all read watchlist data: a group room (or one Webex does not say is
-        1:1) that is not on the allow-list."""
-        return room_type != "direct" and not self.settings.webex.is_allowed(room_id, None)
+    def _reply(self, room_id: str, person: str, text: str, direct: bool) -> None:
+        if direct:
+            with_retries(lambda: self.client.send_to_person(person, text))
+        else:
+            with_retries(lambda: self.client.send_message(room_id, text))
+
+    def _direct(self, parsed: ParsedCommand, room_id: str, room_type: Any, person: str) -> bool:
+        """True when the answer goes to the sender alone: an allow-listed person's command whose answer names people
+        or cases (:data:`REVEALING_VERBS`: also a refusal such as "already confirmed by ...") in a room whose members
+        may not all read it: a group room (or one Webex does not say is 1:1) that is not on the allow-list."""
+        return (
+            parsed.verb in REVEALING_VERBS
+            and not parsed.problem
+            and bool(person)
+            and self.settings.webex.is_allowed(None, person)
+            and room_type != "direct"
+            and not self.settings.webex.is_allowed(room_id, None)
+        )
 
     def _handle_action_safely(self, data: dict[str, Any]) -> None:
         self._handle_safely(data, self.handle_action)
@@ -639,7 +649,10 @@ class WebexBot:
             verb = ""
         parsed = _parse_words([verb, case_id]) if verb in CARD_VERBS else ParsedCommand(None)
         reply, _accepted = self._execute(parsed, str(action.get("id") or data["id"]), room_id, email)
-        with_retries(lambda: self.client.send_message(room_id, reply))
+        direct = self._direct(parsed, room_id, None, email)  # a card sits in a group room (the alerts' room)
+        self._reply(room_id, email, reply, direct)
+        if direct:
+            with_retries(lambda: self.client.send_message(room_id, DIRECT_NOTE))
         self.handled += 1
         return reply
 

@@ -234,3 +234,25 @@ def test_without_a_signing_key_a_verdict_is_refused_as_a_case_verdict_not_a_watc
     [reply] = wait_for(lambda: harness.replies(SECURITY_ROOM), 10, what="the refusal")
     assert reply.startswith("Sorry, case verdicts and notes are switched off") and harness.published == []
     assert "watchlist" not in reply
+
+
+def test_an_answer_naming_a_case_and_who_decided_it_goes_to_the_allowed_person_alone_off_the_allow_list(
+    harness: Harness,
+) -> None:
+    """The lead may read who confirmed a case; the cashiers in the shop floor room may not: the answer went there."""
+    decided = {"case_id": CASE, "state": "confirmed", "decided_by": "guard@store.test", "decided_at": 0}
+    harness.bot.case_lookup = {CASE: decided}.get
+    harness.say(SHOP_FLOOR, "lead@store.test", f"Checkout Guard dismiss {CASE}")
+    [answer] = wait_for(lambda: harness.replies("direct:lead@store.test"), 10, what="the answer, directly")
+    assert answer.startswith(f"Case `{CASE}` is already `confirmed` by `guard@store.test`")
+    [note] = wait_for(lambda: harness.replies(SHOP_FLOOR), 10, what="the note in the room")
+    assert "directly" in note and CASE not in note and "guard@store.test" not in note
+    harness.bot.case_lookup = None
+    message_id = post_card(harness, SHOP_FLOOR)  # a press of the card's button: the same
+    harness.webex.press(message_id, "lead@store.test", {"verb": "confirm", "case_id": CASE})
+    wait_for(lambda: len(harness.replies("direct:lead@store.test")) == 2, 10, what="the press's answer, directly")
+    assert "Sent: confirm case" in harness.replies("direct:lead@store.test")[-1]
+    notes = wait_for(
+        lambda: [r for r in harness.replies(SHOP_FLOOR) if "directly" in r][1:], 10, what="the second note"
+    )
+    assert notes == [note] and not any("Sent:" in reply for reply in harness.replies(SHOP_FLOOR))
