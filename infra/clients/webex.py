@@ -9,7 +9,8 @@ lists the messages that mention it);
 ``POST /webhooks``; ``429`` with ``Retry-After`` seconds when over the rate limit.
 
 Errors come back as :class:`WebexError` with ``retriable`` and ``retry_after`` set, so callers decide
-about backoff; the client itself never sleeps or retries (one request = one attempt).
+about backoff; the client itself never sleeps or retries (one request = one attempt), except through
+:func:`with_retries`, which honours a 429's ``Retry-After`` up to :data:`RETRY_AFTER_LIMIT_S`.
 
 Ids that go into a path (message and webhook ids; they reach us in webhook bodies) are escaped as one
 path segment each: an id such as ``../webhooks/<id>`` must not turn a read into a call on another route
@@ -18,6 +19,7 @@ with the bot's token.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -27,14 +29,19 @@ from typing import Any, TypeVar
 import httpx
 
 from infra.clients import urls
-from infra.retry import call_with_retries, parse_retry_after
+from infra.retry import RETRY_AFTER_MAX_S, call_with_retries, parse_retry_after
 from infra.settings import WebexSettings
 from schemas.errors import CheckoutGuardError
 from schemas.images import image_label
 
 MAX_MARKDOWN_BYTES = 7439
 RETRIABLE_STATUS = frozenset({408, 409, 423, 425, 429})
+RETRY_AFTER_LIMIT_S = 300.0
+"""The longest ``Retry-After`` :func:`with_retries` waits out (Webex asks for seconds, at most a few minutes): a
+shorter cap retried inside the limit and was rate limited again; a longer one (a broken or hostile header) would
+park the caller."""
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class WebexError(CheckoutGuardError):
@@ -48,10 +55,26 @@ class WebexError(CheckoutGuardError):
         return self.status is None or self.status >= 500 or 300 <= self.status < 400
 
     def __init__(
-        self, reason: str, *, status: int | None = None, retriable: bool = True, retry_after: float | None = None
+        self,
+        reason: str,
+        *,
+        status: int | None = None,
+        retriable: bool = True,
+        retry_after: float | None = None,
+        asked_wait: float | None = None,
     ) -> None:
         super().__init__(reason)
         self.reason, self.status, self.retriable, self.retry_after = reason, status, retriable, retry_after
+        self.asked_wait = retry_after if asked_wait is None else asked_wait
+        """The wait ``Retry-After`` asked for, up to :data:`RETRY_AFTER_LIMIT_S` (``retry_after`` stops at
+        :data:`infra.retry.RETRY_AFTER_MAX_S`, the alert sender's longest channel pause)."""
+
+
+def asked_wait(exc: BaseException) -> float | None:
+    """How long a failed Webex call asked to be left alone (a 429's ``Retry-After``), at most
+    :data:`RETRY_AFTER_LIMIT_S`; None when it did not say."""
+    wait = getattr(exc, "asked_wait", None)
+    return None if wait is None else min(float(wait), RETRY_AFTER_LIMIT_S)
 
 
 def truncate_utf8(text: str, max_bytes: int = MAX_MARKDOWN_BYTES) -> str:
@@ -77,19 +100,34 @@ def with_retries(
     attempts: int = 4,
     initial_s: float = 0.5,
     maximum_s: float = 30.0,
+    deadline_s: float | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> T:
-    """``call()`` again after 429 (waiting ``Retry-After``) and other retriable failures (exponential
-    backoff), up to ``attempts`` tries; for one-off calls such as a bot's reply. The alert sender has its
-    own per-channel scheduling instead."""
+    """``call()`` again after 429 and other retriable failures, up to ``attempts`` tries; for one-off calls such
+    as a bot's reply. The alert sender has its own per-channel scheduling instead.
+
+    A 429 is waited out for its whole ``Retry-After`` up to :data:`RETRY_AFTER_LIMIT_S` (a try sooner is only
+    refused again); other failures back off exponentially from ``initial_s`` up to ``maximum_s``. With
+    ``deadline_s`` (seconds from now) a wait that would end past it is not begun: the last error is raised at
+    once. Every wait is logged with its length and why."""
+
+    def waiting(exc: BaseException, tries: int, seconds: float) -> None:
+        why = "Retry-After of a 429" if getattr(exc, "status", None) == 429 else "backoff"
+        reason = getattr(exc, "reason", type(exc).__name__)
+        log.warning(
+            "Webex call failed (%s): waiting %.1f s (%s) before try %d of %d", reason, seconds, why, tries + 1, attempts
+        )
+
     return call_with_retries(
         call,
         retriable=lambda exc: isinstance(exc, WebexError) and exc.retriable,
         attempts=attempts,
-        retry_after=lambda exc: getattr(exc, "retry_after", None),
-        wait=lambda n: initial_s * 2**n,
-        maximum_s=maximum_s,
+        deadline_s=deadline_s,
+        retry_after=asked_wait,
+        wait=lambda n: min(maximum_s, initial_s * 2**n),
+        maximum_s=max(maximum_s, RETRY_AFTER_LIMIT_S),
         sleep=sleep,
+        before_sleep=waiting,
     )
 
 
@@ -259,10 +297,12 @@ class WebexClient:
             )
         detail = _error_text(response)
         if status == 429:
+            asked = parse_retry_after(response.headers.get("Retry-After"), 1.0, maximum_s=RETRY_AFTER_LIMIT_S)
             raise WebexError(
                 f"429 rate limited: {detail}",
                 status=status,
-                retry_after=parse_retry_after(response.headers.get("Retry-After"), 1.0),
+                retry_after=min(asked, RETRY_AFTER_MAX_S),
+                asked_wait=asked,
             )
         retriable = status >= 500 or status in RETRIABLE_STATUS
         raise WebexError(

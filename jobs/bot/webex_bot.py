@@ -67,7 +67,7 @@ from starlette.routing import Route
 
 from infra import metrics
 from infra.clients.commands import Headers, KafkaCommandPublisher, signed_headers
-from infra.clients.webex import WebexClient, WebexError, with_retries
+from infra.clients.webex import RETRY_AFTER_LIMIT_S, WebexClient, WebexError, asked_wait, with_retries
 from infra.clock import now_ms
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.retry import call_with_retries
@@ -805,17 +805,20 @@ class WebexBot:
             self.client.create_webhook(CARD_WEBHOOK_NAME, target, self.secret, resource="attachmentActions")
             return hook
 
-        def failed(exc: BaseException, attempt: int, _delay: float = 0.0) -> None:
-            log.warning("webhook registration failed (%s), try %d of %d", getattr(exc, "reason", exc), attempt, tries)
+        def failed(exc: BaseException, attempt: int, delay: float | None = None) -> None:
+            again = "" if delay is None else f"; trying again in {delay:.1f} s"
+            log.warning(
+                "webhook registration failed (%s), try %d of %d%s", getattr(exc, "reason", exc), attempt, tries, again
+            )
 
         try:  # every Webex error is worth another try here (the bot cannot work without its webhook)
             hook = call_with_retries(
                 register,
                 retriable=lambda exc: isinstance(exc, WebexError),
                 attempts=tries,
-                retry_after=lambda exc: getattr(exc, "retry_after", None),  # a 429's: sooner only meets it again
-                wait=lambda n: 2.0**n,
-                maximum_s=30.0,
+                retry_after=asked_wait,  # a 429's, up to RETRY_AFTER_LIMIT_S: sooner only meets it again
+                wait=lambda n: min(30.0, 2.0**n),
+                maximum_s=RETRY_AFTER_LIMIT_S,
                 before_sleep=failed,
             )
         except WebexError as exc:

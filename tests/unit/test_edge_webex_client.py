@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from infra.clients.webex import WebexClient, WebexError, path_segment
+from infra.clients.webex import RETRY_AFTER_LIMIT_S, WebexClient, WebexError, path_segment, with_retries
 from infra.local.webex import LocalWebexServer
 
 TOKEN = "edge-token"
@@ -70,3 +70,27 @@ def test_the_local_webex_server_takes_a_log_level_like_every_other_process(monke
     assert seen == {"level": "DEBUG", "name": "webex-local", "server": "debug"}
     command.main(["--port", "1"], standalone_mode=False)
     assert seen["level"] is None and seen["server"] == "warning"
+
+
+def test_a_long_retry_after_is_waited_out_whole_and_logged(webex, caplog) -> None:
+    """Cut at 30 s, a Retry-After of 120 s was met again by the next try, still inside the rate limit."""
+    server, client = webex
+    server.state.fail((429,), count=1, retry_after=120)
+    waits: list[float] = []
+    with caplog.at_level("WARNING", logger="infra.clients.webex"):
+        sent = with_retries(lambda: client.send_message("room-1", "hello"), sleep=waits.append)
+    assert sent["id"] and waits == [120.0]
+    assert "waiting 120.0 s (Retry-After of a 429) before try 2 of 4" in caplog.text
+    server.state.fail((429,), count=1, retry_after=86_400)  # a broken or hostile header: no longer than the limit
+    waits.clear()
+    with_retries(lambda: client.send_message("room-1", "hello"), sleep=waits.append)
+    assert waits == [RETRY_AFTER_LIMIT_S] == [300.0]
+
+
+def test_a_retry_after_past_the_callers_deadline_is_not_waited_for(webex) -> None:
+    server, client = webex
+    server.state.fail((429,), count=1, retry_after=120)
+    waits: list[float] = []
+    with pytest.raises(WebexError) as err:
+        with_retries(lambda: client.send_message("room-1", "hello"), deadline_s=60, sleep=waits.append)
+    assert err.value.status == 429 and waits == []
