@@ -7,6 +7,7 @@ embedded stack to production (MSK, OpenSearch Service, ...) is a matter of these
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -696,6 +697,26 @@ class WebexSettings(BaseModel, frozen=True):
     """Secret of the bot's webhook: every callback must carry X-Spark-Signature = HMAC-SHA1(body, secret)."""
     public_url: str | None = None
     """Where Webex reaches the bot (https://...); the bot registers its webhook there on start when set."""
+
+    @field_validator("public_url")
+    @classmethod
+    def _https_public_url(cls, value: str | None) -> str | None:
+        """https, or plain http to this machine only (the local Webex API of ``make run`` and the tests): over plain
+        http every callback, signed but readable, would cross the network in clear, and could be read or held back."""
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        scheme, _, rest = value.partition("://")
+        host = _url_host(rest)
+        if scheme.lower() == "https" and host:
+            return value
+        if scheme.lower() == "http" and _is_loopback(host):
+            return value
+        raise ValueError(
+            "CG_WEBEX__PUBLIC_URL must be an https:// URL (plain http only to localhost or 127.0.0.1), "
+            f"not {scheme[:10]!r} to {host[:80]!r}"
+        )
+
     allowed_rooms: str = ""
     """Comma-separated room ids whose members may use the watchlist (checkout, status, fraud, vip, forget)."""
     allowed_people: str = ""
@@ -723,6 +744,24 @@ class WebexSettings(BaseModel, frozen=True):
         return (room_id is not None and room_id in self.allowed_room_ids()) or (
             person_email is not None and person_email.lower() in self.allowed_emails()
         )
+
+
+def _url_host(rest: str) -> str:
+    """The host of a URL after its ``scheme://`` (no user info, port, path; IPv6 without brackets), lower case."""
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0].rpartition("@")[2]
+    if authority.startswith("["):
+        return authority[1:].partition("]")[0].lower()
+    return authority.partition(":")[0].lower()
+
+
+def _is_loopback(host: str) -> bool:
+    """``localhost`` (and its subdomains), 127.0.0.0/8, ``::1`` or ``0.0.0.0`` (``make run`` with
+    ``CG_WEBEX__BOT_HOST=0.0.0.0`` names the bot so): this machine, whatever the network."""
+    try:
+        address = ipaddress.ip_address(host)
+        return address.is_loopback or address.is_unspecified
+    except ValueError:
+        return host == "localhost" or host.endswith(".localhost")
 
 
 FACE_DELIVERY_MARGIN_MS = 5_000

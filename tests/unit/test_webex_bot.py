@@ -13,8 +13,9 @@ from typing import Any
 
 import httpx
 import pytest
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
+from infra.cli import setting_errors
 from infra.command_auth import authenticate_command
 from infra.launcher import wait_for
 from infra.local.webex import BackgroundServer, LocalWebexServer, person_id, sign
@@ -517,3 +518,33 @@ def test_a_correctly_signed_deeply_nested_body_gets_a_4xx_never_a_500(
         r = client.post(harness.url, content=body, headers={"X-Spark-Signature": sign(body, SECRET)})
         assert r.status_code == status, r.text
         assert client.get(harness.server.base + "/health").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://bot.store.example", "http://10.0.0.5:8088", "HTTP://bot.example/x", "bot.example", "ftp://bot.example"],
+)
+def test_a_public_url_webex_would_post_to_over_plain_http_is_a_settings_error(
+    monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    """Registered as it was, Webex posted every signed callback (the staff's commands) in clear over the network."""
+    monkeypatch.setenv("CG_WEBEX__PUBLIC_URL", url)
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    assert setting_errors(refused.value).startswith("CG_WEBEX__PUBLIC_URL: ")
+    assert "must be an https:// URL" in setting_errors(refused.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://bot.store.example",
+        "http://127.0.0.1:8088",  # make run and the tests: the local Webex API on this machine
+        "http://localhost:8088",
+        "http://[::1]:8088",
+        "http://0.0.0.0:8088",
+    ],
+)
+def test_an_https_or_this_machines_public_url_is_taken(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("CG_WEBEX__PUBLIC_URL", url)
+    assert Settings().webex.public_url == url
