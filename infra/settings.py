@@ -695,6 +695,10 @@ class WebexSettings(BaseModel, frozen=True):
     """Room the alerts are posted to."""
     webhook_secret: SecretStr | None = None
     """Secret of the bot's webhook: every callback must carry X-Spark-Signature = HMAC-SHA1(body, secret)."""
+    previous_webhook_secret: SecretStr | None = None
+    """The secret before a rotation, for verifying only: callbacks Webex signed with it before the bot's webhooks
+    were re-registered with the new one are taken until ``PREVIOUS_SECRET_GRACE_S`` after that (the bot never
+    registers it)."""
     public_url: str | None = None
     """Where Webex reaches the bot (https://...); the bot registers its webhook there on start when set."""
 

@@ -7,7 +7,8 @@ exactly like the typed ``confirm <case>`` / ``dismiss <case>``). The receiver:
 
 1. verifies ``X-Spark-Signature`` (hex HMAC-SHA1 of the raw body, keyed with the webhook secret) in
    constant time: missing -> 401, wrong -> 403, nothing else happens; without a configured secret every
-   callback is refused (403);
+   callback is refused (403); after a rotation the previous secret is taken too, until
+   :data:`PREVIOUS_SECRET_GRACE_S` after the webhooks were re-registered with the new one;
 2. parses the callback (malformed, too deeply nested or over :data:`MAX_BODY_BYTES` -> 400/413, never
    5xx), ignores the bot's own messages and messages already handled (Webex may deliver twice), answers
    200 at once and does the rest in the background;
@@ -49,7 +50,9 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import threading
+import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -89,6 +92,10 @@ CARD_WEBHOOK_NAME = "checkout-guard-bot-cards"
 """The second webhook: ``attachmentActions/created`` (a case card's Confirm/Dismiss pressed), same URL and secret."""
 CARD_VERBS = frozenset({"confirm", "dismiss"})
 """What a card's ``Action.Submit`` may ask (``inputs.verb``), with ``inputs.case_id``."""
+PREVIOUS_SECRET_GRACE_S = 600.0
+"""How long callbacks signed with ``CG_WEBEX__PREVIOUS_WEBHOOK_SECRET`` are still taken after the webhooks were
+re-registered with the new secret (from the start when the bot registers none): Webex signs what it sends, and
+sends again, with the secret it had; after the rotation a callback with the old one is refused (403)."""
 MAX_BODY_BYTES = 64 * 1024
 """A Webex message webhook is well under 2 KB; anything much larger is not one."""
 WATCHLIST_VERBS = frozenset({"FRAUD", "VIP", "FORGET", "RENEW"})
@@ -469,8 +476,12 @@ class WebexBot:
             self.inspect_checkout = inspect_checkout
         self.fresh_checkout = fresh_checkout
         self.status_text = status_text or (lambda: pipeline_status_text(settings))
-        secret = settings.webex.webhook_secret
+        secret, previous = settings.webex.webhook_secret, settings.webex.previous_webhook_secret
         self.secret = secret.get_secret_value() if secret else ""
+        self.previous_secret = previous.get_secret_value() if previous and self.secret else ""
+        """Verifies callbacks only, until :attr:`previous_until` (a rotation of the secret, :meth:`_signed_before`)."""
+        self.previous_until = math.inf if settings.webex.public_url else time.monotonic() + PREVIOUS_SECRET_GRACE_S
+        """``time.monotonic()`` after which the previous secret is refused: set when the webhooks are registered."""
         key = settings.webex.command_signing_key
         self.signing_key = key.get_secret_value() if key else ""
         if not self.signing_key:
@@ -527,7 +538,7 @@ class WebexBot:
         if not signature:
             self._webhooks["rejected_signature"].inc()
             return JSONResponse({"error": "X-Spark-Signature missing"}, status_code=401)
-        if not verify_signature(body, signature, self.secret):
+        if not verify_signature(body, signature, self.secret) and not self._signed_before(body, signature):
             self._webhooks["rejected_signature"].inc()
             log.warning("webhook with a wrong signature refused")
             return JSONResponse({"error": "signature does not match"}, status_code=403)
@@ -542,6 +553,16 @@ class WebexBot:
         self._webhooks["accepted"].inc()
         background = self._handle_action_safely if resource == "attachmentActions" else self._handle_safely
         return JSONResponse({"ok": True}, background=BackgroundTask(run_in_threadpool, background, data))
+
+    def _signed_before(self, body: bytes, signature: str) -> bool:
+        """True for a callback signed with the previous secret while it is still taken: Webex had the old secret until
+        the webhooks were re-registered, and what it sent (or sends again) then is signed with it."""
+        if not self.previous_secret or time.monotonic() >= self.previous_until:
+            return False
+        if not verify_signature(body, signature, self.previous_secret):
+            return False
+        log.info("webhook signed with the previous secret taken (CG_WEBEX__PREVIOUS_WEBHOOK_SECRET)")
+        return True
 
     @staticmethod
     async def _read_body(request: Request) -> bytes:
@@ -825,6 +846,9 @@ class WebexBot:
             failed(exc, tries)
             return None
         log.info("webhook %s registered for %s", hook.get("id"), target)
+        self.previous_until = time.monotonic() + PREVIOUS_SECRET_GRACE_S
+        if self.previous_secret:
+            log.info("callbacks signed with the previous webhook secret are taken %.0f s more", PREVIOUS_SECRET_GRACE_S)
         return hook
 
 

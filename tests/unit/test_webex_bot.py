@@ -22,6 +22,7 @@ from infra.local.webex import BackgroundServer, LocalWebexServer, person_id, sig
 from infra.settings import Settings, WebexSettings
 from jobs.bot.webex_bot import (
     MAX_BODY_BYTES,
+    PREVIOUS_SECRET_GRACE_S,
     WEBHOOK_PATH,
     Headers,
     WebexBot,
@@ -390,6 +391,42 @@ def test_forged_or_unsigned_webhooks_are_refused_and_change_nothing(harness: Har
     good = httpx.post(harness.url, content=body, headers={"X-Spark-Signature": sign(body, SECRET)})
     assert good.status_code == 200
     wait_for(lambda: harness.published, 10, what="the signed command")
+
+
+def test_after_a_secret_rotation_callbacks_signed_with_the_previous_secret_are_taken_for_a_while(
+    harness: Harness,
+) -> None:
+    """Restarted with a new secret, the bot refused (403) what Webex still signed with the old one until the
+    re-registration went through: the staff's commands of those minutes were lost."""
+    settings = harness.bot.settings
+    rotated = settings.model_copy(
+        update={"webex": settings.webex.model_copy(update={"previous_webhook_secret": SecretStr("old-secret")})}
+    )
+    with WebexBot(rotated, client=harness.bot.client, publish=lambda *_: None, inspect_checkout=str) as bot:
+        assert bot.previous_secret == "old-secret" and bot.previous_until == float("inf")  # until re-registered
+    harness.bot.previous_secret = "old-secret"
+    harness.bot.register_webhook()  # the new secret reached Webex: the old one is taken a while more
+    assert time.monotonic() + PREVIOUS_SECRET_GRACE_S - 5 < harness.bot.previous_until
+    harness.webex.state.webhooks.clear()
+    harness.say(SECURITY_ROOM, "guard@store.test", "fraud tx-14")
+    [message] = [m for m in harness.webex.state.messages if m["text"] == "fraud tx-14"]
+    body = callback(message["id"])
+    assert (
+        httpx.post(harness.url, content=body, headers={"X-Spark-Signature": sign(body, "old-secret")}).status_code
+        == 200
+    )
+    wait_for(lambda: harness.published, 10, what="the command signed with the previous secret")
+    harness.bot.previous_until = time.monotonic()  # the grace is over: the old secret no longer verifies
+    harness.say(SECURITY_ROOM, "guard@store.test", "fraud tx-15")
+    [later] = [m for m in harness.webex.state.messages if m["text"] == "fraud tx-15"]
+    body = callback(later["id"])
+    assert (
+        httpx.post(harness.url, content=body, headers={"X-Spark-Signature": sign(body, "old-secret")}).status_code
+        == 403
+    )
+    assert (
+        httpx.post(harness.url, content=body, headers={"X-Spark-Signature": sign(body, "guessed")}).status_code == 403
+    )
 
 
 def test_a_captured_webhook_replayed_later_runs_nothing_again(harness: Harness) -> None:
