@@ -72,7 +72,7 @@ from infra import metrics
 from infra.clients.commands import Headers, KafkaCommandPublisher, signed_headers
 from infra.clients.webex import RETRY_AFTER_LIMIT_S, WebexClient, WebexError, asked_wait, with_retries
 from infra.clock import now_ms
-from infra.logs import LOG_LEVEL_HELP, setup_logging
+from infra.logs import LOG_LEVEL_HELP, UVICORN, setup_logging
 from infra.retry import call_with_retries
 from infra.settings import Settings, get_settings
 from jobs.cases.core import ESCALATED, PENDING, parse_case_command
@@ -198,8 +198,9 @@ def strip_trailing_mention(text: str, bot_names: tuple[str, ...]) -> str:
     return stripped
 
 
-INVISIBLE = dict.fromkeys(map(ord, "\u200b\u2060\ufeff\u00ad"))
-"""Zero-width space, word joiner, BOM and soft hyphen: shown as nothing, pasted along with ids (``tx-1\u200b``).
+INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
+"""Zero-width space, non-joiner and joiner, word joiner, BOM and soft hyphen: shown as nothing, pasted along with
+ids (``tx-1\u200b``).
 Removed before parsing, so the text is read as its sender sees it (bidi controls are not: they reorder what is
 shown, and an id holding one is refused)."""
 
@@ -867,6 +868,7 @@ def main(log_level: str | None = None) -> None:
                 port=settings.webex.bot_port,
                 log_level="warning",
                 access_log=False,
+                **UVICORN,  # its lines through the one handler: line format, secrets masked
             )
         finally:
             endpoint.close()

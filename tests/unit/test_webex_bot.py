@@ -125,6 +125,8 @@ def test_a_mention_of_the_bot_after_the_command_is_not_an_extra_word() -> None:
     [
         ("fraud tx-1\u200b", "FRAUD", "tx-1"),  # a zero-width space pasted with the id
         ("\ufefffraud tx-1", "FRAUD", "tx-1"),
+        ("fraud tx\u200d-1", "FRAUD", "tx-1"),  # zero-width joiner
+        ("vip \u200ctx-1", "VIP", "tx-1"),  # zero-width non-joiner
         ("Checkout Guard\u2060 forget subj-\u00adtx-1", "FORGET", "subj-tx-1"),
         ("assign case-1 lead\u200b@store.test", "ASSIGN", "case-1 lead@store.test"),  # not a lookalike of the lead
     ],
@@ -585,3 +587,24 @@ def test_a_public_url_webex_would_post_to_over_plain_http_is_a_settings_error(
 def test_an_https_or_this_machines_public_url_is_taken(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
     monkeypatch.setenv("CG_WEBEX__PUBLIC_URL", url)
     assert Settings().webex.public_url == url
+
+
+def test_the_bots_web_server_logs_through_the_one_handler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvicorn set up handlers of its own for the bot's web server: its lines (an exception in a webhook, with its
+    traceback) skipped the masking of secrets and the project's line format."""
+    import contextlib
+
+    from jobs.bot import webex_bot
+
+    options: dict[str, Any] = {}
+    monkeypatch.setattr(webex_bot, "get_settings", lambda: Settings())
+    monkeypatch.setattr(webex_bot, "setup_logging", lambda *_a, **_k: None)
+    monkeypatch.setattr(
+        webex_bot,
+        "WebexBot",
+        lambda _settings: contextlib.nullcontext(type("B", (), {"app": None, "heartbeat": None})()),
+    )
+    monkeypatch.setattr(webex_bot.metrics, "serve", lambda *_a, **_k: type("E", (), {"close": lambda self: None})())
+    monkeypatch.setattr(webex_bot.uvicorn, "run", lambda _app, **kw: options.update(kw))
+    webex_bot.main()
+    assert options["log_config"] is None
