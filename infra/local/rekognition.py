@@ -9,7 +9,7 @@ engine in the tests: infra never imports a stage); its similarity is mapped onto
 scale (logistic, our match threshold 52 -> ~99) — the numbers are this server's, not AWS's model.
 ``S3Object`` images are read from the S3 endpoint given (moto in server mode in the tests).
 ``CollectionId`` and ``ExternalImageId`` are checked against the API's patterns as AWS does (botocore does not):
-``ValidationException`` otherwise.
+``ValidationException`` otherwise. Images must be JPEG or PNG, as at AWS: ``InvalidImageFormatException`` otherwise.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from schemas.errors import CheckoutGuardError
+from schemas.images import image_type
 
 
 class _Fail(CheckoutGuardError):
@@ -86,15 +87,21 @@ class LocalRekognition:
 
     # --- operations -------------------------------------------------------------------------------
     def _bytes(self, image: dict[str, Any]) -> bytes:
+        """The image's bytes; neither JPEG nor PNG is ``InvalidImageFormatException``, as at AWS (a GIF or WebP the
+        engine reads would otherwise pass here and fail there)."""
         if "Bytes" in image:
-            return base64.b64decode(image["Bytes"])
-        if "S3Object" in image and self.s3 is not None:
+            data = base64.b64decode(image["Bytes"])
+        elif "S3Object" in image and self.s3 is not None:
             obj = image["S3Object"]
             try:
-                return self.s3.get_object(Bucket=obj["Bucket"], Key=obj["Name"])["Body"].read()
+                data = self.s3.get_object(Bucket=obj["Bucket"], Key=obj["Name"])["Body"].read()
             except Exception as exc:  # noqa: BLE001 - any S3 failure is Rekognition's InvalidS3ObjectException
                 raise _Fail("InvalidS3ObjectException", f"Unable to get object metadata from S3: {exc}") from None
-        raise _Fail("InvalidParameterException", "Image must have Bytes or S3Object")
+        else:
+            raise _Fail("InvalidParameterException", "Image must have Bytes or S3Object")
+        if image_type(data) is None:
+            raise _Fail("InvalidImageFormatException", "Request has invalid image format")
+        return data
 
     def _faces(self, image: dict[str, Any]):
         """Passing faces, each with its box as ratios of the image size (as Rekognition reports boxes)."""

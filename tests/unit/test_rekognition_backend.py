@@ -335,3 +335,48 @@ def test_the_local_rekognition_refuses_an_external_image_id_outside_the_apis_pat
         assert faces.forget("subj-POS7+00042@store-001") == 1 and faces.face_ids("subj-POS7+00042@store-001") == []
     finally:
         server.stop()
+
+
+@pytest.fixture
+def one_face():
+    """The one-face stand-in and a backend on it (what the stand-in refuses is tested, not the engine)."""
+    server = _one_face_server()
+    url = server.start()
+    faces = RekognitionFaces(
+        FaceSettings(
+            rekognition_endpoint_url=url,
+            aws_region="us-east-1",
+            aws_access_key_id=SecretStr("testing"),
+            aws_secret_access_key=SecretStr("testing"),
+        )
+    )
+    faces.ensure_collection()
+    yield faces, server
+    server.stop()
+
+
+def _image_bytes(fmt: str) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20)).save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "WEBP", "TIFF"])
+def test_the_local_rekognition_refuses_an_image_that_is_not_jpeg_or_png_as_aws_does(one_face, fmt):
+    from botocore.exceptions import ClientError
+
+    from jobs.faces.rekognition import RekognitionError
+
+    faces, _ = one_face
+    with pytest.raises(ClientError) as err:
+        faces.client.search_faces_by_image(CollectionId=faces.collection, Image={"Bytes": _image_bytes(fmt)})
+    assert err.value.response["Error"]["Code"] == "InvalidImageFormatException"
+    with pytest.raises(RekognitionError) as refused:
+        faces.index("subj-1", _image_bytes(fmt))
+    assert refused.value.code == "InvalidImageFormatException" and not refused.value.transient
+    assert len(faces.index("subj-1", _image_bytes("PNG"))) == 1
+    assert faces.search(_image_bytes("JPEG")).subject_id == "subj-1"
