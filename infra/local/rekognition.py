@@ -9,7 +9,8 @@ engine in the tests: infra never imports a stage); its similarity is mapped onto
 scale (logistic, our match threshold 52 -> ~99) — the numbers are this server's, not AWS's model.
 ``S3Object`` images are read from the S3 endpoint given (moto in server mode in the tests).
 ``CollectionId`` and ``ExternalImageId`` are checked against the API's patterns as AWS does (botocore does not):
-``ValidationException`` otherwise. Images must be JPEG or PNG, as at AWS: ``InvalidImageFormatException`` otherwise.
+``ValidationException`` otherwise. Images must be JPEG or PNG, as at AWS: ``InvalidImageFormatException`` otherwise;
+at most 5 MB as ``Bytes`` (``ValidationException``) and 15 MB from S3 (``ImageTooLargeException``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ from PIL import Image
 
 from schemas.errors import CheckoutGuardError
 from schemas.images import image_type
+
+MAX_IMAGE_BYTES = 5 * 1024 * 1024
+"""The API's limit on ``Image.Bytes`` (5 MB; botocore does not check it): ``ValidationException`` past it."""
+MAX_S3_IMAGE_BYTES = 15 * 1024 * 1024
+"""An ``S3Object`` image may be larger (15 MB): ``ImageTooLargeException`` past it."""
 
 
 class _Fail(CheckoutGuardError):
@@ -87,16 +93,24 @@ class LocalRekognition:
 
     # --- operations -------------------------------------------------------------------------------
     def _bytes(self, image: dict[str, Any]) -> bytes:
-        """The image's bytes; neither JPEG nor PNG is ``InvalidImageFormatException``, as at AWS (a GIF or WebP the
-        engine reads would otherwise pass here and fail there)."""
+        """The image's bytes, refused as AWS refuses them (an image the engine reads would otherwise pass here and fail
+        there): over 5 MB as bytes, over 15 MB from S3, neither JPEG nor PNG (``InvalidImageFormatException``)."""
         if "Bytes" in image:
             data = base64.b64decode(image["Bytes"])
+            if len(data) > MAX_IMAGE_BYTES:
+                raise _Fail(
+                    "ValidationException",
+                    "1 validation error detected: Value at 'image.bytes' failed to satisfy constraint: "
+                    f"Member must have length less than or equal to {MAX_IMAGE_BYTES}",
+                )
         elif "S3Object" in image and self.s3 is not None:
             obj = image["S3Object"]
             try:
                 data = self.s3.get_object(Bucket=obj["Bucket"], Key=obj["Name"])["Body"].read()
             except Exception as exc:  # noqa: BLE001 - any S3 failure is Rekognition's InvalidS3ObjectException
                 raise _Fail("InvalidS3ObjectException", f"Unable to get object metadata from S3: {exc}") from None
+            if len(data) > MAX_S3_IMAGE_BYTES:
+                raise _Fail("ImageTooLargeException", "Image size is too large.")
         else:
             raise _Fail("InvalidParameterException", "Image must have Bytes or S3Object")
         if image_type(data) is None:

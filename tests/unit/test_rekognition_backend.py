@@ -380,3 +380,38 @@ def test_the_local_rekognition_refuses_an_image_that_is_not_jpeg_or_png_as_aws_d
     assert refused.value.code == "InvalidImageFormatException" and not refused.value.transient
     assert len(faces.index("subj-1", _image_bytes("PNG"))) == 1
     assert faces.search(_image_bytes("JPEG")).subject_id == "subj-1"
+
+
+def test_the_local_rekognition_refuses_images_over_awss_size_limits(moto_url, settings, store):
+    """5 MB as bytes (botocore does not check it: AWS answers ``ValidationException``), 15 MB from S3."""
+    from botocore.exceptions import ClientError
+
+    from jobs.faces.rekognition import RekognitionError
+
+    server = _one_face_server()
+    server.s3 = boto3.client(
+        "s3",
+        endpoint_url=moto_url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    url = server.start()
+    try:
+        faces = RekognitionFaces(settings.faces.model_copy(update={"rekognition_endpoint_url": url}))
+        faces.ensure_collection()
+        jpeg = _image_bytes("JPEG")
+        with pytest.raises(ClientError) as err:
+            faces.client.index_faces(CollectionId=faces.collection, Image={"Bytes": jpeg + b"\0" * 5 * 1024 * 1024})
+        assert err.value.response["Error"]["Code"] == "ValidationException"
+        assert "image.bytes" in err.value.response["Error"]["Message"]
+        big = jpeg + b"\0" * 15 * 1024 * 1024
+        bucket = settings.faces.suspects_bucket
+        server.s3.put_object(Bucket=bucket, Key="big.jpg", Body=big)
+        with pytest.raises(RekognitionError) as refused:
+            faces.index("subj-big", f"s3://{bucket}/big.jpg")
+        assert refused.value.code == "ImageTooLargeException"
+        server.s3.put_object(Bucket=bucket, Key="fits.jpg", Body=jpeg + b"\0" * 6 * 1024 * 1024)
+        assert len(faces.index("subj-fits", f"s3://{bucket}/fits.jpg")) == 1, "from S3, 6 MB is allowed"
+    finally:
+        server.stop()
