@@ -148,9 +148,14 @@ class LocalRekognition:
         }
 
     def IndexFaces(self, req: dict[str, Any]) -> dict[str, Any]:  # noqa: N802
+        """As AWS: with more faces than ``MaxFaces`` (at most 100 are indexed), the largest are indexed and the
+        smaller ones are answered in ``UnindexedFaces`` (``EXCEEDS_MAX_FACES``), whatever order the engine found
+        them in: enrolling a picture with a small face behind the subject indexes the subject."""
         _validate(req)  # also when called directly, not only through the server
         col = self._collection(req["CollectionId"])
-        faces = self._faces(req["Image"])[: int(req.get("MaxFaces", 100))]
+        found = sorted(self._faces(req["Image"]), key=lambda fb: fb[1]["Width"] * fb[1]["Height"], reverse=True)
+        keep = min(int(req.get("MaxFaces", 100)), 100)
+        faces, left_out = found[:keep], found[keep:]
         image_id = str(uuid.uuid4())
         records = []
         for f, box in faces:
@@ -165,7 +170,11 @@ class LocalRekognition:
                 face["ExternalImageId"] = req["ExternalImageId"]
             col[face["FaceId"]] = face
             records.append({"Face": self._public(face), "FaceDetail": {"Confidence": 99.9}})
-        return {"FaceRecords": records, "FaceModelVersion": "7.0", "UnindexedFaces": []}
+        unindexed = [
+            {"Reasons": ["EXCEEDS_MAX_FACES"], "FaceDetail": {"BoundingBox": box, "Confidence": 99.9}}
+            for _, box in left_out
+        ]
+        return {"FaceRecords": records, "FaceModelVersion": "7.0", "UnindexedFaces": unindexed}
 
     def ListFaces(self, req: dict[str, Any]) -> dict[str, Any]:  # noqa: N802
         col = self._collection(req["CollectionId"])

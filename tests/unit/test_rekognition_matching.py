@@ -137,6 +137,24 @@ def test_the_stand_in_searches_the_largest_face_sorted_most_similar_first_above_
     assert [m["Face"]["ExternalImageId"] for m in strict["FaceMatches"]] == ["subj-red"]
 
 
+def test_the_stand_in_indexes_the_largest_faces_up_to_max_faces_as_aws_does(server) -> None:
+    faces = RekognitionFaces(_settings(server[1]), timeout_s=5)
+    faces.ensure_collection()
+    group = picture((GREEN, 20, 30), (RED, 150, 80))  # found left to right: the small green face first
+    resp = faces.client.index_faces(CollectionId=faces.collection, Image={"Bytes": group}, MaxFaces=1)
+    [record] = resp["FaceRecords"]
+    assert record["Face"]["BoundingBox"]["Width"] == pytest.approx(0.2, abs=0.01), "the larger (red) face"
+    [unindexed] = resp["UnindexedFaces"]
+    assert unindexed["Reasons"] == ["EXCEEDS_MAX_FACES"]
+    assert unindexed["FaceDetail"]["BoundingBox"]["Width"] == pytest.approx(0.075, abs=0.01)
+    # through the backend (MaxFaces=1): the subject in front is enrolled, not the face behind them
+    faces = RekognitionFaces(_settings(server[1], rekognition_collection="enrolled"), timeout_s=5)
+    faces.ensure_collection()
+    faces.index("subj-front", group)
+    assert faces.search(picture((RED, 50, 60))).subject_id == "subj-front"
+    assert faces.search(picture((GREEN, 50, 60))) is None
+
+
 def test_the_stand_in_answers_an_image_without_a_face_with_invalid_parameter_as_aws_does(collection) -> None:
     from botocore.exceptions import ClientError
 
