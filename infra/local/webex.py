@@ -4,7 +4,8 @@ Speaks the documented API (https://developer.webex.com/docs/api): bearer-token a
 ``POST /messages`` as JSON (with an adaptive card in ``attachments``) or multipart/form-data with one ``files``
 part, ``GET /messages?roomId=[&parentId=][&mentionedPeople=me]`` (newest first), ``GET /messages/{id}``,
 ``DELETE /messages/{id}`` (the bot's own), ``GET /people/me``, ``GET /people/{id}``,
-``GET /attachment/actions/{id}``, ``POST/GET/DELETE /webhooks``, and the ``429 Retry-After`` behaviour. It
+``GET /attachment/actions/{id}``, ``POST/GET/DELETE /webhooks``, and the ``429 Retry-After`` behaviour. Lists are
+paged as Webex pages them: ``max`` items (messages 50, webhooks 100 by default), then a ``Link`` ``rel="next"``. It
 keeps what it received (messages and attached files) so tests can look, can be told to answer 429/500 or to be
 slow for a while, and can play a person writing in a room (:func:`say`) or pressing a card's button
 (:func:`press`): the message or attachment action is stored and every matching webhook (``messages`` /
@@ -269,9 +270,18 @@ class _WebexApi:
             return _error(state, 401, "The request requires a valid access token set in the Authorization header.")
         return None
 
-    def ok(self, body: dict[str, Any], status: int = 200) -> JSONResponse:
+    def ok(self, body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
         _count(self.state, status)
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    def page(self, request: Request, items: list[dict[str, Any]], limit: int, **next_params: str) -> JSONResponse:
+        """One page of a list, as Webex pages them (RFC 5988): at most ``limit`` items, and while more are left a
+        ``Link: <url>; rel="next"`` to the rest (this request's URL with ``next_params``). A client reading only
+        ``items`` of the first answer misses the rest, as it would at Webex."""
+        if len(items) <= limit:
+            return self.ok({"items": items})
+        url = request.url.include_query_params(**next_params)
+        return self.ok({"items": items[:limit]}, headers={"Link": f'<{url}>; rel="next"'})
 
     # --- the API ----------------------------------------------------------------------------
 
@@ -333,7 +343,10 @@ class _WebexApi:
             limit = int(request.query_params.get("max", "50"))
         except ValueError:
             return _error(self.state, 400, "max must be a number")
+        if limit < 1:
+            return _error(self.state, 400, "max must be a positive number")
         parent = request.query_params.get("parentId")  # a thread's replies only, as Webex lists them
+        before = request.query_params.get("beforeMessage")  # the next page: messages sent before this one
         state = self.state
         mentioned = request.query_params.get("mentionedPeople")
         if mentioned is not None and mentioned not in ("me", state.bot["id"]):
@@ -341,14 +354,20 @@ class _WebexApi:
         if mentioned is None and state.room_type(room_id) == "group":  # the caller is the bot (one token)
             return _error(state, 403, "Bots must specify mentionedPeople=me to list messages in group rooms")
         with state.lock:
+            newest_first = list(reversed(state.messages))
+            if before is not None:
+                at = next((i for i, m in enumerate(newest_first) if m["id"] == before), None)
+                if at is None:
+                    return _error(state, 404, "beforeMessage not found")
+                newest_first = newest_first[at + 1 :]
             items = [
                 _public(m)
-                for m in reversed(state.messages)
+                for m in newest_first
                 if m["roomId"] == room_id
                 and (parent is None or m.get("parentId") == parent)
                 and (mentioned is None or state.bot["id"] in (m.get("mentionedPeople") or ()))
-            ][:limit]
-        return self.ok({"items": items})
+            ]
+        return self.page(request, items, limit, beforeMessage=items[limit - 1]["id"] if len(items) > limit else "")
 
     async def get_message(self, request: Request) -> Response:
         with self.state.lock:
@@ -406,9 +425,16 @@ class _WebexApi:
 
     async def webhooks(self, request: Request) -> Response:
         if request.method == "GET":
+            try:
+                limit = int(request.query_params.get("max", "100"))
+                start = int(request.query_params.get("cursor", "0"))
+            except ValueError:
+                return _error(self.state, 400, "max and cursor must be numbers")
+            if limit < 1 or start < 0:
+                return _error(self.state, 400, "max must be a positive number")
             with self.state.lock:
-                items = [_without_secret(w) for w in self.state.webhooks]
-            return self.ok({"items": items})
+                items = [_without_secret(w) for w in self.state.webhooks][start:]
+            return self.page(request, items, limit, cursor=str(start + limit))
         return await self.create_webhook(request)
 
     async def create_webhook(self, request: Request) -> Response:
