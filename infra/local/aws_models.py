@@ -1,7 +1,9 @@
 """A local server speaking Amazon Fraud Detector's and SageMaker Runtime's wire protocols.
 
 Fraud Detector: ``POST /`` with ``X-Amz-Target: AWSHawksNestServiceFacade.GetEventPrediction`` and a
-JSON 1.1 body; answers ``modelScores`` / ``ruleResults`` as the service does. SageMaker Runtime:
+JSON 1.1 body; answers ``modelScores`` / ``ruleResults`` as the service does, and ``400 ValidationException`` to
+a request the service refuses though botocore sends it (an ``entityId`` outside its pattern, such as one with a
+``:``; an empty or over-8192-character variable value; no variables). SageMaker Runtime:
 ``POST /endpoints/<name>/invocations`` with the raw body; answers one probability per CSV line.
 Every request is recorded (path, headers, body) so tests can pin exactly what the client sent, and
 ``delay_s`` makes the server slower than a client's timeout.
@@ -10,12 +12,61 @@ Every request is recorded (path, headers, body) so tests can pin exactly what th
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 AFD_TARGET = "AWSHawksNestServiceFacade.GetEventPrediction"
+AFD_ENTITY_ID_RE = re.compile(r"[0-9A-Za-z_.@+-]{1,256}")
+"""GetEventPrediction's ``entities[].entityId`` (pattern ``^[0-9A-Za-z_.@+-]+$``, 1-256 characters)."""
+AFD_VERSION_RE = re.compile(r"[1-9][0-9]{0,4}")
+AFD_MAX_VALUE = 8192
+"""Longest ``eventVariables`` value (characters); keys are 1-64 characters, values at least 1."""
+
+
+def afd_problem(req: Any) -> str | None:
+    """Why Fraud Detector answers ``ValidationException`` to this GetEventPrediction body, None if it does not.
+    botocore checks the required members and most lengths, but no pattern and no map's size: those are checked at
+    AWS, so here, or a client sending them passes its tests and fails there for every record."""
+    if not isinstance(req, dict):
+        return "the request body must be a JSON object"
+    missing = [
+        k
+        for k in ("detectorId", "eventId", "eventTypeName", "entities", "eventTimestamp", "eventVariables")
+        if k not in req
+    ]
+    if missing:
+        return f"missing required member(s): {', '.join(missing)}"
+    version = req.get("detectorVersionId")
+    if version is not None and not (isinstance(version, str) and AFD_VERSION_RE.fullmatch(version)):
+        return (
+            "Value at 'detectorVersionId' failed to satisfy constraint: "
+            "Member must satisfy regular expression pattern: ^([1-9][0-9]*)$"
+        )
+    for i, entity in enumerate(req["entities"] if isinstance(req["entities"], list) else [None]):
+        entity_id = entity.get("entityId") if isinstance(entity, dict) else None
+        if not (isinstance(entity_id, str) and AFD_ENTITY_ID_RE.fullmatch(entity_id)):
+            return (
+                f"Value at 'entities.{i + 1}.member.entityId' failed to satisfy constraint: "
+                "Member must satisfy regular expression pattern: ^[0-9A-Za-z_.@+-]+$"
+            )
+    variables = req["eventVariables"]
+    if not isinstance(variables, dict) or not variables:
+        return (
+            "Value at 'eventVariables' failed to satisfy constraint: Member must have length greater than or equal to 1"
+        )
+    for key, value in variables.items():
+        if not 1 <= len(key) <= 64:
+            return "Value at 'eventVariables' failed to satisfy constraint: Map keys must have length 1-64"
+        if not (isinstance(value, str) and 1 <= len(value) <= AFD_MAX_VALUE):
+            return (
+                f"Value at 'eventVariables' failed to satisfy constraint: Map value must be a string of 1-"
+                f"{AFD_MAX_VALUE} characters"
+            )
+    return None
 
 
 @dataclass
@@ -61,6 +112,14 @@ class LocalModelServer:
                         "application/x-amz-json-1.1",
                     )
                 elif self.path == "/" and self.headers.get("X-Amz-Target") == AFD_TARGET:
+                    try:
+                        problem = afd_problem(json.loads(body or b"null"))
+                    except ValueError:
+                        problem = "the request body is not JSON"
+                    if problem is not None:
+                        error = {"__type": "ValidationException", "message": problem}
+                        self._send(400, json.dumps(error).encode(), "application/x-amz-json-1.1")
+                        return
                     answer = {
                         "modelScores": [
                             {

@@ -137,6 +137,41 @@ def test_fraud_detector_is_called_once_per_record_and_unknown_entities_say_so(se
     assert all("customer_email" not in b["eventVariables"] for b in bodies)
 
 
+def _afd_client(url: str):
+    import boto3
+
+    return boto3.client(
+        "frauddetector",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "member"),
+    [
+        ({"entities": [{"entityType": "customer", "entityId": "loyalty:42"}]}, "entityId"),
+        ({"entities": [{"entityType": "customer", "entityId": "a b"}]}, "entityId"),
+        ({"eventVariables": {}}, "eventVariables"),
+        ({"eventVariables": {"order_price": "1", "user_agent": "x" * 8193}}, "eventVariables"),
+    ],
+    ids=["colon-in-entity-id", "space-in-entity-id", "no-variables", "value-over-8192"],
+)
+def test_the_local_fraud_detector_refuses_what_aws_refuses_though_botocore_sends_it(server, change, member):
+    from botocore.exceptions import ClientError
+
+    predictor = FraudDetectorPredictor(settings_for(server.url, "frauddetector"), small_model())
+    client = _afd_client(server.url)
+    good = predictor.request(TX)
+    assert client.get_event_prediction(**good)["modelScores"], "the documented request is answered"
+    with pytest.raises(ClientError) as err:
+        client.get_event_prediction(**{**good, **change})
+    assert err.value.response["Error"]["Code"] == "ValidationException"
+    assert member in err.value.response["Error"]["Message"]
+
+
 def test_slow_fraud_detector_falls_back_to_the_local_model_after_bounded_retries(server):
     server.delay_s = 1.0
     model = small_model()
