@@ -10,7 +10,9 @@ scale (logistic, our match threshold 52 -> ~99) — the numbers are this server'
 ``S3Object`` images are read from the S3 endpoint given (moto in server mode in the tests).
 ``CollectionId`` and ``ExternalImageId`` are checked against the API's patterns as AWS does (botocore does not):
 ``ValidationException`` otherwise. Images must be JPEG or PNG, as at AWS: ``InvalidImageFormatException`` otherwise;
-at most 5 MB as ``Bytes`` (``ValidationException``) and 15 MB from S3 (``ImageTooLargeException``).
+at most 5 MB as ``Bytes`` (``ValidationException``) and 15 MB from S3 (``ImageTooLargeException``). Numbers and
+lists over the API's maxima that botocore lets through (``MaxFaces`` 4096, ``MaxResults`` 4096, 4096 ``FaceIds``)
+are ``ValidationException`` too.
 """
 
 from __future__ import annotations
@@ -49,6 +51,37 @@ PATTERNS = {
     "ExternalImageId": ("externalImageId", re.compile(r"[a-zA-Z0-9_.\-:]{1,255}")),
 }
 """The API's constraints on names (API_IndexFaces, API_CreateCollection): member, pattern with its length."""
+
+
+MAXIMA = {
+    ("SearchFacesByImage", "MaxFaces"): ("maxFaces", 4096),
+    ("SearchFacesByImage", "FaceMatchThreshold"): ("faceMatchThreshold", 100),
+    ("ListFaces", "MaxResults"): ("maxResults", 4096),
+    ("DeleteFaces", "FaceIds"): ("faceIds", 4096),
+}
+"""The API's upper bounds that botocore does not check (it checks the lower ones): (operation, field) -> member,
+maximum value (of a number) or length (of a list)."""
+
+
+def _bounds(op: str, req: dict[str, Any]) -> None:
+    """AWS's answer to a number or list over the API's maximum: ``ValidationException``, before anything else."""
+    for (operation, field), (member, maximum) in MAXIMA.items():
+        value = req.get(field) if operation == op else None
+        if value is None:
+            continue
+        if isinstance(value, list):
+            if len(value) > maximum:
+                raise _Fail(
+                    "ValidationException",
+                    f"1 validation error detected: Value at '{member}' failed to satisfy constraint: "
+                    f"Member must have length less than or equal to {maximum}",
+                )
+        elif float(value) > maximum:
+            raise _Fail(
+                "ValidationException",
+                f"1 validation error detected: Value '{value}' at '{member}' failed to satisfy constraint: "
+                f"Member must have value less than or equal to {maximum}",
+            )
 
 
 def _validate(req: dict[str, Any]) -> None:
@@ -193,6 +226,7 @@ class LocalRekognition:
         """As AWS: only the largest face of the image is searched (its box is ``SearchedFaceBoundingBox``), matches
         at or above ``FaceMatchThreshold`` (80 unless given; 0-100) come most similar first, at most ``MaxFaces``;
         an image without a face is ``InvalidParameterException``."""
+        _bounds("SearchFacesByImage", req)  # also when called directly, not only through the server
         col = self._collection(req["CollectionId"])
         threshold = float(req.get("FaceMatchThreshold", 80.0))
         if not 0.0 <= threshold <= 100.0:
@@ -229,6 +263,7 @@ class LocalRekognition:
             try:
                 req = json.loads(body or b"{}")
                 _validate(req)
+                _bounds(op, req)
                 return 200, getattr(self, op)(req)
             except _Fail as fail:
                 return 400, {"__type": fail.code, "Message": fail.message}

@@ -415,3 +415,27 @@ def test_the_local_rekognition_refuses_images_over_awss_size_limits(moto_url, se
         assert len(faces.index("subj-fits", f"s3://{bucket}/fits.jpg")) == 1, "from S3, 6 MB is allowed"
     finally:
         server.stop()
+
+
+def test_the_local_rekognition_refuses_numbers_and_lists_over_the_apis_maxima_as_aws_does(one_face):
+    """botocore checks the lower bounds only: past 4096 faces, results or face ids AWS answers ValidationException."""
+    from botocore.exceptions import ClientError
+
+    faces, _ = one_face
+    client, collection = faces.client, faces.collection
+    image = {"Bytes": _image_bytes("JPEG")}
+    calls = {
+        "maxFaces": lambda: client.search_faces_by_image(CollectionId=collection, Image=image, MaxFaces=4097),
+        "faceMatchThreshold": lambda: client.search_faces_by_image(
+            CollectionId=collection, Image=image, FaceMatchThreshold=100.5
+        ),
+        "maxResults": lambda: client.list_faces(CollectionId=collection, MaxResults=4097),
+        "faceIds": lambda: client.delete_faces(CollectionId=collection, FaceIds=["f"] * 4097),
+    }
+    for member, call in calls.items():
+        with pytest.raises(ClientError) as err:
+            call()
+        assert err.value.response["Error"]["Code"] == "ValidationException", member
+        assert member in err.value.response["Error"]["Message"]
+    assert client.search_faces_by_image(CollectionId=collection, Image=image, MaxFaces=4096)["FaceMatches"] == []
+    assert client.delete_faces(CollectionId=collection, FaceIds=["f"] * 4096)["DeletedFaces"] == []
