@@ -67,7 +67,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from infra import metrics
 from infra.clients import kafka as kafka_clients
-from infra.clients.webex import MAX_MARKDOWN_BYTES, Attachment, WebexClient, WebexError, truncate_utf8
+from infra.clients.webex import MAX_MARKDOWN_BYTES, Attachment, WebexClient, WebexError, asked_wait, truncate_utf8
 from infra.clock import now_ms
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.retry import RETRY_AFTER_MAX_S, Backoff, call_with_retries
@@ -496,7 +496,7 @@ class WebexChannel:
         return DeliveryError(
             exc.reason,
             retriable=exc.retriable,
-            retry_after=exc.retry_after,
+            retry_after=asked_wait(exc),  # the whole wait asked for: a shorter pause only meets another 429
             ambiguous=exc.unavailable and not redirected,
             down=exc.unavailable,
         )
@@ -652,7 +652,7 @@ class WebexChannel:
         except WebexError as exc:
             unavailable = exc.retriable if exc.status is None else exc.unavailable  # a bad id is no outage
             heals = unavailable or exc.status in DELETE_HEALS
-            raise DeliveryError(exc.reason, retriable=heals, retry_after=exc.retry_after, down=unavailable) from exc
+            raise DeliveryError(exc.reason, retriable=heals, retry_after=asked_wait(exc), down=unavailable) from exc
 
     def close(self) -> None:
         self.client.close()

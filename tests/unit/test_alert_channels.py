@@ -23,7 +23,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from PIL import Image
 from pydantic import SecretStr
 
-from infra.clients.webex import WebexClient
+from infra.clients.webex import WebexClient, WebexError
 from infra.local.smtp import FileStore, read_mails
 from infra.local.webex import LocalWebexServer, free_port
 from infra.settings import AlertSettings, Settings, SmtpSettings, WebexSettings
@@ -836,3 +836,10 @@ def test_an_ses_mail_to_more_than_50_recipients_goes_out_in_calls_of_50_each_rec
     channel.send(alert(), None, maybe_sent=False)  # the retry goes to those who have not had it
     assert [len(c) for c in client.calls] == [50, 50, 20]
     assert sorted(r for c in client.calls for r in c) == sorted(recipients)
+
+
+def test_a_webex_rate_limit_pauses_the_channel_as_long_as_retry_after_asks() -> None:
+    """The channel's pause stopped at 60 s whatever Retry-After asked (up to 300 s): its next try then met another
+    429, and so on, each spending the bot's rate again."""
+    asked = WebexError("rate limited", status=429, retriable=True, retry_after=60.0, asked_wait=120.0)
+    assert WebexChannel._delivery_error(asked).retry_after == 120.0
