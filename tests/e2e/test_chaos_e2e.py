@@ -360,6 +360,8 @@ def _lag(p: Pipeline) -> dict[str, int]:
 
 
 def _publish_mqtt(p: Pipeline) -> int:
+    """Publish the hostile MQTT payloads; how many the bridge must dead-letter: those the local Mosquitto passes on
+    (it drops one over ``CG_JOB__MAX_MESSAGE_BYTES``, ``message_size_limit``, before the bridge would read it)."""
     payloads = hostile.mqtt_payloads()
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"chaos-{uuid.uuid4().hex[:6]}")
     mq = p.settings.mqtt
@@ -373,7 +375,7 @@ def _publish_mqtt(p: Pipeline) -> int:
     finally:
         client.loop_stop()
         client.disconnect()
-    return len(payloads)
+    return sum(len(payload) <= p.settings.job.max_message_bytes for _label, _suffix, payload in payloads)
 
 
 def _post_webhooks(p: Pipeline) -> dict[str, int]:
