@@ -59,6 +59,26 @@ MAX_FIELD_CHARS = 4096
 """A longer field is ``oversized`` (the longest in the AWS sample is 146)."""
 
 
+AFD_ENTITY_ID_RE = re.compile(r"[0-9A-Za-z_.@+-]{1,256}")
+"""What Fraud Detector takes as an entity id (``ENTITY_ID`` of its training data, ``entityId`` of
+``GetEventPrediction``): ``^[0-9A-Za-z_.@+-]+$``, at most 256. Our ids (``schemas.identifiers.ID_RE``) also allow
+``:`` (``loyalty:42``), so such an id goes through :func:`afd_entity_id`."""
+
+
+AFD_MAX_VARIABLE_CHARS = 8192
+"""Fraud Detector refuses an event variable's value longer than this (a whole call, ``ValidationException``)."""
+
+
+def afd_entity_id(customer_id: str) -> str:
+    """``customer_id`` as Fraud Detector takes it: unchanged when it already matches :data:`AFD_ENTITY_ID_RE`, else
+    ``h_`` and the first 32 hex digits (128 bits) of its SHA-256. Deterministic, so the entity a detector was trained
+    on is the one it is asked about, wherever the id is written for it; two of our ids meet only on a SHA-256
+    collision (or an id that is itself ``h_`` and 32 hex digits)."""
+    if AFD_ENTITY_ID_RE.fullmatch(customer_id):
+        return customer_id
+    return "h_" + hashlib.sha256(customer_id.encode()).hexdigest()[:32]
+
+
 _MAX_SLUG = 64
 """A store id is a name (``schemas.identifiers.NAME_RE``): at most 64 characters."""
 

@@ -39,6 +39,7 @@ from jobs.model.fraud_model import FEATURE_NAMES, Item, LocalModel, ModelArtifac
 from jobs.model.registry import ModelRegistry
 from jobs.scoring.rules import ModelResult
 from jobs.scoring.scorer import Predictor
+from schemas.afd_csv import AFD_MAX_VARIABLE_CHARS, afd_entity_id
 from schemas.errors import CheckoutGuardError
 from schemas.model_artifact import FALLBACK_SUFFIX
 from schemas.records import AlertAvro, ModelDriftAvro
@@ -66,6 +67,9 @@ AFD_VARIABLES: tuple[tuple[str, str], ...] = (
 """Seed 004's detector variables (Fraud Detector name, transaction field); values are sent as strings."""
 UNKNOWN_ENTITY = "unknown"
 """Fraud Detector's entity id for an event without a known entity."""
+RECORD_FAULT_MEMBERS = ("'eventVariables", "'entities")
+"""A ``ValidationException`` naming one of these members refuses the record's own values (a variable, its entity),
+not the service or a setting: see :meth:`FraudDetectorPredictor._record_fault`."""
 
 
 class RemoteError(CheckoutGuardError, RuntimeError):
@@ -318,6 +322,17 @@ class GuardedPredictor(Predictor):
             except ClientError as exc:
                 status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
                 code = exc.response.get("Error", {}).get("Code", "")
+                if self._record_fault(code, str(exc.response.get("Error", {}).get("Message", ""))):
+                    # The service answered: not an outage, so the breaker hears of an answer, not a failure.
+                    self.breaker.success()
+                    self.failures += 1
+                    last = RemoteError(
+                        f"{self.name} {code}: {exc}",
+                        retryable=False,
+                        cause=f"{self.name} refused a record's own values with {code} {status}",
+                    )
+                    self._warn_cause(last)
+                    raise last from None
                 retryable = status >= 500 or status == 429 or "Throttl" in code
                 # The service's message may quote the request (variable values): the cause names the code only.
                 cause = f"{self.name} refused the call with {code or 'HTTP'} {status}: check {self.settings_to_check}"
@@ -339,6 +354,11 @@ class GuardedPredictor(Predictor):
             wait=lambda n: 0.05 * 2**n,
             maximum_s=0.2,
         )
+
+    def _record_fault(self, code: str, message: str) -> bool:
+        """Whether a refusal is of the record's own content, which the next record does not share: such a call
+        neither opens the breaker nor is retried. None are known for this backend."""
+        return False
 
     def _warn_cause(self, exc: RemoteError) -> None:
         """Say at WARNING why calls fail for good, once per distinct cause and then at most every
@@ -384,21 +404,31 @@ class FraudDetectorPredictor(GuardedPredictor):
     def _service(self) -> str:
         return "frauddetector"
 
+    def _record_fault(self, code: str, message: str) -> bool:
+        """A ``ValidationException`` about ``eventVariables`` or ``entities`` refuses this record's values (AWS:
+        "Value at 'eventVariables' failed to satisfy constraint ..."); one about anything else (a
+        ``detectorVersionId`` setting, say) holds for every record and is left to the breaker."""
+        return code == "ValidationException" and any(member in message for member in RECORD_FAULT_MEMBERS)
+
     def request(self, tx: dict[str, Any]) -> dict[str, Any]:
-        """The documented request for one transaction (seed 004's variables, all values strings)."""
+        """The documented request for one transaction (seed 004's variables, all values strings). The customer id
+        goes as :func:`schemas.afd_csv.afd_entity_id` (one with ``:`` is refused as it is), a value is cut to
+        :data:`schemas.afd_csv.AFD_MAX_VARIABLE_CHARS` (a longer user agent made AWS refuse the whole call)."""
         m = self.settings
         variables: dict[str, str] = {}
         for afd_name, field in AFD_VARIABLES:
             value = tx.get(field)
             if value is None or value == "":
                 continue
-            variables[afd_name] = _as_text(value)
+            variables[afd_name] = _as_text(value)[:AFD_MAX_VARIABLE_CHARS]
         req: dict[str, Any] = {
             "detectorId": m.afd_detector_id,
             "eventId": tx["transaction_id"],
             "eventTypeName": m.afd_event_type,
             "eventTimestamp": datetime.fromtimestamp(tx["event_time"] / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "entities": [{"entityType": m.afd_entity_type, "entityId": tx.get("customer_id") or UNKNOWN_ENTITY}],
+            "entities": [
+                {"entityType": m.afd_entity_type, "entityId": afd_entity_id(tx.get("customer_id") or UNKNOWN_ENTITY)}
+            ],
             "eventVariables": variables,
         }
         if m.afd_detector_version:

@@ -172,6 +172,56 @@ def test_the_local_fraud_detector_refuses_what_aws_refuses_though_botocore_sends
     assert member in err.value.response["Error"]["Message"]
 
 
+def test_a_customer_id_fraud_detector_refuses_is_sent_as_a_stable_hash_and_scored(server):
+    from schemas.afd_csv import afd_entity_id
+
+    predictor = FraudDetectorPredictor(settings_for(server.url, "frauddetector"), small_model())
+    items = [(sale(f"t{i}", customer_id=cid).to_avro(), IND) for i, cid in enumerate(["loyalty:42", "loyalty:43"])]
+    items.append((TX, IND))
+    results = predictor.predict_batch(items)  # "loyalty:42" was refused for every record: the local fallback
+    assert [(r.score, r.version) for r in results] == [(912, "afd:transaction_event:2")] * 3
+    sent = {r.json()["eventId"]: r.json()["entities"][0]["entityId"] for r in server.requests}
+    assert sent["tx-42"] == "398-20-6447", "an id Fraud Detector takes goes unchanged"
+    assert sent["t0"] == afd_entity_id("loyalty:42") == afd_entity_id("loyalty:42")
+    assert sent["t0"].startswith("h_") and len(sent["t0"]) == 34 and sent["t0"] != sent["t1"]
+    assert predictor.failures == 0 and predictor.breaker.consecutive == 0
+
+
+def test_a_user_agent_over_fraud_detectors_limit_is_cut_to_it_and_scored(server):
+    predictor = FraudDetectorPredictor(settings_for(server.url, "frauddetector"), small_model())
+    tx = sale("t-long", user_agent="Mozilla/5.0 " + "x" * 9000).to_avro()
+    [result] = predictor.predict_batch([(tx, IND)])
+    assert (result.score, result.version) == (912, "afd:transaction_event:2")
+    [req] = server.requests
+    assert req.json()["eventVariables"]["user_agent"] == ("Mozilla/5.0 " + "x" * 9000)[:8192]
+
+
+def test_a_record_fraud_detector_refuses_for_its_own_values_does_not_open_the_breaker(server, caplog):
+    """A ValidationException about a record's variables is an answer, not an outage: the record goes to the
+    fallback, not retried, and the records after it are still sent."""
+    real = _afd_client(server.url)
+
+    class Spoiling:  # sends each record with a value AWS refuses (over 8,192 characters), as a record's own would
+        def get_event_prediction(self, **req: object) -> dict:
+            req["eventVariables"] = {**req["eventVariables"], "user_agent": "x" * 8193}  # type: ignore[dict-item]
+            return real.get_event_prediction(**req)
+
+    model = small_model()
+    settings = settings_for(server.url, "frauddetector", breaker_failures=2, concurrency=1)
+    predictor = FraudDetectorPredictor(settings, model, client=Spoiling())
+    items = [(sale(f"t{i}").to_avro(), IND) for i in range(4)]
+    with caplog.at_level(logging.WARNING, logger="checkout_guard.predictors"):
+        results = predictor.predict_batch(items)
+    assert [r.version for r in results] == [f"local:{model.version} (fallback)"] * 4
+    assert len(server.requests) == 4, "one call per record, none retried, the breaker still closed"
+    assert predictor.breaker.state == "closed" and predictor.failures == 4
+    [warning] = warnings_of(caplog)
+    assert "a record's own values" in warning and "ValidationException" in warning
+    server.status = 500  # an outage still opens it
+    predictor.predict_batch(items[:1])
+    assert predictor.breaker.state == "open"
+
+
 def test_slow_fraud_detector_falls_back_to_the_local_model_after_bounded_retries(server):
     server.delay_s = 1.0
     model = small_model()
