@@ -6,7 +6,9 @@ Webex facts it relies on (developer.webex.com): bearer-token auth; ``POST /messa
 ``GET /messages?roomId=`` (a bot: direct rooms only, 403 for a group space without ``mentionedPeople=me``, which
 lists the messages that mention it);
 ``GET /messages/{id}`` for the text of a message a webhook announced; ``GET /people/me`` for the bot's own id;
-``POST /webhooks``; ``429`` with ``Retry-After`` seconds when over the rate limit.
+``POST /webhooks``; ``429`` with ``Retry-After`` seconds when over the rate limit. A list comes a page at a
+time: while more are left, the answer's ``Link`` header has a ``rel="next"`` URL to the rest (RFC 5988; webhooks
+100 a page by default), which :meth:`WebexClient._list` follows.
 
 Errors come back as :class:`WebexError` with ``retriable`` and ``retry_after`` set, so callers decide
 about backoff; the client itself never sleeps or retries (one request = one attempt), except through
@@ -40,6 +42,9 @@ RETRY_AFTER_LIMIT_S = 300.0
 """The longest ``Retry-After`` :func:`with_retries` waits out (Webex asks for seconds, at most a few minutes): a
 shorter cap retried inside the limit and was rate limited again; a longer one (a broken or hostile header) would
 park the caller."""
+MAX_LIST_PAGES = 50
+"""The most pages one listing follows (5,000 webhooks at Webex's 100 a page): a ``Link`` that never ends (a broken
+server, a loop) must not hold the caller forever; past it the listing stops with a WARNING."""
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -252,13 +257,14 @@ class WebexClient:
             params["parentId"] = parent_id
         if mentioning_me:
             params["mentionedPeople"] = "me"
-        return self._call("GET", "/messages", params=params).get("items", [])
+        return self._list("/messages", params, max_items)
 
     def me(self) -> dict[str, Any]:
         return self._call("GET", "/people/me")
 
     def list_webhooks(self) -> list[dict[str, Any]]:
-        return self._call("GET", "/webhooks").get("items", [])
+        """Every webhook of the bot, all pages (the first holds 100): registration deletes the old ones it finds."""
+        return self._list("/webhooks", {})
 
     def create_webhook(
         self, name: str, target_url: str, secret: str, filter_: str | None = None, resource: str = "messages"
@@ -273,7 +279,36 @@ class WebexClient:
 
     # ------------------------------------------------------------------ plumbing
 
+    def _list(self, path: str, params: dict[str, Any], limit: int | None = None) -> list[dict[str, Any]]:
+        """The ``items`` of a listing, following its ``Link: <url>; rel="next"`` pages until ``limit`` items (None:
+        all) or :data:`MAX_LIST_PAGES`. A next URL elsewhere than the base URL's scheme, host and port is refused
+        (:class:`WebexError`, not retriable) before the bot's token is sent there."""
+        items: list[dict[str, Any]] = []
+        url, kwargs = path, {"params": params}
+        for _ in range(MAX_LIST_PAGES):
+            response = self._request("GET", url, **kwargs)
+            page = _json(response).get("items") or []
+            items.extend(page)
+            url = response.links.get("next", {}).get("url", "")
+            if not url or not page or (limit is not None and len(items) >= limit):
+                return items if limit is None else items[:limit]
+            if not self._same_origin(url):
+                raise WebexError("a next-page link to another host than CG_WEBEX__BASE_URL's", retriable=False)
+            kwargs = {}
+        log.warning(
+            "Webex listing of %s stopped after %d pages (%d items): more were left", path, MAX_LIST_PAGES, len(items)
+        )
+        return items if limit is None else items[:limit]
+
+    def _same_origin(self, url: str) -> bool:
+        target, base = httpx.URL(url), httpx.URL(self._base_url)
+        return (target.scheme, target.host, target.port) == (base.scheme, base.host, base.port)
+
     def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        return _json(self._request(method, path, **kwargs))
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One request; an answer other than 2xx is raised as :class:`WebexError`."""
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TimeoutException as exc:
@@ -282,12 +317,7 @@ class WebexClient:
             raise WebexError(f"connection failed: {type(exc).__name__}") from exc
         status = response.status_code
         if status < 300:
-            if status == 204 or not response.content:
-                return {}
-            try:
-                return response.json()
-            except ValueError as exc:
-                raise WebexError(f"{status} with a body that is not JSON", status=status) from exc
+            return response
         if status < 400:  # the API never redirects: a proxy or gateway in the way, or a wrong base URL
             target = httpx.URL(response.headers.get("Location", ""))
             where = f" to {target.scheme}://{target.host}" if target.host else ""
@@ -311,6 +341,18 @@ class WebexClient:
             retriable=retriable,
             retry_after=parse_retry_after(response.headers.get("Retry-After"), default=0.0) or None,
         )
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    """A 2xx answer's JSON body (``{}`` when it has none)."""
+    status = response.status_code
+    if status == 204 or not response.content:
+        return {}
+    try:
+        body: dict[str, Any] = response.json()
+    except ValueError as exc:
+        raise WebexError(f"{status} with a body that is not JSON", status=status) from exc
+    return body
 
 
 def _error_text(response: httpx.Response) -> str:

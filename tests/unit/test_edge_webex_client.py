@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from infra.clients.webex import RETRY_AFTER_LIMIT_S, WebexClient, WebexError, path_segment, with_retries
@@ -42,6 +43,54 @@ def test_a_webhook_id_cannot_delete_another_webhook(webex) -> None:
     assert [w["id"] for w in client.list_webhooks()] == [hook["id"]]
     client.delete_webhook(hook["id"])
     assert client.list_webhooks() == []
+
+
+def test_webhooks_past_webexs_first_page_of_100_are_listed(webex) -> None:
+    server, client = webex
+    made = [client.create_webhook(f"hook-{i}", "https://bot.example/webex/webhook", "s3cret")["id"] for i in range(130)]
+    assert [w["id"] for w in client.list_webhooks()] == made  # the first page alone held 100
+    assert server.state.requests["200"] >= 132, "two pages, each a request"
+
+
+def test_messages_are_listed_across_pages_up_to_the_number_asked_for() -> None:
+    """Webex may answer fewer than ``max`` a page (the local API never does): the Link to the rest is followed,
+    and no further than the number asked for."""
+    messages = [{"id": f"m{i}", "roomId": "room-1"} for i in range(7)]
+    asked: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(str(request.url))
+        start = int(request.url.params.get("cursor", "0"))
+        page = messages[start : start + 3]
+        more = start + 3 < len(messages)
+        link = (
+            {"Link": f'<https://webex.test/v1/messages?roomId=room-1&cursor={start + 3}>; rel="next"'} if more else {}
+        )
+        return httpx.Response(200, json={"items": page}, headers=link)
+
+    with WebexClient("https://webex.test/v1", TOKEN, transport=httpx.MockTransport(handler)) as client:
+        assert [m["id"] for m in client.list_messages("room-1", 5)] == ["m0", "m1", "m2", "m3", "m4"]
+        assert len(asked) == 2
+        assert [m["id"] for m in client.list_messages("room-1", 100)] == [m["id"] for m in messages]
+
+
+def test_a_next_page_link_to_another_host_gets_no_token() -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.host)
+        return httpx.Response(
+            200,
+            json={"items": [{"id": "w1"}]},
+            headers={"Link": '<https://evil.test/v1/webhooks?cursor=1>; rel="next"'},
+        )
+
+    with (
+        WebexClient("https://webex.test/v1", TOKEN, transport=httpx.MockTransport(handler)) as client,
+        pytest.raises(WebexError) as err,
+    ):
+        client.list_webhooks()
+    assert not err.value.retriable and seen == ["webex.test"]
 
 
 def test_an_empty_id_is_refused_before_any_request(webex) -> None:

@@ -230,6 +230,23 @@ def test_bot_registers_its_webhook_with_the_secret_on_start(harness: Harness) ->
     assert len(harness.webex.state.webhooks) == 2
 
 
+def test_re_registration_deletes_its_old_webhooks_past_webexs_first_page(harness: Harness) -> None:
+    """Webex lists 100 webhooks a page: the bot's old ones behind 120 others were not seen, so each restart
+    added two more, and Webex called the bot once per copy."""
+    state = harness.webex.state
+    others = [
+        {"id": f"other-{i}", "name": f"other-{i}", "targetUrl": "https://other.test/", "resource": "messages",
+         "event": "created", "secret": "x", "status": "active", "created": "2026-01-01T00:00:00.000Z"}
+        for i in range(120)
+    ]  # fmt: skip
+    with state.lock:
+        state.webhooks[:0] = others
+    assert harness.bot.register_webhook() is not None
+    ours = [w for w in state.webhooks if not w["id"].startswith("other-")]
+    assert len(ours) == 2 and {w["resource"] for w in ours} == {"messages", "attachmentActions"}
+    assert len(state.webhooks) == 122, "the other webhooks are left alone"
+
+
 def test_webhook_registration_waits_out_a_rate_limit_as_webex_asks(harness: Harness) -> None:
     """Retried at 1 s, 2 s, 4 s... regardless, a rate-limited registration spends its tries inside the limit and
     leaves the bot without a webhook."""
