@@ -5,7 +5,8 @@ included, and that see *real* faces, so face matching is tested for real. It ser
 
 - the Dashboard API snapshot endpoint ``POST /api/v1/devices/{serial}/camera/generateSnapshot``
   (API key checked; ``202 {"url", "expiry"}``; ``400 No video for specified timestamp`` for timestamps
-  closer to now than ``local_no_video_ms``; ``429`` + ``Retry-After`` over ``local_rate_limit_per_s``);
+  closer to now than ``local_no_video_ms``; ``400 {"errors": [...]}`` for a body that is not a JSON object, as
+  Meraki answers it, never a 5xx a client would retry; ``429`` + ``Retry-After`` over ``local_rate_limit_per_s``);
 - the snapshot URLs, which answer ``404`` for the first ``local_not_ready_polls`` polls, then a
   640x480 JPEG rendered from face photos of whoever stood in front of that camera at that time;
 - MV Sense over MQTT to ``settings.mqtt``: ``/merakimv/<serial>/raw_detections`` (one ``oid`` per
@@ -453,6 +454,8 @@ class LocalCameraApp:
             body = await request.json() if await request.body() else {}
         except ValueError:
             return _err(400, "Invalid JSON body")
+        if not isinstance(body, dict):  # JSON, but a list, a string, a number or null: refused as Meraki does
+            return _err(400, "The request body must be a JSON object")
         now_ms = clock.now_ms()
         t_ms = now_ms
         if body.get("timestamp"):

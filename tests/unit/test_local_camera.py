@@ -107,3 +107,23 @@ def test_frames_are_640x480_jpegs_with_or_without_people(tmp_path) -> None:
         assert Image.open(io.BytesIO(data)).format == "JPEG"
         assert Image.open(io.BytesIO(data)).size == (640, 480)
     assert empty != full
+
+
+@pytest.mark.parametrize("body", [b"[]", b'"now"', b"3", b"null", b'[{"timestamp": "2026-01-01T00:00:00Z"}]'])
+def test_a_snapshot_request_whose_body_is_json_but_no_object_is_a_400_as_meraki_answers(body: bytes) -> None:
+    """Not a 500: a client retries a server error, where Meraki refuses the request for good."""
+    from starlette.testclient import TestClient
+
+    from infra.clients.meraki import API_KEY_HEADER
+    from infra.local.camera import LocalCameraApp
+
+    settings = Settings()
+    app = LocalCameraApp(settings, people={})
+    url = "/api/v1/devices/Q2MV-store-001-lane-01/camera/generateSnapshot"
+    headers = {API_KEY_HEADER: settings.cameras.api_key.get_secret_value(), "Content-Type": "application/json"}
+    with TestClient(app.app) as http:
+        assert http.post(url, content=b"{}", headers=headers).status_code == 202, "an object is taken"
+        answer = http.post(url, content=body, headers=headers)
+    assert answer.status_code == 400
+    errors = answer.json()["errors"]
+    assert isinstance(errors, list) and errors and all(isinstance(e, str) for e in errors)
