@@ -165,6 +165,22 @@ class _Log(Group):
         pass
 
 
+def _reading_one_alert(svc, core, alert, monkeypatch, consumer=None) -> None:
+    """Wire ``svc`` to read ``alert`` (offset 7 of ``alerts``) and nothing else, with ``core`` and 1 ms S3 backoffs."""
+    from infra.metrics import Heartbeat
+    from infra.retry import Backoff
+
+    monkeypatch.setattr(watchlist_service.time, "sleep", lambda _s: None)
+    monkeypatch.setattr(WatchlistService, "STORE_BACKOFF", Backoff(initial_s=0.001, maximum_s=0.001), raising=False)
+    svc.producer.init_transactions = lambda _timeout: None
+    svc.producer.poll = lambda _timeout: 0
+    svc.core, svc.heartbeat, svc._next_purge, svc._held = core, Heartbeat(), float("inf"), {}
+    svc._processing = watchlist_service.metrics.PROCESSING_SECONDS.labels(watchlist_service.PROCESS)
+    svc.topics = {"alerts": core.on_alert}
+    svc.consumer = (consumer or _Log)(svc, [_Message("alerts", 7, alert.encode())])
+    monkeypatch.setattr(svc, "replay", lambda _spec, _apply: 0, raising=False)
+
+
 def test_an_s3_outage_while_an_alert_snapshot_is_retained_is_waited_out_not_fatal(tmp_path, monkeypatch) -> None:
     """S3 away (no connection, a timeout, a 503) while an alert's snapshot was retained raised out of the service:
     it stopped, and at every restart by the supervisor read the same alert and stopped again for as long as S3 was
@@ -172,8 +188,6 @@ def test_an_s3_outage_while_an_alert_snapshot_is_retained_is_waited_out_not_fata
     from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
     from infra.clients.image_store import LocalImageStore
-    from infra.metrics import Heartbeat
-    from infra.retry import Backoff
     from infra.settings import Settings
     from jobs.faces.watchlist_service import WatchlistCore, retain_reason
     from schemas.records import Alert
@@ -190,21 +204,13 @@ def test_an_s3_outage_while_an_alert_snapshot_is_retained_is_waited_out_not_fata
                 raise outage.pop(0)
             super().retain(ref, reason)
 
-    monkeypatch.setattr(watchlist_service.time, "sleep", lambda _s: None)
-    monkeypatch.setattr(WatchlistService, "STORE_BACKOFF", Backoff(initial_s=0.001, maximum_s=0.001), raising=False)
     store = AwayStore(tmp_path / "images")
     snapshot = store.put("checkout", "tx-9", b"a shopper at a lane")
     core = WatchlistCore(Settings(stack_dir=tmp_path), engine=object(), store=store)  # type: ignore[arg-type]
     alert = Alert("a-1", "WATCHLIST_MATCH", "HIGH", 1_800_000_000_000, "S1", "suspect", snapshot_ref=snapshot)
     producer = FlakyTransactions([])
-    producer.init_transactions = lambda _timeout: None  # type: ignore[attr-defined]
-    producer.poll = lambda _timeout: 0  # type: ignore[attr-defined]
     svc = service(producer)
-    svc.core, svc.heartbeat, svc._next_purge = core, Heartbeat(), float("inf")
-    svc._processing = watchlist_service.metrics.PROCESSING_SECONDS.labels(watchlist_service.PROCESS)
-    svc.topics = {"alerts": core.on_alert}
-    svc.consumer = _Log(svc, [_Message("alerts", 7, alert.encode())])
-    monkeypatch.setattr(svc, "replay", lambda _spec, _apply: 0, raising=False)
+    _reading_one_alert(svc, core, alert, monkeypatch)
     svc.run()
     assert svc.consumer.seeks == [7, 7, 7], "read again after each failure, from the alert itself"
     assert store.retained() == {snapshot: retain_reason("a-1", None)}, "the snapshot was left to the purge"
@@ -222,8 +228,6 @@ def test_readyz_stops_naming_the_image_store_once_a_rebalance_takes_the_waiting_
     from confluent_kafka import TopicPartition
 
     from infra.clients.image_store import LocalImageStore
-    from infra.metrics import Heartbeat
-    from infra.retry import Backoff
     from infra.settings import Settings
     from jobs.faces.watchlist_service import WatchlistCore
     from schemas.records import Alert
@@ -249,21 +253,13 @@ def test_readyz_stops_naming_the_image_store_once_a_rebalance_takes_the_waiting_
                 readiness.append(svc.heartbeat.ready())  # the loop beat once more while idle
             return super().poll(timeout)
 
-    monkeypatch.setattr(watchlist_service.time, "sleep", lambda _s: None)
-    monkeypatch.setattr(WatchlistService, "STORE_BACKOFF", Backoff(initial_s=0.001, maximum_s=0.001), raising=False)
     store = AwayStore(tmp_path / "images")
     snapshot = store.put("checkout", "tx-9", b"a shopper at a lane")
     core = WatchlistCore(Settings(stack_dir=tmp_path), engine=object(), store=store)  # type: ignore[arg-type]
     alert = Alert("a-1", "WATCHLIST_MATCH", "HIGH", 1_800_000_000_000, "S1", "suspect", snapshot_ref=snapshot)
     producer = FlakyTransactions([])
-    producer.init_transactions = lambda _timeout: None  # type: ignore[attr-defined]
-    producer.poll = lambda _timeout: 0  # type: ignore[attr-defined]
     svc = service(producer)
-    svc.core, svc.heartbeat, svc._next_purge, svc._held = core, Heartbeat(), float("inf"), {}
-    svc._processing = watchlist_service.metrics.PROCESSING_SECONDS.labels(watchlist_service.PROCESS)
-    svc.topics = {"alerts": core.on_alert}
-    svc.consumer = Rebalanced(svc, [_Message("alerts", 7, alert.encode())])
-    monkeypatch.setattr(svc, "replay", lambda _spec, _apply: 0, raising=False)
+    _reading_one_alert(svc, core, alert, monkeypatch, Rebalanced)
     svc.run()
     assert readiness == [(False, "image store unreachable"), (True, "ok")]
     assert svc._held == {} and producer.committed == [], "nothing done here: the new owner retains it"
@@ -279,8 +275,6 @@ def test_the_purge_due_while_an_alert_waits_for_s3_keeps_that_alerts_snapshot(tm
     from botocore.exceptions import EndpointConnectionError
 
     from infra.clients.image_store import LocalImageStore
-    from infra.metrics import Heartbeat
-    from infra.retry import Backoff
     from infra.settings import Settings
     from jobs.faces.watchlist_service import WatchlistCore, retain_reason
     from schemas.records import Alert
@@ -297,8 +291,6 @@ def test_the_purge_due_while_an_alert_waits_for_s3_keeps_that_alerts_snapshot(tm
                 raise EndpointConnectionError(endpoint_url="https://s3.example")
             super().retain(ref, reason)
 
-    monkeypatch.setattr(watchlist_service.time, "sleep", lambda _s: None)
-    monkeypatch.setattr(WatchlistService, "STORE_BACKOFF", Backoff(initial_s=0.001, maximum_s=0.001), raising=False)
     store = AwayStore(tmp_path / "images")
     snapshot = store.put("checkout", "tx-9", b"a shopper at a lane, two days ago")
     other = store.put("checkout", "tx-8", b"someone who matched nobody, two days ago")
@@ -307,13 +299,8 @@ def test_the_purge_due_while_an_alert_waits_for_s3_keeps_that_alerts_snapshot(tm
     settings = Settings(stack_dir=tmp_path)
     core = WatchlistCore(settings, engine=SimpleNamespace(embedder="sface"), store=store)  # type: ignore[arg-type]
     alert = Alert("a-1", "WATCHLIST_MATCH", "HIGH", 1_800_000_000_000, "S1", "suspect", snapshot_ref=snapshot)
-    svc.producer.init_transactions = lambda _timeout: None  # type: ignore[attr-defined]
-    svc.producer.poll = lambda _timeout: 0  # type: ignore[attr-defined]
-    svc.settings, svc.core, svc.heartbeat, svc._next_purge = settings, core, Heartbeat(), float("inf")
-    svc._processing = watchlist_service.metrics.PROCESSING_SECONDS.labels(watchlist_service.PROCESS)
-    svc.topics = {"alerts": core.on_alert}
-    svc.consumer = _Log(svc, [_Message("alerts", 7, alert.encode())])
-    monkeypatch.setattr(svc, "replay", lambda _spec, _apply: 0, raising=False)
+    svc.settings = settings
+    _reading_one_alert(svc, core, alert, monkeypatch)
     svc.run()
     assert store.find("checkout", "tx-8") is None, "the sweep ran while the alert waited"
     assert store.retained() == {snapshot: retain_reason("a-1", None)}, "the sweep deleted the alert's snapshot"
