@@ -19,6 +19,17 @@ from schemas.indices import FORGETTING_ACTIONS, FORGETTING_OUTCOMES, enrolment_t
 from schemas.records import WATCHLIST_SERVICE_ACTOR, AuditEvent
 
 
+def audit_event(value: bytes | None) -> AuditEvent | None:
+    """An ``audit`` record's event; ``None`` for a tombstone or bytes that do not decode (not a reader's to judge:
+    the topic is written by the project's own services)."""
+    if not value:
+        return None
+    try:
+        return AuditEvent.decode(value)
+    except DecodeError:
+        return None
+
+
 def is_forget(event: AuditEvent) -> bool:
     """Whether an ``audit`` event forgets its subject: a ``FORGET``, or the watchlist service's ``EXPIRE`` of an
     entry, done or found done (``UNCHANGED``). Not the case service's ``EXPIRE`` of a case nobody decided (its
@@ -54,13 +65,8 @@ class Forgets:
         """Take an ``audit`` record: a forget (not the case service's ``EXPIRE`` of a case, not a ``FAILED`` one:
         that subject stays enrolled) or an ``ENROLL`` done; whether it was one. Anything else, or a record that
         does not decode, is not ours to judge."""
-        if not value:
-            return False
-        try:
-            event = AuditEvent.decode(value)
-        except DecodeError:
-            return False
-        if not event.subject_id:
+        event = audit_event(value)
+        if event is None or not event.subject_id:
             return False
         if is_forget(event):
             self.forget(event.subject_id, event.transaction_id, event.event_time)

@@ -45,14 +45,12 @@ from opensearchpy.exceptions import NotFoundError
 from opensearchpy.helpers import ScanError, scan, streaming_bulk
 
 from infra.clients.opensearch import is_retriable
-from schemas.codec import DecodeError
-from schemas.forgets import is_forget
+from schemas.forgets import audit_event, is_forget
 from schemas.indices import (
     ROUTES,
     Route,
     enrolment_transaction,
 )
-from schemas.records import AuditEvent
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +78,8 @@ def forget_of(value: bytes | None) -> Forget | None:
     ``FAILED`` forget (the subject stays enrolled), the case service's ``EXPIRE`` of an undecided case (before, it
     erased the subject's face observations from the indices as if the subject had been forgotten), a record without
     a subject, or one that does not decode (not this sink's to dead-letter)."""
-    if not value:
-        return None
-    try:
-        event = AuditEvent.decode(value)
-    except DecodeError:
-        return None
-    if not is_forget(event) or not event.subject_id:  # (is_forget checks it; told here for the type)
+    event = audit_event(value)
+    if event is None or not is_forget(event) or not event.subject_id:  # (is_forget checks it; told for the type)
         return None
     return Forget(
         event.subject_id,
@@ -99,13 +92,8 @@ def forget_of(value: bytes | None) -> Forget | None:
 def enrolment_of(value: bytes | None) -> tuple[str, int] | None:
     """``(subject, enrolled at ms)`` of an ``ENROLL`` done on ``audit``, as the Webex eraser reads it; else
     ``None``. A subject enrolled again after its forget is a new entry: the forget does not reach it."""
-    if not value:
-        return None
-    try:
-        event = AuditEvent.decode(value)
-    except DecodeError:
-        return None
-    if event.action != "ENROLL" or event.outcome != "DONE" or not event.subject_id:
+    event = audit_event(value)
+    if event is None or event.action != "ENROLL" or event.outcome != "DONE" or not event.subject_id:
         return None
     return event.subject_id, event.event_time
 
