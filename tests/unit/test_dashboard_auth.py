@@ -173,6 +173,8 @@ def test_the_servers_own_lines_go_through_the_log_handler_with_secrets_masked(mo
     their own, past the masking of secrets and the project's line format."""
     loggers = [logging.getLogger(name) for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access")]
     saved = [(lg.handlers[:], lg.propagate, lg.level) for lg in loggers]
+    for lg in loggers[1:]:  # as in a fresh process: an in-process uvicorn of an earlier test may have set them up
+        lg.handlers[:], lg.propagate, lg.level = [], True, logging.NOTSET
 
     def run(app: Any, **options: Any) -> None:
         uvicorn.Config(app, **options)  # sets logging up as uvicorn.run does before it serves
