@@ -3,9 +3,11 @@ for tests of how services are stopped."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -48,3 +50,18 @@ def start_stubborn(name: str, log: Path) -> Child:
     assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
     proc.stdout.close()
     return Child(name, proc, log)
+
+
+def stop_three_stubborn(tmp_path: Path, stop: Callable[[list[Child]], object]) -> None:
+    """Start three children that ignore SIGTERM, ``stop`` them (a 2 s timeout is the caller's), and check they were
+    killed at one shared deadline: one after another would take at least 6 s."""
+    children = [start_stubborn(f"stubborn-{n}", tmp_path / f"{n}.log") for n in range(3)]
+    started = time.monotonic()
+    try:
+        stop(children)
+        took = time.monotonic() - started
+    finally:
+        for child in children:
+            child.kill()
+    assert all(child.proc.returncode == -signal.SIGKILL for child in children), "killed at the deadline"
+    assert took < 5.0, f"{took:.1f} s: one after another takes at least 6 s"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 import uuid
@@ -14,7 +13,7 @@ import pytest
 
 from infra.launcher import Child
 from infra.processes import MARKER, Reaper, new_processes, stop_child, stop_children
-from tests.process_trees import start_leader, start_stubborn
+from tests.process_trees import start_leader, stop_three_stubborn
 
 
 def test_new_processes_are_those_not_seen_before_and_not_kept() -> None:
@@ -112,13 +111,4 @@ def test_stop_signals_the_child_before_its_group_and_then_ends_the_group(tmp_pat
 def test_stop_children_signals_them_all_first_and_waits_with_one_deadline(tmp_path: Path) -> None:
     """``make run``'s stop (Ctrl-C) stopped its children one after another: N children that ignore SIGTERM took N
     times the stop timeout."""
-    children = [start_stubborn(f"stubborn-{n}", tmp_path / f"{n}.log") for n in range(3)]
-    started = time.monotonic()
-    try:
-        stop_children(children, timeout=2.0)
-        took = time.monotonic() - started
-    finally:
-        for child in children:
-            child.kill()
-    assert all(child.proc.returncode == -signal.SIGKILL for child in children), "killed at the deadline"
-    assert took < 5.0, f"{took:.1f} s: one after another takes at least 6 s"
+    stop_three_stubborn(tmp_path, lambda children: stop_children(children, timeout=2.0))

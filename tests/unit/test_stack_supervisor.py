@@ -4,7 +4,6 @@ times per window; stopping ends every child and restarts none."""
 from __future__ import annotations
 
 import logging
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from infra.launcher import Child, Supervisor
-from tests.process_trees import start_stubborn
+from tests.process_trees import stop_three_stubborn
 
 
 class Clock:
@@ -267,16 +266,11 @@ def test_a_thousand_restarts_in_one_window_keep_the_backoff_a_number(clock: Cloc
 def test_stop_signals_every_child_first_and_waits_for_them_all_with_one_deadline(tmp_path: Path) -> None:
     """``make run`` stopped its children one after another, each with the whole stop timeout: N children that
     ignore SIGTERM took N times it."""
-    sup = Supervisor()
-    children = [start_stubborn(f"stubborn-{n}", tmp_path / f"{n}.log") for n in range(3)]
-    for child in children:
-        sup.add(child.name, lambda child=child: child)
-    started = time.monotonic()
-    try:
-        sup.stop(timeout=2.0)
-        took = time.monotonic() - started
-    finally:
+
+    def stop(children: list[Child]) -> None:
+        sup = Supervisor()
         for child in children:
-            child.kill()
-    assert all(child.proc.returncode == -signal.SIGKILL for child in children), "killed at the deadline"
-    assert took < 5.0, f"{took:.1f} s: one after another takes at least 6 s"
+            sup.add(child.name, lambda child=child: child)
+        sup.stop(timeout=2.0)
+
+    stop_three_stubborn(tmp_path, stop)
