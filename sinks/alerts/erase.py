@@ -40,13 +40,13 @@ from infra.clients import kafka as kafka_clients
 from infra.settings import Settings
 from schemas.codec import codec
 from schemas.errors import CheckoutGuardError
+from schemas.indices import FORGETTING_ACTIONS
 from schemas.records import WATCHLIST_SERVICE_ACTOR, AuditEvent
 from schemas.topics import AUDIT
 
 log = logging.getLogger(__name__)
 
 STAGE = ACTOR = "alert-sender"
-FORGETTING_ACTIONS = frozenset({"FORGET", "EXPIRE"})
 SWEEP_INTERVAL_S = 3600.0
 """How often the retention sweep runs when no forget comes (a forget sweeps at once)."""
 FORGET_GRACE_MS = 300_000
