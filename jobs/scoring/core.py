@@ -13,7 +13,7 @@ entries changed, so the operator persists exactly those, once per call.
 
 No single record may stop the job: an exception the job replays after every restore is an endless
 restart with nothing scored. So whatever one record raises becomes its dead letter (``internal_error``
-with the exception's type and message for anything that is not an :class:`InvalidRecord`), a batch of
+with the exception's type and field, never its message, for anything that is not an :class:`InvalidRecord`), a batch of
 decisions that raises is decided again one by one so only the failing transactions are dead-lettered,
 and after a failure the state writes the record made before it (receipts it expired, too) are kept and
 the state entries it touched are written as they now are, so MapState never differs from what this object holds.
@@ -22,7 +22,9 @@ the state entries it touched are written as they now are, so MapState never diff
 from __future__ import annotations
 
 import logging
+import re
 import time
+import traceback
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple, Protocol
@@ -58,7 +60,7 @@ MAPS = (RECEIPTS, STORES, CUSTOMERS, PENDING, EARLY_FACES, LEGACY_BATCH, DECIDED
 RULES_KEY = "rules"
 """Broadcast state key of the rule set in force; watchlist entries are under ``wl:<subject>``."""
 MAX_ERROR_TEXT = 500
-"""Most characters of an exception's type and message in an ``internal_error`` reason."""
+"""Most characters of an ``internal_error`` reason (see :func:`_describe`)."""
 LOGGED_TRACEBACKS = 20
 """Internal errors logged with their traceback per process; later ones in one line (no log flood)."""
 
@@ -497,9 +499,11 @@ class DecisionCore:
         self._persist([(CUSTOMERS, key, state.customers.get(key)) for key in profiles])
 
     def _log_internal(self, err: Exception, where: str) -> None:
+        """The error's :func:`_describe` (no message: it may quote a record's value), with the stack's frames for
+        the first :data:`LOGGED_TRACEBACKS` of them."""
         if self._tracebacks > 0:
             self._tracebacks -= 1
-            log.warning("dead-lettering %s after an internal error", where, exc_info=err)
+            log.warning("dead-lettering %s after an internal error: %s\n%s", where, _describe(err), _stack(err))
         else:
             log.warning("dead-lettering %s after an internal error: %s", where, _describe(err))
 
@@ -551,7 +555,47 @@ def reused_id_dead_letter(scorer: Scorer, err: IdConflict, crc: int) -> tuple[st
 _TX_CODEC = codec("PosTransaction")
 
 
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+"""A field name in an Avro schema path (a map key there could be a value: it is left out)."""
+
+
 def _describe(err: BaseException) -> str:
-    """An exception as a dead letter's reason: its type and message, at most :data:`MAX_ERROR_TEXT` characters."""
-    text = f"{type(err).__name__}: {err}"
+    """An exception as a dead letter's reason and log text: its type, the record field it is about where the error
+    says (an Avro encode error's schema path), and the function that raised it; at most :data:`MAX_ERROR_TEXT`
+    characters. Never its message: an encode error's quotes the field's value (an e-mail, a card token), a
+    ``KeyError``'s the key (a customer key), and the reason is stored in the dead letter and logged."""
+    text = type(err).__name__
+    path = _field_path(err)
+    if path:
+        text += f" at field {path}"
+    frames = traceback.extract_tb(err.__traceback__)
+    if frames:
+        text += f" in {frames[-1].name} ({frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno})"
     return text if len(text) <= MAX_ERROR_TEXT else text[: MAX_ERROR_TEXT - 3] + "..."
+
+
+def _field_path(err: BaseException) -> str:
+    """The field an error is about, as ``items[0].sku``, from the schema path an Avro (cavro) error carries on
+    itself or on its cause; ``""`` when it carries none."""
+    seen: BaseException | None = err
+    for _ in range(4):  # the error and a few of its causes
+        if seen is None:
+            return ""
+        path = getattr(seen, "schema_path", None)
+        if isinstance(path, tuple | list):
+            parts = []
+            for part in path:
+                if isinstance(part, int):
+                    parts.append(f"[{part}]")
+                elif isinstance(part, str) and _NAME.fullmatch(part):
+                    parts.append(f".{part}" if parts else part)
+                else:
+                    parts.append("[?]")
+            return "".join(parts)
+        seen = seen.__cause__ or seen.__context__
+    return ""
+
+
+def _stack(err: BaseException) -> str:
+    """An exception's traceback without its message (the frames: file, line, function and source line)."""
+    return "Traceback (most recent call last):\n" + "".join(traceback.format_tb(err.__traceback__)).rstrip("\n")

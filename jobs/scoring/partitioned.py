@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 
 from infra.settings import Settings
 from jobs.scoring.claims import CLAIMS, IdClaims, IdConflict
-from jobs.scoring.core import SourceRecord, WatchlistLike, _describe, reused_id_dead_letter
+from jobs.scoring.core import SourceRecord, WatchlistLike, _describe, _stack, reused_id_dead_letter
 from jobs.scoring.face_join import (
     DECIDED,
     EARLY_FACES,
@@ -637,9 +637,11 @@ def take(
         except Exception as err:  # noqa: BLE001 - one message must not stop the job: dead-letter it
             step.resync(m.key)
             if isinstance(m.payload, tuple) and m.payload[:1] == ("own",):
-                log.warning("an identity's count-in failed; its transaction is decided", exc_info=err)
+                log.warning("an identity's count-in failed (%s); its transaction is decided", _describe(err))
                 continue
-            log.warning("dead-lettering a %s message after an internal error", name, exc_info=err)
+            log.warning(
+                "dead-lettering a %s message after an internal error: %s\n%s", name, _describe(err), _stack(err)
+            )
             failed.append(failed_message(scorer, name, m, err))
     return emits, failed
 

@@ -233,7 +233,7 @@ def test_a_model_that_raises_for_one_transaction_dead_letters_only_that_one():
     assert sorted(scored(step)) == ["t0", "t2", "t3"]
     [dl] = dead_letters(step.outputs)
     assert (dl["error_kind"], dl["dead_letter_id"]) == ("internal_error", "cg.transactions:decision:t1")
-    assert dl["reason"] == "RuntimeError: model exploded on t1" and dl["key"] == b"t1"
+    assert dl["reason"].startswith("RuntimeError in predict_batch (test_core_robustness.py:") and dl["key"] == b"t1"
     assert codec("PosTransaction").decode(dl["payload"])["transaction_id"] == "t1"
     assert predictor.calls[0] == ["t0", "t1", "t2", "t3"]  # one batch call first, then one by one
     assert_persisted_equals_memory(maps, core)
@@ -269,14 +269,33 @@ def test_an_observation_that_makes_the_watchlist_raise_is_dead_lettered_and_the_
     )
     [dl] = dead_letters(step.outputs)
     assert (dl["dead_letter_id"], dl["error_kind"]) == ("cg.face_observations:1:5", "internal_error")
-    assert dl["reason"] == "KeyError: 'index out of step'"
+    assert dl["reason"].startswith("KeyError in search (test_core_robustness.py:")  # not the key: it may be a value
     assert list(scored(step)) == ["t2"]
 
 
 def test_an_internal_error_reason_is_capped():
-    core = make_core(predictor=FailsFor("t1", ValueError("x" * 100_000)), face_deadline_ms=0)
+    error = ValueError("x" * 100_000)
+    error.schema_path = ("field_name",) * 1000  # type: ignore[attr-defined]
+    core = make_core(predictor=FailsFor("t1", error), face_deadline_ms=0)
     [dl] = dead_letters(core.on_records([tx_record(sale("t1"))], NOW).outputs)
-    assert len(dl["reason"]) == MAX_ERROR_TEXT and dl["reason"].startswith("ValueError: xxx")
+    assert len(dl["reason"]) == MAX_ERROR_TEXT and dl["reason"].startswith("ValueError at field field_name.field_name")
+    assert "xxx" not in dl["reason"]
+
+
+def test_an_encode_error_quoting_a_value_names_its_class_and_field_never_the_value(caplog):
+    class EmailAsScore(Predictor):  # a model answer the scored record cannot hold: its encode error quotes it
+        def predict_batch(self, items):
+            return [ModelResult(score=100, challenger_score=tx["customer_email"]) for tx, _ in items]
+
+    core = make_core(predictor=EmailAsScore(), face_deadline_ms=0)
+    with caplog.at_level("WARNING", logger="checkout_guard.scoring_job"):
+        step = core.on_records([tx_record(sale("t1", customer_email="bob@example.com"))], NOW)
+    [dl] = dead_letters(step.outputs)
+    assert dl["error_kind"] == "internal_error"
+    assert dl["reason"].startswith("InvalidValue at field challenger_score in ")
+    assert "example.com" not in dl["reason"]
+    assert caplog.records and "example.com" not in caplog.text
+    assert "challenger_score" in caplog.text and "Traceback" in caplog.text  # where it failed is still logged
 
 
 def test_a_failure_part_way_through_the_state_update_leaves_memory_and_persisted_state_equal():

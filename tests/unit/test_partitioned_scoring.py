@@ -512,7 +512,7 @@ def test_a_message_a_step_raises_on_is_dead_lettered_and_the_rest_are_decided(mo
     assert sorted(_scored(rows)) == ["t1", "t3"]
     [dead] = [codec("DeadLetter").decode(v) for t, _, v in rows if t == DLQ]  # the customer's (its card's: logged)
     assert dead["dead_letter_id"] == f"{TX}:identity:t2" and dead["error_kind"] == "internal_error"
-    assert "RuntimeError: boom" in dead["reason"]
+    assert dead["reason"].startswith("RuntimeError in flaky (test_partitioned_scoring.py:")
     slot = core.slots[shard_of("t2", 2)]
     assert [k.split("\x1f")[0] for k in slot.gather.gathering] == ["t2"]
     core.on_records([_tx(sale("t9", at_s=GATHER_TIMEOUT_MS / 1000 + 10))], NOW + 10**7)
