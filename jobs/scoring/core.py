@@ -484,11 +484,14 @@ class DecisionCore:
 
     def _resync(self, tx: dict[str, Any]) -> None:
         """After a failure part-way: write the transaction's state entries as they now are in memory,
-        so MapState holds what this object holds (whatever the failed step had changed)."""
+        so MapState holds what this object holds (whatever the failed step had changed): its receipt, store and
+        profiles, and the entries under its id (its claim, its place in the face join), which a restore rebuilds
+        the claims and the face join from."""
         state = self.state
         if state is None:
             return
         try:
+            tx_id = tx["transaction_id"]
             keys = ((RECEIPTS, receipt_key(tx), state.receipts), (STORES, tx["store_id"], state.stores))
             ck = customer_key(tx)
             linked, own = identity_keys(tx)
@@ -497,6 +500,14 @@ class DecisionCore:
             return
         self._persist((name, key, entries.get(key)) for name, key, entries in keys)
         self._persist([(CUSTOMERS, key, state.customers.get(key)) for key in profiles])
+        join = self.join
+        by_id = (
+            (CLAIMS, self.claims.claimed),
+            (PENDING, join.pending),
+            (EARLY_FACES, join.early),
+            (DECIDED, join.decided),
+        )
+        self._persist([(name, tx_id, entries.get(tx_id)) for name, entries in by_id])
 
     def _log_internal(self, err: Exception, where: str) -> None:
         """The error's :func:`_describe` (no message: it may quote a record's value), with the stack's frames for

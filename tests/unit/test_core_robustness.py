@@ -11,8 +11,9 @@ from dataclasses import replace
 
 import numpy as np
 
+from jobs.scoring.claims import CLAIMS
 from jobs.scoring.core import MAX_ERROR_TEXT, DecisionCore, SourceRecord, Step
-from jobs.scoring.face_join import PENDING
+from jobs.scoring.face_join import DECIDED, EARLY_FACES, PENDING
 from jobs.scoring.rules import ModelResult
 from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Predictor
 from jobs.scoring.watchlist import Watchlist
@@ -58,6 +59,9 @@ def assert_persisted_equals_memory(maps: dict[str, dict], core: DecisionCore) ->
     assert dump(maps.get(STORES, {})) == dump(state.stores)
     assert dump(maps.get(CUSTOMERS, {})) == dump(state.customers)
     assert dump(maps.get(PENDING, {})) == dump(core.join.pending)
+    assert dump(maps.get(EARLY_FACES, {})) == dump(core.join.early)
+    assert dump(maps.get(DECIDED, {})) == dump(core.join.decided)
+    assert dump(maps.get(CLAIMS, {})) == dump(core.claims.claimed)
 
 
 # --- identifiers ----------------------------------------------------------------------------------------
@@ -423,3 +427,31 @@ def test_a_failure_after_an_expiry_still_persists_the_expired_receipts_removal()
     restored = make_core(face_deadline_ms=0)
     restored.restore(maps)
     assert "old" not in restored.state.receipts, "a restore brought back an expired receipt"
+
+
+def test_a_transaction_failing_after_its_claim_and_face_join_saves_them_as_a_restore_would_rebuild_them():
+    core = make_core()
+    maps: dict[str, dict] = {}
+    persist(maps, core.on_records([face_record("t2", offset=7)], NOW))  # t2's face came first
+    claim, on_transaction = core.claims.claim, core.join.on_transaction
+
+    def claim_then_fail(tx, receipt):  # the claim is made in memory, its write never returned
+        claim(tx, receipt)
+        raise RuntimeError("after the claim")
+
+    def join_then_fail(env, now_ms):  # held for its face (t2: its early face taken) in memory, then a failure
+        on_transaction(env, now_ms)
+        raise RuntimeError("after the face join")
+
+    core.claims.claim = claim_then_fail  # type: ignore[method-assign]
+    persist(maps, core.on_records([tx_record(sale("t1"), 1)], NOW))
+    core.claims.claim = claim  # type: ignore[method-assign]
+    core.join.on_transaction = join_then_fail  # type: ignore[method-assign]
+    step = core.on_records([tx_record(sale("t2", card="card-B"), 2), tx_record(sale("t3", card="card-C"), 3)], NOW)
+    persist(maps, step)
+    assert kinds(step.outputs) == ["internal_error", "internal_error"]
+    assert {"t1", "t2", "t3"} <= set(core.claims.claimed) and "t3" in core.join.pending and not core.join.early
+    assert_persisted_equals_memory(maps, core)
+    restored = make_core()
+    restored.restore(maps)
+    assert restored.claims.claimed == core.claims.claimed and restored.join.pending.keys() == core.join.pending.keys()
