@@ -483,12 +483,15 @@ class DecideStep(_Keyed):
                 added.append(key)
         envs, seen = [i.env for _, i in items], [i.seen for _, i in items]
         late = [i.late for _, i in items]
-        rows, writes = self.scorer.decide_batch(envs, seen=seen, state=faces, own_time=True, late=late)
+        try:
+            rows, writes = self.scorer.decide_batch(envs, seen=seen, state=faces, own_time=True, late=late)
+        finally:  # a sale whose face was not kept (its decision raised, too): no placeholder is left, in memory
+            for key in added:  # or, by a resync, in state, where nothing would ever expire it (it has no face)
+                placeholder = faces.receipts.get(key)
+                if placeholder is not None and placeholder.sale_face is None:
+                    del faces.receipts[key]
         for _, key, receipt in writes:
             self._put(BUYER_FACES, key, receipt)
-        for key in added:
-            if faces.receipts[key].sale_face is None:
-                del faces.receipts[key]  # a sale whose face was not kept
         return rows
 
     def expire(self) -> list[str]:

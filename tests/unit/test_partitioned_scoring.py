@@ -535,6 +535,23 @@ def test_a_decision_batch_that_raises_is_decided_one_by_one_and_only_the_failing
     assert dead["dead_letter_id"] == f"{TX}:decide:t2"
 
 
+def test_a_sale_whose_decision_raises_leaves_no_faceless_buyer_receipt_in_memory_or_in_state():
+    from jobs.scoring.partitioned import BUYER_FACES
+
+    class Fails(Predictor):
+        def predict_batch(self, items):
+            raise ValueError("model down")
+
+    s = settings()
+    core = PartitionedCore(s, 1, predictor=Fails(), clock=_clock)
+    rows = core.on_records([_tx(sale("t1")), _obs("t1", T0, _face(np.random.default_rng(1)), 1)], NOW)
+    [dead] = [codec("DeadLetter").decode(v) for t, _, v in rows if t == DLQ]
+    assert dead["dead_letter_id"] == f"{TX}:decide:t1"
+    decide = core.slots[0].decide
+    assert decide.faces.receipts == {}  # nothing would ever expire a receipt without a face
+    assert decide.flush().get(BUYER_FACES, {}).get("t1") is None  # not saved either (a removal, or nothing)
+
+
 def test_an_observation_of_another_embedders_length_is_dead_lettered_on_the_partitioned_layout_too():
     s = settings()
     core = PartitionedCore(s, 2, clock=_clock)  # the configured embedder: FACE_LEN values
