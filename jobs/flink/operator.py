@@ -22,6 +22,7 @@ from infra.clock import now_ms
 from infra.settings import Settings
 from jobs.flink.frames import OutputBatch, unpack_records
 from jobs.flink.job_metrics import JobMetrics
+from jobs.flink.worker_logs import mask_worker_logs
 from jobs.scoring.core import LEGACY_BATCH, MAPS, DecisionCore, OutRow, Step, Writes
 
 __all__ = ["BROADCAST", "LEGACY_BATCH", "DecideStep", "FrozenState", "commit"]
@@ -55,6 +56,7 @@ class DecideStep(KeyedBroadcastProcessFunction):
         self.settings = settings
 
     def open(self, runtime_context: RuntimeContext) -> None:
+        mask_worker_logs(self.settings)
         self.core = DecisionCore(
             self.settings, predictor=_predictor(self.settings), watchlist=_watchlist(self.settings)
         )

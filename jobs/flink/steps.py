@@ -33,6 +33,7 @@ from infra.settings import Settings
 from jobs.flink.frames import OutputBatch, unpack_records
 from jobs.flink.job_metrics import JobMetrics
 from jobs.flink.operator import BROADCAST, FrozenState, _as_bytes, _predictor, _watchlist, commit, keep_in_broadcast
+from jobs.flink.worker_logs import mask_worker_logs
 from jobs.scoring.core import DecisionCore
 from jobs.scoring.face_join import DECIDED
 from jobs.scoring.partitioned import (
@@ -107,6 +108,7 @@ class RouteFunction(BroadcastProcessFunction):
         self.settings = settings
 
     def open(self, runtime_context: RuntimeContext) -> None:
+        mask_worker_logs(self.settings)
         self.core = DecisionCore(self.settings, watchlist=_watchlist(self.settings))
         self.core.bootstrap()
         self.route = RouteStep(self.core.scorer, self.core.watchlist)
@@ -199,6 +201,7 @@ class ShardStep(KeyedProcessFunction):
         self.step = step
 
     def open(self, runtime_context: RuntimeContext) -> None:
+        mask_worker_logs(self.settings)
         makers = {RECEIPT: ReceiptStep, STORE: StoreStep, IDENTITY: IdentityStep, GATHER: GatherStep}
         self.shards = _Shards(self.step, lambda: makers[self.step](self.settings), runtime_context)
         self.count = self.settings.job.state_shards
@@ -251,6 +254,7 @@ class DecideShards(KeyedBroadcastProcessFunction):
         self.settings = settings
 
     def open(self, runtime_context: RuntimeContext) -> None:
+        mask_worker_logs(self.settings)
         predictor = _predictor(self.settings, tally_drift=True)  # the drift step reports, from every slot's tallies
         self.core = DecisionCore(self.settings, predictor=predictor, watchlist=_watchlist(self.settings))
         self.core.bootstrap()
@@ -307,6 +311,7 @@ class DriftMergeFunction(KeyedProcessFunction):
         self.settings = settings
 
     def open(self, runtime_context: RuntimeContext) -> None:
+        mask_worker_logs(self.settings)
         from jobs.model.drift import DriftMerge
         from jobs.model.fraud_model import LocalModel
         from jobs.model.predictors import drift_monitors
