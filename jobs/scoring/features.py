@@ -77,15 +77,22 @@ DIGEST_FIELDS: tuple[str, ...] = (
     "event_time",
     "original_transaction_id",
 )
-"""What a receipt remembers of each transaction id, 16 bits each (:func:`content_digest`): what its checks read.
+"""What a receipt remembers of each transaction id, 32 bits each (:func:`content_digest`): what its checks read.
 Append only: the digests in checkpoints are packed in this order (a field inserted before the end would make every
 restored copy read as a conflict)."""
+
+DIGEST_BITS = 32
+"""Bits kept of each field's CRC-32: a record with other content in one field passes for a copy once in 2**32.
+Receipts saved before 2026-12-07 hold 16 bits a field (once in 65,536); they are read as such, see
+:func:`digest_differences`."""
+_WIDE_MASK, _NARROW_MASK = (1 << DIGEST_BITS) - 1, 0xFFFF
 
 
 def content_digest(tx: Tx, cust_key: str) -> int:
     """A compact digest of the transaction as its receipt sees it (:data:`DIGEST_FIELDS`, ``customer`` being its
-    customer key): one int of 16 bits per field, so a copy with other content tells which fields differ. CRC-32,
-    not ``hash``: the same in every process."""
+    customer key): one int of :data:`DIGEST_BITS` per field, so a copy with other content tells which fields
+    differ. CRC-32, not ``hash``: the same in every process. Kept as the bitwise complement of the packed fields (a
+    negative int): the 16-bit digests in older checkpoints are never negative, so each is read in its own width."""
     values = (
         tx["amount"],
         tx["currency"],
@@ -95,15 +102,31 @@ def content_digest(tx: Tx, cust_key: str) -> int:
         tx["event_time"],
         tx.get("original_transaction_id") or None,
     )
-    digest = 0
+    packed = 0
     for i, value in enumerate(values):
-        digest |= (zlib.crc32(repr(value).encode()) & 0xFFFF) << (16 * i)
-    return digest
+        packed |= (zlib.crc32(repr(value).encode()) & _WIDE_MASK) << (DIGEST_BITS * i)
+    return ~packed
+
+
+def _digest_fields(digest: int, narrow: bool) -> list[int]:
+    """A digest's per-field values; ``narrow``: cut to the 16 bits an older job kept (a 16-bit one is already)."""
+    if digest < 0:
+        packed, bits = ~digest, DIGEST_BITS
+    else:  # saved by a job before 2026-12-07: 16 bits a field
+        packed, bits = digest, 16
+    mask = _NARROW_MASK if narrow else _WIDE_MASK
+    return [(packed >> (bits * i)) & mask for i in range(len(DIGEST_FIELDS))]
 
 
 def digest_differences(a: int, b: int) -> list[str]:
-    """The :data:`DIGEST_FIELDS` in which two digests differ."""
-    return [name for i, name in enumerate(DIGEST_FIELDS) if (a >> (16 * i)) & 0xFFFF != (b >> (16 * i)) & 0xFFFF]
+    """The :data:`DIGEST_FIELDS` in which two digests differ; a 16-bit digest (an older checkpoint's) is compared
+    with the low 16 bits of a 32-bit one's fields, which are the ones it kept."""
+    narrow = a >= 0 or b >= 0
+    return [
+        name
+        for name, x, y in zip(DIGEST_FIELDS, _digest_fields(a, narrow), _digest_fields(b, narrow), strict=True)
+        if x != y
+    ]
 
 
 RAW = ""
@@ -217,9 +240,12 @@ class Receipt:
         known = seen[tx_id]
         if known is None or known == digest:
             return False
+        differ = digest_differences(known, digest)
+        if not differ:  # a 16-bit digest of an older checkpoint: the same content
+            return False
         raise ConflictingTransaction(
             f"transaction id {tx_id[:128]!r} was taken on receipt {receipt_key(tx)[:128]!r} by a record with another"
-            f" {', '.join(digest_differences(known, digest))}; this {str(tx.get('kind')).lower()} is not decided (a"
+            f" {', '.join(differ)}; this {str(tx.get('kind')).lower()} is not decided (a"
             " redelivered copy is the same record)",
             tx,
         )

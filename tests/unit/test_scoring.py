@@ -252,6 +252,55 @@ def test_a_receipt_restored_from_a_job_that_kept_ids_only_drops_any_later_copy_a
     assert pickle.loads(pickle.dumps(old)) == old
 
 
+def _amounts_alike_in_16_bits() -> tuple[float, float]:
+    """Two amounts whose digest fields agree in their low 16 bits (what a receipt kept before 2026-12-07)."""
+    import zlib
+
+    first: dict[int, float] = {}
+    for cents in range(1, 1_000_000):
+        amount = cents / 100
+        low = zlib.crc32(repr(amount).encode()) & 0xFFFF
+        if low in first:
+            return first[low], amount
+        first[low] = amount
+    raise AssertionError("no two amounts alike")
+
+
+def test_a_record_with_other_content_that_16_bit_digests_took_for_a_copy_is_a_conflict():
+    a, b = _amounts_alike_in_16_bits()
+    receipt = Receipt()
+    assert receipt.observe(sale("t1", amount=a).to_avro(), "token:card-A", RULES) is not None
+    with pytest.raises(ConflictingTransaction, match="another amount;"):
+        receipt.observe(sale("t1", amount=b).to_avro(), "token:card-A", RULES)
+
+
+def test_a_receipt_saved_with_16_bit_digests_still_drops_copies_and_refuses_other_content():
+    """A checkpoint of the job before 32-bit digests: its ids' digests hold 16 bits a field (here a pickled receipt
+    as that job wrote it, the old digest computed as it did)."""
+    import pickle
+    import zlib
+
+    tx = sale("t1", amount=25.0).to_avro()
+    fields = (25.0, "USD", "SALE", "store-001", "token:card-A", tx["event_time"], None)
+    old_digest = 0
+    for i, value in enumerate(fields):
+        old_digest |= (zlib.crc32(repr(value).encode()) & 0xFFFF) << (16 * i)
+    kept = Receipt()
+    kept.observe(tx, "token:card-A", RULES)
+    slots = {name: getattr(kept, name) for name in Receipt.__slots__}
+    slots["seen"] = {"t1": old_digest}
+    written = pickle.dumps((None, slots))
+    old = Receipt.__new__(Receipt)
+    old.__setstate__(pickle.loads(written))
+    assert old.seen == {"t1": old_digest}
+    assert old.observe(tx, "token:card-A", RULES) is None  # a redelivered copy: dropped, as before
+    with pytest.raises(ConflictingTransaction, match="another amount;"):
+        old.observe(sale("t1", amount=26.0).to_avro(), "token:card-A", RULES)
+    with pytest.raises(ConflictingTransaction, match="another store_id, customer;"):
+        old.observe(sale("t1", store="store-002").to_avro(), "token:card-B", RULES)
+    assert old.seen == {"t1": old_digest}, "a copy or a conflict changes nothing"
+
+
 def test_store_return_burst_is_flagged():
     settings = Settings(rules={"store_return_limit": 3})
     p = Pipeline(settings)
