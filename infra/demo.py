@@ -5,7 +5,8 @@ OpenSearch sink and the POS generator (real-time event stamps, a share of fraud 
 shows a live view of what lands in OpenSearch until Ctrl-C. Ctrl-C stops the generator, the job and
 the sink cleanly; the services keep running (``make down`` stops them) so the data stays to explore.
 Supervised (the default): a process that dies is started again with backoff, a bounded number of
-times per window; restarts are logged to ``<stack dir>/logs/supervisor.log`` and shown in the view.
+times per window, once what it left in its process group (a crashed scoring job's JVM) is stopped; restarts are
+logged to ``<stack dir>/logs/supervisor.log`` and shown in the view.
 Kafka or OpenSearch going away while the view runs is shown in it ("unreachable at ..., waiting") and the
 view carries on when they are back. Every process the demo started (and any its processes left, found by
 :data:`infra.processes.MARKER`) is stopped at the end, a second Ctrl-C notwithstanding.
@@ -37,6 +38,7 @@ from infra.clients import kafka as kafka_clients
 from infra.clients.opensearch import make_client
 from infra.launcher import Child, Supervisor, spawn, start_scoring_job
 from infra.processes import MARKER, Reaper, stop_children
+from infra.production import HealthSupervisor
 from infra.settings import REPO_ROOT, Settings, get_settings
 from infra.stack import ensure_topics, up
 from schemas.indices import index_name
@@ -298,7 +300,7 @@ def _start_pipeline(settings: Settings, supervisor: Supervisor, rate: float, fra
     supervisor.add("shoppers", shoppers)
 
 
-def _supervisor(settings: Settings, supervise: bool) -> Supervisor:
+def _supervisor_log(settings: Settings) -> logging.Logger:
     """Restarts are logged to a file: the console belongs to the live view."""
     logger = logging.getLogger("infra.supervisor")
     log_file = settings.stack_dir / "logs" / "supervisor.log"
@@ -308,7 +310,15 @@ def _supervisor(settings: Settings, supervise: bool) -> Supervisor:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    return Supervisor(restart=supervise, logger=logger)
+    return logger
+
+
+def _supervision(settings: Settings, supervise: bool, logger: logging.Logger) -> HealthSupervisor:
+    """The demo's processes watched as ``checkout-guard supervise`` watches its own, without health questions: one
+    that exits is started again with backoff (``supervise``), and what it left in its process group (a crashed
+    scoring job's JVM) is stopped first, beside the loop. The demo's plain :class:`Supervisor` restarted it at once
+    and stopped what it left only at the end, so a restarted scoring job ran beside its predecessor's JVM."""
+    return HealthSupervisor(Supervisor(restart=supervise, logger=logger), settings.supervisor, None, logger=logger)
 
 
 def main(
@@ -324,7 +334,8 @@ def main(
     console.print("[bold]Starting the local stack[/] (Kafka, OpenSearch, Mosquitto, SMTP)…")
     up(settings)
     ensure_topics(settings)
-    supervisor = _supervisor(settings, supervise)
+    watch = _supervision(settings, supervise, _supervisor_log(settings))
+    supervisor = watch.supervisor
     # Every process of the run carries the marker (a caller's, when it set one): what a child left when it
     # died (an orphaned JVM, a Python worker) is found and stopped at the end instead of running on.
     os.environ.setdefault(MARKER, f"demo-{os.getpid()}-{secrets.token_hex(4)}")
@@ -338,13 +349,15 @@ def main(
     signal.signal(signal.SIGTERM, stop)
     try:
         _start_pipeline(settings, supervisor, rate, fraud_share)
-        _show(settings, supervisor, supervise, flag_every_s, lambda: stopping)
+        _show(settings, watch, supervise, flag_every_s, lambda: stopping)
     except KeyboardInterrupt:
         pass
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop short
         console.print("Stopping the demo processes…")
-        left = stop_children(supervisor.children) + reaper.finish()
+        left = stop_children(supervisor.children)
+        watch.close()  # a stop of what a crashed process left, still under way, ends with the others
+        left += reaper.finish()
         if left:
             console.print(f"Also stopped {len(left)} processes still running after the process that started them:")
             for line in left:
@@ -353,9 +366,10 @@ def main(
 
 
 def _show(
-    settings: Settings, supervisor: Supervisor, supervise: bool, flag_every_s: float, stopping: Callable[[], bool]
+    settings: Settings, watch: HealthSupervisor, supervise: bool, flag_every_s: float, stopping: Callable[[], bool]
 ) -> None:
     """The live view until ``stopping()``; Kafka or OpenSearch away is shown in it, and it goes on."""
+    supervisor = watch.supervisor
     idx = settings.opensearch.index_prefix
     dash = settings.dashboard
     console.print(
@@ -385,7 +399,7 @@ def _show(
                 if time.monotonic() >= next_flag:
                     next_flag = time.monotonic() + flag_every_s
                     flag_a_blocked_transaction(settings, client, flagged)
-                supervisor.check()
+                watch.check()
                 live.update(snapshot(settings, consumer, client, supervisor, outages))
                 consumer.poll(0)
                 time.sleep(2)

@@ -1,0 +1,70 @@
+"""``make run``'s supervision (infra/demo.py) with real processes: what a crashed process left in its process group
+is stopped before the process is started again."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from infra import demo
+from infra.launcher import Child
+from infra.settings import Settings, SupervisorSettings
+from tests.process_trees import STUBBORN
+
+_LEAVER = """
+import subprocess, sys, time
+worker = subprocess.Popen([sys.executable, "-c", sys.argv[1]], stdout=subprocess.PIPE)  # in its group, as a JVM
+worker.stdout.readline()  # it ignores SIGTERM now
+print(worker.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_make_run_stops_what_a_crashed_process_left_in_its_group_before_restarting_it(tmp_path: Path) -> None:
+    """The demo restarted a crashed scoring job beside its predecessor's JVM, which was stopped only at the end."""
+    settings = Settings(supervisor=SupervisorSettings(stop_timeout_s=1.0))
+    watch = demo._supervision(settings, True, logging.getLogger("test.demo"))
+    spawned: list[tuple[Child, psutil.Process]] = []
+    left_at_restart: list[bool] = []
+
+    def start() -> Child:
+        left_at_restart.append(any(_running(worker) for _, worker in spawned))
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _LEAVER, STUBBORN], start_new_session=True, stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout is not None
+        worker = psutil.Process(int(proc.stdout.readline()))
+        proc.stdout.close()
+        spawned.append((Child("scoring-job", proc, tmp_path / "job.log"), worker))
+        return spawned[-1][0]
+
+    try:
+        watch.supervisor.add("scoring-job", start)
+        job, worker = spawned[0]
+        job.proc.kill()  # a crash: its worker runs on in its group
+        job.proc.wait(5)
+        deadline = time.monotonic() + 20
+        while len(spawned) == 1 and time.monotonic() < deadline:
+            watch.check()
+            time.sleep(0.1)
+        assert len(spawned) == 2 and spawned[1][0].alive, "restarted"
+        assert left_at_restart == [False, False], "what the crashed process left was stopped before its restart"
+    finally:
+        watch.close()
+        for child, left in spawned:
+            child.kill()
+            with contextlib.suppress(psutil.Error):
+                left.kill()
