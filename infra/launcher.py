@@ -30,6 +30,8 @@ class Child:
     name: str
     proc: subprocess.Popen
     log_path: Path
+    terminated: bool = field(default=False, init=False, repr=False)
+    """SIGTERM was sent (:meth:`terminate`): it is not sent again."""
 
     @property
     def alive(self) -> bool:
@@ -42,14 +44,17 @@ class Child:
                 os.killpg(self.proc.pid, sig)
 
     def terminate(self) -> None:
-        """SIGTERM to the child alone: its group (the scoring job's JVM) is left to :meth:`stop`."""
-        if self.alive:
+        """SIGTERM to the child alone, once: its group (the scoring job's JVM) is left to :meth:`stop`. A shutdown
+        signals every child and then stops each one (:func:`infra.processes.stop_together`), and the stop signalled
+        it again: a second SIGTERM, to a process that takes one as "stop now, no cleanup", cut its stop short."""
+        if self.alive and not self.terminated:
+            self.terminated = True
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGTERM)
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM to the child alone, then to what is left of its group; SIGKILL where they do not go in time.
-        Returns the child's exit code.
+        """SIGTERM to the child alone (unless :meth:`terminate` sent it already), then to what is left of its group;
+        SIGKILL where they do not go in time. Returns the child's exit code.
 
         The child first: on SIGTERM the scoring job cancels its Flink job through its JVM, and a SIGTERM to
         the whole group killed that JVM at the same moment (the cancel failed, with some 80 py4j tracebacks

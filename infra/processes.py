@@ -178,12 +178,10 @@ def reap(keys: Iterable[ProcKey], timeout: float = 10.0) -> list[str]:
 
 def stop_child(child: Child, timeout: float = 20.0) -> list[str]:
     """Stop a :class:`infra.launcher.Child` and everything under it, even when the child itself has already
-    exited or a grandchild left its process group; returns what had to be reaped after the child's own
-    stop. Never raises."""
+    exited (its stop signals what is left of its group once, then kills it) or a grandchild left its process group;
+    returns what had to be reaped after the child's own stop. Never raises. The group of a child that had exited got
+    a SIGTERM here and another from the child's stop."""
     below = {k for k in map(key, descendants(child.proc.pid)) if k is not None}
-    if not child.alive:  # the leader is gone; its process group may not be
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(child.proc.pid, signal.SIGTERM)
     try:
         child.stop(timeout)
     except Exception:  # cleanup goes on for the other children
@@ -195,7 +193,8 @@ def stop_child(child: Child, timeout: float = 20.0) -> list[str]:
 
 
 def stop_together(children: Iterable[C], timeout: float, stop: Callable[[C, float], T]) -> list[T]:
-    """SIGTERM to every child (the last started first), then ``stop(child, time left)`` for all of them side by side
+    """SIGTERM to every child (the last started first; a child's stop does not send it again), then
+    ``stop(child, time left)`` for all of them side by side
     with one deadline ``timeout`` from now, so N children that ignore SIGTERM take about ``timeout``, not N times it
     (one after another, ``make run``'s stop took that); each ``stop`` then kills what is left. Results in the order
     given."""

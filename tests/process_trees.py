@@ -65,3 +65,48 @@ def stop_three_stubborn(tmp_path: Path, stop: Callable[[list[Child]], object]) -
             child.kill()
     assert all(child.proc.returncode == -signal.SIGKILL for child in children), "killed at the deadline"
     assert took < 5.0, f"{took:.1f} s: one after another takes at least 6 s"
+
+
+_COUNTER = """
+import signal, sys, time
+said, end = open(sys.argv[1], "a", buffering=1), []
+def on_term(*_):  # counts each SIGTERM; stops half a second after the first (a service finishing its work)
+    said.write("TERM\\n")
+    end.append(time.monotonic() + 0.5)
+signal.signal(signal.SIGTERM, on_term)
+print("ready", flush=True)
+while not end or time.monotonic() < end[0]:
+    time.sleep(0.02)
+"""
+
+
+def start_counter(said: Path) -> Child:
+    """A child in its own session that writes a line to ``said`` for each SIGTERM it gets and exits half a second
+    after the first one (returns once it listens)."""
+    proc = subprocess.Popen([sys.executable, "-c", _COUNTER, str(said)], start_new_session=True, stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    proc.stdout.close()
+    return Child(said.stem, proc, said.with_suffix(".log"))
+
+
+_LEFT_COUNTER = """
+import subprocess, sys, time
+worker = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], stdout=subprocess.PIPE)  # its group
+worker.stdout.readline()
+print(worker.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def start_left_counter(said: Path) -> tuple[Child, psutil.Process]:
+    """A child whose worker (in its process group, as a JVM) counts its SIGTERMs in ``said`` as :func:`start_counter`'s
+    child does; the child is killed, so the worker is what it left running."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LEFT_COUNTER, _COUNTER, str(said)], start_new_session=True, stdout=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    worker = psutil.Process(int(proc.stdout.readline()))
+    proc.stdout.close()
+    proc.kill()
+    proc.wait(5)
+    return Child(said.stem, proc, said.with_suffix(".log")), worker

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -13,7 +14,7 @@ import pytest
 
 from infra.launcher import Child
 from infra.processes import MARKER, Reaper, new_processes, stop_child, stop_children
-from tests.process_trees import start_leader, stop_three_stubborn
+from tests.process_trees import start_counter, start_leader, start_left_counter, stop_three_stubborn
 
 
 def test_new_processes_are_those_not_seen_before_and_not_kept() -> None:
@@ -112,3 +113,27 @@ def test_stop_children_signals_them_all_first_and_waits_with_one_deadline(tmp_pa
     """``make run``'s stop (Ctrl-C) stopped its children one after another: N children that ignore SIGTERM took N
     times the stop timeout."""
     stop_three_stubborn(tmp_path, lambda children: stop_children(children, timeout=2.0))
+
+
+def test_stop_children_sends_each_child_one_sigterm(tmp_path: Path) -> None:
+    """Every child got SIGTERM from the shutdown's first round and again from its own stop."""
+    children = [start_counter(tmp_path / f"{n}.said") for n in range(2)]
+    try:
+        assert stop_children(children, timeout=10) == []
+        assert [(tmp_path / f"{n}.said").read_text() for n in range(2)] == ["TERM\n", "TERM\n"]
+        assert all(child.proc.returncode == 0 for child in children), "each ended on its own, not killed"
+    finally:
+        for child in children:
+            child.kill()
+
+
+def test_what_an_exited_child_left_in_its_group_gets_one_sigterm(tmp_path: Path) -> None:
+    """The group of a child that had exited got SIGTERM from stop_child and again from the child's stop."""
+    child, worker = start_left_counter(tmp_path / "said")
+    try:
+        stop_child(child, timeout=10)
+        psutil.wait_procs([worker], timeout=5)
+        assert (tmp_path / "said").read_text() == "TERM\n"
+    finally:
+        with contextlib.suppress(psutil.Error):
+            worker.kill()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from infra.launcher import Child, Supervisor
-from tests.process_trees import stop_three_stubborn
+from tests.process_trees import start_counter, stop_three_stubborn
 
 
 class Clock:
@@ -274,3 +274,17 @@ def test_stop_signals_every_child_first_and_waits_for_them_all_with_one_deadline
         sup.stop(timeout=2.0)
 
     stop_three_stubborn(tmp_path, stop)
+
+
+def test_stop_sends_each_child_one_sigterm(tmp_path: Path) -> None:
+    """``make run``'s stop signalled every child, and then each child's stop signalled it again."""
+    sup = Supervisor()
+    children = [start_counter(tmp_path / f"{n}.said") for n in range(2)]
+    try:
+        for child in children:
+            sup.add(child.name, lambda child=child: child)
+        sup.stop(timeout=10)
+        assert [(tmp_path / f"{n}.said").read_text() for n in range(2)] == ["TERM\n", "TERM\n"]
+    finally:
+        for child in children:
+            child.kill()
