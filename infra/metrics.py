@@ -5,7 +5,8 @@ Each process calls :func:`serve` once at start with its name from :data:`PROCESS
 (liveness: 200 while its loop makes progress, 503 when it hangs -- restarting it helps) and ``GET /readyz``
 (readiness: 503 also while a dependency it needs is unreachable -- restarting it would not help, so a
 supervisor acts on ``/healthz`` only; the reason is in both bodies; a request must come within
-:data:`REQUEST_TIMEOUT_S`, and at most :data:`MAX_HANDLERS` connections are handled at once) on ``CG_BIND_HOST`` and
+:data:`REQUEST_TIMEOUT_S`, and at most :data:`MAX_HANDLERS` connections are handled at once, an idle one making room
+for a newer one) on ``CG_BIND_HOST`` and
 ``CG_METRICS__BASE_PORT`` + the process's offset. The scoring job's offset is taken by Flink's own
 Prometheus reporter (its metrics are named ``flink_*``; the job's own figures ``flink_..._checkout_guard_*``,
 see :mod:`jobs.flink.job_metrics`), subclassed to bind ``CG_BIND_HOST`` only (Flink's binds every interface;
@@ -148,8 +149,12 @@ REQUEST_TIMEOUT_S = 5.0
 """How long a connection to the endpoint may take to send its request (and to read the answer): one that sends
 nothing kept its handler thread for ever, and many such connections piled up threads."""
 MAX_HANDLERS = 32
-"""Connections handled at once; one beyond is closed at once (a scrape or probe asks again at its next turn), so
-connections that hang cannot take more than this many threads (each for ``REQUEST_TIMEOUT_S`` at most)."""
+"""Connections handled at once, so connections that hang cannot take more than this many threads (each for
+``REQUEST_TIMEOUT_S`` at most). One beyond takes the place of the connection that has waited longest without sending
+its request (:meth:`_MetricsServer.process_request`); with every one of them answering a request, it is closed at once
+(a scrape or probe asks again at its next turn)."""
+EVICT_WAIT_S = 1.0
+"""How long a connection beyond :data:`MAX_HANDLERS` waits for the place of the idle connection closed for it."""
 
 PID_HEADER = "X-Process-Id"
 """Every answer names the process that gave it: the supervisor tells its child's endpoint from another
@@ -162,6 +167,12 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.connection.settimeout(self.server.request_timeout)  # a silent client is dropped, its thread ends
+        self.server.idle(self.connection)
+
+    def parse_request(self) -> bool:
+        """Its request line came: no longer idle, so it is not closed for a newer connection."""
+        self.server.busy(self.connection)
+        return super().parse_request()
 
     def do_GET(self) -> None:  # noqa: N802 - the http.server API
         path = self.path.split("?", 1)[0]
@@ -196,13 +207,26 @@ class _MetricsServer(ThreadingHTTPServer):
         self.process, self.health, self.ready = process, health, ready
         self.request_timeout = REQUEST_TIMEOUT_S
         self._slots = threading.BoundedSemaphore(MAX_HANDLERS)
+        self._idle: dict[Any, None] = {}
+        """Handled connections that have not sent their request line yet, the oldest first."""
+        self._idle_lock = threading.Lock()
         # an IPv6 bind host needs an IPv6 socket: the IPv4 one refused it and the process ran without an endpoint
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _Handler)
 
+    def idle(self, connection: Any) -> None:
+        with self._idle_lock:
+            self._idle[connection] = None
+
+    def busy(self, connection: Any) -> None:
+        with self._idle_lock:
+            self._idle.pop(connection, None)
+
     def process_request(self, request: Any, client_address: Any) -> None:
-        """A thread per connection while fewer than :data:`MAX_HANDLERS` run; beyond, the connection is closed."""
-        if not self._slots.acquire(blocking=False):
+        """A thread per connection while fewer than :data:`MAX_HANDLERS` run. Beyond, the connection that has waited
+        longest without sending its request is closed to make room: closing the newest instead refused every
+        Prometheus scrape while idle connections held all the places. With none idle, the connection is closed."""
+        if not self._slots.acquire(blocking=False) and not self._evict_idle():
             self.shutdown_request(request)
             return
         try:
@@ -211,10 +235,23 @@ class _MetricsServer(ThreadingHTTPServer):
             self._slots.release()
             raise
 
+    def _evict_idle(self) -> bool:
+        """Close the oldest idle connection (its handler then ends at once) and take its place; False when there is
+        none, or its place is not free within :data:`EVICT_WAIT_S`."""
+        with self._idle_lock:
+            oldest = next(iter(self._idle), None)
+            if oldest is None:
+                return False
+            del self._idle[oldest]
+        with contextlib.suppress(OSError):  # closed meanwhile: its place is freed all the same
+            oldest.shutdown(socket.SHUT_RDWR)
+        return self._slots.acquire(timeout=EVICT_WAIT_S)
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
+            self.busy(request)
             self._slots.release()
 
     def server_bind(self) -> None:

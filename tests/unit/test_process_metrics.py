@@ -857,7 +857,7 @@ def test_a_connection_that_sends_nothing_is_closed_after_the_request_timeout_and
         endpoint.close()
 
 
-def test_connections_beyond_the_handler_limit_are_closed_at_once_instead_of_taking_a_thread_each(
+def test_connections_beyond_the_handler_limit_take_the_oldest_idle_ones_place_instead_of_a_thread_each(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(metrics, "REQUEST_TIMEOUT_S", 30.0)
@@ -869,15 +869,40 @@ def test_connections_beyond_the_handler_limit_are_closed_at_once_instead_of_taki
         for _ in range(2):
             silent.append(socket.create_connection(("127.0.0.1", endpoint.port), timeout=5))
         wait_until(lambda: threading.active_count() == before + 2)
-        extra = [socket.create_connection(("127.0.0.1", endpoint.port), timeout=5) for _ in range(5)]
-        silent.extend(extra)
-        for sock in extra:
-            assert sock.recv(1) == b"", "closed at once, not held by a thread"
-        assert threading.active_count() == before + 2
-        for sock in silent[:2]:
+        for _ in range(5):
+            silent.append(socket.create_connection(("127.0.0.1", endpoint.port), timeout=5))
+        for sock in silent[:5]:
+            assert sock.recv(1) == b"", "the oldest idle ones are closed at once, not held by a thread"
+        for sock in silent[5:]:
+            sock.setblocking(False)
+            with pytest.raises(BlockingIOError):  # the newest two hold the places
+                sock.recv(1)
+        wait_until(lambda: threading.active_count() == before + 2)  # the closed ones' threads end
+        for sock in silent:
             sock.close()
         wait_until(lambda: threading.active_count() == before)
         assert httpx.get(f"http://127.0.0.1:{endpoint.port}/healthz", timeout=5).status_code == 200
+    finally:
+        for sock in silent:
+            sock.close()
+        endpoint.close()
+
+
+def test_a_scrape_is_answered_while_idle_connections_hold_every_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every place held by a connection that sent nothing, a Prometheus scrape was closed unanswered."""
+    monkeypatch.setattr(metrics, "REQUEST_TIMEOUT_S", 30.0)
+    monkeypatch.setattr(metrics, "MAX_HANDLERS", 2)
+    endpoint = serve(local(), "face-stage", port=0)
+    before = threading.active_count()
+    silent = [socket.create_connection(("127.0.0.1", endpoint.port), timeout=5) for _ in range(2)]
+    try:
+        wait_until(lambda: threading.active_count() == before + 2)
+        scrape = httpx.get(f"http://127.0.0.1:{endpoint.port}/metrics", timeout=5)
+        assert scrape.status_code == 200 and b"cg_records_in" in scrape.content
+        assert silent[0].recv(1) == b"", "the connection idle the longest made room"
+        silent[1].setblocking(False)
+        with pytest.raises(BlockingIOError):
+            silent[1].recv(1)
     finally:
         for sock in silent:
             sock.close()
