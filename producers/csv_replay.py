@@ -121,13 +121,44 @@ def default_state_file(stack_dir: Path, csv_path: Path) -> Path:
     return by_name if state is not None and state.sha256 == file_sha256(csv_path) else path
 
 
+_STATE_FIELDS = ("csv", "sha256", "total_rows", "last_acked_index", "updated_at")
+
+
 def load_state(path: Path) -> ReplayState | None:
+    """The saved progress, None without a file; :class:`ReplayStateError` naming the file and what is wrong with it
+    for one that is not a state this module wrote (hand-edited, cut short, not a file): such a state, its fields of
+    the wrong kind, crashed the replay with a traceback (a text ``sha256``, a ``last_acked_index`` of ``"3"``) or
+    resumed at the wrong row (a negative index counted from the end)."""
     if not path.exists():
         return None
     try:
-        return ReplayState(**json.loads(path.read_text()))
-    except (ValueError, TypeError) as exc:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as exc:  # unreadable, not UTF-8, not JSON
         raise ReplayStateError(f"cannot read replay state {path}: {exc}") from exc
+    problem = _state_problem(data)
+    if problem is not None:
+        raise ReplayStateError(f"invalid replay state {path}: {problem} (fix it, or use --from-start)")
+    return ReplayState(**data)
+
+
+def _state_problem(data: Any) -> str | None:
+    """What keeps ``data`` (parsed JSON) from being a :class:`ReplayState`; None when nothing does."""
+    if not isinstance(data, dict):
+        return f"expected a JSON object, not {type(data).__name__}"
+    if sorted(data) != sorted(_STATE_FIELDS):
+        return f"expected the fields {', '.join(_STATE_FIELDS)}, not {', '.join(map(str, data)) or 'none'}"
+    for name in ("csv", "updated_at"):
+        if not isinstance(data[name], str):
+            return f"{name} must be a string, not {data[name]!r}"
+    sha256 = data["sha256"]
+    if not (isinstance(sha256, str) and len(sha256) == 64 and all(c in "0123456789abcdef" for c in sha256)):
+        return f"sha256 must be 64 hex digits, not {sha256!r}"
+    total, last = data["total_rows"], data["last_acked_index"]
+    if not (type(total) is int and total >= 0):
+        return f"total_rows must be a whole number of at least 0, not {total!r}"
+    if not (type(last) is int and -1 <= last < total):
+        return f"last_acked_index must be a whole number from -1 to total_rows - 1 ({total - 1}), not {last!r}"
+    return None
 
 
 def save_state(path: Path, state: ReplayState) -> None:

@@ -483,8 +483,8 @@ def replay_csv_command(
                 time_scale=time_scale,
                 progress=progress,
             )
-        except (CsvFormatError, ReplayStateError) as exc:
-            console.print(str(exc), style="red", markup=False, highlight=False)
+        except (CsvFormatError, ReplayStateError) as exc:  # one line, however narrow the terminal
+            typer.echo(f"Error: {exc}", err=True)
             raise typer.Exit(2) from None
     _finish(result.stats, f"replay {path.name}")
     if result.dead_letters_failed:

@@ -539,6 +539,56 @@ def test_replay_csv_command_reports_progress_and_exit_code(
     assert CliRunner().invoke(pos.app, args).exit_code == 2
 
 
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        ({"sha256": 5}, "sha256 must be 64 hex digits, not 5"),
+        ({"last_acked_index": "3"}, "last_acked_index must be a whole number from -1 to total_rows - 1 (9), not '3'"),
+        ({"last_acked_index": -5}, "last_acked_index must be a whole number from -1 to total_rows - 1 (9), not -5"),
+        ({"total_rows": None}, "total_rows must be a whole number of at least 0, not None"),
+        ({"csv": ["ten.csv"]}, "csv must be a string, not ['ten.csv']"),
+        ({"extra": 1}, "expected the fields csv, sha256, total_rows, last_acked_index, updated_at, not "),
+    ],
+)
+def test_a_hand_edited_state_file_is_one_error_line_naming_the_file_and_what_is_wrong_with_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, edit: dict, said: str
+) -> None:
+    """Such a state crashed the replay with a traceback (a number for the sha256, a text index), or resumed at the
+    wrong row (a negative index counts from the end)."""
+    path = ten_rows(tmp_path)
+    fake = FakeProducer(ack=lambda n: n < 4)
+    monkeypatch.setattr(pos, "make_producer", lambda _settings, *topics: fake)
+    state_file = tmp_path / "s.json"
+    args = ["replay-csv", str(path), "--state-file", str(state_file), "--no-progress"]
+    CliRunner().invoke(pos.app, args)
+    state_file.write_text(json.dumps(json.loads(state_file.read_text()) | edit))
+    sent = len(fake.values)
+    result = CliRunner().invoke(pos.app, args)
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    [line] = result.output.splitlines()
+    assert line.startswith(f"Error: invalid replay state {state_file}: {said}")
+    assert len(fake.values) == sent, "nothing sent"
+
+
+def test_a_state_file_that_is_no_json_object_is_one_error_line_with_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = ten_rows(tmp_path)
+    monkeypatch.setattr(pos, "make_producer", lambda _settings, *topics: FakeProducer())
+    state_file = tmp_path / "s.json"
+    args = ["replay-csv", str(path), "--state-file", str(state_file), "--no-progress"]
+    for text, said in (("[1, 2]", "invalid replay state"), ("{", "cannot read replay state")):
+        state_file.write_text(text)
+        result = CliRunner().invoke(pos.app, args)
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+        [line] = result.output.splitlines()
+        assert line.startswith(f"Error: {said} {state_file}: ")
+    state_file.unlink()
+    state_file.mkdir()  # not a file: it was an IsADirectoryError traceback
+    result = CliRunner().invoke(pos.app, args)
+    assert result.exit_code == 2 and result.output.startswith(f"Error: cannot read replay state {state_file}: ")
+
+
 def test_a_csv_with_only_a_header_says_it_has_no_rows_not_that_they_were_replayed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
