@@ -12,7 +12,8 @@ transaction and time (:meth:`sinks.alerts.sender.Ledger.mark_sent`); this eraser
 - deletes every message whose alert names a forgotten subject, or shows the sale that subject was enrolled
   from, and was made before the forget or up to ``FORGET_GRACE_MS`` after it (wall clocks; an alert whose send
   was under way when the forget came is deleted once posted; one still queued, or re-driven, is not sent at all:
-  the sender's channels withhold it, ``ChannelWorker._withhold``);
+  the sender's channels withhold it, ``ChannelWorker._withhold``, and a copy an earlier try without an answer
+  posted is recorded and deleted at once: the channel wakes the eraser, :meth:`Eraser.wake`);
   and every message posted more than ``CG_ALERTS__WEBEX_KEEP_DAYS`` ago;
 - writes one ``ERASE`` audit event per sweep that deleted or was refused something (counts and subjects).
 
@@ -160,6 +161,8 @@ class Eraser:
         self._audit_error: tuple[float, str] | None = None
         """When the audit consumer last reported an error (brokers away through its ``error_cb``, the topic missing
         as an event) and which, until a record comes: neither raises, so the turn itself goes through."""
+        self._woken = threading.Event()
+        """Set by :meth:`wake`: posts fell due outside a forget (a withheld alert's copy found); sweep next turn."""
 
     @property
     def problem(self) -> str | None:
@@ -171,6 +174,13 @@ class Eraser:
             audit = f"audit topic unreadable ({self._audit_error[1]})"
         parts = [p for p in (self._turn_problem, audit, self._sweep_problem) if p]
         return "; ".join(parts) or None
+
+    def wake(self) -> None:
+        """Sweep at the next turn (within a second): a sender's channel recorded posts that are due already, the
+        copies of a forgotten subject's alert that an earlier try without an answer posted
+        (``ChannelWorker._withhold``). Their forget may be long past its fresh minute-by-minute sweeps: they waited
+        for the hourly one, face and all."""
+        self._woken.set()
 
     def sweep(self, stop: threading.Event | None = None) -> Sweep:
         """Delete every due post (see the module); the ledger forgets each one deleted, gone or refused.
@@ -302,8 +312,9 @@ class Eraser:
         if messages:
             consumer.commit(asynchronous=False)  # after the forgets are in the ledger: none is lost
         interval = STOPPED_SWEEP_RETRY_S if self.now_ms() < self._fresh_until else self.sweep_interval_s
-        if not forgets and time.monotonic() - last_sweep < interval:
+        if not forgets and not self._woken.is_set() and time.monotonic() - last_sweep < interval:
             return last_sweep
+        self._woken.clear()  # before the sweep: a wake during it sweeps again
         started = time.monotonic()
         result = self.sweep(stop)
         if not stop.is_set():

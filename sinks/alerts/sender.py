@@ -811,8 +811,11 @@ class ChannelWorker:
         image_loader: ImageLoader,
         rng: random.Random | None = None,
         clock: Clock = MONOTONIC,
+        on_due_posts: Callable[[], None] | None = None,
     ) -> None:
         self.channel, self.ledger, self.settings, self.done = channel, ledger, settings, done
+        self.on_due_posts = on_due_posts
+        """Called once posts due for deletion now are recorded (a withheld alert's copies): the eraser's wake."""
         self.image_loader = image_loader
         self.backoff = Backoff(settings.retry_initial_s, settings.retry_max_s)
         self.clock = clock
@@ -964,6 +967,8 @@ class ChannelWorker:
                 self._probe = None
                 self._cv.notify_all()
         self.ledger.mark_withheld(alert_id, name, forgotten, posted, task.alert, task.alert_ms)
+        if posted and self.on_due_posts is not None:  # the face is in the room now: not until the next sweep
+            self.on_due_posts()
         self.withheld += 1
         self._deliveries["withheld"].inc()
         if posted:
@@ -1205,9 +1210,22 @@ class AlertSender:
     def start_workers(self) -> None:
         """One :class:`ChannelWorker` per channel (``run`` does this; tests that feed messages themselves too)."""
         self._workers = {
-            c.name: ChannelWorker(c, self.ledger, self.settings.alerts, self._done, self.image_loader, clock=self.clock)
+            c.name: ChannelWorker(
+                c,
+                self.ledger,
+                self.settings.alerts,
+                self._done,
+                self.image_loader,
+                clock=self.clock,
+                on_due_posts=self._wake_eraser,
+            )
             for c in self.channels
         }
+
+    def _wake_eraser(self) -> None:
+        """A channel recorded posts due now (a withheld alert's copies): the eraser deletes them at once."""
+        if self._eraser is not None:
+            self._eraser.wake()
 
     def start_eraser(self, stop: threading.Event) -> threading.Thread | None:
         """The thread that takes alert messages back from the erasable channels (sinks/alerts/erase.py), if any."""

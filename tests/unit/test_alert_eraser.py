@@ -763,6 +763,40 @@ def test_an_alert_withheld_after_an_attempt_without_an_answer_has_the_copy_that_
     assert set(ledger.due_posts(made, None)) == copies  # the eraser deletes the copy and its card
 
 
+class PostedWithoutAnswer(PostingChannel):
+    """A Webex-like channel whose earlier try without an answer did post the alert and its card."""
+
+    can_check_sent = True
+
+    def find_sent(self, alert: dict[str, Any]) -> str | None:
+        return "m-copy m-card"
+
+
+def test_the_copies_a_withheld_alert_s_earlier_try_posted_are_deleted_at_once_not_at_the_next_hourly_sweep(
+    tmp_path: Path, closer: ExitStack
+) -> None:
+    """Found and recorded long after its forget's fresh minute-by-minute sweeps, the copy with the shopper's face
+    stayed in the room until the eraser's next hourly sweep."""
+    ledger = ledger_at(closer, tmp_path)
+    ledger.record_forgets([("audit-1", "subj-tx-1", "tx-1", NOW - 2 * DAY)])  # no longer fresh: hourly sweeps
+    deleting = FakeChannel()
+    worker = eraser(ledger, deleting)
+    last = worker._turn(NoAudit(), Client(), float("-inf"), threading.Event())  # type: ignore[arg-type]
+    settings = Settings(stack_dir=tmp_path, alerts=AlertSettings(channels="webex"))
+    alerts = sender.AlertSender(settings, channels=[PostedWithoutAnswer()], ledger=ledger, image_loader=lambda r: b"")
+    alerts._eraser = worker
+    suspect = {**alert("suspect:tx-5"), "subject_id": "subj-tx-1", "transaction_id": "tx-5"}
+    with closing(alerts):
+        alerts.start_workers()
+        alerts._workers["webex"].submit(
+            Task(suspect, "webex", time.monotonic() + 30, maybe_sent=True, alert_ms=NOW - 3 * DAY)
+        )
+        outcome = alerts._done.get(timeout=10)
+        assert outcome.withheld == "subj-tx-1" and set(ledger.due_posts(NOW, None)) == {"m-copy", "m-card"}
+        worker._turn(NoAudit(), Client(), last, threading.Event())  # type: ignore[arg-type]  # the next turn
+        assert sorted(deleting.deleted) == ["m-card", "m-copy"] and ledger.due_posts(NOW, None) == {}
+
+
 class DownOnce:
     """A channel that is down for its first send (``on_down`` runs then) and takes every send after it."""
 
