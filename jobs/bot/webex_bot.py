@@ -37,8 +37,10 @@ On start, when ``CG_WEBEX__PUBLIC_URL`` is set, the bot registers (or re-points)
 
 Metrics (``infra.metrics``, stage ``webex-bot``, on their own port, not the webhook's): webhooks in by kind
 (``accepted``, ``rejected_signature``, ``invalid``, ``ignored`` for a redelivery) and commands out by verb once
-Kafka confirmed them. The bot has no loop to watch: ``/healthz`` stays 200, and ``/readyz`` turns 503 once a
-command could not be recorded ("Kafka unreachable"), until the next one is.
+Kafka confirmed them. The bot has no loop to watch: ``/healthz`` stays 200, and ``/readyz`` says whether the bot can
+work now: 503 while Kafka or Webex does not answer (:meth:`WebexBot.ready`, asked at most every
+:data:`READY_RECHECK_S`, at once after a command could not be recorded, :class:`Readiness`), not whether the last
+command was.
 
 Run: ``python -m jobs.bot.webex_bot`` (listens on ``CG_WEBEX__BOT_HOST``:``CG_WEBEX__BOT_PORT``).
 """
@@ -69,6 +71,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from infra import metrics
+from infra.clients import kafka as kafka_clients
 from infra.clients.commands import Headers, KafkaCommandPublisher, signed_headers
 from infra.clients.webex import RETRY_AFTER_LIMIT_S, WebexClient, WebexError, asked_wait, with_retries
 from infra.clock import now_ms
@@ -96,6 +99,10 @@ PREVIOUS_SECRET_GRACE_S = 600.0
 """How long callbacks signed with ``CG_WEBEX__PREVIOUS_WEBHOOK_SECRET`` are still taken after the webhooks were
 re-registered with the new secret (from the start when the bot registers none): Webex signs what it sends, and
 sends again, with the secret it had; after the rotation a callback with the old one is refused (403)."""
+READY_RECHECK_S = 30.0
+"""How long ``/readyz`` answers from its last look at Kafka and Webex (one metadata request and one ``GET /people/me``
+per look); a command that could not be recorded makes the next ``/readyz`` look again."""
+KAFKA_PROBE_TIMEOUT_S = 3.0
 MAX_BODY_BYTES = 64 * 1024
 """A Webex message webhook is well under 2 KB; anything much larger is not one."""
 WATCHLIST_VERBS = frozenset({"FRAUD", "VIP", "FORGET", "RENEW"})
@@ -426,6 +433,34 @@ def read_watchlist(settings: Settings) -> list[WatchlistEntry]:
 # --------------------------------------------------------------------------- the bot
 
 
+class Readiness:
+    """``/readyz`` of the bot: whether Kafka and Webex answer (``check``), looked at at most every ``recheck_s`` (a
+    probe every few seconds must not cost a Webex call each). Before, one command Kafka refused turned it 503 until
+    the next command went through, however long Kafka had been back."""
+
+    def __init__(
+        self,
+        check: Callable[[], tuple[bool, str]],
+        recheck_s: float = READY_RECHECK_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.check, self.recheck_s, self.clock = check, recheck_s, clock
+        self._lock = threading.Lock()
+        self._last: tuple[float, tuple[bool, str]] | None = None
+
+    def __call__(self) -> tuple[bool, str]:
+        with self._lock:
+            now = self.clock()
+            if self._last is None or now - self._last[0] >= self.recheck_s:
+                self._last = (now, self.check())
+            return self._last[1]
+
+    def look_again(self) -> None:
+        """The next ask looks (a command could not be recorded: is Kafka away?)."""
+        with self._lock:
+            self._last = None
+
+
 class WebexBot:
     """The webhook receiver and command handler; collaborators are injected so tests can use real local
     servers for Webex and Kafka and stand-alone functions for the answers.
@@ -443,6 +478,7 @@ class WebexBot:
         fresh_checkout: Callable[[str], str] | None = None,
         status_text: Callable[[], str] | None = None,
         case_lookup: Lookup | None = None,
+        kafka_probe: Callable[[], object] | None = None,
     ) -> None:
         self.settings = settings
         self.case_lookup = case_lookup
@@ -492,7 +528,10 @@ class WebexBot:
         self._lock = threading.Lock()
         self.handled = 0
         self.heartbeat = metrics.Heartbeat(stale_s=float("inf"))
-        """Never stale (webhooks come when people write); its problem is set while Kafka refuses commands."""
+        """Never stale (webhooks come when people write): ``/healthz`` stays 200; readiness is :meth:`ready`."""
+        # ``/readyz``; kafka_probe raises while Kafka does not answer (default: a metadata request).
+        self.kafka_probe = kafka_probe or self._kafka_metadata
+        self.ready = Readiness(self.check_dependencies)
         self._webhooks = {
             kind: metrics.RECORDS_IN.labels(PROCESS, kind)
             for kind in ("accepted", "rejected_signature", "invalid", "ignored")
@@ -730,9 +769,8 @@ class WebexBot:
             self.publish(command, headers)
         except Exception as exc:  # Kafka unreachable: tell the person instead of going quiet
             log.error("command %s not published: %s", message_id, exc)
-            self.heartbeat.beat("Kafka unreachable")
+            self.ready.look_again()  # the next /readyz looks at Kafka now, not at this one command
             return "Sorry, I could not record that right now; please try again in a minute.", False
-        self.heartbeat.beat()
         metrics.RECORDS_OUT.labels(PROCESS, parsed.verb.lower()).inc()
         return self._answer(parsed), True
 
@@ -800,6 +838,31 @@ class WebexBot:
             return f"Sent: {parsed.verb.lower()} for case `{case_id}`. The case page shows it once recorded."
         return f"Noted: `{arg}` will be removed from the watchlist and its reference images deleted."
 
+    # ------------------------------------------------------------------ readiness
+
+    def check_dependencies(self) -> tuple[bool, str]:
+        """Ask Kafka (metadata) and Webex (``GET /people/me``) once each: ready, or what does not answer. A 429 is
+        Webex answering: the bot's replies wait it out."""
+        problems = []
+        try:
+            self.kafka_probe()
+        except Exception as exc:  # noqa: BLE001 - whatever Kafka raises, commands cannot be recorded now
+            problems.append(f"Kafka unreachable ({type(exc).__name__})")
+        try:
+            self.client.me()
+        except WebexError as exc:
+            if exc.status != 429:
+                problems.append(f"Webex {'unreachable' if exc.unavailable else 'refuses the bot'} ({exc.reason})")
+        return (False, "; ".join(problems)) if problems else (True, "ok")
+
+    _admin: Any = None
+    """The admin client of :meth:`_kafka_metadata`, built on first use."""
+
+    def _kafka_metadata(self) -> object:
+        if self._admin is None:
+            self._admin = kafka_clients.admin(self.settings)
+        return kafka_clients.cluster_metadata(self._admin, self.settings, timeout_s=KAFKA_PROBE_TIMEOUT_S)
+
     # ------------------------------------------------------------------ webhook registration
 
     @contextlib.asynccontextmanager
@@ -860,7 +923,7 @@ def main(log_level: str | None = None) -> None:
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     with WebexBot(settings) as bot:  # closes its Webex, Kafka, OpenSearch and camera clients on the way out
-        endpoint = metrics.serve(settings, PROCESS, health=bot.heartbeat)
+        endpoint = metrics.serve(settings, PROCESS, health=bot.heartbeat, ready=bot.ready)
         try:
             uvicorn.run(
                 bot.app,

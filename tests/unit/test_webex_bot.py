@@ -540,6 +540,34 @@ def test_a_command_that_cannot_be_recorded_gets_an_apology_not_silence(harness: 
     assert reply.startswith("Sorry, I could not record that right now")
 
 
+def test_readiness_follows_whether_kafka_and_webex_answer_not_whether_the_last_command_was_recorded(
+    harness: Harness,
+) -> None:
+    """One command Kafka refused kept /readyz 503 until the next command went through, Kafka long back."""
+    kafka_down = [True]
+
+    def kafka_probe() -> None:
+        if kafka_down[0]:
+            raise RuntimeError("no broker")
+
+    def broken(_: BotCommand, _headers: Headers) -> None:
+        raise RuntimeError("command not confirmed by Kafka within 10 s")
+
+    bot = harness.bot
+    bot.kafka_probe, bot.publish = kafka_probe, broken
+    harness.say(SECURITY_ROOM, "guard@store.test", "fraud tx-8")
+    wait_for(lambda: harness.replies(SECURITY_ROOM), 10, what="the apology")
+    assert bot.ready() == (False, "Kafka unreachable (RuntimeError)")
+    kafka_down[0] = False  # Kafka is back, no command since
+    assert bot.ready() == (False, "Kafka unreachable (RuntimeError)")  # looked at a moment ago
+    bot.ready.look_again()  # READY_RECHECK_S later
+    assert bot.ready() == (True, "ok")
+    harness.webex.state.fail((503,), count=1)
+    bot.ready.look_again()
+    ready, reason = bot.ready()
+    assert not ready and reason.startswith("Webex unreachable (503")
+
+
 def test_a_message_webex_will_not_give_us_gets_an_apology_not_silence(harness: Harness) -> None:
     harness.bot.me()  # known before Webex fails: only the message itself cannot be read
     harness.webex.state.fail((503,), count=4)  # every try of the fetch
@@ -619,7 +647,7 @@ def test_the_bots_web_server_logs_through_the_one_handler(monkeypatch: pytest.Mo
     monkeypatch.setattr(
         webex_bot,
         "WebexBot",
-        lambda _settings: contextlib.nullcontext(type("B", (), {"app": None, "heartbeat": None})()),
+        lambda _settings: contextlib.nullcontext(type("B", (), {"app": None, "heartbeat": None, "ready": None})()),
     )
     monkeypatch.setattr(webex_bot.metrics, "serve", lambda *_a, **_k: type("E", (), {"close": lambda self: None})())
     monkeypatch.setattr(webex_bot.uvicorn, "run", lambda _app, **kw: options.update(kw))
