@@ -699,6 +699,9 @@ class WebexSettings(BaseModel, frozen=True):
     """The secret before a rotation, for verifying only: callbacks Webex signed with it before the bot's webhooks
     were re-registered with the new one are taken until ``PREVIOUS_SECRET_GRACE_S`` after that (the bot never
     registers it)."""
+    previous_webhook_secret_max_age_s: float = Field(default=86_400.0, gt=0, allow_inf_nan=False)
+    """The longest the previous secret is taken after the bot's start, re-registration or not: while registering the
+    webhooks with the new secret keeps failing, a leaked old secret was otherwise taken for ever."""
     public_url: str | None = None
     """Where Webex reaches the bot (https://...); the bot registers its webhook there on start when set."""
 

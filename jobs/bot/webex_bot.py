@@ -8,7 +8,8 @@ exactly like the typed ``confirm <case>`` / ``dismiss <case>``). The receiver:
 1. verifies ``X-Spark-Signature`` (hex HMAC-SHA1 of the raw body, keyed with the webhook secret) in
    constant time: missing -> 401, wrong -> 403, nothing else happens; without a configured secret every
    callback is refused (403); after a rotation the previous secret is taken too, until
-   :data:`PREVIOUS_SECRET_GRACE_S` after the webhooks were re-registered with the new one;
+   :data:`PREVIOUS_SECRET_GRACE_S` after the webhooks were re-registered with the new one, and never longer than
+   ``CG_WEBEX__PREVIOUS_WEBHOOK_SECRET_MAX_AGE_S`` after the start (a registration that keeps failing);
 2. parses the callback (malformed, too deeply nested or over :data:`MAX_BODY_BYTES` -> 400/413, never
    5xx), ignores the bot's own messages and messages already handled (Webex may deliver twice), answers
    200 at once and does the rest in the background;
@@ -517,8 +518,13 @@ class WebexBot:
         self.secret = secret.get_secret_value() if secret else ""
         self.previous_secret = previous.get_secret_value() if previous and self.secret else ""
         """Verifies callbacks only, until :attr:`previous_until` (a rotation of the secret, :meth:`_signed_before`)."""
-        self.previous_until = math.inf if settings.webex.public_url else time.monotonic() + PREVIOUS_SECRET_GRACE_S
-        """``time.monotonic()`` after which the previous secret is refused: set when the webhooks are registered."""
+        self.previous_until = time.monotonic() + min(
+            settings.webex.previous_webhook_secret_max_age_s,
+            math.inf if settings.webex.public_url else PREVIOUS_SECRET_GRACE_S,
+        )
+        """``time.monotonic()`` after which the previous secret is refused: :data:`PREVIOUS_SECRET_GRACE_S` after the
+        webhooks were registered, and never later than ``CG_WEBEX__PREVIOUS_WEBHOOK_SECRET_MAX_AGE_S`` after the
+        start (a registration that keeps failing)."""
         key = settings.webex.command_signing_key
         self.signing_key = key.get_secret_value() if key else ""
         if not self.signing_key:
@@ -910,9 +916,12 @@ class WebexBot:
             failed(exc, tries)
             return None
         log.info("webhook %s registered for %s", hook.get("id"), target)
-        self.previous_until = time.monotonic() + PREVIOUS_SECRET_GRACE_S
+        self.previous_until = min(self.previous_until, time.monotonic() + PREVIOUS_SECRET_GRACE_S)
         if self.previous_secret:
-            log.info("callbacks signed with the previous webhook secret are taken %.0f s more", PREVIOUS_SECRET_GRACE_S)
+            log.info(
+                "callbacks signed with the previous webhook secret are taken %.0f s more",
+                max(0.0, self.previous_until - time.monotonic()),
+            )
         return hook
 
 

@@ -20,6 +20,7 @@ from infra.command_auth import authenticate_command
 from infra.launcher import wait_for
 from infra.local.webex import BackgroundServer, LocalWebexServer, person_id, sign
 from infra.settings import Settings, WebexSettings
+from jobs.bot import webex_bot
 from jobs.bot.webex_bot import (
     MAX_BODY_BYTES,
     PREVIOUS_SECRET_GRACE_S,
@@ -422,7 +423,7 @@ def test_after_a_secret_rotation_callbacks_signed_with_the_previous_secret_are_t
         update={"webex": settings.webex.model_copy(update={"previous_webhook_secret": SecretStr("old-secret")})}
     )
     with WebexBot(rotated, client=harness.bot.client, publish=lambda *_: None, inspect_checkout=str) as bot:
-        assert bot.previous_secret == "old-secret" and bot.previous_until == float("inf")  # until re-registered
+        assert bot.previous_secret == "old-secret" and bot.previous_until > time.monotonic() + 3600  # re-registered
     harness.bot.previous_secret = "old-secret"
     harness.bot.register_webhook()  # the new secret reached Webex: the old one is taken a while more
     assert time.monotonic() + PREVIOUS_SECRET_GRACE_S - 5 < harness.bot.previous_until
@@ -446,6 +447,32 @@ def test_after_a_secret_rotation_callbacks_signed_with_the_previous_secret_are_t
     assert (
         httpx.post(harness.url, content=body, headers={"X-Spark-Signature": sign(body, "guessed")}).status_code == 403
     )
+
+
+def test_the_previous_secret_is_not_taken_past_its_maximum_age_while_the_re_registration_keeps_failing(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registration with the new secret that never went through left the old secret taken for ever."""
+    settings = harness.bot.settings
+    webex = settings.webex.model_copy(
+        update={"previous_webhook_secret": SecretStr("old-secret"), "previous_webhook_secret_max_age_s": 60.0}
+    )
+    rotated = settings.model_copy(update={"webex": webex})
+    with WebexBot(rotated, client=harness.bot.client, publish=lambda *_: None, inspect_checkout=str) as bot:
+        started = time.monotonic()
+        harness.webex.state.fail((401,), count=5)  # every try of the registration: the new secret never reaches Webex
+        retries = webex_bot.call_with_retries
+        monkeypatch.setattr(
+            webex_bot, "call_with_retries", lambda call, **kw: retries(call, **kw, sleep=lambda _: None)
+        )
+        assert bot.register_webhook() is None
+        assert started < bot.previous_until <= started + 60.0
+        assert bot._signed_before(b"{}", sign(b"{}", "old-secret"))
+        bot.previous_until = time.monotonic()  # the maximum age is over
+        assert not bot._signed_before(b"{}", sign(b"{}", "old-secret"))
+        harness.webex.state.heal()
+        assert bot.register_webhook() is not None  # a registration then does not take the old secret again
+        assert bot.previous_until <= time.monotonic()
 
 
 def test_a_captured_webhook_replayed_later_runs_nothing_again(harness: Harness) -> None:
