@@ -67,10 +67,18 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from infra import metrics
 from infra.clients import kafka as kafka_clients
-from infra.clients.webex import MAX_MARKDOWN_BYTES, Attachment, WebexClient, WebexError, asked_wait, truncate_utf8
+from infra.clients.webex import (
+    MAX_MARKDOWN_BYTES,
+    RETRY_AFTER_LIMIT_S,
+    Attachment,
+    WebexClient,
+    WebexError,
+    asked_wait,
+    truncate_utf8,
+)
 from infra.clock import now_ms
 from infra.logs import LOG_LEVEL_HELP, setup_logging
-from infra.retry import RETRY_AFTER_MAX_S, Backoff, call_with_retries
+from infra.retry import Backoff, call_with_retries
 from infra.settings import AlertSettings, Settings, get_settings
 from schemas.codec import codec
 from schemas.errors import DELIVERY_FAILED, CheckoutGuardError, InvalidRecord
@@ -606,8 +614,9 @@ class WebexChannel:
         """The case card (images, Confirm/Dismiss), in the alert message's thread; its id (looked up in the
         thread when the post had no answer, so a card that went through is still known). Best effort: the
         alert is delivered already, and its text says how to decide the case by command. A 429 is waited out
-        (``Retry-After``, at most :data:`CARD_TRIES` tries): the alert message just before it often uses up the
-        bot's rate, and a card given up there leaves the alert without its buttons."""
+        (its whole ``Retry-After``, up to :data:`RETRY_AFTER_LIMIT_S`; at most :data:`CARD_TRIES` tries): the alert
+        message just before it often uses up the bot's rate, and a card given up there leaves the alert without its
+        buttons."""
         subject = alert.get("subject_id")
         card = case_card(alert, self.settings.alerts, has_reference=bool(subject and self.has_reference(subject)))
         try:
@@ -617,9 +626,9 @@ class WebexChannel:
                 ),
                 retriable=lambda exc: isinstance(exc, WebexError) and exc.status == 429,  # not posted: safe again
                 attempts=self.CARD_TRIES,
-                retry_after=lambda exc: getattr(exc, "retry_after", None),
+                retry_after=asked_wait,  # the whole wait asked for: cut at 60 s, the next try met another 429
                 wait=lambda n: 1.0 * 2**n,
-                maximum_s=RETRY_AFTER_MAX_S,
+                maximum_s=RETRY_AFTER_LIMIT_S,
                 sleep=self.sleep,
             )
             return posted.get("id")

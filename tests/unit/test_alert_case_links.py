@@ -90,6 +90,19 @@ def test_a_rate_limited_card_is_posted_after_retry_after_not_dropped(
     assert waits == [7.0, 7.0]
 
 
+def test_a_card_rate_limited_for_longer_than_a_minute_waits_the_whole_retry_after(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
+) -> None:
+    """The card's wait stopped at 60 s: asked for 120 s, each early try met another 429 and the card was dropped."""
+    channel = webex_channel(closer, settings_for(webex, tmp_path, webex_cards=True))
+    waits: list[float] = []
+    channel.sleep = waits.append  # type: ignore[method-assign]
+    parent = channel.client.send_message(ROOM, "the alert")
+    webex.state.fail((429,), count=1, retry_after=120)
+    assert channel._send_card(alert(), CASE, parent) is not None
+    assert waits == [120.0]
+
+
 class LostAnswers:
     """A Webex whose card posts go through but whose answers are lost (a timeout after the write)."""
 
