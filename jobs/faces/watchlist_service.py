@@ -42,7 +42,8 @@ once their transaction committed (``watchlist``, ``watchlist_tombstone``, ``audi
 kind (``unauthorized`` for a refused command, ``no_face``, ``invalid_id``...) and ``cg_processing_seconds``
 per input. ``/healthz`` turns 503 when the loop stalls or while a transaction is being retried because
 Kafka is away ("Kafka unreachable"); an alert whose snapshot the image store cannot retain now is read again after a
-backoff (:class:`StoreAway`, "image store unreachable"), never raised out of the service.
+backoff (:class:`StoreAway`, "image store unreachable"), never raised out of the service. With the Rekognition
+backend the collection is created at the start, tried again while Rekognition is away ("Rekognition unreachable").
 
 Run: ``python -m jobs.faces.watchlist_service`` (SIGTERM stops after the current record).
 """
@@ -170,14 +171,11 @@ class WatchlistCore:
             store = ImageStore.from_settings(settings)
             self._owned.append(store)
         self.store = store
+        self.collection_pending = False
+        """The collection is still to be created (:meth:`ensure_collection`): the service does it at its start."""
         if rekognition is None and settings.faces.backend == "rekognition":
             rekognition = RekognitionFaces(settings.faces)
-            rekognition.ensure_collection()
-            log.info(
-                "Rekognition backend: enrolled faces are indexed in collection %s and deleted from it on forget; "
-                "the face stage matches there",
-                rekognition.collection,
-            )
+            self.collection_pending = True
         self.rekognition = rekognition
         self.entries: dict[str, dict[str, Any]] = {}
         """The watchlist as this service last wrote/read it (subject id -> entry without embeddings)."""
@@ -191,6 +189,20 @@ class WatchlistCore:
         """Stores besides ``store`` that refs named (:meth:`store_of`), each built once."""
         self._former: list[ImageStore] | None = None
         """:func:`former_stores`, built once (:meth:`former`): each S3 one holds a client and its connections."""
+
+    def ensure_collection(self) -> None:
+        """Create the Rekognition collection this core built the client of, once it works; a
+        :class:`RekognitionError` as the call gives it (the service decides whether to try again). Called here in
+        ``__init__`` a throttled or failed CreateCollection stopped the service before it could say why."""
+        if not self.collection_pending or self.rekognition is None:
+            return
+        self.rekognition.ensure_collection()
+        self.collection_pending = False
+        log.info(
+            "Rekognition backend: enrolled faces are indexed in collection %s and deleted from it on forget; "
+            "the face stage matches there",
+            self.rekognition.collection,
+        )
 
     def former(self) -> list[ImageStore]:
         """The stores besides ``store`` that may hold images written before a switch (:func:`former_stores`), built
@@ -931,6 +943,8 @@ class WatchlistService:
     STORE_BACKOFF = Backoff(initial_s=1.0, maximum_s=30.0)
     """Between reads of an alert whose snapshot the image store could not retain or delete (:class:`StoreAway`):
     at most 30 s, well inside the consumer's poll interval."""
+    COLLECTION_BACKOFF = Backoff(initial_s=1.0, maximum_s=60.0)
+    """Between tries to create the Rekognition collection at the start while Rekognition is away or throttling."""
     _store_tries = 0
     """Reads of the alert in hand that met the image store away, since one went through."""
     _store_problem: str | None = None
@@ -994,15 +1008,18 @@ class WatchlistService:
     def run(self) -> None:
         from confluent_kafka import TopicPartition
 
-        loaded = self.replay(WATCHLIST, self.core.load)
-        log.info("watchlist replayed: %d records, %d subjects", loaded, len(self.core.entries))
-        self._beat(None)
-        audited = self.replay(AUDIT, lambda key, _value: self.core.load_audit(key))
-        log.info("audit replayed: %d records", audited)
-        self._beat(None)
-        self.producer.init_transactions(30)
-        self.consumer.subscribe(list(self.topics), on_revoke=self._on_revoke)
         try:
+            self._ensure_collection()
+            if self._stop:
+                return
+            loaded = self.replay(WATCHLIST, self.core.load)
+            log.info("watchlist replayed: %d records, %d subjects", loaded, len(self.core.entries))
+            self._beat(None)
+            audited = self.replay(AUDIT, lambda key, _value: self.core.load_audit(key))
+            log.info("audit replayed: %d records", audited)
+            self._beat(None)
+            self.producer.init_transactions(30)
+            self.consumer.subscribe(list(self.topics), on_revoke=self._on_revoke)
             while not self._stop:
                 self._beat(self._store_problem)
                 self.producer.poll(0)  # serves the producer's callbacks, an MSK IAM token refresh among them
@@ -1031,6 +1048,39 @@ class WatchlistService:
             self.consumer.close()
             self.core.close()
 
+    def _ensure_collection(self) -> None:
+        """Create the Rekognition collection before anything is read (with that backend). Throttling, a 5xx or no
+        connection is waited out: tried again after :attr:`COLLECTION_BACKOFF`, ``/readyz`` saying "Rekognition
+        unreachable" meanwhile; the service stopped for good at its start before. An error of the setup that no
+        wait heals (access denied, credentials, a parameter refused) stops it, logged with what to fix."""
+        tries = 0
+        while not self._stop:
+            try:
+                self.core.ensure_collection()
+            except RekognitionError as exc:
+                if not exc.transient:
+                    log.error("the Rekognition collection cannot be created, stopping: %s", exc)
+                    raise
+                delay = self.COLLECTION_BACKOFF.delay(tries)
+                tries += 1
+                log.warning(
+                    "creating the Rekognition collection failed (%s, try %d): trying again in %.1f s",
+                    exc.code,
+                    tries,
+                    delay,
+                )
+                self._pause(delay, "Rekognition unreachable")
+            else:
+                self._beat(None)
+                return
+
+    def _pause(self, delay: float, problem: str | None) -> None:
+        """Wait ``delay`` seconds (or until stopped), beating ``/healthz`` with ``problem`` for ``/readyz``."""
+        end = time.monotonic() + delay
+        while not self._stop and (left := end - time.monotonic()) > 0:
+            self._beat(problem)
+            time.sleep(min(1.0, left))
+
     def _on_revoke(self, _consumer: Any, partitions: list) -> None:
         """A partition taken by a rebalance takes its waiting alert along (its new owner reads it): with no alert left
         waiting, ``/readyz`` no longer says "image store unreachable" (it stayed 503 until another alert came) and the
@@ -1057,10 +1107,7 @@ class WatchlistService:
         self._store_tries += 1
         self._store_problem = "image store unreachable"
         log.warning("%s; the alert is read again in %.1f s (try %d)", away, delay, self._store_tries)
-        end = time.monotonic() + delay
-        while not self._stop and (left := end - time.monotonic()) > 0:
-            self._beat(self._store_problem)
-            time.sleep(min(1.0, left))
+        self._pause(delay, self._store_problem)
 
     def _maybe_purge(self) -> None:
         if time.monotonic() < self._next_purge:

@@ -354,3 +354,76 @@ def test_a_commit_retried_while_kafka_is_away_keeps_healthz_alive_and_readyz_nam
     assert producer.committed == [[b"a-1"]]
     assert [alive for (alive, _), _ in seen] == [True] * 5, seen
     assert seen[-1][1] == (False, "Kafka unreachable")
+
+
+class _Collection:
+    """A Rekognition client whose CreateCollection gives ``errors`` first, then works."""
+
+    def __init__(self, errors: list[Exception], seen: list) -> None:
+        self.errors, self.seen, self.collection, self.created = errors, seen, "cg-faces", 0
+
+    def ensure_collection(self) -> None:
+        self.seen.append(self)
+        if self.errors:
+            raise self.errors.pop(0)
+        self.created += 1
+
+
+def _rekognition_service(tmp_path, monkeypatch, errors: list[Exception]):
+    """A service with the Rekognition backend, whose client is :class:`_Collection`, reading nothing."""
+    from infra.metrics import Heartbeat
+    from infra.retry import Backoff
+    from infra.settings import FaceSettings, Settings
+    from jobs.faces.watchlist_service import WatchlistCore
+
+    clients: list[_Collection] = []
+    monkeypatch.setattr(watchlist_service, "RekognitionFaces", lambda _faces: _Collection(errors, clients))
+    core = WatchlistCore(
+        Settings(stack_dir=tmp_path, faces=FaceSettings(backend="rekognition")),
+        engine=object(),  # type: ignore[arg-type]
+    )
+    svc = service(FlakyTransactions([]))
+    readiness: list[tuple[bool, str]] = []
+    svc.heartbeat = Heartbeat()
+    monkeypatch.setattr(WatchlistService, "COLLECTION_BACKOFF", Backoff(initial_s=0.001, maximum_s=0.001))
+    monkeypatch.setattr(watchlist_service.time, "sleep", lambda _s: readiness.append(svc.heartbeat.ready()))
+    svc.producer.init_transactions = lambda _timeout: None
+    svc.producer.poll = lambda _timeout: 0
+    svc.core, svc._next_purge, svc._held, svc.topics = core, float("inf"), {}, {}
+    svc.consumer = _Log(svc, [])
+    monkeypatch.setattr(svc, "replay", lambda _spec, _apply: 0, raising=False)
+    return svc, core, readiness
+
+
+def test_rekognition_refusing_the_collection_at_the_start_is_waited_out_with_readyz_saying_so(
+    tmp_path, monkeypatch
+) -> None:
+    """CreateCollection throttled or failing with a 5xx at the start stopped the service for good (it was called
+    while the service was built, before /readyz could say anything); now it is tried again after a backoff."""
+    from jobs.faces.rekognition import RekognitionError
+
+    errors: list[Exception] = [
+        RekognitionError("ThrottlingException", "slow down", transient=True),
+        RekognitionError("InternalServerError", "boom", transient=True),
+    ]
+    svc, core, readiness = _rekognition_service(tmp_path, monkeypatch, errors)
+    assert core.collection_pending, "nothing is called while the service is built"
+    svc.run()
+    assert isinstance(core.rekognition, _Collection) and core.rekognition.created == 1
+    assert len(core.rekognition.seen) == 3 and not core.collection_pending
+    assert readiness and set(readiness) == {(False, "Rekognition unreachable")}
+    assert svc.heartbeat.ready() == (True, "ok"), "ready once the collection is there"
+
+
+def test_a_collection_setup_error_no_wait_heals_stops_the_service_saying_why(tmp_path, monkeypatch, caplog) -> None:
+    import logging
+
+    from jobs.faces.rekognition import RekognitionError
+
+    denied = RekognitionError("AccessDeniedException", "not allowed")
+    svc, core, _ = _rekognition_service(tmp_path, monkeypatch, [denied])
+    with caplog.at_level(logging.ERROR, logger="jobs.faces.watchlist_service"), pytest.raises(RekognitionError):
+        svc.run()
+    assert isinstance(core.rekognition, _Collection) and len(core.rekognition.seen) == 1, "not tried again"
+    [line] = [r.getMessage() for r in caplog.records if r.name == "jobs.faces.watchlist_service"]
+    assert "stopping" in line and "AccessDeniedException" in line and "CG_FACES__AWS_ACCESS_KEY_ID" in line
