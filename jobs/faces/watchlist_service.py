@@ -1041,8 +1041,9 @@ class WatchlistService:
                         self._wait_for_store(TopicPartition(topic, partition, offset), away)
                         continue
                     if topic == ALERTS.full_name(self.prefix):
-                        self._store_tries, self._store_problem = 0, None
                         self._held = {tp: ref for tp, ref in self._held.items() if tp != (topic, partition)}
+                        if not self._held:  # an alert of another partition may still wait for the image store
+                            self._store_tries, self._store_problem = 0, None
                     self._publish(outs, [TopicPartition(topic, partition, offset + 1)])
         finally:
             self.consumer.close()

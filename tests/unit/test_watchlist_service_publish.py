@@ -110,8 +110,8 @@ def test_a_long_start_up_read_keeps_the_service_alive_and_goes_on_while_records_
 
 
 class _Message:
-    def __init__(self, topic: str, offset: int, value: bytes) -> None:
-        self._topic, self._offset, self._value = topic, offset, value
+    def __init__(self, topic: str, offset: int, value: bytes, partition: int = 0) -> None:
+        self._topic, self._offset, self._value, self._partition = topic, offset, value, partition
 
     def error(self) -> None:
         return None
@@ -120,7 +120,7 @@ class _Message:
         return self._topic
 
     def partition(self) -> int:
-        return 0
+        return self._partition
 
     def offset(self) -> int:
         return self._offset
@@ -427,3 +427,63 @@ def test_a_collection_setup_error_no_wait_heals_stops_the_service_saying_why(tmp
     assert isinstance(core.rekognition, _Collection) and len(core.rekognition.seen) == 1, "not tried again"
     [line] = [r.getMessage() for r in caplog.records if r.name == "jobs.faces.watchlist_service"]
     assert "stopping" in line and "AccessDeniedException" in line and "CG_FACES__AWS_ACCESS_KEY_ID" in line
+
+
+def test_readyz_keeps_naming_the_image_store_while_another_partitions_alert_still_waits(tmp_path, monkeypatch) -> None:
+    """An alert done on one partition cleared "image store unreachable" while an alert of another partition was still
+    waiting for S3 (/readyz said ready, then unready again at that alert's next read)."""
+    from botocore.exceptions import EndpointConnectionError
+
+    from infra.clients.image_store import LocalImageStore
+    from infra.settings import Settings
+    from jobs.faces.watchlist_service import WatchlistCore
+    from schemas.records import Alert
+
+    store_back = [False]
+
+    class AwayStore(LocalImageStore):
+        def retain(self, ref: str, reason: str) -> None:
+            if ref == waiting and not store_back[0]:  # its bucket's S3 endpoint is away; the other's is not
+                raise EndpointConnectionError(endpoint_url="https://s3.example")
+            super().retain(ref, reason)
+
+    store = AwayStore(tmp_path / "images")
+    waiting = store.put("checkout", "tx-9", b"a shopper at lane 9")
+    done = store.put("checkout", "tx-8", b"a shopper at lane 8")
+    alerts = [
+        Alert(f"a-{tx}", "WATCHLIST_MATCH", "HIGH", 1_800_000_000_000, "S1", "suspect", snapshot_ref=ref)
+        for tx, ref in ((9, waiting), (8, done))
+    ]
+    readiness: list[tuple[bool, str]] = []
+
+    class TwoPartitions(_Log):
+        """Partition 1's alert meets S3 away; partition 0's alert is read next and done; then S3 is back and the
+        waiting alert is read again."""
+
+        def poll(self, timeout: float) -> _Message | None:
+            if self.position:
+                readiness.append(svc.heartbeat.ready())
+            if self.position == 2:
+                store_back[0] = True
+            return super().poll(timeout)
+
+        def seek(self, where) -> None:
+            self.seeks.append((where.partition, where.offset))
+
+    core = WatchlistCore(Settings(stack_dir=tmp_path), engine=object(), store=store)  # type: ignore[arg-type]
+    producer = FlakyTransactions([])
+    svc = service(producer)
+    _reading_one_alert(svc, core, alerts[0], monkeypatch)
+    svc.consumer = TwoPartitions(
+        svc,
+        [
+            _Message("alerts", 7, alerts[0].encode(), partition=1),
+            _Message("alerts", 3, alerts[1].encode(), partition=0),
+            _Message("alerts", 7, alerts[0].encode(), partition=1),
+        ],
+    )
+    svc.run()
+    assert svc.consumer.seeks == [(1, 7)]
+    assert readiness[:2] == [(False, "image store unreachable")] * 2, "partition 1's alert still waited"
+    assert readiness[2:] == [(True, "ok")], "ready once no alert waits"
+    assert producer.committed == [[b"retain:a-8"], [b"retain:a-9"]] and svc._held == {}
