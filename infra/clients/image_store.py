@@ -62,6 +62,40 @@ class ImageStoreUnavailable(CheckoutGuardError, RuntimeError):
     is not on this machine): its image cannot be deleted here. The message says where it is and what to set."""
 
 
+class ImageStoreMissing(ImageStoreUnavailable):
+    """A bucket the settings name for the current image store does not exist (S3 ``NoSuchBucket``): every image
+    call there fails the same way until ``setting`` is fixed or the bucket created. The message names the bucket and
+    the setting (a generic error said neither)."""
+
+    def __init__(self, bucket: str | None, setting: str) -> None:
+        named = bucket if bucket and _BUCKET_RE.fullmatch(bucket) else "(not named)"
+        super().__init__(f"S3 bucket {named} does not exist (NoSuchBucket): create it, or set {setting} to its name")
+        self.bucket, self.setting = bucket, setting
+
+
+_CURRENT_BUCKET_SETTINGS = {
+    "checkout": "CG_FACES__CHECKOUT_BUCKET",
+    "entrance": "CG_FACES__CHECKOUT_BUCKET",
+    "reference": "CG_FACES__SUSPECTS_BUCKET",
+}
+
+
+def missing_bucket(exc: BaseException, store: ImageStore) -> ImageStoreMissing | None:
+    """``exc`` (an S3 call of ``store``) as :class:`ImageStoreMissing` when it is S3's ``NoSuchBucket`` for a bucket
+    of ``store``, the current store (S3 names the bucket in the error; both settings when it does not); else None.
+    A former bucket's is not: :meth:`S3ImageStore.find` tells it as :class:`ImageStoreUnavailable`."""
+    if isinstance(exc, ImageStoreMissing):
+        return exc
+    response = getattr(exc, "response", None)
+    error = response.get("Error", {}) if isinstance(response, dict) else {}
+    if error.get("Code") != "NoSuchBucket" or not isinstance(store, S3ImageStore) or not store.settings_of:
+        return None
+    bucket = error.get("BucketName")
+    if bucket in store.settings_of:
+        return ImageStoreMissing(bucket, store.settings_of[bucket])
+    return ImageStoreMissing(None, " or ".join(sorted(set(store.settings_of.values())))) if bucket is None else None
+
+
 _TRANSIENT_S3_CODES = frozenset(
     {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable", "InternalError"}
 )
@@ -262,8 +296,11 @@ class S3ImageStore(ImageStore):
 
         f = settings.faces
         self.buckets = {"checkout": f.checkout_bucket, "entrance": f.checkout_bucket, "reference": f.suspects_bucket}
+        self.settings_of = {self.buckets[kind]: setting for kind, setting in _CURRENT_BUCKET_SETTINGS.items()}
+        """The setting that names each bucket of the current store; none for a former bucket's store."""
         if bucket is not None:
             self.buckets = dict.fromkeys(KINDS, bucket)
+            self.settings_of = {}
         self.allowed_buckets = frozenset(
             [*self.buckets.values(), *(b.strip() for b in f.extra_image_buckets.split(",") if b.strip())]
         )
@@ -350,6 +387,8 @@ class S3ImageStore(ImageStore):
             self.s3.head_bucket(Bucket=bucket)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
+                if bucket in self.settings_of:  # the current store's: a setting of its own to fix
+                    raise ImageStoreMissing(bucket, self.settings_of[bucket]) from None
                 named = bucket if _BUCKET_RE.fullmatch(bucket) else "(not a bucket name)"
                 raise ImageStoreUnavailable(
                     f"S3 bucket {named} does not exist (NoSuchBucket): set the bucket's right name in "

@@ -68,6 +68,7 @@ from infra.clients.image_store import (
     LocalImageStore,
     former_stores,
     local_former_store,
+    missing_bucket,
     store_holding,
     store_outage,
 )
@@ -294,12 +295,21 @@ class WatchlistCore:
             log.info("command %s %s failed: %s", cmd.command_id, cmd.verb, f.kind)
             failed = f
         except Exception as exc:  # noqa: BLE001 - the image store, a bug: this command fails, the next ones go on
-            log.error("command %s %s failed: %s", cmd.command_id, cmd.verb, type(exc).__name__)
-            failed = Failed("command_error", f"{type(exc).__name__}; issue the command again")
+            failed = self._unexpected(cmd, exc)
         return [
             self._audit(**audit, outcome="FAILED", reason=f"{failed.kind}: {failed.reason}"),
             self._dead_letter(src, failed, now_ms),
         ]
+
+    def _unexpected(self, cmd: BotCommand, exc: Exception) -> Failed:
+        """A command's failure that no step turned into a :class:`Failed`: a bucket of the current image store that
+        does not exist is ``image_store_missing`` naming the bucket and its setting (it was a bare ``command_error``),
+        anything else ``command_error`` with the error's type only."""
+        if (missing := missing_bucket(exc, self.store)) is not None:  # a setting to fix, not a passing error
+            log.error("command %s %s failed: %s", cmd.command_id, cmd.verb, missing)
+            return Failed("image_store_missing", f"{missing}; then issue the command again")
+        log.error("command %s %s failed: %s", cmd.command_id, cmd.verb, type(exc).__name__)
+        return Failed("command_error", f"{type(exc).__name__}; issue the command again")
 
     def _not_ours(self, src: Source, cmd: BotCommand, now_ms: int) -> list[Out]:
         """CHECKOUT / STATUS / HELP are the bot's business, recorded on ``commands`` for the record: nothing
@@ -362,7 +372,9 @@ class WatchlistCore:
                 why = f"retaining the snapshot of alert {alert.alert_id}: {type(exc).__name__}"
                 raise StoreAway(why, alert.snapshot_ref) from None
             kind, why = "image_store_error", type(exc).__name__  # an error S3 gives again (access, no such bucket)
-            if isinstance(exc, ImageStoreUnavailable):
+            if missing := missing_bucket(exc, self.store):
+                kind, why = "image_store_missing", str(missing)
+            elif isinstance(exc, ImageStoreUnavailable):
                 kind, why = "image_store_unavailable", str(exc)
             elif isinstance(exc, ValueError | OSError):
                 kind = "missing_image" if isinstance(exc, FileNotFoundError) else "bad_ref"
@@ -905,6 +917,10 @@ class WatchlistCore:
                     if retained_subject(reason) == subject:
                         found.setdefault(ref, store)
             except Exception as exc:  # noqa: BLE001 - S3 or disk: an image may be there, so nothing is deleted
+                if missing := missing_bucket(exc, store):
+                    raise Failed(
+                        "image_store_missing", f"{missing}; nothing deleted, issue the command again"
+                    ) from None
                 raise Failed(
                     "image_store_unavailable",
                     f"the subject's images could not be looked for in {store.where()} ({type(exc).__name__}); "

@@ -1118,3 +1118,28 @@ def test_an_alert_snapshot_s3_refuses_for_good_is_a_failure_and_one_s3_cannot_re
     with pytest.raises(StoreAway):
         core.on_alert(Source("alerts", 0, 1, b"a-2", sighting("subj-tx-2", kept, "a-2").encode()), NOW)
     assert "retain:a-2" not in core.done, "undone, so read again"
+
+
+def test_a_current_bucket_that_does_not_exist_fails_commands_and_alerts_naming_the_bucket_setting(moto_url, tmp_path):
+    """A missing checkout bucket (S3 NoSuchBucket) failed ``fraud <tx>`` as a bare ``command_error`` and an alert's
+    retain as ``image_store_error: ClientError``: neither said which bucket, nor what to set."""
+    from infra.clients.image_store import S3ImageStore
+
+    switched = _switched(moto_url, tmp_path)
+    gone = f"gone-{NOW}-checkout"
+    settings = switched.model_copy(update={"faces": switched.faces.model_copy(update={"checkout_bucket": gone})})
+    store = S3ImageStore(settings)  # no bucket created: the checkout bucket is misnamed
+    core = WatchlistCore(settings, engine=object(), store=store)  # type: ignore[arg-type]
+    outs = core.on_command(command("FRAUD", "tx-1"), NOW)
+    audit = audit_of(outs)
+    assert audit.outcome == "FAILED" and audit.reason.startswith("image_store_missing"), audit.reason
+    assert gone in audit.reason and "CG_FACES__CHECKOUT_BUCKET" in audit.reason
+    (dl,) = by_topic(outs)["dead_letters"]
+    letter = DeadLetter.decode(dl.value)
+    assert letter.error_kind == "image_store_missing" and "CG_FACES__CHECKOUT_BUCKET" in letter.reason
+    alert = Alert("a-1", "WATCHLIST_MATCH", "HIGH", NOW, "S1", "suspect", snapshot_ref=f"s3://{gone}/checkout/tx-1")
+    outs = core.on_alert(Source("alerts", 0, 3, b"a-1", alert.encode(), ()), NOW)
+    retain = audit_of(outs)
+    assert retain.outcome == "FAILED" and retain.reason.startswith("image_store_missing"), retain.reason
+    assert "CG_FACES__CHECKOUT_BUCKET" in retain.reason
+    assert DeadLetter.decode(by_topic(outs)["dead_letters"][0].value).error_kind == "image_store_missing"
