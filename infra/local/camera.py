@@ -6,7 +6,8 @@ included, and that see *real* faces, so face matching is tested for real. It ser
 - the Dashboard API snapshot endpoint ``POST /api/v1/devices/{serial}/camera/generateSnapshot``
   (API key checked; ``202 {"url", "expiry"}``; ``400 No video for specified timestamp`` for timestamps
   closer to now than ``local_no_video_ms``; ``400 {"errors": [...]}`` for a body that is not a JSON object, as
-  Meraki answers it, never a 5xx a client would retry; ``429`` + ``Retry-After`` over ``local_rate_limit_per_s``);
+  Meraki answers it, never a 5xx a client would retry, and for a ``timestamp`` without a time zone; ``429`` +
+  ``Retry-After`` over ``local_rate_limit_per_s``);
 - the snapshot URLs, which answer ``404`` for the first ``local_not_ready_polls`` polls, then a
   640x480 JPEG rendered from face photos of whoever stood in front of that camera at that time;
 - MV Sense over MQTT to ``settings.mqtt``: ``/merakimv/<serial>/raw_detections`` (one ``oid`` per
@@ -402,10 +403,13 @@ class _Pending:
 
 
 def _parse_ts(value: str) -> int:
+    """An ISO 8601 timestamp with its time zone (``Z`` or an offset), as the Dashboard API requires; one without
+    (``2026-11-22T10:15:00``) is a ``ValueError``: read here as UTC, a client sending local time passed its tests
+    and asked Meraki for footage hours off, or was refused there."""
     text = value.strip().replace("Z", "+00:00")
     when = datetime.fromisoformat(text)
     if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
+        raise ValueError("a timestamp without a time zone")
     return int(when.timestamp() * 1000)
 
 

@@ -127,3 +127,28 @@ def test_a_snapshot_request_whose_body_is_json_but_no_object_is_a_400_as_meraki_
     assert answer.status_code == 400
     errors = answer.json()["errors"]
     assert isinstance(errors, list) and errors and all(isinstance(e, str) for e in errors)
+
+
+def _snapshot_api():
+    from infra.clients.meraki import API_KEY_HEADER
+    from infra.local.camera import LocalCameraApp
+
+    settings = Settings()
+    app = LocalCameraApp(settings, people={})
+    url = "/api/v1/devices/Q2MV-store-001-lane-01/camera/generateSnapshot"
+    headers = {API_KEY_HEADER: settings.cameras.api_key.get_secret_value(), "Content-Type": "application/json"}
+    return app, url, headers
+
+
+@pytest.mark.parametrize("stamp", ["2026-01-01T00:00:00", "2026-01-01 00:00:00", "2026-01-01"])
+def test_a_snapshot_timestamp_without_a_time_zone_is_refused_as_the_dashboard_api_does(stamp: str) -> None:
+    """The Dashboard API takes ISO 8601 with a zone (``Z`` or an offset); the stand-in read a bare timestamp as UTC,
+    so a client sending local time passed here and asked Meraki for footage hours off, or was refused there."""
+    from starlette.testclient import TestClient
+
+    app, url, headers = _snapshot_api()
+    with TestClient(app.app) as http:
+        for zoned in ("2026-01-01T00:00:00Z", "2026-01-01T01:00:00+01:00"):
+            assert http.post(url, json={"timestamp": zoned}, headers=headers).status_code == 202, zoned
+        answer = http.post(url, json={"timestamp": stamp}, headers=headers)
+    assert answer.status_code == 400 and answer.json()["errors"]
