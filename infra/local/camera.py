@@ -479,7 +479,7 @@ class LocalCameraApp:
         self._pending[token] = _Pending(
             serial, t_ms, time.monotonic(), dict(fault) if fault else None, second=bool(body.get("timestamp"))
         )
-        expiry = datetime.fromtimestamp(now_ms / 1000 + 300, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        expiry = datetime.fromtimestamp(now_ms / 1000 + 300, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")  # as Meraki words it
         url = f"{request.base_url}snapshots/{token}.jpg"
         return JSONResponse({"url": url, "expiry": f"Access to the image will expire at {expiry}."}, status_code=202)
 

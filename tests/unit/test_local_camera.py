@@ -152,3 +152,21 @@ def test_a_snapshot_timestamp_without_a_time_zone_is_refused_as_the_dashboard_ap
             assert http.post(url, json={"timestamp": zoned}, headers=headers).status_code == 202, zoned
         answer = http.post(url, json={"timestamp": stamp}, headers=headers)
     assert answer.status_code == 400 and answer.json()["errors"]
+
+
+def test_the_snapshot_answers_expiry_is_worded_as_the_dashboard_api_words_it() -> None:
+    """Meraki answers ``"expiry": "Access to the image will expire at 2018-12-11T03:12:39Z."`` (ISO 8601, UTC); the
+    stand-in wrote ``2018-12-11 03:12:39 UTC.``, so a client reading the time passed here and failed at Meraki."""
+    import re
+    from datetime import UTC, datetime
+
+    from starlette.testclient import TestClient
+
+    app, url, headers = _snapshot_api()
+    with TestClient(app.app) as http:
+        answer = http.post(url, json={}, headers=headers)
+    assert answer.status_code == 202
+    expiry = answer.json()["expiry"]
+    found = re.fullmatch(r"Access to the image will expire at (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)\.", expiry)
+    assert found, expiry
+    assert datetime.fromisoformat(found.group(1)) > datetime.now(UTC)
