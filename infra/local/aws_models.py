@@ -3,7 +3,9 @@
 Fraud Detector: ``POST /`` with ``X-Amz-Target: AWSHawksNestServiceFacade.GetEventPrediction`` and a
 JSON 1.1 body; answers ``modelScores`` / ``ruleResults`` as the service does, and ``400 ValidationException`` to
 a request the service refuses though botocore sends it (an ``entityId`` outside its pattern, such as one with a
-``:``; an empty or over-8192-character variable value; no variables). SageMaker Runtime:
+``:``; an empty or over-8192-character variable value; no variables), and ``404 ResourceNotFoundException``, as
+AWS does, to a detector, detector version or event type it does not have (:attr:`LocalModelServer.afd_detectors`,
+``afd_event_types``). SageMaker Runtime:
 ``POST /endpoints/<name>/invocations`` with the raw body; answers one probability per CSV line.
 Every request is recorded (path, headers, body) so tests can pin exactly what the client sent, and
 ``delay_s`` makes the server slower than a client's timeout.
@@ -69,6 +71,21 @@ def afd_problem(req: Any) -> str | None:
     return None
 
 
+def afd_missing(req: dict[str, Any], detectors: dict[str, tuple[str, ...]], event_types: tuple[str, ...]) -> str | None:
+    """Why Fraud Detector answers ``ResourceNotFoundException`` to this (valid) GetEventPrediction body: a detector,
+    a version of it or an event type that does not exist; None if all do. Answered 200 here, a wrong
+    ``CG_MODEL__AFD_*`` setting passed every test and failed every record at AWS."""
+    versions = detectors.get(req["detectorId"])
+    if versions is None:
+        return "detector not found"
+    version = req.get("detectorVersionId")
+    if not versions or (version is not None and version not in versions):
+        return "detector version not found"
+    if req["eventTypeName"] not in event_types:
+        return "event type not found"
+    return None
+
+
 @dataclass
 class Recorded:
     method: str
@@ -85,6 +102,11 @@ class LocalModelServer:
     afd_score: float = 912.0
     afd_models: tuple[str, ...] = ("tx_model",)
     """The detector version's models, each answering ``afd_score``; ``()``: a rules-only version."""
+    afd_detectors: dict[str, tuple[str, ...]] = field(default_factory=lambda: {"transaction_event": ("1", "2")})
+    """The detectors there are (the default ``CG_MODEL__AFD_DETECTOR_ID``'s), each with its version ids (the last
+    is the active one, which a request without ``detectorVersionId`` gets)."""
+    afd_event_types: tuple[str, ...] = ("transaction",)
+    """The event types there are (the default ``CG_MODEL__AFD_EVENT_TYPE``)."""
     sagemaker_prob: float = 0.5
     delay_s: float = 0.0
     status: int = 200
@@ -113,12 +135,17 @@ class LocalModelServer:
                     )
                 elif self.path == "/" and self.headers.get("X-Amz-Target") == AFD_TARGET:
                     try:
-                        problem = afd_problem(json.loads(body or b"null"))
+                        req = json.loads(body or b"null")
+                        problem = afd_problem(req)
                     except ValueError:
                         problem = "the request body is not JSON"
                     if problem is not None:
                         error = {"__type": "ValidationException", "message": problem}
                         self._send(400, json.dumps(error).encode(), "application/x-amz-json-1.1")
+                        return
+                    if missing := afd_missing(req, server.afd_detectors, server.afd_event_types):
+                        error = {"__type": "ResourceNotFoundException", "message": missing}
+                        self._send(404, json.dumps(error).encode(), "application/x-amz-json-1.1")
                         return
                     answer = {
                         "modelScores": [

@@ -254,6 +254,9 @@ class GuardedPredictor(Predictor):
     name = "remote"
     settings_to_check = "the CG_MODEL__* settings of the backend, CG_MODEL__AWS_REGION and the AWS credentials"
     """Named when the service refuses a call for good (4xx): those are what a refusal points at."""
+    setup_errors: dict[str, str] = {}
+    """Error codes of a setup that every call meets until a setting is fixed (code -> what is wrong, in words): never
+    retried, warned about once as a setting to check, the records scored by the fallback."""
 
     def __init__(
         self,
@@ -333,9 +336,12 @@ class GuardedPredictor(Predictor):
                     )
                     self._warn_cause(last)
                     raise last from None
-                retryable = status >= 500 or status == 429 or "Throttl" in code
+                setup = self.setup_errors.get(code)
+                retryable = setup is None and (status >= 500 or status == 429 or "Throttl" in code)
                 # The service's message may quote the request (variable values): the cause names the code only.
                 cause = f"{self.name} refused the call with {code or 'HTTP'} {status}: check {self.settings_to_check}"
+                if setup is not None:
+                    cause = f"{self.name}: {setup} ({code} {status}): check {self.settings_to_check}"
                 last = RemoteError(f"{self.name} {code or status}: {exc}", retryable, cause)
             except (BotoCoreError, RemoteError, ValueError, KeyError, IndexError) as exc:
                 last = exc if isinstance(exc, RemoteError) else RemoteError(f"{self.name}: {exc}", True)
@@ -394,6 +400,11 @@ class FraudDetectorPredictor(GuardedPredictor):
         "CG_MODEL__AFD_DETECTOR_ID, CG_MODEL__AFD_DETECTOR_VERSION, CG_MODEL__AFD_EVENT_TYPE, "
         "CG_MODEL__AFD_ENTITY_TYPE, CG_MODEL__AWS_REGION and the AWS credentials"
     )
+
+    setup_errors = {
+        "ResourceNotFoundException": "the detector, its version or the event type does not exist",
+        "AccessDeniedException": "the AWS credentials may not call GetEventPrediction",
+    }
 
     def __init__(self, settings: Settings, fallback: Fallback, client: Any = None, **kw: Any) -> None:
         super().__init__(settings, fallback, client, **kw)

@@ -492,3 +492,31 @@ def test_a_sagemaker_answer_of_0_and_1_is_scored() -> None:
     results = predictor.predict_batch([(sale(f"t{i}").to_avro(), {}) for i in range(2)])
     assert [r.version for r in results] == ["sagemaker:checkout-guard-fraud"] * 2
     assert [r.score for r in results] == model.calibration.score(__import__("numpy").array([0.0, 1.0])).tolist()
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [{"afd_detector_id": "no_such_detector"}, {"afd_detector_version": "9"}, {"afd_event_type": "no_such_event"}],
+    ids=["detector", "version", "event-type"],
+)
+def test_a_detector_version_or_event_type_that_does_not_exist_is_a_setup_error_warned_once_not_retried(
+    server, setting, caplog
+):
+    """AWS answers ResourceNotFoundException (404) for a detector, version or event type it does not have; the local
+    stand-in scored such a request 912, so a wrong CG_MODEL__AFD_* setting passed every test."""
+    from botocore.exceptions import ClientError
+
+    settings = settings_for(server.url, "frauddetector", breaker_failures=100, concurrency=1, **setting)
+    predictor = FraudDetectorPredictor(settings, (model := small_model()))
+    with pytest.raises(ClientError) as err:
+        _afd_client(server.url).get_event_prediction(**predictor.request(TX))
+    assert err.value.response["Error"]["Code"] == "ResourceNotFoundException"
+    assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
+    server.requests.clear()
+    with caplog.at_level(logging.WARNING, logger="checkout_guard.predictors"):
+        results = predictor.predict_batch([(sale(f"t{i}").to_avro(), IND) for i in range(3)])
+    assert [r.version for r in results] == [f"local:{model.version} (fallback)"] * 3
+    assert len(server.requests) == 3, "one call per record, none retried"
+    [warning] = warnings_of(caplog)
+    assert "ResourceNotFoundException 404" in warning and "does not exist" in warning
+    assert "CG_MODEL__AFD_DETECTOR_ID" in warning
