@@ -75,7 +75,8 @@ not the service or a setting: see :meth:`FraudDetectorPredictor._record_fault`."
 class RemoteError(CheckoutGuardError, RuntimeError):
     """A remote model call failed; ``retryable`` says whether another attempt may succeed. ``cause``, on one
     that will fail again the same way (a setting, not an outage), says why and which setting to check, in
-    words fit for a WARNING: no request or answer data (the message may hold some: it is logged at DEBUG)."""
+    words fit for a WARNING. The message, logged at DEBUG, holds the error code and HTTP status, or the error's type,
+    never the service's or botocore's text: AWS echoes a value it refuses (an e-mail, an IP, a card token)."""
 
     def __init__(self, message: str, retryable: bool = True, cause: str | None = None) -> None:
         super().__init__(message)
@@ -330,7 +331,7 @@ class GuardedPredictor(Predictor):
                     self.breaker.success()
                     self.failures += 1
                     last = RemoteError(
-                        f"{self.name} {code}: {exc}",
+                        f"{self.name} {code} {status}",  # AWS's message echoes the values it refused: not kept
                         retryable=False,
                         cause=f"{self.name} refused a record's own values with {code} {status}",
                     )
@@ -342,9 +343,10 @@ class GuardedPredictor(Predictor):
                 cause = f"{self.name} refused the call with {code or 'HTTP'} {status}: check {self.settings_to_check}"
                 if setup is not None:
                     cause = f"{self.name}: {setup} ({code} {status}): check {self.settings_to_check}"
-                last = RemoteError(f"{self.name} {code or status}: {exc}", retryable, cause)
+                last = RemoteError(f"{self.name} {code or 'HTTP'} {status}", retryable, cause)
             except (BotoCoreError, RemoteError, ValueError, KeyError, IndexError) as exc:
-                last = exc if isinstance(exc, RemoteError) else RemoteError(f"{self.name}: {exc}", True)
+                # botocore's message may quote a parameter's value (ParamValidationError): its type only
+                last = exc if isinstance(exc, RemoteError) else RemoteError(f"{self.name}: {type(exc).__name__}", True)
             else:
                 self.breaker.success()
                 return result

@@ -520,3 +520,41 @@ def test_a_detector_version_or_event_type_that_does_not_exist_is_a_setup_error_w
     [warning] = warnings_of(caplog)
     assert "ResourceNotFoundException 404" in warning and "does not exist" in warning
     assert "CG_MODEL__AFD_DETECTOR_ID" in warning
+
+
+def test_no_record_value_aws_echoes_in_its_error_reaches_the_log_only_the_code_and_status(caplog):
+    """AWS's error message quotes the value it refused (an e-mail, an IP, a card token), and botocore's
+    ParamValidationError quotes the parameter's value: the client logged that text at DEBUG."""
+    from botocore.exceptions import ClientError, ParamValidationError
+
+    echoed = "Value 'c@example.com' at 'eventVariables.customer_email' (ip 72.239.175.244, card tok_4242424242424242)"
+    errors: list[Exception] = [
+        ClientError(
+            {"Error": {"Code": "ValidationException", "Message": echoed}, "ResponseMetadata": {"HTTPStatusCode": 400}},
+            "GetEventPrediction",
+        ),
+        ClientError(
+            {
+                "Error": {"Code": "ValidationException", "Message": f"entities: {echoed}"},
+                "ResponseMetadata": {"HTTPStatusCode": 400},
+            },
+            "GetEventPrediction",
+        ),
+        ParamValidationError(report=f"Invalid type for parameter eventVariables.customer_email, value: {echoed}"),
+    ]
+
+    class Echoing:
+        def get_event_prediction(self, **_: object) -> dict:
+            raise errors.pop(0)
+
+    settings = settings_for("http://127.0.0.1:1", "frauddetector", breaker_failures=100, retries=0, concurrency=1)
+    predictor = FraudDetectorPredictor(settings, small_model(), client=Echoing())
+    with caplog.at_level(logging.DEBUG, logger="checkout_guard.predictors"):
+        results = predictor.predict_batch([(TX, IND)] * 3)
+    assert all(r.version.endswith("(fallback)") for r in results)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    for private in ("c@example.com", "72.239.175.244", "tok_4242424242424242"):
+        assert private not in logged, logged
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert "fraud detector: frauddetector ValidationException 400" in debug, debug
+    assert "fraud detector: frauddetector: ParamValidationError" in debug, debug
