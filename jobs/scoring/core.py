@@ -313,12 +313,27 @@ class DecisionCore:
         if isinstance(env[0], str):  # the dead letter's row
             out.append(env)
             return None
-        parsed.append(env[0])
+        tx = env[0]
+        parsed.append(tx)
+        before = state.receipts.get(receipt_key(tx))
+        held = before is not None and before.holds(tx["transaction_id"])  # a copy of a processed one, if it goes on
+        try:
+            return self._observe_and_join(env, state, now, out, zlib.crc32(value or b""))
+        except InvalidRecord:
+            raise
+        except Exception:
+            receipt = state.receipts.get(receipt_key(tx))
+            if receipt is not None and (receipt is not before or not held):  # this record was seen as processed
+                receipt.mark_failed(tx["transaction_id"])
+            raise
+
+    def _observe_and_join(self, env: Any, state: ScoringState, now: int, out: list[OutRow], crc: int) -> Ready | None:
+        """Steps 2-4 for a parsed transaction, its claim and the face join: what is ready to decide."""
         made: list[Write] = []  # persisted however observe ends: what it expired before a failure stays expired
         try:
             observed, _ = self.scorer.observe(env, state, now_ms=now, writes=made)
         except ConflictingTransaction as err:  # the id's first record under this receipt stands
-            out.append(reused_id_dead_letter(self.scorer, err, zlib.crc32(value or b"")))
+            out.append(reused_id_dead_letter(self.scorer, err, crc))
             return None
         finally:
             self._persist(made)
@@ -327,7 +342,7 @@ class DecisionCore:
         try:
             self._persist(self.claims.claim(observed[0], receipt_key(observed[0])))
         except DuplicateTransaction as err:
-            out.append(reused_id_dead_letter(self.scorer, err, zlib.crc32(value or b"")))
+            out.append(reused_id_dead_letter(self.scorer, err, crc))
             return None
         ready, writes = self.join.on_transaction(observed, now)
         self._persist(writes)
@@ -457,6 +472,7 @@ class DecisionCore:
             except Exception as err:  # noqa: BLE001 - this one fails: its dead letter, and on
                 tx_id = str(tx.get("transaction_id"))
                 self._log_internal(err, f"decision of {tx_id[:128]}")
+                self._unprocessed(tx)
                 self._resync(tx)
                 rows.append(self._decision_dead_letter(tx, err))
                 continue
@@ -481,6 +497,17 @@ class DecisionCore:
             InvalidRecord(INTERNAL_ERROR, _describe(err)),
             dead_letter_id=f"{self.tx_topic}:decision:{tx_id}",
         )
+
+    def _unprocessed(self, tx: dict[str, Any]) -> None:
+        """A transaction whose decision failed is not decided: its receipt no longer counts its id as processed, so
+        the re-drive of its dead letter is decided (:meth:`jobs.scoring.features.Receipt.mark_failed`), not dropped
+        as a redelivered copy. Saved by :meth:`_resync`, with the receipt."""
+        try:
+            receipt = self.state.receipts.get(receipt_key(tx)) if self.state is not None else None
+        except Exception:  # noqa: BLE001 - a transaction without its keys was never filed under a receipt
+            return
+        if receipt is not None:
+            receipt.mark_failed(tx["transaction_id"])
 
     def _resync(self, tx: dict[str, Any]) -> None:
         """After a failure part-way: write the transaction's state entries as they now are in memory,

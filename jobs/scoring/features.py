@@ -173,6 +173,10 @@ class Receipt:
     opened: int = 0
     """Event time (ms) of the first transaction filed under it: what a receipt with no sale yet is dated by
     (0 in a receipt restored from a job older than this field)."""
+    failed: tuple[str, ...] = ()
+    """Ids in :attr:`seen` whose processing failed with an internal error (:meth:`mark_failed`): not decided, so an
+    identical copy (a re-drive of the dead letter) is taken as their first delivery, once; other content under them
+    is still a conflict. A tuple: empty in nearly every receipt, and then it costs nothing."""
 
     def __setstate__(self, state: Any) -> None:
         """Restore a pickle, also one written before a field existed (a savepoint of an older job): missing
@@ -190,9 +194,10 @@ class Receipt:
     def observe(self, tx: Tx, cust_key: str, rules: RulesSettings) -> dict[str, float] | None:
         """Indicators for ``tx``; ``None`` if this exact transaction was already seen (a duplicate);
         :class:`ConflictingTransaction` for its id with other content (:meth:`_first_time`)."""
+        tx_id = tx["transaction_id"]
+        retry = tx_id in self.failed  # counted on its receipt already, when it was first seen
         if not self._first_time(tx, cust_key):
             return None
-        tx_id = tx["transaction_id"]
         if not self.opened:
             self.opened = tx["event_time"]
         ind: dict[str, float] = {}
@@ -208,7 +213,7 @@ class Receipt:
         if not tx.get("original_transaction_id"):
             ind["return_without_receipt"] = 1.0
             return ind
-        foreign = self._count_return(tx["amount"], currency)
+        foreign = self._count_return(tx["amount"], currency, add=not retry)
         if foreign:
             ind["return_currency_mismatch"] = 1.0
         if self.sale_id is None:
@@ -227,7 +232,8 @@ class Receipt:
         return ind
 
     def _first_time(self, tx: Tx, cust_key: str) -> bool:
-        """Whether ``tx``'s id is new here (now seen); ``False`` for a copy of a record seen before.
+        """Whether ``tx``'s id is new here (now seen), or a copy of one whose processing failed (:attr:`failed`, now
+        cleared); ``False`` for a copy of a record seen before.
 
         Raises :class:`ConflictingTransaction`, changing nothing, for a record with the id of one seen before but
         other content: it is not a copy, and which of the two is right is not for the job to guess."""
@@ -238,10 +244,11 @@ class Receipt:
             seen[tx_id] = digest
             return True
         known = seen[tx_id]
-        if known is None or known == digest:
-            return False
-        differ = digest_differences(known, digest)
-        if not differ:  # a 16-bit digest of an older checkpoint: the same content
+        differ = [] if known is None or known == digest else digest_differences(known, digest)
+        if not differ:  # the same content (a 16-bit digest of an older checkpoint compares in its 16 bits)
+            if tx_id in self.failed:
+                self.failed = tuple(failed for failed in self.failed if failed != tx_id)
+                return True
             return False
         raise ConflictingTransaction(
             f"transaction id {tx_id[:128]!r} was taken on receipt {receipt_key(tx)[:128]!r} by a record with another"
@@ -250,14 +257,27 @@ class Receipt:
             tx,
         )
 
-    def _count_return(self, amount: float, currency: str) -> bool:
+    def holds(self, tx_id: str) -> bool:
+        """Whether ``tx_id`` counts as processed here: seen, and its processing did not fail."""
+        return tx_id in self.seen and tx_id not in self.failed
+
+    def mark_failed(self, tx_id: str) -> bool:
+        """``tx_id``'s processing failed with an internal error after it was seen here: it is not decided, so its
+        re-drive must not be dropped as a copy. ``True`` when this changed the receipt."""
+        if not self.holds(tx_id):
+            return False
+        self.failed += (tx_id,)
+        return True
+
+    def _count_return(self, amount: float, currency: str, add: bool = True) -> bool:
         """Add a return to ``returned``; ``True`` when it is in another currency than the sale's.
 
         Counted before its sale is known too, in its own currency: a return delivered ahead of its sale still adds
         up with the returns made after it, so partial returns over the sale are flagged whatever the arrival order
         (and whatever other currencies came first). A refund in another currency than the sale's cannot be compared
         with it (no rates here): it is flagged, not added up. A receipt from an older job knows no currency and
-        compares raw, as before."""
+        compares raw, as before. ``add`` false: only the currency check (a failed return taken again was added up
+        when it was first seen)."""
         if self.sale_id is None:
             key = currency
         elif self.currency is None:  # a sale from a job older than currencies
@@ -266,7 +286,8 @@ class Receipt:
             return True
         else:
             key = self.currency  # the same object as the sale's: pickled once
-        self.returned[key] = self.returned.get(key, 0.0) + amount
+        if add:
+            self.returned[key] = self.returned.get(key, 0.0) + amount
         return False
 
 

@@ -228,6 +228,23 @@ class ReceiptStep(_Keyed):
         heapq.heapify(self.by_time)
 
     def on(self, key: str, env: Any, order_: Order) -> list[Emit]:
+        """The transaction matched on its receipt, sent on to its store; ``[]`` for a copy. When this raises (an
+        internal error) after the receipt took its id, the id is marked failed there (``Receipt.mark_failed``), so
+        the re-drive of its dead letter is taken, not dropped as a copy."""
+        tx_id = env[0]["transaction_id"]
+        before = self.receipts.get(key)
+        held = before is not None and before.holds(tx_id)
+        try:
+            return self._on(key, env, order_)
+        except InvalidRecord:
+            raise
+        except Exception:
+            receipt = self.receipts.get(key)
+            if receipt is not None and (receipt is not before or not held):
+                receipt.mark_failed(tx_id)
+            raise
+
+    def _on(self, key: str, env: Any, order_: Order) -> list[Emit]:
         tx, ind, _ = env
         receipt = self.receipts.get(key)
         if receipt is None or 0 < receipt.event_time < tx["event_time"] - self.retention_ms:

@@ -455,3 +455,52 @@ def test_a_transaction_failing_after_its_claim_and_face_join_saves_them_as_a_res
     restored = make_core()
     restored.restore(maps)
     assert restored.claims.claimed == core.claims.claimed and restored.join.pending.keys() == core.join.pending.keys()
+
+
+# --- a re-drive of an internal_error dead letter is decided ----------------------------------------------
+
+
+def test_a_transaction_whose_decision_failed_is_decided_when_its_dead_letter_is_re_driven():
+    predictor = FailsFor("r1")
+    core = make_core(predictor=predictor, face_deadline_ms=0)
+    maps: dict[str, dict] = {}
+    persist(maps, core.on_records([tx_record(sale("t1", amount=30), 1)], NOW))
+    step = core.on_records([tx_record(return_of("r1", "t1", at_s=60, amount=30), 2)], NOW)
+    persist(maps, step)
+    assert kinds(step.outputs) == ["internal_error"] and not scored(step)
+    assert_persisted_equals_memory(maps, core)  # the failure mark is saved with the receipt
+    restored = make_core(predictor=predictor, face_deadline_ms=0)
+    restored.restore(maps)
+    predictor.bad_tx = "none"  # the cause is fixed; the dead letter's record comes back, unchanged
+    other = restored.on_records([tx_record(return_of("r1", "t1", at_s=60, amount=29), 3)], NOW)
+    assert kinds(other.outputs) == ["conflicting_transaction"], "other content under the id is still no copy"
+    again = restored.on_records([tx_record(return_of("r1", "t1", at_s=60, amount=30), 4)], NOW)
+    [decision] = scored(again).values()
+    assert decision["transaction_id"] == "r1" and not dead_letters(again.outputs)
+    assert "return_exceeds_sale" not in decision["indicators"], "its amount is counted on the receipt once"
+    copy = restored.on_records([tx_record(return_of("r1", "t1", at_s=60, amount=30), 5)], NOW)
+    assert not copy.outputs, "once decided, a further copy is a redelivery again"
+
+
+def test_a_transaction_failing_in_its_state_update_is_decided_when_re_driven_and_a_redelivery_is_not():
+    core = make_core(face_deadline_ms=0)
+    maps: dict[str, dict] = {}
+    persist(maps, core.on_records([tx_record(sale("t1", amount=30), 1)], NOW))
+    real = core.scorer.by_store
+
+    def by_store(state, env):  # fails after the receipt took the id
+        if env[0]["transaction_id"] == "r1":
+            raise ZeroDivisionError("division by zero")
+        return real(state, env)
+
+    core.scorer.by_store = by_store  # type: ignore[method-assign]
+    step = core.on_records([tx_record(return_of("r1", "t1", at_s=60, amount=30), 2)], NOW)
+    persist(maps, step)
+    assert kinds(step.outputs) == ["internal_error"]
+    assert_persisted_equals_memory(maps, core)
+    core.scorer.by_store = real  # type: ignore[method-assign]
+    again = core.on_records([tx_record(return_of("r1", "t1", at_s=60, amount=30), 3)], NOW)
+    assert list(scored(again)) == ["r1"]
+    core.scorer.by_store = by_store  # type: ignore[method-assign]
+    redelivered = core.on_records([tx_record(return_of("r1", "t1", at_s=60, amount=30), 4)], NOW)
+    assert not redelivered.outputs and core.state.receipts["t1"].holds("r1"), "a decided one stays decided"

@@ -633,3 +633,31 @@ def test_a_suspects_face_after_the_deadline_raises_the_same_late_alert_on_either
     assert key == b"watchlist:checkout:late-1:subj-1" and alert["transaction_id"] == "late-1"
     assert "face_seen_after_the_sale_was_decided" in alert["reasons"] and alert["amount"] == 25.0
     assert single.scorer.stats.late_faces == parted.scorer.stats.late_faces == {"matched": 1}
+
+
+def test_a_transaction_failing_at_its_receipt_is_decided_when_its_dead_letter_is_re_driven(monkeypatch):
+    real = ReceiptStep._put
+    fail = {"r1"}
+
+    def flaky(self, name, key, value):  # the receipt took the id in memory, then its write raised (once)
+        if value is not None and fail & set(value.seen):
+            fail.clear()
+            raise RuntimeError("boom")
+        return real(self, name, key, value)
+
+    monkeypatch.setattr(ReceiptStep, "_put", flaky)
+    core = PartitionedCore(settings(), 2, clock=_clock)
+    rows = core.on_records([_tx(sale("t1", amount=30, at_s=1)), _tx(return_of("r1", "t1", at_s=60, amount=30))], NOW)
+    rows += core.on_timer(NOW + 10**7)
+    [dead] = [codec("DeadLetter").decode(v) for t, _, v in rows if t == DLQ]
+    assert dead["dead_letter_id"] == f"{TX}:receipt:r1" and list(_scored(rows)) == ["t1"]
+    step = core.slots[shard_of("t1", 2)].receipt
+    assert step.flush()["receipts"]["t1"] == step.receipts["t1"]  # saved as held, the failure mark too
+    other = core.on_records([_tx(return_of("r1", "t1", at_s=60, amount=29))], NOW + 1000)
+    assert [codec("DeadLetter").decode(v)["error_kind"] for t, _, v in other if t == DLQ] == [CONFLICT]
+    again = core.on_records([_tx(return_of("r1", "t1", at_s=60, amount=30))], NOW + 2000)
+    again += core.on_timer(NOW + 2 * 10**7)
+    assert list(_scored(again)) == ["r1"]
+    assert "return_exceeds_sale" not in _scored(again)["r1"]["indicators"]
+    copy = core.on_records([_tx(return_of("r1", "t1", at_s=60, amount=30))], NOW + 3000)
+    assert not copy + core.on_timer(NOW + 3 * 10**7)
