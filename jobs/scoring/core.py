@@ -199,7 +199,7 @@ class DecisionCore:
         try:
             self._control_record(topic, key, value)
         except Exception as err:  # noqa: BLE001 - the broadcast stream dead-letters it
-            log.warning("skipping a bad %s record at start: %s", topic, err)
+            log.warning("skipping a bad %s record at start: %s", topic, _control_reason(err))
 
     def restore(self, maps: dict[str, dict[str, Any]], broadcast: dict[str, Any] | None = None) -> int | None:
         """Load the state maps (by name, see :data:`MAPS`; missing ones are empty) and, unless the
@@ -280,9 +280,10 @@ class DecisionCore:
         try:
             update = self._control_record(topic, key, value, apply=offset > done)
         except Exception as err:  # noqa: BLE001 - a bad update must not stop scoring: dead-letter it
-            log.warning("rejected %s update at offset %s: %s", topic, offset, err)
+            reason = _control_reason(err)
+            log.warning("rejected %s update at offset %s: %s", topic, offset, reason)
             record = SourceRecord(key, value, topic, partition, offset, 0)
-            return ControlStep([self._dead_letter(record, "invalid_update", str(err))], None)
+            return ControlStep([self._dead_letter(record, "invalid_update", reason)], None)
         return ControlStep([], update)
 
     def _take(self, record: SourceRecord, state: ScoringState, now: int, out: list[OutRow]) -> Ready | None:
@@ -610,6 +611,13 @@ def _describe(err: BaseException) -> str:
     if frames:
         text += f" in {frames[-1].name} ({frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno})"
     return text if len(text) <= MAX_ERROR_TEXT else text[: MAX_ERROR_TEXT - 3] + "..."
+
+
+def _control_reason(err: Exception) -> str:
+    """A refused rules or watchlist record's reason and log text: an :class:`InvalidRecord`'s own (the job's checks
+    word it without values), else :func:`_describe`: a decode error's or a rule set error's message may quote the
+    record (a watchlist entry's name, the rules' YAML)."""
+    return err.reason if isinstance(err, InvalidRecord) else _describe(err)
 
 
 def _field_path(err: BaseException) -> str:

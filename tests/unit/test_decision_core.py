@@ -486,6 +486,18 @@ def test_bad_rules_update_is_dead_lettered_as_invalid_update_and_the_old_rules_s
     assert core.rule_set.version == version
 
 
+def test_a_refused_rules_update_is_described_without_quoting_the_record(caplog):
+    core = make_core()
+    update = codec("RuleSetUpdate").decode(rules_update("2099.1"))
+    update["yaml"] = update["yaml"].replace("block_at: 85", 'block_at: "secret-value-7')  # the YAML error quotes it
+    bad = codec("RuleSetUpdate").encode(update)
+    control = core.on_control(RULES_TOPIC, b"active", bad, 0, 4)
+    [dl] = dead_letters(control.outputs)
+    assert dl["error_kind"] == "invalid_update" and dl["reason"].startswith("RuleSetError in from_yaml (rules.py:")
+    assert "secret-value-7" not in dl["reason"] and "secret-value-7" not in caplog.text
+    assert "RuleSetError" in caplog.text
+
+
 def test_rules_tombstone_is_ignored():
     core = make_core()
     assert core.on_control(RULES_TOPIC, b"active", None, 0, 5) == ([], None)
