@@ -11,8 +11,9 @@ time: while more are left, the answer's ``Link`` header has a ``rel="next"`` URL
 100 a page by default), which :meth:`WebexClient._list` follows.
 
 Errors come back as :class:`WebexError` with ``retriable`` and ``retry_after`` set, so callers decide
-about backoff; the client itself never sleeps or retries (one request = one attempt), except through
-:func:`with_retries`, which honours a 429's ``Retry-After`` up to :data:`RETRY_AFTER_LIMIT_S`.
+about backoff, and with the answer's ``trackingId`` header (Webex support asks for it to look into a failed call) in
+``tracking_id`` and at the end of ``reason``; the client itself never sleeps or retries (one request = one
+attempt), except through :func:`with_retries`, which honours a 429's ``Retry-After`` up to :data:`RETRY_AFTER_LIMIT_S`.
 
 Ids that go into a path (message and webhook ids; they reach us in webhook bodies) are escaped as one
 path segment each: an id such as ``../webhooks/<id>`` must not turn a read into a call on another route
@@ -45,6 +46,8 @@ park the caller."""
 MAX_LIST_PAGES = 50
 """The most pages one listing follows (5,000 webhooks at Webex's 100 a page): a ``Link`` that never ends (a broken
 server, a loop) must not hold the caller forever; past it the listing stops with a WARNING."""
+MAX_TRACKING_ID_CHARS = 200
+"""The longest ``trackingId`` header kept (Webex's are under 100 characters); a longer one is not Webex's."""
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -67,9 +70,14 @@ class WebexError(CheckoutGuardError):
         retriable: bool = True,
         retry_after: float | None = None,
         asked_wait: float | None = None,
+        tracking_id: str | None = None,
     ) -> None:
+        if tracking_id:
+            reason = f"{reason} (trackingId {tracking_id})"
         super().__init__(reason)
         self.reason, self.status, self.retriable, self.retry_after = reason, status, retriable, retry_after
+        self.tracking_id = tracking_id
+        """The failed answer's ``trackingId`` header, what Webex support asks for; None without an answer or header."""
         self.asked_wait = retry_after if asked_wait is None else asked_wait
         """The wait ``Retry-After`` asked for, up to :data:`RETRY_AFTER_LIMIT_S` (``retry_after`` stops at
         :data:`infra.retry.RETRY_AFTER_MAX_S`, the alert sender's longest channel pause)."""
@@ -318,12 +326,14 @@ class WebexClient:
         status = response.status_code
         if status < 300:
             return response
+        tracking_id = _tracking_id(response)
         if status < 400:  # the API never redirects: a proxy or gateway in the way, or a wrong base URL
             target = httpx.URL(response.headers.get("Location", ""))
             where = f" to {target.scheme}://{target.host}" if target.host else ""
             raise WebexError(
                 f"{status} redirect{where}: Webex's API does not redirect (a proxy in the way, or CG_WEBEX__BASE_URL?)",
                 status=status,
+                tracking_id=tracking_id,
             )
         detail = _error_text(response)
         if status == 429:
@@ -333,6 +343,7 @@ class WebexClient:
                 status=status,
                 retry_after=min(asked, RETRY_AFTER_MAX_S),
                 asked_wait=asked,
+                tracking_id=tracking_id,
             )
         retriable = status >= 500 or status in RETRIABLE_STATUS
         raise WebexError(
@@ -340,6 +351,7 @@ class WebexClient:
             status=status,
             retriable=retriable,
             retry_after=parse_retry_after(response.headers.get("Retry-After"), default=0.0) or None,
+            tracking_id=tracking_id,
         )
 
 
@@ -353,6 +365,15 @@ def _json(response: httpx.Response) -> dict[str, Any]:
     except ValueError as exc:
         raise WebexError(f"{status} with a body that is not JSON", status=status) from exc
     return body
+
+
+def _tracking_id(response: httpx.Response) -> str | None:
+    """The answer's ``trackingId`` header (header names ignore case): Webex's id of the call, never anything of the
+    request. Only a short run of printable ASCII without spaces is taken, as it goes into log lines; else None."""
+    value = response.headers.get("trackingid", "").strip()
+    if not value or len(value) > MAX_TRACKING_ID_CHARS or not all("!" <= c <= "~" for c in value):
+        return None
+    return value
 
 
 def _error_text(response: httpx.Response) -> str:

@@ -171,10 +171,11 @@ def _count(state: WebexState, status: int) -> None:
 
 def _error(state: WebexState, status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     _count(state, status)
+    tracking_id = f"ROUTER_{uuid.uuid4()}"  # Webex sends its id of the call in the body and the trackingid header
     return JSONResponse(
-        {"message": message, "errors": [{"description": message}], "trackingId": str(uuid.uuid4())},
+        {"message": message, "errors": [{"description": message}], "trackingId": tracking_id},
         status_code=status,
-        headers=headers,
+        headers={**(headers or {}), "trackingid": tracking_id},
     )
 
 

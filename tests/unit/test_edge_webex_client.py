@@ -143,3 +143,42 @@ def test_a_retry_after_past_the_callers_deadline_is_not_waited_for(webex) -> Non
     with pytest.raises(WebexError) as err:
         with_retries(lambda: client.send_message("room-1", "hello"), deadline_s=60, sleep=waits.append)
     assert err.value.status == 429 and waits == []
+
+
+def test_a_failed_answer_keeps_webexs_tracking_id_header_on_the_error_and_in_its_reason() -> None:
+    """Webex support asks for the trackingId of a failed call; the error kept only status and message."""
+    answers = [
+        httpx.Response(503, json={"message": "down", "trackingId": "BODY_1"}, headers={"TrackingID": "ROUTER_5F2A"}),
+        httpx.Response(429, json={"message": "slow down"}, headers={"trackingid": "ROUTER_6B3C", "Retry-After": "2"}),
+        httpx.Response(404, json={"message": "gone", "trackingId": "BODY_2"}),  # no header: none, not the body's
+        httpx.Response(400, json={"message": "bad"}, headers={"trackingid": "two words\nINFO forged"}),
+    ]
+    sent: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.headers.get("trackingid"))
+        return answers.pop(0)
+
+    errors = []
+    with WebexClient("https://webex.test/v1", TOKEN, transport=httpx.MockTransport(handler)) as client:
+        for _ in range(4):
+            with pytest.raises(WebexError) as err:
+                client.me()
+            errors.append(err.value)
+    assert [e.tracking_id for e in errors] == ["ROUTER_5F2A", "ROUTER_6B3C", None, None]
+    assert [e.reason for e in errors] == [
+        "503 down (trackingId ROUTER_5F2A)",
+        "429 rate limited: slow down (trackingId ROUTER_6B3C)",
+        "404 gone",
+        "400 bad",
+    ]
+    assert errors[1].asked_wait == 2.0 and sent == [None] * 4, "the id is the answer's, never one the client sent"
+
+
+def test_the_local_webex_api_sends_a_tracking_id_header_like_webex(webex) -> None:
+    server, client = webex
+    server.state.fail((503,), count=1)
+    with pytest.raises(WebexError) as err:
+        client.send_message("room-1", "hello")
+    assert err.value.tracking_id and err.value.tracking_id.startswith("ROUTER_")
+    assert err.value.reason == f"503 Injected failure (trackingId {err.value.tracking_id})"

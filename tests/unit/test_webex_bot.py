@@ -257,6 +257,19 @@ def test_webhook_registration_waits_out_a_rate_limit_as_webex_asks(harness: Harn
     assert time.monotonic() - t0 >= 6.0 and harness.webex.state.requests["429"] == 2
 
 
+def test_a_failed_registration_is_logged_with_webexs_tracking_id(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Webex support asks for the trackingId of a failed call; the warning gave only the status and message."""
+    retries = webex_bot.call_with_retries
+    monkeypatch.setattr(webex_bot, "call_with_retries", lambda call, **kw: retries(call, **kw, sleep=lambda _: None))
+    harness.webex.state.fail((503,), count=1)
+    with caplog.at_level("WARNING", logger=webex_bot.__name__):
+        assert harness.bot.register_webhook() is not None
+    [warning] = [r.getMessage() for r in caplog.records if "registration failed" in r.getMessage()]
+    assert warning.startswith("webhook registration failed (503 Injected failure (trackingId ROUTER_"), warning
+
+
 def test_fraud_from_the_security_room_becomes_one_command_and_a_reply(harness: Harness) -> None:
     [delivery] = harness.say(SECURITY_ROOM, "guard@store.test", "Checkout Guard fraud tx-42")
     assert delivery["status"] == 200
