@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import http.client
 import io
+import ipaddress
 import logging
 import os
 import re
 import signal
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -372,12 +374,64 @@ def ask_healthz(host: str, port: int, timeout_s: float) -> Answer:
     return parse_head(got)
 
 
+class HostAddress:
+    """Where a client reaches listeners bound to ``host``: an address as it is; a name looked up once, as the
+    metrics endpoints bind it (IPv4, its first address), and kept. The lookup runs in a thread of its own and a
+    caller waits for it at most its own timeout: a lookup inside each question was bounded by no probe timeout, and
+    a slow resolver held that service's question, so it was not asked again, for as long as the lookup took. At
+    most one lookup is under way; one that failed is tried again by the next question."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self._address: str | None = host if _is_address(host) else None
+        self._pending: Future[str] | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, timeout_s: float) -> str | None:
+        """The address, waiting at most ``timeout_s`` for the lookup (None: not known in that time)."""
+        if self._address is not None:
+            return self._address
+        with self._lock:
+            pending = self._pending
+            if pending is None or (pending.done() and pending.exception() is not None):
+                self._pending = pending = Future()
+                threading.Thread(target=self._look_up, args=(pending,), name="health-lookup", daemon=True).start()
+        try:
+            self._address = pending.result(timeout=max(timeout_s, 0.0))
+        except (TimeoutError, OSError):  # still looking, or not found (said once per lookup)
+            return None
+        return self._address
+
+    def _look_up(self, pending: Future[str]) -> None:
+        try:
+            found = socket.getaddrinfo(self.host, None, socket.AF_INET, socket.SOCK_STREAM)
+            pending.set_result(str(found[0][4][0]))
+        except Exception as exc:  # not found, no address, a name no resolver takes: tried again next question
+            log.warning("CG_BIND_HOST %s could not be looked up for health questions: %s", self.host, exc)
+            pending.set_exception(OSError(f"no address for {self.host}: {exc}"))
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def http_probe(settings: Settings) -> Probe:
-    """Asks each process's ``/healthz`` with :func:`ask_healthz`, ``probe_timeout_s`` in all."""
-    host = client_host(settings.bind_host)
+    """Asks each process's ``/healthz`` with :func:`ask_healthz`, ``probe_timeout_s`` in all, the lookup of a
+    host-name ``CG_BIND_HOST`` (:class:`HostAddress`) included."""
+    address = HostAddress(client_host(settings.bind_host))
+    timeout_s = settings.supervisor.probe_timeout_s
 
     def probe(name: str) -> Answer:
-        return ask_healthz(host, metrics.port_of(settings, name), settings.supervisor.probe_timeout_s)
+        deadline = time.monotonic() + timeout_s
+        host = address(timeout_s)
+        left = deadline - time.monotonic()
+        if host is None or left <= 0:
+            return Answer(None)
+        return ask_healthz(host, metrics.port_of(settings, name), left)
 
     return probe
 

@@ -407,6 +407,46 @@ def test_a_probe_of_an_endpoint_that_answers_a_byte_at_a_time_ends_at_the_probe_
     assert answer == Answer(None) and took < 1.5, f"{answer} after {took:.1f} s"
 
 
+def test_a_slow_lookup_of_a_host_name_bind_host_ends_each_question_at_the_probe_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A host-name CG_BIND_HOST was looked up inside each question, bounded by no probe timeout: a resolver that took
+    5 s kept the question (and that service unasked) for 5 s with a 0.5 s timeout. The name is now looked up once,
+    beside the questions, and each one ends in time; once found, the address is asked."""
+    base = free_port_block(len(metrics.PROCESSES))
+    endpoint = metrics.serve(Settings(metrics=MetricsSettings(base_port=base)), "face-stage")
+    resolved, lookups = threading.Event(), list[str]()
+    real = socket.getaddrinfo
+
+    def slow(host: str, *args: object, **kwargs: object) -> list:
+        if host != "health.example":
+            return real(host, *args, **kwargs)  # type: ignore[arg-type]
+        lookups.append(host)
+        resolved.wait(5)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    settings = Settings(
+        bind_host="health.example",
+        supervisor=SupervisorSettings(probe_timeout_s=0.5),
+        metrics=MetricsSettings(base_port=base),
+    )
+    try:
+        probe = production.http_probe(settings)
+        for _ in range(2):
+            started = time.monotonic()
+            answer = probe("face-stage")
+            took = time.monotonic() - started
+            assert answer == Answer(None) and took < 1.0, f"{answer} after {took:.1f} s"
+        assert lookups == ["health.example"], "one lookup at a time"
+        resolved.set()
+        assert probe("face-stage") == Answer(200, os.getpid())
+        assert probe("face-stage") == Answer(200, os.getpid()) and len(lookups) == 1, "looked up once"
+    finally:
+        resolved.set()
+        endpoint.close()
+
+
 def test_at_most_one_question_per_service_is_out_however_often_it_restarts() -> None:
     """A restarted process was asked at once, beside its previous process's question still out: a probe stuck with
     each restart held one more thread, and the others' questions then waited behind them and came back silent."""
