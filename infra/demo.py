@@ -314,11 +314,13 @@ def _supervisor_log(settings: Settings) -> logging.Logger:
 
 
 def _supervision(settings: Settings, supervise: bool, logger: logging.Logger) -> HealthSupervisor:
-    """The demo's processes watched as ``checkout-guard supervise`` watches its own, without health questions: one
-    that exits is started again with backoff (``supervise``), and what it left in its process group (a crashed
-    scoring job's JVM) is stopped first, beside the loop. The demo's plain :class:`Supervisor` restarted it at once
-    and stopped what it left only at the end, so a restarted scoring job ran beside its predecessor's JVM."""
-    return HealthSupervisor(Supervisor(restart=supervise, logger=logger), settings.supervisor, None, logger=logger)
+    """The demo's processes watched as ``checkout-guard supervise`` watches its own, with its ``CG_SUPERVISOR__*``
+    settings but no health questions: one that exits is started again with backoff (``supervise``), and what it
+    left in its process group (a crashed scoring job's JVM) is stopped first, beside the loop. The demo's plain
+    :class:`Supervisor` restarted it at once and stopped what it left only at the end, so a restarted scoring job
+    ran beside its predecessor's JVM."""
+    cfg = settings.supervisor
+    return HealthSupervisor(Supervisor.from_settings(cfg, restart=supervise, logger=logger), cfg, None, logger=logger)
 
 
 def main(
@@ -326,7 +328,11 @@ def main(
     fraud_share: Annotated[float, typer.Option(help="Share of fraud patterns in the traffic.")] = 0.1,
     flag_every_s: Annotated[float, typer.Option(help="How often the officer flags a blocked sale.")] = 90.0,
     supervise: Annotated[
-        bool, typer.Option(help="Start a process that dies again (with backoff, at most 5 times in 10 minutes).")
+        bool,
+        typer.Option(
+            help="Start a process that dies again (with backoff, at most CG_SUPERVISOR__MAX_RESTARTS times in "
+            "CG_SUPERVISOR__WINDOW_S, as checkout-guard supervise)."
+        ),
     ] = True,
 ) -> None:
     """Start everything, drive live traffic and show what arrives, until Ctrl-C."""
@@ -355,14 +361,20 @@ def main(
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop short
         console.print("Stopping the demo processes…")
-        left = stop_children(supervisor.children)
-        watch.close()  # a stop of what a crashed process left, still under way, ends with the others
-        left += reaper.finish()
+        left = _stop(settings, watch, reaper)
         if left:
             console.print(f"Also stopped {len(left)} processes still running after the process that started them:")
             for line in left:
                 console.print(f"  {line}", markup=False, highlight=False)
         console.print("Stopped. The services still run: `make status`, `make down`.")
+
+
+def _stop(settings: Settings, watch: HealthSupervisor, reaper: Reaper) -> list[str]:
+    """Every process of the demo, side by side, SIGKILL after ``CG_SUPERVISOR__STOP_TIMEOUT_S`` as under
+    ``checkout-guard supervise`` (it waited 20 s whatever the setting), then what they left; a line for each."""
+    left = stop_children(watch.supervisor.children, settings.supervisor.stop_timeout_s)
+    watch.close()  # a stop of what a crashed process left, still under way, ends with the others
+    return left + reaper.finish()
 
 
 def _show(

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 
 from infra.processes import stop_together
-from infra.settings import REPO_ROOT, Settings
+from infra.settings import REPO_ROOT, Settings, SupervisorSettings
 
 
 @dataclass
@@ -169,6 +169,21 @@ class Supervisor:
         self.log = logger or logging.getLogger("infra.supervisor")
         self._members: list[_Supervised] = []
         self._stopping = False
+
+    @classmethod
+    def from_settings(
+        cls, cfg: SupervisorSettings, *, restart: bool = True, logger: logging.Logger | None = None
+    ) -> Supervisor:
+        """With the ``CG_SUPERVISOR__*`` backoff and restart bound, for ``checkout-guard supervise`` and ``make run``
+        alike: ``make run``'s took its defaults and ignored them."""
+        return cls(
+            backoff_s=cfg.backoff_s,
+            max_backoff_s=cfg.max_backoff_s,
+            max_restarts=cfg.max_restarts,
+            window_s=cfg.window_s,
+            restart=restart,
+            logger=logger,
+        )
 
     def add(self, name: str, start: Callable[[], Child]) -> Child | None:
         """Start a child with ``start`` (called again for each restart) and watch it. A start the system refuses

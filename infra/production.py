@@ -473,13 +473,7 @@ def run(settings: Settings, names: Sequence[str]) -> None:
         log.warning("stopped %d processes a supervisor that no longer runs left: %s", len(left), "; ".join(left))
     os.environ[RUN_VAR] = this_run = run_id(os.getpid())
     reaper = Reaper(marker=RUN_VAR, value=this_run)
-    supervisor = Supervisor(
-        backoff_s=cfg.backoff_s,
-        max_backoff_s=cfg.max_backoff_s,
-        max_restarts=cfg.max_restarts,
-        window_s=cfg.window_s,
-        logger=log,
-    )
+    supervisor = Supervisor.from_settings(cfg, logger=log)
     probe = http_probe(settings) if settings.metrics.enabled else None
     watch = HealthSupervisor(supervisor, cfg, probe)
     if probe is None or cfg.unhealthy_after_s <= 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import subprocess
 import sys
 import time
@@ -14,8 +15,9 @@ import psutil
 
 from infra import demo
 from infra.launcher import Child
+from infra.processes import Reaper
 from infra.settings import Settings, SupervisorSettings
-from tests.process_trees import STUBBORN
+from tests.process_trees import STUBBORN, start_stubborn
 
 _LEAVER = """
 import subprocess, sys, time
@@ -68,3 +70,41 @@ def test_make_run_stops_what_a_crashed_process_left_in_its_group_before_restarti
             child.kill()
             with contextlib.suppress(psutil.Error):
                 left.kill()
+
+
+def test_make_run_restarts_with_the_supervisor_settings(tmp_path: Path) -> None:
+    """make run's supervisor took its own defaults (1 s backoff, 5 restarts in 10 minutes) whatever the
+    CG_SUPERVISOR__* settings said: here a process that exits is to stay down, and it was restarted after 1 s."""
+    settings = Settings(supervisor=SupervisorSettings(backoff_s=0.2, max_backoff_s=0.2, max_restarts=1))
+    watch = demo._supervision(settings, True, logging.getLogger("test.demo"))
+    started: list[Child] = []
+
+    def start() -> Child:
+        started.append(Child("shoppers", subprocess.Popen([sys.executable, "-c", "pass"]), tmp_path / "s.log"))
+        return started[-1]
+
+    try:
+        watch.supervisor.add("shoppers", start)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            watch.check()
+            time.sleep(0.05)
+        assert len(started) == 2, f"{len(started)} starts: one restart (CG_SUPERVISOR__MAX_RESTARTS=1)"
+        assert "DOWN" in watch.supervisor.describe()
+    finally:
+        watch.close()
+
+
+def test_make_run_stops_its_processes_at_the_supervisor_stop_timeout(tmp_path: Path) -> None:
+    """make run's shutdown waited 20 s for a process that ignores SIGTERM, whatever CG_SUPERVISOR__STOP_TIMEOUT_S."""
+    settings = Settings(supervisor=SupervisorSettings(stop_timeout_s=1.0))
+    watch = demo._supervision(settings, True, logging.getLogger("test.demo"))
+    child = start_stubborn("local-camera", tmp_path / "camera.log")
+    try:
+        watch.supervisor.add("local-camera", lambda: child)
+        started = time.monotonic()
+        demo._stop(settings, watch, Reaper(marker=None, value=None))
+        took = time.monotonic() - started
+    finally:
+        child.kill()
+    assert child.proc.returncode == -signal.SIGKILL and took < 5.0, f"{took:.1f} s"
