@@ -20,7 +20,7 @@ import io
 import logging
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -38,6 +38,9 @@ _HASHED = "_sha256-"
 ATTEMPTS = 4
 """Calls per request in botocore's ``standard`` retry mode: throttling, 5xx and connection errors are tried again
 with jittered exponential backoff, then the error is the caller's (bounded: a command never waits long)."""
+RETRY_WAIT_S = sum(min(2**i, 20) + 5 for i in range(ATTEMPTS - 1))
+"""The longest botocore's ``standard`` mode waits between the tries of one call: ``rand * min(2^i, 20)`` s, raised by
+an ``x-amz-retry-after`` answer by 5 s at most (22 s for 4 tries)."""
 TRANSIENT_CODES = frozenset(
     {"ThrottlingException", "ProvisionedThroughputExceededException", "LimitExceededException", "RequestTimeout"}
 )
@@ -139,6 +142,12 @@ def _connection_trouble(exc: Exception) -> bool:
     return isinstance(exc, away)
 
 
+def call_limit_s(timeout_s: float) -> float:
+    """The longest one Rekognition call takes when each try's connect and read time out after ``timeout_s``: every
+    try timing out twice (connecting, reading) plus :data:`RETRY_WAIT_S`."""
+    return ATTEMPTS * 2 * timeout_s + RETRY_WAIT_S
+
+
 def _image(image: bytes | str) -> dict[str, Any]:
     if isinstance(image, str):
         if not image.startswith("s3://"):
@@ -154,8 +163,9 @@ class RekognitionFaces:
     """One collection = the watchlist's index at AWS."""
 
     def __init__(self, settings: FaceSettings, client: Any | None = None, timeout_s: float | None = None) -> None:
-        """``timeout_s``: connect and read timeout of each try (botocore's 60 s when ``None``); the face stage
-        passes ``faces.rekognition_search_timeout_s`` so a hanging endpoint costs a snapshot seconds, not minutes."""
+        """``timeout_s``: connect and read timeout of each try (botocore's 60 s when ``None``); the face stage and the
+        watchlist service pass ``faces.rekognition_search_timeout_s`` so a hanging endpoint costs a snapshot or a
+        command seconds, not minutes (:func:`call_limit_s`)."""
         self.settings = settings
         self.collection = settings.rekognition_collection
         if client is None:
@@ -171,7 +181,7 @@ class RekognitionFaces:
                 access_key_id=settings.aws_access_key_id,
                 secret_access_key=settings.aws_secret_access_key,
                 config=Config(
-                    retries={"mode": "standard", "max_attempts": ATTEMPTS},
+                    retries={"mode": "standard", "total_max_attempts": ATTEMPTS},  # max_attempts: retries, 1 more
                     **({"connect_timeout": timeout_s, "read_timeout": timeout_s} if timeout_s else {}),
                 ),
             )
@@ -179,6 +189,9 @@ class RekognitionFaces:
         self._reported: set[str] = set()
         """Configuration errors logged since the last call that worked: each is logged once, not per face."""
         self._lock = threading.Lock()
+        self.progress: Callable[[], None] | None = None
+        """Called after each call, answered or failed: the watchlist service beats its ``/healthz`` there, so a
+        command of several bounded calls (ListFaces pages, then IndexFaces or DeleteFaces) is not taken for a hang."""
 
     def _call(self, op: str, **kwargs: Any) -> dict[str, Any]:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -198,6 +211,9 @@ class RekognitionFaces:
                 with self._lock:
                     self._reported.clear()
             return resp
+        finally:
+            if self.progress is not None:
+                self.progress()
         if error.configuration:
             with self._lock:
                 first = error.code not in self._reported

@@ -79,7 +79,7 @@ from infra.retry import Backoff
 from infra.settings import Settings, get_settings
 from jobs.faces.engine import DetectedFace, FaceEngine, ImageError, embedder_of
 from jobs.faces.rekognition import MAX_BYTES as REKOGNITION_MAX_BYTES
-from jobs.faces.rekognition import RekognitionError, RekognitionFaces, face_crop
+from jobs.faces.rekognition import RekognitionError, RekognitionFaces, call_limit_s, face_crop
 from jobs.faces.stage import LEGACY_INSPECTION, checkout_image_key, inspection_image_key
 from jobs.scoring.face_similarity import similarity
 from schemas.codec import DecodeError
@@ -104,6 +104,8 @@ PROCESS = "watchlist-service"
 """The ``stage`` label of this process's metrics (its name in ``infra.metrics.PROCESSES``)."""
 SERVICE_ACTOR = WATCHLIST_SERVICE_ACTOR
 CATEGORY = {"FRAUD": "SUSPECT", "VIP": "VIP"}
+REKOGNITION_MARGIN_S = 10.0
+"""Beyond one Rekognition call's longest (:func:`call_limit_s`), for the work around it, in ``/healthz``'s limit."""
 UNVERIFIED_ACTOR = "unverified"
 """The audit actor of a refused command: who it claims to come from is only in its details."""
 
@@ -154,6 +156,15 @@ def retained_subject(reason: str) -> str | None:
     return None
 
 
+def health_limit_s(settings: Settings, default_s: float) -> float:
+    """How long the service may make no progress before ``/healthz`` says so: ``default_s``, or with the Rekognition
+    backend at least one call's longest (:func:`jobs.faces.rekognition.call_limit_s`) plus
+    :data:`REKOGNITION_MARGIN_S`, so a call that waits out its timeouts never gets the service restarted."""
+    if settings.faces.backend != "rekognition":
+        return default_s
+    return max(default_s, call_limit_s(settings.faces.rekognition_search_timeout_s) + REKOGNITION_MARGIN_S)
+
+
 class WatchlistCore:
     """Decisions and side effects per input; returns the records to publish (no Kafka here)."""
 
@@ -175,7 +186,7 @@ class WatchlistCore:
         self.collection_pending = False
         """The collection is still to be created (:meth:`ensure_collection`): the service does it at its start."""
         if rekognition is None and settings.faces.backend == "rekognition":
-            rekognition = RekognitionFaces(settings.faces)
+            rekognition = RekognitionFaces(settings.faces, timeout_s=settings.faces.rekognition_search_timeout_s)
             self.collection_pending = True
         self.rekognition = rekognition
         self.entries: dict[str, dict[str, Any]] = {}
@@ -992,7 +1003,16 @@ class WatchlistService:
         self._next_purge = 0.0
         self._held = {}
         self.heartbeat = metrics.Heartbeat()
+        self.heartbeat.stale_s = health_limit_s(settings, self.heartbeat.stale_s)
+        self._watch_rekognition()
         self._processing = metrics.PROCESSING_SECONDS.labels(PROCESS)
+
+    def _watch_rekognition(self) -> None:
+        """Beat ``/healthz`` after each Rekognition call that ends, answered or failed: each is bounded
+        (:func:`health_limit_s`), and a command of several (ListFaces pages, then IndexFaces or DeleteFaces) was taken
+        for a hang, the service restarted by the supervisor and the command read again."""
+        if self.core.rekognition is not None:
+            self.core.rekognition.progress = lambda: self._beat(self._store_problem)
 
     def stop(self, *_: object) -> None:
         self._stop = True

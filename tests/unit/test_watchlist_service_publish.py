@@ -377,7 +377,7 @@ def _rekognition_service(tmp_path, monkeypatch, errors: list[Exception]):
     from jobs.faces.watchlist_service import WatchlistCore
 
     clients: list[_Collection] = []
-    monkeypatch.setattr(watchlist_service, "RekognitionFaces", lambda _faces: _Collection(errors, clients))
+    monkeypatch.setattr(watchlist_service, "RekognitionFaces", lambda _faces, **_kwargs: _Collection(errors, clients))
     core = WatchlistCore(
         Settings(stack_dir=tmp_path, faces=FaceSettings(backend="rekognition")),
         engine=object(),  # type: ignore[arg-type]
@@ -487,3 +487,62 @@ def test_readyz_keeps_naming_the_image_store_while_another_partitions_alert_stil
     assert readiness[:2] == [(False, "image store unreachable")] * 2, "partition 1's alert still waited"
     assert readiness[2:] == [(True, "ok")], "ready once no alert waits"
     assert producer.committed == [[b"retain:a-8"], [b"retain:a-9"]] and svc._held == {}
+
+
+def test_the_watchlist_services_rekognition_calls_time_out_in_seconds_within_the_healthz_limit(tmp_path) -> None:
+    """The service built its Rekognition client with botocore's 60 s connect and read timeouts: one CreateCollection,
+    IndexFaces or ListFaces to an endpoint that does not answer outlasted /healthz's 60 s, and the supervisor restarted
+    the service while an alert waited minutes. Now each try times out as the face stage's do."""
+    from infra.metrics import Heartbeat
+    from infra.settings import FaceSettings, Settings
+    from jobs.faces.rekognition import ATTEMPTS, call_limit_s
+    from jobs.faces.watchlist_service import WatchlistCore, health_limit_s
+
+    faces = FaceSettings(backend="rekognition", aws_region="eu-west-1", rekognition_search_timeout_s=3.0)
+    settings = Settings(stack_dir=tmp_path, faces=faces)
+    core = WatchlistCore(settings, engine=object())  # type: ignore[arg-type]
+    assert core.rekognition is not None
+    config = core.rekognition.client.meta.config
+    assert (config.connect_timeout, config.read_timeout) == (3.0, 3.0)
+    assert config.retries == {"mode": "standard", "total_max_attempts": ATTEMPTS}, "max_attempts are retries: 5 tries"
+    default = Heartbeat().stale_s
+    assert health_limit_s(settings, default) > call_limit_s(3.0), "one bounded call outlasted /healthz"
+    assert health_limit_s(settings, default) == default, "3 s tries fit the usual 60 s"
+    slow = Settings(stack_dir=tmp_path, faces=faces.model_copy(update={"rekognition_search_timeout_s": 20.0}))
+    assert health_limit_s(slow, default) > call_limit_s(20.0)
+    assert health_limit_s(Settings(stack_dir=tmp_path), default) == default, "the local backend makes no such call"
+
+
+def test_a_command_of_several_slow_rekognition_calls_keeps_healthz_alive(tmp_path) -> None:
+    """A forget lists the subject's faces (page by page), then deletes them: each call bounded, but together longer
+    than /healthz's 60 s, which took the service for hung. Each call that ends now counts as progress."""
+    from infra.metrics import Heartbeat
+    from infra.settings import FaceSettings
+    from jobs.faces.rekognition import RekognitionFaces
+
+    now = [0.0]
+    svc = service(FlakyTransactions([]))
+    svc.heartbeat = Heartbeat(stale_s=60.0, clock=lambda: now[0])
+    seen: list[tuple[bool, str]] = []
+
+    class SlowCollection:
+        def list_faces(self, **kwargs) -> dict:
+            seen.append(svc.heartbeat())
+            now[0] += 40.0
+            more = {"NextToken": "page-2"} if "NextToken" not in kwargs else {}
+            return {"Faces": [{"FaceId": f"f-{len(seen)}", "ExternalImageId": "subj-tx-1"}], **more}
+
+        def delete_faces(self, **_kwargs) -> dict:
+            seen.append(svc.heartbeat())
+            now[0] += 40.0
+            return {}
+
+    from types import SimpleNamespace
+
+    rekognition = RekognitionFaces(FaceSettings(backend="rekognition"), client=SlowCollection())
+    svc.core = SimpleNamespace(rekognition=rekognition)
+    svc._store_problem = None
+    svc._watch_rekognition()
+    assert rekognition.forget("subj-tx-1") == 2
+    assert [alive for alive, _ in seen] == [True] * 3, seen
+    assert svc.heartbeat()[0], "stale after the last call"
