@@ -201,6 +201,9 @@ class WatchlistCore:
         """Stores besides ``store`` that refs named (:meth:`store_of`), each built once."""
         self._former: list[ImageStore] | None = None
         """:func:`former_stores`, built once (:meth:`former`): each S3 one holds a client and its connections."""
+        self.purge_missing: dict[str, str] = {}
+        """The missing bucket the purge last logged as an ERROR, by store (:meth:`ImageStore.where`): logged again only
+        when it changes or after a sweep of that store worked."""
 
     def ensure_collection(self) -> None:
         """Create the Rekognition collection this core built the client of, once it works; a
@@ -459,8 +462,10 @@ class WatchlistCore:
                 deleted += store.purge(cutoff, keep)
                 released += store.purge_retained(alert_cutoff)
             except Exception as exc:  # noqa: BLE001 - S3 or disk: the other stores are swept, this one next time
-                log.warning("purging %s failed (%s): trying again at the next purge", store.where(), type(exc).__name__)
+                self._purge_failed(store, exc)
                 not_swept.append(store.where())
+            else:
+                self.purge_missing.pop(store.where(), None)
         if not deleted and not released:  # a store that failed is in the log at every sweep, not on audit
             return expired
         log.info("purged %d unretained snapshots and %d alert snapshots past their retention", deleted, released)
@@ -484,6 +489,20 @@ class WatchlistCore:
                 details=details,
             ),
         ]
+
+    def _purge_failed(self, store: ImageStore, exc: Exception) -> None:
+        """Log a store the purge could not sweep. A bucket of the current store that does not exist
+        (:func:`missing_bucket`) fails every sweep until its setting is fixed: an ERROR naming the bucket and the
+        setting, once until that changes (it was a WARNING with the error's type alone, at every sweep); the rest a
+        WARNING."""
+        where = store.where()
+        if (missing := missing_bucket(exc, store)) is None:
+            log.warning("purging %s failed (%s): trying again at the next purge", where, type(exc).__name__)
+        elif self.purge_missing.get(where) != str(missing):
+            self.purge_missing[where] = str(missing)
+            log.error("purging %s failed, and will at every sweep: %s (logged once, until it changes)", where, missing)
+        else:
+            log.debug("purging %s failed: %s", where, missing)
 
     # --- commands ----------------------------------------------------------------------------------
     def _enroll(self, cmd: BotCommand, tx: str, audit: dict[str, Any]) -> list[Out]:

@@ -1143,3 +1143,35 @@ def test_a_current_bucket_that_does_not_exist_fails_commands_and_alerts_naming_t
     assert retain.outcome == "FAILED" and retain.reason.startswith("image_store_missing"), retain.reason
     assert "CG_FACES__CHECKOUT_BUCKET" in retain.reason
     assert DeadLetter.decode(by_topic(outs)["dead_letters"][0].value).error_kind == "image_store_missing"
+
+
+def test_a_missing_checkout_bucket_is_logged_once_by_the_purge_as_an_error_naming_it_and_its_setting(
+    moto_url, tmp_path, caplog
+):
+    """The retention sweep logged a missing bucket as ``purging ... failed (NoSuchBucket)``, a WARNING at every sweep
+    that named neither the missing bucket nor what to set; now one ERROR does, until it changes or a sweep works."""
+    import logging
+    from types import SimpleNamespace
+
+    from infra.clients.image_store import S3ImageStore
+
+    settings = _switched(moto_url, tmp_path)
+    store = S3ImageStore(settings)  # its buckets not created
+    bucket = store.buckets["checkout"]
+    core = WatchlistCore(settings, engine=SimpleNamespace(embedder="sface"), store=store)  # type: ignore[arg-type]
+
+    def sweep() -> list[logging.LogRecord]:
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="jobs.faces.watchlist_service"):
+            core.purge(NOW)
+        return [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+    [error] = sweep()
+    assert error.levelno == logging.ERROR, error.getMessage()
+    assert bucket in error.getMessage() and "CG_FACES__CHECKOUT_BUCKET" in error.getMessage()
+    assert sweep() == [], "logged again at the next sweep"
+    store.ensure_buckets()
+    assert sweep() == []
+    store.s3.delete_bucket(Bucket=bucket)
+    [again] = sweep()
+    assert again.levelno == logging.ERROR and bucket in again.getMessage(), "gone again after a sweep worked"
