@@ -474,6 +474,7 @@ class DecisionCore:
                 tx_id = str(tx.get("transaction_id"))
                 self._log_internal(err, f"decision of {tx_id[:128]}")
                 self._unprocessed(tx)
+                self._persist(self.join.undecided(tx_id))
                 self._resync(tx)
                 rows.append(self._decision_dead_letter(tx, err))
                 continue

@@ -313,6 +313,13 @@ class FaceJoin:
             writes.append((DECIDED, gone, None))
         return ready, writes
 
+    def undecided(self, tx_id: str) -> list[Write]:
+        """The transaction's decision failed (dead-lettered): it was never decided, so no late face may raise
+        an alert for it; its face, if it comes, is parked as an early face for its re-drive."""
+        if self.decided.pop(tx_id, None) is None:
+            return []
+        return [(DECIDED, tx_id, None)]
+
     def _waited(self, deadline: int, released_ms: int) -> int:
         """From when the transaction was held (its deadline less the wait allowed) to its release."""
         return max(0, released_ms - (deadline - self.deadline_ms))

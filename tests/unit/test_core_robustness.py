@@ -256,6 +256,25 @@ def test_a_model_that_raises_at_the_face_deadline_dead_letters_only_that_transac
     assert_persisted_equals_memory(maps, core)
 
 
+def test_a_face_after_a_failed_deadline_decision_raises_no_late_alert():
+    """A transaction dead-lettered at its face deadline was never decided: it is not remembered for a late face,
+    in memory or in state, so its face (a watch-list match) raises no alert for a sale with no scored record."""
+    core = make_core(predictor=FailsFor("t1"))
+    core.on_control(WATCH_TOPIC, b"subj-9", watch_entry("subj-9", SUSPECT_FACE), 0, 0)
+    maps: dict[str, dict] = {}
+    persist(maps, core.on_records([tx_record(sale("t0"), 0), tx_record(sale("t1", card="card-B"), 1)], NOW))
+    step = core.on_timer(NOW + DEADLINE, NOW + DEADLINE)
+    persist(maps, step)
+    assert list(scored(step)) == ["t0"] and kinds(step.outputs) == ["internal_error"]
+    assert set(core.join.decided) == {"t0"} and set(maps.get(DECIDED, {})) == {"t0"}
+    assert_persisted_equals_memory(maps, core)
+    restored = make_core(predictor=FailsFor("none"))
+    restored.on_control(WATCH_TOPIC, b"subj-9", watch_entry("subj-9", SUSPECT_FACE), 0, 0)
+    restored.restore(maps)
+    late = restored.on_records([face_record("t1", embedding=SUSPECT_FACE)], NOW + DEADLINE + 30_000)
+    assert alerts(late) == [] and restored.stats.late_faces == {}
+
+
 def test_an_observation_that_makes_the_watchlist_raise_is_dead_lettered_and_the_rest_is_scored():
     class Broken(Watchlist):
         def search(self, embedding):
