@@ -384,6 +384,10 @@ Activity = tuple[float, float, Feature, float, float, float, float, float, float
 transaction or ``None``, decayed count 1h, 24h, 7d, decayed sum 1h, 24h, 7d)."""
 
 
+STORES_REMEMBERED = 16
+"""How many stores a customer profile remembers for ``new_store_for_customer``: the most recently used ones."""
+
+
 @dataclass(slots=True)
 class CustomerProfile:
     """A customer's recent activity and spending habit (Welford running mean/variance of sales).
@@ -397,7 +401,8 @@ class CustomerProfile:
     count: int = 0
     mean: float = 0.0
     m2: float = 0.0
-    stores: set[str] = field(default_factory=set)
+    stores: list[str] = field(default_factory=list)
+    """The :data:`STORES_REMEMBERED` stores used most recently, the most recent last (a set in older state)."""
     first: int = 0
     """Event time (ms) of the first transaction seen; 0 = none yet."""
     last: int = 0
@@ -412,8 +417,11 @@ class CustomerProfile:
     def __setstate__(self, state: Any) -> None:
         """Restore a pickle, also one written before the activity fields existed (a savepoint of an
         older job): missing fields take their defaults, the first and newest times come from
-        ``recent``, the window sums start at zero (an under-count for at most a week)."""
+        ``recent``, the window sums start at zero (an under-count for at most a week). Stores saved as a set
+        (the first 16 used, in no order) come back sorted, as if used in that order."""
         values = _pickled_values(state)
+        if isinstance(values.get("stores"), set | frozenset):
+            values["stores"] = sorted(values["stores"])
         recent = values.get("recent") or []
         values.setdefault("first", recent[0] if recent else 0)
         values.setdefault("last", recent[-1] if recent else 0)
@@ -479,10 +487,7 @@ class CustomerProfile:
         ind["velocity"] = float(in_window)
         if in_window > rules.velocity_limit:
             ind["velocity_exceeded"] = 1.0
-        if tx["store_id"] not in self.stores and self.stores:
-            ind["new_store_for_customer"] = 1.0
-        if len(self.stores) < 16:
-            self.stores.add(tx["store_id"])
+        self._use_store(tx["store_id"], ind)
         if self.count >= 5:
             std = math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 0.0
             z = (amount - self.mean) / max(std, 0.25 * self.mean, 1.0)
@@ -497,6 +502,22 @@ class CustomerProfile:
             self.mean += delta / self.count
             self.m2 += delta * (amount - self.mean)
         return ind, (tx_before, age, since, ratio, c1, c24, c7, s1, s24, s7)
+
+    def _use_store(self, store: str, ind: dict[str, float]) -> None:
+        """``new_store_for_customer`` unless ``store`` is among the remembered ones (never at the first
+        transaction); then it is the most recent, and the least recently used beyond the cap is forgotten, so a
+        customer of many stores is not flagged at every visit to a store used after the first 16."""
+        stores = self.stores
+        if store in stores:
+            if stores[-1] != store:
+                stores.remove(store)
+                stores.append(store)
+            return
+        if stores:
+            ind["new_store_for_customer"] = 1.0
+        stores.append(store)
+        if len(stores) > STORES_REMEMBERED:
+            del stores[: len(stores) - STORES_REMEMBERED]
 
     def observe_identity(self, now: int, amount: float) -> Activity:
         """A linked identity's activity before a transaction; then counts it in (``count``: transactions)."""

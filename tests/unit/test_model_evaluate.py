@@ -31,6 +31,7 @@ from jobs.scoring.features import (
     LINKED_FEATURES,
     PROFILE_FEATURES,
     PROFILE_KEY,
+    STORES_REMEMBERED,
     CustomerProfile,
     identity_keys,
 )
@@ -293,7 +294,7 @@ def test_a_customer_profile_pickled_by_the_previous_version_restores():
             6,
             42.5,
             120.0,
-            {"store-001"},
+            ["store-001"],  # kept as a set then: restored as the list of stores used
         )
         assert (p.first, p.last) == (1_700_000_000_000, 1_700_000_060_000)
         assert (p.c1h, p.s1h, p.c24h, p.s24h, p.c7d, p.s7d) == (0.0,) * 6
@@ -302,6 +303,50 @@ def test_a_customer_profile_pickled_by_the_previous_version_restores():
         ind, customer = p.observe_profile(tx, Settings().rules)
         assert "amount_zscore" in ind and customer[0] == 6 and customer[2] == 60.0
         assert pickle.loads(pickle.dumps(p)) == p  # and the new shape round-trips
+
+
+def test_a_store_visited_again_stays_known_past_the_customers_16th_store():
+    """The 16 stores a customer used most recently are remembered (least recently used forgotten first): a 17th
+    store is new once, not at every visit, and a store used again moves to the front."""
+    rules = Settings().rules
+    p = CustomerProfile()
+
+    def new_store(store: str, i: int) -> bool:
+        tx = sale(f"t{i}", store=store).to_avro() | {"event_time": T0 + i * 60_000}
+        return "new_store_for_customer" in p.observe_profile(tx, rules)[0]
+
+    assert [new_store(f"st-{i:02}", i) for i in range(16)] == [False] + [True] * 15
+    assert not new_store("st-00", 16)  # used again: now the most recent
+    assert new_store("st-16", 17) and not new_store("st-16", 18), "a 17th store is new once"
+    assert not new_store("st-00", 19), "kept: used more recently than st-01"
+    assert new_store("st-01", 20), "the least recently used went to make room"
+    assert len(p.stores) == STORES_REMEMBERED
+
+
+def test_a_customer_profile_saved_with_its_stores_as_a_set_restores_them():
+    # pickle.dumps(CustomerProfile(recent=[1_700_000_000_000], count=16, mean=20.0, first=..., last=...,
+    # stores={"st-00", ..., "st-15"}), protocol 5) by the code that kept the first 16 stores in a set
+    saved = (
+        b"\x80\x05\x95|\x01\x00\x00\x00\x00\x00\x00\x8c\x15jobs.scoring.features\x94\x8c\x0fCustomerProfile\x94"
+        b"\x93\x94)\x81\x94N}\x94(\x8c\x06recent\x94]\x94\x8a\x06\x00h\xe5\xcf\x8b\x01a\x8c\x05count\x94K\x10\x8c"
+        b"\x04mean\x94G@4\x00\x00\x00\x00\x00\x00\x8c\x02m2\x94G\x00\x00\x00\x00\x00\x00\x00\x00\x8c\x06stores\x94"
+        b"\x8f\x94(\x8c\x05st-14\x94\x8c\x05st-12\x94\x8c\x05st-13\x94\x8c\x05st-01\x94\x8c\x05st-00\x94\x8c\x05st"
+        b"-06\x94\x8c\x05st-03\x94\x8c\x05st-09\x94\x8c\x05st-04\x94\x8c\x05st-10\x94\x8c\x05st-08\x94\x8c\x05st-0"
+        b"7\x94\x8c\x05st-11\x94\x8c\x05st-15\x94\x8c\x05st-05\x94\x8c\x05st-02\x94\x90\x8c\x05first\x94\x8a\x06"
+        b"\x00h\xe5\xcf\x8b\x01\x8c\x04last\x94\x8a\x06\x00h\xe5\xcf\x8b\x01\x8c\x03c1h\x94G\x00\x00\x00\x00\x00"
+        b"\x00\x00\x00\x8c\x03s1h\x94G\x00\x00\x00\x00\x00\x00\x00\x00\x8c\x04c24h\x94G\x00\x00\x00\x00\x00\x00"
+        b"\x00\x00\x8c\x04s24h\x94G\x00\x00\x00\x00\x00\x00\x00\x00\x8c\x03c7d\x94G\x00\x00\x00\x00\x00\x00\x00"
+        b"\x00\x8c\x03s7d\x94G\x00\x00\x00\x00\x00\x00\x00\x00u\x86\x94b."
+    )
+    p = pickle.loads(saved)
+    assert sorted(p.stores) == [f"st-{i:02}" for i in range(16)] and (p.count, p.mean) == (16, 20.0)
+    rules = Settings().rules
+    for i, store in enumerate(["st-07", "st-99", "st-99"]):
+        tx = sale(f"t{i}", store=store).to_avro() | {"event_time": 1_700_000_060_000 + i}
+        ind = p.observe_profile(tx, rules)[0]
+        assert ("new_store_for_customer" in ind) == (i == 1), store
+    assert len(p.stores) == STORES_REMEMBERED and p.stores[-2:] == ["st-07", "st-99"]
+    assert pickle.loads(pickle.dumps(p)) == p
 
 
 # --- the commands on the shared sample ---------------------------------------------------------
