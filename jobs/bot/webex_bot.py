@@ -39,9 +39,9 @@ On start, when ``CG_WEBEX__PUBLIC_URL`` is set, the bot registers (or re-points)
 Metrics (``infra.metrics``, stage ``webex-bot``, on their own port, not the webhook's): webhooks in by kind
 (``accepted``, ``rejected_signature``, ``invalid``, ``ignored`` for a redelivery) and commands out by verb once
 Kafka confirmed them. The bot has no loop to watch: ``/healthz`` stays 200, and ``/readyz`` says whether the bot can
-work now: 503 while Kafka or Webex does not answer (:meth:`WebexBot.ready`, asked at most every
-:data:`READY_RECHECK_S`, at once after a command could not be recorded, :class:`Readiness`), not whether the last
-command was.
+work now: 503 while Kafka or Webex does not answer (:meth:`WebexBot.ready`: answered at once from the last look of
+a background thread that looks every :data:`READY_RECHECK_S`, and at once after a command could not be recorded,
+:class:`Readiness`), not whether the last command was.
 
 Run: ``python -m jobs.bot.webex_bot`` (listens on ``CG_WEBEX__BOT_HOST``:``CG_WEBEX__BOT_PORT``).
 """
@@ -101,8 +101,11 @@ PREVIOUS_SECRET_GRACE_S = 600.0
 re-registered with the new secret (from the start when the bot registers none): Webex signs what it sends, and
 sends again, with the secret it had; after the rotation a callback with the old one is refused (403)."""
 READY_RECHECK_S = 30.0
-"""How long ``/readyz`` answers from its last look at Kafka and Webex (one metadata request and one ``GET /people/me``
-per look); a command that could not be recorded makes the next ``/readyz`` look again."""
+"""How often the bot looks at Kafka and Webex in the background for ``/readyz`` (one metadata request and one
+``GET /people/me`` per look); a command that could not be recorded makes it look at once."""
+READY_FIRST_WAIT_S = 0.5
+"""How long a ``/readyz`` question waits for the first look (one that finishes quickly) before it hears ``not checked
+yet``; once looked, every question is answered at once from the last look."""
 KAFKA_PROBE_TIMEOUT_S = 3.0
 MAX_BODY_BYTES = 64 * 1024
 """A Webex message webhook is well under 2 KB; anything much larger is not one."""
@@ -435,31 +438,66 @@ def read_watchlist(settings: Settings) -> list[WatchlistEntry]:
 
 
 class Readiness:
-    """``/readyz`` of the bot: whether Kafka and Webex answer (``check``), looked at at most every ``recheck_s`` (a
-    probe every few seconds must not cost a Webex call each). Before, one command Kafka refused turned it 503 until
-    the next command went through, however long Kafka had been back."""
+    """``/readyz`` of the bot: whether Kafka and Webex answer (``check``), from the last look of a background thread
+    that looks every ``recheck_s`` (a probe every few seconds must not cost a Webex call each) and at once after
+    :meth:`look_again`. Asked inline, one question waited for Webex's timeout plus Kafka's probe timeout, and questions
+    asked meanwhile queued behind it: a probe with a short timeout failed exactly when a dependency was slow.
+
+    The thread starts with the first question (a bot no one asks does not call Webex for it); until its first look
+    is done, a question waits at most ``first_wait_s`` for it, then hears ``not checked yet`` (503).
+    :meth:`close` stops it.
+    """
 
     def __init__(
         self,
         check: Callable[[], tuple[bool, str]],
         recheck_s: float = READY_RECHECK_S,
-        clock: Callable[[], float] = time.monotonic,
+        first_wait_s: float = READY_FIRST_WAIT_S,
     ) -> None:
-        self.check, self.recheck_s, self.clock = check, recheck_s, clock
+        self.check, self.recheck_s, self.first_wait_s = check, recheck_s, first_wait_s
         self._lock = threading.Lock()
-        self._last: tuple[float, tuple[bool, str]] | None = None
+        self._last: tuple[bool, str] | None = None
+        self._looked = threading.Event()
+        """Set once the first look is done."""
+        self._wake = threading.Event()
+        """Look now (:meth:`look_again`, :meth:`close`)."""
+        self._closed = False
+        self._thread: threading.Thread | None = None
 
     def __call__(self) -> tuple[bool, str]:
-        with self._lock:
-            now = self.clock()
-            if self._last is None or now - self._last[0] >= self.recheck_s:
-                self._last = (now, self.check())
-            return self._last[1]
+        with self._lock:  # held for no check: only to start the thread once
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._run, name="webex-bot-readiness", daemon=True)
+                self._thread.start()
+        if self._looked.wait(self.first_wait_s):
+            last = self._last
+            if last is not None:
+                return last
+        return False, "not checked yet"
 
     def look_again(self) -> None:
-        """The next ask looks (a command could not be recorded: is Kafka away?)."""
+        """Look now, not at the next turn (a command could not be recorded: is Kafka away?); until that look is done,
+        questions hear the last one. A look under way when asked is followed by another."""
+        self._wake.set()
+
+    def close(self) -> None:
+        """Stop the thread: it looks no more (a look under way ends with its own timeouts; nothing waits for it)."""
         with self._lock:
-            self._last = None
+            self._closed = True
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.clear()
+            try:
+                result = self.check()
+            except Exception as exc:  # noqa: BLE001 - a check that raises says "not ready"; the thread looks on
+                result = (False, f"readiness check failed ({type(exc).__name__})")
+            if self._closed:
+                return
+            self._last = result
+            self._looked.set()
+            self._wake.wait(self.recheck_s)
 
 
 class WebexBot:
@@ -551,7 +589,9 @@ class WebexBot:
         )
 
     def close(self) -> None:
-        """Close what the bot built (newest first); one failing to close does not keep the others open."""
+        """Stop the readiness thread, then close what the bot built (newest first); one failing to close does not
+        keep the others open."""
+        self.ready.close()
         owned, self._owned = self._owned, []
         with contextlib.ExitStack() as closing:
             for part in owned:
@@ -775,7 +815,7 @@ class WebexBot:
             self.publish(command, headers)
         except Exception as exc:  # Kafka unreachable: tell the person instead of going quiet
             log.error("command %s not published: %s", message_id, exc)
-            self.ready.look_again()  # the next /readyz looks at Kafka now, not at this one command
+            self.ready.look_again()  # /readyz looks at Kafka now, not at this one command
             return "Sorry, I could not record that right now; please try again in a minute.", False
         metrics.RECORDS_OUT.labels(PROCESS, parsed.verb.lower()).inc()
         return self._answer(parsed), True

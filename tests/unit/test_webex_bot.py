@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -597,15 +598,56 @@ def test_readiness_follows_whether_kafka_and_webex_answer_not_whether_the_last_c
     bot.kafka_probe, bot.publish = kafka_probe, broken
     harness.say(SECURITY_ROOM, "guard@store.test", "fraud tx-8")
     wait_for(lambda: harness.replies(SECURITY_ROOM), 10, what="the apology")
-    assert bot.ready() == (False, "Kafka unreachable (RuntimeError)")
+    wait_for(lambda: bot.ready() == (False, "Kafka unreachable (RuntimeError)"), 10, what="Kafka seen away")
     kafka_down[0] = False  # Kafka is back, no command since
     assert bot.ready() == (False, "Kafka unreachable (RuntimeError)")  # looked at a moment ago
     bot.ready.look_again()  # READY_RECHECK_S later
-    assert bot.ready() == (True, "ok")
+    wait_for(lambda: bot.ready() == (True, "ok"), 10, what="Kafka seen back")
     harness.webex.state.fail((503,), count=1)
     bot.ready.look_again()
-    ready, reason = bot.ready()
-    assert not ready and reason.startswith("Webex unreachable (503")
+    wait_for(lambda: bot.ready()[1].startswith("Webex unreachable (503"), 10, what="Webex seen away")
+    assert not bot.ready()[0]
+
+
+def test_readyz_answers_at_once_while_the_look_at_kafka_and_webex_hangs(harness: Harness) -> None:
+    """The look ran inside the /readyz question, under a lock: a question waited for Webex's and Kafka's timeouts, and
+    those asked meanwhile queued behind it, so a 1-2 s probe failed exactly when a dependency was slow."""
+    gate, looks = threading.Event(), []
+
+    def slow_kafka() -> None:
+        looks.append(time.monotonic())
+        gate.wait(8)  # Kafka answers only when the test lets it
+
+    bot = harness.bot
+    bot.kafka_probe = slow_kafka
+    answers: list[tuple[float, tuple[bool, str]]] = []
+
+    def ask() -> None:
+        t0 = time.monotonic()
+        answer = bot.ready()
+        answers.append((time.monotonic() - t0, answer))
+
+    askers = [threading.Thread(target=ask) for _ in range(4)]
+    for asker in askers:
+        asker.start()
+    for asker in askers:
+        asker.join(10)
+    assert [answer for _, answer in answers] == [(False, "not checked yet")] * 4
+    assert max(took for took, _ in answers) < 1.5, answers
+    assert len(looks) == 1  # one look in the background, not one per question
+    gate.set()
+    wait_for(lambda: bot.ready() == (True, "ok"), 10, what="the first look's answer")
+    gate.clear()  # Kafka slow again: a look after a failed command hangs, /readyz answers from the last one
+    bot.ready.look_again()
+    wait_for(lambda: len(looks) == 2, 10, what="the second look")
+    t0 = time.monotonic()
+    assert bot.ready() == (True, "ok") and time.monotonic() - t0 < 0.5
+    bot.ready.close()
+    gate.set()
+    thread = bot.ready._thread
+    assert thread is not None
+    thread.join(5)
+    assert not thread.is_alive() and len(looks) == 2  # closed: it looks no more
 
 
 def test_a_message_webex_will_not_give_us_gets_an_apology_not_silence(harness: Harness) -> None:
