@@ -729,6 +729,23 @@ class WebexSettings(BaseModel, frozen=True):
     """Comma-separated room ids whose members may use the watchlist (checkout, status, fraud, vip, forget)."""
     allowed_people: str = ""
     """Comma-separated e-mails of people who may use the watchlist from any room."""
+    room_stores: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    """Per room, the only stores whose checkouts, cases and watchlist entries the bot shows and acts on there (a
+    chain's store security rooms): a JSON map of room id -> store ids, ``{"room-nyc": ["S-NYC", "S-BKN"]}``, for
+    whoever writes in that room; rooms not in it see every store."""
+
+    @field_validator("room_stores")
+    @classmethod
+    def _room_stores(cls, value: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        """At least one store a room: an empty list would read as "no limit" to some and "nothing" to others."""
+        out: dict[str, tuple[str, ...]] = {}
+        for room, stores in value.items():
+            ids = tuple(dict.fromkeys(s.strip() for s in stores if s.strip()))
+            if not room.strip() or not ids:
+                raise ValueError(f"room {room[:64]!r}: name at least one store id (leave a room out for every store)")
+            out[room.strip()] = ids
+        return out
+
     command_signing_key: SecretStr | None = None
     """Shared by the bot and the watchlist service: every BotCommand is signed (HMAC-SHA256) with it, and
     without it the bot refuses watchlist changes and the service applies none (the demo generates one)."""
@@ -746,6 +763,11 @@ class WebexSettings(BaseModel, frozen=True):
 
     def allowed_emails(self) -> frozenset[str]:
         return frozenset(p.strip().lower() for p in self.allowed_people.split(",") if p.strip())
+
+    def stores_of(self, room_id: str | None) -> frozenset[str] | None:
+        """The stores the bot shows and acts on in ``room_id`` (``room_stores``), or None for every store."""
+        stores = self.room_stores.get(room_id) if room_id is not None else None
+        return None if stores is None else frozenset(stores)
 
     def is_allowed(self, room_id: str | None, person_email: str | None) -> bool:
         """The allow-list, one rule for the bot and the watchlist service: an allowed room or person."""

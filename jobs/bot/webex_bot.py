@@ -23,7 +23,9 @@ exactly like the typed ``confirm <case>`` / ``dismiss <case>``). The receiver:
    pipeline's health and counts; ``help``. Every command that reveals or changes watchlist data (all but
    ``help``, see :data:`RESTRICTED_VERBS`) is only accepted from allow-listed rooms or people; others get
    a short refusal (logged) and no command is produced; the answer to an allowed person in a group room that is
-   not allowed (it names people or cases) goes to that person alone (:data:`REVEALING_VERBS`);
+   not allowed (it names people or cases) goes to that person alone (:data:`REVEALING_VERBS`); in a room with a
+   store scope (``CG_WEBEX__ROOM_STORES``) a command naming a transaction, subject or case runs only on that room's
+   stores' (:data:`SCOPED_VERBS`), and ``status`` counts those stores alone;
 4. puts every accepted command on ``commands`` (BotCommand, key = command_id = the Webex message id, so
    a redelivered message is the same command), signed with ``CG_WEBEX__COMMAND_SIGNING_KEY`` in the
    :data:`~infra.command_auth.SIGNATURE_HEADER` header (the watchlist service applies only
@@ -122,6 +124,14 @@ REVEALING_VERBS = RESTRICTED_VERBS
 """Their answers name people or cases (subject ids and similarities, the watchlist, a case and who decided it):
 asked for in a group room that is not allowed (the sender is allowed by their e-mail), they go to the sender alone,
 and the room reads :data:`DIRECT_NOTE`. A typed command and a card press alike."""
+SCOPED_VERBS = RESTRICTED_VERBS - {"STATUS"}
+"""Verbs naming one transaction, subject or case: in a room with a store scope (``CG_WEBEX__ROOM_STORES``) they run
+only on that room's stores' (:meth:`WebexBot._out_of_scope`); ``status`` there counts its stores alone."""
+SCOPE_REFUSAL = (
+    "Sorry, this room sees only its own stores' checkouts, cases and watchlist entries, and I cannot tell that this "
+    "one is theirs; nothing was done."
+)
+"""The same answer whether the item is another store's, unknown or cannot be looked up now: it tells nothing."""
 DIRECT_NOTE = (
     "I sent you the answer directly: it names people or cases from the watchlist, and this room is not on the "
     "allow-list."
@@ -367,8 +377,9 @@ def _utc(ms: Any) -> str:
         return ""
 
 
-def pipeline_status_text(settings: Settings) -> str:
-    """Service health from ``infra.stack.status`` and document counts per outcome from OpenSearch."""
+def pipeline_status_text(settings: Settings, stores: frozenset[str] | None = None) -> str:
+    """Service health from ``infra.stack.status`` and document counts per outcome from OpenSearch; with ``stores``
+    (a room's scope) the counts are those stores' alone and the watchlist is counted, its subjects not named."""
     from infra.clients.opensearch import make_client
     from infra.stack import status
     from schemas.indices import index_name
@@ -383,17 +394,20 @@ def pipeline_status_text(settings: Settings) -> str:
     try:
         with contextlib.closing(make_client(settings.opensearch, timeout_s=5)) as client:
             prefix = settings.opensearch.index_prefix
+            scope: dict[str, Any] = {} if stores is None else {"query": {"terms": {"store_id": sorted(stores)}}}
             res = client.search(
                 index=index_name(prefix, "transactions"),
-                body={"size": 0, "aggs": {"o": {"terms": {"field": "outcome"}}}},
+                body={"size": 0, "aggs": {"o": {"terms": {"field": "outcome"}}}, **scope},
             )
             counts = ", ".join(f"{b['key'].lower()} {b['doc_count']:,}" for b in res["aggregations"]["o"]["buckets"])
-            alerts = client.count(index=index_name(prefix, "alerts"))["count"]
-        lines.append(f"Transactions: {counts or 'none yet'}; alerts: {alerts:,}")
+            alerts = client.count(index=index_name(prefix, "alerts"), body=scope or None)["count"]
+        of = "" if stores is None else " of " + ", ".join(_code(store) for store in sorted(stores))
+        lines.append(f"Transactions{of}: {counts or 'none yet'}; alerts: {alerts:,}")
     except Exception as exc:
         lines.append(f"Counts unavailable ({type(exc).__name__})")
     try:
-        lines.append(watchlist_text(read_watchlist(settings), now_ms(), settings.faces.watchlist_expire_days))
+        entries = read_watchlist(settings)
+        lines.append(watchlist_text(entries, now_ms(), settings.faces.watchlist_expire_days, named=stores is None))
     except Exception as exc:
         lines.append(f"Watchlist unavailable ({type(exc).__name__})")
     return "\n\n".join(lines)
@@ -403,13 +417,16 @@ EXPIRY_SOON_DAYS = 30
 """``status`` lists the watchlist entries that expire within this many days (renew them or let them go)."""
 
 
-def watchlist_text(entries: list[WatchlistEntry], at_ms: int, expire_days: float) -> str:
-    """The watchlist in one paragraph: entries per category and those expiring soon, soonest first."""
+def watchlist_text(entries: list[WatchlistEntry], at_ms: int, expire_days: float, named: bool = True) -> str:
+    """The watchlist in one paragraph: entries per category and those expiring soon, soonest first; not ``named``
+    (a room with a store scope: the watchlist is the chain's), only how many expire soon."""
     lifetime, soon = int(expire_days * 86_400_000), at_ms + EXPIRY_SOON_DAYS * 86_400_000
     by_category = Counter(e.category.lower() for e in entries)
     counts = ", ".join(f"{n} {category}" for category, n in sorted(by_category.items())) or "empty"
     expiring = sorted((e.expiry(lifetime), e.subject_id) for e in entries if e.expiry(lifetime) <= soon)
     text = f"Watchlist: {counts}"
+    if expiring and not named:
+        return text + f"; {len(expiring)} expiring within {EXPIRY_SOON_DAYS} days"
     if expiring:
         listed = ", ".join(f"`{s}` in {max(0, (t - at_ms) // 86_400_000)} d" for t, s in expiring[:10])
         text += f"; expiring within {EXPIRY_SOON_DAYS} days (`renew <subject>` keeps one): {listed}"
@@ -518,10 +535,15 @@ class WebexBot:
         status_text: Callable[[], str] | None = None,
         case_lookup: Lookup | None = None,
         kafka_probe: Callable[[], object] | None = None,
+        transaction_lookup: Lookup | None = None,
+        store_status_text: Callable[[frozenset[str]], str] | None = None,
     ) -> None:
         self.settings = settings
         self.case_lookup = case_lookup
         """The case by id as indexed (OpenSearch), to answer a verdict on a decided case at once; ``None``: none."""
+        # The scored transaction by id as indexed, for its store in a room with a store scope; ``None``: none (such a
+        # room then runs no command naming a transaction or subject).
+        self.transaction_lookup = transaction_lookup
         self._owned: list[Any] = []
         """What the bot built itself and closes in :meth:`close`, in the order built."""
         if client is None:
@@ -532,26 +554,16 @@ class WebexBot:
             publish = KafkaCommandPublisher(settings)
             self._owned.append(publish)
         self.publish = publish
-        if inspect_checkout is None:
-            from infra.clients.opensearch import make_client
-            from jobs.faces.checkout_inspect import CheckoutInspector, opensearch_lookup
-
-            opensearch = make_client(settings.opensearch, timeout_s=5)
-            self._owned.append(opensearch)
-            lookup = opensearch_lookup(settings, opensearch)
-            self.inspect_checkout = recorded_checkout(lookup)
-            if case_lookup is None:
-                self.case_lookup = opensearch_lookup(settings, opensearch, "cases")
-            # ``checkout <tx>``: the recorded decision at once, then a follow-up from a fresh snapshot
-            # of that lane's camera at the transaction time (seconds: the camera API polls); both read
-            # the transaction through the same lookup.
-            if fresh_checkout is None:
-                fresh_checkout = CheckoutInspector(settings, lookup=lookup)
-                self._owned.append(fresh_checkout)
-        else:
-            self.inspect_checkout = inspect_checkout
-        self.fresh_checkout = fresh_checkout
+        self.inspect_checkout: Callable[[str], str]
+        self.fresh_checkout: Callable[[str], str] | None
+        self.inspect_checkout, self.fresh_checkout = (
+            (inspect_checkout, fresh_checkout)
+            if inspect_checkout is not None
+            else self._from_opensearch(fresh_checkout)
+        )
         self.status_text = status_text or (lambda: pipeline_status_text(settings))
+        # ``status`` in a room with a store scope: its stores' counts, the watchlist's subjects not named.
+        self.store_status_text = store_status_text or (lambda stores: pipeline_status_text(settings, stores))
         secret, previous = settings.webex.webhook_secret, settings.webex.previous_webhook_secret
         self.secret = secret.get_secret_value() if secret else ""
         self.previous_secret = previous.get_secret_value() if previous and self.secret else ""
@@ -587,6 +599,27 @@ class WebexBot:
             ],
             lifespan=self._lifespan,
         )
+
+    def _from_opensearch(
+        self, fresh_checkout: Callable[[str], str] | None
+    ) -> tuple[Callable[[str], str], Callable[[str], str]]:
+        """The default ``checkout <tx>`` answers, reading OpenSearch: the recorded decision at once, then a follow-up
+        from a fresh snapshot of that lane's camera at the transaction time (seconds: the camera API polls); both read
+        the transaction through the same lookup, as do the store scope and (unless injected) :attr:`case_lookup`."""
+        from infra.clients.opensearch import make_client
+        from jobs.faces.checkout_inspect import CheckoutInspector, opensearch_lookup
+
+        opensearch = make_client(self.settings.opensearch, timeout_s=5)
+        self._owned.append(opensearch)
+        lookup = opensearch_lookup(self.settings, opensearch)
+        if self.transaction_lookup is None:
+            self.transaction_lookup = lookup
+        if self.case_lookup is None:
+            self.case_lookup = opensearch_lookup(self.settings, opensearch, "cases")
+        if fresh_checkout is None:
+            fresh_checkout = CheckoutInspector(self.settings, lookup=lookup)
+            self._owned.append(fresh_checkout)
+        return recorded_checkout(lookup), fresh_checkout
 
     def close(self) -> None:
         """Stop the readiness thread, then close what the bot built (newest first); one failing to close does not
@@ -794,13 +827,17 @@ class WebexBot:
             return "Sorry, I did not understand that.\n\n" + HELP_TEXT, False
         if parsed.problem:
             return f"Sorry, {parsed.problem}. Try `help`.", False
-        refusal = self._refusal(parsed.verb, message_id, room_id, person) or self._decided_already(parsed)
+        refusal = (
+            self._refusal(parsed.verb, message_id, room_id, person)
+            or self._out_of_scope(parsed, message_id, room_id)
+            or self._decided_already(parsed)
+        )
         if refusal:
             return refusal, False
         if parsed.verb not in RESTRICTED_VERBS and not self.settings.webex.is_allowed(room_id, person):
             # ``help`` answers everyone, but the watchlist service dead-letters a command from anyone off the
             # allow-list as ``unauthorized``: only an allow-listed issuer's is recorded.
-            return self._answer(parsed), False
+            return self._answer(parsed, None), False
         command = BotCommand(
             command_id=message_id,
             issued_at=now_ms(),
@@ -818,7 +855,7 @@ class WebexBot:
             self.ready.look_again()  # /readyz looks at Kafka now, not at this one command
             return "Sorry, I could not record that right now; please try again in a minute.", False
         metrics.RECORDS_OUT.labels(PROCESS, parsed.verb.lower()).inc()
-        return self._answer(parsed), True
+        return self._answer(parsed, self.settings.webex.stores_of(room_id)), True
 
     def _refusal(self, verb: str, message_id: str, room_id: str, person: str) -> str | None:
         """Why this sender may not run ``verb`` here (the reply), or None when they may.
@@ -836,6 +873,37 @@ class WebexBot:
             log.error("%s refused: no command signing key configured (message %s)", verb, message_id)
             return UNSIGNED_REFUSAL if verb in WATCHLIST_VERBS else CASE_UNSIGNED_REFUSAL
         return None
+
+    def _out_of_scope(self, parsed: ParsedCommand, message_id: str, room_id: str) -> str | None:
+        """:data:`SCOPE_REFUSAL` when ``room_id`` has a store scope and the transaction, subject or case named is not
+        one of its stores' as indexed (another store's, not indexed yet, or OpenSearch away: not known to be theirs),
+        else None. Asked before anything about the item is looked up for the answer."""
+        stores = self.settings.webex.stores_of(room_id)
+        if stores is None or parsed.verb not in SCOPED_VERBS:
+            return None
+        store = self._store_of(parsed)
+        if store in stores:
+            return None
+        log.warning("%s refused: not one of the stores of room %s (message %s)", parsed.verb, room_id, message_id)
+        return SCOPE_REFUSAL
+
+    def _store_of(self, parsed: ParsedCommand) -> str | None:
+        """The store of the case, transaction or subject (``subj-<transaction>``: the checkout it was enrolled from)
+        named, as indexed; None when not known."""
+        argument = (parsed.argument or "").split()
+        item = argument[0] if argument else ""
+        lookup = self.case_lookup if parsed.verb in CASE_VERBS else self.transaction_lookup
+        if parsed.verb in {"FORGET", "RENEW"}:
+            item = item.removeprefix("subj-") if item.startswith("subj-") else ""
+        if not item or lookup is None:
+            return None
+        try:
+            doc = lookup(item)
+        except Exception as exc:  # noqa: BLE001 - OpenSearch away: not known to be this room's, refused
+            log.warning("%s not looked up for its store (%s)", item, type(exc).__name__)
+            return None
+        store = (doc or {}).get("store_id")
+        return store if isinstance(store, str) else None
 
     def _decided_already(self, parsed: ParsedCommand) -> str | None:
         """The answer to a verdict, escalation or assignment on a case that is decided already (the case service
@@ -856,13 +924,13 @@ class WebexBot:
         done = f"already {_code(state)}" + (f" by {by}" if by else "") + (f" at {when}" if when else "")
         return f"Case `{case_id}` is {done}: nothing was sent. Add a `note` to it if you see it differently."
 
-    def _answer(self, parsed: ParsedCommand) -> str:
-        """The reply to an accepted command."""
+    def _answer(self, parsed: ParsedCommand, stores: frozenset[str] | None) -> str:
+        """The reply to an accepted command (``stores``: the room's store scope, None for every store)."""
         arg = parsed.argument
         if parsed.verb == "HELP":
             return HELP_TEXT
         if parsed.verb == "STATUS":
-            return self.status_text()
+            return self.status_text() if stores is None else self.store_status_text(stores)
         if parsed.verb == "CHECKOUT":
             return self.inspect_checkout(arg or "")
         if parsed.verb == "FRAUD":
