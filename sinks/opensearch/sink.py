@@ -27,8 +27,10 @@ Why nothing is lost or doubled: the document ``_id`` is the business key (``tran
 ``event_time``, so a replay overwrites the same document in the same index. An ``UNAVAILABLE`` face observation
 goes in with op ``create`` instead (:func:`never_replaces`): a transaction sent again after the face stage's lag
 limit gets one under the id of its real observation, which it must not replace; OpenSearch's 409 for it is the
-write done (``kept``), and a real observation still replaces an ``UNAVAILABLE`` one. Offsets are committed
-(last offset + 1 per partition) only after OpenSearch acknowledged every document of the batch and
+write done (``kept``), and a real observation still replaces an ``UNAVAILABLE`` one. Likewise a scored
+transaction decided again without a face (``face_status`` ``UNAVAILABLE``: a job started without state) keeps
+the face fields of its indexed document (:func:`keep_faces`, one ``mget`` per batch that holds one).
+Offsets are committed (last offset + 1 per partition) only after OpenSearch acknowledged every document of the batch and
 its dead letters are flushed, so a crash replays from the last commit. While OpenSearch is down or
 overloaded (connection errors, 429, 5xx) the batch is kept and retried forever with bounded,
 jittered exponential backoff; the partitions are paused meanwhile so the consumer stays in its group. A
@@ -528,7 +530,9 @@ def to_actions(
         key = (op["_index"], op["_id"])
         if op["_op_type"] == "create" and key in actions:
             continue  # written after the earlier one, it would be refused (409): the earlier one stands
-        actions.pop(key, None)  # re-insert so the order is that of the last occurrence
+        previous = actions.pop(key, None)  # re-insert so the order is that of the last occurrence
+        if previous is not None and route.kind == FACE_KEEPING_KIND:
+            with_kept_face(op, previous.op.get("_source") or {})  # the earlier decision's face, as in the index
         actions[key] = IndexAction(op=op, message=message, kind=route.kind)
     return list(actions.values()), dead
 
@@ -604,6 +608,65 @@ def never_replaces(route: Route, record: dict[str, Any]) -> bool:
     id nothing was indexed under, and a real observation (op ``index``) still replaces it."""
     rule = NEVER_REPLACING.get(route.kind)
     return rule is not None and record.get(rule[0]) in rule[1]
+
+
+FACE_KEEPING_KIND = "transactions"
+TRANSACTION_FACE_FIELDS = ("face_status", "face_subject_id", "face_category", "face_similarity", "face_matcher")
+"""A scored transaction's face evidence: what the face stage found for it (status, watch-list subject, category,
+similarity, engine). A forget leaves them (``schemas.indices.SCORED_ROUTE``: the decision, no image)."""
+NO_FACE_STATUSES = frozenset({None, "UNAVAILABLE"})
+"""``face_status`` of a decision made without a face: the scoring job had none for the transaction."""
+
+
+def lacks_face(op: dict[str, Any]) -> bool:
+    """Whether ``op`` (of a scored transaction) indexes a decision made without a face."""
+    source = op.get("_source")
+    return op.get("_op_type") == "index" and isinstance(source, dict) and source.get("face_status") in NO_FACE_STATUSES
+
+
+def with_kept_face(op: dict[str, Any], existing: dict[str, Any]) -> bool:
+    """Put the face fields of ``existing`` (the transaction's indexed document) into ``op``'s source, in place,
+    where ``op`` has no face and ``existing`` has one; whether it did.
+
+    A job started without state (``CG_JOB__DECIDE_FROM``, a replay into a fresh job) decides a transaction again
+    with ``face_status`` ``UNAVAILABLE``: indexed as it is, it replaced the first decision's face match (status,
+    subject, similarity) the analyst relies on. Everything else is the new decision's. Doing it twice gives the
+    same document."""
+    source = op.get("_source")
+    if not isinstance(source, dict) or source.get("face_status") not in NO_FACE_STATUSES:
+        return False
+    if existing.get("face_status") in NO_FACE_STATUSES:
+        return False
+    for name in TRANSACTION_FACE_FIELDS:
+        source[name] = existing.get(name)
+    return True
+
+
+def keep_faces(client: OpenSearch, pending: Sequence[IndexAction]) -> int:
+    """Give the scored transactions of ``pending`` decided without a face (:func:`lacks_face`) the face of
+    their indexed document (:func:`with_kept_face`); how many got one.
+
+    One ``mget`` of the face fields per batch, only when it holds such a transaction (no script: the local
+    OpenSearch has no scripting, and a partial ``update`` would merge the old ``indicators`` into the new).
+    Raises ``TransportError`` when the documents cannot be read (the caller backs off and tries again): written
+    without, the face would be lost for good."""
+    wanted = [action for action in pending if action.kind == FACE_KEEPING_KIND and lacks_face(action.op)]
+    if not wanted:
+        return 0
+    fields = list(TRANSACTION_FACE_FIELDS)
+    docs = [{"_index": a.op["_index"], "_id": a.doc_id, "_source": fields} for a in wanted]
+    answer = client.mget(body={"docs": docs})
+    kept = 0
+    for action, doc in zip(wanted, answer.get("docs", []), strict=True):
+        error = doc.get("error")
+        if error is not None:
+            error_type = error.get("type") if isinstance(error, dict) else str(error)
+            if error_type == "index_not_found_exception":  # a new period index: nothing there yet
+                continue
+            raise TransportError(503, f"reading {action.op['_index']}/{action.doc_id}: {error_type}")
+        if doc.get("found") and with_kept_face(action.op, doc.get("_source") or {}):
+            kept += 1
+    return kept
 
 
 def pseudonymise(source: dict[str, Any], route: Route, secret: str | None) -> bool:
@@ -801,6 +864,8 @@ class SinkStats:
     """Versioned writes (labels) OpenSearch refused because the document already holds a later message."""
     kept: int = 0
     """``UNAVAILABLE`` face observations not written because their id already holds an observation."""
+    faces_kept: int = 0
+    """Scored transactions decided again without a face that kept their document's face (:func:`keep_faces`)."""
     forgets: int = 0
     """Forgets read on ``audit`` and carried out in the indices."""
     erased: int = 0
@@ -814,8 +879,9 @@ class SinkStats:
         return (
             f"indexed={self.indexed} dead_lettered={self.dead_lettered} retries={self.retries} "
             f"batches={self.batches} commits={self.commits} superseded={self.superseded} stale={self.stale} "
-            f"kept={self.kept} forgets={self.forgets} forgets_incomplete={self.forgets_incomplete} "
-            f"erased={self.erased} forgotten_on_write={self.forgotten_on_write}"
+            f"kept={self.kept} faces_kept={self.faces_kept} forgets={self.forgets} "
+            f"forgets_incomplete={self.forgets_incomplete} erased={self.erased} "
+            f"forgotten_on_write={self.forgotten_on_write}"
         )
 
 
@@ -1071,6 +1137,17 @@ class OpenSearchSink:
         """Bulk-index until every action is acknowledged or permanently rejected; return the rejected."""
         pending, rejected, attempt, started = actions, [], 0, time.monotonic()
         while pending:
+            try:
+                self.stats.faces_kept += keep_faces(self.client, pending)
+            except TransportError as exc:
+                attempt = self._back_off(
+                    f"OpenSearch unreachable: {_short(exc)}",
+                    attempt,
+                    "reading the indexed faces of re-decided transactions failed (%s): keeping %d document(s)",
+                    _short(exc),
+                    len(pending),
+                )
+                continue
             result = bulk_once(self.client, pending, self.max_docs)
             self.stats.indexed += result.acknowledged - result.stale - result.kept
             self.stats.stale += result.stale

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Message
 from opensearchpy.exceptions import ConnectionError as OpenSearchConnectionError
+from opensearchpy.exceptions import TransportError
 from opensearchpy.serializer import JSONSerializer
 
 from infra.retry import Backoff
@@ -26,6 +27,7 @@ from schemas.indices import (
 from schemas.records import Alert, DeadLetter, FaceObservation, Label, ModelDrift, ScoredTransaction, make_label
 from sinks.opensearch.sink import (
     DAY_MS,
+    TRANSACTION_FACE_FIELDS,
     IndexAction,
     IndexPeriodConflict,
     apply_retention,
@@ -34,6 +36,7 @@ from sinks.opensearch.sink import (
     expired_indices,
     install_templates,
     is_retriable,
+    keep_faces,
     offsets_to_commit,
     other_period_indices,
     retention_days,
@@ -258,6 +261,10 @@ class FakeBulkClient:
             "errors": True,
             "items": [{op: {"_id": i, **answer.get(i, {"status": 201})}} for op, i in ops],
         }
+
+    def mget(self, body: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        """Nothing indexed yet: every document asked for (a re-decided transaction's face) is not found."""
+        return {"docs": [{"_index": d["_index"], "_id": d["_id"], "found": False} for d in body["docs"]]}
 
 
 def actions_for(*ids: str) -> list[IndexAction]:
@@ -826,3 +833,110 @@ def test_a_version_conflict_is_taken_as_done_only_for_a_create_of_an_unavailable
     actions, _ = to_actions(batch, index_prefix="cg", topic_prefix=PREFIX)
     result = bulk_once(client, actions)  # type: ignore[arg-type]
     assert (result.acknowledged, result.kept, len(result.rejected)) == (0, 0, 1)
+
+
+class FaceStore(DocumentStore):
+    """A :class:`DocumentStore` that also answers ``mget`` as OpenSearch does (source filtered to the fields
+    asked for; an index that does not exist is an error of its document, not of the request)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[list[dict[str, Any]]] = []
+
+    def mget(self, body: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        self.reads.append(body["docs"])
+        out = []
+        for doc in body["docs"]:
+            key = (doc["_index"], doc["_id"])
+            if not any(index == doc["_index"] for index, _ in self.docs):
+                out.append({"_index": doc["_index"], "_id": doc["_id"], "error": {"type": "index_not_found_exception"}})
+            elif key in self.docs:
+                source = {k: v for k, v in self.docs[key].items() if k in doc["_source"]}
+                out.append({"_index": doc["_index"], "_id": doc["_id"], "found": True, "_source": source})
+            else:
+                out.append({"_index": doc["_index"], "_id": doc["_id"], "found": False})
+        return {"docs": out}
+
+
+MATCHED_FACE = dict(
+    face_status="MATCHED",
+    face_subject_id="subj-tx-9",
+    face_category="SUSPECT",
+    face_similarity=97.5,
+    face_matcher="local",
+)
+TX_DOC = ("cg-transactions-2023.11.14", "tx-1")
+
+
+def decide_into(store: FaceStore, *records: ScoredTransaction) -> Any:
+    """One batch of scored transactions through the sink's actions, its face read and one bulk round."""
+    batch = [message(tx_topic(), r.encode(), offset=n) for n, r in enumerate(records)]
+    actions, dead = to_actions(batch, index_prefix="cg", topic_prefix=PREFIX)
+    assert dead == []
+    keep_faces(store, actions)  # type: ignore[arg-type]
+    return bulk_once(store, actions)  # type: ignore[arg-type]
+
+
+def test_a_transaction_decided_again_without_a_face_keeps_the_face_match_of_its_document() -> None:
+    """A job started without state decides a transaction again with ``face_status`` ``UNAVAILABLE``: indexed as it
+    is, the document lost the first decision's face match (status, watch-list subject, similarity)."""
+    store = FaceStore()
+    decide_into(store, scored(**MATCHED_FACE, risk_score=90, outcome="BLOCK", indicators={"velocity": 3.0}))
+    again = scored(risk_score=40, outcome="REVIEW", indicators={"amount": 1.0}, rules_version="v2")
+    result = decide_into(store, again)
+    assert (result.acknowledged, result.retry, result.rejected) == (1, [], [])
+    doc = store.docs[TX_DOC]
+    assert {name: doc[name] for name in MATCHED_FACE} == MATCHED_FACE
+    # everything else is the new decision's, the old indicators included
+    assert (doc["risk_score"], doc["outcome"], doc["indicators"], doc["rules_version"]) == (
+        40,
+        "REVIEW",
+        {"amount": 1.0},
+        "v2",
+    )
+    assert [next(iter(line)) for line in store.requests[1] if "_index" in next(iter(line.values()))] == ["index"]
+    decide_into(store, again)  # replayed: the same document
+    assert store.docs[TX_DOC] == doc
+
+
+def test_a_new_face_result_still_replaces_the_old_one_and_a_faceless_first_decision_is_indexed_as_it_is() -> None:
+    store = FaceStore()
+    decide_into(store, scored())  # a new index: its read answers index_not_found, nothing to keep
+    assert store.docs[TX_DOC]["face_status"] == "UNAVAILABLE"
+    decide_into(store, scored(**MATCHED_FACE))
+    decide_into(store, scored(face_status="NO_MATCH"))
+    doc = store.docs[TX_DOC]
+    assert (doc["face_status"], doc["face_subject_id"], doc["face_similarity"]) == ("NO_MATCH", None, None)
+    assert len(store.reads) == 1  # only a decision without a face is read for
+
+
+def test_a_faceless_decision_after_a_face_match_in_the_same_batch_keeps_that_match() -> None:
+    store = FaceStore()
+    decide_into(store, scored(**MATCHED_FACE), scored(risk_score=5))
+    doc = store.docs[TX_DOC]
+    assert (doc["face_status"], doc["face_subject_id"], doc["risk_score"]) == ("MATCHED", "subj-tx-9", 5)
+
+
+def test_a_failed_face_read_raises_so_the_batch_is_kept_instead_of_written_without_the_face() -> None:
+    class Unreadable(FaceStore):
+        def mget(self, body: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+            return {
+                "docs": [
+                    {"_id": d["_id"], "error": {"type": "no_shard_available_action_exception"}} for d in body["docs"]
+                ]
+            }
+
+    actions = actions_for("tx-1")
+    with pytest.raises(TransportError):
+        keep_faces(Unreadable(), actions)  # type: ignore[arg-type]
+
+
+def test_face_keeping_never_touches_alerts_or_cases_so_a_forgotten_subjects_image_refs_stay_erased() -> None:
+    """Only a transaction's decision fields are kept (a forget leaves them); the image refs a forget strips from
+    alerts and cases are never read back into a newer write."""
+    store = FaceStore()
+    batch = [message(f"{PREFIX}alerts", alert().encode())]
+    actions, _ = to_actions(batch, index_prefix="cg", topic_prefix=PREFIX)
+    assert keep_faces(store, actions) == 0  # type: ignore[arg-type]
+    assert store.reads == []
+    assert not any(name in TRANSACTION_FACE_FIELDS for route in ROUTES for name in route.face_fields)
