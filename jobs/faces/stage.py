@@ -76,7 +76,7 @@ from infra.clients.meraki import MerakiClient, Snapshot, SnapshotError, camera_f
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.retry import Backoff
 from infra.settings import Settings, face_deadline_problem, get_settings
-from jobs.faces.rekognition import ATTEMPTS as REKOGNITION_ATTEMPTS
+from jobs.faces.rekognition import call_limit_s
 from jobs.scoring.validation import parse_transaction
 from schemas.codec import codec
 from schemas.errors import FACE_STAGE_ERROR, InvalidRecord
@@ -130,11 +130,12 @@ the analysis itself (about 1 s an image), with room for a slow store."""
 def stall_limit_s(settings: Settings) -> float:
     """How long triggers may be in flight with none finished before the stage counts as hung (``/healthz`` stale): the
     longest one trigger may take, i.e. its snapshot (``CG_CAMERAS__DEADLINE_S``, every retry included), with the
-    Rekognition backend its search (each try's connect and read timeout), plus :data:`STALL_MARGIN_S`. Any finished
-    trigger is progress, so a slow camera among working ones never trips it."""
+    Rekognition backend its search (:func:`jobs.faces.rekognition.call_limit_s`: each try's connect and read timeout
+    and botocore's waits between tries, as the watchlist service's ``/healthz`` counts it), plus
+    :data:`STALL_MARGIN_S`. Any finished trigger is progress, so a slow camera among working ones never trips it."""
     limit = settings.cameras.deadline_s + STALL_MARGIN_S
     if settings.faces.backend == REKOGNITION_MATCHER:
-        limit += REKOGNITION_ATTEMPTS * 2 * settings.faces.rekognition_search_timeout_s
+        limit += call_limit_s(settings.faces.rekognition_search_timeout_s)
     return limit
 
 

@@ -352,3 +352,17 @@ def test_the_stall_limit_covers_a_whole_snapshot_deadline_and_with_rekognition_i
     assert local > 45.0
     remote = stall_limit_s(Settings(cameras=CameraSettings(deadline_s=45.0), faces=FaceSettings(backend="rekognition")))
     assert remote >= local + REKOGNITION_ATTEMPTS * FaceSettings().rekognition_search_timeout_s
+
+
+def test_the_stall_limit_with_rekognition_counts_botocores_waits_between_tries_like_the_watchlist_service() -> None:
+    """The stall limit added 4 x 2 x the search timeout and left out botocore's waits between tries (up to 22 s),
+    so a search that waited out every try and backoff could take the stage for hung; it now counts one call's longest
+    as the watchlist service's ``/healthz`` does (:func:`call_limit_s`)."""
+    from jobs.faces.rekognition import RETRY_WAIT_S, call_limit_s
+
+    for timeout_s in (1.0, 5.0, 20.0):
+        faces = FaceSettings(backend="rekognition", rekognition_search_timeout_s=timeout_s)
+        local = stall_limit_s(Settings(cameras=CameraSettings(deadline_s=45.0)))
+        remote = stall_limit_s(Settings(cameras=CameraSettings(deadline_s=45.0), faces=faces))
+        assert remote - local == call_limit_s(timeout_s), (timeout_s, remote - local)
+        assert remote - local >= REKOGNITION_ATTEMPTS * 2 * timeout_s + RETRY_WAIT_S
