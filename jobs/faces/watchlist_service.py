@@ -66,6 +66,7 @@ from infra.clients.image_store import (
     ImageStore,
     ImageStoreUnavailable,
     LocalImageStore,
+    S3ImageStore,
     former_stores,
     local_former_store,
     missing_bucket,
@@ -163,6 +164,23 @@ def health_limit_s(settings: Settings, default_s: float) -> float:
     if settings.faces.backend != "rekognition":
         return default_s
     return max(default_s, call_limit_s(settings.faces.rekognition_search_timeout_s) + REKOGNITION_MARGIN_S)
+
+
+def purge_missing_bucket(exc: BaseException, store: ImageStore) -> str | None:
+    """Why the purge of ``store`` will fail at every sweep when ``exc`` is S3's ``NoSuchBucket`` for its bucket, naming
+    the bucket and the setting to fix; else None. The current store's is :func:`missing_bucket`'s; a former bucket's
+    store (one bucket, listed in ``CG_FACES__EXTRA_IMAGE_BUCKETS``, :func:`former_stores`) names that setting."""
+    if (missing := missing_bucket(exc, store)) is not None:
+        return str(missing)
+    response = getattr(exc, "response", None)
+    error = response.get("Error", {}) if isinstance(response, dict) else {}
+    if error.get("Code") != "NoSuchBucket" or not isinstance(store, S3ImageStore) or store.settings_of:
+        return None
+    bucket = store.buckets["checkout"]  # a former bucket's store keeps every kind there; named in the settings
+    return (
+        f"S3 bucket {bucket} does not exist (NoSuchBucket): set its right name in CG_FACES__EXTRA_IMAGE_BUCKETS, or "
+        "take it off once its images are known to be gone"
+    )
 
 
 class WatchlistCore:
@@ -491,15 +509,15 @@ class WatchlistCore:
         ]
 
     def _purge_failed(self, store: ImageStore, exc: Exception) -> None:
-        """Log a store the purge could not sweep. A bucket of the current store that does not exist
-        (:func:`missing_bucket`) fails every sweep until its setting is fixed: an ERROR naming the bucket and the
-        setting, once until that changes (it was a WARNING with the error's type alone, at every sweep); the rest a
-        WARNING."""
+        """Log a store the purge could not sweep. A bucket that does not exist (:func:`purge_missing_bucket`: the
+        current store's or a former one of ``CG_FACES__EXTRA_IMAGE_BUCKETS``) fails every sweep until its setting is
+        fixed: an ERROR naming the bucket and the setting, once until that changes (it was a WARNING with the error's
+        type alone, at every sweep); the rest a WARNING."""
         where = store.where()
-        if (missing := missing_bucket(exc, store)) is None:
+        if (missing := purge_missing_bucket(exc, store)) is None:
             log.warning("purging %s failed (%s): trying again at the next purge", where, type(exc).__name__)
-        elif self.purge_missing.get(where) != str(missing):
-            self.purge_missing[where] = str(missing)
+        elif self.purge_missing.get(where) != missing:
+            self.purge_missing[where] = missing
             log.error("purging %s failed, and will at every sweep: %s (logged once, until it changes)", where, missing)
         else:
             log.debug("purging %s failed: %s", where, missing)

@@ -1175,3 +1175,38 @@ def test_a_missing_checkout_bucket_is_logged_once_by_the_purge_as_an_error_namin
     store.s3.delete_bucket(Bucket=bucket)
     [again] = sweep()
     assert again.levelno == logging.ERROR and bucket in again.getMessage(), "gone again after a sweep worked"
+
+
+def test_a_missing_former_bucket_is_logged_once_by_the_purge_as_an_error_naming_it_and_its_setting(
+    moto_url, tmp_path, caplog
+):
+    """A bucket of CG_FACES__EXTRA_IMAGE_BUCKETS that does not exist was a WARNING naming only the error's type at
+    every sweep; now, as for the current store's buckets, one ERROR names the bucket and the setting, until it changes
+    or a sweep there works."""
+    import logging
+    import uuid
+    from types import SimpleNamespace
+
+    from infra.clients.image_store import S3ImageStore
+
+    former = f"former-{uuid.uuid4().hex[:12]}"
+    settings = _switched(moto_url, tmp_path, extra_image_buckets=former)
+    store = S3ImageStore(settings)
+    store.ensure_buckets()  # the current store's buckets are there
+    core = WatchlistCore(settings, engine=SimpleNamespace(embedder="sface"), store=store)  # type: ignore[arg-type]
+
+    def sweep() -> list[logging.LogRecord]:
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="jobs.faces.watchlist_service"):
+            core.purge(NOW)
+        return [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+    [error] = sweep()
+    assert error.levelno == logging.ERROR, error.getMessage()
+    assert former in error.getMessage() and "CG_FACES__EXTRA_IMAGE_BUCKETS" in error.getMessage()
+    assert sweep() == [], "logged again at the next sweep"
+    store.s3.create_bucket(Bucket=former)
+    assert sweep() == []
+    store.s3.delete_bucket(Bucket=former)
+    [again] = sweep()
+    assert again.levelno == logging.ERROR and former in again.getMessage(), "gone again after a sweep worked"
