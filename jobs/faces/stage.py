@@ -43,18 +43,26 @@ once the broker is back (a retried observation may land twice; every consumer is
 Metrics (``infra.metrics``, stage ``face-stage``): records in by kind (``transaction``, ``camera_event``),
 observations out by status (``no_match``, ``no_face``, ``unavailable``) once Kafka acknowledged them, dead
 letters by kind, ``cg_processing_seconds`` per trigger (snapshot, store, analysis), ``cg_face_analysis_seconds``
-per analysis, ``cg_skipped{reason=entrance_late|checkout_late}`` (triggers too old to snapshot) and the queue
+per analysis, ``cg_skipped{reason=entrance_late|checkout_late}`` (triggers too old to snapshot),
+``cg_skipped{reason=replayed}`` (triggers answered already: :class:`RecentAnswers`) and the queue
 depths ``snapshots`` (triggers in the pools), ``delivery_retries`` and
 ``unacknowledged`` (records whose outputs Kafka has not acknowledged). ``/healthz`` turns 503 when the loop
 stops turning, or when triggers are in flight and none has finished for :func:`stall_limit_s` (every snapshot
 worker stuck: back-pressure pauses the consumer, the loop turns and does nothing: "no snapshot finished for ...");
 ``/readyz`` also while deliveries are failing ("Kafka unreachable").
 
+A trigger read again (a restart before its offset was committed, a topic replay, a redelivered camera event) is
+not snapshotted and searched again while this process remembers it (:class:`RecentAnswers`): one Kafka acknowledged
+the observation of is skipped (counted ``replayed``; the scoring job has its answer), one still being observed waits
+for that observation and one still being delivered gets the same record, so its offset is committed only once an
+answer is in Kafka. The memory is the process's: after a restart, a replay is snapshotted again.
+
 Run: ``python -m jobs.faces.stage``.
 """
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
@@ -64,7 +72,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, Protocol
 
 import typer
@@ -137,6 +145,40 @@ def stall_limit_s(settings: Settings) -> float:
     if settings.faces.backend == REKOGNITION_MATCHER:
         limit += call_limit_s(settings.faces.rekognition_search_timeout_s)
     return limit
+
+
+REMEMBERED_ANSWERS = 100_000
+"""At most this many answered triggers are remembered (:class:`RecentAnswers`): an id and a time each, a few MB."""
+
+
+class RecentAnswers:
+    """Observation ids whose observation Kafka acknowledged, each until its trigger is older than ``window_ms`` (by
+    event time: past its lag limit a trigger is no longer snapshotted anyway), at most ``limit`` (the oldest
+    remembered go first). A trigger read again within it costs no second snapshot and Rekognition search (money, and
+    a picture of a later moment than the sale). The process's memory only: a restart forgets it."""
+
+    def __init__(self, window_ms: int, limit: int = REMEMBERED_ANSWERS) -> None:
+        self.window_ms, self.limit = window_ms, limit
+        self._at: dict[str, int] = {}
+        """Event time by observation id, in the order remembered."""
+        self._pruned_at = 0
+
+    def add(self, observation_id: str, event_time: int, now_ms: int) -> None:
+        self._at.pop(observation_id, None)
+        self._at[observation_id] = event_time
+        if now_ms - self._pruned_at > self.window_ms:
+            self._at = {k: t for k, t in self._at.items() if now_ms - t <= self.window_ms}
+            self._pruned_at = now_ms
+        while len(self._at) > self.limit:
+            del self._at[next(iter(self._at))]
+
+    def answered(self, observation_id: str, now_ms: int) -> bool:
+        """Whether ``observation_id`` was answered and its trigger is still within the window."""
+        at = self._at.get(observation_id)
+        return at is not None and now_ms - at <= self.window_ms
+
+    def __len__(self) -> int:
+        return len(self._at)
 
 
 class EngineLike(Protocol):
@@ -422,6 +464,9 @@ class Outgoing:
     attempt: int = 0
     kind: str = ""
     """Metric label once delivered: the observation's status, or the dead letter's error kind."""
+    observation_id: str = ""
+    """An observation's id (none for a dead letter): remembered as answered once Kafka acknowledged it."""
+    event_time: int = 0
 
 
 class FaceStageRunner:
@@ -467,8 +512,9 @@ class FaceStageRunner:
             "failed": 0,
             "retried": 0,
             "errors": 0,
+            "replayed": 0,
         }
-        self._done: queue.Queue[tuple[Message, object]] = queue.Queue()
+        self._done: queue.Queue[tuple[Message, str, object]] = queue.Queue()
         self._pool = ThreadPoolExecutor(max_workers=settings.cameras.snapshot_workers, thread_name_prefix="snapshot")
         self._entrance_pool = ThreadPoolExecutor(
             max_workers=settings.cameras.entrance_snapshot_workers, thread_name_prefix="entrance"
@@ -483,6 +529,14 @@ class FaceStageRunner:
         self._fatal: KafkaError | None = None
         self._observing = 0
         """Triggers handed to the pool whose result the polling thread has not drained yet."""
+        cameras = settings.cameras
+        self.answers = RecentAnswers(int(max(cameras.max_lag_s, cameras.entrance_max_lag_s) * 1000))
+        """Triggers whose observation Kafka acknowledged: read again, they are skipped (module doc)."""
+        self._waiting: dict[str, list[Message]] = {}
+        """Per trigger being observed: the records that asked for it again meanwhile, answered with its observation."""
+        self._delivering: dict[str, Outgoing] = {}
+        """Per trigger observed and not acknowledged yet: its observation, sent again for a record that asks again."""
+        self._replayed = metrics.SKIPPED.labels(PROCESS, "replayed")
         self._in = {kind: metrics.RECORDS_IN.labels(PROCESS, kind) for kind in ("transaction", "camera_event")}
         self._depth = {
             name: metrics.QUEUE_DEPTH.labels(PROCESS, name)
@@ -511,6 +565,7 @@ class FaceStageRunner:
         self._commit(consumer)
         gone = {(p.topic, p.partition) for p in partitions}
         self.offsets.forget(list(gone))
+        self._delivering = {k: out for k, out in self._delivering.items() if out.tp not in gone}
         # Their new owner reads them again from the committed offset; no need to keep re-sending here.
         self._retries = [r for r in self._retries if r[2].tp not in gone]
         heapq.heapify(self._retries)
@@ -546,12 +601,28 @@ class FaceStageRunner:
             self.offsets.add(tp, offset, 1)
             self._dead_letter(msg, InvalidRecord(STAGE_ERROR, f"planning failed: {type(exc).__name__}"))
             return
-        self.offsets.add(tp, offset, len(triggers))
-        self._observing += len(triggers)
+        now_ms = clock.now_ms()
+        answered = [t for t in triggers if self.answers.answered(t.observation_id, now_ms)]
+        self.offsets.add(tp, offset, len(triggers) - len(answered))
         for trigger in triggers:
-            pool = self._entrance_pool if trigger.kind == ENTRANCE else self._pool
-            future = pool.submit(self.stage.observe, trigger)
-            future.add_done_callback(lambda f: self._done.put((msg, _outcome(f))))
+            oid = trigger.observation_id
+            if trigger in answered:  # its observation is in Kafka: the scoring job has its answer
+                self.stats["replayed"] += 1
+                self._replayed.inc()
+            elif oid in self._waiting:  # being observed: answered with that observation
+                self._waiting[oid].append(msg)
+            elif (sent := self._delivering.get(oid)) is not None:  # observed, not acknowledged: the same record
+                self._send(replace(sent, tp=tp, offset=offset, attempt=0))
+            else:
+                self._waiting[oid] = []
+                self._observing += 1
+                pool = self._entrance_pool if trigger.kind == ENTRANCE else self._pool
+                future = pool.submit(self.stage.observe, trigger)
+                future.add_done_callback(functools.partial(self._finished, msg, oid))
+
+    def _finished(self, msg: Message, observation_id: str, future: Future) -> None:
+        """In the pool: hand the trigger's outcome to the polling thread (never raise here, where it would vanish)."""
+        self._done.put((msg, observation_id, _outcome(future)))
 
     def _dead_letter(self, msg: Message, error: InvalidRecord) -> None:
         """Dead-letter the input ``msg`` (one of its pending parts). A transaction's dead letter gets the
@@ -587,6 +658,9 @@ class FaceStageRunner:
             if err is None:
                 self.stats[out.stat] += 1
                 self.offsets.done(out.tp, out.offset)
+                if out.observation_id:
+                    self._delivering.pop(out.observation_id, None)
+                    self.answers.add(out.observation_id, out.event_time, clock.now_ms())
                 if out.stat == "dead_letters":
                     metrics.DEAD_LETTERS.labels(PROCESS, out.kind).inc()
                 else:
@@ -676,25 +750,39 @@ class FaceStageRunner:
     def _drain(self) -> None:
         while True:
             try:
-                msg, result = self._done.get_nowait()
+                first, oid, result = self._done.get_nowait()
             except queue.Empty:
                 return
             self._observing -= 1
             self._progress_at = self._clock()
+            asking = [first, *self._waiting.pop(oid, [])]  # records read again while it was observed get it too
             if isinstance(result, FaceObservation):
                 try:
                     key, value = result.camera_serial.encode(), result.encode()
                 except Exception as exc:  # noqa: BLE001 - an observation Avro refuses: dead-letter its input
                     result = exc
                 else:
-                    tp = (msg.topic() or "", msg.partition() or 0)
-                    status = result.status.lower()
-                    self._send(Outgoing(self.obs_topic, key, value, tp, msg.offset() or 0, "observations", kind=status))
+                    for msg in asking:
+                        tp = (msg.topic() or "", msg.partition() or 0)
+                        out = Outgoing(
+                            self.obs_topic,
+                            key,
+                            value,
+                            tp,
+                            msg.offset() or 0,
+                            "observations",
+                            kind=result.status.lower(),
+                            observation_id=oid,
+                            event_time=result.event_time,
+                        )
+                        self._delivering.setdefault(oid, out)
+                        self._send(out)
                     continue
-            log.error(
-                "observing %s:%s:%s failed: %s", msg.topic(), msg.partition(), msg.offset(), type(result).__name__
-            )
-            self._dead_letter(msg, InvalidRecord(STAGE_ERROR, f"observation failed: {type(result).__name__}"))
+            for msg in asking:
+                log.error(
+                    "observing %s:%s:%s failed: %s", msg.topic(), msg.partition(), msg.offset(), type(result).__name__
+                )
+                self._dead_letter(msg, InvalidRecord(STAGE_ERROR, f"observation failed: {type(result).__name__}"))
 
     def _backpressure(self, consumer: Consumer) -> None:
         """Pause each input topic while ``max_in_flight`` of its own records are unfinished. Apart: an entrance

@@ -342,3 +342,71 @@ def test_an_idle_face_stage_stays_healthy_however_long_nothing_comes() -> None:
     stop = threading.Event()
     runner.run(stop, lambda stats: (tick(stats), turns[0] >= 60 and stop.set()))
     assert turns[0] >= 60
+
+
+def test_a_transaction_read_again_after_its_observation_was_acknowledged_is_not_snapshotted_again() -> None:
+    """A replayed trigger (a restart before its commit, a topic replay) cost a second Meraki snapshot and Rekognition
+    search, of a later moment than the sale; now one whose observation Kafka acknowledged is skipped and counted."""
+
+    class Replay(Consumer):
+        """The transaction again (as after a replay) once its first reading was committed."""
+
+        replayed = False
+
+        def poll(self, timeout: float) -> Message | None:
+            if self.commits.get((TX_TOPIC, 0)) == 1 and not self.replayed:
+                self.messages, self.replayed = [tx_message(1, "tx-once"), tx_message(2, "tx-other")], True
+            return super().poll(timeout)
+
+    asked: list[str] = []
+    stage = FaceStage(settings(), no_video(asked), None, None)  # type: ignore[arg-type]
+    consumer, producer = Replay([tx_message(0, "tx-once")]), Producer(failures=0)
+    runner = FaceStageRunner(settings(), stage, producer=producer, consumer=consumer)
+    replayed = metrics.SKIPPED.labels("face-stage", "replayed")
+    before = replayed._value.get()
+    stats = run_until(runner, lambda: consumer.commits.get((TX_TOPIC, 0)) == 3)
+
+    assert len(asked) == 2, "the replayed transaction was snapshotted again"
+    observed = [o.observation_id for o in delivered(producer, FACE_OBSERVATIONS, FaceObservation)]
+    assert sorted(observed) == ["checkout:tx-once", "checkout:tx-other"], "the first answer is the scoring job's"
+    assert stats["replayed"] == 1 and replayed._value.get() == before + 1
+
+
+def test_a_trigger_read_again_while_it_is_observed_waits_for_that_observation() -> None:
+    """A record read again while its first is still snapshotted takes no second snapshot; it gets the same
+    observation (its offset is committed only once that is in Kafka), so the scoring job's join never misses it."""
+    asked: list[str] = []
+    release = threading.Event()
+
+    def slow(serial: str, at_ms: int | None) -> Snapshot:
+        asked.append(serial)
+        release.wait(5)
+        raise SnapshotError("no_video", "No video for specified timestamp")
+
+    stage = FaceStage(settings(), slow, None, None)  # type: ignore[arg-type]
+    consumer, producer = Consumer([tx_message(0, "tx-once"), tx_message(1, "tx-once")]), Producer(failures=0)
+    runner = FaceStageRunner(settings(), stage, producer=producer, consumer=consumer)
+
+    def done() -> bool:
+        if not consumer.messages:
+            release.set()  # both records read before the snapshot ends
+        return consumer.commits.get((TX_TOPIC, 0)) == 2
+
+    stats = run_until(runner, done)
+    assert len(asked) == 1, "snapshotted twice"
+    observations = delivered(producer, FACE_OBSERVATIONS, FaceObservation)
+    assert [o.observation_id for o in observations] == ["checkout:tx-once"] * 2
+    assert stats["observations"] == 2 and consumer.commits == {(TX_TOPIC, 0): 2}
+
+
+def test_the_memory_of_answered_triggers_is_bounded_in_time_and_count() -> None:
+    from jobs.faces.stage import RecentAnswers
+
+    answers = RecentAnswers(window_ms=1_000, limit=2)
+    answers.add("checkout:a", 10_000, 10_000)
+    assert answers.answered("checkout:a", 10_500) and not answers.answered("checkout:a", 11_001)
+    answers.add("checkout:b", 10_000, 10_000)
+    answers.add("checkout:c", 10_000, 10_000)
+    assert len(answers) == 2 and not answers.answered("checkout:a", 10_000), "the oldest remembered goes first"
+    answers.add("checkout:d", 13_000, 13_000)
+    assert len(answers) == 1, "pruned past the window"
