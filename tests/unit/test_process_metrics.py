@@ -721,7 +721,7 @@ def test_watchlist_service_counts_commands_by_verb_and_records_once_their_transa
 # --------------------------------------------------------------------------- webex-bot
 
 
-def test_webex_bot_counts_webhooks_by_outcome_and_commands_out_and_reports_kafka_refusing_them() -> None:
+def test_webex_bot_counts_webhooks_by_outcome_and_commands_out_not_those_kafka_refused() -> None:
     stage_name, secret, room = "webex-bot", "hook-secret", "room-security"
     expected = {
         key(IN, stage=stage_name, kind="accepted"): 1,
@@ -758,17 +758,14 @@ def test_webex_bot_counts_webhooks_by_outcome_and_commands_out_and_reports_kafka
     assert http.post(url, content=body, headers={"X-Spark-Signature": sign(body, secret)}).json()["ignored"]
 
     assert bot._execute(ParsedCommand("FRAUD", "tx-1"), "m-1", room, "lp@example.com")[1]
-    assert bot.heartbeat.ready() == (True, "ok")
 
     def refused(_cmd: BotCommand, _headers: Any) -> None:
         raise RuntimeError("command not confirmed by Kafka within 10 s")
 
     bot.publish = refused
     assert not bot._execute(ParsedCommand("STATUS"), "m-2", room, "lp@example.com")[1]
-    assert bot.heartbeat.ready() == (False, "Kafka unreachable")
     bot.publish = lambda cmd, _headers: published.append(cmd)
     assert bot._execute(ParsedCommand("HELP"), "m-3", room, "lp@example.com")[1]
-    assert bot.heartbeat.ready() == (True, "ok")
 
     assert growth.since() == expected and [c.verb for c in published] == ["FRAUD", "HELP"]
     bot.close()
