@@ -455,8 +455,7 @@ def _build_profiles(
             profile = CustomerProfile(recent=seg[max(bisect_left(seg, seg[-1] - window), len(seg) - cap) :])
             for j in range(a, b):
                 profile.activity(times[j], amounts[j])  # the activity windows, as the job keeps them
-                if len(profile.stores) < 16:
-                    profile.stores.add(names[stores[j]])
+                profile._use_store(names[stores[j]], {})  # the most recently used stores, as the job keeps them
                 if sale[j]:
                     x = amounts[j]
                     profile.count += 1
