@@ -159,6 +159,9 @@ class DecisionCore:
         self.bootstrapped: dict[tuple[str, int], int] | None = None
         """Last control-topic offset applied at start per (topic, partition); ``None``: not read."""
         self._changes: dict[str, dict[str, Any]] = {name: {} for name in MAPS}
+        self._late_faces: dict[str, tuple[SourceRecord, tuple[Any, int]]] = {}
+        """Transaction id -> the face record released as its late result in this call, and the late-face memory
+        entry it took: what a failure of that late result dead-letters and puts back (:meth:`_late_face_failed`)."""
         self._tracebacks = LOGGED_TRACEBACKS
         prefix = settings.kafka.topic_prefix
         self.tx_topic = TRANSACTIONS.full_name(prefix)
@@ -358,8 +361,12 @@ class DecisionCore:
             out.extend(self.scorer.entrance(obs, face))
             return None
         out.extend(self.scorer.lane_sighting(obs, face))
-        ready, writes = self.join.on_observation(obs["transaction_id"], checkout_seen(obs, face, now))
+        tx_id = obs["transaction_id"]
+        remembered = self.join.decided.get(tx_id)
+        ready, writes = self.join.on_observation(tx_id, checkout_seen(obs, face, now))
         self._persist(writes)
+        if ready is not None and ready.late and remembered is not None:
+            self._late_faces[tx_id] = (record, remembered)
         return ready
 
     # --- rules and watchlist ---------------------------------------------------------------------
@@ -445,15 +452,18 @@ class DecisionCore:
         """
         self.count_face_waits(ready)
         size = max(1, self.settings.job.batch_size)
-        for start in range(0, len(ready), size):
-            chunk = ready[start : start + size]
-            try:
-                rows, writes = self._decide_chunk(chunk)
-            except Exception as err:  # noqa: BLE001 - find the transaction(s) that fail, decide the rest
-                log.warning("a decision batch of %d failed (%s); deciding one by one", len(chunk), _describe(err))
-                rows, writes = self._decide_each(chunk)
-            self._persist(writes)
-            out.extend(rows)
+        try:
+            for start in range(0, len(ready), size):
+                chunk = ready[start : start + size]
+                try:
+                    rows, writes = self._decide_chunk(chunk)
+                except Exception as err:  # noqa: BLE001 - find the transaction(s) that fail, decide the rest
+                    log.warning("a decision batch of %d failed (%s); deciding one by one", len(chunk), _describe(err))
+                    rows, writes = self._decide_each(chunk)
+                self._persist(writes)
+                out.extend(rows)
+        finally:
+            self._late_faces.clear()
 
     def _decide_chunk(self, chunk: list[Ready]) -> tuple[Sequence[OutRow], list[Write]]:
         return self.scorer.decide_batch(
@@ -472,6 +482,9 @@ class DecisionCore:
                 more_rows, more_writes = self._decide_chunk([item])
             except Exception as err:  # noqa: BLE001 - this one fails: its dead letter, and on
                 tx_id = str(tx.get("transaction_id"))
+                if item.late:
+                    rows.append(self._late_face_failed(tx, err))
+                    continue
                 self._log_internal(err, f"decision of {tx_id[:128]}")
                 self._unprocessed(tx)
                 self._persist(self.join.undecided(tx_id))
@@ -481,6 +494,25 @@ class DecisionCore:
             rows.extend(more_rows)
             writes.extend(more_writes)
         return rows, writes
+
+    def _late_face_failed(self, tx: dict[str, Any], err: Exception) -> OutRow:
+        """A late face (its transaction decided without it) whose handling raised. The transaction *was* decided: its
+        receipt keeps it as processed (a copy of it is still a redelivery, never decided again). The face observation
+        is the dead letter, and the transaction is remembered again for it, so the face's re-drive raises its late
+        alert, once."""
+        tx_id = str(tx.get("transaction_id"))
+        self._log_internal(err, f"late face of {tx_id[:128]}")
+        try:  # what the failed try changed on the receipt (a sale's buyer face) is saved as it now is
+            rk = receipt_key(tx)
+            self._persist([(RECEIPTS, rk, self.state.receipts.get(rk) if self.state is not None else None)])
+        except Exception:  # noqa: BLE001 - a transaction without its keys has no receipt
+            pass
+        late = self._late_faces.pop(tx_id, None)
+        if late is None:  # no face record known (cannot happen: a late result comes from one in this call)
+            return self._decision_dead_letter(tx, err)
+        record, remembered = late
+        self._persist(self.join.remember(tx_id, remembered))
+        return self._dead_letter(record, INTERNAL_ERROR, _describe(err))
 
     def _decision_dead_letter(self, tx: dict[str, Any], err: Exception) -> OutRow:
         """A transaction whose decision raised: no source offset is known any more (it may have waited for

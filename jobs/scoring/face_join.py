@@ -320,6 +320,13 @@ class FaceJoin:
             return []
         return [(DECIDED, tx_id, None)]
 
+    def remember(self, tx_id: str, entry: tuple[Envelope, int]) -> list[Write]:
+        """A late face whose handling failed (dead-lettered): its decided transaction is remembered again as it was
+        (``entry``, what :attr:`decided` held), so the re-drive of the face is its late result, once."""
+        self.decided[tx_id] = entry
+        self._decided_order.add(tx_id, entry, self.decided)
+        return [(DECIDED, tx_id, entry)]
+
     def _waited(self, deadline: int, released_ms: int) -> int:
         """From when the transaction was held (its deadline less the wait allowed) to its release."""
         return max(0, released_ms - (deadline - self.deadline_ms))

@@ -523,3 +523,37 @@ def test_a_transaction_failing_in_its_state_update_is_decided_when_re_driven_and
     core.scorer.by_store = by_store  # type: ignore[method-assign]
     redelivered = core.on_records([tx_record(return_of("r1", "t1", at_s=60, amount=30), 4)], NOW)
     assert not redelivered.outputs and core.state.receipts["t1"].holds("r1"), "a decided one stays decided"
+
+
+def test_a_late_face_that_fails_dead_letters_the_face_leaves_the_sale_decided_and_its_re_drive_alerts_once():
+    """A face coming after its sale was decided without it, whose late result raises: the face observation is the
+    dead letter (its re-drive raises the late alert, once), and the decided sale's receipt still counts it as
+    processed, so a copy of the sale (a replay) is not decided a second time."""
+    core = make_core()
+    core.on_control(WATCH_TOPIC, b"subj-9", watch_entry("subj-9", SUSPECT_FACE), 0, 0)
+    maps: dict[str, dict] = {}
+    persist(maps, core.on_records([tx_record(sale("t1"), 1)], NOW))
+    decided = core.on_timer(NOW + DEADLINE, NOW + DEADLINE)
+    persist(maps, decided)
+    assert list(scored(decided)) == ["t1"]
+    real = core.scorer.late_face
+
+    def late_face(env, face, camera):
+        raise ZeroDivisionError("division by zero")
+
+    core.scorer.late_face = late_face  # type: ignore[method-assign]
+    face = face_record("t1", embedding=SUSPECT_FACE)
+    step = core.on_records([face], NOW + DEADLINE + 1_000)
+    persist(maps, step)
+    [dl] = dead_letters(step.outputs)
+    assert dl["error_kind"] == "internal_error" and dl["payload"] == face.value
+    assert (dl["partition"], dl["offset"]) == (face.partition, face.offset), "the face observation, re-drivable"
+    assert core.state.receipts["t1"].holds("t1"), "the sale stays decided"
+    assert_persisted_equals_memory(maps, core)
+    core.scorer.late_face = real  # type: ignore[method-assign]
+    copy = core.on_records([tx_record(sale("t1"), 5)], NOW + DEADLINE + 2_000)
+    assert not scored(copy) and not copy.outputs, "a copy of the decided sale is not decided again"
+    redriven = core.on_records([face], NOW + DEADLINE + 3_000)
+    assert len(alerts(redriven)) == 1 and not scored(redriven)
+    again = core.on_records([face], NOW + DEADLINE + 4_000)
+    assert alerts(again) == [], "the late alert is raised once"
