@@ -517,12 +517,40 @@ class Readiness:
             self._wake.wait(self.recheck_s)
 
 
+class KafkaProbe:
+    """``/readyz``'s look at Kafka: a metadata request through one admin client, built at the first look and kept
+    (its connections serve every look). :meth:`close` gives the client up: an admin client has no close of its own,
+    so its queued log lines are handed over and the bot's reference dropped, which destroys it (it was kept, with its
+    broker connections and threads, until the process ended); a look after that raises."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._admin: Any = None
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def __call__(self) -> object:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the bot is closed: Kafka is not looked at")
+            if self._admin is None:
+                self._admin = kafka_clients.admin(self.settings)
+            admin = self._admin  # a look under way keeps its client until it ends (its own timeout)
+        return kafka_clients.cluster_metadata(admin, self.settings, timeout_s=KAFKA_PROBE_TIMEOUT_S)
+
+    def close(self) -> None:
+        with self._lock:
+            admin, self._admin, self._closed = self._admin, None, True
+        if admin is not None:
+            admin.poll(0)
+
+
 class WebexBot:
     """The webhook receiver and command handler; collaborators are injected so tests can use real local
     servers for Webex and Kafka and stand-alone functions for the answers.
 
-    :meth:`close` (or ``with``) closes what the bot built itself (Webex client, Kafka publisher, OpenSearch
-    client, checkout inspector); injected collaborators stay their owner's to close."""
+    :meth:`close` (or ``with``) closes what the bot built itself (Webex client, Kafka publisher, Kafka probe,
+    OpenSearch client, checkout inspector); injected collaborators stay their owner's to close."""
 
     def __init__(
         self,
@@ -586,7 +614,10 @@ class WebexBot:
         self.heartbeat = metrics.Heartbeat(stale_s=float("inf"))
         """Never stale (webhooks come when people write): ``/healthz`` stays 200; readiness is :meth:`ready`."""
         # ``/readyz``; kafka_probe raises while Kafka does not answer (default: a metadata request).
-        self.kafka_probe = kafka_probe or self._kafka_metadata
+        if kafka_probe is None:
+            kafka_probe = KafkaProbe(settings)
+            self._owned.append(kafka_probe)
+        self.kafka_probe = kafka_probe
         self.ready = Readiness(self.check_dependencies)
         self._webhooks = {
             kind: metrics.RECORDS_IN.labels(PROCESS, kind)
@@ -968,14 +999,6 @@ class WebexBot:
             if exc.status != 429:
                 problems.append(f"Webex {'unreachable' if exc.unavailable else 'refuses the bot'} ({exc.reason})")
         return (False, "; ".join(problems)) if problems else (True, "ok")
-
-    _admin: Any = None
-    """The admin client of :meth:`_kafka_metadata`, built on first use."""
-
-    def _kafka_metadata(self) -> object:
-        if self._admin is None:
-            self._admin = kafka_clients.admin(self.settings)
-        return kafka_clients.cluster_metadata(self._admin, self.settings, timeout_s=KAFKA_PROBE_TIMEOUT_S)
 
     # ------------------------------------------------------------------ webhook registration
 

@@ -735,3 +735,39 @@ def test_the_bots_web_server_logs_through_the_one_handler(monkeypatch: pytest.Mo
     monkeypatch.setattr(webex_bot.uvicorn, "run", lambda _app, **kw: options.update(kw))
     webex_bot.main()
     assert options["log_config"] is None
+
+
+def test_closing_the_bot_gives_up_the_admin_client_its_readiness_looks_at_kafka_through(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The admin client of /readyz's Kafka look was never closed: its broker connections and threads stayed until the
+    process ended (a bot built again, as in the tests, kept one more each time)."""
+    import gc
+    import weakref
+
+    polled: list[int] = []
+
+    class Admin:
+        def list_topics(self, topic: str | None = None, timeout: float | None = None) -> object:
+            return {}
+
+        def poll(self, timeout: float) -> int:
+            polled.append(1)  # the client's last log lines handed over
+            return 0
+
+    built: list[Admin] = []
+    monkeypatch.setattr(webex_bot.kafka_clients, "admin", lambda _settings: built.append(Admin()) or built[-1])
+
+    class Client:
+        def me(self) -> dict[str, Any]:
+            return {"id": "bot"}
+
+    bot = WebexBot(Settings(), client=Client(), publish=lambda *_: None, inspect_checkout=str)  # type: ignore[arg-type]
+    wait_for(lambda: bot.ready() == (True, "ok"), 10, what="the look at Kafka and Webex")
+    admin = weakref.ref(built.pop())
+    bot.close()
+    gc.collect()
+    assert admin() is None and polled == [1]
+    with pytest.raises(RuntimeError, match="closed"):
+        bot.kafka_probe()  # a look after close builds no new client
+    assert not built
