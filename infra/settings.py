@@ -693,7 +693,7 @@ class WebexSettings(BaseModel, frozen=True):
     base_url: str = "https://webexapis.com/v1"
     bot_token: SecretStr | None = None
     room_id: str | None = None
-    """Room the alerts are posted to."""
+    """Room the alerts are posted to: every store's, unless ``room_stores`` limits it."""
     webhook_secret: SecretStr | None = None
     """Secret of the bot's webhook: every callback must carry X-Spark-Signature = HMAC-SHA1(body, secret)."""
     previous_webhook_secret: SecretStr | None = None
@@ -732,7 +732,8 @@ class WebexSettings(BaseModel, frozen=True):
     room_stores: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     """Per room, the only stores whose checkouts, cases and watchlist entries the bot shows and acts on there (a
     chain's store security rooms): a JSON map of room id -> store ids, ``{"room-nyc": ["S-NYC", "S-BKN"]}``, for
-    whoever writes in that room; rooms not in it see every store."""
+    whoever writes in that room; rooms not in it see every store. The alert sender posts a store's alerts to each room
+    naming it, and to ``room_id`` unless this limits it to other stores."""
 
     @field_validator("room_stores")
     @classmethod

@@ -4,7 +4,8 @@ An alert's Webex message carries the checkout snapshot (a shopper's face) and it
 images; the image store deletes its copies on ``forget`` of the subject and after
 ``CG_FACES__ALERT_SNAPSHOT_RETENTION_DAYS``, but the room kept them for ever. The alert sender's ledger keeps
 the id of every message an erasable channel posted (the alert message and its card) with the alert's subject,
-transaction and time (:meth:`sinks.alerts.sender.Ledger.mark_sent`); this eraser, a thread of the sender:
+transaction and time (:meth:`sinks.alerts.sender.Ledger.mark_sent`), in every room it went to (each room is a
+channel of its own: ``webex``, ``webex:<room id>``); this eraser, a thread of the sender:
 
 - reads the ``audit`` topic (its own consumer group) and records each ``FORGET`` and ``EXPIRE`` of an entry
   the watchlist service made (the subject and the transaction its entry was enrolled from), before
@@ -182,6 +183,16 @@ class Eraser:
         for the hourly one, face and all."""
         self._woken.set()
 
+    def _channel(self, name: str) -> Any:
+        """The channel that deletes a post of channel ``name``: that one (the room's own), else one of its kind. A
+        Webex message is deleted by its id with the bot's token, whatever the room: the copies of a room since taken
+        out of ``CG_WEBEX__ROOM_STORES`` (or of a former ``CG_WEBEX__ROOM_ID``) still go, not kept for ever."""
+        channel = self.channels.get(name)
+        if channel is None:
+            kind = name.split(":", 1)[0]
+            channel = next((c for n, c in sorted(self.channels.items()) if n.split(":", 1)[0] == kind), None)
+        return channel
+
     def sweep(self, stop: threading.Event | None = None) -> Sweep:
         """Delete every due post (see the module); the ledger forgets each one deleted, gone or refused.
         ``stop``: the sender is stopping; the rest waits for the next run (it must not outlive the ledger)."""
@@ -192,8 +203,8 @@ class Eraser:
             if stop is not None and stop.is_set():
                 result.stopped = "the sender is stopping"
                 break
-            channel = self.channels.get(channel_name)
-            if channel is None:  # posted by a channel this sender no longer runs: left for the one that does
+            channel = self._channel(channel_name)
+            if channel is None:  # posted by a kind of channel this sender does not run: left for one that does
                 continue
             try:
                 existed = channel.delete(message_id)

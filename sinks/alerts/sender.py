@@ -1,7 +1,9 @@
 """Alerts from Kafka to people: one e-mail and one Webex message per alert, with the snapshot attached.
 
 Input: ``alerts`` (Alert, key = alert_id). Output: the channels of ``Settings.alerts.channels`` (``email``
-by SMTP or Amazon SES, ``webex`` to ``Settings.webex.room_id``) and ``dead_letters`` (stage
+by SMTP or Amazon SES, ``webex`` to the rooms that get the alert's store: every room of ``CG_WEBEX__ROOM_STORES``
+that names it, and ``CG_WEBEX__ROOM_ID`` unless that map limits it to other stores, each room a channel of its own,
+:func:`webex_rooms`; an alert no room gets is not sent to Webex, counted ``unrouted``) and ``dead_letters`` (stage
 ``alert-sender``) for alerts that cannot be decoded or used (an id that is not an alert id, an event time that is
 no date) or that a channel keeps refusing.
 
@@ -32,7 +34,8 @@ Metrics (``infra.metrics``, stage ``alert-sender``): alerts in (kind ``alert``, 
 cannot be decoded), alerts out (every channel delivered or already had it), dead letters by error kind,
 ``cg_channel_deliveries`` by channel and result -- ``delivered``, ``failed`` (each failed send), ``retried``
 (queued again after a failure), ``dead_lettered`` (given up: the alert is dead-lettered), ``already_sent``
-(the ledger says so), ``withheld`` (its subject is forgotten: never sent, see ``ChannelWorker._withhold``) -- and
+(the ledger says so), ``withheld`` (its subject is forgotten: never sent, see ``ChannelWorker._withhold``),
+``unrouted`` (channel ``webex``: no room gets the alert's store; a room's own channel is ``webex:<room id>``) -- and
 the queue depth per channel plus ``unfinished`` alerts. ``/readyz`` turns 503 (and
 ``/healthz`` reads "degraded") while a channel is down ("email unreachable"), a dead letter cannot be delivered
 ("Kafka unreachable") or the eraser is held up (Webex refusing deletes, the audit topic away); ``/healthz`` turns
@@ -442,8 +445,38 @@ DELETE_HEALS = frozenset({401, 408, 423, 425, 429})
 limit); 5xx and no answer heal too."""
 
 
+WEBEX = "webex"
+
+
+def channel_kind(name: str) -> str:
+    """The kind of a channel by its name: ``webex`` for every Webex room's channel (``webex:<room id>``)."""
+    return name.split(":", 1)[0]
+
+
+def takes(channel: Channel | Any, alert: dict[str, Any]) -> bool:
+    """Whether ``channel`` sends ``alert``: a channel with ``stores`` (a Webex room limited to some stores) only
+    the alerts of those stores; any other, every alert."""
+    stores = getattr(channel, "stores", None)
+    return stores is None or alert.get("store_id") in stores
+
+
+def webex_rooms(settings: Settings) -> list[tuple[str, frozenset[str] | None]]:
+    """The rooms the alerts go to, each with the stores whose alerts it gets (None: every store), as the bot scopes
+    them (``CG_WEBEX__ROOM_STORES``): ``CG_WEBEX__ROOM_ID`` first (limited only if the map names it), then every room
+    of the map. Pure."""
+    webex = settings.webex
+    rooms: list[tuple[str, frozenset[str] | None]] = []
+    if webex.room_id:
+        rooms.append((webex.room_id, webex.stores_of(webex.room_id)))
+    rooms += [(room, frozenset(stores)) for room, stores in webex.room_stores.items() if room != webex.room_id]
+    return rooms
+
+
 class WebexChannel:
-    name = "webex"
+    """Alerts and their case cards posted to one Webex room. ``CG_WEBEX__ROOM_ID``'s channel is named ``webex`` (its
+    ledger rows and posts from before the per-store rooms stay its own); another room's ``webex:<room id>``, so the
+    ledger records each alert once per room and the eraser deletes each room's copies."""
+
     can_check_sent = True
     erasable = True
     LOOKBACK = 1000
@@ -454,11 +487,19 @@ class WebexChannel:
     """Posts of a case card while Webex answers 429 (each after its ``Retry-After``)."""
 
     def __init__(
-        self, settings: Settings, client: WebexClient, has_reference: Callable[[str], bool] | None = None
+        self,
+        settings: Settings,
+        client: WebexClient,
+        has_reference: Callable[[str], bool] | None = None,
+        room_id: str | None = None,
     ) -> None:
-        if not settings.webex.room_id:
-            raise ValueError("the webex channel needs a room (CG_WEBEX__ROOM_ID)")
-        self.settings, self.client, self.room_id = settings, client, settings.webex.room_id
+        room = room_id or settings.webex.room_id
+        if not room:
+            raise ValueError("the webex channel needs a room (CG_WEBEX__ROOM_ID or CG_WEBEX__ROOM_STORES)")
+        self.settings, self.client, self.room_id = settings, client, room
+        self.name = WEBEX if room == settings.webex.room_id else f"{WEBEX}:{room}"
+        self.stores = settings.webex.stores_of(room)
+        """The stores whose alerts this room gets (``CG_WEBEX__ROOM_STORES``); None: every store."""
         self.has_reference = has_reference or reference_finder_from_settings(settings)
         """Whether the image store holds a subject's reference image: the card shows it only then."""
         self._bot_id: str | None = None
@@ -677,9 +718,12 @@ def channels_from_settings(settings: Settings) -> list[Channel]:
             else:
                 mailer = SmtpMailer(settings.smtp)
             out.append(EmailChannel(settings, mailer))
-        elif name == "webex":
-            client = WebexClient.from_settings(settings.webex)
-            out.append(WebexChannel(settings, client))
+        elif name == WEBEX:
+            rooms = webex_rooms(settings)
+            if not rooms:
+                raise ValueError("the webex channel needs a room (CG_WEBEX__ROOM_ID or CG_WEBEX__ROOM_STORES)")
+            for room, _ in rooms:  # a client each: a room's channel closes its own
+                out.append(WebexChannel(settings, WebexClient.from_settings(settings.webex), room_id=room))
         else:
             raise ValueError(f"unknown alert channel {name!r} (known: email, webex)")
     return out
@@ -1133,19 +1177,23 @@ class SenderStats:
     commits: int = 0
     withheld: int = 0
     """Alerts not sent on some channel: their subject is forgotten."""
+    unrouted: int = 0
+    """Alerts not sent to Webex at all: no room gets their store's alerts."""
 
     def line(self) -> str:
         return (
             f"consumed={self.consumed} done={self.alerts_done} already_sent={self.skipped_channels} "
-            f"dead_lettered={self.dead_lettered} withheld={self.withheld} commits={self.commits}"
+            f"dead_lettered={self.dead_lettered} withheld={self.withheld} unrouted={self.unrouted} "
+            f"commits={self.commits}"
         )
 
 
 def default_group_id(settings: Settings, channels: list[str] | None = None) -> str:
     """``<topic prefix>checkout-guard-alert-sender-<channels>``: one consumer group per channel set, so a
     sender per channel (``CG_ALERTS__CHANNELS=webex``; a core each) never shares partitions with a sender
-    for another set -- sharing would leave each alert on only one process's channels."""
-    names = sorted(channels if channels is not None else settings.alerts.channel_list())
+    for another set -- sharing would leave each alert on only one process's channels. By kind: the Webex rooms
+    (``CG_WEBEX__ROOM_STORES``) change no group."""
+    names = sorted({channel_kind(c) for c in (channels if channels is not None else settings.alerts.channel_list())})
     return settings.kafka.group(f"{DEFAULT_GROUP_ID}-{'+'.join(names)}")
 
 
@@ -1181,6 +1229,9 @@ class AlertSender:
         self.stats = SenderStats()
         self._done: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
         self._workers: dict[str, ChannelWorker] = {}
+        self._kinds = {channel_kind(c.name) for c in self.channels}
+        self._unrouted_stores: set[str] = set()
+        """Stores whose alerts went to no Webex room, logged once each."""
         self._inflight: dict[tuple[str, str], list[Pending]] = {}
         self._partitions: dict[tuple[str, int], deque[Pending]] = {}
         self._unfinished = 0
@@ -1382,7 +1433,11 @@ class AlertSender:
             return
         pending.alert = alert
         deadline = self.clock.now() + self.settings.alerts.deadline_s
+        routed: set[str] = set()
         for name, worker in self._workers.items():
+            if not takes(worker.channel, alert):  # a Webex room limited to other stores
+                continue
+            routed.add(channel_kind(name))
             key = (alert["alert_id"], name)
             if key in self._inflight:  # the same alert again while its send is under way: wait for that one
                 self._inflight[key].append(pending)
@@ -1399,7 +1454,26 @@ class AlertSender:
             self._inflight[key] = [pending]
             pending.waiting.add(name)
             worker.submit(Task(alert, name, deadline, maybe_sent=state == "sending", alert_ms=made_at(message, alert)))
+        for kind in self._kinds - routed:
+            self._unrouted(alert, kind)
         self._maybe_finish(pending)
+
+    def _unrouted(self, alert: dict[str, Any], kind: str) -> None:
+        """No room of ``kind`` (Webex) gets the alert's store: ``CG_WEBEX__ROOM_ID`` is limited to other stores, or
+        unset, and no room of ``CG_WEBEX__ROOM_STORES`` names it. Counted; logged once per store (then every alert of
+        it is the same story); the other channels (e-mail) send it as ever."""
+        self.stats.unrouted += 1
+        metrics.DELIVERIES.labels(kind, "unrouted").inc()
+        store = str(alert.get("store_id"))
+        if store not in self._unrouted_stores:
+            self._unrouted_stores.add(store)
+            log.warning(
+                "%s: the alerts of store %s go to no room (CG_WEBEX__ROOM_ID is limited to other stores or unset, and "
+                "no room of CG_WEBEX__ROOM_STORES names the store): not sent there, counted as unrouted (first: %s)",
+                kind,
+                store[:64],
+                alert["alert_id"],
+            )
 
     def _drain_outcomes(self) -> None:
         while True:

@@ -843,3 +843,116 @@ def test_a_webex_rate_limit_pauses_the_channel_as_long_as_retry_after_asks() -> 
     429, and so on, each spending the bot's rate again."""
     asked = WebexError("rate limited", status=429, retriable=True, retry_after=60.0, asked_wait=120.0)
     assert WebexChannel._delivery_error(asked).retry_after == 120.0
+
+
+NYC_ROOM, LA_ROOM = "room-nyc", "room-la"
+
+
+def scoped_settings(webex: LocalWebexServer, tmp_path: Path, **room_stores: list[str]) -> Settings:
+    """``CG_WEBEX__ROOM_ID`` = ROOM and the bot's per-room stores (``CG_WEBEX__ROOM_STORES``)."""
+    return Settings(
+        stack_dir=tmp_path,
+        webex=WebexSettings(
+            base_url=webex.url, bot_token=SecretStr(TOKEN), room_id=ROOM, room_stores=room_stores or {}
+        ),
+        alerts=AlertSettings(channels="webex", concurrency=2, webex_cards=False),
+    )
+
+
+def routed_sender(closer: ExitStack, settings: Settings) -> Any:
+    """An alert sender on the settings' channels (a channel per Webex room), fed through :func:`feed`."""
+    from sinks.alerts.sender import AlertSender
+    from tests.unit.test_process_metrics import ConfirmingProducer
+
+    sender = AlertSender(settings, image_loader=lambda ref: jpeg())
+    closer.enter_context(closing(sender))
+    sender._producer = ConfirmingProducer()  # type: ignore[assignment]
+    sender.start_workers()
+    return sender
+
+
+def feed(sender: Any, *alerts: dict[str, Any]) -> None:
+    """Hand ``alerts`` to the sender as fetched records, and wait until each is done."""
+    from confluent_kafka import Message
+
+    from schemas.records import Alert
+
+    offset = sender.stats.consumed
+    sender._accept_batch(
+        [
+            Message(topic="alerts", partition=0, offset=offset + i, value=Alert(**a).encode())
+            for i, a in enumerate(alerts)
+        ]
+    )
+    deadline = time.monotonic() + 15
+    while sender._unfinished and time.monotonic() < deadline:
+        sender._drain_outcomes()
+        time.sleep(0.01)
+    assert not sender._unfinished
+
+
+def in_store(alert_id: str, store: str) -> dict[str, Any]:
+    return {**alert(alert_id, snapshot_ref=None), "store_id": store}
+
+
+def posted_alerts(webex: LocalWebexServer, room: str) -> list[str]:
+    return [m["markdown"].rsplit("_alert `", 1)[1].split("`", 1)[0] for m in webex.state.bot_messages(room)]
+
+
+def test_webex_rooms_are_the_alert_room_and_every_room_of_the_bots_store_map(tmp_path: Path) -> None:
+    from sinks.alerts.sender import webex_rooms
+
+    def rooms(room_id: str | None, **room_stores: list[str]) -> list[tuple[str, frozenset[str] | None]]:
+        return webex_rooms(Settings(stack_dir=tmp_path, webex=WebexSettings(room_id=room_id, room_stores=room_stores)))
+
+    assert rooms(ROOM) == [(ROOM, None)]  # as before: every store's alerts in the one room
+    assert rooms(ROOM, **{NYC_ROOM: ["S-NYC", "S-BKN"]}) == [(ROOM, None), (NYC_ROOM, frozenset({"S-NYC", "S-BKN"}))]
+    assert rooms(ROOM, **{ROOM: ["S-LA"], NYC_ROOM: ["S-NYC"]}) == [
+        (ROOM, frozenset({"S-LA"})),  # the alert room limited, as in the bot
+        (NYC_ROOM, frozenset({"S-NYC"})),
+    ]
+    assert rooms(None, **{NYC_ROOM: ["S-NYC"]}) == [(NYC_ROOM, frozenset({"S-NYC"}))]
+    assert rooms(None) == []
+
+
+def test_a_stores_alerts_go_to_its_own_room_and_the_unscoped_alert_room_each_once(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
+) -> None:
+    """Every store's alerts (faces, cases) went to CG_WEBEX__ROOM_ID only: a store's security room, limited to its
+    stores in the bot, got none of its alerts."""
+    settings = scoped_settings(webex, tmp_path, **{NYC_ROOM: ["S-NYC"]})
+    sender = routed_sender(closer, settings)
+    assert sorted(c.name for c in sender.channels) == ["webex", f"webex:{NYC_ROOM}"]
+    assert sender.group_id.endswith("checkout-guard-alert-sender-webex")  # the rooms change no consumer group
+    feed(sender, in_store("blocked:tx-1", "S-NYC"), in_store("blocked:tx-2", "S-SF"))
+    assert posted_alerts(webex, NYC_ROOM) == ["blocked:tx-1"]
+    assert sorted(posted_alerts(webex, ROOM)) == ["blocked:tx-1", "blocked:tx-2"]
+    assert sender.ledger.state("blocked:tx-1", f"webex:{NYC_ROOM}") == sender.ledger.state("blocked:tx-1", "webex")
+    assert sender.ledger.state("blocked:tx-2", f"webex:{NYC_ROOM}") is None
+    feed(sender, in_store("blocked:tx-1", "S-NYC"), in_store("blocked:tx-2", "S-SF"))  # replayed: no room twice
+    assert len(webex.state.bot_messages(NYC_ROOM)) == 1 and len(webex.state.bot_messages(ROOM)) == 2
+    assert sender.stats.skipped_channels == 3 and sender.stats.unrouted == 0
+
+
+def test_an_alert_the_alert_room_had_already_goes_to_a_store_room_added_since_and_not_again_to_the_alert_room(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
+) -> None:
+    """Delivery is recorded per (alert, room): a re-driven alert is posted only in the rooms that do not have it."""
+    settings = scoped_settings(webex, tmp_path, **{NYC_ROOM: ["S-NYC"]})
+    sender = routed_sender(closer, settings)
+    sender.ledger.mark_sent("blocked:tx-1", "webex", "m-before")  # posted before the store room existed
+    feed(sender, in_store("blocked:tx-1", "S-NYC"))
+    assert posted_alerts(webex, NYC_ROOM) == ["blocked:tx-1"] and webex.state.bot_messages(ROOM) == []
+
+
+def test_an_alert_room_limited_to_other_stores_gets_none_of_a_stores_alerts_and_an_alert_no_room_gets_is_counted(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
+) -> None:
+    """A room the bot limits to store S-LA got every store's alerts, faces included, when it was CG_WEBEX__ROOM_ID."""
+    settings = scoped_settings(webex, tmp_path, **{ROOM: ["S-LA"], NYC_ROOM: ["S-NYC"]})
+    sender = routed_sender(closer, settings)
+    feed(sender, in_store("blocked:tx-1", "S-NYC"), in_store("blocked:tx-2", "S-LA"), in_store("blocked:tx-3", "S-SF"))
+    assert posted_alerts(webex, ROOM) == ["blocked:tx-2"]
+    assert posted_alerts(webex, NYC_ROOM) == ["blocked:tx-1"]
+    assert sender.stats.unrouted == 1 and sender.stats.alerts_done == 3  # S-SF's: no room; done, not dead-lettered
+    assert sender.stats.dead_lettered == 0

@@ -842,3 +842,25 @@ def test_an_alert_withheld_as_the_probe_of_a_channel_that_is_down_does_not_stop_
     finally:
         worker.stop()
     assert second.delivered and channel.sent == ["blocked:tx-2"]
+
+
+def test_a_forgotten_subjects_alert_is_deleted_from_every_room_it_went_to_even_a_room_since_removed(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
+) -> None:
+    """With an alert posted in the alert room and its store's room, each room's copy must go on forget; a room taken
+    out of CG_WEBEX__ROOM_STORES since keeps no face either (its posts were left for a channel that no longer ran)."""
+    settings = channels.scoped_settings(webex, tmp_path, **{channels.NYC_ROOM: ["S-NYC"]})
+    alerts = channels.routed_sender(closer, settings)
+    shown = {**channels.in_store("suspect:tx-7", "S-NYC"), "subject_id": "subj-tx-1", "transaction_id": "tx-7"}
+    channels.feed(alerts, shown)
+    assert len(webex.state.bot_messages(ROOM)) == len(webex.state.bot_messages(channels.NYC_ROOM)) == 1
+    old = WebexClient(webex.url, channels.TOKEN)
+    closer.callback(old.close)
+    gone_room = old.send_message("room-closed-store", "_alert `suspect:tx-6`_")["id"]
+    alerts.ledger.mark_sent("suspect:tx-6", "webex:room-closed-store", gone_room, (gone_room,), shown, NOW - DAY)
+    alerts.ledger.record_forgets([("audit-1", "subj-tx-1", "tx-1", NOW + 1000)])
+    erasable = {c.name: c for c in alerts.channels}
+    result = Eraser(settings, alerts.ledger, erasable, "g", now_ms=lambda: NOW + 1000).sweep()
+    assert result.deleted == 3 and result.subjects == {"subj-tx-1"}
+    assert webex.state.bot_messages(ROOM) == webex.state.bot_messages(channels.NYC_ROOM) == []
+    assert webex.state.bot_messages("room-closed-store") == []
