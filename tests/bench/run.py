@@ -15,12 +15,14 @@ Stages, each on fresh topics (``bench<run>.`` prefix) of the running local stack
 Then the job's **metrics overhead** (``tests/bench/metrics_overhead.py``: its throughput with its Prometheus
 metrics on against off, alternating drains off-on-on-off in one run; ``--metrics-drains 0`` skips it), its
 **parallelism** (``tests/bench/parallelism.py``: CPU per decision and decisions/s of the partitioned layout at
-p = 1 and p = 2 and of the single layout, alternating drains; ``--parallel-drains 0`` skips it) and,
-in-process: faces, model scoring, the partitioned scoring steps (``tests/bench/partitioned.py``), alerts, and the
-scoring job's **state** at N transactions of history (``tests/bench/state.py``: entries, pickled size with and
-without retention, restore time and memory; ``--state-transactions`` / ``CG_BENCH_STATE_TRANSACTIONS``, default 10
-M: about 5 minutes and 10 GiB here; ``--state-budget-s`` / ``CG_BENCH_STATE_BUDGET_S`` measures the largest N that
-fits that many seconds instead, with the reason printed).
+p = 1 and p = 2 and of the single layout, alternating drains; ``--parallel-drains 0`` skips it), the OpenSearch sink's
+**face read** (``tests/bench/sink.py``: bulk writes of 500 scored transactions without and with ``keep_faces``'s
+``mget``, A-B-B-A; ``--sink-rounds 0`` skips it) and, in-process: faces, model scoring, the partitioned scoring
+steps (``tests/bench/partitioned.py``), alerts, and the scoring job's **state** at N transactions of history
+(``tests/bench/state.py``: entries, pickled size with and without retention, restore time and memory;
+``--state-transactions`` / ``CG_BENCH_STATE_TRANSACTIONS``, default 10 M: about 5 minutes and 10 GiB here;
+``--state-budget-s`` / ``CG_BENCH_STATE_BUDGET_S`` measures the largest N that fits that many seconds instead, with
+the reason printed).
 
 Results are printed and written to ``bench-results/<stage>-<time>.json``.
 """
@@ -435,6 +437,7 @@ SECTION_ROWS: dict[str, tuple[str, str]] = {
     "partitioned": ("tests.bench.partitioned", "report_rows"),
     "metrics_overhead": ("tests.bench.metrics_overhead", "report_rows"),
     "parallelism": ("tests.bench.parallelism", "report_rows"),
+    "sink": ("tests.bench.sink", "report_rows"),
     "alerts": ("tests.bench.alerts", "report_rows"),
     "state": ("tests.bench.state", "report_rows"),
     "faces": ("jobs.faces.cli", "bench_report_rows"),
@@ -544,6 +547,9 @@ def main(
         int, typer.Option(help="Backlogs drained by the partitioned job at p=1 / p=2 and the single layout (0 = skip).")
     ] = 8,
     parallel_records: Annotated[int, typer.Option(help="Backlog of each drain of the parallelism stage.")] = 20_000,
+    sink_rounds: Annotated[
+        int, typer.Option(help="Rounds of 500-document batches written without / with the sink's face read (0 = skip).")
+    ] = 8,
     state_transactions: Annotated[
         int,
         typer.Option(
@@ -573,6 +579,11 @@ def main(
             f"[bold]parallelism[/]: {parallel_drains} backlogs, the partitioned job at p=1 and p=2, the single"
         )
         results["parallelism"] = parallel_scoring(get_settings(), records=parallel_records, drains=parallel_drains)
+    if sink_rounds:
+        from tests.bench.sink import sink_face_read
+
+        console.print(f"[bold]sink face read[/]: {sink_rounds} rounds of bulk writes without, with, with, without it")
+        results["sink"] = sink_face_read(get_settings(), rounds=sink_rounds)
     from jobs.faces.cli import bench_for_make
 
     console.print("[bold]faces[/]: JPEG -> face -> watchlist match on a 640x480 frame; probe with 100k enrolled")
