@@ -55,7 +55,10 @@ A trigger read again (a restart before its offset was committed, a topic replay,
 not snapshotted and searched again while this process remembers it (:class:`RecentAnswers`): one Kafka acknowledged
 the observation of is skipped (counted ``replayed``; the scoring job has its answer), one still being observed waits
 for that observation and one still being delivered gets the same record, so its offset is committed only once an
-answer is in Kafka. The memory is the process's: after a restart, a replay is snapshotted again.
+answer is in Kafka. A restart (and a partition assignment: another stage's partitions) does not forget it: before
+reading, the stage reads back the ids of the observations published over that window (:func:`recall_from_kafka`, at
+most :data:`RECALL_TIMEOUT_S`), so a record read again from the last commit is skipped too. If that read fails or
+takes longer, a WARNING says so and the stage goes on without (those triggers are snapshotted again).
 
 Run: ``python -m jobs.faces.stage``.
 """
@@ -65,16 +68,18 @@ from __future__ import annotations
 import functools
 import heapq
 import itertools
+import json
 import logging
 import queue
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Annotated, Any, Protocol
 
+import cavro
 import typer
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
@@ -86,7 +91,7 @@ from infra.retry import Backoff
 from infra.settings import Settings, face_deadline_problem, get_settings
 from jobs.faces.rekognition import call_limit_s
 from jobs.scoring.validation import parse_transaction
-from schemas.codec import codec
+from schemas.codec import HEADER_LEN, MAGIC, codec, load_schemas
 from schemas.errors import FACE_STAGE_ERROR, InvalidRecord
 from schemas.identifiers import check_serial
 from schemas.records import REKOGNITION_MATCHER, CameraEvent, FaceObservation, dead_letter
@@ -155,7 +160,7 @@ class RecentAnswers:
     """Observation ids whose observation Kafka acknowledged, each until its trigger is older than ``window_ms`` (by
     event time: past its lag limit a trigger is no longer snapshotted anyway), at most ``limit`` (the oldest
     remembered go first). A trigger read again within it costs no second snapshot and Rekognition search (money, and
-    a picture of a later moment than the sale). The process's memory only: a restart forgets it."""
+    a picture of a later moment than the sale). Filled at start from Kafka too (:func:`recall_from_kafka`)."""
 
     def __init__(self, window_ms: int, limit: int = REMEMBERED_ANSWERS) -> None:
         self.window_ms, self.limit = window_ms, limit
@@ -179,6 +184,59 @@ class RecentAnswers:
 
     def __len__(self) -> int:
         return len(self._at)
+
+
+RECALL_TIMEOUT_S = 5.0
+"""How long the stage waits, at start and on each partition assignment, for the ids of the observations it published
+within :class:`RecentAnswers`' window; past it the stage reads on without them (a WARNING). A few seconds: the read
+covers minutes of observations, and checkouts wait meanwhile."""
+
+Recall = Callable[[Settings, int, float], Iterable[tuple[str, int]]]
+"""``recall(settings, since_ms, timeout_s)``: (observation id, event time) of every face observation written at or
+after ``since_ms`` (:func:`recall_from_kafka`; tests pass their own)."""
+
+
+class ObservationIds:
+    """Decodes only a face observation's id and event time (every schema version has them first): the rest, the
+    embedding too, is skipped, never decoded or held."""
+
+    def __init__(self) -> None:
+        options = cavro.DEFAULT_OPTIONS.replace(record_decodes_to_dict=True)
+        name = codec("FaceObservation").schema.name.rsplit(".", 1)
+        fields = [{"name": "observation_id", "type": "string"}, {"name": "event_time", "type": "long"}]
+        ids = cavro.Schema(
+            json.dumps({"type": "record", "name": name[-1], "namespace": name[0], "fields": fields}), options=options
+        )
+        self._readers = {
+            sv.fingerprint: ids.reader_for_writer(cavro.Schema(sv.text, options=options))
+            for sv in load_schemas().values()
+            if sv.short_name == "FaceObservation"
+        }
+
+    def of(self, value: bytes | None) -> tuple[str, int] | None:
+        """``(observation_id, event_time)``, or ``None`` for a record that is no face observation we can read."""
+        if not value or value[:2] != MAGIC or (reader := self._readers.get(bytes(value[2:HEADER_LEN]))) is None:
+            return None
+        try:
+            ids = reader.binary_decode(bytes(value[HEADER_LEN:]))
+        except Exception:  # noqa: BLE001 - a corrupt record is no answer
+            return None
+        return str(ids["observation_id"]), int(ids["event_time"])
+
+
+def recall_from_kafka(settings: Settings, since_ms: int, timeout_s: float) -> list[tuple[str, int]]:
+    """The ids and event times of the face observations written at or after ``since_ms`` (broker timestamps,
+    ``offsets_for_times``), up to the topic's end when the read starts; raises on a failure or after ``timeout_s``."""
+    from infra.clients.control_topics import read_control_topics
+
+    ids, found = ObservationIds(), []
+
+    def apply(_topic: str, _key: bytes | None, value: bytes | None) -> None:
+        if (answer := ids.of(value)) is not None:
+            found.append(answer)
+
+    read_control_topics(settings, apply, timeout_s=timeout_s, specs=(FACE_OBSERVATIONS,), since_ms=since_ms)
+    return found
 
 
 class EngineLike(Protocol):
@@ -476,6 +534,8 @@ class FaceStageRunner:
     ``backoff`` spaces the re-sends of a failed delivery; ``heartbeat`` (the process's ``/healthz``) is beaten every
     loop turn while the stage makes progress: nothing in flight, or a trigger finished within :func:`stall_limit_s`
     (``clock`` measures that). A loop that only turns while every snapshot worker is stuck is not progress.
+    ``recall`` reads back the observations published before (:data:`Recall`, default :func:`recall_from_kafka`),
+    waiting at most ``recall_timeout_s``.
     """
 
     def __init__(
@@ -488,8 +548,11 @@ class FaceStageRunner:
         backoff: Backoff | None = None,
         heartbeat: metrics.Heartbeat | None = None,
         clock: Callable[[], float] = time.monotonic,
+        recall: Recall = recall_from_kafka,
+        recall_timeout_s: float = RECALL_TIMEOUT_S,
     ) -> None:
         self.settings = settings
+        self._recall, self._recall_timeout_s = recall, recall_timeout_s
         self.stage = stage
         self.heartbeat = heartbeat or metrics.Heartbeat()
         self._clock = clock
@@ -559,7 +622,43 @@ class FaceStageRunner:
         self._producer, self._consumer = producer, consumer
 
     def _on_assign(self, _c: Consumer, partitions: list[TopicPartition]) -> None:
+        if partitions:  # before their first record: it may have been answered before a restart, or by another stage
+            self.recall()
         self.assigned.set()
+
+    def recall(self) -> int:
+        """Remember the triggers answered within :class:`RecentAnswers`' window, from Kafka; return how many were
+        read back. In a thread waited on for at most ``recall_timeout_s``: a slow or failing read never blocks the
+        stage, it costs the snapshots it would have saved (a WARNING)."""
+        now_ms = clock.now_ms()
+        # A transaction may be dated up to the future skew ahead of its observation's broker timestamp.
+        since_ms = now_ms - self.answers.window_ms - self.settings.job.max_future_skew_ms
+        found: list[tuple[str, int]] = []
+        failed: list[Exception] = []
+
+        def read() -> None:
+            try:
+                found.extend(self._recall(self.settings, since_ms, self._recall_timeout_s))
+            except Exception as exc:  # noqa: BLE001 - reported by the waiting thread
+                failed.append(exc)
+
+        reader = threading.Thread(target=read, name="recall", daemon=True)
+        reader.start()
+        reader.join(self._recall_timeout_s)
+        if reader.is_alive() or failed:
+            why = f"{type(failed[0]).__name__}: {failed[0]}" if failed else f"not done in {self._recall_timeout_s} s"
+            log.warning(
+                "reading back the face observations published before failed (%s): triggers read again are "
+                "snapshotted again",
+                why,
+            )
+            return 0
+        for observation_id, event_time in found:
+            self.answers.add(observation_id, event_time, now_ms)
+        log.info(
+            "%d face observations published before read back: their triggers are not snapshotted again", len(found)
+        )
+        return len(found)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._commit(consumer)

@@ -12,8 +12,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
+import pytest
 from confluent_kafka import KafkaError, Message, TopicPartition
 
 from infra import metrics
@@ -111,6 +113,11 @@ def settings() -> Settings:
     return Settings(cameras=CameraSettings(max_in_flight=3, snapshot_workers=2))
 
 
+def NOTHING(_settings: Settings, _since_ms: int, _timeout_s: float) -> list[tuple[str, int]]:
+    """A stage started with nothing published before (no face observation to read back)."""
+    return []
+
+
 def delivered(producer: Producer, topic: str, record: type) -> list:
     return [record.decode(value) for t, value in producer.delivered if t == topic.full_name("")]
 
@@ -120,7 +127,12 @@ def test_failed_deliveries_are_sent_again_until_acknowledged_and_reading_resumes
     stage = FaceStage(settings(), no_video(asked), None, None)  # type: ignore[arg-type]
     consumer, producer = Consumer([tx_message(i, f"tx-{i}") for i in range(10)]), Producer(failures=7)
     runner = FaceStageRunner(
-        settings(), stage, producer=producer, consumer=consumer, backoff=Backoff(initial_s=0.01, maximum_s=0.05)
+        settings(),
+        stage,
+        producer=producer,
+        consumer=consumer,
+        backoff=Backoff(initial_s=0.01, maximum_s=0.05),
+        recall=NOTHING,
     )
     stats = run_until(runner, lambda: consumer.commits.get((TX_TOPIC, 0)) == 10)
 
@@ -151,7 +163,7 @@ def test_a_record_the_stage_fails_on_is_a_dead_letter_and_the_rest_goes_on() -> 
     ]
     consumer, producer = Consumer(messages), Producer(failures=0)
     stats = run_until(
-        FaceStageRunner(settings(), stage, producer=producer, consumer=consumer),
+        FaceStageRunner(settings(), stage, producer=producer, consumer=consumer, recall=NOTHING),
         lambda: consumer.commits.get((TX_TOPIC, 0)) == 4,
     )
 
@@ -223,7 +235,9 @@ def test_an_entrance_behind_a_queue_of_slow_checkouts_is_still_photographed_in_t
     producer = Producer(failures=0)
     late = metrics.SKIPPED.labels("face-stage", "entrance_late")
     before = late._value.get()
-    runner = FaceStageRunner(s, FaceStage(s, snapshot, NoFaces(), NamedStore()), producer=producer, consumer=consumer)
+    runner = FaceStageRunner(
+        s, FaceStage(s, snapshot, NoFaces(), NamedStore()), producer=producer, consumer=consumer, recall=NOTHING
+    )
     run_until(runner, lambda: len(delivered(producer, FACE_OBSERVATIONS, FaceObservation)) == 21)
 
     observations = {o.trigger: o for o in delivered(producer, FACE_OBSERVATIONS, FaceObservation)}
@@ -265,7 +279,9 @@ def test_a_stream_of_people_at_the_door_does_not_hold_the_checkouts_back() -> No
         cameras=CameraSettings(max_in_flight=8, snapshot_workers=4, entrance_snapshot_workers=2, entrance_max_lag_s=1.0)
     )
     consumer, producer = Doorway(), Producer(failures=0)
-    runner = FaceStageRunner(s, FaceStage(s, snapshot, NoFaces(), NamedStore()), producer=producer, consumer=consumer)
+    runner = FaceStageRunner(
+        s, FaceStage(s, snapshot, NoFaces(), NamedStore()), producer=producer, consumer=consumer, recall=NOTHING
+    )
     checkouts = lambda: [o for o in delivered(producer, FACE_OBSERVATIONS, FaceObservation) if o.trigger == "CHECKOUT"]  # noqa: E731
     run_until(runner, lambda: len(checkouts()) == 10, limit_s=10.0)
 
@@ -287,7 +303,13 @@ def test_healthz_turns_stale_when_every_snapshot_worker_is_stuck_and_recovers_on
     stage = FaceStage(settings(), stuck, None, None)  # type: ignore[arg-type]
     consumer, producer = Consumer([tx_message(i, f"tx-{i}") for i in range(5)]), Producer(failures=0)
     runner = FaceStageRunner(
-        settings(), stage, producer=producer, consumer=consumer, heartbeat=heartbeat, clock=lambda: now[0]
+        settings(),
+        stage,
+        producer=producer,
+        consumer=consumer,
+        heartbeat=heartbeat,
+        clock=lambda: now[0],
+        recall=NOTHING,
     )
     turns, stop = [0], threading.Event()
     worker = threading.Thread(target=runner.run, args=(stop, lambda _stats: turns.__setitem__(0, turns[0] + 1)))
@@ -330,7 +352,13 @@ def test_an_idle_face_stage_stays_healthy_however_long_nothing_comes() -> None:
     heartbeat = metrics.Heartbeat(stale_s=60.0, clock=lambda: now[0])
     stage = FaceStage(settings(), no_video([]), None, None)  # type: ignore[arg-type]
     runner = FaceStageRunner(
-        settings(), stage, producer=Producer(0), consumer=Consumer([]), heartbeat=heartbeat, clock=lambda: now[0]
+        settings(),
+        stage,
+        producer=Producer(0),
+        consumer=Consumer([]),
+        heartbeat=heartbeat,
+        clock=lambda: now[0],
+        recall=NOTHING,
     )
     turns = [0]
 
@@ -361,7 +389,7 @@ def test_a_transaction_read_again_after_its_observation_was_acknowledged_is_not_
     asked: list[str] = []
     stage = FaceStage(settings(), no_video(asked), None, None)  # type: ignore[arg-type]
     consumer, producer = Replay([tx_message(0, "tx-once")]), Producer(failures=0)
-    runner = FaceStageRunner(settings(), stage, producer=producer, consumer=consumer)
+    runner = FaceStageRunner(settings(), stage, producer=producer, consumer=consumer, recall=NOTHING)
     replayed = metrics.SKIPPED.labels("face-stage", "replayed")
     before = replayed._value.get()
     stats = run_until(runner, lambda: consumer.commits.get((TX_TOPIC, 0)) == 3)
@@ -385,7 +413,7 @@ def test_a_trigger_read_again_while_it_is_observed_waits_for_that_observation() 
 
     stage = FaceStage(settings(), slow, None, None)  # type: ignore[arg-type]
     consumer, producer = Consumer([tx_message(0, "tx-once"), tx_message(1, "tx-once")]), Producer(failures=0)
-    runner = FaceStageRunner(settings(), stage, producer=producer, consumer=consumer)
+    runner = FaceStageRunner(settings(), stage, producer=producer, consumer=consumer, recall=NOTHING)
 
     def done() -> bool:
         if not consumer.messages:
@@ -410,3 +438,82 @@ def test_the_memory_of_answered_triggers_is_bounded_in_time_and_count() -> None:
     assert len(answers) == 2 and not answers.answered("checkout:a", 10_000), "the oldest remembered goes first"
     answers.add("checkout:d", 13_000, 13_000)
     assert len(answers) == 1, "pruned past the window"
+
+
+def test_a_restarted_stage_does_not_snapshot_again_a_trigger_whose_observation_it_published_before() -> None:
+    """The memory of answered triggers was the process's: after a restart, every record read again since the last
+    commit was snapshotted (a later moment than the sale) and searched again. Now the stage reads back the
+    observations it published over the memory's window before its first record."""
+    asked: list[str] = []
+    asked_since: list[int] = []
+    now = int(time.time() * 1000)
+
+    def published(_settings: Settings, since_ms: int, _timeout_s: float) -> list[tuple[str, int]]:
+        asked_since.append(since_ms)
+        return [("checkout:tx-once", now)]
+
+    stage = FaceStage(settings(), no_video(asked), None, None)  # type: ignore[arg-type]
+    consumer = Consumer([tx_message(0, "tx-once"), tx_message(1, "tx-new")])  # read again after the restart
+    producer = Producer(failures=0)
+    runner = FaceStageRunner(settings(), stage, producer=producer, consumer=consumer, recall=published)
+    stats = run_until(runner, lambda: consumer.commits.get((TX_TOPIC, 0)) == 2)
+
+    assert len(asked) == 1, "the trigger answered before the restart was snapshotted again"
+    assert [o.observation_id for o in delivered(producer, FACE_OBSERVATIONS, FaceObservation)] == ["checkout:tx-new"]
+    assert stats["replayed"] == 1
+    window_ms = int(settings().cameras.max_lag_s * 1000) + settings().job.max_future_skew_ms
+    assert len(asked_since) == 1 and abs(asked_since[0] - (now - window_ms)) < 5_000, "read back over the window"
+
+
+HANG = threading.Event()
+
+
+def _failing(_settings: Settings, _since_ms: int, _timeout_s: float) -> list[tuple[str, int]]:
+    raise RuntimeError("face_observations: broker down")
+
+
+def _hanging(_settings: Settings, _since_ms: int, _timeout_s: float) -> list[tuple[str, int]]:
+    HANG.wait(10)  # ends the reader's thread once the test is over
+    return [("checkout:tx-once", int(time.time() * 1000))]
+
+
+@pytest.mark.parametrize(("recall", "why"), [(_failing, "broker down"), (_hanging, "not done in 0.2 s")])
+def test_a_read_back_that_fails_or_takes_too_long_is_a_warning_and_the_stage_snapshots_on(
+    caplog, recall: Callable, why: str
+) -> None:
+    """Reading back the published observations never holds the stage: a failure or a read past its time costs the
+    snapshots it would have saved, and says so."""
+    HANG.clear()
+    asked: list[str] = []
+    stage = FaceStage(settings(), no_video(asked), None, None)  # type: ignore[arg-type]
+    consumer, producer = Consumer([tx_message(0, "tx-once"), tx_message(1, "tx-new")]), Producer(failures=0)
+    runner = FaceStageRunner(
+        settings(), stage, producer=producer, consumer=consumer, recall=recall, recall_timeout_s=0.2
+    )
+    try:
+        stats = run_until(runner, lambda: consumer.commits.get((TX_TOPIC, 0)) == 2)
+    finally:
+        HANG.set()
+    assert len(asked) == 2 and stats["replayed"] == 0, "both snapshotted"
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING" and "read" in r.getMessage()]
+    assert why in warning.getMessage()
+
+
+def test_the_read_back_takes_only_the_ids_of_the_face_observations_written_within_the_window(monkeypatch) -> None:
+    from infra.clients import control_topics
+    from jobs.faces.stage import recall_from_kafka
+
+    seen: dict[str, Any] = {}
+    face = FaceObservation("checkout:tx-1", 1_000, "Q2XX-AAAA-0001", "store-001", "CHECKOUT", "NO_MATCH")
+    records = [replace(face, embedding=[0.25] * 128, image_ref="local://checkout/tx-1").encode(), b"garbage", None]
+    records.append(PosTransaction("tx-2", 2_000, "store-001", "lane-01", "SALE", 1.0, "USD").encode())
+
+    def read(settings: Settings, apply: Callable, **kwargs: Any) -> dict:
+        seen.update(kwargs)
+        for value in records:
+            apply(FACE_OBSERVATIONS.full_name(""), b"Q2XX-AAAA-0001", value)
+        return {}
+
+    monkeypatch.setattr(control_topics, "read_control_topics", read)
+    assert recall_from_kafka(Settings(), 500, 3.0) == [("checkout:tx-1", 1_000)], "an id and a time, nothing else"
+    assert seen == {"timeout_s": 3.0, "specs": (FACE_OBSERVATIONS,), "since_ms": 500}

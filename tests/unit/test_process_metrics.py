@@ -347,6 +347,7 @@ def test_face_stage_counts_inputs_observations_by_status_dead_letters_and_each_a
         producer=FaceProducer(failures=2),  # the first two deliveries time out and are sent again
         consumer=consumer,
         backoff=Backoff(initial_s=0.01, maximum_s=0.02),
+        recall=lambda *_: [],  # nothing published before
     )
     health: list[tuple[bool, str]] = []
     stop, started = threading.Event(), time.monotonic()
