@@ -11,7 +11,8 @@ copy carries the input's own headers where its letter kept them (a signed comman
 
 Skipped and counted: letters whose payload was cut to fit (``payload_truncated``: the bytes are not
 the input any more), letters whose source is not a Kafka topic (the MQTT bridge's ``mqtt:`` ids, CSV
-rows' ``file:`` ids) or a topic the cluster does not have, and copies of an input already planned in
+rows' ``file:`` ids, and letters without a partition and offset, but for a whole transaction: see
+:func:`whole_transaction`) or a topic the cluster does not have, and copies of an input already planned in
 this run (the same source record dead-lettered twice by a replay). Permanent failures are skipped and counted
 unless ``--include-permanent``: only the kinds in :data:`schemas.errors.RETRYABLE_KINDS` (a delivery that failed,
 a bug since fixed, a schema or index the reader lacked) can succeed again; an invalid record would only come back
@@ -47,9 +48,10 @@ from infra.clients import topic_replay
 from infra.clients.topic_replay import Bound, RangeError, parse_time_ms, read_range_records
 from infra.clients.topic_replay import plan as plan_ranges
 from infra.settings import Settings, get_settings
-from schemas.errors import RETRYABLE_KINDS, InvalidRecord, is_retryable
-from schemas.records import DeadLetter, Headers, input_headers
-from schemas.topics import ALL_TOPICS, DEAD_LETTERS, WATCHLIST
+from producers.pos import message_key
+from schemas.errors import INTERNAL_ERROR, RETRYABLE_KINDS, InvalidRecord, is_retryable
+from schemas.records import DeadLetter, Headers, PosTransaction, input_headers
+from schemas.topics import ALL_TOPICS, DEAD_LETTERS, TRANSACTIONS, WATCHLIST
 
 console = Console()
 errors = Console(stderr=True)
@@ -116,6 +118,21 @@ def source_is_kafka(letter: DeadLetter) -> bool:
     )
 
 
+def whole_transaction(letter: DeadLetter, transactions: str) -> PosTransaction | None:
+    """The transaction of a letter whose source position is unknown (partition/offset -1) that may go back all
+    the same: an ``internal_error`` of the ``transactions`` topic (the scoring job's letter of a transaction it
+    held in state written before it kept the record's position) whose payload is one whole ``PosTransaction``
+    (it decodes, and encodes to the same bytes: nothing cut off or added). ``None`` for any other letter."""
+    if letter.source_topic != transactions or letter.error_kind != INTERNAL_ERROR or not letter.payload:
+        return None
+    try:
+        tx = PosTransaction.decode(letter.payload)
+        whole = tx.encode() == letter.payload
+    except Exception:  # noqa: BLE001 - not a transaction: the letter is not re-driven
+        return None
+    return tx if whole else None
+
+
 def is_truncated(letter: DeadLetter) -> bool:
     """Whether the payload was cut to fit the dead-letters topic: ``payload_truncated``, or a recorded
     whole size (``payload_size``, -1 = unknown) other than the bytes kept. Letters written before those
@@ -164,12 +181,14 @@ def plan_redrive(
     limit: int | None = None,
     watchlist: str = WATCHLIST.name,
     headers: Mapping[str, Headers | None] | None = None,
+    transactions: str = TRANSACTIONS.name,
 ) -> RedrivePlan:
     """The sends for the selected letters, oldest (``failed_at``) first, at most ``limit``; every selected
     letter counted by stage, kind and outcome. ``topics``: the cluster's topics and their partition counts;
     ``watchlist``: the watchlist topic's full name (never re-driven); ``headers``: per dead-letter id, the input's
     headers its letter kept (:func:`schemas.records.input_headers`; ``None``: too big to keep, so the input cannot
-    be sent as it was; a letter not named kept none)."""
+    be sent as it was; a letter not named kept none); ``transactions``: the transactions topic's full name (a whole
+    transaction of it goes back without a known position: :func:`whole_transaction`)."""
     kept = headers or {}
     plan = RedrivePlan()
     planned: dict[tuple[str, bytes | None, str], Send] = {}
@@ -181,7 +200,8 @@ def plan_redrive(
         plan.stages[letter.stage] += 1
         if not selection.matches(letter):
             continue
-        outcome = _outcome(letter, topics, watchlist, selection.include_permanent)
+        unplaced = None if source_is_kafka(letter) else whole_transaction(letter, transactions)
+        outcome = _outcome(letter, topics, watchlist, selection.include_permanent, unplaced is not None)
         letter_headers = kept.get(letter.dead_letter_id, ())
         if outcome == REDRIVE and letter_headers is None:
             outcome = HEADERS_CUT
@@ -190,7 +210,7 @@ def plan_redrive(
             if content in planned:
                 outcome = DUPLICATE
             else:
-                planned[content] = _send(letter, topics[letter.source_topic], letter_headers)
+                planned[content] = _send(letter, topics[letter.source_topic], letter_headers, unplaced)
         plan.counts[(letter.stage, letter.error_kind, outcome)] += 1
     ordered = sorted(planned.values(), key=lambda s: (s.failed_at, s.dead_letter_id))
     plan.sends = ordered if limit is None else ordered[: max(0, limit)]
@@ -200,12 +220,14 @@ def plan_redrive(
     return plan
 
 
-def _outcome(letter: DeadLetter, topics: Mapping[str, int], watchlist: str, include_permanent: bool) -> str:
+def _outcome(
+    letter: DeadLetter, topics: Mapping[str, int], watchlist: str, include_permanent: bool, unplaced: bool = False
+) -> str:
     if letter.source_topic == watchlist:
         return WATCHLIST_ENTRY
     if is_truncated(letter):
         return TRUNCATED
-    if not source_is_kafka(letter):
+    if not source_is_kafka(letter) and not unplaced:
         return NOT_KAFKA
     if letter.source_topic not in topics:
         return NO_TOPIC
@@ -214,12 +236,14 @@ def _outcome(letter: DeadLetter, topics: Mapping[str, int], watchlist: str, incl
     return REDRIVE
 
 
-def _send(letter: DeadLetter, partitions: int, headers: Headers = ()) -> Send:
+def _send(letter: DeadLetter, partitions: int, headers: Headers = (), unplaced: PosTransaction | None = None) -> Send:
+    """The letter's send; a transaction without a known position goes keyed as the POS producers key it
+    (:func:`producers.pos.message_key`), to the partition that key picks."""
     return Send(
         dead_letter_id=letter.dead_letter_id,
         topic=letter.source_topic,
-        partition=letter.partition if letter.partition < partitions else None,
-        key=letter.key,
+        partition=letter.partition if 0 <= letter.partition < partitions else None,
+        key=message_key(unplaced) if unplaced is not None else letter.key,
         payload=letter.payload,
         failed_at=letter.failed_at,
         stage=letter.stage,
@@ -393,7 +417,8 @@ def main(
         deleted: dict[int, int] = {}
         kept: dict[str, Headers | None] = {}
         letters = read_dead_letters(settings, dead_topic, deleted=deleted, headers=kept)
-        plan = plan_redrive(letters, selection, topics, limit, watchlist, kept)
+        transactions = TRANSACTIONS.full_name(prefix)
+        plan = plan_redrive(letters, selection, topics, limit, watchlist, kept, transactions)
     except (RangeError, TimeoutError, RuntimeError) as exc:
         errors.print(str(exc), style="red", markup=False, highlight=False)
         raise typer.Exit(2 if isinstance(exc, RangeError) else 1) from None

@@ -166,7 +166,6 @@ class DecisionCore:
         prefix = settings.kafka.topic_prefix
         self.tx_topic = TRANSACTIONS.full_name(prefix)
         self.rules_topic = RULES.full_name(prefix)
-        self.tx_codec = codec("PosTransaction")
         self.watch_codec = codec("WatchlistEntry")
         self.rules_codec = codec("RuleSetUpdate")
 
@@ -515,22 +514,12 @@ class DecisionCore:
         return self._dead_letter(record, INTERNAL_ERROR, _describe(err))
 
     def _decision_dead_letter(self, tx: dict[str, Any], err: Exception) -> OutRow:
-        """A transaction whose decision raised: no source offset is known any more (it may have waited for
-        its face across calls, or a restore), so its id is ``<topic>:decision:<transaction id>``."""
+        """A transaction whose decision raised: its id is ``<topic>:decision:<transaction id>`` (stable across
+        replays), its payload the record as it was on the topic, with its key, partition and offset, so ``redrive``
+        sends it back (:meth:`jobs.scoring.scorer.Scorer.transaction_dead_letter`)."""
         tx_id = str(tx.get("transaction_id"))
-        try:
-            value: bytes | None = self.tx_codec.encode(tx)
-        except Exception:  # noqa: BLE001 - the reason still names the transaction
-            value = None
-        return self.scorer.dead_letter_row(
-            self.tx_topic,
-            -1,
-            -1,
-            tx_id.encode(),
-            value,
-            InvalidRecord(INTERNAL_ERROR, _describe(err)),
-            dead_letter_id=f"{self.tx_topic}:decision:{tx_id}",
-        )
+        error = InvalidRecord(INTERNAL_ERROR, _describe(err))
+        return self.scorer.transaction_dead_letter(tx, error, f"{self.tx_topic}:decision:{tx_id}")
 
     def _unprocessed(self, tx: dict[str, Any]) -> None:
         """A transaction whose decision failed is not decided: its receipt no longer counts its id as processed, so

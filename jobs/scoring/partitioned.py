@@ -69,7 +69,6 @@ from jobs.scoring.features import (
     receipt_key,
 )
 from jobs.scoring.scorer import CUSTOMER_SWEEP_BUDGET, OutRow, Predictor, Scorer, ScoringState
-from schemas.codec import codec
 from schemas.errors import INTERNAL_ERROR, InvalidRecord
 from schemas.topics import TRANSACTIONS
 
@@ -617,25 +616,22 @@ class PartitionedCore:
 
 def failed_message(scorer: Scorer, step: str, message: Emit, err: Exception) -> OutRow:
     """The dead letter of a message a keyed step raised on (no record must stop the job, as in
-    ``DecisionCore``): id ``<transactions topic>:<step>:<transaction id>`` (``decision`` for decide, as
-    there), stable across replays, with the
-    transaction when the message carries it."""
+    ``DecisionCore``): id ``<transactions topic>:<step>:<transaction id>``, stable across replays; when the
+    message carries the transaction, its record as it was on the topic with its key, partition and offset
+    (:meth:`jobs.scoring.scorer.Scorer.transaction_dead_letter`), which ``redrive`` sends back."""
     payload = message.payload
     tx: dict[str, Any] | None = None
     if step in (RECEIPT, STORE):
         tx = payload[0]
     elif step == DECIDE:
         tx = payload.env[0]
-    tx_id = str(tx["transaction_id"]) if tx is not None else (payload[1] if step == IDENTITY else message.key)
-    value: bytes | None = None
-    if tx is not None:
-        try:
-            value = _TX_CODEC.encode({k: v for k, v in tx.items() if k != PROFILE_KEY})
-        except Exception:  # noqa: BLE001 - the reason still names the transaction
-            value = None
     topic = TRANSACTIONS.full_name(scorer.settings.kafka.topic_prefix)
     error = InvalidRecord(INTERNAL_ERROR, _describe(err))
-    return scorer.dead_letter_row(topic, -1, -1, tx_id.encode(), value, error, dead_letter_id=f"{topic}:{step}:{tx_id}")
+    if tx is not None:
+        tx_id = str(tx["transaction_id"])
+        return scorer.transaction_dead_letter(tx, error, f"{topic}:{step}:{tx_id}")
+    tx_id = payload[1] if step == IDENTITY else message.key
+    return scorer.dead_letter_row(topic, -1, -1, tx_id.encode(), None, error, dead_letter_id=f"{topic}:{step}:{tx_id}")
 
 
 def take(
@@ -683,7 +679,6 @@ def decide_chunk(step: DecideStep, chunk: list[Emit], scorer: Scorer) -> list[Ou
     return rows
 
 
-_TX_CODEC = codec("PosTransaction")
 _KIND_RANK = {"tx": 0, "customer": 1, "linked": 2, "own": 2, "face": 3}
 
 

@@ -40,11 +40,11 @@ from jobs.scoring.features import (
 )
 from jobs.scoring.rules import Decision, FaceResult, ModelResult, RuleSet, decide
 from jobs.scoring.stats import JobStats
-from jobs.scoring.validation import parse_transaction
+from jobs.scoring.validation import SOURCE_KEY, as_recorded, parse_transaction
 from schemas.codec import codec
 from schemas.errors import InvalidRecord
 from schemas.records import REKOGNITION_MATCHER, AlertAvro, ModelDriftAvro, ScoredTransactionAvro, dead_letter
-from schemas.topics import ALERTS, DEAD_LETTERS, MODEL_DRIFT, SCORED_TRANSACTIONS
+from schemas.topics import ALERTS, DEAD_LETTERS, MODEL_DRIFT, SCORED_TRANSACTIONS, TRANSACTIONS
 
 Envelope = tuple[dict[str, Any], dict[str, float], int]
 OutRow = tuple[str, bytes, bytes]
@@ -196,6 +196,7 @@ class Scorer:
         self._scored = codec("ScoredTransaction")
         self._alert = codec("Alert")
         self._drift = codec("ModelDrift")
+        self._tx = codec("PosTransaction")
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -217,10 +218,12 @@ class Scorer:
         offline history (``train``/``backtest``), where "now" is the history's own time.
         """
         job = self.settings.job
+        as_sent: dict[str, Any] = {}
         try:
-            tx = parse_transaction(value, now_ms, job.max_message_bytes, job.max_future_skew_ms)
+            tx = parse_transaction(value, now_ms, job.max_message_bytes, job.max_future_skew_ms, as_sent)
         except InvalidRecord as err:
             return self.dead_letter_row(topic, partition, offset, key, value, err)
+        tx[SOURCE_KEY] = (key, partition, offset, tuple(as_sent.items()))
         return (tx, transaction_indicators(tx, self.rules), ingest_ms)
 
     def dead_letter_row(
@@ -247,6 +250,22 @@ class Scorer:
             failed_at=self._now_ms(),
         )
         return (self.dlq_topic, dl.dead_letter_id.encode(), dl.encode())
+
+    def transaction_dead_letter(self, tx: dict[str, Any], error: InvalidRecord, dead_letter_id: str) -> OutRow:
+        """The dead letter of a parsed transaction that failed after its record was left behind (its decision, a
+        keyed step): the record as it was on the topic (:func:`jobs.scoring.validation.as_recorded`), with its
+        Kafka key, partition and offset, so ``redrive`` sends it back like any other input. A transaction restored
+        from state older than :data:`SOURCE_KEY` has no position (-1) and the producers' key, ``store/lane``."""
+        source = tx.get(SOURCE_KEY)
+        key, partition, offset = (
+            source[:3] if source else (f"{tx.get('store_id')}/{tx.get('lane_id')}".encode(), -1, -1)
+        )
+        try:
+            value: bytes | None = self._tx.encode(as_recorded(tx))
+        except Exception:  # noqa: BLE001 - the reason still names the transaction
+            value = None
+        topic = TRANSACTIONS.full_name(self.settings.kafka.topic_prefix)
+        return self.dead_letter_row(topic, partition, offset, key, value, error, dead_letter_id=dead_letter_id)
 
     def observe(
         self, env: Envelope, state: ScoringState, now_ms: int | None = None, writes: list[Write] | None = None

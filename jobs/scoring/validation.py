@@ -40,13 +40,19 @@ def check_size(value: bytes | None, max_bytes: int) -> None:
 
 
 def parse_transaction(
-    value: bytes | None, now_ms: int, max_bytes: int, max_future_skew_ms: int = MAX_FUTURE_SKEW_MS
+    value: bytes | None,
+    now_ms: int,
+    max_bytes: int,
+    max_future_skew_ms: int = MAX_FUTURE_SKEW_MS,
+    as_sent: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Decode and check one ``PosTransaction``; raise :class:`InvalidRecord` when unusable.
 
     ``now_ms`` is the reader's wall clock: an ``event_time`` more than ``max_future_skew_ms`` after it
     is ``invalid_timestamp`` (the producer's clock cannot be trusted, and neither can the broker
     timestamp, which the producer sets too). ``0`` checks no bound: offline history has no "now".
+    ``as_sent``: receives the value as sent of each field normalized here (:data:`FREE_IDENTITIES`), so the
+    record can be encoded again as it was (:func:`as_recorded`), for a dead letter that can be re-driven.
     """
     check_size(value, max_bytes)
     tx = codec("PosTransaction").decode(value)  # raises DecodeError, an InvalidRecord
@@ -59,11 +65,14 @@ def parse_transaction(
         raise InvalidRecord(
             "invalid_amount", f"amount must be a positive number up to {MAX_AMOUNT:.0e}, got {amount!r}"
         )
+    sent = {name: tx[name] for name in FREE_IDENTITIES}
     for name in FREE_IDENTITIES:
         if tx[name] is not None:
             tx[name] = tx[name].strip() or None
     if tx["customer_email"] is not None:  # one mailbox, however its capitals are written: one history
         tx["customer_email"] = tx["customer_email"].lower()
+    if as_sent is not None:
+        as_sent.update((name, was) for name, was in sent.items() if tx[name] != was)
     if not CURRENCY_RE.fullmatch(tx["currency"]):
         raise InvalidRecord("invalid_currency", f"currency must be an ISO 4217 code, got {tx['currency'][:16]!r}")
     _check_event_time(tx["event_time"], now_ms, max_future_skew_ms)
@@ -73,6 +82,20 @@ def parse_transaction(
     if tx["kind"] == "SALE" and tx["original_transaction_id"]:
         raise InvalidRecord("invalid_reference", "a sale cannot refer to an original transaction")
     return tx
+
+
+SOURCE_KEY = "@source"
+"""Where :meth:`jobs.scoring.scorer.Scorer.parse` keeps, on the transaction dict, where the record came from:
+``(key, partition, offset, as_sent)`` (``as_sent``: the normalized fields' values as sent, as pairs). Not a field
+of the record: encoding ignores it. A transaction restored from state saved before it existed has none."""
+
+
+def as_recorded(tx: dict[str, Any]) -> dict[str, Any]:
+    """The transaction as it was on the transactions topic: the fields :func:`parse_transaction` normalized put
+    back as sent (from :data:`SOURCE_KEY`; without it, as parsed, which parses to the same transaction). Every
+    other field is the decoded record's own, so the codec encodes the record it decoded."""
+    source = tx.get(SOURCE_KEY)
+    return {**tx, **dict(source[3])} if source else dict(tx)
 
 
 def _check_ids(tx: dict[str, Any]) -> None:

@@ -17,8 +17,9 @@ from jobs.scoring.face_join import DECIDED, EARLY_FACES, PENDING
 from jobs.scoring.rules import ModelResult
 from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Predictor
 from jobs.scoring.watchlist import Watchlist
+from producers.redrive import Selection, plan_redrive
 from schemas.codec import codec
-from schemas.records import MAX_DEAD_LETTER_PAYLOAD, WatchlistEntry
+from schemas.records import MAX_DEAD_LETTER_PAYLOAD, DeadLetter, WatchlistEntry
 from tests.builders import FACE_LEN, OTHER_FACE_LEN, T0, face_vector, return_of, sale
 from tests.unit.test_decision_core import (
     BUYER_FACE,
@@ -557,3 +558,26 @@ def test_a_late_face_that_fails_dead_letters_the_face_leaves_the_sale_decided_an
     assert len(alerts(redriven)) == 1 and not scored(redriven)
     again = core.on_records([face], NOW + DEADLINE + 4_000)
     assert alerts(again) == [], "the late alert is raised once"
+
+
+def test_a_failed_decisions_dead_letter_is_its_record_as_sent_and_its_re_drive_is_decided_once():
+    """The letter is the record as it was on the topic (the fields the job normalizes too), at its partition and
+    offset with its key, so ``redrive`` sends it back; the copy is decided once, a second copy dropped."""
+    predictor = FailsFor("t2")
+    core = make_core(predictor=predictor, face_deadline_ms=0)
+    sent = sale("t2", card=" card-B ", customer_email=" Mule@Example.COM", ip_address="10.0.0.9 ")
+    record = SourceRecord(b"store-001/lane-01", sent.encode(), TX, 2, 41, NOW)
+    step = core.on_records([record], NOW)
+    [raw] = [value for topic, _, value in step.outputs if topic == DLQ]
+    letter = DeadLetter.decode(raw)
+    assert (letter.dead_letter_id, letter.error_kind) == (f"{TX}:decision:t2", "internal_error")
+    assert (letter.source_topic, letter.partition, letter.offset, letter.key) == (TX, 2, 41, record.key)
+    assert letter.payload == record.value, "every field as sent, not as the job normalized it"
+    plan = plan_redrive([letter], Selection(stages=frozenset({"scoring-job"})), {TX: 3}, transactions=TX)
+    [send] = plan.sends
+    assert (send.topic, send.partition, send.key, send.payload) == (TX, 2, record.key, record.value)
+    predictor.bad_tx = "none"  # the cause is fixed
+    again = core.on_records([SourceRecord(send.key, send.payload, send.topic, 2, 90, NOW)], NOW)
+    assert list(scored(again)) == ["t2"] and not dead_letters(again.outputs)
+    twice = core.on_records([SourceRecord(send.key, send.payload, send.topic, 2, 91, NOW)], NOW)
+    assert not twice.outputs, "a second re-drive is a redelivered copy"

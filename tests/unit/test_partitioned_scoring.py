@@ -661,3 +661,47 @@ def test_a_transaction_failing_at_its_receipt_is_decided_when_its_dead_letter_is
     assert "return_exceeds_sale" not in _scored(again)["r1"]["indicators"]
     copy = core.on_records([_tx(return_of("r1", "t1", at_s=60, amount=30))], NOW + 3000)
     assert not copy + core.on_timer(NOW + 3 * 10**7)
+
+
+def test_a_failed_transactions_dead_letter_is_its_record_as_sent_and_its_re_drive_is_decided_once(monkeypatch):
+    """Both letters of a transaction (a failed receipt step, a failed decision) are the record as it was on the
+    topic, at its partition and offset with its key, so ``redrive`` sends them back; the receipt's is decided once."""
+    from producers.redrive import Selection, plan_redrive
+    from schemas.records import DeadLetter
+
+    class Picky(Predictor):
+        def predict_batch(self, items):
+            if any(tx["transaction_id"] == "t2" for tx, _ in items):
+                raise ValueError("bad row")
+            return [ModelResult(score=1, version="p") for _ in items]
+
+    real = ReceiptStep._put
+    fail = {"r1"}
+
+    def flaky(self, name, key, value):  # the receipt took the id in memory, then its write raised (once)
+        if value is not None and fail & set(value.seen):
+            fail.clear()
+            raise RuntimeError("boom")
+        return real(self, name, key, value)
+
+    monkeypatch.setattr(ReceiptStep, "_put", flaky)
+    core = PartitionedCore(settings(), 2, predictor=Picky(), clock=_clock)
+    returned = return_of("r1", "t1", at_s=60, amount=30, customer_email="Mule@Example.COM ")
+    records = [
+        SourceRecord(b"store-001/lane-01", sale("t1", amount=30, at_s=1).encode(), TX, 0, 10, NOW),
+        SourceRecord(b"store-001/lane-01", returned.encode(), TX, 1, 20, NOW),
+        SourceRecord(b"store-001/lane-02", sale("t2", card=" card-B", at_s=2).encode(), TX, 2, 30, NOW),
+    ]
+    rows = core.on_records(records, NOW) + core.on_timer(NOW + 10**7)
+    letters = {dl.dead_letter_id: dl for dl in (DeadLetter.decode(v) for t, _, v in rows if t == DLQ)}
+    assert set(letters) == {f"{TX}:receipt:r1", f"{TX}:decide:t2"} and list(_scored(rows)) == ["t1"]
+    for letter, record in ((letters[f"{TX}:receipt:r1"], records[1]), (letters[f"{TX}:decide:t2"], records[2])):
+        assert (letter.partition, letter.offset, letter.key, letter.payload) == (*record[3:5], record.key, record.value)
+    plan = plan_redrive([letters[f"{TX}:receipt:r1"]], Selection(frozenset({"scoring-job"})), {TX: 3}, transactions=TX)
+    [send] = plan.sends
+    assert (send.partition, send.key, send.payload) == (1, records[1].key, records[1].value)
+    again = core.on_records([SourceRecord(send.key, send.payload, TX, 1, 99, NOW)], NOW + 1000)
+    again += core.on_timer(NOW + 2 * 10**7)
+    assert list(_scored(again)) == ["r1"]
+    copy = core.on_records([SourceRecord(send.key, send.payload, TX, 1, 100, NOW)], NOW + 2000)
+    assert not copy + core.on_timer(NOW + 3 * 10**7), "a second re-drive is a redelivered copy"

@@ -575,3 +575,28 @@ def test_an_earlier_re_drives_mark_is_not_sent_twice() -> None:
     kept = dead_letter_headers([("trace", b"t1"), (REDRIVEN_HEADER, b"commands:0:3"), ("empty", None)])
     assert input_headers(kept) == (("trace", b"t1"), (REDRIVEN_HEADER, b"commands:0:3"), ("empty", None))
     assert redrive.restored(input_headers(kept) or ()) == (("trace", b"t1"), ("empty", None))
+
+
+def test_a_whole_transaction_without_its_position_goes_back_keyed_by_lane_and_only_that() -> None:
+    """A scoring-job ``internal_error`` of the transactions topic with partition/offset -1 (a transaction held in
+    state from before the job kept its record's position) is re-driven when its payload is one whole transaction,
+    keyed ``store/lane`` as the POS producers key it, once per run; other letters without a position are not."""
+    from tests.builders import sale
+
+    whole = sale("t1", store="store-007", lane="lane-03").encode()
+
+    def unplaced(payload: bytes, kind: str = "internal_error", topic: str = "transactions") -> DeadLetter:
+        return letter(-1, topic=topic, partition=-1, stage="scoring-job", kind=kind, payload=payload)
+
+    letters = [
+        unplaced(whole),
+        unplaced(whole),  # the same transaction dead-lettered twice: sent once
+        unplaced(whole + b"\x00"),  # not the record: something was added
+        unplaced(whole[:-3]),  # cut off
+        unplaced(whole, kind="delivery_failed"),
+        unplaced(whole, topic="alerts"),
+    ]
+    plan = plan_redrive(letters, Selection(frozenset({"scoring-job"}), include_permanent=True), TOPICS)
+    [send] = plan.sends
+    assert (send.topic, send.partition, send.key, send.payload) == ("transactions", None, b"store-007/lane-03", whole)
+    assert outcomes(plan) == {REDRIVE: 1, DUPLICATE: 1, NOT_KAFKA: 4}
