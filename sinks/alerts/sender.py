@@ -18,7 +18,8 @@ How nothing is lost or doubled:
   has no such question, so that window resends the mail with the same Message-ID, which mail clients show
   once: at-least-once for mail, never lost.
 - **Independent channels.** Each channel has its own scheduler and ``concurrency`` sending threads: a
-  slow or failing channel only delays its own sends. 429 pauses that channel for ``Retry-After``.
+  slow or failing channel only delays its own sends. 429 pauses that channel for ``Retry-After`` (a Webex 429 every
+  room's channel: the bot is rate limited, not the room, :class:`RateLimit`).
   A channel that is *down* (refused or dropped connections, timeouts, DNS failures, SMTP 4xx, HTTP
   5xx) says nothing about the alert, so it spends none of the alert's attempts: the whole channel
   pauses, then one probe at a time tries again with capped exponential backoff until it answers, for
@@ -377,10 +378,35 @@ class DeliveryError(CheckoutGuardError):
         retry_after: float | None = None,
         ambiguous: bool = False,
         down: bool = False,
+        rate_limited: bool = False,
     ) -> None:
         super().__init__(reason)
         self.reason, self.retriable, self.retry_after, self.ambiguous = reason, retriable, retry_after, ambiguous
         self.down = down and retriable
+        self.rate_limited = rate_limited
+        """A 429 of the account the channel sends with (a Webex bot's token): every channel that shares its
+        :class:`RateLimit` waits ``retry_after``, not this one alone."""
+
+
+class RateLimit:
+    """The pause a 429 asks of one sender account, shared by its channels: Webex counts a bot's calls by its token,
+    whatever the room, so while one room's channel waits out ``Retry-After`` the other rooms' channels would only
+    meet 429s of their own. Times are on the channel workers' clock (:class:`Clock`); thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._until = 0.0
+
+    def pause_until(self, until: float) -> None:
+        """No channel sharing it sends before ``until`` (a later pause asked already stays)."""
+        with self._lock:
+            self._until = max(self._until, until)
+
+    @property
+    def until(self) -> float:
+        """When the pause ends (0.0: never paused)."""
+        with self._lock:
+            return self._until
 
 
 class Channel(Protocol):
@@ -492,11 +518,14 @@ class WebexChannel:
         client: WebexClient,
         has_reference: Callable[[str], bool] | None = None,
         room_id: str | None = None,
+        rate_limit: RateLimit | None = None,
     ) -> None:
         room = room_id or settings.webex.room_id
         if not room:
             raise ValueError("the webex channel needs a room (CG_WEBEX__ROOM_ID or CG_WEBEX__ROOM_STORES)")
         self.settings, self.client, self.room_id = settings, client, room
+        self.rate_limit = rate_limit or RateLimit()
+        """The bot's rate limit, one for every room's channel of the same token: a 429 in one room pauses them all."""
         self.name = WEBEX if room == settings.webex.room_id else f"{WEBEX}:{room}"
         self.stores = settings.webex.stores_of(room)
         """The stores whose alerts this room gets (``CG_WEBEX__ROOM_STORES``); None: every store."""
@@ -548,6 +577,7 @@ class WebexChannel:
             retry_after=asked_wait(exc),  # the whole wait asked for: a shorter pause only meets another 429
             ambiguous=exc.unavailable and not redirected,
             down=exc.unavailable,
+            rate_limited=exc.status == 429,  # the bot's, in every room: see RateLimit
         )
 
     def send(self, alert: dict[str, Any], image: bytes | None, maybe_sent: bool) -> str | None:
@@ -722,8 +752,10 @@ def channels_from_settings(settings: Settings) -> list[Channel]:
             rooms = webex_rooms(settings)
             if not rooms:
                 raise ValueError("the webex channel needs a room (CG_WEBEX__ROOM_ID or CG_WEBEX__ROOM_STORES)")
+            rate_limit = RateLimit()  # one bot token for every room: one rate limit
             for room, _ in rooms:  # a client each: a room's channel closes its own
-                out.append(WebexChannel(settings, WebexClient.from_settings(settings.webex), room_id=room))
+                client = WebexClient.from_settings(settings.webex)
+                out.append(WebexChannel(settings, client, room_id=room, rate_limit=rate_limit))
         else:
             raise ValueError(f"unknown alert channel {name!r} (known: email, webex)")
     return out
@@ -877,6 +909,8 @@ class ChannelWorker:
         self._seq = itertools.count()
         self._cv = threading.Condition()
         self._paused_until = 0.0
+        self.rate_limit: RateLimit | None = getattr(channel, "rate_limit", None)
+        """The pause the channel shares with the other channels of its account (a 429 in another Webex room)."""
         self._down_since: float | None = None
         """When the channel was found down (None = up); while down, sends go out one probe at a time."""
         self._probe: Task | None = None
@@ -956,7 +990,8 @@ class ChannelWorker:
         with self._cv:
             while not self._stop:
                 now = self.clock.now()
-                ready_at = max(self._heap[0][0], self._paused_until) if self._heap else None
+                paused_until = max(self._paused_until, self.rate_limit.until if self.rate_limit else 0.0)
+                ready_at = max(self._heap[0][0], paused_until) if self._heap else None
                 probing = self._down_since is not None and self._probe is not None
                 if ready_at is not None and ready_at <= now and not probing:
                     task = heapq.heappop(self._heap)[2]
@@ -1063,7 +1098,11 @@ class ChannelWorker:
             delay = exc.retry_after
             with self._cv:
                 self._paused_until = max(self._paused_until, now + delay)
-            log.warning("%s: rate limited, pausing the channel %.1fs", self.channel.name, delay)
+            if exc.rate_limited and self.rate_limit is not None:  # the other rooms' channels look within a second
+                self.rate_limit.pause_until(now + delay)
+                log.warning("%s: rate limited, pausing every channel of its account %.1fs", self.channel.name, delay)
+            else:
+                log.warning("%s: rate limited, pausing the channel %.1fs", self.channel.name, delay)
         else:
             task.failures += 1
             self.failed_tries += 1

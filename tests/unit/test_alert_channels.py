@@ -24,6 +24,7 @@ from PIL import Image
 from pydantic import SecretStr
 
 from infra.clients.webex import WebexClient, WebexError
+from infra.launcher import wait_for
 from infra.local.smtp import FileStore, read_mails
 from infra.local.webex import LocalWebexServer, free_port
 from infra.settings import AlertSettings, Settings, SmtpSettings, WebexSettings
@@ -956,3 +957,34 @@ def test_an_alert_room_limited_to_other_stores_gets_none_of_a_stores_alerts_and_
     assert posted_alerts(webex, NYC_ROOM) == ["blocked:tx-1"]
     assert sender.stats.unrouted == 1 and sender.stats.alerts_done == 3  # S-SF's: no room; done, not dead-lettered
     assert sender.stats.dead_lettered == 0
+
+
+def test_a_webex_rate_limit_in_one_room_pauses_the_other_rooms_channels_too(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
+) -> None:
+    """Webex limits the bot (its token), not a room: a 429 paused only the room that met it, and the other rooms'
+    channels went on sending into the same limit, each meeting 429s of its own."""
+    from confluent_kafka import Message
+
+    from schemas.records import Alert
+
+    settings = scoped_settings(webex, tmp_path, **{ROOM: ["S-LA"], NYC_ROOM: ["S-NYC"]})
+    sender = routed_sender(closer, settings)
+    rooms = {c.name: c for c in sender.channels}
+    assert rooms["webex"].rate_limit is rooms[f"webex:{NYC_ROOM}"].rate_limit  # one bot token, one rate limit
+
+    def accept(offset: int, store: str) -> None:
+        record = Alert(**in_store(f"blocked:tx-{offset}", store)).encode()
+        sender._accept_batch([Message(topic="alerts", partition=0, offset=offset, value=record)])
+
+    webex.state.fail((429,), count=1, retry_after=3)
+    accept(0, "S-LA")  # the alert room meets the 429
+    wait_for(lambda: sender._workers["webex"].rate_limited == 1, 10, what="the 429 in the alert room")
+    limited_at = time.monotonic()
+    accept(1, "S-NYC")  # the store room's channel: the same bot, the same limit
+    time.sleep(1.5)
+    assert webex.state.bot_messages(NYC_ROOM) == [], "the store room posted while the bot was rate limited"
+    wait_for(lambda: posted_alerts(webex, NYC_ROOM) == ["blocked:tx-1"], 15, what="the store room's alert")
+    assert time.monotonic() - limited_at >= 2.5
+    wait_for(lambda: posted_alerts(webex, ROOM) == ["blocked:tx-0"], 15, what="the alert room's alert")
+    assert sender._workers[f"webex:{NYC_ROOM}"].rate_limited == 0  # it waited; it met no 429 of its own
