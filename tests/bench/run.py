@@ -60,6 +60,7 @@ from schemas.codec import codec
 from schemas.indices import index_name
 from schemas.topics import SCORED_TRANSACTIONS, TRANSACTIONS
 from tests.bench.model import model_scoring
+from tests.bench.sink import delete_prefix
 
 console = Console()
 
@@ -388,9 +389,7 @@ def _cleanup(settings: Settings) -> None:
 
     admin = kafka_clients.admin(settings)
     admin.delete_topics([t.full_name(settings.kafka.topic_prefix) for t in ALL_TOPICS])
-    make_client(settings.opensearch).indices.delete(
-        index=f"{settings.opensearch.index_prefix}-*", ignore_unavailable=True
-    )
+    delete_prefix(make_client(settings.opensearch), settings.opensearch.index_prefix)
 
 
 def run(records: int, rate: int, seconds: int, keep: bool, settings: Settings | None = None) -> dict:

@@ -260,12 +260,13 @@ def sink_face_read(base: Settings, batch: int = 500, rounds: int = 8) -> dict:
         client.indices.refresh(index=f"{prefix}-*")
         runs = [timed_write(client, actions(b.records), side, max_docs) for side, b in zip(sides, batches, strict=True)]
     finally:
-        _delete(client, prefix)
+        delete_prefix(client, prefix)
     return {"run": run_id, **summarise(runs[2:], batch)}
 
 
-def _delete(client: OpenSearch, prefix: str) -> None:
-    """The stage's indices and index templates."""
+def delete_prefix(client: OpenSearch, prefix: str) -> None:
+    """Delete the indices under ``prefix`` and the index templates :func:`install_templates` made for it (one per
+    route, named like its alias): deleting the indices alone leaves the templates behind, one set per run."""
     client.indices.delete(index=f"{prefix}-*", ignore_unavailable=True)
     for route in ROUTES:
         with contextlib.suppress(NotFoundError):

@@ -52,3 +52,28 @@ def test_an_error_in_the_bench_propagates_even_with_processes_left(monkeypatch) 
     monkeypatch.setattr(FakeReaper, "left", ["4242 java"])
     with pytest.raises(RuntimeError, match="stage failed"), bench_processes():
         raise RuntimeError("stage failed")
+
+
+def test_the_bench_cleanup_deletes_its_index_templates_as_well_as_its_indices(monkeypatch, tmp_path) -> None:
+    """``make bench`` deleted its ``bench<run>-*`` indices but left the templates ``install_templates`` made."""
+    from types import SimpleNamespace
+
+    from infra.settings import Settings
+    from schemas.indices import ROUTES
+
+    requests: list[tuple[str, str]] = []
+    indices = SimpleNamespace(
+        delete=lambda index, ignore_unavailable: requests.append(("delete_index", index)),
+        delete_index_template=lambda name: requests.append(("delete_template", name)),
+    )
+    admin = SimpleNamespace(delete_topics=lambda topics: requests.append(("delete_topics", ",".join(topics))))
+    monkeypatch.setattr(run, "make_client", lambda _settings: SimpleNamespace(indices=indices))
+    monkeypatch.setattr(run.kafka_clients, "admin", lambda _settings: admin)
+    settings = Settings(stack_dir=tmp_path).isolated("bench1200ab", tmp_path / "checkpoints")
+
+    run._cleanup(settings)
+
+    assert ("delete_index", "bench1200ab-*") in requests
+    templates = sorted(name for what, name in requests if what == "delete_template")
+    assert templates == sorted(route.index("bench1200ab") for route in ROUTES)
+    assert all(name.startswith("bench1200ab-") for name in templates), "its own templates only"
