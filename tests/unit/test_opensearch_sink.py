@@ -877,12 +877,18 @@ def decide_into(store: FaceStore, *records: ScoredTransaction) -> Any:
     return bulk_once(store, actions)  # type: ignore[arg-type]
 
 
+REDECIDED_AT = 1_700_000_000_000 + 3_600_000
+"""An hour after the sale: a job started without state decides it again."""
+
+
 def test_a_transaction_decided_again_without_a_face_keeps_the_face_match_of_its_document() -> None:
     """A job started without state decides a transaction again with ``face_status`` ``UNAVAILABLE``: indexed as it
     is, the document lost the first decision's face match (status, watch-list subject, similarity)."""
     store = FaceStore()
     decide_into(store, scored(**MATCHED_FACE, risk_score=90, outcome="BLOCK", indicators={"velocity": 3.0}))
-    again = scored(risk_score=40, outcome="REVIEW", indicators={"amount": 1.0}, rules_version="v2")
+    again = scored(
+        risk_score=40, outcome="REVIEW", indicators={"amount": 1.0}, rules_version="v2", decided_at=REDECIDED_AT
+    )
     result = decide_into(store, again)
     assert (result.acknowledged, result.retry, result.rejected) == (1, [], [])
     doc = store.docs[TX_DOC]
@@ -899,9 +905,19 @@ def test_a_transaction_decided_again_without_a_face_keeps_the_face_match_of_its_
     assert store.docs[TX_DOC] == doc
 
 
+def test_a_live_faceless_decision_is_not_read_for_so_live_traffic_pays_no_face_read() -> None:
+    """The read halved the sink's bulk rate in ``make bench``; a decision within a minute of its sale is a first one."""
+    store = FaceStore()
+    decide_into(store, scored(**MATCHED_FACE))
+    decide_into(store, scored(transaction_id="tx-2"))  # live, faceless: written as it is, nothing read
+    assert store.reads == []
+    decide_into(store, scored(decided_at=REDECIDED_AT))  # an hour later: a re-decision, read
+    assert len(store.reads) == 1 and store.docs[TX_DOC]["face_status"] == "MATCHED"
+
+
 def test_a_new_face_result_still_replaces_the_old_one_and_a_faceless_first_decision_is_indexed_as_it_is() -> None:
     store = FaceStore()
-    decide_into(store, scored())  # a new index: its read answers index_not_found, nothing to keep
+    decide_into(store, scored(decided_at=REDECIDED_AT))  # a new index: its read answers index_not_found
     assert store.docs[TX_DOC]["face_status"] == "UNAVAILABLE"
     decide_into(store, scored(**MATCHED_FACE))
     decide_into(store, scored(face_status="NO_MATCH"))
@@ -912,7 +928,7 @@ def test_a_new_face_result_still_replaces_the_old_one_and_a_faceless_first_decis
 
 def test_a_faceless_decision_after_a_face_match_in_the_same_batch_keeps_that_match() -> None:
     store = FaceStore()
-    decide_into(store, scored(**MATCHED_FACE), scored(risk_score=5))
+    decide_into(store, scored(**MATCHED_FACE), scored(risk_score=5, decided_at=REDECIDED_AT))
     doc = store.docs[TX_DOC]
     assert (doc["face_status"], doc["face_subject_id"], doc["risk_score"]) == ("MATCHED", "subj-tx-9", 5)
 
@@ -926,7 +942,8 @@ def test_a_failed_face_read_raises_so_the_batch_is_kept_instead_of_written_witho
                 ]
             }
 
-    actions = actions_for("tx-1")
+    batch = [message(tx_topic(), scored(decided_at=REDECIDED_AT).encode())]
+    actions = to_actions(batch, index_prefix="cg", topic_prefix=PREFIX)[0]
     with pytest.raises(TransportError):
         keep_faces(Unreadable(), actions)  # type: ignore[arg-type]
 
