@@ -19,8 +19,10 @@ channel of its own: ``webex``, ``webex:<room id>``); this eraser, a thread of th
 - writes one ``ERASE`` audit event per sweep that deleted or was refused something (counts and subjects).
 
 A message Webex no longer has counts as deleted; one Webex refuses for good (403: no longer the bot's to
-delete) is given up, counted as refused in the audit; while Webex is down, rate limits or refuses the token,
-the sweep stops and goes on a minute later. Messages posted before the ledger kept their ids (before this
+delete) is given up, counted as refused in the audit; while Webex is down or refuses the token, the sweep stops
+and goes on a minute later. The deletes share the bot's rate limit with its sends (``RateLimit`` of
+sinks/alerts/sender.py): a 429 here pauses every room's channel, and while a 429 of any of them pauses the bot the
+sweep stops and goes on when the pause ends. Messages posted before the ledger kept their ids (before this
 eraser) are not known to it. E-mail cannot be taken back: a forgotten subject's alert mails stay in the
 mailboxes (README, "Faces").
 """
@@ -59,8 +61,8 @@ FORGETS_KEPT_DAYS = 30
 """How long a forget is remembered, for alerts of its subject that are posted late (a sender down for days)."""
 FAILED_TURN_PAUSE_S = 30.0
 STOPPED_SWEEP_RETRY_S = 60.0
-"""When a sweep that Webex stopped (down, rate limiting) goes on; and how often the eraser sweeps while a forget
-is fresh (its subject's alerts may still be posted)."""
+"""When a sweep that Webex stopped (down, a refused token; a 429 asks its own wait) goes on; and how often the
+eraser sweeps while a forget is fresh (its subject's alerts may still be posted)."""
 AUDIT_ERROR_FRESH_S = 120.0
 """How long an error event of the audit consumer shows on the sender's health without a record read since
 (librdkafka repeats them while the brokers stay away)."""
@@ -104,6 +106,8 @@ class Sweep:
     subjects: set[str] = field(default_factory=set)
     stopped: str | None = None
     """Why it stopped early (Webex down or rate limiting): the rest is tried at the next sweep."""
+    retry_after: float | None = None
+    """Seconds the bot's rate limit asked to be left alone, when that stopped it: the next sweep waits that long."""
 
     @property
     def done(self) -> int:
@@ -162,6 +166,8 @@ class Eraser:
         self._audit_error: tuple[float, str] | None = None
         """When the audit consumer last reported an error (brokers away through its ``error_cb``, the topic missing
         as an event) and which, until a record comes: neither raises, so the turn itself goes through."""
+        self._rate_limited_until = 0.0
+        """No sweep before this (monotonic): a delete met the bot's rate limit (its own 429 or another call's)."""
         self._woken = threading.Event()
         """Set by :meth:`wake`: posts fell due outside a forget (a withheld alert's copy found); sweep next turn."""
 
@@ -211,6 +217,7 @@ class Eraser:
             except CheckoutGuardError as exc:
                 if getattr(exc, "retriable", True):
                     result.stopped = str(getattr(exc, "reason", exc))
+                    result.retry_after = getattr(exc, "retry_after", None)
                     break
                 log.warning("%s refused to delete an alert message: %s", channel_name, getattr(exc, "reason", exc))
                 result.refused += 1
@@ -323,6 +330,8 @@ class Eraser:
         if messages:
             consumer.commit(asynchronous=False)  # after the forgets are in the ledger: none is lost
         interval = STOPPED_SWEEP_RETRY_S if self.now_ms() < self._fresh_until else self.sweep_interval_s
+        if time.monotonic() < self._rate_limited_until:  # the forgets and wakes are kept: swept when it ends
+            return last_sweep
         if not forgets and not self._woken.is_set() and time.monotonic() - last_sweep < interval:
             return last_sweep
         self._woken.clear()  # before the sweep: a wake during it sweeps again
@@ -333,7 +342,10 @@ class Eraser:
         if result.done:
             metrics.RECORDS_OUT.labels(STAGE, "erased_message").inc(result.done)
             self._publish(producer, result.audit(self.now_ms()))
-        if result.stopped:  # Webex down or rate limiting: the rest soon, not at the next hourly sweep
+        if result.retry_after is not None:  # the bot's rate limit: not one delete before it ends, then at once
+            self._rate_limited_until = started + result.retry_after
+            return started - self.sweep_interval_s + result.retry_after
+        if result.stopped:  # Webex down: the rest soon, not at the next hourly sweep
             return started - self.sweep_interval_s + STOPPED_SWEEP_RETRY_S
         return started
 

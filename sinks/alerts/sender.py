@@ -19,7 +19,8 @@ How nothing is lost or doubled:
   once: at-least-once for mail, never lost.
 - **Independent channels.** Each channel has its own scheduler and ``concurrency`` sending threads: a
   slow or failing channel only delays its own sends. 429 pauses that channel for ``Retry-After`` (a Webex 429 every
-  room's channel: the bot is rate limited, not the room, :class:`RateLimit`).
+  room's channel, whether a send, a case card or the eraser's delete met it: the bot is rate limited, not the room,
+  :class:`RateLimit`).
   A channel that is *down* (refused or dropped connections, timeouts, DNS failures, SMTP 4xx, HTTP
   5xx) says nothing about the alert, so it spends none of the alert's attempts: the whole channel
   pauses, then one probe at a time tries again with capped exponential backoff until it answers, for
@@ -390,12 +391,22 @@ class DeliveryError(CheckoutGuardError):
 
 class RateLimit:
     """The pause a 429 asks of one sender account, shared by its channels: Webex counts a bot's calls by its token,
-    whatever the room, so while one room's channel waits out ``Retry-After`` the other rooms' channels would only
-    meet 429s of their own. Times are on the channel workers' clock (:class:`Clock`); thread-safe."""
+    whatever the room and whatever the call (an alert message, a case card, the eraser's delete), so while one call
+    waits out ``Retry-After`` the others would only meet 429s of their own. Times are on the channel workers' clock
+    (:class:`Clock`; ``now`` reads it for :meth:`pause_for` and :meth:`remaining`); thread-safe."""
 
-    def __init__(self) -> None:
+    def __init__(self, now: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
         self._until = 0.0
+        self._now = now
+
+    def pause_for(self, seconds: float) -> None:
+        """No channel sharing it sends for ``seconds`` from now."""
+        self.pause_until(self._now() + seconds)
+
+    def remaining(self) -> float:
+        """Seconds until the pause ends (0.0: not paused)."""
+        return max(0.0, self.until - self._now())
 
     def pause_until(self, until: float) -> None:
         """No channel sharing it sends before ``until`` (a later pause asked already stays)."""
@@ -692,8 +703,10 @@ class WebexChannel:
         card = case_card(alert, self.settings.alerts, has_reference=bool(subject and self.has_reference(subject)))
         try:
             posted = call_with_retries(  # the mention: a group space lists the card for the bot by it
-                lambda: self.client.send_card(
-                    self.room_id, f"Case `{case_id}` {self.mention()}", card, alert_message.get("id")
+                lambda: self._rate_limited(
+                    lambda: self.client.send_card(
+                        self.room_id, f"Case `{case_id}` {self.mention()}", card, alert_message.get("id")
+                    )
                 ),
                 retriable=lambda exc: isinstance(exc, WebexError) and exc.status == 429,  # not posted: safe again
                 attempts=self.CARD_TRIES,
@@ -722,17 +735,37 @@ class WebexChannel:
         except WebexError:
             return None
 
+    def _rate_limited(self, call: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """A card post under the bot's shared :class:`RateLimit`: after the pause another call's 429 asked (waited
+        out here, the card goes with its alert), and a 429 of its own pauses every room's channel and the eraser."""
+        while (left := self.rate_limit.remaining()) > 0:
+            self.sleep(left)
+        try:
+            return call()
+        except WebexError as exc:
+            if exc.status == 429 and (wait := asked_wait(exc)) is not None:
+                self.rate_limit.pause_for(wait)
+            raise
+
     def delete(self, message_id: str) -> bool:
         """Delete a posted message. What may heal is tried again later (no answer, 5xx, 429, a refused token,
         which the bot's owner mends: the sweep stops and keeps the message); any other refusal of this one
         message (403: no longer the bot's to delete, 400: not an id Webex knows) is final, so it cannot hold
-        the messages behind it up for ever."""
+        the messages behind it up for ever. While the bot's :class:`RateLimit` pauses it nothing is asked (the
+        sweep stops until the pause ends), and a 429 pauses every room's channel too."""
+        if (left := self.rate_limit.remaining()) > 0:
+            raise DeliveryError("the bot is rate limited", retry_after=left, rate_limited=True)
         try:
             return self.client.delete_message(message_id)
         except WebexError as exc:
             unavailable = exc.retriable if exc.status is None else exc.unavailable  # a bad id is no outage
             heals = unavailable or exc.status in DELETE_HEALS
-            raise DeliveryError(exc.reason, retriable=heals, retry_after=asked_wait(exc), down=unavailable) from exc
+            wait = asked_wait(exc)
+            if exc.status == 429 and wait is not None:
+                self.rate_limit.pause_for(wait)
+            raise DeliveryError(
+                exc.reason, retriable=heals, retry_after=wait, down=unavailable, rate_limited=exc.status == 429
+            ) from exc
 
     def close(self) -> None:
         self.client.close()

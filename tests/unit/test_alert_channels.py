@@ -37,6 +37,7 @@ from sinks.alerts.sender import (
     Ledger,
     LedgerClosed,
     Outcome,
+    RateLimit,
     Task,
     WebexChannel,
     channels_from_settings,
@@ -988,3 +989,67 @@ def test_a_webex_rate_limit_in_one_room_pauses_the_other_rooms_channels_too(
     assert time.monotonic() - limited_at >= 2.5
     wait_for(lambda: posted_alerts(webex, ROOM) == ["blocked:tx-0"], 15, what="the alert room's alert")
     assert sender._workers[f"webex:{NYC_ROOM}"].rate_limited == 0  # it waited; it met no 429 of its own
+
+
+class Scripted429s(httpx.BaseTransport):
+    """The local Webex, except that the first ``cards`` card posts and ``deletes`` deletes are answered 429 with
+    ``Retry-After: retry_after``; counts the deletes that reached it."""
+
+    def __init__(self, cards: int = 0, deletes: int = 0, retry_after: int = 40) -> None:
+        self.inner, self.cards, self.deletes, self.retry_after = httpx.HTTPTransport(), cards, deletes, retry_after
+        self.deletes_asked = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        limited = httpx.Response(429, headers={"Retry-After": str(self.retry_after)}, json={"message": "Too Many"})
+        if request.method == "POST" and b'"attachments"' in request.content and self.cards:
+            self.cards -= 1
+            return limited
+        if request.method == "DELETE":
+            self.deletes_asked += 1
+            if self.deletes:
+                self.deletes -= 1
+                return limited
+        return self.inner.handle_request(request)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_a_rate_limited_case_card_or_delete_pauses_every_room_and_cards_and_deletes_wait_out_the_bots_pause(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
+) -> None:
+    """Webex limits the bot's token whatever the call: a 429 on a case card was waited out in its own thread while
+    the other rooms went on sending, and the eraser's deletes neither paused the rooms nor waited for their pause
+    (they tried again after a fixed minute). Now cards and deletes set and wait out the one shared pause."""
+    scoped = scoped_settings(webex, tmp_path, **{ROOM: ["S001"], NYC_ROOM: ["S001"]})
+    settings = scoped.model_copy(update={"alerts": scoped.alerts.model_copy(update={"webex_cards": True})})
+    clock = [1000.0]
+    shared = RateLimit(now=lambda: clock[0])
+    waits: list[tuple[float, float]] = []  # (wait asked of the card's thread, the shared pause left then)
+
+    def sleep(seconds: float) -> None:
+        waits.append((seconds, shared.remaining()))
+        clock[0] += seconds
+
+    def room(name: str, transport: Scripted429s) -> WebexChannel:
+        client = WebexClient(webex.url, TOKEN, transport=transport)
+        channel = WebexChannel(settings, client, has_reference=lambda _: False, room_id=name, rate_limit=shared)
+        channel.sleep = sleep
+        return closer.enter_context(closing(channel))
+
+    alerts_room, store_room = Scripted429s(cards=1), Scripted429s(deletes=1, retry_after=25)
+    a, b = room(ROOM, alerts_room), room(NYC_ROOM, store_room)
+    assert len((a.send(alert("blocked:tx-1", None), None, maybe_sent=False) or "").split()) == 2  # message and card
+    assert waits == [(40.0, 40.0)], "the card's 429 did not pause the other rooms"
+
+    with pytest.raises(DeliveryError) as limited:  # the eraser's delete meets a 429 of its own
+        b.delete("m-1")
+    assert limited.value.retriable and limited.value.retry_after == 25.0 and shared.remaining() == 25.0
+    with pytest.raises(DeliveryError) as paused:  # and the next one is not asked of Webex until the pause ends
+        a.delete("m-2")
+    assert paused.value.retry_after == 25.0 and store_room.deletes_asked == 1 and alerts_room.deletes_asked == 0
+
+    waits.clear()
+    a.send(alert("blocked:tx-2", None), None, maybe_sent=False)
+    assert waits == [(25.0, 25.0)], "the card did not wait out the pause the delete's 429 asked"
+    assert not a.delete("m-3") and alerts_room.deletes_asked == 1  # the pause over: asked (Webex has no m-3)

@@ -212,6 +212,24 @@ def test_a_sweep_webex_stopped_goes_on_within_a_minute_not_at_the_next_hourly_on
     assert worker.sweep(stopping).stopped == "the sender is stopping" and channel.deleted == []
 
 
+def test_a_sweep_the_bots_rate_limit_stopped_goes_on_when_the_pause_ends_not_before_nor_a_fixed_minute_later(
+    tmp_path: Path, closer: ExitStack
+) -> None:
+    """A delete that met the bot's 429 (or its pause, set by another room's send) stopped the sweep, and the next
+    one came a fixed minute later, or at the next turn after a forget, whatever the pause asked."""
+    ledger = ledger_at(closer, tmp_path)
+    post(ledger, "m-1", "subj-a", "tx-1", NOW - DAY)
+    ledger.record_forgets([("audit-1", "subj-a", None, NOW)])
+    channel = FakeChannel({"m-1": DeliveryError("429", retry_after=120.0, rate_limited=True)})
+    worker = eraser(ledger, channel)
+    last = worker._turn(NoAudit(), None, float("-inf"), threading.Event())  # type: ignore[arg-type]
+    assert 119 < last + worker.sweep_interval_s - time.monotonic() <= 120
+    channel.answers.clear()
+    worker.wake()  # a withheld alert's copy, due now: still not one delete before the pause ends
+    assert worker._turn(NoAudit(), None, last, threading.Event()) == last  # type: ignore[arg-type]
+    assert channel.deleted == [] and set(ledger.due_posts(NOW, None)) == {"m-1"}
+
+
 def test_a_forget_takes_alerts_made_before_it_or_within_its_grace_but_not_later_ones(
     tmp_path: Path, closer: ExitStack
 ) -> None:
