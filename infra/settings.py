@@ -548,7 +548,8 @@ class AlertSettings(BaseModel, frozen=True):
     ledger_path: Path | None = None
     """SQLite dedup ledger; defaults to ``<stack dir>/alerts/<topic prefix>ledger.sqlite3``."""
     concurrency: int = Field(default=32, ge=1)
-    """Sends in flight per channel (50 ms per send x 32 ~ 600 alerts/s per channel)."""
+    """Sends in flight per channel (50 ms per send x 32 ~ 600 alerts/s per channel); the Webex rooms' channels share
+    them (one bot, one rate limit), each room an equal share and at least one."""
     max_pending_alerts: int = Field(default=5000, ge=1)
     """Alerts fetched but not finished before the consumer stops fetching (bounds memory while a channel fails)."""
     max_attempts: int = Field(default=8, ge=1)

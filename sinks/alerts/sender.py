@@ -17,7 +17,8 @@ How nothing is lost or doubled:
   messages mentioning it, is searched by the bot's mention of itself that every alert message carries. SMTP
   has no such question, so that window resends the mail with the same Message-ID, which mail clients show
   once: at-least-once for mail, never lost.
-- **Independent channels.** Each channel has its own scheduler and ``concurrency`` sending threads: a
+- **Independent channels.** Each channel has its own scheduler and ``concurrency`` sending threads (the Webex
+  rooms' channels share them, at least one each, and one client: :func:`sending_threads`): a
   slow or failing channel only delays its own sends. 429 pauses that channel for ``Retry-After`` (a Webex 429 every
   room's channel, whether a send, a case card or the eraser's delete met it: the bot is rate limited, not the room,
   :class:`RateLimit`).
@@ -490,6 +491,16 @@ def channel_kind(name: str) -> str:
     return name.split(":", 1)[0]
 
 
+def sending_threads(name: str, names: Sequence[str], concurrency: int) -> int:
+    """The sending threads of channel ``name`` among the sender's channels ``names``: ``concurrency``; a Webex room's
+    channel its share of them (at least one), as the rooms share one bot, one rate limit and one client: 32 threads
+    (and connections) per room made hundreds with a few dozen rooms, all waiting on the same limit. Pure."""
+    if channel_kind(name) != WEBEX:
+        return max(1, concurrency)
+    rooms = sum(1 for n in names if channel_kind(n) == WEBEX)
+    return max(1, concurrency // max(1, rooms))
+
+
 def takes(channel: Channel | Any, alert: dict[str, Any]) -> bool:
     """Whether ``channel`` sends ``alert``: a channel with ``stores`` (a Webex room limited to some stores) only
     the alerts of those stores; any other, every alert."""
@@ -786,8 +797,8 @@ def channels_from_settings(settings: Settings) -> list[Channel]:
             if not rooms:
                 raise ValueError("the webex channel needs a room (CG_WEBEX__ROOM_ID or CG_WEBEX__ROOM_STORES)")
             rate_limit = RateLimit()  # one bot token for every room: one rate limit
-            for room, _ in rooms:  # a client each: a room's channel closes its own
-                client = WebexClient.from_settings(settings.webex)
+            client = WebexClient.from_settings(settings.webex)  # and one client (a connection per sending thread)
+            for room, _ in rooms:  # every room's channel closes it: closing twice closes nothing more
                 out.append(WebexChannel(settings, client, room_id=room, rate_limit=rate_limit))
         else:
             raise ValueError(f"unknown alert channel {name!r} (known: email, webex)")
@@ -909,7 +920,8 @@ MONOTONIC = Clock()
 
 
 class ChannelWorker:
-    """A channel's own queue (a heap by due time) and ``concurrency`` threads sending from it.
+    """A channel's own queue (a heap by due time) and ``threads`` threads sending from it (``concurrency`` unless
+    given: :func:`sending_threads`).
 
     While the channel is down (a :class:`DeliveryError` with ``down``) it is paused and only one task
     at a time goes out, as a probe; each failed probe doubles the pause (up to ``retry_max_s``), tasks
@@ -930,6 +942,7 @@ class ChannelWorker:
         rng: random.Random | None = None,
         clock: Clock = MONOTONIC,
         on_due_posts: Callable[[], None] | None = None,
+        threads: int | None = None,
     ) -> None:
         self.channel, self.ledger, self.settings, self.done = channel, ledger, settings, done
         self.on_due_posts = on_due_posts
@@ -963,7 +976,7 @@ class ChannelWorker:
         }
         self._threads = [
             threading.Thread(target=self._run, name=f"{channel.name}-{i}", daemon=True)
-            for i in range(max(1, settings.concurrency))
+            for i in range(max(1, settings.concurrency if threads is None else threads))
         ]
         for t in self._threads:
             t.start()
@@ -1340,7 +1353,9 @@ class AlertSender:
                 closing.callback(worker.stop, until)
 
     def start_workers(self) -> None:
-        """One :class:`ChannelWorker` per channel (``run`` does this; tests that feed messages themselves too)."""
+        """One :class:`ChannelWorker` per channel (``run`` does this; tests that feed messages themselves too), the
+        Webex rooms' sharing ``concurrency`` threads (:func:`sending_threads`)."""
+        names = [c.name for c in self.channels]
         self._workers = {
             c.name: ChannelWorker(
                 c,
@@ -1350,6 +1365,7 @@ class AlertSender:
                 self.image_loader,
                 clock=self.clock,
                 on_due_posts=self._wake_eraser,
+                threads=sending_threads(c.name, names, self.settings.alerts.concurrency),
             )
             for c in self.channels
         }

@@ -41,6 +41,7 @@ from sinks.alerts.sender import (
     Task,
     WebexChannel,
     channels_from_settings,
+    sending_threads,
 )
 
 TOKEN, ROOM = "unit-token", "room-alerts"
@@ -1053,3 +1054,23 @@ def test_a_rate_limited_case_card_or_delete_pauses_every_room_and_cards_and_dele
     a.send(alert("blocked:tx-2", None), None, maybe_sent=False)
     assert waits == [(25.0, 25.0)], "the card did not wait out the pause the delete's 429 asked"
     assert not a.delete("m-3") and alerts_room.deletes_asked == 1  # the pause over: asked (Webex has no m-3)
+
+
+def test_webex_rooms_share_one_client_and_the_senders_threads_instead_of_32_threads_and_a_client_each(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
+) -> None:
+    """Every room's channel had ``concurrency`` threads and a client of its own: N rooms made 32 x N threads and
+    connections, all under the one bot's rate limit. The rooms now share one client and the threads (at least one
+    each); e-mail keeps its own; each room still gets each of its alerts once."""
+    rooms = {ROOM: ["S001"], NYC_ROOM: ["S001"], LA_ROOM: ["S001"]}
+    settings = scoped_settings(webex, tmp_path, **rooms)
+    settings = settings.model_copy(update={"alerts": settings.alerts.model_copy(update={"concurrency": 4})})
+    sender = routed_sender(closer, settings)
+    assert len({id(c.client) for c in sender.channels}) == 1
+    assert [len(w._threads) for w in sender._workers.values()] == [1, 1, 1]  # 4 // 3 rooms
+    assert sending_threads("email", ["email", "webex", "webex:r"], 32) == 32
+    assert sending_threads("webex:r", ["email", "webex", "webex:r"], 32) == 16
+    assert sending_threads("webex:r", [f"webex:{i}" for i in range(40)], 32) == 1  # at least one per room
+    feed(sender, in_store("blocked:tx-1", "S001"), in_store("blocked:tx-2", "S001"))
+    for room in rooms:
+        assert sorted(posted_alerts(webex, room)) == ["blocked:tx-1", "blocked:tx-2"]
