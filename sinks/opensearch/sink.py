@@ -667,7 +667,8 @@ def keep_faces(client: OpenSearch, pending: Sequence[IndexAction]) -> int:
     One ``mget`` of the face fields per batch, only when it holds such a transaction (no script: the local
     OpenSearch has no scripting, and a partial ``update`` would merge the old ``indicators`` into the new).
     Raises ``TransportError`` when the documents cannot be read (the caller backs off and tries again): written
-    without, the face would be lost for good."""
+    without, the face would be lost for good. An answer that does not hold one document per request, in request
+    order (:func:`read_answers`), is such a failed read too, not an error that stops the sink."""
     wanted = [action for action in pending if action.kind == FACE_KEEPING_KIND and lacks_face(action.op)]
     if not wanted:
         return 0
@@ -675,7 +676,7 @@ def keep_faces(client: OpenSearch, pending: Sequence[IndexAction]) -> int:
     docs = [{"_index": a.op["_index"], "_id": a.doc_id, "_source": fields} for a in wanted]
     answer = client.mget(body={"docs": docs})
     kept = 0
-    for action, doc in zip(wanted, answer.get("docs", []), strict=True):
+    for action, doc in zip(wanted, read_answers(answer, [a.doc_id for a in wanted]), strict=True):
         error = doc.get("error")
         if error is not None:
             error_type = error.get("type") if isinstance(error, dict) else str(error)
@@ -685,6 +686,24 @@ def keep_faces(client: OpenSearch, pending: Sequence[IndexAction]) -> int:
         if doc.get("found") and with_kept_face(action.op, doc.get("_source") or {}):
             kept += 1
     return kept
+
+
+def read_answers(answer: Any, ids: Sequence[str]) -> list[dict[str, Any]]:
+    """The documents of an ``mget`` answer for ``ids``, one per id in request order; raises ``TransportError`` when
+    the answer is not that (a proxy's or a broken node's reply): paired by position, a short answer raised
+    ``ValueError``, which no retry loop catches, and stopped the sink, and a misordered one would give one
+    transaction another's face."""
+    docs = answer.get("docs") if isinstance(answer, dict) else None
+    if (
+        not isinstance(docs, list)
+        or len(docs) != len(ids)
+        or not all(isinstance(doc, dict) and doc.get("_id") == doc_id for doc, doc_id in zip(docs, ids, strict=True))
+    ):
+        got = f"{len(docs)} document(s)" if isinstance(docs, list) else f"no docs list ({type(answer).__name__})"
+        raise TransportError(
+            502, f"malformed mget answer: {len(ids)} document(s) asked for, in order; the answer held {got}"
+        )
+    return docs
 
 
 def pseudonymise(source: dict[str, Any], route: Route, secret: str | None) -> bool:

@@ -13,7 +13,7 @@ from opensearchpy.exceptions import TransportError
 from opensearchpy.serializer import JSONSerializer
 
 from infra.retry import Backoff
-from infra.settings import IndicesSettings
+from infra.settings import IndicesSettings, Settings
 from schemas.codec import latest_versions
 from schemas.indices import (
     ROUTES,
@@ -30,6 +30,7 @@ from sinks.opensearch.sink import (
     TRANSACTION_FACE_FIELDS,
     IndexAction,
     IndexPeriodConflict,
+    OpenSearchSink,
     apply_retention,
     bulk_once,
     check_period,
@@ -946,6 +947,57 @@ def test_a_failed_face_read_raises_so_the_batch_is_kept_instead_of_written_witho
     actions = to_actions(batch, index_prefix="cg", topic_prefix=PREFIX)[0]
     with pytest.raises(TransportError):
         keep_faces(Unreadable(), actions)  # type: ignore[arg-type]
+
+
+MALFORMED_READS = {
+    "a document short": lambda docs: {"docs": docs[:-1]},
+    "a document over": lambda docs: {"docs": [*docs, docs[0]]},
+    "not a document": lambda docs: {"docs": ["oops" for _ in docs]},
+    "not in request order": lambda docs: {"docs": docs[::-1]},
+    "no docs": lambda docs: {"error": "proxy"},
+    "not an object": lambda docs: ["oops"],
+}
+
+
+class GarbledReads(FaceStore):
+    """Answers its first ``mget`` calls as ``garble`` says (what a proxy or a broken node may send), then right."""
+
+    def __init__(self, *garble: Any) -> None:
+        super().__init__()
+        self.garble = list(garble)
+
+    def mget(self, body: dict[str, Any], **kwargs: Any) -> Any:
+        answer = super().mget(body, **kwargs)
+        return self.garble.pop(0)(answer["docs"]) if self.garble else answer
+
+
+@pytest.mark.parametrize("garble", MALFORMED_READS.values(), ids=MALFORMED_READS.keys())
+def test_a_malformed_face_read_answer_is_a_failed_read_not_an_error_that_stops_the_sink(garble: Any) -> None:
+    store = GarbledReads(garble)
+    decide_into(store, scored(**MATCHED_FACE), scored("tx-2", **MATCHED_FACE))
+    batch = [
+        message(tx_topic(), scored(i, decided_at=REDECIDED_AT).encode(), offset=n)
+        for n, i in enumerate(["tx-1", "tx-2"])
+    ]
+    actions = to_actions(batch, index_prefix="cg", topic_prefix=PREFIX)[0]
+    with pytest.raises(TransportError):
+        keep_faces(store, actions)  # type: ignore[arg-type]
+    assert keep_faces(store, actions) == 2  # type: ignore[arg-type]
+
+
+def test_the_sink_keeps_and_retries_a_batch_whose_face_read_answered_short_then_writes_it_with_the_face() -> None:
+    from tests.unit.test_process_metrics import ConfirmingProducer, SinkConsumer  # it imports this module
+
+    store = GarbledReads(MALFORMED_READS["a document short"])
+    sink = OpenSearchSink(Settings(), index_prefix="cg", client=store, backoff=Backoff(0.001, 0.002))  # type: ignore[arg-type]
+    consumer = SinkConsumer()
+    sink._consumer, sink._producer = consumer, ConfirmingProducer()  # type: ignore[assignment]
+    topic = next(route for route in ROUTES if route.kind == "transactions").topic.full_name("")
+    sink._process([message(topic, scored(**MATCHED_FACE).encode(), offset=0)])
+    sink._process([message(topic, scored(decided_at=REDECIDED_AT).encode(), offset=1)])
+    assert (sink.stats.retries, sink.stats.faces_kept, sink.stats.batches) == (1, 1, 2)
+    assert store.docs[TX_DOC]["face_status"] == "MATCHED"
+    assert [(tp.topic, tp.offset) for tp in consumer.commits[-1]] == [(topic, 2)]
 
 
 def test_face_keeping_never_touches_alerts_or_cases_so_a_forgotten_subjects_image_refs_stay_erased() -> None:
