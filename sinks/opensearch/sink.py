@@ -29,7 +29,9 @@ goes in with op ``create`` instead (:func:`never_replaces`): a transaction sent 
 limit gets one under the id of its real observation, which it must not replace; OpenSearch's 409 for it is the
 write done (``kept``), and a real observation still replaces an ``UNAVAILABLE`` one. Likewise a scored
 transaction decided again without a face (``face_status`` ``UNAVAILABLE``: a job started without state) keeps
-the face fields of its indexed document (:func:`keep_faces`, one ``mget`` per batch that holds one).
+the face fields of its indexed document (:func:`keep_faces`, one ``mget`` per batch that holds one). A scored
+transaction is written with its ``decided_at`` as external version (:data:`VERSIONED_BY`): a batch finished late by
+a sink that lost its partitions cannot put an older decision over a newer one (409, counted ``stale``).
 Offsets are committed (last offset + 1 per partition) only after OpenSearch acknowledged every document of the batch and
 its dead letters are flushed, so a crash replays from the last commit. While OpenSearch is down or
 overloaded (connection errors, 429, 5xx) the batch is kept and retried forever with bounded,
@@ -509,7 +511,7 @@ def to_actions(
     A later message for the same document supersedes an earlier one in the batch: one bulk request
     applies them in order anyway, and keeping only the last means a partial retry can never write an
     older version last. A ``create`` (:func:`never_replaces`) supersedes nothing: it would not have replaced
-    the earlier one either.
+    the earlier one either, and neither does a write of a lower version (:data:`VERSIONED_BY`).
     """
     routes = {route.topic.full_name(topic_prefix): route for route in ROUTES}
     now = now_ms if now_ms is not None else clock.now_ms()
@@ -530,6 +532,8 @@ def to_actions(
         key = (op["_index"], op["_id"])
         if op["_op_type"] == "create" and key in actions:
             continue  # written after the earlier one, it would be refused (409): the earlier one stands
+        if key in actions and op.get("version", 0) < actions[key].op.get("version", 0):
+            continue  # an older decision sent again later (a redrive): OpenSearch would refuse it too
         previous = actions.pop(key, None)  # re-insert so the order is that of the last occurrence
         if previous is not None and route.kind == FACE_KEEPING_KIND:
             with_kept_face(op, previous.op.get("_source") or {})  # the earlier decision's face, as in the index
@@ -581,6 +585,8 @@ def _operation(
     if forgotten is not None and forgotten.erases(route, record):
         forgotten.dropped += 1
         return None
+    if (version_field := VERSIONED_BY.get(route.kind)) is not None:
+        versioned = {"version": _record_version(record, version_field), "version_type": "external_gte"}
     try:
         index = route.write_index(index_prefix, int(record[route.time_field]), period)
     except (ValueError, OverflowError, OSError) as exc:
@@ -592,6 +598,24 @@ def _operation(
         forgotten.stripped += 1
     op_type = "create" if never_replaces(route, record) else "index"
     return {"_op_type": op_type, "_index": index, "_id": doc_id, "_source": source, **versioned}
+
+
+VERSIONED_BY = {"transactions": "decided_at"}
+"""Per route kind, the record field whose value is each write's external version (``external_gte``): a scored
+transaction's ``decided_at``. A batch of a sink that lost its partitions (a rebalance while its bulk request was in
+flight, a process stalled while another took over) could finish late and put an older decision over the newer one
+the new owner wrote; refused instead (409, ``stale``). Not the Kafka offset as on the keyed routes: offsets start
+again at 0 in a re-created topic, so every later decision would be refused, and a record sent to the topic again (a
+redrive) gets a higher offset than the newer decision. The same record written again has the same version and goes
+in (a replay stays idempotent); a re-decision is decided later, so it still replaces the document."""
+
+
+def _record_version(record: dict[str, Any], name: str) -> int:
+    """``record[name]`` as an external version (OpenSearch takes 0 up to 2^63 - 1); :class:`_Unusable` otherwise."""
+    value = record.get(name)
+    if not isinstance(value, int) or value < 0:
+        raise _Unusable("invalid_field", f"{name} must be a time in ms since the epoch, not below 0")
+    return value
 
 
 NEVER_REPLACING = {"face_observations": ("status", frozenset({"UNAVAILABLE"}))}
@@ -898,7 +922,8 @@ class SinkStats:
     superseded: int = 0
     """Messages made redundant by a later one for the same document in the same batch."""
     stale: int = 0
-    """Versioned writes (labels) OpenSearch refused because the document already holds a later message."""
+    """Versioned writes OpenSearch refused because the document already holds a later message (labels, cases) or a
+    later decision (scored transactions, :data:`VERSIONED_BY`)."""
     kept: int = 0
     """``UNAVAILABLE`` face observations not written because their id already holds an observation."""
     faces_kept: int = 0

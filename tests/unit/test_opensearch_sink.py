@@ -621,8 +621,9 @@ def test_bulk_round_counts_a_refused_older_label_as_done_and_a_delete_of_nothing
 
 
 def test_a_version_conflict_on_an_unversioned_document_is_not_swallowed() -> None:
-    client = FakeBulkClient({"tx-1": {"status": 409, "error": {"type": "version_conflict_engine_exception"}}})
-    result = bulk_once(client, actions_for("tx-1"))  # type: ignore[arg-type]
+    client = FakeBulkClient({"alert-1": {"status": 409, "error": {"type": "version_conflict_engine_exception"}}})
+    actions, _ = to_actions([message(f"{PREFIX}alerts", alert().encode())], index_prefix="cg", topic_prefix=PREFIX)
+    result = bulk_once(client, actions)  # type: ignore[arg-type]
     assert (result.acknowledged, result.stale, len(result.rejected)) == (0, 0, 1)
 
 
@@ -947,6 +948,76 @@ def test_a_failed_face_read_raises_so_the_batch_is_kept_instead_of_written_witho
     actions = to_actions(batch, index_prefix="cg", topic_prefix=PREFIX)[0]
     with pytest.raises(TransportError):
         keep_faces(Unreadable(), actions)  # type: ignore[arg-type]
+
+
+class VersionedStore(FaceStore):
+    """A :class:`FaceStore` that keeps external versions as OpenSearch does: a write with ``version_type``
+    ``external_gte`` below the document's version is refused (409); an unversioned one adds 1 to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.versions: dict[tuple[str, str], int] = {}
+
+    def bulk(self, body: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        lines = [json.loads(line) for line in body.splitlines() if line]
+        self.requests.append(list(lines))
+        items = []
+        while lines:
+            op, meta = next(iter(lines.pop(0).items()))
+            key, source = (meta["_index"], meta["_id"]), lines.pop(0)
+            version = meta.get("version", self.versions.get(key, 0) + 1)
+            if meta.get("version_type") == "external_gte" and version < self.versions.get(key, 0):
+                conflict = {"type": "version_conflict_engine_exception", "reason": "current version is higher"}
+                items.append({op: {"_id": meta["_id"], "status": 409, "error": conflict}})
+                continue
+            items.append({op: {"_id": meta["_id"], "status": 200 if key in self.docs else 201}})
+            self.docs[key], self.versions[key] = source, version
+        return {"errors": True, "items": items}
+
+
+def test_a_late_batch_of_a_sink_that_lost_its_partition_does_not_put_an_older_decision_over_a_newer_one() -> None:
+    """A rebalance while a bulk request is in flight (or a stalled sink resuming after another took over): the old
+    owner's batch lands after the new owner's newer decision. Refused (409), counted stale, neither retried nor
+    dead-lettered."""
+    store = VersionedStore()
+    older = scored(risk_score=90, outcome="BLOCK", decided_at=1_700_000_001_000)
+    newer = scored(risk_score=10, outcome="APPROVE", decided_at=REDECIDED_AT)
+    decide_into(store, newer)  # the new owner
+    result = decide_into(store, older)  # the old owner's batch, late
+    assert (result.acknowledged, result.stale, result.retry, result.rejected) == (1, 1, [], [])
+    assert store.docs[TX_DOC]["outcome"] == "APPROVE" and store.versions[TX_DOC] == REDECIDED_AT
+
+
+def test_a_scored_transaction_replayed_or_decided_again_still_goes_in_with_its_decision_time_as_version() -> None:
+    """Replays stay idempotent (the same record, the same version), from a re-created topic too (offsets are not
+    the version); a later decision replaces the document; a pseudonymising write-back (unversioned) in between does
+    not make the next decision stale."""
+    store = VersionedStore()
+    first = scored(risk_score=90, outcome="BLOCK", decided_at=1_700_000_001_000)
+    assert decide_into(store, first).stale == 0
+    assert decide_into(store, first).stale == 0  # replayed, at offset 0 again
+    store.versions[TX_DOC] += 1  # an unversioned write-back (customer keys pseudonymised)
+    result = decide_into(store, scored(risk_score=10, outcome="APPROVE", decided_at=REDECIDED_AT))
+    assert (result.acknowledged, result.stale) == (1, 0) and store.docs[TX_DOC]["outcome"] == "APPROVE"
+    sent = next(iter(store.requests[-1][0].values()))
+    assert (sent["version"], sent["version_type"]) == (REDECIDED_AT, "external_gte")
+
+
+def test_an_older_decision_later_in_the_same_batch_does_not_supersede_the_newer_one() -> None:
+    """A redrive may send an old decision to the topic after a newer one: keeping the last of the batch would send
+    only the old one, refused, and the newer one would never be written."""
+    newer = scored(outcome="APPROVE", decided_at=REDECIDED_AT)
+    older = scored(outcome="BLOCK", decided_at=1_700_000_001_000)
+    batch = [message(tx_topic(), r.encode(), offset=n) for n, r in enumerate([newer, older])]
+    actions, _ = to_actions(batch, index_prefix="cg", topic_prefix=PREFIX)
+    assert [(a.op["_source"]["outcome"], a.op["version"]) for a in actions] == [("APPROVE", REDECIDED_AT)]
+
+
+def test_a_scored_transaction_with_a_decision_time_before_1970_is_dead_lettered_not_sent() -> None:
+    """OpenSearch refuses a negative version for the whole bulk request; it is dead-lettered before."""
+    batch = [message(tx_topic(), scored(decided_at=-1).encode())]
+    actions, dead = to_actions(batch, index_prefix="cg", topic_prefix=PREFIX)
+    assert actions == [] and [d.error_kind for d in dead] == ["invalid_field"]
 
 
 MALFORMED_READS = {
