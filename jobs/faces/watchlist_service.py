@@ -1013,6 +1013,9 @@ class WatchlistService:
     """Reads of the alert in hand that met the image store away, since one went through."""
     _store_problem: str | None = None
     """What ``/readyz`` says while an alert waits for the image store."""
+    _rekognition_problem: str | None = None
+    """What ``/readyz`` says while the collection is not created yet: cleared only once CreateCollection worked, so the
+    beat after each failed call (:meth:`_watch_rekognition`) keeps saying it between the backoff's beats."""
     _held: dict[tuple[str, int], str] = {}
     """The snapshot of each alert waiting for the image store, by its partition: the purge keeps them (set by
     ``__init__``; one past its retention was otherwise deleted by a sweep due meanwhile, and its alert then failed
@@ -1049,7 +1052,7 @@ class WatchlistService:
         (:func:`health_limit_s`), and a command of several (ListFaces pages, then IndexFaces or DeleteFaces) was taken
         for a hang, the service restarted by the supervisor and the command read again."""
         if self.core.rekognition is not None:
-            self.core.rekognition.progress = lambda: self._beat(self._store_problem)
+            self.core.rekognition.progress = lambda: self._beat(self._rekognition_problem or self._store_problem)
 
     def stop(self, *_: object) -> None:
         self._stop = True
@@ -1135,6 +1138,7 @@ class WatchlistService:
                 if not exc.transient:
                     log.error("the Rekognition collection cannot be created, stopping: %s", exc)
                     raise
+                self._rekognition_problem = "Rekognition unreachable"
                 delay = self.COLLECTION_BACKOFF.delay(tries)
                 tries += 1
                 log.warning(
@@ -1143,8 +1147,9 @@ class WatchlistService:
                     tries,
                     delay,
                 )
-                self._pause(delay, "Rekognition unreachable")
+                self._pause(delay, self._rekognition_problem)
             else:
+                self._rekognition_problem = None
                 self._beat(None)
                 return
 

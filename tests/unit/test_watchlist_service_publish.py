@@ -3,6 +3,8 @@ redone; the input's offset is committed afterwards, without blocking."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
@@ -361,12 +363,17 @@ class _Collection:
 
     def __init__(self, errors: list[Exception], seen: list) -> None:
         self.errors, self.seen, self.collection, self.created = errors, seen, "cg-faces", 0
+        self.progress: Any = None
 
     def ensure_collection(self) -> None:
         self.seen.append(self)
-        if self.errors:
-            raise self.errors.pop(0)
-        self.created += 1
+        try:
+            if self.errors:
+                raise self.errors.pop(0)
+            self.created += 1
+        finally:  # as the real client: after each call, answered or failed
+            if self.progress is not None:
+                self.progress()
 
 
 def _rekognition_service(tmp_path, monkeypatch, errors: list[Exception]):
@@ -412,6 +419,32 @@ def test_rekognition_refusing_the_collection_at_the_start_is_waited_out_with_rea
     assert isinstance(core.rekognition, _Collection) and core.rekognition.created == 1
     assert len(core.rekognition.seen) == 3 and not core.collection_pending
     assert readiness and set(readiness) == {(False, "Rekognition unreachable")}
+    assert svc.heartbeat.ready() == (True, "ok"), "ready once the collection is there"
+
+
+def test_readyz_keeps_saying_rekognition_unreachable_between_collection_tries_until_one_works(
+    tmp_path, monkeypatch
+) -> None:
+    """The beat after each failed CreateCollection cleared "Rekognition unreachable" until the backoff's pause set it
+    again (/readyz flickered ready between tries); now only a call that worked clears it."""
+    from jobs.faces.rekognition import RekognitionError
+
+    errors: list[Exception] = [RekognitionError("ThrottlingException", "slow down", transient=True)] * 3
+    svc, core, _ = _rekognition_service(tmp_path, monkeypatch, errors)
+    svc._watch_rekognition()
+    assert isinstance(core.rekognition, _Collection)
+    after_call: list[tuple[bool, str]] = []
+    beat = core.rekognition.progress
+    assert beat is not None, "the service beats after each Rekognition call"
+
+    def beat_and_look() -> None:
+        beat()
+        after_call.append(svc.heartbeat.ready())
+
+    core.rekognition.progress = beat_and_look
+    svc.run()
+    assert len(after_call) == 4 and core.rekognition.created == 1
+    assert after_call[1:] == [(False, "Rekognition unreachable")] * 3, "cleared by a failed call's beat"
     assert svc.heartbeat.ready() == (True, "ok"), "ready once the collection is there"
 
 
