@@ -51,14 +51,15 @@ stops turning, or when triggers are in flight and none has finished for :func:`s
 worker stuck: back-pressure pauses the consumer, the loop turns and does nothing: "no snapshot finished for ...");
 ``/readyz`` also while deliveries are failing ("Kafka unreachable").
 
-A trigger read again (a restart before its offset was committed, a topic replay, a redelivered camera event) is
-not snapshotted and searched again while this process remembers it (:class:`RecentAnswers`): one Kafka acknowledged
-the observation of is skipped (counted ``replayed``; the scoring job has its answer), one still being observed waits
-for that observation and one still being delivered gets the same record, so its offset is committed only once an
-answer is in Kafka. A restart (and a partition assignment: another stage's partitions) does not forget it: before
-reading, the stage reads back the ids of the observations published over that window (:func:`recall_from_kafka`, at
-most :data:`RECALL_TIMEOUT_S`), so a record read again from the last commit is skipped too. If that read fails or
-takes longer, a WARNING says so and the stage goes on without (those triggers are snapshotted again).
+A trigger read again (a restart before its offset was committed, a topic replay, a redelivered camera event) is not
+snapshotted and searched again while this process remembers it (:class:`RecentAnswers`): one Kafka acknowledged an
+answer of (``MATCHED``, ``NO_MATCH``, ``NO_FACE``; not ``UNAVAILABLE``, an outage) is skipped (counted ``replayed``; the
+scoring job has its answer), one still being observed waits for that observation and one still being delivered gets the
+same record, so its offset is committed only once an answer is in Kafka. A restart (and a partition assignment: another
+stage's partitions) does not forget it: before reading, the stage reads back the ids of the observations published over
+that window (:func:`recall_from_kafka`, at most :data:`RECALL_TIMEOUT_S`), so a record read again from the last commit
+is skipped too. If that read fails or takes longer, a WARNING says so and the stage goes on without (those triggers are
+snapshotted again).
 
 Run: ``python -m jobs.faces.stage``.
 """
@@ -152,15 +153,20 @@ def stall_limit_s(settings: Settings) -> float:
     return limit
 
 
+ANSWERS = frozenset({"MATCHED", "NO_MATCH", "NO_FACE"})
+"""The statuses that answer a trigger, remembered by :class:`RecentAnswers`. Not ``UNAVAILABLE``: an outage (the
+camera, the image, a Rekognition search) is no answer, and a trigger sent again once it is over must be snapshotted.
+One past its lag limit is answered ``UNAVAILABLE`` again without a snapshot, by the lag rule."""
+
 REMEMBERED_ANSWERS = 100_000
 """At most this many answered triggers are remembered (:class:`RecentAnswers`): an id and a time each, a few MB."""
 
 
 class RecentAnswers:
-    """Observation ids whose observation Kafka acknowledged, each until its trigger is older than ``window_ms`` (by
-    event time: past its lag limit a trigger is no longer snapshotted anyway), at most ``limit`` (the oldest
-    remembered go first). A trigger read again within it costs no second snapshot and Rekognition search (money, and
-    a picture of a later moment than the sale). Filled at start from Kafka too (:func:`recall_from_kafka`)."""
+    """Observation ids whose answer (:data:`ANSWERS`) Kafka acknowledged, each until its trigger is older than
+    ``window_ms`` (by event time: past its lag limit a trigger is no longer snapshotted anyway), at most ``limit`` (the
+    oldest remembered go first). A trigger read again within it costs no second snapshot and Rekognition search (money,
+    and a picture of a later moment than the sale). Filled at start from Kafka too (:func:`recall_from_kafka`)."""
 
     def __init__(self, window_ms: int, limit: int = REMEMBERED_ANSWERS) -> None:
         self.window_ms, self.limit = window_ms, limit
@@ -197,13 +203,18 @@ after ``since_ms`` (:func:`recall_from_kafka`; tests pass their own)."""
 
 
 class ObservationIds:
-    """Decodes only a face observation's id and event time (every schema version has them first): the rest, the
+    """Decodes only a face observation's id, event time and status (every schema version has them): the rest, the
     embedding too, is skipped, never decoded or held."""
 
     def __init__(self) -> None:
         options = cavro.DEFAULT_OPTIONS.replace(record_decodes_to_dict=True)
         name = codec("FaceObservation").schema.name.rsplit(".", 1)
-        fields = [{"name": "observation_id", "type": "string"}, {"name": "event_time", "type": "long"}]
+        status = next(f["type"] for f in codec("FaceObservation").schema.parsed["fields"] if f["name"] == "status")
+        fields = [
+            {"name": "observation_id", "type": "string"},
+            {"name": "event_time", "type": "long"},
+            {"name": "status", "type": status},
+        ]
         ids = cavro.Schema(
             json.dumps({"type": "record", "name": name[-1], "namespace": name[0], "fields": fields}), options=options
         )
@@ -213,27 +224,29 @@ class ObservationIds:
             if sv.short_name == "FaceObservation"
         }
 
-    def of(self, value: bytes | None) -> tuple[str, int] | None:
-        """``(observation_id, event_time)``, or ``None`` for a record that is no face observation we can read."""
+    def of(self, value: bytes | None) -> tuple[str, int, str] | None:
+        """``(observation_id, event_time, status)``, or ``None`` for a record that is no face observation we can
+        read."""
         if not value or value[:2] != MAGIC or (reader := self._readers.get(bytes(value[2:HEADER_LEN]))) is None:
             return None
         try:
             ids = reader.binary_decode(bytes(value[HEADER_LEN:]))
         except Exception:  # noqa: BLE001 - a corrupt record is no answer
             return None
-        return str(ids["observation_id"]), int(ids["event_time"])
+        return str(ids["observation_id"]), int(ids["event_time"]), str(ids["status"])
 
 
 def recall_from_kafka(settings: Settings, since_ms: int, timeout_s: float) -> list[tuple[str, int]]:
-    """The ids and event times of the face observations written at or after ``since_ms`` (broker timestamps,
-    ``offsets_for_times``), up to the topic's end when the read starts; raises on a failure or after ``timeout_s``."""
+    """The ids and event times of the answers (:data:`ANSWERS`) among the face observations written at or after
+    ``since_ms`` (broker timestamps, ``offsets_for_times``), up to the topic's end when the read starts; raises on a
+    failure or after ``timeout_s``."""
     from infra.clients.control_topics import read_control_topics
 
     ids, found = ObservationIds(), []
 
     def apply(_topic: str, _key: bytes | None, value: bytes | None) -> None:
-        if (answer := ids.of(value)) is not None:
-            found.append(answer)
+        if (read := ids.of(value)) is not None and read[2] in ANSWERS:
+            found.append(read[:2])
 
     read_control_topics(settings, apply, timeout_s=timeout_s, specs=(FACE_OBSERVATIONS,), since_ms=since_ms)
     return found
@@ -523,8 +536,10 @@ class Outgoing:
     kind: str = ""
     """Metric label once delivered: the observation's status, or the dead letter's error kind."""
     observation_id: str = ""
-    """An observation's id (none for a dead letter): remembered as answered once Kafka acknowledged it."""
+    """An observation's id (none for a dead letter)."""
     event_time: int = 0
+    answer: bool = False
+    """An observation whose status answers its trigger (:data:`ANSWERS`): remembered once Kafka acknowledged it."""
 
 
 class FaceStageRunner:
@@ -759,7 +774,8 @@ class FaceStageRunner:
                 self.offsets.done(out.tp, out.offset)
                 if out.observation_id:
                     self._delivering.pop(out.observation_id, None)
-                    self.answers.add(out.observation_id, out.event_time, clock.now_ms())
+                    if out.answer:  # an outage is no answer: sent again, the trigger is snapshotted again
+                        self.answers.add(out.observation_id, out.event_time, clock.now_ms())
                 if out.stat == "dead_letters":
                     metrics.DEAD_LETTERS.labels(PROCESS, out.kind).inc()
                 else:
@@ -873,6 +889,7 @@ class FaceStageRunner:
                             kind=result.status.lower(),
                             observation_id=oid,
                             event_time=result.event_time,
+                            answer=result.status in ANSWERS,
                         )
                         self._delivering.setdefault(oid, out)
                         self._send(out)

@@ -85,9 +85,9 @@ class Producer:
         return 0
 
 
-def tx_message(offset: int, tx_id: str, store_id: str = "store-001") -> Message:
+def tx_message(offset: int, tx_id: str, store_id: str = "store-001", age_s: float = 0.0) -> Message:
     now = int(time.time() * 1000)
-    value = PosTransaction(tx_id, now, store_id, "lane-01", "SALE", 12.5, "USD").encode()
+    value = PosTransaction(tx_id, now - int(age_s * 1000), store_id, "lane-01", "SALE", 12.5, "USD").encode()
     return Message(topic=TX_TOPIC, partition=0, offset=offset, key=b"k", value=value, timestamp=(1, now))
 
 
@@ -372,22 +372,35 @@ def test_an_idle_face_stage_stays_healthy_however_long_nothing_comes() -> None:
     assert turns[0] >= 60
 
 
+class Replay(Consumer):
+    """The transaction again (as after a replay) once its first reading was committed."""
+
+    replayed = False
+    age_s = 0.0
+
+    def poll(self, timeout: float) -> Message | None:
+        if self.commits.get((TX_TOPIC, 0)) == 1 and not self.replayed:
+            self.messages, self.replayed = [tx_message(1, "tx-once", age_s=self.age_s), tx_message(2, "tx-other")], True
+        return super().poll(timeout)
+
+
+def snapshots(asked: list[str], outages: int = 0) -> Callable[[str, int | None], Snapshot]:
+    """A camera whose first ``outages`` snapshots fail (no video), the others give a picture."""
+
+    def snapshot(serial: str, at_ms: int | None) -> Snapshot:
+        asked.append(serial)
+        if len(asked) <= outages:
+            raise SnapshotError("no_video", "No video for specified timestamp")
+        return Snapshot(serial, b"jpeg", "image/jpeg", at_ms, False, 1, 1, 0.2)
+
+    return snapshot
+
+
 def test_a_transaction_read_again_after_its_observation_was_acknowledged_is_not_snapshotted_again() -> None:
     """A replayed trigger (a restart before its commit, a topic replay) cost a second Meraki snapshot and Rekognition
     search, of a later moment than the sale; now one whose observation Kafka acknowledged is skipped and counted."""
-
-    class Replay(Consumer):
-        """The transaction again (as after a replay) once its first reading was committed."""
-
-        replayed = False
-
-        def poll(self, timeout: float) -> Message | None:
-            if self.commits.get((TX_TOPIC, 0)) == 1 and not self.replayed:
-                self.messages, self.replayed = [tx_message(1, "tx-once"), tx_message(2, "tx-other")], True
-            return super().poll(timeout)
-
     asked: list[str] = []
-    stage = FaceStage(settings(), no_video(asked), None, None)  # type: ignore[arg-type]
+    stage = FaceStage(settings(), snapshots(asked), NoFaces(), NamedStore())
     consumer, producer = Replay([tx_message(0, "tx-once")]), Producer(failures=0)
     runner = FaceStageRunner(settings(), stage, producer=producer, consumer=consumer, recall=NOTHING)
     replayed = metrics.SKIPPED.labels("face-stage", "replayed")
@@ -398,6 +411,37 @@ def test_a_transaction_read_again_after_its_observation_was_acknowledged_is_not_
     observed = [o.observation_id for o in delivered(producer, FACE_OBSERVATIONS, FaceObservation)]
     assert sorted(observed) == ["checkout:tx-once", "checkout:tx-other"], "the first answer is the scoring job's"
     assert stats["replayed"] == 1 and replayed._value.get() == before + 1
+
+
+def test_a_trigger_sent_again_after_an_outage_answered_it_unavailable_is_snapshotted_again() -> None:
+    """An UNAVAILABLE observation (camera or Rekognition away) was remembered as an answer: a transaction sent again
+    on purpose once the outage was over got no new snapshot. Only real answers are remembered now."""
+    asked: list[str] = []
+    stage = FaceStage(settings(), snapshots(asked, outages=1), NoFaces(), NamedStore())
+    consumer, producer = Replay([tx_message(0, "tx-once")]), Producer(failures=0)
+    runner = FaceStageRunner(settings(), stage, producer=producer, consumer=consumer, recall=NOTHING)
+    stats = run_until(runner, lambda: consumer.commits.get((TX_TOPIC, 0)) == 3)
+
+    assert len(asked) == 3, "the transaction sent again after the outage got no new snapshot"
+    once = [o.status for o in delivered(producer, FACE_OBSERVATIONS, FaceObservation) if o.transaction_id == "tx-once"]
+    assert once == ["UNAVAILABLE", "NO_FACE"] and stats["replayed"] == 0
+
+
+def test_a_transaction_past_its_lag_limit_read_again_is_answered_again_without_a_snapshot() -> None:
+    """Its "not snapshotted: late" UNAVAILABLE is no answer to remember, and the lag rule answers it again."""
+    asked: list[str] = []
+    late_s = settings().cameras.max_lag_s + 60
+    stage = FaceStage(settings(), snapshots(asked), NoFaces(), NamedStore())
+    consumer = Replay([tx_message(0, "tx-once", age_s=late_s)])
+    consumer.age_s = late_s
+    producer = Producer(failures=0)
+    runner = FaceStageRunner(settings(), stage, producer=producer, consumer=consumer, recall=NOTHING)
+    stats = run_until(runner, lambda: consumer.commits.get((TX_TOPIC, 0)) == 3)
+
+    assert len(asked) == 1, "only tx-other is snapshotted"
+    once = [o for o in delivered(producer, FACE_OBSERVATIONS, FaceObservation) if o.transaction_id == "tx-once"]
+    assert [o.status for o in once] == ["UNAVAILABLE"] * 2 and all("late" in (o.reason or "") for o in once)
+    assert stats["replayed"] == 0
 
 
 def test_a_trigger_read_again_while_it_is_observed_waits_for_that_observation() -> None:
@@ -506,6 +550,7 @@ def test_the_read_back_takes_only_the_ids_of_the_face_observations_written_withi
     seen: dict[str, Any] = {}
     face = FaceObservation("checkout:tx-1", 1_000, "Q2XX-AAAA-0001", "store-001", "CHECKOUT", "NO_MATCH")
     records = [replace(face, embedding=[0.25] * 128, image_ref="local://checkout/tx-1").encode(), b"garbage", None]
+    records.append(replace(face, observation_id="checkout:tx-3", status="UNAVAILABLE").encode())  # an outage
     records.append(PosTransaction("tx-2", 2_000, "store-001", "lane-01", "SALE", 1.0, "USD").encode())
 
     def read(settings: Settings, apply: Callable, **kwargs: Any) -> dict:
@@ -515,5 +560,7 @@ def test_the_read_back_takes_only_the_ids_of_the_face_observations_written_withi
         return {}
 
     monkeypatch.setattr(control_topics, "read_control_topics", read)
-    assert recall_from_kafka(Settings(), 500, 3.0) == [("checkout:tx-1", 1_000)], "an id and a time, nothing else"
+    assert recall_from_kafka(Settings(), 500, 3.0) == [("checkout:tx-1", 1_000)], (
+        "an answer's id and time, nothing else"
+    )
     assert seen == {"timeout_s": 3.0, "specs": (FACE_OBSERVATIONS,), "since_ms": 500}
