@@ -194,12 +194,13 @@ class RecentAnswers:
 
 RECALL_TIMEOUT_S = 5.0
 """How long the stage waits, at start and on each partition assignment, for the ids of the observations it published
-within :class:`RecentAnswers`' window; past it the stage reads on without them (a WARNING). A few seconds: the read
-covers minutes of observations, and checkouts wait meanwhile."""
+within :class:`RecentAnswers`' window; past it the stage reads on without them (a WARNING) and the read stops at its
+next step. A few seconds: the read covers minutes of observations, and checkouts wait meanwhile."""
 
-Recall = Callable[[Settings, int, float], Iterable[tuple[str, int]]]
-"""``recall(settings, since_ms, timeout_s)``: (observation id, event time) of every face observation written at or
-after ``since_ms`` (:func:`recall_from_kafka`; tests pass their own)."""
+Recall = Callable[[Settings, int, float, threading.Event], Iterable[tuple[str, int]]]
+"""``recall(settings, since_ms, timeout_s, given_up)``: (observation id, event time) of every answer among the face
+observations written at or after ``since_ms``, stopping (raising) once ``given_up`` is set (:func:`recall_from_kafka`;
+tests pass their own)."""
 
 
 class ObservationIds:
@@ -236,19 +237,32 @@ class ObservationIds:
         return str(ids["observation_id"]), int(ids["event_time"]), str(ids["status"])
 
 
-def recall_from_kafka(settings: Settings, since_ms: int, timeout_s: float) -> list[tuple[str, int]]:
+def recall_from_kafka(
+    settings: Settings, since_ms: int, timeout_s: float, given_up: threading.Event | None = None
+) -> list[tuple[str, int]]:
     """The ids and event times of the answers (:data:`ANSWERS`) among the face observations written at or after
     ``since_ms`` (broker timestamps, ``offsets_for_times``), up to the topic's end when the read starts; raises on a
-    failure or after ``timeout_s``."""
+    failure, after ``timeout_s`` in all or once ``given_up`` is set. Both are checked after each metadata call and each
+    record: ``read_control_topics`` gives every metadata call (one per partition) its own ``timeout_s``, so with a slow
+    broker a read given up went on for minutes with its own consumer; now it stops at its next step (a call, a record;
+    reading no record, at the read's own ``timeout_s``) and closes it."""
     from infra.clients.control_topics import read_control_topics
 
     ids, found = ObservationIds(), []
+    deadline = time.monotonic() + timeout_s
+
+    def go_on() -> None:
+        if given_up is not None and given_up.is_set():
+            raise TimeoutError("given up")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not read back in {timeout_s} s")
 
     def apply(_topic: str, _key: bytes | None, value: bytes | None) -> None:
+        go_on()
         if (read := ids.of(value)) is not None and read[2] in ANSWERS:
             found.append(read[:2])
 
-    read_control_topics(settings, apply, timeout_s=timeout_s, specs=(FACE_OBSERVATIONS,), since_ms=since_ms)
+    read_control_topics(settings, apply, timeout_s=timeout_s, specs=(FACE_OBSERVATIONS,), since_ms=since_ms, beat=go_on)
     return found
 
 
@@ -568,6 +582,8 @@ class FaceStageRunner:
     ) -> None:
         self.settings = settings
         self._recall, self._recall_timeout_s = recall, recall_timeout_s
+        self._reader: threading.Thread | None = None
+        """The read back of the observations published before, while it runs (at most one: :meth:`recall`)."""
         self.stage = stage
         self.heartbeat = heartbeat or metrics.Heartbeat()
         self._clock = clock
@@ -644,24 +660,35 @@ class FaceStageRunner:
     def recall(self) -> int:
         """Remember the triggers answered within :class:`RecentAnswers`' window, from Kafka; return how many were
         read back. In a thread waited on for at most ``recall_timeout_s``: a slow or failing read never blocks the
-        stage, it costs the snapshots it would have saved (a WARNING)."""
+        stage, it costs the snapshots it would have saved (a WARNING). A read given up is told to stop (it closes its
+        consumer at its next step); while it has not, an assignment reads nothing back (a WARNING), so rebalances under
+        a slow broker never stack readers, each with its own consumer."""
+        if self._reader is not None and self._reader.is_alive():
+            log.warning(
+                "the read back of the face observations published before, given up earlier, is still stopping: not "
+                "read again for this assignment, triggers read again are snapshotted again"
+            )
+            return 0
         now_ms = clock.now_ms()
         # A transaction may be dated up to the future skew ahead of its observation's broker timestamp.
         since_ms = now_ms - self.answers.window_ms - self.settings.job.max_future_skew_ms
         found: list[tuple[str, int]] = []
         failed: list[Exception] = []
+        given_up = threading.Event()
 
         def read() -> None:
             try:
-                found.extend(self._recall(self.settings, since_ms, self._recall_timeout_s))
+                found.extend(self._recall(self.settings, since_ms, self._recall_timeout_s, given_up))
             except Exception as exc:  # noqa: BLE001 - reported by the waiting thread
                 failed.append(exc)
 
-        reader = threading.Thread(target=read, name="recall", daemon=True)
+        reader = self._reader = threading.Thread(target=read, name="recall", daemon=True)
         reader.start()
         reader.join(self._recall_timeout_s)
-        if reader.is_alive() or failed:
-            why = f"{type(failed[0]).__name__}: {failed[0]}" if failed else f"not done in {self._recall_timeout_s} s"
+        if running := reader.is_alive():
+            given_up.set()  # it stops at its next step, closing its consumer
+        if running or failed:
+            why = f"not done in {self._recall_timeout_s} s" if running else f"{type(failed[0]).__name__}: {failed[0]}"
             log.warning(
                 "reading back the face observations published before failed (%s): triggers read again are "
                 "snapshotted again",

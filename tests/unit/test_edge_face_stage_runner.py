@@ -113,7 +113,9 @@ def settings() -> Settings:
     return Settings(cameras=CameraSettings(max_in_flight=3, snapshot_workers=2))
 
 
-def NOTHING(_settings: Settings, _since_ms: int, _timeout_s: float) -> list[tuple[str, int]]:
+def NOTHING(
+    _settings: Settings, _since_ms: int, _timeout_s: float, _given_up: threading.Event
+) -> list[tuple[str, int]]:
     """A stage started with nothing published before (no face observation to read back)."""
     return []
 
@@ -492,7 +494,9 @@ def test_a_restarted_stage_does_not_snapshot_again_a_trigger_whose_observation_i
     asked_since: list[int] = []
     now = int(time.time() * 1000)
 
-    def published(_settings: Settings, since_ms: int, _timeout_s: float) -> list[tuple[str, int]]:
+    def published(
+        _settings: Settings, since_ms: int, _timeout_s: float, _given_up: threading.Event
+    ) -> list[tuple[str, int]]:
         asked_since.append(since_ms)
         return [("checkout:tx-once", now)]
 
@@ -512,11 +516,15 @@ def test_a_restarted_stage_does_not_snapshot_again_a_trigger_whose_observation_i
 HANG = threading.Event()
 
 
-def _failing(_settings: Settings, _since_ms: int, _timeout_s: float) -> list[tuple[str, int]]:
+def _failing(
+    _settings: Settings, _since_ms: int, _timeout_s: float, _given_up: threading.Event
+) -> list[tuple[str, int]]:
     raise RuntimeError("face_observations: broker down")
 
 
-def _hanging(_settings: Settings, _since_ms: int, _timeout_s: float) -> list[tuple[str, int]]:
+def _hanging(
+    _settings: Settings, _since_ms: int, _timeout_s: float, _given_up: threading.Event
+) -> list[tuple[str, int]]:
     HANG.wait(10)  # ends the reader's thread once the test is over
     return [("checkout:tx-once", int(time.time() * 1000))]
 
@@ -563,4 +571,76 @@ def test_the_read_back_takes_only_the_ids_of_the_face_observations_written_withi
     assert recall_from_kafka(Settings(), 500, 3.0) == [("checkout:tx-1", 1_000)], (
         "an answer's id and time, nothing else"
     )
+    assert seen.pop("beat") is not None, "each metadata call asks whether to go on"
     assert seen == {"timeout_s": 3.0, "specs": (FACE_OBSERVATIONS,), "since_ms": 500}
+
+
+def test_assignments_back_to_back_while_a_read_back_hangs_start_no_second_reader(caplog) -> None:
+    """Each assignment started a read back of its own; one given up kept running with its own consumer, so repeated
+    rebalances under a slow broker stacked readers. Now the one given up is told to stop, and while it has not, the
+    next assignment reads nothing back (a WARNING)."""
+    release, calls, told = threading.Event(), [], []
+
+    def hanging(_settings: Settings, _since_ms: int, _timeout_s: float, given_up: threading.Event) -> list:
+        calls.append(threading.current_thread())
+        release.wait(10)  # a metadata call that does not come back
+        told.append(given_up.is_set())
+        return []
+
+    stage = FaceStage(settings(), no_video([]), None, None)  # type: ignore[arg-type]
+    runner = FaceStageRunner(
+        settings(), stage, producer=Producer(0), consumer=Consumer([]), recall=hanging, recall_timeout_s=0.1
+    )
+    try:
+        runner._on_assign(Consumer([]), [TopicPartition(TX_TOPIC, 0)])
+        runner._on_assign(Consumer([]), [TopicPartition(TX_TOPIC, 1)])
+    finally:
+        release.set()
+    assert len(calls) == 1, "a second reader while the first still runs"
+    calls[0].join(2)
+    assert told == [True], "the reader given up is told to stop"
+    assert any("still stopping" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+class SlowBroker:
+    """A Kafka consumer for the read back whose metadata calls each take ``delay_s`` (a slow broker)."""
+
+    def __init__(self, delay_s: float, partitions: int) -> None:
+        self.delay_s, self.partitions, self.calls, self.closed = delay_s, partitions, 0, False
+        self.reader: threading.Thread | None = None
+
+    def _slow(self) -> None:
+        self.calls += 1
+        self.reader = threading.current_thread()
+        time.sleep(self.delay_s)
+
+    def list_topics(self, topic: str, timeout: float) -> Any:
+        from types import SimpleNamespace
+
+        self._slow()
+        meta = SimpleNamespace(error=None, partitions={p: None for p in range(self.partitions)})
+        return SimpleNamespace(topics={topic: meta})
+
+    def get_watermark_offsets(self, _tp: TopicPartition, timeout: float) -> tuple[int, int]:
+        self._slow()
+        return 0, 10
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_read_back_given_up_stops_at_its_next_call_and_closes_its_consumer(monkeypatch) -> None:
+    """With each metadata call taking its own timeout, one read back given up lived about 5 s x (partitions + 3) with
+    its own consumer; now it stops after the call in progress and closes its consumer."""
+    from infra.clients import kafka as kafka_clients
+
+    broker = SlowBroker(delay_s=0.2, partitions=12)
+    monkeypatch.setattr(kafka_clients, "consumer", lambda *_args, **_kwargs: broker)
+    stage = FaceStage(settings(), no_video([]), None, None)  # type: ignore[arg-type]
+    runner = FaceStageRunner(settings(), stage, producer=Producer(0), consumer=Consumer([]), recall_timeout_s=0.3)
+    assert runner.recall() == 0, "given up"
+    reader = broker.reader
+    assert reader is not None
+    reader.join(2)
+    assert not reader.is_alive() and broker.closed, "the reader given up still runs with its consumer open"
+    assert broker.calls <= 3, f"{broker.calls} metadata calls after it was given up"
