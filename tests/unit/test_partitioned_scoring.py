@@ -635,17 +635,22 @@ def test_a_suspects_face_after_the_deadline_raises_the_same_late_alert_on_either
     assert single.scorer.stats.late_faces == parted.scorer.stats.late_faces == {"matched": 1}
 
 
-def test_a_transaction_failing_at_its_receipt_is_decided_when_its_dead_letter_is_re_driven(monkeypatch):
+def _fail_receipt_write_once(monkeypatch, tx_id: str) -> None:
+    """The receipt step takes ``tx_id`` in memory, then its state write raises, once."""
     real = ReceiptStep._put
-    fail = {"r1"}
+    fail = {tx_id}
 
-    def flaky(self, name, key, value):  # the receipt took the id in memory, then its write raised (once)
+    def flaky(self, name, key, value):
         if value is not None and fail & set(value.seen):
             fail.clear()
             raise RuntimeError("boom")
         return real(self, name, key, value)
 
     monkeypatch.setattr(ReceiptStep, "_put", flaky)
+
+
+def test_a_transaction_failing_at_its_receipt_is_decided_when_its_dead_letter_is_re_driven(monkeypatch):
+    _fail_receipt_write_once(monkeypatch, "r1")
     core = PartitionedCore(settings(), 2, clock=_clock)
     rows = core.on_records([_tx(sale("t1", amount=30, at_s=1)), _tx(return_of("r1", "t1", at_s=60, amount=30))], NOW)
     rows += core.on_timer(NOW + 10**7)
@@ -675,16 +680,7 @@ def test_a_failed_transactions_dead_letter_is_its_record_as_sent_and_its_re_driv
                 raise ValueError("bad row")
             return [ModelResult(score=1, version="p") for _ in items]
 
-    real = ReceiptStep._put
-    fail = {"r1"}
-
-    def flaky(self, name, key, value):  # the receipt took the id in memory, then its write raised (once)
-        if value is not None and fail & set(value.seen):
-            fail.clear()
-            raise RuntimeError("boom")
-        return real(self, name, key, value)
-
-    monkeypatch.setattr(ReceiptStep, "_put", flaky)
+    _fail_receipt_write_once(monkeypatch, "r1")
     core = PartitionedCore(settings(), 2, predictor=Picky(), clock=_clock)
     returned = return_of("r1", "t1", at_s=60, amount=30, customer_email="Mule@Example.COM ")
     records = [

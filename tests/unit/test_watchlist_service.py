@@ -1145,6 +1145,16 @@ def test_a_current_bucket_that_does_not_exist_fails_commands_and_alerts_naming_t
     assert DeadLetter.decode(by_topic(outs)["dead_letters"][0].value).error_kind == "image_store_missing"
 
 
+def _purge_warnings(core, caplog) -> list:
+    """The WARNING-or-worse lines of one retention sweep of ``core``."""
+    import logging
+
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="jobs.faces.watchlist_service"):
+        core.purge(NOW)
+    return [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 def test_a_missing_checkout_bucket_is_logged_once_by_the_purge_as_an_error_naming_it_and_its_setting(
     moto_url, tmp_path, caplog
 ):
@@ -1161,10 +1171,7 @@ def test_a_missing_checkout_bucket_is_logged_once_by_the_purge_as_an_error_namin
     core = WatchlistCore(settings, engine=SimpleNamespace(embedder="sface"), store=store)  # type: ignore[arg-type]
 
     def sweep() -> list[logging.LogRecord]:
-        caplog.clear()
-        with caplog.at_level(logging.DEBUG, logger="jobs.faces.watchlist_service"):
-            core.purge(NOW)
-        return [r for r in caplog.records if r.levelno >= logging.WARNING]
+        return _purge_warnings(core, caplog)
 
     [error] = sweep()
     assert error.levelno == logging.ERROR, error.getMessage()
@@ -1196,10 +1203,7 @@ def test_a_missing_former_bucket_is_logged_once_by_the_purge_as_an_error_naming_
     core = WatchlistCore(settings, engine=SimpleNamespace(embedder="sface"), store=store)  # type: ignore[arg-type]
 
     def sweep() -> list[logging.LogRecord]:
-        caplog.clear()
-        with caplog.at_level(logging.DEBUG, logger="jobs.faces.watchlist_service"):
-            core.purge(NOW)
-        return [r for r in caplog.records if r.levelno >= logging.WARNING]
+        return _purge_warnings(core, caplog)
 
     [error] = sweep()
     assert error.levelno == logging.ERROR, error.getMessage()
