@@ -145,7 +145,11 @@ def test_shoppers_driver_pays_at_lanes_where_the_cameras_see_the_paying_customer
     ids = {tx.transaction_id for tx in sent}
     observations = _observations(reader, lambda os: ids <= {o.transaction_id for o in os})
     mine = {o.transaction_id: o for o in observations if o.transaction_id in ids}
-    assert {o.status for o in mine.values()} == {"NO_MATCH"}, [(o.status, o.reason) for o in mine.values()]
+    # The camera saw each payer: a face searched (NO_MATCH: nobody here is on the watchlist), or one found and
+    # refused by the quality gate (a shared photo with the head turned is rejected for pose whichever frame shows it).
+    seen = [(o.status, o.reason) for o in mine.values()]
+    assert all(s == "NO_MATCH" or (s == "NO_FACE" and (r or "").startswith("face rejected")) for s, r in seen), seen
+    assert any(s == "NO_MATCH" for s, _ in seen), seen
 
 
 def test_broken_snapshots_end_as_unavailable_with_a_reason_and_the_stage_goes_on(world, closer: ExitStack) -> None:
