@@ -43,7 +43,9 @@ Labels follow the topic's own rule, the one ``train`` reads them by: the verdict
 transaction is in force, and a tombstone withdraws it (the document is deleted). Each label write
 carries the message's Kafka offset as an external version (``external_gte``), so a write older than the
 document -- a replay, a consumer that lost its partition finishing its batch late -- is refused by
-OpenSearch (409, counted as ``stale``, nothing to retry); a label keyed by anything but its transaction
+OpenSearch (409, counted as ``stale``, nothing to retry). A re-created ``labels`` topic starts its offsets again at 0,
+so its verdicts for transactions already indexed are refused as stale until the labels index is rebuilt (delete
+``<index_prefix>-labels-all`` and read the topic again from its start); a label keyed by anything but its transaction
 id is dead-lettered (``invalid_key``), as is a verdict other than 1 or 0 (``invalid_field``). The
 latest ``decided_at`` does not decide: a chargeback dated before an analyst's verdict but published after
 it is the correction (``jobs.model.labels`` explains why compaction forces that rule).
@@ -58,7 +60,9 @@ Metrics (``infra.metrics``, stage ``opensearch-sink``): records in by topic kind
 ``alerts``, ``face_observations``, ``labels``, ``model_drift``, ``cases``, ``audit``; ``unknown``), documents
 written by the same kinds (a label tombstone's delete included, a stale label and a kept ``UNAVAILABLE``
 observation not) and ``forgotten_<kind>`` (deleted or stripped by a forget),
-``cg_skipped_total{reason=forgotten_subject}`` (dropped or stripped at write time), dead letters by error kind, and
+``cg_skipped_total{reason=forgotten_subject}`` (dropped or stripped at write time),
+``cg_skipped_total{reason=stale_<kind>}`` (versioned writes refused as stale, :data:`STALE_REASON`; each batch that
+had some logs one warning with the counts), dead letters by error kind, and
 ``cg_processing_seconds`` per batch (consume to commit, retries included). ``/healthz`` turns 503 while
 OpenSearch or the dead-letter topic does not answer ("OpenSearch unreachable" / "Kafka unreachable").
 
@@ -795,6 +799,8 @@ class BulkAttempt:
     acknowledged: int = 0
     stale: int = 0
     """Of ``acknowledged``: versioned writes OpenSearch refused because the document is newer (409)."""
+    stale_kinds: Counter[str] = field(default_factory=Counter)
+    """``stale`` per route kind, for the metric and the batch's warning (:data:`STALE_REASON`)."""
     kept: int = 0
     """Of ``acknowledged``: creates (:func:`never_replaces`) OpenSearch refused because the document is there (409)."""
     retry: list[IndexAction] = field(default_factory=list)
@@ -805,6 +811,13 @@ class BulkAttempt:
     written: Counter[str] = field(default_factory=Counter)
     """Of ``acknowledged``, less ``stale`` and ``kept``: documents written (or deleted) per route kind, for the
     metrics."""
+
+
+STALE_REASON = "stale_{kind}"
+"""``cg_skipped_total`` reason of versioned writes refused as stale, per route kind (``stale_labels``,
+``stale_transactions``, ``stale_cases``): refused, not written, so not ``cg_records_out_total``. A steady count shows
+what the summary line's ``stale`` alone hid from alerting: a scoring worker whose clock runs ahead (its
+``decided_at`` outranks later decisions), or a re-created ``labels`` topic whose offsets restarted at 0."""
 
 
 MAX_CHUNK_BYTES = 50 * 1024 * 1024
@@ -861,6 +874,7 @@ def _bulk_into(
             elif conflict and "version" in action.op:
                 result.acknowledged += 1  # the document already holds a later message: this one is done
                 result.stale += 1
+                result.stale_kinds[action.kind] += 1
             elif is_retriable(status, error_type):
                 result.retry.append(action)
                 result.problem = f"{status} {error_type}"
@@ -1198,6 +1212,7 @@ class OpenSearchSink:
     def _index_until_acknowledged(self, actions: list[IndexAction]) -> list[DeadLetter]:
         """Bulk-index until every action is acknowledged or permanently rejected; return the rejected."""
         pending, rejected, attempt, started = actions, [], 0, time.monotonic()
+        stale: Counter[str] = Counter()
         while pending:
             try:
                 self.stats.faces_kept += keep_faces(self.client, pending)
@@ -1216,6 +1231,9 @@ class OpenSearchSink:
             self.stats.kept += result.kept
             for kind, count in result.written.items():
                 metrics.RECORDS_OUT.labels(STAGE, kind).inc(count)
+            for kind, count in result.stale_kinds.items():
+                metrics.SKIPPED.labels(STAGE, STALE_REASON.format(kind=kind)).inc(count)
+            stale += result.stale_kinds
             rejected += result.rejected
             pending = result.retry
             if not pending:
@@ -1235,6 +1253,11 @@ class OpenSearchSink:
                     create_indices(self.client, sorted({action.op["_index"] for action in pending}))
                 except TransportError as exc:
                     log.warning("reinstalling index templates failed: %s", _short(exc))
+        if stale:  # one line per batch, counts only: the ids could name a customer's transaction
+            log.warning(
+                "OpenSearch refused writes as stale (their document holds a later version), not written: %s",
+                " ".join(f"{kind}={count}" for kind, count in sorted(stale.items())),
+            )
         if attempt:
             log.info(
                 "OpenSearch acknowledged the batch after %d retr%s (%.1fs)",

@@ -988,6 +988,53 @@ def test_a_late_batch_of_a_sink_that_lost_its_partition_does_not_put_an_older_de
     assert store.docs[TX_DOC]["outcome"] == "APPROVE" and store.versions[TX_DOC] == REDECIDED_AT
 
 
+def test_writes_refused_as_stale_are_counted_by_route_kind_in_a_metric_and_warned_once_per_batch(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A 409 on a versioned write is the write done but not written: ``cg_skipped_total{reason=stale_<kind>}`` grows
+    (not ``cg_records_out_total``), so an operator can alert on a clock running ahead or a re-created labels topic;
+    the batch's one warning names kinds and counts, never an id."""
+    from prometheus_client import REGISTRY
+
+    from tests.unit.test_process_metrics import ConfirmingProducer, SinkConsumer  # it imports this module
+
+    def read(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, {"stage": "opensearch-sink", **labels}) or 0.0
+
+    series = [
+        ("cg_skipped_total", {"reason": "stale_transactions"}),
+        ("cg_skipped_total", {"reason": "stale_labels"}),
+        ("cg_records_out_total", {"kind": "transactions"}),
+        ("cg_records_out_total", {"kind": "labels"}),
+    ]
+    store = VersionedStore()
+    sink = OpenSearchSink(Settings(), index_prefix="cg", client=store, backoff=Backoff(0.001, 0.002))  # type: ignore[arg-type]
+    sink._consumer, sink._producer = SinkConsumer(), ConfirmingProducer()  # type: ignore[assignment]
+    topic = {route.kind: route.topic.full_name("") for route in ROUTES}
+    sink._process(
+        [
+            message(topic["transactions"], scored(decided_at=REDECIDED_AT).encode(), offset=0),
+            message(topic["labels"], verdict("tx-9").encode(), offset=10, key=b"tx-9"),
+        ]
+    )
+    before = [read(name, **labels) for name, labels in series]
+    caplog.set_level("WARNING", logger="sinks.opensearch.sink")
+    sink._process(  # the old owner's decision, late; a verdict of a re-created topic, its offset back near 0
+        [
+            message(topic["transactions"], scored(decided_at=1_700_000_001_000).encode(), offset=1),
+            message(topic["labels"], verdict("tx-9", label=0).encode(), offset=3, key=b"tx-9"),
+        ]
+    )
+    grown = [read(name, **labels) - b for (name, labels), b in zip(series, before, strict=True)]
+    assert grown == [1, 1, 0, 0] and sink.stats.stale == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "OpenSearch refused writes as stale (their document holds a later version), not written: "
+        "labels=1 transactions=1"
+    ]
+    assert "tx-" not in warnings[0]
+
+
 def test_a_scored_transaction_replayed_or_decided_again_still_goes_in_with_its_decision_time_as_version() -> None:
     """Replays stay idempotent (the same record, the same version), from a re-created topic too (offsets are not
     the version); a later decision replaces the document; a pseudonymising write-back (unversioned) in between does
