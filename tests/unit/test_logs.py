@@ -155,9 +155,13 @@ def test_no_secret_reaches_a_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert err.count(REDACTED) == 5  # the message; each traceback's source line and exception line
 
 
-def test_the_password_of_a_login_in_a_url_never_reaches_a_line(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_password_of_a_login_in_a_url_never_reaches_a_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """httpx logs every request's URL at INFO: a ``CG_METRICS__PROMETHEUS_URL`` with ``user:password@`` put the
     password in the dashboard's log at each pipeline query."""
+    # other processes' entry points quieten httpx (other tests run them): as the dashboard starts, it is not
+    monkeypatch.setattr(logging.getLogger("httpx"), "level", logging.NOTSET)
     setup_logging(Settings(), process="dashboard")
     answer = {"status": "success", "data": {"resultType": "vector", "result": []}}
     transport = httpx.MockTransport(lambda request: httpx.Response(200, json=answer))
