@@ -20,7 +20,8 @@ channel of its own: ``webex``, ``webex:<room id>``); this eraser, a thread of th
 
 A message Webex no longer has counts as deleted; one Webex refuses for good (403: no longer the bot's to
 delete) is given up, counted as refused in the audit; while Webex is down or refuses the token, the sweep stops
-and goes on a minute later. The deletes share the bot's rate limit with its sends (``RateLimit`` of
+and goes on a minute later, even while a forget is fresh (a new forget or wake sweeps sooner only after a refused
+token, not while Webex is down). The deletes share the bot's rate limit with its sends (``RateLimit`` of
 sinks/alerts/sender.py): a 429 here pauses every room's channel, and while a 429 of any of them pauses the bot the
 sweep stops and goes on when the pause ends. Messages posted before the ledger kept their ids (before this
 eraser) are not known to it. E-mail cannot be taken back: a forgotten subject's alert mails stay in the
@@ -108,6 +109,8 @@ class Sweep:
     """Why it stopped early (Webex down or rate limiting): the rest is tried at the next sweep."""
     retry_after: float | None = None
     """Seconds the bot's rate limit asked to be left alone, when that stopped it: the next sweep waits that long."""
+    down: bool = False
+    """Webex was down when it stopped (no answer, 5xx): a new forget or wake does not try it again sooner."""
 
     @property
     def done(self) -> int:
@@ -146,9 +149,12 @@ class Eraser:
         *,
         now_ms: Callable[[], int] | None = None,
         sweep_interval_s: float = SWEEP_INTERVAL_S,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings, self.ledger, self.channels, self.group_id = settings, ledger, dict(channels), group_id
         self.now_ms = now_ms or (lambda: int(time.time() * 1000))
+        self.monotonic = monotonic
+        """The clock the sweeps are paced by (a test's fake one runs an outage's minutes at once)."""
         self.sweep_interval_s = sweep_interval_s
         keep_days = settings.alerts.webex_keep_days
         if keep_days is None:
@@ -168,6 +174,12 @@ class Eraser:
         as an event) and which, until a record comes: neither raises, so the turn itself goes through."""
         self._rate_limited_until = 0.0
         """No sweep before this (monotonic): a delete met the bot's rate limit (its own 429 or another call's)."""
+        self._stopped_until = 0.0
+        """No sweep before this (monotonic): Webex stopped the last one (:data:`STOPPED_SWEEP_RETRY_S`). While a
+        forget is fresh the eraser sweeps every minute, and the stopped sweep's retry counted from its own start
+        fell due at once: the sweep went on every second against a Webex that was down."""
+        self._stopped_by_outage = False
+        """Webex was down (not a refused token or a timeout of one delete): a new forget or wake waits too."""
         self._woken = threading.Event()
         """Set by :meth:`wake`: posts fell due outside a forget (a withheld alert's copy found); sweep next turn."""
 
@@ -218,6 +230,7 @@ class Eraser:
                 if getattr(exc, "retriable", True):
                     result.stopped = str(getattr(exc, "reason", exc))
                     result.retry_after = getattr(exc, "retry_after", None)
+                    result.down = bool(getattr(exc, "down", False))
                     break
                 log.warning("%s refused to delete an alert message: %s", channel_name, getattr(exc, "reason", exc))
                 result.refused += 1
@@ -310,7 +323,7 @@ class Eraser:
                 except Exception as exc:  # noqa: BLE001 - Kafka or the disk failing: the alerts go on, tried again
                     log.warning("alert eraser: %s; trying again in %.0fs", exc, FAILED_TURN_PAUSE_S)
                     self._turn_problem = f"alert eraser failing ({type(exc).__name__})"
-                    last_sweep = min(last_sweep, time.monotonic() - self.sweep_interval_s)  # sweep at the next turn
+                    last_sweep = min(last_sweep, self.monotonic() - self.sweep_interval_s)  # sweep at the next turn
                     if consumer is not None:
                         with contextlib.suppress(Exception):
                             consumer.close()
@@ -330,22 +343,28 @@ class Eraser:
         if messages:
             consumer.commit(asynchronous=False)  # after the forgets are in the ledger: none is lost
         interval = STOPPED_SWEEP_RETRY_S if self.now_ms() < self._fresh_until else self.sweep_interval_s
-        if time.monotonic() < self._rate_limited_until:  # the forgets and wakes are kept: swept when it ends
+        now = self.monotonic()
+        if now < self._rate_limited_until:  # the forgets and wakes are kept: swept when it ends
             return last_sweep
-        if not forgets and not self._woken.is_set() and time.monotonic() - last_sweep < interval:
+        news = bool(forgets) or self._woken.is_set()
+        if now < self._stopped_until and (self._stopped_by_outage or not news):  # kept too: swept when it ends
+            return last_sweep
+        if not news and now - last_sweep < interval:
             return last_sweep
         self._woken.clear()  # before the sweep: a wake during it sweeps again
-        started = time.monotonic()
+        started = self.monotonic()
         result = self.sweep(stop)
         if not stop.is_set():
             self._sweep_problem = f"Webex deletes held up ({result.stopped})" if result.stopped else None
         if result.done:
             metrics.RECORDS_OUT.labels(STAGE, "erased_message").inc(result.done)
             self._publish(producer, result.audit(self.now_ms()))
+        self._stopped_until = 0.0
         if result.retry_after is not None:  # the bot's rate limit: not one delete before it ends, then at once
             self._rate_limited_until = started + result.retry_after
             return started - self.sweep_interval_s + result.retry_after
-        if result.stopped:  # Webex down: the rest soon, not at the next hourly sweep
+        if result.stopped:  # Webex down: the rest soon, not at the next hourly sweep, nor at every turn
+            self._stopped_until, self._stopped_by_outage = started + STOPPED_SWEEP_RETRY_S, result.down
             return started - self.sweep_interval_s + STOPPED_SWEEP_RETRY_S
         return started
 

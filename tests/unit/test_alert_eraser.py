@@ -56,9 +56,17 @@ class FakeChannel:
         return answer
 
 
-def eraser(ledger: Ledger, channel: FakeChannel, keep_days: float | None = None, now: int = NOW) -> Eraser:
+def eraser(
+    ledger: Ledger,
+    channel: FakeChannel,
+    keep_days: float | None = None,
+    now: int = NOW,
+    clock: list[float] | None = None,
+) -> Eraser:
+    """``clock``: the eraser's monotonic clock, ``clock[0]`` seconds (default: the real one)."""
     settings = Settings(alerts=AlertSettings(webex_keep_days=keep_days), faces=FaceSettings())
-    return Eraser(settings, ledger, {"webex": channel}, "g", now_ms=lambda: now)
+    monotonic = time.monotonic if clock is None else (lambda: clock[0])
+    return Eraser(settings, ledger, {"webex": channel}, "g", now_ms=lambda: now, monotonic=monotonic)
 
 
 def test_a_forget_or_expiry_that_did_not_fail_is_recorded_with_its_subject_and_source_sale() -> None:
@@ -228,6 +236,52 @@ def test_a_sweep_the_bots_rate_limit_stopped_goes_on_when_the_pause_ends_not_bef
     worker.wake()  # a withheld alert's copy, due now: still not one delete before the pause ends
     assert worker._turn(NoAudit(), None, last, threading.Event()) == last  # type: ignore[arg-type]
     assert channel.deleted == [] and set(ledger.due_posts(NOW, None)) == {"m-1"}
+
+
+class CountingChannel(FakeChannel):
+    """Counts every delete asked of it, answered or not."""
+
+    def __init__(self, answers: dict[str, Any] | None = None) -> None:
+        super().__init__(answers)
+        self.asked = 0
+
+    def delete(self, message_id: str) -> bool:
+        self.asked += 1
+        return super().delete(message_id)
+
+
+@pytest.mark.parametrize(
+    ("failure", "outage"),
+    [(DeliveryError("HTTP 503", down=True), True), (DeliveryError("HTTP 401: token refused"), False)],
+)
+def test_a_sweep_webex_stopped_while_a_forget_is_fresh_waits_its_minute_not_one_turn(
+    tmp_path: Path, closer: ExitStack, failure: DeliveryError, outage: bool
+) -> None:
+    """While a forget was fresh (minute-by-minute sweeps), a sweep Webex stopped was due again at once: the eraser
+    asked a Webex that was down every second. Now it waits its minute; a new forget or wake goes sooner only when
+    Webex was not down (a refused token may be mended any time)."""
+    ledger = ledger_at(closer, tmp_path)
+    post(ledger, "m-1", "subj-a", "tx-1", NOW - DAY)
+    ledger.record_forgets([("audit-1", "subj-a", None, NOW)])
+    channel, clock = CountingChannel({"m-1": failure}), [1000.0]
+    worker = eraser(ledger, channel, clock=clock)
+
+    def turn(last: float) -> float:
+        return worker._turn(NoAudit(), Client(), last, threading.Event())  # type: ignore[arg-type]
+
+    last = turn(float("-inf"))
+    assert channel.asked == 1 and worker._fresh_until > NOW  # the forget is fresh: sweeps every minute
+    for _ in range(58):
+        clock[0] += 1
+        last = turn(last)
+    assert channel.asked == 1, "a stopped sweep went on at the next turn"
+    worker.wake()
+    last = turn(last)
+    assert channel.asked == (1 if outage else 2)
+    clock[0] = (1000.0 if outage else 1059.0) + 60  # a minute after the last sweep Webex stopped
+    channel.answers.clear()
+    turn(last)
+    assert channel.deleted == ["m-1"] and not ledger.due_posts(NOW, None)
 
 
 def test_a_forget_takes_alerts_made_before_it_or_within_its_grace_but_not_later_ones(
@@ -427,11 +481,14 @@ def test_the_eraser_reports_a_sweep_webex_held_up_and_a_failing_turn_until_they_
 ) -> None:
     """Forgotten subjects' faces staying in the room shows on the sender's health, not only in its log."""
     _, channel, worker = webex_down_on_a_forget(closer, tmp_path, "HTTP 503")
+    clock = [1000.0]
+    worker.monotonic = lambda: clock[0]
     assert worker.problem is None
     last = worker._turn(NoAudit(), None, float("-inf"), threading.Event())  # type: ignore[arg-type]
     assert worker.problem == "Webex deletes held up (HTTP 503)"
     channel.answers.clear()
-    worker._turn(NoAudit(), Client(), last - 3600, threading.Event())  # type: ignore[arg-type]
+    clock[0] += 60
+    worker._turn(NoAudit(), Client(), last, threading.Event())  # type: ignore[arg-type]
     assert worker.problem is None and channel.deleted == ["m-1"]
 
     stop = threading.Event()
