@@ -66,7 +66,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Protocol, TypeVar
 
 import typer
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -101,6 +101,7 @@ STAGE = "alert-sender"
 DEFAULT_GROUP_ID = "checkout-guard-alert-sender"
 
 ImageLoader = Callable[[str], bytes]
+_T = TypeVar("_T")
 
 
 # --------------------------------------------------------------------------- ledger
@@ -712,19 +713,11 @@ class WebexChannel:
         buttons."""
         subject = alert.get("subject_id")
         card = case_card(alert, self.settings.alerts, has_reference=bool(subject and self.has_reference(subject)))
-        try:
-            posted = call_with_retries(  # the mention: a group space lists the card for the bot by it
-                lambda: self._rate_limited(
-                    lambda: self.client.send_card(
-                        self.room_id, f"Case `{case_id}` {self.mention()}", card, alert_message.get("id")
-                    )
-                ),
-                retriable=lambda exc: isinstance(exc, WebexError) and exc.status == 429,  # not posted: safe again
-                attempts=self.CARD_TRIES,
-                retry_after=asked_wait,  # the whole wait asked for: cut at 60 s, the next try met another 429
-                wait=lambda n: 1.0 * 2**n,
-                maximum_s=RETRY_AFTER_LIMIT_S,
-                sleep=self.sleep,
+        try:  # the mention: a group space lists the card for the bot by it
+            posted = self._waiting_out_429s(
+                lambda: self.client.send_card(
+                    self.room_id, f"Case `{case_id}` {self.mention()}", card, alert_message.get("id")
+                )
             )
             return posted.get("id")
         except WebexError as exc:
@@ -735,20 +728,39 @@ class WebexChannel:
             thread: list[dict[str, Any]] = []
             if self._unlistable is None:
                 try:
-                    thread = self.client.list_messages(self.room_id, 10, parent_id=alert_message.get("id"))
+                    thread = self._waiting_out_429s(
+                        lambda: self.client.list_messages(self.room_id, 10, parent_id=alert_message.get("id"))
+                    )
                 except WebexError as exc:
                     if exc.status != 403:
                         raise
                     self._cannot_list(exc)
             if self._unlistable is not None:  # a group space lists a thread like the room: its mentions of the bot
-                thread = self.client.list_messages(self.room_id, self.MENTION_LOOKBACK, mentioning_me=True)
+                thread = self._waiting_out_429s(
+                    lambda: self.client.list_messages(self.room_id, self.MENTION_LOOKBACK, mentioning_me=True)
+                )
             return self._card_in(thread, alert_message)
         except WebexError:
             return None
 
-    def _rate_limited(self, call: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """A card post under the bot's shared :class:`RateLimit`: after the pause another call's 429 asked (waited
-        out here, the card goes with its alert), and a 429 of its own pauses every room's channel and the eraser."""
+    def _waiting_out_429s(self, call: Callable[[], _T]) -> _T:
+        """``call`` (a card post, or the lookup of its thread that tells whether a post without an answer went through:
+        unknown, the card is never deleted on forget) under the bot's :class:`RateLimit`, tried again after a 429 (its
+        whole ``Retry-After``, up to :data:`RETRY_AFTER_LIMIT_S`; at most :data:`CARD_TRIES` tries)."""
+        return call_with_retries(
+            lambda: self._rate_limited(call),
+            retriable=lambda exc: isinstance(exc, WebexError) and exc.status == 429,  # not done: safe again
+            attempts=self.CARD_TRIES,
+            retry_after=asked_wait,  # the whole wait asked for: cut at 60 s, the next try met another 429
+            wait=lambda n: 1.0 * 2**n,
+            maximum_s=RETRY_AFTER_LIMIT_S,
+            sleep=self.sleep,
+        )
+
+    def _rate_limited(self, call: Callable[[], _T]) -> _T:
+        """A Webex call outside the channel worker's own pause (a card, its thread's lookup) under
+        the bot's shared :class:`RateLimit`: after the pause another call's 429 asked (waited out here, the card goes
+        with its alert), and a 429 of its own pauses every room's channel and the eraser."""
         while (left := self.rate_limit.remaining()) > 0:
             self.sleep(left)
         try:

@@ -1056,6 +1056,56 @@ def test_a_rate_limited_case_card_or_delete_pauses_every_room_and_cards_and_dele
     assert not a.delete("m-3") and alerts_room.deletes_asked == 1  # the pause over: asked (Webex has no m-3)
 
 
+class CardWithoutAnswer(httpx.BaseTransport):
+    """The local Webex, except that the card post goes through but is answered 502 (``on_card`` runs then), and the
+    first lookup of the card's thread is answered 429 with ``Retry-After: 20``; counts those lookups."""
+
+    def __init__(self, on_card: Any) -> None:
+        self.inner, self.on_card, self.lookups = httpx.HTTPTransport(), on_card, 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and b'"attachments"' in request.content:
+            self.inner.handle_request(request).read()
+            self.on_card()
+            return httpx.Response(502, json={"message": "Bad Gateway"})
+        if request.method == "GET" and "parentId" in request.url.params:
+            self.lookups += 1
+            if self.lookups == 1:
+                return httpx.Response(429, headers={"Retry-After": "20"}, json={"message": "Too Many"})
+        return self.inner.handle_request(request)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_the_lookup_of_a_case_card_without_an_answer_waits_out_and_sets_the_bots_shared_pause(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
+) -> None:
+    """A card post without an answer is looked for in its thread; that read ignored the pause another room's 429 had
+    asked, and its own 429 neither paused the other rooms nor was tried again: the card that went through stayed
+    unknown to the ledger, so a forget left it (and its images' links) in the room. Now the lookup waits out the
+    shared pause, sets it on a 429 and tries again after it."""
+    base = settings_for(webex, tmp_path)
+    settings = base.model_copy(update={"alerts": base.alerts.model_copy(update={"webex_cards": True})})
+    clock = [1000.0]
+    shared = RateLimit(now=lambda: clock[0])
+    waits: list[tuple[float, float]] = []  # (wait asked of the card's thread, the shared pause left then)
+
+    def sleep(seconds: float) -> None:
+        waits.append((seconds, shared.remaining()))
+        clock[0] += seconds
+
+    transport = CardWithoutAnswer(on_card=lambda: shared.pause_for(30))  # another room's 429 meanwhile
+    client = WebexClient(webex.url, TOKEN, transport=transport)
+    channel = WebexChannel(settings, client, has_reference=lambda _: False, rate_limit=shared)
+    channel.sleep = sleep
+    closer.enter_context(closing(channel))
+    ids = (channel.send(alert("blocked:tx-1", None), None, maybe_sent=False) or "").split()
+    assert waits[0] == (30.0, 30.0), "the thread's lookup did not wait out the bot's pause"
+    assert waits[1:] == [(20.0, 20.0)], "the lookup's 429 did not pause every room, or was not waited out"
+    assert transport.lookups == 2 and len(ids) == 2  # the card that went through is known, deleted on forget
+
+
 def test_webex_rooms_share_one_client_and_the_senders_threads_instead_of_32_threads_and_a_client_each(
     webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
 ) -> None:
