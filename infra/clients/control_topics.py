@@ -7,8 +7,11 @@ service at start (watchlist and audit), and the Webex bot's ``checkout`` inspect
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
+from functools import partial
+from typing import TypeVar
 
 from infra.settings import Settings
 from schemas.topics import RULES, WATCHLIST, TopicSpec
@@ -18,9 +21,17 @@ STARTUP_READ_STALL_S = 30.0
 heartbeat's 60 s, so a read that truly stalls fails and is restarted rather than hanging the process."""
 
 
-def end_offset(consumer, topic: str, partition: int, timeout_s: float, beat: Callable[[], object] | None = None) -> int:
+def end_offset(
+    consumer,
+    topic: str,
+    partition: int,
+    timeout_s: float,
+    beat: Callable[[], object] | None = None,
+    deadline: float | None = None,
+) -> int:
     """The partition's high watermark, waiting out the transient errors of a just-created topic
-    (no leader elected yet) until ``timeout_s``; ``beat()`` after each failed try (each may take ``timeout_s``)."""
+    (no leader elected yet) until ``timeout_s``; ``beat()`` after each failed try (each may take ``timeout_s``).
+    ``deadline`` (``time.monotonic()``): no try goes past it, the retries neither."""
     from confluent_kafka import KafkaException, TopicPartition
 
     from infra.retry import call_with_retries
@@ -35,13 +46,52 @@ def end_offset(consumer, topic: str, partition: int, timeout_s: float, beat: Cal
             "UNKNOWN_TOPIC_OR_PART",
         )
 
+    def within(seconds: float) -> float:
+        return seconds if deadline is None else max(0.0, min(seconds, deadline - time.monotonic()))
+
     return call_with_retries(
-        lambda: consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)[1],
+        lambda: consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=within(timeout_s))[1],
         retriable=transient,
         wait=lambda _n: 0.25,
-        deadline_s=timeout_s,
+        deadline_s=within(timeout_s),
         before_sleep=None if beat is None else lambda *_: beat(),
     )
+
+
+_T = TypeVar("_T")
+
+
+class ReadStopped(TimeoutError):
+    """A read of the control topics cut off by its caller's ``deadline`` or ``stop`` (not the broker's error)."""
+
+
+class _Bound:
+    """The caller's bound on a whole read: the time each step may still wait, or :class:`ReadStopped`."""
+
+    def __init__(self, topics: list[str], deadline: float | None, stop: threading.Event | None) -> None:
+        self.topics, self.deadline, self.stop = ", ".join(topics), deadline, stop
+
+    def left(self, step: str, seconds: float) -> float:
+        """``seconds``, or less where the deadline comes first; raises once stopped or past it."""
+        if self.stop is not None and self.stop.is_set():
+            raise ReadStopped(f"read of {self.topics} stopped by its caller before {step}")
+        if self.deadline is None:
+            return seconds
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise ReadStopped(f"read of {self.topics} not done by its deadline (before {step})")
+        return min(seconds, left)
+
+    def call(self, step: str, call: Callable[[float], _T], timeout_s: float) -> _T:
+        """``call(timeout)`` with the timeout cut to the time left; its failure once past the deadline (the broker's
+        timeout error, a retry given up) is the deadline's."""
+        timeout = self.left(step, timeout_s)
+        try:
+            return call(timeout)
+        except Exception as exc:
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                raise ReadStopped(f"read of {self.topics} not done by its deadline ({step})") from exc
+            raise
 
 
 def read_control_topics(
@@ -52,6 +102,8 @@ def read_control_topics(
     since_ms: int | None = None,
     stall_s: float | None = None,
     beat: Callable[[], object] | None = None,
+    deadline: float | None = None,
+    stop: threading.Event | None = None,
 ) -> dict[tuple[str, int], int]:
     """Call ``apply(topic, key, value)`` for every committed record, in order, up to the current end
     (an exception from ``apply`` stops the read); return the last offset read per partition (-1 where
@@ -61,7 +113,13 @@ def read_control_topics(
     deadline moves with every record read), so a long log (a year of ``audit``) is read to its end however long
     that takes, as long as it keeps coming. ``beat()`` is called after each metadata call (each may take
     ``timeout_s``, and a topic of many partitions makes many), so a caller's health check sees progress before the
-    first record too."""
+    first record too.
+
+    ``deadline`` (``time.monotonic()``) bounds the whole read, which otherwise may take ``timeout_s`` per metadata
+    call (partitions + 2 of them) before reading: each call waits at most the time left, each poll too, and past it
+    the read raises :class:`ReadStopped` (a ``TimeoutError``) and closes its consumer. ``stop``: the same, as soon as
+    it is set (checked before each call and each poll; a call in progress runs on, to the deadline at most). Neither:
+    no bound but ``timeout_s``, as before."""
     from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, TopicPartition
 
     from infra.clients import kafka as kafka_clients
@@ -70,43 +128,56 @@ def read_control_topics(
     topics = [spec.full_name(prefix) for spec in specs]
     reader = kafka_clients.consumer(settings, f"{settings.consumer_group}-control-read", kafka_clients.READ_COMMITTED)
     progress = beat if beat is not None else (lambda: None)
+    bound = _Bound(topics, deadline, stop)
     try:
         ends: dict[tuple[str, int], int] = {}
         for topic in topics:
-            meta = reader.list_topics(topic, timeout=timeout_s).topics[topic]
+            listed = bound.call("listing its partitions", partial(_partitions, reader, topic), timeout_s)
+            meta = listed.topics[topic]
             progress()
             if meta.error is not None:
                 raise RuntimeError(f"{topic}: {meta.error}")
             for p in meta.partitions:
-                ends[(topic, p)] = end_offset(reader, topic, p, timeout_s, beat)
+                ends[(topic, p)] = bound.call(
+                    f"asking {topic}[{p}]'s end",
+                    partial(end_offset, reader, topic, p, beat=beat, deadline=deadline),
+                    timeout_s,
+                )
                 progress()
         last = {tp: -1 for tp in ends}
         pending = {tp for tp, end in ends.items() if end > 0}
         starts = {tp: OFFSET_BEGINNING for tp in pending}
         if since_ms is not None and pending:
-            starts = _offsets_since(reader, pending, since_ms, timeout_s)
+            starts = bound.call(
+                "asking the offsets by time", lambda t: _offsets_since(reader, pending, since_ms, t), timeout_s
+            )
             progress()
             pending = {tp for tp, offset in starts.items() if offset != OFFSET_END}  # END: nothing written since
         reader.assign([TopicPartition(t, p, starts[(t, p)]) for t, p in pending])
-        deadline = time.monotonic() + timeout_s
+        read_by = time.monotonic() + timeout_s
         while pending:
-            if time.monotonic() > deadline:
+            if time.monotonic() > read_by:
                 waited = f"in {timeout_s:.0f}s" if stall_s is None else f"(no record for {stall_s:.0f}s)"
                 raise TimeoutError(f"control topics not read to their end {waited}")
-            msg = reader.poll(0.2)
+            msg = reader.poll(bound.left("reading", 0.2))
             if msg is not None and not msg.error():
                 read_topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
                 assert read_topic is not None and partition is not None and offset is not None, "a record has all three"
                 apply(read_topic, msg.key(), msg.value())
                 last[(read_topic, partition)] = offset
                 if stall_s is not None:
-                    deadline = time.monotonic() + stall_s
+                    read_by = time.monotonic() + stall_s
             for tp in list(pending):  # read_committed: the end may be a transaction marker
                 if reader.position([TopicPartition(*tp)])[0].offset >= ends[tp]:
                     pending.discard(tp)
         return last
     finally:
         reader.close()
+
+
+def _partitions(reader, topic: str, timeout_s: float):
+    """The topic's metadata (its partitions), waiting at most ``timeout_s``."""
+    return reader.list_topics(topic, timeout=timeout_s)
 
 
 def _offsets_since(

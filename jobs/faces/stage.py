@@ -194,8 +194,9 @@ class RecentAnswers:
 
 RECALL_TIMEOUT_S = 5.0
 """How long the stage waits, at start and on each partition assignment, for the ids of the observations it published
-within :class:`RecentAnswers`' window; past it the stage reads on without them (a WARNING) and the read stops at its
-next step. A few seconds: the read covers minutes of observations, and checkouts wait meanwhile."""
+within :class:`RecentAnswers`' window; past it the stage reads on without them (a WARNING) and the read, bound by the
+same time, ends with its consumer closed. A few seconds: the read covers minutes of observations, and checkouts wait
+meanwhile."""
 
 Recall = Callable[[Settings, int, float, threading.Event], Iterable[tuple[str, int]]]
 """``recall(settings, since_ms, timeout_s, given_up)``: (observation id, event time) of every answer among the face
@@ -242,27 +243,28 @@ def recall_from_kafka(
 ) -> list[tuple[str, int]]:
     """The ids and event times of the answers (:data:`ANSWERS`) among the face observations written at or after
     ``since_ms`` (broker timestamps, ``offsets_for_times``), up to the topic's end when the read starts; raises on a
-    failure, after ``timeout_s`` in all or once ``given_up`` is set. Both are checked after each metadata call and each
-    record: ``read_control_topics`` gives every metadata call (one per partition) its own ``timeout_s``, so with a slow
-    broker a read given up went on for minutes with its own consumer; now it stops at its next step (a call, a record;
-    reading no record, at the read's own ``timeout_s``) and closes it."""
+    failure, after ``timeout_s`` in all or once ``given_up`` is set. ``timeout_s`` bounds the whole read: each metadata
+    call (the topic's partitions, each one's end, the offsets by time) and each poll waits at most the time left, so a
+    read given up ends by then and closes its consumer (before, each call had ``timeout_s`` of its own, and a read
+    given up ran on to the end of the call it was in: with a slow broker, up to ``timeout_s`` more)."""
     from infra.clients.control_topics import read_control_topics
 
-    ids, found = ObservationIds(), []
     deadline = time.monotonic() + timeout_s
-
-    def go_on() -> None:
-        if given_up is not None and given_up.is_set():
-            raise TimeoutError("given up")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not read back in {timeout_s} s")
+    ids, found = ObservationIds(), []
 
     def apply(_topic: str, _key: bytes | None, value: bytes | None) -> None:
-        go_on()
         if (read := ids.of(value)) is not None and read[2] in ANSWERS:
             found.append(read[:2])
 
-    read_control_topics(settings, apply, timeout_s=timeout_s, specs=(FACE_OBSERVATIONS,), since_ms=since_ms, beat=go_on)
+    read_control_topics(
+        settings,
+        apply,
+        timeout_s=timeout_s,
+        specs=(FACE_OBSERVATIONS,),
+        since_ms=since_ms,
+        deadline=deadline,
+        stop=given_up,
+    )
     return found
 
 
@@ -660,9 +662,10 @@ class FaceStageRunner:
     def recall(self) -> int:
         """Remember the triggers answered within :class:`RecentAnswers`' window, from Kafka; return how many were
         read back. In a thread waited on for at most ``recall_timeout_s``: a slow or failing read never blocks the
-        stage, it costs the snapshots it would have saved (a WARNING). A read given up is told to stop (it closes its
-        consumer at its next step); while it has not, an assignment reads nothing back (a WARNING), so rebalances under
-        a slow broker never stack readers, each with its own consumer."""
+        stage, it costs the snapshots it would have saved (a WARNING). A read given up is told to stop, and ends by the
+        same ``recall_timeout_s`` (:func:`recall_from_kafka`), closing its consumer; while it has not, an assignment
+        reads nothing back (a WARNING), so rebalances under a slow broker never stack readers, each with its own
+        consumer."""
         if self._reader is not None and self._reader.is_alive():
             log.warning(
                 "the read back of the face observations published before, given up earlier, is still stopping: not "
@@ -686,7 +689,7 @@ class FaceStageRunner:
         reader.start()
         reader.join(self._recall_timeout_s)
         if running := reader.is_alive():
-            given_up.set()  # it stops at its next step, closing its consumer
+            given_up.set()  # it ends by its own deadline (about now) at the latest, closing its consumer
         if running or failed:
             why = f"not done in {self._recall_timeout_s} s" if running else f"{type(failed[0]).__name__}: {failed[0]}"
             log.warning(

@@ -16,7 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError, Message, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from infra import metrics
 from infra.clients.meraki import Snapshot, SnapshotError
@@ -571,8 +571,8 @@ def test_the_read_back_takes_only_the_ids_of_the_face_observations_written_withi
     assert recall_from_kafka(Settings(), 500, 3.0) == [("checkout:tx-1", 1_000)], (
         "an answer's id and time, nothing else"
     )
-    assert seen.pop("beat") is not None, "each metadata call asks whether to go on"
-    assert seen == {"timeout_s": 3.0, "specs": (FACE_OBSERVATIONS,), "since_ms": 500}
+    assert seen.pop("deadline") <= time.monotonic() + 3.0, "the whole read is bound by the timeout"
+    assert seen == {"timeout_s": 3.0, "specs": (FACE_OBSERVATIONS,), "since_ms": 500, "stop": None}
 
 
 def test_assignments_back_to_back_while_a_read_back_hangs_start_no_second_reader(caplog) -> None:
@@ -644,3 +644,44 @@ def test_a_read_back_given_up_stops_at_its_next_call_and_closes_its_consumer(mon
     reader.join(2)
     assert not reader.is_alive() and broker.closed, "the reader given up still runs with its consumer open"
     assert broker.calls <= 3, f"{broker.calls} metadata calls after it was given up"
+
+
+class TimingOutBroker(SlowBroker):
+    """A slow broker whose metadata calls, like librdkafka's, give up at their timeout (a timeout error)."""
+
+    def _timed(self, timeout: float, delay_s: float) -> None:
+        self.calls += 1
+        self.reader = threading.current_thread()
+        time.sleep(min(delay_s, timeout))
+        if delay_s > timeout:
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
+
+    def _slow(self) -> None:
+        pass
+
+    def list_topics(self, topic: str, timeout: float) -> Any:
+        self._timed(timeout, 0.6)  # answered, slowly
+        return super().list_topics(topic, timeout)
+
+    def get_watermark_offsets(self, _tp: TopicPartition, timeout: float) -> tuple[int, int]:
+        self._timed(timeout, 60.0)  # never answered
+        return 0, 10
+
+
+def test_a_read_back_given_up_ends_by_its_timeout_not_after_the_call_it_is_in(monkeypatch) -> None:
+    """Each metadata call had the read back's whole timeout of its own: given up while one ran, the reader went on
+    with its consumer to the end of that call, up to the timeout more (two in all). Now each waits only the time left,
+    and the reader ends with the wait for it."""
+    from infra.clients import kafka as kafka_clients
+
+    broker = TimingOutBroker(delay_s=0.0, partitions=3)
+    monkeypatch.setattr(kafka_clients, "consumer", lambda *_args, **_kwargs: broker)
+    stage = FaceStage(settings(), no_video([]), None, None)  # type: ignore[arg-type]
+    runner = FaceStageRunner(settings(), stage, producer=Producer(0), consumer=Consumer([]), recall_timeout_s=1.0)
+    assert runner.recall() == 0, "given up"
+    given_up_at = time.monotonic()
+    reader = broker.reader
+    assert reader is not None
+    reader.join(3)
+    assert not reader.is_alive() and broker.closed
+    assert time.monotonic() - given_up_at < 0.4, "the reader ran on past its timeout"

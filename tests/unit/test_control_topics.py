@@ -1,0 +1,121 @@
+"""The read of the control topics: an overall ``deadline`` (and ``stop``) bounds the whole read, where each metadata
+call used to take its own ``timeout_s`` (about ``timeout_s`` x (partitions + 3) with a slow broker)."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+
+from infra.clients import control_topics
+from infra.clients import kafka as kafka_clients
+from infra.settings import Settings
+from schemas.topics import RULES
+
+TOPIC = RULES.full_name(Settings().kafka.topic_prefix)
+
+
+class SlowBroker:
+    """A consumer of ``partitions`` partitions of ``records`` records each, on the test's clock ``now``: each metadata
+    call takes ``delay_s`` or, where its timeout is shorter, fails with a timeout at its end (as librdkafka's do); each
+    poll hands out the next record at once, or none after waiting its whole timeout."""
+
+    def __init__(self, now: list[float], delay_s: float, partitions: int, records: int = 1) -> None:
+        self.now, self.delay_s, self.records = now, delay_s, records
+        self.partitions = partitions
+        self.timeouts: list[float] = []
+        self.polls: list[float] = []
+        self.queue = [(p, o) for p in range(partitions) for o in range(records)]
+        self.read: dict[int, int] = {}
+        self.closed = False
+
+    def _metadata(self, timeout: float) -> None:
+        self.timeouts.append(timeout)
+        self.now[0] += min(self.delay_s, timeout)
+        if self.delay_s > timeout:
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
+
+    def list_topics(self, topic: str, timeout: float) -> Any:
+        self._metadata(timeout)
+        meta = SimpleNamespace(error=None, partitions={p: None for p in range(self.partitions)})
+        return SimpleNamespace(topics={topic: meta})
+
+    def get_watermark_offsets(self, _tp: TopicPartition, timeout: float) -> tuple[int, int]:
+        self._metadata(timeout)
+        return 0, self.records
+
+    def assign(self, _partitions: list[TopicPartition]) -> None:
+        pass
+
+    def poll(self, timeout: float) -> Message | None:
+        self.polls.append(timeout)
+        if not self.queue:
+            self.now[0] += timeout
+            return None
+        partition, offset = self.queue.pop(0)
+        self.read[partition] = offset + 1
+        return Message(topic=TOPIC, partition=partition, offset=offset, value=b"v")
+
+    def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        return [TopicPartition(p.topic, p.partition, self.read.get(p.partition, 0)) for p in partitions]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _broker(monkeypatch: pytest.MonkeyPatch, broker: SlowBroker) -> None:
+    monkeypatch.setattr(control_topics.time, "monotonic", lambda: broker.now[0])
+    monkeypatch.setattr(kafka_clients, "consumer", lambda *_a, **_k: broker)
+
+
+def test_a_slow_metadata_call_waits_only_the_time_left_before_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each call had its full ``timeout_s``: a read due to end at 7 s went on to 5 s x (partitions + 1)."""
+    broker = SlowBroker([0.0], delay_s=3.0, partitions=4)
+    _broker(monkeypatch, broker)
+    with pytest.raises(control_topics.ReadStopped, match="deadline"):
+        control_topics.read_control_topics(Settings(), lambda *_: None, timeout_s=5.0, specs=(RULES,), deadline=7.0)
+    assert broker.timeouts == [5.0, 4.0, 1.0], "the partitions (3 s), one end (3 s), then 1 s left for the next"
+    assert broker.now[0] == 7.0 and broker.closed
+
+
+def test_the_read_stops_at_the_deadline_its_polls_no_longer_than_the_time_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records stop coming before the end: the read waited out its own ``timeout_s`` (20 s), past the caller's
+    deadline."""
+    broker = SlowBroker([0.0], delay_s=0.0, partitions=1, records=3)
+    broker.queue = broker.queue[:1]  # the end is at 3, only one record comes
+    _broker(monkeypatch, broker)
+    read: list[bytes | None] = []
+    with pytest.raises(control_topics.ReadStopped):
+        control_topics.read_control_topics(
+            Settings(), lambda _t, _k, v: read.append(v), timeout_s=20.0, specs=(RULES,), deadline=0.5
+        )
+    assert read == [b"v"] and broker.closed
+    assert broker.now[0] == pytest.approx(0.5), "past the deadline"
+    assert broker.polls[-1] == pytest.approx(0.1), "the last poll waits only the time left"
+
+
+def test_a_read_told_to_stop_stops_before_its_next_poll(monkeypatch: pytest.MonkeyPatch) -> None:
+    broker = SlowBroker([0.0], delay_s=0.0, partitions=1, records=5)
+    _broker(monkeypatch, broker)
+    stop, read = threading.Event(), []
+
+    def apply(_topic: str, _key: bytes | None, value: bytes | None) -> None:
+        read.append(value)
+        stop.set()
+
+    with pytest.raises(control_topics.ReadStopped, match="stopped"):
+        control_topics.read_control_topics(Settings(), apply, timeout_s=20.0, specs=(RULES,), stop=stop)
+    assert len(read) == 1 and len(broker.polls) == 1 and broker.closed
+
+
+def test_without_a_deadline_each_metadata_call_has_its_own_timeout_as_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Existing callers (no ``deadline``, no ``stop``) read as they did: 3 s per call, 15 s of calls within 5 s
+    timeouts, to the end."""
+    broker = SlowBroker([0.0], delay_s=3.0, partitions=4, records=2)
+    _broker(monkeypatch, broker)
+    last = control_topics.read_control_topics(Settings(), lambda *_: None, timeout_s=5.0, specs=(RULES,))
+    assert broker.timeouts == [5.0] * 5 and broker.polls == [0.2] * 8
+    assert last == {(TOPIC, p): 1 for p in range(4)} and broker.now[0] == 15.0
