@@ -511,7 +511,8 @@ class FaceSettings(BaseModel, frozen=True):
     ``FaceMatchThreshold`` of the face stage's and ``checkout <tx>``'s searches with the Rekognition backend."""
     rekognition_search_timeout_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
     """Connect and read timeout of each Rekognition try (botocore's standard mode tries 4 times, with backoff): a
-    Rekognition that does not answer costs a snapshot's SearchFacesByImage ~4 x this, then its observation is
+    Rekognition that does not answer costs a snapshot's SearchFacesByImage ~4 x this (at most 8 x this + 22 s of
+    waits between tries, ``jobs.faces.rekognition.call_limit_s``), then its observation is
     ``UNAVAILABLE`` (the match was not made) and the stage goes on; the watchlist service's calls (CreateCollection,
     IndexFaces, ListFaces, DeleteFaces) time out the same, within its ``/healthz`` limit."""
     retention_purge_interval_s: float = Field(default=300.0, gt=0, allow_inf_nan=False)
