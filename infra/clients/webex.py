@@ -80,7 +80,7 @@ class WebexError(CheckoutGuardError):
         """The failed answer's ``trackingId`` header, what Webex support asks for; None without an answer or header."""
         self.asked_wait = retry_after if asked_wait is None else asked_wait
         """The wait ``Retry-After`` asked for, up to :data:`RETRY_AFTER_LIMIT_S` (``retry_after`` stops at
-        :data:`infra.retry.RETRY_AFTER_MAX_S`, the alert sender's longest channel pause)."""
+        :data:`infra.retry.RETRY_AFTER_MAX_S`, the generic retry cap; the alert sender and the bot wait this one)."""
 
 
 def asked_wait(exc: BaseException) -> float | None:
