@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -200,6 +201,18 @@ class _Handler(BaseHTTPRequestHandler):
         return
 
 
+def _request_waiting(connection: Any) -> bool:
+    """Whether the client has sent bytes its handler has not read yet (not when it closed its end: nothing to lose)."""
+    try:
+        poller = select.poll()
+        poller.register(connection, select.POLLIN)
+        if not poller.poll(0):
+            return False
+        return connection.recv(1, socket.MSG_PEEK) != b""
+    except (OSError, ValueError):  # closed meanwhile
+        return False
+
+
 class _MetricsServer(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -237,14 +250,17 @@ class _MetricsServer(ThreadingHTTPServer):
 
     def _evict_idle(self) -> bool:
         """Close the oldest idle connection (its handler then ends at once) and take its place; False when there is
-        none, or its place is not free within :data:`EVICT_WAIT_S`."""
+        none, or its place is not free within :data:`EVICT_WAIT_S`. One whose request has come but is not read yet (its
+        handler thread not yet run, on a busy machine) is not idle: closing it dropped a scrape or health question
+        that had been sent in time. Chosen and closed under the lock :meth:`busy` takes, so a handler that has just
+        read its request line is not closed between the two."""
         with self._idle_lock:
-            oldest = next(iter(self._idle), None)
+            oldest = next((c for c in self._idle if not _request_waiting(c)), None)
             if oldest is None:
                 return False
             del self._idle[oldest]
-        with contextlib.suppress(OSError):  # closed meanwhile: its place is freed all the same
-            oldest.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):  # closed meanwhile: its place is freed all the same
+                oldest.shutdown(socket.SHUT_RDWR)
         return self._slots.acquire(timeout=EVICT_WAIT_S)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:

@@ -905,3 +905,28 @@ def test_a_scrape_is_answered_while_idle_connections_hold_every_place(monkeypatc
         for sock in silent:
             sock.close()
         endpoint.close()
+
+
+def test_a_request_sent_but_not_yet_read_is_not_closed_to_make_room_for_a_newer_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connection whose handler thread had not read its request yet (a busy machine) counted as idle, and a newer
+    connection closed it: a scrape or health question sent in time went unanswered."""
+    monkeypatch.setattr(metrics, "MAX_HANDLERS", 1)
+    monkeypatch.setattr(metrics, "EVICT_WAIT_S", 0.1)
+    server = metrics._MetricsServer(("127.0.0.1", 0), "face-stage", lambda: (True, "ok"), lambda: (True, "ok"))
+    sent, sent_client = socket.socketpair()
+    newer, newer_client = socket.socketpair()
+    try:
+        assert server._slots.acquire(blocking=False), "the one place, held by the connection that sent its request"
+        server.idle(sent)
+        sent_client.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+        server.process_request(newer, ("127.0.0.1", 1))
+        sent_client.setblocking(False)
+        with pytest.raises(BlockingIOError):  # still open, its answer to come
+            sent_client.recv(1)
+        assert newer_client.recv(1) == b"", "the newer connection is closed instead"
+    finally:
+        for sock in (sent, sent_client, newer, newer_client):
+            sock.close()
+        server.server_close()
