@@ -37,7 +37,7 @@ from rich.table import Table
 from infra.clients import kafka as kafka_clients
 from infra.clients.opensearch import make_client
 from infra.launcher import Child, Supervisor, spawn, start_scoring_job
-from infra.processes import MARKER, Reaper, stop_children
+from infra.processes import MARKER, Reaper
 from infra.production import HealthSupervisor
 from infra.settings import REPO_ROOT, Settings, get_settings
 from infra.stack import ensure_topics, up
@@ -372,9 +372,8 @@ def main(
 def _stop(settings: Settings, watch: HealthSupervisor, reaper: Reaper) -> list[str]:
     """Every process of the demo, side by side, SIGKILL after ``CG_SUPERVISOR__STOP_TIMEOUT_S`` as under
     ``checkout-guard supervise`` (it waited 20 s whatever the setting), then what they left; a line for each."""
-    left = stop_children(watch.supervisor.children, settings.supervisor.stop_timeout_s)
-    watch.close()  # a stop of what a crashed process left, still under way, ends with the others
-    return left + reaper.finish()
+    # a stop of what a crashed process left, still under way, is waited for: stopped again, its group got SIGTERM twice
+    return watch.stop_all(settings.supervisor.stop_timeout_s) + reaper.finish()
 
 
 def _show(

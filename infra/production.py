@@ -257,6 +257,26 @@ class HealthSupervisor:
             elif isinstance(left := stop.result(), list) and left:
                 self.log.warning("%s: stopped what it left running: %s", name, "; ".join(map(str, left)))
 
+    def stop_all(self, timeout_s: float) -> list[str]:
+        """The shutdown: the module's :func:`stop_all` for every child, but a child whose stop is under way here (an
+        unhealthy one's, or that of what an exited one left) is left to that stop and waited for: stopped again beside
+        it, its process group got a second SIGTERM. A stop still waiting for a thread is taken over instead (it would
+        only start, with a whole ``stop_timeout_s`` of its own, after the others). Each stop under way began before the
+        shutdown with the same timeout, so it ends before those of the shutdown would. What had to be reaped."""
+        busy = {name for name, stop in self._stops.items() if not stop.cancel()}
+        free = [c for c in self.supervisor.children if c.name not in busy or self._cleared.get(c.name) != c.proc.pid]
+        left = stop_all(free, timeout_s)
+        self.close()
+        for name, stop in self._stops.items():
+            if name not in busy:
+                continue
+            if stop.exception() is not None:
+                self.log.error("%s: its stop failed: %s", name, stop.exception())
+            elif isinstance(result := stop.result(), list):
+                left += map(str, result)
+        self._stops.clear()
+        return left
+
     def close(self) -> None:
         """Wait for the stops under way (each bounded by ``stop_timeout_s`` and the group's few seconds); questions
         still out are not waited for."""
@@ -490,8 +510,7 @@ def run(settings: Settings, names: Sequence[str]) -> None:
             time.sleep(TICK_S)
     finally:
         log.info("%s: stopping %d processes", stop.requested or "exiting", len(supervisor.children))
-        left = stop_all(supervisor.children, cfg.stop_timeout_s)
-        watch.close()  # a health stop under way ends with the others
+        left = watch.stop_all(cfg.stop_timeout_s)  # a stop under way (a health stop) is waited for, not repeated
         left += reaper.finish()
         if left:
             log.warning("stopped %d processes the children left running: %s", len(left), "; ".join(left))

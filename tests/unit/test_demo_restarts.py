@@ -17,7 +17,7 @@ from infra import demo
 from infra.launcher import Child
 from infra.processes import Reaper
 from infra.settings import Settings, SupervisorSettings
-from tests.process_trees import STUBBORN, start_stubborn
+from tests.process_trees import STUBBORN, start_left_counter, start_stubborn
 
 _LEAVER = """
 import subprocess, sys, time
@@ -108,3 +108,26 @@ def test_make_run_stops_its_processes_at_the_supervisor_stop_timeout(tmp_path: P
     finally:
         child.kill()
     assert child.proc.returncode == -signal.SIGKILL and took < 5.0, f"{took:.1f} s"
+
+
+def test_make_run_shutdown_waits_for_the_stop_of_what_a_crashed_process_left_instead_of_signalling_it_again(
+    tmp_path: Path,
+) -> None:
+    """The stop of what a crashed process left, begun beside the loop before its restart, ran on at Ctrl-C beside the
+    shutdown's own stop of the same process, so its process group got SIGTERM from both."""
+    settings = Settings(supervisor=SupervisorSettings(stop_timeout_s=2.0))
+    watch = demo._supervision(settings, True, logging.getLogger("test.demo"))
+    reaper = Reaper(marker=None, value=None)
+    child, worker = start_left_counter(tmp_path / "said")  # crashed: its worker runs on in its group
+    try:
+        watch.supervisor.add("scoring-job", lambda: child)
+        watch.check()  # the exit is noticed: what it left is being stopped beside the loop
+        started = time.monotonic()
+        demo._stop(settings, watch, reaper)
+        took = time.monotonic() - started
+        psutil.wait_procs([worker], timeout=5)
+        assert (tmp_path / "said").read_text() == "TERM\n", "one SIGTERM to what it left"
+        assert not _running(worker) and took < 5.0, f"{took:.1f} s"
+    finally:
+        with contextlib.suppress(psutil.Error):
+            worker.kill()
