@@ -11,7 +11,7 @@ from infra.local.webex import LocalWebexServer
 from infra.settings import AlertSettings, Settings
 from schemas.records import case_id_for
 from sinks.alerts.message import describe
-from sinks.alerts.sender import WebexChannel
+from sinks.alerts.sender import RateLimit, WebexChannel
 from tests.unit import test_alert_channels as channels
 from tests.unit.test_alert_channels import ROOM, alert, jpeg, settings_for, webex_channel
 
@@ -74,14 +74,28 @@ def test_a_refused_card_does_not_fail_the_delivered_alert(
     assert webex.state.bot_messages(ROOM) == []
 
 
+def waits_on_one_clock(channel: WebexChannel) -> list[float]:
+    """The channel's waits, recorded instead of slept, on a clock they advance: the bot's shared rate-limit pause
+    (which a 429 sets and a card waits out) reads that clock too, so a recorded wait ends the pause it waited for."""
+    now = [0.0]
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        now[0] += seconds
+
+    channel.sleep = sleep  # type: ignore[method-assign]
+    channel.rate_limit = RateLimit(lambda: now[0])
+    return waits
+
+
 def test_a_rate_limited_card_is_posted_after_retry_after_not_dropped(
     webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
 ) -> None:
     """The alert message often uses up the bot's rate: a 429 on its card is waited out (``Retry-After``), not taken
     as a refusal that leaves the alert without its Confirm/Dismiss buttons."""
     channel = webex_channel(closer, settings_for(webex, tmp_path, webex_cards=True))
-    waits: list[float] = []
-    channel.sleep = waits.append  # type: ignore[method-assign]
+    waits = waits_on_one_clock(channel)
     parent = channel.client.send_message(ROOM, "the alert")
     webex.state.fail((429,), count=2, retry_after=7)
     card_id = channel._send_card(alert(), CASE, parent)
@@ -95,8 +109,7 @@ def test_a_card_rate_limited_for_longer_than_a_minute_waits_the_whole_retry_afte
 ) -> None:
     """The card's wait stopped at 60 s: asked for 120 s, each early try met another 429 and the card was dropped."""
     channel = webex_channel(closer, settings_for(webex, tmp_path, webex_cards=True))
-    waits: list[float] = []
-    channel.sleep = waits.append  # type: ignore[method-assign]
+    waits = waits_on_one_clock(channel)
     parent = channel.client.send_message(ROOM, "the alert")
     webex.state.fail((429,), count=1, retry_after=120)
     assert channel._send_card(alert(), CASE, parent) is not None
