@@ -14,6 +14,7 @@ from functools import partial
 from typing import TypeVar
 
 from infra.settings import Settings
+from schemas.errors import CheckoutGuardError
 from schemas.topics import RULES, WATCHLIST, TopicSpec
 
 STARTUP_READ_STALL_S = 30.0
@@ -61,7 +62,7 @@ def end_offset(
 _T = TypeVar("_T")
 
 
-class ReadStopped(TimeoutError):
+class ReadStopped(CheckoutGuardError, TimeoutError):
     """A read of the control topics cut off by its caller's ``deadline`` or ``stop`` (not the broker's error)."""
 
 
