@@ -730,9 +730,13 @@ class DocumentStore(FakeBulkClient):
     """Documents by (index, id), written as OpenSearch writes them: ``index`` replaces, ``create`` of an id that
     is there is refused with a 409 version conflict, ``delete`` removes."""
 
+    keeps_versions = False
+    """Whether external versions are kept (:class:`VersionedStore`)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.docs: dict[tuple[str, str], dict[str, Any]] = {}
+        self.versions: dict[tuple[str, str], int] = {}
 
     def bulk(self, body: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
         lines = [json.loads(line) for line in body.splitlines() if line]
@@ -745,12 +749,18 @@ class DocumentStore(FakeBulkClient):
                 items.append({op: {"_id": meta["_id"], "status": 200 if self.docs.pop(key, None) else 404}})
                 continue
             source = lines.pop(0)
+            version = meta.get("version", self.versions.get(key, 0) + 1)
             if op == "create" and key in self.docs:
                 conflict = {"type": "version_conflict_engine_exception", "reason": "document already exists"}
                 items.append({op: {"_id": meta["_id"], "status": 409, "error": conflict}})
                 continue
+            stale = meta.get("version_type") == "external_gte" and version < self.versions.get(key, 0)
+            if self.keeps_versions and stale:
+                conflict = {"type": "version_conflict_engine_exception", "reason": "current version is higher"}
+                items.append({op: {"_id": meta["_id"], "status": 409, "error": conflict}})
+                continue
             items.append({op: {"_id": meta["_id"], "status": 200 if key in self.docs else 201}})
-            self.docs[key] = source
+            self.docs[key], self.versions[key] = source, version
         return {"errors": True, "items": items}
 
 
@@ -954,25 +964,7 @@ class VersionedStore(FaceStore):
     """A :class:`FaceStore` that keeps external versions as OpenSearch does: a write with ``version_type``
     ``external_gte`` below the document's version is refused (409); an unversioned one adds 1 to it."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.versions: dict[tuple[str, str], int] = {}
-
-    def bulk(self, body: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        lines = [json.loads(line) for line in body.splitlines() if line]
-        self.requests.append(list(lines))
-        items = []
-        while lines:
-            op, meta = next(iter(lines.pop(0).items()))
-            key, source = (meta["_index"], meta["_id"]), lines.pop(0)
-            version = meta.get("version", self.versions.get(key, 0) + 1)
-            if meta.get("version_type") == "external_gte" and version < self.versions.get(key, 0):
-                conflict = {"type": "version_conflict_engine_exception", "reason": "current version is higher"}
-                items.append({op: {"_id": meta["_id"], "status": 409, "error": conflict}})
-                continue
-            items.append({op: {"_id": meta["_id"], "status": 200 if key in self.docs else 201}})
-            self.docs[key], self.versions[key] = source, version
-        return {"errors": True, "items": items}
+    keeps_versions = True
 
 
 def test_a_late_batch_of_a_sink_that_lost_its_partition_does_not_put_an_older_decision_over_a_newer_one() -> None:
