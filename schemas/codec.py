@@ -143,6 +143,39 @@ class Codec:
         return reader
 
 
+class Projection:
+    """Decode only ``fields`` of one record type, from any of its schema versions: the rest of the body (an
+    embedding, say) is skipped, never decoded or held. For readers that need a few fields of many records."""
+
+    def __init__(self, record_type: str, fields: tuple[str, ...]) -> None:
+        latest = codec(record_type).schema
+        kept = [f for f in latest.parsed["fields"] if f["name"] in fields]
+        if len(kept) != len(fields):
+            raise ValueError(f"{record_type} has no field {sorted(set(fields) - {f['name'] for f in kept})}")
+        namespace, _, name = latest.parsed["name"].rpartition(".")
+        reader = cavro.Schema(
+            json.dumps({"type": "record", "name": name, "namespace": namespace, "fields": kept}), options=_CAVRO_OPTIONS
+        )
+        self.record_type = record_type
+        self._readers = {
+            version.fingerprint: reader.reader_for_writer(cavro.Schema(version.text, options=_CAVRO_OPTIONS))
+            for version in load_schemas().values()
+            if version.short_name == record_type
+        }
+
+    def decode(self, data: bytes | None) -> dict[str, Any]:
+        """The projected fields, or :class:`DecodeError` (empty, not Avro, another record type, corrupt)."""
+        if not data or len(data) < HEADER_LEN or data[:2] != MAGIC:
+            raise DecodeError("not_avro", "not an Avro single-object message")
+        reader = self._readers.get(bytes(data[2:HEADER_LEN]))
+        if reader is None:
+            raise DecodeError(UNKNOWN_SCHEMA, f"not a {self.record_type} schema this code knows")
+        try:
+            return reader.binary_decode(bytes(data[HEADER_LEN:]))
+        except Exception as exc:  # cavro raises EOFError, ValueError, ... on corrupt bodies
+            raise DecodeError("corrupt", f"cannot decode {self.record_type} body: {exc}") from exc
+
+
 @cache
 def codec(record_type: str) -> Codec:
     """The shared codec of a record type."""

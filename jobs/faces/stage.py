@@ -69,7 +69,6 @@ from __future__ import annotations
 import functools
 import heapq
 import itertools
-import json
 import logging
 import queue
 import signal
@@ -80,7 +79,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Annotated, Any, Protocol
 
-import cavro
 import typer
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
@@ -92,7 +90,7 @@ from infra.retry import Backoff
 from infra.settings import Settings, face_deadline_problem, get_settings
 from jobs.faces.rekognition import call_limit_s
 from jobs.scoring.validation import parse_transaction
-from schemas.codec import HEADER_LEN, MAGIC, codec, load_schemas
+from schemas.codec import DecodeError, Projection, codec
 from schemas.errors import FACE_STAGE_ERROR, InvalidRecord
 from schemas.identifiers import check_serial
 from schemas.records import REKOGNITION_MATCHER, CameraEvent, FaceObservation, dead_letter
@@ -204,38 +202,9 @@ observations written at or after ``since_ms``, stopping (raising) once ``given_u
 tests pass their own)."""
 
 
-class ObservationIds:
-    """Decodes only a face observation's id, event time and status (every schema version has them): the rest, the
-    embedding too, is skipped, never decoded or held."""
-
-    def __init__(self) -> None:
-        options = cavro.DEFAULT_OPTIONS.replace(record_decodes_to_dict=True)
-        name = codec("FaceObservation").schema.name.rsplit(".", 1)
-        status = next(f["type"] for f in codec("FaceObservation").schema.parsed["fields"] if f["name"] == "status")
-        fields = [
-            {"name": "observation_id", "type": "string"},
-            {"name": "event_time", "type": "long"},
-            {"name": "status", "type": status},
-        ]
-        ids = cavro.Schema(
-            json.dumps({"type": "record", "name": name[-1], "namespace": name[0], "fields": fields}), options=options
-        )
-        self._readers = {
-            sv.fingerprint: ids.reader_for_writer(cavro.Schema(sv.text, options=options))
-            for sv in load_schemas().values()
-            if sv.short_name == "FaceObservation"
-        }
-
-    def of(self, value: bytes | None) -> tuple[str, int, str] | None:
-        """``(observation_id, event_time, status)``, or ``None`` for a record that is no face observation we can
-        read."""
-        if not value or value[:2] != MAGIC or (reader := self._readers.get(bytes(value[2:HEADER_LEN]))) is None:
-            return None
-        try:
-            ids = reader.binary_decode(bytes(value[HEADER_LEN:]))
-        except Exception:  # noqa: BLE001 - a corrupt record is no answer
-            return None
-        return str(ids["observation_id"]), int(ids["event_time"]), str(ids["status"])
+_OBSERVATION_IDS = functools.partial(Projection, "FaceObservation", ("observation_id", "event_time", "status"))
+"""A face observation's id, event time and status only (every schema version has them): the embedding is never
+decoded or held."""
 
 
 def recall_from_kafka(
@@ -250,11 +219,15 @@ def recall_from_kafka(
     from infra.clients.control_topics import read_control_topics
 
     deadline = time.monotonic() + timeout_s
-    ids, found = ObservationIds(), []
+    ids, found = _OBSERVATION_IDS(), []
 
     def apply(_topic: str, _key: bytes | None, value: bytes | None) -> None:
-        if (read := ids.of(value)) is not None and read[2] in ANSWERS:
-            found.append(read[:2])
+        try:
+            read = ids.decode(value)
+        except DecodeError:  # a corrupt record is no answer
+            return
+        if read["status"] in ANSWERS:
+            found.append((str(read["observation_id"]), int(read["event_time"])))
 
     read_control_topics(
         settings,

@@ -122,3 +122,20 @@ def test_compatibility_check_catches_a_new_required_field():
     required = dict(raw, fields=raw["fields"] + [{"name": "note", "type": "string"}])
     assert _readable(v1, parse_schema(with_default))
     assert not _readable(v1, parse_schema(required))
+
+
+def test_a_projection_decodes_only_its_fields_and_refuses_what_is_not_its_record_type() -> None:
+    from dataclasses import replace
+
+    from schemas.codec import Projection
+    from schemas.records import FaceObservation
+
+    face = FaceObservation("checkout:tx-1", 1_000, "Q2XX-AAAA-0001", "store-001", "CHECKOUT", "NO_MATCH")
+    ids = Projection("FaceObservation", ("observation_id", "status"))
+    data = replace(face, embedding=[0.25] * 128).encode()
+    assert ids.decode(data) == {"observation_id": "checkout:tx-1", "status": "NO_MATCH"}
+    for other in (None, b"garbage", sale("t1").encode(), data[:-40]):
+        with pytest.raises(DecodeError):
+            ids.decode(other)
+    with pytest.raises(ValueError, match="no field"):
+        Projection("FaceObservation", ("observation_id", "no_such_field"))
