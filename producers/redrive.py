@@ -50,13 +50,12 @@ from infra.clients.topic_replay import plan as plan_ranges
 from infra.settings import Settings, get_settings
 from producers.pos import message_key
 from schemas.errors import INTERNAL_ERROR, RETRYABLE_KINDS, InvalidRecord, is_retryable
-from schemas.records import DeadLetter, Headers, PosTransaction, input_headers
+from schemas.records import REDRIVEN_HEADER, DeadLetter, Headers, PosTransaction, input_headers
 from schemas.topics import ALL_TOPICS, DEAD_LETTERS, TRANSACTIONS, WATCHLIST
 
 console = Console()
 errors = Console(stderr=True)
 
-REDRIVEN_HEADER = "checkout-guard-redriven-from"
 KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 """What Kafka accepts as a topic name; an MQTT topic (``/``) or a file path never matches."""
 NOT_KAFKA_PREFIXES = ("mqtt:", "file:")

@@ -434,6 +434,11 @@ MAX_DEAD_LETTER_HEADERS = 16 * 1024
 Headers = tuple[tuple[str, bytes | None], ...]
 """Kafka headers as confluent-kafka gives them: ``(name, value)`` pairs, a value may be ``None``."""
 
+REDRIVEN_HEADER = "checkout-guard-redriven-from"
+"""The Kafka header a re-driven copy carries (``producers.redrive``): the id of the dead letter it was sent from. The
+scoring job reads it so a copy of a transaction whose processing failed after its receipt took its id, on the
+partitioned layout, is decided once (:meth:`jobs.scoring.features.Receipt.observe`)."""
+
 
 def _header_bytes(value: bytes | str | None) -> bytes | None:
     return value.encode() if isinstance(value, str) else value

@@ -7,7 +7,8 @@ the step's one output blob back into Kafka records. The frames are plain length-
 without Flink.
 
 Input frame per record: key (int32 length, -1 = null, bytes), value (same), topic (uint16 length +
-UTF-8), partition (int32), offset (int64), broker timestamp in ms (int64).
+UTF-8), partition (int32), offset (int64), broker timestamp in ms (int64), the value of its
+:data:`schemas.records.REDRIVEN_HEADER` header (as key: -1 when it has none).
 Output frame per record: topic (uint16 length + UTF-8), key, value (as above).
 """
 
@@ -60,17 +61,24 @@ def unpack_records(batch: bytes) -> Iterator[SourceRecord]:
             topic = topics[raw] = raw.decode()
         partition, offset, ts = _POSITION.unpack_from(batch, pos)
         pos += 20
-        yield _new(SourceRecord, (key, value, topic, partition, offset, ts))
+        (n,) = _LEN.unpack_from(batch, pos)
+        pos += 4
+        redriven = None if n < 0 else batch[pos : pos + n]
+        pos += max(n, 0)
+        yield _new(SourceRecord, (key, value, topic, partition, offset, ts, redriven))
 
 
 def pack_records(records: Iterable[SourceRecord]) -> bytes:
     """The inverse of :func:`unpack_records` (what ``RecordBatcher`` writes): for tests and tools."""
     parts: list[bytes] = []
-    for key, value, topic, partition, offset, ts in records:
+    for record in records:
+        key, value, topic, partition, offset, ts = record[:6]
+        redriven = record[6] if len(record) > 6 else None
         _put_bytes(parts, key)
         _put_bytes(parts, value)
         raw = topic.encode()
         parts += (_TOPIC_LEN.pack(len(raw)), raw, _POSITION.pack(partition, offset, ts))
+        _put_bytes(parts, redriven)
     return b"".join(parts)
 
 

@@ -47,6 +47,7 @@ from infra.settings import REPO_ROOT, Settings, face_deadline_problem, get_setti
 from infra.stack import StackError, StackPaths, flink_connector_jars, flink_ext_jar
 from jobs.flink.operator import BROADCAST, DecideStep
 from schemas.errors import CheckoutGuardError
+from schemas.records import REDRIVEN_HEADER
 from schemas.topics import (
     ALERTS,
     DEAD_LETTERS,
@@ -61,7 +62,7 @@ from schemas.topics import (
 log = logging.getLogger("checkout_guard.scoring_job")
 
 SOURCE_ROW = Types.ROW_NAMED(
-    ["k", "v", "topic", "partition", "offset", "ts"],
+    ["k", "v", "topic", "partition", "offset", "ts", "headers"],
     [
         Types.PRIMITIVE_ARRAY(Types.BYTE()),
         Types.PRIMITIVE_ARRAY(Types.BYTE()),
@@ -69,10 +70,12 @@ SOURCE_ROW = Types.ROW_NAMED(
         Types.INT(),
         Types.LONG(),
         Types.LONG(),
+        Types.MAP(Types.STRING(), Types.PRIMITIVE_ARRAY(Types.BYTE())),
     ],
 )
 """One Kafka record as the job sees it: key, value, where it came from, broker timestamp (ms, or the
-Kafka table's TIMESTAMP_LTZ as an ``Instant``)."""
+Kafka table's TIMESTAMP_LTZ as an ``Instant``), its headers (of which the batcher keeps
+:data:`schemas.records.REDRIVEN_HEADER` alone)."""
 OUT_ROW = Types.ROW_NAMED(
     ["topic", "k", "v"], [Types.STRING(), Types.PRIMITIVE_ARRAY(Types.BYTE()), Types.PRIMITIVE_ARRAY(Types.BYTE())]
 )
@@ -108,7 +111,7 @@ def _batched(source: DataStream, ops: Any, settings: Settings) -> DataStream:
         source._j_data_stream.transform(
             "batch records for Python",
             BATCH_BYTES.get_java_type_info(),
-            ops.RecordBatcher(job.batch_size, job.batch_time_ms),
+            ops.RecordBatcher(job.batch_size, job.batch_time_ms, REDRIVEN_HEADER),
         ).uid("batch-in")
     )
 
@@ -590,6 +593,7 @@ def _source_schema() -> Schema:
         .column_by_metadata("partition", DataTypes.INT(), None, True)
         .column_by_metadata("offset", DataTypes.BIGINT(), None, True)
         .column_by_metadata("timestamp", DataTypes.TIMESTAMP_LTZ(3), None, True)
+        .column_by_metadata("headers", DataTypes.MAP(DataTypes.STRING(), DataTypes.BYTES()), None, True)
         .build()
     )
 

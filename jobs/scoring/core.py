@@ -86,6 +86,8 @@ class SourceRecord(NamedTuple):
     offset: int
     ts: int
     """Broker timestamp, ms."""
+    redriven: bytes | None = None
+    """Its :data:`schemas.records.REDRIVEN_HEADER` header: the dead letter a re-driven copy was sent from."""
 
 
 class Step(NamedTuple):
@@ -311,8 +313,8 @@ class DecisionCore:
     def _take_transaction(
         self, record: SourceRecord, state: ScoringState, now: int, out: list[OutRow], parsed: list[dict[str, Any]]
     ) -> Ready | None:
-        key, value, topic, partition, offset, ts = record
-        env = self.scorer.parse(value, key, topic, partition, offset, ts, now_ms=now)
+        key, value, topic, partition, offset, ts, redriven = record
+        env = self.scorer.parse(value, key, topic, partition, offset, ts, now_ms=now, redriven=redriven)
         if isinstance(env[0], str):  # the dead letter's row
             out.append(env)
             return None
@@ -569,7 +571,7 @@ class DecisionCore:
             log.warning("dead-lettering %s after an internal error: %s", where, _describe(err))
 
     def _dead_letter(self, record: SourceRecord, kind: str, reason: str) -> OutRow:
-        key, value, topic, partition, offset, _ = record
+        key, value, topic, partition, offset = record[:5]
         return self.scorer.dead_letter_row(topic, partition, offset, key, value, InvalidRecord(kind, reason))
 
     # --- state and timer -------------------------------------------------------------------------

@@ -177,6 +177,10 @@ class Receipt:
     """Ids in :attr:`seen` whose processing failed with an internal error (:meth:`mark_failed`): not decided, so an
     identical copy (a re-drive of the dead letter) is taken as their first delivery, once; other content under them
     is still a conflict. A tuple: empty in nearly every receipt, and then it costs nothing."""
+    retaken: tuple[int, ...] = ()
+    """Checksums (crc32) of the dead-letter ids whose re-driven copies were taken (:meth:`observe`'s ``retake``):
+    a copy of the same letter sent again (``redrive`` run twice) is a copy, dropped. Empty in nearly every
+    receipt."""
 
     def __setstate__(self, state: Any) -> None:
         """Restore a pickle, also one written before a field existed (a savepoint of an older job): missing
@@ -191,12 +195,19 @@ class Receipt:
             values["returned"] = {values.get("returned_currency") or RAW: float(returned)} if returned else {}
         _restore_slots(self, values)
 
-    def observe(self, tx: Tx, cust_key: str, rules: RulesSettings) -> dict[str, float] | None:
+    def observe(
+        self, tx: Tx, cust_key: str, rules: RulesSettings, retake: str | None = None
+    ) -> dict[str, float] | None:
         """Indicators for ``tx``; ``None`` if this exact transaction was already seen (a duplicate);
-        :class:`ConflictingTransaction` for its id with other content (:meth:`_first_time`)."""
+        :class:`ConflictingTransaction` for its id with other content (:meth:`_first_time`).
+
+        ``retake``: the id of the dead letter ``tx`` was re-driven from, when that letter says its processing
+        failed after this receipt took it (a later step of the partitioned layout, which cannot mark it
+        :attr:`failed` here): an identical copy is then taken as its first delivery, once per letter."""
         tx_id = tx["transaction_id"]
-        retry = tx_id in self.failed  # counted on its receipt already, when it was first seen
-        if not self._first_time(tx, cust_key):
+        # counted on its receipt already, when it was first seen
+        retry = tx_id in self.failed or (retake is not None and tx_id in self.seen)
+        if not self._first_time(tx, cust_key, retake):
             return None
         if not self.opened:
             self.opened = tx["event_time"]
@@ -231,23 +242,32 @@ class Receipt:
             ind["suspicious_timing"] = 1.0
         return ind
 
-    def _first_time(self, tx: Tx, cust_key: str) -> bool:
+    def _first_time(self, tx: Tx, cust_key: str, retake: str | None = None) -> bool:
         """Whether ``tx``'s id is new here (now seen), or a copy of one whose processing failed (:attr:`failed`, now
-        cleared); ``False`` for a copy of a record seen before.
+        cleared; or ``retake``, a letter not taken before, now remembered in :attr:`retaken`); ``False`` for a copy
+        of a record seen before.
 
         Raises :class:`ConflictingTransaction`, changing nothing, for a record with the id of one seen before but
         other content: it is not a copy, and which of the two is right is not for the job to guess."""
         tx_id = tx["transaction_id"]
         digest = content_digest(tx, cust_key)
         seen = self.seen
-        if tx_id not in seen:
+        letter = None if retake is None else zlib.crc32(retake.encode())
+        if tx_id not in seen:  # (a receipt expired since, or a job without state: its letter is taken now)
             seen[tx_id] = digest
+            if letter is not None:
+                self.retaken += (letter,)
             return True
         known = seen[tx_id]
         differ = [] if known is None or known == digest else digest_differences(known, digest)
         if not differ:  # the same content (a 16-bit digest of an older checkpoint compares in its 16 bits)
             if tx_id in self.failed:
                 self.failed = tuple(failed for failed in self.failed if failed != tx_id)
+                if letter is not None and letter not in self.retaken:
+                    self.retaken += (letter,)
+                return True
+            if letter is not None and letter not in self.retaken:
+                self.retaken += (letter,)
                 return True
             return False
         raise ConflictingTransaction(

@@ -37,6 +37,7 @@ from __future__ import annotations
 import heapq
 import logging
 import pickle
+import re
 import time
 import zlib
 from collections import defaultdict
@@ -69,6 +70,7 @@ from jobs.scoring.features import (
     receipt_key,
 )
 from jobs.scoring.scorer import CUSTOMER_SWEEP_BUDGET, OutRow, Predictor, Scorer, ScoringState
+from jobs.scoring.validation import SOURCE_KEY, redriven_from
 from schemas.errors import INTERNAL_ERROR, InvalidRecord
 from schemas.topics import TRANSACTIONS
 
@@ -89,6 +91,10 @@ STEP_MAPS: dict[str, tuple[str, ...]] = {
 }
 """Each keyed step's state maps (their MapState names in the job)."""
 
+FAILED_ANSWER = "failed"
+"""The gather's message for a profile whose identity step raised (with the reason): the transaction does not wait
+for an answer that will never come, and is dead-lettered with its record (:class:`ProfileFailed`)."""
+
 GATHER_TIMEOUT_MS = 3_600_000
 """How long (wall clock) an incomplete gather is kept (see :meth:`GatherStep.expire`)."""
 
@@ -104,6 +110,16 @@ def gathering_key(tx_id: str, order_: Order) -> str:
     """A transaction's entry in the gather step: its id and its record's checksum, so two records under one id
     (the second is a dead letter: :mod:`jobs.scoring.claims`) never mix their profiles' answers."""
     return f"{tx_id}{_RECORD_SEP}{order_[2]}"
+
+
+class ProfileFailed(Exception):
+    """A transaction's gather is complete but a profile's answer was a failure (its identity step raised):
+    :func:`take` makes it the transaction's own dead letter, with its record, so its re-drive decides it."""
+
+    def __init__(self, env: Any, reason: str) -> None:
+        super().__init__(reason)
+        self.env = env
+        self.reason = reason
 
 
 class Emit(NamedTuple):
@@ -151,8 +167,8 @@ class RouteStep:
             return [], [self._dead_letter(record, INTERNAL_ERROR, _describe(err))]
 
     def _transaction(self, record: SourceRecord, now_ms: int, newest_ms: int) -> tuple[list[Emit], list[OutRow]]:
-        key, value, topic, partition, offset, ts = record
-        env = self.scorer.parse(value, key, topic, partition, offset, ts, now_ms=now_ms)
+        key, value, topic, partition, offset, ts, redriven = record
+        env = self.scorer.parse(value, key, topic, partition, offset, ts, now_ms=now_ms, redriven=redriven)
         if isinstance(env[0], str):  # the dead letter's row
             return [], [env]
         tx = env[0]
@@ -170,7 +186,7 @@ class RouteStep:
         return [emit], self.scorer.lane_sighting(obs, face)
 
     def _dead_letter(self, record: SourceRecord, kind: str, reason: str) -> OutRow:
-        key, value, topic, partition, offset, _ = record
+        key, value, topic, partition, offset = record[:5]
         return self.scorer.dead_letter_row(topic, partition, offset, key, value, InvalidRecord(kind, reason))
 
 
@@ -210,6 +226,7 @@ class ReceiptStep(_Keyed):
     def __init__(self, settings: Settings) -> None:
         super().__init__()
         self.rules = settings.rules
+        self.tx_topic = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
         self.retention_ms = settings.rules.receipt_retention_days * 86_400_000
         self.receipts: dict[str, Receipt] = {}
         self.by_time: list[tuple[int, str]] = []
@@ -229,7 +246,8 @@ class ReceiptStep(_Keyed):
     def on(self, key: str, env: Any, order_: Order) -> list[Emit]:
         """The transaction matched on its receipt, sent on to its store; ``[]`` for a copy. When this raises (an
         internal error) after the receipt took its id, the id is marked failed there (``Receipt.mark_failed``), so
-        the re-drive of its dead letter is taken, not dropped as a copy."""
+        the re-drive of its dead letter is taken, not dropped as a copy; so is the re-drive of a later step's
+        letter (:func:`failed_after_receipt`), which that step cannot mark here."""
         tx_id = env[0]["transaction_id"]
         before = self.receipts.get(key)
         held = before is not None and before.holds(tx_id)
@@ -249,7 +267,9 @@ class ReceiptStep(_Keyed):
         if receipt is None or 0 < receipt.event_time < tx["event_time"] - self.retention_ms:
             receipt = Receipt()  # unknown, or its sale is past the return window before this transaction
         unsold = receipt.sale_id is None
-        found = receipt.observe(tx, customer_key(tx), self.rules)
+        letter = redriven_from(tx)
+        retake = letter if failed_after_receipt(letter, self.tx_topic, tx["transaction_id"]) else None
+        found = receipt.observe(tx, customer_key(tx), self.rules, retake)
         if found is None:
             return []
         ind.update(found)
@@ -406,6 +426,9 @@ class GatherStep(_Keyed):
         elif kind == "customer":
             entry[1] -= 1
             entry[2] = part[1]
+        elif kind == FAILED_ANSWER:
+            entry[1] -= 1
+            entry[5:] = [part[1]]  # the reason (a sixth field: only a failed gather has it)
         else:
             entry[1] -= 1
             entry[3].append(part[1])
@@ -414,6 +437,8 @@ class GatherStep(_Keyed):
             return []
         del self.gathering[at]
         self._put(GATHERING, at, None)
+        if len(entry) > 5:
+            raise ProfileFailed(entry[0], entry[5])
         env = self._complete(entry[0], entry[2], entry[3])
         tx = env[0]
         self.newest_ms = max(self.newest_ms, tx["event_time"])
@@ -423,9 +448,9 @@ class GatherStep(_Keyed):
         return self._released(ready, order_)
 
     def expire(self, now_ms: int) -> list[str]:
-        """Transactions that have waited an hour (wall clock) for an answer: one of their messages was
-        dead-lettered upstream (:func:`take`), so the rest would wait for good. (Wall clock, not event time:
-        a transaction an hour late is legal and is gathered like any other.)"""
+        """Transactions that have waited an hour (wall clock) for an answer that never came (a message lost
+        upstream: a profile's failure is answered, :data:`FAILED_ANSWER`), so the rest would wait for good. (Wall
+        clock, not event time: a transaction an hour late is legal and is gathered like any other.)"""
         self._persist(self.claims.expire(self.newest_ms))
         cutoff = now_ms - GATHER_TIMEOUT_MS
         if not self.gathering or cutoff <= 0:
@@ -614,22 +639,54 @@ class PartitionedCore:
                 outputs += failed
 
 
+def failure_letter_id(topic: str, step: str, tx: dict[str, Any]) -> str:
+    """The id of ``tx``'s dead letter when ``step`` failed on it: ``<transactions topic>:<step>:<transaction
+    id>@<partition>:<offset>`` (where its record was read), stable across replays of that record; a re-driven copy
+    that fails again is read elsewhere, so its letter is another one (:func:`failed_after_receipt`). Without a
+    known position (a transaction held in state from an older job), ``<topic>:<step>:<transaction id>``."""
+    tx_id = str(tx["transaction_id"])
+    source = tx.get(SOURCE_KEY)
+    if source is not None and source[1] >= 0:
+        return f"{topic}:{step}:{tx_id}@{source[1]}:{source[2]}"
+    return f"{topic}:{step}:{tx_id}"
+
+
+_POSITION_TAIL = re.compile(r"@-?\d+:-?\d+")
+LATER_STEPS = (STORE, IDENTITY, GATHER, DECIDE)
+"""The keyed steps after the receipt: one failing on a transaction cannot mark it failed on its receipt."""
+
+
+def failed_after_receipt(letter: str | None, topic: str, tx_id: str) -> bool:
+    """Whether ``letter`` (a re-driven copy's ``REDRIVEN_HEADER``) is the dead letter of transaction ``tx_id``
+    failing at a step after its receipt (:func:`failure_letter_id`): its re-drive is then taken by the receipt,
+    once (:meth:`jobs.scoring.features.Receipt.observe`), where it would be dropped as a copy."""
+    if not letter:
+        return False
+    for step in LATER_STEPS:
+        head = f"{topic}:{step}:{tx_id}"
+        if letter == head or (letter.startswith(head) and _POSITION_TAIL.fullmatch(letter, len(head))):
+            return True
+    return False
+
+
 def failed_message(scorer: Scorer, step: str, message: Emit, err: Exception) -> OutRow:
     """The dead letter of a message a keyed step raised on (no record must stop the job, as in
-    ``DecisionCore``): id ``<transactions topic>:<step>:<transaction id>``, stable across replays; when the
-    message carries the transaction, its record as it was on the topic with its key, partition and offset
-    (:meth:`jobs.scoring.scorer.Scorer.transaction_dead_letter`), which ``redrive`` sends back."""
+    ``DecisionCore``); when the message carries the transaction (receipt, store, the gather's own message of the
+    transaction, decide), its record as it was on the topic with its key, partition and offset
+    (:meth:`jobs.scoring.scorer.Scorer.transaction_dead_letter`), which ``redrive`` sends back, id
+    :func:`failure_letter_id`; otherwise ``<transactions topic>:<step>:<transaction id>`` without a record."""
     payload = message.payload
     tx: dict[str, Any] | None = None
     if step in (RECEIPT, STORE):
         tx = payload[0]
     elif step == DECIDE:
         tx = payload.env[0]
+    elif step == GATHER and isinstance(payload, tuple) and payload[0] == "tx":
+        tx = payload[1][0]
     topic = TRANSACTIONS.full_name(scorer.settings.kafka.topic_prefix)
     error = InvalidRecord(INTERNAL_ERROR, _describe(err))
     if tx is not None:
-        tx_id = str(tx["transaction_id"])
-        return scorer.transaction_dead_letter(tx, error, f"{topic}:{step}:{tx_id}")
+        return scorer.transaction_dead_letter(tx, error, failure_letter_id(topic, step, tx))
     tx_id = payload[1] if step == IDENTITY else message.key
     return scorer.dead_letter_row(topic, -1, -1, tx_id.encode(), None, error, dead_letter_id=f"{topic}:{step}:{tx_id}")
 
@@ -640,7 +697,10 @@ def take(
     """A keyed step (not decide) over its messages, in order: what it sends on, and the dead letter of each
     message it raised on (its key's state re-written as it now is in memory; the rest go on). An identity's
     "own" count-in is only logged: its transaction is decided without it, so a dead letter would name a
-    transaction that has its decision."""
+    transaction that has its decision. A customer's or linked identity's profile that raises is logged and
+    answered to the gather as a failure (:data:`FAILED_ANSWER`): the transaction's letter comes from there, once
+    every answer is in, with its record (before, the profile's letter named the transaction without it, and the
+    transaction waited an hour at the gather and was dropped: lost for good)."""
     emits: list[Emit] = []
     failed: list[OutRow] = []
     gather = name == GATHER
@@ -650,10 +710,20 @@ def take(
         except IdConflict as err:  # the record's own fault (its id names another transaction: claims, receipt)
             step.resync(m.key)
             failed.append(reused_id_dead_letter(scorer, err, m.order[2]))
+        except ProfileFailed as err:  # its gather is over (written): the transaction's letter, with its record
+            topic = TRANSACTIONS.full_name(scorer.settings.kafka.topic_prefix)
+            tx = err.env[0]
+            error = InvalidRecord(INTERNAL_ERROR, err.reason)
+            failed.append(scorer.transaction_dead_letter(tx, error, failure_letter_id(topic, IDENTITY, tx)))
         except Exception as err:  # noqa: BLE001 - one message must not stop the job: dead-letter it
             step.resync(m.key)
-            if isinstance(m.payload, tuple) and m.payload[:1] == ("own",):
+            role = m.payload[0] if name == IDENTITY and isinstance(m.payload, tuple) else None
+            if role == "own":
                 log.warning("an identity's count-in failed (%s); its transaction is decided", _describe(err))
+                continue
+            if role in ("customer", "linked"):  # the gather waits for this answer: it gets the failure instead
+                log.warning("a %s profile failed (%s)\n%s", role, _describe(err), _stack(err))
+                emits.append(Emit(GATHER, m.payload[1], m.order, (FAILED_ANSWER, _describe(err))))
                 continue
             log.warning(
                 "dead-lettering a %s message after an internal error: %s\n%s", name, _describe(err), _stack(err)
@@ -679,7 +749,7 @@ def decide_chunk(step: DecideStep, chunk: list[Emit], scorer: Scorer) -> list[Ou
     return rows
 
 
-_KIND_RANK = {"tx": 0, "customer": 1, "linked": 2, "own": 2, "face": 3}
+_KIND_RANK = {"tx": 0, "customer": 1, "linked": 2, "own": 2, FAILED_ANSWER: 2, "face": 3}
 
 
 def message_rank(e: Emit) -> tuple[Order, str, int]:
@@ -695,7 +765,9 @@ __all__ = [
     "DECIDE",
     "GATHER",
     "IDENTITY",
+    "FAILED_ANSWER",
     "KEYED_STEPS",
+    "LATER_STEPS",
     "RECEIPT",
     "ROUTE",
     "STORE",
@@ -704,11 +776,14 @@ __all__ = [
     "GatherStep",
     "IdentityStep",
     "PartitionedCore",
+    "ProfileFailed",
     "ReceiptStep",
     "RouteStep",
     "StoreStep",
     "decide_chunk",
+    "failed_after_receipt",
     "failed_message",
+    "failure_letter_id",
     "message_rank",
     "order",
     "shard_of",

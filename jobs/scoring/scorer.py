@@ -211,11 +211,13 @@ class Scorer:
         offset: int,
         ingest_ms: int,
         now_ms: int = 0,
+        redriven: bytes | None = None,
     ) -> Envelope | OutRow:
         """An envelope for a good record, or the dead-letter output row for a bad one.
 
         ``now_ms`` is the wall clock that bounds event time (``job.max_future_skew_ms``); 0 = none, for
-        offline history (``train``/``backtest``), where "now" is the history's own time.
+        offline history (``train``/``backtest``), where "now" is the history's own time. ``redriven``: the
+        record's :data:`schemas.records.REDRIVEN_HEADER`, kept with its position (:data:`SOURCE_KEY`).
         """
         job = self.settings.job
         as_sent: dict[str, Any] = {}
@@ -223,7 +225,8 @@ class Scorer:
             tx = parse_transaction(value, now_ms, job.max_message_bytes, job.max_future_skew_ms, as_sent)
         except InvalidRecord as err:
             return self.dead_letter_row(topic, partition, offset, key, value, err)
-        tx[SOURCE_KEY] = (key, partition, offset, tuple(as_sent.items()))
+        letter = redriven.decode("utf-8", "replace") if redriven else None
+        tx[SOURCE_KEY] = (key, partition, offset, tuple(as_sent.items()), letter)
         return (tx, transaction_indicators(tx, self.rules), ingest_ms)
 
     def dead_letter_row(

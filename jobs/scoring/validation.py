@@ -86,8 +86,16 @@ def parse_transaction(
 
 SOURCE_KEY = "@source"
 """Where :meth:`jobs.scoring.scorer.Scorer.parse` keeps, on the transaction dict, where the record came from:
-``(key, partition, offset, as_sent)`` (``as_sent``: the normalized fields' values as sent, as pairs). Not a field
-of the record: encoding ignores it. A transaction restored from state saved before it existed has none."""
+``(key, partition, offset, as_sent, redriven)`` (``as_sent``: the normalized fields' values as sent, as pairs;
+``redriven``: the id of the dead letter a re-driven copy was sent from, or ``None``; state saved before 2026-12-07
+holds the first four only: :func:`redriven_from`). Not a field of the record: encoding ignores it. A transaction
+restored from state saved before it existed has none."""
+
+
+def redriven_from(tx: dict[str, Any]) -> str | None:
+    """The id of the dead letter ``tx``'s record was re-driven from (its ``REDRIVEN_HEADER``), or ``None``."""
+    source = tx.get(SOURCE_KEY)
+    return source[4] if source is not None and len(source) > 4 else None
 
 
 def as_recorded(tx: dict[str, Any]) -> dict[str, Any]:

@@ -89,7 +89,7 @@ def test_partitioned_layout_decides_as_the_single_layout_at_parallelism_one_and_
     batches, _ = seeded_stream(4, n=200)
     topics = {"cg.transactions": "transactions", "cg.face_observations": "face_observations"}
     records = [
-        (r.key, r.value, topics[r.topic], r.partition, i, r.ts)
+        (r.key, r.value, topics[r.topic], r.partition, i, r.ts, {})
         for i, r in enumerate(record for batch in batches for record in batch)
     ]
     partitioned = BASE.model_copy(update={"job": BASE.job.model_copy(update={"layout": "partitioned"})})
@@ -122,7 +122,7 @@ def test_partitioned_layout_at_p2_reports_model_drift_as_the_single_layout():
             amount=round(rnd.lognormvariate(3.5, 1.0), 2),
             card=f"card-{rnd.randrange(40)}",
         )
-        records.append((tx.store_id.encode(), tx.encode(), "transactions", 0, i, tx.event_time))
+        records.append((tx.store_id.encode(), tx.encode(), "transactions", 0, i, tx.event_time, {}))
     partitioned = single.model_copy(update={"job": job.model_copy(update={"layout": "partitioned"})})
 
     def reports(rows) -> dict[str, dict]:
@@ -137,3 +137,34 @@ def test_partitioned_layout_at_p2_reports_model_drift_as_the_single_layout():
     assert {k: got.get(k) for k in expected} == expected
     # the end of the input closes the last hour too (the single layout keeps it open for later rows)
     assert [(r["hour_start"], r["rows"]) for k, r in got.items() if k not in expected] == [(T0 + 3 * 3_600_000, 40)]
+
+
+def test_the_java_batcher_hands_python_each_records_redrive_header_and_no_other():
+    """What a re-driven copy's receipt step reads (``REDRIVEN_HEADER``: its dead letter) crosses the JVM's batcher
+    with its record; other headers stay behind, and a record without that header has none."""
+    from pyflink.common import Configuration
+    from pyflink.datastream import StreamExecutionEnvironment
+    from pyflink.java_gateway import get_gateway
+
+    from jobs.flink.frames import unpack_records
+    from jobs.flink.job import SOURCE_ROW, _batched, _with_ext_jar
+    from schemas.records import REDRIVEN_HEADER
+
+    conf = Configuration()
+    conf.set_string("python.executable", sys.executable)
+    env = StreamExecutionEnvironment.get_execution_environment(conf)
+    env.set_parallelism(1)
+    _with_ext_jar(env, BASE)
+    rows = [
+        (b"k1", b"v1", "transactions", 0, 10, 1_000, {}),
+        (b"k2", b"v2", "transactions", 1, 11, 2_000, {"trace": b"x", REDRIVEN_HEADER: b"transactions:decide:t2@1:5"}),
+        (None, b"v3", "face_observations", 2, 12, 3_000, {"trace": b"y"}),
+    ]
+    batches = _batched(env.from_collection(rows, type_info=SOURCE_ROW), get_gateway().jvm.checkoutguard.flink, BASE)
+    with batches.execute_and_collect() as results:
+        got = [record for batch in results for record in unpack_records(java_bytes(batch))]
+    assert got == [
+        (b"k1", b"v1", "transactions", 0, 10, 1_000, None),
+        (b"k2", b"v2", "transactions", 1, 11, 2_000, b"transactions:decide:t2@1:5"),
+        (None, b"v3", "face_observations", 2, 12, 3_000, None),
+    ]

@@ -36,7 +36,7 @@ def run_job():
         env.set_parallelism(1)
         topics = topics or ["transactions"] * len(records)
         rows = [
-            (None, data, topic, 0, i, T0 + 3_600_000)
+            (None, data, topic, 0, i, T0 + 3_600_000, {})
             for i, (data, topic) in enumerate(zip(records, topics, strict=True))
         ]
         out = build_pipeline(env.from_collection(rows, type_info=SOURCE_ROW), settings)

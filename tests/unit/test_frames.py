@@ -3,13 +3,20 @@
 from jobs.flink.frames import OutputBatch, pack_records, unpack_outputs, unpack_records
 
 
-def test_record_batches_round_trip_null_keys_empty_values_and_big_offsets():
+def test_record_batches_round_trip_null_keys_empty_values_big_offsets_and_the_redrive_header():
     records = [
-        (b"store-1/lane-1", b"\xc3\x01payload", "transactions", 0, 42, 1_700_000_000_000),
-        (None, b"", "face_observations", 3, 2**40, 0),
-        (b"k", None, "transactions", 1, 0, -1),
+        (b"store-1/lane-1", b"\xc3\x01payload", "transactions", 0, 42, 1_700_000_000_000, None),
+        (None, b"", "face_observations", 3, 2**40, 0, b""),
+        (b"k", None, "transactions", 1, 0, -1, b"transactions:decide:t1@0:42"),
     ]
-    assert list(unpack_records(pack_records(records))) == records
+    got = list(unpack_records(pack_records(records)))
+    assert got == records
+    assert got[2].redriven == b"transactions:decide:t1@0:42"
+
+
+def test_a_record_packed_without_headers_unpacks_with_none():
+    got = list(unpack_records(pack_records([(b"k", b"v", "transactions", 0, 1, 2)])))
+    assert got == [(b"k", b"v", "transactions", 0, 1, 2, None)]
 
 
 def test_an_empty_batch_has_no_records():

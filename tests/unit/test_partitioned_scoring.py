@@ -492,10 +492,13 @@ def test_a_return_of_an_unseen_sale_delivered_twice_is_decided_once():
     assert [k for t, k, _ in rows if t == SCORED] == [b"r1"]
 
 
-def test_a_message_a_step_raises_on_is_dead_lettered_and_the_rest_are_decided(monkeypatch):
-    """No record stops the job (as in the single-state core): the step's failure is that transaction's dead
-    letter, its key's state is re-written as it is, the others go on; its unfinished gather goes after an hour."""
-    from jobs.scoring.partitioned import GATHER_TIMEOUT_MS, IdentityStep
+def test_a_profile_that_raises_makes_its_transaction_a_re_drivable_dead_letter_at_once_and_the_rest_are_decided(
+    monkeypatch,
+):
+    """No record stops the job (as in the single-state core): a profile's failure is answered to the gather, so
+    the transaction's letter (its record, at its position) comes as soon as its answers are in, not after an hour
+    of waiting for an answer that never comes; the profile's state is re-written as it is; the others go on."""
+    from jobs.scoring.partitioned import IdentityStep
 
     real = IdentityStep.on
 
@@ -507,16 +510,19 @@ def test_a_message_a_step_raises_on_is_dead_lettered_and_the_rest_are_decided(mo
     monkeypatch.setattr(IdentityStep, "on", flaky)
     s = settings()
     core = PartitionedCore(s, 2, clock=_clock)
-    rows = core.on_records([_tx(sale(f"t{i}", at_s=i)) for i in range(1, 4)], NOW)
+    records = [SourceRecord(b"store-001/lane-01", sale(f"t{i}", at_s=i).encode(), TX, 0, i, NOW) for i in (1, 2, 3)]
+    rows = core.on_records(records, NOW)
+    assert _letters(rows) and not core.slots[shard_of("t2", 2)].gather.gathering  # at once, not an hour later
     rows += core.on_timer(NOW + 10**7)
     assert sorted(_scored(rows)) == ["t1", "t3"]
-    [dead] = [codec("DeadLetter").decode(v) for t, _, v in rows if t == DLQ]  # the customer's (its card's: logged)
-    assert dead["dead_letter_id"] == f"{TX}:identity:t2" and dead["error_kind"] == "internal_error"
+    [dead] = [codec("DeadLetter").decode(v) for t, _, v in rows if t == DLQ]  # one, after all of t2's answers
+    assert dead["dead_letter_id"] == f"{TX}:identity:t2@0:2" and dead["error_kind"] == "internal_error"
     assert dead["reason"].startswith("RuntimeError in flaky (test_partitioned_scoring.py:")
-    slot = core.slots[shard_of("t2", 2)]
-    assert [k.split("\x1f")[0] for k in slot.gather.gathering] == ["t2"]
-    core.on_records([_tx(sale("t9", at_s=GATHER_TIMEOUT_MS / 1000 + 10))], NOW + 10**7)
-    assert not slot.gather.gathering
+    assert (dead["payload"], dead["partition"], dead["offset"]) == (records[1].value, 0, 2)
+    monkeypatch.setattr(IdentityStep, "on", real)
+    letter = next(dl for dl in _letters(rows).values())
+    again = core.on_records([_redriven(letter, 50)], NOW + 1000) + core.on_timer(NOW + 10**7)
+    assert list(_scored(again)) == ["t2"]
 
 
 def test_a_decision_batch_that_raises_is_decided_one_by_one_and_only_the_failing_one_dead_lettered(monkeypatch):
@@ -532,7 +538,7 @@ def test_a_decision_batch_that_raises_is_decided_one_by_one_and_only_the_failing
     rows += core.on_timer(NOW + 10**7)
     assert sorted(_scored(rows)) == ["t1", "t3"]
     [dead] = [codec("DeadLetter").decode(v) for t, _, v in rows if t == DLQ]
-    assert dead["dead_letter_id"] == f"{TX}:decide:t2"
+    assert dead["dead_letter_id"] == f"{TX}:decide:t2@0:0"
 
 
 def test_a_sale_whose_decision_raises_leaves_no_faceless_buyer_receipt_in_memory_or_in_state():
@@ -546,7 +552,7 @@ def test_a_sale_whose_decision_raises_leaves_no_faceless_buyer_receipt_in_memory
     core = PartitionedCore(s, 1, predictor=Fails(), clock=_clock)
     rows = core.on_records([_tx(sale("t1")), _obs("t1", T0, _face(np.random.default_rng(1)), 1)], NOW)
     [dead] = [codec("DeadLetter").decode(v) for t, _, v in rows if t == DLQ]
-    assert dead["dead_letter_id"] == f"{TX}:decide:t1"
+    assert dead["dead_letter_id"] == f"{TX}:decide:t1@0:0"
     decide = core.slots[0].decide
     assert decide.faces.receipts == {}  # nothing would ever expire a receipt without a face
     assert decide.flush().get(BUYER_FACES, {}).get("t1") is None  # not saved either (a removal, or nothing)
@@ -655,7 +661,7 @@ def test_a_transaction_failing_at_its_receipt_is_decided_when_its_dead_letter_is
     rows = core.on_records([_tx(sale("t1", amount=30, at_s=1)), _tx(return_of("r1", "t1", at_s=60, amount=30))], NOW)
     rows += core.on_timer(NOW + 10**7)
     [dead] = [codec("DeadLetter").decode(v) for t, _, v in rows if t == DLQ]
-    assert dead["dead_letter_id"] == f"{TX}:receipt:r1" and list(_scored(rows)) == ["t1"]
+    assert dead["dead_letter_id"] == f"{TX}:receipt:r1@0:0" and list(_scored(rows)) == ["t1"]
     step = core.slots[shard_of("t1", 2)].receipt
     assert step.flush()["receipts"]["t1"] == step.receipts["t1"]  # saved as held, the failure mark too
     other = core.on_records([_tx(return_of("r1", "t1", at_s=60, amount=29))], NOW + 1000)
@@ -690,10 +696,15 @@ def test_a_failed_transactions_dead_letter_is_its_record_as_sent_and_its_re_driv
     ]
     rows = core.on_records(records, NOW) + core.on_timer(NOW + 10**7)
     letters = {dl.dead_letter_id: dl for dl in (DeadLetter.decode(v) for t, _, v in rows if t == DLQ)}
-    assert set(letters) == {f"{TX}:receipt:r1", f"{TX}:decide:t2"} and list(_scored(rows)) == ["t1"]
-    for letter, record in ((letters[f"{TX}:receipt:r1"], records[1]), (letters[f"{TX}:decide:t2"], records[2])):
+    assert set(letters) == {f"{TX}:receipt:r1@1:20", f"{TX}:decide:t2@2:30"} and list(_scored(rows)) == ["t1"]
+    for letter, record in (
+        (letters[f"{TX}:receipt:r1@1:20"], records[1]),
+        (letters[f"{TX}:decide:t2@2:30"], records[2]),
+    ):
         assert (letter.partition, letter.offset, letter.key, letter.payload) == (*record[3:5], record.key, record.value)
-    plan = plan_redrive([letters[f"{TX}:receipt:r1"]], Selection(frozenset({"scoring-job"})), {TX: 3}, transactions=TX)
+    plan = plan_redrive(
+        [letters[f"{TX}:receipt:r1@1:20"]], Selection(frozenset({"scoring-job"})), {TX: 3}, transactions=TX
+    )
     [send] = plan.sends
     assert (send.partition, send.key, send.payload) == (1, records[1].key, records[1].value)
     again = core.on_records([SourceRecord(send.key, send.payload, TX, 1, 99, NOW)], NOW + 1000)
@@ -701,3 +712,107 @@ def test_a_failed_transactions_dead_letter_is_its_record_as_sent_and_its_re_driv
     assert list(_scored(again)) == ["r1"]
     copy = core.on_records([SourceRecord(send.key, send.payload, TX, 1, 100, NOW)], NOW + 2000)
     assert not copy + core.on_timer(NOW + 3 * 10**7), "a second re-drive is a redelivered copy"
+
+
+class _FailsOnce(Predictor):
+    """A model that raises on the batches holding one of ``ids`` until each has been dead-lettered ``times`` times
+    (a batch that fails is decided again one by one: that try counts)."""
+
+    def __init__(self, ids: set[str], times: int = 1) -> None:
+        self.left = dict.fromkeys(ids, times)
+
+    def predict_batch(self, items):
+        hit = [tx["transaction_id"] for tx, _ in items if self.left.get(tx["transaction_id"], 0) > 0]
+        if hit:
+            if len(items) == 1:
+                self.left[hit[0]] -= 1
+            raise ValueError("model hiccup")
+        return [ModelResult(score=1, version="p") for _ in items]
+
+
+def _redriven(letter, offset: int) -> SourceRecord:
+    """The copy ``redrive`` sends of ``letter``, read back at ``offset``: its record, key and header."""
+    from producers.redrive import Selection, plan_redrive
+
+    [send] = plan_redrive([letter], Selection(frozenset({"scoring-job"})), {TX: 3}, transactions=TX).sends
+    return SourceRecord(send.key, send.payload, TX, send.partition, offset, NOW, send.dead_letter_id.encode())
+
+
+def _letters(rows) -> dict:
+    from schemas.records import DeadLetter
+
+    return {dl.dead_letter_id: dl for dl in (DeadLetter.decode(v) for t, _, v in rows if t == DLQ)}
+
+
+def test_a_transaction_whose_decision_failed_is_decided_once_when_its_dead_letter_is_re_driven():
+    """The decide step cannot mark the id failed on the receipt (another step, another slot): the re-driven copy's
+    header names its letter, which the receipt takes once; a second re-drive of it, or a plain copy, is dropped."""
+    core = PartitionedCore(settings(), 2, predictor=_FailsOnce({"t2"}), clock=_clock)
+    records = [
+        SourceRecord(b"store-001/lane-01", sale("t1", amount=30, at_s=1).encode(), TX, 0, 10, NOW),
+        SourceRecord(b"store-001/lane-02", sale("t2", card="card-B", at_s=2).encode(), TX, 2, 30, NOW),
+    ]
+    rows = core.on_records(records, NOW) + core.on_timer(NOW + 10**7)
+    letters = _letters(rows)
+    assert set(letters) == {f"{TX}:decide:t2@2:30"} and list(_scored(rows)) == ["t1"]
+    copy = _redriven(letters[f"{TX}:decide:t2@2:30"], 99)
+    again = core.on_records([copy], NOW + 1000) + core.on_timer(NOW + 2 * 10**7)
+    assert list(_scored(again)) == ["t2"] and not _letters(again)
+    twice = core.on_records([copy._replace(offset=100)], NOW + 2000) + core.on_timer(NOW + 3 * 10**7)
+    plain = core.on_records([copy._replace(offset=101, redriven=None)], NOW + 3000) + core.on_timer(NOW + 4 * 10**7)
+    assert not twice and not plain, "the same letter's second re-drive and a plain copy are copies"
+
+
+def test_a_re_driven_transaction_that_fails_again_has_a_new_letter_whose_re_drive_is_decided():
+    # a lone transaction is tried twice a delivery (its batch, then alone): it fails on two deliveries
+    core = PartitionedCore(settings(), 1, predictor=_FailsOnce({"t2"}, times=4), clock=_clock)
+    first = SourceRecord(b"store-001/lane-02", sale("t2", at_s=2).encode(), TX, 2, 30, NOW)
+    rows = core.on_records([first], NOW) + core.on_timer(NOW + 10**7)
+    [letter] = _letters(rows).values()
+    rows = core.on_records([_redriven(letter, 99)], NOW + 1000) + core.on_timer(NOW + 2 * 10**7)
+    assert set(_letters(rows)) == {f"{TX}:decide:t2@2:99"} and not _scored(rows)
+    [letter] = _letters(rows).values()
+    rows = core.on_records([_redriven(letter, 120)], NOW + 2000) + core.on_timer(NOW + 3 * 10**7)
+    assert list(_scored(rows)) == ["t2"]
+
+
+def test_a_copy_whose_redrive_header_names_no_later_failure_of_its_own_transaction_is_dropped():
+    core = PartitionedCore(settings(), 2, clock=_clock)
+    record = SourceRecord(b"store-001/lane-01", sale("t1", amount=30, at_s=1).encode(), TX, 0, 10, NOW)
+    assert list(_scored(core.on_records([record], NOW) + core.on_timer(NOW + 10**7))) == ["t1"]
+    for n, header in enumerate(
+        (f"{TX}:decide:t2@0:10", f"{TX}:receipt:t1@0:10", f"{TX}:decide:t1@0:10x", "cg.alerts:decide:t1@0:10", "")
+    ):
+        copy = record._replace(offset=20 + n, redriven=header.encode())
+        assert not core.on_records([copy], NOW + 1000 * n) + core.on_timer(NOW + (2 + n) * 10**7), header
+
+
+def test_a_transaction_failing_at_its_store_or_gather_step_has_a_re_drivable_letter_decided_once(monkeypatch):
+    from jobs.scoring.partitioned import GatherStep, StoreStep
+
+    failing = {"t2": StoreStep, "t3": GatherStep}
+    for tx_id, step in failing.items():
+        real = step.on
+
+        def flaky(self, key, part, *rest, _real=real, _id=tx_id):
+            env = part[1] if isinstance(part, tuple) and part[0] == "tx" else part
+            mine = isinstance(env, tuple) and isinstance(env[0], dict) and env[0]["transaction_id"] == _id
+            if mine and failing.pop(_id, None) is not None:
+                raise RuntimeError("boom")
+            return _real(self, key, part, *rest)
+
+        monkeypatch.setattr(step, "on", flaky)
+    core = PartitionedCore(settings(), 2, clock=_clock)
+    records = [
+        SourceRecord(b"store-001/lane-01", sale("t1", at_s=1).encode(), TX, 0, 10, NOW),
+        SourceRecord(b"store-001/lane-02", sale("t2", card="card-B", at_s=2).encode(), TX, 1, 30, NOW),
+        SourceRecord(b"store-001/lane-03", sale("t3", card="card-C", at_s=3).encode(), TX, 2, 40, NOW),
+    ]
+    rows = core.on_records(records, NOW) + core.on_timer(NOW + 10**7)
+    letters = _letters(rows)
+    assert set(letters) == {f"{TX}:store:t2@1:30", f"{TX}:gather:t3@2:40"} and list(_scored(rows)) == ["t1"]
+    copies = [_redriven(letter, 90 + n) for n, letter in enumerate(letters.values())]
+    again = core.on_records(copies, NOW + 1000) + core.on_timer(NOW + 2 * 10**7)
+    assert sorted(_scored(again)) == ["t2", "t3"] and not _letters(again)
+    twice = core.on_records([c._replace(offset=c.offset + 10) for c in copies], NOW + 2000)
+    assert not twice + core.on_timer(NOW + 3 * 10**7)

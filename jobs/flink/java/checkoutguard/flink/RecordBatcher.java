@@ -6,6 +6,7 @@ import java.io.IOException;
 import java.time.Instant;
 import java.time.LocalDateTime;
 import java.time.ZoneOffset;
+import java.util.Map;
 
 import org.apache.flink.streaming.api.operators.AbstractStreamOperator;
 import org.apache.flink.streaming.api.operators.OneInputStreamOperator;
@@ -13,7 +14,7 @@ import org.apache.flink.streaming.runtime.streamrecord.StreamRecord;
 import org.apache.flink.types.Row;
 
 /**
- * Packs Kafka rows (k, v, topic, partition, offset, timestamp) into one byte[] per batch, so the
+ * Packs Kafka rows (k, v, topic, partition, offset, timestamp, headers) into one byte[] per batch, so the
  * Python scoring step is entered once per batch instead of once per record.
  *
  * <p>Why: crossing from the JVM into Python costs more per record than our scoring itself. A batch
@@ -22,7 +23,9 @@ import org.apache.flink.types.Row;
  * no state, and the source offsets in a checkpoint cover exactly what Python has received.
  *
  * <p>Frame per record (big-endian): key (int length, -1 = null, bytes), value (same), topic
- * (Java UTF), partition (int), offset (long), timestamp in ms (long).
+ * (Java UTF), partition (int), offset (long), timestamp in ms (long), the value of the header named
+ * {@code header} (as key; -1 when absent: a row without headers, or without that one). One header only:
+ * the job reads nothing else of them, and most records carry none.
  */
 public class RecordBatcher extends AbstractStreamOperator<byte[]> implements OneInputStreamOperator<Row, byte[]> {
     private static final long serialVersionUID = 1L;
@@ -31,14 +34,16 @@ public class RecordBatcher extends AbstractStreamOperator<byte[]> implements One
 
     private final int maxRecords;
     private final long maxDelayMs;
+    private final String header;
     private transient ByteArrayOutputStream bytes;
     private transient DataOutputStream out;
     private transient int count;
     private transient boolean timerArmed;
 
-    public RecordBatcher(int maxRecords, long maxDelayMs) {
+    public RecordBatcher(int maxRecords, long maxDelayMs, String header) {
         this.maxRecords = Math.max(1, maxRecords);
         this.maxDelayMs = Math.max(0, maxDelayMs);
+        this.header = header;
     }
 
     @Override
@@ -60,6 +65,7 @@ public class RecordBatcher extends AbstractStreamOperator<byte[]> implements One
         Object offset = row.getField(4);
         out.writeLong(offset == null ? -1L : ((Number) offset).longValue());
         out.writeLong(epochMillis(row.getField(5)));
+        writeBytes(headerValue(row));
         count++;
         if (count >= maxRecords || bytes.size() >= MAX_BATCH_BYTES || maxDelayMs == 0) {
             flush();
@@ -111,6 +117,18 @@ public class RecordBatcher extends AbstractStreamOperator<byte[]> implements One
             out.writeInt(data.length);
             out.write(data);
         }
+    }
+
+    private byte[] headerValue(Row row) {
+        if (row.getArity() < 7) {
+            return null;
+        }
+        Object headers = row.getField(6);
+        if (!(headers instanceof Map)) {
+            return null;
+        }
+        Object value = ((Map<?, ?>) headers).get(header);
+        return value instanceof byte[] ? (byte[]) value : null;
     }
 
     private static long epochMillis(Object ts) {
