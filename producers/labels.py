@@ -14,7 +14,7 @@ verdicts to the transaction history, so the next model learns from what people c
   label are skipped (other columns are ignored).
 
 Every row is checked first; a bad row (an id that is not a plain id, no verdict, a time in the future,
-two different verdicts for one transaction in the file) is reported with its line and reason and not
+a quote left open, two different verdicts for one transaction in the file) is reported with its line and reason and not
 published, the others are (``--strict``: nothing is published when any row is bad; ``--dry-run``:
 nothing at all). Rows repeating an earlier row's verdict are counted once.
 
@@ -34,8 +34,7 @@ from __future__ import annotations
 import codecs
 import csv
 import getpass
-import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Protocol, TextIO
@@ -232,32 +231,122 @@ DELIMITERS = (",", "\t", ";")
 sign is a comma). The header line's most frequent one is the file's."""
 
 
+class _Lines:
+    """A file's physical lines for :func:`csv.reader`, numbered, remembering those of the row being read, and
+    able to hand lines back to be read again (:meth:`again`)."""
+
+    def __init__(self, f: TextIO) -> None:
+        self._f = f
+        self._read = 0
+        self._again: list[tuple[int, str]] = []
+        self._taken: list[tuple[int, str]] = []
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        if self._again:
+            number, line = self._again.pop()
+        else:
+            line = self._f.readline()
+            if not line:
+                raise StopIteration
+            self._read += 1
+            number = self._read
+        self._taken.append((number, line))
+        return line
+
+    def take(self) -> list[tuple[int, str]]:
+        """The lines handed out since the last call (the row just read), with their numbers."""
+        taken, self._taken = self._taken, []
+        return taken
+
+    def again(self, lines: Sequence[tuple[int, str]]) -> None:
+        """Hand ``lines`` out again, in their order, before the rest of the file."""
+        self._again.extend(reversed(lines))
+
+
+def _verdict_line(header: Sequence[str], delimiter: str) -> Callable[[str], bool]:
+    """Whether one physical line, read alone, is a row giving a transaction a verdict (a transaction id and a
+    verdict word in their columns); always false for a header of neither format."""
+    try:
+        fmt = detect_format(header)
+    except LabelFileError:
+        return lambda _line: False
+    names = [name.strip().lower() for name in header]
+    tx_column, label_column = ("transaction_id", "label") if fmt == SIMPLE else ("event_id", "event_label")
+    tx, verdict = names.index(tx_column), names.index(label_column)
+
+    def test(line: str) -> bool:
+        values = next(csv.reader([line], delimiter=delimiter), [])
+        return (
+            len(values) > max(tx, verdict) and bool(values[tx].strip()) and values[verdict].strip().lower() in VERDICTS
+        )
+
+    return test
+
+
+def _inside_quote(taken: Sequence[tuple[int, str]], delimiter: str) -> Sequence[tuple[int, str]]:
+    """The lines after the first of a row that spans several, which lie wholly inside its open quoted field: all of
+    them when the quote is never closed as ``csv`` wants it closed (at the end of the file, or followed by more
+    text), else all but the last, which closes the field and holds the rest of the row's fields."""
+    try:
+        for _ in csv.reader([line for _, line in taken], delimiter=delimiter, strict=True):
+            pass
+    except csv.Error:
+        return taken[1:]
+    return taken[1:-1]
+
+
 def read_label_csv(f: TextIO) -> tuple[list[str], list[tuple[int, list[str] | InvalidRecord]]]:
     """The header and the data rows (``(line, values)``) of a CSV; blank lines are skipped (before the header too:
     exports and hand edits leave some, and the file was refused as having no header) and a row that ``csv``
-    refuses is kept as its ``InvalidRecord``. :class:`LabelFileError` when there is no header."""
-    first, blank = f.readline(), 0
+    refuses is kept as its ``InvalidRecord``. :class:`LabelFileError` when there is no header.
+
+    A field that opens a quote runs on over the next lines until one closes it (a reason written on two lines).
+    Where one of those lines is a verdict row of its own, the quote was never closed: that row is bad on its
+    first line and the lines after it are read again as rows. Taken as one field, an unclosed quote put every
+    later verdict of the file into one reason, none of them published and none reported."""
+    lines = _Lines(f)
+    first = next(lines, "")
     while first and not first.strip():
-        first, blank = f.readline(), blank + 1
+        lines.take()
+        first = next(lines, "")
     delimiter = max(DELIMITERS, key=first.count)
-    reader = csv.reader(itertools.chain([first] if first else [], f), delimiter=delimiter)
+    lines.again(lines.take())  # the header line, for the reader
+    reader = csv.reader(lines, delimiter=delimiter)
     try:
         header = next(reader)
     except StopIteration:
         raise LabelFileError("the file is empty") from None
     except csv.Error as exc:
         raise LabelFileError(f"the header cannot be read: {exc}") from None
+    lines.take()
+    own_row = _verdict_line(header, delimiter)
     rows: list[tuple[int, list[str] | InvalidRecord]] = []
     while True:
-        start = blank + reader.line_num + 1
+        error: InvalidRecord | None = None
         try:
             values = next(reader)
         except StopIteration:
             break
         except csv.Error as exc:
-            rows.append((start, InvalidRecord("invalid", f"the row cannot be read: {exc}")))
-            continue
-        if any(value.strip() for value in values):
+            values, error = [], InvalidRecord("invalid", f"the row cannot be read: {exc}")
+        taken = lines.take()
+        if not taken:
+            break
+        start = taken[0][0]
+        if len(taken) > 1 and any(own_row(line) for _, line in _inside_quote(taken, delimiter)):
+            lines.again(taken[1:])
+            rows.append(
+                (
+                    start,
+                    InvalidRecord("invalid", f"a quote opened on this line is not closed before line {taken[1][0]}"),
+                )
+            )
+        elif error is not None:
+            rows.append((start, error))
+        elif any(value.strip() for value in values):
             rows.append((start, values))
     return header, rows
 

@@ -233,6 +233,33 @@ def test_blank_lines_before_the_header_are_skipped_and_lines_keep_their_numbers(
     assert [b.line for b in found.bad] == [7], "the physical line, blank ones counted"
 
 
+@pytest.mark.parametrize(
+    "opened",
+    ['tx-1,fraud,"card stolen\n', 'tx-1,fraud,"card stolen\r\n', 'tx-1,"fraud\n', "EOF"],
+    ids=["reason", "crlf", "verdict", "fraud-detector"],
+)
+def test_a_quote_left_open_costs_its_row_not_every_later_verdict_of_the_file(opened: str) -> None:
+    """csv ran the quoted field on to the end of the file (or to the next quote): the later verdicts became one
+    row's reason, none published and none reported, and the import exited 0 with the rows before it published."""
+    if opened == "EOF":  # Fraud Detector's shape: EVENT_ID, then EVENT_LABEL
+        text = 'EVENT_ID,EVENT_LABEL,note\ntx-1,fraud,"card stolen\ntx-2,legit,ok\ntx-3,fraud,"x"\n'
+    else:
+        text = "transaction_id,label,reason\n" + opened + 'tx-2,legit,ok\ntx-3,fraud,"x"\n'
+    found = csv_labels(text)
+    assert [(x.transaction_id, x.label) for x in found.labels] == [("tx-2", 0), ("tx-3", 1)]
+    assert [(b.line, b.reason) for b in found.bad] == [(2, "a quote opened on this line is not closed before line 3")]
+
+
+def test_a_reason_quoted_over_several_lines_is_still_one_row() -> None:
+    text = 'transaction_id,label,reason\ntx-1,fraud,"card stolen,\nsays the issuer\n0, fraud"\ntx-2,legit,ok\n'
+    found = csv_labels(text)
+    assert [(x.transaction_id, x.reason) for x in found.labels] == [
+        ("tx-1", "card stolen,\nsays the issuer\n0, fraud"),
+        ("tx-2", "ok"),
+    ]
+    assert not found.bad
+
+
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-8-sig", "utf-8"])
 def test_a_utf16_export_reads_as_its_utf8_copy(tmp_path, encoding: str) -> None:
     """Excel's "Unicode text" is UTF-16 with a byte-order mark, tab-separated: it was a header error."""
