@@ -188,6 +188,11 @@ def _row_label(
     """One row's verdict (None: a Fraud Detector row without a label); ``InvalidRecord`` when it is bad."""
     if isinstance(values, InvalidRecord):
         raise values
+    if any(_undecodable(value) for value in values):
+        raise InvalidRecord(
+            "not_utf8",
+            "the row is not UTF-8 (saved in another encoding, as Excel's plain CSV is: save it as CSV UTF-8)",
+        )
     if len(values) > width and any(value.strip() for value in values[width:]):
         # empty ones past the header are a spreadsheet's trailing separator (``tx-1,fraud,``), not data
         raise InvalidRecord("invalid", f"{len(values) - width} more field(s) than the header")
@@ -219,6 +224,12 @@ def _row_label(
         reason=(cell("reason") if fmt == SIMPLE else None) or defaults.reason,
         case_id=cell("case_id") if fmt == SIMPLE else None,
     )
+
+
+def _undecodable(text: str) -> bool:
+    """Whether ``text`` holds bytes the file's encoding could not read (kept as lone surrogates, see
+    :func:`decode_errors`)."""
+    return not text.isascii() and any("\udc80" <= char <= "\udcff" for char in text)
 
 
 def header_name(fmt: str, column: str) -> str:
@@ -357,6 +368,13 @@ def file_encoding(path: Path) -> str:
     with path.open("rb") as f:
         start = f.read(2)
     return "utf-16" if start in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else "utf-8-sig"
+
+
+def decode_errors(encoding: str) -> str:
+    """How to read bytes that are not text in ``encoding``: kept (``surrogateescape``) in a UTF-8 file, so that its
+    row is refused (:func:`_undecodable`); replaced with U+FFFD took a Windows-1252 export's ``Rückbuchung`` as
+    ``R\ufffdckbuchung`` and published it. UTF-16 keeps ``replace``: a broken pair's bytes below 0x80 cannot be kept."""
+    return "replace" if encoding == "utf-16" else "surrogateescape"
 
 
 def labels_from_csv(f: TextIO, defaults: Defaults) -> LabelImport:
@@ -535,7 +553,8 @@ def import_command(
         source=_source(source), decided_at=_decided_at(decided_at, now), now_ms=now, decided_by=by, reason=reason
     )
     try:
-        with csv_path.open(newline="", encoding=file_encoding(csv_path), errors="replace") as f:
+        encoding = file_encoding(csv_path)
+        with csv_path.open(newline="", encoding=encoding, errors=decode_errors(encoding)) as f:
             found = labels_from_csv(f, defaults)
     except OSError as exc:
         raise _fail(f"{csv_path}: {exc.strerror or exc}") from None

@@ -438,6 +438,23 @@ def test_cli_import_publishes_the_good_rows_and_lists_the_bad(cli: FakeProducer,
     assert {Label.decode(v or b"").source for _, _, v in cli.sent} == {"chargeback"}
 
 
+def test_cli_import_of_a_windows_1252_export_refuses_its_rows_that_are_not_utf8_instead_of_garbling_them(
+    cli: FakeProducer, tmp_path
+) -> None:
+    """Excel's plain "CSV" is Windows-1252: read with replacement characters, ``Rückbuchung`` was published as
+    ``R\ufffdckbuchung`` (and ``Müller`` as the deciding person) on the labels topic, where it stays in force."""
+    path = tmp_path / "chargebacks.csv"
+    path.write_bytes(
+        "transaction_id;label;reason;decided_by\ntx-1;fraud;Rückbuchung;Müller\ntx-2;legit;ok;ana\n".encode("cp1252")
+    )
+    result = CliRunner().invoke(labels_cli.app, ["import", str(path), "--decided-at", "2026-01-20T00:00:00Z"])
+    assert result.exit_code == 0, result.output
+    assert "line 2: the row is not UTF-8" in result.output and "1 verdict(s)" in result.output
+    assert [(Label.decode(v or b"").transaction_id, Label.decode(v or b"").reason) for _, _, v in cli.sent] == [
+        ("tx-2", "ok")
+    ]
+
+
 @pytest.mark.parametrize("text", ["transaction_id,label\n", "transaction_id,label\ntx 1,fraud\ntx-2,perhaps\n"])
 def test_cli_import_of_a_file_without_one_good_verdict_exits_1(cli: FakeProducer, tmp_path, text) -> None:
     path = tmp_path / "chargebacks.csv"
