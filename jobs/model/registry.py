@@ -6,7 +6,8 @@ and recorded beside the decision but never deciding. The job's :class:`ModelRegi
 pointers at most every ``model.reload_interval_s`` and swaps models between batches, so ``promote``
 takes effect in a running job without a restart. Each pointer is replaced atomically (temp file,
 rename): a reader never sees half a name. A pointer naming a missing or incompatible artifact is
-logged and ignored -- the models in use stay -- so a bad promotion never stops scoring.
+logged and ignored -- the models in use stay -- so a bad promotion never stops scoring; a challenger that
+does not load holds back neither the start nor a new champion (it never decides).
 
 The commands change the pointers by compare-and-swap (:func:`swap_pointers`): each reads both pointers first
 and writes only if, under an exclusive lock on ``.pointers.lock``, they are still what it read; otherwise it
@@ -139,6 +140,8 @@ class ModelRegistry:
         self._retry_s = 0.0
         self._retry_at = 0.0
         """When pointers that failed are loaded again: the pause doubles per failure up to :data:`RETRY_MAX_S`."""
+        self._seen: tuple[str | None, str | None] | None = (None, None)
+        """The pointers whose models are in use; None while one of them failed to load."""
         if settings is None:  # fixed models: never re-read anything
             self.root: Path | None = None
             self.pinned: tuple[str | None, str | None] = (None, None)
@@ -148,7 +151,6 @@ class ModelRegistry:
         self.root = settings.models_root
         self.pinned = (settings.model.artifact, settings.model.challenger)
         self.interval = settings.model.reload_interval_s
-        self._seen = (None, None)
         self.refresh(force=True, strict=True)
 
     @classmethod
@@ -173,7 +175,9 @@ class ModelRegistry:
         ``strict`` (at start): a missing champion raises :class:`ModelArtifactError`. Later, a pointer
         naming something unloadable (or unreadable) is logged once and the models in use stay; it is tried
         again after a pause that doubles up to :data:`RETRY_MAX_S`, so a version still being copied in is
-        taken once it is whole."""
+        taken once it is whole. The challenger never decides, so one that cannot be loaded holds back neither
+        the start nor a new champion: the champion is taken, the challenger in use stays (none at start, or
+        when it is the new champion) and the challenger's pointer is tried again the same way."""
         if self.root is None:
             return False
         now = self.clock()
@@ -193,32 +197,61 @@ class ModelRegistry:
                 raise ModelArtifactError(
                     f"no champion model in {self.root} (make train-default, or jobs.model.train train CSV)"
                 )
-            challenger = self._load(wanted[1], self.challenger, champion) if wanted[1] != wanted[0] else None
-            if challenger is not None and challenger.version == champion.version:
-                challenger = None  # a copy of the champion under another name: no second model to compare
         except (ModelArtifactError, OSError, ValueError) as exc:
             if strict:
                 raise ModelArtifactError(str(exc)) from exc
-            failed = (wanted, str(exc))
-            if failed != self._failed:  # once per cause, not every interval
-                log.warning(
-                    "model pointers name %s / %s, which cannot be loaded (%s): keeping %s / %s",
-                    *(wanted or ("?", "?")),
-                    exc,
-                    *self._seen,
-                )
-            same = self._failed is not None and self._failed[0] == wanted
-            self._retry_s = min(RETRY_MAX_S, 2 * self._retry_s) if same else self.interval
-            self._retry_at = now + self._retry_s
-            self._failed = failed
+            self._failure(wanted, exc, now)
             return False
-        changed = (champion.version, self._version(challenger)) != self._seen
+        seen: tuple[str | None, str | None] | None = wanted
+        try:
+            challenger = self._load_challenger(wanted, champion)
+        except (ModelArtifactError, OSError, ValueError) as exc:
+            held = self.challenger
+            challenger = held if held is not None and held.version != champion.version else None
+            self._failure(wanted, exc, now, keeping=(champion, challenger))
+            seen = None  # not all the pointers name the models in use: looked at again (after the pause)
+        else:
+            self._failed = None
+        changed = (champion.version, self._version(challenger)) != (
+            self._version(self.champion),
+            self._version(self.challenger),
+        )
         self.champion, self.challenger = champion, challenger
-        self._seen, self._failed = wanted, None
+        self._seen = seen
         if changed and not force:
             self.swaps += 1
             log.info("models now: champion %s, challenger %s", champion.version, self._version(challenger))
         return changed
+
+    def _load_challenger(self, wanted: tuple[str | None, str | None], champion: LocalModel) -> LocalModel | None:
+        if wanted[1] is None or wanted[1] == wanted[0]:
+            return None
+        challenger = self._load(wanted[1], self.challenger, champion)
+        if challenger is not None and challenger.version == champion.version:
+            return None  # a copy of the champion under another name: no second model to compare
+        return challenger
+
+    def _failure(
+        self,
+        wanted: tuple[str | None, str | None] | None,
+        exc: Exception,
+        now: float,
+        keeping: tuple[LocalModel | None, LocalModel | None] | None = None,
+    ) -> None:
+        """Log a failed load once per cause and set when the same pointers are tried again."""
+        failed = (wanted, str(exc))
+        kept = keeping if keeping is not None else (self.champion, self.challenger)
+        if failed != self._failed:  # once per cause, not every interval
+            log.warning(
+                "model pointers name %s / %s, which cannot be loaded (%s): keeping %s / %s",
+                *(wanted or ("?", "?")),
+                exc,
+                *(self._version(model) for model in kept),
+            )
+        same = self._failed is not None and self._failed[0] == wanted
+        self._retry_s = min(RETRY_MAX_S, 2 * self._retry_s) if same else self.interval
+        self._retry_at = now + self._retry_s
+        self._failed = failed
 
     def _load(self, version: str | None, *have: LocalModel | None) -> LocalModel | None:
         """The model ``version`` names, reusing a loaded one of the same version."""

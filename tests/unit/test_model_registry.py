@@ -226,6 +226,42 @@ def test_a_pointer_to_a_missing_model_keeps_the_models_in_use(tmp_path):
     assert registry.champion is not None and registry.champion.version == champ
 
 
+def test_a_challenger_that_cannot_be_loaded_does_not_stop_the_job_at_start_and_is_taken_once_whole(tmp_path, caplog):
+    """The challenger never decides: a CHALLENGER naming a version gone or damaged stopped the job at every start
+    (no transaction scored); the champion now scores alone, and the challenger joins once it loads."""
+    champ, chal = _models(tmp_path)
+    write_pointer(tmp_path, CHALLENGER, chal)
+    moved = tmp_path.parent / f"{tmp_path.name}-away"
+    (tmp_path / chal).rename(moved)
+    clock = Clock()
+    with caplog.at_level("WARNING", logger="checkout_guard.models"):
+        registry = ModelRegistry(_settings(tmp_path), clock=clock)
+        assert registry.champion is not None and registry.champion.version == champ
+        assert registry.challenger is None
+        for step in range(10, 100, 5):
+            clock.now = float(step)
+            assert registry.refresh() is False
+    assert len([r for r in caplog.records if "cannot be loaded" in r.getMessage()]) == 1, "logged once"
+    moved.rename(tmp_path / chal)
+    clock.now = 200.0
+    assert registry.refresh() is True
+    assert registry.challenger is not None and registry.challenger.version == chal
+
+
+def test_a_new_champion_is_taken_even_when_its_challenger_cannot_be_loaded(tmp_path):
+    """A promotion together with a challenger that does not load: the job kept scoring with the old champion while
+    ``status`` named the new one; the new champion decides now, without that challenger."""
+    champ, chal = _models(tmp_path)
+    clock = Clock()
+    registry = ModelRegistry(_settings(tmp_path), clock=clock)
+    write_pointer(tmp_path, CURRENT, chal)
+    write_pointer(tmp_path, CHALLENGER, "gbm-20990101-deadbeef")
+    clock.now = 10.0
+    assert registry.refresh() is True
+    assert registry.champion is not None and registry.champion.version == chal
+    assert registry.challenger is None
+
+
 def test_a_pinned_champion_is_not_moved_by_the_pointer(tmp_path):
     champ, chal = _models(tmp_path)
     clock = Clock()
