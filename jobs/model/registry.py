@@ -192,7 +192,7 @@ class ModelRegistry:
                 return False
             if not force and self._failed is not None and self._failed[0] == wanted and now < self._retry_at:
                 return False  # the same pointers failed: tried again with a growing pause, not every interval
-            champion = self._load(wanted[0], self.champion)
+            champion = self._load(wanted[0], self.champion, self.challenger)
             if champion is None:
                 raise ModelArtifactError(
                     f"no champion model in {self.root} (make train-default, or jobs.model.train train CSV)"
@@ -226,7 +226,7 @@ class ModelRegistry:
     def _load_challenger(self, wanted: tuple[str | None, str | None], champion: LocalModel) -> LocalModel | None:
         if wanted[1] is None or wanted[1] == wanted[0]:
             return None
-        challenger = self._load(wanted[1], self.challenger, champion)
+        challenger = self._load(wanted[1], self.challenger, self.champion, champion)
         if challenger is not None and challenger.version == champion.version:
             return None  # a copy of the champion under another name: no second model to compare
         return challenger
@@ -254,7 +254,8 @@ class ModelRegistry:
         self._failed = failed
 
     def _load(self, version: str | None, *have: LocalModel | None) -> LocalModel | None:
-        """The model ``version`` names, reusing a loaded one of the same version."""
+        """The model ``version`` names, reusing a loaded one of the same version (in either role: a promotion swaps
+        the two models in memory, it does not read them from disk again)."""
         if version is None:
             return None
         for model in have:

@@ -262,6 +262,26 @@ def test_a_new_champion_is_taken_even_when_its_challenger_cannot_be_loaded(tmp_p
     assert registry.challenger is None
 
 
+def test_a_promotion_swaps_the_loaded_models_without_reading_them_from_disk_again(tmp_path, monkeypatch):
+    """A promotion swaps the two roles: both models are loaded already. Each was read from disk again (a pause in
+    scoring), and an old champion whose folder had gone since was lost as challenger."""
+    champ, chal = _models(tmp_path)
+    write_pointer(tmp_path, CHALLENGER, chal)
+    clock = Clock()
+    registry = ModelRegistry(_settings(tmp_path), clock=clock)
+    loads: list[Path] = []
+    load = LocalModel.load
+    monkeypatch.setattr(LocalModel, "load", classmethod(lambda cls, path: loads.append(path) or load(path)))
+    shutil.rmtree(tmp_path / champ)  # the old champion's folder, cleaned away after the job loaded it
+    write_pointer(tmp_path, CURRENT, chal)
+    write_pointer(tmp_path, CHALLENGER, champ)
+    clock.now = 10.0
+    assert registry.refresh() is True
+    assert registry.champion is not None and registry.champion.version == chal
+    assert registry.challenger is not None and registry.challenger.version == champ
+    assert loads == []
+
+
 def test_a_pinned_champion_is_not_moved_by_the_pointer(tmp_path):
     champ, chal = _models(tmp_path)
     clock = Clock()
