@@ -131,19 +131,31 @@ class CaseCore:
 
     # --- state -------------------------------------------------------------------------------------
     def load_case(self, key: bytes | None, value: bytes | None) -> None:
+        """A record of ``cases`` (the start-up read): one that does not decode is logged and skipped, since an
+        exception stops that read and with it every start of the service."""
         if value is not None:
-            self.book.load(Case.decode(value))
+            try:
+                case = Case.decode(value)
+            except (InvalidRecord, TypeError, ValueError) as exc:
+                _undecodable_state(CASES, key, exc)
+                return
+            self.book.load(case)
         elif key is not None:  # a case removed by retention, not yet compacted away
-            self.book.forget(key.decode())
+            self.book.forget(key.decode("utf-8", "replace"))
 
     def load_watchlist(self, key: bytes | None, value: bytes | None) -> None:
+        """A record of ``watchlist`` (at start and while running): one that does not decode is logged and skipped."""
         if key is None:
             return
         if value is None:
-            self.references.pop(key.decode(), None)
-            self.enrolment_sales.pop(key.decode(), None)
+            self.references.pop(key.decode("utf-8", "replace"), None)
+            self.enrolment_sales.pop(key.decode("utf-8", "replace"), None)
             return
-        entry = WatchlistEntry.decode(value)
+        try:
+            entry = WatchlistEntry.decode(value)
+        except (InvalidRecord, TypeError, ValueError) as exc:
+            _undecodable_state(WATCHLIST, key, exc)
+            return
         if entry.source_transaction_id:
             self.enrolment_sales[entry.subject_id] = entry.source_transaction_id
         if entry.reference_image_ref:
@@ -491,6 +503,13 @@ class CaseCore:
         # the input's headers (a command's signature) ride along, so a re-driven command is still the bot's
         headers = dead_letter_headers(src.headers)
         return Out(DEAD_LETTERS, dl.dead_letter_id.encode(), dl.encode(), headers, reason=error.kind)
+
+
+def _undecodable_state(topic: TopicSpec, key: bytes | None, exc: Exception) -> None:
+    """Say which record of a state topic was skipped (its key: a case or subject id), never its bytes."""
+    kind = exc.kind if isinstance(exc, InvalidRecord) else type(exc).__name__
+    name = key.decode("utf-8", "replace")[:128] if key is not None else "-"
+    log.warning("%s record %s skipped: it does not decode (%s)", topic.name, name, kind)
 
 
 class CaseService:

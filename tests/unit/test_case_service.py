@@ -198,6 +198,24 @@ def test_undecided_cases_expire_after_the_setting_once(core) -> None:
     assert of(late, CASES) == [] and "already expired" in audits(late)[0].reason
 
 
+def test_a_record_that_does_not_decode_on_cases_or_watchlist_is_skipped_when_state_is_rebuilt(core, caplog) -> None:
+    """The start-up read of ``cases`` and ``watchlist`` stops at an exception: one record the service cannot decode
+    (written by a newer version before a rollback, a stray producer) stopped the case service at every start."""
+    case = opened(core)
+    restarted = CaseCore(core.settings)
+    entry = WatchlistEntry("subj-a", "SUSPECT", [[0.0] * 4], "fraud", GUARD, NOW, "local://reference/subj-a.jpg")
+    with caplog.at_level("WARNING", logger="jobs.cases.service"):
+        restarted.load_case(b"case-000000000000", b"not a case record")
+        restarted.load_case(b"\xff\xfe", None)  # a tombstone whose key is not text
+        restarted.load_case(case.case_id.encode(), case.encode())
+        restarted.load_watchlist(b"subj-b", b"not an entry")
+        restarted.load_watchlist(b"subj-a", entry.encode())
+    assert list(restarted.book.cases) == [case.case_id]
+    assert restarted.references == {"subj-a": "local://reference/subj-a.jpg"}
+    skipped = [r.getMessage() for r in caplog.records if "does not decode" in r.getMessage()]
+    assert len(skipped) == 2 and "case-000000000000" in skipped[0] and "not a case record" not in skipped[0]
+
+
 def test_state_is_rebuilt_from_the_topics(core) -> None:
     case = opened(core)
     outs = core.on_command(command_src("DISMISS", case.case_id, "m0"), NOW)
