@@ -70,6 +70,10 @@ HEARTBEAT_TIMEOUT_MS = 10000
 """A TaskManager that is gone (SIGKILL, a lost machine) is noticed within ~10 s, not Flink's default 50 s, so
 its job restarts from the last checkpoint as soon as a replacement registers."""
 SERVICE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+JOB_NAME = "checkout-guard-scoring"
+"""The scoring job's Flink name (``pipeline.name``): how ``submit`` and ``stop`` tell it from other jobs."""
+ENDED_STATES = frozenset({"FINISHED", "FAILED", "CANCELED"})
+"""Flink job states after which a job never runs again; any other (RUNNING, RESTARTING, CREATED, ...) is live."""
 
 
 class FlinkClusterError(CheckoutGuardError, RuntimeError):
@@ -584,6 +588,26 @@ def status(settings: Settings) -> dict[str, Any]:
     }
 
 
+def live_scoring_jobs(listed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The scoring jobs of ``listed`` (REST ``/jobs/overview``) that have not ended: running, restarting after a
+    lost TaskManager, being created or cancelled."""
+    return [job for job in listed if job.get("name") == JOB_NAME and job.get("state") not in ENDED_STATES]
+
+
+def second_job_problem(listed: list[dict[str, Any]]) -> str | None:
+    """Why a scoring job must not be submitted beside the jobs ``listed``, or None. Two of them on one checkpoint
+    dir and consumer group split the partitions, each restores the other's newest checkpoint at its restarts, and
+    every record is decided by whichever holds its partition, with half the state."""
+    live = live_scoring_jobs(listed)
+    if not live:
+        return None
+    named = ", ".join(f"{job.get('jid')} ({job.get('state')})" for job in live)
+    return (
+        f"the scoring job already runs on the cluster: {named}; `flink stop` it first (a savepoint: the new job "
+        "resumes from it; a rescale is stop, then submit with the new parallelism)"
+    )
+
+
 SLOT_WAIT_S = 15.0
 """How long ``submit`` waits for enough free slots: a job just stopped hands its slots back within seconds."""
 
@@ -631,10 +655,14 @@ def submit(
 ) -> subprocess.CompletedProcess:
     """Run ``flink run -d -p N -pym jobs.flink.job`` against this cluster from the repo root (the client
     imports the job from there); returns once the job is submitted. Raises with the CLI's output on failure, and
-    before it when the cluster has not ``parallelism`` free slots (:func:`wait_for_slots`)."""
+    before it when the cluster does not answer, already runs the scoring job (:func:`second_job_problem`: with
+    free slots a second submit, a rescale without its stop, started a second job beside the first) or has not
+    ``parallelism`` free slots (:func:`wait_for_slots`)."""
     paths, flink = ClusterPaths.of(settings), flink_home()
     if not paths.config_yaml.exists():
         raise FlinkClusterError("no cluster config: `python -m infra.stack flink up` first")
+    if (problem := second_job_problem(jobs(settings, must_answer=True))) is not None:
+        raise FlinkClusterError(problem)
     wait_for_slots(settings, parallelism)
     done = subprocess.run(
         submit_command(flink, parallelism, sys.executable),

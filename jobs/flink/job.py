@@ -40,7 +40,7 @@ from pyflink.datastream import DataStream, StreamExecutionEnvironment
 from pyflink.table import DataTypes, Schema, StreamTableEnvironment, TableDescriptor
 
 from infra.addresses import client_host, is_wildcard, reporter_host
-from infra.flink_cluster import REPORTER, REPORTER_DIR, REPORTER_FACTORY
+from infra.flink_cluster import JOB_NAME, REPORTER, REPORTER_DIR, REPORTER_FACTORY
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.metrics import port_of
 from infra.settings import REPO_ROOT, Settings, face_deadline_problem, get_settings
@@ -429,7 +429,7 @@ def program_options(settings: Settings, restore_from: Path | None) -> dict[str, 
     job = settings.job
     values = {
         "pipeline.jars": ";".join(jar.resolve().as_uri() for jar in flink_connector_jars(settings)),
-        "pipeline.name": "checkout-guard-scoring",
+        "pipeline.name": JOB_NAME,
         "python.executable": sys.executable,
         "python.client.executable": sys.executable,
         "python.execution-mode": job.python_execution_mode,
@@ -686,11 +686,11 @@ def main(settings: Settings | None = None, log_level: str | None = None) -> None
     out = build_pipeline(kafka_source(t_env, settings), settings, broadcast_source(t_env, settings))
     kafka_sink(t_env, out, settings)
     if on_cluster:  # `flink run -d`: build, submit, return; the cluster runs it (and its reporter)
-        client = env.execute_async("checkout-guard-scoring")
+        client = env.execute_async(JOB_NAME)
         log.info("job %s submitted to the cluster", client.get_job_id())
         return
     _with_reporter(settings)
-    client = env.execute_async("checkout-guard-scoring")
+    client = env.execute_async(JOB_NAME)
     run_until_done(client, settings)
 
 

@@ -4,6 +4,7 @@ split between program-level options (a cluster takes them from ``flink run``) an
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,7 @@ def test_submit_refuses_a_parallelism_the_cluster_cannot_run_before_flink_run(tm
     paths.config_yaml.write_text("{}")
     monkeypatch.setattr(fc, "flink_home", lambda: Path("/wheel/pyflink"))
     monkeypatch.setattr(fc, "overview", lambda _settings, timeout=2.0: _overview(total=2, free=2))
+    monkeypatch.setattr(fc, "jobs", lambda _settings, must_answer=False: [])
 
     def not_run(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("flink run must not be called")
@@ -162,6 +164,75 @@ def test_submit_refuses_a_parallelism_the_cluster_cannot_run_before_flink_run(tm
     monkeypatch.setattr(fc.subprocess, "run", not_run)
     with pytest.raises(fc.FlinkClusterError, match="needs 4 task slots; the cluster has 2"):
         fc.submit(settings, JAVA, parallelism=4)
+
+
+def _cluster_answers(monkeypatch: pytest.MonkeyPatch, listed: list[dict[str, object]]) -> list[list[str]]:
+    """A cluster with 4 free slots whose REST ``/jobs/overview`` lists ``listed``; the ``flink run`` calls made."""
+    import httpx
+
+    def get(url: str, timeout: float = 0.0) -> httpx.Response:
+        assert url.endswith("/jobs/overview"), url
+        return httpx.Response(200, json={"jobs": listed}, request=httpx.Request("GET", url))
+
+    monkeypatch.setattr(fc, "flink_home", lambda: Path("/wheel/pyflink"))
+    monkeypatch.setattr(fc.httpx, "get", get)
+    monkeypatch.setattr(fc, "overview", lambda _settings, timeout=2.0: _overview(total=4, free=4 - len(listed)))
+    calls: list[list[str]] = []
+
+    def run(cmd: list[str], **_kwargs: object) -> subprocess.CompletedProcess:
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, "Job has been submitted with JobID abc\n", "")
+
+    monkeypatch.setattr(fc.subprocess, "run", run)
+    return calls
+
+
+def _configured(tmp_path: Path) -> Settings:
+    settings = _settings(tmp_path)
+    fc.ClusterPaths.of(settings).conf.mkdir(parents=True)
+    fc.ClusterPaths.of(settings).config_yaml.write_text("{}")
+    return settings
+
+
+@pytest.mark.parametrize("state", ["RUNNING", "RESTARTING", "INITIALIZING"])
+def test_submit_refuses_to_start_the_scoring_job_beside_a_live_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, state: str
+) -> None:
+    """With free slots (the default submit is p = 1 on two slots, or a rescale whose `flink stop` was left out, or
+    whose job was restarting after a lost TaskManager) a second submit started a second scoring job beside the first:
+    the same consumer group and checkpoint dir, each deciding half the partitions with half the state."""
+    calls = _cluster_answers(monkeypatch, [{"jid": "j1", "name": fc.JOB_NAME, "state": state}])
+    with pytest.raises(fc.FlinkClusterError, match=f"already runs on the cluster: j1 \\({state}\\); `flink stop`"):
+        fc.submit(_configured(tmp_path), JAVA, parallelism=1)
+    assert calls == [], "flink run must not be called"
+
+
+def test_submit_goes_on_beside_ended_scoring_jobs_and_other_jobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    listed = [
+        {"jid": "old", "name": fc.JOB_NAME, "state": "FINISHED"},  # stopped with a savepoint: the rescale's stop
+        {"jid": "gone", "name": fc.JOB_NAME, "state": "CANCELED"},
+        {"jid": "theirs", "name": "inventory-forecast", "state": "RUNNING"},
+    ]
+    calls = _cluster_answers(monkeypatch, listed)
+    fc.submit(_configured(tmp_path), JAVA, parallelism=1)
+    assert len(calls) == 1 and calls[0][1:2] == ["run"]
+
+
+def test_submit_to_a_cluster_that_does_not_answer_is_an_error_before_flink_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = _configured(tmp_path)
+    settings = settings.model_copy(update={"flink": settings.flink.model_copy(update={"rest_port": 1})})
+    monkeypatch.setattr(fc, "flink_home", lambda: Path("/wheel/pyflink"))
+
+    def not_run(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("flink run must not be called")
+
+    monkeypatch.setattr(fc.subprocess, "run", not_run)
+    with pytest.raises(fc.FlinkClusterError, match="the Flink cluster did not answer at http://127.0.0.2:1/"):
+        fc.submit(settings, JAVA, parallelism=1)
 
 
 def test_submit_waits_a_little_for_the_slots_of_a_job_that_just_stopped(tmp_path: Path, monkeypatch) -> None:
