@@ -680,15 +680,26 @@ def submit(
 
 
 def stop_with_savepoint(settings: Settings, java_home: Path, timeout_s: float = 300.0) -> list[str]:
-    """Stop every running job of the cluster with a savepoint under ``<checkpoint dir>/savepoints``, where the
-    job's next start finds it as its newest state (here or on the mini-cluster); returns the savepoints."""
+    """Stop the scoring job on the cluster with a savepoint under ``<checkpoint dir>/savepoints``, where the
+    job's next start finds it as its newest state (here or on the mini-cluster); returns the savepoints.
+
+    Other jobs of the cluster are left alone: stopped too, their savepoints landed in that folder, and the scoring
+    job's next start restored the newest one there, another job's. A scoring job that lives but does not run
+    (restarting after a lost TaskManager, being created) is an error, not "no job was running": it takes no
+    savepoint now, and it resumes once it can, beside whatever was submitted after that answer."""
     paths, flink = ClusterPaths.of(settings), flink_home()
     target = (settings.checkpoint_dir / "savepoints").resolve().as_uri()
     env = submit_env(settings, paths, java_home, dict(os.environ))
+    live = live_scoring_jobs(jobs(settings, must_answer=True))  # a cluster not answering is not "no job was running"
+    waiting = [job for job in live if job.get("state") != "RUNNING"]
+    if waiting:
+        named = ", ".join(f"{job.get('jid')} is {job.get('state')}" for job in waiting)
+        raise FlinkClusterError(
+            f"the scoring job {named}: a savepoint needs it RUNNING; nothing was stopped. Wait until `flink status` "
+            "shows every TaskManager registered and the job running, then stop again"
+        )
     done = []
-    for job in jobs(settings, must_answer=True):  # a cluster not answering is not "no job was running"
-        if job["state"] != "RUNNING":
-            continue
+    for job in live:
         stop = subprocess.run(
             stop_command(flink, str(job["jid"]), target),
             cwd=REPO_ROOT,
@@ -785,8 +796,8 @@ def cli(
 
     @app.command("stop")
     def stop_cmd() -> None:
-        """Stop the running jobs with a savepoint under <checkpoints>/savepoints (the next start restores it,
-        on the cluster or the mini-cluster)."""
+        """Stop the scoring job with a savepoint under <checkpoints>/savepoints (the next start restores it,
+        on the cluster or the mini-cluster); other jobs of the cluster are left running."""
         settings = settings_of()
         try:
             saved = stop_with_savepoint(settings, java_home_of(settings))

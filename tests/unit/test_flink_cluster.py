@@ -356,6 +356,42 @@ def test_stop_takes_a_canonical_savepoint_where_the_next_start_finds_it() -> Non
     assert fc.savepoint_path("Suspending job ...\n") is None
 
 
+def test_stop_takes_a_savepoint_of_the_scoring_job_only_not_of_the_clusters_other_jobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every RUNNING job was stopped, its savepoint written to the scoring job's savepoints folder, where the
+    scoring job's next start restored the newest one: perhaps another job's (its own state then dropped as
+    unclaimed)."""
+    listed = [
+        {"jid": "theirs", "name": "inventory-forecast", "state": "RUNNING"},
+        {"jid": "ours", "name": fc.JOB_NAME, "state": "RUNNING"},
+        {"jid": "before", "name": fc.JOB_NAME, "state": "FINISHED"},
+    ]
+    calls = _cluster_answers(monkeypatch, listed)
+    monkeypatch.setattr(
+        fc.subprocess,
+        "run",
+        lambda cmd, **_kw: (
+            calls.append(cmd)
+            or subprocess.CompletedProcess(cmd, 0, f"Savepoint completed. Path: file:/ck/savepoints/{cmd[-1]}\n", "")
+        ),
+    )
+    assert fc.stop_with_savepoint(_settings(tmp_path), JAVA) == ["file:/ck/savepoints/ours"]
+    assert [cmd[-1] for cmd in calls] == ["ours"]
+
+
+@pytest.mark.parametrize("state", ["RESTARTING", "INITIALIZING"])
+def test_stopping_a_scoring_job_that_is_not_running_is_an_error_not_no_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, state: str
+) -> None:
+    """A job restarting after a lost TaskManager was skipped: `flink stop` said "no job was running" and exited 0,
+    and the job resumed later beside the one the operator then submitted."""
+    calls = _cluster_answers(monkeypatch, [{"jid": "ours", "name": fc.JOB_NAME, "state": state}])
+    with pytest.raises(fc.FlinkClusterError, match=f"ours is {state}: a savepoint needs it RUNNING; nothing was"):
+        fc.stop_with_savepoint(_settings(tmp_path), JAVA)
+    assert calls == []
+
+
 def test_taskmanager_ports_past_65535_are_a_settings_error() -> None:
     """TaskManager i takes base + 2i and base + 2i + 1: a high base started a TaskManager on no port at all."""
     from pydantic import ValidationError
