@@ -650,6 +650,52 @@ def wait_for_slots(settings: Settings, parallelism: int, wait_s: float = SLOT_WA
         time.sleep(1.0)
 
 
+CLI_STOP_S = 5.0
+"""How long the ``flink`` CLI's process group gets after SIGTERM, on a time-out, before SIGKILL."""
+
+
+def run_cli(
+    cmd: list[str], env: dict[str, str], timeout_s: float, what: str, after: str
+) -> subprocess.CompletedProcess:
+    """Run the wheel's ``flink`` CLI from the repo root in its own process group, its output captured, for at most
+    ``timeout_s``. Past it (a JobManager that takes the request and never answers) or on Ctrl-C the whole group is
+    stopped, the CLI's JVM and the job's Python client it started alike, and a time-out is a
+    :class:`FlinkClusterError` naming ``what`` and ``after`` (what the cluster may still do). Before, the time-out
+    escaped as a traceback and killed the JVM alone: the Python client under it was left running."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO_ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its group is ours to stop; Ctrl-C reaches it through the except below
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except BaseException as exc:
+        _stop_group(proc)
+        if isinstance(exc, subprocess.TimeoutExpired):
+            raise FlinkClusterError(
+                f"{what} did not finish within {timeout_s:.0f} s and was stopped; {after}"
+            ) from None
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to ``proc``'s process group, SIGKILL to what is left of it after :data:`CLI_STOP_S`; never raises."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(CLI_STOP_S)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # the group's other members, even once the CLI itself is gone
+    with contextlib.suppress(subprocess.TimeoutExpired, OSError, ValueError):
+        proc.communicate(timeout=CLI_STOP_S)
+
+
 def submit(
     settings: Settings, java_home: Path, parallelism: int, timeout_s: float = 300.0
 ) -> subprocess.CompletedProcess:
@@ -664,15 +710,12 @@ def submit(
     if (problem := second_job_problem(jobs(settings, must_answer=True))) is not None:
         raise FlinkClusterError(problem)
     wait_for_slots(settings, parallelism)
-    done = subprocess.run(
+    done = run_cli(
         submit_command(flink, parallelism, sys.executable),
-        cwd=REPO_ROOT,
-        env=submit_env(settings, paths, java_home, dict(os.environ)),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
+        submit_env(settings, paths, java_home, dict(os.environ)),
+        timeout_s,
+        "flink run",
+        "the job may not have been submitted; see `flink status` and the web UI before submitting again",
     )
     if done.returncode != 0:
         raise FlinkClusterError(f"flink run failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -700,19 +743,18 @@ def stop_with_savepoint(settings: Settings, java_home: Path, timeout_s: float = 
         )
     done = []
     for job in live:
-        stop = subprocess.run(
+        stop = run_cli(
             stop_command(flink, str(job["jid"]), target),
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=False,
+            env,
+            timeout_s,
+            f"flink stop {job['jid']}",
+            "its savepoint may still complete and the job stop; see `flink status` before submitting again",
         )
         path = savepoint_path(stop.stdout)
         if stop.returncode != 0 or path is None:
-            raise FlinkClusterError(f"flink stop {job['jid']} failed ({stop.returncode}):\n{stop.stdout[-3000:]}")
+            raise FlinkClusterError(
+                f"flink stop {job['jid']} failed ({stop.returncode}):\n{stop.stdout[-3000:]}\n{stop.stderr[-3000:]}"
+            )
         log.info("job %s stopped with savepoint %s", job["jid"], path)
         done.append(path)
     return done

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -161,13 +163,16 @@ def test_submit_refuses_a_parallelism_the_cluster_cannot_run_before_flink_run(tm
     def not_run(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("flink run must not be called")
 
-    monkeypatch.setattr(fc.subprocess, "run", not_run)
+    monkeypatch.setattr(fc, "run_cli", not_run)
     with pytest.raises(fc.FlinkClusterError, match="needs 4 task slots; the cluster has 2"):
         fc.submit(settings, JAVA, parallelism=4)
 
 
-def _cluster_answers(monkeypatch: pytest.MonkeyPatch, listed: list[dict[str, object]]) -> list[list[str]]:
-    """A cluster with 4 free slots whose REST ``/jobs/overview`` lists ``listed``; the ``flink run`` calls made."""
+def _cluster_answers(
+    monkeypatch: pytest.MonkeyPatch, listed: list[dict[str, object]], fake_cli: bool = True
+) -> list[list[str]]:
+    """A cluster with 4 free slots whose REST ``/jobs/overview`` lists ``listed``; the ``flink`` CLI calls made
+    (``fake_cli``: answered here, each a success)."""
     import httpx
 
     def get(url: str, timeout: float = 0.0) -> httpx.Response:
@@ -179,11 +184,13 @@ def _cluster_answers(monkeypatch: pytest.MonkeyPatch, listed: list[dict[str, obj
     monkeypatch.setattr(fc, "overview", lambda _settings, timeout=2.0: _overview(total=4, free=4 - len(listed)))
     calls: list[list[str]] = []
 
-    def run(cmd: list[str], **_kwargs: object) -> subprocess.CompletedProcess:
+    def run(cmd: list[str], *_args: object) -> subprocess.CompletedProcess:
         calls.append(cmd)
-        return subprocess.CompletedProcess(cmd, 0, "Job has been submitted with JobID abc\n", "")
+        said = f"Savepoint completed. Path: file:/ck/savepoints/{cmd[-1]}" if "stop" in cmd else "Job submitted"
+        return subprocess.CompletedProcess(cmd, 0, said + "\n", "")
 
-    monkeypatch.setattr(fc.subprocess, "run", run)
+    if fake_cli:
+        monkeypatch.setattr(fc, "run_cli", run)
     return calls
 
 
@@ -230,7 +237,7 @@ def test_submit_to_a_cluster_that_does_not_answer_is_an_error_before_flink_run(
     def not_run(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("flink run must not be called")
 
-    monkeypatch.setattr(fc.subprocess, "run", not_run)
+    monkeypatch.setattr(fc, "run_cli", not_run)
     with pytest.raises(fc.FlinkClusterError, match="the Flink cluster did not answer at http://127.0.0.2:1/"):
         fc.submit(settings, JAVA, parallelism=1)
 
@@ -368,14 +375,7 @@ def test_stop_takes_a_savepoint_of_the_scoring_job_only_not_of_the_clusters_othe
         {"jid": "before", "name": fc.JOB_NAME, "state": "FINISHED"},
     ]
     calls = _cluster_answers(monkeypatch, listed)
-    monkeypatch.setattr(
-        fc.subprocess,
-        "run",
-        lambda cmd, **_kw: (
-            calls.append(cmd)
-            or subprocess.CompletedProcess(cmd, 0, f"Savepoint completed. Path: file:/ck/savepoints/{cmd[-1]}\n", "")
-        ),
-    )
+    monkeypatch.setattr(fc, "stop_command", lambda _flink, jid, _target: ["flink", "stop", jid])
     assert fc.stop_with_savepoint(_settings(tmp_path), JAVA) == ["file:/ck/savepoints/ours"]
     assert [cmd[-1] for cmd in calls] == ["ours"]
 
@@ -390,6 +390,49 @@ def test_stopping_a_scoring_job_that_is_not_running_is_an_error_not_no_job(
     with pytest.raises(fc.FlinkClusterError, match=f"ours is {state}: a savepoint needs it RUNNING; nothing was"):
         fc.stop_with_savepoint(_settings(tmp_path), JAVA)
     assert calls == []
+
+
+HANGING_CLI = """
+python3 -c 'import time; time.sleep(120)' &
+echo $! > "$1"
+wait
+"""
+
+
+def _gone(pid: int, within_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("command", ["submit", "stop"])
+def test_a_flink_cli_that_never_returns_is_stopped_with_its_children_and_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """A JobManager that takes the request and never answers: at the time-out, `flink run` / `flink stop` escaped as
+    a TimeoutExpired traceback (the CLI catches FlinkClusterError), and only the CLI's JVM was killed: the job's
+    Python client it had started ran on."""
+    pid_file = tmp_path / "client.pid"
+    hanging = ["bash", "-c", HANGING_CLI, "flink", str(pid_file)]
+    listed = [{"jid": "ours", "name": fc.JOB_NAME, "state": "RUNNING"}] if command == "stop" else []
+    _cluster_answers(monkeypatch, listed, fake_cli=False)
+    monkeypatch.setattr(fc, "submit_command", lambda *_args: hanging)
+    monkeypatch.setattr(fc, "stop_command", lambda *_args: hanging)
+    settings = _configured(tmp_path)
+    started = time.monotonic()
+    with pytest.raises(fc.FlinkClusterError, match=r"did not finish within 1 s and was stopped; .*`flink status`"):
+        if command == "submit":
+            fc.submit(settings, JAVA, parallelism=1, timeout_s=1)
+        else:
+            fc.stop_with_savepoint(settings, JAVA, timeout_s=1)
+    assert time.monotonic() - started < 20
+    assert _gone(int(pid_file.read_text())), "the CLI's child is stopped with it"
 
 
 def test_taskmanager_ports_past_65535_are_a_settings_error() -> None:
