@@ -1103,6 +1103,30 @@ class FlinkClusterSettings(BaseModel, frozen=True):
             raise ValueError(f"{value} TaskManagers from port {base} need ports up to {base + 2 * value - 1} (> 65535)")
         return value
 
+    @model_validator(mode="after")
+    def _ports_apart(self) -> FlinkClusterSettings:
+        """Every member's fixed port is its own, and the reporters' range holds none of them: a TaskManager range over
+        the JobManager's RPC or BLOB port (``TASKMANAGER_BASE_PORT=6120`` with 3 TaskManagers), or a reporter that
+        bound a member's port first, was accepted and failed only in ``flink up``, as one member's BindException."""
+        owners: dict[int, list[str]] = {}
+        for name, port in (("rest_port", self.rest_port), ("rpc_port", self.rpc_port), ("blob_port", self.blob_port)):
+            owners.setdefault(port, []).append(name)
+        for i in range(self.taskmanagers):
+            base = self.taskmanager_base_port + 2 * i
+            owners.setdefault(base, []).append(f"taskmanager-{i}'s RPC port (taskmanager_base_port + {2 * i})")
+            owners.setdefault(base + 1, []).append(f"taskmanager-{i}'s data port (taskmanager_base_port + {2 * i + 1})")
+        shared = [f"{port}: {' and '.join(names)}" for port, names in sorted(owners.items()) if len(names) > 1]
+        if shared:
+            raise ValueError(f"the Flink cluster's ports coincide ({'; '.join(shared)}): choose other ports")
+        first, _, last = self.metrics_ports.partition("-")
+        inside = sorted(p for p in owners if int(first) <= p <= int(last or first))
+        if inside:
+            raise ValueError(
+                f"metrics_ports {self.metrics_ports} holds the cluster's own port(s) {', '.join(map(str, inside))} "
+                f"({'; '.join(owners[p][0] for p in inside)}): a reporter may take one first; choose a range apart"
+            )
+        return self
+
 
 class Settings(BaseSettings):
     """Everything configurable. Frozen: build it once at the edge of a process and pass it down."""

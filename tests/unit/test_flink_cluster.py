@@ -4,6 +4,7 @@ split between program-level options (a cluster takes them from ``flink run``) an
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -444,3 +445,30 @@ def test_taskmanager_ports_past_65535_are_a_settings_error() -> None:
     assert FlinkClusterSettings(taskmanager_base_port=65530, taskmanagers=3).taskmanagers == 3
     with pytest.raises(ValidationError, match="need ports up to 65537"):
         FlinkClusterSettings(taskmanager_base_port=65530, taskmanagers=4)
+
+
+@pytest.mark.parametrize(
+    ("flink", "says"),
+    [
+        ({"taskmanager_base_port": 6120, "taskmanagers": 3}, "6123: rpc_port and taskmanager-1's data port"),
+        ({"rest_port": 6131}, "6131: rest_port and taskmanager-0's data port"),
+        ({"blob_port": 6123}, "6123: rpc_port and blob_port"),
+        ({"metrics_ports": "6100-6200"}, "metrics_ports 6100-6200 holds the cluster's own port(s) 6123, 6124, 6130"),
+        ({"metrics_ports": "8081"}, "holds the cluster's own port(s) 8081 (rest_port)"),
+    ],
+)
+def test_cluster_ports_that_coincide_are_a_settings_error_not_a_bind_failure_in_flink_up(
+    flink: dict[str, object], says: str
+) -> None:
+    """They were accepted: `flink up` started the JobManager, and a TaskManager (or the JobManager's reporter) failed
+    to bind, or a reporter took a member's port before it."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=re.escape(says)):
+        FlinkClusterSettings(**flink)  # type: ignore[arg-type]
+
+
+def test_cluster_ports_apart_are_accepted() -> None:
+    assert FlinkClusterSettings().taskmanagers == 2
+    moved = FlinkClusterSettings(taskmanager_base_port=7000, taskmanagers=8, metrics_ports="7016-7030", rest_port=7031)
+    assert moved.metrics_ports == "7016-7030"
