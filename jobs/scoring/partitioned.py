@@ -72,7 +72,7 @@ from jobs.scoring.features import (
 from jobs.scoring.scorer import CUSTOMER_SWEEP_BUDGET, OutRow, Predictor, Scorer, ScoringState
 from jobs.scoring.validation import SOURCE_KEY, redriven_from
 from schemas.errors import INTERNAL_ERROR, InvalidRecord
-from schemas.topics import TRANSACTIONS
+from schemas.topics import FACE_OBSERVATIONS, TRANSACTIONS
 
 log = logging.getLogger("checkout_guard.scoring_job")
 
@@ -677,6 +677,15 @@ def failed_message(scorer: Scorer, step: str, message: Emit, err: Exception) -> 
     :func:`failure_letter_id`; otherwise ``<transactions topic>:<step>:<transaction id>`` without a record."""
     payload = message.payload
     tx: dict[str, Any] | None = None
+    error = InvalidRecord(INTERNAL_ERROR, _describe(err))
+    if step == DECIDE and payload.late:
+        # A late face for a sale decided already: the letter is the face's (its record is not kept this far), never
+        # the sale's, whose re-drive the receipt would take as a failure after it and decide a second time.
+        faces = FACE_OBSERVATIONS.full_name(scorer.settings.kafka.topic_prefix)
+        tx_id = str(payload.env[0]["transaction_id"])
+        return scorer.dead_letter_row(
+            faces, -1, -1, tx_id.encode(), None, error, dead_letter_id=f"{faces}:late:{tx_id}"
+        )
     if step in (RECEIPT, STORE):
         tx = payload[0]
     elif step == DECIDE:
@@ -684,7 +693,6 @@ def failed_message(scorer: Scorer, step: str, message: Emit, err: Exception) -> 
     elif step == GATHER and isinstance(payload, tuple) and payload[0] == "tx":
         tx = payload[1][0]
     topic = TRANSACTIONS.full_name(scorer.settings.kafka.topic_prefix)
-    error = InvalidRecord(INTERNAL_ERROR, _describe(err))
     if tx is not None:
         return scorer.transaction_dead_letter(tx, error, failure_letter_id(topic, step, tx))
     tx_id = payload[1] if step == IDENTITY else message.key

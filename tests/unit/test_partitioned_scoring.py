@@ -816,3 +816,31 @@ def test_a_transaction_failing_at_its_store_or_gather_step_has_a_re_drivable_let
     assert sorted(_scored(again)) == ["t2", "t3"] and not _letters(again)
     twice = core.on_records([c._replace(offset=c.offset + 10) for c in copies], NOW + 2000)
     assert not twice + core.on_timer(NOW + 3 * 10**7)
+
+
+def test_a_late_face_whose_alert_fails_is_dead_lettered_as_the_face_and_its_decided_sale_is_never_re_driven(
+    monkeypatch,
+):
+    """The late face's decision raises: its letter names the face (no record to send back), not the sale, whose
+    re-drive the receipt would take as a later step's failure and decide a second time."""
+    from jobs.scoring.scorer import Scorer
+    from producers.redrive import Selection, plan_redrive
+
+    real = Scorer.decide_batch
+
+    def flaky(self, envs, *args, late=None, **kwargs):
+        if late and any(late):
+            raise RuntimeError("alert failed")
+        return real(self, envs, *args, late=late, **kwargs)
+
+    monkeypatch.setattr(Scorer, "decide_batch", flaky)
+    core = PartitionedCore(settings(), 2, clock=_clock)
+    tx = sale("t1", amount=30, at_s=1)
+    rows = core.on_records([SourceRecord(b"store-001/lane-01", tx.encode(), TX, 0, 10, NOW)], NOW)
+    rows += core.on_timer(NOW + 10**7)  # decided without its face
+    assert list(_scored(rows)) == ["t1"]
+    late = core.on_records([_obs("t1", tx.event_time, _face(np.random.default_rng(1)), 1)], NOW + 10**7 + 1000)
+    [letter] = _letters(late).values()
+    assert letter.dead_letter_id == f"{FACES}:late:t1" and letter.source_topic == FACES and not letter.payload
+    plan = plan_redrive([letter], Selection(frozenset({"scoring-job"})), {TX: 3, FACES: 3}, transactions=TX)
+    assert not plan.sends
