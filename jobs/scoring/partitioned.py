@@ -71,7 +71,7 @@ from jobs.scoring.features import (
 )
 from jobs.scoring.scorer import CUSTOMER_SWEEP_BUDGET, OutRow, Predictor, Scorer, ScoringState
 from jobs.scoring.validation import SOURCE_KEY, redriven_from
-from schemas.errors import INTERNAL_ERROR, InvalidRecord
+from schemas.errors import INTERNAL_ERROR, CheckoutGuardError, InvalidRecord
 from schemas.topics import FACE_OBSERVATIONS, TRANSACTIONS
 
 log = logging.getLogger("checkout_guard.scoring_job")
@@ -112,7 +112,7 @@ def gathering_key(tx_id: str, order_: Order) -> str:
     return f"{tx_id}{_RECORD_SEP}{order_[2]}"
 
 
-class ProfileFailed(Exception):
+class ProfileFailed(CheckoutGuardError):
     """A transaction's gather is complete but a profile's answer was a failure (its identity step raised):
     :func:`take` makes it the transaction's own dead letter, with its record, so its re-drive decides it."""
 
