@@ -774,6 +774,68 @@ def jobs(settings: Settings, must_answer: bool = False) -> list[dict[str, Any]]:
         return []
 
 
+CLUSTER_CHECK_S = 2.0
+"""How long a mini-cluster start (and ``upgrade status``) waits for the cluster's job list: a JobManager that
+takes the question and never answers must not hold up a plain local start."""
+
+
+def _get_json(url: str, timeout_s: float) -> Any:
+    """GET ``url``'s JSON within about ``timeout_s`` in all: httpx's time-out bounds each read alone, and an answer
+    that comes a few bytes at a time would otherwise hold the caller as long as it goes on."""
+    deadline = time.monotonic() + timeout_s
+    body = bytearray()
+    with httpx.stream("GET", url, timeout=timeout_s) as answer:
+        answer.raise_for_status()
+        for chunk in answer.iter_bytes():
+            body += chunk
+            if time.monotonic() > deadline:
+                raise httpx.ReadTimeout(f"no whole answer within {timeout_s:.0f} s")
+    return json.loads(body)
+
+
+def cluster_scoring_jobs(settings: Settings, timeout_s: float = CLUSTER_CHECK_S) -> list[dict[str, Any]]:
+    """The live scoring jobs (:func:`live_scoring_jobs`) of the cluster the settings name (its REST port on the
+    bind host: where ``flink submit`` puts the job). Empty when nothing listens there and no JobManager of this
+    cluster dir runs (no cluster); :class:`FlinkClusterError` when the cluster does not answer within about
+    ``timeout_s``."""
+    url = rest_url(settings)
+    try:
+        return live_scoring_jobs(list(_get_json(url + "/jobs/overview", timeout_s).get("jobs", [])))
+    except httpx.ConnectError as exc:  # refused: no cluster, unless its JobManager runs and is not serving yet
+        if member_process(ClusterPaths.of(settings), members(settings)[0]) is None:
+            return []
+        why = f"its JobManager runs but refused the connection ({exc})"
+    except (httpx.HTTPError, ValueError, TypeError, AttributeError) as exc:
+        why = str(exc) or type(exc).__name__
+    raise FlinkClusterError(f"the Flink cluster at {url} did not answer within {timeout_s:.0f} s: {why}")
+
+
+def mini_cluster_problem(live: list[dict[str, Any]], url: str) -> str | None:
+    """Why a scoring job must not start on a mini-cluster beside the cluster's ``live`` scoring jobs, or None.
+    The job's own control file (``job.json``) names mini-cluster jobs only: one started beside a cluster job read
+    the same consumer group and wrote the same checkpoint dir, deciding every transaction twice, each job
+    restoring the other's checkpoints."""
+    if not live:
+        return None
+    named = ", ".join(f"{job.get('jid')} ({job.get('state')})" for job in live)
+    return (
+        f"the Flink cluster at {url} runs the scoring job {JOB_NAME}: {named}; a mini-cluster job beside it would "
+        "read the same consumer group and write the same checkpoint dir. Stop it first: `python -m infra.stack "
+        "flink stop` (a savepoint this start then resumes from; one that is not RUNNING is cancelled in the web UI)"
+    )
+
+
+def beside_cluster_job(settings: Settings, logger: logging.Logger = log) -> str | None:
+    """Why a mini-cluster scoring job (``python -m jobs.flink.job``, ``make run``, ``supervise``) must not start, or
+    None: :func:`mini_cluster_problem` of the cluster the settings name. A cluster that does not answer within
+    :data:`CLUSTER_CHECK_S` does not hold up a local start: ``logger`` warns that it was not checked."""
+    try:
+        return mini_cluster_problem(cluster_scoring_jobs(settings), rest_url(settings))
+    except FlinkClusterError as exc:
+        logger.warning("%s; starting without knowing whether it runs the scoring job", exc)
+        return None
+
+
 # --------------------------------------------------------------------------------------------------
 # CLI
 

@@ -40,6 +40,7 @@ from pydantic_settings import SettingsError
 from infra import metrics
 from infra.addresses import bracketed, client_host
 from infra.cli import setting_errors
+from infra.flink_cluster import beside_cluster_job
 from infra.launcher import Child, Supervisor, spawn
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.processes import Reaper, orphans, reap_orphans, stop_child, stop_children
@@ -552,6 +553,10 @@ def main(
         raise typer.Exit(2) from None
     if problem is not None:  # the face stage ignores the job's deadline: the job is started (and refused) elsewhere
         log.warning("the scoring job would refuse to start: %s", problem)
+    # Refused once here, not by the job at each restart until the supervisor gives it up.
+    if "scoring-job" in names and (beside := beside_cluster_job(settings, log)) is not None:
+        typer.echo(f"Error: {beside}; or run the other services with --without scoring-job", err=True)
+        raise typer.Exit(2) from None
     run(settings, names)
 
 

@@ -40,7 +40,13 @@ from pyflink.datastream import DataStream, StreamExecutionEnvironment
 from pyflink.table import DataTypes, Schema, StreamTableEnvironment, TableDescriptor
 
 from infra.addresses import client_host, is_wildcard, reporter_host
-from infra.flink_cluster import JOB_NAME, REPORTER, REPORTER_DIR, REPORTER_FACTORY
+from infra.flink_cluster import (
+    JOB_NAME,
+    REPORTER,
+    REPORTER_DIR,
+    REPORTER_FACTORY,
+    beside_cluster_job,
+)
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.metrics import port_of
 from infra.settings import REPO_ROOT, Settings, face_deadline_problem, get_settings
@@ -660,6 +666,9 @@ def main(settings: Settings | None = None, log_level: str | None = None) -> None
         raise SystemExit(2)
     _without_worker_pool_server()
     on_cluster = submitted_to_cluster()
+    if not on_cluster and (beside := beside_cluster_job(settings, log)) is not None:  # `flink submit` checks its own
+        log.error("refusing to start: %s", beside)
+        raise SystemExit(2)
     requested = cli_restore_request() if on_cluster else None
     try:
         restore = start_point(settings, requested)

@@ -20,7 +20,8 @@ from typing import Annotated
 
 import typer
 
-from infra.settings import get_settings
+from infra.flink_cluster import FlinkClusterError, cluster_scoring_jobs, rest_url
+from infra.settings import Settings, get_settings
 from jobs.flink.job import (
     RestoreError,
     chosen_restore,
@@ -76,6 +77,20 @@ def savepoint(
     typer.echo(str(path))
 
 
+def cluster_status(settings: Settings) -> str:
+    """The scoring job on the Flink cluster the settings name (``flink submit``'s), which writes no control file:
+    ``status`` said "running: no" beside it."""
+    url = rest_url(settings)
+    try:
+        live = cluster_scoring_jobs(settings)
+    except FlinkClusterError as exc:
+        return f"unknown ({exc})"
+    if not live:
+        return f"no (none at {url})"
+    named = ", ".join(f"{job.get('jid')} ({job.get('state')})" for job in live)
+    return f"{named} at {url}; `python -m infra.stack flink stop` stops it with a savepoint"
+
+
 @app.command()
 def status() -> None:
     """Which job runs, and the state a (re)start would resume from."""
@@ -84,6 +99,7 @@ def status() -> None:
     job = running_job(control)
     stale = " (a stale control file of a killed job is left)" if job is None and control.exists() else ""
     typer.echo(f"running: {job or 'no'}{stale}")
+    typer.echo(f"on the Flink cluster: {cluster_status(settings)}")
     where = settings.checkpoint_dir
     try:
         chosen = chosen_restore(settings)

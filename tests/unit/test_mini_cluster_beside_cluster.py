@@ -1,0 +1,165 @@
+"""A mini-cluster scoring job (``python -m jobs.flink.job``, ``make run``, ``supervise``) beside the scoring job on the
+Flink cluster the settings name: refused, naming that job and ``flink stop``; a cluster that does not answer only
+warns. ``upgrade status`` names the cluster's job too."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from infra import flink_cluster as fc
+from infra import production
+from infra.settings import FlinkClusterSettings, JobSettings, ModelSettings, Settings
+
+LIVE = [{"jid": "c0ffee", "name": fc.JOB_NAME, "state": "RUNNING"}]
+
+
+class _Cluster:
+    """A JobManager's REST API on a free port: ``/jobs/overview`` lists ``jobs``; ``stall_s`` holds each answer."""
+
+    def __init__(self) -> None:
+        self.jobs: list[dict[str, object]] = []
+        self.stall_s = 0.0
+        cluster = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                time.sleep(cluster.stall_s)
+                body = json.dumps({"jobs": cluster.jobs}).encode()
+                self.send_response(200 if self.path == "/jobs/overview" else 404)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def cluster() -> Iterator[_Cluster]:
+    running = _Cluster()
+    yield running
+    running.stall_s = 0.0
+    running.server.shutdown()
+    running.server.server_close()
+
+
+def _settings(tmp_path: Path, rest_port: int) -> Settings:
+    return Settings(
+        stack_dir=tmp_path / "stack",
+        bind_host="127.0.0.1",
+        flink=FlinkClusterSettings(cluster_dir=tmp_path / "cluster", rest_port=rest_port),
+        job=JobSettings(checkpoint_dir=tmp_path / "checkpoints"),
+        model=ModelSettings(backend="none"),
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("state", ["RUNNING", "RESTARTING"])
+def test_a_mini_cluster_start_beside_the_clusters_scoring_job_is_refused_naming_it_and_flink_stop(
+    tmp_path: Path, cluster: _Cluster, state: str
+) -> None:
+    cluster.jobs = [{"jid": "c0ffee", "name": fc.JOB_NAME, "state": state}]
+    problem = fc.beside_cluster_job(_settings(tmp_path, cluster.port))
+    assert problem is not None
+    assert f"http://127.0.0.1:{cluster.port} runs the scoring job {fc.JOB_NAME}: c0ffee ({state})" in problem
+    assert "python -m infra.stack flink stop" in problem
+
+
+def test_a_cluster_without_a_live_scoring_job_or_no_cluster_at_all_lets_the_mini_cluster_start(
+    tmp_path: Path, cluster: _Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    cluster.jobs = [
+        {"jid": "old", "name": fc.JOB_NAME, "state": "FINISHED"},
+        {"jid": "theirs", "name": "inventory-forecast", "state": "RUNNING"},
+    ]
+    with caplog.at_level("WARNING"):
+        assert fc.beside_cluster_job(_settings(tmp_path, cluster.port)) is None
+        assert fc.beside_cluster_job(_settings(tmp_path, _free_port())) is None  # nothing listens: no cluster
+    assert caplog.text == "", "no cluster is the usual case, not worth a warning"
+
+
+def test_a_cluster_that_does_not_answer_does_not_hold_up_the_start_and_is_warned_about(
+    tmp_path: Path, cluster: _Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    cluster.jobs, cluster.stall_s = LIVE, 30.0
+    started = time.monotonic()
+    with caplog.at_level("WARNING"):
+        assert fc.beside_cluster_job(_settings(tmp_path, cluster.port)) is None
+    assert time.monotonic() - started < 3 * fc.CLUSTER_CHECK_S
+    assert f"the Flink cluster at http://127.0.0.1:{cluster.port} did not answer within 2 s" in caplog.text
+    assert "starting without knowing whether it runs the scoring job" in caplog.text
+
+
+def test_the_job_refuses_its_mini_cluster_start_beside_the_clusters_scoring_job(
+    tmp_path: Path, cluster: _Cluster, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It checked only its own job.json, which a cluster job never writes: two jobs then read one consumer group and
+    wrote one checkpoint dir (every decision twice, each restoring the other's checkpoints)."""
+    from jobs.flink import job
+
+    cluster.jobs = LIVE
+    monkeypatch.setattr(job, "setup_logging", lambda *a: None)
+    monkeypatch.setattr(job, "_without_worker_pool_server", lambda: None)
+    monkeypatch.setattr(job, "submitted_to_cluster", lambda: False)
+
+    def built(*_args: object) -> None:
+        raise AssertionError("the job must not be built")
+
+    monkeypatch.setattr(job, "start_point", built)
+    with pytest.raises(SystemExit) as refused, caplog.at_level("ERROR"):
+        job.main(_settings(tmp_path, cluster.port))
+    assert refused.value.code == 2
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        f"refusing to start: {fc.mini_cluster_problem(LIVE, f'http://127.0.0.1:{cluster.port}')}"
+    ]
+
+
+def test_supervise_refuses_the_scoring_job_beside_the_clusters_and_runs_the_others(
+    tmp_path: Path, cluster: _Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster.jobs = LIVE
+    monkeypatch.setattr(production, "get_settings", lambda: _settings(tmp_path, cluster.port))
+    monkeypatch.setattr(production, "setup_logging", lambda *a: None)
+    started: list[list[str]] = []
+    monkeypatch.setattr(production, "run", lambda _settings, names: started.append(list(names)))
+    result = CliRunner().invoke(production.cli, ["--only", "scoring-job,dashboard"])
+    assert result.exit_code == 2 and started == []
+    assert result.output.startswith("Error: the Flink cluster at") and "--without scoring-job" in result.output
+    assert result.output.count("\n") == 1
+    assert CliRunner().invoke(production.cli, ["--only", "dashboard"]).exit_code == 0
+    assert started == [["dashboard"]]
+
+
+def test_upgrade_status_names_the_scoring_job_on_the_cluster(
+    tmp_path: Path, cluster: _Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It said "running: no" while the cluster ran the job: a mini-cluster start then went beside it."""
+    from jobs.flink import upgrade
+
+    cluster.jobs = LIVE
+    monkeypatch.setattr(upgrade, "get_settings", lambda: _settings(tmp_path, cluster.port))
+    result = CliRunner().invoke(upgrade.app, ["status"])
+    assert result.exit_code == 0, result.output
+    assert f"on the Flink cluster: c0ffee (RUNNING) at http://127.0.0.1:{cluster.port};" in result.output
+    cluster.jobs = []
+    assert "on the Flink cluster: no" in CliRunner().invoke(upgrade.app, ["status"]).output
