@@ -447,8 +447,10 @@ def up(settings: Settings, java_home: Path, plugins: Path | None = None, only: s
     """Start the members that are not running (``only``: that one alone, e.g. a TaskManager after it was
     killed), wait until the JobManager answers and every TaskManager has registered; returns :func:`status`.
 
-    Idempotent: running members are left alone. ``plugins``: a Flink plugins folder holding the job's
-    Prometheus reporter (``metrics-prometheus/``), loaded when ``CG_METRICS__ENABLED``."""
+    Idempotent: running members are left alone. A start that fails or times out stops the members it started
+    (:func:`_stop_started`) and its error says what is left and that ``flink down`` stops it. ``plugins``: a Flink
+    plugins folder holding the job's Prometheus reporter (``metrics-prometheus/``), loaded when
+    ``CG_METRICS__ENABLED``."""
     paths, flink = ClusterPaths.of(settings), flink_home()
     wanted = [m for m in members(settings) if only is None or m.name == only]
     if not wanted:
@@ -467,21 +469,67 @@ def up(settings: Settings, java_home: Path, plugins: Path | None = None, only: s
         raise FlinkClusterError("the cluster has no config yet: `python -m infra.stack flink up` first")
     t0 = time.monotonic()
     procs: dict[str, subprocess.Popen] = {}
-    for member in todo:
-        procs[member.name] = _spawn(paths, member, java_home, flink)
-        log.info("flink %s: started pid %d", member.name, procs[member.name].pid)
-    _wait("the JobManager's REST API", lambda: overview(settings) is not None, procs, paths)
-    registered = {m.name for m in members(settings) if not m.is_jobmanager}
-    _wait(
-        f"{len(registered)} TaskManagers registered",
-        lambda: registered <= set(taskmanager_ids(settings)),
-        procs,
-        paths,
-    )
+    try:
+        for member in todo:
+            procs[member.name] = _spawn(paths, member, java_home, flink)
+            log.info("flink %s: started pid %d", member.name, procs[member.name].pid)
+        _wait("the JobManager's REST API", lambda: overview(settings) is not None, procs, paths)
+        registered = {m.name for m in members(settings) if not m.is_jobmanager}
+        _wait(
+            f"{len(registered)} TaskManagers registered",
+            lambda: registered <= set(taskmanager_ids(settings)),
+            procs,
+            paths,
+        )
+    except BaseException as exc:  # a failed start, a time-out, Ctrl-C: what this call started must not run on
+        before = [m.name for m in members(settings) if m.name not in procs and member_process(paths, m) is not None]
+        said = failed_up(list(procs), _stop_started(paths, procs), before)
+        if isinstance(exc, FlinkClusterError):
+            raise FlinkClusterError(f"{exc}\n{said}") from None
+        log.error("flink up interrupted: %s", said)
+        raise
     if todo:
         log.info("flink cluster up in %.1fs; web UI %s", time.monotonic() - t0, rest_url(settings))
     write_scrape_targets(settings, wait_s=REPORTER_WAIT_S if todo and settings.metrics.enabled else 0.0)
     return status(settings)
+
+
+def _stop_started(paths: ClusterPaths, procs: dict[str, subprocess.Popen]) -> list[str]:
+    """Stop the members a failed ``up`` started: SIGTERM to each one's session (the script, or the JVM it exec'd),
+    SIGKILL to what is left after :data:`STOP_TIMEOUT_S`; their pid files go with them. Returns those still
+    running."""
+    for proc in procs.values():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    for proc in procs.values():
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(max(0.0, deadline - time.monotonic()))
+    left = []
+    for name, proc in procs.items():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the session's other processes, even once the member is gone
+        try:
+            proc.wait(10.0)
+        except subprocess.TimeoutExpired:
+            left.append(name)
+            continue
+        paths.pid(name).unlink(missing_ok=True)
+    return left
+
+
+def failed_up(started: list[str], left: list[str], before: list[str]) -> str:
+    """What a failed ``up`` leaves, for its error: before, the members it had started ran on, unnamed, and nothing
+    said that ``flink down`` stops them."""
+    gone = [name for name in started if name not in left]
+    lines = [f"stopped what this `flink up` started: {', '.join(gone)}" if gone else "it started nothing"]
+    if left:
+        lines.append(f"still running after SIGKILL: {', '.join(left)}")
+    if before:
+        lines.append(f"left running as before: {', '.join(before)}")
+    if left or before:
+        lines.append("`python -m infra.stack flink down` stops them")
+    return "; ".join(lines)
 
 
 def reporter_ports(settings: Settings, proc: psutil.Process) -> list[int]:

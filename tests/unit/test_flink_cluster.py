@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -472,3 +473,111 @@ def test_cluster_ports_apart_are_accepted() -> None:
     assert FlinkClusterSettings().taskmanagers == 2
     moved = FlinkClusterSettings(taskmanager_base_port=7000, taskmanagers=8, metrics_ports="7016-7030", rest_port=7031)
     assert moved.metrics_ports == "7016-7030"
+
+
+# --- a failed `flink up` stops what it started -------------------------------------------------------
+
+FAKE_MEMBER = """#!/bin/sh
+case "$*" in *taskmanager-0*) [ -n "$FAIL_TM0" ] && exit 3;; esac
+exec sleep 60
+"""
+
+
+def _fake_wheel(tmp_path: Path, fail_taskmanager: bool) -> Path:
+    """A wheel whose member scripts sleep in the foreground (taskmanager-0's exits 3 when ``fail_taskmanager``)."""
+    flink = tmp_path / "wheel"
+    (flink / "bin").mkdir(parents=True)
+    body = FAKE_MEMBER.replace('[ -n "$FAIL_TM0" ]', "true" if fail_taskmanager else "false")
+    for script in ("jobmanager.sh", "taskmanager.sh"):
+        (flink / "bin" / script).write_text(body)
+        (flink / "bin" / script).chmod(0o755)
+    return flink
+
+
+def _quiet_ports(tmp_path: Path) -> Settings:
+    """Ports nothing listens on here (the REST API never answers), apart from other people's clusters."""
+    base = 41000 + os.getpid() % 2000 * 8
+    return Settings(
+        stack_dir=tmp_path / "stack",
+        bind_host="127.0.0.1",
+        flink=FlinkClusterSettings(
+            cluster_dir=tmp_path / "cluster",
+            rest_port=base,
+            rpc_port=base + 1,
+            blob_port=base + 2,
+            taskmanager_base_port=base + 3,
+        ),
+    )
+
+
+def _spawned(monkeypatch: pytest.MonkeyPatch) -> list[subprocess.Popen]:
+    seen: list[subprocess.Popen] = []
+    spawn = fc._spawn
+
+    def recorded(*args: object) -> subprocess.Popen:
+        seen.append(spawn(*args))  # type: ignore[arg-type]
+        return seen[-1]
+
+    monkeypatch.setattr(fc, "_spawn", recorded)
+    return seen
+
+
+@pytest.mark.parametrize("fail_taskmanager", [False, True], ids=["timed-out", "member-exited"])
+def test_a_failed_flink_up_stops_the_members_it_started_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_taskmanager: bool
+) -> None:
+    """A start that timed out, or whose TaskManager exited, left the JobManager and the other members running, and
+    the error did not say that `flink down` stops them."""
+    settings = _quiet_ports(tmp_path)
+    monkeypatch.setattr(fc, "flink_home", lambda: _fake_wheel(tmp_path, fail_taskmanager))
+    monkeypatch.setattr(fc, "START_TIMEOUT_S", 1.0)
+    spawned = _spawned(monkeypatch)
+    with pytest.raises(fc.FlinkClusterError) as failed:
+        fc.up(settings, JAVA)
+    said = str(failed.value)
+    assert ("exited during start-up (3)" if fail_taskmanager else "not within 1 s") in said
+    assert said.endswith("stopped what this `flink up` started: jobmanager, taskmanager-0, taskmanager-1"), said
+    assert len(spawned) == 3 and all(proc.poll() is not None for proc in spawned)
+    assert not list(fc.ClusterPaths.of(settings).run.glob("*.pid"))
+
+
+def test_a_failed_flink_up_leaves_the_members_running_before_and_names_flink_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = _quiet_ports(tmp_path)
+    paths = fc.ClusterPaths.of(settings)
+    monkeypatch.setattr(fc, "flink_home", lambda: _fake_wheel(tmp_path, False))
+    monkeypatch.setattr(fc, "START_TIMEOUT_S", 1.0)
+    jobmanager = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", fc.JM_CLASS, "--configDir", str(paths.conf)]
+    )
+    try:
+        paths.run.mkdir(parents=True)
+        paths.pid(fc.JOBMANAGER).write_text(f"{jobmanager.pid}\n")
+        spawned = _spawned(monkeypatch)
+        with pytest.raises(fc.FlinkClusterError) as failed:
+            fc.up(settings, JAVA)
+        assert str(failed.value).endswith(
+            "stopped what this `flink up` started: taskmanager-0, taskmanager-1; left running as before: "
+            "jobmanager; `python -m infra.stack flink down` stops them"
+        )
+        assert len(spawned) == 2 and all(proc.poll() is not None for proc in spawned)
+        assert jobmanager.poll() is None and paths.pid(fc.JOBMANAGER).exists()
+    finally:
+        jobmanager.kill()
+        jobmanager.wait(10)
+
+
+def test_a_flink_up_interrupted_with_ctrl_c_stops_the_members_it_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fc, "flink_home", lambda: _fake_wheel(tmp_path, False))
+    spawned = _spawned(monkeypatch)
+
+    def interrupted(*_args: object, **_kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fc, "overview", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fc.up(_quiet_ports(tmp_path), JAVA)
+    assert len(spawned) == 3 and all(proc.poll() is not None for proc in spawned)
