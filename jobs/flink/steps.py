@@ -313,8 +313,8 @@ class DriftMergeFunction(KeyedProcessFunction):
     def open(self, runtime_context: RuntimeContext) -> None:
         mask_worker_logs(self.settings)
         from jobs.model.drift import DriftMerge
-        from jobs.model.fraud_model import LocalModel
         from jobs.model.predictors import drift_monitors
+        from jobs.model.registry import load_version
 
         factory = drift_monitors(self.settings)
         root = self.settings.models_root
@@ -323,7 +323,7 @@ class DriftMergeFunction(KeyedProcessFunction):
             if factory is None:
                 return None
             try:
-                return factory(LocalModel.load(root / version))
+                return factory(load_version(root, version))  # the folder may have another name
             except Exception as err:  # noqa: BLE001 - no drift reports for that model, rather than a stopped job
                 log.warning("no drift reports for model %s: its artifact cannot be loaded (%s)", version, err)
                 return None

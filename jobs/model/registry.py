@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import getpass
 import hashlib
+import json
 import logging
 import os
 import time
@@ -282,6 +283,33 @@ def _versions(root: Path) -> list[str]:
     return sorted(
         p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "model.json").exists()
     )
+
+
+def _folder_version(folder: Path) -> str | None:
+    """The version ``model.json`` in ``folder`` names (read alone, not the model file), or None."""
+    try:
+        meta = json.loads((folder / "model.json").read_text())
+    except (OSError, ValueError):
+        return None
+    version = meta.get("version") if isinstance(meta, dict) else None
+    return version if isinstance(version, str) else None
+
+
+def load_version(root: Path, version: str) -> LocalModel:
+    """The model whose ``model.json`` version is ``version``, whatever its folder in ``root`` is called: models are
+    told apart by that version, not by folder names, and a pointer may name a copy kept under another name. For a
+    reader that holds only the version (the partitioned layout's drift step, from its slots' tallies), so it finds
+    the model the pointers gave the slots. The folder of that name is looked at first, then those the pointers
+    name, then the others; :class:`ModelArtifactError` when none holds it or it does not load."""
+    folders = _versions(root)
+    try:
+        pointed = [name for name in read_pointers(root) if name in folders]
+    except ModelArtifactError:  # an unreadable pointer: every folder is still looked at
+        pointed = []
+    for folder in dict.fromkeys([*(f for f in (version,) if f in folders), *pointed, *folders]):
+        if _folder_version(root / folder) == version:
+            return LocalModel.load(root / folder)
+    raise ModelArtifactError(f"no version folder in {root} holds model {version}")
 
 
 def _check_version(root: Path, version: str) -> LocalModel:

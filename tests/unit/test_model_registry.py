@@ -607,3 +607,28 @@ def test_the_audit_event_is_sent_under_the_pointer_lock(tmp_path, monkeypatch):
     monkeypatch.setattr(registry, "_audit", audit)
     assert CliRunner().invoke(app, ["promote", "--models", str(tmp_path)]).exit_code == 0
     assert held == [True]
+
+
+def test_a_champion_kept_under_another_folder_name_gets_drift_reports_in_both_layouts(tmp_path):
+    """The partitioned layout's drift step finds the model of its slots' tallies by the version in model.json, as
+    the registry does: a champion copied in under another folder name reports there as in the single layout."""
+    from jobs.flink.steps import DriftMergeFunction
+
+    champ, _ = _models(tmp_path)
+    shutil.move(tmp_path / champ, tmp_path / "prod-nov")
+    write_pointer(tmp_path, CURRENT, "prod-nov")
+    settings = _settings(tmp_path)
+    hour = [(sale(f"d{i}", at_s=i, amount=9000.0 + i, card=f"c{i}").to_avro(), {}) for i in range(300)]
+    later = [(sale("d-later", at_s=3 * 3600, amount=20.0).to_avro(), {})]  # past the hour and its grace
+    single = ScoringModels(ModelRegistry(settings), drift=drift_monitors(settings))
+    slot = ScoringModels(ModelRegistry(settings), drift=drift_monitors(settings), tally_drift=True)
+    for models, batches in ((single, [hour, later]), (slot, [hour])):
+        for batch in batches:
+            models.predict_batch(batch)
+            models.settle()
+    expected = [(r["model_version"], r["rows"]) for r, _ in single.drain_reports()]
+    assert expected == [(champ, 300)]
+    step = DriftMergeFunction(settings)
+    step.open(None)
+    reports = step.merge.on_tallies(slot.drain_tallies(), T0 + 3 * 3_600_000)
+    assert [(r["model_version"], r["rows"]) for r, _ in reports] == expected
