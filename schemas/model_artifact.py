@@ -29,12 +29,23 @@ def id_digest(transaction_id: str) -> str:
     return hashlib.sha256(transaction_id.encode()).hexdigest()[:16]
 
 
+def model_of(model_version: str) -> str:
+    """The model a scored record's ``model_version`` names, without the mark of a fallback answer: the local
+    model's scores as a remote backend's fallback and as champion or challenger are one model's."""
+    return model_version.removesuffix(FALLBACK_SUFFIX)
+
+
+def is_fallback(model_version: str) -> bool:
+    """The local model answered for a remote backend that failed."""
+    return model_version.endswith(FALLBACK_SUFFIX)
+
+
 def artifact_version(model_version: str | None) -> str | None:
     """The artifact folder a scored record's ``model_version`` names, or None for a remote backend's
     version or anything that is not a plain folder name (the value comes from stored documents)."""
     if not model_version or not model_version.startswith(LOCAL_PREFIX):
         return None
-    name = model_version.removeprefix(LOCAL_PREFIX).removesuffix(FALLBACK_SUFFIX)
+    name = model_of(model_version).removeprefix(LOCAL_PREFIX)
     return name if _VERSION_RE.fullmatch(name) else None
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from schemas.model_artifact import id_digest
+from schemas.model_artifact import id_digest, is_fallback, model_of
 
 OUTCOMES = ("APPROVE", "REVIEW", "BLOCK")
 FACE_STATUSES = ("MATCHED", "NO_MATCH", "NO_FACE", "UNAVAILABLE")
@@ -421,8 +421,9 @@ Z95 = 1.959964
 
 def models_query(window: Window) -> dict[str, Any]:
     """Score distributions over the window (and store) per model version in each role: a fixed-width
-    histogram each, empty bins included, with count/mean; and the newest scored record's versions (who holds
-    each role now). A version's scores do not depend on its role, so a version's figures pool both."""
+    histogram each, empty bins included, with count/mean and its newest row's time; and the newest scored
+    record's versions (who holds each role now). A version's scores do not depend on its role, so a version's
+    figures pool both."""
     histogram = {
         "interval": SCORE_BIN,
         "min_doc_count": 0,
@@ -435,6 +436,7 @@ def models_query(window: Window) -> dict[str, Any]:
             "aggs": {
                 "histogram": {"histogram": {"field": score, **histogram}},
                 "stats": {"stats": {"field": score}},
+                "latest": {"max": {"field": "event_time"}},
             },
         }
     # The newest scored record names the roles' holders now (no challenger version on it: none now).
@@ -484,26 +486,45 @@ def scored_by_ids_query(window: Window, transaction_ids: list[str]) -> dict[str,
     }
 
 
+def _holder(newest: str | None, latest: dict[str, float]) -> str | None:
+    """The model holding the champion's role now: the newest record's, unless that record is a fallback answer
+    (the remote champion failed on it): then the model that answered last not as a fallback, if any did."""
+    if newest is None or not is_fallback(newest):
+        return None if newest is None else model_of(newest)
+    return max(latest, key=lambda model: (latest[model], model)) if latest else model_of(newest)
+
+
 def shape_distributions(answer: dict[str, Any]) -> dict[str, Any]:
-    """Per role: the version that holds it now (the newest scored record's), and that version's rows, mean
-    score and count in each of the 20 bins over every row it scored in the window, as champion or as
-    challenger (after a promotion, one model's figures are never mixed with another's); ``versions``: the
-    versions that held the role in the window, by rows."""
+    """Per role: the model that holds it now (the newest scored record's; for the champion, the newest that is
+    not a remote backend's fallback answer), and that model's rows, mean score and count in each of the 20 bins
+    over every row it scored in the window, as champion, as challenger or as a fallback (after a promotion, one
+    model's figures are never mixed with another's, and a fallback's rows are its model's, not a model of their
+    own); ``fallback_rows``: how many of them were fallback answers; ``versions``: the versions that held the
+    role in the window, by rows (a fallback's under its own name)."""
     aggs = answer.get("aggregations", {})
     bins = SCORE_MAX // SCORE_BIN
     counts: dict[str, list[int]] = {}
     rows: dict[str, int] = {}
     sums: dict[str, float] = {}
+    fallback: dict[str, int] = {}
+    latest: dict[str, float] = {}
+    """The newest row of each model that decided not as a fallback."""
     for role in MODEL_ROLES:
         for bucket in (aggs.get(f"{role}_versions") or {}).get("buckets", []):
             version = str(bucket["key"])
-            slots = counts.setdefault(version, [0] * bins)
+            model = model_of(version)
+            slots = counts.setdefault(model, [0] * bins)
             for b in (bucket.get("histogram") or {}).get("buckets", []):
                 slot = min(max(int(float(b["key"]) // SCORE_BIN), 0), bins - 1)  # 1000 joins the last bin
                 slots[slot] += int(b["doc_count"])
             stats = bucket.get("stats") or {}
-            rows[version] = rows.get(version, 0) + int(stats.get("count") or 0)
-            sums[version] = sums.get(version, 0.0) + float(stats.get("sum") or 0.0)
+            n = int(stats.get("count") or 0)
+            rows[model] = rows.get(model, 0) + n
+            sums[model] = sums.get(model, 0.0) + float(stats.get("sum") or 0.0)
+            if is_fallback(version):
+                fallback[model] = fallback.get(model, 0) + n
+            elif role == "champion" and (at := (bucket.get("latest") or {}).get("value")) is not None:
+                latest[model] = max(latest.get(model, float(at)), float(at))
     out: dict[str, Any] = {
         "scored": _total(answer),
         "bin_width": SCORE_BIN,
@@ -513,11 +534,13 @@ def shape_distributions(answer: dict[str, Any]) -> dict[str, Any]:
     hits = ((aggs.get("newest") or {}).get("hits") or {}).get("hits") or []
     newest = (hits[0].get("_source") or {}) if hits else {}
     for role, (_, field) in MODEL_ROLES.items():
-        held = newest.get(field)  # None: no challenger now, so no rows
+        found = newest.get(field)  # None: no challenger now, so no rows
+        held = _holder(found, latest) if role == "champion" else None if found is None else model_of(found)
         n = rows.get(held, 0) if held is not None else 0
         out[role] = {
             "version": held,
             "rows": n,
+            "fallback_rows": fallback.get(held, 0) if held is not None else 0,
             "mean": round(sums[held] / n, 1) if held is not None and n else None,
             "versions": _buckets(aggs.get(f"{role}_versions")),
             "counts": counts.get(held, [0] * bins) if held is not None else [0] * bins,
@@ -599,16 +622,17 @@ TrainedIds = Callable[[str | None], frozenset[str] | None]
 (a remote backend, or an artifact that did not record them)."""
 
 
-def _scored_by(rows: list[LabelledRow], version: str | None) -> list[tuple[LabelledRow, float]]:
-    """The labelled rows ``version`` scored, in either role, with its score."""
-    if version is None:
+def _scored_by(rows: list[LabelledRow], model: str | None) -> list[tuple[LabelledRow, float, bool]]:
+    """The labelled rows ``model`` scored, in either role or as a fallback, with its score and whether it was a
+    fallback answer."""
+    if model is None:
         return []
     out = []
     for row in rows:
         for role in MODEL_ROLES:
-            score = row.scores[role]
-            if row.versions[role] == version and score is not None:
-                out.append((row, float(score)))
+            score, version = row.scores[role], row.versions[role]
+            if version is not None and model_of(version) == model and score is not None:
+                out.append((row, float(score), is_fallback(version)))
                 break
     return out
 
@@ -630,21 +654,22 @@ def _figure(scored: list[tuple[LabelledRow, float]]) -> dict[str, Any]:
 def evaluate_models(
     rows: list[LabelledRow], trained: TrainedIds | None = None, current: dict[str, str | None] | None = None
 ) -> dict[str, Any]:
-    """ROC-AUC, with its interval, of the model version in each role (``current``: the versions that hold
-    the roles now, as :func:`shape_distributions` finds them; by default each role's most frequent version
-    among ``rows``) over the labelled rows it scored, as champion or as challenger: after a promotion
-    the figures stay one model's each. ``paired``: both versions over the rows both scored, the only like-for-like
-    comparison when the challenger came later or went away within the window. Given ``trained``, a
-    version's own training rows are left out of its figures (``in_training`` counts them; None when its
-    training rows are not known here) and out of the paired ones for both: a challenger trained on the
-    field labels would otherwise be judged on the answers it learnt. Each version is looked up once."""
+    """ROC-AUC, with its interval, of the model in each role (``current``: the models that hold the roles now,
+    as :func:`shape_distributions` finds them; by default each role's most frequent model among ``rows``) over
+    the labelled rows it scored, as champion, as challenger or as a fallback (``fallback_rows`` of them): after a
+    promotion the figures stay one model's each, and a fallback's rows are its model's. ``paired``: both models
+    over the rows both scored, the only like-for-like comparison when the challenger came later or went away
+    within the window. Given ``trained``, a model's own training rows are left out of its figures (``in_training``
+    counts them; None when its training rows are not known here) and out of the paired ones for both: a
+    challenger trained on the field labels would otherwise be judged on the answers it learnt. Each model is
+    looked up once."""
     if current is None:
         current = {}
         for role in MODEL_ROLES:
             seen: dict[str, int] = {}
             for row in rows:
                 if (version := row.versions[role]) is not None and row.scores[role] is not None:
-                    seen[version] = seen.get(version, 0) + 1
+                    seen[model_of(version)] = seen.get(model_of(version), 0) + 1
             current[role] = min(seen, key=lambda v: (-seen[v], v)) if seen else None
     known = {v: trained(v) for v in set(current.values()) if v is not None} if trained is not None else {}
     out: dict[str, Any] = {"labelled": len(rows), "fraud": sum(row.label for row in rows)}
@@ -653,10 +678,15 @@ def evaluate_models(
         version = current.get(role)
         scored = _scored_by(rows, version)
         ids = known.get(version) if version is not None else None
-        fitted = {row.transaction_id for row, _ in scored if ids and id_digest(row.transaction_id) in ids}
-        scored = [(row, score) for row, score in scored if row.transaction_id not in fitted]
-        kept[role] = {row.transaction_id: score for row, score in scored}
-        out[role] = {"version": version, **_figure(scored), "in_training": None if ids is None else len(fitted)}
+        fitted = {row.transaction_id for row, _, _ in scored if ids and id_digest(row.transaction_id) in ids}
+        scored = [answer for answer in scored if answer[0].transaction_id not in fitted]
+        kept[role] = {row.transaction_id: score for row, score, _ in scored}
+        out[role] = {
+            "version": version,
+            **_figure([(row, score) for row, score, _ in scored]),
+            "fallback_rows": sum(1 for *_, fell_back in scored if fell_back),
+            "in_training": None if ids is None else len(fitted),
+        }
     champion, challenger = (kept[role] for role in MODEL_ROLES)
     both = [row for row in rows if row.transaction_id in champion and row.transaction_id in challenger]
     if current.get("champion") == current.get("challenger"):

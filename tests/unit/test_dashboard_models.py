@@ -95,6 +95,7 @@ def test_models_query_histograms_each_version_in_each_role_and_finds_the_newest_
             "extended_bounds": {"min": 0, "max": 950},
         }
         assert versions["aggs"]["stats"] == {"stats": {"field": score}}
+        assert versions["aggs"]["latest"] == {"max": {"field": "event_time"}}
     newest_hit = body["aggs"]["newest"]["top_hits"]
     assert newest_hit["size"] == 1 and newest_hit["sort"] == [{"event_time": {"order": "desc"}}]
     assert newest_hit["_source"] == ["model_version", "challenger_version"]
@@ -175,10 +176,71 @@ def test_after_a_promotion_each_roles_distribution_is_one_models_over_every_row_
     assert retired["challenger"]["rows"] == 0 and retired["challenger"]["versions"] == {"gbm-b": 60, "gbm-a": 30}
 
 
+def test_a_remote_champions_fallback_answers_count_as_the_local_models_rows_not_as_the_champion() -> None:
+    """A remote champion with the local model as its fallback: gbm-a stood in for it, then ``promote`` made gbm-b
+    the local champion (the fallback) and gbm-a the challenger. The newest record is one of gbm-b's fallback
+    answers: the champion is still the remote model, over its own rows; gbm-a is one model over its rows as
+    challenger and as fallback, not two."""
+    answer = {
+        "hits": {"total": {"value": 105}},
+        "aggregations": {
+            "champion_versions": {
+                "buckets": [
+                    {**version_bucket("afd:det:1", 80, 40_000.0, b500=80), "latest": {"value": 5_000.0}},
+                    {**version_bucket("local:gbm-a (fallback)", 20, 2_000.0, b100=20), "latest": {"value": 3_000.0}},
+                    {**version_bucket("local:gbm-b (fallback)", 5, 3_500.0, b700=5), "latest": {"value": 6_000.0}},
+                ]
+            },
+            "challenger_versions": {
+                "buckets": [
+                    version_bucket("local:gbm-b", 60, 42_000.0, b700=60),
+                    version_bucket("local:gbm-a", 45, 4_500.0, b100=45),
+                ]
+            },
+            "newest": newest("local:gbm-b (fallback)", "local:gbm-a"),
+        },
+    }
+    page = shape_distributions(answer)
+    champion, challenger = page["champion"], page["challenger"]
+    assert (champion["version"], champion["rows"], champion["fallback_rows"], champion["mean"]) == (
+        "afd:det:1",
+        80,
+        0,
+        500.0,
+    )
+    assert (challenger["version"], challenger["rows"], challenger["fallback_rows"]) == ("local:gbm-a", 65, 20)
+    assert challenger["counts"][2] == 65 and challenger["mean"] == 100.0
+    assert champion["versions"]["local:gbm-a (fallback)"] == 20  # shown as such among the role's holders
+    # the remote model answered nothing in the window: the champion's figures are its fallback's, said to be so
+    for bucket in answer["aggregations"]["champion_versions"]["buckets"][:2]:
+        bucket["key"] = "local:gbm-b (fallback)"
+    alone = shape_distributions(answer)["champion"]
+    assert (alone["version"], alone["rows"], alone["fallback_rows"]) == ("local:gbm-b", 165, 105)
+
+
+def test_a_models_roc_auc_takes_its_fallback_answers_as_its_own_rows() -> None:
+    labels = {f"tx-{i}": int(i % 2 == 0) for i in range(8)}
+    hits = [hit(tx, 900 if labels[tx] else 100, None, ("local:gbm-a (fallback)", "-")) for tx in list(labels)[:4]]
+    hits += [hit(tx, 500, 800 if labels[tx] else 200, ("afd:det:1", "local:gbm-a")) for tx in list(labels)[4:]]
+    current = {"champion": "afd:det:1", "challenger": "local:gbm-a"}
+    ev = evaluate_models(labelled_rows(hits, labels), None, current)
+    challenger = ev["challenger"]
+    assert (challenger["rows"], challenger["fallback_rows"], challenger["auc"]) == (8, 4, 1.0)
+    assert (ev["champion"]["version"], ev["champion"]["rows"], ev["champion"]["fallback_rows"]) == ("afd:det:1", 4, 0)
+    assert ev["paired"]["rows"] == 4
+
+
 def test_no_challenger_and_no_data_give_zeros_not_errors() -> None:
     page = shape_distributions({"hits": {"total": {"value": 0}}, "aggregations": {}})
     for role in ("champion", "challenger"):
-        assert page[role] == {"version": None, "rows": 0, "mean": None, "versions": {}, "counts": [0] * 20}
+        assert page[role] == {
+            "version": None,
+            "rows": 0,
+            "fallback_rows": 0,
+            "mean": None,
+            "versions": {},
+            "counts": [0] * 20,
+        }
 
 
 # --------------------------------------------------------------------------- the label join
@@ -257,6 +319,7 @@ def test_evaluation_without_labels_or_without_one_class_has_no_auc() -> None:
         "auc_low": None,
         "auc_high": None,
         "version": None,
+        "fallback_rows": 0,
         "in_training": None,
     }
     only_fraud = [

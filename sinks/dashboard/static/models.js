@@ -8,9 +8,11 @@ const fmtAuc = (x) => (x === null || x === undefined ? "–" : x.toFixed(3));
 const fmtPsi = (x) => (x === null || x === undefined ? "–" : x.toFixed(3));
 const hourUtc = (ms) => (ms ? `${new Date(ms).toISOString().slice(0, 13).replace("T", " ")}:00` : "–");
 
-// Each role's figures are one model's: the version holding the role now, over every row it scored in the
-// window as champion or as challenger (after a promotion the roles' fields mix two models' scores).
+// Each role's figures are one model's: the model holding the role now, over every row it scored in the
+// window as champion, as challenger or as a remote backend's fallback (after a promotion the roles' fields mix
+// two models' scores); its fallback answers are counted apart.
 const versionText = (r) => r.version || "none";
+const withFallback = (n, fallback) => `${num.format(n)}${fallback ? ` (${num.format(fallback)} as fallback)` : ""}`;
 
 function renderDistributions(d) {
   setKpi("kpi-champion", versionText(d.champion));
@@ -36,7 +38,7 @@ function renderDistributions(d) {
     const r = d[role];
     const versions = Object.entries(r.versions).map(([v, n]) => `${escapeHtml(v)} (${num.format(n)})`).join(", ") || "–";
     body.insertAdjacentHTML("beforeend", `<tr data-role="${role}"><td><i class="swatch" style="background:${COLORS[role]}"></i>${role}</td>` +
-      `<td class="versions">${versions}</td><td>${num.format(r.rows)}</td><td>${r.mean === null ? "–" : r.mean.toFixed(1)}</td></tr>`);
+      `<td class="versions">${versions}</td><td>${withFallback(r.rows, r.fallback_rows)}</td><td>${r.mean === null ? "–" : r.mean.toFixed(1)}</td></tr>`);
   }
 }
 
@@ -96,7 +98,7 @@ function renderEvaluation(ev, labels) {
   };
   const rows = [
     ["version", versionText(c), versionText(k)],
-    ["labelled rows", num.format(c.rows), num.format(k.rows)],
+    ["labelled rows", withFallback(c.rows, c.fallback_rows), withFallback(k.rows, k.fallback_rows)],
     ["fraud rows", num.format(c.fraud), num.format(k.fraud)],
     ["own training rows left out", leftOut(c), leftOut(k)],
     ["ROC-AUC", fmtAuc(c.auc), fmtAuc(k.auc)],
