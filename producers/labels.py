@@ -16,7 +16,9 @@ verdicts to the transaction history, so the next model learns from what people c
 Every row is checked first; a bad row (an id that is not a plain id, no verdict, a time in the future,
 a quote left open, two different verdicts for one transaction in the file) is reported with its line and reason and not
 published, the others are (``--strict``: nothing is published when any row is bad; ``--dry-run``:
-nothing at all). Rows repeating an earlier row's verdict are counted once.
+nothing at all). Of rows giving one transaction the same verdict, the one decided last (``decided_at``; the
+lower row when two say the same time) is published, as the topic would keep it; the others are superseded,
+listed by line in the summary.
 
 Delivery: an idempotent producer (``acks=all``), keys partitioned like the Java client (murmur2), so every
 producer of the topic -- this CLI, the case workflow -- puts one transaction's verdicts in one partition
@@ -62,7 +64,7 @@ MAX_FUTURE_MS = 5 * 60 * 1000
 SIMPLE = "simple"
 FRAUD_DETECTOR = "fraud-detector"
 SHOWN_BAD_ROWS = 50
-"""Bad rows listed one by one; the rest are counted."""
+"""Bad rows (and superseded ones) listed one by one; the rest are counted."""
 
 
 class LabelFileError(CheckoutGuardError, ValueError):
@@ -98,6 +100,15 @@ class BadRow:
     reason: str
 
 
+@dataclass(frozen=True)
+class Superseded:
+    """A row not published: a row further on gives its transaction the same verdict, decided as late or later."""
+
+    line: int
+    by: int
+    """The line of the row published instead."""
+
+
 @dataclass
 class LabelImport:
     """What a label file holds: the verdicts to publish and what was left out, and why."""
@@ -107,9 +118,14 @@ class LabelImport:
     bad: list[BadRow] = field(default_factory=list)
     unlabelled: int = 0
     """Fraud Detector rows without an ``EVENT_LABEL`` (not verdicts, skipped)."""
-    duplicates: int = 0
-    """Rows repeating an earlier row's verdict for the same transaction (published once)."""
+    superseded: list[Superseded] = field(default_factory=list)
+    """Rows giving a transaction the verdict another row of the file gives it with a later ``decided_at`` (or the
+    same, further down): only that row is published."""
     rows: int = 0
+
+    @property
+    def duplicates(self) -> int:
+        return len(self.superseded)
 
     @property
     def fraud(self) -> int:
@@ -153,7 +169,10 @@ def labels_from_rows(
     """The verdicts of a label file's rows (``(line, values)``; an unreadable row as its ``InvalidRecord``).
 
     Raises :class:`LabelFileError` for a header of neither format; every row problem is a :class:`BadRow`.
-    A transaction given two different verdicts in the file is bad on each of its lines."""
+    A transaction given two different verdicts in the file is bad on each of its lines. Of the rows repeating one
+    verdict, the one with the latest ``decided_at`` is published (a tie: the lower row, read last): the verdict
+    in force on the topic is the one decided last, with that row's time, reason and who decided; the others
+    are :class:`Superseded`."""
     fmt = detect_format(header)
     columns = {name.strip().lower(): i for i, name in enumerate(header)}
     out = LabelImport(format=fmt)
@@ -176,9 +195,11 @@ def labels_from_rows(
                 BadRow(line, f"conflicting verdicts for this transaction on lines {lines}") for line, _ in entries
             )
             continue
-        out.labels.append(entries[0][1])
-        out.duplicates += len(entries) - 1
+        kept_line, kept = max(entries, key=lambda entry: (entry[1].decided_at, entry[0]))
+        out.labels.append(kept)
+        out.superseded.extend(Superseded(line, kept_line) for line, _ in entries if line != kept_line)
     out.bad.sort(key=lambda bad: bad.line)
+    out.superseded.sort(key=lambda row: row.line)
     return out
 
 
@@ -567,11 +588,21 @@ def import_command(
     console.print(
         f"{found.rows:,} row(s) in {csv_path.name} ({found.format}): {len(found.labels):,} verdict(s) "
         f"({found.fraud:,} fraud, {found.legit:,} legit), {len(found.bad):,} bad, "
-        f"{found.unlabelled:,} unlabelled, {found.duplicates:,} duplicate(s)",
+        f"{found.unlabelled:,} unlabelled, {len(found.superseded):,} superseded",
         markup=False,
         highlight=False,
         soft_wrap=True,
     )
+    for row in found.superseded[:SHOWN_BAD_ROWS]:
+        console.print(
+            f"line {row.line}: superseded by line {row.by} (the same verdict for the transaction, decided as late "
+            "or later): not published",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+    if len(found.superseded) > SHOWN_BAD_ROWS:
+        console.print(f"... and {len(found.superseded) - SHOWN_BAD_ROWS:,} more superseded row(s)", markup=False)
     if strict and found.bad:
         raise _fail("--strict: bad rows, nothing published")
     if not found.labels:  # a script must not take a file of bad rows (or none) for a published batch

@@ -28,6 +28,7 @@ from producers.labels import (
     LabelFileError,
     file_encoding,
     labels_from_csv,
+    parse_decided_at,
     parse_verdict,
     publish_labels,
 )
@@ -194,6 +195,29 @@ def test_conflicting_verdicts_for_one_transaction_are_bad_on_every_line_and_repe
         (2, "conflicting verdicts for this transaction on lines 2, 4"),
         (4, "conflicting verdicts for this transaction on lines 2, 4"),
     ]
+
+
+def test_of_one_transactions_repeated_verdict_the_one_decided_last_is_published_the_lower_row_on_a_tie() -> None:
+    """Analysts expect the verdict in force to be the latest decision (its time, reason and who decided), as
+    the topic keeps the last one published; the first row was published whatever its ``decided_at``."""
+    text = (
+        "transaction_id,label,reason,decided_at,decided_by\n"
+        "tx-1,fraud,disputed,2026-01-05T00:00:00Z,issuer\n"
+        "tx-1,fraud,chargeback confirmed,2026-01-20T00:00:00Z,ana\n"
+        "tx-1,fraud,first call,2026-01-01T00:00:00Z,bo\n"
+        "tx-2,legit,looked fine,2026-01-07T00:00:00Z,ana\n"
+        "tx-2,legit,checked the receipt,2026-01-07T00:00:00Z,bo\n"
+    )
+    found = csv_labels(text)
+    published = {label.transaction_id: (label.reason, label.decided_by) for label in found.labels}
+    assert published == {"tx-1": ("chargeback confirmed", "ana"), "tx-2": ("checked the receipt", "bo")}
+    assert [label.decided_at for label in found.labels if label.transaction_id == "tx-1"] == [
+        parse_decided_at("2026-01-20T00:00:00Z", NOW)
+    ]
+    assert [(row.line, row.by) for row in found.superseded] == [(2, 3), (4, 3), (5, 6)]
+    assert not found.bad and found.duplicates == 3
+    no_times = csv_labels("transaction_id,label,reason\ntx-1,fraud,first\ntx-1,fraud,second\n")
+    assert [label.reason for label in no_times.labels] == ["second"]  # one time for all: the lower row
 
 
 def test_a_fraud_detector_file_takes_event_id_and_label_and_skips_unlabelled_rows() -> None:
@@ -436,6 +460,20 @@ def test_cli_import_publishes_the_good_rows_and_lists_the_bad(cli: FakeProducer,
     assert "line 3:" in result.output and "2 verdict(s)" in result.output
     assert [key for _, key, _ in cli.sent] == [b"tx-1", b"tx-3"]
     assert {Label.decode(v or b"").source for _, _, v in cli.sent} == {"chargeback"}
+
+
+def test_cli_import_names_the_superseded_rows_in_its_summary(cli: FakeProducer, tmp_path) -> None:
+    path = tmp_path / "chargebacks.csv"
+    path.write_text(
+        "transaction_id,label,decided_at\ntx-1,fraud,2026-01-20T00:00:00Z\ntx-1,fraud,2026-01-05T00:00:00Z\n",
+        encoding="utf-8",
+    )
+    result = CliRunner().invoke(labels_cli.app, ["import", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "1 verdict(s)" in result.output and "1 superseded" in result.output
+    assert "line 3: superseded by line 2" in result.output
+    [(_, _, value)] = cli.sent
+    assert Label.decode(value or b"").decided_at == parse_decided_at("2026-01-20T00:00:00Z", NOW)
 
 
 def test_cli_import_of_a_windows_1252_export_refuses_its_rows_that_are_not_utf8_instead_of_garbling_them(
