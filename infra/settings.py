@@ -860,6 +860,9 @@ class CameraSettings(BaseModel, frozen=True):
     """Local camera: MV Sense messages per second per camera that sees someone."""
     mqtt_topic_prefix: str = ""
     """Put before ``/merakimv/...`` on the broker; lets test runs share one Mosquitto (cameras use none)."""
+    bridge_stop_grace_s: float = Field(default=10.0, gt=0, allow_inf_nan=False)
+    """Camera bridge: at a stop, how long Kafka gets to take the records the bridge has accepted; within the
+    supervisor's ``stop_timeout_s`` (20 s), or SIGKILL ends the stop before anything is saved."""
     entrance_oid_window_s: float = Field(default=600.0, gt=0, allow_inf_nan=False)
     """An ``oid`` not seen on an entrance camera for this long is a new person."""
     snapshot_workers: int = Field(default=8, ge=1)

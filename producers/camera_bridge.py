@@ -26,6 +26,12 @@ the broker's in-flight window, which is the backpressure. paho reconnects by its
 resubscribe on every connect, so a Mosquitto restart without
 persistence is survived too. Output: ``camera_events`` / ``dead_letters``.
 
+Stopping: Kafka gets ``CG_CAMERAS__BRIDGE_STOP_GRACE_S`` to take what the bridge has accepted (waiting
+retries are tried once more at once). A record still not taken then whose MQTT message the broker will
+send again (unacknowledged, in the session still open) is left to that; one it will never send again (its
+session ended, or QoS 0) is saved with the reason to :func:`saved_records_path` and produced first by the
+next run (:func:`save_records`, :func:`load_saved_records`): at least once, never dropped without a word.
+
 Health: :meth:`CameraBridge.healthy` is false once paho's network thread has ended, the Kafka producer
 failed fatally, the MQTT broker refused our login, or a message could not even be dead-lettered;
 ``run`` then raises :class:`BridgeFailed` and the process logs why and exits with status 1, so a
@@ -38,16 +44,19 @@ Metrics (stage ``camera-bridge``): MQTT messages in by kind (``raw_detections``,
 ``invalid``), camera events out by kind once Kafka acknowledged them, dead letters by error kind, and the
 queue depth ``delivery_retries``.
 
-Run: ``python -m producers.camera_bridge`` (Ctrl-C / SIGTERM stops after flushing, and acknowledges what
+Run: ``python -m producers.camera_bridge`` (Ctrl-C / SIGTERM stops after draining (see Stopping), and acknowledges what
 Kafka took before it disconnects).
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import os
 import re
 import signal
 import threading
@@ -55,6 +64,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any
 
 import paho.mqtt.client as mqtt
@@ -364,6 +374,10 @@ class BridgeStats:
     """Failed Kafka deliveries, each of which was produced again (or dead-lettered, if too large)."""
     connects: int = 0
     ignored: Counter = field(default_factory=Counter)
+    saved: int = 0
+    """Records Kafka had not taken at the stop, saved for the next run (their MQTT message is not sent again)."""
+    left_unacked: int = 0
+    """Records Kafka had not taken at the stop whose MQTT message stays unacknowledged for the broker to resend."""
 
 
 class BridgeFailed(CheckoutGuardError, RuntimeError):
@@ -385,6 +399,73 @@ class _Retry:
     out: Outgoing
     msg: mqtt.MQTTMessage
     attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Unanswered:
+    """A record on its way to Kafka: since when (the bridge's clock), and what to save if Kafka never answers."""
+
+    since: float
+    out: Outgoing
+    msg: mqtt.MQTTMessage
+
+
+@dataclass(frozen=True, slots=True)
+class SavedRecord:
+    """A record Kafka had not taken when the bridge stopped, and whose MQTT message the broker will not resend."""
+
+    mqtt_topic: str
+    payload: bytes
+    out: Outgoing
+    reason: str
+
+
+def saved_records_path(settings: Settings) -> Path:
+    """One file per environment (the MQTT client id's), under the stack folder."""
+    return settings.stack_dir / "camera-bridge" / f"{client_id(settings)}.unsent.jsonl"
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def save_records(path: Path, records: list[SavedRecord]) -> None:
+    """Replace ``path`` with ``records`` (tmp + fsync + rename: a crash leaves the old file or the new one);
+    no records removes it. One JSON object a line, bytes in base64."""
+    if not records:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        for r in records:
+            line = {
+                "mqtt_topic": r.mqtt_topic,
+                "payload": _b64(r.payload),
+                "dead": r.out.dead,
+                "key": _b64(r.out.key),
+                "value": _b64(r.out.value),
+                "kind": r.out.kind,
+                "reason": r.reason,
+            }
+            f.write(json.dumps(line) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_saved_records(path: Path) -> list[SavedRecord]:
+    """What :func:`save_records` wrote (none without a file); ValueError or OSError for a file it did not write."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        d = json.loads(line)
+        out = Outgoing(bool(d["dead"]), base64.b64decode(d["key"]), base64.b64decode(d["value"]), str(d["kind"]))
+        records.append(SavedRecord(str(d["mqtt_topic"]), base64.b64decode(d["payload"]), out, str(d["reason"])))
+    return records
 
 
 MAX_REMEMBERED = 4096
@@ -461,8 +542,8 @@ class CameraBridge:
         self._retries: list[_Retry] = []
         self._forwarded: OrderedDict[int, _Forwarded] = OrderedDict()
         """By MQTT packet id: what was produced, until :data:`MAX_REMEMBERED` delivered ones are newer."""
-        self._unanswered: dict[object, float] = {}
-        """When each record now on its way to Kafka was produced (this bridge's clock), until Kafka answers."""
+        self._unanswered: dict[object, _Unanswered] = {}
+        """Each record now on its way to Kafka and when it was produced (this bridge's clock), until Kafka answers."""
         self._session = 0
         """Counts the broker sessions: a packet id of an older one may name another message now."""
         self._failed: str | None = None
@@ -518,7 +599,7 @@ class CameraBridge:
     def _oldest_unanswered_s(self) -> float:
         """How long the oldest record produced has waited for Kafka's answer (0 when none waits)."""
         with self._lock:
-            oldest = min(self._unanswered.values(), default=None)
+            oldest = min((u.since for u in self._unanswered.values()), default=None)
         return 0.0 if oldest is None else self._clock() - oldest
 
     @property
@@ -636,12 +717,16 @@ class CameraBridge:
         if msg.qos == 0:
             return
         with self._lock:
-            seen = self._forwarded.get(msg.mid)
-            if seen is None or seen.fingerprint != _fingerprint(msg) or seen.session != self._session:
+            if self._session_ended(msg):
                 log.info("not acknowledging mqtt message %d: the broker session it came in has ended", msg.mid)
                 return
-            seen.delivered = True
+            self._forwarded[msg.mid].delivered = True
             self.client.ack(msg.mid, msg.qos)
+
+    def _session_ended(self, msg: mqtt.MQTTMessage) -> bool:
+        """Whether the broker session ``msg`` (QoS 1) came in has ended; call with the lock held."""
+        seen = self._forwarded.get(msg.mid)
+        return seen is None or seen.fingerprint != _fingerprint(msg) or seen.session != self._session
 
     # Kafka side
 
@@ -663,7 +748,7 @@ class CameraBridge:
 
         topic = self._dlq_topic if out.dead else self._events_topic
         with self._lock:
-            self._unanswered[token] = self._clock()
+            self._unanswered[token] = _Unanswered(self._clock(), out, msg)
         try:
             kafka_clients.produce(self._producer, topic, out.key, out.value, delivered, wait=wait)
         except BaseException:
@@ -731,6 +816,7 @@ class CameraBridge:
         self.client.loop_start()
         self._running = True  # from now on paho's network thread is watched: it would end silently
         try:
+            self.resend_saved()
             while not stop.is_set():
                 self.service(0.1)
                 reason = self.failure()
@@ -742,14 +828,97 @@ class CameraBridge:
                 if on_tick:
                     on_tick(self.stats)
         finally:
-            # Flush while still connected: the acks of what Kafka takes now reach the broker. Disconnected
+            # Drain while still connected: the acks of what Kafka takes now reach the broker. Disconnected
             # first, they were dropped, and the next run got every record in flight again (duplicates).
             # Messages that arrive meanwhile are left unacked for the next session (see _on_message).
             self._stopping = True
-            self._producer.flush(10)
+            self._drain(self.settings.cameras.bridge_stop_grace_s)
+            self._save_unsent()
             self.client.disconnect()
             self.client.loop_stop()
         return self.stats
+
+    def resend_saved(self) -> None:
+        """Produce what the last run saved at its stop (:func:`save_records`); they are QoS 0 messages here:
+        nothing to acknowledge, and saved again at this run's stop unless Kafka has them by then. A file that
+        cannot be read is moved aside (named in the log), not produced and not overwritten."""
+        path = saved_records_path(self.settings)
+        try:
+            records = load_saved_records(path)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            aside = path.with_name(f"{path.name}.unreadable-{now_ms()}")
+            with contextlib.suppress(OSError):
+                os.replace(path, aside)
+            log.error("cannot read the records saved at the last stop (%s); moved to %s: %s", path, aside, exc)
+            return
+        if records:
+            log.warning("producing %d record(s) the last run saved at its stop (%s)", len(records), path)
+        for r in records:
+            msg = mqtt.MQTTMessage(mid=0, topic=r.mqtt_topic.encode("utf-8", "replace"))
+            msg.payload, msg.qos = r.payload, 0
+            self._produce(r.out, msg, 0, wait=None)
+
+    def _drain(self, grace_s: float) -> None:
+        """Give Kafka up to ``grace_s`` (wall clock) for every record accepted; waiting retries go at once."""
+        deadline = time.monotonic() + grace_s
+        with self._lock:
+            retries, self._retries = self._retries, []
+        for retry in retries:
+            try:
+                self._produce(retry.out, retry.msg, retry.attempt, wait=None)
+            except Exception as exc:
+                log.warning("producing a record again at the stop failed: %r", exc)
+                with self._lock:
+                    self._retries.append(retry)
+        while (left := deadline - time.monotonic()) > 0:
+            with self._lock:
+                if not self._unanswered and not self._retries:
+                    return
+            self._producer.poll(min(0.1, left))
+            self._resend_due()
+
+    def _save_unsent(self) -> None:
+        """After :meth:`_drain`: save what the broker will never send again, count (and log) the rest."""
+        grace = self.settings.cameras.bridge_stop_grace_s
+        with self._lock:
+            unsent = [(r.out, r.msg, f"kafka delivery failed {r.attempt} time(s)") for r in self._retries]
+            unsent += [(u.out, u.msg, f"no answer from kafka within {grace:g} s") for u in self._unanswered.values()]
+            lost = [(o, m, why) for o, m, why in unsent if m.qos == 0 or self._session_ended(m)]
+        saved = [
+            SavedRecord(
+                _topic_of(m),
+                bytes(m.payload),
+                o,
+                f"{why} at the stop; "
+                + ("its mqtt message was QoS 0 or saved before" if m.qos == 0 else "its mqtt session has ended"),
+            )
+            for o, m, why in lost
+        ]
+        path = saved_records_path(self.settings)
+        self.stats.left_unacked = len(unsent) - len(lost)
+        try:
+            if saved or path.exists():
+                save_records(path, saved)
+        except OSError as exc:
+            log.error(
+                "stopping: %d record(s) Kafka has not taken, whose mqtt messages the broker will not send again, "
+                "could not be saved to %s and are lost: %s",
+                len(saved),
+                path,
+                exc,
+            )
+            saved = []
+        self.stats.saved = len(saved)
+        if unsent:
+            log.warning(
+                "stopping with %d record(s) Kafka has not taken: %d saved to %s for the next run "
+                "(the broker will not send their mqtt messages again), %d left unacknowledged for the broker "
+                "to send again",
+                len(unsent),
+                len(saved),
+                path,
+                self.stats.left_unacked,
+            )
 
 
 def serve(bridge: CameraBridge, stop: threading.Event, on_tick: Callable[[BridgeStats], None] | None = None) -> int:

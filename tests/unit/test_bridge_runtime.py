@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -20,9 +22,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 from prometheus_client import REGISTRY
 
 from infra.retry import Backoff
-from infra.settings import MqttSettings, Settings
+from infra.settings import CameraSettings, MqttSettings, Settings
 from producers import camera_bridge
-from producers.camera_bridge import CameraBridge, serve
+from producers.camera_bridge import CameraBridge, load_saved_records, saved_records_path, serve
 from schemas.records import CameraEvent, DeadLetter
 
 EVENTS, DLQ = "camera_events", "dead_letters"
@@ -80,9 +82,20 @@ def _message(
 
 
 def _bridge(
-    monkeypatch: pytest.MonkeyPatch, kafka: FakeKafka, clock: Clock | None = None, **mqtt_settings: Any
+    monkeypatch: pytest.MonkeyPatch,
+    kafka: FakeKafka,
+    clock: Clock | None = None,
+    *,
+    stack_dir: Path | None = None,
+    stop_grace_s: float = 10.0,
+    **mqtt_settings: Any,
 ) -> tuple[CameraBridge, list[int]]:
-    settings = Settings(mqtt=MqttSettings(**mqtt_settings))
+    """A bridge whose stack folder is a fresh one (records saved at a stop go there, never into the repo's)."""
+    settings = Settings(
+        mqtt=MqttSettings(**mqtt_settings),
+        cameras=CameraSettings(bridge_stop_grace_s=stop_grace_s),
+        stack_dir=stack_dir or Path(tempfile.mkdtemp(prefix="cg-bridge-test-")),
+    )
     bridge = CameraBridge(settings, kafka, backoff=Backoff(initial_s=1.0, maximum_s=8.0), clock=clock or Clock())
     acks: list[int] = []
     monkeypatch.setattr(bridge.client, "ack", lambda mid, qos: acks.append(mid))
@@ -382,3 +395,61 @@ def test_kafka_silent_for_a_while_makes_the_bridge_not_ready_before_librdkafka_g
     kafka.answering = True
     bridge.service(0)
     assert bridge.problem() is None and acks == [3]
+
+
+def _offline(bridge: CameraBridge, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``run`` without a broker: paho's connect, loop and disconnect do nothing."""
+    for name in ("connect_async", "loop_start", "loop_stop", "disconnect"):
+        monkeypatch.setattr(bridge.client, name, lambda *a, **k: None)
+
+
+def _stopped() -> threading.Event:
+    stop = threading.Event()
+    stop.set()
+    return stop
+
+
+def test_a_record_the_broker_will_not_resend_is_saved_at_the_stop_and_produced_by_the_next_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Kafka is down at the stop. A record of a session the broker lost (restarted without persistence) waits for
+    its retry: the broker will never send its message again, so it is saved with the reason, not dropped; a record
+    of the open session stays unacknowledged for the broker to send again. The next run produces the saved one."""
+    kafka = FakeKafka(lambda n: TIMED_OUT)
+    bridge, acks = _bridge(monkeypatch, kafka, stack_dir=tmp_path, stop_grace_s=0.3)
+    _offline(bridge, monkeypatch)
+    bridge._on_message(bridge.client, None, _message(GOOD, mid=5))
+    bridge.service(0)  # Kafka is away: waits for another attempt
+    _reconnect(bridge, monkeypatch, session_present=False)
+    newer = GOOD.replace(b"1795000000000", b"1795000001000")
+    bridge._on_message(bridge.client, None, _message(newer, mid=5))  # the new session's message 5
+    caplog.set_level(logging.INFO, logger="producers.camera_bridge")
+    bridge.run(_stopped())
+    assert acks == [] and (bridge.stats.saved, bridge.stats.left_unacked) == (1, 1)
+    path = saved_records_path(bridge.settings)
+    [saved] = load_saved_records(path)
+    assert saved.out.value == kafka.sent[0][2] and "mqtt session has ended" in saved.reason
+    assert "1 saved to" in caplog.text and "1 left unacknowledged" in caplog.text
+    assert "1795000000000" not in caplog.text  # counts, not payloads
+
+    kafka2 = FakeKafka()  # Kafka is back
+    bridge2, acks2 = _bridge(monkeypatch, kafka2, stack_dir=tmp_path, stop_grace_s=0.3)
+    _offline(bridge2, monkeypatch)
+    bridge2.run(_stopped())
+    assert kafka2.sent == [kafka.sent[0]] and acks2 == []  # nothing of this session to acknowledge
+    assert bridge2.stats.published == 1 and bridge2.stats.saved == 0 and not path.exists()
+
+
+def test_a_saved_file_that_cannot_be_read_is_moved_aside_not_produced_nor_overwritten(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    kafka = FakeKafka()
+    bridge, _ = _bridge(monkeypatch, kafka, stack_dir=tmp_path, stop_grace_s=0.3)
+    _offline(bridge, monkeypatch)
+    path = saved_records_path(bridge.settings)
+    path.parent.mkdir(parents=True)
+    path.write_text("not json\n")
+    bridge.run(_stopped())
+    assert kafka.sent == [] and not path.exists()
+    [aside] = path.parent.glob(f"{path.name}.unreadable-*")
+    assert aside.read_text() == "not json\n"
