@@ -68,6 +68,13 @@ def transaction_of(row: CsvRow, now_ms: int = 0, max_future_skew_ms: int = 0) ->
     return tx
 
 
+def file_label(path: Path) -> str:
+    """``path``'s file name as text that encodes: bytes of the name that are not UTF-8 (a Latin-1 ``café``,
+    held by Python as surrogates) are written ``\\xe9``. It names the file in dead-letter ids, the state and
+    the output; the name itself, surrogates and all, crashed the first dead letter's encoding."""
+    return path.name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def row_dead_letter(csv_name: str, row: CsvRow, error: InvalidRecord, failed_at: int) -> DeadLetter:
     """The dead letter of a row that cannot be replayed. Its id ``<file name>:<line>`` is stable across
     reruns, so a resumed replay that sends it again replaces it downstream; the key is the row's

@@ -39,6 +39,7 @@ from producers.csv_replay import (
     DeadLetterRows,
     ReplayStateError,
     default_state_file,
+    file_label,
     load_state,
     resume_index,
     transaction_of,
@@ -285,22 +286,23 @@ def replay_csv(
     recording the finished file's sha256 with the partial file's rows would resume past rows never sent.
     """
     state_path = state_file or default_state_file(settings.stack_dir, path)
+    name = file_label(path)
     sha256 = file_sha256(path)
     rows = replay_order(read_rows(path))
     if file_sha256(path) != sha256:  # the state must record the content whose rows its indices count
         raise CsvFormatError(
-            f"{path.name} changed while it was read (still being copied or written?); run again once it is complete"
+            f"{name} changed while it was read (still being copied or written?); run again once it is complete"
         )
     start = 0 if from_start else resume_index(load_state(state_path), sha256)
     watermark = AckWatermark(start)
     # Kafka down or a topic missing: no state written, nothing sent
     kafka: ProducerLike = producer if producer is not None else make_producer(settings, DEAD_LETTERS)
-    checkpoint = Checkpoint(state_path, path.name, sha256, len(rows), watermark, checkpoint_interval_s)
+    checkpoint = Checkpoint(state_path, name, sha256, len(rows), watermark, checkpoint_interval_s)
     checkpoint.save()  # records the fresh start (and resets an old state on --from-start)
     skipped: list[tuple[int, str]] = []
     row_of_seq: dict[int, int] = {}  # produce()'s sequence number -> row index, until delivered
     dead_topic = DEAD_LETTERS.full_name(settings.kafka.topic_prefix)
-    bad_rows = DeadLetterRows(path.name, watermark, checkpoint, partial(kafka_clients.produce, kafka, dead_topic))
+    bad_rows = DeadLetterRows(name, watermark, checkpoint, partial(kafka_clients.produce, kafka, dead_topic))
 
     def transactions() -> Iterator[PosTransaction]:
         seq = 0
@@ -342,7 +344,7 @@ def replay_csv(
             producer=kafka,
             on_delivery=on_delivery,
             due=event_time_due if time_scale > 0 else None,
-            label=path.name,
+            label=name,
         )
     finally:
         checkpoint.save()
@@ -486,7 +488,8 @@ def replay_csv_command(
         except (CsvFormatError, ReplayStateError) as exc:  # one line, however narrow the terminal
             typer.echo(f"Error: {exc}", err=True)
             raise typer.Exit(2) from None
-    _finish(result.stats, f"replay {path.name}")
+    name = file_label(path)
+    _finish(result.stats, f"replay {name}")
     if result.dead_letters_failed:
         console.print(
             f"{result.dead_letters_failed:,} dead letter(s) of bad rows not delivered: those rows are not done",
@@ -499,7 +502,7 @@ def replay_csv_command(
     done = result.last_acked_index + 1
     if result.total_rows == 0:  # not "all 0 rows were already replayed": this file never had any to replay
         console.print(
-            f"nothing to do: {path.name} has a header but no data rows", style="yellow", markup=False, highlight=False
+            f"nothing to do: {name} has a header but no data rows", style="yellow", markup=False, highlight=False
         )
     elif result.start_index >= result.total_rows:
         console.print(

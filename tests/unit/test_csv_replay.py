@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import time
 from collections import Counter
@@ -946,3 +947,21 @@ def test_a_csv_that_changes_while_it_is_read_is_refused_not_resumed_as_the_new_c
     again = FakeProducer()
     assert replay(settings, path, again).complete
     assert again.ids == [f"ev-{i}" for i in range(6)]
+
+
+def test_a_csv_whose_file_name_is_not_utf8_is_replayed_and_its_bad_rows_dead_lettered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name with bytes that are not UTF-8 (a Latin-1 ``café``) crashed at the first bad row's dead letter."""
+    name = os.fsdecode(b"caf\xe9.csv")
+    path = write_csv(
+        tmp_path / name,
+        [afd_row("ok-1", "2022-11-07T00:00:01Z"), afd_row("bad", "2022-11-07T00:00:02Z", order_price="nan")],
+    )
+    fake = FakeProducer()
+    monkeypatch.setattr(pos, "make_producer", lambda _settings, *topics: fake)
+    args = ["replay-csv", str(path), "--state-file", str(tmp_path / "s.json"), "--no-progress"]
+    result = CliRunner().invoke(pos.app, args)
+    assert result.exit_code == 0, result.output
+    assert fake.ids == ["ok-1"] and [dl.dead_letter_id for dl in fake.dead_letters()] == ["caf\\xe9.csv:3"]
+    assert "replay caf\\xe9.csv" in result.output
