@@ -51,6 +51,10 @@ class KafkaSettings(BaseModel, frozen=True):
     topic_prefix: str = ""
     """Prefix for every topic name and every service's default consumer group (:meth:`group`), so a backtest or a
     second environment can share a cluster."""
+    stop_flush_s: float = Field(default=15.0, gt=0, allow_inf_nan=False)
+    """After Ctrl-C or SIGTERM, how long ``pos generate`` / ``replay-csv`` and the shoppers wait for Kafka to
+    acknowledge what they sent (Kafka down, librdkafka would wait out ``message.timeout.ms``, 5 minutes); under
+    the supervisor's ``stop_timeout_s`` (20 s), which SIGKILLs the shoppers after it."""
     dead_letter_retention_days: float = Field(default=7.0, gt=0, allow_inf_nan=False)
     """How long ``dead_letters`` keeps the bad inputs' bytes (names, e-mails, addresses of a transaction; face
     embeddings of a refused face observation or watchlist entry, which ``forget`` does not reach); applied to the

@@ -168,9 +168,10 @@ def produce(
     the outcome of the ``seq``-th transaction (0-based) -- after Kafka acknowledged it, never
     before. ``realtime`` stamps ``event_time`` with the wall clock at the moment of sending (after
     any pacing wait, so measured detection latency does not include our own pacing). Ctrl-C stops
-    sending, still waits for what is in flight (a second Ctrl-C stops waiting) and returns with
-    ``interrupted`` set. ``producer`` is for tests; by default one is made from ``settings`` (see
-    :func:`make_producer`).
+    sending, still waits for what is in flight, at most ``CG_KAFKA__STOP_FLUSH_S`` (and ``flush_timeout_s``;
+    a second Ctrl-C stops waiting at once), and returns with ``interrupted`` set; what is left unanswered
+    is ``unconfirmed``, and ``on_delivery`` is never told of it. ``producer`` is for tests; by default one is
+    made from ``settings`` (see :func:`make_producer`).
     """
     topic = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
     kafka: ProducerLike = producer if producer is not None else make_producer(settings)
@@ -211,7 +212,7 @@ def produce(
         except KeyboardInterrupt:
             stats.interrupted = True
         finally:
-            _drain(kafka, stats, bar, flush_timeout_s)
+            _drain(kafka, stats, bar, _flush_limit(flush_timeout_s, stats.interrupted, settings))
             stats.elapsed_s = time.monotonic() - start
     return stats
 
@@ -221,6 +222,15 @@ def _wait(kafka: ProducerLike, until: float, bar: _Progress) -> None:
     while (left := until - time.monotonic()) > 0:
         kafka.poll(min(left, 0.1))
         bar.refresh(time.monotonic())
+
+
+def _flush_limit(timeout_s: float | None, interrupted: bool, settings: Settings) -> float | None:
+    """How long the final flush may wait: stopped by Ctrl-C or SIGTERM, ``CG_KAFKA__STOP_FLUSH_S`` at most (with
+    Kafka down it waited out librdkafka's five-minute message timeout); otherwise ``timeout_s`` (None: until every
+    record is answered, as librdkafka's timeout ends it)."""
+    if not interrupted:
+        return timeout_s
+    return settings.kafka.stop_flush_s if timeout_s is None else min(timeout_s, settings.kafka.stop_flush_s)
 
 
 def _drain(kafka: ProducerLike, stats: ProduceStats, bar: _Progress, timeout_s: float | None) -> None:
@@ -499,6 +509,15 @@ def replay_csv_command(
         )
     for err in result.dead_letter_errors:
         console.print(f"dead letter delivery error: {err}", style="red", markup=False, highlight=False)
+    if result.stats.unconfirmed:
+        console.print(
+            f"{result.stats.unconfirmed:,} row(s) sent but not acknowledged by Kafka when the command stopped waiting "
+            f"(at most CG_KAFKA__STOP_FLUSH_S, {settings.kafka.stop_flush_s:g} s, after a stop): the saved progress "
+            "does not count them, and a rerun sends them again",
+            style="red",
+            markup=False,
+            highlight=False,
+        )
     done = result.last_acked_index + 1
     if result.total_rows == 0:  # not "all 0 rows were already replayed": this file never had any to replay
         console.print(

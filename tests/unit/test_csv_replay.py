@@ -965,3 +965,45 @@ def test_a_csv_whose_file_name_is_not_utf8_is_replayed_and_its_bad_rows_dead_let
     assert result.exit_code == 0, result.output
     assert fake.ids == ["ok-1"] and [dl.dead_letter_id for dl in fake.dead_letters()] == ["caf\\xe9.csv:3"]
     assert "replay caf\\xe9.csv" in result.output
+
+
+class KafkaDown(FakeProducer):
+    """Answers the first ``answered`` messages, then nothing; ``flush`` waits its timeout out, as librdkafka's
+    does while a broker is away, and fails the test once it has waited ``limit_s`` in all."""
+
+    def __init__(self, answered: int, stop_at: int, limit_s: float = 3.0) -> None:
+        super().__init__(ack=lambda n: True if n < answered else None, on_produce=self._stop_at)
+        self.stop, self.limit_s, self.flushed_s = stop_at, limit_s, 0.0
+
+    def _stop_at(self, n: int) -> None:
+        if n == self.stop:
+            raise KeyboardInterrupt  # SIGTERM, as sigterm_as_interrupt turns it
+
+    def flush(self, timeout: float = 0) -> int:
+        self.poll()
+        time.sleep(timeout)
+        self.flushed_s += timeout
+        assert self.flushed_s < self.limit_s, "the final flush waited past its limit"
+        return sum(1 for n in range(len(self.values)) if self.ack(n) is None)
+
+
+def test_a_stop_while_kafka_is_down_waits_at_most_the_stop_flush_time_and_the_state_counts_no_unacked_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM with Kafka down: the flush waited out librdkafka's five-minute message timeout. Now it stops after
+    CG_KAFKA__STOP_FLUSH_S, says how many rows Kafka did not acknowledge, and the state stops before them."""
+    path = ten_rows(tmp_path)
+    fake = KafkaDown(answered=2, stop_at=6)
+    stack = tmp_path / "stack"
+    monkeypatch.setattr(pos, "get_settings", lambda: Settings(stack_dir=stack, kafka={"stop_flush_s": 0.5}))
+    monkeypatch.setattr(pos, "make_producer", lambda _settings, *topics: fake)
+    args = ["replay-csv", str(path), "--state-file", str(tmp_path / "s.json"), "--no-progress"]
+    started = time.monotonic()
+    result = CliRunner().invoke(pos.app, args)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert 0.4 <= time.monotonic() - started < 2.5
+    said = " ".join(result.output.split())  # the console wraps long lines
+    assert result.exit_code == 1, said
+    assert "4 row(s) sent but not acknowledged by Kafka" in said and "the saved progress does not count them" in said
+    state = load_state(tmp_path / "s.json")
+    assert state is not None and state.last_acked_index == 1  # rows 0 and 1 only: acknowledged
