@@ -453,3 +453,22 @@ def test_realtime_stamps_event_time_with_the_wall_clock_at_send() -> None:
     assert [dataclasses.replace(tx, event_time=0) for tx in sent] == [
         dataclasses.replace(tx, event_time=0) for tx in txs
     ]
+
+
+def test_a_stop_between_the_hand_over_and_its_count_leaves_no_negative_in_flight_count() -> None:
+    """SIGTERM landing just after Kafka took a record, before it was counted: it was acknowledged like every other,
+    yet the in-flight count ended at -1 and the command exited 1."""
+
+    class InterruptedAfterHandOver(FakeProducer):
+        def produce(self, topic: str, value: bytes, key: bytes, on_delivery: Callable[[Any, Any], None]) -> None:
+            super().produce(topic, value, key, on_delivery)
+            if len(self.sent) == 7:
+                raise KeyboardInterrupt  # Kafka has the record; the loop never counted it
+
+    fake = InterruptedAfterHandOver(deliver_on_poll=lambda timeout: False)
+    outcomes: dict[int, bool] = {}
+    stats = pos.produce(
+        Settings(), islice(PosGenerator(seed=5), 20), progress=False, producer=fake, on_delivery=outcomes.__setitem__
+    )
+    assert stats.interrupted and (stats.sent, stats.acked, stats.unconfirmed) == (7, 7, 0)
+    assert stats.ok and pos._exit_code(stats) == 130 and sorted(outcomes) == list(range(7))
