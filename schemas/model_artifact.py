@@ -1,5 +1,5 @@
-"""What readers outside the model code need of a local model artifact: its folder name from a scored
-record's model version, and which labelled rows trained it.
+"""What readers outside the model code need of a local model artifact: which folder of the models root holds a
+model version, and which labelled rows trained it.
 
 A model's ROC-AUC on rows it was fitted on is in sample: the backtest and the dashboard's
 champion/challenger comparison leave those rows out, so both need the same digest and file name.
@@ -18,7 +18,11 @@ TRAINED_IDS_SHA256 = "trained_ids_sha256"
 """``model.json``'s SHA-256 of :data:`TRAINED_IDS_FILE` (artifacts saved before it have none)."""
 _DIGEST_RE = re.compile(r"[0-9a-f]{16}")
 LOCAL_PREFIX = "local:"
-"""A scored record's ``model_version`` for the local model: ``local:<artifact folder>``."""
+"""A scored record's ``model_version`` for the local model: ``local:<version>`` (``model.json``'s)."""
+MODEL_META_FILE = "model.json"
+"""In an artifact folder: the model's version and settings (its model file is read only by the model code)."""
+CURRENT, CHALLENGER = "CURRENT", "CHALLENGER"
+"""Pointer files in the models root: the folder of the champion, and of the optional challenger."""
 FALLBACK_SUFFIX = " (fallback)"
 """Appended to the version when the local model answered for a remote backend that failed."""
 _VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -41,8 +45,9 @@ def is_fallback(model_version: str) -> bool:
 
 
 def artifact_version(model_version: str | None) -> str | None:
-    """The artifact folder a scored record's ``model_version`` names, or None for a remote backend's
-    version or anything that is not a plain folder name (the value comes from stored documents)."""
+    """The local model version a scored record's ``model_version`` names (:func:`version_folder` finds its
+    folder), or None for a remote backend's version or anything that is not a plain folder name (the value comes
+    from stored documents)."""
     if not model_version or not model_version.startswith(LOCAL_PREFIX):
         return None
     name = model_of(model_version).removeprefix(LOCAL_PREFIX)
@@ -79,3 +84,53 @@ def read_trained_ids(version_dir: Path) -> frozenset[str] | None:
     if not all(_DIGEST_RE.fullmatch(d) for d in digests):
         return None
     return frozenset(digests)
+
+
+def artifact_folders(root: Path) -> list[str]:
+    """Version folders under ``root`` (those holding :data:`MODEL_META_FILE`): not a save's temporary
+    ``.<version>.tmp-<pid>`` (a crashed save leaves one, and the next save of that version deletes it)."""
+    try:
+        return sorted(
+            p.name
+            for p in root.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and (p / MODEL_META_FILE).exists()
+        )
+    except OSError:  # no models root (yet), or not one this process may read
+        return []
+
+
+def folder_version(folder: Path) -> str | None:
+    """The version :data:`MODEL_META_FILE` in ``folder`` names (read alone, not the model file), or None."""
+    try:
+        meta = json.loads((folder / MODEL_META_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    version = meta.get("version") if isinstance(meta, dict) else None
+    return version if isinstance(version, str) else None
+
+
+def _pointed(root: Path) -> list[str]:
+    """The folders :data:`CURRENT` and :data:`CHALLENGER` name; one that cannot be read is left out (every folder
+    is still looked at)."""
+    names = []
+    for pointer in (CURRENT, CHALLENGER):
+        try:
+            names.append((root / pointer).read_text().strip())
+        except (OSError, ValueError):
+            continue
+    return names
+
+
+def version_folder(root: Path, version: str) -> Path | None:
+    """The folder of ``root`` whose :data:`MODEL_META_FILE` holds ``version``, whatever it is called, or None.
+
+    Models are told apart by that version, not by folder names: a folder copied or renamed by hand and set through
+    ``challenger``/``promote`` scores as ``local:<version>``, and every reader holding only that version (the
+    registry's drift step, the dashboard's training rows, the SageMaker calibration) finds it here, one way. The
+    folder of the version's name is looked at first, then those the pointers name, then the others."""
+    folders = artifact_folders(root)
+    first = [name for name in (version, *_pointed(root)) if name in folders]
+    for name in dict.fromkeys([*first, *folders]):
+        if folder_version(root / name) == version:
+            return root / name
+    return None

@@ -36,7 +36,7 @@ from infra.retry import call_with_retries
 from infra.settings import Settings
 from jobs.model.drift import RetiredVersions
 from jobs.model.fraud_model import FEATURE_NAMES, Item, LocalModel, ModelArtifactError, feature_matrix
-from jobs.model.registry import ModelRegistry
+from jobs.model.registry import ModelRegistry, load_version
 from jobs.scoring.rules import ModelResult
 from jobs.scoring.scorer import Predictor
 from schemas.afd_csv import AFD_MAX_VARIABLE_CHARS, afd_entity_id
@@ -497,10 +497,11 @@ class SageMakerPredictor(GuardedPredictor):
         super().__init__(settings, fallback, client, **kw)
         self.version = f"sagemaker:{self.settings.sagemaker_endpoint}"
         served = self.settings.sagemaker_model_version
-        start = LocalModel.load(settings.models_root / served) if served else self.fallback_model
+        start = load_version(settings.models_root, served) if served else self.fallback_model
         self.calibration = start.calibration if start is not None else None
-        """The calibration of the model the endpoint serves (``sagemaker_model_version``; else the champion at
-        start), fixed: a local promotion must not re-calibrate the endpoint's answers (the fallback follows it)."""
+        """The calibration of the model the endpoint serves (``sagemaker_model_version``, found by its
+        ``model.json`` version in whichever folder holds it; else the champion at start), fixed: a local promotion
+        must not re-calibrate the endpoint's answers (the fallback follows it)."""
 
     def _service(self) -> str:
         return "sagemaker-runtime"

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import getpass
 import hashlib
-import json
 import logging
 import os
 import time
@@ -39,10 +38,9 @@ from infra.cli import run_tool
 from infra.settings import Settings, get_settings
 from jobs.model.fraud_model import LocalModel, ModelArtifactError, format_metrics, pointer_lock
 from schemas.errors import CheckoutGuardError
+from schemas.model_artifact import CHALLENGER, CURRENT, artifact_folders, version_folder
 
 log = logging.getLogger("checkout_guard.models")
-
-CURRENT, CHALLENGER = "CURRENT", "CHALLENGER"
 
 
 def read_pointer(root: Path, name: str) -> str | None:
@@ -275,48 +273,23 @@ def _root(models: Path | None) -> Path:
     return models or get_settings().models_root
 
 
-def _versions(root: Path) -> list[str]:
-    """Version folders under ``root``: not a save's temporary ``.<version>.tmp-<pid>`` (a crashed save leaves
-    one, and the next save of that version deletes it)."""
-    if not root.exists():
-        return []
-    return sorted(
-        p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "model.json").exists()
-    )
-
-
-def _folder_version(folder: Path) -> str | None:
-    """The version ``model.json`` in ``folder`` names (read alone, not the model file), or None."""
-    try:
-        meta = json.loads((folder / "model.json").read_text())
-    except (OSError, ValueError):
-        return None
-    version = meta.get("version") if isinstance(meta, dict) else None
-    return version if isinstance(version, str) else None
-
-
 def load_version(root: Path, version: str) -> LocalModel:
-    """The model whose ``model.json`` version is ``version``, whatever its folder in ``root`` is called: models are
-    told apart by that version, not by folder names, and a pointer may name a copy kept under another name. For a
-    reader that holds only the version (the partitioned layout's drift step, from its slots' tallies), so it finds
-    the model the pointers gave the slots. The folder of that name is looked at first, then those the pointers
-    name, then the others; :class:`ModelArtifactError` when none holds it or it does not load."""
-    folders = _versions(root)
-    try:
-        pointed = [name for name in read_pointers(root) if name in folders]
-    except ModelArtifactError:  # an unreadable pointer: every folder is still looked at
-        pointed = []
-    for folder in dict.fromkeys([*(f for f in (version,) if f in folders), *pointed, *folders]):
-        if _folder_version(root / folder) == version:
-            return LocalModel.load(root / folder)
-    raise ModelArtifactError(f"no version folder in {root} holds model {version}")
+    """The model whose ``model.json`` version is ``version``, whatever its folder in ``root`` is called
+    (:func:`version_folder`, shared with the readers outside the job): a pointer may name a copy kept under another
+    name. For a reader that holds only the version (the partitioned layout's drift step, from its slots' tallies;
+    the SageMaker calibration), so it finds the model the pointers gave the slots; :class:`ModelArtifactError` when
+    no folder holds it or it does not load."""
+    folder = version_folder(root, version)
+    if folder is None:
+        raise ModelArtifactError(f"no version folder in {root} holds model {version}")
+    return LocalModel.load(folder)
 
 
 def _check_version(root: Path, version: str) -> LocalModel:
     """A pointer names one version folder directly under ``root`` (never ``.``, ``..`` or a path, which would
     load now and leave ``CURRENT`` unreadable to the job: none is a folder name) holding an artifact the job
     can load; raises :class:`ModelArtifactError` (one ``Error:`` line, exit 1) otherwise."""
-    if version not in _versions(root):
+    if version not in artifact_folders(root):
         raise ModelArtifactError(f"{version!r} is not a model version in {root} (see: status)")
     try:
         return LocalModel.load(root / version)
@@ -353,7 +326,7 @@ def status(models: Annotated[Path | None, typer.Option(help="Models root (defaul
         raise ModelArtifactError(f"no models root at {root} (train one: make train / make train-default)")
     champion, challenger = read_pointer(root, CURRENT), read_pointer(root, CHALLENGER)
     typer.echo(f"models root: {root}")
-    versions = _versions(root)
+    versions = artifact_folders(root)
     for label, pointer in (("champion:  ", champion), ("challenger:", challenger)):
         typer.echo(f"{label} {pointer or '-'}{_load_problem(root, pointer, versions)}")
     for version in versions:

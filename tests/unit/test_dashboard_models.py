@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -382,17 +384,37 @@ def test_after_a_promotion_each_models_roc_auc_is_its_own_not_a_mix_of_two() -> 
     assert pooled == 0.75  # what the page showed before
 
 
+def _artifact(root: Path, folder: str, version: str, *rows: str) -> Path:
+    """An artifact folder as the view reads it: ``model.json``'s version and the training rows' digests."""
+    (root / folder).mkdir()
+    (root / folder / "model.json").write_text(json.dumps({"version": version}))
+    (root / folder / TRAINED_IDS_FILE).write_text("".join(f"{id_digest(tx)}\n" for tx in rows))
+    return root / folder
+
+
 def test_the_view_finds_each_models_training_rows_in_its_artifact_folder(tmp_path) -> None:
-    (tmp_path / "gbm-b").mkdir()
-    (tmp_path / "gbm-b" / TRAINED_IDS_FILE).write_text(f"{id_digest('tx-001')}\n{id_digest('tx-002')}\n")
+    _artifact(tmp_path, "gbm-b", "gbm-b", "tx-001", "tx-002")
     board = Dashboard(Settings(model={"artifact_dir": tmp_path}), client=FakeCluster({}, {}))  # type: ignore[arg-type]
     assert board.trained_ids("local:gbm-b (fallback)") == {id_digest("tx-001"), id_digest("tx-002")}
     assert board.trained_ids("local:gbm-a") is None  # no such artifact here: nothing left out
     assert board.trained_ids("afd:detector:1") is None and board.trained_ids(None) is None
     assert board.trained_ids("local:../gbm-b") is None  # a stored version is never a path
-    (tmp_path / "gbm-c").mkdir()
+    (_artifact(tmp_path, "gbm-c", "gbm-c") / TRAINED_IDS_FILE).unlink()
     (tmp_path / "gbm-c" / TRAINED_IDS_FILE).mkdir()  # unreadable as a file: unknown, not a broken page
     assert board.trained_ids("local:gbm-c") is None
+
+
+def test_the_view_finds_the_training_rows_of_a_model_kept_under_another_folder_name(tmp_path) -> None:
+    """A folder copied or renamed by hand and set through ``challenger``/``promote`` scores as ``local:<the version
+    in its model.json>``: the view looked in the folder of that name only, so its training rows were "unknown" and
+    counted in its ROC-AUC. It finds the folder as the registry does, by the version in ``model.json``."""
+    _artifact(tmp_path, "prod-nov", "gbm-b", "tx-001", "tx-002")
+    _artifact(tmp_path, "gbm-a", "gbm-x", "tx-009")  # named like another version, holding another model
+    (tmp_path / "CURRENT").write_text("prod-nov\n")
+    board = Dashboard(Settings(model={"artifact_dir": tmp_path}), client=FakeCluster({}, {}))  # type: ignore[arg-type]
+    assert board.trained_ids("local:gbm-b") == {id_digest("tx-001"), id_digest("tx-002")}
+    assert board.trained_ids("local:gbm-a") is None  # its folder's name is not its model
+    assert board.trained_ids("local:gbm-x") == {id_digest("tx-009")}
 
 
 def test_the_models_view_leaves_out_the_rows_the_artifacts_in_its_models_root_were_trained_on(tmp_path) -> None:
@@ -403,8 +425,7 @@ def test_the_models_view_leaves_out_the_rows_the_artifacts_in_its_models_root_we
     board = Dashboard(Settings(model={"artifact_dir": tmp_path}), client=cluster)  # type: ignore[arg-type]
     before = board.models(Window(0, HOUR_MS))["evaluation"]
     assert before["challenger"]["in_training"] is None and before["challenger"]["auc"] < 1.0
-    (tmp_path / "gbm-b").mkdir()
-    (tmp_path / "gbm-b" / TRAINED_IDS_FILE).write_text(f"{id_digest('tx-001')}\n")
+    _artifact(tmp_path, "gbm-b", "gbm-b", "tx-001")
     after = board.models(Window(0, HOUR_MS))["evaluation"]
     assert (after["challenger"]["in_training"], after["challenger"]["rows"], after["challenger"]["auc"]) == (1, 11, 1.0)
     assert after["champion"]["in_training"] is None and after["champion"]["rows"] == 12

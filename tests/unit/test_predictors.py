@@ -389,6 +389,22 @@ def test_the_endpoints_model_version_pins_its_calibration_across_restarts(tmp_pa
     assert make_predictor(settings).remote.predict_batch(items)[0].score != expected  # unpinned: the new champion's
 
 
+def test_the_endpoints_model_version_is_found_in_a_folder_not_named_after_it(tmp_path, server):
+    """CG_MODEL__SAGEMAKER_MODEL_VERSION names a model version (``model.json``'s); the model kept in a folder copied
+    or renamed by hand was looked for in the folder of that name, and the job did not start."""
+    server.sagemaker_prob = 0.25
+    served = small_model()
+    served.save(tmp_path).rename(tmp_path / "endpoint-nov")
+    challenger_model().save(tmp_path)  # the champion now, in a folder of its version's name
+    settings = settings_for(server.url, "sagemaker", artifact_dir=tmp_path)
+    pinned = settings.model_copy(
+        update={"model": settings.model.model_copy(update={"sagemaker_model_version": served.version})}
+    )
+    items = [(sale("t1", amount=10.0).to_avro(), {"velocity": 1.0})]
+    expected = int(served.calibration.score(__import__("numpy").array([0.25]))[0])
+    assert make_predictor(pinned).remote.predict_batch(items)[0].score == expected
+
+
 def test_sagemaker_request_is_accepted_by_moto_server():
     from moto.sagemakerruntime.models import sagemakerruntime_backends
     from moto.server import ThreadedMotoServer
