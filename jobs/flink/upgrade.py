@@ -6,8 +6,9 @@ Steps:
 
 Every stateful operator has a stable uid (score; the Kafka source/sink uids come from the SQL
 plan, which an upgrade of the Python logic leaves unchanged), so receipts, store and customer
-history, pending transactions, the watchlist and the active rule set all carry over. On a Flink
-cluster the same is: flink stop --savepointPath DIR JOB_ID, then flink run -s SAVEPOINT ...
+history, pending transactions, the watchlist and the active rule set all carry over. On the Flink
+cluster (``flink submit``'s job, which ``savepoint`` cannot signal and names) the same is
+``python -m infra.stack flink stop``, then ``flink submit``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,15 @@ class UpgradeError(CheckoutGuardError, RuntimeError):
     """No savepoint: no job is running, or it stopped without one."""
 
 
+class NoRunningJob(UpgradeError):
+    """No mini-cluster scoring job of this checkpoint dir runs (its ``job.json`` is missing or stale)."""
+
+
+FLINK_STOP = "python -m infra.stack flink stop"
+"""What stops the scoring job on the Flink cluster with a savepoint (``flink submit``'s job writes no
+``job.json``, so this module cannot signal it)."""
+
+
 def stop_with_savepoint(control: Path, checkpoint_dir: Path, timeout: float = 120.0) -> Path:
     """Ask the job named in ``control`` to stop with a savepoint; wait until it has and return it.
 
@@ -47,7 +57,7 @@ def stop_with_savepoint(control: Path, checkpoint_dir: Path, timeout: float = 12
     job = running_job(control)
     if job is None:
         state = "stale: its process is gone" if control.exists() else "missing"
-        raise UpgradeError(f"no running scoring job found ({control.name} in the checkpoint dir is {state})")
+        raise NoRunningJob(f"no running scoring job found ({control.name} in the checkpoint dir is {state})")
     before = time.time()
     os.kill(int(job["pid"]), signal.SIGUSR1)
     deadline = time.monotonic() + timeout
@@ -73,8 +83,31 @@ def savepoint(
 ) -> None:
     """Stop the running scoring job with a savepoint; the next start resumes from it."""
     settings = get_settings()
-    path = stop_with_savepoint(control_file(settings), settings.checkpoint_dir, timeout)
+    try:
+        path = stop_with_savepoint(control_file(settings), settings.checkpoint_dir, timeout)
+    except NoRunningJob as exc:
+        raise NoRunningJob(no_job_here(settings, str(exc))) from None
     typer.echo(str(path))
+
+
+def no_job_here(settings: Settings, why: str) -> str:
+    """What ``savepoint`` says when no mini-cluster job runs (``why``): a scoring job on the Flink cluster the
+    settings name writes no ``job.json``, and "no running scoring job found" beside it read as nothing to stop,
+    so it names that job and :data:`FLINK_STOP`, which takes the savepoint on the cluster."""
+    url = rest_url(settings)
+    try:
+        live = cluster_scoring_jobs(settings)
+    except FlinkClusterError as exc:
+        return f"{why}; whether the Flink cluster runs it is unknown ({exc}): if it does, `{FLINK_STOP}` stops it"
+    if not live:
+        return why
+    named = ", ".join(f"{job.get('jid')} ({job.get('state')})" for job in live)
+    savepoints = settings.checkpoint_dir / "savepoints"
+    return (
+        f"the scoring job runs on the Flink cluster at {url}: {named}, not on a mini-cluster here (a cluster job "
+        f"writes no job.json to signal); `{FLINK_STOP}` stops it with a savepoint under {savepoints}, which the "
+        "next start resumes from"
+    )
 
 
 def cluster_status(settings: Settings) -> str:
@@ -88,7 +121,7 @@ def cluster_status(settings: Settings) -> str:
     if not live:
         return f"no (none at {url})"
     named = ", ".join(f"{job.get('jid')} ({job.get('state')})" for job in live)
-    return f"{named} at {url}; `python -m infra.stack flink stop` stops it with a savepoint"
+    return f"{named} at {url}; `{FLINK_STOP}` stops it with a savepoint"
 
 
 @app.command()

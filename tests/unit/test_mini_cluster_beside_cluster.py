@@ -163,3 +163,36 @@ def test_upgrade_status_names_the_scoring_job_on_the_cluster(
     assert f"on the Flink cluster: c0ffee (RUNNING) at http://127.0.0.1:{cluster.port};" in result.output
     cluster.jobs = []
     assert "on the Flink cluster: no" in CliRunner().invoke(upgrade.app, ["status"]).output
+
+
+def test_upgrade_savepoint_beside_the_clusters_scoring_job_names_it_and_flink_stop(
+    tmp_path: Path, cluster: _Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It said "no running scoring job found (job.json ... missing)" while the cluster ran the job: nothing to stop,
+    it read, and the upgrade went on beside it. It names the cluster's job and the command that takes its savepoint."""
+    from jobs.flink import upgrade
+
+    settings = _settings(tmp_path, cluster.port)
+    monkeypatch.setattr(upgrade, "get_settings", lambda: settings)
+    cluster.jobs = LIVE
+    result = CliRunner().invoke(upgrade.app, ["savepoint", "--timeout", "1"])
+    assert result.exit_code != 0
+    message = str(result.exception)
+    assert f"the scoring job runs on the Flink cluster at http://127.0.0.1:{cluster.port}: c0ffee (RUNNING)" in message
+    assert f"`python -m infra.stack flink stop` stops it with a savepoint under {tmp_path / 'checkpoints'}" in message
+    cluster.jobs = []  # no scoring job anywhere: the plain answer, no command to run
+    result = CliRunner().invoke(upgrade.app, ["savepoint", "--timeout", "1"])
+    assert str(result.exception) == "no running scoring job found (job.json in the checkpoint dir is missing)"
+
+
+def test_upgrade_savepoint_with_a_cluster_that_does_not_answer_says_it_was_not_checked(
+    tmp_path: Path, cluster: _Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jobs.flink import upgrade
+
+    cluster.jobs, cluster.stall_s = LIVE, 30.0
+    monkeypatch.setattr(upgrade, "get_settings", lambda: _settings(tmp_path, cluster.port))
+    message = str(CliRunner().invoke(upgrade.app, ["savepoint", "--timeout", "1"]).exception)
+    assert message.startswith("no running scoring job found (job.json in the checkpoint dir is missing); whether")
+    assert f"the Flink cluster at http://127.0.0.1:{cluster.port} did not answer within 2 s" in message
+    assert message.endswith("if it does, `python -m infra.stack flink stop` stops it")
