@@ -841,15 +841,33 @@ def _get_json(url: str, timeout_s: float) -> Any:
     return json.loads(body)
 
 
+def _unresolved(exc: BaseException) -> bool:
+    """Whether a failed connection failed on the host name's lookup (a :class:`socket.gaierror` under httpx's
+    error), not at a port nothing listens on."""
+    cause: BaseException | None = exc
+    seen: set[int] = set()
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, socket.gaierror):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 def cluster_scoring_jobs(settings: Settings, timeout_s: float = CLUSTER_CHECK_S) -> list[dict[str, Any]]:
     """The live scoring jobs (:func:`live_scoring_jobs`) of the cluster the settings name (its REST port on the
     bind host: where ``flink submit`` puts the job). Empty when nothing listens there and no JobManager of this
     cluster dir runs (no cluster); :class:`FlinkClusterError` when the cluster does not answer within about
-    ``timeout_s``."""
+    ``timeout_s``, or when the bind host is a name that does not resolve (not checked, rather than no cluster)."""
     url = rest_url(settings)
     try:
         return live_scoring_jobs(list(_get_json(url + "/jobs/overview", timeout_s).get("jobs", [])))
     except httpx.ConnectError as exc:  # refused: no cluster, unless its JobManager runs and is not serving yet
+        if _unresolved(exc):  # no connection was tried: the cluster it names may run the job
+            host = client_host(settings.bind_host)
+            raise FlinkClusterError(
+                f"the Flink cluster at {url} was not asked: the host name {host} does not resolve ({exc})"
+            ) from None
         if member_process(ClusterPaths.of(settings), members(settings)[0]) is None:
             return []
         why = f"its JobManager runs but refused the connection ({exc})"

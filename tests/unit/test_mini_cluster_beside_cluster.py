@@ -196,3 +196,26 @@ def test_upgrade_savepoint_with_a_cluster_that_does_not_answer_says_it_was_not_c
     assert message.startswith("no running scoring job found (job.json in the checkpoint dir is missing); whether")
     assert f"the Flink cluster at http://127.0.0.1:{cluster.port} did not answer within 2 s" in message
     assert message.endswith("if it does, `python -m infra.stack flink stop` stops it")
+
+
+def test_a_bind_host_name_that_does_not_resolve_is_warned_about_as_not_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A host name that did not resolve read as a refused connection: "no cluster", silently, though the cluster it
+    names may well run the scoring job. The start goes on, as for a cluster that does not answer, with a warning."""
+    import socket
+
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: object, *args: object, **kwargs: object) -> object:
+        if host == "flink-jm.example.internal":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    settings = _settings(tmp_path, _free_port()).model_copy(update={"bind_host": "flink-jm.example.internal"})
+    with caplog.at_level("WARNING"):
+        assert fc.beside_cluster_job(settings) is None
+    assert f"the Flink cluster at {fc.rest_url(settings)} was not asked" in caplog.text
+    assert "the host name flink-jm.example.internal does not resolve" in caplog.text
+    assert "starting without knowing whether it runs the scoring job" in caplog.text
