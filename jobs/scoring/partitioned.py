@@ -116,10 +116,21 @@ class ProfileFailed(CheckoutGuardError):
     """A transaction's gather is complete but a profile's answer was a failure (its identity step raised):
     :func:`take` makes it the transaction's own dead letter, with its record, so its re-drive decides it."""
 
+    step = IDENTITY
+    """The step the letter names (:func:`failure_letter_id`)."""
+
     def __init__(self, env: Any, reason: str) -> None:
         super().__init__(reason)
         self.env = env
         self.reason = reason
+
+
+class GatherFailed(ProfileFailed):
+    """A transaction's answers were all in, and putting it together (its profile features, its claim, the face join)
+    raised: whichever of its messages came last (usually a profile's answer, which does not carry the record), the
+    letter is the transaction's, with its record, as for a failed profile."""
+
+    step = GATHER
 
 
 class Emit(NamedTuple):
@@ -439,11 +450,16 @@ class GatherStep(_Keyed):
         self._put(GATHERING, at, None)
         if len(entry) > 5:
             raise ProfileFailed(entry[0], entry[5])
-        env = self._complete(entry[0], entry[2], entry[3])
-        tx = env[0]
-        self.newest_ms = max(self.newest_ms, tx["event_time"])
-        self._persist(self.claims.claim(tx, receipt_key(tx)))
-        ready, writes = self.join.on_transaction(env, now_ms)
+        try:
+            env = self._complete(entry[0], entry[2], entry[3])
+            tx = env[0]
+            self.newest_ms = max(self.newest_ms, tx["event_time"])
+            self._persist(self.claims.claim(tx, receipt_key(tx)))
+            ready, writes = self.join.on_transaction(env, now_ms)
+        except IdConflict:  # the record's own fault: its dead letter as such (take)
+            raise
+        except Exception as err:  # the entry is gone: the letter must carry the record (GatherFailed)
+            raise GatherFailed(entry[0], _describe(err)) from err
         self._persist(writes)
         return self._released(ready, order_)
 
@@ -672,8 +688,9 @@ def failed_after_receipt(letter: str | None, topic: str, tx_id: str) -> bool:
 def failed_message(scorer: Scorer, step: str, message: Emit, err: Exception) -> OutRow:
     """The dead letter of a message a keyed step raised on (no record must stop the job, as in
     ``DecisionCore``); when the message carries the transaction (receipt, store, the gather's own message of the
-    transaction, decide), its record as it was on the topic with its key, partition and offset
-    (:meth:`jobs.scoring.scorer.Scorer.transaction_dead_letter`), which ``redrive`` sends back, id
+    transaction, decide; a gather completed by an answer is :class:`GatherFailed`), its record as it was on the
+    topic with its key, partition and offset (:meth:`jobs.scoring.scorer.Scorer.transaction_dead_letter`), which
+    ``redrive`` sends back, id
     :func:`failure_letter_id`; otherwise ``<transactions topic>:<step>:<transaction id>`` without a record."""
     payload = message.payload
     tx: dict[str, Any] | None = None
@@ -719,10 +736,14 @@ def take(
             step.resync(m.key)
             failed.append(reused_id_dead_letter(scorer, err, m.order[2]))
         except ProfileFailed as err:  # its gather is over (written): the transaction's letter, with its record
+            if isinstance(err, GatherFailed):
+                step.resync(m.key)
+                cause = err.__cause__ or err
+                log.warning("dead-lettering a gathered transaction: %s\n%s", err.reason, _stack(cause))
             topic = TRANSACTIONS.full_name(scorer.settings.kafka.topic_prefix)
             tx = err.env[0]
             error = InvalidRecord(INTERNAL_ERROR, err.reason)
-            failed.append(scorer.transaction_dead_letter(tx, error, failure_letter_id(topic, IDENTITY, tx)))
+            failed.append(scorer.transaction_dead_letter(tx, error, failure_letter_id(topic, err.step, tx)))
         except Exception as err:  # noqa: BLE001 - one message must not stop the job: dead-letter it
             step.resync(m.key)
             role = m.payload[0] if name == IDENTITY and isinstance(m.payload, tuple) else None
@@ -781,6 +802,7 @@ __all__ = [
     "STORE",
     "DecideStep",
     "Emit",
+    "GatherFailed",
     "GatherStep",
     "IdentityStep",
     "PartitionedCore",

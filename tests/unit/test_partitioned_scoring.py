@@ -844,3 +844,33 @@ def test_a_late_face_whose_alert_fails_is_dead_lettered_as_the_face_and_its_deci
     assert letter.dead_letter_id == f"{FACES}:late:t1" and letter.source_topic == FACES and not letter.payload
     plan = plan_redrive([letter], Selection(frozenset({"scoring-job"})), {TX: 3, FACES: 3}, transactions=TX)
     assert not plan.sends
+
+
+def test_a_transaction_whose_gather_fails_on_its_last_answer_has_a_re_drivable_letter_decided_once(monkeypatch):
+    """A transaction with profiles is completed at the gather by whichever of its messages comes last, usually a
+    profile's answer: a failure there is the transaction's letter, with its record, not the answer's."""
+    from jobs.scoring.partitioned import GatherStep
+
+    real = GatherStep._complete
+    fail = {"t2"}
+
+    def flaky(self, env, customer, linked):
+        if env[0]["transaction_id"] in fail:
+            fail.clear()
+            raise RuntimeError("boom")
+        return real(self, env, customer, linked)
+
+    monkeypatch.setattr(GatherStep, "_complete", flaky)
+    core = PartitionedCore(settings(), 2, clock=_clock)
+    records = [
+        SourceRecord(b"store-001/lane-01", sale("t1", at_s=1).encode(), TX, 0, 10, NOW),
+        SourceRecord(b"store-001/lane-02", sale("t2", card="card-B", at_s=2).encode(), TX, 1, 30, NOW),
+    ]
+    rows = core.on_records(records, NOW) + core.on_timer(NOW + 10**7)
+    letters = _letters(rows)
+    assert set(letters) == {f"{TX}:gather:t2@1:30"} and list(_scored(rows)) == ["t1"]
+    assert letters[f"{TX}:gather:t2@1:30"].payload == records[1].value
+    assert not core.slots[shard_of("t2", 2)].gather.gathering
+    copy = _redriven(letters[f"{TX}:gather:t2@1:30"], 90)
+    again = core.on_records([copy], NOW + 1000) + core.on_timer(NOW + 2 * 10**7)
+    assert list(_scored(again)) == ["t2"] and not _letters(again)
