@@ -262,13 +262,15 @@ class ReceiptStep(_Keyed):
         tx_id = env[0]["transaction_id"]
         before = self.receipts.get(key)
         held = before is not None and before.holds(tx_id)
+        retaken = before.retaken if before is not None else ()
         try:
             return self._on(key, env, order_)
         except InvalidRecord:
             raise
         except Exception:
             receipt = self.receipts.get(key)
-            if receipt is not None and (receipt is not before or not held):
+            # taken by this call: new here, a failed one's copy, or a later step's letter retaken (it was held)
+            if receipt is not None and (receipt is not before or not held or receipt.retaken != retaken):
                 receipt.mark_failed(tx_id)
             raise
 

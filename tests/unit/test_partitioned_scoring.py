@@ -874,3 +874,19 @@ def test_a_transaction_whose_gather_fails_on_its_last_answer_has_a_re_drivable_l
     copy = _redriven(letters[f"{TX}:gather:t2@1:30"], 90)
     again = core.on_records([copy], NOW + 1000) + core.on_timer(NOW + 2 * 10**7)
     assert list(_scored(again)) == ["t2"] and not _letters(again)
+
+
+def test_a_re_driven_copy_failing_at_its_receipt_is_decided_when_that_letter_is_re_driven(monkeypatch):
+    """The receipt took the copy of a later step's letter (a retake), then failed: it marks the id failed as for a
+    first delivery, so the receipt letter's re-drive is decided, not dropped as a copy."""
+    core = PartitionedCore(settings(), 2, predictor=_FailsOnce({"t2"}), clock=_clock)
+    first = SourceRecord(b"store-001/lane-02", return_of("t2", "t1", amount=20, at_s=2).encode(), TX, 2, 30, NOW)
+    rows = core.on_records([_tx(sale("t1", amount=30, at_s=1)), first], NOW) + core.on_timer(NOW + 10**7)
+    [letter] = _letters(rows).values()
+    _fail_receipt_write_once(monkeypatch, "t2")
+    rows = core.on_records([_redriven(letter, 99)], NOW + 1000) + core.on_timer(NOW + 2 * 10**7)
+    assert set(_letters(rows)) == {f"{TX}:receipt:t2@2:99"} and not _scored(rows)
+    [letter] = _letters(rows).values()
+    rows = core.on_records([_redriven(letter, 120)], NOW + 2000) + core.on_timer(NOW + 3 * 10**7)
+    assert list(_scored(rows)) == ["t2"]
+    assert "return_exceeds_sale" not in _scored(rows)["t2"]["indicators"], "its amount is added up once"
