@@ -661,12 +661,13 @@ def failure_letter_id(topic: str, step: str, tx: dict[str, Any]) -> str:
     """The id of ``tx``'s dead letter when ``step`` failed on it: ``<transactions topic>:<step>:<transaction
     id>@<partition>:<offset>`` (where its record was read), stable across replays of that record; a re-driven copy
     that fails again is read elsewhere, so its letter is another one (:func:`failed_after_receipt`). Without a
-    known position (a transaction held in state from an older job), ``<topic>:<step>:<transaction id>``."""
+    known position (a transaction held in state from an older job), ``@-1:-1``: an id without the tail is an older
+    job's letter."""
     tx_id = str(tx["transaction_id"])
     source = tx.get(SOURCE_KEY)
     if source is not None and source[1] >= 0:
         return f"{topic}:{step}:{tx_id}@{source[1]}:{source[2]}"
-    return f"{topic}:{step}:{tx_id}"
+    return f"{topic}:{step}:{tx_id}@-1:-1"
 
 
 _POSITION_TAIL = re.compile(r"@-?\d+:-?\d+")
@@ -677,12 +678,18 @@ LATER_STEPS = (STORE, IDENTITY, GATHER, DECIDE)
 def failed_after_receipt(letter: str | None, topic: str, tx_id: str) -> bool:
     """Whether ``letter`` (a re-driven copy's ``REDRIVEN_HEADER``) is the dead letter of transaction ``tx_id``
     failing at a step after its receipt (:func:`failure_letter_id`): its re-drive is then taken by the receipt,
-    once (:meth:`jobs.scoring.features.Receipt.observe`), where it would be dropped as a copy."""
+    once (:meth:`jobs.scoring.features.Receipt.observe`), where it would be dropped as a copy.
+
+    A decide letter without the position tail is an older job's, which also wrote a late face's failure that way,
+    as its sale (decided already, and kept trimmed: for a cash sale its re-drive passes for a copy): not taken. An
+    older job's store letter always named a transaction that failed before its decision: taken."""
     if not letter:
         return False
     for step in LATER_STEPS:
         head = f"{topic}:{step}:{tx_id}"
-        if letter == head or (letter.startswith(head) and _POSITION_TAIL.fullmatch(letter, len(head))):
+        if letter == head and step != DECIDE:
+            return True
+        if letter.startswith(head) and _POSITION_TAIL.fullmatch(letter, len(head)):
             return True
     return False
 

@@ -890,3 +890,26 @@ def test_a_re_driven_copy_failing_at_its_receipt_is_decided_when_that_letter_is_
     rows = core.on_records([_redriven(letter, 120)], NOW + 2000) + core.on_timer(NOW + 3 * 10**7)
     assert list(_scored(rows)) == ["t2"]
     assert "return_exceeds_sale" not in _scored(rows)["t2"]["indicators"], "its amount is added up once"
+
+
+def test_an_older_jobs_letter_of_a_late_face_named_after_its_decided_cash_sale_is_not_decided_again():
+    """Before the late face's letter named the face, an older job wrote it as the sale (``<topic>:decide:<id>``, no
+    position, the sale trimmed to what a late face keeps): re-driven after an upgrade, it is dropped as a copy."""
+    from jobs.scoring.face_join import LATE_FIELDS
+    from jobs.scoring.partitioned import failed_after_receipt, failure_letter_id
+    from schemas.errors import INTERNAL_ERROR, InvalidRecord
+    from schemas.records import DeadLetter
+
+    core = PartitionedCore(settings(), 2, clock=_clock)
+    cash = sale("t1", amount=30, at_s=1, card=None)
+    rows = core.on_records([SourceRecord(b"store-001/lane-01", cash.encode(), TX, 0, 10, NOW)], NOW)
+    assert list(_scored(rows + core.on_timer(NOW + 10**7))) == ["t1"]
+    trimmed = {k: _decoded(cash).get(k) for k in LATE_FIELDS}
+    error = InvalidRecord(INTERNAL_ERROR, "RuntimeError: alert failed")
+    _, _, value = core.scorer.transaction_dead_letter(trimmed, error, f"{TX}:decide:t1")
+    copy = _redriven(DeadLetter.decode(value), 90)
+    assert not _scored(core.on_records([copy], NOW + 10**7 + 1000) + core.on_timer(NOW + 2 * 10**7))
+    # this job's letter of a transaction of unknown position says so, and is taken; an older store letter too
+    unknown = failure_letter_id(TX, "decide", trimmed)
+    assert unknown == f"{TX}:decide:t1@-1:-1" and failed_after_receipt(unknown, TX, "t1")
+    assert failed_after_receipt(f"{TX}:store:t1", TX, "t1")
