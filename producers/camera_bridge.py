@@ -544,6 +544,11 @@ class CameraBridge:
         """By MQTT packet id: what was produced, until :data:`MAX_REMEMBERED` delivered ones are newer."""
         self._unanswered: dict[object, _Unanswered] = {}
         """Each record now on its way to Kafka and when it was produced (this bridge's clock), until Kafka answers."""
+        self._resending: list[SavedRecord] = []
+        self._resent_upto = 0
+        """Records read from the last stop's file, and how many of them :meth:`resend_saved` has handed over."""
+        self._resend_kept: list[SavedRecord] = []
+        """Of those, the ones Kafka refused even as dead letters: saved again at this run's stop."""
         self._session = 0
         """Counts the broker sessions: a packet id of an older one may name another message now."""
         self._failed: str | None = None
@@ -853,10 +858,30 @@ class CameraBridge:
             return
         if records:
             log.warning("producing %d record(s) the last run saved at its stop (%s)", len(records), path)
-        for r in records:
+        # Until handed to Kafka a record is only here: a stop (or an exception) half-way saves the rest again.
+        self._resending, self._resent_upto = records, 0
+        for i, r in enumerate(records):
             msg = mqtt.MQTTMessage(mid=0, topic=r.mqtt_topic.encode("utf-8", "replace"))
             msg.payload, msg.qos = r.payload, 0
-            self._produce(r.out, msg, 0, wait=None)
+            try:
+                self._produce(r.out, msg, 0, wait=None)
+            except Exception as exc:
+                self._resend_refused(r, msg, exc)
+            self._resent_upto = i + 1
+
+    def _resend_refused(self, r: SavedRecord, msg: mqtt.MQTTMessage, exc: Exception) -> None:
+        """A saved record Kafka refused at once (e.g. over a lower ``message.max.bytes``): dead-lettered as a live
+        message would be; kept for this run's stop when even that fails. Ending the run here lost the rest."""
+        if not r.out.dead:
+            try:
+                self._produce(self._refused(msg, exc), msg, 0, wait=None)
+                log.error("kafka refused a record saved at the last stop (%s); dead-lettered", str(exc)[:200])
+                return
+            except Exception as dl_exc:
+                exc = dl_exc
+        log.error("kafka refused a record saved at the last stop (%s); saved again at this stop", str(exc)[:200])
+        why = f"kafka refused it when produced again ({str(exc)[:200]}); its mqtt message is not sent again"
+        self._resend_kept.append(SavedRecord(r.mqtt_topic, r.payload, r.out, why))
 
     def _drain(self, grace_s: float) -> None:
         """Give Kafka up to ``grace_s`` (wall clock) for every record accepted; waiting retries go at once."""
@@ -894,6 +919,8 @@ class CameraBridge:
             )
             for o, m, why in lost
         ]
+        not_resent = self._resend_kept + self._resending[self._resent_upto :]
+        saved += not_resent
         path = saved_records_path(self.settings)
         self.stats.left_unacked = len(unsent) - len(lost)
         try:
@@ -909,12 +936,12 @@ class CameraBridge:
             )
             saved = []
         self.stats.saved = len(saved)
-        if unsent:
+        if unsent or not_resent:
             log.warning(
                 "stopping with %d record(s) Kafka has not taken: %d saved to %s for the next run "
                 "(the broker will not send their mqtt messages again), %d left unacknowledged for the broker "
                 "to send again",
-                len(unsent),
+                len(unsent) + len(not_resent),
                 len(saved),
                 path,
                 self.stats.left_unacked,

@@ -16,7 +16,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from confluent_kafka import KafkaError
+from confluent_kafka import KafkaError, KafkaException
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 from prometheus_client import REGISTRY
@@ -453,3 +453,62 @@ def test_a_saved_file_that_cannot_be_read_is_moved_aside_not_produced_nor_overwr
     assert kafka.sent == [] and not path.exists()
     [aside] = path.parent.glob(f"{path.name}.unreadable-*")
     assert aside.read_text() == "not json\n"
+
+
+class RefusingKafka(FakeKafka):
+    """Refuses, at ``produce``, the record whose value is ``refused`` (None: every record), as librdkafka raises
+    for a record over ``message.max.bytes`` (e.g. a lower limit set between two runs)."""
+
+    def __init__(self, refused: bytes | None) -> None:
+        super().__init__()
+        self.refused = refused
+
+    def produce(self, topic: str, *, key: bytes, value: bytes, on_delivery: Callable[[Any, Any], None]) -> None:
+        if self.refused is None or value == self.refused:
+            raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
+        super().produce(topic, key=key, value=value, on_delivery=on_delivery)
+
+
+def _saved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *payloads: bytes) -> list[bytes]:
+    """A first run with Kafka down and a lost session saves one record per payload; their event values."""
+    kafka = FakeKafka(lambda n: TIMED_OUT)
+    bridge, _ = _bridge(monkeypatch, kafka, stack_dir=tmp_path, stop_grace_s=0.2)
+    _offline(bridge, monkeypatch)
+    for mid, payload in enumerate(payloads, start=1):
+        bridge._on_message(bridge.client, None, _message(payload, mid=mid))
+    bridge.service(0)
+    _reconnect(bridge, monkeypatch, session_present=False)
+    bridge.run(_stopped())
+    assert bridge.stats.saved == len(payloads)
+    return [v for _, _, v in kafka.sent[: len(payloads)]]
+
+
+def test_a_saved_record_kafka_refuses_at_the_next_run_is_dead_lettered_and_the_rest_still_produced(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The next run's produce of one saved record raised: the bridge ended with a traceback and its stop replaced
+    the saved file with what it had handed to Kafka, so the refused record and every one after it were lost."""
+    first, second, third = (GOOD.replace(b"1795000000000", f"179500000{i}000".encode()) for i in range(3))
+    values = _saved(tmp_path, monkeypatch, first, second, third)
+    kafka = RefusingKafka(values[1])
+    bridge, _ = _bridge(monkeypatch, kafka, stack_dir=tmp_path, stop_grace_s=0.2)
+    _offline(bridge, monkeypatch)
+    bridge.run(_stopped())
+    assert kafka.topics() == [EVENTS, DLQ, EVENTS]
+    assert [kafka.sent[0][2], kafka.sent[2][2]] == [values[0], values[2]]
+    dl = DeadLetter.decode(kafka.sent[1][2])
+    assert b"1795000001000" in dl.payload and "kafka refused" in dl.reason
+    assert (bridge.stats.published, bridge.stats.dead_lettered) == (2, 1)
+    assert not saved_records_path(bridge.settings).exists()
+
+
+def test_a_saved_record_kafka_takes_neither_as_event_nor_as_dead_letter_is_saved_again_not_dropped(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _saved(tmp_path, monkeypatch, GOOD)
+    kafka = RefusingKafka(None)
+    bridge, _ = _bridge(monkeypatch, kafka, stack_dir=tmp_path, stop_grace_s=0.2)
+    _offline(bridge, monkeypatch)
+    bridge.run(_stopped())
+    [again] = load_saved_records(saved_records_path(bridge.settings))
+    assert again.payload == GOOD and "kafka refused" in again.reason and bridge.stats.saved == 1
