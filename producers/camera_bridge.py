@@ -431,13 +431,17 @@ def _b64(data: bytes) -> str:
 
 def save_records(path: Path, records: list[SavedRecord]) -> None:
     """Replace ``path`` with ``records`` (tmp + fsync + rename: a crash leaves the old file or the new one);
-    no records removes it. One JSON object a line, bytes in base64."""
+    no records removes it. One JSON object a line, bytes in base64. The records say where people stood in front
+    of a camera: the file is its owner's only (0600, in a 0700 folder), whatever the umask."""
     if not records:
         path.unlink(missing_ok=True)
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a tmp file left by a crash keeps its mode otherwise
+    with os.fdopen(fd, "w") as f:
         for r in records:
             line = {
                 "mqtt_topic": r.mqtt_topic,

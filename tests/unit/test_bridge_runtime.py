@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 import tempfile
 import threading
 from collections.abc import Callable
@@ -512,3 +514,18 @@ def test_a_saved_record_kafka_takes_neither_as_event_nor_as_dead_letter_is_saved
     bridge.run(_stopped())
     [again] = load_saved_records(saved_records_path(bridge.settings))
     assert again.payload == GOOD and "kafka refused" in again.reason and bridge.stats.saved == 1
+
+
+def test_the_saved_file_of_camera_records_is_readable_by_its_owner_only(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The records saved at a stop are where people stood in front of a camera: the file was written with the
+    umask's mode (0644 as a rule), readable by every account on the host."""
+    old = os.umask(0o022)
+    try:
+        _saved(tmp_path, monkeypatch, GOOD)
+    finally:
+        os.umask(old)
+    path = saved_records_path(Settings(stack_dir=tmp_path))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
