@@ -553,6 +553,8 @@ class CameraBridge:
         """Records read from the last stop's file, and how many of them :meth:`resend_saved` has handed over."""
         self._resend_kept: list[SavedRecord] = []
         """Of those, the ones Kafka refused even as dead letters: saved again at this run's stop."""
+        self._resend_open: set[int] = set()
+        """``id`` of the message of each record handed over from that file that Kafka has not acknowledged yet."""
         self._session = 0
         """Counts the broker sessions: a packet id of an older one may name another message now."""
         self._failed: str | None = None
@@ -775,6 +777,9 @@ class CameraBridge:
                 self.stats.published += 1
                 metrics.RECORDS_OUT.labels(PROCESS, out.kind).inc()
             self._ack_delivered(msg)
+            if id(msg) in self._resend_open:
+                self._resend_open.discard(id(msg))
+                self._forget_saved_once_delivered()
             return
         self.stats.delivery_failed += 1
         if _fatal(err):
@@ -867,11 +872,28 @@ class CameraBridge:
         for i, r in enumerate(records):
             msg = mqtt.MQTTMessage(mid=0, topic=r.mqtt_topic.encode("utf-8", "replace"))
             msg.payload, msg.qos = r.payload, 0
+            self._resend_open.add(id(msg))  # the message stays referenced (unanswered or retried) until delivered
             try:
                 self._produce(r.out, msg, 0, wait=None)
             except Exception as exc:
                 self._resend_refused(r, msg, exc)
             self._resent_upto = i + 1
+        self._forget_saved_once_delivered()
+
+    def _forget_saved_once_delivered(self) -> None:
+        """Remove the last stop's file once Kafka has acknowledged all of it: kept until this run's stop, a crash
+        or SIGKILL later in the run left it, and the next run produced every record a second time."""
+        if not self._resending or self._resend_open or self._resend_kept:
+            return
+        if self._resent_upto < len(self._resending):
+            return
+        path = saved_records_path(self.settings)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:  # replaced at the stop all the same
+            log.warning("kafka has the records saved at the last stop, but %s could not be removed: %s", path, exc)
+        self._resending, self._resent_upto = [], 0
+        log.info("kafka has acknowledged every record saved at the last stop; removed %s", path)
 
     def _resend_refused(self, r: SavedRecord, msg: mqtt.MQTTMessage, exc: Exception) -> None:
         """A saved record Kafka refused at once (e.g. over a lower ``message.max.bytes``): dead-lettered as a live
@@ -884,6 +906,7 @@ class CameraBridge:
             except Exception as dl_exc:
                 exc = dl_exc
         log.error("kafka refused a record saved at the last stop (%s); saved again at this stop", str(exc)[:200])
+        self._resend_open.discard(id(msg))
         why = f"kafka refused it when produced again ({str(exc)[:200]}); its mqtt message is not sent again"
         self._resend_kept.append(SavedRecord(r.mqtt_topic, r.payload, r.out, why))
 

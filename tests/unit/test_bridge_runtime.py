@@ -529,3 +529,23 @@ def test_the_saved_file_of_camera_records_is_readable_by_its_owner_only(
     path = saved_records_path(Settings(stack_dir=tmp_path))
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+def test_the_saved_file_goes_once_kafka_has_its_records_so_a_crash_later_in_the_run_does_not_send_them_again(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The file was replaced only at the next run's stop: a run killed (SIGKILL, a crash) hours after Kafka took the
+    saved records left the file, and the run after it produced every one of them a second time."""
+    [value] = _saved(tmp_path, monkeypatch, GOOD)
+    kafka = FakeKafka(lambda n: TIMED_OUT if n == 0 else None)  # the first try fails, the retry is delivered
+    clock = Clock()
+    bridge, _ = _bridge(monkeypatch, kafka, clock, stack_dir=tmp_path)
+    path = saved_records_path(bridge.settings)
+    bridge.resend_saved()
+    bridge.service(0)
+    assert path.exists()  # Kafka has not taken it yet
+    clock.now += 60
+    bridge.service(0)
+    bridge.service(0)
+    assert [v for _, _, v in kafka.sent] == [value, value] and bridge.stats.published == 1
+    assert not path.exists()  # the process may die now: nothing comes twice
