@@ -33,8 +33,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -828,17 +830,25 @@ takes the question and never answers must not hold up a plain local start."""
 
 
 def _get_json(url: str, timeout_s: float) -> Any:
-    """GET ``url``'s JSON within about ``timeout_s`` in all: httpx's time-out bounds each read alone, and an answer
-    that comes a few bytes at a time would otherwise hold the caller as long as it goes on."""
-    deadline = time.monotonic() + timeout_s
-    body = bytearray()
-    with httpx.stream("GET", url, timeout=timeout_s) as answer:
-        answer.raise_for_status()
-        for chunk in answer.iter_bytes():
-            body += chunk
-            if time.monotonic() > deadline:
-                raise httpx.ReadTimeout(f"no whole answer within {timeout_s:.0f} s")
-    return json.loads(body)
+    """GET ``url``'s JSON within about ``timeout_s`` in all, the host name's lookup included. httpx bounds the
+    connection and each read alone, not the lookup (a resolver that does not answer held every mini-cluster start
+    as long as it took) nor an answer that comes a few bytes at a time: the request runs in a daemon thread, and
+    past ``timeout_s`` it is left to end on its own (its reads time out) while the caller goes on."""
+    done: Future[Any] = Future()
+
+    def ask() -> None:
+        try:
+            with httpx.stream("GET", url, timeout=timeout_s) as answer:
+                answer.raise_for_status()
+                done.set_result(json.loads(answer.read()))
+        except BaseException as exc:  # handed to the caller, as its own call would raise it
+            done.set_exception(exc)
+
+    threading.Thread(target=ask, name="flink-cluster-check", daemon=True).start()
+    try:
+        return done.result(timeout=timeout_s)
+    except TimeoutError:
+        raise httpx.TimeoutException(f"no whole answer within {timeout_s:.0f} s") from None
 
 
 def _unresolved(exc: BaseException) -> bool:

@@ -219,3 +219,28 @@ def test_a_bind_host_name_that_does_not_resolve_is_warned_about_as_not_checked(
     assert f"the Flink cluster at {fc.rest_url(settings)} was not asked" in caplog.text
     assert "the host name flink-jm.example.internal does not resolve" in caplog.text
     assert "starting without knowing whether it runs the scoring job" in caplog.text
+
+
+def test_a_bind_host_name_whose_lookup_hangs_does_not_hold_up_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """httpx bounds the connection and each read, not the host name's lookup: a resolver that does not answer held
+    every mini-cluster start (and supervise, upgrade status) as long as the lookup took, not about 2 s."""
+    import socket
+
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: object, *args: object, **kwargs: object) -> object:
+        if host == "flink-jm.example.internal":
+            time.sleep(8 * fc.CLUSTER_CHECK_S)  # a resolver that does not answer
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    settings = _settings(tmp_path, _free_port()).model_copy(update={"bind_host": "flink-jm.example.internal"})
+    started = time.monotonic()
+    with caplog.at_level("WARNING"):
+        assert fc.beside_cluster_job(settings) is None
+    assert time.monotonic() - started < 2 * fc.CLUSTER_CHECK_S
+    assert f"the Flink cluster at {fc.rest_url(settings)} did not answer within 2 s" in caplog.text
+    assert "starting without knowing whether it runs the scoring job" in caplog.text
