@@ -864,14 +864,44 @@ def _unresolved(exc: BaseException) -> bool:
     return False
 
 
+DEPLOYMENT_PARAMETERS = ("checkout-guard.consumer-group", "checkout-guard.checkpoint-dir")
+"""The scoring job's global job parameters (shown in the web UI and at ``/jobs/<id>/config``) naming what it shares
+with a job of the same deployment: its consumer group and its checkpoint dir."""
+
+
+def deployment_parameters(settings: Settings) -> dict[str, str]:
+    """The global job parameters the scoring job carries (:data:`DEPLOYMENT_PARAMETERS`), so that a mini-cluster
+    start of another deployment (a backtest copy: ``Settings.isolated``) can tell the cluster's job is not its own."""
+    group, checkpoints = DEPLOYMENT_PARAMETERS
+    return {group: settings.consumer_group, checkpoints: str(settings.checkpoint_dir.resolve())}
+
+
+def _this_deployments(url: str, job: dict[str, Any], settings: Settings, timeout_s: float) -> bool:
+    """Whether the cluster's scoring ``job`` reads this deployment's consumer group or writes its checkpoint dir.
+    A job that does not say (submitted before it did, or its config not read in time) is taken as this one's."""
+    try:
+        config = _get_json(f"{url}/jobs/{job.get('jid')}/config", max(timeout_s, 0.1))
+        theirs = config["execution-config"]["user-config"]
+    except (httpx.HTTPError, ValueError, TypeError, KeyError) as exc:
+        log.debug("the config of the cluster's job %s was not read: %s", job.get("jid"), exc)
+        return True
+    mine = deployment_parameters(settings)
+    said = {key: theirs.get(key) for key in mine} if isinstance(theirs, dict) else {}
+    if not any(said.values()):
+        return True
+    return any(said[key] == value for key, value in mine.items())
+
+
 def cluster_scoring_jobs(settings: Settings, timeout_s: float = CLUSTER_CHECK_S) -> list[dict[str, Any]]:
     """The live scoring jobs (:func:`live_scoring_jobs`) of the cluster the settings name (its REST port on the
     bind host: where ``flink submit`` puts the job). Empty when nothing listens there and no JobManager of this
     cluster dir runs (no cluster); :class:`FlinkClusterError` when the cluster does not answer within about
-    ``timeout_s``, or when the bind host is a name that does not resolve (not checked, rather than no cluster)."""
-    url = rest_url(settings)
+    ``timeout_s``, or when the bind host is a name that does not resolve (not checked, rather than no cluster).
+    Jobs of another deployment (:func:`_this_deployments`: a backtest copy beside the live job) are left out."""
+    url, deadline = rest_url(settings), time.monotonic() + timeout_s
     try:
-        return live_scoring_jobs(list(_get_json(url + "/jobs/overview", timeout_s).get("jobs", [])))
+        live = live_scoring_jobs(list(_get_json(url + "/jobs/overview", timeout_s).get("jobs", [])))
+        return [job for job in live if _this_deployments(url, job, settings, deadline - time.monotonic())]
     except httpx.ConnectError as exc:  # refused: no cluster, unless its JobManager runs and is not serving yet
         if _unresolved(exc):  # no connection was tried: the cluster it names may run the job
             host = client_host(settings.bind_host)

@@ -46,6 +46,7 @@ from infra.flink_cluster import (
     REPORTER_DIR,
     REPORTER_FACTORY,
     beside_cluster_job,
+    deployment_parameters,
 )
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.metrics import port_of
@@ -690,6 +691,7 @@ def main(settings: Settings | None = None, log_level: str | None = None) -> None
     for gone in purge_stale_state(settings.checkpoint_dir, restore, hours * 3600, time.time()):
         log.info("deleted %s: older than %.0f h (CG_JOB__STALE_STATE_RETENTION_HOURS)", gone.name, hours)
     env = StreamExecutionEnvironment.get_execution_environment(flink_configuration(settings, restore, on_cluster))
+    env.get_config().set_global_job_parameters(deployment_parameters(settings))  # a start beside it tells it apart
     env.set_buffer_timeout(settings.job.buffer_timeout_ms)
     t_env = StreamTableEnvironment.create(env)
     out = build_pipeline(kafka_source(t_env, settings), settings, broadcast_source(t_env, settings))

@@ -26,14 +26,21 @@ class _Cluster:
 
     def __init__(self) -> None:
         self.jobs: list[dict[str, object]] = []
+        self.user_config: dict[str, dict[str, str]] = {}  # a job's global job parameters (``/jobs/<jid>/config``)
         self.stall_s = 0.0
         cluster = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 time.sleep(cluster.stall_s)
-                body = json.dumps({"jobs": cluster.jobs}).encode()
-                self.send_response(200 if self.path == "/jobs/overview" else 404)
+                jid = self.path.removeprefix("/jobs/").removesuffix("/config")
+                if self.path.endswith("/config") and jid in cluster.user_config:
+                    config = {"jid": jid, "execution-config": {"user-config": cluster.user_config[jid]}}
+                    body = json.dumps(config).encode()
+                    self.send_response(200)
+                else:
+                    body = json.dumps({"jobs": cluster.jobs}).encode()
+                    self.send_response(200 if self.path == "/jobs/overview" else 404)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -244,3 +251,23 @@ def test_a_bind_host_name_whose_lookup_hangs_does_not_hold_up_the_start(
     assert time.monotonic() - started < 2 * fc.CLUSTER_CHECK_S
     assert f"the Flink cluster at {fc.rest_url(settings)} did not answer within 2 s" in caplog.text
     assert "starting without knowing whether it runs the scoring job" in caplog.text
+
+
+def test_a_start_of_another_deployment_beside_the_clusters_scoring_job_is_not_refused(
+    tmp_path: Path, cluster: _Cluster
+) -> None:
+    """A backtest copy (``Settings.isolated``: its own consumer group and checkpoint dir) asks the same cluster
+    settings: it was refused while the live job ran on the cluster, though it shares nothing with it. The cluster's
+    job names its consumer group and checkpoint dir in its global job parameters; one sharing either is refused,
+    and so is one that names neither (a job submitted before it did)."""
+    settings = _settings(tmp_path, cluster.port)
+    copy = settings.isolated("bt-rules", tmp_path / "backtest" / "checkpoints")
+    cluster.jobs = LIVE
+    cluster.user_config = {"c0ffee": fc.deployment_parameters(settings)}
+    assert fc.beside_cluster_job(copy) is None
+    assert fc.beside_cluster_job(settings) is not None
+    group = settings.consumer_group
+    shares_the_group = copy.model_copy(update={"job": copy.job.model_copy(update={"consumer_group": group})})
+    assert fc.beside_cluster_job(shares_the_group) is not None
+    cluster.user_config = {"c0ffee": {"some.other.parameter": "x"}}  # an older job that does not say
+    assert fc.beside_cluster_job(copy) is not None
