@@ -59,6 +59,7 @@ import math
 import os
 import re
 import signal
+import tempfile
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -432,30 +433,35 @@ def _b64(data: bytes) -> str:
 def save_records(path: Path, records: list[SavedRecord]) -> None:
     """Replace ``path`` with ``records`` (tmp + fsync + rename: a crash leaves the old file or the new one);
     no records removes it. One JSON object a line, bytes in base64. The records say where people stood in front
-    of a camera: the file is its owner's only (0600, in a 0700 folder), whatever the umask."""
+    of a camera: the file is its owner's only (0600, in a 0700 folder), whatever the umask. The tmp file's name is
+    new for each write: with one fixed name, two bridges of one client id (an old one still stopping beside the
+    new one) wrote into each other's tmp file. A write that fails removes its tmp file."""
     if not records:
         path.unlink(missing_ok=True)
         return
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # a tmp file left by a crash keeps its mode otherwise
-    with os.fdopen(fd, "w") as f:
-        for r in records:
-            line = {
-                "mqtt_topic": r.mqtt_topic,
-                "payload": _b64(r.payload),
-                "dead": r.out.dead,
-                "key": _b64(r.out.key),
-                "value": _b64(r.out.value),
-                "kind": r.out.kind,
-                "reason": r.reason,
-            }
-            f.write(json.dumps(line) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # 0600, O_EXCL
+    try:
+        with os.fdopen(fd, "w") as f:
+            for r in records:
+                line = {
+                    "mqtt_topic": r.mqtt_topic,
+                    "payload": _b64(r.payload),
+                    "dead": r.out.dead,
+                    "key": _b64(r.out.key),
+                    "value": _b64(r.out.value),
+                    "kind": r.out.kind,
+                    "reason": r.reason,
+                }
+                f.write(json.dumps(line) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def load_saved_records(path: Path) -> list[SavedRecord]:

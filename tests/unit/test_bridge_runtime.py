@@ -549,3 +549,51 @@ def test_the_saved_file_goes_once_kafka_has_its_records_so_a_crash_later_in_the_
     bridge.service(0)
     assert [v for _, _, v in kafka.sent] == [value, value] and bridge.stats.published == 1
     assert not path.exists()  # the process may die now: nothing comes twice
+
+
+def _records(tag: str, n: int) -> list[camera_bridge.SavedRecord]:
+    return [
+        camera_bridge.SavedRecord(
+            "/merakimv/Q2MV-A/raw_detections", GOOD, camera_bridge.Outgoing(False, b"k", b"v"), f"{tag}{i}"
+        )
+        for i in range(n)
+    ]
+
+
+def test_two_bridges_saving_at_once_under_one_client_id_each_write_a_whole_file_of_their_own(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Both wrote through one fixed tmp name: a second bridge saving while the first was writing (an old one still
+    stopping beside the new one) truncated and renamed the first's tmp file, whose rename then failed (records lost)
+    or mixed both sets in one file."""
+    path = tmp_path / "camera-bridge" / "cg.unsent.jsonl"
+    real_fsync = os.fsync
+    second_done: list[bool] = []
+
+    def fsync_then_the_other_bridge_saves(fd: int) -> None:
+        if not second_done:
+            second_done.append(True)
+            camera_bridge.save_records(path, _records("new", 1))
+        real_fsync(fd)
+
+    monkeypatch.setattr(camera_bridge.os, "fsync", fsync_then_the_other_bridge_saves)
+    camera_bridge.save_records(path, _records("old", 3))
+    assert [r.reason for r in load_saved_records(path)] == ["old0", "old1", "old2"]  # the last rename's, whole
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_a_save_that_fails_half_way_leaves_no_tmp_file_and_the_old_saved_file_as_it_was(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = tmp_path / "camera-bridge" / "cg.unsent.jsonl"
+    camera_bridge.save_records(path, _records("old", 2))
+
+    def disk_full(_fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(camera_bridge.os, "fsync", disk_full)
+    with pytest.raises(OSError):
+        camera_bridge.save_records(path, _records("new", 1))
+    assert [r.reason for r in load_saved_records(path)] == ["old0", "old1"]
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
