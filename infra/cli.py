@@ -27,6 +27,7 @@ import typer
 import typer.core
 import typer.main
 from pydantic import BaseModel, SecretStr, ValidationError
+from pydantic_core import ErrorDetails
 from pydantic_settings import SettingsError
 from rich.markup import escape
 
@@ -65,7 +66,8 @@ class Entry:
 def setting_errors(exc: ValidationError) -> str:
     """A settings error as its variables and pydantic's messages (``CG_JOB__PARALLELISM: Input should be a valid
     integer``), without the input pydantic keeps (it may be a secret); only a validator of a field that is no
-    secret repeats a value. Another model's error (a section built from an option) names its fields."""
+    secret repeats a value. Another model's error (a section built from an option) names its fields; a check across
+    sections (no location) is its message alone, which names its variables."""
 
     def name(loc: tuple[int | str, ...]) -> str:
         parts = [str(part) for part in loc]
@@ -73,7 +75,12 @@ def setting_errors(exc: ValidationError) -> str:
             return "CG_" + "__".join(parts).upper()
         return ".".join([exc.title, *parts])
 
-    return "; ".join(f"{name(error['loc'])}: {error['msg'].removeprefix('Value error, ')}" for error in exc.errors())
+    def line(error: ErrorDetails) -> str:
+        message = error["msg"].removeprefix("Value error, ")
+        # a check across sections (Settings' own validator) has no location: its message names its variables
+        return message if not error["loc"] and exc.title == Settings.__name__ else f"{name(error['loc'])}: {message}"
+
+    return "; ".join(line(error) for error in exc.errors())
 
 
 class _OneLineErrors:

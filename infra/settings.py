@@ -54,7 +54,8 @@ class KafkaSettings(BaseModel, frozen=True):
     stop_flush_s: float = Field(default=15.0, gt=0, allow_inf_nan=False)
     """After Ctrl-C or SIGTERM, how long ``pos generate`` / ``replay-csv`` and the shoppers wait for Kafka to
     acknowledge what they sent (Kafka down, librdkafka would wait out ``message.timeout.ms``, 5 minutes); under
-    the supervisor's ``stop_timeout_s`` (20 s), which SIGKILLs the shoppers after it."""
+    the supervisor's ``stop_timeout_s`` (20 s), which SIGKILLs the shoppers after it (checked: see
+    :meth:`Settings._stop_graces_within_the_stop_timeout`)."""
     dead_letter_retention_days: float = Field(default=7.0, gt=0, allow_inf_nan=False)
     """How long ``dead_letters`` keeps the bad inputs' bytes (names, e-mails, addresses of a transaction; face
     embeddings of a refused face observation or watchlist entry, which ``forget`` does not reach); applied to the
@@ -866,7 +867,8 @@ class CameraSettings(BaseModel, frozen=True):
     """Put before ``/merakimv/...`` on the broker; lets test runs share one Mosquitto (cameras use none)."""
     bridge_stop_grace_s: float = Field(default=10.0, gt=0, allow_inf_nan=False)
     """Camera bridge: at a stop, how long Kafka gets to take the records the bridge has accepted; within the
-    supervisor's ``stop_timeout_s`` (20 s), or SIGKILL ends the stop before anything is saved."""
+    supervisor's ``stop_timeout_s`` (20 s), or SIGKILL ends the stop before anything is saved (checked: see
+    :meth:`Settings._stop_graces_within_the_stop_timeout`)."""
     entrance_oid_window_s: float = Field(default=600.0, gt=0, allow_inf_nan=False)
     """An ``oid`` not seen on an entrance camera for this long is a new person."""
     snapshot_workers: int = Field(default=8, ge=1)
@@ -1174,6 +1176,31 @@ class Settings(BaseSettings):
     cases: CasesSettings = Field(default_factory=CasesSettings)
     java_home: Path | None = None
     """JDK for Kafka, OpenSearch and Flink; found automatically when unset."""
+
+    @model_validator(mode="after")
+    def _stop_graces_within_the_stop_timeout(self) -> Settings:
+        """A grace not below the supervisor's stop timeout was taken: its SIGKILL came first, and the camera bridge
+        lost the records it would have saved for the next run (the shoppers, their report of what Kafka had not
+        acknowledged). Refused, not clamped: a shorter grace than asked for loses records without a word. The
+        message starts with the variable's name (the check spans sections: pydantic gives it no location)."""
+        timeout = self.supervisor.stop_timeout_s
+        graces = (
+            (
+                "CG_CAMERAS__BRIDGE_STOP_GRACE_S",
+                self.cameras.bridge_stop_grace_s,
+                "the camera bridge saves the records",
+            ),
+            ("CG_KAFKA__STOP_FLUSH_S", self.kafka.stop_flush_s, "the shoppers report the records"),
+        )
+        wrong = [
+            f"{name}: {grace:g} is not below CG_SUPERVISOR__STOP_TIMEOUT_S ({timeout:g}): the supervisor's SIGKILL "
+            f"would come before {what} Kafka has not taken; lower it or raise CG_SUPERVISOR__STOP_TIMEOUT_S"
+            for name, grace, what in graces
+            if grace >= timeout
+        ]
+        if wrong:
+            raise ValueError("; ".join(wrong))
+        return self
 
     def isolated(self, name: str, checkpoint_dir: Path, **job: object) -> Settings:
         """A copy whose topics, indices, consumer group and checkpoints are all ``name``'s own: a test,

@@ -73,6 +73,9 @@ def settings(stack: Settings, tmp_path: Path) -> Iterator[Settings]:
             "supervisor": s.supervisor.model_copy(
                 update={"backoff_s": 0.5, "health_interval_s": 1.0, "stop_timeout_s": 10.0}
             ),
+            # the graces stay below the stop timeout (else refused at start)
+            "kafka": s.kafka.model_copy(update={"stop_flush_s": 5.0}),
+            "cameras": s.cameras.model_copy(update={"bridge_stop_grace_s": 5.0}),
         }
     )
     ensure_topics(s)

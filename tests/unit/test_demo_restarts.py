@@ -35,9 +35,18 @@ def _running(proc: psutil.Process) -> bool:
         return False
 
 
+def _quick_stop(timeout_s: float) -> Settings:
+    """A short stop timeout, with the bridge's and the shoppers' graces within it (else refused)."""
+    return Settings(
+        supervisor=SupervisorSettings(stop_timeout_s=timeout_s),
+        cameras={"bridge_stop_grace_s": timeout_s / 2},
+        kafka={"stop_flush_s": timeout_s / 2},
+    )
+
+
 def test_make_run_stops_what_a_crashed_process_left_in_its_group_before_restarting_it(tmp_path: Path) -> None:
     """The demo restarted a crashed scoring job beside its predecessor's JVM, which was stopped only at the end."""
-    settings = Settings(supervisor=SupervisorSettings(stop_timeout_s=1.0))
+    settings = _quick_stop(1.0)
     watch = demo._supervision(settings, True, logging.getLogger("test.demo"))
     spawned: list[tuple[Child, psutil.Process]] = []
     left_at_restart: list[bool] = []
@@ -97,7 +106,7 @@ def test_make_run_restarts_with_the_supervisor_settings(tmp_path: Path) -> None:
 
 def test_make_run_stops_its_processes_at_the_supervisor_stop_timeout(tmp_path: Path) -> None:
     """make run's shutdown waited 20 s for a process that ignores SIGTERM, whatever CG_SUPERVISOR__STOP_TIMEOUT_S."""
-    settings = Settings(supervisor=SupervisorSettings(stop_timeout_s=1.0))
+    settings = _quick_stop(1.0)
     watch = demo._supervision(settings, True, logging.getLogger("test.demo"))
     child = start_stubborn("local-camera", tmp_path / "camera.log")
     try:
@@ -115,7 +124,7 @@ def test_make_run_shutdown_waits_for_the_stop_of_what_a_crashed_process_left_ins
 ) -> None:
     """The stop of what a crashed process left, begun beside the loop before its restart, ran on at Ctrl-C beside the
     shutdown's own stop of the same process, so its process group got SIGTERM from both."""
-    settings = Settings(supervisor=SupervisorSettings(stop_timeout_s=2.0))
+    settings = _quick_stop(2.0)
     watch = demo._supervision(settings, True, logging.getLogger("test.demo"))
     reaper = Reaper(marker=None, value=None)
     child, worker = start_left_counter(tmp_path / "said")  # crashed: its worker runs on in its group

@@ -86,6 +86,12 @@ CFG = SupervisorSettings(
 )
 
 
+def _within(cfg: SupervisorSettings) -> Settings:
+    """Settings with ``cfg``, the bridge's and the shoppers' graces below its stop timeout (else refused)."""
+    half = cfg.stop_timeout_s / 2
+    return Settings(supervisor=cfg, cameras={"bridge_stop_grace_s": half}, kafka={"stop_flush_s": half})
+
+
 class Inline(Executor):
     """Runs what it is given at once: a fake stop is over when the check that asked for it returns."""
 
@@ -583,7 +589,7 @@ def test_what_a_crashed_process_left_is_stopped_beside_the_loop_before_its_resta
     w = HealthSupervisor(sup, cfg, None, clock=clock, stop=real_stop(cfg))
     dash = Starter("dashboard")
     try:
-        sup.add("scoring-job", production.restartable("scoring-job", Settings(supervisor=cfg)))
+        sup.add("scoring-job", production.restartable("scoring-job", _within(cfg)))
         sup.add("dashboard", dash)
         (job, worker) = spawned[0]
         job.proc.kill()  # a crash: its worker runs on in its group
@@ -794,6 +800,16 @@ def test_a_supervisor_stops_what_a_killed_supervisor_left_and_only_that(tmp_path
         ("CG_SUPERVISOR__BACKOFF_S", "abc", "CG_SUPERVISOR__BACKOFF_S: Input should be a valid number"),
         ("CG_SUPERVISOR__STOP_TIMEOUT_S", "inf", "CG_SUPERVISOR__STOP_TIMEOUT_S: Input should be a finite number"),
         ("CG_SUPERVISOR__MAX_BACKOFF_S", "0.5", "CG_SUPERVISOR__MAX_BACKOFF_S: 0.5 is below CG_SUPERVISOR__BACKOFF_S"),
+        (
+            "CG_SUPERVISOR__STOP_TIMEOUT_S",
+            "12",
+            "CG_KAFKA__STOP_FLUSH_S: 15 is not below CG_SUPERVISOR__STOP_TIMEOUT_S (12): the supervisor's SIGKILL",
+        ),
+        (
+            "CG_CAMERAS__BRIDGE_STOP_GRACE_S",
+            "20",
+            "CG_CAMERAS__BRIDGE_STOP_GRACE_S: 20 is not below CG_SUPERVISOR__STOP_TIMEOUT_S (20): the supervisor's",
+        ),
         ("CG_METRICS__BASE_PORT", "70000", "CG_METRICS__BASE_PORT: Input should be less than or equal to 65527"),
         ("CG_LOG__LEVEL", "LOUD", "Unknown level: 'LOUD'"),
     ],

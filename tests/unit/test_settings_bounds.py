@@ -134,3 +134,20 @@ def test_the_smallest_and_largest_rule_thresholds_are_taken_as_given(
 ) -> None:
     monkeypatch.setenv(variable, value)
     assert float(getattr(Settings().rules, variable.removeprefix("CG_RULES__").lower())) == float(value)
+
+
+def test_a_stop_grace_not_below_the_supervisor_stop_timeout_is_a_settings_error_naming_both_variables(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The supervisor's SIGKILL came before the camera bridge had saved the records Kafka had not taken (lost), or
+    before the shoppers had reported theirs: a grace as long as the stop timeout was taken without a word."""
+    monkeypatch.setenv("CG_SUPERVISOR__STOP_TIMEOUT_S", "8")
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    bridge, flush = setting_errors(refused.value).split("; lower it or raise CG_SUPERVISOR__STOP_TIMEOUT_S; ")
+    assert bridge.startswith("CG_CAMERAS__BRIDGE_STOP_GRACE_S: 10 is not below CG_SUPERVISOR__STOP_TIMEOUT_S (8): ")
+    assert flush.startswith("CG_KAFKA__STOP_FLUSH_S: 15 is not below CG_SUPERVISOR__STOP_TIMEOUT_S (8): ")
+    monkeypatch.setenv("CG_CAMERAS__BRIDGE_STOP_GRACE_S", "7.9")
+    monkeypatch.setenv("CG_KAFKA__STOP_FLUSH_S", "7.9")
+    settings = Settings()
+    assert (settings.cameras.bridge_stop_grace_s, settings.kafka.stop_flush_s) == (7.9, 7.9)
