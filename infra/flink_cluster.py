@@ -772,14 +772,31 @@ def submit(
     return done
 
 
+def not_running_advice(state: str) -> str:
+    """What to do about a live scoring job that is not RUNNING, by its state: every state was told to wait for the
+    job to run and stop again, which a CANCELLING job never does."""
+    if state == "CANCELLING":
+        return (
+            "It is being cancelled: no savepoint will be taken, and it will not run again; wait until "
+            "`flink status` shows it CANCELED (nothing is left to stop then)."
+        )
+    if state == "FAILING":
+        return (
+            "It is failing: Flink restarts it if its restart strategy allows (RESTARTING, then RUNNING), or it "
+            "ends FAILED; wait until `flink status` shows it running, then stop again (FAILED: nothing to stop)."
+        )
+    return "Wait until `flink status` shows every TaskManager registered and the job running, then stop again."
+
+
 def stop_with_savepoint(settings: Settings, java_home: Path, timeout_s: float = 300.0) -> list[str]:
     """Stop the scoring job on the cluster with a savepoint under ``<checkpoint dir>/savepoints``, where the
     job's next start finds it as its newest state (here or on the mini-cluster); returns the savepoints.
 
     Other jobs of the cluster are left alone: stopped too, their savepoints landed in that folder, and the scoring
     job's next start restored the newest one there, another job's. A scoring job that lives but does not run
-    (restarting after a lost TaskManager, being created) is an error, not "no job was running": it takes no
-    savepoint now, and it resumes once it can, beside whatever was submitted after that answer."""
+    (restarting after a lost TaskManager, being created, failing or being cancelled) is an error, not "no job was
+    running": it takes no savepoint now, and it resumes once it can, beside whatever was submitted after that
+    answer (a cancelled one does not: :func:`not_running_advice` says which)."""
     paths, flink = ClusterPaths.of(settings), flink_home()
     target = (settings.checkpoint_dir / "savepoints").resolve().as_uri()
     env = submit_env(settings, paths, java_home, dict(os.environ))
@@ -787,10 +804,11 @@ def stop_with_savepoint(settings: Settings, java_home: Path, timeout_s: float = 
     waiting = [job for job in live if job.get("state") != "RUNNING"]
     if waiting:
         named = ", ".join(f"{job.get('jid')} is {job.get('state')}" for job in waiting)
-        raise FlinkClusterError(
-            f"the scoring job {named}: a savepoint needs it RUNNING; nothing was stopped. Wait until `flink status` "
-            "shows every TaskManager registered and the job running, then stop again"
+        advice = " ".join(
+            (f"{job.get('jid')}: " if len(waiting) > 1 else "") + not_running_advice(str(job.get("state")))
+            for job in waiting
         )
+        raise FlinkClusterError(f"the scoring job {named}: a savepoint needs it RUNNING; nothing was stopped. {advice}")
     done = []
     for job in live:
         stop = run_cli(

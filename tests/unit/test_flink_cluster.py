@@ -581,3 +581,22 @@ def test_a_flink_up_interrupted_with_ctrl_c_stops_the_members_it_started(
     with pytest.raises(KeyboardInterrupt):
         fc.up(_quiet_ports(tmp_path), JAVA)
     assert len(spawned) == 3 and all(proc.poll() is not None for proc in spawned)
+
+
+@pytest.mark.parametrize(
+    ("state", "says", "never"),
+    [
+        ("CANCELLING", "It is being cancelled: no savepoint will be taken, and it will not run again", "stop again"),
+        ("FAILING", "It is failing: Flink restarts it if its restart strategy allows", "being cancelled"),
+        ("RESTARTING", "Wait until `flink status` shows every TaskManager registered and the job running", "cancelled"),
+    ],
+)
+def test_stopping_a_scoring_job_that_is_not_running_says_what_its_state_means(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, state: str, says: str, never: str
+) -> None:
+    """Every state was told to wait for the job to run and stop again: a CANCELLING job never runs again."""
+    calls = _cluster_answers(monkeypatch, [{"jid": "ours", "name": fc.JOB_NAME, "state": state}])
+    with pytest.raises(fc.FlinkClusterError) as refused:
+        fc.stop_with_savepoint(_settings(tmp_path), JAVA)
+    assert says in str(refused.value) and never not in str(refused.value)
+    assert calls == []
