@@ -401,7 +401,7 @@ def test_evaluate_grid_compares_the_candidate_settings(monkeypatch):
     res = CliRunner().invoke(app, ["evaluate", str(AFD_CSV), "--grid", "--folds", "2"])
     assert res.exit_code == 0, res.output
     lines = res.output.splitlines()
-    assert len(lines) == 2 + len(grid)
+    assert len(lines) == 2 + len(grid), res.output
     assert lines[1] == "learner chosen on these folds (rows without one use it): catboost"
     assert lines[2].startswith("chosen settings") and any("without customer-profile" in line for line in lines)
 
