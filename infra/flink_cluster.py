@@ -644,6 +644,11 @@ def live_scoring_jobs(listed: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [job for job in listed if job.get("name") == JOB_NAME and job.get("state") not in ENDED_STATES]
 
 
+def named_jobs(jobs: list[dict[str, Any]]) -> str:
+    """Jobs as the messages name them: ``<job id> (<state>)``, comma-separated."""
+    return ", ".join(f"{job.get('jid')} ({job.get('state')})" for job in jobs)
+
+
 def second_job_problem(listed: list[dict[str, Any]]) -> str | None:
     """Why a scoring job must not be submitted beside the jobs ``listed``, or None. Two of them on one checkpoint
     dir and consumer group split the partitions, each restores the other's newest checkpoint at its restarts, and
@@ -651,7 +656,7 @@ def second_job_problem(listed: list[dict[str, Any]]) -> str | None:
     live = live_scoring_jobs(listed)
     if not live:
         return None
-    named = ", ".join(f"{job.get('jid')} ({job.get('state')})" for job in live)
+    named = named_jobs(live)
     return (
         f"the scoring job already runs on the cluster: {named}; `flink stop` it first (a savepoint: the new job "
         "resumes from it; a rescale is stop, then submit with the new parallelism)"
@@ -941,7 +946,7 @@ def mini_cluster_problem(live: list[dict[str, Any]], url: str) -> str | None:
     restoring the other's checkpoints."""
     if not live:
         return None
-    named = ", ".join(f"{job.get('jid')} ({job.get('state')})" for job in live)
+    named = named_jobs(live)
     return (
         f"the Flink cluster at {url} runs the scoring job {JOB_NAME}: {named}; a mini-cluster job beside it would "
         "read the same consumer group and write the same checkpoint dir. Stop it first: `python -m infra.stack "

@@ -21,7 +21,7 @@ from typing import Annotated
 
 import typer
 
-from infra.flink_cluster import FlinkClusterError, cluster_scoring_jobs, rest_url
+from infra.flink_cluster import FlinkClusterError, cluster_scoring_jobs, named_jobs, rest_url
 from infra.settings import Settings, get_settings
 from jobs.flink.job import (
     RestoreError,
@@ -101,7 +101,7 @@ def no_job_here(settings: Settings, why: str) -> str:
         return f"{why}; whether the Flink cluster runs it is unknown ({exc}): if it does, `{FLINK_STOP}` stops it"
     if not live:
         return why
-    named = ", ".join(f"{job.get('jid')} ({job.get('state')})" for job in live)
+    named = named_jobs(live)
     savepoints = settings.checkpoint_dir / "savepoints"
     return (
         f"the scoring job runs on the Flink cluster at {url}: {named}, not on a mini-cluster here (a cluster job "
@@ -120,7 +120,7 @@ def cluster_status(settings: Settings) -> str:
         return f"unknown ({exc})"
     if not live:
         return f"no (none at {url})"
-    named = ", ".join(f"{job.get('jid')} ({job.get('state')})" for job in live)
+    named = named_jobs(live)
     return f"{named} at {url}; `{FLINK_STOP}` stops it with a savepoint"
 
 
