@@ -42,7 +42,7 @@ from jobs.scoring.face_join import (
     observation_result,
 )
 from jobs.scoring.face_similarity import EMBEDDING_LENGTHS
-from jobs.scoring.features import PROFILE_KEY, customer_key, identity_keys, receipt_key
+from jobs.scoring.features import HISTORY_KEY, PROFILE_KEY, customer_key, identity_keys, receipt_key
 from jobs.scoring.rules import RuleSet
 from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Predictor, Scorer, ScoringState, Write
 from jobs.scoring.watchlist import check_entry
@@ -329,7 +329,7 @@ class DecisionCore:
         except Exception:
             receipt = state.receipts.get(receipt_key(tx))
             if receipt is not None and (receipt is not before or not held):  # this record was seen as processed
-                receipt.mark_failed(tx["transaction_id"])
+                receipt.mark_failed(tx["transaction_id"], tx)
             raise
 
     def _observe_and_join(self, env: Any, state: ScoringState, now: int, out: list[OutRow], crc: int) -> Ready | None:
@@ -532,7 +532,7 @@ class DecisionCore:
         except Exception:  # noqa: BLE001 - a transaction without its keys was never filed under a receipt
             return
         if receipt is not None:
-            receipt.mark_failed(tx["transaction_id"])
+            receipt.mark_failed(tx["transaction_id"], tx)
 
     def _resync(self, tx: dict[str, Any]) -> None:
         """After a failure part-way: write the transaction's state entries as they now are in memory,
@@ -603,7 +603,7 @@ def reused_id_dead_letter(scorer: Scorer, err: IdConflict, crc: int) -> tuple[st
     content under its own), the same on both layouts (the partitioned one finds it at the receipt or the gather
     step, where no source offset is known): one per record (``crc``, its bytes' CRC-32), with the transaction as
     parsed."""
-    tx = {k: v for k, v in err.tx.items() if k != PROFILE_KEY}
+    tx = {k: v for k, v in err.tx.items() if k not in (PROFILE_KEY, HISTORY_KEY)}
     tx_id = str(tx.get("transaction_id"))
     try:
         value: bytes | None = _TX_CODEC.encode(tx)

@@ -181,6 +181,10 @@ class Receipt:
     """Checksums (crc32) of the dead-letter ids whose re-driven copies were taken (:meth:`observe`'s ``retake``):
     a copy of the same letter sent again (``redrive`` run twice) is a copy, dropped. Empty in nearly every
     receipt."""
+    counted: tuple[Counted, ...] = ()
+    """Of the :attr:`failed` ids, those whose store and profiles had counted them before the failure, with what
+    that history gave them (:meth:`mark_failed`): their re-drive takes these back (:meth:`take_counted`) instead
+    of being counted a second time. Empty in nearly every receipt."""
 
     def __setstate__(self, state: Any) -> None:
         """Restore a pickle, also one written before a field existed (a savepoint of an older job): missing
@@ -281,13 +285,28 @@ class Receipt:
         """Whether ``tx_id`` counts as processed here: seen, and its processing did not fail."""
         return tx_id in self.seen and tx_id not in self.failed
 
-    def mark_failed(self, tx_id: str) -> bool:
+    def mark_failed(self, tx_id: str, tx: Tx | None = None) -> bool:
         """``tx_id``'s processing failed with an internal error after it was seen here: it is not decided, so its
-        re-drive must not be dropped as a copy. ``True`` when this changed the receipt."""
+        re-drive must not be dropped as a copy. ``True`` when this changed the receipt.
+
+        ``tx``: the transaction as processed; when its history counted it (it carries :data:`HISTORY_KEY` and
+        :data:`PROFILE_KEY`), what that history gave it is kept in :attr:`counted` for the re-drive."""
         if not self.holds(tx_id):
             return False
         self.failed += (tx_id,)
+        if tx is not None and HISTORY_KEY in tx and PROFILE_KEY in tx:
+            entry = (tx_id, tuple(tx[HISTORY_KEY]), tuple(tx[PROFILE_KEY]))
+            self.counted = tuple(c for c in self.counted if c[0] != tx_id) + (entry,)
         return True
+
+    def take_counted(self, tx_id: str) -> Counted | None:
+        """What the history gave ``tx_id`` before its processing failed (:attr:`counted`), now forgotten here;
+        ``None`` when its history did not count it. Called once the re-drive is taken as its first delivery."""
+        for entry in self.counted:
+            if entry[0] == tx_id:
+                self.counted = tuple(c for c in self.counted if c[0] != tx_id)
+                return entry
+        return None
 
     def _count_return(self, amount: float, currency: str, add: bool = True) -> bool:
         """Add a return to ``returned``; ``True`` when it is in another currency than the sale's.
@@ -348,6 +367,16 @@ PROFILE_KEY = "_profile"
 in :data:`PROFILE_FEATURES` order, ``None`` for "unknown": the model reads it as NaN) for the model.
 ``None`` rather than NaN because the transaction is kept in state while it waits for its face, and
 state is compared by value (NaN equals nothing, itself included)."""
+
+HISTORY_KEY = "_history"
+"""Key of the transaction dict under which :meth:`Scorer.observe` leaves the indicators its store's and
+customer's history gave it (a tuple of (name, value) pairs). A transaction whose processing fails after its
+history counted it keeps them, with its profile features, on its receipt (:meth:`Receipt.mark_failed`), so
+the re-drive of its dead letter is scored as it was first seen and counted once, not twice."""
+
+Counted = tuple[str, tuple[tuple[str, float], ...], tuple[Any, ...]]
+"""A failed transaction already counted in its history (:attr:`Receipt.counted`): its id, its history's
+indicators (:data:`HISTORY_KEY`) and its profile features (:data:`PROFILE_KEY`)."""
 
 ENTITY_PREFIX = "ent:"
 """Prefix of the linked identities' profile keys in the customers map (``ent:ip:10.1.2.3``)."""

@@ -29,6 +29,7 @@ from jobs.scoring.claims import ConflictingTransaction
 from jobs.scoring.face_join import Seen
 from jobs.scoring.face_similarity import embedding_problem, similarity
 from jobs.scoring.features import (
+    HISTORY_KEY,
     PROFILE_KEY,
     CustomerProfile,
     Receipt,
@@ -322,9 +323,24 @@ class Scorer:
             # return is old, and a later sale would stay in state for good without an entry of its own.
             state.receipt_order.append((receipt.event_time or tx["event_time"], rk))
         writes.append((RECEIPTS, rk, receipt))
+        counted = receipt.take_counted(tx["transaction_id"])
+        if counted is None:
+            self._count_in_history(tx, out, ck, state, writes)
+        else:  # a failed transaction's re-drive: its history counted it before the failure
+            _, history, tx[PROFILE_KEY] = counted
+            out[1].update(history)
+            tx[HISTORY_KEY] = history
+        state.expire_faces(state.newest_event_ms, self.face_retention_ms, writes)
+        return out, writes
+
+    def _count_in_history(
+        self, tx: dict[str, Any], out: Envelope, ck: str, state: ScoringState, writes: list[Write]
+    ) -> None:
+        """Steps 3-4: the transaction counted in its store's, customer's and linked identities' history, and what
+        that history gives it (indicators; the model's profile features under :data:`PROFILE_KEY`)."""
         sk = tx["store_id"]
         new_store = sk not in state.stores
-        state.stores[sk], out = self.by_store(state.stores.get(sk), out)
+        state.stores[sk], _ = self.by_store(state.stores.get(sk), out)
         if new_store or tx["kind"] == "RETURN":  # sales leave a known store's activity as it was
             writes.append((STORES, sk, state.stores[sk]))
         idle_before = state.newest_event_ms - self.rules.customer_retention_days * 86_400_000
@@ -333,6 +349,8 @@ class Scorer:
             profile = CustomerProfile()  # unknown, or idle past its retention: a new customer
         found, customer = profile.observe_profile(tx, self.rules)
         out[1].update(found)
+        # what the history gave it, kept by a failure after this point (``Receipt.mark_failed``)
+        tx[HISTORY_KEY] += tuple(found.items())
         if not ck.startswith("anon:"):
             state.customers[ck] = profile
             writes.append((CUSTOMERS, ck, profile))
@@ -340,8 +358,6 @@ class Scorer:
         linked, changed = observe_linked(tx, state.customers, idle_before, CUSTOMERS)
         writes += changed
         tx[PROFILE_KEY] = customer + linked  # the model's profile features (not written on the record)
-        state.expire_faces(state.newest_event_ms, self.face_retention_ms, writes)
-        return out, writes
 
     def check_horizon(self, event_time: int, newest_ms: int) -> None:
         """:class:`InvalidRecord` (``too_late``) for an event older than the state keeps before ``newest_ms``."""
@@ -569,7 +585,9 @@ class Scorer:
     # 3 ---------------------------------------------------------------------------------------
     def by_store(self, state: StoreActivity | None, env: Envelope) -> tuple[StoreActivity, Envelope]:
         state = state or StoreActivity()
-        env[1].update(state.observe(env[0], self.rules))
+        found = state.observe(env[0], self.rules)
+        env[1].update(found)
+        env[0][HISTORY_KEY] = tuple(found.items())
         return state, env
 
     def scored_record(

@@ -14,6 +14,7 @@ import numpy as np
 from jobs.scoring.claims import CLAIMS
 from jobs.scoring.core import MAX_ERROR_TEXT, DecisionCore, SourceRecord, Step
 from jobs.scoring.face_join import DECIDED, EARLY_FACES, PENDING
+from jobs.scoring.features import PROFILE_KEY
 from jobs.scoring.rules import ModelResult
 from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Predictor
 from jobs.scoring.watchlist import Watchlist
@@ -500,6 +501,44 @@ def test_a_transaction_whose_decision_failed_is_decided_when_its_dead_letter_is_
     assert "return_exceeds_sale" not in decision["indicators"], "its amount is counted on the receipt once"
     copy = restored.on_records([tx_record(return_of("r1", "t1", at_s=60, amount=30), 5)], NOW)
     assert not copy.outputs, "once decided, a further copy is a redelivery again"
+
+
+class Remembers(FailsFor):
+    """:class:`FailsFor` that also keeps the profile features each transaction was scored with."""
+
+    def __init__(self, bad_tx: str) -> None:
+        super().__init__(bad_tx)
+        self.features: dict[str, tuple] = {}
+
+    def predict_batch(self, items):
+        for tx, _ in items:
+            self.features[tx["transaction_id"]] = tx[PROFILE_KEY]
+        return super().predict_batch(items)
+
+
+def test_a_re_driven_transaction_whose_decision_failed_is_counted_once_in_its_history_and_scored_as_first_seen():
+    """Its store, customer and linked identities counted it before the decision failed: the re-drive takes back
+    what that history gave it (indicators and model features) instead of counting it a second time."""
+    predictor = Remembers("t1")
+    core = make_core(predictor=predictor, face_deadline_ms=0)
+    maps: dict[str, dict] = {}
+    step = core.on_records([tx_record(sale("t1", amount=30, card="card-A"), 1)], NOW)
+    persist(maps, step)
+    assert kinds(step.outputs) == ["internal_error"]
+    first = predictor.features["t1"]
+    assert_persisted_equals_memory(maps, core)
+    restored = make_core(predictor=predictor, face_deadline_ms=0)
+    restored.restore(maps)
+    predictor.bad_tx = "none"  # the cause is fixed; the dead letter's record comes back
+    again = restored.on_records([tx_record(sale("t1", amount=30, card="card-A"), 2)], NOW)
+    [decision] = scored(again).values()
+    assert decision["indicators"]["velocity"] == 1.0 and decision["indicators"].get("first_seen") == 1.0
+    assert predictor.features["t1"] == first, "scored with the features its first delivery had"
+    [profile] = [p for k, p in restored.state.customers.items() if not k.startswith("ent:")]
+    assert profile.count == 1 and profile.c24h == 1.0 and len(profile.recent) == 1, "counted once"
+    assert not restored.state.receipts["t1"].counted, "what the history gave it is forgotten once taken back"
+    later = restored.on_records([tx_record(sale("t2", amount=30, card="card-A", at_s=60), 3)], NOW)
+    assert scored(later)["t2"]["indicators"]["velocity"] == 2.0, "the next sale sees one earlier sale, not two"
 
 
 def test_a_transaction_failing_in_its_state_update_is_decided_when_re_driven_and_a_redelivery_is_not():
