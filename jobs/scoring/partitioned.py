@@ -34,6 +34,7 @@ parallel layout divides them): the reference the equivalence tests and the bench
 
 from __future__ import annotations
 
+import copy
 import heapq
 import logging
 import pickle
@@ -90,6 +91,11 @@ STEP_MAPS: dict[str, tuple[str, ...]] = {
     DECIDE: (BUYER_FACES,),
 }
 """Each keyed step's state maps (their MapState names in the job)."""
+
+COUNTED_KEY = "_counted"
+"""Key of the transaction dict (and of its profiles' messages) set by the receipt on the re-drive of a failure at a
+:data:`COUNTED_STEPS` step: its store and profiles counted it before that failure, so they read it without counting
+it a second time."""
 
 FAILED_ANSWER = "failed"
 """The gather's message for a profile whose identity step raised (with the reason): the transaction does not wait
@@ -281,11 +287,13 @@ class ReceiptStep(_Keyed):
             receipt = Receipt()  # unknown, or its sale is past the return window before this transaction
         unsold = receipt.sale_id is None
         letter = redriven_from(tx)
-        retake = letter if failed_after_receipt(letter, self.tx_topic, tx["transaction_id"]) else None
-        found = receipt.observe(tx, customer_key(tx), self.rules, retake)
+        step = failed_step(letter, self.tx_topic, tx["transaction_id"])
+        found = receipt.observe(tx, customer_key(tx), self.rules, letter if step is not None else None)
         if found is None:
             return []
         ind.update(found)
+        if step in COUNTED_STEPS:
+            tx[COUNTED_KEY] = True
         if self.receipts.get(key) is not receipt or (unsold and receipt.sale_id is not None):
             # a sale filling a receipt its return opened is dated again (see ``Scorer.observe``)
             heapq.heappush(self.by_time, (receipt.event_time or tx["event_time"], key))
@@ -327,18 +335,23 @@ class StoreStep(_Keyed):
     def on(self, key: str, env: Any, order_: Order) -> list[Emit]:
         tx, ind, _ = env
         activity = self.stores.get(key)
-        if activity is None or tx["kind"] == "RETURN":  # sales leave a known store's activity as it was
+        recount = tx.get(COUNTED_KEY, False)
+        if recount:  # counted before the failure its re-drive comes from: read as it is, not counted again
+            activity = copy.deepcopy(activity or StoreActivity())
+        elif activity is None or tx["kind"] == "RETURN":  # sales leave a known store's activity as it was
             activity = self.stores[key] = activity or StoreActivity()
             self._put("stores", key, activity)
         ind.update(activity.observe(tx, self.rules))
         tx_id = tx["transaction_id"]
         brief = {k: tx[k] for k in ("event_time", "amount", "store_id", "kind")}
+        if recount:
+            brief[COUNTED_KEY] = True
         ck = customer_key(tx)
         parts = [] if ck.startswith("anon:") else [Emit(IDENTITY, ck, order_, ("customer", tx_id, brief))]
         linked, own = identity_keys(tx)
         parts += [Emit(IDENTITY, k, order_, ("linked", tx_id, brief)) for k in linked]
         # the own identity is only counted in: it answers nothing, so the gather waits for the others
-        counted = [] if own is None else [Emit(IDENTITY, own, order_, ("own", tx_id, brief))]
+        counted = [] if own is None or recount else [Emit(IDENTITY, own, order_, ("own", tx_id, brief))]
         return [Emit(GATHER, tx_id, order_, ("tx", env, len(parts))), *parts, *counted]
 
 
@@ -366,12 +379,16 @@ class IdentityStep(_Keyed):
         idle_before = now - self.retention_ms
         profile = self.profiles.get(key)
         if profile is None or profile.idle_since(idle_before):
-            profile = self.profiles[key] = CustomerProfile()  # unknown, or idle past its retention
+            profile = CustomerProfile()  # unknown, or idle past its retention
+        if brief.get(COUNTED_KEY):  # counted before the failure its re-drive comes from: read, not counted again
+            profile = copy.deepcopy(profile)
+        else:
+            self.profiles[key] = profile
+            self._put("profiles", key, profile)
         if role == "customer":
             result: Any = profile.observe_profile(brief, self.rules)
         else:
             result = profile.observe_identity(now, brief["amount"])
-        self._put("profiles", key, profile)
         return [] if role == "own" else [Emit(GATHER, tx_id, order_, (role, result))]
 
     def expire(self, newest_ms: int, budget: int = CUSTOMER_SWEEP_BUDGET) -> list[str]:
@@ -674,24 +691,34 @@ _POSITION_TAIL = re.compile(r"@-?\d+:-?\d+")
 LATER_STEPS = (STORE, IDENTITY, GATHER, DECIDE)
 """The keyed steps after the receipt: one failing on a transaction cannot mark it failed on its receipt."""
 
+COUNTED_STEPS = (GATHER, DECIDE)
+"""The steps whose failure on a transaction comes after its store and every profile counted it in (the identity
+steps all answer before its gather completes)."""
+
 
 def failed_after_receipt(letter: str | None, topic: str, tx_id: str) -> bool:
     """Whether ``letter`` (a re-driven copy's ``REDRIVEN_HEADER``) is the dead letter of transaction ``tx_id``
     failing at a step after its receipt (:func:`failure_letter_id`): its re-drive is then taken by the receipt,
-    once (:meth:`jobs.scoring.features.Receipt.observe`), where it would be dropped as a copy.
+    once (:meth:`jobs.scoring.features.Receipt.observe`), where it would be dropped as a copy."""
+    return failed_step(letter, topic, tx_id) is not None
+
+
+def failed_step(letter: str | None, topic: str, tx_id: str) -> str | None:
+    """The step after the receipt that ``letter`` says failed on transaction ``tx_id`` (:func:`failed_after_receipt`);
+    ``None`` when it names no such failure.
 
     A decide letter without the position tail is an older job's, which also wrote a late face's failure that way,
     as its sale (decided already, and kept trimmed: for a cash sale its re-drive passes for a copy): not taken. An
     older job's store letter always named a transaction that failed before its decision: taken."""
     if not letter:
-        return False
+        return None
     for step in LATER_STEPS:
         head = f"{topic}:{step}:{tx_id}"
         if letter == head and step != DECIDE:
-            return True
+            return step
         if letter.startswith(head) and _POSITION_TAIL.fullmatch(letter, len(head)):
-            return True
-    return False
+            return step
+    return None
 
 
 def failed_message(scorer: Scorer, step: str, message: Emit, err: Exception) -> OutRow:
@@ -821,6 +848,7 @@ __all__ = [
     "StoreStep",
     "decide_chunk",
     "failed_after_receipt",
+    "failed_step",
     "failed_message",
     "failure_letter_id",
     "message_rank",

@@ -763,6 +763,44 @@ def test_a_transaction_whose_decision_failed_is_decided_once_when_its_dead_lette
     assert not twice and not plain, "the same letter's second re-drive and a plain copy are copies"
 
 
+def _profiles(core: PartitionedCore) -> dict:
+    return {k: p for slot in core.slots for k, p in slot.identity.profiles.items()}
+
+
+@pytest.mark.parametrize("step", ["decide", "gather"])
+def test_a_re_driven_transaction_that_failed_after_its_profiles_counted_it_is_not_counted_again(step, monkeypatch):
+    """Its store and every profile had counted it before the failure: the re-drive reads them without counting it a
+    second time, so the customer's next sale sees one earlier sale, not two."""
+    from jobs.scoring.partitioned import GatherStep
+
+    if step == "gather":
+        real = GatherStep._complete
+        left = [1]
+
+        def flaky(self, env, customer, linked):
+            if env[0]["transaction_id"] == "t2" and left:
+                left.pop()
+                raise ZeroDivisionError("division by zero")
+            return real(self, env, customer, linked)
+
+        monkeypatch.setattr(GatherStep, "_complete", flaky)
+    predictor = _FailsOnce({"t2"} if step == "decide" else set(), times=2)  # a lone one is tried twice
+    core = PartitionedCore(settings(), 2, predictor=predictor, clock=_clock)
+    first = SourceRecord(b"store-001/lane-02", sale("t2", card="card-B", at_s=2).encode(), TX, 2, 30, NOW)
+    rows = core.on_records([first], NOW) + core.on_timer(NOW + 10**7)
+    [letter] = _letters(rows).values()
+    assert letter.dead_letter_id == f"{TX}:{step}:t2@2:30"
+    before = {k: (p.count, tuple(p.recent), p.c24h) for k, p in _profiles(core).items()}
+    assert before and all(count == 1 for count, _, _ in before.values())
+    again = core.on_records([_redriven(letter, 99)], NOW + 1000) + core.on_timer(NOW + 2 * 10**7)
+    assert list(_scored(again)) == ["t2"]
+    after = {k: (p.count, tuple(p.recent), p.c24h) for k, p in _profiles(core).items()}
+    assert after == before, "every profile counts it once"
+    later = SourceRecord(b"store-001/lane-02", sale("t3", card="card-B", at_s=60).encode(), TX, 2, 31, NOW)
+    rows = core.on_records([later], NOW + 3000) + core.on_timer(NOW + 3 * 10**7)
+    assert _scored(rows)["t3"]["indicators"]["velocity"] == 2.0, "one earlier sale, not two"
+
+
 def test_a_re_driven_transaction_that_fails_again_has_a_new_letter_whose_re_drive_is_decided():
     # a lone transaction is tried twice a delivery (its batch, then alone): it fails on two deliveries
     core = PartitionedCore(settings(), 1, predictor=_FailsOnce({"t2"}, times=4), clock=_clock)
