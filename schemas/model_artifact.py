@@ -1,4 +1,4 @@
-"""What readers outside the model code need of a local model artifact: which folder of the models root holds a
+"""What readers outside the model code need of a local model artifact: which folders of the models root hold a
 model version, and which labelled rows trained it.
 
 A model's ROC-AUC on rows it was fitted on is in sample: the backtest and the dashboard's
@@ -45,8 +45,8 @@ def is_fallback(model_version: str) -> bool:
 
 
 def artifact_version(model_version: str | None) -> str | None:
-    """The local model version a scored record's ``model_version`` names (:func:`version_folder` finds its
-    folder), or None for a remote backend's version or anything that is not a plain folder name (the value comes
+    """The local model version a scored record's ``model_version`` names (:func:`version_folders` finds its
+    folders), or None for a remote backend's version or anything that is not a plain folder name (the value comes
     from stored documents)."""
     if not model_version or not model_version.startswith(LOCAL_PREFIX):
         return None
@@ -121,16 +121,14 @@ def _pointed(root: Path) -> list[str]:
     return names
 
 
-def version_folder(root: Path, version: str) -> Path | None:
-    """The folder of ``root`` whose :data:`MODEL_META_FILE` holds ``version``, whatever it is called, or None.
+def version_folders(root: Path, version: str) -> list[Path]:
+    """Every folder of ``root`` whose :data:`MODEL_META_FILE` holds ``version``, whatever it is called.
 
     Models are told apart by that version, not by folder names: a folder copied or renamed by hand and set through
     ``challenger``/``promote`` scores as ``local:<version>``, and every reader holding only that version (the
     registry's drift step, the dashboard's training rows, the SageMaker calibration) finds it here, one way. The
-    folder of the version's name is looked at first, then those the pointers name, then the others."""
+    folder of the version's name comes first, then those the pointers name, then the others by name: a reader
+    that loads the model tries them in this order, so one damaged copy does not hide an intact one."""
     folders = artifact_folders(root)
     first = [name for name in (version, *_pointed(root)) if name in folders]
-    for name in dict.fromkeys([*first, *folders]):
-        if folder_version(root / name) == version:
-            return root / name
-    return None
+    return [root / name for name in dict.fromkeys([*first, *folders]) if folder_version(root / name) == version]

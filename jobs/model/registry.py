@@ -38,7 +38,7 @@ from infra.cli import run_tool
 from infra.settings import Settings, get_settings
 from jobs.model.fraud_model import LocalModel, ModelArtifactError, format_metrics, pointer_lock
 from schemas.errors import CheckoutGuardError
-from schemas.model_artifact import CHALLENGER, CURRENT, artifact_folders, version_folder
+from schemas.model_artifact import CHALLENGER, CURRENT, artifact_folders, version_folders
 
 log = logging.getLogger("checkout_guard.models")
 
@@ -275,14 +275,29 @@ def _root(models: Path | None) -> Path:
 
 def load_version(root: Path, version: str) -> LocalModel:
     """The model whose ``model.json`` version is ``version``, whatever its folder in ``root`` is called
-    (:func:`version_folder`, shared with the readers outside the job): a pointer may name a copy kept under another
+    (:func:`version_folders`, shared with the readers outside the job): a pointer may name a copy kept under another
     name. For a reader that holds only the version (the partitioned layout's drift step, from its slots' tallies;
-    the SageMaker calibration), so it finds the model the pointers gave the slots; :class:`ModelArtifactError` when
-    no folder holds it or it does not load."""
-    folder = version_folder(root, version)
-    if folder is None:
+    the SageMaker calibration), so it finds the model the pointers gave the slots. Each folder holding the version
+    is tried in turn and the first that loads is used (a warning names each copy that did not: one damaged copy
+    must not hide an intact one); :class:`ModelArtifactError` when no folder holds it or none loads."""
+    folders = version_folders(root, version)
+    if not folders:
         raise ModelArtifactError(f"no version folder in {root} holds model {version}")
-    return LocalModel.load(folder)
+    problems: list[tuple[Path, ModelArtifactError]] = []
+    for folder in folders:
+        try:
+            model = LocalModel.load(folder)
+        except ModelArtifactError as exc:
+            problems.append((folder, exc))
+            continue
+        for damaged, error in problems:
+            log.warning(
+                "model %s: the copy in %s does not load (%s); using the copy in %s", version, damaged, error, folder
+            )
+        return model
+    if len(problems) == 1:
+        raise problems[0][1]
+    raise ModelArtifactError(f"no copy of model {version} in {root} loads: " + "; ".join(str(e) for _, e in problems))
 
 
 def _check_version(root: Path, version: str) -> LocalModel:

@@ -69,7 +69,7 @@ from infra.settings import DashboardSettings, Settings
 from schemas.errors import CheckoutGuardError
 from schemas.images import PIL_FORMATS, image_type
 from schemas.indices import index_name
-from schemas.model_artifact import artifact_version, read_trained_ids, version_folder
+from schemas.model_artifact import artifact_version, read_trained_ids, version_folders
 from sinks.dashboard.case_routes import CaseRoutes, Publish
 from sinks.dashboard.headers import IMAGE_HEADERS, SecurityHeaders, server_error
 from sinks.dashboard.login import LoginBackend, LoginConfigError, _secret
@@ -194,14 +194,15 @@ class Dashboard:
     def trained_ids(self, model_version: str | None) -> frozenset[str] | None:
         """The training rows of the local artifact a scored record names, from the models root: the folder whose
         ``model.json`` holds that version, as the registry finds it (a model copied in under another folder name
-        scores under its own version). Kept once found (a version's rows never change), looked for again while
-        they are missing."""
+        scores under its own version); each folder holding the version in turn, the first whose rows are whole (a
+        damaged copy does not hide an intact one). Kept once found (a version's rows never change), looked for again
+        while they are missing."""
         version = artifact_version(model_version)
         if version is None:
             return None
         if version not in self._trained:
-            folder = version_folder(self.settings.models_root, version)
-            found = read_trained_ids(folder) if folder is not None else None
+            folders = version_folders(self.settings.models_root, version)
+            found = next((ids for f in folders if (ids := read_trained_ids(f)) is not None), None)
             if found is None:
                 return None
             self._trained[version] = found

@@ -11,7 +11,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from infra.settings import Settings
-from schemas.model_artifact import TRAINED_IDS_FILE, id_digest
+from schemas.model_artifact import TRAINED_IDS_FILE, TRAINED_IDS_SHA256, id_digest, trained_ids_sha256
 from sinks.dashboard.app import Dashboard, create_app
 from sinks.dashboard.queries import (
     LabelledRow,
@@ -572,3 +572,16 @@ def test_models_page_is_served_with_its_scripts_and_links_back_to_the_live_page(
     empty = client.get("/api/models", params={"minutes": 60}).json()
     assert empty["evaluation"]["labelled"] == 0 and empty["labels"]["total"] == 0
     assert client.get("/api/drift", params={"minutes": 60}).json()["models"] == []
+
+
+def test_the_view_reads_the_training_rows_of_an_intact_copy_when_the_first_copy_is_damaged(tmp_path) -> None:
+    """Two folders hold one version: the first one's training rows cut short (their SHA-256 in model.json differs)
+    left that model's rows "unknown", though the other copy holds them whole."""
+    rows = "".join(f"{id_digest(tx)}\n" for tx in ("tx-001", "tx-002"))
+    for folder in ("gbm-b", "prod-nov"):
+        _artifact(tmp_path, folder, "gbm-b", "tx-001", "tx-002")
+        meta = {"version": "gbm-b", TRAINED_IDS_SHA256: trained_ids_sha256(rows)}
+        (tmp_path / folder / "model.json").write_text(json.dumps(meta))
+    (tmp_path / "gbm-b" / TRAINED_IDS_FILE).write_text(rows[:17])  # the version's own folder, looked at first
+    board = Dashboard(Settings(model={"artifact_dir": tmp_path}), client=FakeCluster({}, {}))  # type: ignore[arg-type]
+    assert board.trained_ids("local:gbm-b") == {id_digest("tx-001"), id_digest("tx-002")}

@@ -632,3 +632,24 @@ def test_a_champion_kept_under_another_folder_name_gets_drift_reports_in_both_la
     step.open(None)
     reports = step.merge.on_tallies(slot.drain_tallies(), T0 + 3 * 3_600_000)
     assert [(r["model_version"], r["rows"]) for r, _ in reports] == expected
+
+
+def test_a_version_lookup_loads_an_intact_copy_when_the_first_copy_is_damaged(tmp_path, caplog):
+    """The drift step and the SageMaker calibration find a model by its version: the first folder holding it was
+    loaded and, damaged, nothing was, though a copy of the same version lay intact under another name. Each copy is
+    tried in turn; a warning names the damaged one; only when none loads is the lookup refused."""
+    from jobs.model.registry import load_version
+
+    champ, _ = _models(tmp_path)
+    shutil.copytree(tmp_path / champ, tmp_path / "prod-nov")
+    model_file = next((tmp_path / champ).glob("model.[ct]*"))  # the folder of the version's name, looked at first
+    model_file.write_bytes(model_file.read_bytes()[:100])
+    with caplog.at_level("WARNING", logger="checkout_guard.models"):
+        model = load_version(tmp_path, champ)
+    assert model.version == champ and model.path == tmp_path / "prod-nov"
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and f"copy in {tmp_path / champ} does not load" in warned[0], warned
+    copy = tmp_path / "prod-nov" / model_file.name
+    copy.write_bytes(copy.read_bytes()[:100])
+    with pytest.raises(ModelArtifactError, match=f"no copy of model {champ} .* loads"):
+        load_version(tmp_path, champ)
