@@ -17,7 +17,8 @@ Every row is checked first; a bad row (an id that is not a plain id, no verdict,
 a quote left open, two different verdicts for one transaction in the file) is reported with its line and reason and not
 published, the others are (``--strict``: nothing is published when any row is bad; ``--dry-run``:
 nothing at all). Of rows giving one transaction the same verdict, the one decided last (``decided_at``; the
-lower row when two say the same time) is published, as the topic would keep it; the others are superseded,
+lower row when two say the same time) is published, as the topic would keep it; a row without a ``decided_at``
+loses to every row with one (of several without, the lower row is published); the others are superseded,
 listed by line in the summary.
 
 Delivery: an idempotent producer (``acks=all``), keys partitioned like the Java client (murmur2), so every
@@ -102,7 +103,8 @@ class BadRow:
 
 @dataclass(frozen=True)
 class Superseded:
-    """A row not published: a row further on gives its transaction the same verdict, decided as late or later."""
+    """A row not published: another row gives its transaction the same verdict, decided later (as late: further
+    on), or with its own ``decided_at`` where this row gives none."""
 
     line: int
     by: int
@@ -120,7 +122,7 @@ class LabelImport:
     """Fraud Detector rows without an ``EVENT_LABEL`` (not verdicts, skipped)."""
     superseded: list[Superseded] = field(default_factory=list)
     """Rows giving a transaction the verdict another row of the file gives it with a later ``decided_at`` (or the
-    same, further down): only that row is published."""
+    same, further down; or any, where the row gives none): only that row is published."""
     rows: int = 0
 
     @property
@@ -172,21 +174,27 @@ def labels_from_rows(
     A transaction given two different verdicts in the file is bad on each of its lines. Of the rows repeating one
     verdict, the one with the latest ``decided_at`` is published (a tie: the lower row, read last): the verdict
     in force on the topic is the one decided last, with that row's time, reason and who decided; the others
-    are :class:`Superseded`."""
+    are :class:`Superseded`. A row without its own ``decided_at`` (it takes the import's time, or
+    ``--decided-at``) says nothing of when it was decided, so it loses to any row that gives one: the import
+    time would otherwise beat every real time; among rows without one, the lower row wins."""
     fmt = detect_format(header)
     columns = {name.strip().lower(): i for i, name in enumerate(header)}
     out = LabelImport(format=fmt)
     seen: dict[str, list[tuple[int, Label]]] = {}
+    dated: set[int] = set()  # lines with their own decided_at
     for line, values in rows:
         out.rows += 1
         try:
-            label = _row_label(fmt, columns, len(header), values, defaults)
+            row = _row_label(fmt, columns, len(header), values, defaults)
         except InvalidRecord as exc:
             out.bad.append(BadRow(line, exc.reason))
             continue
-        if label is None:
+        if row is None:
             out.unlabelled += 1
             continue
+        label, own_time = row
+        if own_time:
+            dated.add(line)
         seen.setdefault(label.transaction_id, []).append((line, label))
     for entries in seen.values():
         if len({label.label for _, label in entries}) > 1:
@@ -195,7 +203,9 @@ def labels_from_rows(
                 BadRow(line, f"conflicting verdicts for this transaction on lines {lines}") for line, _ in entries
             )
             continue
-        kept_line, kept = max(entries, key=lambda entry: (entry[1].decided_at, entry[0]))
+        kept_line, kept = max(
+            entries, key=lambda entry: (entry[0] in dated, entry[1].decided_at if entry[0] in dated else 0, entry[0])
+        )
         out.labels.append(kept)
         out.superseded.extend(Superseded(line, kept_line) for line, _ in entries if line != kept_line)
     out.bad.sort(key=lambda bad: bad.line)
@@ -205,8 +215,9 @@ def labels_from_rows(
 
 def _row_label(
     fmt: str, columns: dict[str, int], width: int, values: Sequence[str] | InvalidRecord, defaults: Defaults
-) -> Label | None:
-    """One row's verdict (None: a Fraud Detector row without a label); ``InvalidRecord`` when it is bad."""
+) -> tuple[Label, bool] | None:
+    """One row's verdict and whether the row gave its ``decided_at`` (None: a Fraud Detector row without a
+    label); ``InvalidRecord`` when it is bad."""
     if isinstance(values, InvalidRecord):
         raise values
     if any(_undecodable(value) for value in values):
@@ -234,7 +245,7 @@ def _row_label(
             return None
         raise InvalidRecord("missing_field", "label is empty")
     decided_at_text = cell("decided_at") if fmt == SIMPLE else None
-    return make_label(
+    label = make_label(
         transaction_id=transaction_id,
         label=parse_verdict(verdict),
         source=defaults.source,
@@ -245,6 +256,7 @@ def _row_label(
         reason=(cell("reason") if fmt == SIMPLE else None) or defaults.reason,
         case_id=cell("case_id") if fmt == SIMPLE else None,
     )
+    return label, decided_at_text is not None
 
 
 def _undecodable(text: str) -> bool:

@@ -220,6 +220,27 @@ def test_of_one_transactions_repeated_verdict_the_one_decided_last_is_published_
     assert [label.reason for label in no_times.labels] == ["second"]  # one time for all: the lower row
 
 
+def test_a_repeated_verdict_with_its_own_decided_at_beats_rows_without_one() -> None:
+    """A row with an empty ``decided_at`` takes the import's time: it beat every row with a real, earlier time,
+    though nothing says it was decided later. A row with its own time wins now; of rows without one, the lower
+    row; the published time of a row without one is still the import's."""
+    text = (
+        "transaction_id,label,reason,decided_at\n"
+        "tx-1,fraud,chargeback confirmed,2026-01-20T00:00:00Z\n"
+        "tx-1,fraud,no date,\n"
+        "tx-1,fraud,disputed,2026-01-05T00:00:00Z\n"
+        "tx-2,legit,first,\n"
+        "tx-2,legit,second,\n"
+    )
+    found = csv_labels(text)
+    published = {label.transaction_id: (label.reason, label.decided_at) for label in found.labels}
+    assert published == {
+        "tx-1": ("chargeback confirmed", parse_decided_at("2026-01-20T00:00:00Z", NOW)),
+        "tx-2": ("second", DEFAULTS.decided_at),
+    }
+    assert [(row.line, row.by) for row in found.superseded] == [(3, 2), (4, 2), (5, 6)]
+
+
 def test_a_fraud_detector_file_takes_event_id_and_label_and_skips_unlabelled_rows() -> None:
     text = (
         "EVENT_TIMESTAMP,EVENT_ID,ENTITY_ID,order_price,EVENT_LABEL\n"
