@@ -200,20 +200,36 @@ def evaluate_history(
             f"{len(data.y)} labelled rows are too few for {folds} folds (at least {2 * (folds + 1)}; fewer --folds?)"
         )
     if learner is None and rounds is None and not params and not drop:
-        return data, cross_validate_learners(data.x, data.y, data.times, data.amounts, folds=folds, seed=seed)
-    cv = cross_validate(
-        data.x,
-        data.y,
-        data.times,
-        data.amounts,
-        folds=folds,
-        seed=seed,
-        rounds=rounds,
-        params=params,
-        drop=drop,
-        learner=learner,
-    )
+        cv = cross_validate_learners(data.x, data.y, data.times, data.amounts, folds=folds, seed=seed)
+    else:
+        cv = cross_validate(
+            data.x,
+            data.y,
+            data.times,
+            data.amounts,
+            folds=folds,
+            seed=seed,
+            rounds=rounds,
+            params=params,
+            drop=drop,
+            learner=learner,
+        )
+    if not cv.windows:  # the data once more: a report of no figure at all must not pass for an evaluation
+        raise CheckoutGuardError(_no_fold_scored(data, cv))
     return data, cv
+
+
+def _no_fold_scored(data: Labelled, cv: CrossValidation) -> str:
+    """Why every fold was skipped: each fold's training rows (those before its window) hold one class, because the
+    other class's rows all come later, within the last fold's window."""
+    first = int(np.flatnonzero(data.y != data.y[0])[0])
+    kind = "fraud" if data.y[first] == 1 else "legitimate"
+    trained = cv.report["folds"][-1]["train_rows"]
+    return (
+        f"no fold could be scored: every fold's training rows hold one class (the first {kind} row in event-time "
+        f"order is labelled row {first + 1} of {len(data.y)}, at {_iso(int(data.times[first]))}; the last fold "
+        f"trains on the first {trained}): the labelled rows need both classes before the last fold's window"
+    )
 
 
 def seed_stability(

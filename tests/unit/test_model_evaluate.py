@@ -36,6 +36,7 @@ from jobs.scoring.features import (
     identity_keys,
 )
 from jobs.scoring.scorer import CUSTOMERS, Scorer, ScoringState
+from schemas.errors import CheckoutGuardError
 from tests.builders import T0, sale
 from tests.fraud_model import clean_settings, small_model
 
@@ -373,6 +374,28 @@ def test_evaluate_on_the_fraud_detector_sample_prints_pooled_auc_with_its_interv
     assert choice["chosen"] == report["settings"]["learner"] == "catboost"  # measured 0.886 against 0.851
     assert pooled["model"]["roc_auc"] == max(choice["pooled_roc_auc"].values())
     assert set(choice["pooled_roc_auc"]) == {"catboost", "lightgbm"} and "learner: catboost, by pooled" in res.output
+
+
+@pytest.mark.parametrize("args", [[], ["--seeds", "2"], ["--grid"]], ids=["plain", "seeds", "grid"])
+def test_evaluate_with_every_fraud_row_in_the_last_folds_window_fails_with_the_reason_not_a_report_of_nothing(
+    tmp_path, args
+):
+    """Every fold trains on the rows before its window; with all fraud rows in the last window each fold is
+    skipped (one class): evaluate printed a report with no figure and exited 0, and wrote it as --json."""
+    header = "EVENT_LABEL,EVENT_TIMESTAMP,EVENT_ID,ENTITY_TYPE,ENTITY_ID,order_price,payment_currency,merchant\n"
+    body = "".join(
+        f"{int(n >= 55)},2023-01-{1 + n // 24:02d}T{n % 24:02d}:00:00Z,e{n},customer,c{n % 5},{10 + n},USD,fraud_A\n"
+        for n in range(60)
+    )
+    data = tmp_path / "late-fraud.csv"
+    data.write_text(header + body)
+    out = tmp_path / "report.json"
+    res = CliRunner().invoke(app, ["evaluate", str(data), "--folds", "3", "--json", str(out), *args])
+    assert res.exit_code == 1 and isinstance(res.exception, CheckoutGuardError), res.output
+    said = str(res.exception)
+    assert said.startswith("no fold could be scored: every fold's training rows hold one class"), said
+    assert "the first fraud row in event-time order is labelled row 56 of 60" in said and "first 45" in said
+    assert not out.exists()
 
 
 @needs_afd_csv
