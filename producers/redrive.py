@@ -19,6 +19,8 @@ a bug since fixed, a schema or index the reader lacked) can succeed again; an in
 as the same dead letter, counted twice. Never re-driven: watchlist entries (the
 job refuses one of another embedder's length, say). Only the watchlist service writes that topic; a copy
 sent back after the subject was forgotten would enrol the face again; a new ``fraud``/``vip`` does it right.
+Nor the records of the other state topics (:data:`STATE_TOPICS`: rules, labels, cases, audit): the copy would be
+the newest record of its key, over the versions written since.
 
 Re-driving is at-least-once, like any replay: running it twice sends the records twice. That is safe
 because every consumer is idempotent by key -- for alerts, the sender's ledger records each ``(alert_id,
@@ -51,7 +53,7 @@ from infra.settings import Settings, get_settings
 from producers.pos import message_key
 from schemas.errors import INTERNAL_ERROR, RETRYABLE_KINDS, InvalidRecord, is_retryable
 from schemas.records import REDRIVEN_HEADER, DeadLetter, Headers, PosTransaction, input_headers
-from schemas.topics import ALL_TOPICS, DEAD_LETTERS, TRANSACTIONS, WATCHLIST
+from schemas.topics import ALL_TOPICS, AUDIT, CASES, DEAD_LETTERS, LABELS, RULES, TRANSACTIONS, WATCHLIST, TopicSpec
 
 console = Console()
 errors = Console(stderr=True)
@@ -68,9 +70,26 @@ NO_TOPIC = "skipped: no such topic"
 DUPLICATE = "skipped: duplicate"
 OVER_LIMIT = "skipped: over --limit"
 WATCHLIST_ENTRY = "skipped: a watchlist entry (enrol again with fraud/vip)"
+STATE_RECORD = "skipped: a state topic's record (would roll it back)"
 PERMANENT = "skipped: permanent (--include-permanent)"
 HEADERS_CUT = "skipped: input headers too big to keep"
-OUTCOMES = (REDRIVE, PERMANENT, TRUNCATED, HEADERS_CUT, NOT_KAFKA, NO_TOPIC, DUPLICATE, OVER_LIMIT, WATCHLIST_ENTRY)
+OUTCOMES = (
+    REDRIVE,
+    PERMANENT,
+    TRUNCATED,
+    HEADERS_CUT,
+    NOT_KAFKA,
+    NO_TOPIC,
+    DUPLICATE,
+    OVER_LIMIT,
+    WATCHLIST_ENTRY,
+    STATE_RECORD,
+)
+STATE_TOPICS: tuple[TopicSpec, ...] = (RULES, LABELS, CASES, AUDIT)
+"""Topics whose letters are never sent back (besides the watchlist): where the last record of a key is in force
+(rules, labels, cases), a copy of an older record goes in after the versions written since and is taken for the
+newest (an older rule set in force, a withdrawn verdict back, a decided case open again, in the index too); and
+``audit``, whose readers act on every event (a forget published again). ``replay`` refuses these topics likewise."""
 
 
 # ---------------------------------------------------------------------------- pure: choosing and planning
@@ -181,14 +200,17 @@ def plan_redrive(
     watchlist: str = WATCHLIST.name,
     headers: Mapping[str, Headers | None] | None = None,
     transactions: str = TRANSACTIONS.name,
+    topic_prefix: str = "",
 ) -> RedrivePlan:
     """The sends for the selected letters, oldest (``failed_at``) first, at most ``limit``; every selected
     letter counted by stage, kind and outcome. ``topics``: the cluster's topics and their partition counts;
     ``watchlist``: the watchlist topic's full name (never re-driven); ``headers``: per dead-letter id, the input's
     headers its letter kept (:func:`schemas.records.input_headers`; ``None``: too big to keep, so the input cannot
     be sent as it was; a letter not named kept none); ``transactions``: the transactions topic's full name (a whole
-    transaction of it goes back without a known position: :func:`whole_transaction`)."""
+    transaction of it goes back without a known position: :func:`whole_transaction`); ``topic_prefix``: the topics'
+    prefix, which names the :data:`STATE_TOPICS` (never sent back)."""
     kept = headers or {}
+    state_topics = frozenset(spec.full_name(topic_prefix) for spec in STATE_TOPICS)
     plan = RedrivePlan()
     planned: dict[tuple[str, bytes | None, str], Send] = {}
     for letter in letters:
@@ -201,6 +223,8 @@ def plan_redrive(
             continue
         unplaced = None if source_is_kafka(letter) else whole_transaction(letter, transactions)
         outcome = _outcome(letter, topics, watchlist, selection.include_permanent, unplaced is not None)
+        if letter.source_topic in state_topics:
+            outcome = STATE_RECORD
         letter_headers = kept.get(letter.dead_letter_id, ())
         if outcome == REDRIVE and letter_headers is None:
             outcome = HEADERS_CUT
@@ -417,7 +441,7 @@ def main(
         kept: dict[str, Headers | None] = {}
         letters = read_dead_letters(settings, dead_topic, deleted=deleted, headers=kept)
         transactions = TRANSACTIONS.full_name(prefix)
-        plan = plan_redrive(letters, selection, topics, limit, watchlist, kept, transactions)
+        plan = plan_redrive(letters, selection, topics, limit, watchlist, kept, transactions, prefix)
     except (RangeError, TimeoutError, RuntimeError) as exc:
         errors.print(str(exc), style="red", markup=False, highlight=False)
         raise typer.Exit(2 if isinstance(exc, RangeError) else 1) from None
@@ -434,6 +458,16 @@ def main(
         console.print(
             f"{permanent:,} permanent failure(s) skipped (their kind fails again on the same bytes);"
             " --include-permanent re-drives them too",
+            markup=False,
+            highlight=False,
+        )
+    state = plan.outcome_total(STATE_RECORD)
+    if state:
+        console.print(
+            f"{state:,} record(s) of {', '.join(spec.name for spec in STATE_TOPICS)} skipped: sent back, each would be"
+            " taken for the newest of its key. Instead, publish a rule set again with `checkout-guard rules publish`;"
+            " once OpenSearch takes the documents, the OpenSearch sink on a fresh consumer group indexes what labels"
+            " and cases hold now and repeats every forget",
             markup=False,
             highlight=False,
         )

@@ -30,6 +30,7 @@ from producers.redrive import (
     PERMANENT,
     REDRIVE,
     REDRIVEN_HEADER,
+    STATE_RECORD,
     TRUNCATED,
     WATCHLIST_ENTRY,
     Selection,
@@ -194,6 +195,40 @@ def test_a_watchlist_entry_is_never_sent_back() -> None:
     entry = letter(9, topic="e2e.watchlist", partition=0, stage="scoring", kind="invalid_update")
     plan = plan_redrive([entry], scoring, {"e2e.watchlist": 1}, watchlist="e2e.watchlist")
     assert plan.sends == [] and dict(plan.counts) == {("scoring", "invalid_update", WATCHLIST_ENTRY): 1}
+
+
+@pytest.mark.parametrize(
+    ("topic", "kind"),
+    [
+        ("live.cases", "opensearch_rejected"),  # an older version of a case: a decided case open again
+        ("live.labels", "opensearch_rejected"),  # an older verdict in force again, a withdrawn one back
+        ("live.rules", "invalid_rules"),  # an older rule set in force again
+        ("live.audit", "forget_incomplete"),  # a forget published again for every reader of audit
+    ],
+)
+def test_a_state_topics_record_is_never_sent_back_where_its_last_record_is_in_force(topic: str, kind: str) -> None:
+    """The sink's letter of a case version OpenSearch refused went back to ``cases`` as its newest record, over the
+    versions written since: the case service and the index took the old version for the case."""
+    sink = Selection(stages=frozenset({"opensearch-sink"}), include_permanent=True)
+    old = letter(4, topic=topic, partition=0, stage="opensearch-sink", kind=kind)
+    topics = {topic: 1, "live.alerts": 1}
+    alert = letter(5, topic="live.alerts", partition=0, stage="opensearch-sink", kind=kind)
+    plan = plan_redrive([old, alert], sink, topics, watchlist="live.watchlist", topic_prefix="live.")
+    assert [send.topic for send in plan.sends] == ["live.alerts"]
+    assert plan.counts[("opensearch-sink", kind, STATE_RECORD)] == 1
+
+
+def test_redrive_says_what_to_do_instead_of_sending_a_state_topics_record_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    case = letter(4, topic="cases", partition=0, stage="opensearch-sink", kind="opensearch_rejected")
+    monkeypatch.setattr(redrive, "get_settings", lambda: Settings())
+    monkeypatch.setattr(redrive, "cluster_topics", lambda _s: {"cases": 1})
+    monkeypatch.setattr(redrive, "read_dead_letters", lambda *_a, **_k: iter([case]))
+    monkeypatch.setattr(redrive, "send_all", lambda *_a: pytest.fail("nothing is to be sent"))
+    result = CliRunner().invoke(redrive.cli, ["--stage", "opensearch-sink"])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 0, output
+    assert "0 to re-drive" in output and "1 record(s) of rules, labels, cases, audit skipped" in output
+    assert "the OpenSearch sink on a fresh consumer group indexes what labels and cases hold now" in output
 
 
 def test_truncated_payloads_and_inputs_that_were_not_kafka_records_are_skipped_and_counted() -> None:
