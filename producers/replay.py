@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from infra import clock
+from infra.clients import kafka as kafka_clients
 from infra.clients.topic_replay import (
     PartitionRange,
     RangeError,
@@ -24,7 +25,7 @@ from infra.clients.topic_replay import (
     range_warnings,
     replay,
 )
-from infra.settings import get_settings
+from infra.settings import KafkaSettings, get_settings
 from schemas.topics import AUDIT, CASES, COMMANDS, LABELS, RULES, WATCHLIST
 
 console = Console(stderr=True)
@@ -77,6 +78,23 @@ def refusal(target_topic: str, source_name: str, target_name: str, target_prefix
         f"not replaying {source_name} into {target_name}: {why}. Instead, {instead}; a copy into another prefix"
         " (--target-prefix, e.g. a backtest's) is allowed"
     )
+
+
+def cluster_id(kafka: KafkaSettings) -> str | None:
+    """The id of the cluster ``kafka``'s brokers belong to (``None`` where the brokers do not say);
+    ``KafkaUnavailable`` when none answers."""
+    with kafka_clients.admin_session(kafka) as admin:
+        return kafka_clients.cluster_metadata(admin, kafka).cluster_id or None
+
+
+def same_cluster(source: KafkaSettings, target: KafkaSettings) -> bool:
+    """Whether ``--target-bootstrap`` reaches the source's own cluster: by the id the brokers report, since an
+    address says nothing (``localhost`` or another broker of the same cluster is still the live one); by the
+    bootstrap list where a broker reports no id."""
+    source_id, target_id = cluster_id(source), cluster_id(target)
+    if source_id is None or target_id is None:
+        return source.bootstrap == target.bootstrap
+    return source_id == target_id
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -155,22 +173,21 @@ def run_command(
     and the summary, and the copy goes on from the earliest kept record.
 
     State and control topics (rules, watchlist, labels, cases, commands, audit) are not replayed into themselves
-    nor into the live prefix on the same cluster: that would roll their state back."""
+    nor into the live prefix on the same cluster (a --target-bootstrap that reaches it, by its cluster id, too):
+    that would roll their state back."""
     settings = get_settings()
     src_prefix = settings.kafka.topic_prefix if source_prefix is None else source_prefix
     dst_prefix = src_prefix if target_prefix is None else target_prefix
     source_name, target_name = f"{src_prefix}{topic}", f"{dst_prefix}{target_topic or topic}"
-    refused = None
-    if target_bootstrap is None:
-        refused = refusal(target_topic or topic, source_name, target_name, dst_prefix, settings.kafka.topic_prefix)
-    if refused is not None:
-        typer.echo(f"Error: {refused}", err=True)
-        raise typer.Exit(2)
     target_kafka = (
         settings.kafka
         if target_bootstrap is None
         else settings.kafka.model_copy(update={"bootstrap_servers": target_bootstrap})
     )
+    refused = refusal(target_topic or topic, source_name, target_name, dst_prefix, settings.kafka.topic_prefix)
+    if refused is not None and (target_bootstrap is None or same_cluster(settings.kafka, target_kafka)):
+        typer.echo(f"Error: {refused}", err=True)
+        raise typer.Exit(2)
     try:
         start, end = bounds(from_offsets, to_offsets, from_time, to_time)
         only = _partitions(partitions) if partitions is not None else None

@@ -575,6 +575,8 @@ def live_cli(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     monkeypatch.setattr(replay_cli, "get_settings", lambda: Settings(kafka=KafkaSettings(topic_prefix="live.")))
     monkeypatch.setattr(replay_cli, "plan", lambda *_a: [])
     monkeypatch.setattr(replay_cli, "replay", fake_replay)
+    clusters = {"dr:9092": "cluster-dr"}  # any other address reaches the live cluster (an alias of its brokers)
+    monkeypatch.setattr(replay_cli, "cluster_id", lambda kafka: clusters.get(kafka.bootstrap_servers, "cluster-live"))
     return started
 
 
@@ -596,6 +598,23 @@ def test_a_state_or_control_topic_is_not_replayed_into_itself_nor_into_the_live_
     assert result.output.startswith(f"Error: not replaying {refused}"), result.output
     assert "Instead, " in result.output and len(result.output.strip().splitlines()) == 1
     assert live_cli == []
+
+
+@pytest.mark.parametrize("bootstrap", ["127.0.0.1:9092", "localhost:9092", "broker-1:9092,broker-2:9092"])
+def test_a_target_bootstrap_that_reaches_the_same_cluster_is_refused_as_the_same_cluster(live_cli, bootstrap) -> None:
+    """``--target-bootstrap`` skipped the check whatever it named: the live cluster's own brokers (its address, or
+    another name for them) replayed an older range into the live ``watchlist``, a forgotten face enrolled again."""
+    result = CliRunner().invoke(replay_cli.app, ["run", "watchlist", "--target-bootstrap", bootstrap])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("Error: not replaying live.watchlist into live.watchlist"), result.output
+    assert live_cli == []
+
+
+def test_without_a_cluster_id_the_same_bootstrap_list_is_the_same_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(replay_cli, "cluster_id", lambda _kafka: None)
+    live = KafkaSettings(bootstrap_servers="k1:9092")
+    assert replay_cli.same_cluster(live, live.model_copy(update={"bootstrap_servers": "k1:9092"}))
+    assert not replay_cli.same_cluster(live, live.model_copy(update={"bootstrap_servers": "dr:9092"}))
 
 
 @pytest.mark.parametrize(
