@@ -65,15 +65,18 @@ to do instead): every compacted topic, where the last record of a key is in forc
 on or are the record of what was done."""
 
 
-def refusal(target_topic: str, source_name: str, target_name: str, target_prefix: str, live_prefix: str) -> str | None:
-    """Why replaying ``source_name`` into ``target_name`` (on the same cluster) is refused, or ``None``: a state or
-    control topic (:data:`STATE_TOPICS`) is not replayed into itself nor into the live prefix, since its
-    readers would take the older records for the latest (redrive refuses watchlist entries for the same
-    reason); a copy into another prefix (a backtest's, say) is allowed. No option overrides it: each of these
-    topics has its own tool for the changes it needs."""
-    if target_topic not in STATE_TOPICS or (target_name != source_name and target_prefix != live_prefix):
+def refusal(topic: str, source_name: str, target_name: str, live_prefix: str) -> str | None:
+    """Why replaying ``source_name`` (logical name ``topic``) into ``target_name`` (on the same cluster) is refused,
+    or ``None``: a state or control topic (:data:`STATE_TOPICS`) is not replayed into itself nor into the live
+    prefix, since its readers would take the older records for the latest (redrive refuses their records for the
+    same reason); a copy into another prefix (a backtest's, say) is allowed. Judged by the full names, however
+    ``--target-prefix`` and ``--target-topic`` split them (``--target-topic live.rules`` with an empty prefix is
+    the live ``rules``). No option overrides it: each of these topics has its own tool for the changes it needs."""
+    live = [name for name in STATE_TOPICS if target_name == f"{live_prefix}{name}"]
+    itself = [topic] if target_name == source_name and topic in STATE_TOPICS else []
+    if not live and not itself:
         return None
-    why, instead = STATE_TOPICS[target_topic]
+    why, instead = STATE_TOPICS[(live or itself)[0]]
     return (
         f"not replaying {source_name} into {target_name}: {why}. Instead, {instead}; a copy into another prefix"
         " (--target-prefix, e.g. a backtest's) is allowed"
@@ -184,7 +187,7 @@ def run_command(
         if target_bootstrap is None
         else settings.kafka.model_copy(update={"bootstrap_servers": target_bootstrap})
     )
-    refused = refusal(target_topic or topic, source_name, target_name, dst_prefix, settings.kafka.topic_prefix)
+    refused = refusal(topic, source_name, target_name, settings.kafka.topic_prefix)
     if refused is not None and (target_bootstrap is None or same_cluster(settings.kafka, target_kafka)):
         typer.echo(f"Error: {refused}", err=True)
         raise typer.Exit(2)

@@ -600,6 +600,26 @@ def test_a_state_or_control_topic_is_not_replayed_into_itself_nor_into_the_live_
     assert live_cli == []
 
 
+@pytest.mark.parametrize(
+    ("args", "refused"),
+    [
+        (["rules", "--source-prefix", "bt-1.", "--target-prefix", "", "--target-topic", "live.rules"], "bt-1.rules"),
+        (["rules", "--source-prefix", "bt-1.", "--target-prefix", "live", "--target-topic", ".rules"], "bt-1.rules"),
+        (["transactions", "--target-prefix", "", "--target-topic", "live.watchlist"], "live.transactions"),
+        (["cases", "--source-prefix", "bt-1.", "--target-prefix", "bt-1", "--target-topic", ".cases"], "bt-1.cases"),
+    ],
+)
+def test_a_state_topic_named_whole_in_target_topic_is_refused_as_when_named_by_prefix_and_topic(
+    live_cli, args, refused
+) -> None:
+    """The refusal looked at ``--target-topic`` as a logical name only: the live ``rules`` written out whole
+    (``--target-topic live.rules`` with an empty target prefix) took a backtest's rule set into the live one."""
+    result = CliRunner().invoke(replay_cli.app, ["run", *args])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"Error: not replaying {refused} into "), result.output
+    assert live_cli == []
+
+
 @pytest.mark.parametrize("bootstrap", ["127.0.0.1:9092", "localhost:9092", "broker-1:9092,broker-2:9092"])
 def test_a_target_bootstrap_that_reaches_the_same_cluster_is_refused_as_the_same_cluster(live_cli, bootstrap) -> None:
     """``--target-bootstrap`` skipped the check whatever it named: the live cluster's own brokers (its address, or
