@@ -421,14 +421,53 @@ def _spawn(paths: ClusterPaths, member: Member, java_home: Path, flink: Path) ->
     return proc
 
 
+REST_TIMEOUT_S = 5.0
+"""How long ``submit`` and ``stop`` wait for the JobManager's job list, the host name's lookup included."""
+
+
 def overview(settings: Settings, timeout: float = 2.0) -> dict[str, Any] | None:
     """The JobManager's REST ``/overview`` (taskmanagers, slots-total, jobs-running, flink-version, ...),
-    or None when it does not answer."""
+    or None when it does not answer within ``timeout`` (:func:`_get_json`: the host name's lookup included)."""
     try:
-        answer = httpx.get(rest_url(settings) + "/overview", timeout=timeout)
-        return answer.json() if answer.status_code == 200 else None
+        view = _get_json(rest_url(settings) + "/overview", timeout)
     except (httpx.HTTPError, ValueError):
         return None
+    return view if isinstance(view, dict) else None
+
+
+def _get_json(url: str, timeout_s: float) -> Any:
+    """GET ``url``'s JSON within about ``timeout_s`` in all, the host name's lookup included. httpx bounds the
+    connection and each read alone, not the lookup (a resolver that does not answer held every mini-cluster start
+    as long as it took) nor an answer that comes a few bytes at a time: the request runs in a daemon thread, and
+    past ``timeout_s`` it is left to end on its own (its reads time out) while the caller goes on."""
+    done: Future[Any] = Future()
+
+    def ask() -> None:
+        try:
+            with httpx.stream("GET", url, timeout=timeout_s) as answer:
+                answer.raise_for_status()
+                done.set_result(json.loads(answer.read()))
+        except BaseException as exc:  # handed to the caller, as its own call would raise it
+            done.set_exception(exc)
+
+    threading.Thread(target=ask, name="flink-cluster-check", daemon=True).start()
+    try:
+        return done.result(timeout=timeout_s)
+    except TimeoutError:
+        raise httpx.TimeoutException(f"no whole answer within {timeout_s:.0f} s") from None
+
+
+def _unresolved(exc: BaseException) -> bool:
+    """Whether a failed connection failed on the host name's lookup (a :class:`socket.gaierror` under httpx's
+    error), not at a port nothing listens on."""
+    cause: BaseException | None = exc
+    seen: set[int] = set()
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, socket.gaierror):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _wait(what: str, ready: Callable[[], bool], procs: dict[str, subprocess.Popen], paths: ClusterPaths) -> None:
@@ -578,9 +617,8 @@ def write_scrape_targets(settings: Settings, wait_s: float = 0.0) -> list[dict[s
 def taskmanager_ids(settings: Settings) -> list[str]:
     """The resource ids of the TaskManagers registered with the JobManager (REST ``/taskmanagers``)."""
     try:
-        answer = httpx.get(rest_url(settings) + "/taskmanagers", timeout=2.0)
-        return [tm["id"] for tm in answer.json().get("taskmanagers", [])] if answer.status_code == 200 else []
-    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return [tm["id"] for tm in _get_json(rest_url(settings) + "/taskmanagers", 2.0).get("taskmanagers", [])]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
         return []
 
 
@@ -835,56 +873,24 @@ def stop_with_savepoint(settings: Settings, java_home: Path, timeout_s: float = 
 
 def jobs(settings: Settings, must_answer: bool = False) -> list[dict[str, Any]]:
     """The cluster's jobs (REST ``/jobs/overview``): id, name, state, ... Empty when the cluster does not
-    answer, or :class:`FlinkClusterError` with ``must_answer``."""
+    answer within :data:`REST_TIMEOUT_S`, or :class:`FlinkClusterError` with ``must_answer``. The time-out bounds
+    the host name's lookup too (:func:`_get_json`): a resolver that did not answer held `flink submit` and
+    `flink stop` as long as it took."""
     url = rest_url(settings) + "/jobs/overview"
     try:
-        answer = httpx.get(url, timeout=5.0)
-        answer.raise_for_status()
-        return list(answer.json().get("jobs", []))
+        return list(_get_json(url, REST_TIMEOUT_S).get("jobs", []))
     except (httpx.HTTPError, ValueError, TypeError, AttributeError) as exc:
         if must_answer:
-            raise FlinkClusterError(f"the Flink cluster did not answer at {url}: {exc}") from None
+            why = str(exc) or type(exc).__name__
+            if _unresolved(exc):
+                why = f"the host name {client_host(settings.bind_host)} does not resolve ({exc})"
+            raise FlinkClusterError(f"the Flink cluster did not answer at {url}: {why}") from None
         return []
 
 
 CLUSTER_CHECK_S = 2.0
 """How long a mini-cluster start (and ``upgrade status``) waits for the cluster's job list: a JobManager that
 takes the question and never answers must not hold up a plain local start."""
-
-
-def _get_json(url: str, timeout_s: float) -> Any:
-    """GET ``url``'s JSON within about ``timeout_s`` in all, the host name's lookup included. httpx bounds the
-    connection and each read alone, not the lookup (a resolver that does not answer held every mini-cluster start
-    as long as it took) nor an answer that comes a few bytes at a time: the request runs in a daemon thread, and
-    past ``timeout_s`` it is left to end on its own (its reads time out) while the caller goes on."""
-    done: Future[Any] = Future()
-
-    def ask() -> None:
-        try:
-            with httpx.stream("GET", url, timeout=timeout_s) as answer:
-                answer.raise_for_status()
-                done.set_result(json.loads(answer.read()))
-        except BaseException as exc:  # handed to the caller, as its own call would raise it
-            done.set_exception(exc)
-
-    threading.Thread(target=ask, name="flink-cluster-check", daemon=True).start()
-    try:
-        return done.result(timeout=timeout_s)
-    except TimeoutError:
-        raise httpx.TimeoutException(f"no whole answer within {timeout_s:.0f} s") from None
-
-
-def _unresolved(exc: BaseException) -> bool:
-    """Whether a failed connection failed on the host name's lookup (a :class:`socket.gaierror` under httpx's
-    error), not at a port nothing listens on."""
-    cause: BaseException | None = exc
-    seen: set[int] = set()
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, socket.gaierror):
-            return True
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return False
 
 
 DEPLOYMENT_PARAMETERS = ("checkout-guard.consumer-group", "checkout-guard.checkpoint-dir")

@@ -175,14 +175,13 @@ def _cluster_answers(
 ) -> list[list[str]]:
     """A cluster with 4 free slots whose REST ``/jobs/overview`` lists ``listed``; the ``flink`` CLI calls made
     (``fake_cli``: answered here, each a success)."""
-    import httpx
 
-    def get(url: str, timeout: float = 0.0) -> httpx.Response:
+    def get(url: str, timeout_s: float) -> dict[str, object]:
         assert url.endswith("/jobs/overview"), url
-        return httpx.Response(200, json={"jobs": listed}, request=httpx.Request("GET", url))
+        return {"jobs": listed}
 
     monkeypatch.setattr(fc, "flink_home", lambda: Path("/wheel/pyflink"))
-    monkeypatch.setattr(fc.httpx, "get", get)
+    monkeypatch.setattr(fc, "_get_json", get)
     monkeypatch.setattr(fc, "overview", lambda _settings, timeout=2.0: _overview(total=4, free=4 - len(listed)))
     calls: list[list[str]] = []
 
@@ -242,6 +241,44 @@ def test_submit_to_a_cluster_that_does_not_answer_is_an_error_before_flink_run(
     monkeypatch.setattr(fc, "run_cli", not_run)
     with pytest.raises(fc.FlinkClusterError, match="the Flink cluster did not answer at http://127.0.0.2:1/"):
         fc.submit(settings, JAVA, parallelism=1)
+
+
+@pytest.mark.parametrize("command", ["submit", "stop"])
+def test_submit_and_stop_with_a_host_name_whose_lookup_hangs_fail_within_their_time_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """httpx bounds the connection and each read, not the host name's lookup: a resolver that did not answer held
+    `flink submit` and `flink stop` for as long as the lookup took, not the 5 s of their job list question."""
+    import socket
+    import threading
+
+    real, answer = socket.getaddrinfo, threading.Event()
+
+    def getaddrinfo(host: object, *args: object, **kwargs: object) -> object:
+        if host == "flink-jm.example.internal":
+            answer.wait(8)  # a resolver that does not answer
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(fc, "REST_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(fc, "flink_home", lambda: Path("/wheel/pyflink"))
+
+    def not_run(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the flink CLI must not be called")
+
+    monkeypatch.setattr(fc, "run_cli", not_run)
+    settings = _configured(tmp_path).model_copy(update={"bind_host": "flink-jm.example.internal"})
+    started = time.monotonic()
+    try:
+        with pytest.raises(fc.FlinkClusterError, match="the Flink cluster did not answer at http://flink-jm"):
+            if command == "submit":
+                fc.submit(settings, JAVA, parallelism=1)
+            else:
+                fc.stop_with_savepoint(settings, JAVA)
+        assert time.monotonic() - started < 3.0
+    finally:
+        answer.set()
 
 
 def test_submit_waits_a_little_for_the_slots_of_a_job_that_just_stopped(tmp_path: Path, monkeypatch) -> None:
