@@ -566,6 +566,11 @@ class AlertSettings(BaseModel, frozen=True):
     long a channel that is down is waited for (10 minutes: an SMTP outage of minutes loses no alert)."""
     retry_initial_s: float = Field(default=0.5, gt=0, allow_inf_nan=False)
     retry_max_s: float = Field(default=30.0, gt=0, allow_inf_nan=False)
+    stop_wait_s: float = Field(default=15.0, gt=0, allow_inf_nan=False)
+    """At a stop, how long the sender waits for the sends under way (every channel's, and the eraser's, together;
+    each Webex or SMTP call has its own timeout, 10 s by default) so that what they delivered is in the ledger
+    before it closes. Below the supervisor's ``stop_timeout_s`` (20 s), which SIGKILLs the sender after it
+    (checked: see :meth:`Settings._stop_graces_within_the_stop_timeout`)."""
     dashboard_link: str = "http://127.0.0.1:8050/alerts/{alert_id}"
     """Link in every message; ``{alert_id}``, ``{transaction_id}``, ``{store_id}`` are filled in."""
     case_link: str = "http://127.0.0.1:8050/cases/{case_id}"
@@ -1181,20 +1186,30 @@ class Settings(BaseSettings):
     def _stop_graces_within_the_stop_timeout(self) -> Settings:
         """A grace not below the supervisor's stop timeout was taken: its SIGKILL came first, and the camera bridge
         lost the records it would have saved for the next run (the shoppers, their report of what Kafka had not
-        acknowledged). Refused, not clamped: a shorter grace than asked for loses records without a word. The
-        message starts with the variable's name (the check spans sections: pydantic gives it no location)."""
+        acknowledged; the alert sender, the record of sends that went through, sent again on restart). Refused,
+        not clamped: a shorter grace than asked for loses records without a word. The message starts with the
+        variable's name (the check spans sections: pydantic gives it no location)."""
         timeout = self.supervisor.stop_timeout_s
         graces = (
             (
                 "CG_CAMERAS__BRIDGE_STOP_GRACE_S",
                 self.cameras.bridge_stop_grace_s,
-                "the camera bridge saves the records",
+                "the camera bridge saves the records Kafka has not taken",
             ),
-            ("CG_KAFKA__STOP_FLUSH_S", self.kafka.stop_flush_s, "the shoppers report the records"),
+            (
+                "CG_KAFKA__STOP_FLUSH_S",
+                self.kafka.stop_flush_s,
+                "the shoppers report the records Kafka has not taken",
+            ),
+            (
+                "CG_ALERTS__STOP_WAIT_S",
+                self.alerts.stop_wait_s,
+                "the alert sender records the sends under way (sent again on restart)",
+            ),
         )
         wrong = [
             f"{name}: {grace:g} is not below CG_SUPERVISOR__STOP_TIMEOUT_S ({timeout:g}): the supervisor's SIGKILL "
-            f"would come before {what} Kafka has not taken; lower it or raise CG_SUPERVISOR__STOP_TIMEOUT_S"
+            f"would come before {what}; lower it or raise CG_SUPERVISOR__STOP_TIMEOUT_S"
             for name, grace, what in graces
             if grace >= timeout
         ]

@@ -1011,22 +1011,17 @@ class ChannelWorker:
         """Whether the channel is found down (being probed until it answers)."""
         return self._down_since is not None
 
-    STOP_WAIT_S = 15.0
-    """Longest the sender's shutdown waits for the sends under way, every channel's together (each Webex or SMTP
-    call has its own timeout, 10 s by default): within the supervisor's stop timeout (20 s) before it sends
-    SIGKILL."""
-
     def stop(self, until: float | None = None) -> None:
         """Take no more tasks, interrupt the channel's waits (``interrupt``, when it has one: a card waiting out a
         429) and wait for the sends under way, so that what they delivered is in the ledger before it closes
         (a send that ended after it was not recorded, and was sent again on restart). ``until``: when the wait
         ends (monotonic), one deadline the sender shares among its channels (one wait each, one channel after the
-        other, took 15 s per channel stuck mid-send); by default :data:`STOP_WAIT_S` from now. Only the first
+        other, took 15 s per channel stuck mid-send); by default ``CG_ALERTS__STOP_WAIT_S`` from now. Only the first
         call's deadline counts: stopping again (the sender's ``close``) waits no longer."""
         with self._cv:
             self._stop = True
             if self._stop_until is None:
-                self._stop_until = until if until is not None else time.monotonic() + self.STOP_WAIT_S
+                self._stop_until = until if until is not None else time.monotonic() + self.settings.stop_wait_s
             until = self._stop_until
             self._cv.notify_all()
         interrupt = getattr(self.channel, "interrupt", None)
@@ -1041,7 +1036,7 @@ class ChannelWorker:
                 "and are sent again on restart",
                 self.channel.name,
                 running,
-                self.STOP_WAIT_S,
+                self.settings.stop_wait_s,
             )
 
     def _next(self) -> Task | None:
@@ -1356,7 +1351,9 @@ class AlertSender:
     def close(self) -> None:
         """Stop the channel workers, close every channel and then the ledger (callbacks run last-registered
         first); one failing to close does not keep the others open."""
-        until = time.monotonic() + ChannelWorker.STOP_WAIT_S  # all channels together (a worker stopped keeps its own)
+        until = (
+            time.monotonic() + self.settings.alerts.stop_wait_s
+        )  # all channels together (a worker stopped keeps its own)
         with contextlib.ExitStack() as closing:
             closing.callback(self.ledger.close)
             for channel in self.channels:
@@ -1442,7 +1439,7 @@ class AlertSender:
         finally:
             # The eraser ends with the sends under way, within the same wait (one after the other outlasted the
             # supervisor's stop timeout): the ledger closes after both, so what they did is recorded.
-            until = time.monotonic() + ChannelWorker.STOP_WAIT_S
+            until = time.monotonic() + self.settings.alerts.stop_wait_s
             self._halt.set()
             for worker in self._workers.values():
                 worker.stop(until)
@@ -1452,7 +1449,7 @@ class AlertSender:
                     log.warning(
                         "alert eraser still under way after %.0fs at shutdown: what it does not record is done at the "
                         "next start",
-                        ChannelWorker.STOP_WAIT_S,
+                        self.settings.alerts.stop_wait_s,
                     )
             self._drain_outcomes()
             self._producer.flush(5)

@@ -414,10 +414,9 @@ def test_a_send_that_ends_after_the_ledger_closed_ends_its_thread_with_an_error_
 ) -> None:
     """Past shutdown's wait the ledger closes with the send under way; its thread then waited forever on the
     ledger's write. Now the thread ends and an ERROR line says the alert may be sent again on restart."""
-    monkeypatch.setattr(ChannelWorker, "STOP_WAIT_S", 0.2)
     channel = SlowChannel()
     ledger = Ledger(tmp_path / "ledger.sqlite3")
-    worker = ChannelWorker(channel, ledger, AlertSettings(), queue.SimpleQueue(), lambda ref: b"")
+    worker = ChannelWorker(channel, ledger, AlertSettings(stop_wait_s=0.2), queue.SimpleQueue(), lambda ref: b"")
     worker.submit(Task(alert(snapshot_ref=None), "email", time.monotonic() + 60))
     assert channel.sending.wait(10)
     worker.stop()

@@ -701,9 +701,8 @@ def test_shutdown_waits_for_the_eraser_within_the_sends_wait_not_after_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The eraser was joined for 15 s, then each channel's sends for 15 s more: past the supervisor's 20 s."""
-    settings = Settings(stack_dir=tmp_path, alerts=AlertSettings(channels="webex", concurrency=1))
+    settings = Settings(stack_dir=tmp_path, alerts=AlertSettings(channels="webex", concurrency=1, stop_wait_s=0.3))
     alerts = sender.AlertSender(settings, channels=[PostingChannel()], ledger=Ledger(tmp_path / "ledger.sqlite3"))
-    monkeypatch.setattr(sender.ChannelWorker, "STOP_WAIT_S", 0.3)
     monkeypatch.setattr(sender.kafka_clients, "consumer", lambda *a, **k: StoppedConsumer())
     monkeypatch.setattr(sender.kafka_clients, "producer", lambda *a, **k: Client())
     stuck = threading.Event()
@@ -764,11 +763,12 @@ def test_shutdown_with_every_channel_stuck_mid_send_waits_the_stop_wait_once_not
     from schemas.records import Alert
 
     wait_s = 0.5
-    monkeypatch.setattr(sender.ChannelWorker, "STOP_WAIT_S", wait_s)
     stop, release = threading.Event(), threading.Event()
     both_sending = threading.Barrier(3)
     channels = [StuckChannel(name, both_sending, release) for name in ("email", "webex")]
-    settings = Settings(stack_dir=tmp_path, alerts=AlertSettings(channels="email,webex", concurrency=1))
+    settings = Settings(
+        stack_dir=tmp_path, alerts=AlertSettings(channels="email,webex", concurrency=1, stop_wait_s=wait_s)
+    )
     alerts = sender.AlertSender(
         settings, channels=channels, ledger=Ledger(tmp_path / "ledger.sqlite3"), image_loader=lambda ref: b""
     )

@@ -36,11 +36,13 @@ def _running(proc: psutil.Process) -> bool:
 
 
 def _quick_stop(timeout_s: float) -> Settings:
-    """A short stop timeout, with the bridge's and the shoppers' graces within it (else refused)."""
+    """A short stop timeout, with the bridge's, the shoppers' and the alert sender's graces within it (else
+    refused)."""
     return Settings(
         supervisor=SupervisorSettings(stop_timeout_s=timeout_s),
         cameras={"bridge_stop_grace_s": timeout_s / 2},
         kafka={"stop_flush_s": timeout_s / 2},
+        alerts={"stop_wait_s": timeout_s / 2},
     )
 
 

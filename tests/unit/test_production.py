@@ -87,9 +87,15 @@ CFG = SupervisorSettings(
 
 
 def _within(cfg: SupervisorSettings) -> Settings:
-    """Settings with ``cfg``, the bridge's and the shoppers' graces below its stop timeout (else refused)."""
+    """Settings with ``cfg``, the bridge's, the shoppers' and the alert sender's graces below its stop timeout (else
+    refused)."""
     half = cfg.stop_timeout_s / 2
-    return Settings(supervisor=cfg, cameras={"bridge_stop_grace_s": half}, kafka={"stop_flush_s": half})
+    return Settings(
+        supervisor=cfg,
+        cameras={"bridge_stop_grace_s": half},
+        kafka={"stop_flush_s": half},
+        alerts={"stop_wait_s": half},
+    )
 
 
 class Inline(Executor):

@@ -142,6 +142,7 @@ def test_a_stop_grace_not_below_the_supervisor_stop_timeout_is_a_settings_error_
     """The supervisor's SIGKILL came before the camera bridge had saved the records Kafka had not taken (lost), or
     before the shoppers had reported theirs: a grace as long as the stop timeout was taken without a word."""
     monkeypatch.setenv("CG_SUPERVISOR__STOP_TIMEOUT_S", "8")
+    monkeypatch.setenv("CG_ALERTS__STOP_WAIT_S", "7.9")
     with pytest.raises(ValidationError) as refused:
         Settings()
     bridge, flush = setting_errors(refused.value).split("; lower it or raise CG_SUPERVISOR__STOP_TIMEOUT_S; ")
@@ -151,3 +152,22 @@ def test_a_stop_grace_not_below_the_supervisor_stop_timeout_is_a_settings_error_
     monkeypatch.setenv("CG_KAFKA__STOP_FLUSH_S", "7.9")
     settings = Settings()
     assert (settings.cameras.bridge_stop_grace_s, settings.kafka.stop_flush_s) == (7.9, 7.9)
+
+
+def test_an_alert_sender_stop_wait_not_below_the_supervisor_stop_timeout_is_a_settings_error_naming_both(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sender waited a fixed 15 s for its sends under way, whatever the stop timeout: with 12 s the supervisor's
+    SIGKILL came first, and the sends that went through were not in the ledger and were sent again on restart."""
+    monkeypatch.setenv("CG_SUPERVISOR__STOP_TIMEOUT_S", "12")
+    monkeypatch.setenv("CG_CAMERAS__BRIDGE_STOP_GRACE_S", "6")
+    monkeypatch.setenv("CG_KAFKA__STOP_FLUSH_S", "6")
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    assert setting_errors(refused.value).startswith(
+        "CG_ALERTS__STOP_WAIT_S: 15 is not below CG_SUPERVISOR__STOP_TIMEOUT_S (12): the supervisor's SIGKILL would "
+        "come before the alert sender records the sends under way (sent again on restart); lower it or raise "
+        "CG_SUPERVISOR__STOP_TIMEOUT_S"
+    )
+    monkeypatch.setenv("CG_ALERTS__STOP_WAIT_S", "11.5")
+    assert Settings().alerts.stop_wait_s == 11.5
