@@ -701,6 +701,61 @@ def second_job_problem(listed: list[dict[str, Any]]) -> str | None:
     )
 
 
+DEFAULT_MAX_PARALLELISM_RULE = (
+    "pipeline.max-parallelism is not set, so Flink chose it at the job's first start from its parallelism then "
+    "(1.5 times it rounded up to a power of two, at least 128)"
+)
+"""Flink's rule (``KeyGroupRangeAssignment.computeDefaultMaxParallelism`` of the pinned Flink 2.2:
+``min(max(roundUpToPowerOfTwo(p + p / 2), 128), 32768)``); a restore keeps the state's maximum parallelism."""
+
+
+def state_max_parallelism(vertices: list[dict[str, Any]]) -> int | None:
+    """The maximum parallelism a job's state allows a rescale, from its REST ``/jobs/<id>`` ``vertices``: the
+    smallest ``maxParallelism`` of the vertices at the job's parallelism (those ``-p`` sets; one fixed at 1, the
+    drift merge, is not rescaled), or None when they do not say."""
+    sizes = [(v.get("parallelism"), v.get("maxParallelism")) for v in vertices if isinstance(v, dict)]
+    known = [(p, m) for p, m in sizes if isinstance(p, int) and isinstance(m, int) and m > 0]
+    if not known:
+        return None
+    job_parallelism = max(p for p, _ in known)
+    return min(m for p, m in known if p == job_parallelism)
+
+
+def max_parallelism_problem(parallelism: int, jid: str, maximum: int | None) -> str | None:
+    """Why a job of ``parallelism`` cannot resume from the state of the scoring job ``jid`` whose maximum
+    parallelism is ``maximum`` (:func:`state_max_parallelism`), or None. Flink keeps the keyed state in that many
+    key groups and restores no more subtasks than that: ``flink run -d`` still reported the job submitted, and it
+    failed to restore."""
+    if maximum is None or parallelism <= maximum:
+        return None
+    return (
+        f"--parallelism {parallelism} is above the maximum parallelism {maximum} of the scoring job's state (job "
+        f"{jid}, the last on the cluster, whose savepoint the job resumes from): Flink cannot restore it at "
+        f"{parallelism}. {DEFAULT_MAX_PARALLELISM_RULE} and keeps it in the state; submit with --parallelism "
+        f"{maximum} or less"
+    )
+
+
+def last_job_max_parallelism(settings: Settings, listed: list[dict[str, Any]]) -> tuple[str, int | None] | None:
+    """The newest scoring job of this deployment among ``listed`` (REST ``/jobs/overview``; a rescale's job stopped
+    with a savepoint) and its state's maximum parallelism (:func:`state_max_parallelism`), or None when there is
+    none. A job whose details do not come within :data:`REST_TIMEOUT_S` has None: not checked."""
+    url = rest_url(settings)
+    ours = [job for job in listed if job.get("name") == JOB_NAME]
+    ours.sort(key=lambda job: job.get("start-time") or 0, reverse=True)
+    for job in ours:
+        if not _this_deployments(url, job, settings, REST_TIMEOUT_S):
+            continue
+        jid = str(job.get("jid"))
+        try:
+            vertices = _get_json(f"{url}/jobs/{jid}", REST_TIMEOUT_S).get("vertices", [])
+        except (httpx.HTTPError, ValueError, TypeError, AttributeError) as exc:
+            log.debug("the maximum parallelism of the cluster's job %s was not read: %s", jid, exc)
+            return jid, None
+        return jid, state_max_parallelism(list(vertices))
+    return None
+
+
 SLOT_WAIT_S = 15.0
 """How long ``submit`` waits for enough free slots: a job just stopped hands its slots back within seconds."""
 
@@ -795,12 +850,17 @@ def submit(
     """Run ``flink run -d -p N -pym jobs.flink.job`` against this cluster from the repo root (the client
     imports the job from there); returns once the job is submitted. Raises with the CLI's output on failure, and
     before it when the cluster does not answer, already runs the scoring job (:func:`second_job_problem`: with
-    free slots a second submit, a rescale without its stop, started a second job beside the first) or has not
-    ``parallelism`` free slots (:func:`wait_for_slots`)."""
+    free slots a second submit, a rescale without its stop, started a second job beside the first), when
+    ``parallelism`` is above the maximum parallelism of its last scoring job's state (:func:`max_parallelism_problem`)
+    or has not ``parallelism`` free slots (:func:`wait_for_slots`)."""
     paths, flink = ClusterPaths.of(settings), flink_home()
     if not paths.config_yaml.exists():
         raise FlinkClusterError("no cluster config: `python -m infra.stack flink up` first")
-    if (problem := second_job_problem(jobs(settings, must_answer=True))) is not None:
+    listed = jobs(settings, must_answer=True)
+    if (problem := second_job_problem(listed)) is not None:
+        raise FlinkClusterError(problem)
+    last = last_job_max_parallelism(settings, listed)
+    if last is not None and (problem := max_parallelism_problem(parallelism, *last)) is not None:
         raise FlinkClusterError(problem)
     wait_for_slots(settings, parallelism)
     done = run_cli(

@@ -171,14 +171,24 @@ def test_submit_refuses_a_parallelism_the_cluster_cannot_run_before_flink_run(tm
 
 
 def _cluster_answers(
-    monkeypatch: pytest.MonkeyPatch, listed: list[dict[str, object]], fake_cli: bool = True
+    monkeypatch: pytest.MonkeyPatch,
+    listed: list[dict[str, object]],
+    fake_cli: bool = True,
+    vertices: dict[str, list[dict[str, object]]] | None = None,
 ) -> list[list[str]]:
-    """A cluster with 4 free slots whose REST ``/jobs/overview`` lists ``listed``; the ``flink`` CLI calls made
+    """A cluster with 4 free slots whose REST ``/jobs/overview`` lists ``listed`` and ``/jobs/<id>`` has the
+    ``vertices`` of a job (404 for the others, and for each job's ``/config``); the ``flink`` CLI calls made
     (``fake_cli``: answered here, each a success)."""
+    import httpx
 
     def get(url: str, timeout_s: float) -> dict[str, object]:
-        assert url.endswith("/jobs/overview"), url
-        return {"jobs": listed}
+        if url.endswith("/jobs/overview"):
+            return {"jobs": listed}
+        jid = url.rpartition("/jobs/")[2]
+        if jid in (vertices or {}):
+            return {"jid": jid, "vertices": (vertices or {})[jid]}
+        request = httpx.Request("GET", url)
+        raise httpx.HTTPStatusError("404", request=request, response=httpx.Response(404, request=request))
 
     monkeypatch.setattr(fc, "flink_home", lambda: Path("/wheel/pyflink"))
     monkeypatch.setattr(fc, "_get_json", get)
@@ -226,6 +236,42 @@ def test_submit_goes_on_beside_ended_scoring_jobs_and_other_jobs(
     calls = _cluster_answers(monkeypatch, listed)
     fc.submit(_configured(tmp_path), JAVA, parallelism=1)
     assert len(calls) == 1 and calls[0][1:2] == ["run"]
+
+
+def _vertices(parallelism: int, maximum: int) -> list[dict[str, object]]:
+    """A scoring job's vertices in REST ``/jobs/<id>``: its steps at ``parallelism``, the drift merge at 1."""
+    steps = [{"name": name, "parallelism": parallelism, "maxParallelism": maximum} for name in ("source", "score")]
+    return [*steps, {"name": "drift", "parallelism": 1, "maxParallelism": 128}]
+
+
+def test_a_rescale_above_the_states_maximum_parallelism_is_refused_before_flink_run_naming_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job stopped for the rescale keeps 128 key groups (Flink's default for a first parallelism up to 85):
+    `flink run -d -p 200` reported the job submitted, and it failed to restore its savepoint."""
+    listed = [
+        {"jid": "older", "name": fc.JOB_NAME, "state": "FINISHED", "start-time": 1},
+        {"jid": "stopped", "name": fc.JOB_NAME, "state": "FINISHED", "start-time": 2},
+    ]
+    calls = _cluster_answers(monkeypatch, listed, vertices={"stopped": _vertices(2, 128), "older": _vertices(1, 512)})
+    monkeypatch.setattr(fc, "overview", lambda _settings, timeout=2.0: _overview(total=256, free=256))
+    settings = _configured(tmp_path)
+    with pytest.raises(fc.FlinkClusterError) as refused:
+        fc.submit(settings, JAVA, parallelism=200)
+    said = str(refused.value)
+    assert said.startswith("--parallelism 200 is above the maximum parallelism 128 of the scoring job's state")
+    assert "(job stopped, the last on the cluster" in said and "pipeline.max-parallelism is not set" in said
+    assert said.endswith("submit with --parallelism 128 or less")
+    assert calls == [], "flink run must not be called"
+    fc.submit(settings, JAVA, parallelism=128)
+    assert len(calls) == 1 and calls[0][1:2] == ["run"]
+
+
+def test_the_states_maximum_parallelism_is_that_of_the_rescaled_steps_not_of_one_fixed_at_1() -> None:
+    assert fc.state_max_parallelism(_vertices(100, 256)) == 256
+    assert fc.state_max_parallelism(_vertices(1, 128)) == 128
+    assert fc.state_max_parallelism([{"name": "source"}]) is None
+    assert fc.max_parallelism_problem(300, "j", None) is None, "not known: flink run is left to say"
 
 
 def test_submit_to_a_cluster_that_does_not_answer_is_an_error_before_flink_run(
