@@ -33,10 +33,8 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -47,7 +45,7 @@ import typer
 import yaml
 
 from infra.addresses import client_host, host_port, reporter_host, url_host
-from infra.processes import log_tail, port_open
+from infra.processes import log_tail, port_open, within
 from infra.settings import REPO_ROOT, Settings
 from schemas.errors import CheckoutGuardError
 
@@ -438,21 +436,16 @@ def overview(settings: Settings, timeout: float = 2.0) -> dict[str, Any] | None:
 def _get_json(url: str, timeout_s: float) -> Any:
     """GET ``url``'s JSON within about ``timeout_s`` in all, the host name's lookup included. httpx bounds the
     connection and each read alone, not the lookup (a resolver that does not answer held every mini-cluster start
-    as long as it took) nor an answer that comes a few bytes at a time: the request runs in a daemon thread, and
-    past ``timeout_s`` it is left to end on its own (its reads time out) while the caller goes on."""
-    done: Future[Any] = Future()
+    as long as it took) nor an answer that comes a few bytes at a time: the request runs in a thread of its own
+    (:func:`infra.processes.within`), left to end on its own (its reads time out) while the caller goes on."""
 
-    def ask() -> None:
-        try:
-            with httpx.stream("GET", url, timeout=timeout_s) as answer:
-                answer.raise_for_status()
-                done.set_result(json.loads(answer.read()))
-        except BaseException as exc:  # handed to the caller, as its own call would raise it
-            done.set_exception(exc)
+    def ask() -> Any:
+        with httpx.stream("GET", url, timeout=timeout_s) as answer:
+            answer.raise_for_status()
+            return json.loads(answer.read())
 
-    threading.Thread(target=ask, name="flink-cluster-check", daemon=True).start()
     try:
-        return done.result(timeout=timeout_s)
+        return within(ask, timeout_s, "flink-cluster-check")
     except TimeoutError:
         raise httpx.TimeoutException(f"no whole answer within {timeout_s:.0f} s") from None
 

@@ -17,9 +17,10 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -245,12 +246,38 @@ def reaping(report: Callable[[list[str]], None], keep: Callable[[], Collection[i
             report(left)
 
 
+def within(call: Callable[[], T], timeout_s: float, name: str) -> T:
+    """``call()``'s result (or its exception) within ``timeout_s``, else :class:`TimeoutError`. For a call whose own
+    time-outs leave the host name's lookup out (a socket's, httpx's: ``getaddrinfo`` takes none, and a resolver that
+    does not answer held the call as long as it took): it runs in a daemon thread ``name``, left to end on its own
+    past ``timeout_s`` while the caller goes on."""
+    done: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            done.set_result(call())
+        except BaseException as exc:  # handed to the caller, as its own call would raise it
+            done.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return done.result(timeout=timeout_s)
+
+
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
-    """Something accepts TCP connections on ``host:port`` (a server is up, or a port is taken)."""
+    """Something accepts TCP connections on ``host:port`` (a server is up, or a port is taken), answered within
+    ``timeout``, a host name's lookup included (:func:`within`); no answer in that time is False, as a refused
+    connection or a name that does not resolve."""
+
+    def connect() -> bool:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                return True
+        except OSError:
+            return False
+
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
+        return within(connect, timeout, "port-check")
+    except TimeoutError:
         return False
 
 
