@@ -8,7 +8,9 @@ log line, not the command's own)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import socket
+import threading
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -20,3 +22,23 @@ def _root_logger_restored() -> Iterator[None]:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture
+def hanging_resolver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], None]]:
+    """A resolver that does not answer for the host names given (each lookup waits up to 8 s, then fails as
+    ``EAI_AGAIN``); every other name resolves as usual. Its waits end when the test does."""
+    real, answer = socket.getaddrinfo, threading.Event()
+    hanging: set[str] = set()
+
+    def getaddrinfo(host: object, *args: object, **kwargs: object) -> object:
+        if host in hanging:
+            answer.wait(8)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    try:
+        yield hanging.add
+    finally:
+        answer.set()

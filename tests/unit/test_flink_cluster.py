@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -291,22 +292,11 @@ def test_submit_to_a_cluster_that_does_not_answer_is_an_error_before_flink_run(
 
 @pytest.mark.parametrize("command", ["submit", "stop"])
 def test_submit_and_stop_with_a_host_name_whose_lookup_hangs_fail_within_their_time_out(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str, hanging_resolver: Callable[[str], None]
 ) -> None:
     """httpx bounds the connection and each read, not the host name's lookup: a resolver that did not answer held
     `flink submit` and `flink stop` for as long as the lookup took, not the 5 s of their job list question."""
-    import socket
-    import threading
-
-    real, answer = socket.getaddrinfo, threading.Event()
-
-    def getaddrinfo(host: object, *args: object, **kwargs: object) -> object:
-        if host == "flink-jm.example.internal":
-            answer.wait(8)  # a resolver that does not answer
-            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-        return real(host, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    hanging_resolver("flink-jm.example.internal")
     monkeypatch.setattr(fc, "REST_TIMEOUT_S", 0.5)
     monkeypatch.setattr(fc, "flink_home", lambda: Path("/wheel/pyflink"))
 
@@ -316,15 +306,12 @@ def test_submit_and_stop_with_a_host_name_whose_lookup_hangs_fail_within_their_t
     monkeypatch.setattr(fc, "run_cli", not_run)
     settings = _configured(tmp_path).model_copy(update={"bind_host": "flink-jm.example.internal"})
     started = time.monotonic()
-    try:
-        with pytest.raises(fc.FlinkClusterError, match="the Flink cluster did not answer at http://flink-jm"):
-            if command == "submit":
-                fc.submit(settings, JAVA, parallelism=1)
-            else:
-                fc.stop_with_savepoint(settings, JAVA)
-        assert time.monotonic() - started < 3.0
-    finally:
-        answer.set()
+    with pytest.raises(fc.FlinkClusterError, match="the Flink cluster did not answer at http://flink-jm"):
+        if command == "submit":
+            fc.submit(settings, JAVA, parallelism=1)
+        else:
+            fc.stop_with_savepoint(settings, JAVA)
+    assert time.monotonic() - started < 3.0
 
 
 def test_submit_waits_a_little_for_the_slots_of_a_job_that_just_stopped(tmp_path: Path, monkeypatch) -> None:

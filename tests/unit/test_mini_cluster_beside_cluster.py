@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -234,21 +234,11 @@ def test_a_bind_host_name_that_does_not_resolve_is_warned_about_as_not_checked(
 
 
 def test_a_bind_host_name_whose_lookup_hangs_does_not_hold_up_the_start(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, hanging_resolver: Callable[[str], None]
 ) -> None:
     """httpx bounds the connection and each read, not the host name's lookup: a resolver that does not answer held
     every mini-cluster start (and supervise, upgrade status) as long as the lookup took, not about 2 s."""
-    import socket
-
-    real = socket.getaddrinfo
-
-    def getaddrinfo(host: object, *args: object, **kwargs: object) -> object:
-        if host == "flink-jm.example.internal":
-            time.sleep(8 * fc.CLUSTER_CHECK_S)  # a resolver that does not answer
-            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-        return real(host, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    hanging_resolver("flink-jm.example.internal")
     settings = _settings(tmp_path, _free_port()).model_copy(update={"bind_host": "flink-jm.example.internal"})
     started = time.monotonic()
     with caplog.at_level("WARNING"):

@@ -7,6 +7,7 @@ import os
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -140,28 +141,16 @@ def test_what_an_exited_child_left_in_its_group_gets_one_sigterm(tmp_path: Path)
 
 
 def test_a_port_check_on_a_host_name_whose_lookup_hangs_answers_within_its_time_out(
-    monkeypatch: pytest.MonkeyPatch,
+    hanging_resolver: Callable[[str], None],
 ) -> None:
     """The socket's time-out leaves the host name's lookup out: with a resolver that did not answer, each port check
     of `flink up` and `make up` on a host-name CG_BIND_HOST took as long as the lookup, not 0.5 s."""
     import socket
-    import threading
 
-    real, answer = socket.getaddrinfo, threading.Event()
-
-    def getaddrinfo(host: object, *args: object, **kwargs: object) -> object:
-        if host == "stack.example.internal":
-            answer.wait(8)  # a resolver that does not answer
-            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-        return real(host, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    hanging_resolver("stack.example.internal")
     started = time.monotonic()
-    try:
-        assert port_open("stack.example.internal", 9092, timeout=0.3) is False
-        assert time.monotonic() - started < 2.0
-    finally:
-        answer.set()
+    assert port_open("stack.example.internal", 9092, timeout=0.3) is False
+    assert time.monotonic() - started < 2.0
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))
         listening.listen()
