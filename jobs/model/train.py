@@ -91,6 +91,8 @@ class History:
     rejected: list[tuple[str, str]] = field(default_factory=list)
     """(event id or line, reason) of input that could not be used."""
     duplicates: int = 0
+    relabelled: list[str] = field(default_factory=list)
+    """Ids whose label a later copy changed (a corrected label appended, as a chargeback corrects a verdict)."""
 
 
 def observe_all(
@@ -101,12 +103,17 @@ def observe_all(
 ) -> History:
     """Run records (event-time order) through the job's parse + observe; rejects are kept with reasons.
 
-    A ``(id, reason)`` tuple in ``records`` is input that failed before it became a transaction."""
+    A ``(id, reason)`` tuple in ``records`` is input that failed before it became a transaction. A copy of a
+    transaction (same id and content) is counted once, as the job counts it, but its label is not part of that
+    content: the last labelled copy gives the transaction its label (a corrected label appended to a file), and
+    an unlabelled copy leaves it as it was. Copies share their event time, so their order here is the input's."""
     scorer = scorer or Scorer(settings)
     state = state if state is not None else ScoringState()
     claims = IdClaims(settings.rules.receipt_retention_days * 86_400_000)  # as the job: an id names one transaction
     dead_letter = codec("DeadLetter")
     out = History()
+    kept: dict[str, int] = {}  # transaction id -> its index in out.items
+    first_label: dict[str, int | None] = {}  # of each id a copy relabelled: the label its first row gave
     for n, rec in enumerate(records):
         if isinstance(rec, tuple):
             out.rejected.append(rec)
@@ -124,10 +131,29 @@ def observe_all(
             continue
         if observed is None:
             out.duplicates += 1
+            k = kept.get(rec.transaction_id)
+            if k is not None and rec.label is not None:
+                tx, ind = out.items[k]
+                first_label.setdefault(rec.transaction_id, tx.get("label"))
+                out.items[k] = ({**tx, "label": rec.label}, ind)
             continue
+        kept[rec.transaction_id] = len(out.items)
         out.items.append((observed[0], dict(observed[1])))
         out.source_ids.append(rec.transaction_id)
+    out.relabelled = [i for i, label in first_label.items() if out.items[kept[i]][0].get("label") != label]
     return out
+
+
+def relabelled_line(history: History) -> str | None:
+    """One line for the transactions whose label came from a later copy of them, or None when none did."""
+    if not history.relabelled:
+        return None
+    ids = history.relabelled
+    more = f" and {len(ids) - 3:,} more" if len(ids) > 3 else ""
+    return (
+        f"{len(ids):,} transaction id(s) take their label from a later row with the same id and content (a corrected "
+        f"label: the last one given counts): {', '.join(ids[:3])}{more}"
+    )
 
 
 def csv_transactions(path: Path) -> list[PosTransaction | tuple[str, str]]:
@@ -631,10 +657,17 @@ def _source(csv_path: Path | None, settings: Settings, from_topic: bool = False,
         records = [*stream.rejected, *stream.transactions]
         name = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
         sha = stream.digest  # the records read: the end offsets alone named other data alike after retention
+    history = observe_all(records, settings)
+    if history.rejected:  # said before any figure: evaluate and train leave these rows out
+        ident, reason = history.rejected[0]
+        typer.echo(f"{len(history.rejected)} row(s) rejected and left out (first: {ident}: {reason})")
+    if line := relabelled_line(history):
+        typer.echo(line)
     joined = None
-    if field_labels:
+    if field_labels:  # after the copies' labels are settled: a field verdict overrides the data's final label
         verdicts = read_labels(settings)
-        records, stats = apply_labels(records, verdicts)
+        txs, stats = apply_labels([tx for tx, _ in history.items], verdicts)
+        history.items = [(tx, ind) for tx, (_, ind) in zip(txs, history.items, strict=True)]
         typer.echo(verdicts.summary())
         if gone := verdicts.warning():
             typer.echo(f"Warning: {gone}", err=True)
@@ -651,10 +684,6 @@ def _source(csv_path: Path | None, settings: Settings, from_topic: bool = False,
             "changed": stats.changed,
             "unmatched": len(stats.unmatched),
         }
-    history = observe_all(records, settings)
-    if history.rejected:  # said before any figure: evaluate and train leave these rows out
-        ident, reason = history.rejected[0]
-        typer.echo(f"{len(history.rejected)} row(s) rejected and left out (first: {ident}: {reason})")
     return Source(history, name, sha, joined)
 
 
@@ -899,6 +928,8 @@ def backtest(
     local = LocalModel.load(model) if model else LocalModel.from_settings(settings)
     scorer = Scorer(settings, predictor=LocalPredictor(local))
     history = observe_all(csv_transactions(csv_path), settings, scorer=scorer)
+    if line := relabelled_line(history):
+        typer.echo(line)
     decisions = backtest_rows(history, scorer)
     if not decisions:
         raise CheckoutGuardError(_no_decisions(csv_path, history, scorer.stats.observed_only["warm_up"]))

@@ -28,11 +28,13 @@ from jobs.model.fraud_model import (
     roc_auc,
     train_booster,
 )
+from jobs.model.labels import FieldLabels
 from jobs.model.predictors import LocalPredictor
 from jobs.model.train import (
     app,
     backtest_metrics,
     calibration_check,
+    csv_transactions,
     format_calibration,
     labelled,
     main,
@@ -47,6 +49,7 @@ from jobs.scoring.scorer import Predictor, Scorer, ScoringState
 from schemas.codec import codec, json_safe
 from schemas.errors import CheckoutGuardError
 from schemas.model_artifact import TRAINED_IDS_FILE, id_digest, read_trained_ids
+from schemas.records import make_label
 from tests.builders import return_of, sale
 from tests.fraud_model import clean_settings, small_model
 
@@ -683,3 +686,73 @@ def test_backtest_decides_by_the_rule_set_file_given_and_not_the_jobs_threshold_
     res = CliRunner().invoke(app, [*args[:4], "--output", str(other), "--rules", str(bad)])
     assert res.exit_code == 1 and isinstance(res.exception, RuleSetError) and "bad.yaml" in str(res.exception)
     assert not other.exists()  # refused before anything was scored
+
+
+def _corrected_labels_csv(path: Path) -> Path:
+    """60 rows over three days (every fourth one fraud, e2 unlabelled), then rows appended later with the id and
+    content of earlier ones: e1's label corrected to fraud (a chargeback), e2 labelled legit, e5 repeated without a
+    label, e4 flipped to legit and back, and e6 with another price (another transaction under its id, refused)."""
+    header = "EVENT_LABEL,EVENT_TIMESTAMP,EVENT_ID,ENTITY_TYPE,ENTITY_ID,order_price,payment_currency,merchant\n"
+
+    def row(n: int, label: str, price: float | None = None) -> str:
+        at = f"2023-01-{1 + n // 24:02d}T{n % 24:02d}:00:00Z"
+        return f"{label},{at},e{n},customer,c{n % 5},{10 + n if price is None else price},USD,fraud_A\n"
+
+    body = "".join(row(n, "" if n == 2 else str(int(n % 4 == 0))) for n in range(60))
+    later = row(1, "1") + row(2, "0") + row(5, "") + row(4, "0") + row(4, "1") + row(6, "1", price=999)
+    path.write_text(header + body + later)
+    return path
+
+
+def test_a_label_corrected_by_a_later_row_of_the_same_transaction_is_the_one_trained_on(tmp_path):
+    data = _corrected_labels_csv(tmp_path / "corrected.csv")
+    history = observe_all(csv_transactions(data), clean_settings())
+    labels = {tx["transaction_id"]: tx["label"] for tx, _ in history.items}
+    assert len(history.items) == 60 and history.duplicates == 5, "each transaction is counted once"
+    assert (labels["e1"], labels["e2"], labels["e4"], labels["e5"], labels["e6"]) == (1, 0, 1, 0, 0)
+    assert history.relabelled == ["e1", "e2"], "e4 ends as its first row began; e5's empty label erases nothing"
+    assert [ident for ident, _ in history.rejected] == ["e6"]  # other content: not a copy, its label is not taken
+
+
+def test_train_evaluate_and_backtest_take_the_last_label_given_for_a_transaction_and_say_how_many(tmp_path):
+    data = _corrected_labels_csv(tmp_path / "corrected.csv")
+    says = "2 transaction id(s) take their label from a later row with the same id and content"
+    runner = CliRunner()
+    res = runner.invoke(app, ["evaluate", str(data), "--folds", "2"])
+    assert res.exit_code == 0, res.output
+    assert f"{says} (a corrected label: the last one given counts): e1, e2\n" in res.output
+    assert "60 transactions, 60 labelled (16 fraud)" in res.output
+    res = runner.invoke(app, ["train", str(data), "--folds", "2", "--out", str(tmp_path / "models")])
+    assert res.exit_code == 0, res.output
+    assert res.output.count(says) == 1 and "trained on all 60 labelled rows (16 fraud)" in res.output
+    model = LocalModel.load(tmp_path / "models")
+    assert id_digest("e2") in (model.trained_ids() or ())  # labelled by its later row only
+
+    out = tmp_path / "decisions.csv"
+    res = runner.invoke(app, ["backtest", str(data), "--model", str(tmp_path / "models"), "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    assert res.output.count(says) == 1 and "60 decisions, 1 rejected, 5 duplicates" in res.output
+    with out.open() as f:
+        rows = {r["EVENT_ID"]: r for r in csv.DictReader(f)}
+    assert (rows["e1"]["EVENT_LABEL"], rows["e2"]["EVENT_LABEL"], rows["e5"]["EVENT_LABEL"]) == ("1", "0", "0")
+    assert rows["e2"]["in_training"] == "1" and rows["e6"]["outcome"] == "REJECTED"
+    metrics = json.loads(res.output[res.output.index("{") : res.output.rindex("}") + 1])
+    assert metrics["all_labelled"]["fraud"] == 16 and metrics["in_training"]["rows"] == 60
+    assert metrics["unseen"]["rows"] == 0
+
+
+def test_a_field_verdict_overrides_the_label_a_later_row_corrected_and_is_counted_against_it(tmp_path, monkeypatch):
+    data = _corrected_labels_csv(tmp_path / "corrected.csv")
+    verdicts = FieldLabels(
+        by_transaction={t: make_label(transaction_id=t, label=0, source="cli", decided_at=1) for t in ("e1", "e2")}
+    )
+    monkeypatch.setattr("jobs.model.labels.read_labels", lambda settings: verdicts)
+    res = CliRunner().invoke(
+        app, ["train", str(data), "--folds", "2", "--labels-from-topic", "--out", str(tmp_path / "m")]
+    )
+    assert res.exit_code == 0, res.output
+    model = LocalModel.load(tmp_path / "m")
+    joined = model.meta["data"]["field_labels"]
+    # against the data's final labels (e1 fraud, e2 legit), not its first rows' (e1 legit, e2 unlabelled)
+    assert (joined["joined"], joined["newly_labelled"], joined["changed"]) == (2, 0, 1)
+    assert model.meta["trained_on"]["fraud"] == 15, "e1 is legit again: the field verdict wins"
