@@ -59,6 +59,7 @@ from schemas.model_artifact import (
     LOCAL_PREFIX,
     TRAINED_IDS_FILE,
     TRAINED_IDS_SHA256,
+    artifact_folders,
     id_digest,
     read_trained_ids,
     trained_ids_sha256,
@@ -997,7 +998,7 @@ class LocalModel:
             path = path / named
         meta_file = path / "model.json"
         if not meta_file.exists():
-            raise ModelArtifactError(f"no model artifact at {path} (train one: make train / make train-default)")
+            raise ModelArtifactError(_no_artifact(path))
         try:
             meta = json.loads(meta_file.read_text())
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError both
@@ -1020,6 +1021,32 @@ class LocalModel:
     def from_settings(cls, settings: Settings) -> LocalModel:
         root = settings.models_root
         return cls.load(root / settings.model.artifact if settings.model.artifact else root)
+
+
+SHOWN_VERSIONS = 5
+"""Version folders a models root without ``CURRENT`` names in the error, so the one meant can be picked."""
+
+
+def _no_artifact(path: Path) -> str:
+    """Why ``path`` holds no model, by what is there: a file, a models root with versions but no ``CURRENT``
+    pointer (which one to load would be a guess), or nothing at all. "No model artifact, train one" for the
+    first two sent people to train a model they had."""
+    if path.is_file():
+        return (
+            f"{path} is a file, not a model folder: give a model version folder (holding model.json) or a models "
+            "root with a CURRENT pointer"
+        )
+    versions = sorted(artifact_folders(path), reverse=True)
+    if versions:
+        shown = ", ".join(versions[:SHOWN_VERSIONS])
+        more = f" and {len(versions) - SHOWN_VERSIONS} more" if len(versions) > SHOWN_VERSIONS else ""
+        return (
+            f"{path} is a models root without a CURRENT pointer, holding {len(versions)} version(s): {shown}{more}; "
+            f"give one's folder ({path / versions[0]}), or make one the champion (python -m jobs.model.registry "
+            f"challenger <version> --models {path}, then promote --models {path})"
+        )
+    missing = "" if path.is_dir() else ": no such folder"
+    return f"no model artifact at {path}{missing} (train one: make train / make train-default)"
 
 
 def _iso_minute(ms: int) -> str:

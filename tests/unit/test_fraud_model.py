@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -756,3 +757,36 @@ def test_a_field_verdict_overrides_the_label_a_later_row_corrected_and_is_counte
     # against the data's final labels (e1 fraud, e2 legit), not its first rows' (e1 legit, e2 unlabelled)
     assert (joined["joined"], joined["newly_labelled"], joined["changed"]) == (2, 0, 1)
     assert model.meta["trained_on"]["fraud"] == 15, "e1 is legit again: the field verdict wins"
+
+
+@pytest.mark.parametrize("given", ["a file", "a models root without CURRENT", "an empty folder"])
+def test_backtest_given_no_model_folder_says_what_is_there_and_exits_1(tmp_path, monkeypatch, capsys, given):
+    """ "No model artifact (train one)" sent people with models on disk to train another."""
+    data = _eight_labelled_rows(tmp_path / "data.csv")
+    root = tmp_path / "models"
+    version = small_model().save(root)
+    for n in range(6):  # seven versions in all, none of them CURRENT
+        shutil.copytree(version, root / f"gbm-20230101-0000000{n}")
+    (root / "CURRENT").unlink()
+    (tmp_path / "empty").mkdir()
+    model = {
+        "a file": version / "model.json",
+        "a models root without CURRENT": root,
+        "an empty folder": tmp_path / "empty",
+    }
+    argv = ["backtest", str(data), "--model", str(model[given]), "--output", str(tmp_path / "out.csv")]
+    monkeypatch.setattr("sys.argv", ["train", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.startswith("Error: ") and err.count("\n") == 1, err
+    if given == "a file":
+        assert f"{version / 'model.json'} is a file, not a model folder" in err
+    elif given == "an empty folder":
+        assert f"no model artifact at {tmp_path / 'empty'} (train one" in err
+    else:
+        newest = sorted([version.name, *(f"gbm-20230101-0000000{n}" for n in range(6))], reverse=True)
+        assert f"{root} is a models root without a CURRENT pointer, holding 7 version(s): " in err
+        assert f"{', '.join(newest[:5])} and 2 more; give one's folder ({root / newest[0]})" in err
+        assert f"challenger <version> --models {root}, then promote --models {root}" in err
+    assert not (tmp_path / "out.csv").exists()
