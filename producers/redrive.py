@@ -47,7 +47,7 @@ from rich.table import Table
 
 from infra.clients import kafka as kafka_clients
 from infra.clients import topic_replay
-from infra.clients.topic_replay import Bound, RangeError, parse_time_ms, read_range_records
+from infra.clients.topic_replay import Bound, RangeError, option_time_ms, read_range_records
 from infra.clients.topic_replay import plan as plan_ranges
 from infra.settings import Settings, get_settings
 from producers.pos import message_key
@@ -288,8 +288,8 @@ def selection_from_options(
     :class:`RangeError` for a bad time or a ``since`` later than ``until``: it would match no letter, and "0 to
     re-drive" reads as nothing left to re-drive."""
     logical = {spec.name for spec in ALL_TOPICS}
-    since_ms = parse_time_ms(since) if since else None
-    until_ms = parse_time_ms(until) if until else None
+    since_ms = option_time_ms("--since", since) if since else None
+    until_ms = option_time_ms("--until", until) if until else None
     if since_ms is not None and until_ms is not None and since_ms > until_ms:
         raise RangeError(f"--since {since} is later than --until {until}: no letter could match (swapped?)")
     return Selection(
@@ -442,9 +442,12 @@ def main(
         letters = read_dead_letters(settings, dead_topic, deleted=deleted, headers=kept)
         transactions = TRANSACTIONS.full_name(prefix)
         plan = plan_redrive(letters, selection, topics, limit, watchlist, kept, transactions, prefix)
-    except (RangeError, TimeoutError, RuntimeError) as exc:
+    except RangeError as exc:  # a bad option
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except (TimeoutError, RuntimeError) as exc:
         errors.print(str(exc), style="red", markup=False, highlight=False)
-        raise typer.Exit(2 if isinstance(exc, RangeError) else 1) from None
+        raise typer.Exit(1) from None
     console.print(counts_table(plan, dry_run))
     console.print(
         f"{plan.read:,} dead letter(s) read from {dead_topic}"

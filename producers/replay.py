@@ -196,7 +196,7 @@ def run_command(
         only = _partitions(partitions) if partitions is not None else None
         ranges = plan(settings.kafka, source_name, start, end, only)
     except (RangeError, ValueError) as exc:
-        console.print(str(exc), style="red", markup=False, highlight=False)
+        typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(2) from None
     console.print(ranges_table(f"{source_name} -> {target_name}", ranges))
     warnings = range_warnings(ranges)
@@ -248,7 +248,7 @@ def epoch_ms_command(when: Annotated[str, typer.Argument(help="ISO-8601 time, ep
     try:
         typer.echo(parse_time_ms(when))
     except RangeError as exc:
-        console.print(str(exc), style="red", markup=False, highlight=False)
+        typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(2) from None
 
 

@@ -47,6 +47,9 @@ console = Console(stderr=True)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
 
+LATEST_MS = (datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC) - _EPOCH) // _MS
+"""The last millisecond a time can name (9999-12-31T23:59:59.999Z): one later cannot be written as a date."""
+
 OFFSET_END = -1
 """What ``offsets_for_times`` answers for a partition with no record at or after the time."""
 
@@ -59,7 +62,10 @@ class RangeError(CheckoutGuardError, ValueError):
 
 
 def parse_time_ms(text: str, now_ms: int | None = None) -> int:
-    """``now``, epoch milliseconds (all digits) or ISO-8601 (``2026-11-22T06:00:00Z``; no zone = UTC)."""
+    """``now``, epoch milliseconds (all digits) or ISO-8601 (``2026-11-22T06:00:00Z``; no zone = UTC). A time
+    before 1970 is refused: Kafka takes negative milliseconds as positions (-1 latest, -2 earliest), so a start a
+    millisecond before 1970 read nothing; so is one past 9999 in UTC (a zone can push it there), which no date
+    names."""
     text = text.strip()
     if text == "now":
         return now_ms if now_ms is not None else clock.now_ms()
@@ -75,7 +81,15 @@ def parse_time_ms(text: str, now_ms: int | None = None) -> int:
         moment = moment.replace(tzinfo=UTC)
     # whole milliseconds by integer arithmetic: timestamp() * 1000 is a float and came out one short for some times
     # (2004-01-26T23:51:08.353Z -> ...352), moving a range's bound onto the millisecond before
-    return (moment - _EPOCH) // _MS
+    ms = (moment - _EPOCH) // _MS
+    if ms < 0:
+        raise RangeError(
+            f"{text!r} is before 1970-01-01T00:00:00Z: Kafka takes times as milliseconds since then (and -1, -2 as"
+            " latest, earliest)"
+        )
+    if ms > LATEST_MS:
+        raise RangeError(f"{text!r} is after 9999-12-31T23:59:59.999Z in UTC: no date names it")
+    return ms
 
 
 def parse_offsets(text: str) -> dict[int, int] | int:
@@ -853,15 +867,23 @@ def bounds(
     to_time: str | None,
     now_ms: int | None = None,
 ) -> tuple[Bound, Bound]:
-    """CLI options -> the two ends of the range; :class:`RangeError` for a bad option or a range that ends before
-    it starts (before anything asks a broker)."""
+    """CLI options -> the two ends of the range; :class:`RangeError` for a bad option (named) or a range that ends
+    before it starts (before anything asks a broker)."""
     start = Bound(
         offsets=parse_offsets(from_offsets) if from_offsets else None,
-        time_ms=parse_time_ms(from_time, now_ms) if from_time else None,
+        time_ms=option_time_ms("--from-time", from_time, now_ms) if from_time else None,
     )
     end = Bound(
         offsets=parse_offsets(to_offsets) if to_offsets else None,
-        time_ms=parse_time_ms(to_time, now_ms) if to_time else None,
+        time_ms=option_time_ms("--to-time", to_time, now_ms) if to_time else None,
     )
     check_order(start, end)
     return start, end
+
+
+def option_time_ms(option: str, text: str, now_ms: int | None = None) -> int:
+    """:func:`parse_time_ms` of a command-line option; its :class:`RangeError` names the option."""
+    try:
+        return parse_time_ms(text, now_ms)
+    except RangeError as exc:
+        raise RangeError(f"{option}: {exc}") from None

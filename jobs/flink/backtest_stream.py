@@ -975,7 +975,7 @@ def run_command(
     try:
         start, end = bounds(from_offsets, to_offsets, from_time, to_time)
     except (RangeError, ValueError) as exc:  # a bad option: a usage error, as replay's
-        errors.print(str(exc), style="red", markup=False, highlight=False)
+        typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(2) from None
     try:
         report, out_dir = run_backtest(
@@ -990,7 +990,7 @@ def run_command(
             sample_size=samples,
         )
     except RangeError as exc:  # planning refused the range (only planning raises it): a usage error, as replay's
-        errors.print(str(exc), style="red", markup=False, highlight=False)
+        typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(2) from None
     except NameRefused as exc:  # a name used before (or not a backtest name): a usage error too, nothing made yet
         typer.echo(f"Error: {exc}", err=True)

@@ -635,3 +635,21 @@ def test_a_whole_transaction_without_its_position_goes_back_keyed_by_lane_and_on
     [send] = plan.sends
     assert (send.topic, send.partition, send.key, send.payload) == ("transactions", None, b"store-007/lane-03", whole)
     assert outcomes(plan) == {REDRIVE: 1, DUPLICATE: 1, NOT_KAFKA: 4}
+
+
+@pytest.mark.parametrize("option", ["--since", "--until"])
+def test_a_time_before_1970_is_refused_with_one_error_line_before_any_broker_is_asked(
+    monkeypatch: pytest.MonkeyPatch, option: str
+) -> None:
+    """Negative milliseconds compared with every letter's failed_at: a --since before 1970 matched all of them."""
+
+    def no_broker(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("asked the broker")
+
+    monkeypatch.setattr(redrive, "get_settings", lambda: Settings())
+    monkeypatch.setattr(redrive, "cluster_topics", no_broker)
+    monkeypatch.setattr(redrive, "read_dead_letters", no_broker)
+    result = CliRunner().invoke(redrive.cli, ["--stage", "alert-sender", option, "1969-12-31T23:59:59Z"])
+    assert result.exit_code == 2, result.output
+    [line] = result.output.strip().splitlines()
+    assert line.startswith(f"Error: {option}: ") and "before 1970-01-01T00:00:00Z" in line, line

@@ -649,3 +649,45 @@ def test_a_copy_into_another_prefix_or_cluster_and_other_topics_into_themselves_
     result = CliRunner().invoke(replay_cli.app, ["run", *args, "--no-progress"])
     assert result.exit_code == 0, result.output
     assert live_cli == [copy]
+
+
+# ---------------------------------------------------------------------------- times Kafka cannot take
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("1969-12-31T23:59:59.999Z", "before 1970-01-01T00:00:00Z"),
+        ("1969-12-31T23:59:59.998Z", "before 1970-01-01T00:00:00Z"),
+        ("0001-01-01T00:00:00+01:00", "before 1970-01-01T00:00:00Z"),
+        ("9999-12-31T23:00:00-05:00", "after 9999-12-31T23:59:59.999Z"),
+    ],
+)
+def test_a_time_before_1970_or_past_year_9999_is_refused_not_read_as_latest_or_earliest(text: str, says: str) -> None:
+    """-1 ms is what Kafka's offsets_for_times reads as "latest", -2 as "earliest": a --from-time a millisecond
+    before 1970 replayed nothing; a zone that moved a time past 9999 failed later with "year 10000 is out of range"."""
+    with pytest.raises(RangeError, match=says):
+        parse_time_ms(text)
+    with pytest.raises(RangeError, match=says):
+        bounds(None, None, text, None)
+    with pytest.raises(RangeError, match=says):
+        bounds(None, None, None, text)
+    assert parse_time_ms("1970-01-01T00:00:00Z") == 0
+    assert parse_time_ms("9999-12-31T23:59:59.999Z") == 253_402_300_799_999
+
+
+@pytest.mark.parametrize(
+    "option",
+    [["--from-time", "1969-12-31T23:59:59.999Z"], ["--to-time", "9999-12-31T23:30:00-05:00"]],
+)
+def test_replay_refuses_a_time_kafka_cannot_take_with_one_error_line_and_exit_2(
+    monkeypatch: pytest.MonkeyPatch, option: list[str]
+) -> None:
+    monkeypatch.setattr(replay_cli, "get_settings", lambda: Settings())
+    monkeypatch.setattr(replay_cli, "plan", _never)
+    result = CliRunner().invoke(replay_cli.app, ["run", "transactions", *option])
+    assert result.exit_code == 2, result.output
+    [line] = result.output.strip().splitlines()
+    assert line.startswith(f"Error: {option[0]}: "), line
+    result = CliRunner().invoke(replay_cli.app, ["epoch-ms", option[1]])
+    assert result.exit_code == 2 and result.output.startswith("Error: "), result.output

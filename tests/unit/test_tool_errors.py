@@ -127,7 +127,7 @@ def test_rules_without_a_command_prints_its_help(capsys) -> None:
 
 def test_replay_names_the_option_of_a_bad_partition_list(fresh_settings, capsys) -> None:
     line = _one_error(capsys, ["replay", "run", "transactions", "--partitions", "0,x"], code=2)
-    assert line.startswith("--partitions takes partition numbers"), line
+    assert line.startswith("Error: --partitions takes partition numbers"), line
 
 
 class _DownProducer:
@@ -180,7 +180,22 @@ def test_stopping_a_flink_cluster_that_does_not_answer_is_an_error_not_no_job(tm
 def test_a_bad_backtest_stream_time_is_a_usage_error_as_in_replay(fresh_settings, capsys) -> None:
     """Both tools read --from-time the same way; a bad one exited 1 here and 2 in replay."""
     argv = ["backtest-stream", "run", "--rules", __file__, "--from-time", "yesterday"]
-    assert _one_error(capsys, argv, code=2).startswith("not a time: 'yesterday'")
+    assert _one_error(capsys, argv, code=2).startswith("Error: --from-time: not a time: 'yesterday'")
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "says"),
+    [
+        ("--from-time", "1969-12-31T23:59:59.999Z", "before 1970-01-01T00:00:00Z"),
+        ("--to-time", "9999-12-31T23:30:00-05:00", "after 9999-12-31T23:59:59.999Z"),
+    ],
+)
+def test_a_backtest_stream_time_kafka_cannot_take_is_a_usage_error_as_in_replay(
+    fresh_settings, capsys, option: str, value: str, says: str
+) -> None:
+    """backtest-stream reads times with replay's parser: -1 ms was Kafka's "latest", a year past 9999 a traceback."""
+    line = _one_error(capsys, ["backtest-stream", "run", "--rules", __file__, option, value], code=2)
+    assert line.startswith(f"Error: {option}: ") and says in line, line
 
 
 @pytest.mark.parametrize(
@@ -207,7 +222,7 @@ def test_a_backtest_stream_range_planning_refuses_is_a_usage_error_as_in_replay(
     with pytest.raises(SystemExit) as exit_:
         main(["backtest-stream", "run", "--rules", __file__, "--from-offsets", offsets])
     err = " ".join(capsys.readouterr().err.split())  # the console wraps a long line
-    assert exit_.value.code == 2 and err.startswith(says) and "Traceback" not in err, err
+    assert exit_.value.code == 2 and err.startswith(f"Error: {says}") and "Traceback" not in err, err
     assert made == []
 
 
