@@ -18,12 +18,15 @@ from infra.clients import kafka as kafka_clients
 from infra.clients.topic_replay import (
     PartitionRange,
     RangeError,
+    ReplayStats,
+    ReplayStopped,
     bounds,
     deleted_warning,
     parse_time_ms,
     plan,
     range_warnings,
     replay,
+    resume_options,
 )
 from infra.settings import KafkaSettings, get_settings
 from schemas.topics import AUDIT, CASES, COMMANDS, LABELS, RULES, WATCHLIST
@@ -215,20 +218,36 @@ def run_command(
             restamp=restamp,
             progress=progress,
         )
-    except (RangeError, TimeoutError, RuntimeError) as exc:
-        console.print(str(exc), style="red", markup=False, highlight=False)
+    except ReplayStopped as exc:  # what was copied, and where to go on from, are still worth knowing
+        typer.echo(f"Error: {exc}", err=True)
+        _summary(ranges, exc.stats, complete=False)
+        if exc.stats.resume:
+            console.print(
+                f"to resume, run the same command with {resume_options(exc.stats.resume)}",
+                markup=False,
+                highlight=False,
+            )
         raise typer.Exit(1) from None
+    except (RangeError, TimeoutError, RuntimeError) as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    complete = stats.ok and not warnings and not any(stats.deleted.values())
+    _summary(ranges, stats, complete)
+    raise typer.Exit(0 if complete else 1)
+
+
+def _summary(ranges: list[PartitionRange], stats: ReplayStats, complete: bool) -> None:
+    """What was sent and acknowledged, with what of the range was not there to copy; the delivery errors."""
+    lost = deleted_warning(stats.deleted, "offset(s) of the range", "were not copied")
+    if lost is not None:
+        console.print(f"Warning: {lost}", style="yellow", markup=False, highlight=False)
     missing = sum(r.gone for r in ranges)
     unwritten = sum(r.unwritten for r in ranges)
     time_cut = any(r.time_cut for r in ranges)
     deleted = sum(stats.deleted.values())
-    lost = deleted_warning(stats.deleted, "offset(s) of the range", "were not copied")
-    if lost is not None:
-        console.print(f"Warning: {lost}", style="yellow", markup=False, highlight=False)
-    complete = stats.ok and not warnings and lost is None
     console.print(
-        f"replayed {stats.acked:,} of {stats.planned:,} planned record(s) ({stats.read:,} read, "
-        f"{stats.failed:,} failed) in {stats.elapsed_s:,.1f} s"
+        f"replayed {stats.acked:,} of {stats.planned:,} planned record(s) (acknowledged; {stats.read:,} read,"
+        f" {stats.sent:,} sent, {stats.failed:,} failed) in {stats.elapsed_s:,.1f} s"
         + (f"; {missing:,} offset(s) of the range were gone before the start (retention)" if missing else "")
         + (f"; {deleted:,} offset(s) of the range were deleted while being copied (retention)" if deleted else "")
         + (f"; {unwritten:,} offset(s) of the range were past the end (not written yet)" if unwritten else "")
@@ -239,7 +258,6 @@ def run_command(
     )
     for err in stats.errors:
         console.print(f"delivery error: {err}", style="red", markup=False, highlight=False)
-    raise typer.Exit(0 if complete else 1)
 
 
 @app.command("epoch-ms")

@@ -32,7 +32,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Generic, TypeVar
 
-from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
@@ -380,10 +388,33 @@ class ReplayStats:
     deleted: dict[int, int] = field(default_factory=dict)
     """Offsets of the range retention deleted from the source while it was being copied, per partition (the gap
     between where the partition was and the earliest kept offset): not copied."""
+    resume: dict[int, tuple[int, int]] = field(default_factory=dict)
+    """Of a replay that stopped (:class:`ReplayStopped`): per source partition not copied whole, the first offset
+    not acknowledged (sent, or not sent yet) and the range's end (exclusive)."""
 
     @property
     def ok(self) -> bool:
         return self.failed == 0 and self.acked == self.sent
+
+
+class ReplayStopped(CheckoutGuardError, RuntimeError):
+    """A replay that could not go on (a partition that yields nothing before its range's end, a record the producer
+    refuses): the message says why; ``stats`` holds what was sent and acknowledged and where to resume."""
+
+    def __init__(self, message: str, stats: ReplayStats) -> None:
+        super().__init__(message)
+        self.stats = stats
+
+
+def resume_options(resume: Mapping[int, tuple[int, int]]) -> str:
+    """The options that replay exactly what a stopped replay left (its partitions, from their first offset not
+    acknowledged, to the same ends): without ``--partitions``, the others would be replayed whole again."""
+    parts = sorted(resume)
+    return (
+        f"--partitions {','.join(map(str, parts))}"
+        f" --from-offsets {','.join(f'{p}:{resume[p][0]}' for p in parts)}"
+        f" --to-offsets {','.join(f'{p}:{resume[p][1]}' for p in parts)}"
+    )
 
 
 def assigned_consumer(kafka: KafkaSettings, purpose: str, auto_offset_reset: str = "earliest") -> Consumer:
@@ -620,9 +651,11 @@ def replay(
     """Copy the records of ``ranges`` from ``source_topic`` to ``target_topic``; wait for every ack.
 
     ``rate`` caps records per second (0 = no cap). ``restamp`` gives the copies the time of the replay
-    instead of their original timestamps. Raises ``TimeoutError`` when the source yields no record for
-    ``idle_timeout_s`` of reading before its range is read (records deleted by retention meanwhile, say);
-    time spent sending, however long ``rate`` makes it, does not count.
+    instead of their original timestamps. Raises :class:`ReplayStopped` (with what was sent and acknowledged, and
+    where to resume) when the source yields no record for ``idle_timeout_s`` of reading before its range is read (a
+    transaction left open holds a committed-only reader back; records out of reach), time spent sending, however
+    long ``rate`` makes it, not counting; when the producer refuses a record (larger than its size limit); or when
+    the source reports an error.
     """
     stats = ReplayStats(planned=sum(r.size for r in ranges))
     todo = {r.partition: r for r in ranges if r.size > 0}
@@ -686,6 +719,11 @@ class _Replay:
         self.paused: set[int] = set()
         self.after = {p: r.start for p, r in todo.items()}
         """The next offset each partition is to read: where a gap retention left starts."""
+        self.ranges = dict(todo)
+        self.unacked: dict[int, set[int]] = {p: set() for p in todo}
+        """Per source partition, the offsets sent and not acknowledged yet (or refused)."""
+        self.sent_next = {p: r.start for p, r in todo.items()}
+        """Per source partition, the offset after the last record sent (or the range's start)."""
         self.started = 0.0
         self.waited_s = 0.0
         """Seconds spent in ``consume`` since the last record: sending a backlog at a capped rate can take
@@ -702,6 +740,7 @@ class _Replay:
         )
         self.started = time.monotonic()
         self.consumer.assign([TopicPartition(self.source_topic, r.partition, r.start) for r in self.todo.values()])
+        stopped: ReplayStopped | None = None
         try:
             with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
                 task = bar.add_task(f"{self.source_topic} -> {self.target_topic}", total=stats.planned, rate="")
@@ -713,11 +752,28 @@ class _Replay:
                     )
                     self._check_idle()
                 self._wait_for_acks(bar, task)
+        except ReplayStopped as exc:
+            stopped = exc
         finally:
             self.consumer.close()
             self.producer.flush(30)
             stats.elapsed_s = time.monotonic() - self.started
+        if stopped is not None:
+            stats.resume = self._resume()
+            raise stopped
         return stats
+
+    def _resume(self) -> dict[int, tuple[int, int]]:
+        """Per partition not copied whole: its first offset not acknowledged (a record refused or unanswered, else
+        the one after the last sent) and its range's end. A partition read to its end, all of it sent and
+        acknowledged, is whole."""
+        out = {}
+        for p, r in sorted(self.ranges.items()):
+            if self.unacked[p]:
+                out[p] = (min(self.unacked[p]), r.end)
+            elif p in self.todo or self.merge.buffered(p):
+                out[p] = (self.sent_next[p], r.end)
+        return out
 
     # reading and merging
 
@@ -751,7 +807,7 @@ class _Replay:
             if err.code() in RETENTION_RESETS:
                 self._skip_deleted(p)
                 return
-            raise RuntimeError(f"reading {self.source_topic}[{p}]: {err.str()}")
+            raise ReplayStopped(f"reading {self.source_topic}[{p}]: {err.str()}", self.stats)
         self.waited_s = 0.0
         offset = msg.offset()
         assert offset is not None, "a consumed record has an offset"
@@ -786,9 +842,13 @@ class _Replay:
 
     def _check_idle(self) -> None:
         if self.todo and self.waited_s > self.idle_timeout_s:
-            raise TimeoutError(
+            where = ", ".join(f"{p} at offset {self.after[p]:,}" for p in sorted(self.todo))
+            raise ReplayStopped(
                 f"no records from {self.source_topic} partitions {sorted(self.todo)} for "
-                f"{self.idle_timeout_s:.0f}s of reading before the end of the range"
+                f"{self.idle_timeout_s:.0f}s of reading before the end of the range ({where}): a transaction left"
+                " open holds committed-only reads back until it is committed or aborted (the broker aborts it after"
+                " its transaction timeout), or the records cannot be reached",
+                self.stats,
             )
 
     # sending
@@ -809,27 +869,46 @@ class _Replay:
             while (left := until - time.monotonic()) > 0:
                 producer.poll(min(left, 0.1))
         ts_type, ts = msg.timestamp()
-        source_partition = msg.partition()
-        assert source_partition is not None, "the merge holds consumed records only, each from a partition"
-        kafka_clients.produce(
-            producer,
-            self.target_topic,
-            msg.key(),
-            msg.value(),
-            self._delivered,
-            headers=msg.headers() or None,
-            partition=target_partition(source_partition, self.source_count, self.target_count),
-            timestamp=ts if not self.restamp and ts_type != TIMESTAMP_NOT_AVAILABLE else None,
-        )
+        source_partition, offset = msg.partition(), msg.offset()
+        assert source_partition is not None and offset is not None, "the merge holds consumed records only"
+
+        def delivered(err: KafkaError | None, _msg: Message) -> None:
+            self._delivered(err, source_partition, offset)
+
+        try:
+            kafka_clients.produce(
+                producer,
+                self.target_topic,
+                msg.key(),
+                msg.value(),
+                delivered,
+                headers=msg.headers() or None,
+                partition=target_partition(source_partition, self.source_count, self.target_count),
+                timestamp=ts if not self.restamp and ts_type != TIMESTAMP_NOT_AVAILABLE else None,
+            )
+        except KafkaException as exc:  # refused before it was queued: nothing later may overtake it
+            self.unacked[source_partition].add(offset)
+            error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            too_large = error is not None and error.code() == KafkaError.MSG_SIZE_TOO_LARGE
+            size = len(msg.key() or b"") + len(msg.value() or b"")
+            why = f"is larger than the producer's size limit ({size:,} bytes of key and value)" if too_large else ""
+            raise ReplayStopped(
+                f"the record at {self.source_topic}[{source_partition}] offset {offset:,} "
+                + (why or f"was refused by the producer: {error.str() if error is not None else exc}"),
+                self.stats,
+            ) from None
+        self.unacked[source_partition].add(offset)
+        self.sent_next[source_partition] = offset + 1
         self.stats.sent += 1
         producer.poll(0)
 
     # waiting for acks
 
-    def _delivered(self, err: KafkaError | None, _msg: Message) -> None:
+    def _delivered(self, err: KafkaError | None, partition: int, offset: int) -> None:
         stats = self.stats
         if err is None:
             stats.acked += 1
+            self.unacked[partition].discard(offset)
         else:
             stats.failed += 1
             if len(stats.errors) < 5 and str(err) not in stats.errors:

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from confluent_kafka import TIMESTAMP_CREATE_TIME, KafkaError, Message, TopicPartition
+from confluent_kafka import TIMESTAMP_CREATE_TIME, KafkaError, KafkaException, Message, TopicPartition
 from typer.testing import CliRunner
 
 import producers.replay as replay_cli
@@ -492,12 +492,92 @@ def test_a_backlog_released_at_once_is_sent_in_full_however_long_it_takes_at_the
 def test_a_source_that_stops_before_the_end_of_its_range_still_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
     """Records deleted by retention after the range was resolved: the replay must not wait for them forever."""
     producer, clock = _fake_clients(monkeypatch, {0: list(range(5))})
-    with pytest.raises(TimeoutError, match=r"no records from src partitions \[0\] for 5s"):
+    with pytest.raises(topic_replay.ReplayStopped, match=r"no records from src partitions \[0\] for 5s"):
         replay(
             KAFKA, "src", KAFKA, "dst", [PartitionRange(0, 0, 10, 0, 10)], rate=100, progress=False, idle_timeout_s=5
         )
     assert producer.timestamps == list(range(5)), "what was read was sent"
     assert 5 < clock.now - 1000 < 6, "given up after 5 s without a record"
+
+
+def test_a_partition_held_back_by_an_open_transaction_stops_with_what_was_acknowledged_and_where_to_resume(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A transaction never committed holds a committed-only reader back: the copy ended in a TimeoutError with
+    nothing said of the records already copied, nor where to go on from."""
+    stamps = {0: list(range(5)), 1: list(range(4))}
+    _fake_clients(monkeypatch, stamps)
+    ranges = [PartitionRange(0, 0, 10, 0, 10), PartitionRange(1, 0, 4, 0, 4)]
+    with pytest.raises(
+        topic_replay.ReplayStopped, match=r"partitions \[0\] for 5s .*\(0 at offset 5\): a transaction"
+    ) as e:
+        replay(KAFKA, "src", KAFKA, "dst", ranges, progress=False, idle_timeout_s=5)
+    stats = e.value.stats
+    assert (stats.sent, stats.acked) == (9, 9)
+    assert stats.resume == {0: (5, 10)}, "partition 1 was copied whole"
+    assert topic_replay.resume_options(stats.resume) == "--partitions 0 --from-offsets 0:5 --to-offsets 0:10"
+
+
+class TooLargeProducer(TargetProducer):
+    """Refuses the record whose value is ``big`` as the client does one over ``message.max.bytes``."""
+
+    def produce(self, topic: str, **kwargs: Any) -> None:
+        if kwargs["value"] == b"big":
+            raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "Message size too large"))
+        super().produce(topic, **kwargs)
+
+
+def test_a_record_over_the_producers_size_limit_stops_the_copy_naming_its_offset_not_its_content(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stamps = {0: list(range(6))}
+    _, clock = _fake_clients(monkeypatch, stamps)
+    consumer = SourceConsumer(clock, stamps)
+    real_consume = consumer.consume
+
+    def consume(num: int, timeout: float) -> list[Message]:
+        return [
+            Message(
+                topic="src", partition=m.partition(), offset=m.offset(), key=b"k", value=b"big", timestamp=m.timestamp()
+            )
+            if m.offset() == 3
+            else m
+            for m in real_consume(num, timeout)
+        ]
+
+    consumer.consume = consume  # type: ignore[method-assign]
+    monkeypatch.setattr(topic_replay, "_consumer", lambda _kafka: consumer)
+    monkeypatch.setattr(topic_replay, "_producer", lambda _kafka: TooLargeProducer(clock))
+    with pytest.raises(topic_replay.ReplayStopped) as e:
+        replay(KAFKA, "src", KAFKA, "dst", _whole(stamps), progress=False, idle_timeout_s=5)
+    assert (
+        str(e.value)
+        == "the record at src[0] offset 3 is larger than the producer's size limit (4 bytes of key and value)"
+    )
+    assert (e.value.stats.sent, e.value.stats.acked) == (3, 3)
+    assert e.value.stats.resume == {0: (3, 6)}
+
+
+def test_replay_that_stops_part_way_prints_one_error_line_the_summary_and_where_to_resume(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def stopped(*_a: Any, **_k: Any) -> ReplayStats:
+        stats = ReplayStats(planned=30, read=12, sent=12, acked=12, resume={0: (7, 10), 2: (3, 10)})
+        raise topic_replay.ReplayStopped("the record at t[0] offset 7 is larger than the producer's size limit", stats)
+
+    monkeypatch.setattr(replay_cli, "get_settings", lambda: Settings())
+    monkeypatch.setattr(replay_cli, "plan", lambda *_a: [PartitionRange(p, 0, 10, 0, 10) for p in range(3)])
+    monkeypatch.setattr(replay_cli, "replay", stopped)
+    result = CliRunner().invoke(replay_cli.app, ["run", "transactions", "--no-progress"])
+    output = " ".join(result.output.split())  # rich wraps long lines
+    assert result.exit_code == 1 and "Traceback" not in output, output
+    assert [line for line in result.output.splitlines() if line.startswith("Error:")] == [
+        "Error: the record at t[0] offset 7 is larger than the producer's size limit"
+    ]
+    assert "replayed 12 of 30 planned record(s) (acknowledged; 12 read, 12 sent, 0 failed)" in output
+    assert (
+        "to resume, run the same command with --partitions 0,2 --from-offsets 0:7,2:3 --to-offsets 0:10,2:10" in output
+    )
 
 
 class RetentionDuringCopyConsumer(SourceConsumer):
