@@ -47,7 +47,7 @@ from rich.table import Table
 
 from infra.clients import kafka as kafka_clients
 from infra.clients import topic_replay
-from infra.clients.topic_replay import Bound, RangeError, option_time_ms, read_range_records
+from infra.clients.topic_replay import Bound, NoSuchTopic, RangeError, option_time_ms, read_range_records
 from infra.clients.topic_replay import plan as plan_ranges
 from infra.settings import Settings, get_settings
 from producers.pos import message_key
@@ -442,11 +442,14 @@ def main(
         letters = read_dead_letters(settings, dead_topic, deleted=deleted, headers=kept)
         transactions = TRANSACTIONS.full_name(prefix)
         plan = plan_redrive(letters, selection, topics, limit, watchlist, kept, transactions, prefix)
+    except NoSuchTopic as exc:  # the dead-letters topic missing: the cluster's state, not a bad option
+        typer.echo(f"Error: {exc} (the wrong cluster, or another CG_KAFKA__TOPIC_PREFIX?)", err=True)
+        raise typer.Exit(1) from None
     except RangeError as exc:  # a bad option
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(2) from None
     except (TimeoutError, RuntimeError) as exc:
-        errors.print(str(exc), style="red", markup=False, highlight=False)
+        typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(1) from None
     console.print(counts_table(plan, dry_run))
     console.print(

@@ -20,6 +20,7 @@ from infra.clients.topic_replay import (
     RangeError,
     ReplayStats,
     ReplayStopped,
+    TopicUnavailable,
     bounds,
     deleted_warning,
     parse_time_ms,
@@ -201,6 +202,9 @@ def run_command(
     except (RangeError, ValueError) as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(2) from None
+    except TopicUnavailable as exc:  # the topic is there, the broker would not serve it: not a bad option
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(1) from None
     console.print(ranges_table(f"{source_name} -> {target_name}", ranges))
     warnings = range_warnings(ranges)
     for warning in warnings:

@@ -66,6 +66,16 @@ class RangeError(CheckoutGuardError, ValueError):
     """A range that cannot be resolved (bad syntax, unknown partition); the message says which."""
 
 
+class NoSuchTopic(RangeError):
+    """The topic to read is not on the cluster: a wrong name given (a usage error) or a topic the tool relies on
+    that is missing (an operational failure); the caller tells which."""
+
+
+class TopicUnavailable(CheckoutGuardError, RuntimeError):
+    """The broker answered for the topic with an error (no leader, not authorised): an operational failure, named
+    as the broker said it, not taken for a topic that does not exist."""
+
+
 # ---------------------------------------------------------------------------- pure: ranges
 
 
@@ -617,12 +627,16 @@ def plan(
     end: Bound,
     partitions: Iterable[int] | None = None,
 ) -> list[PartitionRange]:
-    """Resolve the range of ``topic`` (full name) against the broker, now."""
+    """Resolve the range of ``topic`` (full name) against the broker, now: :class:`NoSuchTopic` when the cluster
+    has no such topic, :class:`TopicUnavailable` when the broker answers for it with an error."""
     consumer = _consumer(kafka)
     try:
-        count = partition_count(consumer, topic, kafka)
-        if count == 0:
-            raise RangeError(f"topic {topic} does not exist")
+        md = kafka_clients.cluster_metadata(consumer, kafka).topics.get(topic)
+        if md is None:
+            raise NoSuchTopic(f"topic {topic} does not exist")
+        if md.error is not None:
+            raise TopicUnavailable(f"topic {topic}: the broker answered {md.error.str()} ({md.error.name()})")
+        count = len(md.partitions)
         watermarks = {
             p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False) for p in range(count)
         }

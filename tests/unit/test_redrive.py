@@ -10,6 +10,7 @@ import time
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -653,3 +654,40 @@ def test_a_time_before_1970_is_refused_with_one_error_line_before_any_broker_is_
     assert result.exit_code == 2, result.output
     [line] = result.output.strip().splitlines()
     assert line.startswith(f"Error: {option}: ") and "before 1970-01-01T00:00:00Z" in line, line
+
+
+def _metadata(monkeypatch: pytest.MonkeyPatch, topics: dict[str, Any]) -> None:
+    """The cluster's answer to a list of its topics, as :func:`topic_replay.plan` asks for it."""
+
+    class NoConsumer:
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(topic_replay, "_consumer", lambda _kafka: NoConsumer())
+    metadata = SimpleNamespace(topics=topics)
+    monkeypatch.setattr(topic_replay.kafka_clients, "cluster_metadata", lambda *_a, **_k: metadata)
+
+
+def test_a_missing_dead_letters_topic_is_an_operational_failure_exit_1_not_a_bad_option(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """It exited 2, the code of a bad command line, though every option was right."""
+    monkeypatch.setattr(redrive, "get_settings", lambda: Settings())
+    monkeypatch.setattr(redrive, "cluster_topics", lambda _s: dict(TOPICS))
+    _metadata(monkeypatch, {})
+    result = CliRunner().invoke(redrive.cli, ["--stage", "alert-sender"])
+    assert result.exit_code == 1, result.output
+    [line] = result.output.strip().splitlines()
+    assert line.startswith("Error: topic dead_letters does not exist"), line
+
+
+def test_a_dead_letters_topic_the_broker_will_not_serve_is_named_with_the_brokers_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(redrive, "get_settings", lambda: Settings())
+    monkeypatch.setattr(redrive, "cluster_topics", lambda _s: dict(TOPICS))
+    denied = KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)
+    _metadata(monkeypatch, {"dead_letters": SimpleNamespace(error=denied, partitions={})})
+    result = CliRunner().invoke(redrive.cli, ["--stage", "alert-sender"])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == f"Error: topic dead_letters: the broker answered {denied.str()} ({denied.name()})"

@@ -771,3 +771,31 @@ def test_replay_refuses_a_time_kafka_cannot_take_with_one_error_line_and_exit_2(
     assert line.startswith(f"Error: {option[0]}: "), line
     result = CliRunner().invoke(replay_cli.app, ["epoch-ms", option[1]])
     assert result.exit_code == 2 and result.output.startswith("Error: "), result.output
+
+
+@pytest.mark.parametrize(
+    ("code", "exit_code"), [(KafkaError.LEADER_NOT_AVAILABLE, 1), (KafkaError.TOPIC_AUTHORIZATION_FAILED, 1)]
+)
+def test_a_topic_the_broker_answers_for_with_an_error_is_named_with_that_error_not_as_missing(
+    monkeypatch: pytest.MonkeyPatch, code: int, exit_code: int
+) -> None:
+    """A topic without a leader, or one this principal may not read, was reported as "does not exist"."""
+
+    class NoConsumer:
+        def close(self) -> None:
+            pass
+
+    error = KafkaError(code)
+    topics = {"transactions": SimpleNamespace(error=error, partitions={})}
+    monkeypatch.setattr(topic_replay, "_consumer", lambda _kafka: NoConsumer())
+    monkeypatch.setattr(topic_replay.kafka_clients, "cluster_metadata", lambda *_a: SimpleNamespace(topics=topics))
+    with pytest.raises(topic_replay.TopicUnavailable) as raised:
+        topic_replay.plan(KAFKA, "transactions", Bound(), Bound())
+    assert str(raised.value) == f"topic transactions: the broker answered {error.str()} ({error.name()})"
+    assert "does not exist" not in str(raised.value)
+    with pytest.raises(topic_replay.NoSuchTopic, match="topic other does not exist"):
+        topic_replay.plan(KAFKA, "other", Bound(), Bound())
+    monkeypatch.setattr(replay_cli, "get_settings", lambda: Settings())
+    result = CliRunner().invoke(replay_cli.app, ["run", "transactions"])
+    assert result.exit_code == exit_code, result.output
+    assert result.output.strip() == f"Error: {raised.value}"
