@@ -34,3 +34,25 @@ def test_currency_codes_and_series_names_are_escaped_before_they_reach_html() ->
         assert "<img" not in html, html
     assert "&lt;img" in shown["money"] and "USD" in shown["money"]
     assert any("&lt;img" in html for html in shown["legend"])
+
+
+MONEY_HARNESS = """
+%s
+console.log(JSON.stringify({
+  money: fmtMoney({ USD: 0.4, JPY: 1200, KWD: 0.125, EUR: 0 }),
+  unknown: fmtAmount(0.4, "<b>"),
+  none: fmtMoney({}),
+}));
+"""
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_money_is_shown_in_its_currencys_minor_units_not_rounded_to_whole_units() -> None:
+    """0.40 USD showed as "0 USD": every figure was rounded to whole units."""
+    script = MONEY_HARNESS % COMMON_JS.read_text()
+    env = {"LC_ALL": "en_US.UTF-8", "LANG": "en_US.UTF-8", "PATH": "/usr/bin:/bin"}
+    run = subprocess.run([NODE, "-e", script], capture_output=True, text=True, timeout=30, check=True, env=env)
+    shown = json.loads(run.stdout)
+    assert shown["money"] == "0.40 USD · 1,200 JPY · 0.125 KWD"
+    assert shown["unknown"] == "0.40"  # not a currency code: two decimals, no error
+    assert shown["none"] == "0"

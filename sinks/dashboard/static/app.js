@@ -36,7 +36,7 @@ function storeBars(container, stores) {
 // A money KPI: the window's most used currency as the value, the others listed under it (never one sum).
 function moneyKpi(id, amounts, currencies) {
   const [first, ...others] = currencies.length ? currencies : Object.keys(amounts);
-  setKpi(id, first ? `${money.format(amounts[first] || 0)} ${first}` : "0");
+  setKpi(id, first ? `${fmtAmount(amounts[first] || 0, first)} ${first}` : "0");
   const rest = Object.fromEntries(others.map((c) => [c, amounts[c] || 0]));
   document.querySelector(`#${id} .more`).textContent = Object.values(rest).some((v) => v) ? `+ ${fmtMoney(rest)}` : "";
 }
@@ -125,7 +125,7 @@ function renderAlerts(a) {
     card.className = `alert ${x.kind}`;
     card.href = `/alerts/${encodeURIComponent(x.alert_id)}`;
     const when = new Date(x.event_time).toISOString().replace("T", " ").slice(0, 19);
-    const amount = x.amount != null ? ` · ${money.format(x.amount)} ${escapeHtml(x.currency || "")}` : "";
+    const amount = x.amount != null ? ` · ${fmtAmount(x.amount, x.currency || "")} ${escapeHtml(x.currency || "")}` : "";
     const img = x.thumbnail
       ? `<img class="thumb" alt="snapshot" loading="lazy" src="${escapeHtml(x.thumbnail)}">`
       : '<div class="noimg">no snapshot</div>';

@@ -13,12 +13,24 @@ const SVG_NS = "http://www.w3.org/2000/svg";
 // ------------------------------------------------------------------ formatting
 
 const num = new Intl.NumberFormat(undefined, { maximumFractionDigits: 0 });
-const money = new Intl.NumberFormat(undefined, { maximumFractionDigits: 0 });
+// An amount in its currency's minor units, as the browser's ISO 4217 table has them (0.40 USD, 1,200 JPY,
+// 0.125 KWD; two decimals for a code it does not know): whole units showed 0.40 USD as "0 USD".
+const moneyFormats = new Map();
+function fmtAmount(value, currency) {
+  if (!moneyFormats.has(currency)) {
+    let digits = 2;
+    try {
+      digits = new Intl.NumberFormat("en", { style: "currency", currency }).resolvedOptions().maximumFractionDigits;
+    } catch (e) { /* not a well-formed currency code: two decimals */ }
+    moneyFormats.set(currency, new Intl.NumberFormat(undefined, { minimumFractionDigits: digits, maximumFractionDigits: digits }));
+  }
+  return moneyFormats.get(currency).format(value);
+}
 // Money is per currency ({USD: 1200, EUR: 80}, the window's most used currency first), never one sum:
-// "1,200 USD · 80 EUR" (currencies with nothing left out; "0" when there is nothing at all). HTML-escaped: the
+// "1,200.00 USD · 80.00 EUR" (currencies with nothing left out; "0" when there is nothing at all). HTML-escaped: the
 // currency codes come from the indexed documents and the store table puts this into innerHTML.
 function fmtMoney(amounts) {
-  const parts = Object.entries(amounts || {}).filter(([, v]) => v).map(([c, v]) => `${money.format(v)} ${escapeHtml(c)}`);
+  const parts = Object.entries(amounts || {}).filter(([, v]) => v).map(([c, v]) => `${fmtAmount(v, c)} ${escapeHtml(c)}`);
   return parts.length ? parts.join(" · ") : "0";
 }
 const fmtPct = (x) => `${(100 * (x || 0)).toFixed(1)} %`;
