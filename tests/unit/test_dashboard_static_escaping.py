@@ -56,3 +56,38 @@ def test_money_is_shown_in_its_currencys_minor_units_not_rounded_to_whole_units(
     assert shown["money"] == "0.40 USD · 1,200 JPY · 0.125 KWD"
     assert shown["unknown"] == "0.40"  # not a currency code: two decimals, no error
     assert shown["none"] == "0"
+
+
+PAGE_HARNESS = """
+const nodes = {};
+const node = (id) => (nodes[id] ||= { id, className: "", textContent: "", disabled: false, addEventListener() {} });
+const buttons = [node("b1"), node("b2")];
+globalThis.document = {
+  getElementById: node, querySelector: node, querySelectorAll: () => buttons, body: { dataset: {} },
+};
+globalThis.location = { pathname: %s };
+const fetched = [];
+globalThis.fetch = async (url) => { fetched.push(url); throw new Error("no server here"); };
+globalThis.setInterval = () => 0;
+process.on("unhandledRejection", (e) => { console.log(JSON.stringify({ thrown: String(e) })); process.exit(0); });
+try { %s } catch (e) { console.log(JSON.stringify({ thrown: String(e) })); process.exit(0); }
+const shown = () => ({ status: nodes.status, fetched, disabled: buttons.every((b) => b.disabled) });
+setTimeout(() => console.log(JSON.stringify(shown())), 50);
+"""
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+@pytest.mark.parametrize(("page", "path"), [("alert.js", "/alerts/a-50%zz"), ("case.js", "/cases/c-1%E0%A4%A")])
+def test_a_page_whose_address_has_a_malformed_escape_says_so_instead_of_sitting_at_loading(
+    page: str, path: str
+) -> None:
+    """decodeURIComponent threw on the id and the page stayed at "loading…" with no message."""
+    script = PAGE_HARNESS % (json.dumps(path), (COMMON_JS.parent / page).read_text())
+    out = subprocess.run([NODE, "-e", script], capture_output=True, text=True, timeout=30, check=True).stdout
+    shown = json.loads(out.strip().splitlines()[-1])
+    assert "thrown" not in shown, shown
+    assert shown["status"]["className"] == "status error", shown
+    assert "malformed % escape" in shown["status"]["textContent"]
+    assert shown["fetched"] == []
+    if page == "case.js":
+        assert shown["disabled"], "no verdict for a case the page cannot name"

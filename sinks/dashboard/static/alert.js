@@ -15,9 +15,24 @@ function rows(tbody, pairs) {
   }
 }
 
+// The id in the page's address; null where it is not valid URL encoding (a link cut short at a "%" escape, say):
+// decodeURIComponent throws on it, and the page sat at "loading…" with no word.
+function pathId() {
+  try {
+    return decodeURIComponent(location.pathname.split("/").pop());
+  } catch (e) {
+    return null;
+  }
+}
+
 async function load() {
-  const id = decodeURIComponent(location.pathname.split("/").pop());
+  const id = pathId();
   const status = document.getElementById("status");
+  if (id === null) {
+    status.className = "status error";
+    status.textContent = "This address does not name an alert: its id has a malformed % escape (a link cut short or mangled?). Open the alert from its message again.";
+    return;
+  }
   const r = await fetch(`/api/alerts/${encodeURIComponent(id)}`, { cache: "no-store" });
   const body = await r.json();
   if (!r.ok) {

@@ -5,7 +5,16 @@
 
 const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
 const when = (ms) => (ms ? `${new Date(ms).toISOString().replace("T", " ").slice(0, 19)} UTC` : "");
-const caseId = decodeURIComponent(location.pathname.split("/").pop());
+// The id in the page's address; null where it is not valid URL encoding (a link cut short at a "%" escape, say):
+// decodeURIComponent threw on it, and the page sat at "loading…" with no word.
+function pathId() {
+  try {
+    return decodeURIComponent(location.pathname.split("/").pop());
+  } catch (e) {
+    return null;
+  }
+}
+const caseId = pathId();
 const PENDING = new Set(["open", "escalated"]);
 let current = null;
 
@@ -62,6 +71,12 @@ function render(body) {
 
 async function load() {
   const status = document.getElementById("status");
+  if (caseId === null) {
+    status.className = "status error";
+    status.textContent = "This address does not name a case: its id has a malformed % escape (a link cut short or mangled?). Open the case from its alert or the case queue again.";
+    for (const button of document.querySelectorAll("#verdict button")) button.disabled = true;
+    return null;
+  }
   const r = await fetch(`/api/cases/${encodeURIComponent(caseId)}`, { cache: "no-store" });
   const body = await r.json();
   if (!r.ok) {
