@@ -345,6 +345,13 @@ class OffsetTracker:
                 self._committed[tp] = point
         return out
 
+    def commit_failed(self, points: dict[tuple[str, int], int]) -> None:
+        """The commit of ``points`` (from :meth:`to_commit`) failed: the next :meth:`to_commit` gives them again. Marked
+        committed, a quiet partition's last records were never committed, and a restart read them again."""
+        for tp, point in points.items():
+            if self._committed.get(tp) == point:
+                del self._committed[tp]
+
     def forget(self, tps: list[tuple[str, int]]) -> None:
         for tp in tps:
             self._pending.pop(tp, None)
@@ -693,6 +700,7 @@ class FaceStageRunner:
             try:
                 consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in points.items()], asynchronous=False)
             except Exception as exc:  # e.g. a rebalance in progress: the next commit carries the same points
+                self.offsets.commit_failed(points)
                 log.warning("offset commit failed: %s", exc)
 
     def _handle(self, msg: Message) -> None:

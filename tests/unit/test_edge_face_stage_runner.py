@@ -685,3 +685,29 @@ def test_a_read_back_given_up_ends_by_its_timeout_not_after_the_call_it_is_in(mo
     reader.join(3)
     assert not reader.is_alive() and broker.closed
     assert time.monotonic() - given_up_at < 0.4, "the reader ran on past its timeout"
+
+
+def test_offsets_whose_commit_failed_are_committed_at_the_next_commit_though_nothing_more_comes() -> None:
+    """A failed commit (a coordinator moving, a rebalance) said "the next commit carries the same points", but the
+    points were already marked committed: on a quiet partition they never were, and a restart read those records
+    again (snapshotted again, dead letters sent twice)."""
+
+    class Flaky(Consumer):
+        def __init__(self, messages: list[Message]) -> None:
+            super().__init__(messages)
+            self.failures = 1
+
+        def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> None:
+            if self.failures:
+                self.failures -= 1
+                raise KafkaException(KafkaError(KafkaError.REBALANCE_IN_PROGRESS))
+            super().commit(offsets, asynchronous)
+
+    asked: list[str] = []
+    stage = FaceStage(settings(), no_video(asked), None, None)  # type: ignore[arg-type]
+    consumer, producer = Flaky([tx_message(0, "tx-quiet")]), Producer(failures=0)
+    runner = FaceStageRunner(settings(), stage, producer=producer, consumer=consumer, recall=NOTHING)
+    run_until(runner, lambda: consumer.commits.get((TX_TOPIC, 0)) == 1, limit_s=5.0)
+
+    assert consumer.failures == 0, "the first commit failed"
+    assert consumer.commits == {(TX_TOPIC, 0): 1}, "the failed commit's point was committed after all"
