@@ -415,9 +415,12 @@ class FaceStage:
             )
         ]
 
-    def plan_camera_event(self, value: bytes | None) -> list[Trigger]:
-        """A snapshot "now" per new person on an entrance camera; raises InvalidRecord for bad bytes or a
-        camera serial that is no valid serial (it would go into the Dashboard API's path)."""
+    def plan_camera_event(self, value: bytes | None, now_ms: int | None = None) -> list[Trigger]:
+        """A snapshot "now" per new person on an entrance camera; raises InvalidRecord for bad bytes, a
+        camera serial that is no valid serial (it would go into the Dashboard API's path), or an entrance event
+        dated more than ``job.max_future_skew_ms`` after ``now_ms`` (``invalid_timestamp``): the oid memory runs on
+        event time, and one such event stopped it forgetting (it grew with every person for good) and kept that oid
+        from being a new person until then."""
         event = CameraEvent.from_avro(codec("CameraEvent").decode(value))  # DecodeError is an InvalidRecord
         check_serial(event.camera_serial, "camera_serial")
         if event.kind != "RAW_DETECTIONS":
@@ -425,6 +428,14 @@ class FaceStage:
         where = camera_location(self.settings, event.camera_serial)
         if where is None or where[1] is not None:
             return []  # unknown camera, or a lane camera (checkouts trigger those)
+        now_ms = clock.now_ms() if now_ms is None else now_ms
+        skew_ms = self.settings.job.max_future_skew_ms
+        if event.event_time - now_ms > skew_ms:
+            raise InvalidRecord(
+                "invalid_timestamp",
+                f"event_time is {(event.event_time - now_ms) / 1000:.0f} s after the wall clock "
+                f"(at most {skew_ms / 1000:.0f} s allowed)",
+            )
         oids = [o.oid for o in event.objects if o.type == "person"]
         new = self.entrances.new_oids(event.camera_serial, event.event_time, oids)
         return [Trigger(ENTRANCE, event.camera_serial, where[0], None, event.event_time, None, oid=oid) for oid in new]
@@ -716,7 +727,7 @@ class FaceStageRunner:
             else:
                 self.stats["camera_events"] += 1
                 self._in["camera_event"].inc()
-                triggers = self.stage.plan_camera_event(value)
+                triggers = self.stage.plan_camera_event(value, clock.now_ms())
         except InvalidRecord as exc:
             self.offsets.add(tp, offset, 1)
             self._dead_letter(msg, exc)

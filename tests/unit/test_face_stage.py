@@ -282,7 +282,7 @@ def test_the_same_oid_back_after_the_window_is_a_new_sighting_with_its_own_ids(t
 
     def sighting(at: int) -> Trigger:
         event = CameraEvent(door, at, f"/merakimv/{door}/raw_detections", "RAW_DETECTIONS", objects=objs)
-        [trigger] = stage.plan_camera_event(event.encode())
+        [trigger] = stage.plan_camera_event(event.encode(), at)
         return trigger
 
     first, again = sighting(t0), sighting(t0 + 11 * 60_000)  # the window is 60 s here
@@ -366,3 +366,25 @@ def test_the_stall_limit_with_rekognition_counts_botocores_waits_between_tries_l
         remote = stall_limit_s(Settings(cameras=CameraSettings(deadline_s=45.0), faces=faces))
         assert remote - local == call_limit_s(timeout_s), (timeout_s, remote - local)
         assert remote - local >= REKOGNITION_ATTEMPTS * 2 * timeout_s + RETRY_WAIT_S
+
+
+def test_an_entrance_event_dated_in_the_future_is_invalid_and_leaves_the_oid_memory_as_it_was() -> None:
+    """A camera clock hours ahead, or a publisher naming a far-future time: such an event stopped the oid memory
+    forgetting (it grew with every person for good) and hid that oid's real sighting, which was taken for one seen."""
+    from schemas.errors import InvalidRecord
+
+    stage = FaceStage(Settings(), lambda s, at: pytest.fail("must not snapshot"), None, None)  # type: ignore[arg-type]
+    now = int(time.time() * 1000)
+    objs = (DetectedObject(7, "person", 0.1, 0.1, 0.5, 0.9),)
+
+    def event(at: int) -> bytes:
+        return CameraEvent(
+            "Q2MV-store-001-ENTRANCE", at, "/merakimv/x/raw_detections", "RAW_DETECTIONS", objects=objs
+        ).encode()
+
+    with pytest.raises(InvalidRecord) as err:
+        stage.plan_camera_event(event(now + 24 * 3600_000))
+    assert err.value.kind == "invalid_timestamp" and "86400 s after the wall clock" in err.value.reason
+    [trigger] = stage.plan_camera_event(event(now))  # the person at the door now is still new
+    assert trigger.oid == 7
+    assert stage.plan_camera_event(event(now + 60_000)) == []  # within the skew: the same person
