@@ -148,7 +148,17 @@ class CheckoutInspector:
         except SnapshotError as exc:
             return f"Transaction `{tx_id}` at {where}: no snapshot from camera {serial} ({exc.kind})."
         # A live view is no picture of the sale: kept where no enrollment (``fraud <tx>``) finds it.
-        store.put("checkout", inspection_image_key(tx_id, not shot.fell_back_to_now), shot.image)
+        try:
+            store.put("checkout", inspection_image_key(tx_id, not shot.fell_back_to_now), shot.image)
+        except Exception as exc:  # noqa: BLE001 - the image store away: the comparison is still the answer
+            log.warning("the checkout %s picture was not kept (%s)", tx_id, type(exc).__name__)
+            unkept = f" The picture was not kept (image store: {type(exc).__name__})."
+        else:
+            unkept = ""
+        return self._compared(tx_id, where, shot, engine) + unkept
+
+    def _compared(self, tx_id: str, where: str, shot: Any, engine: Any) -> str:
+        """The reply once the snapshot is there: its faces, compared with the watchlist (or searched in Rekognition)."""
         try:
             faces = engine.analyse(shot.image, max_embedded=1)  # only the largest face is compared locally
         except Exception as exc:  # noqa: BLE001 - a bad image is an answer, not a crash

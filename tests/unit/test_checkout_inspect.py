@@ -120,3 +120,33 @@ def test_one_unusable_watchlist_entry_leaves_the_others_in_the_inspectors_watchl
     monkeypatch.setattr(control_topics, "read_control_topics", read)
     watchlist = load_watchlist(Settings())
     assert watchlist.subjects() == ["subj-new"]
+
+
+def test_an_image_store_that_fails_still_gets_the_comparison_answered_and_says_the_picture_was_not_kept() -> None:
+    """S3 away or a full disk: the follow-up reply was lost (the bot only logged a traceback); the comparison is the
+    answer, and it says the picture was not kept."""
+    from infra.clients.meraki import Snapshot
+
+    class Away:
+        def put(self, kind: str, key: str, data: bytes) -> str:
+            raise OSError("no space left on device")
+
+    class NoFace:
+        def analyse(self, image: bytes, max_embedded: int | None = None) -> list:
+            return []
+
+    def snapshot(serial: str, timestamp_ms: int | None = None) -> Snapshot:
+        return Snapshot(serial, b"\xff\xd8\xff" + bytes(64), "image/jpeg", timestamp_ms, False, 1, 1, 0.1)
+
+    docs = {"tx-1": {"store_id": STORE, "lane_id": "lane-01", "event_time": 1_800_000_000_000}}
+    inspect = CheckoutInspector(
+        Settings(),
+        lookup=docs.get,
+        snapshot=snapshot,
+        engine=NoFace(),
+        store=Away(),
+        watchlist_loader=lambda: pytest.fail("no face, nothing to compare"),
+    )
+    reply = inspect("tx-1")
+    assert reply.startswith(f"Transaction `tx-1` at store {STORE} lane lane-01: fresh snapshot taken, no usable face")
+    assert reply.endswith("The picture was not kept (image store: OSError).")
