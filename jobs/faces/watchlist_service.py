@@ -266,14 +266,25 @@ class WatchlistCore:
 
     # --- state -------------------------------------------------------------------------------------
     def load(self, key: bytes | None, value: bytes | None) -> None:
-        """Apply one record of the watchlist topic (startup replay)."""
+        """Apply one record of the watchlist topic (startup replay). A record that does not decode (or a key that is
+        no text) is left out with a WARNING naming its key, and what was read before for that key stays: raised, it
+        stopped every start of the service, the supervisor's restarts read it again, and no command was carried out."""
         if key is None:
             return
-        if value is None:
-            self.entries.pop(key.decode(), None)
-            self.records.pop(key.decode(), None)
+        try:
+            subject = key.decode()
+            entry = None if value is None else WatchlistEntry.decode(value)
+        except (UnicodeDecodeError, DecodeError) as exc:
+            log.warning(
+                "watchlist record %s left out: it does not decode (%s)",
+                key.decode(errors="replace")[:80],
+                type(exc).__name__,
+            )
             return
-        entry = WatchlistEntry.decode(value)
+        if entry is None:
+            self.entries.pop(subject, None)
+            self.records.pop(subject, None)
+            return
         self.records[entry.subject_id] = entry
         self.entries[entry.subject_id] = {
             "category": entry.category,

@@ -325,6 +325,28 @@ def test_startup_replay_rebuilds_the_known_subjects(core):
     assert "subj-a" not in core.entries
 
 
+def test_a_watchlist_record_that_does_not_decode_is_left_out_of_the_startup_replay_not_raised(core, caplog):
+    """Raised out of the replay, it stopped every start of the service (the supervisor's restarts read it again, and
+    no command was carried out); the entry read before for that key stays."""
+    entry = WatchlistEntry(
+        subject_id="subj-a",
+        category="VIP",
+        embeddings=[[0.0] * FACE_LEN],
+        reason="r",
+        flagged_by="x",
+        flagged_at=1,
+        source_transaction_id="a",
+    )
+    core.load(b"subj-a", entry.encode())
+    core.load(b"subj-a", b"\x00not avro")
+    core.load(b"\xff\xfe", entry.encode())
+    core.load(b"subj-b", entry.encode()[:-3])
+    assert core.entries == {"subj-a": {"category": "VIP", "source_transaction_id": "a"}}
+    assert core.records["subj-a"] == entry
+    left_out = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(left_out) == 3 and left_out[0].startswith("watchlist record subj-a left out: it does not decode")
+
+
 @needs_faces
 def test_an_entry_of_another_embedder_is_enrolled_again_from_its_reference_image(tmp_path) -> None:
     """After CG_FACES__EMBEDDER changes (or its default does), the old entries would never match: the purge
