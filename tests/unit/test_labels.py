@@ -817,7 +817,7 @@ def test_train_from_the_topics_prints_a_warning_for_what_retention_deleted_while
     verdicts = FieldLabels(by_transaction={"tx-1": verdict("tx-1", 1)}, read=1, deleted={0: 2})
     monkeypatch.setattr(reader, "transactions_from_topic", lambda _s: stream)
     monkeypatch.setattr(reader, "read_labels", lambda _s: verdicts)
-    monkeypatch.setattr(train, "observe_all", lambda records, _s: SimpleNamespace(rejected=[]))
+    monkeypatch.setattr(train, "observe_all", lambda records, _s: train.History())
     echoed: list[str] = []
     monkeypatch.setattr(train.typer, "echo", lambda text, err=False: echoed.append(text))
     train._source(None, SETTINGS, from_topic=True, field_labels=True)
