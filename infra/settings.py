@@ -51,11 +51,11 @@ class KafkaSettings(BaseModel, frozen=True):
     topic_prefix: str = ""
     """Prefix for every topic name and every service's default consumer group (:meth:`group`), so a backtest or a
     second environment can share a cluster."""
-    stop_flush_s: float = Field(default=15.0, gt=0, allow_inf_nan=False)
-    """After Ctrl-C or SIGTERM, how long ``pos generate`` / ``replay-csv`` and the shoppers wait for Kafka to
-    acknowledge what they sent (Kafka down, librdkafka would wait out ``message.timeout.ms``, 5 minutes); under
-    the supervisor's ``stop_timeout_s`` (20 s), which SIGKILLs the shoppers after it (checked: see
-    :meth:`Settings._stop_graces_within_the_stop_timeout`)."""
+    stop_flush_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
+    """After Ctrl-C or SIGTERM, how long ``pos generate`` / ``replay-csv``, the shoppers and the alert sender (after
+    its ``stop_wait_s``) wait for Kafka to acknowledge what they sent (Kafka down, librdkafka would wait out
+    ``message.timeout.ms``, 5 minutes); under the supervisor's ``stop_timeout_s`` (20 s), which SIGKILLs them after
+    it, the alert sender's stop wait included (checked: see :meth:`Settings._stop_graces_within_the_stop_timeout`)."""
     dead_letter_retention_days: float = Field(default=7.0, gt=0, allow_inf_nan=False)
     """How long ``dead_letters`` keeps the bad inputs' bytes (names, e-mails, addresses of a transaction; face
     embeddings of a refused face observation or watchlist entry, which ``forget`` does not reach); applied to the
@@ -566,11 +566,12 @@ class AlertSettings(BaseModel, frozen=True):
     long a channel that is down is waited for (10 minutes: an SMTP outage of minutes loses no alert)."""
     retry_initial_s: float = Field(default=0.5, gt=0, allow_inf_nan=False)
     retry_max_s: float = Field(default=30.0, gt=0, allow_inf_nan=False)
-    stop_wait_s: float = Field(default=15.0, gt=0, allow_inf_nan=False)
+    stop_wait_s: float = Field(default=12.0, gt=0, allow_inf_nan=False)
     """At a stop, how long the sender waits for the sends under way (every channel's, and the eraser's, together;
     each Webex or SMTP call has its own timeout, 10 s by default) so that what they delivered is in the ledger
-    before it closes. Below the supervisor's ``stop_timeout_s`` (20 s), which SIGKILLs the sender after it
-    (checked: see :meth:`Settings._stop_graces_within_the_stop_timeout`)."""
+    before it closes. Then Kafka gets up to ``CG_KAFKA__STOP_FLUSH_S`` (5 s) to acknowledge what the sender produced;
+    both together below the supervisor's ``stop_timeout_s`` (20 s), which SIGKILLs the sender after it (checked:
+    see :meth:`Settings._stop_graces_within_the_stop_timeout`)."""
     dashboard_link: str = "http://127.0.0.1:8050/alerts/{alert_id}"
     """Link in every message; ``{alert_id}``, ``{transaction_id}``, ``{store_id}`` are filled in."""
     case_link: str = "http://127.0.0.1:8050/cases/{case_id}"
@@ -1186,7 +1187,8 @@ class Settings(BaseSettings):
     def _stop_graces_within_the_stop_timeout(self) -> Settings:
         """A grace not below the supervisor's stop timeout was taken: its SIGKILL came first, and the camera bridge
         lost the records it would have saved for the next run (the shoppers, their report of what Kafka had not
-        acknowledged; the alert sender, the record of sends that went through, sent again on restart). Refused,
+        acknowledged; the alert sender, the record of sends that went through, sent again on restart: its stop wait
+        and its Kafka flush, one after the other, count together). Refused,
         not clamped: a shorter grace than asked for loses records without a word. The message starts with the
         variable's name (the check spans sections: pydantic gives it no location)."""
         timeout = self.supervisor.stop_timeout_s
@@ -1201,11 +1203,6 @@ class Settings(BaseSettings):
                 self.kafka.stop_flush_s,
                 "the shoppers report the records Kafka has not taken",
             ),
-            (
-                "CG_ALERTS__STOP_WAIT_S",
-                self.alerts.stop_wait_s,
-                "the alert sender records the sends under way (sent again on restart)",
-            ),
         )
         wrong = [
             f"{name}: {grace:g} is not below CG_SUPERVISOR__STOP_TIMEOUT_S ({timeout:g}): the supervisor's SIGKILL "
@@ -1213,6 +1210,15 @@ class Settings(BaseSettings):
             for name, grace, what in graces
             if grace >= timeout
         ]
+        # the alert sender's whole stop: its sends' wait, then its Kafka flush (one after the other)
+        wait, flush = self.alerts.stop_wait_s, self.kafka.stop_flush_s
+        if wait + flush >= timeout:
+            wrong.append(
+                f"CG_ALERTS__STOP_WAIT_S + CG_KAFKA__STOP_FLUSH_S: {wait:g} + {flush:g} = {wait + flush:g} is not "
+                f"below CG_SUPERVISOR__STOP_TIMEOUT_S ({timeout:g}): the supervisor's SIGKILL would come before the "
+                "alert sender records the sends under way (sent again on restart) and Kafka acknowledges what it "
+                "produced at the stop; lower them or raise CG_SUPERVISOR__STOP_TIMEOUT_S"
+            )
         if wrong:
             raise ValueError("; ".join(wrong))
         return self

@@ -1452,7 +1452,8 @@ class AlertSender:
                         self.settings.alerts.stop_wait_s,
                     )
             self._drain_outcomes()
-            self._producer.flush(5)
+            # after the stop wait: both together are checked against the supervisor's stop timeout (settings)
+            self._producer.flush(self.settings.kafka.stop_flush_s)
             self._producer.poll(0)
             with contextlib.suppress(KafkaException):
                 self._commit()

@@ -67,13 +67,15 @@ def settings(stack: Settings, tmp_path: Path) -> Iterator[Settings]:
     s = s.model_copy(
         update={
             "stack_dir": tmp_path / "stack",  # the children's logs; neither process needs the stack's files
-            "alerts": s.alerts.model_copy(update={"channels": "email", "ledger_path": tmp_path / "ledger.sqlite3"}),
+            "alerts": s.alerts.model_copy(
+                update={"channels": "email", "ledger_path": tmp_path / "ledger.sqlite3", "stop_wait_s": 4.0}
+            ),
             "smtp": s.smtp.model_copy(update={"to_addresses": f"{name}@checkout-guard.test"}),
             "metrics": s.metrics.model_copy(update={"base_port": free_port_block(len(metrics.PROCESSES))}),
             "supervisor": s.supervisor.model_copy(
                 update={"backoff_s": 0.5, "health_interval_s": 1.0, "stop_timeout_s": 10.0}
             ),
-            # the graces stay below the stop timeout (else refused at start)
+            # the graces stay below the stop timeout, the alert sender's wait and flush together (else refused at start)
             "kafka": s.kafka.model_copy(update={"stop_flush_s": 5.0}),
             "cameras": s.cameras.model_copy(update={"bridge_stop_grace_s": 5.0}),
         }

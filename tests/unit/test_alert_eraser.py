@@ -939,3 +939,35 @@ def test_a_forgotten_subjects_alert_is_deleted_from_every_room_it_went_to_even_a
     assert result.deleted == 3 and result.subjects == {"subj-tx-1"}
     assert webex.state.bot_messages(ROOM) == webex.state.bot_messages(channels.NYC_ROOM) == []
     assert webex.state.bot_messages("room-closed-store") == []
+
+
+class FlushTimes(Client):
+    """A producer that notes how long each flush may wait."""
+
+    def __init__(self) -> None:
+        self.flushes: list[float] = []
+
+    def flush(self, timeout: float) -> int:
+        self.flushes.append(timeout)
+        return 0
+
+
+def test_shutdown_waits_for_kafka_at_most_the_kafka_stop_flush_after_the_sends_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sender's last flush waited a fixed 5 s after its stop wait, which alone was checked against the
+    supervisor's stop timeout: the SIGKILL could come mid-flush. It is ``CG_KAFKA__STOP_FLUSH_S``, checked with it."""
+    settings = Settings(
+        stack_dir=tmp_path,
+        kafka={"stop_flush_s": 0.7},
+        alerts=AlertSettings(channels="webex", concurrency=1, stop_wait_s=0.3),
+    )
+    alerts = sender.AlertSender(settings, channels=[PostingChannel()], ledger=Ledger(tmp_path / "ledger.sqlite3"))
+    producer = FlushTimes()
+    monkeypatch.setattr(sender.kafka_clients, "consumer", lambda *a, **k: StoppedConsumer())
+    monkeypatch.setattr(sender.kafka_clients, "producer", lambda *a, **k: producer)
+    monkeypatch.setattr(alerts, "start_eraser", lambda halt: None)
+    stop = threading.Event()
+    stop.set()  # SIGTERM before the first fetch
+    alerts.run(stop)
+    assert producer.flushes == [0.7]

@@ -41,7 +41,7 @@ def _quick_stop(timeout_s: float) -> Settings:
     return Settings(
         supervisor=SupervisorSettings(stop_timeout_s=timeout_s),
         cameras={"bridge_stop_grace_s": timeout_s / 2},
-        kafka={"stop_flush_s": timeout_s / 2},
+        kafka={"stop_flush_s": timeout_s / 4},
         alerts={"stop_wait_s": timeout_s / 2},
     )
 

@@ -93,7 +93,7 @@ def _within(cfg: SupervisorSettings) -> Settings:
     return Settings(
         supervisor=cfg,
         cameras={"bridge_stop_grace_s": half},
-        kafka={"stop_flush_s": half},
+        kafka={"stop_flush_s": half / 2},
         alerts={"stop_wait_s": half},
     )
 
@@ -809,7 +809,8 @@ def test_a_supervisor_stops_what_a_killed_supervisor_left_and_only_that(tmp_path
         (
             "CG_SUPERVISOR__STOP_TIMEOUT_S",
             "12",
-            "CG_KAFKA__STOP_FLUSH_S: 15 is not below CG_SUPERVISOR__STOP_TIMEOUT_S (12): the supervisor's SIGKILL",
+            "CG_ALERTS__STOP_WAIT_S + CG_KAFKA__STOP_FLUSH_S: 12 + 5 = 17 is not below CG_SUPERVISOR__STOP_TIMEOUT_S "
+            "(12): the supervisor's SIGKILL",
         ),
         (
             "CG_CAMERAS__BRIDGE_STOP_GRACE_S",
