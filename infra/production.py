@@ -512,7 +512,8 @@ def run(settings: Settings, names: Sequence[str]) -> None:
     finally:
         log.info("%s: stopping %d processes", stop.requested or "exiting", len(supervisor.children))
         left = watch.stop_all(cfg.stop_timeout_s)  # a stop under way (a health stop) is waited for, not repeated
-        left += reaper.finish()
+        # what the children left outside their groups gets its SIGTERM only now: the same stop timeout as they had
+        left += reaper.finish(cfg.stop_timeout_s)
         if left:
             log.warning("stopped %d processes the children left running: %s", len(left), "; ".join(left))
         log.info("every process stopped")

@@ -537,7 +537,7 @@ def test_a_service_the_system_refuses_at_start_does_not_end_the_supervisor(
     monkeypatch.setattr(production.time, "sleep", lambda s: None)
     monkeypatch.setattr(production, "spawn", spawn)
     monkeypatch.setattr(production, "stop_all", lambda children, timeout: stopped.append(list(children)) or [])
-    monkeypatch.setattr(production, "Reaper", lambda **k: type("R", (), {"finish": lambda self: []})())
+    monkeypatch.setattr(production, "Reaper", lambda **k: type("R", (), {"finish": lambda self, timeout: []})())
     monkeypatch.delenv(production.RUN_VAR, raising=False)
     settings = Settings(stack_dir=tmp_path, metrics=MetricsSettings(enabled=False))
     with caplog.at_level(logging.INFO, logger="infra.supervisor"):
@@ -545,6 +545,36 @@ def test_a_service_the_system_refuses_at_start_does_not_end_the_supervisor(
     assert [c.name for c in stopped[0]] == ["opensearch-sink", "alert-sender"], "every other service started"
     assert "case-service: could not be started ([Errno 13] Permission denied); restarting in" in caplog.text
     assert "case-service: no health/metrics endpoint (CG_METRICS__ENABLED=false); not started yet" in caplog.text
+
+
+def test_the_shutdown_gives_what_the_children_left_running_the_stop_timeout_before_sigkill(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """What the children left outside their process groups got SIGKILL 10 s after its SIGTERM, whatever
+    ``CG_SUPERVISOR__STOP_TIMEOUT_S``: a JVM saving its state was cut short with a longer one."""
+    reaped: list[float] = []
+
+    class Stopped(production._Stop):
+        def __init__(self) -> None:
+            self.requested = "SIGTERM"
+
+    class Reaper:
+        def __init__(self, **kwargs: object) -> None:
+            pass
+
+        def finish(self, timeout: float = 10.0) -> list[str]:
+            reaped.append(timeout)
+            return []
+
+    monkeypatch.setattr(production, "_Stop", Stopped)
+    monkeypatch.setattr(production.signal, "signal", lambda *a: None)
+    monkeypatch.setattr(production, "leftovers", lambda timeout_s: [])
+    monkeypatch.setattr(production, "stop_all", lambda children, timeout: [])
+    monkeypatch.setattr(production, "Reaper", Reaper)
+    monkeypatch.delenv(production.RUN_VAR, raising=False)
+    cfg = SupervisorSettings(stop_timeout_s=19.5)
+    production.run(Settings(stack_dir=tmp_path, supervisor=cfg, metrics=MetricsSettings(enabled=False)), ["dashboard"])
+    assert reaped == [19.5]
 
 
 def test_a_zero_limit_turns_health_restarts_off() -> None:
