@@ -32,10 +32,43 @@ class Child:
     log_path: Path
     terminated: bool = field(default=False, init=False, repr=False)
     """SIGTERM was sent (:meth:`terminate`): it is not sent again."""
+    created: float | None = field(default=None, init=False, repr=False)
+    """When the child started (psutil's create time), taken as it is made, before it is waited for: once it has
+    exited and been waited for, its pid, and the process group named after it, may be another process's
+    (:meth:`pid_reused`). None: not known (made for a process already waited for)."""
+
+    def __post_init__(self) -> None:
+        if self.proc.returncode is None:  # not waited for yet: the pid is still the child's, a zombie's at worst
+            with contextlib.suppress(psutil.Error):
+                self.created = psutil.Process(self.proc.pid).create_time()
 
     @property
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def pid_reused(self) -> bool:
+        """Whether the child's pid now names another process (it exited, was waited for, and the pid was given
+        again): that process's group and descendants are not the child's, and are never signalled. A pid no process
+        has is not reused, and then a group named after it is the child's: a group that still has members keeps its
+        id from being given to a new process."""
+        if self.created is None:
+            return False
+        try:
+            return psutil.Process(self.proc.pid).create_time() != self.created
+        except psutil.NoSuchProcess:
+            return False
+        except psutil.Error:  # cannot tell: not signalled, as another's
+            return True
+
+    def _group(self) -> list[int]:
+        """The live members of the child's process group (none once its pid is another process's)."""
+        return [] if self.pid_reused() else _group_members(self.proc.pid)
+
+    def _signal_group(self, sig: int) -> None:
+        """``sig`` to the child's process group, unless its pid is another process's by now."""
+        if not self.pid_reused():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, sig)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the whole process group (the job's JVM and Python workers too)."""
@@ -59,7 +92,8 @@ class Child:
         The child first: on SIGTERM the scoring job cancels its Flink job through its JVM, and a SIGTERM to
         the whole group killed that JVM at the same moment (the cancel failed, with some 80 py4j tracebacks
         in the job's log). The rest of the group (the JVM, workers) is then waited for and signalled in
-        turn: it must not be left running."""
+        turn: it must not be left running. A group is left alone once the child's pid is another process's
+        (:meth:`pid_reused`)."""
         deadline = time.monotonic() + timeout
         self.terminate()
         try:
@@ -67,15 +101,15 @@ class Child:
         except subprocess.TimeoutExpired:
             self.kill(signal.SIGKILL)
             code = self.proc.wait(10)
-        if _group_members(self.proc.pid):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
+        # The group is signalled only while the pid is still the child's: a child that exited long ago (given up, or
+        # stopped at the shutdown) left its pid free, and a process that got it may lead a group of its own.
+        if self._group():
+            self._signal_group(signal.SIGTERM)
         rest = max(deadline, time.monotonic() + 5.0)
-        while _group_members(self.proc.pid) and time.monotonic() < rest:
+        while self._group() and time.monotonic() < rest:
             time.sleep(0.1)
-        if _group_members(self.proc.pid):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        if self._group():
+            self._signal_group(signal.SIGKILL)
         return code
 
 

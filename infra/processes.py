@@ -41,6 +41,8 @@ class Child(Protocol):
 
     def stop(self, timeout: float = 20.0) -> int | None: ...
 
+    def pid_reused(self) -> bool: ...
+
 
 T = TypeVar("T")
 C = TypeVar("C", bound=Child)
@@ -181,13 +183,15 @@ def stop_child(child: Child, timeout: float = 20.0) -> list[str]:
     """Stop a :class:`infra.launcher.Child` and everything under it, even when the child itself has already
     exited (its stop signals what is left of its group once, then kills it) or a grandchild left its process group;
     returns what had to be reaped after the child's own stop. Never raises. The group of a child that had exited got
-    a SIGTERM here and another from the child's stop."""
-    below = {k for k in map(key, descendants(child.proc.pid)) if k is not None}
+    a SIGTERM here and another from the child's stop. Once the child's pid is another process's (it exited long ago),
+    neither that process's descendants nor its group are touched: they were reaped and killed as the child's."""
+    below = set() if child.pid_reused() else {k for k in map(key, descendants(child.proc.pid)) if k is not None}
     try:
         child.stop(timeout)
     except Exception:  # cleanup goes on for the other children
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(child.proc.pid, signal.SIGKILL)
+        if not child.pid_reused():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.proc.pid, signal.SIGKILL)
         with contextlib.suppress(Exception):
             child.proc.wait(5)
     return reap(below, timeout=5)

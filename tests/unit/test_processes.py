@@ -155,3 +155,75 @@ def test_a_port_check_on_a_host_name_whose_lookup_hangs_answers_within_its_time_
         listening.bind(("127.0.0.1", 0))
         listening.listen()
         assert port_open("127.0.0.1", listening.getsockname()[1], timeout=0.3) is True
+
+
+class LongExited:
+    """The ``Popen`` of a child that exited long ago and was waited for: its pid is free for another process."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.returncode = pid, 0
+
+    def poll(self) -> int:
+        return 0
+
+    def wait(self, timeout: float | None = None) -> int:
+        return 0
+
+    def send_signal(self, sig: int) -> None:
+        raise AssertionError("an exited child is not signalled")
+
+
+def _stranger(script: str) -> subprocess.Popen:
+    """A process leading a group of its own, not ours to stop: it got the pid a child of ours had before."""
+    return subprocess.Popen(["bash", "-c", script], start_new_session=True)
+
+
+def _child_that_had(pid: int, tmp_path: Path) -> Child:
+    child = Child("exited-long-ago", LongExited(pid), tmp_path / "exited.log")  # type: ignore[arg-type]
+    child.created = psutil.Process(pid).create_time() - 3600.0  # the child that had the pid started an hour before
+    return child
+
+
+def test_stopping_a_child_whose_pid_was_reused_leaves_the_new_processes_group_alone(tmp_path: Path) -> None:
+    """The stop of a child that had exited long ago signalled the process group named after its pid: once that pid
+    was another process's, the stop ended that process's group."""
+    stranger = _stranger("sleep 30")
+    try:
+        assert _child_that_had(stranger.pid, tmp_path).stop(timeout=0.5) == 0
+        time.sleep(0.3)
+        assert stranger.poll() is None, "the stranger's group was signalled"
+    finally:
+        stranger.kill()
+        stranger.wait(5)
+
+
+def test_stop_child_of_a_child_whose_pid_was_reused_reaps_none_of_the_new_processes_children(tmp_path: Path) -> None:
+    """``stop_child`` reaped the descendants of whatever process had the child's pid now."""
+    stranger = _stranger("sleep 30 & wait")
+    deadline = time.monotonic() + 10
+    while not psutil.Process(stranger.pid).children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [sleep] = psutil.Process(stranger.pid).children()
+    try:
+        assert stop_child(_child_that_had(stranger.pid, tmp_path), timeout=0.5) == []
+        time.sleep(0.3)
+        assert stranger.poll() is None and sleep.is_running() and sleep.status() != psutil.STATUS_ZOMBIE
+    finally:
+        with contextlib.suppress(psutil.Error):
+            sleep.kill()
+        stranger.kill()
+        stranger.wait(5)
+
+
+def test_a_child_records_when_it_started_and_its_pid_is_not_taken_for_reused_while_it_is_the_childs(
+    tmp_path: Path,
+) -> None:
+    proc = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        child = Child("sleeper", proc, tmp_path / "sleeper.log")
+        assert child.created == psutil.Process(proc.pid).create_time()
+        assert not child.pid_reused()
+    finally:
+        proc.kill()
+        proc.wait(5)
+    assert not child.pid_reused(), "a pid no process has is not another process's"
