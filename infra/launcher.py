@@ -305,12 +305,31 @@ class Supervisor:
             lines.append(f"{m.name} {state}" + (f", {len(m.restarts)} restarts" if m.restarts else ""))
         return ", ".join(lines)
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def stop(self, timeout: float = 20.0) -> list[str]:
         """Stop every child; none is restarted from now on. SIGTERM to all first, then each is waited for side by
         side with one deadline ``timeout`` away and SIGKILLed at it (:func:`infra.processes.stop_together`): one
-        after another, N children that ignore SIGTERM took N times ``timeout``."""
+        after another, N children that ignore SIGTERM took N times ``timeout``. Returns the names of those that did
+        not stop (logged at ERROR): a stop that raised (a child still there 10 s after its SIGKILL) came out of here,
+        and the caller's cleanup, and the other children's stops, went no further."""
         self._stopping = True
-        members = [m for m in self._members if m.child is not None]
-        stop_together([m.child for m in members if m.child is not None], timeout, lambda child, left: child.stop(left))
-        for member in members[::-1]:
-            self.log.info("%s: stopped", member.name)
+        children = [m.child for m in self._members if m.child is not None]
+        failures = stop_together(children, timeout, _stop_one)
+        not_stopped = []
+        for child, failure in reversed(list(zip(children, failures, strict=True))):
+            if failure is None:
+                self.log.info("%s: stopped", child.name)
+                continue
+            not_stopped.append(child.name)
+            self.log.error("%s: did not stop (pid %d): %s", child.name, child.proc.pid, failure)
+        return not_stopped[::-1]
+
+
+def _stop_one(child: Child, timeout: float) -> Exception | None:
+    """``child.stop(timeout)``; what it raised instead, once its group has had a SIGKILL (what could be stopped is)."""
+    try:
+        child.stop(timeout)
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            child.kill()
+        return exc
+    return None

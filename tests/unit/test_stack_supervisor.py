@@ -288,3 +288,33 @@ def test_stop_sends_each_child_one_sigterm(tmp_path: Path) -> None:
     finally:
         for child in children:
             child.kill()
+
+
+class Unkillable(FakeChild):
+    """A child still there 10 s after its SIGKILL (stuck in the kernel): its stop raises."""
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        self.stopped = True
+        raise subprocess.TimeoutExpired(["sink"], 10)
+
+    def kill(self, sig: int = 9) -> None:
+        self.killed = True
+
+
+def test_a_child_whose_stop_fails_does_not_keep_stop_from_the_others_and_is_reported(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The TimeoutExpired of a child still there after its SIGKILL came out of ``Supervisor.stop``: the stop ended
+    there, said nothing of the other children, and its caller's cleanup never ran."""
+    sup = Supervisor(clock=clock)
+    stuck = Unkillable("sink")
+    others = [FakeChild("bot"), FakeChild("dashboard")]
+    sup.add("sink", lambda: stuck)
+    for child in others:
+        sup.add(child.name, lambda child=child: child)
+    with caplog.at_level(logging.INFO, logger="infra.supervisor"):
+        assert sup.stop(timeout=1.0) == ["sink"]
+    assert stuck.stopped and stuck.killed and all(child.stopped for child in others)
+    [failed] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert failed.getMessage().startswith("sink: did not stop (pid ")
+    assert "bot: stopped" in caplog.text and "dashboard: stopped" in caplog.text
