@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ssl
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -51,6 +52,8 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 these, sending the same request again); followed only to the Dashboard's hosts (:func:`api_hosts`). The image host
 may redirect a snapshot URL to where the image is stored; followed only to :func:`snapshot_hosts`."""
 MAX_REDIRECTS = 3
+_INFLATE_STEP = 64 * 1024
+"""At most this many decompressed bytes come out of one step of a compressed body's decoding (:func:`_read_body`)."""
 _NOT_READY = frozenset({202, 403, 404})
 """What a snapshot URL answers while the image is being stored (S3-style 403/404, or 202)."""
 Location = tuple[str, str | None]
@@ -195,6 +198,86 @@ def _errors(response: httpx.Response) -> str:
     if isinstance(body, dict) and isinstance(body.get("errors"), list):
         return "; ".join(str(e) for e in body["errors"])
     return str(body)[:200]
+
+
+_IDENTITY = {"Accept-Encoding": "identity"}
+"""Asked of every server: JPEG, PNG and a short JSON gain nothing from compression, and a body that is not
+compressed is counted as it arrives, its ``Content-Length`` in the same bytes as the size limit."""
+
+
+def _inflater(encoding: str, what: str) -> Any:
+    """A zlib decoder for a body sent ``gzip``/``deflate`` although :data:`_IDENTITY` was asked for, None for
+    one not compressed; any other encoding (``br``, ``zstd``, ...) is ``http_error``: nothing else is decoded."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return None
+    if encoding in ("gzip", "x-gzip"):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    if encoding == "deflate":
+        return zlib.decompressobj()
+    raise SnapshotError("http_error", f"{what} came encoded as {encoding[:40]!r}, which is not decoded")
+
+
+def _content_length(response: httpx.Response, limit: int, what: str) -> None:
+    """``http_error`` for a ``Content-Length`` that is no number, ``too_large`` for one past ``limit``: it counts the
+    bytes sent, which :func:`_read_body` holds to the same limit."""
+    length = response.headers.get("Content-Length", "").strip()
+    if length and not (length.isascii() and length.isdigit()):
+        raise SnapshotError("http_error", f"{what} came with a Content-Length that is no number: {length[:20]!r}")
+    if int(length or 0) > limit:
+        raise SnapshotError("too_large", f"{what} of {length} bytes exceeds {limit}")
+
+
+def _raw_chunks(response: httpx.Response) -> Iterator[bytes]:
+    """The body as sent, one network read at a time; a body a transport read whole already (an in-memory one,
+    httpx decodes it as it reads) comes as one piece, and no encoding is left on it."""
+    if response.is_stream_consumed:
+        yield response.content
+    else:
+        yield from response.iter_raw()
+
+
+def _read_body(response: httpx.Response, limit: int, budget: _Budget, what: str, doing: str) -> bytes:
+    """A streamed body, read raw and never past the deadline: at most ``limit`` bytes as sent and at most ``limit``
+    once decompressed, decoded in steps of :data:`_INFLATE_STEP`. httpx's ``iter_bytes`` decodes a whole read at
+    once, so one small read of a gzip or deflate body inflated to tens of MB before any size check (and the limit
+    compared decoded bytes with a ``Content-Length`` of sent ones). ``too_large`` past the limit, ``http_error`` for
+    a body that does not decode; a transport error is raised as is (the caller may fetch it again)."""
+    _content_length(response, limit, what)
+    consumed = response.is_stream_consumed
+    inflate = None if consumed else _inflater(response.headers.get("Content-Encoding", ""), what)
+    chunks: list[bytes] = []
+    received = size = 0
+    try:
+        for chunk in _raw_chunks(response):
+            received += len(chunk)
+            budget.check(doing)
+            pieces = [chunk] if inflate is None else _inflated(inflate, chunk)
+            for piece in pieces:
+                size += len(piece)
+                if max(received, size) > limit:
+                    raise SnapshotError("too_large", f"{what} exceeds {limit} bytes")
+                chunks.append(piece)
+    except zlib.error:
+        raise SnapshotError("http_error", f"{what} does not decode as its Content-Encoding says") from None
+    except httpx.TransportError:
+        raise
+    except httpx.HTTPError as exc:
+        budget.check(doing)
+        raise SnapshotError("transport", f"{type(exc).__name__} while {doing}") from None
+    if inflate is not None and received and not inflate.eof:
+        raise SnapshotError("http_error", f"{what} ends before its compressed data does")
+    return b"".join(chunks)
+
+
+def _inflated(inflate: Any, chunk: bytes) -> Iterator[bytes]:
+    """``chunk`` decompressed, at most :data:`_INFLATE_STEP` bytes at a time (the caller stops when over its limit)."""
+    while True:
+        out = inflate.decompress(chunk, _INFLATE_STEP)
+        yield out
+        chunk = inflate.unconsumed_tail
+        if not chunk and len(out) < _INFLATE_STEP:
+            return
 
 
 class _Budget:
@@ -537,7 +620,9 @@ class MerakiClient:
         the API key, as every request to the image host."""
         target: str | httpx.URL = url
         for _ in range(MAX_REDIRECTS + 1):
-            response = self._request("GET", str(target), budget, "waiting for the snapshot image", stream=True)
+            response = self._request(
+                "GET", str(target), budget, "waiting for the snapshot image", stream=True, headers=_IDENTITY
+            )
             if response.status_code not in _REDIRECTS:
                 return response
             response.close()
@@ -577,28 +662,9 @@ class MerakiClient:
         content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if not content_type.startswith("image/"):
             raise SnapshotError("wrong_type", f"snapshot URL answered {content_type or 'no content type'}, no image")
-        limit = self.cfg.max_image_bytes
-        length = response.headers.get("Content-Length", "").strip()
-        if length and not (length.isascii() and length.isdigit()):
-            raise SnapshotError(
-                "http_error", f"snapshot URL answered a Content-Length that is no number: {length[:20]!r}"
-            )
-        if int(length or 0) > limit:
-            raise SnapshotError("too_large", f"snapshot image of {length} bytes exceeds {limit}")
-        chunks, size = [], 0
-        try:
-            for chunk in response.iter_bytes():
-                size += len(chunk)
-                if size > limit:
-                    raise SnapshotError("too_large", f"snapshot image exceeds {limit} bytes")
-                budget.check("downloading the snapshot image")
-                chunks.append(chunk)
-        except httpx.TransportError:
-            raise
-        except httpx.HTTPError as exc:  # e.g. a body that does not decode
-            budget.check("downloading the snapshot image")
-            raise SnapshotError("transport", f"{type(exc).__name__} while downloading the snapshot image") from None
-        data = b"".join(chunks)
+        data = _read_body(
+            response, self.cfg.max_image_bytes, budget, "snapshot image", "downloading the snapshot image"
+        )
         if not data:
             raise SnapshotError("empty", "snapshot image is empty")
         if content_type in ("image/jpeg", "image/jpg") and not data.startswith(JPEG_MAGIC):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 
 import httpx
@@ -802,3 +802,102 @@ def test_a_content_length_that_is_no_number_is_a_snapshot_error_not_a_crash(leng
     assert err.value.kind == "http_error" and "Content-Length" in err.value.reason
     with dashboard_client(Mislabelled(str(len(JPEG)))) as client:
         assert client.snapshot("Q2MV-store-001-lane-01").image == JPEG
+
+
+class ScriptedHost:
+    """A local HTTP server speaking generateSnapshot: ``post`` answers it (given the snapshot URL on this server),
+    ``get`` answers the snapshot URL; each a whole raw HTTP response, so nothing normalises what is sent.
+    ``heads`` keeps the request heads it got."""
+
+    def __init__(self, post: Callable[[bytes], bytes], get: bytes = b"") -> None:
+        import socketserver
+        import threading
+
+        self.post, self.get, self.heads = post, get, []
+        host = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                head = b""
+                while not head.endswith(b"\r\n\r\n"):
+                    line = self.rfile.readline()
+                    if not line:
+                        return
+                    head += line
+                host.heads.append(head)
+                length = next(
+                    (int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")), 0
+                )
+                self.rfile.read(length)
+                url = f"{host.base_url[: -len('/api/v1')]}/snapshots/t1.jpg".encode()
+                answer = host.post(url) if head.startswith(b"POST") else host.get
+                self.connection.sendall(answer)
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/api/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def __enter__(self) -> ScriptedHost:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def http_answer(status: str, content_type: str, body: bytes, encoding: str = "") -> bytes:
+    head = f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nConnection: close\r\nContent-Length: {len(body)}\r\n"
+    return (head + (f"Content-Encoding: {encoding}\r\n" if encoding else "") + "\r\n").encode() + body
+
+
+def URL_REPLY(url: bytes) -> bytes:  # noqa: N802 - a constant answer, but for the server's own address
+    return http_answer("202 Accepted", "application/json", b'{"url": "%s"}' % url)
+
+
+def test_a_compressed_image_bomb_is_refused_without_inflating_it_in_memory() -> None:
+    """httpx's ``iter_bytes`` inflated each read whole before the size check: 60 kB of gzip became 60 MB at once."""
+    import gzip
+    import tracemalloc
+
+    bomb = gzip.compress(JPEG + bytes(60 * 1024 * 1024), 9)
+    assert len(bomb) < 100 * 1024
+    cameras = CameraSettings(max_image_bytes=1024 * 1024)
+    with ScriptedHost(URL_REPLY, http_answer("200 OK", "image/jpeg", bomb, "gzip")) as host:
+        with MerakiClient(cameras, host.base_url) as client, pytest.raises(SnapshotError) as err:
+            tracemalloc.start()
+            try:
+                client.snapshot("Q2MV-store-001-lane-01")
+            finally:
+                peak = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
+        heads = host.heads
+    assert err.value.kind == "too_large"
+    assert peak < 8 * 1024 * 1024, f"{peak} bytes in memory for a 1 MiB limit"
+    assert b"accept-encoding: identity" in heads[-1].lower(), "no compression is asked for"
+
+
+def test_a_compressed_image_counts_its_bytes_both_as_sent_and_as_decoded() -> None:
+    """A host that compresses anyway is decoded within the limit; its Content-Length counts the bytes sent, the limit
+    both those and the image's; an encoding that is not decoded here is refused."""
+    import gzip
+    import zlib
+
+    image = JPEG + bytes(4000)
+    for encoding, body in [("gzip", gzip.compress(image)), ("deflate", zlib.compress(image)), ("", image)]:
+        with ScriptedHost(URL_REPLY, http_answer("200 OK", "image/jpeg", body, encoding)) as host:
+            with MerakiClient(CameraSettings(max_image_bytes=len(image)), host.base_url) as client:
+                assert client.snapshot("Q2MV-store-001-lane-01").image == image, encoding
+            smaller = CameraSettings(max_image_bytes=len(image) - 1)
+            with MerakiClient(smaller, host.base_url) as client, pytest.raises(SnapshotError) as err:
+                client.snapshot("Q2MV-store-001-lane-01")
+            assert err.value.kind == "too_large", encoding
+    for encoding, body, says in [("br", b"\x0b\x02\x80hi\x03", "'br'"), ("gzip", b"not gzip", "does not decode")]:
+        answer = http_answer("200 OK", "image/jpeg", body, encoding)
+        with (
+            ScriptedHost(URL_REPLY, answer) as host,
+            MerakiClient(CameraSettings(), host.base_url) as client,
+            pytest.raises(SnapshotError) as err,
+        ):
+            client.snapshot("Q2MV-store-001-lane-01")
+        assert err.value.kind == "http_error" and says in err.value.reason, encoding
