@@ -20,6 +20,7 @@ and to the local camera (``infra.local.camera``), the default.
 
 from __future__ import annotations
 
+import json
 import ssl
 import time
 import zlib
@@ -52,6 +53,8 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 these, sending the same request again); followed only to the Dashboard's hosts (:func:`api_hosts`). The image host
 may redirect a snapshot URL to where the image is stored; followed only to :func:`snapshot_hosts`."""
 MAX_REDIRECTS = 3
+MAX_API_REPLY_BYTES = 64 * 1024
+"""A generateSnapshot reply is a URL and an expiry (or a few errors); a longer one is ``http_error``, unread."""
 _INFLATE_STEP = 64 * 1024
 """At most this many decompressed bytes come out of one step of a compressed body's decoding (:func:`_read_body`)."""
 _NOT_READY = frozenset({202, 403, 404})
@@ -190,14 +193,23 @@ def iso_timestamp(epoch_ms: int) -> str:
     return datetime.fromtimestamp(epoch_ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _errors(response: httpx.Response) -> str:
+def _json(body: bytes) -> Any:
+    """The JSON of an API reply, ``ValueError`` for one that is none: also for one nested so deep that the parser's
+    recursion gives up (a RecursionError left the snapshot client with no :class:`SnapshotError`)."""
     try:
-        body = response.json()
+        return json.loads(body)
+    except RecursionError:
+        raise ValueError("JSON nested too deep") from None
+
+
+def _errors(body: bytes) -> str:
+    try:
+        parsed = _json(body)
     except ValueError:
-        return response.text[:200]
-    if isinstance(body, dict) and isinstance(body.get("errors"), list):
-        return "; ".join(str(e) for e in body["errors"])
-    return str(body)[:200]
+        return body[:200].decode(errors="replace")
+    if isinstance(parsed, dict) and isinstance(parsed.get("errors"), list):
+        return "; ".join(str(e) for e in parsed["errors"])[:500]
+    return str(parsed)[:200]
 
 
 _IDENTITY = {"Accept-Encoding": "identity"}
@@ -560,27 +572,50 @@ class MerakiClient:
                 str(url),
                 budget,
                 "requesting a snapshot",
+                stream=True,
                 json=body,
-                headers={API_KEY_HEADER: self.cfg.api_key.get_secret_value(), "Accept": "application/json"},
+                headers={
+                    API_KEY_HEADER: self.cfg.api_key.get_secret_value(),
+                    "Accept": "application/json",
+                    **_IDENTITY,
+                },
             )
             if response.status_code not in _REDIRECTS:
                 break
+            response.close()
             url = self._redirect(response)
         else:
             raise SnapshotError("http_error", f"generateSnapshot redirected more than {MAX_REDIRECTS} times")
+        reply = self._reply(response, budget)
         if response.status_code in (200, 202):
             try:
-                url = response.json()["url"]
+                url = _json(reply)["url"]
             except (ValueError, KeyError, TypeError):
                 raise SnapshotError("http_error", "generateSnapshot answered without a url") from None
             # The scheme is case-insensitive (RFC 3986): ``HTTPS://`` is https; the URL is fetched as parsed.
             if not isinstance(url, str) or not url.lower().startswith(("http://", "https://")):
                 raise SnapshotError("http_error", "generateSnapshot answered an invalid url")
             return str(self._check_snapshot_url(url))
-        detail = _errors(response)
+        detail = _errors(reply)
         if response.status_code == 400 and NO_VIDEO.lower() in detail.lower():
             raise SnapshotError("no_video", NO_VIDEO)
         raise SnapshotError("http_error", f"generateSnapshot HTTP {response.status_code}: {detail}")
+
+    def _reply(self, response: httpx.Response, budget: _Budget) -> bytes:
+        """The generateSnapshot reply's body, at most :data:`MAX_API_REPLY_BYTES` (a longer one is ``http_error``:
+        no answer of the API is that long) and never past the deadline; then the response is closed."""
+        doing = "reading the generateSnapshot reply"
+        try:
+            return _read_body(response, MAX_API_REPLY_BYTES, budget, "generateSnapshot reply", doing)
+        except SnapshotError as exc:
+            if exc.kind == "too_large":
+                raise SnapshotError("http_error", f"HTTP {response.status_code}: {exc.reason}") from None
+            raise
+        except httpx.TransportError as exc:
+            budget.check(doing)
+            raise SnapshotError("transport", f"{type(exc).__name__} while {doing}") from None
+        finally:
+            response.close()
 
     def _redirect(self, response: httpx.Response) -> httpx.URL:
         """Where a redirected generateSnapshot goes next, with the API key: only a Dashboard host (:func:`api_hosts`)

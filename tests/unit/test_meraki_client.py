@@ -901,3 +901,30 @@ def test_a_compressed_image_counts_its_bytes_both_as_sent_and_as_decoded() -> No
         ):
             client.snapshot("Q2MV-store-001-lane-01")
         assert err.value.kind == "http_error" and says in err.value.reason, encoding
+
+
+@pytest.mark.parametrize("status", ["202 Accepted", "400 Bad Request"])
+def test_a_generate_snapshot_reply_nested_too_deep_is_an_http_error_not_a_recursion_error(status: str) -> None:
+    """json raised RecursionError for it, which no caller catches as a snapshot failure."""
+    deep = b'{"url": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"
+    with (
+        ScriptedHost(lambda url: http_answer(status, "application/json", deep)) as host,
+        MerakiClient(CameraSettings(), host.base_url) as client,
+        pytest.raises(SnapshotError) as err,
+    ):
+        client.snapshot("Q2MV-store-001-lane-01")
+    assert err.value.kind == "http_error"
+    assert b"accept-encoding: identity" in host.heads[0].lower()
+
+
+def test_a_generate_snapshot_reply_longer_than_an_api_answer_is_refused_unread() -> None:
+    """The reply was read whole, however long: a URL padded with 20 MB was taken."""
+    pad = b'{"url": "%s", "expiry": "' + b"x" * (20 * 1024 * 1024) + b'"}'
+    with (
+        ScriptedHost(lambda url: http_answer("202 Accepted", "application/json", pad.replace(b"%s", url, 1))) as host,
+        MerakiClient(CameraSettings(), host.base_url) as client,
+        pytest.raises(SnapshotError) as err,
+    ):
+        client.snapshot("Q2MV-store-001-lane-01")
+    assert err.value.kind == "http_error" and "65536" in err.value.reason
+    assert len(host.heads) == 1, "the snapshot URL is not fetched"
