@@ -80,7 +80,7 @@ from dataclasses import dataclass, replace
 from typing import Annotated, Any, Protocol
 
 import typer
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Message, TopicPartition
 
 from infra import clock, metrics
 from infra.clients import kafka as kafka_clients
@@ -266,6 +266,15 @@ class Trigger:
     """Snapshot timestamp; None = now."""
     transaction_id: str | None = None
     oid: int | None = None
+    seen_by: int | None = None
+    """The latest the event can have happened by clocks of ours: when Kafka took its record, or when the stage read
+    it. An entrance's freshness is measured from it where it is before ``event_time`` (a camera clock ahead, up to
+    ``max_future_skew_ms``), which otherwise made the lag negative: the event looked fresh that much longer."""
+
+    @property
+    def since_ms(self) -> int:
+        """What the lag is measured from: the event time, or :attr:`seen_by` if earlier."""
+        return self.event_time if self.seen_by is None else min(self.event_time, self.seen_by)
 
     @property
     def observation_id(self) -> str:
@@ -415,12 +424,15 @@ class FaceStage:
             )
         ]
 
-    def plan_camera_event(self, value: bytes | None, now_ms: int | None = None) -> list[Trigger]:
+    def plan_camera_event(
+        self, value: bytes | None, now_ms: int | None = None, record_ms: int | None = None
+    ) -> list[Trigger]:
         """A snapshot "now" per new person on an entrance camera; raises InvalidRecord for bad bytes, a
         camera serial that is no valid serial (it would go into the Dashboard API's path), or an entrance event
         dated more than ``job.max_future_skew_ms`` after ``now_ms`` (``invalid_timestamp``): the oid memory runs on
         event time, and one such event stopped it forgetting (it grew with every person for good) and kept that oid
-        from being a new person until then."""
+        from being a new person until then. ``record_ms``: when Kafka took the record, if known; with ``now_ms`` it
+        bounds when the event happened (:attr:`Trigger.seen_by`)."""
         event = CameraEvent.from_avro(codec("CameraEvent").decode(value))  # DecodeError is an InvalidRecord
         check_serial(event.camera_serial, "camera_serial")
         if event.kind != "RAW_DETECTIONS":
@@ -438,7 +450,11 @@ class FaceStage:
             )
         oids = [o.oid for o in event.objects if o.type == "person"]
         new = self.entrances.new_oids(event.camera_serial, event.event_time, oids)
-        return [Trigger(ENTRANCE, event.camera_serial, where[0], None, event.event_time, None, oid=oid) for oid in new]
+        seen_by = now_ms if record_ms is None else min(now_ms, record_ms)
+        return [
+            Trigger(ENTRANCE, event.camera_serial, where[0], None, event.event_time, None, oid=oid, seen_by=seen_by)
+            for oid in new
+        ]
 
     def observe(self, trigger: Trigger, now_ms: int | None = None) -> FaceObservation:
         """Snapshot, store, analyse. Never raises for a failure of those: every one is an observation with a
@@ -461,7 +477,7 @@ class FaceStage:
         # sees every backlog (the bridge's MQTT session, Kafka, this stage); a queue inside the stage does not add
         # to it, as entrances have their own workers (FaceStageRunner).
         limit = self._max_lag_ms if trigger.kind == CHECKOUT else self._entrance_max_lag_ms
-        lag = now_ms - trigger.event_time
+        lag = now_ms - trigger.since_ms
         if lag > limit:
             self._late[trigger.kind].inc()
             return obs("UNAVAILABLE", f"not snapshotted: {lag // 1000} s late (limit {limit // 1000} s)")
@@ -504,6 +520,12 @@ class FaceStage:
             why = f"Rekognition search failed: {found.failed}"
             return obs("UNAVAILABLE", "; ".join([why, *notes]), matcher=REKOGNITION_MATCHER, **face)
         return obs("NO_MATCH", "; ".join(notes) or None, matcher=REKOGNITION_MATCHER, **face)
+
+
+def _record_ms(msg: Message) -> int | None:
+    """When Kafka took the record (its timestamp), None when it carries none."""
+    kind, ms = msg.timestamp()
+    return ms if kind != TIMESTAMP_NOT_AVAILABLE and ms > 0 else None
 
 
 def _observation(trigger: Trigger, status: str, reason: str | None = None, **extra: Any) -> FaceObservation:
@@ -727,7 +749,7 @@ class FaceStageRunner:
             else:
                 self.stats["camera_events"] += 1
                 self._in["camera_event"].inc()
-                triggers = self.stage.plan_camera_event(value, clock.now_ms())
+                triggers = self.stage.plan_camera_event(value, clock.now_ms(), _record_ms(msg))
         except InvalidRecord as exc:
             self.offsets.add(tp, offset, 1)
             self._dead_letter(msg, exc)

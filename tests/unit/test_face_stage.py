@@ -388,3 +388,44 @@ def test_an_entrance_event_dated_in_the_future_is_invalid_and_leaves_the_oid_mem
     [trigger] = stage.plan_camera_event(event(now))  # the person at the door now is still new
     assert trigger.oid == 7
     assert stage.plan_camera_event(event(now + 60_000)) == []  # within the skew: the same person
+
+
+def test_an_entrance_event_from_a_camera_clock_ahead_is_late_by_when_it_was_read_not_fresh_for_longer(tmp_path) -> None:
+    """A camera 4 minutes ahead gave a lag of minus 4 minutes: its backlog was photographed "now", minutes late."""
+    asked: list[str] = []
+    stage = _stage(tmp_path, None, lambda s, at: asked.append(s) or pytest.fail("must not snapshot"))
+    now = 1_800_000_000_000
+    objs = (DetectedObject(7, "person", 0.1, 0.1, 0.5, 0.9),)
+    door = "Q2MV-store-001-ENTRANCE"
+    ahead = CameraEvent(door, now + 240_000, "/merakimv/x/raw_detections", "RAW_DETECTIONS", objects=objs)
+    [trigger] = stage.plan_camera_event(ahead.encode(), now)  # no record time: from when it was read
+    obs = stage.observe(trigger, now + 11_000)
+    assert obs.status == "UNAVAILABLE" and obs.reason == "not snapshotted: 11 s late (limit 10 s)"
+    assert obs.event_time == now + 240_000, "the event keeps its own time (and ids)"
+    [trigger] = stage.plan_camera_event(replace_oid(ahead, 8).encode(), now, record_ms=now - 60_000)  # 1 min in Kafka
+    assert stage.observe(trigger, now + 1_000).reason == "not snapshotted: 61 s late (limit 10 s)"
+    assert asked == []
+
+
+def test_an_on_time_entrance_event_is_still_photographed(tmp_path) -> None:
+    """The clock ahead is measured from when the record was taken, which never refuses an event that is fresh."""
+    asked: list[int] = []
+
+    def snapshot(serial: str, at_ms: int | None) -> Snapshot:
+        asked.append(len(asked))
+        raise SnapshotError("deadline", "asked")
+
+    stage = _stage(tmp_path, None, snapshot)
+    now = 1_800_000_000_000
+    objs = (DetectedObject(7, "person", 0.1, 0.1, 0.5, 0.9),)
+    for i, (event_ms, record_ms) in enumerate([(now, now + 50), (now + 2_000, now + 50), (now - 3_000, None)]):
+        event = CameraEvent("Q2MV-store-001-ENTRANCE", event_ms, "/x", "RAW_DETECTIONS", objects=objs)
+        [trigger] = stage.plan_camera_event(replace_oid(event, i).encode(), now + 100, record_ms)
+        assert stage.observe(trigger, now + 5_000).reason == "snapshot deadline: asked", (event_ms, record_ms)
+    assert len(asked) == 3
+
+
+def replace_oid(event: CameraEvent, oid: int) -> CameraEvent:
+    from dataclasses import replace
+
+    return replace(event, objects=tuple(replace(o, oid=oid) for o in event.objects))
