@@ -138,6 +138,11 @@ class CheckoutInspector:
             return f"I cannot look up `{tx_id}` right now ({type(exc).__name__})."
         if doc is None:
             return f"I do not know transaction `{tx_id}` (not decided yet, or a typo?)."
+        missing = _missing(doc)
+        if missing:  # a document of another writer, or damaged: a KeyError here left the bot's reply unsent
+            return (
+                f"Transaction `{tx_id}` is indexed without its {', '.join(missing)}: I cannot tell which camera to ask."
+            )
         try:
             serial = camera_for_lane(self.settings, doc["store_id"], doc["lane_id"])
         except InvalidRecord as exc:  # a document from before ids were checked at the edge
@@ -209,6 +214,16 @@ class CheckoutInspector:
             return None
         category = self._watchlist_loader().category(found.match.subject_id)
         return Match(found.match.subject_id, category, found.match.similarity) if category else None
+
+
+def _missing(doc: Any) -> list[str]:
+    """The fields a snapshot needs that the indexed transaction lacks (or has of another type)."""
+    if not isinstance(doc, dict):
+        return ["store_id", "lane_id", "event_time"]
+    wanted = {"store_id": str, "lane_id": str, "event_time": int}
+    return [
+        name for name, kind in wanted.items() if not isinstance(doc.get(name), kind) or isinstance(doc.get(name), bool)
+    ]
 
 
 class _SearchFailed(CheckoutGuardError):

@@ -150,3 +150,31 @@ def test_an_image_store_that_fails_still_gets_the_comparison_answered_and_says_t
     reply = inspect("tx-1")
     assert reply.startswith(f"Transaction `tx-1` at store {STORE} lane lane-01: fresh snapshot taken, no usable face")
     assert reply.endswith("The picture was not kept (image store: OSError).")
+
+
+@pytest.mark.parametrize(
+    ("doc", "says"),
+    [
+        ({"lane_id": "lane-01", "event_time": 1}, "store_id"),
+        ({"store_id": "store-001", "event_time": 1}, "lane_id"),
+        ({"store_id": "store-001", "lane_id": "lane-01"}, "event_time"),
+        ({"store_id": "store-001", "lane_id": "lane-01", "event_time": "yesterday"}, "event_time"),
+        ({}, "store_id, lane_id, event_time"),
+    ],
+)
+def test_a_document_without_its_store_lane_or_time_is_answered_not_a_key_error(tmp_path, doc: dict, says: str) -> None:
+    """A KeyError there ended the command with a traceback: the bot's follow-up reply never came."""
+
+    def snapshot(serial: str, **_: object) -> object:
+        raise AssertionError("no camera may be asked")
+
+    with CheckoutInspector(
+        Settings(stack_dir=tmp_path),
+        lookup={"tx-x": doc}.get,
+        snapshot=snapshot,
+        engine=object(),
+        store=object(),
+        watchlist_loader=lambda: None,
+    ) as inspect:
+        reply = inspect("tx-x")
+    assert reply == f"Transaction `tx-x` is indexed without its {says}: I cannot tell which camera to ask."
