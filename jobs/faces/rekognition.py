@@ -15,6 +15,7 @@ public-safety uses).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import logging
@@ -34,7 +35,12 @@ EXTERNAL_IMAGE_ID_RE = re.compile(r"[a-zA-Z0-9_.\-:]{1,255}")
 """What Rekognition accepts as ``ExternalImageId`` (API_Face: pattern ``[a-zA-Z0-9_.\\-:]+``, 1-255 characters).
 botocore does not check the pattern: AWS answers ``ValidationException``."""
 _ESCAPED = re.compile(r"_([0-9A-F]{2})")
-_HASHED = "_sha256-"
+_ENCODED = "_:"
+"""Prefix of a subject id written in base32 (:func:`external_image_id`). An escaped id goes on with the subject id's
+first character, always alphanumeric, so the two never meet."""
+_LEGACY_HASHED = re.compile(r"_sha256-[0-9a-f]{64}")
+"""What earlier versions wrote for an id too long to escape: not reversible, so still found by :func:`subject_of`
+among known subjects, and still deleted by ``forget``."""
 ATTEMPTS = 4
 """Calls per request in botocore's ``standard`` retry mode: throttling, 5xx and connection errors are tried again
 with jittered exponential backoff, then the error is the caller's (bounded: a command never waits long)."""
@@ -76,8 +82,9 @@ REFUSALS: dict[str, str] = {
 def external_image_id(subject_id: str) -> str:
     """The ``ExternalImageId`` of ``subject_id``: the id itself when Rekognition accepts it (every id of an
     existing collection, so its faces are still found), else ``_`` + the id with ``_`` and every refused
-    character (``+``, ``@``) written ``_XX`` (hex). Subject ids start alphanumeric, so the two never meet;
-    :func:`subject_of` reverses it. One too long for 255 characters is ``_sha256-<hex>`` (not reversible)."""
+    character (``+``, ``@``) written ``_XX`` (hex). One that would pass 255 characters so (many ``+`` or ``@``) is
+    ``_:`` + its UTF-8 in base32 (207 characters at most, for the 128 of a subject id). Every form names the subject
+    again (:func:`subject_of`), as the face stage and ``checkout <tx>`` search without a list of subjects."""
     if EXTERNAL_IMAGE_ID_RE.fullmatch(subject_id):
         return subject_id
     escaped = "_" + "".join(
@@ -85,16 +92,32 @@ def external_image_id(subject_id: str) -> str:
     )
     if EXTERNAL_IMAGE_ID_RE.fullmatch(escaped):
         return escaped
-    return _HASHED + hashlib.sha256(subject_id.encode()).hexdigest()
+    encoded = _ENCODED + base64.b32encode(subject_id.encode()).decode().rstrip("=")
+    if not EXTERNAL_IMAGE_ID_RE.fullmatch(encoded):
+        raise ValueError(f"a subject id of {len(subject_id)} characters has no ExternalImageId (at most 128)")
+    return encoded
+
+
+def _legacy_external_image_id(subject_id: str) -> str | None:
+    """The ``_sha256-<hex>`` earlier versions indexed ``subject_id``'s faces under, when it was too long to escape."""
+    if external_image_id(subject_id).startswith(_ENCODED):
+        return "_sha256-" + hashlib.sha256(subject_id.encode()).hexdigest()
+    return None
 
 
 def subject_of(external_id: str, subjects: tuple[str, ...] = ()) -> str | None:
-    """The subject id an ``ExternalImageId`` stands for (:func:`external_image_id` reversed); a hashed one is
-    found among ``subjects`` only, else None."""
+    """The subject id an ``ExternalImageId`` stands for (:func:`external_image_id` reversed); an earlier version's
+    hashed one is found among ``subjects`` only, else None (as is one that decodes to no text)."""
     if not external_id.startswith("_"):
         return external_id
-    if external_id.startswith(_HASHED):
-        return next((s for s in subjects if external_image_id(s) == external_id), None)
+    if _LEGACY_HASHED.fullmatch(external_id):
+        return next((s for s in subjects if _legacy_external_image_id(s) == external_id), None)
+    if external_id.startswith(_ENCODED):
+        data = external_id[len(_ENCODED) :]
+        try:
+            return base64.b32decode(data + "=" * (-len(data) % 8)).decode()
+        except (ValueError, UnicodeDecodeError):  # binascii.Error is a ValueError
+            return None
     return _ESCAPED.sub(lambda m: chr(int(m.group(1), 16)), external_id[1:])
 
 
@@ -235,9 +258,14 @@ class RekognitionFaces:
             if exc.code != "ResourceAlreadyExistsException":
                 raise
 
-    def face_ids(self, subject_id: str) -> list[str]:
-        """Every face of the collection indexed for ``subject_id`` (ListFaces, all pages)."""
-        external = external_image_id(subject_id)
+    def face_ids(self, subject_id: str, legacy: bool = False) -> list[str]:
+        """Every face of the collection indexed for ``subject_id`` (ListFaces, all pages); ``legacy``: those indexed
+        under the ``_sha256-<hex>`` of an earlier version too (``forget`` deletes them; a search cannot name them, so
+        they do not keep ``index`` from indexing the subject again)."""
+        external = {external_image_id(subject_id)}
+        former = _legacy_external_image_id(subject_id) if legacy else None
+        if former:
+            external.add(former)
         out: list[str] = []
         token: str | None = None
         while True:
@@ -245,7 +273,7 @@ class RekognitionFaces:
             if token:
                 kwargs["NextToken"] = token
             page = self._call("list_faces", **kwargs)
-            out += [f["FaceId"] for f in page.get("Faces", []) if f.get("ExternalImageId") == external]
+            out += [f["FaceId"] for f in page.get("Faces", []) if f.get("ExternalImageId") in external]
             token = page.get("NextToken")
             if not token:
                 return out
@@ -297,7 +325,7 @@ class RekognitionFaces:
 
     def forget(self, subject_id: str) -> int:
         """Delete every face of ``subject_id``; returns how many were deleted."""
-        ids = self.face_ids(subject_id)
+        ids = self.face_ids(subject_id, legacy=True)
         for i in range(0, len(ids), 4096):
             self._call("delete_faces", CollectionId=self.collection, FaceIds=ids[i : i + 4096])
         return len(ids)

@@ -267,6 +267,8 @@ def test_watchlist_service_with_rekognition_indexes_on_fraud_and_deletes_on_forg
         "subj-a_b@c",
         "s" + "+" * 127,
         "s" + "@_" * 63,
+        "subj-" + "@" * 123,
+        "sha256-" + "a" * 64 + "+",
     ],
 )
 def test_every_subject_id_has_a_valid_distinct_external_image_id_that_names_it_again(subject):
@@ -276,7 +278,7 @@ def test_every_subject_id_has_a_valid_distinct_external_image_id_that_names_it_a
     assert ID_RE.fullmatch(subject), "a subject id the pipeline accepts"
     external = external_image_id(subject)
     assert EXTERNAL_IMAGE_ID_RE.fullmatch(external), "Rekognition's pattern, 1-255 characters"
-    assert subject_of(external, (subject,)) == subject
+    assert subject_of(external) == subject, "named again without a list of subjects, as the face stage searches"
     others = ["subj-tx-1", "subj-POS7+00042@store-001", "subj-a_2Bb", "subj-a+b", "subj-a_b@c", "s" + "+" * 127]
     assert [o for o in others if o != subject and external_image_id(o) == external] == []
 
@@ -286,6 +288,31 @@ def test_a_valid_subject_id_keeps_its_external_image_id_so_existing_collections_
 
     assert external_image_id("subj-POS7-00042:store-001.a_b") == "subj-POS7-00042:store-001.a_b"
     assert external_image_id("subj-POS7+00042@store-001") == "_subj-POS7_2B00042_40store-001"
+
+
+def test_forget_deletes_faces_an_earlier_version_indexed_under_a_hashed_external_image_id():
+    import hashlib
+
+    subject = "subj-" + "+" * 100
+    server = _one_face_server()
+    url = server.start()
+    try:
+        faces = RekognitionFaces(
+            FaceSettings(
+                rekognition_endpoint_url=url,
+                aws_region="us-east-1",
+                aws_access_key_id=SecretStr("testing"),
+                aws_secret_access_key=SecretStr("testing"),
+            )
+        )
+        faces.ensure_collection()
+        hashed = "_sha256-" + hashlib.sha256(subject.encode()).hexdigest()
+        faces.client.index_faces(CollectionId=faces.collection, Image={"Bytes": _jpeg()}, ExternalImageId=hashed)
+        assert faces.search(_jpeg(), (subject,)).subject_id == subject, "still named among known subjects"
+        assert len(faces.index(subject, _jpeg())) == 1, "indexed again under an id a search names"
+        assert faces.forget(subject) == 2 and faces.client.list_faces(CollectionId=faces.collection)["Faces"] == []
+    finally:
+        server.stop()
 
 
 def _one_face_server():

@@ -189,6 +189,20 @@ def test_an_escaped_external_image_id_is_mapped_back_to_its_subject(collection) 
     assert search_faces(strict, image, SquareFaces().analyse(image)).match.subject_id == "subj-POS7+1@s1"
 
 
+def test_a_subject_id_too_long_to_escape_is_matched_by_a_search_without_a_list_of_subjects(collection) -> None:
+    """A sale id with many ``+`` or ``@`` passes 255 characters escaped: it was hashed, and the face stage and
+    ``checkout <tx>`` (which search without a list of subjects) never named the subject of a match."""
+    from jobs.faces.rekognition import EXTERNAL_IMAGE_ID_RE
+
+    subject = "subj-" + "+@" * 61 + "1"
+    collection.index(subject, picture((GREEN, 50, 60)))
+    listed = collection.client.list_faces(CollectionId=collection.collection)["Faces"]
+    assert all(EXTERNAL_IMAGE_ID_RE.fullmatch(f["ExternalImageId"]) for f in listed)
+    image = picture((GREEN, 100, 60))
+    found = search_faces(collection, image, SquareFaces().analyse(image))
+    assert found.match is not None and found.match.subject_id == subject
+
+
 @pytest.mark.parametrize("orientation", [3, 6, 8])
 def test_a_face_in_an_exif_rotated_jpeg_is_cropped_where_it_was_found_and_matched(collection, orientation) -> None:
     """The face box is of the picture turned as EXIF says (where the engine finds faces): the crop was cut from
