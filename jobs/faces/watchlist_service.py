@@ -768,7 +768,9 @@ class WatchlistCore:
 
     def reembed(self, now_ms: int) -> list[Out]:
         """Entries enrolled by another embedder than the configured one (``CG_FACES__EMBEDDER`` changed, or its
-        default did) never match a probe: each is enrolled again from its reference image, audited ``REEMBED``
+        default did), and entries without embeddings (a subject known only to a Rekognition collection: ``LEARN``
+        adds templates to it, yet it never matched with the local backend), never match a probe: each is enrolled
+        again from its reference image, audited ``REEMBED``
         (templates learned from sightings are dropped: their images are not kept). One that cannot be (no
         reference image, no face in it) is audited ``FAILED`` once and logged: it needs a new ``suspect``. With the
         Rekognition backend too (it matches in its collection, which keeps its own faces), so that the entries still
@@ -776,8 +778,9 @@ class WatchlistCore:
         wanted = self.engine.embedder
         outs: list[Out] = []
         for subject, entry in list(self.records.items()):
-            if not entry.embeddings or embedder_of(np.asarray(entry.embeddings[0])) == wanted:
+            if entry.embeddings and embedder_of(np.asarray(entry.embeddings[0])) == wanted:
                 continue
+            dropped = max(len(entry.embeddings) - 1, 0)
             audit = {
                 "event_time": now_ms,
                 "action": "REEMBED",
@@ -811,13 +814,14 @@ class WatchlistCore:
                     raise Failed("no_face", "no face passed the quality gate in the reference image")
                 assert face.embedding is not None, "the face best_face gives passed the gate, so it is embedded"
             except Failed as failed:
-                log.error("%s was enrolled by another embedder and cannot be again: %s", subject, failed.reason)
+                was = "was enrolled by another embedder" if entry.embeddings else "has no embeddings"
+                log.error("%s %s and cannot be enrolled again: %s", subject, was, failed.reason)
                 reason = f"{failed.kind}: {failed.reason}"
                 outs.append(self._audit(**audit, audit_id=failed_id, outcome="FAILED", reason=reason))
                 continue
             again = replace(entry, embeddings=[[float(v) for v in face.embedding]])
             self.records[subject] = again
-            log.info("%s enrolled again with %s (%d templates dropped)", subject, wanted, len(entry.embeddings) - 1)
+            log.info("%s enrolled again with %s (%d templates dropped)", subject, wanted, dropped)
             outs.append(Out(WATCHLIST, subject.encode(), again.encode()))
             outs.append(
                 self._audit(
@@ -825,7 +829,7 @@ class WatchlistCore:
                     audit_id=f"reembed:{subject}:{wanted}:{now_ms}",
                     outcome="DONE",
                     reason=f"enrolled again from the reference image with {wanted}",
-                    details={"templates_dropped": str(len(entry.embeddings) - 1), "quality": f"{face.quality:.3f}"},
+                    details={"templates_dropped": str(dropped), "quality": f"{face.quality:.3f}"},
                 )
             )
         return outs

@@ -218,13 +218,27 @@ def test_an_alert_snapshot_goes_after_its_own_longer_period(core):
     assert list(core.store.retained()) == [refs[2]]
 
 
+def embedding_of(embedder: str) -> list[float]:
+    """An embedding :func:`jobs.faces.engine.embedder_of` takes for ``embedder``'s (each network's part at its norm,
+    weighted as the engine concatenates them), so the purge's re-embedding leaves an entry of it alone."""
+    import numpy as np
+
+    from jobs.faces.engine import PART_DIM, PARTS, SFACE_SCALE, WEIGHTS
+
+    parts = []
+    for part in PARTS[embedder]:
+        norm = 1.4 if part == "dlib" else SFACE_SCALE
+        parts.append(np.full(PART_DIM[part], norm / np.sqrt(PART_DIM[part])) * WEIGHTS.get(embedder, {}).get(part, 1.0))
+    return [float(v) for v in np.concatenate(parts).astype(np.float32)]
+
+
 def enrol(core: WatchlistCore, subject: str) -> None:
-    """``subject`` on the watchlist as the service reads it back from its topic (no face photos needed; without
-    embeddings, so the purge's re-embedding leaves it alone)."""
+    """``subject`` on the watchlist as the service reads it back from its topic (no face photos needed; its
+    embedding the configured embedder's, so the purge's re-embedding leaves it alone)."""
     entry = WatchlistEntry(
         subject_id=subject,
         category="SUSPECT",
-        embeddings=[],
+        embeddings=[embedding_of(core.engine.embedder)],
         reason="test",
         flagged_by="lp@example.com",
         flagged_at=NOW - 86_400_000,
@@ -375,6 +389,30 @@ def test_an_entry_of_another_embedder_is_enrolled_again_from_its_reference_image
     assert audits["subj-tx-1"].outcome == "DONE" and audits["subj-tx-1"].details["templates_dropped"] == "1"
     assert audits["subj-tx-2"].outcome == "FAILED" and "no_reference" in audits["subj-tx-2"].reason
     assert core.reembed(NOW + 1) == [], "done once; the failure is not audited again"
+
+
+@needs_faces
+def test_an_entry_without_embeddings_is_enrolled_from_its_reference_image_so_it_can_match(tmp_path) -> None:
+    """An entry without embeddings never matches with the local backend, yet the re-embedding left it alone while
+    ``LEARN`` added templates to it: it is enrolled from its reference image like an entry of another embedder."""
+    import numpy as np
+
+    from infra.settings import FaceSettings
+    from jobs.faces.engine import embedder_of
+
+    settings = Settings(stack_dir=tmp_path, faces=FaceSettings(embedder="sface"))
+    core = WatchlistCore(settings, engine=FaceEngine(settings.faces), store=LocalImageStore(tmp_path / "images"))
+    photo = (FACES / "face_recognition" / "test_images" / "obama.jpg").read_bytes()
+    reference = core.store.put("reference", "subj-tx-1", photo)
+    empty = WatchlistEntry("subj-tx-1", "SUSPECT", [], "fraud", "lp@example.com", NOW, reference, "tx-1")
+    core.load(b"subj-tx-1", empty.encode())
+
+    outs = core.reembed(NOW)
+    [again] = [WatchlistEntry.decode(o.value) for o in by_topic(outs)["watchlist"]]
+    assert len(again.embeddings) == 1 and embedder_of(np.asarray(again.embeddings[0])) == "sface"
+    [audit] = [AuditEvent.decode(o.value) for o in by_topic(outs)["audit"]]
+    assert (audit.action, audit.outcome, audit.details["templates_dropped"]) == ("REEMBED", "DONE", "0")
+    assert core.reembed(NOW + 1) == [], "enrolled: nothing more to do"
 
 
 def test_an_image_store_outage_is_retried_and_a_missing_s3_image_fails_once(tmp_path) -> None:
