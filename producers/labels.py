@@ -48,7 +48,7 @@ from rich.console import Console
 
 from infra import clock
 from infra.clients import kafka as kafka_clients
-from infra.clients.topic_replay import RangeError, parse_time_ms
+from infra.clients.topic_replay import RangeError, TimeOutOfRange, parse_time_ms
 from infra.settings import Settings, get_settings
 from schemas.errors import CheckoutGuardError, InvalidRecord
 from schemas.identifiers import check
@@ -87,6 +87,9 @@ def parse_decided_at(text: str, now_ms: int) -> int:
     """A verdict time (ISO-8601, epoch ms or ``now``) that is not in the future; else ``InvalidRecord``."""
     try:
         moment = parse_time_ms(text, now_ms)
+    except TimeOutOfRange as exc:
+        bound = "before 1970-01-01 (times are milliseconds since then)" if exc.early else "after 9999-12-31 in UTC"
+        raise InvalidRecord("invalid_timestamp", f"decided_at is {bound}") from None
     except RangeError:
         raise InvalidRecord("invalid_timestamp", "decided_at is not ISO-8601 or epoch milliseconds") from None
     if moment > now_ms + MAX_FUTURE_MS:

@@ -66,6 +66,15 @@ class RangeError(CheckoutGuardError, ValueError):
     """A range that cannot be resolved (bad syntax, unknown partition); the message says which."""
 
 
+class TimeOutOfRange(RangeError):
+    """A well-formed time before 1970 (``early``) or past 9999 in UTC: callers that word their own reasons say which
+    bound it crossed, not that it is no time."""
+
+    def __init__(self, message: str, early: bool) -> None:
+        super().__init__(message)
+        self.early = early
+
+
 class NoSuchTopic(RangeError):
     """The topic to read is not on the cluster: a wrong name given (a usage error) or a topic the tool relies on
     that is missing (an operational failure); the caller tells which."""
@@ -101,12 +110,13 @@ def parse_time_ms(text: str, now_ms: int | None = None) -> int:
     # (2004-01-26T23:51:08.353Z -> ...352), moving a range's bound onto the millisecond before
     ms = (moment - _EPOCH) // _MS
     if ms < 0:
-        raise RangeError(
+        raise TimeOutOfRange(
             f"{text!r} is before 1970-01-01T00:00:00Z: Kafka takes times as milliseconds since then (and -1, -2 as"
-            " latest, earliest)"
+            " latest, earliest)",
+            early=True,
         )
     if ms > LATEST_MS:
-        raise RangeError(f"{text!r} is after 9999-12-31T23:59:59.999Z in UTC: no date names it")
+        raise TimeOutOfRange(f"{text!r} is after 9999-12-31T23:59:59.999Z in UTC: no date names it", early=False)
     return ms
 
 

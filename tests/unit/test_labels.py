@@ -162,6 +162,20 @@ def test_bad_rows_are_reported_with_their_line_and_reason_and_left_out() -> None
     assert found.rows == 10
 
 
+@pytest.mark.parametrize(
+    ("when", "said"),
+    [("1969-12-31T23:59:59Z", "before 1970"), ("9999-12-31T23:00:00-05:00", "after 9999-12-31")],
+    ids=["before-1970", "past-9999"],
+)
+def test_a_decided_at_out_of_range_says_which_bound_it_crossed_not_that_it_is_no_time(when, said) -> None:
+    """A well-formed time before 1970 was refused as "not ISO-8601 or epoch milliseconds"."""
+    found = csv_labels(f"transaction_id,label,decided_at\ntx-1,fraud,{when}\n")
+    [bad] = found.bad
+    assert said in bad.reason and "ISO-8601" not in bad.reason
+    with pytest.raises(InvalidRecord, match=said):
+        parse_decided_at(when, NOW)
+
+
 def test_a_trailing_separator_after_the_last_column_is_not_a_bad_row() -> None:
     """A spreadsheet's export ends rows with a separator: ``tx-1,fraud,`` under a two-column header."""
     found = csv_labels("transaction_id,label\ntx-1,fraud,\ntx-2,legit,,\ntx-3,fraud,x\n")
