@@ -601,30 +601,49 @@ def partition_count(client: Consumer | Producer, topic: str, kafka: KafkaSetting
     return len(md.partitions)
 
 
+def _unavailable(topic: str, error: KafkaError) -> TopicUnavailable:
+    return TopicUnavailable(f"topic {topic}: the broker answered {error.str()} ({error.name()})")
+
+
+def _readable_partitions(client: Consumer, topic: str, kafka: KafkaSettings) -> int:
+    """Partitions of ``topic`` (0 when it does not exist); :class:`TopicUnavailable` when the broker answers for it
+    with an error (no leader, not authorised): taken for no partitions, a caller waiting for it to be read found
+    nothing left to read."""
+    md = kafka_clients.cluster_metadata(client, kafka).topics.get(topic)
+    if md is None:
+        return 0
+    if md.error is not None:
+        raise _unavailable(topic, md.error)
+    return len(md.partitions)
+
+
 def high_watermarks(kafka: KafkaSettings, topic: str) -> dict[int, int]:
-    """Per partition, the offset the next record will get (empty when the topic does not exist)."""
+    """Per partition, the offset the next record will get (empty when the topic does not exist;
+    :class:`TopicUnavailable` when the broker answers for it with an error)."""
     consumer = _consumer(kafka)
     try:
         return {
             p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1]
-            for p in range(partition_count(consumer, topic, kafka))
+            for p in range(_readable_partitions(consumer, topic, kafka))
         }
     finally:
         consumer.close()
 
 
 def committed_offsets(kafka: KafkaSettings, group: str, topic: str) -> dict[int, int]:
-    """A consumer group's committed offsets on ``topic`` (negative = nothing committed yet)."""
+    """A consumer group's committed offsets on ``topic`` (negative = nothing committed yet; empty when the topic does
+    not exist; :class:`TopicUnavailable` when the broker answers for it with an error)."""
     consumer = kafka_clients.consumer(kafka, group, kafka_clients.MANUAL_COMMIT)
     try:
-        parts = [TopicPartition(topic, p) for p in range(partition_count(consumer, topic, kafka))]
+        parts = [TopicPartition(topic, p) for p in range(_readable_partitions(consumer, topic, kafka))]
         return {tp.partition: tp.offset for tp in consumer.committed(parts, timeout=10)}
     finally:
         consumer.close()
 
 
 def caught_up(kafka: KafkaSettings, group: str, topic: str) -> bool:
-    """Has ``group`` committed everything ``topic`` holds now? (Flink commits on each checkpoint.)"""
+    """Has ``group`` committed everything ``topic`` holds now? (Flink commits on each checkpoint.)
+    :class:`TopicUnavailable` when the broker answers for the topic with an error, never "yes"."""
     ends = high_watermarks(kafka, topic)
     done = committed_offsets(kafka, group, topic)
     return all(done.get(p, -1) >= end or end == 0 for p, end in ends.items())
@@ -645,7 +664,7 @@ def plan(
         if md is None:
             raise NoSuchTopic(f"topic {topic} does not exist")
         if md.error is not None:
-            raise TopicUnavailable(f"topic {topic}: the broker answered {md.error.str()} ({md.error.name()})")
+            raise _unavailable(topic, md.error)
         count = len(md.partitions)
         watermarks = {
             p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False) for p in range(count)

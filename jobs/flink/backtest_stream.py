@@ -743,8 +743,10 @@ def version_notes(report: Report) -> list[str]:
 
 
 def wait_until_done(copy: Settings, children: list, timeout_s: float, quiet_s: float) -> None:
-    """Until the copy committed all its input and the sink all the copy's output, and that stays so."""
-    from infra.clients.topic_replay import caught_up, high_watermarks
+    """Until the copy committed all its input and the sink all the copy's output, and that stays so. A topic the
+    broker answers for with an error (no leader, not authorised) is a ``RuntimeError`` saying so: it was taken for
+    one with nothing to read, and the backtest compared before the copy had decided anything."""
+    from infra.clients.topic_replay import TopicUnavailable, caught_up, high_watermarks
     from schemas.indices import default_group_id
 
     prefix = copy.kafka.topic_prefix
@@ -756,10 +758,13 @@ def wait_until_done(copy: Settings, children: list, timeout_s: float, quiet_s: f
             for child in children:
                 if not child.alive:
                     raise RuntimeError(f"{child.name} exited with {child.proc.returncode}; see {child.log_path}")
-            done = caught_up(copy.kafka, copy.consumer_group, tx_topic) and caught_up(
-                copy.kafka, default_group_id(prefix), scored_topic
-            )
-            now_ends = high_watermarks(copy.kafka, scored_topic)
+            try:
+                done = caught_up(copy.kafka, copy.consumer_group, tx_topic) and caught_up(
+                    copy.kafka, default_group_id(prefix), scored_topic
+                )
+                now_ends = high_watermarks(copy.kafka, scored_topic)
+            except TopicUnavailable as exc:
+                raise RuntimeError(f"cannot tell whether the job copy finished the range: {exc}") from None
             if done and now_ends == last:
                 stable_since = stable_since or time.monotonic()
                 if time.monotonic() - stable_since >= quiet_s:

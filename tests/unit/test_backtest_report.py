@@ -458,3 +458,28 @@ def test_the_report_warns_when_the_side_the_candidate_leaves_alone_differs():
         "Versions: baseline rule set r1, model m1; candidate rule set r2, model m1 (the copy's rule set from the"
         in (report_markdown(model_only))
     )
+
+
+def test_waiting_for_the_copy_says_the_brokers_error_for_a_topic_it_answers_with_one(tmp_path, monkeypatch):
+    """A copy topic without a leader (or not authorised) was taken for one with nothing to read: the backtest went
+    on to compare before the copy had decided anything."""
+    from confluent_kafka import KafkaError
+
+    from infra.clients import topic_replay
+    from jobs.flink.backtest_stream import wait_until_done
+
+    class NoConsumer:
+        def close(self) -> None:
+            pass
+
+    error = KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)
+    copy = candidate_settings(Settings(stack_dir=tmp_path), "bt-1", Candidate(rules_file=tmp_path / "r.yaml"))
+    topics = {
+        name: SimpleNamespace(error=error, partitions={})
+        for name in ("bt-1.transactions", "bt-1.processed_transactions")
+    }
+    monkeypatch.setattr(topic_replay, "_consumer", lambda _kafka: NoConsumer())
+    monkeypatch.setattr(topic_replay.kafka_clients, "consumer", lambda *_a: NoConsumer())
+    monkeypatch.setattr(topic_replay.kafka_clients, "cluster_metadata", lambda *_a: SimpleNamespace(topics=topics))
+    with pytest.raises(RuntimeError, match="cannot tell whether the job copy finished the range: topic bt-1"):
+        wait_until_done(copy, [], timeout_s=5, quiet_s=0)

@@ -799,3 +799,40 @@ def test_a_topic_the_broker_answers_for_with_an_error_is_named_with_that_error_n
     result = CliRunner().invoke(replay_cli.app, ["run", "transactions"])
     assert result.exit_code == exit_code, result.output
     assert result.output.strip() == f"Error: {raised.value}"
+
+
+@pytest.mark.parametrize("code", [KafkaError.LEADER_NOT_AVAILABLE, KafkaError.TOPIC_AUTHORIZATION_FAILED])
+def test_watermarks_and_committed_offsets_of_a_topic_the_broker_answers_with_an_error_raise_that_error(
+    monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """Such a topic was taken for one without partitions: ``caught_up`` said "yes", as if all was read."""
+
+    class NoConsumer:
+        def get_watermark_offsets(self, tp: TopicPartition, timeout: float, cached: bool) -> tuple[int, int]:
+            return 0, 5
+
+        def committed(self, parts: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+            return [TopicPartition(tp.topic, tp.partition, 5) for tp in parts]
+
+        def close(self) -> None:
+            pass
+
+    error = KafkaError(code)
+    topics = {
+        "scored": SimpleNamespace(error=error, partitions={}),
+        "ok": SimpleNamespace(error=None, partitions={0: 0}),
+    }
+    monkeypatch.setattr(topic_replay, "_consumer", lambda _kafka: NoConsumer())
+    monkeypatch.setattr(topic_replay.kafka_clients, "consumer", lambda *_a: NoConsumer())
+    monkeypatch.setattr(topic_replay.kafka_clients, "cluster_metadata", lambda *_a: SimpleNamespace(topics=topics))
+    said = f"topic scored: the broker answered {error.str()} ({error.name()})"
+    for read in (
+        lambda: topic_replay.high_watermarks(KAFKA, "scored"),
+        lambda: topic_replay.committed_offsets(KAFKA, "g", "scored"),
+        lambda: topic_replay.caught_up(KAFKA, "g", "scored"),
+    ):
+        with pytest.raises(topic_replay.TopicUnavailable) as raised:
+            read()
+        assert str(raised.value) == said
+    assert topic_replay.high_watermarks(KAFKA, "missing") == {}, "a topic that does not exist has nothing"
+    assert topic_replay.high_watermarks(KAFKA, "ok") == {0: 5} and topic_replay.caught_up(KAFKA, "g", "ok")
