@@ -371,9 +371,10 @@ def main(
 
 def _stop(settings: Settings, watch: HealthSupervisor, reaper: Reaper) -> list[str]:
     """Every process of the demo, side by side, SIGKILL after ``CG_SUPERVISOR__STOP_TIMEOUT_S`` as under
-    ``checkout-guard supervise`` (it waited 20 s whatever the setting), then what they left; a line for each."""
+    ``checkout-guard supervise`` (it waited 20 s whatever the setting), then what they left, with the same timeout
+    (it had 10 s whatever the setting); a line for each."""
     # a stop of what a crashed process left, still under way, is waited for: stopped again, its group got SIGTERM twice
-    return watch.stop_all(settings.supervisor.stop_timeout_s) + reaper.finish()
+    return watch.shutdown(reaper, settings.supervisor.stop_timeout_s)
 
 
 def _show(

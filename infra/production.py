@@ -278,6 +278,12 @@ class HealthSupervisor:
         self._stops.clear()
         return left
 
+    def shutdown(self, reaper: Reaper, timeout_s: float) -> list[str]:
+        """The whole shutdown of ``supervise`` and ``make run``: :meth:`stop_all`, then what the children left outside
+        their process groups (``reaper``'s), which gets its SIGTERM only now and the same ``timeout_s`` before SIGKILL
+        as they had (a fixed 10 s cut short a JVM saving its state). What had to be reaped."""
+        return self.stop_all(timeout_s) + reaper.finish(timeout_s)
+
     def close(self) -> None:
         """Wait for the stops under way (each bounded by ``stop_timeout_s`` and the group's few seconds); questions
         still out are not waited for."""
@@ -511,9 +517,7 @@ def run(settings: Settings, names: Sequence[str]) -> None:
             time.sleep(TICK_S)
     finally:
         log.info("%s: stopping %d processes", stop.requested or "exiting", len(supervisor.children))
-        left = watch.stop_all(cfg.stop_timeout_s)  # a stop under way (a health stop) is waited for, not repeated
-        # what the children left outside their groups gets its SIGTERM only now: the same stop timeout as they had
-        left += reaper.finish(cfg.stop_timeout_s)
+        left = watch.shutdown(reaper, cfg.stop_timeout_s)  # a stop under way (a health stop) is waited for
         if left:
             log.warning("stopped %d processes the children left running: %s", len(left), "; ".join(left))
         log.info("every process stopped")

@@ -142,3 +142,19 @@ def test_make_run_shutdown_waits_for_the_stop_of_what_a_crashed_process_left_ins
     finally:
         with contextlib.suppress(psutil.Error):
             worker.kill()
+
+
+def test_make_run_gives_what_its_processes_left_running_the_supervisor_stop_timeout_before_sigkill() -> None:
+    """What make run's processes left outside their process groups got SIGKILL 10 s after its SIGTERM, whatever
+    ``CG_SUPERVISOR__STOP_TIMEOUT_S`` (supervise's shutdown gave it the stop timeout)."""
+    settings = _quick_stop(1.5)
+    watch = demo._supervision(settings, True, logging.getLogger("test.demo"))
+    reaped: list[float] = []
+
+    class Reaping(Reaper):
+        def finish(self, timeout: float = 10.0) -> list[str]:
+            reaped.append(timeout)
+            return []
+
+    assert demo._stop(settings, watch, Reaping(marker=None, value=None)) == []
+    assert reaped == [1.5]
