@@ -13,6 +13,7 @@ identified by (pid, create time), so a recycled pid is not taken for the process
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -27,11 +28,15 @@ from typing import Protocol, TypeVar
 
 import psutil
 
+log = logging.getLogger("infra.supervisor")
+"""The supervisor's logger (a stop that failed is its news): ``make run`` writes it to its own supervisor.log."""
+
 
 class Child(Protocol):
     """What the stops below need of a started process (:class:`infra.launcher.Child`), named here so that this
     module does not import ``infra.launcher``, which imports it."""
 
+    name: str
     proc: subprocess.Popen
 
     @property
@@ -182,13 +187,16 @@ def reap(keys: Iterable[ProcKey], timeout: float = 10.0) -> list[str]:
 def stop_child(child: Child, timeout: float = 20.0) -> list[str]:
     """Stop a :class:`infra.launcher.Child` and everything under it, even when the child itself has already
     exited (its stop signals what is left of its group once, then kills it) or a grandchild left its process group;
-    returns what had to be reaped after the child's own stop. Never raises. The group of a child that had exited got
-    a SIGTERM here and another from the child's stop. Once the child's pid is another process's (it exited long ago),
-    neither that process's descendants nor its group are touched: they were reaped and killed as the child's."""
+    returns what had to be reaped after the child's own stop. Never raises: a stop that raised is logged at ERROR
+    naming the child (it was dropped without a word, and the shutdown went on as if the child had stopped). The group
+    of a child that had exited got a SIGTERM here and another from the child's stop. Once the child's pid is another
+    process's (it exited long ago), neither that process's descendants nor its group are touched: they were reaped and
+    killed as the child's."""
     below = set() if child.pid_reused() else {k for k in map(key, descendants(child.proc.pid)) if k is not None}
     try:
         child.stop(timeout)
-    except Exception:  # cleanup goes on for the other children
+    except Exception as exc:  # cleanup goes on for the other children
+        log.error("%s: did not stop (pid %d): %s", child.name, child.proc.pid, exc)
         if not child.pid_reused():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(child.proc.pid, signal.SIGKILL)

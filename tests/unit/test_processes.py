@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import subprocess
 import time
@@ -227,3 +228,24 @@ def test_a_child_records_when_it_started_and_its_pid_is_not_taken_for_reused_whi
         proc.kill()
         proc.wait(5)
     assert not child.pid_reused(), "a pid no process has is not another process's"
+
+
+def test_a_child_whose_stop_failed_is_logged_at_error_with_its_name(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stop that raised (a child still there 10 s after its SIGKILL) was swallowed without a word: supervise's and
+    make run's shutdown went on as if the child had stopped."""
+
+    class Unstoppable(Child):
+        def stop(self, timeout: float = 20.0) -> int | None:
+            raise subprocess.TimeoutExpired(["sleep"], 10)
+
+    proc = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        with caplog.at_level(logging.INFO, logger="infra.supervisor"):
+            stop_child(Unstoppable("face-stage", proc, tmp_path / "face-stage.log"), timeout=0.1)
+    finally:
+        proc.kill()
+        proc.wait(5)
+    (error,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert error.getMessage().startswith(f"face-stage: did not stop (pid {proc.pid}): ")
