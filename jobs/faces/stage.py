@@ -268,8 +268,9 @@ class Trigger:
     oid: int | None = None
     seen_by: int | None = None
     """The latest the event can have happened by clocks of ours: when Kafka took its record, or when the stage read
-    it. An entrance's freshness is measured from it where it is before ``event_time`` (a camera clock ahead, up to
-    ``max_future_skew_ms``), which otherwise made the lag negative: the event looked fresh that much longer."""
+    it. An entrance's or a checkout's freshness is measured from it where it is before ``event_time`` (a camera or
+    POS clock ahead, up to ``max_future_skew_ms``), which otherwise made the lag negative: the event looked fresh that
+    much longer. A checkout's snapshot is still of ``at_ms``, the transaction's own time."""
 
     @property
     def since_ms(self) -> int:
@@ -403,9 +404,11 @@ class FaceStage:
         self._face_analysis = metrics.FACE_ANALYSIS_SECONDS.labels(PROCESS)
         self._late = {kind: metrics.SKIPPED.labels(PROCESS, f"{kind.lower()}_late") for kind in (CHECKOUT, ENTRANCE)}
 
-    def plan_transaction(self, value: bytes | None, now_ms: int) -> list[Trigger]:
+    def plan_transaction(self, value: bytes | None, now_ms: int, record_ms: int | None = None) -> list[Trigger]:
         """The lane snapshot of a valid transaction; nothing for an invalid one (see module doc), including
-        one whose store or lane id is no name (``camera_for_lane`` refuses to build a serial from it)."""
+        one whose store or lane id is no name (``camera_for_lane`` refuses to build a serial from it). ``record_ms``:
+        when Kafka took the record, if known; with ``now_ms`` it bounds when the sale happened (:attr:`Trigger.seen_by`:
+        a POS clock ahead made the lag negative, and a late transaction was snapshotted as fresh)."""
         try:
             job = self.settings.job
             tx = parse_transaction(value, now_ms, job.max_message_bytes, job.max_future_skew_ms)
@@ -421,6 +424,7 @@ class FaceStage:
                 tx["event_time"],
                 tx["event_time"],
                 transaction_id=tx["transaction_id"],
+                seen_by=_seen_by(now_ms, record_ms),
             )
         ]
 
@@ -450,7 +454,7 @@ class FaceStage:
             )
         oids = [o.oid for o in event.objects if o.type == "person"]
         new = self.entrances.new_oids(event.camera_serial, event.event_time, oids)
-        seen_by = now_ms if record_ms is None else min(now_ms, record_ms)
+        seen_by = _seen_by(now_ms, record_ms)
         return [
             Trigger(ENTRANCE, event.camera_serial, where[0], None, event.event_time, None, oid=oid, seen_by=seen_by)
             for oid in new
@@ -520,6 +524,12 @@ class FaceStage:
             why = f"Rekognition search failed: {found.failed}"
             return obs("UNAVAILABLE", "; ".join([why, *notes]), matcher=REKOGNITION_MATCHER, **face)
         return obs("NO_MATCH", "; ".join(notes) or None, matcher=REKOGNITION_MATCHER, **face)
+
+
+def _seen_by(now_ms: int, record_ms: int | None) -> int:
+    """The latest an input happened by our clocks (:attr:`Trigger.seen_by`): when Kafka took its record, if known, or
+    when the stage read it (``now_ms``), whichever is earlier."""
+    return now_ms if record_ms is None else min(now_ms, record_ms)
 
 
 def _record_ms(msg: Message) -> int | None:
@@ -745,7 +755,7 @@ class FaceStageRunner:
             if tp[0] == self.tx_topic:
                 self.stats["transactions"] += 1
                 self._in["transaction"].inc()  # one record per loop turn: poll() hands out one at a time
-                triggers = self.stage.plan_transaction(value, clock.now_ms())
+                triggers = self.stage.plan_transaction(value, clock.now_ms(), _record_ms(msg))
             else:
                 self.stats["camera_events"] += 1
                 self._in["camera_event"].inc()

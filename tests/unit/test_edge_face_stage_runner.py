@@ -150,10 +150,10 @@ def test_a_record_the_stage_fails_on_is_a_dead_letter_and_the_rest_goes_on() -> 
     class Buggy(FaceStage):
         """A planning bug for one transaction: the kind of exception no validation foresees."""
 
-        def plan_transaction(self, value: bytes | None, now_ms: int) -> list:
+        def plan_transaction(self, value: bytes | None, now_ms: int, record_ms: int | None = None) -> list:
             if PosTransaction.decode(value).transaction_id == "tx-bug":  # type: ignore[arg-type]
                 raise KeyError("lane map")
-            return super().plan_transaction(value, now_ms)
+            return super().plan_transaction(value, now_ms, record_ms)
 
     asked: list[str] = []
     stage = Buggy(settings(), no_video(asked), None, None)  # type: ignore[arg-type]

@@ -429,3 +429,32 @@ def replace_oid(event: CameraEvent, oid: int) -> CameraEvent:
     from dataclasses import replace
 
     return replace(event, objects=tuple(replace(o, oid=oid) for o in event.objects))
+
+
+def test_a_transaction_from_a_pos_clock_ahead_is_late_by_when_it_was_read_not_fresh_for_longer(tmp_path) -> None:
+    """A POS clock 4 minutes ahead took 4 minutes off the lag: a transaction past its 10 minutes was snapshotted."""
+    stage = _stage(tmp_path, None, lambda s, at: pytest.fail("must not snapshot"))
+    now = 1_800_000_000_000
+    limit_s = 600
+    [trigger] = stage.plan_transaction(_tx(now + 240_000), now)  # no record time: from when it was read
+    obs = stage.observe(trigger, now + (limit_s + 1) * 1000)
+    assert obs.status == "UNAVAILABLE" and obs.reason == f"not snapshotted: {limit_s + 1} s late (limit {limit_s} s)"
+    assert (obs.event_time, trigger.at_ms) == (now + 240_000, now + 240_000), "its own time, and the video's"
+    [trigger] = stage.plan_transaction(_tx(now + 240_000), now, record_ms=now - 420_000)  # 7 min in Kafka
+    assert stage.observe(trigger, now + 181_000).reason == f"not snapshotted: 601 s late (limit {limit_s} s)"
+
+
+def test_an_on_time_transaction_is_still_snapshotted(tmp_path) -> None:
+    """The clock ahead is measured from when the record was taken, which never refuses a transaction that is fresh."""
+    asked: list[int | None] = []
+
+    def snapshot(serial: str, at_ms: int | None) -> Snapshot:
+        asked.append(at_ms)
+        raise SnapshotError("deadline", "asked")
+
+    stage = _stage(tmp_path, None, snapshot)
+    now = 1_800_000_000_000
+    for event_ms, record_ms in [(now, now + 50), (now + 240_000, now + 50), (now - 3_000, None)]:
+        [trigger] = stage.plan_transaction(_tx(event_ms), now + 100, record_ms)
+        assert stage.observe(trigger, now + 590_000).reason == "snapshot deadline: asked", (event_ms, record_ms)
+    assert asked == [now, now + 240_000, now - 3_000]
