@@ -84,6 +84,7 @@ from infra.clients.webex import (
 )
 from infra.clock import now_ms
 from infra.logs import LOG_LEVEL_HELP, setup_logging
+from infra.processes import within
 from infra.retry import Backoff, call_with_retries
 from infra.settings import AlertSettings, Settings, get_settings
 from schemas.codec import codec
@@ -1293,6 +1294,11 @@ def dead_letter_for(message: Message, error_kind: str, reason: str) -> DeadLette
     return kafka_clients.message_dead_letter(message, error_kind, reason, stage=STAGE, failed_at=now_ms())
 
 
+EXIT_MARGIN_S = 1.0
+"""At a stop, the last offset commit and the consumer's close end this long before the supervisor's SIGKILL
+(``CG_SUPERVISOR__STOP_TIMEOUT_S`` after its SIGTERM): the channels and the ledger close after them."""
+
+
 class AlertSender:
     """Consume alerts, fan them out to the channel workers, dead-letter, commit in offset order."""
 
@@ -1439,6 +1445,7 @@ class AlertSender:
         finally:
             # The eraser ends with the sends under way, within the same wait (one after the other outlasted the
             # supervisor's stop timeout): the ledger closes after both, so what they did is recorded.
+            killed_at = time.monotonic() + self.settings.supervisor.stop_timeout_s  # the supervisor's SIGKILL
             until = time.monotonic() + self.settings.alerts.stop_wait_s
             self._halt.set()
             for worker in self._workers.values():
@@ -1455,11 +1462,31 @@ class AlertSender:
             # after the stop wait: both together are checked against the supervisor's stop timeout (settings)
             self._producer.flush(self.settings.kafka.stop_flush_s)
             self._producer.poll(0)
-            with contextlib.suppress(KafkaException):
-                self._commit()
-            self._consumer.close()
+            self._last_commit(killed_at - EXIT_MARGIN_S)
             log.info("alert sender stopped: %s", self.stats.line())
         return self.stats
+
+    def _last_commit(self, deadline: float) -> None:
+        """The last offset commit (of the alerts finished: delivered and in the ledger, or dead-lettered and
+        acknowledged; never one whose send is still under way) and the consumer's close, given up at ``deadline``:
+        with the brokers down both waited on Kafka as long as it took, past the supervisor's stop timeout into its
+        SIGKILL. What is not committed is read again at the next start and skipped by the ledger."""
+        consumer = self._consumer
+        assert consumer is not None
+
+        def commit_and_close() -> None:
+            with contextlib.suppress(KafkaException):
+                self._commit()
+            consumer.close()
+
+        try:
+            within(commit_and_close, max(deadline - time.monotonic(), 0.0), "alert-sender-last-commit")
+        except TimeoutError:
+            log.warning(
+                "alert sender: Kafka took neither the last offset commit nor the consumer's close before the "
+                "supervisor's stop timeout; the alerts since the last commit will be read again and skipped by the "
+                "ledger"
+            )
 
     def problem(self) -> str | None:
         """What keeps alerts from going out now: channels found down, or the dead-letter topic away."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from contextlib import ExitStack, closing, suppress
 from pathlib import Path
 from typing import Any
@@ -971,3 +972,48 @@ def test_shutdown_waits_for_kafka_at_most_the_kafka_stop_flush_after_the_sends_w
     stop.set()  # SIGTERM before the first fetch
     alerts.run(stop)
     assert producer.flushes == [0.7]
+
+
+def test_shutdown_with_kafka_down_ends_within_the_stop_timeout_though_the_last_commit_and_close_hang(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After its stop wait and its Kafka flush, the sender's last offset commit and its consumer's close waited on
+    Kafka for as long as it took: with the brokers down, past the supervisor's stop timeout, into its SIGKILL."""
+    from confluent_kafka import Message as KafkaMessage
+
+    settings = Settings(
+        stack_dir=tmp_path,
+        supervisor={"stop_timeout_s": 2.5},
+        cameras={"bridge_stop_grace_s": 1.0},
+        kafka={"stop_flush_s": 0.2},
+        alerts=AlertSettings(channels="webex", concurrency=1, stop_wait_s=0.2),
+    )
+    alerts = sender.AlertSender(settings, channels=[PostingChannel()], ledger=Ledger(tmp_path / "ledger.sqlite3"))
+    kafka_down = threading.Event()
+    committed: list[list[Any]] = []
+
+    class HangingConsumer(StoppedConsumer):
+        def commit(self, **kwargs: Any) -> None:
+            committed.append(kwargs["offsets"])
+            kafka_down.wait(10)
+
+        def close(self) -> None:
+            kafka_down.wait(10)
+
+    monkeypatch.setattr(sender.kafka_clients, "consumer", lambda *a, **k: HangingConsumer())
+    monkeypatch.setattr(sender.kafka_clients, "producer", lambda *a, **k: Client())
+    monkeypatch.setattr(alerts, "start_eraser", lambda halt: None)
+    done = sender.Pending(KafkaMessage(topic="alerts", partition=0, offset=4), None)
+    done.finished = True  # sent and in the ledger: its offset may be committed
+    waiting = sender.Pending(KafkaMessage(topic="alerts", partition=0, offset=5), None)  # a send still under way
+    alerts._partitions[("alerts", 0)] = deque([done, waiting])
+    stop = threading.Event()
+    stop.set()  # SIGTERM before the first fetch
+    started = time.monotonic()
+    try:
+        alerts.run(stop)
+        took = time.monotonic() - started
+    finally:
+        kafka_down.set()
+    assert took < 2.5, f"shutdown took {took:.1f}s, the stop timeout is 2.5s"
+    assert [[(tp.partition, tp.offset) for tp in offsets] for offsets in committed] == [[(0, 5)]], "the durable only"
