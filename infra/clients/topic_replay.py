@@ -592,23 +592,15 @@ def _producer(kafka: KafkaSettings) -> Producer:
     )
 
 
-def partition_count(client: Consumer | Producer, topic: str, kafka: KafkaSettings | None = None) -> int:
-    """Partitions of ``topic`` (0 when it does not exist); ``KafkaUnavailable`` when no broker answers. From the
-    list of all topics: a producer asking for one by name could make a broker create it."""
-    md = kafka_clients.cluster_metadata(client, kafka).topics.get(topic)
-    if md is None or md.error is not None:
-        return 0
-    return len(md.partitions)
-
-
 def _unavailable(topic: str, error: KafkaError) -> TopicUnavailable:
     return TopicUnavailable(f"topic {topic}: the broker answered {error.str()} ({error.name()})")
 
 
-def _readable_partitions(client: Consumer, topic: str, kafka: KafkaSettings) -> int:
+def partition_count(client: Consumer | Producer, topic: str, kafka: KafkaSettings | None = None) -> int:
     """Partitions of ``topic`` (0 when it does not exist); :class:`TopicUnavailable` when the broker answers for it
-    with an error (no leader, not authorised): taken for no partitions, a caller waiting for it to be read found
-    nothing left to read."""
+    with an error (no leader, not authorised): taken for no partitions, the tail said such a topic did not exist and
+    a caller waiting for it to be read found nothing left to read; ``KafkaUnavailable`` when no broker answers. From
+    the list of all topics: a producer asking for one by name could make a broker create it."""
     md = kafka_clients.cluster_metadata(client, kafka).topics.get(topic)
     if md is None:
         return 0
@@ -624,7 +616,7 @@ def high_watermarks(kafka: KafkaSettings, topic: str) -> dict[int, int]:
     try:
         return {
             p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1]
-            for p in range(_readable_partitions(consumer, topic, kafka))
+            for p in range(partition_count(consumer, topic, kafka))
         }
     finally:
         consumer.close()
@@ -635,7 +627,7 @@ def committed_offsets(kafka: KafkaSettings, group: str, topic: str) -> dict[int,
     not exist; :class:`TopicUnavailable` when the broker answers for it with an error)."""
     consumer = kafka_clients.consumer(kafka, group, kafka_clients.MANUAL_COMMIT)
     try:
-        parts = [TopicPartition(topic, p) for p in range(_readable_partitions(consumer, topic, kafka))]
+        parts = [TopicPartition(topic, p) for p in range(partition_count(consumer, topic, kafka))]
         return {tp.partition: tp.offset for tp in consumer.committed(parts, timeout=10)}
     finally:
         consumer.close()
@@ -707,7 +699,11 @@ def replay(
     producer = _producer(target)
     target_count = len(kafka_clients.require_topics(producer, target, target_topic).topics[target_topic].partitions)
     consumer = _consumer(source)
-    source_count = partition_count(consumer, source_topic, source)
+    try:
+        source_count = partition_count(consumer, source_topic, source)
+    except BaseException:  # TopicUnavailable, KafkaUnavailable: nothing read yet, the consumer is not needed
+        consumer.close()
+        raise
     copy = _Replay(
         stats,
         todo,

@@ -836,3 +836,30 @@ def test_watermarks_and_committed_offsets_of_a_topic_the_broker_answers_with_an_
         assert str(raised.value) == said
     assert topic_replay.high_watermarks(KAFKA, "missing") == {}, "a topic that does not exist has nothing"
     assert topic_replay.high_watermarks(KAFKA, "ok") == {0: 5} and topic_replay.caught_up(KAFKA, "g", "ok")
+
+
+@pytest.mark.parametrize("code", [KafkaError.LEADER_NOT_AVAILABLE, KafkaError.TOPIC_AUTHORIZATION_FAILED])
+def test_a_source_topic_the_broker_answers_with_an_error_stops_the_replay_with_that_error(
+    monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """Its partitions were counted as 0, as for a topic that does not exist, and the copy went on regardless."""
+
+    class Source:
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    error = KafkaError(code)
+    topics = {"src": SimpleNamespace(error=error, partitions={}), "dst": SimpleNamespace(error=None, partitions={0: 0})}
+    source = Source()
+    monkeypatch.setattr(topic_replay, "_consumer", lambda _kafka: source)
+    monkeypatch.setattr(topic_replay, "_producer", lambda _kafka: object())
+    monkeypatch.setattr(topic_replay.kafka_clients, "require_topics", lambda *_a: SimpleNamespace(topics=topics))
+    monkeypatch.setattr(topic_replay.kafka_clients, "cluster_metadata", lambda *_a: SimpleNamespace(topics=topics))
+    with pytest.raises(topic_replay.TopicUnavailable) as raised:
+        replay(KAFKA, "src", KAFKA, "dst", [PartitionRange(0, 0, 5, 0, 5)], progress=False)
+    assert str(raised.value) == f"topic src: the broker answered {error.str()} ({error.name()})"
+    assert source.closed, "the consumer is given back"
+    assert topic_replay.partition_count(Source(), "dst") == 1
+    assert topic_replay.partition_count(Source(), "missing") == 0, "a topic that does not exist has no partitions"

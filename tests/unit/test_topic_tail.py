@@ -340,3 +340,32 @@ def test_topics_tail_warns_with_a_count_and_exits_1_when_retention_deleted_recor
     assert err.strip() == (
         "Warning: 5 record(s) were deleted by retention while being read (partition 0: 5) and are not printed"
     )
+
+
+@pytest.mark.parametrize("code", [KafkaError.LEADER_NOT_AVAILABLE, KafkaError.TOPIC_AUTHORIZATION_FAILED])
+def test_topics_tail_names_a_topic_the_broker_answers_with_an_error_by_that_error_not_as_missing(
+    monkeypatch, capsys, code: int
+):
+    """A topic without a leader, or one this login may not read, was reported as "does not exist on the cluster"."""
+    from types import SimpleNamespace
+
+    from infra.cli import main
+    from infra.clients import topic_replay, topic_tail
+    from infra.settings import get_settings
+
+    class NoReads:
+        def close(self) -> None:
+            pass
+
+    get_settings.cache_clear()
+    name = SCORED_TRANSACTIONS.full_name(get_settings().kafka.topic_prefix)
+    error = KafkaError(code)
+    topics = {name: SimpleNamespace(error=error, partitions={})}
+    monkeypatch.setattr(topic_tail, "assigned_consumer", lambda *_a, **_kw: NoReads())
+    monkeypatch.setattr(topic_replay.kafka_clients, "cluster_metadata", lambda *_a: SimpleNamespace(topics=topics))
+    with pytest.raises(SystemExit) as exit_:
+        main(["topics", "tail", "processed_transactions"])
+    get_settings.cache_clear()
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 1 and not out, err
+    assert err.strip() == f"Error: topic {name}: the broker answered {error.str()} ({error.name()})"
