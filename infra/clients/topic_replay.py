@@ -634,9 +634,12 @@ def committed_offsets(kafka: KafkaSettings, group: str, topic: str) -> dict[int,
 
 
 def caught_up(kafka: KafkaSettings, group: str, topic: str) -> bool:
-    """Has ``group`` committed everything ``topic`` holds now? (Flink commits on each checkpoint.)
-    :class:`TopicUnavailable` when the broker answers for the topic with an error, never "yes"."""
+    """Has ``group`` committed everything ``topic`` holds now? (Flink commits on each checkpoint.) Never "yes" for a
+    topic that does not exist: it has no partitions, and a caller waiting on it compared at once, as if all was read;
+    :class:`TopicUnavailable` when the broker answers for the topic with an error."""
     ends = high_watermarks(kafka, topic)
+    if not ends:
+        return False
     done = committed_offsets(kafka, group, topic)
     return all(done.get(p, -1) >= end or end == 0 for p, end in ends.items())
 

@@ -745,7 +745,8 @@ def version_notes(report: Report) -> list[str]:
 def wait_until_done(copy: Settings, children: list, timeout_s: float, quiet_s: float) -> None:
     """Until the copy committed all its input and the sink all the copy's output, and that stays so. A topic the
     broker answers for with an error (no leader, not authorised) is a ``RuntimeError`` saying so: it was taken for
-    one with nothing to read, and the backtest compared before the copy had decided anything."""
+    one with nothing to read, and the backtest compared before the copy had decided anything. A copy topic that does
+    not exist (deleted during the run) is not finished either: the ``TimeoutError`` at ``timeout_s`` names it."""
     from infra.clients.topic_replay import TopicUnavailable, caught_up, high_watermarks
     from schemas.indices import default_group_id
 
@@ -763,6 +764,7 @@ def wait_until_done(copy: Settings, children: list, timeout_s: float, quiet_s: f
                     copy.kafka, default_group_id(prefix), scored_topic
                 )
                 now_ends = high_watermarks(copy.kafka, scored_topic)
+                missing = [] if done else [t for t in (tx_topic, scored_topic) if not high_watermarks(copy.kafka, t)]
             except TopicUnavailable as exc:
                 raise RuntimeError(f"cannot tell whether the job copy finished the range: {exc}") from None
             if done and now_ends == last:
@@ -772,9 +774,12 @@ def wait_until_done(copy: Settings, children: list, timeout_s: float, quiet_s: f
             else:
                 stable_since = None
             last = now_ends
-            status.update(f"waiting for the job copy: {sum(now_ends.values()):,} decisions so far")
+            gone = f"; topic {', '.join(missing)} does not exist (deleted during the run?)" if missing else ""
+            status.update(f"waiting for the job copy: {sum(now_ends.values()):,} decisions so far{gone}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the backtest did not finish in {timeout_s:.0f}s (logs: {children[0].log_path})")
+                raise TimeoutError(
+                    f"the backtest did not finish in {timeout_s:.0f}s{gone} (logs: {children[0].log_path})"
+                )
             time.sleep(1.0)
 
 
