@@ -48,9 +48,9 @@ const tbody = (id) => ({ set innerHTML(v) {}, insertAdjacentHTML(_where, html) {
   cells[id + ":" + m[1]] = m[2];
 } });
 const bodies = { "#alert-facts tbody": tbody("alert"), "#tx-facts tbody": tbody("tx") };
-const el = () => ({ textContent: "", className: "", innerHTML: "", querySelector: () => null });
+const node = () => ({ textContent: "", className: "", innerHTML: "", querySelector: () => null });
 globalThis.location = { pathname: "/alerts/watchlist%%3Atx-1" };
-globalThis.document = { title: "", body: { dataset: {} }, getElementById: el, querySelector: (s) => bodies[s] };
+globalThis.document = { title: "", body: { dataset: {} }, getElementById: node, querySelector: (s) => bodies[s] };
 globalThis.fetch = async () => ({ ok: true, status: 200, json: async () => (%s) });
 %s
 setTimeout(() => console.log(JSON.stringify(cells)), 50);
@@ -74,7 +74,8 @@ def test_an_alerts_subject_id_is_fetched_and_its_embedding_is_not() -> None:
 
 @pytest.mark.skipif(NODE is None, reason="Node.js not installed")
 def test_the_alert_page_shows_the_subject_row() -> None:
-    script = HARNESS % (json.dumps(alert_answer()), ALERT_JS.read_text())
+    page = (ALERT_JS.parent / "common.js").read_text() + ALERT_JS.read_text()  # as alert.html loads them
+    script = HARNESS % (json.dumps(alert_answer()), page)
     out = subprocess.run([NODE, "-e", script], capture_output=True, text=True, timeout=30, check=True).stdout
     shown = json.loads(out)
     assert shown["alert:subject"] == "subj-tx-0"

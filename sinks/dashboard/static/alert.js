@@ -46,7 +46,7 @@ async function load() {
   document.getElementById("alert-title").textContent = `${a.kind.replace(/_/g, " ")} · ${a.severity}`;
   rows(document.querySelector("#alert-facts tbody"), [
     ["alert", a.alert_id], ["time", when(a.event_time)], ["store", a.store_id], ["lane", a.lane_id],
-    ["transaction", a.transaction_id], ["amount", a.amount != null ? `${a.amount} ${a.currency || ""}` : null],
+    ["transaction", a.transaction_id], ["amount", fmtPrice(a.amount, a.currency)],
     ["risk score", a.risk_score], ["reasons", a.reasons], ["subject", a.subject_id], ["category", a.category],
     ["similarity", a.similarity], ["summary", a.summary],
   ]);

@@ -50,7 +50,7 @@ function render(body) {
     ["alert", c.alert_id], ["version", c.version],
   ]);
   rows(document.querySelector("#tx-facts tbody"), t ? [
-    ["outcome", t.outcome], ["risk score", t.risk_score], ["reasons", t.reasons], ["amount", t.amount != null ? `${t.amount} ${t.currency || ""}` : null],
+    ["outcome", t.outcome], ["risk score", t.risk_score], ["reasons", t.reasons], ["amount", fmtPrice(t.amount, t.currency)],
     ["model score", t.model_score], ["face", t.face_status], ["face similarity", t.face_similarity], ["cashier", t.cashier_id],
   ] : [["", "no decision stored for this case's transaction"]]);
   if (!document.querySelector("#img-live img, #img-live p")) {

@@ -26,6 +26,12 @@ function fmtAmount(value, currency) {
   }
   return moneyFormats.get(currency).format(value);
 }
+// One amount with its currency code as text ("0.40 USD"; "" without an amount), for textContent or a caller that
+// escapes: the alert and case pages show the amount of one transaction.
+function fmtPrice(value, currency) {
+  if (value === null || value === undefined) return "";
+  return currency ? `${fmtAmount(value, currency)} ${currency}` : fmtAmount(value, "");
+}
 // Money is per currency ({USD: 1200, EUR: 80}, the window's most used currency first), never one sum:
 // "1,200.00 USD · 80.00 EUR" (currencies with nothing left out; "0" when there is nothing at all). HTML-escaped: the
 // currency codes come from the indexed documents and the store table puts this into innerHTML.

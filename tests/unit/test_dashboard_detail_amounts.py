@@ -1,0 +1,93 @@
+"""The alert and case pages show a transaction's amount in its currency's minor units, with the dashboard's shared
+formatter: they did not load ``common.js`` and showed the stored number as it came (``0.4 USD``). Runs the pages'
+scripts in Node with a minimal DOM (skipped without Node)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from infra.settings import Settings
+from sinks.dashboard.app import create_app
+from sinks.dashboard.headers import CONTENT_SECURITY_POLICY
+
+STATIC = Path(__file__).resolve().parents[2] / "sinks" / "dashboard" / "static"
+NODE = shutil.which("node") or shutil.which("nodejs")
+
+HARNESS = """
+const cells = {};
+const tbody = (id) => ({ set innerHTML(v) {}, insertAdjacentHTML(_where, html) {
+  const m = html.match(/<th>(.*?)<\\/th><td data-field="[^"]*">(.*?)<\\/td>/);
+  cells[id + ":" + m[1]] = m[2];
+} });
+const bodies = {
+  "#alert-facts tbody": tbody("alert"), "#case-facts tbody": tbody("case"), "#tx-facts tbody": tbody("tx"),
+};
+const node = () => ({
+  textContent: "", className: "", innerHTML: "", dataset: {}, addEventListener() {}, querySelector: () => null,
+});
+globalThis.location = { pathname: %s };
+globalThis.document = {
+  title: "", body: { dataset: {} }, getElementById: node, querySelector: (s) => bodies[s] || null,
+  querySelectorAll: () => [],
+};
+globalThis.fetch = async () => ({ ok: true, status: 200, json: async () => (%s) });
+globalThis.setInterval = () => 0;
+%s
+setTimeout(() => console.log(JSON.stringify(cells)), 50);
+"""
+
+
+def _page_scripts(html: str) -> list[str]:
+    return re.findall(r'<script src="([^"]+)"></script>', html)
+
+
+@pytest.mark.parametrize(("path", "page"), [("/alerts/a-1", "alert.js"), ("/cases/case-0123456789ab", "case.js")])
+def test_the_alert_and_case_pages_load_the_shared_script_first_under_the_same_policy(path: str, page: str) -> None:
+    client = TestClient(create_app(Settings()), base_url="http://127.0.0.1:8050")  # no login: loopback only
+    answer = client.get(path)
+    assert answer.status_code == 200 and answer.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+    assert "script-src 'self';" in CONTENT_SECURITY_POLICY, "only the dashboard's own scripts run"
+    assert _page_scripts(answer.text) == ["/static/common.js", f"/static/{page}"]
+
+
+def _shown(path: str, answer: dict[str, Any], page: str) -> dict[str, str]:
+    """The rows ``page`` fills for ``answer``, with the scripts its HTML page loads, in that order."""
+    html = (STATIC / page.replace(".js", ".html")).read_text()
+    scripts = "\n".join((STATIC / src.removeprefix("/static/")).read_text() for src in _page_scripts(html))
+    script = HARNESS % (json.dumps(path), json.dumps(answer), scripts)
+    env = {"LC_ALL": "en_US.UTF-8", "LANG": "en_US.UTF-8", "PATH": "/usr/bin:/bin"}
+    run = subprocess.run([NODE or "node", "-e", script], capture_output=True, text=True, timeout=30, env=env)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_the_alert_page_shows_the_amount_in_its_currencys_minor_units() -> None:
+    alert = {"alert_id": "a-1", "kind": "BLOCKED_TRANSACTION", "severity": "high", "amount": 0.4, "currency": "USD"}
+    shown = _shown("/alerts/a-1", {"alert": alert, "transaction": None}, "alert.js")
+    assert shown["alert:amount"] == "0.40 USD"
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_the_case_page_shows_the_transactions_amount_in_its_currencys_minor_units() -> None:
+    case = {
+        "case_id": "case-1",
+        "kind": "watchlist_match",
+        "state": "open",
+        "version": 1,
+        "opened_at": 1_800_000_000_000,
+        "images": {"live": None, "reference": None},
+        "notes": [],
+    }
+    answer = {"case": case, "transaction": {"outcome": "REVIEW", "amount": 1200, "currency": "JPY"}, "you": None}
+    assert _shown("/cases/case-1", answer, "case.js")["tx:amount"] == "1,200 JPY"
+    answer["transaction"] = {"outcome": "REVIEW", "amount": 0.4, "currency": "USD"}
+    assert _shown("/cases/case-1", answer, "case.js")["tx:amount"] == "0.40 USD"
