@@ -275,6 +275,35 @@ def within(call: Callable[[], T], timeout_s: float, name: str) -> T:
     return done.result(timeout=timeout_s)
 
 
+EXIT_MARGIN_S = 1.0
+"""At a stop, a service's last Kafka calls (its last offset commit, its consumer's close) are given up this long before
+the supervisor's SIGKILL (``CG_SUPERVISOR__STOP_TIMEOUT_S`` after its SIGTERM), so that the service still logs what it
+gave up and exits on its own; the settings keep the waits before them this far below the stop timeout."""
+
+
+def exit_deadline(stop_timeout_s: float) -> float:
+    """When (``time.monotonic()``) a service whose stop begins now must have given up its last Kafka calls:
+    :data:`EXIT_MARGIN_S` before the SIGKILL that comes ``stop_timeout_s`` after the SIGTERM."""
+    return time.monotonic() + stop_timeout_s - EXIT_MARGIN_S
+
+
+def time_left(deadline: float, most_s: float | None = None) -> float:
+    """Seconds until ``deadline`` (``time.monotonic()``), never below 0, and at most ``most_s`` if given."""
+    left = max(deadline - time.monotonic(), 0.0)
+    return left if most_s is None else min(left, most_s)
+
+
+def done_by(call: Callable[[], object], deadline: float, name: str) -> bool:
+    """Whether ``call()`` (:func:`within`, in a daemon thread ``name``) ended by ``deadline`` (``time.monotonic()``);
+    its exception is raised. At a stop, for a Kafka call that waits on the brokers as long as it takes (a synchronous
+    commit, a consumer's close): with Kafka down it outlasted the supervisor's stop timeout into its SIGKILL."""
+    try:
+        within(call, time_left(deadline), name)
+    except TimeoutError:
+        return False
+    return True
+
+
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
     """Something accepts TCP connections on ``host:port`` (a server is up, or a port is taken), answered within
     ``timeout``, a host name's lookup included (:func:`within`); no answer in that time is False, as a refused

@@ -84,7 +84,7 @@ from infra.clients.webex import (
 )
 from infra.clock import now_ms
 from infra.logs import LOG_LEVEL_HELP, setup_logging
-from infra.processes import within
+from infra.processes import done_by, exit_deadline
 from infra.retry import Backoff, call_with_retries
 from infra.settings import AlertSettings, Settings, get_settings
 from schemas.codec import codec
@@ -1294,11 +1294,6 @@ def dead_letter_for(message: Message, error_kind: str, reason: str) -> DeadLette
     return kafka_clients.message_dead_letter(message, error_kind, reason, stage=STAGE, failed_at=now_ms())
 
 
-EXIT_MARGIN_S = 1.0
-"""At a stop, the last offset commit and the consumer's close end this long before the supervisor's SIGKILL
-(``CG_SUPERVISOR__STOP_TIMEOUT_S`` after its SIGTERM): the channels and the ledger close after them."""
-
-
 class AlertSender:
     """Consume alerts, fan them out to the channel workers, dead-letter, commit in offset order."""
 
@@ -1445,7 +1440,7 @@ class AlertSender:
         finally:
             # The eraser ends with the sends under way, within the same wait (one after the other outlasted the
             # supervisor's stop timeout): the ledger closes after both, so what they did is recorded.
-            killed_at = time.monotonic() + self.settings.supervisor.stop_timeout_s  # the supervisor's SIGKILL
+            deadline = exit_deadline(self.settings.supervisor.stop_timeout_s)  # 1 s before the supervisor's SIGKILL
             until = time.monotonic() + self.settings.alerts.stop_wait_s
             self._halt.set()
             for worker in self._workers.values():
@@ -1462,7 +1457,7 @@ class AlertSender:
             # after the stop wait: both together are checked against the supervisor's stop timeout (settings)
             self._producer.flush(self.settings.kafka.stop_flush_s)
             self._producer.poll(0)
-            self._last_commit(killed_at - EXIT_MARGIN_S)
+            self._last_commit(deadline)
             log.info("alert sender stopped: %s", self.stats.line())
         return self.stats
 
@@ -1479,9 +1474,7 @@ class AlertSender:
                 self._commit()
             consumer.close()
 
-        try:
-            within(commit_and_close, max(deadline - time.monotonic(), 0.0), "alert-sender-last-commit")
-        except TimeoutError:
+        if not done_by(commit_and_close, deadline, "alert-sender-last-commit"):
             log.warning(
                 "alert sender: Kafka took neither the last offset commit nor the consumer's close before the "
                 "supervisor's stop timeout; the alerts since the last commit will be read again and skipped by the "

@@ -92,6 +92,7 @@ from infra import clock, metrics
 from infra.clients import kafka as kafka_clients
 from infra.clients.opensearch import is_retriable, make_client
 from infra.logs import LOG_LEVEL_HELP, setup_logging
+from infra.processes import done_by, exit_deadline, time_left
 from infra.retry import Backoff, call_with_retries
 from infra.settings import IndicesSettings, Settings, get_settings
 from schemas.codec import DecodeError, codec, json_safe
@@ -1057,14 +1058,27 @@ class OpenSearchSink:
         except _Stopped:
             log.info("opensearch sink stopped during a retry; the uncommitted batch will be replayed")
         finally:
+            # No offset is committed here: a batch's are committed once OpenSearch took it, before the next is read.
+            deadline = exit_deadline(self.settings.supervisor.stop_timeout_s)  # 1 s before the supervisor's SIGKILL
             try:
-                left = self._producer.flush(5.0)
+                left = self._producer.flush(time_left(deadline, self.settings.kafka.stop_flush_s))
                 if left:
                     log.warning("opensearch sink: %d dead letter(s) not confirmed at shutdown", left)
             finally:
-                self._consumer.close()
+                self._close(deadline)
             log.info("opensearch sink closed: %s", self.stats.line())
         return self.stats
+
+    def _close(self, deadline: float) -> None:
+        """The consumer's close (it leaves the group), given up at ``deadline``: with the brokers down it waited on
+        Kafka as long as it took, past the supervisor's stop timeout into its SIGKILL. Nothing is lost: what was not
+        committed is read again into the same documents."""
+        assert self._consumer is not None
+        if not done_by(self._consumer.close, deadline, "opensearch-sink-close"):
+            log.warning(
+                "opensearch sink: Kafka did not take the consumer's close before the supervisor's stop timeout; the "
+                "batches since the last commit will be read again into the same documents"
+            )
 
     def _install_templates(self) -> None:
         names = install_templates(

@@ -1119,3 +1119,49 @@ def test_face_keeping_never_touches_alerts_or_cases_so_a_forgotten_subjects_imag
     assert keep_faces(store, actions) == 0  # type: ignore[arg-type]
     assert store.reads == []
     assert not any(name in TRANSACTION_FACE_FIELDS for route in ROUTES for name in route.face_fields)
+
+
+def test_shutdown_with_kafka_down_ends_within_the_stop_timeout_though_the_flush_and_the_close_hang(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At a stop the sink waited a fixed 5 s for Kafka to take its dead letters, then for its consumer's close as long
+    as Kafka took: with the brokers down, past the supervisor's stop timeout, into its SIGKILL."""
+    import threading
+    import time
+
+    from sinks.opensearch import sink as sink_module
+
+    kafka_down = threading.Event()
+    flushes: list[float] = []
+
+    class DownProducer:
+        def flush(self, timeout: float) -> int:
+            flushes.append(timeout)
+            kafka_down.wait(timeout)
+            return 1
+
+    class DownConsumer:
+        def close(self) -> None:
+            kafka_down.wait(10)
+
+    def stopped(*_args: Any) -> None:
+        raise sink_module._Stopped("stopped")  # SIGTERM while the templates were being installed
+
+    settings = Settings(
+        supervisor={"stop_timeout_s": 2.5},
+        cameras={"bridge_stop_grace_s": 1.0},
+        kafka={"stop_flush_s": 1.2},
+        alerts={"stop_wait_s": 0.2},
+    )
+    monkeypatch.setattr(sink_module.kafka_clients, "consumer", lambda *a, **k: DownConsumer())
+    monkeypatch.setattr(sink_module.kafka_clients, "producer", lambda *a, **k: DownProducer())
+    sink = OpenSearchSink(settings, index_prefix="cg", client=object())  # type: ignore[arg-type]
+    monkeypatch.setattr(sink, "_retry_until_done", stopped)
+    started = time.monotonic()
+    try:
+        sink.run(threading.Event())
+        took = time.monotonic() - started
+    finally:
+        kafka_down.set()
+    assert took < 2.5, f"shutdown took {took:.1f}s, the stop timeout is 2.5s"
+    assert flushes == [1.2], "Kafka gets CG_KAFKA__STOP_FLUSH_S for the dead letters, not a fixed 5 s"
