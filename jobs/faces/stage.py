@@ -86,6 +86,7 @@ from infra import clock, metrics
 from infra.clients import kafka as kafka_clients
 from infra.clients.meraki import MerakiClient, Snapshot, SnapshotError, camera_for_lane, camera_location
 from infra.logs import LOG_LEVEL_HELP, setup_logging
+from infra.processes import done_by, exit_deadline, time_left
 from infra.retry import Backoff
 from infra.settings import Settings, face_deadline_problem, get_settings
 from jobs.faces.rekognition import call_limit_s
@@ -880,14 +881,30 @@ class FaceStageRunner:
                 if on_tick:
                     on_tick(self.stats)
         finally:
+            deadline = exit_deadline(self.settings.supervisor.stop_timeout_s)  # 1 s before the supervisor's SIGKILL
             self._pool.shutdown(wait=True, cancel_futures=False)
             self._entrance_pool.shutdown(wait=True, cancel_futures=False)
             self._drain()
-            self._producer.flush(15)
-            self._commit(consumer)
-            consumer.close()
+            self._producer.flush(time_left(deadline, self.settings.kafka.stop_flush_s))
+            self._last_commit(consumer, deadline)
             self._report_queues()
         return self.stats
+
+    def _last_commit(self, consumer: Consumer, deadline: float) -> None:
+        """The last offset commit (up to the first record whose observations Kafka has not acknowledged) and the
+        consumer's close, given up at ``deadline``: with the brokers down both waited on Kafka as long as it took, past
+        the supervisor's stop timeout into its SIGKILL. What is not committed is read again at the next start, and its
+        triggers answered before are skipped as replayed."""
+
+        def commit_and_close() -> None:
+            self._commit(consumer)
+            consumer.close()
+
+        if not done_by(commit_and_close, deadline, "face-stage-last-commit"):
+            log.warning(
+                "face stage: Kafka took neither the last offset commit nor the consumer's close before the "
+                "supervisor's stop timeout; the records since the last commit will be read again"
+            )
 
     def _beat(self) -> None:
         """Beat the heartbeat, or with triggers in flight and none finished for ``stall_limit_s`` report a stall

@@ -711,3 +711,48 @@ def test_offsets_whose_commit_failed_are_committed_at_the_next_commit_though_not
 
     assert consumer.failures == 0, "the first commit failed"
     assert consumer.commits == {(TX_TOPIC, 0): 1}, "the failed commit's point was committed after all"
+
+
+def test_shutdown_with_kafka_down_ends_within_the_stop_timeout_though_the_flush_commit_and_close_hang() -> None:
+    """At a stop the stage waited a fixed 15 s for Kafka to take its observations, then for its last offset commit and
+    its consumer's close as long as Kafka took: with the brokers down, past the supervisor's stop timeout (20 s by
+    default), into its SIGKILL. Only the offsets of the records whose observations Kafka acknowledged are committed."""
+    kafka_down = threading.Event()
+    flushes: list[float] = []
+    committed: list[list[tuple[int, int]]] = []
+
+    class DownProducer(Producer):
+        def flush(self, timeout: float) -> int:
+            flushes.append(timeout)
+            kafka_down.wait(timeout)
+            return 1
+
+    class DownConsumer(Consumer):
+        def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> None:
+            committed.append([(tp.partition, tp.offset) for tp in offsets])
+            kafka_down.wait(10)
+
+        def close(self) -> None:
+            kafka_down.wait(10)
+
+    config = Settings(
+        supervisor={"stop_timeout_s": 2.5},
+        cameras={"bridge_stop_grace_s": 1.0, "max_in_flight": 3, "snapshot_workers": 2},
+        kafka={"stop_flush_s": 1.2},
+        alerts={"stop_wait_s": 0.2},
+    )
+    stage = FaceStage(config, no_video([]), None, None)  # type: ignore[arg-type]
+    runner = FaceStageRunner(config, stage, producer=DownProducer(0), consumer=DownConsumer([]), recall=NOTHING)
+    runner.offsets.add((TX_TOPIC, 0), 4, 0)  # its observation acknowledged: its offset may be committed
+    runner.offsets.add((TX_TOPIC, 0), 5, 1)  # its observation not acknowledged yet
+    stop = threading.Event()
+    stop.set()  # SIGTERM before the first poll
+    started = time.monotonic()
+    try:
+        runner.run(stop)
+        took = time.monotonic() - started
+    finally:
+        kafka_down.set()
+    assert took < 2.5, f"shutdown took {took:.1f}s, the stop timeout is 2.5s"
+    assert flushes == [1.2], "Kafka gets CG_KAFKA__STOP_FLUSH_S, not a fixed 15 s"
+    assert committed == [[(0, 5)]], "the acknowledged only"
