@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from infra import clock
 from infra.kafka_cluster import CLUSTER_SIZES, bootstrap_list, kafka_nodes
+from infra.processes import EXIT_MARGIN_S
 from schemas.errors import CheckoutGuardError
 from schemas.identifiers import NAME_RE, SERIAL_RE
 
@@ -55,7 +56,8 @@ class KafkaSettings(BaseModel, frozen=True):
     """After Ctrl-C or SIGTERM, how long ``pos generate`` / ``replay-csv``, the shoppers and the alert sender (after
     its ``stop_wait_s``) wait for Kafka to acknowledge what they sent (Kafka down, librdkafka would wait out
     ``message.timeout.ms``, 5 minutes); under the supervisor's ``stop_timeout_s`` (20 s), which SIGKILLs them after
-    it, the alert sender's stop wait included (checked: see :meth:`Settings._stop_graces_within_the_stop_timeout`)."""
+    it, the alert sender's stop wait and the 1 s its last offset commit ends before the SIGKILL included (checked: see
+    :meth:`Settings._stop_graces_within_the_stop_timeout`)."""
     dead_letter_retention_days: float = Field(default=7.0, gt=0, allow_inf_nan=False)
     """How long ``dead_letters`` keeps the bad inputs' bytes (names, e-mails, addresses of a transaction; face
     embeddings of a refused face observation or watchlist entry, which ``forget`` does not reach); applied to the
@@ -570,8 +572,9 @@ class AlertSettings(BaseModel, frozen=True):
     """At a stop, how long the sender waits for the sends under way (every channel's, and the eraser's, together;
     each Webex or SMTP call has its own timeout, 10 s by default) so that what they delivered is in the ledger
     before it closes. Then Kafka gets up to ``CG_KAFKA__STOP_FLUSH_S`` (5 s) to acknowledge what the sender produced;
-    both together below the supervisor's ``stop_timeout_s`` (20 s), which SIGKILLs the sender after it (checked:
-    see :meth:`Settings._stop_graces_within_the_stop_timeout`)."""
+    both together below the supervisor's ``stop_timeout_s`` (20 s), which SIGKILLs the sender after it, less the 1 s
+    in which the last offset commit ends before that SIGKILL (:data:`infra.processes.EXIT_MARGIN_S`; checked: see
+    :meth:`Settings._stop_graces_within_the_stop_timeout`)."""
     dashboard_link: str = "http://127.0.0.1:8050/alerts/{alert_id}"
     """Link in every message; ``{alert_id}``, ``{transaction_id}``, ``{store_id}`` are filled in."""
     case_link: str = "http://127.0.0.1:8050/cases/{case_id}"
@@ -1188,7 +1191,8 @@ class Settings(BaseSettings):
         """A grace not below the supervisor's stop timeout was taken: its SIGKILL came first, and the camera bridge
         lost the records it would have saved for the next run (the shoppers, their report of what Kafka had not
         acknowledged; the alert sender, the record of sends that went through, sent again on restart: its stop wait
-        and its Kafka flush, one after the other, count together). Refused,
+        and its Kafka flush, one after the other, count together, and must end :data:`EXIT_MARGIN_S` before the stop
+        timeout: in that last second the sender's last offset commit is made, which got no time before). Refused,
         not clamped: a shorter grace than asked for loses records without a word. The message starts with the
         variable's name (the check spans sections: pydantic gives it no location)."""
         timeout = self.supervisor.stop_timeout_s
@@ -1210,14 +1214,17 @@ class Settings(BaseSettings):
             for name, grace, what in graces
             if grace >= timeout
         ]
-        # the alert sender's whole stop: its sends' wait, then its Kafka flush (one after the other)
+        # the alert sender's whole stop: its sends' wait, then its Kafka flush (one after the other), then its last
+        # offset commit, given up EXIT_MARGIN_S before the SIGKILL (within those last moments it got no time at all)
         wait, flush = self.alerts.stop_wait_s, self.kafka.stop_flush_s
-        if wait + flush >= timeout:
+        if wait + flush >= timeout - EXIT_MARGIN_S:
             wrong.append(
                 f"CG_ALERTS__STOP_WAIT_S + CG_KAFKA__STOP_FLUSH_S: {wait:g} + {flush:g} = {wait + flush:g} is not "
-                f"below CG_SUPERVISOR__STOP_TIMEOUT_S ({timeout:g}): the supervisor's SIGKILL would come before the "
-                "alert sender records the sends under way (sent again on restart) and Kafka acknowledges what it "
-                "produced at the stop; lower them or raise CG_SUPERVISOR__STOP_TIMEOUT_S"
+                f"below CG_SUPERVISOR__STOP_TIMEOUT_S ({timeout:g}) less the {EXIT_MARGIN_S:g} s its last offset "
+                f"commit ends before the SIGKILL ({timeout - EXIT_MARGIN_S:g}): the supervisor's SIGKILL would come "
+                "before the alert sender records the sends under way (sent again on restart), Kafka acknowledges what "
+                "it produced at the stop and it commits the alerts done; lower them or raise "
+                "CG_SUPERVISOR__STOP_TIMEOUT_S"
             )
         if wrong:
             raise ValueError("; ".join(wrong))

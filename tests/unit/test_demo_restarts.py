@@ -15,7 +15,7 @@ import psutil
 
 from infra import demo
 from infra.launcher import Child
-from infra.processes import Reaper
+from infra.processes import EXIT_MARGIN_S, Reaper
 from infra.settings import Settings, SupervisorSettings
 from tests.process_trees import STUBBORN, start_left_counter, start_stubborn
 
@@ -38,17 +38,18 @@ def _running(proc: psutil.Process) -> bool:
 def _quick_stop(timeout_s: float) -> Settings:
     """A short stop timeout, with the bridge's, the shoppers' and the alert sender's graces within it (else
     refused)."""
+    spare = timeout_s - EXIT_MARGIN_S  # the alert sender's last commit ends that long before the SIGKILL
     return Settings(
         supervisor=SupervisorSettings(stop_timeout_s=timeout_s),
         cameras={"bridge_stop_grace_s": timeout_s / 2},
-        kafka={"stop_flush_s": timeout_s / 4},
-        alerts={"stop_wait_s": timeout_s / 2},
+        kafka={"stop_flush_s": spare / 4},
+        alerts={"stop_wait_s": spare / 2},
     )
 
 
 def test_make_run_stops_what_a_crashed_process_left_in_its_group_before_restarting_it(tmp_path: Path) -> None:
     """The demo restarted a crashed scoring job beside its predecessor's JVM, which was stopped only at the end."""
-    settings = _quick_stop(1.0)
+    settings = _quick_stop(1.5)
     watch = demo._supervision(settings, True, logging.getLogger("test.demo"))
     spawned: list[tuple[Child, psutil.Process]] = []
     left_at_restart: list[bool] = []
@@ -108,7 +109,7 @@ def test_make_run_restarts_with_the_supervisor_settings(tmp_path: Path) -> None:
 
 def test_make_run_stops_its_processes_at_the_supervisor_stop_timeout(tmp_path: Path) -> None:
     """make run's shutdown waited 20 s for a process that ignores SIGTERM, whatever CG_SUPERVISOR__STOP_TIMEOUT_S."""
-    settings = _quick_stop(1.0)
+    settings = _quick_stop(1.5)
     watch = demo._supervision(settings, True, logging.getLogger("test.demo"))
     child = start_stubborn("local-camera", tmp_path / "camera.log")
     try:

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from infra import metrics, production
 from infra.launcher import Child, Supervisor
-from infra.processes import owner_gone, stop_child
+from infra.processes import EXIT_MARGIN_S, owner_gone, stop_child
 from infra.production import SERVICES, Answer, HealthSupervisor, choose, endpoints, unhealthy_since
 from infra.settings import MetricsSettings, Settings, SupervisorSettings, get_settings
 from tests.ports import free_port_block
@@ -89,12 +89,12 @@ CFG = SupervisorSettings(
 def _within(cfg: SupervisorSettings) -> Settings:
     """Settings with ``cfg``, the bridge's, the shoppers' and the alert sender's graces below its stop timeout (else
     refused)."""
-    half = cfg.stop_timeout_s / 2
+    spare = cfg.stop_timeout_s - EXIT_MARGIN_S  # the alert sender's last commit ends that long before the SIGKILL
     return Settings(
         supervisor=cfg,
-        cameras={"bridge_stop_grace_s": half},
-        kafka={"stop_flush_s": half / 2},
-        alerts={"stop_wait_s": half},
+        cameras={"bridge_stop_grace_s": cfg.stop_timeout_s / 2},
+        kafka={"stop_flush_s": spare / 4},
+        alerts={"stop_wait_s": spare / 2},
     )
 
 
@@ -840,7 +840,7 @@ def test_a_supervisor_stops_what_a_killed_supervisor_left_and_only_that(tmp_path
             "CG_SUPERVISOR__STOP_TIMEOUT_S",
             "12",
             "CG_ALERTS__STOP_WAIT_S + CG_KAFKA__STOP_FLUSH_S: 12 + 5 = 17 is not below CG_SUPERVISOR__STOP_TIMEOUT_S "
-            "(12): the supervisor's SIGKILL",
+            "(12) less the 1 s its last offset commit ends before the SIGKILL (11): the supervisor's SIGKILL",
         ),
         (
             "CG_CAMERAS__BRIDGE_STOP_GRACE_S",

@@ -154,9 +154,9 @@ def test_a_stop_grace_not_below_the_supervisor_stop_timeout_is_a_settings_error_
     flush = setting_errors(refused.value).split("; lower it or raise CG_SUPERVISOR__STOP_TIMEOUT_S; ")[1]
     assert flush.startswith("CG_KAFKA__STOP_FLUSH_S: 8 is not below CG_SUPERVISOR__STOP_TIMEOUT_S (8): ")
     monkeypatch.setenv("CG_CAMERAS__BRIDGE_STOP_GRACE_S", "7.9")
-    monkeypatch.setenv("CG_KAFKA__STOP_FLUSH_S", "7.8")
+    monkeypatch.setenv("CG_KAFKA__STOP_FLUSH_S", "6.8")  # with the alert sender's 0.1 s, 1 s below the stop timeout
     settings = Settings()
-    assert (settings.cameras.bridge_stop_grace_s, settings.kafka.stop_flush_s) == (7.9, 7.8)
+    assert (settings.cameras.bridge_stop_grace_s, settings.kafka.stop_flush_s) == (7.9, 6.8)
 
 
 def test_an_alert_sender_stop_wait_not_below_the_supervisor_stop_timeout_is_a_settings_error_naming_both(
@@ -171,8 +171,8 @@ def test_an_alert_sender_stop_wait_not_below_the_supervisor_stop_timeout_is_a_se
     with pytest.raises(ValidationError) as refused:
         Settings()
     assert setting_errors(refused.value).startswith("CG_ALERTS__STOP_WAIT_S + CG_KAFKA__STOP_FLUSH_S: 15 + 0.5 ")
-    monkeypatch.setenv("CG_ALERTS__STOP_WAIT_S", "11.4")
-    assert Settings().alerts.stop_wait_s == 11.4
+    monkeypatch.setenv("CG_ALERTS__STOP_WAIT_S", "10.4")
+    assert Settings().alerts.stop_wait_s == 10.4
 
 
 def test_the_alert_sender_stop_wait_and_its_kafka_flush_together_not_below_the_stop_timeout_are_refused(
@@ -188,16 +188,36 @@ def test_the_alert_sender_stop_wait_and_its_kafka_flush_together_not_below_the_s
     with pytest.raises(ValidationError) as refused:
         Settings()
     assert setting_errors(refused.value) == (
-        "CG_ALERTS__STOP_WAIT_S + CG_KAFKA__STOP_FLUSH_S: 8 + 4 = 12 is not below CG_SUPERVISOR__STOP_TIMEOUT_S (12): "
-        "the supervisor's SIGKILL would come before the alert sender records the sends under way (sent again on "
-        "restart) and Kafka acknowledges what it produced at the stop; lower them or raise "
-        "CG_SUPERVISOR__STOP_TIMEOUT_S"
+        "CG_ALERTS__STOP_WAIT_S + CG_KAFKA__STOP_FLUSH_S: 8 + 4 = 12 is not below CG_SUPERVISOR__STOP_TIMEOUT_S (12) "
+        "less the 1 s its last offset commit ends before the SIGKILL (11): the supervisor's SIGKILL would come before "
+        "the alert sender records the sends under way (sent again on restart), Kafka acknowledges what it produced "
+        "at the stop and it commits the alerts done; lower them or raise CG_SUPERVISOR__STOP_TIMEOUT_S"
     )
-    monkeypatch.setenv("CG_ALERTS__STOP_WAIT_S", "7.9")
-    assert Settings().alerts.stop_wait_s == 7.9
+    monkeypatch.setenv("CG_ALERTS__STOP_WAIT_S", "6.9")
+    assert Settings().alerts.stop_wait_s == 6.9
+
+
+def test_an_alert_sender_stop_within_a_second_of_the_stop_timeout_is_refused_as_its_last_commit_gets_no_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sender's last offset commit is given up 1 s before the supervisor's SIGKILL: a stop wait and a Kafka flush
+    that together came within that second of the stop timeout were taken, and the commit then got no time at all, so
+    the alerts done since the last commit were read again at every restart."""
+    monkeypatch.setenv("CG_SUPERVISOR__STOP_TIMEOUT_S", "12")
+    monkeypatch.setenv("CG_CAMERAS__BRIDGE_STOP_GRACE_S", "6")
+    monkeypatch.setenv("CG_KAFKA__STOP_FLUSH_S", "4")
+    monkeypatch.setenv("CG_ALERTS__STOP_WAIT_S", "7.5")
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    assert setting_errors(refused.value).startswith(
+        "CG_ALERTS__STOP_WAIT_S + CG_KAFKA__STOP_FLUSH_S: 7.5 + 4 = 11.5 is not below CG_SUPERVISOR__STOP_TIMEOUT_S "
+        "(12) less the 1 s its last offset commit ends before the SIGKILL (11): "
+    )
+    monkeypatch.setenv("CG_ALERTS__STOP_WAIT_S", "6.9")
+    assert Settings().alerts.stop_wait_s == 6.9
 
 
 def test_the_default_stop_graces_fit_the_default_stop_timeout() -> None:
     """The defaults start: a sender's stop wait and Kafka flush together stay below the supervisor's SIGKILL."""
     settings = Settings()
-    assert settings.alerts.stop_wait_s + settings.kafka.stop_flush_s < settings.supervisor.stop_timeout_s
+    assert settings.alerts.stop_wait_s + settings.kafka.stop_flush_s < settings.supervisor.stop_timeout_s - 1
