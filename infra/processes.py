@@ -247,13 +247,17 @@ class Reaper:
 
 
 @contextlib.contextmanager
-def reaping(report: Callable[[list[str]], None], keep: Callable[[], Collection[int]] = tuple) -> Iterator[Reaper]:
-    """Run a block, then reap every process it started that is still running, and ``report`` them."""
+def reaping(
+    report: Callable[[list[str]], None], timeout_s: float, keep: Callable[[], Collection[int]] = tuple
+) -> Iterator[Reaper]:
+    """Run a block, then reap every process it started that is still running (SIGTERM, SIGKILL ``timeout_s`` later:
+    the supervisor's stop timeout, as :meth:`infra.production.HealthSupervisor.shutdown` gives them; a fixed 10 s cut
+    short a process saving its state within a longer one), and ``report`` them."""
     reaper = Reaper(keep=keep)
     try:
         yield reaper
     finally:
-        left = reaper.finish()
+        left = reaper.finish(timeout_s)
         if left:
             report(left)
 

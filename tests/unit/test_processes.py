@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from infra.launcher import Child
-from infra.processes import MARKER, Reaper, new_processes, port_open, stop_child, stop_children
+from infra.processes import MARKER, Reaper, new_processes, port_open, reaping, stop_child, stop_children
 from tests.process_trees import start_counter, start_leader, start_left_counter, stop_three_stubborn
 
 
@@ -69,6 +69,28 @@ def test_an_orphan_is_found_by_its_marker_and_reaped() -> None:
     assert [pid for pid, _ in reaper.leftovers()] == [orphan.pid]
     assert len(reaper.finish(timeout=5)) == 1
     assert not orphan.is_running() or orphan.status() == psutil.STATUS_ZOMBIE
+
+
+def test_reaping_gives_what_the_block_left_running_the_stop_timeout_before_sigkill_not_a_fixed_10_s(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``reaping`` SIGKILLed what ignored its SIGTERM after a fixed 10 s, whatever the supervisor's stop timeout: too
+    long for a short one, too short for a JVM saving its state within a long one."""
+    value = uuid.uuid4().hex
+    monkeypatch.setenv(MARKER, value)
+    reported: list[str] = []
+    with reaping(reported.extend, timeout_s=1.5):
+        proc = _start("trap '' TERM; sleep 30 & wait", value)  # SIGTERM ignored, by its sleep too
+        (sleep,) = _wait_for_sleeps(value, 1)
+        started = time.monotonic()
+    took = time.monotonic() - started
+    try:
+        assert 1.5 <= took < 5, f"SIGKILL came {took:.1f} s after SIGTERM, the stop timeout is 1.5 s"
+        assert any("sleep 30" in line for line in reported)
+        assert not sleep.is_running() or sleep.status() == psutil.STATUS_ZOMBIE
+    finally:
+        proc.kill()
+        proc.wait(5)
 
 
 def test_kept_processes_are_spared() -> None:
