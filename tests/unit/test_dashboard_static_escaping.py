@@ -82,7 +82,8 @@ def test_a_page_whose_address_has_a_malformed_escape_says_so_instead_of_sitting_
     page: str, path: str
 ) -> None:
     """decodeURIComponent threw on the id and the page stayed at "loading…" with no message."""
-    script = PAGE_HARNESS % (json.dumps(path), (COMMON_JS.parent / page).read_text())
+    scripts = COMMON_JS.read_text() + (COMMON_JS.parent / page).read_text()  # as the page's HTML loads them
+    script = PAGE_HARNESS % (json.dumps(path), scripts)
     out = subprocess.run([NODE, "-e", script], capture_output=True, text=True, timeout=30, check=True).stdout
     shown = json.loads(out.strip().splitlines()[-1])
     assert "thrown" not in shown, shown

@@ -1,7 +1,6 @@
 // The page alert messages link to: one alert, its snapshot and the decision on its transaction.
 "use strict";
 
-const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
 const when = (ms) => (ms ? `${new Date(ms).toISOString().replace("T", " ").slice(0, 19)} UTC` : "");
 
 function rows(tbody, pairs) {
@@ -11,7 +10,7 @@ function rows(tbody, pairs) {
     if (typeof value === "object" && !Object.keys(value).length) continue;  // [] and {}
     const shown = Array.isArray(value) ? value.join(", ") : typeof value === "object"
       ? Object.entries(value).map(([k, v]) => `${k} ${Math.round(v * 100) / 100}`).join(", ") : value;
-    tbody.insertAdjacentHTML("beforeend", `<tr><th>${esc(label)}</th><td data-field="${esc(label)}">${esc(shown)}</td></tr>`);
+    tbody.insertAdjacentHTML("beforeend", `<tr><th>${escapeHtml(label)}</th><td data-field="${escapeHtml(label)}">${escapeHtml(shown)}</td></tr>`);
   }
 }
 
@@ -61,7 +60,7 @@ async function load() {
   ] : [["", "no decision stored for this alert's transaction"]]);
   const snap = document.getElementById("snapshot");
   snap.innerHTML = a.thumbnail
-    ? `<img class="snapshot" alt="checkout snapshot" src="${esc(a.thumbnail)}?size=large">`
+    ? `<img class="snapshot" alt="checkout snapshot" src="${escapeHtml(a.thumbnail)}?size=large">`
     : '<p class="none">No snapshot for this alert.</p>';
   const img = snap.querySelector("img");
   if (img) img.addEventListener("error", () => { snap.innerHTML = '<p class="none">Snapshot purged.</p>'; });

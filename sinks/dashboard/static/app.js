@@ -36,7 +36,7 @@ function storeBars(container, stores) {
 // A money KPI: the window's most used currency as the value, the others listed under it (never one sum).
 function moneyKpi(id, amounts, currencies) {
   const [first, ...others] = currencies.length ? currencies : Object.keys(amounts);
-  setKpi(id, first ? `${fmtAmount(amounts[first] || 0, first)} ${first}` : "0");
+  setKpi(id, first ? fmtPrice(amounts[first] || 0, first) : "0");
   const rest = Object.fromEntries(others.map((c) => [c, amounts[c] || 0]));
   document.querySelector(`#${id} .more`).textContent = Object.values(rest).some((v) => v) ? `+ ${fmtMoney(rest)}` : "";
 }

@@ -3,7 +3,6 @@
 // so the page waits for the case's next version before it shows the new state.
 "use strict";
 
-const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
 const when = (ms) => (ms ? `${new Date(ms).toISOString().replace("T", " ").slice(0, 19)} UTC` : "");
 // The id in the page's address; null where it is not valid URL encoding (a link cut short at a "%" escape, say):
 // decodeURIComponent threw on it, and the page sat at "loading…" with no word.
@@ -23,13 +22,13 @@ function rows(tbody, pairs) {
   for (const [label, value] of pairs) {
     if (value === null || value === undefined || value === "" || (Array.isArray(value) && !value.length)) continue;
     const shown = Array.isArray(value) ? value.join(", ") : value;
-    tbody.insertAdjacentHTML("beforeend", `<tr><th>${esc(label)}</th><td data-field="${esc(label)}">${esc(shown)}</td></tr>`);
+    tbody.insertAdjacentHTML("beforeend", `<tr><th>${escapeHtml(label)}</th><td data-field="${escapeHtml(label)}">${escapeHtml(shown)}</td></tr>`);
   }
 }
 
 function image(id, url, missing) {
   const box = document.getElementById(id);
-  box.innerHTML = url ? `<img class="snapshot" alt="${esc(missing)}" src="${esc(url)}">` : `<p class="none">${esc(missing)}</p>`;
+  box.innerHTML = url ? `<img class="snapshot" alt="${escapeHtml(missing)}" src="${escapeHtml(url)}">` : `<p class="none">${escapeHtml(missing)}</p>`;
   const img = box.querySelector("img");
   if (img) img.addEventListener("error", () => { box.innerHTML = '<p class="none">Image purged.</p>'; });
 }
@@ -60,7 +59,7 @@ function render(body) {
   const trail = [[c.opened_at, "case service", `opened (${c.kind})`], ...(c.notes || []).map((n) => [n.at, n.actor, n.text])];
   if (c.decided_at) trail.push([c.decided_at, c.decided_by || c.updated_by, `${c.state}${c.verdict_reason ? `: ${c.verdict_reason}` : ""}`]);
   trail.sort((a, b) => a[0] - b[0]);
-  document.getElementById("trail").innerHTML = trail.map(([at, actor, text]) => `<li><time>${esc(when(at))}</time> <b>${esc(actor)}</b> ${esc(text)}</li>`).join("");
+  document.getElementById("trail").innerHTML = trail.map(([at, actor, text]) => `<li><time>${escapeHtml(when(at))}</time> <b>${escapeHtml(actor)}</b> ${escapeHtml(text)}</li>`).join("");
   const decider = document.getElementById("decider");
   decider.textContent = body.you ? `Deciding as ${body.you}.` : "You cannot decide cases from this login.";
   for (const button of document.querySelectorAll("#verdict button")) {
