@@ -470,7 +470,8 @@ def read_assigned(
     marker at the end); ``TimeoutError`` when nothing arrives for ``idle_timeout_s`` before all are done.
     With ``deleted`` (and a consumer with ``auto.offset.reset=error``), records retention deletes before they are
     read are counted there per partition and the read goes on from the earliest kept one; without it that error
-    raises. Leaves the consumer unassigned, not closed (a follow-up read may reuse it)."""
+    raises. A partition the broker answers with another error (not authorised, say) raises :class:`TopicUnavailable`
+    with its words. Leaves the consumer unassigned, not closed (a follow-up read may reuse it)."""
     todo = {p: r for p, r in ranges.items() if r[0] < r[1]}
     if not todo:
         return
@@ -547,8 +548,8 @@ def _in_range(message: Message, topic: str, todo: dict[int, tuple[int, int]]) ->
         return False
     error = message.error()
     if error is not None:
-        if error.code() != KafkaError._PARTITION_EOF:
-            raise RuntimeError(f"{topic}[{p}]: {error}")
+        if error.code() != KafkaError._PARTITION_EOF:  # the broker's words: not the client's error object
+            raise _unavailable(topic, error, p)
         del todo[p]
         return False
     start, end = todo[p]
@@ -592,8 +593,9 @@ def _producer(kafka: KafkaSettings) -> Producer:
     )
 
 
-def _unavailable(topic: str, error: KafkaError) -> TopicUnavailable:
-    return TopicUnavailable(f"topic {topic}: the broker answered {error.str()} ({error.name()})")
+def _unavailable(topic: str, error: KafkaError, partition: int | None = None) -> TopicUnavailable:
+    where = f"topic {topic}" if partition is None else f"topic {topic} partition {partition}"
+    return TopicUnavailable(f"{where}: the broker answered {error.str()} ({error.name()})")
 
 
 def partition_count(client: Consumer | Producer, topic: str, kafka: KafkaSettings | None = None) -> int:

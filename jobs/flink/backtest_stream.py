@@ -567,7 +567,8 @@ def replayed_transactions(settings: Settings, name: str) -> set[str] | None:
     ``None`` when they are not all there: the topic does not exist (cleaned up, or ``name`` is no backtest) or
     retention deleted some of its records (the copies keep their original, old timestamps) before or while they
     were read, which would have compared a part, or nothing, as if it were the whole (an ``earliest`` reset
-    skipped what went mid-read without a word)."""
+    skipped what went mid-read without a word). A topic the broker answers with an error raises
+    ``TopicUnavailable`` with its words: not knowing why, the comparison would be made on the wrong set."""
     from infra.clients.topic_replay import Bound, RangeError, plan, read_range_records
 
     topic = replayed_topic(name)

@@ -523,3 +523,90 @@ def test_a_copy_topic_that_does_not_exist_is_not_finished_and_the_wait_times_out
         "the backtest did not finish in 30s; topic bt-1.processed_transactions does not exist (deleted during the run?)"
     )
     assert 1030 < clock.now < 1032, "it waited its time limit, no longer"
+
+
+class _ErrorRecord:
+    """What a consumer hands back for a partition the broker refuses to serve."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def error(self):
+        from confluent_kafka import KafkaError
+
+        return KafkaError(self.code)
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> None:
+        return None
+
+
+class _RefusedReads:
+    """A consumer of the copy's transactions topic: every read answered with the broker's error."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def assign(self, _parts) -> None:
+        pass
+
+    def consume(self, _n: int, _timeout: float) -> list[_ErrorRecord]:
+        return [_ErrorRecord(self.code)]
+
+    def position(self, parts) -> list[SimpleNamespace]:
+        return [SimpleNamespace(offset=0) for _ in parts]
+
+    def get_watermark_offsets(self, *_a, **_k) -> tuple[int, int]:
+        return 0, 5
+
+    def unassign(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("listed", [True, False], ids=["listed-in-error", "refused-on-read"])
+def test_a_copy_topic_the_broker_refuses_when_read_back_stops_run_and_compare_with_its_words(
+    tmp_path, monkeypatch, capsys, listed: bool
+):
+    """Read back for the comparison, a copy topic the broker answers with an error (listed with it, or refusing the
+    read itself) ended ``compare`` with a traceback and ``run`` with the client's error object: both now stop with
+    the broker's words, exit 1 and no report."""
+    from confluent_kafka import KafkaError
+
+    from infra import launcher
+    from infra.cli import main
+    from infra.clients import topic_replay
+    from jobs.flink import backtest_stream
+
+    refused = KafkaError.TOPIC_AUTHORIZATION_FAILED
+    copy_error = KafkaError(refused) if listed else None
+    topics = {
+        "transactions": SimpleNamespace(error=None, partitions={0: 0}),
+        "bt-1.transactions": SimpleNamespace(error=copy_error, partitions={} if listed else {0: 0}),
+    }
+    settings = Settings(stack_dir=tmp_path)
+    monkeypatch.setattr(backtest_stream, "get_settings", lambda: settings)
+    monkeypatch.setattr(topic_replay, "_consumer", lambda _kafka: _RefusedReads(refused))
+    monkeypatch.setattr(topic_replay, "assigned_consumer", lambda *_a, **_k: _RefusedReads(refused))
+    monkeypatch.setattr(topic_replay.kafka_clients, "cluster_metadata", lambda *_a: SimpleNamespace(topics=topics))
+    monkeypatch.setattr(topic_replay, "replay", lambda *_a, **_k: topic_replay.ReplayStats(acked=5, sent=5))
+    monkeypatch.setattr(launcher, "start_scoring_job", lambda *_a, **_k: SimpleNamespace(stop=lambda: None))
+    monkeypatch.setattr(launcher, "spawn", lambda *_a, **_k: SimpleNamespace(stop=lambda: None))
+    for quiet in ("create_copy_topics", "publish_rule_set", "wait_until_done"):
+        monkeypatch.setattr(backtest_stream, quiet, lambda *_a, **_k: None)
+    monkeypatch.setattr(
+        opensearch, "make_client", lambda *_a, **_k: FakeSearch({"checkout-guard": BASELINE, "bt-1": CANDIDATE})
+    )
+    (rules_file := tmp_path / "cand.yaml").write_text(_published("cand-1", 65)[1])
+    for args in (["run", "--rules", str(rules_file), "--name", "bt-1"], ["compare", "checkout-guard", "bt-1"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["backtest-stream", *args])  # the console, as python -m runs it too (infra.cli.run_tool)
+        err = " ".join(capsys.readouterr().err.split())
+        assert exit_.value.code == 1, err
+        assert "topic bt-1.transactions" in err and "the broker answered Broker: Topic authorization failed" in err
+        assert "Traceback" not in err and "KafkaError{" not in err
+    assert not (tmp_path / "backtests" / "bt-1" / "report.json").exists()
