@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, Message, Producer
-from confluent_kafka.admin import AdminClient, ClusterMetadata
+from confluent_kafka.admin import AdminClient, ClusterMetadata, TopicMetadata
 
 from infra.settings import KafkaSettings, Settings
 from schemas.errors import CheckoutGuardError, InvalidRecord
@@ -215,8 +215,8 @@ def require_topics(
     :class:`TopicMissing` naming those of ``topics`` the cluster does not list; another error of a listed topic
     (no leader this moment, not authorised) is a :class:`TopicError` naming it and the error, not a missing topic."""
     metadata = cluster_metadata(client, source, timeout_s=timeout_s)
-    listed = {t: metadata.topics[t] for t in topics if t in metadata.topics}
-    missing = [t for t in topics if t not in listed or _code(listed[t].error) == KafkaError.UNKNOWN_TOPIC_OR_PART]
+    listed = {t: found for t in topics if (found := listed_topic(metadata, t)) is not None}
+    missing = [t for t in topics if t not in listed]
     if missing:
         raise TopicMissing(
             f"no topic {', '.join(missing)} on Kafka at {_kafka(source).bootstrap} (or this login may not describe "
@@ -228,8 +228,15 @@ def require_topics(
     return metadata
 
 
-def _code(error: KafkaError | None) -> int | None:
-    return error.code() if error is not None else None
+def listed_topic(metadata: ClusterMetadata, topic: str) -> TopicMetadata | None:
+    """``topic``'s entry in ``metadata``, or ``None`` where the cluster does not have it: not
+    listed, or listed with UNKNOWN_TOPIC_OR_PART, the broker's word for a topic it does not know. Another error of
+    a listed topic (no leader, not authorised) stays on the entry: the topic exists. Writers and readers alike
+    tell a missing topic by this, so no tool calls one topic missing that another calls unavailable."""
+    found = metadata.topics.get(topic)
+    if found is None or (found.error is not None and found.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART):
+        return None
+    return found
 
 
 def produce(

@@ -603,7 +603,7 @@ def partition_count(client: Consumer | Producer, topic: str, kafka: KafkaSetting
     with an error (no leader, not authorised): taken for no partitions, the tail said such a topic did not exist and
     a caller waiting for it to be read found nothing left to read; ``KafkaUnavailable`` when no broker answers. From
     the list of all topics: a producer asking for one by name could make a broker create it."""
-    md = kafka_clients.cluster_metadata(client, kafka).topics.get(topic)
+    md = kafka_clients.listed_topic(kafka_clients.cluster_metadata(client, kafka), topic)
     if md is None:
         return 0
     if md.error is not None:
@@ -657,7 +657,7 @@ def plan(
     has no such topic, :class:`TopicUnavailable` when the broker answers for it with an error."""
     consumer = _consumer(kafka)
     try:
-        md = kafka_clients.cluster_metadata(consumer, kafka).topics.get(topic)
+        md = kafka_clients.listed_topic(kafka_clients.cluster_metadata(consumer, kafka), topic)
         if md is None:
             raise NoSuchTopic(f"topic {topic} does not exist")
         if md.error is not None:

@@ -863,3 +863,25 @@ def test_a_source_topic_the_broker_answers_with_an_error_stops_the_replay_with_t
     assert source.closed, "the consumer is given back"
     assert topic_replay.partition_count(Source(), "dst") == 1
     assert topic_replay.partition_count(Source(), "missing") == 0, "a topic that does not exist has no partitions"
+
+
+def test_a_topic_listed_as_unknown_is_missing_for_the_readers_as_for_the_writers(monkeypatch: pytest.MonkeyPatch):
+    """A topic listed with UNKNOWN_TOPIC_OR_PART was "unavailable" to ``partition_count`` (the tail, the backtest's
+    wait) and ``plan`` (replay), while ``require_topics`` said it does not exist: the readers now say so too."""
+
+    class NoConsumer:
+        def close(self) -> None:
+            pass
+
+    unknown = KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)
+    topics = {"gone": SimpleNamespace(error=unknown, partitions={})}
+    monkeypatch.setattr(topic_replay, "_consumer", lambda _kafka: NoConsumer())
+    monkeypatch.setattr(
+        topic_replay.kafka_clients, "cluster_metadata", lambda *_a, **_k: SimpleNamespace(topics=topics)
+    )
+    with pytest.raises(topic_replay.kafka_clients.TopicMissing):
+        topic_replay.kafka_clients.require_topics(NoConsumer(), KAFKA, "gone")
+    assert topic_replay.partition_count(NoConsumer(), "gone") == 0
+    assert topic_replay.high_watermarks(KAFKA, "gone") == {} and not topic_replay.caught_up(KAFKA, "g", "gone")
+    with pytest.raises(topic_replay.NoSuchTopic, match="^topic gone does not exist$"):
+        topic_replay.plan(KAFKA, "gone", Bound(), Bound())
