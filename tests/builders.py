@@ -98,3 +98,33 @@ def tgz(files: dict[str, bytes]) -> bytes:
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+class ReadToEndConsumer:
+    """A Kafka consumer of every partition read to its end (5 records, 5 committed): what the offset questions of
+    :mod:`infra.clients.topic_replay` ask of one."""
+
+    def get_watermark_offsets(self, tp: Any, timeout: float, cached: bool) -> tuple[int, int]:
+        return 0, 5
+
+    def committed(self, parts: list[Any], timeout: float) -> list[Any]:
+        from confluent_kafka import TopicPartition
+
+        return [TopicPartition(tp.topic, tp.partition, 5) for tp in parts]
+
+    def close(self) -> None:
+        pass
+
+
+def fake_cluster(monkeypatch: Any, topics: dict[str, Any]) -> None:
+    """:mod:`infra.clients.topic_replay` against a cluster listing ``topics`` (name -> metadata with ``error`` and
+    ``partitions``), its consumers :class:`ReadToEndConsumer`."""
+    from types import SimpleNamespace
+
+    from infra.clients import topic_replay
+
+    monkeypatch.setattr(topic_replay, "_consumer", lambda _kafka: ReadToEndConsumer())
+    monkeypatch.setattr(topic_replay.kafka_clients, "consumer", lambda *_a: ReadToEndConsumer())
+    monkeypatch.setattr(
+        topic_replay.kafka_clients, "cluster_metadata", lambda *_a, **_k: SimpleNamespace(topics=topics)
+    )

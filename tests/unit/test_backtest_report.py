@@ -28,6 +28,7 @@ from jobs.flink.backtest_stream import (
 from jobs.scoring.rules import RuleSet, update_record
 from schemas.records import PosTransaction, RuleSetUpdate
 from schemas.topics import RULES
+from tests.builders import fake_cluster
 
 
 def _doc(
@@ -465,12 +466,7 @@ def test_waiting_for_the_copy_says_the_brokers_error_for_a_topic_it_answers_with
     on to compare before the copy had decided anything."""
     from confluent_kafka import KafkaError
 
-    from infra.clients import topic_replay
     from jobs.flink.backtest_stream import wait_until_done
-
-    class NoConsumer:
-        def close(self) -> None:
-            pass
 
     error = KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)
     copy = candidate_settings(Settings(stack_dir=tmp_path), "bt-1", Candidate(rules_file=tmp_path / "r.yaml"))
@@ -478,9 +474,7 @@ def test_waiting_for_the_copy_says_the_brokers_error_for_a_topic_it_answers_with
         name: SimpleNamespace(error=error, partitions={})
         for name in ("bt-1.transactions", "bt-1.processed_transactions")
     }
-    monkeypatch.setattr(topic_replay, "_consumer", lambda _kafka: NoConsumer())
-    monkeypatch.setattr(topic_replay.kafka_clients, "consumer", lambda *_a: NoConsumer())
-    monkeypatch.setattr(topic_replay.kafka_clients, "cluster_metadata", lambda *_a: SimpleNamespace(topics=topics))
+    fake_cluster(monkeypatch, topics)
     with pytest.raises(RuntimeError, match="cannot tell whether the job copy finished the range: topic bt-1"):
         wait_until_done(copy, [], timeout_s=5, quiet_s=0)
 
@@ -488,23 +482,9 @@ def test_waiting_for_the_copy_says_the_brokers_error_for_a_topic_it_answers_with
 def test_a_copy_topic_that_does_not_exist_is_not_finished_and_the_wait_times_out_naming_it(tmp_path, monkeypatch):
     """A topic that does not exist has no partitions, so ``caught_up`` said "yes" (all of none read): the backtest
     compared at once, before the copy had decided anything."""
-    from confluent_kafka import TopicPartition
-
     from infra.clients import topic_replay
     from jobs.flink import backtest_stream
     from jobs.flink.backtest_stream import wait_until_done
-
-    class NoConsumer:
-        """The copy's transactions topic read to its end: 5 records, 5 committed."""
-
-        def get_watermark_offsets(self, tp: TopicPartition, timeout: float, cached: bool) -> tuple[int, int]:
-            return 0, 5
-
-        def committed(self, parts: list[TopicPartition], timeout: float) -> list[TopicPartition]:
-            return [TopicPartition(tp.topic, tp.partition, 5) for tp in parts]
-
-        def close(self) -> None:
-            pass
 
     clock = SimpleNamespace(now=1000.0)
     clock.monotonic = lambda: clock.now
@@ -512,9 +492,7 @@ def test_a_copy_topic_that_does_not_exist_is_not_finished_and_the_wait_times_out
     copy = candidate_settings(Settings(stack_dir=tmp_path), "bt-1", Candidate(rules_file=tmp_path / "r.yaml"))
     topics = {"bt-1.transactions": SimpleNamespace(error=None, partitions={0: 0})}
     monkeypatch.setattr(backtest_stream, "time", clock)
-    monkeypatch.setattr(topic_replay, "_consumer", lambda _kafka: NoConsumer())
-    monkeypatch.setattr(topic_replay.kafka_clients, "consumer", lambda *_a: NoConsumer())
-    monkeypatch.setattr(topic_replay.kafka_clients, "cluster_metadata", lambda *_a: SimpleNamespace(topics=topics))
+    fake_cluster(monkeypatch, topics)  # the copy's transactions topic read to its end: 5 records, 5 committed
     assert not topic_replay.caught_up(Settings().kafka, "g", "bt-1.processed_transactions")
     child = SimpleNamespace(alive=True, log_path=tmp_path / "bt-1-job.log")
     with pytest.raises(TimeoutError) as raised:

@@ -27,6 +27,7 @@ from infra.clients.topic_replay import (
 )
 from infra.settings import KafkaSettings, Settings
 from schemas.topics import ALL_TOPICS
+from tests.builders import ReadToEndConsumer, fake_cluster
 
 WATERMARKS = {0: (10, 100), 1: (0, 50), 2: (5, 5)}
 
@@ -780,15 +781,8 @@ def test_a_topic_the_broker_answers_for_with_an_error_is_named_with_that_error_n
     monkeypatch: pytest.MonkeyPatch, code: int, exit_code: int
 ) -> None:
     """A topic without a leader, or one this principal may not read, was reported as "does not exist"."""
-
-    class NoConsumer:
-        def close(self) -> None:
-            pass
-
     error = KafkaError(code)
-    topics = {"transactions": SimpleNamespace(error=error, partitions={})}
-    monkeypatch.setattr(topic_replay, "_consumer", lambda _kafka: NoConsumer())
-    monkeypatch.setattr(topic_replay.kafka_clients, "cluster_metadata", lambda *_a: SimpleNamespace(topics=topics))
+    fake_cluster(monkeypatch, {"transactions": SimpleNamespace(error=error, partitions={})})
     with pytest.raises(topic_replay.TopicUnavailable) as raised:
         topic_replay.plan(KAFKA, "transactions", Bound(), Bound())
     assert str(raised.value) == f"topic transactions: the broker answered {error.str()} ({error.name()})"
@@ -806,25 +800,12 @@ def test_watermarks_and_committed_offsets_of_a_topic_the_broker_answers_with_an_
     monkeypatch: pytest.MonkeyPatch, code: int
 ) -> None:
     """Such a topic was taken for one without partitions: ``caught_up`` said "yes", as if all was read."""
-
-    class NoConsumer:
-        def get_watermark_offsets(self, tp: TopicPartition, timeout: float, cached: bool) -> tuple[int, int]:
-            return 0, 5
-
-        def committed(self, parts: list[TopicPartition], timeout: float) -> list[TopicPartition]:
-            return [TopicPartition(tp.topic, tp.partition, 5) for tp in parts]
-
-        def close(self) -> None:
-            pass
-
     error = KafkaError(code)
     topics = {
         "scored": SimpleNamespace(error=error, partitions={}),
         "ok": SimpleNamespace(error=None, partitions={0: 0}),
     }
-    monkeypatch.setattr(topic_replay, "_consumer", lambda _kafka: NoConsumer())
-    monkeypatch.setattr(topic_replay.kafka_clients, "consumer", lambda *_a: NoConsumer())
-    monkeypatch.setattr(topic_replay.kafka_clients, "cluster_metadata", lambda *_a: SimpleNamespace(topics=topics))
+    fake_cluster(monkeypatch, topics)
     said = f"topic scored: the broker answered {error.str()} ({error.name()})"
     for read in (
         lambda: topic_replay.high_watermarks(KAFKA, "scored"),
@@ -868,20 +849,11 @@ def test_a_source_topic_the_broker_answers_with_an_error_stops_the_replay_with_t
 def test_a_topic_listed_as_unknown_is_missing_for_the_readers_as_for_the_writers(monkeypatch: pytest.MonkeyPatch):
     """A topic listed with UNKNOWN_TOPIC_OR_PART was "unavailable" to ``partition_count`` (the tail, the backtest's
     wait) and ``plan`` (replay), while ``require_topics`` said it does not exist: the readers now say so too."""
-
-    class NoConsumer:
-        def close(self) -> None:
-            pass
-
     unknown = KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)
-    topics = {"gone": SimpleNamespace(error=unknown, partitions={})}
-    monkeypatch.setattr(topic_replay, "_consumer", lambda _kafka: NoConsumer())
-    monkeypatch.setattr(
-        topic_replay.kafka_clients, "cluster_metadata", lambda *_a, **_k: SimpleNamespace(topics=topics)
-    )
+    fake_cluster(monkeypatch, {"gone": SimpleNamespace(error=unknown, partitions={})})
     with pytest.raises(topic_replay.kafka_clients.TopicMissing):
-        topic_replay.kafka_clients.require_topics(NoConsumer(), KAFKA, "gone")
-    assert topic_replay.partition_count(NoConsumer(), "gone") == 0
+        topic_replay.kafka_clients.require_topics(ReadToEndConsumer(), KAFKA, "gone")
+    assert topic_replay.partition_count(ReadToEndConsumer(), "gone") == 0
     assert topic_replay.high_watermarks(KAFKA, "gone") == {} and not topic_replay.caught_up(KAFKA, "g", "gone")
     with pytest.raises(topic_replay.NoSuchTopic, match="^topic gone does not exist$"):
         topic_replay.plan(KAFKA, "gone", Bound(), Bound())
