@@ -290,29 +290,16 @@ def test_a_valid_subject_id_keeps_its_external_image_id_so_existing_collections_
     assert external_image_id("subj-POS7+00042@store-001") == "_subj-POS7_2B00042_40store-001"
 
 
-def test_forget_deletes_faces_an_earlier_version_indexed_under_a_hashed_external_image_id():
+def test_forget_deletes_faces_an_earlier_version_indexed_under_a_hashed_external_image_id(one_face):
     import hashlib
 
+    faces, _ = one_face
     subject = "subj-" + "+" * 100
-    server = _one_face_server()
-    url = server.start()
-    try:
-        faces = RekognitionFaces(
-            FaceSettings(
-                rekognition_endpoint_url=url,
-                aws_region="us-east-1",
-                aws_access_key_id=SecretStr("testing"),
-                aws_secret_access_key=SecretStr("testing"),
-            )
-        )
-        faces.ensure_collection()
-        hashed = "_sha256-" + hashlib.sha256(subject.encode()).hexdigest()
-        faces.client.index_faces(CollectionId=faces.collection, Image={"Bytes": _jpeg()}, ExternalImageId=hashed)
-        assert faces.search(_jpeg(), (subject,)).subject_id == subject, "still named among known subjects"
-        assert len(faces.index(subject, _jpeg())) == 1, "indexed again under an id a search names"
-        assert faces.forget(subject) == 2 and faces.client.list_faces(CollectionId=faces.collection)["Faces"] == []
-    finally:
-        server.stop()
+    hashed = "_sha256-" + hashlib.sha256(subject.encode()).hexdigest()
+    faces.client.index_faces(CollectionId=faces.collection, Image={"Bytes": _jpeg()}, ExternalImageId=hashed)
+    assert faces.search(_jpeg(), (subject,)).subject_id == subject, "still named among known subjects"
+    assert len(faces.index(subject, _jpeg())) == 1, "indexed again under an id a search names"
+    assert faces.forget(subject) == 2 and faces.client.list_faces(CollectionId=faces.collection)["Faces"] == []
 
 
 def _one_face_server():
@@ -335,33 +322,20 @@ def _jpeg() -> bytes:
     return buf.getvalue()
 
 
-def test_the_local_rekognition_refuses_an_external_image_id_outside_the_apis_pattern_as_aws_does(tmp_path):
+def test_the_local_rekognition_refuses_an_external_image_id_outside_the_apis_pattern_as_aws_does(one_face):
     from botocore.exceptions import ClientError
 
-    server = _one_face_server()
-    url = server.start()
-    try:
-        faces = RekognitionFaces(
-            FaceSettings(
-                rekognition_endpoint_url=url,
-                aws_region="us-east-1",
-                aws_access_key_id=SecretStr("testing"),
-                aws_secret_access_key=SecretStr("testing"),
-            )
+    faces, _ = one_face
+    with pytest.raises(ClientError) as err:
+        faces.client.index_faces(
+            CollectionId=faces.collection, Image={"Bytes": _jpeg()}, ExternalImageId="subj-POS7+00042@store-001"
         )
-        faces.ensure_collection()
-        with pytest.raises(ClientError) as err:
-            faces.client.index_faces(
-                CollectionId=faces.collection, Image={"Bytes": _jpeg()}, ExternalImageId="subj-POS7+00042@store-001"
-            )
-        assert err.value.response["Error"]["Code"] == "ValidationException"
-        assert "externalImageId" in err.value.response["Error"]["Message"]
-        # through the backend: indexed under the mapped id, found again and deleted by forget
-        assert len(faces.index("subj-POS7+00042@store-001", _jpeg())) == 1
-        assert faces.search(_jpeg()).subject_id == "subj-POS7+00042@store-001"
-        assert faces.forget("subj-POS7+00042@store-001") == 1 and faces.face_ids("subj-POS7+00042@store-001") == []
-    finally:
-        server.stop()
+    assert err.value.response["Error"]["Code"] == "ValidationException"
+    assert "externalImageId" in err.value.response["Error"]["Message"]
+    # through the backend: indexed under the mapped id, found again and deleted by forget
+    assert len(faces.index("subj-POS7+00042@store-001", _jpeg())) == 1
+    assert faces.search(_jpeg()).subject_id == "subj-POS7+00042@store-001"
+    assert faces.forget("subj-POS7+00042@store-001") == 1 and faces.face_ids("subj-POS7+00042@store-001") == []
 
 
 @pytest.fixture
