@@ -90,7 +90,7 @@ from infra.processes import done_by, exit_deadline, time_left
 from infra.retry import Backoff
 from infra.settings import Settings, face_deadline_problem, get_settings
 from jobs.faces.rekognition import call_limit_s
-from jobs.scoring.validation import parse_transaction
+from jobs.scoring.validation import check_not_ahead, parse_transaction
 from schemas.codec import DecodeError, Projection, codec
 from schemas.errors import FACE_STAGE_ERROR, InvalidRecord
 from schemas.identifiers import check_serial
@@ -446,13 +446,7 @@ class FaceStage:
         if where is None or where[1] is not None:
             return []  # unknown camera, or a lane camera (checkouts trigger those)
         now_ms = clock.now_ms() if now_ms is None else now_ms
-        skew_ms = self.settings.job.max_future_skew_ms
-        if event.event_time - now_ms > skew_ms:
-            raise InvalidRecord(
-                "invalid_timestamp",
-                f"event_time is {(event.event_time - now_ms) / 1000:.0f} s after the wall clock "
-                f"(at most {skew_ms / 1000:.0f} s allowed)",
-            )
+        check_not_ahead(event.event_time, now_ms, self.settings.job.max_future_skew_ms)
         oids = [o.oid for o in event.objects if o.type == "person"]
         new = self.entrances.new_oids(event.camera_serial, event.event_time, oids)
         seen_by = _seen_by(now_ms, record_ms)

@@ -119,6 +119,12 @@ def _check_ids(tx: dict[str, Any]) -> None:
 def _check_event_time(event_time: int, now_ms: int, max_future_skew_ms: int) -> None:
     if event_time <= 0:
         raise InvalidRecord("invalid_timestamp", f"event_time must be epoch milliseconds, got {event_time}")
+    check_not_ahead(event_time, now_ms, max_future_skew_ms)
+
+
+def check_not_ahead(event_time: int, now_ms: int, max_future_skew_ms: int) -> None:
+    """``invalid_timestamp`` for an event dated more than ``max_future_skew_ms`` after ``now_ms`` (the reader's wall
+    clock; 0: none): a clock far ahead, whose events would outlast everything state keeps by event time."""
     if now_ms and event_time - now_ms > max_future_skew_ms:
         ahead_s = (event_time - now_ms) / 1000
         raise InvalidRecord(

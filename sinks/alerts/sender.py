@@ -1352,9 +1352,8 @@ class AlertSender:
     def close(self) -> None:
         """Stop the channel workers, close every channel and then the ledger (callbacks run last-registered
         first); one failing to close does not keep the others open."""
-        until = (
-            time.monotonic() + self.settings.alerts.stop_wait_s
-        )  # all channels together (a worker stopped keeps its own)
+        # all channels together (a worker stopped keeps its own)
+        until = time.monotonic() + self.settings.alerts.stop_wait_s
         with contextlib.ExitStack() as closing:
             closing.callback(self.ledger.close)
             for channel in self.channels:
