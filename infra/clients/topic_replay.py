@@ -549,7 +549,7 @@ def _in_range(message: Message, topic: str, todo: dict[int, tuple[int, int]]) ->
     error = message.error()
     if error is not None:
         if error.code() != KafkaError._PARTITION_EOF:  # the broker's words: not the client's error object
-            raise _unavailable(topic, error, p)
+            raise topic_unavailable(topic, error, p)
         del todo[p]
         return False
     start, end = todo[p]
@@ -593,7 +593,9 @@ def _producer(kafka: KafkaSettings) -> Producer:
     )
 
 
-def _unavailable(topic: str, error: KafkaError, partition: int | None = None) -> TopicUnavailable:
+def topic_unavailable(topic: str, error: KafkaError, partition: int | None = None) -> TopicUnavailable:
+    """The error for a topic (or one partition of it) the broker answered with ``error``, in the broker's words
+    (``error.str()`` and its name), not the client's error object: every reader of a topic words it so."""
     where = f"topic {topic}" if partition is None else f"topic {topic} partition {partition}"
     return TopicUnavailable(f"{where}: the broker answered {error.str()} ({error.name()})")
 
@@ -607,7 +609,7 @@ def partition_count(client: Consumer | Producer, topic: str, kafka: KafkaSetting
     if md is None:
         return 0
     if md.error is not None:
-        raise _unavailable(topic, md.error)
+        raise topic_unavailable(topic, md.error)
     return len(md.partitions)
 
 
@@ -661,7 +663,7 @@ def plan(
         if md is None:
             raise NoSuchTopic(f"topic {topic} does not exist")
         if md.error is not None:
-            raise _unavailable(topic, md.error)
+            raise topic_unavailable(topic, md.error)
         count = len(md.partitions)
         watermarks = {
             p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False) for p in range(count)

@@ -46,6 +46,7 @@ from infra.clients.topic_replay import (
     partition_count,
     read_assigned,
     skip_deleted,
+    topic_unavailable,
 )
 from infra.settings import KafkaSettings
 from schemas.codec import HEADER_LEN, MAGIC, DecodeError, codec, load_schemas
@@ -390,7 +391,8 @@ def _follow(
     deleted: dict[int, int],
 ) -> int:
     """Every record from ``begin`` on, as it arrives, until ``stop`` is set (or interrupted); what retention deletes
-    before it is read is counted in ``deleted`` and the partition goes on from the earliest kept record."""
+    before it is read is counted in ``deleted`` and the partition goes on from the earliest kept record; a read the
+    broker refuses is :class:`~infra.clients.topic_replay.TopicUnavailable` in its words, as in the first read."""
     consumer.assign([TopicPartition(topic, p, offset) for p, offset in begin.items()])
     after = dict(begin)  # the next offset each partition is to read
     emitted = 0
@@ -404,7 +406,7 @@ def _follow(
                     gone, after[p] = skip_deleted(consumer, topic, p, after[p])
                     deleted[p] = deleted.get(p, 0) + gone
                     continue
-                raise RuntimeError(f"{topic}[{p}]: {error}")
+                raise topic_unavailable(topic, error, p)
             record = _raw(message)
             after[record.partition] = record.offset + 1
             if key_matches(record.key, key):

@@ -369,3 +369,38 @@ def test_topics_tail_names_a_topic_the_broker_answers_with_an_error_by_that_erro
     out, err = capsys.readouterr()
     assert exit_.value.code == 1 and not out, err
     assert err.strip() == f"Error: topic {name}: the broker answered {error.str()} ({error.name()})"
+
+
+@pytest.mark.parametrize("code", [KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.NOT_LEADER_FOR_PARTITION])
+def test_topics_tail_follow_names_a_read_error_by_the_brokers_words_and_exits_1(monkeypatch, capsys, code: int):
+    """While following, a read the broker refused was printed as the client's error object
+    (``KafkaError{code=...,val=...,str="..."}``), where the first N records' read and ``replay`` give its words."""
+    from infra.cli import main
+    from infra.clients import topic_tail
+    from infra.settings import get_settings
+
+    error = KafkaError(code)
+
+    class RefusedFollow:
+        def get_watermark_offsets(self, _tp, timeout: float, cached: bool) -> tuple[int, int]:
+            return 0, 3
+
+        def assign(self, _tps) -> None:
+            pass
+
+        def consume(self, _n: int, timeout: float) -> list[Message]:
+            return [Message(topic="t", partition=0, offset=3, error=error)]
+
+        def close(self) -> None:
+            pass
+
+    get_settings.cache_clear()
+    name = SCORED_TRANSACTIONS.full_name(get_settings().kafka.topic_prefix)
+    monkeypatch.setattr(topic_tail, "assigned_consumer", lambda *_a, **_kw: RefusedFollow())
+    monkeypatch.setattr(topic_tail, "partition_count", lambda *_a: 1)
+    with pytest.raises(SystemExit) as exit_:
+        main(["topics", "tail", "processed_transactions", "--from", "latest", "--follow"])
+    get_settings.cache_clear()
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 1 and not out, err
+    assert err.strip() == f"Error: topic {name} partition 0: the broker answered {error.str()} ({error.name()})"
