@@ -1207,13 +1207,15 @@ def ensure_topics(settings: Settings) -> list[str]:
     """Create the topics of ``schemas.topics.ALL_TOPICS`` (with the settings' prefix) that are missing.
 
     Existing topics are left alone (a partition count that differs from the spec is logged), but for the
-    dead letters' retention and each spec's ``enforced`` keys. Returns the names created."""
+    dead letters' retention and each spec's ``enforced`` keys. Returns the names created. What is missing is
+    decided by ``kafka_clients.listed_topic``, as by every tool: a topic listed as unknown is created."""
     admin = _admin(settings)
     prefix = settings.kafka.topic_prefix
-    existing = kafka_clients.cluster_metadata(admin, settings).topics
     wanted = {spec.full_name(prefix): spec for spec in ALL_TOPICS}
+    listing = kafka_clients.cluster_metadata(admin, settings)
+    existing = {name: found for name in wanted if (found := kafka_clients.listed_topic(listing, name)) is not None}
     for name, spec in wanted.items():
-        if name in existing and len(existing[name].partitions) != spec.partitions:
+        if name in existing and existing[name].error is None and len(existing[name].partitions) != spec.partitions:
             log.warning(
                 "topic %s has %d partitions, the spec says %d (left alone)",
                 name,
@@ -1251,14 +1253,15 @@ def ensure_topics(settings: Settings) -> list[str]:
 
 
 def describe_topics(settings: Settings) -> dict[str, dict]:
-    """Partitions and (non-default) config of every topic of ALL_TOPICS that exists."""
+    """Partitions and (non-default) config of every topic of ALL_TOPICS that exists (``kafka_clients.listed_topic``)."""
     admin = _admin(settings)
     prefix = settings.kafka.topic_prefix
-    md = admin.list_topics(timeout=10).topics
-    names = [s.full_name(prefix) for s in ALL_TOPICS if s.full_name(prefix) in md]
-    out: dict[str, dict] = {n: {"partitions": len(md[n].partitions), "config": {}} for n in names}
-    if names:
-        futures = admin.describe_configs([ConfigResource(ResourceType.TOPIC, n) for n in names])
+    md = admin.list_topics(timeout=10)
+    wanted = [s.full_name(prefix) for s in ALL_TOPICS]
+    found = {n: topic for n in wanted if (topic := kafka_clients.listed_topic(md, n)) is not None}
+    out: dict[str, dict] = {n: {"partitions": len(topic.partitions), "config": {}} for n, topic in found.items()}
+    if found:
+        futures = admin.describe_configs([ConfigResource(ResourceType.TOPIC, n) for n in found])
         for res, fut in futures.items():
             out[res.name]["config"] = {
                 k: v.value for k, v in fut.result().items() if not v.is_default and not v.is_sensitive
@@ -1412,7 +1415,7 @@ def kafka_state(settings: Settings, topics: list[str] | None = None, timeout_s: 
     names = topics if topics is not None else [s.full_name(settings.kafka.topic_prefix) for s in ALL_TOPICS]
     partitions: dict[str, list[dict]] = {}
     for name in names:
-        topic = md.topics.get(name) if md is not None else None
+        topic = kafka_clients.listed_topic(md, name) if md is not None else None
         if topic is None or topic.error is not None:
             continue
         partitions[name] = [
@@ -1459,8 +1462,8 @@ def status(settings: Settings) -> dict:
     topics: dict = {"expected": len(expected), "present": None, "missing": expected}
     if services["kafka"]["healthy"]:
         with contextlib.suppress(KafkaException):
-            present = _admin(settings).list_topics(timeout=5).topics
-            topics["missing"] = [t for t in expected if t not in present]
+            present = _admin(settings).list_topics(timeout=5)
+            topics["missing"] = [t for t in expected if kafka_clients.listed_topic(present, t) is None]
             topics["present"] = len(expected) - len(topics["missing"])
     kafka: dict = {"brokers": [], "controller": None, "partitions": {}}
     if any(port_open(n.host, n.port) for n in ep.kafka_nodes):  # a degraded cluster still answers

@@ -62,6 +62,13 @@ def end_offset(
 _T = TypeVar("_T")
 
 
+class ControlTopicMissing(CheckoutGuardError, RuntimeError):
+    """A topic to read does not exist: not listed, or listed as unknown (``kafka_clients.listed_topic``, the rule every
+    tool judges a missing topic by). A ``RuntimeError``, as a topic the broker answers with an error is
+    (``topic_replay.TopicUnavailable``), so a caller that gives up on one gives up on the other; one that takes a
+    missing topic for an empty one (the sink's forgets) tells it by its type."""
+
+
 class ReadStopped(CheckoutGuardError, TimeoutError):
     """A read of the control topics cut off by its caller's ``deadline`` or ``stop`` (not the broker's error)."""
 
@@ -120,10 +127,14 @@ def read_control_topics(
     call (partitions + 2 of them) before reading: each call waits at most the time left, each poll too, and past it
     the read raises :class:`ReadStopped` (a ``TimeoutError``) and closes its consumer. ``stop``: the same, as soon as
     it is set (checked before each call and each poll; a call in progress runs on, to the deadline at most). Neither:
-    no bound but ``timeout_s``, as before."""
+    no bound but ``timeout_s``, as before.
+
+    A topic that does not exist is :class:`ControlTopicMissing`; one the broker answers with another error (no leader,
+    not authorised) is ``topic_replay.TopicUnavailable`` in the broker's words."""
     from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, TopicPartition
 
     from infra.clients import kafka as kafka_clients
+    from infra.clients.topic_replay import topic_unavailable
 
     prefix = settings.kafka.topic_prefix
     topics = [spec.full_name(prefix) for spec in specs]
@@ -134,10 +145,12 @@ def read_control_topics(
         ends: dict[tuple[str, int], int] = {}
         for topic in topics:
             listed = bound.call("listing its partitions", partial(_partitions, reader, topic), timeout_s)
-            meta = listed.topics[topic]
+            meta = kafka_clients.listed_topic(listed, topic)
             progress()
+            if meta is None:
+                raise ControlTopicMissing(f"topic {topic} does not exist on the cluster")
             if meta.error is not None:
-                raise RuntimeError(f"{topic}: {meta.error}")
+                raise topic_unavailable(topic, meta.error)
             for p in meta.partitions:
                 ends[(topic, p)] = bound.call(
                     f"asking {topic}[{p}]'s end",

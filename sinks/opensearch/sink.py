@@ -1095,6 +1095,8 @@ class OpenSearchSink:
         (``stall_s``), not for a fixed time, and every record read beats the heartbeat, so a long read is
         neither given up and started again from the beginning for ever nor taken for a hung sink by ``/healthz``
         (whose supervisor would restart it, as often). The metadata calls' timeout stays below the heartbeat's."""
+        from infra.clients.control_topics import ControlTopicMissing
+
         if read is None:
             from infra.clients.control_topics import read_control_topics
 
@@ -1121,7 +1123,7 @@ class OpenSearchSink:
                 )
                 break
             except (RuntimeError, TimeoutError, KafkaException) as exc:
-                if "UNKNOWN_TOPIC" in str(exc):
+                if isinstance(exc, ControlTopicMissing) or "UNKNOWN_TOPIC" in str(exc):  # (its end: deleted since)
                     log.warning("no %s topic: no forget to apply yet", self._audit_topic)
                     break
                 delay = self.backoff.delay(attempt, self._rng)

@@ -119,3 +119,46 @@ def test_without_a_deadline_each_metadata_call_has_its_own_timeout_as_before(mon
     last = control_topics.read_control_topics(Settings(), lambda *_: None, timeout_s=5.0, specs=(RULES,))
     assert broker.timeouts == [5.0] * 5 and broker.polls == [0.2] * 8
     assert last == {(TOPIC, p): 1 for p in range(4)} and broker.now[0] == 15.0
+
+
+class Listing(SlowBroker):
+    """A broker whose listing of the topic is ``topics`` (``{}``: not listed at all)."""
+
+    def __init__(self, topics: dict[str, Any]) -> None:
+        super().__init__([0.0], delay_s=0.0, partitions=1)
+        self.topics = topics
+
+    def list_topics(self, topic: str, timeout: float) -> Any:
+        return SimpleNamespace(topics=self.topics)
+
+
+@pytest.mark.parametrize(
+    "topics",
+    [{}, {TOPIC: SimpleNamespace(error=KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART), partitions={})}],
+    ids=["not-listed", "listed-unknown"],
+)
+def test_a_control_topic_not_listed_or_listed_unknown_is_missing_alike(
+    monkeypatch: pytest.MonkeyPatch, topics: dict[str, Any]
+) -> None:
+    """Judged by ``listed_topic`` as every tool is: a topic not listed ended the read with a ``KeyError``, one listed
+    as unknown with a ``RuntimeError`` carrying the client's error object."""
+    broker = Listing(topics)
+    _broker(monkeypatch, broker)
+    with pytest.raises(control_topics.ControlTopicMissing) as missing:
+        control_topics.read_control_topics(Settings(), lambda *_: None, specs=(RULES,))
+    assert str(missing.value) == f"topic {TOPIC} does not exist on the cluster" and broker.closed
+
+
+@pytest.mark.parametrize("code", [KafkaError.LEADER_NOT_AVAILABLE, KafkaError.TOPIC_AUTHORIZATION_FAILED])
+def test_a_control_topic_the_broker_answers_with_an_error_is_named_in_the_brokers_words(
+    monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """It exists: not missing, and worded as the tools word it, not as ``KafkaError{code=...,val=...,str=...}``."""
+    from infra.clients.topic_replay import TopicUnavailable
+
+    error = KafkaError(code)
+    _broker(monkeypatch, Listing({TOPIC: SimpleNamespace(error=error, partitions={})}))
+    with pytest.raises(TopicUnavailable) as unavailable:
+        control_topics.read_control_topics(Settings(), lambda *_: None, specs=(RULES,))
+    assert not isinstance(unavailable.value, control_topics.ControlTopicMissing)
+    assert str(unavailable.value) == f"topic {TOPIC}: the broker answered {error.str()} ({error.name()})"

@@ -397,6 +397,26 @@ def test_slow_metadata_calls_before_the_first_forget_keep_the_sink_alive() -> No
     wrapped.sink._load_forgotten(read)
 
 
+def test_an_audit_topic_the_cluster_does_not_list_is_no_forget_yet_not_a_crash(monkeypatch: Any) -> None:
+    """A sink on a bare prefix has forgotten nobody: the read's ``KeyError`` for a topic the listing left out escaped
+    the retry loop and stopped the sink at start (only a topic listed as unknown was let through)."""
+    from types import SimpleNamespace
+
+    from infra.clients import kafka as kafka_clients
+
+    class NoAudit:
+        def list_topics(self, topic: str, timeout: float) -> Any:
+            return SimpleNamespace(topics={})
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(kafka_clients, "consumer", lambda *_a, **_k: NoAudit())
+    wrapped = _Sink(FakeCluster())
+    wrapped.sink._load_forgotten()
+    assert len(wrapped.sink.forgotten) == 0 and wrapped.sink.stats.retries == 0
+
+
 class _SlowTopic:
     """A consumer of one partition of ``count`` records that hands out one record per ``poll`` and lets a second
     pass on the test's clock per poll: a long log read as fast as it comes."""

@@ -1,0 +1,90 @@
+"""The stack's view of our topics (``topics``, ``status``): a topic is missing by the one rule every tool follows
+(``kafka_clients.listed_topic``), so one the broker lists as unknown is missing here too."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError
+
+from infra import stack
+from infra.settings import Settings
+from schemas.topics import ALL_TOPICS, RULES
+
+
+def _settings(tmp_path: Path) -> Settings:
+    return Settings(stack_dir=tmp_path, kafka={"bootstrap_servers": "127.0.0.1:9092", "topic_prefix": ""})
+
+
+def _done(value: Any = None) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+class Admin:
+    """An admin client whose cluster has all our topics with their spec's partitions, but ``RULES``, listed as
+    unknown (UNKNOWN_TOPIC_OR_PART, the broker's word for a topic it does not have)."""
+
+    def __init__(self) -> None:
+        self.topics: dict[str, Any] = {
+            spec.full_name(""): SimpleNamespace(error=None, partitions=dict.fromkeys(range(spec.partitions)))
+            for spec in ALL_TOPICS
+        }
+        self.topics[RULES.full_name("")] = SimpleNamespace(
+            error=KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART), partitions={}
+        )
+        self.created: list[str] = []
+        self.described: list[str] = []
+
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> Any:
+        return SimpleNamespace(topics=self.topics, brokers={1: None})
+
+    def create_topics(self, topics: list[Any], request_timeout: float) -> dict[str, Future]:
+        self.created += [t.topic for t in topics]
+        return {t.topic: _done() for t in topics}
+
+    def incremental_alter_configs(self, resources: list[Any]) -> dict[Any, Future]:
+        return {r: _done() for r in resources}
+
+    def describe_configs(self, resources: list[Any]) -> dict[Any, Future]:
+        self.described += [r.name for r in resources]
+        return {r: _done({}) for r in resources}
+
+    def poll(self, _timeout: float) -> int:
+        return 0
+
+
+@pytest.fixture
+def admin(monkeypatch: pytest.MonkeyPatch) -> Admin:
+    fake = Admin()
+    monkeypatch.setattr(stack, "_admin", lambda _settings: fake)
+    return fake
+
+
+def test_a_topic_listed_as_unknown_is_created(tmp_path: Path, admin: Admin) -> None:
+    """It was taken for a topic that exists: never created, and every tool then stopped on it as missing."""
+    assert stack.ensure_topics(_settings(tmp_path)) == [RULES.full_name("")]
+    assert admin.created == [RULES.full_name("")]
+
+
+def test_a_topic_listed_as_unknown_is_not_described(tmp_path: Path, admin: Admin) -> None:
+    described = stack.describe_topics(_settings(tmp_path))
+    assert RULES.full_name("") not in described and RULES.full_name("") not in admin.described
+    assert len(described) == len(ALL_TOPICS) - 1
+
+
+def test_status_counts_a_topic_listed_as_unknown_as_missing(tmp_path: Path, admin: Admin, monkeypatch) -> None:
+    """``stack status`` said all topics were there and the stack healthy."""
+    monkeypatch.setattr(stack, "_healthy", lambda *_a: True)
+    monkeypatch.setattr(stack, "_our_process", lambda *_a: None)
+    monkeypatch.setattr(stack, "_opensearch_status", lambda *_a: "green")
+    monkeypatch.setattr(stack, "_prometheus_targets", lambda *_a: "")
+    monkeypatch.setattr(stack, "port_open", lambda *_a: False)
+    state = stack.status(_settings(tmp_path))
+    assert state["topics"]["missing"] == [RULES.full_name("")]
+    assert state["topics"]["present"] == len(ALL_TOPICS) - 1 and not state["healthy"]
