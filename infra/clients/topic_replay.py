@@ -453,6 +453,9 @@ def _consumer(kafka: KafkaSettings) -> Consumer:
     return assigned_consumer(kafka, "replay", auto_offset_reset="error")
 
 
+TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
+"""What a broker answers for a record (or the batch holding it) over the target topic's ``max.message.bytes``."""
+
 RETENTION_RESETS = frozenset({KafkaError._AUTO_OFFSET_RESET, KafkaError.OFFSET_OUT_OF_RANGE})
 """What a consumer with ``auto.offset.reset=error`` reports when its position fell below the log start."""
 
@@ -696,8 +699,9 @@ def replay(
     instead of their original timestamps. Raises :class:`ReplayStopped` (with what was sent and acknowledged, and
     where to resume) when the source yields no record for ``idle_timeout_s`` of reading before its range is read (a
     transaction left open holds a committed-only reader back; records out of reach), time spent sending, however
-    long ``rate`` makes it, not counting; when the producer refuses a record (larger than its size limit); or when
-    the source reports an error.
+    long ``rate`` makes it, not counting; when the producer refuses a record (larger than its size limit), or the
+    broker does for being too large for the target topic (every later send would go on past a hole); or when the
+    source reports an error.
     """
     stats = ReplayStats(planned=sum(r.size for r in ranges))
     todo = {r.partition: r for r in ranges if r.size > 0}
@@ -770,6 +774,8 @@ class _Replay:
         """Per source partition, the offsets sent and not acknowledged yet (or refused)."""
         self.sent_next = {p: r.start for p, r in todo.items()}
         """Per source partition, the offset after the last record sent (or the range's start)."""
+        self.refused: ReplayStopped | None = None
+        """The first record the broker refused as too large: the copy stops at the next send or wait for acks."""
         self.started = 0.0
         self.waited_s = 0.0
         """Seconds spent in ``consume`` since the last record: sending a backlog at a capped rate can take
@@ -793,6 +799,7 @@ class _Replay:
                 while self.todo or not self.merge.empty:
                     self._read()
                     self._send_ready(bar, task)
+                    self._check_refused()
                     _flow_control(
                         self.consumer, self.source_topic, self.merge, self.todo, self.paused, self.max_buffered
                     )
@@ -914,12 +921,14 @@ class _Replay:
             until = time.monotonic() + self.bucket.reserve(time.monotonic())
             while (left := until - time.monotonic()) > 0:
                 producer.poll(min(left, 0.1))
+        self._check_refused()
         ts_type, ts = msg.timestamp()
         source_partition, offset = msg.partition(), msg.offset()
         assert source_partition is not None and offset is not None, "the merge holds consumed records only"
+        size = len(msg.key() or b"") + len(msg.value() or b"")
 
         def delivered(err: KafkaError | None, _msg: Message) -> None:
-            self._delivered(err, source_partition, offset)
+            self._delivered(err, source_partition, offset, size)
 
         try:
             kafka_clients.produce(
@@ -936,7 +945,6 @@ class _Replay:
             self.unacked[source_partition].add(offset)
             error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
             too_large = error is not None and error.code() == KafkaError.MSG_SIZE_TOO_LARGE
-            size = len(msg.key() or b"") + len(msg.value() or b"")
             why = f"is larger than the producer's size limit ({size:,} bytes of key and value)" if too_large else ""
             raise ReplayStopped(
                 f"the record at {self.source_topic}[{source_partition}] offset {offset:,} "
@@ -950,19 +958,33 @@ class _Replay:
 
     # waiting for acks
 
-    def _delivered(self, err: KafkaError | None, partition: int, offset: int) -> None:
+    def _delivered(self, err: KafkaError | None, partition: int, offset: int, size: int) -> None:
+        """One acknowledgement; a record the broker refused as too large stops the copy, as one the producer refuses
+        does: copying on would leave a hole that only a count of failures told of, and no way to resume at it."""
         stats = self.stats
         if err is None:
             stats.acked += 1
             self.unacked[partition].discard(offset)
-        else:
-            stats.failed += 1
-            if len(stats.errors) < 5 and str(err) not in stats.errors:
-                stats.errors.append(str(err))
+            return
+        stats.failed += 1
+        if len(stats.errors) < 5 and err.str() not in stats.errors:  # the broker's words, not the error object
+            stats.errors.append(err.str())
+        if err.code() in TOO_LARGE and self.refused is None:
+            self.refused = ReplayStopped(
+                f"the record at {self.source_topic}[{partition}] offset {offset:,} is larger than the broker accepts "
+                f"for {self.target_topic} ({size:,} bytes of key and value; it answered {err.str()} ({err.name()}))",
+                stats,
+            )
+
+    def _check_refused(self) -> None:
+        if self.refused is not None:
+            raise self.refused
 
     def _wait_for_acks(self, bar: Progress, task: TaskID) -> None:
         while self.producer.flush(0.25) > 0:
             bar.update(task, completed=self.stats.sent)
+            self._check_refused()
+        self._check_refused()
 
 
 def _flow_control(

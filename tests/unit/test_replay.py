@@ -559,6 +559,59 @@ def test_a_record_over_the_producers_size_limit_stops_the_copy_naming_its_offset
     assert e.value.stats.resume == {0: (3, 6)}
 
 
+class BrokerTooLargeProducer(TargetProducer):
+    """Takes every record, but the broker refuses the one whose value is ``big`` with ``code`` at its delivery, as it
+    does a record (or the batch holding it) over the target topic's ``max.message.bytes``."""
+
+    def __init__(self, clock: VirtualClock, code: int) -> None:
+        super().__init__(clock)
+        self.code = code
+
+    def produce(self, topic: str, **kwargs: Any) -> None:
+        super().produce(topic, **kwargs)
+        if kwargs["value"] == b"big":
+            on_delivery = self.unacked.pop()
+            self.unacked.append(lambda _err, msg: on_delivery(KafkaError(self.code), msg))
+
+
+@pytest.mark.parametrize("code", [KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE])
+def test_a_record_the_broker_refuses_as_too_large_stops_the_copy_as_the_producers_own_limit_does(
+    monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """It was counted as failed and the copy went on past it to the end: a hole in the target, a red count, and no
+    way to resume at the record (the producer's own size check stops the copy there)."""
+    stamps = {0: list(range(6))}
+    _, clock = _fake_clients(monkeypatch, stamps)
+    consumer = SourceConsumer(clock, stamps)
+    real_consume = consumer.consume
+
+    def consume(num: int, timeout: float) -> list[Message]:
+        return [
+            Message(
+                topic="src", partition=m.partition(), offset=m.offset(), key=b"k", value=b"big", timestamp=m.timestamp()
+            )
+            if m.offset() == 3
+            else m
+            for m in real_consume(num, timeout)
+        ]
+
+    consumer.consume = consume  # type: ignore[method-assign]
+    producer = BrokerTooLargeProducer(clock, code)
+    monkeypatch.setattr(topic_replay, "_consumer", lambda _kafka: consumer)
+    monkeypatch.setattr(topic_replay, "_producer", lambda _kafka: producer)
+    with pytest.raises(topic_replay.ReplayStopped) as e:
+        replay(KAFKA, "src", KAFKA, "dst", _whole(stamps), progress=False, idle_timeout_s=5)
+    error = KafkaError(code)
+    assert str(e.value) == (
+        "the record at src[0] offset 3 is larger than the broker accepts for dst (4 bytes of key and value; it"
+        f" answered {error.str()} ({error.name()}))"
+    )
+    stats = e.value.stats
+    assert (stats.sent, stats.acked, stats.failed) == (4, 3, 1), "nothing sent after the refusal was known"
+    assert stats.errors == [error.str()] and producer.timestamps == [0, 1, 2, 3]
+    assert stats.resume == {0: (3, 6)}
+
+
 def test_replay_that_stops_part_way_prints_one_error_line_the_summary_and_where_to_resume(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
