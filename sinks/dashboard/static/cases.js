@@ -1,8 +1,8 @@
 // The case queue: every alert a person must verify, newest first, with the filters and the figures
 // (open cases by age, time to verdict, confirmed vs dismissed per kind and store). Polls both endpoints.
+// Loaded after common.js: indexed values are escaped by its escapeHtml, as on every other page.
 "use strict";
 
-const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
 const when = (ms) => (ms ? new Date(ms).toISOString().replace("T", " ").slice(0, 16) : "");
 const duration = (s) => (s === null || s === undefined ? "–" : s < 90 ? `${Math.round(s)} s` : s < 5400 ? `${Math.round(s / 60)} min` : `${(s / 3600).toFixed(1)} h`);
 const share = (x) => (x === null || x === undefined ? "–" : `${(100 * x).toFixed(0)} %`);
@@ -24,7 +24,9 @@ function table(id, rows, render) {
   body.innerHTML = rows.map(render).join("");
 }
 
-async function getJson(url) {
+// Not common.js's getJson (that one adds the live pages' window and store to the query): its own name, not a
+// second declaration that would replace the shared one.
+async function fetchJson(url) {
   const r = await fetch(url, { cache: "no-store" });
   const body = await r.json();
   if (!r.ok) throw new Error(body.error || r.statusText);
@@ -36,15 +38,15 @@ async function refresh() {
   const q = new URLSearchParams(Object.entries(filters).filter(([, v]) => v));
   try {
     const [queue, figures] = await Promise.all([
-      getJson(`/api/cases?${q}`), getJson(`/api/cases/figures?${filters.store ? `store=${encodeURIComponent(filters.store)}` : ""}`),
+      fetchJson(`/api/cases?${q}`), fetchJson(`/api/cases/figures?${filters.store ? `store=${encodeURIComponent(filters.store)}` : ""}`),
     ]);
     options("f-state", { undecided: 0, open: 0, escalated: 0, confirmed: 0, dismissed: 0, expired: 0 }, filters.state);
     options("f-kind", queue.kinds, filters.kind);
     options("f-store", queue.stores, filters.store);
-    table("queue-table", queue.cases, (c) => `<tr data-case="${esc(c.case_id)}" class="state-${esc(c.state)}">
-      <td><a href="/cases/${encodeURIComponent(c.case_id)}">${esc(c.case_id)}</a></td><td>${esc(when(c.opened_at))}</td>
-      <td>${esc(c.state)}</td><td>${esc(c.kind)}</td><td>${esc(c.store_id)}</td><td>${esc(c.lane_id)}</td>
-      <td>${esc(c.owner)}</td><td>${esc(c.summary)}</td></tr>`);
+    table("queue-table", queue.cases, (c) => `<tr data-case="${escapeHtml(c.case_id)}" class="state-${escapeHtml(c.state)}">
+      <td><a href="/cases/${encodeURIComponent(c.case_id)}">${escapeHtml(c.case_id)}</a></td><td>${escapeHtml(when(c.opened_at))}</td>
+      <td>${escapeHtml(c.state)}</td><td>${escapeHtml(c.kind)}</td><td>${escapeHtml(c.store_id)}</td><td>${escapeHtml(c.lane_id)}</td>
+      <td>${escapeHtml(c.owner)}</td><td>${escapeHtml(c.summary)}</td></tr>`);
     document.getElementById("queue-none").hidden = queue.cases.length > 0;
     document.getElementById("queue-hint").textContent = `(${queue.total} matching, newest first)`;
     document.querySelector("#kpi-open .value").textContent = figures.open;
@@ -52,9 +54,9 @@ async function refresh() {
     document.querySelector("#kpi-p95 .value").textContent = duration(figures.time_to_verdict_s.p95);
     document.querySelector("#kpi-decided .value").textContent = figures.time_to_verdict_s.decided;
     const most = Math.max(1, ...figures.open_by_age.map((r) => r.cases));
-    table("age-table", figures.open_by_age, (r) => `<tr><td>${esc(r.age)}</td><td>${r.cases}</td>
+    table("age-table", figures.open_by_age, (r) => `<tr><td>${escapeHtml(r.age)}</td><td>${r.cases}</td>
       <td class="meter-cell"><span class="meter" style="width:${Math.round(100 * r.cases / most)}%"></span></td></tr>`);
-    const shares = (r) => `<tr><td>${esc(r.key)}</td><td>${r.confirmed}</td><td>${r.dismissed}</td><td>${r.expired}</td><td>${share(r.confirmed_share)}</td></tr>`;
+    const shares = (r) => `<tr><td>${escapeHtml(r.key)}</td><td>${r.confirmed}</td><td>${r.dismissed}</td><td>${r.expired}</td><td>${share(r.confirmed_share)}</td></tr>`;
     table("kind-table", figures.by_kind, shares);
     table("store-table", figures.by_store, shares);
     status.className = "status";
