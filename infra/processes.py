@@ -13,15 +13,18 @@ identified by (pid, create time), so a recycled pid is not taken for the process
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import queue
 import signal
 import socket
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -306,6 +309,80 @@ def done_by(call: Callable[[], object], deadline: float, name: str) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+class DaemonPool(Executor):
+    """A thread pool whose workers are daemon threads, with a stop bounded by a deadline (:meth:`stop`).
+
+    Why not :class:`~concurrent.futures.ThreadPoolExecutor`: its ``shutdown`` waits without a limit, and its workers
+    are joined when the interpreter exits, so one call stuck in a worker (a camera that does not answer) kept the
+    process past the supervisor's stop timeout into its SIGKILL, however its stop had ended. Workers start as tasks
+    come, up to ``max_workers``."""
+
+    def __init__(self, max_workers: int, thread_name_prefix: str) -> None:
+        self._max, self._prefix = max_workers, thread_name_prefix
+        self._work: queue.SimpleQueue[tuple[Future, Callable[[], object]] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._pending: set[Future] = set()
+        self._closed = False
+
+    def submit(self, fn: Callable[..., T], /, *args: object, **kwargs: object) -> Future[T]:
+        future: Future[T] = Future()
+        future.add_done_callback(self._forget)  # before it is queued: a worker may end it at once
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._pending.add(future)
+            self._work.put((future, functools.partial(fn, *args, **kwargs)))
+            if len(self._threads) < self._max:
+                thread = threading.Thread(target=self._serve, name=f"{self._prefix}_{len(self._threads)}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+        return future
+
+    def _forget(self, future: Future) -> None:
+        with self._lock:
+            self._pending.discard(future)
+
+    def _serve(self) -> None:
+        while (task := self._work.get()) is not None:
+            future, call = task
+            if not future.set_running_or_notify_cancel():  # cancelled by a stop before it started
+                continue
+            try:
+                result = call()
+            except BaseException as exc:  # the caller's, as from ThreadPoolExecutor
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+        self._work.put(None)  # the next worker ends too
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """As :meth:`Executor.shutdown`; ``wait`` waits without a limit (:meth:`stop` has one)."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._work.put(None)
+            pending = list(self._pending)
+        if cancel_futures:
+            for future in pending:
+                future.cancel()  # only those not started
+        if wait:
+            for thread in self._threads:
+                thread.join()
+
+    def stop(self, deadline: float) -> int:
+        """Take no more tasks and wait for those given until ``deadline`` (``time.monotonic()``); then cancel those
+        not started and leave those still running to end on their own (a daemon thread keeps no process alive).
+        How many were not done by ``deadline``."""
+        self.shutdown(wait=False)
+        with self._lock:
+            pending = list(self._pending)
+        _, left = futures_wait(pending, timeout=time_left(deadline))
+        for future in left:
+            future.cancel()
+        return len(left)
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:

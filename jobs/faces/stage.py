@@ -75,7 +75,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Annotated, Any, Protocol
 
@@ -86,7 +86,7 @@ from infra import clock, metrics
 from infra.clients import kafka as kafka_clients
 from infra.clients.meraki import MerakiClient, Snapshot, SnapshotError, camera_for_lane, camera_location
 from infra.logs import LOG_LEVEL_HELP, setup_logging
-from infra.processes import done_by, exit_deadline, time_left
+from infra.processes import DaemonPool, done_by, exit_deadline, time_left
 from infra.retry import Backoff
 from infra.settings import Settings, face_deadline_problem, get_settings
 from jobs.faces.rekognition import call_limit_s
@@ -629,8 +629,8 @@ class FaceStageRunner:
             "replayed": 0,
         }
         self._done: queue.Queue[tuple[Message, str, object]] = queue.Queue()
-        self._pool = ThreadPoolExecutor(max_workers=settings.cameras.snapshot_workers, thread_name_prefix="snapshot")
-        self._entrance_pool = ThreadPoolExecutor(
+        self._pool = DaemonPool(max_workers=settings.cameras.snapshot_workers, thread_name_prefix="snapshot")
+        self._entrance_pool = DaemonPool(
             max_workers=settings.cameras.entrance_snapshot_workers, thread_name_prefix="entrance"
         )
         """Entrances apart: behind a few dozen checkouts (seconds each) a picture of the door "now" comes too late."""
@@ -784,7 +784,10 @@ class FaceStageRunner:
                 future.add_done_callback(functools.partial(self._finished, msg, oid))
 
     def _finished(self, msg: Message, observation_id: str, future: Future) -> None:
-        """In the pool: hand the trigger's outcome to the polling thread (never raise here, where it would vanish)."""
+        """In the pool: hand the trigger's outcome to the polling thread (never raise here, where it would vanish).
+        A trigger cancelled at a stop (:meth:`_stop_snapshots`) has no outcome: its records stay uncommitted."""
+        if future.cancelled():
+            return
         self._done.put((msg, observation_id, _outcome(future)))
 
     def _dead_letter(self, msg: Message, error: InvalidRecord) -> None:
@@ -876,13 +879,25 @@ class FaceStageRunner:
                     on_tick(self.stats)
         finally:
             deadline = exit_deadline(self.settings.supervisor.stop_timeout_s)  # 1 s before the supervisor's SIGKILL
-            self._pool.shutdown(wait=True, cancel_futures=False)
-            self._entrance_pool.shutdown(wait=True, cancel_futures=False)
+            self._stop_snapshots(deadline - self.settings.kafka.stop_flush_s)  # the flush keeps its time after them
             self._drain()
             self._producer.flush(time_left(deadline, self.settings.kafka.stop_flush_s))
             self._last_commit(consumer, deadline)
             self._report_queues()
         return self.stats
+
+    def _stop_snapshots(self, deadline: float) -> None:
+        """Wait for the snapshots under way (and those queued) until ``deadline``, then give up the rest: a camera
+        slower than the stop timeout (``CG_CAMERAS__DEADLINE_S`` may be longer) kept the stage past the supervisor's
+        SIGKILL, before its last commit. Nothing is lost: the records of a snapshot given up are not committed (their
+        observation was never sent) and are read again at the next start."""
+        given_up = self._pool.stop(deadline) + self._entrance_pool.stop(deadline)
+        if given_up:
+            log.warning(
+                "face stage: %d snapshots not done before the supervisor's stop timeout were given up; their records "
+                "are not committed and will be read again",
+                given_up,
+            )
 
     def _last_commit(self, consumer: Consumer, deadline: float) -> None:
         """The last offset commit (up to the first record whose observations Kafka has not acknowledged) and the

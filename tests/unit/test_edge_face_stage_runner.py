@@ -756,3 +756,50 @@ def test_shutdown_with_kafka_down_ends_within_the_stop_timeout_though_the_flush_
     assert took < 2.5, f"shutdown took {took:.1f}s, the stop timeout is 2.5s"
     assert flushes == [1.2], "Kafka gets CG_KAFKA__STOP_FLUSH_S, not a fixed 15 s"
     assert committed == [[(0, 5)]], "the acknowledged only"
+
+
+def test_a_stop_gives_up_a_snapshot_slower_than_the_stop_timeout_and_commits_only_the_records_answered() -> None:
+    """At a stop the stage waited for every snapshot under way however long it took: a camera slower than the
+    supervisor's stop timeout (``CG_CAMERAS__DEADLINE_S`` is 30 s, the stop timeout 20 s) kept it past its SIGKILL,
+    before its last commit. The wait ends before the stop timeout; the record whose snapshot did not finish is not
+    committed (it is read again after the restart), the one answered before it is."""
+    release, asked = threading.Event(), []
+
+    def camera(serial: str, at_ms: int | None) -> Snapshot:
+        asked.append(serial)
+        if len(asked) > 1:  # the second checkout's camera does not answer
+            release.wait(30)
+        raise SnapshotError("no_video", "No video for specified timestamp")
+
+    config = Settings(
+        supervisor={"stop_timeout_s": 2.5},
+        cameras={"bridge_stop_grace_s": 1.0, "max_in_flight": 3, "snapshot_workers": 2},
+        kafka={"stop_flush_s": 0.5},
+        alerts={"stop_wait_s": 0.2},
+    )
+    stage = FaceStage(config, camera, None, None)  # type: ignore[arg-type]
+    consumer, producer = Consumer([tx_message(0, "tx-0"), tx_message(1, "tx-1")]), Producer(failures=0)
+    runner = FaceStageRunner(config, stage, producer=producer, consumer=consumer, recall=NOTHING)
+    stop, ended = threading.Event(), threading.Event()
+
+    def tick(_stats: dict) -> None:
+        if len(asked) == 2 and consumer.commits.get((TX_TOPIC, 0)) == 1:
+            stop.set()  # SIGTERM with the second snapshot under way
+
+    def run() -> None:
+        runner.run(stop, tick)
+        ended.set()
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    try:
+        assert stop.wait(10), "the first record was never committed"
+        started = time.monotonic()
+        assert ended.wait(2.5), "the stop waited for the snapshot past the stop timeout"
+        took = time.monotonic() - started
+    finally:
+        release.set()
+        worker.join(30)
+    assert took < 2.5 - 0.5, f"the stop took {took:.1f}s: the flush's 0.5 s before the commit's deadline is not kept"
+    assert consumer.commits == {(TX_TOPIC, 0): 1}, "the record whose snapshot was given up was committed"
+    assert [o.observation_id for o in delivered(producer, FACE_OBSERVATIONS, FaceObservation)] == ["checkout:tx-0"]

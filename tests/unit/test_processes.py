@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -271,3 +272,23 @@ def test_a_child_whose_stop_failed_is_logged_at_error_with_its_name(
         proc.wait(5)
     (error,) = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert error.getMessage().startswith(f"face-stage: did not stop (pid {proc.pid}): ")
+
+
+def test_a_daemon_pools_task_stuck_past_its_stop_keeps_neither_the_stop_nor_the_process_waiting() -> None:
+    """ThreadPoolExecutor's shutdown waits without a limit and its workers are joined at the interpreter's exit: a
+    task stuck in one kept the process running past the stop timeout, into the supervisor's SIGKILL. A fresh process
+    stops its pool with a stuck task and a queued one, and exits at once: the queued one is cancelled."""
+    code = (
+        "import threading, time\n"
+        "from infra.processes import DaemonPool\n"
+        "pool = DaemonPool(1, 'stuck')\n"
+        "stuck = pool.submit(threading.Event().wait, 20)\n"
+        "queued = pool.submit(time.sleep, 0)\n"
+        "began = time.monotonic()\n"
+        "left = pool.stop(began + 0.3)\n"
+        "print(left, stuck.running(), queued.cancelled(), time.monotonic() - began < 1)\n"
+    )
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=40, check=True)
+    assert out.stdout.split() == ["2", "True", "True", "True"]
+    assert time.monotonic() - started < 15, "the process waited for its stuck task"
