@@ -1340,6 +1340,9 @@ class AlertSender:
         self._eraser_thread: threading.Thread | None = None
         self._halt = threading.Event()
         """The eraser's end: the loop's, however it ends (set when ``_run`` finishes)."""
+        self._exit_by: float | None = None
+        """When (``time.monotonic()``) the stop's last Kafka calls and the channels' close are given up, 1 s before
+        the supervisor's SIGKILL: set when the stop begins (``_run``'s end)."""
 
     def run(self, stop: threading.Event | None = None) -> SenderStats:
         """Send until ``stop`` is set; then the channels (their connections) and the ledger are closed,
@@ -1354,12 +1357,26 @@ class AlertSender:
         first); one failing to close does not keep the others open."""
         # all channels together (a worker stopped keeps its own)
         until = time.monotonic() + self.settings.alerts.stop_wait_s
+        deadline = (
+            self._exit_by if self._exit_by is not None else exit_deadline(self.settings.supervisor.stop_timeout_s)
+        )
         with contextlib.ExitStack() as closing:
             closing.callback(self.ledger.close)
             for channel in self.channels:
-                closing.callback(channel.close)
+                closing.callback(self._close_channel, channel, deadline)
             for worker in self._workers.values():  # idempotent; no send is under way when its channel closes
                 closing.callback(worker.stop, until)
+
+    def _close_channel(self, channel: Channel, deadline: float) -> None:
+        """Close ``channel`` (its connections), given up at ``deadline`` with a WARNING: an SMTP server that does not
+        answer held each connection's ``QUIT`` for the SMTP timeout, one connection after the other, past the
+        supervisor's stop timeout into its SIGKILL. A close given up ends on its own, or with the process."""
+        if not done_by(channel.close, deadline, f"{channel.name}-close"):
+            log.warning(
+                "alert sender: the %s channel's close was not done before the supervisor's stop timeout; given up, "
+                "its connections end with the process",
+                channel.name,
+            )
 
     def start_workers(self) -> None:
         """One :class:`ChannelWorker` per channel (``run`` does this; tests that feed messages themselves too), the
@@ -1440,6 +1457,7 @@ class AlertSender:
             # The eraser ends with the sends under way, within the same wait (one after the other outlasted the
             # supervisor's stop timeout): the ledger closes after both, so what they did is recorded.
             deadline = exit_deadline(self.settings.supervisor.stop_timeout_s)  # 1 s before the supervisor's SIGKILL
+            self._exit_by = deadline  # the channels' close (``close``, after this) ends by it too
             until = time.monotonic() + self.settings.alerts.stop_wait_s
             self._halt.set()
             for worker in self._workers.values():

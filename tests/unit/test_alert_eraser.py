@@ -3,6 +3,7 @@ what a sweep does with each answer, and the Webex channel's own ids and deletes 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -1017,3 +1018,42 @@ def test_shutdown_with_kafka_down_ends_within_the_stop_timeout_though_the_last_c
         kafka_down.set()
     assert took < 2.5, f"shutdown took {took:.1f}s, the stop timeout is 2.5s"
     assert [[(tp.partition, tp.offset) for tp in offsets] for offsets in committed] == [[(0, 5)]], "the durable only"
+
+
+def test_a_channel_whose_close_hangs_at_shutdown_is_given_up_within_the_stop_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After its last commit the sender closed its channels as long as they took: an SMTP server that does not answer
+    ``QUIT`` held each connection's close for the SMTP timeout (10 s), one after the other, past the supervisor's stop
+    timeout into its SIGKILL. The close is given up 1 s before that SIGKILL with a WARNING, and the ledger closes."""
+    settings = Settings(
+        stack_dir=tmp_path,
+        supervisor={"stop_timeout_s": 2.5},
+        cameras={"bridge_stop_grace_s": 1.0},
+        kafka={"stop_flush_s": 0.2},
+        alerts=AlertSettings(channels="webex", concurrency=1, stop_wait_s=0.2),
+    )
+    server_gone = threading.Event()
+
+    class QuitUnanswered(PostingChannel):
+        def close(self) -> None:
+            server_gone.wait(10)
+
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    alerts = sender.AlertSender(settings, channels=[QuitUnanswered()], ledger=ledger)
+    monkeypatch.setattr(sender.kafka_clients, "consumer", lambda *a, **k: StoppedConsumer())
+    monkeypatch.setattr(sender.kafka_clients, "producer", lambda *a, **k: Client())
+    monkeypatch.setattr(alerts, "start_eraser", lambda halt: None)
+    stop = threading.Event()
+    stop.set()  # SIGTERM before the first fetch
+    started = time.monotonic()
+    try:
+        with caplog.at_level(logging.WARNING, logger=sender.log.name):
+            alerts.run(stop)
+        took = time.monotonic() - started
+    finally:
+        server_gone.set()
+    assert took < 2.5, f"shutdown took {took:.1f}s, the stop timeout is 2.5s"
+    assert any("webex channel's close was not done" in r.getMessage() for r in caplog.records)
+    with pytest.raises(sender.LedgerClosed):
+        ledger.counts()
