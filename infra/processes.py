@@ -166,9 +166,19 @@ def describe(proc: psutil.Process) -> str:
     return f"{proc.pid} {cmd[:160]}"
 
 
-def reap(keys: Iterable[ProcKey], timeout: float = 10.0) -> list[str]:
-    """SIGTERM the processes still alive (the same process: same create time), wait up to ``timeout``,
-    SIGKILL the rest and wait for them; returns a line for each one that was still running."""
+def stop_timeout_s() -> float:
+    """``CG_SUPERVISOR__STOP_TIMEOUT_S``, the time a process gets between SIGTERM and SIGKILL when a caller names none
+    (imported here, not above: :mod:`infra.settings` imports this module)."""
+    from infra.settings import get_settings
+
+    return get_settings().supervisor.stop_timeout_s
+
+
+def reap(keys: Iterable[ProcKey], timeout: float | None = None) -> list[str]:
+    """SIGTERM the processes still alive (the same process: same create time), wait up to ``timeout`` (by default
+    the supervisor's stop timeout, :func:`stop_timeout_s`: a fixed 10 s cut short a process saving its state within a
+    longer one), SIGKILL the rest and wait for them; returns a line for each one that was still running."""
+    timeout = stop_timeout_s() if timeout is None else timeout
     procs: list[psutil.Process] = []
     for pid, created in keys:
         with contextlib.suppress(psutil.Error):
@@ -245,7 +255,8 @@ class Reaper:
         after = snapshot(marker=self.marker, value=self.value)
         return new_processes(self.before, after, tree(self.keep()))
 
-    def finish(self, timeout: float = 10.0) -> list[str]:
+    def finish(self, timeout: float | None = None) -> list[str]:
+        """Reap the leftovers (:func:`reap`; ``timeout`` by default the supervisor's stop timeout, not a fixed 10 s)."""
         return reap(self.leftovers(), timeout)
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from infra.launcher import Child
 from infra.processes import MARKER, Reaper, new_processes, port_open, reaping, stop_child, stop_children
+from infra.settings import Settings
 from tests.process_trees import start_counter, start_leader, start_left_counter, stop_three_stubborn
 
 
@@ -292,3 +293,34 @@ def test_a_daemon_pools_task_stuck_past_its_stop_keeps_neither_the_stop_nor_the_
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=40, check=True)
     assert out.stdout.split() == ["2", "True", "True", "True"]
     assert time.monotonic() - started < 15, "the process waited for its stuck task"
+
+
+def test_a_reap_without_a_timeout_gives_sigterm_the_supervisors_stop_timeout_not_a_fixed_10_s(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``Reaper.finish()`` and ``reap()`` without a timeout sent SIGKILL a fixed 10 s after SIGTERM, whatever
+    ``CG_SUPERVISOR__STOP_TIMEOUT_S``: a longer one cut short a process saving its state, a shorter one kept the caller
+    waiting. They now take that stop timeout (here 1.5 s) from the settings."""
+    import infra.settings
+
+    configured = Settings(
+        supervisor={"stop_timeout_s": 1.5},
+        cameras={"bridge_stop_grace_s": 1.0},
+        kafka={"stop_flush_s": 0.2},
+        alerts={"stop_wait_s": 0.2},
+    )
+    monkeypatch.setattr(infra.settings, "get_settings", lambda: configured)
+    value = uuid.uuid4().hex
+    reaper = Reaper(value=value)
+    proc = _start("trap '' TERM; sleep 30", value)  # ignores SIGTERM: only the SIGKILL ends it
+    try:
+        _wait_for_sleeps(value, 1)
+        started = time.monotonic()
+        lines = reaper.finish()
+        took = time.monotonic() - started
+        assert any("sleep 30" in line for line in lines)
+        assert 1.4 < took < 5, f"SIGKILL came {took:.1f}s after SIGTERM, the stop timeout is 1.5s"
+        assert reaper.leftovers() == []
+    finally:
+        proc.kill()
+        proc.wait(5)
