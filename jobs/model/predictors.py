@@ -167,6 +167,8 @@ class ScoringModels(Predictor):
         """One slot of a parallel job: the drift counters of each batch wait in :meth:`drain_tallies` for
         the one monitor that merges and reports them, instead of making this slot's own reports."""
         self._tallies: list[Any] = []
+        self._challenger_failing: set[str] = set()
+        """Challenger versions whose last batch failed to score: warned about once, until one scores again."""
 
     @property
     def model(self) -> LocalModel | None:
@@ -211,11 +213,38 @@ class ScoringModels(Predictor):
         if challenger is None:
             return base
         assert x is not None
+        challenger_scores = self._challenger_scores(challenger, x)
+        if challenger_scores is None:
+            return base
         version = challenger.label
         return [
             dataclasses.replace(r, challenger_score=c, challenger_version=version)
-            for r, c in zip(base, challenger.scores(x).tolist(), strict=True)
+            for r, c in zip(base, challenger_scores, strict=True)
         ]
+
+    def _challenger_scores(self, challenger: LocalModel, x: np.ndarray) -> list[int] | None:
+        """The challenger's scores of the batch, or None when it fails to score it: it never decides, so its
+        failure must not become the champion's (the batch raised, and every transaction of it was dead-lettered).
+        Logged once per version until it scores again."""
+        try:
+            scores: list[int] = challenger.scores(x).tolist()
+            if len(scores) != x.shape[0]:
+                raise ValueError(f"{len(scores)} scores for {x.shape[0]} rows")
+        except Exception as exc:  # noqa: BLE001 - whatever the challenger's model raises, the champion decides
+            if challenger.version not in self._challenger_failing:
+                self._challenger_failing.add(challenger.version)
+                log.warning(
+                    "challenger %s failed to score a batch (%s: %s): the champion decides without it, "
+                    "and its records carry no challenger score until it scores again",
+                    challenger.version,
+                    type(exc).__name__,
+                    str(exc).splitlines()[0] if str(exc) else "",
+                )
+            return None
+        if challenger.version in self._challenger_failing:
+            self._challenger_failing.discard(challenger.version)
+            log.info("challenger %s scores again", challenger.version)
+        return scores
 
     def settle(self) -> None:
         if self._pending is None:

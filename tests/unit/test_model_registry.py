@@ -653,3 +653,37 @@ def test_a_version_lookup_loads_an_intact_copy_when_the_first_copy_is_damaged(tm
     copy.write_bytes(copy.read_bytes()[:100])
     with pytest.raises(ModelArtifactError, match=f"no copy of model {champ} .* loads"):
         load_version(tmp_path, champ)
+
+
+def _mismatched_challenger() -> LocalModel:
+    """A challenger whose model file was fitted on 3 columns though its ``model.json`` names this code's features:
+    it loads, and its learner refuses every batch (LightGBM: "the number of features ... is not the same")."""
+    import lightgbm as lgb
+    import numpy as np
+
+    from jobs.model.fraud_model import Booster
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 3))
+    booster = lgb.train(
+        {"objective": "binary", "verbose": -1, "num_threads": 1}, lgb.Dataset(x, (x[:, 0] > 0).astype(int)), 3
+    )
+    meta = {**other_model().meta, "version": "gbm-20990101-0badf00d", "learner": "lightgbm"}
+    return LocalModel(Booster("lightgbm", booster), meta)
+
+
+def test_a_challenger_that_fails_to_score_leaves_the_champions_decisions_alone(tmp_path, caplog):
+    """The challenger never decides: its model raising on a batch made the batch raise, so every transaction was
+    decided again one by one and dead-lettered. The champion's scores now go out without challenger scores, and
+    the failure is logged once (not per batch)."""
+    champion = small_model()
+    models = ScoringModels(ModelRegistry.fixed(champion, _mismatched_challenger()))
+    with caplog.at_level("WARNING", logger="checkout_guard.predictors"):
+        results = models.predict_batch(ITEMS)
+        again = models.predict_batch(ITEMS)
+    assert [r.score for r in results] == [r.score for r in champion.predict_batch(ITEMS)] == [r.score for r in again]
+    assert {(r.version, r.challenger_score, r.challenger_version) for r in results} == {
+        (f"local:{champion.version}", None, None)
+    }
+    warned = [r.getMessage() for r in caplog.records if "failed to score" in r.getMessage()]
+    assert len(warned) == 1 and "gbm-20990101-0badf00d" in warned[0] and "LightGBMError" in warned[0]
