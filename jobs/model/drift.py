@@ -84,10 +84,32 @@ def _numeric_column(values: np.ndarray, bins: int) -> dict[str, Any]:
     finite = values[np.isfinite(values)]
     quantiles = np.linspace(0.0, 1.0, bins + 1)[1:-1]
     edges = np.unique(np.quantile(finite, quantiles)) if finite.size else np.empty(0)
+    edges = _split_point_masses(finite, edges, bins)
     column: dict[str, Any] = {"kind": "numeric", "edges": [float(v) for v in edges]}
     counts = np.bincount(_bin_numeric(values, edges), minlength=len(edges) + 2)
     column["expected"] = _proportions(counts, len(values))
     return column
+
+
+def _split_point_masses(finite: np.ndarray, edges: np.ndarray, bins: int) -> np.ndarray:
+    """``edges`` with a bin of its own for each edge value that holds at least one bin's share of the rows.
+
+    A bin runs from its edge up to the next one (``edges[k] <= v < edges[k + 1]``), so a value repeated on many
+    rows -- the 0 of a 0/1 indicator that is mostly 0, or of one never set in training -- took every quantile,
+    and one bin held it with everything above it: ``return_without_receipt`` going from 1 % to 40 % of an hour
+    moved no bin, and its PSI stayed 0. A second edge just above such a value (the next float) puts what lies
+    above it, up to the next edge, in a bin of its own: above the last edge that bin holds the values past the
+    training rows' (empty in training); below another edge it is added only where training rows lie there."""
+    extra = []
+    for k, edge in enumerate(edges):
+        if np.count_nonzero(finite == edge) * bins < finite.size:
+            continue  # an ordinary quantile: its bin holds a range of values
+        above = float(np.nextafter(edge, math.inf))
+        last = k + 1 == len(edges)
+        if not math.isfinite(above) or not (last or np.any((finite > edge) & (finite < edges[k + 1]))):
+            continue
+        extra.append(above)
+    return np.unique(np.concatenate([edges, extra])) if extra else edges
 
 
 def _categorical_column(values: np.ndarray, bins: int) -> dict[str, Any]:

@@ -172,6 +172,35 @@ def test_a_damaged_reference_is_refused_with_a_reason(reference: dict[str, Any],
         _monitor(damaged)
 
 
+def test_an_indicator_that_is_mostly_zero_or_never_set_in_training_shows_when_it_fires_more() -> None:
+    """A 0/1 indicator set on 3 % of the training rows (and one never set) took every quantile at 0, and its one
+    bin held 0 and 1 alike: an hour where it fired on 40 % of the rows had PSI 0 and no alert. The 0 now has a
+    bin of its own, so the same hour stands out; an hour like training stays quiet."""
+    rng = np.random.default_rng(12)
+    n = 20_000
+    x = np.column_stack([(rng.random(n) < 0.03).astype(float), np.zeros(n), rng.normal(size=n)])
+    names = ["return_without_receipt", "cross_store_return", "amount_log"]
+    profile = json.loads(json.dumps(reference_profile(names, x, rng.integers(0, 1000, n), bins=10)))
+
+    def hour(rate: float, never_rate: float) -> ModelDriftAvro:
+        rows = np.column_stack(
+            [(rng.random(500) < rate).astype(float), (rng.random(500) < never_rate).astype(float), rng.normal(size=500)]
+        )
+        monitor = _monitor(profile)
+        monitor.observe(_times(500), rows, rng.integers(0, 1000, 500))
+        (report,) = monitor.flush()
+        return report
+
+    usual = hour(0.03, 0.0)
+    assert usual["worst_psi"] < 0.05 and not usual["alert"]
+    fired = hour(0.40, 0.0)
+    assert fired["feature_psi"]["return_without_receipt"] > 0.25 and fired["alert"]
+    assert fired["worst_feature"] == "return_without_receipt"
+    never = hour(0.03, 0.30)
+    assert never["feature_psi"]["cross_store_return"] > 0.25 and never["alert"]
+    assert never["feature_psi"]["return_without_receipt"] < 0.05
+
+
 # --------------------------------------------------------------------------------------------------
 # The monitor
 
