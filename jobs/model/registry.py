@@ -5,9 +5,10 @@ The models root holds one folder per version plus two pointer files: ``CURRENT``
 and recorded beside the decision but never deciding. The job's :class:`ModelRegistry` re-reads the
 pointers at most every ``model.reload_interval_s`` and swaps models between batches, so ``promote``
 takes effect in a running job without a restart. Each pointer is replaced atomically (temp file,
-rename): a reader never sees half a name. A pointer naming a missing or incompatible artifact is
-logged and ignored -- the models in use stay -- so a bad promotion never stops scoring; a challenger that
-does not load holds back neither the start nor a new champion (it never decides).
+rename): a reader never sees half a name, and the job reads the two only while no command holds the pointer
+lock, so never one moved and the other not yet (:func:`settled_pointers`). A pointer naming a missing or
+incompatible artifact is logged and ignored -- the models in use stay -- so a bad promotion never stops
+scoring; a challenger that does not load holds back neither the start nor a new champion (it never decides).
 
 The commands change the pointers by compare-and-swap (:func:`swap_pointers`): each reads both pointers first
 and writes only if, under an exclusive lock on ``.pointers.lock``, they are still what it read; otherwise it
@@ -23,6 +24,7 @@ the change on the ``audit`` topic before it moves a pointer (under the pointer l
 
 from __future__ import annotations
 
+import fcntl
 import getpass
 import hashlib
 import logging
@@ -36,7 +38,7 @@ import typer
 
 from infra.cli import run_tool
 from infra.settings import Settings, get_settings
-from jobs.model.fraud_model import LocalModel, ModelArtifactError, format_metrics, pointer_lock
+from jobs.model.fraud_model import LOCK, LocalModel, ModelArtifactError, format_metrics, pointer_lock
 from schemas.errors import CheckoutGuardError
 from schemas.model_artifact import CHALLENGER, CURRENT, artifact_folders, version_folders
 
@@ -70,6 +72,28 @@ Pointers = tuple[str | None, str | None]
 
 def read_pointers(root: Path) -> Pointers:
     return read_pointer(root, CURRENT), read_pointer(root, CHALLENGER)
+
+
+def settled_pointers(root: Path, *, wait: bool = False) -> Pointers | None:
+    """Both pointers as one command left them, for the job; None while a command is changing them (it holds the
+    pointer lock), unless ``wait``. A ``promote`` renames ``CURRENT`` and then ``CHALLENGER``: read between the two,
+    they named one model for both roles, so the job dropped the old champion, and read it from disk again a reload
+    later (lost, if its folder had gone since). A shared lock, never waited for while scoring: the job looks again
+    at its next reload. The models root may be read-only to the job; without a lock file no command ran there, and
+    one the job may not open (another user's) leaves the pointers read as before, unlocked, not the job stopped."""
+    try:
+        lock = (root / LOCK).open("r")
+    except OSError:
+        return read_pointers(root)
+    with lock:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_SH if wait else fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+        try:
+            return read_pointers(root)
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
 class PointersChanged(CheckoutGuardError, RuntimeError):
@@ -160,13 +184,16 @@ class ModelRegistry:
     def _version(model: LocalModel | None) -> str | None:
         return model.version if model is not None else None
 
-    def wanted(self) -> tuple[str | None, str | None]:
-        """(champion, challenger) versions the settings pin or the pointers name now."""
+    def wanted(self, *, wait: bool = False) -> tuple[str | None, str | None] | None:
+        """(champion, challenger) versions the settings pin or the pointers name now; None while a command is
+        changing the pointers (:func:`settled_pointers`), unless ``wait``."""
         assert self.root is not None
-        return (
-            self.pinned[0] or read_pointer(self.root, CURRENT),
-            self.pinned[1] or read_pointer(self.root, CHALLENGER),
-        )
+        if self.pinned[0] and self.pinned[1]:
+            return self.pinned
+        pointers = settled_pointers(self.root, wait=wait)
+        if pointers is None:
+            return None
+        return self.pinned[0] or pointers[0], self.pinned[1] or pointers[1]
 
     def refresh(self, *, force: bool = False, strict: bool = False) -> bool:
         """Follow the pointers if ``reload_interval_s`` has passed; ``True`` when a model changed.
@@ -185,7 +212,9 @@ class ModelRegistry:
         self._next_check = now + self.interval
         wanted: tuple[str | None, str | None] | None = None
         try:
-            wanted = self.wanted()
+            wanted = self.wanted(wait=force)
+            if wanted is None:
+                return False  # a command is moving the pointers: both are read once it is done
             if not force and wanted == self._seen:
                 self._failed = None  # back to the models in use: a later failure is news again
                 return False

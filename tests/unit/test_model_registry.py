@@ -687,3 +687,27 @@ def test_a_challenger_that_fails_to_score_leaves_the_champions_decisions_alone(t
     }
     warned = [r.getMessage() for r in caplog.records if "failed to score" in r.getMessage()]
     assert len(warned) == 1 and "gbm-20990101-0badf00d" in warned[0] and "LightGBMError" in warned[0]
+
+
+def test_a_reload_while_promote_moves_the_pointers_waits_for_both(tmp_path):
+    """``promote`` renames ``CURRENT`` and then ``CHALLENGER`` under the pointer lock. A reload between the two
+    read one model named for both roles: it dropped the old champion, and a reload later read it from disk again,
+    or lost it as challenger when its folder had gone since. The job now reads the pointers only when no command
+    holds the lock, and swaps the two loaded models once both are moved."""
+    champ, chal = _models(tmp_path)
+    write_pointer(tmp_path, CHALLENGER, chal)
+    clock = Clock()
+    registry = ModelRegistry(_settings(tmp_path), clock=clock)
+    old_champion = registry.champion
+    shutil.rmtree(tmp_path / champ)  # the old champion's folder, cleaned away after the job loaded it
+    with pointer_lock(tmp_path):  # the promotion half done: CURRENT moved, CHALLENGER not yet
+        write_pointer(tmp_path, CURRENT, chal)
+        clock.now = 10.0
+        assert registry.refresh() is False
+        assert registry.champion is old_champion
+        assert registry.challenger is not None and registry.challenger.version == chal
+        write_pointer(tmp_path, CHALLENGER, champ)
+    clock.now = 20.0
+    assert registry.refresh() is True
+    assert registry.champion is not None and registry.champion.version == chal
+    assert registry.challenger is old_champion and registry.swaps == 1
