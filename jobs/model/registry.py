@@ -282,10 +282,15 @@ class ModelRegistry:
         self._failed = failed
 
     def _load(self, version: str | None, *have: LocalModel | None) -> LocalModel | None:
-        """The model ``version`` names, reusing a loaded one of the same version (in either role: a promotion swaps
-        the two models in memory, it does not read them from disk again)."""
+        """The model the pointer ``version`` names, reusing a loaded one (in either role: a promotion swaps the two
+        models in memory, it does not read them from disk again): one loaded from that folder, or of that version.
+        A pointer names a folder, which may hold its model under another name (``prod``, a copy): matched by the
+        version alone, such a model was read from disk again at a promotion, and lost once its folder had gone."""
         if version is None:
             return None
+        for model in have:
+            if model is not None and (model.path is not None and model.path.name == version):
+                return model
         for model in have:
             if model is not None and model.version == version:
                 return model

@@ -711,3 +711,31 @@ def test_a_reload_while_promote_moves_the_pointers_waits_for_both(tmp_path):
     assert registry.refresh() is True
     assert registry.champion is not None and registry.champion.version == chal
     assert registry.challenger is old_champion and registry.swaps == 1
+
+
+def test_a_promotion_swaps_models_kept_in_folders_of_other_names_without_reading_them_again(tmp_path, monkeypatch):
+    """Pointers name folders, and a folder may hold a model under another name (``prod``, ``candidate``). The
+    registry reused a loaded model only when the folder bore its version's name: a promotion of such folders read
+    the new champion from disk again (a pause in scoring) and lost the old champion as challenger once its folder
+    had gone. Both loaded models now change roles in memory, as for folders of the versions' names."""
+    champ, chal = _models(tmp_path)
+    _copy(tmp_path, champ, "prod")
+    _copy(tmp_path, chal, "candidate")
+    shutil.rmtree(tmp_path / champ)
+    shutil.rmtree(tmp_path / chal)
+    write_pointer(tmp_path, CURRENT, "prod")
+    write_pointer(tmp_path, CHALLENGER, "candidate")
+    clock = Clock()
+    registry = ModelRegistry(_settings(tmp_path), clock=clock)
+    old_champion, old_challenger = registry.champion, registry.challenger
+    assert old_champion is not None and old_challenger is not None and old_challenger.version == chal
+    result = CliRunner().invoke(app, ["promote", "--no-audit", "--models", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    loads: list[Path] = []
+    load = LocalModel.load
+    monkeypatch.setattr(LocalModel, "load", classmethod(lambda cls, path: loads.append(path) or load(path)))
+    shutil.rmtree(tmp_path / "prod")  # the old champion's folder, cleaned away after the promotion
+    clock.now = 10.0
+    assert registry.refresh() is True
+    assert registry.champion is old_challenger and registry.challenger is old_champion
+    assert loads == []
