@@ -591,7 +591,7 @@ def drift_alert(report: ModelDriftRecord, psi_alert: float = 0.25) -> AlertAvro:
         "summary": (
             f"Fraud model {report['model_version']} drifts from its training data in the hour from {hour} "
             f"({report['rows']} transactions): score PSI {report['score_psi']:.2f}; worst features {worst} "
-            f"(PSI > 0.25 is a significant shift)"
+            f"(this alert's threshold: PSI {psi_alert:g})"
         ),
     }
 

@@ -418,6 +418,8 @@ def test_the_drift_alert_is_a_valid_model_drift_alert(reference: dict[str, Any])
     data = codec("Alert").encode(alert)
     assert codec("Alert").decode(data) == alert
     assert Alert.decode(data).kind == "MODEL_DRIFT"
+    assert "threshold: PSI 0.25" in alert["summary"]
+    assert "threshold: PSI 0.1)" in drift_alert(report, psi_alert=0.1)["summary"]
     text = describe(dict(alert), AlertSettings(timezone="UTC"))
     assert text.headline == "Fraud model drift - store all"
 
