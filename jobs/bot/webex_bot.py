@@ -240,7 +240,9 @@ def parse_command(text: str, bot_names: tuple[str, ...] = ()) -> ParsedCommand:
 
 def _parse_text(text: str, bot_names: tuple[str, ...]) -> ParsedCommand:
     parsed = _parse_words(text.split())
-    if parsed.verb in VERBS_WITH_ARGUMENT and parsed.problem:  # ``fraud tx-1 @Checkout``: the mention is no argument
+    # ``fraud tx-1 @Checkout``, ``confirm case-1 @Checkout``: the mention is no argument. Only where it made the
+    # command wrong: in a note or a dismissal reason the bot's name may be a word of the text.
+    if parsed.problem and (parsed.verb in VERBS_WITH_ARGUMENT or parsed.verb in CASE_VERBS):
         return _parse_words(strip_trailing_mention(text, bot_names).split())
     return parsed
 

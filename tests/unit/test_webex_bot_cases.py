@@ -256,3 +256,18 @@ def test_an_answer_naming_a_case_and_who_decided_it_goes_to_the_allowed_person_a
         lambda: [r for r in harness.replies(SHOP_FLOOR) if "directly" in r][1:], 10, what="the second note"
     )
     assert notes == [note] and not any("Sent:" in reply for reply in harness.replies(SHOP_FLOOR))
+
+
+@pytest.mark.parametrize(
+    ("text", "argument"),
+    [
+        ("confirm case-1a2b Checkout Guard", "case-1a2b"),
+        ("Checkout Guard confirm case-1a2b fraud @Checkout", "case-1a2b fraud"),
+        ("escalate case-1a2b @Checkout Guard", "case-1a2b"),
+        ("assign case-1a2b lead@store.test Checkout Guard", "case-1a2b lead@store.test"),
+    ],
+)
+def test_a_mention_of_the_bot_after_a_case_command_is_not_an_extra_word(text: str, argument: str) -> None:
+    """``confirm case-x @Checkout Guard`` was answered "takes only the word `fraud` after the case" and not sent."""
+    parsed = parse_command(text, ("Checkout Guard", "Checkout"))
+    assert (parsed.argument, parsed.problem) == (argument, None), parsed
