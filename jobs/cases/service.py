@@ -55,7 +55,7 @@ from infra.clients.transactional import Out, Source
 from infra.command_auth import SIGNATURE_HEADER, authenticate_command, sign_command
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.settings import Settings, get_settings
-from jobs.cases.core import EXPIRED, CaseBook, Refused, parse_case_command, repeats
+from jobs.cases.core import EXPIRED, CaseBook, Refused, parse_case_command, repeats, without_images
 from jobs.cases.core import expire as expire_case
 from schemas.codec import DecodeError
 from schemas.errors import InvalidRecord
@@ -207,6 +207,23 @@ class CaseCore:
         for case in stripped:
             log.info("%s: image refs removed (its subject or enrolment sale was forgotten)", case.case_id)
         return [self._case(case) for case in stripped]
+
+    def forget_held(self, now_ms: int) -> list[Out]:
+        """After the start-up reads: strip the image refs of every held case a forget read back from ``audit``
+        reaches (:meth:`on_watchlist` does it for a tombstone read while running). A forget made while the service
+        was down, whose tombstone was compacted away or lay before the group's offsets, left those cases with the
+        refs, written again with every later version, and a confirm asked the watchlist service to learn from a
+        deleted sighting."""
+        outs = []
+        for case in list(self.book.cases.values()):
+            if not self.forgets.reaches(case.subject_id, case.transaction_id, case.opened_at):
+                continue
+            new = without_images(case, SERVICE_ACTOR, now_ms)
+            if new is not None:
+                self.book.load(new)
+                log.info("%s: image refs removed (its subject or enrolment sale was forgotten)", case.case_id)
+                outs.append(self._case(new))
+        return outs
 
     def on_alert(self, src: Source, now_ms: int) -> list[Out]:
         try:
@@ -581,6 +598,9 @@ class CaseService:
         self.replay(AUDIT, self.core.load_audit, since_ms=self.core.horizon(clock.now_ms()) - command_max_age_ms)
         log.info("replayed %d cases, %d reference images", len(self.core.book.cases), len(self.core.references))
         self.producer.init_transactions(30)
+        stripped = self.core.forget_held(clock.now_ms())  # forgets made while this service was away
+        if stripped:
+            self._publish(stripped, [])
         self.consumer.subscribe(list(self.topics))
         try:
             while not self._stop:

@@ -629,3 +629,29 @@ def test_a_subject_forgotten_before_a_restart_stays_forgotten_until_it_is_enroll
 
     core.load_audit(b"command:f3", audit_record("FORGET", NOW + 6000))  # forgotten again: the new entry too
     assert case_of(core.on_alert(alert_of("subj-a", "tx-6", NOW + 5500), NOW + 9000)).snapshot_ref is None
+
+
+def test_a_subject_forgotten_while_the_service_was_away_loses_its_held_cases_image_refs_at_start(core) -> None:
+    """Its tombstone was never read (compacted away, or before the group's offsets): the cases read back from
+    ``cases`` kept the forgotten person's image refs, wrote them again with every later version, and a confirm
+    asked the watchlist service to learn from the deleted sighting."""
+    entry = WatchlistEntry("subj-a", "SUSPECT", [[0.0] * 4], "fraud", GUARD, NOW, "local://reference/subj-a.jpg")
+    core.load_watchlist(b"subj-a", entry.encode())
+    held = opened(core)
+    sale = case_of(core.on_alert(alert_of("subj-b", "tx-9"), NOW))
+    kept = case_of(core.on_alert(alert_of("subj-c", "tx-8"), NOW))
+    restarted = CaseCore(core.settings)
+    for case in (held, sale, kept):
+        restarted.load_case(case.case_id.encode(), case.encode())
+    restarted.load_audit(b"command:f1", audit_record("FORGET", NOW + 1000))
+    restarted.load_audit(b"command:f9", audit_record("FORGET", NOW + 1000, subject="subj-tx-9"))
+
+    stripped = {
+        Case.decode(o.value).case_id: Case.decode(o.value) for o in of(restarted.forget_held(NOW + 2000), CASES)
+    }
+    assert set(stripped) == {held.case_id, sale.case_id}
+    assert all((c.snapshot_ref, c.reference_image_ref) == (None, None) for c in stripped.values())
+    assert restarted.book.cases[kept.case_id] == kept
+    assert restarted.forget_held(NOW + 3000) == [], "once stripped, nothing more"
+    outs = restarted.on_command(command_src("CONFIRM", held.case_id, "m1"), NOW + 3000)
+    assert case_of(outs).snapshot_ref is None and of(outs, COMMANDS) == [], "no LEARN of a deleted sighting"
