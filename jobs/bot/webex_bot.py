@@ -254,10 +254,10 @@ def _parse_words(words: list[str]) -> ParsedCommand:
     if verb in CASE_VERBS:
         argument = " ".join(words[1:]).strip()
         try:  # what the case service accepts, answered here instead of becoming a dead letter there
-            parse_case_command(verb, argument)
+            case_id = parse_case_command(verb, argument).case_id
         except InvalidRecord as bad:
             return ParsedCommand(verb, problem=bad.reason if bad.kind != "invalid_id" else "that is not a case id")
-        return ParsedCommand(verb, argument)
+        return ParsedCommand(verb, " ".join([case_id, *words[2:]]))  # the case id as the case service reads it
     if verb not in {"CHECKOUT", "FRAUD", "VIP", "FORGET", "RENEW", "STATUS", "HELP"}:
         return ParsedCommand(None)
     if verb not in VERBS_WITH_ARGUMENT:

@@ -293,7 +293,11 @@ def parse_case_command(verb: str, argument: str | None) -> CaseCommand:
     words = (argument or "").split(maxsplit=1)
     if not words:
         raise Refused("bad_command", f"`{verb.lower()}` needs a case id")
-    case_id = check(words[0], "case id")
+    # every case id is ``case-`` + hex (:func:`~schemas.records.case_id_for`): anything else (a transaction id typed
+    # for the case's, the id in capitals) named no case, waited for one and was refused ``unknown_case`` 15 min on
+    case_id = check(words[0], "case id").lower()
+    if not case_id.startswith("case-"):
+        raise Refused("bad_command", "a case id starts with `case-`, as the alert and its case card name it")
     rest = words[1].strip() if len(words) > 1 else ""
     if verb == "CONFIRM":
         if rest and rest.lower() != "fraud":

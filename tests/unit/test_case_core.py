@@ -285,3 +285,12 @@ def test_assign_takes_real_addresses_international_domains_included() -> None:
     ):
         assert check_assignee(person) == person
         assert assign(opened(), "lead@example.com", person, T0 + 1).owner == person
+
+
+def test_a_case_id_in_capitals_names_its_case_and_a_transaction_id_is_no_case_id() -> None:
+    """Both were taken as case ids no case has: the command waited for the case and was refused ``unknown_case``
+    15 minutes later, while the sender had read "Sent"."""
+    assert parse_case_command("CONFIRM", "CASE-1A2B fraud").case_id == "case-1a2b"
+    with pytest.raises(Refused, match="starts with `case-`") as refused:
+        parse_case_command("CONFIRM", "tx-123")
+    assert refused.value.kind == "bad_command"

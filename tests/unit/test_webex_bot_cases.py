@@ -271,3 +271,9 @@ def test_a_mention_of_the_bot_after_a_case_command_is_not_an_extra_word(text: st
     """``confirm case-x @Checkout Guard`` was answered "takes only the word `fraud` after the case" and not sent."""
     parsed = parse_command(text, ("Checkout Guard", "Checkout"))
     assert (parsed.argument, parsed.problem) == (argument, None), parsed
+
+
+def test_a_case_id_in_capitals_is_sent_as_the_case_id_and_a_transaction_id_is_answered_at_once() -> None:
+    parsed = parse_command("confirm CASE-1A2B fraud")
+    assert (parsed.verb, parsed.argument, parsed.problem) == ("CONFIRM", "case-1a2b fraud", None)
+    assert "starts with `case-`" in (parse_command("dismiss tx-123 not him").problem or "")
