@@ -265,11 +265,13 @@ def without_images(case: Case, actor: str, now_ms: int) -> Case | None:
 def repeats(case: Case, verb: str, fraud: bool, actor: str) -> bool:
     """Whether ``verb`` by ``actor`` is the verdict ``case`` has already, given by that same person: a second press
     of the card's button, or the same command typed again. Nothing is left to do (the caller audits it
-    ``UNCHANGED``); an opposite verdict, or another person's, is still refused."""
+    ``UNCHANGED``); an opposite verdict, or another person's, is still refused. The same person whatever the case of
+    their address's letters, as the allow-list reads it (Webex's ``Jane@store.test``, the dashboard login's
+    ``jane@store.test``)."""
     wanted = {"CONFIRM": "confirmed_fraud" if fraud else "confirmed", "DISMISS": "dismissed"}.get(verb)
     if wanted is None or case.state not in (CONFIRMED, DISMISSED):
         return False
-    return case.verdict == wanted and case.decided_by == actor
+    return case.verdict == wanted and (case.decided_by or "").lower() == actor.lower()
 
 
 @dataclass(frozen=True)

@@ -294,3 +294,11 @@ def test_a_case_id_in_capitals_names_its_case_and_a_transaction_id_is_no_case_id
     with pytest.raises(Refused, match="starts with `case-`") as refused:
         parse_case_command("CONFIRM", "tx-123")
     assert refused.value.kind == "bad_command"
+
+
+def test_the_same_verdict_again_from_the_same_address_in_other_letter_case_repeats() -> None:
+    """Confirmed in Webex as ``Jane@Store.test``, then on the case page logged in as ``jane@store.test`` (one person
+    to the allow-list): the second was refused ``illegal_transition`` and dead-lettered as another person's."""
+    done = confirm(opened(face_alert()), "Jane@Store.test", 10)
+    assert repeats(done, "CONFIRM", False, "jane@store.test")
+    assert not repeats(done, "CONFIRM", False, "jane@store.test.evil"), "another address is still another person"
