@@ -281,6 +281,11 @@ def within(call: Callable[[], T], timeout_s: float, name: str) -> T:
     time-outs leave the host name's lookup out (a socket's, httpx's: ``getaddrinfo`` takes none, and a resolver that
     does not answer held the call as long as it took): it runs in a daemon thread ``name``, left to end on its own
     past ``timeout_s`` while the caller goes on."""
+    return in_daemon(call, name).result(timeout=timeout_s)
+
+
+def in_daemon(call: Callable[[], T], name: str) -> Future[T]:
+    """``call()`` started in a daemon thread ``name`` (no process waits for it at exit); its result or exception."""
     done: Future[T] = Future()
 
     def run() -> None:
@@ -290,7 +295,7 @@ def within(call: Callable[[], T], timeout_s: float, name: str) -> T:
             done.set_exception(exc)
 
     threading.Thread(target=run, name=name, daemon=True).start()
-    return done.result(timeout=timeout_s)
+    return done
 
 
 EXIT_MARGIN_S = 1.0
@@ -309,6 +314,28 @@ def time_left(deadline: float, most_s: float | None = None) -> float:
     """Seconds until ``deadline`` (``time.monotonic()``), never below 0, and at most ``most_s`` if given."""
     left = max(deadline - time.monotonic(), 0.0)
     return left if most_s is None else min(left, most_s)
+
+
+LAST_CHANCE_S = 0.05
+"""How long a stop still waits for calls begun at or after their deadline (an earlier call used the time up): a call
+that ends at once (a channel's close with nothing left to close) is then not given up for want of time. Far inside
+:data:`EXIT_MARGIN_S`; calls side by side (:func:`all_done_by`) share it."""
+
+
+def chance_left(deadline: float) -> float:
+    """:func:`time_left` of ``deadline``, but at least :data:`LAST_CHANCE_S`: what a call at a stop may still be
+    waited for."""
+    return max(time_left(deadline), LAST_CHANCE_S)
+
+
+def all_done_by(calls: Iterable[tuple[str, Callable[[], object]]], deadline: float) -> list[Future[object]]:
+    """Start every ``(name, call)`` at once, each in a daemon thread ``name`` (:func:`in_daemon`), and wait for them
+    until ``deadline`` (``time.monotonic()``), or :data:`LAST_CHANCE_S` from now when that is later; their futures
+    in order, those not done given up to end on their own. One after another, a call begun once an earlier one had
+    used up the deadline got no time at all, and was given up however quickly it would have ended."""
+    futures = [in_daemon(call, name) for name, call in calls]
+    futures_wait(futures, timeout=chance_left(deadline))
+    return futures
 
 
 def done_by(call: Callable[[], object], deadline: float, name: str) -> bool:

@@ -84,7 +84,7 @@ from infra.clients.webex import (
 )
 from infra.clock import now_ms
 from infra.logs import LOG_LEVEL_HELP, setup_logging
-from infra.processes import done_by, exit_deadline
+from infra.processes import all_done_by, done_by, exit_deadline
 from infra.retry import Backoff, call_with_retries
 from infra.settings import AlertSettings, Settings, get_settings
 from schemas.codec import codec
@@ -1362,21 +1362,30 @@ class AlertSender:
         )
         with contextlib.ExitStack() as closing:
             closing.callback(self.ledger.close)
-            for channel in self.channels:
-                closing.callback(self._close_channel, channel, deadline)
+            closing.callback(self._close_channels, deadline)
             for worker in self._workers.values():  # idempotent; no send is under way when its channel closes
                 closing.callback(worker.stop, until)
 
-    def _close_channel(self, channel: Channel, deadline: float) -> None:
-        """Close ``channel`` (its connections), given up at ``deadline`` with a WARNING: an SMTP server that does not
-        answer held each connection's ``QUIT`` for the SMTP timeout, one connection after the other, past the
-        supervisor's stop timeout into its SIGKILL. A close given up ends on its own, or with the process."""
-        if not done_by(channel.close, deadline, f"{channel.name}-close"):
-            log.warning(
-                "alert sender: the %s channel's close was not done before the supervisor's stop timeout; given up, "
-                "its connections end with the process",
-                channel.name,
-            )
+    def _close_channels(self, deadline: float) -> None:
+        """Close every channel (its connections) side by side, given up at ``deadline`` with a WARNING naming each
+        one not done: an SMTP server that does not answer held each connection's ``QUIT`` for the SMTP timeout, past
+        the supervisor's stop timeout into its SIGKILL. Side by side, and each with at least a short last chance
+        (:func:`infra.processes.all_done_by`): one after the other, a close that ends at once was given up with a
+        WARNING after a hanging one, or a last commit, had used up the time. A close given up ends on its own, or with
+        the process; the first close that failed is raised once all are over or given up."""
+        futures = all_done_by(((f"{c.name}-close", c.close) for c in self.channels), deadline)
+        errors: list[BaseException] = []
+        for channel, future in zip(self.channels, futures, strict=True):
+            if not future.done():
+                log.warning(
+                    "alert sender: the %s channel's close was not done before the supervisor's stop timeout; given "
+                    "up, its connections end with the process",
+                    channel.name,
+                )
+            elif (error := future.exception()) is not None:
+                errors.append(error)
+        if errors:
+            raise errors[0]  # as a close in the ExitStack did; the ledger still closes
 
     def start_workers(self) -> None:
         """One :class:`ChannelWorker` per channel (``run`` does this; tests that feed messages themselves too), the

@@ -1057,3 +1057,51 @@ def test_a_channel_whose_close_hangs_at_shutdown_is_given_up_within_the_stop_tim
     assert any("webex channel's close was not done" in r.getMessage() for r in caplog.records)
     with pytest.raises(sender.LedgerClosed):
         ledger.counts()
+
+
+def test_a_channel_that_closes_at_once_is_not_given_up_after_the_last_commit_or_another_close_used_the_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The channels were closed one after the other, each until the stop's deadline: once Kafka's last commit, or an
+    SMTP server not answering ``QUIT``, had used up the time, a channel whose close ends at once got none and was given
+    up with a WARNING all the same. They close side by side, each with a last chance: only the hanging one is named."""
+    settings = Settings(
+        stack_dir=tmp_path,
+        supervisor={"stop_timeout_s": 2.5},
+        cameras={"bridge_stop_grace_s": 1.0},
+        kafka={"stop_flush_s": 0.2},
+        alerts=AlertSettings(channels="webex", concurrency=1, stop_wait_s=0.2),
+    )
+    hung = threading.Event()
+
+    class HangingConsumer(StoppedConsumer):
+        def close(self) -> None:  # Kafka down: the last commit's close takes the time up to the deadline
+            hung.wait(10)
+
+    class QuitUnanswered(PostingChannel):
+        name = "email"
+
+        def close(self) -> None:
+            hung.wait(10)
+
+    class Closing(PostingChannel):
+        def close(self) -> None:  # a few connections' sockets: done in a few milliseconds
+            time.sleep(0.01)
+
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    alerts = sender.AlertSender(settings, channels=[QuitUnanswered(), Closing()], ledger=ledger)
+    monkeypatch.setattr(sender.kafka_clients, "consumer", lambda *a, **k: HangingConsumer())
+    monkeypatch.setattr(sender.kafka_clients, "producer", lambda *a, **k: Client())
+    monkeypatch.setattr(alerts, "start_eraser", lambda halt: None)
+    stop = threading.Event()
+    stop.set()  # SIGTERM before the first fetch
+    started = time.monotonic()
+    try:
+        with caplog.at_level(logging.WARNING, logger=sender.log.name):
+            alerts.run(stop)
+        took = time.monotonic() - started
+    finally:
+        hung.set()
+    assert took < 2.5, f"shutdown took {took:.1f}s, the stop timeout is 2.5s"
+    given_up = [r.getMessage() for r in caplog.records if "close was not done" in r.getMessage()]
+    assert len(given_up) == 1 and "email channel's close" in given_up[0], given_up
