@@ -84,7 +84,7 @@ from infra.clients.webex import (
 )
 from infra.clock import now_ms
 from infra.logs import LOG_LEVEL_HELP, setup_logging
-from infra.processes import all_done_by, done_by, exit_deadline
+from infra.processes import all_done_by, chance_left, done_by, exit_deadline
 from infra.retry import Backoff, call_with_retries
 from infra.settings import AlertSettings, Settings, get_settings
 from schemas.codec import codec
@@ -345,17 +345,35 @@ class Ledger:
             rows = db.execute("SELECT channel, state, count(*) FROM deliveries GROUP BY channel, state")
             return {(c, s): n for c, s, n in rows}
 
-    def close(self) -> None:
-        """Commit the writes already handed over, then close; a later write raises :class:`LedgerClosed`."""
+    def close(self, deadline: float | None = None) -> None:
+        """Commit the writes already handed over, then close; a later write raises :class:`LedgerClosed`.
+
+        Given up at ``deadline`` (``time.monotonic()``; the alert sender's stop: 1 s before the supervisor's SIGKILL;
+        without one, 10 s from now), with at least a short last chance (:func:`infra.processes.chance_left`): a write
+        held by a locked database (another process's write, SQLite's 30 s busy timeout) or a slow disk kept the
+        close waiting 10 s for the writer and then as long as its write took, past the stop timeout into the
+        SIGKILL. A close given up leaves the writes still waiting uncommitted (as a SIGKILL would: an alert that went
+        out is sent again at the next start) and the database to close with the process; a WARNING says so."""
         with self._closing:
             if self._closed:
                 return
             self._closed = True
             self._writes.put(None)
-        self._writer.join(10)
-        with self._lock:
+        deadline = time.monotonic() + 10 if deadline is None else deadline
+        self._writer.join(chance_left(deadline))
+        if self._writer.is_alive() or not self._lock.acquire(timeout=chance_left(deadline)):
+            self._db_closed = True  # no read waits on a database given up (one under way ends on its own)
+            log.warning(
+                "alert sender: the delivery ledger %s was not done writing before the supervisor's stop timeout; "
+                "given up, the writes still waiting are not recorded (an alert that went out is sent again on restart)",
+                self.path,
+            )
+            return
+        try:
             self._db_closed = True
             self._db.close()
+        finally:
+            self._lock.release()
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
@@ -1361,7 +1379,7 @@ class AlertSender:
             self._exit_by if self._exit_by is not None else exit_deadline(self.settings.supervisor.stop_timeout_s)
         )
         with contextlib.ExitStack() as closing:
-            closing.callback(self.ledger.close)
+            closing.callback(self.ledger.close, deadline)
             closing.callback(self._close_channels, deadline)
             for worker in self._workers.values():  # idempotent; no send is under way when its channel closes
                 closing.callback(worker.stop, until)

@@ -1105,3 +1105,47 @@ def test_a_channel_that_closes_at_once_is_not_given_up_after_the_last_commit_or_
     assert took < 2.5, f"shutdown took {took:.1f}s, the stop timeout is 2.5s"
     given_up = [r.getMessage() for r in caplog.records if "close was not done" in r.getMessage()]
     assert len(given_up) == 1 and "email channel's close" in given_up[0], given_up
+
+
+def test_a_ledger_write_held_by_a_locked_database_at_shutdown_is_given_up_within_the_stop_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ledger's close waited a fixed 10 s for its writer, then as long as the write under way took (a database
+    another process holds locked: SQLite's 30 s busy timeout), past the supervisor's stop timeout into its SIGKILL. It
+    is given up 1 s before that SIGKILL with a WARNING, the write left uncommitted as a SIGKILL would leave it."""
+    import sqlite3
+
+    settings = Settings(
+        stack_dir=tmp_path,
+        supervisor={"stop_timeout_s": 2.5},
+        cameras={"bridge_stop_grace_s": 1.0},
+        kafka={"stop_flush_s": 0.2},
+        alerts=AlertSettings(channels="webex", concurrency=1, stop_wait_s=0.2),
+    )
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    other = sqlite3.connect(tmp_path / "ledger.sqlite3", isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # another process writing: the ledger's writer waits for its lock
+    released = threading.Timer(4.0, other.rollback)
+    released.start()
+    writing = threading.Thread(target=ledger.mark_sending, args=("a-1", "webex"), daemon=True)
+    writing.start()
+    alerts = sender.AlertSender(settings, channels=[PostingChannel()], ledger=ledger)
+    monkeypatch.setattr(sender.kafka_clients, "consumer", lambda *a, **k: StoppedConsumer())
+    monkeypatch.setattr(sender.kafka_clients, "producer", lambda *a, **k: Client())
+    monkeypatch.setattr(alerts, "start_eraser", lambda halt: None)
+    stop = threading.Event()
+    stop.set()  # SIGTERM before the first fetch
+    started = time.monotonic()
+    try:
+        with caplog.at_level(logging.WARNING, logger=sender.log.name):
+            alerts.run(stop)
+        took = time.monotonic() - started
+    finally:
+        released.cancel()
+        other.rollback()
+        writing.join(5)
+        other.close()
+    assert took < 2.5, f"shutdown took {took:.1f}s, the stop timeout is 2.5s"
+    assert any("ledger" in r.getMessage() and "given up" in r.getMessage() for r in caplog.records)
+    with pytest.raises(sender.LedgerClosed):
+        ledger.mark_sent("a-1", "webex", None)
