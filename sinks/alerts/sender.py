@@ -84,7 +84,7 @@ from infra.clients.webex import (
 )
 from infra.clock import now_ms
 from infra.logs import LOG_LEVEL_HELP, setup_logging
-from infra.processes import all_done_by, chance_left, done_by, exit_deadline
+from infra.processes import all_done_by, chance_left, done_by, exit_deadline, time_left
 from infra.retry import Backoff, call_with_retries
 from infra.settings import AlertSettings, Settings, get_settings
 from schemas.codec import codec
@@ -1498,8 +1498,9 @@ class AlertSender:
                         self.settings.alerts.stop_wait_s,
                     )
             self._drain_outcomes()
-            # after the stop wait: both together are checked against the supervisor's stop timeout (settings)
-            self._producer.flush(self.settings.kafka.stop_flush_s)
+            # After the stop wait: both together are checked against the supervisor's stop timeout (settings), but a
+            # stop that took longer (a dead letter waiting for room in a full queue) leaves the flush what is left.
+            self._producer.flush(time_left(deadline, self.settings.kafka.stop_flush_s))
             self._producer.poll(0)
             self._last_commit(deadline)
             log.info("alert sender stopped: %s", self.stats.line())

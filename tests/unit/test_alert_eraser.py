@@ -1149,3 +1149,43 @@ def test_a_ledger_write_held_by_a_locked_database_at_shutdown_is_given_up_within
     assert any("ledger" in r.getMessage() and "given up" in r.getMessage() for r in caplog.records)
     with pytest.raises(sender.LedgerClosed):
         ledger.mark_sent("a-1", "webex", None)
+
+
+def test_the_stop_flush_waits_no_longer_than_the_time_left_before_the_stop_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sender's flush at a stop waited ``CG_KAFKA__STOP_FLUSH_S`` whatever the stop had taken before it (a dead
+    letter waiting for room in a full queue): the flush then ran past the stop timeout into the supervisor's SIGKILL.
+    It waits the setting or the time left before the stop's deadline, whichever is shorter."""
+    settings = Settings(
+        stack_dir=tmp_path,
+        supervisor={"stop_timeout_s": 2.5},
+        cameras={"bridge_stop_grace_s": 1.0},
+        kafka={"stop_flush_s": 1.0},
+        alerts=AlertSettings(channels="webex", concurrency=1, stop_wait_s=0.2),
+    )
+    alerts = sender.AlertSender(settings, channels=[PostingChannel()], ledger=Ledger(tmp_path / "ledger.sqlite3"))
+    flushes: list[tuple[float, float]] = []
+
+    class Flushing(Client):
+        def flush(self, timeout: float) -> int:
+            assert alerts._exit_by is not None
+            flushes.append((timeout, alerts._exit_by - time.monotonic()))
+            return 0
+
+    drain = alerts._drain_outcomes
+
+    def slow_drain() -> None:  # the stop's dead letters wait 1 s for room in the producer's queue
+        drain()
+        if alerts._exit_by is not None:
+            time.sleep(1.0)
+
+    monkeypatch.setattr(sender.kafka_clients, "consumer", lambda *a, **k: StoppedConsumer())
+    monkeypatch.setattr(sender.kafka_clients, "producer", lambda *a, **k: Flushing())
+    monkeypatch.setattr(alerts, "start_eraser", lambda halt: None)
+    monkeypatch.setattr(alerts, "_drain_outcomes", slow_drain)
+    stop = threading.Event()
+    stop.set()  # SIGTERM before the first fetch
+    alerts.run(stop)
+    [(timeout, left)] = flushes
+    assert timeout <= left + 0.01, f"the flush may wait {timeout:.2f}s with {left:.2f}s left before the stop timeout"
