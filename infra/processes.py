@@ -128,8 +128,10 @@ def orphans(marker: str, owner: Callable[[str], int | None], spare: Collection[i
 
 def reap_orphans(procs: Collection[psutil.Process], timeout: float) -> list[str]:
     """Stop ``procs``: SIGTERM to the topmost first (those whose parent is not among them: a service, not its
-    JVM, which the scoring job still needs to cancel its Flink job), SIGKILL after ``timeout``, then the rest
-    that still run; a line for each process that was running."""
+    JVM, which the scoring job still needs to cancel its Flink job), SIGKILL after ``timeout``, then to the rest
+    that still run, with SIGKILL at that same time (at least :data:`LAST_CHANCE_S` after their SIGTERM; before,
+    a fixed 5 s more); a line for each process that was running."""
+    deadline = time.monotonic() + timeout
     pids = {p.pid for p in procs}
     top: list[psutil.Process] = []
     below: list[psutil.Process] = []
@@ -138,7 +140,7 @@ def reap_orphans(procs: Collection[psutil.Process], timeout: float) -> list[str]
             (below if proc.ppid() in pids else top).append(proc)
     keys = [k for k in map(key, top) if k is not None]
     rest = [k for k in map(key, below) if k is not None]
-    return reap(keys, timeout) + reap(rest, 5)
+    return reap(keys, timeout) + reap(rest, chance_left(deadline))
 
 
 def snapshot(pid: int | None = None, marker: str | None = None, value: str | None = None) -> set[ProcKey]:
@@ -204,7 +206,13 @@ def stop_child(child: Child, timeout: float = 20.0) -> list[str]:
     naming the child (it was dropped without a word, and the shutdown went on as if the child had stopped). The group
     of a child that had exited got a SIGTERM here and another from the child's stop. Once the child's pid is another
     process's (it exited long ago), neither that process's descendants nor its group are touched: they were reaped and
-    killed as the child's."""
+    killed as the child's.
+
+    What is reaped after the child's stop (its descendants outside its group) gets SIGKILL by ``timeout`` from now,
+    the stop's own deadline, at least :data:`LAST_CHANCE_S` after its SIGTERM: a fixed 5 s each for them (and for the
+    child, after the SIGKILL of a stop that raised) kept a shutdown, and a stop the shutdown waits for, 5 to 10 s past
+    the stop timeout."""
+    deadline = time.monotonic() + timeout
     below = set() if child.pid_reused() else {k for k in map(key, descendants(child.proc.pid)) if k is not None}
     try:
         child.stop(timeout)
@@ -214,8 +222,8 @@ def stop_child(child: Child, timeout: float = 20.0) -> list[str]:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(child.proc.pid, signal.SIGKILL)
         with contextlib.suppress(Exception):
-            child.proc.wait(5)
-    return reap(below, timeout=5)
+            child.proc.wait(chance_left(deadline))
+    return reap(below, timeout=chance_left(deadline))
 
 
 def stop_together(children: Iterable[C], timeout: float, stop: Callable[[C, float], T]) -> list[T]:

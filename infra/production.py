@@ -189,7 +189,7 @@ class HealthSupervisor:
         self._pool = pool or ThreadPoolExecutor(max_workers=len(SERVICES), thread_name_prefix="health-stop")
         self._stops: dict[str, Future[object]] = {}
         """Stops under way, by child: each runs in :attr:`_pool`, as it takes up to ``stop_timeout_s`` plus some
-        10 s for the process group, and the loop, blocked that long, watched nothing else and left a SIGTERM
+        5 s for the process group, and the loop, blocked that long, watched nothing else and left a SIGTERM
         waiting. Until its stop is over the child is neither probed nor restarted."""
         self._probes = ThreadPoolExecutor(max_workers=len(SERVICES), thread_name_prefix="health-probe")
         self._asking: dict[str, tuple[int, Future[Answer]]] = {}

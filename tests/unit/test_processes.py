@@ -16,7 +16,16 @@ import psutil
 import pytest
 
 from infra.launcher import Child
-from infra.processes import MARKER, Reaper, new_processes, port_open, reaping, stop_child, stop_children
+from infra.processes import (
+    MARKER,
+    Reaper,
+    new_processes,
+    port_open,
+    reap_orphans,
+    reaping,
+    stop_child,
+    stop_children,
+)
 from infra.settings import Settings
 from tests.process_trees import start_counter, start_leader, start_left_counter, stop_three_stubborn
 
@@ -324,3 +333,49 @@ def test_a_reap_without_a_timeout_gives_sigterm_the_supervisors_stop_timeout_not
     finally:
         proc.kill()
         proc.wait(5)
+
+
+def test_what_a_child_left_outside_its_group_is_killed_by_the_stops_deadline_not_5_s_after_it(tmp_path: Path) -> None:
+    """``stop_child`` gave the child's descendants outside its process group (here one in a session of its own) a
+    fixed 5 s after the child's stop: with both ignoring SIGTERM, the stop took the whole stop timeout and 5 s more,
+    past the shutdown's own budget. They get SIGKILL by the stop's deadline."""
+    value = uuid.uuid4().hex
+    script = "trap '' TERM; setsid bash -c \"trap '' TERM; sleep 30\" & wait"  # both ignore SIGTERM
+    proc = _start(script, value, start_new_session=True)
+    try:
+        (sleep,) = _wait_for_sleeps(value, 1)
+        assert os.getpgid(sleep.pid) != os.getpgid(proc.pid), "the grandchild left the child's group"
+        started = time.monotonic()
+        lines = stop_child(Child("stubborn", proc, tmp_path / "stubborn.log"), timeout=1.0)
+        took = time.monotonic() - started
+        assert any("sleep 30" in line for line in lines)
+        psutil.wait_procs([sleep], timeout=2)
+        assert not sleep.is_running() or sleep.status() == psutil.STATUS_ZOMBIE
+        assert took < 5, f"the stop took {took:.1f}s, its timeout is 1s (5 s more: at least 6 s)"
+    finally:
+        proc.kill()
+        proc.wait(5)
+        with contextlib.suppress(psutil.Error):
+            sleep.kill()
+
+
+def test_what_orphans_left_under_them_is_killed_by_the_same_deadline_not_5_s_after_it() -> None:
+    """``reap_orphans`` gave what ran under the orphans it stopped (a service's JVM) a fixed 5 s more after their
+    SIGKILL: with both ignoring SIGTERM it took the timeout and 5 s more. Both are killed by the one deadline."""
+    value = uuid.uuid4().hex
+    proc = _start("trap '' TERM; sleep 30 & wait", value)  # both ignore SIGTERM
+    try:
+        (sleep,) = _wait_for_sleeps(value, 1)
+        top = psutil.Process(proc.pid)
+        started = time.monotonic()
+        lines = reap_orphans([top, sleep], timeout=1.0)
+        took = time.monotonic() - started
+        assert len(lines) == 2
+        psutil.wait_procs([sleep], timeout=2)
+        assert not sleep.is_running() or sleep.status() == psutil.STATUS_ZOMBIE
+        assert took < 5, f"the reap took {took:.1f}s, its timeout is 1s (5 s more: at least 6 s)"
+    finally:
+        proc.kill()
+        proc.wait(5)
+        with contextlib.suppress(psutil.Error):
+            sleep.kill()
