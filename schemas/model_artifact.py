@@ -26,6 +26,7 @@ CURRENT, CHALLENGER = "CURRENT", "CHALLENGER"
 FALLBACK_SUFFIX = " (fallback)"
 """Appended to the version when the local model answered for a remote backend that failed."""
 _VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_DIGITS_RE = re.compile(r"(\d+)")
 
 
 def id_digest(transaction_id: str) -> str:
@@ -86,14 +87,23 @@ def read_trained_ids(version_dir: Path) -> frozenset[str] | None:
     return frozenset(digests)
 
 
+def version_order(name: str) -> tuple[str | int, ...]:
+    """Sort key of a folder name with its runs of digits compared as numbers: ``v9`` before ``v10`` (by plain
+    name, ``v10`` came first and the newest of hand-named versions was listed last)."""
+    return tuple(int(part) if i % 2 else part for i, part in enumerate(_DIGITS_RE.split(name)))
+
+
 def artifact_folders(root: Path) -> list[str]:
-    """Version folders under ``root`` (those holding :data:`MODEL_META_FILE`): not a save's temporary
-    ``.<version>.tmp-<pid>`` (a crashed save leaves one, and the next save of that version deletes it)."""
+    """Version folders under ``root`` (those holding :data:`MODEL_META_FILE`), in :func:`version_order`: not a save's
+    temporary ``.<version>.tmp-<pid>`` (a crashed save leaves one, and the next save of that version deletes it)."""
     try:
         return sorted(
-            p.name
-            for p in root.iterdir()
-            if p.is_dir() and not p.name.startswith(".") and (p / MODEL_META_FILE).exists()
+            (
+                p.name
+                for p in root.iterdir()
+                if p.is_dir() and not p.name.startswith(".") and (p / MODEL_META_FILE).exists()
+            ),
+            key=version_order,
         )
     except OSError:  # no models root (yet), or not one this process may read
         return []

@@ -1036,7 +1036,7 @@ def _no_artifact(path: Path) -> str:
             f"{path} is a file, not a model folder: give a model version folder (holding model.json) or a models "
             "root with a CURRENT pointer"
         )
-    versions = sorted(artifact_folders(path), reverse=True)
+    versions = artifact_folders(path)[::-1]  # numbers by value: v10 before v9
     if versions:
         shown = ", ".join(versions[:SHOWN_VERSIONS])
         more = f" and {len(versions) - SHOWN_VERSIONS} more" if len(versions) > SHOWN_VERSIONS else ""

@@ -790,3 +790,14 @@ def test_backtest_given_no_model_folder_says_what_is_there_and_exits_1(tmp_path,
         assert f"{', '.join(newest[:5])} and 2 more; give one's folder ({root / newest[0]})" in err
         assert f"challenger <version> --models {root}, then promote --models {root}" in err
     assert not (tmp_path / "out.csv").exists()
+
+
+def test_the_hint_for_a_models_root_without_current_lists_numbered_versions_newest_first(tmp_path):
+    """By plain name ``v9`` sorted after ``v10``: the hint offered the oldest hand-named version as the one to give."""
+    for name in ("v2", "v10", "v9", "v1"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.json").write_text("{}")
+    with pytest.raises(ModelArtifactError) as err:
+        LocalModel.load(tmp_path)
+    assert "holding 4 version(s): v10, v9, v2, v1; " in str(err.value)
+    assert f"give one's folder ({tmp_path / 'v10'})" in str(err.value)

@@ -739,3 +739,13 @@ def test_a_promotion_swaps_models_kept_in_folders_of_other_names_without_reading
     assert registry.refresh() is True
     assert registry.champion is old_challenger and registry.challenger is old_champion
     assert loads == []
+
+
+def test_status_lists_numbered_versions_by_their_number(tmp_path):
+    """``v10`` is newer than ``v9``: by plain name it was listed between ``v1`` and ``v2``."""
+    for name in ("v10", "v9", "v1", "v2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.json").write_text("{}")
+    result = CliRunner().invoke(app, ["status", "--models", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-4:] == ["  v1", "  v2", "  v9", "  v10"]
