@@ -405,8 +405,9 @@ class ModelSettings(BaseModel, frozen=True):
     """Population stability index (an event-time hour's score or any feature against the training data)
     at or above which a ``MODEL_DRIFT`` alert fires: < 0.1 stable, 0.1-0.25 moderate, > 0.25 significant; 0: no
     drift monitor."""
-    drift_min_rows: int = Field(default=200, ge=0)
-    """Transactions an hour needs before its PSI may alert (a few rows give a large PSI by chance alone)."""
+    drift_min_rows: int = Field(default=200, ge=1)
+    """Transactions an hour needs before its PSI may alert (a few rows give a large PSI by chance alone). At least 1:
+    0 read as "off" (as ``drift_psi_alert``'s 0 is) but let every hour alert, however few its rows."""
     drift_bins: int = Field(default=10, ge=2)
     """Quantile bins per numeric feature (most frequent codes per categorical) in the training reference."""
     drift_grace_ms: int = Field(default=300_000, ge=0, lt=3_600_000)

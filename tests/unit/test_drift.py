@@ -589,3 +589,11 @@ def test_drift_settings_that_would_switch_the_monitor_off_unseen_are_refused_by_
     """A NaN threshold never alerted and an hour's grace built no monitor: both only a log line."""
     with pytest.raises(ValidationError, match=name):
         ModelSettings(**{name: value})
+
+
+def test_a_drift_minimum_of_zero_rows_is_refused_not_read_as_off() -> None:
+    """``CG_MODEL__DRIFT_PSI_ALERT=0`` turns the monitor off; ``…__DRIFT_MIN_ROWS=0``, set for the same, did the
+    opposite: every hour might alert, one of a handful of rows too, on a PSI large by chance alone."""
+    with pytest.raises(ValidationError, match="drift_min_rows"):
+        ModelSettings(drift_min_rows=0)
+    assert ModelSettings(drift_min_rows=1).drift_min_rows == 1
