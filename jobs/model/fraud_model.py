@@ -25,7 +25,8 @@ Why these pieces:
   (:data:`LEARNER_FILES`: ``model.cbm``, CatBoost's format, or ``model.txt``, LightGBM's) and
   ``model.json`` (learner, feature names, calibration, the evaluation report, training data hash),
   plus a ``CURRENT`` file naming the version in use. Written to a temp folder and renamed, so
-  a reader never sees half an artifact.
+  a reader never sees half an artifact; every file is fsynced before the rename and the folder after it, so a
+  power cut never leaves ``CURRENT`` empty or naming a version whose files are not on disk.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ import catboost
 import lightgbm as lgb
 import numpy as np
 
+from infra.durable import fsync_dir, rename_durably, replace_durably, write_synced
 from infra.settings import Settings
 from jobs.scoring.features import CUSTOMER_FEATURES, LINKED_FEATURES, PROFILE_FEATURES, PROFILE_KEY
 from jobs.scoring.rules import ModelResult
@@ -952,17 +954,18 @@ class LocalModel:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         data = self.booster.to_bytes()
-        (tmp / LEARNER_FILES[self.booster.learner]).write_bytes(data)
+        write_synced(tmp / LEARNER_FILES[self.booster.learner], data)
         self.meta[MODEL_SHA256] = hashlib.sha256(data).hexdigest()
         if (ids := self.trained_ids()) is not None:
             text = trained_ids_text(ids)
-            (tmp / TRAINED_IDS_FILE).write_text(text, encoding="ascii")
+            write_synced(tmp / TRAINED_IDS_FILE, text.encode("ascii"))
             self.meta[TRAINED_IDS_SHA256] = trained_ids_sha256(text)
-        (tmp / "model.json").write_text(json.dumps(self.meta, indent=2, default=str))
-        (tmp / "metrics.txt").write_text(format_metrics(self.meta) + "\n")
+        write_synced(tmp / "model.json", json.dumps(self.meta, indent=2, default=str))
+        write_synced(tmp / "metrics.txt", format_metrics(self.meta) + "\n")
+        fsync_dir(tmp)  # every file's bytes and name on disk before the folder takes the version's name
         if final.exists():
             shutil.rmtree(final)
-        os.replace(tmp, final)
+        rename_durably(tmp, final)  # and that name on disk before CURRENT names it
         if make_current:
             self._point_current(root)
         self.path = final
@@ -978,9 +981,7 @@ class LocalModel:
         """Under the pointer lock, so a ``train`` saving its model as the champion waits for a ``promote`` or
         ``challenger`` under way, whose check of the pointers then sees the change (and refuses)."""
         with pointer_lock(root):
-            pointer = root / f".CURRENT.tmp-{os.getpid()}"
-            pointer.write_text(self.version + "\n")
-            os.replace(pointer, root / "CURRENT")
+            replace_durably(root / "CURRENT", self.version + "\n")
 
     @classmethod
     def load(cls, path: Path) -> LocalModel:

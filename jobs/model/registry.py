@@ -4,9 +4,10 @@ The models root holds one folder per version plus two pointer files: ``CURRENT``
 (its score decides) and ``CHALLENGER`` names an optional second model, scored on every transaction
 and recorded beside the decision but never deciding. The job's :class:`ModelRegistry` re-reads the
 pointers at most every ``model.reload_interval_s`` and swaps models between batches, so ``promote``
-takes effect in a running job without a restart. Each pointer is replaced atomically (temp file,
-rename): a reader never sees half a name, and the job reads the two only while no command holds the pointer
-lock, so never one moved and the other not yet (:func:`settled_pointers`). A pointer naming a missing or
+takes effect in a running job without a restart. Each pointer is replaced atomically and durably (temp file,
+fsync, rename, fsync of the folder): a reader never sees half a name, nor after a power cut an empty one, and the
+job reads the two only while no command holds the pointer lock, so never one moved and the other not yet
+(:func:`settled_pointers`). A pointer naming a missing or
 incompatible artifact is logged and ignored -- the models in use stay -- so a bad promotion never stops
 scoring; a challenger that does not load holds back neither the start nor a new champion (it never decides).
 
@@ -28,7 +29,6 @@ import fcntl
 import getpass
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +37,7 @@ from typing import Annotated
 import typer
 
 from infra.cli import run_tool
+from infra.durable import remove_durably, replace_durably
 from infra.settings import Settings, get_settings
 from jobs.model.fraud_model import LOCK, LocalModel, ModelArtifactError, format_metrics, pointer_lock
 from schemas.errors import CheckoutGuardError
@@ -57,13 +58,12 @@ def read_pointer(root: Path, name: str) -> str | None:
 
 
 def write_pointer(root: Path, name: str, version: str | None) -> None:
-    """Point ``name`` at ``version`` atomically; ``None`` removes the pointer."""
+    """Point ``name`` at ``version`` atomically and durably (fsync before the rename, the folder after: a power cut
+    leaves the old name or the new, never an empty pointer); ``None`` removes the pointer."""
     if version is None:
-        (root / name).unlink(missing_ok=True)
+        remove_durably(root / name)
         return
-    tmp = root / f".{name}.tmp-{os.getpid()}"
-    tmp.write_text(version + "\n")
-    os.replace(tmp, root / name)
+    replace_durably(root / name, version + "\n")
 
 
 Pointers = tuple[str | None, str | None]

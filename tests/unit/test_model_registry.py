@@ -749,3 +749,51 @@ def test_status_lists_numbered_versions_by_their_number(tmp_path):
     result = CliRunner().invoke(app, ["status", "--models", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[-4:] == ["  v1", "  v2", "  v9", "  v10"]
+
+
+def _record_disk_order(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Every fsync (of the file or folder it names) and rename, in order."""
+    calls: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        calls.append(("replace", f"{os.fspath(src)} -> {os.fspath(dst)}"))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return calls
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an fd's file through /proc")
+def test_artifacts_and_pointers_are_on_disk_before_anything_names_them(tmp_path, monkeypatch):
+    """Renamed without fsync, a power cut could leave CURRENT empty, or naming a version whose files never reached
+    the disk: the job then did not start. Each file is synced before its rename, each folder after it."""
+    root = tmp_path.resolve()
+    model = small_model()
+    calls = _record_disk_order(monkeypatch)
+    model.save(root)
+    version = model.version
+    renames = [i for i, (op, _) in enumerate(calls) if op == "replace"]
+    assert len(renames) == 2, calls  # the version folder, then CURRENT
+    folder_rename, pointer_rename = renames
+    tmp_folder = calls[folder_rename][1].split(" -> ")[0]
+    synced_before = {path for op, path in calls[:folder_rename] if op == "fsync"}
+    written = {os.path.join(tmp_folder, f.name) for f in (root / version).iterdir()}
+    assert written and written | {tmp_folder} <= synced_before, calls
+    assert ("fsync", str(root)) in calls[folder_rename + 1 : pointer_rename], "the folder's new name synced first"
+    tmp_pointer = calls[pointer_rename][1].split(" -> ")[0]
+    assert ("fsync", tmp_pointer) in calls[folder_rename + 1 : pointer_rename], "CURRENT's bytes synced first"
+    assert calls[pointer_rename + 1 :] == [("fsync", str(root))], "the rename of CURRENT synced"
+    assert read_pointer(root, CURRENT) == version
+
+    calls.clear()
+    write_pointer(root, CHALLENGER, "gbm-x")
+    assert [op for op, _ in calls] == ["fsync", "replace", "fsync"] and calls[-1] == ("fsync", str(root)), calls
+    calls.clear()
+    write_pointer(root, CHALLENGER, None)
+    assert calls == [("fsync", str(root))] and read_pointer(root, CHALLENGER) is None

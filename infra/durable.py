@@ -1,0 +1,54 @@
+"""Files that survive a power cut whole: written, flushed to disk, then renamed into place, and the folder synced.
+
+A rename alone keeps a reader from seeing half a file, but not a crash: the rename may reach the disk before the
+file's bytes (an empty or cut-short file after a power cut), and the rename itself is lost until its folder is
+synced. So each writer here fsyncs the file before the rename and the folder after it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the names in ``folder`` (a file renamed in or out, one created or removed) last past a crash."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_synced(path: Path, data: bytes | str) -> None:
+    """Write ``path`` and fsync it, with no rename: for a file in a temporary folder that is renamed as a whole
+    (:func:`rename_durably`), so the folder never names a file whose bytes are not on disk."""
+    with open(path, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def rename_durably(src: Path, dst: Path) -> None:
+    """``os.replace(src, dst)``, then sync ``dst``'s folder so the rename is on disk before anything points at it."""
+    os.replace(src, dst)
+    fsync_dir(dst.parent)
+
+
+def replace_durably(path: Path, data: bytes | str) -> None:
+    """Replace ``path`` with ``data``: a reader, even after a power cut, finds the old content or the new, never an
+    empty or half file. Temp file beside it (removed if the write fails), fsync, rename, fsync of the folder."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write_synced(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def remove_durably(path: Path) -> None:
+    """Remove ``path`` (if there) and sync its folder, so the file does not come back after a crash."""
+    path.unlink(missing_ok=True)
+    fsync_dir(path.parent)
