@@ -453,13 +453,38 @@ def _audit(settings: Settings, old: str | None, new: str, actor: str, reason: st
         )
 
 
+AUDIT_TIMEOUT_S = 15.0
+"""How long a change of champion waits for its audit event's delivery, by default."""
+
+
+def champion_change(
+    settings: Settings,
+    old: str | None,
+    new: str,
+    *,
+    audit: bool = True,
+    reason: str | None = None,
+    timeout_s: float = AUDIT_TIMEOUT_S,
+) -> Callable[[], None]:
+    """The ``before_write`` of :func:`swap_pointers` for a change of champion: its ``MODEL_PROMOTE`` audit event
+    (none when not ``audit``). ``promote`` and ``train-default --force`` both move ``CURRENT`` this way."""
+
+    def record() -> None:
+        if audit:
+            _audit(settings, old, new, getpass.getuser(), reason, timeout_s)
+
+    return record
+
+
 @app.command()
 def promote(
     retire: Annotated[bool, typer.Option(help="Drop the old champion instead of keeping it as challenger.")] = False,
     reason: Annotated[str | None, typer.Option(help="Why (recorded in the audit event).")] = None,
     audit: Annotated[bool, typer.Option(help="Record the promotion on the audit topic first.")] = True,
     models: Annotated[Path | None, typer.Option(help="Models root (default: settings).")] = None,
-    timeout_s: Annotated[float, typer.Option(help="How long to wait for the audit event's delivery.", min=1)] = 15.0,
+    timeout_s: Annotated[
+        float, typer.Option(help="How long to wait for the audit event's delivery.", min=1)
+    ] = AUDIT_TIMEOUT_S,
 ) -> None:
     """Make the challenger the champion; a running job switches within ``model.reload_interval_s``."""
     settings = get_settings()
@@ -472,12 +497,8 @@ def promote(
     if new == old or model.version == _loaded_version(root, old):
         raise ModelArtifactError(f"the challenger {new} is the champion's model already: nothing to promote")
     typer.echo(format_metrics(model.meta))
-
-    def record() -> None:
-        if audit:
-            _audit(settings, old, new, getpass.getuser(), reason, timeout_s)
-
     kept = None if retire else old
+    record = champion_change(settings, old, new, audit=audit, reason=reason, timeout_s=timeout_s)
     _swap_or_refuse(root, seen, (new, kept), record)
     typer.echo(f"champion: {new} (was {old or '-'}); challenger: {kept or '-'}")
 

@@ -68,7 +68,7 @@ from jobs.model.fraud_model import (
     roc_auc,
 )
 from jobs.model.predictors import LocalPredictor
-from jobs.model.registry import CURRENT, read_pointer
+from jobs.model.registry import CURRENT, PointersChanged, champion_change, read_pointer, read_pointers, swap_pointers
 from jobs.scoring.claims import IdClaims
 from jobs.scoring.features import receipt_key
 from jobs.scoring.scorer import Scorer, ScoringState
@@ -397,14 +397,22 @@ def train_default(
     )
 
 
-def ensure_default_model(settings: Settings, force: bool = False) -> Path:
+def ensure_default_model(
+    settings: Settings, force: bool = False, *, audit: bool = True, reason: str | None = None
+) -> Path:
     """The model in use (``CURRENT``); trains the synthetic default first when there is none.
 
-    A file lock makes concurrent callers (``make run`` and a job starting) train it once."""
+    A file lock makes concurrent callers (``make run`` and a job starting) train it once. ``force`` retrains it
+    even so, and a champion it replaces is replaced as ``promote`` replaces one: compare-and-swap of the pointers it
+    read before training, under the pointer lock, after the ``MODEL_PROMOTE`` audit event (unless not ``audit``);
+    :class:`PointersChanged` (a command moved them meanwhile) or ``AuditNotDelivered`` leave the pointers as they
+    were, the new version saved beside them. Before, it moved ``CURRENT`` with no audit event, over a promotion
+    made while it trained."""
     root = settings.models_root
     root.mkdir(parents=True, exist_ok=True)
     with (root / ".train.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        seen = read_pointers(root) if force else (None, None)
         if not force:
             try:
                 return LocalModel.load(root).path  # type: ignore[return-value]
@@ -413,7 +421,14 @@ def ensure_default_model(settings: Settings, force: bool = False) -> Path:
             except ModelArtifactError:
                 pass
         model = train_default(settings)
-        return model.save(root)
+        if not force or seen[0] is None:  # the first champion (or, unforced, one this code cannot load)
+            return model.save(root)
+        path = model.save(root, make_current=False)
+        if path.name != seen[0]:
+            kept = None if seen[1] == path.name else seen[1]
+            record = champion_change(settings, seen[0], path.name, audit=audit, reason=reason)
+            swap_pointers(root, seen, (path.name, kept), record)
+        return path
 
 
 # --- backtest ---------------------------------------------------------------------------------
@@ -861,12 +876,27 @@ def train(
 
 
 @app.command("train-default")
-def train_default_cmd(force: Annotated[bool, typer.Option(help="Retrain even if a model exists.")] = False) -> None:
+def train_default_cmd(
+    force: Annotated[
+        bool, typer.Option(help="Retrain even if a model exists; it replaces the champion as promote does.")
+    ] = False,
+    audit: Annotated[
+        bool, typer.Option(help="With --force: record the change of champion on the audit topic first.")
+    ] = True,
+    reason: Annotated[str | None, typer.Option(help="With --force: why (recorded in the audit event).")] = None,
+) -> None:
     """Make sure a model exists: train the default one from seeded synthetic POS history if not."""
     settings = get_settings()
     t0 = time.perf_counter()
-    path = ensure_default_model(settings, force=force)
+    was = read_pointer(settings.models_root, CURRENT)
+    try:
+        path = ensure_default_model(settings, force=force, audit=audit, reason=reason or "train-default --force")
+    except PointersChanged as exc:  # as promote: the operator looks at status and re-runs knowingly
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"model: {path} ({time.perf_counter() - t0:.1f}s)")
+    if force and was is not None and was != path.name:
+        typer.echo(f"champion: {path.name} (was {was})")
 
 
 def with_rules_file(settings: Settings, rules: Path | None) -> Settings:

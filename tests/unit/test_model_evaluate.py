@@ -505,3 +505,55 @@ def test_a_damaged_champion_is_not_replaced_by_a_retrained_default_model(tmp_pat
     with pytest.raises(DamagedArtifactError):
         ensure_default_model(settings)
     assert (tmp_path / "CURRENT").read_text().strip() == ("" if damage == "CURRENT empty" else champion.name)
+
+
+def _audited(monkeypatch) -> list[tuple[str | None, str, str | None]]:
+    from jobs.model import registry
+
+    sent: list[tuple[str | None, str, str | None]] = []
+    monkeypatch.setattr(registry, "_audit", lambda _s, old, new, _actor, reason, _t: sent.append((old, new, reason)))
+    return sent
+
+
+def test_train_default_force_replaces_the_champion_as_promote_does_with_its_audit_event(tmp_path, monkeypatch):
+    """``train-default --force`` moved CURRENT with no MODEL_PROMOTE event, the one change of champion unaudited."""
+    from jobs.model.registry import CHALLENGER, read_pointer, write_pointer
+    from tests.fraud_model import challenger_model
+
+    old = small_model().save(tmp_path).name
+    write_pointer(tmp_path, CHALLENGER, "gbm-kept")
+    new = challenger_model()
+    monkeypatch.setattr(train_module, "train_default", lambda _settings: new)
+    monkeypatch.setenv("CG_MODEL__ARTIFACT_DIR", str(tmp_path))
+    sent = _audited(monkeypatch)
+    result = CliRunner().invoke(app, ["train-default", "--force"])
+    assert result.exit_code == 0, result.output
+    assert sent == [(old, new.version, "train-default --force")]
+    assert (read_pointer(tmp_path, "CURRENT"), read_pointer(tmp_path, CHALLENGER)) == (new.version, "gbm-kept")
+    assert f"champion: {new.version} (was {old})" in result.output
+
+
+def test_train_default_force_leaves_a_champion_promoted_while_it_trained(tmp_path, monkeypatch):
+    """Its pointers are compared and swapped as promote's are: a promotion made during its training is not
+    overwritten; it says what changed and exits 2, the new version saved beside."""
+    from jobs.model.registry import CHALLENGER, read_pointer, write_pointer
+    from tests.fraud_model import challenger_model
+
+    old = small_model().save(tmp_path).name
+    write_pointer(tmp_path, CHALLENGER, "gbm-other")
+    new = challenger_model()
+
+    def promoted_meanwhile(_settings: Settings) -> object:
+        write_pointer(tmp_path, "CURRENT", "gbm-other")
+        write_pointer(tmp_path, CHALLENGER, old)
+        return new
+
+    monkeypatch.setattr(train_module, "train_default", promoted_meanwhile)
+    monkeypatch.setenv("CG_MODEL__ARTIFACT_DIR", str(tmp_path))
+    sent = _audited(monkeypatch)
+    result = CliRunner().invoke(app, ["train-default", "--force"])
+    assert result.exit_code == 2, result.output
+    assert f"champion {old} -> gbm-other" in result.output
+    assert sent == []
+    assert (read_pointer(tmp_path, "CURRENT"), read_pointer(tmp_path, CHALLENGER)) == ("gbm-other", old)
+    assert (tmp_path / new.version / "model.json").is_file()
