@@ -631,13 +631,14 @@ def create_copy_topics(settings: Settings, transactions_partitions: int) -> None
     """The copy's topics; its transactions topic with ``transactions_partitions`` partitions (made first,
     since ``ensure_topics`` leaves an existing topic alone) and no time retention: the copies keep their old
     timestamps, so the topic's retention would delete them at once, and they are the record of what was replayed
-    (:func:`replayed_transactions`) until ``cleanup``."""
+    (:func:`replayed_transactions`) until ``cleanup``. A topic exists by ``kafka_clients.listed_topic``, as for every
+    tool: one listed as unknown is made, and not waited for as listed."""
     from infra.launcher import wait_for
     from infra.stack import ensure_topics
 
     name = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
     with kafka_clients.admin_session(settings) as admin:
-        if name not in kafka_clients.cluster_metadata(admin, settings).topics:
+        if kafka_clients.listed_topic(kafka_clients.cluster_metadata(admin, settings), name) is None:
             topic = NewTopic(
                 name,
                 num_partitions=transactions_partitions,
@@ -649,8 +650,13 @@ def create_copy_topics(settings: Settings, transactions_partitions: int) -> None
         ensure_topics(settings)
         # A created topic may take a moment to be listed by every broker; the rules publish checks that it is.
         names = {spec.full_name(settings.kafka.topic_prefix) for spec in ALL_TOPICS}
+
+        def listed() -> bool:
+            listing = kafka_clients.cluster_metadata(admin, settings)
+            return all(kafka_clients.listed_topic(listing, n) is not None for n in names)
+
         wait_for(
-            lambda: names <= set(kafka_clients.cluster_metadata(admin, settings).topics),
+            listed,
             30,
             what="the copy's topics to be listed",
         )
@@ -915,13 +921,15 @@ def compare_again(
 def cleanup(settings: Settings, name: str) -> tuple[list[str], list[str]]:
     """Delete a backtest's topics (``<name>.*``), its indices (``<name>-<kind>*`` of the sink's kinds only), the index
     templates its sink installed (``<name>-<kind>``: left behind, every backtest added its own for good) and its
-    checkpoints (so the name can run again); its report stays."""
+    checkpoints (so the name can run again); its report stays. A topic listed as unknown does not exist
+    (``kafka_clients.listed_topic``): it is not asked to be deleted, which the broker would refuse."""
     from infra.clients.opensearch import make_client
 
     check_name(settings, name)
     with kafka_clients.admin_session(settings) as admin:
-        existing = kafka_clients.cluster_metadata(admin, settings).topics
-        topics = [t.full_name(f"{name}.") for t in ALL_TOPICS if t.full_name(f"{name}.") in existing]
+        listing = kafka_clients.cluster_metadata(admin, settings)
+        copies = [t.full_name(f"{name}.") for t in ALL_TOPICS]
+        topics = [t for t in copies if kafka_clients.listed_topic(listing, t) is not None]
         if topics:
             for fut in admin.delete_topics(topics, request_timeout=30).values():
                 fut.result()
