@@ -197,11 +197,15 @@ def _partitions(reader, topic: str, timeout_s: float):
 def _offsets_since(
     reader, partitions: set[tuple[str, int]], since_ms: int, timeout_s: float
 ) -> dict[tuple[str, int], int]:
-    """Per partition, the offset of the first record written at or after ``since_ms`` (``OFFSET_END``: none)."""
+    """Per partition, the offset of the first record written at or after ``since_ms`` (``OFFSET_END``: none); a
+    partition the broker answers with an error is ``topic_replay.TopicUnavailable`` in the broker's words, as every
+    reader of a topic words it (not the client's error object, ``KafkaError{code=...}``)."""
     from confluent_kafka import TopicPartition
+
+    from infra.clients.topic_replay import topic_unavailable
 
     found = reader.offsets_for_times([TopicPartition(t, p, since_ms) for t, p in partitions], timeout=timeout_s)
     for tp in found:
         if tp.error is not None:
-            raise RuntimeError(f"{tp.topic}[{tp.partition}]: no offset for {since_ms}: {tp.error}")
+            raise topic_unavailable(tp.topic, tp.error, tp.partition)
     return {(tp.topic, tp.partition): tp.offset for tp in found}

@@ -162,3 +162,30 @@ def test_a_control_topic_the_broker_answers_with_an_error_is_named_in_the_broker
         control_topics.read_control_topics(Settings(), lambda *_: None, specs=(RULES,))
     assert not isinstance(unavailable.value, control_topics.ControlTopicMissing)
     assert str(unavailable.value) == f"topic {TOPIC}: the broker answered {error.str()} ({error.name()})"
+
+
+class RefusesOffsetsByTime(SlowBroker):
+    """A broker that answers the offsets by time of partition 0 with ``error``."""
+
+    def __init__(self, error: KafkaError) -> None:
+        super().__init__([0.0], delay_s=0.0, partitions=1)
+        self.error = error
+
+    def offsets_for_times(self, partitions: list[TopicPartition], timeout: float) -> list[Any]:
+        return [
+            SimpleNamespace(topic=tp.topic, partition=tp.partition, offset=-1, error=self.error) for tp in partitions
+        ]
+
+
+def test_offsets_by_time_the_broker_refuses_are_named_in_the_brokers_words(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The read's error carried the client's error object (``KafkaError{code=...,val=...,str=...}``), not the broker's
+    words as every other reader of a topic gives them."""
+    from infra.clients.topic_replay import TopicUnavailable
+
+    error = KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)
+    broker = RefusesOffsetsByTime(error)
+    _broker(monkeypatch, broker)
+    with pytest.raises(TopicUnavailable) as refused:
+        control_topics.read_control_topics(Settings(), lambda *_: None, specs=(RULES,), since_ms=1_000)
+    assert str(refused.value) == f"topic {TOPIC} partition 0: the broker answered {error.str()} ({error.name()})"
+    assert "KafkaError{" not in str(refused.value) and broker.closed
