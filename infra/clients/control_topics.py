@@ -11,11 +11,14 @@ import threading
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from infra.settings import Settings
 from schemas.errors import CheckoutGuardError
 from schemas.topics import RULES, WATCHLIST, TopicSpec
+
+if TYPE_CHECKING:
+    from confluent_kafka import KafkaError
 
 STARTUP_READ_STALL_S = 30.0
 """How long a service's start-up read of a topic (``stall_s``) may go without a record before it fails: below the
@@ -129,7 +132,8 @@ def read_control_topics(
     it is set (checked before each call and each poll; a call in progress runs on, to the deadline at most). Neither:
     no bound but ``timeout_s``, as before.
 
-    A topic that does not exist is :class:`ControlTopicMissing`; one the broker answers with another error (no leader,
+    A topic that does not exist is :class:`ControlTopicMissing`, also where a partition of it is answered with
+    UNKNOWN_TOPIC_OR_PART (deleted since it was listed); one the broker answers with another error (no leader,
     not authorised) is ``topic_replay.TopicUnavailable`` in the broker's words."""
     from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, TopicPartition
 
@@ -153,9 +157,7 @@ def read_control_topics(
                 raise topic_unavailable(topic, meta.error)
             for p in meta.partitions:
                 ends[(topic, p)] = bound.call(
-                    f"asking {topic}[{p}]'s end",
-                    partial(end_offset, reader, topic, p, beat=beat, deadline=deadline),
-                    timeout_s,
+                    f"asking {topic}[{p}]'s end", partial(_end, reader, topic, p, beat, deadline), timeout_s
                 )
                 progress()
         last = {tp: -1 for tp in ends}
@@ -194,6 +196,30 @@ def _partitions(reader, topic: str, timeout_s: float):
     return reader.list_topics(topic, timeout=timeout_s)
 
 
+def _deleted_since(topic: str, error: KafkaError) -> ControlTopicMissing | None:
+    """:class:`ControlTopicMissing` where a listed topic's partition is answered with UNKNOWN_TOPIC_OR_PART (the topic
+    deleted since it was listed): judged by the error code, as ``kafka_clients.listed_topic`` judges a listing."""
+    from confluent_kafka import KafkaError
+
+    if error.code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+        return None
+    return ControlTopicMissing(f"topic {topic} does not exist on the cluster (deleted since it was listed)")
+
+
+def _end(
+    reader, topic: str, partition: int, beat: Callable[[], object] | None, deadline: float | None, timeout_s: float
+) -> int:
+    """:func:`end_offset`; a topic that no longer exists once its retries are over is :class:`ControlTopicMissing`."""
+    from confluent_kafka import KafkaException
+
+    try:
+        return end_offset(reader, topic, partition, timeout_s, beat=beat, deadline=deadline)
+    except KafkaException as exc:
+        if (missing := _deleted_since(topic, exc.args[0])) is not None:
+            raise missing from exc
+        raise
+
+
 def _offsets_since(
     reader, partitions: set[tuple[str, int]], since_ms: int, timeout_s: float
 ) -> dict[tuple[str, int], int]:
@@ -207,5 +233,5 @@ def _offsets_since(
     found = reader.offsets_for_times([TopicPartition(t, p, since_ms) for t, p in partitions], timeout=timeout_s)
     for tp in found:
         if tp.error is not None:
-            raise topic_unavailable(tp.topic, tp.error, tp.partition)
+            raise _deleted_since(tp.topic, tp.error) or topic_unavailable(tp.topic, tp.error, tp.partition)
     return {(tp.topic, tp.partition): tp.offset for tp in found}

@@ -1123,7 +1123,7 @@ class OpenSearchSink:
                 )
                 break
             except (RuntimeError, TimeoutError, KafkaException) as exc:
-                if isinstance(exc, ControlTopicMissing) or "UNKNOWN_TOPIC" in str(exc):  # (its end: deleted since)
+                if isinstance(exc, ControlTopicMissing):  # by its type: not listed, or deleted since
                     log.warning("no %s topic: no forget to apply yet", self._audit_topic)
                     break
                 delay = self.backoff.delay(attempt, self._rng)

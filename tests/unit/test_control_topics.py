@@ -189,3 +189,27 @@ def test_offsets_by_time_the_broker_refuses_are_named_in_the_brokers_words(monke
         control_topics.read_control_topics(Settings(), lambda *_: None, specs=(RULES,), since_ms=1_000)
     assert str(refused.value) == f"topic {TOPIC} partition 0: the broker answered {error.str()} ({error.name()})"
     assert "KafkaError{" not in str(refused.value) and broker.closed
+
+
+class DeletedSinceListed(SlowBroker):
+    """A broker that lists the topic, then answers its partition's end with UNKNOWN_TOPIC_OR_PART (deleted since),
+    each try taking a second of the test's clock."""
+
+    def __init__(self) -> None:
+        super().__init__([0.0], delay_s=0.0, partitions=1)
+
+    def get_watermark_offsets(self, _tp: TopicPartition, timeout: float) -> tuple[int, int]:
+        self.now[0] += 1.0
+        raise KafkaException(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART))
+
+
+def test_a_control_topic_deleted_after_it_was_listed_is_missing_by_its_error_code(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its end's ``KafkaException`` went out as it was, and a caller told a missing topic by the words in its message
+    (the OpenSearch sink looked for "UNKNOWN_TOPIC")."""
+    broker = DeletedSinceListed()
+    _broker(monkeypatch, broker)
+    with pytest.raises(control_topics.ControlTopicMissing, match=f"topic {TOPIC} does not exist on the cluster"):
+        control_topics.read_control_topics(Settings(), lambda *_: None, timeout_s=1.5, specs=(RULES,))
+    assert broker.closed

@@ -417,6 +417,57 @@ def test_an_audit_topic_the_cluster_does_not_list_is_no_forget_yet_not_a_crash(m
     assert len(wrapped.sink.forgotten) == 0 and wrapped.sink.stats.retries == 0
 
 
+def test_a_read_error_that_only_reads_like_a_missing_topic_is_retried_not_taken_for_no_forget(monkeypatch: Any) -> None:
+    """The sink took any error whose text held "UNKNOWN_TOPIC" for a missing ``audit`` (no forget to apply): an
+    unknown topic id, a transient error of a topic that exists, started it with no forgets read, so the faces of
+    forgotten subjects were indexed again. A missing topic is told by its type (``ControlTopicMissing``)."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    wrapped = _Sink(FakeCluster())
+    calls: list[int] = []
+
+    def read(settings: Settings, apply: Any, **_: Any) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise KafkaException(KafkaError(KafkaError.UNKNOWN_TOPIC_ID))
+        apply(AUDIT.full_name(""), b"k", audit())
+
+    wrapped.sink._load_forgotten(read)
+    assert len(calls) == 2 and wrapped.sink.stats.retries == 1
+    assert SUBJECT in wrapped.sink.forgotten.subjects
+
+
+def test_an_audit_topic_deleted_after_it_was_listed_is_no_forget_yet(monkeypatch: Any) -> None:
+    """Its partition's end answered UNKNOWN_TOPIC_OR_PART: judged missing by that code, not by a message's words."""
+    from types import SimpleNamespace
+
+    from confluent_kafka import KafkaError, KafkaException
+
+    from infra.clients import control_topics
+    from infra.clients import kafka as kafka_clients
+
+    wrapped = _Sink(FakeCluster())
+
+    class Deleted:
+        def list_topics(self, topic: str, timeout: float) -> Any:
+            return SimpleNamespace(topics={topic: SimpleNamespace(error=None, partitions={0: None})})
+
+        def get_watermark_offsets(self, _tp: Any, timeout: float) -> tuple[int, int]:
+            if wrapped.sink.stats.retries:  # read again: it was not taken for missing, and would be for ever
+                wrapped.sink._stop.set()
+            raise KafkaException(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART))
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(kafka_clients, "consumer", lambda *_a, **_k: Deleted())
+    monkeypatch.setattr(
+        control_topics, "end_offset", lambda reader, topic, p, *_a, **_k: reader.get_watermark_offsets(p, 0)
+    )
+    wrapped.sink._load_forgotten()
+    assert len(wrapped.sink.forgotten) == 0 and wrapped.sink.stats.retries == 0
+
+
 class _SlowTopic:
     """A consumer of one partition of ``count`` records that hands out one record per ``poll`` and lets a second
     pass on the test's clock per poll: a long log read as fast as it comes."""
