@@ -1430,11 +1430,13 @@ def status(settings: Settings) -> dict:
 
         {"services": {"kafka": {"pid": int | None, "managed": bool, "address": "127.0.0.1:9092, ...",
                                 "healthy": bool, "detail": str}, "opensearch": {...}, "mosquitto": {...}},
-         "topics": {"expected": 8, "present": 8 | None, "missing": [...]},
+         "topics": {"expected": 8, "present": 8 | None, "missing": [...], "unavailable": {name: why}},
          "kafka": {"brokers": [...], "controller": ..., "partitions": {...}},  (see kafka_state)
          "healthy": bool}
 
-    ``managed`` says the process was started from this stack dir (has a live pid file)."""
+    ``managed`` says the process was started from this stack dir (has a live pid file). A topic is missing by
+    ``kafka_clients.listed_topic``; one that exists but the broker answers with an error (no leader, not authorised)
+    is present and ``unavailable``, in the broker's words (``topic_replay.topic_unavailable``): not healthy."""
     paths, ep = StackPaths.of(settings), Endpoints.of(settings)
     services: dict[str, dict] = {}
     for svc in SERVICES:
@@ -1459,16 +1461,24 @@ def status(settings: Settings) -> dict:
             "detail": detail,
         }
     expected = [s.full_name(settings.kafka.topic_prefix) for s in ALL_TOPICS]
-    topics: dict = {"expected": len(expected), "present": None, "missing": expected}
+    topics: dict = {"expected": len(expected), "present": None, "missing": expected, "unavailable": {}}
     if services["kafka"]["healthy"]:
+        from infra.clients.topic_replay import topic_unavailable
+
         with contextlib.suppress(KafkaException):
-            present = _admin(settings).list_topics(timeout=5)
-            topics["missing"] = [t for t in expected if kafka_clients.listed_topic(present, t) is None]
+            listing = _admin(settings).list_topics(timeout=5)
+            found = {t: kafka_clients.listed_topic(listing, t) for t in expected}
+            topics["missing"] = [t for t, topic in found.items() if topic is None]
             topics["present"] = len(expected) - len(topics["missing"])
+            topics["unavailable"] = {
+                t: str(topic_unavailable(t, topic.error))
+                for t, topic in found.items()
+                if topic is not None and topic.error is not None
+            }
     kafka: dict = {"brokers": [], "controller": None, "partitions": {}}
     if any(port_open(n.host, n.port) for n in ep.kafka_nodes):  # a degraded cluster still answers
         kafka = kafka_state(settings)
-    ok = all(s["healthy"] for s in services.values()) and not topics["missing"]
+    ok = all(s["healthy"] for s in services.values()) and not topics["missing"] and not topics["unavailable"]
     return {"services": services, "topics": topics, "kafka": kafka, "healthy": ok}
 
 
@@ -1506,13 +1516,15 @@ def _print_status(st: dict) -> None:
         )
     t = st["topics"]
     present = "?" if t["present"] is None else t["present"]
+    unavailable = t.get("unavailable") or {}
     table.add_row(
         "topics",
         "",
         "",
-        "[green]yes[/green]" if not t["missing"] else "[red]no[/red]",
+        "[green]yes[/green]" if not t["missing"] and not unavailable else "[red]no[/red]",
         f"{present}/{t['expected']} present"
-        + (f"; missing {', '.join(t['missing'])}" if t["missing"] and t["present"] is not None else ""),
+        + (f"; missing {', '.join(t['missing'])}" if t["missing"] and t["present"] is not None else "")
+        + "".join(f"; {why}" for why in unavailable.values()),
     )
     Console().print(table)
     if len(st.get("kafka", {}).get("brokers", [])) > 1:

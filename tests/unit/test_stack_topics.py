@@ -88,3 +88,28 @@ def test_status_counts_a_topic_listed_as_unknown_as_missing(tmp_path: Path, admi
     state = stack.status(_settings(tmp_path))
     assert state["topics"]["missing"] == [RULES.full_name("")]
     assert state["topics"]["present"] == len(ALL_TOPICS) - 1 and not state["healthy"]
+
+
+def test_status_reports_a_topic_the_broker_answers_with_an_error_as_unhealthy_in_its_words(
+    tmp_path: Path, admin: Admin, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A topic without a leader (LEADER_NOT_AVAILABLE) exists: it was counted present and the stack healthy, though
+    nothing could read or write it."""
+    monkeypatch.setattr(stack, "_healthy", lambda *_a: True)
+    monkeypatch.setattr(stack, "_our_process", lambda *_a: None)
+    monkeypatch.setattr(stack, "_opensearch_status", lambda *_a: "green")
+    monkeypatch.setattr(stack, "_prometheus_targets", lambda *_a: "")
+    monkeypatch.setattr(stack, "port_open", lambda *_a: False)
+    rules = RULES.full_name("")
+    error = KafkaError(KafkaError.LEADER_NOT_AVAILABLE)
+    admin.topics[rules] = SimpleNamespace(error=error, partitions={})
+    state = stack.status(_settings(tmp_path))
+    words = f"topic {rules}: the broker answered {error.str()} ({error.name()})"
+    assert state["topics"]["unavailable"] == {rules: words} and not state["healthy"]
+    assert state["topics"]["missing"] == [] and state["topics"]["present"] == len(ALL_TOPICS)
+    import rich.console
+
+    wide = rich.console.Console
+    monkeypatch.setattr(rich.console, "Console", lambda: wide(width=400))  # the table's detail on one line
+    stack._print_status(state)
+    assert "LEADER_NOT_AVAILABLE" in capsys.readouterr().out
