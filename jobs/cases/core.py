@@ -33,6 +33,8 @@ MAX_TEXT = 1000
 """Most characters of a note or a dismissal reason (longer text is cut)."""
 MAX_NOTES = 100
 """Most notes a case keeps (a case record must stay well under Kafka's message size)."""
+SERVICE = "case-service"
+"""Who the case service's own changes are by (an expiry, a note that a label was withheld)."""
 
 
 class Refused(InvalidRecord):
@@ -58,7 +60,7 @@ def open_case(alert: Alert, now_ms: int, expire_after_ms: int, reference_image_r
         opened_at=opened_at,
         updated_at=now_ms,
         expires_at=opened_at + expire_after_ms,
-        updated_by="case-service",
+        updated_by=SERVICE,
         lane_id=alert.lane_id,
         transaction_id=alert.transaction_id,
         subject_id=alert.subject_id,
@@ -133,11 +135,22 @@ def dismiss(
     reason: str | None = None,
     prior_false_matches: int = 0,
     given_at: int | None = None,
+    fraud_case: str | None = None,
 ) -> Case:
     """A person says the alert was wrong. A face match counts as a false match of its subject
-    (``prior_false_matches`` + 1); a blocked transaction is labelled legitimate. ``given_at`` as for :func:`confirm`."""
+    (``prior_false_matches`` + 1); a blocked transaction is labelled legitimate, unless ``fraud_case``, another
+    case, confirmed that transaction as fraud: the block being wrong does not make the sale legitimate, and the
+    labels topic keeps the last verdict per transaction, so the fraud label would be undone. Then this case
+    labels nothing and a note says why. ``given_at`` as for :func:`confirm`."""
     _decidable(case, "dismiss", given_at)
     face = case.kind in FACE_ALERT_KINDS and case.subject_id is not None
+    legitimate = case.kind in FRAUD_KINDS and case.transaction_id is not None
+    notes = case.notes
+    if legitimate and fraud_case is not None:
+        legitimate = False
+        text = f"no legitimate label for {case.transaction_id}: {fraud_case} confirmed it as fraud"
+        if len(notes) < MAX_NOTES:
+            notes = (*notes, CaseNote(at=now_ms, actor=SERVICE, text=text))
     return _next(
         case,
         actor,
@@ -149,7 +162,8 @@ def dismiss(
         decided_by=actor,
         owner=case.owner or actor,
         subject_false_matches=prior_false_matches + 1 if face else case.subject_false_matches,
-        fraud_label=LEGITIMATE if case.kind in FRAUD_KINDS and case.transaction_id else None,
+        fraud_label=LEGITIMATE if legitimate else None,
+        notes=notes,
     )
 
 
@@ -246,7 +260,7 @@ def add_note(case: Case, actor: str, text: str, now_ms: int) -> Case:
     return _next(case, actor, now_ms, notes=(*case.notes, CaseNote(at=now_ms, actor=actor, text=cut)))
 
 
-def expire(case: Case, now_ms: int, actor: str = "case-service") -> Case | None:
+def expire(case: Case, now_ms: int, actor: str = SERVICE) -> Case | None:
     """The expired case when it is undecided and its time is up; else None."""
     if case.state not in PENDING or now_ms < case.expires_at:
         return None
@@ -359,7 +373,8 @@ class CaseBook:
             new = confirm(case, actor, now_ms, command.fraud, given_at)
         elif command.verb == "DISMISS":
             prior = self.false_matches[case.subject_id] if case.subject_id else 0
-            new = dismiss(case, actor, now_ms, command.text, prior, given_at)
+            fraud_cases = self.labelled(case, FRAUD)
+            new = dismiss(case, actor, now_ms, command.text, prior, given_at, fraud_cases[0] if fraud_cases else None)
         elif command.verb == "ESCALATE":
             new = escalate(case, actor, now_ms)
         elif command.verb == "ASSIGN":
@@ -368,6 +383,20 @@ class CaseBook:
             new = add_note(case, actor, command.text or "", now_ms)
         self.load(new)
         return new
+
+    def labelled(self, case: Case, label: int) -> list[str]:
+        """The other held cases whose verdict labelled ``case``'s transaction ``label`` (sorted ids): several
+        alerts can name one sale (its block, a watchlist match at its checkout)."""
+        if not case.transaction_id:
+            return []
+        return sorted(
+            other.case_id
+            for other in self.cases.values()
+            if other.transaction_id == case.transaction_id
+            and other.case_id != case.case_id
+            and other.state in (CONFIRMED, DISMISSED)
+            and other.fraud_label == label
+        )
 
     def forget_images(
         self, subject_id: str, transaction_id: str | None, until_ms: int, now_ms: int, actor: str

@@ -14,7 +14,9 @@ verdicts' effects:
 - a dismissed face match counts against its subject (``subject_false_matches`` on the case and its audit
   event); every ``CG_CASES__FLAG_DISMISSALS``-th dismissal flags the subject for review (``FLAG_SUBJECT``);
 - a confirmed or dismissed ``BLOCKED_TRANSACTION``, or ``confirm <case> fraud``, publishes a label for the
-  transaction to ``labels`` (source ``case``); a face-match confirmation publishes none unless asked.
+  transaction to ``labels`` (source ``case``); a face-match confirmation publishes none unless asked. Fraud wins
+  between the cases of one sale: a dismissal labels nothing over another case's confirmed fraud (the topic keeps
+  the last label per transaction), and a fraud label published after another case's legitimate one replaces it.
 
 A case opens at its alert's time, so one read late (the service was down, or lost its offsets and read the
 alerts topic's 30 days again) is as old as its alert, and one older than the expiry opens expired. Cases that
@@ -55,7 +57,16 @@ from infra.clients.transactional import Out, Source
 from infra.command_auth import SIGNATURE_HEADER, authenticate_command, sign_command
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.settings import Settings, get_settings
-from jobs.cases.core import EXPIRED, CaseBook, Refused, parse_case_command, repeats, without_images
+from jobs.cases.core import (
+    DISMISSED,
+    EXPIRED,
+    FRAUD_KINDS,
+    CaseBook,
+    Refused,
+    parse_case_command,
+    repeats,
+    without_images,
+)
 from jobs.cases.core import expire as expire_case
 from schemas.codec import DecodeError
 from schemas.errors import InvalidRecord
@@ -65,6 +76,8 @@ from schemas.indices import enrolment_transaction
 from schemas.records import (
     CASE_VERBS,
     FACE_ALERT_KINDS,
+    FRAUD,
+    LEGITIMATE,
     Alert,
     AuditEvent,
     BotCommand,
@@ -387,7 +400,20 @@ class CaseCore:
             every = max(1, self.settings.cases.flag_dismissals)
             if case.subject_false_matches % every == 0:  # flagged at N dismissals, and again at 2N, 3N...
                 outs.append(self._flag(case, now_ms))
-        if case.fraud_label is not None and case.transaction_id and cmd.verb in ("CONFIRM", "DISMISS"):
+        verdict = cmd.verb in ("CONFIRM", "DISMISS")
+        if verdict and case.transaction_id and case.kind in FRAUD_KINDS and case.state == DISMISSED:
+            fraud_cases = self.book.labelled(case, FRAUD)
+            if fraud_cases and case.fraud_label is None:  # the sale stays fraud: no legitimate label over it
+                log.warning(
+                    "%s dismissed: no legitimate label, %s confirmed the sale as fraud", case.case_id, fraud_cases[0]
+                )
+                details["label_withheld"] = f"{LEGITIMATE}: {fraud_cases[0]} confirmed {case.transaction_id} as fraud"
+        if case.fraud_label == FRAUD and case.transaction_id and verdict:
+            legitimate = self.book.labelled(case, LEGITIMATE)
+            if legitimate:  # published after theirs, so it is the verdict in force, whichever came first
+                log.warning("%s: fraud label replaces the legitimate one of %s", case.case_id, ", ".join(legitimate))
+                details["label_replaces"] = ", ".join(legitimate)
+        if case.fraud_label is not None and case.transaction_id and verdict:
             label = make_label(
                 transaction_id=case.transaction_id,
                 label=case.fraud_label,

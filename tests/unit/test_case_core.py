@@ -170,6 +170,26 @@ def test_the_book_counts_dismissals_per_subject_and_keeps_the_latest_version() -
     assert book.cases[first.case_id].state == "dismissed" and book.false_matches["subj-a"] == 2
 
 
+def test_dismissing_a_sales_block_labels_nothing_over_another_cases_confirmed_fraud() -> None:
+    book = CaseBook()
+    face = book.open(face_alert(), T0, HOUR, None)
+    blocked = book.open(dataclasses.replace(face_alert("blocked:tx-1"), kind="BLOCKED_TRANSACTION"), T0, HOUR, None)
+    other = book.open(
+        dataclasses.replace(face_alert("blocked:tx-2"), kind="BLOCKED_TRANSACTION", transaction_id="tx-2"),
+        T0,
+        HOUR,
+        None,
+    )
+    assert face and blocked and other
+    book.apply(parse_case_command("CONFIRM", f"{face.case_id} fraud"), "a@x", T0 + 1)
+    dismissed = book.apply(parse_case_command("DISMISS", f"{blocked.case_id} receipt"), "b@x", T0 + 2)
+    assert (dismissed.state, dismissed.fraud_label, dismissed.verdict_reason) == ("dismissed", None, "receipt")
+    assert dismissed.notes[-1].actor == "case-service" and face.case_id in dismissed.notes[-1].text
+    assert book.labelled(dismissed, FRAUD) == [face.case_id]
+    elsewhere = book.apply(parse_case_command("DISMISS", other.case_id), "b@x", T0 + 3)
+    assert elsewhere.fraud_label == LEGITIMATE and elsewhere.notes == (), "another sale's fraud changes nothing"
+
+
 def test_the_book_expires_only_due_cases() -> None:
     book = CaseBook()
     early = book.open(face_alert("a1"), T0, HOUR, None)

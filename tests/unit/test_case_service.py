@@ -12,6 +12,7 @@ from infra.command_auth import SIGNATURE_HEADER, authenticate_command, sign_comm
 from infra.settings import CasesSettings, Settings, WebexSettings
 from jobs.cases.core import case_id_for
 from jobs.cases.service import CaseCore, Source
+from jobs.model.labels import latest_labels
 from schemas.records import Alert, AuditEvent, BotCommand, Case, DeadLetter, Label, WatchlistEntry
 from schemas.topics import AUDIT, CASES, COMMANDS, DEAD_LETTERS, LABELS
 
@@ -112,6 +113,28 @@ def test_a_blocked_transaction_dismissed_is_labelled_legitimate(core) -> None:
     outs = core.on_command(command_src("DISMISS", f"{case.case_id} receipt found", "m1"), NOW)
     assert Label.decode(of(outs, LABELS)[0].value).label == 0
     assert of(outs, COMMANDS) == []
+
+
+@pytest.mark.parametrize("fraud_first", [True, False])
+def test_a_sale_confirmed_fraud_in_one_case_stays_fraud_whatever_order_its_other_case_is_dismissed(
+    core, fraud_first
+) -> None:
+    face = opened(core)  # a watchlist match at the checkout of tx-1
+    blocked = opened(core, alert_id="blocked:tx-1", kind="BLOCKED_TRANSACTION")
+    fraud = command_src("CONFIRM", f"{face.case_id} fraud", "m1", offset=1)
+    dismissal = command_src("DISMISS", f"{blocked.case_id} receipt found", "m2", offset=2)
+    first, second = (fraud, dismissal) if fraud_first else (dismissal, fraud)
+    outs = [*core.on_command(first, NOW), *core.on_command(second, NOW + 1)]
+    in_force = latest_labels((o.key, o.value) for o in of(outs, LABELS))  # what train joins
+    assert {tx: label.label for tx, label in in_force.by_transaction.items()} == {"tx-1": 1}
+    dismissed = next(Case.decode(o.value) for o in of(outs, CASES) if o.key == blocked.case_id.encode())
+    by_action = {a.action: a for a in audits(outs)}
+    if fraud_first:  # the dismissal labels nothing, and says why on the case and in the audit
+        assert dismissed.fraud_label is None and len(of(outs, LABELS)) == 1
+        assert dismissed.notes[-1].text == f"no legitimate label for tx-1: {face.case_id} confirmed it as fraud"
+        assert by_action["DISMISS"].details["label_withheld"].startswith(f"0: {face.case_id}")
+    else:  # the fraud label comes after the legitimate one and replaces it
+        assert by_action["CONFIRM"].details["label_replaces"] == blocked.case_id
 
 
 def test_dismissals_count_against_the_subject_and_flag_it_at_the_setting(core) -> None:
