@@ -159,6 +159,9 @@ VERBS_WITH_ARGUMENT = {
     "FORGET": "subject id",
     "RENEW": "subject id",
 }
+ID_WRAPPING = "`'\"<>"
+"""Quotes, and the angle brackets of the help text's ``<transaction>`` and ``<case>``: copied around an id, not
+part of it."""
 HELP_TEXT = (
     "**Checkout Guard** understands:\n\n"
     "- `checkout <transaction>` - take the snapshot and compare the face now\n"
@@ -252,6 +255,10 @@ def _parse_words(words: list[str]) -> ParsedCommand:
         return ParsedCommand(None)
     verb = words[0].lower().rstrip(":").upper()
     if verb in CASE_VERBS:
+        # ``confirm <case-…>`` as the help text writes it, or the id in quotes: read as the case id, as the
+        # watchlist commands read theirs (before: "that is not a case id"); so is ``assign``'s person
+        ids = 3 if verb == "ASSIGN" else 2
+        words = [*words[:1], *(word.strip(ID_WRAPPING) for word in words[1:ids]), *words[ids:]]
         argument = " ".join(words[1:]).strip()
         try:  # what the case service accepts, answered here instead of becoming a dead letter there
             case_id = parse_case_command(verb, argument).case_id
@@ -267,7 +274,7 @@ def _parse_words(words: list[str]) -> ParsedCommand:
     if len(words) > 2:  # not the first id alone: the sender would believe the others were done too
         what = VERBS_WITH_ARGUMENT[verb]
         return ParsedCommand(verb, problem=f"`{verb.lower()}` takes one {what} at a time; nothing was sent")
-    argument = words[1].strip("`'\"<>")
+    argument = words[1].strip(ID_WRAPPING)
     # The ids the watchlist service accepts (schemas.identifiers), the subject ``subj-<tx>`` included:
     # a path or an over-long id is answered here instead of becoming a dead letter there.
     subject = f"subj-{argument}" if verb in {"FRAUD", "VIP"} else argument

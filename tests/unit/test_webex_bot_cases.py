@@ -277,3 +277,23 @@ def test_a_case_id_in_capitals_is_sent_as_the_case_id_and_a_transaction_id_is_an
     parsed = parse_command("confirm CASE-1A2B fraud")
     assert (parsed.verb, parsed.argument, parsed.problem) == ("CONFIRM", "case-1a2b fraud", None)
     assert "starts with `case-`" in (parse_command("dismiss tx-123 not him").problem or "")
+
+
+@pytest.mark.parametrize(
+    ("text", "argument"),
+    [
+        ("confirm <case-1a2b>", "case-1a2b"),
+        ("confirm <case-1a2b> fraud", "case-1a2b fraud"),
+        ("dismiss `case-1a2b` <not him>", "case-1a2b <not him>"),
+        ("assign <case-1a2b> <lead@store.test>", "case-1a2b lead@store.test"),
+        ("note 'case-1a2b' left by <the side door>", "case-1a2b left by <the side door>"),
+        ('escalate "case-1a2b"', "case-1a2b"),
+    ],
+)
+def test_a_case_id_in_the_help_texts_angle_brackets_or_in_quotes_is_read_as_the_case_id(
+    text: str, argument: str
+) -> None:
+    """``confirm <case-…>``, copied from the help text, was answered "not a case id"; the watchlist commands took
+    ``fraud <tx-1>`` all along. The text of a note or a reason is kept as written."""
+    parsed = parse_command(text)
+    assert (parsed.argument, parsed.problem) == (argument, None), parsed
