@@ -242,15 +242,17 @@ def parse_command(text: str, bot_names: tuple[str, ...] = ()) -> ParsedCommand:
 
 
 def _parse_text(text: str, bot_names: tuple[str, ...]) -> ParsedCommand:
-    parsed = _parse_words(text.split())
+    parsed = _parse_words(text.split(), text)
     # ``fraud tx-1 @Checkout``, ``confirm case-1 @Checkout``: the mention is no argument. Only where it made the
     # command wrong: in a note or a dismissal reason the bot's name may be a word of the text.
     if parsed.problem and (parsed.verb in VERBS_WITH_ARGUMENT or parsed.verb in CASE_VERBS):
-        return _parse_words(strip_trailing_mention(text, bot_names).split())
+        text = strip_trailing_mention(text, bot_names)
+        return _parse_words(text.split(), text)
     return parsed
 
 
-def _parse_words(words: list[str]) -> ParsedCommand:
+def _parse_words(words: list[str], text: str | None = None) -> ParsedCommand:
+    """The command of ``words``; ``text``, the words as typed, gives a note or a dismissal reason its line breaks."""
     if not words:
         return ParsedCommand(None)
     verb = words[0].lower().rstrip(":").upper()
@@ -258,13 +260,14 @@ def _parse_words(words: list[str]) -> ParsedCommand:
         # ``confirm <case-…>`` as the help text writes it, or the id in quotes: read as the case id, as the
         # watchlist commands read theirs (before: "that is not a case id"); so is ``assign``'s person
         ids = 3 if verb == "ASSIGN" else 2
-        words = [*words[:1], *(word.strip(ID_WRAPPING) for word in words[1:ids]), *words[ids:]]
-        argument = " ".join(words[1:]).strip()
+        parts = text.split(maxsplit=ids) if text is not None else [*words[:ids], " ".join(words[ids:])]
+        head = [word.strip(ID_WRAPPING) for word in parts[1:ids]]
+        rest = [part.strip() for part in parts[ids:] if part.strip()]  # as typed: its line breaks are kept
         try:  # what the case service accepts, answered here instead of becoming a dead letter there
-            case_id = parse_case_command(verb, argument).case_id
+            case_id = parse_case_command(verb, " ".join([*head, *rest])).case_id
         except InvalidRecord as bad:
             return ParsedCommand(verb, problem=bad.reason if bad.kind != "invalid_id" else "that is not a case id")
-        return ParsedCommand(verb, " ".join([case_id, *words[2:]]))  # the case id as the case service reads it
+        return ParsedCommand(verb, " ".join([case_id, *head[1:], *rest]))  # the case id as the case service reads it
     if verb not in {"CHECKOUT", "FRAUD", "VIP", "FORGET", "RENEW", "STATUS", "HELP"}:
         return ParsedCommand(None)
     if verb not in VERBS_WITH_ARGUMENT:

@@ -232,7 +232,7 @@ def verdict_command(
     verb = verb.strip().lower()
     if verb not in VERDICT_VERBS:
         raise InvalidRecord("bad_command", f"{verb!r} is not a verdict (one of {', '.join(sorted(VERDICT_VERBS))})")
-    text = " ".join((text or "").split())
+    text = (text or "").strip()  # a note's or a reason's line breaks are kept: the case page shows them
     if len(text) > MAX_TEXT:
         raise InvalidRecord("bad_command", f"text over {MAX_TEXT} characters")
     if verb == "assign" and (not text or len(text.split()) != 1):

@@ -152,7 +152,7 @@ def test_figures_count_open_cases_by_age_time_to_verdict_and_shares() -> None:
     [
         ("confirm", "", False, "case-0123456789ab"),
         ("confirm", "", True, "case-0123456789ab fraud"),
-        ("dismiss", "not the  same person", False, "case-0123456789ab not the same person"),
+        ("dismiss", " not the same person ", False, "case-0123456789ab not the same person"),
         ("escalate", "ignored", False, "case-0123456789ab"),
         ("assign", "guard@example.com", False, "case-0123456789ab guard@example.com"),
         ("note", "spoke to the cashier", False, "case-0123456789ab spoke to the cashier"),
@@ -163,6 +163,15 @@ def test_a_verdict_becomes_the_command_the_bot_would_publish(verb: str, text: st
     assert (cmd.verb, cmd.argument, cmd.actor, cmd.source) == (verb.upper(), argument, "guard@example.com", "dashboard")
     parsed = parse_case_command(cmd.verb, cmd.argument)  # the case service's own parser accepts it
     assert parsed.case_id == "case-0123456789ab"
+
+
+@pytest.mark.parametrize("verb", ["dismiss", "note"])
+def test_a_reason_or_note_written_on_several_lines_keeps_its_line_breaks(verb: str) -> None:
+    """They were joined into one line before the command was sent, though the case keeps line breaks."""
+    text = "left by the side door\n\tthe cashier saw him\r\nsecond visit"
+    cmd = verdict_command("case-0123456789ab", verb, "guard@example.com", NOW, text=f"  {text}\n")
+    assert cmd.argument == f"case-0123456789ab {text}"
+    assert parse_case_command(cmd.verb, cmd.argument).text == text
 
 
 @pytest.mark.parametrize(

@@ -92,3 +92,46 @@ def test_a_page_whose_address_has_a_malformed_escape_says_so_instead_of_sitting_
     assert shown["fetched"] == []
     if page == "case.js":
         assert shown["disabled"], "no verdict for a case the page cannot name"
+
+
+RENDER_HARNESS = """
+const nodes = {};
+const node = (id) => (nodes[id] ||= {
+  id, className: "", textContent: "", innerHTML: "", disabled: false, dataset: {}, addEventListener() {},
+  insertAdjacentHTML(_where, html) { this.innerHTML += html; },
+});
+globalThis.document = {
+  getElementById: node, querySelector: node, querySelectorAll: () => [], body: { dataset: {} }, title: "",
+};
+globalThis.location = { pathname: "/cases/case-0123456789ab" };
+globalThis.fetch = () => new Promise(() => {});
+globalThis.setInterval = () => 0;
+%s
+render({ case: %s, transaction: null, you: null });
+console.log(JSON.stringify({ facts: nodes["#case-facts tbody"].innerHTML, trail: nodes.trail.innerHTML }));
+"""
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_the_case_page_shows_a_notes_and_a_reasons_line_breaks_with_the_text_still_escaped() -> None:
+    """A note written on several lines showed as one: HTML runs a line break into a space."""
+    case = {
+        "case_id": "case-0123456789ab",
+        "state": "dismissed",
+        "kind": "WATCHLIST_MATCH",
+        "version": 3,
+        "opened_at": 1,
+        "decided_at": 3,
+        "decided_by": "guard@example.com",
+        "verdict": "dismissed",
+        "verdict_reason": f"not him:\n{HOSTILE}",
+        "notes": [{"at": 2, "actor": "guard@example.com", "text": "first line\r\nsecond line"}],
+        "images": {},
+    }
+    scripts = COMMON_JS.read_text() + (COMMON_JS.parent / "case.js").read_text()
+    script = RENDER_HARNESS % (scripts, json.dumps(case))
+    out = subprocess.run([NODE, "-e", script], capture_output=True, text=True, timeout=30, check=True).stdout
+    shown = json.loads(out.strip().splitlines()[-1])
+    assert "first line<br>second line" in shown["trail"]
+    assert "not him:<br>&lt;img src=x" in shown["trail"] and "not him:<br>&lt;img src=x" in shown["facts"]
+    assert "<img" not in shown["trail"] + shown["facts"]

@@ -297,3 +297,20 @@ def test_a_case_id_in_the_help_texts_angle_brackets_or_in_quotes_is_read_as_the_
     ``fraud <tx-1>`` all along. The text of a note or a reason is kept as written."""
     parsed = parse_command(text)
     assert (parsed.argument, parsed.problem) == (argument, None), parsed
+
+
+@pytest.mark.parametrize(
+    ("text", "argument"),
+    [
+        (
+            "note case-1a2b left by the side door\nthe cashier saw him",
+            "case-1a2b left by the side door\nthe cashier saw him",
+        ),
+        ("dismiss case-1a2b\nnot him:\n- taller\n- no cap", "case-1a2b not him:\n- taller\n- no cap"),
+        ("Checkout Guard note case-1a2b one\n\ttwo @Checkout", "case-1a2b one\n\ttwo @Checkout"),
+    ],
+)
+def test_a_note_or_reason_written_on_several_lines_is_sent_with_its_line_breaks(text: str, argument: str) -> None:
+    """The words were joined with spaces, so a note written as a list reached the case as one line."""
+    parsed = parse_command(text, ("Checkout Guard", "Checkout"))
+    assert (parsed.argument, parsed.problem) == (argument, None), parsed

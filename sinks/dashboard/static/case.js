@@ -17,12 +17,15 @@ const caseId = pathId();
 const PENDING = new Set(["open", "escalated"]);
 let current = null;
 
+// Text escaped, then its line breaks shown as breaks (a note or a dismissal reason written on several lines).
+const multiline = (text) => escapeHtml(text).replace(/\r\n?|\n/g, "<br>");
+
 function rows(tbody, pairs) {
   tbody.innerHTML = "";
   for (const [label, value] of pairs) {
     if (value === null || value === undefined || value === "" || (Array.isArray(value) && !value.length)) continue;
     const shown = Array.isArray(value) ? value.join(", ") : value;
-    tbody.insertAdjacentHTML("beforeend", `<tr><th>${escapeHtml(label)}</th><td data-field="${escapeHtml(label)}">${escapeHtml(shown)}</td></tr>`);
+    tbody.insertAdjacentHTML("beforeend", `<tr><th>${escapeHtml(label)}</th><td data-field="${escapeHtml(label)}">${multiline(shown)}</td></tr>`);
   }
 }
 
@@ -59,7 +62,7 @@ function render(body) {
   const trail = [[c.opened_at, "case service", `opened (${c.kind})`], ...(c.notes || []).map((n) => [n.at, n.actor, n.text])];
   if (c.decided_at) trail.push([c.decided_at, c.decided_by || c.updated_by, `${c.state}${c.verdict_reason ? `: ${c.verdict_reason}` : ""}`]);
   trail.sort((a, b) => a[0] - b[0]);
-  document.getElementById("trail").innerHTML = trail.map(([at, actor, text]) => `<li><time>${escapeHtml(when(at))}</time> <b>${escapeHtml(actor)}</b> ${escapeHtml(text)}</li>`).join("");
+  document.getElementById("trail").innerHTML = trail.map(([at, actor, text]) => `<li><time>${escapeHtml(when(at))}</time> <b>${escapeHtml(actor)}</b> ${multiline(text)}</li>`).join("");
   const decider = document.getElementById("decider");
   decider.textContent = body.you ? `Deciding as ${body.you}.` : "You cannot decide cases from this login.";
   for (const button of document.querySelectorAll("#verdict button")) {
