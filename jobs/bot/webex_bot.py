@@ -949,9 +949,10 @@ class WebexBot:
         return store if isinstance(store, str) else None
 
     def _decided_already(self, parsed: ParsedCommand) -> str | None:
-        """The answer to a verdict, escalation or assignment on a case that is decided already (the case service
-        would refuse it), from the indexed case; ``None`` (send it) when the case is undecided, not indexed yet or
-        cannot be read now. A note is taken in any state."""
+        """The answer to a verdict, escalation or assignment on a case that is decided already, or to ``confirm
+        <case> fraud`` on a case without a transaction (the case service would refuse either, saying so only in the
+        audit: the sender read "Sent"), from the indexed case; ``None`` (send it) when the case is undecided, not
+        indexed yet or cannot be read now. A note is taken in any state."""
         if parsed.verb not in CASE_VERBS or parsed.verb == "NOTE" or self.case_lookup is None:
             return None
         case_id = (parsed.argument or "").split()[0]
@@ -961,6 +962,12 @@ class WebexBot:
             log.warning("case %s not looked up before %s (%s)", case_id, parsed.verb, type(exc).__name__)
             return None
         state = str((case or {}).get("state") or "")
+        fraud = parsed.verb == "CONFIRM" and [w.lower() for w in (parsed.argument or "").split()[1:]] == ["fraud"]
+        if case and state in PENDING and fraud and not case.get("transaction_id"):
+            return (
+                f"Case `{case_id}` has no transaction to label as fraud: nothing was sent. "
+                f"`confirm {case_id}` confirms it without a label."
+            )
         if not case or state in PENDING and not (parsed.verb == "ESCALATE" and state == ESCALATED):
             return None
         by, when = _code(case.get("decided_by")), _utc(case.get("decided_at"))  # an escalation keeps neither

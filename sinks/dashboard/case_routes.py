@@ -13,7 +13,9 @@ functions of :mod:`sinks.dashboard.cases`.
 - ``GET  /api/cases/{case_id}``          one case, with its alert's transaction decision
 - ``POST /api/cases/{case_id}/verdict``  ``{"verb": "confirm"|"dismiss"|"escalate"|"assign"|"note",
   "text": ..., "fraud": bool}``: published as a signed command in the logged-in person's name (202), which
-  the case service applies; the page then polls the case for its next version
+  the case service applies; the page then polls the case for its next version. One the case service would refuse
+  as the indexed case stands (a verdict on a decided case, ``fraud`` on a case without a transaction) is answered
+  409 with the reason and not published
 
 A verdict needs a personal login (HTTP Basic; the ``token`` login reads only) of a person on the allow-list
 (``CG_WEBEX__ALLOWED_PEOPLE``, the same list the Webex bot and the case service use) and a JSON body (a
@@ -44,12 +46,14 @@ from sinks.dashboard.cases import (
     DEFAULT_QUEUE_STATE,
     IMAGE_KINDS,
     QUEUE_STATES,
+    REFUSAL_FIELDS,
     CaseFilter,
     case_by_id_query,
     case_figures,
     case_queue_query,
     figures_query,
     public_case,
+    refused_now,
     shape_queue,
     verdict_command,
 )
@@ -231,8 +235,12 @@ class CaseRoutes:
         except InvalidRecord as exc:
             return _error(400, str(exc))
         try:
-            if await run_in_threadpool(self.find, case_id, ("case_id",)) is None:
+            case = await run_in_threadpool(self.find, case_id, REFUSAL_FIELDS)
+            if case is None:
                 return _error(404, "no such case (yet)")
+            refused = refused_now(case, command)
+            if refused:  # the case service would refuse it, and say so only in the audit
+                return _error(409, refused)
             await run_in_threadpool(self.publisher, command, signed_headers(command, signing_key))
         except TransportError as exc:
             return _unavailable(exc)

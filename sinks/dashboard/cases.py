@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -220,6 +220,26 @@ def case_figures(cases: Iterable[dict[str, Any]], now_ms: int, *, truncated: boo
         "by_store": shares(by_store),
         "truncated": truncated,
     }
+
+
+REFUSAL_FIELDS = ("case_id", "state", "transaction_id", "decided_by", "decided_at")
+"""What :func:`refused_now` reads of the indexed case before a verdict is published."""
+
+
+def refused_now(case: Mapping[str, Any], command: BotCommand) -> str | None:
+    """Why the case service would refuse ``command`` on the indexed ``case`` as it stands (the answer to give at
+    once, nothing published), or None. The service refused these only in the audit: the page waited 30 s for a
+    change that never came. A decided case takes notes only; an escalated one is escalated already; a case
+    without a transaction has none to label as fraud."""
+    verb, state, case_id = command.verb, str(case.get("state") or ""), str(case.get("case_id") or "")
+    if verb != "NOTE" and state and state not in PENDING_STATES:
+        by = f" by {case['decided_by']}" if case.get("decided_by") else ""
+        return f"{case_id} is already {state}{by}: nothing was sent (add a note if you see it differently)"
+    if verb == "ESCALATE" and state == "escalated":
+        return f"{case_id} is already escalated: nothing was sent"
+    if verb == "CONFIRM" and (command.argument or "").split()[1:] == ["fraud"] and not case.get("transaction_id"):
+        return f"{case_id} has no transaction to label as fraud: nothing was sent (Confirm confirms it without a label)"
+    return None
 
 
 def verdict_command(

@@ -196,14 +196,16 @@ class CaseIndex:
 
     def __init__(self) -> None:
         self.bodies: list[tuple[str, dict[str, Any]]] = []
+        self.case: dict[str, Any] = CASE
 
     def search(self, index: str, body: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
         self.bodies.append((index, body))
         if not index.endswith("-cases"):
             return {"hits": {"total": {"value": 0}, "hits": []}, "aggregations": {}}
         term = body.get("query", {}).get("term", {}).get("case_id")
-        source = {k: v for k, v in CASE.items() if k in body.get("_source", CASE)}  # as OpenSearch filters it
-        hits = [] if term not in (None, CASE["case_id"]) else [{"_source": source}]
+        case = {k: v for k, v in self.case.items() if v is not None}  # a field left out, as a null one reads
+        source = {k: v for k, v in case.items() if k in body.get("_source", case)}  # as OpenSearch filters it
+        hits = [] if term not in (None, case["case_id"]) else [{"_source": source}]
         return {"hits": {"total": {"value": len(hits)}, "hits": hits}, "aggregations": {}}
 
 
@@ -318,6 +320,40 @@ def test_a_form_post_from_another_site_cannot_decide() -> None:
         "/api/cases/case-0123456789ab/verdict", data={"verb": "confirm"}, headers=GUARD
     )  # what a cross-site form sends, with the browser's Basic credentials
     assert answer.status_code == 415 and published == []
+
+
+@pytest.mark.parametrize(
+    ("indexed", "body", "answer"),
+    [
+        ({"state": "confirmed", "decided_by": "lead@example.com"}, {"verb": "dismiss"}, "already confirmed by lead"),
+        ({"state": "expired"}, {"verb": "assign", "text": "lead@example.com"}, "already expired"),
+        ({"state": "escalated"}, {"verb": "escalate"}, "already escalated"),
+        ({"transaction_id": None}, {"verb": "confirm", "fraud": True}, "no transaction to label as fraud"),
+    ],
+)
+def test_a_verdict_the_case_service_would_refuse_is_answered_at_once_and_not_published(
+    indexed: dict, body: dict, answer: str
+) -> None:
+    """The page got 202 and waited 30 s for a change; the refusal was only in the audit."""
+    client, published, _ = served()
+    client.index.case = {**CASE, **indexed}  # type: ignore[attr-defined]
+    reply = client.post("/api/cases/case-0123456789ab/verdict", json=body, headers=GUARD)
+    assert reply.status_code == 409 and answer in reply.json()["error"] and published == []
+
+
+@pytest.mark.parametrize(
+    ("indexed", "body"),
+    [
+        ({"state": "confirmed"}, {"verb": "note", "text": "seen again"}),
+        ({"state": "escalated"}, {"verb": "confirm", "fraud": True}),
+        ({"transaction_id": None}, {"verb": "confirm"}),
+    ],
+)
+def test_a_verdict_the_case_takes_is_still_published(indexed: dict, body: dict) -> None:
+    client, published, _ = served()
+    client.index.case = {**CASE, **indexed}  # type: ignore[attr-defined]
+    assert client.post("/api/cases/case-0123456789ab/verdict", json=body, headers=GUARD).status_code == 202
+    assert len(published) == 1
 
 
 def test_a_verdict_on_an_unknown_case_publishes_nothing() -> None:

@@ -221,6 +221,21 @@ def test_a_verdict_is_sent_unless_the_indexed_case_is_decided(harness: Harness, 
     assert bool(harness.published) is sent and ("Sent: confirm case" in reply) is sent
 
 
+def test_confirm_fraud_on_a_case_without_a_transaction_is_answered_at_once_and_not_sent(harness: Harness) -> None:
+    """The case service refused it (``bad_command``) only in the audit; the sender had read "Sent"."""
+    harness.bot.case_lookup = {CASE: {"case_id": CASE, "state": "open", "kind": "SUSPECT_ENTERED"}}.get
+    harness.say(SECURITY_ROOM, "guard@store.test", f"confirm {CASE} fraud")
+    [reply] = wait_for(lambda: harness.replies(SECURITY_ROOM), 10, what="the reply")
+    assert reply == (
+        f"Case `{CASE}` has no transaction to label as fraud: nothing was sent. `confirm {CASE}` confirms it "
+        "without a label."
+    )
+    assert harness.published == []
+    harness.say(SECURITY_ROOM, "guard@store.test", f"confirm {CASE}")  # without the label it goes
+    wait_for(lambda: len(harness.replies(SECURITY_ROOM)) == 2, 10, what="the confirm's reply")
+    assert [c.argument for c in harness.published] == [CASE]
+
+
 def test_escalating_a_case_escalated_already_is_answered_not_sent(harness: Harness) -> None:
     harness.bot.case_lookup = {CASE: {"state": "escalated", "updated_by": "guard@store.test"}}.get
     harness.say(SECURITY_ROOM, "lead@store.test", f"escalate {CASE}")

@@ -67,7 +67,8 @@ function render(body) {
   decider.textContent = body.you ? `Deciding as ${body.you}.` : "You cannot decide cases from this login.";
   for (const button of document.querySelectorAll("#verdict button")) {
     const verb = button.dataset.verb;
-    button.disabled = !body.you || (!PENDING.has(c.state) && verb !== "note");
+    // "Confirm as fraud" labels the case's transaction: a case without one would only be refused
+    button.disabled = !body.you || (!PENDING.has(c.state) && verb !== "note") || (button.dataset.fraud === "1" && !c.transaction_id);
   }
 }
 
