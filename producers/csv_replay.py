@@ -13,9 +13,10 @@ reported as unmappable). A row's *index* is its position in that order.
 
 Resuming: the state file (one per CSV path) remembers the file's sha256 and the index of the last row
 such that it and every row before it were acknowledged by Kafka (or skipped as unmappable). It is
-written only from acknowledgements and atomically, so a replay killed at any moment restarts after
-that row with no row skipped. Rows acknowledged after the last write are sent again; that is harmless because
-everything downstream is idempotent by ``transaction_id``.
+written only from acknowledgements, atomically and durably (fsync of the file, rename, fsync of its folder), so a
+replay killed at any moment, or stopped by a power cut, restarts after that row with no row skipped. Rows
+acknowledged after the last write are sent again; that is harmless because everything downstream is idempotent by
+``transaction_id``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.clock import now_ms
+from infra.durable import replace_durably
 from schemas.afd_csv import CsvRow, file_sha256, row_to_transaction, source_bytes
 from schemas.errors import CheckoutGuardError, InvalidRecord
 from schemas.records import DeadLetter, PosTransaction, dead_letter
@@ -169,14 +171,10 @@ def _state_problem(data: Any) -> str | None:
 
 
 def save_state(path: Path, state: ReplayState) -> None:
-    """Write tmp + fsync + rename, so a crash leaves the old state or the new one, never half."""
+    """Replace the state durably (:func:`infra.durable.replace_durably`): a crash or power cut leaves the old state or
+    the new one, never half, and never an older one than a resumed replay was told (its rows sent a second time)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
-        json.dump(asdict(state), f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_durably(path, json.dumps(asdict(state), indent=2))
 
 
 def resume_index(state: ReplayState | None, sha256: str) -> int:

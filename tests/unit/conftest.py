@@ -8,11 +8,15 @@ log line, not the command's own)."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+
+from tests.unit.durability import DiskOrder
 
 
 @pytest.fixture(autouse=True)
@@ -42,3 +46,23 @@ def hanging_resolver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str]
         yield hanging.add
     finally:
         answer.set()
+
+
+@pytest.fixture
+def disk_order(monkeypatch: pytest.MonkeyPatch) -> DiskOrder:
+    """Records (and still does) each ``os.fsync`` and ``os.replace``: to check a writer survives a power cut."""
+    order, real_fsync, real_replace = DiskOrder(), os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        order.calls.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}"), ""))
+        real_fsync(fd)
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        order.calls.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
+        real_replace(src, dst)
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("names an fd's file through /proc")
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return order

@@ -32,6 +32,7 @@ from schemas.errors import InvalidRecord
 from schemas.identifiers import NAME_RE
 from schemas.records import DeadLetter, LineItem, PosTransaction
 from schemas.topics import DEAD_LETTERS, TRANSACTIONS
+from tests.unit.durability import DiskOrder
 
 SAMPLE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "fraud" / "afd_transactions_sample.csv"
 needs_sample = pytest.mark.skipif(
@@ -520,6 +521,17 @@ def test_state_file_is_written_atomically_where_configured(tmp_path: Path, setti
     assert state["csv"] == "ten.csv" and state["total_rows"] == 10 and state["last_acked_index"] == 9
     assert len(state["sha256"]) == 64
     assert not (settings.stack_dir / "replay").exists()
+
+
+def test_saved_progress_survives_a_power_cut_its_folder_synced_after_each_rename(
+    tmp_path: Path, settings: Settings, disk_order: DiskOrder
+) -> None:
+    """Renamed with no fsync of its folder, the state's rename could be lost in a power cut: the replay then resumed
+    from older progress (or from the start), sending again rows Kafka had long acknowledged."""
+    state_file = tmp_path / "progress.json"
+    replay(settings, ten_rows(tmp_path), FakeProducer(), state_file=state_file)
+    assert disk_order.replaced_durably(state_file), disk_order.calls
+    assert json.loads(state_file.read_text())["last_acked_index"] == 9
 
 
 def test_replay_csv_command_reports_progress_and_exit_code(

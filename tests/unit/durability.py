@@ -1,0 +1,27 @@
+"""What a writer asked of the disk, to check it survives a power cut (the ``disk_order`` fixture records it)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class DiskOrder:
+    """Every fsync (of the file or folder its descriptor names) and ``os.replace``, in order, by real path."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, str]] = []
+
+    def replaced_durably(self, path: Path) -> bool:
+        """Whether ``path`` was written as a power cut needs, each time: some file synced, renamed onto ``path``,
+        then ``path``'s folder synced before anything else was renamed. False if it was never renamed onto."""
+        dst, folder = os.path.realpath(path), os.path.realpath(path.parent)
+        renames = [i for i, c in enumerate(self.calls) if c[0] == "replace"]
+        onto = [i for i in renames if self.calls[i][2] == dst]
+        for i in onto:
+            later = [j for j in renames if j > i]
+            if ("fsync", self.calls[i][1], "") not in self.calls[:i]:
+                return False
+            if ("fsync", folder, "") not in self.calls[i + 1 : later[0] if later else None]:
+                return False
+        return bool(onto)
