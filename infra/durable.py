@@ -8,6 +8,7 @@ synced. So each writer here fsyncs the file before the rename and the folder aft
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 
@@ -35,17 +36,39 @@ def rename_durably(src: Path, dst: Path) -> None:
     fsync_dir(dst.parent)
 
 
-def replace_durably(path: Path, data: bytes | str) -> None:
+def replace_durably(path: Path, data: bytes | str, mode: int | None = None) -> None:
     """Replace ``path`` with ``data``: a reader, even after a power cut, finds the old content or the new, never an
-    empty or half file. Temp file beside it (removed if the write fails), fsync, rename, fsync of the folder."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    empty or half file. Temp file beside it (removed if the write fails), fsync, rename, fsync of the folder.
+
+    The temp file's name is new for each write, so two writers of one path (two processes, or two threads) never
+    write into each other's. ``mode``: the file's permission bits whatever the umask, from its creation on (0o600
+    for a file only its owner may read); None: the umask's, as ``open`` gives."""
+    fd, tmp = _new_temp(path, 0o666 if mode is None else mode)
     try:
-        write_synced(tmp, data)
+        with os.fdopen(fd, "wb") as f:
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)  # the umask may have taken bits away
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def _new_temp(path: Path, mode: int) -> tuple[int, Path]:
+    """A file of a name no one else uses beside ``path`` (``.<name>.tmp-<pid>-<random>``, hidden, the name cut so
+    the whole stays within 255 bytes), created open for writing."""
+    stem = os.fsencode(path.name)[:200].decode(errors="surrogateescape")
+    for _ in range(100):
+        tmp = path.with_name(f".{stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def remove_durably(path: Path) -> None:

@@ -59,7 +59,6 @@ import math
 import os
 import re
 import signal
-import tempfile
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -75,6 +74,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from infra import metrics
 from infra.clients import kafka as kafka_clients
 from infra.clock import now_ms
+from infra.durable import replace_durably
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.retry import Backoff
 from infra.settings import Settings, get_settings
@@ -431,37 +431,32 @@ def _b64(data: bytes) -> str:
 
 
 def save_records(path: Path, records: list[SavedRecord]) -> None:
-    """Replace ``path`` with ``records`` (tmp + fsync + rename: a crash leaves the old file or the new one);
-    no records removes it. One JSON object a line, bytes in base64. The records say where people stood in front
-    of a camera: the file is its owner's only (0600, in a 0700 folder), whatever the umask. The tmp file's name is
-    new for each write: with one fixed name, two bridges of one client id (an old one still stopping beside the
-    new one) wrote into each other's tmp file. A write that fails removes its tmp file."""
+    """Replace ``path`` with ``records`` durably (:func:`infra.durable.replace_durably`: a crash or power cut leaves
+    the old file or the new one); no records removes it. One JSON object a line, bytes in base64. The records say
+    where people stood in front of a camera: the file is its owner's only (0600, in a 0700 folder), whatever the
+    umask. Its temporary file's name is new for each write (two bridges of one client id, an old one still stopping
+    beside the new one, never write into each other's), and a write that fails removes it."""
     if not records:
         path.unlink(missing_ok=True)
         return
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # 0600, O_EXCL
-    try:
-        with os.fdopen(fd, "w") as f:
-            for r in records:
-                line = {
-                    "mqtt_topic": r.mqtt_topic,
-                    "payload": _b64(r.payload),
-                    "dead": r.out.dead,
-                    "key": _b64(r.out.key),
-                    "value": _b64(r.out.value),
-                    "kind": r.out.kind,
-                    "reason": r.reason,
-                }
-                f.write(json.dumps(line) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    lines = [
+        json.dumps(
+            {
+                "mqtt_topic": r.mqtt_topic,
+                "payload": _b64(r.payload),
+                "dead": r.out.dead,
+                "key": _b64(r.out.key),
+                "value": _b64(r.out.value),
+                "kind": r.out.kind,
+                "reason": r.reason,
+            }
+        )
+        + "\n"
+        for r in records
+    ]
+    replace_durably(path, "".join(lines), mode=0o600)
 
 
 def load_saved_records(path: Path) -> list[SavedRecord]:

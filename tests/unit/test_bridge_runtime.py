@@ -28,6 +28,7 @@ from infra.settings import CameraSettings, MqttSettings, Settings
 from producers import camera_bridge
 from producers.camera_bridge import CameraBridge, load_saved_records, saved_records_path, serve
 from schemas.records import CameraEvent, DeadLetter
+from tests.unit.durability import DiskOrder
 
 EVENTS, DLQ = "camera_events", "dead_letters"
 GOOD = json.dumps(
@@ -581,6 +582,18 @@ def test_two_bridges_saving_at_once_under_one_client_id_each_write_a_whole_file_
     assert [r.reason for r in load_saved_records(path)] == ["old0", "old1", "old2"]  # the last rename's, whole
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_saved_records_survive_a_power_cut_their_folder_synced_after_the_rename(
+    tmp_path: Path, disk_order: DiskOrder
+) -> None:
+    """Renamed with no fsync of its folder, the saved file's rename could be lost in a power cut just after the stop:
+    the records Kafka had not taken, acknowledged to the broker, were then gone (or an older file came back)."""
+    path = tmp_path / "camera-bridge" / "cg.unsent.jsonl"
+    camera_bridge.save_records(path, _records("old", 2))
+    camera_bridge.save_records(path, _records("new", 1))
+    assert disk_order.replaced_durably(path), disk_order.calls
+    assert [r.reason for r in load_saved_records(path)] == ["new0"]
 
 
 def test_a_save_that_fails_half_way_leaves_no_tmp_file_and_the_old_saved_file_as_it_was(
