@@ -26,6 +26,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from infra.clock import now_ms
+from infra.durable import replace_durably
 from infra.settings import Settings
 from schemas.errors import CheckoutGuardError, InvalidRecord
 
@@ -203,15 +204,12 @@ class LocalImageStore(ImageStore):
         return path
 
     def put(self, kind: str, key: str, data: bytes) -> str:
-        """Write atomically (temp file + rename), so a reader never sees half an image."""
+        """Write atomically and durably (:func:`infra.durable.replace_durably`: temp file, fsync, rename, fsync of the
+        folder), its owner's only: a reader never sees half an image, and the ref returned, which records carry once
+        their offsets are committed, still names the whole image after a power cut."""
         key = safe_key(key)
         _check(kind, key)
-        path = self.root / kind / key
-        tmp = path.with_name(f".{key}.tmp{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
+        replace_durably(self.root / kind / key, data, mode=0o600)
         return f"{self.PREFIX}{kind}/{key}"
 
     def get(self, ref: str) -> bytes:
