@@ -1,7 +1,8 @@
 """The embedded stack's mail server: a real SMTP server (aiosmtpd) that keeps every mail as a file.
 
-Each accepted message becomes one ``.eml`` file in ``<stack dir>/mail/`` (written to a temporary name
-and renamed, so a reader never sees half a mail), with ``X-Envelope-From`` / ``Delivered-To`` headers
+Each accepted message becomes one ``.eml`` file in ``<stack dir>/mail/`` (written to a temporary name, synced
+and renamed, its folder synced before the mail is acknowledged: a reader never sees half a mail, and a power cut
+does not lose one the sender was told was accepted), with ``X-Envelope-From`` / ``Delivered-To`` headers
 prepended from the SMTP envelope. Open the files with any mail client, or use :func:`read_mails`.
 
 The mailbox de-duplicates by ``Message-ID``, as Gmail, Exchange and Sieve's ``duplicate`` test do:
@@ -21,7 +22,6 @@ import contextlib
 import email
 import email.policy
 import hashlib
-import os
 import signal
 import smtplib
 import time
@@ -34,6 +34,8 @@ import typer
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from infra.durable import replace_durably
+
 
 def mail_dir(stack_dir: Path) -> Path:
     """Where the local server keeps the mails of a stack dir."""
@@ -41,7 +43,7 @@ def mail_dir(stack_dir: Path) -> Path:
 
 
 class FileStore:
-    """aiosmtpd handler: one ``.eml`` file per accepted message, written atomically."""
+    """aiosmtpd handler: one ``.eml`` file per accepted message, written atomically and durably."""
 
     def __init__(self, directory: Path, latency_s: float = 0.0) -> None:
         self.directory, self.latency_s = directory, latency_s
@@ -63,12 +65,8 @@ class FileStore:
                 return "250 Message accepted for delivery (duplicate Message-ID, kept once)"
         else:
             name = f"{time.time_ns()}-{uuid.uuid4().hex[:12]}.eml"
-        tmp = self.directory / f".{name}.tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(header.encode() + content)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.directory / name)
+        # On disk, its folder synced, before the 250: the sender then counts the mail delivered, never to send it again.
+        replace_durably(self.directory / name, header.encode() + content)
         return "250 Message accepted for delivery"
 
 

@@ -43,6 +43,7 @@ from sinks.alerts.sender import (
     channels_from_settings,
     sending_threads,
 )
+from tests.unit.durability import DiskOrder
 
 TOKEN, ROOM = "unit-token", "room-alerts"
 
@@ -494,6 +495,20 @@ def test_email_goes_through_a_real_smtp_server_with_the_snapshot(smtp_server: tu
     assert first.get_all("Delivered-To") == ["a@x.test", "b@x.test"]
     assert [p.get_content() for p in first.walk() if p.get_content_maintype() == "image"] == [image]
     assert second["X-Checkout-Guard-Alert"] == "blocked:tx-2"
+
+
+def test_a_mail_the_local_server_acknowledged_survives_a_power_cut(
+    smtp_server: tuple[int, Path], tmp_path: Path, disk_order: DiskOrder
+) -> None:
+    """The server answered 250 once the mail was renamed into place but its folder not synced: a power cut then could
+    lose the rename, and the mail with it, though the sender had counted it delivered and would not send it again."""
+    port, mail = smtp_server
+    settings = Settings(stack_dir=tmp_path, smtp=SmtpSettings(port=port, to_addresses="a@x.test"))
+    with closing(EmailChannel(settings, SmtpMailer(settings.smtp))) as channel:
+        channel.send(alert(), None, maybe_sent=False)
+    (path,) = mail.glob("*.eml")
+    assert disk_order.replaced_durably(path), disk_order.calls
+    assert [p.name for p in mail.iterdir()] == [path.name]  # no temporary file left
 
 
 def test_a_mail_to_many_recipients_reaches_them_all_with_no_line_past_smtps_limit(
