@@ -19,7 +19,6 @@ image folder), an S3 ref one of the configured buckets (``checkout_bucket``, ``s
 from __future__ import annotations
 
 import json
-import os
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -226,13 +225,13 @@ class LocalImageStore(ImageStore):
         path.with_name(f".{path.name}.retained").unlink(missing_ok=True)
 
     def retain(self, ref: str, reason: str) -> None:
+        """Mark ``ref`` kept past the plain retention, durably: a marker lost in a power cut let the next purge delete
+        the picture of the alert's case after a day, not its retention of days."""
         path = self._path(ref)
         if not path.is_file():
             raise FileNotFoundError(f"no image at {ref}")
         marker = path.with_name(f".{path.name}.retained")
-        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"reason": reason, "at": now_ms()}, fh)
+        replace_durably(marker, json.dumps({"reason": reason, "at": now_ms()}), mode=0o600)
 
     def retained(self) -> dict[str, str]:
         out = {}

@@ -91,6 +91,16 @@ def test_retained_snapshots_go_after_their_own_longer_period(store):
     assert store.get(reference) == b"d", "reference images are never purged"
 
 
+def test_a_retained_snapshot_stays_retained_after_a_power_cut(store, disk_order: DiskOrder) -> None:
+    """The retention marker was written with no fsync: lost in a power cut, the next purge deleted the alert's
+    snapshot after CG_FACES__SNAPSHOT_RETENTION_HOURS, not CG_FACES__ALERT_SNAPSHOT_RETENTION_DAYS."""
+    ref = store.put("checkout", "tx-alerted", b"b")
+    store.retain(ref, "alert=a1 subject=subj-x")
+    marker = store._path(ref).with_name(".tx-alerted.retained")
+    assert disk_order.replaced_durably(marker), disk_order.calls
+    assert stat.S_IMODE(marker.stat().st_mode) == 0o600 and store.retained() == {ref: "alert=a1 subject=subj-x"}
+
+
 def test_retaining_a_missing_image_is_an_error(store):
     with pytest.raises(FileNotFoundError):
         store.retain("file:checkout/tx-gone", "alert=a9 subject=-")
