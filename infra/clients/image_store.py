@@ -25,7 +25,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from infra.clock import now_ms
-from infra.durable import replace_durably
+from infra.durable import fsync_dir, replace_durably
 from infra.settings import Settings
 from schemas.errors import CheckoutGuardError, InvalidRecord
 
@@ -220,9 +220,12 @@ class LocalImageStore(ImageStore):
         return f"{self.PREFIX}{kind}/{key}" if (self.root / kind / key).is_file() else None
 
     def delete(self, ref: str) -> None:
+        """Delete the image and its retention marker, the folder synced after: an image a ``forget`` deleted came back
+        after a power cut, and a reference image is never purged."""
         path = self._path(ref)
         path.unlink(missing_ok=True)
         path.with_name(f".{path.name}.retained").unlink(missing_ok=True)
+        fsync_dir(path.parent)
 
     def retain(self, ref: str, reason: str) -> None:
         """Mark ``ref`` kept past the plain retention, durably: a marker lost in a power cut let the next purge delete

@@ -115,6 +115,16 @@ def test_delete_removes_image_and_its_retention_marker(store):
     assert store.find("checkout", "tx-2") is None and store.retained() == {}
 
 
+def test_a_deleted_image_does_not_come_back_after_a_power_cut(store, disk_order: DiskOrder) -> None:
+    """A forget's delete did not sync the folder: after a power cut the subject's image could be there again, and a
+    reference image is never purged."""
+    ref = store.put("reference", "subj-x", b"d")
+    disk_order.calls.clear()
+    store.delete(ref)
+    assert disk_order.calls == [("fsync", os.path.realpath(store.root / "reference"), "")]
+    assert store.find("reference", "subj-x") is None
+
+
 def test_unknown_store_kind_is_a_configuration_error(tmp_path):
     settings = Settings(stack_dir=tmp_path)
     bad = settings.model_copy(update={"faces": settings.faces.model_copy(update={"image_store": "ftp"})})
