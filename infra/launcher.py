@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 
-from infra.processes import stop_together
+from infra.processes import KILL_WAIT_S, LAST_CHANCE_S, stop_together
 from infra.settings import REPO_ROOT, Settings, SupervisorSettings
 
 
@@ -89,6 +89,11 @@ class Child:
         """SIGTERM to the child alone (unless :meth:`terminate` sent it already), then to what is left of its group;
         SIGKILL where they do not go in time. Returns the child's exit code.
 
+        All within ``timeout``, plus :data:`~infra.processes.KILL_WAIT_S` for a child killed to be gone (one still
+        there then raises :class:`subprocess.TimeoutExpired`): what is left of the group gets SIGKILL at that deadline,
+        at least :data:`~infra.processes.LAST_CHANCE_S` after its SIGTERM. Before, a child killed was waited for 10 s
+        and its group got at least 5 s more, so a stop ran up to 15 s past its timeout into the supervisor's own.
+
         The child first: on SIGTERM the scoring job cancels its Flink job through its JVM, and a SIGTERM to
         the whole group killed that JVM at the same moment (the cancel failed, with some 80 py4j tracebacks
         in the job's log). The rest of the group (the JVM, workers) is then waited for and signalled in
@@ -100,12 +105,12 @@ class Child:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill(signal.SIGKILL)
-            code = self.proc.wait(10)
+            code = self.proc.wait(KILL_WAIT_S)  # reaped: no zombie; one still there raises TimeoutExpired
         # The group is signalled only while the pid is still the child's: a child that exited long ago (given up, or
         # stopped at the shutdown) left its pid free, and a process that got it may lead a group of its own.
         if self._group():
             self._signal_group(signal.SIGTERM)
-        rest = max(deadline, time.monotonic() + 5.0)
+        rest = max(deadline, time.monotonic() + LAST_CHANCE_S)
         while self._group() and time.monotonic() < rest:
             time.sleep(0.1)
         if self._group():
@@ -309,7 +314,7 @@ class Supervisor:
         """Stop every child; none is restarted from now on. SIGTERM to all first, then each is waited for side by
         side with one deadline ``timeout`` away and SIGKILLed at it (:func:`infra.processes.stop_together`): one
         after another, N children that ignore SIGTERM took N times ``timeout``. Returns the names of those that did
-        not stop (logged at ERROR): a stop that raised (a child still there 10 s after its SIGKILL) came out of here,
+        not stop (logged at ERROR): a stop that raised (a child still there 1 s after its SIGKILL) came out of here,
         and the caller's cleanup, and the other children's stops, went no further."""
         self._stopping = True
         children = [m.child for m in self._members if m.child is not None]

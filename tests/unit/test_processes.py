@@ -17,10 +17,12 @@ import pytest
 
 from infra.launcher import Child
 from infra.processes import (
+    KILL_WAIT_S,
     MARKER,
     Reaper,
     new_processes,
     port_open,
+    reap,
     reap_orphans,
     reaping,
     stop_child,
@@ -379,3 +381,73 @@ def test_what_orphans_left_under_them_is_killed_by_the_same_deadline_not_5_s_aft
         proc.wait(5)
         with contextlib.suppress(psutil.Error):
             sleep.kill()
+
+
+def test_a_childs_group_left_after_it_stopped_gets_sigkill_by_the_stops_deadline_not_5_s_after_it(
+    tmp_path: Path,
+) -> None:
+    """``Child.stop`` gave what was left of the child's process group at least 5 s after the child had gone: a child
+    that stopped just before its deadline, leaving a member that ignores SIGTERM, ran 5 s past the stop timeout."""
+    value = uuid.uuid4().hex
+    script = "trap 'sleep 0.6; exit 0' TERM; (trap '' TERM; exec sleep 30) & wait"  # its member ignores SIGTERM
+    proc = _start(script, value, start_new_session=True)
+    try:
+        (sleep,) = _wait_for_sleeps(value, 1)
+        assert os.getpgid(sleep.pid) == os.getpgid(proc.pid)
+        started = time.monotonic()
+        assert Child("late", proc, tmp_path / "late.log").stop(timeout=1.0) == 0
+        took = time.monotonic() - started
+        psutil.wait_procs([sleep], timeout=2)
+        assert not sleep.is_running() or sleep.status() == psutil.STATUS_ZOMBIE
+        assert took < 3, f"the stop took {took:.1f}s, its timeout is 1s (5 s more for the group: at least 5.6 s)"
+    finally:
+        proc.kill()
+        proc.wait(5)
+        with contextlib.suppress(psutil.Error):
+            sleep.kill()
+
+
+def test_a_killed_child_and_reaped_processes_are_waited_for_a_short_bounded_time_after_sigkill(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After SIGKILL ``Child.stop`` waited 10 s for the child and ``reap`` 5 s for what it killed: a process stuck in an
+    uninterruptible call kept the stop that long past its timeout. They wait :data:`KILL_WAIT_S`, and reap the child
+    (no zombie is left)."""
+    proc = subprocess.Popen(["bash", "-c", "trap '' TERM; sleep 30"], start_new_session=True)
+    waits: list[float | None] = []
+    real_wait = proc.wait
+
+    def wait(timeout: float | None = None) -> int:
+        waits.append(timeout)
+        return real_wait(timeout)
+
+    monkeypatch.setattr(proc, "wait", wait)
+    try:
+        time.sleep(0.2)
+        assert Child("stubborn", proc, tmp_path / "stubborn.log").stop(timeout=0.3) == -9
+        assert waits[1:] == [KILL_WAIT_S] and KILL_WAIT_S <= 1.0
+        assert proc.returncode == -9  # waited for: no zombie
+    finally:
+        proc.kill()
+        real_wait(5)
+
+    import infra.processes
+
+    kill_waits: list[float | None] = []
+    real_wait_procs = psutil.wait_procs
+
+    def wait_procs(procs, timeout=None):  # type: ignore[no-untyped-def]
+        kill_waits.append(timeout)
+        return real_wait_procs(procs, timeout=timeout)
+
+    monkeypatch.setattr(infra.processes.psutil, "wait_procs", wait_procs)
+    value = uuid.uuid4().hex
+    left = _start("trap '' TERM; exec sleep 30", value)
+    try:
+        (sleep,) = _wait_for_sleeps(value, 1)
+        assert reap([(sleep.pid, sleep.create_time())], timeout=0.3)
+        assert kill_waits == [0.3, KILL_WAIT_S]
+        assert left.poll() is not None  # the reaped child was waited for: no zombie
+    finally:
+        left.kill()
+        left.wait(5)
