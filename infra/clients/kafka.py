@@ -7,7 +7,7 @@ librdkafka properties) in order, then the keyword overrides, whose ``_`` stand f
 passed as they are). :func:`config` gives the same dict without a client.
 
 :func:`produce` is the one send loop that copes with a full local queue (``BufferError``): it lets
-deliveries drain the queue (``poll``) and tries again.
+deliveries drain the queue (``poll``) and tries again, as long as it takes, or at a stop until the caller's deadline.
 
 Every client logs through the ``checkout_guard.kafka`` logger (:func:`librdkafka_logger`), not librdkafka's own
 stderr lines: the process's log format and secret redaction apply, and a failure librdkafka repeats at every
@@ -239,6 +239,11 @@ def listed_topic(metadata: ClusterMetadata, topic: str) -> TopicMetadata | None:
     return found
 
 
+class ProduceGivenUp(CheckoutGuardError, BufferError):
+    """:func:`produce` gave a record up at a stop: the local queue was still full (Kafka away) at the caller's
+    deadline, or once its stop was asked. A ``BufferError`` too, the error the queue itself gave."""
+
+
 def produce(
     producer: _Produces,
     topic: str,
@@ -251,11 +256,18 @@ def produce(
     timestamp: int | None = None,
     poll_s: float = 0.05,
     wait: Callable[[float], object] | None = None,
+    deadline: float | None = None,
+    stop: threading.Event | None = None,
 ) -> None:
     """``producer.produce(...)``, tried again while the local queue is full (``BufferError``): in between,
     ``producer.poll(poll_s)`` serves delivery callbacks, which empties the queue. ``wait``: called with
     ``poll_s`` instead of polling, where another thread polls this producer (e.g. ``time.sleep``).
-    ``headers``, ``partition`` and ``timestamp`` are passed only when given."""
+    ``headers``, ``partition`` and ``timestamp`` are passed only when given.
+
+    While running, waiting for room is the back-pressure, however long Kafka is away. At a stop it is not: a record
+    produced then (a dead letter, an audit event) with Kafka down and the queue full waited past the supervisor's
+    SIGKILL. A caller in its stop path passes ``deadline`` (``time.monotonic()``) or ``stop`` (given up once set):
+    a full queue then raises :class:`ProduceGivenUp` once the deadline has passed or ``stop`` is set."""
     kwargs: dict[str, Any] = {"key": key, "value": value}
     if on_delivery is not None:
         kwargs["on_delivery"] = on_delivery
@@ -270,10 +282,15 @@ def produce(
             producer.produce(topic, **kwargs)
             return
         except BufferError:
+            if (deadline is not None and time.monotonic() >= deadline) or (stop is not None and stop.is_set()):
+                raise ProduceGivenUp(
+                    f"record for {topic} not produced: Kafka's local queue was still full at the stop"
+                ) from None
+            pause = poll_s if deadline is None else min(poll_s, max(deadline - time.monotonic(), 0.0))
             if wait is not None:
-                wait(poll_s)
+                wait(pause)
             else:
-                producer.poll(poll_s)
+                producer.poll(pause)
 
 
 @dataclass

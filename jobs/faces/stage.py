@@ -641,6 +641,9 @@ class FaceStageRunner:
         """Failed deliveries by when to send them again; touched only by the polling thread."""
         self._seq = itertools.count()
         self._fatal: KafkaError | None = None
+        self._exit_by: float | None = None
+        """At a stop, when (``time.monotonic()``) its last Kafka calls are given up, 1 s before the supervisor's
+        SIGKILL; None while running, when an observation waits for room in a full queue as long as it takes."""
         self._observing = 0
         """Triggers handed to the pool whose result the polling thread has not drained yet."""
         cameras = settings.cameras
@@ -842,7 +845,10 @@ class FaceStageRunner:
             log.warning("delivery to %s failed (%s), sending again in %.1f s", out.topic, err, delay)
             heapq.heappush(self._retries, (time.monotonic() + delay, next(self._seq), out))
 
-        kafka_clients.produce(self._producer, out.topic, out.key, out.value, delivered)
+        try:
+            kafka_clients.produce(self._producer, out.topic, out.key, out.value, delivered, deadline=self._exit_by)
+        except kafka_clients.ProduceGivenUp as exc:  # at a stop: not acknowledged, so its record is not committed
+            log.warning("face stage: %s; its record will be read again at the next start", exc)
 
     def _resend_due(self) -> None:
         now = time.monotonic()
@@ -879,6 +885,7 @@ class FaceStageRunner:
                     on_tick(self.stats)
         finally:
             deadline = exit_deadline(self.settings.supervisor.stop_timeout_s)  # 1 s before the supervisor's SIGKILL
+            self._exit_by = deadline  # the observations produced from here on wait for room no longer
             self._stop_snapshots(deadline - self.settings.kafka.stop_flush_s)  # the flush keeps its time after them
             self._drain()
             self._producer.flush(time_left(deadline, self.settings.kafka.stop_flush_s))

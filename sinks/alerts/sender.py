@@ -1698,13 +1698,24 @@ class AlertSender:
             if err is not None:
                 log.warning("withhold audit %s not delivered: %s", event.audit_id, err.str())
 
-        kafka_clients.produce(
-            self._producer, self.audit_topic, event.audit_id.encode(), event.encode(), on_delivery, poll_s=0.1
-        )
+        try:
+            kafka_clients.produce(
+                self._producer,
+                self.audit_topic,
+                event.audit_id.encode(),
+                event.encode(),
+                on_delivery,
+                poll_s=0.1,
+                deadline=self._exit_by,  # while running, no limit: a full queue is back-pressure
+            )
+        except kafka_clients.ProduceGivenUp as exc:
+            log.warning("withhold audit %s not produced: %s", event.audit_id, exc)
         pending.withheld = {}
 
     def _dead_letter(self, pending: Pending, letter: DeadLetter) -> None:
-        """Produce the dead letter; the message is finished only when Kafka confirmed it."""
+        """Produce the dead letter; the message is finished only when Kafka confirmed it. At a stop, one Kafka has no
+        room for by the stop's deadline (``_exit_by``) is given up with a WARNING: its alert is not finished, so not
+        committed, and is read again at the next start (before, the stop waited for room past the SIGKILL)."""
         assert self._producer is not None
         pending.dead_letter = letter
 
@@ -1720,9 +1731,22 @@ class AlertSender:
                 log.warning("dead letter %s not delivered (%s); retrying", letter.dead_letter_id, err.str())
                 self._dead_letter(pending, letter)
 
-        kafka_clients.produce(
-            self._producer, self.dead_topic, letter.dead_letter_id.encode(), letter.encode(), on_delivery, poll_s=0.1
-        )
+        try:
+            kafka_clients.produce(
+                self._producer,
+                self.dead_topic,
+                letter.dead_letter_id.encode(),
+                letter.encode(),
+                on_delivery,
+                poll_s=0.1,
+                deadline=self._exit_by,  # while running, no limit: a full queue is back-pressure
+            )
+        except kafka_clients.ProduceGivenUp as exc:
+            log.warning(
+                "dead letter %s given up, its alert will be read again at the next start: %s",
+                letter.dead_letter_id,
+                exc,
+            )
 
     # ------------------------------------------------------------------ offsets and flow
 

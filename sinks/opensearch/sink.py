@@ -1362,9 +1362,18 @@ class OpenSearchSink:
             if err is not None:
                 failed.append(letter)
 
-        kafka_clients.produce(
-            self._producer, topic, letter.dead_letter_id.encode(), letter.encode(), on_delivery, poll_s=0.5
-        )
+        try:  # at a stop, room in a full queue is waited for no longer: the batch is left uncommitted, as a retry's
+            kafka_clients.produce(
+                self._producer,
+                topic,
+                letter.dead_letter_id.encode(),
+                letter.encode(),
+                on_delivery,
+                poll_s=0.5,
+                stop=self._stop,
+            )
+        except kafka_clients.ProduceGivenUp:
+            raise _Stopped from None
 
     def _commit(self, batch: list[Message]) -> None:
         """Commit synchronously what this consumer still owns; a failure only means a harmless replay."""

@@ -1189,3 +1189,61 @@ def test_the_stop_flush_waits_no_longer_than_the_time_left_before_the_stop_timeo
     alerts.run(stop)
     [(timeout, left)] = flushes
     assert timeout <= left + 0.01, f"the flush may wait {timeout:.2f}s with {left:.2f}s left before the stop timeout"
+
+
+class FullQueueClient(Client):
+    """Kafka away with the producer's local queue full: no record is taken until ``room`` is set."""
+
+    def __init__(self) -> None:
+        self.room = threading.Event()
+
+    def produce(self, topic: str, **record: Any) -> None:
+        if not self.room.is_set():
+            raise BufferError("Local: Queue full")
+        super().produce(topic, **record)
+
+    def poll(self, timeout: float) -> int:
+        time.sleep(timeout)
+        return 0
+
+
+def test_a_dead_letter_kafka_has_no_room_for_at_a_stop_is_given_up_by_the_stops_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A dead letter produced at a stop (an alert whose send failed as the stop began) with Kafka away and the local
+    queue full waited for room for ever, past the supervisor's SIGKILL. It is given up by the stop's deadline with a
+    WARNING; its alert is not finished, so not committed, and is read again at the next start."""
+    from confluent_kafka import Message as KafkaMessage
+
+    settings = Settings(
+        stack_dir=tmp_path,
+        supervisor={"stop_timeout_s": 2.5},
+        cameras={"bridge_stop_grace_s": 1.0},
+        kafka={"stop_flush_s": 1.0},
+        alerts=AlertSettings(channels="webex", concurrency=1, stop_wait_s=0.2),
+    )
+    alerts = sender.AlertSender(settings, channels=[PostingChannel()], ledger=Ledger(tmp_path / "ledger.sqlite3"))
+    pending = sender.Pending(KafkaMessage(topic="alerts", partition=0, offset=7, value=b"x"), {"alert_id": "a-1"})
+    pending.waiting.add("webex")
+    alerts._inflight[("a-1", "webex")] = [pending]
+    alerts._done.put(sender.Outcome(("a-1", "webex"), delivered=False, reason="webex refused"))
+    producer = FullQueueClient()
+    monkeypatch.setattr(sender.kafka_clients, "consumer", lambda *a, **k: StoppedConsumer())
+    monkeypatch.setattr(sender.kafka_clients, "producer", lambda *a, **k: producer)
+    monkeypatch.setattr(alerts, "start_eraser", lambda halt: None)
+    stop = threading.Event()
+    stop.set()  # SIGTERM before the first fetch; the failed send's outcome is drained at the stop
+    run = threading.Thread(target=alerts.run, args=(stop,), daemon=True)
+    started = time.monotonic()
+    try:
+        with caplog.at_level(logging.WARNING, logger=sender.log.name):
+            run.start()
+            run.join(6)
+            took = time.monotonic() - started
+    finally:
+        producer.room.set()  # without the fix: lets the stuck stop end
+    assert not run.is_alive() and took < 2.5, f"the stop took {took:.1f}s (alive: {run.is_alive()}), its timeout 2.5s"
+    assert pending.dead_letter is not None and not pending.finished
+    assert any(
+        "given up" in r.getMessage() and pending.dead_letter.dead_letter_id in r.getMessage() for r in caplog.records
+    )

@@ -803,3 +803,45 @@ def test_a_stop_gives_up_a_snapshot_slower_than_the_stop_timeout_and_commits_onl
     assert took < 2.5 - 0.5, f"the stop took {took:.1f}s: the flush's 0.5 s before the commit's deadline is not kept"
     assert consumer.commits == {(TX_TOPIC, 0): 1}, "the record whose snapshot was given up was committed"
     assert [o.observation_id for o in delivered(producer, FACE_OBSERVATIONS, FaceObservation)] == ["checkout:tx-0"]
+
+
+def test_a_record_kafka_has_no_room_for_at_a_stop_is_given_up_by_the_stops_deadline_and_not_committed() -> None:
+    """What a snapshot finished at the stop gave (here a dead letter) was produced into a local queue full with Kafka
+    away, tried again for ever, past the supervisor's SIGKILL. It is given up by the stop's deadline; its record is
+    not acknowledged, so not committed, and is read again at the next start."""
+    room = threading.Event()
+
+    class FullProducer(Producer):
+        def produce(self, topic: str, key: bytes, value: bytes, on_delivery: Callable) -> None:
+            if not room.is_set():
+                raise BufferError("Local: Queue full")
+            super().produce(topic, key, value, on_delivery)
+
+        def poll(self, timeout: float) -> int:
+            time.sleep(timeout)
+            return super().poll(timeout)
+
+    config = Settings(
+        supervisor={"stop_timeout_s": 2.5},
+        cameras={"bridge_stop_grace_s": 1.0, "max_in_flight": 3, "snapshot_workers": 2},
+        kafka={"stop_flush_s": 0.5},
+        alerts={"stop_wait_s": 0.2},
+    )
+    stage = FaceStage(config, no_video([]), None, None)  # type: ignore[arg-type]
+    consumer = Consumer([])
+    runner = FaceStageRunner(config, stage, producer=FullProducer(0), consumer=consumer, recall=NOTHING)
+    runner.offsets.add((TX_TOPIC, 0), 3, 1)
+    runner._observing = 1
+    runner._done.put((tx_message(3, "tx-3"), "checkout:tx-3", RuntimeError("camera")))  # drained at the stop
+    stop = threading.Event()
+    stop.set()  # SIGTERM before the first poll
+    worker = threading.Thread(target=runner.run, args=(stop,), daemon=True)
+    started = time.monotonic()
+    try:
+        worker.start()
+        worker.join(6)
+        took = time.monotonic() - started
+    finally:
+        room.set()  # without the fix: lets the stuck stop end
+    assert not worker.is_alive() and took < 2.5, f"the stop took {took:.1f}s, the stop timeout is 2.5s"
+    assert consumer.commits.get((TX_TOPIC, 0), 3) == 3, "the record whose dead letter was given up was committed"

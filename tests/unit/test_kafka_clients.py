@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -123,6 +125,34 @@ def test_produce_passes_optional_fields_only_when_given_and_can_wait_instead_of_
     assert producer.sent == [
         ("t", {"key": None, "value": b"v", "headers": [("h", b"1")], "partition": 0, "timestamp": 5})
     ]
+
+
+class FullForGood(FullQueue):
+    """Kafka away: the local queue stays full, and ``poll`` waits as librdkafka's does."""
+
+    def __init__(self) -> None:
+        super().__init__(full=10**9)
+
+    def poll(self, timeout: float) -> int:
+        super().poll(timeout)
+        time.sleep(timeout)
+        return 0
+
+
+def test_produce_at_a_stop_gives_up_a_full_queue_at_the_deadline_or_once_stop_is_set_not_waiting_for_ever() -> None:
+    """A record produced at a stop (a dead letter) with Kafka away and the queue full was tried again for ever, past
+    the supervisor's SIGKILL. With a ``deadline`` or a ``stop`` it raises :class:`ProduceGivenUp` by then."""
+    started = time.monotonic()
+    with pytest.raises(kafka_clients.ProduceGivenUp, match="queue was still full"):
+        kafka_clients.produce(FullForGood(), "t", b"k", b"v", poll_s=0.5, deadline=time.monotonic() + 0.3)
+    assert 0.25 < time.monotonic() - started < 0.5, "polls are cut short at the deadline"
+    stop = threading.Event()
+    threading.Timer(0.2, stop.set).start()
+    with pytest.raises(BufferError):  # ProduceGivenUp is one
+        kafka_clients.produce(FullForGood(), "t", b"k", b"v", wait=time.sleep, stop=stop)
+    producer = FullQueue(full=3)  # without either, it waits for room as long as it takes
+    kafka_clients.produce(producer, "t", b"k", b"v", poll_s=0.01)
+    assert len(producer.sent) == 1
 
 
 SCRAM = KafkaSettings(

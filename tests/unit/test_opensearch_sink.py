@@ -1165,3 +1165,53 @@ def test_shutdown_with_kafka_down_ends_within_the_stop_timeout_though_the_flush_
         kafka_down.set()
     assert took < 2.5, f"shutdown took {took:.1f}s, the stop timeout is 2.5s"
     assert flushes == [1.2], "Kafka gets CG_KAFKA__STOP_FLUSH_S for the dead letters, not a fixed 5 s"
+
+
+def test_dead_letters_kafka_has_no_room_for_are_given_up_once_the_stop_is_asked_and_the_batch_left_uncommitted() -> (
+    None
+):
+    """A batch's dead letters waited for room in the producer's full local queue (Kafka away) for ever, through the
+    stop: SIGTERM then never ended the sink, and the supervisor's SIGKILL did. The wait ends once the stop is asked,
+    as a retry's wait does (the batch is not committed, and is read again)."""
+    import threading
+    import time
+
+    from infra.clients import kafka as kafka_clients
+    from sinks.opensearch import sink as sink_module
+
+    room = threading.Event()
+
+    class FullProducer:
+        def produce(self, topic: str, **record: Any) -> None:
+            if not room.is_set():
+                raise BufferError("Local: Queue full")
+
+        def poll(self, timeout: float) -> int:
+            time.sleep(timeout)
+            return 0
+
+        def flush(self, timeout: float) -> int:
+            return 0
+
+    sink = OpenSearchSink(Settings(), index_prefix="cg", client=object())  # type: ignore[arg-type]
+    sink._producer = FullProducer()  # type: ignore[assignment]
+    sink._stop = threading.Event()
+    letter = kafka_clients.message_dead_letter(
+        Message(topic="transactions", partition=0, offset=1, value=b"x"), "not_avro", "bad", stage="sink", failed_at=0
+    )
+    raised: list[BaseException] = []
+
+    def publish() -> None:
+        try:
+            sink._publish_dead_letters([letter])
+        except BaseException as exc:  # noqa: BLE001 - what ended it, checked below
+            raised.append(exc)
+
+    worker = threading.Thread(target=publish, daemon=True)
+    worker.start()
+    time.sleep(0.3)
+    sink._stop.set()  # SIGTERM while the dead letter waits for room
+    worker.join(3)
+    room.set()  # without the fix: lets the stuck publish end
+    assert not worker.is_alive(), "the dead letter still waited for room after the stop"
+    assert [type(e) for e in raised] == [sink_module._Stopped]
