@@ -313,10 +313,56 @@ the supervisor's SIGKILL (``CG_SUPERVISOR__STOP_TIMEOUT_S`` after its SIGTERM), 
 gave up and exits on its own; the settings keep the waits before them this far below the stop timeout."""
 
 
-def exit_deadline(stop_timeout_s: float) -> float:
-    """When (``time.monotonic()``) a service whose stop begins now must have given up its last Kafka calls:
-    :data:`EXIT_MARGIN_S` before the SIGKILL that comes ``stop_timeout_s`` after the SIGTERM."""
-    return time.monotonic() + stop_timeout_s - EXIT_MARGIN_S
+def exit_deadline(stop_timeout_s: float, asked_at: float | None = None) -> float:
+    """When (``time.monotonic()``) a service whose stop was asked at ``asked_at`` (now if None; see
+    :func:`stop_asked_at`) must have given up its last Kafka calls: :data:`EXIT_MARGIN_S` before the SIGKILL that comes
+    ``stop_timeout_s`` after the SIGTERM."""
+    return (time.monotonic() if asked_at is None else asked_at) + stop_timeout_s - EXIT_MARGIN_S
+
+
+class StopRequest(threading.Event):
+    """A stop event that remembers when the stop was first asked (:attr:`asked_at`, ``time.monotonic()``): the
+    supervisor's SIGKILL counts from the SIGTERM, not from when the service's loop got round to its stop (a
+    synchronous offset commit hanging with Kafka down held the loop, and its time was not counted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked_at: float | None = None
+
+    def set(self) -> None:
+        if self.asked_at is None:
+            self.asked_at = time.monotonic()
+        super().set()
+
+    def clear(self) -> None:
+        super().clear()
+        self.asked_at = None
+
+
+def stop_asked_at(stop: threading.Event) -> float | None:
+    """When ``stop`` was set, where it is a set :class:`StopRequest`; else None (count from now)."""
+    return stop.asked_at if isinstance(stop, StopRequest) and stop.is_set() else None
+
+
+def stop_on_signals(stop: StopRequest, signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
+    """Set ``stop`` on any of ``signals`` (call from the main thread), at the signal's arrival. A Python handler runs
+    only when the main thread runs Python again: one blocked in a C call (librdkafka's synchronous commit, Kafka down)
+    ran it, and so took the stop's time, only once that call returned. The interpreter's C-level handler also writes the
+    signal's number to the wakeup fd (:func:`signal.set_wakeup_fd`, taken here), which a daemon thread reads at once."""
+    wanted = {int(sig) for sig in signals}
+    for sig in wanted:
+        signal.signal(sig, lambda *_: stop.set())
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    signal.set_wakeup_fd(writer.fileno())
+
+    def watch() -> None:
+        with reader, writer:  # the writer lives as long as the wakeup fd is read
+            while data := reader.recv(64):
+                if wanted.intersection(data):
+                    stop.set()
+
+    threading.Thread(target=watch, name="stop-signals", daemon=True).start()
 
 
 def time_left(deadline: float, most_s: float | None = None) -> float:

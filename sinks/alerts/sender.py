@@ -84,7 +84,16 @@ from infra.clients.webex import (
 )
 from infra.clock import now_ms
 from infra.logs import LOG_LEVEL_HELP, setup_logging
-from infra.processes import all_done_by, chance_left, done_by, exit_deadline, time_left
+from infra.processes import (
+    StopRequest,
+    all_done_by,
+    chance_left,
+    done_by,
+    exit_deadline,
+    stop_asked_at,
+    stop_on_signals,
+    time_left,
+)
 from infra.retry import Backoff, call_with_retries
 from infra.settings import AlertSettings, Settings, get_settings
 from schemas.codec import codec
@@ -1360,7 +1369,8 @@ class AlertSender:
         """The eraser's end: the loop's, however it ends (set when ``_run`` finishes)."""
         self._exit_by: float | None = None
         """When (``time.monotonic()``) the stop's last Kafka calls and the channels' close are given up, 1 s before
-        the supervisor's SIGKILL: set when the stop begins (``_run``'s end)."""
+        the supervisor's SIGKILL: set when the stop begins (``_run``'s end), counted from when the stop was asked
+        (:class:`infra.processes.StopRequest`)."""
 
     def run(self, stop: threading.Event | None = None) -> SenderStats:
         """Send until ``stop`` is set; then the channels (their connections) and the ledger are closed,
@@ -1483,9 +1493,11 @@ class AlertSender:
         finally:
             # The eraser ends with the sends under way, within the same wait (one after the other outlasted the
             # supervisor's stop timeout): the ledger closes after both, so what they did is recorded.
-            deadline = exit_deadline(self.settings.supervisor.stop_timeout_s)  # 1 s before the supervisor's SIGKILL
+            # 1 s before the supervisor's SIGKILL, which counts from the SIGTERM: a commit in the loop that hung after
+            # it (Kafka down) took from the stop's time, which counted from here before
+            deadline = exit_deadline(self.settings.supervisor.stop_timeout_s, stop_asked_at(stop))
             self._exit_by = deadline  # the channels' close (``close``, after this) ends by it too
-            until = time.monotonic() + self.settings.alerts.stop_wait_s
+            until = min(time.monotonic() + self.settings.alerts.stop_wait_s, deadline)
             self._halt.set()
             for worker in self._workers.values():
                 worker.stop(until)
@@ -1808,9 +1820,8 @@ def main(
     setup_logging(settings, log_level, "alerts")
     for noisy in ("httpx", "httpcore", "botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = StopRequest()
+    stop_on_signals(stop, (signal.SIGTERM, signal.SIGINT))  # the stop's deadline counts from the signal's arrival
     sender = AlertSender(settings, group_id=group_id)
     endpoint = metrics.serve(settings, STAGE, health=sender.health, ready=sender.ready)
     try:

@@ -1247,3 +1247,36 @@ def test_a_dead_letter_kafka_has_no_room_for_at_a_stop_is_given_up_by_the_stops_
     assert any(
         "given up" in r.getMessage() and pending.dead_letter.dead_letter_id in r.getMessage() for r in caplog.records
     )
+
+
+def test_the_stops_deadline_counts_from_when_the_stop_was_asked_not_from_when_the_loop_got_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sender took its stop's deadline (1 s before the supervisor's SIGKILL) when its loop ended: a Kafka call in
+    the loop that hung after SIGTERM (a synchronous commit, Kafka down) was not counted, and the stop's last calls ran
+    that much past the SIGKILL. The deadline counts from when the stop was asked."""
+    from infra.processes import StopRequest
+
+    settings = Settings(
+        stack_dir=tmp_path,
+        supervisor={"stop_timeout_s": 2.5},
+        cameras={"bridge_stop_grace_s": 1.0},
+        kafka={"stop_flush_s": 1.0},
+        alerts=AlertSettings(channels="webex", concurrency=1, stop_wait_s=0.2),
+    )
+    alerts = sender.AlertSender(settings, channels=[PostingChannel()], ledger=Ledger(tmp_path / "ledger.sqlite3"))
+    stop = StopRequest()
+
+    class HangingConsumer(StoppedConsumer):
+        def consume(self, num_messages: int, timeout: float) -> list[Any]:
+            stop.set()  # SIGTERM arrives while the loop waits on Kafka ...
+            time.sleep(1.0)  # ... which answers only a second later
+            return []
+
+    monkeypatch.setattr(sender.kafka_clients, "consumer", lambda *a, **k: HangingConsumer())
+    monkeypatch.setattr(sender.kafka_clients, "producer", lambda *a, **k: Client())
+    monkeypatch.setattr(alerts, "start_eraser", lambda halt: None)
+    alerts.run(stop)
+    assert stop.asked_at is not None and alerts._exit_by is not None
+    late = alerts._exit_by - (stop.asked_at + 2.5 - 1.0)
+    assert abs(late) < 0.05, f"the stop's last calls end {late:.2f}s after 1 s before the SIGKILL"

@@ -451,3 +451,36 @@ def test_a_killed_child_and_reaped_processes_are_waited_for_a_short_bounded_time
     finally:
         left.kill()
         left.wait(5)
+
+
+def test_a_stop_asked_by_sigterm_is_timed_at_its_arrival_though_the_main_thread_is_blocked_in_a_c_call() -> None:
+    """A service's loop blocked in a C call that outlives signals (librdkafka's synchronous commit waits on a lock,
+    here a pthread mutex another thread holds for 1.5 s) runs a Python signal handler only once the call returns: the
+    stop's deadline, taken then, did not count the wait. :func:`stop_on_signals` times the stop at the signal."""
+    code = """
+import ctypes, os, signal, threading, time
+from infra.processes import StopRequest, stop_asked_at, stop_on_signals
+libc = ctypes.CDLL(None)
+mutex = ctypes.create_string_buffer(128)
+libc.pthread_mutex_init(mutex, None)
+stop = StopRequest()
+stop_on_signals(stop, (signal.SIGTERM,))
+held, sent = threading.Event(), []
+def hold():
+    libc.pthread_mutex_lock(mutex)
+    held.set()
+    time.sleep(0.3)  # the main thread is blocked by now
+    sent.append(time.monotonic())
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(1.2)
+    libc.pthread_mutex_unlock(mutex)
+threading.Thread(target=hold).start()
+held.wait()
+libc.pthread_mutex_lock(mutex)  # blocked in C (the GIL released) until the holder lets go
+time.sleep(0.1)  # Python again: the handler has run
+print(stop.is_set(), round(stop_asked_at(stop) - sent[0], 2))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
+    is_set, after = out.stdout.split()
+    assert is_set == "True"
+    assert float(after) < 0.5, f"the stop was timed {after}s after its SIGTERM, when the blocked call returned"
