@@ -86,7 +86,7 @@ from infra import clock, metrics
 from infra.clients import kafka as kafka_clients
 from infra.clients.meraki import MerakiClient, Snapshot, SnapshotError, camera_for_lane, camera_location
 from infra.logs import LOG_LEVEL_HELP, setup_logging
-from infra.processes import DaemonPool, done_by, exit_deadline, time_left
+from infra.processes import DaemonPool, StopRequest, done_by, exit_deadline, stop_asked_at, stop_on_signals, time_left
 from infra.retry import Backoff
 from infra.settings import Settings, face_deadline_problem, get_settings
 from jobs.faces.rekognition import call_limit_s
@@ -884,7 +884,9 @@ class FaceStageRunner:
                 if on_tick:
                     on_tick(self.stats)
         finally:
-            deadline = exit_deadline(self.settings.supervisor.stop_timeout_s)  # 1 s before the supervisor's SIGKILL
+            # 1 s before the supervisor's SIGKILL, which counts from the SIGTERM: a commit in the loop that hung after
+            # it (Kafka down) took from the stop's time, which counted from here before
+            deadline = exit_deadline(self.settings.supervisor.stop_timeout_s, stop_asked_at(stop))
             self._exit_by = deadline  # the observations produced from here on wait for room no longer
             self._stop_snapshots(deadline - self.settings.kafka.stop_flush_s)  # the flush keeps its time after them
             self._drain()
@@ -1058,8 +1060,8 @@ def main(log_level: str | None = None) -> None:
     if (problem := face_deadline_problem(settings)) is not None:  # the job's setting: the job refuses, not the stage
         log.warning("the scoring job would refuse to start: %s", problem)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = StopRequest()
+    stop_on_signals(stop, (signal.SIGTERM,))  # the stop's deadline counts from the signal's arrival
     last = [time.monotonic()]
 
     def report(stats: dict) -> None:

@@ -845,3 +845,31 @@ def test_a_record_kafka_has_no_room_for_at_a_stop_is_given_up_by_the_stops_deadl
         room.set()  # without the fix: lets the stuck stop end
     assert not worker.is_alive() and took < 2.5, f"the stop took {took:.1f}s, the stop timeout is 2.5s"
     assert consumer.commits.get((TX_TOPIC, 0), 3) == 3, "the record whose dead letter was given up was committed"
+
+
+def test_the_stops_deadline_counts_from_when_the_stop_was_asked_not_from_when_the_loop_got_to_it() -> None:
+    """The stage took its stop's deadline (1 s before the supervisor's SIGKILL) when its loop ended: a Kafka call in
+    the loop that hung after SIGTERM (a synchronous commit, Kafka down) was not counted, and the last commit and close
+    ran that much past the SIGKILL. The deadline counts from when the stop was asked."""
+    from infra.processes import StopRequest
+
+    stop = StopRequest()
+
+    class HangingConsumer(Consumer):
+        def poll(self, timeout: float) -> Message | None:
+            stop.set()  # SIGTERM arrives while the loop waits on Kafka ...
+            time.sleep(1.0)  # ... which answers only a second later
+            return None
+
+    config = Settings(
+        supervisor={"stop_timeout_s": 2.5},
+        cameras={"bridge_stop_grace_s": 1.0, "max_in_flight": 3, "snapshot_workers": 2},
+        kafka={"stop_flush_s": 0.5},
+        alerts={"stop_wait_s": 0.2},
+    )
+    stage = FaceStage(config, no_video([]), None, None)  # type: ignore[arg-type]
+    runner = FaceStageRunner(config, stage, producer=Producer(0), consumer=HangingConsumer([]), recall=NOTHING)
+    runner.run(stop)
+    assert stop.asked_at is not None and runner._exit_by is not None
+    late = runner._exit_by - (stop.asked_at + 2.5 - 1.0)
+    assert abs(late) < 0.05, f"the stop's last calls end {late:.2f}s after 1 s before the SIGKILL"
