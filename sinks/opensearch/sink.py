@@ -92,7 +92,7 @@ from infra import clock, metrics
 from infra.clients import kafka as kafka_clients
 from infra.clients.opensearch import is_retriable, make_client
 from infra.logs import LOG_LEVEL_HELP, setup_logging
-from infra.processes import done_by, exit_deadline, time_left
+from infra.processes import StopRequest, done_by, exit_deadline, stop_asked_at, stop_on_signals, time_left
 from infra.retry import Backoff, call_with_retries
 from infra.settings import IndicesSettings, Settings, get_settings
 from schemas.codec import DecodeError, codec, json_safe
@@ -1059,7 +1059,9 @@ class OpenSearchSink:
             log.info("opensearch sink stopped during a retry; the uncommitted batch will be replayed")
         finally:
             # No offset is committed here: a batch's are committed once OpenSearch took it, before the next is read.
-            deadline = exit_deadline(self.settings.supervisor.stop_timeout_s)  # 1 s before the supervisor's SIGKILL
+            # 1 s before the supervisor's SIGKILL, which counts from the SIGTERM: a commit in the loop that hung after
+            # it (Kafka down) took from the stop's time, which counted from here before
+            deadline = exit_deadline(self.settings.supervisor.stop_timeout_s, stop_asked_at(self._stop))
             try:
                 left = self._producer.flush(time_left(deadline, self.settings.kafka.stop_flush_s))
                 if left:
@@ -1512,9 +1514,8 @@ def main(
     # sink logs one line per backoff round instead, with ids only.
     logging.getLogger("opensearch").setLevel(logging.ERROR)
     logging.getLogger("opensearchpy.trace").setLevel(logging.ERROR)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = StopRequest()
+    stop_on_signals(stop, (signal.SIGINT, signal.SIGTERM))  # the stop's deadline counts from the signal's arrival
     sink = OpenSearchSink(settings, index_prefix=index_prefix, group_id=group_id)
     endpoint = metrics.serve(settings, STAGE, health=sink.heartbeat)
     try:

@@ -1167,6 +1167,49 @@ def test_shutdown_with_kafka_down_ends_within_the_stop_timeout_though_the_flush_
     assert flushes == [1.2], "Kafka gets CG_KAFKA__STOP_FLUSH_S for the dead letters, not a fixed 5 s"
 
 
+def test_the_stops_deadline_counts_from_when_the_stop_was_asked_not_from_when_the_loop_got_to_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sink took its stop's deadline (1 s before the supervisor's SIGKILL) when its loop ended: a Kafka call in the
+    loop that hung after SIGTERM (a synchronous commit, Kafka down) was not counted, and the flush and the close ran
+    that much past the SIGKILL. The deadline counts from when the stop was asked."""
+    import time
+
+    from infra.processes import StopRequest
+    from sinks.opensearch import sink as sink_module
+
+    flushes: list[float] = []
+    stop = StopRequest()
+
+    class Producer:
+        def flush(self, timeout: float) -> int:
+            flushes.append(timeout)
+            return 0
+
+    class Consumer:
+        def close(self) -> None:
+            pass
+
+    def hung(*_args: Any) -> None:
+        stop.set()  # SIGTERM arrives while the loop waits on Kafka ...
+        time.sleep(1.0)  # ... which answers only a second later
+        raise sink_module._Stopped("stopped")
+
+    settings = Settings(
+        supervisor={"stop_timeout_s": 2.5},
+        cameras={"bridge_stop_grace_s": 1.0},
+        kafka={"stop_flush_s": 1.2},
+        alerts={"stop_wait_s": 0.2},
+    )
+    monkeypatch.setattr(sink_module.kafka_clients, "consumer", lambda *a, **k: Consumer())
+    monkeypatch.setattr(sink_module.kafka_clients, "producer", lambda *a, **k: Producer())
+    sink = OpenSearchSink(settings, index_prefix="cg", client=object())  # type: ignore[arg-type]
+    monkeypatch.setattr(sink, "_retry_until_done", hung)
+    sink.run(stop)
+    [flush] = flushes
+    assert flush < 0.55, f"the flush may wait {flush:.2f}s; 0.5 s were left before 1 s before the SIGKILL"
+
+
 def test_dead_letters_kafka_has_no_room_for_are_given_up_once_the_stop_is_asked_and_the_batch_left_uncommitted() -> (
     None
 ):
