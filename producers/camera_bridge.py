@@ -560,6 +560,9 @@ class CameraBridge:
         """Counts the broker sessions: a packet id of an older one may name another message now."""
         self._failed: str | None = None
         self._running = self._stopping = False
+        self._stop_by: float | None = None
+        """At a stop, when (``time.monotonic()``) its drain ends: a record produced then waits for room in a full
+        local queue (Kafka away) no longer (:class:`kafka_clients.ProduceGivenUp`); None while running."""
         self.heartbeat = metrics.Heartbeat()
         """Beaten by :meth:`run` every turn with the problem of the moment (the process's ``/healthz``)."""
         self._in = {
@@ -693,11 +696,16 @@ class CameraBridge:
             return
         # A full local queue is drained by the run loop's poll(), not by this thread: sleep, not poll.
         try:
-            self._produce(out, msg, 0, wait=time.sleep)
-        except Exception as exc:
-            if out.dead:
+            try:
+                self._produce(out, msg, 0, wait=time.sleep)
+            except kafka_clients.ProduceGivenUp:
                 raise
-            self._produce(self._refused(msg, exc), msg, 0, wait=time.sleep)
+            except Exception as exc:
+                if out.dead:
+                    raise
+                self._produce(self._refused(msg, exc), msg, 0, wait=time.sleep)
+        except kafka_clients.ProduceGivenUp:  # the stop's drain is over: left unacked for the next session
+            return
 
     def _redelivered(self, msg: mqtt.MQTTMessage) -> bool:
         """Whether ``msg`` is the broker's redelivery (DUP flag, same packet id, topic and payload, same session)
@@ -762,7 +770,9 @@ class CameraBridge:
         with self._lock:
             self._unanswered[token] = _Unanswered(self._clock(), out, msg)
         try:
-            kafka_clients.produce(self._producer, topic, out.key, out.value, delivered, wait=wait)
+            kafka_clients.produce(
+                self._producer, topic, out.key, out.value, delivered, wait=wait, deadline=self._stop_by
+            )
         except BaseException:
             with self._lock:
                 self._unanswered.pop(token, None)
@@ -787,7 +797,12 @@ class CameraBridge:
             self._fail(f"the kafka producer failed fatally: {err}")
             return
         if not out.dead and _refusal_kind(err) == "oversized":
-            self._produce(self._refused(msg, err), msg, 0, wait=None)
+            refused = self._refused(msg, err)
+            try:
+                self._produce(refused, msg, 0, wait=None)
+            except kafka_clients.ProduceGivenUp:  # at the stop: kept, and saved or left unacked with the others
+                with self._lock:
+                    self._retries.append(_Retry(self._clock(), refused, msg, 0))
             return
         delay = self._backoff.delay(attempt)
         log.warning(
@@ -808,6 +823,9 @@ class CameraBridge:
         for retry in due:
             try:
                 self._produce(retry.out, retry.msg, retry.attempt, wait=None)
+            except kafka_clients.ProduceGivenUp:  # at the stop: kept, and saved or left unacked with the others
+                with self._lock:
+                    self._retries.append(retry)
             except Exception as exc:
                 self._fail(f"producing a record again failed: {exc!r}")
 
@@ -826,7 +844,7 @@ class CameraBridge:
 
         Raises :class:`BridgeFailed` (after the same cleanup) as soon as :meth:`failure` names a reason.
         """
-        self._stopping = False
+        self._stopping, self._stop_by = False, None
         self.client.connect_async(self.settings.mqtt.host, self.settings.mqtt.port, keepalive=15)
         self.client.loop_start()
         self._running = True  # from now on paho's network thread is watched: it would end silently
@@ -912,8 +930,11 @@ class CameraBridge:
         self._resend_kept.append(SavedRecord(r.mqtt_topic, r.payload, r.out, why))
 
     def _drain(self, grace_s: float) -> None:
-        """Give Kafka up to ``grace_s`` (wall clock) for every record accepted; waiting retries go at once."""
+        """Give Kafka up to ``grace_s`` (wall clock) for every record accepted; waiting retries go at once. A record
+        produced meanwhile (a retry, a dead letter) waits for room in a full local queue (Kafka away) until then, not
+        for ever past the supervisor's SIGKILL: one given up is saved or left unacknowledged (:meth:`_save_unsent`)."""
         deadline = time.monotonic() + grace_s
+        self._stop_by = deadline
         with self._lock:
             retries, self._retries = self._retries, []
         for retry in retries:

@@ -610,3 +610,34 @@ def test_a_save_that_fails_half_way_leaves_no_tmp_file_and_the_old_saved_file_as
         camera_bridge.save_records(path, _records("new", 1))
     assert [r.reason for r in load_saved_records(path)] == ["old0", "old1"]
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_a_retry_kafka_has_no_room_for_at_the_stop_is_given_up_by_the_end_of_the_drain_and_left_unacked(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """At the stop the bridge produces its waiting retries at once; with Kafka away and the producer's local queue
+    full, each waited for room for ever, past the supervisor's SIGKILL, and nothing was saved. A retry is given up
+    when the stop's drain (``CG_CAMERAS__BRIDGE_STOP_GRACE_S``) ends, and left unacknowledged for the broker to send
+    again."""
+    room = threading.Event()
+
+    class Full(FakeKafka):
+        def produce(self, topic: str, *, key: bytes, value: bytes, on_delivery: Callable[[Any, Any], None]) -> None:
+            if self.sent and not room.is_set():  # the first try went in; the queue has been full since
+                raise BufferError("Local: Queue full")
+            super().produce(topic, key=key, value=value, on_delivery=on_delivery)
+
+    kafka = Full(lambda n: TIMED_OUT)
+    bridge, acks = _bridge(monkeypatch, kafka, stack_dir=tmp_path, stop_grace_s=0.3)
+    _offline(bridge, monkeypatch)
+    bridge._on_message(bridge.client, None, _message(GOOD, mid=5))
+    bridge.service(0)  # Kafka is away: waits for another attempt
+    assert bridge.awaiting_retry == 1
+    worker = threading.Thread(target=bridge.run, args=(_stopped(),), daemon=True)
+    try:
+        worker.start()
+        worker.join(5)
+        assert not worker.is_alive(), "the stop still waits for room in Kafka's queue"
+    finally:
+        room.set()  # without the fix: lets the stuck stop end
+    assert acks == [] and bridge.stats.left_unacked == 1 and len(kafka.sent) == 1
