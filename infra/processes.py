@@ -31,6 +31,8 @@ from typing import Protocol, TypeVar
 
 import psutil
 
+from infra.settings import EXIT_MARGIN_S, get_settings
+
 log = logging.getLogger("infra.supervisor")
 """The supervisor's logger (a stop that failed is its news): ``make run`` writes it to its own supervisor.log."""
 
@@ -169,10 +171,7 @@ def describe(proc: psutil.Process) -> str:
 
 
 def stop_timeout_s() -> float:
-    """``CG_SUPERVISOR__STOP_TIMEOUT_S``, the time a process gets between SIGTERM and SIGKILL when a caller names none
-    (imported here, not above: :mod:`infra.settings` imports this module)."""
-    from infra.settings import get_settings
-
+    """``CG_SUPERVISOR__STOP_TIMEOUT_S``: what a process gets between SIGTERM and SIGKILL where a caller names none."""
     return get_settings().supervisor.stop_timeout_s
 
 
@@ -305,12 +304,6 @@ def in_daemon(call: Callable[[], T], name: str) -> Future[T]:
 
     threading.Thread(target=run, name=name, daemon=True).start()
     return done
-
-
-EXIT_MARGIN_S = 1.0
-"""At a stop, a service's last Kafka calls (its last offset commit, its consumer's close) are given up this long before
-the supervisor's SIGKILL (``CG_SUPERVISOR__STOP_TIMEOUT_S`` after its SIGTERM), so that the service still logs what it
-gave up and exits on its own; the settings keep the waits before them this far below the stop timeout."""
 
 
 def exit_deadline(stop_timeout_s: float, asked_at: float | None = None) -> float:

@@ -22,11 +22,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from infra import clock
 from infra.kafka_cluster import CLUSTER_SIZES, bootstrap_list, kafka_nodes
-from infra.processes import EXIT_MARGIN_S
 from schemas.errors import CheckoutGuardError
 from schemas.identifiers import NAME_RE, SERIAL_RE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+EXIT_MARGIN_S = 1.0
+"""At a stop, a service's last Kafka calls (its last offset commit, its consumer's close) are given up this long before
+the supervisor's SIGKILL (``CG_SUPERVISOR__STOP_TIMEOUT_S`` after its SIGTERM), so that the service still logs what it
+gave up and exits on its own; the settings keep the waits before them this far below the stop timeout (defined here,
+with the check that needs it; :mod:`infra.processes`, which gives the calls up, imports it)."""
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 """A TCP port: a number outside 1..65535 is a settings error, not a bind() traceback in every process."""
@@ -574,7 +579,7 @@ class AlertSettings(BaseModel, frozen=True):
     each Webex or SMTP call has its own timeout, 10 s by default) so that what they delivered is in the ledger
     before it closes. Then Kafka gets up to ``CG_KAFKA__STOP_FLUSH_S`` (5 s) to acknowledge what the sender produced;
     both together below the supervisor's ``stop_timeout_s`` (20 s), which SIGKILLs the sender after it, less the 1 s
-    in which the last offset commit ends before that SIGKILL (:data:`infra.processes.EXIT_MARGIN_S`; checked: see
+    in which the last offset commit ends before that SIGKILL (:data:`EXIT_MARGIN_S`; checked: see
     :meth:`Settings._stop_graces_within_the_stop_timeout`)."""
     dashboard_link: str = "http://127.0.0.1:8050/alerts/{alert_id}"
     """Link in every message; ``{alert_id}``, ``{transaction_id}``, ``{store_id}`` are filled in."""

@@ -312,7 +312,7 @@ def test_a_reap_without_a_timeout_gives_sigterm_the_supervisors_stop_timeout_not
     """``Reaper.finish()`` and ``reap()`` without a timeout sent SIGKILL a fixed 10 s after SIGTERM, whatever
     ``CG_SUPERVISOR__STOP_TIMEOUT_S``: a longer one cut short a process saving its state, a shorter one kept the caller
     waiting. They now take that stop timeout (here 1.5 s) from the settings."""
-    import infra.settings
+    import infra.processes
 
     configured = Settings(
         supervisor={"stop_timeout_s": 1.5},
@@ -320,7 +320,7 @@ def test_a_reap_without_a_timeout_gives_sigterm_the_supervisors_stop_timeout_not
         kafka={"stop_flush_s": 0.2},
         alerts={"stop_wait_s": 0.2},
     )
-    monkeypatch.setattr(infra.settings, "get_settings", lambda: configured)
+    monkeypatch.setattr(infra.processes, "get_settings", lambda: configured)
     value = uuid.uuid4().hex
     reaper = Reaper(value=value)
     proc = _start("trap '' TERM; sleep 30", value)  # ignores SIGTERM: only the SIGKILL ends it
