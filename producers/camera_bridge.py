@@ -74,7 +74,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from infra import metrics
 from infra.clients import kafka as kafka_clients
 from infra.clock import now_ms
-from infra.durable import replace_durably
+from infra.durable import remove_durably, replace_durably
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.retry import Backoff
 from infra.settings import Settings, get_settings
@@ -435,9 +435,11 @@ def save_records(path: Path, records: list[SavedRecord]) -> None:
     the old file or the new one); no records removes it. One JSON object a line, bytes in base64. The records say
     where people stood in front of a camera: the file is its owner's only (0600, in a 0700 folder), whatever the
     umask. Its temporary file's name is new for each write (two bridges of one client id, an old one still stopping
-    beside the new one, never write into each other's), and a write that fails removes it."""
+    beside the new one, never write into each other's), and a write that fails removes it. The removal syncs the
+    folder too (:func:`infra.durable.remove_durably`): a file that came back after a power cut was produced again."""
     if not records:
-        path.unlink(missing_ok=True)
+        if path.exists():
+            remove_durably(path)
         return
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
@@ -908,7 +910,7 @@ class CameraBridge:
             return
         path = saved_records_path(self.settings)
         try:
-            path.unlink(missing_ok=True)
+            remove_durably(path)  # its folder synced: after a power cut the file came back, and was produced again
         except OSError as exc:  # replaced at the stop all the same
             log.warning("kafka has the records saved at the last stop, but %s could not be removed: %s", path, exc)
         self._resending, self._resent_upto = [], 0

@@ -50,8 +50,9 @@ def hanging_resolver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str]
 
 @pytest.fixture
 def disk_order(monkeypatch: pytest.MonkeyPatch) -> DiskOrder:
-    """Records (and still does) each ``os.fsync`` and ``os.replace``: to check a writer survives a power cut."""
-    order, real_fsync, real_replace = DiskOrder(), os.fsync, os.replace
+    """Records (and still does) each ``os.fsync``, ``os.replace`` and ``os.unlink``: to check a writer survives a
+    power cut."""
+    order, real_fsync, real_replace, real_unlink = DiskOrder(), os.fsync, os.replace, os.unlink
 
     def fsync(fd: int) -> None:
         order.calls.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}"), ""))
@@ -61,8 +62,13 @@ def disk_order(monkeypatch: pytest.MonkeyPatch) -> DiskOrder:
         order.calls.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
         real_replace(src, dst)
 
+    def unlink(path: str | os.PathLike[str], *, dir_fd: int | None = None) -> None:
+        order.calls.append(("unlink", os.path.realpath(path), ""))
+        real_unlink(path, dir_fd=dir_fd)
+
     if not Path("/proc/self/fd").is_dir():
         pytest.skip("names an fd's file through /proc")
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "unlink", unlink)
     return order

@@ -7,7 +7,8 @@ from pathlib import Path
 
 
 class DiskOrder:
-    """Every fsync (of the file or folder its descriptor names) and ``os.replace``, in order, by real path."""
+    """Every fsync (of the file or folder its descriptor names), ``os.replace`` and ``os.unlink``, in order, by real
+    path."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, str]] = []
@@ -25,3 +26,10 @@ class DiskOrder:
             if ("fsync", folder, "") not in self.calls[i + 1 : later[0] if later else None]:
                 return False
         return bool(onto)
+
+    def removed_durably(self, path: Path) -> bool:
+        """Whether ``path`` was removed as a power cut needs, each time: unlinked, then its folder synced (unsynced,
+        the removal can be lost and the file come back). False if it was never removed."""
+        gone, folder = os.path.realpath(path), os.path.realpath(path.parent)
+        removals = [i for i, c in enumerate(self.calls) if c == ("unlink", gone, "")]
+        return bool(removals) and all(("fsync", folder, "") in self.calls[i + 1 :] for i in removals)

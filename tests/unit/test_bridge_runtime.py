@@ -596,6 +596,26 @@ def test_saved_records_survive_a_power_cut_their_folder_synced_after_the_rename(
     assert [r.reason for r in load_saved_records(path)] == ["new0"]
 
 
+def test_a_saved_file_removed_once_kafka_has_its_records_stays_removed_after_a_power_cut(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, disk_order: DiskOrder
+) -> None:
+    """Removed with a plain unlink, the removal could be lost in a power cut: the file came back and the next run
+    produced its records a second time."""
+    _saved(tmp_path, monkeypatch, GOOD)
+    bridge, _ = _bridge(monkeypatch, FakeKafka(), stack_dir=tmp_path)
+    path = saved_records_path(bridge.settings)
+    bridge.resend_saved()
+    bridge.service(0)
+    assert not path.exists() and disk_order.removed_durably(path), disk_order.calls
+
+
+def test_a_save_with_no_records_removes_the_old_file_for_good(tmp_path: Path, disk_order: DiskOrder) -> None:
+    path = tmp_path / "camera-bridge" / "cg.unsent.jsonl"
+    camera_bridge.save_records(path, _records("old", 2))
+    camera_bridge.save_records(path, [])
+    assert not path.exists() and disk_order.removed_durably(path), disk_order.calls
+
+
 def test_a_save_that_fails_half_way_leaves_no_tmp_file_and_the_old_saved_file_as_it_was(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

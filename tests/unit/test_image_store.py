@@ -121,7 +121,10 @@ def test_a_deleted_image_does_not_come_back_after_a_power_cut(store, disk_order:
     ref = store.put("reference", "subj-x", b"d")
     disk_order.calls.clear()
     store.delete(ref)
-    assert disk_order.calls == [("fsync", os.path.realpath(store.root / "reference"), "")]
+    assert disk_order.removed_durably(store.root / "reference" / "subj-x"), disk_order.calls
+    assert [c for c in disk_order.calls if c[0] == "fsync"] == [
+        ("fsync", os.path.realpath(store.root / "reference"), "")
+    ]
     assert store.find("reference", "subj-x") is None
 
 
