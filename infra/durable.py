@@ -21,6 +21,26 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def make_dirs_durably(folder: Path, mode: int = 0o777) -> None:
+    """``folder.mkdir(parents=True, exist_ok=True)`` (``mode`` for ``folder`` itself, as ``mkdir`` gives it), each
+    folder it makes synced into its parent: a new folder's name is only on disk once its parent is synced, and a
+    power cut lost a first file written durably into it with the folder itself."""
+    missing: list[Path] = []
+    at = folder
+    while not at.is_dir():
+        missing.append(at)
+        if at.parent == at:
+            break
+        at = at.parent
+    for made in reversed(missing):
+        try:
+            made.mkdir(mode=mode if made == folder else 0o777)
+        except FileExistsError:  # another process made it meanwhile; its parent may not be synced yet
+            if not made.is_dir():
+                raise
+        fsync_dir(made.parent)
+
+
 def write_synced(path: Path, data: bytes | str) -> None:
     """Write ``path`` and fsync it, with no rename: for a file in a temporary folder that is renamed as a whole
     (:func:`rename_durably`), so the folder never names a file whose bytes are not on disk."""

@@ -74,7 +74,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from infra import metrics
 from infra.clients import kafka as kafka_clients
 from infra.clock import now_ms
-from infra.durable import remove_durably, replace_durably
+from infra.durable import make_dirs_durably, remove_durably, replace_durably
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.retry import Backoff
 from infra.settings import Settings, get_settings
@@ -441,7 +441,7 @@ def save_records(path: Path, records: list[SavedRecord]) -> None:
         if path.exists():
             remove_durably(path)
         return
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_dirs_durably(path.parent, mode=0o700)  # a first save's new folder is synced into its parent too
     os.chmod(path.parent, 0o700)
     lines = [
         json.dumps(

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.clock import now_ms
-from infra.durable import replace_durably
+from infra.durable import make_dirs_durably, replace_durably
 from schemas.afd_csv import CsvRow, file_sha256, row_to_transaction, source_bytes
 from schemas.errors import CheckoutGuardError, InvalidRecord
 from schemas.records import DeadLetter, PosTransaction, dead_letter
@@ -173,7 +173,7 @@ def _state_problem(data: Any) -> str | None:
 def save_state(path: Path, state: ReplayState) -> None:
     """Replace the state durably (:func:`infra.durable.replace_durably`): a crash or power cut leaves the old state or
     the new one, never half, and never an older one than a resumed replay was told (its rows sent a second time)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs_durably(path.parent)  # a first state lost with its new folder sent every row again
     replace_durably(path, json.dumps(asdict(state), indent=2))
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from infra.clock import now_ms
-from infra.durable import fsync_dir, replace_durably
+from infra.durable import fsync_dir, make_dirs_durably, replace_durably
 from infra.settings import Settings
 from schemas.errors import CheckoutGuardError, InvalidRecord
 
@@ -183,7 +183,7 @@ class LocalImageStore(ImageStore):
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         for kind in KINDS:
-            (self.root / kind).mkdir(parents=True, exist_ok=True, mode=0o700)
+            make_dirs_durably(self.root / kind, mode=0o700)  # a first image is not lost with its new folder
 
     def holds(self, ref: str) -> bool:
         return isinstance(ref, str) and ref.startswith(self.PREFIX)

@@ -50,9 +50,9 @@ def hanging_resolver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str]
 
 @pytest.fixture
 def disk_order(monkeypatch: pytest.MonkeyPatch) -> DiskOrder:
-    """Records (and still does) each ``os.fsync``, ``os.replace`` and ``os.unlink``: to check a writer survives a
-    power cut."""
-    order, real_fsync, real_replace, real_unlink = DiskOrder(), os.fsync, os.replace, os.unlink
+    """Records (and still does) each ``os.fsync``, ``os.replace``, ``os.unlink`` and ``os.mkdir``: to check a writer
+    survives a power cut."""
+    order, real_fsync, real_replace, real_unlink, real_mkdir = DiskOrder(), os.fsync, os.replace, os.unlink, os.mkdir
 
     def fsync(fd: int) -> None:
         order.calls.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}"), ""))
@@ -66,9 +66,14 @@ def disk_order(monkeypatch: pytest.MonkeyPatch) -> DiskOrder:
         order.calls.append(("unlink", os.path.realpath(path), ""))
         real_unlink(path, dir_fd=dir_fd)
 
+    def mkdir(path: str | os.PathLike[str], mode: int = 0o777, *, dir_fd: int | None = None) -> None:
+        real_mkdir(path, mode, dir_fd=dir_fd)
+        order.calls.append(("mkdir", os.path.realpath(path), ""))
+
     if not Path("/proc/self/fd").is_dir():
         pytest.skip("names an fd's file through /proc")
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr(os, "unlink", unlink)
+    monkeypatch.setattr(os, "mkdir", mkdir)
     return order

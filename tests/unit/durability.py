@@ -7,8 +7,8 @@ from pathlib import Path
 
 
 class DiskOrder:
-    """Every fsync (of the file or folder its descriptor names), ``os.replace`` and ``os.unlink``, in order, by real
-    path."""
+    """Every fsync (of the file or folder its descriptor names), ``os.replace``, ``os.unlink`` and ``os.mkdir``, in
+    order, by real path."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, str]] = []
@@ -33,3 +33,10 @@ class DiskOrder:
         gone, folder = os.path.realpath(path), os.path.realpath(path.parent)
         removals = [i for i, c in enumerate(self.calls) if c == ("unlink", gone, "")]
         return bool(removals) and all(("fsync", folder, "") in self.calls[i + 1 :] for i in removals)
+
+    def made_durably(self, folder: Path) -> bool:
+        """Whether ``folder`` was made as a power cut needs: created, then its parent synced (unsynced, the new
+        folder, and a file written into it, can be gone after a power cut). False if it was never made."""
+        made, parent = os.path.realpath(folder), os.path.realpath(folder.parent)
+        mkdirs = [i for i, c in enumerate(self.calls) if c == ("mkdir", made, "")]
+        return bool(mkdirs) and all(("fsync", parent, "") in self.calls[i + 1 :] for i in mkdirs)

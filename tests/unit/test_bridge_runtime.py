@@ -616,6 +616,17 @@ def test_a_save_with_no_records_removes_the_old_file_for_good(tmp_path: Path, di
     assert not path.exists() and disk_order.removed_durably(path), disk_order.calls
 
 
+def test_the_first_saved_records_survive_a_power_cut_with_their_new_folder(
+    tmp_path: Path, disk_order: DiskOrder
+) -> None:
+    """The bridge's folder was made without syncing the stack folder: a power cut could take the new folder and the
+    records saved in it, which the broker will not send again."""
+    path = tmp_path / "stack" / "camera-bridge" / "cg.unsent.jsonl"
+    camera_bridge.save_records(path, _records("old", 1))
+    assert disk_order.made_durably(path.parent) and disk_order.made_durably(path.parent.parent), disk_order.calls
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
 def test_a_save_that_fails_half_way_leaves_no_tmp_file_and_the_old_saved_file_as_it_was(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -534,6 +534,15 @@ def test_saved_progress_survives_a_power_cut_its_folder_synced_after_each_rename
     assert json.loads(state_file.read_text())["last_acked_index"] == 9
 
 
+def test_the_first_progress_saved_survives_a_power_cut_with_the_new_replay_folder(
+    tmp_path: Path, settings: Settings, disk_order: DiskOrder
+) -> None:
+    """``.stack/replay/`` was made without syncing the stack folder: a power cut could take the new folder, and the
+    first progress saved in it, and the replay started again from the first row."""
+    replay(settings, ten_rows(tmp_path), FakeProducer())
+    assert disk_order.made_durably(settings.stack_dir / "replay"), disk_order.calls
+
+
 def test_replay_csv_command_reports_progress_and_exit_code(
     tmp_path: Path,
     settings: Settings,

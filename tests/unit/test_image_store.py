@@ -128,6 +128,17 @@ def test_a_deleted_image_does_not_come_back_after_a_power_cut(store, disk_order:
     assert store.find("reference", "subj-x") is None
 
 
+def test_the_store_s_new_folders_survive_a_power_cut_with_the_first_image(tmp_path, disk_order: DiskOrder) -> None:
+    """The image folders were made without syncing their parents: a power cut could take a new folder and the first
+    image put in it, whose ref records already carried."""
+    store = ImageStore.from_settings(Settings(stack_dir=tmp_path))
+    assert isinstance(store, LocalImageStore)
+    assert disk_order.made_durably(store.root), disk_order.calls
+    for kind in ("checkout", "entrance", "reference"):
+        assert disk_order.made_durably(store.root / kind), disk_order.calls
+        assert stat.S_IMODE((store.root / kind).stat().st_mode) == 0o700
+
+
 def test_unknown_store_kind_is_a_configuration_error(tmp_path):
     settings = Settings(stack_dir=tmp_path)
     bad = settings.model_copy(update={"faces": settings.faces.model_copy(update={"image_store": "ftp"})})
