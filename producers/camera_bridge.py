@@ -76,6 +76,7 @@ from infra.clients import kafka as kafka_clients
 from infra.clock import now_ms
 from infra.durable import make_dirs_durably, remove_durably, replace_durably
 from infra.logs import LOG_LEVEL_HELP, setup_logging
+from infra.processes import StopRequest, stop_asked_at, stop_on_signals
 from infra.retry import Backoff
 from infra.settings import Settings, get_settings
 from schemas.errors import CheckoutGuardError, InvalidRecord
@@ -563,6 +564,9 @@ class CameraBridge:
         self._failed: str | None = None
         self._running = self._stopping = False
         self._stop_by: float | None = None
+        self._stop_asked: threading.Event | None = None
+        """The stop ``run`` was given: a retry the run loop produces into a full local queue (Kafka away) waits for
+        room only until it is set, and is then left to the stop's drain, which has its deadline."""
         """At a stop, when (``time.monotonic()``) its drain ends: a record produced then waits for room in a full
         local queue (Kafka away) no longer (:class:`kafka_clients.ProduceGivenUp`); None while running."""
         self.heartbeat = metrics.Heartbeat()
@@ -759,7 +763,12 @@ class CameraBridge:
         return Outgoing(True, dl.dead_letter_id.encode(), dl.encode(), error.kind)
 
     def _produce(
-        self, out: Outgoing, msg: mqtt.MQTTMessage, attempt: int, wait: Callable[[float], object] | None
+        self,
+        out: Outgoing,
+        msg: mqtt.MQTTMessage,
+        attempt: int,
+        wait: Callable[[float], object] | None,
+        give_up: threading.Event | None = None,
     ) -> None:
         token = object()
 
@@ -773,7 +782,7 @@ class CameraBridge:
             self._unanswered[token] = _Unanswered(self._clock(), out, msg)
         try:
             kafka_clients.produce(
-                self._producer, topic, out.key, out.value, delivered, wait=wait, deadline=self._stop_by
+                self._producer, topic, out.key, out.value, delivered, wait=wait, deadline=self._stop_by, stop=give_up
             )
         except BaseException:
             with self._lock:
@@ -823,8 +832,8 @@ class CameraBridge:
             due = [r for r in self._retries if r.at <= now]
             self._retries = [r for r in self._retries if r.at > now]
         for retry in due:
-            try:
-                self._produce(retry.out, retry.msg, retry.attempt, wait=None)
+            try:  # a stop asked meanwhile ends its wait for room: the drain tries it again, until its deadline
+                self._produce(retry.out, retry.msg, retry.attempt, wait=None, give_up=self._stop_asked)
             except kafka_clients.ProduceGivenUp:  # at the stop: kept, and saved or left unacked with the others
                 with self._lock:
                     self._retries.append(retry)
@@ -842,11 +851,13 @@ class CameraBridge:
         self._resend_due()
 
     def run(self, stop: threading.Event, on_tick: Callable[[BridgeStats], None] | None = None) -> BridgeStats:
-        """Connect (retrying until the broker answers), forward until ``stop`` is set, then flush.
+        """Connect (retrying until the broker answers), forward until ``stop`` is set, then flush. The stop's grace
+        counts from when ``stop`` was set, where it is a :class:`infra.processes.StopRequest` (the supervisor's
+        SIGKILL counts from its SIGTERM, not from when this loop got round to the stop).
 
         Raises :class:`BridgeFailed` (after the same cleanup) as soon as :meth:`failure` names a reason.
         """
-        self._stopping, self._stop_by = False, None
+        self._stopping, self._stop_by, self._stop_asked = False, None, stop
         self.client.connect_async(self.settings.mqtt.host, self.settings.mqtt.port, keepalive=15)
         self.client.loop_start()
         self._running = True  # from now on paho's network thread is watched: it would end silently
@@ -867,7 +878,7 @@ class CameraBridge:
             # first, they were dropped, and the next run got every record in flight again (duplicates).
             # Messages that arrive meanwhile are left unacked for the next session (see _on_message).
             self._stopping = True
-            self._drain(self.settings.cameras.bridge_stop_grace_s)
+            self._drain(self.settings.cameras.bridge_stop_grace_s, stop_asked_at(stop))
             self._save_unsent()
             self.client.disconnect()
             self.client.loop_stop()
@@ -931,11 +942,14 @@ class CameraBridge:
         why = f"kafka refused it when produced again ({str(exc)[:200]}); its mqtt message is not sent again"
         self._resend_kept.append(SavedRecord(r.mqtt_topic, r.payload, r.out, why))
 
-    def _drain(self, grace_s: float) -> None:
-        """Give Kafka up to ``grace_s`` (wall clock) for every record accepted; waiting retries go at once. A record
-        produced meanwhile (a retry, a dead letter) waits for room in a full local queue (Kafka away) until then, not
-        for ever past the supervisor's SIGKILL: one given up is saved or left unacknowledged (:meth:`_save_unsent`)."""
-        deadline = time.monotonic() + grace_s
+    def _drain(self, grace_s: float, asked_at: float | None = None) -> None:
+        """Give Kafka up to ``grace_s`` (wall clock) from ``asked_at`` (the stop's arrival, ``time.monotonic()``; now
+        if None) for every record accepted; waiting retries go at once. Counted from the end of the loop, the time the
+        loop took after the SIGTERM (a retry waiting for room in Kafka's queue) ran past the supervisor's SIGKILL. A
+        record produced meanwhile (a retry, a dead letter) waits for room in a full local queue (Kafka away) until
+        then, not for ever past the supervisor's SIGKILL: one given up is saved or left unacknowledged
+        (:meth:`_save_unsent`)."""
+        deadline = (time.monotonic() if asked_at is None else asked_at) + grace_s
         self._stop_by = deadline
         with self._lock:
             retries, self._retries = self._retries, []
@@ -1012,8 +1026,8 @@ def serve(bridge: CameraBridge, stop: threading.Event, on_tick: Callable[[Bridge
 def main(log_level: str | None = None) -> None:
     settings = get_settings()
     setup_logging(settings, log_level, "bridge")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = StopRequest()
+    stop_on_signals(stop, (signal.SIGTERM, signal.SIGINT))  # the stop's grace counts from the signal's arrival
     last = [time.monotonic()]
     bridge = CameraBridge(settings)
     endpoint = metrics.serve(settings, PROCESS, health=bridge.heartbeat)

@@ -12,6 +12,7 @@ import os
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 from prometheus_client import REGISTRY
 
+from infra.processes import StopRequest
 from infra.retry import Backoff
 from infra.settings import CameraSettings, MqttSettings, Settings
 from producers import camera_bridge
@@ -672,3 +674,55 @@ def test_a_retry_kafka_has_no_room_for_at_the_stop_is_given_up_by_the_end_of_the
     finally:
         room.set()  # without the fix: lets the stuck stop end
     assert acks == [] and bridge.stats.left_unacked == 1 and len(kafka.sent) == 1
+
+
+def test_the_stop_grace_counts_from_the_stop_s_arrival_not_from_the_end_of_the_loop(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The grace (``CG_CAMERAS__BRIDGE_STOP_GRACE_S``) counted from when the loop got round to the stop: the time
+    the loop took after the SIGTERM was not counted, and the drain ran that much past the supervisor's SIGKILL."""
+    bridge, acks = _bridge(monkeypatch, FakeKafka(lambda n: TIMED_OUT), stack_dir=tmp_path, stop_grace_s=2.0)
+    _offline(bridge, monkeypatch)
+    bridge._on_message(bridge.client, None, _message(GOOD, mid=5))
+    stop = StopRequest()
+    stop.set()
+    assert stop.asked_at is not None
+    stop.asked_at -= 2.0  # the loop took the whole grace after the SIGTERM
+    started = time.monotonic()
+    bridge.run(stop)
+    assert time.monotonic() - started < 1.0
+    assert acks == [] and bridge.stats.left_unacked == 1
+
+
+def test_a_stop_asked_while_the_loop_waits_for_room_in_kafka_ends_within_its_grace(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A retry the run loop produced with Kafka away and the local queue full waited for room for ever: a SIGTERM
+    meanwhile never reached the stop, and the supervisor's SIGKILL came with nothing saved."""
+    room = threading.Event()
+
+    class Full(FakeKafka):
+        def produce(self, topic: str, *, key: bytes, value: bytes, on_delivery: Callable[[Any, Any], None]) -> None:
+            if self.sent and not room.is_set():  # the first try went in; the queue has been full since
+                raise BufferError("Local: Queue full")
+            super().produce(topic, key=key, value=value, on_delivery=on_delivery)
+
+    clock = Clock()
+    bridge, acks = _bridge(monkeypatch, Full(lambda n: TIMED_OUT), clock, stack_dir=tmp_path, stop_grace_s=0.5)
+    _offline(bridge, monkeypatch)
+    bridge._on_message(bridge.client, None, _message(GOOD, mid=5))
+    bridge.service(0)  # Kafka is away: waits for another attempt
+    clock.now += 60  # that attempt is due: the loop's produce waits for room
+    monkeypatch.setattr(bridge, "failure", lambda: None)  # no paho network thread here to watch
+    stop = StopRequest()
+    worker = threading.Thread(target=bridge.run, args=(stop,), daemon=True)
+    try:
+        worker.start()
+        time.sleep(0.3)
+        stop.set()
+        worker.join(3)
+        assert not worker.is_alive(), "the stop still waits for room in Kafka's queue"
+    finally:
+        room.set()  # without the fix: lets the stuck loop end
+        worker.join(5)
+    assert acks == [] and bridge.stats.left_unacked == 1
