@@ -18,7 +18,9 @@ image folder), an S3 ref one of the configured buckets (``checkout_bucket``, ``s
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,6 +57,16 @@ def safe_key(key: str) -> str:
     if not quoted or len(quoted) > 255:
         raise ValueError("image key empty or too long")
     return quoted
+
+
+def _marker(path: Path) -> Path:
+    """The retention marker of the image at ``path``: ``.<key>.retained`` beside it, or, where that name would pass
+    the 255 bytes a file name may have (a key of over 245 characters, which ``retain`` then failed on),
+    ``..<sha256 of the key>.retained`` (no key starts with ``.``, so no other key's marker has that name)."""
+    name = f".{path.name}.retained"
+    if len(os.fsencode(name)) > 255:
+        name = f"..{hashlib.sha256(os.fsencode(path.name)).hexdigest()}.retained"
+    return path.with_name(name)
 
 
 class ImageStoreUnavailable(CheckoutGuardError, RuntimeError):
@@ -176,7 +188,8 @@ class ImageStore:
 
 
 class LocalImageStore(ImageStore):
-    """Files ``<root>/<kind>/<key>`` (mode 0600); a retained image gets a ``.<key>.retained`` marker."""
+    """Files ``<root>/<kind>/<key>`` (mode 0600); a retained image gets a ``.<key>.retained`` marker (a hashed name
+    for a long key: :func:`_marker`)."""
 
     PREFIX = "file:"
 
@@ -224,7 +237,7 @@ class LocalImageStore(ImageStore):
         after a power cut, and a reference image is never purged."""
         path = self._path(ref)
         path.unlink(missing_ok=True)
-        path.with_name(f".{path.name}.retained").unlink(missing_ok=True)
+        _marker(path).unlink(missing_ok=True)
         fsync_dir(path.parent)
 
     def retain(self, ref: str, reason: str) -> None:
@@ -233,18 +246,23 @@ class LocalImageStore(ImageStore):
         path = self._path(ref)
         if not path.is_file():
             raise FileNotFoundError(f"no image at {ref}")
-        marker = path.with_name(f".{path.name}.retained")
-        replace_durably(marker, json.dumps({"reason": reason, "at": now_ms()}), mode=0o600)
+        marker = _marker(path)  # its key in it too: a hashed marker's name does not say it
+        replace_durably(marker, json.dumps({"reason": reason, "at": now_ms(), "key": path.name}), mode=0o600)
 
     def retained(self) -> dict[str, str]:
         out = {}
         for kind in PURGEABLE:
             for marker in (self.root / kind).glob(".*.retained"):
                 try:
-                    reason = json.loads(marker.read_text()).get("reason", "")
+                    data = json.loads(marker.read_text())
                 except (OSError, ValueError):
                     continue
-                out[f"{self.PREFIX}{kind}/{marker.name[1 : -len('.retained')]}"] = reason
+                if not isinstance(data, dict):
+                    continue
+                key = data.get("key") if marker.name.startswith("..") else marker.name[1 : -len(".retained")]
+                if not isinstance(key, str) or not _KEY_RE.fullmatch(key) or _marker(marker.with_name(key)) != marker:
+                    continue  # a hashed marker (:func:`_marker`) names its key inside; one that does not is no marker
+                out[f"{self.PREFIX}{kind}/{key}"] = str(data.get("reason", ""))
         return out
 
     def purge(self, older_than_ms: int, keep: frozenset[str] = frozenset()) -> int:
@@ -257,7 +275,7 @@ class LocalImageStore(ImageStore):
                         if ".tmp" in path.name and path.stat().st_mtime * 1000 < older_than_ms:
                             path.unlink(missing_ok=True)  # left by a crash mid-write
                         continue
-                    if path.with_name(f".{path.name}.retained").exists():
+                    if _marker(path).exists():
                         continue
                     if f"{self.PREFIX}{kind}/{path.name}" in keep:
                         continue
@@ -277,7 +295,7 @@ class LocalImageStore(ImageStore):
                     self.delete(ref)
                     n += 1
             except FileNotFoundError:  # the marker outlived its image (a crash between the two deletes)
-                path.with_name(f".{path.name}.retained").unlink(missing_ok=True)
+                _marker(path).unlink(missing_ok=True)
         return n
 
 

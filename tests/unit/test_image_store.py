@@ -101,6 +101,28 @@ def test_a_retained_snapshot_stays_retained_after_a_power_cut(store, disk_order:
     assert stat.S_IMODE(marker.stat().st_mode) == 0o600 and store.retained() == {ref: "alert=a1 subject=subj-x"}
 
 
+def test_a_snapshot_with_a_key_near_255_characters_can_be_retained_and_purged_with_its_marker(store) -> None:
+    """``.<key>.retained`` passed the 255 bytes a file name may have for a key of over 245 characters: ``retain``
+    failed (ENAMETOOLONG), and the case's snapshot went with the plain 24 h purge."""
+    key = "tx-" + "k" * 252
+    ref = store.put("checkout", key, b"jpeg")
+    store.retain(ref, "alert=a1 subject=-")
+    assert store.retained() == {ref: "alert=a1 subject=-"}
+    future = int(time.time() * 1000) + 60_000
+    assert store.purge(future) == 0, "the plain purge keeps what is retained"
+    assert store.find("checkout", key) == ref
+    assert store.purge_retained(future) == 1
+    assert store.find("checkout", key) is None and store.retained() == {}
+    assert [p.name for p in (store.root / "checkout").iterdir()] == [], "the marker went with its image"
+
+
+def test_a_retention_marker_written_before_keys_were_kept_in_it_is_still_read(store) -> None:
+    ref = store.put("checkout", "tx-old", b"jpeg")
+    (store.root / "checkout" / ".tx-old.retained").write_text('{"reason": "alert=a0 subject=-", "at": 1}')
+    assert store.retained() == {ref: "alert=a0 subject=-"}
+    assert store.purge(int(time.time() * 1000) + 60_000) == 0
+
+
 def test_retaining_a_missing_image_is_an_error(store):
     with pytest.raises(FileNotFoundError):
         store.retain("file:checkout/tx-gone", "alert=a9 subject=-")
