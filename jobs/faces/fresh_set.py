@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from infra.durable import fsync_dir, make_dirs_durably, rename_durably, write_synced
 from schemas.errors import CheckoutGuardError
 
 STAMP = ".source-sha256"
@@ -164,7 +165,10 @@ def archive_members(archive: Path) -> Iterable[tuple[str, bytes]]:
 
 def extract(source: Source, archive: Path, dest: Path) -> dict[str, int]:
     """Lay the source's photos out as ``dest/<source>/<identity>/<file>`` (replacing any earlier layout, written
-    aside first so an interrupted run leaves no half set); returns photos per identity."""
+    aside first so an interrupted run leaves no half set); returns photos per identity. Every photo, the stamp and
+    their folders are on disk (fsync) before the folder is renamed into place, and ``dest`` is synced after: a power
+    cut could otherwise leave a stamped layout of empty or cut-short photos, which :func:`is_laid_out` took for a
+    whole set, and the evaluation ran on it."""
     final, partial = dest / source.name, dest / f".{source.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     counts: dict[str, int] = {}
@@ -173,15 +177,19 @@ def extract(source: Source, archive: Path, dest: Path) -> dict[str, int]:
         if ident is None:
             continue
         folder = partial / ident
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / Path(name).name).write_bytes(data)
+        if ident not in counts:
+            make_dirs_durably(folder)
+        write_synced(folder / Path(name).name, data)
         counts[ident] = counts.get(ident, 0) + 1
     if not counts:
         shutil.rmtree(partial, ignore_errors=True)
         raise FreshSetError(f"{archive.name} holds no member matching {source.member!r}")
-    (partial / STAMP).write_text(source.layout_stamp + "\n")
+    write_synced(partial / STAMP, source.layout_stamp + "\n")
+    for ident in counts:
+        fsync_dir(partial / ident)
+    fsync_dir(partial)
     shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
+    rename_durably(partial, final)
     return counts
 
 

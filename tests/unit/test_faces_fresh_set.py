@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from infra.settings import REPO_ROOT
 from jobs.faces import fresh_set
 from jobs.faces.fresh_set import FreshSetError, Source
 from tests.builders import tgz
+from tests.unit.durability import DiskOrder
 
 FRESH = REPO_ROOT / ".cache" / "faces-fresh"
 
@@ -86,6 +88,20 @@ def test_fetch_lays_out_source_identity_image_and_stamps_the_digest(tmp_path):
     assert people == ["faces_men_0", "faces_men_12", "faces_women_3"]
     assert (roots[0] / "faces_men_12" / "12.jpg").read_bytes() == b"m12"
     assert fresh_set.is_laid_out(_source(), tmp_path)
+
+
+def test_a_laid_out_set_survives_a_power_cut_whole_not_as_empty_photos_under_a_stamp(
+    tmp_path: Path, disk_order: DiskOrder
+) -> None:
+    """The photos and the stamp were renamed into place unsynced: after a power cut the stamped folder could hold
+    empty or cut-short photos, taken for the whole set, and the evaluation ran on them."""
+    [root] = fresh_set.fetch_fresh(tmp_path, [_source()], run=FakeRegistry(ARCHIVE))
+    assert disk_order.replaced_durably(root), disk_order.calls
+    [rename] = [i for i, c in enumerate(disk_order.calls) if c[0] == "replace" and c[2] == os.path.realpath(root)]
+    partial = Path(disk_order.calls[rename][1])
+    synced_before = {c[1] for c in disk_order.calls[:rename] if c[0] == "fsync"}
+    written = {str(partial / p.relative_to(root)) for p in root.rglob("*")}
+    assert written and written <= synced_before, sorted(written - synced_before)
 
 
 def test_fetch_again_downloads_nothing_when_the_set_is_there(tmp_path):
