@@ -18,13 +18,42 @@ from typing import Any
 from confluent_kafka import KafkaException
 
 from infra import metrics
+from infra.processes import chance_left, in_daemon
 from infra.retry import Backoff
+from schemas.errors import CheckoutGuardError
 from schemas.topics import DEAD_LETTERS, TopicSpec
 
 log = logging.getLogger(__name__)
 
 PUBLISH_RETRY_S = 240.0
 """How long a transaction is retried while Kafka is away (the consumer's max.poll.interval.ms is 300 s)."""
+KAFKA_CALL_S = 30.0
+"""How long one transaction call (commit, abort) may wait on the brokers while the service runs."""
+STOP_POLL_S = 0.1
+"""How often a wait on Kafka in :func:`publish` looks whether the stop was asked, whose deadline then bounds it."""
+
+
+class TransactionGivenUp(CheckoutGuardError, RuntimeError):
+    """:func:`publish` gave its transaction up at the stop's deadline (``exit_by``), Kafka not done with it: its inputs'
+    offsets are not committed, so they are read again at the next start (skipped there if it landed after all)."""
+
+
+def _bounded(call: Callable[[], object], what: str, exit_by: Callable[[], float | None]) -> None:
+    """``call()`` (a Kafka call that waits on the brokers up to :data:`KAFKA_CALL_S`) in a daemon thread, waited for
+    until it ends, or once the stop is asked (``exit_by()`` not None) until that deadline: in the main thread, a
+    30 s commit with Kafka down held the stop past the supervisor's SIGKILL. Its exception is raised;
+    :class:`TransactionGivenUp` when the deadline came first (the call is left to end on its own)."""
+    future = in_daemon(call, f"kafka-{what}")
+    while True:
+        by = exit_by()
+        try:
+            future.result(timeout=STOP_POLL_S if by is None else chance_left(by))
+            return
+        except TimeoutError:
+            if by is not None:
+                raise TransactionGivenUp(
+                    f"Kafka did not finish the transaction's {what} before the supervisor's stop timeout"
+                ) from None
 
 
 @dataclass(frozen=True)
@@ -74,6 +103,7 @@ def publish(
     *,
     beat: Callable[[str | None], None] = lambda _problem: None,
     stopping: Callable[[], bool] = lambda: False,
+    exit_by: Callable[[], float | None] = lambda: None,
 ) -> None:
     """The outputs in one transaction (all land or none), then the inputs' offsets.
 
@@ -82,13 +112,17 @@ def publish(
     consumer's poll interval, after which the group has moved on), with ``beat("Kafka unreachable")`` for
     the health check. Past that, on a fatal error, or once ``stopping()``, the error propagates: the process
     exits non-zero and resumes from the last commit. Records are counted once their transaction committed.
+
+    ``exit_by()`` is the stop's deadline once the stop is asked (None before): the transaction's commit, its abort
+    and the backoff between tries end by it, even one under way when the stop came; the transaction is then given
+    up (:class:`TransactionGivenUp`) and no offset is committed.
     """
     backoff = Backoff(initial_s=0.5, maximum_s=10.0)
     give_up_at = time.monotonic() + PUBLISH_RETRY_S
     attempt = 0
     while outs:
         try:
-            _transaction(producer, prefix, outs, lambda: stopping() or time.monotonic() > give_up_at, beat)
+            _transaction(producer, prefix, outs, lambda: stopping() or time.monotonic() > give_up_at, beat, exit_by)
             count(process, outs)
             break
         except (KafkaException, BufferError) as exc:
@@ -98,8 +132,8 @@ def publish(
             beat("Kafka unreachable")
             log.warning("publishing failed (%s); aborting and trying again", err.str() if err else "queue full")
             with contextlib.suppress(KafkaException):  # nothing to abort is fine too
-                producer.abort_transaction(30)
-            time.sleep(backoff.delay(attempt))
+                _bounded(lambda: producer.abort_transaction(KAFKA_CALL_S), "abort", exit_by)
+            _pause(backoff.delay(attempt), exit_by)
             attempt += 1
     if offsets:  # never blocks; one that fails is covered by the next one, or replayed as a no-op
         consumer.commit(offsets=offsets, asynchronous=True)
@@ -111,23 +145,35 @@ def _transaction(
     outs: Sequence[Out],
     give_up: Callable[[], bool],
     beat: Callable[[str | None], None] = lambda _problem: None,
+    exit_by: Callable[[], float | None] = lambda: None,
 ) -> None:
     """One transaction of ``outs``; a retriable commit error is retried until ``give_up()`` (stopping, or past the
     caller's deadline), an abortable one is raised for the caller to abort and redo. Each retry beats
     ``beat("Kafka unreachable")``: a commit waits up to 30 s per try, and a few of them unbeaten turned ``/healthz``
-    to 503, so the supervisor restarted a service that was only waiting for Kafka."""
+    to 503, so the supervisor restarted a service that was only waiting for Kafka. Each commit ends by the stop's
+    deadline (:func:`_bounded`)."""
     producer.begin_transaction()
     for out in outs:
         extra = {"headers": list(out.headers)} if out.headers else {}
         producer.produce(out.topic.full_name(prefix), key=out.key, value=out.value, **extra)
     while True:
         try:
-            producer.commit_transaction(30)
+            _bounded(lambda: producer.commit_transaction(KAFKA_CALL_S), "commit", exit_by)
             return
         except KafkaException as exc:
             if not exc.args[0].retriable() or give_up():
                 raise  # abortable: the caller aborts and redoes the whole transaction
             beat("Kafka unreachable")  # waiting on purpose is progress; /readyz says on what
+
+
+def _pause(delay_s: float, exit_by: Callable[[], float | None]) -> None:
+    """Sleep ``delay_s`` between two tries, ended once the stop is asked (:class:`TransactionGivenUp`: a stop
+    gives the transaction up rather than try it again)."""
+    end = time.monotonic() + delay_s
+    while (left := end - time.monotonic()) > 0:
+        if exit_by() is not None:
+            raise TransactionGivenUp("the stop came while Kafka was waited for between two tries")
+        time.sleep(min(STOP_POLL_S, left))
 
 
 def count(process: str, outs: Sequence[Out]) -> None:

@@ -76,6 +76,7 @@ from infra.clients.image_store import (
 from infra.clients.transactional import Out, Source
 from infra.command_auth import authenticate_command
 from infra.logs import LOG_LEVEL_HELP, setup_logging
+from infra.processes import StopRequest, done_by, exit_deadline, stop_on_signals
 from infra.retry import Backoff
 from infra.settings import Settings, get_settings
 from jobs.faces.engine import DetectedFace, FaceEngine, ImageError, embedder_of
@@ -1054,7 +1055,8 @@ class WatchlistService:
             COMMANDS.full_name(self.prefix): self.core.on_command,
             ALERTS.full_name(self.prefix): self.core.on_alert,
         }
-        self._stop = False
+        self._stop = StopRequest()
+        """Set by SIGTERM/SIGINT (:meth:`stop`), timed at the signal's arrival (``stop_on_signals`` in :func:`main`)."""
         self._next_purge = 0.0
         self._held = {}
         self.heartbeat = metrics.Heartbeat()
@@ -1070,7 +1072,15 @@ class WatchlistService:
             self.core.rekognition.progress = lambda: self._beat(self._rekognition_problem or self._store_problem)
 
     def stop(self, *_: object) -> None:
-        self._stop = True
+        self._stop.set()
+
+    def _exit_by(self) -> float | None:
+        """Once the stop is asked, when its last Kafka calls are given up: 1 s before the supervisor's SIGKILL, which
+        counts from the SIGTERM (a transaction's commit hanging on Kafka after it, or the consumer's close, ran past
+        that SIGKILL); None before."""
+        if not self._stop.is_set():
+            return None
+        return exit_deadline(self.settings.supervisor.stop_timeout_s, self._stop.asked_at)
 
     def replay(self, spec: TopicSpec, apply, stall_s: float = STARTUP_READ_STALL_S) -> int:
         """Read a topic from its start to its end (committed records only) into ``apply(key, value)``;
@@ -1101,7 +1111,7 @@ class WatchlistService:
 
         try:
             self._ensure_collection()
-            if self._stop:
+            if self._stop.is_set():
                 return
             loaded = self.replay(WATCHLIST, self.core.load)
             log.info("watchlist replayed: %d records, %d subjects", loaded, len(self.core.entries))
@@ -1111,7 +1121,7 @@ class WatchlistService:
             self._beat(None)
             self.producer.init_transactions(30)
             self.consumer.subscribe(list(self.topics), on_revoke=self._on_revoke)
-            while not self._stop:
+            while not self._stop.is_set():
                 self._beat(self._store_problem)
                 self.producer.poll(0)  # serves the producer's callbacks, an MSK IAM token refresh among them
                 self._maybe_purge()
@@ -1136,8 +1146,27 @@ class WatchlistService:
                         if not self._held:  # an alert of another partition may still wait for the image store
                             self._store_tries, self._store_problem = 0, None
                     self._publish(outs, [TopicPartition(topic, partition, offset + 1)])
+        except transactional.TransactionGivenUp as exc:
+            log.warning(
+                "watchlist service: %s; the transaction is given up and its input not committed: it is read again at "
+                "the next start, and skipped there if the transaction landed after all",
+                exc,
+            )
         finally:
-            self.consumer.close()
+            self._close()
+
+    def _close(self) -> None:
+        """The consumer's close (it leaves the group), given up at the stop's deadline: with Kafka down it waited on
+        the brokers as long as it took, past the supervisor's SIGKILL. No offset is committed by it (each input's is
+        committed after its transaction), so nothing is lost."""
+        deadline = self._exit_by() or exit_deadline(self.settings.supervisor.stop_timeout_s)
+        try:
+            if not done_by(self.consumer.close, deadline, "watchlist-service-close"):
+                log.warning(
+                    "watchlist service: Kafka did not take the consumer's close before the supervisor's stop timeout; "
+                    "the inputs not committed are read again at the next start"
+                )
+        finally:
             self.core.close()
 
     def _ensure_collection(self) -> None:
@@ -1146,7 +1175,7 @@ class WatchlistService:
         unreachable" meanwhile; the service stopped for good at its start before. An error of the setup that no
         wait heals (access denied, credentials, a parameter refused) stops it, logged with what to fix."""
         tries = 0
-        while not self._stop:
+        while not self._stop.is_set():
             try:
                 self.core.ensure_collection()
             except RekognitionError as exc:
@@ -1171,7 +1200,7 @@ class WatchlistService:
     def _pause(self, delay: float, problem: str | None) -> None:
         """Wait ``delay`` seconds (or until stopped), beating ``/healthz`` with ``problem`` for ``/readyz``."""
         end = time.monotonic() + delay
-        while not self._stop and (left := end - time.monotonic()) > 0:
+        while not self._stop.is_set() and (left := end - time.monotonic()) > 0:
             self._beat(problem)
             time.sleep(min(1.0, left))
 
@@ -1221,7 +1250,8 @@ class WatchlistService:
             outs,
             offsets,
             beat=self._beat,
-            stopping=lambda: self._stop,
+            stopping=self._stop.is_set,
+            exit_by=self._exit_by,
         )
 
     def _beat(self, problem: str | None) -> None:
@@ -1233,8 +1263,8 @@ def main(log_level: str | None = None) -> None:
     settings = get_settings()
     setup_logging(settings, log_level, "watchlist")
     service = WatchlistService(settings)
-    signal.signal(signal.SIGTERM, service.stop)
-    signal.signal(signal.SIGINT, service.stop)
+    # the stop's deadline counts from the signal's arrival, even with the loop blocked in a Kafka call
+    stop_on_signals(service._stop, (signal.SIGTERM, signal.SIGINT))
     endpoint = metrics.serve(settings, PROCESS, health=service.heartbeat)
     try:
         service.run()

@@ -30,6 +30,7 @@ from infra.clients.image_store import LocalImageStore
 from infra.clients.meraki import Snapshot
 from infra.local.webex import person_id, sign
 from infra.metrics import ConsumerLagCollector, Heartbeat, PartitionLag, group_lags, serve
+from infra.processes import StopRequest
 from infra.retry import Backoff
 from infra.settings import METRICS_PORTS, AlertSettings, CameraSettings, MetricsSettings, Settings, WebexSettings
 from jobs.bot.webex_bot import ParsedCommand, WebexBot
@@ -710,7 +711,8 @@ def test_watchlist_service_counts_commands_by_verb_and_records_once_their_transa
     monkeypatch.setattr(watchlist_service.time, "sleep", lambda _s: None)
     abortable = KafkaError(KafkaError._STATE, "needs abort", txn_requires_abort=True)
     svc = WatchlistService.__new__(WatchlistService)
-    svc.producer, svc.consumer, svc.prefix, svc._stop = FlakyTransactions([abortable]), Group(), "", False  # type: ignore[assignment]
+    svc.producer, svc.consumer, svc.prefix = FlakyTransactions([abortable]), Group(), ""  # type: ignore[assignment]
+    svc._stop = StopRequest()
     svc.heartbeat = Heartbeat()
 
     svc._publish(outs, ["offset"])

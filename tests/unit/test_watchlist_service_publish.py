@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
+from infra.processes import StopRequest
 from jobs.faces import watchlist_service
 from jobs.faces.watchlist_service import Out, WatchlistService
 from schemas.topics import AUDIT
@@ -57,7 +58,8 @@ class Group:
 
 def service(producer: FlakyTransactions) -> WatchlistService:
     svc = WatchlistService.__new__(WatchlistService)
-    svc.producer, svc.consumer, svc.prefix, svc._stop = producer, Group(), "", False
+    svc.producer, svc.consumer, svc.prefix, svc._stop = producer, Group(), "", StopRequest()
+    svc.settings = watchlist_service.Settings()
     return svc
 
 
@@ -154,7 +156,7 @@ class _Log(Group):
 
     def poll(self, timeout: float) -> _Message | None:
         if self.position >= len(self.records):
-            self.svc._stop = True
+            self.svc._stop.set()
             return None
         self.position += 1
         return self.records[self.position - 1]
@@ -579,3 +581,83 @@ def test_a_command_of_several_slow_rekognition_calls_keeps_healthz_alive(tmp_pat
     assert rekognition.forget("subj-tx-1") == 2
     assert [alive for alive, _ in seen] == [True] * 3, seen
     assert svc.heartbeat()[0], "stale after the last call"
+
+
+def test_a_transaction_commit_hanging_on_kafka_at_a_stop_is_given_up_by_the_stops_deadline_uncommitted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SIGTERM came while a transaction's commit waited on Kafka (down): the commit waited its 30 s, past the
+    supervisor's SIGKILL (``CG_SUPERVISOR__STOP_TIMEOUT_S`` after the SIGTERM), and so did the consumer's close after
+    it. Both are given up 1 s before the SIGKILL, counted from the SIGTERM, and the input's offset is not committed."""
+    import threading
+    import time
+
+    from infra.settings import Settings
+
+    released = threading.Event()
+    closed: list[bool] = []
+    stopped_at: list[float] = []
+
+    class HangingCommit(FlakyTransactions):
+        def init_transactions(self, timeout: float) -> None:
+            pass
+
+        def poll(self, timeout: float) -> int:
+            return 0
+
+        def commit_transaction(self, timeout: float) -> None:
+            stopped_at.append(time.monotonic())
+            svc.stop()  # SIGTERM arrives while the commit waits on Kafka ...
+            released.wait(4.0)  # ... which does not answer
+
+    class OneRecord(Group):
+        def __init__(self) -> None:
+            super().__init__()
+            self.records = [_Message("commands", 3, b"v")]
+
+        def subscribe(self, topics: list[str], **callbacks: Any) -> None:
+            pass
+
+        def poll(self, timeout: float) -> _Message | None:
+            return self.records.pop() if self.records else None
+
+        def close(self) -> None:
+            released.wait(4.0)  # the close waits on Kafka too
+            closed.append(True)
+
+    class Core:
+        rekognition = None
+        entries: dict = {}
+
+        def load(self, _key: bytes | None, _value: bytes | None) -> None:
+            pass
+
+        load_audit = load
+
+        def ensure_collection(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    svc = service(HangingCommit([]))
+    svc.settings = Settings(
+        supervisor={"stop_timeout_s": 2.5},
+        cameras={"bridge_stop_grace_s": 1.0},
+        kafka={"stop_flush_s": 0.5},
+        alerts={"stop_wait_s": 0.2},
+    )
+    svc.consumer = OneRecord()
+    svc.core, svc.heartbeat, svc._next_purge, svc._held = Core(), None, float("inf"), {}  # type: ignore[assignment]
+    svc._processing = watchlist_service.metrics.PROCESSING_SECONDS.labels(watchlist_service.PROCESS)
+    svc.topics = {"commands": lambda _src, _now: [Out(AUDIT, b"a-1", b"v")]}
+    svc.replay = lambda _spec, _apply: 0  # type: ignore[method-assign]
+    try:
+        svc.run()
+        took = time.monotonic() - stopped_at[0]
+    finally:
+        released.set()  # the hung calls end now
+    assert took < 1.7, f"the stop took {took:.1f}s; the SIGKILL comes 2.5 s after the SIGTERM, its last calls by 1.5 s"
+    assert svc.consumer.commits == [], "the input of a transaction given up was committed"
+    assert not closed, "the consumer's close waits on Kafka: it is given up, not waited for"
+    assert any(r.levelname == "WARNING" and "given up" in r.getMessage() for r in caplog.records)
