@@ -56,6 +56,7 @@ from infra.clients import transactional
 from infra.clients.transactional import Out, Source
 from infra.command_auth import SIGNATURE_HEADER, authenticate_command, sign_command
 from infra.logs import LOG_LEVEL_HELP, setup_logging
+from infra.processes import StopRequest, done_by, exit_deadline, stop_on_signals
 from infra.settings import Settings, get_settings
 from jobs.cases.core import (
     DISMISSED,
@@ -580,13 +581,22 @@ class CaseService:
             ALERTS.full_name(self.prefix): self.core.on_alert,
             COMMANDS.full_name(self.prefix): self.core.on_command,
         }
-        self._stop = False
+        self._stop = StopRequest()
+        """Set by SIGTERM/SIGINT (:meth:`stop`), timed at the signal's arrival (``stop_on_signals`` in :func:`main`)."""
         self._next_expiry = 0.0
         self.heartbeat = metrics.Heartbeat()
         self._processing = metrics.PROCESSING_SECONDS.labels(PROCESS)
 
     def stop(self, *_: object) -> None:
-        self._stop = True
+        self._stop.set()
+
+    def _exit_by(self) -> float | None:
+        """Once the stop is asked, when its last Kafka calls are given up: 1 s before the supervisor's SIGKILL, which
+        counts from the SIGTERM (a transaction's commit hanging on Kafka after it, or the consumer's close, ran past
+        that SIGKILL); None before."""
+        if not self._stop.is_set():
+            return None
+        return exit_deadline(self.settings.supervisor.stop_timeout_s, self._stop.asked_at)
 
     def replay(
         self, spec: TopicSpec, apply: Callable[[bytes | None, bytes | None], None], since_ms: int | None = None
@@ -624,12 +634,12 @@ class CaseService:
         self.replay(AUDIT, self.core.load_audit, since_ms=self.core.horizon(clock.now_ms()) - command_max_age_ms)
         log.info("replayed %d cases, %d reference images", len(self.core.book.cases), len(self.core.references))
         self.producer.init_transactions(30)
-        stripped = self.core.forget_held(clock.now_ms())  # forgets made while this service was away
-        if stripped:
-            self._publish(stripped, [])
-        self.consumer.subscribe(list(self.topics))
         try:
-            while not self._stop:
+            stripped = self.core.forget_held(clock.now_ms())  # forgets made while this service was away
+            if stripped:
+                self._publish(stripped, [])
+            self.consumer.subscribe(list(self.topics))
+            while not self._stop.is_set():
                 self.heartbeat.beat(None)
                 self.producer.poll(0)  # serves the producer's callbacks, an MSK IAM token refresh among them
                 self._maybe_expire()
@@ -650,8 +660,25 @@ class CaseService:
                     offsets[(topic, partition)] = offset if oldest is None else min(offset, oldest)
                 if offsets:
                     self._publish(outs, [TopicPartition(t, p, o) for (t, p), o in offsets.items()])
+        except transactional.TransactionGivenUp as exc:
+            log.warning(
+                "case service: %s; the transaction is given up and its inputs not committed: they are read again at "
+                "the next start, and skipped there if the transaction landed after all",
+                exc,
+            )
         finally:
-            self.consumer.close()
+            self._close()
+
+    def _close(self) -> None:
+        """The consumer's close (it leaves the group), given up at the stop's deadline: with Kafka down it waited on
+        the brokers as long as it took, past the supervisor's SIGKILL. No offset is committed by it (the inputs' are
+        committed after their transaction), so nothing is lost."""
+        deadline = self._exit_by() or exit_deadline(self.settings.supervisor.stop_timeout_s)
+        if not done_by(self.consumer.close, deadline, "case-service-close"):
+            log.warning(
+                "case service: Kafka did not take the consumer's close before the supervisor's stop timeout; the "
+                "inputs not committed are read again at the next start"
+            )
 
     def _maybe_expire(self) -> None:
         if time.monotonic() < self._next_expiry:
@@ -671,7 +698,8 @@ class CaseService:
             outs,
             offsets,
             beat=self.heartbeat.beat,
-            stopping=lambda: self._stop,
+            stopping=self._stop.is_set,
+            exit_by=self._exit_by,
         )
 
 
@@ -679,8 +707,8 @@ def main(log_level: str | None = None) -> None:
     settings = get_settings()
     setup_logging(settings, log_level, PROCESS)
     service = CaseService(settings)
-    signal.signal(signal.SIGTERM, service.stop)
-    signal.signal(signal.SIGINT, service.stop)
+    # the stop's deadline counts from the signal's arrival, even with the loop blocked in a Kafka call
+    stop_on_signals(service._stop, (signal.SIGTERM, signal.SIGINT))
     endpoint = metrics.serve(settings, PROCESS, health=service.heartbeat)
     try:
         service.run()

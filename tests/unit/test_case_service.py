@@ -678,3 +678,119 @@ def test_a_subject_forgotten_while_the_service_was_away_loses_its_held_cases_ima
     assert restarted.forget_held(NOW + 3000) == [], "once stripped, nothing more"
     outs = restarted.on_command(command_src("CONFIRM", held.case_id, "m1"), NOW + 3000)
     assert case_of(outs).snapshot_ref is None and of(outs, COMMANDS) == [], "no LEARN of a deleted sighting"
+
+
+class _HangingCommit:
+    """A transactional producer whose commit waits on Kafka (down) for ``hang_s``; ``on_commit`` runs as it begins."""
+
+    def __init__(self, on_commit, released) -> None:
+        self.on_commit, self.released = on_commit, released
+
+    def init_transactions(self, timeout: float) -> None:
+        pass
+
+    def poll(self, timeout: float) -> int:
+        return 0
+
+    def begin_transaction(self) -> None:
+        pass
+
+    def produce(self, topic: str, key: bytes, value: bytes | None) -> None:
+        pass
+
+    def commit_transaction(self, timeout: float) -> None:
+        self.on_commit()
+        self.released.wait(4.0)  # Kafka does not answer
+
+
+class _OneCommand:
+    """A consumer of one command whose close waits on Kafka (down) too; its offset commits in ``commits``."""
+
+    def __init__(self, released) -> None:
+        from confluent_kafka import Message
+
+        self.released, self.commits, self.closed = released, [], False
+        self.records = [Message(topic="commands", partition=0, offset=3, key=b"c-1", value=b"v")]
+
+    def subscribe(self, topics: list[str]) -> None:
+        pass
+
+    def consume(self, num_messages: int, timeout: float) -> list:
+        taken, self.records = self.records, []
+        return taken
+
+    def commit(self, offsets: list, asynchronous: bool) -> None:
+        self.commits.append(offsets)
+
+    def close(self) -> None:
+        self.released.wait(4.0)
+        self.closed = True
+
+
+class _IdleCore:
+    """A case core with nothing held, nothing to expire, no input waiting."""
+
+    book = type("Book", (), {"cases": {}})()
+    references: dict = {}
+
+    def load_case(self, _key: bytes | None, _value: bytes | None) -> None:
+        pass
+
+    load_watchlist = load_audit = load_case
+
+    def horizon(self, now_ms: int) -> int:
+        return now_ms
+
+    def forget_held(self, now_ms: int) -> list:
+        return []
+
+    def expire(self, now_ms: int) -> list:
+        return []
+
+    def oldest_waiting(self, topic: str, partition: int) -> None:
+        return None
+
+
+def test_a_transaction_commit_hanging_on_kafka_at_a_stop_is_given_up_by_the_stops_deadline_uncommitted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SIGTERM came while a transaction's commit waited on Kafka (down): the commit waited its 30 s, past the
+    supervisor's SIGKILL (``CG_SUPERVISOR__STOP_TIMEOUT_S`` after the SIGTERM), and so did the consumer's close
+    after it. Both are given up 1 s before the SIGKILL, counted from the SIGTERM; the inputs' offsets not committed."""
+    import threading
+    import time
+
+    from infra.metrics import Heartbeat
+    from infra.processes import StopRequest
+    from jobs.cases import service as case_service
+    from jobs.cases.service import CaseService, Out
+
+    released = threading.Event()
+    stopped_at: list[float] = []
+
+    def sigterm() -> None:  # SIGTERM arrives while the commit waits on Kafka
+        stopped_at.append(time.monotonic())
+        svc.stop()
+
+    svc = CaseService.__new__(CaseService)
+    svc.settings = Settings(
+        supervisor={"stop_timeout_s": 2.5},
+        cameras={"bridge_stop_grace_s": 1.0},
+        kafka={"stop_flush_s": 0.5},
+        alerts={"stop_wait_s": 0.2},
+    )
+    svc.prefix, svc._stop, svc._next_expiry, svc.heartbeat = "", StopRequest(), float("inf"), Heartbeat()
+    consumer = _OneCommand(released)
+    svc.producer, svc.consumer, svc.core = _HangingCommit(sigterm, released), consumer, _IdleCore()  # type: ignore[assignment]
+    svc._processing = case_service.metrics.PROCESSING_SECONDS.labels(case_service.PROCESS)
+    svc.topics = {"commands": lambda _src, _now: [Out(AUDIT, b"a-1", b"v")]}
+    svc.replay = lambda *_a, **_k: None  # type: ignore[method-assign]
+    try:
+        svc.run()
+        took = time.monotonic() - stopped_at[0]
+    finally:
+        released.set()  # the hung calls end now
+    assert took < 1.7, f"the stop took {took:.1f}s; the SIGKILL comes 2.5 s after the SIGTERM, its last calls by 1.5 s"
+    assert consumer.commits == [], "the inputs of a transaction given up were committed"
+    assert not consumer.closed, "the consumer's close waits on Kafka: it is given up, not waited for"
+    assert any(r.levelname == "WARNING" and "given up" in r.getMessage() for r in caplog.records)
