@@ -65,7 +65,6 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
-import uvicorn
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -73,12 +72,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from infra import metrics
+from infra import metrics, web_server
 from infra.clients import kafka as kafka_clients
 from infra.clients.commands import Headers, KafkaCommandPublisher, signed_headers
 from infra.clients.webex import RETRY_AFTER_LIMIT_S, WebexClient, WebexError, asked_wait, with_retries
 from infra.clock import now_ms
-from infra.logs import LOG_LEVEL_HELP, UVICORN, setup_logging
+from infra.logs import LOG_LEVEL_HELP, setup_logging
+from infra.processes import done_by, exit_deadline
 from infra.retry import call_with_retries
 from infra.settings import Settings, get_settings
 from jobs.cases.core import ESCALATED, PENDING, parse_case_command
@@ -1081,19 +1081,32 @@ def main(log_level: str | None = None) -> None:
     setup_logging(settings, log_level, "bot")
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    with WebexBot(settings) as bot:  # closes its Webex, Kafka, OpenSearch and camera clients on the way out
+    stop_timeout_s = settings.supervisor.stop_timeout_s
+    bot = WebexBot(settings)
+    deadline: float | None = None
+    try:
         endpoint = metrics.serve(settings, PROCESS, health=bot.heartbeat, ready=bot.ready)
         try:
-            uvicorn.run(
+            # until SIGTERM; the commands still being handled are given up 2 s before the supervisor's SIGKILL
+            deadline = web_server.serve(
                 bot.app,
                 host=settings.webex.bot_host,
                 port=settings.webex.bot_port,
+                stop_timeout_s=stop_timeout_s,
+                name=PROCESS,
                 log_level="warning",
                 access_log=False,
-                **UVICORN,  # its lines through the one handler: line format, secrets masked
             )
         finally:
             endpoint.close()
+    finally:
+        # its Webex, Kafka, OpenSearch and camera clients, by 1 s before the SIGKILL: the Kafka publisher's flush
+        # waited 5 s, and a client's close as long as it took, after the server's stop had taken its time
+        if not done_by(bot.close, deadline or exit_deadline(stop_timeout_s), "webex-bot-close"):
+            log.warning(
+                "webex bot: its clients (Kafka, Webex, OpenSearch, cameras) were not closed before the supervisor's "
+                "stop timeout; given up (the bot answers a command as sent only once Kafka confirmed it)"
+            )
 
 
 cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

@@ -719,20 +719,28 @@ def test_an_https_or_this_machines_public_url_is_taken(monkeypatch: pytest.Monke
 def test_the_bots_web_server_logs_through_the_one_handler(monkeypatch: pytest.MonkeyPatch) -> None:
     """uvicorn set up handlers of its own for the bot's web server: its lines (an exception in a webhook, with its
     traceback) skipped the masking of secrets and the project's line format."""
-    import contextlib
-
+    from infra import web_server
     from jobs.bot import webex_bot
 
     options: dict[str, Any] = {}
+
+    class Server:
+        def __init__(self, config: Any) -> None:
+            options["log_config"] = config.log_config
+
+        def run(self) -> None:
+            pass
+
     monkeypatch.setattr(webex_bot, "get_settings", lambda: Settings())
     monkeypatch.setattr(webex_bot, "setup_logging", lambda *_a, **_k: None)
     monkeypatch.setattr(
         webex_bot,
         "WebexBot",
-        lambda _settings: contextlib.nullcontext(type("B", (), {"app": None, "heartbeat": None, "ready": None})()),
+        lambda _settings: type("B", (), {"app": None, "heartbeat": None, "ready": None, "close": lambda self: None})(),
     )
     monkeypatch.setattr(webex_bot.metrics, "serve", lambda *_a, **_k: type("E", (), {"close": lambda self: None})())
-    monkeypatch.setattr(webex_bot.uvicorn, "run", lambda _app, **kw: options.update(kw))
+    monkeypatch.setattr(web_server.uvicorn, "Server", Server)
+    monkeypatch.setattr(web_server, "stop_on_signals", lambda stop, _signals: stop.set())  # stopped at once
     webex_bot.main()
     assert options["log_config"] is None
 
@@ -771,3 +779,73 @@ def test_closing_the_bot_gives_up_the_admin_client_its_readiness_looks_at_kafka_
     with pytest.raises(RuntimeError, match="closed"):
         bot.kafka_probe()  # a look after close builds no new client
     assert not built
+
+
+def test_a_stop_gives_up_a_command_still_being_handled_and_closes_the_bots_clients_before_the_sigkill() -> None:
+    """On SIGTERM uvicorn waited for a command still being handled (its thread: a Kafka publish with Kafka down, a
+    camera that does not answer) as long as it took, past the supervisor's SIGKILL, then raised the SIGTERM again with
+    the default handler, so the process died of it before the bot's clients were closed. The command is given up 2 s
+    before the SIGKILL (``CG_SUPERVISOR__STOP_TIMEOUT_S`` after the SIGTERM) and the clients closed by 1 s before."""
+    import subprocess
+    import sys
+
+    from infra.settings import REPO_ROOT
+
+    code = """
+import os, signal, socket, threading, time, urllib.request
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from infra.settings import Settings
+from jobs.bot import webex_bot
+
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+settings = Settings(
+    supervisor={"stop_timeout_s": 2.5}, cameras={"bridge_stop_grace_s": 1.0}, kafka={"stop_flush_s": 0.5},
+    alerts={"stop_wait_s": 0.2}, webex={"bot_host": "127.0.0.1", "bot_port": port},
+)
+closed = []
+
+async def hang(_request):  # answered at once, the command handled after the answer (as the webhook does)
+    return JSONResponse({"ok": True}, background=BackgroundTask(run_in_threadpool, time.sleep, 8))
+
+class Bot:
+    app = Starlette(routes=[Route("/hang", hang, methods=["POST"])])
+    heartbeat = ready = None
+    def close(self):
+        closed.append(time.monotonic())
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        self.close()
+
+webex_bot.get_settings = lambda: settings
+webex_bot.setup_logging = lambda *a, **k: None
+webex_bot.WebexBot = lambda _settings: Bot()
+webex_bot.metrics.serve = lambda *a, **k: type("E", (), {"close": lambda self: None})()
+sent = []
+
+def client():
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/hang", b"{}"), timeout=5)
+            break
+        except OSError:
+            time.sleep(0.05)
+    time.sleep(0.3)  # the command's thread is under way
+    sent.append(time.monotonic())
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=client, daemon=True).start()
+webex_bot.main()
+print(round(time.monotonic() - sent[0], 2), bool(closed))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert out.returncode == 0, f"the bot died of its SIGTERM (exit {out.returncode}): {out.stderr[-2000:]}"
+    took, closed = out.stdout.split()
+    assert float(took) < 1.7, f"the bot stopped {took}s after its SIGTERM; the SIGKILL comes at 2.5 s"
+    assert closed == "True", "the bot's clients were not closed"
