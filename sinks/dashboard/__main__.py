@@ -1,4 +1,4 @@
-"""``python -m sinks.dashboard [--host H] [--port P]``: serve the live dashboard until Ctrl-C.
+"""``python -m sinks.dashboard [--host H] [--port P]``: serve the live dashboard until Ctrl-C or SIGTERM.
 
 ``python -m sinks.dashboard hash-password``: the password hash of one ``CG_DASHBOARD__USERS`` entry."""
 
@@ -9,10 +9,10 @@ import logging
 from typing import Annotated
 
 import typer
-import uvicorn
 from prometheus_client import REGISTRY
 
-from infra.logs import LOG_LEVEL_HELP, UVICORN, setup_logging
+from infra import web_server
+from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.metrics import ConsumerLagCollector, Endpoint, serve
 from infra.settings import Settings, get_settings
 from sinks.dashboard.app import DashboardConfigError, create_app
@@ -60,8 +60,16 @@ def main(
         f"Checkout Guard dashboard on http://{bind_host}:{bind_port}/ "
         f"(indices {settings.opensearch.index_prefix}-*, {login})"
     )
-    # UVICORN: uvicorn's lines go through setup_logging's handler (format, masked secrets), not handlers of its own
-    uvicorn.run(app, host=bind_host, port=bind_port, log_level="warning", **UVICORN)
+    # until SIGTERM; the requests still under way are given up 2 s before the supervisor's SIGKILL (uvicorn's lines go
+    # through setup_logging's handler: format, masked secrets)
+    web_server.serve(
+        app,
+        host=bind_host,
+        port=bind_port,
+        stop_timeout_s=settings.supervisor.stop_timeout_s,
+        name="dashboard",
+        log_level="warning",
+    )
 
 
 @cli.command("hash-password")

@@ -148,7 +148,7 @@ def test_without_a_login_the_dashboard_serves_on_loopback_only() -> None:
 
 def test_the_command_refuses_to_start_on_all_interfaces_without_a_login(monkeypatch: pytest.MonkeyPatch) -> None:
     started: list[Any] = []
-    monkeypatch.setattr(dashboard_main.uvicorn, "run", lambda *a, **k: started.append((a, k)))
+    monkeypatch.setattr(dashboard_main.web_server, "serve", lambda *a, **k: started.append((a, k)))
     monkeypatch.setattr(dashboard_main, "export_metrics", lambda settings: None)  # no port, no global registry
     monkeypatch.delenv("CG_DASHBOARD__USERNAME", raising=False)
     monkeypatch.delenv("CG_DASHBOARD__PASSWORD", raising=False)
@@ -176,11 +176,15 @@ def test_the_servers_own_lines_go_through_the_log_handler_with_secrets_masked(mo
     for lg in loggers[1:]:  # as in a fresh process: an in-process uvicorn of an earlier test may have set them up
         lg.handlers[:], lg.propagate, lg.level = [], True, logging.NOTSET
 
-    def run(app: Any, **options: Any) -> None:
-        uvicorn.Config(app, **options)  # sets logging up as uvicorn.run does before it serves
-        logging.getLogger("uvicorn.error").error("Exception in ASGI application: Authorization: Bearer sekrit-1234")
+    class Server:  # built once uvicorn.Config set logging up, as it does before it serves
+        def __init__(self, config: uvicorn.Config) -> None:
+            pass
 
-    monkeypatch.setattr(dashboard_main.uvicorn, "run", run)
+        def run(self) -> None:
+            logging.getLogger("uvicorn.error").error("Exception in ASGI application: Authorization: Bearer sekrit-1234")
+
+    monkeypatch.setattr(dashboard_main.web_server.uvicorn, "Server", Server)
+    monkeypatch.setattr(dashboard_main.web_server, "stop_on_signals", lambda stop, _signals: stop.set())
     monkeypatch.setattr(dashboard_main, "export_metrics", lambda settings: None)
     monkeypatch.setenv("CG_DASHBOARD__TOKEN", "tok-123")
     dashboard_main.get_settings.cache_clear()
