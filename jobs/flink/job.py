@@ -26,6 +26,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,6 +51,7 @@ from infra.flink_cluster import (
 )
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.metrics import port_of
+from infra.processes import StopRequest, done_by, exit_deadline, in_daemon, stop_asked_at, stop_on_signals
 from infra.settings import REPO_ROOT, Settings, face_deadline_problem, get_settings
 from infra.stack import StackError, StackPaths, flink_connector_jars, flink_ext_jar
 from jobs.flink.operator import BROADCAST, DecideStep
@@ -715,15 +717,34 @@ def _stop_with_savepoint(client, target: str) -> str:
     return CompletableFuture(client._j_job_client.stopWithSavepoint(False, target, fmt), str).result()
 
 
+STATUS_POLL_S = 0.5
+"""How often the job's status is asked for, and how often a status call the JVM has not answered looks at the stop."""
+
+
+def _status(client, stop: threading.Event) -> str | None:
+    """The job's status, or None when the stop is asked before the JVM answered: a status call waiting on a JVM that
+    does not answer held the loop, and the stop's cancel, past the supervisor's SIGKILL."""
+    answer = in_daemon(lambda: str(client.get_job_status().result()), "scoring-job-status")
+    while True:
+        try:
+            return answer.result(timeout=STATUS_POLL_S)
+        except TimeoutError:
+            if stop.is_set():
+                return None
+
+
 def run_until_done(client, settings: Settings) -> None:
     """Wait for the job; on SIGUSR1 stop it with a savepoint (the upgrade path), on SIGTERM cancel it.
 
     The savepoint lands under ``<checkpoints>/savepoints``, where the next start finds it as the
     newest state, so "stop with savepoint, deploy the new code, start" keeps every keyed state.
+    The cancel is given up 1 s before the supervisor's SIGKILL (``CG_SUPERVISOR__STOP_TIMEOUT_S`` after the SIGTERM,
+    timed at its arrival): the job resumes from its last checkpoint at the next start either way.
     """
     requests: list[int] = []
     signal.signal(signal.SIGUSR1, lambda sig, _: requests.append(sig))
-    signal.signal(signal.SIGTERM, lambda sig, _: requests.append(sig))
+    stop = StopRequest()
+    stop_on_signals(stop, (signal.SIGTERM,))  # timed at the signal's arrival, even with the loop in a JVM call
     job_id = str(client.get_job_id())
     control = control_file(settings)
     write_control(control, job_id)
@@ -738,7 +759,7 @@ def run_until_done(client, settings: Settings) -> None:
                         log.info("deleted %s: stale state (CG_JOB__STALE_STATE_RETENTION_HOURS)", gone.name)
                 except OSError as exc:  # the disk: the job goes on, tried again at the next sweep
                     log.warning("purging stale checkpoints failed: %s", exc)
-            status = str(client.get_job_status().result())
+            status = _status(client, stop)
             if status in ("FINISHED", "FAILED", "CANCELED"):
                 log.info("job %s %s", job_id, status)
                 return
@@ -747,13 +768,26 @@ def run_until_done(client, settings: Settings) -> None:
                 path = _stop_with_savepoint(client, target)
                 log.info("stopped with savepoint %s", path)
                 return
-            if signal.SIGTERM in requests:
-                client.cancel().result()
-                log.info("job %s cancelled", job_id)
+            if stop.is_set():
+                _cancel(client, job_id, exit_deadline(settings.supervisor.stop_timeout_s, stop_asked_at(stop)))
                 return
-            time.sleep(0.5)
+            stop.wait(STATUS_POLL_S)
     finally:
         control.unlink(missing_ok=True)
+
+
+def _cancel(client, job_id: str, deadline: float) -> None:
+    """Cancel the job, given up at ``deadline`` (``time.monotonic()``) with a WARNING: a cancel the JVM did not finish
+    (a task that does not end) was waited for as long as it took, past the supervisor's SIGKILL. The next start resumes
+    from the last checkpoint either way."""
+    if done_by(lambda: client.cancel().result(), deadline, "scoring-job-cancel"):
+        log.info("job %s cancelled", job_id)
+    else:
+        log.warning(
+            "job %s: its cancel was not done before the supervisor's stop timeout; given up (the next start resumes "
+            "from the last checkpoint)",
+            job_id,
+        )
 
 
 cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

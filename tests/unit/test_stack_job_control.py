@@ -109,3 +109,56 @@ def test_a_start_time_is_named_as_ignored_when_the_job_restores_state(tmp_path: 
     assert "CG_JOB__CHECKPOINT_DIR" in warning
     assert ignored_start(at_time, None) is None, "no state to restore: the time is where it starts"
     assert ignored_start(_on(tmp_path), restored) is None, "the default start says nothing"
+
+
+def test_a_sigterm_cancels_the_job_but_gives_the_cancel_up_before_the_supervisors_sigkill(tmp_path: Path) -> None:
+    """On SIGTERM the job waited for Flink's cancel as long as it took (a task that does not end: Flink waits minutes
+    for it), past the supervisor's SIGKILL (``CG_SUPERVISOR__STOP_TIMEOUT_S`` after the SIGTERM). The cancel is given
+    up with a WARNING 1 s before it; the next start resumes from the last checkpoint."""
+    import subprocess
+    import sys
+
+    from infra.settings import REPO_ROOT
+
+    code = f"""
+import logging, os, signal, threading, time
+from infra.settings import Settings
+from jobs.flink import job
+
+logging.basicConfig(level=logging.INFO)
+settings = Settings(
+    stack_dir={str(tmp_path)!r}, supervisor={{"stop_timeout_s": 2.5}}, cameras={{"bridge_stop_grace_s": 1.0}},
+    kafka={{"stop_flush_s": 0.5}}, alerts={{"stop_wait_s": 0.2}},
+)
+settings.checkpoint_dir.mkdir(parents=True)
+
+class Answer:
+    def __init__(self, value, hang=0.0):
+        self.value, self.hang = value, hang
+    def result(self):
+        time.sleep(self.hang)  # the JVM does not answer
+        return self.value
+
+class Client:
+    def get_job_id(self):
+        return "job-1"
+    def get_job_status(self):
+        return Answer("RUNNING")
+    def cancel(self):
+        return Answer(None, hang=8.0)
+
+sent = []
+def sigterm():
+    time.sleep(0.3)
+    sent.append(time.monotonic())
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=sigterm, daemon=True).start()
+job.run_until_done(Client(), settings)
+print(round(time.monotonic() - sent[0], 2))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    took = float(out.stdout.split()[-1])
+    assert took < 1.7, f"the job stopped {took}s after its SIGTERM; the SIGKILL comes at 2.5 s"
+    assert "its cancel was not done before the supervisor's stop timeout" in out.stderr
