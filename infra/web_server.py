@@ -23,6 +23,7 @@ import uvicorn
 from infra.logs import UVICORN
 from infra.processes import StopRequest, exit_deadline, stop_on_signals, time_left
 from infra.settings import EXIT_MARGIN_S
+from schemas.errors import CheckoutGuardError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ TICK_S = 0.2
 """How often the main thread looks whether the server ended on its own (it could not take its port)."""
 
 
-class ServerFailed(RuntimeError):
+class ServerFailed(CheckoutGuardError, RuntimeError):
     """The web server ended without a stop being asked (its port taken, its app's start failed)."""
 
 
