@@ -331,6 +331,11 @@ class StopRequest(threading.Event):
         super().clear()
         self.asked_at = None
 
+    def exit_by(self, stop_timeout_s: float) -> float | None:
+        """Once the stop is asked, when its last Kafka calls are given up (:func:`exit_deadline`: 1 s before the
+        supervisor's SIGKILL, counted from the stop's asking); None before: while running, no limit."""
+        return exit_deadline(stop_timeout_s, self.asked_at) if self.is_set() else None
+
 
 def stop_asked_at(stop: threading.Event) -> float | None:
     """When ``stop`` was set, where it is a set :class:`StopRequest`; else None (count from now)."""

@@ -1075,12 +1075,9 @@ class WatchlistService:
         self._stop.set()
 
     def _exit_by(self) -> float | None:
-        """Once the stop is asked, when its last Kafka calls are given up: 1 s before the supervisor's SIGKILL, which
-        counts from the SIGTERM (a transaction's commit hanging on Kafka after it, or the consumer's close, ran past
-        that SIGKILL); None before."""
-        if not self._stop.is_set():
-            return None
-        return exit_deadline(self.settings.supervisor.stop_timeout_s, self._stop.asked_at)
+        """Once the stop is asked, when its last Kafka calls are given up (a transaction's commit hanging on Kafka
+        after the SIGTERM, or the consumer's close, ran past the supervisor's SIGKILL); None before."""
+        return self._stop.exit_by(self.settings.supervisor.stop_timeout_s)
 
     def replay(self, spec: TopicSpec, apply, stall_s: float = STARTUP_READ_STALL_S) -> int:
         """Read a topic from its start to its end (committed records only) into ``apply(key, value)``;

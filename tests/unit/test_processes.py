@@ -17,9 +17,11 @@ import pytest
 
 from infra.launcher import Child
 from infra.processes import (
+    EXIT_MARGIN_S,
     KILL_WAIT_S,
     MARKER,
     Reaper,
+    StopRequest,
     new_processes,
     port_open,
     reap,
@@ -484,3 +486,16 @@ print(stop.is_set(), round(stop_asked_at(stop) - sent[0], 2))
     is_set, after = out.stdout.split()
     assert is_set == "True"
     assert float(after) < 0.5, f"the stop was timed {after}s after its SIGTERM, when the blocked call returned"
+
+
+def test_a_stop_requests_exit_deadline_counts_from_its_asking_and_is_none_before() -> None:
+    """The services' last Kafka calls at a stop are given up 1 s before the SIGKILL, which counts from the stop's
+    asking, not from when the service looks; while running there is no limit."""
+    stop = StopRequest()
+    assert stop.exit_by(20.0) is None
+    stop.set()
+    asked = stop.asked_at
+    assert asked is not None
+    time.sleep(0.05)
+    stop.set()  # asked again: the first asking counts
+    assert stop.exit_by(20.0) == asked + 20.0 - EXIT_MARGIN_S
