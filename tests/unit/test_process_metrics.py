@@ -712,7 +712,7 @@ def test_watchlist_service_counts_commands_by_verb_and_records_once_their_transa
     abortable = KafkaError(KafkaError._STATE, "needs abort", txn_requires_abort=True)
     svc = WatchlistService.__new__(WatchlistService)
     svc.producer, svc.consumer, svc.prefix = FlakyTransactions([abortable]), Group(), ""  # type: ignore[assignment]
-    svc._stop = StopRequest()
+    svc.settings, svc._stop = settings, StopRequest()
     svc.heartbeat = Heartbeat()
 
     svc._publish(outs, ["offset"])
