@@ -74,6 +74,22 @@ def test_purge_deletes_old_unretained_snapshots_only(store):
     assert store.purge(cutoff) == 0, "purging again finds nothing"
 
 
+def test_a_purged_snapshot_does_not_come_back_after_a_power_cut(store, disk_order: DiskOrder) -> None:
+    """The purge removed snapshots without syncing their folder: after a power cut a shopper's face, past its
+    retention, could be there again (and a crash's leftover temporary image with it)."""
+    ref = store.put("checkout", "tx-old", b"a")
+    _age(store, ref, 48 * 3600)
+    leftover = store.root / "entrance" / ".cam:1.tmp-1-abcd"
+    leftover.write_bytes(b"half an image")
+    t = time.time() - 48 * 3600
+    os.utime(leftover, (t, t))
+    disk_order.calls.clear()
+    assert store.purge(int((time.time() - 24 * 3600) * 1000)) == 1
+    assert disk_order.removed_durably(store._path(ref)), disk_order.calls
+    assert disk_order.removed_durably(leftover), disk_order.calls
+    assert store.find("checkout", "tx-old") is None and not leftover.exists()
+
+
 def test_retained_snapshots_go_after_their_own_longer_period(store):
     """An innocent shopper's alert snapshot was kept for ever: only forget of a subject ever deleted one."""
     old = store.put("checkout", "tx-dismissed", b"a")
