@@ -74,7 +74,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from infra import metrics
 from infra.clients import kafka as kafka_clients
 from infra.clock import now_ms
-from infra.durable import make_dirs_durably, remove_durably, replace_durably
+from infra.durable import make_dirs_durably, remove_durably, rename_durably, replace_durably
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.processes import StopRequest, stop_asked_at, stop_on_signals
 from infra.retry import Backoff
@@ -887,14 +887,15 @@ class CameraBridge:
     def resend_saved(self) -> None:
         """Produce what the last run saved at its stop (:func:`save_records`); they are QoS 0 messages here:
         nothing to acknowledge, and saved again at this run's stop unless Kafka has them by then. A file that
-        cannot be read is moved aside (named in the log), not produced and not overwritten."""
+        cannot be read is moved aside (named in the log), not produced and not overwritten; the move is synced into
+        its folder (:func:`infra.durable.rename_durably`), so a power cut does not undo it."""
         path = saved_records_path(self.settings)
         try:
             records = load_saved_records(path)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             aside = path.with_name(f"{path.name}.unreadable-{now_ms()}")
             with contextlib.suppress(OSError):
-                os.replace(path, aside)
+                rename_durably(path, aside)
             log.error("cannot read the records saved at the last stop (%s); moved to %s: %s", path, aside, exc)
             return
         if records:

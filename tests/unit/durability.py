@@ -27,6 +27,13 @@ class DiskOrder:
                 return False
         return bool(onto)
 
+    def moved_durably(self, src: Path, dst: Path) -> bool:
+        """Whether ``src`` was renamed to ``dst`` as a power cut needs: after the rename, both folders synced (unsynced,
+        the move can be lost, and the file back under its old name). False if it was never moved so."""
+        moves = [i for i, c in enumerate(self.calls) if c == ("replace", os.path.realpath(src), os.path.realpath(dst))]
+        folders = {os.path.realpath(src.parent), os.path.realpath(dst.parent)}
+        return bool(moves) and all(all(("fsync", f, "") in self.calls[i + 1 :] for f in folders) for i in moves)
+
     def removed_durably(self, path: Path) -> bool:
         """Whether ``path`` was removed as a power cut needs, each time: unlinked, then its folder synced (unsynced,
         the removal can be lost and the file come back). False if it was never removed."""

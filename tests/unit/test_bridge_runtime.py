@@ -460,6 +460,22 @@ def test_a_saved_file_that_cannot_be_read_is_moved_aside_not_produced_nor_overwr
     assert aside.read_text() == "not json\n"
 
 
+def test_a_saved_file_moved_aside_stays_aside_after_a_power_cut(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, disk_order: DiskOrder
+) -> None:
+    """The move aside did not sync the folder: after a power cut the unreadable file could be back under the saved
+    file's name, though the log said where it had gone."""
+    kafka = FakeKafka()
+    bridge, _ = _bridge(monkeypatch, kafka, stack_dir=tmp_path, stop_grace_s=0.3)
+    path = saved_records_path(bridge.settings)
+    path.parent.mkdir(parents=True)
+    path.write_text("not json\n")
+    bridge.resend_saved()
+    [aside] = path.parent.glob(f"{path.name}.unreadable-*")
+    assert disk_order.moved_durably(path, aside), disk_order.calls
+    assert kafka.sent == [] and not path.exists() and aside.read_text() == "not json\n"
+
+
 class RefusingKafka(FakeKafka):
     """Refuses, at ``produce``, the record whose value is ``refused`` (None: every record), as librdkafka raises
     for a record over ``message.max.bytes`` (e.g. a lower limit set between two runs)."""
