@@ -18,7 +18,7 @@ from schemas.errors import CheckoutGuardError
 from schemas.topics import RULES, WATCHLIST, TopicSpec
 
 if TYPE_CHECKING:
-    from confluent_kafka import KafkaError
+    from confluent_kafka import KafkaError, Message
 
 STARTUP_READ_STALL_S = 30.0
 """How long a service's start-up read of a topic (``stall_s``) may go without a record before it fails: below the
@@ -134,7 +134,8 @@ def read_control_topics(
 
     A topic that does not exist is :class:`ControlTopicMissing`, also where a partition of it is answered with
     UNKNOWN_TOPIC_OR_PART (deleted since it was listed); one the broker answers with another error (no leader,
-    not authorised) is ``topic_replay.TopicUnavailable`` in the broker's words."""
+    not authorised) is ``topic_replay.TopicUnavailable`` in the broker's words, also where a partition's read is
+    answered so (a fetch it refuses: ended at the timeout as "not read to the end", the broker's error unsaid)."""
     from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, TopicPartition
 
     from infra.clients import kafka as kafka_clients
@@ -176,13 +177,8 @@ def read_control_topics(
                 waited = f"in {timeout_s:.0f}s" if stall_s is None else f"(no record for {stall_s:.0f}s)"
                 raise TimeoutError(f"control topics not read to their end {waited}")
             msg = reader.poll(bound.left("reading", 0.2))
-            if msg is not None and not msg.error():
-                read_topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
-                assert read_topic is not None and partition is not None and offset is not None, "a record has all three"
-                apply(read_topic, msg.key(), msg.value())
-                last[(read_topic, partition)] = offset
-                if stall_s is not None:
-                    read_by = time.monotonic() + stall_s
+            if msg is not None and _applied(msg, ends, apply, last) and stall_s is not None:
+                read_by = time.monotonic() + stall_s
             for tp in list(pending):  # read_committed: the end may be a transaction marker
                 if reader.position([TopicPartition(*tp)])[0].offset >= ends[tp]:
                     pending.discard(tp)
@@ -204,6 +200,34 @@ def _deleted_since(topic: str, error: KafkaError) -> ControlTopicMissing | None:
     if error.code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
         return None
     return ControlTopicMissing(f"topic {topic} does not exist on the cluster (deleted since it was listed)")
+
+
+def _applied(
+    msg: Message,
+    ends: dict[tuple[str, int], int],
+    apply: Callable[[str, bytes | None, bytes | None], object],
+    last: dict[tuple[str, int], int],
+) -> bool:
+    """Hand a polled record to ``apply`` and note its offset in ``last``: True. A message carrying an error for a
+    partition being read (a fetch the broker refused: not authorised, say) raises :class:`ControlTopicMissing` or
+    ``topic_replay.TopicUnavailable`` in the broker's words; skipped, it left the read waiting to its timeout, "not
+    read to the end". An end of partition, or an event of no partition of the read (the client's own, a broker
+    connection lost and retried), passes: False."""
+    from confluent_kafka import KafkaError
+
+    from infra.clients.topic_replay import topic_unavailable
+
+    topic, partition, offset, error = msg.topic(), msg.partition(), msg.offset(), msg.error()
+    if error is not None:
+        if topic is None or partition is None or (topic, partition) not in ends:
+            return False
+        if error.code() == KafkaError._PARTITION_EOF:
+            return False
+        raise _deleted_since(topic, error) or topic_unavailable(topic, error, partition)
+    assert topic is not None and partition is not None and offset is not None, "a record has all three"
+    apply(topic, msg.key(), msg.value())
+    last[(topic, partition)] = offset
+    return True
 
 
 def _end(

@@ -213,3 +213,41 @@ def test_a_control_topic_deleted_after_it_was_listed_is_missing_by_its_error_cod
     with pytest.raises(control_topics.ControlTopicMissing, match=f"topic {TOPIC} does not exist on the cluster"):
         control_topics.read_control_topics(Settings(), lambda *_: None, timeout_s=1.5, specs=(RULES,))
     assert broker.closed
+
+
+class RefusesReads(SlowBroker):
+    """A broker that answers the read of partition 1 (of 2) with ``error``, as librdkafka hands a fetch error: a
+    message of that partition carrying it; a client-wide event (no topic, a lost connection) comes first."""
+
+    def __init__(self, error: KafkaError) -> None:
+        super().__init__([0.0], delay_s=0.0, partitions=2)
+        self.queue = [(0, 0)]  # partition 0's record; partition 1's never comes
+        self.events = [
+            Message(error=KafkaError(KafkaError._TRANSPORT)),
+            Message(topic=TOPIC, partition=1, error=error),
+        ]
+
+    def poll(self, timeout: float) -> Message | None:
+        if self.queue:
+            return super().poll(timeout)
+        if self.events:
+            self.polls.append(timeout)
+            return self.events.pop(0)
+        return super().poll(timeout)
+
+
+def test_a_read_the_broker_refuses_is_named_in_the_brokers_words_not_a_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The refused partition's messages were skipped as if they were nothing: the read waited out its timeout and
+    said "control topics not read to their end", the broker's TOPIC_AUTHORIZATION_FAILED unsaid."""
+    from infra.clients.topic_replay import TopicUnavailable
+
+    error = KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)
+    broker = RefusesReads(error)
+    _broker(monkeypatch, broker)
+    read: list[bytes | None] = []
+    with pytest.raises(TopicUnavailable) as refused:
+        control_topics.read_control_topics(Settings(), lambda _t, _k, v: read.append(v), timeout_s=5.0, specs=(RULES,))
+    assert str(refused.value) == f"topic {TOPIC} partition 1: the broker answered {error.str()} ({error.name()})"
+    assert read == [b"v"] and broker.now[0] == 0.0 and broker.closed, "at once, past the client-wide event"
