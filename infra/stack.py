@@ -1435,8 +1435,9 @@ def status(settings: Settings) -> dict:
          "healthy": bool}
 
     ``managed`` says the process was started from this stack dir (has a live pid file). A topic is missing by
-    ``kafka_clients.listed_topic``; one that exists but the broker answers with an error (no leader, not authorised)
-    is present and ``unavailable``, in the broker's words (``topic_replay.topic_unavailable``): not healthy."""
+    ``kafka_clients.listed_topic``; one that exists but the broker answers with an error (no leader, not authorised),
+    for the topic or one of its partitions, or with a partition without a leader, is present and ``unavailable``, the
+    partition named, in the broker's words (``topic_replay.topic_unusable``): not healthy."""
     paths, ep = StackPaths.of(settings), Endpoints.of(settings)
     services: dict[str, dict] = {}
     for svc in SERVICES:
@@ -1463,7 +1464,7 @@ def status(settings: Settings) -> dict:
     expected = [s.full_name(settings.kafka.topic_prefix) for s in ALL_TOPICS]
     topics: dict = {"expected": len(expected), "present": None, "missing": expected, "unavailable": {}}
     if services["kafka"]["healthy"]:
-        from infra.clients.topic_replay import topic_unavailable
+        from infra.clients.topic_replay import topic_unusable
 
         with contextlib.suppress(KafkaException):
             listing = _admin(settings).list_topics(timeout=5)
@@ -1471,9 +1472,9 @@ def status(settings: Settings) -> dict:
             topics["missing"] = [t for t, topic in found.items() if topic is None]
             topics["present"] = len(expected) - len(topics["missing"])
             topics["unavailable"] = {
-                t: str(topic_unavailable(t, topic.error))
+                t: str(why)
                 for t, topic in found.items()
-                if topic is not None and topic.error is not None
+                if topic is not None and (why := topic_unusable(t, topic)) is not None
             }
     kafka: dict = {"brokers": [], "controller": None, "partitions": {}}
     if any(port_open(n.host, n.port) for n in ep.kafka_nodes):  # a degraded cluster still answers

@@ -116,6 +116,18 @@ class ReadToEndConsumer:
         pass
 
 
+def partitions_led(count: int, leader: int = 1) -> dict[int, Any]:
+    """A listed topic's ``partitions``: ``count`` partitions, each with ``leader`` (-1: none) and no error."""
+    from confluent_kafka.admin import PartitionMetadata
+
+    out = {}
+    for p in range(count):
+        meta = PartitionMetadata()
+        meta.id, meta.leader, meta.replicas, meta.isrs = p, leader, [leader], [leader]
+        out[p] = meta
+    return out
+
+
 def fake_cluster(monkeypatch: Any, topics: dict[str, Any]) -> None:
     """:mod:`infra.clients.topic_replay` against a cluster listing ``topics`` (name -> metadata with ``error`` and
     ``partitions``), its consumers :class:`ReadToEndConsumer`."""

@@ -41,6 +41,7 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+from confluent_kafka.admin import TopicMetadata
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
@@ -601,6 +602,23 @@ def topic_unavailable(topic: str, error: KafkaError, partition: int | None = Non
     (``error.str()`` and its name), not the client's error object: every reader of a topic words it so."""
     where = f"topic {topic}" if partition is None else f"topic {topic} partition {partition}"
     return TopicUnavailable(f"{where}: the broker answered {error.str()} ({error.name()})")
+
+
+def topic_unusable(topic: str, listed: TopicMetadata) -> TopicUnavailable | None:
+    """Why ``topic``, listed (``kafka_clients.listed_topic``), cannot be read or written now, or ``None``: its own
+    error, else the first partition the broker answers with an error or lists without a leader (leader -1), named
+    (:func:`topic_unavailable`'s words). Judged only by the topic's own error, a topic with a leaderless partition was
+    taken for ready (the stream backtest's copy topics) and healthy (``stack status``): both ask this."""
+    if listed.error is not None:
+        return topic_unavailable(topic, listed.error)
+    for partition in sorted(listed.partitions.values(), key=lambda p: p.id):
+        if partition.error is not None:
+            return topic_unavailable(topic, partition.error, partition.id)
+        if partition.leader < 0:
+            return TopicUnavailable(
+                f"topic {topic} partition {partition.id}: no leader (the broker lists it with none)"
+            )
+    return None
 
 
 def partition_count(client: Consumer | Producer, topic: str, kafka: KafkaSettings | None = None) -> int:

@@ -632,7 +632,9 @@ def create_copy_topics(settings: Settings, transactions_partitions: int) -> None
     since ``ensure_topics`` leaves an existing topic alone) and no time retention: the copies keep their old
     timestamps, so the topic's retention would delete them at once, and they are the record of what was replayed
     (:func:`replayed_transactions`) until ``cleanup``. A topic exists by ``kafka_clients.listed_topic``, as for every
-    tool: one listed as unknown is made, and not waited for as listed."""
+    tool: one listed as unknown is made, and not waited for as listed; nor is one listed that the broker answers with
+    an error or with a partition without a leader (``topic_replay.topic_unusable``): the ``TimeoutError`` names it."""
+    from infra.clients.topic_replay import topic_unusable
     from infra.launcher import wait_for
     from infra.stack import ensure_topics
 
@@ -649,17 +651,23 @@ def create_copy_topics(settings: Settings, transactions_partitions: int) -> None
                 fut.result()
         ensure_topics(settings)
         # A created topic may take a moment to be listed by every broker; the rules publish checks that it is.
-        names = {spec.full_name(settings.kafka.topic_prefix) for spec in ALL_TOPICS}
+        names = sorted(spec.full_name(settings.kafka.topic_prefix) for spec in ALL_TOPICS)
+        not_ready: list[str] = []
 
-        def listed() -> bool:
+        def ready() -> bool:
             listing = kafka_clients.cluster_metadata(admin, settings)
-            return all(kafka_clients.listed_topic(listing, n) is not None for n in names)
+            not_ready.clear()
+            for n in names:
+                topic = kafka_clients.listed_topic(listing, n)
+                why = f"topic {n} not listed" if topic is None else topic_unusable(n, topic)
+                if why is not None:
+                    not_ready.append(str(why))
+            return not not_ready
 
-        wait_for(
-            listed,
-            30,
-            what="the copy's topics to be listed",
-        )
+        try:
+            wait_for(ready, 30, what="the copy's topics to be listed, each partition with a leader")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}: {'; '.join(not_ready)}") from None
 
 
 ControlReader = Callable[[Settings, Callable[[str, bytes | None, bytes | None], object]], object]

@@ -17,12 +17,13 @@ from infra.clients import opensearch
 from infra.settings import Settings
 from jobs.flink.backtest_stream import cleanup, create_copy_topics
 from schemas.topics import ALL_TOPICS, RULES, TRANSACTIONS
+from tests.builders import partitions_led
 
 NAME = "bt-1"
 
 
-def _exists(partitions: int = 1) -> Any:
-    return SimpleNamespace(error=None, partitions=dict.fromkeys(range(partitions)))
+def _exists(partitions: int = 1, leader: int = 1) -> Any:
+    return SimpleNamespace(error=None, partitions=partitions_led(partitions, leader))
 
 
 def _unknown() -> Any:
@@ -105,6 +106,38 @@ def test_the_wait_for_the_copy_topics_goes_on_while_one_is_listed_as_unknown(
     monkeypatch.setattr(stack, "ensure_topics", lambda _settings: [])
     create_copy_topics(_copy(tmp_path), 1)
     assert admin.created == [] and admin.listings == listed_after + 1, "waited until it was listed"
+
+
+def test_the_wait_for_the_copy_topics_goes_on_while_a_partition_has_no_leader_and_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy topic listed with a partition without a leader was taken as ready: the wait ended at once, and the rules
+    publish or the replay then stopped on it; one that never gets a leader is named, with its partition."""
+    admin = _cluster(monkeypatch, {s.full_name(f"{NAME}."): _exists(s.partitions) for s in ALL_TOPICS})
+    rules = RULES.full_name(f"{NAME}.")
+    admin.topics[rules] = _exists(2)
+    admin.topics[rules].partitions[1].leader = -1
+    led_after = 3  # the listings (of the wait) after which the partition has its leader
+
+    def listing(*_a: Any, **_k: Any) -> Any:
+        if admin.listings >= led_after:
+            admin.topics[rules] = _exists(2)
+        return Admin.listing(admin)
+
+    monkeypatch.setattr(kafka_clients, "cluster_metadata", listing)
+    monkeypatch.setattr(stack, "ensure_topics", lambda _settings: [])
+    create_copy_topics(_copy(tmp_path), 1)
+    assert admin.listings == led_after + 1, "waited until it had its leader"
+
+    from infra import launcher
+
+    admin.topics[rules] = _exists(2, leader=-1)
+    monkeypatch.setattr(kafka_clients, "cluster_metadata", admin.listing)
+    monkeypatch.setattr(launcher.time, "sleep", lambda _s: None)
+    clock = iter(range(0, 10_000, 10))
+    monkeypatch.setattr(launcher.time, "monotonic", lambda: float(next(clock)))
+    with pytest.raises(TimeoutError, match=f"topic {rules} partition 0: no leader"):
+        create_copy_topics(_copy(tmp_path), 1)
 
 
 def test_cleanup_leaves_a_copy_topic_listed_as_unknown_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

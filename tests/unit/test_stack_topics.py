@@ -14,6 +14,7 @@ from confluent_kafka import KafkaError
 from infra import stack
 from infra.settings import Settings
 from schemas.topics import ALL_TOPICS, RULES
+from tests.builders import partitions_led
 
 
 def _settings(tmp_path: Path) -> Settings:
@@ -32,7 +33,7 @@ class Admin:
 
     def __init__(self) -> None:
         self.topics: dict[str, Any] = {
-            spec.full_name(""): SimpleNamespace(error=None, partitions=dict.fromkeys(range(spec.partitions)))
+            spec.full_name(""): SimpleNamespace(error=None, partitions=partitions_led(spec.partitions))
             for spec in ALL_TOPICS
         }
         self.topics[RULES.full_name("")] = SimpleNamespace(
@@ -113,3 +114,30 @@ def test_status_reports_a_topic_the_broker_answers_with_an_error_as_unhealthy_in
     monkeypatch.setattr(rich.console, "Console", lambda: wide(width=400))  # the table's detail on one line
     stack._print_status(state)
     assert "LEADER_NOT_AVAILABLE" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("answer", ["no-leader", "partition-error"])
+def test_status_reports_a_topic_with_a_partition_without_a_leader_as_unhealthy_naming_it(
+    tmp_path: Path, admin: Admin, monkeypatch: pytest.MonkeyPatch, answer: str
+) -> None:
+    """Only the topic's own error was looked at: a partition with no leader (leader -1, or answered with an error)
+    left the topic counted available and the stack healthy, though that partition could not be read or written."""
+    monkeypatch.setattr(stack, "_healthy", lambda *_a: True)
+    monkeypatch.setattr(stack, "_our_process", lambda *_a: None)
+    monkeypatch.setattr(stack, "_opensearch_status", lambda *_a: "green")
+    monkeypatch.setattr(stack, "_prometheus_targets", lambda *_a: "")
+    monkeypatch.setattr(stack, "port_open", lambda *_a: False)
+    rules = RULES.full_name("")
+    partitions = partitions_led(2)
+    partitions[1].leader = -1
+    error = KafkaError(KafkaError.LEADER_NOT_AVAILABLE)
+    if answer == "partition-error":
+        partitions[1].error = error
+    admin.topics[rules] = SimpleNamespace(error=None, partitions=partitions)
+    state = stack.status(_settings(tmp_path))
+    words = {
+        "no-leader": f"topic {rules} partition 1: no leader (the broker lists it with none)",
+        "partition-error": f"topic {rules} partition 1: the broker answered {error.str()} ({error.name()})",
+    }[answer]
+    assert state["topics"]["unavailable"] == {rules: words} and not state["healthy"]
+    assert state["topics"]["missing"] == [] and state["topics"]["present"] == len(ALL_TOPICS)
