@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 
 from infra import metrics
 from infra.processes import chance_left, in_daemon
@@ -36,6 +36,30 @@ STOP_POLL_S = 0.1
 class TransactionGivenUp(CheckoutGuardError, RuntimeError):
     """:func:`publish` gave its transaction up at the stop's deadline (``exit_by``), Kafka not done with it: its inputs'
     offsets are not committed, so they are read again at the next start (skipped there if it landed after all)."""
+
+
+STOP_ERRORS = (TransactionGivenUp, KafkaException, BufferError)
+"""What ends a service's Kafka work once its stop is asked (:func:`given_up_at_stop`): the stop's deadline, or a Kafka
+error (a commit, the consumer's close) as the brokers go away."""
+
+
+def given_up_at_stop(service: str, exc: BaseException) -> None:
+    """Say, in one WARNING, that ``service``'s stop gave up its Kafka work on ``exc`` (one of :data:`STOP_ERRORS`,
+    raised once the stop was asked). Nothing is committed after such an error, so the inputs not committed are read
+    again at the next start: the process exits 0, where a traceback and exit 1 made a stop with Kafka gone look like a
+    crash. Only the error's code and words are logged, never a record."""
+    if isinstance(exc, KafkaException) and isinstance(err := exc.args[0] if exc.args else None, KafkaError):
+        why = f"Kafka failed ({err.name()}: {err.str()})"
+    elif isinstance(exc, BufferError):
+        why = "Kafka's local queue was full"
+    else:
+        why = str(exc)
+    log.warning(
+        "%s: %s after the stop was asked; given up: the inputs not committed are read again at the next start, and "
+        "skipped there if their transaction landed after all",
+        service,
+        why,
+    )
 
 
 def _bounded(call: Callable[[], object], what: str, exit_by: Callable[[], float | None]) -> None:

@@ -657,25 +657,28 @@ class CaseService:
                     offsets[(topic, partition)] = offset if oldest is None else min(offset, oldest)
                 if offsets:
                     self._publish(outs, [TopicPartition(t, p, o) for (t, p), o in offsets.items()])
-        except transactional.TransactionGivenUp as exc:
-            log.warning(
-                "case service: %s; the transaction is given up and its inputs not committed: they are read again at "
-                "the next start, and skipped there if the transaction landed after all",
-                exc,
-            )
+        except transactional.STOP_ERRORS as exc:
+            if not self._stop.is_set():
+                raise
+            transactional.given_up_at_stop("case service", exc)
         finally:
             self._close()
 
     def _close(self) -> None:
         """The consumer's close (it leaves the group), given up at the stop's deadline: with Kafka down it waited on
         the brokers as long as it took, past the supervisor's SIGKILL. No offset is committed by it (the inputs' are
-        committed after their transaction), so nothing is lost."""
+        committed after their transaction), so nothing is lost, and its error once the stop is asked is a WARNING."""
         deadline = self._exit_by() or exit_deadline(self.settings.supervisor.stop_timeout_s)
-        if not done_by(self.consumer.close, deadline, "case-service-close"):
-            log.warning(
-                "case service: Kafka did not take the consumer's close before the supervisor's stop timeout; the "
-                "inputs not committed are read again at the next start"
-            )
+        try:
+            if not done_by(self.consumer.close, deadline, "case-service-close"):
+                log.warning(
+                    "case service: Kafka did not take the consumer's close before the supervisor's stop timeout; the "
+                    "inputs not committed are read again at the next start"
+                )
+        except transactional.STOP_ERRORS as exc:  # the brokers gone at a stop: not a crash
+            if not self._stop.is_set():
+                raise
+            transactional.given_up_at_stop("case service", exc)
 
     def _maybe_expire(self) -> None:
         if time.monotonic() < self._next_expiry:

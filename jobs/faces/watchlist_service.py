@@ -1143,19 +1143,17 @@ class WatchlistService:
                         if not self._held:  # an alert of another partition may still wait for the image store
                             self._store_tries, self._store_problem = 0, None
                     self._publish(outs, [TopicPartition(topic, partition, offset + 1)])
-        except transactional.TransactionGivenUp as exc:
-            log.warning(
-                "watchlist service: %s; the transaction is given up and its input not committed: it is read again at "
-                "the next start, and skipped there if the transaction landed after all",
-                exc,
-            )
+        except transactional.STOP_ERRORS as exc:
+            if not self._stop.is_set():
+                raise
+            transactional.given_up_at_stop("watchlist service", exc)
         finally:
             self._close()
 
     def _close(self) -> None:
         """The consumer's close (it leaves the group), given up at the stop's deadline: with Kafka down it waited on
         the brokers as long as it took, past the supervisor's SIGKILL. No offset is committed by it (each input's is
-        committed after its transaction), so nothing is lost."""
+        committed after its transaction), so nothing is lost, and its error once the stop is asked is a WARNING."""
         deadline = self._exit_by() or exit_deadline(self.settings.supervisor.stop_timeout_s)
         try:
             if not done_by(self.consumer.close, deadline, "watchlist-service-close"):
@@ -1163,6 +1161,10 @@ class WatchlistService:
                     "watchlist service: Kafka did not take the consumer's close before the supervisor's stop timeout; "
                     "the inputs not committed are read again at the next start"
                 )
+        except transactional.STOP_ERRORS as exc:  # the brokers gone at a stop: not a crash
+            if not self._stop.is_set():
+                raise
+            transactional.given_up_at_stop("watchlist service", exc)
         finally:
             self.core.close()
 

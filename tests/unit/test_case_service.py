@@ -794,3 +794,49 @@ def test_a_transaction_commit_hanging_on_kafka_at_a_stop_is_given_up_by_the_stop
     assert consumer.commits == [], "the inputs of a transaction given up were committed"
     assert not consumer.closed, "the consumer's close waits on Kafka: it is given up, not waited for"
     assert any(r.levelname == "WARNING" and "given up" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("failing", ["commit", "close"])
+def test_a_kafka_error_after_the_stop_is_one_warning_and_a_clean_exit_with_the_input_uncommitted(
+    failing: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The brokers went away at the stop: the transaction's commit (or the consumer's close) failed with a Kafka error,
+    which ended the service with a traceback and exit 1. Once the stop is asked it is one WARNING, no record in it, and
+    the service returns (exit 0) with the input not committed, read again at the next start."""
+    import threading
+
+    from confluent_kafka import KafkaError, KafkaException
+
+    from infra.metrics import Heartbeat
+    from infra.processes import StopRequest
+    from jobs.cases import service as case_service
+    from jobs.cases.service import CaseService, Out
+
+    gone = KafkaException(KafkaError(KafkaError._TRANSPORT, "all brokers down"))
+
+    class Producer(_HangingCommit):
+        def commit_transaction(self, timeout: float) -> None:
+            svc.stop()  # SIGTERM, and the brokers go away
+            if failing == "commit":
+                raise gone
+
+    class Consumer(_OneCommand):
+        def close(self) -> None:
+            if failing == "close":
+                raise gone
+
+    svc = CaseService.__new__(CaseService)
+    svc.settings = Settings()
+    svc.prefix, svc._stop, svc._next_expiry, svc.heartbeat = "", StopRequest(), float("inf"), Heartbeat()
+    consumer = Consumer(threading.Event())
+    svc.producer, svc.consumer, svc.core = Producer(None, None), consumer, _IdleCore()  # type: ignore[assignment]
+    svc._processing = case_service.metrics.PROCESSING_SECONDS.labels(case_service.PROCESS)
+    svc.topics = {"commands": lambda _src, _now: [Out(AUDIT, b"a-1", b"secret-record-value")]}
+    svc.replay = lambda *_a, **_k: None  # type: ignore[method-assign]
+    with caplog.at_level("WARNING"):
+        svc.run()  # returns: no traceback, exit 0
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "_TRANSPORT" in warnings[0].getMessage(), [r.getMessage() for r in warnings]
+    assert warnings[0].exc_info is None and b"secret" not in warnings[0].getMessage().encode()
+    if failing == "commit":
+        assert consumer.commits == [], "the input of a transaction that failed was committed"

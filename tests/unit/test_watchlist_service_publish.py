@@ -661,3 +661,76 @@ def test_a_transaction_commit_hanging_on_kafka_at_a_stop_is_given_up_by_the_stop
     assert svc.consumer.commits == [], "the input of a transaction given up was committed"
     assert not closed, "the consumer's close waits on Kafka: it is given up, not waited for"
     assert any(r.levelname == "WARNING" and "given up" in r.getMessage() for r in caplog.records)
+
+
+class _OneRecord(Group):
+    """A consumer of one command (whose value is a secret) whose close raises ``close_error`` (None: none)."""
+
+    def __init__(self, close_error: Exception | None = None) -> None:
+        super().__init__()
+        self.records = [_Message("commands", 3, b"secret-record-value")]
+        self.close_error = close_error
+
+    def subscribe(self, topics: list[str], **callbacks: Any) -> None:
+        pass
+
+    def poll(self, timeout: float) -> _Message | None:
+        return self.records.pop() if self.records else None
+
+    def close(self) -> None:
+        if self.close_error is not None:
+            raise self.close_error
+
+
+class _IdleCore:
+    """A watchlist core with nothing to load, no collection to make, nothing to close."""
+
+    rekognition = None
+    entries: dict = {}
+
+    def load(self, _key: bytes | None, _value: bytes | None) -> None:
+        pass
+
+    load_audit = load
+
+    def ensure_collection(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("failing", ["commit", "close"])
+def test_a_kafka_error_after_the_stop_is_one_warning_and_a_clean_exit_with_the_input_uncommitted(
+    failing: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The brokers went away at the stop: the transaction's commit (or the consumer's close) failed with a Kafka error,
+    which ended the service with a traceback and exit 1. Once the stop is asked it is one WARNING, no record in it, and
+    the service returns (exit 0) with the input not committed, read again at the next start."""
+    gone = KafkaException(KafkaError(KafkaError._TRANSPORT, "all brokers down"))
+
+    class GoneAtStop(FlakyTransactions):
+        def init_transactions(self, timeout: float) -> None:
+            pass
+
+        def poll(self, timeout: float) -> int:
+            return 0
+
+        def commit_transaction(self, timeout: float) -> None:
+            svc.stop()  # SIGTERM, and the brokers go away
+            if failing == "commit":
+                raise gone
+
+    svc = service(GoneAtStop([]))
+    svc.consumer = _OneRecord(gone if failing == "close" else None)
+    svc.core, svc.heartbeat, svc._next_purge, svc._held = _IdleCore(), None, float("inf"), {}  # type: ignore[assignment]
+    svc._processing = watchlist_service.metrics.PROCESSING_SECONDS.labels(watchlist_service.PROCESS)
+    svc.topics = {"commands": lambda _src, _now: [Out(AUDIT, b"a-1", b"secret-record-value")]}
+    svc.replay = lambda _spec, _apply: 0  # type: ignore[method-assign]
+    with caplog.at_level("WARNING"):
+        svc.run()  # returns: no traceback, exit 0
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "_TRANSPORT" in warnings[0].getMessage(), [r.getMessage() for r in warnings]
+    assert warnings[0].exc_info is None and "secret" not in warnings[0].getMessage()
+    if failing == "commit":
+        assert svc.consumer.commits == [], "the input of a transaction that failed was committed"
