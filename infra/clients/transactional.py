@@ -13,17 +13,20 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from confluent_kafka import KafkaError, KafkaException
 
 from infra import metrics
+from infra.clients.control_topics import ReadStopped
 from infra.processes import chance_left, in_daemon
 from infra.retry import Backoff
 from schemas.errors import CheckoutGuardError
 from schemas.topics import DEAD_LETTERS, TopicSpec
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 PUBLISH_RETRY_S = 240.0
 """How long a transaction is retried while Kafka is away (the consumer's max.poll.interval.ms is 300 s)."""
@@ -35,12 +38,13 @@ STOP_POLL_S = 0.1
 
 class TransactionGivenUp(CheckoutGuardError, RuntimeError):
     """:func:`publish` gave its transaction up at the stop's deadline (``exit_by``), Kafka not done with it: its inputs'
-    offsets are not committed, so they are read again at the next start (skipped there if it landed after all)."""
+    offsets are not committed, so they are read again at the next start (skipped there if it landed after all). Also a
+    start-up call (:func:`init_transactions`, a start-up read) given up at that deadline (:func:`bounded`)."""
 
 
-STOP_ERRORS = (TransactionGivenUp, KafkaException, BufferError)
-"""What ends a service's Kafka work once its stop is asked (:func:`given_up_at_stop`): the stop's deadline, or a Kafka
-error (a commit, the consumer's close) as the brokers go away."""
+STOP_ERRORS = (TransactionGivenUp, ReadStopped, KafkaException, BufferError)
+"""What ends a service's Kafka work once its stop is asked (:func:`given_up_at_stop`): the stop's deadline, a start-up
+read stopped by it, or a Kafka error (a commit, the consumer's close) as the brokers go away."""
 
 
 def given_up_at_stop(service: str, exc: BaseException) -> None:
@@ -62,22 +66,27 @@ def given_up_at_stop(service: str, exc: BaseException) -> None:
     )
 
 
-def _bounded(call: Callable[[], object], what: str, exit_by: Callable[[], float | None]) -> None:
-    """``call()`` (a Kafka call that waits on the brokers up to :data:`KAFKA_CALL_S`) in a daemon thread, waited for
-    until it ends, or once the stop is asked (``exit_by()`` not None) until that deadline: in the main thread, a
-    30 s commit with Kafka down held the stop past the supervisor's SIGKILL. Its exception is raised;
-    :class:`TransactionGivenUp` when the deadline came first (the call is left to end on its own)."""
-    future = in_daemon(call, f"kafka-{what}")
+def bounded(call: Callable[[], T], what: str, exit_by: Callable[[], float | None], name: str = "kafka-call") -> T:
+    """``call()``'s result (a Kafka call that waits on the brokers: a transaction's commit up to :data:`KAFKA_CALL_S`, a
+    start-up read of a topic) from a daemon thread ``name``, waited for until it ends, or once the stop is asked
+    (``exit_by()`` not None) until that deadline: in the main thread, a 30 s commit with Kafka down held the stop past
+    the supervisor's SIGKILL. Its exception is raised; :class:`TransactionGivenUp` (naming ``what``) when the deadline
+    came first (the call is left to end on its own)."""
+    future = in_daemon(call, name)
     while True:
         by = exit_by()
         try:
-            future.result(timeout=STOP_POLL_S if by is None else chance_left(by))
-            return
+            return future.result(timeout=STOP_POLL_S if by is None else chance_left(by))
         except TimeoutError:
             if by is not None:
-                raise TransactionGivenUp(
-                    f"Kafka did not finish the transaction's {what} before the supervisor's stop timeout"
-                ) from None
+                raise TransactionGivenUp(f"Kafka did not finish {what} before the supervisor's stop timeout") from None
+
+
+def init_transactions(producer: Any, exit_by: Callable[[], float | None]) -> None:
+    """The transactional producer's start (``init_transactions``, which waits on the brokers up to
+    :data:`KAFKA_CALL_S`), ended by the stop's deadline as a commit is (:func:`bounded`): a stop asked while it waited
+    on Kafka (down) was held up to 30 s, past the supervisor's SIGKILL."""
+    bounded(lambda: producer.init_transactions(KAFKA_CALL_S), "the producer's start", exit_by, "kafka-init")
 
 
 @dataclass(frozen=True)
@@ -156,7 +165,9 @@ def publish(
             beat("Kafka unreachable")
             log.warning("publishing failed (%s); aborting and trying again", err.str() if err else "queue full")
             with contextlib.suppress(KafkaException):  # nothing to abort is fine too
-                _bounded(lambda: producer.abort_transaction(KAFKA_CALL_S), "abort", exit_by)
+                bounded(
+                    lambda: producer.abort_transaction(KAFKA_CALL_S), "the transaction's abort", exit_by, "kafka-abort"
+                )
             _pause(backoff.delay(attempt), exit_by)
             attempt += 1
     if offsets:  # never blocks; one that fails is covered by the next one, or replayed as a no-op
@@ -175,14 +186,16 @@ def _transaction(
     caller's deadline), an abortable one is raised for the caller to abort and redo. Each retry beats
     ``beat("Kafka unreachable")``: a commit waits up to 30 s per try, and a few of them unbeaten turned ``/healthz``
     to 503, so the supervisor restarted a service that was only waiting for Kafka. Each commit ends by the stop's
-    deadline (:func:`_bounded`)."""
+    deadline (:func:`bounded`)."""
     producer.begin_transaction()
     for out in outs:
         extra = {"headers": list(out.headers)} if out.headers else {}
         producer.produce(out.topic.full_name(prefix), key=out.key, value=out.value, **extra)
     while True:
         try:
-            _bounded(lambda: producer.commit_transaction(KAFKA_CALL_S), "commit", exit_by)
+            bounded(
+                lambda: producer.commit_transaction(KAFKA_CALL_S), "the transaction's commit", exit_by, "kafka-commit"
+            )
             return
         except KafkaException as exc:
             if not exc.args[0].retriable() or give_up():

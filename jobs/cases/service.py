@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import signal
 import time
@@ -618,20 +619,27 @@ class CaseService:
             since_ms=since_ms,
             stall_s=STARTUP_READ_STALL_S,
             beat=lambda: self.heartbeat.beat(None),
+            stop=self._stop,  # ends the read at its next call once the stop is asked
         )
         self.heartbeat.beat(None)
 
     def run(self) -> None:
         from confluent_kafka import TopicPartition
 
-        self.replay(CASES, self.core.load_case)
-        self.replay(WATCHLIST, self.core.load_watchlist)
         # only the audit ids of inputs this service may still read: those written after the retention horizon
         command_max_age_ms = int(self.settings.webex.command_max_age_s * 1000)
-        self.replay(AUDIT, self.core.load_audit, since_ms=self.core.horizon(clock.now_ms()) - command_max_age_ms)
-        log.info("replayed %d cases, %d reference images", len(self.core.book.cases), len(self.core.references))
-        self.producer.init_transactions(30)
+        since_ms = self.core.horizon(clock.now_ms()) - command_max_age_ms
         try:
+            # each start-up call ends by the stop's deadline, as the loop's Kafka calls do
+            for spec, apply, since in (
+                (CASES, self.core.load_case, None),
+                (WATCHLIST, self.core.load_watchlist, None),
+                (AUDIT, self.core.load_audit, since_ms),
+            ):
+                read = functools.partial(self.replay, spec, apply, since_ms=since)
+                transactional.bounded(read, f"the start-up read of {spec.name}", self._exit_by, "case-service-replay")
+            log.info("replayed %d cases, %d reference images", len(self.core.book.cases), len(self.core.references))
+            transactional.init_transactions(self.producer, self._exit_by)
             stripped = self.core.forget_held(clock.now_ms())  # forgets made while this service was away
             if stripped:
                 self._publish(stripped, [])

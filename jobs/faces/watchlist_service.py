@@ -1099,7 +1099,13 @@ class WatchlistService:
 
         # each metadata call before the first record beats too: a few slow ones outlast the heartbeat
         read_control_topics(
-            self.settings, one, timeout_s=stall_s, specs=(spec,), stall_s=stall_s, beat=lambda: self._beat(None)
+            self.settings,
+            one,
+            timeout_s=stall_s,
+            specs=(spec,),
+            stall_s=stall_s,
+            beat=lambda: self._beat(None),
+            stop=self._stop,  # ends the read at its next call once the stop is asked
         )
         return count
 
@@ -1110,13 +1116,24 @@ class WatchlistService:
             self._ensure_collection()
             if self._stop.is_set():
                 return
-            loaded = self.replay(WATCHLIST, self.core.load)
+            # each start-up call ends by the stop's deadline, as the loop's Kafka calls do
+            loaded = transactional.bounded(
+                lambda: self.replay(WATCHLIST, self.core.load),
+                "the start-up read of watchlist",
+                self._exit_by,
+                "watchlist-replay",
+            )
             log.info("watchlist replayed: %d records, %d subjects", loaded, len(self.core.entries))
             self._beat(None)
-            audited = self.replay(AUDIT, lambda key, _value: self.core.load_audit(key))
+            audited = transactional.bounded(
+                lambda: self.replay(AUDIT, lambda key, _value: self.core.load_audit(key)),
+                "the start-up read of audit",
+                self._exit_by,
+                "watchlist-replay",
+            )
             log.info("audit replayed: %d records", audited)
             self._beat(None)
-            self.producer.init_transactions(30)
+            transactional.init_transactions(self.producer, self._exit_by)
             self.consumer.subscribe(list(self.topics), on_revoke=self._on_revoke)
             while not self._stop.is_set():
                 self._beat(self._store_problem)

@@ -9,6 +9,7 @@ import pytest
 from pydantic import SecretStr
 
 from infra.command_auth import SIGNATURE_HEADER, authenticate_command, sign_command
+from infra.processes import StopRequest
 from infra.settings import CasesSettings, Settings, WebexSettings
 from jobs.cases.core import case_id_for
 from jobs.cases.service import CaseCore, Source
@@ -466,7 +467,7 @@ def test_a_long_start_up_read_keeps_the_case_service_alive_and_goes_on_while_rec
 
     now = [0.0]
     svc = CaseService.__new__(CaseService)
-    svc.settings = Settings()
+    svc.settings, svc._stop = Settings(), StopRequest()
     svc.heartbeat = Heartbeat(stale_s=60.0, clock=lambda: now[0])
     calls: list[dict] = []
 
@@ -562,7 +563,7 @@ def test_healthz_stays_alive_before_the_first_record_while_kafka_takes_its_whole
 
     now = [0.0]
     svc = CaseService.__new__(CaseService)
-    svc.settings = Settings()
+    svc.settings, svc._stop = Settings(), StopRequest()
     svc.heartbeat = Heartbeat(stale_s=60.0, clock=lambda: now[0])
     topic = AUDIT.full_name(svc.settings.kafka.topic_prefix)
     monkeypatch.setattr(control_topics.time, "monotonic", lambda: now[0])
@@ -840,3 +841,61 @@ def test_a_kafka_error_after_the_stop_is_one_warning_and_a_clean_exit_with_the_i
     assert warnings[0].exc_info is None and b"secret" not in warnings[0].getMessage().encode()
     if failing == "commit":
         assert consumer.commits == [], "the input of a transaction that failed was committed"
+
+
+@pytest.mark.parametrize("hanging", ["replay", "init_transactions"])
+def test_a_stop_during_the_start_ends_a_start_up_call_hanging_on_kafka_by_the_stops_deadline(
+    hanging: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGTERM came while a start-up call waited on Kafka (down): a start-up read of a topic (up to 30 s per metadata
+    call) or the producer's ``init_transactions`` (30 s) ran on past the supervisor's SIGKILL. Both now end 1 s before
+    it, counted from the SIGTERM, as the loop's Kafka calls do, and the read is told of the stop."""
+    import threading
+    import time
+
+    from infra.clients import control_topics
+    from infra.metrics import Heartbeat
+    from infra.processes import StopRequest
+    from jobs.cases import service as case_service
+    from jobs.cases.service import CaseService
+
+    released = threading.Event()
+    stopped_at: list[float] = []
+    reads: list[dict] = []
+
+    def sigterm_and_hang() -> None:
+        stopped_at.append(time.monotonic())
+        svc.stop()
+        released.wait(4.0)  # Kafka does not answer
+
+    def read(_settings, _apply, **kwargs) -> dict:
+        reads.append(kwargs)
+        if hanging == "replay":
+            sigterm_and_hang()
+        return {}
+
+    class Producer(_HangingCommit):
+        def init_transactions(self, timeout: float) -> None:
+            if hanging == "init_transactions":
+                sigterm_and_hang()
+
+    monkeypatch.setattr(control_topics, "read_control_topics", read)
+    svc = CaseService.__new__(CaseService)
+    svc.settings = Settings(
+        supervisor={"stop_timeout_s": 2.5},
+        cameras={"bridge_stop_grace_s": 1.0},
+        kafka={"stop_flush_s": 0.5},
+        alerts={"stop_wait_s": 0.2},
+    )
+    svc.prefix, svc._stop, svc._next_expiry, svc.heartbeat = "", StopRequest(), float("inf"), Heartbeat()
+    svc.producer, svc.consumer, svc.core = Producer(None, released), _OneCommand(released), _IdleCore()  # type: ignore[assignment]
+    svc._processing = case_service.metrics.PROCESSING_SECONDS.labels(case_service.PROCESS)
+    svc.topics = {}
+    try:
+        svc.run()
+        took = time.monotonic() - stopped_at[0]
+    finally:
+        released.set()  # the hung calls end now
+    assert took < 1.7, f"the stop took {took:.1f}s; the SIGKILL comes 2.5 s after the SIGTERM, its last calls by 1.5 s"
+    assert reads and all(kwargs["stop"] is svc._stop for kwargs in reads), "the read is not told of the stop"
+    assert any(r.levelname == "WARNING" and "given up" in r.getMessage() for r in caplog.records)

@@ -95,7 +95,7 @@ def test_a_long_start_up_read_keeps_the_service_alive_and_goes_on_while_records_
 
     now = [0.0]
     svc = WatchlistService.__new__(WatchlistService)
-    svc.settings = watchlist_service.Settings()
+    svc.settings, svc._stop = watchlist_service.Settings(), StopRequest()
     svc.heartbeat = Heartbeat(stale_s=60.0, clock=lambda: now[0])
     calls: list[dict] = []
 
@@ -319,7 +319,7 @@ def test_slow_metadata_calls_before_the_first_record_keep_the_service_alive(monk
 
     now = [0.0]
     svc = WatchlistService.__new__(WatchlistService)
-    svc.settings = watchlist_service.Settings()
+    svc.settings, svc._stop = watchlist_service.Settings(), StopRequest()
     svc.heartbeat = Heartbeat(stale_s=60.0, clock=lambda: now[0])
 
     def read(_settings, _apply, **kwargs) -> dict:
@@ -734,3 +734,57 @@ def test_a_kafka_error_after_the_stop_is_one_warning_and_a_clean_exit_with_the_i
     assert warnings[0].exc_info is None and "secret" not in warnings[0].getMessage()
     if failing == "commit":
         assert svc.consumer.commits == [], "the input of a transaction that failed was committed"
+
+
+@pytest.mark.parametrize("hanging", ["replay", "init_transactions"])
+def test_a_stop_during_the_start_ends_a_start_up_call_hanging_on_kafka_by_the_stops_deadline(
+    hanging: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGTERM came while a start-up call waited on Kafka (down): a start-up read of a topic (up to 30 s per metadata
+    call) or the producer's ``init_transactions`` (30 s) ran on past the supervisor's SIGKILL. Both now end 1 s before
+    it, counted from the SIGTERM, as the loop's Kafka calls do, and the read is told of the stop."""
+    import threading
+    import time
+
+    from infra.clients import control_topics
+    from infra.settings import Settings
+
+    released = threading.Event()
+    stopped_at: list[float] = []
+    reads: list[dict] = []
+
+    def sigterm_and_hang() -> None:
+        stopped_at.append(time.monotonic())
+        svc.stop()
+        released.wait(4.0)  # Kafka does not answer
+
+    def read(_settings, _apply, **kwargs) -> dict:
+        reads.append(kwargs)
+        if hanging == "replay":
+            sigterm_and_hang()
+        return {}
+
+    class HangingStart(FlakyTransactions):
+        def init_transactions(self, timeout: float) -> None:
+            if hanging == "init_transactions":
+                sigterm_and_hang()
+
+    monkeypatch.setattr(control_topics, "read_control_topics", read)
+    svc = service(HangingStart([]))
+    svc.settings = Settings(
+        supervisor={"stop_timeout_s": 2.5},
+        cameras={"bridge_stop_grace_s": 1.0},
+        kafka={"stop_flush_s": 0.5},
+        alerts={"stop_wait_s": 0.2},
+    )
+    svc.consumer = _OneRecord()
+    svc.core, svc.heartbeat, svc._next_purge, svc._held = _IdleCore(), None, float("inf"), {}  # type: ignore[assignment]
+    svc.topics = {}
+    try:
+        svc.run()
+        took = time.monotonic() - stopped_at[0]
+    finally:
+        released.set()  # the hung calls end now
+    assert took < 1.7, f"the stop took {took:.1f}s; the SIGKILL comes 2.5 s after the SIGTERM, its last calls by 1.5 s"
+    assert reads and all(kwargs["stop"] is svc._stop for kwargs in reads), "the read is not told of the stop"
+    assert any(r.levelname == "WARNING" and "given up" in r.getMessage() for r in caplog.records)
