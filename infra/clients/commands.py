@@ -48,8 +48,9 @@ class KafkaCommandPublisher:
         if errors:
             raise CommandPublishError(f"command not delivered: {errors[0].str()}")
 
-    def close(self) -> None:
-        self._producer.flush(5)
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Wait up to ``timeout_s`` for Kafka to take what is still queued (at a stop: the time its deadline leaves)."""
+        self._producer.flush(timeout_s)
 
 
 def signed_headers(command: BotCommand, signing_key: str | None) -> Headers:

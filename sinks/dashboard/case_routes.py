@@ -36,7 +36,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from infra.clients.commands import CommandPublishError, Headers, signed_headers
+from infra.clients.commands import CommandPublishError, Headers, KafkaCommandPublisher, signed_headers
+from infra.settings import Settings
 from schemas.errors import InvalidRecord
 from schemas.identifiers import check
 from schemas.indices import index_name
@@ -90,16 +91,39 @@ async def _small_body(request: Request) -> bytes | None:
     return bytes(raw)
 
 
+class FirstVerdictPublisher:
+    """The dashboard's command publisher: a Kafka producer made on the first verdict (a dashboard may never get one),
+    closed by :meth:`close` at the stop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._publisher: KafkaCommandPublisher | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, command: BotCommand, headers: Headers) -> None:
+        with self._lock:  # one producer
+            if self._publisher is None:
+                self._publisher = KafkaCommandPublisher(self.settings)
+            self._publisher(command, headers)
+
+    def close(self, timeout_s: float) -> None:
+        """Flush the producer, if one was made, for at most ``timeout_s``; a verdict under way goes first."""
+        with self._lock:
+            publisher, self._publisher = self._publisher, None
+            if publisher is not None:
+                publisher.close(timeout_s)
+
+
 class CaseRoutes:
     """Case endpoints over a ``Dashboard`` (its OpenSearch search, image store, settings and clock).
-    ``publish`` sends a command (default: a Kafka producer made on the first verdict)."""
+    ``publish`` sends a command (default: a :class:`FirstVerdictPublisher`, its owner's to close)."""
 
     def __init__(self, board: Any, page: Callable[[str], Response], publish: Publish | None = None) -> None:
         self.board = board
         self.settings = board.settings
         self.index = index_name(self.settings.opensearch.index_prefix, "cases")
         self.page = page
-        self._publish = publish
+        self._publish = publish if publish is not None else FirstVerdictPublisher(self.settings)
         self._publish_lock = threading.Lock()
 
     def routes(self) -> list[BaseRoute]:
@@ -250,9 +274,5 @@ class CaseRoutes:
         return JSONResponse({"command_id": command.command_id, "verb": command.verb.lower()}, status_code=202)
 
     def publisher(self, command: BotCommand, headers: Headers) -> None:
-        with self._publish_lock:  # one producer, made on the first verdict (a dashboard may never get one)
-            if self._publish is None:
-                from infra.clients.commands import KafkaCommandPublisher
-
-                self._publish = KafkaCommandPublisher(self.settings)
+        with self._publish_lock:  # one verdict at a time
             self._publish(command, headers)

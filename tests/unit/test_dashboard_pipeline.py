@@ -311,6 +311,56 @@ def test_the_dashboard_command_serves_its_metrics_with_every_groups_lag(monkeypa
     assert len(started) == 1  # metrics off: Kafka is not read for nothing
 
 
+def test_at_the_stop_the_dashboard_stops_its_lag_thread_and_closes_its_command_publisher_by_the_deadline(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After its web server stopped, the dashboard closed neither its command publisher (a Kafka producer) nor the
+    thread reading every group's lag: both are now closed after the server, by the stop's deadline (1 s before the
+    SIGKILL), a flush that Kafka (down) does not finish given up with a WARNING."""
+    import threading
+    import time
+
+    from typer.testing import CliRunner
+
+    released = threading.Event()
+    order: list[str] = []
+    closed: list[float] = []
+    lag = ConsumerLagCollector(Settings(metrics={"lag_interval_s": 0.05}), read=list)
+    ends: list[float] = []
+
+    class HangingFlush:
+        def __init__(self, _settings: Settings) -> None:
+            pass
+
+        def __call__(self, *_a: object) -> None:
+            pass
+
+        def close(self, timeout_s: float) -> None:
+            order.append("commands closed")
+            closed.append(timeout_s)
+            released.wait(4.0)  # Kafka does not take the flush
+
+    def serve(*_a: object, **_k: object) -> float:
+        order.append("server stopped")
+        ends.append(time.monotonic() + 0.5)
+        return ends[0]
+
+    monkeypatch.setattr(dashboard_main, "FirstVerdictPublisher", HangingFlush, raising=False)
+    monkeypatch.setattr(dashboard_main, "export_metrics", lambda _settings: lag.start())
+    monkeypatch.setattr(dashboard_main.web_server, "serve", serve)
+    monkeypatch.setattr(dashboard_main, "get_settings", lambda: Settings())
+    try:
+        result = CliRunner().invoke(dashboard_main.cli, ["--host", "127.0.0.1"])
+        late = time.monotonic() - ends[0]
+    finally:
+        released.set()
+    assert result.exit_code == 0, result.output
+    assert order == ["server stopped", "commands closed"] and 0 < closed[0] <= 0.5
+    assert late < 0.3, f"the closes ran {late:.1f} s past the stop's deadline"
+    assert lag._thread is None, "the lag thread was not stopped"
+    assert any(r.levelname == "WARNING" and "dashboard-commands-close" in r.getMessage() for r in caplog.records)
+
+
 def test_the_prometheus_client_the_dashboard_made_is_closed_when_the_app_shuts_down() -> None:
     """Its pooled connection to Prometheus outlived the app, left to the garbage collector (an unclosed-socket
     warning at some later, unrelated moment); a client the caller passed in stays the caller's."""
