@@ -56,7 +56,7 @@ from jobs.scoring.partitioned import (
     shard_of,
     take,
 )
-from jobs.scoring.scorer import Scorer
+from jobs.scoring.scorer import DRIFT_EPISODES, Scorer
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +313,7 @@ class DriftMergeFunction(KeyedProcessFunction):
     def open(self, runtime_context: RuntimeContext) -> None:
         mask_worker_logs(self.settings)
         from jobs.model.drift import DriftMerge
-        from jobs.model.predictors import drift_monitors
+        from jobs.model.predictors import drift_episodes, drift_monitors
         from jobs.model.registry import load_version
 
         factory = drift_monitors(self.settings)
@@ -328,18 +328,32 @@ class DriftMergeFunction(KeyedProcessFunction):
                 log.warning("no drift reports for model %s: its artifact cannot be loaded (%s)", version, err)
                 return None
 
-        self.merge = DriftMerge(monitor_of, self.settings.model.drift_psi_alert)
+        self.merge = DriftMerge(monitor_of, drift_episodes(self.settings))
         self.scorer = Scorer(self.settings)
+        self.episodes = runtime_context.get_map_state(
+            MapStateDescriptor(DRIFT_EPISODES, Types.STRING(), Types.PICKLED_BYTE_ARRAY())
+        )
+        """The open drift episodes (by model version), checkpointed: a restart does not alert them again."""
+        self.loaded = False
 
     def process_element(self, value: Row, ctx: KeyedProcessFunction.Context):
+        self._load()
         tally = pickle.loads(_as_bytes(value[2]))
         yield from self._out(self.merge.on_tallies([tally], ctx.timer_service().current_watermark()), ctx)
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
+        self._load()
         yield from self._out(self.merge.on_watermark(max(timestamp, ctx.timer_service().current_watermark())), ctx)
+
+    def _load(self) -> None:
+        """The episodes from keyed state, once (readable only in a call: it has the key)."""
+        if not self.loaded:
+            self.merge.episodes.restore(dict(self.episodes.items()))
+            self.loaded = True
 
     def _out(self, reports: list, ctx) -> Iterator[Row]:
         for due in self.merge.due():
             ctx.timer_service().register_event_time_timer(due)  # one timer per time and key
+        commit({DRIFT_EPISODES: self.episodes}, {DRIFT_EPISODES: self.merge.episodes.drain_changes()})
         for topic, key, encoded in self.scorer.drift_rows(reports):
             yield Row(topic, key, encoded)

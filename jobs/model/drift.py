@@ -17,6 +17,8 @@ Pieces, pure numpy (the job wires them; no Kafka, no Flink):
 * :class:`DriftMonitor` — in the scoring job: bins every scored batch into counters of its event-time
   hour (vectorised: one comparison per bin edge across all columns, one ``bincount`` per batch), closes
   an hour once the event time has moved past it, and returns one ``ModelDrift`` report per closed hour.
+* :class:`DriftEpisodes` — which figures are past the setting since when: one alert per crossing (an
+  episode), not one per hour it lasts, and an optional reminder.
 * :func:`drift_alert` — the ``MODEL_DRIFT`` alert of a report whose PSI crossed the setting.
 
 Features that are functions of the event time itself (:data:`TIME_FEATURES`: hour of day, weekday)
@@ -485,8 +487,9 @@ class DriftMerge:
     MAX_VERSIONS = 4
     """Monitors kept beyond those with open hours: the least recently used idle ones go first."""
 
-    def __init__(self, monitor_of: Callable[[str], DriftMonitor | None], psi_alert: float) -> None:
-        self.psi_alert = psi_alert
+    def __init__(self, monitor_of: Callable[[str], DriftMonitor | None], episodes: DriftEpisodes) -> None:
+        self.episodes = episodes
+        """Which figures are past the setting: one alert per crossing (the drift step keeps them in Flink state)."""
         self.monitor_of = monitor_of
         """A version's :class:`jobs.model.drift.DriftMonitor` (None: that model has no reference)."""
         self.monitors: dict[str, DriftMonitor | None] = {}
@@ -535,14 +538,14 @@ class DriftMerge:
 
     def _alerted(self, reports: list[ModelDriftRecord]) -> list[tuple[ModelDriftRecord, AlertAvro | None]]:
         reports.sort(key=lambda r: r["hour_start"])
-        return with_alerts(reports, self.psi_alert)
+        return with_alerts(reports, self.episodes)
 
 
 # --------------------------------------------------------------------------------------------------
 # The alert
 
 
-def drifting(report: ModelDriftRecord, threshold: float, limit: int = 5) -> list[tuple[str, float]]:
+def drifting(report: ModelDriftRecord, threshold: float, limit: int | None = 5) -> list[tuple[str, float]]:
     """``(name, PSI)`` of the score and the features at or above ``threshold``, highest first."""
     found = [(name, value) for name, value in report["feature_psi"].items() if value >= threshold]
     if report["score_psi"] >= threshold:
@@ -551,24 +554,90 @@ def drifting(report: ModelDriftRecord, threshold: float, limit: int = 5) -> list
     return found[:limit]
 
 
+EpisodeEntry = dict[str, list[int]]
+"""A model version's open episodes: figure (``score`` or a feature) -> ``[first hour past, last alerted hour]``
+(hour starts, epoch ms). What the job keeps in Flink state, one entry per version."""
+
+
+class DriftEpisodes:
+    """Which figures of each model version are past the setting, since which hour: the alert goes out when a
+    figure crosses it (an episode starts), not every hour it stays above (a drift of days alerted hourly).
+
+    A figure's episode ends with the first hour of at least ``min_rows`` rows where it is below the setting; it
+    crossing again starts a new one. An hour of fewer rows says nothing, so it neither alerts nor ends one.
+    ``remind_ms`` (0: never): an alert again for a figure still past the setting that long after its last one.
+    The job keeps the episodes in Flink state (:meth:`restore`, :meth:`drain_changes`), checkpointed with the
+    offsets, so a restart neither forgets an open episode (and alerts it again) nor loses a crossing."""
+
+    def __init__(self, psi_alert: float, min_rows: int = 1, remind_ms: int = 0) -> None:
+        self.psi_alert, self.min_rows, self.remind_ms = psi_alert, min_rows, remind_ms
+        self.open: dict[str, EpisodeEntry] = {}
+        self._changed: dict[str, EpisodeEntry | None] = {}
+
+    def restore(self, entries: dict[str, Any]) -> None:
+        """The episodes a checkpoint kept (by model version); an unreadable entry is left out (logged by no one:
+        at worst a drift still past the setting alerts once more)."""
+        self.open = {}
+        for version, entry in entries.items():
+            try:
+                self.open[version] = {str(name): [int(start), int(last)] for name, (start, last) in entry.items()}
+            except (AttributeError, TypeError, ValueError):
+                continue
+
+    def drain_changes(self) -> dict[str, EpisodeEntry | None]:
+        """The versions whose episodes changed since the last call (``None``: none open any more), for state."""
+        changed, self._changed = self._changed, {}
+        return changed
+
+    def alert(self, report: ModelDriftRecord) -> AlertAvro | None:
+        """The report's alert: where a figure crossed the setting (or is due a reminder), else None."""
+        if report["rows"] < self.min_rows:
+            return None
+        version, hour = report["model_version"], report["hour_start"]
+        before = self.open.get(version, {})
+        above = {name for name, _ in drifting(report, self.psi_alert, limit=None)}
+        now = {name: list(before.get(name, [hour, hour])) for name in above}
+        started = sorted(above - before.keys())
+        reminded = [
+            name for name in sorted(above & before.keys()) if self.remind_ms and hour - now[name][1] >= self.remind_ms
+        ]
+        for name in reminded:
+            now[name][1] = hour
+        if now != before:
+            self._changed[version] = now or None
+            if now:
+                self.open[version] = now
+            else:
+                self.open.pop(version, None)
+        if not started and not reminded:
+            return None
+        since = min(now[name][0] for name in reminded) if reminded and not started else None
+        return drift_alert(report, self.psi_alert, since=since)
+
+
 def with_alerts(
-    reports: Iterable[ModelDriftRecord], psi_alert: float
+    reports: Iterable[ModelDriftRecord], episodes: DriftEpisodes
 ) -> list[tuple[ModelDriftRecord, AlertAvro | None]]:
-    """Each report with its alert where it crossed the setting (``alert``), else None."""
-    return [(r, drift_alert(r, psi_alert) if r["alert"] else None) for r in reports]
+    """Each report with its alert where a figure crossed the setting (an episode starts) or is due a
+    reminder, else None (also while it stays above: see :class:`DriftEpisodes`)."""
+    out: list[tuple[ModelDriftRecord, AlertAvro | None]] = []
+    for report in reports:
+        alert = episodes.alert(report)  # also for a report below the setting: it ends episodes
+        out.append((report, alert if report["alert"] else None))
+    return out
 
 
-def drift_alert(report: ModelDriftRecord, psi_alert: float = 0.25) -> AlertAvro:
+def drift_alert(report: ModelDriftRecord, psi_alert: float = 0.25, *, since: int | None = None) -> AlertAvro:
     """The ``MODEL_DRIFT`` alert of a report (``alert`` true): id ``drift:<model_version>:<hour_start>``,
     severity ``warning``, store ``all``, event time the hour's start; its reasons are the names (``score``
     and features) whose PSI reached ``psi_alert`` (the setting), highest first, and its summary gives the
-    score's PSI and the worst features'."""
+    score's PSI and the worst features'. ``since``: a reminder, of a drift past the setting since that hour."""
     names = drifting(report, psi_alert) or drifting(report, 0.0, limit=3)
     features = [(name, value) for name, value in names if name != SCORE]
     if not features and report["worst_feature"] is not None:
         features = [(report["worst_feature"], report["worst_psi"])]
     worst = ", ".join(f"{name} {value:.2f}" for name, value in features) or "none"
-    hour = datetime.fromtimestamp(report["hour_start"] / 1000, tz=UTC).strftime("%Y-%m-%d %H:00 UTC")
+    hour = _hour_text(report["hour_start"])
     return {
         "alert_id": drift_id(report["model_version"], report["hour_start"]),
         "kind": "MODEL_DRIFT",
@@ -592,8 +661,13 @@ def drift_alert(report: ModelDriftRecord, psi_alert: float = 0.25) -> AlertAvro:
             f"Fraud model {report['model_version']} drifts from its training data in the hour from {hour} "
             f"({report['rows']} transactions): score PSI {report['score_psi']:.2f}; worst features {worst} "
             f"(this alert's threshold: PSI {psi_alert:g})"
+            + (f"; a reminder: past the threshold since {_hour_text(since)}" if since is not None else "")
         ),
     }
+
+
+def _hour_text(hour_start: int) -> str:
+    return datetime.fromtimestamp(hour_start / 1000, tz=UTC).strftime("%Y-%m-%d %H:00 UTC")
 
 
 # --------------------------------------------------------------------------------------------------

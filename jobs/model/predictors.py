@@ -152,9 +152,14 @@ class ScoringModels(Predictor):
         psi_alert: float = 0.25,
         *,
         tally_drift: bool = False,
+        episodes: Any = None,
     ) -> None:
+        from jobs.model.drift import DriftEpisodes
+
         self.registry = registry
         self.psi_alert = psi_alert
+        self.episodes: DriftEpisodes = episodes or DriftEpisodes(psi_alert)
+        """Which figures are past the setting: a drift alerts when it starts, not every hour (state: the job's)."""
         self.remote = remote
         self._drift_factory = drift
         self._drift: tuple[str, Any] | None = None
@@ -259,7 +264,13 @@ class ScoringModels(Predictor):
         from jobs.model.drift import with_alerts
 
         reports, self._reports = self._reports, []
-        return with_alerts(reports, self.psi_alert)
+        return with_alerts(reports, self.episodes)
+
+    def restore_drift(self, episodes: dict[str, Any]) -> None:
+        self.episodes.restore(episodes)
+
+    def drain_drift_changes(self) -> dict[str, Any]:
+        return self.episodes.drain_changes()
 
     def drain_tallies(self) -> list[Any]:
         """With ``tally_drift``: the drift counters (:class:`jobs.model.drift.HourTally`) since the last call."""
@@ -683,6 +694,14 @@ def drift_monitors(settings: Settings) -> Callable[[LocalModel], Any] | None:
     return make
 
 
+def drift_episodes(settings: Settings) -> Any:
+    """The drift episodes (:class:`jobs.model.drift.DriftEpisodes`) the settings ask for: when a drift alerts."""
+    from jobs.model.drift import DriftEpisodes
+
+    m = settings.model
+    return DriftEpisodes(m.drift_psi_alert, m.drift_min_rows, round(m.drift_remind_hours * 3_600_000))
+
+
 def make_predictor(settings: Settings, *, tally_drift: bool = False) -> Predictor:
     """The predictor ``settings.model.backend`` names: champion and challenger from the models root
     (local), or a remote backend with the local champion as its fallback and the challenger beside it.
@@ -696,6 +715,7 @@ def make_predictor(settings: Settings, *, tally_drift: bool = False) -> Predicto
             drift=drift_monitors(settings),
             psi_alert=settings.model.drift_psi_alert,
             tally_drift=tally_drift,
+            episodes=drift_episodes(settings),
         )
     try:
         registry = ModelRegistry(settings)

@@ -44,7 +44,16 @@ from jobs.scoring.face_join import (
 from jobs.scoring.face_similarity import EMBEDDING_LENGTHS
 from jobs.scoring.features import HISTORY_KEY, PROFILE_KEY, customer_key, identity_keys, receipt_key
 from jobs.scoring.rules import RuleSet
-from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Predictor, Scorer, ScoringState, Write
+from jobs.scoring.scorer import (
+    CUSTOMERS,
+    DRIFT_EPISODES,
+    RECEIPTS,
+    STORES,
+    Predictor,
+    Scorer,
+    ScoringState,
+    Write,
+)
 from jobs.scoring.watchlist import check_entry
 from schemas.codec import codec
 from schemas.errors import INTERNAL_ERROR, InvalidRecord
@@ -55,7 +64,7 @@ log = logging.getLogger("checkout_guard.scoring_job")
 LEGACY_BATCH = "batch"
 """Where the job kept transactions waiting for a model batch before batching moved into the JVM: what a
 restored checkpoint still holds there is decided at the first call."""
-MAPS = (RECEIPTS, STORES, CUSTOMERS, PENDING, EARLY_FACES, LEGACY_BATCH, DECIDED, CLAIMS)
+MAPS = (RECEIPTS, STORES, CUSTOMERS, PENDING, EARLY_FACES, LEGACY_BATCH, DECIDED, CLAIMS, DRIFT_EPISODES)
 """The keyed state maps, in the order their writes are committed (also their MapState names)."""
 RULES_KEY = "rules"
 """Broadcast state key of the rule set in force; watchlist entries are under ``wl:<subject>``."""
@@ -219,6 +228,7 @@ class DecisionCore:
             dict(maps.get(PENDING) or {}), dict(maps.get(EARLY_FACES) or {}), dict(maps.get(DECIDED) or {})
         )
         self.claims.restore(dict(maps.get(CLAIMS) or {}))
+        self.scorer.predictor.restore_drift(dict(maps.get(DRIFT_EPISODES) or {}))
         for tx_id, (env, seen) in (maps.get(LEGACY_BATCH) or {}).items():
             self.restored_ready.append(Ready(env, seen))
             self._changes[LEGACY_BATCH][tx_id] = None

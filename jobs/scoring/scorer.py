@@ -57,6 +57,8 @@ LATE_FACE_REASON = "face_seen_after_the_sale_was_decided"
 
 
 RECEIPTS, STORES, CUSTOMERS = "receipts", "stores", "customers"
+DRIFT_EPISODES = "drift_episodes"
+"""State map of the drift episodes open per model version (see :meth:`Predictor.restore_drift`)."""
 Write = tuple[str, str, Any]
 """(map name, key, new value or ``None`` for a removal): one change to persist."""
 
@@ -171,6 +173,14 @@ class Predictor:
     def drain_tallies(self) -> list[Any]:
         """A slot of a parallel job: its drift counters since the last call, for the merging monitor."""
         return []
+
+    def restore_drift(self, episodes: dict[str, Any]) -> None:
+        """The drift episodes (figures past the alert setting, by model version) a checkpoint kept in
+        :data:`DRIFT_EPISODES`: a drift still under way after a restart does not alert again."""
+
+    def drain_drift_changes(self) -> dict[str, Any]:
+        """The drift episodes changed by the reports drained since the last call (``None``: a version's ended)."""
+        return {}
 
 
 class Scorer:
@@ -429,6 +439,9 @@ class Scorer:
         if live:
             self.predictor.settle()
             rows[:0] = self.drift_rows(self.predictor.drain_reports())
+            writes.extend(
+                (DRIFT_EPISODES, version, entry) for version, entry in self.predictor.drain_drift_changes().items()
+            )
         self.stats.outcomes.update(outcomes)
         self.stats.late_faces.update(late_statuses)
         if decide_from:

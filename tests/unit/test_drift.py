@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from infra.settings import AlertSettings, ModelSettings
 from jobs.model.drift import (
     HOUR_MS,
+    DriftEpisodes,
     DriftMerge,
     DriftMonitor,
     _bin_categorical,
@@ -25,6 +26,7 @@ from jobs.model.drift import (
     drift_id,
     psi,
     reference_profile,
+    with_alerts,
 )
 from schemas.codec import MAGIC, codec, latest_versions, load_schemas
 from schemas.identifiers import check
@@ -515,7 +517,7 @@ def test_the_drift_step_reports_every_version_and_closes_a_replaced_models_hours
             return None
         return DriftMonitor(reference, version, psi_alert=0.25, min_rows=5, now_ms=lambda: CREATED)
 
-    merge = DriftMerge(monitor_of, psi_alert=0.25)
+    merge = DriftMerge(monitor_of, DriftEpisodes(0.25))
     rng = np.random.default_rng(13)
     x, s = _rows(60, rng, shift=2.0)
     old, new, bare = (monitor_of(v) for v in ("v-old", "v-new", "v-old"))
@@ -543,7 +545,7 @@ def test_a_version_the_drift_step_let_go_never_reports_an_hour_twice(reference: 
     def monitor_of(version: str) -> DriftMonitor:
         return DriftMonitor(reference, version, psi_alert=0.25, min_rows=5, now_ms=lambda: CREATED)
 
-    merge, slots = DriftMerge(monitor_of, psi_alert=0.25), {}
+    merge, slots = DriftMerge(monitor_of, DriftEpisodes(0.25)), {}
     reports: list[tuple[str, int, int, int]] = []
 
     def keep(done: list) -> None:
@@ -597,3 +599,62 @@ def test_a_drift_minimum_of_zero_rows_is_refused_not_read_as_off() -> None:
     with pytest.raises(ValidationError, match="drift_min_rows"):
         ModelSettings(drift_min_rows=0)
     assert ModelSettings(drift_min_rows=1).drift_min_rows == 1
+
+
+def _hour_report(hour: int, *, score: float = 0.0, rows: int = 400, **features: float) -> ModelDriftAvro:
+    """A report of hour ``hour`` (from T0) with these PSIs (every other feature 0)."""
+    feature_psi = {"amount_log": 0.0, "velocity": 0.0, **features}
+    worst = max(feature_psi, key=lambda name: feature_psi[name])
+    return {
+        "report_id": drift_id("v1", T0 + hour * HOUR_MS),
+        "model_version": "v1",
+        "hour_start": T0 + hour * HOUR_MS,
+        "rows": rows,
+        "late_rows": 0,
+        "score_psi": score,
+        "feature_psi": feature_psi,
+        "worst_feature": worst,
+        "worst_psi": feature_psi[worst],
+        "alert": rows >= 200 and max(score, feature_psi[worst]) >= 0.25,
+        "reference_rows": 20_000,
+        "created_at": CREATED,
+    }
+
+
+def test_a_figure_alerts_when_it_crosses_not_while_it_stays_above_and_again_when_it_crosses_anew() -> None:
+    episodes = DriftEpisodes(0.25, min_rows=200)
+    hours = [
+        _hour_report(0, velocity=0.4),  # velocity crosses: alert
+        _hour_report(1, velocity=0.5),  # still above: none
+        _hour_report(2, velocity=0.1, rows=50),  # too few rows to tell: ends nothing
+        _hour_report(3, velocity=0.45, score=0.3),  # the score crosses while velocity stays: alert
+        _hour_report(4, velocity=0.45, score=0.3),  # both still above: none
+        _hour_report(5, velocity=0.05, score=0.31),  # velocity falls below
+        _hour_report(6, velocity=0.3, score=0.3),  # and crosses again: alert
+    ]
+    alerted = [report["hour_start"] for report, alert in with_alerts(hours, episodes) if alert is not None]
+    assert alerted == [T0, T0 + 3 * HOUR_MS, T0 + 6 * HOUR_MS]
+    assert [report["alert"] for report in hours] == [True, True, False, True, True, True, True]  # each hour's own
+
+
+def test_the_open_episodes_are_handed_to_state_and_restored_from_it() -> None:
+    episodes = DriftEpisodes(0.25, min_rows=200)
+    with_alerts([_hour_report(0, velocity=0.4)], episodes)
+    changes = episodes.drain_changes()
+    assert changes == {"v1": {"velocity": [T0, T0]}} and episodes.drain_changes() == {}
+    restored = DriftEpisodes(0.25, min_rows=200)
+    restored.restore(changes)
+    assert [a for _, a in with_alerts([_hour_report(1, velocity=0.4)], restored)] == [None]
+    with_alerts([_hour_report(2)], restored)  # every figure below: the version's episodes end
+    assert restored.drain_changes() == {"v1": None}
+
+
+def test_the_drift_step_of_the_partitioned_layout_alerts_a_lasting_drift_once(reference: dict[str, Any]) -> None:
+    monitor = _monitor(reference)
+    merge = DriftMerge(lambda version: monitor, DriftEpisodes(0.25, min_rows=200))
+    alerts = []
+    for hour in range(4):
+        x, scores = _rows(300, np.random.default_rng(hour), shift=1.0)
+        alerts += [a for _, a in merge.on_tallies([monitor.tally(_times(300, hour), x, scores)], T0 + hour * HOUR_MS)]
+    alerts += [a for _, a in merge.on_watermark(T0 + 5 * HOUR_MS)]
+    assert [a["event_time"] for a in alerts if a is not None] == [T0]

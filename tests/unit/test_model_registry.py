@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from infra.settings import ModelSettings, Settings
 from jobs.model.fraud_model import LocalModel, ModelArtifactError, pointer_lock
-from jobs.model.predictors import ScoringModels, drift_monitors
+from jobs.model.predictors import ScoringModels, drift_monitors, make_predictor
 from jobs.model.registry import CHALLENGER, CURRENT, ModelRegistry, app, read_pointer, write_pointer
 from jobs.scoring.rules import ModelResult
 from jobs.scoring.scorer import Predictor, Scorer
@@ -609,6 +609,21 @@ def test_the_audit_event_is_sent_under_the_pointer_lock(tmp_path, monkeypatch):
     assert held == [True]
 
 
+class _MapState(dict):
+    def put_all(self, entries: dict) -> None:
+        self.update(entries)
+
+    def remove(self, key: str) -> None:
+        del self[key]
+
+
+class _Runtime:
+    """The drift step's runtime context: its one map of state (the drift episodes)."""
+
+    def get_map_state(self, descriptor: object) -> _MapState:
+        return _MapState()
+
+
 def test_a_champion_kept_under_another_folder_name_gets_drift_reports_in_both_layouts(tmp_path):
     """The partitioned layout's drift step finds the model of its slots' tallies by the version in model.json, as
     the registry does: a champion copied in under another folder name reports there as in the single layout."""
@@ -629,7 +644,7 @@ def test_a_champion_kept_under_another_folder_name_gets_drift_reports_in_both_la
     expected = [(r["model_version"], r["rows"]) for r, _ in single.drain_reports()]
     assert expected == [(champ, 300)]
     step = DriftMergeFunction(settings)
-    step.open(None)
+    step.open(_Runtime())
     reports = step.merge.on_tallies(slot.drain_tallies(), T0 + 3 * 3_600_000)
     assert [(r["model_version"], r["rows"]) for r, _ in reports] == expected
 
@@ -797,3 +812,55 @@ def test_artifacts_and_pointers_are_on_disk_before_anything_names_them(tmp_path,
     calls.clear()
     write_pointer(root, CHALLENGER, None)
     assert calls == [("fsync", str(root))] and read_pointer(root, CHALLENGER) is None
+
+
+def _drifting_hours(scorer: Scorer, hours: range) -> tuple[list[dict], list[dict], list]:
+    """300 sales far from the training data in each of ``hours``, one batch per hour; the reports, the alerts
+    and the state writes of the hours closed (each batch closes the hour two before it: the grace)."""
+    reports, alerts, writes = [], [], []
+    for h in hours:
+        batch = [sale(f"h{h}-{i}", at_s=h * 3600 + i, amount=9000.0 + i, card=f"c{i}").to_avro() for i in range(300)]
+        rows, made = scorer.decide_batch([(tx, {}, tx["event_time"]) for tx in batch])
+        reports += [codec("ModelDrift").decode(v) for t, _, v in rows if t == scorer.drift_topic]
+        alerts += [codec("Alert").decode(v) for t, _, v in rows if t == scorer.alerts_topic]
+        writes += [w for w in made if w[0] == "drift_episodes"]
+    return reports, alerts, writes
+
+
+def test_a_drift_that_lasts_hours_alerts_once_when_it_starts_not_every_hour(tmp_path):
+    """Hours in a row far from the training data: a report each hour, all past the setting, but one
+    ``MODEL_DRIFT`` alert, the first hour's (before, one every hour for as long as the drift lasted)."""
+    _models(tmp_path)
+    settings = _settings(tmp_path)
+    scorer = Scorer(settings, predictor=make_predictor(settings))
+    reports, alerts, _ = _drifting_hours(scorer, range(5))
+    assert len(reports) == 3 and all(r["alert"] for r in reports)  # the last two hours are still open
+    assert [a["alert_id"] for a in alerts] == [reports[0]["report_id"]]
+
+
+def test_a_drift_under_way_is_not_alerted_again_after_a_restart_from_its_state(tmp_path):
+    """The open episodes are job state (``drift_episodes``): a job restored from it goes on without a second
+    alert for the same drift, while one without it alerts again."""
+    _models(tmp_path)
+    settings = _settings(tmp_path)
+    first = Scorer(settings, predictor=make_predictor(settings))
+    _, alerts, writes = _drifting_hours(first, range(3))
+    assert len(alerts) == 1 and writes and all(value for _, _, value in writes)
+    restored = make_predictor(settings)
+    restored.restore_drift({key: value for _, key, value in writes})
+    _, alerts, _ = _drifting_hours(Scorer(settings, predictor=restored), range(3, 6))
+    assert alerts == []
+    _, alerts, _ = _drifting_hours(Scorer(settings, predictor=make_predictor(settings)), range(6, 9))
+    assert len(alerts) == 1
+
+
+def test_a_drift_still_past_the_setting_is_reminded_after_the_reminder_interval(tmp_path):
+    """``drift_remind_hours``: an alert again that long after the last one while the drift lasts; 0: never."""
+    _models(tmp_path)
+    settings = _settings(tmp_path, drift_remind_hours=2)
+    _, alerts, _ = _drifting_hours(Scorer(settings, predictor=make_predictor(settings)), range(7))
+    assert [a["event_time"] for a in alerts] == [T0, T0 + 2 * 3_600_000, T0 + 4 * 3_600_000]
+    assert "a reminder: past the threshold since 2026-" in alerts[1]["summary"]
+    never = _settings(tmp_path, drift_remind_hours=0)
+    _, alerts, _ = _drifting_hours(Scorer(never, predictor=make_predictor(never)), range(7))
+    assert len(alerts) == 1
