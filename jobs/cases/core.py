@@ -260,6 +260,16 @@ def add_note(case: Case, actor: str, text: str, now_ms: int) -> Case:
     return _next(case, actor, now_ms, notes=(*case.notes, CaseNote(at=now_ms, actor=actor, text=cut)))
 
 
+def refusal_note(case: Case, verb: str, actor: str, reason: str, now_ms: int) -> Case | None:
+    """The case with a service note that ``actor``'s ``verb`` was refused and why (None: its notes are full). The
+    bot and the page said "sent" before the service read it; a change in between (another person's verdict) is
+    only found here, so the case itself says it, where the person looks, not only the audit and a dead letter."""
+    if len(case.notes) >= MAX_NOTES:
+        return None
+    text = _cut(f"{verb.lower()} by {actor} was refused: {reason}") or ""
+    return _next(case, SERVICE, now_ms, notes=(*case.notes, CaseNote(at=now_ms, actor=SERVICE, text=text)))
+
+
 def expire(case: Case, now_ms: int, actor: str = SERVICE) -> Case | None:
     """The expired case when it is undecided and its time is up; else None."""
     if case.state not in PENDING or now_ms < case.expires_at:
@@ -383,6 +393,14 @@ class CaseBook:
             new = add_note(case, actor, command.text or "", now_ms)
         self.load(new)
         return new
+
+    def refused(self, case_id: str, verb: str, actor: str, reason: str, now_ms: int) -> Case | None:
+        """The case's next version with the refusal noted (kept here), or None (no such case, notes full)."""
+        case = self.cases.get(case_id)
+        noted = refusal_note(case, verb, actor, reason, now_ms) if case is not None else None
+        if noted is not None:
+            self.load(noted)
+        return noted
 
     def labelled(self, case: Case, label: int) -> list[str]:
         """The other held cases whose verdict labelled ``case``'s transaction ``label`` (sorted ids): several

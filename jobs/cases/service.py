@@ -318,12 +318,23 @@ class CaseCore:
         try:  # judged by when it reached Kafka: a verdict given before the expiry counts, read however late
             case = self.book.apply(command, cmd.actor, now_ms, given_at=src.written_at)
         except Refused as refused:
-            return self._failed(src, cmd, audit, refused, now_ms)
+            return [
+                *self._noted(command.case_id, cmd, refused, now_ms),
+                *self._failed(src, cmd, audit, refused, now_ms),
+            ]
         log.info("%s %s by command %s: now %s (v%d)", cmd.verb, case.case_id, cmd.command_id, case.state, case.version)
         late = held is not None and held.state == EXPIRED and cmd.verb in ("CONFIRM", "DISMISS")
         if late:
             log.info("%s: a verdict given before it expired, read after, replaces the expiry", case.case_id)
         return [self._case(case), *self._effects(case, cmd, audit, now_ms, replaced_expiry=late)]
+
+    def _noted(self, case_id: str, cmd: BotCommand, refused: Refused, now_ms: int) -> list[Out]:
+        """The case changed since the verdict was sent (decided by someone else, expired): its new version with a
+        note saying so, where the person looks. Not for a bad command: the bot and the page refuse that at once."""
+        if refused.kind != "illegal_transition":
+            return []
+        noted = self.book.refused(case_id, cmd.verb, cmd.actor, refused.reason, now_ms)
+        return [self._case(noted)] if noted is not None else []
 
     def _failed(
         self, src: Source, cmd: BotCommand, audit: dict[str, Any], refused: InvalidRecord, now_ms: int
