@@ -197,6 +197,36 @@ def cluster_metadata(
         ) from None
 
 
+class TopicUnavailable(CheckoutGuardError, RuntimeError):
+    """The broker answered for the topic with an error (no leader, not authorised): an operational failure, named
+    as the broker said it, not taken for a topic that does not exist. Here, with :func:`topic_unusable`, so the
+    writers' check (:func:`require_topics`) judges a topic as the readers (``topic_replay``) do."""
+
+
+def topic_unavailable(topic: str, error: KafkaError, partition: int | None = None) -> TopicUnavailable:
+    """The error for a topic (or one partition of it) the broker answered with ``error``, in the broker's words
+    (``error.str()`` and its name), not the client's error object: every reader of a topic words it so."""
+    where = f"topic {topic}" if partition is None else f"topic {topic} partition {partition}"
+    return TopicUnavailable(f"{where}: the broker answered {error.str()} ({error.name()})")
+
+
+def topic_unusable(topic: str, listed: TopicMetadata) -> TopicUnavailable | None:
+    """Why ``topic``, listed (:func:`listed_topic`), cannot be read or written now, or ``None``: its own
+    error, else the first partition the broker answers with an error or lists without a leader (leader -1), named
+    (:func:`topic_unavailable`'s words). Judged only by the topic's own error, a topic with a leaderless partition was
+    taken for ready (the stream backtest's copy topics) and healthy (``stack status``): both ask this."""
+    if listed.error is not None:
+        return topic_unavailable(topic, listed.error)
+    for partition in sorted(listed.partitions.values(), key=lambda p: p.id):
+        if partition.error is not None:
+            return topic_unavailable(topic, partition.error, partition.id)
+        if partition.leader < 0:
+            return TopicUnavailable(
+                f"topic {topic} partition {partition.id}: no leader (the broker lists it with none)"
+            )
+    return None
+
+
 class TopicError(CheckoutGuardError, LookupError):
     """A topic a tool writes to is missing, or not usable now (no leader, not authorised)."""
 
@@ -213,7 +243,10 @@ def require_topics(
 ) -> ClusterMetadata:
     """:func:`cluster_metadata` of all topics (asking for one by name could ask a broker to create it), and
     :class:`TopicMissing` naming those of ``topics`` the cluster does not list; another error of a listed topic
-    (no leader this moment, not authorised) is a :class:`TopicError` naming it and the error, not a missing topic."""
+    (no leader this moment, not authorised), or a partition of it answered with an error or listed without a leader,
+    is a :class:`TopicError` naming it (and the partition) and the error, not a missing topic (:func:`topic_unusable`):
+    the callers produce to these topics next, and a record for a leaderless partition waits in the queue until its
+    delivery times out: a start-up check that passed such a topic let those writes fail minutes later."""
     metadata = cluster_metadata(client, source, timeout_s=timeout_s)
     listed = {t: found for t in topics if (found := listed_topic(metadata, t)) is not None}
     missing = [t for t in topics if t not in listed]
@@ -223,8 +256,8 @@ def require_topics(
             "it): the topics are created by an admin (`python -m infra.stack topics`, or `make up` locally)"
         )
     for name, topic in listed.items():
-        if topic.error is not None:
-            raise TopicError(f"topic {name} on Kafka at {_kafka(source).bootstrap}: {topic.error.str()}")
+        if (why := topic_unusable(name, topic)) is not None:
+            raise TopicError(f"{why} (Kafka at {_kafka(source).bootstrap})")
     return metadata
 
 

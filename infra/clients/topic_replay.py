@@ -41,12 +41,14 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from confluent_kafka.admin import TopicMetadata
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from infra import clock
 from infra.clients import kafka as kafka_clients
+from infra.clients.kafka import TopicUnavailable as TopicUnavailable  # re-exported: every reader raises it
+from infra.clients.kafka import topic_unavailable
+from infra.clients.kafka import topic_unusable as topic_unusable
 from infra.pacing import TokenBucket
 from infra.settings import KafkaSettings
 from schemas.errors import CheckoutGuardError
@@ -79,11 +81,6 @@ class TimeOutOfRange(RangeError):
 class NoSuchTopic(RangeError):
     """The topic to read is not on the cluster: a wrong name given (a usage error) or a topic the tool relies on
     that is missing (an operational failure); the caller tells which."""
-
-
-class TopicUnavailable(CheckoutGuardError, RuntimeError):
-    """The broker answered for the topic with an error (no leader, not authorised): an operational failure, named
-    as the broker said it, not taken for a topic that does not exist."""
 
 
 # ---------------------------------------------------------------------------- pure: ranges
@@ -595,30 +592,6 @@ def _producer(kafka: KafkaSettings) -> Producer:
         compression_type="lz4",
         partitioner="murmur2_random",
     )
-
-
-def topic_unavailable(topic: str, error: KafkaError, partition: int | None = None) -> TopicUnavailable:
-    """The error for a topic (or one partition of it) the broker answered with ``error``, in the broker's words
-    (``error.str()`` and its name), not the client's error object: every reader of a topic words it so."""
-    where = f"topic {topic}" if partition is None else f"topic {topic} partition {partition}"
-    return TopicUnavailable(f"{where}: the broker answered {error.str()} ({error.name()})")
-
-
-def topic_unusable(topic: str, listed: TopicMetadata) -> TopicUnavailable | None:
-    """Why ``topic``, listed (``kafka_clients.listed_topic``), cannot be read or written now, or ``None``: its own
-    error, else the first partition the broker answers with an error or lists without a leader (leader -1), named
-    (:func:`topic_unavailable`'s words). Judged only by the topic's own error, a topic with a leaderless partition was
-    taken for ready (the stream backtest's copy topics) and healthy (``stack status``): both ask this."""
-    if listed.error is not None:
-        return topic_unavailable(topic, listed.error)
-    for partition in sorted(listed.partitions.values(), key=lambda p: p.id):
-        if partition.error is not None:
-            return topic_unavailable(topic, partition.error, partition.id)
-        if partition.leader < 0:
-            return TopicUnavailable(
-                f"topic {topic} partition {partition.id}: no leader (the broker lists it with none)"
-            )
-    return None
 
 
 def partition_count(client: Consumer | Producer, topic: str, kafka: KafkaSettings | None = None) -> int:

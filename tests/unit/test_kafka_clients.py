@@ -326,12 +326,46 @@ def test_require_topics_lists_all_topics_and_names_the_missing_ones() -> None:
             asked.append(topic)
             unknown = SimpleNamespace(error=KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART))
             leaderless = SimpleNamespace(error=KafkaError(KafkaError.LEADER_NOT_AVAILABLE))
-            return SimpleNamespace(topics={"a": SimpleNamespace(error=None), "b": unknown, "d": leaderless})
+            return SimpleNamespace(
+                topics={"a": SimpleNamespace(error=None, partitions={}), "b": unknown, "d": leaderless}
+            )
 
     assert set(kafka_clients.require_topics(Cluster(), KAFKA, "a").topics) == {"a", "b", "d"}
     with pytest.raises(kafka_clients.TopicMissing, match=r"^no topic b, c on Kafka at .*created by an admin"):
         kafka_clients.require_topics(Cluster(), KAFKA, "a", "b", "c")
     with pytest.raises(kafka_clients.TopicError) as info:  # it exists: no leader this moment is not "missing"
         kafka_clients.require_topics(Cluster(), KAFKA, "a", "d")
-    assert not isinstance(info.value, kafka_clients.TopicMissing) and "topic d on Kafka at" in str(info.value)
+    assert not isinstance(info.value, kafka_clients.TopicMissing) and str(info.value).startswith("topic d: the broker")
+    assert "(Kafka at " in str(info.value)
     assert asked == [None, None, None]  # never a topic by name: that could ask a broker to create it
+
+
+def test_require_topics_refuses_a_topic_with_a_partition_without_a_leader() -> None:
+    """A writer's start-up check looked only at the topic's own error: a topic whose partition had no leader (or an
+    error of its own) passed, and the records for that partition waited in the queue until their delivery timed out."""
+    from types import SimpleNamespace
+
+    from tests.builders import partitions_led
+
+    leaderless = partitions_led(3)
+    leaderless[1].leader = -1
+    refused = partitions_led(2)
+    refused[1].error = KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)
+    topics = {
+        "ok": SimpleNamespace(error=None, partitions=partitions_led(2)),
+        "led": SimpleNamespace(error=None, partitions=leaderless),
+        "refused": SimpleNamespace(error=None, partitions=refused),
+    }
+
+    class Cluster:
+        def list_topics(self, topic: str | None = None, timeout: float = -1) -> SimpleNamespace:
+            return SimpleNamespace(topics=topics)
+
+    assert kafka_clients.require_topics(Cluster(), KAFKA, "ok").topics is topics
+    with pytest.raises(kafka_clients.TopicError, match=r"^topic led partition 1: no leader .*\(Kafka at ") as info:
+        kafka_clients.require_topics(Cluster(), KAFKA, "ok", "led")
+    assert not isinstance(info.value, kafka_clients.TopicMissing)
+    with pytest.raises(
+        kafka_clients.TopicError, match=r"^topic refused partition 1: the broker answered .*AUTHORIZATION"
+    ):
+        kafka_clients.require_topics(Cluster(), KAFKA, "refused")

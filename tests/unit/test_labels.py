@@ -36,7 +36,7 @@ from schemas.codec import MAGIC
 from schemas.errors import InvalidRecord
 from schemas.records import MAX_LABEL_TEXT, Label, make_label
 from schemas.topics import ALL_TOPICS, LABELS
-from tests.builders import T0, sale
+from tests.builders import T0, partitions_led, sale
 
 NOW = T0 + 30 * 86_400_000
 DEFAULTS = Defaults(source="chargeback", decided_at=NOW - 1000, now_ms=NOW, decided_by="issuer", reason="chargeback")
@@ -359,7 +359,9 @@ class FakeProducer:
     def list_topics(self, topic: str | None = None, timeout: float = -1) -> SimpleNamespace:
         if self.down:
             raise KafkaException(KafkaError(KafkaError._TRANSPORT, "Failed to get metadata: broker transport failure"))
-        return SimpleNamespace(topics={} if self.no_topics else {"unit.labels": SimpleNamespace(error=None)})
+        return SimpleNamespace(
+            topics={} if self.no_topics else {"unit.labels": SimpleNamespace(error=None, partitions=partitions_led(1))}
+        )
 
     def produce(self, topic: str, key: bytes | None = None, value: bytes | None = None, on_delivery: Any = None):
         self.sent.append((topic, key, value))
