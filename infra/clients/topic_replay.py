@@ -598,12 +598,17 @@ def partition_count(client: Consumer | Producer, topic: str, kafka: KafkaSetting
     """Partitions of ``topic`` (0 when it does not exist); :class:`TopicUnavailable` when the broker answers for it
     with an error (no leader, not authorised): taken for no partitions, the tail said such a topic did not exist and
     a caller waiting for it to be read found nothing left to read; ``KafkaUnavailable`` when no broker answers. From
-    the list of all topics: a producer asking for one by name could make a broker create it."""
+    the list of all topics: a producer asking for one by name could make a broker create it.
+
+    A partition listed without a leader, or with an error, is :class:`TopicUnavailable` too (:func:`topic_unusable`),
+    though the count is known: each caller next asks every partition's leader (its ends: the tail, the watermarks,
+    ``caught_up``; its records: the replay's source), which for that one failed (after up to a 10 s timeout) with the
+    client's error object, the partition unnamed."""
     md = kafka_clients.listed_topic(kafka_clients.cluster_metadata(client, kafka), topic)
     if md is None:
         return 0
-    if md.error is not None:
-        raise topic_unavailable(topic, md.error)
+    if (why := topic_unusable(topic, md)) is not None:
+        raise why
     return len(md.partitions)
 
 

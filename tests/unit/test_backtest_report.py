@@ -28,7 +28,7 @@ from jobs.flink.backtest_stream import (
 from jobs.scoring.rules import RuleSet, update_record
 from schemas.records import PosTransaction, RuleSetUpdate
 from schemas.topics import RULES
-from tests.builders import fake_cluster
+from tests.builders import fake_cluster, partitions_led
 
 
 def _doc(
@@ -490,7 +490,7 @@ def test_a_copy_topic_that_does_not_exist_is_not_finished_and_the_wait_times_out
     clock.monotonic = lambda: clock.now
     clock.sleep = lambda s: setattr(clock, "now", clock.now + s)
     copy = candidate_settings(Settings(stack_dir=tmp_path), "bt-1", Candidate(rules_file=tmp_path / "r.yaml"))
-    topics = {"bt-1.transactions": SimpleNamespace(error=None, partitions={0: 0})}
+    topics = {"bt-1.transactions": SimpleNamespace(error=None, partitions=partitions_led(1))}
     monkeypatch.setattr(backtest_stream, "time", clock)
     fake_cluster(monkeypatch, topics)  # the copy's transactions topic read to its end: 5 records, 5 committed
     assert not topic_replay.caught_up(Settings().kafka, "g", "bt-1.processed_transactions")
@@ -563,7 +563,7 @@ def test_a_copy_topic_the_broker_refuses_when_read_back_stops_run_and_compare_wi
     refused = KafkaError.TOPIC_AUTHORIZATION_FAILED
     copy_error = KafkaError(refused) if listed else None
     topics = {
-        "transactions": SimpleNamespace(error=None, partitions={0: 0}),
+        "transactions": SimpleNamespace(error=None, partitions=partitions_led(1)),
         "bt-1.transactions": SimpleNamespace(error=copy_error, partitions={} if listed else {0: 0}),
     }
     settings = Settings(stack_dir=tmp_path)

@@ -27,7 +27,7 @@ from infra.clients.topic_replay import (
 )
 from infra.settings import KafkaSettings, Settings
 from schemas.topics import ALL_TOPICS
-from tests.builders import ReadToEndConsumer, fake_cluster
+from tests.builders import ReadToEndConsumer, fake_cluster, partitions_led
 
 WATERMARKS = {0: (10, 100), 1: (0, 50), 2: (5, 5)}
 
@@ -856,7 +856,7 @@ def test_watermarks_and_committed_offsets_of_a_topic_the_broker_answers_with_an_
     error = KafkaError(code)
     topics = {
         "scored": SimpleNamespace(error=error, partitions={}),
-        "ok": SimpleNamespace(error=None, partitions={0: 0}),
+        "ok": SimpleNamespace(error=None, partitions=partitions_led(1)),
     }
     fake_cluster(monkeypatch, topics)
     said = f"topic scored: the broker answered {error.str()} ({error.name()})"
@@ -885,7 +885,10 @@ def test_a_source_topic_the_broker_answers_with_an_error_stops_the_replay_with_t
             self.closed = True
 
     error = KafkaError(code)
-    topics = {"src": SimpleNamespace(error=error, partitions={}), "dst": SimpleNamespace(error=None, partitions={0: 0})}
+    topics = {
+        "src": SimpleNamespace(error=error, partitions={}),
+        "dst": SimpleNamespace(error=None, partitions=partitions_led(1)),
+    }
     source = Source()
     monkeypatch.setattr(topic_replay, "_consumer", lambda _kafka: source)
     monkeypatch.setattr(topic_replay, "_producer", lambda _kafka: object())
@@ -910,3 +913,29 @@ def test_a_topic_listed_as_unknown_is_missing_for_the_readers_as_for_the_writers
     assert topic_replay.high_watermarks(KAFKA, "gone") == {} and not topic_replay.caught_up(KAFKA, "g", "gone")
     with pytest.raises(topic_replay.NoSuchTopic, match="^topic gone does not exist$"):
         topic_replay.plan(KAFKA, "gone", Bound(), Bound())
+
+
+def test_the_readers_name_a_partition_without_a_leader_before_asking_its_end(monkeypatch: pytest.MonkeyPatch):
+    """``partition_count`` looked only at the topic's own error: a topic with a leaderless partition was counted, and
+    the tail, the watermarks and ``caught_up`` then asked that partition's end, failing with the client's error object
+    (after its timeout) instead of naming the topic and partition."""
+    leaderless = partitions_led(3)
+    leaderless[2].leader = -1
+    refused = partitions_led(2)
+    refused[0].error = KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)
+    fake_cluster(
+        monkeypatch,
+        {
+            "led": SimpleNamespace(error=None, partitions=leaderless),
+            "refused": SimpleNamespace(error=None, partitions=refused),
+        },
+    )
+    for ask in (
+        lambda: topic_replay.partition_count(ReadToEndConsumer(), "led"),
+        lambda: topic_replay.high_watermarks(KAFKA, "led"),
+        lambda: topic_replay.caught_up(KAFKA, "g", "led"),
+    ):
+        with pytest.raises(topic_replay.TopicUnavailable, match=r"^topic led partition 2: no leader"):
+            ask()
+    with pytest.raises(topic_replay.TopicUnavailable, match=r"^topic refused partition 0: the broker answered .*AUTH"):
+        topic_replay.partition_count(ReadToEndConsumer(), "refused")
