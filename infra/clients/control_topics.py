@@ -135,11 +135,13 @@ def read_control_topics(
     A topic that does not exist is :class:`ControlTopicMissing`, also where a partition of it is answered with
     UNKNOWN_TOPIC_OR_PART (deleted since it was listed); one the broker answers with another error (no leader,
     not authorised) is ``topic_replay.TopicUnavailable`` in the broker's words, also where a partition's read is
-    answered so (a fetch it refuses: ended at the timeout as "not read to the end", the broker's error unsaid)."""
+    answered so (a fetch it refuses: ended at the timeout as "not read to the end", the broker's error unsaid), and
+    where the listing shows a partition without a leader or with an error (``topic_replay.topic_unusable``): its end,
+    asked of its leader next, was waited for to the timeout, the partition unnamed."""
     from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, TopicPartition
 
     from infra.clients import kafka as kafka_clients
-    from infra.clients.topic_replay import topic_unavailable
+    from infra.clients.topic_replay import topic_unusable
 
     prefix = settings.kafka.topic_prefix
     topics = [spec.full_name(prefix) for spec in specs]
@@ -154,8 +156,8 @@ def read_control_topics(
             progress()
             if meta is None:
                 raise ControlTopicMissing(f"topic {topic} does not exist on the cluster")
-            if meta.error is not None:
-                raise topic_unavailable(topic, meta.error)
+            if (why := topic_unusable(topic, meta)) is not None:  # each partition's end is asked of its leader next
+                raise why
             for p in meta.partitions:
                 ends[(topic, p)] = bound.call(
                     f"asking {topic}[{p}]'s end", partial(_end, reader, topic, p, beat, deadline), timeout_s

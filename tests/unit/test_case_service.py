@@ -16,6 +16,7 @@ from jobs.cases.service import CaseCore, Source
 from jobs.model.labels import latest_labels
 from schemas.records import Alert, AuditEvent, BotCommand, Case, DeadLetter, Label, WatchlistEntry
 from schemas.topics import AUDIT, CASES, COMMANDS, DEAD_LETTERS, LABELS
+from tests.builders import partitions_led
 
 NOW = 1_800_000_000_000
 KEY = "unit-test-command-signing-key"
@@ -535,7 +536,7 @@ class _SlowMetadata:
         from types import SimpleNamespace
 
         self._slow(timeout)
-        return SimpleNamespace(topics={topic: SimpleNamespace(error=None, partitions={0: None, 1: None, 2: None})})
+        return SimpleNamespace(topics={topic: SimpleNamespace(error=None, partitions=partitions_led(3))})
 
     def get_watermark_offsets(self, _tp, timeout: float) -> tuple[int, int]:
         self._slow(timeout)

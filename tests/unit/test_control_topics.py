@@ -14,6 +14,7 @@ from infra.clients import control_topics
 from infra.clients import kafka as kafka_clients
 from infra.settings import Settings
 from schemas.topics import RULES
+from tests.builders import partitions_led
 
 TOPIC = RULES.full_name(Settings().kafka.topic_prefix)
 
@@ -40,7 +41,7 @@ class SlowBroker:
 
     def list_topics(self, topic: str, timeout: float) -> Any:
         self._metadata(timeout)
-        meta = SimpleNamespace(error=None, partitions={p: None for p in range(self.partitions)})
+        meta = SimpleNamespace(error=None, partitions=partitions_led(self.partitions))
         return SimpleNamespace(topics={topic: meta})
 
     def get_watermark_offsets(self, _tp: TopicPartition, timeout: float) -> tuple[int, int]:
@@ -162,6 +163,24 @@ def test_a_control_topic_the_broker_answers_with_an_error_is_named_in_the_broker
         control_topics.read_control_topics(Settings(), lambda *_: None, specs=(RULES,))
     assert not isinstance(unavailable.value, control_topics.ControlTopicMissing)
     assert str(unavailable.value) == f"topic {TOPIC}: the broker answered {error.str()} ({error.name()})"
+
+
+def test_a_control_topic_with_a_partition_without_a_leader_stops_the_read_at_once_naming_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The listing was judged by the topic's own error only: a partition listed without a leader had its end asked
+    of no leader, and the start-up read waited to its timeout without naming it."""
+    from infra.clients.topic_replay import TopicUnavailable
+
+    partitions = partitions_led(3)
+    partitions[1].leader = -1
+    broker = Listing({TOPIC: SimpleNamespace(error=None, partitions=partitions)})
+    _broker(monkeypatch, broker)
+    with pytest.raises(TopicUnavailable, match=rf"^topic {TOPIC} partition 1: no leader") as unavailable:
+        control_topics.read_control_topics(Settings(), lambda *_: None, specs=(RULES,), timeout_s=30)
+    assert not isinstance(unavailable.value, control_topics.ControlTopicMissing)
+    assert broker.timeouts == [] and broker.now == [0.0], "no partition's end was asked"
+    assert broker.closed
 
 
 class RefusesOffsetsByTime(SlowBroker):

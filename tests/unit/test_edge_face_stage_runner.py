@@ -25,6 +25,7 @@ from infra.settings import CameraSettings, Settings
 from jobs.faces.stage import STAGE, STAGE_ERROR, FaceStage, FaceStageRunner, stall_limit_s
 from schemas.records import CameraEvent, DeadLetter, DetectedObject, FaceObservation, PosTransaction
 from schemas.topics import CAMERA_EVENTS, DEAD_LETTERS, FACE_OBSERVATIONS, TRANSACTIONS
+from tests.builders import partitions_led
 
 TX_TOPIC = TRANSACTIONS.full_name("")
 
@@ -618,7 +619,7 @@ class SlowBroker:
         from types import SimpleNamespace
 
         self._slow()
-        meta = SimpleNamespace(error=None, partitions={p: None for p in range(self.partitions)})
+        meta = SimpleNamespace(error=None, partitions=partitions_led(self.partitions))
         return SimpleNamespace(topics={topic: meta})
 
     def get_watermark_offsets(self, _tp: TopicPartition, timeout: float) -> tuple[int, int]:

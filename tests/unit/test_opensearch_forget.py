@@ -21,6 +21,7 @@ from schemas.records import WATCHLIST_SERVICE_ACTOR, Alert, AuditEvent, FaceObse
 from schemas.topics import AUDIT
 from sinks.opensearch.forget import Forget, Forgotten, erase_action, erase_forgotten, forget_of
 from sinks.opensearch.sink import OpenSearchSink, to_actions
+from tests.builders import partitions_led
 from tests.unit.test_process_metrics import ConfirmingProducer, SinkConsumer
 
 PREFIX = "cg"
@@ -450,7 +451,7 @@ def test_an_audit_topic_deleted_after_it_was_listed_is_no_forget_yet(monkeypatch
 
     class Deleted:
         def list_topics(self, topic: str, timeout: float) -> Any:
-            return SimpleNamespace(topics={topic: SimpleNamespace(error=None, partitions={0: None})})
+            return SimpleNamespace(topics={topic: SimpleNamespace(error=None, partitions=partitions_led(1))})
 
         def get_watermark_offsets(self, _tp: Any, timeout: float) -> tuple[int, int]:
             if wrapped.sink.stats.retries:  # read again: it was not taken for missing, and would be for ever
@@ -478,7 +479,7 @@ class _SlowTopic:
     def list_topics(self, topic: str, timeout: float) -> Any:
         from types import SimpleNamespace
 
-        return SimpleNamespace(topics={topic: SimpleNamespace(error=None, partitions={0: None})})
+        return SimpleNamespace(topics={topic: SimpleNamespace(error=None, partitions=partitions_led(1))})
 
     def get_watermark_offsets(self, _tp: TopicPartition, timeout: float) -> tuple[int, int]:
         return 0, self.count
