@@ -1389,7 +1389,11 @@ def kafka_state(settings: Settings, topics: list[str] | None = None, timeout_s: 
          "partitions": {topic: [{"partition": 0, "leader": 1, "replicas": [1, 2, 3], "isr": [1, 2, 3]}]}}
 
     ``up``: registered with the cluster (a SIGKILLed broker drops out once its session expires);
-    ``controller``: the KRaft quorum leader (DescribeQuorum; unknown when the brokers ask for a login)."""
+    ``controller``: the KRaft quorum leader (DescribeQuorum; unknown when the brokers ask for a login).
+
+    A topic the broker answers with an error is left out (no partitions to show); one with a partition without a
+    leader is not (``topic_replay.topic_unusable`` is not asked): this is the cluster's state, leader -1 included, what
+    the broker-failover test waits on and ``stack status`` shows; :func:`status` judges the topics' health by it."""
     paths, nodes = StackPaths.of(settings), _kafka_nodes(settings)
     md = None
     with contextlib.suppress(KafkaException):
