@@ -51,7 +51,6 @@ Kafka took before it disconnects).
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import logging
@@ -888,14 +887,36 @@ class CameraBridge:
         """Produce what the last run saved at its stop (:func:`save_records`); they are QoS 0 messages here:
         nothing to acknowledge, and saved again at this run's stop unless Kafka has them by then. A file that
         cannot be read is moved aside (named in the log), not produced and not overwritten; the move is synced into
-        its folder (:func:`infra.durable.rename_durably`), so a power cut does not undo it."""
+        its folder (:func:`infra.durable.rename_durably`), so a power cut does not undo it. A move that fails is a
+        warning saying so (the log said "moved to" all the same); the file stays, read again only at the next run's
+        start (this is called once per :meth:`run`), never in a loop. The log names files, never their content."""
         path = saved_records_path(self.settings)
         try:
             records = load_saved_records(path)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             aside = path.with_name(f"{path.name}.unreadable-{now_ms()}")
-            with contextlib.suppress(OSError):
+            try:
                 rename_durably(path, aside)
+            except OSError as moving:
+                if path.exists():
+                    log.warning(
+                        "cannot read the records saved at the last stop (%s: %s), nor move the file aside to %s: %s; "
+                        "left under its name, not produced, read again at the next start",
+                        path,
+                        exc,
+                        aside.name,
+                        moving.strerror or moving,
+                    )
+                else:  # renamed, but the folder's sync failed: a power cut may bring it back under the saved name
+                    log.warning(
+                        "cannot read the records saved at the last stop (%s: %s); moved to %s, but its folder could "
+                        "not be synced (%s): a power cut may bring it back",
+                        path,
+                        exc,
+                        aside.name,
+                        moving.strerror or moving,
+                    )
+                return
             log.error("cannot read the records saved at the last stop (%s); moved to %s: %s", path, aside, exc)
             return
         if records:

@@ -476,6 +476,39 @@ def test_a_saved_file_moved_aside_stays_aside_after_a_power_cut(
     assert kafka.sent == [] and not path.exists() and aside.read_text() == "not json\n"
 
 
+def test_a_saved_file_that_cannot_be_moved_aside_is_logged_as_left_in_place_and_read_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The failed move was suppressed and the log said the file had been "moved to" a name that did not exist."""
+    kafka = FakeKafka()
+    bridge, _ = _bridge(monkeypatch, kafka, stack_dir=tmp_path, stop_grace_s=0.3)
+    path = saved_records_path(bridge.settings)
+    path.parent.mkdir(parents=True)
+    path.write_text("secret-payload not json\n")
+    reads: list[Path] = []
+    real_load = camera_bridge.load_saved_records
+
+    def counted_load(p: Path) -> list[camera_bridge.SavedRecord]:
+        reads.append(p)
+        return real_load(p)
+
+    def refused(_src: Path, _dst: Path) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(camera_bridge, "load_saved_records", counted_load)
+    monkeypatch.setattr(camera_bridge, "rename_durably", refused)
+    caplog.set_level(logging.INFO, logger="producers.camera_bridge")
+    bridge.resend_saved()
+    for _ in range(5):
+        bridge.service(0)
+    assert reads == [path], "read once, at the start, not again each turn"
+    assert kafka.sent == [] and path.read_text() == "secret-payload not json\n"
+    [said] = [r for r in caplog.records if "saved at the last stop" in r.getMessage()]
+    assert said.levelno == logging.WARNING
+    assert "nor move the file aside" in said.getMessage() and "Permission denied" in said.getMessage()
+    assert "moved to" not in said.getMessage() and "secret-payload" not in caplog.text
+
+
 class RefusingKafka(FakeKafka):
     """Refuses, at ``produce``, the record whose value is ``refused`` (None: every record), as librdkafka raises
     for a record over ``message.max.bytes`` (e.g. a lower limit set between two runs)."""
