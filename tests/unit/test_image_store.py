@@ -90,6 +90,20 @@ def test_a_purged_snapshot_does_not_come_back_after_a_power_cut(store, disk_orde
     assert store.find("checkout", "tx-old") is None and not leftover.exists()
 
 
+def test_a_large_purge_syncs_each_folder_once_and_every_removal_survives_a_power_cut(
+    store, disk_order: DiskOrder
+) -> None:
+    """The purge synced the folder once per removed image: thousands of folder syncs for a large purge."""
+    refs = [store.put(kind, f"old-{i}", b"a") for kind in ("checkout", "entrance") for i in range(5)]
+    for ref in refs:
+        _age(store, ref, 48 * 3600)
+    disk_order.calls.clear()
+    assert store.purge(int((time.time() - 24 * 3600) * 1000)) == 10
+    assert all(disk_order.removed_durably(store._path(ref)) for ref in refs), disk_order.calls
+    synced = [c[1] for c in disk_order.calls if c[0] == "fsync"]
+    assert sorted(synced) == sorted(os.path.realpath(store.root / k) for k in ("checkout", "entrance")), synced
+
+
 def test_retained_snapshots_go_after_their_own_longer_period(store):
     """An innocent shopper's alert snapshot was kept for ever: only forget of a subject ever deleted one."""
     old = store.put("checkout", "tx-dismissed", b"a")
