@@ -311,6 +311,9 @@ FACE_ALERT_KINDS = frozenset({"WATCHLIST_MATCH", "SUSPECT_ENTERED", "VIP_ARRIVED
 and a verdict on one teaches the watchlist (a template, or a false match against the subject)."""
 CASE_VERBS = frozenset({"CONFIRM", "DISMISS", "ESCALATE", "ASSIGN", "NOTE"})
 """The :class:`BotCommand` verbs that decide or annotate a case (the case service applies them)."""
+MAX_CASE_TEXT = 1000
+"""Most characters of a case note or dismissal reason: the case service cuts longer text (a typed Webex command), the
+case page's box takes no more and the dashboard refuses more. One limit, so a note the page accepts is kept whole."""
 
 
 @dataclass(frozen=True, slots=True)

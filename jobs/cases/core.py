@@ -20,7 +20,17 @@ from typing import Any
 
 from schemas.errors import InvalidRecord
 from schemas.identifiers import check
-from schemas.records import CASE_VERBS, FACE_ALERT_KINDS, FRAUD, LEGITIMATE, Alert, Case, CaseNote, case_id_for
+from schemas.records import (
+    CASE_VERBS,
+    FACE_ALERT_KINDS,
+    FRAUD,
+    LEGITIMATE,
+    MAX_CASE_TEXT,
+    Alert,
+    Case,
+    CaseNote,
+    case_id_for,
+)
 
 OPEN, CONFIRMED, DISMISSED, ESCALATED, EXPIRED = "open", "confirmed", "dismissed", "escalated", "expired"
 PENDING = frozenset({OPEN, ESCALATED})
@@ -29,7 +39,7 @@ DECIDED_STATES = frozenset({CONFIRMED, DISMISSED, EXPIRED})
 """States with nothing left to decide: kept ``CG_CASES__RETAIN_DECIDED_DAYS``, then removed."""
 FRAUD_KINDS = frozenset({"BLOCKED_TRANSACTION"})
 """Alert kinds about a transaction: a verdict on them is a fraud / legitimate label."""
-MAX_TEXT = 1000
+MAX_TEXT = MAX_CASE_TEXT
 """Most characters of a note or a dismissal reason (longer text is cut)."""
 MAX_NOTES = 100
 """Most notes a case keeps (a case record must stay well under Kafka's message size)."""

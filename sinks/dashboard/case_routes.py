@@ -10,7 +10,8 @@ functions of :mod:`sinks.dashboard.cases`.
 - ``GET  /api/cases``                    the queue as JSON (``store``, ``state`` (default ``undecided``), ``kind``)
 - ``GET  /api/cases/figures``            open cases by age, time to verdict p50/p95, confirmed vs dismissed
   per kind and store (``store``, ``days``)
-- ``GET  /api/cases/{case_id}``          one case, with its alert's transaction decision
+- ``GET  /api/cases/{case_id}``          one case, with its alert's transaction decision, and ``max_text``: the
+  longest reason or note a verdict takes (the page's box keeps to it)
 - ``POST /api/cases/{case_id}/verdict``  ``{"verb": "confirm"|"dismiss"|"escalate"|"assign"|"note",
   "text": ..., "fraud": bool}``: published as a signed command in the logged-in person's name (202), which
   the case service applies; the page then polls the case for its next version. One the case service would refuse
@@ -46,6 +47,7 @@ from sinks.dashboard.cases import (
     CASE_SOURCE,
     DEFAULT_QUEUE_STATE,
     IMAGE_KINDS,
+    MAX_TEXT,
     QUEUE_STATES,
     REFUSAL_FIELDS,
     CaseFilter,
@@ -187,7 +189,12 @@ class CaseRoutes:
         except TransportError as exc:
             return _unavailable(exc)
         return JSONResponse(
-            {"case": public_case(source), "transaction": transaction, "you": self.decider(request)[0]},
+            {
+                "case": public_case(source),
+                "transaction": transaction,
+                "you": self.decider(request)[0],
+                "max_text": MAX_TEXT,  # the reason / note box's limit: the page has it from here, not a copy
+            },
             headers={"Cache-Control": "no-store"},
         )
 

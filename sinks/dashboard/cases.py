@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas.errors import InvalidRecord
-from schemas.records import CASE_VERBS, BotCommand
+from schemas.records import CASE_VERBS, MAX_CASE_TEXT, BotCommand
 
 CASE_STATES = ("open", "escalated", "confirmed", "dismissed", "expired")
 PENDING_STATES = ("open", "escalated")
@@ -45,8 +45,8 @@ AGE_BUCKETS_MS: tuple[tuple[str, float], ...] = (
 IMAGE_KINDS = {"live": "snapshot_ref", "reference": "reference_image_ref"}
 """``/cases/{id}/images/{which}``: the live snapshot of the alert and the subject's enrolled reference."""
 VERDICT_VERBS = frozenset(verb.lower() for verb in CASE_VERBS)
-MAX_TEXT = 500
-"""Longest reason or note accepted from the page (a note is for a person to read, not a document)."""
+MAX_TEXT = MAX_CASE_TEXT
+"""Longest reason or note accepted from the page: what the case service keeps (the page's box says so too)."""
 CASE_FIELDS = (
     "case_id",
     "version",

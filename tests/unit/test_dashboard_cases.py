@@ -17,9 +17,10 @@ from starlette.testclient import TestClient
 
 from infra.command_auth import authenticate_command
 from infra.settings import DashboardSettings, Settings, WebexSettings
+from jobs.cases import core
 from jobs.cases.core import parse_case_command
 from schemas.errors import InvalidRecord
-from schemas.records import BotCommand
+from schemas.records import MAX_CASE_TEXT, BotCommand
 from sinks.dashboard.app import Dashboard, create_app
 from sinks.dashboard.case_routes import MAX_BODY_BYTES
 from sinks.dashboard.cases import (
@@ -175,11 +176,22 @@ def test_a_reason_or_note_written_on_several_lines_keeps_its_line_breaks(verb: s
 
 
 @pytest.mark.parametrize(
-    ("verb", "text"), [("forget", ""), ("assign", ""), ("assign", "two people"), ("note", ""), ("note", "x" * 501)]
+    ("verb", "text"),
+    [("forget", ""), ("assign", ""), ("assign", "two people"), ("note", ""), ("note", "x" * (MAX_CASE_TEXT + 1))],
 )
 def test_a_verdict_the_service_could_not_apply_is_refused(verb: str, text: str) -> None:
     with pytest.raises(InvalidRecord):
         verdict_command("case-0123456789ab", verb, "guard@example.com", NOW, text=text)
+
+
+@pytest.mark.parametrize("verb", ["dismiss", "note"])
+def test_the_page_takes_as_long_a_reason_or_note_as_the_case_service_keeps(verb: str) -> None:
+    """The page refused a note over 500 characters while the case service keeps 1000: one limit now."""
+    text = "n" * core.MAX_TEXT
+    cmd = verdict_command("case-0123456789ab", verb, "guard@example.com", NOW, text=text)
+    assert parse_case_command(cmd.verb, cmd.argument).text == text
+    with pytest.raises(InvalidRecord, match=f"over {core.MAX_TEXT} characters"):
+        verdict_command("case-0123456789ab", verb, "guard@example.com", NOW, text=text + "n")
 
 
 # ------------------------------------------------------------------ endpoints
@@ -253,6 +265,19 @@ def test_the_case_page_and_its_json_show_the_case_and_who_may_decide() -> None:
     assert set(answer["case"]["images"]) == {"live", "reference"} and "snapshot_ref" not in answer["case"]
     assert client.get("/api/cases/case-0123456789ab", headers=TOKEN).json()["you"] is None
     assert client.get("/api/cases/case-ffffffffffff", headers=GUARD).status_code == 404
+
+
+def test_the_case_page_s_box_keeps_to_the_limit_the_case_service_keeps() -> None:
+    """The box said 500 (in the page itself) and the service keeps 1000: the page now reads the one limit from the
+    case's JSON, and a note that long (in a script of three UTF-8 bytes a letter) fits the body limit."""
+    client, published, _ = served()
+    assert client.get("/api/cases/case-0123456789ab", headers=GUARD).json()["max_text"] == core.MAX_TEXT
+    page = client.get("/cases/case-0123456789ab", headers=GUARD).text
+    assert "maxlength" not in page.lower() and 'id="v-limit"' in page
+    assert "body.max_text" in client.get("/static/case.js", headers=GUARD).text
+    note = "注" * core.MAX_TEXT
+    answer = client.post("/api/cases/case-0123456789ab/verdict", json={"verb": "note", "text": note}, headers=GUARD)
+    assert answer.status_code == 202 and parse_case_command("NOTE", published[0][0].argument).text == note
 
 
 def test_case_images_are_served_by_case_id_and_kind() -> None:

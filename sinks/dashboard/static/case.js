@@ -63,6 +63,11 @@ function render(body) {
   if (c.decided_at) trail.push([c.decided_at, c.decided_by || c.updated_by, `${c.state}${c.verdict_reason ? `: ${c.verdict_reason}` : ""}`]);
   trail.sort((a, b) => a[0] - b[0]);
   document.getElementById("trail").innerHTML = trail.map(([at, actor, text]) => `<li><time>${escapeHtml(when(at))}</time> <b>${escapeHtml(actor)}</b> ${multiline(text)}</li>`).join("");
+  // the box takes what the case service keeps: the limit comes with the case, so the two cannot differ
+  if (Number.isInteger(body.max_text)) {
+    document.getElementById("v-text").maxLength = body.max_text;
+    document.getElementById("v-limit").textContent = `(at most ${body.max_text} characters)`;
+  }
   const decider = document.getElementById("decider");
   decider.textContent = body.you ? `Deciding as ${body.you}.` : "You cannot decide cases from this login.";
   for (const button of document.querySelectorAll("#verdict button")) {
