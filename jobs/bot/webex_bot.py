@@ -159,9 +159,9 @@ VERBS_WITH_ARGUMENT = {
     "FORGET": "subject id",
     "RENEW": "subject id",
 }
-ID_WRAPPING = "`'\"<>"
-"""Quotes, and the angle brackets of the help text's ``<transaction>`` and ``<case>``: copied around an id, not
-part of it."""
+ID_WRAPPING = "`'\"<>[]"
+"""Quotes, and the brackets of the help text's ``<transaction>``, ``<case>``, ``<person>`` and ``[fraud]``: copied
+around an id, an address or the word ``fraud``, not part of it (a reason or a note keeps them: they are its text)."""
 HELP_TEXT = (
     "**Checkout Guard** understands:\n\n"
     "- `checkout <transaction>` - take the snapshot and compare the face now\n"
@@ -174,6 +174,9 @@ HELP_TEXT = (
     "- `assign <case> <person>`, `note <case> <text>`, `escalate <case>` - work on a case\n"
     "- `status` - pipeline health and counts\n"
     "- `help` - this list\n\n"
+    "`<...>` is yours to fill in and `[...]` may be left out; typed along, brackets or quotes around an id, a person "
+    "or `fraud` are ignored (`confirm <case-1a2b3c4d5e6f> [fraud]` works), while a reason or a note is kept as "
+    "written.\n\n"
     "All but `help` answer only in the store security room or to people on the allow-list."
 )
 
@@ -257,11 +260,13 @@ def _parse_words(words: list[str], text: str | None = None) -> ParsedCommand:
         return ParsedCommand(None)
     verb = words[0].lower().rstrip(":").upper()
     if verb in CASE_VERBS:
-        # ``confirm <case-…>`` as the help text writes it, or the id in quotes: read as the case id, as the
-        # watchlist commands read theirs (before: "that is not a case id"); so is ``assign``'s person
-        ids = 3 if verb == "ASSIGN" else 2
+        # ``confirm <case-…> [fraud]`` as the help text writes it, or the id in quotes: read as the case id, as the
+        # watchlist commands read theirs (before: "that is not a case id"); so are ``assign``'s person and the word
+        # ``fraud`` (before, ``[fraud]`` was answered "takes only the word `fraud`"); a word of brackets alone stays
+        # as typed, and is refused
+        ids = 3 if verb in ("ASSIGN", "CONFIRM") else 2
         parts = text.split(maxsplit=ids) if text is not None else [*words[:ids], " ".join(words[ids:])]
-        head = [word.strip(ID_WRAPPING) for word in parts[1:ids]]
+        head = [word.strip(ID_WRAPPING) or word for word in parts[1:ids] if word.strip()]
         rest = [part.strip() for part in parts[ids:] if part.strip()]  # as typed: its line breaks are kept
         try:  # what the case service accepts, answered here instead of becoming a dead letter there
             case_id = parse_case_command(verb, " ".join([*head, *rest])).case_id

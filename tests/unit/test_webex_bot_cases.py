@@ -14,7 +14,7 @@ from infra.command_auth import authenticate_command
 from infra.launcher import wait_for
 from infra.local.webex import person_id, sign
 from infra.settings import AlertSettings
-from jobs.bot.webex_bot import parse_command
+from jobs.bot.webex_bot import HELP_TEXT, parse_command
 from schemas.records import case_id_for
 from sinks.alerts.message import case_card
 from tests.unit import test_webex_bot
@@ -312,6 +312,50 @@ def test_a_case_id_in_the_help_texts_angle_brackets_or_in_quotes_is_read_as_the_
     ``fraud <tx-1>`` all along. The text of a note or a reason is kept as written."""
     parsed = parse_command(text)
     assert (parsed.argument, parsed.problem) == (argument, None), parsed
+
+
+@pytest.mark.parametrize(
+    ("text", "argument"),
+    [
+        ("confirm case-1a2b [fraud]", "case-1a2b fraud"),
+        ("confirm <case-1a2b> [fraud]", "case-1a2b fraud"),
+        ("confirm [case-1a2b] <fraud>", "case-1a2b fraud"),
+        ("confirm case-1a2b 'fraud'", "case-1a2b fraud"),
+        ("Checkout Guard confirm case-1a2b [fraud] @Checkout", "case-1a2b fraud"),
+        ("assign [case-1a2b] [lead@store.test]", "case-1a2b lead@store.test"),
+        ("dismiss [case-1a2b] [not him]", "case-1a2b [not him]"),
+    ],
+)
+def test_the_word_fraud_in_the_help_texts_square_brackets_is_read_as_fraud(text: str, argument: str) -> None:
+    """``confirm case-… [fraud]``, as the help text writes it, was answered "takes only the word `fraud`" and not
+    sent, though the case id was read in its brackets. A reason keeps its brackets: they are its text."""
+    parsed = parse_command(text, ("Checkout Guard", "Checkout"))
+    assert (parsed.argument, parsed.problem) == (argument, None), parsed
+
+
+@pytest.mark.parametrize("text", ["confirm case-1a2b [maybe]", "confirm case-1a2b []", "confirm case-1a2b fraud now"])
+def test_anything_else_after_a_confirmed_case_is_still_answered_not_sent(text: str) -> None:
+    assert "`fraud`" in (parse_command(text).problem or "")
+
+
+FILLED = {
+    "<transaction>": "<tx-1>",
+    "<subject>": "<subj-tx-1>",
+    "<case>": "<case-1a2b>",
+    "<person>": "<lead@store.test>",
+    "<text>": "<left by the side door>",
+    "[reason]": "[not him]",
+}
+
+
+@pytest.mark.parametrize("form", [f for f in HELP_TEXT.split("`")[1::2] if " " in f and "..." not in f])
+def test_every_form_the_help_text_shows_is_accepted_as_written(form: str) -> None:
+    """Typed as the help text writes it, brackets and all, every command is read (the mention's example too)."""
+    text = form
+    for placeholder, value in FILLED.items():
+        text = text.replace(placeholder, value)
+    parsed = parse_command(text)
+    assert parsed.verb is not None and parsed.problem is None, (form, parsed)
 
 
 @pytest.mark.parametrize(
