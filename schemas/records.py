@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Self, TypedDict
@@ -314,6 +315,21 @@ CASE_VERBS = frozenset({"CONFIRM", "DISMISS", "ESCALATE", "ASSIGN", "NOTE"})
 MAX_CASE_TEXT = 1000
 """Most characters of a case note or dismissal reason: the case service cuts longer text (a typed Webex command), the
 case page's box takes no more and the dashboard refuses more. One limit, so a note the page accepts is kept whole."""
+_LINE_BREAKS = {"\r\n": "\n", "\r": "\n", "\u2028": "\n", "\u2029": "\n", "\x85": "\n"}
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+"""Characters that reorder the text shown after them: a note could read as something else than what it says."""
+
+
+def case_text(text: str) -> str | None:
+    """A note or dismissal reason as a case keeps it: without control characters (terminal escapes, NUL, C1) or
+    direction overrides, line breaks as ``\n`` (tabs stay), stripped and cut to :data:`MAX_CASE_TEXT`; None when
+    nothing is left. A case's notes and reason are shown on the case page, in OpenSearch and in the audit; the bot
+    and the dashboard ask it too, so a note that would keep nothing is refused where it is written."""
+    for old, new in _LINE_BREAKS.items():
+        text = text.replace(old, new)
+    kept = "".join(c for c in text if c in "\n\t" or (unicodedata.category(c) != "Cc" and c not in _BIDI_CONTROLS))
+    kept = kept.strip()
+    return kept[:MAX_CASE_TEXT] if kept else None
 
 
 @dataclass(frozen=True, slots=True)

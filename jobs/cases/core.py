@@ -30,6 +30,7 @@ from schemas.records import (
     Case,
     CaseNote,
     case_id_for,
+    case_text,
 )
 
 OPEN, CONFIRMED, DISMISSED, ESCALATED, EXPIRED = "open", "confirmed", "dismissed", "escalated", "expired"
@@ -99,22 +100,8 @@ def _decidable(case: Case, verb: str, given_at: int | None) -> None:
     _pending(case, verb)
 
 
-_LINE_BREAKS = {"\r\n": "\n", "\r": "\n", "\u2028": "\n", "\u2029": "\n", "\x85": "\n"}
-_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-"""Characters that reorder the text shown after them: a note could read as something else than what it says."""
-
-
-def _clean(text: str) -> str:
-    """``text`` without control characters (terminal escapes, NUL, C1) or direction overrides; line breaks are kept
-    as ``\n`` and tabs stay. A case's notes and reason are shown on the case page, in OpenSearch and in the audit."""
-    for old, new in _LINE_BREAKS.items():
-        text = text.replace(old, new)
-    return "".join(c for c in text if c in "\n\t" or (unicodedata.category(c) != "Cc" and c not in _BIDI_CONTROLS))
-
-
 def _cut(text: str | None) -> str | None:
-    text = _clean(text or "").strip()
-    return text[:MAX_TEXT] if text else None
+    return case_text(text or "")
 
 
 def confirm(case: Case, actor: str, now_ms: int, fraud: bool = False, given_at: int | None = None) -> Case:
@@ -347,8 +334,8 @@ def parse_case_command(verb: str, argument: str | None) -> CaseCommand:
         if not rest or len(rest.split()) != 1:
             raise Refused("bad_command", "`assign <case> <person>` needs one person")
         rest = check_assignee(rest)
-    if verb == "NOTE" and not rest:
-        raise Refused("bad_command", "`note <case> <text>` needs some text")
+    if verb == "NOTE" and not case_text(rest):  # the note kept would be empty: refused here, at once, not in add_note
+        raise Refused("bad_command", "`note <case> <text>` needs some text (control characters are left out)")
     return CaseCommand(verb, case_id, text=rest or None)
 
 

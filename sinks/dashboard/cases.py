@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas.errors import InvalidRecord
-from schemas.records import CASE_VERBS, MAX_CASE_TEXT, BotCommand
+from schemas.records import CASE_VERBS, MAX_CASE_TEXT, BotCommand, case_text
 
 CASE_STATES = ("open", "escalated", "confirmed", "dismissed", "expired")
 PENDING_STATES = ("open", "escalated")
@@ -257,8 +257,8 @@ def verdict_command(
         raise InvalidRecord("bad_command", f"text over {MAX_TEXT} characters")
     if verb == "assign" and (not text or len(text.split()) != 1):
         raise InvalidRecord("bad_command", "assign needs one person (an e-mail address)")
-    if verb == "note" and not text:
-        raise InvalidRecord("bad_command", "a note needs text")
+    if verb == "note" and not case_text(text):  # the case service would keep nothing, and refuse it unseen
+        raise InvalidRecord("bad_command", "a note needs text (control characters are left out)")
     if verb == "confirm":
         words = [case_id, "fraud"] if fraud else [case_id]
     elif verb == "escalate":

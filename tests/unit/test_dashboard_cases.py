@@ -184,6 +184,12 @@ def test_a_verdict_the_service_could_not_apply_is_refused(verb: str, text: str) 
         verdict_command("case-0123456789ab", verb, "guard@example.com", NOW, text=text)
 
 
+def test_a_note_of_control_characters_alone_is_refused_at_once() -> None:
+    """Published, it was refused by the case service ("needs some text"), and the page waited 30 s for nothing."""
+    with pytest.raises(InvalidRecord, match="needs text"):
+        verdict_command("case-0123456789ab", "note", "guard@example.com", NOW, text="\x1b\x00\u202e")
+
+
 @pytest.mark.parametrize("verb", ["dismiss", "note"])
 def test_the_page_takes_as_long_a_reason_or_note_as_the_case_service_keeps(verb: str) -> None:
     """The page refused a note over 500 characters while the case service keeps 1000: one limit now."""

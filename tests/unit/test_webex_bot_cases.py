@@ -338,6 +338,16 @@ def test_anything_else_after_a_confirmed_case_is_still_answered_not_sent(text: s
     assert "`fraud`" in (parse_command(text).problem or "")
 
 
+@pytest.mark.parametrize(
+    "text", ["note case-1a2b \x1b\x00", "note case-1a2b \u202e\u2066", "note case-1a2b \x07\r\n\x9b"]
+)
+def test_a_note_of_control_characters_alone_is_answered_at_once_not_sent(text: str) -> None:
+    """The case service keeps no control characters, so such a note was refused there ("needs some text"), in the
+    audit only, after the bot had answered "Sent"."""
+    parsed = parse_command(text)
+    assert parsed.argument is None and "needs some text" in (parsed.problem or ""), parsed
+
+
 FILLED = {
     "<transaction>": "<tx-1>",
     "<subject>": "<subj-tx-1>",
