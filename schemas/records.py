@@ -320,16 +320,17 @@ _BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u20
 """Characters that reorder the text shown after them: a note could read as something else than what it says."""
 
 
-def case_text(text: str) -> str | None:
+def case_text(text: str, cut: bool = True) -> str | None:
     """A note or dismissal reason as a case keeps it: without control characters (terminal escapes, NUL, C1) or
-    direction overrides, line breaks as ``\n`` (tabs stay), stripped and cut to :data:`MAX_CASE_TEXT`; None when
+    direction overrides, line breaks as ``\n`` (tabs stay), stripped and cut to :data:`MAX_CASE_TEXT` (unless not
+    ``cut``: the bot tells the sender of a longer one); None when
     nothing is left. A case's notes and reason are shown on the case page, in OpenSearch and in the audit; the bot
     and the dashboard ask it too, so a note that would keep nothing is refused where it is written."""
     for old, new in _LINE_BREAKS.items():
         text = text.replace(old, new)
     kept = "".join(c for c in text if c in "\n\t" or (unicodedata.category(c) != "Cc" and c not in _BIDI_CONTROLS))
     kept = kept.strip()
-    return kept[:MAX_CASE_TEXT] if kept else None
+    return (kept[:MAX_CASE_TEXT] if cut else kept) if kept else None
 
 
 @dataclass(frozen=True, slots=True)

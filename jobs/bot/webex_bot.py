@@ -85,7 +85,7 @@ from jobs.cases.core import ESCALATED, PENDING, parse_case_command
 from jobs.faces.checkout_inspect import Lookup
 from schemas.errors import CheckoutGuardError, InvalidRecord
 from schemas.identifiers import ID_RE, check
-from schemas.records import CASE_VERBS, OUTCOME_WORDS, BotCommand, WatchlistEntry
+from schemas.records import CASE_VERBS, MAX_CASE_TEXT, OUTCOME_WORDS, BotCommand, WatchlistEntry, case_text
 from schemas.topics import WATCHLIST
 
 log = logging.getLogger(__name__)
@@ -269,9 +269,18 @@ def _parse_words(words: list[str], text: str | None = None) -> ParsedCommand:
         head = [word.strip(ID_WRAPPING) or word for word in parts[1:ids] if word.strip()]
         rest = [part.strip() for part in parts[ids:] if part.strip()]  # as typed: its line breaks are kept
         try:  # what the case service accepts, answered here instead of becoming a dead letter there
-            case_id = parse_case_command(verb, " ".join([*head, *rest])).case_id
+            command = parse_case_command(verb, " ".join([*head, *rest]))
         except InvalidRecord as bad:
             return ParsedCommand(verb, problem=bad.reason if bad.kind != "invalid_id" else "that is not a case id")
+        case_id = command.case_id
+        kept = case_text(command.text or "", cut=False) if verb in ("NOTE", "DISMISS") else None
+        if kept is not None and len(kept) > MAX_CASE_TEXT:  # the case service would keep its start only, unsaid
+            what = "a note" if verb == "NOTE" else "a dismissal reason"
+            return ParsedCommand(
+                verb,
+                problem=f"{what} keeps at most {MAX_CASE_TEXT} characters and this one has {len(kept)}; nothing was "
+                "sent (shorten it, or write it as several notes)",
+            )
         return ParsedCommand(verb, " ".join([case_id, *head[1:], *rest]))  # the case id as the case service reads it
     if verb not in {"CHECKOUT", "FRAUD", "VIP", "FORGET", "RENEW", "STATUS", "HELP"}:
         return ParsedCommand(None)

@@ -15,7 +15,7 @@ from infra.launcher import wait_for
 from infra.local.webex import person_id, sign
 from infra.settings import AlertSettings
 from jobs.bot.webex_bot import HELP_TEXT, parse_command
-from schemas.records import case_id_for
+from schemas.records import MAX_CASE_TEXT, case_id_for
 from sinks.alerts.message import case_card
 from tests.unit import test_webex_bot
 from tests.unit.test_webex_bot import SECRET, SECURITY_ROOM, SHOP_FLOOR, Harness
@@ -346,6 +346,16 @@ def test_a_note_of_control_characters_alone_is_answered_at_once_not_sent(text: s
     audit only, after the bot had answered "Sent"."""
     parsed = parse_command(text)
     assert parsed.argument is None and "needs some text" in (parsed.problem or ""), parsed
+
+
+@pytest.mark.parametrize("verb", ["note", "dismiss"])
+def test_a_note_or_reason_longer_than_the_case_keeps_is_answered_at_once_not_cut_unseen(verb: str) -> None:
+    """The case service keeps the first 1000 characters: the rest of a longer note was dropped while the bot answered
+    "Sent". What the case keeps is counted (control characters are left out), so a note that fits still goes."""
+    long = parse_command(f"{verb} case-1a2b " + "w" * (MAX_CASE_TEXT + 1))
+    assert long.argument is None and f"at most {MAX_CASE_TEXT} characters and this one has 1001" in (long.problem or "")
+    fits = parse_command(f"{verb} case-1a2b " + "w" * MAX_CASE_TEXT + "\x00" * 50)
+    assert fits.problem is None and fits.argument == "case-1a2b " + "w" * MAX_CASE_TEXT + "\x00" * 50
 
 
 FILLED = {
