@@ -320,6 +320,13 @@ _BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u20
 """Characters that reorder the text shown after them: a note could read as something else than what it says."""
 
 
+def well_formed(text: str) -> str:
+    """``text`` with each lone UTF-16 surrogate as U+FFFD. JSON can carry one (``"\\ud800"``, a string cut inside an
+    emoji), no UTF-8 holds one: a command with one in its argument failed to encode when published, so the case page
+    answered 500 and the bot "could not record that right now" at every try. A whole pair is read as its character."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def case_text(text: str, cut: bool = True) -> str | None:
     """A note or dismissal reason as a case keeps it: without control characters (terminal escapes, NUL, C1) or
     direction overrides, line breaks as ``\n`` (tabs stay), stripped and cut to :data:`MAX_CASE_TEXT` (unless not

@@ -85,7 +85,15 @@ from jobs.cases.core import ESCALATED, PENDING, parse_case_command
 from jobs.faces.checkout_inspect import Lookup
 from schemas.errors import CheckoutGuardError, InvalidRecord
 from schemas.identifiers import ID_RE, check
-from schemas.records import CASE_VERBS, MAX_CASE_TEXT, OUTCOME_WORDS, BotCommand, WatchlistEntry, case_text
+from schemas.records import (
+    CASE_VERBS,
+    MAX_CASE_TEXT,
+    OUTCOME_WORDS,
+    BotCommand,
+    WatchlistEntry,
+    case_text,
+    well_formed,
+)
 from schemas.topics import WATCHLIST
 
 log = logging.getLogger(__name__)
@@ -237,7 +245,7 @@ def parse_command(text: str, bot_names: tuple[str, ...] = ()) -> ParsedCommand:
 
     The mention is stripped first; when that leaves no command the text is read as it is, because the
     bot's short name can itself be a verb (``Checkout`` vs ``checkout tx-1``)."""
-    text = text.translate(INVISIBLE)
+    text = well_formed(text).translate(INVISIBLE)  # a lone surrogate (from JSON) would fail the command's encoding
     parsed = _parse_text(strip_mention(text, bot_names), bot_names)
     if parsed.verb is None:
         parsed = _parse_text(text.strip().lstrip("@"), bot_names)

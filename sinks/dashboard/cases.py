@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas.errors import InvalidRecord
-from schemas.records import CASE_VERBS, MAX_CASE_TEXT, BotCommand, case_text
+from schemas.records import CASE_VERBS, MAX_CASE_TEXT, BotCommand, case_text, well_formed
 
 CASE_STATES = ("open", "escalated", "confirmed", "dismissed", "expired")
 PENDING_STATES = ("open", "escalated")
@@ -252,7 +252,7 @@ def verdict_command(
     verb = verb.strip().lower()
     if verb not in VERDICT_VERBS:
         raise InvalidRecord("bad_command", f"{verb!r} is not a verdict (one of {', '.join(sorted(VERDICT_VERBS))})")
-    text = (text or "").strip()  # a note's or a reason's line breaks are kept: the case page shows them
+    text = well_formed(text or "").strip()  # a note's or a reason's line breaks are kept: the case page shows them
     if len(text) > MAX_TEXT:
         raise InvalidRecord("bad_command", f"text over {MAX_TEXT} characters")
     if verb == "assign" and (not text or len(text.split()) != 1):

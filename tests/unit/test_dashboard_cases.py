@@ -286,6 +286,16 @@ def test_the_case_page_s_box_keeps_to_the_limit_the_case_service_keeps() -> None
     assert answer.status_code == 202 and parse_case_command("NOTE", published[0][0].argument).text == note
 
 
+def test_a_note_with_a_lone_surrogate_is_published_as_a_command_that_encodes() -> None:
+    """JSON's ``\\ud800`` (a text cut inside an emoji) reached the command, whose encoding for Kafka failed: a 500."""
+    client, published, _ = served()
+    body = b'{"verb": "note", "text": "cut \\ud83d here \\ud83d\\ude00"}'
+    headers = {**GUARD, "Content-Type": "application/json"}
+    assert client.post("/api/cases/case-0123456789ab/verdict", content=body, headers=headers).status_code == 202
+    [(cmd, _)] = published
+    assert BotCommand.decode(cmd.encode()).argument == "case-0123456789ab cut \ufffd here \U0001f600"
+
+
 def test_case_images_are_served_by_case_id_and_kind() -> None:
     client, _, images = served()
     live = client.get("/cases/case-0123456789ab/images/live", headers=GUARD)

@@ -15,7 +15,7 @@ from infra.launcher import wait_for
 from infra.local.webex import person_id, sign
 from infra.settings import AlertSettings
 from jobs.bot.webex_bot import HELP_TEXT, parse_command
-from schemas.records import MAX_CASE_TEXT, case_id_for
+from schemas.records import MAX_CASE_TEXT, BotCommand, case_id_for
 from sinks.alerts.message import case_card
 from tests.unit import test_webex_bot
 from tests.unit.test_webex_bot import SECRET, SECURITY_ROOM, SHOP_FLOOR, Harness
@@ -356,6 +356,16 @@ def test_a_note_or_reason_longer_than_the_case_keeps_is_answered_at_once_not_cut
     assert long.argument is None and f"at most {MAX_CASE_TEXT} characters and this one has 1001" in (long.problem or "")
     fits = parse_command(f"{verb} case-1a2b " + "w" * MAX_CASE_TEXT + "\x00" * 50)
     assert fits.problem is None and fits.argument == "case-1a2b " + "w" * MAX_CASE_TEXT + "\x00" * 50
+
+
+def test_a_note_with_a_lone_surrogate_is_sent_as_a_command_that_encodes() -> None:
+    """Webex's JSON can carry ``\\ud800``; the command's encoding failed and the bot answered "could not record that
+    right now; please try again", at every try."""
+    text = json.loads('"note case-1a2b cut \\ud83d here"')
+    parsed = parse_command(text)
+    assert parsed.argument == "case-1a2b cut \ufffd here"
+    command = BotCommand(command_id="m1", issued_at=1, verb="NOTE", actor="a@b.test", argument=parsed.argument)
+    assert BotCommand.decode(command.encode()) == command
 
 
 FILLED = {
