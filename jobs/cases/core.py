@@ -21,6 +21,7 @@ from typing import Any
 from schemas.errors import InvalidRecord
 from schemas.identifiers import check
 from schemas.records import (
+    CASE_ID_RE,
     CASE_VERBS,
     FACE_ALERT_KINDS,
     FRAUD,
@@ -321,6 +322,10 @@ def parse_case_command(verb: str, argument: str | None) -> CaseCommand:
     case_id = check(words[0], "case id").lower()
     if not case_id.startswith("case-"):
         raise Refused("bad_command", "a case id starts with `case-`, as the alert and its case card name it")
+    if CASE_ID_RE.fullmatch(case_id) is None:  # a digit short or too many, a letter past f: no case can have it
+        raise Refused(
+            "bad_command", "a case id is `case-` and twelve hex digits (0-9, a-f), as the alert and its card name it"
+        )
     rest = words[1].strip() if len(words) > 1 else ""
     if verb == "CONFIRM":
         if rest and rest.lower() != "fraud":

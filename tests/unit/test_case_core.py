@@ -208,10 +208,10 @@ def test_a_command_for_an_unknown_case_is_refused() -> None:
     ("verb", "argument", "problem"),
     [
         ("CONFIRM", None, "needs a case id"),
-        ("CONFIRM", "case-1 maybe", "only the word `fraud`"),
-        ("ESCALATE", "case-1 now", "nothing after"),
-        ("ASSIGN", "case-1", "one person"),
-        ("NOTE", "case-1", "some text"),
+        ("CONFIRM", "case-1a2b3c4d5e6f maybe", "only the word `fraud`"),
+        ("ESCALATE", "case-1a2b3c4d5e6f now", "nothing after"),
+        ("ASSIGN", "case-1a2b3c4d5e6f", "one person"),
+        ("NOTE", "case-1a2b3c4d5e6f", "some text"),
     ],
 )
 def test_malformed_case_commands_say_what_is_missing(verb: str, argument: str | None, problem: str) -> None:
@@ -220,9 +220,12 @@ def test_malformed_case_commands_say_what_is_missing(verb: str, argument: str | 
 
 
 def test_case_commands_parse_their_arguments() -> None:
-    assert parse_case_command("confirm", "case-1 FRAUD").fraud is True
-    assert parse_case_command("DISMISS", "case-1 wrong person, different coat").text == "wrong person, different coat"
-    assert parse_case_command("ASSIGN", "case-1 guard@example.com").text == "guard@example.com"
+    assert parse_case_command("confirm", "case-1a2b3c4d5e6f FRAUD").fraud is True
+    assert (
+        parse_case_command("DISMISS", "case-1a2b3c4d5e6f wrong person, different coat").text
+        == "wrong person, different coat"
+    )
+    assert parse_case_command("ASSIGN", "case-1a2b3c4d5e6f guard@example.com").text == "guard@example.com"
     with pytest.raises(InvalidRecord) as bad:
         parse_case_command("CONFIRM", "../etc")
     assert bad.value.kind == "invalid_id"
@@ -287,7 +290,7 @@ def test_assign_to_a_lookalike_or_non_address_is_refused_with_the_reason(person:
     accepted as it came and read as theirs."""
     for refuse in (
         lambda: assign(opened(), "lead@example.com", person, T0 + 1),
-        lambda: parse_case_command("ASSIGN", f"case-1 {person}"),
+        lambda: parse_case_command("ASSIGN", f"case-1a2b3c4d5e6f {person}"),
     ):
         with pytest.raises(Refused, match=why) as refused:
             refuse()
@@ -310,9 +313,18 @@ def test_assign_takes_real_addresses_international_domains_included() -> None:
 def test_a_case_id_in_capitals_names_its_case_and_a_transaction_id_is_no_case_id() -> None:
     """Both were taken as case ids no case has: the command waited for the case and was refused ``unknown_case``
     15 minutes later, while the sender had read "Sent"."""
-    assert parse_case_command("CONFIRM", "CASE-1A2B fraud").case_id == "case-1a2b"
+    assert parse_case_command("CONFIRM", "CASE-1A2B3C4D5E6F fraud").case_id == "case-1a2b3c4d5e6f"
     with pytest.raises(Refused, match="starts with `case-`") as refused:
         parse_case_command("CONFIRM", "tx-123")
+    assert refused.value.kind == "bad_command"
+
+
+@pytest.mark.parametrize("case_id", ["case-1a2b3c4d5e6", "case-1a2b3c4d5e6f0", "case-1a2b3c4d5e6g", "case-x"])
+def test_a_case_id_of_the_wrong_shape_is_refused_at_once_not_waited_for(case_id: str) -> None:
+    """A digit short or over, or a letter past ``f``: no case ever has it, so the command waited 15 minutes for the
+    case and was refused ``unknown_case`` in the audit, after the bot had answered "Sent"."""
+    with pytest.raises(Refused, match="twelve hex digits") as refused:
+        parse_case_command("CONFIRM", case_id)
     assert refused.value.kind == "bad_command"
 
 

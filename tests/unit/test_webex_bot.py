@@ -119,7 +119,10 @@ def test_a_mention_of_the_bot_after_the_command_is_not_an_extra_word() -> None:
         parsed = parse_command(text, ("Checkout Guard", "Checkout"))
         assert (parsed.verb, parsed.argument, parsed.problem) == ("FRAUD", "tx-1", None), text
     assert parse_command("forget subj-checkout", ("Checkout",)).argument == "subj-checkout"
-    assert parse_command("note case-1 asked Checkout", ("Checkout",)).argument == "case-1 asked Checkout"
+    assert (
+        parse_command("note case-1a2b3c4d5e6f asked Checkout", ("Checkout",)).argument
+        == "case-1a2b3c4d5e6f asked Checkout"
+    )
 
 
 @pytest.mark.parametrize(
@@ -130,7 +133,11 @@ def test_a_mention_of_the_bot_after_the_command_is_not_an_extra_word() -> None:
         ("fraud tx\u200d-1", "FRAUD", "tx-1"),  # zero-width joiner
         ("vip \u200ctx-1", "VIP", "tx-1"),  # zero-width non-joiner
         ("Checkout Guard\u2060 forget subj-\u00adtx-1", "FORGET", "subj-tx-1"),
-        ("assign case-1 lead\u200b@store.test", "ASSIGN", "case-1 lead@store.test"),  # not a lookalike of the lead
+        (
+            "assign case-1a2b3c4d5e6f lead\u200b@store.test",
+            "ASSIGN",
+            "case-1a2b3c4d5e6f lead@store.test",
+        ),  # not a lookalike of the lead
     ],
 )
 def test_invisible_characters_are_read_as_the_sender_sees_the_text(text: str, verb: str, argument: str) -> None:

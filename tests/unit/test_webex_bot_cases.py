@@ -29,12 +29,12 @@ harness = test_webex_bot.harness
 @pytest.mark.parametrize(
     ("text", "verb", "argument"),
     [
-        ("Checkout Guard confirm case-1a2b", "CONFIRM", "case-1a2b"),
-        ("confirm case-1a2b fraud", "CONFIRM", "case-1a2b fraud"),
-        ("dismiss case-1a2b not the same person", "DISMISS", "case-1a2b not the same person"),
-        ("assign case-1a2b lead@store.test", "ASSIGN", "case-1a2b lead@store.test"),
-        ("note case-1a2b left by the side door", "NOTE", "case-1a2b left by the side door"),
-        ("escalate case-1a2b", "ESCALATE", "case-1a2b"),
+        ("Checkout Guard confirm case-1a2b3c4d5e6f", "CONFIRM", "case-1a2b3c4d5e6f"),
+        ("confirm case-1a2b3c4d5e6f fraud", "CONFIRM", "case-1a2b3c4d5e6f fraud"),
+        ("dismiss case-1a2b3c4d5e6f not the same person", "DISMISS", "case-1a2b3c4d5e6f not the same person"),
+        ("assign case-1a2b3c4d5e6f lead@store.test", "ASSIGN", "case-1a2b3c4d5e6f lead@store.test"),
+        ("note case-1a2b3c4d5e6f left by the side door", "NOTE", "case-1a2b3c4d5e6f left by the side door"),
+        ("escalate case-1a2b3c4d5e6f", "ESCALATE", "case-1a2b3c4d5e6f"),
     ],
 )
 def test_case_commands_are_parsed_with_their_whole_argument(text: str, verb: str, argument: str) -> None:
@@ -44,7 +44,11 @@ def test_case_commands_are_parsed_with_their_whole_argument(text: str, verb: str
 
 @pytest.mark.parametrize(
     ("text", "problem"),
-    [("confirm", "needs a case id"), ("confirm case-1 maybe", "`fraud`"), ("assign case-1", "one person")],
+    [
+        ("confirm", "needs a case id"),
+        ("confirm case-1a2b3c4d5e6f maybe", "`fraud`"),
+        ("assign case-1a2b3c4d5e6f", "one person"),
+    ],
 )
 def test_malformed_case_commands_are_answered_not_published(text: str, problem: str) -> None:
     assert problem in (parse_command(text).problem or "")
@@ -276,10 +280,10 @@ def test_an_answer_naming_a_case_and_who_decided_it_goes_to_the_allowed_person_a
 @pytest.mark.parametrize(
     ("text", "argument"),
     [
-        ("confirm case-1a2b Checkout Guard", "case-1a2b"),
-        ("Checkout Guard confirm case-1a2b fraud @Checkout", "case-1a2b fraud"),
-        ("escalate case-1a2b @Checkout Guard", "case-1a2b"),
-        ("assign case-1a2b lead@store.test Checkout Guard", "case-1a2b lead@store.test"),
+        ("confirm case-1a2b3c4d5e6f Checkout Guard", "case-1a2b3c4d5e6f"),
+        ("Checkout Guard confirm case-1a2b3c4d5e6f fraud @Checkout", "case-1a2b3c4d5e6f fraud"),
+        ("escalate case-1a2b3c4d5e6f @Checkout Guard", "case-1a2b3c4d5e6f"),
+        ("assign case-1a2b3c4d5e6f lead@store.test Checkout Guard", "case-1a2b3c4d5e6f lead@store.test"),
     ],
 )
 def test_a_mention_of_the_bot_after_a_case_command_is_not_an_extra_word(text: str, argument: str) -> None:
@@ -289,20 +293,20 @@ def test_a_mention_of_the_bot_after_a_case_command_is_not_an_extra_word(text: st
 
 
 def test_a_case_id_in_capitals_is_sent_as_the_case_id_and_a_transaction_id_is_answered_at_once() -> None:
-    parsed = parse_command("confirm CASE-1A2B fraud")
-    assert (parsed.verb, parsed.argument, parsed.problem) == ("CONFIRM", "case-1a2b fraud", None)
+    parsed = parse_command("confirm CASE-1A2B3C4D5E6F fraud")
+    assert (parsed.verb, parsed.argument, parsed.problem) == ("CONFIRM", "case-1a2b3c4d5e6f fraud", None)
     assert "starts with `case-`" in (parse_command("dismiss tx-123 not him").problem or "")
 
 
 @pytest.mark.parametrize(
     ("text", "argument"),
     [
-        ("confirm <case-1a2b>", "case-1a2b"),
-        ("confirm <case-1a2b> fraud", "case-1a2b fraud"),
-        ("dismiss `case-1a2b` <not him>", "case-1a2b <not him>"),
-        ("assign <case-1a2b> <lead@store.test>", "case-1a2b lead@store.test"),
-        ("note 'case-1a2b' left by <the side door>", "case-1a2b left by <the side door>"),
-        ('escalate "case-1a2b"', "case-1a2b"),
+        ("confirm <case-1a2b3c4d5e6f>", "case-1a2b3c4d5e6f"),
+        ("confirm <case-1a2b3c4d5e6f> fraud", "case-1a2b3c4d5e6f fraud"),
+        ("dismiss `case-1a2b3c4d5e6f` <not him>", "case-1a2b3c4d5e6f <not him>"),
+        ("assign <case-1a2b3c4d5e6f> <lead@store.test>", "case-1a2b3c4d5e6f lead@store.test"),
+        ("note 'case-1a2b3c4d5e6f' left by <the side door>", "case-1a2b3c4d5e6f left by <the side door>"),
+        ('escalate "case-1a2b3c4d5e6f"', "case-1a2b3c4d5e6f"),
     ],
 )
 def test_a_case_id_in_the_help_texts_angle_brackets_or_in_quotes_is_read_as_the_case_id(
@@ -317,13 +321,13 @@ def test_a_case_id_in_the_help_texts_angle_brackets_or_in_quotes_is_read_as_the_
 @pytest.mark.parametrize(
     ("text", "argument"),
     [
-        ("confirm case-1a2b [fraud]", "case-1a2b fraud"),
-        ("confirm <case-1a2b> [fraud]", "case-1a2b fraud"),
-        ("confirm [case-1a2b] <fraud>", "case-1a2b fraud"),
-        ("confirm case-1a2b 'fraud'", "case-1a2b fraud"),
-        ("Checkout Guard confirm case-1a2b [fraud] @Checkout", "case-1a2b fraud"),
-        ("assign [case-1a2b] [lead@store.test]", "case-1a2b lead@store.test"),
-        ("dismiss [case-1a2b] [not him]", "case-1a2b [not him]"),
+        ("confirm case-1a2b3c4d5e6f [fraud]", "case-1a2b3c4d5e6f fraud"),
+        ("confirm <case-1a2b3c4d5e6f> [fraud]", "case-1a2b3c4d5e6f fraud"),
+        ("confirm [case-1a2b3c4d5e6f] <fraud>", "case-1a2b3c4d5e6f fraud"),
+        ("confirm case-1a2b3c4d5e6f 'fraud'", "case-1a2b3c4d5e6f fraud"),
+        ("Checkout Guard confirm case-1a2b3c4d5e6f [fraud] @Checkout", "case-1a2b3c4d5e6f fraud"),
+        ("assign [case-1a2b3c4d5e6f] [lead@store.test]", "case-1a2b3c4d5e6f lead@store.test"),
+        ("dismiss [case-1a2b3c4d5e6f] [not him]", "case-1a2b3c4d5e6f [not him]"),
     ],
 )
 def test_the_word_fraud_in_the_help_texts_square_brackets_is_read_as_fraud(text: str, argument: str) -> None:
@@ -333,13 +337,16 @@ def test_the_word_fraud_in_the_help_texts_square_brackets_is_read_as_fraud(text:
     assert (parsed.argument, parsed.problem) == (argument, None), parsed
 
 
-@pytest.mark.parametrize("text", ["confirm case-1a2b [maybe]", "confirm case-1a2b []", "confirm case-1a2b fraud now"])
+@pytest.mark.parametrize(
+    "text", ["confirm case-1a2b3c4d5e6f [maybe]", "confirm case-1a2b3c4d5e6f []", "confirm case-1a2b3c4d5e6f fraud now"]
+)
 def test_anything_else_after_a_confirmed_case_is_still_answered_not_sent(text: str) -> None:
     assert "`fraud`" in (parse_command(text).problem or "")
 
 
 @pytest.mark.parametrize(
-    "text", ["note case-1a2b \x1b\x00", "note case-1a2b \u202e\u2066", "note case-1a2b \x07\r\n\x9b"]
+    "text",
+    ["note case-1a2b3c4d5e6f \x1b\x00", "note case-1a2b3c4d5e6f \u202e\u2066", "note case-1a2b3c4d5e6f \x07\r\n\x9b"],
 )
 def test_a_note_of_control_characters_alone_is_answered_at_once_not_sent(text: str) -> None:
     """The case service keeps no control characters, so such a note was refused there ("needs some text"), in the
@@ -352,26 +359,31 @@ def test_a_note_of_control_characters_alone_is_answered_at_once_not_sent(text: s
 def test_a_note_or_reason_longer_than_the_case_keeps_is_answered_at_once_not_cut_unseen(verb: str) -> None:
     """The case service keeps the first 1000 characters: the rest of a longer note was dropped while the bot answered
     "Sent". What the case keeps is counted (control characters are left out), so a note that fits still goes."""
-    long = parse_command(f"{verb} case-1a2b " + "w" * (MAX_CASE_TEXT + 1))
+    long = parse_command(f"{verb} case-1a2b3c4d5e6f " + "w" * (MAX_CASE_TEXT + 1))
     assert long.argument is None and f"at most {MAX_CASE_TEXT} characters and this one has 1001" in (long.problem or "")
-    fits = parse_command(f"{verb} case-1a2b " + "w" * MAX_CASE_TEXT + "\x00" * 50)
-    assert fits.problem is None and fits.argument == "case-1a2b " + "w" * MAX_CASE_TEXT + "\x00" * 50
+    fits = parse_command(f"{verb} case-1a2b3c4d5e6f " + "w" * MAX_CASE_TEXT + "\x00" * 50)
+    assert fits.problem is None and fits.argument == "case-1a2b3c4d5e6f " + "w" * MAX_CASE_TEXT + "\x00" * 50
 
 
 def test_a_note_with_a_lone_surrogate_is_sent_as_a_command_that_encodes() -> None:
     """Webex's JSON can carry ``\\ud800``; the command's encoding failed and the bot answered "could not record that
     right now; please try again", at every try."""
-    text = json.loads('"note case-1a2b cut \\ud83d here"')
+    text = json.loads('"note case-1a2b3c4d5e6f cut \\ud83d here"')
     parsed = parse_command(text)
-    assert parsed.argument == "case-1a2b cut \ufffd here"
+    assert parsed.argument == "case-1a2b3c4d5e6f cut \ufffd here"
     command = BotCommand(command_id="m1", issued_at=1, verb="NOTE", actor="a@b.test", argument=parsed.argument)
     assert BotCommand.decode(command.encode()) == command
+
+
+def test_a_case_id_a_digit_short_is_answered_at_once_not_sent() -> None:
+    parsed = parse_command("confirm case-1a2b3c4d5e6 fraud")
+    assert parsed.argument is None and "twelve hex digits" in (parsed.problem or ""), parsed
 
 
 FILLED = {
     "<transaction>": "<tx-1>",
     "<subject>": "<subj-tx-1>",
-    "<case>": "<case-1a2b>",
+    "<case>": "<case-1a2b3c4d5e6f>",
     "<person>": "<lead@store.test>",
     "<text>": "<left by the side door>",
     "[reason]": "[not him]",
@@ -392,11 +404,11 @@ def test_every_form_the_help_text_shows_is_accepted_as_written(form: str) -> Non
     ("text", "argument"),
     [
         (
-            "note case-1a2b left by the side door\nthe cashier saw him",
-            "case-1a2b left by the side door\nthe cashier saw him",
+            "note case-1a2b3c4d5e6f left by the side door\nthe cashier saw him",
+            "case-1a2b3c4d5e6f left by the side door\nthe cashier saw him",
         ),
-        ("dismiss case-1a2b\nnot him:\n- taller\n- no cap", "case-1a2b not him:\n- taller\n- no cap"),
-        ("Checkout Guard note case-1a2b one\n\ttwo @Checkout", "case-1a2b one\n\ttwo @Checkout"),
+        ("dismiss case-1a2b3c4d5e6f\nnot him:\n- taller\n- no cap", "case-1a2b3c4d5e6f not him:\n- taller\n- no cap"),
+        ("Checkout Guard note case-1a2b3c4d5e6f one\n\ttwo @Checkout", "case-1a2b3c4d5e6f one\n\ttwo @Checkout"),
     ],
 )
 def test_a_note_or_reason_written_on_several_lines_is_sent_with_its_line_breaks(text: str, argument: str) -> None:
