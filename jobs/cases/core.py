@@ -12,14 +12,12 @@ subject (what the threshold report and the subject flag count). No Kafka, no clo
 from __future__ import annotations
 
 import dataclasses
-import re
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from schemas.errors import InvalidRecord
-from schemas.identifiers import check
+from schemas.identifiers import check, check_address
 from schemas.records import (
     CASE_ID_RE,
     CASE_VERBS,
@@ -179,73 +177,13 @@ def assign(case: Case, actor: str, person: str, now_ms: int) -> Case:
     return _next(case, actor, now_ms, owner=check_assignee(person))
 
 
-_LOCAL_PART = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_{|}~-]+)*")
-"""An address's part before ``@``, RFC 5322's dot-atom in ASCII (no backtick: it would end a code span)."""
-_ASCII_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
-LATIN_LOOKALIKES = frozenset(
-    "аеокорсухіјѕԁԛԝһӏԍъьАВЕКМНОРСТХІЈЅԌԚԜҮ"  # Cyrillic
-    "αικνοπρτυχΑΒΕΖΗΙΚΜΝΟΡΤΥΧ"  # Greek
-    "օսոհզցԳՕՍ"  # Armenian
-)
-"""Letters of other scripts that read as Latin ones: a domain label made of them alone (Cyrillic ``аррӏе``) is a
-lookalike of a Latin one."""
-_SCRIPT_GROUPS = {"HIRAGANA": "CJK", "KATAKANA": "CJK", "KATAKANA-HIRAGANA": "CJK", "HANGUL": "CJK"}
-"""Scripts written together (Japanese mixes kanji and kana, Korean hangul and hanja): one script here."""
-
-
-def _script(char: str) -> str:
-    """The script of a letter, from its Unicode name (``CYRILLIC SMALL LETTER A`` -> ``CYRILLIC``)."""
-    first = unicodedata.name(char, "?").split(" ")[0]
-    return _SCRIPT_GROUPS.get(first, first)
-
-
-def _label_problem(label: str) -> str | None:
-    """Why a domain label is no real one, or a lookalike of another; None when it is fine."""
-    if label.isascii():
-        return None if _ASCII_LABEL.fullmatch(label) else "its domain is not a domain name"
-    if unicodedata.normalize("NFKC", label) != label:
-        return "its domain holds characters that stand for others (full-width, styled or combined letters)"
-    if any(not (unicodedata.category(c)[0] in "LM" or c in "-0123456789") for c in label):
-        return "its domain holds characters no domain name has"
-    scripts = {_script(c) for c in label if unicodedata.category(c).startswith("L")}
-    if len(scripts) > 1:
-        return f"its domain mixes {' and '.join(sorted(s.title() for s in scripts))} letters (a lookalike?)"
-    if "LATIN" not in scripts and all(c in LATIN_LOOKALIKES or not c.isalpha() for c in label):
-        return "its domain is written in letters that look Latin but are not (a lookalike?)"
-    try:
-        label.encode("idna")
-    except UnicodeError:
-        return "its domain is not a domain name"
-    return None
-
-
 def check_assignee(person: str) -> str:
-    """``person`` when it is one real e-mail address, else :class:`Refused` ``bad_command`` with the reason.
-
-    The owner is who the case page and the audit say has the case: a lookalike of a colleague's address
-    (Cyrillic ``а`` for Latin ``a``, a zero-width joiner, a right-to-left override) would read as theirs. So the
-    part before ``@`` is plain ASCII; the domain is ASCII, or an international name that IDNA encodes, whose
-    labels each keep to one script and are not made of Latin lookalikes alone."""
-    person = (person or "").strip()
-    if not person or any(c.isspace() for c in person):
-        raise Refused("bad_command", "assign needs one person (an e-mail address)")
-    problem: str | None = None
-    local, at, domain = person.rpartition("@")
-    if any(not c.isprintable() for c in person):
-        problem = "it holds invisible or control characters"
-    elif len(person) > 254 or not at or not local or not domain or len(local) > 64:
-        problem = "it is not an e-mail address (name@domain)"
-    elif not local.isascii():
-        problem = "the part before @ must be plain ASCII (a lookalike letter?)"
-    elif not _LOCAL_PART.fullmatch(local):
-        problem = "the part before @ is not an e-mail name"
-    else:
-        labels = domain.removesuffix(".").split(".")
-        problems = [_label_problem(label) if label else "its domain is not a domain name" for label in labels]
-        problem = next((p for p in problems if p), None)
-    if problem:
-        raise Refused("bad_command", f"assign needs one person's e-mail address, and {problem}")
-    return person
+    """``person`` when it is one real e-mail address (:func:`~schemas.identifiers.check_address`: no lookalike of a
+    colleague's), else :class:`Refused` ``bad_command`` with the reason."""
+    try:
+        return check_address(person)
+    except InvalidRecord as bad:
+        raise Refused(bad.kind, bad.reason) from None
 
 
 def add_note(case: Case, actor: str, text: str, now_ms: int) -> Case:

@@ -296,6 +296,23 @@ def test_a_note_with_a_lone_surrogate_is_published_as_a_command_that_encodes() -
     assert BotCommand.decode(cmd.encode()).argument == "case-0123456789ab cut \ufffd here \U0001f600"
 
 
+@pytest.mark.parametrize(
+    ("person", "reason"),
+    [
+        ("bob", "not an e-mail address"),
+        ("guard@ex\u0430mple.com", "mixes Cyrillic and Latin"),
+        ("gu\u0430rd@x.com", "ASCII"),
+    ],
+)
+def test_an_assignment_to_no_real_address_is_answered_at_once_and_not_published(person: str, reason: str) -> None:
+    """A name or a lookalike address was published (202), refused by the case service in the audit only, and the page
+    waited 30 s for a change that never came."""
+    client, published, _ = served()
+    body = {"verb": "assign", "text": person}
+    answer = client.post("/api/cases/case-0123456789ab/verdict", json=body, headers=GUARD)
+    assert answer.status_code == 400 and reason in answer.json()["error"] and published == []
+
+
 def test_case_images_are_served_by_case_id_and_kind() -> None:
     client, _, images = served()
     live = client.get("/cases/case-0123456789ab/images/live", headers=GUARD)
