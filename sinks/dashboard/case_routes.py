@@ -261,7 +261,7 @@ class CaseRoutes:
                 person,
                 int(self.board.clock() * 1000),
                 text=body.get("text") if isinstance(body.get("text"), str) else None,
-                fraud=body.get("fraud") is True,
+                fraud=body.get("fraud", False),
             )
         except InvalidRecord as exc:
             return _error(400, str(exc))

@@ -244,12 +244,15 @@ def refused_now(case: Mapping[str, Any], command: BotCommand) -> str | None:
 
 
 def verdict_command(
-    case_id: str, verb: str, actor: str, now_ms: int, *, text: str | None = None, fraud: bool = False
+    case_id: str, verb: str, actor: str, now_ms: int, *, text: str | None = None, fraud: object = False
 ) -> BotCommand:
     """The command a verdict on the case page becomes: the same verb and argument the Webex bot would
     publish for ``confirm <case> [fraud]``, ``dismiss <case> [reason]``, ``escalate <case>``,
     ``assign <case> <person>`` or ``note <case> <text>``. :class:`InvalidRecord` ``bad_command`` for anything
-    else (an unknown verb, a missing or malformed person, a missing note, text over :data:`MAX_TEXT`)."""
+    else (an unknown verb, a missing or malformed person, a missing note, text over :data:`MAX_TEXT`, ``fraud`` not a
+    bool: ``"true"`` was read as false, a plain confirm)."""
+    if fraud is not None and not isinstance(fraud, bool):
+        raise InvalidRecord("bad_command", "fraud is true or false (JSON), nothing else")
     verb = verb.strip().lower()
     if verb not in VERDICT_VERBS:
         raise InvalidRecord("bad_command", f"{verb!r} is not a verdict (one of {', '.join(sorted(VERDICT_VERBS))})")

@@ -372,6 +372,15 @@ def test_a_verdict_nobody_may_give_publishes_nothing(kwargs: dict, headers: dict
     assert published == []
 
 
+@pytest.mark.parametrize("fraud", ["true", 1, "yes"])
+def test_a_confirm_as_fraud_not_written_as_a_json_boolean_is_refused_not_sent_as_a_plain_confirm(fraud: object) -> None:
+    """``"fraud": "true"`` was read as false: a plain confirm was published (202) and no fraud label came of it."""
+    client, published, _ = served()
+    body = {"verb": "confirm", "fraud": fraud}
+    answer = client.post("/api/cases/case-0123456789ab/verdict", json=body, headers=GUARD)
+    assert answer.status_code == 400 and "true or false" in answer.json()["error"] and published == []
+
+
 def test_a_form_post_from_another_site_cannot_decide() -> None:
     client, published, _ = served()
     answer = client.post(
