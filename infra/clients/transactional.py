@@ -66,6 +66,26 @@ def given_up_at_stop(service: str, exc: BaseException) -> None:
     )
 
 
+def close_failed(service: str, exc: Exception, stopping: bool, ended_by: BaseException | None) -> None:
+    """``service``'s consumer's close failed with ``exc`` as the service ended. Once the stop is asked a Kafka error is
+    :func:`given_up_at_stop`; after the loop's own error (``ended_by``, which says why the service ended, and which the
+    caller's ``finally`` goes on raising) one WARNING naming the close's error by its type and Kafka code only, never
+    its words: raised from that ``finally`` it hid the loop's error. Otherwise ``exc`` is raised, as before."""
+    if stopping and isinstance(exc, STOP_ERRORS):
+        given_up_at_stop(service, exc)
+    elif ended_by is not None:
+        err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+        code = f" {err.name()}" if isinstance(err, KafkaError) else ""
+        log.warning(
+            "%s: the consumer's close failed too (%s%s); the error that ended the service is raised",
+            service,
+            type(exc).__name__,
+            code,
+        )
+    else:
+        raise exc
+
+
 def bounded(call: Callable[[], T], what: str, exit_by: Callable[[], float | None], name: str = "kafka-call") -> T:
     """``call()``'s result (a Kafka call that waits on the brokers: a transaction's commit up to :data:`KAFKA_CALL_S`, a
     start-up read of a topic) from a daemon thread ``name``, waited for until it ends, or once the stop is asked

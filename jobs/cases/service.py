@@ -46,6 +46,7 @@ import dataclasses
 import functools
 import logging
 import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -681,12 +682,13 @@ class CaseService:
                 raise
             transactional.given_up_at_stop("case service", exc)
         finally:
-            self._close()
+            self._close(sys.exc_info()[1])  # the loop's own error, if one ends it, is what is raised
 
-    def _close(self) -> None:
+    def _close(self, ended_by: BaseException | None = None) -> None:
         """The consumer's close (it leaves the group), given up at the stop's deadline: with Kafka down it waited on
         the brokers as long as it took, past the supervisor's SIGKILL. No offset is committed by it (the inputs' are
-        committed after their transaction), so nothing is lost, and its error once the stop is asked is a WARNING."""
+        committed after their transaction), so nothing is lost. Its error once the stop is asked, or
+        after the loop's own error (``ended_by``, which is raised instead), is a WARNING."""
         deadline = self._exit_by() or exit_deadline(self.settings.supervisor.stop_timeout_s)
         try:
             if not done_by(self.consumer.close, deadline, "case-service-close"):
@@ -694,10 +696,8 @@ class CaseService:
                     "case service: Kafka did not take the consumer's close before the supervisor's stop timeout; the "
                     "inputs not committed are read again at the next start"
                 )
-        except transactional.STOP_ERRORS as exc:  # the brokers gone at a stop: not a crash
-            if not self._stop.is_set():
-                raise
-            transactional.given_up_at_stop("case service", exc)
+        except Exception as exc:  # noqa: BLE001 - a WARNING at a stop or after the loop's own error, else raised
+            transactional.close_failed("case service", exc, self._stop.is_set(), ended_by)
 
     def _maybe_expire(self) -> None:
         if time.monotonic() < self._next_expiry:

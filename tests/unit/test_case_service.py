@@ -918,3 +918,57 @@ def test_a_stop_during_the_start_ends_a_start_up_call_hanging_on_kafka_by_the_st
     assert took < 1.7, f"the stop took {took:.1f}s; the SIGKILL comes 2.5 s after the SIGTERM, its last calls by 1.5 s"
     assert reads and all(kwargs["stop"] is svc._stop for kwargs in reads), "the read is not told of the stop"
     assert any(r.levelname == "WARNING" and "given up" in r.getMessage() for r in caplog.records)
+
+
+def test_a_failing_close_after_the_loops_own_error_is_a_warning_and_the_loops_error_is_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No stop asked: the loop died of its own error, then the consumer's close failed too, and the close's error was
+    raised from ``finally``, hiding the one that said why the service died. The loop's error is now raised, the close's
+    is one WARNING naming its type and Kafka code, never its words."""
+    import threading
+
+    from confluent_kafka import KafkaError, KafkaException
+
+    from infra.metrics import Heartbeat
+    from jobs.cases import service as case_service
+    from jobs.cases.service import CaseService
+
+    died = KafkaException(KafkaError(KafkaError._FATAL, "producer fenced"))
+
+    class Consumer(_OneCommand):
+        def consume(self, num_messages: int, timeout: float) -> list:
+            raise died
+
+        def close(self) -> None:
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT, "secret-record-value"))
+
+    svc = CaseService.__new__(CaseService)
+    svc.settings = Settings()
+    svc.prefix, svc._stop, svc._next_expiry, svc.heartbeat = "", StopRequest(), float("inf"), Heartbeat()
+    svc.producer, svc.consumer, svc.core = _HangingCommit(None, None), Consumer(threading.Event()), _IdleCore()  # type: ignore[assignment]
+    svc._processing = case_service.metrics.PROCESSING_SECONDS.labels(case_service.PROCESS)
+    svc.topics = {}
+    svc.replay = lambda *_a, **_k: None  # type: ignore[method-assign]
+    with caplog.at_level("WARNING"), pytest.raises(KafkaException) as raised:
+        svc.run()
+    assert raised.value is died, f"the close's error hid the loop's: {raised.value!r}"
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "KafkaException _TRANSPORT" in warnings[0].getMessage(), warnings
+    assert "secret" not in warnings[0].getMessage() and warnings[0].exc_info is None
+
+
+def test_a_failing_close_with_no_loop_error_and_no_stop_is_still_raised() -> None:
+    """Nothing else explains the end: the close's own error is raised, as before."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    from jobs.cases.service import CaseService
+
+    class Consumer:
+        def close(self) -> None:
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT, "all brokers down"))
+
+    svc = CaseService.__new__(CaseService)
+    svc.settings, svc._stop, svc.consumer = Settings(), StopRequest(), Consumer()  # type: ignore[assignment]
+    with pytest.raises(KafkaException):
+        svc._close()
