@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY
 
 from infra import web_server
 from infra.logs import LOG_LEVEL_HELP, setup_logging
-from infra.metrics import ConsumerLagCollector, serve
+from infra.metrics import ConsumerLagCollector, Endpoint, serve
 from infra.processes import all_done_by, exit_deadline, time_left
 from infra.settings import Settings, get_settings
 from sinks.dashboard.app import DashboardConfigError, create_app
@@ -28,25 +28,27 @@ log = logging.getLogger("sinks.dashboard")
 cli = typer.Typer(add_completion=False, help="Serve the live Checkout Guard dashboard.")
 
 
-def export_metrics(settings: Settings) -> ConsumerLagCollector:
+def export_metrics(settings: Settings) -> tuple[ConsumerLagCollector, Endpoint]:
     """/metrics and /healthz of the dashboard, with every consumer group's lag (``cg_consumer_lag``) in
     them: the dashboard is the one reader of Kafka's offsets for the whole deployment, so the lag is
     scraped like any other metric and the pipeline page reads it back from Prometheus. A thread reads it
-    (only while metrics are on), so a scrape never waits for Kafka. Returns the collector, to stop at the end."""
+    (only while metrics are on), so a scrape never waits for Kafka. Returns the collector and the endpoint, to stop at
+    the end."""
     collector = ConsumerLagCollector(settings)
     REGISTRY.register(collector)
     if settings.metrics.enabled:
         collector.start()
-    serve(settings, "dashboard")
-    return collector
+    return collector, serve(settings, "dashboard")
 
 
-def close_by(deadline: float, lag: ConsumerLagCollector, commands: FirstVerdictPublisher) -> None:
-    """After the web server: stop the lag thread and flush the command publisher, side by side, by ``deadline`` (1 s
-    before the supervisor's SIGKILL); what is not done by then is given up with a WARNING. Before, neither was closed:
-    the lag thread's Kafka read and the producer were cut by the process's end."""
+def close_by(deadline: float, lag: ConsumerLagCollector, endpoint: Endpoint, commands: FirstVerdictPublisher) -> None:
+    """After the web server: stop the lag thread, close the metrics endpoint (as the Webex bot closes its own) and flush
+    the command publisher, side by side, by ``deadline`` (1 s before the supervisor's SIGKILL); what is not done by
+    then is given up with a WARNING. Before, none was closed: the lag thread's Kafka read, the endpoint's server (still
+    answering /healthz through the stop) and the producer were cut by the process's end."""
     calls: list[tuple[str, Callable[[], object]]] = [
         ("consumer-lag-stop", lambda: lag.stop(time_left(deadline))),
+        ("metrics-endpoint-close", endpoint.close),
         ("dashboard-commands-close", lambda: commands.close(time_left(deadline))),
     ]
     for (name, _), done in zip(calls, all_done_by(calls, deadline), strict=True):
@@ -75,7 +77,7 @@ def main(
     except DashboardConfigError as exc:
         typer.echo(f"dashboard not started: {exc}", err=True)
         raise typer.Exit(2) from None
-    lag = export_metrics(settings)
+    lag, endpoint = export_metrics(settings)
     dashboard = settings.dashboard
     login = "login required" if dashboard.users or dashboard.username or dashboard.token else "no login: loopback only"
     typer.echo(
@@ -95,7 +97,7 @@ def main(
             log_level="warning",
         )
     finally:
-        close_by(deadline or exit_deadline(settings.supervisor.stop_timeout_s), lag, commands)
+        close_by(deadline or exit_deadline(settings.supervisor.stop_timeout_s), lag, endpoint, commands)
 
 
 @cli.command("hash-password")

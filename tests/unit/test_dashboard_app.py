@@ -90,7 +90,9 @@ def hang(_request):  # a sync route, in a thread: a verdict's publish waiting on
 
 dashboard_main.get_settings = lambda: settings
 dashboard_main.create_app = lambda *a, **k: Starlette(routes=[Route("/hang", hang)])
-dashboard_main.export_metrics = dashboard_main.ConsumerLagCollector  # not started: no Kafka read
+dashboard_main.export_metrics = lambda s: (  # not started: no Kafka read, no port
+    dashboard_main.ConsumerLagCollector(s), dashboard_main.Endpoint("dashboard", 0, None)
+)
 sent = []
 
 def client():

@@ -17,7 +17,7 @@ from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
 import sinks.dashboard.__main__ as dashboard_main
-from infra.metrics import ConsumerLagCollector
+from infra.metrics import ConsumerLagCollector, Endpoint
 from infra.settings import DashboardSettings, Settings
 from sinks.dashboard.app import Dashboard, DashboardConfigError, check_exposure, create_app, is_loopback
 
@@ -48,6 +48,11 @@ PATHS = (
     "/static/cases.js",
     "/static/case.js",
 )
+
+
+def unserved(settings: Settings) -> tuple[ConsumerLagCollector, Endpoint]:
+    """The dashboard's metrics, neither started nor served: no Kafka read, no port, no global registry."""
+    return ConsumerLagCollector(settings), Endpoint("dashboard", 0, None)
 
 
 def jpeg() -> bytes:
@@ -150,7 +155,7 @@ def test_without_a_login_the_dashboard_serves_on_loopback_only() -> None:
 def test_the_command_refuses_to_start_on_all_interfaces_without_a_login(monkeypatch: pytest.MonkeyPatch) -> None:
     started: list[Any] = []
     monkeypatch.setattr(dashboard_main.web_server, "serve", lambda *a, **k: started.append((a, k)))
-    monkeypatch.setattr(dashboard_main, "export_metrics", ConsumerLagCollector)  # no port, no global registry
+    monkeypatch.setattr(dashboard_main, "export_metrics", unserved)  # no port, no global registry
     monkeypatch.delenv("CG_DASHBOARD__USERNAME", raising=False)
     monkeypatch.delenv("CG_DASHBOARD__PASSWORD", raising=False)
     monkeypatch.delenv("CG_DASHBOARD__TOKEN", raising=False)
@@ -186,7 +191,7 @@ def test_the_servers_own_lines_go_through_the_log_handler_with_secrets_masked(mo
 
     monkeypatch.setattr(dashboard_main.web_server.uvicorn, "Server", Server)
     monkeypatch.setattr(dashboard_main.web_server, "stop_on_signals", lambda stop, _signals: stop.set())
-    monkeypatch.setattr(dashboard_main, "export_metrics", ConsumerLagCollector)
+    monkeypatch.setattr(dashboard_main, "export_metrics", unserved)
     monkeypatch.setenv("CG_DASHBOARD__TOKEN", "tok-123")
     dashboard_main.get_settings.cache_clear()
     try:

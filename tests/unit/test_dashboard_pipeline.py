@@ -15,7 +15,7 @@ from pydantic import SecretStr, ValidationError
 from starlette.testclient import TestClient
 
 import sinks.dashboard.__main__ as dashboard_main
-from infra.metrics import ConsumerLagCollector
+from infra.metrics import ConsumerLagCollector, Endpoint
 from infra.settings import DashboardSettings, MetricsSettings, Settings
 from sinks.dashboard.app import Dashboard, create_app
 from sinks.dashboard.pipeline import (
@@ -346,7 +346,9 @@ def test_at_the_stop_the_dashboard_stops_its_lag_thread_and_closes_its_command_p
         return ends[0]
 
     monkeypatch.setattr(dashboard_main, "FirstVerdictPublisher", HangingFlush, raising=False)
-    monkeypatch.setattr(dashboard_main, "export_metrics", lambda _settings: lag.start())
+    monkeypatch.setattr(
+        dashboard_main, "export_metrics", lambda _settings: (lag.start(), Endpoint("dashboard", 0, None))
+    )
     monkeypatch.setattr(dashboard_main.web_server, "serve", serve)
     monkeypatch.setattr(dashboard_main, "get_settings", lambda: Settings())
     try:
@@ -374,3 +376,32 @@ def test_the_prometheus_client_the_dashboard_made_is_closed_when_the_app_shuts_d
         pass
     assert not given.client.is_closed
     given.close()
+
+
+def test_at_the_stop_the_dashboard_closes_its_metrics_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Webex bot closed its metrics endpoint at the stop, the dashboard never did: its server answered /metrics and
+    /healthz until the process ended. It is now closed in the dashboard's bounded stop, beside the lag thread."""
+    import socket
+
+    from typer.testing import CliRunner
+
+    from infra import metrics
+
+    endpoints: list[Endpoint] = []
+
+    def export(settings: Settings) -> tuple[ConsumerLagCollector, Endpoint]:
+        endpoints.append(metrics.serve(settings, "dashboard", port=0))  # a real server, on a free port
+        return ConsumerLagCollector(settings), endpoints[0]
+
+    monkeypatch.setattr(dashboard_main, "export_metrics", export)
+    monkeypatch.setattr(dashboard_main.web_server, "serve", lambda *_a, **_k: None)  # the SIGTERM came at once
+    monkeypatch.setattr(dashboard_main, "get_settings", lambda: Settings(metrics={"enabled": True}))
+    result = CliRunner().invoke(dashboard_main.cli, ["--host", "127.0.0.1"])
+    endpoint = endpoints[0]
+    try:
+        assert result.exit_code == 0, result.output
+        assert endpoint.server is None, "the metrics endpoint was not closed at the stop"
+        with pytest.raises(OSError), socket.create_connection(("127.0.0.1", endpoint.port), timeout=1):
+            pass
+    finally:
+        endpoint.close()
