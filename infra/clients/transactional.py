@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -95,11 +96,12 @@ def bounded(call: Callable[[], T], what: str, exit_by: Callable[[], float | None
     future = in_daemon(call, name)
     while True:
         by = exit_by()
-        try:
-            return future.result(timeout=STOP_POLL_S if by is None else chance_left(by))
-        except TimeoutError:
-            if by is not None:
-                raise TransactionGivenUp(f"Kafka did not finish {what} before the supervisor's stop timeout") from None
+        # waited apart from its result: the call's own TimeoutError (a read stopped) was taken for the wait's
+        futures_wait([future], timeout=STOP_POLL_S if by is None else chance_left(by))
+        if future.done():
+            return future.result()
+        if by is not None:
+            raise TransactionGivenUp(f"Kafka did not finish {what} before the supervisor's stop timeout")
 
 
 def init_transactions(producer: Any, exit_by: Callable[[], float | None]) -> None:

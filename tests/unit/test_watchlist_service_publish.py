@@ -829,3 +829,29 @@ def test_a_failing_close_with_no_loop_error_and_no_stop_is_still_raised() -> Non
     svc.core = _IdleCore()  # type: ignore[assignment]
     with pytest.raises(KafkaException):
         svc._close()
+
+
+def test_a_start_up_read_failing_with_its_own_timeout_error_is_raised_not_waited_on_for_ever() -> None:
+    """A start-up read that stalls fails with a ``TimeoutError`` ("not read to their end"): the bounded wait took it for
+    its own poll's timeout and, no stop asked, went round again for ever instead of failing the service; once the stop
+    was asked it took it for the stop's deadline. The call's own error is now raised at once."""
+    import threading
+
+    from infra.clients import transactional
+
+    def stalled() -> None:
+        raise TimeoutError("control topics not read to their end (no record for 30s)")
+
+    raised: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            transactional.bounded(stalled, "the start-up read of audit", lambda: None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            raised.append(exc)
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    waiter.join(2.0)
+    assert not waiter.is_alive(), "the read's TimeoutError was waited on for ever"
+    assert type(raised[0]) is TimeoutError and "not read to their end" in str(raised[0])
