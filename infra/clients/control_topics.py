@@ -76,6 +76,11 @@ class ReadStopped(CheckoutGuardError, TimeoutError):
     """A read of the control topics cut off by its caller's ``deadline`` or ``stop`` (not the broker's error)."""
 
 
+class ReadStopRequested(ReadStopped):
+    """A read cut short by its caller's ``stop`` (not a deadline Kafka did not meet): nothing is lost by it, the caller
+    stopping reads the topic again at its next start."""
+
+
 class _Bound:
     """The caller's bound on a whole read: the time each step may still wait, or :class:`ReadStopped`."""
 
@@ -85,7 +90,7 @@ class _Bound:
     def left(self, step: str, seconds: float) -> float:
         """``seconds``, or less where the deadline comes first; raises once stopped or past it."""
         if self.stop is not None and self.stop.is_set():
-            raise ReadStopped(f"read of {self.topics} stopped by its caller before {step}")
+            raise ReadStopRequested(f"read of {self.topics} stopped by its caller before {step}")
         if self.deadline is None:
             return seconds
         left = self.deadline - time.monotonic()
@@ -128,9 +133,9 @@ def read_control_topics(
 
     ``deadline`` (``time.monotonic()``) bounds the whole read, which otherwise may take ``timeout_s`` per metadata
     call (partitions + 2 of them) before reading: each call waits at most the time left, each poll too, and past it
-    the read raises :class:`ReadStopped` (a ``TimeoutError``) and closes its consumer. ``stop``: the same, as soon as
-    it is set (checked before each call and each poll; a call in progress runs on, to the deadline at most). Neither:
-    no bound but ``timeout_s``, as before.
+    the read raises :class:`ReadStopped` (a ``TimeoutError``) and closes its consumer. ``stop``: the same
+    (:class:`ReadStopRequested`), as soon as it is set (checked before each call and each poll; a call in progress runs
+    on, to the deadline at most). Neither: no bound but ``timeout_s``, as before.
 
     A topic that does not exist is :class:`ControlTopicMissing`, also where a partition of it is answered with
     UNKNOWN_TOPIC_OR_PART (deleted since it was listed); one the broker answers with another error (no leader,

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from confluent_kafka import KafkaError, KafkaException
 
 from infra import metrics
-from infra.clients.control_topics import ReadStopped
+from infra.clients.control_topics import ReadStopped, ReadStopRequested
 from infra.processes import chance_left, in_daemon
 from infra.retry import Backoff
 from schemas.errors import CheckoutGuardError
@@ -52,7 +52,11 @@ def given_up_at_stop(service: str, exc: BaseException) -> None:
     """Say, in one WARNING, that ``service``'s stop gave up its Kafka work on ``exc`` (one of :data:`STOP_ERRORS`,
     raised once the stop was asked). Nothing is committed after such an error, so the inputs not committed are read
     again at the next start: the process exits 0, where a traceback and exit 1 made a stop with Kafka gone look like a
-    crash. Only the error's code and words are logged, never a record."""
+    crash. Only the error's code and words are logged, never a record. A start-up read the stop itself cut short
+    (:class:`ReadStopRequested`) lost nothing: one INFO line, where a WARNING made a plain stop look like a loss."""
+    if isinstance(exc, ReadStopRequested):
+        log.info("%s: start-up read stopped by the stop request (%s); it is read again at the next start", service, exc)
+        return
     if isinstance(exc, KafkaException) and isinstance(err := exc.args[0] if exc.args else None, KafkaError):
         why = f"Kafka failed ({err.name()}: {err.str()})"
     elif isinstance(exc, BufferError):

@@ -972,3 +972,42 @@ def test_a_failing_close_with_no_loop_error_and_no_stop_is_still_raised() -> Non
     svc.settings, svc._stop, svc.consumer = Settings(), StopRequest(), Consumer()  # type: ignore[assignment]
     with pytest.raises(KafkaException):
         svc._close()
+
+
+def test_a_stop_that_cuts_a_start_up_read_short_is_an_info_line_not_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGTERM came during a start-up read: the read stopped at its next call, nothing lost (it is read again at the
+    next start), yet the stop logged a WARNING as if Kafka work had been given up. It is now one INFO line; the
+    producer is not started."""
+    from types import SimpleNamespace
+
+    from infra.clients import kafka as kafka_clients
+    from infra.metrics import Heartbeat
+    from jobs.cases.service import CaseService
+
+    class Reader:
+        def list_topics(self, topic: str, timeout: float) -> SimpleNamespace:
+            svc.stop()  # SIGTERM while the broker answers
+            return SimpleNamespace(topics={topic: SimpleNamespace(error=None, partitions={0: None})})
+
+        def close(self) -> None:
+            pass
+
+    class Producer(_HangingCommit):
+        def init_transactions(self, timeout: float) -> None:
+            raise AssertionError("the producer was started after the stop")
+
+    monkeypatch.setattr(kafka_clients, "consumer", lambda *_a, **_k: Reader())
+    svc = CaseService.__new__(CaseService)
+    svc.settings = Settings()
+    svc.prefix, svc._stop, svc._next_expiry, svc.heartbeat = "", StopRequest(), float("inf"), Heartbeat()
+    svc.producer, svc.consumer, svc.core = Producer(None, None), _OneCommand(None), _IdleCore()  # type: ignore[assignment]
+    svc.consumer.close = lambda: None  # type: ignore[method-assign]
+    svc.topics = {}
+    with caplog.at_level("INFO"):
+        svc.run()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= 30] == []
+    assert any(
+        r.levelname == "INFO" and "start-up read stopped by the stop request" in r.getMessage() for r in caplog.records
+    )

@@ -831,6 +831,41 @@ def test_a_failing_close_with_no_loop_error_and_no_stop_is_still_raised() -> Non
         svc._close()
 
 
+def test_a_stop_that_cuts_a_start_up_read_short_is_an_info_line_not_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGTERM came during a start-up read: the read stopped at its next call, nothing lost (it is read again at the
+    next start), yet the stop logged a WARNING as if Kafka work had been given up. It is now one INFO line; the
+    producer is not started."""
+    from types import SimpleNamespace
+
+    from infra.clients import kafka as kafka_clients
+
+    class Reader:
+        def list_topics(self, topic: str, timeout: float) -> SimpleNamespace:
+            svc.stop()  # SIGTERM while the broker answers
+            return SimpleNamespace(topics={topic: SimpleNamespace(error=None, partitions={0: None})})
+
+        def close(self) -> None:
+            pass
+
+    class NotStarted(FlakyTransactions):
+        def init_transactions(self, timeout: float) -> None:
+            raise AssertionError("the producer was started after the stop")
+
+    monkeypatch.setattr(kafka_clients, "consumer", lambda *_a, **_k: Reader())
+    svc = service(NotStarted([]))
+    svc.consumer = _OneRecord()
+    svc.core, svc.heartbeat, svc._next_purge, svc._held = _IdleCore(), None, float("inf"), {}  # type: ignore[assignment]
+    svc.topics = {}
+    with caplog.at_level("INFO"):
+        svc.run()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= 30] == []
+    assert any(
+        r.levelname == "INFO" and "start-up read stopped by the stop request" in r.getMessage() for r in caplog.records
+    )
+
+
 def test_a_start_up_read_failing_with_its_own_timeout_error_is_raised_not_waited_on_for_ever() -> None:
     """A start-up read that stalls fails with a ``TimeoutError`` ("not read to their end"): the bounded wait took it for
     its own poll's timeout and, no stop asked, went round again for ever instead of failing the service; once the stop
