@@ -655,14 +655,17 @@ def plan(
     partitions: Iterable[int] | None = None,
 ) -> list[PartitionRange]:
     """Resolve the range of ``topic`` (full name) against the broker, now: :class:`NoSuchTopic` when the cluster
-    has no such topic, :class:`TopicUnavailable` when the broker answers for it with an error."""
+    has no such topic, :class:`TopicUnavailable` when the broker answers for it with an error, or for one of its
+    partitions, or lists one without a leader (:func:`topic_unusable`, as :func:`partition_count`): every
+    partition's watermarks are asked of its leader next, and judged by the topic's own error only, a leaderless
+    partition failed there after the 10 s timeout with the client's error object, the partition unnamed."""
     consumer = _consumer(kafka)
     try:
         md = kafka_clients.listed_topic(kafka_clients.cluster_metadata(consumer, kafka), topic)
         if md is None:
             raise NoSuchTopic(f"topic {topic} does not exist")
-        if md.error is not None:
-            raise topic_unavailable(topic, md.error)
+        if (why := topic_unusable(topic, md)) is not None:
+            raise why
         count = len(md.partitions)
         watermarks = {
             p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False) for p in range(count)

@@ -939,3 +939,25 @@ def test_the_readers_name_a_partition_without_a_leader_before_asking_its_end(mon
             ask()
     with pytest.raises(topic_replay.TopicUnavailable, match=r"^topic refused partition 0: the broker answered .*AUTH"):
         topic_replay.partition_count(ReadToEndConsumer(), "refused")
+
+
+def test_the_replay_plan_names_a_partition_without_a_leader_before_asking_its_watermarks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``plan`` looked only at the topic's own error: a topic with a leaderless partition (or one the broker answers
+    with an error) was planned, and that partition's watermarks then failed after a timeout, the partition unnamed."""
+    leaderless = partitions_led(3)
+    leaderless[1].leader = -1
+    refused = partitions_led(2)
+    refused[1].error = KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)
+    fake_cluster(
+        monkeypatch,
+        {
+            "led": SimpleNamespace(error=None, partitions=leaderless),
+            "refused": SimpleNamespace(error=None, partitions=refused),
+        },
+    )
+    with pytest.raises(topic_replay.TopicUnavailable, match=r"^topic led partition 1: no leader"):
+        topic_replay.plan(KAFKA, "led", Bound(), Bound())
+    with pytest.raises(topic_replay.TopicUnavailable, match=r"^topic refused partition 1: the broker answered .*AUTH"):
+        topic_replay.plan(KAFKA, "refused", Bound(), Bound())
