@@ -51,6 +51,7 @@ Kafka took before it disconnects).
 from __future__ import annotations
 
 import base64
+import glob
 import hashlib
 import json
 import logging
@@ -426,6 +427,27 @@ def saved_records_path(settings: Settings) -> Path:
     return settings.stack_dir / "camera-bridge" / f"{client_id(settings)}.unsent.jsonl"
 
 
+SAVED_BESIDE = ".more-"
+"""What a stop saves under ``<saved file's name>.more-<ms>`` when the saved file is one the bridge could neither read
+nor move aside (:func:`saved_beside`): written over, its content was lost."""
+
+
+def saved_beside(path: Path) -> list[Path]:
+    """The files saved beside ``path`` (:data:`SAVED_BESIDE`), oldest first: the next start reads them with it. A
+    file of theirs moved aside as unreadable (``….unreadable-<ms>``) is not one of them."""
+    prefix = path.name + SAVED_BESIDE
+    found = [(p.name[len(prefix) :], p) for p in path.parent.glob(f"{glob.escape(prefix)}*")]
+    return [p for _, p in sorted((int(ms), p) for ms, p in found if ms.isascii() and ms.isdigit())]
+
+
+def new_saved_beside(path: Path) -> Path:
+    """A name beside ``path`` that no file has yet: a stop never writes over a file saved before."""
+    ms = now_ms()
+    while (beside := path.with_name(f"{path.name}{SAVED_BESIDE}{ms}")).exists():
+        ms += 1
+    return beside
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
@@ -558,6 +580,10 @@ class CameraBridge:
         """Of those, the ones Kafka refused even as dead letters: saved again at this run's stop."""
         self._resend_open: set[int] = set()
         """``id`` of the message of each record handed over from that file that Kafka has not acknowledged yet."""
+        self._read_files: list[Path] = []
+        """The saved files those records came from: removed once Kafka has them all, or at the stop once saved again."""
+        self._held = False
+        """The saved file could neither be read nor moved aside at the start: this run's stop saves beside it."""
         self._session = 0
         """Counts the broker sessions: a packet id of an older one may name another message now."""
         self._failed: str | None = None
@@ -884,41 +910,25 @@ class CameraBridge:
         return self.stats
 
     def resend_saved(self) -> None:
-        """Produce what the last run saved at its stop (:func:`save_records`); they are QoS 0 messages here:
-        nothing to acknowledge, and saved again at this run's stop unless Kafka has them by then. A file that
-        cannot be read is moved aside (named in the log), not produced and not overwritten; the move is synced into
-        its folder (:func:`infra.durable.rename_durably`), so a power cut does not undo it. A move that fails is a
-        warning saying so (the log said "moved to" all the same); the file stays, read again only at the next run's
-        start (this is called once per :meth:`run`), never in a loop. The log names files, never their content."""
+        """Produce what the last run saved at its stop (:func:`save_records`), the saved file and those saved beside
+        it (:func:`saved_beside`); they are QoS 0 messages here: nothing to acknowledge, and saved again at this run's
+        stop unless Kafka has them by then. A file that cannot be read is moved aside (named in the log), not produced
+        and not overwritten; the move is synced into its folder (:func:`infra.durable.rename_durably`), so a power cut
+        does not undo it. A move that fails is a warning saying so (the log said "moved to" all the same); the file
+        stays, read again only at the next run's start (this is called once per :meth:`run`), never in a loop, and this
+        run's stop saves beside it (:meth:`_save_unsent`). The log names files, never their content."""
         path = saved_records_path(self.settings)
-        try:
-            records = load_saved_records(path)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            aside = path.with_name(f"{path.name}.unreadable-{now_ms()}")
+        records: list[SavedRecord] = []
+        self._read_files, self._held = [], False
+        for file in (path, *saved_beside(path)):
             try:
-                rename_durably(path, aside)
-            except OSError as moving:
-                if path.exists():
-                    log.warning(
-                        "cannot read the records saved at the last stop (%s: %s), nor move the file aside to %s: %s; "
-                        "left under its name, not produced, read again at the next start",
-                        path,
-                        exc,
-                        aside.name,
-                        moving.strerror or moving,
-                    )
-                else:  # renamed, but the folder's sync failed: a power cut may bring it back under the saved name
-                    log.warning(
-                        "cannot read the records saved at the last stop (%s: %s); moved to %s, but its folder could "
-                        "not be synced (%s): a power cut may bring it back",
-                        path,
-                        exc,
-                        aside.name,
-                        moving.strerror or moving,
-                    )
-                return
-            log.error("cannot read the records saved at the last stop (%s); moved to %s: %s", path, aside, exc)
-            return
+                records += load_saved_records(file)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                if not self._set_aside(file, exc) and file == path:
+                    self._held = True
+                continue
+            if file.exists():  # none saved at the last stop: nothing to remove, its folder perhaps not made yet
+                self._read_files.append(file)
         if records:
             log.warning("producing %d record(s) the last run saved at its stop (%s)", len(records), path)
         # Until handed to Kafka a record is only here: a stop (or an exception) half-way saves the rest again.
@@ -934,6 +944,35 @@ class CameraBridge:
             self._resent_upto = i + 1
         self._forget_saved_once_delivered()
 
+    def _set_aside(self, path: Path, exc: Exception) -> bool:
+        """Move the unreadable saved file ``path`` aside (``….unreadable-<ms>``); whether it is gone from its name."""
+        aside = path.with_name(f"{path.name}.unreadable-{now_ms()}")
+        try:
+            rename_durably(path, aside)
+        except OSError as moving:
+            if path.exists():
+                log.warning(
+                    "cannot read the records saved at the last stop (%s: %s), nor move the file aside to %s: %s; "
+                    "left under its name, not produced, read again at the next start",
+                    path,
+                    exc,
+                    aside.name,
+                    moving.strerror or moving,
+                )
+                return False
+            # renamed, but the folder's sync failed: a power cut may bring it back under the saved name
+            log.warning(
+                "cannot read the records saved at the last stop (%s: %s); moved to %s, but its folder could "
+                "not be synced (%s): a power cut may bring it back",
+                path,
+                exc,
+                aside.name,
+                moving.strerror or moving,
+            )
+            return True
+        log.error("cannot read the records saved at the last stop (%s); moved to %s: %s", path, aside, exc)
+        return True
+
     def _forget_saved_once_delivered(self) -> None:
         """Remove the last stop's file once Kafka has acknowledged all of it: kept until this run's stop, a crash
         or SIGKILL later in the run left it, and the next run produced every record a second time."""
@@ -941,13 +980,23 @@ class CameraBridge:
             return
         if self._resent_upto < len(self._resending):
             return
-        path = saved_records_path(self.settings)
-        try:
-            remove_durably(path)  # its folder synced: after a power cut the file came back, and was produced again
-        except OSError as exc:  # replaced at the stop all the same
-            log.warning("kafka has the records saved at the last stop, but %s could not be removed: %s", path, exc)
+        self._read_files = self._remove_read_files("kafka has the records saved at the last stop")
         self._resending, self._resent_upto = [], 0
-        log.info("kafka has acknowledged every record saved at the last stop; removed %s", path)
+        log.info("kafka has acknowledged every record saved at the last stop; their file(s) removed")
+
+    def _remove_read_files(self, why: str, but: Path | None = None) -> list[Path]:
+        """Remove the files the records saved at the last stop were read from (all but ``but``), each synced out of
+        its folder (after a power cut a file came back, and was produced again); those that could not be removed."""
+        kept = []
+        for file in self._read_files:
+            if file == but:
+                continue
+            try:
+                remove_durably(file)
+            except OSError as exc:  # tried again at the stop
+                log.warning("%s, but %s could not be removed: %s", why, file, exc)
+                kept.append(file)
+        return kept
 
     def _resend_refused(self, r: SavedRecord, msg: mqtt.MQTTMessage, exc: Exception) -> None:
         """A saved record Kafka refused at once (e.g. over a lower ``message.max.bytes``): dead-lettered as a live
@@ -1009,6 +1058,8 @@ class CameraBridge:
         not_resent = self._resend_kept + self._resending[self._resent_upto :]
         saved += not_resent
         path = saved_records_path(self.settings)
+        if self._held and path.exists():  # never written over (nor removed): what it holds is read again next start
+            path = new_saved_beside(path)
         self.stats.left_unacked = len(unsent) - len(lost)
         try:
             if saved or path.exists():
@@ -1022,6 +1073,8 @@ class CameraBridge:
                 exc,
             )
             saved = []
+        else:  # what is left of the files read at the start is in ``path`` now
+            self._read_files = self._remove_read_files("stopping: the records saved at the last stop saved again", path)
         self.stats.saved = len(saved)
         if unsent or not_resent:
             log.warning(

@@ -509,6 +509,32 @@ def test_a_saved_file_that_cannot_be_moved_aside_is_logged_as_left_in_place_and_
     assert "moved to" not in said.getMessage() and "secret-payload" not in caplog.text
 
 
+def test_a_saved_file_that_cannot_be_moved_aside_is_never_written_over_the_stop_saves_beside_it_and_both_are_read(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Left in place, the unreadable file was replaced by the stop's records (or removed with nothing to save): its
+    content was lost, though the log said it stayed and would be read again."""
+    path = saved_records_path(Settings(stack_dir=tmp_path))
+    path.parent.mkdir(parents=True)
+    path.write_text("secret-payload not json\n")
+
+    def refused(_src: Path, _dst: Path) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(camera_bridge, "rename_durably", refused)
+    [value] = _saved(tmp_path, monkeypatch, GOOD)  # Kafka down, a lost session: the stop saves one record
+    assert path.read_text() == "secret-payload not json\n"
+    [beside] = camera_bridge.saved_beside(path)
+    assert [r.out.value for r in load_saved_records(beside)] == [value]
+
+    kafka = FakeKafka()  # Kafka is back; the file still cannot be moved
+    bridge, _ = _bridge(monkeypatch, kafka, stack_dir=tmp_path, stop_grace_s=0.2)
+    _offline(bridge, monkeypatch)
+    bridge.run(_stopped())  # nothing left to save at this stop
+    assert [v for _, _, v in kafka.sent] == [value] and bridge.stats.saved == 0
+    assert path.read_text() == "secret-payload not json\n" and camera_bridge.saved_beside(path) == []
+
+
 class RefusingKafka(FakeKafka):
     """Refuses, at ``produce``, the record whose value is ``refused`` (None: every record), as librdkafka raises
     for a record over ``message.max.bytes`` (e.g. a lower limit set between two runs)."""
