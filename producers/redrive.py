@@ -12,7 +12,8 @@ copy carries the input's own headers where its letter kept them (a signed comman
 Skipped and counted: letters whose payload was cut to fit (``payload_truncated``: the bytes are not
 the input any more), letters whose source is not a Kafka topic (the MQTT bridge's ``mqtt:`` ids, CSV
 rows' ``file:`` ids, and letters without a partition and offset, but for a whole transaction: see
-:func:`whole_transaction`) or a topic the cluster does not have, and copies of an input already planned in
+:func:`whole_transaction`) or a topic the cluster does not have or cannot take records for now (an error, a
+partition without a leader: :func:`cluster_topics`), and copies of an input already planned in
 this run (the same source record dead-lettered twice by a replay). Permanent failures are skipped and counted
 unless ``--include-permanent``: only the kinds in :data:`schemas.errors.RETRYABLE_KINDS` (a delivery that failed,
 a bug since fixed, a schema or index the reader lacked) can succeed again; an invalid record would only come back
@@ -66,7 +67,7 @@ NOT_KAFKA_PREFIXES = ("mqtt:", "file:")
 REDRIVE = "re-driven"
 TRUNCATED = "skipped: payload truncated"
 NOT_KAFKA = "skipped: not from a Kafka topic"
-NO_TOPIC = "skipped: no such topic"
+NO_TOPIC = "skipped: no such topic, or unavailable"
 DUPLICATE = "skipped: duplicate"
 OVER_LIMIT = "skipped: over --limit"
 WATCHLIST_ENTRY = "skipped: a watchlist entry (enrol again with fraud/vip)"
@@ -361,10 +362,15 @@ def read_dead_letters(
 
 
 def cluster_topics(settings: Settings) -> dict[str, int]:
-    """The cluster's topics and their partition counts."""
+    """The cluster's topics and their partition counts, less those not usable now (:func:`kafka_clients.topic_unusable`:
+    an error of the topic or of a partition, or a partition without a leader), whose letters are skipped as
+    :data:`NO_TOPIC`: each letter is sent to the partition it came from (or the one its key picks), that partition's
+    leader, and judged by the topic's own error only, a send to a leaderless partition timed out minutes later."""
     with kafka_clients.admin_session(settings) as admin:
         metadata = kafka_clients.cluster_metadata(admin, settings)
-    return {name: len(t.partitions) for name, t in metadata.topics.items() if t.error is None}
+    return {
+        name: len(t.partitions) for name, t in metadata.topics.items() if kafka_clients.topic_unusable(name, t) is None
+    }
 
 
 def restored(headers: Headers) -> Headers:

@@ -7,7 +7,7 @@ import dataclasses
 import inspect
 import threading
 import time
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -52,6 +52,7 @@ from schemas.records import (
     input_headers,
 )
 from sinks.alerts.sender import AlertSender, Ledger, dead_letter_for
+from tests.builders import partitions_led
 
 TOPICS = {"alerts": 3, "transactions": 3, "processed_transactions": 1}
 
@@ -691,3 +692,23 @@ def test_a_dead_letters_topic_the_broker_will_not_serve_is_named_with_the_broker
     result = CliRunner().invoke(redrive.cli, ["--stage", "alert-sender"])
     assert result.exit_code == 1, result.output
     assert result.output.strip() == f"Error: topic dead_letters: the broker answered {denied.str()} ({denied.name()})"
+
+
+def test_letters_of_a_topic_with_a_partition_without_a_leader_are_skipped_not_sent_to_time_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only the topic's own error counted: a topic with a leaderless partition was taken with its partitions, and the
+    copies sent to that partition timed out minutes later."""
+    leaderless = partitions_led(3)
+    leaderless[2].leader = -1
+    refused = partitions_led(2)
+    refused[0].error = KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)
+    listed = {
+        "alerts": SimpleNamespace(error=None, partitions=partitions_led(2)),
+        "led": SimpleNamespace(error=None, partitions=leaderless),
+        "refused": SimpleNamespace(error=None, partitions=refused),
+        "down": SimpleNamespace(error=KafkaError(KafkaError.LEADER_NOT_AVAILABLE), partitions={}),
+    }
+    monkeypatch.setattr(redrive.kafka_clients, "admin_session", lambda _s: nullcontext(object()))
+    monkeypatch.setattr(redrive.kafka_clients, "cluster_metadata", lambda *_a, **_k: SimpleNamespace(topics=listed))
+    assert redrive.cluster_topics(Settings()) == {"alerts": 2}
