@@ -22,6 +22,8 @@ ALERT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,511}")
 (``blocked:<transaction>``, ``watchlist:entrance:<serial>:<oid>:<time>:<subject>``: up to about 320)."""
 SERIAL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 """A Meraki camera serial (``Q2MV-ABCD-1234``) or one the project builds from store and lane names."""
+CASE_ID_RE = re.compile(r"case-[0-9a-f]{12}")
+"""Every case id (``schemas.records.case_id_for``: ``case-`` and twelve hex digits), in lower case."""
 
 
 def check(value: object, field: str, pattern: re.Pattern[str] = ID_RE) -> str:
@@ -40,6 +42,11 @@ def check(value: object, field: str, pattern: re.Pattern[str] = ID_RE) -> str:
 def check_name(value: object, field: str) -> str:
     """A store/lane/cashier name (see :data:`NAME_RE`)."""
     return check(value, field, NAME_RE)
+
+
+def check_case_id(value: object, field: str = "case id") -> str:
+    """A case id (see :data:`CASE_ID_RE`): one of any other shape names no case, so nothing need be looked up."""
+    return check(value, field, CASE_ID_RE)
 
 
 def check_serial(value: object, field: str = "camera serial") -> str:

@@ -662,10 +662,6 @@ CASE_STATES: tuple[str, ...] = ("open", "confirmed", "dismissed", "escalated", "
 """The states of a :class:`Case`; ``open`` and ``escalated`` wait for a verdict, the others are final."""
 
 
-CASE_ID_RE = re.compile(r"case-[0-9a-f]{12}")
-"""Every case id (:func:`case_id_for`), in lower case."""
-
-
 def case_id_for(alert_id: str) -> str:
     """The case of an alert: ``case-`` + 12 hex of the alert id's SHA-256 (one case per alert, short enough to
     type in Webex); the alert sender links it, the case service opens it."""

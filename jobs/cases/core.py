@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas.errors import InvalidRecord
-from schemas.identifiers import check, check_address
+from schemas.identifiers import CASE_ID_RE, check, check_address
 from schemas.records import (
-    CASE_ID_RE,
     CASE_VERBS,
     FACE_ALERT_KINDS,
     FRAUD,

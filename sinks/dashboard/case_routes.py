@@ -40,7 +40,7 @@ from starlette.routing import BaseRoute, Route
 from infra.clients.commands import CommandPublishError, Headers, KafkaCommandPublisher, signed_headers
 from infra.settings import Settings
 from schemas.errors import InvalidRecord
-from schemas.identifiers import check
+from schemas.identifiers import check_case_id
 from schemas.indices import index_name
 from schemas.records import BotCommand
 from sinks.dashboard.cases import (
@@ -77,6 +77,19 @@ def _unavailable(exc: TransportError) -> JSONResponse:
 
 def _error(status: int, text: str) -> JSONResponse:
     return JSONResponse({"error": text}, status_code=status, headers={"Cache-Control": "no-store"})
+
+
+NOT_A_CASE_ID = "no such case: a case id is case- and twelve hex digits (0-9, a-f), as the alert and its card name it"
+
+
+def _is_case_id(case_id: str) -> bool:
+    """Whether ``case_id`` has a case id's shape: one of any other (over-long, malformed) names no case and is not
+    sent to OpenSearch, which may reject it, and the page would then say "OpenSearch unavailable" and ask again."""
+    try:
+        check_case_id(case_id)
+    except InvalidRecord:
+        return False
+    return True
 
 
 async def _small_body(request: Request) -> bytes | None:
@@ -176,6 +189,8 @@ class CaseRoutes:
 
     def case(self, request: Request) -> Response:
         case_id = request.path_params["case_id"]
+        if not _is_case_id(case_id):
+            return _error(404, NOT_A_CASE_ID)
         try:
             source = self.find(case_id)
             if source is None:
@@ -201,7 +216,7 @@ class CaseRoutes:
     def image(self, request: Request) -> Response:
         case_id, which = request.path_params["case_id"], request.path_params["which"]
         field = IMAGE_KINDS.get(which)
-        if field is None:
+        if field is None or not _is_case_id(case_id):
             return Response(status_code=404)
         try:
             source = self.find(case_id, (field,))
@@ -254,7 +269,7 @@ class CaseRoutes:
                 503, "no command signing key (CG_WEBEX__COMMAND_SIGNING_KEY): the case service would refuse it"
             )
         try:
-            check(case_id, "case_id")
+            check_case_id(case_id)
             command = verdict_command(
                 case_id,
                 str(body.get("verb", "")),

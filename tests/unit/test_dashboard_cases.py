@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 import pytest
+from opensearchpy.exceptions import TransportError
 from PIL import Image
 from pydantic import SecretStr
 from starlette.testclient import TestClient
@@ -271,6 +272,25 @@ def test_the_case_page_and_its_json_show_the_case_and_who_may_decide() -> None:
     assert set(answer["case"]["images"]) == {"live", "reference"} and "snapshot_ref" not in answer["case"]
     assert client.get("/api/cases/case-0123456789ab", headers=TOKEN).json()["you"] is None
     assert client.get("/api/cases/case-ffffffffffff", headers=GUARD).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "case_id", ["case-" + "a" * 300, "x" * 600, "case-0123456789ag", "case-0123456789a", "CASE-0123456789AB", "case-1"]
+)
+def test_a_case_id_of_the_wrong_shape_is_answered_404_at_once_without_asking_opensearch(case_id: str) -> None:
+    """An over-long or malformed id went to OpenSearch unchecked; when OpenSearch rejected it the page read "OpenSearch
+    unavailable" (503) and asked again every 3 s, for ever. Now the shared case-id check answers it at once."""
+    client, published, images = served()
+
+    def rejecting(index: str, body: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
+        raise TransportError(400, "search_phase_execution_exception", "term too long")
+
+    client.index.search = rejecting  # type: ignore[attr-defined]
+    answer = client.get(f"/api/cases/{case_id}", headers=GUARD)
+    assert answer.status_code == 404 and "twelve hex digits" in answer.json()["error"]
+    assert client.get(f"/cases/{case_id}/images/live", headers=GUARD).status_code == 404
+    verdict = client.post(f"/api/cases/{case_id}/verdict", json={"verb": "confirm"}, headers=GUARD)
+    assert verdict.status_code == 400 and published == [] and images.asked == []
 
 
 def test_the_case_page_s_box_keeps_to_the_limit_the_case_service_keeps() -> None:
