@@ -801,6 +801,16 @@ class WebexSettings(BaseModel, frozen=True):
             person_email is not None and person_email.lower() in self.allowed_emails()
         )
 
+    def unlisted_owner(self, person: str) -> str | None:
+        """Why ``person`` cannot be given a case (``assign``), or None when they can: one not on
+        ``CG_WEBEX__ALLOWED_PEOPLE`` could not act on it. The bot, the case page and the case service ask this alike."""
+        if self.is_allowed(None, person):
+            return None
+        return (
+            f"{person} is not on the allow-list of people who decide cases (CG_WEBEX__ALLOWED_PEOPLE): "
+            "they could not act on it"
+        )
+
 
 def _url_host(rest: str) -> str:
     """The host of a URL after its ``scheme://`` (no user info, port, path; IPv6 without brackets), lower case."""

@@ -894,6 +894,7 @@ class WebexBot:
             return f"Sorry, {parsed.problem}. Try `help`.", False
         refusal = (
             self._refusal(parsed.verb, message_id, room_id, person)
+            or self._unlisted_owner(parsed)
             or self._out_of_scope(parsed, message_id, room_id)
             or self._decided_already(parsed)
         )
@@ -938,6 +939,15 @@ class WebexBot:
             log.error("%s refused: no command signing key configured (message %s)", verb, message_id)
             return UNSIGNED_REFUSAL if verb in WATCHLIST_VERBS else CASE_UNSIGNED_REFUSAL
         return None
+
+    def _unlisted_owner(self, parsed: ParsedCommand) -> str | None:
+        """The answer to an ``assign`` to someone off the allow-list (they could not act on the case; the case service
+        refuses it), else None."""
+        if parsed.verb != "ASSIGN":
+            return None
+        person = (parsed.argument or "").split()[-1]
+        why = self.settings.webex.unlisted_owner(person)
+        return f"Sorry, {why}; nothing was sent." if why else None
 
     def _out_of_scope(self, parsed: ParsedCommand, message_id: str, room_id: str) -> str | None:
         """:data:`SCOPE_REFUSAL` when ``room_id`` has a store scope and the transaction, subject or case named is not

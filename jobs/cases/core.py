@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,10 +171,17 @@ def escalate(case: Case, actor: str, now_ms: int) -> Case:
     return _next(case, actor, now_ms, state=ESCALATED)
 
 
-def assign(case: Case, actor: str, person: str, now_ms: int) -> Case:
-    """Give an undecided case to ``person`` (an e-mail address, :func:`check_assignee`)."""
+def assign(
+    case: Case, actor: str, person: str, now_ms: int, unlisted: Callable[[str], str | None] = lambda _: None
+) -> Case:
+    """Give an undecided case to ``person`` (an e-mail address, :func:`check_assignee`); :class:`Refused`
+    ``bad_command`` when ``unlisted`` says why they cannot own it (off the allow-list: they could not act on it)."""
     _pending(case, "assign")
-    return _next(case, actor, now_ms, owner=check_assignee(person))
+    owner = check_assignee(person)
+    why = unlisted(owner)
+    if why:
+        raise Refused("bad_command", why)
+    return _next(case, actor, now_ms, owner=owner)
 
 
 def check_assignee(person: str) -> str:
@@ -312,9 +320,17 @@ class CaseBook:
         self.load(case)
         return case
 
-    def apply(self, command: CaseCommand, actor: str, now_ms: int, given_at: int | None = None) -> Case:
+    def apply(
+        self,
+        command: CaseCommand,
+        actor: str,
+        now_ms: int,
+        given_at: int | None = None,
+        unlisted: Callable[[str], str | None] = lambda _: None,
+    ) -> Case:
         """The next version of the case ``command`` is about (kept here), or :class:`Refused`. ``given_at``: when
-        the command reached Kafka; a confirm or dismiss given before the case expired still decides it."""
+        the command reached Kafka; a confirm or dismiss given before the case expired still decides it.
+        ``unlisted``: why a person cannot own a case (the allow-list), for ``assign``."""
         case = self.cases.get(command.case_id)
         if case is None:
             raise Refused("unknown_case", f"no case {command.case_id}")
@@ -327,7 +343,7 @@ class CaseBook:
         elif command.verb == "ESCALATE":
             new = escalate(case, actor, now_ms)
         elif command.verb == "ASSIGN":
-            new = assign(case, actor, command.text or "", now_ms)
+            new = assign(case, actor, command.text or "", now_ms, unlisted)
         else:
             new = add_note(case, actor, command.text or "", now_ms)
         self.load(new)

@@ -317,7 +317,9 @@ class CaseCore:
             reason = f"{held.case_id} is already {held.verdict} by {cmd.actor}: nothing to change"
             return [self._audit(**audit, outcome="UNCHANGED", reason=reason)]
         try:  # judged by when it reached Kafka: a verdict given before the expiry counts, read however late
-            case = self.book.apply(command, cmd.actor, now_ms, given_at=src.written_at)
+            case = self.book.apply(
+                command, cmd.actor, now_ms, given_at=src.written_at, unlisted=self.settings.webex.unlisted_owner
+            )
         except Refused as refused:
             return [
                 *self._noted(command.case_id, cmd, refused, now_ms),

@@ -277,6 +277,7 @@ class CaseRoutes:
                 int(self.board.clock() * 1000),
                 text=body.get("text") if isinstance(body.get("text"), str) else None,
                 fraud=body.get("fraud", False),
+                unlisted_owner=self.settings.webex.unlisted_owner,
             )
         except InvalidRecord as exc:
             return _error(400, str(exc))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -244,13 +244,20 @@ def refused_now(case: Mapping[str, Any], command: BotCommand) -> str | None:
 
 
 def verdict_command(
-    case_id: str, verb: str, actor: str, now_ms: int, *, text: str | None = None, fraud: object = False
+    case_id: str,
+    verb: str,
+    actor: str,
+    now_ms: int,
+    *,
+    text: str | None = None,
+    fraud: object = False,
+    unlisted_owner: Callable[[str], str | None] = lambda _: None,
 ) -> BotCommand:
     """The command a verdict on the case page becomes: the same verb and argument the Webex bot would
     publish for ``confirm <case> [fraud]``, ``dismiss <case> [reason]``, ``escalate <case>``,
     ``assign <case> <person>`` or ``note <case> <text>``. :class:`InvalidRecord` ``bad_command`` for anything
     else (an unknown verb, a missing or malformed person, a missing note, text over :data:`MAX_TEXT`, ``fraud`` not a
-    bool: ``"true"`` was read as false, a plain confirm)."""
+    bool: ``"true"`` was read as false, a plain confirm, or a person ``unlisted_owner`` says cannot own a case)."""
     if fraud is not None and not isinstance(fraud, bool):
         raise InvalidRecord("bad_command", "fraud is true or false (JSON), nothing else")
     verb = verb.strip().lower()
@@ -260,7 +267,9 @@ def verdict_command(
     if len(text) > MAX_TEXT:
         raise InvalidRecord("bad_command", f"text over {MAX_TEXT} characters")
     if verb == "assign":  # a name, a lookalike address: the case service refused it in the audit only
-        check_address(text)
+        unlisted = unlisted_owner(check_address(text))  # one off the allow-list could not act on the case
+        if unlisted:
+            raise InvalidRecord("bad_command", unlisted)
     if verb == "note" and not case_text(text):  # the case service would keep nothing, and refuse it unseen
         raise InvalidRecord("bad_command", "a note needs text (control characters are left out)")
     if verb == "confirm":

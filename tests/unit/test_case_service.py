@@ -230,6 +230,18 @@ def test_an_assign_to_a_lookalike_address_is_refused_bad_command_and_changes_not
     assert core.book.cases[case.case_id].owner is None
 
 
+def test_an_assign_to_someone_off_the_allow_list_is_refused_bad_command_and_changes_nothing(core) -> None:
+    """It was applied: the case's owner was someone who could not act on it."""
+    case = opened(core)
+    outs = core.on_command(command_src("ASSIGN", f"{case.case_id} stranger@example.com", "m1"), NOW)
+    assert of(outs, CASES) == []
+    assert DeadLetter.decode(of(outs, DEAD_LETTERS)[0].value).error_kind == "bad_command"
+    assert "stranger@example.com is not on the allow-list" in (audits(outs)[0].reason or "")
+    assert core.book.cases[case.case_id].owner is None
+    assigned = case_of(core.on_command(command_src("ASSIGN", f"{case.case_id} LEAD@example.com", "m2", 2), NOW))
+    assert assigned.owner == "LEAD@example.com"  # the allow-list reads an address in any letter case
+
+
 def test_undecided_cases_expire_after_the_setting_once(core) -> None:
     case = opened(core)
     assert core.expire(NOW + 599_999) == []

@@ -240,7 +240,9 @@ class Images:
 KEY = "k" * 32
 
 
-def served(*, allowed: str = "guard@example.com", key: str | None = KEY) -> tuple[TestClient, list, Images]:
+def served(
+    *, allowed: str = "guard@example.com,lead@example.com", key: str | None = KEY
+) -> tuple[TestClient, list, Images]:
     settings = Settings().model_copy(
         update={
             "dashboard": DashboardSettings(
@@ -331,6 +333,17 @@ def test_an_assignment_to_no_real_address_is_answered_at_once_and_not_published(
     body = {"verb": "assign", "text": person}
     answer = client.post("/api/cases/case-0123456789ab/verdict", json=body, headers=GUARD)
     assert answer.status_code == 400 and reason in answer.json()["error"] and published == []
+
+
+def test_an_assignment_to_someone_off_the_allow_list_is_answered_400_at_once_and_not_published() -> None:
+    """It was published (202): the case service took it, and the case's owner could not act on it."""
+    client, published, _ = served(allowed="guard@example.com")
+    body = {"verb": "assign", "text": "lead@example.com"}
+    answer = client.post("/api/cases/case-0123456789ab/verdict", json=body, headers=GUARD)
+    assert answer.status_code == 400 and published == []
+    assert "lead@example.com is not on the allow-list" in answer.json()["error"]
+    body = {"verb": "assign", "text": "Guard@Example.com"}
+    assert client.post("/api/cases/case-0123456789ab/verdict", json=body, headers=GUARD).status_code == 202
 
 
 def test_case_images_are_served_by_case_id_and_kind() -> None:

@@ -74,6 +74,17 @@ def test_a_verdict_from_someone_not_allowed_is_refused(harness: Harness) -> None
     assert reply.startswith("Sorry") and harness.published == []
 
 
+def test_an_assign_to_someone_off_the_allow_list_is_answered_at_once_and_not_sent(harness: Harness) -> None:
+    """It was answered "Sent" and applied: the case's owner could not act on it."""
+    harness.say(SECURITY_ROOM, "guard@store.test", f"assign {CASE} stranger@store.test")
+    [reply] = wait_for(lambda: harness.replies(SECURITY_ROOM), 10, what="the refusal")
+    assert reply.startswith("Sorry") and "stranger@store.test is not on the allow-list" in reply
+    assert "nothing was sent" in reply and harness.published == []
+    harness.say(SECURITY_ROOM, "guard@store.test", f"assign {CASE} lead@store.test")
+    wait_for(lambda: harness.published, 10, what="the command")
+    assert harness.published[0].argument == f"{CASE} lead@store.test"
+
+
 def post_card(harness: Harness, room: str) -> str:
     card = case_card(ALERT, AlertSettings())
     return harness.bot.client.send_card(room, f"Case `{CASE}`", card)["id"]
