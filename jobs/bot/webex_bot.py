@@ -799,7 +799,8 @@ class WebexBot:
         display = str(me.get("displayName") or "")
         names = (display, display.split(" ")[0], str(me.get("nickName") or ""))
         parsed = parse_command(message.get("text") or "", names)
-        reply, accepted = self._execute(parsed, data["id"], room_id, person)
+        person_id = str(message.get("personId") or data["personId"])
+        reply, accepted = self._execute(parsed, data["id"], room_id, person, person_id)
         direct = self._direct(parsed, room_id, message.get("roomType") or data.get("roomType"), person)
         self._reply(room_id, person, reply, direct)
         if direct:
@@ -853,7 +854,7 @@ class WebexBot:
         except InvalidRecord:
             verb = ""
         parsed = _parse_words([verb, case_id]) if verb in CARD_VERBS else ParsedCommand(None)
-        reply, _accepted = self._execute(parsed, str(action.get("id") or data["id"]), room_id, email)
+        reply, _accepted = self._execute(parsed, str(action.get("id") or data["id"]), room_id, email, person_id)
         direct = self._direct(parsed, room_id, None, email)  # a card sits in a group room (the alerts' room)
         self._reply(room_id, email, reply, direct)
         if direct:
@@ -886,8 +887,12 @@ class WebexBot:
             log.warning("%s ignored: made %.0f s ago, over CG_WEBEX__COMMAND_MAX_AGE_S (replayed?)", item_id, age_s)
         return True
 
-    def _execute(self, parsed: ParsedCommand, message_id: str, room_id: str, person: str) -> tuple[str, bool]:
-        """The reply, and whether the command was accepted (recorded on ``commands``)."""
+    def _execute(
+        self, parsed: ParsedCommand, message_id: str, room_id: str, person: str, person_id: str
+    ) -> tuple[str, bool]:
+        """The reply, and whether the command was accepted (recorded on ``commands``). ``person``: the sender's
+        e-mail address, empty when Webex gives none; ``person_id``: their Webex id, the command's actor then (one
+        "unknown" for every such person made two of them one person to the case service's double-press check)."""
         if parsed.verb is None:
             return "Sorry, I did not understand that.\n\n" + HELP_TEXT, False
         if parsed.problem:
@@ -909,7 +914,7 @@ class WebexBot:
             issued_at=now_ms(),
             verb=parsed.verb,
             argument=parsed.argument,
-            actor=person or "unknown",
+            actor=person or person_id,
             room_id=room_id,
             source="webex",
         )

@@ -238,7 +238,13 @@ def repeats(case: Case, verb: str, fraud: bool, actor: str) -> bool:
     wanted = {"CONFIRM": "confirmed_fraud" if fraud else "confirmed", "DISMISS": "dismissed"}.get(verb)
     if wanted is None or case.state not in (CONFIRMED, DISMISSED):
         return False
-    return case.verdict == wanted and (case.decided_by or "").lower() == actor.lower()
+    return case.verdict == wanted and _same_person(case.decided_by or "", actor)
+
+
+def _same_person(one: str, other: str) -> bool:
+    """Two actors are one person: the same address in any letter case, or the same Webex person id (a person Webex
+    gives no address for) exactly, since its letters' case is part of it."""
+    return one == other or "@" in one and one.lower() == other.lower()
 
 
 @dataclass(frozen=True)

@@ -260,6 +260,16 @@ def test_notes_and_reasons_lose_control_characters_and_direction_overrides_but_k
     assert add_note(opened(), "a@example.com", "👨‍👩‍👧 ok", T0 + 1).notes[-1].text == "👨‍👩‍👧 ok", "emoji joiners stay"
 
 
+def test_a_webex_person_id_repeats_only_its_own_verdict_letter_case_and_all() -> None:
+    """A card press from a person Webex gives no address for is by their Webex person id (case-sensitive base64):
+    it repeats that person's verdict, not another's whose id differs only in its letters' case."""
+    pat = "Y2lzY29zcGFyazovL3VzL1BFT1BMRS9wYXQ"
+    case = confirm(opened(), pat, T0 + 1)
+    assert repeats(case, "CONFIRM", False, pat)
+    assert not repeats(case, "CONFIRM", False, pat.swapcase())
+    assert repeats(confirm(opened(), "Jane@Store.test", T0 + 1), "CONFIRM", False, "jane@store.test")
+
+
 def test_only_the_same_verdict_by_the_same_person_repeats_a_decided_case() -> None:
     case = opened(face_alert())
     assert not repeats(case, "CONFIRM", False, "a@x"), "an undecided case is decided, not repeated"

@@ -760,15 +760,15 @@ def test_webex_bot_counts_webhooks_by_outcome_and_commands_out_not_those_kafka_r
     assert http.post(url, content=body, headers={"X-Spark-Signature": sign(body, secret)}).status_code == 200
     assert http.post(url, content=body, headers={"X-Spark-Signature": sign(body, secret)}).json()["ignored"]
 
-    assert bot._execute(ParsedCommand("FRAUD", "tx-1"), "m-1", room, "lp@example.com")[1]
+    assert bot._execute(ParsedCommand("FRAUD", "tx-1"), "m-1", room, "lp@example.com", "person-lp")[1]
 
     def refused(_cmd: BotCommand, _headers: Any) -> None:
         raise RuntimeError("command not confirmed by Kafka within 10 s")
 
     bot.publish = refused
-    assert not bot._execute(ParsedCommand("STATUS"), "m-2", room, "lp@example.com")[1]
+    assert not bot._execute(ParsedCommand("STATUS"), "m-2", room, "lp@example.com", "person-lp")[1]
     bot.publish = lambda cmd, _headers: published.append(cmd)
-    assert bot._execute(ParsedCommand("HELP"), "m-3", room, "lp@example.com")[1]
+    assert bot._execute(ParsedCommand("HELP"), "m-3", room, "lp@example.com", "person-lp")[1]
 
     assert growth.since() == expected and [c.verb for c in published] == ["FRAUD", "HELP"]
     bot.close()

@@ -120,6 +120,19 @@ def test_a_card_press_does_what_the_typed_command_does(harness: Harness) -> None
     wait_for(lambda: any("Sent: confirm case" in r for r in harness.replies(SECURITY_ROOM)), 10, what="the reply")
 
 
+def test_presses_from_two_people_webex_gives_no_address_for_are_two_actors_their_webex_ids(harness: Harness) -> None:
+    """Both were recorded as actor "unknown", so the case service took the second person's press for a double press
+    of the first's. Their Webex person id is the actor now, never a display name."""
+    message_id = post_card(harness, SECURITY_ROOM)  # an allowed room: a press there needs no address
+    fetch = harness.bot.client.get_person
+    harness.bot.client.get_person = lambda pid: {**fetch(pid), "emails": [], "displayName": "Pat"}  # type: ignore[method-assign]
+    harness.webex.press(message_id, "pat@store.test", {"verb": "confirm", "case_id": CASE})
+    harness.webex.press(message_id, "sam@store.test", {"verb": "confirm", "case_id": CASE})
+    wait_for(lambda: len(harness.published) == 2, 10, what="both commands")
+    actors = sorted(command.actor for command in harness.published)
+    assert actors == sorted([person_id("pat@store.test"), person_id("sam@store.test")])
+
+
 def test_a_press_by_someone_not_allowed_changes_nothing(harness: Harness) -> None:
     message_id = post_card(harness, SHOP_FLOOR)
     harness.webex.press(message_id, "cashier@store.test", {"verb": "confirm", "case_id": CASE})
