@@ -12,7 +12,9 @@ Everything here is pure (query bodies, shaping, figures, the command) and unit-t
 
 from __future__ import annotations
 
+import hashlib
 import math
+import re
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -243,6 +245,23 @@ def refused_now(case: Mapping[str, Any], command: BotCommand) -> str | None:
     return None
 
 
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9-]{16,64}")
+"""A case page's submission id: 16-64 letters, digits and ``-`` (the page sends 32 random hex digits)."""
+
+
+def command_id_for(case_id: str, actor: str, request_id: object) -> str:
+    """The command id of a verdict: the same for every send of one submission (``request_id``, made by the page for
+    each press), so the case service, which applies a command id once, applies a double click or a resend once;
+    derived with the case and the person, so nobody else's submission can take its id. A fresh id without one
+    (another client than the page). :class:`InvalidRecord` ``bad_command`` for a ``request_id`` of another shape."""
+    if request_id is None:
+        return f"dashboard-{uuid.uuid4().hex}"
+    if not isinstance(request_id, str) or REQUEST_ID_RE.fullmatch(request_id) is None:
+        raise InvalidRecord("bad_command", f"request_id is 16 to 64 letters, digits and - ({REQUEST_ID_RE.pattern})")
+    digest = hashlib.sha256("\n".join((case_id, actor.lower(), request_id)).encode()).hexdigest()
+    return f"dashboard-{digest[:32]}"
+
+
 def verdict_command(
     case_id: str,
     verb: str,
@@ -252,12 +271,14 @@ def verdict_command(
     text: str | None = None,
     fraud: object = False,
     unlisted_owner: Callable[[str], str | None] = lambda _: None,
+    request_id: object = None,
 ) -> BotCommand:
     """The command a verdict on the case page becomes: the same verb and argument the Webex bot would
     publish for ``confirm <case> [fraud]``, ``dismiss <case> [reason]``, ``escalate <case>``,
     ``assign <case> <person>`` or ``note <case> <text>``. :class:`InvalidRecord` ``bad_command`` for anything
     else (an unknown verb, a missing or malformed person, a missing note, text over :data:`MAX_TEXT`, ``fraud`` not a
-    bool: ``"true"`` was read as false, a plain confirm, or a person ``unlisted_owner`` says cannot own a case)."""
+    bool: ``"true"`` was read as false, a plain confirm, or a person ``unlisted_owner`` says cannot own a case).
+    ``request_id``: the page's id of one submission (:func:`command_id_for`), so a second send of it is one command."""
     if fraud is not None and not isinstance(fraud, bool):
         raise InvalidRecord("bad_command", "fraud is true or false (JSON), nothing else")
     verb = verb.strip().lower()
@@ -279,7 +300,7 @@ def verdict_command(
     else:
         words = [case_id, text] if text else [case_id]
     return BotCommand(
-        command_id=f"dashboard-{uuid.uuid4().hex}",
+        command_id=command_id_for(case_id, actor, request_id),
         issued_at=now_ms,
         verb=verb.upper(),
         actor=actor,

@@ -20,8 +20,9 @@ from infra.command_auth import authenticate_command
 from infra.settings import DashboardSettings, Settings, WebexSettings
 from jobs.cases import core
 from jobs.cases.core import parse_case_command
+from jobs.cases.service import CaseCore, Source
 from schemas.errors import InvalidRecord
-from schemas.records import MAX_CASE_TEXT, BotCommand
+from schemas.records import MAX_CASE_TEXT, Alert, BotCommand, case_id_for
 from sinks.dashboard.app import Dashboard, create_app
 from sinks.dashboard.case_routes import MAX_BODY_BYTES
 from sinks.dashboard.cases import (
@@ -388,6 +389,43 @@ def test_a_verdict_is_published_as_a_signed_command_the_case_service_accepts() -
     assert answer.json()["command_id"] == cmd.command_id
     assert (cmd.verb, cmd.argument, cmd.actor) == ("DISMISS", "case-0123456789ab other person", "guard@example.com")
     authenticate_command(cmd, headers, client.settings.webex, NOW)  # type: ignore[attr-defined]
+
+
+def test_a_note_sent_twice_by_one_submission_is_one_command_the_case_service_applies_once() -> None:
+    """A double click on "Add note" posted the note twice, each with a fresh command id, and the case got it twice.
+    The page's id of the submission now makes the command id, and the case service applies a command id once."""
+    client, published, _ = served()
+    service = CaseCore(client.settings)  # type: ignore[attr-defined]
+    alert = Alert(
+        "watchlist:tx-1", "WATCHLIST_MATCH", "high", NOW - MIN, "S01", "Possible match", transaction_id="tx-1"
+    )
+    service.on_alert(Source("alerts", 0, 0, b"a", alert.encode()), NOW)
+    case_id = case_id_for(alert.alert_id)
+    client.index.case = {**CASE, "case_id": case_id}  # type: ignore[attr-defined]
+    body = {"verb": "note", "text": "seen at the door", "request_id": "0123456789abcdef0123456789abcdef"}
+    for _ in range(2):  # the double click
+        assert client.post(f"/api/cases/{case_id}/verdict", json=body, headers=GUARD).status_code == 202
+    other = {**body, "request_id": "fedcba9876543210fedcba9876543210"}  # the same note again, a new submission
+    assert client.post(f"/api/cases/{case_id}/verdict", json=other, headers=GUARD).status_code == 202
+    for offset, (command, headers) in enumerate(published, start=1):
+        source = Source("commands", 0, offset, command.command_id.encode(), command.encode(), tuple(headers), NOW)
+        service.on_command(source, NOW)
+    assert [note.text for note in service.book.cases[case_id].notes] == ["seen at the door"] * 2
+    assert published[0][0].command_id == published[1][0].command_id != published[2][0].command_id
+
+
+@pytest.mark.parametrize("request_id", ["short", "x" * 65, "has space 0123456789", 12345678901234567])
+def test_a_submission_id_of_another_shape_is_refused(request_id: object) -> None:
+    client, published, _ = served()
+    body = {"verb": "note", "text": "seen", "request_id": request_id}
+    answer = client.post("/api/cases/case-0123456789ab/verdict", json=body, headers=GUARD)
+    assert answer.status_code == 400 and "request_id" in answer.json()["error"] and published == []
+
+
+def test_the_case_page_sends_one_id_per_submission_and_turns_its_buttons_off_while_one_is_on_its_way() -> None:
+    client, _, _ = served()
+    script = client.get("/static/case.js", headers=GUARD).text
+    assert "request_id" in script and "getRandomValues" in script and "if (busy) return;" in script
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,27 @@ function pathId() {
 const caseId = pathId();
 const PENDING = new Set(["open", "escalated"]);
 let current = null;
+let you = null;
+// A verdict on its way (sent, or waiting for the case's next version): the buttons stay off, so a double click
+// sends nothing twice.
+let busy = false;
+// The submission a send went unanswered for (the network dropped it): sending the same again reuses its id.
+let unanswered = null;
+
+// A new submission's id (32 random hex digits): the dashboard makes the command id from it, and the case service
+// applies a command id once, so a send repeated (a double click, a resend after a lost answer) is one command.
+function newRequestId() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+function setButtons() {
+  for (const button of document.querySelectorAll("#verdict button")) {
+    const verb = button.dataset.verb;
+    // "Confirm as fraud" labels the case's transaction: a case without one would only be refused
+    button.disabled = busy || !current || !you || (!PENDING.has(current.state) && verb !== "note") || (button.dataset.fraud === "1" && !current.transaction_id);
+  }
+}
 
 // Text escaped, then its line breaks shown as breaks (a note or a dismissal reason written on several lines).
 const multiline = (text) => escapeHtml(text).replace(/\r\n?|\n/g, "<br>");
@@ -70,11 +91,8 @@ function render(body) {
   }
   const decider = document.getElementById("decider");
   decider.textContent = body.you ? `Deciding as ${body.you}.` : "You cannot decide cases from this login.";
-  for (const button of document.querySelectorAll("#verdict button")) {
-    const verb = button.dataset.verb;
-    // "Confirm as fraud" labels the case's transaction: a case without one would only be refused
-    button.disabled = !body.you || (!PENDING.has(c.state) && verb !== "note") || (button.dataset.fraud === "1" && !c.transaction_id);
-  }
+  you = body.you;
+  setButtons();
 }
 
 async function load() {
@@ -101,14 +119,37 @@ async function load() {
 }
 
 async function decide(verb, fraud) {
+  if (busy) return;
+  busy = true;
+  setButtons();
+  try {
+    await send(verb, fraud);
+  } finally {
+    busy = false;
+    setButtons();
+  }
+}
+
+async function send(verb, fraud) {
   const result = document.getElementById("v-result");
   const text = verb === "assign" ? document.getElementById("v-person").value : document.getElementById("v-text").value;
   const before = current ? current.version : 0;
+  const key = JSON.stringify([verb, text, fraud]);
+  const request_id = unanswered && unanswered.key === key ? unanswered.id : newRequestId();
+  unanswered = { key, id: request_id };
   result.className = "status";
   result.textContent = `sending ${verb}…`;
-  const r = await fetch(`/api/cases/${encodeURIComponent(caseId)}/verdict`, {
-    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ verb, text, fraud }),
-  });
+  let r;
+  try {
+    r = await fetch(`/api/cases/${encodeURIComponent(caseId)}/verdict`, {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ verb, text, fraud, request_id }),
+    });
+  } catch (e) {
+    result.className = "status error";
+    result.textContent = `${verb} may not have been sent (${e.message}): press it again, it will not be recorded twice.`;
+    return;
+  }
+  unanswered = null;
   const body = await r.json();
   if (!r.ok) {
     result.className = "status error";
