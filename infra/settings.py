@@ -802,9 +802,11 @@ class WebexSettings(BaseModel, frozen=True):
         )
 
     def unlisted_owner(self, person: str) -> str | None:
-        """Why ``person`` cannot be given a case (``assign``), or None when they can: one not on
-        ``CG_WEBEX__ALLOWED_PEOPLE`` could not act on it. The bot, the case page and the case service ask this alike."""
-        if self.is_allowed(None, person):
+        """Why ``person`` cannot be given a case (``assign``), or None when they can: with no allowed room, one not
+        on ``CG_WEBEX__ALLOWED_PEOPLE`` could not act on it. With allowed rooms anyone may be given it: a member of
+        such a room decides cases from there, and who is a member only Webex knows. The bot, the case page and the
+        case service ask this alike."""
+        if self.is_allowed(None, person) or self.allowed_room_ids():
             return None
         return (
             f"{person} is not on the allow-list of people who decide cases (CG_WEBEX__ALLOWED_PEOPLE): "

@@ -1023,3 +1023,13 @@ def test_a_stop_that_cuts_a_start_up_read_short_is_an_info_line_not_a_warning(
     assert any(
         r.levelname == "INFO" and "start-up read stopped by the stop request" in r.getMessage() for r in caplog.records
     )
+
+
+def test_with_allowed_rooms_a_case_may_be_given_to_someone_off_the_people_list() -> None:
+    """A member of an allowed room decides cases from there (who is a member only Webex knows): refusing such an
+    owner left a deployment that allows rooms alone unable to assign any case."""
+    rooms_only = WebexSettings(allowed_rooms="room-security")
+    assert rooms_only.unlisted_owner("guard@example.com") is None
+    people_only = WebexSettings(allowed_people="lead@example.com")
+    assert people_only.unlisted_owner("LEAD@example.com") is None
+    assert "not on the allow-list" in (people_only.unlisted_owner("guard@example.com") or "")
