@@ -48,21 +48,31 @@ STOP_ERRORS = (TransactionGivenUp, ReadStopped, KafkaException, BufferError)
 read stopped by it, or a Kafka error (a commit, the consumer's close) as the brokers go away."""
 
 
+def error_named(exc: BaseException) -> str:
+    """``exc`` named by its type and, a Kafka error, its code (``KafkaException _TRANSPORT``): never its words, which
+    a broker may fill with the values it refuses (a key, a record's field)."""
+    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    return type(exc).__name__ + (f" {err.name()}" if isinstance(err, KafkaError) else "")
+
+
 def given_up_at_stop(service: str, exc: BaseException) -> None:
     """Say, in one WARNING, that ``service``'s stop gave up its Kafka work on ``exc`` (one of :data:`STOP_ERRORS`,
     raised once the stop was asked). Nothing is committed after such an error, so the inputs not committed are read
     again at the next start: the process exits 0, where a traceback and exit 1 made a stop with Kafka gone look like a
-    crash. Only the error's code and words are logged, never a record. A start-up read the stop itself cut short
+    crash. A Kafka error is named by its type and code only (:func:`error_named`), never its words nor a record; a
+    give-up of our own (the stop's deadline) by what was not finished. A start-up read the stop itself cut short
     (:class:`ReadStopRequested`) lost nothing: one INFO line, where a WARNING made a plain stop look like a loss."""
     if isinstance(exc, ReadStopRequested):
         log.info("%s: start-up read stopped by the stop request (%s); it is read again at the next start", service, exc)
         return
-    if isinstance(exc, KafkaException) and isinstance(err := exc.args[0] if exc.args else None, KafkaError):
-        why = f"Kafka failed ({err.name()}: {err.str()})"
+    if isinstance(exc, KafkaException):
+        why = f"Kafka failed ({error_named(exc)})"
     elif isinstance(exc, BufferError):
-        why = "Kafka's local queue was full"
+        why = f"Kafka's local queue was full ({error_named(exc)})"
+    elif isinstance(exc, CheckoutGuardError):
+        why = str(exc)  # our own words: what the deadline cut short
     else:
-        why = str(exc)
+        why = error_named(exc)
     log.warning(
         "%s: %s after the stop was asked; given up: the inputs not committed are read again at the next start, and "
         "skipped there if their transaction landed after all",
@@ -74,18 +84,16 @@ def given_up_at_stop(service: str, exc: BaseException) -> None:
 def close_failed(service: str, exc: Exception, stopping: bool, ended_by: BaseException | None) -> None:
     """``service``'s consumer's close failed with ``exc`` as the service ended. Once the stop is asked a Kafka error is
     :func:`given_up_at_stop`; after the loop's own error (``ended_by``, which says why the service ended, and which the
-    caller's ``finally`` goes on raising) one WARNING naming the close's error by its type and Kafka code only, never
-    its words: raised from that ``finally`` it hid the loop's error. Otherwise ``exc`` is raised, as before."""
+    caller's ``finally`` goes on raising) one WARNING naming the close's error by its type and Kafka code only
+    (:func:`error_named`), never its words: raised from that ``finally`` it hid the loop's error. Otherwise ``exc`` is
+    raised, as before."""
     if stopping and isinstance(exc, STOP_ERRORS):
         given_up_at_stop(service, exc)
     elif ended_by is not None:
-        err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
-        code = f" {err.name()}" if isinstance(err, KafkaError) else ""
         log.warning(
-            "%s: the consumer's close failed too (%s%s); the error that ended the service is raised",
+            "%s: the consumer's close failed too (%s); the error that ended the service is raised",
             service,
-            type(exc).__name__,
-            code,
+            error_named(exc),
         )
     else:
         raise exc
@@ -189,7 +197,7 @@ def publish(
             if (err is not None and err.fatal()) or stopping() or time.monotonic() > give_up_at:
                 raise
             beat("Kafka unreachable")
-            log.warning("publishing failed (%s); aborting and trying again", err.str() if err else "queue full")
+            log.warning("publishing failed (%s); aborting and trying again", error_named(exc))
             with contextlib.suppress(KafkaException):  # nothing to abort is fine too
                 bounded(
                     lambda: producer.abort_transaction(KAFKA_CALL_S), "the transaction's abort", exit_by, "kafka-abort"

@@ -890,3 +890,26 @@ def test_a_start_up_read_failing_with_its_own_timeout_error_is_raised_not_waited
     waiter.join(2.0)
     assert not waiter.is_alive(), "the read's TimeoutError was waited on for ever"
     assert type(raised[0]) is TimeoutError and "not read to their end" in str(raised[0])
+
+
+def test_a_kafka_error_given_up_at_the_stop_or_retried_is_logged_by_type_and_code_never_its_words(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker's text can echo the values it refuses: the close's failure after the loop's error was named by type and
+    Kafka code only, but a stop's give-up and a retried publish logged the error's whole text. All three now name it
+    the same way, by type and code."""
+    from infra.clients import transactional
+
+    monkeypatch.setattr(watchlist_service.time, "sleep", lambda _s: None)
+    echoed = KafkaError(KafkaError._TRANSPORT, "refused record key=secret-card-token", txn_requires_abort=True)
+    with caplog.at_level("WARNING"):
+        transactional.given_up_at_stop("watchlist service", KafkaException(echoed))
+        transactional.given_up_at_stop("watchlist service", BufferError("Local: Queue full secret-card-token"))
+        transactional.close_failed("watchlist service", KafkaException(echoed), False, RuntimeError("died"))
+        service(FlakyTransactions([echoed]))._publish([Out(AUDIT, b"a-1", b"v")], ["offset"])
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(said) == 4, said
+    assert all("secret" not in line for line in said), said
+    assert "Kafka failed (KafkaException _TRANSPORT)" in said[0], said[0]
+    assert "(BufferError)" in said[1], said[1]
+    assert all("KafkaException _TRANSPORT" in line for line in said[2:]), said
