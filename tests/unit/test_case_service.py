@@ -1001,7 +1001,9 @@ def test_a_stop_that_cuts_a_start_up_read_short_is_an_info_line_not_a_warning(
     class Reader:
         def list_topics(self, topic: str, timeout: float) -> SimpleNamespace:
             svc.stop()  # SIGTERM while the broker answers
-            return SimpleNamespace(topics={topic: SimpleNamespace(error=None, partitions={0: None})})
+            return SimpleNamespace(
+                topics={topic: SimpleNamespace(error=None, partitions={0: SimpleNamespace(id=0, error=None, leader=1)})}
+            )
 
         def close(self) -> None:
             pass
