@@ -100,11 +100,17 @@ class _Bound:
 
     def call(self, step: str, call: Callable[[float], _T], timeout_s: float) -> _T:
         """``call(timeout)`` with the timeout cut to the time left; its failure once past the deadline (the broker's
-        timeout error, a retry given up) is the deadline's."""
+        timeout error, a retry given up) is the deadline's. A broker's error (``KafkaException``) once the stop was
+        asked is the stop's (:class:`ReadStopRequested`): the call was under way when it came, and the read, stopped
+        anyway, is read again at the next start; taken for a loss, it was a WARNING at a plain stop."""
+        from confluent_kafka import KafkaException
+
         timeout = self.left(step, timeout_s)
         try:
             return call(timeout)
         except Exception as exc:
+            if isinstance(exc, KafkaException) and self.stop is not None and self.stop.is_set():
+                raise ReadStopRequested(f"read of {self.topics} stopped by its caller during {step}") from exc
             if self.deadline is not None and time.monotonic() >= self.deadline:
                 raise ReadStopped(f"read of {self.topics} not done by its deadline ({step})") from exc
             raise
@@ -135,7 +141,8 @@ def read_control_topics(
     call (partitions + 2 of them) before reading: each call waits at most the time left, each poll too, and past it
     the read raises :class:`ReadStopped` (a ``TimeoutError``) and closes its consumer. ``stop``: the same
     (:class:`ReadStopRequested`), as soon as it is set (checked before each call and each poll; a call in progress runs
-    on, to the deadline at most). Neither: no bound but ``timeout_s``, as before.
+    on, to the deadline at most, and a broker's error it then ends with is the stop's too). Neither: no bound but
+    ``timeout_s``, as before.
 
     A topic that does not exist is :class:`ControlTopicMissing`, also where a partition of it is answered with
     UNKNOWN_TOPIC_OR_PART (deleted since it was listed); one the broker answers with another error (no leader,

@@ -1035,3 +1035,42 @@ def test_with_allowed_rooms_a_case_may_be_given_to_someone_off_the_people_list()
     people_only = WebexSettings(allowed_people="lead@example.com")
     assert people_only.unlisted_owner("LEAD@example.com") is None
     assert "not on the allow-list" in (people_only.unlisted_owner("guard@example.com") or "")
+
+
+def test_a_broker_error_ending_a_start_up_read_the_stop_came_during_is_an_info_line_not_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGTERM came while a start-up read's listing waited on the broker, which then answered with an error: the stop
+    logged a WARNING, "Kafka failed", as though something was lost, where the read was stopped anyway and is read again
+    at the next start. It is now the stop's INFO line, as a read the stop cut short between two calls is."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    from infra.clients import kafka as kafka_clients
+    from infra.metrics import Heartbeat
+    from jobs.cases.service import CaseService
+
+    class Reader:
+        def list_topics(self, topic: str, timeout: float) -> None:
+            svc.stop()  # SIGTERM while the broker answers
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT, "all brokers down"))
+
+        def close(self) -> None:
+            pass
+
+    class Producer(_HangingCommit):
+        def init_transactions(self, timeout: float) -> None:
+            raise AssertionError("the producer was started after the stop")
+
+    monkeypatch.setattr(kafka_clients, "consumer", lambda *_a, **_k: Reader())
+    svc = CaseService.__new__(CaseService)
+    svc.settings = Settings()
+    svc.prefix, svc._stop, svc._next_expiry, svc.heartbeat = "", StopRequest(), float("inf"), Heartbeat()
+    svc.producer, svc.consumer, svc.core = Producer(None, None), _OneCommand(None), _IdleCore()  # type: ignore[assignment]
+    svc.consumer.close = lambda: None  # type: ignore[method-assign]
+    svc.topics = {}
+    with caplog.at_level("INFO"):
+        svc.run()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= 30] == []
+    assert any(
+        r.levelname == "INFO" and "start-up read stopped by the stop request" in r.getMessage() for r in caplog.records
+    )

@@ -112,6 +112,37 @@ def test_a_read_told_to_stop_stops_before_its_next_poll(monkeypatch: pytest.Monk
     assert len(read) == 1 and len(broker.polls) == 1 and broker.closed
 
 
+@pytest.mark.parametrize("stopped_first", [True, False])
+def test_a_broker_error_of_a_call_under_way_when_the_stop_came_is_the_stops(
+    monkeypatch: pytest.MonkeyPatch, stopped_first: bool
+) -> None:
+    """The stop came while the listing waited on the broker, which then answered with an error: the read, stopped
+    anyway, is the stop's (ReadStopRequested, an INFO at the services' stop), not the broker's (a WARNING, as though
+    something was lost). The same error with no stop asked stays the broker's."""
+    stop = threading.Event()
+    refused = KafkaException(KafkaError(KafkaError._TRANSPORT, "all brokers down"))
+
+    class Reader:
+        closed = False
+
+        def list_topics(self, topic: str, timeout: float) -> None:
+            if stopped_first:
+                stop.set()  # SIGTERM while the broker answers
+            raise refused
+
+        def close(self) -> None:
+            self.closed = True
+
+    reader = Reader()
+    monkeypatch.setattr(kafka_clients, "consumer", lambda *_a, **_k: reader)
+    expected = control_topics.ReadStopRequested if stopped_first else KafkaException
+    with pytest.raises(expected) as got:
+        control_topics.read_control_topics(Settings(), lambda *_a: None, timeout_s=20.0, specs=(RULES,), stop=stop)
+    assert type(got.value) is expected
+    assert (got.value.__cause__ if stopped_first else got.value) is refused
+    assert reader.closed
+
+
 def test_without_a_deadline_each_metadata_call_has_its_own_timeout_as_before(monkeypatch: pytest.MonkeyPatch) -> None:
     """Existing callers (no ``deadline``, no ``stop``) read as they did: 3 s per call, 15 s of calls within 5 s
     timeouts, to the end."""
