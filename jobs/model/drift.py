@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -588,6 +588,14 @@ class DriftEpisodes:
         """The versions whose episodes changed since the last call (``None``: none open any more), for state."""
         changed, self._changed = self._changed, {}
         return changed
+
+    def keep_only(self, versions: Collection[str]) -> None:
+        """Forget the episodes of every version not in ``versions`` (the champion and challenger: the versions that
+        may report again, a rollback's too), each a change to ``None``, so the checkpoint forgets it as well: a
+        retired version's open episodes stayed in state for ever."""
+        for version in [v for v in self.open if v not in versions]:
+            del self.open[version]
+            self._changed[version] = None
 
     def alert(self, report: ModelDriftRecord) -> AlertAvro | None:
         """The report's alert: where a figure crossed the setting (or is due a reminder), else None."""

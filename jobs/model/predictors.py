@@ -141,7 +141,9 @@ class ScoringModels(Predictor):
     feature matrix once for the local champion, the challenger and the drift monitor, and give each
     result the challenger's score beside the champion's. Only the champion's score decides.
     ``drift`` (a :class:`jobs.model.drift.DriftMonitor` factory) watches the local champion's inputs
-    and scores per event-time hour; its finished hourly reports wait in :meth:`drain_reports`.
+    and scores per event-time hour; its finished hourly reports wait in :meth:`drain_reports`, which also drops the
+    drift episodes of a version no longer champion nor challenger (after its last reports): kept, a retired version's
+    stayed in the job's state for ever.
     """
 
     def __init__(
@@ -174,6 +176,10 @@ class ScoringModels(Predictor):
         self._tallies: list[Any] = []
         self._challenger_failing: set[str] = set()
         """Challenger versions whose last batch failed to score: warned about once, until one scores again."""
+        self._roles: frozenset[str] | None = None
+        """The champion's and the challenger's versions as of the last batch (None: no batch yet)."""
+        self._episodes_of: frozenset[str] | None = None
+        """The roles the drift episodes were last trimmed to (None: not since the start or a restore)."""
 
     @property
     def model(self) -> LocalModel | None:
@@ -195,6 +201,7 @@ class ScoringModels(Predictor):
         self._pending = None  # a batch that was never settled failed: it is being decided again
         self.registry.refresh()
         champion, challenger = self.registry.champion, self.registry.challenger
+        self._roles = frozenset(m.version for m in (champion, challenger) if m is not None)
         monitor = self._monitor(champion)
         t0 = time.perf_counter()
         local = self.remote is None and champion is not None
@@ -264,10 +271,16 @@ class ScoringModels(Predictor):
         from jobs.model.drift import with_alerts
 
         reports, self._reports = self._reports, []
-        return with_alerts(reports, self.episodes)
+        alerted = with_alerts(reports, self.episodes)
+        if self._roles is not None and self._roles != self._episodes_of:
+            # once the reports are in (a retired champion's last hours among them): its episodes go, and from state
+            self.episodes.keep_only(self._roles)
+            self._episodes_of = self._roles
+        return alerted
 
     def restore_drift(self, episodes: dict[str, Any]) -> None:
         self.episodes.restore(episodes)
+        self._episodes_of = None  # a checkpoint may keep the episodes of versions retired since
 
     def drain_drift_changes(self) -> dict[str, Any]:
         return self.episodes.drain_changes()

@@ -864,3 +864,42 @@ def test_a_drift_still_past_the_setting_is_reminded_after_the_reminder_interval(
     never = _settings(tmp_path, drift_remind_hours=0)
     _, alerts, _ = _drifting_hours(Scorer(never, predictor=make_predictor(never)), range(7))
     assert len(alerts) == 1
+
+
+@pytest.mark.parametrize("retire", [True, False])
+def test_a_retired_models_open_drift_episodes_leave_the_jobs_state_and_a_challengers_stay(tmp_path, retire):
+    """A champion drifting when it was promoted away kept its open episodes in the job's state (``drift_episodes``) for
+    ever, one entry per version retired. Once it is neither champion nor challenger they are removed, written as
+    ``None`` so the checkpoint forgets them; kept as challenger (``promote`` without ``--retire``), a rollback may
+    bring it back, and they stay."""
+    champ, chal = _models(tmp_path)
+    settings = _settings(tmp_path)
+    predictor = make_predictor(settings)
+    assert isinstance(predictor, ScoringModels)
+    scorer = Scorer(settings, predictor=predictor)
+    _, alerts, writes = _drifting_hours(scorer, range(3))
+    assert len(alerts) == 1 and {key for _, key, value in writes if value} == {champ}
+    write_pointer(tmp_path, CURRENT, chal)  # promote, the old champion retired or kept as challenger
+    write_pointer(tmp_path, CHALLENGER, None if retire else champ)
+    assert predictor.registry.refresh(force=True)
+    _, alerts, writes = _drifting_hours(scorer, range(3, 5))
+    assert alerts == [], "the old champion's last hours are no new episode"
+    if retire:
+        assert ("drift_episodes", champ, None) in writes, writes
+        assert champ not in predictor.episodes.open
+    else:
+        assert [w for w in writes if w[1] == champ and w[2] is None] == []
+        assert champ in predictor.episodes.open
+
+
+def test_a_retired_models_drift_episodes_restored_from_a_checkpoint_leave_the_jobs_state(tmp_path):
+    """A checkpoint taken before a version was retired brought its episodes back at every restart: they are removed
+    at the first batch, once the job knows the roles."""
+    champ, _ = _models(tmp_path)
+    settings = _settings(tmp_path)
+    predictor = make_predictor(settings)
+    assert isinstance(predictor, ScoringModels)
+    predictor.restore_drift({"gbm-retired": {"score": [T0, T0]}})
+    _, _, writes = _drifting_hours(Scorer(settings, predictor=predictor), range(2))
+    assert ("drift_episodes", "gbm-retired", None) in writes
+    assert set(predictor.episodes.open) <= {champ}
