@@ -17,6 +17,12 @@ a forgotten subject's embeddings stayed readable from offset 0 meanwhile. With s
 compaction lag of at most a day, a superseded record is gone within about a day, provided the topic is written
 to: a segment rolls only on a write, so the service that owns the topic appends :data:`COMPACTION_MARKER`."""
 
+GONE_WITHIN_RETENTION = {"segment.ms": str(HOUR_MS)}
+"""For a topic deleted by age whose records hold face embeddings: Kafka deletes a segment only once its newest record
+is past ``retention.ms``, so with the default ``segment.ms`` (7 days) a segment written to every day (a store open
+daily) kept each embedding in it for up to 7 days past its retention. With segments of an hour a record goes at most
+about an hour after its retention. Enforced on an existing topic with its ``retention.ms``."""
+
 COMPACTION_MARKER = b"compaction-marker"
 """Key of the tombstone the owner of a :data:`FORGET_WITHIN_A_DAY` topic appends once per ``segment.ms``
 (:func:`marker_due`): on a quiet topic the forget's own tombstone sat in the open segment, so the forgotten
@@ -61,7 +67,8 @@ FACE_OBSERVATIONS = TopicSpec(
     "face_observations",
     "FaceObservation",
     key="camera serial",
-    config={"retention.ms": str(1 * DAY_MS)},
+    config={"retention.ms": str(1 * DAY_MS), **GONE_WITHIN_RETENTION},
+    enforced=("retention.ms", *GONE_WITHIN_RETENTION),
 )
 SCORED_TRANSACTIONS = TopicSpec(
     "processed_transactions",
@@ -111,6 +118,8 @@ DEAD_LETTERS = TopicSpec(
     "dead_letters",
     "DeadLetter",
     key="<topic>:<partition>:<offset> of the bad input",
+    config=dict(GONE_WITHIN_RETENTION),
+    enforced=tuple(GONE_WITHIN_RETENTION),
 )
 """Its retention is a setting (``KafkaSettings.dead_letter_retention_days``): the bad inputs' bytes hold
 names, e-mails and addresses, and a refused face observation's or watchlist entry's face embeddings (``forget``

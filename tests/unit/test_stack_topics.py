@@ -13,7 +13,7 @@ from confluent_kafka import KafkaError
 
 from infra import stack
 from infra.settings import Settings
-from schemas.topics import ALL_TOPICS, RULES
+from schemas.topics import ALL_TOPICS, DAY_MS, DEAD_LETTERS, FACE_OBSERVATIONS, HOUR_MS, RULES
 from tests.builders import partitions_led
 
 
@@ -41,6 +41,7 @@ class Admin:
         )
         self.created: list[str] = []
         self.described: list[str] = []
+        self.altered: dict[str, dict[str, str]] = {}
 
     def list_topics(self, topic: str | None = None, timeout: float = -1) -> Any:
         return SimpleNamespace(topics=self.topics, brokers={1: None})
@@ -50,6 +51,8 @@ class Admin:
         return {t.topic: _done() for t in topics}
 
     def incremental_alter_configs(self, resources: list[Any]) -> dict[Any, Future]:
+        for r in resources:
+            self.altered.setdefault(r.name, {}).update({e.name: e.value for e in r.incremental_configs})
         return {r: _done() for r in resources}
 
     def describe_configs(self, resources: list[Any]) -> dict[Any, Future]:
@@ -141,3 +144,20 @@ def test_status_reports_a_topic_with_a_partition_without_a_leader_as_unhealthy_n
     }[answer]
     assert state["topics"]["unavailable"] == {rules: words} and not state["healthy"]
     assert state["topics"]["missing"] == [] and state["topics"]["present"] == len(ALL_TOPICS)
+
+
+def test_face_embeddings_on_topics_deleted_by_age_go_within_about_an_hour_of_their_retention(
+    tmp_path: Path, admin: Admin
+) -> None:
+    """Kafka deletes a segment only once its newest record is past ``retention.ms``: with the default 7-day
+    ``segment.ms``, a ``face_observations`` segment written to every day kept each embedding in it for up to 8 days,
+    not the 1 d the topic table gives, and a refused embedding in ``dead_letters`` up to 14. Hour segments, also
+    set on topics that exist already."""
+    settings = _settings(tmp_path)
+    stack.ensure_topics(settings)
+    for spec in (FACE_OBSERVATIONS, DEAD_LETTERS):
+        assert int(spec.config["segment.ms"]) <= HOUR_MS, spec.name
+        assert admin.altered[spec.full_name("")]["segment.ms"] == str(HOUR_MS), spec.name
+    assert admin.altered[FACE_OBSERVATIONS.full_name("")]["retention.ms"] == str(DAY_MS)
+    dead_letter_retention = str(int(settings.kafka.dead_letter_retention_days * DAY_MS))
+    assert admin.altered[DEAD_LETTERS.full_name("")]["retention.ms"] == dead_letter_retention
