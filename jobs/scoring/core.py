@@ -409,14 +409,17 @@ class DecisionCore:
         broadcast state that the topic no longer holds, for the operator to remove. A checkpoint or savepoint
         taken before a ``forget`` and restored after compaction took the tombstone away (about a day) carried
         the forgotten subject's entry, embeddings and all, into every later checkpoint, and a start whose read
-        failed matched the subject again from it. ``[]`` without a read (the broadcast state is then in force)
-        and after the first call."""
+        failed matched the subject again from it. Such a subject was forgotten while the job was away: the buyer
+        face on its enrolment receipt goes too, as for a tombstone read. ``[]`` without a read (the broadcast state
+        is then in force) and after the first call."""
         if not self.broadcast_check_due():
             return []
         self._broadcast_checked = True
         watchlist = self.watchlist
         assert watchlist is not None  # broadcast_check_due
-        return [key for key in keys if key.startswith("wl:") and watchlist.category(key[3:]) is None]
+        stale = [key for key in keys if key.startswith("wl:") and watchlist.category(key[3:]) is None]
+        self.forgotten.extend(key[3:] for key in stale)
+        return stale
 
     def _check_broadcast(self, key: str, value: Any) -> None:
         """A watchlist entry the job can use under its key (see :func:`check_entry`), or :class:`InvalidRecord`:

@@ -844,6 +844,22 @@ def test_a_subject_forgotten_while_a_restored_checkpoint_held_it_leaves_the_broa
     assert failed.stale_broadcast(list(restored)) == [], "without a start-up read the broadcast state is in force"
 
 
+def test_a_subject_forgotten_while_the_job_was_away_loses_the_buyer_face_on_its_enrolment_receipt():
+    """``forget subj-x`` made while the job was stopped, restored once compaction had removed the tombstone: the
+    start-up read no longer has subj-x and its entry left the broadcast state, but the buyer face on receipt ``x``
+    (the face enrolled) stayed in the keyed state until its retention, as if nobody had been forgotten."""
+    restored = {"wl:subj-x": codec("WatchlistEntry").decode(watch_entry("subj-x", BUYER_FACE))}
+    core = DecisionCore(settings(bootstrap_control=True), watchlist=Watchlist(), clock=clock)
+    core.bootstrap(lambda s, apply: {(WATCH_TOPIC, 0): 7})  # the compacted topic: subj-x's records are gone
+    core.restore({}, restored)
+    core.on_records([tx_record(sale("x")), face_record("x", embedding=BUYER_FACE)], NOW)
+    assert core.state.receipts["x"].sale_face == tuple(BUYER_FACE)
+    assert core.stale_broadcast(list(restored)) == ["wl:subj-x"]
+    step = core.on_records([], NOW + 1000)  # keyed state changes at the next keyed call
+    assert core.state.receipts["x"].sale_face is None
+    assert step.writes[RECEIPTS]["x"].sale_face is None
+
+
 def test_the_broadcast_step_removes_a_restored_entry_the_start_up_read_no_longer_has():
     """The operators' wiring (``jobs.flink.steps._control``, as ``DecideStep`` does): the first rules or watchlist
     record after the start (the watchlist service's hourly compaction marker at least) takes it out."""
