@@ -264,9 +264,9 @@ class DecideShards(KeyedBroadcastProcessFunction):
         self.restored = self.core.bootstrapped is not None
         self.heap = FrozenState()
         self.forgets: dict[str, set[str]] = {}
-        """``forget subj-<tx>`` per shard, applied at that shard's next batch (kept in memory: after a
-        restart the start-up read of the watchlist topic no longer has the subject, and the face goes with
-        its retention)."""
+        """Forgotten subjects per shard, applied at that shard's next batch: every shard, since a later sale
+        matched to the subject is filed under its own receipt's shard (kept in memory: after a restart the
+        start-up read of the watchlist topic no longer has the subject, and the faces go with their retention)."""
         self.metrics = _metrics(self.settings, runtime_context)
 
     def process_element(self, batch: Any, ctx: KeyedBroadcastProcessFunction.ReadOnlyContext):
@@ -277,11 +277,11 @@ class DecideShards(KeyedBroadcastProcessFunction):
         self.core.count_face_waits(m.payload for m in messages)  # measured by gather's join, reported here
         step = self.shards.current(shard)
         for subject in self.core.forgotten:  # queued by shard: only the current key's state is writable
-            tx_id = subject.removeprefix("subj-")
-            self.forgets.setdefault(str(shard_of(tx_id, self.count)), set()).add(tx_id)
+            for each in range(self.count):
+                self.forgets.setdefault(str(each), set()).add(subject)
         self.core.forgotten = []
-        for tx_id in self.forgets.pop(shard, ()):  # a shard of another slot: its entry stays, a few ids
-            step.forget(tx_id)
+        for subject in self.forgets.pop(shard, ()):  # a shard of another slot: its entry stays, a few ids
+            step.forget(subject)
         out = OutputBatch()
         for start in range(0, len(messages), self.batch_size):
             for topic, key, value in decide_chunk(step, messages[start : start + self.batch_size], self.core.scorer):

@@ -442,15 +442,12 @@ class DecisionCore:
                 self.watchlist.upsert(value)
 
     def _forget_faces(self) -> None:
-        """``forget subj-<tx>`` also drops that transaction's buyer face from its receipt (keyed
-        state is only reachable on the keyed side, hence the queue)."""
+        """``forget subj-<tx>`` also drops the subject's buyer faces: that transaction's, and those matched to the
+        subject at later sales (keyed state is only reachable on the keyed side, hence the queue)."""
         while self.forgotten:
             subject = self.forgotten.pop()
-            tx_id = subject.removeprefix("subj-")
-            receipt = self.state.receipts.get(tx_id) if self.state else None
-            if receipt is not None and receipt.sale_face is not None:
-                receipt.sale_face = None
-                self._persist([(RECEIPTS, tx_id, receipt)])
+            if self.state is not None:
+                self._persist(self.state.forget_subject(subject))
 
     # --- decisions -------------------------------------------------------------------------------
     def count_face_waits(self, ready: Iterable[Ready]) -> None:

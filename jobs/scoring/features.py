@@ -168,6 +168,9 @@ class Receipt:
     sale_face: tuple[float, ...] | None = None
     """The buyer's face embedding from the checkout snapshot (biometric: dropped after
     ``rules.receipt_face_retention_hours``, or by ``forget``)."""
+    face_subject: str | None = None
+    """The watch-listed subject :attr:`sale_face` was matched to at the sale, if any: a ``forget`` of that subject
+    drops the face too (:meth:`ScoringState.forget_subject`), not only the one on its enrolment receipt."""
     currency: str | None = None
     """The sale's currency; ``None`` in a receipt restored from a job older than this field (compared raw)."""
     opened: int = 0

@@ -579,12 +579,14 @@ class DecideStep(_Keyed):
             self._put(BUYER_FACES, key, None)
         return gone
 
-    def forget(self, tx_id: str) -> bool:
-        """``forget subj-<tx>``: that sale's buyer face goes."""
-        if self.faces.receipts.pop(tx_id, None) is None:
-            return False
-        self._put(BUYER_FACES, tx_id, None)
-        return True
+    def forget(self, subject_id: str) -> bool:
+        """``forget subj-<tx>``: that sale's buyer face goes, and those matched to the subject at later sales that
+        this shard holds (:meth:`ScoringState.forget_subject`). Whether any went."""
+        gone = [key for _, key, _ in self.faces.forget_subject(subject_id)]
+        for key in gone:
+            self.faces.receipts.pop(key, None)
+            self._put(BUYER_FACES, key, None)
+        return bool(gone)
 
 
 class _Shard:
@@ -645,9 +647,9 @@ class PartitionedCore:
         return outputs
 
     def forget(self, subject_id: str) -> bool:
-        """A watchlist tombstone for ``subj-<tx>``: that sale's buyer face goes, from whichever slot holds it."""
-        tx_id = subject_id.removeprefix("subj-")
-        return self.slots[shard_of(tx_id, self.shards)].decide.forget(tx_id)
+        """A watchlist tombstone for ``subj-<tx>``: the subject's buyer faces go, from every slot (a later sale
+        matched to the subject is filed under its own receipt's shard)."""
+        return any([slot.decide.forget(subject_id) for slot in self.slots])
 
     def on_timer(self, now_ms: int) -> list[OutRow]:
         outputs: list[OutRow] = []

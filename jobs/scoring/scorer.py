@@ -126,6 +126,24 @@ class ScoringState:
             receipt = self.receipts.get(key)
             if receipt is not None and receipt.sale_face is not None and receipt.event_time < now_ms - retention_ms:
                 receipt.sale_face = None
+                receipt.face_subject = None
+                changed.append((RECEIPTS, key, receipt))
+        return changed
+
+    def forget_subject(self, subject_id: str) -> list[Write]:
+        """Drop every buyer face of a forgotten subject: the one on its enrolment sale's receipt (``subj-<tx>``) and
+        those matched to it at later sales (:attr:`Receipt.face_subject`); the receipts stay. Looks only at the
+        receipts that still hold a face (:attr:`face_order`, bounded by the face retention): a forget is rare. The
+        changed receipts' writes."""
+        changed: list[Write] = []
+        enrolled = subject_id.removeprefix("subj-")
+        for key in dict.fromkeys([enrolled, *(key for _, key in self.face_order)]):
+            receipt = self.receipts.get(key)
+            if receipt is None or receipt.sale_face is None:
+                continue
+            if key == enrolled or receipt.face_subject == subject_id:
+                receipt.sale_face = None
+                receipt.face_subject = None
                 changed.append((RECEIPTS, key, receipt))
         return changed
 
@@ -499,6 +517,7 @@ class Scorer:
             if receipt.sale_face is None:
                 state.face_order.append((receipt.event_time, rk))
             receipt.sale_face = camera.embedding
+            receipt.face_subject = camera.face.subject_id if camera.face.status == "MATCHED" else None
             return [(RECEIPTS, rk, receipt)]
         face = receipt.sale_face
         if tx["kind"] == "RETURN" and face is not None and receipt.event_time >= kept_since:

@@ -453,6 +453,25 @@ def test_watchlist_tombstone_forgets_the_subject_and_the_buyer_face_on_that_rece
     assert core.state.receipts["t1"].sale_face is None
 
 
+def test_a_forget_drops_the_subjects_faces_matched_at_later_sales_and_keeps_other_buyers_faces():
+    """subj-t1 enrolled from sale t1, then seen buying t2 (matched) beside a stranger's sale t3: before, the forget
+    dropped the face on t1 only, and t2's kept the forgotten person's face until the 72 h face retention."""
+    watchlist = Watchlist(settings())
+    core = make_core(watchlist)
+    core.on_records([tx_record(sale("t1")), face_record("t1", embedding=BUYER_FACE)], NOW)
+    core.on_control(WATCH_TOPIC, b"subj-t1", watch_entry("subj-t1", BUYER_FACE), 0, 1)
+    later = [tx_record(sale("t2", at_s=60, card="card-B")), face_record("t2", embedding=BUYER_FACE)]
+    stranger = [tx_record(sale("t3", at_s=90, card="card-C")), face_record("t3", embedding=SUSPECT_FACE)]
+    core.on_records([*later, *stranger], NOW + 500)
+    assert core.state.receipts["t2"].sale_face == tuple(BUYER_FACE)
+
+    core.on_control(WATCH_TOPIC, b"subj-t1", None, 0, 2)
+    step = core.on_records([], NOW + 1000)
+    assert {key for key, r in step.writes[RECEIPTS].items() if r.sale_face is None} == {"t1", "t2"}
+    assert core.state.receipts["t2"].sale_face is None and core.state.receipts["t1"].sale_face is None
+    assert core.state.receipts["t3"].sale_face == tuple(SUSPECT_FACE)
+
+
 def test_watchlist_entry_is_kept_in_broadcast_state_for_restores():
     core = make_core()
     control = core.on_control(WATCH_TOPIC, b"subj-9", watch_entry("subj-9", SUSPECT_FACE), 0, 0)

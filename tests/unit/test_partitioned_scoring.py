@@ -447,6 +447,23 @@ def test_forget_drops_the_buyer_face_so_a_later_return_is_not_compared():
     assert "buyer_face_similarity" not in _scored(rows)["r1"]["indicators"]
 
 
+def test_forget_drops_the_subjects_face_matched_at_a_later_sale_in_another_shard():
+    """The subject's later sale is filed under its own receipt's shard: before, the forget went to the enrolment
+    sale's shard only, and the later face stayed until its retention."""
+    s = settings()
+    rng = np.random.default_rng(6)
+    buyer = _face(rng)
+    shards = 4
+    later = next(f"s{i}" for i in range(2, 99) if shard_of(f"s{i}", shards) != shard_of("s1", shards))
+    core = PartitionedCore(s, shards, watchlist=_watchlist(s, buyer), clock=_clock)  # subj-1: this buyer
+    core.on_records([_tx(sale("s1")), _obs("s1", T0, buyer, 1)], NOW)
+    core.on_records([_tx(sale(later, at_s=60, card="card-B")), _obs(later, T0 + 60_000, buyer, 2)], NOW + 1000)
+    holder = core.slots[shard_of(later, shards)].decide.faces.receipts
+    assert holder[later].sale_face == tuple(buyer)
+    assert core.forget("subj-1")
+    assert later not in holder
+
+
 def test_steps_restored_from_their_written_changes_after_every_batch_decide_as_if_never_stopped():
     """What the Flink operator relies on: each step's flushed changes, written to MapState and read back at a
     restore, are its whole state (a restart after any batch changes no decision)."""
