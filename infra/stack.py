@@ -990,7 +990,8 @@ def _start_mosquitto(settings: Settings, paths: StackPaths, ep: Endpoints) -> su
 
 
 def _start_smtp(settings: Settings, paths: StackPaths, ep: Endpoints) -> subprocess.Popen:
-    """aiosmtpd in its own Python process (infra/local/smtp.py): mails land in <stack dir>/mail/*.eml."""
+    """aiosmtpd in its own Python process (infra/local/smtp.py): mails land in <stack dir>/mail/*.eml, and are
+    deleted as alert snapshots are (their retention, checked at the image store purge's interval)."""
     mail = local_smtp.mail_dir(paths.root)
     mail.mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -1002,6 +1003,8 @@ def _start_smtp(settings: Settings, paths: StackPaths, ep: Endpoints) -> subproc
         ep.bind_host,
         "--port",
         str(ep.smtp_port),
+        f"--keep-days={settings.faces.alert_snapshot_retention_days}",
+        f"--purge-every-s={settings.faces.retention_purge_interval_s}",
     ]
     env = _base_env(settings) | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     return _spawn("smtp", paths, cmd, env, cwd=paths.root)

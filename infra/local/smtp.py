@@ -13,6 +13,11 @@ and not stored.
 
 It does not relay anywhere: it is the local stand-in for a company relay. ``infra.stack up`` starts it
 as ``python -m infra.local.smtp --host H --port P --mail-dir D`` (port from ``CG_SMTP__PORT``, default 2525).
+
+Alert mails carry the alert's snapshot (a face), so the server keeps them no longer than the image store keeps
+an alert snapshot: a kept mail is deleted ``CG_FACES__ALERT_SNAPSHOT_RETENTION_DAYS`` after it was accepted,
+checked at start and every ``CG_FACES__RETENTION_PURGE_INTERVAL_S``, the image store purge's cadence
+(:func:`purge_mails`).
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ import typer
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from infra.durable import replace_durably
+from infra.durable import fsync_dir, replace_durably
+from infra.settings import Settings
 
 
 def mail_dir(stack_dir: Path) -> Path:
@@ -94,6 +100,32 @@ def read_mails(directory: Path) -> list[EmailMessage]:
     return out
 
 
+def purge_mails(directory: Path, keep_s: float, now: float | None = None) -> int:
+    """Delete the kept mails accepted more than ``keep_s`` before ``now`` (by the file's time, set when it was
+    accepted): an alert mail holds its snapshot, a face, which must not outlive the alert snapshot's retention.
+    The folder is synced after a delete, so a power cut does not bring a mail back. How many went."""
+    cutoff = (time.time() if now is None else now) - keep_s
+    gone = 0
+    for path in directory.glob("*.eml"):
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                gone += 1
+    if gone:
+        fsync_dir(directory)
+    return gone
+
+
+async def keep_purging(directory: Path, keep_s: float, every_s: float, stop: asyncio.Event) -> None:
+    """:func:`purge_mails` now and every ``every_s`` until ``stop``: the running server enforces the retention."""
+    while not stop.is_set():
+        gone = await asyncio.to_thread(purge_mails, directory, keep_s)
+        if gone:
+            print(f"local SMTP server: deleted {gone} mail(s) past their retention", flush=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
+
+
 def healthy(host: str, port: int, timeout: float = 2.0) -> bool:
     """A real SMTP exchange: greeting, NOOP answered 250, QUIT."""
     try:
@@ -103,8 +135,8 @@ def healthy(host: str, port: int, timeout: float = 2.0) -> bool:
         return False
 
 
-def serve(host: str, port: int, directory: Path, latency_s: float = 0.0) -> None:
-    """Run until SIGTERM/SIGINT."""
+def serve(host: str, port: int, directory: Path, keep_s: float, purge_every_s: float, latency_s: float = 0.0) -> None:
+    """Run until SIGTERM/SIGINT, deleting mails older than ``keep_s`` every ``purge_every_s``."""
     controller = Controller(
         FileStore(directory, latency_s), hostname=host, port=port, data_size_limit=25 * 1024 * 1024, ready_timeout=30
     )
@@ -115,7 +147,7 @@ def serve(host: str, port: int, directory: Path, latency_s: float = 0.0) -> None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        loop.run_until_complete(stop.wait())
+        loop.run_until_complete(keep_purging(directory, keep_s, purge_every_s, stop))
     finally:
         with contextlib.suppress(Exception):
             controller.stop()
@@ -128,9 +160,19 @@ def main(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 2525,
     latency_ms: Annotated[float, typer.Option(help="Delay before accepting each mail (benchmarks).")] = 0.0,
+    keep_days: Annotated[
+        float | None,
+        typer.Option(help="Delete mails this long after acceptance (default: alert snapshots' retention)."),
+    ] = None,
+    purge_every_s: Annotated[
+        float | None, typer.Option(help="How often to delete them (default: the image store purge's interval).")
+    ] = None,
 ) -> None:
-    """Serve SMTP and keep every accepted mail as an .eml file."""
-    serve(host, port, mail_dir, latency_ms / 1000)
+    """Serve SMTP and keep every accepted mail as an .eml file, for as long as an alert snapshot is kept."""
+    faces = Settings().faces
+    days = faces.alert_snapshot_retention_days if keep_days is None else keep_days
+    every = faces.retention_purge_interval_s if purge_every_s is None else purge_every_s
+    serve(host, port, mail_dir, days * 86_400, every, latency_ms / 1000)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,65 @@
+"""The local SMTP stand-in keeps alert mails, snapshots attached, no longer than an alert snapshot is kept."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+from infra.local.smtp import keep_purging, purge_mails
+from infra.settings import Settings
+
+DAY_S = 86_400
+
+
+def _mail(folder: Path, name: str, age_s: float) -> Path:
+    path = folder / f"{name}.eml"
+    path.write_bytes(b"Subject: alert\r\n\r\nsnapshot attached\r\n")
+    accepted = time.time() - age_s
+    os.utime(path, (accepted, accepted))
+    return path
+
+
+def test_mails_older_than_the_alert_snapshot_retention_are_deleted_and_younger_ones_kept(tmp_path: Path) -> None:
+    keep_s = Settings().faces.alert_snapshot_retention_days * DAY_S
+    old = _mail(tmp_path, "old", keep_s + 60)
+    young = _mail(tmp_path, "young", keep_s - 60)
+    (tmp_path / "duplicates.log").write_text("1 <a@checkout-guard>\n")
+    assert purge_mails(tmp_path, keep_s) == 1
+    assert not old.exists() and young.exists() and (tmp_path / "duplicates.log").exists()
+
+
+def test_the_running_server_purges_at_start_and_again_at_each_interval(tmp_path: Path) -> None:
+    """Before, the stand-in kept every mail, and its snapshot, until the stack was reset."""
+    keep_s = 2 * DAY_S
+    first = _mail(tmp_path, "first", 3 * DAY_S)
+
+    async def run() -> tuple[bool, bool]:
+        stop = asyncio.Event()
+        task = asyncio.create_task(keep_purging(tmp_path, keep_s, 0.05, stop))
+        await asyncio.sleep(0.02)
+        gone_at_start = not first.exists()
+        later = _mail(tmp_path, "later", 3 * DAY_S)  # past its retention while the server runs
+        await asyncio.sleep(0.2)
+        stop.set()
+        await asyncio.wait_for(task, 2)
+        return gone_at_start, not later.exists()
+
+    assert asyncio.run(run()) == (True, True)
+
+
+def test_the_stack_starts_the_server_with_the_alert_snapshot_retention_and_the_purge_interval(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import infra.stack as stack
+
+    started: list[list[str]] = []
+    monkeypatch.setattr(stack, "_base_env", lambda settings: {})
+    monkeypatch.setattr(stack, "_spawn", lambda svc, paths, cmd, env, cwd: started.append(cmd))
+    settings = Settings(
+        stack_dir=tmp_path, faces={"alert_snapshot_retention_days": 5, "retention_purge_interval_s": 60}
+    )  # type: ignore[arg-type]
+    stack._start_smtp(settings, stack.StackPaths.of(settings), stack.Endpoints.of(settings))
+    [cmd] = started
+    assert "--keep-days=5.0" in cmd and "--purge-every-s=60.0" in cmd
