@@ -18,6 +18,7 @@ lines :class:`QuietClientBodies` leaves out.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import sys
@@ -53,6 +54,22 @@ def redact(text: str) -> str:
     for pattern in _SECRETS:
         text = pattern.sub(rf"\g<1>{REDACTED}", text)
     return text
+
+
+_ADDRESS = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[A-Za-z0-9][\w-]*(?:\.[\w-]+)*")
+"""An e-mail address within free text (an SMTP server's answer)."""
+
+
+def person_tag(person: str) -> str:
+    """How a log line names a person (a login, an e-mail address) instead of the address itself: ``person-`` and
+    the first 8 hex digits of the SHA-256 of the name, trimmed and lower-cased. Stable across processes and
+    restarts, so one person's lines can be followed; audit records keep the name itself."""
+    return "person-" + hashlib.sha256(person.strip().lower().encode()).hexdigest()[:8]
+
+
+def tag_addresses(text: str) -> str:
+    """``text`` with every e-mail address in it replaced by its :func:`person_tag`."""
+    return _ADDRESS.sub(lambda match: person_tag(match.group(0)), text)
 
 
 class RedactSecrets(logging.Filter):

@@ -22,6 +22,7 @@ from email.header import Header
 from email.utils import formataddr, formatdate, parseaddr
 from typing import Any, Protocol
 
+from infra.logs import tag_addresses
 from infra.settings import SmtpSettings
 from schemas.errors import CheckoutGuardError
 from schemas.images import image_label
@@ -221,7 +222,9 @@ class SmtpMailer:
             raise MailError(f"SMTP recipients refused ({codes})", retriable=retriable, down=down) from exc
         except (smtplib.SMTPException, OSError) as exc:
             self._drop()
-            raise MailError(f"SMTP {type(exc).__name__}: {exc}"[:300], down=smtp_unavailable(exc)) from exc
+            raise MailError(
+                tag_addresses(f"SMTP {type(exc).__name__}: {exc}")[:300], down=smtp_unavailable(exc)
+            ) from exc
 
     def _remember(self, message_id: str, accepted: set[str], refused: dict[str, tuple[int, bytes]]) -> dict[str, int]:
         """Add this try's accepting recipients and those refused for good (5xx) to what is known of the mail; all
@@ -353,4 +356,6 @@ class SesMailer:
 
 
 def _text(value: bytes | str) -> str:
-    return (value.decode(errors="replace") if isinstance(value, bytes) else str(value))[:200]
+    """An SMTP server's answer, cut short, each address it quotes (``<jane@store.test>: mailbox full``) named by
+    its :func:`tag_addresses` tag: the answer goes into logs and dead-letter reasons."""
+    return tag_addresses(value.decode(errors="replace") if isinstance(value, bytes) else str(value))[:200]

@@ -40,6 +40,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from infra.clients.commands import CommandPublishError, Headers, KafkaCommandPublisher, signed_headers
+from infra.logs import person_tag
 from infra.settings import Settings
 from schemas.errors import InvalidRecord
 from schemas.identifiers import check_case_id
@@ -296,7 +297,9 @@ class CaseRoutes:
             return _unavailable(exc)
         except CommandPublishError as exc:
             return _error(503, f"the verdict was not recorded: {exc}")
-        log.info("%s %s by %s from the dashboard (command %s)", command.verb, case_id, person, command.command_id)
+        log.info(
+            "%s %s by %s from the dashboard (command %s)", command.verb, case_id, person_tag(person), command.command_id
+        )
         return JSONResponse({"command_id": command.command_id, "verb": command.verb.lower()}, status_code=202)
 
     def publisher(self, command: BotCommand, headers: Headers) -> None:

@@ -27,6 +27,7 @@ from infra.clients.webex import WebexClient, WebexError
 from infra.launcher import wait_for
 from infra.local.smtp import FileStore, read_mails
 from infra.local.webex import LocalWebexServer, free_port
+from infra.logs import person_tag
 from infra.settings import AlertSettings, Settings, SmtpSettings, WebexSettings
 from sinks.alerts.mail import SesMailer, SmtpMailer, build_email
 from sinks.alerts.message import describe
@@ -702,6 +703,30 @@ class BusyRelay:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
         self.delivered.append(list(envelope.rcpt_tos))
         return "250 OK"
+
+
+class QuotingRelay:
+    """A relay that refuses every mail for good, its answer quoting a recipient's address, as Postfix's do."""
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        return f"554 5.7.1 <{envelope.rcpt_tos[0]}>: Recipient address rejected: Access denied"
+
+
+def test_an_smtp_answer_quoting_an_address_names_the_person_by_tag_in_the_reason(tmp_path: Path) -> None:
+    """The dead letter's reason (and the sender's log line) quoted the relay's answer whole, address and all."""
+    port = free_port()
+    controller = Controller(QuotingRelay(), hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        smtp = SmtpSettings(port=port, to_addresses="Jane.Doe@store.test")
+        channel = EmailChannel(Settings(stack_dir=tmp_path, smtp=smtp), SmtpMailer(smtp))
+        with closing(channel), pytest.raises(DeliveryError) as refused:
+            channel.send(alert(), None, maybe_sent=False)
+    finally:
+        controller.stop()
+    reason = refused.value.reason
+    assert not refused.value.retriable and "store.test" not in reason.lower()
+    assert f"SMTP 554 5.7.1 <{person_tag('jane.doe@store.test')}>: Recipient address rejected" in reason
 
 
 def test_a_mail_some_recipients_refused_is_a_failed_try_and_the_next_goes_to_them_only(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 from typing import Any
 
 import anyio
@@ -17,6 +18,7 @@ from pydantic import SecretStr
 from starlette.testclient import TestClient
 
 from infra.command_auth import authenticate_command
+from infra.logs import person_tag
 from infra.settings import DashboardSettings, Settings, WebexSettings
 from jobs.cases import core
 from jobs.cases.core import parse_case_command
@@ -389,6 +391,20 @@ def test_a_verdict_is_published_as_a_signed_command_the_case_service_accepts() -
     assert answer.json()["command_id"] == cmd.command_id
     assert (cmd.verb, cmd.argument, cmd.actor) == ("DISMISS", "case-0123456789ab other person", "guard@example.com")
     authenticate_command(cmd, headers, client.settings.webex, NOW)  # type: ignore[attr-defined]
+
+
+def test_a_verdict_s_log_line_names_the_person_by_tag_and_its_command_keeps_the_address(caplog) -> None:
+    """The log line said "DISMISS case-... by guard@example.com": an e-mail address in every log of the dashboard."""
+    client, published, _ = served()
+    with caplog.at_level(logging.INFO, logger="sinks.dashboard"):
+        answer = client.post(
+            "/api/cases/case-0123456789ab/verdict", json={"verb": "dismiss", "text": "x"}, headers=GUARD
+        )
+    assert answer.status_code == 202
+    assert "guard@example.com" not in caplog.text
+    assert f"by {person_tag('guard@example.com')} from the dashboard" in caplog.text
+    [(cmd, _)] = published
+    assert cmd.actor == "guard@example.com"  # the audit still names who decided
 
 
 def test_a_note_sent_twice_by_one_submission_is_one_command_the_case_service_applies_once() -> None:
