@@ -46,6 +46,7 @@ from jobs.scoring.partitioned import (
     STORE,
     DecideStep,
     Emit,
+    ForgetQueue,
     GatherStep,
     IdentityStep,
     ReceiptStep,
@@ -263,10 +264,9 @@ class DecideShards(KeyedBroadcastProcessFunction):
         self.batch_size = max(1, self.settings.job.batch_size)
         self.restored = self.core.bootstrapped is not None
         self.heap = FrozenState()
-        self.forgets: dict[str, set[str]] = {}
-        """Forgotten subjects per shard, applied at that shard's next batch: every shard, since a later sale
-        matched to the subject is filed under its own receipt's shard (kept in memory: after a restart the
-        start-up read of the watchlist topic no longer has the subject, and the faces go with their retention)."""
+        self.forgets = ForgetQueue(self.count, self.settings.rules.receipt_face_retention_hours * 3600)
+        """Kept in memory: after a restart the start-up read of the watchlist topic no longer has the subject,
+        and the faces go with their retention."""
         self.metrics = _metrics(self.settings, runtime_context)
 
     def process_element(self, batch: Any, ctx: KeyedBroadcastProcessFunction.ReadOnlyContext):
@@ -276,11 +276,10 @@ class DecideShards(KeyedBroadcastProcessFunction):
         shard, messages = unpack_batch(_as_bytes(batch))
         self.core.count_face_waits(m.payload for m in messages)  # measured by gather's join, reported here
         step = self.shards.current(shard)
-        for subject in self.core.forgotten:  # queued by shard: only the current key's state is writable
-            for each in range(self.count):
-                self.forgets.setdefault(str(each), set()).add(subject)
+        for subject in self.core.forgotten:
+            self.forgets.add(subject)
         self.core.forgotten = []
-        for subject in self.forgets.pop(shard, ()):  # a shard of another slot: its entry stays, a few ids
+        for subject in self.forgets.take(shard):
             step.forget(subject)
         out = OutputBatch()
         for start in range(0, len(messages), self.batch_size):

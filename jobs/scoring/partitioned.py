@@ -676,6 +676,35 @@ class PartitionedCore:
                 outputs += failed
 
 
+class ForgetQueue:
+    """Forgotten subjects waiting for each shard's next batch on this slot (only the current key's state is
+    writable): every shard, since a later sale matched to the subject sits under its own receipt's shard.
+
+    A slot sees only its own shards, and which those are Flink decides, so a forget is queued for all of them;
+    the entries of shards another slot owns are dropped once older than the buyer faces' retention (the faces
+    are gone by then anyway): kept for ever, they grew by one entry per shard at every forget."""
+
+    def __init__(self, shards: int, keep_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.shards, self.keep_s, self.clock = shards, keep_s, clock
+        self.queued: dict[str, dict[str, float]] = {}
+
+    def add(self, subject: str) -> None:
+        now = self.clock()
+        for each in range(self.shards):
+            self.queued.setdefault(str(each), {})[subject] = now
+
+    def take(self, shard: str) -> list[str]:
+        """The subjects queued for ``shard`` (now applied there), after dropping every entry past its time."""
+        horizon = self.clock() - self.keep_s
+        for key in list(self.queued):
+            entries = self.queued[key]
+            for subject in [s for s, at in entries.items() if at < horizon]:
+                del entries[subject]
+            if not entries:
+                del self.queued[key]
+        return sorted(self.queued.pop(shard, {}))
+
+
 def failure_letter_id(topic: str, step: str, tx: dict[str, Any]) -> str:
     """The id of ``tx``'s dead letter when ``step`` failed on it: ``<transactions topic>:<step>:<transaction
     id>@<partition>:<offset>`` (where its record was read), stable across replays of that record; a re-driven copy

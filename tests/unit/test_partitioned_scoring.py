@@ -968,3 +968,21 @@ def test_an_older_jobs_letter_of_a_late_face_named_after_its_decided_cash_sale_i
     unknown = failure_letter_id(TX, "decide", trimmed)
     assert unknown == f"{TX}:decide:t1@-1:-1" and failed_after_receipt(unknown, TX, "t1")
     assert failed_after_receipt(f"{TX}:store:t1", TX, "t1")
+
+
+def test_a_forget_queued_for_shards_another_slot_owns_is_dropped_after_the_face_retention():
+    """A slot sees only its own shards: the entries for the others were never taken, one more per shard at
+    every forget, for as long as the job ran."""
+    from jobs.scoring.partitioned import ForgetQueue
+
+    now = [0.0]
+    queue = ForgetQueue(4, keep_s=3600, clock=lambda: now[0])
+    queue.add("subj-a")
+    now[0] = 10.0
+    queue.add("subj-b")
+    assert queue.take("1") == ["subj-a", "subj-b"]  # this slot's shard: applied
+    now[0] = 3605.0
+    assert queue.take("2") == ["subj-b"]  # subj-a is past the retention: its face is gone anyway
+    now[0] = 3700.0
+    assert queue.take("1") == []
+    assert queue.queued == {}  # the shards of other slots (0, 3) hold nothing any more
