@@ -482,10 +482,20 @@ class DriftMerge:
     meet here, in one subtask: an hour gets one report of all its rows, as in the single layout (whose id,
     ``drift:<version>:<hour>``, then names one thing). Hours close by the job's watermark (every slot's
     tallies up to it have arrived) less the grace, so a slot running ahead of another makes nothing late.
-    A monitor per model version: a promotion reaches the slots at slightly different moments."""
+    A monitor per model version: a promotion reaches the slots at slightly different moments.
+
+    The merge does not know the roles (only a slot's champion tallies), so a version's open drift episodes go once
+    no tally of it came for :attr:`IDLE_MS` of event time (as the other versions' tallies tell it) and its hours are
+    reported: a retired version's stayed in the step's state for ever. The clock is the tallies' event time, not the
+    watermark, which jumps to the end of time when a bounded replay ends; episodes restored from a checkpoint count
+    from the first tally after the restart. A version kept as challenger that long and then rolled back alerts a
+    drift still under way once more, as a reminder would."""
 
     MAX_VERSIONS = 4
     """Monitors kept beyond those with open hours: the least recently used idle ones go first."""
+
+    IDLE_MS = 24 * HOUR_MS
+    """Event time without a tally of a version after which its open drift episodes are removed."""
 
     def __init__(self, monitor_of: Callable[[str], DriftMonitor | None], episodes: DriftEpisodes) -> None:
         self.episodes = episodes
@@ -495,6 +505,8 @@ class DriftMerge:
         self.monitors: dict[str, DriftMonitor | None] = {}
         """By version, the most recently used last."""
         self.retired = RetiredVersions()
+        self.last_tally: dict[str, int] = {}
+        """By version, the newest event time of its tallies (in memory; a restored episode's clock starts anew)."""
 
     def on_tallies(
         self, tallies: Iterable[HourTally], watermark_ms: int
@@ -505,11 +517,31 @@ class DriftMerge:
             version = tally.model_version
             monitor = self.monitors.pop(version) if version in self.monitors else self._monitor(version)
             self.monitors[version] = monitor
+            self.last_tally[version] = max(self.last_tally.get(version, tally.newest_ms), tally.newest_ms)
             if monitor is not None:
                 reports += monitor.merge(tally, watermark_ms)
         reports += self._close(watermark_ms)
         self._evict()
-        return self._alerted(reports)
+        alerted = self._alerted(reports)
+        self._forget_idle()
+        return alerted
+
+    def _forget_idle(self) -> None:
+        """Remove the episodes (a change to ``None``, for state) of the versions without a tally for
+        :attr:`IDLE_MS` whose hours are all reported; after the reports, so their last hours still count."""
+        if not self.last_tally:
+            return
+        now = max(self.last_tally.values())
+        for version in self.episodes.open:
+            self.last_tally.setdefault(version, now)  # restored from a checkpoint: counts from here
+        idle = set()
+        for version, last in list(self.last_tally.items()):
+            monitor = self.monitors.get(version)
+            if now - last >= self.IDLE_MS and (monitor is None or not monitor.open_hours):
+                idle.add(version)
+                del self.last_tally[version]
+        if idle:
+            self.episodes.keep_only(set(self.episodes.open) - idle)
 
     def _monitor(self, version: str) -> DriftMonitor | None:
         return self.retired.revive(version, self.monitor_of(version))

@@ -658,3 +658,30 @@ def test_the_drift_step_of_the_partitioned_layout_alerts_a_lasting_drift_once(re
         alerts += [a for _, a in merge.on_tallies([monitor.tally(_times(300, hour), x, scores)], T0 + hour * HOUR_MS)]
     alerts += [a for _, a in merge.on_watermark(T0 + 5 * HOUR_MS)]
     assert [a["event_time"] for a in alerts if a is not None] == [T0]
+
+
+def test_the_drift_step_removes_a_version_s_episodes_a_day_after_its_last_tally(reference: dict[str, Any]) -> None:
+    """The partitioned layout's drift step does not know the roles: a version promoted away kept its open episodes
+    in the step's state for ever. A day of the other versions' tallies after its last one, with its hours reported,
+    they are removed, written as ``None`` for state; a version restored from a checkpoint counts from the first
+    tally after the restart."""
+
+    def monitor_of(version: str) -> DriftMonitor:
+        return DriftMonitor(reference, version, psi_alert=0.25, min_rows=200, now_ms=lambda: CREATED)
+
+    merge = DriftMerge(monitor_of, DriftEpisodes(0.25, min_rows=200))
+    merge.episodes.restore({"v-restored": {"score": [T0 - HOUR_MS, T0 - HOUR_MS]}})
+    old, new = monitor_of("v-old"), monitor_of("v-new")
+    x, s = _rows(300, np.random.default_rng(16), shift=1.0)
+    alerts = merge.on_tallies([old.tally(_times(300, 0), x, s)], T0)
+    for hour in range(1, 24):  # promoted: a day less an hour of v-new only, v-old may yet come back
+        alerts += merge.on_tallies([new.tally(_times(300, hour), x, s)], T0 + hour * HOUR_MS)
+    assert [(r["model_version"], r["hour_start"]) for r, a in alerts if a is not None] == [
+        ("v-old", T0),
+        ("v-new", T0 + HOUR_MS),
+    ]
+    assert set(merge.episodes.open) == {"v-old", "v-new", "v-restored"}
+    merge.episodes.drain_changes()
+    merge.on_tallies([new.tally(_times(300, 24), x, s)], T0 + 24 * HOUR_MS)  # a day after v-old's last tally
+    assert set(merge.episodes.open) == {"v-new"}
+    assert merge.episodes.drain_changes() == {"v-old": None, "v-restored": None}
