@@ -205,7 +205,12 @@ class TopicUnavailable(CheckoutGuardError, RuntimeError):
 
 def topic_unavailable(topic: str, error: KafkaError, partition: int | None = None) -> TopicUnavailable:
     """The error for a topic (or one partition of it) the broker answered with ``error``, in the broker's words
-    (``error.str()`` and its name), not the client's error object: every reader of a topic words it so."""
+    (``error.str()`` and its name), not the client's error object: every reader of a topic words it so.
+
+    The words stay (unlike a logged publish error, :func:`infra.clients.transactional.error_named`): these errors come
+    from metadata, offset and fetch answers, which carry only an error code, and the client words them from it with
+    the topic, partition, offset and broker ("Broker: Topic authorization failed"), never a record; an operator at the
+    command line needs them, where the code alone (``TOPIC_AUTHORIZATION_FAILED``) says less."""
     where = f"topic {topic}" if partition is None else f"topic {topic} partition {partition}"
     return TopicUnavailable(f"{where}: the broker answered {error.str()} ({error.name()})")
 

@@ -48,9 +48,12 @@ STOP_ERRORS = (TransactionGivenUp, ReadStopped, KafkaException, BufferError)
 read stopped by it, or a Kafka error (a commit, the consumer's close) as the brokers go away."""
 
 
-def error_named(exc: BaseException) -> str:
-    """``exc`` named by its type and, a Kafka error, its code (``KafkaException _TRANSPORT``): never its words, which
-    a broker may fill with the values it refuses (a key, a record's field)."""
+def error_named(exc: BaseException | KafkaError) -> str:
+    """``exc`` named by its type and, a Kafka error, its code (``KafkaException _TRANSPORT``; a consumer's
+    ``msg.error()``: ``KafkaError _TRANSPORT``): never its words, which a broker may fill with the values it refuses
+    (a key, a record's field)."""
+    if isinstance(exc, KafkaError):
+        return f"KafkaError {exc.name()}"
     err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
     return type(exc).__name__ + (f" {err.name()}" if isinstance(err, KafkaError) else "")
 

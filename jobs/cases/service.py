@@ -665,8 +665,8 @@ class CaseService:
                 outs: list[Out] = []
                 offsets: dict[tuple[str, int], int] = {}
                 for msg in self.consumer.consume(BATCH, 0.5):
-                    if msg.error():
-                        log.warning("consumer error: %s", msg.error())
+                    if (error := msg.error()) is not None:
+                        log.warning("consumer error: %s", transactional.error_named(error))  # never its words
                         continue
                     topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
                     assert topic is not None and partition is not None and offset is not None, "a record has all three"

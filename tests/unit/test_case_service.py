@@ -1074,3 +1074,38 @@ def test_a_broker_error_ending_a_start_up_read_the_stop_came_during_is_an_info_l
     assert any(
         r.levelname == "INFO" and "start-up read stopped by the stop request" in r.getMessage() for r in caplog.records
     )
+
+
+def test_a_consumer_error_is_logged_by_its_kafka_code_never_the_brokers_words(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A consumer error was logged with its whole text, which can echo a value; it is named by its code only, as the
+    service's other Kafka warnings are."""
+    import threading
+
+    from confluent_kafka import KafkaError, Message
+
+    from infra.metrics import Heartbeat
+    from jobs.cases import service as case_service
+    from jobs.cases.service import CaseService
+
+    released = threading.Event()
+    released.set()
+
+    class Erring(_OneCommand):
+        def consume(self, num_messages: int, timeout: float) -> list:
+            svc.stop()
+            echoed = KafkaError(KafkaError._TRANSPORT, "fetch refused: key=secret-card-token")
+            return [Message(topic="commands", partition=0, error=echoed)]
+
+    svc = CaseService.__new__(CaseService)
+    svc.settings = Settings()
+    svc.prefix, svc._stop, svc._next_expiry, svc.heartbeat = "", StopRequest(), float("inf"), Heartbeat()
+    svc.producer, svc.consumer, svc.core = _HangingCommit(lambda: None, released), Erring(released), _IdleCore()  # type: ignore[assignment]
+    svc._processing = case_service.metrics.PROCESSING_SECONDS.labels(case_service.PROCESS)
+    svc.topics = {"commands": lambda _src, _now: []}
+    svc.replay = lambda *_a, **_k: None  # type: ignore[method-assign]
+    with caplog.at_level("WARNING"):
+        svc.run()
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert said == ["consumer error: KafkaError _TRANSPORT"], said

@@ -915,3 +915,31 @@ def test_a_kafka_error_given_up_at_the_stop_or_retried_is_logged_by_type_and_cod
     assert "Kafka failed (KafkaException _TRANSPORT)" in said[0], said[0]
     assert "(BufferError)" in said[1], said[1]
     assert all("KafkaException _TRANSPORT" in line for line in said[2:]), said
+
+
+def test_a_consumer_error_is_logged_by_its_kafka_code_never_the_brokers_words(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A consumer error was logged with its whole text, which can echo a value; it is named by its code only, as the
+    service's other Kafka warnings are."""
+    from infra.clients.image_store import LocalImageStore
+    from infra.settings import Settings
+    from jobs.faces.watchlist_service import WatchlistCore
+    from schemas.records import Alert
+
+    class Failing(_Message):
+        def error(self) -> KafkaError:  # type: ignore[override]
+            return KafkaError(KafkaError._TRANSPORT, "fetch refused: key=secret-card-token")
+
+    class Erring(_Log):
+        def __init__(self, svc: WatchlistService, records: list[_Message]) -> None:
+            super().__init__(svc, [Failing("alerts", 6, b"")])
+
+    core = WatchlistCore(Settings(stack_dir=tmp_path), engine=object(), store=LocalImageStore(tmp_path / "i"))  # type: ignore[arg-type]
+    alert = Alert("a-1", "WATCHLIST_MATCH", "HIGH", 1_800_000_000_000, "S1", "suspect")
+    svc = service(FlakyTransactions([]))
+    _reading_one_alert(svc, core, alert, monkeypatch, Erring)
+    with caplog.at_level("WARNING"):
+        svc.run()
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert said == ["consumer error: KafkaError _TRANSPORT"], said
