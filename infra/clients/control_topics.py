@@ -7,6 +7,7 @@ service at start (watchlist and audit), and the Webex bot's ``checkout`` inspect
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +20,8 @@ from schemas.topics import RULES, WATCHLIST, TopicSpec
 
 if TYPE_CHECKING:
     from confluent_kafka import KafkaError, Message
+
+log = logging.getLogger(__name__)
 
 STARTUP_READ_STALL_S = 30.0
 """How long a service's start-up read of a topic (``stall_s``) may go without a record before it fails: below the
@@ -196,9 +199,22 @@ def read_control_topics(
             for tp in list(pending):  # read_committed: the end may be a transaction marker
                 if reader.position([TopicPartition(*tp)])[0].offset >= ends[tp]:
                     pending.discard(tp)
-        return last
-    finally:
+    except BaseException:
+        _close_after_error(reader, topics)
+        raise
+    reader.close()
+    return last
+
+
+def _close_after_error(reader, topics: list[str]) -> None:
+    """Close the read's consumer after the read's own error, which stays the one raised: a close failing too (Kafka
+    gone) is a WARNING naming its type and Kafka code; raised from a ``finally`` it hid why the read failed."""
+    from infra.clients.kafka import error_named
+
+    try:
         reader.close()
+    except Exception as exc:  # noqa: BLE001 - the read's error is the one to raise
+        log.warning("closing the read of %s after its error failed too (%s)", ", ".join(topics), error_named(exc))
 
 
 def _partitions(reader, topic: str, timeout_s: float):

@@ -166,6 +166,16 @@ def is_record(
     return False
 
 
+def error_named(exc: BaseException | KafkaError) -> str:
+    """``exc`` named by its type and, a Kafka error, its code (``KafkaException _TRANSPORT``; a consumer's
+    ``msg.error()``: ``KafkaError _TRANSPORT``): never its words, which a broker may fill with the values it refuses
+    (a key, a record's field)."""
+    if isinstance(exc, KafkaError):
+        return f"KafkaError {exc.name()}"
+    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    return type(exc).__name__ + (f" {err.name()}" if isinstance(err, KafkaError) else "")
+
+
 class KafkaUnavailable(CheckoutGuardError, KafkaException):
     """No broker answered in time. A ``KafkaException`` too, so code that handles Kafka's errors handles it."""
 
@@ -207,7 +217,7 @@ def topic_unavailable(topic: str, error: KafkaError, partition: int | None = Non
     """The error for a topic (or one partition of it) the broker answered with ``error``, in the broker's words
     (``error.str()`` and its name), not the client's error object: every reader of a topic words it so.
 
-    The words stay (unlike a logged publish error, :func:`infra.clients.transactional.error_named`): these errors come
+    The words stay (unlike a logged publish error, :func:`error_named`): these errors come
     from metadata, offset and fetch answers, which carry only an error code, and the client words them from it with
     the topic, partition, offset and broker ("Broker: Topic authorization failed"), never a record; an operator at the
     command line needs them, where the code alone (``TOPIC_AUTHORIZATION_FAILED``) says less."""

@@ -16,10 +16,11 @@ from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaException
 
 from infra import metrics
 from infra.clients.control_topics import ReadStopped, ReadStopRequested
+from infra.clients.kafka import error_named as error_named  # the services name Kafka errors so too
 from infra.processes import chance_left, in_daemon
 from infra.retry import Backoff
 from schemas.errors import CheckoutGuardError
@@ -46,16 +47,6 @@ class TransactionGivenUp(CheckoutGuardError, RuntimeError):
 STOP_ERRORS = (TransactionGivenUp, ReadStopped, KafkaException, BufferError)
 """What ends a service's Kafka work once its stop is asked (:func:`given_up_at_stop`): the stop's deadline, a start-up
 read stopped by it, or a Kafka error (a commit, the consumer's close) as the brokers go away."""
-
-
-def error_named(exc: BaseException | KafkaError) -> str:
-    """``exc`` named by its type and, a Kafka error, its code (``KafkaException _TRANSPORT``; a consumer's
-    ``msg.error()``: ``KafkaError _TRANSPORT``): never its words, which a broker may fill with the values it refuses
-    (a key, a record's field)."""
-    if isinstance(exc, KafkaError):
-        return f"KafkaError {exc.name()}"
-    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
-    return type(exc).__name__ + (f" {err.name()}" if isinstance(err, KafkaError) else "")
 
 
 def given_up_at_stop(service: str, exc: BaseException) -> None:

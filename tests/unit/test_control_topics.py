@@ -301,3 +301,26 @@ def test_a_read_the_broker_refuses_is_named_in_the_brokers_words_not_a_timeout(
         control_topics.read_control_topics(Settings(), lambda _t, _k, v: read.append(v), timeout_s=5.0, specs=(RULES,))
     assert str(refused.value) == f"topic {TOPIC} partition 1: the broker answered {error.str()} ({error.name()})"
     assert read == [b"v"] and broker.now[0] == 0.0 and broker.closed, "at once, past the client-wide event"
+
+
+def test_a_close_failing_after_the_reads_own_error_leaves_that_error_raised_and_is_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The consumer's close, failing too (Kafka gone), was raised from the read's ``finally`` in place of the read's
+    error, which said why the read failed; it is one WARNING naming its type and Kafka code, never its words. A close
+    failing after a read that succeeded is still raised: nothing else says it."""
+
+    class ClosesBadly(Listing):
+        def close(self) -> None:
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT, "close refused: key=secret-card-token"))
+
+    _broker(monkeypatch, ClosesBadly({}))
+    with caplog.at_level("WARNING"), pytest.raises(control_topics.ControlTopicMissing):
+        control_topics.read_control_topics(Settings(), lambda *_: None, specs=(RULES,))
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert said == [f"closing the read of {TOPIC} after its error failed too (KafkaException _TRANSPORT)"], said
+    ok = ClosesBadly({})
+    ok.list_topics = SlowBroker.list_topics.__get__(ok)  # type: ignore[method-assign]
+    _broker(monkeypatch, ok)
+    with pytest.raises(KafkaException):
+        control_topics.read_control_topics(Settings(), lambda *_: None, specs=(RULES,))
