@@ -144,7 +144,8 @@ def read_control_topics(
     call (partitions + 2 of them) before reading: each call waits at most the time left, each poll too, and past it
     the read raises :class:`ReadStopped` (a ``TimeoutError``) and closes its consumer. ``stop``: the same
     (:class:`ReadStopRequested`), as soon as it is set (checked before each call and each poll; a call in progress runs
-    on, to the deadline at most, and a broker's error it then ends with is the stop's too). Neither: no bound but
+    on, to the deadline at most, and a broker's error it then ends with is the stop's too, as is a topic then found
+    missing or unavailable: the services' stop took them for a crash, a traceback). Neither: no bound but
     ``timeout_s``, as before.
 
     A topic that does not exist is :class:`ControlTopicMissing`, also where a partition of it is answered with
@@ -199,22 +200,31 @@ def read_control_topics(
             for tp in list(pending):  # read_committed: the end may be a transaction marker
                 if reader.position([TopicPartition(*tp)])[0].offset >= ends[tp]:
                     pending.discard(tp)
-    except BaseException:
-        _close_after_error(reader, topics)
+    except BaseException as exc:
+        _after_error(reader, bound, exc)  # the stop's error, where the stop came first
         raise
     reader.close()
     return last
 
 
-def _close_after_error(reader, topics: list[str]) -> None:
-    """Close the read's consumer after the read's own error, which stays the one raised: a close failing too (Kafka
-    gone) is a WARNING naming its type and Kafka code; raised from a ``finally`` it hid why the read failed."""
-    from infra.clients.kafka import error_named
+def _after_error(reader, bound: _Bound, exc: BaseException) -> None:
+    """Close the read's consumer after the read's own error ``exc``, which stays the one raised: a close failing too
+    (Kafka gone) is a WARNING naming its type and Kafka code; raised from a ``finally`` it hid why the read failed.
+
+    Raises :class:`ReadStopRequested` where the stop was asked before a broker's error, or a topic found missing or
+    unavailable, ended the read: stopped anyway, it is read again at the next start (the services' INFO); as itself,
+    the services' stop took it for a crash (a traceback)."""
+    from confluent_kafka import KafkaException
+
+    from infra.clients.kafka import TopicUnavailable, error_named
 
     try:
         reader.close()
-    except Exception as exc:  # noqa: BLE001 - the read's error is the one to raise
-        log.warning("closing the read of %s after its error failed too (%s)", ", ".join(topics), error_named(exc))
+    except Exception as failed:  # noqa: BLE001 - the read's error is the one to raise
+        log.warning("closing the read of %s after its error failed too (%s)", bound.topics, error_named(failed))
+    stopped = bound.stop is not None and bound.stop.is_set()
+    if stopped and isinstance(exc, (KafkaException, ControlTopicMissing, TopicUnavailable)):
+        raise ReadStopRequested(f"read of {bound.topics} stopped by its caller ({type(exc).__name__})") from exc
 
 
 def _partitions(reader, topic: str, timeout_s: float):

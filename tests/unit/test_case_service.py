@@ -1109,3 +1109,47 @@ def test_a_consumer_error_is_logged_by_its_kafka_code_never_the_brokers_words(
         svc.run()
     said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert said == ["consumer error: KafkaError _TRANSPORT"], said
+
+
+@pytest.mark.parametrize("listed", ["missing", "unavailable"])
+def test_a_topic_found_missing_or_unavailable_by_a_start_up_read_the_stop_came_during_is_the_stops_info_line(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, listed: str
+) -> None:
+    """SIGTERM came while a start-up read's listing waited on the broker, which then listed the topic as unknown (or
+    answered for it with an error): the service ended with a traceback, as a crash. The read, stopped anyway and read
+    again at the next start, is the stop's INFO line, as a broker's error there is."""
+    from types import SimpleNamespace
+
+    from confluent_kafka import KafkaError
+
+    from infra.clients import kafka as kafka_clients
+    from infra.metrics import Heartbeat
+    from jobs.cases.service import CaseService
+
+    code = KafkaError.UNKNOWN_TOPIC_OR_PART if listed == "missing" else KafkaError.TOPIC_AUTHORIZATION_FAILED
+
+    class Reader:
+        def list_topics(self, topic: str, timeout: float) -> SimpleNamespace:
+            svc.stop()  # SIGTERM while the broker answers
+            return SimpleNamespace(topics={topic: SimpleNamespace(error=KafkaError(code), partitions={})})
+
+        def close(self) -> None:
+            pass
+
+    class Producer(_HangingCommit):
+        def init_transactions(self, timeout: float) -> None:
+            raise AssertionError("the producer was started after the stop")
+
+    monkeypatch.setattr(kafka_clients, "consumer", lambda *_a, **_k: Reader())
+    svc = CaseService.__new__(CaseService)
+    svc.settings = Settings()
+    svc.prefix, svc._stop, svc._next_expiry, svc.heartbeat = "", StopRequest(), float("inf"), Heartbeat()
+    svc.producer, svc.consumer, svc.core = Producer(None, None), _OneCommand(None), _IdleCore()  # type: ignore[assignment]
+    svc.consumer.close = lambda: None  # type: ignore[method-assign]
+    svc.topics = {}
+    with caplog.at_level("INFO"):
+        svc.run()  # returns: no traceback
+    assert [r.getMessage() for r in caplog.records if r.levelno >= 30] == []
+    assert any(
+        r.levelname == "INFO" and "start-up read stopped by the stop request" in r.getMessage() for r in caplog.records
+    )

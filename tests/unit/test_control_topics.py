@@ -324,3 +324,33 @@ def test_a_close_failing_after_the_reads_own_error_leaves_that_error_raised_and_
     _broker(monkeypatch, ok)
     with pytest.raises(KafkaException):
         control_topics.read_control_topics(Settings(), lambda *_: None, specs=(RULES,))
+
+
+@pytest.mark.parametrize("code", [KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.TOPIC_AUTHORIZATION_FAILED])
+@pytest.mark.parametrize("stopped_first", [True, False])
+def test_a_topic_found_missing_or_unavailable_once_the_stop_came_is_the_stops(
+    monkeypatch: pytest.MonkeyPatch, code: int, stopped_first: bool
+) -> None:
+    """The stop came while the listing waited on the broker, which then listed the topic as unknown or answered for it
+    with an error: the read ended with that error, which the services' stop took for a crash (a traceback). It is the
+    stop's (ReadStopRequested); with no stop asked it stays itself."""
+    from infra.clients.topic_replay import TopicUnavailable
+
+    stop = threading.Event()
+
+    class Answers(Listing):
+        def list_topics(self, topic: str, timeout: float) -> Any:
+            if stopped_first:
+                stop.set()
+            return super().list_topics(topic, timeout)
+
+    broker = Answers({TOPIC: SimpleNamespace(error=KafkaError(code), partitions={})})
+    _broker(monkeypatch, broker)
+    cause = control_topics.ControlTopicMissing if code == KafkaError.UNKNOWN_TOPIC_OR_PART else TopicUnavailable
+    with pytest.raises((control_topics.ReadStopRequested, cause)) as got:
+        control_topics.read_control_topics(Settings(), lambda *_: None, specs=(RULES,), stop=stop)
+    if stopped_first:
+        assert type(got.value) is control_topics.ReadStopRequested and type(got.value.__cause__) is cause
+    else:
+        assert type(got.value) is cause
+    assert broker.closed
