@@ -35,10 +35,12 @@ def end_offset(
     timeout_s: float,
     beat: Callable[[], object] | None = None,
     deadline: float | None = None,
+    stop: threading.Event | None = None,
 ) -> int:
     """The partition's high watermark, waiting out the transient errors of a just-created topic
     (no leader elected yet) until ``timeout_s``; ``beat()`` after each failed try (each may take ``timeout_s``).
-    ``deadline`` (``time.monotonic()``): no try goes past it, the retries neither."""
+    ``deadline`` (``time.monotonic()``): no try goes past it, the retries neither. ``stop``: once set, no try more
+    (:class:`ReadStopRequested`), also while waiting between two: the retries ran on to their own timeout."""
     from confluent_kafka import KafkaException, TopicPartition
 
     from infra.retry import call_with_retries
@@ -56,12 +58,20 @@ def end_offset(
     def within(seconds: float) -> float:
         return seconds if deadline is None else max(0.0, min(seconds, deadline - time.monotonic()))
 
+    def pause(seconds: float) -> None:
+        """The wait before the next try, cut short (and the retries given up) by the stop."""
+        if stop is None:
+            time.sleep(seconds)
+        elif stop.wait(seconds):
+            raise ReadStopRequested(f"read of {topic} stopped by its caller while asking {topic}[{partition}]'s end")
+
     return call_with_retries(
         lambda: consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=within(timeout_s))[1],
         retriable=transient,
         wait=lambda _n: 0.25,
         deadline_s=within(timeout_s),
         before_sleep=None if beat is None else lambda *_: beat(),
+        sleep=pause,
     )
 
 
@@ -176,7 +186,7 @@ def read_control_topics(
                 raise why
             for p in meta.partitions:
                 ends[(topic, p)] = bound.call(
-                    f"asking {topic}[{p}]'s end", partial(_end, reader, topic, p, beat, deadline), timeout_s
+                    f"asking {topic}[{p}]'s end", partial(_end, reader, topic, p, bound, beat), timeout_s
                 )
                 progress()
         last = {tp: -1 for tp in ends}
@@ -270,14 +280,13 @@ def _applied(
     return True
 
 
-def _end(
-    reader, topic: str, partition: int, beat: Callable[[], object] | None, deadline: float | None, timeout_s: float
-) -> int:
-    """:func:`end_offset`; a topic that no longer exists once its retries are over is :class:`ControlTopicMissing`."""
+def _end(reader, topic: str, partition: int, bound: _Bound, beat: Callable[[], object] | None, timeout_s: float) -> int:
+    """:func:`end_offset` within the read's ``bound`` (its deadline, its stop); a topic that no longer exists once its
+    retries are over is :class:`ControlTopicMissing`."""
     from confluent_kafka import KafkaException
 
     try:
-        return end_offset(reader, topic, partition, timeout_s, beat=beat, deadline=deadline)
+        return end_offset(reader, topic, partition, timeout_s, beat=beat, deadline=bound.deadline, stop=bound.stop)
     except KafkaException as exc:
         if (missing := _deleted_since(topic, exc.args[0])) is not None:
             raise missing from exc

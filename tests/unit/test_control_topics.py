@@ -354,3 +354,27 @@ def test_a_topic_found_missing_or_unavailable_once_the_stop_came_is_the_stops(
     else:
         assert type(got.value) is cause
     assert broker.closed
+
+
+def test_a_stop_during_the_retries_of_a_partitions_end_ends_them_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A just-created topic (no leader yet): its end was asked again every 0.25 s until the read's own timeout (20 s),
+    whatever the stop. The stop now ends the retries at the wait after the try under way."""
+    import time
+
+    stop = threading.Event()
+    tries: list[float] = []
+
+    class NoLeaderYet(SlowBroker):
+        def get_watermark_offsets(self, _tp: TopicPartition, timeout: float) -> tuple[int, int]:
+            tries.append(timeout)
+            if len(tries) == 2:
+                stop.set()  # SIGTERM between two tries
+            raise KafkaException(KafkaError(KafkaError.LEADER_NOT_AVAILABLE))
+
+    broker = NoLeaderYet([0.0], delay_s=0.0, partitions=1)
+    monkeypatch.setattr(kafka_clients, "consumer", lambda *_a, **_k: broker)
+    started = time.monotonic()
+    with pytest.raises(control_topics.ReadStopRequested, match="stopped by its caller"):
+        control_topics.read_control_topics(Settings(), lambda *_: None, timeout_s=20.0, specs=(RULES,), stop=stop)
+    assert len(tries) == 2 and time.monotonic() - started < 2.0, f"{len(tries)} tries after the stop"
+    assert broker.closed
