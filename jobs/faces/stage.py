@@ -867,7 +867,7 @@ class FaceStageRunner:
                 if msg is not None:
                     if msg.error():
                         if msg.error().code() != KafkaError._PARTITION_EOF:
-                            log.warning("consumer error: %s", msg.error())
+                            log.warning("consumer error: %s", kafka_clients.error_named(msg.error()))  # never its words
                     else:
                         self._handle(msg)
                 self._drain()

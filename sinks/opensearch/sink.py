@@ -1182,7 +1182,9 @@ class OpenSearchSink:
             key = (error.code(), message.topic())
             if now - self._last_error_log.get(key, 0.0) > 30.0:  # once per 30 s, not per poll
                 self._last_error_log[key] = now
-                log.warning("consumer error on %s: %s", message.topic(), error.str())
+                log.warning(
+                    "consumer error on %s: %s", message.topic(), kafka_clients.error_named(error)
+                )  # never its words
         return out
 
     def _process(self, batch: list[Message]) -> None:

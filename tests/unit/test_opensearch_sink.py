@@ -1258,3 +1258,15 @@ def test_dead_letters_kafka_has_no_room_for_are_given_up_once_the_stop_is_asked_
     room.set()  # without the fix: lets the stuck publish end
     assert not worker.is_alive(), "the dead letter still waited for room after the stop"
     assert [type(e) for e in raised] == [sink_module._Stopped]
+
+
+def test_a_consumer_error_is_logged_by_its_kafka_code_never_its_words(caplog) -> None:
+    """The warning held the error's whole text, which a broker may fill with a value it refused."""
+    from confluent_kafka import KafkaError
+
+    sink = OpenSearchSink(Settings(), index_prefix="cg", client=object())  # type: ignore[arg-type]
+    error = KafkaError(KafkaError._TRANSPORT, "refused shopper@example.com")
+    with caplog.at_level("WARNING"):
+        assert sink._usable([Message(topic="scored", partition=0, offset=1, error=error)]) == []
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert said == ["consumer error on scored: KafkaError _TRANSPORT"], said
