@@ -564,7 +564,7 @@ def test_a_copy_topic_the_broker_refuses_when_read_back_stops_run_and_compare_wi
     copy_error = KafkaError(refused) if listed else None
     topics = {
         "transactions": SimpleNamespace(error=None, partitions=partitions_led(1)),
-        "bt-1.transactions": SimpleNamespace(error=copy_error, partitions={} if listed else {0: 0}),
+        "bt-1.transactions": SimpleNamespace(error=copy_error, partitions={} if listed else partitions_led(1)),
     }
     settings = Settings(stack_dir=tmp_path)
     monkeypatch.setattr(backtest_stream, "get_settings", lambda: settings)

@@ -74,15 +74,25 @@ def test_a_verdict_from_someone_not_allowed_is_refused(harness: Harness) -> None
     assert reply.startswith("Sorry") and harness.published == []
 
 
-def test_an_assign_to_someone_off_the_allow_list_is_answered_at_once_and_not_sent(harness: Harness) -> None:
+def test_an_assign_to_someone_off_the_people_list_is_answered_at_once_where_no_room_is_allowed() -> None:
     """It was answered "Sent" and applied: the case's owner could not act on it."""
-    harness.say(SECURITY_ROOM, "guard@store.test", f"assign {CASE} stranger@store.test")
-    [reply] = wait_for(lambda: harness.replies(SECURITY_ROOM), 10, what="the refusal")
-    assert reply.startswith("Sorry") and "stranger@store.test is not on the allow-list" in reply
-    assert "nothing was sent" in reply and harness.published == []
-    harness.say(SECURITY_ROOM, "guard@store.test", f"assign {CASE} lead@store.test")
+    from types import SimpleNamespace
+
+    from infra.settings import Settings, WebexSettings
+    from jobs.bot.webex_bot import WebexBot
+
+    bot = SimpleNamespace(settings=Settings(webex=WebexSettings(allowed_people="lead@store.test")))
+    reply = WebexBot._unlisted_owner(bot, parse_command(f"assign {CASE} stranger@store.test"))  # type: ignore[arg-type]
+    assert reply is not None and reply.startswith("Sorry") and "stranger@store.test is not on the allow-list" in reply
+    assert "nothing was sent" in reply
+    assert WebexBot._unlisted_owner(bot, parse_command(f"assign {CASE} lead@store.test")) is None  # type: ignore[arg-type]
+
+
+def test_an_assign_to_a_member_of_an_allowed_room_is_sent(harness: Harness) -> None:
+    """With allowed rooms anyone may be given a case: a member of such a room decides cases from there."""
+    harness.say(SECURITY_ROOM, "guard@store.test", f"assign {CASE} guard2@store.test")
     wait_for(lambda: harness.published, 10, what="the command")
-    assert harness.published[0].argument == f"{CASE} lead@store.test"
+    assert harness.published[0].argument == f"{CASE} guard2@store.test"
 
 
 def post_card(harness: Harness, room: str) -> str:
