@@ -41,6 +41,12 @@ METRICS_PORTS = 9
 :data:`infra.metrics.PROCESSES`; a unit test keeps the two in step)."""
 
 
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+"""``CG_KAFKA__SECURITY_PROTOCOL``'s values (librdkafka's and Java's ``security.protocol``; any case)."""
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER")
+"""``CG_KAFKA__SASL_MECHANISM``'s values besides ``AWS_MSK_IAM``, spelt as librdkafka takes them (upper case)."""
+
+
 class KafkaSettings(BaseModel, frozen=True):
     bootstrap_servers: str = "127.0.0.1:9092"
     """host:port[,host:port...]."""
@@ -69,6 +75,25 @@ class KafkaSettings(BaseModel, frozen=True):
     topic by ``make up`` / ``infra.stack topics``."""
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
+
+    @field_validator("security_protocol")
+    @classmethod
+    def _known_protocol(cls, value: str) -> str:
+        """librdkafka's spellings (any case): another one failed only when a tool or service made its first
+        Kafka client, as the client library's error object, naming no variable."""
+        if value.upper() not in SECURITY_PROTOCOLS:
+            raise ValueError(f"{value!r} is not one of {', '.join(SECURITY_PROTOCOLS)}")
+        return value
+
+    @field_validator("sasl_mechanism")
+    @classmethod
+    def _known_mechanism(cls, value: str | None) -> str | None:
+        """librdkafka's names as it spells them (it takes ``plain`` for no mechanism), or ``AWS_MSK_IAM`` in any
+        case: as for the protocol, another one failed at the first Kafka client with the library's error object."""
+        if value is not None and value not in SASL_MECHANISMS and value.upper() != "AWS_MSK_IAM":
+            raise ValueError(f"{value!r} is not one of {', '.join(SASL_MECHANISMS)}, AWS_MSK_IAM")
+        return value
+
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
     aws_profile: str | None = None
