@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 import re
 from email.utils import getaddresses
@@ -1045,6 +1046,16 @@ class LogSettings(BaseModel, frozen=True):
     """``text`` (one readable line per record) or ``json`` (one JSON object per line, for log shippers)."""
     level: str = "INFO"
     """Python log level of every process; a process's ``--log-level`` overrides it."""
+
+    @field_validator("level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        """A level Python's logging knows (any case): another one ended every service at start with a traceback
+        (``ValueError: Unknown level``) and was ignored by the tools."""
+        names = [name for name in logging.getLevelNamesMapping() if name not in ("NOTSET", "WARN", "FATAL")]
+        if value.upper() not in logging.getLevelNamesMapping():
+            raise ValueError(f"{value!r} is not a log level: one of {', '.join(names)}")
+        return value
 
 
 class MetricsSettings(BaseModel, frozen=True):

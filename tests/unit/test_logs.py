@@ -12,7 +12,9 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
+from infra.cli import setting_errors
 from infra.logs import REDACTED, redact, setup_logging
 from infra.settings import LogSettings, Settings
 from sinks.dashboard.pipeline import PrometheusApi
@@ -215,3 +217,12 @@ def test_debug_leaves_out_the_request_bodies_of_the_aws_sdk_and_the_opensearch_c
     err = capsys.readouterr().err
     assert "mule@example.com" not in err and "203.0.113.9" not in err and "tok_4242" not in err
     assert "ours at DEBUG" in err and "opensearch: POST http://os:9200/t/_search [status:200" in err
+
+
+def test_an_unknown_log_level_is_a_settings_error_naming_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CG_LOG__LEVEL", "verbose")
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    assert setting_errors(refused.value).startswith("CG_LOG__LEVEL: 'verbose' is not a log level: one of CRITICAL")
+    monkeypatch.setenv("CG_LOG__LEVEL", "debug")  # any case, as setup_logging takes it
+    assert Settings().log.level == "debug"

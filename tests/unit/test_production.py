@@ -848,7 +848,7 @@ def test_a_supervisor_stops_what_a_killed_supervisor_left_and_only_that(tmp_path
             "CG_CAMERAS__BRIDGE_STOP_GRACE_S: 20 is not below CG_SUPERVISOR__STOP_TIMEOUT_S (20): the supervisor's",
         ),
         ("CG_METRICS__BASE_PORT", "70000", "CG_METRICS__BASE_PORT: Input should be less than or equal to 65527"),
-        ("CG_LOG__LEVEL", "LOUD", "Unknown level: 'LOUD'"),
+        ("CG_LOG__LEVEL", "LOUD", "CG_LOG__LEVEL: 'LOUD' is not a log level: one of CRITICAL"),
     ],
 )
 def test_supervise_answers_a_bad_setting_in_one_line_with_exit_2_and_starts_nothing(
