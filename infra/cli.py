@@ -108,6 +108,27 @@ class _OneLineErrors:
         raise typer.Exit(1)
 
 
+class _SettingsErrorsOnly:
+    """Wraps a service's ``invoke``: a bad ``CG_*`` setting at its start ends as one ``Error:`` line naming the
+    variable, as for a tool (it was a traceback that named a field, ``log.level``, not the variable); every
+    other error of a service keeps its traceback."""
+
+    def __init__(self, invoke: Any) -> None:
+        self.invoke = invoke
+
+    def __call__(self, ctx: Any) -> Any:
+        try:
+            return self.invoke(ctx)
+        except ValidationError as exc:
+            if exc.title != Settings.__name__:
+                raise
+            message = f"invalid setting {setting_errors(exc)}"
+        except SettingsError as exc:  # a CG_* value that should be JSON and is not
+            message = str(exc)
+        typer.echo(f"Error: {message}", err=True)
+        raise typer.Exit(1)
+
+
 def with_one_line_errors(command: Any) -> Any:
     """``command`` (a click command or group) answering a bad file, folder or artifact with one ``Error: ...``
     line and exit 1, not a traceback: a tool's way (:attr:`Entry.one_line_errors`; a tool's ``python -m``)."""
@@ -457,6 +478,8 @@ def load(entry: Entry) -> Any:
     reflow_help(command)
     if entry.one_line_errors:
         with_one_line_errors(command)
+    else:
+        command.invoke = _SettingsErrorsOnly(command.invoke)
     _with_settings(command, entry.all_sections)
     return command
 

@@ -302,3 +302,16 @@ def test_comparing_with_a_backtest_that_does_not_exist_names_its_index(fresh_set
     monkeypatch.setattr(opensearch, "make_client", lambda *_args, **_kw: NoIndex())
     line = _one_error(capsys, ["backtest-stream", "compare", "checkout-guard", "typo"])
     assert line == "Error: no index typo-transactions: is 'typo' the name of a backtest (or the live prefix)?", line
+
+
+@pytest.mark.parametrize("service", ["cases", "job", "alerts", "dashboard"])
+def test_a_bad_setting_at_a_service_start_is_one_line_naming_its_variable(fresh_settings, capsys, service) -> None:
+    fresh_settings.setenv("CG_LOG__LEVEL", "verbose")
+    line = _one_error(capsys, [service])
+    assert line.startswith("Error: invalid setting CG_LOG__LEVEL: 'verbose' is not a log level"), line
+
+
+def test_a_service_setting_that_should_be_json_is_one_line(fresh_settings, capsys) -> None:
+    fresh_settings.setenv("CG_DASHBOARD__USERS", "ana:secret")
+    line = _one_error(capsys, ["dashboard"])
+    assert line == 'Error: error parsing value for field "dashboard" from source "EnvSettingsSource"'
