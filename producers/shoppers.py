@@ -184,9 +184,11 @@ def main(
         float, typer.Option(help="seconds from entering the store to paying (snapshots are whole seconds)", min=1.0)
     ] = 8.0,
     seed: Annotated[int, typer.Option()] = 0,
-    stores: Annotated[int, typer.Option()] = 2,
-    lanes: Annotated[int, typer.Option()] = 4,
-    fraud_share: Annotated[float, typer.Option(help="share of the generator's fraud patterns")] = 0.03,
+    stores: Annotated[int, typer.Option(min=1)] = 2,
+    lanes: Annotated[int, typer.Option(help="lanes per store", min=1)] = 4,
+    fraud_share: Annotated[
+        float, typer.Option(help="share of the generator's fraud patterns", min=0.0, max=1.0)
+    ] = 0.03,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """POS transactions paid by shoppers the local cameras see (entrance, then the lane)."""

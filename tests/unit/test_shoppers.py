@@ -164,3 +164,17 @@ def test_a_shop_time_under_a_second_is_a_usage_error_not_a_traceback_after_the_s
     app.command()(shoppers.main)
     result = CliRunner().invoke(app, ["--shop-s", shop_s, "--count", "1", "--no-progress"])
     assert result.exit_code == 2 and "--shop-s" in result.output and driven == []
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("--stores", "0"), ("--lanes", "-1"), ("--fraud-share", "2"), ("--fraud-share", "-0.1")]
+)
+def test_no_store_no_lane_or_a_fraud_share_outside_0_to_1_is_a_usage_error_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, option: str, value: str
+) -> None:
+    driven: list[object] = []
+    monkeypatch.setattr(shoppers, "drive_shoppers", lambda *a, **k: driven.append(k) or ProduceStats())
+    app = typer.Typer()
+    app.command()(shoppers.main)
+    result = CliRunner().invoke(app, [option, value, "--count", "1", "--no-progress"])
+    assert result.exit_code == 2 and option in result.output and driven == [], result.output
