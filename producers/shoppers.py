@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Annotated
 
+import httpx
 import typer
 
 from infra.clock import now_ms
@@ -196,8 +197,19 @@ def main(
     gen = PosGenerator(seed=seed, stores=stores, lanes_per_store=lanes, fraud_share=fraud_share, diurnal=False)
     # The demo's supervisor stops us with SIGTERM: flush what Kafka has not acknowledged (the sale of a shopper
     # the cameras saw pay), as on Ctrl-C, instead of dying with it in librdkafka's queue.
-    with sigterm_as_interrupt():
-        stats = drive_shoppers(settings, gen, count=count, rate=rate, shop_s=shop_s, progress=progress)
+    control = LocalCameraControl.from_settings(settings)
+    try:
+        with sigterm_as_interrupt():
+            stats = drive_shoppers(
+                settings, gen, count=count, rate=rate, shop_s=shop_s, control=control, progress=progress
+            )
+    except httpx.TransportError as exc:  # the local camera not running (or stopped while we run)
+        typer.echo(
+            f"Error: the local camera at {control.base_url} did not answer ({exc}); "
+            "start it first: python -m infra.local.camera",
+            err=True,
+        )
+        raise typer.Exit(1) from None
     raise typer.Exit(0 if stats.ok else 1)
 
 

@@ -7,11 +7,13 @@ import os
 import signal
 import time
 
+import httpx
 import pytest
 import typer
 from typer.testing import CliRunner
 
 import producers.shoppers as shoppers
+from infra.local.camera import LocalCameraControl
 from infra.local.pos_generator import PosGenerator
 from producers.pos import ProduceStats
 from producers.shoppers import LANE_GAP_MS, SEND_LAG_MS, cast, person_for
@@ -178,3 +180,19 @@ def test_no_store_no_lane_or_a_fraud_share_outside_0_to_1_is_a_usage_error_not_a
     app.command()(shoppers.main)
     result = CliRunner().invoke(app, [option, value, "--count", "1", "--no-progress"])
     assert result.exit_code == 2 and option in result.output and driven == [], result.output
+
+
+def test_the_local_camera_not_running_is_one_error_line_not_a_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+
+    camera = LocalCameraControl("http://127.0.0.1:8765", http=httpx.Client(transport=httpx.MockTransport(refused)))
+    monkeypatch.setattr(LocalCameraControl, "from_settings", classmethod(lambda cls, settings: camera))
+    app = typer.Typer()
+    app.command()(shoppers.main)
+    result = CliRunner().invoke(app, ["--count", "1", "--no-progress"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    assert result.output.strip().splitlines() == [
+        "Error: the local camera at http://127.0.0.1:8765 did not answer ([Errno 111] Connection refused); "
+        "start it first: python -m infra.local.camera"
+    ]
