@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
 import shlex
 import sys
@@ -21,17 +22,18 @@ import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_origin
 
 import typer
 import typer.core
 import typer.main
+from dotenv import dotenv_values
 from pydantic import BaseModel, SecretStr, ValidationError
 from pydantic_core import ErrorDetails
 from pydantic_settings import SettingsError
 from rich.markup import escape
 
-from infra.settings import REPO_ROOT, Settings
+from infra.settings import REPO_ROOT, Settings, env_file
 from schemas.errors import CheckoutGuardError
 
 PROG = "checkout-guard"
@@ -83,6 +85,35 @@ def setting_errors(exc: ValidationError) -> str:
     return "; ".join(line(error) for error in exc.errors())
 
 
+def json_setting_error(exc: SettingsError) -> str:
+    """A ``CG_*`` value that should be JSON and is not, by its variable (``CG_DASHBOARD__USERS: not valid JSON``):
+    pydantic-settings names only the section (``error parsing value for field "dashboard" ...``), its words kept
+    when no variable of that section is found to blame. Never the value: a login's password hash may be in it."""
+    found = re.search(r'field "(\w+)"', str(exc))
+    field = Settings.model_fields.get(found.group(1)) if found else None
+    section = field.annotation if field else None
+    if not (found and isinstance(section, type) and issubclass(section, BaseModel)):
+        return str(exc)
+    values: dict[str, str | None] = {}
+    try:
+        if (path := env_file()) is not None and path.is_file():
+            values |= {name.upper(): value for name, value in dotenv_values(path).items()}
+    except (CheckoutGuardError, OSError, ValueError):  # the file's own error is reported when it is read
+        pass
+    values |= {name.upper(): value for name, value in os.environ.items()}
+    prefix = f"CG_{found.group(1).upper()}__"
+    bad = []
+    for name, info in section.model_fields.items():
+        value = values.get(prefix + name.upper())
+        if value is None or get_origin(info.annotation) not in (dict, list, tuple, set):
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            bad.append(prefix + name.upper())
+    return f"invalid setting {', '.join(bad)}: not valid JSON" if bad else str(exc)
+
+
 class _OneLineErrors:
     """Wraps a click command's ``invoke``: our own errors, OS errors, bad settings and Kafka or OpenSearch not
     answering end as one usage-style line."""
@@ -101,7 +132,7 @@ class _OneLineErrors:
         except ValidationError as exc:
             message = f"invalid setting {setting_errors(exc)}"
         except SettingsError as exc:  # a CG_* value that should be JSON and is not
-            message = str(exc)
+            message = json_setting_error(exc)
         except OpenSearchDown as exc:
             message = f"OpenSearch did not answer: {exc.error}"
         typer.echo(f"Error: {message}", err=True)
@@ -124,7 +155,7 @@ class _SettingsErrorsOnly:
                 raise
             message = f"invalid setting {setting_errors(exc)}"
         except SettingsError as exc:  # a CG_* value that should be JSON and is not
-            message = str(exc)
+            message = json_setting_error(exc)
         typer.echo(f"Error: {message}", err=True)
         raise typer.Exit(1)
 

@@ -81,10 +81,17 @@ def test_metrics_ports_take_one_port_or_a_range() -> None:
     assert FlinkClusterSettings(metrics_ports="9470").metrics_ports == "9470"
 
 
-def test_a_setting_that_should_be_json_is_one_line(fresh_settings, capsys) -> None:
+def test_a_setting_that_should_be_json_is_one_line_naming_its_variable(fresh_settings, capsys) -> None:
     fresh_settings.setenv("CG_DASHBOARD__USERS", "ana:secret")
     line = _one_error(capsys, ["labels", "withdraw", "tx-1"])
-    assert line == 'Error: error parsing value for field "dashboard" from source "EnvSettingsSource"'
+    assert line == "Error: invalid setting CG_DASHBOARD__USERS: not valid JSON"
+
+
+def test_a_setting_in_the_env_file_that_should_be_json_is_named_by_its_variable(fresh_settings, capsys, tmp_path):
+    (tmp_path / "cg.env").write_text('CG_WEBEX__ROOM_STORES={"room": ["s1"]\nCG_DASHBOARD__USERNAME=ana\n')
+    fresh_settings.setenv("CG_ENV_FILE", str(tmp_path / "cg.env"))
+    line = _one_error(capsys, ["labels", "withdraw", "tx-1"])
+    assert line == "Error: invalid setting CG_WEBEX__ROOM_STORES: not valid JSON"
 
 
 def test_a_bad_setting_never_shows_the_value_given() -> None:
@@ -314,4 +321,4 @@ def test_a_bad_setting_at_a_service_start_is_one_line_naming_its_variable(fresh_
 def test_a_service_setting_that_should_be_json_is_one_line(fresh_settings, capsys) -> None:
     fresh_settings.setenv("CG_DASHBOARD__USERS", "ana:secret")
     line = _one_error(capsys, ["dashboard"])
-    assert line == 'Error: error parsing value for field "dashboard" from source "EnvSettingsSource"'
+    assert line == "Error: invalid setting CG_DASHBOARD__USERS: not valid JSON"
