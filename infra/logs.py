@@ -180,6 +180,11 @@ def setup_logging(settings: Settings | None = None, level: str | None = None, pr
     log = (settings or get_settings()).log
     name = process or Path(sys.argv[0]).stem or "python"
     root = logging.getLogger()
+    if level is not None and level.upper() not in logging.getLevelNamesMapping():
+        import typer  # a process's --log-level: a usage error of its command line, not a traceback
+
+        known = ", ".join(name for name in logging.getLevelNamesMapping() if name not in ("NOTSET", "WARN", "FATAL"))
+        raise typer.BadParameter(f"{level!r} is not a log level: one of {known}", param_hint="'--log-level'")
     root.setLevel((level or log.level).upper())  # first: an unknown level raises with nothing changed
     handler = _StderrHandler()
     handler.setFormatter(JsonLineFormatter(name) if log.format == "json" else TextFormatter(name))

@@ -12,9 +12,10 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import typer
 from pydantic import ValidationError
 
-from infra.cli import setting_errors
+from infra.cli import main, setting_errors
 from infra.logs import REDACTED, redact, setup_logging
 from infra.settings import LogSettings, Settings
 from sinks.dashboard.pipeline import PrometheusApi
@@ -91,7 +92,7 @@ def test_the_level_comes_from_the_settings_and_log_level_overrides_it(
     assert root_logger.level == logging.DEBUG
     logging.getLogger("t").debug("shown")
     assert capsys.readouterr().err.endswith("t: shown\n")
-    with pytest.raises(ValueError):
+    with pytest.raises(typer.BadParameter):
         setup_logging(Settings(), level="loud", process="p")
     assert root_logger.level == logging.DEBUG and len(ours(root_logger)) == 1  # nothing changed
 
@@ -226,3 +227,14 @@ def test_an_unknown_log_level_is_a_settings_error_naming_its_variable(monkeypatc
     assert setting_errors(refused.value).startswith("CG_LOG__LEVEL: 'verbose' is not a log level: one of CRITICAL")
     monkeypatch.setenv("CG_LOG__LEVEL", "debug")  # any case, as setup_logging takes it
     assert Settings().log.level == "debug"
+
+
+@pytest.mark.parametrize("service", ["cases", "alerts", "sink"])
+def test_an_unknown_log_level_option_is_a_usage_error_not_a_traceback(
+    capsys: pytest.CaptureFixture[str], service: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([service, "--log-level", "loud"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err, err
+    assert "Invalid value for '--log-level': 'loud' is not a log level: one of CRITICAL" in err
