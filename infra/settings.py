@@ -1219,6 +1219,16 @@ class Settings(BaseSettings):
 
     stack_dir: Path = REPO_ROOT / ".stack"
     """Data, logs and downloaded artifacts of the embedded stack (git-ignored)."""
+
+    @field_validator("stack_dir", mode="before")
+    @classmethod
+    def _stack_dir_named(cls, value: object) -> object:
+        """Empty (``CG_STACK_DIR=`` in a .env template) was the working directory: the stack's data, logs and
+        models went there, and ``stack reset`` deleted its ``data``, ``logs``, ``run`` ... folders."""
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("empty: unset it for the default (.stack in the repository), or name a folder")
+        return value
+
     bind_host: str = "127.0.0.1"
     """The one interface every local listener binds to: the stack's services and the job's Flink and
     Python servers. Clients still connect to the hosts of their own settings (bootstrap servers, URLs)."""

@@ -43,6 +43,7 @@ def _one_error(capsys: pytest.CaptureFixture[str], argv: list[str], code: int = 
         ("CG_JOB__PARALLELISM", "0", "CG_JOB__PARALLELISM: Input should be greater than or equal to 1"),
         ("CG_KAFKA__BOOTSTRAP_SERVERS", " ", "CG_KAFKA__BOOTSTRAP_SERVERS: no broker given"),
         ("CG_JOB__STARTING_OFFSETS", "abc", "CG_JOB__STARTING_OFFSETS: starting_offsets is earliest, latest or epoch"),
+        ("CG_STACK_DIR", "", "CG_STACK_DIR: empty: unset it for the default"),
         ("CG_KAFKA__SECURITY_PROTOCOL", "SASL-SSL", "CG_KAFKA__SECURITY_PROTOCOL: 'SASL-SSL' is not one of PLAINTEXT"),
         ("CG_KAFKA__SASL_MECHANISM", "scram-sha-512", "CG_KAFKA__SASL_MECHANISM: 'scram-sha-512' is not one of PLAIN"),
     ],
