@@ -16,6 +16,7 @@ from email.utils import getaddresses
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator, model_validator
@@ -210,6 +211,22 @@ class KafkaSettings(BaseModel, frozen=True):
 
 class OpenSearchSettings(BaseModel, frozen=True):
     url: str = "http://127.0.0.1:9200"
+
+    @field_validator("url")
+    @classmethod
+    def _usable_url(cls, value: str) -> str:
+        """http(s), a host, a port within 1..65535 if one is given: a port out of range (``:99999``) ended every tool
+        and service at its first request with a traceback (``ValueError: Port out of range``). The URL is not
+        repeated: it may hold a login."""
+        parts = urlsplit(value.strip() if "://" in value else f"http://{value.strip()}")
+        try:
+            port = parts.port
+        except ValueError:
+            port = 0
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname or port == 0:
+            raise ValueError("not an http:// or https:// URL with a host (and a port within 1..65535)")
+        return value
+
     username: str | None = None
     password: SecretStr | None = None
     aws_sigv4: bool = False

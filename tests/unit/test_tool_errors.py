@@ -44,6 +44,8 @@ def _one_error(capsys: pytest.CaptureFixture[str], argv: list[str], code: int = 
         ("CG_KAFKA__BOOTSTRAP_SERVERS", " ", "CG_KAFKA__BOOTSTRAP_SERVERS: no broker given"),
         ("CG_JOB__STARTING_OFFSETS", "abc", "CG_JOB__STARTING_OFFSETS: starting_offsets is earliest, latest or epoch"),
         ("CG_STACK_DIR", "", "CG_STACK_DIR: empty: unset it for the default"),
+        ("CG_OPENSEARCH__URL", "http://ana:s3cret@127.0.0.1:99999", "CG_OPENSEARCH__URL: not an http:// or https://"),
+        ("CG_OPENSEARCH__URL", "ftp://127.0.0.1:9200", "CG_OPENSEARCH__URL: not an http:// or https:// URL"),
         ("CG_KAFKA__SECURITY_PROTOCOL", "SASL-SSL", "CG_KAFKA__SECURITY_PROTOCOL: 'SASL-SSL' is not one of PLAINTEXT"),
         ("CG_KAFKA__SASL_MECHANISM", "scram-sha-512", "CG_KAFKA__SASL_MECHANISM: 'scram-sha-512' is not one of PLAIN"),
     ],
@@ -98,6 +100,9 @@ def test_a_setting_in_the_env_file_that_should_be_json_is_named_by_its_variable(
 def test_a_bad_setting_never_shows_the_value_given() -> None:
     with pytest.raises(ValidationError) as info:
         Settings(kafka={"brokers": "hunter2"})
+    assert "hunter2" not in setting_errors(info.value)
+    with pytest.raises(ValidationError) as info:
+        Settings(opensearch={"url": "https://ana:hunter2@search.example:99999"})
     assert "hunter2" not in setting_errors(info.value)
     with pytest.raises(ValidationError) as info:
         FaceSettings(embedder="bogus")  # a section built from an option names its own fields
