@@ -56,9 +56,20 @@ class KafkaSettings(BaseModel, frozen=True):
     @field_validator("bootstrap_servers")
     @classmethod
     def _some_broker(cls, value: str) -> str:
-        """Empty: the clients waited on no broker at all, then named none."""
+        """Empty: the clients waited on no broker at all, then named none. A port out of 1..65535 (``:99999``) was
+        taken by librdkafka modulo 65536, and its clients connected to another port (34463) without a word."""
         if not value.strip():
             raise ValueError("no broker given: host:port[,host:port...]")
+        for broker in value.split(","):
+            address = broker.strip().rpartition("://")[2]  # librdkafka takes a PROTOCOL:// in front
+            if not address or (address.count(":") > 1 and not address.startswith("[")):
+                continue  # an empty entry, or an IPv6 address without brackets: left to librdkafka
+            try:
+                port = urlsplit(f"//{address}").port
+            except ValueError:
+                port = 0
+            if port == 0 or not urlsplit(f"//{address}").hostname:
+                raise ValueError(f"{broker.strip()!r} is not host:port with a port within 1..65535")
         return value.strip()
 
     controller_port: Port = 9093

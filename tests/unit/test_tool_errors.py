@@ -44,6 +44,7 @@ def _one_error(capsys: pytest.CaptureFixture[str], argv: list[str], code: int = 
         ("CG_KAFKA__BOOTSTRAP_SERVERS", " ", "CG_KAFKA__BOOTSTRAP_SERVERS: no broker given"),
         ("CG_JOB__STARTING_OFFSETS", "abc", "CG_JOB__STARTING_OFFSETS: starting_offsets is earliest, latest or epoch"),
         ("CG_STACK_DIR", "", "CG_STACK_DIR: empty: unset it for the default"),
+        ("CG_KAFKA__BOOTSTRAP_SERVERS", "b1:9092,b2:99999", "CG_KAFKA__BOOTSTRAP_SERVERS: 'b2:99999' is not host:port"),
         ("CG_OPENSEARCH__URL", "http://ana:s3cret@127.0.0.1:99999", "CG_OPENSEARCH__URL: not an http:// or https://"),
         ("CG_OPENSEARCH__URL", "ftp://127.0.0.1:9200", "CG_OPENSEARCH__URL: not an http:// or https:// URL"),
         ("CG_KAFKA__SECURITY_PROTOCOL", "SASL-SSL", "CG_KAFKA__SECURITY_PROTOCOL: 'SASL-SSL' is not one of PLAINTEXT"),
