@@ -13,12 +13,11 @@ functions of :mod:`sinks.dashboard.cases`.
 - ``GET  /api/cases/{case_id}``          one case, with its alert's transaction decision, and ``max_text``: the
   longest reason or note a verdict takes (the page's box keeps to it)
 - ``POST /api/cases/{case_id}/verdict``  ``{"verb": "confirm"|"dismiss"|"escalate"|"assign"|"note",
-  "text": ..., "fraud": bool, "request_id": ...}`` (``request_id``: the page's id of one submission, which makes
-  the command id: sent twice, it is one command the case service applies once): published as a signed command in
-  the logged-in person's name (202), which
-  the case service applies; the page then polls the case for its next version. One the case service would refuse
-  as the indexed case stands (a verdict on a decided case, ``fraud`` on a case without a transaction) is answered
-  409 with the reason and not published
+  "text": ..., "fraud": bool, "request_id": ...}`` (``request_id``, required: the client's id of one submission,
+  which makes the command id: sent twice, it is one command the case service applies once; without it, 400):
+  published as a signed command in the logged-in person's name (202), which the case service applies; the page
+  then polls the case for its next version. One the case service would refuse as the indexed case stands (a verdict
+  on a decided case, ``fraud`` on a case without a transaction) is answered 409 with the reason and not published
 
 A verdict needs a personal login (HTTP Basic; the ``token`` login reads only) of a person on the allow-list
 (``CG_WEBEX__ALLOWED_PEOPLE``, the same list the Webex bot and the case service use) and a JSON body (a

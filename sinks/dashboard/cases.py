@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -247,17 +246,21 @@ def refused_now(case: Mapping[str, Any], command: BotCommand) -> str | None:
 
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9-]{16,64}")
 """A case page's submission id: 16-64 letters, digits and ``-`` (the page sends 32 random hex digits)."""
+REQUEST_ID_RULE = (
+    f"16 to 64 letters, digits and - ({REQUEST_ID_RE.pattern}), one per submission and the same when it is sent again"
+)
 
 
 def command_id_for(case_id: str, actor: str, request_id: object) -> str:
     """The command id of a verdict: the same for every send of one submission (``request_id``, made by the page for
     each press), so the case service, which applies a command id once, applies a double click or a resend once;
-    derived with the case and the person, so nobody else's submission can take its id. A fresh id without one
-    (another client than the page). :class:`InvalidRecord` ``bad_command`` for a ``request_id`` of another shape."""
+    derived with the case and the person, so nobody else's submission can take its id. :class:`InvalidRecord`
+    ``bad_command`` without one (a fresh id at each try would let a client's retries each be applied) or for one of
+    another shape."""
     if request_id is None:
-        return f"dashboard-{uuid.uuid4().hex}"
+        raise InvalidRecord("bad_command", f"request_id is required: {REQUEST_ID_RULE}")
     if not isinstance(request_id, str) or REQUEST_ID_RE.fullmatch(request_id) is None:
-        raise InvalidRecord("bad_command", f"request_id is 16 to 64 letters, digits and - ({REQUEST_ID_RE.pattern})")
+        raise InvalidRecord("bad_command", f"request_id is {REQUEST_ID_RULE}")
     digest = hashlib.sha256("\n".join((case_id, actor.lower(), request_id)).encode()).hexdigest()
     return f"dashboard-{digest[:32]}"
 
@@ -271,14 +274,15 @@ def verdict_command(
     text: str | None = None,
     fraud: object = False,
     unlisted_owner: Callable[[str], str | None] = lambda _: None,
-    request_id: object = None,
+    request_id: object,
 ) -> BotCommand:
     """The command a verdict on the case page becomes: the same verb and argument the Webex bot would
     publish for ``confirm <case> [fraud]``, ``dismiss <case> [reason]``, ``escalate <case>``,
     ``assign <case> <person>`` or ``note <case> <text>``. :class:`InvalidRecord` ``bad_command`` for anything
     else (an unknown verb, a missing or malformed person, a missing note, text over :data:`MAX_TEXT`, ``fraud`` not a
     bool: ``"true"`` was read as false, a plain confirm, or a person ``unlisted_owner`` says cannot own a case).
-    ``request_id``: the page's id of one submission (:func:`command_id_for`), so a second send of it is one command."""
+    ``request_id``: the page's id of one submission (:func:`command_id_for`, required), so a second send of it is one
+    command."""
     if fraud is not None and not isinstance(fraud, bool):
         raise InvalidRecord("bad_command", "fraud is true or false (JSON), nothing else")
     verb = verb.strip().lower()

@@ -38,6 +38,7 @@ from sinks.dashboard.cases import (
 )
 
 NOW = 1_800_000_000_000
+RID = "0123456789abcdef0123456789abcdef"  # a submission's id, as the case page makes one
 MIN = 60_000
 CASE = {
     "case_id": "case-0123456789ab",
@@ -164,7 +165,7 @@ def test_figures_count_open_cases_by_age_time_to_verdict_and_shares() -> None:
     ],
 )
 def test_a_verdict_becomes_the_command_the_bot_would_publish(verb: str, text: str, fraud: bool, argument: str) -> None:
-    cmd = verdict_command("case-0123456789ab", verb, "guard@example.com", NOW, text=text, fraud=fraud)
+    cmd = verdict_command("case-0123456789ab", verb, "guard@example.com", NOW, text=text, fraud=fraud, request_id=RID)
     assert (cmd.verb, cmd.argument, cmd.actor, cmd.source) == (verb.upper(), argument, "guard@example.com", "dashboard")
     parsed = parse_case_command(cmd.verb, cmd.argument)  # the case service's own parser accepts it
     assert parsed.case_id == "case-0123456789ab"
@@ -174,7 +175,7 @@ def test_a_verdict_becomes_the_command_the_bot_would_publish(verb: str, text: st
 def test_a_reason_or_note_written_on_several_lines_keeps_its_line_breaks(verb: str) -> None:
     """They were joined into one line before the command was sent, though the case keeps line breaks."""
     text = "left by the side door\n\tthe cashier saw him\r\nsecond visit"
-    cmd = verdict_command("case-0123456789ab", verb, "guard@example.com", NOW, text=f"  {text}\n")
+    cmd = verdict_command("case-0123456789ab", verb, "guard@example.com", NOW, text=f"  {text}\n", request_id=RID)
     assert cmd.argument == f"case-0123456789ab {text}"
     assert parse_case_command(cmd.verb, cmd.argument).text == text
 
@@ -185,23 +186,23 @@ def test_a_reason_or_note_written_on_several_lines_keeps_its_line_breaks(verb: s
 )
 def test_a_verdict_the_service_could_not_apply_is_refused(verb: str, text: str) -> None:
     with pytest.raises(InvalidRecord):
-        verdict_command("case-0123456789ab", verb, "guard@example.com", NOW, text=text)
+        verdict_command("case-0123456789ab", verb, "guard@example.com", NOW, text=text, request_id=RID)
 
 
 def test_a_note_of_control_characters_alone_is_refused_at_once() -> None:
     """Published, it was refused by the case service ("needs some text"), and the page waited 30 s for nothing."""
     with pytest.raises(InvalidRecord, match="needs text"):
-        verdict_command("case-0123456789ab", "note", "guard@example.com", NOW, text="\x1b\x00\u202e")
+        verdict_command("case-0123456789ab", "note", "guard@example.com", NOW, text="\x1b\x00\u202e", request_id=RID)
 
 
 @pytest.mark.parametrize("verb", ["dismiss", "note"])
 def test_the_page_takes_as_long_a_reason_or_note_as_the_case_service_keeps(verb: str) -> None:
     """The page refused a note over 500 characters while the case service keeps 1000: one limit now."""
     text = "n" * core.MAX_TEXT
-    cmd = verdict_command("case-0123456789ab", verb, "guard@example.com", NOW, text=text)
+    cmd = verdict_command("case-0123456789ab", verb, "guard@example.com", NOW, text=text, request_id=RID)
     assert parse_case_command(cmd.verb, cmd.argument).text == text
     with pytest.raises(InvalidRecord, match=f"over {core.MAX_TEXT} characters"):
-        verdict_command("case-0123456789ab", verb, "guard@example.com", NOW, text=text + "n")
+        verdict_command("case-0123456789ab", verb, "guard@example.com", NOW, text=text + "n", request_id=RID)
 
 
 # ------------------------------------------------------------------ endpoints
@@ -294,7 +295,7 @@ def test_a_case_id_of_the_wrong_shape_is_answered_404_at_once_without_asking_ope
     answer = client.get(f"/api/cases/{case_id}", headers=GUARD)
     assert answer.status_code == 404 and "twelve hex digits" in answer.json()["error"]
     assert client.get(f"/cases/{case_id}/images/live", headers=GUARD).status_code == 404
-    verdict = client.post(f"/api/cases/{case_id}/verdict", json={"verb": "confirm"}, headers=GUARD)
+    verdict = client.post(f"/api/cases/{case_id}/verdict", json={"verb": "confirm", "request_id": RID}, headers=GUARD)
     assert verdict.status_code == 400 and published == [] and images.asked == []
 
 
@@ -307,14 +308,16 @@ def test_the_case_page_s_box_keeps_to_the_limit_the_case_service_keeps() -> None
     assert "maxlength" not in page.lower() and 'id="v-limit"' in page
     assert "body.max_text" in client.get("/static/case.js", headers=GUARD).text
     note = "注" * core.MAX_TEXT
-    answer = client.post("/api/cases/case-0123456789ab/verdict", json={"verb": "note", "text": note}, headers=GUARD)
+    answer = client.post(
+        "/api/cases/case-0123456789ab/verdict", json={"verb": "note", "text": note, "request_id": RID}, headers=GUARD
+    )
     assert answer.status_code == 202 and parse_case_command("NOTE", published[0][0].argument).text == note
 
 
 def test_a_note_with_a_lone_surrogate_is_published_as_a_command_that_encodes() -> None:
     """JSON's ``\\ud800`` (a text cut inside an emoji) reached the command, whose encoding for Kafka failed: a 500."""
     client, published, _ = served()
-    body = b'{"verb": "note", "text": "cut \\ud83d here \\ud83d\\ude00"}'
+    body = b'{"verb": "note", "text": "cut \\ud83d here \\ud83d\\ude00", "request_id": "%s"}' % RID.encode()
     headers = {**GUARD, "Content-Type": "application/json"}
     assert client.post("/api/cases/case-0123456789ab/verdict", content=body, headers=headers).status_code == 202
     [(cmd, _)] = published
@@ -333,7 +336,7 @@ def test_an_assignment_to_no_real_address_is_answered_at_once_and_not_published(
     """A name or a lookalike address was published (202), refused by the case service in the audit only, and the page
     waited 30 s for a change that never came."""
     client, published, _ = served()
-    body = {"verb": "assign", "text": person}
+    body = {"verb": "assign", "text": person, "request_id": RID}
     answer = client.post("/api/cases/case-0123456789ab/verdict", json=body, headers=GUARD)
     assert answer.status_code == 400 and reason in answer.json()["error"] and published == []
 
@@ -341,11 +344,11 @@ def test_an_assignment_to_no_real_address_is_answered_at_once_and_not_published(
 def test_an_assignment_to_someone_off_the_allow_list_is_answered_400_at_once_and_not_published() -> None:
     """It was published (202): the case service took it, and the case's owner could not act on it."""
     client, published, _ = served(allowed="guard@example.com")
-    body = {"verb": "assign", "text": "lead@example.com"}
+    body = {"verb": "assign", "text": "lead@example.com", "request_id": RID}
     answer = client.post("/api/cases/case-0123456789ab/verdict", json=body, headers=GUARD)
     assert answer.status_code == 400 and published == []
     assert "lead@example.com is not on the allow-list" in answer.json()["error"]
-    body = {"verb": "assign", "text": "Guard@Example.com"}
+    body = {"verb": "assign", "text": "Guard@Example.com", "request_id": RID}
     assert client.post("/api/cases/case-0123456789ab/verdict", json=body, headers=GUARD).status_code == 202
 
 
@@ -384,7 +387,9 @@ def test_the_queue_shows_undecided_cases_escalated_ones_included_unless_asked_ot
 def test_a_verdict_is_published_as_a_signed_command_the_case_service_accepts() -> None:
     client, published, _ = served()
     answer = client.post(
-        "/api/cases/case-0123456789ab/verdict", json={"verb": "dismiss", "text": "other person"}, headers=GUARD
+        "/api/cases/case-0123456789ab/verdict",
+        json={"verb": "dismiss", "text": "other person", "request_id": RID},
+        headers=GUARD,
     )
     assert answer.status_code == 202
     [(cmd, headers)] = published
@@ -398,7 +403,9 @@ def test_a_verdict_s_log_line_names_the_person_by_tag_and_its_command_keeps_the_
     client, published, _ = served()
     with caplog.at_level(logging.INFO, logger="sinks.dashboard"):
         answer = client.post(
-            "/api/cases/case-0123456789ab/verdict", json={"verb": "dismiss", "text": "x"}, headers=GUARD
+            "/api/cases/case-0123456789ab/verdict",
+            json={"verb": "dismiss", "text": "x", "request_id": RID},
+            headers=GUARD,
         )
     assert answer.status_code == 202
     assert "guard@example.com" not in caplog.text
@@ -418,7 +425,7 @@ def test_a_note_sent_twice_by_one_submission_is_one_command_the_case_service_app
     service.on_alert(Source("alerts", 0, 0, b"a", alert.encode()), NOW)
     case_id = case_id_for(alert.alert_id)
     client.index.case = {**CASE, "case_id": case_id}  # type: ignore[attr-defined]
-    body = {"verb": "note", "text": "seen at the door", "request_id": "0123456789abcdef0123456789abcdef"}
+    body = {"verb": "note", "text": "seen at the door", "request_id": RID}
     for _ in range(2):  # the double click
         assert client.post(f"/api/cases/{case_id}/verdict", json=body, headers=GUARD).status_code == 202
     other = {**body, "request_id": "fedcba9876543210fedcba9876543210"}  # the same note again, a new submission
@@ -436,6 +443,18 @@ def test_a_submission_id_of_another_shape_is_refused(request_id: object) -> None
     body = {"verb": "note", "text": "seen", "request_id": request_id}
     answer = client.post("/api/cases/case-0123456789ab/verdict", json=body, headers=GUARD)
     assert answer.status_code == 400 and "request_id" in answer.json()["error"] and published == []
+
+
+def test_a_verdict_without_a_submission_id_is_refused_as_its_retries_would_each_be_applied() -> None:
+    """Without ``request_id`` each try got a fresh command id, so a client retrying after a lost answer had its note
+    added (or its verdict tried) once per try; now it is answered 400 saying why, and nothing is published."""
+    client, published, _ = served()
+    for body in ({"verb": "note", "text": "seen"}, {"verb": "note", "text": "seen", "request_id": None}):
+        answer = client.post("/api/cases/case-0123456789ab/verdict", json=body, headers=GUARD)
+        assert answer.status_code == 400 and "request_id is required" in answer.json()["error"]
+    assert published == []
+    with pytest.raises(InvalidRecord, match="request_id is required"):
+        verdict_command("case-0123456789ab", "note", "guard@example.com", NOW, text="seen", request_id=None)
 
 
 def test_the_case_page_sends_one_id_per_submission_and_turns_its_buttons_off_while_one_is_on_its_way() -> None:
@@ -491,7 +510,7 @@ def test_a_verdict_the_case_service_would_refuse_is_answered_at_once_and_not_pub
     """The page got 202 and waited 30 s for a change; the refusal was only in the audit."""
     client, published, _ = served()
     client.index.case = {**CASE, **indexed}  # type: ignore[attr-defined]
-    reply = client.post("/api/cases/case-0123456789ab/verdict", json=body, headers=GUARD)
+    reply = client.post("/api/cases/case-0123456789ab/verdict", json={**body, "request_id": RID}, headers=GUARD)
     assert reply.status_code == 409 and answer in reply.json()["error"] and published == []
 
 
@@ -506,13 +525,16 @@ def test_a_verdict_the_case_service_would_refuse_is_answered_at_once_and_not_pub
 def test_a_verdict_the_case_takes_is_still_published(indexed: dict, body: dict) -> None:
     client, published, _ = served()
     client.index.case = {**CASE, **indexed}  # type: ignore[attr-defined]
+    body = {**body, "request_id": RID}
     assert client.post("/api/cases/case-0123456789ab/verdict", json=body, headers=GUARD).status_code == 202
     assert len(published) == 1
 
 
 def test_a_verdict_on_an_unknown_case_publishes_nothing() -> None:
     client, published, _ = served()
-    answer = client.post("/api/cases/case-ffffffffffff/verdict", json={"verb": "confirm"}, headers=GUARD)
+    answer = client.post(
+        "/api/cases/case-ffffffffffff/verdict", json={"verb": "confirm", "request_id": RID}, headers=GUARD
+    )
     assert answer.status_code == 404 and published == []
 
 
@@ -553,5 +575,5 @@ def test_an_oversized_verdict_is_refused_without_reading_all_of_it() -> None:
     assert status == 413 and read <= MAX_BODY_BYTES + 1024 and published == []
     status, read = post_in_chunks(client, 1024, b" " * 1024, content_length=1024 * 1024)
     assert status == 413 and read == 0 and published == []
-    small = json.dumps({"verb": "escalate"}).encode()
+    small = json.dumps({"verb": "escalate", "request_id": RID}).encode()
     assert post_in_chunks(client, 1, small, content_length=len(small))[0] == 202 and len(published) == 1
