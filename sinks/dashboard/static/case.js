@@ -22,6 +22,14 @@ let you = null;
 let busy = false;
 // The submission a send went unanswered for (the network dropped it): sending the same again reuses its id.
 let unanswered = null;
+// Asking for the case again: only after a 5xx or no answer (the dashboard or OpenSearch away for a while), each wait
+// twice the last up to RETRY_MAX_MS. A 4xx says the request itself is wrong (a malformed id, a login that may not
+// read it): asked again it gets the same answer, so the page stops asking and shows the reason.
+const RETRY_FIRST_MS = 3000;
+const RETRY_MAX_MS = 30000;
+let retryMs = RETRY_FIRST_MS;
+let retryTimer = null;
+let refused = false;
 
 // A new submission's id (32 random hex digits): the dashboard makes the command id from it, and the case service
 // applies a command id once, so a send repeated (a double click, a resend after a lost answer) is one command.
@@ -34,7 +42,7 @@ function setButtons() {
   for (const button of document.querySelectorAll("#verdict button")) {
     const verb = button.dataset.verb;
     // "Confirm as fraud" labels the case's transaction: a case without one would only be refused
-    button.disabled = busy || !current || !you || (!PENDING.has(current.state) && verb !== "note") || (button.dataset.fraud === "1" && !current.transaction_id);
+    button.disabled = refused || busy || !current || !you || (!PENDING.has(current.state) && verb !== "note") || (button.dataset.fraud === "1" && !current.transaction_id);
   }
 }
 
@@ -103,19 +111,40 @@ async function load() {
     for (const button of document.querySelectorAll("#verdict button")) button.disabled = true;
     return null;
   }
-  const r = await fetch(`/api/cases/${encodeURIComponent(caseId)}`, { cache: "no-store" });
-  const body = await r.json();
+  if (refused) return null;
+  clearTimeout(retryTimer);
+  retryTimer = null;
+  let r, body;
+  try {
+    r = await fetch(`/api/cases/${encodeURIComponent(caseId)}`, { cache: "no-store" });
+    body = await r.json().catch(() => ({}));  // a proxy's HTML error page has no JSON
+  } catch (e) {
+    return retryLater(status, `the dashboard did not answer (${e.message})`);
+  }
   if (!r.ok) {
+    const reason = body.error || `HTTP ${r.status} ${r.statusText || ""}`.trim();
+    if (r.status >= 500) return retryLater(status, reason);
+    refused = true;
     status.className = "status error";
-    status.textContent = `${caseId}: ${body.error}`;
-    if (r.status !== 404) setTimeout(load, 3000);
+    status.textContent = `${caseId}: ${reason}`;
+    for (const button of document.querySelectorAll("#verdict button")) button.disabled = true;
     return null;
   }
+  retryMs = RETRY_FIRST_MS;
   render(body);
   status.className = "status";
   status.textContent = `loaded ${new Date().toLocaleTimeString()}`;
   document.body.dataset.loaded = "1";
   return body.case;
+}
+
+// Shows why the case could not be read and asks again after a wait that grows with each failure in a row.
+function retryLater(status, reason) {
+  status.className = "status error";
+  status.textContent = `${caseId}: ${reason}; asking again in ${Math.round(retryMs / 1000)} s`;
+  retryTimer = setTimeout(load, retryMs);
+  retryMs = Math.min(2 * retryMs, RETRY_MAX_MS);
+  return null;
 }
 
 async function decide(verb, fraud) {
@@ -160,6 +189,11 @@ async function send(verb, fraud) {
   for (let i = 0; i < 30; i++) {
     await new Promise((ok) => setTimeout(ok, 1000));
     const c = await load();
+    if (refused) {
+      result.className = "status error";
+      result.textContent = `${verb} was recorded, but the case can no longer be read: see above.`;
+      return;
+    }
     if (c && c.version > before) {
       result.textContent = `${verb}: the case is now ${c.state} (version ${c.version}).`;
       document.body.dataset.decided = verb;
@@ -175,4 +209,4 @@ document.getElementById("verdict").addEventListener("click", (e) => {
   if (button) decide(button.dataset.verb, button.dataset.fraud === "1");
 });
 load();
-setInterval(() => { if (current && PENDING.has(current.state)) load(); }, 10000);
+setInterval(() => { if (!refused && retryTimer === null && current && PENDING.has(current.state)) load(); }, 10000);

@@ -1,0 +1,114 @@
+"""When the case page asks for its case again: the page's scripts run in Node against canned answers and a clock of
+their own (skipped without Node). A 4xx is the request's own fault and asked again gets the same answer; only a 5xx
+or no answer at all is worth another try, and those come further apart each time."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+STATIC = Path(__file__).resolve().parents[2] / "sinks" / "dashboard" / "static"
+NODE = shutil.which("node") or shutil.which("nodejs")
+CASE = {
+    "case_id": "case-0123456789ab",
+    "state": "open",
+    "kind": "WATCHLIST_MATCH",
+    "version": 1,
+    "opened_at": 1,
+    "notes": [],
+    "images": {},
+}
+
+HARNESS = """
+const nodes = {};
+const node = (id) => (nodes[id] ||= {
+  id, className: "", textContent: "", innerHTML: "", disabled: false, dataset: {}, addEventListener() {},
+  insertAdjacentHTML(_where, html) { this.innerHTML += html; }, querySelector: () => null,
+});
+const buttons = [node("b1"), node("b2")];
+globalThis.document = {
+  getElementById: node, querySelector: node, querySelectorAll: () => buttons, body: { dataset: {} }, title: "",
+};
+globalThis.location = { pathname: "/cases/case-0123456789ab" };
+// The answers, in order: [status, body] (a string body is not JSON), or null for a request with no answer.
+const answers = %s;
+let fetched = 0;
+globalThis.fetch = async () => {
+  const answer = answers[Math.min(fetched++, answers.length - 1)];
+  if (answer === null) throw new TypeError("Failed to fetch");
+  const [status, body] = answer;
+  return {
+    ok: status < 300, status, statusText: status >= 500 ? "Bad Gateway" : "",
+    json: async () => (typeof body === "string" ? JSON.parse(body) : body),
+  };
+};
+const timers = [];  // the page's own waits, run here one by one instead of in real time
+globalThis.setTimeout = (fn, ms) => { timers.push({ fn, ms }); return timers.length; };
+globalThis.clearTimeout = (id) => { if (id) timers[id - 1].fn = null; };
+globalThis.setInterval = () => 0;
+const flush = () => new Promise((done) => setImmediate(done));
+const waits = [];
+const seen = [];
+(async () => {
+  %s
+  await flush();
+  for (let run = 0; run < timers.length && run < 20; run++) {
+    seen.push(nodes.status.textContent);
+    if (!timers[run].fn) continue;
+    waits.push(timers[run].ms);
+    timers[run].fn();
+    await flush();
+  }
+  seen.push(nodes.status.textContent);
+  console.log(JSON.stringify({
+    fetched, waits, seen, status: nodes.status, loaded: document.body.dataset.loaded === "1",
+    disabled: buttons.every((b) => b.disabled),
+  }));
+})();
+"""
+
+
+def _run(answers: list[Any]) -> dict[str, Any]:
+    scripts = (STATIC / "common.js").read_text() + (STATIC / "case.js").read_text()  # as case.html loads them
+    script = HARNESS % (json.dumps(answers), scripts)
+    run = subprocess.run([NODE or "node", "-e", script], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (400, "no such case: a case id is case- and twelve hex digits"),
+        (403, "this login may not read cases"),
+        (401, "log in"),
+        (404, "no such case (yet)"),
+    ],
+)
+def test_a_case_answered_4xx_is_asked_no_more_and_the_page_shows_why(status: int, error: str) -> None:
+    """Every answer but a 404 was asked again every 3 s, for ever, though a wrong request gets the same answer."""
+    shown = _run([[status, {"error": error}], [200, {"case": CASE, "transaction": None, "you": None}]])
+    assert shown["fetched"] == 1 and shown["waits"] == [], shown
+    assert shown["status"]["className"] == "status error" and error in shown["status"]["textContent"]
+    assert shown["disabled"] and not shown["loaded"]
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_a_case_answered_5xx_or_not_at_all_is_asked_again_further_apart_up_to_30_s() -> None:
+    """A 5xx was asked again every 3 s however long OpenSearch was away; no answer at all (the network down) or a
+    proxy's page that is not JSON stopped the page with no word and no further try."""
+    unavailable = [503, {"error": "OpenSearch unavailable (ConnectionError)"}]
+    answers = [unavailable, None, [502, "<html>bad gateway</html>"], *[unavailable] * 4]
+    shown = _run([*answers, [200, {"case": CASE, "transaction": None, "you": None}]])
+    assert shown["waits"] == [3000, 6000, 12000, 24000, 30000, 30000, 30000], shown
+    assert shown["fetched"] == len(answers) + 1 and shown["loaded"], shown
+    assert "OpenSearch unavailable" in shown["seen"][0] and "asking again in 3 s" in shown["seen"][0]
+    assert "did not answer (Failed to fetch)" in shown["seen"][1] and "asking again in 6 s" in shown["seen"][1]
+    assert "HTTP 502 Bad Gateway" in shown["seen"][2]
+    assert shown["status"]["className"] == "status" and shown["status"]["textContent"].startswith("loaded")
