@@ -33,7 +33,7 @@ const context = vm.createContext({
   document: { getElementById: node, querySelector: node, body: { dataset: {} } },
   location: { search: "" }, history: { replaceState() {} },
   Option: function (text, value) { this.text = text; this.value = value; },
-  URLSearchParams, console, setTimeout, setInterval: () => 0,
+  URLSearchParams, console, setTimeout, clearTimeout, setInterval: () => 0,
   fetch: async (url) => ({ ok: true, status: 200, json: async () => answers[url.split("?")[0]] }),
 });
 const SHARED = ["escapeHtml", "getJson", "fmtPrice"];
@@ -50,7 +50,7 @@ setTimeout(() => console.log(JSON.stringify({
   kinds: nodes["#kind-table tbody"].innerHTML,
   sharedLoaded: before.length > 0 && before.every(Boolean),
   sharedKept: shared().every((f, i) => f === before[i]),
-})), 50);
+})) || process.exit(0), 50);
 """
 
 
@@ -107,3 +107,101 @@ def test_the_cases_page_shows_indexed_markup_as_text_with_the_shared_escaping_le
     escaped = "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;"
     assert shown["queue"].count(escaped) == 4 and escaped in shown["ages"] and escaped in shown["kinds"]
     assert not any("<img" in html for html in (shown["queue"], shown["ages"], shown["kinds"]))
+
+
+POLL_HARNESS = """
+const vm = require("vm");
+const nodes = {};
+const node = (key) => (nodes[key] ||= {
+  options: [], add(o) { this.options.push(o); }, value: "", textContent: "", className: "", hidden: false,
+  innerHTML: "", addEventListener() {},
+});
+// The answers of the queue, in order: [status, body] (a string body is not JSON), or null for no answer at all.
+const answers = %s;
+const figures = %s;
+let asked = 0;
+const timers = [];  // the page's own waits, run here one by one instead of in real time
+const context = vm.createContext({
+  document: { getElementById: node, querySelector: node, body: { dataset: {} } },
+  location: { search: %s }, history: { replaceState() {} },
+  Option: function (text, value) { this.text = text; this.value = value; },
+  URLSearchParams, console,
+  setTimeout: (fn, ms) => { timers.push({ fn, ms }); return timers.length; },
+  clearTimeout: (id) => { if (id) timers[id - 1].fn = null; },
+  setInterval: (fn, ms) => { timers.push({ fn, ms, every: true }); return timers.length; },
+  fetch: async (url) => {
+    if (url.startsWith("/api/cases/figures")) return { ok: true, status: 200, json: async () => figures };
+    const answer = answers[Math.min(asked++, answers.length - 1)];
+    if (answer === null) throw new TypeError("Failed to fetch");
+    const [status, body] = answer;
+    return {
+      ok: status < 300, status, statusText: status >= 500 ? "Bad Gateway" : "",
+      json: async () => (typeof body === "string" ? JSON.parse(body) : body),
+    };
+  },
+});
+const flush = () => new Promise((done) => setImmediate(done));
+(async () => {
+  for (const [name, text] of %s) vm.runInContext(text, context, { filename: name });
+  await flush();
+  const waits = [], seen = [];
+  for (let run = 0; run < timers.length && run < 12; run++) {
+    seen.push(nodes.status.textContent);
+    if (!timers[run].fn) continue;
+    waits.push(timers[run].ms);
+    timers[run].fn();
+    await flush();
+  }
+  seen.push(nodes.status.textContent);
+  console.log(JSON.stringify({ asked, waits, seen, status: nodes.status }));
+  process.exit(0);
+})();
+"""
+FIGURES = {
+    "open": 0,
+    "time_to_verdict_s": {"p50": None, "p95": None, "decided": 0},
+    "open_by_age": [],
+    "by_kind": [],
+    "by_store": [],
+    "truncated": False,
+}
+QUEUE = {"cases": [], "total": 0, "kinds": {}, "stores": {}}
+
+
+def _polled(answers: list[Any], search: str = "") -> dict[str, Any]:
+    """How the cases page asks for its queue given ``answers``: the waits it sets and what it says between tries."""
+    html = (STATIC / "cases.html").read_text()
+    scripts = [
+        (src.removeprefix("/static/"), (STATIC / src.removeprefix("/static/")).read_text())
+        for src in _page_scripts(html)
+    ]
+    script = POLL_HARNESS % (json.dumps(answers), json.dumps(FIGURES), json.dumps(search), json.dumps(scripts))
+    run = subprocess.run([NODE or "node", "-e", script], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+@pytest.mark.parametrize("status", [400, 401, 403])
+def test_the_cases_page_answered_4xx_stops_asking_and_shows_why(status: int) -> None:
+    """``/cases?state=bogus`` (a link typed or cut short) got 400 and was asked again every 5 s for as long as the page
+    stayed open, though the same request gets the same answer."""
+    shown = _polled([[status, {"error": "state is one of undecided, any, open"}], [200, QUEUE]], "?state=bogus")
+    assert shown["asked"] == 1 and shown["waits"] == [], shown
+    assert shown["status"]["className"] == "status error"
+    assert "state is one of undecided" in shown["status"]["textContent"]
+    assert "not asked again until a filter changes" in shown["status"]["textContent"]
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_the_cases_page_answered_5xx_or_not_at_all_asks_again_further_apart_up_to_30_s() -> None:
+    """A 5xx was asked again every 5 s however long OpenSearch was away, and a proxy's page that is not JSON was shown
+    as a JSON parse error; after a success the queue is read every 5 s again."""
+    unavailable = [503, {"error": "OpenSearch unavailable (ConnectionError)"}]
+    answers = [unavailable, None, [502, "<html>bad gateway</html>"], unavailable, unavailable, [200, QUEUE]]
+    shown = _polled(answers)
+    assert shown["waits"][:6] == [5000, 10000, 20000, 30000, 30000, 5000], shown
+    assert "OpenSearch unavailable" in shown["seen"][0] and "asking again in 5 s" in shown["seen"][0]
+    assert "Failed to fetch" in shown["seen"][1] and "asking again in 10 s" in shown["seen"][1]
+    assert "HTTP 502 Bad Gateway" in shown["seen"][2]
+    assert shown["seen"][6].startswith("updated"), shown

@@ -10,6 +10,12 @@ const params = new URLSearchParams(location.search);
 // By default every case still waiting for a verdict: open and escalated ("undecided"), as the open-cases figure counts.
 const filters = { state: params.get("state") || "undecided", kind: params.get("kind") || "", store: params.get("store") || "" };
 const REFRESH_MS = 5000;
+// After a 5xx or no answer the next try waits twice as long each time in a row, up to RETRY_MAX_MS. A 4xx (a filter
+// from the address the API refuses, a login that may not read) gets the same answer however often it is asked, so
+// the page stops asking until a filter changes.
+const RETRY_MAX_MS = 30000;
+let timer = null;
+let failures = 0;
 
 function options(id, counts, current) {
   const select = document.getElementById(id);
@@ -26,14 +32,22 @@ function table(id, rows, render) {
 
 // Not common.js's getJson (that one adds the live pages' window and store to the query): its own name, not a
 // second declaration that would replace the shared one.
+// An answer other than 2xx throws with its status (absent where nothing answered) and its reason.
 async function fetchJson(url) {
   const r = await fetch(url, { cache: "no-store" });
-  const body = await r.json();
-  if (!r.ok) throw new Error(body.error || r.statusText);
+  const body = await r.json().catch(() => ({}));  // a proxy's HTML error page has no JSON
+  if (!r.ok) throw Object.assign(new Error(body.error || `HTTP ${r.status} ${r.statusText || ""}`.trim()), { status: r.status });
   return body;
 }
 
+function refreshIn(ms) {
+  clearTimeout(timer);
+  timer = setTimeout(refresh, ms);
+}
+
 async function refresh() {
+  clearTimeout(timer);
+  timer = null;
   const status = document.getElementById("status");
   const q = new URLSearchParams(Object.entries(filters).filter(([, v]) => v));
   try {
@@ -62,9 +76,19 @@ async function refresh() {
     status.className = "status";
     status.textContent = `updated ${new Date().toLocaleTimeString()}${figures.truncated ? " (figures over the newest cases only)" : ""}`;
     document.body.dataset.loaded = "1";
+    failures = 0;
+    refreshIn(REFRESH_MS);
   } catch (err) {
     status.className = "status error";
-    status.textContent = String(err.message || err);
+    const reason = String(err.message || err);
+    if (err.status >= 400 && err.status < 500) {
+      status.textContent = `${reason} (not asked again until a filter changes)`;
+      return;
+    }
+    const wait = Math.min(REFRESH_MS * 2 ** failures, RETRY_MAX_MS);
+    failures += 1;
+    status.textContent = `${reason}; asking again in ${Math.round(wait / 1000)} s`;
+    refreshIn(wait);
   }
 }
 
@@ -77,4 +101,3 @@ for (const name of ["state", "kind", "store"]) {
   });
 }
 refresh();
-setInterval(refresh, REFRESH_MS);
