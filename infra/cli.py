@@ -19,7 +19,7 @@ import re
 import shlex
 import sys
 import textwrap
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, get_origin
@@ -160,6 +160,13 @@ class _SettingsErrorsOnly:
         raise typer.Exit(1)
 
 
+def with_settings_errors(command: Any) -> Any:
+    """``command`` (a service's click command) answering a bad ``CG_*`` setting at its start with one ``Error:``
+    line naming the variable, exit 1; its other errors keep their tracebacks (:class:`_SettingsErrorsOnly`)."""
+    command.invoke = _SettingsErrorsOnly(command.invoke)
+    return command
+
+
 def with_one_line_errors(command: Any) -> Any:
     """``command`` (a click command or group) answering a bad file, folder or artifact with one ``Error: ...``
     line and exit 1, not a traceback: a tool's way (:attr:`Entry.one_line_errors`; a tool's ``python -m``)."""
@@ -207,9 +214,24 @@ def reflow_help(command: Any) -> Any:
     return command
 
 
+def command_of(obj: typer.Typer | Callable[..., Any]) -> Any:
+    """The click command of a module's command line: a Typer app, or a function as for ``typer.run``."""
+    if not isinstance(obj, typer.Typer):
+        app = typer.Typer(add_completion=False)
+        app.command()(obj)
+        obj = app
+    return typer.main.get_command(obj)
+
+
 def run_tool(app: typer.Typer) -> None:
     """A tool module's ``python -m``: its Typer app with :func:`with_one_line_errors`, as the console runs it."""
-    with_one_line_errors(reflow_help(typer.main.get_command(app)))()
+    with_one_line_errors(reflow_help(command_of(app)))()
+
+
+def run_service(obj: typer.Typer | Callable[..., Any]) -> None:
+    """A service module's ``python -m`` (its Typer app, or its function as for ``typer.run``) with
+    :func:`with_settings_errors`, as ``checkout-guard <service>`` runs it: a bad setting was a traceback there."""
+    with_settings_errors(reflow_help(command_of(obj)))()
 
 
 _JOB = ("kafka", "job", "rules", "model", "faces", "metrics", "stack_dir", "bind_host", "java_home")
@@ -497,12 +519,7 @@ def _with_settings(command: Any, sections: Sequence[str]) -> None:
 
 def load(entry: Entry) -> Any:
     """The click command of ``entry``: its module imported now, the settings added to its help."""
-    obj = getattr(importlib.import_module(entry.module), entry.attr)
-    if not isinstance(obj, typer.Typer):  # a function, as for typer.run
-        app = typer.Typer(add_completion=False)
-        app.command()(obj)
-        obj = app
-    command: Any = typer.main.get_command(obj)
+    command = command_of(getattr(importlib.import_module(entry.module), entry.attr))
     if entry.command is not None:
         command = command.commands[entry.command]
     command.name = entry.name
@@ -510,7 +527,7 @@ def load(entry: Entry) -> Any:
     if entry.one_line_errors:
         with_one_line_errors(command)
     else:
-        command.invoke = _SettingsErrorsOnly(command.invoke)
+        with_settings_errors(command)
     _with_settings(command, entry.all_sections)
     return command
 

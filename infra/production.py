@@ -566,4 +566,6 @@ def main(
 
 
 if __name__ == "__main__":
-    cli()
+    from infra.cli import run_service
+
+    run_service(cli)

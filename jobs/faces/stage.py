@@ -1093,4 +1093,6 @@ def run(log_level: Annotated[str | None, typer.Option(help=LOG_LEVEL_HELP)] = No
 
 
 if __name__ == "__main__":
-    cli()
+    from infra.cli import run_service
+
+    run_service(cli)

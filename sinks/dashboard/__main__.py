@@ -113,4 +113,6 @@ def hash_password_command(
 
 
 if __name__ == "__main__":
-    cli()
+    from infra.cli import run_service
+
+    run_service(cli)

@@ -1530,4 +1530,6 @@ def main(
 
 
 if __name__ == "__main__":
-    app()
+    from infra.cli import run_service
+
+    run_service(app)

@@ -3,7 +3,10 @@ non-zero exit, never a traceback or a wait of minutes (found by a tour of every 
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,9 +15,9 @@ from pydantic import ValidationError
 
 import producers.pos as pos
 from infra import flink_cluster as fc
-from infra.cli import main, setting_errors
+from infra.cli import ENTRIES, main, setting_errors
 from infra.clients import kafka as kafka_clients
-from infra.settings import FaceSettings, FlinkClusterSettings, Settings, get_settings
+from infra.settings import REPO_ROOT, FaceSettings, FlinkClusterSettings, Settings, get_settings
 
 
 @pytest.fixture
@@ -329,3 +332,29 @@ def test_a_service_setting_that_should_be_json_is_one_line(fresh_settings, capsy
     fresh_settings.setenv("CG_DASHBOARD__USERS", "ana:secret")
     line = _one_error(capsys, ["dashboard"])
     assert line == "Error: invalid setting CG_DASHBOARD__USERS: not valid JSON"
+
+
+SERVICE_MODULES = sorted(
+    entry.module.removesuffix(".__main__")
+    for entry in ENTRIES
+    if entry.module and not entry.one_line_errors and entry.name != "supervise"  # supervise: its own line, exit 2
+)
+
+
+@pytest.mark.parametrize("module", SERVICE_MODULES)
+def test_a_bad_setting_at_a_service_run_by_python_m_is_one_line_naming_its_variable(tmp_path, module) -> None:
+    """``python -m <service>`` answers as ``checkout-guard <service>`` does (it was a traceback naming log.level)."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("CG_")}
+    env |= {"CG_ENV_FILE": "", "CG_STACK_DIR": str(tmp_path / "stack"), "CG_LOG__LEVEL": "verbose"}
+    done = subprocess.run(
+        [sys.executable, "-m", module],
+        cwd=REPO_ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    [line] = [line for line in done.stderr.splitlines() if line.strip()]
+    assert line.startswith("Error: invalid setting CG_LOG__LEVEL: 'verbose' is not a log level"), line
