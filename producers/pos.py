@@ -415,9 +415,17 @@ def _above_zero(value: float | None) -> float | None:
     return value
 
 
+def _finite(value: float) -> float:
+    """A rate that must be finite: ``--rate inf`` was taken as the event rate too, and every generated
+    transaction got the same event time (a gap of 1/inf)."""
+    if not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number (0 = as fast as possible), got {value:g}")
+    return value
+
+
 @app.command()
 def generate(
-    rate: Annotated[float, typer.Option(help="Target tx/s; 0 = as fast as possible.", min=0)] = 50.0,
+    rate: Annotated[float, typer.Option(help="Target tx/s; 0 = as fast as possible.", min=0, callback=_finite)] = 50.0,
     count: Annotated[int, typer.Option(help="Transactions to send; 0 = until stopped.", min=0)] = 0,
     seed: Annotated[
         int | None, typer.Option(help="Seed; same seed, same transactions and ids. Default: a new one, printed.")

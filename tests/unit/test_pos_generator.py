@@ -440,6 +440,20 @@ def test_generate_refuses_an_event_rate_that_is_not_above_zero_with_a_usage_erro
     assert "--event-rate" in result.output and "above 0" in result.output and fake.sent == []
 
 
+@pytest.mark.parametrize("rate", ["inf", "1e999"])
+def test_generate_refuses_an_infinite_rate_with_a_usage_error_naming_it(
+    monkeypatch: pytest.MonkeyPatch, rate: str
+) -> None:
+    """It was taken as the event rate too: every transaction got the same event time."""
+    fake = FakeProducer()
+    monkeypatch.setattr(pos, "make_producer", lambda _settings, *_topics: fake)
+    result = CliRunner().invoke(
+        pos.app, ["generate", "--count", "3", "--rate", rate, "--no-progress", "--no-realtime"], terminal_width=200
+    )
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert "--rate" in result.output and "must be a finite number" in result.output and fake.sent == []
+
+
 def test_realtime_stamps_event_time_with_the_wall_clock_at_send() -> None:
     txs = list(islice(PosGenerator(seed=5), 20))
     fake = FakeProducer()
