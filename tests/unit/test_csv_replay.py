@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 from typer.testing import CliRunner
 
 from infra.settings import Settings
@@ -622,6 +623,30 @@ def test_a_csv_with_only_a_header_says_it_has_no_rows_not_that_they_were_replaye
     assert result.exit_code == 0, result.output
     assert "empty.csv has a header but no data rows" in result.output
     assert "already replayed" not in result.output and fake.values == []
+
+
+def test_a_file_with_nothing_to_send_says_so_without_asking_kafka(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A header-only or finished file with Kafka down waited 10 s for it and ended with its error."""
+    fake = FakeProducer()
+    monkeypatch.setattr(pos, "make_producer", lambda _settings, *topics: fake)
+    done = ten_rows(tmp_path)
+    done_args = ["replay-csv", str(done), "--state-file", str(tmp_path / "done.json"), "--no-progress"]
+    assert CliRunner().invoke(pos.app, done_args).exit_code == 0 and len(fake.ids) == 10
+
+    def kafka_down(_settings: Settings, *_topics: object) -> FakeProducer:
+        raise KafkaException(KafkaError(KafkaError._TRANSPORT, "Kafka did not answer within 10 s"))
+
+    monkeypatch.setattr(pos, "make_producer", kafka_down)
+    empty = write_csv(tmp_path / "empty.csv", [])
+    for args, says in (
+        (["replay-csv", str(empty), "--state-file", str(tmp_path / "s.json"), "--no-progress"], "no data rows"),
+        (done_args, "all 10 rows were already replayed"),
+    ):
+        result = CliRunner().invoke(pos.app, args)
+        assert result.exit_code == 0 and "nothing to do: " in result.output and says in result.output, result.output
+    assert json.loads((tmp_path / "s.json").read_text())["total_rows"] == 0  # its state is still written
 
 
 # ---------------------------------------------------------------------------- the shared sample
