@@ -220,23 +220,34 @@ class KafkaSettings(BaseModel, frozen=True):
         return self.security_protocol.upper().startswith("SASL_")
 
 
+def usable_url(value: str, *, bare_host: bool = False) -> str:
+    """The one check of every URL setting: http(s), a host, a port within 1..65535 if one is given. A port out of
+    range (``:99999``) or another scheme ended every tool and service at its first request with a traceback
+    (``ValueError: Port out of range``). ``bare_host``: a URL without ``scheme://`` is taken as http. The URL is
+    not repeated: it may hold a login."""
+    parts = urlsplit(value.strip() if "://" in value or not bare_host else f"http://{value.strip()}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or port == 0:
+        raise ValueError("not an http:// or https:// URL with a host (and a port within 1..65535)")
+    return value
+
+
+def _usable_url_or_unset(value: str | None) -> str | None:
+    """:func:`usable_url` for a URL setting that may be unset (None or blank: the default is used)."""
+    return value if value is None or not value.strip() else usable_url(value)
+
+
 class OpenSearchSettings(BaseModel, frozen=True):
     url: str = "http://127.0.0.1:9200"
 
     @field_validator("url")
     @classmethod
     def _usable_url(cls, value: str) -> str:
-        """http(s), a host, a port within 1..65535 if one is given: a port out of range (``:99999``) ended every tool
-        and service at its first request with a traceback (``ValueError: Port out of range``). The URL is not
-        repeated: it may hold a login."""
-        parts = urlsplit(value.strip() if "://" in value else f"http://{value.strip()}")
-        try:
-            port = parts.port
-        except ValueError:
-            port = 0
-        if parts.scheme.lower() not in ("http", "https") or not parts.hostname or port == 0:
-            raise ValueError("not an http:// or https:// URL with a host (and a port within 1..65535)")
-        return value
+        """The OpenSearch client takes a bare ``host:port`` too (as ``http://``)."""
+        return usable_url(value, bare_host=True)
 
     username: str | None = None
     password: SecretStr | None = None
@@ -770,6 +781,12 @@ class WebexSettings(BaseModel, frozen=True):
     """Webex: the bot's token, the alert room, the webhook the bot receives (jobs/bot/webex_bot.py)."""
 
     base_url: str = "https://webexapis.com/v1"
+
+    @field_validator("base_url")
+    @classmethod
+    def _usable_base_url(cls, value: str) -> str:
+        return usable_url(value)
+
     bot_token: SecretStr | None = None
     room_id: str | None = None
     """Room the alerts are posted to: every store's, unless ``room_stores`` limits it."""
@@ -903,6 +920,12 @@ class CameraSettings(BaseModel, frozen=True):
 
     base_url: str | None = None
     """Dashboard API base, e.g. ``https://api.meraki.com/api/v1``; ``None`` = the local camera."""
+
+    @field_validator("base_url")
+    @classmethod
+    def _usable_base_url(cls, value: str | None) -> str | None:
+        return _usable_url_or_unset(value)
+
     api_key: SecretStr = SecretStr("local-camera-key")
     snapshot_hosts: str = ""
     """Hosts the snapshot URLs from ``generateSnapshot`` may point at, comma separated: ``host`` exactly or
@@ -1101,6 +1124,12 @@ class MetricsSettings(BaseModel, frozen=True):
     """The local stack's Prometheus (``make up``); the dashboard's pipeline-health page reads it."""
     prometheus_url: str | None = None
     """Another Prometheus for the health page (a store chain's own); default the local one."""
+
+    @field_validator("prometheus_url")
+    @classmethod
+    def _usable_prometheus_url(cls, value: str | None) -> str | None:
+        return _usable_url_or_unset(value)
+
     prometheus_username: str | None = None
     """Set both to log in to that Prometheus (HTTP Basic), rather than with a password in the URL; one alone is
     refused (it asked without a login)."""

@@ -50,6 +50,12 @@ def _one_error(capsys: pytest.CaptureFixture[str], argv: list[str], code: int = 
         ("CG_KAFKA__BOOTSTRAP_SERVERS", "b1:9092,b2:99999", "CG_KAFKA__BOOTSTRAP_SERVERS: 'b2:99999' is not host:port"),
         ("CG_OPENSEARCH__URL", "http://ana:s3cret@127.0.0.1:99999", "CG_OPENSEARCH__URL: not an http:// or https://"),
         ("CG_OPENSEARCH__URL", "ftp://127.0.0.1:9200", "CG_OPENSEARCH__URL: not an http:// or https:// URL"),
+        ("CG_CAMERAS__BASE_URL", "https://api.meraki.com:99999/api/v1", "CG_CAMERAS__BASE_URL: not an http://"),
+        ("CG_CAMERAS__BASE_URL", "ftp://api.meraki.com/api/v1", "CG_CAMERAS__BASE_URL: not an http://"),
+        ("CG_WEBEX__BASE_URL", "http://127.0.0.1:99999/v1", "CG_WEBEX__BASE_URL: not an http:// or https:// URL"),
+        ("CG_WEBEX__BASE_URL", "webexapis.com/v1", "CG_WEBEX__BASE_URL: not an http:// or https:// URL"),
+        ("CG_METRICS__PROMETHEUS_URL", "http://prom:0", "CG_METRICS__PROMETHEUS_URL: not an http:// or https://"),
+        ("CG_METRICS__PROMETHEUS_URL", "file:///etc/passwd", "CG_METRICS__PROMETHEUS_URL: not an http:// or https://"),
         ("CG_KAFKA__SECURITY_PROTOCOL", "SASL-SSL", "CG_KAFKA__SECURITY_PROTOCOL: 'SASL-SSL' is not one of PLAINTEXT"),
         ("CG_KAFKA__SASL_MECHANISM", "scram-sha-512", "CG_KAFKA__SASL_MECHANISM: 'scram-sha-512' is not one of PLAIN"),
     ],
@@ -358,3 +364,19 @@ def test_a_bad_setting_at_a_service_run_by_python_m_is_one_line_naming_its_varia
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     [line] = [line for line in done.stderr.splitlines() if line.strip()]
     assert line.startswith("Error: invalid setting CG_LOG__LEVEL: 'verbose' is not a log level"), line
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("CG_CAMERAS__BASE_URL", ""),  # unset: the local camera
+        ("CG_CAMERAS__BASE_URL", "https://api.meraki.com/api/v1"),
+        ("CG_WEBEX__BASE_URL", "http://127.0.0.1:8089/v1"),
+        ("CG_METRICS__PROMETHEUS_URL", ""),
+        ("CG_METRICS__PROMETHEUS_URL", "https://prom.chain.example:9090/"),
+        ("CG_OPENSEARCH__URL", "127.0.0.1:9200"),  # the OpenSearch client takes a bare host:port as http
+    ],
+)
+def test_a_usable_url_setting_is_taken(fresh_settings, variable, value) -> None:
+    fresh_settings.setenv(variable, value)
+    get_settings()
