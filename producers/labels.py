@@ -368,6 +368,11 @@ def read_label_csv(f: TextIO) -> tuple[list[str], list[tuple[int, list[str] | In
         raise LabelFileError("the file is empty") from None
     except csv.Error as exc:
         raise LabelFileError(f"the header cannot be read: {exc}") from None
+    if any(_undecodable(name) for name in header):  # a binary file, another encoding: not "columns missing"
+        raise LabelFileError(
+            f"the header cannot be read: line {lines.take()[0][0]} is not UTF-8 (a binary file, or text saved in "
+            "another encoding, as Excel's plain CSV is: save it as CSV UTF-8)"
+        )
     lines.take()
     own_row = _verdict_line(header, delimiter)
     rows: list[tuple[int, list[str] | InvalidRecord]] = []

@@ -889,3 +889,23 @@ def test_a_verdict_before_its_transaction_is_unmatched_then_joined_by_a_later_tr
     assert first.unmatched == ["tx-late"] and "1 without a transaction in the history: tx-late" in first.summary()
     out, later = apply_labels([sale("tx-1"), sale("tx-late")], labels)
     assert later.joined == 1 and not later.unmatched and out[1].label == 1
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x01\x00",  # a binary file given by mistake
+        "transaction_id;label;raison;décidé_par\ntx-1;fraud;x;ana\n".encode("cp1252"),  # a header in another encoding
+    ],
+)
+def test_cli_import_of_a_file_that_is_not_utf8_text_says_so_not_that_columns_are_missing(
+    cli: FakeProducer, tmp_path, capsys, data: bytes
+) -> None:
+    path = tmp_path / "chargebacks.csv"
+    path.write_bytes(data)
+    with pytest.raises(SystemExit) as exit_:
+        main(["labels", "import", str(path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err, err  # a bad file, as one without the columns
+    assert "the header cannot be read: line 1 is not UTF-8" in err and "needs the columns" not in err, err
+    assert not cli.sent
