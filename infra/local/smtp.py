@@ -17,7 +17,7 @@ as ``python -m infra.local.smtp --host H --port P --mail-dir D`` (port from ``CG
 Alert mails carry the alert's snapshot (a face), so the server keeps them no longer than the image store keeps
 an alert snapshot: a kept mail is deleted ``CG_FACES__ALERT_SNAPSHOT_RETENTION_DAYS`` after it was accepted,
 checked at start and every ``CG_FACES__RETENTION_PURGE_INTERVAL_S``, the image store purge's cadence
-(:func:`purge_mails`).
+(:func:`purge_mails`); ``duplicates.log`` loses its entries older than that at the same time.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import email.policy
 import hashlib
 import signal
 import smtplib
+import threading
 import time
 import uuid
 from email.message import EmailMessage
@@ -41,6 +42,10 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from infra.durable import fsync_dir, replace_durably
 from infra.settings import Settings
+
+# Guards duplicates.log: the server's thread appends to it while the purge's thread rewrites it without the old
+# entries, and an entry appended between the purge's read and its rename would be lost.
+_DUPLICATES_LOCK = threading.Lock()
 
 
 def mail_dir(stack_dir: Path) -> Path:
@@ -66,7 +71,7 @@ class FileStore:
         if message_id:
             name = f"{hashlib.sha256(message_id.encode()).hexdigest()[:24]}.eml"
             if (self.directory / name).exists():
-                with open(self.directory / "duplicates.log", "a") as log:
+                with _DUPLICATES_LOCK, open(self.directory / "duplicates.log", "a") as log:
                     log.write(f"{time.time_ns()} {message_id}\n")
                 return "250 Message accepted for delivery (duplicate Message-ID, kept once)"
         else:
@@ -103,8 +108,10 @@ def read_mails(directory: Path) -> list[EmailMessage]:
 def purge_mails(directory: Path, keep_s: float, now: float | None = None) -> int:
     """Delete the kept mails accepted more than ``keep_s`` before ``now`` (by the file's time, set when it was
     accepted): an alert mail holds its snapshot, a face, which must not outlive the alert snapshot's retention.
-    The folder is synced after a delete, so a power cut does not bring a mail back. How many went."""
+    The folder is synced after a delete, so a power cut does not bring a mail back. ``duplicates.log`` loses its
+    entries older than that too (:func:`prune_duplicates`). How many mails went."""
     cutoff = (time.time() if now is None else now) - keep_s
+    prune_duplicates(directory, cutoff)
     gone = 0
     for path in directory.glob("*.eml"):
         with contextlib.suppress(FileNotFoundError):
@@ -114,6 +121,30 @@ def purge_mails(directory: Path, keep_s: float, now: float | None = None) -> int
     if gone:
         fsync_dir(directory)
     return gone
+
+
+def prune_duplicates(directory: Path, cutoff: float) -> int:
+    """Drop the ``duplicates.log`` entries logged before ``cutoff`` (epoch seconds), and any line that names no time:
+    one line per second copy, appended for as long as the server ran, grew the file for ever. The rest is written
+    back durably, under the lock the server appends under, so no newer entry is lost. How many lines went."""
+    log = directory / "duplicates.log"
+    with _DUPLICATES_LOCK:
+        try:
+            lines = log.read_text().splitlines()
+        except FileNotFoundError:
+            return 0
+        kept = [line for line in lines if _logged_at(line) >= cutoff]
+        if len(kept) < len(lines):
+            replace_durably(log, "".join(f"{line}\n" for line in kept))
+    return len(lines) - len(kept)
+
+
+def _logged_at(line: str) -> float:
+    """When a ``duplicates.log`` line was written (its first field, nanoseconds), or -inf for a line that names none."""
+    try:
+        return int(line.split(" ", 1)[0]) / 1e9
+    except ValueError:
+        return float("-inf")
 
 
 async def keep_purging(directory: Path, keep_s: float, every_s: float, stop: asyncio.Event) -> None:

@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from infra.local.smtp import keep_purging, purge_mails
+from infra.local.smtp import duplicates, keep_purging, purge_mails
 from infra.settings import Settings
 
 DAY_S = 86_400
@@ -25,9 +25,21 @@ def test_mails_older_than_the_alert_snapshot_retention_are_deleted_and_younger_o
     keep_s = Settings().faces.alert_snapshot_retention_days * DAY_S
     old = _mail(tmp_path, "old", keep_s + 60)
     young = _mail(tmp_path, "young", keep_s - 60)
-    (tmp_path / "duplicates.log").write_text("1 <a@checkout-guard>\n")
     assert purge_mails(tmp_path, keep_s) == 1
-    assert not old.exists() and young.exists() and (tmp_path / "duplicates.log").exists()
+    assert not old.exists() and young.exists()
+
+
+def test_duplicates_log_entries_older_than_the_mail_retention_are_pruned_and_newer_ones_kept(tmp_path: Path) -> None:
+    """Before, the server appended a line per second copy for as long as it ran, and the file grew for ever."""
+    keep_s = 2 * DAY_S
+    now = time.time()
+    (tmp_path / "duplicates.log").write_text(
+        f"{int((now - keep_s - 60) * 1e9)} <old@checkout-guard>\n"
+        "not a time <garbled@checkout-guard>\n"
+        f"{int((now - keep_s + 60) * 1e9)} <young@checkout-guard>\n"
+    )
+    purge_mails(tmp_path, keep_s, now=now)
+    assert duplicates(tmp_path) == ["<young@checkout-guard>"]
 
 
 def test_the_running_server_purges_at_start_and_again_at_each_interval(tmp_path: Path) -> None:
