@@ -2,8 +2,9 @@
 
 Each accepted message becomes one ``.eml`` file in ``<stack dir>/mail/`` (written to a temporary name, synced
 and renamed, its folder synced before the mail is acknowledged: a reader never sees half a mail, and a power cut
-does not lose one the sender was told was accepted), with ``X-Envelope-From`` / ``Delivered-To`` headers
-prepended from the SMTP envelope. Open the files with any mail client, or use :func:`read_mails`.
+does not lose one the sender was told was accepted), with a ``Received`` line (when it was accepted) and
+``X-Envelope-From`` / ``Delivered-To`` headers prepended from the SMTP envelope. Open the files with any mail
+client, or use :func:`read_mails`.
 
 The mailbox de-duplicates by ``Message-ID``, as Gmail, Exchange and Sieve's ``duplicate`` test do:
 SMTP cannot tell a sender whether a mail it sent just before crashing was accepted, so a restarted
@@ -15,7 +16,8 @@ It does not relay anywhere: it is the local stand-in for a company relay. ``infr
 as ``python -m infra.local.smtp --host H --port P --mail-dir D`` (port from ``CG_SMTP__PORT``, default 2525).
 
 Alert mails carry the alert's snapshot (a face), so the server keeps them no longer than the image store keeps
-an alert snapshot: a kept mail is deleted ``CG_FACES__ALERT_SNAPSHOT_RETENTION_DAYS`` after it was accepted,
+an alert snapshot: a kept mail is deleted ``CG_FACES__ALERT_SNAPSHOT_RETENTION_DAYS`` after it was accepted (the
+time in the ``Received`` line the server writes, not the file's, which a copy of the folder resets),
 checked at start and every ``CG_FACES__RETENTION_PURGE_INTERVAL_S``, the image store purge's cadence
 (:func:`purge_mails`); ``duplicates.log`` loses its entries older than that at the same time.
 """
@@ -26,12 +28,14 @@ import asyncio
 import contextlib
 import email
 import email.policy
+import email.utils
 import hashlib
 import signal
 import smtplib
 import threading
 import time
 import uuid
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Annotated
@@ -63,8 +67,11 @@ class FileStore:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802 (aiosmtpd hook)
         if self.latency_s:  # a slow relay, for benchmarks
             await asyncio.sleep(self.latency_s)
-        header = f"X-Envelope-From: {envelope.mail_from}\r\n" + "".join(
-            f"Delivered-To: {rcpt}\r\n" for rcpt in envelope.rcpt_tos
+        # The Received line records when the mail was accepted, for the retention: a file's time is reset by a copy.
+        header = (
+            f"Received: by checkout-guard-local-smtp; {email.utils.format_datetime(datetime.now(UTC))}\r\n"
+            f"X-Envelope-From: {envelope.mail_from}\r\n"
+            + "".join(f"Delivered-To: {rcpt}\r\n" for rcpt in envelope.rcpt_tos)
         )
         content = envelope.original_content or b""
         message_id = _message_id(content)
@@ -81,12 +88,42 @@ class FileStore:
         return "250 Message accepted for delivery"
 
 
+def _headers(content: bytes) -> email.message.Message:
+    """The headers of a raw mail, parsed alone (the body may be megabytes of attachment)."""
+    head = content.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+    return email.message_from_bytes(head + b"\r\n\r\n", policy=email.policy.compat32)
+
+
 def _message_id(content: bytes) -> str | None:
     """The Message-ID header of a raw mail (headers only are parsed)."""
-    head = content.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
-    parsed = email.message_from_bytes(head + b"\r\n\r\n", policy=email.policy.compat32)
-    value = parsed.get("Message-ID")
+    value = _headers(content).get("Message-ID")
     return str(value).strip() if value else None
+
+
+_HEAD_BYTES = 256 * 1024
+"""The most of a mail read for its headers, far more than they take: each purge dates every kept mail."""
+
+
+def accepted_at(path: Path) -> float:
+    """When a kept mail was accepted (epoch seconds): the time of its first ``Received`` line, which this server
+    writes, else its ``Date``, else the file's time; and never later than the file's time. A copied or restored
+    mail folder gives its files new times, which restarted their retention; a date in a mail that lies in the
+    future must not keep it longer either."""
+    file_time = path.stat().st_mtime
+    head = b""
+    with open(path, "rb") as f:  # up to the blank line: the body, megabytes of snapshot, is not read
+        while len(head) < _HEAD_BYTES and (line := f.readline(_HEAD_BYTES)) not in (b"", b"\r\n", b"\n"):
+            head += line
+    headers = _headers(head)
+    for value in (headers.get("Received", "").rpartition(";")[2], headers.get("Date", "")):
+        try:
+            when = email.utils.parsedate_to_datetime(str(value).strip())
+        except (TypeError, ValueError, IndexError, OverflowError):
+            continue
+        if when.tzinfo is None:  # RFC 5322's -0000: UTC, with no zone said
+            when = when.replace(tzinfo=UTC)
+        return min(when.timestamp(), file_time)
+    return file_time
 
 
 def duplicates(directory: Path) -> list[str]:
@@ -106,8 +143,9 @@ def read_mails(directory: Path) -> list[EmailMessage]:
 
 
 def purge_mails(directory: Path, keep_s: float, now: float | None = None) -> int:
-    """Delete the kept mails accepted more than ``keep_s`` before ``now`` (by the file's time, set when it was
-    accepted): an alert mail holds its snapshot, a face, which must not outlive the alert snapshot's retention.
+    """Delete the kept mails accepted more than ``keep_s`` before ``now`` (by the time recorded in the mail,
+    :func:`accepted_at`): an alert mail holds its snapshot, a face, which must not outlive the alert snapshot's
+    retention.
     The folder is synced after a delete, so a power cut does not bring a mail back. ``duplicates.log`` loses its
     entries older than that too (:func:`prune_duplicates`). How many mails went."""
     cutoff = (time.time() if now is None else now) - keep_s
@@ -115,7 +153,7 @@ def purge_mails(directory: Path, keep_s: float, now: float | None = None) -> int
     gone = 0
     for path in directory.glob("*.eml"):
         with contextlib.suppress(FileNotFoundError):
-            if path.stat().st_mtime < cutoff:
+            if accepted_at(path) < cutoff:
                 path.unlink()
                 gone += 1
     if gone:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from datetime import UTC, datetime
+from email.utils import format_datetime
 from pathlib import Path
 
-from infra.local.smtp import duplicates, keep_purging, purge_mails
+from infra.local.smtp import FileStore, duplicates, keep_purging, purge_mails
 from infra.settings import Settings
 
 DAY_S = 86_400
@@ -75,3 +77,44 @@ def test_the_stack_starts_the_server_with_the_alert_snapshot_retention_and_the_p
     stack._start_smtp(settings, stack.StackPaths.of(settings), stack.Endpoints.of(settings))
     [cmd] = started
     assert "--keep-days=5.0" in cmd and "--purge-every-s=60.0" in cmd
+
+
+def _kept(folder: Path, name: str, headers: str, file_age_s: float) -> Path:
+    path = folder / f"{name}.eml"
+    path.write_bytes(headers.encode() + b"Subject: alert\r\n\r\nsnapshot attached\r\n")
+    at = time.time() - file_age_s
+    os.utime(path, (at, at))
+    return path
+
+
+def test_a_copied_mail_folder_keeps_each_mails_retention_from_when_the_server_accepted_it(tmp_path: Path) -> None:
+    """Before, the age came from the file's time, which a copy or a restore of the folder resets: the mails, and
+    their snapshots, were kept a whole retention longer."""
+    keep_s = 2 * DAY_S
+
+    def ago(s: float) -> str:
+        return format_datetime(datetime.fromtimestamp(time.time() - s, UTC))
+
+    received = _kept(tmp_path, "received", f"Received: by checkout-guard-local-smtp; {ago(3 * DAY_S)}\r\n", 60)
+    dated = _kept(tmp_path, "dated", f"Date: {ago(3 * DAY_S)}\r\n", 60)  # no Received line: its Date
+    young = _kept(tmp_path, "young", f"Received: by checkout-guard-local-smtp; {ago(DAY_S)}\r\n", 60)
+    undated = _kept(tmp_path, "undated", "", 3 * DAY_S)  # nothing in the mail: the file's time
+    future = _kept(tmp_path, "future", f"Date: {ago(-400 * DAY_S)}\r\n", 3 * DAY_S)  # never later than the file
+    assert purge_mails(tmp_path, keep_s) == 4
+    assert [p.name for p in tmp_path.glob("*.eml")] == [young.name]
+    assert not (received.exists() or dated.exists() or undated.exists() or future.exists())
+
+
+def test_the_server_writes_when_it_accepted_a_mail_into_it(tmp_path: Path) -> None:
+    from aiosmtpd.smtp import Envelope
+
+    from infra.local.smtp import accepted_at  # new with the Received line
+
+    envelope = Envelope()
+    envelope.mail_from, envelope.rcpt_tos = "a@x", ["b@x"]
+    envelope.original_content = b"Message-ID: <1@x>\r\nSubject: alert\r\n\r\nbody\r\n"
+    before = time.time()
+    asyncio.run(FileStore(tmp_path).handle_DATA(None, None, envelope))  # type: ignore[arg-type]
+    (mail,) = tmp_path.glob("*.eml")
+    os.utime(mail, (before + 10 * DAY_S, before + 10 * DAY_S))  # a copy's time, later than the acceptance
+    assert before - 1 <= accepted_at(mail) <= time.time()
