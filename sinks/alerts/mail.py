@@ -30,11 +30,21 @@ from sinks.alerts.message import AlertText, message_id, shown
 
 
 class MailError(CheckoutGuardError):
-    """A mail not sent. ``down``: the mail service is unavailable (try later, whatever the mail)."""
+    """A mail not sent. ``down``: the mail service is unavailable (try later, whatever the mail). ``too_large``:
+    refused for its size (the same mail is refused again on every try)."""
 
-    def __init__(self, reason: str, *, retriable: bool = True, down: bool = False) -> None:
+    def __init__(self, reason: str, *, retriable: bool = True, down: bool = False, too_large: bool = False) -> None:
         super().__init__(reason)
         self.reason, self.retriable, self.down = reason, retriable, down and retriable
+        self.too_large = too_large
+
+
+def smtp_too_large(code: int, answer: bytes | str) -> bool:
+    """Whether an SMTP answer to ``MAIL FROM`` (its ``SIZE``) or to the data refuses the mail for its size: 552
+    (RFC 5321's "exceeded storage allocation", what relays answer past their size limit) or the enhanced status
+    5.3.4 ("message too big for system"). Pure."""
+    text = answer.decode(errors="replace") if isinstance(answer, bytes) else str(answer)
+    return code == 552 or (code >= 500 and "5.3.4" in text)
 
 
 def smtp_unavailable(exc: BaseException) -> bool:
@@ -203,7 +213,10 @@ class SmtpMailer:
             self._drop()
             transient = exc.smtp_code < 500  # 4xx (421 service not available, 451, 452): try again later
             raise MailError(
-                f"SMTP {exc.smtp_code} {_text(exc.smtp_error)}", retriable=transient, down=transient
+                f"SMTP {exc.smtp_code} {_text(exc.smtp_error)}",
+                retriable=transient,
+                down=transient,
+                too_large=smtp_too_large(exc.smtp_code, exc.smtp_error),
             ) from exc
         except smtplib.SMTPRecipientsRefused as exc:
             self._drop()

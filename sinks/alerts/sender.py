@@ -64,7 +64,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Protocol, TypeVar
 
@@ -494,11 +494,26 @@ class EmailChannel:
 
     def send(self, alert: dict[str, Any], image: bytes | None, maybe_sent: bool) -> str | None:
         text = describe(alert, self.settings.alerts)
-        mail = build_email(
-            alert["alert_id"], text, self.settings.smtp.from_address, self.settings.smtp.recipients(), image
-        )
+        smtp = self.settings.smtp
+        mail = build_email(alert["alert_id"], text, smtp.from_address, smtp.recipients(), image)
         try:
-            self.mailer.send(mail)
+            try:
+                self.mailer.send(mail)
+            except MailError as exc:
+                if not (exc.too_large and image):
+                    raise
+                # The relay takes no mail this big (a snapshot of megabytes past its limit): the same mail would be
+                # refused on every try and every re-drive. The alert goes without its picture, saying why.
+                log.warning(
+                    "email: %s refused for its size with the snapshot (%s); sending it without",
+                    alert["alert_id"],
+                    exc.reason,
+                )
+                note = f"not attached: the mail with it ({len(mail.data) / 1e6:.1f} MB) was larger than the mail "
+                note += "server takes; see it from the dashboard link"
+                text = replace(text, lines=(*text.lines, ("Snapshot", note)))
+                mail = build_email(alert["alert_id"], text, smtp.from_address, smtp.recipients(), None)
+                self.mailer.send(mail)
         except MailError as exc:
             raise DeliveryError(exc.reason, retriable=exc.retriable, down=exc.down) from exc
         return mail.message_id

@@ -1163,3 +1163,38 @@ def test_webex_rooms_share_one_client_and_the_senders_threads_instead_of_32_thre
     feed(sender, in_store("blocked:tx-1", "S001"), in_store("blocked:tx-2", "S001"))
     for room in rooms:
         assert sorted(posted_alerts(webex, room)) == ["blocked:tx-1", "blocked:tx-2"]
+
+
+def test_a_mail_the_relay_refuses_for_its_size_goes_without_the_snapshot_and_says_so(tmp_path: Path) -> None:
+    """Before, a relay's 552 (past its size limit, a snapshot of megabytes) was a permanent refusal: the alert was
+    dead-lettered, and every re-drive was refused the same way."""
+    mail, port = tmp_path / "mail", free_port()
+    controller = Controller(FileStore(mail), hostname="127.0.0.1", port=port, data_size_limit=30_000)
+    controller.start()
+    try:
+        settings = Settings(stack_dir=tmp_path, smtp=SmtpSettings(port=port))
+        big = jpeg() + bytes(60_000)  # a JPEG by its first bytes, past the relay's limit once in the mail
+        with closing(EmailChannel(settings, SmtpMailer(settings.smtp))) as channel:
+            channel.send(alert(), big, maybe_sent=False)
+            channel.send(alert("blocked:tx-2"), jpeg(), maybe_sent=False)  # a small one keeps its picture
+    finally:
+        controller.stop()
+    cut, whole = read_mails(mail)
+    assert cut["X-Checkout-Guard-Alert"] == "blocked:tx-1"
+    assert not [p for p in cut.walk() if p.get_content_maintype() == "image"]
+    plain = next(p for p in cut.walk() if p.get_content_type() == "text/plain").get_content()
+    assert "\nSnapshot:" in plain and "not attached: the mail with it (0.1 MB) was larger than the mail server" in plain
+    assert [p.get_content() for p in whole.walk() if p.get_content_maintype() == "image"] == [jpeg()]
+
+
+def test_a_mail_refused_for_its_size_without_a_snapshot_is_refused_for_good(tmp_path: Path) -> None:
+    mail, port = tmp_path / "mail", free_port()
+    controller = Controller(FileStore(mail), hostname="127.0.0.1", port=port, data_size_limit=500)
+    controller.start()
+    try:
+        settings = Settings(stack_dir=tmp_path, smtp=SmtpSettings(port=port))
+        with closing(EmailChannel(settings, SmtpMailer(settings.smtp))) as channel, pytest.raises(DeliveryError) as e:
+            channel.send(alert(), None, maybe_sent=False)
+    finally:
+        controller.stop()
+    assert not e.value.retriable and "552" in e.value.reason and read_mails(mail) == []
