@@ -61,6 +61,8 @@ FACE_MATCH_ADVICE: dict[str, str] = {
 """What security is asked to do on a watch-list alert: verify, never act on the match alone."""
 FACE_EVIDENCE_ADVICE = "A face comparison is not proof: compare the images yourself before anyone acts."
 """The same for any other alert that rests partly on a face (a blocked sale with a face reason)."""
+MARKDOWN_CUT_NOTE = "\n- _Cut here: the alert is longer than a Webex message takes; the dashboard shows it whole._"
+"""Ends the rows of a Webex message cut to its limit (:meth:`AlertText.markdown`)."""
 FIELD_MAX = 200
 """Longest a single value is shown (a hostile or broken record must not push the rest out of a message)."""
 WHY_MAX = 1000
@@ -250,15 +252,42 @@ class AlertText:
         case = f"Case {self.case_id}, confirm or dismiss it here: {self.case_link}\n\n" if self.case_id else ""
         return f"{self.subject}\n\n{rows}\n\nDetails: {self.link}\n\n{case}{self.footer}\n"
 
-    def markdown(self) -> str:
-        rows = "\n".join(f"- **{label}:** {_md(value)}" for label, value in self.lines)
+    def markdown(self, max_bytes: int | None = None) -> str:
+        """The Webex message; within ``max_bytes`` UTF-8 bytes when given: past them the rows are cut, last first,
+        and :data:`MARKDOWN_CUT_NOTE` says so, while the headline, the dashboard link and the case stay whole (a cut
+        of the end, as before, took the links and the way to decide the case); only when those alone are too long
+        is the end cut."""
+        head = f"**{_md(self.headline)}**\n\n"
+        rows = [f"- **{label}:** {_md(value)}" for label, value in self.lines]
         case = (
             f"\n\nCase `{self.case_id}`: [decide it]({self.case_link}), or write to the bot (@mention it in a "
             f"group space) `confirm {self.case_id}` / `dismiss {self.case_id} <reason>`"
             if self.case_id
             else ""
         )
-        return f"**{_md(self.headline)}**\n\n{rows}\n\n[Open in the dashboard]({self.link}){case}"
+        tail = f"\n\n[Open in the dashboard]({self.link}){case}"
+        whole = head + "\n".join(rows) + tail
+        if max_bytes is None or len(whole.encode()) <= max_bytes:
+            return whole
+        room = max_bytes - len((head + tail + MARKDOWN_CUT_NOTE).encode())
+        kept: list[str] = []
+        for row in rows:
+            size = len(row.encode()) + (1 if kept else 0)  # the line break before it
+            if size <= room:
+                kept.append(row)
+                room -= size
+                continue
+            label_end = row.index(":** ") + 4
+            cut = row.encode()[: max(0, room - (1 if kept else 0) - len("…".encode()))].decode(errors="ignore")
+            if len(cut) > label_end:  # some of the value fits: it ends the rows, not inside an escape
+                cut = cut[:-1] if (len(cut) - len(cut.rstrip("\\"))) % 2 else cut
+                kept.append(cut + "…")
+            break
+        cut_rows = head + "\n".join(kept) + MARKDOWN_CUT_NOTE + tail
+        if len(cut_rows.encode()) <= max_bytes:
+            return cut_rows
+        # A link longer than the whole limit (a template filled with a very long id): only the end can go, as before.
+        return whole.encode()[: max(0, max_bytes - len("…".encode()))].decode(errors="ignore") + "…"
 
     def html(self, image_cid: str | None = None) -> str:
         rows = "".join(

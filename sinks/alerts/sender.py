@@ -80,7 +80,6 @@ from infra.clients.webex import (
     WebexClient,
     WebexError,
     asked_wait,
-    truncate_utf8,
 )
 from infra.clock import now_ms
 from infra.logs import LOG_LEVEL_HELP, setup_logging
@@ -655,10 +654,11 @@ class WebexChannel:
                 if card is None and self.settings.alerts.webex_cards:  # the earlier try ended before its card
                     card = self._send_card(alert, text.case_id, posted[0])
                 return self._detail(posted, card)
-            # Kept whole: a cut marker would post the alert again. The bot's mention of itself is what lets it
-            # find its own post in a group space, which Webex lists for a bot only as "messages mentioning it".
+            # Kept whole: a cut marker would post the alert again (a long alert's rows are cut instead, links kept).
+            # The bot's mention of itself is what lets it find its own post in a group space, which Webex lists for
+            # a bot only as "messages mentioning it".
             marker = f"\n\n_{self.marker(alert_id)}_ {self.mention()}"
-            markdown = truncate_utf8(text.markdown(), MAX_MARKDOWN_BYTES - len(marker.encode())) + marker
+            markdown = text.markdown(MAX_MARKDOWN_BYTES - len(marker.encode())) + marker
             attachment = Attachment.image("snapshot", image) if image else None
             sent = self.client.send_message(self.room_id, markdown, attachment)
         except WebexError as exc:

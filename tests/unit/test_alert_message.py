@@ -353,3 +353,57 @@ def test_a_store_time_zone_that_is_no_zone_is_a_settings_error_naming_the_variab
     assert errors.startswith("CG_ALERTS__STORE_TIMEZONES: ") and "Europe/Berln" in errors and "S-BER" in errors
     monkeypatch.setenv("CG_ALERTS__STORE_TIMEZONES", '{"S-NYC": " America/New_York "}')
     assert Settings().alerts.store_timezones == {"S-NYC": "America/New_York"}
+
+
+def test_a_webex_message_too_long_cuts_its_rows_with_a_note_and_keeps_the_links_and_the_case() -> None:
+    """Before, the message was cut at its end: the dashboard link, the case link and how to decide the case went,
+    and only "..." said something was missing."""
+    from sinks.alerts.message import MARKDOWN_CUT_NOTE
+
+    big = alert(reasons=["😀*" * 40] * 40, transaction_id="😀" * 300, store_id="😀" * 80, lane_id="😀" * 80)
+    text = describe(big, AlertSettings())
+    limit = 2000
+    assert len(text.markdown().encode()) > limit
+    cut = text.markdown(limit)
+    assert len(cut.encode()) <= limit
+    cut.encode().decode()  # still valid UTF-8
+    assert MARKDOWN_CUT_NOTE in cut and cut.startswith(f"**{text.headline.split(' - ')[0]}")
+    assert f"[Open in the dashboard]({text.link})" in cut and f"[decide it]({text.case_link})" in cut
+    assert f"`confirm {text.case_id}`" in cut and "- **What:** " in cut
+    assert not cut.split(MARKDOWN_CUT_NOTE)[0].endswith("\\")  # no escape cut in half
+    assert text.markdown(len(text.markdown().encode())) == text.markdown()  # one that fits is whole
+    assert len(text.markdown(300).encode()) <= 300  # links and case alone too long: the end is cut
+
+
+def test_the_sender_posts_a_long_alert_within_webexs_limit_with_its_links() -> None:
+    from infra.clients.webex import MAX_MARKDOWN_BYTES
+    from sinks.alerts.sender import WebexChannel
+
+    posted: list[str] = []
+
+    class Client:
+        def me(self) -> dict[str, Any]:
+            return {"id": "bot", "displayName": "Checkout Guard"}
+
+        def send_message(self, room: str, markdown: str, attachment: Any = None) -> dict[str, Any]:
+            posted.append(markdown)
+            return {"id": "m1"}
+
+    settings = Settings(webex={"room_id": "room", "bot_token": "t"}, alerts={"webex_cards": False})  # type: ignore[arg-type]
+    e = "😀"  # 4 bytes a character: every value at its longest shown is over Webex's limit in all
+    big = alert(
+        kind="WATCHLIST_MATCH",
+        reasons=[e * 40] * 40,
+        **{k: e * 300 for k in ("transaction_id", "store_id", "lane_id", "subject_id", "outcome", "category")},
+        severity=e * 20,
+        currency=e * 10,
+        similarity=99.5,
+    )
+    assert len(describe(big, settings.alerts).markdown().encode()) > MAX_MARKDOWN_BYTES - 200
+    channel = WebexChannel(settings, Client(), has_reference=lambda s: False)  # type: ignore[arg-type]
+    channel.send(big, None, maybe_sent=False)
+    [markdown] = posted
+    text = describe(big, settings.alerts)
+    assert len(markdown.encode()) <= MAX_MARKDOWN_BYTES
+    assert f"[Open in the dashboard]({text.link})" in markdown and "alert `blocked:tx-9`" in markdown
+    assert markdown.split("\n\n_alert `")[0].endswith(f"`dismiss {text.case_id} <reason>`")  # the case whole
