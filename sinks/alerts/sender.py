@@ -102,7 +102,7 @@ from schemas.records import AuditEvent, DeadLetter
 from schemas.topics import ALERTS, AUDIT, DEAD_LETTERS
 from sinks.alerts.erase import FORGET_GRACE_MS, Eraser, LedgerClosed
 from sinks.alerts.mail import Mailer, MailError, SesMailer, SmtpMailer, build_email
-from sinks.alerts.message import case_card, describe, local_time
+from sinks.alerts.message import AlertText, case_card, describe, local_time
 
 log = logging.getLogger(__name__)
 
@@ -575,6 +575,8 @@ class WebexChannel:
     MENTION_LOOKBACK = 100
     """Latest messages mentioning the bot searched in a group space (Webex lists at most 100 of those)."""
     CARD_TRIES = 3
+    MAX_FILE_BYTES = 100 * 1024 * 1024
+    """The largest file Webex takes on a message (100 MB): a larger snapshot is left off, and the message says so."""
     """Posts of a case card while Webex answers 429 (each after its ``Retry-After``)."""
 
     def __init__(
@@ -658,9 +660,19 @@ class WebexChannel:
             # The bot's mention of itself is what lets it find its own post in a group space, which Webex lists for
             # a bot only as "messages mentioning it".
             marker = f"\n\n_{self.marker(alert_id)}_ {self.mention()}"
-            markdown = text.markdown(MAX_MARKDOWN_BYTES - len(marker.encode())) + marker
+            limit = MAX_MARKDOWN_BYTES - len(marker.encode())
+            if image and len(image) > self.MAX_FILE_BYTES:  # Webex would refuse it (413) on every try
+                text, image = _without_snapshot(text, image, "is larger than Webex takes (100 MB)"), None
             attachment = Attachment.image("snapshot", image) if image else None
-            sent = self.client.send_message(self.room_id, markdown, attachment)
+            try:
+                sent = self.client.send_message(self.room_id, text.markdown(limit) + marker, attachment)
+            except WebexError as exc:
+                if exc.status != 413 or attachment is None:
+                    raise
+                # Refused for its size (not posted): the same post is refused again on every try and re-drive.
+                log.warning("%s: %s refused for its size with the snapshot; posting it without", self.name, alert_id)
+                text = _without_snapshot(text, attachment.data, "made the message larger than Webex takes")
+                sent = self.client.send_message(self.room_id, text.markdown(limit) + marker, None)
         except WebexError as exc:
             raise self._delivery_error(exc) from exc
         card = self._send_card(alert, text.case_id, sent) if self.settings.alerts.webex_cards else None
@@ -835,6 +847,12 @@ class WebexChannel:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _without_snapshot(text: AlertText, image: bytes, why: str) -> AlertText:
+    """``text`` with a row saying the snapshot is not attached and why (``why`` follows "it (N MB)")."""
+    note = f"not attached: it ({len(image) / 1e6:.1f} MB) {why}; see it from the dashboard link"
+    return replace(text, lines=(*text.lines, ("Snapshot", note)))
 
 
 def channels_from_settings(settings: Settings) -> list[Channel]:

@@ -1198,3 +1198,23 @@ def test_a_mail_refused_for_its_size_without_a_snapshot_is_refused_for_good(tmp_
     finally:
         controller.stop()
     assert not e.value.retriable and "552" in e.value.reason and read_mails(mail) == []
+
+
+def test_a_webex_post_refused_for_its_size_goes_without_the_snapshot_and_says_so(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
+) -> None:
+    """Before, a 413 (a snapshot past Webex's 100 MB) was a permanent refusal: the alert was dead-lettered, and
+    every re-drive was refused the same way."""
+    channel = webex_channel(closer, settings_for(webex, tmp_path))
+    channel.bot_id()  # asked once, before the refusal below
+    webex.state.fail((413,), count=1)
+    channel.send(alert(), jpeg(), maybe_sent=False)
+    channel.MAX_FILE_BYTES = 100  # past the limit: left off before the post, not sent to be refused
+    channel.send(alert("blocked:tx-2"), jpeg(), maybe_sent=False)
+    first, second = webex.state.bot_messages(ROOM)
+    for message in (first, second):
+        assert not message.get("files")
+        assert "**Snapshot:** not attached: it (0.0 MB) " in message["markdown"] and "alert `" in message["markdown"]
+    assert "made the message larger than Webex takes" in first["markdown"]
+    assert "is larger than Webex takes (100 MB)" in second["markdown"]
+    assert webex.state.requests.get("413") == 1
