@@ -14,6 +14,7 @@ from starlette.testclient import TestClient
 
 from infra.settings import Settings
 from sinks.dashboard.app import Dashboard, create_app
+from tests.unit.test_dashboard_case_page_polling import _run as polled
 
 ALERT_JS = Path(__file__).resolve().parents[2] / "sinks" / "dashboard" / "static" / "alert.js"
 NODE = shutil.which("node") or shutil.which("nodejs")
@@ -80,3 +81,33 @@ def test_the_alert_page_shows_the_subject_row() -> None:
     shown = json.loads(out)
     assert shown["alert:subject"] == "subj-tx-0"
     assert shown["alert:category"] == "suspect" and shown["alert:store"] == "S1"
+
+
+ALERT_PATH = "/alerts/watchlist%3Atx-1"
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+@pytest.mark.parametrize(
+    ("status", "error"), [(400, "bad alert id"), (401, "log in"), (403, "may not read"), (404, "no such alert")]
+)
+def test_an_alert_answered_4xx_is_asked_no_more_and_the_page_shows_why(status: int, error: str) -> None:
+    """Every answer but a 404 (a 400, 401 or 403 too) was asked again every 3 s, for ever."""
+    shown = polled([[status, {"error": error}], [200, alert_answer()]], "alert.js", ALERT_PATH)
+    assert shown["fetched"] == 1 and shown["waits"] == [], shown
+    assert shown["status"]["className"] == "status error" and error in shown["status"]["textContent"]
+    assert not shown["loaded"]
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_an_alert_answered_5xx_or_not_at_all_is_asked_again_further_apart_up_to_30_s() -> None:
+    """A 5xx was asked again every 3 s however long OpenSearch was away; no answer at all (the network down) or a
+    proxy's page that is not JSON stopped the page with no word and no further try."""
+    unavailable = [503, {"error": "OpenSearch unavailable (ConnectionError)"}]
+    answers = [unavailable, None, [502, "<html>bad gateway</html>"], *[unavailable] * 4]
+    shown = polled([*answers, [200, alert_answer()]], "alert.js", ALERT_PATH)
+    assert shown["waits"] == [3000, 6000, 12000, 24000, 30000, 30000, 30000], shown
+    assert shown["fetched"] == len(answers) + 1 and shown["loaded"], shown
+    assert "OpenSearch unavailable" in shown["seen"][0] and "asking again in 3 s" in shown["seen"][0]
+    assert "did not answer (Failed to fetch)" in shown["seen"][1] and "asking again in 6 s" in shown["seen"][1]
+    assert "HTTP 502 Bad Gateway" in shown["seen"][2] and "asking again in 12 s" in shown["seen"][2]
+    assert shown["status"]["className"] == "status" and shown["status"]["textContent"].startswith("loaded")

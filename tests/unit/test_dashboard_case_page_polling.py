@@ -34,7 +34,7 @@ const buttons = [node("b1"), node("b2")];
 globalThis.document = {
   getElementById: node, querySelector: node, querySelectorAll: () => buttons, body: { dataset: {} }, title: "",
 };
-globalThis.location = { pathname: "/cases/case-0123456789ab" };
+globalThis.location = { pathname: %s };
 // The answers, in order: [status, body] (a string body is not JSON), or null for a request with no answer.
 const answers = %s;
 let fetched = 0;
@@ -73,9 +73,10 @@ const seen = [];
 """
 
 
-def _run(answers: list[Any]) -> dict[str, Any]:
-    scripts = (STATIC / "common.js").read_text() + (STATIC / "case.js").read_text()  # as case.html loads them
-    script = HARNESS % (json.dumps(answers), scripts)
+def _run(answers: list[Any], page: str = "case.js", path: str = "/cases/case-0123456789ab") -> dict[str, Any]:
+    """How ``page`` at ``path`` asks for its JSON given ``answers``: the waits it sets, what it says between tries."""
+    scripts = (STATIC / "common.js").read_text() + (STATIC / page).read_text()  # as the page's HTML loads them
+    script = HARNESS % (json.dumps(path), json.dumps(answers), scripts)
     run = subprocess.run([NODE or "node", "-e", script], capture_output=True, text=True, timeout=30)
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout.strip().splitlines()[-1])

@@ -3,6 +3,11 @@
 
 const when = (ms) => (ms ? `${new Date(ms).toISOString().replace("T", " ").slice(0, 19)} UTC` : "");
 
+// Asking for the alert again: only after a 5xx or no answer, 3 s then twice as long each time in a row (common.js's
+// retryWait); a 4xx stops it with the reason shown, since asked again it gets the same answer.
+const RETRY_FIRST_MS = 3000;
+let failures = 0;
+
 function rows(tbody, pairs) {
   tbody.innerHTML = "";
   for (const [label, value] of pairs) {
@@ -32,14 +37,21 @@ async function load() {
     status.textContent = "This address does not name an alert: its id has a malformed % escape (a link cut short or mangled?). Open the alert from its message again.";
     return;
   }
-  const r = await fetch(`/api/alerts/${encodeURIComponent(id)}`, { cache: "no-store" });
-  const body = await r.json();
-  if (!r.ok) {
+  const answer = await askJson(`/api/alerts/${encodeURIComponent(id)}`);
+  if (!answer.ok) {
     status.className = "status error";
-    status.textContent = `${id}: ${body.error}`;
-    if (r.status !== 404) setTimeout(load, 3000);
+    if (!worthRetrying(answer.status)) {
+      status.textContent = `${id}: ${answer.reason}`;
+      return;
+    }
+    const wait = retryWait(RETRY_FIRST_MS, failures);
+    failures += 1;
+    status.textContent = `${id}: ${answer.reason}; asking again in ${Math.round(wait / 1000)} s`;
+    setTimeout(load, wait);
     return;
   }
+  failures = 0;
+  const body = answer.body;
   const a = body.alert, t = body.transaction;
   document.title = `Checkout Guard — ${a.kind} ${a.alert_id}`;
   document.getElementById("alert-title").textContent = `${a.kind.replace(/_/g, " ")} · ${a.severity}`;

@@ -23,11 +23,10 @@ let busy = false;
 // The submission a send went unanswered for (the network dropped it): sending the same again reuses its id.
 let unanswered = null;
 // Asking for the case again: only after a 5xx or no answer (the dashboard or OpenSearch away for a while), each wait
-// twice the last up to RETRY_MAX_MS. A 4xx says the request itself is wrong (a malformed id, a login that may not
-// read it): asked again it gets the same answer, so the page stops asking and shows the reason.
+// twice the last up to 30 s (common.js's retryWait). A 4xx says the request itself is wrong (a malformed id, a login
+// that may not read it): asked again it gets the same answer, so the page stops asking and shows the reason.
 const RETRY_FIRST_MS = 3000;
-const RETRY_MAX_MS = 30000;
-let retryMs = RETRY_FIRST_MS;
+let failures = 0;
 let retryTimer = null;
 let refused = false;
 
@@ -114,36 +113,30 @@ async function load() {
   if (refused) return null;
   clearTimeout(retryTimer);
   retryTimer = null;
-  let r, body;
-  try {
-    r = await fetch(`/api/cases/${encodeURIComponent(caseId)}`, { cache: "no-store" });
-    body = await r.json().catch(() => ({}));  // a proxy's HTML error page has no JSON
-  } catch (e) {
-    return retryLater(status, `the dashboard did not answer (${e.message})`);
-  }
-  if (!r.ok) {
-    const reason = body.error || `HTTP ${r.status} ${r.statusText || ""}`.trim();
-    if (r.status >= 500) return retryLater(status, reason);
+  const answer = await askJson(`/api/cases/${encodeURIComponent(caseId)}`);
+  if (!answer.ok) {
+    if (worthRetrying(answer.status)) return retryLater(status, answer.reason);
     refused = true;
     status.className = "status error";
-    status.textContent = `${caseId}: ${reason}`;
+    status.textContent = `${caseId}: ${answer.reason}`;
     for (const button of document.querySelectorAll("#verdict button")) button.disabled = true;
     return null;
   }
-  retryMs = RETRY_FIRST_MS;
-  render(body);
+  failures = 0;
+  render(answer.body);
   status.className = "status";
   status.textContent = `loaded ${new Date().toLocaleTimeString()}`;
   document.body.dataset.loaded = "1";
-  return body.case;
+  return answer.body.case;
 }
 
 // Shows why the case could not be read and asks again after a wait that grows with each failure in a row.
 function retryLater(status, reason) {
   status.className = "status error";
-  status.textContent = `${caseId}: ${reason}; asking again in ${Math.round(retryMs / 1000)} s`;
-  retryTimer = setTimeout(load, retryMs);
-  retryMs = Math.min(2 * retryMs, RETRY_MAX_MS);
+  const wait = retryWait(RETRY_FIRST_MS, failures);
+  failures += 1;
+  status.textContent = `${caseId}: ${reason}; asking again in ${Math.round(wait / 1000)} s`;
+  retryTimer = setTimeout(load, wait);
   return null;
 }
 

@@ -10,10 +10,9 @@ const params = new URLSearchParams(location.search);
 // By default every case still waiting for a verdict: open and escalated ("undecided"), as the open-cases figure counts.
 const filters = { state: params.get("state") || "undecided", kind: params.get("kind") || "", store: params.get("store") || "" };
 const REFRESH_MS = 5000;
-// After a 5xx or no answer the next try waits twice as long each time in a row, up to RETRY_MAX_MS. A 4xx (a filter
-// from the address the API refuses, a login that may not read) gets the same answer however often it is asked, so
-// the page stops asking until a filter changes.
-const RETRY_MAX_MS = 30000;
+// After a 5xx or no answer the next try waits twice as long each time in a row, up to 30 s (common.js's retryWait).
+// A 4xx (a filter from the address the API refuses, a login that may not read) gets the same answer however often
+// it is asked, so the page stops asking until a filter changes.
 let timer = null;
 let failures = 0;
 
@@ -81,11 +80,11 @@ async function refresh() {
   } catch (err) {
     status.className = "status error";
     const reason = String(err.message || err);
-    if (err.status >= 400 && err.status < 500) {
+    if (!worthRetrying(err.status)) {
       status.textContent = `${reason} (not asked again until a filter changes)`;
       return;
     }
-    const wait = Math.min(REFRESH_MS * 2 ** failures, RETRY_MAX_MS);
+    const wait = retryWait(REFRESH_MS, failures);
     failures += 1;
     status.textContent = `${reason}; asking again in ${Math.round(wait / 1000)} s`;
     refreshIn(wait);

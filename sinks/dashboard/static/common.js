@@ -246,6 +246,32 @@ function pageQuery(state) {
   return q;
 }
 
+// ------------------------------------------------------------------ reading the API
+
+// A page that asks again after a failed read waits twice as long each time in a row, at most this long.
+const RETRY_MAX_MS = 30000;
+// The wait before the next try after `failures` failed reads in a row, the first try after `firstMs`.
+const retryWait = (firstMs, failures) => Math.min(firstMs * 2 ** failures, RETRY_MAX_MS);
+// Whether a failed read is worth asking again: a 4xx says the request itself is wrong (a malformed id, a login that
+// may not read it, a filter the API refuses) and asked again gets the same answer; a 5xx, no answer at all (status 0)
+// or an answer that is not JSON may pass (the dashboard, OpenSearch or a proxy away for a while).
+const worthRetrying = (status) => !(status >= 400 && status < 500);
+
+// One request for JSON: { ok, status, body, reason }. status is 0 where nothing answered; body is {} where the
+// answer is not JSON (a proxy's HTML error page), which is then not ok even with a 2xx; reason is the answer's
+// `error`, or what happened ("HTTP 502 Bad Gateway"), for the page to show.
+async function askJson(url, init = {}) {
+  let r;
+  try {
+    r = await fetch(url, { cache: "no-store", ...init });
+  } catch (e) {
+    return { ok: false, status: 0, body: {}, reason: `the dashboard did not answer (${e.message})` };
+  }
+  const body = await r.json().catch(() => null);
+  const reason = (body && body.error) || `HTTP ${r.status} ${r.statusText || ""}`.trim() + (body || !r.ok ? "" : ": the answer is not JSON");
+  return { ok: r.ok && body !== null, status: r.status, body: body || {}, reason };
+}
+
 async function getJson(state, path) {
   const r = await fetch(`${path}?${pageQuery(state)}`, { cache: "no-store" });
   const body = await r.json();
