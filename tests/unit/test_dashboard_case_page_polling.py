@@ -28,7 +28,7 @@ HARNESS = """
 const nodes = {};
 const node = (id) => (nodes[id] ||= {
   id, className: "", textContent: "", innerHTML: "", disabled: false, dataset: {}, addEventListener() {},
-  insertAdjacentHTML(_where, html) { this.innerHTML += html; }, querySelector: () => null,
+  insertAdjacentHTML(_where, html) { this.innerHTML += html; }, querySelector: () => null, getAttribute: () => "",
 });
 const buttons = [node("b1"), node("b2")];
 globalThis.document = {

@@ -272,11 +272,12 @@ async function askJson(url, init = {}) {
   return { ok: r.ok && body !== null, status: r.status, body: body || {}, reason };
 }
 
+// The live and models pages' read of `path` for the page's window and store; a failure throws with the answer's
+// `error` or its status ("/api/overview: HTTP 502 Bad Gateway" for a proxy's page that is not JSON).
 async function getJson(state, path) {
-  const r = await fetch(`${path}?${pageQuery(state)}`, { cache: "no-store" });
-  const body = await r.json();
-  if (!r.ok) throw new Error(body.error || `${path}: HTTP ${r.status}`);
-  return body;
+  const answer = await askJson(`${path}?${pageQuery(state)}`);
+  if (!answer.ok) throw new Error(answer.body.error || `${path}: ${answer.reason}`);
+  return answer.body;
 }
 
 // The links between the pages carry the window, store and anchor along.

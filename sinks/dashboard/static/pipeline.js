@@ -77,9 +77,9 @@ async function refresh() {
   const seq = ++state.seq;
   const status = document.getElementById("status");
   try {
-    const r = await fetch("/api/pipeline", { cache: "no-store" });
-    const body = await r.json();
-    if (!r.ok) throw new Error(body.error || `/api/pipeline: HTTP ${r.status}`);
+    const answer = await askJson("/api/pipeline");  // a proxy's error page is not JSON: its status is shown
+    if (!answer.ok) throw new Error(answer.body.error || `/api/pipeline: ${answer.reason}`);
+    const body = answer.body;
     if (seq !== state.seq) return;
     render(body);
     state.renders += 1;
