@@ -113,3 +113,71 @@ def test_a_case_answered_5xx_or_not_at_all_is_asked_again_further_apart_up_to_30
     assert "did not answer (Failed to fetch)" in shown["seen"][1] and "asking again in 6 s" in shown["seen"][1]
     assert "HTTP 502 Bad Gateway" in shown["seen"][2]
     assert shown["status"]["className"] == "status" and shown["status"]["textContent"].startswith("loaded")
+
+
+VERDICT_HARNESS = """
+const nodes = {};
+const node = (id) => (nodes[id] ||= {
+  id, className: "", textContent: "", innerHTML: "", value: "", disabled: false, dataset: {}, handlers: {},
+  addEventListener(name, fn) { this.handlers[name] = fn; },
+  insertAdjacentHTML(_where, html) { this.innerHTML += html; }, querySelector: () => null,
+});
+const buttons = [node("confirm"), node("dismiss")];
+buttons[0].dataset.verb = "confirm";
+buttons[1].dataset.verb = "dismiss";
+globalThis.document = {
+  getElementById: node, querySelector: node, querySelectorAll: () => buttons, body: { dataset: {} }, title: "",
+};
+globalThis.location = { pathname: "/cases/case-0123456789ab" };
+// The case's own reads always answer; the verdict's answers come in order: [status, body] (a string is not JSON).
+const verdicts = %s;
+const sent = [];
+globalThis.fetch = async (url, init = {}) => {
+  const [status, body] = init.method === "POST"
+    ? verdicts[sent.push(JSON.parse(init.body).request_id) - 1]
+    : [200, { case: %s, transaction: null, you: "guard@example.com" }];
+  return {
+    ok: status < 300, status, statusText: status >= 500 ? "Bad Gateway" : "",
+    json: async () => (typeof body === "string" ? JSON.parse(body) : body),
+  };
+};
+globalThis.setInterval = () => 0;
+const thrown = [];
+process.on("unhandledRejection", (e) => thrown.push(String(e)));
+const flush = () => new Promise((done) => setTimeout(done, 20));
+const press = () => nodes.verdict.handlers.click({ target: { closest: () => buttons[0] } });
+(async () => {
+  %s
+  await flush();
+  const shown = [];
+  for (let i = 0; i < verdicts.length; i++) {
+    press();
+    await flush();
+    shown.push({ result: nodes["v-result"].textContent, className: nodes["v-result"].className,
+      enabled: !buttons[0].disabled });
+  }
+  console.log(JSON.stringify({ shown, sent, thrown }));
+  process.exit(0);
+})();
+"""
+
+
+def _verdicts(answers: list[Any]) -> dict[str, Any]:
+    """What the case page says after each press of Confirm, the verdict endpoint answering ``answers`` in turn."""
+    scripts = (STATIC / "common.js").read_text() + (STATIC / "case.js").read_text()
+    script = VERDICT_HARNESS % (json.dumps(answers), json.dumps(CASE), scripts)
+    run = subprocess.run([NODE or "node", "-e", script], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_a_verdict_answered_by_a_page_that_is_not_json_says_so_and_is_sent_again_as_the_same_submission() -> None:
+    """A proxy's 502 page left "sending confirm…" on screen with no word (the page threw reading it as JSON)."""
+    shown = _verdicts([[502, "<html>bad gateway</html>"], [400, {"error": "this case is already decided"}]])
+    first, second = shown["shown"]
+    assert shown["thrown"] == [], shown
+    assert first["className"] == "status error" and "HTTP 502 Bad Gateway" in first["result"], shown
+    assert "press it again, it will not be recorded twice" in first["result"] and first["enabled"]
+    assert shown["sent"][0] == shown["sent"][1], "the retry of the same submission keeps its request_id"
+    assert second["result"] == "this case is already decided" and second["enabled"]

@@ -161,23 +161,23 @@ async function send(verb, fraud) {
   unanswered = { key, id: request_id };
   result.className = "status";
   result.textContent = `sending ${verb}…`;
-  let r;
-  try {
-    r = await fetch(`/api/cases/${encodeURIComponent(caseId)}/verdict`, {
-      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ verb, text, fraud, request_id }),
-    });
-  } catch (e) {
+  const answer = await askJson(`/api/cases/${encodeURIComponent(caseId)}/verdict`, {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ verb, text, fraud, request_id }),
+  });
+  if (!answer.ok) {
     result.className = "status error";
-    result.textContent = `${verb} may not have been sent (${e.message}): press it again, it will not be recorded twice.`;
+    // No answer, a 5xx or a page that is not JSON (a proxy's): the verdict may have gone through, so the same
+    // submission sent again keeps its request_id. The dashboard's own refusal (a 4xx) was not recorded.
+    if (worthRetrying(answer.status)) {
+      result.textContent = `${verb} may not have been sent (${answer.reason}): press it again, it will not be recorded twice.`;
+    } else {
+      unanswered = null;
+      result.textContent = answer.reason;
+    }
     return;
   }
   unanswered = null;
-  const body = await r.json();
-  if (!r.ok) {
-    result.className = "status error";
-    result.textContent = body.error;
-    return;
-  }
+  const body = answer.body;
   result.textContent = `${verb} recorded (${body.command_id}); waiting for the case service…`;
   for (let i = 0; i < 30; i++) {
     await new Promise((ok) => setTimeout(ok, 1000));
