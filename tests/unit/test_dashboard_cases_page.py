@@ -205,3 +205,59 @@ def test_the_cases_page_answered_5xx_or_not_at_all_asks_again_further_apart_up_t
     assert "Failed to fetch" in shown["seen"][1] and "asking again in 10 s" in shown["seen"][1]
     assert "HTTP 502 Bad Gateway" in shown["seen"][2]
     assert shown["seen"][6].startswith("updated"), shown
+
+
+RACE_HARNESS = """
+const vm = require("vm");
+const nodes = {};
+const node = (key) => (nodes[key] ||= {
+  options: [], add(o) { this.options.push(o); }, value: "", textContent: "", className: "", hidden: false,
+  innerHTML: "", handlers: {}, addEventListener(name, fn) { this.handlers[name] = fn; },
+});
+const queues = %s;
+const pending = [];  // the queue's requests, each answered when the test says
+const context = vm.createContext({
+  document: { getElementById: node, querySelector: node, body: { dataset: {} } },
+  location: { search: "" }, history: { replaceState() {} },
+  Option: function (text, value) { this.text = text; this.value = value; },
+  URLSearchParams, console, setTimeout: () => 0, clearTimeout() {}, setInterval: () => 0,
+  fetch: (url) => {
+    if (url.startsWith("/api/cases/figures")) return Promise.resolve({ ok: true, status: 200, json: async () => (%s) });
+    return new Promise((answer) => pending.push({ url, answer }));
+  },
+});
+const flush = () => new Promise((done) => setImmediate(done));
+const reply = (i) => pending[i].answer({ ok: true, status: 200, json: async () => queues[i] });
+(async () => {
+  for (const [name, text] of %s) vm.runInContext(text, context, { filename: name });
+  await flush();
+  nodes["f-state"].handlers.change({ target: { value: "dismissed" } });  // asked while the first is on its way
+  await flush();
+  reply(1);  // the newer filter's answer first
+  await flush();
+  reply(0);  // then the older one's
+  await flush();
+  console.log(JSON.stringify({ asked: pending.map((p) => p.url), queue: nodes["#queue-table tbody"].innerHTML,
+    hint: nodes["queue-hint"].textContent }));
+  process.exit(0);
+})();
+"""
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_the_cases_page_keeps_the_newer_filters_results_when_an_older_refresh_answers_last() -> None:
+    """A refresh asked before a filter changed and answered after the newer one drew the old filter's cases."""
+    old = {**QUEUE, "cases": [{"case_id": "case-000000000001", "state": "open"}], "total": 1}
+    new = {**QUEUE, "cases": [{"case_id": "case-000000000002", "state": "dismissed"}], "total": 7}
+    html = (STATIC / "cases.html").read_text()
+    scripts = [
+        (src.removeprefix("/static/"), (STATIC / src.removeprefix("/static/")).read_text())
+        for src in _page_scripts(html)
+    ]
+    script = RACE_HARNESS % (json.dumps([old, new]), json.dumps(FIGURES), json.dumps(scripts))
+    run = subprocess.run([NODE or "node", "-e", script], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    shown = json.loads(run.stdout.strip().splitlines()[-1])
+    assert "state=undecided" in shown["asked"][0] and "state=dismissed" in shown["asked"][1], shown
+    assert "case-000000000002" in shown["queue"] and "case-000000000001" not in shown["queue"], shown
+    assert shown["hint"] == "(7 matching, newest first)"

@@ -15,6 +15,8 @@ const REFRESH_MS = 5000;
 // it is asked, so the page stops asking until a filter changes.
 let timer = null;
 let failures = 0;
+// Each refresh's number: an answer to an older one (asked before a filter changed) is dropped, as on the live page.
+let seq = 0;
 
 function options(id, counts, current) {
   const select = document.getElementById(id);
@@ -47,12 +49,14 @@ function refreshIn(ms) {
 async function refresh() {
   clearTimeout(timer);
   timer = null;
+  const mine = ++seq;
   const status = document.getElementById("status");
   const q = new URLSearchParams(Object.entries(filters).filter(([, v]) => v));
   try {
     const [queue, figures] = await Promise.all([
       fetchJson(`/api/cases?${q}`), fetchJson(`/api/cases/figures?${filters.store ? `store=${encodeURIComponent(filters.store)}` : ""}`),
     ]);
+    if (mine !== seq) return;
     options("f-state", { undecided: 0, open: 0, escalated: 0, confirmed: 0, dismissed: 0, expired: 0 }, filters.state);
     options("f-kind", queue.kinds, filters.kind);
     options("f-store", queue.stores, filters.store);
@@ -78,6 +82,7 @@ async function refresh() {
     failures = 0;
     refreshIn(REFRESH_MS);
   } catch (err) {
+    if (mine !== seq) return;
     status.className = "status error";
     const reason = String(err.message || err);
     if (!worthRetrying(err.status)) {
