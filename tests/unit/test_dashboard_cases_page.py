@@ -261,3 +261,17 @@ def test_the_cases_page_keeps_the_newer_filters_results_when_an_older_refresh_an
     assert "state=undecided" in shown["asked"][0] and "state=dismissed" in shown["asked"][1], shown
     assert "case-000000000002" in shown["queue"] and "case-000000000001" not in shown["queue"], shown
     assert shown["hint"] == "(7 matching, newest first)"
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_the_cases_page_shows_an_out_of_range_opened_at_as_it_came_in_its_row_only() -> None:
+    """An opened_at no date can hold made toISOString throw, and the whole queue and its figures were not drawn."""
+    rows = [
+        {"case_id": "case-000000000001", "opened_at": 1e20, "state": "open"},
+        {"case_id": "case-000000000002", "opened_at": HOSTILE, "state": "open"},
+        {"case_id": "case-000000000003", "opened_at": 1_800_000_000_000, "state": "open"},
+    ]
+    shown = _shown({"/api/cases": {**QUEUE, "cases": rows, "total": 3}, "/api/cases/figures": FIGURES})
+    assert "<td>100000000000000000000</td>" in shown["queue"], shown
+    assert "<td>&lt;img src=x onerror=&quot;alert(1)&quot;&gt;</td>" in shown["queue"] and "<img" not in shown["queue"]
+    assert "<td>2027-01-15 08:00</td>" in shown["queue"]

@@ -135,3 +135,26 @@ def test_the_case_page_shows_a_notes_and_a_reasons_line_breaks_with_the_text_sti
     assert "first line<br>second line" in shown["trail"]
     assert "not him:<br>&lt;img src=x" in shown["trail"] and "not him:<br>&lt;img src=x" in shown["facts"]
     assert "<img" not in shown["trail"] + shown["facts"]
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_the_case_page_shows_an_out_of_range_time_as_it_came_in_its_row_only() -> None:
+    """An opened_at no date can hold made toISOString throw, and nothing of the case was drawn."""
+    case = {
+        "case_id": "case-0123456789ab",
+        "state": "open",
+        "kind": "WATCHLIST_MATCH",
+        "version": 1,
+        "opened_at": 1e20,
+        "expires_at": HOSTILE,
+        "notes": [{"at": 1_800_000_000_000, "actor": "guard@example.com", "text": "seen"}],
+        "images": {},
+    }
+    scripts = COMMON_JS.read_text() + (COMMON_JS.parent / "case.js").read_text()
+    script = RENDER_HARNESS % (scripts, json.dumps(case))
+    out = subprocess.run([NODE or "node", "-e", script], capture_output=True, text=True, timeout=30, check=True)
+    shown = json.loads(out.stdout.strip().splitlines()[-1])
+    assert '<td data-field="opened">100000000000000000000</td>' in shown["facts"], shown
+    assert '<td data-field="expires">&lt;img src=x' in shown["facts"] and "<img" not in shown["facts"]
+    assert "<time>100000000000000000000</time>" in shown["trail"]
+    assert "<time>2027-01-15 08:00:00 UTC</time> <b>guard@example.com</b> seen" in shown["trail"]

@@ -1,7 +1,8 @@
 // The page alert messages link to: one alert, its snapshot and the decision on its transaction.
 "use strict";
 
-const when = (ms) => (ms ? `${new Date(ms).toISOString().replace("T", " ").slice(0, 19)} UTC` : "");
+// A time as UTC text; a stored value that is no time (out of range) as it came, for its row only.
+const when = (ms) => (ms ? (isoUtc(ms) ? `${isoUtc(ms)} UTC` : String(ms)) : "");
 
 // Asking for the alert again: only after a 5xx or no answer, 3 s then twice as long each time in a row (common.js's
 // retryWait); a 4xx stops it with the reason shown, since asked again it gets the same answer.

@@ -3,7 +3,8 @@
 // so the page waits for the case's next version before it shows the new state.
 "use strict";
 
-const when = (ms) => (ms ? `${new Date(ms).toISOString().replace("T", " ").slice(0, 19)} UTC` : "");
+// A time as UTC text; a stored value that is no time (out of range) as it came, for its row only.
+const when = (ms) => (ms ? (isoUtc(ms) ? `${isoUtc(ms)} UTC` : String(ms)) : "");
 // The id in the page's address; null where it is not valid URL encoding (a link cut short at a "%" escape, say):
 // decodeURIComponent threw on it, and the page sat at "loading…" with no word.
 function pathId() {

@@ -3,7 +3,8 @@
 // Loaded after common.js: indexed values are escaped by its escapeHtml, as on every other page.
 "use strict";
 
-const when = (ms) => (ms ? new Date(ms).toISOString().replace("T", " ").slice(0, 16) : "");
+// A time as UTC text to the minute; a stored value that is no time (out of range) as it came, for its row only.
+const when = (ms) => (ms ? (isoUtc(ms)?.slice(0, 16) ?? String(ms)) : "");
 const duration = (s) => (s === null || s === undefined ? "–" : s < 90 ? `${Math.round(s)} s` : s < 5400 ? `${Math.round(s / 60)} min` : `${(s / 3600).toFixed(1)} h`);
 const share = (x) => (x === null || x === undefined ? "–" : `${(100 * x).toFixed(0)} %`);
 const params = new URLSearchParams(location.search);

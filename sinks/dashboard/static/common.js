@@ -47,6 +47,12 @@ function fmtTime(t, intervalS) {
   if (intervalS >= 3600) return `${d.toISOString().slice(5, 10)} ${d.toISOString().slice(11, 13)}h`;
   return d.toISOString().slice(11, intervalS < 60 ? 19 : 16);
 }
+// A time in epoch milliseconds as "YYYY-MM-DD hh:mm:ss" (UTC); null where it is no time a Date holds (out of range,
+// not a number): toISOString throws on it, and took the whole render of the page with it.
+function isoUtc(ms) {
+  const d = new Date(ms);
+  return Number.isNaN(d.getTime()) ? null : d.toISOString().replace("T", " ").slice(0, 19);
+}
 function compact(v) {
   const a = Math.abs(v);
   if (a >= 1e6) return `${(v / 1e6).toFixed(1)}M`;
