@@ -124,7 +124,8 @@ function renderAlerts(a) {
     const card = document.createElement("a");  // the same page alert messages link to
     card.className = `alert ${x.kind}`;
     card.href = `/alerts/${encodeURIComponent(x.alert_id)}`;
-    const when = new Date(x.event_time).toISOString().replace("T", " ").slice(0, 19);
+    // a time no date can hold (out of range) as it came, escaped, for this alert only: it threw, and nothing was drawn
+    const when = escapeHtml(isoUtc(x.event_time) ?? x.event_time);
     const amount = x.amount != null ? ` · ${fmtAmount(x.amount, x.currency || "")} ${escapeHtml(x.currency || "")}` : "";
     const img = x.thumbnail
       ? `<img class="thumb" alt="snapshot" loading="lazy" src="${escapeHtml(x.thumbnail)}">`
@@ -153,7 +154,7 @@ async function refresh() {
     state.renders += 1;
     document.body.dataset.renders = String(state.renders);
     status.className = "status";
-    const end = new Date(overview.window.end).toISOString().slice(11, 19);
+    const end = isoUtc(overview.window.end)?.slice(11, 19) ?? String(overview.window.end);
     status.textContent = `${overview.window.store ? `store ${overview.window.store} · ` : ""}window ends ${end} UTC · updated ${new Date().toLocaleTimeString()}`;
   } catch (err) {
     if (seq !== state.seq) return;

@@ -41,17 +41,20 @@ function fmtMoney(amounts) {
 }
 const fmtPct = (x) => `${(100 * (x || 0)).toFixed(1)} %`;
 const fmtMs = (x) => (x === null || x === undefined ? "–" : num.format(x));
-function fmtTime(t, intervalS) {
-  const d = new Date(t);
-  if (intervalS >= 86400) return d.toISOString().slice(5, 10);
-  if (intervalS >= 3600) return `${d.toISOString().slice(5, 10)} ${d.toISOString().slice(11, 13)}h`;
-  return d.toISOString().slice(11, intervalS < 60 ? 19 : 16);
-}
 // A time in epoch milliseconds as "YYYY-MM-DD hh:mm:ss" (UTC); null where it is no time a Date holds (out of range,
 // not a number): toISOString throws on it, and took the whole render of the page with it.
 function isoUtc(ms) {
   const d = new Date(ms);
   return Number.isNaN(d.getTime()) ? null : d.toISOString().replace("T", " ").slice(0, 19);
+}
+// A chart's tick or tip for a point's time, shorter as the interval grows (UTC); a time no date can hold is shown as
+// it came (the charts put it in as text): it threw before, and no chart of the page was drawn.
+function fmtTime(t, intervalS) {
+  const iso = isoUtc(t);
+  if (iso === null) return String(t);
+  if (intervalS >= 86400) return iso.slice(5, 10);
+  if (intervalS >= 3600) return `${iso.slice(5, 10)} ${iso.slice(11, 13)}h`;
+  return iso.slice(11, intervalS < 60 ? 19 : 16);
 }
 function compact(v) {
   const a = Math.abs(v);

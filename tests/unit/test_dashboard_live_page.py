@@ -1,0 +1,127 @@
+"""The live page (app.js) run in Node with a fake DOM, canned answers per endpoint and a clock of its own (skipped
+without Node): what it draws and when it asks again."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+STATIC = Path(__file__).resolve().parents[2] / "sinks" / "dashboard" / "static"
+NODE = shutil.which("node") or shutil.which("nodejs")
+HOSTILE = '<img src=x onerror="alert(1)">'
+LATENCY = {"p50": 10, "p95": 20, "p99": 30}
+OVERVIEW = {
+    "window": {"interval_s": 60, "end": 1_800_000_000_000, "store": ""},
+    "totals": {"transactions": 1, "revenue": {"USD": 10}, "value_prevented": {}},
+    "rates": {"per_minute": 1.0, "block_rate": 0.0, "review_rate": 0.0},
+    "currencies": ["USD"],
+    "latency": {"ttdf_ms": LATENCY, "proc_time_ms": LATENCY, "model_time_ms": LATENCY},
+    "series": [{"t": 1e20, "APPROVE": 1, "revenue": {"USD": 10}, "prevented": {}, "p50": 10, "p95": 20, "p99": 30}],
+    "outcomes": {"APPROVE": 1},
+    "stores": [],
+    "stores_more": {"stores": 0, "transactions": 0},
+    "all_stores": [],
+    "all_stores_more": 0,
+}
+ALERT = {
+    "alert_id": "a-1",
+    "kind": "BLOCKED",
+    "severity": "high",
+    "store_id": "s-1",
+    "lane_id": "",
+    "summary": "blocked",
+    "event_time": 1_800_000_000_000,
+}
+FACES = {"statuses": {}, "series": []}
+
+HARNESS = """
+const nodes = {};
+const made = (id) => ({
+  id, className: "", textContent: "", innerHTML: "", value: "", checked: false, hidden: false, dataset: {}, style: {},
+  options: [], clientWidth: 600, clientHeight: 200, children: [],
+  appendChild(child) { this.children.push(child); return child; }, setAttribute() {}, addEventListener() {},
+  add(option) { this.options.push(option); }, insertAdjacentHTML(_where, html) { this.innerHTML += html; },
+  querySelector: () => null, querySelectorAll: () => [], getAttribute: () => "", replaceWith() {},
+});
+const node = (id) => (nodes[id] ||= made(id));
+globalThis.document = {
+  getElementById: node, querySelector: node, querySelectorAll: () => [], body: { dataset: {} },
+  createElement: () => made(), createElementNS: () => made(),
+};
+globalThis.Option = function Option(text, value) { this.text = text; this.value = value; };
+globalThis.window = { addEventListener() {} };
+globalThis.location = { search: "" };
+// Per path, its answers in order (the last one repeated): [status, body], or null for no answer at all.
+const answers = %s;
+const asked = {};
+globalThis.fetch = async (url) => {
+  const path = url.split("?")[0];
+  const list = answers[path];
+  const answer = list[Math.min((asked[path] = (asked[path] || 0) + 1) - 1, list.length - 1)];
+  if (answer === null) throw new TypeError("Failed to fetch");
+  const [status, body] = answer;
+  return {
+    ok: status < 300, status, statusText: status >= 500 ? "Bad Gateway" : "",
+    json: async () => (typeof body === "string" ? JSON.parse(body) : body),
+  };
+};
+const timers = [];  // the page's own waits, run here one by one instead of in real time
+globalThis.setTimeout = (fn, ms) => { timers.push({ fn, ms }); return timers.length; };
+globalThis.clearTimeout = (id) => { if (id) timers[id - 1].fn = null; };
+const flush = () => new Promise((done) => setImmediate(done));
+const waits = [];
+const seen = [];
+(async () => {
+  %s
+  await flush(); await flush();
+  for (let run = 0; run < timers.length && run < %d; run++) {
+    if (!timers[run].fn || timers[run].ms === 200) continue;
+    seen.push(nodes.status.textContent);
+    waits.push(timers[run].ms);
+    timers[run].fn();
+    await flush(); await flush();
+  }
+  seen.push(nodes.status.textContent);
+  console.log(JSON.stringify({
+    asked, waits, seen, status: nodes.status, renders: document.body.dataset.renders || "0",
+    alerts: nodes.alerts ? nodes.alerts.children.map((c) => c.innerHTML) : [],
+  }));
+})();
+"""
+
+
+def _live(answers: dict[str, list[Any]], runs: int = 8) -> dict[str, Any]:
+    """The live page given ``answers`` per path: its status line, waits and what it drew."""
+    scripts = (STATIC / "common.js").read_text() + (STATIC / "app.js").read_text()  # as index.html loads them
+    script = HARNESS % (json.dumps(answers), scripts, runs)
+    run = subprocess.run([NODE or "node", "-e", script], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def _answers(alerts: list[dict[str, Any]], **overrides: list[Any]) -> dict[str, list[Any]]:
+    return {
+        "/api/config": [[200, {"refresh_ms": 3000, "window_minutes": 60}]],
+        "/api/overview": [[200, OVERVIEW]],
+        "/api/alerts": [[200, {"total": len(alerts), "alerts": alerts}]],
+        "/api/faces": [[200, FACES]],
+        **overrides,
+    }
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_the_live_page_shows_an_out_of_range_time_as_it_came_in_its_row_only() -> None:
+    """An alert's event_time or a chart point's t no date can hold made toISOString throw: nothing was drawn, and
+    the page said "Invalid time value — retrying" at every refresh."""
+    bad = {**ALERT, "alert_id": "a-2", "event_time": HOSTILE}
+    shown = _live(_answers([{**ALERT, "event_time": 1e20}, bad, ALERT]), runs=0)
+    assert shown["renders"] == "1" and shown["status"]["className"] == "status", shown
+    first, second, third = shown["alerts"]
+    assert "100000000000000000000 UTC" in first
+    assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt; UTC" in second and "<img src=x" not in second
+    assert "2027-01-15 08:00:00 UTC" in third
