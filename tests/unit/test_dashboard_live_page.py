@@ -125,3 +125,21 @@ def test_the_live_page_shows_an_out_of_range_time_as_it_came_in_its_row_only() -
     assert "100000000000000000000 UTC" in first
     assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt; UTC" in second and "<img src=x" not in second
     assert "2027-01-15 08:00:00 UTC" in third
+
+
+ISO_HARNESS = """
+%s
+console.log(JSON.stringify([%s].map(isoUtc)));
+"""
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_a_time_past_the_year_9999_or_before_the_year_0_is_shown_as_it_came() -> None:
+    """toISOString writes those years with six digits and a sign: the pages showed "+010000-01-01 00:00:" for a
+    stored 253402300800000 instead of the value."""
+    times = [253_402_300_799_999, 253_402_300_800_000, -62_167_219_200_000, -62_167_219_200_001, 8.64e15]
+    script = ISO_HARNESS % ((STATIC / "common.js").read_text(), ", ".join(map(str, times)))
+    run = subprocess.run([NODE or "node", "-e", script], capture_output=True, text=True, timeout=30, check=True)
+    assert json.loads(run.stdout) == ["9999-12-31 23:59:59", None, "0000-01-01 00:00:00", None, None]
+    shown = _live(_answers([{**ALERT, "event_time": 253_402_300_800_000}]), runs=0)
+    assert "253402300800000 UTC" in shown["alerts"][0] and "+0100" not in shown["alerts"][0], shown

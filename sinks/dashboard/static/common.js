@@ -42,10 +42,13 @@ function fmtMoney(amounts) {
 const fmtPct = (x) => `${(100 * (x || 0)).toFixed(1)} %`;
 const fmtMs = (x) => (x === null || x === undefined ? "–" : num.format(x));
 // A time in epoch milliseconds as "YYYY-MM-DD hh:mm:ss" (UTC); null where it is no time a Date holds (out of range,
-// not a number): toISOString throws on it, and took the whole render of the page with it.
+// not a number): toISOString throws on it, and took the whole render of the page with it. Null too outside the
+// years 0000-9999, which toISOString writes with six digits and a sign ("+010000-01-01"), cut short by the slice.
 function isoUtc(ms) {
   const d = new Date(ms);
-  return Number.isNaN(d.getTime()) ? null : d.toISOString().replace("T", " ").slice(0, 19);
+  if (Number.isNaN(d.getTime())) return null;
+  const year = d.getUTCFullYear();
+  return year < 0 || year > 9999 ? null : d.toISOString().replace("T", " ").slice(0, 19);
 }
 // A chart's tick or tip for a point's time, shorter as the interval grows (UTC); a time no date can hold is shown as
 // it came (the charts put it in as text): it threw before, and no chart of the page was drawn.
