@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,5 +44,37 @@ def test_the_live_and_models_pages_show_a_proxys_error_page_as_its_status() -> N
 def test_the_pipeline_page_shows_a_proxys_error_page_as_its_status_and_asks_again() -> None:
     """pipeline.js read the answer as JSON: a proxy's 502 page was shown as a JSON parse error."""
     shown = polled([[200, {"refresh_ms": 5000}], [502, PROXY_PAGE]], "pipeline.js", "/pipeline")
-    assert shown["seen"][0] == "/api/pipeline: HTTP 502 Bad Gateway — retrying", shown
+    assert shown["seen"][0] == "/api/pipeline: HTTP 502 Bad Gateway; asking again in 5 s", shown
     assert shown["status"]["className"] == "status error" and shown["waits"][0] == 5000
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+@pytest.mark.parametrize(
+    ("status", "body", "says"),
+    [
+        (401, "Unauthorized", "/api/pipeline: HTTP 401 — not refreshed again: log in again (reload the page)"),
+        (
+            403,
+            {"error": "this login may not read it"},
+            "this login may not read it — not refreshed again: log in again",
+        ),
+        (400, {"error": "no such window"}, "no such window — not refreshed again until the page is reloaded"),
+    ],
+)
+def test_the_pipeline_page_stops_refreshing_after_a_4xx_and_says_why(status: int, body: Any, says: str) -> None:
+    """Every failure was asked again every refresh interval for ever: a 401 once the login expired too, with
+    "— retrying" and no word of logging in again."""
+    shown = polled([[200, {"refresh_ms": 5000}], [status, body], [200, {}]], "pipeline.js", "/pipeline")
+    assert shown["fetched"] == 2 and shown["waits"] == [], shown
+    assert shown["status"]["className"] == "status error" and shown["status"]["textContent"].startswith(says)
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_the_pipeline_page_asks_again_after_a_5xx_or_no_answer_further_apart_up_to_30_s() -> None:
+    """A 5xx or no answer was asked again every 5 s however long the dashboard was away."""
+    shown = polled(
+        [[200, {"refresh_ms": 5000}], [503, {"error": "busy"}], None, [502, PROXY_PAGE]], "pipeline.js", "/pipeline"
+    )
+    assert shown["waits"][:6] == [5000, 10000, 20000, 30000, 30000, 30000], shown
+    assert shown["seen"][0] == "busy; asking again in 5 s"
+    assert shown["seen"][1] == "/api/pipeline: the dashboard did not answer (Failed to fetch); asking again in 10 s"

@@ -143,3 +143,42 @@ def test_a_time_past_the_year_9999_or_before_the_year_0_is_shown_as_it_came() ->
     assert json.loads(run.stdout) == ["9999-12-31 23:59:59", None, "0000-01-01 00:00:00", None, None]
     shown = _live(_answers([{**ALERT, "event_time": 253_402_300_800_000}]), runs=0)
     assert "253402300800000 UTC" in shown["alerts"][0] and "+0100" not in shown["alerts"][0], shown
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+@pytest.mark.parametrize(
+    ("status", "body", "says"),
+    [
+        (401, "Unauthorized", "/api/overview: HTTP 401 — not refreshed again: log in again (reload the page)"),
+        (
+            403,
+            {"error": "this login may not read it"},
+            "this login may not read it — not refreshed again: log in again",
+        ),
+        (
+            400,
+            {"error": "minutes: 15 to 43200"},
+            "minutes: 15 to 43200 — not refreshed again until the window or store",
+        ),
+    ],
+)
+def test_the_live_page_stops_refreshing_after_a_4xx_and_says_why(status: int, body: Any, says: str) -> None:
+    """Every failure was asked again every 3 s for ever: a 401 once the login expired too, with "— retrying" and
+    no word of logging in again."""
+    shown = _live(_answers([], **{"/api/overview": [[status, body], [200, OVERVIEW]]}))
+    assert shown["asked"]["/api/overview"] == 1 and shown["waits"] == [], shown
+    assert shown["status"]["className"] == "status error" and shown["status"]["textContent"].startswith(says)
+    assert shown["renders"] == "0"
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_the_live_page_asks_again_after_a_5xx_or_no_answer_further_apart_up_to_30_s() -> None:
+    """A 5xx or no answer was asked again every 3 s however long the dashboard or OpenSearch was away."""
+    unavailable = [503, {"error": "OpenSearch unavailable (ConnectionError)"}]
+    failing = [unavailable, None, [502, "<html>bad gateway</html>"], unavailable, unavailable, unavailable]
+    shown = _live(_answers([], **{"/api/overview": [*failing, [200, OVERVIEW]]}))
+    assert shown["waits"] == [3000, 6000, 12000, 24000, 30000, 30000, 3000, 3000], shown
+    assert shown["seen"][0] == "OpenSearch unavailable (ConnectionError); asking again in 3 s"
+    assert shown["seen"][1] == "/api/overview: the dashboard did not answer (Failed to fetch); asking again in 6 s"
+    assert shown["seen"][2] == "/api/overview: HTTP 502 Bad Gateway; asking again in 12 s"
+    assert shown["status"]["className"] == "status" and shown["renders"] == "3"

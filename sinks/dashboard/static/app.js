@@ -3,7 +3,10 @@
 
 const OUTCOMES = ["APPROVE", "REVIEW", "BLOCK"];
 const FACE_STATUSES = ["MATCHED", "NO_MATCH", "NO_FACE", "UNAVAILABLE"];
-const state = { minutes: 60, store: "", anchor: false, refreshMs: 3000, timer: null, renders: 0, seq: 0 };
+// failures: failed reads in a row. After a 5xx or no answer the page asks again after common.js's retryWait (the
+// refresh interval, then twice as long each time, up to 30 s); after a 4xx (a 401 once the login expired) it stops:
+// asked again, it gets the same answer.
+const state = { minutes: 60, store: "", anchor: false, refreshMs: 3000, timer: null, renders: 0, seq: 0, failures: 0 };
 
 // Horizontal stacked bars per store: <rect class="bar"> per segment; clicking a store focuses on it.
 function storeBars(container, stores) {
@@ -156,12 +159,19 @@ async function refresh() {
     status.className = "status";
     const end = isoUtc(overview.window.end)?.slice(11, 19) ?? String(overview.window.end);
     status.textContent = `${overview.window.store ? `store ${overview.window.store} · ` : ""}window ends ${end} UTC · updated ${new Date().toLocaleTimeString()}`;
+    state.failures = 0;
+    state.timer = setTimeout(refresh, state.refreshMs);
   } catch (err) {
     if (seq !== state.seq) return;
     status.className = "status error";
-    status.textContent = `${err.message} — retrying`;
-  } finally {
-    if (seq === state.seq) state.timer = setTimeout(refresh, state.refreshMs);
+    if (!worthRetrying(err.status)) {
+      status.textContent = refusedText(err.status, err.message, "the window or store changes or the page is reloaded");
+      return;
+    }
+    const wait = retryWait(state.refreshMs, state.failures);
+    state.failures += 1;
+    status.textContent = `${err.message}; asking again in ${Math.round(wait / 1000)} s`;
+    state.timer = setTimeout(refresh, wait);
   }
 }
 

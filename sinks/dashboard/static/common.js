@@ -268,6 +268,14 @@ const retryWait = (firstMs, failures) => Math.min(firstMs * 2 ** failures, RETRY
 // may not read it, a filter the API refuses) and asked again gets the same answer; a 5xx, no answer at all (status 0)
 // or an answer that is not JSON may pass (the dashboard, OpenSearch or a proxy away for a while).
 const worthRetrying = (status) => !(status >= 400 && status < 500);
+// What a page that stopped asking after a 4xx says: a 401 or 403 (the login expired or was changed, or may not read
+// this) asks the person to log in again, which only a reload of the page does; another 4xx (a 400: a window the API
+// refuses) shows its reason and when the page asks again.
+function refusedText(status, reason, until = "the page is reloaded") {
+  return status === 401 || status === 403
+    ? `${reason} — not refreshed again: log in again (reload the page)`
+    : `${reason} — not refreshed again until ${until}`;
+}
 
 // One request for JSON: { ok, status, body, reason }. status is 0 where nothing answered; body is {} where the
 // answer is not JSON (a proxy's HTML error page), which is then not ok even with a 2xx; reason is the answer's
@@ -285,10 +293,11 @@ async function askJson(url, init = {}) {
 }
 
 // The live and models pages' read of `path` for the page's window and store; a failure throws with the answer's
-// `error` or its status ("/api/overview: HTTP 502 Bad Gateway" for a proxy's page that is not JSON).
+// `error` or its status ("/api/overview: HTTP 502 Bad Gateway" for a proxy's page that is not JSON), and the
+// status as `status` (0 where nothing answered) for the page to choose between asking again and stopping.
 async function getJson(state, path) {
   const answer = await askJson(`${path}?${pageQuery(state)}`);
-  if (!answer.ok) throw new Error(answer.body.error || `${path}: ${answer.reason}`);
+  if (!answer.ok) throw Object.assign(new Error(answer.body.error || `${path}: ${answer.reason}`), { status: answer.status });
   return answer.body;
 }
 

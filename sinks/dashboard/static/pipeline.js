@@ -5,8 +5,10 @@
 const params = new URLSearchParams(location.search);
 const state = {
   minutes: Number(params.get("minutes") || 60), store: params.get("store") || "", anchor: params.get("anchor") === "latest",
-  refreshMs: 5000, minRefreshMs: 5000, timer: null, renders: 0, seq: 0,
+  refreshMs: 5000, minRefreshMs: 5000, timer: null, renders: 0, seq: 0, failures: 0,
 };
+// After a 5xx or no answer the page asks again after common.js's retryWait (the refresh interval, then twice as long
+// each time in a row, up to 30 s); after a 4xx (a 401 once the login expired) it stops: asked again, it gets the same.
 const fmtRate = (x) => (x === null || x === undefined ? "–" : x >= 100 ? num.format(x) : x.toFixed(2));
 const fmtSeconds = (s) => (s === null || s === undefined ? "–" : s >= 1 ? `${s.toFixed(2)} s` : `${(s * 1000).toFixed(1)} ms`);
 
@@ -78,7 +80,7 @@ async function refresh() {
   const status = document.getElementById("status");
   try {
     const answer = await askJson("/api/pipeline");  // a proxy's error page is not JSON: its status is shown
-    if (!answer.ok) throw new Error(answer.body.error || `/api/pipeline: ${answer.reason}`);
+    if (!answer.ok) throw Object.assign(new Error(answer.body.error || `/api/pipeline: ${answer.reason}`), { status: answer.status });
     const body = answer.body;
     if (seq !== state.seq) return;
     render(body);
@@ -86,12 +88,19 @@ async function refresh() {
     document.body.dataset.renders = String(state.renders);
     status.className = body.error ? "status error" : "status";
     status.textContent = `${body.error ? "Prometheus unavailable · " : ""}updated ${new Date().toLocaleTimeString()}`;
+    state.failures = 0;
+    state.timer = setTimeout(refresh, state.refreshMs);
   } catch (err) {
     if (seq !== state.seq) return;
     status.className = "status error";
-    status.textContent = `${err.message} — retrying`;
-  } finally {
-    if (seq === state.seq) state.timer = setTimeout(refresh, state.refreshMs);
+    if (!worthRetrying(err.status)) {
+      status.textContent = refusedText(err.status, err.message);
+      return;
+    }
+    const wait = retryWait(state.refreshMs, state.failures);
+    state.failures += 1;
+    status.textContent = `${err.message}; asking again in ${Math.round(wait / 1000)} s`;
+    state.timer = setTimeout(refresh, wait);
   }
 }
 
