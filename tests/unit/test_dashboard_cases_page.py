@@ -207,6 +207,17 @@ def test_the_cases_page_answered_5xx_or_not_at_all_asks_again_further_apart_up_t
     assert shown["seen"][6].startswith("updated"), shown
 
 
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_the_cases_page_says_an_answer_that_is_not_json_or_none_at_all_is_what_it_is() -> None:
+    """Its own fetchJson took a 200 that is not JSON (a proxy's sign-in page) for an empty answer and showed the
+    TypeError of drawing it ("Cannot convert undefined or null to object"), and no answer as a bare "Failed to
+    fetch"; it now reads through common.js's askJson, as the other pages do."""
+    shown = _polled([[200, "<html>sign in</html>"], None, [200, QUEUE]])
+    assert shown["seen"][0] == "HTTP 200: the answer is not JSON; asking again in 5 s", shown
+    assert shown["seen"][1] == "the dashboard did not answer (Failed to fetch); asking again in 10 s"
+    assert shown["waits"][:3] == [5000, 10000, 5000] and shown["seen"][2].startswith("updated")
+
+
 RACE_HARNESS = """
 const vm = require("vm");
 const nodes = {};

@@ -32,16 +32,6 @@ function table(id, rows, render) {
   body.innerHTML = rows.map(render).join("");
 }
 
-// Not common.js's getJson (that one adds the live pages' window and store to the query): its own name, not a
-// second declaration that would replace the shared one.
-// An answer other than 2xx throws with its status (absent where nothing answered) and its reason.
-async function fetchJson(url) {
-  const r = await fetch(url, { cache: "no-store" });
-  const body = await r.json().catch(() => ({}));  // a proxy's HTML error page has no JSON
-  if (!r.ok) throw Object.assign(new Error(body.error || `HTTP ${r.status} ${r.statusText || ""}`.trim()), { status: r.status });
-  return body;
-}
-
 function refreshIn(ms) {
   clearTimeout(timer);
   timer = setTimeout(refresh, ms);
@@ -54,10 +44,15 @@ async function refresh() {
   const status = document.getElementById("status");
   const q = new URLSearchParams(Object.entries(filters).filter(([, v]) => v));
   try {
-    const [queue, figures] = await Promise.all([
-      fetchJson(`/api/cases?${q}`), fetchJson(`/api/cases/figures?${filters.store ? `store=${encodeURIComponent(filters.store)}` : ""}`),
+    // common.js's askJson, as the other pages read: no answer, or one that is not JSON (a proxy's sign-in page with a
+    // 200), is a failure with its reason, not a TypeError from drawing an empty answer.
+    const answers = await Promise.all([
+      askJson(`/api/cases?${q}`), askJson(`/api/cases/figures?${filters.store ? `store=${encodeURIComponent(filters.store)}` : ""}`),
     ]);
+    const failed = answers.find((answer) => !answer.ok);
+    if (failed) throw Object.assign(new Error(failed.reason), { status: failed.status });
     if (mine !== seq) return;
+    const [queue, figures] = answers.map((answer) => answer.body);
     options("f-state", { undecided: 0, open: 0, escalated: 0, confirmed: 0, dismissed: 0, expired: 0 }, filters.state);
     options("f-kind", queue.kinds, filters.kind);
     options("f-store", queue.stores, filters.store);
