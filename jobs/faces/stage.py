@@ -90,7 +90,7 @@ from infra.processes import DaemonPool, StopRequest, done_by, exit_deadline, sto
 from infra.retry import Backoff
 from infra.settings import Settings, face_deadline_problem, get_settings
 from jobs.faces.rekognition import call_limit_s
-from jobs.scoring.validation import check_not_ahead, parse_transaction
+from jobs.scoring.validation import check_not_ahead, check_size, parse_transaction
 from schemas.codec import DecodeError, Projection, codec
 from schemas.errors import FACE_STAGE_ERROR, InvalidRecord
 from schemas.identifiers import check_serial
@@ -437,7 +437,9 @@ class FaceStage:
         dated more than ``job.max_future_skew_ms`` after ``now_ms`` (``invalid_timestamp``): the oid memory runs on
         event time, and one such event stopped it forgetting (it grew with every person for good) and kept that oid
         from being a new person until then. ``record_ms``: when Kafka took the record, if known; with ``now_ms`` it
-        bounds when the event happened (:attr:`Trigger.seen_by`)."""
+        bounds when the event happened (:attr:`Trigger.seen_by`). One over ``job.max_message_bytes`` is ``oversized``:
+        written to Kafka past the bridge, thousands of people in one event were as many snapshots of the door."""
+        check_size(value, self.settings.job.max_message_bytes)
         event = CameraEvent.from_avro(codec("CameraEvent").decode(value))  # DecodeError is an InvalidRecord
         check_serial(event.camera_serial, "camera_serial")
         if event.kind != "RAW_DETECTIONS":

@@ -189,6 +189,21 @@ def test_a_garbage_camera_event_is_invalid() -> None:
     assert Trigger(ENTRANCE, "c", "s", None, 1, None, oid=5).image_key() == ("entrance", "c:5:1")
 
 
+def test_a_camera_event_over_the_size_limit_is_dead_lettered_oversized_and_asks_for_no_snapshot() -> None:
+    """Written to Kafka past the bridge, 20 000 people in one event were 20 000 snapshots of the door."""
+    from schemas.errors import InvalidRecord
+
+    stage = FaceStage(Settings(), lambda s, at: pytest.fail("must not snapshot"), None, None)  # type: ignore[arg-type]
+    now = int(time.time() * 1000)
+    serial = "Q2MV-store-001-ENTRANCE"
+    people = tuple(DetectedObject(oid, "person", 0.1, 0.1, 0.5, 0.9) for oid in range(20_000))
+    value = CameraEvent(serial, now, f"/merakimv/{serial}/raw_detections", "RAW_DETECTIONS", objects=people).encode()
+    assert len(value) > Settings().job.max_message_bytes
+    with pytest.raises(InvalidRecord) as err:
+        stage.plan_camera_event(value, now)
+    assert err.value.kind == "oversized" and str(len(value)) in err.value.reason
+
+
 HOSTILE_STORE = "x/../Q2XX-VICTIM-0001/reboot?"
 
 
