@@ -90,7 +90,7 @@ from infra.processes import DaemonPool, StopRequest, done_by, exit_deadline, sto
 from infra.retry import Backoff
 from infra.settings import Settings, face_deadline_problem, get_settings
 from jobs.faces.rekognition import call_limit_s
-from jobs.scoring.validation import check_not_ahead, check_size, parse_transaction
+from jobs.scoring.validation import check_event_time, check_size, parse_transaction
 from schemas.codec import DecodeError, Projection, codec
 from schemas.errors import FACE_STAGE_ERROR, InvalidRecord
 from schemas.identifiers import check_serial
@@ -436,9 +436,10 @@ class FaceStage:
         camera serial that is no valid serial (it would go into the Dashboard API's path), or an entrance event
         dated more than ``job.max_future_skew_ms`` after ``now_ms`` (``invalid_timestamp``): the oid memory runs on
         event time, and one such event stopped it forgetting (it grew with every person for good) and kept that oid
-        from being a new person until then. ``record_ms``: when Kafka took the record, if known; with ``now_ms`` it
-        bounds when the event happened (:attr:`Trigger.seen_by`). One over ``job.max_message_bytes`` is ``oversized``:
-        written to Kafka past the bridge, thousands of people in one event were as many snapshots of the door."""
+        from being a new person until then; one dated at or before 1970 is ``invalid_timestamp`` too. ``record_ms``:
+        when Kafka took the record, if known; with ``now_ms`` it bounds when the event happened
+        (:attr:`Trigger.seen_by`). One over ``job.max_message_bytes`` is ``oversized``: written to Kafka past the
+        bridge, thousands of people in one event were as many snapshots of the door."""
         check_size(value, self.settings.job.max_message_bytes)
         event = CameraEvent.from_avro(codec("CameraEvent").decode(value))  # DecodeError is an InvalidRecord
         check_serial(event.camera_serial, "camera_serial")
@@ -448,7 +449,7 @@ class FaceStage:
         if where is None or where[1] is not None:
             return []  # unknown camera, or a lane camera (checkouts trigger those)
         now_ms = clock.now_ms() if now_ms is None else now_ms
-        check_not_ahead(event.event_time, now_ms, self.settings.job.max_future_skew_ms)
+        check_event_time(event.event_time, now_ms, self.settings.job.max_future_skew_ms)
         oids = [o.oid for o in event.objects if o.type == "person"]
         new = self.entrances.new_oids(event.camera_serial, event.event_time, oids)
         seen_by = _seen_by(now_ms, record_ms)

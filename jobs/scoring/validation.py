@@ -75,7 +75,7 @@ def parse_transaction(
         as_sent.update((name, was) for name, was in sent.items() if tx[name] != was)
     if not CURRENCY_RE.fullmatch(tx["currency"]):
         raise InvalidRecord("invalid_currency", f"currency must be an ISO 4217 code, got {tx['currency'][:16]!r}")
-    _check_event_time(tx["event_time"], now_ms, max_future_skew_ms)
+    check_event_time(tx["event_time"], now_ms, max_future_skew_ms)
     for item in tx["items"]:
         if item["quantity"] <= 0 or not 0 <= item["unit_price"] <= MAX_AMOUNT:
             raise InvalidRecord("invalid_item", f"line item {item['sku'][:64]!r} has a bad quantity or price")
@@ -116,7 +116,9 @@ def _check_ids(tx: dict[str, Any]) -> None:
             check(tx[name], name)
 
 
-def _check_event_time(event_time: int, now_ms: int, max_future_skew_ms: int) -> None:
+def check_event_time(event_time: int, now_ms: int, max_future_skew_ms: int) -> None:
+    """``invalid_timestamp`` for an event at or before 1970 (not epoch milliseconds) or ahead of the wall clock
+    (:func:`check_not_ahead`): one rule for every reader of an event time."""
     if event_time <= 0:
         raise InvalidRecord("invalid_timestamp", f"event_time must be epoch milliseconds, got {event_time}")
     check_not_ahead(event_time, now_ms, max_future_skew_ms)

@@ -204,6 +204,20 @@ def test_a_camera_event_over_the_size_limit_is_dead_lettered_oversized_and_asks_
     assert err.value.kind == "oversized" and str(len(value)) in err.value.reason
 
 
+@pytest.mark.parametrize("event_time", [0, -1, -(2**63)])
+def test_a_camera_event_dated_at_or_before_1970_is_dead_lettered_invalid_timestamp(event_time: int) -> None:
+    """As a transaction so dated is: taken, its observation carried that time on to the job and the sink."""
+    from schemas.errors import InvalidRecord
+
+    stage = FaceStage(Settings(), lambda s, at: pytest.fail("must not snapshot"), None, None)  # type: ignore[arg-type]
+    serial = "Q2MV-store-001-ENTRANCE"
+    person = (DetectedObject(7, "person", 0.1, 0.1, 0.5, 0.9),)
+    value = CameraEvent(serial, event_time, f"/merakimv/{serial}/raw_detections", "RAW_DETECTIONS", objects=person)
+    with pytest.raises(InvalidRecord) as err:
+        stage.plan_camera_event(value.encode(), int(time.time() * 1000))
+    assert err.value.kind == "invalid_timestamp"
+
+
 HOSTILE_STORE = "x/../Q2XX-VICTIM-0001/reboot?"
 
 
