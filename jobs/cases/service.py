@@ -74,7 +74,7 @@ from jobs.cases.core import expire as expire_case
 from schemas.codec import DecodeError
 from schemas.errors import InvalidRecord
 from schemas.forgets import Forgets
-from schemas.identifiers import check
+from schemas.identifiers import ALERT_ID_RE, check
 from schemas.indices import enrolment_transaction
 from schemas.records import (
     CASE_VERBS,
@@ -244,6 +244,9 @@ class CaseCore:
     def on_alert(self, src: Source, now_ms: int) -> list[Out]:
         try:
             alert = Alert.decode(src.value or b"")
+            # the case's own id is made from it: an empty one (a record of zeros) or one the alert sender refuses (a
+            # header injection, over 512) would open a case that no card links to, every empty one the same case
+            check(alert.alert_id, "alert_id", ALERT_ID_RE)
             # ids a verdict writes into a label or a LEARN command: one that is not an id would fail there, after
             # the verdict, and stop the service at every restart (the command read again); refused here instead
             for value, field in ((alert.transaction_id, "transaction_id"), (alert.subject_id, "subject_id")):

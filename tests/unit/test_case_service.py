@@ -1153,3 +1153,17 @@ def test_a_topic_found_missing_or_unavailable_by_a_start_up_read_the_stop_came_d
     assert any(
         r.levelname == "INFO" and "start-up read stopped by the stop request" in r.getMessage() for r in caplog.records
     )
+
+
+@pytest.mark.parametrize(
+    "alert_id",
+    ["", "x\r\nBcc: thief@evil.test", "a" * 600],
+    ids=["empty", "header_injection", "over_512"],
+)
+def test_an_alert_whose_id_the_sender_refuses_is_dead_lettered_and_opens_no_case(core, alert_id) -> None:
+    """An empty id (a record of zeros decodes as one) opened a case for every such alert under one case id, and the
+    others opened cases no card ever links to: the sender and the sink refuse those alerts."""
+    outs = core.on_alert(alert_src(alert_id=alert_id), NOW)
+    assert of(outs, CASES) == [] and core.book.cases == {}
+    (letter,) = (DeadLetter.decode(o.value) for o in of(outs, DEAD_LETTERS))
+    assert letter.error_kind == "invalid_id" and "alert_id" in letter.reason and "thief" not in letter.reason
