@@ -1274,3 +1274,19 @@ def test_a_missing_former_bucket_is_logged_once_by_the_purge_as_an_error_naming_
     store.s3.delete_bucket(Bucket=former)
     [again] = sweep()
     assert again.levelno == logging.ERROR and former in again.getMessage(), "gone again after a sweep worked"
+
+
+@pytest.mark.parametrize(
+    "alert_id",
+    ["", "x\r\nBcc: thief@evil.test", "a" * 600],
+    ids=["empty", "header_injection", "over_512"],
+)
+def test_an_alert_whose_id_the_sender_refuses_is_dead_lettered_and_its_snapshot_not_retained(core, alert_id):
+    """Its audit id is made from the alert id: every alert with an empty one (a record of zeros decodes as one) was
+    ``retain:``, so after the first the others were skipped as done, and their snapshots went unretained unsaid."""
+    enrol(core, "subj-tx-1")
+    ref = core.store.put("checkout", "tx-9", b"the subject at a lane")
+    outs = core.on_alert(Source("alerts", 0, 3, b"k", sighting("subj-tx-1", ref, alert_id).encode()), NOW)
+    (letter,) = (DeadLetter.decode(o.value) for o in by_topic(outs)["dead_letters"])
+    assert letter.error_kind == "invalid_id" and "alert_id" in letter.reason and "thief" not in letter.reason
+    assert by_topic(outs)["audit"] == [] and core.store.retained() == {}
