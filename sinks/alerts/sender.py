@@ -961,6 +961,18 @@ def check_event_time(alert: dict[str, Any], timezone: str | None) -> None:
         raise InvalidRecord("invalid_timestamp", f"event_time {value} ms is not a date the alert can show") from None
 
 
+def decode_alert(value: bytes | None, settings: AlertSettings) -> dict[str, Any]:
+    """An ``alerts`` record the channels can use, else :class:`InvalidRecord` (its dead letter's kind and reason):
+    bytes that do not decode, an id that would not fit a link, a Message-ID or a ledger key, a time no message can
+    show. Pure, so the hostile corpus drives it without Kafka."""
+    alert = codec("Alert").decode(value)
+    if not isinstance(alert.get("alert_id"), str) or not alert["alert_id"].strip():
+        raise InvalidRecord("missing_field", "alert_id is empty")
+    check(alert["alert_id"], "alert_id", ALERT_ID_RE)  # it goes into links, Message-IDs and ledger keys
+    check_event_time(alert, settings.zone_of(alert.get("store_id")))
+    return alert
+
+
 def give_up_reason(task: Task, error: DeliveryError, now: float, delay: float, max_attempts: int) -> str | None:
     """Why to stop retrying this task (None = retry after ``delay``). Pure, for tests."""
     if not error.retriable:
@@ -1391,7 +1403,6 @@ class AlertSender:
         self._paused = False
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
-        self._codec = codec("Alert")
         self.heartbeat = metrics.Heartbeat()
         """Beaten every loop turn with the channels that are down, if any (the process's ``/healthz``)."""
         self._dead_letter_failing = False
@@ -1609,12 +1620,7 @@ class AlertSender:
             if not kafka_clients.is_record(message, log):
                 continue
             try:
-                alert = self._codec.decode(message.value())
-                if not isinstance(alert.get("alert_id"), str) or not alert["alert_id"].strip():
-                    raise InvalidRecord("missing_field", "alert_id is empty")
-                check(alert["alert_id"], "alert_id", ALERT_ID_RE)  # it goes into links, Message-IDs and ledger keys
-                check_event_time(alert, self.settings.alerts.zone_of(alert.get("store_id")))
-                decoded.append((message, alert))
+                decoded.append((message, decode_alert(message.value(), self.settings.alerts)))
             except InvalidRecord as exc:  # a DecodeError too
                 decoded.append((message, exc))
         if not decoded:

@@ -19,6 +19,7 @@ from schemas.records import (
     Alert,
     BotCommand,
     CameraEvent,
+    DetectedObject,
     FaceObservation,
     LineItem,
     PosTransaction,
@@ -37,6 +38,10 @@ JOB, SINK, FACE_STAGE, WATCHLIST_SERVICE, SENDER = (
 OVERSIZED = 1_048_500
 """Just under the broker's default 1 MiB record limit: accepted, and its dead letter must still fit."""
 NESTING = 100_000
+INT64_MAX, INT64_MIN = 2**63 - 1, -(2**63)
+"""The ends of an Avro ``long``: every time field takes them, and no clock, index name or message can show them."""
+CONTROLS = "c\r\nBcc: thief@evil.test\x00\x1b[2J\u202e"
+"""Control characters in a name: a mail header, a NUL, a terminal escape, a right-to-left override."""
 PATH_IDS = ("x/../Q2XX-VICTIM-0001/reboot?", "../../etc/passwd", "a b", "id#frag", "%2e%2e", "\x00ctl", "é" * 3)
 
 
@@ -97,6 +102,13 @@ def transactions(run: str, now_ms: int | None = None) -> list[Hostile]:
         ("event_time_far_future", {"event_time": now + 10 * 365 * 86_400_000}),
         ("event_time_year_33658", {"event_time": 10**15}),
         ("event_time_negative", {"event_time": -1}),
+        ("event_time_int64_max", {"event_time": INT64_MAX}),
+        ("event_time_int64_min", {"event_time": INT64_MIN}),
+        ("price_inf", {"items": (LineItem(sku="s", category="c", quantity=1, unit_price=math.inf),)}),
+        ("quantity_zero", {"items": (LineItem(sku="s", category="c", quantity=0, unit_price=1.0),)}),
+        ("store_id_controls", {"store_id": CONTROLS}),
+        ("cashier_id_controls", {"cashier_id": CONTROLS}),
+        ("currency_nul", {"currency": "E\x00R"}),
         ("currency_bad", {"currency": "€€€€"}),
         ("huge_store_id", {"store_id": "s" * 100_000}),
         ("sale_with_original", {"original_transaction_id": "tx-0"}),
@@ -154,6 +166,19 @@ def camera_events(run: str, now_ms: int | None = None) -> list[Hostile]:
     for i, serial in enumerate(PATH_IDS):
         rec = replace(good, camera_serial=serial)
         out.append(Hostile(f"serial_path_{i}", b"x", rec.encode(), frozenset({FACE_STAGE})))
+    people = tuple(DetectedObject(oid, "person", 0.1, 0.1, 0.5, 0.9) for oid in range(20_000))
+    semantic: list[tuple[str, dict[str, object]]] = [
+        ("people_20000_oversized", {"objects": people}),  # valid, over the size limit: 20 000 snapshots
+        ("event_time_zero", {"event_time": 0}),
+        ("event_time_negative", {"event_time": -1}),
+        ("event_time_int64_min", {"event_time": INT64_MIN}),
+        ("event_time_int64_max", {"event_time": INT64_MAX}),
+        ("event_time_far_future", {"event_time": now + 10 * 365 * 86_400_000}),
+        ("serial_controls", {"camera_serial": CONTROLS}),
+    ]
+    for label, changes in semantic:
+        rec = replace(good, **changes)  # type: ignore[arg-type]
+        out.append(Hostile(label, b"x", rec.encode(), frozenset({FACE_STAGE})))
     return out
 
 
@@ -237,6 +262,13 @@ def alerts(run: str, now_ms: int | None = None) -> list[Hostile]:
     out = generic(good.encode(), {SENDER, SINK})
     injected = replace(good, alert_id=f"{run}-x\r\nBcc: thief@evil.test")  # a header injection into the mail
     out.append(Hostile("alert_id_header_injection", b"k", injected.encode(), frozenset({SENDER})))
+    out.append(Hostile("alert_id_empty", b"k", replace(good, alert_id="").encode(), frozenset({SENDER, SINK})))
+    out.append(
+        Hostile("alert_id_over_512", b"k", replace(good, alert_id="a" * 600).encode(), frozenset({SENDER, SINK}))
+    )
+    for label, at in (("event_time_int64_max", INT64_MAX), ("event_time_int64_min", INT64_MIN)):
+        rec = replace(good, alert_id=f"{run}-alert-{label}", event_time=at)
+        out.append(Hostile(label, b"k", rec.encode(), frozenset({SENDER, SINK})))
     return out
 
 
@@ -253,6 +285,8 @@ def mqtt_payloads() -> list[tuple[str, str, bytes]]:
         ("ts_1e20", raw, json.dumps({"ts": 1e20, "objects": []}).encode()),
         ("ts_huge_int", raw, b'{"ts": 100000000000000000000000, "objects": []}'),
         ("ts_negative", raw, json.dumps({"ts": -5, "objects": []}).encode()),
+        ("ts_int64_max", raw, json.dumps({"ts": INT64_MAX, "objects": []}).encode()),
+        ("ts_int64_min", raw, json.dumps({"ts": INT64_MIN, "objects": []}).encode()),
         ("ts_nan", raw, b'{"ts": NaN, "objects": []}'),
         ("ts_string", raw, json.dumps({"ts": "soon", "objects": []}).encode()),
         ("deeply_nested", raw, b"[" * NESTING + b"]" * NESTING),
@@ -262,4 +296,7 @@ def mqtt_payloads() -> list[tuple[str, str, bytes]]:
         ("oid_negative", raw, json.dumps({"ts": int(time.time() * 1000), "objects": [{"oid": -1}]}).encode()),
         ("counts_nan", f"/merakimv/{ok_serial}/0", b'{"ts": 1700000000000, "counts": {"person": NaN}}'),
         ("serial_path", "/merakimv/..%2F..%2Fx/raw_detections", json.dumps({"ts": 1, "objects": []}).encode()),
+        ("serial_controls", f"/merakimv/{CONTROLS}/raw_detections", json.dumps({"ts": 1, "objects": []}).encode()),
+        ("type_controls", raw, json.dumps({"ts": 1, "objects": [{"oid": 1, "type": CONTROLS}]}).encode()),
+        ("coordinate_inf", raw, b'{"ts": 1700000000000, "objects": [{"oid": 1, "type": "person", "x0": Infinity}]}'),
     ]
