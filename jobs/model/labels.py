@@ -31,8 +31,10 @@ from typing import Any
 
 from confluent_kafka import Message
 
+from infra.clients.kafka import written_at_ms
 from infra.clients.topic_replay import Bound, deleted_warning, plan, read_range_records
 from infra.settings import Settings
+from jobs.scoring.validation import MAX_FUTURE_SKEW_MS, check_not_ahead
 from schemas.errors import InvalidRecord
 from schemas.identifiers import check
 from schemas.records import FRAUD, LEGITIMATE, Label, PosTransaction
@@ -169,14 +171,19 @@ class TopicTransactions:
         return text
 
 
-def decode_transactions(messages: Iterable[tuple[str, int, int, bytes | None]]) -> TopicTransactions:
-    """``(topic, partition, offset, value)`` as transactions ordered by event time (ties: partition,
-    offset); a value that does not decode as a PosTransaction is counted and left out. Each partition's
-    messages come in offset order (their interleaving does not change :attr:`TopicTransactions.digest`)."""
+def decode_transactions(
+    messages: Iterable[tuple[str, int, int, bytes | None, int | None]],
+    max_future_skew_ms: int = MAX_FUTURE_SKEW_MS,
+) -> TopicTransactions:
+    """``(topic, partition, offset, value, written_at)`` as transactions ordered by event time (ties: partition,
+    offset); a value that does not decode as a PosTransaction is counted and left out, and so is one dated more than
+    ``max_future_skew_ms`` after ``written_at`` (its Kafka timestamp, ms; ``None``: unknown), which the job dead-letters
+    ``invalid_timestamp`` at once (it reads it by then). Each partition's messages come in offset order (their
+    interleaving does not change :attr:`TopicTransactions.digest`)."""
     out = TopicTransactions()
     keyed: list[tuple[int, int, int, PosTransaction]] = []
     hashes: dict[int, Any] = {}
-    for topic, partition, offset, value in messages:
+    for topic, partition, offset, value, written_at in messages:
         out.read += 1
         h = hashes.setdefault(partition, hashlib.sha256())
         h.update(struct.pack(">qq", offset, -1 if value is None else len(value)))  # lengths: no two splits alike
@@ -189,6 +196,12 @@ def decode_transactions(messages: Iterable[tuple[str, int, int, bytes | None]]) 
         except (TypeError, ValueError) as exc:  # decoded, but not a PosTransaction the dataclass takes
             _reject(out, f"{topic}:{partition}:{offset}", "invalid", str(exc)[:200])
             continue
+        if written_at is not None:  # offline rows have no "now"; a record has the time Kafka took it
+            try:
+                check_not_ahead(tx.event_time, written_at, max_future_skew_ms)
+            except InvalidRecord as exc:
+                _reject(out, f"{topic}:{partition}:{offset}", exc.kind, exc.reason)
+                continue
         keyed.append((tx.event_time, partition, offset, tx))
     keyed.sort(key=lambda item: item[:3])
     out.transactions = [tx for *_, tx in keyed]
@@ -309,7 +322,10 @@ def transactions_from_topic(
     messages = read_topic(
         settings, topic, since_ms=since_ms, until_ms=until_ms, timeout_s=timeout_s, ends=ends, deleted=deleted
     )
-    found = decode_transactions((topic, m.partition() or 0, m.offset() or 0, m.value()) for m in messages)
+    found = decode_transactions(
+        ((topic, m.partition() or 0, m.offset() or 0, m.value(), written_at_ms(m)) for m in messages),
+        settings.job.max_future_skew_ms,
+    )
     found.end_offsets, found.deleted = ends, deleted
     return found
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, KafkaException, TopicPartition
 from typer.testing import CliRunner
 
 import jobs.model.labels as reader
@@ -631,11 +631,11 @@ def test_transactions_from_the_topic_come_in_event_time_order_and_undecodable_on
     late, early, same = sale("tx-late", at_s=60), sale("tx-early", at_s=0), sale("tx-same", at_s=0)
     found = decode_transactions(
         [
-            ("t", 0, 5, late.encode()),
-            ("t", 1, 3, same.encode()),
-            ("t", 0, 6, b"garbage"),
-            ("t", 0, 7, early.encode()),
-            ("t", 2, 1, None),
+            ("t", 0, 5, late.encode(), None),
+            ("t", 1, 3, same.encode(), None),
+            ("t", 0, 6, b"garbage", None),
+            ("t", 0, 7, early.encode(), None),
+            ("t", 2, 1, None, None),
         ]
     )
     assert [tx.transaction_id for tx in found.transactions] == ["tx-early", "tx-same", "tx-late"]
@@ -643,6 +643,23 @@ def test_transactions_from_the_topic_come_in_event_time_order_and_undecodable_on
     assert (found.read, found.undecodable) == (5, 2)
     assert found.reasons == {"not_avro": 1, "empty": 1}
     assert [where for where, _ in found.rejected] == ["t:0:6", "t:2:1"]
+
+
+def test_a_transaction_dated_past_the_skew_after_kafka_took_it_is_rejected_as_the_job_dead_letters_it() -> None:
+    """``train --from-topic`` learnt from transactions stamped years ahead (the job's dead letters) as its last rows."""
+    written = T0 + 3_600_000
+    ahead, now, year_ahead = sale("tx-ahead", at_s=3_900), sale("tx-now", at_s=3_600), sale("tx-year", at_s=3_600)
+    year_ahead = replace(year_ahead, event_time=written + 365 * 86_400_000)
+    found = decode_transactions(
+        [
+            ("t", 0, 1, ahead.encode(), written),
+            ("t", 0, 2, now.encode(), written),
+            ("t", 0, 3, year_ahead.encode(), written),
+        ],
+        max_future_skew_ms=300_000,
+    )
+    assert [tx.transaction_id for tx in found.transactions] == ["tx-now", "tx-ahead"]  # 300 s ahead: at the bound
+    assert found.reasons == {"invalid_timestamp": 1} and [where for where, _ in found.rejected] == ["t:0:3"]
 
 
 def test_apply_labels_sets_field_verdicts_and_counts_the_join() -> None:
@@ -699,6 +716,9 @@ class FakeMessage:
 
     def value(self) -> bytes | None:
         return self._v
+
+    def timestamp(self) -> tuple[int, int]:
+        return TIMESTAMP_NOT_AVAILABLE, -1
 
     def topic(self) -> str:
         return "unit.labels"
@@ -864,14 +884,14 @@ def test_the_training_fingerprint_of_the_topic_differs_once_retention_removed_re
 
 def test_the_topic_digest_covers_each_records_offset_and_bytes_not_the_partitions_interleaving() -> None:
     a, b, c = (sale(t).encode() for t in ("tx-a", "tx-b", "tx-c"))
-    digest = decode_transactions([("t", 0, 0, a), ("t", 1, 0, b), ("t", 0, 1, c)]).digest
-    assert decode_transactions([("t", 1, 0, b), ("t", 0, 0, a), ("t", 0, 1, c)]).digest == digest
+    digest = decode_transactions([("t", 0, 0, a, None), ("t", 1, 0, b, None), ("t", 0, 1, c, None)]).digest
+    assert decode_transactions([("t", 1, 0, b, None), ("t", 0, 0, a, None), ("t", 0, 1, c, None)]).digest == digest
     others = [
-        [("t", 0, 0, a), ("t", 1, 0, c), ("t", 0, 1, b)],  # other bytes at the same offsets
-        [("t", 0, 5, a), ("t", 1, 0, b), ("t", 0, 6, c)],  # the same bytes at other offsets
-        [("t", 0, 0, a), ("t", 1, 0, b)],  # a record fewer
-        [("t", 0, 0, a), ("t", 1, 0, b), ("t", 0, 1, None)],  # a record without a value
-        [("t", 0, 0, a), ("t", 1, 0, b), ("t", 0, 1, b"")],  # one with an empty value: not the same
+        [("t", 0, 0, a, None), ("t", 1, 0, c, None), ("t", 0, 1, b, None)],  # other bytes at the same offsets
+        [("t", 0, 5, a, None), ("t", 1, 0, b, None), ("t", 0, 6, c, None)],  # the same bytes at other offsets
+        [("t", 0, 0, a, None), ("t", 1, 0, b, None)],  # a record fewer
+        [("t", 0, 0, a, None), ("t", 1, 0, b, None), ("t", 0, 1, None, None)],  # a record without a value
+        [("t", 0, 0, a, None), ("t", 1, 0, b, None), ("t", 0, 1, b"", None)],  # one with an empty value: not the same
     ]
     assert len({decode_transactions(m).digest for m in others} | {digest}) == len(others) + 1
 
