@@ -71,6 +71,7 @@ from jobs.cases.core import (
     without_images,
 )
 from jobs.cases.core import expire as expire_case
+from jobs.scoring.validation import check_size
 from schemas.codec import DecodeError
 from schemas.errors import InvalidRecord
 from schemas.forgets import Forgets
@@ -243,6 +244,9 @@ class CaseCore:
 
     def on_alert(self, src: Source, now_ms: int) -> list[Out]:
         try:
+            # its case carries its fields and more: one past Kafka's producer limit failed every publish, and the
+            # service, restarted, read the same alert again (the job's and face stage's limit keeps it well below)
+            check_size(src.value, self.settings.job.max_message_bytes)
             alert = Alert.decode(src.value or b"")
             # the case's own id is made from it: an empty one (a record of zeros) or one the alert sender refuses (a
             # header injection, over 512) would open a case that no card links to, every empty one the same case
@@ -252,7 +256,7 @@ class CaseCore:
             for value, field in ((alert.transaction_id, "transaction_id"), (alert.subject_id, "subject_id")):
                 if value is not None:
                     check(value, field)
-        except InvalidRecord as exc:  # undecodable (DecodeError), or an id that is not one
+        except InvalidRecord as exc:  # oversized, undecodable (DecodeError), or an id that is not one
             metrics.RECORDS_IN.labels(PROCESS, "invalid").inc()
             return [self._dead_letter(src, exc, now_ms)]
         if self.past_horizon(src, now_ms):

@@ -1167,3 +1167,14 @@ def test_an_alert_whose_id_the_sender_refuses_is_dead_lettered_and_opens_no_case
     assert of(outs, CASES) == [] and core.book.cases == {}
     (letter,) = (DeadLetter.decode(o.value) for o in of(outs, DEAD_LETTERS))
     assert letter.error_kind == "invalid_id" and "alert_id" in letter.reason and "thief" not in letter.reason
+
+
+def test_an_alert_over_the_message_size_limit_is_dead_lettered_oversized_and_opens_no_case(core) -> None:
+    """Its case carries its summary and more: a case record past Kafka's producer limit (1 MB) failed every publish, the
+    service exited, and read the same alert again at each restart."""
+    alert = Alert.decode(alert_src().value or b"")
+    big = replace(alert, summary="s" * (core.settings.job.max_message_bytes + 1)).encode()
+    outs = core.on_alert(Source("alerts", 0, 9, b"k", big), NOW)
+    assert of(outs, CASES) == [] and core.book.cases == {}
+    (letter,) = (DeadLetter.decode(o.value) for o in of(outs, DEAD_LETTERS))
+    assert letter.error_kind == "oversized" and str(len(big)) in letter.reason
