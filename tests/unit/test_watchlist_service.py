@@ -1290,3 +1290,14 @@ def test_an_alert_whose_id_the_sender_refuses_is_dead_lettered_and_its_snapshot_
     (letter,) = (DeadLetter.decode(o.value) for o in by_topic(outs)["dead_letters"])
     assert letter.error_kind == "invalid_id" and "alert_id" in letter.reason and "thief" not in letter.reason
     assert by_topic(outs)["audit"] == [] and core.store.retained() == {}
+
+
+def test_an_alert_over_the_message_size_limit_is_dead_lettered_oversized_and_audits_nothing(core):
+    """Its audit event copies its ids: one of ~1 MB (a subject id) was past Kafka's producer limit, failed every
+    publish, and the service, restarted, read the same alert again."""
+    ref = core.store.put("checkout", "tx-9", b"the subject at a lane")
+    big = sighting("s" * (core.settings.job.max_message_bytes + 1), ref).encode()
+    outs = core.on_alert(Source("alerts", 0, 4, b"k", big), NOW)
+    (letter,) = (DeadLetter.decode(o.value) for o in by_topic(outs)["dead_letters"])
+    assert letter.error_kind == "oversized" and str(len(big)) in letter.reason
+    assert by_topic(outs)["audit"] == [] and core.store.find("checkout", "tx-9") is not None
