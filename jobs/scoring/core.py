@@ -364,9 +364,9 @@ class DecisionCore:
         return ready
 
     def _take_observation(self, record: SourceRecord, now: int, out: list[OutRow]) -> Ready | None:
-        obs = decode_observation(
-            record.value, self.settings.job.max_message_bytes, EMBEDDING_LENGTHS.get(self.settings.faces.embedder)
-        )
+        job = self.settings.job
+        length = EMBEDDING_LENGTHS.get(self.settings.faces.embedder)
+        obs = decode_observation(record.value, job.max_message_bytes, length, now, job.max_future_skew_ms)
         face = observation_result(obs, self.watchlist)
         if obs["trigger"] == "ENTRANCE" or not obs.get("transaction_id"):
             out.extend(self.scorer.entrance(obs, face))

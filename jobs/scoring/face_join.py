@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from infra.settings import FACE_DELIVERY_MARGIN_MS, Settings
 from jobs.scoring.face_similarity import check_embedding
 from jobs.scoring.rules import FaceResult
-from jobs.scoring.validation import check_size
+from jobs.scoring.validation import MAX_FUTURE_SKEW_MS, check_event_time, check_size
 from schemas.codec import codec
 from schemas.errors import InvalidRecord
 from schemas.identifiers import check, check_name, check_serial
@@ -111,15 +111,25 @@ def check_observation(obs: dict[str, Any], length: int | None = None) -> dict[st
     return obs
 
 
-def decode_observation(value: bytes | None, max_bytes: int, length: int | None = None) -> dict[str, Any]:
+def decode_observation(
+    value: bytes | None,
+    max_bytes: int,
+    length: int | None = None,
+    now_ms: int = 0,
+    max_future_skew_ms: int = MAX_FUTURE_SKEW_MS,
+) -> dict[str, Any]:
     """A face observation record's bytes as a checked observation, or :class:`InvalidRecord` (oversized,
-    ``not_avro`` for anything undecodable, or what :func:`check_observation` finds)."""
+    ``not_avro`` for anything undecodable, what :func:`check_observation` finds, or ``invalid_timestamp``: dated at
+    or before 1970, or more than ``max_future_skew_ms`` after ``now_ms``, the job's clock, 0: no bound, as a
+    transaction is; taken, its alert carried the time on and was dead-lettered downstream instead of it)."""
     check_size(value, max_bytes)
     try:
         obs = _FACE_CODEC.decode(value or b"")
     except InvalidRecord as err:  # any undecodable observation is a dead letter
         raise InvalidRecord("not_avro", f"face observation: {err}") from None
-    return check_observation(obs, length)
+    check_observation(obs, length)
+    check_event_time(obs["event_time"], now_ms, max_future_skew_ms)
+    return obs
 
 
 def observation_result(obs: dict[str, Any], watchlist: WatchlistLike | None) -> FaceResult:

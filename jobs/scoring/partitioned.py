@@ -193,7 +193,8 @@ class RouteStep:
         return [Emit(RECEIPT, receipt_key(tx), order(tx, value), env)], []
 
     def _observation(self, record: SourceRecord, now_ms: int) -> tuple[list[Emit], list[OutRow]]:
-        obs = decode_observation(record.value, self.max_bytes, self.embedding_length)
+        skew = self.scorer.settings.job.max_future_skew_ms
+        obs = decode_observation(record.value, self.max_bytes, self.embedding_length, now_ms, skew)
         face = observation_result(obs, self.watchlist)
         if obs["trigger"] == "ENTRANCE" or not obs.get("transaction_id"):
             return [], self.scorer.entrance(obs, face)

@@ -146,10 +146,15 @@ def face_observations(run: str, now_ms: int | None = None) -> list[Hostile]:
         ("embedding_nan", {"embedding": [math.nan] * FACE_LEN}),
         ("embedding_inf", {"embedding": [math.inf, *EMBEDDING[1:]]}),
         ("tx_id_path", {"transaction_id": "../../etc/passwd"}),
+        ("event_time_zero", {"event_time": 0}),
+        ("event_time_far_future", {"event_time": now + 10 * 365 * 86_400_000}),
     ]
     for i, (label, changes) in enumerate(semantic):
         rec = replace(good, observation_id=f"checkout:{run}-fo-{i}", **changes)  # type: ignore[arg-type]
         out.append(Hostile(label, b"Q2MV-store-001-lane-01", rec.encode(), frozenset({JOB})))
+    for label, at in (("event_time_int64_max", INT64_MAX), ("event_time_int64_min", INT64_MIN)):
+        rec = replace(good, observation_id=f"checkout:{run}-fo-{label}", event_time=at)
+        out.append(Hostile(label, b"Q2MV-store-001-lane-01", rec.encode(), frozenset({JOB, SINK})))
     return out
 
 

@@ -10,11 +10,13 @@ import math
 from dataclasses import replace
 
 import numpy as np
+import pytest
 
 from jobs.scoring.claims import CLAIMS
 from jobs.scoring.core import MAX_ERROR_TEXT, DecisionCore, SourceRecord, Step
 from jobs.scoring.face_join import DECIDED, EARLY_FACES, PENDING
 from jobs.scoring.features import PROFILE_KEY
+from jobs.scoring.partitioned import PartitionedCore
 from jobs.scoring.rules import ModelResult
 from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Predictor
 from jobs.scoring.watchlist import Watchlist
@@ -22,6 +24,7 @@ from producers.redrive import Selection, plan_redrive
 from schemas.codec import codec
 from schemas.records import MAX_DEAD_LETTER_PAYLOAD, DeadLetter, WatchlistEntry
 from tests.builders import FACE_LEN, OTHER_FACE_LEN, T0, face_vector, return_of, sale
+from tests.unit import test_partitioned_scoring as partitioned
 from tests.unit.test_decision_core import (
     BUYER_FACE,
     DEADLINE,
@@ -620,3 +623,25 @@ def test_a_failed_decisions_dead_letter_is_its_record_as_sent_and_its_re_drive_i
     assert list(scored(again)) == ["t2"] and not dead_letters(again.outputs)
     twice = core.on_records([SourceRecord(send.key, send.payload, send.topic, 2, 91, NOW)], NOW)
     assert not twice.outputs, "a second re-drive is a redelivered copy"
+
+
+@pytest.mark.parametrize("layout", ["single", "partitioned"])
+@pytest.mark.parametrize("event_time", [0, -1, NOW + 10 * 365 * 86_400_000, 2**63 - 1, -(2**63)])
+def test_a_suspect_seen_at_the_entrance_at_an_impossible_time_is_dead_lettered_not_alerted(layout, event_time):
+    """As a transaction so dated is: taken, its alert carried the time on, and the alert sender and the sink each
+    dead-lettered the alert (which a re-drive could never fix), not the observation that was wrong."""
+    record = face_record(None, embedding=SUSPECT_FACE, trigger="ENTRANCE", observation_id="entrance:x:7")
+    obs = codec("FaceObservation").decode(record.value)
+    record = record._replace(value=codec("FaceObservation").encode({**obs, "event_time": event_time}))
+    if layout == "single":
+        core = make_core(Watchlist(settings()))
+        core.on_control(WATCH_TOPIC, b"subj-9", watch_entry("subj-9", SUSPECT_FACE), 0, 0)
+        outputs = core.on_records([record], NOW).outputs
+    else:
+        s = partitioned.settings()
+        watchlist = Watchlist(s)
+        watchlist.upsert(codec("WatchlistEntry").decode(watch_entry("subj-9", SUSPECT_FACE)))
+        part = PartitionedCore(s, 2, predictor=partitioned.FeaturePredictor(), watchlist=watchlist, clock=clock)
+        outputs = part.on_records([record], NOW)
+    assert kinds(outputs) == ["invalid_timestamp"]
+    assert [row for row in outputs if row[0] != DLQ] == []
