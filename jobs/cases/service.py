@@ -71,7 +71,7 @@ from jobs.cases.core import (
     without_images,
 )
 from jobs.cases.core import expire as expire_case
-from jobs.scoring.validation import check_size
+from jobs.scoring.validation import check_event_time, check_size
 from schemas.codec import DecodeError
 from schemas.errors import InvalidRecord
 from schemas.forgets import Forgets
@@ -251,6 +251,8 @@ class CaseCore:
             # the case's own id is made from it: an empty one (a record of zeros) or one the alert sender refuses (a
             # header injection, over 512) would open a case that no card links to, every empty one the same case
             check(alert.alert_id, "alert_id", ALERT_ID_RE)
+            # its case opens at the earlier of its time and now: at the far end of a long the sink indexes no case
+            check_event_time(alert.event_time, 0, self.settings.job.max_future_skew_ms)  # 0: a time ahead opens now
             # ids a verdict writes into a label or a LEARN command: one that is not an id would fail there, after
             # the verdict, and stop the service at every restart (the command read again); refused here instead
             for value, field in ((alert.transaction_id, "transaction_id"), (alert.subject_id, "subject_id")):

@@ -1178,3 +1178,15 @@ def test_an_alert_over_the_message_size_limit_is_dead_lettered_oversized_and_ope
     assert of(outs, CASES) == [] and core.book.cases == {}
     (letter,) = (DeadLetter.decode(o.value) for o in of(outs, DEAD_LETTERS))
     assert letter.error_kind == "oversized" and str(len(big)) in letter.reason
+
+
+@pytest.mark.parametrize("event_time", [0, -1, -(2**63)])
+def test_an_alert_dated_at_or_before_1970_is_dead_lettered_invalid_timestamp_and_opens_no_case(core, event_time):
+    """Its case opened at that time: the sink could not index one at the far end of a ``long`` (no index has that
+    day), so the case was on ``cases`` but never on the dashboard. The job makes no alert so dated (it refuses such a
+    transaction or observation): one is hostile."""
+    alert = Alert.decode(alert_src().value or b"")
+    outs = core.on_alert(Source("alerts", 0, 9, b"k", replace(alert, event_time=event_time).encode()), NOW)
+    assert of(outs, CASES) == [] and core.book.cases == {}
+    (letter,) = (DeadLetter.decode(o.value) for o in of(outs, DEAD_LETTERS))
+    assert letter.error_kind == "invalid_timestamp"

@@ -231,8 +231,8 @@ def test_the_watchlist_service_dead_letters_every_hostile_command_and_changes_no
 
 def test_the_watchlist_and_case_services_dead_letter_alerts_they_cannot_use(tmp_path) -> None:
     """What does not decode, and an id the alert sender refuses (a record of zeros decodes with an empty one); each
-    service goes on with the next alert. An alert dated at an end of ``long`` is theirs to take: a case opens at the
-    earlier of its time and now, and the watch-list service retains a snapshot whatever its time."""
+    service goes on with the next alert. The watch-list service retains a snapshot whatever the alert's time; the case
+    service refuses an alert dated at or before 1970 (its case opens then) and opens one dated ahead now."""
     theirs = [item for item in hostile.alerts("h", NOW) if not item.label.startswith("event_time_")]
     assert {item.label for item in theirs} >= ALERT_ID_ITEMS | {"truncated", "empty", "oversized"}
     watchlist, cases = _watchlist_service(tmp_path), _case_service()
@@ -242,6 +242,9 @@ def test_the_watchlist_and_case_services_dead_letter_alerts_they_cannot_use(tmp_
         outs = cases.on_alert(src, NOW)
         assert len(_letters(outs)) == 1 and [o for o in outs if o.topic.name == "cases"] == [], item.label
     assert cases.book.cases == {}
+    (early,) = (item for item in hostile.alerts("h", NOW) if item.label == "event_time_int64_min")
+    outs = cases.on_alert(Source("alerts", 0, 99, early.key, early.value, (), NOW), NOW)
+    assert [letter.error_kind for letter in _letters(outs)] == ["invalid_timestamp"] and cases.book.cases == {}
 
 
 def test_the_case_service_dead_letters_every_command_that_does_not_decode() -> None:
