@@ -30,14 +30,17 @@ How nothing is lost or doubled:
   refusal (HTTP 4xx, SMTP 5xx) or ``deadline_s``, the alert's channel is given up and a dead letter
   says why (``python -m producers.redrive --stage alert-sender`` sends dead-lettered alerts again).
 - **Offsets.** An alert's offset is committed only when every channel delivered it or its dead letter
-  is confirmed by Kafka, and only in offset order per partition; a crash replays from there and the
-  ledger turns the replay into no-ops.
+  is confirmed by Kafka (and recorded in the ledger by the record's position), and only in offset order per
+  partition; a crash replays from there and the ledger turns the replay into no-ops, a dead-lettered record's too
+  (no second dead letter, no other try; a re-drive is a new record, sent again).
 
 Metrics (``infra.metrics``, stage ``alert-sender``): alerts in (kind ``alert``, or ``invalid`` for one that
 cannot be decoded), alerts out (every channel delivered or already had it), dead letters by error kind,
 ``cg_channel_deliveries`` by channel and result -- ``delivered``, ``failed`` (each failed send), ``retried``
 (queued again after a failure), ``dead_lettered`` (given up: the alert is dead-lettered), ``already_sent``
-(the ledger says so), ``withheld`` (its subject is forgotten: never sent, see ``ChannelWorker._withhold``),
+(the ledger says so), ``already_dead_lettered`` (read again after its dead letter was confirmed, before its
+offset commit: skipped, as the ledger records each confirmed dead letter by its record's position), ``withheld``
+(its subject is forgotten: never sent, see ``ChannelWorker._withhold``),
 ``unrouted`` (channel ``webex``: no room gets the alert's store; a room's own channel is ``webex:<room id>``) -- and
 the queue depth per channel plus ``unfinished`` alerts. ``/readyz`` turns 503 (and
 ``/healthz`` reads "degraded") while a channel is down ("email unreachable"), a dead letter cannot be delivered
@@ -171,6 +174,12 @@ class Ledger:
             "CREATE TABLE IF NOT EXISTS forgets (audit_id TEXT PRIMARY KEY, subject_id TEXT, transaction_id TEXT, "
             "at_ms INTEGER NOT NULL, until_ms INTEGER NOT NULL)"
         )
+        # Records whose dead letter Kafka confirmed, by position: a re-read after a crash before the offset commit
+        # is skipped, while a re-drive (the same alert at a new offset) is sent again.
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS dead_letters (position TEXT PRIMARY KEY, alert_id TEXT, "
+            "error_kind TEXT NOT NULL, at_ms INTEGER NOT NULL)"
+        )
         self._lock = threading.Lock()
         self._writes: queue.SimpleQueue[tuple[list[tuple[str, tuple]], threading.Event, list[BaseException]] | None] = (
             queue.SimpleQueue()
@@ -251,6 +260,25 @@ class Ledger:
             for mid in posted
         ]
         self._write((self.WITHHELD_SQL, (alert_id, channel, at, forgotten)), *rows)
+
+    def mark_dead_lettered(self, position: str, alert_id: str | None, error_kind: str) -> None:
+        """The record at ``position`` (``topic:partition:offset``) is dead-lettered and Kafka confirmed it: its
+        re-read is skipped (:meth:`dead_lettered`), not dead-lettered and tried again."""
+        self._write(
+            ("INSERT OR IGNORE INTO dead_letters VALUES (?, ?, ?, ?)", (position, alert_id, error_kind, now_ms()))
+        )
+
+    def dead_lettered(self, positions: list[str]) -> set[str]:
+        """Which of ``positions`` were dead-lettered already, in few queries."""
+        out: set[str] = set()
+        unique = list(dict.fromkeys(positions))
+        for start in range(0, len(unique), 500):
+            chunk = unique[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            with self._reading() as db:
+                rows = db.execute(f"SELECT position FROM dead_letters WHERE position IN ({marks})", chunk).fetchall()
+            out.update(r[0] for r in rows)
+        return out
 
     def forgotten(self, alert: dict[str, Any], alert_ms: int | None) -> str | None:
         """The forgotten subject (or source sale) an alert shows, if a forget covers it as it covers the alert's
@@ -1339,6 +1367,8 @@ class SenderStats:
     alerts_done: int = 0
     skipped_channels: int = 0
     dead_lettered: int = 0
+    already_dead_lettered: int = 0
+    """Records read again whose dead letter was confirmed before: skipped."""
     commits: int = 0
     withheld: int = 0
     """Alerts not sent on some channel: their subject is forgotten."""
@@ -1348,7 +1378,8 @@ class SenderStats:
     def line(self) -> str:
         return (
             f"consumed={self.consumed} done={self.alerts_done} already_sent={self.skipped_channels} "
-            f"dead_lettered={self.dead_lettered} withheld={self.withheld} unrouted={self.unrouted} "
+            f"dead_lettered={self.dead_lettered} already_dead_lettered={self.already_dead_lettered} "
+            f"withheld={self.withheld} unrouted={self.unrouted} "
             f"commits={self.commits}"
         )
 
@@ -1360,6 +1391,11 @@ def default_group_id(settings: Settings, channels: list[str] | None = None) -> s
     (``CG_WEBEX__ROOM_STORES``) change no group."""
     names = sorted({channel_kind(c) for c in (channels if channels is not None else settings.alerts.channel_list())})
     return settings.kafka.group(f"{DEFAULT_GROUP_ID}-{'+'.join(names)}")
+
+
+def position(message: Message) -> str:
+    """``topic:partition:offset``: where a record was read, the key of its dead letter in the ledger."""
+    return f"{message.topic()}:{message.partition()}:{message.offset()}"
 
 
 def dead_letter_for(message: Message, error_kind: str, reason: str) -> DeadLetter:
@@ -1630,8 +1666,28 @@ class AlertSender:
         if invalid:
             metrics.RECORDS_IN.labels(STAGE, "invalid").inc(invalid)
         states = self.ledger.states([a["alert_id"] for _, a in decoded if isinstance(a, dict)])
+        done = self.ledger.dead_lettered([position(m) for m, _ in decoded])
         for message, alert_or_error in decoded:
-            self._accept(message, alert_or_error, states)
+            if position(message) in done:
+                self._already_dead_lettered(message, alert_or_error)
+            else:
+                self._accept(message, alert_or_error, states)
+
+    def _already_dead_lettered(self, message: Message, alert: dict[str, Any] | InvalidRecord) -> None:
+        """A record read again whose dead letter Kafka confirmed before (a crash or a stop came before its offset
+        commit): finished without a second dead letter or another try, counted ``already_dead_lettered`` on the
+        channels it was for."""
+        self.stats.consumed += 1
+        self.stats.already_dead_lettered += 1
+        pending = Pending(message, alert if isinstance(alert, dict) else None)
+        topic, partition = message.topic(), message.partition()
+        assert topic is not None and partition is not None, "a consumed record has both"
+        self._partitions.setdefault((topic, partition), deque()).append(pending)
+        self._unfinished += 1
+        for name, worker in self._workers.items():
+            if not isinstance(alert, dict) or takes(worker.channel, alert):
+                metrics.DELIVERIES.labels(name, "already_dead_lettered").inc()
+        self._finish(pending)
 
     def _accept(
         self, message: Message, alert: dict[str, Any] | InvalidRecord, states: dict[tuple[str, str], str]
@@ -1776,6 +1832,7 @@ class AlertSender:
                 self._dead_letter_failing = False
                 metrics.DEAD_LETTERS.labels(STAGE, letter.error_kind).inc()
                 log.warning("dead-lettered %s (%s)", letter.dead_letter_id, letter.error_kind)
+                self._record_dead_letter(pending, letter)
                 self._finish(pending)
             else:
                 self._dead_letter_failing = True
@@ -1797,6 +1854,21 @@ class AlertSender:
                 "dead letter %s given up, its alert will be read again at the next start: %s",
                 letter.dead_letter_id,
                 exc,
+            )
+
+    def _record_dead_letter(self, pending: Pending, letter: DeadLetter) -> None:
+        """Record the confirmed dead letter in the ledger before its offset can be committed, so a re-read (a crash
+        between the two) is skipped. A ledger that fails is logged and the alert still finished: its dead letter is in
+        Kafka, and only such a re-read would dead-letter it again."""
+        alert_id = pending.alert.get("alert_id") if pending.alert is not None else None
+        try:
+            self.ledger.mark_dead_lettered(position(pending.message), alert_id, letter.error_kind)
+        except (LedgerClosed, sqlite3.Error) as exc:
+            log.warning(
+                "dead letter %s not recorded in the delivery ledger (%s): read again before the offset commit, it "
+                "would be dead-lettered again",
+                letter.dead_letter_id,
+                type(exc).__name__,
             )
 
     # ------------------------------------------------------------------ offsets and flow

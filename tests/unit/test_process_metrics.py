@@ -615,6 +615,43 @@ def test_alert_sender_counts_alerts_and_each_channel_outcome_as_the_sender_saw_i
     assert sender.problem() is None
 
 
+def test_an_alert_read_again_after_its_dead_letter_was_confirmed_is_skipped_not_dead_lettered_or_tried_again(
+    tmp_path: Path,
+) -> None:
+    """A crash between a dead letter's acknowledgement and the offset commit read the alert again: a second dead
+    letter, and another try on the channel that had refused it. The ledger now records the dead letter by position."""
+    expected = {
+        key(DEAD, stage="alert-sender", reason="delivery_failed"): 2,  # the first read's and the re-drive's
+        key(DEAD, stage="alert-sender", reason="not_avro"): 1,
+        key(DELIVERIES, channel="email", result="already_dead_lettered"): 2,
+    }
+    growth = Growth(expected)
+    channel, producer = ScriptedChannel(), ConfirmingProducer()
+
+    def run(sender: AlertSender, done: int) -> None:
+        sender._accept_batch(
+            [alert_message("refused-1", 7), Message(topic="alerts", partition=0, offset=8, value=b"x")]
+        )
+        wait_until(lambda: sender.stats.alerts_done == done, step=lambda: (sender._drain_outcomes(), producer.poll()))
+
+    first = sender_with(tmp_path, channel, producer)
+    try:
+        run(first, 2)  # dead-lettered, confirmed; the "crash" comes before any offset commit
+    finally:
+        first.close()
+    again = sender_with(tmp_path, channel, producer)  # the same ledger file
+    try:
+        run(again, 2)
+        again._accept_batch([alert_message("refused-1", 9)])  # a re-drive: a new record, tried as ever
+        wait_until(lambda: again.stats.alerts_done == 3, step=lambda: (again._drain_outcomes(), producer.poll()))
+    finally:
+        again.close()
+
+    assert growth.since() == expected
+    assert len(producer.sent) == 3 and channel.calls == {"refused-1": 2}
+    assert again.stats.already_dead_lettered == 2 and again.stats.dead_lettered == 1
+
+
 def test_alert_sender_reports_a_channel_down_until_it_answers_again(tmp_path: Path) -> None:
     channel = ScriptedChannel()
     channel.down.set()
