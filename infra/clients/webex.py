@@ -208,9 +208,14 @@ class WebexClient:
 
     # ------------------------------------------------------------------ calls
 
-    def send_message(self, room_id: str, markdown: str, attachment: Attachment | None = None) -> dict[str, Any]:
-        """Post ``markdown`` (truncated to Webex's limit) to a room, with one file when given."""
+    def send_message(
+        self, room_id: str, markdown: str, attachment: Attachment | None = None, parent_id: str | None = None
+    ) -> dict[str, Any]:
+        """Post ``markdown`` (truncated to Webex's limit) to a room, with one file when given, in the thread of
+        ``parent_id`` when given."""
         fields = {"roomId": room_id, "markdown": truncate_utf8(markdown)}
+        if parent_id:
+            fields["parentId"] = parent_id
         if attachment is None:
             return self._call("POST", "/messages", json=fields)
         files = {"files": (attachment.filename, attachment.data, attachment.content_type)}

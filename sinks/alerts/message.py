@@ -14,6 +14,7 @@ Dismiss buttons, which the bot turns into the same signed commands as ``confirm 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 import unicodedata
 from dataclasses import dataclass
@@ -166,8 +167,46 @@ NO_REFERENCE = "No reference image"
 """What the card's reference column says when the subject has none (an image pointing at nothing shows broken)."""
 
 
+MAX_CARD_BYTES = 16_000
+"""Most bytes a case card's JSON takes (measured with every non-ASCII character escaped, the largest way to send it):
+well within what Webex takes for a card. Hostile values (1000-character reasons of emoji) made it about 21 KB."""
+CARD_VALUE_MAX = 300
+"""Longest a value (a fact, the headline) is shown on the card at first; the message above it has the rows whole."""
+CARD_CUT_MARK = " … (cut)"
+"""Ends a value cut to fit the card."""
+
+
+def card_bytes(card: dict[str, Any]) -> int:
+    """A card's size as :data:`MAX_CARD_BYTES` counts it."""
+    return len(json.dumps(card, separators=(",", ":")).encode())
+
+
+def _card_value(text: str, limit: int) -> str:
+    """``text`` as the card shows it: at most ``limit`` characters, a longer one cut with :data:`CARD_CUT_MARK`."""
+    return _md(text if len(text) <= limit else text[: max(0, limit - len(CARD_CUT_MARK))] + CARD_CUT_MARK)
+
+
 def case_card(
     alert: dict[str, Any], settings: AlertSettings, now_s: float | None = None, *, has_reference: bool = False
+) -> dict[str, Any]:
+    """:func:`build_case_card` within :data:`MAX_CARD_BYTES`: its values cut to :data:`CARD_VALUE_MAX` characters,
+    then shorter until the card fits (before, hostile values made a card Webex could refuse, and a refused card was
+    only a warning)."""
+    limit = CARD_VALUE_MAX
+    while True:
+        card = build_case_card(alert, settings, now_s, has_reference=has_reference, value_max=limit)
+        if card_bytes(card) <= MAX_CARD_BYTES or limit <= 40:
+            return card
+        limit //= 2
+
+
+def build_case_card(
+    alert: dict[str, Any],
+    settings: AlertSettings,
+    now_s: float | None = None,
+    *,
+    has_reference: bool = False,
+    value_max: int = CARD_VALUE_MAX,
 ) -> dict[str, Any]:
     """The adaptive card of an alert's case: headline, facts, the two images (face kinds), Confirm and
     Dismiss buttons (``Action.Submit`` with ``{"verb", "case_id"}``, what the bot reads from the
@@ -181,8 +220,17 @@ def case_card(
     key = settings.image_link_key.get_secret_value() if settings.image_link_key else None
     signed_at = time.time() if now_s is None else now_s
     body: list[dict[str, Any]] = [
-        {"type": "TextBlock", "text": _md(text.headline), "weight": "Bolder", "size": "Medium", "wrap": True},
-        {"type": "FactSet", "facts": [{"title": label, "value": _md(value)} for label, value in text.lines]},
+        {
+            "type": "TextBlock",
+            "text": _card_value(text.headline, value_max),
+            "weight": "Bolder",
+            "size": "Medium",
+            "wrap": True,
+        },
+        {
+            "type": "FactSet",
+            "facts": [{"title": label, "value": _card_value(value, value_max)} for label, value in text.lines],
+        },
     ]
     if alert.get("kind") in FACE_ALERT_KINDS:
         columns: list[tuple[str, str | None]] = [("Live snapshot", "live")] if alert.get("snapshot_ref") else []

@@ -105,7 +105,7 @@ from schemas.records import AuditEvent, DeadLetter
 from schemas.topics import ALERTS, AUDIT, DEAD_LETTERS
 from sinks.alerts.erase import FORGET_GRACE_MS, Eraser, LedgerClosed
 from sinks.alerts.mail import Mailer, MailError, SesMailer, SmtpMailer, build_email
-from sinks.alerts.message import AlertText, case_card, describe, local_time
+from sinks.alerts.message import AlertText, case_card, case_url, describe, local_time
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,9 @@ DEFAULT_GROUP_ID = "checkout-guard-alert-sender"
 ImageLoader = Callable[[str], bytes]
 _T = TypeVar("_T")
 
+
+CARD_REFUSED = frozenset({400, 413})
+"""Webex's answers to a card it will not take as it is (its content, its size): the thread gets a note without it."""
 
 # --------------------------------------------------------------------------- ledger
 
@@ -805,6 +808,8 @@ class WebexChannel:
             return posted.get("id")
         except WebexError as exc:
             log.warning("case card of alert %s not posted: %s", alert["alert_id"], exc.reason)
+            if exc.status in CARD_REFUSED and not self._closing.is_set():
+                return self._send_card_refused(alert, case_id, alert_message)
             if self._closing.is_set() or (exc.status is not None and exc.status < 500):
                 return None
         try:  # no answer: it may have been posted (the thread's few replies, not the room's latest thousand)
@@ -825,6 +830,25 @@ class WebexChannel:
             return self._card_in(thread, alert_message)
         except WebexError:
             return None
+
+    def _send_card_refused(self, alert: dict[str, Any], case_id: str, alert_message: dict[str, Any]) -> str | None:
+        """Webex refused the card itself (its content or size): the same reply without the card, in the thread, saying
+        so and how to decide the case instead; its id, as the card's, so a forget deletes it. Before, the thread got
+        nothing and only a warning said why. Best effort, once."""
+        note = (
+            f"Case `{case_id}` {self.mention()}: its card (buttons and images) was refused by Webex and is left off. "
+            f"Confirm or dismiss the case on its page, {case_url(case_id, self.settings.alerts)}, or by the commands "
+            "in the alert above."
+        )
+        try:
+            posted = self._waiting_out_429s(
+                lambda: self.client.send_message(self.room_id, note, parent_id=alert_message.get("id"))
+            )
+        except WebexError as exc:
+            log.warning("case note of alert %s (its card refused) not posted: %s", alert["alert_id"], exc.reason)
+            return None
+        log.warning("case card of alert %s refused by Webex: posted without it", alert["alert_id"])
+        return posted.get("id")
 
     def _waiting_out_429s(self, call: Callable[[], _T]) -> _T:
         """``call`` (a card post, or the lookup of its thread that tells whether a post without an answer went through:

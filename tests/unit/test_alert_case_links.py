@@ -64,14 +64,24 @@ def test_the_case_card_of_a_subject_without_a_reference_image_says_so_instead_of
     assert "/images/reference" in content and NO_REFERENCE not in content
 
 
-def test_a_refused_card_does_not_fail_the_delivered_alert(
+def test_a_card_webex_refuses_is_posted_as_a_note_without_it_in_the_thread_and_does_not_fail_the_alert(
     webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
 ) -> None:
+    """A card Webex refused (400, or 413 for its size) was dropped with a warning: the thread showed nothing, and no one
+    knew the buttons were missing. The reply is now posted without the card, saying so and linking the case page."""
     channel = webex_channel(closer, settings_for(webex, tmp_path, webex_cards=True))
-    webex.state.fail((400,), count=1)
-    parent = {"id": "some-message", "personId": "person-bot"}
-    assert channel._send_card(alert(), CASE, parent) is None  # logged, not raised: the alert went out already
-    assert webex.state.bot_messages(ROOM) == []
+    for status in (400, 413):
+        webex.state.fail((status,), count=1)
+        parent = {"id": f"message-{status}", "personId": "person-bot"}
+        note_id = channel._send_card(alert(), CASE, parent)  # not raised: the alert went out already
+        *_, note = webex.state.bot_messages(ROOM)
+        assert note_id == note["id"] and note["parentId"] == parent["id"] and not note.get("attachments")
+        assert f"Case `{CASE}`" in note["markdown"] and "refused by Webex" in note["markdown"]
+        assert f"/cases/{CASE}" in note["markdown"]
+    assert len(webex.state.bot_messages(ROOM)) == 2
+    webex.state.fail((403,), count=1)  # not the card's fault: nothing more is tried
+    assert channel._send_card(alert(), CASE, {"id": "message-403"}) is None
+    assert len(webex.state.bot_messages(ROOM)) == 2
 
 
 def waits_on_one_clock(channel: WebexChannel) -> list[float]:

@@ -292,6 +292,32 @@ def test_hostile_values_stay_on_one_line_short_and_inert_in_every_format() -> No
     assert "<@all>" not in card
 
 
+def test_a_case_card_of_hostile_values_stays_within_webexs_card_size_its_long_values_cut_with_a_marker() -> None:
+    """Each value of 200 (the reasons 1000) characters of emoji made a card of about 21 KB, which Webex may refuse."""
+    from sinks.alerts.message import CARD_CUT_MARK, MAX_CARD_BYTES, card_bytes
+
+    emoji = "\U0001f600"
+    hostile = alert(
+        kind="WATCHLIST_MATCH",
+        subject_id="subj-" + emoji * 600,
+        category=emoji * 100,
+        similarity=99.0,
+        store_id=emoji * 5000,
+        lane_id=emoji * 5000,
+        transaction_id=emoji * 5000,
+        reasons=[emoji * 3000] * 5,
+        currency=emoji * 50,
+        snapshot_ref="checkout/x.jpg",
+    )
+    card = case_card(hostile, AlertSettings(), has_reference=True)
+    assert card_bytes(card) <= MAX_CARD_BYTES
+    facts = {f["title"]: f["value"] for f in card["body"][1]["facts"]}
+    assert facts["Why"].endswith(CARD_CUT_MARK) and len(facts["Why"]) <= 300  # 1000 characters in the message
+    assert [a["data"]["verb"] for a in card["actions"] if "data" in a] == ["confirm", "dismiss"]  # the buttons stay
+    plain = case_card(alert(), AlertSettings())
+    assert CARD_CUT_MARK not in json.dumps(plain, ensure_ascii=False)  # an ordinary alert's card is whole
+
+
 def test_no_alert_value_can_add_a_mail_header_and_a_folded_subject_uses_crlf() -> None:
     hostile = describe(
         alert(lane_id="ENT\r\nBcc: leak@evil.example", store_id="Zürich-Hauptbahnhof-" * 5), AlertSettings()
