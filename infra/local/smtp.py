@@ -30,6 +30,7 @@ import email
 import email.policy
 import email.utils
 import hashlib
+import logging
 import signal
 import smtplib
 import threading
@@ -46,6 +47,8 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from infra.durable import fsync_dir, replace_durably
 from infra.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # Guards duplicates.log: the server's thread appends to it while the purge's thread rewrites it without the old
 # entries, and an entry appended between the purge's read and its rename would be lost.
@@ -127,9 +130,20 @@ def accepted_at(path: Path) -> float:
 
 
 def duplicates(directory: Path) -> list[str]:
-    """Message-IDs whose second (third...) copy the mailbox acknowledged without storing it."""
-    log = directory / "duplicates.log"
-    return [line.split(" ", 1)[1] for line in log.read_text().splitlines()] if log.exists() else []
+    """Message-IDs whose second (third...) copy the mailbox acknowledged without storing it. A line with no space (a
+    hand-edited or torn file) names no Message-ID: skipped with a WARNING giving its line number, not its content
+    (before, it raised IndexError)."""
+    path = directory / "duplicates.log"
+    if not path.exists():
+        return []
+    out = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        _, space, message_id = line.partition(" ")
+        if not space:
+            log.warning("%s line %d names no Message-ID (no space): skipped", path, number)
+            continue
+        out.append(message_id)
+    return out
 
 
 def read_mails(directory: Path) -> list[EmailMessage]:

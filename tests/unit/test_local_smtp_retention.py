@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
+
+import pytest
 
 from infra.local.smtp import FileStore, duplicates, keep_purging, purge_mails
 from infra.settings import Settings
@@ -118,3 +121,15 @@ def test_the_server_writes_when_it_accepted_a_mail_into_it(tmp_path: Path) -> No
     (mail,) = tmp_path.glob("*.eml")
     os.utime(mail, (before + 10 * DAY_S, before + 10 * DAY_S))  # a copy's time, later than the acceptance
     assert before - 1 <= accepted_at(mail) <= time.time()
+
+
+def test_a_duplicates_log_line_with_no_space_is_skipped_with_a_warning_not_a_crash(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hand-edited or torn duplicates.log made duplicates() raise IndexError on a line with no space."""
+    (tmp_path / "duplicates.log").write_text("1 <a@checkout-guard>\n1700000000000000000\nsecret-torn\n2 <b@x>\n")
+    with caplog.at_level(logging.WARNING, logger="infra.local.smtp"):
+        assert duplicates(tmp_path) == ["<a@checkout-guard>", "<b@x>"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and "line 2" in warnings[0] and "line 3" in warnings[1]
+    assert not any("secret-torn" in w or "1700000000000000000" in w for w in warnings)  # no content
