@@ -118,15 +118,22 @@ def accepted_at(path: Path) -> float:
         while len(head) < _HEAD_BYTES and (line := f.readline(_HEAD_BYTES)) not in (b"", b"\r\n", b"\n"):
             head += line
     headers = _headers(head)
-    for value in (headers.get("Received", "").rpartition(";")[2], headers.get("Date", "")):
-        try:
-            when = email.utils.parsedate_to_datetime(str(value).strip())
-        except (TypeError, ValueError, IndexError, OverflowError):
-            continue
-        if when.tzinfo is None:  # RFC 5322's -0000: UTC, with no zone said
-            when = when.replace(tzinfo=UTC)
-        return min(when.timestamp(), file_time)
+    for value in (str(headers.get("Received", "")).rpartition(";")[2], headers.get("Date", "")):
+        when = _date(value)
+        if when is not None:
+            return min(when, file_time)
     return file_time
+
+
+def _date(value: object) -> float | None:
+    """An RFC 5322 date (a ``Date`` header, a ``Received`` line's end) in epoch seconds; None when it is none."""
+    try:
+        when = email.utils.parsedate_to_datetime(str(value or "").strip())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # RFC 5322's -0000: UTC, with no zone said
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
 
 
 def duplicates(directory: Path) -> list[str]:
@@ -147,13 +154,17 @@ def duplicates(directory: Path) -> list[str]:
 
 
 def read_mails(directory: Path) -> list[EmailMessage]:
-    """Every mail the server kept, oldest first."""
-    out = []
-    for path in sorted(directory.glob("*.eml"), key=lambda p: (p.stat().st_mtime_ns, p.name)):
+    """Every mail the server kept, in the order it accepted them: by the time of the ``Received`` line it wrote at the
+    top (seconds), else the file's time, then the file's time (ns) and name. Before, by the file's time alone, which a
+    copy or restore of the folder resets, so the order was the copy's."""
+    kept = []
+    for path in directory.glob("*.eml"):
         msg = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
         assert isinstance(msg, EmailMessage)
-        out.append(msg)
-    return out
+        mtime_ns = path.stat().st_mtime_ns
+        received = _date(str(msg.get("Received", "")).rpartition(";")[2])
+        kept.append((received if received is not None else mtime_ns / 1e9, mtime_ns, path.name, msg))
+    return [msg for *_, msg in sorted(kept, key=lambda k: k[:3])]
 
 
 def purge_mails(directory: Path, keep_s: float, now: float | None = None) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.local.smtp import FileStore, duplicates, keep_purging, purge_mails
+from infra.local.smtp import FileStore, duplicates, keep_purging, purge_mails, read_mails
 from infra.settings import Settings
 
 DAY_S = 86_400
@@ -133,3 +133,18 @@ def test_a_duplicates_log_line_with_no_space_is_skipped_with_a_warning_not_a_cra
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2 and "line 2" in warnings[0] and "line 3" in warnings[1]
     assert not any("secret-torn" in w or "1700000000000000000" in w for w in warnings)  # no content
+
+
+def test_read_mails_orders_by_when_the_server_accepted_each_mail_not_by_the_files_time(tmp_path: Path) -> None:
+    """read_mails sorted by the file's time, which a copy or restore of the folder resets: the copy's order."""
+    now = time.time()
+
+    def received(age_s: float) -> str:
+        return (
+            f"Received: by checkout-guard-local-smtp; {format_datetime(datetime.fromtimestamp(now - age_s, UTC))}\r\n"
+        )
+
+    _kept(tmp_path, "a-first", received(300) + "Subject: first\r\n", file_age_s=10)  # copied last
+    _kept(tmp_path, "b-second", received(200) + "Subject: second\r\n", file_age_s=50)
+    _kept(tmp_path, "c-no-received", "Subject: third\r\n", file_age_s=100)  # no Received: its file's time
+    assert [m["Subject"] for m in read_mails(tmp_path)] == ["first", "second", "third"]
