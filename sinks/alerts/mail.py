@@ -2,16 +2,18 @@
 
 Both senders raise :class:`MailError` with ``retriable`` set from what the server said: SMTP 4xx,
 dropped connections, timeouts and SES throttling/5xx are worth another try; SMTP 5xx and SES
-``MessageRejected`` are not. Those that say the *service* is unavailable rather than anything about
-the message (no connection, DNS, timeouts, SMTP 4xx, SES throttling/5xx) also set ``down``: the sender
-then waits for the server instead of spending the alert's attempts. Neither logs the message (it can
-carry a face snapshot).
+``MessageRejected`` are not. A refusal for the mail's size (SMTP 552 / 5.3.4, SES ``MessageRejected``
+saying so or HTTP 413) sets ``too_large``: the channel sends it again at once without the snapshot. Those
+that say the *service* is unavailable rather than anything about the message (no connection, DNS,
+timeouts, SMTP 4xx, SES throttling/5xx) also set ``down``: the sender then waits for the server instead
+of spending the alert's attempts. Neither logs the message (it can carry a face snapshot).
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import re
 import smtplib
 import ssl
 import threading
@@ -45,6 +47,19 @@ def smtp_too_large(code: int, answer: bytes | str) -> bool:
     5.3.4 ("message too big for system"). Pure."""
     text = answer.decode(errors="replace") if isinstance(answer, bytes) else str(answer)
     return code == 552 or (code >= 500 and "5.3.4" in text)
+
+
+SES_SIZE_WORDS = re.compile(r"message length|message size|too (large|big|long)|exceeds? .*(size|length|bytes)", re.I)
+"""How SES says a mail is past its size limit (10 MB for ``SendRawEmail``): ``MessageRejected: Message length is more
+than 10485760 bytes long``."""
+
+
+def ses_too_large(code: str, status: int, message: str) -> bool:
+    """Whether an SES error refuses the mail for its size: ``MessageRejected`` (or ``InvalidParameterValue``) with a
+    size message, or HTTP 413 (the request past the endpoint's limit). Pure."""
+    if status == 413:
+        return True
+    return code in {"MessageRejected", "InvalidParameterValue"} and SES_SIZE_WORDS.search(message) is not None
 
 
 def smtp_unavailable(exc: BaseException) -> bool:
@@ -357,7 +372,9 @@ class SesMailer:
             code = exc.response.get("Error", {}).get("Code", "")
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             transient = code in self.RETRIABLE_CODES or status >= 500
-            raise MailError(f"SES {code or status}", retriable=transient, down=transient) from exc
+            too_large = ses_too_large(code, status, str(exc.response.get("Error", {}).get("Message", "")))
+            reason = f"SES {code or status}" + (" (the mail is larger than SES takes)" if too_large else "")
+            raise MailError(reason, retriable=transient, down=transient, too_large=too_large) from exc
         except BotoCoreError as exc:  # unreachable or timing out: down; missing credentials and such: a failed try
             down = isinstance(exc, EndpointUnreachable | HTTPClientError)
             raise MailError(f"SES {type(exc).__name__}", down=down) from exc

@@ -1187,6 +1187,39 @@ def test_a_mail_the_relay_refuses_for_its_size_goes_without_the_snapshot_and_say
     assert [p.get_content() for p in whole.walk() if p.get_content_maintype() == "image"] == [jpeg()]
 
 
+def test_a_mail_amazon_ses_refuses_for_its_size_goes_without_the_snapshot_and_says_so(tmp_path: Path) -> None:
+    """SES's size refusal (MessageRejected: "Message length is more than 10485760 bytes long") was a permanent
+    refusal, as a relay's 552 was: the alert was dead-lettered, and every re-drive was refused the same way."""
+    import boto3
+    from botocore.stub import Stubber
+
+    client = boto3.client("ses", region_name="eu-west-1", aws_access_key_id="k", aws_secret_access_key="s")
+    smtp = SmtpSettings(from_address="cg@store.test", to_addresses="sec@x.test")
+    settings = Settings(stack_dir=tmp_path, smtp=smtp)
+    sent: list[bytes] = []
+
+    class Recording:  # the stubbed client, keeping each raw mail asked of it
+        def send_raw_email(self, **params: Any) -> Any:
+            sent.append(params["RawMessage"]["Data"])
+            return client.send_raw_email(**params)
+
+    with Stubber(client) as ses, closing(EmailChannel(settings, SesMailer(smtp, client=Recording()))) as channel:
+        too_long = "Message length is more than 10485760 bytes long: '11000000'."
+        ses.add_client_error("send_raw_email", "MessageRejected", too_long, 400)
+        ses.add_response("send_raw_email", {"MessageId": "ses-1"})
+        channel.send(alert(), jpeg(), maybe_sent=False)
+        ses.add_client_error("send_raw_email", "MessageRejected", "Email address is not verified.", 400)
+        with pytest.raises(DeliveryError) as refused:  # another rejection is still one for good, tried once
+            channel.send(alert("blocked:tx-2"), jpeg(), maybe_sent=False)
+        ses.assert_no_pending_responses()
+    assert not refused.value.retriable and "larger" not in refused.value.reason
+    raw = [email.message_from_bytes(data, policy=email.policy.default) for data in sent]
+    assert len(raw) == 3 and [p.get_content_maintype() for p in raw[0].walk()].count("image") == 1
+    assert not [p for p in raw[1].walk() if p.get_content_maintype() == "image"]
+    plain = next(p for p in raw[1].walk() if p.get_content_type() == "text/plain").get_content()
+    assert "\nSnapshot:" in plain and "not attached" in plain
+
+
 def test_a_mail_refused_for_its_size_without_a_snapshot_is_refused_for_good(tmp_path: Path) -> None:
     mail, port = tmp_path / "mail", free_port()
     controller = Controller(FileStore(mail), hostname="127.0.0.1", port=port, data_size_limit=500)
