@@ -33,7 +33,7 @@ from pydantic_core import ErrorDetails
 from pydantic_settings import SettingsError
 from rich.markup import escape
 
-from infra.settings import REPO_ROOT, Settings, env_file
+from infra.settings import REPO_ROOT, Settings, SettingsFileError, env_file
 from schemas.errors import CheckoutGuardError
 
 PROG = "checkout-guard"
@@ -141,8 +141,8 @@ class _OneLineErrors:
 
 class _SettingsErrorsOnly:
     """Wraps a service's ``invoke``: a bad ``CG_*`` setting at its start ends as one ``Error:`` line naming the
-    variable, as for a tool (it was a traceback that named a field, ``log.level``, not the variable); every
-    other error of a service keeps its traceback."""
+    variable, as for a tool (it was a traceback that named a field, ``log.level``, not the variable), and so does a
+    ``CG_ENV_FILE`` naming no file; every other error of a service keeps its traceback."""
 
     def __init__(self, invoke: Any) -> None:
         self.invoke = invoke
@@ -156,6 +156,8 @@ class _SettingsErrorsOnly:
             message = f"invalid setting {setting_errors(exc)}"
         except SettingsError as exc:  # a CG_* value that should be JSON and is not
             message = json_setting_error(exc)
+        except SettingsFileError as exc:  # CG_ENV_FILE names no readable file
+            message = str(exc)
         typer.echo(f"Error: {message}", err=True)
         raise typer.Exit(1)
 

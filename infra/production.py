@@ -34,18 +34,14 @@ from typing import Annotated
 
 import psutil
 import typer
-from pydantic import ValidationError
-from pydantic_settings import SettingsError
 
 from infra import metrics
 from infra.addresses import bracketed, client_host
-from infra.cli import setting_errors
 from infra.flink_cluster import beside_cluster_job
 from infra.launcher import Child, Supervisor, spawn
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.processes import Reaper, orphans, reap_orphans, stop_child, stop_children
 from infra.settings import Settings, SupervisorSettings, face_deadline_problem, get_settings
-from schemas.errors import CheckoutGuardError
 
 log = logging.getLogger("infra.supervisor")
 
@@ -538,15 +534,9 @@ def main(
     """Production mode: the real services (no local stack, no stand-ins) against the configured Kafka,
     OpenSearch, MQTT, SMTP and Webex, restarted when they exit or their /healthz stays unhealthy, until
     SIGTERM, Ctrl-C or a hang-up (then every process is stopped and the exit status is 0)."""
-    try:
-        settings = get_settings()
-        setup_logging(settings, log_level, "supervise")
-    except ValidationError as exc:  # the supervisor's own start: one line, as a tool (its services keep tracebacks)
-        typer.echo(f"Error: invalid setting {setting_errors(exc)}", err=True)
-        raise typer.Exit(2) from None
-    except (CheckoutGuardError, SettingsError, ValueError) as exc:  # CG_ENV_FILE, a CG_* JSON value, a log level
-        typer.echo(f"Error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    # a bad setting or CG_ENV_FILE: one line naming the variable, exit 1, as every service (infra.cli's handling)
+    settings = get_settings()
+    setup_logging(settings, log_level, "supervise")
     try:
         names = choose(only or (), without or ())
     except ValueError as exc:

@@ -327,23 +327,29 @@ def test_comparing_with_a_backtest_that_does_not_exist_names_its_index(fresh_set
     assert line == "Error: no index typo-transactions: is 'typo' the name of a backtest (or the live prefix)?", line
 
 
-@pytest.mark.parametrize("service", ["cases", "job", "alerts", "dashboard"])
+@pytest.mark.parametrize("service", ["cases", "job", "alerts", "dashboard", "supervise"])
 def test_a_bad_setting_at_a_service_start_is_one_line_naming_its_variable(fresh_settings, capsys, service) -> None:
     fresh_settings.setenv("CG_LOG__LEVEL", "verbose")
     line = _one_error(capsys, [service])
     assert line.startswith("Error: invalid setting CG_LOG__LEVEL: 'verbose' is not a log level"), line
 
 
-def test_a_service_setting_that_should_be_json_is_one_line(fresh_settings, capsys) -> None:
+@pytest.mark.parametrize("service", ["dashboard", "supervise"])
+def test_a_service_setting_that_should_be_json_is_one_line(fresh_settings, capsys, service) -> None:
     fresh_settings.setenv("CG_DASHBOARD__USERS", "ana:secret")
-    line = _one_error(capsys, ["dashboard"])
+    line = _one_error(capsys, [service])
     assert line == "Error: invalid setting CG_DASHBOARD__USERS: not valid JSON"
 
 
+@pytest.mark.parametrize("service", ["dashboard", "supervise"])
+def test_a_service_with_an_env_file_that_is_missing_is_one_line(fresh_settings, capsys, tmp_path, service) -> None:
+    fresh_settings.setenv("CG_ENV_FILE", str(tmp_path / "missing.env"))
+    line = _one_error(capsys, [service])
+    assert line == f"Error: CG_ENV_FILE={tmp_path / 'missing.env'}: no such file", line
+
+
 SERVICE_MODULES = sorted(
-    entry.module.removesuffix(".__main__")
-    for entry in ENTRIES
-    if entry.module and not entry.one_line_errors and entry.name != "supervise"  # supervise: its own line, exit 2
+    entry.module.removesuffix(".__main__") for entry in ENTRIES if entry.module and not entry.one_line_errors
 )
 
 
