@@ -457,6 +457,12 @@ class ModelSettings(BaseModel, frozen=True):
     AWS profile's ``region``). Credentials: the key pair below when both are set, else boto3's chain."""
     aws_endpoint_url: str | None = None
     """Endpoint override (a local server or moto in tests); ``None`` = AWS."""
+
+    @field_validator("aws_endpoint_url")
+    @classmethod
+    def _usable_endpoint_url(cls, value: str | None) -> str | None:
+        return _usable_url_or_unset(value)
+
     aws_access_key_id: SecretStr | None = None
     aws_secret_access_key: SecretStr | None = None
     afd_detector_id: str = "transaction_event"
@@ -586,6 +592,12 @@ class FaceSettings(BaseModel, frozen=True):
     purge search them too (:func:`infra.clients.image_store.former_stores`)."""
     rekognition_endpoint_url: str | None = None
     """Rekognition endpoint override; defaults to ``aws_endpoint_url``."""
+
+    @field_validator("aws_endpoint_url", "rekognition_endpoint_url")
+    @classmethod
+    def _usable_endpoint_urls(cls, value: str | None) -> str | None:
+        return _usable_url_or_unset(value)
+
     rekognition_collection: str = "checkout-guard-watchlist"
     rekognition_match_threshold: float = Field(default=99.0, ge=0, le=100)
     """Rekognition's own similarity scale (0-100); AWS advises >= 99 plus human review for public-safety uses. The
@@ -627,6 +639,12 @@ class AlertSettings(BaseModel, frozen=True):
     """SES region; ``None`` = boto3's default chain (``AWS_DEFAULT_REGION``, the AWS profile's ``region``).
     SES credentials always come from boto3's chain (environment, profile, container or instance role)."""
     ses_endpoint_url: str | None = None
+
+    @field_validator("ses_endpoint_url")
+    @classmethod
+    def _usable_ses_endpoint_url(cls, value: str | None) -> str | None:
+        return _usable_url_or_unset(value)
+
     ledger_path: Path | None = None
     """SQLite dedup ledger; defaults to ``<stack dir>/alerts/<topic prefix>ledger.sqlite3``."""
     concurrency: int = Field(default=32, ge=1)
@@ -806,16 +824,15 @@ class WebexSettings(BaseModel, frozen=True):
     @classmethod
     def _https_public_url(cls, value: str | None) -> str | None:
         """https, or plain http to this machine only (the local Webex API of ``make run`` and the tests): over plain
-        http every callback, signed but readable, would cross the network in clear, and could be read or held back."""
+        http every callback, signed but readable, would cross the network in clear, and could be read or held back.
+        Then :func:`usable_url`'s check (a port out of range was taken, and the webhook registered at it)."""
         if value is None or not value.strip():
             return None
         value = value.strip()
         scheme, _, rest = value.partition("://")
         host = _url_host(rest)
-        if scheme.lower() == "https" and host:
-            return value
-        if scheme.lower() == "http" and _is_loopback(host):
-            return value
+        if (scheme.lower() == "https" and host) or (scheme.lower() == "http" and _is_loopback(host)):
+            return usable_url(value)
         raise ValueError(
             "CG_WEBEX__PUBLIC_URL must be an https:// URL (plain http only to localhost or 127.0.0.1), "
             f"not {scheme[:10]!r} to {host[:80]!r}"

@@ -56,6 +56,16 @@ def _one_error(capsys: pytest.CaptureFixture[str], argv: list[str], code: int = 
         ("CG_WEBEX__BASE_URL", "webexapis.com/v1", "CG_WEBEX__BASE_URL: not an http:// or https:// URL"),
         ("CG_METRICS__PROMETHEUS_URL", "http://prom:0", "CG_METRICS__PROMETHEUS_URL: not an http:// or https://"),
         ("CG_METRICS__PROMETHEUS_URL", "file:///etc/passwd", "CG_METRICS__PROMETHEUS_URL: not an http:// or https://"),
+        ("CG_MODEL__AWS_ENDPOINT_URL", "http://127.0.0.1:99999", "CG_MODEL__AWS_ENDPOINT_URL: not an http://"),
+        ("CG_FACES__AWS_ENDPOINT_URL", "ftp://s3.local:4566", "CG_FACES__AWS_ENDPOINT_URL: not an http://"),
+        ("CG_FACES__REKOGNITION_ENDPOINT_URL", "http://rek:0", "CG_FACES__REKOGNITION_ENDPOINT_URL: not an http://"),
+        ("CG_ALERTS__SES_ENDPOINT_URL", "localhost:4566", "CG_ALERTS__SES_ENDPOINT_URL: not an http://"),
+        ("CG_WEBEX__PUBLIC_URL", "https://bot.example.com:99999", "CG_WEBEX__PUBLIC_URL: not an http:// or https://"),
+        (
+            "CG_WEBEX__PUBLIC_URL",
+            "http://bot.example.com",
+            "CG_WEBEX__PUBLIC_URL: CG_WEBEX__PUBLIC_URL must be an https",
+        ),
         ("CG_KAFKA__SECURITY_PROTOCOL", "SASL-SSL", "CG_KAFKA__SECURITY_PROTOCOL: 'SASL-SSL' is not one of PLAINTEXT"),
         ("CG_KAFKA__SASL_MECHANISM", "scram-sha-512", "CG_KAFKA__SASL_MECHANISM: 'scram-sha-512' is not one of PLAIN"),
     ],
@@ -381,6 +391,11 @@ def test_a_bad_setting_at_a_service_run_by_python_m_is_one_line_naming_its_varia
         ("CG_METRICS__PROMETHEUS_URL", ""),
         ("CG_METRICS__PROMETHEUS_URL", "https://prom.chain.example:9090/"),
         ("CG_OPENSEARCH__URL", "127.0.0.1:9200"),  # the OpenSearch client takes a bare host:port as http
+        ("CG_MODEL__AWS_ENDPOINT_URL", "http://127.0.0.1:5000"),
+        ("CG_FACES__REKOGNITION_ENDPOINT_URL", "https://rekognition.eu-west-1.amazonaws.com"),
+        ("CG_ALERTS__SES_ENDPOINT_URL", "http://localhost:4566/"),
+        ("CG_WEBEX__PUBLIC_URL", "https://bot.example.com:8443/hook"),
+        ("CG_WEBEX__PUBLIC_URL", "http://127.0.0.1:8090"),
     ],
 )
 def test_a_usable_url_setting_is_taken(fresh_settings, variable, value) -> None:
