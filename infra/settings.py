@@ -236,8 +236,10 @@ def usable_url(value: str, *, bare_host: bool = False) -> str:
 
 
 def _usable_url_or_unset(value: str | None) -> str | None:
-    """:func:`usable_url` for a URL setting that may be unset (None or blank: the default is used)."""
-    return value if value is None or not value.strip() else usable_url(value)
+    """:func:`usable_url` for a URL setting that may be unset: blank is None, so ``is None`` is the one test of
+    "unset" (a blank ``CG_CAMERAS__BASE_URL`` was the local camera for snapshots but a Dashboard for the face
+    deadline check; a blank AWS endpoint override reached boto3 as ``Invalid endpoint``)."""
+    return None if value is None or not value.strip() else usable_url(value)
 
 
 class OpenSearchSettings(BaseModel, frozen=True):
@@ -943,6 +945,11 @@ class CameraSettings(BaseModel, frozen=True):
     def _usable_base_url(cls, value: str | None) -> str | None:
         return _usable_url_or_unset(value)
 
+    @property
+    def local(self) -> bool:
+        """The local camera (no Dashboard configured): the one rule, for snapshots and the face deadline check."""
+        return self.base_url is None
+
     api_key: SecretStr = SecretStr("local-camera-key")
     snapshot_hosts: str = ""
     """Hosts the snapshot URLs from ``generateSnapshot`` may point at, comma separated: ``host`` exactly or
@@ -1428,7 +1435,7 @@ def face_deadline_problem(settings: Settings) -> str | None:
     second: the demo's 4 s are fine there. Refused where the scoring job starts (its entry point, and
     ``checkout-guard supervise`` when it starts the job); the face stage, which ignores the setting, only warns."""
     cameras, deadline_ms = settings.cameras, settings.job.face_deadline_ms
-    if cameras.base_url is None or deadline_ms <= 0:
+    if cameras.local or deadline_ms <= 0:
         return None
     needed_ms = int(cameras.deadline_s * 1000) + FACE_DELIVERY_MARGIN_MS
     if deadline_ms >= needed_ms:

@@ -716,4 +716,5 @@ class MerakiClient:
 
 def api_base_url(settings: Settings) -> str:
     """The configured Dashboard API base, or the local camera's."""
-    return settings.cameras.base_url or f"http://127.0.0.1:{settings.cameras.local_port}/api/v1"
+    cameras = settings.cameras
+    return f"http://127.0.0.1:{cameras.local_port}/api/v1" if cameras.base_url is None else cameras.base_url

@@ -190,6 +190,17 @@ def test_a_real_camera_with_a_face_deadline_shorter_than_its_snapshot_budget_is_
     assert CliRunner().invoke(production.cli, ["--only", "dashboard"]).exit_code == 0 and started == [["dashboard"]]
 
 
+def test_a_blank_camera_url_is_the_local_camera_for_snapshots_and_the_face_deadline_check_alike() -> None:
+    """``CG_CAMERAS__BASE_URL=`` fetched from the local camera but was a Dashboard to the check at start."""
+    from infra.clients.meraki import api_base_url
+    from infra.settings import CameraSettings, JobSettings
+
+    for blank in ("", "  "):
+        settings = Settings(cameras=CameraSettings(base_url=blank), job=JobSettings(face_deadline_ms=4000))
+        assert settings.cameras.local and api_base_url(settings).startswith("http://127.0.0.1:")
+        assert production.face_deadline_problem(settings) is None
+
+
 def test_endpoints_say_where_health_and_metrics_are_or_that_there_are_none() -> None:
     settings = Settings(metrics=MetricsSettings(base_port=19460))
     port = metrics.port_of(settings, "alert-sender")

@@ -401,3 +401,13 @@ def test_a_bad_setting_at_a_service_run_by_python_m_is_one_line_naming_its_varia
 def test_a_usable_url_setting_is_taken(fresh_settings, variable, value) -> None:
     fresh_settings.setenv(variable, value)
     get_settings()
+
+
+@pytest.mark.parametrize(
+    "variable", ["CG_MODEL__AWS_ENDPOINT_URL", "CG_FACES__REKOGNITION_ENDPOINT_URL", "CG_ALERTS__SES_ENDPOINT_URL"]
+)
+def test_a_blank_aws_endpoint_override_is_unset_not_an_endpoint_for_boto3(fresh_settings, variable) -> None:
+    """Blank reached boto3 as ``ValueError: Invalid endpoint`` at the first call; it means AWS, as unset does."""
+    fresh_settings.setenv(variable, " ")
+    section, _, field = variable.removeprefix("CG_").lower().partition("__")
+    assert getattr(getattr(get_settings(), section), field) is None
