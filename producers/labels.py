@@ -50,6 +50,7 @@ from infra import clock
 from infra.clients import kafka as kafka_clients
 from infra.clients.topic_replay import RangeError, TimeOutOfRange, parse_time_ms
 from infra.settings import Settings, get_settings
+from schemas.afd_csv import undecodable
 from schemas.errors import CheckoutGuardError, InvalidRecord
 from schemas.identifiers import check
 from schemas.records import FRAUD, LABEL_SOURCES, LABEL_WORDS, Label, make_label
@@ -223,7 +224,7 @@ def _row_label(
     label); ``InvalidRecord`` when it is bad."""
     if isinstance(values, InvalidRecord):
         raise values
-    if any(_undecodable(value) for value in values):
+    if any(undecodable(value) for value in values):
         raise InvalidRecord(
             "not_utf8",
             "the row is not UTF-8 (saved in another encoding, as Excel's plain CSV is: save it as CSV UTF-8)",
@@ -260,12 +261,6 @@ def _row_label(
         case_id=cell("case_id") if fmt == SIMPLE else None,
     )
     return label, decided_at_text is not None
-
-
-def _undecodable(text: str) -> bool:
-    """Whether ``text`` holds bytes the file's encoding could not read (kept as lone surrogates, see
-    :func:`decode_errors`)."""
-    return not text.isascii() and any("\udc80" <= char <= "\udcff" for char in text)
 
 
 def header_name(fmt: str, column: str) -> str:
@@ -368,7 +363,7 @@ def read_label_csv(f: TextIO) -> tuple[list[str], list[tuple[int, list[str] | In
         raise LabelFileError("the file is empty") from None
     except csv.Error as exc:
         raise LabelFileError(f"the header cannot be read: {exc}") from None
-    if any(_undecodable(name) for name in header):  # a binary file, another encoding: not "columns missing"
+    if any(undecodable(name) for name in header):  # a binary file, another encoding: not "columns missing"
         raise LabelFileError(
             f"the header cannot be read: line {lines.take()[0][0]} is not UTF-8 (a binary file, or text saved in "
             "another encoding, as Excel's plain CSV is: save it as CSV UTF-8)"
@@ -413,8 +408,9 @@ def file_encoding(path: Path) -> str:
 
 def decode_errors(encoding: str) -> str:
     """How to read bytes that are not text in ``encoding``: kept (``surrogateescape``) in a UTF-8 file, so that its
-    row is refused (:func:`_undecodable`); replaced with U+FFFD took a Windows-1252 export's ``Rückbuchung`` as
-    ``R\ufffdckbuchung`` and published it. UTF-16 keeps ``replace``: a broken pair's bytes below 0x80 cannot be kept."""
+    row is refused (:func:`schemas.afd_csv.undecodable`); replaced with U+FFFD took a Windows-1252 export's
+    ``Rückbuchung`` as ``R\ufffdckbuchung`` and published it. UTF-16 keeps ``replace``: a broken pair's bytes below
+    0x80 cannot be kept."""
     return "replace" if encoding == "utf-16" else "surrogateescape"
 
 

@@ -318,12 +318,13 @@ def _ends_line(text: str) -> bool:
     return text.endswith(("\n", "\r"))
 
 
-def _undecodable(line: str) -> bool:
-    """Whether the line held bytes that are not UTF-8 (read as lone surrogates by ``surrogateescape``)."""
-    if line.isascii():
+def undecodable(text: str) -> bool:
+    """Whether ``text`` held bytes its file's encoding could not read (kept as lone surrogates by
+    ``surrogateescape``): the one check, for this CSV and for ``labels import``'s files."""
+    if text.isascii():
         return False
     try:
-        line.encode("utf-8")
+        text.encode("utf-8")
     except UnicodeEncodeError:
         return True
     return False
@@ -376,7 +377,7 @@ class _Lines:
             return '"\n'
         self._size += size
         self._parts.append(line)
-        if _undecodable(line):
+        if undecodable(line):
             self.fail("not_utf8", f"line {self.count} is not UTF-8")
         return line
 
