@@ -270,4 +270,6 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    from infra.cli import run_service
+
+    run_service(main)

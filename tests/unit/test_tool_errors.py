@@ -363,13 +363,18 @@ SERVICE_MODULES = sorted(
 )
 
 
-@pytest.mark.parametrize("module", SERVICE_MODULES)
-def test_a_bad_setting_at_a_service_run_by_python_m_is_one_line_naming_its_variable(tmp_path, module) -> None:
+STAND_INS = [("producers.shoppers", []), ("infra.local.smtp", ["--mail-dir", "mail"])]
+"""Started by ``make run`` with ``python -m`` only: a bad setting was a traceback there until they went through
+the services' handling."""
+
+
+@pytest.mark.parametrize(("module", "args"), [*((module, []) for module in SERVICE_MODULES), *STAND_INS])
+def test_a_bad_setting_at_a_service_run_by_python_m_is_one_line_naming_its_variable(tmp_path, module, args) -> None:
     """``python -m <service>`` answers as ``checkout-guard <service>`` does (it was a traceback naming log.level)."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("CG_")}
     env |= {"CG_ENV_FILE": "", "CG_STACK_DIR": str(tmp_path / "stack"), "CG_LOG__LEVEL": "verbose"}
     done = subprocess.run(
-        [sys.executable, "-m", module],
+        [sys.executable, "-m", module, *args],
         cwd=REPO_ROOT,
         env=env,
         stdin=subprocess.DEVNULL,
