@@ -90,14 +90,16 @@ const seen = [];
   console.log(JSON.stringify({
     asked, waits, seen, status: nodes.status, renders: document.body.dataset.renders || "0",
     alerts: nodes.alerts ? nodes.alerts.children.map((c) => c.innerHTML) : [],
+    drift: nodes["#drift-table tbody"] ? nodes["#drift-table tbody"].children.map((c) => c.innerHTML) : [],
   }));
 })();
 """
 
 
-def _live(answers: dict[str, list[Any]], runs: int = 8) -> dict[str, Any]:
-    """The live page given ``answers`` per path: its status line, waits and what it drew."""
-    scripts = (STATIC / "common.js").read_text() + (STATIC / "app.js").read_text()  # as index.html loads them
+def _live(answers: dict[str, list[Any]], runs: int = 8, page: str = "app.js") -> dict[str, Any]:
+    """The live page (or another of common.js's window pages, ``page``) given ``answers`` per path: its status line,
+    waits and what it drew."""
+    scripts = (STATIC / "common.js").read_text() + (STATIC / page).read_text()  # as index.html loads them
     script = HARNESS % (json.dumps(answers), scripts, runs)
     run = subprocess.run([NODE or "node", "-e", script], capture_output=True, text=True, timeout=30)
     assert run.returncode == 0, run.stderr

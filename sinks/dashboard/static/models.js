@@ -3,10 +3,17 @@
 "use strict";
 
 const ROLES = ["champion", "challenger"];
-const state = { minutes: 60, store: "", anchor: false, refreshMs: 3000, minRefreshMs: 10000, timer: null, renders: 0, seq: 0 };
+// failures: failed reads in a row. After a 5xx or no answer the page asks again after common.js's retryWait (the
+// refresh interval, then twice as long each time, up to 30 s); after a 4xx (a 401 once the login expired) it stops:
+// asked again, it gets the same answer.
+const state = {
+  minutes: 60, store: "", anchor: false, refreshMs: 3000, minRefreshMs: 10000, timer: null, renders: 0, seq: 0, failures: 0,
+};
 const fmtAuc = (x) => (x === null || x === undefined ? "–" : x.toFixed(3));
 const fmtPsi = (x) => (x === null || x === undefined ? "–" : x.toFixed(3));
-const hourUtc = (ms) => (ms ? `${new Date(ms).toISOString().slice(0, 13).replace("T", " ")}:00` : "–");
+// An hour's start as "YYYY-MM-DD hh:00" (UTC), HTML-escaped; a time no date can hold (out of range) as it came, for
+// its row only: toISOString threw on it, and nothing on the page was drawn.
+const hourUtc = (ms) => (ms ? escapeHtml(isoUtc(ms) ? `${isoUtc(ms).slice(0, 13)}:00` : String(ms)) : "–");
 
 // Each role's figures are one model's: the model holding the role now, over every row it scored in the
 // window as champion, as challenger or as a remote backend's fallback (after a promotion the roles' fields mix
@@ -168,14 +175,21 @@ async function refresh() {
     state.renders += 1;
     document.body.dataset.renders = String(state.renders);
     status.className = "status";
-    const end = new Date(models.window.end).toISOString().slice(11, 19);
+    const end = isoUtc(models.window.end)?.slice(11, 19) ?? String(models.window.end);
     status.textContent = `${models.window.store ? `store ${models.window.store} · ` : ""}window ends ${end} UTC · updated ${new Date().toLocaleTimeString()}`;
+    state.failures = 0;
+    state.timer = setTimeout(refresh, state.refreshMs);
   } catch (err) {
     if (seq !== state.seq) return;
     status.className = "status error";
-    status.textContent = `${err.message} — retrying`;
-  } finally {
-    if (seq === state.seq) state.timer = setTimeout(refresh, state.refreshMs);
+    if (!worthRetrying(err.status)) {
+      status.textContent = refusedText(err.status, err.message, "the window or store changes or the page is reloaded");
+      return;
+    }
+    const wait = retryWait(state.refreshMs, state.failures);
+    state.failures += 1;
+    status.textContent = `${err.message}; asking again in ${Math.round(wait / 1000)} s`;
+    state.timer = setTimeout(refresh, wait);
   }
 }
 
