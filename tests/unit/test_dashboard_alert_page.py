@@ -91,10 +91,13 @@ ALERT_PATH = "/alerts/watchlist%3Atx-1"
     ("status", "error"), [(400, "bad alert id"), (401, "log in"), (403, "may not read"), (404, "no such alert")]
 )
 def test_an_alert_answered_4xx_is_asked_no_more_and_the_page_shows_why(status: int, error: str) -> None:
-    """Every answer but a 404 (a 400, 401 or 403 too) was asked again every 3 s, for ever."""
+    """Every answer but a 404 (a 400, 401 or 403 too) was asked again every 3 s, for ever; a 401 or 403 (the login
+    expired) was then shown as a plain 4xx, with no word of logging in again."""
     shown = polled([[status, {"error": error}], [200, alert_answer()]], "alert.js", ALERT_PATH)
     assert shown["fetched"] == 1 and shown["waits"] == [], shown
-    assert shown["status"]["className"] == "status error" and error in shown["status"]["textContent"]
+    says = ": log in again (reload the page)" if status in (401, 403) else " until the page is reloaded"
+    assert shown["status"]["textContent"] == f"watchlist:tx-1: {error} — not refreshed again{says}"
+    assert shown["status"]["className"] == "status error"
     assert not shown["loaded"]
 
 

@@ -93,10 +93,13 @@ def _run(answers: list[Any], page: str = "case.js", path: str = "/cases/case-012
     ],
 )
 def test_a_case_answered_4xx_is_asked_no_more_and_the_page_shows_why(status: int, error: str) -> None:
-    """Every answer but a 404 was asked again every 3 s, for ever, though a wrong request gets the same answer."""
+    """Every answer but a 404 was asked again every 3 s, for ever, though a wrong request gets the same answer; a 401
+    or 403 (the login expired) was then shown as a plain 4xx, with no word of logging in again."""
     shown = _run([[status, {"error": error}], [200, {"case": CASE, "transaction": None, "you": None}]])
     assert shown["fetched"] == 1 and shown["waits"] == [], shown
-    assert shown["status"]["className"] == "status error" and error in shown["status"]["textContent"]
+    says = ": log in again (reload the page)" if status in (401, 403) else " until the page is reloaded"
+    assert shown["status"]["textContent"] == f"case-0123456789ab: {error} — not refreshed again{says}"
+    assert shown["status"]["className"] == "status error"
     assert shown["disabled"] and not shown["loaded"]
 
 
@@ -181,3 +184,14 @@ def test_a_verdict_answered_by_a_page_that_is_not_json_says_so_and_is_sent_again
     assert "press it again, it will not be recorded twice" in first["result"] and first["enabled"]
     assert shown["sent"][0] == shown["sent"][1], "the retry of the same submission keeps its request_id"
     assert second["result"] == "this case is already decided" and second["enabled"]
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_verdict_refused_for_the_login_says_it_was_not_recorded_and_to_log_in_again(status: int) -> None:
+    """A verdict answered 401 or 403 (the login expired or was changed) showed only the answer's error, as a 400's,
+    with no word that logging in again is what helps."""
+    shown = _verdicts([[status, {"error": "log in"}]])
+    (first,) = shown["shown"]
+    assert first["className"] == "status error", shown
+    assert first["result"] == "log in — confirm was not recorded: log in again (reload the page)"

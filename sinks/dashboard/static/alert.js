@@ -42,7 +42,8 @@ async function load() {
   if (!answer.ok) {
     status.className = "status error";
     if (!worthRetrying(answer.status)) {
-      status.textContent = `${id}: ${answer.reason}`;
+      // a 401 or 403 (the login expired or was changed) says to log in again, which only a reload of the page does
+      status.textContent = refusedText(answer.status, `${id}: ${answer.reason}`);
       return;
     }
     const wait = retryWait(RETRY_FIRST_MS, failures);

@@ -119,7 +119,8 @@ async function load() {
     if (worthRetrying(answer.status)) return retryLater(status, answer.reason);
     refused = true;
     status.className = "status error";
-    status.textContent = `${caseId}: ${answer.reason}`;
+    // a 401 or 403 (the login expired or was changed) says to log in again, which only a reload of the page does
+    status.textContent = refusedText(answer.status, `${caseId}: ${answer.reason}`);
     for (const button of document.querySelectorAll("#verdict button")) button.disabled = true;
     return null;
   }
@@ -173,7 +174,9 @@ async function send(verb, fraud) {
       result.textContent = `${verb} may not have been sent (${answer.reason}): press it again, it will not be recorded twice.`;
     } else {
       unanswered = null;
-      result.textContent = answer.reason;
+      result.textContent = answer.status === 401 || answer.status === 403
+        ? `${answer.reason} — ${verb} was not recorded: log in again (reload the page)`
+        : answer.reason;
     }
     return;
   }

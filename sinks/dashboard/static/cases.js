@@ -82,7 +82,8 @@ async function refresh() {
     status.className = "status error";
     const reason = String(err.message || err);
     if (!worthRetrying(err.status)) {
-      status.textContent = `${reason} (not asked again until a filter changes)`;
+      // a 401 or 403 (the login expired or was changed) says to log in again: no filter change helps there
+      status.textContent = refusedText(err.status, reason, "a filter changes");
       return;
     }
     const wait = retryWait(REFRESH_MS, failures);
