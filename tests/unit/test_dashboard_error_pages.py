@@ -78,3 +78,40 @@ def test_the_pipeline_page_asks_again_after_a_5xx_or_no_answer_further_apart_up_
     assert shown["waits"][:6] == [5000, 10000, 20000, 30000, 30000, 30000], shown
     assert shown["seen"][0] == "busy; asking again in 5 s"
     assert shown["seen"][1] == "/api/pipeline: the dashboard did not answer (Failed to fetch); asking again in 10 s"
+
+
+PIPELINE = {
+    "summary": {"targets": 1, "targets_up": 1, "records_in_per_s": 0, "decisions_per_s": 0, "lag": 0},
+    "targets": [],
+    "throughput": [],
+    "lag": [],
+    "latency": [],
+    "dead_letters": [],
+    "deliveries": [],
+    "window": "5m",
+    "source": "http://prometheus",
+    "error": None,
+}
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+@pytest.mark.parametrize("status", [401, 403])
+def test_the_pipeline_page_says_to_log_in_again_when_its_settings_are_refused(status: int) -> None:
+    """/api/config was read with a bare fetch and a 401 (the login expired) quietly left the defaults in place."""
+    shown = polled([[status, "Unauthorized"], [200, PIPELINE]], "pipeline.js", "/pipeline")
+    assert shown["fetched"] == 1 and shown["waits"] == [], shown
+    assert shown["status"]["className"] == "status error"
+    assert shown["status"]["textContent"] == (
+        f"/api/config: HTTP {status} — not refreshed again: log in again (reload the page)"
+    )
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_the_pipeline_page_keeps_its_default_and_says_so_when_its_settings_cannot_be_read() -> None:
+    """Any failure reading /api/config left the default refresh in place without a word."""
+    shown = polled([[502, PROXY_PAGE], [200, PIPELINE]], "pipeline.js", "/pipeline")
+    assert shown["waits"][:2] == [5000, 5000] and shown["status"]["className"] == "status", shown
+    assert shown["status"]["textContent"].startswith("updated ")
+    assert shown["status"]["textContent"].endswith(
+        " · settings not read (/api/config: HTTP 502 Bad Gateway): default refresh and window"
+    )

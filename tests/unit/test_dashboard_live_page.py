@@ -184,3 +184,36 @@ def test_the_live_page_asks_again_after_a_5xx_or_no_answer_further_apart_up_to_3
     assert shown["seen"][1] == "/api/overview: the dashboard did not answer (Failed to fetch); asking again in 6 s"
     assert shown["seen"][2] == "/api/overview: HTTP 502 Bad Gateway; asking again in 12 s"
     assert shown["status"]["className"] == "status" and shown["renders"] == "3"
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+@pytest.mark.parametrize(("status", "body"), [(401, "Unauthorized"), (403, "Forbidden")])
+def test_the_live_page_says_to_log_in_again_when_its_settings_are_refused(status: int, body: Any) -> None:
+    """/api/config was read with a bare fetch and any failure, a 401 once the login expired too, quietly left the
+    defaults in place."""
+    shown = _live(_answers([], **{"/api/config": [[status, body]]}))
+    assert "/api/overview" not in shown["asked"] and shown["waits"] == [], shown
+    assert shown["status"]["className"] == "status error"
+    assert shown["status"]["textContent"] == (
+        f"/api/config: HTTP {status} — not refreshed again: log in again (reload the page)"
+    )
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        ([502, "<html>bad gateway</html>"], "HTTP 502 Bad Gateway"),
+        (None, "the dashboard did not answer (Failed to fetch)"),
+    ],
+)
+def test_the_live_page_keeps_its_defaults_and_says_so_when_its_settings_cannot_be_read(
+    answer: Any, reason: str
+) -> None:
+    """Any failure reading /api/config left the defaults in place without a word."""
+    shown = _live(_answers([], **{"/api/config": [answer]}), runs=2)
+    assert shown["waits"] == [3000, 3000] and shown["renders"] == "3", shown
+    assert shown["status"]["className"] == "status"
+    assert shown["status"]["textContent"].endswith(
+        f" · settings not read (/api/config: {reason}): default refresh and window"
+    )

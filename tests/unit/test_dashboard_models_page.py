@@ -111,3 +111,24 @@ def test_the_models_page_asks_again_after_a_5xx_or_no_answer_further_apart_up_to
     assert shown["seen"][1] == "/api/models: the dashboard did not answer (Failed to fetch); asking again in 20 s"
     assert shown["seen"][2] == "/api/models: HTTP 502 Bad Gateway; asking again in 30 s"
     assert shown["status"]["className"] == "status" and shown["renders"] == "5"
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_the_models_page_says_to_log_in_again_when_its_settings_are_refused() -> None:
+    """/api/config was read with a bare fetch and a 401 (the login expired) quietly left the defaults in place."""
+    shown = _live(_answers(**{"/api/config": [[401, "Unauthorized"]]}), page="models.js")
+    assert "/api/models" not in shown["asked"] and shown["waits"] == [], shown
+    assert (
+        shown["status"]["textContent"] == "/api/config: HTTP 401 — not refreshed again: log in again (reload the page)"
+    )
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_the_models_page_keeps_its_defaults_and_says_so_when_its_settings_cannot_be_read() -> None:
+    """A failed /api/config was passed over without a word, and left the page refreshing every 3 s, under its
+    10 s floor."""
+    shown = _live(_answers(**{"/api/config": [[502, "<html>bad gateway</html>"]]}), runs=2, page="models.js")
+    assert shown["waits"] == [10000, 10000] and shown["renders"] == "3", shown
+    assert shown["status"]["textContent"].endswith(
+        " · settings not read (/api/config: HTTP 502 Bad Gateway): default refresh and window"
+    )

@@ -6,7 +6,7 @@ const FACE_STATUSES = ["MATCHED", "NO_MATCH", "NO_FACE", "UNAVAILABLE"];
 // failures: failed reads in a row. After a 5xx or no answer the page asks again after common.js's retryWait (the
 // refresh interval, then twice as long each time, up to 30 s); after a 4xx (a 401 once the login expired) it stops:
 // asked again, it gets the same answer.
-const state = { minutes: 60, store: "", anchor: false, refreshMs: 3000, timer: null, renders: 0, seq: 0, failures: 0 };
+const state = { minutes: 60, store: "", anchor: false, refreshMs: 3000, timer: null, renders: 0, seq: 0, failures: 0, note: "" };
 
 // Horizontal stacked bars per store: <rect class="bar"> per segment; clicking a store focuses on it.
 function storeBars(container, stores) {
@@ -158,7 +158,7 @@ async function refresh() {
     document.body.dataset.renders = String(state.renders);
     status.className = "status";
     const end = isoUtc(overview.window.end)?.slice(11, 19) ?? String(overview.window.end);
-    status.textContent = `${overview.window.store ? `store ${overview.window.store} · ` : ""}window ends ${end} UTC · updated ${new Date().toLocaleTimeString()}`;
+    status.textContent = withNote(state, `${overview.window.store ? `store ${overview.window.store} · ` : ""}window ends ${end} UTC · updated ${new Date().toLocaleTimeString()}`);
     state.failures = 0;
     state.timer = setTimeout(refresh, state.refreshMs);
   } catch (err) {
@@ -176,7 +176,7 @@ async function refresh() {
 }
 
 async function start() {
-  await initControls(state, refresh);
+  if (!(await initControls(state, refresh))) return;  // a 401 or 403: the status line says to log in again
   syncNav(state);
   refresh();
 }

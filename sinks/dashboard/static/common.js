@@ -301,6 +301,21 @@ async function getJson(state, path) {
   return answer.body;
 }
 
+// The page's settings from /api/config, read through askJson: { cfg, refused, note }. A 401 or 403 (the login expired
+// or was changed) is `refused`, the log-in-again text for the status line, and the page asks nothing more; any other
+// failure keeps the page's defaults and `note` says so, for the status line: a bare fetch took both for the defaults
+// without a word, and a page with an expired login went on asking.
+async function readConfig() {
+  const answer = await askJson("/api/config");
+  if (answer.ok) return { cfg: answer.body, refused: null, note: "" };
+  const reason = `/api/config: ${answer.reason}`;
+  if (answer.status === 401 || answer.status === 403) return { cfg: null, refused: refusedText(answer.status, reason), note: "" };
+  return { cfg: null, refused: null, note: `settings not read (${reason}): default refresh and window` };
+}
+
+// The status line's text after a good refresh, with the note of settings not read, if any.
+const withNote = (state, text) => (state.note ? `${text} · ${state.note}` : text);
+
 // The links between the pages carry the window, store and anchor along.
 function syncNav(state) {
   document.querySelectorAll("nav.pages a").forEach((a) => {
@@ -308,14 +323,20 @@ function syncNav(state) {
   });
 }
 
-// Reads ?minutes=&store=&anchor= and the config, wires the controls; refresh() redraws the page.
+// Reads ?minutes=&store=&anchor= and the config, wires the controls; refresh() redraws the page. False where the
+// config was refused (a 401 or 403): the status line says to log in again and the page must not start refreshing.
 async function initControls(state, refresh) {
   const params = new URLSearchParams(location.search);
-  try {
-    const cfg = await (await fetch("/api/config")).json();
-    state.refreshMs = Math.max(cfg.refresh_ms, state.minRefreshMs || 0);
-    state.minutes = cfg.window_minutes;
-  } catch (err) { /* defaults */ }
+  const { cfg, refused, note } = await readConfig();
+  if (refused) {
+    const status = document.getElementById("status");
+    status.className = "status error";
+    status.textContent = refused;
+    return false;
+  }
+  state.note = note;
+  state.refreshMs = Math.max(cfg ? cfg.refresh_ms : state.refreshMs, state.minRefreshMs || 0);
+  if (cfg) state.minutes = cfg.window_minutes;
   state.minutes = Number(params.get("minutes") || state.minutes);
   state.store = params.get("store") || "";
   state.anchor = params.get("anchor") === "latest";
@@ -328,6 +349,7 @@ async function initControls(state, refresh) {
   document.getElementById("anchor").addEventListener("change", (e) => { state.anchor = e.target.checked; refresh(); });
   let resizeTimer;
   window.addEventListener("resize", () => { clearTimeout(resizeTimer); resizeTimer = setTimeout(refresh, 200); });
+  return true;
 }
 
 // Adds stores to the store picker as they appear, and shows the one chosen (also one the picker could not list,

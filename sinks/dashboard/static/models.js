@@ -8,6 +8,7 @@ const ROLES = ["champion", "challenger"];
 // asked again, it gets the same answer.
 const state = {
   minutes: 60, store: "", anchor: false, refreshMs: 3000, minRefreshMs: 10000, timer: null, renders: 0, seq: 0, failures: 0,
+  note: "",  // said in the status line: the settings could not be read, the defaults are in use
 };
 const fmtAuc = (x) => (x === null || x === undefined ? "–" : x.toFixed(3));
 const fmtPsi = (x) => (x === null || x === undefined ? "–" : x.toFixed(3));
@@ -176,7 +177,7 @@ async function refresh() {
     document.body.dataset.renders = String(state.renders);
     status.className = "status";
     const end = isoUtc(models.window.end)?.slice(11, 19) ?? String(models.window.end);
-    status.textContent = `${models.window.store ? `store ${models.window.store} · ` : ""}window ends ${end} UTC · updated ${new Date().toLocaleTimeString()}`;
+    status.textContent = withNote(state, `${models.window.store ? `store ${models.window.store} · ` : ""}window ends ${end} UTC · updated ${new Date().toLocaleTimeString()}`);
     state.failures = 0;
     state.timer = setTimeout(refresh, state.refreshMs);
   } catch (err) {
@@ -194,7 +195,7 @@ async function refresh() {
 }
 
 async function start() {
-  await initControls(state, refresh);
+  if (!(await initControls(state, refresh))) return;  // a 401 or 403: the status line says to log in again
   syncNav(state);
   refresh();
 }

@@ -5,7 +5,7 @@
 const params = new URLSearchParams(location.search);
 const state = {
   minutes: Number(params.get("minutes") || 60), store: params.get("store") || "", anchor: params.get("anchor") === "latest",
-  refreshMs: 5000, minRefreshMs: 5000, timer: null, renders: 0, seq: 0, failures: 0,
+  refreshMs: 5000, minRefreshMs: 5000, timer: null, renders: 0, seq: 0, failures: 0, note: "",
 };
 // After a 5xx or no answer the page asks again after common.js's retryWait (the refresh interval, then twice as long
 // each time in a row, up to 30 s); after a 4xx (a 401 once the login expired) it stops: asked again, it gets the same.
@@ -87,7 +87,7 @@ async function refresh() {
     state.renders += 1;
     document.body.dataset.renders = String(state.renders);
     status.className = body.error ? "status error" : "status";
-    status.textContent = `${body.error ? "Prometheus unavailable · " : ""}updated ${new Date().toLocaleTimeString()}`;
+    status.textContent = withNote(state, `${body.error ? "Prometheus unavailable · " : ""}updated ${new Date().toLocaleTimeString()}`);
     state.failures = 0;
     state.timer = setTimeout(refresh, state.refreshMs);
   } catch (err) {
@@ -104,11 +104,18 @@ async function refresh() {
   }
 }
 
+// The refresh interval from /api/config by common.js's readConfig: a 401 or 403 says to log in again and asks
+// nothing more; another failure keeps the default, said in the status line.
 async function start() {
-  try {
-    const cfg = await (await fetch("/api/config")).json();
-    state.refreshMs = Math.max(cfg.refresh_ms, state.minRefreshMs);
-  } catch (err) { /* defaults */ }
+  const { cfg, refused, note } = await readConfig();
+  if (refused) {
+    const status = document.getElementById("status");
+    status.className = "status error";
+    status.textContent = refused;
+    return;
+  }
+  state.note = note;
+  if (cfg) state.refreshMs = Math.max(cfg.refresh_ms, state.minRefreshMs);
   syncNav(state);
   refresh();
 }
