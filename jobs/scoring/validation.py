@@ -76,9 +76,10 @@ def parse_transaction(
     if not CURRENCY_RE.fullmatch(tx["currency"]):
         raise InvalidRecord("invalid_currency", f"currency must be an ISO 4217 code, got {tx['currency'][:16]!r}")
     check_event_time(tx["event_time"], now_ms, max_future_skew_ms)
-    for item in tx["items"]:
+    for at, item in enumerate(tx["items"]):
+        _check_item_text(item, at)
         if item["quantity"] <= 0 or not 0 <= item["unit_price"] <= MAX_AMOUNT:
-            raise InvalidRecord("invalid_item", f"line item {item['sku'][:64]!r} has a bad quantity or price")
+            raise InvalidRecord("invalid_item", f"line item {item['sku']!r} has a bad quantity or price")
     if tx["kind"] == "SALE" and tx["original_transaction_id"]:
         raise InvalidRecord("invalid_reference", "a sale cannot refer to an original transaction")
     return tx
@@ -114,6 +115,20 @@ def _check_ids(tx: dict[str, Any]) -> None:
     for name in IDS:
         if name in REQUIRED_TEXT or tx[name]:
             check(tx[name], name)
+    if tx["product_category"]:  # optional: none means the first item's category (the scorer's)
+        check(tx["product_category"], "product_category")
+
+
+def _check_item_text(item: dict[str, Any], at: int) -> None:
+    """A line item's ``sku`` and ``category`` as ids (:data:`schemas.identifiers.ID_RE`: at most 128, no spaces or
+    controls), else ``invalid_item`` naming the field and its length, never the text. Unchecked, a 200 000-character
+    category went into the scored transaction, the model's features and OpenSearch (which refuses a keyword
+    over 32 766 bytes), and a sku with a terminal escape into the dead letter's reason."""
+    for name in ("sku", "category"):
+        try:
+            check(item[name], f"items[{at}].{name}")
+        except InvalidRecord as exc:
+            raise InvalidRecord("invalid_item", exc.reason) from None
 
 
 def check_event_time(event_time: int, now_ms: int, max_future_skew_ms: int) -> None:

@@ -112,6 +112,9 @@ def transactions(run: str, now_ms: int | None = None) -> list[Hostile]:
         ("currency_bad", {"currency": "€€€€"}),
         ("huge_store_id", {"store_id": "s" * 100_000}),
         ("sale_with_original", {"original_transaction_id": "tx-0"}),
+        ("category_200k", {"items": (LineItem(sku="s", category="c" * 200_000, quantity=1, unit_price=12.5),)}),
+        ("sku_controls", {"items": (LineItem(sku=CONTROLS, category="c", quantity=1, unit_price=12.5),)}),
+        ("product_category_200k", {"product_category": "p" * 200_000}),
     ]
     bad += [(f"store_id_path_{i}", {"store_id": v}) for i, v in enumerate(PATH_IDS)]
     bad += [(f"lane_id_path_{i}", {"lane_id": v}) for i, v in enumerate(PATH_IDS)]

@@ -342,6 +342,32 @@ def test_invalid_transactions_are_rejected_with_a_reason(change, kind):
     assert err.value.kind == kind and err.value.reason
 
 
+@pytest.mark.parametrize(
+    "field,text",
+    [
+        ("category", "c" * 200_000),
+        ("category", "grocery\x1b[2J"),
+        ("sku", "sku-1\r\nBcc: x@evil.test"),
+        ("sku", ""),
+        ("product_category", "p" * 200_000),
+    ],
+)
+def test_line_item_text_that_is_no_id_is_dead_lettered_naming_the_field_not_the_text(field, text):
+    tx = sale("t1")
+    if field == "product_category":
+        tx = replace(tx, product_category=text)
+    else:
+        tx = replace(tx, items=(replace(tx.items[0], **{field: text}), *tx.items[1:]))
+    with pytest.raises(InvalidRecord) as err:
+        parse_transaction(tx.encode(), T0, 1 << 20)
+    assert err.value.kind == ("invalid_id" if field == "product_category" else "invalid_item")
+    assert field in err.value.reason and err.value.reason.isprintable() and len(err.value.reason) < 200
+    ok = replace(sale("t2"), product_category="home_garden")
+    assert parse_transaction(ok.encode(), T0, 1 << 20)["items"] == [
+        {"sku": i.sku, "category": i.category, "quantity": i.quantity, "unit_price": i.unit_price} for i in ok.items
+    ]
+
+
 def test_a_blank_identity_is_no_identity_not_one_profile_shared_by_every_shopper_who_sent_it():
     a = parse_transaction(replace(sale("t1", card=" "), customer_email=" \t").encode(), T0, 1 << 20)
     b = parse_transaction(replace(sale("t2", card=" "), customer_email=" ").encode(), T0, 1 << 20)
