@@ -1019,6 +1019,10 @@ class CameraSettings(BaseModel, frozen=True):
     entrance_snapshot_workers: int = Field(default=2, ge=1, le=64)
     """Face stage: concurrent entrance snapshots, apart from the checkouts' (``snapshot_workers``): a checkout
     snapshot can take ``deadline_s``, an entrance picture of "now" is useless after ``entrance_max_lag_s``."""
+    entrance_max_new_people: int = Field(default=50, ge=1, le=10_000)
+    """Face stage: at most this many new people of one entrance camera event are photographed; the others are not
+    remembered as seen, so the next event that still shows them photographs them (``jobs.faces.stage``). A camera
+    event of 256 KiB can name about 5 000 people: as many snapshots of the door."""
     face_stage_offset_reset: str = "latest"
     """Where a new face stage consumer group starts: ``latest`` (a fresh deployment does not snapshot history)."""
 

@@ -44,6 +44,8 @@ Metrics (``infra.metrics``, stage ``face-stage``): records in by kind (``transac
 observations out by status (``no_match``, ``no_face``, ``unavailable``) once Kafka acknowledged them, dead
 letters by kind, ``cg_processing_seconds`` per trigger (snapshot, store, analysis), ``cg_face_analysis_seconds``
 per analysis, ``cg_skipped{reason=entrance_late|checkout_late}`` (triggers too old to snapshot),
+``cg_skipped{reason=entrance_over_cap}`` (new people of an entrance event past ``entrance_max_new_people``, left
+for its next event: :meth:`EntranceTracker.new_oids`),
 ``cg_skipped{reason=replayed}`` (triggers answered already: :class:`RecentAnswers`) and the queue
 depths ``snapshots`` (triggers in the pools), ``delivery_retries`` and
 ``unacknowledged`` (records whose outputs Kafka has not acknowledged). ``/healthz`` turns 503 when the loop
@@ -304,17 +306,29 @@ class EntranceTracker:
         self._last: dict[tuple[str, int], int] = {}
         self._pruned_at = 0
 
-    def new_oids(self, serial: str, event_time: int, oids: list[int]) -> list[int]:
-        new = []
+    def new_oids(
+        self, serial: str, event_time: int, oids: list[int], limit: int | None = None
+    ) -> tuple[list[int], int]:
+        """The new ``oids`` (the first ``limit`` of them) and how many more new ones were left for a later event.
+
+        A new one past ``limit`` is not remembered as seen: it stays new, so the next event that still shows the
+        person photographs them. Dead-lettering the event instead would photograph none of a real crowd, in this
+        event or the next ones, which name it too; and the people left out are in the snapshots taken (each is of
+        the whole door, "now"), so capping loses no evidence, only repeats of one picture."""
+        new: list[int] = []
+        left = 0
         for oid in oids:
             last = self._last.get((serial, oid))
             if last is None or event_time - last > self.window_ms:
+                if limit is not None and len(new) >= limit:
+                    left += 1
+                    continue
                 new.append(oid)
             self._last[(serial, oid)] = max(event_time, last or 0)
         if event_time - self._pruned_at > self.window_ms:
             self._last = {k: t for k, t in self._last.items() if event_time - t <= self.window_ms}
             self._pruned_at = event_time
-        return new
+        return new, left
 
 
 class OffsetTracker:
@@ -404,6 +418,7 @@ class FaceStage:
         self._processing = metrics.PROCESSING_SECONDS.labels(PROCESS)
         self._face_analysis = metrics.FACE_ANALYSIS_SECONDS.labels(PROCESS)
         self._late = {kind: metrics.SKIPPED.labels(PROCESS, f"{kind.lower()}_late") for kind in (CHECKOUT, ENTRANCE)}
+        self._over_cap = metrics.SKIPPED.labels(PROCESS, "entrance_over_cap")
 
     def plan_transaction(self, value: bytes | None, now_ms: int, record_ms: int | None = None) -> list[Trigger]:
         """The lane snapshot of a valid transaction; nothing for an invalid one (see module doc), including
@@ -451,7 +466,19 @@ class FaceStage:
         now_ms = clock.now_ms() if now_ms is None else now_ms
         check_event_time(event.event_time, now_ms, self.settings.job.max_future_skew_ms)
         oids = [o.oid for o in event.objects if o.type == "person"]
-        new = self.entrances.new_oids(event.camera_serial, event.event_time, oids)
+        cap = self.settings.cameras.entrance_max_new_people
+        new, left = self.entrances.new_oids(event.camera_serial, event.event_time, oids, cap)
+        if left:
+            self._over_cap.inc(left)
+            log.warning(
+                "camera %s event at %d names %d new people: %d photographed (CG_CAMERAS__ENTRANCE_MAX_NEW_PEOPLE), "
+                "%d left for its next event",
+                event.camera_serial,
+                event.event_time,
+                len(new) + left,
+                len(new),
+                left,
+            )
         seen_by = _seen_by(now_ms, record_ms)
         return [
             Trigger(ENTRANCE, event.camera_serial, where[0], None, event.event_time, None, oid=oid, seen_by=seen_by)

@@ -29,11 +29,11 @@ LANE = "Q2MV-store-001-lane-01"
 
 def test_entrance_tracker_reports_an_oid_once_per_window() -> None:
     t = EntranceTracker(window_ms=10_000)
-    assert t.new_oids("cam", 1_000, [1, 2]) == [1, 2]
-    assert t.new_oids("cam", 2_000, [1, 2, 3]) == [3]
-    assert t.new_oids("other", 2_000, [1]) == [1]  # oids are per camera
-    assert t.new_oids("cam", 11_500, [1]) == []  # seen at 2_000: still within the window
-    assert t.new_oids("cam", 30_000, [1]) == [1]  # unseen for longer than the window: a new visit
+    assert t.new_oids("cam", 1_000, [1, 2])[0] == [1, 2]
+    assert t.new_oids("cam", 2_000, [1, 2, 3])[0] == [3]
+    assert t.new_oids("other", 2_000, [1])[0] == [1]  # oids are per camera
+    assert t.new_oids("cam", 11_500, [1])[0] == []  # seen at 2_000: still within the window
+    assert t.new_oids("cam", 30_000, [1])[0] == [1]  # unseen for longer than the window: a new visit
 
 
 def test_offsets_commit_only_up_to_the_first_unfinished_record() -> None:
@@ -202,6 +202,25 @@ def test_a_camera_event_over_the_size_limit_is_dead_lettered_oversized_and_asks_
     with pytest.raises(InvalidRecord) as err:
         stage.plan_camera_event(value, now)
     assert err.value.kind == "oversized" and str(len(value)) in err.value.reason
+
+
+def test_an_entrance_event_naming_thousands_of_people_asks_for_at_most_the_cap_and_leaves_the_rest_for_later(
+    caplog,
+) -> None:
+    """About 5 000 people fit under the size limit: as many snapshots of the door. The first 50 (the default) are
+    taken; the others stay new, so the next event that names them photographs them, and nobody is photographed twice."""
+    stage = FaceStage(Settings(), lambda s, at: pytest.fail("must not snapshot"), None, None)  # type: ignore[arg-type]
+    assert Settings().cameras.entrance_max_new_people == 50
+    now = int(time.time() * 1000)
+    serial = "Q2MV-store-001-ENTRANCE"
+    people = tuple(DetectedObject(oid, "person", 0.1, 0.1, 0.5, 0.9) for oid in range(5_000))
+    value = CameraEvent(serial, now, f"/merakimv/{serial}/raw_detections", "RAW_DETECTIONS", objects=people).encode()
+    assert len(value) <= Settings().job.max_message_bytes
+    first = stage.plan_camera_event(value, now)
+    assert [t.oid for t in first] == list(range(50))
+    assert "5000 new people: 50 photographed" in caplog.text
+    later = CameraEvent(serial, now + 500, f"/merakimv/{serial}/raw_detections", "RAW_DETECTIONS", objects=people[:60])
+    assert [t.oid for t in stage.plan_camera_event(later.encode(), now + 500)] == list(range(50, 60))
 
 
 @pytest.mark.parametrize("event_time", [0, -1, -(2**63)])
