@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -167,6 +168,25 @@ def test_non_finite_numbers_are_indexed_as_null_because_json_cannot_carry_them()
     assert source["amount"] is None
     assert source["indicators"] == {"zscore": None, "velocity": 2.0}
     json.dumps(source, allow_nan=False)
+
+
+@pytest.mark.parametrize("include_private", [False, True])
+def test_no_float_field_of_any_indexed_kind_reaches_the_bulk_body_as_nan_or_infinity(include_private: bool) -> None:
+    """Every double the schemas carry (an alert's amount and similarity, an observation's similarity, quality and
+    embedding, a scored sale's amount, face similarity and indicators): serialized as the client sends it, bare
+    ``NaN`` would not be JSON, and OpenSearch may refuse the whole bulk request for it."""
+    nan, inf = float("nan"), float("inf")
+    records = {
+        "alerts": replace(alert("a-1"), amount=-inf, similarity=nan),
+        "face_observations": replace(face_observation([nan, inf, *[0.1] * 126]), similarity=inf, quality=nan),
+        "processed_transactions": scored(amount=nan, face_similarity=inf, indicators={"z": -inf}),
+    }
+    batch = [message(f"{PREFIX}{topic}", r.encode(), offset=i) for i, (topic, r) in enumerate(records.items())]
+    actions, dead = to_actions(batch, index_prefix="cg", topic_prefix=PREFIX, include_private=include_private)
+    assert dead == [] and len(actions) == 3
+    for action in actions:
+        body = JSONSerializer().dumps(action.op["_source"])
+        assert "NaN" not in body and "Infinity" not in body, action.kind
 
 
 def test_commit_offsets_are_the_last_offset_plus_one_per_partition() -> None:
