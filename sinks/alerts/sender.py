@@ -102,7 +102,7 @@ from schemas.codec import codec
 from schemas.errors import DELIVERY_FAILED, CheckoutGuardError, InvalidRecord
 from schemas.identifiers import ALERT_ID_RE, check
 from schemas.records import AuditEvent, DeadLetter
-from schemas.topics import ALERTS, AUDIT, DEAD_LETTERS
+from schemas.topics import ALERTS, AUDIT, DAY_MS, DEAD_LETTERS, TRANSACTIONS, readable_for_ms
 from sinks.alerts.erase import FORGET_GRACE_MS, Eraser, LedgerClosed
 from sinks.alerts.mail import Mailer, MailError, SesMailer, SmtpMailer, build_email
 from sinks.alerts.message import AlertText, case_card, case_url, describe, local_time
@@ -123,6 +123,27 @@ CARD_REFUSED = frozenset({400, 413})
 
 POST_FIELDS = ("subject_id", "transaction_id")
 """What a post keeps of its alert: who and which sale it shows (for ``forget``)."""
+
+LEDGER_MARGIN_MS = DAY_MS
+"""Kept past :func:`ledger_keep_ms`'s reckoning: a clock a little off, a record's time a little before ours."""
+PRUNE_BATCH_ROWS = 500
+"""Rows :meth:`Ledger.prune` deletes per commit: the database is locked for milliseconds, not for the whole prune."""
+PRUNE_MAX_BATCHES = 20
+"""Commits per table per prune; a ledger grown for years before pruning sheds its rows over a few turns."""
+
+_WriteItem = tuple[list[tuple[str, tuple]], threading.Event, list[BaseException], list[int]]
+"""A write handed to the ledger's writer: its statements, set once committed, its error, the rows each changed."""
+
+
+def ledger_keep_ms(settings: Settings) -> int:
+    """How long a delivery or a confirmed dead letter stays in the ledger: while a record of its alert may still be
+    read, so that it is not sent or dead-lettered again. The alert's record is readable for ``alerts``' retention
+    plus a segment's age; a new record of the same alert may come later: a re-drive, while ``dead_letters`` keeps the
+    dead letter, or the job deciding its transaction again, while ``transactions`` keeps it. Plus a margin. The
+    eraser does not read these rows: it finds a forgotten subject's messages in the posts it keeps itself."""
+    dead_letters = readable_for_ms(DEAD_LETTERS, int(settings.kafka.dead_letter_retention_days * DAY_MS))
+    again = max(readable_for_ms(TRANSACTIONS), dead_letters)
+    return readable_for_ms(ALERTS) + again + LEDGER_MARGIN_MS
 
 
 class Ledger:
@@ -183,10 +204,10 @@ class Ledger:
             "CREATE TABLE IF NOT EXISTS dead_letters (position TEXT PRIMARY KEY, alert_id TEXT, "
             "error_kind TEXT NOT NULL, at_ms INTEGER NOT NULL)"
         )
+        for table in ("deliveries", "dead_letters"):  # :meth:`prune`'s lookups: no table scans
+            self._db.execute(f"CREATE INDEX IF NOT EXISTS {table}_at_ms ON {table} (at_ms)")
         self._lock = threading.Lock()
-        self._writes: queue.SimpleQueue[tuple[list[tuple[str, tuple]], threading.Event, list[BaseException]] | None] = (
-            queue.SimpleQueue()
-        )
+        self._writes: queue.SimpleQueue[_WriteItem | None] = queue.SimpleQueue()
         self._closed = False
         self._db_closed = False
         self._closing = threading.Lock()
@@ -337,18 +358,45 @@ class Ledger:
         if statements:
             self._write(*statements)
 
-    def _write(self, *statements: tuple[str, tuple]) -> None:
-        """Run ``statements`` in one of the writer's commits; return once it is committed. :class:`LedgerClosed`
-        once the ledger is closed: the writer has ended, and a write queued then waited forever."""
+    def prune(
+        self,
+        before_ms: int,
+        batch: int = PRUNE_BATCH_ROWS,
+        max_batches: int = PRUNE_MAX_BATCHES,
+        stop: threading.Event | None = None,
+    ) -> int:
+        """Delete the deliveries and confirmed dead letters recorded before ``before_ms`` (no record they guard can
+        be read again: :func:`ledger_keep_ms`), ``batch`` rows a commit so that the database is locked only briefly
+        (the sends' own writes go between), at most ``max_batches`` commits a call (the rest at the next); how many
+        rows went; ``stop`` set ends it between two commits. The posts and forgets are the eraser's
+        (sinks/alerts/erase.py), which drops them itself."""
+        pruned = 0
+        for table in ("deliveries", "dead_letters"):
+            sql = f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} WHERE at_ms < ? LIMIT ?)"
+            for _ in range(max_batches):
+                if stop is not None and stop.is_set():
+                    return pruned
+                deleted = self._write((sql, (before_ms, batch)))
+                pruned += deleted
+                if deleted < batch:
+                    break
+        return pruned
+
+    def _write(self, *statements: tuple[str, tuple]) -> int:
+        """Run ``statements`` in one of the writer's commits; return once it is committed, with the number of rows
+        they changed. :class:`LedgerClosed` once the ledger is closed: the writer has ended, and a write queued then
+        waited forever."""
         done = threading.Event()
         errors: list[BaseException] = []
+        changed: list[int] = []
         with self._closing:
             if self._closed:
                 raise LedgerClosed(f"the delivery ledger {self.path} is closed: nothing more is recorded")
-            self._writes.put((list(statements), done, errors))
+            self._writes.put((list(statements), done, errors, changed))
         done.wait()
         if errors:
             raise errors[0]
+        return sum(changed)
 
     def _write_loop(self) -> None:
         while (first := self._writes.get()) is not None:
@@ -366,17 +414,16 @@ class Ledger:
                 with self._lock:
                     self._db.execute("BEGIN IMMEDIATE")
                     try:
-                        for statements, _, _ in batch:
-                            for sql, params in statements:
-                                self._db.execute(sql, params)
+                        for statements, _, _, changed in batch:
+                            changed[:] = [self._db.execute(sql, params).rowcount for sql, params in statements]
                         self._db.execute("COMMIT")
                     except BaseException:
                         self._db.execute("ROLLBACK")
                         raise
             except Exception as exc:  # the waiting senders get it; their sends count as failed tries
-                for _, _, errors in batch:
+                for _, _, errors, _ in batch:
                     errors.append(exc)
-            for _, done, _ in batch:
+            for _, done, _, _ in batch:
                 done.set()
 
     def counts(self) -> dict[tuple[str, str], int]:
@@ -1470,7 +1517,8 @@ class AlertSender:
         self._eraser: Eraser | None = None
         self._eraser_thread: threading.Thread | None = None
         self._halt = threading.Event()
-        """The eraser's end: the loop's, however it ends (set when ``_run`` finishes)."""
+        """The eraser's and the ledger prune's end: the loop's, however it ends (set when ``_run`` finishes)."""
+        self._pruning: threading.Thread | None = None
         self._exit_by: float | None = None
         """When (``time.monotonic()``) the stop's last Kafka calls and the channels' close are given up, 1 s before
         the supervisor's SIGKILL: set when the stop begins (``_run``'s end), counted from when the stop was asked
@@ -1574,6 +1622,7 @@ class AlertSender:
             self.group_id,
             self.ledger.path,
         )
+        self.prune_ledger()
         last_commit = last_summary = time.monotonic()
         try:
             while not stop.is_set():
@@ -1593,6 +1642,7 @@ class AlertSender:
                         self.stats.line(),
                         {n: w.queued() for n, w in self._workers.items()},
                     )
+                    self.prune_ledger()
                     last_summary = now
         finally:
             # The eraser ends with the sends under way, within the same wait (one after the other outlasted the
@@ -1621,6 +1671,31 @@ class AlertSender:
             self._last_commit(deadline)
             log.info("alert sender stopped: %s", self.stats.line())
         return self.stats
+
+    def prune_ledger(self) -> threading.Thread | None:
+        """Drop the ledger's rows past :func:`ledger_keep_ms` (at start and at each summary), on a thread of its own:
+        a database locked by another process holds a write for up to SQLite's 30 s, which must not stop the loop's
+        fetches, commits and heartbeat. Without it the ledger kept a row per alert and channel for as long as the
+        stack ran. ``None``: the last prune is still under way."""
+        if self._pruning is not None and self._pruning.is_alive():
+            return None
+        self._pruning = threading.Thread(target=self._prune, name="ledger-prune", daemon=True)
+        self._pruning.start()
+        return self._pruning
+
+    def _prune(self) -> None:
+        """One prune; it ends between two commits when the sender stops, and a failing one is tried next time."""
+        try:
+            pruned = self.ledger.prune(now_ms() - ledger_keep_ms(self.settings), stop=self._halt)
+        except LedgerClosed:
+            return  # the sender stopped: the rest at the next start
+        except sqlite3.Error as exc:
+            log.warning(
+                "alert sender: pruning the delivery ledger %s failed, tried again later: %s", self.ledger.path, exc
+            )
+            return
+        if pruned:
+            log.info("alert sender: pruned %d rows older than their alerts' records from the delivery ledger", pruned)
 
     def _last_commit(self, deadline: float) -> None:
         """The last offset commit (of the alerts finished: delivered and in the ledger, or dead-lettered and
