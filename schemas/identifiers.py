@@ -39,6 +39,24 @@ def check(value: object, field: str, pattern: re.Pattern[str] = ID_RE) -> str:
     return value
 
 
+TEXT_MAX = 128
+"""The longest free-text label a record may carry (a line item's sku or category, a product category)."""
+
+
+def check_text(value: object, field: str, max_len: int = TEXT_MAX) -> str:
+    """``value`` if it is a string of 1 to ``max_len`` printable characters (spaces and punctuation allowed: a
+    category is "Home & Garden", a sku may hold a slash); else :class:`InvalidRecord` ``invalid_id``, naming the field
+    and the length, never the value. Stricter than this refused real shops' labels; looser let a 200 000-character
+    category or a terminal escape through."""
+    if not isinstance(value, str) or not 0 < len(value) <= max_len or not value.isprintable():
+        size = len(value) if isinstance(value, str) else 0
+        shown = type(value).__name__ if not isinstance(value, str) else f"{size}-character string"
+        raise InvalidRecord(
+            "invalid_id", f"{field} is not a valid label ({shown}; allowed: 1 to {max_len} printable characters)"
+        )
+    return value
+
+
 def check_name(value: object, field: str) -> str:
     """A store/lane/cashier name (see :data:`NAME_RE`)."""
     return check(value, field, NAME_RE)

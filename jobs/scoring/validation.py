@@ -16,7 +16,7 @@ from typing import Any
 from infra.settings import JobSettings
 from schemas.codec import codec
 from schemas.errors import InvalidRecord
-from schemas.identifiers import check, check_name
+from schemas.identifiers import check, check_name, check_text
 from schemas.records import CURRENCY_RE, MAX_AMOUNT
 
 MAX_FUTURE_SKEW_MS = JobSettings().max_future_skew_ms
@@ -116,17 +116,17 @@ def _check_ids(tx: dict[str, Any]) -> None:
         if name in REQUIRED_TEXT or tx[name]:
             check(tx[name], name)
     if tx["product_category"]:  # optional: none means the first item's category (the scorer's)
-        check(tx["product_category"], "product_category")
+        check_text(tx["product_category"], "product_category")
 
 
 def _check_item_text(item: dict[str, Any], at: int) -> None:
-    """A line item's ``sku`` and ``category`` as ids (:data:`schemas.identifiers.ID_RE`: at most 128, no spaces or
-    controls), else ``invalid_item`` naming the field and its length, never the text. Unchecked, a 200 000-character
-    category went into the scored transaction, the model's features and OpenSearch (which refuses a keyword
-    over 32 766 bytes), and a sku with a terminal escape into the dead letter's reason."""
+    """A line item's ``sku`` and ``category`` as labels (:func:`schemas.identifiers.check_text`: 1 to 128 printable
+    characters, spaces allowed), else ``invalid_item`` naming the field and its length, never the text. Unchecked, a
+    200 000-character category went into the scored transaction, the model's features and OpenSearch (which refuses
+    a keyword over 32 766 bytes), and a sku with a terminal escape into the dead letter's reason."""
     for name in ("sku", "category"):
         try:
-            check(item[name], f"items[{at}].{name}")
+            check_text(item[name], f"items[{at}].{name}")
         except InvalidRecord as exc:
             raise InvalidRecord("invalid_item", exc.reason) from None
 
