@@ -41,6 +41,7 @@ NESTING = 100_000
 INT64_MAX, INT64_MIN = 2**63 - 1, -(2**63)
 """The ends of an Avro ``long``: every time field takes them, and no clock, index name or message can show them."""
 CONTROLS = "c\r\nBcc: thief@evil.test\x00\x1b[2J\u202e"
+MQTT_TOPIC_CONTROLS = "c Bcc: thief@evil.test \u202e\u200b"
 """Control characters in a name: a mail header, a NUL, a terminal escape, a right-to-left override."""
 PATH_IDS = ("x/../Q2XX-VICTIM-0001/reboot?", "../../etc/passwd", "a b", "id#frag", "%2e%2e", "\x00ctl", "é" * 3)
 
@@ -304,7 +305,13 @@ def mqtt_payloads() -> list[tuple[str, str, bytes]]:
         ("oid_negative", raw, json.dumps({"ts": int(time.time() * 1000), "objects": [{"oid": -1}]}).encode()),
         ("counts_nan", f"/merakimv/{ok_serial}/0", b'{"ts": 1700000000000, "counts": {"person": NaN}}'),
         ("serial_path", "/merakimv/..%2F..%2Fx/raw_detections", json.dumps({"ts": 1, "objects": []}).encode()),
-        ("serial_controls", f"/merakimv/{CONTROLS}/raw_detections", json.dumps({"ts": 1, "objects": []}).encode()),
+        # A topic name with U+0000 or a C0/C1 control is malformed MQTT: the broker drops the publisher's connection
+        # and nothing reaches the bridge. What a broker does pass: a header-injection shape, a direction override.
+        (
+            "serial_controls",
+            f"/merakimv/{MQTT_TOPIC_CONTROLS}/raw_detections",
+            json.dumps({"ts": 1, "objects": []}).encode(),
+        ),
         ("type_controls", raw, json.dumps({"ts": 1, "objects": [{"oid": 1, "type": CONTROLS}]}).encode()),
         ("coordinate_inf", raw, b'{"ts": 1700000000000, "objects": [{"oid": 1, "type": "person", "x0": Infinity}]}'),
     ]
