@@ -21,7 +21,7 @@ from confluent_kafka import KafkaException
 from infra import metrics
 from infra.clients.control_topics import ReadStopped, ReadStopRequested
 from infra.clients.kafka import error_named as error_named  # the services name Kafka errors so too
-from infra.processes import chance_left, in_daemon
+from infra.processes import chance_left, done_by, in_daemon
 from infra.retry import Backoff
 from schemas.errors import CheckoutGuardError
 from schemas.topics import DEAD_LETTERS, TopicSpec
@@ -91,6 +91,29 @@ def close_failed(service: str, exc: Exception, stopping: bool, ended_by: BaseExc
         )
     else:
         raise exc
+
+
+def close_consumer(
+    service: str,
+    consumer: Any,
+    deadline: float,
+    stop_asked: Callable[[], bool],
+    ended_by: BaseException | None,
+    thread_name: str,
+) -> None:
+    """Close ``service``'s consumer (it leaves the group) in a daemon thread ``thread_name``, given up at ``deadline``
+    (``time.monotonic()``): with Kafka down the close waited on the brokers as long as it took, past the supervisor's
+    SIGKILL. No offset is committed by it (the inputs' are committed after their transaction), so nothing is lost:
+    given up, one WARNING. Its error is :func:`close_failed`'s, ``stop_asked()`` read once it failed."""
+    try:
+        if not done_by(consumer.close, deadline, thread_name):
+            log.warning(
+                "%s: Kafka did not take the consumer's close before the supervisor's stop timeout; the inputs not "
+                "committed are read again at the next start",
+                service,
+            )
+    except Exception as exc:  # noqa: BLE001 - a WARNING at a stop or after the loop's own error, else raised
+        close_failed(service, exc, stop_asked(), ended_by)
 
 
 def bounded(call: Callable[[], T], what: str, exit_by: Callable[[], float | None], name: str = "kafka-call") -> T:

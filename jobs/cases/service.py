@@ -58,7 +58,7 @@ from infra.clients import transactional
 from infra.clients.transactional import Out, Source
 from infra.command_auth import SIGNATURE_HEADER, authenticate_command, sign_command
 from infra.logs import LOG_LEVEL_HELP, setup_logging
-from infra.processes import StopRequest, done_by, exit_deadline, stop_on_signals
+from infra.processes import StopRequest, exit_deadline, stop_on_signals
 from infra.settings import Settings, get_settings
 from jobs.cases.core import (
     DISMISSED,
@@ -701,14 +701,9 @@ class CaseService:
         committed after their transaction), so nothing is lost. Its error once the stop is asked, or
         after the loop's own error (``ended_by``, which is raised instead), is a WARNING."""
         deadline = self._exit_by() or exit_deadline(self.settings.supervisor.stop_timeout_s)
-        try:
-            if not done_by(self.consumer.close, deadline, "case-service-close"):
-                log.warning(
-                    "case service: Kafka did not take the consumer's close before the supervisor's stop timeout; the "
-                    "inputs not committed are read again at the next start"
-                )
-        except Exception as exc:  # noqa: BLE001 - a WARNING at a stop or after the loop's own error, else raised
-            transactional.close_failed("case service", exc, self._stop.is_set(), ended_by)
+        transactional.close_consumer(
+            "case service", self.consumer, deadline, self._stop.is_set, ended_by, "case-service-close"
+        )
 
     def _maybe_expire(self) -> None:
         if time.monotonic() < self._next_expiry:

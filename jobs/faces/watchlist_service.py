@@ -77,7 +77,7 @@ from infra.clients.image_store import (
 from infra.clients.transactional import Out, Source
 from infra.command_auth import authenticate_command
 from infra.logs import LOG_LEVEL_HELP, setup_logging
-from infra.processes import StopRequest, done_by, exit_deadline, stop_on_signals
+from infra.processes import StopRequest, exit_deadline, stop_on_signals
 from infra.retry import Backoff
 from infra.settings import Settings, get_settings
 from jobs.faces.engine import DetectedFace, FaceEngine, ImageError, embedder_of
@@ -1181,13 +1181,9 @@ class WatchlistService:
         after the loop's own error (``ended_by``, which is raised instead), is a WARNING."""
         deadline = self._exit_by() or exit_deadline(self.settings.supervisor.stop_timeout_s)
         try:
-            if not done_by(self.consumer.close, deadline, "watchlist-service-close"):
-                log.warning(
-                    "watchlist service: Kafka did not take the consumer's close before the supervisor's stop timeout; "
-                    "the inputs not committed are read again at the next start"
-                )
-        except Exception as exc:  # noqa: BLE001 - a WARNING at a stop or after the loop's own error, else raised
-            transactional.close_failed("watchlist service", exc, self._stop.is_set(), ended_by)
+            transactional.close_consumer(
+                "watchlist service", self.consumer, deadline, self._stop.is_set, ended_by, "watchlist-service-close"
+            )
         finally:
             self.core.close()
 
