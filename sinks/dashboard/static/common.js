@@ -277,6 +277,21 @@ function refusedText(status, reason, until = "the page is reloaded") {
     : `${reason} — not refreshed again until ${until}`;
 }
 
+// A polling page's failed read `err` (app.js, models.js, pipeline.js: state.refreshMs, state.failures, state.timer),
+// shown in `status`: after a 4xx the page stops asking (refusedText, `until` saying what asks again), else it asks
+// again by `refresh` after retryWait, the status line saying when.
+function readFailed(state, status, err, refresh, until) {
+  status.className = "status error";
+  if (!worthRetrying(err.status)) {
+    status.textContent = refusedText(err.status, err.message, until);
+    return;
+  }
+  const wait = retryWait(state.refreshMs, state.failures);
+  state.failures += 1;
+  status.textContent = `${err.message}; asking again in ${Math.round(wait / 1000)} s`;
+  state.timer = setTimeout(refresh, wait);
+}
+
 // One request for JSON: { ok, status, body, reason }. status is 0 where nothing answered; body is {} where the
 // answer is not JSON (a proxy's HTML error page), which is then not ok even with a 2xx; reason is the answer's
 // `error`, or what happened ("HTTP 502 Bad Gateway"), for the page to show.

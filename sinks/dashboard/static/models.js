@@ -182,15 +182,7 @@ async function refresh() {
     state.timer = setTimeout(refresh, state.refreshMs);
   } catch (err) {
     if (seq !== state.seq) return;
-    status.className = "status error";
-    if (!worthRetrying(err.status)) {
-      status.textContent = refusedText(err.status, err.message, "the window or store changes or the page is reloaded");
-      return;
-    }
-    const wait = retryWait(state.refreshMs, state.failures);
-    state.failures += 1;
-    status.textContent = `${err.message}; asking again in ${Math.round(wait / 1000)} s`;
-    state.timer = setTimeout(refresh, wait);
+    readFailed(state, status, err, refresh, "the window or store changes or the page is reloaded");
   }
 }
 

@@ -92,15 +92,7 @@ async function refresh() {
     state.timer = setTimeout(refresh, state.refreshMs);
   } catch (err) {
     if (seq !== state.seq) return;
-    status.className = "status error";
-    if (!worthRetrying(err.status)) {
-      status.textContent = refusedText(err.status, err.message);
-      return;
-    }
-    const wait = retryWait(state.refreshMs, state.failures);
-    state.failures += 1;
-    status.textContent = `${err.message}; asking again in ${Math.round(wait / 1000)} s`;
-    state.timer = setTimeout(refresh, wait);
+    readFailed(state, status, err, refresh);
   }
 }
 
