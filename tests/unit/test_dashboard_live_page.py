@@ -54,7 +54,7 @@ globalThis.document = {
   createElement: () => made(), createElementNS: () => made(),
 };
 globalThis.Option = function Option(text, value) { this.text = text; this.value = value; };
-globalThis.window = { addEventListener() {} };
+globalThis.window = { handlers: {}, addEventListener(name, fn) { this.handlers[name] = fn; } };
 globalThis.location = { search: "" };
 // Per path, its answers in order (the last one repeated): [status, body], or null for no answer at all.
 const answers = %s;
@@ -79,8 +79,9 @@ const seen = [];
 (async () => {
   %s
   await flush(); await flush();
+  %s
   for (let run = 0; run < timers.length && run < %d; run++) {
-    if (!timers[run].fn || timers[run].ms === 200) continue;
+    if (!timers[run].fn) continue;
     seen.push(nodes.status.textContent);
     waits.push(timers[run].ms);
     timers[run].fn();
@@ -96,11 +97,11 @@ const seen = [];
 """
 
 
-def _live(answers: dict[str, list[Any]], runs: int = 8, page: str = "app.js") -> dict[str, Any]:
+def _live(answers: dict[str, list[Any]], runs: int = 8, page: str = "app.js", then: str = "") -> dict[str, Any]:
     """The live page (or another of common.js's window pages, ``page``) given ``answers`` per path: its status line,
-    waits and what it drew."""
+    waits and what it drew. ``then``: script run once the page has started, before its waits are run (a resize)."""
     scripts = (STATIC / "common.js").read_text() + (STATIC / page).read_text()  # as index.html loads them
-    script = HARNESS % (json.dumps(answers), scripts, runs)
+    script = HARNESS % (json.dumps(answers), scripts, then, runs)
     run = subprocess.run([NODE or "node", "-e", script], capture_output=True, text=True, timeout=30)
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -217,3 +218,38 @@ def test_the_live_page_keeps_its_defaults_and_says_so_when_its_settings_cannot_b
     assert shown["status"]["textContent"].endswith(
         f" · settings not read (/api/config: {reason}): default refresh and window"
     )
+
+
+# The window resized, and the 200 ms the page waits for the resizing to end passed.
+RESIZE = """
+window.handlers.resize();
+const resized = timers[timers.length - 1];
+if (resized.ms === 200) { const redraw = resized.fn; resized.fn = null; redraw(); }
+await flush(); await flush();
+"""
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+@pytest.mark.parametrize(("status", "body"), [(400, {"error": "minutes: 15 to 43200"}), (401, "Unauthorized")])
+def test_a_page_stopped_by_a_4xx_asks_nothing_again_when_the_window_is_resized(status: int, body: Any) -> None:
+    """A resize read the page again whatever had stopped it: a 401 once the login expired was asked again at every
+    resize, and a read that then passed replaced the reason on the status line, the page still not refreshing."""
+    shown = _live(_answers([], **{"/api/overview": [[status, body], [200, OVERVIEW]]}), then=RESIZE)
+    assert shown["asked"]["/api/overview"] == 1 and shown["waits"] == [], shown
+    assert shown["status"]["className"] == "status error" and "not refreshed again" in shown["status"]["textContent"]
+    assert shown["renders"] == "0"
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_a_resize_while_the_page_waits_after_a_5xx_asks_nothing_ahead_of_the_wait() -> None:
+    """A resize read the page again at once, cutting short the growing wait after a 5xx."""
+    unavailable = [503, {"error": "OpenSearch unavailable (ConnectionError)"}]
+    shown = _live(_answers([], **{"/api/overview": [unavailable, [200, OVERVIEW]]}), runs=3, then=RESIZE)
+    assert shown["asked"]["/api/overview"] == 3 and shown["waits"] == [3000, 3000], shown
+    assert shown["seen"][0] == "OpenSearch unavailable (ConnectionError); asking again in 3 s"
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_a_resize_while_the_page_refreshes_as_usual_redraws_it() -> None:
+    shown = _live(_answers([]), runs=3, then=RESIZE)
+    assert shown["asked"]["/api/overview"] == 3 and shown["renders"] == "3" and shown["waits"] == [3000], shown

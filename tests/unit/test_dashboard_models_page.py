@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.unit.test_dashboard_live_page import HOSTILE, NODE, _live
+from tests.unit.test_dashboard_live_page import HOSTILE, NODE, RESIZE, _live
 
 ROLE = {"version": "m-1", "versions": {"m-1": 2}, "counts": [1, 1], "rows": 2, "fallback_rows": 0, "mean": 500.0}
 SCORES = {
@@ -132,3 +132,12 @@ def test_the_models_page_keeps_its_defaults_and_says_so_when_its_settings_cannot
     assert shown["status"]["textContent"].endswith(
         " · settings not read (/api/config: HTTP 502 Bad Gateway): default refresh and window"
     )
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_the_models_page_stopped_by_a_4xx_asks_nothing_again_when_the_window_is_resized() -> None:
+    """A resize read the page again whatever had stopped it: a 403 was asked again at every resize."""
+    refused = [403, {"error": "this login may not read it"}]
+    shown = _live(_answers(**{"/api/models": [refused, [200, _models()]]}), page="models.js", then=RESIZE)
+    assert shown["asked"]["/api/models"] == 1 and shown["waits"] == [], shown
+    assert shown["status"]["textContent"].startswith("this login may not read it — not refreshed again")

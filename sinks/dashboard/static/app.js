@@ -5,8 +5,11 @@ const OUTCOMES = ["APPROVE", "REVIEW", "BLOCK"];
 const FACE_STATUSES = ["MATCHED", "NO_MATCH", "NO_FACE", "UNAVAILABLE"];
 // failures: failed reads in a row. After a 5xx or no answer the page asks again after common.js's retryWait (the
 // refresh interval, then twice as long each time, up to 30 s); after a 4xx (a 401 once the login expired) it stops:
-// asked again, it gets the same answer.
-const state = { minutes: 60, store: "", anchor: false, refreshMs: 3000, timer: null, renders: 0, seq: 0, failures: 0, note: "" };
+// asked again, it gets the same answer (stopped, until a read succeeds again after a window or store change).
+const state = {
+  minutes: 60, store: "", anchor: false, refreshMs: 3000, timer: null, renders: 0, seq: 0, failures: 0, stopped: false,
+  note: "",
+};
 
 // Horizontal stacked bars per store: <rect class="bar"> per segment; clicking a store focuses on it.
 function storeBars(container, stores) {
@@ -160,6 +163,7 @@ async function refresh() {
     const end = isoUtc(overview.window.end)?.slice(11, 19) ?? String(overview.window.end);
     status.textContent = withNote(state, `${overview.window.store ? `store ${overview.window.store} · ` : ""}window ends ${end} UTC · updated ${new Date().toLocaleTimeString()}`);
     state.failures = 0;
+    state.stopped = false;
     state.timer = setTimeout(refresh, state.refreshMs);
   } catch (err) {
     if (seq !== state.seq) return;

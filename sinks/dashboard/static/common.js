@@ -278,11 +278,13 @@ function refusedText(status, reason, until = "the page is reloaded") {
 }
 
 // A polling page's failed read `err` (app.js, models.js, pipeline.js: state.refreshMs, state.failures, state.timer),
-// shown in `status`: after a 4xx the page stops asking (refusedText, `until` saying what asks again), else it asks
-// again by `refresh` after retryWait, the status line saying when.
+// shown in `status`: after a 4xx the page stops asking (refusedText, `until` saying what asks again) and
+// state.stopped says so, for what else would ask again (a resize), else it asks again by `refresh` after retryWait,
+// the status line saying when.
 function readFailed(state, status, err, refresh, until) {
   status.className = "status error";
   if (!worthRetrying(err.status)) {
+    state.stopped = true;
     status.textContent = refusedText(err.status, err.message, until);
     return;
   }
@@ -362,8 +364,12 @@ async function initControls(state, refresh) {
   win.addEventListener("change", () => { state.minutes = Number(win.value); refresh(); });
   document.getElementById("store").addEventListener("change", (e) => { state.store = e.target.value; refresh(); });
   document.getElementById("anchor").addEventListener("change", (e) => { state.anchor = e.target.checked; refresh(); });
+  // A resize redraws by reading again, but only a page that is refreshing as usual: one stopped by a 4xx would ask
+  // what it was refused (only a window or store change, or a reload, asks again), and one waiting out a failure
+  // would ask ahead of its growing wait.
   let resizeTimer;
-  window.addEventListener("resize", () => { clearTimeout(resizeTimer); resizeTimer = setTimeout(refresh, 200); });
+  const redraw = () => { if (!state.stopped && !state.failures) refresh(); };
+  window.addEventListener("resize", () => { clearTimeout(resizeTimer); resizeTimer = setTimeout(redraw, 200); });
   return true;
 }
 

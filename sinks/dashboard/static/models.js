@@ -5,9 +5,10 @@
 const ROLES = ["champion", "challenger"];
 // failures: failed reads in a row. After a 5xx or no answer the page asks again after common.js's retryWait (the
 // refresh interval, then twice as long each time, up to 30 s); after a 4xx (a 401 once the login expired) it stops:
-// asked again, it gets the same answer.
+// asked again, it gets the same answer (stopped, until a read succeeds again after a window or store change).
 const state = {
   minutes: 60, store: "", anchor: false, refreshMs: 3000, minRefreshMs: 10000, timer: null, renders: 0, seq: 0, failures: 0,
+  stopped: false,
   note: "",  // said in the status line: the settings could not be read, the defaults are in use
 };
 const fmtAuc = (x) => (x === null || x === undefined ? "–" : x.toFixed(3));
@@ -179,6 +180,7 @@ async function refresh() {
     const end = isoUtc(models.window.end)?.slice(11, 19) ?? String(models.window.end);
     status.textContent = withNote(state, `${models.window.store ? `store ${models.window.store} · ` : ""}window ends ${end} UTC · updated ${new Date().toLocaleTimeString()}`);
     state.failures = 0;
+    state.stopped = false;
     state.timer = setTimeout(refresh, state.refreshMs);
   } catch (err) {
     if (seq !== state.seq) return;
