@@ -115,3 +115,12 @@ def test_the_pipeline_page_keeps_its_default_and_says_so_when_its_settings_canno
     assert shown["status"]["textContent"].endswith(
         " · settings not read (/api/config: HTTP 502 Bad Gateway): default refresh and window"
     )
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+@pytest.mark.parametrize("config", [{}, {"refresh_ms": "5 s"}])
+def test_the_pipeline_page_keeps_its_default_refresh_when_its_settings_lack_one(config: Any) -> None:
+    """A 200 from /api/config without a refresh_ms that is a number made the interval NaN: the page asked again at
+    once, over and over."""
+    shown = polled([[200, config], [200, PIPELINE]], "pipeline.js", "/pipeline")
+    assert shown["waits"][:3] == [5000, 5000, 5000] and shown["status"]["className"] == "status", shown

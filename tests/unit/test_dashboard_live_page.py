@@ -90,6 +90,7 @@ const seen = [];
   seen.push(nodes.status.textContent);
   console.log(JSON.stringify({
     asked, waits, seen, status: nodes.status, renders: document.body.dataset.renders || "0",
+    minutes: (nodes.window || {}).value,
     alerts: nodes.alerts ? nodes.alerts.children.map((c) => c.innerHTML) : [],
     drift: nodes["#drift-table tbody"] ? nodes["#drift-table tbody"].children.map((c) => c.innerHTML) : [],
   }));
@@ -253,3 +254,12 @@ def test_a_resize_while_the_page_waits_after_a_5xx_asks_nothing_ahead_of_the_wai
 def test_a_resize_while_the_page_refreshes_as_usual_redraws_it() -> None:
     shown = _live(_answers([]), runs=3, then=RESIZE)
     assert shown["asked"]["/api/overview"] == 3 and shown["renders"] == "3" and shown["waits"] == [3000], shown
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+@pytest.mark.parametrize("config", [{}, {"refresh_ms": "fast", "window_minutes": None}, {"refresh_ms": 0}])
+def test_the_live_page_keeps_its_default_refresh_and_window_when_its_settings_lack_them(config: Any) -> None:
+    """A 200 from /api/config without a refresh_ms that is a number made the interval NaN, and the page asked again at
+    once, over and over; without window_minutes it asked for a window of NaN minutes."""
+    shown = _live(_answers([], **{"/api/config": [[200, config]]}), runs=2)
+    assert shown["waits"] == [3000, 3000] and shown["minutes"] == "60" and shown["renders"] == "3", shown

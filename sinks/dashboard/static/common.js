@@ -330,6 +330,11 @@ async function readConfig() {
   return { cfg: null, refused: null, note: `settings not read (${reason}): default refresh and window` };
 }
 
+// A number setting of /api/config (refresh_ms, window_minutes), or `fallback`, the page's default, where the answer
+// has none or no positive number there (a proxy's {} or an older dashboard's answer): the page took the missing
+// refresh_ms for its interval, NaN, and asked again at once, over and over.
+const setting = (cfg, key, fallback) => (cfg && Number.isFinite(cfg[key]) && cfg[key] > 0 ? cfg[key] : fallback);
+
 // The status line's text after a good refresh, with the note of settings not read, if any.
 const withNote = (state, text) => (state.note ? `${text} · ${state.note}` : text);
 
@@ -352,8 +357,8 @@ async function initControls(state, refresh) {
     return false;
   }
   state.note = note;
-  state.refreshMs = Math.max(cfg ? cfg.refresh_ms : state.refreshMs, state.minRefreshMs || 0);
-  if (cfg) state.minutes = cfg.window_minutes;
+  state.refreshMs = Math.max(setting(cfg, "refresh_ms", state.refreshMs), state.minRefreshMs || 0);
+  state.minutes = setting(cfg, "window_minutes", state.minutes);
   state.minutes = Number(params.get("minutes") || state.minutes);
   state.store = params.get("store") || "";
   state.anchor = params.get("anchor") === "latest";

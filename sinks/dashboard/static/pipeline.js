@@ -107,7 +107,7 @@ async function start() {
     return;
   }
   state.note = note;
-  if (cfg) state.refreshMs = Math.max(cfg.refresh_ms, state.minRefreshMs);
+  state.refreshMs = Math.max(setting(cfg, "refresh_ms", state.refreshMs), state.minRefreshMs);
   syncNav(state);
   refresh();
 }
