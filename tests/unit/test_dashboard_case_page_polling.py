@@ -110,12 +110,103 @@ def test_a_case_answered_5xx_or_not_at_all_is_asked_again_further_apart_up_to_30
     unavailable = [503, {"error": "OpenSearch unavailable (ConnectionError)"}]
     answers = [unavailable, None, [502, "<html>bad gateway</html>"], *[unavailable] * 4]
     shown = _run([*answers, [200, {"case": CASE, "transaction": None, "you": None}]])
-    assert shown["waits"] == [3000, 6000, 12000, 24000, 30000, 30000, 30000], shown
-    assert shown["fetched"] == len(answers) + 1 and shown["loaded"], shown
+    # then, the case read and still open, every 10 s
+    assert shown["waits"][:9] == [3000, 6000, 12000, 24000, 30000, 30000, 30000, 10000, 10000], shown
+    assert shown["seen"][len(answers)].startswith("loaded") and shown["loaded"], shown
     assert "OpenSearch unavailable" in shown["seen"][0] and "asking again in 3 s" in shown["seen"][0]
     assert "did not answer (Failed to fetch)" in shown["seen"][1] and "asking again in 6 s" in shown["seen"][1]
     assert "HTTP 502 Bad Gateway" in shown["seen"][2]
     assert shown["status"]["className"] == "status" and shown["status"]["textContent"].startswith("loaded")
+
+
+CLOCK_HARNESS = """
+const nodes = {};
+const node = (id) => (nodes[id] ||= {
+  id, className: "", textContent: "", innerHTML: "", disabled: false, dataset: {}, addEventListener() {},
+  insertAdjacentHTML(_where, html) { this.innerHTML += html; }, querySelector: () => null, getAttribute: () => "",
+});
+globalThis.document = {
+  getElementById: node, querySelector: node, querySelectorAll: () => [], body: { dataset: {} }, title: "",
+};
+globalThis.location = { pathname: "/cases/case-0123456789ab" };
+// A clock of the page's own: its waits (and its intervals) run in the order they fall due, the clock set to each.
+let now = 0, ids = 0;
+const timers = new Map();
+globalThis.setTimeout = (fn, ms) => { timers.set(++ids, { fn, due: now + (ms || 0) }); return ids; };
+globalThis.setInterval = (fn, ms) => { timers.set(++ids, { fn, due: now + ms, every: ms }); return ids; };
+globalThis.clearTimeout = globalThis.clearInterval = (id) => timers.delete(id);
+// The answers, in order (the last one repeated): [status, body, ms it takes to come], or null for no answer.
+const answers = %s;
+const asked = [];
+let fetched = 0, waiting = 0, mostWaiting = 0;
+globalThis.fetch = (url) => {
+  const answer = answers[Math.min(fetched++, answers.length - 1)];
+  asked.push(now);
+  mostWaiting = Math.max(mostWaiting, ++waiting);
+  return new Promise((resolve, reject) => setTimeout(() => {
+    waiting -= 1;
+    if (answer === null) return reject(new TypeError("Failed to fetch"));
+    const [status, body] = answer;
+    resolve({
+      ok: status < 300, status, statusText: status >= 500 ? "Gateway Timeout" : "",
+      json: async () => (typeof body === "string" ? JSON.parse(body) : body),
+    });
+  }, (answer && answer[2]) || 0));
+};
+const flush = () => new Promise((done) => setImmediate(done));
+(async () => {
+  %s
+  await flush();
+  while (timers.size) {
+    const [id, next] = [...timers].reduce((a, b) => (b[1].due < a[1].due ? b : a));
+    if (next.due > %d) break;
+    now = next.due;
+    if (next.every) next.due += next.every; else timers.delete(id);
+    next.fn();
+    await flush(); await flush();
+  }
+  console.log(JSON.stringify({ asked, mostWaiting, status: nodes.status }));
+})();
+"""
+
+
+def _clocked(answers: list[Any], until_ms: int) -> dict[str, Any]:
+    """When the case page asks for its case over its first ``until_ms``, given ``answers`` that take their time."""
+    scripts = (STATIC / "common.js").read_text() + (STATIC / "case.js").read_text()
+    script = CLOCK_HARNESS % (json.dumps(answers), scripts, until_ms)
+    run = subprocess.run([NODE or "node", "-e", script], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+READ = [200, {"case": CASE, "transaction": None, "you": None}]
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_an_undecided_case_is_read_again_every_10_s_and_a_decided_one_is_not() -> None:
+    assert _clocked([READ], 35_000)["asked"] == [0, 10_000, 20_000, 30_000]
+    decided = [200, {"case": {**CASE, "state": "confirmed"}, "transaction": None, "you": None}]
+    assert _clocked([decided], 35_000)["asked"] == [0]
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_an_undecided_case_read_again_after_a_slow_5xx_waits_its_growing_wait_and_asks_once_at_a_time() -> None:
+    """The 10 s re-read went on beside the growing wait: while a read took long to fail (a proxy's gateway timeout
+    after 15 s) the next 10 s tick asked again, reads piled up on the failing server and each failure started a
+    wait of its own."""
+    timeout = [504, "<html>gateway timeout</html>", 15_000]
+    shown = _clocked([READ, timeout], 210_000)
+    assert shown["mostWaiting"] == 1, shown
+    # each failure 15 s after its ask, and the next ask 3, 6, 12, 24, then 30 s after the failure
+    assert shown["asked"] == [0, 10_000, 28_000, 49_000, 76_000, 115_000, 160_000, 205_000], shown
+    assert shown["status"]["textContent"].endswith("HTTP 504 Gateway Timeout; asking again in 30 s")
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_an_undecided_case_answered_4xx_on_a_later_read_is_asked_no_more() -> None:
+    shown = _clocked([READ, [403, {"error": "this login may not read cases"}]], 120_000)
+    assert shown["asked"] == [0, 10_000], shown
+    assert shown["status"]["textContent"].endswith("— not refreshed again: log in again (reload the page)")
 
 
 VERDICT_HARNESS = """

@@ -42,7 +42,7 @@ globalThis.document = {
 globalThis.fetch = async () => ({ ok: true, status: 200, json: async () => (%s) });
 globalThis.setInterval = () => 0;
 %s
-setTimeout(() => console.log(JSON.stringify(cells)), 50);
+setTimeout(() => { console.log(JSON.stringify(cells)); process.exit(0); }, 50);  // the case page's next read is set
 """
 
 

@@ -23,12 +23,15 @@ let you = null;
 let busy = false;
 // The submission a send went unanswered for (the network dropped it): sending the same again reuses its id.
 let unanswered = null;
-// Asking for the case again: only after a 5xx or no answer (the dashboard or OpenSearch away for a while), each wait
-// twice the last up to 30 s (common.js's retryWait). A 4xx says the request itself is wrong (a malformed id, a login
-// that may not read it): asked again it gets the same answer, so the page stops asking and shows the reason.
+// An undecided case is read again every POLL_MS, the next read set once the last one is answered (a slow answer
+// never overlaps the next). After a 5xx or no answer (the dashboard or OpenSearch away for a while) the case is asked
+// again after RETRY_FIRST_MS, then twice as long each time up to 30 s (common.js's retryWait). A 4xx says the request
+// itself is wrong (a malformed id, a login that may not read it): asked again it gets the same answer, so the page
+// stops asking and shows the reason.
+const POLL_MS = 10000;
 const RETRY_FIRST_MS = 3000;
 let failures = 0;
-let retryTimer = null;
+let timer = null;
 let refused = false;
 
 // A new submission's id (32 random hex digits): the dashboard makes the command id from it, and the case service
@@ -112,8 +115,8 @@ async function load() {
     return null;
   }
   if (refused) return null;
-  clearTimeout(retryTimer);
-  retryTimer = null;
+  clearTimeout(timer);
+  timer = null;
   const answer = await askJson(`/api/cases/${encodeURIComponent(caseId)}`);
   if (!answer.ok) {
     if (worthRetrying(answer.status)) return retryLater(status, answer.reason);
@@ -129,7 +132,14 @@ async function load() {
   status.className = "status";
   status.textContent = `loaded ${new Date().toLocaleTimeString()}`;
   document.body.dataset.loaded = "1";
+  if (PENDING.has(answer.body.case.state)) readAgainIn(POLL_MS);
   return answer.body.case;
+}
+
+// The one next read of the case (a read answered while another was on its way leaves one, not two).
+function readAgainIn(ms) {
+  clearTimeout(timer);
+  timer = setTimeout(load, ms);
 }
 
 // Shows why the case could not be read and asks again after a wait that grows with each failure in a row.
@@ -138,7 +148,7 @@ function retryLater(status, reason) {
   const wait = retryWait(RETRY_FIRST_MS, failures);
   failures += 1;
   status.textContent = `${caseId}: ${reason}; asking again in ${Math.round(wait / 1000)} s`;
-  retryTimer = setTimeout(load, wait);
+  readAgainIn(wait);
   return null;
 }
 
@@ -206,4 +216,3 @@ document.getElementById("verdict").addEventListener("click", (e) => {
   if (button) decide(button.dataset.verb, button.dataset.fraud === "1");
 });
 load();
-setInterval(() => { if (!refused && retryTimer === null && current && PENDING.has(current.state)) load(); }, 10000);
