@@ -5,9 +5,8 @@
 const when = (ms) => (ms ? (isoUtc(ms) ? `${isoUtc(ms)} UTC` : String(ms)) : "");
 
 // Asking for the alert again: only after a 5xx or no answer, 3 s then twice as long each time in a row (common.js's
-// retryWait); a 4xx stops it with the reason shown, since asked again it gets the same answer.
-const RETRY_FIRST_MS = 3000;
-let failures = 0;
+// readFailed); a 4xx stops it with the reason shown, since asked again it gets the same answer.
+const reading = { refreshMs: 3000, failures: 0, timer: null, stopped: false };
 
 function rows(tbody, pairs) {
   tbody.innerHTML = "";
@@ -40,19 +39,11 @@ async function load() {
   }
   const answer = await askJson(`/api/alerts/${encodeURIComponent(id)}`);
   if (!answer.ok) {
-    status.className = "status error";
-    if (!worthRetrying(answer.status)) {
-      // a 401 or 403 (the login expired or was changed) says to log in again, which only a reload of the page does
-      status.textContent = refusedText(answer.status, `${id}: ${answer.reason}`);
-      return;
-    }
-    const wait = retryWait(RETRY_FIRST_MS, failures);
-    failures += 1;
-    status.textContent = `${id}: ${answer.reason}; asking again in ${Math.round(wait / 1000)} s`;
-    setTimeout(load, wait);
+    // a 401 or 403 (the login expired or was changed) says to log in again, which only a reload of the page does
+    readFailed(reading, status, { status: answer.status, message: `${id}: ${answer.reason}` }, load);
     return;
   }
-  failures = 0;
+  reading.failures = 0;
   const body = answer.body;
   const a = body.alert, t = body.transaction;
   document.title = `Checkout Guard — ${a.kind} ${a.alert_id}`;

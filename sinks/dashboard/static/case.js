@@ -25,14 +25,11 @@ let busy = false;
 let unanswered = null;
 // An undecided case is read again every POLL_MS, the next read set once the last one is answered (a slow answer
 // never overlaps the next). After a 5xx or no answer (the dashboard or OpenSearch away for a while) the case is asked
-// again after RETRY_FIRST_MS, then twice as long each time up to 30 s (common.js's retryWait). A 4xx says the request
-// itself is wrong (a malformed id, a login that may not read it): asked again it gets the same answer, so the page
-// stops asking and shows the reason.
+// again after 3 s, then twice as long each time up to 30 s (common.js's readFailed). A 4xx says the request itself is
+// wrong (a malformed id, a login that may not read it): asked again it gets the same answer, so the page stops asking
+// (reading.stopped), shows the reason and turns the buttons off.
 const POLL_MS = 10000;
-const RETRY_FIRST_MS = 3000;
-let failures = 0;
-let timer = null;
-let refused = false;
+const reading = { refreshMs: 3000, failures: 0, timer: null, stopped: false };
 
 // A new submission's id (32 random hex digits): the dashboard makes the command id from it, and the case service
 // applies a command id once, so a send repeated (a double click, a resend after a lost answer) is one command.
@@ -45,7 +42,7 @@ function setButtons() {
   for (const button of document.querySelectorAll("#verdict button")) {
     const verb = button.dataset.verb;
     // "Confirm as fraud" labels the case's transaction: a case without one would only be refused
-    button.disabled = refused || busy || !current || !you || (!PENDING.has(current.state) && verb !== "note") || (button.dataset.fraud === "1" && !current.transaction_id);
+    button.disabled = reading.stopped || busy || !current || !you || (!PENDING.has(current.state) && verb !== "note") || (button.dataset.fraud === "1" && !current.transaction_id);
   }
 }
 
@@ -114,42 +111,27 @@ async function load() {
     for (const button of document.querySelectorAll("#verdict button")) button.disabled = true;
     return null;
   }
-  if (refused) return null;
-  clearTimeout(timer);
-  timer = null;
+  if (reading.stopped) return null;
+  clearTimeout(reading.timer);
+  reading.timer = null;
   const answer = await askJson(`/api/cases/${encodeURIComponent(caseId)}`);
   if (!answer.ok) {
-    if (worthRetrying(answer.status)) return retryLater(status, answer.reason);
-    refused = true;
-    status.className = "status error";
     // a 401 or 403 (the login expired or was changed) says to log in again, which only a reload of the page does
-    status.textContent = refusedText(answer.status, `${caseId}: ${answer.reason}`);
-    for (const button of document.querySelectorAll("#verdict button")) button.disabled = true;
+    readFailed(reading, status, { status: answer.status, message: `${caseId}: ${answer.reason}` }, load);
+    if (reading.stopped) setButtons();
     return null;
   }
-  failures = 0;
+  reading.failures = 0;
   render(answer.body);
   status.className = "status";
   status.textContent = `loaded ${new Date().toLocaleTimeString()}`;
   document.body.dataset.loaded = "1";
-  if (PENDING.has(answer.body.case.state)) readAgainIn(POLL_MS);
+  if (PENDING.has(answer.body.case.state)) {
+    // the one next read of the case (a read answered while another was on its way leaves one, not two)
+    clearTimeout(reading.timer);
+    reading.timer = setTimeout(load, POLL_MS);
+  }
   return answer.body.case;
-}
-
-// The one next read of the case (a read answered while another was on its way leaves one, not two).
-function readAgainIn(ms) {
-  clearTimeout(timer);
-  timer = setTimeout(load, ms);
-}
-
-// Shows why the case could not be read and asks again after a wait that grows with each failure in a row.
-function retryLater(status, reason) {
-  status.className = "status error";
-  const wait = retryWait(RETRY_FIRST_MS, failures);
-  failures += 1;
-  status.textContent = `${caseId}: ${reason}; asking again in ${Math.round(wait / 1000)} s`;
-  readAgainIn(wait);
-  return null;
 }
 
 async function decide(verb, fraud) {
@@ -196,7 +178,7 @@ async function send(verb, fraud) {
   for (let i = 0; i < 30; i++) {
     await new Promise((ok) => setTimeout(ok, 1000));
     const c = await load();
-    if (refused) {
+    if (reading.stopped) {
       result.className = "status error";
       result.textContent = `${verb} was recorded, but the case can no longer be read: see above.`;
       return;

@@ -10,12 +10,10 @@ const share = (x) => (x === null || x === undefined ? "–" : `${(100 * x).toFix
 const params = new URLSearchParams(location.search);
 // By default every case still waiting for a verdict: open and escalated ("undecided"), as the open-cases figure counts.
 const filters = { state: params.get("state") || "undecided", kind: params.get("kind") || "", store: params.get("store") || "" };
-const REFRESH_MS = 5000;
-// After a 5xx or no answer the next try waits twice as long each time in a row, up to 30 s (common.js's retryWait).
-// A 4xx (a filter from the address the API refuses, a login that may not read) gets the same answer however often
-// it is asked, so the page stops asking until a filter changes.
-let timer = null;
-let failures = 0;
+// Read every refreshMs; after a 5xx or no answer the next try waits twice as long each time in a row, up to 30 s
+// (common.js's readFailed). A 4xx (a filter from the address the API refuses, a login that may not read) gets the same
+// answer however often it is asked, so the page stops asking until a filter changes.
+const reading = { refreshMs: 5000, failures: 0, timer: null, stopped: false };
 // Each refresh's number: an answer to an older one (asked before a filter changed) is dropped, as on the live page.
 let seq = 0;
 
@@ -32,14 +30,9 @@ function table(id, rows, render) {
   body.innerHTML = rows.map(render).join("");
 }
 
-function refreshIn(ms) {
-  clearTimeout(timer);
-  timer = setTimeout(refresh, ms);
-}
-
 async function refresh() {
-  clearTimeout(timer);
-  timer = null;
+  clearTimeout(reading.timer);
+  reading.timer = null;
   const mine = ++seq;
   const status = document.getElementById("status");
   const q = new URLSearchParams(Object.entries(filters).filter(([, v]) => v));
@@ -75,21 +68,14 @@ async function refresh() {
     status.className = "status";
     status.textContent = `updated ${new Date().toLocaleTimeString()}${figures.truncated ? " (figures over the newest cases only)" : ""}`;
     document.body.dataset.loaded = "1";
-    failures = 0;
-    refreshIn(REFRESH_MS);
+    reading.failures = 0;
+    reading.stopped = false;
+    clearTimeout(reading.timer);
+    reading.timer = setTimeout(refresh, reading.refreshMs);
   } catch (err) {
     if (mine !== seq) return;
-    status.className = "status error";
-    const reason = String(err.message || err);
-    if (!worthRetrying(err.status)) {
-      // a 401 or 403 (the login expired or was changed) says to log in again: no filter change helps there
-      status.textContent = refusedText(err.status, reason, "a filter changes");
-      return;
-    }
-    const wait = retryWait(REFRESH_MS, failures);
-    failures += 1;
-    status.textContent = `${reason}; asking again in ${Math.round(wait / 1000)} s`;
-    refreshIn(wait);
+    // a 401 or 403 (the login expired or was changed) says to log in again: no filter change helps there
+    readFailed(reading, status, { status: err.status, message: String(err.message || err) }, refresh, "a filter changes");
   }
 }
 

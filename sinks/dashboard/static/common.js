@@ -277,10 +277,11 @@ function refusedText(status, reason, until = "the page is reloaded") {
     : `${reason} — not refreshed again until ${until}`;
 }
 
-// A polling page's failed read `err` (app.js, models.js, pipeline.js: state.refreshMs, state.failures, state.timer),
-// shown in `status`: after a 4xx the page stops asking (refusedText, `until` saying what asks again) and
-// state.stopped says so, for what else would ask again (a resize), else it asks again by `refresh` after retryWait,
-// the status line saying when.
+// A page's failed read `err` ({ status, message }: every page's, state.refreshMs its first wait, state.failures the
+// failed reads in a row, state.timer its next read), shown in `status`: after a 4xx the page stops asking
+// (refusedText, `until` saying what asks again) and state.stopped says so, for what else would ask again (a resize,
+// the case page's verdict), else it asks again by `refresh` after retryWait, the status line saying when. One next
+// read only: one set before (by a read answered while this one was on its way) is dropped.
 function readFailed(state, status, err, refresh, until) {
   status.className = "status error";
   if (!worthRetrying(err.status)) {
@@ -291,6 +292,7 @@ function readFailed(state, status, err, refresh, until) {
   const wait = retryWait(state.refreshMs, state.failures);
   state.failures += 1;
   status.textContent = `${err.message}; asking again in ${Math.round(wait / 1000)} s`;
+  clearTimeout(state.timer);
   state.timer = setTimeout(refresh, wait);
 }
 
