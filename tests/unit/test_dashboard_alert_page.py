@@ -3,10 +3,6 @@ fetched from the index, so the row shows. Runs alert.js in Node with a minimal D
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,10 +10,9 @@ from starlette.testclient import TestClient
 
 from infra.settings import Settings
 from sinks.dashboard.app import Dashboard, create_app
+from tests.unit.dashboard_pages import NODE, facts, run_page
 from tests.unit.test_dashboard_case_page_polling import _run as polled
 
-ALERT_JS = Path(__file__).resolve().parents[2] / "sinks" / "dashboard" / "static" / "alert.js"
-NODE = shutil.which("node") or shutil.which("nodejs")
 STORED = {
     "alert_id": "watchlist:tx-1",
     "kind": "WATCHLIST_MATCH",
@@ -42,22 +37,6 @@ class IndexedAlert:
         return {"hits": {"total": {"value": 1}, "hits": [{"_source": source}]}}
 
 
-HARNESS = """
-const cells = {};
-const tbody = (id) => ({ set innerHTML(v) {}, insertAdjacentHTML(_where, html) {
-  const m = html.match(/<th>(.*?)<\\/th><td data-field="[^"]*">(.*?)<\\/td>/);
-  cells[id + ":" + m[1]] = m[2];
-} });
-const bodies = { "#alert-facts tbody": tbody("alert"), "#tx-facts tbody": tbody("tx") };
-const node = () => ({ textContent: "", className: "", innerHTML: "", querySelector: () => null });
-globalThis.location = { pathname: "/alerts/watchlist%%3Atx-1" };
-globalThis.document = { title: "", body: { dataset: {} }, getElementById: node, querySelector: (s) => bodies[s] };
-globalThis.fetch = async () => ({ ok: true, status: 200, json: async () => (%s) });
-%s
-setTimeout(() => console.log(JSON.stringify(cells)), 50);
-"""
-
-
 def alert_answer() -> dict[str, Any]:
     settings = Settings()
     board = Dashboard(settings, client=IndexedAlert())  # type: ignore[arg-type]
@@ -75,10 +54,7 @@ def test_an_alerts_subject_id_is_fetched_and_its_embedding_is_not() -> None:
 
 @pytest.mark.skipif(NODE is None, reason="Node.js not installed")
 def test_the_alert_page_shows_the_subject_row() -> None:
-    page = (ALERT_JS.parent / "common.js").read_text() + ALERT_JS.read_text()  # as alert.html loads them
-    script = HARNESS % (json.dumps(alert_answer()), page)
-    out = subprocess.run([NODE, "-e", script], capture_output=True, text=True, timeout=30, check=True).stdout
-    shown = json.loads(out)
+    shown = facts(run_page("alert.js", [[200, alert_answer()]], path="/alerts/watchlist%3Atx-1", runs=0))
     assert shown["alert:subject"] == "subj-tx-0"
     assert shown["alert:category"] == "suspect" and shown["alert:store"] == "S1"
 

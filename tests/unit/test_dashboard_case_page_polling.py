@@ -4,16 +4,12 @@ or no answer at all is worth another try, and those come further apart each time
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-STATIC = Path(__file__).resolve().parents[2] / "sinks" / "dashboard" / "static"
-NODE = shutil.which("node") or shutil.which("nodejs")
+from tests.unit.dashboard_pages import NODE, run_page
+
 CASE = {
     "case_id": "case-0123456789ab",
     "state": "open",
@@ -24,62 +20,11 @@ CASE = {
     "images": {},
 }
 
-HARNESS = """
-const nodes = {};
-const node = (id) => (nodes[id] ||= {
-  id, className: "", textContent: "", innerHTML: "", disabled: false, dataset: {}, addEventListener() {},
-  insertAdjacentHTML(_where, html) { this.innerHTML += html; }, querySelector: () => null, getAttribute: () => "",
-});
-const buttons = [node("b1"), node("b2")];
-globalThis.document = {
-  getElementById: node, querySelector: node, querySelectorAll: () => buttons, body: { dataset: {} }, title: "",
-};
-globalThis.location = { pathname: %s };
-// The answers, in order: [status, body] (a string body is not JSON), or null for a request with no answer.
-const answers = %s;
-let fetched = 0;
-globalThis.fetch = async () => {
-  const answer = answers[Math.min(fetched++, answers.length - 1)];
-  if (answer === null) throw new TypeError("Failed to fetch");
-  const [status, body] = answer;
-  return {
-    ok: status < 300, status, statusText: status >= 500 ? "Bad Gateway" : "",
-    json: async () => (typeof body === "string" ? JSON.parse(body) : body),
-  };
-};
-const timers = [];  // the page's own waits, run here one by one instead of in real time
-globalThis.setTimeout = (fn, ms) => { timers.push({ fn, ms }); return timers.length; };
-globalThis.clearTimeout = (id) => { if (id) timers[id - 1].fn = null; };
-globalThis.setInterval = () => 0;
-const flush = () => new Promise((done) => setImmediate(done));
-const waits = [];
-const seen = [];
-(async () => {
-  %s
-  await flush();
-  for (let run = 0; run < timers.length && run < 20; run++) {
-    seen.push(nodes.status.textContent);
-    if (!timers[run].fn) continue;
-    waits.push(timers[run].ms);
-    timers[run].fn();
-    await flush();
-  }
-  seen.push(nodes.status.textContent);
-  console.log(JSON.stringify({
-    fetched, waits, seen, status: nodes.status, loaded: document.body.dataset.loaded === "1",
-    disabled: buttons.every((b) => b.disabled),
-  }));
-})();
-"""
-
 
 def _run(answers: list[Any], page: str = "case.js", path: str = "/cases/case-0123456789ab") -> dict[str, Any]:
     """How ``page`` at ``path`` asks for its JSON given ``answers``: the waits it sets, what it says between tries."""
-    scripts = (STATIC / "common.js").read_text() + (STATIC / page).read_text()  # as the page's HTML loads them
-    script = HARNESS % (json.dumps(path), json.dumps(answers), scripts)
-    run = subprocess.run([NODE or "node", "-e", script], capture_output=True, text=True, timeout=30)
-    assert run.returncode == 0, run.stderr
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    shown: dict[str, Any] = run_page(page, answers, path=path)
+    return shown
 
 
 @pytest.mark.skipif(NODE is None, reason="Node.js not installed")
@@ -119,64 +64,10 @@ def test_a_case_answered_5xx_or_not_at_all_is_asked_again_further_apart_up_to_30
     assert shown["status"]["className"] == "status" and shown["status"]["textContent"].startswith("loaded")
 
 
-CLOCK_HARNESS = """
-const nodes = {};
-const node = (id) => (nodes[id] ||= {
-  id, className: "", textContent: "", innerHTML: "", disabled: false, dataset: {}, addEventListener() {},
-  insertAdjacentHTML(_where, html) { this.innerHTML += html; }, querySelector: () => null, getAttribute: () => "",
-});
-globalThis.document = {
-  getElementById: node, querySelector: node, querySelectorAll: () => [], body: { dataset: {} }, title: "",
-};
-globalThis.location = { pathname: "/cases/case-0123456789ab" };
-// A clock of the page's own: its waits (and its intervals) run in the order they fall due, the clock set to each.
-let now = 0, ids = 0;
-const timers = new Map();
-globalThis.setTimeout = (fn, ms) => { timers.set(++ids, { fn, due: now + (ms || 0) }); return ids; };
-globalThis.setInterval = (fn, ms) => { timers.set(++ids, { fn, due: now + ms, every: ms }); return ids; };
-globalThis.clearTimeout = globalThis.clearInterval = (id) => timers.delete(id);
-// The answers, in order (the last one repeated): [status, body, ms it takes to come], or null for no answer.
-const answers = %s;
-const asked = [];
-let fetched = 0, waiting = 0, mostWaiting = 0;
-globalThis.fetch = (url) => {
-  const answer = answers[Math.min(fetched++, answers.length - 1)];
-  asked.push(now);
-  mostWaiting = Math.max(mostWaiting, ++waiting);
-  return new Promise((resolve, reject) => setTimeout(() => {
-    waiting -= 1;
-    if (answer === null) return reject(new TypeError("Failed to fetch"));
-    const [status, body] = answer;
-    resolve({
-      ok: status < 300, status, statusText: status >= 500 ? "Gateway Timeout" : "",
-      json: async () => (typeof body === "string" ? JSON.parse(body) : body),
-    });
-  }, (answer && answer[2]) || 0));
-};
-const flush = () => new Promise((done) => setImmediate(done));
-(async () => {
-  %s
-  await flush();
-  while (timers.size) {
-    const [id, next] = [...timers].reduce((a, b) => (b[1].due < a[1].due ? b : a));
-    if (next.due > %d) break;
-    now = next.due;
-    if (next.every) next.due += next.every; else timers.delete(id);
-    next.fn();
-    await flush(); await flush();
-  }
-  console.log(JSON.stringify({ asked, mostWaiting, status: nodes.status }));
-})();
-"""
-
-
 def _clocked(answers: list[Any], until_ms: int) -> dict[str, Any]:
     """When the case page asks for its case over its first ``until_ms``, given ``answers`` that take their time."""
-    scripts = (STATIC / "common.js").read_text() + (STATIC / "case.js").read_text()
-    script = CLOCK_HARNESS % (json.dumps(answers), scripts, until_ms)
-    run = subprocess.run([NODE or "node", "-e", script], capture_output=True, text=True, timeout=30)
-    assert run.returncode == 0, run.stderr
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    shown = run_page("case.js", answers, path="/cases/case-0123456789ab", runs=1000, until_ms=until_ms)
+    return {**shown, "asked": [request["at"] for request in shown["requests"]]}
 
 
 READ = [200, {"case": CASE, "transaction": None, "you": None}]
@@ -209,60 +100,29 @@ def test_an_undecided_case_answered_4xx_on_a_later_read_is_asked_no_more() -> No
     assert shown["status"]["textContent"].endswith("— not refreshed again: log in again (reload the page)")
 
 
-VERDICT_HARNESS = """
-const nodes = {};
-const node = (id) => (nodes[id] ||= {
-  id, className: "", textContent: "", innerHTML: "", value: "", disabled: false, dataset: {}, handlers: {},
-  addEventListener(name, fn) { this.handlers[name] = fn; },
-  insertAdjacentHTML(_where, html) { this.innerHTML += html; }, querySelector: () => null,
-});
-const buttons = [node("confirm"), node("dismiss")];
-buttons[0].dataset.verb = "confirm";
-buttons[1].dataset.verb = "dismiss";
-globalThis.document = {
-  getElementById: node, querySelector: node, querySelectorAll: () => buttons, body: { dataset: {} }, title: "",
-};
-globalThis.location = { pathname: "/cases/case-0123456789ab" };
-// The case's own reads always answer; the verdict's answers come in order: [status, body] (a string is not JSON).
-const verdicts = %s;
-const sent = [];
-globalThis.fetch = async (url, init = {}) => {
-  const [status, body] = init.method === "POST"
-    ? verdicts[sent.push(JSON.parse(init.body).request_id) - 1]
-    : [200, { case: %s, transaction: null, you: "guard@example.com" }];
-  return {
-    ok: status < 300, status, statusText: status >= 500 ? "Bad Gateway" : "",
-    json: async () => (typeof body === "string" ? JSON.parse(body) : body),
-  };
-};
-globalThis.setInterval = () => 0;
-const thrown = [];
-process.on("unhandledRejection", (e) => thrown.push(String(e)));
-const flush = () => new Promise((done) => setTimeout(done, 20));
-const press = () => nodes.verdict.handlers.click({ target: { closest: () => buttons[0] } });
-(async () => {
-  %s
-  await flush();
-  const shown = [];
-  for (let i = 0; i < verdicts.length; i++) {
-    press();
-    await flush();
-    shown.push({ result: nodes["v-result"].textContent, className: nodes["v-result"].className,
-      enabled: !buttons[0].disabled });
-  }
-  console.log(JSON.stringify({ shown, sent, thrown }));
-  process.exit(0);
-})();
+# Confirm pressed once per answer of the verdict's endpoint, after each what the page says and whether it may be
+# pressed again; the case's own reads always answer.
+VERDICTS = """
+const [confirm] = h.buttons;
+const shown = [];
+for (let i = 0; i < %d; i++) {
+  h.nodes.verdict.handlers.click({ target: { closest: () => confirm } });
+  await h.flush();
+  const result = h.nodes["v-result"];
+  shown.push({ result: result.textContent, className: result.className, enabled: !confirm.disabled });
+}
+const sent = h.requests.filter((r) => r.method === "POST").map((r) => JSON.parse(r.body).request_id);
+return { shown, sent };
 """
 
 
 def _verdicts(answers: list[Any]) -> dict[str, Any]:
     """What the case page says after each press of Confirm, the verdict endpoint answering ``answers`` in turn."""
-    scripts = (STATIC / "common.js").read_text() + (STATIC / "case.js").read_text()
-    script = VERDICT_HARNESS % (json.dumps(answers), json.dumps(CASE), scripts)
-    run = subprocess.run([NODE or "node", "-e", script], capture_output=True, text=True, timeout=30)
-    assert run.returncode == 0, run.stderr
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    path = "/cases/case-0123456789ab"
+    read = [200, {"case": CASE, "transaction": None, "you": "guard@example.com"}]
+    verdicts = {"/api/cases/case-0123456789ab": [read], "POST /api/cases/case-0123456789ab/verdict": answers}
+    shown: dict[str, Any] = run_page("case.js", verdicts, path=path, scenario=VERDICTS % len(answers))
+    return shown
 
 
 @pytest.mark.skipif(NODE is None, reason="Node.js not installed")
@@ -270,7 +130,7 @@ def test_a_verdict_answered_by_a_page_that_is_not_json_says_so_and_is_sent_again
     """A proxy's 502 page left "sending confirm…" on screen with no word (the page threw reading it as JSON)."""
     shown = _verdicts([[502, "<html>bad gateway</html>"], [400, {"error": "this case is already decided"}]])
     first, second = shown["shown"]
-    assert shown["thrown"] == [], shown
+    # (run_page fails the test on anything the page threw reading it)
     assert first["className"] == "status error" and "HTTP 502 Bad Gateway" in first["result"], shown
     assert "press it again, it will not be recorded twice" in first["result"] and first["enabled"]
     assert shown["sent"][0] == shown["sent"][1], "the retry of the same submission keeps its request_id"

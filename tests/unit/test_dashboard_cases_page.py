@@ -5,10 +5,6 @@ scripts in Node, each as a separate classic script in one global scope as the br
 from __future__ import annotations
 
 import json
-import re
-import shutil
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,66 +12,30 @@ from starlette.testclient import TestClient
 
 from infra.settings import Settings
 from sinks.dashboard.app import create_app
+from tests.unit.dashboard_pages import NODE, run_page, script_sources
 
-STATIC = Path(__file__).resolve().parents[2] / "sinks" / "dashboard" / "static"
-NODE = shutil.which("node") or shutil.which("nodejs")
 HOSTILE = '<img src=x onerror="alert(1)">'
 
-HARNESS = """
-const vm = require("vm");
-const nodes = {};
-const node = (key) => (nodes[key] ||= {
-  options: [], add(o) { this.options.push(o); }, value: "", textContent: "", className: "", hidden: false,
-  innerHTML: "", addEventListener() {},
-});
-const answers = %s;
-const context = vm.createContext({
-  document: { getElementById: node, querySelector: node, body: { dataset: {} } },
-  location: { search: "" }, history: { replaceState() {} },
-  Option: function (text, value) { this.text = text; this.value = value; },
-  URLSearchParams, console, setTimeout, clearTimeout, setInterval: () => 0,
-  fetch: async (url) => ({ ok: true, status: 200, json: async () => answers[url.split("?")[0]] }),
-});
-const SHARED = ["escapeHtml", "getJson", "fmtPrice"];
-const shared = () => SHARED.map((name) => vm.runInContext(`typeof ${name} === "function" ? ${name} : null`, context));
-const scripts = %s;
-const before = [];
-for (const [name, text] of scripts) {
-  vm.runInContext(text, context, { filename: name });
-  if (name === "common.js") before.push(...shared());
-}
-setTimeout(() => console.log(JSON.stringify({
-  queue: nodes["#queue-table tbody"].innerHTML,
-  ages: nodes["#age-table tbody"].innerHTML,
-  kinds: nodes["#kind-table tbody"].innerHTML,
-  sharedLoaded: before.length > 0 && before.every(Boolean),
-  sharedKept: shared().every((f, i) => f === before[i]),
-})) || process.exit(0), 50);
-"""
-
-
-def _page_scripts(html: str) -> list[str]:
-    return re.findall(r'<script src="([^"]+)"></script>', html)
+SHARED = ["escapeHtml", "getJson", "fmtPrice"]
 
 
 def test_the_cases_page_loads_the_shared_script_first() -> None:
     client = TestClient(create_app(Settings()), base_url="http://127.0.0.1:8050")  # no login: loopback only
     answer = client.get("/cases")
     assert answer.status_code == 200
-    assert _page_scripts(answer.text) == ["/static/common.js", "/static/cases.js"]
+    assert script_sources(answer.text) == ["/static/common.js", "/static/cases.js"]
 
 
 def _shown(answers: dict[str, Any]) -> dict[str, Any]:
     """What the cases page draws from ``answers`` (per API path), with the scripts its HTML loads, in that order."""
-    html = (STATIC / "cases.html").read_text()
-    scripts = [
-        (src.removeprefix("/static/"), (STATIC / src.removeprefix("/static/")).read_text())
-        for src in _page_scripts(html)
-    ]
-    script = HARNESS % (json.dumps(answers), json.dumps(scripts))
-    run = subprocess.run([NODE or "node", "-e", script], capture_output=True, text=True, timeout=30)
-    assert run.returncode == 0, run.stderr
-    return json.loads(run.stdout)
+    shown = run_page("cases.js", {path: [[200, body]] for path, body in answers.items()}, runs=0)
+    return {
+        "queue": shown["nodes"]["#queue-table tbody"]["innerHTML"],
+        "ages": shown["nodes"]["#age-table tbody"]["innerHTML"],
+        "kinds": shown["nodes"]["#kind-table tbody"]["innerHTML"],
+        "sharedLoaded": set(SHARED) <= set(shown["shared"]),
+        "sharedKept": not set(SHARED) & set(shown["redeclared"]),
+    }
 
 
 @pytest.mark.skipif(NODE is None, reason="Node.js not installed")
@@ -109,54 +69,6 @@ def test_the_cases_page_shows_indexed_markup_as_text_with_the_shared_escaping_le
     assert not any("<img" in html for html in (shown["queue"], shown["ages"], shown["kinds"]))
 
 
-POLL_HARNESS = """
-const vm = require("vm");
-const nodes = {};
-const node = (key) => (nodes[key] ||= {
-  options: [], add(o) { this.options.push(o); }, value: "", textContent: "", className: "", hidden: false,
-  innerHTML: "", addEventListener() {},
-});
-// The answers of the queue, in order: [status, body] (a string body is not JSON), or null for no answer at all.
-const answers = %s;
-const figures = %s;
-let asked = 0;
-const timers = [];  // the page's own waits, run here one by one instead of in real time
-const context = vm.createContext({
-  document: { getElementById: node, querySelector: node, body: { dataset: {} } },
-  location: { search: %s }, history: { replaceState() {} },
-  Option: function (text, value) { this.text = text; this.value = value; },
-  URLSearchParams, console,
-  setTimeout: (fn, ms) => { timers.push({ fn, ms }); return timers.length; },
-  clearTimeout: (id) => { if (id) timers[id - 1].fn = null; },
-  setInterval: (fn, ms) => { timers.push({ fn, ms, every: true }); return timers.length; },
-  fetch: async (url) => {
-    if (url.startsWith("/api/cases/figures")) return { ok: true, status: 200, json: async () => figures };
-    const answer = answers[Math.min(asked++, answers.length - 1)];
-    if (answer === null) throw new TypeError("Failed to fetch");
-    const [status, body] = answer;
-    return {
-      ok: status < 300, status, statusText: status >= 500 ? "Bad Gateway" : "",
-      json: async () => (typeof body === "string" ? JSON.parse(body) : body),
-    };
-  },
-});
-const flush = () => new Promise((done) => setImmediate(done));
-(async () => {
-  for (const [name, text] of %s) vm.runInContext(text, context, { filename: name });
-  await flush();
-  const waits = [], seen = [];
-  for (let run = 0; run < timers.length && run < 12; run++) {
-    seen.push(nodes.status.textContent);
-    if (!timers[run].fn) continue;
-    waits.push(timers[run].ms);
-    timers[run].fn();
-    await flush();
-  }
-  seen.push(nodes.status.textContent);
-  console.log(JSON.stringify({ asked, waits, seen, status: nodes.status }));
-  process.exit(0);
-})();
-"""
 FIGURES = {
     "open": 0,
     "time_to_verdict_s": {"p50": None, "p95": None, "decided": 0},
@@ -170,15 +82,10 @@ QUEUE = {"cases": [], "total": 0, "kinds": {}, "stores": {}}
 
 def _polled(answers: list[Any], search: str = "") -> dict[str, Any]:
     """How the cases page asks for its queue given ``answers``: the waits it sets and what it says between tries."""
-    html = (STATIC / "cases.html").read_text()
-    scripts = [
-        (src.removeprefix("/static/"), (STATIC / src.removeprefix("/static/")).read_text())
-        for src in _page_scripts(html)
-    ]
-    script = POLL_HARNESS % (json.dumps(answers), json.dumps(FIGURES), json.dumps(search), json.dumps(scripts))
-    run = subprocess.run([NODE or "node", "-e", script], capture_output=True, text=True, timeout=30)
-    assert run.returncode == 0, run.stderr
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    shown = run_page(
+        "cases.js", {"/api/cases": answers, "/api/cases/figures": [[200, FIGURES]]}, search=search, runs=12
+    )
+    return {**shown, "asked": shown["asked"].get("/api/cases", 0)}
 
 
 @pytest.mark.skipif(NODE is None, reason="Node.js not installed")
@@ -225,40 +132,16 @@ def test_the_cases_page_says_an_answer_that_is_not_json_or_none_at_all_is_what_i
     assert shown["waits"][:3] == [5000, 10000, 5000] and shown["seen"][2].startswith("updated")
 
 
-RACE_HARNESS = """
-const vm = require("vm");
-const nodes = {};
-const node = (key) => (nodes[key] ||= {
-  options: [], add(o) { this.options.push(o); }, value: "", textContent: "", className: "", hidden: false,
-  innerHTML: "", handlers: {}, addEventListener(name, fn) { this.handlers[name] = fn; },
-});
-const queues = %s;
-const pending = [];  // the queue's requests, each answered when the test says
-const context = vm.createContext({
-  document: { getElementById: node, querySelector: node, body: { dataset: {} } },
-  location: { search: "" }, history: { replaceState() {} },
-  Option: function (text, value) { this.text = text; this.value = value; },
-  URLSearchParams, console, setTimeout: () => 0, clearTimeout() {}, setInterval: () => 0,
-  fetch: (url) => {
-    if (url.startsWith("/api/cases/figures")) return Promise.resolve({ ok: true, status: 200, json: async () => (%s) });
-    return new Promise((answer) => pending.push({ url, answer }));
-  },
-});
-const flush = () => new Promise((done) => setImmediate(done));
-const reply = (i) => pending[i].answer({ ok: true, status: 200, json: async () => queues[i] });
-(async () => {
-  for (const [name, text] of %s) vm.runInContext(text, context, { filename: name });
-  await flush();
-  nodes["f-state"].handlers.change({ target: { value: "dismissed" } });  // asked while the first is on its way
-  await flush();
-  reply(1);  // the newer filter's answer first
-  await flush();
-  reply(0);  // then the older one's
-  await flush();
-  console.log(JSON.stringify({ asked: pending.map((p) => p.url), queue: nodes["#queue-table tbody"].innerHTML,
-    hint: nodes["queue-hint"].textContent }));
-  process.exit(0);
-})();
+# A filter changed while the first read of the queue is on its way; the newer filter's read answered first.
+RACE = """
+h.nodes["f-state"].handlers.change({ target: { value: "dismissed" } });
+await h.flush();
+h.release(1, [200, %s]);
+await h.flush();
+h.release(0, [200, %s]);
+await h.flush();
+return { asked: h.held.map((r) => r.url), queue: h.nodes["#queue-table tbody"].innerHTML,
+  hint: h.nodes["queue-hint"].textContent };
 """
 
 
@@ -267,15 +150,8 @@ def test_the_cases_page_keeps_the_newer_filters_results_when_an_older_refresh_an
     """A refresh asked before a filter changed and answered after the newer one drew the old filter's cases."""
     old = {**QUEUE, "cases": [{"case_id": "case-000000000001", "state": "open"}], "total": 1}
     new = {**QUEUE, "cases": [{"case_id": "case-000000000002", "state": "dismissed"}], "total": 7}
-    html = (STATIC / "cases.html").read_text()
-    scripts = [
-        (src.removeprefix("/static/"), (STATIC / src.removeprefix("/static/")).read_text())
-        for src in _page_scripts(html)
-    ]
-    script = RACE_HARNESS % (json.dumps([old, new]), json.dumps(FIGURES), json.dumps(scripts))
-    run = subprocess.run([NODE or "node", "-e", script], capture_output=True, text=True, timeout=30)
-    assert run.returncode == 0, run.stderr
-    shown = json.loads(run.stdout.strip().splitlines()[-1])
+    answers = {"/api/cases": ["held"], "/api/cases/figures": [[200, FIGURES]]}
+    shown = run_page("cases.js", answers, scenario=RACE % (json.dumps(new), json.dumps(old)))
     assert "state=undecided" in shown["asked"][0] and "state=dismissed" in shown["asked"][1], shown
     assert "case-000000000002" in shown["queue"] and "case-000000000001" not in shown["queue"], shown
     assert shown["hint"] == "(7 matching, newest first)"

@@ -5,11 +5,6 @@ scripts in Node with a minimal DOM (skipped without Node). Their rows escape ind
 
 from __future__ import annotations
 
-import json
-import re
-import shutil
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,36 +13,7 @@ from starlette.testclient import TestClient
 from infra.settings import Settings
 from sinks.dashboard.app import create_app
 from sinks.dashboard.headers import CONTENT_SECURITY_POLICY
-
-STATIC = Path(__file__).resolve().parents[2] / "sinks" / "dashboard" / "static"
-NODE = shutil.which("node") or shutil.which("nodejs")
-
-HARNESS = """
-const cells = {};
-const tbody = (id) => ({ set innerHTML(v) {}, insertAdjacentHTML(_where, html) {
-  const m = html.match(/<th>(.*?)<\\/th><td data-field="[^"]*">(.*?)<\\/td>/);
-  cells[id + ":" + m[1]] = m[2];
-} });
-const bodies = {
-  "#alert-facts tbody": tbody("alert"), "#case-facts tbody": tbody("case"), "#tx-facts tbody": tbody("tx"),
-};
-const node = () => ({
-  textContent: "", className: "", innerHTML: "", dataset: {}, addEventListener() {}, querySelector: () => null,
-});
-globalThis.location = { pathname: %s };
-globalThis.document = {
-  title: "", body: { dataset: {} }, getElementById: node, querySelector: (s) => bodies[s] || null,
-  querySelectorAll: () => [],
-};
-globalThis.fetch = async () => ({ ok: true, status: 200, json: async () => (%s) });
-globalThis.setInterval = () => 0;
-%s
-setTimeout(() => { console.log(JSON.stringify(cells)); process.exit(0); }, 50);  // the case page's next read is set
-"""
-
-
-def _page_scripts(html: str) -> list[str]:
-    return re.findall(r'<script src="([^"]+)"></script>', html)
+from tests.unit.dashboard_pages import NODE, facts, run_page, script_sources
 
 
 @pytest.mark.parametrize(("path", "page"), [("/alerts/a-1", "alert.js"), ("/cases/case-0123456789ab", "case.js")])
@@ -56,18 +22,12 @@ def test_the_alert_and_case_pages_load_the_shared_script_first_under_the_same_po
     answer = client.get(path)
     assert answer.status_code == 200 and answer.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
     assert "script-src 'self';" in CONTENT_SECURITY_POLICY, "only the dashboard's own scripts run"
-    assert _page_scripts(answer.text) == ["/static/common.js", f"/static/{page}"]
+    assert script_sources(answer.text) == ["/static/common.js", f"/static/{page}"]
 
 
 def _shown(path: str, answer: dict[str, Any], page: str) -> dict[str, str]:
     """The rows ``page`` fills for ``answer``, with the scripts its HTML page loads, in that order."""
-    html = (STATIC / page.replace(".js", ".html")).read_text()
-    scripts = "\n".join((STATIC / src.removeprefix("/static/")).read_text() for src in _page_scripts(html))
-    script = HARNESS % (json.dumps(path), json.dumps(answer), scripts)
-    env = {"LC_ALL": "en_US.UTF-8", "LANG": "en_US.UTF-8", "PATH": "/usr/bin:/bin"}
-    run = subprocess.run([NODE or "node", "-e", script], capture_output=True, text=True, timeout=30, env=env)
-    assert run.returncode == 0, run.stderr
-    return json.loads(run.stdout)
+    return facts(run_page(page, [[200, answer]], path=path, runs=0))
 
 
 @pytest.mark.skipif(NODE is None, reason="Node.js not installed")

@@ -4,29 +4,22 @@ HTML error page) is shown as its status, not as a JSON parse error. Runs the scr
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.unit.dashboard_pages import NODE, run_page
 from tests.unit.test_dashboard_case_page_polling import _run as polled
 
-STATIC = Path(__file__).resolve().parents[2] / "sinks" / "dashboard" / "static"
-NODE = shutil.which("node") or shutil.which("nodejs")
 PROXY_PAGE = "<html><body>502 Bad Gateway</body></html>"
 
 GET_JSON = """
-%s
-globalThis.fetch = async () => ({
-  ok: false, status: 502, statusText: "Bad Gateway", json: async () => JSON.parse(%s),
-});
-getJson({ minutes: 60, anchor: false, store: "" }, "/api/overview").then(
-  () => console.log(JSON.stringify({ thrown: null })),
-  (e) => console.log(JSON.stringify({ thrown: e.message })),
-);
+try {
+  await getJson({ minutes: 60, anchor: false, store: "" }, "/api/overview");
+  return { thrown: null };
+} catch (e) {
+  return { thrown: e.message };
+}
 """
 
 
@@ -34,9 +27,7 @@ getJson({ minutes: 60, anchor: false, store: "" }, "/api/overview").then(
 def test_the_live_and_models_pages_show_a_proxys_error_page_as_its_status() -> None:
     """getJson read every answer as JSON: a proxy's 502 page was shown as "Unexpected token '<' … is not valid
     JSON"."""
-    script = GET_JSON % ((STATIC / "common.js").read_text(), json.dumps(PROXY_PAGE))
-    run = subprocess.run([NODE or "node", "-e", script], capture_output=True, text=True, timeout=30, check=True)
-    thrown = json.loads(run.stdout.strip().splitlines()[-1])["thrown"]
+    thrown = run_page("common.js", [[502, PROXY_PAGE]], scenario=GET_JSON)["thrown"]
     assert thrown == "/api/overview: HTTP 502 Bad Gateway"
 
 

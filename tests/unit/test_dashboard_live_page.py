@@ -4,15 +4,12 @@ without Node): what it draws and when it asks again."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-STATIC = Path(__file__).resolve().parents[2] / "sinks" / "dashboard" / "static"
-NODE = shutil.which("node") or shutil.which("nodejs")
+from tests.unit.dashboard_pages import NODE, run_page
+
 HOSTILE = '<img src=x onerror="alert(1)">'
 LATENCY = {"p50": 10, "p95": 20, "p99": 30}
 OVERVIEW = {
@@ -39,73 +36,18 @@ ALERT = {
 }
 FACES = {"statuses": {}, "series": []}
 
-HARNESS = """
-const nodes = {};
-const made = (id) => ({
-  id, className: "", textContent: "", innerHTML: "", value: "", checked: false, hidden: false, dataset: {}, style: {},
-  options: [], clientWidth: 600, clientHeight: 200, children: [],
-  appendChild(child) { this.children.push(child); return child; }, setAttribute() {}, addEventListener() {},
-  add(option) { this.options.push(option); }, insertAdjacentHTML(_where, html) { this.innerHTML += html; },
-  querySelector: () => null, querySelectorAll: () => [], getAttribute: () => "", replaceWith() {},
-});
-const node = (id) => (nodes[id] ||= made(id));
-globalThis.document = {
-  getElementById: node, querySelector: node, querySelectorAll: () => [], body: { dataset: {} },
-  createElement: () => made(), createElementNS: () => made(),
-};
-globalThis.Option = function Option(text, value) { this.text = text; this.value = value; };
-globalThis.window = { handlers: {}, addEventListener(name, fn) { this.handlers[name] = fn; } };
-globalThis.location = { search: "" };
-// Per path, its answers in order (the last one repeated): [status, body], or null for no answer at all.
-const answers = %s;
-const asked = {};
-globalThis.fetch = async (url) => {
-  const path = url.split("?")[0];
-  const list = answers[path];
-  const answer = list[Math.min((asked[path] = (asked[path] || 0) + 1) - 1, list.length - 1)];
-  if (answer === null) throw new TypeError("Failed to fetch");
-  const [status, body] = answer;
-  return {
-    ok: status < 300, status, statusText: status >= 500 ? "Bad Gateway" : "",
-    json: async () => (typeof body === "string" ? JSON.parse(body) : body),
-  };
-};
-const timers = [];  // the page's own waits, run here one by one instead of in real time
-globalThis.setTimeout = (fn, ms) => { timers.push({ fn, ms }); return timers.length; };
-globalThis.clearTimeout = (id) => { if (id) timers[id - 1].fn = null; };
-const flush = () => new Promise((done) => setImmediate(done));
-const waits = [];
-const seen = [];
-(async () => {
-  %s
-  await flush(); await flush();
-  %s
-  for (let run = 0; run < timers.length && run < %d; run++) {
-    if (!timers[run].fn) continue;
-    seen.push(nodes.status.textContent);
-    waits.push(timers[run].ms);
-    timers[run].fn();
-    await flush(); await flush();
-  }
-  seen.push(nodes.status.textContent);
-  console.log(JSON.stringify({
-    asked, waits, seen, status: nodes.status, renders: document.body.dataset.renders || "0",
-    minutes: (nodes.window || {}).value,
-    alerts: nodes.alerts ? nodes.alerts.children.map((c) => c.innerHTML) : [],
-    drift: nodes["#drift-table tbody"] ? nodes["#drift-table tbody"].children.map((c) => c.innerHTML) : [],
-  }));
-})();
-"""
-
 
 def _live(answers: dict[str, list[Any]], runs: int = 8, page: str = "app.js", then: str = "") -> dict[str, Any]:
     """The live page (or another of common.js's window pages, ``page``) given ``answers`` per path: its status line,
     waits and what it drew. ``then``: script run once the page has started, before its waits are run (a resize)."""
-    scripts = (STATIC / "common.js").read_text() + (STATIC / page).read_text()  # as index.html loads them
-    script = HARNESS % (json.dumps(answers), scripts, then, runs)
-    run = subprocess.run([NODE or "node", "-e", script], capture_output=True, text=True, timeout=30)
-    assert run.returncode == 0, run.stderr
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    shown = run_page(page, answers, then=then, runs=runs)
+    nodes = shown["nodes"]
+    return {
+        **shown,
+        "alerts": nodes["alerts"]["children"] if "alerts" in nodes else [],
+        "drift": nodes["#drift-table tbody"]["children"] if "#drift-table tbody" in nodes else [],
+        "minutes": nodes["window"]["value"] if "window" in nodes else None,
+    }
 
 
 def _answers(alerts: list[dict[str, Any]], **overrides: list[Any]) -> dict[str, list[Any]]:
@@ -131,20 +73,13 @@ def test_the_live_page_shows_an_out_of_range_time_as_it_came_in_its_row_only() -
     assert "2027-01-15 08:00:00 UTC" in third
 
 
-ISO_HARNESS = """
-%s
-console.log(JSON.stringify([%s].map(isoUtc)));
-"""
-
-
 @pytest.mark.skipif(NODE is None, reason="Node.js not installed")
 def test_a_time_past_the_year_9999_or_before_the_year_0_is_shown_as_it_came() -> None:
     """toISOString writes those years with six digits and a sign: the pages showed "+010000-01-01 00:00:" for a
     stored 253402300800000 instead of the value."""
     times = [253_402_300_799_999, 253_402_300_800_000, -62_167_219_200_000, -62_167_219_200_001, 8.64e15]
-    script = ISO_HARNESS % ((STATIC / "common.js").read_text(), ", ".join(map(str, times)))
-    run = subprocess.run([NODE or "node", "-e", script], capture_output=True, text=True, timeout=30, check=True)
-    assert json.loads(run.stdout) == ["9999-12-31 23:59:59", None, "0000-01-01 00:00:00", None, None]
+    shown = run_page("common.js", scenario=f"return {json.dumps(times)}.map(isoUtc);")
+    assert shown == ["9999-12-31 23:59:59", None, "0000-01-01 00:00:00", None, None]
     shown = _live(_answers([{**ALERT, "event_time": 253_402_300_800_000}]), runs=0)
     assert "253402300800000 UTC" in shown["alerts"][0] and "+0100" not in shown["alerts"][0], shown
 
@@ -222,12 +157,7 @@ def test_the_live_page_keeps_its_defaults_and_says_so_when_its_settings_cannot_b
 
 
 # The window resized, and the 200 ms the page waits for the resizing to end passed.
-RESIZE = """
-window.handlers.resize();
-const resized = timers[timers.length - 1];
-if (resized.ms === 200) { const redraw = resized.fn; resized.fn = null; redraw(); }
-await flush(); await flush();
-"""
+RESIZE = "window.handlers.resize(); await h.advance(200);"
 
 
 @pytest.mark.skipif(NODE is None, reason="Node.js not installed")
@@ -245,14 +175,14 @@ def test_a_page_stopped_by_a_4xx_asks_nothing_again_when_the_window_is_resized(s
 def test_a_resize_while_the_page_waits_after_a_5xx_asks_nothing_ahead_of_the_wait() -> None:
     """A resize read the page again at once, cutting short the growing wait after a 5xx."""
     unavailable = [503, {"error": "OpenSearch unavailable (ConnectionError)"}]
-    shown = _live(_answers([], **{"/api/overview": [unavailable, [200, OVERVIEW]]}), runs=3, then=RESIZE)
+    shown = _live(_answers([], **{"/api/overview": [unavailable, [200, OVERVIEW]]}), runs=2, then=RESIZE)
     assert shown["asked"]["/api/overview"] == 3 and shown["waits"] == [3000, 3000], shown
     assert shown["seen"][0] == "OpenSearch unavailable (ConnectionError); asking again in 3 s"
 
 
 @pytest.mark.skipif(NODE is None, reason="Node.js not installed")
 def test_a_resize_while_the_page_refreshes_as_usual_redraws_it() -> None:
-    shown = _live(_answers([]), runs=3, then=RESIZE)
+    shown = _live(_answers([]), runs=1, then=RESIZE)
     assert shown["asked"]["/api/overview"] == 3 and shown["renders"] == "3" and shown["waits"] == [3000], shown
 
 
