@@ -146,3 +146,43 @@ def test_a_verdict_refused_for_the_login_says_it_was_not_recorded_and_to_log_in_
     (first,) = shown["shown"]
     assert first["className"] == "status error", shown
     assert first["result"] == "log in — confirm was not recorded: log in again (reload the page)"
+
+
+# Confirm pressed, the verdict recorded, and the next 31 s of the page's clock run.
+WAITING = """
+h.nodes.verdict.handlers.click({ target: { closest: () => h.buttons[0] } });
+await h.run({ until: 31000 });
+return { reads: h.requests.filter((r) => r.method === "GET").map((r) => r.at), result: h.nodes["v-result"] };
+"""
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_a_recorded_verdict_waits_for_the_case_by_the_growing_wait_once_a_read_of_it_fails() -> None:
+    """Waiting for the case's next version, the page read the case every second for 30 s however the reads failed
+    (OpenSearch away): 30 failed reads, each one cutting short the growing wait the last had set."""
+    read = [200, {"case": CASE, "transaction": None, "you": "guard@example.com"}]
+    answers = {
+        "/api/cases/case-0123456789ab": [read, [503, {"error": "OpenSearch unavailable (ConnectionError)"}]],
+        "POST /api/cases/case-0123456789ab/verdict": [[202, {"command_id": "cmd-1"}]],
+    }
+    shown = run_page("case.js", answers, path="/cases/case-0123456789ab", scenario=WAITING)
+    # the page's own read, then the wait's first read a second after the verdict, then 3, 6 and 12 s after each failure
+    assert shown["reads"] == [0, 1000, 4000, 10_000, 22_000], shown
+    assert shown["result"]["className"] == "status error"
+    assert shown["result"]["textContent"].startswith("confirm was recorded, but the case has not changed in 30 s")
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_a_recorded_verdict_shows_the_cases_new_state_once_a_read_shows_its_next_version() -> None:
+    decided = {**CASE, "state": "confirmed", "version": 2}
+    answers = {
+        "/api/cases/case-0123456789ab": [
+            [200, {"case": CASE, "transaction": None, "you": "guard@example.com"}],
+            [503, {"error": "OpenSearch unavailable (ConnectionError)"}],
+            [200, {"case": decided, "transaction": None, "you": "guard@example.com"}],
+        ],
+        "POST /api/cases/case-0123456789ab/verdict": [[202, {"command_id": "cmd-1"}]],
+    }
+    shown = run_page("case.js", answers, path="/cases/case-0123456789ab", scenario=WAITING)
+    assert shown["reads"] == [0, 1000, 4000], shown
+    assert shown["result"]["textContent"] == "confirm: the case is now confirmed (version 2)."

@@ -177,7 +177,9 @@ async function send(verb, fraud) {
   result.textContent = `${verb} recorded (${body.command_id}); waiting for the case service…`;
   for (let i = 0; i < 30; i++) {
     await new Promise((ok) => setTimeout(ok, 1000));
-    const c = await load();
+    // read every second, but after a failed read by the growing wait only: its next read updates `current`
+    if (!reading.failures && !(current && current.version > before)) await load();
+    const c = current;
     if (reading.stopped) {
       result.className = "status error";
       result.textContent = `${verb} was recorded, but the case can no longer be read: see above.`;
