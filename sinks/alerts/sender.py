@@ -476,7 +476,9 @@ class Ledger:
 class DeliveryError(CheckoutGuardError):
     """A send that did not go through. ``ambiguous``: it may have gone through anyway (timeout, 5xx).
     ``down``: the channel itself is unavailable (unreachable, timing out, 5xx, SMTP 4xx) -- a fact about
-    the channel, not this alert, so it pauses the channel instead of spending the alert's attempts."""
+    the channel, not this alert, so it pauses the channel instead of spending the alert's attempts.
+    ``retry_after``: the wait the answer asked for; only with ``rate_limited`` does it pause channels, otherwise (a
+    Webex 409 or 423 about this message or room) this delivery alone waits it, an attempt spent."""
 
     def __init__(
         self,
@@ -1317,33 +1319,43 @@ class ChannelWorker:
         now = self.clock.now()
         task.maybe_sent |= exc.ambiguous
         task.last_error = exc.reason
-        if exc.retry_after is not None and exc.retriable:
-            # Webex's rate limit is per bot: the whole channel waits, this alert goes first afterwards.
+        paused = exc.rate_limited and exc.retry_after is not None and exc.retriable
+        if paused:
+            # A 429: Webex's rate limit is per bot, so the whole channel waits (and every room's channel with it, the
+            # shared RateLimit); this alert goes first afterwards. No attempt is spent: the alert is not at fault.
+            assert exc.retry_after is not None
             self.rate_limited += 1
             delay = exc.retry_after
             with self._cv:
                 self._paused_until = max(self._paused_until, now + delay)
-            if exc.rate_limited and self.rate_limit is not None:  # the other rooms' channels look within a second
+            if self.rate_limit is not None:  # the other rooms' channels look within a second
                 self.rate_limit.pause_until(now + delay)
                 log.warning("%s: rate limited, pausing every channel of its account %.1fs", self.channel.name, delay)
             else:
                 log.warning("%s: rate limited, pausing the channel %.1fs", self.channel.name, delay)
         else:
+            # Any other answer, a Retry-After too (Webex's 408, 409, 423, 425: this message or its room is busy), is
+            # about this delivery: it alone waits (at least what was asked), the channel goes on with the others, and
+            # the try counts against max_attempts. Before, such a Retry-After paused the room's whole channel and
+            # spent no attempt, so a message Webex kept answering 409 was retried until its deadline.
             task.failures += 1
             self.failed_tries += 1
             delay = self.backoff.delay(task.failures - 1, self._rng)
+            if exc.retry_after is not None:
+                delay = max(delay, exc.retry_after)
         reason = give_up_reason(task, exc, now, delay, self.settings.max_attempts)
         if reason is not None:
             self._give_up(task, reason)
             return
-        if task.failures and exc.retry_after is None:
+        if not paused:
             log.info(
-                "%s: %s failed (%s), retry %d in %.1fs",
+                "%s: %s failed (%s), retry %d in %.1fs%s",
                 self.channel.name,
                 task.alert["alert_id"],
                 exc.reason,
                 task.failures,
                 delay,
+                " (its Retry-After)" if exc.retry_after is not None and delay == exc.retry_after else "",
             )
         self._deliveries["retried"].inc()
         self.submit(task, now + delay)

@@ -456,6 +456,74 @@ def test_worker_gives_up_with_a_reason_after_max_attempts(
     assert ledger.state("blocked:tx-1", "webex") == "sending"  # tried, never confirmed
 
 
+class BusyMessage(httpx.BaseTransport):
+    """The local Webex, except that the first ``count`` posts of ``alert_id`` (None: for ever) are answered ``status``
+    with ``Retry-After: retry_after``: Webex saying this message or its room is busy (409 Conflict, 423 Locked)."""
+
+    def __init__(self, alert_id: str, status: int = 409, retry_after: int = 3, count: int | None = 1) -> None:
+        self.inner, self.marker, self.status = httpx.HTTPTransport(), f"`{alert_id}`".encode(), status
+        self.retry_after, self.count, self.refused = retry_after, count, threading.Event()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        busy = self.count is None or self.count > 0
+        if request.method == "POST" and self.marker in request.content and busy:
+            if self.count is not None:
+                self.count -= 1
+            self.refused.set()
+            return httpx.Response(self.status, headers={"Retry-After": str(self.retry_after)}, json={"message": "busy"})
+        return self.inner.handle_request(request)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def busy_room_worker(
+    closer: ExitStack, webex: LocalWebexServer, settings: Settings, transport: BusyMessage
+) -> tuple[ChannelWorker, queue.SimpleQueue[Outcome]]:
+    client = WebexClient(webex.url, TOKEN, transport=transport)
+    channel = closer.enter_context(closing(WebexChannel(settings, client, has_reference=lambda _: False)))
+    done: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+    ledger = closer.enter_context(closing(Ledger(settings.stack_dir / "ledger.sqlite3")))
+    worker = ChannelWorker(channel, ledger, settings.alerts, done, lambda ref: b"")
+    closer.callback(worker.stop)
+    return worker, done
+
+
+@pytest.mark.parametrize("status", [409, 423])
+def test_a_webex_409_or_423_with_retry_after_delays_that_alert_alone_and_spends_an_attempt(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack, status: int
+) -> None:
+    """Only a 429 is Webex's rate limit, the bot's in every room; a 409 or 423 is about that one message or room. Its
+    Retry-After paused the room's whole channel, every other alert to the room waiting it out, and spent no attempt."""
+    settings = settings_for(webex, tmp_path)
+    busy = BusyMessage("blocked:tx-1", status=status, retry_after=3)
+    worker, done = busy_room_worker(closer, webex, settings, busy)
+    t0 = time.monotonic()
+    worker.submit(Task(alert("blocked:tx-1", None), "webex", t0 + 30))
+    assert busy.refused.wait(10)
+    worker.submit(Task(alert("blocked:tx-2", None), "webex", t0 + 30))
+    first = done.get(timeout=10)
+    assert first.key == ("blocked:tx-2", "webex") and first.delivered
+    assert time.monotonic() - t0 < 2.0, "the other alert waited out the busy message's Retry-After"
+    second = done.get(timeout=10)
+    assert second.key == ("blocked:tx-1", "webex") and second.delivered
+    assert time.monotonic() - t0 >= 3.0  # its own Retry-After honoured
+    assert worker.rate_limited == 0 and worker.failed_tries == 1
+    assert posted_alerts(webex, ROOM) == ["blocked:tx-2", "blocked:tx-1"]  # each once
+
+
+def test_a_webex_message_answered_409_with_retry_after_on_every_try_is_dead_lettered_after_max_attempts(
+    webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
+) -> None:
+    """Such answers spent no attempt: the alert was tried again until its deadline (10 minutes by default)."""
+    settings = settings_for(webex, tmp_path, max_attempts=2)
+    worker, done = busy_room_worker(closer, webex, settings, BusyMessage("blocked:tx-1", retry_after=1, count=None))
+    worker.submit(Task(alert("blocked:tx-1", None), "webex", time.monotonic() + 30))
+    outcome = done.get(timeout=10)
+    assert not outcome.delivered
+    assert "failed 2 times" in outcome.reason and "409" in outcome.reason
+
+
 def test_worker_attaches_no_image_when_the_snapshot_is_missing(
     webex: LocalWebexServer, tmp_path: Path, closer: ExitStack
 ) -> None:
