@@ -3,7 +3,8 @@
 Both senders raise :class:`MailError` with ``retriable`` set from what the server said: SMTP 4xx,
 dropped connections, timeouts and SES throttling/5xx are worth another try; SMTP 5xx and SES
 ``MessageRejected`` are not. A refusal for the mail's size (SMTP 552 / 5.3.4, SES ``MessageRejected``
-saying so or HTTP 413) sets ``too_large``: the channel sends it again at once without the snapshot. Those
+saying so or HTTP 413, or a mail past SES's 10 MB, which is not sent at all) sets ``too_large``: the channel sends
+it again at once without the snapshot. Those
 that say the *service* is unavailable rather than anything about the message (no connection, DNS,
 timeouts, SMTP 4xx, SES throttling/5xx) also set ``down``: the sender then waits for the server instead
 of spending the alert's attempts. Neither logs the message (it can carry a face snapshot).
@@ -316,6 +317,10 @@ class SesMailer:
     MAX_DESTINATIONS = 50
     ACCEPTED_KEPT = 10_000
     """Mails whose accepted recipients are remembered (the oldest are forgotten first)."""
+    MAX_RAW_BYTES = 10 * 1024 * 1024
+    """The largest raw mail ``SendRawEmail`` (SES API v1, what this uses; API v2's ``SendEmail`` takes 40 MB) takes:
+    10 MB, its snapshot base64-encoded in it (SES refuses more: "Message length is more than 10485760 bytes long").
+    A larger mail is not sent (:meth:`send`): SES would only refuse it."""
 
     RETRIABLE_CODES = frozenset(
         {
@@ -351,6 +356,12 @@ class SesMailer:
         from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
         from botocore.exceptions import ConnectionError as EndpointUnreachable
 
+        if len(mail.data) > self.MAX_RAW_BYTES:  # before, SES was sent it once, only to refuse it
+            raise MailError(
+                f"SES not asked: the mail ({len(mail.data)} bytes) is larger than SES takes ({self.MAX_RAW_BYTES})",
+                retriable=False,
+                too_large=True,
+            )
         with self._lock:
             done = self._accepted.get(mail.message_id, frozenset())
         left = [r for r in self.settings.recipients() if r not in done]

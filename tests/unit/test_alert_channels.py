@@ -913,15 +913,22 @@ def test_recipient_and_sender_names_that_are_not_ascii_are_encoded_in_the_header
 
 
 class SesLimits:
-    """A boto3 SES client as Amazon SES answers: more than 50 destinations refused; ``throttle`` calls throttled."""
+    """A boto3 SES client as Amazon SES answers: more than 50 destinations refused, a raw mail over 10485760 bytes
+    refused; ``throttle`` calls throttled. ``asked``: the raw mail of every call, refused ones too."""
 
     def __init__(self, throttle: int = 0) -> None:
         self.calls: list[list[str]] = []
+        self.asked: list[bytes] = []
         self.throttle = throttle
 
     def send_raw_email(self, *, Source: str, Destinations: list[str], RawMessage: dict[str, bytes]) -> dict:  # noqa: N803
         from botocore.exceptions import ClientError
 
+        self.asked.append(RawMessage["Data"])
+        if len(RawMessage["Data"]) > 10485760:
+            too_long = "Message length is more than 10485760 bytes long."
+            error = {"Error": {"Code": "MessageRejected", "Message": too_long}}
+            raise ClientError({**error, "ResponseMetadata": {"HTTPStatusCode": 400}}, "SendRawEmail")
         if len(Destinations) > 50:
             error = {"Error": {"Code": "InvalidParameterValue", "Message": "Recipient count exceeds 50."}}
             raise ClientError({**error, "ResponseMetadata": {"HTTPStatusCode": 400}}, "SendRawEmail")
@@ -1286,6 +1293,30 @@ def test_a_mail_amazon_ses_refuses_for_its_size_goes_without_the_snapshot_and_sa
     assert not [p for p in raw[1].walk() if p.get_content_maintype() == "image"]
     plain = next(p for p in raw[1].walk() if p.get_content_type() == "text/plain").get_content()
     assert "\nSnapshot:" in plain and "not attached" in plain
+
+
+def test_a_mail_past_amazon_ses_size_limit_goes_once_without_the_snapshot_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SES's SendRawEmail takes 10 MB of raw mail, the snapshot base64-encoded in it (8 MB of picture are 11 MB
+    there). Such a mail was sent to SES whole, refused, and only then sent without its snapshot: two calls, the
+    first carrying the shopper's face to be refused. Now it is measured before: one call, without the snapshot."""
+    smtp = SmtpSettings(from_address="cg@store.test", to_addresses="sec@x.test")
+    settings = Settings(stack_dir=tmp_path, smtp=smtp)
+    client = SesLimits()
+    big = jpeg() + bytes(8_000_000)  # under 10 MB itself, over it once base64-encoded in the mail
+    with closing(EmailChannel(settings, SesMailer(smtp, client=client))) as channel, caplog.at_level("WARNING"):
+        channel.send(alert(), big, maybe_sent=False)
+        channel.send(alert("blocked:tx-2"), jpeg(), maybe_sent=False)  # a small one keeps its picture
+    assert len(client.asked) == 2, "SES was asked for the mail with the snapshot first"
+    cut, whole = (email.message_from_bytes(data, policy=email.policy.default) for data in client.asked)
+    assert cut["X-Checkout-Guard-Alert"] == "blocked:tx-1"
+    assert not [p for p in cut.walk() if p.get_content_maintype() == "image"]
+    plain = next(p for p in cut.walk() if p.get_content_type() == "text/plain").get_content()
+    assert "\nSnapshot:" in plain
+    assert "not attached: the mail with it (11.0 MB) was larger than the mail server" in plain
+    assert [p.get_content() for p in whole.walk() if p.get_content_maintype() == "image"] == [jpeg()]
+    assert "blocked:tx-1 refused for its size with the snapshot (SES not asked" in caplog.text
 
 
 def test_a_mail_refused_for_its_size_without_a_snapshot_is_refused_for_good(tmp_path: Path) -> None:
