@@ -39,15 +39,18 @@ DEFAULT_SEGMENT_MS = 7 * DAY_MS
 """Kafka's ``segment.ms`` where a topic sets none."""
 
 
-def readable_for_ms(spec: TopicSpec, retention_ms: int | None = None) -> int:
+def readable_for_ms(spec: TopicSpec, retention_ms: int | None = None, segment_ms: int | None = None) -> int:
     """How long after it was written a record of ``spec`` may still be read: its retention (``retention_ms`` where a
-    setting decides it, else the spec's ``retention.ms``) plus its ``segment.ms``, since Kafka deletes a segment only
-    once its newest record is past the retention. A topic with neither keeps its records for ever: ``ValueError``."""
+    setting or the topic as Kafka has it decides it, else the spec's ``retention.ms``) plus its ``segment.ms``
+    (``segment_ms``, else the spec's), since Kafka deletes a segment only once its newest record is past the
+    retention. A topic with neither keeps its records for ever: ``ValueError``."""
     if retention_ms is None:
         if "retention.ms" not in spec.config:
             raise ValueError(f"topic {spec.name} sets no retention: its records are kept for ever")
         retention_ms = int(spec.config["retention.ms"])
-    return retention_ms + int(spec.config.get("segment.ms", DEFAULT_SEGMENT_MS))
+    if segment_ms is None:
+        segment_ms = int(spec.config.get("segment.ms", DEFAULT_SEGMENT_MS))
+    return retention_ms + segment_ms
 
 
 @dataclass(frozen=True)

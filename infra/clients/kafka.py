@@ -22,13 +22,13 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, Message, Producer
-from confluent_kafka.admin import AdminClient, ClusterMetadata, TopicMetadata
+from confluent_kafka.admin import AdminClient, ClusterMetadata, ConfigResource, ResourceType, TopicMetadata
 
 from infra.settings import KafkaSettings, Settings
 from schemas.errors import CheckoutGuardError, InvalidRecord
@@ -144,6 +144,25 @@ def admin_session(
         yield client
     finally:
         client.poll(0)
+
+
+def topic_configs(
+    source: Settings | KafkaSettings, topics: Sequence[str], keys: Collection[str], timeout_s: float = 10.0
+) -> dict[str, dict[str, str]]:
+    """The values of ``keys`` (``retention.ms``...) that ``topics`` have now, as the cluster answers
+    ``describe_configs``: the topic's own or, where it sets none, the broker's default; a key the answer has no
+    value for is left out. An operator may have changed a topic since it was created from ``schemas.topics``, so
+    what depends on how long records stay asks this rather than the spec. Kafka not answering within ``timeout_s``,
+    a topic missing or not to be described by this login: ``KafkaException`` (or ``TimeoutError``)."""
+    with admin_session(source) as client:
+        futures = client.describe_configs(
+            [ConfigResource(ResourceType.TOPIC, topic) for topic in topics], request_timeout=timeout_s
+        )
+        out: dict[str, dict[str, str]] = {}
+        for resource, future in futures.items():
+            entries = future.result(timeout_s)
+            out[resource.name] = {k: e.value for k, e in entries.items() if k in keys and e.value is not None}
+    return out
 
 
 def is_record(

@@ -102,7 +102,7 @@ from schemas.codec import codec
 from schemas.errors import DELIVERY_FAILED, CheckoutGuardError, InvalidRecord
 from schemas.identifiers import ALERT_ID_RE, check
 from schemas.records import AuditEvent, DeadLetter
-from schemas.topics import ALERTS, AUDIT, DAY_MS, DEAD_LETTERS, TRANSACTIONS, readable_for_ms
+from schemas.topics import ALERTS, AUDIT, DAY_MS, DEAD_LETTERS, TRANSACTIONS, TopicSpec, readable_for_ms
 from sinks.alerts.erase import FORGET_GRACE_MS, Eraser, LedgerClosed
 from sinks.alerts.mail import Mailer, MailError, SesMailer, SmtpMailer, build_email
 from sinks.alerts.message import AlertText, case_card, case_url, describe, local_time
@@ -135,15 +135,62 @@ _WriteItem = tuple[list[tuple[str, tuple]], threading.Event, list[BaseException]
 """A write handed to the ledger's writer: its statements, set once committed, its error, the rows each changed."""
 
 
-def ledger_keep_ms(settings: Settings) -> int:
+LEDGER_TOPICS = (ALERTS, TRANSACTIONS, DEAD_LETTERS)
+"""The topics whose records the ledger's rows guard (:func:`ledger_keep_ms`): their retention bounds the prune."""
+RETENTION_KEYS = ("retention.ms", "segment.ms")
+"""What of :data:`LEDGER_TOPICS` is read from Kafka at start (:meth:`AlertSender.topic_retentions`)."""
+RETENTIONS_REREAD_S = 3600.0
+"""How often the retentions read are read again (a topic changed while the sender runs)."""
+
+TopicRetentions = dict[str, dict[str, int]]
+"""Topic name (with its prefix) -> :data:`RETENTION_KEYS` -> ms, as Kafka has them."""
+
+
+def ledger_keep_ms(settings: Settings, retentions: TopicRetentions | None = None) -> int | None:
     """How long a delivery or a confirmed dead letter stays in the ledger: while a record of its alert may still be
     read, so that it is not sent or dead-lettered again. The alert's record is readable for ``alerts``' retention
     plus a segment's age; a new record of the same alert may come later: a re-drive, while ``dead_letters`` keeps the
     dead letter, or the job deciding its transaction again, while ``transactions`` keeps it. Plus a margin. The
-    eraser does not read these rows: it finds a forgotten subject's messages in the posts it keeps itself."""
-    dead_letters = readable_for_ms(DEAD_LETTERS, int(settings.kafka.dead_letter_retention_days * DAY_MS))
-    again = max(readable_for_ms(TRANSACTIONS), dead_letters)
-    return readable_for_ms(ALERTS) + again + LEDGER_MARGIN_MS
+    eraser does not read these rows: it finds a forgotten subject's messages in the posts it keeps itself.
+
+    ``retentions``: the ``retention.ms`` and ``segment.ms`` of :data:`LEDGER_TOPICS` as Kafka has them now: an
+    operator who raised ``alerts``' retention past the code's 30 days made the ledger forget alerts that could still
+    be read, and sent again. What it does not hold is the code's (the spec's; the dead letters' setting). ``None``:
+    a topic keeps its records for ever (``retention.ms`` -1), so no row may go. Pure."""
+    read = retentions or {}
+
+    def readable(spec: TopicSpec, retention_ms: int | None = None) -> int | None:
+        found = read.get(spec.full_name(settings.kafka.topic_prefix), {})
+        retention_ms = found.get("retention.ms", retention_ms)
+        if retention_ms is not None and retention_ms < 0:
+            return None
+        return readable_for_ms(spec, retention_ms, found.get("segment.ms"))
+
+    alerts, transactions = readable(ALERTS), readable(TRANSACTIONS)
+    dead_letters = readable(DEAD_LETTERS, int(settings.kafka.dead_letter_retention_days * DAY_MS))
+    if alerts is None or transactions is None or dead_letters is None:
+        return None
+    return alerts + max(transactions, dead_letters) + LEDGER_MARGIN_MS
+
+
+def kept_for(keep_ms: int | None) -> str:
+    """``52.0 days``, or ``for ever`` (None: a topic keeps its records for ever), for log lines. Pure."""
+    return "for ever (a topic keeps its records for ever)" if keep_ms is None else f"{keep_ms / DAY_MS:.1f} days"
+
+
+def parse_retentions(configs: dict[str, dict[str, str]], topics: Sequence[str]) -> TopicRetentions:
+    """:data:`RETENTION_KEYS` of ``topics`` as ms, from :func:`infra.clients.kafka.topic_configs`' answer; a topic
+    without ``retention.ms`` or a value that is no whole number: ``ValueError`` (not read). Pure."""
+    out: TopicRetentions = {}
+    for topic in topics:
+        found = configs.get(topic, {})
+        if "retention.ms" not in found:
+            raise ValueError(f"Kafka gave no retention.ms of {topic}")
+        try:
+            out[topic] = {key: int(value) for key, value in found.items() if key in RETENTION_KEYS}
+        except ValueError:
+            raise ValueError(f"Kafka gave a retention of {topic} that is no number of ms") from None
+    return out
 
 
 class Ledger:
@@ -1499,8 +1546,18 @@ class AlertSender:
         commit_interval_s: float = 0.5,
         summary_interval_s: float = 30.0,
         clock: Clock = MONOTONIC,
+        topic_configs: Callable[[Sequence[str]], dict[str, dict[str, str]]] | None = None,
     ) -> None:
+        """``topic_configs``: how the retentions of :data:`LEDGER_TOPICS` are read (by default from Kafka,
+        :func:`infra.clients.kafka.topic_configs`)."""
         self.settings = settings
+        self._topic_configs = topic_configs or (
+            lambda topics: kafka_clients.topic_configs(settings, topics, RETENTION_KEYS)
+        )
+        self._retentions: TopicRetentions | None = None
+        """The retentions of :data:`LEDGER_TOPICS` last read from Kafka (None: never read, the code's)."""
+        self._retentions_at: float | None = None
+        self._retentions_warned = False
         self.clock = clock
         self.topic = ALERTS.full_name(settings.kafka.topic_prefix)
         self.dead_topic = DEAD_LETTERS.full_name(settings.kafka.topic_prefix)
@@ -1695,10 +1752,48 @@ class AlertSender:
         self._pruning.start()
         return self._pruning
 
+    def topic_retentions(self) -> TopicRetentions | None:
+        """The retentions of :data:`LEDGER_TOPICS` as Kafka has them now, read at the first prune (at start) and again
+        each :data:`RETENTIONS_REREAD_S`. Kafka not saying (down, a login that may not describe the topics): a
+        WARNING, once until it does, and the last read (None: never read, the code's retentions) meanwhile, asked
+        again at the next prune. A change of the bound they give the ledger is logged."""
+        now = time.monotonic()
+        if self._retentions_at is not None and now - self._retentions_at < RETENTIONS_REREAD_S:
+            return self._retentions
+        topics = [spec.full_name(self.settings.kafka.topic_prefix) for spec in LEDGER_TOPICS]
+        try:
+            read = parse_retentions(self._topic_configs(topics), topics)
+        except (KafkaException, OSError, ValueError) as exc:  # a TimeoutError too
+            if not self._retentions_warned and not self._halt.is_set():
+                self._retentions_warned = True
+                why = str(exc) if type(exc) is ValueError else kafka_clients.error_named(exc)
+                log.warning(
+                    "alert sender: the retention of %s could not be read from Kafka (%s); the delivery ledger keeps "
+                    "its rows %s, by the %s retentions, until it can: a topic's retention.ms raised past them makes "
+                    "the sender send alerts read again after that time once more",
+                    ", ".join(topics),
+                    why,
+                    kept_for(ledger_keep_ms(self.settings, self._retentions)),
+                    "code's" if self._retentions is None else "last read",
+                )
+            return self._retentions
+        first, before = self._retentions is None, ledger_keep_ms(self.settings, self._retentions)
+        self._retentions, self._retentions_at, self._retentions_warned = read, now, False
+        if (keep := ledger_keep_ms(self.settings, read)) != before or first:
+            log.info(
+                "alert sender: the delivery ledger keeps its rows %s, by the retentions Kafka has for %s",
+                kept_for(keep),
+                ", ".join(topics),
+            )
+        return read
+
     def _prune(self) -> None:
         """One prune; it ends between two commits when the sender stops, and a failing one is tried next time."""
+        keep = ledger_keep_ms(self.settings, self.topic_retentions())
+        if keep is None:  # a topic keeps its records for ever: so must the ledger
+            return
         try:
-            pruned = self.ledger.prune(now_ms() - ledger_keep_ms(self.settings), stop=self._halt)
+            pruned = self.ledger.prune(now_ms() - keep, stop=self._halt)
         except LedgerClosed:
             return  # the sender stopped: the rest at the next start
         except sqlite3.Error as exc:

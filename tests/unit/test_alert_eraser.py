@@ -32,6 +32,16 @@ NOW = int(time.time() * 1000)
 """Posts are stamped with the wall clock when the ledger records them."""
 
 
+@pytest.fixture(autouse=True)
+def _retentions_without_kafka(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The senders these tests run read the topics' retentions at start (their ledger prune): the code's, not Kafka."""
+    monkeypatch.setattr(
+        sender.kafka_clients,
+        "topic_configs",
+        lambda _source, topics, _keys, timeout_s=10.0: {t: {"retention.ms": str(30 * DAY)} for t in topics},
+    )
+
+
 def ledger_at(closer: ExitStack, tmp_path: Path) -> Ledger:
     return closer.enter_context(closing(Ledger(tmp_path / "ledger.sqlite3")))
 
