@@ -78,6 +78,40 @@ def replace_durably(path: Path, data: bytes | str, mode: int | None = None) -> N
     fsync_dir(path.parent)
 
 
+def create_once(path: Path, data: bytes | str, mode: int = 0o600) -> bool:
+    """Create ``path`` holding ``data`` unless it exists; whether this call created it. Whole or not at all, for a
+    reader in another process as after a power cut: a temp file beside it is written with ``mode`` (whatever the
+    umask) and synced, then linked to the name, which fails when another writer got there first (its file stays)."""
+    fd, tmp = _new_temp(path, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return True
+
+
+def kept_secret(path: Path) -> str:
+    """A random secret (64 hex digits) generated once and kept in ``path`` (0600, in a folder made 0700): the same to
+    every process that asks for it, before and after restarts, however many make it at once (:func:`create_once`:
+    the first one's stays). ``OSError`` when it can be neither read nor made, ``ValueError`` for an empty file."""
+    if not path.exists():
+        make_dirs_durably(path.parent, mode=0o700)
+        create_once(path, secrets.token_hex(32) + "\n", mode=0o600)
+    value = path.read_text(encoding="utf-8").strip()
+    if not value:
+        raise ValueError(f"{path} holds no secret")
+    return value
+
+
 def _new_temp(path: Path, mode: int) -> tuple[int, Path]:
     """A file of a name no one else uses beside ``path`` (``.<name>.tmp-<pid>-<random>``, hidden, the name cut so
     the whole stays within 255 bytes), created open for writing."""

@@ -19,9 +19,12 @@ lines :class:`QuietClientBodies` leaves out.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import re
+import secrets
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ from typing import Any
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
+from infra.durable import kept_secret
 from infra.settings import Settings, get_settings
 
 REDACTED = "[REDACTED]"
@@ -60,11 +64,64 @@ _ADDRESS = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[A-Za-z0-9][\w-]*(?:\.[\w-]+)*"
 """An e-mail address within free text (an SMTP server's answer)."""
 
 
+PERSON_TAG_KEY_FILE = Path("secrets") / "person-tag.key"
+"""Where in the stack directory the deployment's generated :func:`person_tag` key is kept (``CG_LOG__PERSON_TAG_KEY``
+unset): made once, 0600, by the first process that tags a person; ``stack reset`` leaves it."""
+
+
+def person_tag_key(settings: Settings) -> bytes:
+    """The key of :func:`person_tag`: ``CG_LOG__PERSON_TAG_KEY``, else the deployment's generated one
+    (:data:`PERSON_TAG_KEY_FILE`, :func:`infra.durable.kept_secret`). ``OSError``/``ValueError`` when that file can be
+    neither read nor made."""
+    if settings.log.person_tag_key is not None:
+        return settings.log.person_tag_key.get_secret_value().encode()
+    return kept_secret(Path(settings.stack_dir) / PERSON_TAG_KEY_FILE).encode()
+
+
+class _PersonTagKey:
+    """The process's :func:`person_tag` key, looked up at the first tag (most processes never tag anyone, and need
+    no key file) from the settings :func:`setup_logging` was given, else :func:`get_settings`."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.settings: Settings | None = None
+        self.key: bytes | None = None
+
+    def use(self, settings: Settings) -> None:
+        with self.lock:
+            self.settings, self.key = settings, None
+
+    def get(self) -> bytes:
+        failed: BaseException | None = None
+        with self.lock:
+            if self.key is None:
+                settings = self.settings or get_settings()
+                try:
+                    self.key = person_tag_key(settings)
+                except (OSError, ValueError) as exc:  # a tag must not fail the line it is for
+                    self.key, failed = secrets.token_bytes(32), exc
+            key = self.key
+        if failed is not None:
+            logging.getLogger(__name__).warning(
+                "person tags: the key %s could be neither read nor made (%s); this process tags people with a key of "
+                "its own, so its tags match no other process's and change at its restart: set CG_LOG__PERSON_TAG_KEY",
+                PERSON_TAG_KEY_FILE,
+                type(failed).__name__,
+            )
+        return key
+
+
+_PERSON_TAG_KEY = _PersonTagKey()
+
+
 def person_tag(person: str) -> str:
     """How a log line names a person (a login, an e-mail address) instead of the address itself: ``person-`` and
-    the first 8 hex digits of the SHA-256 of the name, trimmed and lower-cased. Stable across processes and
-    restarts, so one person's lines can be followed; audit records keep the name itself."""
-    return "person-" + hashlib.sha256(person.strip().lower().encode()).hexdigest()[:8]
+    the first 8 hex digits of the HMAC-SHA256, keyed with the deployment's :func:`person_tag_key`, of the name
+    trimmed and lower-cased. Stable across the deployment's processes and restarts, so one person's lines can be
+    followed; without the key, no list of likely addresses tells whose tag it is (a plain SHA-256 did). Audit records
+    keep the name itself."""
+    digest = hmac.new(_PERSON_TAG_KEY.get(), person.strip().lower().encode(), hashlib.sha256)
+    return "person-" + digest.hexdigest()[:8]
 
 
 def tag_addresses(text: str) -> str:
@@ -177,7 +234,8 @@ def setup_logging(settings: Settings | None = None, level: str | None = None, pr
     at ``level`` (``--log-level``) or else ``settings.log.level``. ``process`` names the process in every line
     (default: the script's name). Idempotent; replaces a handler an earlier ``logging.basicConfig`` put
     there, and leaves other loggers' levels alone."""
-    log = (settings or get_settings()).log
+    settings = settings or get_settings()
+    log = settings.log
     name = process or Path(sys.argv[0]).stem or "python"
     root = logging.getLogger()
     if level is not None and level.upper() not in logging.getLevelNamesMapping():
@@ -186,6 +244,7 @@ def setup_logging(settings: Settings | None = None, level: str | None = None, pr
         known = ", ".join(name for name in logging.getLevelNamesMapping() if name not in ("NOTSET", "WARN", "FATAL"))
         raise typer.BadParameter(f"{level!r} is not a log level: one of {known}", param_hint="'--log-level'")
     root.setLevel((level or log.level).upper())  # first: an unknown level raises with nothing changed
+    _PERSON_TAG_KEY.use(settings)  # person tags are made with the key of the process's own settings
     handler = _StderrHandler()
     handler.setFormatter(JsonLineFormatter(name) if log.format == "json" else TextFormatter(name))
     handler.addFilter(QuietClientBodies())

@@ -1125,6 +1125,17 @@ class LogSettings(BaseModel, frozen=True):
     """``text`` (one readable line per record) or ``json`` (one JSON object per line, for log shippers)."""
     level: str = "INFO"
     """Python log level of every process; a process's ``--log-level`` overrides it."""
+    person_tag_key: SecretStr | None = None
+    """Key of the HMAC-SHA256 by which log lines name a person (``person-`` + 8 hex digits, infra/logs.py
+    ``person_tag``): without a key, anyone with a list of likely addresses could tell whose tag it is. Unset (or
+    blank): one generated for the deployment, kept in ``<stack dir>/secrets/person-tag.key`` (0600). Set it (the
+    same everywhere) where the processes do not share a stack directory, so their tags agree."""
+
+    @field_validator("person_tag_key")
+    @classmethod
+    def _blank_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
+        """A blank key would key the HMAC with nothing: it means the generated one, as unset does."""
+        return value if value is None or value.get_secret_value().strip() else None
 
     @field_validator("level")
     @classmethod

@@ -28,6 +28,17 @@ def _root_logger_restored() -> Iterator[None]:
     root.setLevel(level)
 
 
+@pytest.fixture(autouse=True)
+def _person_tags_keyed_for_the_test(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Person tags (``infra.logs.person_tag``) keyed with a key of the test's own: the deployment's generated one is
+    kept in the stack directory, which a unit test leaves alone (tests/unit/test_logs.py tests that key)."""
+    from infra import logs
+
+    tags = logs._PersonTagKey()
+    tags.key = b"unit-test person tag key"
+    monkeypatch.setattr(logs, "_PERSON_TAG_KEY", tags)
+
+
 @pytest.fixture
 def hanging_resolver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], None]]:
     """A resolver that does not answer for the host names given (each lookup waits up to 8 s, then fails as

@@ -3,18 +3,23 @@ from the settings or ``--log-level``, idempotence, and secrets masked."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import io
 import json
 import logging
 import os
 import re
+import stat
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 import typer
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
+from infra import durable, logs
 from infra.cli import main, setting_errors
 from infra.logs import REDACTED, redact, setup_logging
 from infra.settings import LogSettings, Settings
@@ -238,3 +243,54 @@ def test_an_unknown_log_level_option_is_a_usage_error_not_a_traceback(
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "Traceback" not in err, err
     assert "Invalid value for '--log-level': 'loud' is not a log level: one of CRITICAL" in err
+
+
+def test_a_person_tag_is_keyed_so_a_list_of_likely_addresses_does_not_tell_whose_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tag was ``person-`` + 8 hex digits of the address's plain SHA-256: anyone with the log and a list of the
+    staff's addresses could hash each and name the person. It is an HMAC now, keyed per deployment."""
+    address = "Jane.Doe@store.test "
+    plain = "person-" + hashlib.sha256(b"jane.doe@store.test").hexdigest()[:8]
+    keyed = "person-" + hmac.new(b"k" * 32, b"jane.doe@store.test", hashlib.sha256).hexdigest()[:8]
+    monkeypatch.setattr(logs, "_PERSON_TAG_KEY", logs._PersonTagKey())
+    setup_logging(Settings(stack_dir=tmp_path, log=LogSettings(person_tag_key=SecretStr("k" * 32))))
+    assert logs.person_tag(address) == keyed != plain
+    assert logs.tag_addresses("<jane.doe@store.test>: mailbox full") == f"<{keyed}>: mailbox full"
+    setup_logging(Settings(stack_dir=tmp_path, log=LogSettings(person_tag_key=SecretStr("another deployment"))))
+    assert logs.person_tag(address) not in (keyed, plain)
+    assert not (tmp_path / logs.PERSON_TAG_KEY_FILE).exists()  # a key set: none generated
+
+
+def test_without_a_key_set_one_is_generated_once_kept_private_and_tags_stay_the_same_after_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(stack_dir=tmp_path, log=LogSettings(person_tag_key=SecretStr("  ")))  # blank: unset
+    assert settings.log.person_tag_key is None
+    tags = []
+    with caplog.at_level(logging.DEBUG):
+        for _process in range(2):  # a process, then the same one restarted (or another of the deployment)
+            monkeypatch.setattr(logs, "_PERSON_TAG_KEY", logs._PersonTagKey())
+            setup_logging(settings, process="alert-sender")
+            tags.append(logs.person_tag("jane@store.test"))
+    kept = tmp_path / logs.PERSON_TAG_KEY_FILE
+    key = kept.read_text().strip()
+    assert tags[0] == tags[1] == "person-" + hmac.new(key.encode(), b"jane@store.test", hashlib.sha256).hexdigest()[:8]
+    assert len(key) == 64 and stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert stat.S_IMODE(kept.parent.stat().st_mode) == 0o700
+    assert key not in caplog.text
+    assert not durable.create_once(kept, "a racing process's key")  # the first one made stays
+    assert durable.kept_secret(kept) == key
+
+
+def test_a_key_file_that_cannot_be_made_leaves_a_key_of_the_process_with_a_warning_not_a_failed_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "secrets").write_text("a file where the folder should be")
+    monkeypatch.setattr(logs, "_PERSON_TAG_KEY", logs._PersonTagKey())
+    setup_logging(Settings(stack_dir=tmp_path))
+    with caplog.at_level(logging.WARNING, logger="infra.logs"):
+        first = logs.person_tag("jane@store.test")
+        assert logs.person_tag("jane@store.test") == first and first.startswith("person-")
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "infra.logs"]
+    assert "could be neither read nor made" in warning and "CG_LOG__PERSON_TAG_KEY" in warning
