@@ -113,14 +113,18 @@ def _names(values: Iterable[str]) -> list[str]:
 
 def choose(only: Iterable[str] = (), without: Iterable[str] = ()) -> list[str]:
     """The services to run, in start order: ``only`` (all when empty) less ``without``; names may also be
-    comma separated. ValueError for an unknown name or an empty choice, so a typo never runs half a site."""
+    comma separated. ValueError for an unknown name or an empty choice, so a typo never runs half a site; its
+    message names the option, as click's usage errors do (``supervise`` prints it as one line, exit 2)."""
     wanted, dropped = _names(only), _names(without)
-    unknown = sorted({n for n in wanted + dropped if n not in SERVICES})
-    if unknown:
-        raise ValueError(f"unknown service(s) {', '.join(unknown)}; known: {', '.join(SERVICES)}")
+    for option, names in (("--only", wanted), ("--without", dropped)):
+        unknown = sorted({n for n in names if n not in SERVICES})
+        if unknown:
+            raise ValueError(
+                f"Invalid value for '{option}': unknown service(s) {', '.join(unknown)}; known: {', '.join(SERVICES)}"
+            )
     chosen = [n for n in SERVICES if (not wanted or n in wanted) and n not in dropped]
     if not chosen:
-        raise ValueError("nothing to run: --only/--without leave no service")
+        raise ValueError("Invalid value for '--only' / '--without': together they leave no service to run")
     return chosen
 
 
@@ -539,13 +543,14 @@ def main(
     setup_logging(settings, log_level, "supervise")
     try:
         names = choose(only or (), without or ())
-    except ValueError as exc:
+    except ValueError as exc:  # the command line is wrong: a usage error, exit 2 as click's, in one line
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(2) from None
     problem = face_deadline_problem(settings) if FACE_SERVICES & set(names) else None
     if problem is not None and "scoring-job" in names:  # refused, not warned: every face would be UNAVAILABLE
-        typer.echo(f"Error: {problem}", err=True)
-        raise typer.Exit(2) from None
+        # a bad setting, as pydantic's: the same one line and exit 1 (it was exit 2, as for a bad option)
+        typer.echo(f"Error: invalid setting {problem}", err=True)
+        raise typer.Exit(1) from None
     if problem is not None:  # the face stage ignores the job's deadline: the job is started (and refused) elsewhere
         log.warning("the scoring job would refuse to start: %s", problem)
     # Refused once here, not by the job at each restart until the supervisor gives it up.

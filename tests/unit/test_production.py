@@ -151,15 +151,27 @@ def test_an_unknown_name_or_an_empty_choice_is_refused() -> None:
         choose(["sinkk"])
     with pytest.raises(ValueError, match="unknown service.*local-camera"):
         choose(without=["local-camera"])
-    with pytest.raises(ValueError, match="nothing to run"):
+    with pytest.raises(ValueError, match="leave no service to run"):
         choose(["dashboard"], ["dashboard"])
 
 
-def test_the_command_line_refuses_an_unknown_service_with_exit_2_and_starts_nothing(monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--only", "nope"], "Error: Invalid value for '--only': unknown service(s) nope; known: camera-bridge"),
+        (["--without", "local-camera"], "Error: Invalid value for '--without': unknown service(s) local-camera"),
+        (["--only", "dashboard", "--without", "dashboard"], "Error: Invalid value for '--only' / '--without'"),
+    ],
+)
+def test_the_command_line_refuses_a_bad_choice_of_services_in_one_line_naming_the_option_with_exit_2(
+    monkeypatch, args: list[str], says: str
+) -> None:
+    """A usage error (exit 2, as click's), one line that names the option: it said only "unknown service(s) nope"."""
     monkeypatch.setattr(production, "run", lambda *a: pytest.fail("started"))
     monkeypatch.setattr(production, "setup_logging", lambda *a: None)
-    result = CliRunner().invoke(production.cli, ["--only", "nope"])
-    assert result.exit_code == 2 and "unknown service(s) nope" in result.output
+    result = CliRunner().invoke(production.cli, args)
+    [line] = result.output.strip().splitlines()
+    assert result.exit_code == 2 and line.startswith(says), result.output
 
 
 def test_a_real_camera_with_a_face_deadline_shorter_than_its_snapshot_budget_is_refused(monkeypatch) -> None:
@@ -184,7 +196,9 @@ def test_a_real_camera_with_a_face_deadline_shorter_than_its_snapshot_budget_is_
     monkeypatch.setattr(production, "run", lambda *a: pytest.fail("started"))
     monkeypatch.setattr(production, "setup_logging", lambda *a: None)
     result = CliRunner().invoke(production.cli, [])
-    assert result.exit_code == 2 and "CG_JOB__FACE_DEADLINE_MS" in result.output
+    # a bad setting, answered as the others: one line naming the variable, exit 1 (it was exit 2, as a bad option)
+    [line] = result.output.strip().splitlines()
+    assert result.exit_code == 1 and line.startswith("Error: invalid setting CG_JOB__FACE_DEADLINE_MS=4000 is shorter")
     started: list = []
     monkeypatch.setattr(production, "run", lambda settings, names: started.append(names))
     assert CliRunner().invoke(production.cli, ["--only", "dashboard"]).exit_code == 0 and started == [["dashboard"]]
@@ -945,4 +959,4 @@ def test_a_short_face_deadline_only_warns_when_supervise_starts_the_face_stage_w
         result = CliRunner().invoke(production.cli, ["--only", "face-stage"])
     assert result.exit_code == 0 and started == [["face-stage"]]
     assert "CG_JOB__FACE_DEADLINE_MS=4000" in caplog.text
-    assert CliRunner().invoke(production.cli, ["--only", "scoring-job"]).exit_code == 2
+    assert CliRunner().invoke(production.cli, ["--only", "scoring-job"]).exit_code == 1
