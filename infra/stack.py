@@ -1006,7 +1006,8 @@ def _start_smtp(settings: Settings, paths: StackPaths, ep: Endpoints) -> subproc
         f"--keep-days={settings.faces.alert_snapshot_retention_days}",
         f"--purge-every-s={settings.faces.retention_purge_interval_s}",
     ]
-    env = _base_env(settings) | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    # its settings are the options above: no .env of its own (the repo root's, which this process may not have read)
+    env = _base_env(settings) | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent), "CG_ENV_FILE": ""}
     return _spawn("smtp", paths, cmd, env, cwd=paths.root)
 
 

@@ -13,7 +13,9 @@ derives the Message-ID from the alert id; a second copy is acknowledged, counted
 and not stored.
 
 It does not relay anywhere: it is the local stand-in for a company relay. ``infra.stack up`` starts it
-as ``python -m infra.local.smtp --host H --port P --mail-dir D`` (port from ``CG_SMTP__PORT``, default 2525).
+as ``python -m infra.local.smtp --host H --port P --mail-dir D`` (port from ``CG_SMTP__PORT``, default 2525), with
+the retention and purge interval below as options; run on its own, it reads them from the ``CG_*`` settings and the
+``.env`` file (``CG_ENV_FILE``), as every process does.
 
 Alert mails carry the alert's snapshot (a face), so the server keeps them no longer than the image store keeps
 an alert snapshot: a kept mail is deleted ``CG_FACES__ALERT_SNAPSHOT_RETENTION_DAYS`` after it was accepted (the
@@ -46,7 +48,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from infra.durable import fsync_dir, replace_durably
-from infra.settings import Settings
+from infra.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +265,8 @@ def main(
     ] = None,
 ) -> None:
     """Serve SMTP and keep every accepted mail as an .eml file, for as long as an alert snapshot is kept."""
-    faces = Settings().faces
+    # the settings as every process reads them, the .env file (CG_ENV_FILE) too: Settings() read the environment alone
+    faces = get_settings().faces
     days = faces.alert_snapshot_retention_days if keep_days is None else keep_days
     every = faces.retention_purge_interval_s if purge_every_s is None else purge_every_s
     serve(host, port, mail_dir, days * 86_400, every, latency_ms / 1000)

@@ -71,15 +71,39 @@ def test_the_stack_starts_the_server_with_the_alert_snapshot_retention_and_the_p
 ) -> None:
     import infra.stack as stack
 
-    started: list[list[str]] = []
+    started: list[tuple[list[str], dict[str, str]]] = []
     monkeypatch.setattr(stack, "_base_env", lambda settings: {})
-    monkeypatch.setattr(stack, "_spawn", lambda svc, paths, cmd, env, cwd: started.append(cmd))
+    monkeypatch.setattr(stack, "_spawn", lambda svc, paths, cmd, env, cwd: started.append((cmd, env)))
     settings = Settings(
         stack_dir=tmp_path, faces={"alert_snapshot_retention_days": 5, "retention_purge_interval_s": 60}
     )  # type: ignore[arg-type]
     stack._start_smtp(settings, stack.StackPaths.of(settings), stack.Endpoints.of(settings))
-    [cmd] = started
+    [(cmd, env)] = started
     assert "--keep-days=5.0" in cmd and "--purge-every-s=60.0" in cmd
+    assert env["CG_ENV_FILE"] == "", "the stack's settings are in the options: no .env the stack may not have read"
+
+
+def test_the_server_run_on_its_own_reads_the_env_file_as_every_process_does(tmp_path: Path, monkeypatch) -> None:
+    """It built ``Settings()`` from the environment alone: a retention or purge interval set in ``.env``
+    (``CG_ENV_FILE``), which every other process reads, was ignored."""
+    from infra.local import smtp
+    from infra.settings import get_settings
+
+    dotenv = tmp_path / "site.env"
+    dotenv.write_text("CG_FACES__ALERT_SNAPSHOT_RETENTION_DAYS=3\nCG_FACES__RETENTION_PURGE_INTERVAL_S=7\n")
+    for name in ("CG_FACES__ALERT_SNAPSHOT_RETENTION_DAYS", "CG_FACES__RETENTION_PURGE_INTERVAL_S"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CG_ENV_FILE", str(dotenv))
+    served: list[tuple[float, float]] = []
+    monkeypatch.setattr(
+        smtp, "serve", lambda _h, _p, _d, keep_s, every_s, _latency_s=0.0: served.append((keep_s, every_s))
+    )
+    get_settings.cache_clear()
+    try:
+        smtp.main(mail_dir=tmp_path / "mail")
+    finally:
+        get_settings.cache_clear()
+    assert served == [(3 * DAY_S, 7.0)]
 
 
 def _kept(folder: Path, name: str, headers: str, file_age_s: float) -> Path:
