@@ -835,9 +835,8 @@ class WebexSettings(BaseModel, frozen=True):
         host = _url_host(rest)
         if (scheme.lower() == "https" and host) or (scheme.lower() == "http" and _is_loopback(host)):
             return usable_url(value)
-        raise ValueError(
-            "CG_WEBEX__PUBLIC_URL must be an https:// URL (plain http only to localhost or 127.0.0.1), "
-            f"not {scheme[:10]!r} to {host[:80]!r}"
+        raise ValueError(  # its variable is named by where the error is (CG_WEBEX__PUBLIC_URL: ...), not again here
+            f"must be an https:// URL (plain http only to localhost or 127.0.0.1), not {scheme[:10]!r} to {host[:80]!r}"
         )
 
     allowed_rooms: str = ""

@@ -61,18 +61,16 @@ def _one_error(capsys: pytest.CaptureFixture[str], argv: list[str], code: int = 
         ("CG_FACES__REKOGNITION_ENDPOINT_URL", "http://rek:0", "CG_FACES__REKOGNITION_ENDPOINT_URL: not an http://"),
         ("CG_ALERTS__SES_ENDPOINT_URL", "localhost:4566", "CG_ALERTS__SES_ENDPOINT_URL: not an http://"),
         ("CG_WEBEX__PUBLIC_URL", "https://bot.example.com:99999", "CG_WEBEX__PUBLIC_URL: not an http:// or https://"),
-        (
-            "CG_WEBEX__PUBLIC_URL",
-            "http://bot.example.com",
-            "CG_WEBEX__PUBLIC_URL: CG_WEBEX__PUBLIC_URL must be an https",
-        ),
+        ("CG_WEBEX__PUBLIC_URL", "http://bot.example.com", "CG_WEBEX__PUBLIC_URL: must be an https:// URL"),
         ("CG_KAFKA__SECURITY_PROTOCOL", "SASL-SSL", "CG_KAFKA__SECURITY_PROTOCOL: 'SASL-SSL' is not one of PLAINTEXT"),
         ("CG_KAFKA__SASL_MECHANISM", "scram-sha-512", "CG_KAFKA__SASL_MECHANISM: 'scram-sha-512' is not one of PLAIN"),
     ],
 )
 def test_a_bad_setting_is_one_line_naming_its_variable(fresh_settings, capsys, variable, value, says) -> None:
     fresh_settings.setenv(variable, value)
-    assert _one_error(capsys, ["labels", "withdraw", "tx-1"]).startswith(f"Error: invalid setting {says}")
+    line = _one_error(capsys, ["labels", "withdraw", "tx-1"])
+    assert line.startswith(f"Error: invalid setting {says}")
+    assert line.count(variable) == 1, f"{variable} named more than once: {line}"
 
 
 @pytest.mark.parametrize(
