@@ -488,7 +488,9 @@ class ModelSettings(BaseModel, frozen=True):
     0 read as "off" (as ``drift_psi_alert``'s 0 is) but let every hour alert, however few its rows."""
     drift_remind_hours: float = Field(default=24.0, ge=0, allow_inf_nan=False)
     """A drift alerts once when a figure (the score, a feature) crosses ``drift_psi_alert``, not every hour it stays
-    past it; this long after that alert, if the figure is still past, it alerts again as a reminder. 0: never."""
+    past it; this long after that alert, if the figure is still past, it alerts again as a reminder. 0: never. Also how
+    long the partitioned layout's drift step keeps a silent version's open episodes (24 h with 0;
+    ``jobs.model.drift.idle_after_ms``)."""
     drift_bins: int = Field(default=10, ge=2)
     """Quantile bins per numeric feature (most frequent codes per categorical) in the training reference."""
     drift_grace_ms: int = Field(default=300_000, ge=0, lt=3_600_000)

@@ -305,7 +305,8 @@ class DriftMergeFunction(KeyedProcessFunction):
     """The one subtask (one key) where the decide slots' drift tallies (rows of ``@drift``) become hourly
     reports (:class:`jobs.model.drift.DriftMerge`): hours close by the watermark, on the next tally
     or at an event-time timer (a lull, the end of a replay). In memory, as the single layout's monitor; the open
-    drift episodes are keyed state; a version's leave it a day of tallies after its last (``DriftMerge.IDLE_MS``)."""
+    drift episodes are keyed state; a version's leave it the drift reminder's interval of tallies after its last
+    (``DriftMerge.idle_ms``)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

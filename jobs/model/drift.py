@@ -476,6 +476,20 @@ class RetiredVersions:
         return monitor
 
 
+IDLE_WITHOUT_REMINDERS_MS = 24 * HOUR_MS
+"""How long :class:`DriftMerge` keeps a silent version's open drift episodes when reminders are off."""
+
+
+def idle_after_ms(remind_ms: int) -> int:
+    """Event time without a tally of a model version after which the partitioned layout's drift step removes its open
+    episodes: the reminder interval (``CG_MODEL__DRIFT_REMIND_HOURS``). A figure's last alert is no later than its
+    version's last tally, so once it has been silent that long, a rollback's drift still past the setting is due its
+    reminder anyway: alerted as a new crossing instead, no alert is added or lost. Without reminders (0),
+    :data:`IDLE_WITHOUT_REMINDERS_MS`, so that the state stays bounded (a rollback after it alerts once more).
+    A fixed day before, whatever the reminder: with reminders every 72 h a rollback after a day alerted 2 days early."""
+    return remind_ms if remind_ms > 0 else IDLE_WITHOUT_REMINDERS_MS
+
+
 class DriftMerge:
     """The partitioned layout's model-drift reports. Each decide slot sees only its receipts, so each
     tallies its decisions per event-time hour (:meth:`DriftMonitor.tally`) and the tallies
@@ -485,19 +499,18 @@ class DriftMerge:
     A monitor per model version: a promotion reaches the slots at slightly different moments.
 
     The merge does not know the roles (only a slot's champion tallies), so a version's open drift episodes go once
-    no tally of it came for :attr:`IDLE_MS` of event time (as the other versions' tallies tell it) and its hours are
+    no tally of it came for :attr:`idle_ms` of event time (as the other versions' tallies tell it) and its hours are
     reported: a retired version's stayed in the step's state for ever. The clock is the tallies' event time, not the
     watermark, which jumps to the end of time when a bounded replay ends; episodes restored from a checkpoint count
     from the first tally after the restart. A version kept as challenger that long and then rolled back alerts a
-    drift still under way once more, as a reminder would."""
+    drift still under way once more, as the reminder due by then would (:func:`idle_after_ms`)."""
 
     MAX_VERSIONS = 4
     """Monitors kept beyond those with open hours: the least recently used idle ones go first."""
 
-    IDLE_MS = 24 * HOUR_MS
-    """Event time without a tally of a version after which its open drift episodes are removed."""
-
     def __init__(self, monitor_of: Callable[[str], DriftMonitor | None], episodes: DriftEpisodes) -> None:
+        self.idle_ms = idle_after_ms(episodes.remind_ms)
+        """Event time without a tally of a version after which its open drift episodes are removed."""
         self.episodes = episodes
         """Which figures are past the setting: one alert per crossing (the drift step keeps them in Flink state)."""
         self.monitor_of = monitor_of
@@ -528,7 +541,7 @@ class DriftMerge:
 
     def _forget_idle(self) -> None:
         """Remove the episodes (a change to ``None``, for state) of the versions without a tally for
-        :attr:`IDLE_MS` whose hours are all reported; after the reports, so their last hours still count."""
+        :attr:`idle_ms` whose hours are all reported; after the reports, so their last hours still count."""
         if not self.last_tally:
             return
         now = max(self.last_tally.values())
@@ -537,7 +550,7 @@ class DriftMerge:
         idle = set()
         for version, last in list(self.last_tally.items()):
             monitor = self.monitors.get(version)
-            if now - last >= self.IDLE_MS and (monitor is None or not monitor.open_hours):
+            if now - last >= self.idle_ms and (monitor is None or not monitor.open_hours):
                 idle.add(version)
                 del self.last_tally[version]
         if idle:

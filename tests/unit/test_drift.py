@@ -685,3 +685,30 @@ def test_the_drift_step_removes_a_version_s_episodes_a_day_after_its_last_tally(
     merge.on_tallies([new.tally(_times(300, 24), x, s)], T0 + 24 * HOUR_MS)  # a day after v-old's last tally
     assert set(merge.episodes.open) == {"v-new"}
     assert merge.episodes.drain_changes() == {"v-old": None, "v-restored": None}
+
+
+@pytest.mark.parametrize("remind_hours", [2, 72])
+def test_the_drift_step_keeps_a_silent_versions_episodes_for_the_reminder_interval(
+    reference: dict[str, Any], remind_hours: int
+) -> None:
+    """They went after a fixed day of event time whatever CG_MODEL__DRIFT_REMIND_HOURS: with reminders every 72 h a
+    version rolled back a day after its promotion alerted a drift still under way two days before its reminder. They
+    now stay for the reminder's interval, after which the reminder would be due anyway."""
+
+    def monitor_of(version: str) -> DriftMonitor:
+        return DriftMonitor(reference, version, psi_alert=0.25, min_rows=200, now_ms=lambda: CREATED)
+
+    merge = DriftMerge(monitor_of, DriftEpisodes(0.25, min_rows=200, remind_ms=remind_hours * HOUR_MS))
+    old, new = monitor_of("v-old"), monitor_of("v-new")
+    x, s = _rows(300, np.random.default_rng(16), shift=1.0)
+    merge.on_tallies([old.tally(_times(300, 0), x, s)], T0)
+    kept = []
+    for hour in range(1, remind_hours + 1):  # promoted: v-new only, each hour
+        merge.on_tallies([new.tally(_times(300, hour), x, s)], T0 + hour * HOUR_MS)
+        kept.append("v-old" in merge.episodes.open)
+    # v-old's hour 0 is reported at hour 1; its newest event at the end of hour 0, so silent for the interval at its end
+    assert kept == [True] * (remind_hours - 1) + [False], kept
+    from jobs.model.drift import idle_after_ms
+
+    assert idle_after_ms(remind_hours * HOUR_MS) == remind_hours * HOUR_MS
+    assert idle_after_ms(0) == 24 * HOUR_MS, "without reminders a day, so that the state stays bounded"
