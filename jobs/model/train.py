@@ -402,32 +402,44 @@ def ensure_default_model(
 ) -> Path:
     """The model in use (``CURRENT``); trains the synthetic default first when there is none.
 
-    A file lock makes concurrent callers (``make run`` and a job starting) train it once. ``force`` retrains it
-    even so, and a champion it replaces is replaced as ``promote`` replaces one: compare-and-swap of the pointers it
-    read before training, under the pointer lock, after the ``MODEL_PROMOTE`` audit event (unless not ``audit``);
-    :class:`PointersChanged` (a command moved them meanwhile) or ``AuditNotDelivered`` leave the pointers as they
-    were, the new version saved beside them. Before, it moved ``CURRENT`` with no audit event, over a promotion
-    made while it trained."""
+    A file lock makes concurrent callers (``make run`` and a job starting) train it once. A champion is never replaced
+    unasked: one this code cannot load (trained on other features, or damaged) is an error naming it, and so the job
+    stops with the reason (before, one of other features was replaced by the default with no audit event, a change
+    of champion ``promote`` alone makes). ``force`` retrains it even so, and a champion it replaces is replaced as
+    ``promote`` replaces one: compare-and-swap of the pointers it read before training, under the pointer lock, after
+    the ``MODEL_PROMOTE`` audit event (unless not ``audit``); :class:`PointersChanged` (a command moved them
+    meanwhile) or ``AuditNotDelivered`` leave the pointers as they were, the new version saved beside them. The first
+    champion is set the same way, with no audit (there is no champion to replace): unforced, a champion set while it
+    trained is kept and returned."""
     root = settings.models_root
     root.mkdir(parents=True, exist_ok=True)
     with (root / ".train.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        seen = read_pointers(root) if force else (None, None)
+        seen = read_pointers(root)
         if not force:
             try:
                 return LocalModel.load(root).path  # type: ignore[return-value]
             except DamagedArtifactError:
                 raise  # a champion that is there but damaged (mid-copy?) is not replaced unasked
-            except ModelArtifactError:
-                pass
+            except ModelArtifactError as exc:
+                if seen[0] is not None:  # a champion of other features: replacing it is a change of champion
+                    raise ModelArtifactError(
+                        f"{exc} (the default model does not replace the champion {seen[0]} unasked: "
+                        "`train-default --force` does, audited as a promotion; or `train`, then `promote`)"
+                    ) from None
         model = train_default(settings)
-        if not force or seen[0] is None:  # the first champion (or, unforced, one this code cannot load)
-            return model.save(root)
         path = model.save(root, make_current=False)
-        if path.name != seen[0]:
-            kept = None if seen[1] == path.name else seen[1]
-            record = champion_change(settings, seen[0], path.name, audit=audit, reason=reason)
+        if path.name == seen[0]:
+            return path
+        kept = None if seen[1] == path.name else seen[1]
+        record = None if seen[0] is None else champion_change(settings, seen[0], path.name, audit=audit, reason=reason)
+        try:
             swap_pointers(root, seen, (path.name, kept), record)
+        except PointersChanged:
+            if force:
+                raise
+            # a champion set while it trained (a `train --current`): it stays, the default saved beside it
+            return LocalModel.load(root).path  # type: ignore[return-value]
         return path
 
 

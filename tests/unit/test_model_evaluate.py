@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from jobs.model.fraud_model import (
     Calibration,
     DamagedArtifactError,
     LocalModel,
+    ModelArtifactError,
     cross_validate,
     pr_auc,
     rolling_origin_folds,
@@ -462,20 +464,61 @@ def test_evaluate_grid_runs_each_learner_it_names_and_gives_the_mean_over_seeds(
 # --- the default model --------------------------------------------------------------------------
 
 
-def test_an_artifact_of_other_features_is_replaced_by_a_retrained_default_model(tmp_path, monkeypatch):
-    settings = Settings(model={"artifact_dir": tmp_path})
-    stale = small_model().save(tmp_path)
+def _champion_of_other_features(root) -> str:
+    """A champion trained on an earlier feature list: whole, but this code cannot score with it."""
+    stale = small_model().save(root)
     meta = json.loads((stale / "model.json").read_text())
     meta["feature_names"] = [*meta["feature_names"], "hour_utc"]  # an artifact of an earlier feature list
     meta["version"] = "gbm-old"
-    (tmp_path / "gbm-old").mkdir()
-    (tmp_path / "gbm-old" / "model.json").write_text(json.dumps(meta))
-    (tmp_path / "gbm-old" / "model.txt").write_text((stale / "model.txt").read_text())
-    (tmp_path / "CURRENT").write_text("gbm-old\n")
+    (root / "gbm-old").mkdir()
+    (root / "gbm-old" / "model.json").write_text(json.dumps(meta))
+    (root / "gbm-old" / "model.txt").write_text((stale / "model.txt").read_text())
+    shutil.rmtree(stale)
+    (root / "CURRENT").write_text("gbm-old\n")
+    return "gbm-old"
+
+
+def test_a_champion_of_other_features_is_not_replaced_unasked_and_train_default_force_replaces_it_audited(
+    tmp_path, monkeypatch
+):
+    """At the job's start (and ``train-default``) a champion this code could not load was replaced by the synthetic
+    default with no MODEL_PROMOTE event: a change of champion only ``promote`` (audited) makes. It now stops with the
+    reason and the way to replace it; ``train-default --force`` replaces it with the audit event."""
+    settings = Settings(model={"artifact_dir": tmp_path})
+    old = _champion_of_other_features(tmp_path)
+    sent = _audited(monkeypatch)
+    monkeypatch.setattr(train_module, "train_default", lambda _settings: pytest.fail("replaced it unasked"))
+    with pytest.raises(ModelArtifactError, match="other features.*not replace the champion gbm-old unasked.*--force"):
+        ensure_default_model(settings)
+    assert (tmp_path / "CURRENT").read_text().strip() == old and sent == []
     monkeypatch.setattr(train_module, "train_default", lambda _settings: small_model())
-    path = ensure_default_model(settings)
-    assert path.name == small_model().version and (tmp_path / "CURRENT").read_text().strip() == path.name
+    monkeypatch.setenv("CG_MODEL__ARTIFACT_DIR", str(tmp_path))
+    result = CliRunner().invoke(app, ["train-default"])  # the console's one Error: line is infra.cli's (exit 1)
+    assert isinstance(result.exception, ModelArtifactError) and sent == [], result.output
+    assert (tmp_path / "CURRENT").read_text().strip() == old
+    result = CliRunner().invoke(app, ["train-default", "--force"])
+    assert result.exit_code == 0, result.output
+    assert sent == [(old, small_model().version, "train-default --force")]
     assert LocalModel.load(tmp_path).version == small_model().version
+
+
+def test_the_default_model_does_not_take_over_from_a_champion_set_while_it_trained(tmp_path, monkeypatch):
+    """With no champion at the start, the default became CURRENT after its training whatever was set meanwhile (a
+    ``train --current``): that champion was replaced unaudited. It stays; the default is saved beside it."""
+    from jobs.model.registry import write_pointer
+    from tests.fraud_model import challenger_model
+
+    settings = Settings(model={"artifact_dir": tmp_path})
+    set_meanwhile = challenger_model().save(tmp_path, make_current=False).name
+
+    def champion_set_meanwhile(_settings: Settings) -> object:
+        write_pointer(tmp_path, "CURRENT", set_meanwhile)
+        return small_model()
+
+    monkeypatch.setattr(train_module, "train_default", champion_set_meanwhile)
+    assert ensure_default_model(settings).name == set_meanwhile
+    assert (tmp_path / "CURRENT").read_text().strip() == set_meanwhile
+    assert (tmp_path / small_model().version / "model.json").is_file()
 
 
 @pytest.mark.parametrize(
