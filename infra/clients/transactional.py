@@ -41,7 +41,8 @@ STOP_POLL_S = 0.1
 class TransactionGivenUp(CheckoutGuardError, RuntimeError):
     """:func:`publish` gave its transaction up at the stop's deadline (``exit_by``), Kafka not done with it: its inputs'
     offsets are not committed, so they are read again at the next start (skipped there if it landed after all). Also a
-    start-up call (:func:`init_transactions`, a start-up read) given up at that deadline (:func:`bounded`)."""
+    start-up call (:func:`init_transactions`, a start-up read) given up at that deadline (:func:`bounded`), and the
+    watchlist service's Rekognition call under way (its command then not committed, read again)."""
 
 
 STOP_ERRORS = (TransactionGivenUp, ReadStopped, KafkaException, BufferError)
@@ -116,12 +117,19 @@ def close_consumer(
         close_failed(service, exc, stop_asked(), ended_by)
 
 
-def bounded(call: Callable[[], T], what: str, exit_by: Callable[[], float | None], name: str = "kafka-call") -> T:
+def bounded(
+    call: Callable[[], T],
+    what: str,
+    exit_by: Callable[[], float | None],
+    name: str = "kafka-call",
+    whose: str = "Kafka",
+) -> T:
     """``call()``'s result (a Kafka call that waits on the brokers: a transaction's commit up to :data:`KAFKA_CALL_S`, a
-    start-up read of a topic) from a daemon thread ``name``, waited for until it ends, or once the stop is asked
-    (``exit_by()`` not None) until that deadline: in the main thread, a 30 s commit with Kafka down held the stop past
-    the supervisor's SIGKILL. Its exception is raised; :class:`TransactionGivenUp` (naming ``what``) when the deadline
-    came first (the call is left to end on its own)."""
+    start-up read of a topic; or another service's, ``whose``, as a Rekognition call with its retries) from a daemon
+    thread ``name``, waited for until it ends, or once the stop is asked (``exit_by()`` not None) until that deadline:
+    in the main thread, a 30 s commit with Kafka down held the stop past the supervisor's SIGKILL. Its exception is
+    raised; :class:`TransactionGivenUp` (naming ``what``) when the deadline came first (the call is left to end on its
+    own)."""
     future = in_daemon(call, name)
     while True:
         by = exit_by()
@@ -130,7 +138,7 @@ def bounded(call: Callable[[], T], what: str, exit_by: Callable[[], float | None
         if future.done():
             return future.result()
         if by is not None:
-            raise TransactionGivenUp(f"Kafka did not finish {what} before the supervisor's stop timeout")
+            raise TransactionGivenUp(f"{whose} did not finish {what} before the supervisor's stop timeout")
 
 
 def init_transactions(producer: Any, exit_by: Callable[[], float | None]) -> None:

@@ -16,6 +16,7 @@ public-safety uses).
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import io
 import logging
@@ -215,12 +216,30 @@ class RekognitionFaces:
         self.progress: Callable[[], None] | None = None
         """Called after each call, answered or failed: the watchlist service beats its ``/healthz`` there, so a
         command of several bounded calls (ListFaces pages, then IndexFaces or DeleteFaces) is not taken for a hang."""
+        self.give_up_by: Callable[[], float | None] | None = None
+        """Once its owner's stop is asked, when a call still under way is given up (the watchlist service's exit
+        deadline, ``StopRequest.exit_by``; None before the stop); unset (the face stage), each call is waited for."""
+
+    def _request(self, op: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The client's ``op``; with :attr:`give_up_by`, from a daemon thread waited for until it ends or, once the
+        stop is asked, until that deadline (:func:`infra.clients.transactional.bounded`), then
+        :class:`~infra.clients.transactional.TransactionGivenUp`: botocore's tries and its waits between them (up to
+        :func:`call_limit_s`, about a minute) ran on past the supervisor's SIGKILL, which cut the command short instead
+        of the service giving it up, uncommitted, and closing."""
+        request = functools.partial(getattr(self.client, op), **kwargs)
+        if self.give_up_by is None:
+            resp: dict[str, Any] = request()
+            return resp
+        from infra.clients.transactional import bounded
+
+        resp = bounded(request, f"its {op}", self.give_up_by, "rekognition-call", whose="Rekognition")
+        return resp
 
     def _call(self, op: str, **kwargs: Any) -> dict[str, Any]:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            resp: dict[str, Any] = getattr(self.client, op)(**kwargs)
+            resp: dict[str, Any] = self._request(op, kwargs)
         except ClientError as exc:
             err = exc.response.get("Error", {})
             code = err.get("Code", "Unknown")

@@ -350,7 +350,10 @@ class WatchlistCore:
     def _unexpected(self, cmd: BotCommand, exc: Exception) -> Failed:
         """A command's failure that no step turned into a :class:`Failed`: a bucket of the current image store that
         does not exist is ``image_store_missing`` naming the bucket and its setting (it was a bare ``command_error``),
-        anything else ``command_error`` with the error's type only."""
+        anything else ``command_error`` with the error's type only. A Rekognition call given up at the stop's deadline
+        (``TransactionGivenUp``) is no failure: raised again, the command is not committed and is read again."""
+        if isinstance(exc, transactional.TransactionGivenUp):
+            raise exc
         if (missing := missing_bucket(exc, self.store)) is not None:  # a setting to fix, not a passing error
             log.error("command %s %s failed: %s", cmd.command_id, cmd.verb, missing)
             return Failed("image_store_missing", f"{missing}; then issue the command again")
@@ -565,6 +568,8 @@ class WatchlistCore:
                 details["rekognition_faces"] = str(
                     len(self.rekognition.index(subject, self._indexable(reference, data, face)))
                 )
+            except transactional.TransactionGivenUp:  # at the stop: the command is read again, and puts it again
+                raise
             except Exception as exc:  # any failure: no reference image that no entry names stays behind
                 left = ""
                 if previous is None or previous[0] != reference:  # a new subject, or its image is in a former store
@@ -878,6 +883,8 @@ class WatchlistCore:
             current = self.entries.get(subject)
             try:
                 outs += self._forget(subject, {**audit, "actor": SERVICE_ACTOR})
+            except transactional.TransactionGivenUp:  # given up at the stop: expired again at the next start
+                raise
             except Exception as exc:  # noqa: BLE001 - S3, Rekognition, disk: retried at the next purge, never fatal
                 log.warning("expiring %s failed (%s): trying again at the next purge", subject, type(exc).__name__)
                 self.records[subject] = entry
@@ -1074,9 +1081,12 @@ class WatchlistService:
     def _watch_rekognition(self) -> None:
         """Beat ``/healthz`` after each Rekognition call that ends, answered or failed: each is bounded
         (:func:`health_limit_s`), and a command of several (ListFaces pages, then IndexFaces or DeleteFaces) was taken
-        for a hang, the service restarted by the supervisor and the command read again."""
+        for a hang, the service restarted by the supervisor and the command read again. Once the stop is asked, a call
+        under way is given up at the stop's deadline (``TransactionGivenUp``), its command not committed, read again at
+        the next start: a call with botocore's retries (up to about a minute) ran on past the supervisor's SIGKILL."""
         if self.core.rekognition is not None:
             self.core.rekognition.progress = lambda: self._beat(self._rekognition_problem or self._store_problem)
+            self.core.rekognition.give_up_by = self._exit_by
 
     def stop(self, *_: object) -> None:
         self._stop.set()

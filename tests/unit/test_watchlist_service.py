@@ -544,6 +544,31 @@ def test_a_rekognition_error_fails_the_command_and_the_next_command_still_runs(t
     assert "subj-tx-5" not in core.records
 
 
+def test_a_rekognition_call_given_up_at_the_stop_is_raised_not_audited_as_a_failed_command(tmp_path):
+    """A call given up at the stop's deadline is no failure of the command: audited FAILED and dead-lettered, it was
+    done for (issue it again); raised, its command stays uncommitted and the next start carries it out. An expiry given
+    up so is not marked failed either: the next start's purge expires the entry."""
+    from infra.clients.transactional import TransactionGivenUp
+
+    webex = WebexSettings(command_signing_key=SecretStr(KEY), allowed_people=ALLOWED)
+    core = WatchlistCore(
+        Settings(stack_dir=tmp_path, webex=webex),
+        engine=_Engine(),  # type: ignore[arg-type]
+        store=LocalImageStore(tmp_path / "images"),
+        rekognition=_FailingRekognition(TransactionGivenUp("Rekognition did not finish its list_faces")),  # type: ignore[arg-type]
+    )
+    core.store.put("checkout", "POS7+00042@store-001", blank_jpeg())
+    with pytest.raises(TransactionGivenUp):
+        core.on_command(command("FRAUD", "POS7+00042@store-001", cid="c1"), NOW)
+    assert "subj-POS7+00042@store-001" not in core.records
+    core.load(b"subj-tx-5", WatchlistEntry("subj-tx-5", "SUSPECT", [[0.1] * FACE_LEN], "r", "x", 1).encode())
+    with pytest.raises(TransactionGivenUp):
+        core.on_command(command("FORGET", "subj-tx-5", cid="c2"), NOW)
+    with pytest.raises(TransactionGivenUp):
+        core.expire(NOW + 10**15)
+    assert "subj-tx-5" in core.records, "still enrolled: the forget and the expiry are carried out again"
+
+
 def test_any_other_failure_of_a_command_is_audited_and_dead_lettered_not_raised(tmp_path):
     class BrokenStore(LocalImageStore):
         def find(self, kind: str, key: str) -> str | None:

@@ -700,6 +700,65 @@ class _IdleCore:
         pass
 
 
+def test_a_rekognition_call_under_way_at_a_stop_is_given_up_by_the_stops_deadline_its_command_uncommitted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SIGTERM came while a command's Rekognition call (a forget's ListFaces) waited on AWS: with botocore's tries and
+    waits that is up to a minute, and the supervisor's SIGKILL (``CG_SUPERVISOR__STOP_TIMEOUT_S`` after the SIGTERM) cut
+    it short. The call is now given up 1 s before the SIGKILL, nothing is published, and the command's offset is not
+    committed: the next start reads it again."""
+    import threading
+    import time
+
+    from infra.settings import FaceSettings, Settings
+    from jobs.faces.rekognition import RekognitionFaces
+
+    released = threading.Event()
+    stopped_at: list[float] = []
+
+    class HangingRekognition:
+        def list_faces(self, **_kwargs: Any) -> dict:
+            stopped_at.append(time.monotonic())
+            svc.stop()  # SIGTERM arrives while the call waits on AWS ...
+            released.wait(4.0)  # ... which does not answer (botocore's tries and waits)
+            return {"Faces": []}
+
+    class Producer(FlakyTransactions):
+        def init_transactions(self, timeout: float) -> None:
+            pass
+
+        def poll(self, timeout: float) -> int:
+            return 0
+
+    rekognition = RekognitionFaces(FaceSettings(backend="rekognition"), client=HangingRekognition())
+
+    core = _IdleCore()
+    core.rekognition = rekognition  # type: ignore[assignment]
+    producer = Producer([])
+    svc = service(producer)
+    svc.settings = Settings(
+        supervisor={"stop_timeout_s": 2.5},
+        cameras={"bridge_stop_grace_s": 1.0},
+        kafka={"stop_flush_s": 0.5},
+        alerts={"stop_wait_s": 0.2},
+    )
+    svc.consumer = _OneRecord()
+    svc.core, svc.heartbeat, svc._next_purge, svc._held = core, None, float("inf"), {}  # type: ignore[assignment]
+    svc._processing = watchlist_service.metrics.PROCESSING_SECONDS.labels(watchlist_service.PROCESS)
+    svc.topics = {"commands": lambda _src, _now: [Out(AUDIT, b"a-1", str(rekognition.forget("subj-1")).encode())]}
+    svc.replay = lambda _spec, _apply: 0  # type: ignore[method-assign]
+    svc._watch_rekognition()
+    try:
+        with caplog.at_level("WARNING"):
+            svc.run()
+        took = time.monotonic() - stopped_at[0]
+    finally:
+        released.set()  # the hung call ends now
+    assert took < 1.7, f"the stop took {took:.1f}s; the SIGKILL comes 2.5 s after the SIGTERM, its last calls by 1.5 s"
+    assert producer.calls == [] and svc.consumer.commits == [], "a command given up was published or committed"
+    assert any(r.levelname == "WARNING" and "Rekognition did not finish" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("failing", ["commit", "close"])
 def test_a_kafka_error_after_the_stop_is_one_warning_and_a_clean_exit_with_the_input_uncommitted(
     failing: str, caplog: pytest.LogCaptureFixture
