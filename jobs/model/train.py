@@ -370,6 +370,8 @@ def _iso(ms: int) -> str:
 # --- the default model ------------------------------------------------------------------------
 
 DEFAULT_SYNTHETIC_ROWS = 60_000
+SYNTHETIC_SOURCE_PREFIX = "synthetic:"
+"""How ``model.json``'s ``data.source`` names a model trained on generated traffic (:func:`train_default`)."""
 DEFAULT_SEED = 20251122
 DEFAULT_SYNTHETIC_FOLDS = 3
 """Fewer folds for the synthetic default model: it trains on every fresh machine, and 60k rows give
@@ -390,11 +392,23 @@ def train_default(
         history,
         folds=folds,
         seed=7,
-        source=f"synthetic:PosGenerator(seed={seed})",
+        source=f"{SYNTHETIC_SOURCE_PREFIX}PosGenerator(seed={seed})",
         sha256=digest,
         learner=learner,
         drift_bins=settings.model.drift_bins,
     )
+
+
+def _is_synthetic_default(version_dir: Path) -> bool:
+    """Whether the version folder holds a model :func:`train_default` made (its ``model.json`` says so): never an
+    operator's model, so one this code cannot load may be replaced by the default of this code's features."""
+    try:
+        meta = json.loads((version_dir / "model.json").read_text())
+    except (OSError, ValueError):
+        return False
+    data = meta.get("data") if isinstance(meta, dict) else None
+    source = data.get("source") if isinstance(data, dict) else None
+    return isinstance(source, str) and source.startswith(SYNTHETIC_SOURCE_PREFIX)
 
 
 def ensure_default_model(
@@ -405,7 +419,9 @@ def ensure_default_model(
     A file lock makes concurrent callers (``make run`` and a job starting) train it once. A champion is never replaced
     unasked: one this code cannot load (trained on other features, or damaged) is an error naming it, and so the job
     stops with the reason (before, one of other features was replaced by the default with no audit event, a change
-    of champion ``promote`` alone makes). ``force`` retrains it even so, and a champion it replaces is replaced as
+    of champion ``promote`` alone makes). The exception is an earlier synthetic default of other features (a demo's
+    models after an upgrade of the code): it is replaced as ``force`` replaces one, audited. ``force`` retrains it
+    even so, and a champion it replaces is replaced as
     ``promote`` replaces one: compare-and-swap of the pointers it read before training, under the pointer lock, after
     the ``MODEL_PROMOTE`` audit event (unless not ``audit``); :class:`PointersChanged` (a command moved them
     meanwhile) or ``AuditNotDelivered`` leave the pointers as they were, the new version saved beside them. The first
@@ -422,11 +438,14 @@ def ensure_default_model(
             except DamagedArtifactError:
                 raise  # a champion that is there but damaged (mid-copy?) is not replaced unasked
             except ModelArtifactError as exc:
-                if seen[0] is not None:  # a champion of other features: replacing it is a change of champion
+                # a champion of other features: replacing it is a change of champion, made unasked only where it
+                # is itself an earlier synthetic default (a demo's, after an upgrade of the code), audited
+                if seen[0] is not None and not _is_synthetic_default(root / seen[0]):
                     raise ModelArtifactError(
                         f"{exc} (the default model does not replace the champion {seen[0]} unasked: "
                         "`train-default --force` does, audited as a promotion; or `train`, then `promote`)"
                     ) from None
+                reason = reason or f"the synthetic default model {seen[0]} retrained for this code's features"
         model = train_default(settings)
         path = model.save(root, make_current=False)
         if path.name == seen[0]:

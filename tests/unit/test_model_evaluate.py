@@ -470,6 +470,7 @@ def _champion_of_other_features(root) -> str:
     meta = json.loads((stale / "model.json").read_text())
     meta["feature_names"] = [*meta["feature_names"], "hour_utc"]  # an artifact of an earlier feature list
     meta["version"] = "gbm-old"
+    meta["data"] = {**(meta.get("data") or {}), "source": "transactions-2026.csv"}  # an operator's model
     (root / "gbm-old").mkdir()
     (root / "gbm-old" / "model.json").write_text(json.dumps(meta))
     (root / "gbm-old" / "model.txt").write_text((stale / "model.txt").read_text())
@@ -500,6 +501,23 @@ def test_a_champion_of_other_features_is_not_replaced_unasked_and_train_default_
     assert result.exit_code == 0, result.output
     assert sent == [(old, small_model().version, "train-default --force")]
     assert LocalModel.load(tmp_path).version == small_model().version
+
+
+def test_an_earlier_synthetic_default_of_other_features_is_replaced_by_the_default_audited(tmp_path, monkeypatch):
+    """A demo's models after an upgrade of the code: its champion is the synthetic default of the earlier feature list.
+    Refusing it stopped ``make run`` until someone ran ``train-default --force``; it is replaced at the job's start,
+    as ``--force`` replaces one (with the MODEL_PROMOTE event), an operator's model still never."""
+    settings = Settings(model={"artifact_dir": tmp_path})
+    old = _champion_of_other_features(tmp_path)
+    meta = json.loads((tmp_path / old / "model.json").read_text())
+    meta["data"] = {**(meta.get("data") or {}), "source": "synthetic:PosGenerator(seed=1)"}
+    (tmp_path / old / "model.json").write_text(json.dumps(meta))
+    sent = _audited(monkeypatch)
+    monkeypatch.setattr(train_module, "train_default", lambda _settings: small_model())
+    assert ensure_default_model(settings).name == small_model().version
+    assert (tmp_path / "CURRENT").read_text().strip() == small_model().version
+    reason = f"the synthetic default model {old} retrained for this code's features"
+    assert sent == [(old, small_model().version, reason)]
 
 
 def test_the_default_model_does_not_take_over_from_a_champion_set_while_it_trained(tmp_path, monkeypatch):
