@@ -7,6 +7,7 @@ sure a hostile id is a dead letter at the edge instead of a path an API key is s
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import unicodedata
 
@@ -55,6 +56,63 @@ def check_text(value: object, field: str, max_len: int = TEXT_MAX) -> str:
             "invalid_id", f"{field} is not a valid label ({shown}; allowed: 1 to {max_len} printable characters)"
         )
     return value
+
+
+CARD_TOKEN_MAX = 256
+"""The longest card token a transaction may carry. Tokens are opaque and each processor has its own shape (``tok_``
+and 16 hex digits, ``pm_`` and 24 letters, a 16 to 19 digit network token, a base64 reference), all far below this."""
+EMAIL_MAX = 254
+"""The longest e-mail address: RFC 5321's longest path (256 octets) less its angle brackets."""
+IP_TEXT_MAX = 64
+"""The longest IP address text: a full IPv6 address (45 characters) with a zone (``%eth0``) fits."""
+_IPV4_RE = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
+
+
+def _shown(value: object) -> str:
+    """What a reason says of a refused value: its length or type, never the value (it may be hostile, and is logged)."""
+    return f"{len(value)}-character string" if isinstance(value, str) else type(value).__name__
+
+
+def check_card_token(value: object, field: str = "card_token") -> str:
+    """``value`` if it is 1 to :data:`CARD_TOKEN_MAX` printable characters, else :class:`InvalidRecord` ``invalid_id``
+    naming the field and the length. No format: processors' tokens differ, and one a shop really gets must pass."""
+    if isinstance(value, str) and 0 < len(value) <= CARD_TOKEN_MAX and value.isprintable():
+        return value
+    allowed = f"1 to {CARD_TOKEN_MAX} printable characters"
+    raise InvalidRecord("invalid_id", f"{field} is not a card token ({_shown(value)}; allowed: {allowed})")
+
+
+def check_email(value: object, field: str = "customer_email") -> str:
+    """``value`` if it has the shape of one e-mail address (a name, ``@``, a domain; at most :data:`EMAIL_MAX` printable
+    characters, no spaces), else :class:`InvalidRecord` ``invalid_id`` naming the field and the length. Only the shape:
+    unlike :func:`check_address` (a case owner, who must not be a lookalike of a colleague), a shopper's address is
+    an identity as the shop took it, an international one (``josé@exämple.de``) or a quoted name included."""
+    if isinstance(value, str) and len(value) <= EMAIL_MAX and value.isprintable() and " " not in value:
+        local, _, domain = value.rpartition("@")
+        if local and domain:
+            return value
+    raise InvalidRecord(
+        "invalid_id",
+        f"{field} is not an e-mail address ({_shown(value)}; allowed: name@domain, at most {EMAIL_MAX} printable "
+        "characters without spaces)",
+    )
+
+
+def check_ip_address(value: object, field: str = "ip_address") -> str:
+    """``value`` if it is an IPv4 address (zero-padded octets too, as some logs write them) or an IPv6 address (with a
+    zone, an embedded IPv4), else :class:`InvalidRecord` ``invalid_id`` naming the field and the length."""
+    if isinstance(value, str) and len(value) <= IP_TEXT_MAX and value.isprintable() and " " not in value:
+        if _IPV4_RE.fullmatch(value):
+            if all(int(octet) <= 255 for octet in value.split(".")):
+                return value
+        else:
+            try:
+                ipaddress.IPv6Address(value)
+            except ValueError:
+                pass
+            else:
+                return value
+    raise InvalidRecord("invalid_id", f"{field} is not an IP address ({_shown(value)}; allowed: IPv4 or IPv6)")
 
 
 def check_name(value: object, field: str) -> str:

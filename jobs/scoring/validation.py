@@ -16,7 +16,7 @@ from typing import Any
 from infra.settings import JobSettings
 from schemas.codec import codec
 from schemas.errors import InvalidRecord
-from schemas.identifiers import check, check_name, check_text
+from schemas.identifiers import check, check_card_token, check_email, check_ip_address, check_name, check_text
 from schemas.records import CURRENCY_RE, MAX_AMOUNT
 
 MAX_FUTURE_SKEW_MS = JobSettings().max_future_skew_ms
@@ -31,6 +31,11 @@ FREE_IDENTITIES = ("card_token", "customer_email", "ip_address")
 blank means none -- a lone space would otherwise be one shared profile for every shopper who sent one. An e-mail
 is lower-cased too: mail providers deliver ``Mule@Example.com`` to ``mule@example.com``, and keyed as written,
 alternating capitals split one shopper into two histories (half the velocity of a burst)."""
+IDENTITY_CHECKS = {"card_token": check_card_token, "customer_email": check_email, "ip_address": check_ip_address}
+"""The bound on each of :data:`FREE_IDENTITIES` once normalized (``invalid_id``, naming the field and its length): each
+keys a profile in state, and a card token is the customer key OpenSearch indexes (a term over 32 766 bytes is refused
+there): unbounded, a 500 000-character one was kept and sent on. Shapes only, loose enough for every real value: an
+address up to RFC 5321's 254 characters, IPv4 or IPv6, a token of any processor's format."""
 
 
 def check_size(value: bytes | None, max_bytes: int) -> None:
@@ -65,14 +70,7 @@ def parse_transaction(
         raise InvalidRecord(
             "invalid_amount", f"amount must be a positive number up to {MAX_AMOUNT:.0e}, got {amount!r}"
         )
-    sent = {name: tx[name] for name in FREE_IDENTITIES}
-    for name in FREE_IDENTITIES:
-        if tx[name] is not None:
-            tx[name] = tx[name].strip() or None
-    if tx["customer_email"] is not None:  # one mailbox, however its capitals are written: one history
-        tx["customer_email"] = tx["customer_email"].lower()
-    if as_sent is not None:
-        as_sent.update((name, was) for name, was in sent.items() if tx[name] != was)
+    _normalize_identities(tx, as_sent)
     if not CURRENCY_RE.fullmatch(tx["currency"]):
         raise InvalidRecord("invalid_currency", f"currency must be an ISO 4217 code, got {tx['currency'][:16]!r}")
     check_event_time(tx["event_time"], now_ms, max_future_skew_ms)
@@ -117,6 +115,22 @@ def _check_ids(tx: dict[str, Any]) -> None:
             check(tx[name], name)
     if tx["product_category"]:  # optional: none means the first item's category (the scorer's)
         check_text(tx["product_category"], "product_category")
+
+
+def _normalize_identities(tx: dict[str, Any], as_sent: dict[str, Any] | None) -> None:
+    """:data:`FREE_IDENTITIES` normalized in ``tx`` (their values as sent into ``as_sent``), then bounded
+    (:data:`IDENTITY_CHECKS`)."""
+    sent = {name: tx[name] for name in FREE_IDENTITIES}
+    for name in FREE_IDENTITIES:
+        if tx[name] is not None:
+            tx[name] = tx[name].strip() or None
+    if tx["customer_email"] is not None:  # one mailbox, however its capitals are written: one history
+        tx["customer_email"] = tx["customer_email"].lower()
+    if as_sent is not None:
+        as_sent.update((name, was) for name, was in sent.items() if tx[name] != was)
+    for name, check_identity in IDENTITY_CHECKS.items():
+        if tx[name] is not None:
+            check_identity(tx[name], name)
 
 
 def _check_item_text(item: dict[str, Any], at: int) -> None:

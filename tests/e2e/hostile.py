@@ -116,6 +116,9 @@ def transactions(run: str, now_ms: int | None = None) -> list[Hostile]:
         ("category_200k", {"items": (LineItem(sku="s", category="c" * 200_000, quantity=1, unit_price=12.5),)}),
         ("sku_controls", {"items": (LineItem(sku=CONTROLS, category="c", quantity=1, unit_price=12.5),)}),
         ("product_category_200k", {"product_category": "p" * 200_000}),
+        ("card_token_500k", {"card_token": "t" * 500_000}),
+        ("customer_email_300", {"customer_email": "m" * 300 + "@example.com"}),
+        ("ip_address_200k", {"ip_address": "1" * 200_000}),
     ]
     bad += [(f"store_id_path_{i}", {"store_id": v}) for i, v in enumerate(PATH_IDS)]
     bad += [(f"lane_id_path_{i}", {"lane_id": v}) for i, v in enumerate(PATH_IDS)]

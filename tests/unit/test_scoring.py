@@ -1,6 +1,7 @@
 """Pure scoring logic: validation, stateful indicators and decisions, without Kafka or Flink."""
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -369,6 +370,55 @@ def test_line_item_text_that_is_no_id_is_dead_lettered_naming_the_field_not_the_
     ]
 
 
+@pytest.mark.parametrize(
+    "field,text",
+    [
+        ("card_token", "t" * 500_000),
+        ("card_token", "tok_1\x1b[2J"),
+        ("customer_email", "m" * 300 + "@example.com"),
+        ("customer_email", "no-at-sign.example.com"),
+        ("customer_email", "ann@x.com\r\nBcc: x@evil.test"),
+        ("ip_address", "1" * 200_000),
+        ("ip_address", "256.1.1.1"),
+        ("ip_address", "fe80::1%\x1b[2J"),
+        ("ip_address", "10.0.0.1, 10.0.0.2"),
+    ],
+)
+def test_a_card_token_email_or_ip_past_any_real_ones_bound_is_dead_lettered_naming_the_field_not_the_text(field, text):
+    """Each keys a profile in state, and a card token is the indexed customer key: unbounded, they were kept."""
+    changes: dict[str, Any] = {field: text}
+    with pytest.raises(InvalidRecord) as err:
+        parse_transaction(replace(sale("t1"), **changes).encode(), T0, 1 << 20)
+    assert err.value.kind == "invalid_id"
+    assert field in err.value.reason and err.value.reason.isprintable() and len(err.value.reason) < 200
+
+
+@pytest.mark.parametrize(
+    "field,text",
+    [
+        ("card_token", "tok_1MqLiJ2eZvKYlo2C"),
+        ("card_token", "4111110000001111"),
+        ("card_token", "8ac7a4a17d0c5a0e017d0c6d0b1f0123=="),
+        ("card_token", "cnon:card-nonce-ok"),
+        ("card_token", "x" * 256),
+        ("customer_email", "o'brien+receipts@mail.example.co.uk"),
+        ("customer_email", "josé@exämple.de"),
+        ("customer_email", '"john.doe"@example.com'),
+        ("customer_email", "a" * 64 + "@" + "d" * 185 + ".com"),
+        ("ip_address", "72.239.175.244"),
+        ("ip_address", "010.001.002.003"),
+        ("ip_address", "2001:db8::8a2e:370:7334"),
+        ("ip_address", "::ffff:192.0.2.128"),
+        ("ip_address", "fe80::1%eth0"),
+        ("ip_address", "2001:0db8:0000:0000:0000:ff00:0042:8329"),
+    ],
+)
+def test_real_card_tokens_emails_and_ip_addresses_pass(field, text):
+    changes: dict[str, Any] = {field: text}
+    parsed = parse_transaction(replace(sale("t1"), **changes).encode(), T0, 1 << 20)
+    assert parsed[field] == (text.lower() if field == "customer_email" else text)
+
+
 def test_a_blank_identity_is_no_identity_not_one_profile_shared_by_every_shopper_who_sent_it():
     a = parse_transaction(replace(sale("t1", card=" "), customer_email=" \t").encode(), T0, 1 << 20)
     b = parse_transaction(replace(sale("t2", card=" "), customer_email=" ").encode(), T0, 1 << 20)
@@ -589,6 +639,12 @@ def test_every_identifier_the_pos_generator_and_the_fraud_detector_csv_make_is_a
         "payment_currency": "usd",
         "merchant": "fraud_Lesch, D'Amore and Brown",
         "EVENT_LABEL": "0",
+        "customer_email": "leecatherine@miranda-buck.com",
+        "ip_address": "72.239.175.244",
+        "card_bin": "404409.0",
+        "billing_state": "GA",
+        "billing_country": "US",
+        "product_category": "misc_net",
     }
     txs.append(row_to_transaction(row))
     txs.append(replace(sale("t.1:a@b+c"), customer_id="olsenmia@gmail.com", store_id="S_001", lane_id="L04"))
