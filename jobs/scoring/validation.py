@@ -26,6 +26,11 @@ NAMES = ("store_id", "lane_id", "cashier_id")
 """Name-shaped fields (:data:`schemas.identifiers.NAME_RE`); ``cashier_id`` only when set (non-empty)."""
 IDS = ("transaction_id", "original_transaction_id", "customer_id")
 """Id-shaped fields (:data:`schemas.identifiers.ID_RE`); the optional ones only when set (non-empty)."""
+LABELS = ("product_category", "card_bin", "billing_state", "billing_country")
+"""Free text the scored transaction carries on to OpenSearch (and dashboards' terms): labels
+(:func:`schemas.identifiers.check_text`, 1 to 128 printable characters) when set; none means none (a product category:
+the first item's, the scorer's). Unchecked, a 200 000-character billing state was scored and sent on, and OpenSearch
+refuses a keyword over 32 766 bytes."""
 FREE_IDENTITIES = ("card_token", "customer_email", "ip_address")
 """Identities kept as given (no id pattern) that key a customer's or an identity's history: stripped, and
 blank means none -- a lone space would otherwise be one shared profile for every shopper who sent one. An e-mail
@@ -113,8 +118,9 @@ def _check_ids(tx: dict[str, Any]) -> None:
     for name in IDS:
         if name in REQUIRED_TEXT or tx[name]:
             check(tx[name], name)
-    if tx["product_category"]:  # optional: none means the first item's category (the scorer's)
-        check_text(tx["product_category"], "product_category")
+    for name in LABELS:
+        if tx[name]:
+            check_text(tx[name], name)
 
 
 def _normalize_identities(tx: dict[str, Any], as_sent: dict[str, Any] | None) -> None:

@@ -119,6 +119,7 @@ def transactions(run: str, now_ms: int | None = None) -> list[Hostile]:
         ("card_token_500k", {"card_token": "t" * 500_000}),
         ("customer_email_300", {"customer_email": "m" * 300 + "@example.com"}),
         ("ip_address_200k", {"ip_address": "1" * 200_000}),
+        ("billing_state_200k", {"billing_state": "s" * 200_000}),
     ]
     bad += [(f"store_id_path_{i}", {"store_id": v}) for i, v in enumerate(PATH_IDS)]
     bad += [(f"lane_id_path_{i}", {"lane_id": v}) for i, v in enumerate(PATH_IDS)]

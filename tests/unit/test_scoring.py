@@ -370,6 +370,19 @@ def test_line_item_text_that_is_no_id_is_dead_lettered_naming_the_field_not_the_
     ]
 
 
+@pytest.mark.parametrize("field", ["card_bin", "billing_state", "billing_country"])
+def test_a_scored_field_of_free_text_over_128_characters_is_dead_lettered_and_a_real_one_passes(field):
+    """They are written on the scored transaction and indexed: unbounded, a 200 000-character one was sent on."""
+    for text in ("s" * 200_000, "CA\x1b[2J"):
+        bad: dict[str, Any] = {field: text}
+        with pytest.raises(InvalidRecord) as err:
+            parse_transaction(replace(sale("t1"), **bad).encode(), T0, 1 << 20)
+        assert err.value.kind == "invalid_id" and field in err.value.reason and len(err.value.reason) < 200
+    for text in ("404409", "New South Wales", "United Kingdom of Great Britain and Northern Ireland", "CÔTE D'IVOIRE"):
+        real: dict[str, Any] = {field: text}
+        assert parse_transaction(replace(sale("t2"), **real).encode(), T0, 1 << 20)[field] == text
+
+
 @pytest.mark.parametrize(
     "field,text",
     [
