@@ -241,6 +241,33 @@ def test_template_maps_every_schema_field_strictly(route: Any) -> None:
             assert mappings["properties"][name] == {"type": "date", "format": "epoch_millis"}
 
 
+FREE_TEXT_KEYWORDS = {
+    "transactions": {
+        "product_category": 128,
+        "card_bin": 128,
+        "billing_state": 128,
+        "billing_country": 128,
+        "customer_key": len("token:") + 256,
+    },
+    "face_observations": {"reason": 0},
+    "labels": {"source": 0},
+}
+"""Keyword fields whose values a record's writer chooses: kind -> field -> the longest value the scoring job lets
+through (0: text it does not bound)."""
+LUCENE_MAX_TERM_BYTES = 32_766
+
+
+@pytest.mark.parametrize("kind", sorted(FREE_TEXT_KEYWORDS))
+def test_a_keyword_of_free_text_past_lucenes_term_limit_is_kept_unindexed_not_refused(kind: str) -> None:
+    """Without ``ignore_above`` OpenSearch refused the whole document for one keyword over 32 766 bytes (it was
+    dead-lettered and missing from the index); now the value stays in ``_source``, unsearchable, and the document
+    goes in. Every value the pipeline makes is still indexed, however its characters are encoded (4 bytes at most)."""
+    props = load_template(kind, "cg")["template"]["mappings"]["properties"]
+    for name, longest in FREE_TEXT_KEYWORDS[kind].items():
+        assert props[name]["type"] == "keyword"
+        assert longest <= props[name]["ignore_above"] <= LUCENE_MAX_TERM_BYTES // 4, name
+
+
 def test_indicators_map_to_doubles_so_dashboards_can_aggregate_them() -> None:
     mappings = load_template("transactions", "cg")["template"]["mappings"]
     assert mappings["properties"]["indicators"] == {"type": "object", "dynamic": True}
