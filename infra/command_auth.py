@@ -15,6 +15,7 @@ from typing import Any
 
 from infra.settings import WebexSettings
 from schemas.errors import InvalidRecord
+from schemas.identifiers import check_command_id
 from schemas.records import BotCommand
 
 SIGNATURE_HEADER = "cg-signature"
@@ -43,7 +44,10 @@ def authenticate_command(
 ) -> None:
     """Return when ``cmd`` is signed with the configured key, fresh (unless ``fresh`` is false: a record
     of a question already answered may be old), and from an allow-listed issuer; else raise
-    :class:`InvalidRecord` ``unauthorized`` (the reason says which check failed)."""
+    :class:`InvalidRecord` ``unauthorized`` (the reason says which check failed). A signed command whose id is no
+    command id (:func:`schemas.identifiers.check_command_id`: over 512 characters, controls, spaces) is ``invalid_id``:
+    the services name its audit event by that id and copy it in, so each refuses it as they refuse an unsigned one
+    (audited under its offset, the claimed id cut short, and dead-lettered)."""
     key = webex.command_signing_key.get_secret_value() if webex.command_signing_key else ""
     if not key:
         raise InvalidRecord("unauthorized", "no command signing key configured (CG_WEBEX__COMMAND_SIGNING_KEY)")
@@ -52,6 +56,7 @@ def authenticate_command(
         raise InvalidRecord("unauthorized", f"command carries {len(signatures)} signatures, not one")
     if not hmac.compare_digest(sign_command(cmd, key), signatures[0]):
         raise InvalidRecord("unauthorized", "signature does not match")
+    check_command_id(cmd.command_id)
     age_ms = now_ms - cmd.issued_at
     if fresh and (age_ms > webex.command_max_age_s * 1000 or age_ms < -MAX_CLOCK_SKEW_MS):
         raise InvalidRecord("unauthorized", f"issued {age_ms // 1000} s ago, outside the accepted window")

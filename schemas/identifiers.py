@@ -115,6 +115,21 @@ def check_ip_address(value: object, field: str = "ip_address") -> str:
     raise InvalidRecord("invalid_id", f"{field} is not an IP address ({_shown(value)}; allowed: IPv4 or IPv6)")
 
 
+COMMAND_ID_MAX = 512
+"""The longest command id: the bot's is the Webex message id (base64, about 80 to 110 characters; the bot takes one of
+up to 512 from Webex), the case page's ``dashboard-`` and 32 hex digits, the case service's ``learn:<case id>``."""
+
+
+def check_command_id(value: object, field: str = "command_id") -> str:
+    """``value`` if it is 1 to :data:`COMMAND_ID_MAX` printable characters without spaces, else :class:`InvalidRecord`
+    ``invalid_id`` naming the length. Not :data:`ID_RE`: a Webex id is base64 and may hold ``/``, ``+`` or ``=``. The
+    services key a command's audit event by it and copy it in, so a signed one of a megabyte made one of a megabyte."""
+    if isinstance(value, str) and 0 < len(value) <= COMMAND_ID_MAX and value.isprintable() and " " not in value:
+        return value
+    allowed = f"1 to {COMMAND_ID_MAX} printable characters without spaces"
+    raise InvalidRecord("invalid_id", f"{field} is not a command id ({_shown(value)}; allowed: {allowed})")
+
+
 def check_name(value: object, field: str) -> str:
     """A store/lane/cashier name (see :data:`NAME_RE`)."""
     return check(value, field, NAME_RE)

@@ -165,6 +165,20 @@ def test_an_unverified_command_changes_nothing_and_is_dead_lettered(core, actor:
     assert core.book.cases[case.case_id].state == "open"
 
 
+def test_a_signed_verdict_with_a_megabyte_command_id_is_refused_invalid_id_with_a_small_audit_event(core) -> None:
+    """The audit event is named by the command id and carries it: a signed one of 1 MB made an event of 1 MB."""
+    case = opened(core)
+    outs = core.on_command(command_src("CONFIRM", case.case_id, "m" * 1_000_000), NOW)
+    assert of(outs, CASES) == [] and core.book.cases[case.case_id].state == "open"
+    (audit,) = audits(outs)
+    assert (audit.outcome, audit.audit_id) == ("FAILED", "case-refused:commands:0:1") and audit.command_id is None
+    assert (audit.reason or "").startswith("invalid_id: command_id is not a command id (1000000-character string")
+    assert len(of(outs, AUDIT)[0].value) < 2000
+    assert DeadLetter.decode(of(outs, DEAD_LETTERS)[0].value).error_kind == "invalid_id"
+    webex_id = "Y2lzY29zcGFyazovL3VzL01FU1NBR0UvOTJkYjNiZTAtNDNiZC0xMWU2LThhZTktZGQ1YjNkZmM1NjVk+/=="
+    assert case_of(core.on_command(command_src("CONFIRM", case.case_id, webex_id, offset=2), NOW)).state != "open"
+
+
 def test_an_illegal_transition_is_refused_with_a_reason(core) -> None:
     case = opened(core)
     core.on_command(command_src("CONFIRM", case.case_id, "m1"), NOW)

@@ -166,6 +166,21 @@ def test_signed_commands_with_invalid_ids_are_dead_lettered_invalid_id(core: Wat
     assert event.subject_id is None and event.transaction_id is None, "a hostile id was copied into the audit"
 
 
+@pytest.mark.parametrize("command_id", ["m" * 1_000_000, "m" * 513, "", "m-1\r\nX: y", "m 1"])
+def test_a_signed_command_whose_id_is_no_command_id_is_refused_invalid_id_under_its_offset(
+    core: WatchlistCore, command_id: str
+) -> None:
+    """The audit event is named by the command id and carries it: a signed one of 1 MB made an event of 1 MB."""
+    core.entries["subj-tx-1"] = {"category": "SUSPECT", "source_transaction_id": "tx-1"}
+    bad = cmd(command_id=command_id)
+    audit, letter = refused(core.on_command(source(bad, signed(bad)), NOW))
+    assert core.entries["subj-tx-1"]["category"] == "SUSPECT", "the subject was forgotten"
+    assert (letter.error_kind, audit.audit_id, audit.command_id) == ("invalid_id", "refused:commands:0:7", None)
+    assert (audit.reason or "").startswith("invalid_id: command_id is not a command id") and len(audit.encode()) < 2000
+    longest = cmd(command_id="m" * 512)
+    authenticate_command(longest, signed(longest), webex(), NOW)
+
+
 def test_a_checkout_or_status_record_not_signed_by_the_bot_is_dead_lettered_and_an_old_signed_one_ignored(
     core: WatchlistCore,
 ) -> None:
