@@ -180,6 +180,9 @@ class Report:
     """How the run was made (range, rule set file, model, timings)."""
     replayed: int | None = None
     """Transactions replayed into the copy (distinct ids); ``None``: not known."""
+    refused: int | None = None
+    """Records replayed into the copy that the job dead-letters (:class:`Replayed`): not counted in ``replayed``;
+    ``None``: not known."""
     undecided: int | None = None
     """Replayed transactions in neither index: ``replayed - compared - only_baseline - only_candidate``."""
     notes: list[str] = field(default_factory=list)
@@ -226,16 +229,30 @@ def input_differences(b: dict[str, Any], c: dict[str, Any]) -> list[str]:
     return keys
 
 
+@dataclass(frozen=True)
+class Replayed:
+    """What the copy's transactions topic holds (:func:`transaction_ids`)."""
+
+    ids: frozenset[str]
+    """The ids of the transactions the job takes (the checks it makes of a record alone pass)."""
+    refused: int
+    """Records the job dead-letters instead: bytes that are no transaction, or one its checks refuse (an id that is a
+    path, a 500 000-character card token, a negative amount). Replayed, but nothing either version could decide."""
+
+
 def compare(
     baseline: Iterable[dict[str, Any]],
     candidate: Iterable[dict[str, Any]],
     baseline_name: str = "baseline",
     candidate_name: str = "candidate",
     sample_size: int = 25,
-    replayed: Collection[str] | None = None,
+    replayed: Replayed | Collection[str] | None = None,
 ) -> Report:
     """Compare two versions' decisions on the same transactions (documents keyed by ``transaction_id``).
-    ``replayed``: the ids of the transactions both were given, to count those that neither decided."""
+    ``replayed``: the ids of the transactions both were given, to count those that neither decided (with the records
+    the job refuses, when it is a :class:`Replayed`)."""
+    refused = replayed.refused if isinstance(replayed, Replayed) else None
+    replayed = replayed.ids if isinstance(replayed, Replayed) else replayed
     base = {d["transaction_id"]: d for d in baseline}
     cand = {d["transaction_id"]: d for d in candidate}
     common = sorted(set(base) & set(cand))
@@ -292,7 +309,7 @@ def compare(
         notes.append(
             f"{undecided:,} of the {len(set(replayed or ())):,} replayed transactions are in neither index "
             f"({len(common):,} compared + {len(only_base) + only_candidate:,} only in one): neither decided "
-            f"them (invalid records) or their decisions are not indexed yet."
+            f"them (the job refused them for when they came: too_late) or their decisions are not indexed yet."
         )
     return Report(
         baseline=baseline_name,
@@ -316,6 +333,7 @@ def compare(
         samples=samples,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         replayed=None if replayed is None else len(set(replayed)),
+        refused=refused,
         undecided=undecided,
         notes=notes,
     )
@@ -327,6 +345,11 @@ def _pct(value: float | None) -> str:
 
 def _count(value: int | None) -> str:
     return "unknown" if value is None else f"{value:,}"
+
+
+def _refused(report: Report) -> str:
+    """`` (and N records the job refuses)`` after the replayed count, when there were some."""
+    return f" (and {report.refused:,} records the job refuses)" if report.refused else ""
 
 
 RULES_FROM = {
@@ -365,7 +388,7 @@ def report_tables(report: Report) -> list[Table]:
         f"{report.compared:,} compared, {report.changed:,} changed "
         f"({report.changed_same_inputs:,} with the same inputs), {report.inputs_differ:,} with "
         f"other inputs, {_count(report.only_baseline)} only in baseline, "
-        f"{report.only_candidate:,} only in candidate, of {_count(report.replayed)} replayed"
+        f"{report.only_candidate:,} only in candidate, of {_count(report.replayed)} replayed{_refused(report)}"
     )
     if report.input_changes:
         confusion.caption += "; inputs differ by " + ", ".join(f"{k} ({v:,})" for k, v in report.input_changes.items())
@@ -411,7 +434,7 @@ def report_markdown(report: Report) -> str:
         f"outcome ({report.changed_same_inputs:,} with the same inputs, i.e. by the candidate version), "
         f"{report.inputs_differ:,} decided on other inputs, {report.risk_changed:,} with another risk score; "
         f"{_count(report.only_baseline)} only in the baseline, {report.only_candidate:,} only in the candidate, "
-        f"of {_count(report.replayed)} transactions replayed.",
+        f"of {_count(report.replayed)} transactions replayed{_refused(report)}.",
         "",
         versions_line(report),
         "",
@@ -508,7 +531,7 @@ def compare_indices(
     baseline_prefix: str,
     candidate_prefix: str,
     sample_size: int = 25,
-    replayed: Collection[str] | Callable[[], Collection[str] | None] | None = None,
+    replayed: Replayed | Collection[str] | Callable[[], Replayed | Collection[str] | None] | None = None,
 ) -> Report:
     """Report on the ``replayed`` transactions in both indices (or a function that reads them, called once both
     indices are found). Without them, on every transaction in the candidate's index against the same ones in
@@ -530,7 +553,8 @@ def compare_indices(
     if callable(replayed):  # after the indices are found: a mistyped name is told as such, not as a Kafka error
         replayed = replayed()
     candidate = list(candidate_documents(client, candidate_prefix))
-    wanted = sorted(replayed) if replayed is not None else [d["transaction_id"] for d in candidate]
+    ids = replayed.ids if isinstance(replayed, Replayed) else replayed
+    wanted = sorted(ids) if ids is not None else [d["transaction_id"] for d in candidate]
     baseline = list(documents_by_id(client, baseline_prefix, wanted))
     report = compare(baseline, candidate, baseline_prefix, candidate_prefix, sample_size, replayed)
     if replayed is None:
@@ -548,26 +572,31 @@ def replayed_topic(name: str) -> str:
     return TRANSACTIONS.full_name(f"{name}.")
 
 
-def transaction_ids(values: Iterable[bytes | None]) -> set[str]:
-    """The ids of the transaction records ``values``; one neither job can decode (a dead letter) has none."""
-    from schemas.codec import DecodeError, codec
+def transaction_ids(values: Iterable[bytes | None], max_bytes: int) -> Replayed:
+    """The ids of the transaction records ``values`` that the job takes, and how many it refuses: each is checked as
+    the job checks a record alone (:func:`~jobs.scoring.validation.parse_transaction`, messages up to ``max_bytes``,
+    ``CG_JOB__MAX_MESSAGE_BYTES``), without the bound on a future event time (the copy read them at another time).
+    A record that decodes but that the job dead-letters was counted as replayed and, decided by neither version,
+    reported as missing from both indices; its id, looked up in the baseline index, could be a megabyte."""
+    from jobs.scoring.validation import parse_transaction
+    from schemas.errors import InvalidRecord
 
-    transactions = codec(TRANSACTIONS.record_type)
-    ids = set()
+    ids: set[str] = set()
+    refused = 0
     for value in values:
         try:
-            ids.add(transactions.decode(value)["transaction_id"])
-        except DecodeError:
-            continue
-    return ids
+            ids.add(parse_transaction(value, 0, max_bytes)["transaction_id"])
+        except InvalidRecord:  # DecodeError too
+            refused += 1
+    return Replayed(frozenset(ids), refused)
 
 
-def replayed_transactions(settings: Settings, name: str) -> set[str] | None:
-    """The ids of the transactions replayed into backtest ``name`` (read back from :func:`replayed_topic`);
-    ``None`` when they are not all there: the topic does not exist (cleaned up, or ``name`` is no backtest) or
-    retention deleted some of its records (the copies keep their original, old timestamps) before or while they
-    were read, which would have compared a part, or nothing, as if it were the whole (an ``earliest`` reset
-    skipped what went mid-read without a word). A topic the broker answers with an error raises
+def replayed_transactions(settings: Settings, name: str) -> Replayed | None:
+    """The transactions replayed into backtest ``name`` (read back from :func:`replayed_topic` by
+    :func:`transaction_ids`); ``None`` when they are not all there: the topic does not exist (cleaned up, or ``name``
+    is no backtest) or retention deleted some of its records (the copies keep their original, old timestamps) before
+    or while they were read, which would have compared a part, or nothing, as if it were the whole (an ``earliest``
+    reset skipped what went mid-read without a word). A topic the broker answers with an error raises
     ``TopicUnavailable`` with its words: not knowing why, the comparison would be made on the wrong set."""
     from infra.clients.topic_replay import Bound, RangeError, plan, read_range_records
 
@@ -580,7 +609,7 @@ def replayed_transactions(settings: Settings, name: str) -> set[str] | None:
         return None
     deleted: dict[int, int] = {}
     read = read_range_records(settings.kafka, topic, ranges, "backtest-ids", deleted=deleted)
-    ids = transaction_ids(m.value() for m in read)  # reads it all: ``deleted`` is complete after
+    ids = transaction_ids((m.value() for m in read), settings.job.max_message_bytes)  # reads it all: see ``deleted``
     return None if any(deleted.values()) else ids
 
 
@@ -910,7 +939,7 @@ def compare_again(
     baseline_prefix: str,
     candidate_prefix: str,
     sample_size: int = 25,
-    read_replayed: Callable[[Settings, str], Collection[str] | None] = replayed_transactions,
+    read_replayed: Callable[[Settings, str], Replayed | Collection[str] | None] = replayed_transactions,
 ) -> tuple[Report, Path]:
     """Recompute the report of the backtest ``candidate_prefix`` over the transactions it replayed
     (``read_replayed``, from its topic) and write it over the old one, keeping the run's details

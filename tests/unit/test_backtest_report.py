@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +14,7 @@ from infra.settings import Settings
 from jobs.flink.backtest_stream import (
     FLAGS,
     Candidate,
+    Replayed,
     candidate_settings,
     compare,
     compare_again,
@@ -359,7 +361,7 @@ def test_a_replayed_set_retention_has_thinned_is_not_known_rather_than_compared_
         def value(self) -> bytes:
             return self._value
 
-    for low, expected in ((0, {"t9"}), (4, None)):
+    for low, expected in ((0, Replayed(frozenset({"t9"}), 0)), (4, None)):
         ranges = [topic_replay.PartitionRange(0, low, 5, low, 5)]
         monkeypatch.setattr(topic_replay, "plan", lambda *_a, ranges=ranges, **_k: ranges)
         monkeypatch.setattr(topic_replay, "read_range_records", lambda *_a, **_k: [Record(v) for v in kept])
@@ -382,7 +384,35 @@ def test_a_replayed_set_retention_has_thinned_is_not_known_rather_than_compared_
 def test_the_replayed_ids_are_read_from_the_records_and_an_undecodable_one_has_none():
     records = [PosTransaction(f"t{i}", 1_795_000_000_000 + i, "store-001", "1", "SALE", 5.0, "USD") for i in (1, 2)]
     values = [r.encode() for r in records] + [records[0].encode(), b"not avro", None]
-    assert transaction_ids(values) == {"t1", "t2"}
+    assert transaction_ids(values, 1 << 20) == Replayed(frozenset({"t1", "t2"}), 2)
+
+
+def test_a_replayed_record_the_job_dead_letters_is_counted_refused_not_replayed_and_not_looked_up(monkeypatch):
+    """It decodes, but the job refuses it: counted as replayed, it was reported as in neither index ("did the copy
+    finish?"), and its id, be it a megabyte, was asked of the baseline index."""
+    sales = [PosTransaction(f"t{i}", 1_795_000_000_000, "store-001", "1", "SALE", 5.0, "USD") for i in range(1, 9)]
+    hostile = [
+        replace(sales[0], transaction_id="x" * 500_000),
+        replace(sales[0], transaction_id="t9", store_id="../../etc"),
+        replace(sales[0], transaction_id="t10", card_token="t" * 500_000),
+        replace(sales[0], transaction_id="t11", amount=-5.0),
+    ]
+    read = transaction_ids([*(t.encode() for t in sales + hostile), b"not avro"], 1 << 20)
+    assert read == Replayed(frozenset(REPLAYED - {"t9"}), 5)
+    asked: list[str] = []
+
+    class Recording(FakeSearch):
+        def search(self, index: str, body: dict, **_scroll) -> dict:
+            asked.extend(body.get("query", {}).get("ids", {}).get("values", []))
+            return super().search(index, body, **_scroll)
+
+    search = Recording({"checkout-guard": BASELINE, "bt-1": CANDIDATE})
+    monkeypatch.setattr(opensearch, "make_client", lambda *_a, **_k: search)
+    report = compare_indices(Settings(), "checkout-guard", "bt-1", replayed=read)
+    assert sorted(asked) == sorted(REPLAYED - {"t9"})
+    assert (report.replayed, report.refused, report.undecided, report.compared) == (8, 5, 0, 6)
+    assert not any("in neither index" in note for note in report.notes)
+    assert "of 8 transactions replayed (and 5 records the job refuses)." in report_markdown(report)
 
 
 def _published(version: str, block_at: int) -> tuple[bytes, str]:
