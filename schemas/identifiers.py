@@ -40,6 +40,15 @@ def check(value: object, field: str, pattern: re.Pattern[str] = ID_RE) -> str:
     return value
 
 
+def shown_id(value: str, otherwise: str | None = None) -> str:
+    """``value`` where it is an id (:data:`ID_RE`), to name a rejected record on a terminal or in a report; else
+    ``otherwise``, or its length alone: a hostile id may hold a terminal escape, start a spreadsheet formula, or be
+    a megabyte long."""
+    if ID_RE.fullmatch(value):
+        return value
+    return otherwise or f"an id of {len(value)} characters, not shown"
+
+
 TEXT_MAX = 128
 """The longest free-text label a record may carry (a line item's sku or category, a product category)."""
 

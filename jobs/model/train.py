@@ -75,6 +75,7 @@ from jobs.scoring.scorer import Scorer, ScoringState
 from schemas.afd_csv import file_sha256, read_rows, replay_order, row_to_transaction
 from schemas.codec import codec, json_safe
 from schemas.errors import CheckoutGuardError, InvalidRecord
+from schemas.identifiers import shown_id
 from schemas.model_artifact import id_digest
 from schemas.records import PosTransaction
 
@@ -101,7 +102,8 @@ def observe_all(
     state: ScoringState | None = None,
     scorer: Scorer | None = None,
 ) -> History:
-    """Run records (event-time order) through the job's parse + observe; rejects are kept with reasons.
+    """Run records (event-time order) through the job's parse + observe; rejects are kept with reasons, named by
+    their transaction id where it is an id (else by its length: :func:`schemas.identifiers.shown_id`).
 
     A ``(id, reason)`` tuple in ``records`` is input that failed before it became a transaction. A copy of a
     transaction (same id and content) is counted once, as the job counts it, but its label is not part of that
@@ -120,14 +122,14 @@ def observe_all(
             continue
         env = scorer.parse(rec.encode(), None, HISTORY_TOPIC, 0, n, rec.event_time)
         if isinstance(env[0], str):  # a dead letter row: (topic, key, value)
-            out.rejected.append((rec.transaction_id, dead_letter.decode(env[2])["reason"]))
+            out.rejected.append((shown_id(rec.transaction_id), dead_letter.decode(env[2])["reason"]))
             continue
         try:
             observed, _ = scorer.observe(env, state)
             if observed is not None:
                 claims.claim(observed[0], receipt_key(observed[0]))
         except InvalidRecord as err:
-            out.rejected.append((rec.transaction_id, err.reason))
+            out.rejected.append((shown_id(rec.transaction_id), err.reason))
             continue
         if observed is None:
             out.duplicates += 1
@@ -157,13 +159,14 @@ def relabelled_line(history: History) -> str | None:
 
 
 def csv_transactions(path: Path) -> list[PosTransaction | tuple[str, str]]:
-    """A Fraud Detector CSV as transactions in event-time order; unmappable rows as (id, reason)."""
+    """A Fraud Detector CSV as transactions in event-time order; unmappable rows as (id, reason), the id being the
+    row's ``EVENT_ID`` where it is an id, else its line."""
     out: list[PosTransaction | tuple[str, str]] = []
     for row in replay_order(read_rows(path)):
         try:
             out.append(row_to_transaction(row.data))
         except ValueError as exc:
-            out.append((str(row.data.get("EVENT_ID") or f"line {row.line}"), str(exc)))
+            out.append((shown_id(str(row.data.get("EVENT_ID") or "").strip(), f"line {row.line}"), str(exc)))
     return out
 
 

@@ -715,6 +715,26 @@ def test_a_label_corrected_by_a_later_row_of_the_same_transaction_is_the_one_tra
     assert [ident for ident, _ in history.rejected] == ["e6"]  # other content: not a copy, its label is not taken
 
 
+def test_a_rejected_row_whose_id_is_no_id_is_named_by_its_length_or_line_never_shown(tmp_path):
+    """train, evaluate and backtest print the first rejected id and backtest writes each in its CSV: a hostile one
+    (from the topic, or a CSV row's EVENT_ID) put a terminal escape on the screen, a formula in the spreadsheet, or a
+    megabyte in both."""
+    from dataclasses import replace
+
+    from tests.builders import sale
+
+    hostile = replace(sale("t1"), transaction_id="\x1b[2J" + "x" * 500_000)
+    history = observe_all([hostile, replace(sale("t2"), amount=-1.0)], clean_settings())
+    assert [ident for ident, _ in history.rejected] == ["an id of 500004 characters, not shown", "t2"]
+    data = tmp_path / "hostile.csv"
+    data.write_text(
+        "EVENT_LABEL,EVENT_TIMESTAMP,EVENT_ID,ENTITY_TYPE,ENTITY_ID,order_price,payment_currency,merchant\n"
+        '0,2023-01-01T10:00:00Z,"=HYPERLINK(""http://evil.test"")\x1b[2J",customer,c1,abc,USD,fraud_A\n'
+        "0,2023-01-01T11:00:00Z,e2,customer,c1,abc,USD,fraud_A\n"
+    )
+    assert [row[0] for row in csv_transactions(data) if isinstance(row, tuple)] == ["line 2", "e2"]
+
+
 def test_train_evaluate_and_backtest_take_the_last_label_given_for_a_transaction_and_say_how_many(tmp_path):
     data = _corrected_labels_csv(tmp_path / "corrected.csv")
     says = "2 transaction id(s) take their label from a later row with the same id and content"
