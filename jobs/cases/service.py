@@ -280,11 +280,11 @@ class CaseCore:
             outs.append(self._case(expired))
             outs.append(self._service_audit(expired, "EXPIRE", "the alert was older than the expiry when read", now_ms))
         for waiting, _since in self.waiting.pop(case.case_id, []):
-            outs += self.on_command(waiting, now_ms)
+            outs += self._taken_up(waiting, now_ms)
         return outs
 
-    def on_command(self, src: Source, now_ms: int, *, wait: bool = True) -> list[Out]:
-        """A command: applied, refused, or (``wait``, a verified command for a case not opened yet) held."""
+    def on_command(self, src: Source, now_ms: int) -> list[Out]:
+        """A command read from ``commands``: counted, then applied, refused or held (:meth:`_command`)."""
         try:
             cmd = BotCommand.decode(src.value or b"")
         except DecodeError as exc:
@@ -295,6 +295,15 @@ class CaseCore:
         if self.past_horizon(src, now_ms):
             return []
         metrics.RECORDS_IN.labels(PROCESS, cmd.verb.lower()).inc()
+        return self._command(src, cmd, now_ms)
+
+    def _taken_up(self, src: Source, now_ms: int, *, wait: bool = True) -> list[Out]:
+        """A held command taken up (its case opened, or it is too old to wait): applied or refused, not counted again.
+        Before, it went through :meth:`on_command` once more, and one verdict showed as two commands."""
+        return self._command(src, BotCommand.decode(src.value or b""), now_ms, wait=wait)
+
+    def _command(self, src: Source, cmd: BotCommand, now_ms: int, *, wait: bool = True) -> list[Out]:
+        """A case command: applied, refused, or (``wait``, a verified command for a case not opened yet) held."""
         audit_id = f"case:{cmd.command_id}"
         if audit_id in self.done:
             return []
@@ -380,7 +389,7 @@ class CaseCore:
                 if not self.waiting[case_id]:
                     del self.waiting[case_id]
                 for src in stale:
-                    outs += self.on_command(src, now_ms, wait=False)
+                    outs += self._taken_up(src, now_ms, wait=False)
         for case in self.book.due(now_ms):
             log.info("expired %s (nobody decided within the expiry)", case.case_id)
             outs.append(self._case(case))

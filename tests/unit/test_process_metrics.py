@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ from infra.processes import StopRequest
 from infra.retry import Backoff
 from infra.settings import METRICS_PORTS, AlertSettings, CameraSettings, MetricsSettings, Settings, WebexSettings
 from jobs.bot.webex_bot import ParsedCommand, WebexBot
+from jobs.cases.core import case_id_for
+from jobs.cases.service import CaseCore
 from jobs.faces import watchlist_service
 from jobs.faces.stage import FaceStage, FaceStageRunner
 from jobs.faces.watchlist_service import Source, WatchlistCore, WatchlistService
@@ -45,6 +48,7 @@ from schemas.topics import CAMERA_EVENTS, TRANSACTIONS
 from sinks.alerts.message import describe
 from sinks.alerts.sender import AlertSender, DeliveryError, Ledger, check_event_time
 from sinks.opensearch.sink import OpenSearchSink
+from tests.unit import test_case_service as cases
 from tests.unit.test_bridge_runtime import GOOD, TIMED_OUT, FakeKafka
 from tests.unit.test_bridge_runtime import Clock as BridgeClock
 from tests.unit.test_bridge_runtime import _message as mqtt_message
@@ -756,6 +760,37 @@ def test_watchlist_service_counts_commands_by_verb_and_records_once_their_transa
 
     assert growth.since() == expected, "counted once, though the transaction was redone"
     assert svc.heartbeat.ready() == (False, "Kafka unreachable"), "until the loop's next turn beats again"
+
+
+# --------------------------------------------------------------------------- case-service
+
+
+def test_case_service_counts_a_verdict_that_waited_for_its_case_as_one_command() -> None:
+    """A verdict read before its alert waits for the case, then is applied when the alert opens it, or refused once
+    too old: it was counted when read and again when taken up, so one verdict showed as two commands."""
+    stage_name = "case-service"
+    expected = {
+        key(IN, stage=stage_name, kind="dismiss"): 1,
+        key(IN, stage=stage_name, kind="confirm"): 1,
+        key(IN, stage=stage_name, kind="alert"): 1,
+    }
+    growth = Growth(expected)
+    webex = WebexSettings(command_signing_key=SecretStr(cases.KEY), allowed_people=f"{cases.GUARD},{cases.LEAD}")
+    core = CaseCore(Settings(webex=webex))
+    core.marked_at = cases.NOW
+    case_id = case_id_for("watchlist:tx-1:subj-a")
+    early = cases.command_src("DISMISS", f"{case_id} not them", "c-early", offset=7)
+    orphan = replace(cases.command_src("CONFIRM", "case-000000000000", "c-orphan", offset=8), written_at=cases.NOW)
+
+    assert core.on_command(early, cases.NOW) == [] and core.on_command(orphan, cases.NOW) == []
+    opened = core.on_alert(cases.alert_src(), cases.NOW + 10)
+    refused = core.expire(cases.NOW + int(webex.command_max_age_s * 1000) + 1)
+
+    assert [cases.Case.decode(o.value).state for o in cases.of(opened, cases.CASES)] == ["open", "dismissed"]
+    assert [cases.DeadLetter.decode(o.value).error_kind for o in cases.of(refused, cases.DEAD_LETTERS)] == [
+        "unknown_case"
+    ]
+    assert growth.since() == expected
 
 
 # --------------------------------------------------------------------------- webex-bot
