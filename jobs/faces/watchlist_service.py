@@ -404,7 +404,14 @@ class WatchlistCore:
         except InvalidRecord as exc:  # oversized, undecodable (DecodeError), or an id the alert sender refuses too
             metrics.RECORDS_IN.labels(PROCESS, "invalid").inc()
             return [self._dead_letter(src, exc, now_ms)]
+        # counted once done: with the image store away (StoreAway) it is read again, and each read counted as another
+        outs = self._retain_snapshot(src, alert, now_ms)
         metrics.RECORDS_IN.labels(PROCESS, "alert").inc()
+        return outs
+
+    def _retain_snapshot(self, src: Source, alert: Alert, now_ms: int) -> list[Out]:
+        """Retain a valid alert's snapshot (or delete it when its subject is forgotten), audited once;
+        :class:`StoreAway` while the image store does not answer."""
         if not alert.snapshot_ref or f"retain:{alert.alert_id}" in self.done:
             return []
         audit = {
@@ -1165,18 +1172,20 @@ class WatchlistService:
                 topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
                 assert topic is not None and partition is not None and offset is not None, "a record has all three"
                 src = transactional.source_of(msg)
-                with metrics.timed(self._processing):
-                    try:
-                        outs = self.topics[topic](src, clock.now_ms())
-                    except StoreAway as away:  # nothing done: read again after a backoff, the offset not committed
-                        self._held = {**self._held, (topic, partition): away.ref}
-                        self._wait_for_store(TopicPartition(topic, partition, offset), away)
-                        continue
-                    if topic == ALERTS.full_name(self.prefix):
-                        self._held = {tp: ref for tp, ref in self._held.items() if tp != (topic, partition)}
-                        if not self._held:  # an alert of another partition may still wait for the image store
-                            self._store_tries, self._store_problem = 0, None
-                    self._publish(outs, [TopicPartition(topic, partition, offset + 1)])
+                started = time.perf_counter()
+                try:
+                    outs = self.topics[topic](src, clock.now_ms())
+                except StoreAway as away:  # nothing done: read again after a backoff, the offset not committed
+                    # not timed: the input is timed once, by the read that does it (the backoff was timed as work)
+                    self._held = {**self._held, (topic, partition): away.ref}
+                    self._wait_for_store(TopicPartition(topic, partition, offset), away)
+                    continue
+                if topic == ALERTS.full_name(self.prefix):
+                    self._held = {tp: ref for tp, ref in self._held.items() if tp != (topic, partition)}
+                    if not self._held:  # an alert of another partition may still wait for the image store
+                        self._store_tries, self._store_problem = 0, None
+                self._publish(outs, [TopicPartition(topic, partition, offset + 1)])
+                self._processing.observe(time.perf_counter() - started)
         except transactional.STOP_ERRORS as exc:
             if not self._stop.is_set():
                 raise

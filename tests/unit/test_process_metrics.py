@@ -57,7 +57,8 @@ from tests.unit.test_edge_face_stage_runner import Producer as FaceProducer
 from tests.unit.test_edge_face_stage_runner import tx_message
 from tests.unit.test_opensearch_sink import FakeBulkClient, alert, scored
 from tests.unit.test_watchlist_service import ALLOWED, KEY, NOW, command
-from tests.unit.test_watchlist_service_publish import FlakyTransactions, Group
+from tests.unit.test_watchlist_service_publish import FlakyTransactions, Group, _reading_one_alert
+from tests.unit.test_watchlist_service_publish import service as watchlist_service_of
 
 IN, OUT, DEAD = "cg_records_in_total", "cg_records_out_total", "cg_dead_letters_total"
 DELIVERIES, DEPTH = "cg_channel_deliveries_total", "cg_queue_depth"
@@ -760,6 +761,41 @@ def test_watchlist_service_counts_commands_by_verb_and_records_once_their_transa
 
     assert growth.since() == expected, "counted once, though the transaction was redone"
     assert svc.heartbeat.ready() == (False, "Kafka unreachable"), "until the loop's next turn beats again"
+
+
+def test_an_alert_read_again_while_the_image_store_is_away_is_one_input_timed_without_the_waits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An alert whose snapshot cannot be retained while S3 is away is read again after a backoff: each read was
+    counted as another alert, and each backoff was observed as processing time, so an outage showed as a burst of
+    slow alerts."""
+    from botocore.exceptions import EndpointConnectionError
+
+    stage_name, backoff_s = "watchlist-service", 0.1
+    alerts, timings = key(IN, stage=stage_name, kind="alert"), key("cg_processing_seconds_count", stage=stage_name)
+    spent = key("cg_processing_seconds_sum", stage=stage_name)
+    growth = Growth({alerts: 1, timings: 1, spent: 0})
+    outage = [EndpointConnectionError(endpoint_url="https://s3.example") for _ in range(2)]
+
+    class AwayStore(LocalImageStore):
+        def retain(self, ref: str, reason: str) -> None:
+            if outage:
+                raise outage.pop(0)
+            super().retain(ref, reason)
+
+    store = AwayStore(tmp_path / "images")
+    snapshot = store.put("checkout", "tx-9", b"a shopper at a lane")
+    core = WatchlistCore(Settings(stack_dir=tmp_path), engine=object(), store=store)  # type: ignore[arg-type]
+    alert = Alert("a-1", "WATCHLIST_MATCH", "HIGH", 1_800_000_000_000, "S1", "suspect", snapshot_ref=snapshot)
+    svc = watchlist_service_of(FlakyTransactions([]))
+    _reading_one_alert(svc, core, alert, monkeypatch)
+    monkeypatch.setattr(WatchlistService, "STORE_BACKOFF", Backoff(initial_s=backoff_s, maximum_s=backoff_s))
+    svc.run()
+
+    assert svc.consumer.seeks == [7, 7], "read three times"
+    grown = growth.since()
+    assert (grown[alerts], grown[timings]) == (1, 1), "one alert, retained once S3 was back"
+    assert grown[spent] < backoff_s, "the waits for S3 are no processing"
 
 
 # --------------------------------------------------------------------------- case-service
