@@ -915,21 +915,33 @@ def train_default_cmd(
         bool, typer.Option(help="Retrain even if a model exists; it replaces the champion as promote does.")
     ] = False,
     audit: Annotated[
-        bool, typer.Option(help="With --force: record the change of champion on the audit topic first.")
+        bool,
+        typer.Option(
+            help="When it replaces the champion (--force, or an earlier synthetic default): record the change of "
+            "champion on the audit topic first."
+        ),
     ] = True,
-    reason: Annotated[str | None, typer.Option(help="With --force: why (recorded in the audit event).")] = None,
+    reason: Annotated[
+        str | None,
+        typer.Option(
+            help="When it replaces the champion: why (recorded in the audit event; default: --force's, or that an "
+            "earlier synthetic default was retrained)."
+        ),
+    ] = None,
 ) -> None:
     """Make sure a model exists: train the default one from seeded synthetic POS history if not."""
     settings = get_settings()
     t0 = time.perf_counter()
     was = read_pointer(settings.models_root, CURRENT)
+    # Unforced, the champion replaced is an earlier synthetic default, and the audit event says so: not "--force".
+    why = reason or ("train-default --force" if force else None)
     try:
-        path = ensure_default_model(settings, force=force, audit=audit, reason=reason or "train-default --force")
+        path = ensure_default_model(settings, force=force, audit=audit, reason=why)
     except PointersChanged as exc:  # as promote: the operator looks at status and re-runs knowingly
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"model: {path} ({time.perf_counter() - t0:.1f}s)")
-    if force and was is not None and was != path.name:
+    if was is not None and was != path.name and read_pointer(settings.models_root, CURRENT) == path.name:
         typer.echo(f"champion: {path.name} (was {was})")
 
 

@@ -520,6 +520,23 @@ def test_an_earlier_synthetic_default_of_other_features_is_replaced_by_the_defau
     assert sent == [(old, small_model().version, reason)]
 
 
+def test_a_plain_train_default_replacing_an_earlier_synthetic_default_audits_why_not_force(tmp_path, monkeypatch):
+    """A plain ``train-default`` (no ``--force``) that replaced an earlier synthetic default sent the MODEL_PROMOTE
+    event with the reason "train-default --force", an option nobody gave, and did not say the champion changed."""
+    old = _champion_of_other_features(tmp_path)
+    meta = json.loads((tmp_path / old / "model.json").read_text())
+    meta["data"] = {**(meta.get("data") or {}), "source": "synthetic:PosGenerator(seed=1)"}
+    (tmp_path / old / "model.json").write_text(json.dumps(meta))
+    sent = _audited(monkeypatch)
+    monkeypatch.setattr(train_module, "train_default", lambda _settings: small_model())
+    monkeypatch.setenv("CG_MODEL__ARTIFACT_DIR", str(tmp_path))
+    result = CliRunner().invoke(app, ["train-default"])
+    assert result.exit_code == 0, result.output
+    reason = f"the synthetic default model {old} retrained for this code's features"
+    assert sent == [(old, small_model().version, reason)], "no --force was given"
+    assert f"champion: {small_model().version} (was {old})" in result.output
+
+
 def test_the_default_model_does_not_take_over_from_a_champion_set_while_it_trained(tmp_path, monkeypatch):
     """With no champion at the start, the default became CURRENT after its training whatever was set meanwhile (a
     ``train --current``): that champion was replaced unaudited. It stays; the default is saved beside it."""
