@@ -782,7 +782,13 @@ def evaluate(
     ] = None,
     seed: Annotated[int, typer.Option()] = 7,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
-    grid: Annotated[bool, typer.Option(help="Compare the candidate settings (GRID) instead.")] = False,
+    grid: Annotated[
+        bool,
+        typer.Option(
+            help="Compare the candidate settings (GRID) instead: each its own learner and rounds (so not "
+            "with --learner or --rounds)."
+        ),
+    ] = False,
     seeds: Annotated[
         int,
         typer.Option(min=1, help="Also repeat the evaluation with this many seeds: how much of each figure is luck."),
@@ -790,6 +796,14 @@ def evaluate(
     learner: LearnerOption = LearnerChoice.auto,
 ) -> None:
     """Rolling-origin cross-validation over all labelled rows: per fold and pooled, beside order_price alone."""
+    if grid and (rounds is not None or learner != LearnerChoice.auto):
+        # each row of the grid names its own learner and rounds: these were taken and then ignored, without a word
+        given = "--rounds" if rounds is not None else "--learner"
+        raise typer.BadParameter(
+            "--grid compares its own settings (each row's learner and rounds, the first as train chooses): "
+            f"leave {given} out, or run evaluate without --grid",
+            param_hint=given,
+        )
     _check_output(json_path, "--json")
     source = _source(csv_path, get_settings(), from_topic, labels_from_topic)
     history = source.history

@@ -431,6 +431,18 @@ def test_evaluate_grid_compares_the_candidate_settings(monkeypatch):
     assert lines[2].startswith("chosen settings") and any("without customer-profile" in line for line in lines)
 
 
+@pytest.mark.parametrize("option", [["--learner", "lightgbm"], ["--rounds", "50"]])
+def test_evaluate_grid_refuses_a_learner_or_rounds_it_would_ignore(tmp_path, monkeypatch, option):
+    """``evaluate --grid --learner lightgbm`` (or ``--rounds``) ran the whole grid, each row with its own learner and
+    rounds, as if the option had not been given."""
+    monkeypatch.setattr(train_module, "_grid", lambda *_args, **_kwargs: pytest.fail("the grid ran"))
+    data = tmp_path / "data.csv"
+    data.write_text("EVENT_LABEL,EVENT_TIMESTAMP,EVENT_ID,order_price,payment_currency,merchant\n")
+    res = CliRunner().invoke(app, ["evaluate", str(data), "--grid", *option])
+    assert res.exit_code == 2, res.output
+    assert f"leave {option[0]} out" in res.output
+
+
 @needs_afd_csv
 def test_evaluate_grid_runs_each_learner_it_names_and_gives_the_mean_over_seeds(tmp_path, monkeypatch):
     grid = (
