@@ -146,6 +146,14 @@ def observe_all(
     return out
 
 
+def rejected_line(history: History) -> str | None:
+    """One line for the rows left out, with the first and why, or None when none was: said before any figure."""
+    if not history.rejected:
+        return None
+    ident, reason = history.rejected[0]
+    return f"{len(history.rejected)} row(s) rejected and left out (first: {ident}: {reason})"
+
+
 def relabelled_line(history: History) -> str | None:
     """One line for the transactions whose label came from a later copy of them, or None when none did."""
     if not history.relabelled:
@@ -707,9 +715,8 @@ def _source(csv_path: Path | None, settings: Settings, from_topic: bool = False,
         name = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
         sha = stream.digest  # the records read: the end offsets alone named other data alike after retention
     history = observe_all(records, settings)
-    if history.rejected:  # said before any figure: evaluate and train leave these rows out
-        ident, reason = history.rejected[0]
-        typer.echo(f"{len(history.rejected)} row(s) rejected and left out (first: {ident}: {reason})")
+    if line := rejected_line(history):  # said before any figure: evaluate and train leave these rows out
+        typer.echo(line)
     if line := relabelled_line(history):
         typer.echo(line)
     joined = None
@@ -1018,6 +1025,8 @@ def backtest(
     local = LocalModel.load(model) if model else LocalModel.from_settings(settings)
     scorer = Scorer(settings, predictor=LocalPredictor(local))
     history = observe_all(csv_transactions(csv_path), settings, scorer=scorer)
+    if history.items and (line := rejected_line(history)):  # as evaluate and train say it (all rejected: an error)
+        typer.echo(line)
     if line := relabelled_line(history):
         typer.echo(line)
     decisions = backtest_rows(history, scorer)

@@ -615,6 +615,8 @@ def test_backtest_reports_unusable_rows_with_reasons_and_scores_the_rest(tmp_pat
     assert "payment_currency" in reasons["bad-currency"]
     assert "EVENT_TIMESTAMP" in reasons["bad-time"]
     assert "amount must be a positive number" in reasons["zero-price"]  # the job's own validation
+    # said on the screen too, as evaluate and train say it: before, only a count in the summary
+    assert res.output.startswith("5 row(s) rejected and left out (first: bad-price: order_price 'abc' is not a number")
 
 
 @pytest.mark.parametrize(
