@@ -91,9 +91,17 @@ class History:
     source_ids: list[str] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)
     """(event id or line, reason) of input that could not be used."""
+    rejected_unlisted: int = 0
+    """Input rejected beyond ``rejected``: a topic's undecodable records past the first ones it lists
+    (:data:`jobs.model.labels.MAX_REJECTED`), counted but not named."""
     duplicates: int = 0
     relabelled: list[str] = field(default_factory=list)
     """Ids whose label a later copy changed (a corrected label appended, as a chargeback corrects a verdict)."""
+
+    @property
+    def rejected_count(self) -> int:
+        """Input rows or records rejected, listed or not."""
+        return len(self.rejected) + self.rejected_unlisted
 
 
 def observe_all(
@@ -151,7 +159,7 @@ def rejected_line(history: History) -> str | None:
     if not history.rejected:
         return None
     ident, reason = history.rejected[0]
-    return f"{len(history.rejected)} row(s) rejected and left out (first: {ident}: {reason})"
+    return f"{history.rejected_count} row(s) rejected and left out (first: {ident}: {reason})"
 
 
 def relabelled_line(history: History) -> str | None:
@@ -350,10 +358,10 @@ def train_on(
         "data": {
             "source": source,
             "sha256": sha256,
-            "rows": len(history.items) + len(history.rejected) + history.duplicates,
+            "rows": len(history.items) + history.rejected_count + history.duplicates,
             "used": len(history.items),
             "labelled": len(data.rows),
-            "rejected": len(history.rejected),
+            "rejected": history.rejected_count,
             "duplicates": history.duplicates,
             "from": _iso(int(data.times[0])),
             "to": _iso(int(data.times[-1])),
@@ -701,6 +709,7 @@ def _source(csv_path: Path | None, settings: Settings, from_topic: bool = False,
     from schemas.topics import TRANSACTIONS
 
     records: list[PosTransaction | tuple[str, str]]
+    unlisted = 0  # rejected records the topic's reader counted but did not list (past its first MAX_REJECTED)
     if from_topic == (csv_path is not None):
         raise typer.BadParameter("give a CSV or --from-topic (one of them)")
     if csv_path is not None:
@@ -712,9 +721,11 @@ def _source(csv_path: Path | None, settings: Settings, from_topic: bool = False,
         if gone := stream.warning():
             typer.echo(f"Warning: {gone}", err=True)
         records = [*stream.rejected, *stream.transactions]
+        unlisted = stream.undecodable - len(stream.rejected)
         name = TRANSACTIONS.full_name(settings.kafka.topic_prefix)
         sha = stream.digest  # the records read: the end offsets alone named other data alike after retention
     history = observe_all(records, settings)
+    history.rejected_unlisted = unlisted
     if line := rejected_line(history):  # said before any figure: evaluate and train leave these rows out
         typer.echo(line)
     if line := relabelled_line(history):

@@ -863,6 +863,24 @@ def test_train_from_the_topics_prints_a_warning_for_what_retention_deleted_while
     assert "Warning: 2 label record(s) were deleted by retention while being read (partition 0: 2)" in " ".join(echoed)
 
 
+def test_train_from_the_topic_counts_every_undecodable_record_as_rejected_not_only_those_it_lists(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The topic's reader lists the first MAX_REJECTED undecodable records (all are counted), and training counted
+    only the listed ones: 1,200 undecodable records were "1000 row(s) rejected", in model.json's data too."""
+    from jobs.model import train
+
+    junk = [("t", 0, i, b"junk", None) for i in range(reader.MAX_REJECTED + 200)]
+    stream = decode_transactions([*junk, *(("t", 1, i, sale(f"tx-{i}", at_s=i).encode(), None) for i in range(3))])
+    assert stream.undecodable == reader.MAX_REJECTED + 200 and len(stream.rejected) == reader.MAX_REJECTED
+    monkeypatch.setattr(reader, "transactions_from_topic", lambda _s: stream)
+    echoed: list[str] = []
+    monkeypatch.setattr(train.typer, "echo", lambda text, err=False: echoed.append(text))
+    history = train._source(None, SETTINGS, from_topic=True).history
+    assert any(line.startswith(f"{reader.MAX_REJECTED + 200} row(s) rejected and left out") for line in echoed)
+    assert len(history.items) == 3 and history.rejected_count == reader.MAX_REJECTED + 200
+
+
 def test_the_training_fingerprint_of_the_topic_differs_once_retention_removed_records_with_the_same_end(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
