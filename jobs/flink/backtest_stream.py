@@ -631,7 +631,10 @@ def candidate_settings(settings: Settings, name: str, candidate: Candidate) -> S
     part of the range undecided, as the offline backtest ignores it too), and no metrics endpoints: the copy's
     job and sink took the live ``scoring-job`` and ``opensearch-sink`` ports and names, so Prometheus could
     scrape replayed decisions as live ones, and a restarted live process found its port taken (its supervisor
-    then read the copy's health as its own). The run's end is read from Kafka's offsets, not from metrics."""
+    then read the copy's health as its own). The run's end is read from Kafka's offsets, not from metrics. Nor does
+    the copy train the default model (``auto_train`` off): it shares the live models folder unless given one, and
+    at its start it could replace the live champion (an earlier synthetic default) with the audit event sent to
+    the copy's own ``audit`` topic."""
     check_name(settings, name)
     copy = settings.isolated(
         name,
@@ -647,7 +650,7 @@ def candidate_settings(settings: Settings, name: str, candidate: Candidate) -> S
         if candidate.rules_file
         else copy.rules
     )
-    model = copy.model
+    model = copy.model.model_copy(update={"auto_train": False})  # the copy reads models, never trains or replaces one
     if candidate.model_dir is not None or candidate.model_version is not None:
         model = model.model_copy(
             update={"artifact_dir": candidate.model_dir or model.artifact_dir, "artifact": candidate.model_version}

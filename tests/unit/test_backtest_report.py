@@ -192,6 +192,15 @@ def test_the_copy_serves_no_metrics_on_the_live_processes_ports(tmp_path):
     assert copy.to_env()["CG_METRICS__ENABLED"] == "False"  # what the copy's child processes are started with
 
 
+def test_the_copy_never_trains_or_replaces_a_model_in_the_live_models_folder(tmp_path):
+    """The copy shares the live models folder unless given one; training the default at its start could replace the
+    live champion (an earlier synthetic default), the audit event going to the copy's own audit topic."""
+    live = Settings(stack_dir=tmp_path)
+    assert live.model.auto_train
+    assert not candidate_settings(live, "bt-1", Candidate()).model.auto_train
+    assert candidate_settings(live, "bt-1", Candidate()).to_env()["CG_MODEL__AUTO_TRAIN"] == "False"
+
+
 @pytest.mark.parametrize("name", ["checkout", "checkout-guard"])
 def test_a_backtest_name_that_takes_in_the_live_indices_is_refused(tmp_path, name: str):
     """cleanup deleted <name>-*: 'checkout' took every live checkout-guard-* index with it."""
