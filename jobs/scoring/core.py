@@ -390,11 +390,16 @@ class DecisionCore:
             if value is None:
                 return None
             update = ControlUpdate(RULES_KEY, self.rules_codec.decode(value))
-        else:
-            subject = (key or b"").decode()
-            entry = self.watch_codec.decode(value) if value is not None else None
-            update = ControlUpdate(f"wl:{subject}", entry)
-            self._check_broadcast(*update)
+            # Parsed even where not applied (the start-up read passed it), so a rule set the job refuses never
+            # enters the broadcast state over the one in force: a restore without the read would lose that one.
+            rule_set = RuleSet.from_yaml(update.value["yaml"], published=True)
+            if apply:
+                self._use_rules(rule_set)
+            return update
+        subject = (key or b"").decode()
+        entry = self.watch_codec.decode(value) if value is not None else None
+        update = ControlUpdate(f"wl:{subject}", entry)
+        self._check_broadcast(*update)
         if apply:
             self._apply_broadcast(*update)
         return update
@@ -432,14 +437,17 @@ class DecisionCore:
 
     def _apply_broadcast(self, key: str, value: Any) -> None:
         if key == RULES_KEY:
-            self.scorer.rule_set = RuleSet.from_yaml(value["yaml"], published=True)
-            log.info("rule set %s active", self.scorer.rule_set.version)
+            self._use_rules(RuleSet.from_yaml(value["yaml"], published=True))
         elif key.startswith("wl:") and self.watchlist is not None:
             if value is None:
                 self.watchlist.remove(key[3:])
                 self.forgotten.append(key[3:])
             else:
                 self.watchlist.upsert(value)
+
+    def _use_rules(self, rule_set: RuleSet) -> None:
+        self.scorer.rule_set = rule_set
+        log.info("rule set %s active", rule_set.version)
 
     def _forget_faces(self) -> None:
         """``forget subj-<tx>`` also drops the subject's buyer faces: that transaction's, and those matched to the

@@ -30,6 +30,7 @@ from tests.unit.test_decision_core import (
     DEADLINE,
     DLQ,
     NOW,
+    RULES_TOPIC,
     SUSPECT_FACE,
     TX,
     WATCH_TOPIC,
@@ -39,6 +40,7 @@ from tests.unit.test_decision_core import (
     face_record,
     make_core,
     persist,
+    rules_update,
     scored,
     settings,
     tx_record,
@@ -163,6 +165,30 @@ def test_a_bad_watchlist_entry_is_not_kept_even_when_the_start_up_read_already_p
     replay = core.on_control(WATCH_TOPIC, b"subj-nan", watch_entry("subj-nan", NAN_FACE), 0, 0)
     assert replay.update is None and kinds(replay.outputs) == ["invalid_update"]
     assert "subj-nan" not in core.watchlist
+
+
+def test_a_bad_rule_set_is_not_kept_even_when_the_start_up_read_already_passed_its_offset():
+    """The broadcast stream meets what the start-up read applied again, not applied; a rule set the read skipped
+    must not become the broadcast state's, or a restore that cannot read the topic runs without the good one."""
+    core = DecisionCore(settings(bootstrap_control=True), watchlist=Watchlist(), clock=clock)
+    good = rules_update("2099.1")
+    record = codec("RuleSetUpdate").decode(rules_update("2099.2"))
+    bad = codec("RuleSetUpdate").encode(record | {"yaml": record["yaml"].replace("block_at: 85", "block_at: lots")})
+
+    def read(s, apply):
+        apply(RULES_TOPIC, b"active", good)
+        apply(RULES_TOPIC, b"active", bad)  # skipped at start: the good one stays in force
+        return {(RULES_TOPIC, 0): 1}
+
+    core.bootstrap(read)
+    assert core.rule_set.version == "2099.1"
+    kept = core.on_control(RULES_TOPIC, b"active", good, 0, 0)
+    replay = core.on_control(RULES_TOPIC, b"active", bad, 0, 1)
+    assert kept.update is not None and kept.update.value["version"] == "2099.1"
+    assert replay.update is None and kinds(replay.outputs) == ["invalid_update"]
+    restored = DecisionCore(settings(), watchlist=Watchlist(), clock=clock)
+    restored.restore({}, {kept.update.key: kept.update.value})
+    assert restored.rule_set.version == "2099.1"
 
 
 def test_a_watchlist_entry_with_a_path_subject_or_another_key_is_dead_lettered():
