@@ -15,7 +15,7 @@ from __future__ import annotations
 import getpass
 import reprlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any
@@ -85,6 +85,11 @@ def _shown(value: Any) -> str:
     each of nine levels): a full repr of such a value expands it, and took minutes and gigabytes."""
     return _SHOWN.repr(value)
 
+
+MAX_VERSION_CHARS = 128
+"""The longest ``version`` taken from a file or ``CG_RULES__VERSION``. It is stamped on every decision and indexed
+as a keyword: one over Lucene's 32 766-byte term made OpenSearch refuse every scored transaction, and a line break
+or terminal escape in it went into every log line and report naming the rule set."""
 
 _THRESHOLDS = ("block_at", "review_at")
 """The thresholds ``CG_RULES__*`` may override."""
@@ -206,11 +211,13 @@ class RuleSet:
             return base
         data = base.to_dict()
         data["thresholds"].update(changed)
-        data["version"] = rules.version if rules.version is not None else _overridden_version(base.version, changed)
         names = {f"thresholds.{k}": f"CG_RULES__{k.upper()}" for k in changed}
         if rules.version is not None:
+            data["version"] = rules.version
             names["version"] = "CG_RULES__VERSION"
-        return cls.from_dict(data, names=names)
+            return cls.from_dict(data, names=names)
+        # the suffix is ours, not the file's: the file's version was checked, the stamp may be longer
+        return replace(cls.from_dict(data, names=names), version=_overridden_version(base.version, changed))
 
     @classmethod
     def from_yaml(cls, text: str, published: bool = False) -> RuleSet:
@@ -241,7 +248,7 @@ class RuleSet:
         raw_version = data.get("version")
         if published and isinstance(raw_version, int | float | date):  # bool too: `version: yes` was "True"
             raw_version = str(raw_version)  # as the publish of its time stamped it
-        version = _version(raw_version, names.get("version", "version"), errors)
+        version = _version(raw_version, names.get("version", "version"), errors, published)
         block_at, review_at = _thresholds(data, errors, names)
         weights = _weights(data, errors)
         bands = _model_bands(data, errors)
@@ -351,11 +358,19 @@ def _int(
 # --- rule set sections: each checks its part of the parsed YAML and appends what is wrong to ``errors`` ----------
 
 
-def _version(value: Any, name: str, errors: list[str]) -> str | None:
+def _version(value: Any, name: str, errors: list[str], published: bool = False) -> str | None:
     """``version``: a string as written. YAML reads an unquoted ``1.10`` as the number 1.1 (``1.10`` and ``1.1``
-    would be stamped alike) and ``2026-12-06`` as a date, so only a string is taken."""
+    would be stamped alike) and ``2026-12-06`` as a date, so only a string is taken; and one line of at most
+    :data:`MAX_VERSION_CHARS` printable characters, unless ``published`` (what the rules topic holds stands)."""
     if isinstance(value, str) and value.strip():
-        return value.strip()
+        version = value.strip()
+        if not published and (len(version) > MAX_VERSION_CHARS or not version.isprintable()):
+            errors.append(
+                f"{name}: at most {MAX_VERSION_CHARS} printable characters on one line (got {len(version)} "
+                f"characters{'' if version.isprintable() else ', with a line break or control character'})"
+            )
+            return None
+        return version
     if value is None or isinstance(value, str):
         errors.append(f"{name}: required, a non-empty string")
     else:

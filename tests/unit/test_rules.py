@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -140,6 +141,25 @@ def test_a_version_yaml_reads_as_a_number_or_a_date_is_refused_with_a_hint_to_qu
         RuleSet.from_yaml(text)
     quoted = text.replace(f"version: {written}", f'version: "{written}"')
     assert RuleSet.from_yaml(quoted).version == written
+
+
+def test_a_version_that_is_not_one_short_line_is_refused_in_a_file_and_from_the_environment(tmp_path):
+    """It is stamped on every decision and indexed as a keyword: 40 000 characters made OpenSearch refuse every
+    scored transaction, and a line break split every log line naming it."""
+    for version, what in (("v" * 40_000, "got 40000 characters"), ("2026.12.06-1\x1b[2J", "control character")):
+        default = DEFAULT_RULESET.read_text()
+        text = default.replace(re.search(r"^version: .*$", default, flags=re.M)[0], f"version: {json.dumps(version)}")
+        with pytest.raises(RuleSetError, match=f"version: at most 128 printable characters.*{re.escape(what)}"):
+            RuleSet.from_yaml(text)
+        with pytest.raises(RuleSetError, match="CG_RULES__VERSION: at most 128"):
+            RuleSet.from_settings(RulesSettings(version=version))
+        assert RuleSet.from_yaml(text, published=True).version == version, "what the topic holds stands"
+    long = "2026.12.06-1 store trial " + "x" * 103
+    text = re.sub(r"^version: .*$", f'version: "{long}"', DEFAULT_RULESET.read_text(), count=1, flags=re.M)
+    assert RuleSet.from_yaml(text).version == long
+    (tmp_path / "long.yaml").write_text(text)
+    tuned = RuleSet.from_settings(RulesSettings(ruleset_file=tmp_path / "long.yaml", block_at=90, review_at=40))
+    assert tuned.version == f"{long}+block_at=90+review_at=40", "the stamp's suffix is not the file's version"
 
 
 def test_a_rule_set_published_before_the_stricter_checks_still_runs_after_a_restart():
