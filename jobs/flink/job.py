@@ -55,6 +55,7 @@ from infra.processes import StopRequest, done_by, exit_deadline, in_daemon, stop
 from infra.settings import REPO_ROOT, Settings, face_deadline_problem, get_settings
 from infra.stack import StackError, StackPaths, flink_connector_jars, flink_ext_jar
 from jobs.flink.operator import BROADCAST, DecideStep
+from jobs.scoring.rules import RuleSet, RuleSetError
 from schemas.errors import CheckoutGuardError
 from schemas.records import REDRIVEN_HEADER
 from schemas.topics import (
@@ -652,10 +653,23 @@ def kafka_sink(t_env: StreamTableEnvironment, out: DataStream, settings: Setting
     statements.attach_as_datastream()
 
 
+def settings_problem(settings: Settings) -> str | None:
+    """Why the job must not start with these settings: a face deadline too short (as supervise refuses it, for any
+    way in), or a rule set (``CG_RULES__*``) that does not load. Every worker builds that rule set as its step opens:
+    refused there, the step failed and Flink's restart strategy started it again without end, deciding nothing."""
+    if (problem := face_deadline_problem(settings)) is not None:
+        return problem
+    try:
+        RuleSet.from_settings(settings.rules)
+    except RuleSetError as err:
+        return str(err)
+    return None
+
+
 def main(settings: Settings | None = None, log_level: str | None = None) -> None:
     settings = settings or get_settings()
     setup_logging(settings, log_level, "job")
-    if (problem := face_deadline_problem(settings)) is not None:  # as supervise refuses it, for any way in
+    if (problem := settings_problem(settings)) is not None:
         log.error("refusing to start: %s", problem)
         raise SystemExit(2)
     settings.checkpoint_dir.mkdir(parents=True, exist_ok=True)

@@ -405,3 +405,38 @@ def test_a_rule_set_file_over_the_size_limit_is_refused_without_reading_it_all(t
     assert code == 1 and out == "" and err == f"Error: rule set {big} is larger than 256 KiB\n"
     with pytest.raises(RuleSetError, match="at most 256 KiB"):
         RuleSet.from_yaml(big.read_text())
+
+
+@pytest.mark.parametrize(
+    "rules, named",
+    [
+        (RulesSettings(block_at=55), "CG_RULES__BLOCK_AT (55): face evidence alone would block"),
+        (RulesSettings(ruleset_file=DEFAULT_RULESET.with_name("missing.yaml")), "cannot read rule set"),
+    ],
+)
+def test_the_job_refuses_to_start_with_a_rule_set_its_workers_would_refuse(tmp_path, monkeypatch, caplog, rules, named):
+    """Each worker builds the settings' rule set when its step opens: refused there, the step failed and Flink's
+    restart strategy started it again without end, deciding nothing, the reason only in the workers' log."""
+    from infra.settings import JobSettings, ModelSettings, Settings
+    from jobs.flink import job
+
+    monkeypatch.setattr(job, "setup_logging", lambda *a: None)
+    monkeypatch.setattr(job, "_without_worker_pool_server", lambda: None)
+    monkeypatch.setattr(job, "submitted_to_cluster", lambda: False)
+    monkeypatch.setattr(job, "beside_cluster_job", lambda *a: None)
+
+    def built(*_args: object) -> None:
+        raise AssertionError("the job must not be built")
+
+    monkeypatch.setattr(job, "start_point", built)
+    settings = Settings(
+        stack_dir=tmp_path / "stack",
+        job=JobSettings(checkpoint_dir=tmp_path / "checkpoints"),
+        model=ModelSettings(backend="none"),
+        rules=rules,
+    )
+    with pytest.raises(SystemExit) as refused, caplog.at_level("ERROR"):
+        job.main(settings)
+    assert refused.value.code == 2
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert line.startswith("refusing to start: ") and named in line
