@@ -6,7 +6,10 @@ watchlist tombstone). The OpenSearch sink reads those audit events (:func:`forge
 
 - deletes the subject's face observations (``subject_id``) and those of its enrolment sale (``transaction_id``
   = the ``<tx>`` of ``subj-<tx>``: the buyer whose face was enrolled) from every period index
-  (:attr:`~schemas.indices.Route.erased_with_subject`);
+  (:attr:`~schemas.indices.Route.erased_with_subject`), and the sightings the scoring job matched to the subject
+  (:func:`matched_sightings`: with the local backend, the default, the face stage reports ``NO_MATCH`` without a
+  subject and the job does the match, so those observations name no subject; they are found by the image of the
+  subject's alerts and by the transactions the job decided with the subject's face);
 - removes the face-derived fields (image refs, :attr:`~schemas.indices.Route.face_fields`) from the subject's
   alerts and cases, and from those of its enrolment sale (``transaction_id``: the snapshot of the buyer
   enrolled), keeping the decision (subject id, category, similarity, verdict): the forget itself is an audit
@@ -50,6 +53,7 @@ from schemas.indices import (
     ROUTES,
     Route,
     enrolment_transaction,
+    index_name,
 )
 
 log = logging.getLogger(__name__)
@@ -271,7 +275,7 @@ def erase_forgotten(
     client: OpenSearch,
     index_prefix: str,
     forgets: Sequence[Forget],
-    routes: Iterable[Route] = ROUTES,
+    routes: Sequence[Route] = ROUTES,
     lifted: Mapping[str, int] | None = None,
 ) -> EraseReport:
     """Delete and strip what ``forgets`` reach in every index of the prefix (read aliases: every period index).
@@ -284,12 +288,92 @@ def erase_forgotten(
     report = EraseReport()
     if not forgets:
         return report
+    # The face observations first, and nothing stripped while some are left: the alerts' image refs are what find
+    # the sightings the job matched (matched_sightings), and a repeated round must find them again.
+    erased = [route for route in routes if route.erased_with_subject]
+    for route in erased:
+        _erase_route(client, route, index_prefix, forgets, lifted, report)
+    if erased:
+        try:
+            sightings = matched_sightings(client, index_prefix, forgets, lifted)
+        except ScanError as exc:  # some shard did not answer: a sighting it holds was not found
+            report.problem = f"scan incomplete: {exc}"
+            return report
+        for route in erased:
+            for field_name, values in sightings.items():
+                for start in range(0, len(values), TERMS_PER_QUERY):
+                    query = {"query": {"terms": {field_name: values[start : start + TERMS_PER_QUERY]}}}
+                    _erase_in(client, route, route.index(index_prefix), query, report)
+    if report.problem:
+        return report  # the caller repeats the round
     for route in routes:
-        for start in range(0, len(forgets), TERMS_PER_QUERY):
-            query = erase_query(route, forgets[start : start + TERMS_PER_QUERY], lifted)
-            if query is not None:
-                _erase_in(client, route, route.index(index_prefix), query, report)
+        if not route.erased_with_subject:
+            _erase_route(client, route, index_prefix, forgets, lifted, report)
     return report
+
+
+def _erase_route(
+    client: OpenSearch,
+    route: Route,
+    index_prefix: str,
+    forgets: Sequence[Forget],
+    lifted: Mapping[str, int] | None,
+    report: EraseReport,
+) -> None:
+    """What ``forgets`` reach by subject and enrolment sale in ``route``'s indices (:func:`erase_query`)."""
+    for start in range(0, len(forgets), TERMS_PER_QUERY):
+        query = erase_query(route, forgets[start : start + TERMS_PER_QUERY], lifted)
+        if query is not None:
+            _erase_in(client, route, route.index(index_prefix), query, report)
+
+
+SIGHTING_LINKS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("alerts", "subject_id", ("snapshot_ref", "transaction_id")),
+    ("transactions", "face_subject_id", ("transaction_id",)),
+)
+"""Where the scoring job recorded its watch-list matches: ``(index kind, subject field, fields that name the matched
+face observation)``. An alert of the subject shows the matched observation's image (``snapshot_ref`` = its
+``image_ref``) and, at a checkout, its transaction; a decided transaction names the subject its face matched."""
+SIGHTING_FIELDS = {"snapshot_ref": "image_ref", "transaction_id": "transaction_id"}
+"""A link's field -> the face observation's field holding the same value."""
+
+
+def matched_sightings(
+    client: OpenSearch, index_prefix: str, forgets: Sequence[Forget], lifted: Mapping[str, int] | None = None
+) -> dict[str, list[str]]:
+    """The face observations the scoring job matched to the subjects of ``forgets``, as values of their fields
+    (``image_ref``, ``transaction_id``). With the local backend (the default) the face stage reports every usable face
+    ``NO_MATCH`` without a subject and the job searches its watchlist: the observation of a sighting names nobody, so a
+    forget by ``subject_id`` left it, image ref and (``CG_INDICES__INCLUDE_FACE_EMBEDDINGS``) embedding, until the
+    index's retention. A subject enrolled again (``lifted``) is reached only before that enrolment."""
+    lifted = lifted or {}
+    found: dict[str, set[str]] = {name: set() for name in SIGHTING_FIELDS.values()}
+    for kind, subject_field, fields in SIGHTING_LINKS:
+        for start in range(0, len(forgets), TERMS_PER_QUERY):
+            chunk = forgets[start : start + TERMS_PER_QUERY]
+            whole = sorted({f.subject_id for f in chunk if f.subject_id not in lifted})
+            whose: list[dict[str, Any]] = [{"terms": {subject_field: whole}}] if whole else []
+            for subject in sorted({f.subject_id for f in chunk if f.subject_id in lifted}):
+                before = {"range": {"event_time": {"lt": lifted[subject]}}}
+                whose.append({"bool": {"filter": [{"term": {subject_field: subject}}, before]}})
+            query = {"query": {"bool": {"should": whose, "minimum_should_match": 1}}, "_source": list(fields)}
+            try:
+                for hit in scan(
+                    client,
+                    index=index_name(index_prefix, kind),
+                    query=query,
+                    size=1000,
+                    ignore_unavailable=True,
+                    expand_wildcards="open",
+                ):
+                    source = hit.get("_source") or {}
+                    for name in fields:
+                        if isinstance(value := source.get(name), str) and value:
+                            found[SIGHTING_FIELDS[name]].add(value)
+            except NotFoundError as exc:
+                if exc.error != "index_not_found_exception":
+                    raise
+    return {name: sorted(values) for name, values in found.items() if values}
 
 
 def _erase_in(client: OpenSearch, route: Route, alias: str, query: dict[str, Any], report: EraseReport) -> None:

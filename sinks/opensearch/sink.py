@@ -18,7 +18,8 @@ known only by e-mail address is indexed as ``email-hmac:<keyed hash>`` (``indice
 by the address (``sinks/opensearch/pseudonymise.py`` rewrites documents indexed before that).
 
 Forget: the sink also reads ``audit`` for the watchlist service's ``FORGET`` / ``EXPIRE`` events and deletes the
-subject's face observations (and its enrolment sale's) and the image refs of its alerts and cases, before the
+subject's face observations (its enrolment sale's, and the sightings the job matched to it) and the image refs of
+its alerts and cases, before the
 batch's offsets are committed; every forgotten subject is remembered (``audit`` is read from its start when the
 sink starts), so its faces are never indexed again (:mod:`sinks.opensearch.forget`).
 

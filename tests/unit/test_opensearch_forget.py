@@ -3,6 +3,7 @@ doing it twice changes nothing, that a forgotten subject's face is not indexed a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from typing import Any
@@ -250,6 +251,81 @@ def test_a_forget_strips_the_face_fields_of_the_subjects_alerts_and_cases_and_ke
     assert next(s for (i, d), s in cluster.docs.items() if d == "alert-2")["snapshot_ref"] == "entrance/alert-2.jpg"
     assert cluster.docs[("cg-cases-all", "case-2")]["snapshot_ref"] == "a.jpg"
     assert report.stripped == {"alerts": 1, "cases": 1}
+
+
+def local_sightings(cluster: FakeCluster) -> None:
+    """Sightings matched by the scoring job (the local backend, the default): the face stage's observations say
+    ``NO_MATCH`` and name nobody; the alerts and the decided transaction name the subject."""
+    indexed(cluster, observation("checkout:tx-30", tx="tx-30"), "face_observations")  # matched at a checkout
+    indexed(cluster, observation("entrance:Q2:7:1"), "face_observations")  # matched at an entrance
+    indexed(cluster, observation("checkout:tx-31", tx="tx-31"), "face_observations")  # its alert gone with retention
+    checkout = Alert(
+        alert_id="watchlist:checkout:tx-30:" + SUBJECT,
+        kind="WATCHLIST_MATCH",
+        severity="high",
+        event_time=1_700_000_000_000,
+        store_id="S1",
+        summary="suspect at checkout",
+        transaction_id="tx-30",
+        subject_id=SUBJECT,
+        category="SUSPECT",
+        similarity=71.0,
+        snapshot_ref="checkout/checkout:tx-30.jpg",
+    )
+    indexed(cluster, checkout, "alerts")
+    entrance = face_alert("watchlist:entrance:Q2:7:1:" + SUBJECT, SUBJECT)
+    indexed(cluster, dataclasses.replace(entrance, snapshot_ref="checkout/entrance:Q2:7:1.jpg"), "alerts")
+    scored = {"transaction_id": "tx-31", "event_time": 1_700_000_000_000, "face_subject_id": SUBJECT}
+    cluster.put("cg-transactions-2023.11.14", "tx-31", scored)
+
+
+def test_a_forget_deletes_the_sightings_the_job_matched_to_the_subject_whose_observations_name_nobody() -> None:
+    """With the local backend the face stage's observation of a sighting is ``NO_MATCH`` without a subject (the job
+    matches): a forget by ``subject_id`` left the subject's sightings, image ref and embedding, until retention."""
+    cluster = populated()
+    local_sightings(cluster)
+    report = erase_forgotten(cluster, PREFIX, [Forget(SUBJECT, SALE)])  # type: ignore[arg-type]
+    left = {doc_id for (index, doc_id) in cluster.docs if "-face_observations-" in index}
+    assert left == {"checkout:tx-21", "checkout:tx-22"}
+    assert report.deleted == {"face_observations": 6} and report.problem is None
+    assert cluster.docs[("cg-transactions-2023.11.14", "tx-31")]["face_subject_id"] == SUBJECT  # the decision stays
+
+
+def test_a_sighting_the_job_matched_to_a_subject_enrolled_again_after_its_forget_stays() -> None:
+    cluster = populated()
+    local_sightings(cluster)
+    lifted = {SUBJECT: 1_600_000_000_000}  # enrolled again before these sightings
+    erase_forgotten(cluster, PREFIX, [Forget(SUBJECT, SALE)], lifted=lifted)  # type: ignore[arg-type]
+    left = {doc_id for (index, doc_id) in cluster.docs if "-face_observations-" in index}
+    assert {"checkout:tx-30", "entrance:Q2:7:1", "checkout:tx-31"} <= left  # the new entry's sightings
+
+
+def test_a_round_that_could_not_delete_every_face_observation_strips_nothing_so_its_repeat_finds_them() -> None:
+    """The alerts' image refs find the job's matched sightings: stripped in a round whose deletes failed, the
+    repeated round could no longer find the entrance sighting."""
+
+    class BusyOnce(FakeCluster):
+        busy = True
+
+        def bulk(self, body: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            lines = [json.loads(line) for line in body.splitlines() if line]
+            if self.busy and any("delete" in line for line in lines):
+                self.busy = False
+                rejected = {"status": 503, "error": {"type": "unavailable_shards_exception"}}
+                items = [{"delete": {**line["delete"], **rejected}} for line in lines if "delete" in line]
+                return {"errors": True, "items": items}
+            return super().bulk(body, *args, **kwargs)
+
+    cluster = BusyOnce()
+    template = populated()
+    cluster.docs, cluster.meta = template.docs, template.meta
+    local_sightings(cluster)
+    first = erase_forgotten(cluster, PREFIX, [Forget(SUBJECT, SALE)])  # type: ignore[arg-type]
+    assert first.problem is not None and first.stripped == {}
+    again = erase_forgotten(cluster, PREFIX, [Forget(SUBJECT, SALE)])  # type: ignore[arg-type]
+    assert again.problem is None
+    left = {doc_id for (index, doc_id) in cluster.docs if "-face_observations-" in index}
+    assert left == {"checkout:tx-21", "checkout:tx-22"}
 
 
 def test_forgetting_twice_changes_nothing_the_second_time() -> None:
