@@ -82,13 +82,14 @@ from infra.processes import done_by, exit_deadline
 from infra.retry import call_with_retries
 from infra.settings import Settings, get_settings
 from jobs.cases.core import ESCALATED, PENDING, parse_case_command
-from jobs.faces.checkout_inspect import Lookup
+from jobs.faces.checkout_inspect import FACE_MATCH_CAVEAT, Lookup
 from schemas.errors import CheckoutGuardError, InvalidRecord
 from schemas.identifiers import ID_RE, check
 from schemas.records import (
     CASE_VERBS,
     MAX_CASE_TEXT,
     OUTCOME_WORDS,
+    REKOGNITION_MATCHER,
     BotCommand,
     WatchlistEntry,
     case_text,
@@ -376,11 +377,14 @@ def recorded_checkout(lookup: Lookup) -> Callable[[str], str]:
         if doc is None:
             return f"No decision on `{tx_id}` is stored yet."
         face = doc.get("face_status") or "UNAVAILABLE"
+        caveat = ""
         if face == "MATCHED":
+            by = " by Rekognition" if doc.get("face_matcher") == REKOGNITION_MATCHER else ""
             face_text = (
                 f"face matches **{(doc.get('face_category') or '').lower()}** `{doc.get('face_subject_id')}` "
-                f"({doc.get('face_similarity') or 0:.1f}% similar)"
+                f"({doc.get('face_similarity') or 0:.1f}% similar{by})"
             )
+            caveat = f" {FACE_MATCH_CAVEAT}"
         else:
             face_text = {
                 "NO_MATCH": "a face was seen, no watchlist match",
@@ -389,7 +393,7 @@ def recorded_checkout(lookup: Lookup) -> Callable[[str], str]:
             }.get(face, face.lower())
         return (
             f"Transaction `{tx_id}` at store {doc.get('store_id')} lane {doc.get('lane_id')}: "
-            f"{OUTCOME_WORDS.get(doc.get('outcome') or '', '?')} (risk {doc.get('risk_score')}); {face_text}. "
+            f"{OUTCOME_WORDS.get(doc.get('outcome') or '', '?')} (risk {doc.get('risk_score')}); {face_text}.{caveat} "
             "Taking a fresh snapshot of that lane's camera now..."
         )
 

@@ -24,6 +24,18 @@ log = logging.getLogger("checkout_guard.checkout_inspect")
 
 Lookup = Callable[[str], dict[str, Any] | None]
 
+FACE_MATCH_CAVEAT = "A face match is a lead, not proof: compare the faces yourself before anyone acts."
+"""Ends every ``checkout <tx>`` reply that names a watch-listed match (as an alert's "Please" line does): security
+reads the bot's answer, not only the alert, and a subject id with a similarity read as a verdict."""
+
+
+def match_caveat(threshold: float | None = None, by_rekognition: bool = False) -> str:
+    """What follows a match's similarity in a reply: the threshold it was matched at (on the engine's own 0-100
+    scale: 68.8 is a clear local match, 99.1 a bare Rekognition one), then :data:`FACE_MATCH_CAVEAT`."""
+    scale = "Rekognition's match threshold" if by_rekognition else "the match threshold"
+    at = f" ({scale} is {threshold:.1f})" if threshold is not None else ""
+    return f"{at}. {FACE_MATCH_CAVEAT}"
+
 
 def opensearch_lookup(settings: Settings, client: Any, kind: str = "transactions") -> Lookup:
     """The scored transaction by id (store, lane, event time, outcome, face result), or with ``kind="cases"``
@@ -185,17 +197,19 @@ class CheckoutInspector:
                 f"Transaction `{tx_id}` at {where}: fresh snapshot {when}; a face (quality {face.quality:.2f}) "
                 "that matches nobody on the watchlist."
             )
-        by = " by Rekognition" if self._collection is not None else ""
-        similar = f"({match.similarity:.1f}% similar{by})"
+        rekognition = self._collection is not None
+        faces = self.settings.faces
+        similar = f"({match.similarity:.1f}% similar{' by Rekognition' if rekognition else ''})"
+        caveat = match_caveat(faces.rekognition_match_threshold if rekognition else faces.match_threshold, rekognition)
         if shot.fell_back_to_now:  # whoever stands at the lane now: not the buyer of that sale
             return (
                 f"Transaction `{tx_id}` at {where}: no footage of the sale, so a live view; the face at the lane now "
                 f"matches **{match.category.lower()}** `{match.subject_id}` {similar}. "
-                "This is not the buyer's picture."
+                f"This is not the buyer's picture{caveat}"
             )
         return (
             f"Transaction `{tx_id}` at {where}: fresh snapshot {when}; the face matches "
-            f"**{match.category.lower()}** `{match.subject_id}` {similar}."
+            f"**{match.category.lower()}** `{match.subject_id}` {similar}{caveat}"
         )
 
     def _match(self, image: bytes, usable: list, face: Any) -> Any:

@@ -178,3 +178,41 @@ def test_a_document_without_its_store_lane_or_time_is_answered_not_a_key_error(t
     ) as inspect:
         reply = inspect("tx-x")
     assert reply == f"Transaction `tx-x` is indexed without its {says}: I cannot tell which camera to ask."
+
+
+@pytest.mark.parametrize("of_the_sale", [True, False])
+def test_a_match_in_the_reply_comes_with_its_threshold_and_the_advice_to_compare_the_faces(of_the_sale: bool) -> None:
+    """The reply named a subject with a bare "68.8% similar": no threshold to read it against, and no word that a
+    match is a lead for a person to check, not a verdict, which every alert and the case page say."""
+    import numpy as np
+
+    from infra.clients.meraki import Snapshot
+    from jobs.faces.checkout_inspect import FACE_MATCH_CAVEAT
+    from jobs.faces.engine import DetectedFace
+    from jobs.scoring.watchlist import Match
+
+    class OneFace:
+        def analyse(self, image: bytes, max_embedded: int | None = None) -> list:
+            return [DetectedFace((0, 0, 80, 80), 0.9, True, None, np.zeros(FACE_LEN, dtype=np.float32))]
+
+    class Kept:
+        def put(self, kind: str, key: str, data: bytes) -> str:
+            return f"file:{kind}/{key}"
+
+    class Listed:
+        def search(self, embedding: object) -> Match:
+            return Match("subj-tx-1", "SUSPECT", 68.83)
+
+    def snapshot(serial: str, timestamp_ms: int | None = None) -> Snapshot:
+        return Snapshot(serial, b"\xff\xd8\xff" + bytes(64), "image/jpeg", timestamp_ms, not of_the_sale, 1, 1, 0.1)
+
+    settings = Settings()
+    docs = {"tx-2": {"store_id": STORE, "lane_id": "lane-01", "event_time": 1_800_000_000_000}}
+    inspect = CheckoutInspector(
+        settings, lookup=docs.get, snapshot=snapshot, engine=OneFace(), store=Kept(), watchlist_loader=Listed
+    )
+    reply = inspect("tx-2")
+    assert "matches **suspect** `subj-tx-1` (68.8% similar)" in reply
+    assert f"(the match threshold is {settings.faces.match_threshold:.1f})" in reply
+    assert reply.endswith(FACE_MATCH_CAVEAT)
+    assert ("This is not the buyer's picture" in reply) is not of_the_sale

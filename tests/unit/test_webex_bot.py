@@ -856,3 +856,28 @@ print(round(time.monotonic() - sent[0], 2), bool(closed))
     took, closed = out.stdout.split()
     assert float(took) < 1.7, f"the bot stopped {took}s after its SIGTERM; the SIGKILL comes at 2.5 s"
     assert closed == "True", "the bot's clients were not closed"
+
+
+def test_the_recorded_checkout_answer_says_which_engine_matched_and_that_a_match_is_no_proof() -> None:
+    """``checkout <tx>`` named the subject a decision matched with a bare similarity: no word of Rekognition (whose
+    99 is a bare match where the local engine's 68 is a clear one) and none that a match is a lead to check."""
+    from jobs.faces.checkout_inspect import FACE_MATCH_CAVEAT
+
+    doc = {
+        "store_id": "S1",
+        "lane_id": "L2",
+        "outcome": "REVIEW",
+        "risk_score": 60,
+        "face_status": "MATCHED",
+        "face_category": "SUSPECT",
+        "face_subject_id": "subj-tx-1",
+        "face_similarity": 99.41,
+        "face_matcher": "rekognition",
+    }
+    reply = webex_bot.recorded_checkout({"tx-3": doc}.get)("tx-3")
+    assert "face matches **suspect** `subj-tx-1` (99.4% similar by Rekognition)." in reply
+    assert FACE_MATCH_CAVEAT in reply
+    local = webex_bot.recorded_checkout({"tx-3": {**doc, "face_matcher": "local", "face_similarity": 68.8}}.get)("tx-3")
+    assert "(68.8% similar)." in local and FACE_MATCH_CAVEAT in local
+    no_match = webex_bot.recorded_checkout({"tx-3": {**doc, "face_status": "NO_MATCH"}}.get)("tx-3")
+    assert FACE_MATCH_CAVEAT not in no_match
