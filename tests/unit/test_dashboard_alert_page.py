@@ -10,7 +10,7 @@ from starlette.testclient import TestClient
 
 from infra.settings import Settings
 from sinks.dashboard.app import Dashboard, create_app
-from tests.unit.dashboard_pages import NODE, facts, run_page
+from tests.unit.dashboard_pages import NODE, STATIC, facts, run_page
 from tests.unit.test_dashboard_case_page_polling import _run as polled
 
 STORED = {
@@ -90,3 +90,21 @@ def test_an_alert_answered_5xx_or_not_at_all_is_asked_again_further_apart_up_to_
     assert "did not answer (Failed to fetch)" in shown["seen"][1] and "asking again in 6 s" in shown["seen"][1]
     assert "HTTP 502 Bad Gateway" in shown["seen"][2] and "asking again in 12 s" in shown["seen"][2]
     assert shown["status"]["className"] == "status" and shown["status"]["textContent"].startswith("loaded")
+
+
+def test_the_alert_page_has_a_caveat_for_a_face_match() -> None:
+    html = (STATIC / "alert.html").read_text()
+    assert 'id="face-caveat" hidden>A face match is evidence for you to weigh, not a verdict' in html
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_the_alert_page_shows_its_caveat_with_a_face_match_and_not_without() -> None:
+    """The page an alert links to showed a subject and a similarity with no word that a match is evidence to weigh,
+    which the alert message and the case page say."""
+    matched = run_page("alert.js", [[200, alert_answer()]], path="/alerts/watchlist%3Atx-1", runs=0)
+    assert matched["nodes"]["face-caveat"]["hidden"] is False
+    blocked = {"alert": {"alert_id": "blocked:tx-2", "kind": "BLOCKED_TRANSACTION", "severity": "high"}}
+    plain = run_page(
+        "alert.js", [[200, {**blocked, "transaction": {"face_status": "NO_MATCH"}}]], path="/alerts/b", runs=0
+    )
+    assert plain["nodes"]["face-caveat"]["hidden"] is True

@@ -63,6 +63,9 @@ async function load() {
     ["items", t.item_count], ["category", t.product_category], ["cashier", t.cashier_id],
     ["decided in (ms)", t.ttdf_ms],
   ] : [["", "no decision stored for this alert's transaction"]]);
+  // A similarity on this page is a face match: evidence for a person, as the alert message and the case page say.
+  const matched = (v) => v !== null && v !== undefined;
+  document.getElementById("face-caveat").hidden = !(matched(a.similarity) || (t && matched(t.face_similarity)));
   const snap = document.getElementById("snapshot");
   snap.innerHTML = a.thumbnail
     ? `<img class="snapshot" alt="checkout snapshot" src="${escapeHtml(a.thumbnail)}?size=large">`
