@@ -88,7 +88,8 @@ TRIGGERS = ("CHECKOUT", "ENTRANCE", "COMMAND")
 def check_observation(obs: dict[str, Any], length: int | None = None) -> dict[str, Any]:
     """A decoded FaceObservation the job can use, or :class:`InvalidRecord`: its embedding, when it has
     one, is a usable descriptor (``invalid_embedding``), its ids are ids (``invalid_id``: the transaction
-    id is a state key, the rest go into alerts and links) and its trigger is known. An empty embedding
+    id is a state key, the rest go into alerts and links), its trigger is known and a ``MATCHED`` one says that
+    Rekognition matched it (the stage's only matches: the job matches the others). An empty embedding
     means none, as ``null`` does. ``length``: the configured embedder's (an embedding of another one matches
     nothing here)."""
     if obs.get("embedding"):
@@ -105,6 +106,10 @@ def check_observation(obs: dict[str, Any], length: int | None = None) -> dict[st
         raise InvalidRecord("invalid_field", f"trigger must be one of {', '.join(TRIGGERS)}")
     if obs.get("matcher") not in (None, REKOGNITION_MATCHER):
         raise InvalidRecord("invalid_field", f"matcher must be {REKOGNITION_MATCHER} or empty")
+    if obs["status"] == "MATCHED" and obs.get("matcher") != REKOGNITION_MATCHER:
+        # no face stage writes one (the job matches the others itself): taken, it raised a watch-list alert naming
+        # no subject ("VIP None ..., similarity 0.0") and a decision MATCHED to nobody
+        raise InvalidRecord("invalid_field", f"status MATCHED comes only with matcher {REKOGNITION_MATCHER}")
     sim = obs.get("similarity")
     if sim is not None and not (isinstance(sim, float | int) and 0.0 <= sim <= 100.0):  # NaN fails too
         raise InvalidRecord("invalid_field", "similarity must be within 0-100")

@@ -389,6 +389,21 @@ def test_a_rekognition_match_reported_by_the_face_stage_is_the_decisions_match_w
     assert alert["matcher"] == "rekognition" and alert["summary"].endswith("similarity 99.6 (Rekognition)")
 
 
+def test_a_matched_observation_no_matcher_made_is_a_dead_letter_not_an_alert_naming_nobody():
+    """No face stage writes ``MATCHED`` without ``matcher: rekognition`` (the job matches the others itself). Such a
+    record was taken as a match of nobody: a decision MATCHED to no subject and a "VIP None ..., similarity 0.0"
+    alert to security."""
+    core = make_core()
+    core.on_control(WATCH_TOPIC, b"subj-9", watch_entry("subj-9", SUSPECT_FACE), 0, 0)
+    forged = dataclasses.replace(
+        checkout_face("t1", embedding=BUYER_FACE), status="MATCHED", subject_id="subj-9", similarity=99.0
+    )
+    step = core.on_records([SourceRecord(b"Q2MV-store-001-lane-01", forged.encode(), FACES, 1, 0, NOW)], NOW)
+    [dl] = dead_letters(step.outputs)
+    assert dl["error_kind"] == "invalid_field" and "matcher" in dl["reason"]
+    assert alerts(step) == []
+
+
 def test_a_local_match_says_the_local_engine_matched():
     core = make_core()
     core.on_control(WATCH_TOPIC, b"subj-9", watch_entry("subj-9", SUSPECT_FACE), 0, 0)
