@@ -741,6 +741,8 @@ class SmtpSettings(BaseModel, frozen=True):
     username: str | None = None
     password: SecretStr | None = None
     timeout_s: float = Field(default=10.0, gt=0, allow_inf_nan=False)
+    """Timeout of the connection and of each SMTP command; with SES (``CG_ALERTS__EMAIL_TRANSPORT=ses``), of the
+    connection and of the answer to its one request per ``SendRawEmail``."""
     from_address: str = "Checkout Guard <checkout-guard@localhost>"
     to_addresses: str = "store-security@localhost"
     """Comma-separated recipients (also used with SES); a comma inside a quoted name (``"Doe, Jane" <j@x>``) is

@@ -341,7 +341,15 @@ class SesMailer:
         client: Any | None = None,
     ) -> None:
         """``region`` None: boto3's default chain (``AWS_DEFAULT_REGION``, the AWS profile); credentials
-        always come from boto3's chain (environment, profile, container or instance role)."""
+        always come from boto3's chain (environment, profile, container or instance role).
+
+        Each call is one request that waits at most ``CG_SMTP__TIMEOUT_S`` to connect and for the answer, as an
+        SMTP command does: botocore's defaults (60 s each, 3 requests in its standard mode) held the e-mail channel
+        for minutes, and sent a ``SendRawEmail`` whose answer timed out or was a 5xx again on their own. SES gives
+        every mail it takes its own Message-ID, so those copies of the alert (and its snapshot) reached the
+        recipients as several mails. Another try is the channel's (a mail service that is down pauses it)."""
+        from botocore.config import Config
+
         from infra.clients.aws import aws_client
 
         self.settings = settings
@@ -349,7 +357,15 @@ class SesMailer:
         self._lock = threading.Lock()
         self._owns_client = client is None
         self.client = client or aws_client(
-            "ses", region=region, region_setting="CG_ALERTS__SES_REGION", endpoint_url=endpoint_url
+            "ses",
+            region=region,
+            region_setting="CG_ALERTS__SES_REGION",
+            endpoint_url=endpoint_url,
+            config=Config(
+                connect_timeout=settings.timeout_s,
+                read_timeout=settings.timeout_s,
+                retries={"total_max_attempts": 1},
+            ),
         )
 
     def send(self, mail: OutgoingMail) -> None:

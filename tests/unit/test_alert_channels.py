@@ -29,7 +29,7 @@ from infra.local.smtp import FileStore, read_mails
 from infra.local.webex import LocalWebexServer, free_port
 from infra.logs import person_tag
 from infra.settings import AlertSettings, Settings, SmtpSettings, WebexSettings
-from sinks.alerts.mail import SesMailer, SmtpMailer, build_email
+from sinks.alerts.mail import MailError, SesMailer, SmtpMailer, build_email
 from sinks.alerts.message import describe
 from sinks.alerts.sender import (
     ChannelWorker,
@@ -938,6 +938,101 @@ class SesLimits:
             raise ClientError({**error, "ResponseMetadata": {"HTTPStatusCode": 400}}, "SendRawEmail")
         self.calls.append(list(Destinations))
         return {"MessageId": f"ses-{len(self.calls)}"}
+
+
+class SlowOrFailingSes:
+    """SES's query API over HTTP (``POST /``, ``Action=SendRawEmail``), answering each request after ``delay_s`` with
+    ``status`` (200: the message id; else SES's error XML): counts the requests, which botocore's retries hide."""
+
+    OK = (
+        b'<SendRawEmailResponse xmlns="http://ses.amazonaws.com/doc/2010-12-01/"><SendRawEmailResult>'
+        b"<MessageId>ses-1</MessageId></SendRawEmailResult><ResponseMetadata><RequestId>r-1</RequestId>"
+        b"</ResponseMetadata></SendRawEmailResponse>"
+    )
+    FAILED = (
+        b"<ErrorResponse><Error><Type>Receiver</Type><Code>ServiceUnavailable</Code><Message>Service unavailable"
+        b"</Message></Error><RequestId>r-1</RequestId></ErrorResponse>"
+    )
+
+    def __init__(self, status: int = 200, delay_s: float = 0.0) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests = 0
+        ses = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                ses.requests += 1
+                time.sleep(delay_s)
+                body = ses.OK if status == 200 else ses.FAILED
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "text/xml")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except OSError:
+                    pass  # the client gave up waiting
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+@pytest.fixture
+def ses_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """AWS credentials, and none of this machine's AWS settings (a retry mode or count of its own)."""
+    for name in ("AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+
+
+@pytest.mark.usefixtures("ses_env")
+def test_an_ses_call_without_an_answer_in_time_is_given_up_after_the_mail_timeout_and_not_sent_again() -> None:
+    """botocore's defaults waited 60 s for SES's answer (CG_SMTP__TIMEOUT_S applied to SMTP only), and sent a call whose
+    answer timed out again on its own: SES gives every copy its own Message-ID, so the alert came several times."""
+    ses = SlowOrFailingSes(delay_s=3.0)
+    smtp = SmtpSettings(from_address="cg@store.test", to_addresses="sec@x.test", timeout_s=0.5)
+    mailer = SesMailer(smtp, "eu-west-1", ses.url)
+    try:
+        mail = build_email("blocked:tx-1", describe(alert(), AlertSettings()), smtp.from_address, smtp.recipients())
+        t0 = time.monotonic()
+        with pytest.raises(MailError) as timed_out:
+            mailer.send(mail)
+        assert time.monotonic() - t0 < 2.0, "waited past CG_SMTP__TIMEOUT_S"
+        assert timed_out.value.down and timed_out.value.retriable  # the channel pauses and tries again itself
+        time.sleep(1.0)
+        assert ses.requests == 1
+    finally:
+        mailer.close()
+        ses.close()
+
+
+@pytest.mark.usefixtures("ses_env")
+def test_an_ses_5xx_is_the_channels_to_retry_not_sent_again_by_botocore() -> None:
+    ses = SlowOrFailingSes(status=503)
+    smtp = SmtpSettings(from_address="cg@store.test", to_addresses="sec@x.test")
+    mailer = SesMailer(smtp, "eu-west-1", ses.url)
+    try:
+        mail = build_email("blocked:tx-1", describe(alert(), AlertSettings()), smtp.from_address, smtp.recipients())
+        with pytest.raises(MailError) as unavailable:
+            mailer.send(mail)
+        assert unavailable.value.down and unavailable.value.retriable
+        assert ses.requests == 1
+    finally:
+        mailer.close()
+        ses.close()
 
 
 def test_an_ses_mail_to_more_than_50_recipients_goes_out_in_calls_of_50_each_recipient_once(tmp_path: Path) -> None:
