@@ -48,6 +48,9 @@ MAX_LIST_PAGES = 50
 server, a loop) must not hold the caller forever; past it the listing stops with a WARNING."""
 MAX_TRACKING_ID_CHARS = 200
 """The longest ``trackingId`` header kept (Webex's are under 100 characters); a longer one is not Webex's."""
+NO_ANSWER = (httpx.ReadTimeout, httpx.ReadError, httpx.RemoteProtocolError)
+"""Transport errors after the request went out, while its answer was awaited: Webex may have done it. The others
+(no connection, a connect or pool timeout, a request not written whole) happen before Webex could act on it."""
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,7 @@ class WebexError(CheckoutGuardError):
         retry_after: float | None = None,
         asked_wait: float | None = None,
         tracking_id: str | None = None,
+        maybe_done: bool = False,
     ) -> None:
         if tracking_id:
             reason = f"{reason} (trackingId {tracking_id})"
@@ -78,6 +82,9 @@ class WebexError(CheckoutGuardError):
         self.reason, self.status, self.retriable, self.retry_after = reason, status, retriable, retry_after
         self.tracking_id = tracking_id
         """The failed answer's ``trackingId`` header, what Webex support asks for; None without an answer or header."""
+        self.maybe_done = maybe_done
+        """The request was sent and no answer came (a read timeout, the connection dropped while waiting): Webex may
+        have done it all the same, so a message posted again may be in the room twice (:func:`with_retries`)."""
         self.asked_wait = retry_after if asked_wait is None else asked_wait
         """The wait ``Retry-After`` asked for, up to :data:`RETRY_AFTER_LIMIT_S` (``retry_after`` stops at
         :data:`infra.retry.RETRY_AFTER_MAX_S`, the generic retry cap; the alert sender and the bot wait this one)."""
@@ -115,9 +122,13 @@ def with_retries(
     maximum_s: float = 30.0,
     deadline_s: float | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    posts: bool = False,
 ) -> T:
     """``call()`` again after 429 and other retriable failures, up to ``attempts`` tries; for one-off calls such
     as a bot's reply. The alert sender has its own per-channel scheduling instead.
+
+    ``posts``: the call posts a message. A failure after which Webex may have posted it (:attr:`WebexError.maybe_done`:
+    sent, no answer) is then raised at once, not tried again: a reply whose answer timed out was posted once per try.
 
     A 429 is waited out for its whole ``Retry-After`` up to :data:`RETRY_AFTER_LIMIT_S` (a try sooner is only
     refused again); other failures back off exponentially from ``initial_s`` up to ``maximum_s``. With
@@ -133,7 +144,7 @@ def with_retries(
 
     return call_with_retries(
         call,
-        retriable=lambda exc: isinstance(exc, WebexError) and exc.retriable,
+        retriable=lambda exc: isinstance(exc, WebexError) and exc.retriable and not (posts and exc.maybe_done),
         attempts=attempts,
         deadline_s=deadline_s,
         retry_after=asked_wait,
@@ -325,9 +336,9 @@ class WebexClient:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TimeoutException as exc:
-            raise WebexError(f"timeout: {type(exc).__name__}") from exc
+            raise WebexError(f"timeout: {type(exc).__name__}", maybe_done=isinstance(exc, NO_ANSWER)) from exc
         except httpx.TransportError as exc:
-            raise WebexError(f"connection failed: {type(exc).__name__}") from exc
+            raise WebexError(f"connection failed: {type(exc).__name__}", maybe_done=isinstance(exc, NO_ANSWER)) from exc
         status = response.status_code
         if status < 300:
             return response

@@ -256,8 +256,11 @@ class _WebexApi:
         return endpoint
 
     async def guard(self, request: Request) -> JSONResponse | None:
-        """Latency, injected faults and the bearer token, in the order a real API applies them."""
+        """Latency, injected faults and the bearer token, in the order a real API applies them. The request is read
+        whole first, as Webex has it once sent: a client that stops waiting during the latency still has its call
+        done (a post is in the room), as at Webex, where before the server found the client gone and did nothing."""
         state = self.state
+        await request.body()  # kept by the request for the handler
         if state.latency_s:
             await asyncio.sleep(state.latency_s)
         with state.lock:

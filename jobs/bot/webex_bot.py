@@ -808,7 +808,7 @@ class WebexBot:
         direct = self._direct(parsed, room_id, message.get("roomType") or data.get("roomType"), person)
         self._reply(room_id, person, reply, direct)
         if direct:
-            with_retries(lambda: self.client.send_message(room_id, DIRECT_NOTE))
+            with_retries(lambda: self.client.send_message(room_id, DIRECT_NOTE), posts=True)
         self.handled += 1
         if accepted and parsed.verb == "CHECKOUT" and parsed.argument and self.fresh_checkout is not None:
             self._reply(room_id, person, self.fresh_checkout(parsed.argument), direct)
@@ -816,9 +816,9 @@ class WebexBot:
 
     def _reply(self, room_id: str, person: str, text: str, direct: bool) -> None:
         if direct:
-            with_retries(lambda: self.client.send_to_person(person, text))
+            with_retries(lambda: self.client.send_to_person(person, text), posts=True)
         else:
-            with_retries(lambda: self.client.send_message(room_id, text))
+            with_retries(lambda: self.client.send_message(room_id, text), posts=True)
 
     def _direct(self, parsed: ParsedCommand, room_id: str, room_type: Any, person: str) -> bool:
         """True when the answer goes to the sender alone: an allow-listed person's command whose answer names people
@@ -862,7 +862,7 @@ class WebexBot:
         direct = self._direct(parsed, room_id, None, email)  # a card sits in a group room (the alerts' room)
         self._reply(room_id, email, reply, direct)
         if direct:
-            with_retries(lambda: self.client.send_message(room_id, DIRECT_NOTE))
+            with_retries(lambda: self.client.send_message(room_id, DIRECT_NOTE), posts=True)
         self.handled += 1
         return reply
 
@@ -874,7 +874,7 @@ class WebexBot:
             yield
         except WebexError:
             with contextlib.suppress(WebexError):
-                with_retries(lambda: self.client.send_message(room_id, apology))
+                with_retries(lambda: self.client.send_message(room_id, apology), posts=True)
             raise
 
     def _replayed(self, item: dict[str, Any], item_id: str) -> bool:

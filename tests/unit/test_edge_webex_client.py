@@ -6,13 +6,14 @@ id can never turn "read this message" into another call made with the bot's toke
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from infra.clients.webex import RETRY_AFTER_LIMIT_S, WebexClient, WebexError, path_segment, with_retries
-from infra.local.webex import LocalWebexServer
+from infra.local.webex import LocalWebexServer, free_port
 
 TOKEN = "edge-token"
 
@@ -182,3 +183,22 @@ def test_the_local_webex_api_sends_a_tracking_id_header_like_webex(webex) -> Non
         client.send_message("room-1", "hello")
     assert err.value.tracking_id and err.value.tracking_id.startswith("ROUTER_")
     assert err.value.reason == f"503 Injected failure (trackingId {err.value.tracking_id})"
+
+
+def test_a_post_whose_answer_timed_out_is_not_posted_again_while_a_refused_connection_is_tried_again() -> None:
+    """Webex may have posted a message whose answer never came: each try of a bot reply after a read timeout put it
+    in the room once more. A post that never reached Webex (no connection) is still tried again."""
+    with LocalWebexServer(TOKEN) as server, WebexClient(server.url, TOKEN, timeout_s=0.3) as client:
+        server.state.latency_s = 1.0  # Webex posts it, after the client stopped waiting
+        with pytest.raises(WebexError) as err:
+            with_retries(lambda: client.send_message("room-1", "hello"), posts=True, sleep=lambda _: None)
+        assert err.value.maybe_done and err.value.retriable
+        time.sleep(1.5)  # what the server was still doing is done
+        assert len(server.state.bot_messages("room-1")) == 1
+        server.state.latency_s = 0.0
+        assert with_retries(client.me, sleep=lambda _: None)["id"], "a read retried as before"
+    tries: list[float] = []
+    nobody = WebexClient(f"http://127.0.0.1:{free_port()}/v1", TOKEN, timeout_s=0.3)
+    with nobody, pytest.raises(WebexError) as refused:
+        with_retries(lambda: nobody.send_message("room-1", "hello"), posts=True, sleep=tries.append)
+    assert not refused.value.maybe_done and len(tries) == 3, "never sent: tried 4 times"

@@ -17,6 +17,7 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from infra.cli import setting_errors
+from infra.clients.webex import WebexClient, WebexError
 from infra.command_auth import authenticate_command
 from infra.launcher import wait_for
 from infra.local.webex import BackgroundServer, LocalWebexServer, person_id, sign
@@ -673,6 +674,20 @@ def test_replies_wait_out_a_rate_limit_and_a_server_error(harness: Harness) -> N
     wait_for(lambda: harness.replies(SECURITY_ROOM), 15, what="the reply after the failures")
     assert time.monotonic() - t0 >= 1.0  # Retry-After honoured
     assert harness.webex.state.requests["429"] == 1 and harness.webex.state.requests["500"] == 1
+
+
+def test_a_reply_whose_post_got_no_answer_is_not_posted_again(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Webex may have posted a reply whose answer timed out: each of the 4 tries put it in the room once more."""
+    with WebexClient(harness.webex.url, TOKEN, timeout_s=0.3) as slow:
+        monkeypatch.setattr(harness.bot, "client", slow)
+        harness.webex.state.latency_s = 1.0  # Webex posts each try, after the bot stopped waiting
+        with pytest.raises(WebexError) as err:
+            harness.bot._reply(SECURITY_ROOM, "guard@store.test", "Noted.", direct=False)
+        time.sleep(1.5)  # what Webex was still doing is done
+        harness.webex.state.latency_s = 0.0
+    assert err.value.maybe_done and harness.replies(SECURITY_ROOM) == ["Noted."]
 
 
 @pytest.mark.parametrize(
