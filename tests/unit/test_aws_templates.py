@@ -227,3 +227,29 @@ def test_managed_flink_can_run_either_layout_with_the_settings_bounds() -> None:
     assert params["StateShards"]["MinValue"] == bound
     for layout in layouts:
         JobSettings(layout=layout, state_shards=int(params["StateShards"]["Default"]))
+
+
+def containers(template: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every ECS container definition of ``template`` by name."""
+    return {
+        c["Name"]: c
+        for r in resources(template, "AWS::ECS::TaskDefinition").values()
+        for c in r["Properties"]["ContainerDefinitions"]
+    }
+
+
+def test_every_ecs_service_tags_people_with_one_shared_key() -> None:
+    """The tasks share no stack directory: without ``CG_LOG__PERSON_TAG_KEY`` each generated a key of its own at
+    every start, so the alert sender's and the dashboard's tags of one person never matched (README's rule: set
+    it, the same for all, where the processes do not share a stack directory)."""
+    template = load(AWS_DIR / "services.yaml")
+    sources = {}
+    for name, container in containers(template).items():
+        secrets = {s["Name"]: s["ValueFrom"] for s in container.get("Secrets", []) if "Name" in s}
+        assert "CG_LOG__PERSON_TAG_KEY" in secrets, f"{name} generates a person-tag key of its own"
+        sources[name] = json.dumps(secrets["CG_LOG__PERSON_TAG_KEY"], sort_keys=True)
+    (source,) = set(sources.values())
+    key = template["Resources"][json.loads(source)["Ref"]]
+    assert key["Type"] == "AWS::SecretsManager::Secret" and "GenerateSecretString" in key["Properties"]
+    readable = template["Resources"]["ExecutionRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
+    assert json.loads(source) in readable[0]["Resource"]
