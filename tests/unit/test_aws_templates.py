@@ -253,3 +253,69 @@ def test_every_ecs_service_tags_people_with_one_shared_key() -> None:
     assert key["Type"] == "AWS::SecretsManager::Secret" and "GenerateSecretString" in key["Properties"]
     readable = template["Resources"]["ExecutionRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
     assert json.loads(source) in readable[0]["Resource"]
+
+
+S3_ACTIONS = {
+    "put_object": "s3:PutObject",
+    "get_object": "s3:GetObject",
+    "head_object": "s3:GetObject",
+    "delete_object": "s3:DeleteObject",
+    "put_object_tagging": "s3:PutObjectTagging",
+    "get_object_tagging": "s3:GetObjectTagging",
+    "list_objects_v2": "s3:ListBucket",
+    "head_bucket": "s3:ListBucket",
+}
+"""The IAM action of each S3 call the image store makes (AWS's "Actions defined by Amazon S3")."""
+
+
+def s3_calls() -> set[str]:
+    """The boto3 S3 calls ``S3ImageStore`` makes, its paginators' too, but for ``ensure_buckets`` (embedded and test
+    setups only: production provisions the buckets)."""
+    import ast
+
+    from infra.clients import image_store
+
+    tree = ast.parse(Path(image_store.__file__).read_text())
+    (store,) = (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "S3ImageStore")
+    calls = set()
+    for method in (n for n in store.body if isinstance(n, ast.FunctionDef) and n.name != "ensure_buckets"):
+        for node in ast.walk(method):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            owner = node.func.value
+            if isinstance(owner, ast.Attribute) and owner.attr == "s3":
+                if node.func.attr == "get_paginator":
+                    calls.add(ast.literal_eval(node.args[0]))
+                elif node.func.attr != "close":
+                    calls.add(node.func.attr)
+    return calls
+
+
+def allowed_actions(role: dict[str, Any]) -> set[str]:
+    return {
+        action
+        for policy in role["Properties"].get("Policies", [])
+        for statement in policy["PolicyDocument"]["Statement"]
+        if statement["Effect"] == "Allow"
+        for action in ([statement["Action"]] if isinstance(statement["Action"], str) else statement["Action"])
+    }
+
+
+def test_the_watchlist_service_may_make_every_s3_call_of_the_image_store() -> None:
+    """It puts, reads, finds and deletes images, marks an alert's snapshot retained (an object tag) and purges the
+    untagged ones: without ``s3:PutObjectTagging``/``s3:GetObjectTagging`` its task role got AccessDenied on every
+    retain and every purge, so no alert snapshot was kept for its case and no expired snapshot was ever deleted."""
+    calls = s3_calls()
+    unknown = sorted(calls - set(S3_ACTIONS))
+    assert not unknown, f"name the IAM action of these S3 calls in S3_ACTIONS: {unknown}"
+    assert {"put_object_tagging", "get_object_tagging", "list_objects_v2"} <= calls  # the walk finds them
+    template = load(AWS_DIR / "services.yaml")
+    task = containers(template)["watchlist-service"]
+    (definition,) = (
+        r
+        for r in resources(template, "AWS::ECS::TaskDefinition").values()
+        if task in r["Properties"]["ContainerDefinitions"]
+    )
+    role = template["Resources"][definition["Properties"]["TaskRoleArn"]["Fn::GetAtt"][0]]
+    missing = sorted({S3_ACTIONS[call] for call in calls} - allowed_actions(role))
+    assert not missing, f"the watchlist service's task role lacks {missing}"
