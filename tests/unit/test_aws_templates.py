@@ -319,3 +319,25 @@ def test_the_watchlist_service_may_make_every_s3_call_of_the_image_store() -> No
     role = template["Resources"][definition["Properties"]["TaskRoleArn"]["Fn::GetAtt"][0]]
     missing = sorted({S3_ACTIONS[call] for call in calls} - allowed_actions(role))
     assert not missing, f"the watchlist service's task role lacks {missing}"
+
+
+ALLOW_LIST = re.compile(r"\b(is_allowed|unlisted_owner|authenticate_command|allowed_room_ids)\b")
+
+
+def test_every_ecs_service_that_checks_the_allow_list_gets_all_of_it() -> None:
+    """The bot, the watchlist and case services and the dashboard's case page ask the one allow-list
+    (``WebexSettings.is_allowed``, ``unlisted_owner``) alike: the dashboard had the people but not the rooms, so with
+    rooms allowed it refused to assign a case to a room member whom the bot and the case service would take."""
+    template = load(AWS_DIR / "services.yaml")
+    users = set()
+    for name, container in containers(template).items():
+        spec = find_spec(container["Command"][2])
+        assert spec is not None and spec.origin is not None, name
+        origin = Path(spec.origin)
+        sources = origin.parent.glob("*.py") if origin.name in ("__init__.py", "__main__.py") else [origin]
+        if any(ALLOW_LIST.search(path.read_text()) for path in sources):
+            users.add(name)
+            env = {e["Name"]: e["Value"] for e in container["Environment"] if "Name" in e}
+            assert env.get("CG_WEBEX__ALLOWED_ROOMS") == {"Ref": "WebexAllowedRooms"}, name
+            assert env.get("CG_WEBEX__ALLOWED_PEOPLE") == {"Ref": "WebexAllowedPeople"}, name
+    assert users == {"webex-bot", "watchlist-service", "case-service", "dashboard"}
