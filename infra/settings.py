@@ -242,6 +242,15 @@ def _usable_url_or_unset(value: str | None) -> str | None:
     return None if value is None or not value.strip() else usable_url(value)
 
 
+def _key_or_unset(value: SecretStr | None) -> SecretStr | None:
+    """A key this deployment signs or checks with (an HMAC key, a webhook secret, a dashboard password or token):
+    blank or nothing but spaces is unset, so ``is None`` is the one test of "no key". Spaces passed every "is it set?"
+    check and keyed the HMAC with what anyone can guess (a forged command, a signed link to a face, a login of
+    spaces); an empty key was unset to some checks and a key to others. A key with spaces around it is kept as given
+    (every process reads the same value)."""
+    return value if value is None or value.get_secret_value().strip() else None
+
+
 class OpenSearchSettings(BaseModel, frozen=True):
     url: str = "http://127.0.0.1:9200"
 
@@ -685,7 +694,13 @@ class AlertSettings(BaseModel, frozen=True):
     more Webex call per alert (Webex takes a file or a card per message, not both)."""
     image_link_key: SecretStr | None = None
     """Signs the card's image URLs (infra/signed_links.py) so Webex, which has no dashboard login, can fetch
-    the two images; the dashboard verifies with the same key. Unset: plain URLs behind the login."""
+    the two images; the dashboard verifies with the same key. Unset (or blank): plain URLs behind the login."""
+
+    @field_validator("image_link_key")
+    @classmethod
+    def _image_link_key_or_unset(cls, value: SecretStr | None) -> SecretStr | None:
+        return _key_or_unset(value)
+
     image_link_ttl_s: float = Field(default=86400.0, gt=0, allow_inf_nan=False)
     """How long a signed image URL opens its image (default: a day, the default life of an open case)."""
     timezone: str | None = None
@@ -868,6 +883,12 @@ class WebexSettings(BaseModel, frozen=True):
     command_signing_key: SecretStr | None = None
     """Shared by the bot and the watchlist service: every BotCommand is signed (HMAC-SHA256) with it, and
     without it the bot refuses watchlist changes and the service applies none (the demo generates one)."""
+
+    @field_validator("webhook_secret", "previous_webhook_secret", "command_signing_key")
+    @classmethod
+    def _keys_or_unset(cls, value: SecretStr | None) -> SecretStr | None:
+        return _key_or_unset(value)
+
     command_max_age_s: float = Field(default=900.0, gt=0, allow_inf_nan=False)
     """The watchlist service refuses a signed command older than this (bounds the replay of a copied one); the
     bot ignores a Webex message or card press older than this (a replayed webhook)."""
@@ -1075,7 +1096,12 @@ class IndicesSettings(BaseModel, frozen=True):
     """Key of the HMAC under which a customer known only by e-mail address is indexed (``customer_key``
     ``email-hmac:<hex>``, ``schemas.indices.indexed_customer_key``); unset, such keys are left out of the index.
     Keep it fixed: a new key gives every such customer a new key in the documents indexed from then on.
-    ``python -m sinks.opensearch.pseudonymise`` hashes the addresses indexed before the sink did."""
+    ``python -m sinks.opensearch.pseudonymise`` hashes the addresses indexed before the sink did. Blank is unset."""
+
+    @field_validator("customer_key_secret")
+    @classmethod
+    def _customer_key_secret_or_unset(cls, value: SecretStr | None) -> SecretStr | None:
+        return _key_or_unset(value)
 
 
 class DashboardSettings(BaseModel, frozen=True):
@@ -1098,6 +1124,12 @@ class DashboardSettings(BaseModel, frozen=True):
     token: SecretStr | None = None
     """Bearer token accepted instead of the login (scripts, monitoring). With no login and no token the
     dashboard starts only on a loopback host: it serves face snapshots."""
+
+    @field_validator("password", "token")
+    @classmethod
+    def _password_or_unset(cls, value: SecretStr | None) -> SecretStr | None:
+        """Blank is none: a user name with a password of spaces passed "both or neither" and opened the faces."""
+        return _key_or_unset(value)
 
 
 class CasesSettings(BaseModel, frozen=True):
@@ -1138,7 +1170,7 @@ class LogSettings(BaseModel, frozen=True):
     @classmethod
     def _blank_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
         """A blank key would key the HMAC with nothing: it means the generated one, as unset does."""
-        return value if value is None or value.get_secret_value().strip() else None
+        return _key_or_unset(value)
 
     @field_validator("level")
     @classmethod
