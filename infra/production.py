@@ -41,7 +41,7 @@ from infra.flink_cluster import beside_cluster_job
 from infra.launcher import Child, Supervisor, spawn
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.processes import Reaper, orphans, reap_orphans, stop_child, stop_children
-from infra.settings import Settings, SupervisorSettings, face_deadline_problem, get_settings
+from infra.settings import CameraSettings, Settings, SupervisorSettings, face_deadline_problem, get_settings
 
 log = logging.getLogger("infra.supervisor")
 
@@ -130,6 +130,35 @@ def choose(only: Iterable[str] = (), without: Iterable[str] = ()) -> list[str]:
 
 FACE_SERVICES = frozenset({"face-stage", "scoring-job"})
 """The services between a checkout and its face: the face deadline must fit the camera's snapshot budget."""
+CAMERA_SERVICES = frozenset({"face-stage", "webex-bot"})
+"""The services that ask the cameras for snapshots (the bot for ``checkout <tx>``)."""
+
+
+def camera_stand_in(settings: Settings, names: Iterable[str]) -> str | None:
+    """Why ``names`` would ask the demo's camera rather than the store's, or None. Unset, ``CG_CAMERAS__BASE_URL`` is
+    the local camera, a stand-in ``make run`` starts and production mode does not: every snapshot failed, every face
+    was UNAVAILABLE, and the face deadline check, which trusts the local camera's footage within a second, let the
+    demo's 4 s through, all without a word at start. With a Dashboard but the local camera's key, the Dashboard
+    refuses every snapshot. A warning, not a refusal: the local camera may have been started by hand for a trial."""
+    chosen = set(names)
+    cameras = settings.cameras
+    takes_faces = chosen & CAMERA_SERVICES or ("scoring-job" in chosen and settings.job.face_deadline_ms > 0)
+    if not takes_faces:
+        return None
+    if cameras.local:
+        return (
+            "CG_CAMERAS__BASE_URL is unset: snapshots are asked of the local camera at "
+            f"127.0.0.1:{cameras.local_port}, a stand-in production mode does not start, so every face is UNAVAILABLE "
+            "and CG_JOB__FACE_DEADLINE_MS is not checked against a real camera; set it to the Meraki Dashboard API "
+            "(https://api.meraki.com/api/v1)"
+        )
+    demo_key = CameraSettings.model_fields["api_key"].default
+    if chosen & CAMERA_SERVICES and cameras.api_key.get_secret_value() == demo_key.get_secret_value():
+        return (
+            "CG_CAMERAS__API_KEY is unset: the Dashboard at CG_CAMERAS__BASE_URL is asked with the local camera's key, "
+            "and refuses every snapshot; set the organisation's Dashboard API key"
+        )
+    return None
 
 
 def healthy(status: int | None) -> bool:
@@ -553,6 +582,8 @@ def main(
         raise typer.Exit(1) from None
     if problem is not None:  # the face stage ignores the job's deadline: the job is started (and refused) elsewhere
         log.warning("the scoring job would refuse to start: %s", problem)
+    if (stand_in := camera_stand_in(settings, names)) is not None:
+        log.warning("%s", stand_in)
     # Refused once here, not by the job at each restart until the supervisor gives it up.
     if "scoring-job" in names and (beside := beside_cluster_job(settings, log)) is not None:
         typer.echo(f"Error: {beside}; or run the other services with --without scoring-job", err=True)

@@ -960,3 +960,43 @@ def test_a_short_face_deadline_only_warns_when_supervise_starts_the_face_stage_w
     assert result.exit_code == 0 and started == [["face-stage"]]
     assert "CG_JOB__FACE_DEADLINE_MS=4000" in caplog.text
     assert CliRunner().invoke(production.cli, ["--only", "scoring-job"]).exit_code == 1
+
+
+@pytest.mark.parametrize(
+    ("cameras", "says"),
+    [
+        ({}, "CG_CAMERAS__BASE_URL is unset"),
+        ({"base_url": "https://api.meraki.com/api/v1"}, "CG_CAMERAS__API_KEY is unset"),
+        ({"base_url": "https://api.meraki.com/api/v1", "api_key": "org-key"}, None),
+    ],
+)
+def test_supervise_warns_when_the_face_stage_would_ask_the_demos_camera(monkeypatch, caplog, cameras, says) -> None:
+    """Unset, the camera is the local one, a stand-in production mode does not start: every face was UNAVAILABLE and
+    the face deadline went unchecked, without a word; with the local camera's key the Dashboard refuses every
+    snapshot. A warning (the local camera may run by hand), and only where a service asks the cameras."""
+    from infra.settings import CameraSettings, JobSettings
+
+    settings = Settings(cameras=CameraSettings(**cameras), job=JobSettings(face_deadline_ms=35_000))
+    monkeypatch.setattr(production, "get_settings", lambda: settings)
+    monkeypatch.setattr(production, "setup_logging", lambda *a: None)
+    started: list = []
+    monkeypatch.setattr(production, "run", lambda settings, names: started.append(names))
+    for only in ("face-stage", "webex-bot", "dashboard"):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="infra.supervisor"):
+            assert CliRunner().invoke(production.cli, ["--only", only]).exit_code == 0
+        warned = [r.getMessage() for r in caplog.records if "CG_CAMERAS__" in r.getMessage()]
+        if says is None or only == "dashboard":
+            assert warned == [], only
+        else:
+            [line] = warned
+            assert line.startswith(says), line
+    assert started == [["face-stage"], ["webex-bot"], ["dashboard"]]
+    job = production.camera_stand_in(settings, ["scoring-job"])
+    assert (job is not None) == (not cameras)  # its face deadline is checked only against a real camera
+    assert (
+        production.camera_stand_in(
+            settings.model_copy(update={"job": JobSettings(face_deadline_ms=0)}), ["scoring-job"]
+        )
+        is None
+    )
