@@ -341,3 +341,44 @@ def test_every_ecs_service_that_checks_the_allow_list_gets_all_of_it() -> None:
             assert env.get("CG_WEBEX__ALLOWED_ROOMS") == {"Ref": "WebexAllowedRooms"}, name
             assert env.get("CG_WEBEX__ALLOWED_PEOPLE") == {"Ref": "WebexAllowedPeople"}, name
     assert users == {"webex-bot", "watchlist-service", "case-service", "dashboard"}
+
+
+BOTH = ("CheckoutImagesBucket", "SuspectImagesBucket")
+S3_NEEDS: dict[str, set[tuple[str, str]]] = {
+    "camera-bridge": set(),
+    "opensearch-sink": set(),
+    "case-service": set(),
+    "face-stage": {("s3:PutObject", "CheckoutImagesBucket")},  # snapshots (jobs/faces/stage.py)
+    "webex-bot": {("s3:PutObject", "CheckoutImagesBucket")},  # checkout <tx> keeps its snapshot (checkout_inspect)
+    "dashboard": {(a, b) for a in ("s3:GetObject", "s3:ListBucket") for b in BOTH},  # shows them; 404, not 403
+    "alert-sender": {("s3:GetObject", b) for b in BOTH},  # attaches the snapshot, the card's reference photo
+    "watchlist-service": {(S3_ACTIONS[call], b) for call in s3_calls() for b in BOTH},
+}
+"""The S3 actions each service's code makes on the image buckets (snapshots, watchlist photos: biometric data)."""
+
+
+def _bucket(resource: Any) -> str:
+    """The bucket's logical id in ``!GetAtt B.Arn`` or ``!Sub ${B.Arn}/*``."""
+    if "Fn::GetAtt" in resource:
+        return resource["Fn::GetAtt"][0]
+    match = re.fullmatch(r"\$\{(\w+)\.Arn\}/\*", resource["Fn::Sub"])
+    assert match is not None, resource
+    return match[1]
+
+
+def test_each_ecs_service_may_touch_the_image_buckets_only_as_its_code_does() -> None:
+    """Every service but the alert sender shared one role that could read, write and delete every snapshot and
+    watchlist photo: the camera bridge (fed by the store networks' MQTT), the OpenSearch sink and the case service,
+    which touch no image, and the dashboard, which only shows them, included."""
+    template = load(AWS_DIR / "services.yaml")
+    tasks = resources(template, "AWS::ECS::TaskDefinition").values()
+    for name, container in containers(template).items():
+        (task,) = (t for t in tasks if container in t["Properties"]["ContainerDefinitions"])
+        role = template["Resources"][task["Properties"]["TaskRoleArn"]["Fn::GetAtt"][0]]
+        granted = set()
+        for policy in role["Properties"].get("Policies", []):
+            for statement in policy["PolicyDocument"]["Statement"]:
+                actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+                targets = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+                granted |= {(a, _bucket(r)) for a in actions if a.startswith("s3:") for r in targets}
+        assert granted == S3_NEEDS[name], name
