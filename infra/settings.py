@@ -698,8 +698,24 @@ class AlertSettings(BaseModel, frozen=True):
 
     @field_validator("image_link_key")
     @classmethod
-    def _image_link_key_or_unset(cls, value: SecretStr | None) -> SecretStr | None:
-        return _key_or_unset(value)
+    def _image_link_key_or_unset(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        """Signed links are for Webex, whose servers fetch the card's two images at ``case_link`` over the internet:
+        over plain http (other than to this machine, ``make run``'s local Webex) the shopper's face and the link that
+        opens it for a day crossed the network in clear, as ``CG_WEBEX__PUBLIC_URL``'s callbacks would, which are
+        refused so. The key is the setting refused: without it the card's images are plain URLs behind the login."""
+        key = _key_or_unset(value)
+        link = info.data.get("case_link")
+        if key is None or not isinstance(link, str):
+            return key
+        scheme, _, rest = link.strip().partition("://")
+        host = _url_host(rest)
+        if scheme.lower() == "https" or (scheme.lower() == "http" and _is_loopback(host)):
+            return key
+        raise ValueError(  # named by its variable; the link is named by its scheme and host only (no query, no login)
+            f"signs the card's image links for Webex, which would fetch them over {scheme[:10]!r} from {host[:80]!r} "
+            "(CG_ALERTS__CASE_LINK): the shopper's face would cross the network in clear; make CG_ALERTS__CASE_LINK an "
+            "https:// URL (plain http only to localhost or 127.0.0.1), or unset the key"
+        )
 
     image_link_ttl_s: float = Field(default=86400.0, gt=0, allow_inf_nan=False)
     """How long a signed image URL opens its image (default: a day, the default life of an open case)."""

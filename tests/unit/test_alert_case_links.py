@@ -6,6 +6,10 @@ from __future__ import annotations
 from contextlib import ExitStack
 from pathlib import Path
 
+import pytest
+from pydantic import ValidationError
+
+from infra.cli import setting_errors
 from infra.clients.webex import WebexError
 from infra.local.webex import LocalWebexServer
 from infra.settings import AlertSettings, Settings
@@ -180,3 +184,42 @@ def test_an_alert_too_long_for_webex_keeps_its_marker_so_a_resend_finds_it(
     assert channel.send(huge, None, maybe_sent=True) == first
     [posted] = webex.state.bot_messages(ROOM)
     assert WebexChannel.carries(posted, "blocked:tx-1")
+
+
+@pytest.mark.parametrize(
+    "link",
+    [
+        "http://dashboard.chain.example/cases/{case_id}",
+        "HTTP://10.1.2.3:8050/cases/{case_id}",
+        "ftp://x/cases/{case_id}",
+    ],
+)
+def test_signed_image_links_over_plain_http_to_another_machine_are_a_settings_error(
+    monkeypatch: pytest.MonkeyPatch, link: str
+) -> None:
+    """Webex's servers fetch the card's images at the case link: over plain http the shopper's face, and the link that
+    opens it for a day, crossed the network in clear (a webhook public URL over plain http is refused so)."""
+    monkeypatch.setenv("CG_ALERTS__IMAGE_LINK_KEY", "k" * 64)
+    monkeypatch.setenv("CG_ALERTS__CASE_LINK", link)
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    line = setting_errors(refused.value)
+    assert line.startswith("CG_ALERTS__IMAGE_LINK_KEY: signs the card's image links for Webex") and "k" * 64 not in line
+    assert "make CG_ALERTS__CASE_LINK an https:// URL" in line
+
+
+@pytest.mark.parametrize(
+    ("key", "link"),
+    [
+        ("k" * 64, "https://dashboard.chain.example/cases/{case_id}"),
+        ("k" * 64, "http://127.0.0.1:8050/cases/{case_id}"),  # make run: the local Webex on this machine
+        ("k" * 64, "http://localhost:8050/cases/{case_id}"),
+        ("", "http://dashboard.chain.example/cases/{case_id}"),  # no key: plain links behind the login, as before
+    ],
+)
+def test_signed_links_over_https_or_to_this_machine_and_plain_links_are_taken(
+    monkeypatch: pytest.MonkeyPatch, key: str, link: str
+) -> None:
+    monkeypatch.setenv("CG_ALERTS__IMAGE_LINK_KEY", key)
+    monkeypatch.setenv("CG_ALERTS__CASE_LINK", link)
+    assert Settings().alerts.case_link == link

@@ -382,3 +382,12 @@ def test_each_ecs_service_may_touch_the_image_buckets_only_as_its_code_does() ->
                 targets = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
                 granted |= {(a, _bucket(r)) for a in actions if a.startswith("s3:") for r in targets}
         assert granted == S3_NEEDS[name], name
+
+
+@pytest.mark.parametrize("parameter", ["WebexPublicUrl", "DashboardUrl"])
+def test_a_public_url_the_services_refuse_over_plain_http_is_refused_at_deploy(parameter: str) -> None:
+    """The bot refuses a plain-http public URL, the alert sender a plain-http case link with signed image links: a
+    template that took them deployed services that stopped at every start."""
+    pattern = re.compile(load(AWS_DIR / "services.yaml")["Parameters"][parameter]["AllowedPattern"])
+    assert pattern.fullmatch("") and pattern.fullmatch("https://guard.chain.example")
+    assert not pattern.fullmatch("http://guard.chain.example")
