@@ -268,22 +268,31 @@ S3_ACTIONS = {
 """The IAM action of each S3 call the image store makes (AWS's "Actions defined by Amazon S3")."""
 
 
-def s3_calls() -> set[str]:
-    """The boto3 S3 calls ``S3ImageStore`` makes, its paginators' too, but for ``ensure_buckets`` (embedded and test
-    setups only: production provisions the buckets)."""
+def s3_calls(*methods: str) -> set[str]:
+    """The boto3 S3 calls ``S3ImageStore`` makes, its paginators' too: in ``methods`` and the store's own methods they
+    call, or (none named) in every method but ``ensure_buckets`` (embedded and test setups only: production
+    provisions the buckets)."""
     import ast
 
     from infra.clients import image_store
 
     tree = ast.parse(Path(image_store.__file__).read_text())
     (store,) = (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "S3ImageStore")
+    bodies = {n.name: n for n in store.body if isinstance(n, ast.FunctionDef)}
+    todo = list(methods or (name for name in bodies if name != "ensure_buckets"))
+    seen: set[str] = set()
     calls = set()
-    for method in (n for n in store.body if isinstance(n, ast.FunctionDef) and n.name != "ensure_buckets"):
-        for node in ast.walk(method):
+    while todo:
+        if (name := todo.pop()) in seen:
+            continue
+        seen.add(name)
+        for node in ast.walk(bodies[name]):
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
                 continue
             owner = node.func.value
-            if isinstance(owner, ast.Attribute) and owner.attr == "s3":
+            if isinstance(owner, ast.Name) and owner.id == "self" and node.func.attr in bodies:
+                todo.append(node.func.attr)
+            elif isinstance(owner, ast.Attribute) and owner.attr == "s3":
                 if node.func.attr == "get_paginator":
                     calls.add(ast.literal_eval(node.args[0]))
                 elif node.func.attr != "close":
@@ -351,7 +360,9 @@ S3_NEEDS: dict[str, set[tuple[str, str]]] = {
     "face-stage": {("s3:PutObject", "CheckoutImagesBucket")},  # snapshots (jobs/faces/stage.py)
     "webex-bot": {("s3:PutObject", "CheckoutImagesBucket")},  # checkout <tx> keeps its snapshot (checkout_inspect)
     "dashboard": {(a, b) for a in ("s3:GetObject", "s3:ListBucket") for b in BOTH},  # shows them; 404, not 403
-    "alert-sender": {("s3:GetObject", b) for b in BOTH},  # attaches the snapshot, the card's reference photo
+    # attaches the snapshot (get), asks whether the card has a reference photo (find: a missing one a 404, not a 403)
+    "alert-sender": {(S3_ACTIONS[call], b) for call in s3_calls("get") for b in BOTH}
+    | {(S3_ACTIONS[call], "SuspectImagesBucket") for call in s3_calls("find")},
     "watchlist-service": {(S3_ACTIONS[call], b) for call in s3_calls() for b in BOTH},
 }
 """The S3 actions each service's code makes on the image buckets (snapshots, watchlist photos: biometric data)."""
@@ -369,7 +380,10 @@ def _bucket(resource: Any) -> str:
 def test_each_ecs_service_may_touch_the_image_buckets_only_as_its_code_does() -> None:
     """Every service but the alert sender shared one role that could read, write and delete every snapshot and
     watchlist photo: the camera bridge (fed by the store networks' MQTT), the OpenSearch sink and the case service,
-    which touch no image, and the dashboard, which only shows them, included."""
+    which touch no image, and the dashboard, which only shows them, included. The alert sender's lacked
+    ``s3:ListBucket``, so S3 answered its look-up of a card's missing reference photo 403, not 404: a warning
+    instead of a card that quietly has no photo."""
+    assert s3_calls("find") == {"head_object", "head_bucket"}  # the walk follows the store's own methods
     template = load(AWS_DIR / "services.yaml")
     tasks = resources(template, "AWS::ECS::TaskDefinition").values()
     for name, container in containers(template).items():
