@@ -75,7 +75,7 @@ train: setup ## evaluate, then train on every labelled row of FRAUD_CSV (Fraud D
 backtest: setup ## replay FRAUD_CSV through features, model (MODEL, default the last `make train`) and rules
 	@$(PY) -m jobs.model.train backtest $(FRAUD_CSV) --model $(MODEL) --output fraud-backtest.csv
 
-models: setup ## champion/challenger: make models ARGS="status" | ARGS="challenger VERSION" | ARGS="promote" (README)
+models: setup ## champion/challenger: make models ARGS="status" | ARGS="challenger VERSION" | ARGS="promote" | ARGS="pack OUT.zip" (README)
 	@$(PY) -m jobs.model.registry $(ARGS)
 
 train-default: setup ## train the default model from seeded synthetic POS history if no model exists yet

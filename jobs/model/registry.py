@@ -21,6 +21,8 @@ Commands (``python -m jobs.model.registry ...``, ``make models ARGS=...``): ``st
 VERSION`` (or ``--clear``), ``promote`` (the challenger becomes champion; the old champion becomes the
 challenger unless ``--retire``). ``promote`` prints the new champion's evaluation report and records
 the change on the ``audit`` topic before it moves a pointer (under the pointer lock, after the check).
+``pack OUT.zip`` writes the models a job without this folder scores with (Managed Flink: the application
+zip's ``checkout-guard/lib/models.zip``, which ``flink.yaml`` ships to the workers).
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ import fcntl
 import getpass
 import hashlib
 import logging
+import os
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -501,6 +505,48 @@ def promote(
     record = champion_change(settings, old, new, audit=audit, reason=reason, timeout_s=timeout_s)
     _swap_or_refuse(root, seen, (new, kept), record)
     typer.echo(f"champion: {new} (was {old or '-'}); challenger: {kept or '-'}")
+
+
+def pack_models(root: Path, out: Path, version: str | None = None) -> Pointers:
+    """Write ``out``, a models root for a job that cannot see this one (Managed Flink: ``flink.yaml``'s
+    ``pyArchives`` extracts it on each worker where ``CG_MODEL__ARTIFACT_DIR`` points): the pointers and the version
+    folders they name, nothing else (no other version, no lock). ``version`` alone as champion, or the root's champion
+    and challenger. Each is checked to load here first, so a model the job could not load (other features, damaged)
+    is refused before it is deployed, not on the cluster; written whole under a temporary name, then renamed."""
+    pointers = (version, None) if version is not None else settled_pointers(root, wait=True)
+    assert pointers is not None  # waited for
+    if pointers[0] is None:
+        raise ModelArtifactError(f"no champion in {root} (CURRENT): promote one, or name one with --version")
+    for name in pointers:
+        if name is not None:
+            _check_version(root, name)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+            for pointer, name in zip((CURRENT, CHALLENGER), pointers, strict=True):
+                if name is None:
+                    continue
+                archive.writestr(pointer, name + "\n")
+                for path in sorted((root / name).rglob("*")):
+                    if path.is_file():
+                        archive.write(path, f"{name}/{path.relative_to(root / name).as_posix()}")
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return pointers
+
+
+@app.command()
+def pack(
+    out: Annotated[Path, typer.Argument(help="The zip to write: the application zip's checkout-guard/lib/models.zip.")],
+    version: Annotated[
+        str | None, typer.Option(help="Ship this version alone, as champion (default: the champion and challenger).")
+    ] = None,
+    models: Annotated[Path | None, typer.Option(help="Models root (default: settings).")] = None,
+) -> None:
+    """Write the models for a job without this folder (Managed Flink's application zip): pointers and their versions."""
+    champion, challenger = pack_models(_root(models), out, version)
+    typer.echo(f"{out}: champion {champion}, challenger {challenger or '-'}")
 
 
 if __name__ == "__main__":

@@ -229,6 +229,41 @@ def test_managed_flink_can_run_either_layout_with_the_settings_bounds() -> None:
         JobSettings(layout=layout, state_shards=int(params["StateShards"]["Default"]))
 
 
+def test_managed_flink_scores_with_the_models_its_zip_ships_never_the_synthetic_default(tmp_path, monkeypatch) -> None:
+    """``CG_MODEL__AUTO_TRAIN`` was left true and the zip had no models: the job trained the synthetic default on
+    generated data at start and decided real traffic with it. The run options now ship ``pack``'s zip to each worker
+    (extracted into a folder of its name in the worker's working directory), the models root the job reads there;
+    without a champion the job stops rather than train one."""
+    import zipfile
+
+    from infra.settings import ModelSettings
+    from jobs.model.registry import ModelRegistry, pack_models
+    from tests.fraud_model import small_model
+
+    flink = load(AWS_DIR / "flink.yaml")
+    (app,) = (r["Properties"] for r in resources(flink, "AWS::KinesisAnalyticsV2::Application").values())
+    groups = {
+        g["PropertyGroupId"]: g["PropertyMap"]
+        for g in app["ApplicationConfiguration"]["EnvironmentProperties"]["PropertyGroups"]
+    }
+    archive = groups["kinesis.analytics.flink.run.options"]["pyArchives"]
+    props = groups["checkout-guard.settings"]
+    assert "CG_MODEL__ARTIFACT" not in props and "CG_MODEL__BACKEND" not in props  # the champion CURRENT names
+    model = ModelSettings(artifact_dir=props["CG_MODEL__ARTIFACT_DIR"], auto_train=props["CG_MODEL__AUTO_TRAIN"])
+    assert model.auto_train is False
+    assert archive.startswith("checkout-guard/") and model.artifact_dir == Path(Path(archive).name)
+
+    root = tmp_path / "models"
+    small_model().save(root)
+    pack_models(root, tmp_path / "models-packed.zip")
+    worker = tmp_path / "worker"
+    with zipfile.ZipFile(tmp_path / "models-packed.zip") as zf:
+        zf.extractall(worker / Path(archive).name)  # as Flink extracts a python archive without a target name
+    monkeypatch.chdir(worker)
+    registry = ModelRegistry(Settings(model=model))
+    assert registry.champion is not None and registry.champion.version == small_model().version
+
+
 def containers(template: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Every ECS container definition of ``template`` by name."""
     return {

@@ -903,3 +903,55 @@ def test_a_retired_models_drift_episodes_restored_from_a_checkpoint_leave_the_jo
     _, _, writes = _drifting_hours(Scorer(settings, predictor=predictor), range(2))
     assert ("drift_episodes", "gbm-retired", None) in writes
     assert set(predictor.episodes.open) <= {champ}
+
+
+def _unpacked(archive: Path, into: Path) -> Path:
+    """``archive`` extracted as Flink extracts a ``pyArchives`` zip: into a folder of the archive's name."""
+    import zipfile
+
+    folder = into / "models.zip"
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(folder)
+    return folder
+
+
+def test_pack_ships_the_champion_and_challenger_alone_and_the_job_loads_them_from_it(tmp_path):
+    """Managed Flink has no models folder of its own: the application zip must carry the trained models, or the job
+    scored real traffic with the synthetic default trained on generated data at start."""
+    root = tmp_path / "models"
+    champ, chal = _models(root)
+    write_pointer(root, CHALLENGER, chal)
+    small_model().save(root / "old", make_current=False)  # another version, not named by a pointer
+    with pointer_lock(root):
+        pass  # a lock file, as the commands leave one
+    out = tmp_path / "lib-models.zip"
+    result = CliRunner().invoke(app, ["pack", str(out), "--models", str(root)])
+    assert result.exit_code == 0, result.output
+    assert f"champion {champ}, challenger {chal}" in result.output
+    unpacked = _unpacked(out, tmp_path / "worker")
+    assert sorted(p.name for p in unpacked.iterdir()) == sorted([CURRENT, CHALLENGER, champ, chal])
+    assert {p.relative_to(unpacked / champ) for p in (unpacked / champ).rglob("*")} == {
+        p.relative_to(root / champ) for p in (root / champ).rglob("*")
+    }
+    models = ScoringModels(ModelRegistry(_settings(unpacked, auto_train=False))).predict_batch(ITEMS)
+    assert {(r.version, r.challenger_version) for r in models} == {(f"local:{champ}", f"local:{chal}")}
+
+
+def test_pack_of_one_version_ships_it_as_the_champion_without_a_challenger(tmp_path):
+    champ, chal = _models(tmp_path / "models")
+    out = tmp_path / "models.zip"
+    result = CliRunner().invoke(app, ["pack", str(out), "--version", chal, "--models", str(tmp_path / "models")])
+    assert result.exit_code == 0, result.output
+    unpacked = _unpacked(out, tmp_path / "worker")
+    assert sorted(p.name for p in unpacked.iterdir()) == sorted([CURRENT, chal])
+    assert read_pointer(unpacked, CURRENT) == chal and champ not in result.output
+
+
+def test_pack_refuses_a_models_root_without_a_champion_or_a_version_that_does_not_load(tmp_path):
+    out = tmp_path / "models.zip"
+    result = CliRunner().invoke(app, ["pack", str(out), "--models", str(tmp_path / "nothing")])
+    assert result.exit_code != 0 and "no champion" in str(result.exception)
+    _models(tmp_path / "models")
+    result = CliRunner().invoke(app, ["pack", str(out), "--version", "gbm-nope", "--models", str(tmp_path / "models")])
+    assert result.exit_code != 0 and "not a model version" in str(result.exception)
+    assert not list(tmp_path.glob("*.zip*")), "nothing written, no temporary file left"
