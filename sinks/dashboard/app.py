@@ -70,6 +70,7 @@ from schemas.errors import CheckoutGuardError
 from schemas.images import PIL_FORMATS, image_type
 from schemas.indices import index_name
 from schemas.model_artifact import artifact_version, read_trained_ids, version_folders
+from sinks.alerts.message import local_time
 from sinks.dashboard.case_routes import CaseRoutes, Publish
 from sinks.dashboard.headers import IMAGE_HEADERS, SecurityHeaders, server_error
 from sinks.dashboard.login import LoginBackend, LoginConfigError, _secret
@@ -262,11 +263,24 @@ class Dashboard:
         if not hits:
             return None
         alert = public_alert(hits[0]["_source"])
+        alert["local_time"] = self.store_time(alert)
         transaction = None
         if alert.get("transaction_id"):
             found = self.search(self.transactions, transaction_by_id_query(alert["transaction_id"]))["hits"]["hits"]
             transaction = found[0]["_source"] if found else None
         return {"alert": alert, "transaction": transaction}
+
+    def store_time(self, alert: dict[str, Any]) -> str | None:
+        """The alert's time as its e-mail and Webex message give it, in its store's zone
+        (``CG_ALERTS__STORE_TIMEZONES``, else ``CG_ALERTS__TIMEZONE``): a guard who opens the page from the message
+        reads the same time, where the page gave it in UTC, hours off. None without a time or for one no date holds
+        (the page shows that as it came)."""
+        if not alert.get("event_time"):
+            return None
+        try:
+            return local_time(int(alert["event_time"]), self.settings.alerts.zone_of(alert.get("store_id")))
+        except (KeyError, TypeError, ValueError, OverflowError, OSError):
+            return None
 
 
 def thumbnail(image: bytes, size: int = THUMBNAIL_PX) -> bytes:

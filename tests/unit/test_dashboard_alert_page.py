@@ -30,10 +30,13 @@ class IndexedAlert:
     """An alerts index holding one alert; a search returns only the ``_source`` fields it asks for, as OpenSearch
     does."""
 
+    def __init__(self, stored: dict[str, Any] = STORED) -> None:
+        self.stored = stored
+
     def search(self, index: str, body: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
         if "alerts" not in index:
             return {"hits": {"total": {"value": 0}, "hits": []}}
-        source = {k: v for k, v in STORED.items() if k in body.get("_source", STORED)}
+        source = {k: v for k, v in self.stored.items() if k in body.get("_source", self.stored)}
         return {"hits": {"total": {"value": 1}, "hits": [{"_source": source}]}}
 
 
@@ -108,3 +111,28 @@ def test_the_alert_page_shows_its_caveat_with_a_face_match_and_not_without() -> 
         "alert.js", [[200, {**blocked, "transaction": {"face_status": "NO_MATCH"}}]], path="/alerts/b", runs=0
     )
     assert plain["nodes"]["face-caveat"]["hidden"] is True
+
+
+def zoned_alert_answer(store_id: str) -> dict[str, Any]:
+    """``/api/alerts/<id>`` of an alert of ``store_id``, with a chain zone and one store in a zone of its own."""
+    settings = Settings(alerts={"timezone": "Europe/Berlin", "store_timezones": {"S-NYC": "America/New_York"}})
+    board = Dashboard(settings, client=IndexedAlert({**STORED, "store_id": store_id}))  # type: ignore[arg-type]
+    client = TestClient(create_app(settings, board, host="127.0.0.1"), base_url="http://127.0.0.1:8050")
+    return client.get("/api/alerts/watchlist:tx-1").json()
+
+
+def test_an_alerts_time_is_given_in_its_stores_zone_as_its_message_gives_it() -> None:
+    """The message says "When: 2027-01-15 03:00:00 EST" (the store's zone); the page it links to said 08:00:00 UTC."""
+    assert zoned_alert_answer("S-NYC")["alert"]["local_time"] == "2027-01-15 03:00:00 EST"
+    assert zoned_alert_answer("S1")["alert"]["local_time"] == "2027-01-15 09:00:00 CET"  # the chain's zone
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_the_alert_page_shows_the_time_in_the_stores_zone_and_utc_without_one() -> None:
+    shown = facts(run_page("alert.js", [[200, zoned_alert_answer("S-NYC")]], path=ALERT_PATH, runs=0))
+    assert shown["alert:time"] == "2027-01-15 03:00:00 EST"
+    unzoned = alert_answer()
+    unzoned["alert"].pop("local_time", None)  # an answer without it: the time as UTC text, as before
+    assert facts(run_page("alert.js", [[200, unzoned]], path=ALERT_PATH, runs=0))["alert:time"] == (
+        "2027-01-15 08:00:00 UTC"
+    )

@@ -3,6 +3,8 @@
 
 // A time as UTC text; a stored value that is no time (out of range) as it came, for its row only.
 const when = (ms) => (ms ? (isoUtc(ms) ? `${isoUtc(ms)} UTC` : String(ms)) : "");
+// The alert's time as its message gave it, in its store's zone (the server's local_time), else as UTC text.
+const alertTime = (a) => a.local_time || when(a.event_time);
 
 // Asking for the alert again: only after a 5xx or no answer, 3 s then twice as long each time in a row (common.js's
 // readFailed); a 4xx stops it with the reason shown, since asked again it gets the same answer.
@@ -49,7 +51,7 @@ async function load() {
   document.title = `Checkout Guard — ${a.kind} ${a.alert_id}`;
   document.getElementById("alert-title").textContent = `${a.kind.replace(/_/g, " ")} · ${a.severity}`;
   rows(document.querySelector("#alert-facts tbody"), [
-    ["alert", a.alert_id], ["time", when(a.event_time)], ["store", a.store_id], ["lane", a.lane_id],
+    ["alert", a.alert_id], ["time", alertTime(a)], ["store", a.store_id], ["lane", a.lane_id],
     ["transaction", a.transaction_id], ["amount", fmtPrice(a.amount, a.currency)],
     ["risk score", a.risk_score], ["reasons", a.reasons], ["subject", a.subject_id], ["category", a.category],
     ["similarity", a.similarity], ["summary", a.summary],
