@@ -440,3 +440,37 @@ def test_a_public_url_the_services_refuse_over_plain_http_is_refused_at_deploy(p
     pattern = re.compile(load(AWS_DIR / "services.yaml")["Parameters"][parameter]["AllowedPattern"])
     assert pattern.fullmatch("") and pattern.fullmatch("https://guard.chain.example")
     assert not pattern.fullmatch("http://guard.chain.example")
+
+
+STORE_ZONES = {"CG_ALERTS__TIMEZONE": "AlertTimezone", "CG_ALERTS__STORE_TIMEZONES": "StoreTimezones"}
+
+
+def environment(container: dict[str, Any]) -> dict[str, Any]:
+    """A container's ``Environment`` by name -> value, an entry under ``Fn::If`` by its branch that sets it."""
+    entries = []
+    for entry in container.get("Environment", []):
+        if "Fn::If" in entry:
+            entries += [branch for branch in entry["Fn::If"][1:] if isinstance(branch, dict) and "Name" in branch]
+        else:
+            entries.append(entry)
+    return {e["Name"]: e["Value"] for e in entries}
+
+
+def test_every_ecs_service_that_shows_an_alerts_time_may_be_given_the_stores_zones() -> None:
+    """Alert messages and the dashboard's alert page give an alert's time in its store's zone, which only the settings
+    know: the template set none, so on Fargate, whose containers run in UTC, every alert read in UTC, hours off the
+    stores' clocks, with no parameter to say otherwise."""
+    template = load(AWS_DIR / "services.yaml")
+    users = set()
+    for name, container in containers(template).items():
+        spec = find_spec(container["Command"][2])
+        assert spec is not None and spec.origin is not None, name
+        origin = Path(spec.origin)
+        sources = origin.parent.glob("*.py") if origin.name in ("__init__.py", "__main__.py") else [origin]
+        if any(re.search(r"\bzone_of\b", path.read_text()) for path in sources):
+            users.add(name)
+            env = environment(container)
+            for setting, parameter in STORE_ZONES.items():
+                assert env.get(setting) == {"Ref": parameter}, (name, setting)
+    assert users == {"alert-sender", "dashboard"}
+    assert all(template["Parameters"][p]["Default"] == "" for p in STORE_ZONES.values())  # unset: as before
