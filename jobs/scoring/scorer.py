@@ -44,6 +44,7 @@ from jobs.scoring.stats import JobStats
 from jobs.scoring.validation import SOURCE_KEY, as_recorded, parse_transaction
 from schemas.codec import codec
 from schemas.errors import InvalidRecord
+from schemas.money import money
 from schemas.records import REKOGNITION_MATCHER, AlertAvro, ModelDriftAvro, ScoredTransactionAvro, dead_letter
 from schemas.topics import ALERTS, DEAD_LETTERS, MODEL_DRIFT, SCORED_TRANSACTIONS, TRANSACTIONS
 
@@ -703,7 +704,8 @@ class Scorer:
             "transaction_kind": tx["kind"],
             "matcher": face.matcher if face.status == "MATCHED" else None,
             "summary": (
-                f"Blocked {tx['kind'].lower()} {tx['transaction_id']} of {tx['amount']:.2f} {tx['currency']} "
+                f"Blocked {tx['kind'].lower()} {tx['transaction_id']} of "
+                f"{money(tx['amount'], tx['currency'])} {tx['currency']} "
                 f"at {tx['store_id']} {tx['lane_id']}: risk {decision.risk_score} ({reasons})"
             ),
         }

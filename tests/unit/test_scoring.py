@@ -9,7 +9,7 @@ from infra.local.pos_generator import PosGenerator
 from infra.settings import Settings
 from jobs.scoring.claims import ConflictingTransaction
 from jobs.scoring.features import CustomerProfile, Receipt, StoreActivity, customer_key
-from jobs.scoring.rules import FaceResult, ModelResult, RuleSet, decide
+from jobs.scoring.rules import Decision, FaceResult, ModelResult, RuleSet, decide
 from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Scorer, ScoringState
 from jobs.scoring.validation import parse_transaction
 from schemas.codec import codec
@@ -663,3 +663,15 @@ def test_every_identifier_the_pos_generator_and_the_fraud_detector_csv_make_is_a
     txs.append(replace(sale("t.1:a@b+c"), customer_id="olsenmia@gmail.com", store_id="S_001", lane_id="L04"))
     for tx in txs:
         assert parse_transaction(tx.encode(), 0, 1 << 20)["transaction_id"] == tx.transaction_id
+
+
+@pytest.mark.parametrize(
+    ("amount", "currency", "figure"),
+    [(1500.0, "JPY", "of 1,500 JPY"), (12.345, "KWD", "of 12.345 KWD"), (1234.5, "EUR", "of 1,234.50 EUR")],
+)
+def test_a_blocked_alerts_summary_gives_the_amount_in_its_currencys_minor_units(amount, currency, figure):
+    """The summary the dashboard shows beside the amount (alert page, live list, cases) had two decimals for every
+    currency: "1500.00 JPY" (the yen has none), "12.35 KWD" (a fils off the 12.345 the alert's amount row shows)."""
+    tx = {"transaction_id": "t1", "event_time": T0, "store_id": "S1", "lane_id": "L1", "kind": "SALE"}
+    alert = Scorer.blocked_alert(tx | {"amount": amount, "currency": currency}, Decision("BLOCK", 90, ("x",)))
+    assert figure in alert["summary"]
