@@ -726,14 +726,15 @@ class Scorer:
         """Suspect or VIP recognised at a checkout (``seen_as`` = ``checkout:<tx>``), an entrance, or (``at_lane``,
         without ``tx``) in a lane's live view after a sale: ``SUSPECT_AT_LANE`` / ``VIP_AT_LANE``, not the entrance
         kinds, so its headline and per-kind counts do not say "entered". ``how`` replaces the summary's
-        "entered"/"at checkout (<tx>)"; ``reason`` is a reason code added to the match's."""
+        "entered"/"at checkout (<tx>)"; ``reason`` is a reason code added to the match's. The summary says
+        "Possible suspect ...", as the alert's headline does: a match is a lead for a person to check, not a fact."""
         suspect = face.category == "SUSPECT"
         if at_lane:
             kind = "SUSPECT_AT_LANE" if suspect else "VIP_AT_LANE"
         else:
             kind = ("SUSPECT_ENTERED" if tx is None else "WATCHLIST_MATCH") if suspect else "VIP_ARRIVED"
         where = f"{store_id}" + (f" {lane_id}" if lane_id else "")
-        what = "Suspect" if suspect else "VIP"
+        what = "Possible suspect" if suspect else "Possible VIP"
         how = how or ("entered" if tx is None else f"at checkout ({tx['transaction_id']})")
         by = " (Rekognition)" if face.matcher == REKOGNITION_MATCHER else ""
         return {

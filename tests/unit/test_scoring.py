@@ -675,3 +675,16 @@ def test_a_blocked_alerts_summary_gives_the_amount_in_its_currencys_minor_units(
     tx = {"transaction_id": "t1", "event_time": T0, "store_id": "S1", "lane_id": "L1", "kind": "SALE"}
     alert = Scorer.blocked_alert(tx | {"amount": amount, "currency": currency}, Decision("BLOCK", 90, ("x",)))
     assert figure in alert["summary"]
+
+
+@pytest.mark.parametrize(
+    ("category", "opening"), [("SUSPECT", "Possible suspect subj-9 "), ("VIP", "Possible VIP subj-9 ")]
+)
+@pytest.mark.parametrize("where", ["checkout", "entrance", "lane"])
+def test_a_watchlist_alerts_summary_gives_the_match_as_possible_not_as_fact(category, opening, where):
+    """The summary the dashboard lists every alert by said "Suspect subj-9 entered at S1", who it is as a fact, where
+    the alert's headline ("Possible suspect entered the store") and the pages say a match is a lead to check."""
+    face = FaceResult("MATCHED", "subj-9", category, 91.0, matcher="local")
+    tx = {"transaction_id": "t1", "amount": 10.0, "currency": "USD", "kind": "SALE"} if where == "checkout" else None
+    alert = Scorer.watchlist_alert(T0, "S1", "L1", face, None, "o1", tx, at_lane=where == "lane")
+    assert alert["summary"].startswith(opening), alert["summary"]
