@@ -45,7 +45,14 @@ REASON_WORDS: dict[str, str] = {
     "new_store_for_customer": "customer's first visit to this store",
     "watchlist_suspect": "face resembles a person on the suspect watchlist",
     "watchlist_vip": "face resembles a VIP on the watchlist",
+    "unknown_currency": "paid in a currency code we do not know",
+    "first_seen": "a customer never seen before",
+    "lane_view_after_the_sale_not_its_buyer": "seen in the lane's live view after the sale, so not its buyer",
+    "face_seen_after_the_sale_was_decided": "the face came only after the sale was decided without it",
 }
+"""Every reason a rule set may weigh (``jobs.scoring.rules.KNOWN_INDICATORS``) or the scoring job gives a watch-list
+alert, in words (a test holds them to it): "unknown currency", "lane view after the sale not its buyer" left the
+guard to guess."""
 FACE_REASONS = frozenset({"watchlist_suspect", "watchlist_vip", "buyer_face_mismatch"})
 """Reasons that rest on a face comparison: an alert with one carries the advice below."""
 MODEL_BANDS: tuple[tuple[int, str], ...] = ((900, "very high"), (800, "high"), (0, "elevated"))

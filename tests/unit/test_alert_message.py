@@ -433,3 +433,17 @@ def test_the_sender_posts_a_long_alert_within_webexs_limit_with_its_links() -> N
     assert len(markdown.encode()) <= MAX_MARKDOWN_BYTES
     assert f"[Open in the dashboard]({text.link})" in markdown and "alert `blocked:tx-9`" in markdown
     assert markdown.split("\n\n_alert `")[0].endswith(f"`dismiss {text.case_id} <reason>`")  # the case whole
+
+
+def test_every_reason_the_job_may_give_reads_in_words_not_as_its_code() -> None:
+    """A rule set weighs its indicators and the job adds its own codes to watch-list alerts: ``unknown_currency`` (20
+    points in the default rule set) read "unknown currency", a lane sighting "lane view after the sale not its
+    buyer"."""
+    from jobs.scoring.rules import KNOWN_INDICATORS
+    from jobs.scoring.scorer import LANE_VIEW_REASON, LATE_FACE_REASON
+    from sinks.alerts.message import REASON_WORDS
+
+    codes = sorted(KNOWN_INDICATORS | {LANE_VIEW_REASON, LATE_FACE_REASON, "watchlist_suspect", "watchlist_vip"})
+    assert [code for code in codes if code not in REASON_WORDS] == []
+    lane = describe(alert(kind="SUSPECT_AT_LANE", reasons=["watchlist_suspect", LANE_VIEW_REASON]), AlertSettings())
+    assert "seen in the lane's live view after the sale, so not its buyer" in dict(lane.lines)["Why"]
