@@ -53,9 +53,9 @@ Write = tuple[str, str, Any]
 
 
 class WatchlistLike(Protocol):
-    def search(self, embedding: Sequence[float]) -> Any: ...
+    def search(self, embedding: Sequence[float], at_ms: int | None = None) -> Any: ...
 
-    def category(self, subject_id: str) -> str | None: ...
+    def category(self, subject_id: str, at_ms: int | None = None) -> str | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,12 +139,14 @@ def decode_observation(
 
 def observation_result(obs: dict[str, Any], watchlist: WatchlistLike | None) -> FaceResult:
     """A face observation as the decision sees it: the face stage's status, upgraded by a watchlist match. A face
-    the stage searched in Rekognition (``matcher``) is taken as the stage found it: :func:`rekognition_result`."""
+    the stage searched in Rekognition (``matcher``) is taken as the stage found it: :func:`rekognition_result`.
+    Entries expired at the observation's ``event_time`` (a checkout's is its sale's) match nothing: the watchlist
+    service's tombstone does not come while it is down, and a lapsed listing must not raise alerts meanwhile."""
     status = obs["status"]
     if obs.get("matcher") == REKOGNITION_MATCHER:
         return rekognition_result(obs, watchlist)
     if status == "NO_MATCH" and obs.get("embedding") and watchlist is not None:
-        match = watchlist.search(obs["embedding"])
+        match = watchlist.search(obs["embedding"], obs.get("event_time"))
         if match is not None:
             sim = round(float(match.similarity), 2)
             return FaceResult("MATCHED", match.subject_id, match.category, sim, LOCAL_MATCHER)
@@ -154,12 +156,13 @@ def observation_result(obs: dict[str, Any], watchlist: WatchlistLike | None) -> 
 def rekognition_result(obs: dict[str, Any], watchlist: WatchlistLike | None) -> FaceResult:
     """The face stage's Rekognition search as the match, never the job's own search of the embedding: ``MATCHED``
     with the subject, its category from the watchlist and Rekognition's similarity; a subject the watchlist does
-    not hold (forgotten or expired, its collection faces not deleted yet) is ``NO_MATCH``, as is a match without
+    not hold (forgotten or expired, its collection faces not deleted yet) or whose entry had expired at the
+    observation's ``event_time`` (the service that deletes them is down) is ``NO_MATCH``, as is a match without
     a subject. ``NO_MATCH``, ``NO_FACE`` and ``UNAVAILABLE`` (the search failed) stay as they are."""
     status, subject = obs["status"], obs.get("subject_id")
     if status != "MATCHED":
         return FaceResult(status)
-    category = watchlist.category(subject) if subject and watchlist is not None else None
+    category = watchlist.category(subject, obs.get("event_time")) if subject and watchlist is not None else None
     if category is None:
         return FaceResult("NO_MATCH")
     return FaceResult("MATCHED", subject, category, round(float(obs.get("similarity") or 0.0), 2), REKOGNITION_MATCHER)

@@ -6,6 +6,11 @@ A subject may have several embeddings (templates: the enrolment photo, then conf
 ``cases.max_templates`` of them, the newest kept (an entry lists them oldest first); a probe matches the subject of
 its nearest embedding.
 
+An entry past its expiry (``expires_at``; an entry written before it, ``flagged_at`` + ``faces.watchlist_expire_days``)
+matches nothing at a time given to :meth:`Watchlist.search` / :meth:`Watchlist.category` (the job gives the event
+time): the watchlist service tombstones it then, but while that service is down the entry stays here and a lapsed
+listing raised alerts.
+
 Entries and probes are checked (:func:`check_entry`, :func:`jobs.scoring.face_similarity.check_embedding`):
 a NaN in one enrolled embedding made every probe "match" it. An entry with no embeddings is valid and
 matches nothing here (a subject known only to another backend, e.g. a Rekognition collection).
@@ -122,6 +127,8 @@ class Watchlist:
         """Templates kept per subject (the newest, the last ones of an entry's list)."""
         self.int8_from_rows = INT8_FROM_ROWS if int8_from_rows is None else int8_from_rows
         """Enrolled embeddings from which searches read an int8 copy first (default :data:`INT8_FROM_ROWS`)."""
+        self.lifetime_ms = int(faces.watchlist_expire_days * 86_400_000)
+        """An entry's life without ``expires_at`` (written before it), from ``flagged_at``: the service's."""
         self._reset()
 
     def _configure(self, embedder: str) -> None:
@@ -141,6 +148,8 @@ class Watchlist:
         self._part_norms = np.zeros((0, len(self._rest_parts)), dtype=np.float32)
         self._buf = np.zeros(0, dtype=np.float32)
         self._owners: list[str] = []
+        self._until = np.zeros(0, dtype=np.float64)  # per row: when its subject's entry expires
+        self._earliest = math.inf  # the earliest of them
         self._coarse: Int8Rows | None = None
         self._dirty = False
 
@@ -153,9 +162,18 @@ class Watchlist:
             self._entries[entry["subject_id"]] = {
                 "category": entry["category"],
                 "embeddings": embeddings,
+                "until": self._expiry(entry),
                 "entry": {k: v for k, v in entry.items() if k != "embeddings"},
             }
             self._dirty = True
+
+    def _expiry(self, entry: dict[str, Any]) -> float:
+        """When ``entry`` lapses (:meth:`schemas.records.WatchlistEntry.expiry`, as the watchlist service reckons it);
+        never for a dict with neither time (an entry made in code)."""
+        if entry.get("expires_at") is not None:
+            return float(entry["expires_at"])
+        flagged = entry.get("flagged_at")
+        return float(flagged + self.lifetime_ms) if flagged is not None else math.inf
 
     def remove(self, subject_id: str) -> None:
         """Forget a subject (tombstone); unknown ids are ignored so replays are harmless."""
@@ -163,16 +181,20 @@ class Watchlist:
             if self._entries.pop(subject_id, None) is not None:
                 self._dirty = True
 
-    def search(self, embedding: Sequence[float] | np.ndarray) -> Match | None:
+    def search(self, embedding: Sequence[float] | np.ndarray, at_ms: int | None = None) -> Match | None:
         """Best-matching subject at or above the threshold, else ``None``; a probe that is not a usable
-        descriptor raises :class:`InvalidRecord` ``invalid_embedding``."""
+        descriptor raises :class:`InvalidRecord` ``invalid_embedding``. ``at_ms``: when the face was seen; the
+        entries expired by then are left out (``None``: none is)."""
         probe = np.asarray(check_embedding(embedding, "probe", self.dim), dtype=np.float32).reshape(self.dim)
         with self._lock:
             if self._dirty:
                 self._rebuild()
             if not self._owners:
                 return None
-            nearest = self._nearest(probe)
+            alive = None if at_ms is None or at_ms < self._earliest else self._until > at_ms
+            if alive is not None and not alive.any():
+                return None
+            nearest = self._nearest(probe, alive)
             if nearest is None:
                 return None
             i, d = nearest
@@ -184,17 +206,19 @@ class Watchlist:
             subject = self._owners[i]
             return Match(subject, self._entries[subject]["category"], round(sim, 2))
 
-    def _nearest(self, probe: np.ndarray) -> tuple[int, float] | None:
+    def _nearest(self, probe: np.ndarray, alive: np.ndarray | None = None) -> tuple[int, float] | None:
         """Row and distance (:func:`jobs.scoring.face_similarity.distance`; NaN when the arithmetic went wrong) of the
-        enrolled embedding nearest ``probe``; ``None`` when the two-step search's first step leaves none, or (int8
-        copy) when none can be within the match threshold. The distance is the winner's, measured again in float64
-        (:meth:`_exact`)."""
+        enrolled embedding nearest ``probe`` among the rows ``alive`` marks (all when ``None``; at least one when
+        given); ``None`` when the two-step search's first step leaves none, or (int8 copy) when none can be within the
+        match threshold. The distance is the winner's, measured again in float64 (:meth:`_exact`)."""
         buf = self._buf  # in place: the matrix-vector product is the cost, temporaries add ~20 %
         coarse = self._coarse
         if self._prefilter is None:
             if coarse is not None and self.threshold > 0:  # at a threshold <= 0 every row is within reach
                 radius = similarity_to_distance(self.threshold)
                 rows = coarse.candidates(probe, radius * radius)
+                if alive is not None:
+                    rows = rows[alive[rows]]
                 if rows.size == 0:
                     return None
                 less = self._norms[rows] - 2.0 * (self._matrix[rows] @ probe)  # |e - p|^2 less |p|^2
@@ -203,6 +227,8 @@ class Watchlist:
                 np.dot(self._matrix, probe, out=buf)
                 buf *= -2.0
                 buf += self._norms
+                if alive is not None:
+                    buf[~alive] = np.inf
                 i = int(np.argmin(buf))
             return i, self._exact(i, probe)
         start, end, radius = self._prefilter
@@ -220,6 +246,9 @@ class Watchlist:
             buf += self._first_norms  # squared distance on the SFace features, less |first|^2
             rows = np.flatnonzero(buf <= cut)
             less = buf[rows]
+        if alive is not None:
+            keep = alive[rows]
+            rows, less = rows[keep], less[keep]
         if rows.size == 0:
             return None
         rest = np.concatenate((probe[:start], probe[end:]))  # the other networks' features: _matrix's columns
@@ -248,12 +277,15 @@ class Watchlist:
             item = self._entries.get(subject_id)
             return {**item["entry"], "embeddings": item["embeddings"].tolist()} if item else None
 
-    def category(self, subject_id: str) -> str | None:
-        """The category of an enrolled subject, ``None`` for one not (or no longer) on the watchlist: what a
-        match the face stage found in the Rekognition collection is named by."""
+    def category(self, subject_id: str, at_ms: int | None = None) -> str | None:
+        """The category of an enrolled subject, ``None`` for one not (or no longer) on the watchlist, or whose entry
+        had expired at ``at_ms`` when given: what a match the face stage found in the Rekognition collection is named
+        by."""
         with self._lock:
             item = self._entries.get(subject_id)
-            return item["category"] if item else None
+            if item is None or (at_ms is not None and item["until"] <= at_ms):
+                return None
+            return str(item["category"])
 
     def subjects(self) -> list[str]:
         with self._lock:
@@ -268,9 +300,11 @@ class Watchlist:
     def _rebuild(self) -> None:
         owners: list[str] = []
         blocks: list[np.ndarray] = []
+        until: list[float] = []
         for subject, item in self._entries.items():
             owners.extend([subject] * len(item["embeddings"]))
             blocks.append(item["embeddings"])
+            until.extend([item["until"]] * len(item["embeddings"]))
         matrix = np.vstack(blocks) if blocks else np.zeros((0, self.dim), np.float32)
         if self._prefilter is not None:  # two steps: the first step's columns, and the rest in _matrix
             start, end, _ = self._prefilter
@@ -290,6 +324,8 @@ class Watchlist:
             first, norms = (self._matrix, self._norms) if self._prefilter is None else (self._first, self._first_norms)
             self._coarse = Int8Rows(first, norms)
         self._buf = np.empty(len(owners), dtype=np.float32)
+        self._until = np.asarray(until, dtype=np.float64)
+        self._earliest = min(until, default=math.inf)
         self._owners = owners
         self._dirty = False
 
@@ -302,6 +338,7 @@ class Watchlist:
             "max_templates": self.max_templates,
             "int8_from_rows": None if self.int8_from_rows == INT8_FROM_ROWS else self.int8_from_rows,
             "embedder": self.embedder,
+            "lifetime_ms": self.lifetime_ms,
             "entries": entries,
         }
 
@@ -311,6 +348,7 @@ class Watchlist:
         stored = state.get("int8_from_rows")  # None: the default of the code that loads it
         self.int8_from_rows = INT8_FROM_ROWS if stored is None else stored
         self._configure(state.get("embedder", "sface"))  # pickled before other lengths: 128-value embeddings
+        self.lifetime_ms = state.get("lifetime_ms", int(FaceSettings().watchlist_expire_days * 86_400_000))
         self._reset()
         for entry in state["entries"]:
             try:

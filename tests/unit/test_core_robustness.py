@@ -308,7 +308,7 @@ def test_a_face_after_a_failed_deadline_decision_raises_no_late_alert():
 
 def test_an_observation_that_makes_the_watchlist_raise_is_dead_lettered_and_the_rest_is_scored():
     class Broken(Watchlist):
-        def search(self, embedding):
+        def search(self, embedding, at_ms=None):
             raise KeyError("index out of step")
 
     core = make_core(Broken(settings()))

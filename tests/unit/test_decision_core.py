@@ -80,7 +80,7 @@ def face_record(
     return SourceRecord(b"Q2MV-store-001-lane-01", obs.encode(), FACES, 1, offset, NOW)
 
 
-def watch_entry(subject: str, embedding, category: str = "SUSPECT") -> bytes:
+def watch_entry(subject: str, embedding, category: str = "SUSPECT", expires_at: int | None = None) -> bytes:
     return WatchlistEntry(
         subject_id=subject,
         category=category,
@@ -88,6 +88,7 @@ def watch_entry(subject: str, embedding, category: str = "SUSPECT") -> bytes:
         reason="test",
         flagged_by="lp@example.com",
         flagged_at=T0,
+        expires_at=expires_at,
     ).encode()
 
 
@@ -449,6 +450,37 @@ def test_a_rekognition_match_at_an_entrance_raises_the_entrance_alert():
     step = core.on_records([rekognition_face(None, trigger="ENTRANCE", observation_id="entrance:cam:7:1")], NOW)
     [alert] = alerts(step)
     assert (alert["kind"], alert["subject_id"], alert["matcher"]) == ("SUSPECT_ENTERED", "subj-9", "rekognition")
+
+
+def test_an_entry_expired_at_the_sales_time_matches_nobody_though_the_service_has_not_tombstoned_it():
+    """Expiry was the watchlist service's tombstone alone: while that service was down, a lapsed listing still
+    matched buyers and raised alerts. The job now checks ``expires_at`` at the face's event time (the sale's), not
+    when it decides: an entry that lapsed after the sale (subj-8) still matches it."""
+    core = make_core()
+    core.on_control(WATCH_TOPIC, b"subj-9", watch_entry("subj-9", SUSPECT_FACE, expires_at=T0), 0, 0)
+    core.on_control(WATCH_TOPIC, b"subj-8", watch_entry("subj-8", BUYER_FACE, "VIP", expires_at=T0 + 1), 0, 0)
+    step = core.on_records(
+        [
+            tx_record(sale("t1")),
+            face_record("t1", embedding=SUSPECT_FACE),
+            tx_record(sale("t2", card="card-B"), 1),
+            rekognition_face("t2"),
+            tx_record(sale("t3", card="card-C"), 2),
+            face_record("t3", embedding=BUYER_FACE, offset=1),
+            face_record(None, embedding=SUSPECT_FACE, trigger="ENTRANCE", observation_id="entrance:x:1", offset=2),
+        ],
+        NOW,
+    )
+    out = scored(step)
+    for tx_id in ("t1", "t2"):
+        assert (out[tx_id]["face_status"], out[tx_id]["face_subject_id"], out[tx_id]["outcome"]) == (
+            "NO_MATCH",
+            None,
+            "APPROVE",
+        )
+    assert (out["t3"]["face_status"], out["t3"]["face_subject_id"]) == ("MATCHED", "subj-8")
+    assert [a["subject_id"] for a in alerts(step)] == ["subj-8"]
+    assert "subj-9" in core.watchlist  # the tombstone still removes it (and its buyer faces)
 
 
 def test_watchlist_tombstone_forgets_the_subject_and_the_buyer_face_on_that_receipt():

@@ -244,10 +244,10 @@ class FakeMatch:
 class OneSubjectWatchlist:
     """Matches exactly one embedding: enough to check how a match changes the face result."""
 
-    def search(self, embedding):
+    def search(self, embedding, at_ms=None):
         return FakeMatch("subj-7", "SUSPECT", 97.123) if list(embedding) == [1.0, 0.0] else None
 
-    def category(self, subject_id):
+    def category(self, subject_id, at_ms=None):
         return "SUSPECT" if subject_id == "subj-7" else None
 
 

@@ -160,7 +160,7 @@ def seeded_stream(seed: int, n: int = 360) -> tuple[list[list[SourceRecord]], li
     return batches, suspect
 
 
-def _watchlist(s: Settings, suspect: list[float]) -> Watchlist:
+def _watchlist(s: Settings, suspect: list[float], expires_at: int | None = None) -> Watchlist:
     wl = Watchlist(s)
     wl.upsert(
         WatchlistEntry(
@@ -170,6 +170,7 @@ def _watchlist(s: Settings, suspect: list[float]) -> Watchlist:
             reason="test",
             flagged_by="lp@example.com",
             flagged_at=T0,
+            expires_at=expires_at,
         ).to_avro()
     )
     return wl
@@ -462,6 +463,25 @@ def test_forget_drops_the_subjects_face_matched_at_a_later_sale_in_another_shard
     assert holder[later].sale_face == tuple(buyer)
     assert core.forget("subj-1")
     assert later not in holder
+
+
+def test_an_entry_expired_at_the_sales_time_matches_nobody_on_any_number_of_shards():
+    """As in the single-state layout: a lapsed listing the watchlist service has not tombstoned (it is down) is no
+    match at a sale after its ``expires_at``, and still one at a sale before it, whenever the job decides."""
+    s = settings()
+    rng = np.random.default_rng(7)
+    suspect = _face(rng)
+    for shards in (1, 3):
+        core = PartitionedCore(s, shards, watchlist=_watchlist(s, suspect, expires_at=T0 + 60_000), clock=_clock)
+        rows = core.on_records([_tx(sale("s1", at_s=59)), _obs("s1", T0 + 59_000, suspect, 1)], NOW)
+        rows += core.on_records([_tx(sale("s2", at_s=60, card="card-B")), _obs("s2", T0 + 60_000, suspect, 2)], NOW)
+        out = _scored(rows)
+        assert (out["s1"]["face_status"], out["s1"]["face_subject_id"]) == ("MATCHED", "subj-1")
+        assert (out["s2"]["face_status"], out["s2"]["face_subject_id"], out["s2"]["outcome"]) == (
+            "NO_MATCH",
+            None,
+            "APPROVE",
+        )
 
 
 def test_steps_restored_from_their_written_changes_after_every_batch_decide_as_if_never_stopped():

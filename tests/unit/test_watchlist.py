@@ -103,6 +103,42 @@ def test_upsert_replaces_and_remove_forgets():
     assert w.search(e2[0]) is None and "s" not in w and w.get("s") is None
 
 
+@pytest.mark.parametrize("embedder", ["sface", "fused3"])
+def test_an_entry_expired_at_the_time_given_matches_nothing_and_the_nearest_live_subject_matches_instead(embedder):
+    """The watchlist service tombstones an expired entry; while it is down the entry stays here, and a lapsed
+    listing went on matching (and alerting) until it came back."""
+    rng = np.random.default_rng(12)
+    faces, dim = (unit, 128) if embedder == "sface" else (fused3, 768)
+    e = faces(rng)[0]
+    w = Watchlist(FaceSettings(embedder=embedder), threshold=50)
+    w.upsert({**entry("subj-old", [e]), "expires_at": 1_000})
+    w.upsert({**entry("subj-new", [e + rng.normal(0, 0.001, dim).astype(np.float32)], "VIP"), "expires_at": 5_000})
+    w.upsert({**entry("subj-far", faces(rng)), "expires_at": 9_000})
+    assert w.search(e).subject_id == "subj-old"  # no time given: every entry, as before
+    assert w.search(e, at_ms=999).subject_id == "subj-old"
+    found = w.search(e, at_ms=1_000)  # expired at its expires_at, as the service reckons it
+    assert (found.subject_id, found.category) == ("subj-new", "VIP") and found.similarity > 90
+    assert w.search(e, at_ms=5_000) is None  # subj-far is live but no match
+    assert w.search(e, at_ms=9_000) is None  # none live
+    assert (w.category("subj-old"), w.category("subj-old", 999), w.category("subj-old", 1_000)) == (
+        "SUSPECT",
+        "SUSPECT",
+        None,
+    )
+    assert "subj-old" in w  # held (the tombstone decides that), only not matched
+
+
+def test_an_entry_without_expires_at_lapses_at_flagged_at_plus_the_configured_lifetime_also_after_pickling():
+    rng = np.random.default_rng(13)
+    e = unit(rng)[0]
+    w = Watchlist(FaceSettings(embedder="sface", watchlist_expire_days=1), threshold=50)
+    w.upsert(entry("subj-v1", [e]))  # written before v2: flagged_at 1, no expires_at
+    day = 86_400_000
+    for watchlist in (w, pickle.loads(pickle.dumps(w))):
+        assert watchlist.search(e, at_ms=day).subject_id == "subj-v1"
+        assert watchlist.search(e, at_ms=day + 1) is None and watchlist.category("subj-v1", day + 1) is None
+
+
 def test_watchlist_survives_pickling_for_operator_state():
     rng = np.random.default_rng(2)
     e = unit(rng, 2)
