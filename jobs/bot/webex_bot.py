@@ -935,8 +935,8 @@ class WebexBot:
     def _refusal(self, verb: str, message_id: str, room_id: str, person: str) -> str | None:
         """Why this sender may not run ``verb`` here (the reply), or None when they may.
 
-        The bot writes no audit events (the watchlist service audits changes); a refusal is logged with
-        the message id, so it can be traced in Webex, and nothing is published."""
+        The bot writes no audit events (the watchlist service audits changes, and the checkouts it records); a
+        refusal is logged with the message id, so it can be traced in Webex, and nothing is published."""
         if verb not in RESTRICTED_VERBS:
             return None
         if not self.settings.webex.is_allowed(room_id, person):

@@ -7,7 +7,8 @@ subject, up to ``CG_CASES__MAX_TEMPLATES``; ``RENEW <subject>`` keeps an entry a
 ``CG_FACES__WATCHLIST_EXPIRE_DAYS``; the case verbs are the case service's) and
 ``alerts`` (the ``snapshot_ref`` of every alert is retained, exempt from the purge). Outputs:
 ``WatchlistEntry`` records / tombstones on the compacted ``watchlist`` topic (the source of truth the
-Flink job broadcasts), one ``AuditEvent`` per change or refused change on ``audit``, dead letters for
+Flink job broadcasts), one ``AuditEvent`` per change or refused change on ``audit`` (and per ``CHECKOUT <tx>``
+the bot recorded: its fresh picture and watchlist search, ``INSPECT``), dead letters for
 commands that could not be carried out. Every ``faces.retention_purge_interval_s`` the entries past their
 ``expires_at`` (enrollment or last renewal + ``faces.watchlist_expire_days``) are forgotten everywhere, like a
 ``forget`` (audited ``EXPIRE``), and the snapshots that matched nobody and are older than
@@ -112,6 +113,10 @@ REKOGNITION_MARGIN_S = 10.0
 """Beyond one Rekognition call's longest (:func:`call_limit_s`), for the work around it, in ``/healthz``'s limit."""
 UNVERIFIED_ACTOR = "unverified"
 """The audit actor of a refused command: who it claims to come from is only in its details."""
+INSPECT = "INSPECT"
+"""The audit action of the bot's ``checkout <tx>``: a fresh picture of that sale's lane, kept as a checkout snapshot
+and searched against the watchlist (biometric processing, as an enrolment is; the bot does it, this service audits
+it from the command the bot records first)."""
 
 
 class Failed(InvalidRecord):
@@ -360,10 +365,46 @@ class WatchlistCore:
         log.error("command %s %s failed: %s", cmd.command_id, cmd.verb, type(exc).__name__)
         return Failed("command_error", f"{type(exc).__name__}; issue the command again")
 
+    def _inspected(self, src: Source, cmd: BotCommand, now_ms: int) -> list[Out]:
+        """``CHECKOUT <tx>``: the bot records it, then takes a picture of that sale's lane, keeps it (as a checkout
+        snapshot) and searches the watchlist with its face. That biometric processing is audited here as an enrolment
+        is, :data:`INSPECT` under ``command:<id>`` (a replay is skipped), its actor and transaction; before, only the
+        ``commands`` record (7 d) said it happened. One the bot did not sign (forged, unsigned) is dead-lettered and
+        not audited: the bot took no picture for it. Without a key nothing can be verified (the bot still runs
+        ``checkout``): audited under its offset, the actor :data:`UNVERIFIED_ACTOR` and who it claims in the details,
+        as a refusal is."""
+        if self.settings.webex.command_signing_key is None:
+            claims = {"claimed_actor": cmd.actor, "claimed_command_id": cmd.command_id, "claimed_room_id": cmd.room_id}
+            audit: dict[str, Any] = {
+                "audit_id": f"unverified:{src.topic}:{src.partition}:{src.offset}",
+                "actor": UNVERIFIED_ACTOR,
+                "details": {name: value[:256] for name, value in claims.items() if value},
+            }
+        else:
+            try:
+                authenticate_command(cmd, src.headers, self.settings.webex, now_ms, fresh=False)
+            except InvalidRecord as refused:
+                return [self._dead_letter(src, refused, now_ms)]
+            audit = {"audit_id": f"command:{cmd.command_id}", "actor": cmd.actor, "command_id": cmd.command_id}
+        if audit["audit_id"] in self.done:
+            return []
+        audit.update(event_time=now_ms, action=INSPECT)
+        try:
+            tx = check((cmd.argument or "").strip(), "transaction id")
+        except InvalidRecord as bad:  # the bot sends none such: not copied into the audit event
+            return [
+                self._audit(**audit, outcome="FAILED", reason=f"{bad.kind}: {bad.reason}"),
+                self._dead_letter(src, bad, now_ms),
+            ]
+        why = "checkout: the bot's picture of the sale's lane, kept as a checkout snapshot, searched in the watchlist"
+        return [self._audit(**audit, outcome="DONE", transaction_id=tx, reason=why)]
+
     def _not_ours(self, src: Source, cmd: BotCommand, now_ms: int) -> list[Out]:
         """CHECKOUT / STATUS / HELP are the bot's business, recorded on ``commands`` for the record: nothing
         to do, but one that is not the bot's (unsigned, forged, malformed) is a dead letter. Without a key
-        there is nothing to check them against."""
+        there is nothing to check them against. A CHECKOUT is audited (:meth:`_inspected`)."""
+        if cmd.verb == "CHECKOUT":
+            return self._inspected(src, cmd, now_ms)
         if self.settings.webex.command_signing_key is None:
             return []
         try:

@@ -193,6 +193,28 @@ def test_a_checkout_or_status_record_not_signed_by_the_bot_is_dead_lettered_and_
     assert core.on_command(source(old, signed(old), offset=8), NOW) == []
 
 
+def test_a_checkout_with_an_id_the_bot_sends_none_such_is_failed_without_copying_it(core: WatchlistCore) -> None:
+    bad = cmd("CHECKOUT", "x/../Q2XX-VICTIM-0001")
+    by = topics(core.on_command(source(bad, signed(bad)), NOW))
+    [audit], [letter] = by["audit"], by["dead_letters"]
+    event = AuditEvent.decode(audit.value)
+    assert (event.action, event.outcome, event.transaction_id) == ("INSPECT", "FAILED", None)
+    assert DeadLetter.decode(letter.value).error_kind == "invalid_id"
+
+
+def test_without_a_signing_key_a_checkout_is_audited_under_its_offset_as_unverified(tmp_path) -> None:
+    """The bot runs ``checkout`` without a key too (it changes no watchlist): its picture is audited all the same, but
+    nothing says who asked, so under the record's offset (a claimed id must not mark a real command done)."""
+    core = WatchlistCore(Settings(stack_dir=tmp_path, webex=webex(command_signing_key=None)), engine=_ENGINE)
+    outs = core.on_command(source(cmd("CHECKOUT", "tx-1"), offset=9), NOW)
+    [audit] = topics(outs)["audit"]
+    event = AuditEvent.decode(audit.value)
+    assert (event.audit_id, event.action, event.outcome) == ("unverified:commands:0:9", "INSPECT", "DONE")
+    assert event.actor == UNVERIFIED_ACTOR and event.details["claimed_actor"] == "guard@store.test"
+    assert event.transaction_id == "tx-1" and event.command_id is None
+    assert core.on_command(source(cmd("CHECKOUT", "tx-1"), offset=9), NOW) == []
+
+
 def test_commands_are_timed_by_the_broker_so_a_replay_cannot_be_stamped_fresh() -> None:
     """Freshness is the signed issued_at against the record's time: with the producer's own CreateTime, whoever can
     write ``commands`` re-sent an old signed command with a new timestamp and it was applied again. The broker's

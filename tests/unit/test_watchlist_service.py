@@ -305,6 +305,20 @@ def test_forget_deletes_the_bots_checkout_pictures_of_the_enrolment_sale_and_fra
     assert audit_of(refused).outcome == "FAILED" and not by_topic(refused)["watchlist"]
 
 
+def test_the_bots_checkout_is_audited_inspect_with_its_actor_and_transaction_once(core):
+    """``checkout <tx>`` takes a picture of the sale's lane, keeps it and searches the watchlist with its face: that
+    left only the ``commands`` record (7 d), where every enrolment, forget and sighting learnt is on ``audit``."""
+    outs = core.on_command(command("CHECKOUT", "tx-9", cid="c9"), NOW)
+    topics = by_topic(outs)
+    assert topics["watchlist"] == [] and topics["dead_letters"] == []
+    audit = audit_of(outs)
+    assert (audit.audit_id, audit.action, audit.outcome) == ("command:c9", "INSPECT", "DONE")
+    assert (audit.actor, audit.command_id, audit.transaction_id) == ("lp@example.com", "c9", "tx-9")
+    assert audit.subject_id is None and "picture" in (audit.reason or "")
+    assert core.on_command(command("CHECKOUT", "tx-9", cid="c9"), NOW) == [], "a replay is audited once"
+    assert core.on_command(command("STATUS", None, cid="c10"), NOW) == [], "status processes no face"
+
+
 def test_a_long_transaction_id_keeps_the_subject_in_the_retention_marker() -> None:
     """An S3 tag keeps 256 characters: with the alert id first, a 74-character id cut the subject off, so forget
     missed the subject's sightings."""
